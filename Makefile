@@ -1,0 +1,43 @@
+# Two commands do all the set-up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
+
+.PHONY: run test test-quick soak bench lint venv clean
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Run the whole system on the embedded AWS; the page is at http://127.0.0.1:8000
+run: $(STAMP)
+	$(PY) -m localaws.stack
+
+## The whole test suite (what CI runs), without the long soak test
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -m "not soak"
+
+## Unit tests only: seconds, no TensorFlow start-up
+test-quick: $(STAMP)
+	$(PY) -m pytest -m "not soak and not integration"
+
+## 1,000 images with workers killed at random (minutes)
+soak: $(STAMP)
+	$(PY) -m pytest -m soak -s
+
+## Benchmarks; figures printed and written to .bench/latest.json
+bench: $(STAMP)
+	$(PY) -m bench
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) .run .bench .pytest_cache .ruff_cache

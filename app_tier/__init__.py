@@ -1,0 +1,1 @@
+"""App tier: the worker that classifies images with ResNet-50."""

@@ -1,0 +1,56 @@
+"""`python -m app_tier`: run one worker, as the instance's service does."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+
+from common.aws import Aws
+from common.config import Settings
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m app_tier", description=__doc__)
+    parser.add_argument(
+        "--instance-id",
+        default=os.environ.get("INSTANCE_ID") or socket.gethostname(),
+        help="EC2 instance id this worker serves as (shown in every response). '-' loads the "
+        "model first and then reads the id from standard input: the local runner keeps such "
+        "warm spares so that a launched instance starts serving at once.",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s worker[%(process)d] %(message)s",
+    )
+    settings = Settings.from_env()
+
+    # Imported here: TensorFlow takes seconds to import, and --help should not.
+    from app_tier.model import ResNet50Classifier, WeightsUnavailable
+    from app_tier.worker import Worker
+
+    try:
+        classifier = ResNet50Classifier(settings.model_weights, threads=settings.worker_threads)
+    except WeightsUnavailable as exc:
+        print(exc, file=sys.stderr)
+        return 78  # EX_CONFIG: systemd should not restart into the same failure forever
+    instance_id = args.instance_id
+    if instance_id == "-":
+        instance_id = sys.stdin.readline().strip()
+        if not instance_id:
+            return 0  # the runner closed our stdin: never needed
+    worker = Worker(settings, Aws(settings), classifier, instance_id)
+    worker.install_signal_handlers()
+    worker.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

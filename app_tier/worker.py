@@ -1,0 +1,291 @@
+"""The worker: poll, process, acknowledge; warm shutdown on SIGTERM.
+
+One loop, in the spirit of rq's worker:
+
+    receive up to 10 requests  ->  download + decode them (in parallel)
+    ->  classify them as one batch  ->  write each result to S3 and reply
+    ->  delete each request, only after both of its writes succeeded.
+
+A fetch thread prepares the next batch (receive, download, decode) while the
+main thread runs the model on the current one, so the network and the decoder
+overlap with inference. A heartbeat thread extends the visibility timeout of
+every message the worker holds, so a slow batch is never redelivered by
+mistake. On SIGTERM the worker stops receiving, finishes the batch in hand if
+it can within the grace period, and makes everything else visible again at
+once, so no request waits out a visibility timeout because of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from botocore.exceptions import BotoCoreError, ClientError
+
+from app_tier.images import BadImage, prepare
+from common.aws import Aws
+from common.config import Settings
+from common.messages import ClassifyRequest, ClassifyResponse, MessageError
+from common.names import stored_name
+
+log = logging.getLogger(__name__)
+
+_AWS_ERRORS = (BotoCoreError, ClientError)
+
+
+@dataclass
+class Job:
+    """One received request and what became of it so far."""
+
+    message_id: str
+    receipt: str
+    request: ClassifyRequest | None
+    pixels: np.ndarray | None = None
+    error: str | None = None
+
+
+@dataclass
+class Batch:
+    jobs: list[Job] = field(default_factory=list)
+
+    @property
+    def ready(self) -> list[Job]:
+        return [j for j in self.jobs if j.pixels is not None]
+
+
+class Worker:
+    def __init__(self, settings: Settings, aws: Aws, classifier, instance_id: str) -> None:
+        self.settings = settings
+        self.aws = aws
+        self.classifier = classifier
+        self.instance_id = instance_id
+        self.stopping = threading.Event()
+        self._finished = threading.Event()
+        self._held: dict[str, str] = {}  # message id -> receipt handle, for heartbeat/release
+        self._held_lock = threading.Lock()
+        self._prefetched: queue.Queue[Batch] = queue.Queue(maxsize=1)
+        self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="io")
+        self.processed = 0
+
+    # --- lifecycle ---------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        log.info("worker %s: signal %d, stopping after the batch in hand", self.instance_id, signum)
+        self.stopping.set()
+        # If the batch in hand cannot finish in time, give its messages back now.
+        timer = threading.Timer(self.settings.shutdown_grace_s, self._give_up)
+        timer.daemon = True
+        timer.start()
+
+    def _give_up(self) -> None:
+        log.warning("worker %s: grace period over, releasing held messages", self.instance_id)
+        self.release_held()
+        os._exit(0)
+
+    def run(self) -> None:
+        """Serve until told to stop; returns after a clean, warm shutdown."""
+        log.info("worker %s: serving %s", self.instance_id, self.settings.request_queue)
+        fetcher = threading.Thread(target=self._fetch_loop, name="fetch", daemon=True)
+        heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        fetcher.start()
+        heartbeat.start()
+        while not (self.stopping.is_set() and self._prefetched.empty() and not fetcher.is_alive()):
+            try:
+                batch = self._prefetched.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if self.stopping.is_set():
+                # Received after the stop signal: not ours to finish.
+                self._release(batch.jobs)
+                continue
+            try:
+                self.process(batch)
+            except _AWS_ERRORS + (RuntimeError,) as exc:
+                # Let another attempt (here or elsewhere) have it now; after
+                # max_receive_count attempts SQS moves it to the dead-letter queue.
+                log.error("batch of %d failed (%s); releasing it", len(batch.jobs), exc)
+                self._release(batch.jobs)
+        self._finished.set()
+        self.release_held()
+        self._io.shutdown(wait=False)
+        log.info("worker %s: stopped after %d images", self.instance_id, self.processed)
+
+    # --- fetch: receive, download, decode -----------------------------------------
+    def _fetch_loop(self) -> None:
+        backoff = 1.0
+        while not self.stopping.is_set():
+            try:
+                batch = self.fetch()
+                backoff = 1.0
+            except _AWS_ERRORS as exc:
+                log.warning("receive failed (%s); retrying in %.0f s", exc, backoff)
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            if batch.jobs:
+                self._prefetched.put(batch)
+
+    def fetch(self) -> Batch:
+        """Receive up to `receive_batch` requests and prepare their pixels."""
+        reply = self.aws.sqs.receive_message(
+            QueueUrl=self.aws.request_queue_url,
+            MaxNumberOfMessages=self.settings.receive_batch,
+            WaitTimeSeconds=self.settings.receive_wait_s,
+            VisibilityTimeout=self.settings.visibility_timeout_s,
+        )
+        jobs = []
+        for msg in reply.get("Messages", []):
+            try:
+                request = ClassifyRequest.from_json(msg["Body"])
+            except MessageError as exc:
+                log.error("dropping a message that is not a request: %s", exc)
+                self._delete([Job(msg["MessageId"], msg["ReceiptHandle"], None)])
+                continue
+            jobs.append(Job(msg["MessageId"], msg["ReceiptHandle"], request))
+        with self._held_lock:
+            self._held.update({j.message_id: j.receipt for j in jobs})
+        list(self._io.map(self._load, jobs))
+        unreadable = [j for j in jobs if j.pixels is None and j.error is None]
+        if unreadable:
+            # S3 failed after botocore's retries: hand these back rather than fail them.
+            self._release(unreadable)
+        return Batch([j for j in jobs if j not in unreadable])
+
+    def _load(self, job: Job) -> None:
+        assert job.request is not None
+        try:
+            obj = self.aws.s3.get_object(Bucket=job.request.bucket, Key=job.request.key)
+            data = obj["Body"].read()
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NoSuchBucket"):
+                job.error = "the uploaded image is missing from the input bucket"
+            else:
+                log.warning("cannot read %s: %s", job.request.key, exc)
+            return
+        except BotoCoreError as exc:
+            log.warning("cannot read %s: %s", job.request.key, exc)
+            return
+        try:
+            job.pixels = prepare(data, self.settings.max_image_pixels)
+        except BadImage as exc:
+            job.error = str(exc)
+
+    # --- process: classify, write, reply, acknowledge ------------------------------
+    def process(self, batch: Batch) -> None:
+        ready = batch.ready
+        results = self.classifier.classify(np.stack([j.pixels for j in ready])) if ready else []
+        by_id = {j.message_id: r for j, r in zip(ready, results, strict=True)}
+        responses = []
+        for job in batch.jobs:
+            req = job.request
+            assert req is not None
+            common = {"id": req.id, "filename": req.filename, "key": req.key, "worker": self.instance_id,
+                          "untrained": self.classifier.untrained}
+            result = by_id.get(job.message_id)
+            if result is not None:
+                responses.append((job, ClassifyResponse(label=result.label, score=result.score,
+                                                         top5=result.top5, **common)))
+            else:
+                responses.append((job, ClassifyResponse(error=job.error or "not classified", **common)))
+        list(self._io.map(lambda pair: self._store(*pair), responses))
+        self._reply([r for _, r in responses])
+        self._delete(batch.jobs)
+        self.processed += len(ready)
+
+    def _store(self, job: Job, response: ClassifyResponse) -> None:
+        req = job.request
+        assert req is not None
+        if response.ok:
+            meta = {"label": response.label, "score": response.score,
+                    "top5": [[p.label, p.score] for p in response.top5],
+                    "worker": response.worker, "untrained": response.untrained}
+            self.aws.s3.put_object(
+                Bucket=self.settings.output_bucket,
+                Key=req.key,
+                Body=f"{stored_name(req.key)},{response.label}".encode(),
+                ContentType="text/plain",
+                Metadata={"result": json.dumps(meta, separators=(",", ":"))},
+            )
+        else:
+            # The failure is kept on the input object so the web tier can rebuild it.
+            try:
+                self.aws.s3.put_object_tagging(
+                    Bucket=req.bucket, Key=req.key,
+                    Tagging={"TagSet": [{"Key": "status", "Value": "failed"},
+                                        {"Key": "error", "Value": _tag_value(response.error or "")}]},
+                )
+            except ClientError as exc:
+                log.warning("could not tag failed input %s: %s", req.key, exc)
+
+    def _reply(self, responses: list[ClassifyResponse]) -> None:
+        for start in range(0, len(responses), 10):
+            chunk = responses[start:start + 10]
+            entries = [{"Id": str(i), "MessageBody": r.to_json()} for i, r in enumerate(chunk)]
+            reply = self.aws.sqs.send_message_batch(QueueUrl=self.aws.response_queue_url, Entries=entries)
+            if reply.get("Failed"):
+                raise RuntimeError(f"could not send {len(reply['Failed'])} responses: {reply['Failed']}")
+
+    def _delete(self, jobs: list[Job]) -> None:
+        for start in range(0, len(jobs), 10):
+            chunk = jobs[start:start + 10]
+            self.aws.sqs.delete_message_batch(
+                QueueUrl=self.aws.request_queue_url,
+                Entries=[{"Id": str(i), "ReceiptHandle": j.receipt} for i, j in enumerate(chunk)],
+            )
+        self._forget(jobs)
+
+    # --- visibility ------------------------------------------------------------------
+    def _forget(self, jobs: list[Job]) -> None:
+        with self._held_lock:
+            for j in jobs:
+                self._held.pop(j.message_id, None)
+
+    def _release(self, jobs: list[Job]) -> None:
+        self._change_visibility({j.message_id: j.receipt for j in jobs}, 0)
+        self._forget(jobs)
+
+    def release_held(self) -> None:
+        """Make every message this worker holds visible again, now."""
+        with self._held_lock:
+            held = dict(self._held)
+            self._held.clear()
+        if held:
+            log.info("worker %s: releasing %d messages", self.instance_id, len(held))
+            self._change_visibility(held, 0)
+
+    def _change_visibility(self, held: dict[str, str], seconds: int) -> None:
+        items = list(held.values())
+        for start in range(0, len(items), 10):
+            entries = [{"Id": str(i), "ReceiptHandle": r, "VisibilityTimeout": seconds}
+                       for i, r in enumerate(items[start:start + 10])]
+            try:
+                self.aws.sqs.change_message_visibility_batch(
+                    QueueUrl=self.aws.request_queue_url, Entries=entries)
+            except _AWS_ERRORS as exc:
+                log.warning("could not change visibility of %d messages: %s", len(entries), exc)
+
+    def _heartbeat_loop(self) -> None:
+        period = max(1.0, self.settings.visibility_timeout_s / 3)
+        while not self._finished.wait(period):
+            with self._held_lock:
+                held = dict(self._held)
+            if held:
+                self._change_visibility(held, self.settings.visibility_timeout_s)
+
+
+def _tag_value(text: str) -> str:
+    """S3 tag values allow 256 characters from a restricted set."""
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 +-=._:/@")
+    return "".join(c if c in allowed else " " for c in text)[:250]
+

@@ -1,0 +1,1 @@
+"""Code shared by every tier: configuration, names, message format, AWS clients."""

@@ -1,0 +1,73 @@
+"""boto3 clients configured once, and queue-URL lookups.
+
+Credentials come from boto3's default chain; the endpoint from
+`Settings.endpoint_url` or, when that is unset, from boto3 itself (which
+honours AWS_ENDPOINT_URL). botocore's "standard" retry mode retries throttling,
+timeouts and 5xx answers with backoff.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import boto3
+from botocore.config import Config
+
+from common.config import Settings
+
+
+def client_config(max_pool: int = 32, read_timeout: float = 30.0) -> Config:
+    return Config(
+        retries={"mode": "standard", "max_attempts": 6},
+        max_pool_connections=max_pool,
+        connect_timeout=5,
+        # Long polls hold a connection for up to 20 s: the read timeout must exceed it.
+        read_timeout=read_timeout,
+    )
+
+
+@dataclass
+class Aws:
+    """The three clients a tier needs, and the queue URLs it resolves once."""
+
+    settings: Settings
+    max_pool: int = 32
+
+    def _client(self, service: str):
+        return boto3.session.Session().client(
+            service,
+            region_name=self.settings.region,
+            endpoint_url=self.settings.endpoint_url,
+            config=client_config(self.max_pool),
+        )
+
+    @cached_property
+    def s3(self):
+        return self._client("s3")
+
+    @cached_property
+    def sqs(self):
+        return self._client("sqs")
+
+    @cached_property
+    def ec2(self):
+        return self._client("ec2")
+
+    def queue_url(self, name: str) -> str:
+        cache = self.__dict__.setdefault("_queue_urls", {})
+        if name not in cache:
+            cache[name] = self.sqs.get_queue_url(QueueName=name)["QueueUrl"]
+        return cache[name]
+
+    @property
+    def request_queue_url(self) -> str:
+        return self.queue_url(self.settings.request_queue)
+
+    @property
+    def response_queue_url(self) -> str:
+        return self.queue_url(self.settings.response_queue)
+
+    @property
+    def dead_letter_queue_url(self) -> str:
+        return self.queue_url(self.settings.dead_letter_queue)

@@ -1,0 +1,169 @@
+"""All configuration, in one place, read from the environment.
+
+Every tier builds one `Settings` with `Settings.from_env()` and passes it down;
+nothing else reads `os.environ` for configuration. The table in README.md lists
+each variable with its default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a whole number, got {raw!r}") from exc
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+
+
+def _str(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name, "").strip()
+    return raw or default
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- where AWS is -----------------------------------------------------
+    region: str = "us-east-1"
+    # None means "whatever boto3 resolves": real AWS, or AWS_ENDPOINT_URL.
+    endpoint_url: str | None = None
+
+    # --- names (one prefix changes them all) -------------------------------
+    prefix: str = "imgclass"
+
+    # --- controller --------------------------------------------------------
+    max_instances: int = 15
+    ami_id: str = "ami-0abcdef1234567890"
+    # t2.small (2 GiB): a TensorFlow ResNet-50 worker peaks near 1.3 GB,
+    # which does not fit t2.micro's 1 GiB.
+    instance_type: str = "t2.small"
+    key_name: str = ""
+    security_group_ids: tuple[str, ...] = ()
+    instance_profile: str = ""
+    poll_interval_s: float = 1.0
+    # Messages one instance is expected to hold: desired = ceil(backlog / target).
+    target_backlog_per_instance: float = 1.0
+    scaling_mode: str = "backlog"  # "backlog" or "latency"
+    acceptable_latency_s: float = 10.0
+    seconds_per_image: float = 0.5
+    boot_time_s: float = 40.0
+    scale_in_cooldown_s: float = 0.0
+
+    # --- app tier (worker) -------------------------------------------------
+    model_weights: str = "imagenet"
+    receive_batch: int = 10
+    receive_wait_s: int = 20
+    visibility_timeout_s: int = 60
+    max_receive_count: int = 3
+    shutdown_grace_s: float = 20.0
+    worker_threads: int = 0  # 0 = let TensorFlow decide (one per vCPU)
+
+    # --- web tier ------------------------------------------------------------
+    web_host: str = "127.0.0.1"
+    web_port: int = 8000
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_files_per_request: int = 1000
+    max_image_pixels: int = 40_000_000
+    result_timeout_s: float = 300.0
+    api_key: str = ""
+
+    # --- embedded AWS ----------------------------------------------------------
+    local_aws_host: str = "127.0.0.1"
+    local_aws_port: int = 5000
+    local_boot_delay_s: float = 0.0
+    local_max_workers: int = 15
+    local_worker_threads: int = 1
+
+    extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    # Names ----------------------------------------------------------------------
+    @property
+    def input_bucket(self) -> str:
+        return f"{self.prefix}-in-bucket"
+
+    @property
+    def output_bucket(self) -> str:
+        return f"{self.prefix}-out-bucket"
+
+    @property
+    def request_queue(self) -> str:
+        return f"{self.prefix}-req-queue"
+
+    @property
+    def response_queue(self) -> str:
+        return f"{self.prefix}-resp-queue"
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.prefix}-req-dlq"
+
+    @property
+    def local_aws_url(self) -> str:
+        return f"http://{self.local_aws_host}:{self.local_aws_port}"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        sg = tuple(s for s in _str(env, "SECURITY_GROUP_IDS", "").split(",") if s)
+        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or cls.region
+        return cls(
+            region=region,
+            endpoint_url=env.get("AWS_ENDPOINT_URL") or None,
+            prefix=_str(env, "APP_PREFIX", cls.prefix),
+            max_instances=_int(env, "MAX_INSTANCES", cls.max_instances),
+            ami_id=_str(env, "AMI_ID", cls.ami_id),
+            instance_type=_str(env, "INSTANCE_TYPE", cls.instance_type),
+            key_name=_str(env, "KEY_NAME", ""),
+            security_group_ids=sg,
+            instance_profile=_str(env, "INSTANCE_PROFILE", ""),
+            poll_interval_s=_float(env, "POLL_INTERVAL", cls.poll_interval_s),
+            target_backlog_per_instance=_float(
+                env, "TARGET_BACKLOG_PER_INSTANCE", cls.target_backlog_per_instance
+            ),
+            scaling_mode=_str(env, "SCALING_MODE", cls.scaling_mode),
+            acceptable_latency_s=_float(env, "ACCEPTABLE_LATENCY", cls.acceptable_latency_s),
+            seconds_per_image=_float(env, "SECONDS_PER_IMAGE", cls.seconds_per_image),
+            boot_time_s=_float(env, "BOOT_TIME", cls.boot_time_s),
+            scale_in_cooldown_s=_float(env, "SCALE_IN_COOLDOWN", cls.scale_in_cooldown_s),
+            model_weights=_str(env, "MODEL_WEIGHTS", cls.model_weights),
+            receive_batch=_int(env, "RECEIVE_BATCH", cls.receive_batch),
+            receive_wait_s=_int(env, "RECEIVE_WAIT", cls.receive_wait_s),
+            visibility_timeout_s=_int(env, "VISIBILITY_TIMEOUT", cls.visibility_timeout_s),
+            max_receive_count=_int(env, "MAX_RECEIVE_COUNT", cls.max_receive_count),
+            shutdown_grace_s=_float(env, "SHUTDOWN_GRACE", cls.shutdown_grace_s),
+            worker_threads=_int(env, "WORKER_THREADS", cls.worker_threads),
+            web_host=_str(env, "WEB_HOST", cls.web_host),
+            web_port=_int(env, "WEB_PORT", cls.web_port),
+            max_upload_bytes=_int(env, "MAX_UPLOAD_BYTES", cls.max_upload_bytes),
+            max_files_per_request=_int(env, "MAX_FILES_PER_REQUEST", cls.max_files_per_request),
+            max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels),
+            result_timeout_s=_float(env, "RESULT_TIMEOUT", cls.result_timeout_s),
+            api_key=env.get("API_KEY", ""),
+            local_aws_host=_str(env, "LOCAL_AWS_HOST", cls.local_aws_host),
+            local_aws_port=_int(env, "LOCAL_AWS_PORT", cls.local_aws_port),
+            local_boot_delay_s=_float(env, "LOCAL_BOOT_DELAY", cls.local_boot_delay_s),
+            local_max_workers=_int(env, "LOCAL_MAX_WORKERS", cls.local_max_workers),
+            local_worker_threads=_int(env, "LOCAL_WORKER_THREADS", cls.local_worker_threads),
+        )
+
+    def describe(self) -> dict[str, object]:
+        """Settings as plain data, for logs and /api/status (never the API key)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", "api_key")}
+        out["api_key_set"] = bool(self.api_key)
+        return out

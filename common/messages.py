@@ -1,0 +1,140 @@
+"""The two SQS message kinds, as JSON under 1 KB each.
+
+A request names an image already stored in the input bucket; a response carries
+the label (or an error) for exactly one request id. File names are cut so that a
+300-character Unicode name cannot push a message over the request queue's
+1024-byte limit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+MAX_MESSAGE_BYTES = 1024
+_FILENAME_BYTES = 160
+_ERROR_BYTES = 200
+
+
+def clip_utf8(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes without splitting a character."""
+    raw = text.encode("utf-8")
+    if len(raw) <= limit:
+        return text
+    return raw[:limit].decode("utf-8", errors="ignore")
+
+
+def _encode(payload: dict) -> str:
+    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    size = len(body.encode("utf-8"))
+    if size >= MAX_MESSAGE_BYTES:
+        raise ValueError(f"message is {size} bytes, the limit is {MAX_MESSAGE_BYTES}")
+    return body
+
+
+class MessageError(ValueError):
+    """A message body that is not one of ours."""
+
+
+@dataclass(frozen=True)
+class ClassifyRequest:
+    id: str
+    bucket: str
+    key: str
+    filename: str
+    sent_at: float = field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        payload = asdict(self)
+        payload["filename"] = clip_utf8(self.filename, _FILENAME_BYTES)
+        payload["v"] = 1
+        return _encode(payload)
+
+    @classmethod
+    def from_json(cls, body: str) -> ClassifyRequest:
+        try:
+            data = json.loads(body)
+            return cls(
+                id=str(data["id"]),
+                bucket=str(data["bucket"]),
+                key=str(data["key"]),
+                filename=str(data["filename"]),
+                sent_at=float(data["sent_at"]),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise MessageError(f"not a classify request: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class ClassifyResponse:
+    id: str
+    filename: str
+    key: str
+    worker: str
+    untrained: bool
+    label: str | None = None
+    score: float | None = None
+    top5: tuple[Prediction, ...] = ()
+    error: str | None = None
+    finished_at: float = field(default_factory=time.time)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_json(self) -> str:
+        payload = {
+            "v": 1,
+            "id": self.id,
+            "filename": clip_utf8(self.filename, _FILENAME_BYTES),
+            "key": self.key,
+            "worker": self.worker,
+            "untrained": self.untrained,
+            "finished_at": self.finished_at,
+        }
+        if self.error is not None:
+            payload["error"] = clip_utf8(self.error, _ERROR_BYTES)
+        else:
+            payload["label"] = self.label
+            # float32 scores survive a JSON round trip exactly at 9 significant digits.
+            payload["score"] = float(f"{self.score:.9g}")
+            payload["top5"] = [[p.label, float(f"{p.score:.9g}")] for p in self.top5]
+        return _encode(payload)
+
+    @classmethod
+    def from_json(cls, body: str) -> ClassifyResponse:
+        try:
+            data = json.loads(body)
+            return cls(
+                id=str(data["id"]),
+                filename=str(data["filename"]),
+                key=str(data.get("key", "")),
+                worker=str(data.get("worker", "")),
+                untrained=bool(data.get("untrained", False)),
+                label=data.get("label"),
+                score=data.get("score"),
+                top5=tuple(Prediction(str(lbl), float(s)) for lbl, s in data.get("top5", [])),
+                error=data.get("error"),
+                finished_at=float(data.get("finished_at", 0.0)),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise MessageError(f"not a classify response: {exc}") from exc
+
+    def as_item(self) -> dict:
+        """The fields the web API shows for a finished item."""
+        return {
+            "state": "done" if self.ok else "failed",
+            "label": self.label,
+            "score": self.score,
+            "top5": [{"label": p.label, "score": p.score} for p in self.top5],
+            "error": self.error,
+            "worker": self.worker,
+            "untrained": self.untrained,
+        }

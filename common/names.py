@@ -1,0 +1,64 @@
+"""Names of things in AWS that more than one tier must agree on."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+APP_TIER_NAME_PREFIX = "app-tier-instance-"
+WEB_INSTANCE_NAME = "web-instance"
+# Tag every app-tier instance also carries, so a query never confuses ours with
+# another fleet's instances that happen to share the Name pattern.
+ROLE_TAG = "imgclass:role"
+ROLE_APP_TIER = "app-tier"
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_MAX_SAFE_NAME = 100
+
+
+def instance_name(n: int) -> str:
+    return f"{APP_TIER_NAME_PREFIX}{n}"
+
+
+def instance_number(name: str) -> int | None:
+    """The n of `app-tier-instance-<n>`, or None for any other name."""
+    if not name.startswith(APP_TIER_NAME_PREFIX):
+        return None
+    tail = name[len(APP_TIER_NAME_PREFIX):]
+    return int(tail) if tail.isdigit() else None
+
+
+def safe_filename(original: str) -> str:
+    """A name that is safe as an S3 key part, a path part and in CSV.
+
+    Keeps the base name only (no directories, from either slash), folds accents
+    to ASCII, replaces everything else outside [A-Za-z0-9._-] with '_', strips
+    leading dots so it is never hidden or '..', and keeps the extension when
+    cutting long names.
+    """
+    base = re.split(r"[\\/]", original)[-1]
+    folded = unicodedata.normalize("NFKD", base).encode("ascii", "ignore").decode("ascii")
+    safe = _SAFE.sub("_", folded).strip("._") or "image"
+    if len(safe) > _MAX_SAFE_NAME:
+        stem, dot, ext = safe.rpartition(".")
+        if dot and 0 < len(ext) <= 10:
+            safe = stem[: _MAX_SAFE_NAME - len(ext) - 1] + "." + ext
+        else:
+            safe = safe[:_MAX_SAFE_NAME]
+    return safe
+
+
+def object_key(batch_id: str, item_id: str, original_filename: str) -> str:
+    """Key of an upload in the input bucket; its result uses the same key in the output bucket."""
+    return f"{batch_id}/{item_id}/{safe_filename(original_filename)}"
+
+
+def stored_name(key: str) -> str:
+    """The safe file name at the end of an object key."""
+    return key.rsplit("/", 1)[-1]
+
+
+def stem(filename: str) -> str:
+    """File name without its extension: 'test_00.JPEG' -> 'test_00'."""
+    head, dot, _ = filename.rpartition(".")
+    return head if dot and head else filename

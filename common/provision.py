@@ -1,0 +1,94 @@
+"""Create the buckets and queues, idempotently: safe to run at every start.
+
+Run it alone with `python -m common.provision` against whatever AWS the
+environment points at.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from botocore.exceptions import ClientError
+
+from common.aws import Aws
+from common.config import Settings
+
+log = logging.getLogger(__name__)
+
+REQUEST_QUEUE_MAX_BYTES = 1024
+
+
+def _ensure_bucket(aws: Aws, name: str) -> None:
+    try:
+        aws.s3.head_bucket(Bucket=name)
+    except ClientError:
+        kwargs: dict = {"Bucket": name}
+        if aws.settings.region != "us-east-1":
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": aws.settings.region}
+        try:
+            aws.s3.create_bucket(**kwargs)
+            log.info("created bucket %s", name)
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] not in ("BucketAlreadyOwnedByYou",):
+                raise
+    # Private and encrypted at rest, whatever the account's defaults are.
+    aws.s3.put_public_access_block(
+        Bucket=name,
+        PublicAccessBlockConfiguration={
+            "BlockPublicAcls": True,
+            "IgnorePublicAcls": True,
+            "BlockPublicPolicy": True,
+            "RestrictPublicBuckets": True,
+        },
+    )
+    aws.s3.put_bucket_encryption(
+        Bucket=name,
+        ServerSideEncryptionConfiguration={
+            "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
+        },
+    )
+
+
+def _ensure_queue(aws: Aws, name: str, attributes: dict[str, str]) -> str:
+    url = aws.sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+    # create_queue does not change an existing queue's attributes; this does.
+    aws.sqs.set_queue_attributes(QueueUrl=url, Attributes=attributes)
+    return url
+
+
+def provision(settings: Settings, aws: Aws | None = None) -> dict[str, str]:
+    """Make sure every bucket and queue exists with the right settings."""
+    aws = aws or Aws(settings)
+    _ensure_bucket(aws, settings.input_bucket)
+    _ensure_bucket(aws, settings.output_bucket)
+
+    dlq_url = _ensure_queue(aws, settings.dead_letter_queue, {"MessageRetentionPeriod": "1209600"})
+    dlq_arn = aws.sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])[
+        "Attributes"
+    ]["QueueArn"]
+    req_url = _ensure_queue(
+        aws,
+        settings.request_queue,
+        {
+            "MaximumMessageSize": str(REQUEST_QUEUE_MAX_BYTES),
+            "VisibilityTimeout": str(settings.visibility_timeout_s),
+            "ReceiveMessageWaitTimeSeconds": str(settings.receive_wait_s),
+            "RedrivePolicy": json.dumps(
+                {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(settings.max_receive_count)}
+            ),
+        },
+    )
+    resp_url = _ensure_queue(aws, settings.response_queue, {"VisibilityTimeout": "30"})
+    log.info("provisioned %s, %s and three queues", settings.input_bucket, settings.output_bucket)
+    return {"request": req_url, "response": resp_url, "dead_letter": dlq_url}
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    urls = provision(Settings.from_env())
+    print(json.dumps(urls, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The controller: scales app-tier instances 0..15 on request-queue depth."""

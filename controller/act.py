@@ -1,0 +1,95 @@
+"""Act: carry out a decision against EC2. Each call is safe to repeat."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from common.aws import Aws
+from common.config import Settings
+from common.names import ROLE_APP_TIER, ROLE_TAG, instance_name
+
+log = logging.getLogger(__name__)
+
+USER_DATA_TEMPLATE = Path(__file__).resolve().parent.parent / "ami" / "user-data.sh"
+
+
+def render_user_data(settings: Settings) -> str:
+    """The boot script that starts the worker service on a real instance (see ami/)."""
+    text = USER_DATA_TEMPLATE.read_text(encoding="utf-8")
+    values = {
+        "AWS_REGION": settings.region,
+        "APP_PREFIX": settings.prefix,
+        "MODEL_WEIGHTS": settings.model_weights,
+        "AWS_ENDPOINT_URL": settings.endpoint_url or "",
+    }
+    for name, value in values.items():
+        text = text.replace("{{" + name + "}}", value)
+    return text
+
+
+class LaunchError(RuntimeError):
+    """Some launches failed; `launched` maps the numbers that did not to their ids."""
+
+    def __init__(self, launched: dict[int, str], errors: list[Exception]) -> None:
+        super().__init__(f"{len(errors)} launch(es) failed: {errors[0]}")
+        self.launched = launched
+        self.errors = errors
+
+
+def launch(aws: Aws, settings: Settings, numbers: tuple[int, ...]) -> dict[int, str]:
+    """Launch one instance per number, named app-tier-instance-<n>; returns number -> id.
+
+    One RunInstances call per instance, because each needs its own Name tag at
+    launch; the calls run in parallel so that 15 take about as long as one.
+    """
+    user_data = base64.b64encode(render_user_data(settings).encode()).decode()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [pool.submit(_launch_one, aws, settings, n, user_data) for n in numbers]
+    ids: dict[int, str] = {}
+    errors: list[Exception] = []
+    for n, future in zip(numbers, futures, strict=True):
+        try:
+            ids[n] = future.result()
+        except Exception as exc:  # reported together below; the loop retries with backoff
+            errors.append(exc)
+    if errors:
+        raise LaunchError(ids, errors)
+    return ids
+
+
+def _launch_one(aws: Aws, settings: Settings, n: int, user_data: str) -> str:
+    kwargs: dict = {
+        "ImageId": settings.ami_id,
+        "InstanceType": settings.instance_type,
+        "MinCount": 1,
+        "MaxCount": 1,
+        "UserData": user_data,
+        # The same token on botocore's retries makes a retried launch idempotent.
+        "ClientToken": f"{settings.prefix}-{n}-{uuid.uuid4().hex}"[:64],
+        "TagSpecifications": [
+            {
+                "ResourceType": "instance",
+                "Tags": [
+                    {"Key": "Name", "Value": instance_name(n)},
+                    {"Key": ROLE_TAG, "Value": ROLE_APP_TIER},
+                ],
+            }
+        ],
+        "InstanceInitiatedShutdownBehavior": "terminate",
+    }
+    if settings.key_name:
+        kwargs["KeyName"] = settings.key_name
+    if settings.security_group_ids:
+        kwargs["SecurityGroupIds"] = list(settings.security_group_ids)
+    if settings.instance_profile:
+        kwargs["IamInstanceProfile"] = {"Name": settings.instance_profile}
+    return aws.ec2.run_instances(**kwargs)["Instances"][0]["InstanceId"]
+
+
+def terminate(aws: Aws, instance_ids: tuple[str, ...]) -> None:
+    if instance_ids:
+        aws.ec2.terminate_instances(InstanceIds=list(instance_ids))

@@ -1,0 +1,160 @@
+"""The control loop: observe, decide, act, once a poll interval.
+
+All state that matters lives in EC2 (instances and their Name tags) and SQS
+(queue depths), so a controller that is killed and started again picks up
+exactly where the last one stopped. The only memory kept between polls is
+(1) when the backlog last became zero, for the scale-in cooldown, and
+(2) instances this process launched in the last few seconds, counted until
+EC2's eventually consistent DescribeInstances lists them, so that a launch is
+never repeated for the same work. Losing either on restart is harmless.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from common.aws import Aws
+from common.config import Settings
+from controller.act import LaunchError, launch, render_user_data, terminate
+from controller.observe import Instance, Observation, observe
+from controller.policy import Decision, Policy, decide
+
+log = logging.getLogger(__name__)
+
+RECENT_LAUNCH_MEMORY_S = 30.0
+TIMELINE_FIELDS = ("time", "visible", "in_flight", "delayed", "pending", "running", "desired", "action")
+
+
+def policy_from(settings: Settings) -> Policy:
+    return Policy(
+        max_instances=settings.max_instances,
+        mode=settings.scaling_mode,
+        target_backlog_per_instance=settings.target_backlog_per_instance,
+        acceptable_latency_s=settings.acceptable_latency_s,
+        seconds_per_image=settings.seconds_per_image,
+        boot_time_s=settings.boot_time_s,
+        scale_in_cooldown_s=settings.scale_in_cooldown_s,
+    )
+
+
+@dataclass
+class Controller:
+    settings: Settings
+    aws: Aws
+    dry_run: bool = False
+    timeline_path: Path | None = None
+    policy: Policy = field(init=False)
+    stopping: threading.Event = field(default_factory=threading.Event)
+    _idle_since: float | None = None
+    _recent: dict[str, Instance] = field(default_factory=dict)
+    _last_summary: tuple | None = None
+    timeline: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.policy = policy_from(self.settings)
+        render_user_data(self.settings)  # fail at start, not at the first launch
+        if self.timeline_path:
+            with self.timeline_path.open("w", newline="") as fh:
+                csv.writer(fh).writerow(TIMELINE_FIELDS)
+
+    # --- one round -----------------------------------------------------------------
+    def step(self, now: float | None = None) -> Decision:
+        obs = self._with_recent_launches(observe(self.aws, now))
+        idle_for = self._idle_for(obs)
+        decision = decide(obs, self.policy, idle_for)
+        self._record(obs, decision)
+        if decision.changes_anything and not self.dry_run:
+            self._act(decision, obs.at)
+        return decision
+
+    def _idle_for(self, obs: Observation) -> float:
+        if obs.backlog > 0:
+            self._idle_since = None
+            return 0.0
+        if self._idle_since is None:
+            self._idle_since = obs.at
+        return obs.at - self._idle_since
+
+    def _with_recent_launches(self, obs: Observation) -> Observation:
+        seen = {i.id for i in obs.instances}
+        self._recent = {
+            iid: inst for iid, inst in self._recent.items()
+            if iid not in seen and obs.at - inst.launched_at < RECENT_LAUNCH_MEMORY_S
+        }
+        if not self._recent:
+            return obs
+        return replace(obs, instances=obs.instances + tuple(self._recent.values()))
+
+    def _act(self, decision: Decision, now: float) -> None:
+        if decision.terminate:
+            terminate(self.aws, decision.terminate)
+            for iid in decision.terminate:
+                self._recent.pop(iid, None)
+        if decision.launch:
+            try:
+                ids = launch(self.aws, self.settings, decision.launch)
+            except LaunchError as exc:
+                self._remember(exc.launched, now)
+                raise
+            self._remember(ids, now)
+
+    def _remember(self, launched: dict[int, str], now: float) -> None:
+        for n, iid in launched.items():
+            self._recent[iid] = Instance(id=iid, number=n, state="pending", launched_at=now)
+
+    def _record(self, obs: Observation, decision: Decision) -> None:
+        pending, running = len(obs.in_state("pending")), len(obs.in_state("running"))
+        action = []
+        if decision.launch:
+            action.append(f"launch {len(decision.launch)}")
+        if decision.terminate:
+            action.append(f"terminate {len(decision.terminate)}")
+        row = {
+            "time": round(obs.at, 3), "visible": obs.visible, "in_flight": obs.in_flight,
+            "delayed": obs.delayed, "pending": pending, "running": running,
+            "desired": decision.desired, "action": " + ".join(action) or "-",
+        }
+        self.timeline.append(row)
+        if self.timeline_path:
+            with self.timeline_path.open("a", newline="") as fh:
+                csv.writer(fh).writerow([row[k] for k in TIMELINE_FIELDS])
+        summary = (obs.backlog, pending, running, decision.desired, row["action"])
+        if decision.changes_anything or summary[:4] != (self._last_summary or (None,) * 4)[:4]:
+            log.info(
+                "backlog=%d (visible %d, in flight %d, delayed %d) pending=%d running=%d desired=%d "
+                "action=%s%s [%s]",
+                obs.backlog, obs.visible, obs.in_flight, obs.delayed, pending, running,
+                decision.desired, row["action"], " (dry run)" if self.dry_run else "", decision.reason,
+            )
+        self._last_summary = summary
+
+    # --- the loop ------------------------------------------------------------------------
+    def run(self) -> None:
+        """Poll until stopped; AWS errors are logged and retried with backoff."""
+        backoff = self.settings.poll_interval_s
+        log.info("controller: cap %d, mode %s, poll every %.1fs%s", self.policy.max_instances,
+                 self.policy.mode, self.settings.poll_interval_s, " (dry run)" if self.dry_run else "")
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            try:
+                self.step()
+                backoff = self.settings.poll_interval_s
+            except (BotoCoreError, ClientError, LaunchError) as exc:
+                backoff = min(max(backoff * 2, 1.0), 30.0)
+                log.warning("controller: %s; next try in %.0fs", exc, backoff)
+                self.stopping.wait(backoff)
+                continue
+            self.stopping.wait(max(0.0, self.settings.poll_interval_s - (time.monotonic() - started)))
+        log.info("controller: stopped (instances are left as they are; a new controller adopts them)")
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stopping.set())

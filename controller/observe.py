@@ -1,0 +1,58 @@
+"""Observe: what the queues and EC2 say right now. Nothing here decides anything."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from common.aws import Aws
+from common.fleet import Instance, app_tier_instances
+
+
+@dataclass(frozen=True)
+class Observation:
+    at: float
+    visible: int
+    in_flight: int
+    delayed: int
+    instances: tuple[Instance, ...]
+
+    @property
+    def backlog(self) -> int:
+        """Messages still to be answered: waiting, being worked on, or delayed."""
+        return self.visible + self.in_flight + self.delayed
+
+    def in_state(self, *states: str) -> tuple[Instance, ...]:
+        return tuple(i for i in self.instances if i.state in states)
+
+    @property
+    def live(self) -> tuple[Instance, ...]:
+        """Instances that are, or are about to be, serving (and costing money)."""
+        return self.in_state("pending", "running")
+
+
+def queue_depth(aws: Aws) -> tuple[int, int, int]:
+    attrs = aws.sqs.get_queue_attributes(
+        QueueUrl=aws.request_queue_url,
+        AttributeNames=[
+            "ApproximateNumberOfMessages",
+            "ApproximateNumberOfMessagesNotVisible",
+            "ApproximateNumberOfMessagesDelayed",
+        ],
+    )["Attributes"]
+    return (
+        int(attrs.get("ApproximateNumberOfMessages", 0)),
+        int(attrs.get("ApproximateNumberOfMessagesNotVisible", 0)),
+        int(attrs.get("ApproximateNumberOfMessagesDelayed", 0)),
+    )
+
+
+def observe(aws: Aws, now: float | None = None) -> Observation:
+    visible, in_flight, delayed = queue_depth(aws)
+    return Observation(
+        at=time.time() if now is None else now,
+        visible=visible,
+        in_flight=in_flight,
+        delayed=delayed,
+        instances=app_tier_instances(aws),
+    )

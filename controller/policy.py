@@ -1,0 +1,114 @@
+"""Decide: a pure function from an observation and the policy to an action.
+
+Two ways to size the fleet:
+
+backlog (default)
+    desired = min(cap, ceil(backlog / target_backlog_per_instance)), where
+    backlog = visible + in-flight + delayed messages. Counting in-flight
+    messages keeps instances that are still working from being removed.
+    With the default target of 1, 100 queued requests give exactly 15.
+
+latency
+    AWS's "backlog per instance" target tracking: an instance can hold
+    acceptable_latency / seconds_per_image messages and still answer in time,
+    so that is its target backlog. And when the instances already running
+    would finish the whole backlog before a new one could boot, launching one
+    helps nobody, so none is launched.
+
+Either way the cap is never exceeded (pending instances count), and when the
+backlog has been zero for scale_in_cooldown_s every instance is terminated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from controller.observe import Instance, Observation
+
+MODES = ("backlog", "latency")
+
+
+@dataclass(frozen=True)
+class Policy:
+    max_instances: int = 15
+    mode: str = "backlog"
+    target_backlog_per_instance: float = 1.0
+    acceptable_latency_s: float = 10.0
+    seconds_per_image: float = 0.5
+    boot_time_s: float = 40.0
+    scale_in_cooldown_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"scaling mode must be one of {MODES}, got {self.mode!r}")
+        if self.max_instances < 0:
+            raise ValueError("max_instances must be 0 or more")
+        if self.target_backlog_per_instance <= 0:
+            raise ValueError("target backlog per instance must be positive")
+
+
+@dataclass(frozen=True)
+class Decision:
+    desired: int
+    launch: tuple[int, ...] = ()  # instance numbers n of app-tier-instance-<n> to launch
+    terminate: tuple[str, ...] = ()  # instance ids
+    reason: str = ""
+
+    @property
+    def changes_anything(self) -> bool:
+        return bool(self.launch or self.terminate)
+
+
+def target_backlog(policy: Policy) -> float:
+    if policy.mode == "latency":
+        return max(1.0, policy.acceptable_latency_s / policy.seconds_per_image)
+    return policy.target_backlog_per_instance
+
+
+def desired_count(obs: Observation, policy: Policy, idle_for_s: float) -> tuple[int, str]:
+    """How many instances should be live, and why."""
+    live = len(obs.live)
+    if obs.backlog == 0:
+        if idle_for_s >= policy.scale_in_cooldown_s:
+            return 0, "no work outstanding"
+        return min(live, policy.max_instances), f"idle {idle_for_s:.0f}s, cooling down"
+    wanted = math.ceil(obs.backlog / target_backlog(policy))
+    reason = f"backlog {obs.backlog} / target {target_backlog(policy):g}"
+    if policy.mode == "latency" and 0 < len(obs.in_state("running")) < wanted:
+        running = len(obs.in_state("running"))
+        drain_s = obs.backlog * policy.seconds_per_image / running
+        if drain_s <= policy.boot_time_s:
+            wanted = live
+            reason += f"; running instances drain it in {drain_s:.1f}s < boot {policy.boot_time_s:g}s"
+    return min(policy.max_instances, wanted), reason
+
+
+def _free_numbers(taken: set[int], count: int) -> tuple[int, ...]:
+    numbers, n = [], 1
+    while len(numbers) < count:
+        if n not in taken:
+            numbers.append(n)
+        n += 1
+    return tuple(numbers)
+
+
+def _scale_in_order(instance: Instance) -> tuple[int, float, int]:
+    # Pending instances hold no work yet; then the most recently launched,
+    # which have had the least chance to take a batch.
+    return (0 if instance.state == "pending" else 1, -instance.launched_at, -instance.number)
+
+
+def decide(obs: Observation, policy: Policy, idle_for_s: float = 0.0) -> Decision:
+    desired, reason = desired_count(obs, policy, idle_for_s)
+    live = obs.live
+    # A stopped instance is ours but serves nobody: always clean it up.
+    stray = tuple(i.id for i in obs.in_state("stopped"))
+    if desired > len(live):
+        taken = {i.number for i in obs.instances}
+        return Decision(desired, launch=_free_numbers(taken, desired - len(live)),
+                        terminate=stray, reason=reason)
+    if desired < len(live):
+        victims = sorted(live, key=_scale_in_order)[: len(live) - desired]
+        return Decision(desired, terminate=stray + tuple(i.id for i in victims), reason=reason)
+    return Decision(desired, terminate=stray, reason=reason)

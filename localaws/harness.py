@@ -1,0 +1,117 @@
+"""Start and stop the whole local stack from another program (tests, `make bench`).
+
+It runs `python -m localaws.stack` exactly as `make run` does, on free ports,
+with its own name prefix and run directory, and waits for its READY line.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from common.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class StackProcess:
+    run_dir: Path
+    env_overrides: dict[str, str] = field(default_factory=dict)
+    warm_spares: int = 1
+    process: subprocess.Popen | None = None
+    output: list[str] = field(default_factory=list)
+    ready_line: str = ""
+
+    def __post_init__(self) -> None:
+        self.web_port = free_port()
+        self.aws_port = free_port()
+        self.prefix = f"t{uuid.uuid4().hex[:8]}"
+        self.env = dict(os.environ)
+        self.env.update(
+            WEB_PORT=str(self.web_port), LOCAL_AWS_PORT=str(self.aws_port), APP_PREFIX=self.prefix,
+            MODEL_WEIGHTS="random", PYTHONUNBUFFERED="1", AWS_ACCESS_KEY_ID="testing",
+            AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+        )
+        self.env.pop("AWS_ENDPOINT_URL", None)
+        self.env.update(self.env_overrides)
+
+    @property
+    def web_url(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
+
+    @property
+    def aws_url(self) -> str:
+        return f"http://127.0.0.1:{self.aws_port}"
+
+    def settings(self) -> Settings:
+        env = dict(self.env, AWS_ENDPOINT_URL=self.aws_url)
+        return Settings.from_env(env)
+
+    @property
+    def tmp_dir(self) -> Path:
+        """TMPDIR of every process of the stack, so a test can see what they leave."""
+        return self.run_dir / "tmp"
+
+    def start(self, timeout_s: float = 120.0) -> StackProcess:
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.env["TMPDIR"] = str(self.tmp_dir)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "localaws.stack", "--run-dir", str(self.run_dir),
+             "--warm-spares", str(self.warm_spares)],
+            cwd=str(ROOT), env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        ready = threading.Event()
+
+        def pump() -> None:
+            assert self.process and self.process.stdout
+            for line in self.process.stdout:
+                self.output.append(line)
+                if line.startswith("READY "):
+                    self.ready_line = line.strip()
+                    ready.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        deadline = time.monotonic() + timeout_s
+        while not ready.wait(0.2):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("stack did not become ready:\n" + "".join(self.output[-60:]))
+        return self
+
+    def descendants(self) -> list[psutil.Process]:
+        if not self.process:
+            return []
+        try:
+            return psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, timeout_s: float = 15.0) -> float:
+        """SIGTERM the stack as Ctrl-C would; returns how long it took to exit."""
+        if not self.process or self.process.poll() is not None:
+            return 0.0
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        return time.monotonic() - started

@@ -1,0 +1,193 @@
+"""The local instance runner: what EC2 would do with our instances, locally.
+
+moto's EC2 only records instances; nothing runs on them. This runner watches
+the app-tier instances in the embedded EC2 and, for each one that is pending
+or running, runs one real worker process (`python -m app_tier`), after a
+configurable boot delay. When the instance is terminated or disappears, it
+sends the worker SIGTERM, then SIGKILL after a grace period, as EC2's
+shutdown would. A worker that exits while its instance lives is restarted, as
+systemd's Restart=always does on a real instance.
+
+Warm spares: the runner can keep a few worker processes that have already
+loaded the model and wait for an instance id on stdin, the local equivalent of
+an EC2 warm pool. A launched instance adopts a spare and starts serving at
+once; LOCAL_BOOT_DELAY still simulates a real boot when asked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from common.aws import Aws
+from common.config import Settings
+from common.fleet import app_tier_instances
+
+log = logging.getLogger(__name__)
+
+RESTART_BACKOFF_S = 1.0
+
+
+@dataclass
+class WorkerProcess:
+    instance_id: str
+    process: subprocess.Popen
+    started_at: float
+    term_sent_at: float | None = None
+    restarts: int = 0
+
+
+@dataclass
+class InstanceRunner:
+    settings: Settings
+    env: dict[str, str]
+    log_dir: Path
+    poll_s: float = 0.2
+    grace_s: float = 30.0
+    warm_spares: int = 1
+    workers: dict[str, WorkerProcess] = field(default_factory=dict)
+    stopping: threading.Event = field(default_factory=threading.Event)
+    _first_seen: dict[str, float] = field(default_factory=dict)
+    _spares: list[subprocess.Popen] = field(default_factory=list)
+    _draining: list[WorkerProcess] = field(default_factory=list)
+    _warned_cap: bool = False
+    _spawned: int = 0
+    started_total: int = 0
+
+    def __post_init__(self) -> None:
+        self.aws = Aws(self.settings)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+    # --- processes -------------------------------------------------------------------
+    def _spawn(self, instance_id: str) -> subprocess.Popen:
+        self._spawned += 1
+        log_path = self.log_dir / f"worker-{self._spawned:03d}.log"
+        with open(log_path, "ab") as out:
+            return subprocess.Popen(
+                [sys.executable, "-m", "app_tier", "--instance-id", instance_id],
+                stdin=subprocess.PIPE if instance_id == "-" else subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=str(Path(__file__).resolve().parent.parent),
+                # Own process group: Ctrl-C in the terminal must not reach workers
+                # directly; the runner stops them in order.
+                start_new_session=True,
+            )
+
+    def _start_worker(self, instance_id: str, restarts: int = 0) -> None:
+        process = None
+        while self._spares and process is None:
+            spare = self._spares.pop(0)
+            if spare.poll() is None:
+                try:
+                    spare.stdin.write(f"{instance_id}\n".encode())
+                    spare.stdin.close()
+                    process = spare
+                except OSError:
+                    process = None
+        if process is None:
+            process = self._spawn(instance_id)
+        self.started_total += 1
+        self.workers[instance_id] = WorkerProcess(instance_id, process, time.monotonic(), restarts=restarts)
+        log.info("runner: worker pid %d serves %s", process.pid, instance_id)
+
+    def _top_up_spares(self, room: int) -> None:
+        self._spares = [s for s in self._spares if s.poll() is None]
+        while len(self._spares) < min(self.warm_spares, room):
+            self._spares.append(self._spawn("-"))
+
+    @staticmethod
+    def _signal(process: subprocess.Popen, sig: int) -> None:
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def _stop_worker(self, worker: WorkerProcess, now: float) -> None:
+        if worker.term_sent_at is None:
+            log.info("runner: %s is gone, SIGTERM to pid %d", worker.instance_id, worker.process.pid)
+            self._signal(worker.process, signal.SIGTERM)
+            worker.term_sent_at = now
+            self._draining.append(worker)
+
+    def _reap_draining(self, now: float) -> None:
+        still = []
+        for worker in self._draining:
+            if worker.process.poll() is not None:
+                continue
+            if now - (worker.term_sent_at or now) > self.grace_s:
+                log.warning("runner: pid %d ignored SIGTERM for %.0fs, SIGKILL",
+                            worker.process.pid, self.grace_s)
+                self._signal(worker.process, signal.SIGKILL)
+                worker.process.wait(timeout=5)
+                continue
+            still.append(worker)
+        self._draining = still
+
+    # --- one round ----------------------------------------------------------------------
+    def step(self) -> None:
+        now = time.monotonic()
+        live = {i.id for i in app_tier_instances(self.aws, states=("pending", "running"))}
+        for iid in list(self.workers):
+            if iid not in live:
+                self._stop_worker(self.workers.pop(iid), now)
+                self._first_seen.pop(iid, None)
+        for iid, worker in list(self.workers.items()):
+            code = worker.process.poll()
+            if code is not None and now - worker.started_at > RESTART_BACKOFF_S:
+                log.warning("runner: worker for %s exited with %s; restarting", iid, code)
+                del self.workers[iid]
+                self._start_worker(iid, restarts=worker.restarts + 1)
+        for iid in sorted(live - set(self.workers)):
+            first = self._first_seen.setdefault(iid, now)
+            if now - first < self.settings.local_boot_delay_s:
+                continue
+            if len(self.workers) >= self.settings.local_max_workers:
+                if not self._warned_cap:
+                    log.warning("runner: LOCAL_MAX_WORKERS=%d reached; %s waits for a free slot",
+                                self.settings.local_max_workers, iid)
+                    self._warned_cap = True
+                continue
+            self._start_worker(iid)
+        self._first_seen = {k: v for k, v in self._first_seen.items() if k in live}
+        self._top_up_spares(room=self.settings.local_max_workers - len(self.workers))
+        self._reap_draining(now)
+
+    def run(self) -> None:
+        backoff = self.poll_s
+        while not self.stopping.is_set():
+            try:
+                self.step()
+                backoff = self.poll_s
+            except (BotoCoreError, ClientError) as exc:
+                backoff = min(max(backoff * 2, 1.0), 10.0)
+                log.warning("runner: cannot read EC2 (%s); retrying in %.0fs", exc, backoff)
+            self.stopping.wait(backoff)
+
+    def shutdown(self, timeout_s: float = 8.0) -> None:
+        """Stop every process this runner started, SIGKILL whatever outlives `timeout_s`."""
+        self.stopping.set()
+        processes = [w.process for w in self.workers.values()] + [w.process for w in self._draining]
+        processes += self._spares
+        for p in processes:
+            self._signal(p, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for p in processes:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self._signal(p, signal.SIGKILL)
+                p.wait(timeout=5)
+        self.workers.clear()
+        self._draining.clear()
+        self._spares.clear()

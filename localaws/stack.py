@@ -1,0 +1,185 @@
+"""`make run`: the whole system on the embedded AWS, stopped cleanly by Ctrl-C.
+
+Starts, in order: moto's server (S3, SQS, EC2 on loopback); provisioning of
+the buckets and queues; the local instance runner; the controller; the web
+tier under gunicorn. Prints one READY line with both addresses. On Ctrl-C or
+SIGTERM, or when any part dies, stops everything it started, newest first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from common.config import Settings
+from common.provision import provision
+from localaws.runner import InstanceRunner
+from localaws.server import start_moto, wait_until_up
+
+log = logging.getLogger("stack")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def local_model_weights(env: dict[str, str] | os._Environ) -> tuple[str, str]:
+    """MODEL_WEIGHTS for a local run, and a warning when it had to fall back.
+
+    An explicit MODEL_WEIGHTS always wins. Otherwise the real ImageNet weights
+    are used when they are in the Keras cache; on a machine that has never
+    downloaded them (and may not be able to), the demo runs the untrained
+    network instead, and says so on every page and answer.
+    """
+    if env.get("MODEL_WEIGHTS"):
+        return env["MODEL_WEIGHTS"], ""
+    from app_tier.model import WEIGHTS_FILE, keras_cache_dir
+
+    if (keras_cache_dir() / WEIGHTS_FILE).is_file():
+        return "imagenet", ""
+    return "random", (
+        f"ImageNet weights are not in {keras_cache_dir()}, so this local run uses an UNTRAINED "
+        f"ResNet-50 (MODEL_WEIGHTS=random): its labels are meaningless. Put {WEIGHTS_FILE} there, "
+        f"or set MODEL_WEIGHTS=imagenet (downloads it), a file path, or s3://bucket/key."
+    )
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """Environment for every process of the stack: pointed at the embedded AWS."""
+    env = dict(os.environ)
+    env.update(
+        AWS_ENDPOINT_URL=settings.local_aws_url,
+        AWS_DEFAULT_REGION=settings.region,
+        AWS_REGION=settings.region,
+        APP_PREFIX=settings.prefix,
+        WEB_HOST=settings.web_host,
+        WEB_PORT=str(settings.web_port),
+        PYTHONUNBUFFERED="1",
+        # Many workers share this machine's cores: one thread each by default.
+        WORKER_THREADS=str(settings.local_worker_threads),
+        TF_CPP_MIN_LOG_LEVEL="2",
+    )
+    # moto accepts any credentials; set harmless ones only where none are set,
+    # so that a developer's real keys are never sent anywhere by accident.
+    env.setdefault("AWS_ACCESS_KEY_ID", "local")
+    env.setdefault("AWS_SECRET_ACCESS_KEY", "local")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+class Stack:
+    def __init__(self, settings: Settings, run_dir: Path, warm_spares: int) -> None:
+        self.settings = settings
+        self.run_dir = run_dir
+        self.logs = run_dir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.env = child_env(settings)
+        self.children: list[tuple[str, subprocess.Popen]] = []
+        self.runner: InstanceRunner | None = None
+        self.runner_thread: threading.Thread | None = None
+        self.warm_spares = warm_spares
+
+    def start(self) -> None:
+        s = self.settings
+        log.info("starting the embedded AWS on %s", s.local_aws_url)
+        self.children.append(("moto", start_moto(s.local_aws_host, s.local_aws_port, self.logs / "moto.log")))
+        os.environ.update({k: self.env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                                      "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
+        provision(s)
+        self.runner = InstanceRunner(s, env=self.env, log_dir=self.logs, warm_spares=self.warm_spares)
+        self.runner_thread = threading.Thread(target=self.runner.run, name="runner", daemon=True)
+        self.runner_thread.start()
+        self._spawn("controller", [sys.executable, str(ROOT / "controller.py")])
+        gunicorn_conf = str(ROOT / "web_tier" / "gunicorn.conf.py")
+        self._spawn("web", [sys.executable, "-m", "gunicorn", "-c", gunicorn_conf, "web_tier:create_app()"])
+        wait_until_up(f"http://{s.web_host}:{s.web_port}/healthz", self.children[-1][1], timeout_s=60)
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        process = subprocess.Popen(argv, env=self.env, cwd=str(ROOT), start_new_session=True)
+        self.children.append((name, process))
+
+    def dead_child(self) -> str | None:
+        for name, process in self.children:
+            if process.poll() is not None:
+                return f"{name} exited with {process.returncode}"
+        if self.runner_thread is not None and not self.runner_thread.is_alive():
+            return "the instance runner stopped"
+        return None
+
+    def stop(self, timeout_s: float = 8.0) -> None:
+        """Stop everything, newest first; whatever outlives the timeout is killed."""
+        deadline = time.monotonic() + timeout_s
+        for name, process in reversed(self.children):
+            if name == "moto":
+                continue  # last: the runner and workers still talk to it while stopping
+            _terminate(process, deadline)
+        if self.runner is not None:
+            self.runner.shutdown(timeout_s=max(1.0, deadline - time.monotonic()))
+        for name, process in self.children:
+            if name == "moto":
+                _terminate(process, time.monotonic() + 2)
+
+
+def _terminate(process: subprocess.Popen, deadline: float) -> None:
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m localaws.stack", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", type=Path, default=ROOT / ".run", help="logs go here (default .run/)")
+    parser.add_argument("--warm-spares", type=int, default=int(os.environ.get("LOCAL_WARM_SPARES", "1")),
+                        help="worker processes kept with the model loaded, ready to serve a new "
+                        "instance at once (LOCAL_WARM_SPARES, default 1)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = Settings.from_env()
+    weights, note = local_model_weights(os.environ)
+    os.environ["MODEL_WEIGHTS"] = weights
+    settings = dataclasses.replace(settings, endpoint_url=settings.local_aws_url, model_weights=weights)
+    if note:
+        log.warning(note)
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stack = Stack(settings, args.run_dir, args.warm_spares)
+    code = 0
+    try:
+        stack.start()
+        untrained = " (MODEL_WEIGHTS=random: labels come from an UNTRAINED model)" \
+            if settings.model_weights == "random" else ""
+        print(f"READY web=http://{settings.web_host}:{settings.web_port} aws={settings.local_aws_url}"
+              f" logs={stack.logs}{untrained}", flush=True)
+        while not stop.wait(0.5):
+            problem = stack.dead_child()
+            if problem:
+                log.error("%s; stopping everything", problem)
+                code = 1
+                break
+    except Exception:
+        log.exception("could not start the stack")
+        code = 1
+    finally:
+        stack.stop()
+        log.info("stopped")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Fixtures shared by unit and integration tests."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+
+@pytest.fixture(autouse=True)
+def _no_real_aws(monkeypatch):
+    """Tests never touch real AWS: dummy credentials and a fixed region."""
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    if not os.environ.get("KEEP_AWS_ENDPOINT_URL"):
+        monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+
+
+def make_image(seed: int, size: tuple[int, int] = (320, 240), fmt: str = "JPEG") -> bytes:
+    """A distinct, photo-like test image: noise, a gradient and shapes, all from `seed`."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    gradient = np.linspace(0, 255, w, dtype=np.float32)[None, :, None] * rng.random(3)[None, None, :]
+    pixels = (base * 0.5 + gradient * 0.5).astype(np.uint8)
+    img = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(img)
+    for _ in range(4):
+        x0, y0 = int(rng.integers(0, w - 40)), int(rng.integers(0, h - 40))
+        color = tuple(int(c) for c in rng.integers(0, 256, 3))
+        draw.ellipse([x0, y0, x0 + int(rng.integers(20, 120)), y0 + int(rng.integers(20, 120))], fill=color)
+    out = io.BytesIO()
+    img.save(out, format=fmt)
+    return out.getvalue()
+
+
+@pytest.fixture
+def image_bytes():
+    return make_image

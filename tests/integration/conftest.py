@@ -1,0 +1,95 @@
+"""The real stack (moto server, runner, controller, gunicorn web tier) for integration tests."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import boto3
+import pytest
+
+from localaws.harness import StackProcess
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+def running_stack(tmp_path_factory, overrides: dict[str, str] | None = None):
+    """Start a stack; on the way out, check that it stopped in time and left nothing behind."""
+    run_dir = tmp_path_factory.mktemp("stack")
+    proc = StackProcess(run_dir, env_overrides=overrides or {}).start()
+    children = proc.descendants()
+    try:
+        yield proc
+    finally:
+        took = proc.stop()
+        deadline = time.monotonic() + 5
+        alive = [c for c in children if c.is_running() and c.status() != "zombie"]
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.1)
+            alive = [c for c in alive if c.is_running() and c.status() != "zombie"]
+        logs = "".join(proc.output[-40:])
+        assert not alive, f"processes left behind: {[c.pid for c in alive]}\n{logs}"
+        assert took < 10, f"stack took {took:.1f}s to stop\n{logs}"
+        leaked = os.listdir(proc.tmp_dir)
+        assert not leaked, f"temporary files left behind: {sorted(leaked)}"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """One running stack per test module (a small fleet: this machine has 2 cores)."""
+    yield from running_stack(tmp_path_factory, {"MAX_INSTANCES": "4"})
+
+
+def clients(proc: StackProcess):
+    kw = dict(endpoint_url=proc.aws_url, region_name="us-east-1",
+              aws_access_key_id="testing", aws_secret_access_key="testing")
+    return boto3.client("s3", **kw), boto3.client("sqs", **kw), boto3.client("ec2", **kw)
+
+
+def wait_for(predicate, timeout_s: float, what: str, interval: float = 0.2):
+    """Poll `predicate` until it returns something truthy, or fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def live_instances(ec2) -> list[dict]:
+    reply = ec2.describe_instances(Filters=[
+        {"Name": "tag:Name", "Values": ["app-tier-instance-*"]},
+        {"Name": "instance-state-name", "Values": ["pending", "running"]}])
+    return [i for r in reply["Reservations"] for i in r["Instances"]]
+
+
+def queue_counts(sqs, prefix: str) -> dict[str, int]:
+    out = {}
+    for suffix in ("req-queue", "resp-queue", "req-dlq"):
+        url = sqs.get_queue_url(QueueName=f"{prefix}-{suffix}")["QueueUrl"]
+        attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+        out[suffix] = int(attrs["ApproximateNumberOfMessages"]) + int(
+            attrs["ApproximateNumberOfMessagesNotVisible"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_model():
+    """The same network the workers run, called directly in the test."""
+    from app_tier.model import ResNet50Classifier
+
+    return ResNet50Classifier("random", threads=1)
+
+
+def reference(model, data: bytes):
+    import numpy as np
+
+    from app_tier.images import prepare
+
+    return model.classify(np.stack([prepare(data, 40_000_000)]))[0]
+

@@ -1,0 +1,139 @@
+"""The whole pipeline on the embedded AWS: every answer is the right image's answer."""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from tests.conftest import make_image
+from tests.integration.conftest import (
+    clients,
+    live_instances,
+    queue_counts,
+    reference,
+    wait_for,
+)
+
+# Batch size changes float32 sums in the last digits (measured: 3e-6 at a score of 0.57).
+SCORE_TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def images():
+    """30 distinct images: 20 for POST /, 10 for /api/jobs."""
+    return {f"img_{i:02d}.{'png' if i % 3 == 0 else 'jpg'}":
+            make_image(1000 + i, fmt="PNG" if i % 3 == 0 else "JPEG") for i in range(30)}
+
+
+@pytest.fixture(scope="module")
+def expected(images, reference_model):
+    refs = {name: reference(reference_model, data) for name, data in images.items()}
+    # The comparison below can only tell images apart if their top-5 scores differ.
+    vectors = {name: [p.score for p in r.top5] for name, r in refs.items()}
+    for a in vectors:
+        for b in vectors:
+            if a < b:
+                gap = max(abs(x - y) for x, y in zip(vectors[a], vectors[b], strict=True))
+                assert gap > 2 * SCORE_TOLERANCE, f"{a} and {b} score alike: {vectors[a]}"
+    return refs
+
+
+def assert_matches(ref, label, score, top5_labels, top5_scores, name):
+    assert label == ref.label, name
+    assert abs(score - ref.score) <= SCORE_TOLERANCE, (name, score, ref.score)
+    assert top5_labels == [p.label for p in ref.top5], name
+    for got, want in zip(top5_scores, [p.score for p in ref.top5], strict=True):
+        assert abs(got - want) <= SCORE_TOLERANCE, name
+
+
+def test_end_to_end(stack, images, expected):
+    s3, sqs, ec2 = clients(stack)
+    peak = {"instances": 0}
+    done = threading.Event()
+
+    def watch_fleet():
+        while not done.wait(0.25):
+            peak["instances"] = max(peak["instances"], len(live_instances(ec2)))
+
+    watcher = threading.Thread(target=watch_fleet, daemon=True)
+    watcher.start()
+
+    names = sorted(images)
+    sync_names, batch_names = names[:20], names[20:]
+
+    def post_one(name):
+        reply = requests.post(f"{stack.web_url}/", files={"inputFile": (name, images[name])}, timeout=300)
+        return name, reply
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        sync_future = pool.map(post_one, sync_names)
+        batch = requests.post(
+            f"{stack.web_url}/api/jobs",
+            files=[("files", (n, images[n])) for n in batch_names], timeout=60)
+        sync_replies = list(sync_future)
+
+    # POST /: each answer is its own image's label, as "<name without extension>:<label>".
+    for name, reply in sync_replies:
+        assert reply.status_code == 200, (name, reply.status_code, reply.text)
+        assert reply.headers["Content-Type"].startswith("text/plain")
+        assert reply.text == f"{name.rsplit('.', 1)[0]}:{expected[name].label}"
+        assert reply.headers.get("X-Model-Untrained") == "true"
+
+    # /api/jobs: label, score and top-5 per item.
+    assert batch.status_code == 202, batch.text
+    batch_id = batch.json()["batch_id"]
+
+    def finished():
+        got = requests.get(f"{stack.web_url}/api/jobs/{batch_id}", timeout=10).json()
+        return got if all(i["state"] != "queued" for i in got["items"]) else None
+
+    result = wait_for(finished, 300, "the batch to finish", interval=0.5)
+    assert sorted(i["filename"] for i in result["items"]) == batch_names
+    for item in result["items"]:
+        assert item["state"] == "done", item
+        assert item["untrained"] is True
+        assert_matches(expected[item["filename"]], item["label"], item["score"],
+                       [p["label"] for p in item["top5"]], [p["score"] for p in item["top5"]],
+                       item["filename"])
+
+    # The output bucket holds exactly one pair per image, with the same scores.
+    out_bucket = f"{stack.prefix}-out-bucket"
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=out_bucket).get("Contents", [])]
+    assert len(keys) == 30
+    for key in keys:
+        obj = s3.get_object(Bucket=out_bucket, Key=key)
+        name = key.rsplit("/", 1)[-1]
+        body = obj["Body"].read().decode()
+        assert body == f"{name},{expected[name].label}"
+        meta = json.loads(obj["Metadata"]["result"])
+        assert_matches(expected[name], meta["label"], meta["score"],
+                       [p[0] for p in meta["top5"]], [p[1] for p in meta["top5"]], name)
+
+    # The fleet grew for the work and went back to zero after it.
+    wait_for(lambda: len(live_instances(ec2)) == 0, 30, "instances to return to 0")
+    done.set()
+    watcher.join()
+    assert peak["instances"] > 0
+    assert wait_for(lambda: queue_counts(sqs, stack.prefix) == {"req-queue": 0, "resp-queue": 0, "req-dlq": 0}
+                    or None, 30, "every queue to be empty")
+
+
+def test_bad_uploads_get_clear_errors_and_service_goes_on(stack, images, expected):
+    bad = {
+        "notes.txt": b"this is not an image",
+        "empty.jpg": b"",
+        "../../etc/passwd.jpg": b"GIF89a nope",
+        "<script>alert(1)</script>.png": b"\x89PNG\r\n\x1a\n broken",
+    }
+    for name, data in bad.items():
+        reply = requests.post(f"{stack.web_url}/", files={"inputFile": (name, data)}, timeout=30)
+        assert 400 <= reply.status_code < 500, (name, reply.status_code)
+        assert reply.text, name
+    good = sorted(images)[0]
+    reply = requests.post(f"{stack.web_url}/", files={"myfile": (good, images[good])}, timeout=300)
+    assert reply.status_code == 200
+    assert reply.text.endswith(f":{expected[good].label}")

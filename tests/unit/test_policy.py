@@ -1,0 +1,102 @@
+"""The controller's pure decision, table by table."""
+
+from __future__ import annotations
+
+import pytest
+
+from controller.observe import Instance, Observation
+from controller.policy import Policy, decide, desired_count
+
+
+def obs(visible=0, in_flight=0, delayed=0, pending=0, running=0, stopped=0, shutting=0, at=1000.0):
+    instances, n = [], 0
+    for state, count in (("pending", pending), ("running", running), ("stopped", stopped),
+                         ("shutting-down", shutting)):
+        for _ in range(count):
+            n += 1
+            instances.append(Instance(id=f"i-{n:04d}", number=n, state=state, launched_at=float(n)))
+    return Observation(at=at, visible=visible, in_flight=in_flight, delayed=delayed,
+                       instances=tuple(instances))
+
+
+BACKLOG = Policy()
+
+
+@pytest.mark.parametrize(
+    "name, observation, launches, terminates, desired",
+    [
+        ("idle stays at zero", obs(), 0, 0, 0),
+        ("first message launches one", obs(visible=1), 1, 0, 1),
+        ("burst of 100 reaches exactly the cap", obs(visible=100), 15, 0, 15),
+        ("burst of 15 gives 15", obs(visible=15), 15, 0, 15),
+        ("trickle of 3 gives 3", obs(visible=3), 3, 0, 3),
+        ("pending instances count: no double launch", obs(visible=5, pending=5), 0, 0, 5),
+        ("pending + running count toward the target", obs(visible=4, in_flight=4, pending=2, running=4),
+         2, 0, 8),
+        ("in-flight work keeps instances", obs(in_flight=6, running=6), 0, 0, 6),
+        ("delayed messages count", obs(delayed=2), 2, 0, 2),
+        ("cap never exceeded with pending", obs(visible=100, pending=10, running=5), 0, 0, 15),
+        ("above the cap is trimmed", obs(visible=100, running=17), 0, 2, 15),
+        ("drain: backlog shrinks, fleet shrinks", obs(visible=0, in_flight=4, running=10), 0, 6, 4),
+        ("all done: terminate all", obs(running=15), 0, 15, 0),
+        ("stopped strays are cleaned up", obs(visible=1, running=1, stopped=2), 0, 2, 1),
+        ("shutting-down ones are not capacity", obs(visible=2, shutting=2), 2, 0, 2),
+    ],
+)
+def test_backlog_policy(name, observation, launches, terminates, desired):
+    decision = decide(observation, BACKLOG)
+    assert (len(decision.launch), len(decision.terminate), decision.desired) == (
+        launches, terminates, desired), name
+
+
+def test_launch_numbers_fill_gaps_and_never_reuse_a_live_name():
+    observation = Observation(at=0, visible=4, in_flight=0, delayed=0, instances=(
+        Instance("i-a", 1, "running", 0), Instance("i-b", 3, "pending", 0),
+        Instance("i-c", 4, "shutting-down", 0)))
+    assert decide(observation, BACKLOG).launch == (2, 5)
+
+
+def test_scale_in_removes_pending_first_then_newest():
+    observation = Observation(at=0, visible=0, in_flight=1, delayed=0, instances=(
+        Instance("i-old", 1, "running", 10), Instance("i-new", 2, "running", 20),
+        Instance("i-pend", 3, "pending", 5)))
+    assert decide(observation, BACKLOG).terminate == ("i-pend", "i-new")
+
+
+def test_cooldown_holds_instances_until_it_has_passed():
+    policy = Policy(scale_in_cooldown_s=5)
+    assert decide(obs(running=3), policy, idle_for_s=2).terminate == ()
+    assert len(decide(obs(running=3), policy, idle_for_s=5).terminate) == 3
+
+
+def test_target_backlog_per_instance():
+    assert desired_count(obs(visible=25), Policy(target_backlog_per_instance=10), 0)[0] == 3
+
+
+def test_latency_mode_target_follows_from_acceptable_latency():
+    # 10 s acceptable at 0.5 s an image: one instance may hold 20 messages.
+    policy = Policy(mode="latency", acceptable_latency_s=10, seconds_per_image=0.5, boot_time_s=0)
+    assert desired_count(obs(visible=100), policy, 0)[0] == 5
+    assert desired_count(obs(visible=1000), policy, 0)[0] == 15
+
+
+def test_latency_mode_does_not_launch_what_could_not_boot_in_time():
+    # Two running instances clear 30 images in 30*0.5/2 = 7.5 s, before a 40 s boot.
+    policy = Policy(mode="latency", acceptable_latency_s=5, seconds_per_image=0.5, boot_time_s=40)
+    small = decide(obs(visible=30, running=2), policy)
+    assert small.launch == ()
+    # A burst they could not clear before a boot does launch more.
+    large = decide(obs(visible=400, running=2), policy)
+    assert len(large.launch) > 0
+
+
+def test_latency_mode_launches_from_zero():
+    policy = Policy(mode="latency", boot_time_s=1000)
+    assert len(decide(obs(visible=1), policy).launch) == 1
+
+
+def test_policy_rejects_nonsense():
+    with pytest.raises(ValueError):
+        Policy(mode="vibes")
+    with pytest.raises(ValueError):
+        Policy(target_backlog_per_instance=0)
