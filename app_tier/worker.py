@@ -30,6 +30,7 @@ import numpy as np
 from botocore.exceptions import BotoCoreError, ClientError
 
 from app_tier.images import BadImage, prepare
+from app_tier.model import Classification
 from common.aws import Aws
 from common.config import Settings
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
@@ -47,6 +48,7 @@ class Job:
     message_id: str
     receipt: str
     request: ClassifyRequest | None
+    receive_count: int = 1
     pixels: np.ndarray | None = None
     error: str | None = None
 
@@ -142,6 +144,7 @@ class Worker:
             MaxNumberOfMessages=self.settings.receive_batch,
             WaitTimeSeconds=self.settings.receive_wait_s,
             VisibilityTimeout=self.settings.visibility_timeout_s,
+            MessageSystemAttributeNames=["ApproximateReceiveCount"],
         )
         jobs = []
         for msg in reply.get("Messages", []):
@@ -151,7 +154,8 @@ class Worker:
                 log.error("dropping a message that is not a request: %s", exc)
                 self._delete([Job(msg["MessageId"], msg["ReceiptHandle"], None)])
                 continue
-            jobs.append(Job(msg["MessageId"], msg["ReceiptHandle"], request))
+            count = int(msg.get("Attributes", {}).get("ApproximateReceiveCount", 1))
+            jobs.append(Job(msg["MessageId"], msg["ReceiptHandle"], request, receive_count=count))
         with self._held_lock:
             self._held.update({j.message_id: j.receipt for j in jobs})
         list(self._io.map(self._load, jobs))
@@ -183,15 +187,13 @@ class Worker:
 
     # --- process: classify, write, reply, acknowledge ------------------------------
     def process(self, batch: Batch) -> None:
-        ready = batch.ready
-        results = self.classifier.classify(np.stack([j.pixels for j in ready])) if ready else []
-        by_id = {j.message_id: r for j, r in zip(ready, results, strict=True)}
+        by_id = self._classify(batch.ready)
         responses = []
         for job in batch.jobs:
             req = job.request
             assert req is not None
-            common = {"id": req.id, "filename": req.filename, "key": req.key, "worker": self.instance_id,
-                          "untrained": self.classifier.untrained}
+            common = {"id": req.id, "filename": req.filename, "key": req.key,
+                      "worker": self.instance_id, "untrained": self.classifier.untrained}
             result = by_id.get(job.message_id)
             if result is not None:
                 responses.append((job, ClassifyResponse(label=result.label, score=result.score,
@@ -201,7 +203,28 @@ class Worker:
         list(self._io.map(lambda pair: self._store(*pair), responses))
         self._reply([r for _, r in responses])
         self._delete(batch.jobs)
-        self.processed += len(ready)
+        self.processed += len(by_id)
+
+    def _classify(self, jobs: list[Job]) -> dict[str, Classification]:
+        """Results by message id. A message seen before may have crashed a worker:
+        it is classified alone, so that it cannot take its batch-mates down again
+        (and with them into the dead-letter queue)."""
+        fresh = [j for j in jobs if j.receive_count <= 1]
+        groups = [fresh] if fresh else []
+        groups += [[j] for j in jobs if j.receive_count > 1]
+        results: dict[str, Classification] = {}
+        for group in groups:
+            try:
+                out = self.classifier.classify(np.stack([j.pixels for j in group]))
+            except Exception as exc:  # a model error on this input, not a worker fault
+                if len(group) > 1:
+                    groups.extend([j] for j in group)
+                    continue
+                log.error("classification of %s failed: %s", group[0].request.key, exc)
+                group[0].error = f"classification failed: {exc}"
+                continue
+            results.update({j.message_id: r for j, r in zip(group, out, strict=True)})
+        return results
 
     def _store(self, job: Job, response: ClassifyResponse) -> None:
         req = job.request

@@ -1,0 +1,224 @@
+"""The worker's poll-process-acknowledge loop against moto's in-process AWS."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+from moto import mock_aws
+from PIL import Image
+
+from app_tier.model import Classification
+from app_tier.worker import Worker
+from common.aws import Aws
+from common.config import Settings
+from common.messages import ClassifyRequest, ClassifyResponse, Prediction
+from common.names import object_key
+from common.provision import provision
+from tests.conftest import make_image
+
+
+@pytest.fixture(scope="module")
+def model():
+    from app_tier.model import ResNet50Classifier
+
+    return ResNet50Classifier("random", threads=1)
+
+
+class MeanClassifier:
+    """Stands in for ResNet-50 where only the loop is under test: the 'label'
+    is derived from the pixels, so answers can still be told apart."""
+
+    untrained = True
+
+    def __init__(self, delay_s: float = 0.0, explode_on: float | None = None) -> None:
+        self.delay_s = delay_s
+        self.explode_on = explode_on
+        self.calls = 0
+
+    def classify(self, batch: np.ndarray) -> list[Classification]:
+        self.calls += 1
+        time.sleep(self.delay_s)
+        out = []
+        for row in batch:
+            mean = float(row.mean())
+            if self.explode_on is not None and abs(mean - self.explode_on) < 1e-3:
+                raise RuntimeError("model blew up on this input")
+            p = Prediction(f"mean-{mean:.3f}", 0.5)
+            out.append(Classification(p.label, p.score, (p,) * 5))
+        return out
+
+
+@pytest.fixture
+def aws_env():
+    with mock_aws():
+        settings = dataclasses.replace(Settings(), receive_wait_s=0, visibility_timeout_s=30,
+                                       max_receive_count=3)
+        provision(settings)
+        yield settings, Aws(settings)
+
+
+def upload(settings: Settings, aws: Aws, name: str, data: bytes, item: str) -> ClassifyRequest:
+    key = object_key("b" * 32, item, name)
+    aws.s3.put_object(Bucket=settings.input_bucket, Key=key, Body=data)
+    request = ClassifyRequest(id=item, bucket=settings.input_bucket, key=key, filename=name)
+    aws.sqs.send_message(QueueUrl=aws.request_queue_url, MessageBody=request.to_json())
+    return request
+
+
+def responses(aws: Aws) -> dict[str, ClassifyResponse]:
+    out = {}
+    while True:
+        got = aws.sqs.receive_message(QueueUrl=aws.response_queue_url, MaxNumberOfMessages=10)
+        if not got.get("Messages"):
+            return out
+        for m in got["Messages"]:
+            r = ClassifyResponse.from_json(m["Body"])
+            out[r.id] = r
+
+
+def depth(aws: Aws, url: str) -> tuple[int, int]:
+    a = aws.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+    return int(a["ApproximateNumberOfMessages"]), int(a["ApproximateNumberOfMessagesNotVisible"])
+
+
+def bomb_png() -> bytes:
+    out = io.BytesIO()
+    Image.new("L", (10_000, 10_000)).save(out, format="PNG")  # 100 megapixels, ~100 KB
+    return out.getvalue()
+
+
+def test_good_and_poison_images_each_get_an_answer_and_the_worker_goes_on(aws_env, model):
+    settings, aws = aws_env
+    good = make_image(7)
+    upload(settings, aws, "good.jpg", good, "good")
+    poison = {
+        "corrupt": b"\xff\xd8\xff\xe0 definitely not a jpeg body",
+        "truncated": good[: len(good) // 3],
+        "empty": b"",
+        "bomb": bomb_png(),
+        "text": b"hello, I am a text file",
+    }
+    for item, data in poison.items():
+        upload(settings, aws, f"{item}.jpg", data, item)
+    worker = Worker(settings, aws, model, "i-test")
+    for _ in range(3):
+        batch = worker.fetch()
+        if batch.jobs:
+            worker.process(batch)
+    got = responses(aws)
+    assert set(got) == {"good", *poison}
+    from app_tier.images import prepare
+
+    want = model.classify(np.stack([prepare(good, settings.max_image_pixels)]))[0]
+    assert got["good"].label == want.label and got["good"].untrained
+    assert abs(got["good"].score - want.score) < 1e-5
+    for item in poison:
+        assert got[item].error, item
+    assert "pixels" in got["bomb"].error
+    assert "empty" in got["empty"].error
+    # Every request was acknowledged, none left to be redelivered.
+    assert depth(aws, aws.request_queue_url) == (0, 0)
+    # Exactly one output pair, for the good image; the failures are kept as tags.
+    keys = [o["Key"] for o in aws.s3.list_objects_v2(Bucket=settings.output_bucket)["Contents"]]
+    assert len(keys) == 1 and keys[0].endswith("/good.jpg")
+    body = aws.s3.get_object(Bucket=settings.output_bucket, Key=keys[0])["Body"].read().decode()
+    assert body == f"good.jpg,{want.label}"
+    bomb_key = object_key("b" * 32, "bomb", "bomb.jpg")
+    tags = aws.s3.get_object_tagging(Bucket=settings.input_bucket, Key=bomb_key)
+    assert {t["Key"]: t["Value"] for t in tags["TagSet"]}["status"] == "failed"
+
+
+def test_model_error_fails_only_that_image(aws_env):
+    settings, aws = aws_env
+    a, b = make_image(1), make_image(2)
+    from app_tier.images import prepare
+
+    bad_mean = float(prepare(b, settings.max_image_pixels).mean())
+    upload(settings, aws, "a.jpg", a, "a")
+    upload(settings, aws, "b.jpg", b, "b")
+    worker = Worker(settings, aws, MeanClassifier(explode_on=bad_mean), "i-test")
+    batch = worker.fetch()
+    worker.process(batch)
+    got = responses(aws)
+    assert got["a"].ok and got["b"].error.startswith("classification failed")
+
+
+def test_message_that_keeps_crashing_workers_lands_in_the_dead_letter_queue(aws_env):
+    settings, aws = aws_env
+    upload(settings, aws, "crash.jpg", make_image(3), "crash")
+    # A worker that dies mid-batch acknowledges nothing; its messages come back.
+    for _attempt in range(settings.max_receive_count):
+        worker = Worker(settings, aws, MeanClassifier(), f"i-{_attempt}")
+        batch = worker.fetch()
+        assert len(batch.jobs) == 1
+        worker.release_held()  # what the visibility timeout does after a crash, sooner
+    worker = Worker(settings, aws, MeanClassifier(), "i-last")
+    assert worker.fetch().jobs == []
+    dead = aws.sqs.receive_message(QueueUrl=aws.dead_letter_queue_url)["Messages"]
+    assert json.loads(dead[0]["Body"])["id"] == "crash"
+
+
+def test_a_message_seen_before_is_classified_alone(aws_env):
+    settings, aws = aws_env
+    for i in range(3):
+        upload(settings, aws, f"{i}.jpg", make_image(i), str(i))
+    first = Worker(settings, aws, MeanClassifier(), "i-1")
+    first.fetch()
+    first.release_held()  # as if it had crashed
+    model = MeanClassifier()
+    second = Worker(settings, aws, model, "i-2")
+    batch = second.fetch()
+    assert all(j.receive_count == 2 for j in batch.jobs)
+    second.process(batch)
+    assert model.calls == 3
+    assert len(responses(aws)) == 3
+
+
+def test_sigterm_finishes_the_batch_in_hand_and_releases_the_rest(aws_env):
+    settings, aws = aws_env
+    settings = dataclasses.replace(settings, receive_batch=2)
+    for i in range(4):
+        upload(settings, aws, f"{i}.jpg", make_image(i), str(i))
+    model = MeanClassifier(delay_s=1.0)
+    worker = Worker(settings, aws, model, "i-term")
+    runner = threading.Thread(target=worker.run)
+    runner.start()
+    deadline = time.monotonic() + 10
+    while model.calls == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert model.calls == 1, "the worker should be classifying its first batch"
+    worker.stopping.set()  # what the SIGTERM handler does
+    runner.join(timeout=10)
+    assert not runner.is_alive()
+    # The batch in hand was finished; everything else is visible again at once.
+    assert len(responses(aws)) == 2
+    assert depth(aws, aws.request_queue_url) == (2, 0)
+
+
+def test_heartbeat_keeps_a_slow_batch_from_being_redelivered(aws_env):
+    settings, aws = aws_env
+    settings = dataclasses.replace(settings, visibility_timeout_s=3)
+    upload(settings, aws, "slow.jpg", make_image(5), "slow")
+    worker = Worker(settings, aws, MeanClassifier(delay_s=5.0), "i-slow")
+    runner = threading.Thread(target=worker.run)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 15
+        while not responses_seen(aws) and time.monotonic() < deadline:
+            # While it works, the message must never become visible to others.
+            assert depth(aws, aws.request_queue_url)[0] == 0
+            time.sleep(0.2)
+    finally:
+        worker.stopping.set()
+        runner.join(timeout=10)
+    assert depth(aws, aws.request_queue_url) == (0, 0)
+
+
+def responses_seen(aws: Aws) -> bool:
+    return depth(aws, aws.response_queue_url)[0] > 0
