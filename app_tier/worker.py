@@ -48,6 +48,7 @@ class Job:
     message_id: str
     receipt: str
     request: ClassifyRequest | None
+    body: str = ""
     receive_count: int = 1
     pixels: np.ndarray | None = None
     error: str | None = None
@@ -70,7 +71,7 @@ class Worker:
         self.instance_id = instance_id
         self.stopping = threading.Event()
         self._finished = threading.Event()
-        self._held: dict[str, str] = {}  # message id -> receipt handle, for heartbeat/release
+        self._held: dict[str, Job] = {}  # by message id: what the heartbeat extends
         self._held_lock = threading.Lock()
         self._prefetched: queue.Queue[Batch] = queue.Queue(maxsize=1)
         self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="io")
@@ -90,8 +91,8 @@ class Worker:
         timer.start()
 
     def _give_up(self) -> None:
-        log.warning("worker %s: grace period over, releasing held messages", self.instance_id)
-        self.release_held()
+        log.warning("worker %s: grace period over, handing back held messages", self.instance_id)
+        self.hand_back_held()
         os._exit(0)
 
     def run(self) -> None:
@@ -108,7 +109,7 @@ class Worker:
                 continue
             if self.stopping.is_set():
                 # Received after the stop signal: not ours to finish.
-                self._release(batch.jobs)
+                self.hand_back(batch.jobs)
                 continue
             try:
                 self.process(batch)
@@ -118,7 +119,7 @@ class Worker:
                 log.error("batch of %d failed (%s); releasing it", len(batch.jobs), exc)
                 self._release(batch.jobs)
         self._finished.set()
-        self.release_held()
+        self.hand_back_held()
         self._io.shutdown(wait=False)
         log.info("worker %s: stopped after %d images", self.instance_id, self.processed)
 
@@ -155,9 +156,9 @@ class Worker:
                 self._delete([Job(msg["MessageId"], msg["ReceiptHandle"], None)])
                 continue
             count = int(msg.get("Attributes", {}).get("ApproximateReceiveCount", 1))
-            jobs.append(Job(msg["MessageId"], msg["ReceiptHandle"], request, receive_count=count))
+            jobs.append(Job(msg["MessageId"], msg["ReceiptHandle"], request, msg["Body"], count))
         with self._held_lock:
-            self._held.update({j.message_id: j.receipt for j in jobs})
+            self._held.update({j.message_id: j for j in jobs})
         list(self._io.map(self._load, jobs))
         unreadable = [j for j in jobs if j.pixels is None and j.error is None]
         if unreadable:
@@ -275,23 +276,48 @@ class Worker:
                 self._held.pop(j.message_id, None)
 
     def _release(self, jobs: list[Job]) -> None:
-        self._change_visibility({j.message_id: j.receipt for j in jobs}, 0)
+        """This attempt failed: let the next one (here or elsewhere) have the messages now.
+
+        Counts as a receive: after max_receive_count of them SQS moves a message
+        to the dead-letter queue."""
+        self._change_visibility(jobs, 0)
         self._forget(jobs)
 
-    def release_held(self) -> None:
-        """Make every message this worker holds visible again, now."""
-        with self._held_lock:
-            held = dict(self._held)
-            self._held.clear()
-        if held:
-            log.info("worker %s: releasing %d messages", self.instance_id, len(held))
-            self._change_visibility(held, 0)
+    def hand_back(self, jobs: list[Job]) -> None:
+        """Give messages we will not process back to the queue without using up an attempt.
 
-    def _change_visibility(self, held: dict[str, str], seconds: int) -> None:
-        items = list(held.values())
-        for start in range(0, len(items), 10):
-            entries = [{"Id": str(i), "ReceiptHandle": r, "VisibilityTimeout": seconds}
-                       for i, r in enumerate(items[start:start + 10])]
+        A worker that is stopping never tried these, so they are sent again as
+        new messages (receive count 0) and the originals deleted; a worker
+        scaled in three times must not push an innocent image into the
+        dead-letter queue. Should the delete fail after the send, the request
+        is answered twice, which the web tier ignores by id.
+        """
+        if not jobs:
+            return
+        log.info("worker %s: handing back %d messages", self.instance_id, len(jobs))
+        for start in range(0, len(jobs), 10):
+            chunk = jobs[start:start + 10]
+            try:
+                reply = self.aws.sqs.send_message_batch(
+                    QueueUrl=self.aws.request_queue_url,
+                    Entries=[{"Id": str(i), "MessageBody": j.body} for i, j in enumerate(chunk)])
+                sent = [chunk[int(ok["Id"])] for ok in reply.get("Successful", [])]
+                self._delete(sent)
+                self._release([j for j in chunk if j not in sent])
+            except _AWS_ERRORS as exc:
+                log.warning("could not hand back %d messages (%s); making them visible", len(chunk), exc)
+                self._release(chunk)
+        self._forget(jobs)
+
+    def hand_back_held(self) -> None:
+        with self._held_lock:
+            held = list(self._held.values())
+        self.hand_back(held)
+
+    def _change_visibility(self, jobs: list[Job], seconds: int) -> None:
+        for start in range(0, len(jobs), 10):
+            entries = [{"Id": str(i), "ReceiptHandle": j.receipt, "VisibilityTimeout": seconds}
+                       for i, j in enumerate(jobs[start:start + 10])]
             try:
                 self.aws.sqs.change_message_visibility_batch(
                     QueueUrl=self.aws.request_queue_url, Entries=entries)
@@ -302,7 +328,7 @@ class Worker:
         period = max(1.0, self.settings.visibility_timeout_s / 3)
         while not self._finished.wait(period):
             with self._held_lock:
-                held = dict(self._held)
+                held = list(self._held.values())
             if held:
                 self._change_visibility(held, self.settings.visibility_timeout_s)
 

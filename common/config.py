@@ -67,6 +67,7 @@ class Settings:
 
     # --- app tier (worker) -------------------------------------------------
     model_weights: str = "imagenet"
+    model_runtime: str = "openvino"  # or "tensorflow"
     receive_batch: int = 10
     receive_wait_s: int = 20
     visibility_timeout_s: int = 60
@@ -142,6 +143,7 @@ class Settings:
             boot_time_s=_float(env, "BOOT_TIME", cls.boot_time_s),
             scale_in_cooldown_s=_float(env, "SCALE_IN_COOLDOWN", cls.scale_in_cooldown_s),
             model_weights=_str(env, "MODEL_WEIGHTS", cls.model_weights),
+            model_runtime=_str(env, "MODEL_RUNTIME", cls.model_runtime),
             receive_batch=_int(env, "RECEIVE_BATCH", cls.receive_batch),
             receive_wait_s=_int(env, "RECEIVE_WAIT", cls.receive_wait_s),
             visibility_timeout_s=_int(env, "VISIBILITY_TIMEOUT", cls.visibility_timeout_s),

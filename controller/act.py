@@ -35,7 +35,10 @@ class LaunchError(RuntimeError):
     """Some launches failed; `launched` maps the numbers that did not to their ids."""
 
     def __init__(self, launched: dict[int, str], errors: list[Exception]) -> None:
-        super().__init__(f"{len(errors)} launch(es) failed: {errors[0]}")
+        super().__init__(
+            f"{len(errors)} of {len(errors) + len(launched)} launch(es) failed "
+            f"({len(launched)} succeeded): {errors[0]}"
+        )
         self.launched = launched
         self.errors = errors
 

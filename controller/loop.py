@@ -30,6 +30,8 @@ from controller.policy import Decision, Policy, decide
 log = logging.getLogger(__name__)
 
 RECENT_LAUNCH_MEMORY_S = 30.0
+# Errors AWS is known to give (LaunchError wraps those of RunInstances): one warning line each.
+EXPECTED_ERRORS = (BotoCoreError, ClientError, LaunchError)
 TIMELINE_FIELDS = ("time", "visible", "in_flight", "delayed", "pending", "running", "desired", "action")
 
 
@@ -53,6 +55,10 @@ class Controller:
     timeline_path: Path | None = None
     policy: Policy = field(init=False)
     stopping: threading.Event = field(default_factory=threading.Event)
+    # After a failed round, wait this long, doubling per further failure up to the max.
+    # The max stays short so that the fleet follows the queue soon after AWS recovers.
+    backoff_min_s: float = 1.0
+    backoff_max_s: float = 10.0
     _idle_since: float | None = None
     _recent: dict[str, Instance] = field(default_factory=dict)
     _last_summary: tuple | None = None
@@ -138,18 +144,29 @@ class Controller:
 
     # --- the loop ------------------------------------------------------------------------
     def run(self) -> None:
-        """Poll until stopped; AWS errors are logged and retried with backoff."""
-        backoff = self.settings.poll_interval_s
+        """Poll until stopped; any error is logged and the round retried with backoff.
+
+        The controller must outlive AWS trouble (capacity errors, throttling that
+        outlasted botocore's own retries, timeouts, an endpoint that is briefly
+        down): dying would leave the fleet unmanaged, so nothing escapes the loop.
+        """
+        backoff = 0.0
         log.info("controller: cap %d, mode %s, poll every %.1fs%s", self.policy.max_instances,
                  self.policy.mode, self.settings.poll_interval_s, " (dry run)" if self.dry_run else "")
         while not self.stopping.is_set():
             started = time.monotonic()
             try:
                 self.step()
-                backoff = self.settings.poll_interval_s
-            except (BotoCoreError, ClientError, LaunchError) as exc:
-                backoff = min(max(backoff * 2, 1.0), 30.0)
-                log.warning("controller: %s; next try in %.0fs", exc, backoff)
+                backoff = 0.0
+            except Exception as exc:
+                # Doubling from at least backoff_min_s: never faster than that while
+                # AWS is failing, however short the poll interval.
+                backoff = min(max(backoff * 2, self.backoff_min_s, self.settings.poll_interval_s),
+                              self.backoff_max_s)
+                if isinstance(exc, EXPECTED_ERRORS):
+                    log.warning("controller: %s; next try in %.1fs", exc, backoff)
+                else:  # a surprise: keep the traceback, but keep running too
+                    log.exception("controller: unexpected error; next try in %.1fs", backoff)
                 self.stopping.wait(backoff)
                 continue
             self.stopping.wait(max(0.0, self.settings.poll_interval_s - (time.monotonic() - started)))

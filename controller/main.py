@@ -14,7 +14,7 @@ from controller.loop import Controller
 from controller.policy import MODES
 
 
-def parse_args(argv: list[str] | None, defaults: Settings) -> argparse.Namespace:
+def build_parser(defaults: Settings) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python controller.py",
         description="Scale app-tier EC2 instances from 0 to the cap on request-queue depth, and back "
@@ -45,7 +45,11 @@ def parse_args(argv: list[str] | None, defaults: Settings) -> argparse.Namespace
     p.add_argument("--once", action="store_true", help="one observe-decide-act round, then exit")
     p.add_argument("--timeline", type=Path, help="write time, visible, in-flight, pending, running to CSV")
     p.add_argument("--plot", type=Path, help="on exit, draw the timeline CSV as a PNG (needs --timeline)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None, defaults: Settings) -> argparse.Namespace:
+    return build_parser(defaults).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     controller = Controller(settings, Aws(settings), dry_run=args.dry_run, timeline_path=args.timeline)
     if args.once:
         controller.step()
-        return 0
-    controller.install_signal_handlers()
-    controller.run()
+    else:
+        controller.install_signal_handlers()
+        controller.run()
     if args.plot:
         from controller.timeline import plot_timeline
 

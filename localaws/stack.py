@@ -66,6 +66,9 @@ def child_env(settings: Settings) -> dict[str, str]:
     )
     # moto accepts any credentials; set harmless ones only where none are set,
     # so that a developer's real keys are never sent anywhere by accident.
+    # Shorter long polls than production's 20 s: an idle local worker that is
+    # told to stop then exits within seconds (each poll is free here).
+    env.setdefault("RECEIVE_WAIT", "5")
     env.setdefault("AWS_ACCESS_KEY_ID", "local")
     env.setdefault("AWS_SECRET_ACCESS_KEY", "local")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -91,6 +94,7 @@ class Stack:
         os.environ.update({k: self.env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
                                                       "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
         provision(s)
+        self._prepare_model()
         self.runner = InstanceRunner(s, env=self.env, log_dir=self.logs, warm_spares=self.warm_spares)
         self.runner_thread = threading.Thread(target=self.runner.run, name="runner", daemon=True)
         self.runner_thread.start()
@@ -98,6 +102,17 @@ class Stack:
         gunicorn_conf = str(ROOT / "web_tier" / "gunicorn.conf.py")
         self._spawn("web", [sys.executable, "-m", "gunicorn", "-c", gunicorn_conf, "web_tier:create_app()"])
         wait_until_up(f"http://{s.web_host}:{s.web_port}/healthz", self.children[-1][1], timeout_s=60)
+
+    def _prepare_model(self) -> None:
+        """Convert and cache the model once, before any worker needs it (as an AMI bake would)."""
+        log.info("preparing the model (%s, weights %s)", self.settings.model_runtime,
+                 self.settings.model_weights)
+        with open(self.logs / "prepare-model.log", "wb") as out:
+            code = subprocess.call([sys.executable, "-m", "app_tier", "--prepare-only"], env=self.env,
+                                   cwd=str(ROOT), stdout=out, stderr=subprocess.STDOUT)
+        if code != 0:
+            raise RuntimeError(f"the model could not be loaded: see {self.logs / 'prepare-model.log'}\n"
+                               + (self.logs / "prepare-model.log").read_text()[-2000:])
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         process = subprocess.Popen(argv, env=self.env, cwd=str(ROOT), start_new_session=True)

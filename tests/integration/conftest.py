@@ -81,9 +81,9 @@ def queue_counts(sqs, prefix: str) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def reference_model():
     """The same network the workers run, called directly in the test."""
-    from app_tier.model import ResNet50Classifier
+    from app_tier.model import load_classifier
 
-    return ResNet50Classifier("random", threads=1)
+    return load_classifier("random", os.environ.get("MODEL_RUNTIME", "openvino"), threads=1)
 
 
 def reference(model, data: bytes):

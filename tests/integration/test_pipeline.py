@@ -135,5 +135,5 @@ def test_bad_uploads_get_clear_errors_and_service_goes_on(stack, images, expecte
         assert reply.text, name
     good = sorted(images)[0]
     reply = requests.post(f"{stack.web_url}/", files={"myfile": (good, images[good])}, timeout=300)
-    assert reply.status_code == 200
+    assert reply.status_code == 200, reply.text
     assert reply.text.endswith(f":{expected[good].label}")

@@ -157,7 +157,7 @@ def test_message_that_keeps_crashing_workers_lands_in_the_dead_letter_queue(aws_
         worker = Worker(settings, aws, MeanClassifier(), f"i-{_attempt}")
         batch = worker.fetch()
         assert len(batch.jobs) == 1
-        worker.release_held()  # what the visibility timeout does after a crash, sooner
+        crash(aws, batch)
     worker = Worker(settings, aws, MeanClassifier(), "i-last")
     assert worker.fetch().jobs == []
     dead = aws.sqs.receive_message(QueueUrl=aws.dead_letter_queue_url)["Messages"]
@@ -169,8 +169,7 @@ def test_a_message_seen_before_is_classified_alone(aws_env):
     for i in range(3):
         upload(settings, aws, f"{i}.jpg", make_image(i), str(i))
     first = Worker(settings, aws, MeanClassifier(), "i-1")
-    first.fetch()
-    first.release_held()  # as if it had crashed
+    crash(aws, first.fetch())
     model = MeanClassifier()
     second = Worker(settings, aws, model, "i-2")
     batch = second.fetch()
@@ -196,9 +195,23 @@ def test_sigterm_finishes_the_batch_in_hand_and_releases_the_rest(aws_env):
     worker.stopping.set()  # what the SIGTERM handler does
     runner.join(timeout=10)
     assert not runner.is_alive()
-    # The batch in hand was finished; everything else is visible again at once.
+    # The batch in hand was finished; everything else is visible again at once,
+    # without having used up one of its attempts.
     assert len(responses(aws)) == 2
     assert depth(aws, aws.request_queue_url) == (2, 0)
+    again = Worker(settings, aws, MeanClassifier(), "i-next").fetch()
+    assert [j.receive_count for j in again.jobs] == [1, 1]
+
+
+def test_scaled_in_again_and_again_a_request_never_reaches_the_dead_letter_queue(aws_env):
+    settings, aws = aws_env
+    upload(settings, aws, "innocent.jpg", make_image(9), "innocent")
+    for n in range(settings.max_receive_count + 2):
+        worker = Worker(settings, aws, MeanClassifier(), f"i-{n}")
+        batch = worker.fetch()
+        assert len(batch.jobs) == 1, f"lost after {n} hand-backs"
+        worker.hand_back(batch.jobs)
+    assert depth(aws, aws.dead_letter_queue_url) == (0, 0)
 
 
 def test_heartbeat_keeps_a_slow_batch_from_being_redelivered(aws_env):
@@ -218,6 +231,13 @@ def test_heartbeat_keeps_a_slow_batch_from_being_redelivered(aws_env):
         worker.stopping.set()
         runner.join(timeout=10)
     assert depth(aws, aws.request_queue_url) == (0, 0)
+
+
+def crash(aws: Aws, batch) -> None:
+    """What a visibility timeout does after a worker died mid-batch, only sooner."""
+    for job in batch.jobs:
+        aws.sqs.change_message_visibility(QueueUrl=aws.request_queue_url, ReceiptHandle=job.receipt,
+                                          VisibilityTimeout=0)
 
 
 def responses_seen(aws: Aws) -> bool:

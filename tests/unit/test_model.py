@@ -1,0 +1,73 @@
+"""The model: both runtimes give the same answers, and missing weights say what to do."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from app_tier.images import prepare
+from app_tier.labels import imagenet_labels
+from app_tier.model import WeightsUnavailable, load_classifier
+from tests.conftest import make_image
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return np.stack([prepare(make_image(seed), 40_000_000) for seed in range(4)])
+
+
+def test_labels_are_keras_imagenet_classes():
+    labels = imagenet_labels()
+    assert len(labels) == 1000
+    assert (labels[0], labels[2], labels[999]) == ("tench", "great_white_shark", "toilet_tissue")
+
+
+def test_openvino_agrees_with_tensorflow(batch, tmp_path, monkeypatch):
+    monkeypatch.setenv("IMGCLASS_CACHE", str(tmp_path))
+    tf_model = load_classifier("random", "tensorflow", threads=1)
+    ov_model = load_classifier("random", "openvino", threads=1)
+    tf_probs, ov_probs = tf_model.probabilities(batch), ov_model.probabilities(batch)
+    assert tf_probs.shape == ov_probs.shape == (4, 1000)
+    assert np.abs(tf_probs - ov_probs).max() < 1e-5
+    for a, b in zip(tf_model.classify(batch), ov_model.classify(batch), strict=True):
+        assert a.label == b.label
+        assert [p.label for p in a.top5] == [p.label for p in b.top5]
+    # The untrained network still scores each image differently.
+    assert len({round(float(r.max()), 6) for r in ov_probs}) == 4
+    assert ov_model.untrained and tf_model.untrained
+
+
+def test_openvino_ir_is_converted_once_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMGCLASS_CACHE", str(tmp_path))
+    from app_tier.openvino_runtime import ensure_ir
+
+    first = ensure_ir("random")
+    stamp = first.stat().st_mtime_ns
+    assert ensure_ir("random") == first and first.stat().st_mtime_ns == stamp
+    assert first.with_suffix(".bin").stat().st_size > 50_000_000
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".staging-")]
+
+
+@pytest.mark.parametrize("runtime", ["tensorflow", "openvino"])
+def test_missing_weights_file_says_what_to_set(runtime, tmp_path, monkeypatch):
+    monkeypatch.setenv("IMGCLASS_CACHE", str(tmp_path))
+    with pytest.raises(WeightsUnavailable) as info:
+        load_classifier(str(tmp_path / "nope.h5"), runtime)
+    message = str(info.value)
+    assert "MODEL_WEIGHTS=random" in message and "s3://" in message and "nope.h5" in message
+
+
+def test_imagenet_weights_unreachable_offline_says_what_to_set(tmp_path, monkeypatch):
+    # An empty Keras home and no route out: Keras's download must fail, clearly.
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    with pytest.raises(WeightsUnavailable) as info:
+        load_classifier("imagenet", "tensorflow")
+    assert "resnet50_weights_tf_dim_ordering_tf_kernels.h5" in str(info.value)
+    assert str(tmp_path) in str(info.value)
+
+
+def test_unknown_runtime_is_refused():
+    with pytest.raises(ValueError):
+        load_classifier("random", "pytorch")
