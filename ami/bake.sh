@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Bakes the imgclass app-tier worker AMI with Packer and prints its id.
+#
+#   ami/bake.sh [--region R] [--weights FILE | --weights-source imagenet|s3://bucket/key|none]
+#               [--build-instance-profile NAME] [--subnet-id ID] [--validate-only]
+#
+# Needs packer (>= 1.9) and AWS credentials allowed to run Packer's amazon-ebs
+# builder (see ami/README.md). Nothing here holds credentials.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(dirname "$here")"
+weights_name=resnet50_weights_tf_dim_ordering_tf_kernels.h5
+
+region="${AWS_REGION:-${AWS_DEFAULT_REGION:-us-east-1}}"
+weights_file=""
+weights_source=imagenet
+build_instance_profile=""
+subnet_id=""
+validate_only=false
+
+usage() { sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+die() { printf 'bake.sh: %s\n' "$*" >&2; exit 1; }
+
+while (($#)); do
+  case "$1" in
+    --region) region="${2:?--region needs a value}"; shift 2 ;;
+    --weights) weights_file="${2:?--weights needs a file}"; shift 2 ;;
+    --weights-source) weights_source="${2:?--weights-source needs a value}"; shift 2 ;;
+    --build-instance-profile) build_instance_profile="${2:?}"; shift 2 ;;
+    --subnet-id) subnet_id="${2:?}"; shift 2 ;;
+    --validate-only) validate_only=true; shift ;;
+    -h | --help) usage; exit 0 ;;
+    *) usage >&2; die "unknown option: $1" ;;
+  esac
+done
+
+command -v packer >/dev/null || die "packer is not installed (https://developer.hashicorp.com/packer/install)"
+case "$weights_source" in
+  imagenet | none | s3://?*/?*) ;;
+  *) die "--weights-source must be imagenet, none or s3://bucket/key" ;;
+esac
+if [[ -n $weights_file && ! -f $weights_file ]]; then
+  die "no weights file at $weights_file"
+fi
+
+stage="$(mktemp -d)"
+trap 'rm -rf "$stage"' EXIT
+
+# The code as it is in this checkout, without local state: no venv, caches or
+# tests. A weights file given with --weights rides along in .bake/, where
+# provision.sh looks first.
+extra=()
+if [[ -n $weights_file ]]; then
+  mkdir -p "$stage/extra/.bake"
+  cp "$weights_file" "$stage/extra/.bake/$weights_name"
+  extra=(-C "$stage/extra" ./.bake)
+fi
+# ${extra[@]+...}: an empty array is "unbound" to bash 3.2 (macOS) under set -u.
+tar -czf "$stage/imgclass-src.tar.gz" \
+  --exclude=./.venv --exclude=./.git --exclude=./.bench --exclude=./tests \
+  --exclude='__pycache__' --exclude='*.pyc' --exclude=.pytest_cache --exclude=.ruff_cache \
+  --exclude='packer-manifest.json' \
+  -C "$repo" . ${extra[@]+"${extra[@]}"}
+echo "bake.sh: source tarball is $(du -h "$stage/imgclass-src.tar.gz" | cut -f1)"
+
+vars=(
+  -var "region=$region"
+  -var "source_tarball=$stage/imgclass-src.tar.gz"
+  -var "weights_source=$weights_source"
+  -var "build_instance_profile=$build_instance_profile"
+  -var "subnet_id=$subnet_id"
+  -var "manifest_path=$stage/manifest.json"
+)
+
+packer init "$here/worker.pkr.hcl"
+packer validate "${vars[@]}" "$here/worker.pkr.hcl"
+if $validate_only; then
+  echo "bake.sh: template is valid (not built: --validate-only)"
+  exit 0
+fi
+
+packer build -color=false "${vars[@]}" "$here/worker.pkr.hcl"
+
+# The manifest's artifact_id reads "<region>:<ami id>".
+ami_id="$(python3 -c '
+import json, sys
+builds = json.load(open(sys.argv[1]))["builds"]
+print(builds[-1]["artifact_id"].split(":")[-1])
+' "$stage/manifest.json")"
+echo
+echo "bake.sh: built $ami_id in $region. Point the controller at it:"
+echo "  export AMI_ID=$ami_id"

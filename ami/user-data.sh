@@ -1,0 +1,35 @@
+#!/bin/bash
+# imgclass app-tier boot script (see ami/README.md).
+# The controller replaces the {{...}} placeholders (controller/act.py) and sends the
+# result as EC2 user-data; cloud-init runs it once, as root, at the first boot.
+# Keep it short: EC2 refuses user-data over 16 KB.
+set -euo pipefail
+
+# Only tests point this elsewhere.
+etc_dir="${IMGCLASS_ETC_DIR:-/etc/imgclass}"
+imds=http://169.254.169.254/latest
+
+# IMDSv2: a session token first, then the instance id the worker reports itself as.
+token=$(curl -fsS --retry 10 --retry-connrefused -X PUT \
+  -H "X-aws-ec2-metadata-token-ttl-seconds: 60" "$imds/api/token")
+instance_id=$(curl -fsS --retry 10 --retry-connrefused \
+  -H "X-aws-ec2-metadata-token: $token" "$imds/meta-data/instance-id")
+
+# Single quotes: whatever the controller renders is taken literally.
+endpoint='{{AWS_ENDPOINT_URL}}'
+
+# systemd reads the file as root; nothing in it is secret, but nobody else needs it.
+umask 077
+mkdir -p "$etc_dir"
+{
+  echo 'AWS_REGION={{AWS_REGION}}'
+  echo 'AWS_DEFAULT_REGION={{AWS_REGION}}'
+  echo 'APP_PREFIX={{APP_PREFIX}}'
+  echo 'MODEL_WEIGHTS={{MODEL_WEIGHTS}}'
+  echo "INSTANCE_ID=$instance_id"
+  # An empty AWS_ENDPOINT_URL is not the same as none to every AWS SDK: omit it.
+  if [ -n "$endpoint" ]; then echo "AWS_ENDPOINT_URL=$endpoint"; fi
+} > "$etc_dir/worker.env.new"
+mv "$etc_dir/worker.env.new" "$etc_dir/worker.env"
+
+systemctl enable --now imgclass-worker.service

@@ -1,0 +1,944 @@
+#!/usr/bin/env python3
+"""Load test for the image-classification web tier.
+
+Uploads images concurrently to one web tier, checks every answer, and prints
+latency, throughput and correctness:
+
+    python load_test.py --images ./imagenet-100 --num-requests 1000 --concurrency 50 \\
+        --expected "Classification Results on ImageNet-100.csv" --json run.json --plot run.png
+
+By default each request is `POST /` with the image in form field `inputFile`,
+and the answer is `<name>:<label>`. With `--api jobs` each image is one
+`POST /api/jobs` batch whose result is awaited by polling `GET /api/jobs/<id>`
+(or, with `--wait sse`, its event stream). Meanwhile `GET /api/status` is read
+every half second to record how many app-tier instances were pending or running.
+
+It only talks to the URL it is given, sends a bounded number of requests, and
+gives each one at most `--timeout` seconds. The exit code is 0 when every
+request was answered and no answer was wrong, 1 otherwise, 2 on bad usage.
+
+The core (`run_load`, `percentile`, `read_expected`, `format_report`) is
+importable; `main` is the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import mimetypes
+import os
+import re
+import sys
+import threading
+import time
+import unicodedata
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import requests
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
+# The web tier answers 504 after RESULT_TIMEOUT (300 s by default); waiting a little
+# longer lets the report show the server's own answer rather than our give-up.
+DEFAULT_TIMEOUT_S = 330.0
+CONNECT_TIMEOUT_S = 10.0
+STATUS_INTERVAL_S = 0.5
+FINAL_STATES = ("done", "failed")
+
+# Accepted spellings of the expected-results CSV's two columns (compared lower-cased).
+IMAGE_COLUMNS = ("image", "images", "image_name", "filename", "file", "name")
+RESULT_COLUMNS = ("results", "result", "label", "labels", "prediction", "class")
+
+
+class LoadTestError(Exception):
+    """A problem with the inputs (no images, unreadable CSV): nothing was sent."""
+
+
+# --- configuration ------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    images: Path
+    url: str = DEFAULT_URL
+    num_requests: int | None = None  # None: one request per image
+    concurrency: int = 10
+    expected: Path | None = None
+    api: str = "form"  # "form": POST / ; "jobs": POST /api/jobs
+    wait: str = "poll"  # jobs only: "poll" GET /api/jobs/<id>, or "sse" its event stream
+    api_key: str = ""
+    timeout: float = DEFAULT_TIMEOUT_S
+    json_path: Path | None = None
+    plot_path: Path | None = None
+    verbose: bool = False
+    quiet: bool = False
+    status_interval: float = STATUS_INTERVAL_S
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="load_test.py",
+        description="Send concurrent uploads to the web tier and report latency, throughput "
+        "and correctness.",
+        # Abbreviations would make '--num' ambiguous between the spellings below.
+        allow_abbrev=False,
+    )
+    parser.add_argument("--url", default=DEFAULT_URL, help=f"web tier address (default {DEFAULT_URL})")
+    parser.add_argument(
+        "--images", "--image_folder", "--image-folder", dest="images", type=Path, required=True,
+        metavar="DIR", help="folder of images to upload",
+    )
+    parser.add_argument(
+        "--num-requests", "--num_request", "--num_requests", dest="num_requests",
+        type=_positive_int, metavar="N",
+        help="requests to send (default: one per image; cycles through the images when larger)",
+    )
+    parser.add_argument(
+        "--concurrency", "-c", type=_positive_int, default=10, metavar="C",
+        help="requests in flight at once (default 10)",
+    )
+    parser.add_argument(
+        "--expected", type=Path, metavar="CSV",
+        help="expected labels, columns Image,Results (Image = file name without extension)",
+    )
+    parser.add_argument(
+        "--api", choices=("form", "jobs"), default="form",
+        help="'form': POST / and wait (default); 'jobs': POST /api/jobs then wait for the item",
+    )
+    parser.add_argument("--jobs", dest="api", action="store_const", const="jobs", help="same as --api jobs")
+    parser.add_argument(
+        "--wait", choices=("poll", "sse"), default="poll",
+        help="with --api jobs: poll GET /api/jobs/<id> (default) or follow its event stream",
+    )
+    parser.add_argument(
+        "--api-key", default=os.environ.get("API_KEY", ""),
+        help="sent as X-API-Key (default: $API_KEY, the variable the web tier reads)",
+    )
+    parser.add_argument(
+        "--timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+        help=f"give up on one request after this long (default {DEFAULT_TIMEOUT_S:g})",
+    )
+    parser.add_argument("--json", dest="json_path", type=Path, metavar="PATH", help="write a JSON report")
+    parser.add_argument(
+        "--plot", dest="plot_path", type=Path, metavar="PNG",
+        help="draw each request's latency and the app-tier instances over time",
+    )
+    talk = parser.add_mutually_exclusive_group()
+    talk.add_argument(
+        "--verbose", "-v", action="store_true",
+        help="print '<file> uploaded!' and 'Classification result: ...' for each request",
+    )
+    talk.add_argument(
+        "--quiet", "-q", action="store_true",
+        help="no progress bar and no table: only warnings and the final RESULT line",
+    )
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not re.match(r"^https?://", args.url):
+        parser.error(f"--url must start with http:// or https://, got {args.url!r}")
+    return Config(
+        images=args.images,
+        url=args.url.rstrip("/"),
+        num_requests=args.num_requests,
+        concurrency=args.concurrency,
+        expected=args.expected,
+        api=args.api,
+        wait=args.wait,
+        api_key=args.api_key,
+        timeout=args.timeout,
+        json_path=args.json_path,
+        plot_path=args.plot_path,
+        verbose=args.verbose,
+        quiet=args.quiet,
+    )
+
+
+# --- inputs -------------------------------------------------------------------------
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly inside `folder`, in name order (so runs are repeatable)."""
+    if not folder.is_dir():
+        raise LoadTestError(f"{folder} is not a folder")
+    images = sorted(
+        (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+        key=lambda p: p.name,
+    )
+    if not images:
+        raise LoadTestError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+    return images
+
+
+def image_key(name: str) -> str:
+    """'test_00.JPEG', 'dir/test_00' and 'test_00' all become 'test_00'."""
+    base = re.split(r"[\\/]", name.strip())[-1]
+    stem, dot, suffix = base.rpartition(".")
+    if dot and stem and f".{suffix.lower()}" in IMAGE_SUFFIXES:
+        return stem
+    return base
+
+
+def read_expected(path: Path) -> dict[str, str]:
+    """Expected label per image key from a CSV with a header row.
+
+    The course's file has columns `Image,Results`; other spellings
+    (`image,result`, `filename,label`, ...) and a UTF-8 byte-order mark are
+    accepted too, and Image may carry an extension.
+    """
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            rows = [row for row in csv.reader(fh) if any(cell.strip() for cell in row)]
+    except OSError as exc:
+        raise LoadTestError(f"cannot read {path}: {exc}") from exc
+    if not rows:
+        raise LoadTestError(f"{path} is empty")
+    header = [cell.strip().lower() for cell in rows[0]]
+    image_col = next((header.index(c) for c in IMAGE_COLUMNS if c in header), None)
+    result_col = next((header.index(c) for c in RESULT_COLUMNS if c in header), None)
+    if image_col is None or result_col is None:
+        raise LoadTestError(f"{path}: expected a header with columns Image,Results, found {rows[0]}")
+    expected = {}
+    for row in rows[1:]:
+        if len(row) > max(image_col, result_col):
+            expected[image_key(row[image_col])] = row[result_col].strip()
+    return expected
+
+
+def same_label(a: str, b: str) -> bool:
+    """Keras writes 'great_white_shark', other lists 'great white shark': both are one label."""
+
+    def norm(label: str) -> str:
+        return " ".join(label.replace("_", " ").split()).casefold()
+
+    return norm(a) == norm(b)
+
+
+def _safe_stem(stem: str) -> str:
+    # The web tier may answer with the sanitised name it stored (accents folded,
+    # anything outside [A-Za-z0-9._-] replaced by '_'); accept that spelling too.
+    folded = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode("ascii")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", folded).strip("._")
+
+
+def same_name(answer: str, stem: str) -> bool:
+    return answer in (stem, _safe_stem(stem))
+
+
+# --- statistics ---------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], p: float) -> float | None:
+    """The p-th percentile (0..100), interpolating linearly between ranks.
+
+    Same definition as numpy's default: for [1, 2, 3, 4] the 50th is 2.5.
+    None for no values.
+    """
+    if not 0 <= p <= 100:
+        raise ValueError(f"percentile must be within 0..100, got {p}")
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * p / 100
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+# --- results ------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """What happened to one request."""
+
+    index: int
+    file: str
+    started_s: float  # since the run began
+    latency_s: float = 0.0
+    status: int | None = None
+    answer_name: str | None = None
+    label: str | None = None
+    error: str | None = None  # set: the request failed (HTTP error, timeout, bad answer)
+    untrained: bool = False
+    verdict: str = "unchecked"  # "correct", "wrong", "unchecked" or "failed"
+    expected: str | None = None
+    note: str | None = None  # why a verdict is "wrong"
+
+    @property
+    def answered(self) -> bool:
+        return self.error is None
+
+    @property
+    def body(self) -> str:
+        return f"{self.answer_name}:{self.label}" if self.answered else f"ERROR {self.error}"
+
+
+def judge(outcome: Outcome, expected: dict[str, str]) -> None:
+    """Set the outcome's verdict against the expected labels."""
+    if not outcome.answered:
+        outcome.verdict = "failed"
+        return
+    stem = image_key(outcome.file)
+    outcome.expected = expected.get(stem)
+    if outcome.answer_name is not None and not same_name(outcome.answer_name, stem):
+        # An answer naming another image was handed to the wrong request.
+        outcome.verdict = "wrong"
+        outcome.note = f"answer is for {outcome.answer_name!r}"
+    elif outcome.expected is None:
+        outcome.verdict = "unchecked"
+    elif same_label(outcome.label or "", outcome.expected):
+        outcome.verdict = "correct"
+    else:
+        outcome.verdict = "wrong"
+        outcome.note = f"expected {outcome.expected!r}"
+
+
+@dataclass
+class Report:
+    url: str
+    api: str
+    concurrency: int
+    planned: int
+    started_at: float  # wall clock, seconds since the epoch
+    duration_s: float
+    outcomes: list[Outcome]
+    # (seconds since the run began, app-tier instances pending or running)
+    instance_samples: list[tuple[float, int]] = field(default_factory=list)
+    interrupted: bool = False
+
+    def _count(self, verdict: str) -> int:
+        return sum(1 for o in self.outcomes if o.verdict == verdict)
+
+    @property
+    def sent(self) -> int:
+        return len(self.outcomes)
+
+    @property
+    def answered(self) -> int:
+        return sum(1 for o in self.outcomes if o.answered)
+
+    @property
+    def failed(self) -> int:
+        return self._count("failed")
+
+    @property
+    def wrong(self) -> int:
+        return self._count("wrong")
+
+    @property
+    def correct(self) -> int:
+        return self._count("correct")
+
+    @property
+    def unchecked(self) -> int:
+        return self._count("unchecked")
+
+    @property
+    def untrained(self) -> bool:
+        return any(o.untrained for o in self.outcomes)
+
+    @property
+    def latencies(self) -> list[float]:
+        # Failures are left out: a timeout's "latency" is only how long we waited.
+        return [o.latency_s for o in self.outcomes if o.answered]
+
+    def latency_stats(self) -> dict[str, float | None]:
+        values = self.latencies
+        return {
+            "p50": percentile(values, 50),
+            "p90": percentile(values, 90),
+            "p99": percentile(values, 99),
+            "max": max(values) if values else None,
+            "mean": sum(values) / len(values) if values else None,
+        }
+
+    @property
+    def throughput(self) -> float:
+        """Answered images per second of wall-clock time."""
+        return self.answered / self.duration_s if self.duration_s > 0 else 0.0
+
+    @property
+    def course_average_latency(self) -> float | None:
+        """The course's figure: total duration divided by the number of requests."""
+        return self.duration_s / self.sent if self.sent else None
+
+    @property
+    def peak_instances(self) -> int | None:
+        return max((n for _, n in self.instance_samples), default=None)
+
+    @property
+    def ok(self) -> bool:
+        return (
+            not self.interrupted
+            and self.sent == self.planned
+            and self.failed == 0
+            and self.wrong == 0
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "api": self.api,
+            "concurrency": self.concurrency,
+            "started_at": self.started_at,
+            "duration_s": self.duration_s,
+            "planned": self.planned,
+            "sent": self.sent,
+            "answered": self.answered,
+            "failed": self.failed,
+            "wrong": self.wrong,
+            "correct": self.correct,
+            "unchecked": self.unchecked,
+            "throughput_images_per_s": self.throughput,
+            "latency_s": self.latency_stats(),
+            "course_average_latency_s": self.course_average_latency,
+            "untrained": self.untrained,
+            "peak_instances": self.peak_instances,
+            "interrupted": self.interrupted,
+            "ok": self.ok,
+            "instances": [{"t_s": t, "pending_running": n} for t, n in self.instance_samples],
+            "requests": [
+                {
+                    "index": o.index,
+                    "file": o.file,
+                    "started_s": o.started_s,
+                    "latency_s": o.latency_s,
+                    "status": o.status,
+                    "answer": o.answer_name,
+                    "label": o.label,
+                    "expected": o.expected,
+                    "verdict": o.verdict,
+                    "error": o.error,
+                    "note": o.note,
+                    "untrained": o.untrained,
+                }
+                for o in sorted(self.outcomes, key=lambda o: o.index)
+            ],
+        }
+
+
+# --- talking to the web tier ----------------------------------------------------------
+
+
+class RequestFailed(Exception):
+    """One request did not get a usable answer; the message says why."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _short(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class Client:
+    """Sends one image per call; each worker thread keeps its own Session.
+
+    A Session per thread reuses that thread's keep-alive connection for every
+    request it sends, and Sessions are not documented as thread-safe.
+    """
+
+    def __init__(self, config: Config, stop: threading.Event) -> None:
+        self.config = config
+        self.stop = stop
+        self.headers = {"X-API-Key": config.api_key} if config.api_key else {}
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._lock = threading.Lock()
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.headers.update(self.headers)
+            self._local.session = session
+            with self._lock:
+                self._sessions.append(session)
+        return session
+
+    def close(self) -> None:
+        with self._lock:
+            for session in self._sessions:
+                session.close()
+            self._sessions.clear()
+
+    def send(self, index: int, path: Path, t0: float) -> Outcome:
+        """Send `path` once and wait for its answer; never raises for a failed request."""
+        start = time.monotonic()
+        outcome = Outcome(index=index, file=path.name, started_s=start - t0)
+        deadline = start + self.config.timeout
+        try:
+            if self.config.api == "jobs":
+                self._via_jobs(path, deadline, outcome)
+            else:
+                self._via_form(path, deadline, outcome)
+        except RequestFailed as exc:
+            outcome.error, outcome.status = str(exc), exc.status or outcome.status
+        except requests.Timeout:
+            outcome.error = f"timeout after {self.config.timeout:g} s"
+        except requests.ConnectionError as exc:
+            # urllib3's message nests three exceptions; the errno text is the useful part.
+            reason = re.search(r"\[Errno -?\d+\][^'\")]*", str(exc))
+            outcome.error = f"cannot connect to {self.config.url}" + (f": {reason[0]}" if reason else "")
+        except requests.RequestException as exc:
+            outcome.error = f"{type(exc).__name__}: {_short(str(exc))}"
+        except OSError as exc:  # the image could not be read
+            outcome.error = f"{type(exc).__name__}: {exc}"
+        outcome.latency_s = time.monotonic() - start
+        return outcome
+
+    def _timeout(self, deadline: float) -> tuple[float, float]:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise requests.Timeout()
+        return (min(CONNECT_TIMEOUT_S, remaining), remaining)
+
+    def _upload(self, path: Path) -> tuple[str, bytes, str]:
+        mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return (path.name, path.read_bytes(), mime)
+
+    def _via_form(self, path: Path, deadline: float, outcome: Outcome) -> None:
+        resp = self._session().post(
+            f"{self.config.url}/",
+            files={"inputFile": self._upload(path)},
+            timeout=self._timeout(deadline),
+            # Only ever talk to the URL we were given.
+            allow_redirects=False,
+        )
+        outcome.status = resp.status_code
+        body = resp.text.strip()
+        outcome.untrained = resp.headers.get("X-Model-Untrained", "").strip().lower() == "true"
+        if resp.status_code != 200:
+            raise RequestFailed(f"HTTP {resp.status_code}: {_short(body)}", resp.status_code)
+        # Labels never hold ':', file names might: split at the last one.
+        name, colon, label = body.rpartition(":")
+        if not colon or not label:
+            raise RequestFailed(f"malformed answer {_short(body)!r} (expected <name>:<label>)", 200)
+        outcome.answer_name, outcome.label = name, label
+
+    def _via_jobs(self, path: Path, deadline: float, outcome: Outcome) -> None:
+        session = self._session()
+        resp = session.post(
+            f"{self.config.url}/api/jobs",
+            files={"files": self._upload(path)},
+            timeout=self._timeout(deadline),
+            allow_redirects=False,
+        )
+        outcome.status = resp.status_code
+        if resp.status_code not in (200, 201, 202):
+            raise RequestFailed(f"HTTP {resp.status_code}: {_short(resp.text)}", resp.status_code)
+        try:
+            batch = resp.json()
+            batch_id, item_id = batch["batch_id"], batch["items"][0]["id"]
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise RequestFailed(f"malformed job answer {_short(resp.text)!r}", resp.status_code) from exc
+
+        if self.config.wait == "sse":
+            item = self._wait_sse(session, batch_id, item_id, deadline)
+        else:
+            item = self._wait_poll(session, batch_id, item_id, deadline)
+        outcome.untrained = bool(item.get("untrained"))
+        if item.get("state") != "done":
+            raise RequestFailed(f"item failed: {_short(str(item.get('error')))}", outcome.status)
+        outcome.answer_name = image_key(str(item.get("filename") or path.name))
+        outcome.label = str(item.get("label"))
+
+    def _fetch_item(self, session: requests.Session, batch_id: str, item_id: str, deadline: float) -> dict:
+        resp = session.get(
+            f"{self.config.url}/api/jobs/{batch_id}", timeout=self._timeout(deadline), allow_redirects=False
+        )
+        if resp.status_code != 200:
+            raise RequestFailed(f"GET /api/jobs/{batch_id}: HTTP {resp.status_code}", resp.status_code)
+        try:
+            items = resp.json()["items"]
+            return next(i for i in items if i.get("id") == item_id)
+        except (ValueError, KeyError, TypeError, StopIteration) as exc:
+            raise RequestFailed(f"GET /api/jobs/{batch_id}: item {item_id} missing") from exc
+
+    def _wait_poll(self, session: requests.Session, batch_id: str, item_id: str, deadline: float) -> dict:
+        # Start quick (a warm fleet answers in well under a second), then back off
+        # so a thousand waiting requests do not flood the web tier.
+        delay = 0.05
+        while True:
+            item = self._fetch_item(session, batch_id, item_id, deadline)
+            if item.get("state") in FINAL_STATES:
+                return item
+            if time.monotonic() + delay >= deadline:
+                raise requests.Timeout()
+            if self.stop.wait(delay):
+                raise RequestFailed("interrupted")
+            delay = min(delay * 1.5, 1.0)
+
+    def _wait_sse(self, session: requests.Session, batch_id: str, item_id: str, deadline: float) -> dict:
+        url = f"{self.config.url}/api/jobs/{batch_id}/events"
+        with session.get(url, stream=True, timeout=self._timeout(deadline), allow_redirects=False) as resp:
+            if resp.status_code != 200:
+                raise RequestFailed(f"GET {url}: HTTP {resp.status_code}", resp.status_code)
+            # The stream is open, so no event can be missed from here on; the item
+            # may already have finished before it opened, though.
+            item = self._fetch_item(session, batch_id, item_id, deadline)
+            if item.get("state") in FINAL_STATES:
+                return item
+            for line in resp.iter_lines(decode_unicode=True):
+                if self.stop.is_set():
+                    raise RequestFailed("interrupted")
+                if time.monotonic() >= deadline:
+                    raise requests.Timeout()
+                if not line or not line.startswith("data:"):
+                    continue
+                event = _parse_event(line[5:])
+                if event.get("id") == item_id and event.get("state") in FINAL_STATES:
+                    return event
+                # An event we cannot read on its own is still a sign to look again.
+                item = self._fetch_item(session, batch_id, item_id, deadline)
+                if item.get("state") in FINAL_STATES:
+                    return item
+        # The server closed the stream early: fall back to polling.
+        return self._wait_poll(session, batch_id, item_id, deadline)
+
+
+def _parse_event(data: str) -> dict:
+    try:
+        event = json.loads(data)
+    except ValueError:
+        return {}
+    return event if isinstance(event, dict) else {}
+
+
+def instance_count(status: Any) -> int | None:
+    """App-tier instances pending or running in a `/api/status` answer."""
+    instances = status.get("instances") if isinstance(status, dict) else None
+    if isinstance(instances, dict):
+        return sum(int(instances.get(state) or 0) for state in ("pending", "running"))
+    if isinstance(instances, int):
+        return instances
+    return None
+
+
+class StatusPoller:
+    """Reads GET /api/status every `interval` seconds while the run goes on.
+
+    A web tier without /api/status just yields no samples; the load test does
+    not depend on it.
+    """
+
+    def __init__(self, config: Config, t0: float) -> None:
+        self.url = f"{config.url}/api/status"
+        self.interval = config.status_interval
+        self.t0 = t0
+        self.samples: list[tuple[float, int]] = []
+        self._session = requests.Session()
+        if config.api_key:
+            self._session.headers["X-API-Key"] = config.api_key
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="status-poller", daemon=True)
+
+    def sample(self) -> None:
+        try:
+            resp = self._session.get(self.url, timeout=2.0, allow_redirects=False)
+            count = instance_count(resp.json()) if resp.status_code == 200 else None
+        except (requests.RequestException, ValueError):
+            return
+        if count is not None:
+            self.samples.append((time.monotonic() - self.t0, count))
+
+    def _loop(self) -> None:
+        while not self._done.wait(self.interval):
+            self.sample()
+
+    def start(self) -> None:
+        # One sample before the first request, so even a short run has a starting point.
+        self.sample()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=5.0)
+        self.sample()
+        self._session.close()
+
+
+# --- running ------------------------------------------------------------------------
+
+
+class Progress:
+    """A one-line progress bar on stderr; on a non-terminal, a line per 10 %."""
+
+    WIDTH = 30
+
+    def __init__(self, total: int, stream: TextIO | None = None, enabled: bool = True) -> None:
+        self.total = total
+        self.stream = stream or sys.stderr
+        self.enabled = enabled and total > 0
+        self.tty = self.stream.isatty()
+        self._last_tenth = 0
+        self._t0 = time.monotonic()
+
+    def update(self, done: int, failed: int, wrong: int) -> None:
+        if not self.enabled:
+            return
+        filled = self.WIDTH * done // self.total
+        rate = done / max(time.monotonic() - self._t0, 1e-9)
+        line = (
+            f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] {done}/{self.total}"
+            f"  failed {failed}  wrong {wrong}  {rate:.1f}/s"
+        )
+        if self.tty:
+            self.stream.write("\r" + line)
+        else:
+            tenth = 10 * done // self.total
+            if tenth == self._last_tenth:
+                return
+            self._last_tenth = tenth
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def run_load(
+    config: Config,
+    progress: Progress | None = None,
+    on_result: Callable[[Outcome], None] | None = None,
+) -> Report:
+    """Send the planned requests with `config.concurrency` in flight; return the report.
+
+    `on_result` is called in the calling thread for each finished request.
+    A Ctrl-C stops sending; requests in flight are waited for (each is bounded
+    by the timeout) and the report says it was interrupted.
+    """
+    images = list_images(config.images)
+    expected = read_expected(config.expected) if config.expected else {}
+    total = config.num_requests if config.num_requests is not None else len(images)
+    plan = [images[i % len(images)] for i in range(total)]
+
+    stop = threading.Event()
+    client = Client(config, stop)
+    started_at = time.time()
+    t0 = time.monotonic()
+    poller = StatusPoller(config, t0)
+    poller.start()
+    outcomes: list[Outcome] = []
+    interrupted = False
+    pool = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="load")
+    try:
+        futures: list[Future[Outcome]] = [pool.submit(client.send, i, p, t0) for i, p in enumerate(plan)]
+        try:
+            for future in as_completed(futures):
+                outcome = future.result()
+                judge(outcome, expected)
+                outcomes.append(outcome)
+                if on_result:
+                    on_result(outcome)
+                if progress:
+                    progress.update(len(outcomes), _count(outcomes, "failed"), _count(outcomes, "wrong"))
+        except KeyboardInterrupt:
+            interrupted = True
+            stop.set()
+            for future in futures:
+                future.cancel()
+            print("\ninterrupted: waiting for requests in flight (Ctrl-C again to quit)", file=sys.stderr)
+            seen = {o.index for o in outcomes}
+            for future in futures:
+                if not future.cancelled():
+                    outcome = future.result()
+                    if outcome.index not in seen:
+                        judge(outcome, expected)
+                        outcomes.append(outcome)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        duration = time.monotonic() - t0
+        poller.stop()
+        client.close()
+        if progress:
+            progress.close()
+
+    return Report(
+        url=config.url,
+        api=config.api,
+        concurrency=config.concurrency,
+        planned=total,
+        started_at=started_at,
+        duration_s=duration,
+        outcomes=outcomes,
+        instance_samples=poller.samples,
+        interrupted=interrupted,
+    )
+
+
+def _count(outcomes: list[Outcome], verdict: str) -> int:
+    return sum(1 for o in outcomes if o.verdict == verdict)
+
+
+# --- output -------------------------------------------------------------------------
+
+
+UNTRAINED_WARNING = (
+    "WARNING: the service said its model is UNTRAINED (MODEL_WEIGHTS=random): "
+    "its labels are meaningless, and 'wrong' counts say nothing about accuracy."
+)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} s"
+
+
+def result_line(report: Report) -> str:
+    if report.ok:
+        return f"RESULT: PASS ({report.answered} answered, none failed or wrong)"
+    reasons = [f"{report.failed} failed", f"{report.wrong} wrong"]
+    if report.sent < report.planned:
+        reasons.append(f"{report.planned - report.sent} not sent")
+    if report.interrupted:
+        reasons.append("interrupted")
+    return f"RESULT: FAIL ({', '.join(reasons)})"
+
+
+def format_report(report: Report, max_problems: int = 10) -> str:
+    """The summary table printed at the end of a run."""
+    stats = report.latency_stats()
+    endpoint = "POST /" if report.api == "form" else "POST /api/jobs"
+    checked = report.correct + report.wrong
+    rows = [
+        ("sent", f"{report.sent}" + (f" of {report.planned}" if report.sent != report.planned else "")),
+        ("answered", f"{report.answered}"),
+        ("failed", f"{report.failed}  (HTTP errors, timeouts)"),
+        ("wrong", f"{report.wrong}  (of {checked} checked; {report.unchecked} unchecked)"),
+        ("total duration", _seconds(report.duration_s)),
+        ("throughput", f"{report.throughput:.2f} images/s"),
+        ("latency p50", _seconds(stats["p50"])),
+        ("latency p90", _seconds(stats["p90"])),
+        ("latency p99", _seconds(stats["p99"])),
+        ("latency max", _seconds(stats["max"])),
+        ("latency mean", _seconds(stats["mean"])),
+        ("average latency (course)", _seconds(report.course_average_latency) + "  (duration / requests)"),
+    ]
+    if report.peak_instances is not None:
+        rows.append(("peak app-tier instances", f"{report.peak_instances}"))
+    width = max(len(name) for name, _ in rows)
+    lines = [f"Load test: {endpoint} on {report.url}, concurrency {report.concurrency}", ""]
+    lines += [f"  {name:<{width}}  {value}" for name, value in rows]
+
+    problems = sorted((o for o in report.outcomes if o.verdict in ("failed", "wrong")), key=lambda o: o.index)
+    if problems:
+        lines += ["", "Problems:"]
+        for o in problems[:max_problems]:
+            detail = o.error if o.verdict == "failed" else f"answered {o.body!r}, {o.note or 'wrong'}"
+            lines.append(f"  {o.file}: {o.verdict}: {detail}")
+        if len(problems) > max_problems:
+            lines.append(f"  ... and {len(problems) - max_problems} more (see --json)")
+    lines.append("")
+    if report.untrained:
+        lines.append(UNTRAINED_WARNING)
+    lines.append(result_line(report))
+    return "\n".join(lines)
+
+
+def write_json(report: Report, path: Path) -> None:
+    path.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def write_plot(report: Report, path: Path) -> None:
+    """Latency of each request against its send time, above instances over time."""
+    # Imported here so the rest of the script works where matplotlib is missing;
+    # Figure without pyplot draws with the Agg canvas and needs no display.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 6.5), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
+    styles = {"correct": "tab:green", "unchecked": "tab:blue", "wrong": "tab:orange", "failed": "tab:red"}
+    for verdict, colour in styles.items():
+        points = [(o.started_s, o.latency_s) for o in report.outcomes if o.verdict == verdict]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            top.scatter(xs, ys, s=10, color=colour, label=f"{verdict} ({len(points)})")
+    top.set_ylabel("latency (s)")
+    top.set_title(
+        f"{report.sent} requests, concurrency {report.concurrency}, "
+        f"{report.throughput:.2f} images/s" + ("  [UNTRAINED MODEL]" if report.untrained else "")
+    )
+    if report.outcomes:
+        top.legend(loc="upper left", fontsize="small")
+    top.grid(alpha=0.3)
+
+    if report.instance_samples:
+        ts, counts = zip(*report.instance_samples, strict=True)
+        bottom.step(ts, counts, where="post", color="tab:purple")
+        bottom.set_ylim(bottom=0, top=max(counts) + 1)
+    else:
+        bottom.text(0.5, 0.5, "no /api/status data", ha="center", va="center", transform=bottom.transAxes)
+    bottom.set_ylabel("app-tier instances\n(pending + running)")
+    bottom.set_xlabel("time since start (s)")
+    bottom.grid(alpha=0.3)
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(argv)
+    try:
+        total = config.num_requests or len(list_images(config.images))
+    except LoadTestError as exc:
+        print(f"load_test.py: {exc}", file=sys.stderr)
+        return 2
+    progress = Progress(total, enabled=not config.quiet)
+
+    def print_result(outcome: Outcome) -> None:
+        # The course's client printed these two lines per image.
+        progress.clear()
+        print(f"{outcome.file} uploaded!")
+        print(f"Classification result: {outcome.body}", flush=True)
+
+    try:
+        report = run_load(config, progress=progress, on_result=print_result if config.verbose else None)
+    except LoadTestError as exc:
+        print(f"load_test.py: {exc}", file=sys.stderr)
+        return 2
+
+    if config.quiet:
+        if report.untrained:
+            print(UNTRAINED_WARNING)
+        print(result_line(report))
+    else:
+        print(format_report(report))
+    if config.json_path:
+        write_json(report, config.json_path)
+    if config.plot_path:
+        write_plot(report, config.plot_path)
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""The AMI files in ami/: scripts parse, the boot script does its job, the policy is tight.
+
+Nothing here touches AWS or needs Packer: the user-data runs against stub `curl`
+and `systemctl`, and bake.sh against a stub `packer`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import stat
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from common.config import Settings
+from controller.act import render_user_data
+
+AMI = Path(__file__).resolve().parents[2] / "ami"
+PLACEHOLDERS = ("{{AWS_REGION}}", "{{APP_PREFIX}}", "{{MODEL_WEIGHTS}}", "{{AWS_ENDPOINT_URL}}")
+BUCKETS = ("imgclass-in-bucket", "imgclass-out-bucket")
+QUEUES = ("imgclass-req-queue", "imgclass-resp-queue", "imgclass-req-dlq")
+
+
+def write_stub(folder: Path, name: str, body: str) -> None:
+    path = folder / name
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+# --- shell scripts ------------------------------------------------------------------
+
+
+def test_every_shell_script_parses():
+    scripts = sorted(AMI.glob("*.sh"))
+    assert {p.name for p in scripts} >= {"bake.sh", "provision.sh", "user-data.sh"}
+    for script in scripts:
+        result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{script.name}: {result.stderr}"
+        assert "set -euo pipefail" in script.read_text(), script.name
+
+
+def test_no_credentials_anywhere_in_ami():
+    secret = re.compile(r"AKIA[0-9A-Z]{16}|aws_secret_access_key|PRIVATE KEY-----", re.IGNORECASE)
+    for path in AMI.iterdir():
+        assert not secret.search(path.read_text()), path.name
+
+
+# --- user-data ----------------------------------------------------------------------
+
+
+def test_user_data_template_has_each_placeholder():
+    text = (AMI / "user-data.sh").read_text()
+    for placeholder in PLACEHOLDERS:
+        assert placeholder in text
+
+
+def render(endpoint_url: str | None = None) -> str:
+    settings = Settings(region="eu-west-1", prefix="myapp", model_weights="s3://models/resnet50.h5",
+                        endpoint_url=endpoint_url)
+    return render_user_data(settings)
+
+
+def test_rendered_user_data_is_complete_and_far_below_the_16_kb_limit():
+    text = render("http://10.0.0.5:5000")
+    assert not re.search(r"\{\{[A-Z_]+\}\}", text), "a placeholder was left unrendered"
+    assert len(text.encode()) < 2048
+    result = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture
+def boot(tmp_path):
+    """Runs rendered user-data with stub IMDS and systemctl; returns (result, etc dir, systemctl log)."""
+    bin_dir, etc_dir = tmp_path / "bin", tmp_path / "etc-imgclass"
+    bin_dir.mkdir()
+    calls = tmp_path / "systemctl.log"
+    # Answers like IMDSv2: the instance id only for a request carrying the token.
+    write_stub(bin_dir, "curl", """
+case "$*" in
+  *"-X PUT"*ttl-seconds*/api/token*) echo -n TOKEN123 ;;
+  *"X-aws-ec2-metadata-token: TOKEN123"*/meta-data/instance-id*) echo -n i-0abc123def4567890 ;;
+  *) echo "curl stub: unexpected call: $*" >&2; exit 22 ;;
+esac
+""")
+    write_stub(bin_dir, "systemctl", f'echo "$*" >> "{calls}"\n')
+
+    def run(text: str, imds_fails: bool = False):
+        if imds_fails:
+            write_stub(bin_dir, "curl", "exit 7\n")
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "IMGCLASS_ETC_DIR": str(etc_dir)}
+        result = subprocess.run(["bash", "-s"], input=text, env=env, capture_output=True, text=True)
+        return result, etc_dir, calls
+
+    return run
+
+
+def test_user_data_writes_worker_env_from_imdsv2_and_starts_the_service(boot):
+    result, etc_dir, calls = boot(render())
+    assert result.returncode == 0, result.stderr
+
+    lines = (etc_dir / "worker.env").read_text().splitlines()
+    assert lines == [
+        "AWS_REGION=eu-west-1",
+        "AWS_DEFAULT_REGION=eu-west-1",
+        "APP_PREFIX=myapp",
+        "MODEL_WEIGHTS=s3://models/resnet50.h5",
+        "INSTANCE_ID=i-0abc123def4567890",
+    ]
+    assert stat.S_IMODE((etc_dir / "worker.env").stat().st_mode) == 0o600
+    assert calls.read_text().splitlines() == ["enable --now imgclass-worker.service"]
+
+
+def test_user_data_passes_an_endpoint_url_only_when_there_is_one(boot):
+    result, etc_dir, _ = boot(render("http://10.0.0.5:5000"))
+    assert result.returncode == 0, result.stderr
+    assert "AWS_ENDPOINT_URL=http://10.0.0.5:5000" in (etc_dir / "worker.env").read_text().splitlines()
+
+
+def test_user_data_without_imds_starts_nothing(boot):
+    result, etc_dir, calls = boot(render(), imds_fails=True)
+    assert result.returncode != 0
+    assert not (etc_dir / "worker.env").exists()
+    assert not calls.exists()
+
+
+# --- systemd unit -------------------------------------------------------------------
+
+
+def unit_settings() -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in (AMI / "imgclass-worker.service").read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith(("#", ";")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def test_systemd_unit_restarts_and_stops_gracefully():
+    unit = unit_settings()
+    assert unit["Restart"] == ["always"]
+    assert unit["KillSignal"] == ["SIGTERM"]
+    assert unit["TimeoutStopSec"] == ["30"]
+    assert unit["EnvironmentFile"] == ["/etc/imgclass/worker.env"]
+    assert unit["User"] == ["imgclass"]
+    (exec_start,) = unit["ExecStart"]
+    assert exec_start.startswith("/opt/imgclass/.venv/bin/python -m app_tier --instance-id ")
+    assert "${INSTANCE_ID}" in exec_start  # written from IMDSv2 by the user-data
+
+
+# --- IAM policy -----------------------------------------------------------------------
+
+
+def test_iam_policy_is_least_privilege_on_our_buckets_and_queues():
+    policy = json.loads((AMI / "iam-policy.json").read_text())
+    assert policy["Version"] == "2012-10-17"
+    text = json.dumps(policy)
+    for name in BUCKETS + QUEUES:
+        assert name in text
+
+    buckets, queues = "|".join(BUCKETS), "|".join(QUEUES)
+    ours = re.compile(rf"^arn:aws:(s3:::({buckets})/\*|sqs:[^:]+:[^:]+:({queues}))$")
+    allowed_actions = set()
+    for statement in policy["Statement"]:
+        resources = statement["Resource"]
+        actions = statement["Action"]
+        assert all(ours.match(r) for r in resources), resources
+        assert not any("*" in a for a in actions), actions
+        if statement["Effect"] == "Allow":
+            allowed_actions.update(actions)
+            assert not any(r.endswith("imgclass-req-dlq") for r in resources)
+    assert allowed_actions == {
+        "s3:GetObject", "s3:PutObject", "s3:PutObjectTagging",
+        "sqs:GetQueueUrl", "sqs:ReceiveMessage", "sqs:DeleteMessage",
+        "sqs:ChangeMessageVisibility", "sqs:SendMessage",
+    }
+
+
+# --- baking -------------------------------------------------------------------------
+
+
+def test_provision_checks_the_weights_md5_keras_pins():
+    spec = importlib.util.find_spec("keras")
+    resnet = Path(spec.origin).parent / "src" / "applications" / "resnet.py"
+    pinned = re.search(r'"resnet50": \(\s*"([0-9a-f]{32})"', resnet.read_text())[1]
+    assert f"WEIGHTS_MD5={pinned}" in (AMI / "provision.sh").read_text()
+
+
+def test_packer_template_runs_provision_with_imdsv2_only():
+    template = (AMI / "worker.pkr.hcl").read_text()
+    assert '"${path.root}/provision.sh"' in template
+    assert re.search(r'http_tokens\s*=\s*"required"', template)
+
+
+def test_bake_packs_the_code_and_weights_and_prints_the_ami_id(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log, kept = tmp_path / "packer.log", tmp_path / "src.tar.gz"
+    # A stand-in for packer: records its calls, keeps the tarball, writes the manifest.
+    write_stub(bin_dir, "packer", f"""
+echo "$1" >> "{log}"
+for arg in "$@"; do
+  case "$arg" in
+    source_tarball=*) cp "${{arg#source_tarball=}}" "{kept}" ;;
+    manifest_path=*) manifest="${{arg#manifest_path=}}" ;;
+  esac
+done
+if [ "$1" = build ]; then
+  echo '{{"builds": [{{"artifact_id": "eu-west-1:ami-0123456789abcdef0"}}]}}' > "$manifest"
+fi
+""")
+    weights = tmp_path / "w.h5"
+    weights.write_bytes(b"weights")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    result = subprocess.run(
+        ["bash", str(AMI / "bake.sh"), "--region", "eu-west-1", "--weights", str(weights)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "export AMI_ID=ami-0123456789abcdef0" in result.stdout
+    assert log.read_text().split() == ["init", "validate", "build"]
+
+    with tarfile.open(kept) as tar:
+        names = set(tar.getnames())
+    assert {"./ami/provision.sh", "./ami/imgclass-worker.service", "./requirements.txt",
+            "./app_tier/imagenet_class_index.json"} <= names
+    assert "./.bake/resnet50_weights_tf_dim_ordering_tf_kernels.h5" in names
+    assert not any(n.startswith(("./.venv", "./.git/", "./tests")) or "__pycache__" in n for n in names)
+
+
+def test_bake_refuses_a_bad_weights_source(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    write_stub(bin_dir, "packer", "exit 0\n")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", str(AMI / "bake.sh"), "--weights-source", "http://x"],
+                            env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "--weights-source" in result.stderr

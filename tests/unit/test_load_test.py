@@ -1,0 +1,454 @@
+"""load_test.py against a small fake web tier served from this process.
+
+The fake answers from the uploaded file's content, so each test knows exactly
+which requests must be answered, wrong or failed: `label:<x>` answers x,
+`fail` answers 500, `mismatch` answers with another image's name, `hang`
+never answers in time, and `barrier` only answers once as many requests are in
+flight as the barrier has parties (proof of real concurrency, no sleeping).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import uuid
+from collections import Counter
+from email.parser import BytesParser
+from email.policy import HTTP
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+import load_test
+from load_test import Config, LoadTestError, percentile, read_expected, run_load
+
+STATUS = {"instances": {"pending": 1, "running": 2, "stopping": 4}, "queue": {"visible": 0}}
+
+
+class FakeTier:
+    """What the fake web tier knows, shared by its handler threads."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.untrained = False
+        self.api_key = ""
+        self.queued_polls = 0  # GETs of a job that still answer "queued"
+        self.jobs: dict[str, dict] = {}
+        self.form_ports: set[int] = set()
+        self.paths: Counter[str] = Counter()
+        self.barrier: threading.Barrier | None = None
+        self.release = threading.Event()
+
+
+def _parse_files(headers, body: bytes) -> list[tuple[str, str, bytes]]:
+    """(field, filename, content) of each file in a multipart/form-data body."""
+    raw = f"Content-Type: {headers['Content-Type']}\r\n\r\n".encode() + body
+    message = BytesParser(policy=HTTP).parsebytes(raw)
+    return [
+        (part.get_param("name", header="content-disposition"), part.get_filename(),
+         part.get_payload(decode=True))
+        for part in message.iter_parts()
+    ]
+
+
+def _answer(tier: FakeTier, content: bytes) -> tuple[int, str | None]:
+    """(HTTP status, label) the fake gives a file with this content."""
+    if content == b"fail":
+        return 500, None
+    if content == b"hang":
+        tier.release.wait(10)
+        return 200, "late"
+    if content == b"barrier":
+        try:
+            tier.barrier.wait()
+        except threading.BrokenBarrierError:
+            return 500, None
+        return 200, "together"
+    if content.startswith(b"label:"):
+        return 200, content[6:].decode()
+    return 200, "cat"
+
+
+class Handler(BaseHTTPRequestHandler):
+    # HTTP/1.1 keeps connections open, so connection reuse can be observed.
+    protocol_version = "HTTP/1.1"
+    tier: FakeTier  # set per server in the fixture
+
+    def log_message(self, *args) -> None:  # keep test output clean
+        pass
+
+    def _send(self, status: int, body: str | dict, content_type: str = "text/plain", headers=None) -> None:
+        data = (json.dumps(body) if isinstance(body, dict) else body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json" if isinstance(body, dict) else content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _authorised(self) -> bool:
+        if self.tier.api_key and self.headers.get("X-API-Key") != self.tier.api_key:
+            self._send(401, {"error": "a valid API key is required"})
+            return False
+        return True
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        with self.tier.lock:
+            self.tier.paths[f"POST {self.path}"] += 1
+        if not self._authorised():
+            return
+        files = _parse_files(self.headers, body)
+        if self.path == "/":
+            self._post_form(files)
+        elif self.path == "/api/jobs":
+            self._post_jobs(files)
+        else:
+            self._send(404, "not found")
+
+    def _post_form(self, files) -> None:
+        with self.tier.lock:
+            self.tier.form_ports.add(self.client_address[1])
+        (field_name, filename, content), = files
+        assert field_name == "inputFile"
+        status, label = _answer(self.tier, content)
+        if status != 200:
+            self._send(status, "boom")
+            return
+        name = "someone_else" if content == b"mismatch" else Path(filename).stem
+        headers = {"X-Model-Untrained": "true"} if self.tier.untrained else {}
+        self._send(200, f"{name}:{label}\n", headers=headers)
+
+    def _post_jobs(self, files) -> None:
+        (field_name, filename, content), = files
+        assert field_name == "files"
+        batch_id, item_id = uuid.uuid4().hex, uuid.uuid4().hex
+        status, label = _answer(self.tier, content)
+        with self.tier.lock:
+            self.tier.jobs[batch_id] = {
+                "id": item_id, "filename": filename, "ok": status == 200, "label": label, "gets": 0
+            }
+        self._send(202, {"batch_id": batch_id, "items": [{"id": item_id, "filename": filename}]})
+
+    def _item(self, batch_id: str) -> dict | None:
+        with self.tier.lock:
+            job = self.tier.jobs.get(batch_id)
+            if job is None:
+                return None
+            job["gets"] += 1
+            finished = job["gets"] > self.tier.queued_polls
+        return self._item_json(job, finished)
+
+    def _item_json(self, job: dict, finished: bool) -> dict:
+        state = ("done" if job["ok"] else "failed") if finished else "queued"
+        return {
+            "id": job["id"], "filename": job["filename"], "state": state,
+            "label": job["label"] if state == "done" else None,
+            "score": 0.5, "top5": [], "error": "worker failed" if state == "failed" else None,
+            "untrained": self.tier.untrained,
+        }
+
+    def do_GET(self) -> None:
+        with self.tier.lock:
+            self.tier.paths["GET " + re.sub(r"[0-9a-f]{32}", "<id>", self.path)] += 1
+        if not self._authorised():
+            return
+        parts = self.path.strip("/").split("/")
+        if self.path == "/api/status":
+            self._send(200, STATUS)
+        elif parts[:2] == ["api", "jobs"] and len(parts) == 4 and parts[3] == "events":
+            self._events(parts[2])
+        elif parts[:2] == ["api", "jobs"] and len(parts) == 3:
+            item = self._item(parts[2])
+            if item is None:
+                self._send(404, {"error": "no such batch"})
+            else:
+                self._send(200, {"batch_id": parts[2], "items": [item]})
+        else:
+            self._send(404, "not found")
+
+    def _events(self, batch_id: str) -> None:
+        job = self.tier.jobs[batch_id]
+        event = self._item_json(job, finished=True)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        payload = json.dumps(event).encode()
+        self.wfile.write(b": keep-alive comment\n\nevent: item\ndata: " + payload + b"\n\n")
+        self.close_connection = True
+
+
+@pytest.fixture
+def tier():
+    state = FakeTier()
+    handler = type("BoundHandler", (Handler,), {"tier": state})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    yield state
+    state.release.set()
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+@pytest.fixture(autouse=True)
+def _no_api_key_from_env(monkeypatch):
+    monkeypatch.delenv("API_KEY", raising=False)
+
+
+def make_images(folder: Path, contents: dict[str, bytes]) -> Path:
+    folder.mkdir(exist_ok=True)
+    for name, content in contents.items():
+        (folder / name).write_bytes(content)
+    return folder
+
+
+MIXED = {
+    "cat.jpg": b"label:cat",
+    "dog.JPEG": b"label:dog",
+    "fish.jpg": b"label:fish",  # expected bird: wrong
+    "boom.jpg": b"fail",  # 500: failed
+    "cow.jpg": b"label:cow",  # not in the CSV: unchecked
+    "shark.png": b"label:great_white_shark",  # CSV says "great white shark": correct
+    "other.jpg": b"mismatch",  # answer names another image: wrong
+}
+MIXED_CSV = "Image,Results\ncat,cat\ndog,dog\nfish,bird\nboom,cat\nshark,great white shark\nother,cat\n"
+
+
+@pytest.fixture
+def mixed(tmp_path) -> tuple[Path, Path]:
+    images = make_images(tmp_path / "images", MIXED)
+    csv_path = tmp_path / "expected.csv"
+    csv_path.write_text(MIXED_CSV)
+    return images, csv_path
+
+
+def by_file(report) -> dict[str, load_test.Outcome]:
+    return {o.file: o for o in report.outcomes}
+
+
+# --- the core against the fake --------------------------------------------------------
+
+
+def test_form_counts_answered_failed_wrong_and_unchecked(tier, mixed):
+    images, csv_path = mixed
+    report = run_load(Config(images=images, url=tier.url, concurrency=3, expected=csv_path))
+
+    assert (report.sent, report.answered, report.failed) == (7, 6, 1)
+    assert (report.wrong, report.correct, report.unchecked) == (2, 3, 1)
+    assert not report.ok and not report.untrained
+    outcomes = by_file(report)
+    assert outcomes["boom.jpg"].verdict == "failed" and outcomes["boom.jpg"].status == 500
+    assert outcomes["fish.jpg"].verdict == "wrong" and outcomes["fish.jpg"].label == "fish"
+    assert outcomes["other.jpg"].verdict == "wrong" and "someone_else" in outcomes["other.jpg"].note
+    assert outcomes["shark.png"].verdict == "correct"
+    assert outcomes["cow.jpg"].verdict == "unchecked"
+    assert len(report.latencies) == 6
+    assert tier.paths["POST /"] == 7
+
+
+def test_all_good_run_passes_and_exits_zero(tier, tmp_path, capsys):
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:x", "b.jpg": b"label:y"})
+    code = load_test.main(["--url", tier.url, "--images", str(images)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "RESULT: PASS" in out and "WARNING" not in out
+
+
+def test_num_requests_cycles_through_images(tier, tmp_path):
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:a", "b.jpg": b"label:b", "c.jpg": b"label:c"})
+    report = run_load(Config(images=images, url=tier.url, num_requests=7, concurrency=2))
+
+    assert report.sent == report.answered == 7 and report.ok
+    assert Counter(o.file for o in report.outcomes) == {"a.jpg": 3, "b.jpg": 2, "c.jpg": 2}
+    assert sorted(o.index for o in report.outcomes) == list(range(7))
+
+
+def test_requests_really_run_concurrently_and_reuse_connections(tier, tmp_path):
+    # Each request is held until four are in flight at once: with less
+    # concurrency the barrier breaks after 5 s and the fake answers 500.
+    tier.barrier = threading.Barrier(4, timeout=5)
+    images = make_images(tmp_path / "images", {f"{i}.jpg": b"barrier" for i in range(4)})
+    report = run_load(Config(images=images, url=tier.url, num_requests=12, concurrency=4))
+
+    assert report.failed == 0 and report.answered == 12
+    # One keep-alive Session per worker thread: at most four connections for twelve uploads.
+    assert len(tier.form_ports) <= 4
+
+
+def test_a_request_past_its_timeout_counts_as_failed(tier, tmp_path):
+    images = make_images(tmp_path / "images", {"slow.jpg": b"hang", "fast.jpg": b"label:ok"})
+    report = run_load(Config(images=images, url=tier.url, concurrency=2, timeout=0.5))
+
+    outcomes = by_file(report)
+    assert outcomes["slow.jpg"].verdict == "failed" and "timeout" in outcomes["slow.jpg"].error
+    assert outcomes["fast.jpg"].answered
+    assert (report.answered, report.failed) == (1, 1)
+
+
+def test_jobs_api_by_polling_with_api_key_and_untrained_model(tier, mixed):
+    images, csv_path = mixed
+    tier.api_key, tier.untrained, tier.queued_polls = "s3cret", True, 2
+    config = Config(images=images, url=tier.url, api="jobs", api_key="s3cret", expected=csv_path)
+    report = run_load(config)
+
+    assert (report.sent, report.answered, report.failed) == (7, 7 - 1, 1)
+    # The jobs API names the right file, so 'other' is judged on its label (cat: correct).
+    assert (report.wrong, report.correct, report.unchecked) == (1, 4, 1)
+    assert report.untrained
+    assert by_file(report)["boom.jpg"].error.startswith("item failed")
+    # Every job was polled until it left "queued": three GETs each.
+    assert tier.paths["GET /api/jobs/<id>"] == 3 * 7
+    text = load_test.format_report(report)
+    assert load_test.UNTRAINED_WARNING in text
+    assert "RESULT: FAIL (1 failed, 1 wrong)" in text
+
+
+def test_without_the_api_key_every_request_fails_with_401(tier, mixed):
+    images, _ = mixed
+    tier.api_key = "s3cret"
+    report = run_load(Config(images=images, url=tier.url))
+    assert report.failed == report.sent == 7
+    assert {o.status for o in report.outcomes} == {401}
+
+
+def test_jobs_api_following_server_sent_events(tier, mixed):
+    images, csv_path = mixed
+    tier.queued_polls = 10**6  # polling alone would never see an item finish
+    config = Config(images=images, url=tier.url, api="jobs", wait="sse", expected=csv_path, timeout=10)
+    report = run_load(config)
+
+    assert (report.answered, report.failed, report.wrong) == (6, 1, 1)
+    assert tier.paths["GET /api/jobs/<id>/events"] == 7
+
+
+# --- command line, JSON, plot ---------------------------------------------------------
+
+
+def test_alias_options_parse_the_same(tmp_path):
+    canonical = load_test.parse_args(
+        ["--images", str(tmp_path), "--num-requests", "5", "--concurrency", "3"]
+    )
+    course = load_test.parse_args(["--image_folder", str(tmp_path), "--num_request", "5", "-c", "3"])
+    assert canonical == course
+    assert canonical.num_requests == 5 and canonical.images == tmp_path and canonical.concurrency == 3
+    assert canonical.url == "http://127.0.0.1:8000" and canonical.api == "form"
+    assert load_test.parse_args(["--images", ".", "--jobs"]).api == "jobs"
+    assert load_test.parse_args(["--images", ".", "--api", "jobs", "--api-key", "k"]).api_key == "k"
+
+
+@pytest.mark.parametrize("argv", [["--num-requests", "0"], ["--url", "ftp://x"], ["--api", "soap"], []])
+def test_bad_options_are_refused(argv, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        load_test.parse_args(["--images", str(tmp_path), *argv] if argv else argv)
+    assert exc.value.code == 2
+
+
+def test_json_report_holds_the_right_numbers(tier, mixed, tmp_path, capsys):
+    images, csv_path = mixed
+    out = tmp_path / "report.json"
+    code = load_test.main(
+        ["--url", tier.url, "--images", str(images), "--expected", str(csv_path),
+         "--num_request", "14", "--json", str(out), "--quiet"]
+    )
+    assert code == 1
+    assert capsys.readouterr().out.strip() == "RESULT: FAIL (2 failed, 4 wrong)"
+
+    data = json.loads(out.read_text())
+    assert (data["sent"], data["answered"], data["failed"], data["wrong"]) == (14, 12, 2, 4)
+    assert (data["correct"], data["unchecked"], data["ok"]) == (6, 2, False)
+    assert len(data["requests"]) == 14
+    assert Counter(r["verdict"] for r in data["requests"]) == {
+        "correct": 6, "wrong": 4, "failed": 2, "unchecked": 2
+    }
+    answered = sorted(r["latency_s"] for r in data["requests"] if r["error"] is None)
+    assert data["latency_s"]["max"] == answered[-1]
+    assert data["latency_s"]["p50"] == pytest.approx(percentile(answered, 50))
+    assert data["course_average_latency_s"] == pytest.approx(data["duration_s"] / 14)
+    # /api/status is read at the start and the end at least; pending + running = 3.
+    assert len(data["instances"]) >= 2
+    assert {s["pending_running"] for s in data["instances"]} == {3}
+    assert data["peak_instances"] == 3
+
+
+def test_plot_writes_a_png(tier, mixed, tmp_path):
+    images, csv_path = mixed
+    png = tmp_path / "run.png"
+    load_test.main(["--url", tier.url, "--images", str(images), "--expected", str(csv_path),
+                    "--plot", str(png), "--quiet"])
+    data = png.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000
+
+
+def test_verbose_prints_the_course_lines(tier, tmp_path, capsys):
+    images = make_images(tmp_path / "images", {"test_00.JPEG": b"label:tabby"})
+    assert load_test.main(["--url", tier.url, "--images", str(images), "--verbose"]) == 0
+    out = capsys.readouterr().out
+    assert "test_00.JPEG uploaded!\nClassification result: test_00:tabby\n" in out
+    assert "latency p99" in out
+
+
+def test_summary_shows_the_untrained_warning(tier, tmp_path, capsys):
+    tier.untrained = True
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:fox_squirrel"})
+    assert load_test.main(["--url", tier.url, "--images", str(images)]) == 0
+    assert load_test.UNTRAINED_WARNING in capsys.readouterr().out
+
+
+def test_a_folder_without_images_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("no images here")
+    assert load_test.main(["--images", str(tmp_path)]) == 2
+    assert "no images" in capsys.readouterr().err
+
+
+# --- pure helpers ---------------------------------------------------------------------
+
+
+def test_percentile_interpolates_between_ranks():
+    data = [10, 1, 9, 2, 8, 3, 7, 4, 6, 5]  # 1..10, unsorted on purpose
+    assert percentile(data, 0) == 1
+    assert percentile(data, 50) == pytest.approx(5.5)
+    assert percentile(data, 90) == pytest.approx(9.1)
+    assert percentile(data, 99) == pytest.approx(9.91)
+    assert percentile(data, 100) == 10
+    assert percentile([4.0], 99) == 4.0
+    assert percentile([], 50) is None
+    with pytest.raises(ValueError):
+        percentile(data, 101)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Image,Results\ntest_00,cardigan\ntest_01,Persian_cat\n",
+        "\ufeffimage , result\ntest_00.JPEG,cardigan\n\ntest_01.jpg,Persian_cat\n",
+        "filename,label\ntest_00,cardigan\ntest_01,Persian_cat\n",
+    ],
+    ids=["course", "lowercase-bom-extensions", "filename-label"],
+)
+def test_read_expected_accepts_each_column_spelling(tmp_path, text):
+    path = tmp_path / "expected.csv"
+    path.write_text(text, encoding="utf-8")
+    assert read_expected(path) == {"test_00": "cardigan", "test_01": "Persian_cat"}
+
+
+def test_read_expected_refuses_a_file_without_the_columns(tmp_path):
+    path = tmp_path / "expected.csv"
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(LoadTestError, match="Image,Results"):
+        read_expected(path)
+
+
+def test_labels_and_names_compare_the_way_people_write_them():
+    assert load_test.same_label("great_white_shark", "Great White  Shark")
+    assert not load_test.same_label("crane", "crate")
+    assert load_test.same_name("my_photo", "my photo")  # the web tier's sanitised name
+    assert not load_test.same_name("test_01", "test_00")
+    assert load_test.image_key("dir/test_00.JPEG") == "test_00"
+    assert load_test.image_key("v1.2") == "v1.2"
