@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
 
-.PHONY: run test test-quick soak bench lint venv clean
+.PHONY: run test test-quick soak bench lint venv clean browser-deps
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,3 +41,7 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .run .bench .pytest_cache .ruff_cache
+
+## Debian's headless Chromium for the page test (needs root; .ci/run does this)
+browser-deps:
+	apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver

@@ -38,9 +38,9 @@ def running_stack(tmp_path_factory, overrides: dict[str, str] | None = None):
         assert not leaked, f"temporary files left behind: {sorted(leaked)}"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def stack(tmp_path_factory):
-    """One running stack per test module (a small fleet: this machine has 2 cores)."""
+    """One running stack shared by the pipeline and page tests (a small fleet: 2 cores here)."""
     yield from running_stack(tmp_path_factory, {"MAX_INSTANCES": "4"})
 
 
@@ -78,7 +78,7 @@ def queue_counts(sqs, prefix: str) -> dict[str, int]:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference_model():
     """The same network the workers run, called directly in the test."""
     from app_tier.model import load_classifier

@@ -1,0 +1,165 @@
+"""Soak: 1,000 images through /api/jobs while workers are SIGKILLed at random.
+
+Run apart from the quick suite: `make soak`. Prints a table of what was
+injected and what came back.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections import Counter
+
+import psutil
+import pytest
+import requests
+
+from tests.conftest import make_image
+from tests.integration.conftest import clients, queue_counts, running_stack, wait_for
+
+pytestmark = pytest.mark.soak
+
+IMAGES = 1000
+KILL_EVERY_S = 3.0
+
+
+@pytest.fixture(scope="module")
+def soak_stack(tmp_path_factory):
+    # Shorter visibility timeout so a killed worker's batch comes back within
+    # seconds; five attempts so that three unlucky kills of the same message
+    # (likely over ~40 kills) do not send a healthy image to the dead letters.
+    yield from running_stack(tmp_path_factory, {
+        "VISIBILITY_TIMEOUT": "10", "MAX_RECEIVE_COUNT": "5", "LOCAL_MAX_WORKERS": "4"})
+
+
+def worker_processes(stack) -> list[psutil.Process]:
+    out = []
+    for proc in stack.descendants():
+        try:
+            cmd = proc.cmdline()
+        except psutil.Error:
+            continue
+        if "app_tier" in cmd and "--instance-id" in cmd and cmd[cmd.index("--instance-id") + 1] != "-":
+            out.append(proc)
+    return out
+
+
+def kind_of(proc: psutil.Process) -> str:
+    try:
+        cmd = " ".join(proc.cmdline())
+    except psutil.Error:
+        return "gone"
+    for marker, kind in (("moto.server", "moto"), ("gunicorn", "web"), ("controller.py", "controller"),
+                         ("app_tier", "worker")):
+        if marker in cmd:
+            return kind
+    return "other"
+
+
+def test_thousand_images_with_workers_killed_at_random(soak_stack):
+    stack = soak_stack
+    s3, sqs, _ = clients(stack)
+    rng = random.Random(546)
+    stop = threading.Event()
+    kills: list[int] = []
+    memory: dict[str, list[tuple[float, int]]] = {}
+
+    def chaos():
+        while not stop.wait(KILL_EVERY_S):
+            victims = worker_processes(stack)
+            if victims:
+                victim = rng.choice(victims)
+                try:
+                    victim.kill()
+                    kills.append(victim.pid)
+                except psutil.Error:
+                    pass
+
+    def sample_memory():
+        while not stop.wait(1.0):
+            per_kind: Counter = Counter()
+            for proc in [psutil.Process(stack.process.pid), *stack.descendants()]:
+                try:
+                    per_kind[kind_of(proc)] = max(per_kind[kind_of(proc)], proc.memory_info().rss)
+                except psutil.Error:
+                    continue
+            for kind, rss in per_kind.items():
+                memory.setdefault(kind, []).append((time.monotonic(), rss))
+
+    # Upload in chunks, as the page does.
+    started = time.monotonic()
+    batches = []
+    for chunk in range(0, IMAGES, 50):
+        files = [("files", (f"soak_{i:04d}.jpg", make_image(10_000 + i, size=(160, 120))))
+                 for i in range(chunk, min(IMAGES, chunk + 50))]
+        reply = requests.post(f"{stack.web_url}/api/jobs", files=files, timeout=60)
+        assert reply.status_code == 202, reply.text
+        batches.append(reply.json()["batch_id"])
+
+    # Count Server-Sent Events per item: a duplicate answer would show here.
+    events: Counter = Counter()
+
+    def listen(batch_id: str):
+        with requests.get(f"{stack.web_url}/api/jobs/{batch_id}/events", stream=True, timeout=600) as r:
+            for line in r.iter_lines(decode_unicode=True):
+                if line and line.startswith("data:"):
+                    item = json.loads(line[5:])
+                    if "id" in item:
+                        events[item["id"]] += 1
+                if line == "event: end":
+                    return
+
+    listeners = [threading.Thread(target=listen, args=(b,), daemon=True) for b in batches]
+    for t in listeners:
+        t.start()
+    threads = [threading.Thread(target=chaos, daemon=True),
+               threading.Thread(target=sample_memory, daemon=True)]
+    for t in threads:
+        t.start()
+
+    def all_done():
+        states = Counter()
+        for b in batches:
+            for item in requests.get(f"{stack.web_url}/api/jobs/{b}", timeout=30).json()["items"]:
+                states[item["state"]] += 1
+        return states if states["queued"] == 0 else None
+
+    try:
+        states = wait_for(all_done, 900, "every item to be answered", interval=2.0)
+    finally:
+        stop.set()
+    for t in listeners:
+        t.join(timeout=30)
+    duration = time.monotonic() - started
+
+    out_keys = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=f"{stack.prefix}-out-bucket"):
+        out_keys += [o["Key"] for o in page.get("Contents", [])]
+    duplicated = sum(1 for n in events.values() if n > 1)
+    lost = IMAGES - states["done"] - states["failed"]
+    print(f"\n soak: 1,000 images, workers SIGKILLed every {KILL_EVERY_S:.0f}s")
+    print(f" {'faults injected (worker SIGKILLs)':40} {len(kills):>8}")
+    print(f" {'requests sent':40} {IMAGES:>8}")
+    print(f" {'answered (done)':40} {states['done']:>8}")
+    print(f" {'answered (failed)':40} {states['failed']:>8}")
+    print(f" {'lost':40} {lost:>8}")
+    print(f" {'duplicated (SSE events per item > 1)':40} {duplicated:>8}")
+    print(f" {'output pairs':40} {len(out_keys):>8}")
+    print(f" {'duration, s':40} {duration:>8.1f}")
+    for kind, samples in sorted(memory.items()):
+        print(f" {'peak RSS ' + kind + ', MB':40} {max(r for _, r in samples) / 2**20:>8.0f}")
+
+    assert len(kills) >= 5, "the chaos thread must actually have killed workers"
+    assert states["done"] == IMAGES and lost == 0
+    assert duplicated == 0 and len(events) == IMAGES
+    assert len(out_keys) == len(set(out_keys)) == IMAGES
+    wait_for(lambda: queue_counts(sqs, stack.prefix) == {"req-queue": 0, "resp-queue": 0, "req-dlq": 0},
+             60, "every queue to be empty")
+    # Long-lived processes must not grow without bound: the last third of the
+    # run may not use much more memory than the first third did.
+    for kind in ("web", "controller"):
+        samples = [r for _, r in memory.get(kind, [])]
+        third = max(1, len(samples) // 3)
+        assert max(samples[-third:]) < 1.5 * max(samples[:third]) + 50 * 2**20, kind
