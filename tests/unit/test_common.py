@@ -1,0 +1,101 @@
+"""Shared pieces: names, the message format, configuration, provisioning."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from moto import mock_aws
+
+from common.aws import Aws
+from common.config import Settings
+from common.messages import ClassifyRequest, ClassifyResponse, MessageError, Prediction
+from common.names import instance_name, instance_number, object_key, safe_filename, stem
+from common.provision import provision
+
+
+@pytest.mark.parametrize("original, safe", [
+    ("cat.jpg", "cat.jpg"),
+    ("../../etc/passwd", "passwd"),
+    ("..\\..\\windows\\system32.png", "system32.png"),
+    ("<script>alert(1)</script>.png", "script_.png"),
+    ("Café déjà vu.JPEG", "Cafe_deja_vu.JPEG"),
+    ("..", "image"),
+    (".hidden.png", "hidden.png"),
+    ("猫.jpg", "jpg"),
+    ("a,b\nc.jpg", "a_b_c.jpg"),
+])
+def test_safe_filename(original, safe):
+    assert safe_filename(original) == safe
+
+
+def test_safe_filename_keeps_extension_of_long_names():
+    name = safe_filename("x" * 300 + ".jpeg")
+    assert len(name) == 100 and name.endswith(".jpeg")
+
+
+def test_object_key_has_no_path_tricks():
+    key = object_key("b" * 32, "i" * 32, "../../../etc/passwd")
+    assert key == f"{'b' * 32}/{'i' * 32}/passwd"
+
+
+def test_names():
+    assert instance_name(7) == "app-tier-instance-7"
+    assert instance_number("app-tier-instance-12") == 12
+    assert instance_number("web-instance") is None
+    assert instance_number("app-tier-instance-x") is None
+    assert stem("test_00.JPEG") == "test_00" and stem("noext") == "noext" and stem(".rc") == ".rc"
+
+
+def test_messages_stay_under_1kb_even_with_hostile_names():
+    request = ClassifyRequest(id="a" * 32, bucket="b" * 63, key="k" * 300, filename="猫" * 300)
+    assert len(request.to_json().encode()) < 1024
+    back = ClassifyRequest.from_json(request.to_json())
+    assert back.id == request.id and back.filename.startswith("猫")
+    top5 = tuple(Prediction("x" * 40, 0.1) for _ in range(5))
+    response = ClassifyResponse(id="a" * 32, filename="名" * 300, key="k" * 300, worker="i-" + "0" * 17,
+                                untrained=True, label="x" * 40, score=0.123456789, top5=top5)
+    assert len(response.to_json().encode()) < 1024
+    assert ClassifyResponse.from_json(response.to_json()).score == pytest.approx(0.123456789, abs=1e-9)
+
+
+def test_error_response_round_trip():
+    r = ClassifyResponse(id="1", filename="f", key="k", worker="w", untrained=False, error="bad " * 200)
+    back = ClassifyResponse.from_json(r.to_json())
+    assert not back.ok and back.error.startswith("bad") and back.as_item()["state"] == "failed"
+
+
+@pytest.mark.parametrize("body", ["", "not json", "{}", json.dumps({"id": 1})])
+def test_foreign_messages_are_refused(body):
+    with pytest.raises(MessageError):
+        ClassifyRequest.from_json(body)
+
+
+def test_settings_from_env():
+    s = Settings.from_env({"APP_PREFIX": "demo", "MAX_INSTANCES": "3", "AWS_REGION": "eu-west-1",
+                           "SECURITY_GROUP_IDS": "sg-1,sg-2", "API_KEY": "s3cret"})
+    assert (s.input_bucket, s.output_bucket) == ("demo-in-bucket", "demo-out-bucket")
+    assert (s.request_queue, s.response_queue, s.dead_letter_queue) == (
+        "demo-req-queue", "demo-resp-queue", "demo-req-dlq")
+    assert s.max_instances == 3 and s.region == "eu-west-1" and s.security_group_ids == ("sg-1", "sg-2")
+    assert "s3cret" not in json.dumps(s.describe(), default=str)
+    with pytest.raises(ValueError, match="MAX_INSTANCES"):
+        Settings.from_env({"MAX_INSTANCES": "many"})
+
+
+def test_provision_is_idempotent_private_encrypted_and_has_a_dead_letter_queue():
+    with mock_aws():
+        settings = Settings()
+        first = provision(settings)
+        assert provision(settings) == first
+        aws = Aws(settings)
+        for bucket in (settings.input_bucket, settings.output_bucket):
+            rules = aws.s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"]
+            assert rules[0]["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
+            block = aws.s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"]
+            assert all(block.values())
+        attrs = aws.sqs.get_queue_attributes(QueueUrl=first["request"], AttributeNames=["All"])["Attributes"]
+        assert attrs["MaximumMessageSize"] == "1024"
+        redrive = json.loads(attrs["RedrivePolicy"])
+        assert redrive["deadLetterTargetArn"].endswith(settings.dead_letter_queue)
+        assert int(redrive["maxReceiveCount"]) == 3
