@@ -41,7 +41,9 @@ def running_stack(tmp_path_factory, overrides: dict[str, str] | None = None):
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
     """One running stack shared by the pipeline and page tests (a small fleet: 2 cores here)."""
-    yield from running_stack(tmp_path_factory, {"MAX_INSTANCES": "4"})
+    # A short visibility timeout lets the crash tests see redelivery in seconds;
+    # workers extend it while they work, so nothing is redelivered by mistake.
+    yield from running_stack(tmp_path_factory, {"MAX_INSTANCES": "4", "VISIBILITY_TIMEOUT": "12"})
 
 
 def clients(proc: StackProcess):

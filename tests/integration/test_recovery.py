@@ -1,0 +1,86 @@
+"""Crashes on the real stack: nothing finished is lost, nothing waiting is stranded."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import requests
+
+from tests.conftest import make_image
+from tests.integration.conftest import clients, reference, wait_for
+
+
+def processes(stack, marker: str) -> list[psutil.Process]:
+    found = []
+    for proc in stack.descendants():
+        try:
+            if marker in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def batch_states(stack, batch_id: str) -> dict[str, dict]:
+    reply = requests.get(f"{stack.web_url}/api/jobs/{batch_id}", timeout=30)
+    return {i["filename"]: i for i in reply.json()["items"]} if reply.status_code == 200 else {}
+
+
+def test_web_tier_process_killed_mid_batch_loses_nothing(stack, reference_model):
+    images = {f"restart_{i:02d}.jpg": make_image(3000 + i) for i in range(12)}
+    reply = requests.post(f"{stack.web_url}/api/jobs", timeout=60,
+                          files=[("files", (n, d)) for n, d in images.items()])
+    assert reply.status_code == 202
+    batch_id = reply.json()["batch_id"]
+
+    # gunicorn's worker process holds the result book and the listeners; its
+    # master starts a fresh one with an empty book.
+    master = [p for p in processes(stack, "gunicorn") if p.children()][0]
+    old_worker = master.children()[0]
+    old_worker.kill()
+    wait_for(lambda: [c for c in master.children() if c.pid != old_worker.pid], 30, "a new web worker")
+    wait_for(lambda: requests.get(f"{stack.web_url}/healthz", timeout=5).status_code == 200, 30, "healthz")
+
+    def finished():
+        items = batch_states(stack, batch_id)
+        return items if len(items) == 12 and all(i["state"] != "queued" for i in items.values()) else None
+
+    items = wait_for(finished, 120, "the batch to finish after the web tier restarted", interval=0.5)
+    for name, data in images.items():
+        assert items[name]["state"] == "done", items[name]
+        assert items[name]["label"] == reference(reference_model, data).label
+
+
+def test_worker_killed_mid_batch_its_images_are_answered_by_another(stack, reference_model):
+    images = {f"crash_{i:02d}.jpg": make_image(4000 + i) for i in range(8)}
+    started = time.monotonic()
+    reply = requests.post(f"{stack.web_url}/api/jobs", timeout=60,
+                          files=[("files", (n, d)) for n, d in images.items()])
+    batch_id = reply.json()["batch_id"]
+
+    _, sqs, _ = clients(stack)
+    queue_url = sqs.get_queue_url(QueueName=f"{stack.prefix}-req-queue")["QueueUrl"]
+
+    def workers_holding_messages():
+        held = int(sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=[
+            "ApproximateNumberOfMessagesNotVisible"])["Attributes"]["ApproximateNumberOfMessagesNotVisible"])
+        serving = [p for p in processes(stack, "app_tier")
+                   if "--instance-id" in p.cmdline() and p.cmdline()[-1] != "-"]
+        return serving if held and serving else None
+
+    victims = wait_for(workers_holding_messages, 60, "workers holding messages", interval=0.02)
+    for victim in victims:
+        victim.kill()  # SIGKILL mid-batch: no warm shutdown, no hand-back
+
+    def finished():
+        items = batch_states(stack, batch_id)
+        return items if len(items) == 8 and all(i["state"] != "queued" for i in items.values()) else None
+
+    items = wait_for(finished, 120, "the batch to be answered after its worker died", interval=0.5)
+    took = time.monotonic() - started
+    for name, data in images.items():
+        assert items[name]["state"] == "done", items[name]
+        assert items[name]["label"] == reference(reference_model, data).label
+    # Redelivered after the 12 s visibility timeout, not stranded.
+    assert took < 90, took
