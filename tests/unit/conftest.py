@@ -1,0 +1,172 @@
+"""Fixtures for the web-tier unit tests: moto AWS, an app, a fake worker."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+import pytest
+from moto import mock_aws
+
+from common.aws import Aws
+from common.config import Settings
+from common.messages import ClassifyRequest, ClassifyResponse, Prediction
+from common.names import stored_name
+from common.provision import provision
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> object:
+    """Poll `condition` until it is truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+def answer_for(data: bytes) -> tuple[str, float]:
+    """The label and score the fake worker gives an image: a function of its bytes."""
+    digest = hashlib.sha256(data).hexdigest()
+    return f"label-{digest[:10]}", int(digest[10:18], 16) / 0xFFFFFFFF
+
+
+class FakeWorker:
+    """Plays the app tier: reads requests, answers from the image bytes.
+
+    `policy(request)` picks what to do: "ok", "fail", "twice" (same answer
+    sent twice) or "ignore" (delete the request, never answer).
+    """
+
+    def __init__(self, aws: Aws, untrained: bool = False) -> None:
+        self.aws = aws
+        self.untrained = untrained
+        self.policy: Callable[[ClassifyRequest], str] = lambda request: "ok"
+        self.handled = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fake-worker", daemon=True)
+
+    def start(self) -> FakeWorker:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        sqs, url = self.aws.sqs, self.aws.request_queue_url
+        while not self._stop.is_set():
+            # Short polls, so that stop() is immediate.
+            messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10).get("Messages", [])
+            if not messages:
+                self._stop.wait(0.02)
+            for message in messages:
+                self.handle(ClassifyRequest.from_json(message["Body"]))
+                sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+                self.handled += 1
+
+    def response_for(self, request: ClassifyRequest) -> ClassifyResponse:
+        data = self.aws.s3.get_object(Bucket=request.bucket, Key=request.key)["Body"].read()
+        label, score = answer_for(data)
+        others = tuple(Prediction(f"other-{n}", score / (n + 2)) for n in range(4))
+        top5 = (Prediction(label, score), *others)
+        return ClassifyResponse(id=request.id, filename=request.filename, key=request.key,
+                                worker="fake-1", untrained=self.untrained, label=label,
+                                score=score, top5=top5)
+
+    def handle(self, request: ClassifyRequest) -> None:
+        action = self.policy(request)
+        if action == "ignore":
+            return
+        s3, settings = self.aws.s3, self.aws.settings
+        if action == "fail":
+            response = ClassifyResponse(id=request.id, filename=request.filename, key=request.key,
+                                        worker="fake-1", untrained=self.untrained, error="cannot decode")
+            s3.put_object_tagging(Bucket=request.bucket, Key=request.key, Tagging={"TagSet": [
+                {"Key": "status", "Value": "failed"}, {"Key": "error", "Value": "cannot decode"}]})
+        else:
+            response = self.response_for(request)
+            meta = {"label": response.label, "score": response.score,
+                    "top5": [[p.label, p.score] for p in response.top5],
+                    "worker": response.worker, "untrained": response.untrained}
+            s3.put_object(Bucket=settings.output_bucket, Key=request.key,
+                          Body=f"{stored_name(request.key)},{response.label}".encode(),
+                          Metadata={"result": json.dumps(meta, separators=(",", ":"))})
+        body = response.to_json()
+        for _ in range(2 if action == "twice" else 1):
+            self.aws.sqs.send_message(QueueUrl=self.aws.response_queue_url, MessageBody=body)
+
+
+@pytest.fixture
+def web_settings() -> Settings:
+    return Settings(
+        region="us-east-1",
+        receive_wait_s=1,  # short long-polls: listener threads stop quickly after a test
+        result_timeout_s=20.0,
+        max_upload_bytes=300_000,
+        max_files_per_request=25,
+    )
+
+
+@pytest.fixture
+def web_aws(web_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Aws]:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with mock_aws():
+        aws = Aws(web_settings)
+        provision(web_settings, aws)
+        yield aws
+
+
+@pytest.fixture
+def make_web_app(web_aws: Aws) -> Iterator[Callable]:
+    """Factory for apps on the shared moto AWS; every app is stopped afterwards."""
+    made = []
+
+    # Imported here so that other tiers' unit tests never depend on the web tier importing.
+    from web_tier import create_app
+
+    def make(settings: Settings | None = None, start_listeners: bool = True, **changes):
+        settings = replace(settings or web_aws.settings, **changes)
+        aws = web_aws if settings == web_aws.settings else Aws(settings)
+        app = create_app(settings, aws=aws, start_listeners=start_listeners)
+        app.config["TESTING"] = True
+        made.append(app)
+        return app
+
+    yield make
+    for app in made:
+        services_of(app).stop(timeout=5)
+
+
+@pytest.fixture
+def web_app(make_web_app):
+    return make_web_app()
+
+
+@pytest.fixture
+def web_client(web_app):
+    return web_app.test_client()
+
+
+@pytest.fixture
+def fake_worker(web_aws: Aws) -> Iterator[FakeWorker]:
+    worker = FakeWorker(web_aws).start()
+    yield worker
+    worker.stop()
+
+
+def services_of(app):
+    """The web tier's Services object of `app`."""
+    from web_tier.services import EXTENSION
+
+    return app.extensions[EXTENSION]

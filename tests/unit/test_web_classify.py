@@ -1,0 +1,103 @@
+"""POST /: one image in, `<name>:<label>` out, each client its own answer."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import pytest
+
+from tests.conftest import make_image
+from tests.unit.conftest import answer_for, services_of
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def post_image(client, data: bytes, name: str, field: str = "inputFile"):
+    return client.post("/", data={field: (io.BytesIO(data), name)}, content_type="multipart/form-data")
+
+
+def test_round_trip_returns_stem_and_label(web_client, fake_worker):
+    data = make_image(1)
+    response = post_image(web_client, data, "test_00.JPEG")
+    assert response.status_code == 200, response.text
+    assert response.mimetype == "text/plain"
+    assert response.text.strip() == f"test_00:{answer_for(data)[0]}"
+    assert "X-Model-Untrained" not in response.headers
+
+
+def test_myfile_field_is_accepted(web_client, fake_worker):
+    data = make_image(2, fmt="PNG")
+    response = post_image(web_client, data, "cat.png", field="myfile")
+    assert response.status_code == 200
+    assert response.text.strip() == f"cat:{answer_for(data)[0]}"
+
+
+def test_twenty_concurrent_requests_each_get_their_own_answer(web_app, fake_worker):
+    images = {f"img_{n:02d}.jpg": make_image(100 + n) for n in range(20)}
+    answers: dict[str, tuple[int, str, str]] = {}
+    start = threading.Barrier(len(images))
+
+    def one(name: str, data: bytes) -> None:
+        client = web_app.test_client()
+        start.wait()
+        r = post_image(client, data, name)
+        answers[name] = (r.status_code, r.text.strip(), r.headers.get("X-Item-Id", ""))
+
+    threads = [threading.Thread(target=one, args=item) for item in images.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(answers) == 20
+    book = web_app.extensions["imgclass"].book
+    for name, data in images.items():
+        status, text, item_id = answers[name]
+        label, score = answer_for(data)
+        assert status == 200
+        assert text == f"{name[:-4]}:{label}"
+        # The label is unique per image here, and the score too: no answer went to another client.
+        assert book.get(item_id).score == pytest.approx(score)
+    assert len({text for _, text, _ in answers.values()}) == 20
+
+
+def test_untrained_answer_is_flagged(web_client, fake_worker):
+    fake_worker.untrained = True
+    response = post_image(web_client, make_image(3), "a.jpg")
+    assert response.status_code == 200
+    assert response.headers["X-Model-Untrained"] == "true"
+
+
+def test_failed_item_is_422_text(web_client, fake_worker):
+    fake_worker.policy = lambda request: "fail"
+    response = post_image(web_client, make_image(4), "broken.jpg")
+    assert response.status_code == 422
+    assert response.mimetype == "text/plain"
+    assert response.text.strip() == "broken.jpg: cannot decode"
+
+
+def test_no_answer_is_504_and_the_service_keeps_answering(make_web_app, fake_worker):
+    app = make_web_app(result_timeout_s=0.5)
+    fake_worker.policy = lambda request: "ignore" if request.filename == "lost.jpg" else "ok"
+    client = app.test_client()
+    response = post_image(client, make_image(5), "lost.jpg")
+    assert response.status_code == 504
+    assert response.text.startswith("lost.jpg: no result")
+    # The service still answers; a patient app takes over the response queue.
+    services_of(app).stop(timeout=5)
+    patient = make_web_app(result_timeout_s=20).test_client()
+    data = make_image(6)
+    assert post_image(patient, data, "found.jpg").text.strip() == f"found:{answer_for(data)[0]}"
+
+
+def test_bad_upload_is_text_naming_the_file(web_client):
+    response = post_image(web_client, b"not an image at all", "notes.jpg")
+    assert response.status_code == 415
+    assert response.mimetype == "text/plain"
+    assert response.text.startswith("notes.jpg: ")
+
+
+def test_missing_file_is_400(web_client):
+    response = web_client.post("/", data={}, content_type="multipart/form-data")
+    assert response.status_code == 400
+    assert response.mimetype == "text/plain"

@@ -1,0 +1,248 @@
+"""/api/jobs: upload several, follow them, survive duplicates, crashes and restarts."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+
+import pytest
+
+from common.messages import ClassifyRequest, ClassifyResponse
+from tests.conftest import make_image
+from tests.unit.conftest import FakeWorker, answer_for, services_of, wait_until
+from web_tier import events
+from web_tier.listeners import DEAD_LETTER_ERROR
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def upload(client, files: list[tuple[bytes, str]], **form):
+    data = {"files": [(io.BytesIO(b), name) for b, name in files], **form}
+    return client.post("/api/jobs", data=data, content_type="multipart/form-data")
+
+
+def items_by_name(client, batch_id: str) -> dict[str, dict]:
+    response = client.get(f"/api/jobs/{batch_id}")
+    assert response.status_code == 200
+    return {i["filename"]: i for i in response.get_json()["items"]}
+
+
+def all_finished(client, batch_id: str) -> bool:
+    return all(i["state"] != "queued" for i in items_by_name(client, batch_id).values())
+
+
+def test_batch_is_queued_then_done(web_app, web_aws):
+    client = web_app.test_client()
+    files = [(make_image(10 + n), f"photo_{n}.jpg") for n in range(3)]
+    response = upload(client, files)
+    assert response.status_code == 202
+    body = response.get_json()
+    assert [i["filename"] for i in body["items"]] == ["photo_0.jpg", "photo_1.jpg", "photo_2.jpg"]
+    assert body["rejected"] == []
+    batch_id = body["batch_id"]
+
+    before = client.get(f"/api/jobs/{batch_id}").get_json()
+    assert [i["state"] for i in before["items"]] == ["queued"] * 3
+    assert set(before["items"][0]) >= {"id", "filename", "state", "label", "score", "top5", "error"}
+
+    worker = FakeWorker(web_aws).start()
+    try:
+        wait_until(lambda: all_finished(client, batch_id))
+    finally:
+        worker.stop()
+    after = client.get(f"/api/jobs/{batch_id}").get_json()
+    assert after["untrained"] is False
+    for (data, name), item in zip(files, after["items"], strict=True):
+        label, score = answer_for(data)
+        assert item["filename"] == name
+        assert item["state"] == "done"
+        assert item["label"] == label
+        assert item["score"] == pytest.approx(score)
+        assert item["top5"][0] == {"label": label, "score": pytest.approx(score)}
+        assert len(item["top5"]) == 5
+
+
+def test_upload_objects_and_requests_follow_the_contract(web_client, web_aws):
+    response = upload(web_client, [(make_image(20, fmt="PNG"), "Ünïcode name.png")])
+    item = response.get_json()["items"][0]
+    batch_id = response.get_json()["batch_id"]
+    settings = web_aws.settings
+    key = f"{batch_id}/{item['id']}/Unicode_name.png"
+    head = web_aws.s3.head_object(Bucket=settings.input_bucket, Key=key)
+    assert head["ContentType"] == "image/png"
+    assert head["Metadata"]["original-filename"] == "%C3%9Cn%C3%AFcode%20name.png"
+    assert head["Metadata"]["batch-id"] == batch_id
+    assert head["Metadata"]["item-id"] == item["id"]
+    got = web_aws.sqs.receive_message(QueueUrl=web_aws.request_queue_url, WaitTimeSeconds=1)
+    request = ClassifyRequest.from_json(got["Messages"][0]["Body"])
+    assert (request.id, request.bucket, request.key, request.filename) == (
+        item["id"], settings.input_bucket, key, "Ünïcode name.png")
+
+
+def test_duplicate_responses_count_once(web_app, fake_worker, web_aws):
+    fake_worker.policy = lambda request: "twice"
+    client = web_app.test_client()
+    batch_id = upload(client, [(make_image(30), "dup.jpg")]).get_json()["batch_id"]
+    wait_until(lambda: all_finished(client, batch_id))
+
+    def queue_drained() -> bool:
+        attrs = web_aws.sqs.get_queue_attributes(
+            QueueUrl=web_aws.response_queue_url, AttributeNames=["All"])["Attributes"]
+        return attrs["ApproximateNumberOfMessages"] == attrs["ApproximateNumberOfMessagesNotVisible"] == "0"
+
+    wait_until(lambda: fake_worker.handled == 1 and queue_drained())
+    items = client.get(f"/api/jobs/{batch_id}").get_json()["items"]
+    assert len(items) == 1
+    assert services_of(web_app).book.totals() == {"uploaded": 1, "answered": 1, "failed": 0}
+
+
+def test_dead_letter_marks_the_item_failed(web_app, web_aws):
+    client = web_app.test_client()
+    body = upload(client, [(make_image(40), "poison.jpg")]).get_json()
+    batch_id = body["batch_id"]
+    # As if the request had crashed a worker on every attempt.
+    got = web_aws.sqs.receive_message(QueueUrl=web_aws.request_queue_url, WaitTimeSeconds=1)
+    message = got["Messages"][0]
+    web_aws.sqs.send_message(QueueUrl=web_aws.dead_letter_queue_url, MessageBody=message["Body"])
+    web_aws.sqs.delete_message(QueueUrl=web_aws.request_queue_url, ReceiptHandle=message["ReceiptHandle"])
+
+    wait_until(lambda: all_finished(client, batch_id))
+    failed = items_by_name(client, batch_id)["poison.jpg"]
+    assert failed["state"] == "failed"
+    assert failed["error"] == DEAD_LETTER_ERROR
+    key = ClassifyRequest.from_json(message["Body"]).key
+    tags = web_aws.s3.get_object_tagging(Bucket=web_aws.settings.input_bucket, Key=key)["TagSet"]
+    assert {t["Key"]: t["Value"] for t in tags} == {"status": "failed", "error": DEAD_LETTER_ERROR}
+    wait_until(lambda: web_aws.sqs.get_queue_attributes(
+        QueueUrl=web_aws.dead_letter_queue_url, AttributeNames=["All"]
+    )["Attributes"]["ApproximateNumberOfMessagesNotVisible"] == "0")
+    attrs = web_aws.sqs.get_queue_attributes(QueueUrl=web_aws.dead_letter_queue_url, AttributeNames=["All"])
+    assert attrs["Attributes"]["ApproximateNumberOfMessages"] == "0"
+
+
+def test_fresh_app_rebuilds_a_batch_from_s3(make_web_app, fake_worker, web_aws):
+    old = make_web_app()
+    client = old.test_client()
+    fake_worker.policy = lambda r: {"bad.jpg": "fail", "pending.jpg": "ignore"}.get(r.filename, "ok")
+    files = [(make_image(50), "ok 1.jpg"), (make_image(51), "bad.jpg"), (make_image(52), "pending.jpg"),
+             (make_image(53), "δοκιμή.png")]
+    batch_id = upload(client, files).get_json()["batch_id"]
+    wait_until(lambda: fake_worker.handled == 4)
+    wait_until(lambda: sum(i["state"] != "queued" for i in items_by_name(client, batch_id).values()) == 3)
+    before = items_by_name(client, batch_id)
+    services_of(old).stop(timeout=5)
+
+    fresh = make_web_app(start_listeners=False).test_client()
+    rebuilt = fresh.get(f"/api/jobs/{batch_id}").get_json()
+    assert rebuilt["batch_id"] == batch_id
+    after = {i["filename"]: i for i in rebuilt["items"]}
+    assert set(after) == {"ok 1.jpg", "bad.jpg", "pending.jpg", "δοκιμή.png"}
+    assert after["pending.jpg"]["state"] == "queued"
+    assert after["bad.jpg"]["state"] == "failed"
+    assert after["bad.jpg"]["error"] == "cannot decode"
+    for name in ("ok 1.jpg", "δοκιμή.png"):
+        assert after[name]["state"] == "done"
+        for field in ("id", "label", "worker", "untrained"):
+            assert after[name][field] == before[name][field], field
+        # The response carries 9 significant digits; the stored metadata may carry more.
+        assert after[name]["score"] == pytest.approx(before[name]["score"], rel=1e-8)
+        assert [t["label"] for t in after[name]["top5"]] == [t["label"] for t in before[name]["top5"]]
+    # Cached: a second GET does not list S3 again.
+    web_aws.s3.delete_object(Bucket=web_aws.settings.input_bucket,
+                             Key=f"{batch_id}/{after['ok 1.jpg']['id']}/ok_1.jpg")
+    assert len(fresh.get(f"/api/jobs/{batch_id}").get_json()["items"]) == 4
+
+
+def test_answers_after_a_restart_are_kept_for_unknown_ids(make_web_app, web_aws):
+    old = make_web_app(start_listeners=False)
+    batch_id = upload(old.test_client(), [(make_image(60), "late.jpg")]).get_json()["batch_id"]
+    fresh = make_web_app()  # listens; knows nothing of the batch
+    worker = FakeWorker(web_aws).start()
+    try:
+        wait_until(lambda: services_of(fresh).book.totals()["answered"] == 1)
+    finally:
+        worker.stop()
+    item = items_by_name(fresh.test_client(), batch_id)["late.jpg"]
+    assert item["state"] == "done"
+
+
+def test_unknown_and_malformed_batches_are_404(web_client):
+    for batch_id in ("0" * 32, "not-a-batch", "A" * 32, "../../etc/passwd"):
+        for suffix in ("", "/events"):
+            response = web_client.get(f"/api/jobs/{batch_id}{suffix}")
+            assert response.status_code == 404, (batch_id, suffix)
+            assert response.is_json
+            assert "error" in response.get_json()
+
+
+def test_chunks_can_join_an_existing_batch(web_client):
+    first = upload(web_client, [(make_image(70), "a.jpg")]).get_json()
+    second = upload(web_client, [(make_image(71), "b.jpg")], batch_id=first["batch_id"])
+    assert second.status_code == 202
+    assert second.get_json()["batch_id"] == first["batch_id"]
+    assert set(items_by_name(web_client, first["batch_id"])) == {"a.jpg", "b.jpg"}
+    unknown = upload(web_client, [(make_image(72), "c.jpg")], batch_id="f" * 32)
+    assert unknown.status_code == 404
+
+
+# --- Server-Sent Events --------------------------------------------------------------
+
+def finish(app, item_id: str, label: str, key: str = "", name: str = "x.jpg") -> None:
+    services_of(app).book.record(ClassifyResponse(
+        id=item_id, filename=name, key=key, worker="w", untrained=True, label=label, score=0.5))
+
+
+def parse_events(chunks) -> list[dict]:
+    """Read SSE blocks from a streamed response until `end`."""
+    out, buffer = [], ""
+    for chunk in chunks:
+        buffer += chunk.decode() if isinstance(chunk, bytes) else chunk
+        while "\n\n" in buffer:
+            block, buffer = buffer.split("\n\n", 1)
+            fields = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
+            out.append({**fields, "raw": block})
+            if fields.get("event") == "end":
+                return out
+    return out
+
+
+def test_events_replay_finished_items_then_end(make_web_app):
+    app = make_web_app(start_listeners=False)
+    client = app.test_client()
+    body = upload(client, [(make_image(80), "one.jpg"), (make_image(81), "two.jpg")]).get_json()
+    for n, item in enumerate(body["items"]):
+        finish(app, item["id"], f"L{n}")
+    response = client.get(f"/api/jobs/{body['batch_id']}/events", buffered=False)
+    assert response.mimetype == "text/event-stream"
+    assert response.headers["Cache-Control"] == "no-cache"
+    assert response.headers["X-Accel-Buffering"] == "no"
+    got = parse_events(response.response)
+    data = [json.loads(e["data"]) for e in got if "id" in e]
+    assert [(d["id"], d["label"], d["state"]) for d in data] == [
+        (body["items"][0]["id"], "L0", "done"), (body["items"][1]["id"], "L1", "done")]
+    assert [e["id"] for e in got if "id" in e] == [d["id"] for d in data]
+    assert got[-1]["event"] == "end"
+    response.close()
+
+
+def test_events_push_items_as_they_finish(make_web_app, monkeypatch):
+    monkeypatch.setattr(events, "KEEPALIVE_S", 0.05)
+    app = make_web_app(start_listeners=False)
+    client = app.test_client()
+    body = upload(client, [(make_image(90), "early.jpg"), (make_image(91), "late.jpg")]).get_json()
+    early, late = body["items"]
+    finish(app, early["id"], "first")
+    response = client.get(f"/api/jobs/{body['batch_id']}/events", buffered=False)
+    chunks = iter(response.response)
+    seen: list[str] = []
+    # Read until the early item and a keep-alive have arrived, then finish the late one.
+    while not (any(early["id"] in s for s in seen) and any(s.startswith(":") for s in seen)):
+        seen.append(next(chunks).decode())
+    threading.Thread(target=finish, args=(app, late["id"], "second")).start()
+    rest = parse_events(chunks)
+    pushed = [json.loads(e["data"]) for e in rest if "id" in e]
+    assert [(p["id"], p["label"]) for p in pushed] == [(late["id"], "second")]
+    assert rest[-1]["event"] == "end"
+    assert all(early["id"] not in e["raw"] for e in rest)
+    response.close()

@@ -1,0 +1,98 @@
+"""/healthz and /api/status: what operators and the page's status line read."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from common.names import PREFIX_TAG
+from tests.conftest import make_image
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def quiet_client(make_web_app):
+    return make_web_app(start_listeners=False).test_client()
+
+
+def test_healthz_ok(quiet_client):
+    response = quiet_client.get("/healthz")
+    assert response.status_code == 200
+    assert response.get_json() == {"ok": True}
+
+
+def test_healthz_503_when_a_queue_is_gone(quiet_client, web_aws):
+    assert quiet_client.get("/healthz").status_code == 200
+    web_aws.sqs.delete_queue(QueueUrl=web_aws.response_queue_url)
+    response = quiet_client.get("/healthz")
+    assert response.status_code == 503
+    body = response.get_json()
+    assert body["ok"] is False
+    assert "response queue" in body["error"]
+
+
+def test_healthz_503_when_a_bucket_is_gone(quiet_client, web_aws):
+    web_aws.s3.delete_bucket(Bucket=web_aws.settings.output_bucket)
+    response = quiet_client.get("/healthz")
+    assert response.status_code == 503
+    assert "output bucket" in response.get_json()["error"]
+
+
+def run_instance(ec2, name: str, prefix: str = "") -> str:
+    tags = [{"Key": "Name", "Value": name}]
+    if prefix:
+        tags.append({"Key": PREFIX_TAG, "Value": prefix})
+    reply = ec2.run_instances(
+        # One of moto's built-in images (listing them all is slow).
+        ImageId="ami-12c6146b", MinCount=1, MaxCount=1, InstanceType="t2.micro",
+        TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
+    )
+    return reply["Instances"][0]["InstanceId"]
+
+
+def test_status_shape_and_counts(quiet_client, web_aws):
+    ours = web_aws.settings.prefix
+    run_instance(web_aws.ec2, "app-tier-instance-1", ours)
+    run_instance(web_aws.ec2, "app-tier-instance-2", ours)
+    gone = run_instance(web_aws.ec2, "app-tier-instance-3", ours)
+    web_aws.ec2.terminate_instances(InstanceIds=[gone])
+    run_instance(web_aws.ec2, "web-instance", ours)  # not an app-tier instance
+    run_instance(web_aws.ec2, "app-tier-instance-1", "someone-else")  # another deployment's
+    upload = {"files": [(io.BytesIO(make_image(1)), "a.jpg"), (io.BytesIO(make_image(2)), "b.jpg")]}
+    assert quiet_client.post("/api/jobs", data=upload, content_type="multipart/form-data").status_code == 202
+
+    status = quiet_client.get("/api/status").get_json()
+    assert status["queue"] == {"visible": 2, "in_flight": 0, "delayed": 0}
+    assert status["responses_waiting"] == 0
+    assert status["dead_letter"] == 0
+    assert status["instances"]["running"] == 2
+    assert status["instances"]["pending"] == 0
+    assert status["instances"]["stopping"] == 0
+    assert status["instances"]["shutting-down"] == 0
+    assert status["instances_total"] == 2
+    assert status["totals"] == {"uploaded": 2, "answered": 0, "failed": 0}
+    assert status["untrained"] is None
+    assert status["api_key_required"] is False
+    assert isinstance(status["time"], float)
+    assert "errors" not in status
+
+
+def test_status_is_cheap(quiet_client, web_aws):
+    calls = []
+    for client in (web_aws.sqs, web_aws.ec2):
+        client.meta.events.register("before-call.*.*", lambda model, **kw: calls.append(model.name))
+    for _ in range(5):
+        assert quiet_client.get("/api/status").status_code == 200
+    # Queue URLs are looked up once per process; then four calls, reused for a second.
+    assert len([c for c in calls if c != "GetQueueUrl"]) <= 4, calls
+
+
+def test_status_survives_aws_errors(quiet_client, web_aws):
+    web_aws.sqs.delete_queue(QueueUrl=web_aws.request_queue_url)
+    response = quiet_client.get("/api/status")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["queue"] is None
+    assert body["errors"]

@@ -1,0 +1,153 @@
+"""The result book and the listener loop, without AWS."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from common.config import Settings
+from common.messages import ClassifyResponse
+from tests.unit.conftest import wait_until
+from web_tier.listeners import Listeners
+from web_tier.results import Item, ResultBook, batch_id_of, is_batch_id
+
+pytestmark = pytest.mark.timeout(30)
+
+BATCH = "b" * 32
+
+
+def response(item_id: str, label: str = "cat", score: float = 0.9, **kw) -> ClassifyResponse:
+    return ClassifyResponse(id=item_id, filename=f"{item_id}.jpg", key=f"{BATCH}/{item_id}/{item_id}.jpg",
+                            worker="w1", untrained=False, label=label, score=score, **kw)
+
+
+def book_with(*ids: str) -> ResultBook:
+    book = ResultBook()
+    book.add(BATCH, [Item(i, BATCH, f"{i}.jpg", f"{BATCH}/{i}/{i}.jpg") for i in ids])
+    return book
+
+
+def test_first_result_wins():
+    book = book_with("a")
+    assert book.record(response("a", "cat", 0.9)) is not None
+    assert book.record(response("a", "dog", 0.1)) is None
+    assert book.fail("a", "too late") is None
+    item = book.get("a")
+    assert (item.state, item.label, item.score) == ("done", "cat", 0.9)
+    assert book.totals() == {"uploaded": 1, "answered": 1, "failed": 0}
+
+
+def test_wait_wakes_on_the_result_and_times_out_otherwise():
+    book = book_with("a", "b")
+    assert book.wait("a", 0.05) is None
+    assert book.wait("unknown", 0.05) is None
+    threading.Timer(0.05, book.record, args=(response("a"),)).start()
+    started = time.monotonic()
+    item = book.wait("a", 10)
+    assert item is not None and item.label == "cat"
+    assert time.monotonic() - started < 5
+    assert book.get("b").state == "queued"
+
+
+def test_unknown_ids_are_kept_but_their_batch_counts_as_unknown():
+    book = ResultBook()
+    book.record(response("x"))
+    assert book.get("x").batch_id == BATCH
+    # Only part of the batch is known: a GET must rebuild it from S3.
+    assert book.batch(BATCH) is None
+    rebuilt = [Item("x", BATCH, "x.jpg"), Item("y", BATCH, "y.jpg")]
+    book.merge(BATCH, rebuilt)
+    items = book.batch(BATCH)
+    assert [(i.id, i.state) for i in items] == [("x", "done"), ("y", "queued")]
+
+
+def test_merge_keeps_results_already_in_memory_and_adopts_new_ones():
+    book = book_with("a", "b")
+    book.record(response("a", "cat"))
+    old_a = Item("a", BATCH, "a.jpg")
+    done_b = Item("b", BATCH, "b.jpg", state="failed", error="tagged")
+    inbox = book.subscribe(BATCH)
+    book.merge(BATCH, [old_a, done_b])
+    assert book.get("a").label == "cat"
+    assert (book.get("b").state, book.get("b").error) == ("failed", "tagged")
+    assert book.wait("b", 0) is not None
+    assert inbox.get_nowait().id == "b"
+
+
+def test_subscribers_get_each_finished_item_once():
+    book = book_with("a", "b")
+    inbox = book.subscribe(BATCH)
+    book.record(response("a"))
+    book.record(response("a"))
+    book.fail("b", "broken")
+    got = [inbox.get_nowait().id for _ in range(inbox.qsize())]
+    assert got == ["a", "b"]
+    book.unsubscribe(BATCH, inbox)
+    assert book._subscribers == {}
+
+
+def test_memory_is_bounded_by_forgetting_old_finished_batches():
+    book = ResultBook(max_items=3)
+    first, second = "1" * 32, "2" * 32
+    book.add(first, [Item(f"f{n}", first, "x") for n in range(2)])
+    for n in range(2):
+        book.fail(f"f{n}", "x")
+    book.add(second, [Item(f"s{n}", second, "x") for n in range(2)])
+    assert book.batch(first) is None
+    assert len(book.batch(second)) == 2
+
+
+def test_ids():
+    assert is_batch_id("0123456789abcdef" * 2)
+    assert not is_batch_id("0123456789ABCDEF" * 2)
+    assert not is_batch_id("../" + "a" * 29)
+    assert batch_id_of(f"{BATCH}/i/n.jpg") == BATCH
+    assert batch_id_of("elsewhere/n.jpg") is None
+
+
+class BrokenSqs:
+    """Every call fails, as when the endpoint is down."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def get_queue_url(self, **kw):
+        with self.lock:
+            self.calls += 1
+        raise ConnectionError("endpoint down")
+
+
+def test_listeners_back_off_on_errors_and_stop_promptly():
+    from common.aws import Aws
+
+    sqs = BrokenSqs()
+    aws = Aws(Settings())
+    aws.__dict__["sqs"] = sqs  # cached_property slot: no real client is made
+    listeners = Listeners(aws, ResultBook(), wait_s=20)
+    listeners.start()
+    wait_until(lambda: sqs.calls >= 3)  # one failure per thread
+    # Backing off (first wait 1 s), not spinning: no new calls for a while.
+    time.sleep(0.5)
+    assert sqs.calls == 3
+    started = time.monotonic()
+    listeners.stop(timeout=5)
+    assert not listeners.running
+    assert time.monotonic() - started < 1.0
+
+
+def test_malformed_responses_are_dropped_not_retried_forever():
+    deleted = []
+    sqs = SimpleNamespace(
+        receive_message=lambda **kw: {"Messages": [{"Body": "garbage", "ReceiptHandle": "r1"},
+                                                   {"Body": response("a").to_json(), "ReceiptHandle": "r2"}]},
+        delete_message_batch=lambda QueueUrl, Entries: deleted.extend(Entries) or {"Successful": []},
+    )
+    aws = SimpleNamespace(sqs=sqs, response_queue_url="q")
+    book = book_with("a")
+    Listeners(aws, book).poll_responses()  # type: ignore[arg-type]
+    assert [e["ReceiptHandle"] for e in deleted] == ["r1", "r2"]
+    assert book.get("a").state == "done"

@@ -1,0 +1,195 @@
+"""Bad uploads are refused with a reason naming the file; hostile names are harmless."""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import make_image
+
+pytestmark = pytest.mark.timeout(120)
+
+SAFE_KEY = re.compile(r"[0-9a-f]{32}/[0-9a-f]{32}/[A-Za-z0-9._-]{1,100}")
+
+
+def upload(client, files, headers=None, **form):
+    data = {"files": [(io.BytesIO(b), name) for b, name in files], **form}
+    return client.post("/api/jobs", data=data, content_type="multipart/form-data", headers=headers or {})
+
+
+def encode(img: Image.Image, fmt: str) -> bytes:
+    out = io.BytesIO()
+    img.save(out, format=fmt)
+    return out.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims another size (a decompression bomb's header)."""
+    data = bytearray(encode(Image.new("L", (1, 1)), "PNG"))
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def noise_png(side: int) -> bytes:
+    pixels = np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    return encode(Image.fromarray(pixels), "PNG")
+
+
+BAD = [
+    pytest.param(b"just some text, not an image", "notes.jpg", 415, "not an image", id="text-named-jpg"),
+    pytest.param(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n", "doc.png", 415, "not an image",
+                 id="pdf-named-png"),
+    pytest.param(encode(Image.new("RGB", (8, 8)), "PPM"), "x.ppm", 415, "PPM images are not accepted",
+                 id="unaccepted-format"),
+    pytest.param(make_image(1, fmt="PNG")[:200], "cut.png", 415, "damaged", id="truncated"),
+    pytest.param(b"", "empty.jpg", 400, "empty", id="empty"),
+    pytest.param(noise_png(400), "huge.png", 413, "larger than the limit", id="too-many-bytes"),
+    pytest.param(png_claiming(7000, 7000), "bomb.png", 413, "7000x7000", id="too-many-pixels"),
+    pytest.param(png_claiming(100_000, 100_000), "megabomb.png", 413, "too many pixels",
+                 id="pillow-bomb-error"),
+]
+
+
+@pytest.mark.parametrize(("data", "name", "status", "reason"), BAD)
+def test_bad_upload_is_refused_naming_the_file(web_client, data, name, status, reason):
+    response = upload(web_client, [(data, name)])
+    assert response.status_code == status
+    body = response.get_json()
+    assert body["filename"] == name
+    assert reason in body["error"]
+    assert body["rejected"] == [{"index": 0, "filename": name, "error": body["error"], "status": status}]
+    # The service still answers the next request.
+    assert upload(web_client, [(make_image(2), "fine.jpg")]).status_code == 202
+
+
+def test_real_decompression_bomb_is_refused(web_client):
+    bomb = encode(Image.new("L", (7000, 7000)), "PNG")  # 49 Mpx of zeros, tens of KB
+    response = upload(web_client, [(bomb, "zeros.png")])
+    assert response.status_code == 413
+    assert response.get_json()["filename"] == "zeros.png"
+
+
+def test_good_files_pass_while_bad_ones_are_listed(web_client):
+    response = upload(web_client, [(make_image(3), "good.jpg"), (b"nope", "bad.gif"),
+                                   (make_image(4, fmt="WEBP"), "good.webp")])
+    assert response.status_code == 202
+    body = response.get_json()
+    assert [(i["index"], i["filename"]) for i in body["items"]] == [(0, "good.jpg"), (2, "good.webp")]
+    assert [(r["index"], r["filename"], r["status"]) for r in body["rejected"]] == [(1, "bad.gif", 415)]
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF"])
+def test_every_accepted_format(web_client, fmt):
+    data = encode(Image.open(io.BytesIO(make_image(5, size=(64, 48)))).convert("RGB"), fmt)
+    assert upload(web_client, [(data, f"x.{fmt.lower()}")]).status_code == 202
+
+
+def test_type_is_decided_by_content_not_name(web_client, web_aws):
+    response = upload(web_client, [(make_image(6, fmt="PNG"), "actually-a-png.jpg")])
+    assert response.status_code == 202
+    body = response.get_json()
+    key = f"{body['batch_id']}/{body['items'][0]['id']}/actually-a-png.jpg"
+    head = web_aws.s3.head_object(Bucket=web_aws.settings.input_bucket, Key=key)
+    assert head["ContentType"] == "image/png"
+
+
+def test_too_many_files(web_client, web_settings):
+    small = make_image(7, size=(48, 48))
+    files = [(small, f"f{n}.jpg") for n in range(web_settings.max_files_per_request + 1)]
+    response = upload(web_client, files)
+    assert response.status_code == 413
+    assert "too many files" in response.get_json()["error"]
+    assert "filename" in response.get_json()
+    assert upload(web_client, files[:2]).status_code == 202
+
+
+def test_request_over_the_body_limit_is_json_413(web_app):
+    client = web_app.test_client()
+    limit = web_app.config["MAX_CONTENT_LENGTH"]
+    response = upload(client, [(b"\0" * (limit + 1), "enormous.jpg")])
+    assert response.status_code == 413
+    assert response.is_json
+    assert "larger" in response.get_json()["error"]
+    assert upload(client, [(make_image(8), "next.jpg")]).status_code == 202
+
+
+def test_no_files(web_client):
+    response = web_client.post("/api/jobs", data={}, content_type="multipart/form-data")
+    assert response.status_code == 400
+    assert response.get_json()["error"]
+
+
+def test_hostile_names_are_stored_safely_and_returned_intact(web_client, web_aws):
+    names = [
+        "../../etc/passwd.jpg",
+        "<script>alert(1)</script>.png",
+        ("ünï-漢字-" * 40)[:296] + ".jpg",
+        "same.jpg",
+        "same.jpg",
+        "..",
+        "spaces & ampersands; semicolons.jpg",
+    ]
+    files = [(make_image(200 + n, size=(64, 48)), name) for n, name in enumerate(names)]
+    response = upload(web_client, files)
+    assert response.status_code == 202
+    body = response.get_json()
+    assert [i["filename"] for i in body["items"]] == names
+    assert len({i["id"] for i in body["items"]}) == len(names)
+    listed = web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket)["Contents"]
+    keys = [o["Key"] for o in listed]
+    assert len(keys) == len(names)
+    assert all(SAFE_KEY.fullmatch(k) for k in keys), keys
+    got = {i["filename"] for i in web_client.get(f"/api/jobs/{body['batch_id']}").get_json()["items"]}
+    assert got == set(names)
+
+
+def test_page_inserts_user_text_only_as_text(web_client):
+    page = web_client.get("/")
+    assert page.status_code == 200
+    assert 'id="results"' in page.text
+    assert "app.js" in page.text
+    script = (Path(__file__).parents[2] / "web_tier" / "static" / "app.js").read_text()
+    assert "innerHTML" not in script and "insertAdjacentHTML" not in script
+    assert "textContent" in script
+    assert web_client.get("/static/app.js").status_code == 200
+    assert "default-src 'self'" in page.headers["Content-Security-Policy"]
+
+
+# --- API key ---------------------------------------------------------------------------
+
+@pytest.fixture
+def keyed_client(make_web_app):
+    return make_web_app(start_listeners=False, api_key="s3cret-key").test_client()
+
+
+def test_api_key_is_required_when_set(keyed_client):
+    image = [(make_image(9), "a.jpg")]
+    assert upload(keyed_client, image).status_code == 401
+    assert upload(keyed_client, image, headers={"X-API-Key": "wrong"}).status_code == 401
+    assert upload(keyed_client, image, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    refused = upload(keyed_client, image)
+    assert refused.is_json and "API key" in refused.get_json()["error"]
+    assert upload(keyed_client, image, headers={"X-API-Key": "s3cret-key"}).status_code == 202
+    assert upload(keyed_client, image, headers={"Authorization": "Bearer s3cret-key"}).status_code == 202
+
+
+def test_api_key_guards_post_root_too(keyed_client):
+    response = keyed_client.post("/", data={"inputFile": (io.BytesIO(make_image(10)), "a.jpg")},
+                                 content_type="multipart/form-data")
+    assert response.status_code == 401
+    assert response.mimetype == "text/plain"
+
+
+def test_status_reports_whether_a_key_is_required(keyed_client, web_client):
+    assert keyed_client.get("/api/status").get_json()["api_key_required"] is True
+    assert web_client.get("/api/status").get_json()["api_key_required"] is False
+    # Reading results and the page needs no key.
+    assert keyed_client.get("/").status_code == 200

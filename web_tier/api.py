@@ -1,0 +1,104 @@
+"""The JSON API the page (and scripts) use: batches, their results, status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+
+from web_tier import events
+from web_tier.auth import require_api_key
+from web_tier.jobs import new_id
+from web_tier.results import Item
+from web_tier.services import services
+from web_tier.uploads import Upload, UploadError, check_count, real_files, validate
+
+bp = Blueprint("api", __name__, url_prefix="/api")
+
+
+def _unauthorized() -> tuple[Response, int]:
+    return jsonify({"error": "a valid API key is required (X-API-Key header)", "filename": None}), 401
+
+
+def _no_batch(batch_id: str) -> tuple[Response, int]:
+    return jsonify({"error": f"no such batch: {batch_id[:64]}", "filename": None}), 404
+
+
+def _rejection(index: int, error: UploadError) -> dict[str, Any]:
+    return {"index": index, "filename": error.filename, "error": error.reason, "status": error.status}
+
+
+@bp.post("/jobs")
+@require_api_key(_unauthorized)
+def create_job() -> tuple[Response, int]:
+    svc = services()
+    files = real_files(request.files.getlist("files"))
+    check_count(files, svc.settings)
+
+    # Optional: add these files to an existing batch, so a page sending many
+    # chunks follows one batch (and one event stream) rather than dozens.
+    batch_id = request.form.get("batch_id", "").strip()
+    if batch_id:
+        if svc.find_batch(batch_id) is None:
+            return _no_batch(batch_id)
+    else:
+        batch_id = new_id()
+
+    accepted: list[tuple[int, Upload]] = []
+    rejected: list[dict[str, Any]] = []
+    for index, storage in enumerate(files):
+        try:
+            accepted.append((index, validate(storage, svc.settings)))
+        except UploadError as exc:
+            rejected.append(_rejection(index, exc))
+
+    outcomes = svc.submitter.submit(batch_id, [u for _, u in accepted]) if accepted else []
+    items = []
+    for (index, _), outcome in zip(accepted, outcomes, strict=True):
+        if isinstance(outcome, UploadError):
+            rejected.append(_rejection(index, outcome))
+        else:
+            items.append({"index": index, "id": outcome.id, "filename": outcome.filename})
+    rejected.sort(key=lambda r: r["index"])
+
+    body: dict[str, Any] = {"batch_id": batch_id, "items": items, "rejected": rejected}
+    if items:
+        return jsonify(body), 202
+    first = rejected[0]
+    body.update(error=first["error"], filename=first["filename"])
+    return jsonify(body), first["status"]
+
+
+def _batch_json(batch_id: str, items: list[Item]) -> dict[str, Any]:
+    return {
+        "batch_id": batch_id,
+        "items": [i.to_json() for i in items],
+        "untrained": any(i.untrained for i in items),
+    }
+
+
+@bp.get("/jobs/<batch_id>")
+def get_job(batch_id: str) -> tuple[Response, int]:
+    items = services().find_batch(batch_id)
+    if items is None:
+        return _no_batch(batch_id)
+    return jsonify(_batch_json(batch_id, items)), 200
+
+
+@bp.get("/jobs/<batch_id>/events")
+def job_events(batch_id: str) -> Response | tuple[Response, int]:
+    svc = services()
+    if svc.find_batch(batch_id) is None:
+        return _no_batch(batch_id)
+    book = svc.book
+    body = events.stream(book, batch_id, lambda: book.batch(batch_id))
+    return Response(
+        body,
+        mimetype="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@bp.get("/status")
+def status() -> Response:
+    return jsonify(services().status.read())

@@ -1,0 +1,44 @@
+"""The optional API key that guards the upload endpoints."""
+
+from __future__ import annotations
+
+import functools
+import hmac
+from collections.abc import Callable
+from typing import Any
+
+from flask import request
+
+from web_tier.services import services
+
+
+def presented_key() -> str:
+    key = request.headers.get("X-API-Key", "")
+    if not key:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            key = token.strip()
+    return key
+
+
+def key_ok(expected: str) -> bool:
+    """True when no key is configured, or the request carries the right one."""
+    if not expected:
+        return True
+    # compare_digest: the time taken must not reveal how much of a guess was right.
+    return hmac.compare_digest(presented_key().encode(), expected.encode())
+
+
+def require_api_key(on_refusal: Callable[[], Any]) -> Callable:
+    """Decorator: run the view only with a valid key, else answer `on_refusal()`."""
+
+    def decorate(view: Callable) -> Callable:
+        @functools.wraps(view)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            if not key_ok(services().settings.api_key):
+                return on_refusal()
+            return view(*args, **kwargs)
+
+        return wrapped
+
+    return decorate

@@ -1,0 +1,53 @@
+"""POST /: the synchronous endpoint for programs.
+
+One image in, one line out (`<name without extension>:<label>`), after waiting
+for the worker's answer. Each request waits on its own item id, so any number
+of concurrent requests each get their own image's answer.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, request
+
+from common.names import stem
+from web_tier.auth import require_api_key
+from web_tier.jobs import new_id
+from web_tier.services import services
+from web_tier.uploads import UploadError, real_files, validate
+
+bp = Blueprint("classify", __name__)
+
+FIELDS = ("inputFile", "myfile")
+
+
+def _text(body: str, status: int) -> Response:
+    # Exactly "<name>:<label>", no trailing newline: programs compare the body as is.
+    return Response(body, status=status, mimetype="text/plain")
+
+
+@bp.post("/")
+@require_api_key(lambda: _text("a valid API key is required (X-API-Key header)", 401))
+def classify() -> Response:
+    svc = services()
+    files = real_files(f for name in FIELDS for f in request.files.getlist(name))
+    if not files:
+        raise UploadError(400, "no file: send the image in form field 'inputFile'")
+    if len(files) > 1:
+        raise UploadError(400, "one file per request here; POST several to /api/jobs")
+    upload = validate(files[0], svc.settings)
+
+    outcome = svc.submitter.submit(new_id(), [upload])[0]
+    if isinstance(outcome, UploadError):
+        raise outcome
+    item = svc.book.wait(outcome.id, svc.settings.result_timeout_s)
+    if item is None:
+        return _text(
+            f"{upload.filename}: no result within {svc.settings.result_timeout_s:g} s", 504
+        )
+    if item.state != "done":
+        return _text(f"{upload.filename}: {item.error}", 422)
+    response = _text(f"{stem(upload.filename)}:{item.label}", 200)
+    response.headers["X-Item-Id"] = item.id
+    if item.untrained:
+        response.headers["X-Model-Untrained"] = "true"
+    return response

@@ -1,0 +1,49 @@
+"""Error answers: JSON for the API, plain text for the program-facing POST /."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from web_tier.uploads import UploadError
+
+log = logging.getLogger(__name__)
+
+
+def wants_text() -> bool:
+    """POST / speaks plain text to programs; everything else that fails speaks JSON."""
+    return request.path == "/" and request.method == "POST"
+
+
+def error_response(error: UploadError) -> Response:
+    if wants_text():
+        response = Response(error.to_text() + "\n", status=error.status, mimetype="text/plain")
+    else:
+        response = jsonify(error.to_json())
+        response.status_code = error.status
+    return response
+
+
+def _too_large(exc: RequestEntityTooLarge) -> Response:
+    return error_response(UploadError(413, "the request is larger than the server accepts"))
+
+
+def _http_error(exc: HTTPException) -> Response:
+    # Pages keep Flask's HTML errors; API callers and programs get their format.
+    if request.path.startswith(("/api/", "/healthz")) or wants_text():
+        return error_response(UploadError(exc.code or 500, exc.description or exc.name))
+    return exc.get_response()
+
+
+def _unexpected(exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.path)
+    return error_response(UploadError(500, "internal error"))
+
+
+def register(app: Flask) -> None:
+    app.register_error_handler(UploadError, error_response)
+    app.register_error_handler(RequestEntityTooLarge, _too_large)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected)

@@ -1,0 +1,50 @@
+"""Server-Sent Events for one batch: each item once, as it finishes.
+
+The stream subscribes before it looks at the batch, so an item finishing in
+between is seen twice at worst (and sent once), never missed.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+from collections.abc import Callable, Iterator
+
+from web_tier.results import Item, ResultBook
+
+KEEPALIVE_S = 15.0
+RETRY_MS = 3000
+
+
+def _event(item: Item) -> str:
+    return f"id: {item.id}\ndata: {json.dumps(item.to_json(), separators=(',', ':'))}\n\n"
+
+
+def stream(book: ResultBook, batch_id: str, items: Callable[[], list[Item] | None],
+           keepalive_s: float | None = None) -> Iterator[str]:
+    """Events for `batch_id`; `items()` gives the batch's current items."""
+    keepalive_s = KEEPALIVE_S if keepalive_s is None else keepalive_s
+    inbox = book.subscribe(batch_id)
+    try:
+        yield f"retry: {RETRY_MS}\n\n"
+        sent: set[str] = set()
+        while True:
+            # Re-read every round: more uploads may join the batch meanwhile.
+            current = items() or []
+            for item in current:
+                if item.is_finished and item.id not in sent:
+                    sent.add(item.id)
+                    yield _event(item)
+            if all(i.id in sent for i in current):
+                yield "event: end\ndata: {}\n\n"
+                return
+            try:
+                item = inbox.get(timeout=keepalive_s)
+            except queue.Empty:
+                yield ": keep-alive\n\n"
+                continue
+            if item.id not in sent and item.is_finished:
+                sent.add(item.id)
+                yield _event(item)
+    finally:
+        book.unsubscribe(batch_id, inbox)

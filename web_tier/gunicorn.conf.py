@@ -1,0 +1,53 @@
+"""Gunicorn settings for the web tier.
+
+Run from the project root:
+    .venv/bin/gunicorn -c web_tier/gunicorn.conf.py "web_tier:create_app()"
+Access logs are off; turn them on with GUNICORN_CMD_ARGS="--access-logfile -".
+"""
+
+import sys
+from pathlib import Path
+
+# Gunicorn reads this file before the app's directory is on sys.path.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from common.config import Settings  # noqa: E402
+
+_settings = Settings.from_env()
+
+bind = f"{_settings.web_host}:{_settings.web_port}"
+
+# One process: the response listeners and the in-memory result book live in
+# it, and a POST / must wait in the same process that receives its answer.
+# More processes would split the book; scale the web tier by instances instead.
+workers = 1
+# POST / holds its thread while the image is classified: threads, not
+# processes, keep 100+ such requests open at once without blocking each other.
+worker_class = "gthread"
+threads = 256
+# Requests beyond the threads queue here rather than being refused.
+worker_connections = 1000
+# The app starts listener threads, which do not survive a fork: build it in the worker.
+preload_app = False
+
+# gthread heartbeats from the main thread, so a request may wait longer than this.
+timeout = 60
+graceful_timeout = 5
+keepalive = 5
+
+accesslog = None
+errorlog = "-"
+loglevel = "info"
+
+
+def post_fork(server, worker) -> None:
+    """Send the app's own loggers to stderr, before the worker builds the app."""
+    import logging
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
+    )
+    # "Found credentials ..." on every new client is noise.
+    logging.getLogger("botocore").setLevel(logging.WARNING)

@@ -1,0 +1,28 @@
+"""GET /healthz: can this process reach its queues and buckets?"""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify
+
+from web_tier.services import services
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/healthz")
+def healthz() -> tuple[Response, int]:
+    aws = services().aws
+    checks = [
+        ("request queue", lambda: aws.sqs.get_queue_attributes(
+            QueueUrl=aws.request_queue_url, AttributeNames=["QueueArn"])),
+        ("response queue", lambda: aws.sqs.get_queue_attributes(
+            QueueUrl=aws.response_queue_url, AttributeNames=["QueueArn"])),
+        ("input bucket", lambda: aws.s3.head_bucket(Bucket=aws.settings.input_bucket)),
+        ("output bucket", lambda: aws.s3.head_bucket(Bucket=aws.settings.output_bucket)),
+    ]
+    for name, check in checks:
+        try:
+            check()
+        except Exception as exc:
+            return jsonify({"ok": False, "error": f"{name} unreachable: {exc}"}), 503
+    return jsonify({"ok": True}), 200

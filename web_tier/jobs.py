@@ -1,0 +1,64 @@
+"""Turning accepted uploads into stored objects and queued requests."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+from common.aws import Aws
+from common.messages import ClassifyRequest
+from common.names import object_key
+from web_tier.results import Item, ResultBook
+from web_tier.storage import put_input
+from web_tier.uploads import Upload, UploadError
+
+log = logging.getLogger(__name__)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class Submitter:
+    """Stores uploads in the input bucket and sends one request each."""
+
+    aws: Aws
+    book: ResultBook
+    pool: Executor
+
+    def submit(self, batch_id: str, uploads: list[Upload]) -> list[Item | UploadError]:
+        """Submit every upload of one request, concurrently; results in upload order.
+
+        Items are in the book before their request is sent, so even the fastest
+        answer finds its waiter.
+        """
+        items = []
+        for upload in uploads:
+            item_id = new_id()
+            key = object_key(batch_id, item_id, upload.filename)
+            items.append(Item(item_id, batch_id, upload.filename, key))
+        self.book.add(batch_id, items)
+        if len(uploads) == 1:
+            return [self._submit_one(items[0], uploads[0])]
+        futures = [self.pool.submit(self._submit_one, i, u) for i, u in zip(items, uploads, strict=True)]
+        return [f.result() for f in futures]
+
+    def _submit_one(self, item: Item, upload: Upload) -> Item | UploadError:
+        try:
+            put_input(
+                self.aws, item.key, upload.data, upload.content_type,
+                filename=upload.filename, batch_id=item.batch_id or "", item_id=item.id,
+            )
+            request = ClassifyRequest(
+                id=item.id, bucket=self.aws.settings.input_bucket, key=item.key, filename=upload.filename
+            )
+            self.aws.sqs.send_message(QueueUrl=self.aws.request_queue_url, MessageBody=request.to_json())
+        except Exception:
+            # An AWS outage must cost this file, not the service.
+            log.exception("could not submit item %s", item.id)
+            self.book.discard(item.id)
+            return UploadError(503, "could not be stored or queued; try again", upload.filename)
+        return item

@@ -1,0 +1,133 @@
+"""Threads that carry answers from SQS into the result book.
+
+Two threads long-poll the response queue; one polls the dead-letter queue,
+where requests land after crashing a worker on every attempt. A message is
+deleted only after it is recorded, so a crash in between means a redelivery,
+which the book ignores as a duplicate.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from common.aws import Aws
+from common.messages import ClassifyRequest, ClassifyResponse, MessageError
+from web_tier.results import ResultBook
+from web_tier.storage import output_exists, tag_failed
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTER_ERROR = "could not be processed: it failed on every attempt"
+RESPONSE_THREADS = 2
+MIN_BACKOFF_S = 1.0
+MAX_BACKOFF_S = 30.0
+
+
+class Listeners:
+    """The listener threads of one process; `start()` once, `stop()` at the end."""
+
+    def __init__(self, aws: Aws, book: ResultBook, *, wait_s: int = 20,
+                 response_threads: int = RESPONSE_THREADS) -> None:
+        self.aws = aws
+        self.book = book
+        self.wait_s = max(0, min(20, wait_s))
+        self.response_threads = response_threads
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        loops: list[tuple[str, Callable[[], None]]] = [
+            (f"responses-{n}", self.poll_responses) for n in range(self.response_threads)
+        ]
+        loops.append(("dead-letters", self.poll_dead_letters))
+        for name, poll in loops:
+            # Daemon: a long poll in flight must not hold up process exit.
+            thread = threading.Thread(target=self._run, args=(poll,), name=f"web-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Ask every thread to stop; wait up to `timeout` for them (a poll may finish first)."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    def _run(self, poll: Callable[[], None]) -> None:
+        backoff = MIN_BACKOFF_S
+        while not self._stop.is_set():
+            try:
+                poll()
+                backoff = MIN_BACKOFF_S
+            except Exception:
+                log.exception("listener failed; retrying in %.0f s", backoff)
+                # Waiting on the event, not sleeping, so stop() ends the wait at once.
+                if self._stop.wait(backoff):
+                    break
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    def _receive(self, queue_url: str) -> list[dict]:
+        answer = self.aws.sqs.receive_message(
+            QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=self.wait_s
+        )
+        return answer.get("Messages", [])
+
+    def _delete(self, queue_url: str, messages: list[dict]) -> None:
+        if not messages:
+            return
+        entries = [{"Id": str(n), "ReceiptHandle": m["ReceiptHandle"]} for n, m in enumerate(messages)]
+        failed = self.aws.sqs.delete_message_batch(QueueUrl=queue_url, Entries=entries).get("Failed", [])
+        for entry in failed:
+            # The message comes back later and is then ignored as a duplicate.
+            log.warning("could not delete message: %s", entry.get("Message") or entry.get("Code"))
+
+    def poll_responses(self) -> None:
+        url = self.aws.response_queue_url
+        messages = self._receive(url)
+        for message in messages:
+            try:
+                response = ClassifyResponse.from_json(message["Body"])
+            except MessageError as exc:
+                # Deleted anyway: a malformed message would otherwise return forever.
+                log.warning("dropping malformed response: %s", exc)
+                continue
+            if self.book.record(response) is None:
+                log.debug("duplicate response for %s ignored", response.id)
+        self._delete(url, messages)
+
+    def poll_dead_letters(self) -> None:
+        url = self.aws.dead_letter_queue_url
+        messages = self._receive(url)
+        done = []
+        for message in messages:
+            try:
+                request = ClassifyRequest.from_json(message["Body"])
+            except MessageError as exc:
+                log.warning("dropping malformed dead letter: %s", exc)
+                done.append(message)
+                continue
+            try:
+                self._dead_letter(request)
+            except Exception:
+                # Left in the queue: it comes back after its visibility timeout.
+                log.exception("could not handle dead letter for %s", request.id)
+                continue
+            done.append(message)
+        self._delete(url, done)
+
+    def _dead_letter(self, request: ClassifyRequest) -> None:
+        known = self.book.get(request.id)
+        if known is not None and known.is_finished:
+            return
+        # A worker may have answered and crashed before deleting the request:
+        # then its result stands.
+        if output_exists(self.aws, request.key):
+            return
+        tag_failed(self.aws, request.key, DEAD_LETTER_ERROR)
+        self.book.fail(request.id, DEAD_LETTER_ERROR, key=request.key, filename=request.filename)
+        log.info("item %s failed on every attempt", request.id)

@@ -1,0 +1,51 @@
+"""Recovering a batch from S3 when this process does not hold it.
+
+S3 is the durable record: the input bucket lists a batch's items (with their
+original names in metadata), the output bucket holds results under the same
+keys, and tags on an input object mark a failure. A restarted web tier can
+therefore answer for batches uploaded before it started.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Executor
+
+from common.aws import Aws
+from web_tier.results import DONE, FAILED, Item
+from web_tier.storage import read_failure, read_filename, read_output
+
+
+def list_keys(aws: Aws, batch_id: str) -> list[str]:
+    paginator = aws.s3.get_paginator("list_objects_v2")
+    objects = []
+    for page in paginator.paginate(Bucket=aws.settings.input_bucket, Prefix=f"{batch_id}/"):
+        objects.extend(page.get("Contents", []))
+    # Keys start with random ids; upload time is the closest to the upload order.
+    objects.sort(key=lambda o: (o["LastModified"], o["Key"]))
+    return [o["Key"] for o in objects]
+
+
+def rebuild_item(aws: Aws, batch_id: str, key: str) -> Item | None:
+    parts = key.split("/")
+    if len(parts) != 3:
+        return None
+    _, item_id, safe_name = parts
+    item = Item(item_id, batch_id, read_filename(aws, key) or safe_name, key)
+    result = read_output(aws, key)
+    if result is not None:
+        item.state = DONE
+        item.label, item.score, item.top5 = result["label"], result["score"], result["top5"]
+        item.worker, item.untrained = result["worker"], result["untrained"]
+        return item
+    error = read_failure(aws, key)
+    if error is not None:
+        item.state, item.error = FAILED, error
+    return item
+
+
+def rebuild_batch(aws: Aws, batch_id: str, pool: Executor) -> list[Item] | None:
+    """The batch as S3 records it, or None if S3 has no such batch."""
+    keys = list_keys(aws, batch_id)
+    if not keys:
+        return None
+    return [i for i in pool.map(lambda k: rebuild_item(aws, batch_id, k), keys) if i is not None]

@@ -1,0 +1,268 @@
+"""The in-memory book of batches and items, and who is waiting on them.
+
+One book per process. Listener threads write results into it; request threads
+read it, wait on single items (POST /) or subscribe to whole batches (SSE).
+The first result recorded for an item id wins, so however often SQS delivers a
+response, a client sees exactly one answer.
+"""
+
+from __future__ import annotations
+
+import queue
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.messages import ClassifyResponse
+
+QUEUED, DONE, FAILED = "queued", "done", "failed"
+FINISHED = (DONE, FAILED)
+
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+
+
+def is_batch_id(value: str) -> bool:
+    """True for the ids this service hands out (uuid4().hex)."""
+    return bool(_HEX32.fullmatch(value))
+
+
+def batch_id_of(key: str) -> str | None:
+    """The batch id at the start of an object key `<batch>/<item>/<name>`."""
+    head = key.split("/", 1)[0]
+    return head if is_batch_id(head) else None
+
+
+@dataclass
+class Item:
+    id: str
+    batch_id: str | None
+    filename: str
+    key: str = ""
+    state: str = QUEUED
+    label: str | None = None
+    score: float | None = None
+    top5: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+    untrained: bool = False
+    worker: str = ""
+    # Set once, when the item finishes; POST / waits on it.
+    finished: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.state in FINISHED
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "filename": self.filename,
+            "state": self.state,
+            "label": self.label,
+            "score": self.score,
+            "top5": list(self.top5),
+            "error": self.error,
+            "untrained": self.untrained,
+            "worker": self.worker,
+        }
+
+    def _apply(self, other: Item) -> None:
+        """Take `other`'s outcome (used when a result arrives by another route)."""
+        self.state, self.label, self.score = other.state, other.label, other.score
+        self.top5, self.error = list(other.top5), other.error
+        self.untrained, self.worker = other.untrained, other.worker
+
+
+def item_from_response(response: ClassifyResponse) -> Item:
+    item = Item(
+        id=response.id,
+        batch_id=batch_id_of(response.key),
+        filename=response.filename,
+        key=response.key,
+    )
+    fields_ = response.as_item()
+    item.state = fields_["state"]
+    item.label, item.score, item.top5 = fields_["label"], fields_["score"], fields_["top5"]
+    item.error, item.worker, item.untrained = fields_["error"], fields_["worker"], fields_["untrained"]
+    return item
+
+
+@dataclass
+class _Batch:
+    id: str
+    item_ids: list[str] = field(default_factory=list)
+    # False while the batch holds only items learnt from stray responses (e.g.
+    # after a restart): a GET must then rebuild it from S3 to see all of it.
+    complete: bool = False
+
+
+class ResultBook:
+    """Thread-safe record of every batch and item this process knows about.
+
+    Memory is bounded by `max_items`: beyond it the oldest fully finished
+    batches are forgotten (they can always be rebuilt from S3).
+    """
+
+    def __init__(self, max_items: int = 200_000) -> None:
+        self._lock = threading.Lock()
+        self._items: dict[str, Item] = {}
+        self._batches: OrderedDict[str, _Batch] = OrderedDict()
+        self._subscribers: dict[str, set[queue.SimpleQueue]] = {}
+        self._max_items = max_items
+        self.uploaded = 0
+        self.answered = 0
+        self.failed = 0
+        # None until a response says which model answered.
+        self.untrained: bool | None = None
+
+    # --- writing ---------------------------------------------------------------
+    def add(self, batch_id: str, items: list[Item]) -> None:
+        """Register new uploads (in order) under `batch_id`, creating the batch if needed."""
+        with self._lock:
+            batch = self._batch(batch_id)
+            batch.complete = True
+            for item in items:
+                known = self._items.get(item.id)
+                if known is None:
+                    self._items[item.id] = item
+                    batch.item_ids.append(item.id)
+                    self.uploaded += 1
+            self._evict()
+
+    def discard(self, item_id: str) -> None:
+        """Forget an upload that never reached the queue."""
+        with self._lock:
+            item = self._items.pop(item_id, None)
+            if item is None:
+                return
+            self.uploaded -= 1
+            batch = self._batches.get(item.batch_id or "")
+            if batch is not None and item_id in batch.item_ids:
+                batch.item_ids.remove(item_id)
+
+    def record(self, response: ClassifyResponse) -> Item | None:
+        """Record a worker's answer; the item if this was its first result, else None."""
+        return self._finish(item_from_response(response), response.untrained)
+
+    def fail(self, item_id: str, error: str, *, key: str = "", filename: str = "") -> Item | None:
+        """Mark an item failed unless it already has a result; the item if it changed."""
+        item = Item(id=item_id, batch_id=batch_id_of(key), filename=filename, key=key)
+        item.state, item.error = FAILED, error
+        return self._finish(item, None)
+
+    def merge(self, batch_id: str, rebuilt: list[Item]) -> None:
+        """Adopt a batch rebuilt from S3; results already in memory win."""
+        finished: list[Item] = []
+        with self._lock:
+            batch = self._batch(batch_id)
+            batch.complete = True
+            for item in rebuilt:
+                known = self._items.get(item.id)
+                if known is None:
+                    self._items[item.id] = item
+                    batch.item_ids.append(item.id)
+                    if item.is_finished:
+                        item.finished.set()
+                elif not known.is_finished and item.is_finished:
+                    known._apply(item)
+                    known.finished.set()
+                    finished.append(known)
+            self._evict()
+            self._publish(finished)
+
+    def _finish(self, incoming: Item, untrained: bool | None) -> Item | None:
+        with self._lock:
+            item = self._items.get(incoming.id)
+            if item is None:
+                # Unknown id (e.g. answered after a restart): keep it so a later
+                # GET shows it; its batch stays incomplete until rebuilt from S3.
+                item = incoming
+                self._items[item.id] = item
+                if item.batch_id:
+                    self._batch(item.batch_id).item_ids.append(item.id)
+            elif item.is_finished:
+                return None
+            else:
+                item._apply(incoming)
+                if not item.key:
+                    item.key = incoming.key
+            if item.state == DONE:
+                self.answered += 1
+            else:
+                self.failed += 1
+            if untrained is not None:
+                self.untrained = untrained
+            item.finished.set()
+            self._publish([item])
+            self._evict()
+            return item
+
+    # --- reading ---------------------------------------------------------------
+    def get(self, item_id: str) -> Item | None:
+        with self._lock:
+            return self._items.get(item_id)
+
+    def batch(self, batch_id: str) -> list[Item] | None:
+        """Items of a batch in upload order, or None when the batch is not fully known here."""
+        with self._lock:
+            batch = self._batches.get(batch_id)
+            if batch is None or not batch.complete:
+                return None
+            self._batches.move_to_end(batch_id)
+            return [self._items[i] for i in batch.item_ids if i in self._items]
+
+    def wait(self, item_id: str, timeout: float) -> Item | None:
+        """Block until the item has a result; the item, or None on timeout or unknown id."""
+        item = self.get(item_id)
+        if item is None or not item.finished.wait(timeout):
+            return None
+        return item
+
+    def totals(self) -> dict[str, int]:
+        with self._lock:
+            return {"uploaded": self.uploaded, "answered": self.answered, "failed": self.failed}
+
+    # --- subscribers (SSE) -----------------------------------------------------
+    def subscribe(self, batch_id: str) -> queue.SimpleQueue:
+        """A queue that receives every item of `batch_id` as it finishes."""
+        inbox: queue.SimpleQueue = queue.SimpleQueue()
+        with self._lock:
+            self._subscribers.setdefault(batch_id, set()).add(inbox)
+        return inbox
+
+    def unsubscribe(self, batch_id: str, inbox: queue.SimpleQueue) -> None:
+        with self._lock:
+            inboxes = self._subscribers.get(batch_id)
+            if inboxes is not None:
+                inboxes.discard(inbox)
+                if not inboxes:
+                    del self._subscribers[batch_id]
+
+    # --- internals (call with the lock held) -----------------------------------
+    def _batch(self, batch_id: str) -> _Batch:
+        batch = self._batches.get(batch_id)
+        if batch is None:
+            batch = self._batches[batch_id] = _Batch(batch_id)
+        return batch
+
+    def _publish(self, items: list[Item]) -> None:
+        for item in items:
+            for inbox in self._subscribers.get(item.batch_id or "", ()):
+                inbox.put(item)
+
+    def _evict(self) -> None:
+        if len(self._items) <= self._max_items:
+            return
+        for batch_id in list(self._batches):
+            if len(self._items) <= self._max_items:
+                break
+            batch = self._batches[batch_id]
+            items = [self._items.get(i) for i in batch.item_ids]
+            # Never forget an item someone may still be waiting on.
+            if batch_id in self._subscribers or any(i and not i.is_finished for i in items):
+                continue
+            for item_id in batch.item_ids:
+                self._items.pop(item_id, None)
+            del self._batches[batch_id]
+

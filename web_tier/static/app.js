@@ -1,0 +1,286 @@
+// The upload page: send images in chunks, then follow their results live.
+// User data (file names, labels, errors) is only ever set with textContent.
+"use strict";
+
+(() => {
+  const CHUNK_FILES = 20;      // files per POST /api/jobs
+  const PARALLEL_CHUNKS = 3;   // chunks in flight at once
+  const POLL_MS = 2000;        // fallback polling when EventSource fails
+  const STATUS_MS = 2000;
+  const SSE_GIVE_UP = 3;       // consecutive stream errors before polling instead
+  const KEY_STORE = "imgclass.apiKey";
+  const FINISHED = new Set(["done", "failed"]);
+
+  const $ = (id) => document.getElementById(id);
+  const resultsEl = $("results");
+  const template = $("result-template");
+  const banner = $("untrained-banner");
+  const keyBox = $("api-key-box");
+  const keyInput = $("api-key");
+  const sessions = [];
+
+  // --- API key ---------------------------------------------------------------
+  function storedKey() {
+    try { return localStorage.getItem(KEY_STORE) || ""; } catch { return ""; }
+  }
+  function authHeaders() {
+    const key = storedKey();
+    return key ? { "X-API-Key": key } : {};
+  }
+  keyInput.value = storedKey();
+  keyInput.addEventListener("change", () => {
+    try { localStorage.setItem(KEY_STORE, keyInput.value.trim()); } catch { /* private mode */ }
+  });
+
+  // --- result elements ---------------------------------------------------------
+  function makeResult(name) {
+    const el = template.content.firstElementChild.cloneNode(true);
+    el.dataset.filename = name;
+    el.querySelector(".name").textContent = name;
+    setState(el, "uploading");
+    resultsEl.append(el);
+    return el;
+  }
+
+  function setState(el, state) {
+    el.dataset.state = state;
+    el.querySelector(".state").textContent = state;
+  }
+
+  function formatScore(score) {
+    return typeof score === "number" ? `${(score * 100).toFixed(1)}%` : "";
+  }
+
+  function showFailure(el, message) {
+    if (FINISHED.has(el.dataset.state)) return;
+    setState(el, "failed");
+    el.querySelector(".error").textContent = message;
+    updateSummary();
+  }
+
+  function showItem(el, item) {
+    // The first answer wins, as on the server: a replayed event changes nothing.
+    if (FINISHED.has(el.dataset.state)) return;
+    if (item.state === "queued") {
+      setState(el, "queued");
+      return;
+    }
+    if (item.state === "failed") {
+      showFailure(el, item.error || "failed");
+      return;
+    }
+    el.dataset.label = item.label ?? "";
+    el.querySelector(".label").textContent = item.label ?? "";
+    el.querySelector(".score").textContent = formatScore(item.score);
+    const top5 = el.querySelector(".top5");
+    top5.replaceChildren();
+    for (const guess of item.top5 || []) {
+      const li = document.createElement("li");
+      li.textContent = `${guess.label} ${formatScore(guess.score)}`;
+      top5.append(li);
+    }
+    if (item.untrained) {
+      el.classList.add("untrained");
+      el.querySelector(".untrained-mark").hidden = false;
+      banner.hidden = false;
+    }
+    setState(el, "done");
+    updateSummary();
+  }
+
+  function updateSummary() {
+    const all = resultsEl.querySelectorAll(".result");
+    let done = 0, failed = 0;
+    for (const el of all) {
+      if (el.dataset.state === "done") done += 1;
+      else if (el.dataset.state === "failed") failed += 1;
+    }
+    $("summary").textContent = all.length
+      ? `${done} of ${all.length} classified${failed ? `, ${failed} failed` : ""}`
+      : "";
+  }
+
+  // --- one upload session = one batch ----------------------------------------------
+  class Session {
+    constructor(files) {
+      this.batchId = null;
+      this.uploading = true;
+      this.byId = new Map();    // item id -> element
+      this.early = new Map();   // results that beat their upload's answer
+      this.entries = files.map((file) => ({ file, el: makeResult(file.name || "upload") }));
+      this.stream = null;
+      this.sseErrors = 0;
+      this.pollTimer = null;
+    }
+
+    async run() {
+      const chunks = [];
+      for (let i = 0; i < this.entries.length; i += CHUNK_FILES) {
+        chunks.push(this.entries.slice(i, i + CHUNK_FILES));
+      }
+      // Until a batch exists, chunks go one at a time; the rest then join it in parallel.
+      while (chunks.length && !this.batchId) await this.send(chunks.shift());
+      if (this.batchId) this.follow();
+      const worker = async () => {
+        while (chunks.length) await this.send(chunks.shift());
+      };
+      await Promise.all(Array.from({ length: PARALLEL_CHUNKS }, worker));
+      this.uploading = false;
+      if (this.batchId && !this.stream && !this.pollTimer) this.follow();
+      updateSummary();
+    }
+
+    async send(chunk) {
+      const form = new FormData();
+      for (const { file } of chunk) form.append("files", file, file.name);
+      if (this.batchId) form.append("batch_id", this.batchId);
+      let response, body = null;
+      try {
+        response = await fetch("/api/jobs", { method: "POST", body: form, headers: authHeaders() });
+        body = await response.json().catch(() => null);
+      } catch (err) {
+        chunk.forEach(({ el }) => showFailure(el, "upload failed: the server could not be reached"));
+        return;
+      }
+      if (response.status === 401) {
+        keyBox.hidden = false;
+        chunk.forEach(({ el }) => showFailure(el, "an API key is required: enter it above and upload again"));
+        return;
+      }
+      if (!body || !Array.isArray(body.items)) {
+        const why = (body && body.error) || `upload refused (HTTP ${response.status})`;
+        chunk.forEach(({ el }) => showFailure(el, why));
+        return;
+      }
+      if (body.items.length && !this.batchId) this.batchId = body.batch_id;
+      for (const item of body.items) {
+        const entry = chunk[item.index];
+        if (!entry) continue;
+        this.byId.set(item.id, entry.el);
+        setState(entry.el, "queued");
+        if (this.early.has(item.id)) showItem(entry.el, this.early.get(item.id));
+      }
+      for (const rejection of body.rejected || []) {
+        const entry = chunk[rejection.index];
+        if (entry) showFailure(entry.el, rejection.error);
+      }
+    }
+
+    apply(item) {
+      const el = this.byId.get(item.id);
+      if (el) showItem(el, item);
+      else this.early.set(item.id, item);
+    }
+
+    unfinished() {
+      return this.entries.some(({ el }) => !FINISHED.has(el.dataset.state));
+    }
+
+    async refresh() {
+      try {
+        const response = await fetch(`/api/jobs/${this.batchId}`);
+        if (!response.ok) return;
+        const body = await response.json();
+        body.items.forEach((item) => this.apply(item));
+      } catch { /* the next event or poll fills the gap */ }
+    }
+
+    follow() {
+      if (!window.EventSource || this.sseErrors >= SSE_GIVE_UP) {
+        this.poll();
+        return;
+      }
+      const stream = new EventSource(`/api/jobs/${this.batchId}/events`);
+      this.stream = stream;
+      let reconnecting = false;
+      stream.onopen = () => {
+        // Whatever finished while we were away: fetch it once.
+        if (reconnecting) this.refresh();
+        reconnecting = false;
+      };
+      stream.onmessage = (event) => {
+        this.sseErrors = 0;
+        try { this.apply(JSON.parse(event.data)); } catch { /* ignore a damaged event */ }
+      };
+      stream.addEventListener("end", () => {
+        stream.close();
+        this.stream = null;
+        // More chunks may still be uploading: run() follows again when they are in.
+        if (!this.uploading && this.unfinished()) this.refresh();
+      });
+      stream.onerror = () => {
+        reconnecting = true;
+        this.sseErrors += 1;
+        if (stream.readyState === EventSource.CLOSED || this.sseErrors >= SSE_GIVE_UP) {
+          stream.close();
+          this.stream = null;
+          this.poll();
+        }
+      };
+    }
+
+    poll() {
+      if (this.pollTimer) return;
+      const tick = async () => {
+        await this.refresh();
+        if (!this.uploading && !this.unfinished()) {
+          clearInterval(this.pollTimer);
+          this.pollTimer = null;
+        }
+      };
+      this.pollTimer = setInterval(tick, POLL_MS);
+      tick();
+    }
+  }
+
+  function upload(fileList) {
+    const files = Array.from(fileList || []);
+    if (!files.length) return;
+    const session = new Session(files);
+    sessions.push(session);
+    updateSummary();
+    session.run();
+  }
+
+  // --- choosing files ------------------------------------------------------------
+  const input = $("file-input");
+  input.addEventListener("change", () => {
+    upload(input.files);
+    input.value = "";
+  });
+  const zone = $("drop-zone");
+  zone.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    zone.classList.add("over");
+  });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("over");
+    upload(event.dataTransfer.files);
+  });
+
+  // --- live status line -------------------------------------------------------------
+  async function refreshStatus() {
+    const line = $("status-line");
+    try {
+      const response = await fetch("/api/status");
+      const s = await response.json();
+      if (s.api_key_required) keyBox.hidden = false;
+      if (s.untrained) banner.hidden = false;
+      const parts = [];
+      if (s.queue) parts.push(`queue: ${s.queue.visible} waiting, ${s.queue.in_flight} in progress`);
+      if (s.instances_total !== null && s.instances_total !== undefined) {
+        const i = s.instances || {};
+        parts.push(`instances: ${i.running || 0} running, ${i.pending || 0} starting, ` +
+                   `${(i.stopping || 0) + (i["shutting-down"] || 0)} stopping`);
+      }
+      if (s.totals) parts.push(`answered here: ${s.totals.answered}, failed: ${s.totals.failed}`);
+      line.textContent = parts.join(" · ") || "status unavailable";
+    } catch {
+      line.textContent = "status unavailable";
+    }
+  }
+  refreshStatus();
+  setInterval(refreshStatus, STATUS_MS);
+})();

@@ -1,0 +1,87 @@
+"""A cheap snapshot of the whole system for /api/status.
+
+Four AWS calls at most (three queue attribute reads and one instance listing),
+and the answer is reused for a second, so many open pages polling every two
+seconds cost the same as one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from common.aws import Aws
+from common.fleet import app_tier_instances
+from web_tier.results import ResultBook
+
+log = logging.getLogger(__name__)
+
+CACHE_S = 1.0
+# Always reported, even at zero, so a page can show them without guessing.
+INSTANCE_STATES = ("pending", "running", "stopping", "shutting-down", "stopped")
+
+
+class StatusReader:
+    def __init__(self, aws: Aws, book: ResultBook, cache_s: float = CACHE_S) -> None:
+        self.aws = aws
+        self.book = book
+        self.cache_s = cache_s
+        self._lock = threading.Lock()
+        self._cached: tuple[float, dict[str, Any]] | None = None
+
+    def read(self) -> dict[str, Any]:
+        with self._lock:
+            now = time.monotonic()
+            if self._cached is None or now - self._cached[0] >= self.cache_s:
+                self._cached = (now, self._read_aws())
+            snapshot = dict(self._cached[1])
+        snapshot["totals"] = self.book.totals()
+        snapshot["untrained"] = self.book.untrained
+        snapshot["api_key_required"] = bool(self.aws.settings.api_key)
+        snapshot["time"] = time.time()
+        return snapshot
+
+    def _queue_attrs(self, url: str, names: list[str]) -> dict[str, int]:
+        attrs = self.aws.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=names)["Attributes"]
+        return {n: int(attrs.get(n, 0)) for n in names}
+
+    def _read_aws(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "queue": None, "responses_waiting": None, "dead_letter": None,
+            "instances": {}, "instances_total": None,
+        }
+        errors = []
+        try:
+            req = self._queue_attrs(self.aws.request_queue_url, [
+                "ApproximateNumberOfMessages",
+                "ApproximateNumberOfMessagesNotVisible",
+                "ApproximateNumberOfMessagesDelayed",
+            ])
+            out["queue"] = {
+                "visible": req["ApproximateNumberOfMessages"],
+                "in_flight": req["ApproximateNumberOfMessagesNotVisible"],
+                "delayed": req["ApproximateNumberOfMessagesDelayed"],
+            }
+            out["responses_waiting"] = self._queue_attrs(
+                self.aws.response_queue_url, ["ApproximateNumberOfMessages"]
+            )["ApproximateNumberOfMessages"]
+            out["dead_letter"] = self._queue_attrs(
+                self.aws.dead_letter_queue_url, ["ApproximateNumberOfMessages"]
+            )["ApproximateNumberOfMessages"]
+        except Exception as exc:
+            log.warning("status: queues unreadable: %s", exc)
+            errors.append(f"queues: {exc}")
+        try:
+            counts = dict.fromkeys(INSTANCE_STATES, 0)
+            for instance in app_tier_instances(self.aws):
+                counts[instance.state] = counts.get(instance.state, 0) + 1
+            out["instances"] = counts
+            out["instances_total"] = sum(n for s, n in counts.items() if s != "terminated")
+        except Exception as exc:
+            log.warning("status: instances unreadable: %s", exc)
+            errors.append(f"instances: {exc}")
+        if errors:
+            out["errors"] = errors
+        return out

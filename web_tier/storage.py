@@ -1,0 +1,122 @@
+"""What the web tier reads and writes in S3, and how names travel in metadata.
+
+S3 user metadata must be ASCII, so the original file name is stored
+percent-encoded. A failed item is marked with object tags on its input object
+(`status=failed`, `error=<reason>`), which workers write too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+from urllib.parse import quote, unquote
+
+from botocore.exceptions import ClientError
+
+from common.aws import Aws
+
+MAX_META_FILENAME = 1000
+MAX_TAG_ERROR = 250
+# Characters S3 accepts in a tag value; others would make the whole call fail.
+_TAG_UNSAFE = re.compile(r"[^\w .:/=+\-@]")
+_NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+
+
+def encode_filename(original: str) -> str:
+    encoded = quote(original, safe="")
+    if len(encoded) > MAX_META_FILENAME:
+        encoded = encoded[:MAX_META_FILENAME]
+        # Never end inside a %XX escape.
+        cut = encoded.rfind("%", len(encoded) - 2)
+        if cut != -1:
+            encoded = encoded[:cut]
+    return encoded
+
+
+def decode_filename(encoded: str) -> str:
+    return unquote(encoded, errors="replace")
+
+
+def is_not_found(exc: ClientError) -> bool:
+    return str(exc.response.get("Error", {}).get("Code")) in _NOT_FOUND
+
+
+def put_input(aws: Aws, key: str, data: bytes, content_type: str, *, filename: str,
+              batch_id: str, item_id: str) -> None:
+    aws.s3.put_object(
+        Bucket=aws.settings.input_bucket,
+        Key=key,
+        Body=data,
+        ContentType=content_type,
+        Metadata={
+            "original-filename": encode_filename(filename),
+            "batch-id": batch_id,
+            "item-id": item_id,
+        },
+    )
+
+
+def tag_failed(aws: Aws, key: str, reason: str) -> None:
+    """Mark the input object failed so a rebuilt batch shows the error."""
+    value = _TAG_UNSAFE.sub(" ", reason)[:MAX_TAG_ERROR]
+    aws.s3.put_object_tagging(
+        Bucket=aws.settings.input_bucket,
+        Key=key,
+        Tagging={"TagSet": [{"Key": "status", "Value": "failed"}, {"Key": "error", "Value": value}]},
+    )
+
+
+def output_exists(aws: Aws, key: str) -> bool:
+    try:
+        aws.s3.head_object(Bucket=aws.settings.output_bucket, Key=key)
+    except ClientError as exc:
+        if is_not_found(exc):
+            return False
+        raise
+    return True
+
+
+def read_output(aws: Aws, key: str) -> dict[str, Any] | None:
+    """The result a worker stored for `key`, or None when there is none yet.
+
+    Returns the item fields (label, score, top5, worker, untrained).
+    """
+    try:
+        head = aws.s3.head_object(Bucket=aws.settings.output_bucket, Key=key)
+    except ClientError as exc:
+        if is_not_found(exc):
+            return None
+        raise
+    raw = head.get("Metadata", {}).get("result")
+    if raw:
+        try:
+            meta = json.loads(raw)
+            return {
+                "label": meta.get("label"),
+                "score": meta.get("score"),
+                "top5": [{"label": str(lbl), "score": float(s)} for lbl, s in meta.get("top5", [])],
+                "worker": str(meta.get("worker", "")),
+                "untrained": bool(meta.get("untrained", False)),
+            }
+        except (ValueError, TypeError):
+            pass
+    # No usable metadata: the body `<name>,<label>` still holds the label.
+    body = aws.s3.get_object(Bucket=aws.settings.output_bucket, Key=key)["Body"].read()
+    label = body.decode("utf-8", errors="replace").split(",", 1)[-1].strip()
+    return {"label": label, "score": None, "top5": [], "worker": "", "untrained": False}
+
+
+def read_failure(aws: Aws, key: str) -> str | None:
+    """The error tagged on a failed input object, or None if it is not marked failed."""
+    tags = aws.s3.get_object_tagging(Bucket=aws.settings.input_bucket, Key=key)["TagSet"]
+    found = {t["Key"]: t["Value"] for t in tags}
+    if found.get("status") != "failed":
+        return None
+    return found.get("error") or "failed"
+
+
+def read_filename(aws: Aws, key: str) -> str | None:
+    head = aws.s3.head_object(Bucket=aws.settings.input_bucket, Key=key)
+    encoded = head.get("Metadata", {}).get("original-filename")
+    return decode_filename(encoded) if encoded else None

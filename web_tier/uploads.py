@@ -1,0 +1,141 @@
+"""Checking uploads before anything is stored.
+
+The type is decided by the bytes (Pillow), never by the name or the client's
+Content-Type, and the pixel count is read from the header only, so a small
+file that would decompress into gigabytes is refused before anyone decodes it.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+from werkzeug.datastructures import FileStorage
+
+from common.config import Settings
+
+# Pillow format -> Content-Type stored with the object. MPO is what Pillow calls
+# many phone-camera JPEGs.
+FORMATS = {
+    "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",
+    "PNG": "image/png",
+    "GIF": "image/gif",
+    "BMP": "image/bmp",
+    "WEBP": "image/webp",
+    "TIFF": "image/tiff",
+}
+ACCEPTED = "JPEG, PNG, GIF, BMP, WEBP or TIFF"
+# Longer names are kept only for display; storage uses names.safe_filename.
+MAX_FILENAME_CHARS = 1024
+_CHUNK = 1 << 20
+
+
+class UploadError(Exception):
+    """A refused upload: HTTP status, the reason, and the file it concerns."""
+
+    def __init__(self, status: int, reason: str, filename: str | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.filename = filename
+
+    def to_json(self) -> dict[str, object]:
+        return {"error": self.reason, "filename": self.filename}
+
+    def to_text(self) -> str:
+        return f"{self.filename}: {self.reason}" if self.filename else self.reason
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An accepted image: its original name, bytes and detected type."""
+
+    filename: str
+    data: bytes
+    content_type: str
+    width: int
+    height: int
+
+
+def display_name(storage: FileStorage) -> str:
+    name = storage.filename or "upload"
+    return name[:MAX_FILENAME_CHARS]
+
+
+def check_count(files: list[FileStorage], settings: Settings) -> None:
+    """Refuse a request with no file, or with more than one request may carry."""
+    if not files:
+        raise UploadError(400, "no file in the request")
+    if len(files) > settings.max_files_per_request:
+        raise UploadError(
+            413,
+            f"too many files in one request: {len(files)} "
+            f"(the limit is {settings.max_files_per_request})",
+        )
+
+
+def read_limited(storage: FileStorage, limit: int) -> bytes:
+    """The file's bytes, refusing it as soon as it passes `limit`."""
+    name = display_name(storage)
+    buf = io.BytesIO()
+    while True:
+        chunk = storage.stream.read(_CHUNK)
+        if not chunk:
+            break
+        buf.write(chunk)
+        if buf.tell() > limit:
+            raise UploadError(413, f"file is larger than the limit of {limit} bytes", name)
+    return buf.getvalue()
+
+
+def check_image(name: str, data: bytes, settings: Settings) -> Upload:
+    """Accept `data` only if it is a whole, reasonably sized image of a known type."""
+    if not data:
+        raise UploadError(400, "file is empty", name)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format or ""
+            width, height = img.size
+            if fmt not in FORMATS:
+                raise UploadError(415, f"{fmt or 'this'} images are not accepted; send {ACCEPTED}", name)
+            if width * height > settings.max_image_pixels:
+                raise UploadError(
+                    413,
+                    f"image is {width}x{height} pixels, more than the limit of "
+                    f"{settings.max_image_pixels}",
+                    name,
+                )
+            # Checks the structure (e.g. PNG chunk checksums) without decoding pixels.
+            img.verify()
+    except UploadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UploadError(413, f"image has too many pixels ({exc})", name) from exc
+    except UnidentifiedImageError as exc:
+        raise UploadError(415, f"not an image (the content is not {ACCEPTED})", name) from exc
+    except Exception as exc:  # Pillow raises many kinds of errors on damaged files
+        raise UploadError(415, f"damaged or unreadable image: {exc}", name) from exc
+    return Upload(name, data, FORMATS[fmt], width, height)
+
+
+def validate(storage: FileStorage, settings: Settings) -> Upload:
+    """Read and check one uploaded file; raise UploadError naming it if refused."""
+    name = display_name(storage)
+    data = read_limited(storage, settings.max_upload_bytes)
+    return check_image(name, data, settings)
+
+
+def real_files(files: Iterable[FileStorage]) -> list[FileStorage]:
+    """Drop the empty part a browser sends for a file input left blank."""
+    out = []
+    for f in files:
+        if not f.filename:
+            empty = not f.stream.read(1)
+            f.stream.seek(0)
+            if empty:
+                continue
+        out.append(f)
+    return out
