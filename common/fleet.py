@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.aws import Aws
-from common.names import APP_TIER_NAME_PREFIX, instance_number
+from common.names import APP_TIER_NAME_PREFIX, PREFIX_TAG, instance_number
 
 # Every state in which an instance is, or may soon be, ours to count or clean up.
 WATCHED_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
@@ -20,11 +20,12 @@ class Instance:
 
 
 def app_tier_instances(aws: Aws, states: tuple[str, ...] = WATCHED_STATES) -> tuple[Instance, ...]:
-    """Our instances in the given states, ordered by their number."""
+    """This deployment's app-tier instances in the given states, ordered by their number."""
     found = []
     paginator = aws.ec2.get_paginator("describe_instances")
     filters = [
         {"Name": "tag:Name", "Values": [f"{APP_TIER_NAME_PREFIX}*"]},
+        {"Name": f"tag:{PREFIX_TAG}", "Values": [aws.settings.prefix]},
         {"Name": "instance-state-name", "Values": list(states)},
     ]
     for page in paginator.paginate(Filters=filters):

@@ -7,10 +7,11 @@ import unicodedata
 
 APP_TIER_NAME_PREFIX = "app-tier-instance-"
 WEB_INSTANCE_NAME = "web-instance"
-# Tag every app-tier instance also carries, so a query never confuses ours with
-# another fleet's instances that happen to share the Name pattern.
+# Tags every app-tier instance also carries, so that a query never confuses ours
+# with another deployment's (another APP_PREFIX) that shares the Name pattern.
 ROLE_TAG = "imgclass:role"
 ROLE_APP_TIER = "app-tier"
+PREFIX_TAG = "imgclass:prefix"
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_SAFE_NAME = 100

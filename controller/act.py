@@ -10,7 +10,7 @@ from pathlib import Path
 
 from common.aws import Aws
 from common.config import Settings
-from common.names import ROLE_APP_TIER, ROLE_TAG, instance_name
+from common.names import PREFIX_TAG, ROLE_APP_TIER, ROLE_TAG, instance_name
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ def _launch_one(aws: Aws, settings: Settings, n: int, user_data: str) -> str:
                 "Tags": [
                     {"Key": "Name", "Value": instance_name(n)},
                     {"Key": ROLE_TAG, "Value": ROLE_APP_TIER},
+                    {"Key": PREFIX_TAG, "Value": settings.prefix},
                 ],
             }
         ],

@@ -80,4 +80,6 @@ def test_many_images_from_the_page(stack, browser, reference_model, tmp_path):
     # Untrained weights are announced, not hidden.
     banner = browser.find_element(By.ID, "untrained-banner")
     assert banner.is_displayed() and "UNTRAINED" in banner.text
+    # No API key is configured, so the page does not ask for one.
+    assert not browser.find_element(By.ID, "api-key-box").is_displayed()
     browser.save_screenshot(str(stack.run_dir / "page.png"))

@@ -216,13 +216,14 @@ def test_scaled_in_again_and_again_a_request_never_reaches_the_dead_letter_queue
 
 def test_heartbeat_keeps_a_slow_batch_from_being_redelivered(aws_env):
     settings, aws = aws_env
-    settings = dataclasses.replace(settings, visibility_timeout_s=3)
+    # Extended every 5/3 s; the batch takes 7 s, more than the timeout itself.
+    settings = dataclasses.replace(settings, visibility_timeout_s=5)
     upload(settings, aws, "slow.jpg", make_image(5), "slow")
-    worker = Worker(settings, aws, MeanClassifier(delay_s=5.0), "i-slow")
+    worker = Worker(settings, aws, MeanClassifier(delay_s=7.0), "i-slow")
     runner = threading.Thread(target=worker.run)
     runner.start()
     try:
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 20
         while not responses_seen(aws) and time.monotonic() < deadline:
             # While it works, the message must never become visible to others.
             assert depth(aws, aws.request_queue_url)[0] == 0

@@ -1,0 +1,493 @@
+"""The controller's loop against moto's in-process AWS: launches, names, scale-in, faults.
+
+`Controller.step` is one observe-decide-act round against (mock) EC2 and SQS;
+`Controller.run` is the loop that must survive AWS errors. Faults are injected
+by wrapping single client methods, so the rest of the AWS stays real.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from botocore.awsrequest import AWSResponse
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+from moto import mock_aws
+from moto.core.botocore_stubber import MockRawResponse
+
+from common.aws import Aws
+from common.config import Settings
+from common.names import ROLE_APP_TIER, ROLE_TAG
+from common.provision import provision
+from controller.act import LaunchError
+from controller.loop import TIMELINE_FIELDS, Controller
+from controller.main import build_parser
+from controller.timeline import plot_timeline
+
+ROOT = Path(__file__).resolve().parents[2]
+POLL_S = 0.02
+# Short in tests so a few failed rounds take well under a second; the default is 1 s.
+TEST_BACKOFF_MIN_S = 0.1
+
+
+@pytest.fixture(scope="module")
+def shared_aws() -> Iterator[Aws]:
+    """One mock AWS for the module: building moto's EC2 and botocore's models costs ~1 s each time."""
+    # No long-poll wait: the tests receive from the queue themselves.
+    settings = Settings(prefix="unit", poll_interval_s=POLL_S, receive_wait_s=0)
+    with mock_aws():
+        aws = Aws(settings)
+        provision(settings, aws)
+        yield aws
+
+
+@pytest.fixture
+def aws(shared_aws: Aws) -> Iterator[Aws]:
+    """The shared mock AWS, left as each test found it: no live instances, no messages."""
+    yield shared_aws
+    leftover = [i["InstanceId"] for i in instances(shared_aws, ("pending", "running", "stopped"))]
+    if leftover:
+        shared_aws.ec2.terminate_instances(InstanceIds=leftover)
+    # In-flight messages cannot be received, and moto allows one purge a minute: a new queue.
+    shared_aws.sqs.delete_queue(QueueUrl=shared_aws.request_queue_url)
+    provision(shared_aws.settings, shared_aws)
+
+
+@pytest.fixture
+def patch(aws: Aws) -> Iterator[pytest.MonkeyPatch]:
+    """For faults: undone before `aws` cleans up (the autouse `monkeypatch` is undone after it)."""
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@pytest.fixture
+def make_controller(aws: Aws) -> Iterator[Callable[..., Controller]]:
+    """Controllers on the shared mock AWS; any still running is stopped afterwards."""
+    made: list[Controller] = []
+
+    def make(**kwargs) -> Controller:
+        kwargs.setdefault("backoff_min_s", TEST_BACKOFF_MIN_S)
+        controller = Controller(aws.settings, aws, **kwargs)
+        made.append(controller)
+        return controller
+
+    yield make
+    for controller in made:
+        controller.stopping.set()
+
+
+def send(aws: Aws, count: int) -> None:
+    for start in range(0, count, 10):
+        numbers = range(start, min(count, start + 10))
+        entries = [{"Id": str(i), "MessageBody": f"request {i}"} for i in numbers]
+        aws.sqs.send_message_batch(QueueUrl=aws.request_queue_url, Entries=entries)
+
+
+def receive_all(aws: Aws) -> list[str]:
+    """Take every visible message (they become in flight); returns the receipt handles."""
+    handles: list[str] = []
+    while True:
+        reply = aws.sqs.receive_message(QueueUrl=aws.request_queue_url, MaxNumberOfMessages=10,
+                                        WaitTimeSeconds=0, VisibilityTimeout=60)
+        if not reply.get("Messages"):
+            return handles
+        handles += [m["ReceiptHandle"] for m in reply["Messages"]]
+
+
+def delete(aws: Aws, handles: list[str]) -> None:
+    for handle in handles:
+        aws.sqs.delete_message(QueueUrl=aws.request_queue_url, ReceiptHandle=handle)
+
+
+def instances(aws: Aws, states: tuple[str, ...] = ("pending", "running")) -> list[dict]:
+    reply = aws.ec2.describe_instances(Filters=[{"Name": "instance-state-name", "Values": list(states)}])
+    return [i for r in reply["Reservations"] for i in r["Instances"]]
+
+
+def tags(instance: dict) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+
+
+def names(aws: Aws) -> list[str]:
+    return sorted(tags(i)["Name"] for i in instances(aws))
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float, what: str) -> object:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.01)
+
+
+# --- one round at a time ------------------------------------------------------------
+
+
+def test_step_launches_one_named_instance_per_message(aws, make_controller):
+    send(aws, 7)
+    decision = make_controller().step()
+    assert len(decision.launch) == 7
+    live = instances(aws)
+    assert sorted(tags(i)["Name"] for i in live) == sorted(f"app-tier-instance-{n}" for n in range(1, 8))
+    assert all(tags(i)[ROLE_TAG] == ROLE_APP_TIER for i in live)
+
+
+def test_second_step_counts_what_the_first_launched(aws, make_controller):
+    send(aws, 5)
+    controller = make_controller()
+    controller.step()
+    assert controller.step().launch == ()
+    assert len(instances(aws)) == 5
+
+
+def test_launches_are_counted_before_ec2_lists_them(aws, make_controller, patch):
+    """Real EC2 may not list a new instance for a while: the controller must not launch it again."""
+    send(aws, 5)
+    controller = make_controller()
+    controller.step()
+    empty = {"Reservations": []}
+    patch.setattr(aws.ec2, "describe_instances", lambda **kwargs: empty)  # EC2 lags behind
+    assert controller.step().launch == ()
+    patch.undo()
+    assert len(instances(aws)) == 5
+
+
+def test_cap_holds_for_100_messages(aws, make_controller):
+    send(aws, 100)
+    controller = make_controller()
+    assert len(controller.step().launch) == 15
+    for _ in range(3):
+        assert controller.step().launch == ()
+    assert len(instances(aws)) == 15
+    assert len(set(names(aws))) == 15
+
+
+def test_no_work_left_terminates_all(aws, make_controller):
+    send(aws, 8)
+    controller = make_controller()
+    controller.step()
+    handles = receive_all(aws)
+    assert len(controller.step().terminate) == 0, "in-flight messages are still work"
+    delete(aws, handles)
+    assert len(controller.step().terminate) == 8
+    assert instances(aws) == []
+
+
+def test_new_controller_adopts_the_fleet_from_ec2_tags(aws, make_controller):
+    """A restarted controller has no memory; EC2 tags and the queue are all it needs."""
+    send(aws, 5)
+    make_controller().step()
+    send(aws, 3)
+    fresh = make_controller()
+    assert fresh.step().launch == (6, 7, 8), "numbers 1-5 are taken by live instances"
+    send(aws, 20)  # 28 messages: more than the cap
+    again = make_controller()
+    decision = again.step()
+    assert len(decision.launch) == 7
+    assert len(instances(aws)) == 15 and len(set(names(aws))) == 15
+    delete(aws, receive_all(aws))
+    assert len(make_controller().step().terminate) == 15
+
+
+class Killed(BaseException):
+    """SIGKILL, as far as the code under test can tell: nothing after it runs."""
+
+
+def test_killed_between_decision_and_terminate(aws, make_controller, patch):
+    send(aws, 4)
+    make_controller().step()
+    delete(aws, receive_all(aws))
+
+    def die(*args, **kwargs):
+        raise Killed
+
+    dying = make_controller()
+    patch.setattr("controller.loop.terminate", die)
+    with pytest.raises(Killed):
+        dying.step()
+    patch.undo()
+    assert len(instances(aws)) == 4
+    decision = make_controller().step()
+    assert len(decision.terminate) == 4 and decision.launch == ()
+    assert instances(aws) == []
+
+
+def test_killed_mid_launch_the_next_controller_launches_only_the_rest(aws, make_controller, patch):
+    real = aws.ec2.run_instances
+    done: list[int] = []
+    lock = threading.Lock()
+
+    def run_three_then_die(**kwargs):
+        with lock:
+            if len(done) >= 3:
+                raise Killed
+            done.append(1)
+        return real(**kwargs)
+
+    patch.setattr(aws.ec2, "run_instances", run_three_then_die)
+    send(aws, 8)
+    with pytest.raises(Killed):
+        make_controller().step()
+    patch.undo()
+    assert len(instances(aws)) == 3
+    assert len(make_controller().step().launch) == 5
+    assert len(names(aws)) == len(set(names(aws))) == 8
+
+
+def test_dry_run_logs_and_acts_on_nothing(aws, make_controller, caplog):
+    caplog.set_level(logging.INFO, logger="controller")
+    send(aws, 4)
+    decision = make_controller(dry_run=True).step()
+    assert len(decision.launch) == 4
+    assert instances(aws) == []
+    lines = [r.getMessage() for r in caplog.records if "action=launch 4" in r.getMessage()]
+    assert lines and "(dry run)" in lines[0], caplog.text
+
+    make_controller().step()  # a real fleet of 4
+    delete(aws, receive_all(aws))
+    caplog.clear()
+    assert len(make_controller(dry_run=True).step().terminate) == 4
+    assert len(instances(aws)) == 4
+    assert "action=terminate 4 (dry run)" in caplog.text
+
+
+def test_one_log_line_per_change(aws, make_controller, caplog):
+    caplog.set_level(logging.INFO, logger="controller")
+    send(aws, 3)
+    controller = make_controller()
+    for _ in range(4):
+        controller.step()
+    decisions = [r for r in caplog.records if "backlog=" in r.getMessage()]
+    # The launch, then one line when EC2 first lists the instances; nothing for the quiet rounds.
+    assert len(decisions) <= 2, caplog.text
+    assert sum("action=launch 3" in r.getMessage() for r in decisions) == 1
+
+
+def test_timeline_csv_and_plot(aws, make_controller, tmp_path):
+    csv_path, png_path = tmp_path / "timeline.csv", tmp_path / "timeline.png"
+    controller = make_controller(timeline_path=csv_path)
+    send(aws, 3)
+    controller.step()
+    controller.step()
+    delete(aws, receive_all(aws))
+    controller.step()
+    with csv_path.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert tuple(rows[0]) == TIMELINE_FIELDS
+    assert [r["action"] for r in rows] == ["launch 3", "-", "terminate 3"]
+    assert [int(r["visible"]) for r in rows] == [3, 3, 0]
+    plot_timeline(csv_path, png_path)
+    data = png_path.read_bytes()
+    assert data.startswith(b"\x89PNG") and len(data) > 5000
+
+
+# --- the loop under faults ------------------------------------------------------------
+
+
+class Flaky:
+    """Wraps a client method: calls for which `fails(call_number, kwargs)` is true raise `error()`."""
+
+    def __init__(self, real: Callable, error: Callable[[], Exception],
+                 fails: Callable[[int, dict], bool]) -> None:
+        self.real, self.error, self.fails = real, error, fails
+        self.calls: list[tuple[float, bool]] = []  # (monotonic time, failed)
+        self.lock = threading.Lock()
+
+    def __call__(self, **kwargs):
+        with self.lock:
+            number = len(self.calls)
+            failed = self.fails(number, kwargs)
+            self.calls.append((time.monotonic(), failed))
+        if failed:
+            raise self.error()
+        return self.real(**kwargs)
+
+    @property
+    def failures(self) -> list[float]:
+        return [t for t, failed in self.calls if failed]
+
+
+def client_error(code: str, operation: str) -> Callable[[], Exception]:
+    return lambda: ClientError({"Error": {"Code": code, "Message": f"injected {code}"}}, operation)
+
+
+def start(controller: Controller) -> threading.Thread:
+    thread = threading.Thread(target=controller.run, name="controller", daemon=True)
+    thread.start()
+    return thread
+
+
+def stop(controller: Controller, thread: threading.Thread) -> None:
+    controller.stopping.set()
+    thread.join(5)
+    assert not thread.is_alive(), "run() did not stop"
+
+
+FAULTS = {
+    "ec2-capacity": ("ec2", "run_instances", client_error("InsufficientInstanceCapacity", "RunInstances")),
+    "ec2-throttled": ("ec2", "run_instances", client_error("RequestLimitExceeded", "RunInstances")),
+    "ec2-describe-timeout": ("ec2", "describe_instances",
+                             lambda: ReadTimeoutError(endpoint_url="http://ec2.test")),
+    "sqs-endpoint-down": ("sqs", "get_queue_attributes",
+                          lambda: EndpointConnectionError(endpoint_url="http://sqs.test")),
+    "sqs-throttled": ("sqs", "get_queue_attributes",
+                      client_error("ThrottlingException", "GetQueueAttributes")),
+    "unexpected": ("ec2", "terminate_instances", lambda: RuntimeError("something nobody expected")),
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_run_survives_faults_with_backoff(aws, make_controller, patch, caplog, fault):
+    service, method, error = FAULTS[fault]
+    client = getattr(aws, service)
+    flaky = Flaky(getattr(client, method), error, lambda number, kwargs: number < 3)
+    patch.setattr(client, method, flaky)
+    caplog.set_level(logging.INFO, logger="controller")
+    if method == "terminate_instances":  # the fault hits scale-in: start with a fleet and no work
+        send(aws, 4)
+        make_controller().step()
+        delete(aws, receive_all(aws))
+        want = 0
+    else:
+        # One launch per round for run_instances faults (launches run in parallel), so
+        # that three failed calls are three failed rounds.
+        want = 1 if method == "run_instances" else 6
+        send(aws, want)
+    controller = make_controller()
+    thread = start(controller)
+    try:
+        wait_until(lambda: len(flaky.failures) == 3 and len(instances(aws)) == want, 10,
+                   f"{want} instances after 3 failures")
+    finally:
+        stop(controller, thread)
+    # Backed off, doubling: 0.1 s, then 0.2 s between the failed rounds; no spinning at the
+    # 20 ms poll interval (which would have made ~15 calls in the same time).
+    gaps = [b - a for a, b in zip(flaky.failures, flaky.failures[1:], strict=False)]
+    assert gaps[0] >= TEST_BACKOFF_MIN_S * 0.9 and gaps[1] >= 2 * TEST_BACKOFF_MIN_S * 0.9, gaps
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 3, caplog.text
+    assert all("next try in" in r.getMessage() for r in warnings)
+    if fault == "unexpected":
+        assert all(r.exc_info for r in warnings), "a surprise is logged with its traceback"
+    assert len(set(names(aws))) == len(names(aws)) == want
+
+
+def test_partial_launch_failure_keeps_the_successes(aws, make_controller, patch, caplog):
+    """InsufficientInstanceCapacity on some launches: the rest count, the next round adds the remainder."""
+    failing = {"app-tier-instance-3", "app-tier-instance-7", "app-tier-instance-11"}
+
+    def capacity_short(number: int, kwargs: dict) -> bool:
+        name = kwargs["TagSpecifications"][0]["Tags"][0]["Value"]
+        return number < 15 and name in failing  # only in the first round of 15
+
+    flaky = Flaky(aws.ec2.run_instances, client_error("InsufficientInstanceCapacity", "RunInstances"),
+                  capacity_short)
+    patch.setattr(aws.ec2, "run_instances", flaky)
+    caplog.set_level(logging.INFO, logger="controller")
+    send(aws, 100)
+    controller = make_controller()
+    with pytest.raises(LaunchError, match="3 of 15 launch"):
+        controller.step()
+    assert len(instances(aws)) == 12
+    # Even if EC2 lags and lists none of the 12 that did start, they are remembered.
+    real_describe = aws.ec2.describe_instances
+    patch.setattr(aws.ec2, "describe_instances", lambda **kwargs: {"Reservations": []})
+    assert sorted(controller.step().launch) == [3, 7, 11]
+    patch.setattr(aws.ec2, "describe_instances", real_describe)
+    assert controller.step().launch == ()
+    assert names(aws) == sorted(f"app-tier-instance-{n}" for n in range(1, 16))
+    assert len(flaky.calls) == 18, "15, then only the 3 that failed"
+
+
+def test_partial_launch_failure_in_run_reaches_the_cap(aws, make_controller, patch, caplog):
+    def every_third_of_first_round(number: int, kwargs: dict) -> bool:
+        return number < 15 and number % 3 == 0
+
+    flaky = Flaky(aws.ec2.run_instances, client_error("InsufficientInstanceCapacity", "RunInstances"),
+                  every_third_of_first_round)
+    patch.setattr(aws.ec2, "run_instances", flaky)
+    caplog.set_level(logging.INFO, logger="controller")
+    send(aws, 100)
+    controller = make_controller()
+    thread = start(controller)
+    try:
+        wait_until(lambda: len(instances(aws)) == 15, 10, "15 instances")
+        rounds = len(controller.timeline)
+        wait_until(lambda: len(controller.timeline) >= rounds + 5, 5, "5 more rounds")
+    finally:
+        stop(controller, thread)
+    assert len(flaky.calls) == 20, "15 in the first round, then only the 5 that failed"
+    assert len(set(names(aws))) == 15
+    assert "InsufficientInstanceCapacity" in caplog.text
+
+
+def test_default_backoff_is_at_least_a_second(aws, patch):
+    """With the shipped settings a failing AWS is asked at most once a second, not once a poll."""
+    flaky = Flaky(aws.sqs.get_queue_attributes,
+                  lambda: EndpointConnectionError(endpoint_url="http://sqs.test"), lambda n, kw: True)
+    patch.setattr(aws.sqs, "get_queue_attributes", flaky)
+    controller = Controller(aws.settings, aws)  # poll 20 ms, default backoff
+    thread = start(controller)
+    try:
+        wait_until(lambda: flaky.calls, 5, "the first call")
+        time.sleep(0.9)
+        assert len(flaky.calls) == 1, flaky.calls
+    finally:
+        stop(controller, thread)
+
+
+def test_botocore_retries_throttling_by_itself(aws, make_controller):
+    """RequestLimitExceeded on the wire: the client's standard retry mode retries it, no error reaches us.
+
+    (A read is throttled here, not RunInstances: under mock_aws moto still carries
+    out a request whose answer a hook replaces, and it ignores ClientToken.)
+    """
+    attempts = {"n": 0}
+
+    def throttle_first(request, **kwargs):
+        attempts["n"] += 1
+        if attempts["n"] == 1:
+            body = ("<Response><Errors><Error><Code>RequestLimitExceeded</Code><Message>Request limit "
+                    "exceeded.</Message></Error></Errors><RequestID>r1</RequestID></Response>")
+            return AWSResponse(request.url, 503, {}, MockRawResponse(body))
+        return None  # moto answers
+
+    event = "before-send.ec2.DescribeInstances"
+    aws.ec2.meta.events.register_first(event, throttle_first)
+    try:
+        send(aws, 1)
+        assert make_controller().step().launch == (1,)
+    finally:
+        aws.ec2.meta.events.unregister(event, throttle_first)
+    assert attempts["n"] == 2
+    assert len(instances(aws)) == 1
+
+
+# --- the command line ---------------------------------------------------------------------
+
+
+def test_help_documents_every_option():
+    out = subprocess.run([sys.executable, "controller.py", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=30, check=True).stdout
+    parser = build_parser(Settings())
+    options = [a for a in parser._actions if a.option_strings]
+    assert {o for a in options for o in a.option_strings} >= {
+        "--max-instances", "--poll-interval", "--mode", "--target-backlog", "--acceptable-latency",
+        "--seconds-per-image", "--boot-time", "--scale-in-cooldown", "--dry-run", "--once",
+        "--timeline", "--plot",
+    }
+    for action in options:
+        assert action.help, f"{action.option_strings} has no help text"
+        for option in action.option_strings:
+            assert option in out, f"{option} missing from --help"
