@@ -49,6 +49,30 @@ def local_model_weights(env: dict[str, str] | os._Environ) -> tuple[str, str]:
     )
 
 
+# Peak resident memory of one local worker, measured here (see README).
+WORKER_PEAK_BYTES = {"openvino": 0.5 * 2**30, "tensorflow": 1.3 * 2**30}
+
+
+def memory_safe_workers(settings: Settings, env: dict[str, str] | os._Environ) -> tuple[int, str]:
+    """How many local worker processes fit in this machine's memory.
+
+    The controller still decides up to MAX_INSTANCES instances, as on AWS; this
+    only caps how many of them get a process here. Workers that are draining
+    after a scale-in and the warm spares overlap with new ones, hence the margin.
+    """
+    if env.get("LOCAL_MAX_WORKERS"):
+        return settings.local_max_workers, ""
+    import psutil
+
+    per_worker = WORKER_PEAK_BYTES.get(settings.model_runtime, WORKER_PEAK_BYTES["tensorflow"])
+    fits = int(psutil.virtual_memory().available * 0.6 // per_worker)
+    cap = max(1, min(settings.local_max_workers, fits))
+    if cap < settings.local_max_workers:
+        return cap, (f"only {cap} local {settings.model_runtime} workers fit in this machine's memory "
+                     f"(~{per_worker / 2**30:.1f} GB each): LOCAL_MAX_WORKERS={cap}")
+    return cap, ""
+
+
 def child_env(settings: Settings) -> dict[str, str]:
     """Environment for every process of the stack: pointed at the embedded AWS."""
     env = dict(os.environ)
@@ -167,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     weights, note = local_model_weights(os.environ)
     os.environ["MODEL_WEIGHTS"] = weights
     settings = dataclasses.replace(settings, endpoint_url=settings.local_aws_url, model_weights=weights)
+    if note:
+        log.warning(note)
+    workers, note = memory_safe_workers(settings, os.environ)
+    settings = dataclasses.replace(settings, local_max_workers=workers)
     if note:
         log.warning(note)
 
