@@ -54,6 +54,8 @@ class InstanceRunner:
     poll_s: float = 0.2
     grace_s: float = 30.0
     warm_spares: int = 1
+    # What an instance runs; tests put a small stand-in here.
+    worker_argv: list[str] = field(default_factory=lambda: [sys.executable, "-m", "app_tier"])
     workers: dict[str, WorkerProcess] = field(default_factory=dict)
     stopping: threading.Event = field(default_factory=threading.Event)
     _first_seen: dict[str, float] = field(default_factory=dict)
@@ -73,7 +75,7 @@ class InstanceRunner:
         log_path = self.log_dir / f"worker-{self._spawned:03d}.log"
         with open(log_path, "ab") as out:
             return subprocess.Popen(
-                [sys.executable, "-m", "app_tier", "--instance-id", instance_id],
+                [*self.worker_argv, "--instance-id", instance_id],
                 stdin=subprocess.PIPE if instance_id == "-" else subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,

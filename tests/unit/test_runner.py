@@ -1,0 +1,136 @@
+"""The local instance runner: one process per live instance, stopped as EC2 would stop it."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from moto import mock_aws
+
+from common.aws import Aws
+from common.config import Settings
+from controller.act import launch, terminate
+from localaws.runner import InstanceRunner
+
+# Stands in for `python -m app_tier`: records its instance id and waits.
+# "stubborn" ignores SIGTERM, as a hung worker would.
+FAKE_WORKER = """
+import os, signal, sys, time
+args = sys.argv[1:]
+iid = args[args.index("--instance-id") + 1]
+if iid == "-":
+    iid = sys.stdin.readline().strip()
+    if not iid:
+        sys.exit(0)
+if os.environ.get("FAKE_MODE") == "stubborn":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+out = os.environ["FAKE_OUT"]
+open(os.path.join(out, f"{iid}.{os.getpid()}"), "w").close()
+while True:
+    time.sleep(0.05)
+"""
+
+
+def wait_until(predicate, timeout_s: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch):
+    with mock_aws():
+        settings = dataclasses.replace(Settings(), local_boot_delay_s=0.0)
+        script = tmp_path / "fake_worker.py"
+        script.write_text(FAKE_WORKER)
+        out = tmp_path / "started"
+        out.mkdir()
+        env = {"FAKE_OUT": str(out), "PATH": "/usr/bin:/bin"}
+        runners: list[InstanceRunner] = []
+
+        def make(**kw) -> InstanceRunner:
+            settings_kw = {k: kw.pop(k) for k in list(kw) if hasattr(settings, k)}
+            runner = InstanceRunner(
+                dataclasses.replace(settings, **settings_kw), env=dict(env, **kw.pop("env", {})),
+                log_dir=tmp_path / "logs", worker_argv=[sys.executable, str(script)], **kw)
+            runners.append(runner)
+            return runner
+
+        yield settings, Aws(settings), make, out
+        for runner in runners:
+            runner.shutdown(timeout_s=2)
+
+
+def started(out: Path) -> list[str]:
+    return sorted(p.name.split(".")[0] for p in out.iterdir())
+
+
+def test_each_live_instance_gets_one_worker_after_the_boot_delay(world):
+    settings, aws, make, out = world
+    runner = make(local_boot_delay_s=0.5, warm_spares=0)
+    ids = launch(aws, settings, (1, 2))
+    runner.step()
+    assert runner.workers == {}, "still booting"
+    wait_until(lambda: (runner.step(), len(runner.workers) == 2)[1], what="two workers after the boot delay")
+    wait_until(lambda: started(out) == sorted(ids.values()), what="workers to start")
+    runner.step()
+    assert len(runner.workers) == 2 and runner.started_total == 2, "no second process per instance"
+
+
+def test_a_terminated_instance_gets_sigterm_then_sigkill(world):
+    settings, aws, make, out = world
+    runner = make(warm_spares=0, grace_s=0.5, env={"FAKE_MODE": "stubborn"})
+    iid = launch(aws, settings, (1,))[1]
+    runner.step()
+    process = runner.workers[iid].process
+    wait_until(lambda: started(out) == [iid], what="the worker to start")
+    terminate(aws, (iid,))
+    runner.step()
+    assert iid not in runner.workers
+    assert process.poll() is None, "SIGTERM ignored: still alive during the grace period"
+    wait_until(lambda: (runner.step(), process.poll() is not None)[1], what="SIGKILL after the grace period")
+    assert process.returncode == -9
+
+
+def test_a_crashed_worker_is_restarted_like_systemd_would(world):
+    settings, aws, make, out = world
+    runner = make(warm_spares=0)
+    iid = launch(aws, settings, (1,))[1]
+    runner.step()
+    first = runner.workers[iid].process
+    wait_until(lambda: started(out) == [iid], what="the worker to start")
+    first.kill()
+    first.wait()
+    wait_until(lambda: (runner.step(), runner.workers[iid].process is not first)[1], timeout_s=5,
+               what="a restart")
+    assert runner.workers[iid].restarts == 1
+    wait_until(lambda: started(out) == [iid, iid], what="the restarted worker to start")
+
+
+def test_a_warm_spare_is_adopted_by_the_next_instance(world):
+    settings, aws, make, out = world
+    runner = make(warm_spares=1)
+    runner.step()
+    assert len(runner._spares) == 1 and started(out) == []
+    spare_pid = runner._spares[0].pid
+    iid = launch(aws, settings, (1,))[1]
+    runner.step()
+    assert runner.workers[iid].process.pid == spare_pid
+    wait_until(lambda: started(out) == [iid], what="the spare to take the instance id")
+    assert len(runner._spares) == 1, "a new spare replaces the adopted one"
+
+
+def test_shutdown_leaves_no_process(world):
+    settings, aws, make, out = world
+    runner = make(warm_spares=1, env={"FAKE_MODE": "stubborn"})
+    launch(aws, settings, (1, 2))
+    runner.step()
+    processes = [w.process for w in runner.workers.values()] + list(runner._spares)
+    runner.shutdown(timeout_s=0.5)
+    assert all(p.poll() is not None for p in processes)
