@@ -83,3 +83,39 @@ def test_many_images_from_the_page(stack, browser, reference_model, tmp_path):
     # No API key is configured, so the page does not ask for one.
     assert not browser.find_element(By.ID, "api-key-box").is_displayed()
     browser.save_screenshot(str(stack.run_dir / "page.png"))
+
+
+def test_a_waiting_page_reconnects_after_the_web_tier_restarts(stack, browser, reference_model, tmp_path):
+    import psutil
+    from selenium.webdriver.common.by import By
+
+    files = {f"reconnect_{i}.jpg": make_image(700 + i) for i in range(6)}
+    paths = []
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        paths.append(str(tmp_path / name))
+    browser.get(stack.web_url + "/")
+    browser.find_element(By.ID, "file-input").send_keys("\n".join(paths))
+
+    def results():
+        return browser.find_elements(By.CSS_SELECTOR, "#results [data-state]")
+
+    def states():
+        return [i.get_attribute("data-state") for i in results()]
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (len(states()) == 6 and "uploading" not in states()):
+        time.sleep(0.05)
+    assert len(states()) == 6 and "uploading" not in states(), states()
+    # Kill the web tier's worker process (its master starts a new one) while the page waits.
+    master = next(p for p in stack.descendants() if "gunicorn" in " ".join(p.cmdline()) and p.children())
+    master.children()[0].kill()
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not all(s in ("done", "failed") for s in states()):
+        time.sleep(0.2)
+    items = {i.get_attribute("data-filename"): i for i in results()}
+    for name, data in files.items():
+        assert items[name].get_attribute("data-state") == "done", items[name].text
+        assert items[name].get_attribute("data-label") == reference(reference_model, data).label
+    assert psutil.pid_exists(master.pid)
