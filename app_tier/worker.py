@@ -11,8 +11,12 @@ main thread runs the model on the current one, so the network and the decoder
 overlap with inference. A heartbeat thread extends the visibility timeout of
 every message the worker holds, so a slow batch is never redelivered by
 mistake. On SIGTERM the worker stops receiving, finishes the batch in hand if
-it can within the grace period, and makes everything else visible again at
+it can within the grace period, and hands everything else back to the queue at
 once, so no request waits out a visibility timeout because of it.
+
+A worker holds at most two batches (one being classified, one prepared), so
+that a worker that starts early does not hoard messages that instances started
+a moment later could be working on.
 """
 
 from __future__ import annotations
@@ -73,7 +77,10 @@ class Worker:
         self._finished = threading.Event()
         self._held: dict[str, Job] = {}  # by message id: what the heartbeat extends
         self._held_lock = threading.Lock()
-        self._prefetched: queue.Queue[Batch] = queue.Queue(maxsize=1)
+        self._prefetched: queue.Queue[Batch] = queue.Queue()
+        # Taken by the fetch thread before it receives, given back when the main
+        # thread picks the batch up: at most one batch waits while one is classified.
+        self._prefetch_slot = threading.Semaphore(1)
         self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="io")
         self.processed = 0
 
@@ -107,16 +114,17 @@ class Worker:
                 batch = self._prefetched.get(timeout=0.5)
             except queue.Empty:
                 continue
+            self._prefetch_slot.release()
             if self.stopping.is_set():
                 # Received after the stop signal: not ours to finish.
                 self.hand_back(batch.jobs)
                 continue
             try:
                 self.process(batch)
-            except _AWS_ERRORS + (RuntimeError,) as exc:
+            except Exception:  # whatever it was, the loop must go on
                 # Let another attempt (here or elsewhere) have it now; after
                 # max_receive_count attempts SQS moves it to the dead-letter queue.
-                log.error("batch of %d failed (%s); releasing it", len(batch.jobs), exc)
+                log.exception("batch of %d failed; releasing it", len(batch.jobs))
                 self._release(batch.jobs)
         self._finished.set()
         self.hand_back_held()
@@ -127,16 +135,21 @@ class Worker:
     def _fetch_loop(self) -> None:
         backoff = 1.0
         while not self.stopping.is_set():
+            if not self._prefetch_slot.acquire(timeout=0.5):
+                continue
             try:
                 batch = self.fetch()
                 backoff = 1.0
             except _AWS_ERRORS as exc:
+                self._prefetch_slot.release()
                 log.warning("receive failed (%s); retrying in %.0f s", exc, backoff)
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
             if batch.jobs:
                 self._prefetched.put(batch)
+            else:
+                self._prefetch_slot.release()
 
     def fetch(self) -> Batch:
         """Receive up to `receive_batch` requests and prepare their pixels."""

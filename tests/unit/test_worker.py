@@ -243,3 +243,24 @@ def crash(aws: Aws, batch) -> None:
 
 def responses_seen(aws: Aws) -> bool:
     return depth(aws, aws.response_queue_url)[0] > 0
+
+
+def test_a_worker_holds_at_most_two_batches(aws_env):
+    settings, aws = aws_env
+    settings = dataclasses.replace(settings, receive_batch=5)
+    for i in range(20):
+        upload(settings, aws, f"{i}.jpg", make_image(i, size=(64, 64)), str(i))
+    model = MeanClassifier(delay_s=2.0)
+    worker = Worker(settings, aws, model, "i-greedy")
+    runner = threading.Thread(target=worker.run)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        while model.calls == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)  # give a greedy fetcher time to take more than its share
+        visible, in_flight = depth(aws, aws.request_queue_url)
+        assert in_flight <= 10 and visible >= 10, (visible, in_flight)
+    finally:
+        worker.stopping.set()
+        runner.join(timeout=15)
