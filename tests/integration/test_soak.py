@@ -51,7 +51,7 @@ def kind_of(proc: psutil.Process) -> str:
         cmd = " ".join(proc.cmdline())
     except psutil.Error:
         return "gone"
-    for marker, kind in (("moto.server", "moto"), ("gunicorn", "web"), ("controller.py", "controller"),
+    for marker, kind in (("moto", "moto"), ("gunicorn", "web"), ("controller.py", "controller"),
                          ("app_tier", "worker")):
         if marker in cmd:
             return kind

@@ -1,0 +1,324 @@
+"""`make bench`: the service's figures on this machine, printed and written to .bench/latest.json.
+
+  (a) the model alone, in fresh processes: throughput per batch size (the
+      local limit), single-image time, start-up time, peak RSS; OpenVINO (the
+      default runtime) and TensorFlow;
+  (b) 300 images at concurrency 100 through the whole embedded stack;
+  (c) the ratio (b) / (a);
+  (d) the course's average latency: 100 requests at concurrency 100;
+  (e) first request -> first launch, last response -> zero instances;
+  (f) peak resident memory of each kind of process during (b);
+  (g) p50 latency at low load against the model's single-image time;
+  (h) moto's SQS call times at several queue depths, against the needed rate.
+
+The model is UNTRAINED (MODEL_WEIGHTS=random) throughout: the figures are
+about speed. Missed targets are reported, never fatal. Use --only to run some
+parts (the others are taken from the last .bench/latest.json when there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench import report
+from bench.endtoend import EndToEndPlan, run_end_to_end, tuned_env
+from bench.images import write_expected, write_images
+from bench.inference import BATCH_SIZES, InferenceResult, measure, prepare_model
+from bench.noise import NoiseMeter
+from bench.sqs import measure_sqs
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = ROOT / ".bench"
+PARTS = ("inference", "sqs", "e2e")
+IMAGES = 300
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", action="append", choices=PARTS,
+                   help="run only this part (repeatable); others come from the last JSON")
+    p.add_argument("--skip-tensorflow", action="store_true", help="measure OpenVINO only in (a)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra environment for the stack under test (tuning experiments)")
+    p.add_argument("--warm-spares", type=int, default=None, help="LOCAL_WARM_SPARES for the stack")
+    p.add_argument("--untuned", action="store_true",
+                   help="run the stack with make run's own defaults, not the benchmark's tuned knobs")
+    p.add_argument("--json", type=Path, default=BENCH_DIR / "latest.json", help="where to write the figures")
+    return p.parse_args(argv)
+
+
+# --- the parts ------------------------------------------------------------------------
+
+
+def run_inference(images: Path, skip_tf: bool) -> tuple[dict[str, Any], dict[str, str]]:
+    print("(a) the model alone, each in a fresh process ...", flush=True)
+    prepare_model()
+    runs: list[InferenceResult] = [measure("openvino", 0, images, labels=True)]
+    labels = runs[0].labels
+    # What each worker of the local stack runs: one thread (LOCAL_WORKER_THREADS=1).
+    runs.append(measure("openvino", 1, images))
+    if not skip_tf:
+        runs.append(measure("tensorflow", 0, images))
+    by_name = {f"{r.runtime}/threads={r.threads}": r.to_dict() for r in runs}
+    limit = runs[0]
+    return {
+        "runs": by_name,
+        "local_limit": {"runtime": limit.runtime, "threads": limit.threads, "batch": limit.best_batch,
+                        "images_per_s": limit.best_throughput},
+        "single_image_s": limit.single_image_s,
+        "distinct_labels": len(set(labels.values())),
+    }, labels
+
+
+def run_sqs(needed: float | None, receive_batch: float) -> dict[str, Any]:
+    print("(h) moto's SQS at several queue depths ...", flush=True)
+    return measure_sqs(needed_images_per_s=needed, receive_batch=receive_batch)
+
+
+def run_e2e(images: Path, expected: Path | None, env: dict[str, str],
+            warm_spares: int | None) -> dict[str, Any]:
+    print("(b, d-g) the whole stack: 300 @ 100, 100 @ 100, then one at a time ...", flush=True)
+    plan = EndToEndPlan(images=images, expected=expected, env=env, warm_spares=warm_spares)
+    return run_end_to_end(plan, BENCH_DIR / "run")
+
+
+# --- printing -------------------------------------------------------------------------
+
+
+def inference_table(inference: dict[str, Any]) -> str:
+    rows = []
+    for name, r in inference["runs"].items():
+        per_batch = [f"{r['throughput'][str(b)]:.1f}" for b in BATCH_SIZES]
+        rows.append([name, *per_batch, f"{r['best_throughput']:.1f}",
+                     report.fmt(r["single_image_s"], "ms"), report.fmt(r["startup_s"], "s", 1),
+                     f"{r['peak_rss_mb']:.0f} MB"])
+    header = ["runtime", *[f"b={b} img/s" for b in BATCH_SIZES], "best", "1 image", "start-up", "peak RSS"]
+    lim = inference["local_limit"]
+    return report.table(
+        f"(a) Model alone, in-process (fresh process each). Local limit: {lim['runtime']} threads="
+        f"{lim['threads']} batch {lim['batch']} = {lim['images_per_s']:.1f} images/s", header, rows)
+
+
+def e2e_table(e2e: dict[str, Any]) -> str:
+    rows = []
+    runs = (("throughput", "(b) 300 @ 100"), ("course", "(d) 100 @ 100"), ("low_load", "(g) 30 @ 1"))
+    for key, title in runs:
+        r = e2e.get(key)
+        if not r:
+            continue
+        lat = r["latency_s"]
+        rows.append([title, f"{r['answered_200']}/{r['requests']}", str(r["failed"]), str(r["wrong"]),
+                     report.fmt(r["duration_s"], "s", 1), f"{r['throughput_images_per_s']:.1f}",
+                     *[report.fmt(lat[k], "s", 2) for k in ("p50", "p90", "p99", "max")],
+                     report.fmt(r["course_average_latency_s"], "s", 3)])
+    header = ["run", "200s", "failed", "wrong", "duration", "img/s", "p50", "p90", "p99", "max", "dur/req"]
+    return report.table("End to end: load_test.run_load -> POST / on the embedded stack", header, rows)
+
+
+def scaling_table(e2e: dict[str, Any]) -> str:
+    rows = []
+    for key, title in (("throughput", "(b) 300 @ 100"), ("course", "(d) 100 @ 100")):
+        s = (e2e.get(key) or {}).get("scaling")
+        if not s:
+            continue
+        rows.append([title, report.fmt(s["first_request_to_first_launch_s"], "s", 2),
+                     report.fmt(s["controller_launch_logged_after_s"], "s", 2),
+                     report.fmt(s["last_response_to_zero_s"], "s", 2),
+                     report.fmt(s["controller_terminate_logged_after_s"], "s", 2), str(s["peak_instances"])])
+    header = ["run", "1st request->launch (EC2)", "(controller log)", "last response->0 (EC2)",
+              "(controller log)", "peak instances"]
+    return report.table("(e) Scaling, EC2 polled every ~50 ms", header, rows)
+
+
+def memory_table(mem: dict[str, Any]) -> str:
+    rows = [[kind, str(v["processes"]), str(v["peak_count"]), f"{v['max_rss_mb']:.0f} MB",
+             f"{v['peak_sum_mb']:.0f} MB", f"{v.get('cpu_s', 0):.1f} s"]
+            for kind, v in mem["by_kind"].items()]
+    total_cpu = sum(v.get("cpu_s", 0) for v in mem["by_kind"].values())
+    rows.append(["all", "", "", "", f"{mem['peak_total_mb']:.0f} MB", f"{total_cpu:.1f} s"])
+    title = f"(f) Peak RSS during (b), psutil every {mem['interval_s']:g} s ({mem['samples']} samples)"
+    return report.table(title,
+                        ["process kind", "seen", "max alive", "max one", "max sum", "CPU used"], rows)
+
+
+def sqs_table(sqs: dict[str, Any]) -> str:
+    rows = []
+    for server in ("moto", "moto_fast"):
+        for d in (sqs.get(server) or {}).get("depths", []):
+            rows.append([server, str(d["depth"]), *[f"{d[k]:.1f}" for k in (
+                "send_ms", "send_batch10_ms", "receive10_ms", "receive10_and_delete_ms")]])
+    title = ("(h) moto SQS: median ms per call from one client "
+             "(moto = as shipped; moto_fast = what the stack runs)")
+    header = ["server", "queue depth", "send", "send batch 10", "receive 10", "receive 10 + delete"]
+    text = report.table(title, header, rows)
+    needed = sqs.get("needed_images_per_s")
+    for server in ("moto", "moto_fast"):
+        s = sqs.get(server)
+        if not s:
+            continue
+        text += (f"\n  {server}: SQS calls cost ~{s['sqs_ms_per_image_at_depth_100']:.1f} ms of moto "
+                 f"per image at depth 100 -> at most ~{s['sqs_bound_images_per_s']:.0f} images/s "
+                 f"from SQS alone")
+        if needed:
+            text += f"; at the local limit ({needed:.1f}/s) moto is busy {s['busy_share_at_needed_rate']:.0%}"
+    return text + ("\n  (S3 and EC2 calls come on top, in the same moto process: see the CPU column of (f).)")
+
+
+def noise_table(noise: dict[str, Any]) -> str:
+    rows = [[part, report.fmt(n["wall_s"], "s", 0), f"{n['bench_cores']:.2f}", f"{n['others_cores']:.2f}",
+             f"{n['loadavg_1m_start']:.1f} -> {n['loadavg_1m_end']:.1f}"] for part, n in noise.items()]
+    return report.table("Machine noise (cores busy, of 2)", ["part", "wall", "this bench", "others",
+                                                              "load average"], rows)
+
+
+# --- main -----------------------------------------------------------------------------
+
+
+def _previous(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _parse_env(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        name, eq, value = pair.partition("=")
+        if not eq:
+            raise SystemExit(f"--env wants NAME=VALUE, got {pair!r}")
+        out[name] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parts = set(args.only or PARTS)
+    previous = _previous(args.json)
+    started = time.monotonic()
+    print(f"make bench: {report.UNTRAINED_NOTE}.\n{report.NOISE_NOTE}\n", flush=True)
+
+    images = BENCH_DIR / "images"
+    write_images(images, IMAGES)
+    noise: dict[str, Any] = dict(previous.get("noise") or {})
+
+    figures: dict[str, Any] = {
+        "inference": previous.get("inference"), "expected_labels": previous.get("expected_labels") or {},
+        "end_to_end": previous.get("end_to_end"), "sqs": previous.get("sqs"), "noise": noise,
+    }
+
+    def save() -> None:
+        # After every part, so that an interrupted run keeps what it measured.
+        report.write_json(_document(figures, parts, started), args.json)
+
+    if "inference" in parts:
+        meter = NoiseMeter.start()
+        figures["inference"], figures["expected_labels"] = run_inference(images, args.skip_tensorflow)
+        noise["inference"] = meter.stop()
+        save()
+    limit = _limit(figures["inference"])
+
+    if "e2e" in parts:
+        labels = figures["expected_labels"]
+        expected = write_expected(BENCH_DIR / "expected.csv", labels) if labels else None
+        meter = NoiseMeter.start()
+        env, spares = ({}, None) if args.untuned else tuned_env()
+        env.update(_parse_env(args.env))
+        spares = args.warm_spares if args.warm_spares is not None else spares
+        figures["end_to_end"] = run_e2e(images, expected, env, spares)
+        noise["e2e"] = meter.stop()
+        save()
+
+    if "sqs" in parts:
+        meter = NoiseMeter.start()
+        figures["sqs"] = run_sqs(limit, receive_batch=float(os.environ.get("RECEIVE_BATCH", "10")))
+        noise["sqs"] = meter.stop()
+        save()
+
+    doc = _document(figures, parts, started)
+    report.write_json(doc, args.json)
+    print_figures(doc)
+    print(f"\nwritten to {args.json.relative_to(ROOT) if args.json.is_relative_to(ROOT) else args.json}"
+          f" in {time.monotonic() - started:.0f} s. {report.UNTRAINED_NOTE}.")
+    return 0
+
+
+def _limit(inference: dict[str, Any] | None) -> float | None:
+    return inference["local_limit"]["images_per_s"] if inference else None
+
+
+def _document(figures: dict[str, Any], parts: set[str], started: float) -> dict[str, Any]:
+    inference, e2e = figures["inference"], figures["end_to_end"]
+    limit = _limit(inference)
+    tput = (e2e or {}).get("throughput") or {}
+    e2e_ratio = report.ratio(tput.get("throughput_images_per_s"), limit)
+    zero_after = [((e2e or {}).get(k) or {}).get("scaling", {}).get("last_response_to_zero_s")
+                  for k in ("throughput", "course")]
+    found = report.targets(
+        e2e_ratio=e2e_ratio,
+        course_average_s=((e2e or {}).get("course") or {}).get("course_average_latency_s"),
+        zero_after_s=None if None in zero_after else max(zero_after),
+        low_load_p50_s=(((e2e or {}).get("low_load") or {}).get("latency_s") or {}).get("p50"),
+        single_image_s=(inference or {}).get("single_image_s"),
+    )
+    return report.document(
+        generated_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        machine={"cpus": psutil.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+                 "python": platform.python_version(), "platform": platform.platform()},
+        inference=inference, end_to_end=e2e, sqs=figures["sqs"], found=found, noise=figures["noise"],
+        extra={"ratio_e2e_to_limit": e2e_ratio, "parts_run": sorted(parts),
+               "expected_labels": figures["expected_labels"], "bench_seconds": time.monotonic() - started},
+    )
+
+
+def print_figures(doc: dict[str, Any]) -> None:
+    inference, e2e, sqs, noise = doc["inference"], doc["end_to_end"], doc["sqs"], doc["noise"]
+    limit = _limit(inference)
+    e2e_ratio = doc["ratio_e2e_to_limit"]
+
+    tput = (e2e or {}).get("throughput") or {}
+    print()
+    if inference:
+        print(inference_table(inference), "\n")
+    if e2e:
+        print(e2e_table(e2e), "\n")
+        print(f"(c) end-to-end / in-process limit: {report.fmt(e2e_ratio, '%')} "
+              f"({tput.get('throughput_images_per_s', 0):.1f} / {limit or 0:.1f} images/s)")
+        low = ((e2e.get("low_load") or {}).get("latency_s") or {}).get("p50")
+        single = (inference or {}).get("single_image_s")
+        print(f"(g) low-load p50 {report.fmt(low, 'ms')} vs model single-image time "
+              f"{report.fmt(single, 'ms')} "
+              f"(one worker runs 1 thread: {report.fmt(_one_thread_single(inference), 'ms')})\n")
+        print(scaling_table(e2e), "\n")
+        if tput.get("memory"):
+            print(memory_table(tput["memory"]), "\n")
+        print(f"stack env overrides: {e2e.get('env') or 'none'}, warm spares {e2e.get('warm_spares')}\n")
+    if sqs:
+        print(sqs_table(sqs), "\n")
+    if noise:
+        print(noise_table(noise), "\n")
+    print(report.targets_table([report.Target(**{k: v for k, v in t.items() if k != "verdict"})
+                                for t in doc["targets"]]))
+
+
+
+def _one_thread_single(inference: dict[str, Any] | None) -> float | None:
+    run = ((inference or {}).get("runs") or {}).get("openvino/threads=1")
+    return run["single_image_s"] if run else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

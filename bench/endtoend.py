@@ -1,0 +1,173 @@
+"""(b), (d), (e), (f), (g): the whole stack, driven by the load-test script's core.
+
+One stack (`StackProcess`, the same `python -m localaws.stack` that `make run`
+starts) serves every phase in turn, starting each from zero instances:
+
+  throughput  300 distinct images at concurrency 100 through POST /, with the
+              fleet (EC2 polled every ~50 ms) and memory (psutil) sampled;
+  course      100 requests at concurrency 100: the course's average latency
+              (total duration / requests);
+  low load    one request at a time, after a warm-up: the p50 latency.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.memory import MemorySampler
+from bench.report import latency_summary
+from bench.scaling import FleetPoller, controller_actions, scaling_times
+from load_test import Config, Report, run_load
+from localaws.harness import StackProcess
+
+log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT_S = 120.0
+ZERO_TIMEOUT_S = 30.0
+
+
+def tuned_env() -> tuple[dict[str, str], int]:
+    """The local stack's knobs as tuned by this benchmark (environment, warm spares).
+
+    Measured on this 2-core machine (see the report of the bench change):
+      - LOCAL_MAX_WORKERS = cores: 15 model processes on 2 cores spent the first
+        ~10 s of a burst loading models and then contended (5.7 images/s at
+        300 @ 100; 2 processes: 9.7). The controller still decides 15 instances;
+        the runner gives a process to as many as there are cores.
+      - LOCAL_WORKER_THREADS=0 (each worker uses all cores): while one worker
+        waits on S3 and SQS the other computes (2 x 1 thread: 7.8 images/s).
+      - 2 warm spares: both processes are loaded before the first launch.
+      - SCALE_IN_COOLDOWN=0.5 with POLL_INTERVAL=0.5: a worker stays up between
+        back-to-back single requests (without a cooldown one poll in the gap
+        between two requests ends the fleet: low-load p99 1.8 s; with it 0.2 s),
+        and the fleet still reaches zero within ~1.5 s of the last answer
+        (a 1 s cooldown took 1.6-2.0 s).
+    """
+    cores = os.cpu_count() or 1
+    env = {"LOCAL_MAX_WORKERS": str(cores), "LOCAL_WORKER_THREADS": "0",
+           "SCALE_IN_COOLDOWN": "0.5", "POLL_INTERVAL": "0.5"}
+    return env, cores
+
+
+@dataclass
+class EndToEndPlan:
+    images: Path
+    expected: Path | None
+    throughput_requests: int = 300
+    throughput_concurrency: int = 100
+    course_requests: int = 100
+    course_concurrency: int = 100
+    low_load_requests: int = 30
+    low_load_warmup: int = 5
+    env: dict[str, str] = field(default_factory=dict)
+    warm_spares: int | None = None  # None: the stack's own default
+
+
+def _load(plan: EndToEndPlan, url: str, images: Path, requests: int, concurrency: int) -> Report:
+    return run_load(Config(images=images, url=url, num_requests=requests, concurrency=concurrency,
+                           expected=plan.expected, timeout=REQUEST_TIMEOUT_S, quiet=True))
+
+
+def _last_response(report: Report) -> float:
+    return report.started_at + max((o.started_s + o.latency_s for o in report.outcomes), default=0.0)
+
+
+def _summary(report: Report) -> dict[str, object]:
+    statuses: dict[str, int] = {}
+    for o in report.outcomes:
+        key = str(o.status) if o.status is not None else "none"
+        statuses[key] = statuses.get(key, 0) + 1
+    return {
+        "requests": report.planned,
+        "concurrency": report.concurrency,
+        "answered_200": sum(1 for o in report.outcomes if o.status == 200 and o.answered),
+        "failed": report.failed,
+        "wrong": report.wrong,
+        "correct": report.correct,
+        "unchecked": report.unchecked,
+        "statuses": statuses,
+        "untrained": report.untrained,
+        "duration_s": report.duration_s,
+        "throughput_images_per_s": report.throughput,
+        "latency_s": latency_summary(report.latencies),
+        "course_average_latency_s": report.course_average_latency,
+        "problems": [f"{o.file}: {o.verdict}: {o.error or o.note}" for o in report.outcomes
+                     if o.verdict in ("failed", "wrong")][:5],
+    }
+
+
+def _scaled_run(plan: EndToEndPlan, stack: StackProcess, images: Path, requests: int,
+                concurrency: int, memory: bool = False) -> dict[str, object]:
+    """One load run from zero instances, with the fleet watched until it is back to zero."""
+    poller = FleetPoller(stack.settings()).start()
+    try:
+        if poller.wait_for_zero(time.time(), ZERO_TIMEOUT_S) is None:
+            log.warning("the fleet was not at zero before the run")
+        sampler = MemorySampler(stack.process.pid).start() if memory and stack.process else None
+        lines_before = len(stack.output)
+        poller.fast(until_launch=True)
+        report = _load(plan, stack.web_url, images, requests, concurrency)
+        mem = sampler.stop() if sampler else None
+        last = _last_response(report)
+        zero_at = poller.wait_for_zero(last, ZERO_TIMEOUT_S)
+    finally:
+        poller.stop()
+    out = _summary(report)
+    out["scaling"] = scaling_times(poller.samples, report.started_at, last, zero_at,
+                                   controller_actions(stack.output[lines_before:]))
+    out["scaling"]["fleet_poll_errors"] = poller.errors
+    out["scaling"]["fleet_samples"] = len(poller.samples)
+    if mem is not None:
+        out["memory"] = mem
+    return out
+
+
+def _subset(images: Path, count: int, into: Path) -> Path:
+    """A folder holding the first `count` images (the load test sends each image of a folder)."""
+    into.mkdir(parents=True, exist_ok=True)
+    for path in sorted(images.iterdir())[:count]:
+        target = into / path.name
+        if not target.exists():
+            target.symlink_to(path.resolve())
+    return into
+
+
+def _low_load(plan: EndToEndPlan, stack: StackProcess, scratch: Path) -> dict[str, object]:
+    warm = _subset(plan.images, plan.low_load_warmup, scratch / "warm")
+    _load(plan, stack.web_url, warm, plan.low_load_warmup, 1)
+    report = _load(plan, stack.web_url, plan.images, plan.low_load_requests, 1)
+    out = _summary(report)
+    out["warmup_requests"] = plan.low_load_warmup
+    return out
+
+
+def run_end_to_end(plan: EndToEndPlan, run_dir: Path) -> dict[str, object]:
+    """Start the stack, run the three phases, stop it; the figures of each phase."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    kwargs = {} if plan.warm_spares is None else {"warm_spares": plan.warm_spares}
+    stack = StackProcess(run_dir, env_overrides=dict(plan.env), **kwargs)
+    started = time.monotonic()
+    stack.start()
+    out: dict[str, object] = {"stack_start_s": time.monotonic() - started, "ready_line": stack.ready_line,
+                              "env": dict(plan.env), "warm_spares": stack.warm_spares}
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+            scratch = Path(tmp)
+            out["throughput"] = _scaled_run(plan, stack, plan.images, plan.throughput_requests,
+                                            plan.throughput_concurrency, memory=True)
+            course_images = _subset(plan.images, plan.course_requests, scratch / "course")
+            out["course"] = _scaled_run(plan, stack, course_images, plan.course_requests,
+                                        plan.course_concurrency)
+            out["low_load"] = _low_load(plan, stack, scratch)
+    finally:
+        out["stack_stop_s"] = stack.stop()
+        out["stack_log_tail"] = [line.rstrip() for line in stack.output[-15:]]
+    return out

@@ -1,0 +1,183 @@
+"""(a) The model alone, in a fresh process: the local limit and the model's own times.
+
+Each measurement runs in a subprocess of its own (`python -m bench.inference`),
+so that its start-up time (process start to first prediction) and its peak
+resident memory are those of a clean worker-like process, and one runtime's
+threads and caches never touch another's figures.
+
+The child measures, on real test images already decoded to model input:
+  - single-image time: the median of 15 batch-1 calls, after a warm-up, in
+    three rounds (before, between and after the batch sizes), the best kept;
+  - throughput at each batch size: images per second over at least
+    `min_seconds` of back-to-back calls (in two interleaved rounds, the
+    better kept);
+  - optionally, the top-1 label of every image in a folder (the answers the
+    stack must give), and the time to decode one image (`prepare`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BATCH_SIZES = (1, 2, 4, 8, 10)
+ROUNDS = 2
+
+
+@dataclass
+class InferenceResult:
+    runtime: str
+    threads: int
+    startup_s: float  # process start -> first prediction on a real image
+    load_s: float  # the classifier's own load time (inside start-up)
+    single_image_s: float  # median batch-1 call, best of three rounds
+    prepare_s: float  # median decode + resize of one test image
+    throughput: dict[int, float]  # batch size -> images/s
+    peak_rss_mb: float
+    labels: dict[str, str] = field(default_factory=dict)  # image stem -> top-1 label
+    scores: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def best_batch(self) -> int:
+        return max(self.throughput, key=lambda b: self.throughput[b])
+
+    @property
+    def best_throughput(self) -> float:
+        return self.throughput[self.best_batch]
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.pop("labels")
+        out.pop("scores")
+        out["throughput"] = {str(b): v for b, v in self.throughput.items()}
+        out["best_batch"] = self.best_batch
+        out["best_throughput"] = self.best_throughput
+        return out
+
+
+# --- parent side -----------------------------------------------------------------
+
+
+def measure(runtime: str, threads: int, images: Path, *, labels: bool = False,
+            min_seconds: float = 2.5, timeout_s: float = 240.0) -> InferenceResult:
+    """Run one measurement in a fresh `python -m bench.inference` process."""
+    env = dict(os.environ, MODEL_WEIGHTS="random", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    argv = [sys.executable, "-m", "bench.inference", "--runtime", runtime, "--threads", str(threads),
+            "--images", str(images), "--min-seconds", str(min_seconds)]
+    if labels:
+        argv.append("--labels")
+    argv += ["--t0", repr(time.time())]
+    done = subprocess.run(argv, cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=timeout_s)
+    if done.returncode != 0:
+        raise RuntimeError(f"{runtime} measurement failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    raw = json.loads(done.stdout.strip().splitlines()[-1])
+    raw["throughput"] = {int(b): v for b, v in raw["throughput"].items()}
+    return InferenceResult(**raw)
+
+
+def prepare_model(timeout_s: float = 300.0) -> None:
+    """Convert and cache the OpenVINO IR first, so no measurement includes a conversion."""
+    env = dict(os.environ, MODEL_WEIGHTS="random", MODEL_RUNTIME="openvino", TF_CPP_MIN_LOG_LEVEL="2")
+    subprocess.run([sys.executable, "-m", "app_tier", "--prepare-only"], cwd=str(ROOT), env=env,
+                   check=True, capture_output=True, timeout=timeout_s)
+
+
+# --- child side ------------------------------------------------------------------
+
+
+def _timed_calls(fn, batch, min_seconds: float, min_calls: int = 2) -> tuple[int, float]:
+    calls, started = 0, time.perf_counter()
+    while calls < min_calls or time.perf_counter() - started < min_seconds:
+        fn(batch)
+        calls += 1
+    return calls, time.perf_counter() - started
+
+
+def _child(args: argparse.Namespace) -> dict:
+    import numpy as np
+
+    from app_tier.images import prepare
+    from app_tier.model import load_classifier
+
+    files = sorted(p for p in args.images.iterdir() if p.is_file())
+    classifier = load_classifier("random", args.runtime, args.threads)
+    raw = files[0].read_bytes()
+    first = prepare(raw, 40_000_000)[None]
+    classifier.classify(first)
+    startup = time.time() - args.t0
+
+    prepare_times = []
+    pixels = []
+    for path in files[:max(BATCH_SIZES)]:
+        data = path.read_bytes()
+        t = time.perf_counter()
+        pixels.append(prepare(data, 40_000_000))
+        prepare_times.append(time.perf_counter() - t)
+    pool = np.stack(pixels)
+
+    for _ in range(3):  # warm-up
+        classifier.probabilities(pool[:1])
+
+    def single_image_round(calls: int = 15) -> float:
+        times = []
+        for i in range(calls):
+            t = time.perf_counter()
+            classifier.probabilities(pool[i % len(pool):][:1])
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    singles = [single_image_round()]
+
+    # Batch sizes interleaved over two rounds, the better round kept: on a shared
+    # machine a burst of someone else's work then spoils one round, not a batch size.
+    batches = {size: np.ascontiguousarray(np.resize(pool, (size, *pool.shape[1:]))) for size in BATCH_SIZES}
+    throughput: dict[int, float] = {}
+    for _round in range(ROUNDS):
+        for size, batch in batches.items():
+            classifier.probabilities(batch)  # a new shape may cost a first call
+            calls, elapsed = _timed_calls(classifier.probabilities, batch, args.min_seconds / ROUNDS)
+            throughput[size] = max(throughput.get(size, 0.0), calls * size / elapsed)
+        singles.append(single_image_round())
+
+    labels, scores = {}, {}
+    if args.labels:
+        for start in range(0, len(files), 10):
+            chunk = files[start:start + 10]
+            batch = np.stack([prepare(p.read_bytes(), 40_000_000) for p in chunk])
+            for path, result in zip(chunk, classifier.classify(batch), strict=True):
+                labels[path.stem] = result.label
+                scores[path.stem] = result.score
+
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return asdict(InferenceResult(
+        runtime=args.runtime, threads=args.threads, startup_s=startup, load_s=classifier.load_seconds,
+        single_image_s=min(singles), prepare_s=statistics.median(prepare_times),
+        throughput=throughput, peak_rss_mb=peak_kb / 1024, labels=labels, scores=scores,
+    ))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.inference")
+    parser.add_argument("--runtime", choices=("openvino", "tensorflow"), required=True)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--images", type=Path, required=True)
+    parser.add_argument("--min-seconds", type=float, default=2.5)
+    parser.add_argument("--labels", action="store_true", help="also print the top-1 label of every image")
+    parser.add_argument("--t0", type=float, required=True, help="wall-clock time the parent started us")
+    args = parser.parse_args(argv)
+    result = _child(args)
+    sys.stdout.write("\n" + json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

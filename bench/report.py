@@ -1,0 +1,142 @@
+"""The pure part of the benchmark: statistics, targets and their verdicts, the table, the JSON.
+
+Nothing here starts a process or reads the clock, so it is unit-tested
+(tests/unit/test_bench_report.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from load_test import percentile
+
+UNTRAINED_NOTE = ("MODEL_WEIGHTS=random: an UNTRAINED ResNet-50 (labels meaningless; the figures are "
+                  "about speed, which does not depend on the weights)")
+NOISE_NOTE = ("This machine is shared (2 cores): other engineers' tests may run at the same time, so "
+              "every figure is noisy; 'others used' shows how much of the machine they took per phase.")
+
+
+def latency_summary(values: Sequence[float]) -> dict[str, float | None]:
+    """p50, p90, p99 (numpy's linear definition), max and mean, in the units given; None when empty."""
+    return {
+        "p50": percentile(values, 50),
+        "p90": percentile(values, 90),
+        "p99": percentile(values, 99),
+        "max": max(values) if values else None,
+        "mean": sum(values) / len(values) if values else None,
+    }
+
+
+def ratio(part: float | None, whole: float | None) -> float | None:
+    """part / whole, or None when either is unknown or the whole is not positive."""
+    if part is None or whole is None or whole <= 0:
+        return None
+    return part / whole
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    measured: float | None
+    limit: float
+    # "min": measured must be >= limit; "max": measured must be < limit.
+    kind: str
+    unit: str = ""
+
+    @property
+    def verdict(self) -> str:
+        if self.measured is None:
+            return "N/A"
+        ok = self.measured >= self.limit if self.kind == "min" else self.measured < self.limit
+        return "PASS" if ok else "FAIL"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "measured": self.measured, "limit": self.limit, "kind": self.kind,
+                "unit": self.unit, "verdict": self.verdict}
+
+
+def targets(*, e2e_ratio: float | None, course_average_s: float | None, zero_after_s: float | None,
+            low_load_p50_s: float | None, single_image_s: float | None) -> list[Target]:
+    """The four targets the benchmark reports on (a missed target never fails the command)."""
+    over_model = None if low_load_p50_s is None or single_image_s is None else low_load_p50_s - single_image_s
+    return [
+        Target("end-to-end throughput / in-process limit", e2e_ratio, 0.85, "min", "ratio"),
+        Target("course average latency, 100 requests at concurrency 100", course_average_s, 1.2, "max", "s"),
+        Target("last response -> zero instances", zero_after_s, 2.0, "max", "s"),
+        Target("low-load p50 minus model single-image time", over_model, 0.050, "max", "s"),
+    ]
+
+
+# --- printing ------------------------------------------------------------------------
+
+
+def fmt(value: float | None, unit: str = "", digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if unit == "ms":
+        return f"{value * 1000:.0f} ms"
+    if unit == "%":
+        return f"{value * 100:.0f} %"
+    return f"{value:.{digits}f}{(' ' + unit) if unit else ''}"
+
+
+def table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table with a title line, columns padded to their widest cell."""
+    cells = [list(header), *[list(r) for r in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+
+    def line(r: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths,
+                                                                                           strict=True)))
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([title, line(header), rule, *[line(r) for r in rows]])
+
+
+def targets_table(found: Sequence[Target]) -> str:
+    rows = []
+    for t in found:
+        sign = ">=" if t.kind == "min" else "<"
+        if t.unit == "ratio":
+            measured, limit = fmt(t.measured, "%"), f"{sign} {t.limit * 100:.0f} %"
+        elif t.unit == "s" and t.limit < 0.5:
+            measured, limit = fmt(t.measured, "ms"), f"{sign} {t.limit * 1000:.0f} ms"
+        else:
+            measured, limit = fmt(t.measured, t.unit), f"{sign} {t.limit:g} {t.unit}"
+        rows.append([t.name, measured, limit, t.verdict])
+    return table("Targets (a missed target is reported, never fatal)",
+                 ["target", "measured", "target", "verdict"], rows)
+
+
+# --- JSON ------------------------------------------------------------------------------
+
+
+REQUIRED_KEYS = ("generated_at", "untrained", "notes", "machine", "inference", "end_to_end", "sqs", "targets")
+
+
+def document(*, generated_at: str, machine: dict[str, Any], inference: dict[str, Any] | None,
+             end_to_end: dict[str, Any] | None, sqs: dict[str, Any] | None, found: Sequence[Target],
+             noise: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON written to .bench/latest.json: one key per part, every target with its verdict."""
+    doc: dict[str, Any] = {
+        "generated_at": generated_at,
+        "untrained": True,
+        "notes": [UNTRAINED_NOTE, NOISE_NOTE],
+        "machine": machine,
+        "inference": inference,
+        "end_to_end": end_to_end,
+        "sqs": sqs,
+        "targets": [t.to_dict() for t in found],
+        "noise": noise,
+    }
+    doc.update(extra or {})
+    return doc
+
+
+def write_json(doc: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")

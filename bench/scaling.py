@@ -1,0 +1,137 @@
+"""(e) How fast the fleet follows the work: first request -> first launch, last response -> zero.
+
+A thread polls EC2 (the stack's embedded moto) every ~50 ms and records how
+many app-tier instances are pending or running. The controller's own log
+lines (in the stack's output) are read as a cross-check of when it decided.
+
+It polls that fast only around the two moments measured: from the start
+until the first launch is seen, and from `fast()` (called once the load is
+over) until zero. In between it polls once a second. moto serialises every
+instance in a DescribeInstances answer (~5 ms each here), so 20 calls a
+second with 15 instances would take a whole core from the very server the
+benchmark measures: at first it did, and halved the end-to-end throughput.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import SimpleNamespace
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from common.config import Settings
+from common.fleet import app_tier_instances
+
+_LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*controller .*action=(launch|terminate)")
+
+
+@dataclass
+class FleetPoller:
+    """Counts live (pending + running) app-tier instances every `interval_s`."""
+
+    settings: Settings
+    interval_s: float = 0.05
+    slow_interval_s: float = 1.0
+    samples: list[tuple[float, int]] = field(default_factory=list)  # (wall clock, live)
+    errors: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _fast: bool = True
+    _until_launch: bool = False  # fast only until an instance shows up
+
+    def __post_init__(self) -> None:
+        # Harmless fixed credentials: this only ever talks to the stack's own moto.
+        ec2 = boto3.client("ec2", endpoint_url=self.settings.endpoint_url, region_name=self.settings.region,
+                           aws_access_key_id="bench", aws_secret_access_key="bench",
+                           config=Config(retries={"max_attempts": 1}, read_timeout=5))
+        self.aws = SimpleNamespace(ec2=ec2, settings=self.settings)  # all app_tier_instances needs
+
+    def count(self) -> int:
+        return len(app_tier_instances(self.aws, states=("pending", "running")))
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            started = time.time()
+            try:
+                live = self.count()
+            except (BotoCoreError, ClientError):
+                self.errors += 1
+            else:
+                # Stamped at the middle of the call: EC2 answered somewhere inside it.
+                self.samples.append(((started + time.time()) / 2, live))
+                if live > 0 and self._until_launch:
+                    self._fast = False  # the first launch is seen: slow down until fast()
+            interval = self.interval_s if self._fast else self.slow_interval_s
+            self._stop.wait(max(0.0, interval - (time.time() - started)))
+
+    def fast(self, until_launch: bool = False) -> None:
+        """Poll every `interval_s` again; with `until_launch`, only until an instance is seen."""
+        self._until_launch = until_launch
+        self._fast = True
+
+    def start(self) -> FleetPoller:
+        self._thread = threading.Thread(target=self._loop, name="fleet-poller", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+
+    def wait_for_zero(self, after: float, timeout_s: float) -> float | None:
+        """Block until a sample taken after `after` shows no instance; its time, or None."""
+        self.fast()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            at = first_at(self.samples, after, lambda n: n == 0)
+            if at is not None:
+                return at
+            time.sleep(self.interval_s)
+        return None
+
+
+def first_at(samples: list[tuple[float, int]], after: float, test) -> float | None:
+    """Time of the first sample at or after `after` whose count passes `test`."""
+    for at, live in list(samples):
+        if at >= after and test(live):
+            return at
+    return None
+
+
+def controller_actions(lines: list[str]) -> list[tuple[float, str]]:
+    """(wall clock, 'launch' | 'terminate') for each action the controller logged."""
+    found = []
+    for line in lines:
+        match = _LOG_TIME.match(line)
+        if match:
+            stamp = datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            found.append((stamp, match[2]))
+    return found
+
+
+def scaling_times(samples: list[tuple[float, int]], first_request: float, last_response: float,
+                  zero_at: float | None, actions: list[tuple[float, str]]) -> dict[str, float | None]:
+    """The figures of (e), in seconds (None when it never happened)."""
+    launched = first_at(samples, first_request, lambda n: n > 0)
+    decided_launch = next((t for t, a in actions if a == "launch" and t >= first_request - 0.01), None)
+    # The terminate that emptied the fleet: the last one logged before EC2 showed zero
+    # (earlier ones may be partial scale-ins as the backlog fell).
+    until = (zero_at if zero_at is not None else float("inf")) + 0.5
+    decided_zero = max((t for t, a in actions if a == "terminate" and last_response - 0.01 <= t <= until),
+                       default=None)
+    return {
+        "first_request_to_first_launch_s": None if launched is None else launched - first_request,
+        "last_response_to_zero_s": None if zero_at is None else zero_at - last_response,
+        "controller_launch_logged_after_s": None if decided_launch is None
+        else decided_launch - first_request,
+        "controller_terminate_logged_after_s": None if decided_zero is None
+        else decided_zero - last_response,
+        "peak_instances": max((n for t, n in samples if t >= first_request), default=0),
+    }

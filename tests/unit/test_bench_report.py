@@ -1,0 +1,101 @@
+"""The benchmark's pure parts: statistics, targets and their verdicts, the JSON's shape."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import report
+from bench.memory import kind_of
+from bench.scaling import controller_actions, first_at, scaling_times
+from bench.sqs import sqs_ms_per_image
+
+
+def test_latency_summary_uses_linear_percentiles():
+    stats = report.latency_summary([1.0, 2.0, 3.0, 4.0])
+    assert stats["p50"] == 2.5
+    assert stats["p90"] == pytest.approx(3.7)
+    assert stats["p99"] == pytest.approx(3.97)
+    assert stats["max"] == 4.0 and stats["mean"] == 2.5
+
+
+def test_latency_summary_of_nothing_is_none():
+    assert set(report.latency_summary([]).values()) == {None}
+
+
+def test_ratio():
+    assert report.ratio(17.0, 20.0) == pytest.approx(0.85)
+    assert report.ratio(None, 20.0) is None
+    assert report.ratio(5.0, 0.0) is None
+
+
+def _verdicts(**kw):
+    base = {"e2e_ratio": 0.9, "course_average_s": 0.5, "zero_after_s": 1.0,
+            "low_load_p50_s": 0.08, "single_image_s": 0.04}
+    base.update(kw)
+    return [t.verdict for t in report.targets(**base)]
+
+
+def test_targets_pass_and_fail_at_their_limits():
+    assert _verdicts() == ["PASS"] * 4
+    assert _verdicts(e2e_ratio=0.85)[0] == "PASS"  # at least 85 %
+    assert _verdicts(e2e_ratio=0.84)[0] == "FAIL"
+    assert _verdicts(course_average_s=1.2)[1] == "FAIL"  # under 1.2 s
+    assert _verdicts(zero_after_s=2.5)[2] == "FAIL"
+    assert _verdicts(low_load_p50_s=0.095)[3] == "FAIL"  # 55 ms over the model's own time
+    assert _verdicts(e2e_ratio=None, single_image_s=None) == ["N/A", "PASS", "PASS", "N/A"]
+
+
+def test_targets_table_names_each_verdict():
+    text = report.targets_table(report.targets(e2e_ratio=0.5, course_average_s=0.2, zero_after_s=1.5,
+                                               low_load_p50_s=0.2, single_image_s=0.04))
+    assert "50 %" in text and ">= 85 %" in text and "160 ms" in text
+    assert text.count("FAIL") == 2 and text.count("PASS") == 2
+
+
+def test_table_pads_columns():
+    lines = report.table("T", ["a", "bb"], [["xxx", "1"], ["y", "22"]]).splitlines()
+    assert lines[0] == "T"
+    assert len({len(line) for line in lines[1:]}) == 1
+
+
+def test_document_has_every_part_and_is_json(tmp_path):
+    found = report.targets(e2e_ratio=None, course_average_s=None, zero_after_s=None,
+                           low_load_p50_s=None, single_image_s=None)
+    doc = report.document(generated_at="now", machine={"cpus": 2}, inference=None, end_to_end=None,
+                          sqs=None, found=found, noise={}, extra={"bench_seconds": 1.0})
+    assert all(key in doc for key in report.REQUIRED_KEYS)
+    assert doc["untrained"] is True and any("UNTRAINED" in n for n in doc["notes"])
+    assert [t["verdict"] for t in doc["targets"]] == ["N/A"] * 4
+    path = tmp_path / "out" / "latest.json"
+    report.write_json(doc, path)
+    assert json.loads(path.read_text())["bench_seconds"] == 1.0
+
+
+def test_scaling_times_from_samples_and_log():
+    samples = [(10.0, 0), (10.5, 0), (11.2, 3), (20.0, 15), (30.4, 15), (31.1, 0)]
+    actions = controller_actions([
+        "2026-01-01 00:00:01,000 INFO controller backlog=5 ... action=launch 15 [x]",
+        "some other line action=launch 2",
+        "2026-01-01 00:00:09,500 INFO controller backlog=0 ... action=terminate 15 [y]",
+    ])
+    assert [a for _, a in actions] == ["launch", "terminate"]
+    out = scaling_times(samples, first_request=10.1, last_response=30.0,
+                        zero_at=first_at(samples, 30.0, lambda n: n == 0), actions=[])
+    assert out["first_request_to_first_launch_s"] == pytest.approx(1.1)
+    assert out["last_response_to_zero_s"] == pytest.approx(1.1)
+    assert out["peak_instances"] == 15
+
+
+def test_process_kinds():
+    assert kind_of(["python", "-m", "localaws.moto_fast", "-p", "1"], False) == "moto"
+    assert kind_of(["python", "-m", "gunicorn", "-c", "x"], False) == "web"
+    assert kind_of(["python", "/x/controller.py"], False) == "controller"
+    assert kind_of(["python", "-m", "app_tier", "--instance-id", "-"], False) == "worker"
+    assert kind_of(["anything"], True) == "stack/runner"
+
+
+def test_sqs_cost_per_image():
+    row = {"send_ms": 6.0, "receive10_and_delete_ms": 9.0, "send_batch10_ms": 8.0}
+    assert sqs_ms_per_image(row, 10) == pytest.approx(6.0 + (18.0 + 8.0) / 10)
