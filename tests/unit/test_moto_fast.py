@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import boto3
 import pytest
-from moto import mock_aws
-from moto.core import utils
+from moto import backends, mock_aws
+from moto.core import responses, utils
 from moto.sqs import models
 
 from localaws import moto_fast
@@ -16,9 +17,18 @@ from localaws import moto_fast
 def patched(monkeypatch):
     """moto_fast applied for one test only; monkeypatch puts moto's originals back."""
     original = models.SQSBackend.is_message_valid_based_on_retention_period
-    monkeypatch.setattr(models, "unix_time", models.unix_time)
-    monkeypatch.setattr(models, "unix_time_millis", models.unix_time_millis)
-    monkeypatch.setattr(models.SQSBackend, "is_message_valid_based_on_retention_period", original)
+    everything_patched = [
+        (models, "unix_time"), (models, "unix_time_millis"),
+        (models.SQSBackend, "is_message_valid_based_on_retention_period"),
+        (models.Queue, "approximate_number_of_messages_delayed"),
+        (models.Queue, "approximate_number_of_messages_not_visible"),
+        (models.Queue, "messages"),
+        (backends, "list_of_moto_modules"),
+        (utils, "camelcase_to_underscores"), (responses, "camelcase_to_underscores"),
+        (models, "camelcase_to_underscores"),
+    ]
+    for owner, name in everything_patched:
+        monkeypatch.setattr(owner, name, getattr(owner, name))
     moto_fast.apply()
     return original
 
@@ -69,3 +79,101 @@ def test_receive_is_unchanged_by_the_patch(monkeypatch):
     after = receive_with_one_expired()
     assert after == before
     assert after[0] == ["0", "1"]  # moto stops at the first expired message
+
+
+def queue_counts_in_every_state() -> dict[str, str]:
+    """Messages visible, received (in flight), delayed and returned to view: moto's counts."""
+    with mock_aws():
+        sqs = boto3.client("sqs", region_name="us-east-1")
+        url = sqs.create_queue(QueueName="q")["QueueUrl"]
+        for n in range(6):
+            sqs.send_message(QueueUrl=url, MessageBody=str(n))
+        sqs.send_message(QueueUrl=url, MessageBody="later", DelaySeconds=60)
+        got = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=3, VisibilityTimeout=60)["Messages"]
+        handle = got[0]["ReceiptHandle"]
+        sqs.change_message_visibility(QueueUrl=url, ReceiptHandle=handle, VisibilityTimeout=0)
+        attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+        return {k: v for k, v in attrs.items() if k.startswith("ApproximateNumber")}
+
+
+def test_counts_are_unchanged_by_the_patch(monkeypatch):
+    before = queue_counts_in_every_state()
+    patched(monkeypatch)
+    after = queue_counts_in_every_state()
+    assert after == before
+    assert after == {"ApproximateNumberOfMessages": "4", "ApproximateNumberOfMessagesNotVisible": "2",
+                     "ApproximateNumberOfMessagesDelayed": "1"}
+
+
+def test_service_lookup_and_names_are_unchanged(monkeypatch):
+    modules = sorted(backends.list_of_moto_modules())
+    names = ["MaximumMessageSize", "ApproximateNumberOfMessagesNotVisible", "QueueArn", "theNewAttribute", ""]
+    converted = [utils.camelcase_to_underscores(n) for n in names]
+    patched(monkeypatch)
+    assert sorted(backends.list_of_moto_modules()) == modules
+    assert {"s3", "sqs", "ec2"} <= set(modules)
+    assert [responses.camelcase_to_underscores(n) for n in names] == converted
+
+
+# --- the WSGI layer in front of moto's server ---------------------------------------------
+
+
+class FakeAws:
+    """A WSGI app that answers every request with how many requests of its kind it has seen."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def __call__(self, environ, start_response):
+        action = moto_fast.aws_action(environ)
+        body = environ["wsgi.input"].read()  # the middleware must leave the body readable
+        self.seen.append(action)
+        start_response("200 OK", [("Content-Type", "text/xml")])
+        return [f"{action} #{self.seen.count(action)} {len(body)}".encode()]
+
+
+def describe(client, filters: str = "tag:Name") -> str:
+    return client.post("/", data=f"Action=DescribeInstances&Version=2016-11-15&Filter.1.Name={filters}").text
+
+
+def test_describe_instances_is_answered_once_per_change():
+    from werkzeug.test import Client
+
+    aws = FakeAws()
+    client = Client(moto_fast.Ec2ReadCache(aws))
+    first = describe(client)
+    assert first.startswith("DescribeInstances #1 ")
+    assert describe(client) == first  # nothing changed: moto is not asked again
+    assert describe(client, "instance-state-name").startswith("DescribeInstances #2 ")  # other question
+    # SQS (JSON protocol) and S3 calls do not touch EC2.
+    client.post("/", headers={"X-Amz-Target": "AmazonSQS.SendMessage"}, data="{}")
+    client.put("/bucket/key", data=b"x")
+    client.post("/", data="Action=DescribeImages&Version=2016-11-15")
+    assert describe(client) == first
+    # Any EC2 change, and a moto reset, make the next describe go to moto.
+    client.post("/", data="Action=RunInstances&Version=2016-11-15&MinCount=1")
+    assert describe(client).startswith("DescribeInstances #3 ")
+    client.post("/", data="Action=TerminateInstances&Version=2016-11-15")
+    assert describe(client).startswith("DescribeInstances #4 ")
+    client.post("/moto-api/reset")
+    assert describe(client).startswith("DescribeInstances #5 ")
+    assert aws.seen.count("RunInstances") == 1 and aws.seen.count("SendMessage") == 1
+
+
+def test_action_stats_counts_requests_and_writes_them(tmp_path):
+    from werkzeug.test import Client
+
+    out = tmp_path / "stats.json"
+    stats = moto_fast.ActionStats(FakeAws(), out)
+    client = Client(stats)
+    for _ in range(3):
+        client.post("/", headers={"X-Amz-Target": "AmazonSQS.ReceiveMessage"}, data="{}")
+    client.get("/bucket/some/key")
+    expected = {"ReceiveMessage": 3, "S3 GET object": 1}
+    counts: dict[str, int] = {}
+    deadline = time.monotonic() + 5 * moto_fast.STATS_EVERY_S
+    while time.monotonic() < deadline and counts != expected:
+        time.sleep(0.05)
+        if out.exists():
+            counts = {k: v["requests"] for k, v in json.loads(out.read_text()).items()}
+    assert counts == expected
