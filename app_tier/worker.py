@@ -7,16 +7,18 @@ One loop, in the spirit of rq's worker:
     ->  delete each request, only after both of its writes succeeded.
 
 A fetch thread prepares the next batch (receive, download, decode) while the
-main thread runs the model on the current one, so the network and the decoder
-overlap with inference. A heartbeat thread extends the visibility timeout of
+main thread runs the model on the current one, and a finishing thread writes
+the previous batch's results, so the network and the decoder overlap with
+inference and the model never waits for S3 or SQS. A heartbeat thread extends the visibility timeout of
 every message the worker holds, so a slow batch is never redelivered by
 mistake. On SIGTERM the worker stops receiving, finishes the batch in hand if
 it can within the grace period, and hands everything else back to the queue at
 once, so no request waits out a visibility timeout because of it.
 
-A worker holds at most two batches (one being classified, one prepared), so
-that a worker that starts early does not hoard messages that instances started
-a moment later could be working on.
+A worker holds at most two unclassified batches (one being classified, one
+prepared), so that a worker that starts early does not hoard messages that
+instances started a moment later could be working on; a third, already
+classified, may be being written.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import os
 import queue
 import signal
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,6 +84,9 @@ class Worker:
         # thread picks the batch up: at most one batch waits while one is classified.
         self._prefetch_slot = threading.Semaphore(1)
         self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="io")
+        # One batch at a time is written while the next is classified.
+        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
+        self._finishing: Future | None = None
         self.processed = 0
 
     # --- lifecycle ---------------------------------------------------------------
@@ -120,15 +125,17 @@ class Worker:
                 self.hand_back(batch.jobs)
                 continue
             try:
-                self.process(batch)
+                responses = self.answer(batch)
             except Exception:  # whatever it was, the loop must go on
-                # Let another attempt (here or elsewhere) have it now; after
-                # max_receive_count attempts SQS moves it to the dead-letter queue.
-                log.exception("batch of %d failed; releasing it", len(batch.jobs))
-                self._release(batch.jobs)
+                self._failed(batch)
+                continue
+            self._wait_for_finishing()
+            self._finishing = self._finisher.submit(self._finish_or_release, batch, responses)
+        self._wait_for_finishing()
         self._finished.set()
         self.hand_back_held()
         self._io.shutdown(wait=False)
+        self._finisher.shutdown(wait=False)
         log.info("worker %s: stopped after %d images", self.instance_id, self.processed)
 
     # --- fetch: receive, download, decode -----------------------------------------
@@ -201,6 +208,11 @@ class Worker:
 
     # --- process: classify, write, reply, acknowledge ------------------------------
     def process(self, batch: Batch) -> None:
+        """Classify a batch and finish it: write, reply, acknowledge."""
+        self.finish(batch, self.answer(batch))
+
+    def answer(self, batch: Batch) -> list[tuple[Job, ClassifyResponse]]:
+        """Every job's response: its classification, or why it has none."""
         by_id = self._classify(batch.ready)
         responses = []
         for job in batch.jobs:
@@ -214,10 +226,31 @@ class Worker:
                                                          top5=result.top5, **common)))
             else:
                 responses.append((job, ClassifyResponse(error=job.error or "not classified", **common)))
+        return responses
+
+    def finish(self, batch: Batch, responses: list[tuple[Job, ClassifyResponse]]) -> None:
+        """Write each result, reply, and only then delete the requests."""
         list(self._io.map(lambda pair: self._store(*pair), responses))
         self._reply([r for _, r in responses])
         self._delete(batch.jobs)
-        self.processed += len(by_id)
+        self.processed += sum(1 for _, r in responses if r.ok)
+
+    def _finish_or_release(self, batch: Batch, responses: list[tuple[Job, ClassifyResponse]]) -> None:
+        try:
+            self.finish(batch, responses)
+        except Exception:
+            self._failed(batch)
+
+    def _wait_for_finishing(self) -> None:
+        if self._finishing is not None:
+            self._finishing.result()  # never raises: _finish_or_release catches everything
+            self._finishing = None
+
+    def _failed(self, batch: Batch) -> None:
+        # Let another attempt (here or elsewhere) have it now; after
+        # max_receive_count attempts SQS moves it to the dead-letter queue.
+        log.exception("batch of %d failed; releasing it", len(batch.jobs))
+        self._release(batch.jobs)
 
     def _classify(self, jobs: list[Job]) -> dict[str, Classification]:
         """Results by message id. A message seen before may have crashed a worker:

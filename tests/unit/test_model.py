@@ -22,10 +22,11 @@ def test_labels_are_keras_imagenet_classes():
     assert (labels[0], labels[2], labels[999]) == ("tench", "great_white_shark", "toilet_tissue")
 
 
-def test_openvino_agrees_with_tensorflow(batch, tmp_path, monkeypatch):
+@pytest.mark.parametrize("ov_threads", [1, 2], ids=["one-stream", "stream-per-image"])
+def test_openvino_agrees_with_tensorflow(batch, tmp_path, monkeypatch, ov_threads):
     monkeypatch.setenv("IMGCLASS_CACHE", str(tmp_path))
     tf_model = load_classifier("random", "tensorflow", threads=1)
-    ov_model = load_classifier("random", "openvino", threads=1)
+    ov_model = load_classifier("random", "openvino", threads=ov_threads)
     tf_probs, ov_probs = tf_model.probabilities(batch), ov_model.probabilities(batch)
     assert tf_probs.shape == ov_probs.shape == (4, 1000)
     assert np.abs(tf_probs - ov_probs).max() < 1e-5
@@ -35,6 +36,16 @@ def test_openvino_agrees_with_tensorflow(batch, tmp_path, monkeypatch):
     # The untrained network still scores each image differently.
     assert len({round(float(r.max()), 6) for r in ov_probs}) == 4
     assert ov_model.untrained and tf_model.untrained
+
+
+def test_openvino_batch_rows_are_the_images_own_results(batch, tmp_path, monkeypatch):
+    """Batches run one image per stream: every row must come back in its place."""
+    monkeypatch.setenv("IMGCLASS_CACHE", str(tmp_path))
+    model = load_classifier("random", "openvino", threads=2)
+    together = model.probabilities(batch)
+    alone = np.concatenate([model.probabilities(batch[i:i + 1]) for i in range(len(batch))])
+    assert np.abs(together - alone).max() < 1e-5
+    assert np.abs(model.probabilities(batch[::-1]) - together[::-1]).max() < 1e-5
 
 
 def test_openvino_ir_is_converted_once_and_reused(tmp_path, monkeypatch):

@@ -223,6 +223,10 @@ def test_heartbeat_keeps_a_slow_batch_from_being_redelivered(aws_env):
     runner = threading.Thread(target=worker.run)
     runner.start()
     try:
+        deadline = time.monotonic() + 5
+        while depth(aws, aws.request_queue_url) != (0, 1) and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the worker has received it
+        assert depth(aws, aws.request_queue_url) == (0, 1)
         deadline = time.monotonic() + 20
         while not responses_seen(aws) and time.monotonic() < deadline:
             # While it works, the message must never become visible to others.
@@ -264,3 +268,41 @@ def test_a_worker_holds_at_most_two_batches(aws_env):
     finally:
         worker.stopping.set()
         runner.join(timeout=15)
+
+
+def test_results_are_written_while_the_next_batch_is_classified(aws_env):
+    """The model does not wait for S3 and SQS: batch 2 is classified while batch 1 is written."""
+    settings, aws = aws_env
+    settings = dataclasses.replace(settings, receive_batch=2)
+    for i in range(4):
+        upload(settings, aws, f"{i}.jpg", make_image(i, size=(64, 64)), str(i))
+    second_started = threading.Event()
+    overlapped: list[bool] = []
+
+    class Recording(MeanClassifier):
+        def classify(self, batch):
+            if self.calls == 1:
+                second_started.set()
+            return super().classify(batch)
+
+    worker = Worker(settings, aws, Recording(), "i-pipelined")
+    finish = worker.finish
+
+    def finish_after_the_next_batch_starts(batch, answers):
+        if not overlapped:  # the first batch: hold its writes until the model moves on
+            overlapped.append(second_started.wait(timeout=10))
+        finish(batch, answers)
+
+    worker.finish = finish_after_the_next_batch_starts
+    runner = threading.Thread(target=worker.run)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 30
+        while worker.processed < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        worker.stopping.set()
+        runner.join(timeout=15)
+    assert overlapped == [True]
+    assert sorted(responses(aws)) == ["0", "1", "2", "3"]
+    assert depth(aws, aws.request_queue_url) == (0, 0)
