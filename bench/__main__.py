@@ -153,6 +153,16 @@ def memory_table(mem: dict[str, Any]) -> str:
                         ["process kind", "seen", "max alive", "max one", "max sum", "CPU used"], rows)
 
 
+def moto_table(by_action: dict[str, Any], images: int) -> str:
+    rows = [[action, str(v["requests"]), f"{v['cpu_s']:.2f} s", f"{1000 * v['cpu_s'] / v['requests']:.1f} ms",
+             f"{1000 * v['cpu_s'] / max(images, 1):.1f} ms"] for action, v in by_action.items()]
+    total = sum(v["cpu_s"] for v in by_action.values())
+    rows.append(["all", str(sum(v["requests"] for v in by_action.values())), f"{total:.2f} s", "",
+                 f"{1000 * total / max(images, 1):.1f} ms"])
+    return report.table("(f) The embedded AWS's own CPU during (b), by API action",
+                        ["action", "requests", "CPU", "per request", "per image"], rows)
+
+
 def sqs_table(sqs: dict[str, Any]) -> str:
     rows = []
     for server in ("moto", "moto_fast"):
@@ -305,6 +315,8 @@ def print_figures(doc: dict[str, Any]) -> None:
         print(scaling_table(e2e), "\n")
         if tput.get("memory"):
             print(memory_table(tput["memory"]), "\n")
+        if tput.get("moto_by_action"):
+            print(moto_table(tput["moto_by_action"], tput.get("requests") or 0), "\n")
         print(f"stack env overrides: {e2e.get('env') or 'none'}, warm spares {e2e.get('warm_spares')}\n")
     if sqs:
         print(sqs_table(sqs), "\n")

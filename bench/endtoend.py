@@ -4,7 +4,8 @@ One stack (`StackProcess`, the same `python -m localaws.stack` that `make run`
 starts) serves every phase in turn, starting each from zero instances:
 
   throughput  300 distinct images at concurrency 100 through POST /, with the
-              fleet (EC2 polled every ~50 ms) and memory (psutil) sampled;
+              fleet (EC2 polled every ~50 ms) and memory (psutil) sampled,
+              and the embedded AWS's CPU counted per API action;
   course      100 requests at concurrency 100: the course's average latency
               (total duration / requests);
   low load    one request at a time, after a warm-up: the p50 latency.
@@ -12,6 +13,7 @@ starts) serves every phase in turn, starting each from zero instances:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -25,11 +27,13 @@ from bench.report import latency_summary
 from bench.scaling import FleetPoller, controller_actions, scaling_times
 from load_test import Config, Report, run_load
 from localaws.harness import StackProcess
+from localaws.moto_fast import STATS_ENV, STATS_EVERY_S
 
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 120.0
 ZERO_TIMEOUT_S = 30.0
+MOTO_STATS = "moto-stats.json"  # in the run folder: the embedded AWS's CPU by action
 
 
 def tuned_env() -> tuple[dict[str, str], int]:
@@ -102,6 +106,25 @@ def _summary(report: Report) -> dict[str, object]:
     }
 
 
+def _moto_stats(path: Path) -> dict[str, dict[str, float]]:
+    """What the embedded AWS has served so far, by action (written every STATS_EVERY_S)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def moto_delta(before: dict, after: dict) -> dict[str, dict[str, float]]:
+    """Requests and server CPU per action between two snapshots, busiest first."""
+    rows = {}
+    for action, now in after.items():
+        then = before.get(action, {"requests": 0, "cpu_s": 0.0})
+        requests, cpu = now["requests"] - then["requests"], now["cpu_s"] - then["cpu_s"]
+        if requests:
+            rows[action] = {"requests": requests, "cpu_s": round(cpu, 3)}
+    return dict(sorted(rows.items(), key=lambda kv: -kv[1]["cpu_s"]))
+
+
 def _scaled_run(plan: EndToEndPlan, stack: StackProcess, images: Path, requests: int,
                 concurrency: int, memory: bool = False) -> dict[str, object]:
     """One load run from zero instances, with the fleet watched until it is back to zero."""
@@ -110,12 +133,15 @@ def _scaled_run(plan: EndToEndPlan, stack: StackProcess, images: Path, requests:
         if poller.wait_for_zero(time.time(), ZERO_TIMEOUT_S) is None:
             log.warning("the fleet was not at zero before the run")
         sampler = MemorySampler(stack.process.pid).start() if memory and stack.process else None
+        moto_before = _moto_stats(stack.run_dir / MOTO_STATS)
         lines_before = len(stack.output)
         poller.fast(until_launch=True)
         report = _load(plan, stack.web_url, images, requests, concurrency)
         mem = sampler.stop() if sampler else None
         last = _last_response(report)
         zero_at = poller.wait_for_zero(last, ZERO_TIMEOUT_S)
+        time.sleep(STATS_EVERY_S + 0.2)  # the server's next write of its statistics
+        moto = moto_delta(moto_before, _moto_stats(stack.run_dir / MOTO_STATS))
     finally:
         poller.stop()
     out = _summary(report)
@@ -125,6 +151,7 @@ def _scaled_run(plan: EndToEndPlan, stack: StackProcess, images: Path, requests:
     out["scaling"]["fleet_samples"] = len(poller.samples)
     if mem is not None:
         out["memory"] = mem
+    out["moto_by_action"] = moto
     return out
 
 
@@ -153,7 +180,8 @@ def run_end_to_end(plan: EndToEndPlan, run_dir: Path) -> dict[str, object]:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     kwargs = {} if plan.warm_spares is None else {"warm_spares": plan.warm_spares}
-    stack = StackProcess(run_dir, env_overrides=dict(plan.env), **kwargs)
+    env = {STATS_ENV: str(run_dir / MOTO_STATS), **plan.env}
+    stack = StackProcess(run_dir, env_overrides=env, **kwargs)
     started = time.monotonic()
     stack.start()
     out: dict[str, object] = {"stack_start_s": time.monotonic() - started, "ready_line": stack.ready_line,

@@ -99,3 +99,19 @@ def test_process_kinds():
 def test_sqs_cost_per_image():
     row = {"send_ms": 6.0, "receive10_and_delete_ms": 9.0, "send_batch10_ms": 8.0}
     assert sqs_ms_per_image(row, 10) == pytest.approx(6.0 + (18.0 + 8.0) / 10)
+
+
+def test_moto_cpu_by_action_is_the_difference_between_snapshots():
+    from bench.__main__ import moto_table
+    from bench.endtoend import moto_delta
+
+    idle = {"requests": 3, "cpu_s": 0.3}
+    before = {"SendMessage": {"requests": 10, "cpu_s": 0.02}, "DescribeInstances": idle}
+    after = {"SendMessage": {"requests": 310, "cpu_s": 0.62}, "DescribeInstances": idle,
+             "S3 PUT object": {"requests": 600, "cpu_s": 1.2}}
+    delta = moto_delta(before, after)
+    assert list(delta) == ["S3 PUT object", "SendMessage"]  # busiest first; idle actions left out
+    assert delta["SendMessage"] == {"requests": 300, "cpu_s": 0.6}
+    text = moto_table(delta, images=300)
+    assert "S3 PUT object" in text and "2.0 ms" in text  # 0.6 s over 300 requests
+    assert text.strip().splitlines()[-1].split()[:3] == ["all", "900", "1.80"]
