@@ -229,9 +229,11 @@ class Worker:
         return responses
 
     def finish(self, batch: Batch, responses: list[tuple[Job, ClassifyResponse]]) -> None:
-        """Write each result, reply, and only then delete the requests."""
-        list(self._io.map(lambda pair: self._store(*pair), responses))
+        """Write each result and reply, side by side; only then delete the requests."""
+        stores = [self._io.submit(self._store, job, response) for job, response in responses]
         self._reply([r for _, r in responses])
+        for store in stores:
+            store.result()  # raises if a write failed: then nothing is deleted
         self._delete(batch.jobs)
         self.processed += sum(1 for _, r in responses if r.ok)
 

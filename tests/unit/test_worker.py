@@ -306,3 +306,29 @@ def test_results_are_written_while_the_next_batch_is_classified(aws_env):
     assert overlapped == [True]
     assert sorted(responses(aws)) == ["0", "1", "2", "3"]
     assert depth(aws, aws.request_queue_url) == (0, 0)
+
+
+def test_a_failed_result_write_acknowledges_nothing(aws_env, monkeypatch):
+    """The reply may go out, but the request is deleted only once its result is in S3."""
+    from botocore.exceptions import ClientError
+
+    settings, aws = aws_env
+    upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
+    worker = Worker(settings, aws, MeanClassifier(), "i-s3-down")
+    batch = worker.fetch()
+    assert len(batch.jobs) == 1
+    put_object = aws.s3.put_object
+
+    def output_bucket_down(**kwargs):
+        if kwargs["Bucket"] == settings.output_bucket:
+            raise ClientError({"Error": {"Code": "InternalError", "Message": "S3 is down"}}, "PutObject")
+        return put_object(**kwargs)
+
+    monkeypatch.setattr(aws.s3, "put_object", output_bucket_down)
+    with pytest.raises(ClientError):
+        worker.process(batch)
+    assert depth(aws, aws.request_queue_url) == (0, 1)  # still held by this worker, not deleted
+    monkeypatch.setattr(aws.s3, "put_object", put_object)
+    worker.process(batch)  # the next attempt succeeds
+    assert depth(aws, aws.request_queue_url) == (0, 0)
+    assert aws.s3.get_object(Bucket=settings.output_bucket, Key=batch.jobs[0].request.key)["Body"].read()
