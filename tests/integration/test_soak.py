@@ -52,7 +52,7 @@ def kind_of(proc: psutil.Process) -> str:
     except psutil.Error:
         return "gone"
     for marker, kind in (("moto", "moto"), ("gunicorn", "web"), ("controller.py", "controller"),
-                         ("app_tier", "worker")):
+                         ("app_tier", "worker"), ("localaws.stack", "stack/runner")):
         if marker in cmd:
             return kind
     return "other"
@@ -81,8 +81,11 @@ def test_thousand_images_with_workers_killed_at_random(soak_stack):
         while not stop.wait(1.0):
             per_kind: Counter = Counter()
             for proc in [psutil.Process(stack.process.pid), *stack.descendants()]:
+                kind = kind_of(proc)
+                if kind == "gone":  # exited between the listing and now
+                    continue
                 try:
-                    per_kind[kind_of(proc)] = max(per_kind[kind_of(proc)], proc.memory_info().rss)
+                    per_kind[kind] = max(per_kind[kind], proc.memory_info().rss)
                 except psutil.Error:
                     continue
             for kind, rss in per_kind.items():
