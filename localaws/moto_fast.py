@@ -155,9 +155,13 @@ class Ec2ReadCache:
         action = aws_action(environ)
         if action != "DescribeInstances":
             if action == "moto-api" or (is_query_protocol(environ) and not action.startswith("Describe")):
-                with self.lock:  # a change to EC2 (or a reset): forget every answer
-                    self.generation += 1
-                    self.answers.clear()
+                # A change to EC2 (or a reset): forget every answer once it is done, so that
+                # a Describe that ran while it was half done cannot be kept.
+                self._forget()
+                try:
+                    return [read_all(self.app(environ, start_response))]
+                finally:
+                    self._forget()
             return self.app(environ, start_response)
         key = request_body(environ)
         with self.lock:
@@ -178,6 +182,11 @@ class Ec2ReadCache:
                 if self.generation == generation:
                     self.answers[key] = (captured[0], captured[1], body)
         return [body]
+
+    def _forget(self) -> None:
+        with self.lock:
+            self.generation += 1
+            self.answers.clear()
 
 
 class ActionStats:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import boto3
@@ -158,6 +159,40 @@ def test_describe_instances_is_answered_once_per_change():
     client.post("/moto-api/reset")
     assert describe(client).startswith("DescribeInstances #5 ")
     assert aws.seen.count("RunInstances") == 1 and aws.seen.count("SendMessage") == 1
+
+
+class SlowEc2:
+    """A WSGI EC2 whose RunInstances is held half done until the test lets it finish."""
+
+    def __init__(self) -> None:
+        self.instances = 0
+        self.running = threading.Event()
+        self.finish = threading.Event()
+
+    def __call__(self, environ, start_response):
+        action = moto_fast.aws_action(environ)
+        if action == "RunInstances":
+            self.running.set()
+            assert self.finish.wait(10)
+            self.instances += 1
+        start_response("200 OK", [("Content-Type", "text/xml")])
+        return [f"{self.instances} instances".encode()]
+
+
+def test_a_describe_during_a_change_is_not_kept():
+    """The CI failure of 2026-11-22: a describe answered mid-launch was served until the next change."""
+    from werkzeug.test import Client
+
+    ec2 = SlowEc2()
+    cache = moto_fast.Ec2ReadCache(ec2)
+    launch = threading.Thread(
+        target=lambda: Client(cache).post("/", data="Action=RunInstances&Version=2016-11-15&MinCount=1"))
+    launch.start()
+    assert ec2.running.wait(10)
+    assert describe(Client(cache)) == "0 instances"  # true while the launch is half done
+    ec2.finish.set()
+    launch.join(10)
+    assert describe(Client(cache)) == "1 instances"
 
 
 def test_action_stats_counts_requests_and_writes_them(tmp_path):
