@@ -275,6 +275,8 @@ def _document(figures: dict[str, Any], parts: set[str], started: float) -> dict[
     limit = _limit(inference)
     tput = (e2e or {}).get("throughput") or {}
     e2e_ratio = report.ratio(tput.get("throughput_images_per_s"), limit)
+    budget = report.cpu_budget(limit, psutil.cpu_count() or 1, _cpu_by_kind(tput), tput.get("requests") or 0,
+                               tput.get("throughput_images_per_s"))
     zero_after = [((e2e or {}).get(k) or {}).get("scaling", {}).get("last_response_to_zero_s")
                   for k in ("throughput", "course")]
     found = report.targets(
@@ -289,9 +291,31 @@ def _document(figures: dict[str, Any], parts: set[str], started: float) -> dict[
         machine={"cpus": psutil.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
                  "python": platform.python_version(), "platform": platform.platform()},
         inference=inference, end_to_end=e2e, sqs=figures["sqs"], found=found, noise=figures["noise"],
-        extra={"ratio_e2e_to_limit": e2e_ratio, "parts_run": sorted(parts),
+        extra={"ratio_e2e_to_limit": e2e_ratio, "cpu_budget": budget, "parts_run": sorted(parts),
                "expected_labels": figures["expected_labels"], "bench_seconds": time.monotonic() - started},
     )
+
+
+def _cpu_by_kind(run: dict[str, Any]) -> dict[str, float]:
+    """CPU seconds per process kind during a run, the load generator included."""
+    kinds = {kind: v["cpu_s"] for kind, v in ((run.get("memory") or {}).get("by_kind") or {}).items()}
+    if kinds and run.get("load_test_cpu_s") is not None:
+        kinds["load test"] = run["load_test_cpu_s"]
+    return kinds
+
+
+def budget_line(budget: dict[str, Any] | None) -> str:
+    """Why (c) is what it is: where each image's core-milliseconds go during (b)."""
+    if not budget:
+        return "(c) CPU per image: not measured"
+    parts = ", ".join(f"{kind} {ms:.1f}" for kind, ms in
+                      sorted(budget["core_ms_per_image"].items(), key=lambda kv: -kv[1]))
+    ceiling = report.fmt(budget["ceiling_images_per_s"], digits=1)
+    return (f"    CPU per image during (b), core-ms: {parts} = {budget['total_core_ms_per_image']:.1f} "
+            f"(the model alone at its limit: {budget['model_core_ms_per_image']:.1f}).\n"
+            f"    On these cores that allows at most {ceiling} images/s "
+            f"= {report.fmt(budget['ceiling_over_limit'], '%')} of the limit; (b) reached "
+            f"{report.fmt(budget['measured_over_ceiling'], '%')} of that ceiling.")
 
 
 def print_figures(doc: dict[str, Any]) -> None:
@@ -307,6 +331,7 @@ def print_figures(doc: dict[str, Any]) -> None:
         print(e2e_table(e2e), "\n")
         print(f"(c) end-to-end / in-process limit: {report.fmt(e2e_ratio, '%')} "
               f"({tput.get('throughput_images_per_s', 0):.1f} / {limit or 0:.1f} images/s)")
+        print(budget_line(doc.get("cpu_budget")))
         low = ((e2e.get("low_load") or {}).get("latency_s") or {}).get("p50")
         single = (inference or {}).get("single_image_s")
         print(f"(g) low-load p50 {report.fmt(low, 'ms')} vs model single-image time "

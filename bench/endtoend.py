@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from bench.memory import MemorySampler
 from bench.report import latency_summary
 from bench.scaling import FleetPoller, controller_actions, scaling_times
@@ -125,6 +127,12 @@ def moto_delta(before: dict, after: dict) -> dict[str, dict[str, float]]:
     return dict(sorted(rows.items(), key=lambda kv: -kv[1]["cpu_s"]))
 
 
+def _own_cpu_s() -> float:
+    """This process's CPU so far: the load test's threads, and the bench's samplers beside them."""
+    times = psutil.Process().cpu_times()
+    return times.user + times.system
+
+
 def _scaled_run(plan: EndToEndPlan, stack: StackProcess, images: Path, requests: int,
                 concurrency: int, memory: bool = False) -> dict[str, object]:
     """One load run from zero instances, with the fleet watched until it is back to zero."""
@@ -136,7 +144,9 @@ def _scaled_run(plan: EndToEndPlan, stack: StackProcess, images: Path, requests:
         moto_before = _moto_stats(stack.run_dir / MOTO_STATS)
         lines_before = len(stack.output)
         poller.fast(until_launch=True)
+        own_cpu = _own_cpu_s()
         report = _load(plan, stack.web_url, images, requests, concurrency)
+        own_cpu = _own_cpu_s() - own_cpu
         mem = sampler.stop() if sampler else None
         last = _last_response(report)
         zero_at = poller.wait_for_zero(last, ZERO_TIMEOUT_S)
@@ -151,6 +161,8 @@ def _scaled_run(plan: EndToEndPlan, stack: StackProcess, images: Path, requests:
     out["scaling"]["fleet_samples"] = len(poller.samples)
     if mem is not None:
         out["memory"] = mem
+    # The load generator shares the cores with the stack, so its CPU is part of the budget.
+    out["load_test_cpu_s"] = round(own_cpu, 3)
     out["moto_by_action"] = moto
     return out
 

@@ -59,6 +59,31 @@ class Target:
                 "unit": self.unit, "verdict": self.verdict}
 
 
+def cpu_budget(limit_images_per_s: float | None, cores: int, cpu_s_by_kind: dict[str, float],
+               images: int, measured_images_per_s: float | None) -> dict[str, Any] | None:
+    """Core-milliseconds per image, by process kind, and the throughput they allow on `cores`.
+
+    The model alone at its limit needs cores / limit seconds of CPU per image;
+    everything else on the machine (the embedded AWS, the web tier, the load
+    generator, the workers' own I/O) is paid from the same cores. When the
+    machine is saturated, cores / (all of it) is the ceiling of end-to-end
+    throughput, whatever the code around the model does.
+    """
+    if not limit_images_per_s or images <= 0 or not cpu_s_by_kind:
+        return None
+    by_kind = {kind: 1000 * cpu / images for kind, cpu in cpu_s_by_kind.items()}
+    total_ms = sum(by_kind.values())
+    ceiling = 1000 * cores / total_ms if total_ms > 0 else None
+    return {
+        "model_core_ms_per_image": 1000 * cores / limit_images_per_s,
+        "core_ms_per_image": by_kind,
+        "total_core_ms_per_image": total_ms,
+        "ceiling_images_per_s": ceiling,
+        "ceiling_over_limit": ratio(ceiling, limit_images_per_s),
+        "measured_over_ceiling": ratio(measured_images_per_s, ceiling),
+    }
+
+
 def targets(*, e2e_ratio: float | None, course_average_s: float | None, zero_after_s: float | None,
             low_load_p50_s: float | None, single_image_s: float | None) -> list[Target]:
     """The four targets the benchmark reports on (a missed target never fails the command)."""

@@ -115,3 +115,22 @@ def test_moto_cpu_by_action_is_the_difference_between_snapshots():
     text = moto_table(delta, images=300)
     assert "S3 PUT object" in text and "2.0 ms" in text  # 0.6 s over 300 requests
     assert text.strip().splitlines()[-1].split()[:3] == ["all", "900", "1.80"]
+
+
+def test_cpu_budget_turns_cpu_per_kind_into_a_ceiling():
+    from bench.__main__ import budget_line
+    from bench.report import cpu_budget
+
+    # 300 images; the limit is 50 images/s on 2 cores, i.e. 40 core-ms per image for the model.
+    budget = cpu_budget(50.0, 2, {"worker": 15.0, "moto": 3.0, "load test": 0.0}, 300, 25.0)
+    assert budget["model_core_ms_per_image"] == pytest.approx(40.0)
+    assert budget["core_ms_per_image"] == pytest.approx({"worker": 50.0, "moto": 10.0, "load test": 0.0})
+    assert budget["total_core_ms_per_image"] == pytest.approx(60.0)
+    assert budget["ceiling_images_per_s"] == pytest.approx(2000 / 60)
+    assert budget["ceiling_over_limit"] == pytest.approx(2000 / 60 / 50)
+    assert budget["measured_over_ceiling"] == pytest.approx(25 / (2000 / 60))
+    line = budget_line(budget)
+    assert "worker 50.0, moto 10.0, load test 0.0 = 60.0" in line and "33.3 images/s" in line
+    assert cpu_budget(None, 2, {"worker": 1.0}, 300, 25.0) is None
+    assert cpu_budget(50.0, 2, {}, 300, 25.0) is None
+    assert budget_line(None).endswith("not measured")
