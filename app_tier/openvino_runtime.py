@@ -1,9 +1,11 @@
 """ResNet-50 served by OpenVINO from an IR converted once from the Keras network.
 
-Why: a worker's start-up is part of every scale-out. Measured on this 2-core
+Why: a worker's start-up is part of every scale-out. Measured on a 2-core AVX2
 machine, an OpenVINO worker answers its first image about 1 s after start and
 holds ~400 MB, where the TensorFlow one takes 5-8 s and ~900 MB; per-thread
-throughput is also higher (about 10 against 6.5 images/s). The conversion
+throughput is also higher (about 10 against 6.5 images/s). On a 2-core AVX-512
+machine: start-up 0.5 s against 4.2 s, 61 against 45 images/s on all cores
+(`make bench`). The conversion
 itself needs TensorFlow and takes ~5 s; it is done once per weights and
 cached (on a real instance, at AMI bake time: see ami/provision.sh).
 """
@@ -85,7 +87,7 @@ class OpenVinoResNet50(Classifier):
     A batch runs faster as one image per stream, one core per stream
     (THROUGHPUT hint): the streams never wait for each other, so a thread
     preempted by the web tier or the embedded AWS delays one image instead
-    of stalling every core at each layer. Measured on this 2-core machine
+    of stalling every core at each layer. Measured on a 2-core AVX2 machine
     (`make bench`, and alongside a competing busy process): 10 images in
     ~18 images/s on two streams against ~16 on one, and ~17 against ~13
     under competition; one image in ~55 ms on one stream against ~100 ms on

@@ -41,7 +41,7 @@ MOTO_STATS = "moto-stats.json"  # in the run folder: the embedded AWS's CPU by a
 def tuned_env() -> tuple[dict[str, str], int]:
     """The local stack's knobs as tuned by this benchmark (environment, warm spares).
 
-    Measured on this 2-core machine (see the report of the bench change):
+    Measured on a 2-core AVX2 machine (see the report of the bench change):
       - LOCAL_MAX_WORKERS = cores: 15 model processes on 2 cores spent the first
         ~10 s of a burst loading models and then contended (5.7 images/s at
         300 @ 100; 2 processes: 9.7). The controller still decides 15 instances;
