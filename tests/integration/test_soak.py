@@ -16,6 +16,7 @@ import psutil
 import pytest
 import requests
 
+from bench.memory import kind_of as process_kind
 from tests.conftest import make_image
 from tests.integration.conftest import clients, queue_counts, running_stack, wait_for
 
@@ -46,16 +47,15 @@ def worker_processes(stack) -> list[psutil.Process]:
     return out
 
 
-def kind_of(proc: psutil.Process) -> str:
+def kind_of(proc: psutil.Process, root_pid: int) -> str:
+    """The process's part of the stack (as `make bench` names them), or "gone"."""
     try:
-        cmd = " ".join(proc.cmdline())
+        cmdline = proc.cmdline()
     except psutil.Error:
         return "gone"
-    for marker, kind in (("moto", "moto"), ("gunicorn", "web"), ("controller.py", "controller"),
-                         ("app_tier", "worker"), ("localaws.stack", "stack/runner")):
-        if marker in cmd:
-            return kind
-    return "other"
+    if not cmdline:  # a zombie, or a fork not yet exec'd: nothing to measure
+        return "gone"
+    return process_kind(cmdline, proc.pid == root_pid)
 
 
 def test_thousand_images_with_workers_killed_at_random(soak_stack):
@@ -81,7 +81,7 @@ def test_thousand_images_with_workers_killed_at_random(soak_stack):
         while not stop.wait(1.0):
             per_kind: Counter = Counter()
             for proc in [psutil.Process(stack.process.pid), *stack.descendants()]:
-                kind = kind_of(proc)
+                kind = kind_of(proc, stack.process.pid)
                 if kind == "gone":  # exited between the listing and now
                     continue
                 try:
