@@ -13,8 +13,8 @@ from pathlib import Path
 def start_moto(host: str, port: int, log_path: Path) -> subprocess.Popen:
     """Start moto's server (S3, SQS, EC2 and the rest) and wait until it answers.
 
-    It runs as `localaws.moto_fast`: moto's own server with two fixes to SQS
-    costs that otherwise grow with queue depth (see that module).
+    It runs as `localaws.moto_fast`: moto's own server with patches that remove
+    costs growing with traffic and queue depth (listed in that module).
     """
     with open(log_path, "ab") as out:
         process = subprocess.Popen(
