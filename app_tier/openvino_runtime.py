@@ -27,7 +27,14 @@ from app_tier.model import RANDOM_WEIGHTS_SEED, Classifier, build_network
 
 log = logging.getLogger(__name__)
 
-FP32 = {"INFERENCE_PRECISION_HINT": "f32"}
+# Settings for every compilation. fp32 stated, not left to the default: on CPUs
+# with bf16 (AVX512_BF16, AMX) OpenVINO would otherwise run in bf16, measured
+# 3e-3 off TensorFlow's scores. No CPU pinning: each process pins its threads
+# from the first core up without knowing of the others, so two one-thread
+# workers on one machine both ran on core 0 (measured on a 2-core machine:
+# 15.8 images/s each pinned, 32.3 each unpinned). A real instance runs one
+# worker, which pinning would not speed up measurably.
+COMPILE_DEFAULTS = {"INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING": False}
 
 
 def cache_dir() -> Path:
@@ -102,18 +109,18 @@ class OpenVinoResNet50(Classifier):
         self.untrained = weights == "random"
         core = ov.Core()
         network = core.read_model(str(ensure_ir(weights)))
-        # fp32 stated, not left to the default: on CPUs with bf16 (AVX512_BF16, AMX)
-        # OpenVINO would otherwise run in bf16, measured here 3e-3 off TensorFlow's scores.
-        config: dict = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, **FP32}
+        config: dict = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, **COMPILE_DEFAULTS}
         if threads > 0:
             config["INFERENCE_NUM_THREADS"] = threads
         self._one = core.compile_model(network, "CPU", config)
         streams = threads if threads > 0 else (os.cpu_count() or 1)
+        self._compiled = [self._one]
         self._many = None
         if streams > 1:
             one_core_each = {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": streams,
-                             "INFERENCE_NUM_THREADS": streams, **FP32}
+                             "INFERENCE_NUM_THREADS": streams, **COMPILE_DEFAULTS}
             many = core.compile_model(network, "CPU", one_core_each)
+            self._compiled.append(many)
             self._many = ov.AsyncInferQueue(many, streams)
             self._many.set_callback(self._collect)
             self._results: dict[int, np.ndarray] = {}
@@ -121,6 +128,10 @@ class OpenVinoResNet50(Classifier):
         self.load_seconds = time.perf_counter() - started
         log.info("ResNet-50 (%s weights) on OpenVINO ready in %.1f s (%d streams for batches)",
                  weights, self.load_seconds, streams if self._many else 1)
+
+    def compiled_property(self, name: str) -> list:
+        """One OpenVINO property (e.g. "ENABLE_CPU_PINNING") of each compiled model."""
+        return [compiled.get_property(name) for compiled in self._compiled]
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
