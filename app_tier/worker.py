@@ -3,7 +3,7 @@
 One loop, in the spirit of rq's worker:
 
     receive up to 10 requests  ->  download + decode them (in parallel)
-    ->  classify them as one batch  ->  write each result to S3 and reply
+    ->  classify them as one batch  ->  write each result to S3, then reply
     ->  delete each request, only after both of its writes succeeded.
 
 A fetch thread prepares the next batch (receive, download, decode) while the
@@ -229,11 +229,16 @@ class Worker:
         return responses
 
     def finish(self, batch: Batch, responses: list[tuple[Job, ClassifyResponse]]) -> None:
-        """Write each result and reply, side by side; only then delete the requests."""
+        """Write each result, then reply, then delete the requests.
+
+        A reply means the result is in the output bucket: whoever gets the
+        answer can read the pair at once. If a write fails nothing is sent or
+        deleted, and the request is tried again.
+        """
         stores = [self._io.submit(self._store, job, response) for job, response in responses]
-        self._reply([r for _, r in responses])
         for store in stores:
-            store.result()  # raises if a write failed: then nothing is deleted
+            store.result()  # raises if a write failed
+        self._reply([r for _, r in responses])
         self._delete(batch.jobs)
         self.processed += sum(1 for _, r in responses if r.ok)
 

@@ -309,7 +309,7 @@ def test_results_are_written_while_the_next_batch_is_classified(aws_env):
 
 
 def test_a_failed_result_write_acknowledges_nothing(aws_env, monkeypatch):
-    """The reply may go out, but the request is deleted only once its result is in S3."""
+    """No reply and no delete until the result is in S3: an answer means the pair can be read."""
     from botocore.exceptions import ClientError
 
     settings, aws = aws_env
@@ -328,7 +328,9 @@ def test_a_failed_result_write_acknowledges_nothing(aws_env, monkeypatch):
     with pytest.raises(ClientError):
         worker.process(batch)
     assert depth(aws, aws.request_queue_url) == (0, 1)  # still held by this worker, not deleted
+    assert not responses(aws)
     monkeypatch.setattr(aws.s3, "put_object", put_object)
     worker.process(batch)  # the next attempt succeeds
     assert depth(aws, aws.request_queue_url) == (0, 0)
+    assert list(responses(aws)) == ["a"]
     assert aws.s3.get_object(Bucket=settings.output_bucket, Key=batch.jobs[0].request.key)["Body"].read()
