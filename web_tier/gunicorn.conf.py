@@ -37,6 +37,11 @@ timeout = 60
 graceful_timeout = 5
 keepalive = 5
 
+# Gunicorn >= 25.1 opens a control socket at one path per user, which every
+# stack on the machine (tests, make run, the embedded AWS) would fight over.
+# Older versions ignore the name.
+control_socket_disable = True
+
 accesslog = None
 errorlog = "-"
 loglevel = "info"
