@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +75,10 @@ def ensure_ir(weights: str) -> Path:
 
         started = time.perf_counter()
         network = build_network(weights)
-        model = ov.convert_model(network, input=[(-1, 224, 224, 3)])
+        with warnings.catch_warnings():
+            # Keras notes that the converter passes the input as a tuple; harmless here.
+            warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")
+            model = ov.convert_model(network, input=[(-1, 224, 224, 3)])
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
         try:
             ov.save_model(model, staging / target.name, compress_to_fp16=False)
