@@ -46,10 +46,14 @@ def stack(tmp_path_factory):
     yield from running_stack(tmp_path_factory, {"MAX_INSTANCES": "4", "VISIBILITY_TIMEOUT": "12"})
 
 
+def aws_client(service: str, url: str):
+    """A boto3 client for the embedded AWS at `url`, with the test credentials."""
+    return boto3.client(service, endpoint_url=url, region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
 def clients(proc: StackProcess):
-    kw = dict(endpoint_url=proc.aws_url, region_name="us-east-1",
-              aws_access_key_id="testing", aws_secret_access_key="testing")
-    return boto3.client("s3", **kw), boto3.client("sqs", **kw), boto3.client("ec2", **kw)
+    return aws_client("s3", proc.aws_url), aws_client("sqs", proc.aws_url), aws_client("ec2", proc.aws_url)
 
 
 def wait_for(predicate, timeout_s: float, what: str, interval: float = 0.2):

@@ -22,14 +22,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import boto3
 import pytest
 
 from common.config import Settings
 from common.provision import provision
 from localaws.harness import free_port
 from localaws.server import start_moto
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import aws_client, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CAP = 15
@@ -70,8 +69,7 @@ class World:
     run_dir: Path
 
     def client(self, service: str):
-        return boto3.client(service, endpoint_url=self.url, region_name="us-east-1",
-                            aws_access_key_id="testing", aws_secret_access_key="testing")
+        return aws_client(service, self.url)
 
     def send(self, count: int) -> None:
         for start in range(0, count, 10):

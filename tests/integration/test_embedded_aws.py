@@ -9,13 +9,12 @@ import threading
 import time
 from collections.abc import Iterator
 
-import boto3
 import psutil
 import pytest
 
 from localaws.harness import free_port
 from localaws.server import start_moto
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import aws_client, wait_for
 
 LONG_POLLS = 40  # more than a full local fleet and the web tier's listeners hold at once
 
@@ -33,8 +32,7 @@ def moto(tmp_path) -> Iterator[tuple[int, psutil.Process]]:
 
 
 def client(service: str, port: int):
-    return boto3.client(service, endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-                        aws_access_key_id="testing", aws_secret_access_key="testing")
+    return aws_client(service, f"http://127.0.0.1:{port}")
 
 
 def test_connections_are_kept_between_requests(moto):
