@@ -7,9 +7,17 @@ lines (in the stack's output) are read as a cross-check of when it decided.
 It polls that fast only around the two moments measured: from the start
 until the first launch is seen, and from `fast()` (called once the load is
 over) until zero. In between it polls once a second. moto serialises every
-instance in a DescribeInstances answer (~5 ms each here), so 20 calls a
-second with 15 instances would take a whole core from the very server the
-benchmark measures: at first it did, and halved the end-to-end throughput.
+instance in a DescribeInstances answer (1-8 ms of its CPU each here), so 20
+calls a second with 15 instances would take a whole core from the very server
+the benchmark measures: at first it did, and halved the end-to-end throughput.
+
+It asks EC2 exactly what the controller and the runner ask (every watched
+state) and counts the live instances itself: the embedded AWS then answers
+all three from one cached answer per change to the fleet. Asking only for
+pending and running instances was a question of its own, answered afresh
+after every launch: about half the uncached DescribeInstances of a run, at
+30-115 ms of moto's CPU each (`make bench`, part f, "DescribeInstances"
+against "DescribeInstances (cached)").
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from common.config import Settings
 from common.fleet import app_tier_instances
 
+LIVE_STATES = ("pending", "running")
 _LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*controller .*action=(launch|terminate)")
 
 
@@ -53,7 +62,7 @@ class FleetPoller:
         self.aws = SimpleNamespace(ec2=ec2, settings=self.settings)  # all app_tier_instances needs
 
     def count(self) -> int:
-        return len(app_tier_instances(self.aws, states=("pending", "running")))
+        return sum(1 for i in app_tier_instances(self.aws) if i.state in LIVE_STATES)
 
     def _loop(self) -> None:
         while not self._stop.is_set():

@@ -59,6 +59,8 @@ from gunicorn.app.base import BaseApplication
 # every STATS_EVERY_S seconds (`make bench` reads it).
 STATS_ENV = "IMGCLASS_MOTO_STATS"
 STATS_EVERY_S = 1.0
+# Set in the WSGI environ when Ec2ReadCache answered, so the statistics can tell.
+CACHE_HIT = "imgclass.cache_hit"
 
 
 def apply() -> None:
@@ -178,6 +180,7 @@ class Ec2ReadCache:
         with self.lock:
             generation, hit = self.generation, self.answers.get(key)
         if hit is not None:
+            environ[CACHE_HIT] = True
             status, headers, body = hit
             start_response(status, headers)
             return [body]
@@ -219,6 +222,8 @@ class ActionStats:
         action = aws_action(environ)
         body = read_all(self.app(environ, start_response))
         spent = time.thread_time() - started
+        if environ.get(CACHE_HIT):
+            action += " (cached)"
         with self.lock:
             entry = self.totals.setdefault(action, [0, 0.0])
             entry[0] += 1

@@ -212,3 +212,20 @@ def test_action_stats_counts_requests_and_writes_them(tmp_path):
         if out.exists():
             counts = {k: v["requests"] for k, v in json.loads(out.read_text()).items()}
     assert counts == expected
+
+
+def test_action_stats_tells_cached_describes_apart(tmp_path):
+    from werkzeug.test import Client
+
+    out = tmp_path / "stats.json"
+    client = Client(moto_fast.ActionStats(moto_fast.Ec2ReadCache(FakeAws()), out))
+    for _ in range(3):
+        describe(client)
+    expected = {"DescribeInstances": 1, "DescribeInstances (cached)": 2}
+    counts: dict[str, int] = {}
+    deadline = time.monotonic() + 5 * moto_fast.STATS_EVERY_S
+    while time.monotonic() < deadline and counts != expected:
+        time.sleep(0.05)
+        if out.exists():
+            counts = {k: v["requests"] for k, v in json.loads(out.read_text()).items()}
+    assert counts == expected
