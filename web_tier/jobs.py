@@ -11,6 +11,7 @@ from common.aws import Aws
 from common.messages import ClassifyRequest
 from common.names import object_key
 from web_tier.results import Item, ResultBook
+from web_tier.sender import BatchingSender
 from web_tier.storage import put_input
 from web_tier.uploads import Upload, UploadError
 
@@ -28,6 +29,7 @@ class Submitter:
     aws: Aws
     book: ResultBook
     pool: Executor
+    requests: BatchingSender
 
     def submit(self, batch_id: str, uploads: list[Upload]) -> list[Item | UploadError]:
         """Submit every upload of one request, concurrently; results in upload order.
@@ -55,7 +57,7 @@ class Submitter:
             request = ClassifyRequest(
                 id=item.id, bucket=self.aws.settings.input_bucket, key=item.key, filename=upload.filename
             )
-            self.aws.sqs.send_message(QueueUrl=self.aws.request_queue_url, MessageBody=request.to_json())
+            self.requests.send(request.to_json())
         except Exception:
             # An AWS outage must cost this file, not the service.
             log.exception("could not submit item %s", item.id)

@@ -13,6 +13,7 @@ from web_tier.jobs import Submitter
 from web_tier.listeners import Listeners
 from web_tier.rebuild import rebuild_batch
 from web_tier.results import Item, ResultBook, is_batch_id
+from web_tier.sender import BatchingSender
 from web_tier.status import StatusReader
 
 EXTENSION = "imgclass"
@@ -29,7 +30,8 @@ class Services:
     status: StatusReader = field(init=False)
 
     def __post_init__(self) -> None:
-        self.submitter = Submitter(self.aws, self.book, self.pool)
+        requests = BatchingSender(self.aws.sqs, lambda: self.aws.request_queue_url)
+        self.submitter = Submitter(self.aws, self.book, self.pool, requests)
         self.status = StatusReader(self.aws, self.book)
 
     def find_batch(self, batch_id: str) -> list[Item] | None:

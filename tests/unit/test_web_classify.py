@@ -101,3 +101,12 @@ def test_missing_file_is_400(web_client):
     response = web_client.post("/", data={}, content_type="multipart/form-data")
     assert response.status_code == 400
     assert response.mimetype == "text/plain"
+
+
+def test_a_request_queue_that_refuses_the_message_is_a_503(web_app, web_aws):
+    client = web_app.test_client()
+    web_aws.sqs.delete_queue(QueueUrl=web_aws.request_queue_url)
+    response = post_image(client, make_image(3), "lost.jpg")
+    assert response.status_code == 503
+    assert "could not be stored or queued" in response.text
+    assert services_of(web_app).book.totals()["uploaded"] == 0  # forgotten: no answer can come

@@ -1,0 +1,102 @@
+"""Group commit of request messages: alone at once, together in batches, failures to their senders."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from tests.unit.conftest import wait_until
+from web_tier.sender import MAX_BATCH, BatchingSender, SendError
+
+
+def _queued(aws) -> list[str]:
+    bodies = []
+    while True:
+        got = aws.sqs.receive_message(QueueUrl=aws.request_queue_url, MaxNumberOfMessages=10,
+                                      WaitTimeSeconds=0).get("Messages", [])
+        if not got:
+            return sorted(bodies)
+        bodies += [m["Body"] for m in got]
+
+
+def _in_threads(send, bodies: list[str]) -> tuple[list[threading.Thread], dict[str, Exception]]:
+    errors: dict[str, Exception] = {}
+
+    def one(body: str) -> None:
+        try:
+            send(body)
+        except Exception as exc:
+            errors[body] = exc
+
+    threads = [threading.Thread(target=one, args=(b,)) for b in bodies]
+    for t in threads:
+        t.start()
+    return threads, errors
+
+
+def test_a_lone_message_is_sent_at_once(web_aws):
+    sender = BatchingSender(web_aws.sqs, lambda: web_aws.request_queue_url)
+    sender.send("one")
+    assert _queued(web_aws) == ["one"]
+    assert sender.batches_sent == 1
+
+
+def test_messages_arriving_during_a_send_go_out_together(web_aws):
+    """While the first send is held, 29 more callers queue; they go out in batches of ten."""
+    release, held = threading.Event(), threading.Event()
+    sizes: list[int] = []
+
+    def hold_first(params, **_):
+        sizes.append(len(params["Entries"]))
+        if len(sizes) == 1:
+            held.set()
+            assert release.wait(10)
+
+    web_aws.sqs.meta.events.register("provide-client-params.sqs.SendMessageBatch", hold_first)
+    sender = BatchingSender(web_aws.sqs, lambda: web_aws.request_queue_url)
+    first, _ = _in_threads(sender.send, ["m00"])
+    assert held.wait(10)
+    bodies = [f"m{n:02d}" for n in range(1, 30)]
+    rest, errors = _in_threads(sender.send, bodies)
+    wait_until(lambda: len(sender._waiting) == len(bodies))
+    release.set()
+    for t in first + rest:
+        t.join(10)
+    assert not errors
+    assert sizes == [1, MAX_BATCH, MAX_BATCH, 9]
+    assert _queued(web_aws) == ["m00", *bodies]
+
+
+class FlakySqs:
+    """An SQS client that refuses the bodies in `refuse` and fails whole calls `broken` times."""
+
+    def __init__(self, refuse: set[str] = frozenset(), broken: int = 0) -> None:
+        self.refuse, self.broken, self.accepted = refuse, broken, []
+
+    def send_message_batch(self, QueueUrl: str, Entries: list[dict]) -> dict:  # noqa: N803 (boto3's names)
+        if self.broken:
+            self.broken -= 1
+            raise ConnectionError("SQS is down")
+        failed = [{"Id": e["Id"], "Code": "InvalidMessageContents", "SenderFault": True}
+                  for e in Entries if e["MessageBody"] in self.refuse]
+        self.accepted += [e["MessageBody"] for e in Entries if e["MessageBody"] not in self.refuse]
+        return {"Successful": [], "Failed": failed}
+
+
+def test_a_refused_entry_fails_only_its_own_sender():
+    sqs = FlakySqs(refuse={"bad"})
+    sender = BatchingSender(sqs, lambda: "url")
+    with pytest.raises(SendError, match="InvalidMessageContents"):
+        sender.send("bad")
+    sender.send("good")
+    assert sqs.accepted == ["good"]
+
+
+def test_a_failed_call_fails_its_batch_and_the_next_batch_still_goes():
+    sqs = FlakySqs(broken=1)
+    sender = BatchingSender(sqs, lambda: "url")
+    with pytest.raises(ConnectionError):
+        sender.send("lost")
+    sender.send("next")
+    assert sqs.accepted == ["next"]
