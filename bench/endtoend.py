@@ -109,7 +109,22 @@ def _summary(report: Report) -> dict[str, object]:
 
 
 def _moto_stats(path: Path) -> dict[str, dict[str, float]]:
-    """What the embedded AWS has served so far, by action (written every STATS_EVERY_S)."""
+    """What the embedded AWS has served until now, by action.
+
+    The server writes its statistics every STATS_EVERY_S, so the file can be up
+    to that old: wait for a write that comes after this call. A stale snapshot
+    before run (b) once put the server's first DescribeInstances of its life
+    (~1 s of CPU loading EC2's model) into the run's figures.
+    """
+    asked = time.time()
+    deadline = asked + 3 * STATS_EVERY_S
+    while time.time() < deadline:
+        try:
+            if path.stat().st_mtime > asked:
+                break
+        except OSError:
+            pass
+        time.sleep(0.05)
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -140,8 +155,8 @@ def _scaled_run(plan: EndToEndPlan, stack: StackProcess, images: Path, requests:
     try:
         if poller.wait_for_zero(time.time(), ZERO_TIMEOUT_S) is None:
             log.warning("the fleet was not at zero before the run")
-        sampler = MemorySampler(stack.process.pid).start() if memory and stack.process else None
         moto_before = _moto_stats(stack.run_dir / MOTO_STATS)
+        sampler = MemorySampler(stack.process.pid).start() if memory and stack.process else None
         lines_before = len(stack.output)
         poller.fast(until_launch=True)
         own_cpu = _own_cpu_s()
@@ -150,7 +165,6 @@ def _scaled_run(plan: EndToEndPlan, stack: StackProcess, images: Path, requests:
         mem = sampler.stop() if sampler else None
         last = _last_response(report)
         zero_at = poller.wait_for_zero(last, ZERO_TIMEOUT_S)
-        time.sleep(STATS_EVERY_S + 0.2)  # the server's next write of its statistics
         moto = moto_delta(moto_before, _moto_stats(stack.run_dir / MOTO_STATS))
     finally:
         poller.stop()

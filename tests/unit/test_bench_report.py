@@ -134,3 +134,23 @@ def test_cpu_budget_turns_cpu_per_kind_into_a_ceiling():
     assert cpu_budget(None, 2, {"worker": 1.0}, 300, 25.0) is None
     assert cpu_budget(50.0, 2, {}, 300, 25.0) is None
     assert budget_line(None).endswith("not measured")
+
+
+def test_moto_statistics_are_read_from_a_write_after_the_question(tmp_path):
+    """A snapshot up to a second old would count earlier calls into the run that follows."""
+    import os
+    import threading
+
+    from bench.endtoend import _moto_stats
+
+    path = tmp_path / "moto-stats.json"
+    path.write_text(json.dumps({"DescribeInstances": {"requests": 1, "cpu_s": 1.0}}))
+    old = path.stat().st_mtime - 10
+    os.utime(path, (old, old))
+    fresh = {"DescribeInstances": {"requests": 2, "cpu_s": 1.1}}
+    writer = threading.Timer(0.3, lambda: path.write_text(json.dumps(fresh)))
+    writer.start()
+    try:
+        assert _moto_stats(path) == fresh
+    finally:
+        writer.join()
