@@ -195,6 +195,17 @@ def test_a_describe_during_a_change_is_not_kept():
     assert describe(Client(cache)) == "1 instances"
 
 
+def written_counts(out, expected: dict[str, int]) -> dict[str, int]:
+    """Requests by action in the statistics file, once it shows `expected` or the deadline passes."""
+    counts: dict[str, int] = {}
+    deadline = time.monotonic() + 5 * moto_fast.STATS_EVERY_S
+    while time.monotonic() < deadline and counts != expected:
+        time.sleep(0.05)
+        if out.exists():
+            counts = {k: v["requests"] for k, v in json.loads(out.read_text()).items()}
+    return counts
+
+
 def test_action_stats_counts_requests_and_writes_them(tmp_path):
     from werkzeug.test import Client
 
@@ -205,13 +216,7 @@ def test_action_stats_counts_requests_and_writes_them(tmp_path):
         client.post("/", headers={"X-Amz-Target": "AmazonSQS.ReceiveMessage"}, data="{}")
     client.get("/bucket/some/key")
     expected = {"ReceiveMessage": 3, "S3 GET object": 1}
-    counts: dict[str, int] = {}
-    deadline = time.monotonic() + 5 * moto_fast.STATS_EVERY_S
-    while time.monotonic() < deadline and counts != expected:
-        time.sleep(0.05)
-        if out.exists():
-            counts = {k: v["requests"] for k, v in json.loads(out.read_text()).items()}
-    assert counts == expected
+    assert written_counts(out, expected) == expected
 
 
 def test_action_stats_tells_cached_describes_apart(tmp_path):
@@ -222,10 +227,4 @@ def test_action_stats_tells_cached_describes_apart(tmp_path):
     for _ in range(3):
         describe(client)
     expected = {"DescribeInstances": 1, "DescribeInstances (cached)": 2}
-    counts: dict[str, int] = {}
-    deadline = time.monotonic() + 5 * moto_fast.STATS_EVERY_S
-    while time.monotonic() < deadline and counts != expected:
-        time.sleep(0.05)
-        if out.exists():
-            counts = {k: v["requests"] for k, v in json.loads(out.read_text()).items()}
-    assert counts == expected
+    assert written_counts(out, expected) == expected
