@@ -40,7 +40,6 @@ class BatchingSender:
         self._cond = threading.Condition()
         self._waiting: list[_Message] = []
         self._sending = False
-        self.batches_sent = 0  # SendMessageBatch calls so far (tests, diagnostics)
 
     def send(self, body: str) -> None:
         """Put one message on the queue; raise SendError (or botocore's error) if it is not there."""
@@ -79,6 +78,5 @@ class BatchingSender:
             for message in batch:
                 message.error = exc
         finally:
-            self.batches_sent += 1
             for message in batch:
                 message.done = True

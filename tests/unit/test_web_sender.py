@@ -35,20 +35,28 @@ def _in_threads(send, bodies: list[str]) -> tuple[list[threading.Thread], dict[s
     return threads, errors
 
 
+def _batch_sizes(sqs) -> list[int]:
+    """Entries in each SendMessageBatch `sqs` makes from now on."""
+    sizes: list[int] = []
+    sqs.meta.events.register("provide-client-params.sqs.SendMessageBatch",
+                             lambda params, **_: sizes.append(len(params["Entries"])))
+    return sizes
+
+
 def test_a_lone_message_is_sent_at_once(web_aws):
+    sizes = _batch_sizes(web_aws.sqs)
     sender = BatchingSender(web_aws.sqs, lambda: web_aws.request_queue_url)
     sender.send("one")
     assert _queued(web_aws) == ["one"]
-    assert sender.batches_sent == 1
+    assert sizes == [1]
 
 
 def test_messages_arriving_during_a_send_go_out_together(web_aws):
     """While the first send is held, 29 more callers queue; they go out in batches of ten."""
     release, held = threading.Event(), threading.Event()
-    sizes: list[int] = []
+    sizes = _batch_sizes(web_aws.sqs)
 
-    def hold_first(params, **_):
-        sizes.append(len(params["Entries"]))
+    def hold_first(**_):
         if len(sizes) == 1:
             held.set()
             assert release.wait(10)
