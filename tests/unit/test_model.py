@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from app_tier.images import prepare
+from app_tier.images import INPUT_SIZE, decode, prepare, to_input
 from app_tier.labels import imagenet_labels
 from app_tier.model import WeightsUnavailable, load_classifier
 from tests.conftest import make_image
@@ -20,6 +21,17 @@ def test_labels_are_keras_imagenet_classes():
     labels = imagenet_labels()
     assert len(labels) == 1000
     assert (labels[0], labels[2], labels[999]) == ("tench", "great_white_shark", "toilet_tissue")
+
+
+def test_input_is_keras_resnet50_preprocessing():
+    """The worker's own preprocessing must be exactly what the weights were trained with."""
+    from keras.applications.resnet50 import preprocess_input
+
+    img = decode(make_image(7), 40_000_000)
+    resized = np.asarray(img.resize(INPUT_SIZE, Image.Resampling.BILINEAR), dtype=np.float32)
+    ours = to_input(img)
+    assert ours.shape == (224, 224, 3) and ours.dtype == np.float32
+    assert np.array_equal(ours, preprocess_input(resized.copy()))
 
 
 @pytest.mark.parametrize("ov_threads", [1, 2], ids=["one-stream", "stream-per-image"])
