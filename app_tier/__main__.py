@@ -10,6 +10,7 @@ import sys
 
 from common.aws import Aws
 from common.config import Settings
+from common.heap import freeze_startup_heap
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,12 +52,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model ready: {settings.model_runtime}, weights {settings.model_weights}, "
               f"loaded in {classifier.load_seconds:.1f}s")
         return 0
+    aws = Aws(settings).open("s3", "sqs")
+    # Before waiting for an instance id: a warm spare pays the collection while idle.
+    freeze_startup_heap()
     instance_id = args.instance_id
     if instance_id == "-":
         instance_id = sys.stdin.readline().strip()
         if not instance_id:
             return 0  # the runner closed our stdin: never needed
-    worker = Worker(settings, Aws(settings), classifier, instance_id)
+    worker = Worker(settings, aws, classifier, instance_id)
     worker.install_signal_handlers()
     worker.run()
     return 0

@@ -54,6 +54,14 @@ class Aws:
     def ec2(self):
         return self._client("ec2")
 
+    def open(self, *services: str) -> Aws:
+        """Create these clients now rather than at first use (each loads its service model)."""
+        for service in services:
+            if service not in ("s3", "sqs", "ec2"):
+                raise ValueError(f"no client for {service!r}")
+            getattr(self, service)
+        return self
+
     def queue_url(self, name: str) -> str:
         cache = self.__dict__.setdefault("_queue_urls", {})
         if name not in cache:

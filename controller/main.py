@@ -10,6 +10,7 @@ from pathlib import Path
 
 from common.aws import Aws
 from common.config import Settings
+from common.heap import freeze_startup_heap
 from controller.loop import Controller
 from controller.policy import MODES
 
@@ -70,10 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         boot_time_s=args.boot_time,
         scale_in_cooldown_s=args.scale_in_cooldown,
     )
-    controller = Controller(settings, Aws(settings), dry_run=args.dry_run, timeline_path=args.timeline)
+    controller = Controller(settings, Aws(settings).open("ec2", "sqs"), dry_run=args.dry_run,
+                            timeline_path=args.timeline)
     if args.once:
         controller.step()
     else:
+        freeze_startup_heap()
         controller.install_signal_handlers()
         controller.run()
     if args.plot:

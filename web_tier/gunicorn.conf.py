@@ -56,3 +56,12 @@ def post_fork(server, worker) -> None:
     )
     # "Found credentials ..." on every new client is noise.
     logging.getLogger("botocore").setLevel(logging.WARNING)
+
+
+def post_worker_init(worker) -> None:
+    """The app is built: keep its start-up heap out of later garbage collections."""
+    from common.heap import freeze_startup_heap
+    from web_tier.services import EXTENSION
+
+    worker.wsgi.extensions[EXTENSION].aws.open("s3", "sqs")
+    freeze_startup_heap()

@@ -99,3 +99,12 @@ def test_provision_is_idempotent_private_encrypted_and_has_a_dead_letter_queue()
         redrive = json.loads(attrs["RedrivePolicy"])
         assert redrive["deadLetterTargetArn"].endswith(settings.dead_letter_queue)
         assert int(redrive["maxReceiveCount"]) == 3
+
+
+def test_aws_opens_clients_ahead_of_use_and_refuses_unknown_services():
+    aws = Aws(Settings(region="us-east-1"))
+    assert "s3" not in vars(aws) and "sqs" not in vars(aws)
+    assert aws.open("s3", "sqs") is aws
+    assert "s3" in vars(aws) and "sqs" in vars(aws) and "ec2" not in vars(aws)
+    with pytest.raises(ValueError, match="lambda"):
+        aws.open("lambda")

@@ -228,3 +228,43 @@ def test_action_stats_tells_cached_describes_apart(tmp_path):
         describe(client)
     expected = {"DescribeInstances": 1, "DescribeInstances (cached)": 2}
     assert written_counts(out, expected) == expected
+
+
+def loaded_regions(backend_dict) -> set[str]:
+    """The regions (or partitions) of one moto service whose backend exists, without creating any."""
+    return {region for account in dict.values(backend_dict) for region in dict.keys(account)}
+
+
+def test_warm_up_builds_ec2_sqs_and_s3_with_one_read_only_call_each(patched):
+    """The server builds its backends before it freezes its start-up heap (common.heap)."""
+    from moto.ec2.models import ec2_backends
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+    from moto.s3.models import s3_backends
+
+    moto_app = DomainDispatcherApplication(create_backend_app)
+    seen = []
+
+    def recording(environ, start_response):
+        seen.append(moto_fast.aws_action(environ))
+        return moto_app(environ, start_response)
+
+    with mock_aws():  # moto's state is reset on the way out
+        assert "eu-west-3" not in loaded_regions(ec2_backends) | loaded_regions(models.sqs_backends)
+        moto_fast.warm_up(recording, "eu-west-3")
+        assert seen == ["DescribeInstances", "ListQueues", "S3 GET bucket"]
+        assert "eu-west-3" in loaded_regions(ec2_backends) & loaded_regions(models.sqs_backends)
+        assert loaded_regions(s3_backends)
+        ec2 = boto3.client("ec2", region_name="eu-west-3")
+        assert ec2.describe_instances()["Reservations"] == []
+        assert "QueueUrls" not in boto3.client("sqs", region_name="eu-west-3").list_queues()
+        assert boto3.client("s3", region_name="eu-west-3").list_buckets()["Buckets"] == []
+
+
+def test_a_failed_warm_up_call_stops_the_server_from_starting():
+    def broken_sqs(environ, start_response):
+        status = "500 Internal Server Error" if environ.get("HTTP_X_AMZ_TARGET") else "200 OK"
+        start_response(status, [("Content-Type", "text/xml")])
+        return [b""]
+
+    with pytest.raises(RuntimeError, match="500"):
+        moto_fast.warm_up(broken_sqs, "us-east-1")
