@@ -451,6 +451,21 @@ class RequestFailed(Exception):
         self.status = status
 
 
+def new_session(api_key: str = "") -> requests.Session:
+    """A Session that talks straight to the URL it is given.
+
+    No proxy from the environment (the run would measure the proxy) and no
+    ~/.netrc credentials: `trust_env` off. It also spares requests reading the
+    whole environment on every call, measured at 0.35 ms of the load test's
+    ~1.45 ms CPU per upload (300 uploads at concurrency 100, 2 cores).
+    """
+    session = requests.Session()
+    session.trust_env = False
+    if api_key:
+        session.headers["X-API-Key"] = api_key
+    return session
+
+
 def _short(text: str, limit: int = 200) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -466,7 +481,6 @@ class Client:
     def __init__(self, config: Config, stop: threading.Event) -> None:
         self.config = config
         self.stop = stop
-        self.headers = {"X-API-Key": config.api_key} if config.api_key else {}
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
@@ -474,9 +488,7 @@ class Client:
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
         if session is None:
-            session = requests.Session()
-            session.headers.update(self.headers)
-            self._local.session = session
+            session = self._local.session = new_session(self.config.api_key)
             with self._lock:
                 self._sessions.append(session)
         return session
@@ -652,9 +664,7 @@ class StatusPoller:
         self.interval = config.status_interval
         self.t0 = t0
         self.samples: list[tuple[float, int]] = []
-        self._session = requests.Session()
-        if config.api_key:
-            self._session.headers["X-API-Key"] = config.api_key
+        self._session = new_session(config.api_key)
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="status-poller", daemon=True)
 

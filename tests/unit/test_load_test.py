@@ -38,6 +38,7 @@ class FakeTier:
         self.jobs: dict[str, dict] = {}
         self.form_ports: set[int] = set()
         self.paths: Counter[str] = Counter()
+        self.authorizations: list[str | None] = []  # each POST's Authorization header
         self.barrier: threading.Barrier | None = None
         self.release = threading.Event()
 
@@ -99,6 +100,7 @@ class Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         with self.tier.lock:
             self.tier.paths[f"POST {self.path}"] += 1
+            self.tier.authorizations.append(self.headers.get("Authorization"))
         if not self._authorised():
             return
         files = _parse_files(self.headers, body)
@@ -259,6 +261,22 @@ def test_all_good_run_passes_and_exits_zero(tier, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "RESULT: PASS" in out and "WARNING" not in out
+
+
+def test_only_the_given_url_is_talked_to_whatever_the_environment_says(tier, tmp_path, monkeypatch):
+    """A proxy from the environment would be measured instead of the tier, and ~/.netrc
+    credentials would be sent to it: neither is used."""
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # the discard port: nothing answers
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / ".netrc").write_text("machine 127.0.0.1 login someone password secret\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:x"})
+    report = run_load(Config(images=images, url=tier.url))
+
+    assert report.ok and report.answered == 1
+    assert tier.authorizations == [None]
 
 
 def test_num_requests_cycles_through_images(tier, tmp_path):
