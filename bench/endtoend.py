@@ -13,6 +13,7 @@ starts) serves every phase in turn, starting each from zero instances:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -181,6 +182,18 @@ def _scaled_run(plan: EndToEndPlan, stack: StackProcess, images: Path, requests:
     return out
 
 
+def without_first(report: Report, count: int) -> Report:
+    """The report of the same run as if its first `count` requests had not been sent:
+    duration from the first kept request's start to the last one's answer."""
+    kept = [o for o in report.outcomes if o.index >= count]
+    if not kept:
+        return dataclasses.replace(report, outcomes=[], planned=0, duration_s=0.0)
+    first = min(o.started_s for o in kept)
+    last = max(o.started_s + o.latency_s for o in kept)
+    return dataclasses.replace(report, outcomes=kept, planned=len(kept), duration_s=last - first,
+                               started_at=report.started_at + first)
+
+
 def _subset(images: Path, count: int, into: Path) -> Path:
     """A folder holding the first `count` images (the load test sends each image of a folder)."""
     into.mkdir(parents=True, exist_ok=True)
@@ -191,11 +204,15 @@ def _subset(images: Path, count: int, into: Path) -> Path:
     return into
 
 
-def _low_load(plan: EndToEndPlan, stack: StackProcess, scratch: Path) -> dict[str, object]:
-    warm = _subset(plan.images, plan.low_load_warmup, scratch / "warm")
-    _load(plan, stack.web_url, warm, plan.low_load_warmup, 1)
-    report = _load(plan, stack.web_url, plan.images, plan.low_load_requests, 1)
-    out = _summary(report)
+def _low_load(plan: EndToEndPlan, stack: StackProcess) -> dict[str, object]:
+    """One request at a time; the first `low_load_warmup` (the fleet's scale-out) not counted.
+
+    One run, not a warm-up run and then another: the pause between two runs
+    can outlast the scale-in cooldown (0.5 s here), and the measured requests
+    then waited for a launch (seen once: p99 0.88 s against 0.09 s).
+    """
+    report = _load(plan, stack.web_url, plan.images, plan.low_load_warmup + plan.low_load_requests, 1)
+    out = _summary(without_first(report, plan.low_load_warmup))
     out["warmup_requests"] = plan.low_load_warmup
     return out
 
@@ -220,7 +237,7 @@ def run_end_to_end(plan: EndToEndPlan, run_dir: Path) -> dict[str, object]:
             course_images = _subset(plan.images, plan.course_requests, scratch / "course")
             out["course"] = _scaled_run(plan, stack, course_images, plan.course_requests,
                                         plan.course_concurrency)
-            out["low_load"] = _low_load(plan, stack, scratch)
+            out["low_load"] = _low_load(plan, stack)
     finally:
         out["stack_stop_s"] = stack.stop()
         out["stack_log_tail"] = [line.rstrip() for line in stack.output[-15:]]

@@ -154,3 +154,22 @@ def test_moto_statistics_are_read_from_a_write_after_the_question(tmp_path):
         assert _moto_stats(path) == fresh
     finally:
         writer.join()
+
+
+def test_low_load_counts_only_the_requests_after_the_warm_up():
+    from bench.endtoend import without_first
+    from load_test import Outcome, Report
+
+    # Two warm-up requests (the first waits for a launch), then three of 0.1 s back to back.
+    outcomes = [Outcome(0, "a.jpg", 0.0, 1.5), Outcome(1, "b.jpg", 1.5, 0.2),
+                Outcome(2, "c.jpg", 1.7, 0.1), Outcome(3, "d.jpg", 1.8, 0.1),
+                Outcome(4, "e.jpg", 1.9, 0.1, error="HTTP 500", verdict="failed")]
+    run = Report("http://x", "form", 1, 5, started_at=1000.0, duration_s=2.0, outcomes=outcomes)
+
+    measured = without_first(run, 2)
+    assert [o.index for o in measured.outcomes] == [2, 3, 4]
+    assert measured.latencies == pytest.approx([0.1, 0.1])  # the failed one has no latency
+    assert measured.duration_s == pytest.approx(0.3) and measured.started_at == pytest.approx(1001.7)
+    assert measured.throughput == pytest.approx(2 / 0.3) and measured.failed == 1
+    assert run.sent == 5  # the run's own report is left as it was
+    assert without_first(run, 5).sent == 0
