@@ -58,6 +58,8 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from common.heap import freeze_startup_heap
+
 # When set, the server writes its CPU time per API action to this JSON file
 # every STATS_EVERY_S seconds (`make bench` reads it).
 STATS_ENV = "IMGCLASS_MOTO_STATS"
@@ -277,8 +279,6 @@ def build_app() -> Callable:
     (and CPU statistics if asked)."""
     apply()
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
-
-    from common.heap import freeze_startup_heap
 
     moto_app = DomainDispatcherApplication(create_backend_app)
     warm_up(moto_app, os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
