@@ -122,9 +122,8 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         sg = tuple(s for s in _str(env, "SECURITY_GROUP_IDS", "").split(",") if s)
-        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or cls.region
         return cls(
-            region=region,
+            region=region_from_env(env),
             endpoint_url=env.get("AWS_ENDPOINT_URL") or None,
             prefix=_str(env, "APP_PREFIX", cls.prefix),
             max_instances=_int(env, "MAX_INSTANCES", cls.max_instances),
@@ -169,3 +168,8 @@ class Settings:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", "api_key")}
         out["api_key_set"] = bool(self.api_key)
         return out
+
+
+def region_from_env(env: Mapping[str, str]) -> str:
+    """The region boto3 would use: AWS_REGION, else AWS_DEFAULT_REGION, else the default."""
+    return env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or Settings.region

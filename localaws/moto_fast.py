@@ -58,6 +58,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from common.config import region_from_env
 from common.heap import freeze_startup_heap
 
 # When set, the server writes its CPU time per API action to this JSON file
@@ -281,7 +282,7 @@ def build_app() -> Callable:
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 
     moto_app = DomainDispatcherApplication(create_backend_app)
-    warm_up(moto_app, os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+    warm_up(moto_app, region_from_env(os.environ))
     freeze_startup_heap()
     app: Callable = Ec2ReadCache(moto_app)
     stats_path = os.environ.get(STATS_ENV)
