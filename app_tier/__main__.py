@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported here: the model runtime takes a while to import, and --help should not.
     from app_tier.model import WeightsUnavailable, load_classifier
-    from app_tier.worker import Worker
+    from app_tier.worker import Worker, warm_up
 
     try:
         classifier = load_classifier(settings.model_weights, settings.model_runtime, settings.worker_threads)
@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
               f"loaded in {classifier.load_seconds:.1f}s")
         return 0
     aws = Aws(settings).open("s3", "sqs")
-    # Before waiting for an instance id: a warm spare pays the collection while idle.
+    # Before waiting for an instance id: a warm spare pays these while idle.
+    warm_up(aws)
     freeze_startup_heap()
     instance_id = args.instance_id
     if instance_id == "-":

@@ -14,7 +14,7 @@ from moto import mock_aws
 from PIL import Image
 
 from app_tier.model import Classification
-from app_tier.worker import Worker
+from app_tier.worker import Worker, warm_up
 from common.aws import Aws
 from common.config import Settings
 from common.messages import ClassifyRequest, ClassifyResponse, Prediction
@@ -334,3 +334,23 @@ def test_a_failed_result_write_acknowledges_nothing(aws_env, monkeypatch):
     assert depth(aws, aws.request_queue_url) == (0, 0)
     assert list(responses(aws)) == ["a"]
     assert aws.s3.get_object(Bucket=settings.output_bucket, Key=batch.jobs[0].request.key)["Body"].read()
+
+
+def test_warm_up_resolves_the_queues_before_the_first_request(aws_env, monkeypatch):
+    settings, aws = aws_env
+    fresh = Aws(settings)
+    warm_up(fresh)
+
+    def no_more_lookups(**kwargs):
+        raise AssertionError(f"queue URL looked up again after warm-up: {kwargs}")
+
+    monkeypatch.setattr(fresh.sqs, "get_queue_url", no_more_lookups)
+    assert fresh.request_queue_url == aws.request_queue_url
+    assert fresh.response_queue_url == aws.response_queue_url
+
+
+def test_warm_up_before_the_queues_exist_leaves_them_to_the_worker(aws_env, caplog):
+    settings, _ = aws_env
+    early = Aws(dataclasses.replace(settings, prefix="not-provisioned-yet"))
+    warm_up(early)  # must not raise: the fetch loop retries the lookup
+    assert "not resolved before serving" in caplog.text
