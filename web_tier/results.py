@@ -69,9 +69,12 @@ class Item:
 
     def _apply(self, other: Item) -> None:
         """Take `other`'s outcome (used when a result arrives by another route)."""
-        self.state, self.label, self.score = other.state, other.label, other.score
+        self.label, self.score = other.label, other.score
         self.top5, self.error = list(other.top5), other.error
         self.untrained, self.worker = other.untrained, other.worker
+        # Last: readers (to_json, SSE) take no lock, and a finished state is their
+        # sign that every other field is final.
+        self.state = other.state
 
 
 def item_from_response(response: ClassifyResponse) -> Item:

@@ -40,6 +40,25 @@ def test_first_result_wins():
     assert book.totals() == {"uploaded": 1, "answered": 1, "failed": 0}
 
 
+def test_a_reader_sees_finished_only_once_every_field_is_written():
+    """Readers take no lock: a thread switch in the middle of an update must not
+    show a done item without its top 5 or worker (SSE sends each item once)."""
+    seen: list[dict] = []
+
+    class Top5(list):
+        def __iter__(self):
+            seen.append(target.to_json())  # another thread reading mid-update
+            return super().__iter__()
+
+    target = Item("a", BATCH, "a.jpg")
+    answer = Item("a", BATCH, "a.jpg", state="done", label="cat", score=0.9,
+                  top5=Top5([{"label": "cat", "score": 0.9}]), worker="i-1", untrained=True)
+    target._apply(answer)
+    assert seen, "the update never read top5"
+    assert all(s["state"] == "queued" or (s["top5"] and s["worker"] and s["untrained"]) for s in seen)
+    assert target.to_json()["state"] == "done" and target.worker == "i-1"
+
+
 def test_wait_wakes_on_the_result_and_times_out_otherwise():
     book = book_with("a", "b")
     assert book.wait("a", 0.05) is None
