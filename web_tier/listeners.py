@@ -12,10 +12,12 @@ import logging
 import threading
 from collections.abc import Callable
 
+from botocore.exceptions import ClientError
+
 from common.aws import Aws
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
 from web_tier.results import ResultBook
-from web_tier.storage import output_exists, tag_failed
+from web_tier.storage import is_not_found, output_exists, tag_failed
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +124,19 @@ class Listeners:
 
     def _dead_letter(self, request: ClassifyRequest) -> None:
         known = self.book.get(request.id)
-        if known is not None and known.is_finished:
-            return
+        if known is not None and known.is_finished and known.error != DEAD_LETTER_ERROR:
+            return  # answered, or failed by a worker (which marked the object itself)
         # A worker may have answered and crashed before deleting the request:
         # then its result stands.
         if output_exists(self.aws, request.key):
             return
-        tag_failed(self.aws, request.key, DEAD_LETTER_ERROR)
-        self.book.fail(request.id, DEAD_LETTER_ERROR, key=request.key, filename=request.filename)
-        log.info("item %s failed on every attempt", request.id)
+        # The waiting client first: the book is memory, and failing twice changes nothing.
+        if self.book.fail(request.id, DEAD_LETTER_ERROR, key=request.key, filename=request.filename):
+            log.info("item %s failed on every attempt", request.id)
+        # Then the lasting record, for a batch rebuilt from S3. If this raises, the
+        # message stays and comes back; an object that is gone has nothing to mark.
+        try:
+            tag_failed(self.aws, request.key, DEAD_LETTER_ERROR)
+        except ClientError as exc:
+            if not is_not_found(exc):
+                raise

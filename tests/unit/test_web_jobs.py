@@ -121,6 +121,64 @@ def test_dead_letter_marks_the_item_failed(web_app, web_aws):
     assert attrs["Attributes"]["ApproximateNumberOfMessages"] == "0"
 
 
+def dead_letter(web_aws) -> ClassifyRequest:
+    """Move the next request to the dead-letter queue, as SQS does after max_receive_count."""
+    got = web_aws.sqs.receive_message(QueueUrl=web_aws.request_queue_url, WaitTimeSeconds=1)
+    message = got["Messages"][0]
+    web_aws.sqs.send_message(QueueUrl=web_aws.dead_letter_queue_url, MessageBody=message["Body"])
+    web_aws.sqs.delete_message(QueueUrl=web_aws.request_queue_url, ReceiptHandle=message["ReceiptHandle"])
+    return ClassifyRequest.from_json(message["Body"])
+
+
+def dead_letters_left(web_aws) -> int:
+    attrs = web_aws.sqs.get_queue_attributes(QueueUrl=web_aws.dead_letter_queue_url,
+                                             AttributeNames=["All"])["Attributes"]
+    return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+
+def test_a_dead_letter_whose_object_cannot_be_marked_still_answers_the_client(web_app, web_aws,
+                                                                              monkeypatch):
+    """S3 refusing the failure tag must not leave POST / waiting: the book is told first,
+    and the message stays until the tag is written."""
+    from botocore.exceptions import ClientError
+
+    client = web_app.test_client()
+    batch_id = upload(client, [(make_image(41), "poison.jpg")]).get_json()["batch_id"]
+    tag = web_aws.s3.put_object_tagging
+    attempts = []
+
+    def s3_refuses_once(**kwargs):
+        attempts.append(kwargs["Key"])
+        if len(attempts) == 1:
+            raise ClientError({"Error": {"Code": "InternalError", "Message": "S3 hiccup"}},
+                              "PutObjectTagging")
+        return tag(**kwargs)
+
+    monkeypatch.setattr(web_aws.s3, "put_object_tagging", s3_refuses_once)
+    request = dead_letter(web_aws)
+    wait_until(lambda: all_finished(client, batch_id))
+    assert items_by_name(client, batch_id)["poison.jpg"]["error"] == DEAD_LETTER_ERROR
+    wait_until(lambda: attempts)
+    assert dead_letters_left(web_aws) == 1  # kept: the lasting record is not written yet
+    # SQS hands the message back after its visibility timeout: handled again, it is marked.
+    services_of(web_app).listeners._dead_letter(request)
+    tags = web_aws.s3.get_object_tagging(Bucket=web_aws.settings.input_bucket, Key=request.key)["TagSet"]
+    assert {t["Key"]: t["Value"] for t in tags} == {"status": "failed", "error": DEAD_LETTER_ERROR}
+
+
+def test_a_dead_letter_for_a_deleted_object_is_done_with(web_app, web_aws):
+    """An input object already gone (expired, deleted) has nothing to mark: the item
+    fails and the message is deleted, rather than coming back for 14 days."""
+    client = web_app.test_client()
+    batch_id = upload(client, [(make_image(42), "gone.jpg")]).get_json()["batch_id"]
+    objects = web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket, Prefix=batch_id)["Contents"]
+    web_aws.s3.delete_object(Bucket=web_aws.settings.input_bucket, Key=objects[0]["Key"])
+    dead_letter(web_aws)
+    wait_until(lambda: all_finished(client, batch_id))
+    assert items_by_name(client, batch_id)["gone.jpg"]["error"] == DEAD_LETTER_ERROR
+    wait_until(lambda: dead_letters_left(web_aws) == 0)
+
+
 def test_fresh_app_rebuilds_a_batch_from_s3(make_web_app, fake_worker, web_aws):
     old = make_web_app()
     client = old.test_client()
