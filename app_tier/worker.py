@@ -148,9 +148,12 @@ class Worker:
             try:
                 batch = self.fetch()
                 backoff = 1.0
-            except _AWS_ERRORS as exc:
+            except Exception as exc:  # this thread must outlive anything, or the worker stalls
                 self._prefetch_slot.release()
-                log.warning("receive failed (%s); retrying in %.0f s", exc, backoff)
+                if isinstance(exc, _AWS_ERRORS):
+                    log.warning("receive failed (%s); retrying in %.0f s", exc, backoff)
+                else:
+                    log.exception("fetch failed; retrying in %.0f s", backoff)
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
@@ -180,10 +183,15 @@ class Worker:
             jobs.append(Job(msg["MessageId"], msg["ReceiptHandle"], request, msg["Body"], count))
         with self._held_lock:
             self._held.update({j.message_id: j for j in jobs})
-        list(self._io.map(self._load, jobs))
+        try:
+            list(self._io.map(self._load, jobs))
+        except BaseException:
+            self._release(jobs)  # held, the heartbeat would hide them forever
+            raise
         unreadable = [j for j in jobs if j.pixels is None and j.error is None]
         if unreadable:
-            # S3 failed after botocore's retries: hand these back rather than fail them.
+            # Not read, for a reason that may pass (S3 failed after botocore's retries):
+            # another attempt may have them now; after max_receive_count, the dead-letter queue.
             self._release(unreadable)
         return Batch([j for j in jobs if j not in unreadable])
 
@@ -206,6 +214,8 @@ class Worker:
             job.pixels = prepare(data, self.settings.max_image_pixels)
         except BadImage as exc:
             job.error = str(exc)
+        except Exception:  # e.g. MemoryError: maybe not the image's fault, so not its answer
+            log.exception("could not prepare %s", job.request.key)
 
     # --- process: classify, write, reply, acknowledge ------------------------------
     def process(self, batch: Batch) -> None:

@@ -354,3 +354,63 @@ def test_warm_up_before_the_queues_exist_leaves_them_to_the_worker(aws_env, capl
     early = Aws(dataclasses.replace(settings, prefix="not-provisioned-yet"))
     warm_up(early)  # must not raise: the fetch loop retries the lookup
     assert "not resolved before serving" in caplog.text
+
+
+def run_until(worker: Worker, condition, timeout: float = 20.0) -> None:
+    """Run the worker's loop in a thread until `condition()` holds; then stop it."""
+    from tests.unit.conftest import wait_until
+
+    runner = threading.Thread(target=worker.run)
+    runner.start()
+    try:
+        wait_until(condition, timeout=timeout)
+    finally:
+        worker.stopping.set()
+        runner.join(timeout=15)
+    assert not runner.is_alive()
+
+
+def test_an_unexpected_error_preparing_one_image_costs_only_that_attempt(aws_env, monkeypatch):
+    """Say the decoder runs out of memory: that image goes back to the queue (an attempt
+    used), its batch-mates are answered, and the worker goes on fetching."""
+    import app_tier.worker as worker_module
+
+    settings, aws = aws_env
+    for name in ("a", "b", "c"):
+        upload(settings, aws, f"{name}.jpg", make_image(ord(name), size=(64, 64)), name)
+    prepare = worker_module.prepare
+    failures: list[str] = []
+
+    def out_of_memory_once_on_b(data, max_pixels):
+        if data == make_image(ord("b"), size=(64, 64)) and not failures:
+            failures.append("b")
+            raise MemoryError("decoder")
+        return prepare(data, max_pixels)
+
+    monkeypatch.setattr(worker_module, "prepare", out_of_memory_once_on_b)
+    worker = Worker(settings, aws, MeanClassifier(), "i-oom")
+    answered: dict[str, ClassifyResponse] = {}
+    run_until(worker, lambda: answered.update(responses(aws)) or len(answered) == 3)
+    assert failures == ["b"]
+    assert all(r.ok for r in answered.values())
+    assert depth(aws, aws.request_queue_url) == (0, 0)
+    assert not worker._held
+
+
+def test_the_fetch_thread_survives_an_unexpected_error(aws_env, monkeypatch):
+    settings, aws = aws_env
+    upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
+    worker = Worker(settings, aws, MeanClassifier(), "i-bug")
+    fetch = worker.fetch
+    raised: list[bool] = []
+
+    def a_bug_the_first_time():
+        if not raised:
+            raised.append(True)
+            raise RuntimeError("a bug in fetch")
+        return fetch()
+
+    monkeypatch.setattr(worker, "fetch", a_bug_the_first_time)
+    answered: dict[str, ClassifyResponse] = {}
+    run_until(worker, lambda: answered.update(responses(aws)) or "a" in answered)
+    assert raised and answered["a"].ok
