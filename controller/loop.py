@@ -100,10 +100,9 @@ class Controller:
         return replace(obs, instances=obs.instances + tuple(self._recent.values()))
 
     def _act(self, decision: Decision, now: float) -> None:
-        if decision.terminate:
-            terminate(self.aws, decision.terminate)
-            for iid in decision.terminate:
-                self._recent.pop(iid, None)
+        # Launches first: a decision to launch terminates only stray (stopped)
+        # instances, and one that EC2 refuses to terminate (termination
+        # protection, say) must not hold up scaling out, round after round.
         if decision.launch:
             try:
                 ids = launch(self.aws, self.settings, decision.launch)
@@ -111,6 +110,10 @@ class Controller:
                 self._remember(exc.launched, now)
                 raise
             self._remember(ids, now)
+        if decision.terminate:
+            terminate(self.aws, decision.terminate)
+            for iid in decision.terminate:
+                self._recent.pop(iid, None)
 
     def _remember(self, launched: dict[int, str], now: float) -> None:
         for n, iid in launched.items():

@@ -200,6 +200,27 @@ def test_new_controller_adopts_the_fleet_from_ec2_tags(aws, make_controller):
     assert len(make_controller().step().terminate) == 15
 
 
+def test_a_stray_that_cannot_be_terminated_does_not_stop_scaling_out(aws, make_controller, patch):
+    """A stopped instance is cleaned up in the same round as a launch: if EC2 refuses
+    (termination protection), the launch must still happen."""
+    from botocore.exceptions import ClientError
+
+    send(aws, 1)
+    make_controller().step()
+    aws.ec2.stop_instances(InstanceIds=[instances(aws)[0]["InstanceId"]])
+    send(aws, 2)
+
+    def protected(**kwargs):
+        raise ClientError({"Error": {"Code": "OperationNotPermitted", "Message": "protected"}},
+                          "TerminateInstances")
+
+    patch.setattr(aws.ec2, "terminate_instances", protected)
+    controller = make_controller()
+    with pytest.raises(ClientError):
+        controller.step()  # the loop logs this and tries again after a backoff
+    assert len(instances(aws)) == 3, "launched anyway"
+
+
 class Killed(BaseException):
     """SIGKILL, as far as the code under test can tell: nothing after it runs."""
 
