@@ -17,12 +17,15 @@ _FILENAME_BYTES = 160
 _ERROR_BYTES = 200
 
 
-def clip_utf8(text: str, limit: int) -> str:
-    """`text` cut to at most `limit` UTF-8 bytes without splitting a character."""
+def clip_for_json(text: str, limit: int) -> str:
+    """`text` cut, without splitting a character, to take at most `limit` UTF-8
+    bytes inside a JSON message, where a quote takes 2 and a control character 6."""
     raw = text.encode("utf-8")
-    if len(raw) <= limit:
-        return text
-    return raw[:limit].decode("utf-8", errors="ignore")
+    if len(raw) > limit:
+        text = raw[:limit].decode("utf-8", errors="ignore")
+    while len(json.dumps(text, ensure_ascii=False).encode("utf-8")) - 2 > limit:
+        text = text[:-1]  # rare: names full of quotes, backslashes or control characters
+    return text
 
 
 def _encode(payload: dict) -> str:
@@ -47,7 +50,7 @@ class ClassifyRequest:
 
     def to_json(self) -> str:
         payload = asdict(self)
-        payload["filename"] = clip_utf8(self.filename, _FILENAME_BYTES)
+        payload["filename"] = clip_for_json(self.filename, _FILENAME_BYTES)
         payload["v"] = 1
         return _encode(payload)
 
@@ -93,14 +96,14 @@ class ClassifyResponse:
         payload = {
             "v": 1,
             "id": self.id,
-            "filename": clip_utf8(self.filename, _FILENAME_BYTES),
+            "filename": clip_for_json(self.filename, _FILENAME_BYTES),
             "key": self.key,
             "worker": self.worker,
             "untrained": self.untrained,
             "finished_at": self.finished_at,
         }
         if self.error is not None:
-            payload["error"] = clip_utf8(self.error, _ERROR_BYTES)
+            payload["error"] = clip_for_json(self.error, _ERROR_BYTES)
         else:
             payload["label"] = self.label
             # float32 scores survive a JSON round trip exactly at 9 significant digits.

@@ -8,6 +8,7 @@ file that would decompress into gigabytes is refused before anyone decodes it.
 from __future__ import annotations
 
 import io
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -61,8 +62,10 @@ class Upload:
 
 
 def display_name(storage: FileStorage) -> str:
-    name = storage.filename or "upload"
-    return name[:MAX_FILENAME_CHARS]
+    """The name shown for a file: as sent, but with control characters (which would
+    break the one-line answer of POST /) turned into spaces."""
+    name = "".join(" " if unicodedata.category(c) == "Cc" else c for c in storage.filename or "")
+    return name.strip()[:MAX_FILENAME_CHARS] or "upload"
 
 
 def check_count(files: list[FileStorage], settings: Settings) -> None:

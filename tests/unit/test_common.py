@@ -59,6 +59,18 @@ def test_messages_stay_under_1kb_even_with_hostile_names():
     assert ClassifyResponse.from_json(response.to_json()).score == pytest.approx(0.123456789, abs=1e-9)
 
 
+@pytest.mark.parametrize("name", ["\x01" * 200 + ".jpg", '"' * 300 + ".jpg", "\\" * 300, "é\x1f" * 150])
+def test_names_that_json_escapes_still_fit_in_a_message(name):
+    """Quotes take 2 bytes in JSON and control characters 6: the cut must count them."""
+    request = ClassifyRequest(id="a" * 32, bucket="b" * 63, key="k" * 166, filename=name)
+    back = ClassifyRequest.from_json(request.to_json())
+    assert name.startswith(back.filename) and len(back.filename) >= 26
+    response = ClassifyResponse(id="a" * 32, filename=name, key="k" * 166, worker="i-" + "0" * 17,
+                                untrained=True, label="x" * 40, score=0.5,
+                                top5=tuple(Prediction("x" * 40, 0.1) for _ in range(5)))
+    assert name.startswith(ClassifyResponse.from_json(response.to_json()).filename)
+
+
 def test_error_response_round_trip():
     r = ClassifyResponse(id="1", filename="f", key="k", worker="w", untrained=False, error="bad " * 200)
     back = ClassifyResponse.from_json(r.to_json())
