@@ -13,16 +13,16 @@ from flask import Flask, Response
 from common.aws import Aws
 from common.config import Settings
 from web_tier import api, classify, errors, health, pages
+from web_tier.jobs import UPLOAD_THREADS
 from web_tier.listeners import Listeners
 from web_tier.results import ResultBook
 from web_tier.services import EXTENSION, Services
+from web_tier.uploads import FORM_SLACK_BYTES
 
 log = logging.getLogger(__name__)
 
 # Cap on one request body, whatever the per-file limits multiply to.
 MAX_REQUEST_BYTES = 2 * 1024**3
-# Uploads of one request go to S3 this many at a time.
-UPLOAD_THREADS = 16
 # Connections per boto3 client: request threads, listeners and the upload pool share them.
 AWS_POOL = 128
 
@@ -34,10 +34,10 @@ def create_app(settings: Settings | None = None, *, aws: Aws | None = None,
     aws = aws or Aws(settings, max_pool=AWS_POOL)
 
     app = Flask(__name__)
-    # Multipart overhead per file is small; the slack covers it.
+    # The largest request /api/jobs takes; POST / lowers it for its one file.
     body_limit = settings.max_upload_bytes * max(1, settings.max_files_per_request)
     app.config.update(
-        MAX_CONTENT_LENGTH=min(body_limit + 1024 * 1024, MAX_REQUEST_BYTES),
+        MAX_CONTENT_LENGTH=min(body_limit + FORM_SLACK_BYTES, MAX_REQUEST_BYTES),
         # Werkzeug refuses more parts than this; each file is one part.
         MAX_FORM_PARTS=settings.max_files_per_request + 100,
     )

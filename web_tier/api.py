@@ -8,7 +8,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from web_tier import events
 from web_tier.auth import require_api_key
-from web_tier.jobs import new_id
+from web_tier.jobs import UPLOAD_THREADS, new_id
 from web_tier.results import Item
 from web_tier.services import services
 from web_tier.uploads import Upload, UploadError, check_count, real_files, validate
@@ -44,21 +44,23 @@ def create_job() -> tuple[Response, int]:
     else:
         batch_id = new_id()
 
-    accepted: list[tuple[int, Upload]] = []
+    items: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
-    for index, storage in enumerate(files):
-        try:
-            accepted.append((index, validate(storage, svc.settings)))
-        except UploadError as exc:
-            rejected.append(_rejection(index, exc))
-
-    outcomes = svc.submitter.submit(batch_id, [u for _, u in accepted]) if accepted else []
-    items = []
-    for (index, _), outcome in zip(accepted, outcomes, strict=True):
-        if isinstance(outcome, UploadError):
-            rejected.append(_rejection(index, outcome))
-        else:
-            items.append({"index": index, "id": outcome.id, "filename": outcome.filename})
+    # A few files at a time, so that a request of a thousand large files never
+    # holds all their bytes in memory at once.
+    for start in range(0, len(files), UPLOAD_THREADS):
+        accepted: list[tuple[int, Upload]] = []
+        for index, storage in enumerate(files[start:start + UPLOAD_THREADS], start):
+            try:
+                accepted.append((index, validate(storage, svc.settings)))
+            except UploadError as exc:
+                rejected.append(_rejection(index, exc))
+        outcomes = svc.submitter.submit(batch_id, [u for _, u in accepted]) if accepted else []
+        for (index, _), outcome in zip(accepted, outcomes, strict=True):
+            if isinstance(outcome, UploadError):
+                rejected.append(_rejection(index, outcome))
+            else:
+                items.append({"index": index, "id": outcome.id, "filename": outcome.filename})
     rejected.sort(key=lambda r: r["index"])
 
     body: dict[str, Any] = {"batch_id": batch_id, "items": items, "rejected": rejected}

@@ -13,7 +13,7 @@ from common.names import stem
 from web_tier.auth import require_api_key
 from web_tier.jobs import new_id
 from web_tier.services import services
-from web_tier.uploads import UploadError, real_files, validate
+from web_tier.uploads import FORM_SLACK_BYTES, UploadError, real_files, validate
 
 bp = Blueprint("classify", __name__)
 
@@ -23,6 +23,13 @@ FIELDS = ("inputFile", "myfile")
 def _text(body: str, status: int) -> Response:
     # Exactly "<name>:<label>", no trailing newline: programs compare the body as is.
     return Response(body, status=status, mimetype="text/plain")
+
+
+@bp.before_request
+def _one_file_body_limit() -> None:
+    # One file here: refuse a larger body before Werkzeug reads and spools it, not
+    # after, as the app-wide limit (sized for /api/jobs's many files) would.
+    request.max_content_length = services().settings.max_upload_bytes + FORM_SLACK_BYTES
 
 
 @bp.post("/")

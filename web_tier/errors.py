@@ -27,7 +27,9 @@ def error_response(error: UploadError) -> Response:
 
 
 def _too_large(exc: RequestEntityTooLarge) -> Response:
-    return error_response(UploadError(413, "the request is larger than the server accepts"))
+    limit = request.max_content_length
+    return error_response(UploadError(
+        413, "the request is larger than the server accepts" + (f" ({limit} bytes)" if limit else "")))
 
 
 def _http_error(exc: HTTPException) -> Response:

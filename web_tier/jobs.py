@@ -17,6 +17,9 @@ from web_tier.uploads import Upload, UploadError
 
 log = logging.getLogger(__name__)
 
+# Uploads of one request go to S3 this many at a time.
+UPLOAD_THREADS = 16
+
 
 def new_id() -> str:
     return uuid.uuid4().hex
@@ -49,18 +52,30 @@ class Submitter:
         return [f.result() for f in futures]
 
     def _submit_one(self, item: Item, upload: Upload) -> Item | UploadError:
+        stored = False
         try:
+            request = ClassifyRequest(
+                id=item.id, bucket=self.aws.settings.input_bucket, key=item.key, filename=upload.filename
+            ).to_json()
             put_input(
                 self.aws, item.key, upload.data, upload.content_type,
                 filename=upload.filename, batch_id=item.batch_id or "", item_id=item.id,
             )
-            request = ClassifyRequest(
-                id=item.id, bucket=self.aws.settings.input_bucket, key=item.key, filename=upload.filename
-            )
-            self.requests.send(request.to_json())
+            stored = True
+            self.requests.send(request)
         except Exception:
             # An AWS outage must cost this file, not the service.
             log.exception("could not submit item %s", item.id)
             self.book.discard(item.id)
+            if stored:
+                self._unstore(item.key)
             return UploadError(503, "could not be stored or queued; try again", upload.filename)
         return item
+
+    def _unstore(self, key: str) -> None:
+        """Delete the object of an upload that was refused: left in the bucket, a batch
+        rebuilt from S3 would show it queued for ever."""
+        try:
+            self.aws.s3.delete_object(Bucket=self.aws.settings.input_bucket, Key=key)
+        except Exception:
+            log.exception("could not delete %s, stored for an upload that was refused", key)

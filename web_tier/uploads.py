@@ -32,6 +32,8 @@ ACCEPTED = "JPEG, PNG, GIF, BMP, WEBP or TIFF"
 # Longer names are kept only for display; storage uses names.safe_filename.
 MAX_FILENAME_CHARS = 1024
 _CHUNK = 1 << 20
+# Room in a request body for the multipart framing and form fields around the files.
+FORM_SLACK_BYTES = 1 << 20
 
 
 class UploadError(Exception):

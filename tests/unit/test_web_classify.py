@@ -9,6 +9,7 @@ import pytest
 
 from tests.conftest import make_image
 from tests.unit.conftest import answer_for, services_of
+from web_tier.uploads import FORM_SLACK_BYTES
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -110,3 +111,14 @@ def test_a_request_queue_that_refuses_the_message_is_a_503(web_app, web_aws):
     assert response.status_code == 503
     assert "could not be stored or queued" in response.text
     assert services_of(web_app).book.totals()["uploaded"] == 0  # forgotten: no answer can come
+    # Nor is its image left behind, where a batch rebuilt from S3 would show it queued for ever.
+    assert web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket).get("KeyCount") == 0
+
+
+def test_a_body_larger_than_one_file_is_refused_before_it_is_read(web_app, web_settings):
+    """POST / takes one file: the app-wide limit is sized for /api/jobs's many."""
+    limit = web_settings.max_upload_bytes + FORM_SLACK_BYTES
+    assert web_app.config["MAX_CONTENT_LENGTH"] > 2 * limit
+    response = post_image(web_app.test_client(), b"\0" * (limit + 1), "huge.jpg")
+    assert response.status_code == 413
+    assert response.text.startswith(f"the request is larger than the server accepts ({limit} bytes)")

@@ -111,6 +111,24 @@ def test_too_many_files(web_client, web_settings):
     assert upload(web_client, files[:2]).status_code == 202
 
 
+def test_a_bulk_request_is_read_and_stored_a_few_files_at_a_time(web_app, web_settings, monkeypatch):
+    """A thousand 10 MB files must not sit in memory together: at most one chunk does."""
+    from tests.unit.conftest import services_of
+    from web_tier.jobs import UPLOAD_THREADS
+
+    submitter = services_of(web_app).submitter
+    submit, chunks = submitter.submit, []
+    monkeypatch.setattr(submitter, "submit", lambda batch, uploads: chunks.append(len(uploads))
+                        or submit(batch, uploads))
+    count = web_settings.max_files_per_request
+    files = [(make_image(400 + n, size=(48, 48)), f"f{n}.jpg") for n in range(count)]
+    files[3] = (b"not an image", "f3.jpg")
+    body = upload(web_app.test_client(), files).get_json()
+    assert count > UPLOAD_THREADS and max(chunks) <= UPLOAD_THREADS and sum(chunks) == count - 1
+    assert [i["index"] for i in body["items"]] == [n for n in range(count) if n != 3]
+    assert [r["index"] for r in body["rejected"]] == [3]
+
+
 def test_request_over_the_body_limit_is_json_413(web_app):
     client = web_app.test_client()
     limit = web_app.config["MAX_CONTENT_LENGTH"]
