@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
@@ -92,10 +93,24 @@ def job_events(batch_id: str) -> Response | tuple[Response, int]:
     svc = services()
     if svc.find_batch(batch_id) is None:
         return _no_batch(batch_id)
+    # Each stream holds a thread until its batch is done: past the cap, the page
+    # falls back to polling GET /api/jobs/<id>, which holds none.
+    if not svc.event_streams.acquire(blocking=False):
+        busy = jsonify({"error": "too many event streams open; poll GET /api/jobs/<id> instead",
+                        "filename": None})
+        busy.status_code = 503
+        busy.headers["Retry-After"] = "10"
+        return busy
     book = svc.book
-    body = events.stream(book, batch_id, lambda: book.batch(batch_id))
+
+    def body_then_release() -> Iterator[str]:
+        try:
+            yield from events.stream(book, batch_id, lambda: book.batch(batch_id))
+        finally:
+            svc.event_streams.release()
+
     return Response(
-        body,
+        body_then_release(),
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import json
 import queue
+import time
 from collections.abc import Callable, Iterator
 
 from web_tier.results import Item, ResultBook
 
 KEEPALIVE_S = 15.0
 RETRY_MS = 3000
+# A stream holds one of the web tier's threads: after this long it ends without
+# `end`, and the browser's EventSource reconnects (and is sent the finished
+# items again), so an abandoned or endless stream gives its thread back.
+MAX_STREAM_S = 600.0
 
 
 def _event(item: Item) -> str:
@@ -21,9 +26,10 @@ def _event(item: Item) -> str:
 
 
 def stream(book: ResultBook, batch_id: str, items: Callable[[], list[Item] | None],
-           keepalive_s: float | None = None) -> Iterator[str]:
+           keepalive_s: float | None = None, max_s: float | None = None) -> Iterator[str]:
     """Events for `batch_id`; `items()` gives the batch's current items."""
     keepalive_s = KEEPALIVE_S if keepalive_s is None else keepalive_s
+    deadline = time.monotonic() + (MAX_STREAM_S if max_s is None else max_s)
     inbox = book.subscribe(batch_id)
     try:
         yield f"retry: {RETRY_MS}\n\n"
@@ -38,8 +44,11 @@ def stream(book: ResultBook, batch_id: str, items: Callable[[], list[Item] | Non
             if all(i.id in sent for i in current):
                 yield "event: end\ndata: {}\n\n"
                 return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
             try:
-                item = inbox.get(timeout=keepalive_s)
+                item = inbox.get(timeout=min(keepalive_s, left))
             except queue.Empty:
                 yield ": keep-alive\n\n"
                 continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ from web_tier.sender import BatchingSender
 from web_tier.status import StatusReader
 
 EXTENSION = "imgclass"
+MAX_EVENT_STREAMS = 64
 
 
 @dataclass
@@ -26,6 +28,9 @@ class Services:
     book: ResultBook
     pool: ThreadPoolExecutor
     listeners: Listeners | None = None
+    # Open SSE streams at most (each holds one of gunicorn's 256 threads).
+    event_streams: threading.BoundedSemaphore = field(
+        default_factory=lambda: threading.BoundedSemaphore(MAX_EVENT_STREAMS))
     submitter: Submitter = field(init=False)
     status: StatusReader = field(init=False)
 

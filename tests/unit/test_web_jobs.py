@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 
 import pytest
 
@@ -304,3 +305,34 @@ def test_events_push_items_as_they_finish(make_web_app, monkeypatch):
     assert rest[-1]["event"] == "end"
     assert all(early["id"] not in e["raw"] for e in rest)
     response.close()
+
+
+def test_event_streams_are_capped_and_give_their_thread_back(make_web_app):
+    """Each stream holds a thread: past the cap the answer is 503 (the page then polls)."""
+    app = make_web_app(start_listeners=False)
+    services_of(app).event_streams = threading.BoundedSemaphore(1)
+    client = app.test_client()
+    batch_id = upload(client, [(make_image(95), "slow.jpg")]).get_json()["batch_id"]
+    first = client.get(f"/api/jobs/{batch_id}/events", buffered=False)
+    next(iter(first.response))  # open: it holds the only slot until its batch is done
+    second = client.get(f"/api/jobs/{batch_id}/events", buffered=False)
+    assert second.status_code == 503 and second.headers["Retry-After"]
+    assert "poll" in second.get_json()["error"]
+    first.close()
+    third = client.get(f"/api/jobs/{batch_id}/events", buffered=False)
+    assert third.status_code == 200
+    third.close()
+
+
+def test_an_event_stream_ends_after_its_time_limit(make_web_app):
+    """Without `end`: the browser reconnects, and an abandoned stream frees its thread."""
+    app = make_web_app(start_listeners=False)
+    client = app.test_client()
+    batch_id = upload(client, [(make_image(96), "never.jpg")]).get_json()["batch_id"]
+    book = services_of(app).book
+    started = time.monotonic()
+    chunks = list(events.stream(book, batch_id, lambda: book.batch(batch_id), keepalive_s=0.05, max_s=0.3))
+    assert time.monotonic() - started < 5
+    assert chunks[0].startswith("retry:") and any(c.startswith(":") for c in chunks)
+    assert not any("event: end" in c for c in chunks)
+
