@@ -212,8 +212,8 @@ def read_expected(path: Path) -> dict[str, str]:
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
             rows = [row for row in csv.reader(fh) if any(cell.strip() for cell in row)]
-    except OSError as exc:
-        raise LoadTestError(f"cannot read {path}: {exc}") from exc
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise LoadTestError(f"cannot read {path} as a UTF-8 CSV: {exc}") from exc
     if not rows:
         raise LoadTestError(f"{path} is empty")
     header = [cell.strip().lower() for cell in rows[0]]

@@ -26,7 +26,8 @@ def instance_number(name: str) -> int | None:
     if not name.startswith(APP_TIER_NAME_PREFIX):
         return None
     tail = name[len(APP_TIER_NAME_PREFIX):]
-    return int(tail) if tail.isdigit() else None
+    # isdecimal, not isdigit: isdigit accepts '²', which int() refuses.
+    return int(tail) if tail.isascii() and tail.isdecimal() else None
 
 
 def safe_filename(original: str) -> str:

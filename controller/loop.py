@@ -16,6 +16,7 @@ import logging
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 RECENT_LAUNCH_MEMORY_S = 30.0
 # Errors AWS is known to give (LaunchError wraps those of RunInstances): one warning line each.
 EXPECTED_ERRORS = (BotoCoreError, ClientError, LaunchError)
+# Rounds kept in memory (a day at a 1 s poll would be 86,400 of them).
+TIMELINE_ROUNDS = 1000
 TIMELINE_FIELDS = ("time", "visible", "in_flight", "delayed", "pending", "running", "desired", "action")
 
 
@@ -62,7 +65,8 @@ class Controller:
     _idle_since: float | None = None
     _recent: dict[str, Instance] = field(default_factory=dict)
     _last_summary: tuple | None = None
-    timeline: list[dict] = field(default_factory=list)
+    # The last rounds, for tests and a look in a debugger; --timeline keeps them all on disk.
+    timeline: deque[dict] = field(default_factory=lambda: deque(maxlen=TIMELINE_ROUNDS))
 
     def __post_init__(self) -> None:
         self.policy = policy_from(self.settings)

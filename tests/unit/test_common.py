@@ -44,6 +44,8 @@ def test_names():
     assert instance_number("app-tier-instance-12") == 12
     assert instance_number("web-instance") is None
     assert instance_number("app-tier-instance-x") is None
+    assert instance_number("app-tier-instance-²") is None  # a digit to isdigit, not to int()
+    assert instance_number("app-tier-instance-١") is None  # Arabic-Indic one: not our naming
     assert stem("test_00.JPEG") == "test_00" and stem("noext") == "noext" and stem(".rc") == ".rc"
 
 

@@ -463,6 +463,13 @@ def test_read_expected_refuses_a_file_without_the_columns(tmp_path):
         read_expected(path)
 
 
+def test_read_expected_refuses_a_file_that_is_not_utf8_with_a_clear_error(tmp_path):
+    path = tmp_path / "expected.csv"
+    path.write_bytes("Image,Results\ncaf\u00e9,cardigan\n".encode("latin-1"))
+    with pytest.raises(LoadTestError, match="UTF-8 CSV"):
+        read_expected(path)
+
+
 def test_labels_and_names_compare_the_way_people_write_them():
     assert load_test.same_label("great_white_shark", "Great White  Shark")
     assert not load_test.same_label("crane", "crate")
