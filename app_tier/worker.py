@@ -249,6 +249,8 @@ class Worker:
         stores = [self._io.submit(self._store, job, response) for job, response in responses]
         for store in stores:
             store.result()  # raises if a write failed
+        # Committed: these are answered now, so a shutdown must not hand them back too.
+        self._forget(batch.jobs)
         self._reply([r for _, r in responses])
         self._delete(batch.jobs)
         self.processed += sum(1 for _, r in responses if r.ok)
@@ -374,8 +376,10 @@ class Worker:
         self._forget(jobs)
 
     def hand_back_held(self) -> None:
+        # Taken and cleared at once: the grace timer and the main loop may both get here.
         with self._held_lock:
             held = list(self._held.values())
+            self._held.clear()
         self.hand_back(held)
 
     def _change_visibility(self, jobs: list[Job], seconds: int) -> None:

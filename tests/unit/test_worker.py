@@ -414,3 +414,29 @@ def test_the_fetch_thread_survives_an_unexpected_error(aws_env, monkeypatch):
     answered: dict[str, ClassifyResponse] = {}
     run_until(worker, lambda: answered.update(responses(aws)) or "a" in answered)
     assert raised and answered["a"].ok
+
+
+def test_two_hand_backs_at_once_send_each_message_back_once(aws_env, monkeypatch):
+    """The grace-period timer and the main loop can both hand back what is held."""
+    settings, aws = aws_env
+    for name in ("a", "b"):
+        upload(settings, aws, f"{name}.jpg", make_image(ord(name), size=(64, 64)), name)
+    worker = Worker(settings, aws, MeanClassifier(), "i-stopping")
+    assert len(worker.fetch().jobs) == 2
+    send = aws.sqs.send_message_batch
+    sent: list[int] = []
+
+    def slow_send(**kwargs):
+        time.sleep(0.2)  # holds the window open in which the other caller looks at what is held
+        sent.append(len(kwargs["Entries"]))
+        return send(**kwargs)
+
+    monkeypatch.setattr(aws.sqs, "send_message_batch", slow_send)
+    callers = [threading.Thread(target=worker.hand_back_held) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(timeout=10)
+    assert sent == [2]
+    assert depth(aws, aws.request_queue_url) == (2, 0)
+
