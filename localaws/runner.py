@@ -145,6 +145,8 @@ class InstanceRunner:
 
     # --- one round ----------------------------------------------------------------------
     def step(self) -> None:
+        if self.stopping.is_set():
+            return  # shutdown() has taken its list of processes: start none it would miss
         now = time.monotonic()
         instances = app_tier_instances(self.aws, states=("pending", "running"))  # by number
         live = {i.id for i in instances}

@@ -158,6 +158,11 @@ class Stack:
                 continue  # last: the runner and workers still talk to it while stopping
             _terminate(process, deadline)
         if self.runner is not None:
+            # A round in progress may still start a worker: let it end, so that
+            # shutdown() sees every process there is.
+            self.runner.stopping.set()
+            if self.runner_thread is not None:
+                self.runner_thread.join(timeout=max(0.5, deadline - time.monotonic()))
             self.runner.shutdown(timeout_s=max(1.0, deadline - time.monotonic()))
         for name, process in self.children:
             if name == "moto":

@@ -134,3 +134,16 @@ def test_shutdown_leaves_no_process(world):
     processes = [w.process for w in runner.workers.values()] + list(runner._spares)
     runner.shutdown(timeout_s=0.5)
     assert all(p.poll() is not None for p in processes)
+
+
+def test_nothing_is_started_once_shutdown_has_begun(world):
+    """A round that runs after shutdown() took its list would leave a worker behind."""
+    settings, aws, make, out = world
+    runner = make(warm_spares=1)
+    runner.step()
+    runner.shutdown(timeout_s=1)
+    launch(aws, settings, (1,))
+    runner.step()
+    assert runner.workers == {} and runner._spares == []
+    assert started(out) == []
+
