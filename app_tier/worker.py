@@ -122,7 +122,7 @@ class Worker:
                 continue
             self._prefetch_slot.release()
             if self.stopping.is_set():
-                # Received after the stop signal: not ours to finish.
+                # Prepared, but the stop signal came first: not ours to finish.
                 self.hand_back(batch.jobs)
                 continue
             try:

@@ -21,7 +21,8 @@ bind = f"{_settings.web_host}:{_settings.web_port}"
 
 # One process: the response listeners and the in-memory result book live in
 # it, and a POST / must wait in the same process that receives its answer.
-# More processes would split the book; scale the web tier by instances instead.
+# More processes would split the book. So would more web-tier instances, which
+# would also share one response queue: a known limit (see the README).
 workers = 1
 # POST / holds its thread while the image is classified: threads, not
 # processes, keep 100+ such requests open at once without blocking each other.

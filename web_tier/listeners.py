@@ -2,8 +2,9 @@
 
 Two threads long-poll the response queue; one polls the dead-letter queue,
 where requests land after crashing a worker on every attempt. A message is
-deleted only after it is recorded, so a crash in between means a redelivery,
-which the book ignores as a duplicate.
+deleted only after it is recorded, so a crash in between means a redelivery:
+ignored as a duplicate by a book that has it, or kept, after a restart, for the
+GET that rebuilds its batch from S3.
 """
 
 from __future__ import annotations
