@@ -13,6 +13,7 @@ from functools import cached_property
 
 import boto3
 from botocore.config import Config
+from botocore.exceptions import ClientError
 
 from common.config import Settings
 
@@ -25,6 +26,15 @@ def client_config(max_pool: int = 32, read_timeout: float = 30.0) -> Config:
         # Long polls hold a connection for up to 20 s: the read timeout must exceed it.
         read_timeout=read_timeout,
     )
+
+
+def error_reason(exc: BaseException) -> str:
+    """A short reason for an AWS failure, fit to show an unauthenticated caller: AWS's
+    error code or the kind of failure, never its message, which can name accounts,
+    roles and ARNs (log the whole error where it is handled)."""
+    if isinstance(exc, ClientError):
+        return str(exc.response.get("Error", {}).get("Code") or "ClientError")
+    return type(exc).__name__
 
 
 @dataclass

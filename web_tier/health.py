@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from flask import Blueprint, Response, jsonify
 
+from common.aws import error_reason
 from web_tier.services import services
 
 bp = Blueprint("health", __name__)
+log = logging.getLogger(__name__)
 
 
 @bp.get("/healthz")
@@ -24,5 +28,6 @@ def healthz() -> tuple[Response, int]:
         try:
             check()
         except Exception as exc:
-            return jsonify({"ok": False, "error": f"{name} unreachable: {exc}"}), 503
+            log.warning("healthz: %s unreachable: %s", name, exc)
+            return jsonify({"ok": False, "error": f"{name} unreachable: {error_reason(exc)}"}), 503
     return jsonify({"ok": True}), 200

@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Any
 
-from common.aws import Aws
+from common.aws import Aws, error_reason
 from common.fleet import app_tier_instances
 from web_tier.results import ResultBook
 
@@ -72,7 +72,7 @@ class StatusReader:
             )["ApproximateNumberOfMessages"]
         except Exception as exc:
             log.warning("status: queues unreadable: %s", exc)
-            errors.append(f"queues: {exc}")
+            errors.append(f"queues: {error_reason(exc)}")
         try:
             counts = dict.fromkeys(INSTANCE_STATES, 0)
             for instance in app_tier_instances(self.aws):
@@ -81,7 +81,7 @@ class StatusReader:
             out["instances_total"] = sum(n for s, n in counts.items() if s != "terminated")
         except Exception as exc:
             log.warning("status: instances unreadable: %s", exc)
-            errors.append(f"instances: {exc}")
+            errors.append(f"instances: {error_reason(exc)}")
         if errors:
             out["errors"] = errors
         return out

@@ -33,6 +33,23 @@ def test_healthz_503_when_a_queue_is_gone(quiet_client, web_aws):
     assert "response queue" in body["error"]
 
 
+def test_unauthenticated_answers_name_the_aws_error_but_not_its_message(quiet_client, web_aws,
+                                                                         monkeypatch):
+    """AWS's messages can name accounts, roles and ARNs: operators find them in the log."""
+    from botocore.exceptions import ClientError
+
+    secret = "User: arn:aws:iam::123456789012:user/ops is not authorized to perform: ec2:Describe"
+
+    def denied(**kwargs):
+        raise ClientError({"Error": {"Code": "UnauthorizedOperation", "Message": secret}}, "Describe")
+
+    monkeypatch.setattr(web_aws.ec2, "describe_instances", denied)
+    monkeypatch.setattr(web_aws.s3, "head_bucket", denied)
+    health, status = quiet_client.get("/healthz"), quiet_client.get("/api/status")
+    assert "UnauthorizedOperation" in health.text and "UnauthorizedOperation" in status.text
+    assert "123456789012" not in health.text + status.text
+
+
 def test_healthz_503_when_a_bucket_is_gone(quiet_client, web_aws):
     web_aws.s3.delete_bucket(Bucket=web_aws.settings.output_bucket)
     response = quiet_client.get("/healthz")
