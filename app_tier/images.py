@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import io
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 INPUT_SIZE = (224, 224)
+# Above this, after `draft`, decoding takes some 30 MB or more (RGB, 3 bytes a pixel,
+# and Pillow's working copies): see `prepare`.
+LARGE_IMAGE_PIXELS = 4_000_000
 # ImageNet channel means in BGR order: Keras's "caffe" preprocessing for ResNet-50.
 _BGR_MEANS = np.array([103.939, 116.779, 123.68], dtype=np.float32)
 
@@ -17,25 +23,13 @@ class BadImage(ValueError):
     """The bytes are not an image this service can classify; the message says why."""
 
 
-def decode(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode to an RGB image no larger than needed for a 224x224 input.
-
-    `Image.draft` lets libjpeg decode a large JPEG at 1/2, 1/4 or 1/8 scale,
-    which skips most of the decoding work for photos far bigger than 224x224.
-    """
-    if not data:
-        raise BadImage("the file is empty")
+@contextmanager
+def _bad_image_errors() -> Iterator[None]:
+    """Pillow's many errors on hostile or damaged files, as BadImage saying which."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width * height > max_pixels:
-                raise BadImage(
-                    f"image is {width}x{height} pixels, more than the limit of {max_pixels}"
-                )
-            img.draft("RGB", INPUT_SIZE)
-            img = img.convert("RGB")
+            yield
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -44,7 +38,35 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
         raise BadImage("not an image format this service reads") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadImage(f"image data is corrupt or truncated: {exc}") from exc
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Read the header only: refuse what is too large, and ask for the smallest decode.
+
+    `Image.draft` lets libjpeg decode a large JPEG at 1/2, 1/4 or 1/8 scale,
+    which skips most of the decoding work for photos far bigger than 224x224;
+    `size` is then the reduced size, what decoding will really allocate.
+    """
+    if not data:
+        raise BadImage("the file is empty")
+    with _bad_image_errors():
+        img = Image.open(io.BytesIO(data))
+        width, height = img.size
+        if width * height > max_pixels:
+            raise BadImage(f"image is {width}x{height} pixels, more than the limit of {max_pixels}")
+        img.draft("RGB", INPUT_SIZE)
     return img
+
+
+def load_rgb(img: Image.Image) -> Image.Image:
+    """Decode the pixels of an opened image, as RGB."""
+    with _bad_image_errors():
+        return img.convert("RGB")
+
+
+def decode(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode to an RGB image no larger than needed for a 224x224 input."""
+    return load_rgb(open_image(data, max_pixels))
 
 
 def to_input(img: Image.Image) -> np.ndarray:
@@ -56,9 +78,18 @@ def to_input(img: Image.Image) -> np.ndarray:
     return np.subtract(rgb[..., ::-1], _BGR_MEANS, dtype=np.float32)
 
 
-def prepare(data: bytes, max_pixels: int) -> np.ndarray:
-    """Bytes of an upload to one model input, or BadImage."""
-    return to_input(decode(data, max_pixels))
+def prepare(data: bytes, max_pixels: int, large: threading.Semaphore | None = None) -> np.ndarray:
+    """Bytes of an upload to one model input, or BadImage.
+
+    Images that stay large after `draft` (a 40-megapixel PNG of 130 KB took
+    ~300 MB to decode) are decoded only while holding `large`, so that a batch
+    of them cannot run a small instance out of memory all at once.
+    """
+    img = open_image(data, max_pixels)
+    if large is None or img.width * img.height <= LARGE_IMAGE_PIXELS:
+        return to_input(load_rgb(img))
+    with large:
+        return to_input(load_rgb(img))
 
 
 def warm_up() -> None:

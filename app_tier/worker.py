@@ -85,6 +85,8 @@ class Worker:
         # thread picks the batch up: at most one batch waits while one is classified.
         self._prefetch_slot = threading.Semaphore(1)
         self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="io")
+        # The io threads download and decode in parallel, but large images one at a time.
+        self._large_decodes = threading.Semaphore(1)
         # One batch at a time is written while the next is classified.
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
         self._finishing: Future | None = None
@@ -211,7 +213,7 @@ class Worker:
             log.warning("cannot read %s: %s", job.request.key, exc)
             return
         try:
-            job.pixels = prepare(data, self.settings.max_image_pixels)
+            job.pixels = prepare(data, self.settings.max_image_pixels, self._large_decodes)
         except BadImage as exc:
             job.error = str(exc)
         except Exception:  # e.g. MemoryError: maybe not the image's fault, so not its answer

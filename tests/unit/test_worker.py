@@ -381,11 +381,11 @@ def test_an_unexpected_error_preparing_one_image_costs_only_that_attempt(aws_env
     prepare = worker_module.prepare
     failures: list[str] = []
 
-    def out_of_memory_once_on_b(data, max_pixels):
+    def out_of_memory_once_on_b(data, max_pixels, *rest):
         if data == make_image(ord("b"), size=(64, 64)) and not failures:
             failures.append("b")
             raise MemoryError("decoder")
-        return prepare(data, max_pixels)
+        return prepare(data, max_pixels, *rest)
 
     monkeypatch.setattr(worker_module, "prepare", out_of_memory_once_on_b)
     worker = Worker(settings, aws, MeanClassifier(), "i-oom")
@@ -440,3 +440,40 @@ def test_two_hand_backs_at_once_send_each_message_back_once(aws_env, monkeypatch
     assert sent == [2]
     assert depth(aws, aws.request_queue_url) == (2, 0)
 
+
+
+def test_large_images_are_decoded_one_at_a_time(monkeypatch):
+    """A 40-megapixel PNG of 130 KB takes ~300 MB to decode: eight at once, one per io
+    thread, would run a small instance out of memory. Small images still overlap."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app_tier import images
+
+    inside, most = [0], {"now": 0}
+    lock = threading.Lock()
+    load_rgb = images.load_rgb
+
+    def counting(img):
+        with lock:
+            inside[0] += 1
+            most["now"] = max(most["now"], inside[0])
+        try:
+            time.sleep(0.05)  # holds a window open for another decode to overlap this one
+            return load_rgb(img)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(images, "load_rgb", counting)
+    big = io.BytesIO()
+    Image.new("RGB", (2500, 2000), (10, 200, 30)).save(big, "PNG")
+    assert images.LARGE_IMAGE_PIXELS < 2500 * 2000
+    slot = threading.Semaphore(1)
+    overlaps = {}
+    for name, data in (("large", big.getvalue()), ("small", make_image(5, size=(64, 64)))):
+        most["now"] = 0
+        with ThreadPoolExecutor(4) as pool:
+            out = list(pool.map(lambda d: images.prepare(d, 40_000_000, slot), [data] * 4))
+        assert all(o.shape == (224, 224, 3) for o in out)
+        overlaps[name] = most["now"]
+    assert overlaps["large"] == 1 and overlaps["small"] > 1, overlaps
