@@ -26,6 +26,13 @@ mkdir -p "$etc_dir"
   echo 'AWS_DEFAULT_REGION={{AWS_REGION}}'
   echo 'APP_PREFIX={{APP_PREFIX}}'
   echo 'MODEL_WEIGHTS={{MODEL_WEIGHTS}}'
+  echo 'MODEL_RUNTIME={{MODEL_RUNTIME}}'
+  echo 'WORKER_THREADS={{WORKER_THREADS}}'
+  echo 'RECEIVE_BATCH={{RECEIVE_BATCH}}'
+  echo 'RECEIVE_WAIT={{RECEIVE_WAIT}}'
+  echo 'VISIBILITY_TIMEOUT={{VISIBILITY_TIMEOUT}}'
+  echo 'SHUTDOWN_GRACE={{SHUTDOWN_GRACE}}'
+  echo 'MAX_IMAGE_PIXELS={{MAX_IMAGE_PIXELS}}'
   echo "INSTANCE_ID=$instance_id"
   # An empty AWS_ENDPOINT_URL is not the same as none to every AWS SDK: omit it.
   if [ -n "$endpoint" ]; then echo "AWS_ENDPOINT_URL=$endpoint"; fi

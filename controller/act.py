@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,16 +18,36 @@ log = logging.getLogger(__name__)
 USER_DATA_TEMPLATE = Path(__file__).resolve().parent.parent / "ami" / "user-data.sh"
 
 
-def render_user_data(settings: Settings) -> str:
-    """The boot script that starts the worker service on a real instance (see ami/)."""
-    text = USER_DATA_TEMPLATE.read_text(encoding="utf-8")
-    values = {
+# What a value may hold to go into the boot script's single quotes and systemd's
+# environment file unchanged.
+_PLAIN_VALUE = re.compile(r"[A-Za-z0-9._:/@+,=-]*")
+
+
+def worker_settings(settings: Settings) -> dict[str, str]:
+    """The settings a worker reads, as the environment its instance is given: the
+    controller's own, so that workers on EC2 run as configured here."""
+    return {
         "AWS_REGION": settings.region,
         "APP_PREFIX": settings.prefix,
         "MODEL_WEIGHTS": settings.model_weights,
+        "MODEL_RUNTIME": settings.model_runtime,
+        "WORKER_THREADS": str(settings.worker_threads),
+        "RECEIVE_BATCH": str(settings.receive_batch),
+        "RECEIVE_WAIT": str(settings.receive_wait_s),
+        "VISIBILITY_TIMEOUT": str(settings.visibility_timeout_s),
+        "SHUTDOWN_GRACE": f"{settings.shutdown_grace_s:g}",
+        "MAX_IMAGE_PIXELS": str(settings.max_image_pixels),
         "AWS_ENDPOINT_URL": settings.endpoint_url or "",
     }
-    for name, value in values.items():
+
+
+def render_user_data(settings: Settings) -> str:
+    """The boot script that starts the worker service on a real instance (see ami/)."""
+    text = USER_DATA_TEMPLATE.read_text(encoding="utf-8")
+    for name, value in worker_settings(settings).items():
+        if not _PLAIN_VALUE.fullmatch(value):
+            raise ValueError(f"{name}={value!r} cannot be passed to instances: use only letters, "
+                             f"digits and . _ : / @ + , = -")
         text = text.replace("{{" + name + "}}", value)
     return text
 

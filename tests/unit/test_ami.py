@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from common.config import Settings
-from controller.act import render_user_data
+from controller.act import render_user_data, worker_settings
 
 AMI = Path(__file__).resolve().parents[2] / "ami"
-PLACEHOLDERS = ("{{AWS_REGION}}", "{{APP_PREFIX}}", "{{MODEL_WEIGHTS}}", "{{AWS_ENDPOINT_URL}}")
+PLACEHOLDERS = tuple("{{" + name + "}}" for name in worker_settings(Settings()))
 BUCKETS = ("imgclass-in-bucket", "imgclass-out-bucket")
 QUEUES = ("imgclass-req-queue", "imgclass-resp-queue", "imgclass-req-dlq")
 
@@ -59,10 +59,10 @@ def test_user_data_template_has_each_placeholder():
         assert placeholder in text
 
 
-def render(endpoint_url: str | None = None) -> str:
-    settings = Settings(region="eu-west-1", prefix="myapp", model_weights="s3://models/resnet50.h5",
-                        endpoint_url=endpoint_url)
-    return render_user_data(settings)
+def render(endpoint_url: str | None = None, **settings) -> str:
+    settings = {"region": "eu-west-1", "prefix": "myapp", "model_weights": "s3://models/resnet50.h5",
+                "endpoint_url": endpoint_url, **settings}
+    return render_user_data(Settings(**settings))
 
 
 def test_rendered_user_data_is_complete_and_far_below_the_16_kb_limit():
@@ -109,6 +109,13 @@ def test_user_data_writes_worker_env_from_imdsv2_and_starts_the_service(boot):
         "AWS_DEFAULT_REGION=eu-west-1",
         "APP_PREFIX=myapp",
         "MODEL_WEIGHTS=s3://models/resnet50.h5",
+        "MODEL_RUNTIME=openvino",
+        "WORKER_THREADS=0",
+        "RECEIVE_BATCH=10",
+        "RECEIVE_WAIT=20",
+        "VISIBILITY_TIMEOUT=60",
+        "SHUTDOWN_GRACE=20",
+        "MAX_IMAGE_PIXELS=40000000",
         "INSTANCE_ID=i-0abc123def4567890",
     ]
     assert stat.S_IMODE((etc_dir / "worker.env").stat().st_mode) == 0o600
@@ -119,6 +126,25 @@ def test_user_data_passes_an_endpoint_url_only_when_there_is_one(boot):
     result, etc_dir, _ = boot(render("http://10.0.0.5:5000"))
     assert result.returncode == 0, result.stderr
     assert "AWS_ENDPOINT_URL=http://10.0.0.5:5000" in (etc_dir / "worker.env").read_text().splitlines()
+
+
+def test_workers_on_ec2_get_the_controllers_worker_settings(boot):
+    """A setting the app tier reads, changed where the controller runs, reaches the instances;
+    read back by the worker's own parser from the file systemd gives it."""
+    result, etc_dir, _ = boot(render(model_runtime="tensorflow", max_image_pixels=1_000_000,
+                                     shutdown_grace_s=12.5, receive_batch=4))
+    assert result.returncode == 0, result.stderr
+    env = dict(line.split("=", 1) for line in (etc_dir / "worker.env").read_text().splitlines())
+    seen = Settings.from_env(env)
+    assert (seen.model_runtime, seen.max_image_pixels, seen.shutdown_grace_s, seen.receive_batch) == (
+        "tensorflow", 1_000_000, 12.5, 4)
+    assert (seen.prefix, seen.region, seen.model_weights) == ("myapp", "eu-west-1", "s3://models/resnet50.h5")
+
+
+@pytest.mark.parametrize("weights", ["/opt/my weights.h5", "x'; rm -rf / #", "a\nB=1"])
+def test_a_value_the_boot_script_cannot_carry_is_refused_at_start(weights):
+    with pytest.raises(ValueError, match="MODEL_WEIGHTS"):
+        render(model_weights=weights)
 
 
 def test_user_data_without_imds_starts_nothing(boot):
