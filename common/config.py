@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -82,7 +82,7 @@ class Settings:
     max_files_per_request: int = 1000
     max_image_pixels: int = 40_000_000
     result_timeout_s: float = 300.0
-    api_key: str = ""
+    api_key: str = field(default="", repr=False)  # a secret: never in a log line
 
     # --- embedded AWS ----------------------------------------------------------
     local_aws_host: str = "127.0.0.1"
@@ -162,12 +162,6 @@ class Settings:
             local_max_workers=_int(env, "LOCAL_MAX_WORKERS", cls.local_max_workers),
             local_worker_threads=_int(env, "LOCAL_WORKER_THREADS", cls.local_worker_threads),
         )
-
-    def describe(self) -> dict[str, object]:
-        """Settings as plain data, for logs and /api/status (never the API key)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", "api_key")}
-        out["api_key_set"] = bool(self.api_key)
-        return out
 
 
 def region_from_env(env: Mapping[str, str]) -> str:

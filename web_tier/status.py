@@ -13,15 +13,12 @@ import time
 from typing import Any
 
 from common.aws import Aws, error_reason
-from common.fleet import app_tier_instances
+from common.fleet import WATCHED_STATES, app_tier_instances
 from web_tier.results import ResultBook
 
 log = logging.getLogger(__name__)
 
 CACHE_S = 1.0
-# Always reported, even at zero, so a page can show them without guessing.
-INSTANCE_STATES = ("pending", "running", "stopping", "shutting-down", "stopped")
-
 
 class StatusReader:
     def __init__(self, aws: Aws, book: ResultBook, cache_s: float = CACHE_S) -> None:
@@ -74,11 +71,12 @@ class StatusReader:
             log.warning("status: queues unreadable: %s", exc)
             errors.append(f"queues: {error_reason(exc)}")
         try:
-            counts = dict.fromkeys(INSTANCE_STATES, 0)
+            # Every state always reported, even at zero, so a page need not guess.
+            counts = dict.fromkeys(WATCHED_STATES, 0)
             for instance in app_tier_instances(self.aws):
                 counts[instance.state] = counts.get(instance.state, 0) + 1
             out["instances"] = counts
-            out["instances_total"] = sum(n for s, n in counts.items() if s != "terminated")
+            out["instances_total"] = sum(counts.values())
         except Exception as exc:
             log.warning("status: instances unreadable: %s", exc)
             errors.append(f"instances: {error_reason(exc)}")

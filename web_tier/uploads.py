@@ -59,8 +59,6 @@ class Upload:
     filename: str
     data: bytes
     content_type: str
-    width: int
-    height: int
 
 
 def display_name(storage: FileStorage) -> str:
@@ -123,7 +121,7 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
         raise UploadError(415, f"not an image (the content is not {ACCEPTED})", name) from exc
     except Exception as exc:  # Pillow raises many kinds of errors on damaged files
         raise UploadError(415, f"damaged or unreadable image: {exc}", name) from exc
-    return Upload(name, data, FORMATS[fmt], width, height)
+    return Upload(name, data, FORMATS[fmt])
 
 
 def validate(storage: FileStorage, settings: Settings) -> Upload:
