@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 
+from botocore.exceptions import BotoCoreError, ClientError
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from common.aws import error_reason
 from web_tier.uploads import UploadError
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,12 @@ def _http_error(exc: HTTPException) -> Response:
     return exc.get_response()
 
 
+def _aws_unavailable(exc: Exception) -> Response:
+    # S3 or SQS failing after botocore's own retries: the caller may try again.
+    log.warning("AWS failed on %s %s: %s", request.method, request.path, exc)
+    return error_response(UploadError(503, f"storage unavailable ({error_reason(exc)}); try again"))
+
+
 def _unexpected(exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.path)
     return error_response(UploadError(500, "internal error"))
@@ -48,4 +56,6 @@ def register(app: Flask) -> None:
     app.register_error_handler(UploadError, error_response)
     app.register_error_handler(RequestEntityTooLarge, _too_large)
     app.register_error_handler(HTTPException, _http_error)
+    for aws_error in (BotoCoreError, ClientError):
+        app.register_error_handler(aws_error, _aws_unavailable)
     app.register_error_handler(Exception, _unexpected)

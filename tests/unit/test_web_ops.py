@@ -113,3 +113,16 @@ def test_status_survives_aws_errors(quiet_client, web_aws):
     body = response.get_json()
     assert body["queue"] is None
     assert body["errors"]
+
+
+def test_s3_failing_while_a_batch_is_rebuilt_is_a_503_not_a_500(quiet_client, web_aws, monkeypatch):
+    from botocore.exceptions import ClientError
+
+    def s3_down(**kwargs):
+        raise ClientError({"Error": {"Code": "ServiceUnavailable", "Message": "slow down"}}, "ListObjectsV2")
+
+    monkeypatch.setattr(web_aws.s3, "list_objects_v2", s3_down)
+    response = quiet_client.get(f"/api/jobs/{'c' * 32}")  # not in memory: rebuilt from S3
+    assert response.status_code == 503
+    assert "ServiceUnavailable" in response.get_json()["error"]
+
