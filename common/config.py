@@ -12,24 +12,36 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
+def _in_range(name: str, value: float, low: float | None, high: float | None) -> None:
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"from {low:g}" + (f" to {high:g}" if high is not None else " up")
+        raise ValueError(f"{name} must be {bounds}, got {value:g}")
+
+
+def _int(env: Mapping[str, str], name: str, default: int,
+         low: int | None = None, high: int | None = None) -> int:
     raw = env.get(name, "").strip()
     if not raw:
         return default
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError as exc:
         raise ValueError(f"{name} must be a whole number, got {raw!r}") from exc
+    _in_range(name, value, low, high)
+    return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
+def _float(env: Mapping[str, str], name: str, default: float,
+           low: float | None = None, high: float | None = None) -> float:
     raw = env.get(name, "").strip()
     if not raw:
         return default
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError as exc:
         raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+    _in_range(name, value, low, high)
+    return value
 
 
 def _str(env: Mapping[str, str], name: str, default: str) -> str:
@@ -126,41 +138,42 @@ class Settings:
             region=region_from_env(env),
             endpoint_url=env.get("AWS_ENDPOINT_URL") or None,
             prefix=_str(env, "APP_PREFIX", cls.prefix),
-            max_instances=_int(env, "MAX_INSTANCES", cls.max_instances),
+            max_instances=_int(env, "MAX_INSTANCES", cls.max_instances, low=0),
             ami_id=_str(env, "AMI_ID", cls.ami_id),
             instance_type=_str(env, "INSTANCE_TYPE", cls.instance_type),
             key_name=_str(env, "KEY_NAME", ""),
             security_group_ids=sg,
             instance_profile=_str(env, "INSTANCE_PROFILE", ""),
-            poll_interval_s=_float(env, "POLL_INTERVAL", cls.poll_interval_s),
+            poll_interval_s=_float(env, "POLL_INTERVAL", cls.poll_interval_s, low=0.01),
             target_backlog_per_instance=_float(
-                env, "TARGET_BACKLOG_PER_INSTANCE", cls.target_backlog_per_instance
+                env, "TARGET_BACKLOG_PER_INSTANCE", cls.target_backlog_per_instance, low=0.01
             ),
             scaling_mode=_str(env, "SCALING_MODE", cls.scaling_mode),
-            acceptable_latency_s=_float(env, "ACCEPTABLE_LATENCY", cls.acceptable_latency_s),
-            seconds_per_image=_float(env, "SECONDS_PER_IMAGE", cls.seconds_per_image),
-            boot_time_s=_float(env, "BOOT_TIME", cls.boot_time_s),
-            scale_in_cooldown_s=_float(env, "SCALE_IN_COOLDOWN", cls.scale_in_cooldown_s),
+            acceptable_latency_s=_float(env, "ACCEPTABLE_LATENCY", cls.acceptable_latency_s, low=0),
+            seconds_per_image=_float(env, "SECONDS_PER_IMAGE", cls.seconds_per_image, low=0.001),
+            boot_time_s=_float(env, "BOOT_TIME", cls.boot_time_s, low=0),
+            scale_in_cooldown_s=_float(env, "SCALE_IN_COOLDOWN", cls.scale_in_cooldown_s, low=0),
             model_weights=_str(env, "MODEL_WEIGHTS", cls.model_weights),
             model_runtime=_str(env, "MODEL_RUNTIME", cls.model_runtime),
-            receive_batch=_int(env, "RECEIVE_BATCH", cls.receive_batch),
-            receive_wait_s=_int(env, "RECEIVE_WAIT", cls.receive_wait_s),
-            visibility_timeout_s=_int(env, "VISIBILITY_TIMEOUT", cls.visibility_timeout_s),
-            max_receive_count=_int(env, "MAX_RECEIVE_COUNT", cls.max_receive_count),
-            shutdown_grace_s=_float(env, "SHUTDOWN_GRACE", cls.shutdown_grace_s),
-            worker_threads=_int(env, "WORKER_THREADS", cls.worker_threads),
+            # SQS's own limits.
+            receive_batch=_int(env, "RECEIVE_BATCH", cls.receive_batch, low=1, high=10),
+            receive_wait_s=_int(env, "RECEIVE_WAIT", cls.receive_wait_s, low=0, high=20),
+            visibility_timeout_s=_int(env, "VISIBILITY_TIMEOUT", cls.visibility_timeout_s, low=0, high=43200),
+            max_receive_count=_int(env, "MAX_RECEIVE_COUNT", cls.max_receive_count, low=1, high=1000),
+            shutdown_grace_s=_float(env, "SHUTDOWN_GRACE", cls.shutdown_grace_s, low=0),
+            worker_threads=_int(env, "WORKER_THREADS", cls.worker_threads, low=0),
             web_host=_str(env, "WEB_HOST", cls.web_host),
-            web_port=_int(env, "WEB_PORT", cls.web_port),
-            max_upload_bytes=_int(env, "MAX_UPLOAD_BYTES", cls.max_upload_bytes),
-            max_files_per_request=_int(env, "MAX_FILES_PER_REQUEST", cls.max_files_per_request),
-            max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels),
-            result_timeout_s=_float(env, "RESULT_TIMEOUT", cls.result_timeout_s),
-            api_key=env.get("API_KEY", ""),
+            web_port=_int(env, "WEB_PORT", cls.web_port, low=0, high=65535),
+            max_upload_bytes=_int(env, "MAX_UPLOAD_BYTES", cls.max_upload_bytes, low=1),
+            max_files_per_request=_int(env, "MAX_FILES_PER_REQUEST", cls.max_files_per_request, low=1),
+            max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels, low=1),
+            result_timeout_s=_float(env, "RESULT_TIMEOUT", cls.result_timeout_s, low=0.1),
+            api_key=env.get("API_KEY", "").strip(),
             local_aws_host=_str(env, "LOCAL_AWS_HOST", cls.local_aws_host),
-            local_aws_port=_int(env, "LOCAL_AWS_PORT", cls.local_aws_port),
-            local_boot_delay_s=_float(env, "LOCAL_BOOT_DELAY", cls.local_boot_delay_s),
-            local_max_workers=_int(env, "LOCAL_MAX_WORKERS", cls.local_max_workers),
-            local_worker_threads=_int(env, "LOCAL_WORKER_THREADS", cls.local_worker_threads),
+            local_aws_port=_int(env, "LOCAL_AWS_PORT", cls.local_aws_port, low=0, high=65535),
+            local_boot_delay_s=_float(env, "LOCAL_BOOT_DELAY", cls.local_boot_delay_s, low=0),
+            local_max_workers=_int(env, "LOCAL_MAX_WORKERS", cls.local_max_workers, low=0),
+            local_worker_threads=_int(env, "LOCAL_WORKER_THREADS", cls.local_worker_threads, low=0),
         )
 
 

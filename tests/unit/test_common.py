@@ -95,6 +95,19 @@ def test_settings_from_env():
     assert s.api_key == "s3cret" and "s3cret" not in repr(s)
     with pytest.raises(ValueError, match="MAX_INSTANCES"):
         Settings.from_env({"MAX_INSTANCES": "many"})
+    assert Settings.from_env({"API_KEY": " key\n"}).api_key == "key"  # as pasted from a file
+
+
+@pytest.mark.parametrize(("name", "value", "says"), [
+    ("RECEIVE_WAIT", "30", "RECEIVE_WAIT must be from 0 to 20, got 30"),  # SQS's long-poll limit
+    ("RECEIVE_BATCH", "0", "RECEIVE_BATCH must be from 1 to 10, got 0"),
+    ("MAX_UPLOAD_BYTES", "-5", "MAX_UPLOAD_BYTES must be from 1 up, got -5"),
+    ("POLL_INTERVAL", "0", "POLL_INTERVAL must be from 0.01 up, got 0"),
+])
+def test_settings_out_of_range_are_refused_naming_the_variable(name, value, says):
+    with pytest.raises(ValueError) as refused:
+        Settings.from_env({name: value})
+    assert str(refused.value) == says
 
 
 def test_provision_is_idempotent_private_encrypted_and_has_a_dead_letter_queue():
