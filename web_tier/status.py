@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 CACHE_S = 1.0
 
+
 class StatusReader:
     def __init__(self, aws: Aws, book: ResultBook, cache_s: float = CACHE_S) -> None:
         self.aws = aws
@@ -29,11 +30,18 @@ class StatusReader:
         self._cached: tuple[float, dict[str, Any]] | None = None
 
     def read(self) -> dict[str, Any]:
-        with self._lock:
-            now = time.monotonic()
-            if self._cached is None or now - self._cached[0] >= self.cache_s:
-                self._cached = (now, self._read_aws())
-            snapshot = dict(self._cached[1])
+        # One thread refreshes at a time. While it waits on AWS the others answer
+        # from the last snapshot rather than queue up behind it, each holding a
+        # thread (every open page asks every 2 s); only the very first read waits.
+        if self._lock.acquire(blocking=self._cached is None):
+            try:
+                now = time.monotonic()
+                if self._cached is None or now - self._cached[0] >= self.cache_s:
+                    self._cached = (now, self._read_aws())
+            finally:
+                self._lock.release()
+        assert self._cached is not None
+        snapshot = dict(self._cached[1])
         snapshot["totals"] = self.book.totals()
         snapshot["untrained"] = self.book.untrained
         snapshot["api_key_required"] = bool(self.aws.settings.api_key)

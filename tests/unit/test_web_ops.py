@@ -126,3 +126,32 @@ def test_s3_failing_while_a_batch_is_rebuilt_is_a_503_not_a_500(quiet_client, we
     assert response.status_code == 503
     assert "ServiceUnavailable" in response.get_json()["error"]
 
+
+def test_status_answers_from_the_last_snapshot_while_aws_is_slow(quiet_client):
+    """Pages poll every 2 s: a slow AWS must not pile their requests up behind one refresh."""
+    import threading
+
+    from tests.unit.conftest import services_of
+
+    reader = services_of(quiet_client.application).status
+    reader.cache_s = 0.0  # every read wants a refresh
+    assert quiet_client.get("/api/status").status_code == 200  # the first snapshot
+    read_aws, entered, release = reader._read_aws, threading.Event(), threading.Event()
+
+    def slow_aws():
+        entered.set()
+        release.wait(10)
+        return read_aws()
+
+    reader._read_aws = slow_aws
+    refresher = threading.Thread(target=lambda: quiet_client.get("/api/status"))
+    refresher.start()
+    try:
+        assert entered.wait(5)
+        answer = quiet_client.get("/api/status")  # while the refresh is stuck in AWS
+        assert answer.status_code == 200 and "queue" in answer.get_json()
+        assert refresher.is_alive(), "the refresh was not waited for"
+    finally:
+        release.set()
+        refresher.join(5)
+
