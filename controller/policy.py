@@ -5,7 +5,9 @@ Two ways to size the fleet:
 backlog (default)
     desired = min(cap, ceil(backlog / target_backlog_per_instance)), where
     backlog = visible + in-flight + delayed messages. Counting in-flight
-    messages keeps instances that are still working from being removed.
+    messages keeps the fleet from shrinking while requests are still being
+    worked on; an instance that is removed finishes its batch in hand (warm
+    shutdown) and hands the rest back.
     With the default target of 1, 100 queued requests give exactly 15.
 
 latency
