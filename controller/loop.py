@@ -26,7 +26,7 @@ from common.aws import Aws
 from common.config import Settings
 from controller.act import LaunchError, launch, render_user_data, terminate
 from controller.observe import Instance, Observation, observe
-from controller.policy import Decision, Policy, decide
+from controller.policy import Decision, Policy, decide, desired_count
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,9 @@ class Controller:
     # The max stays short so that the fleet follows the queue soon after AWS recovers.
     backoff_min_s: float = 1.0
     backoff_max_s: float = 10.0
-    _idle_since: float | None = None
+    _started_at: float | None = None
+    # (time, instances wanted) of each round within the scale-in window.
+    _wanted: deque[tuple[float, int]] = field(default_factory=deque)
     _recent: dict[str, Instance] = field(default_factory=dict)
     _last_summary: tuple | None = None
     # The last rounds, for tests and a look in a debugger; --timeline keeps them all on disk.
@@ -78,20 +80,28 @@ class Controller:
     # --- one round -----------------------------------------------------------------
     def step(self, now: float | None = None) -> Decision:
         obs = self._with_recent_launches(observe(self.aws, now))
-        idle_for = self._idle_for(obs)
-        decision = decide(obs, self.policy, idle_for)
+        decision = decide(obs, self.policy, self._wanted_recently(obs))
         self._record(obs, decision)
         if decision.changes_anything and not self.dry_run:
             self._act(decision, obs.at)
         return decision
 
-    def _idle_for(self, obs: Observation) -> float:
-        if obs.backlog > 0:
-            self._idle_since = None
-            return 0.0
-        if self._idle_since is None:
-            self._idle_since = obs.at
-        return obs.at - self._idle_since
+    def _wanted_recently(self, obs: Observation) -> int | None:
+        """The most instances wanted at any round of the last scale_in_cooldown_s (None
+        without a window). A controller that has not yet watched for a whole window (it
+        has just been restarted) counts what is live as wanted: it scales out, not in."""
+        window = self.policy.scale_in_cooldown_s
+        if window <= 0:
+            return None
+        if self._started_at is None:
+            self._started_at = obs.at
+        self._wanted.append((obs.at, desired_count(obs, self.policy)[0]))
+        while self._wanted[0][0] < obs.at - window:
+            self._wanted.popleft()
+        peak = max(wanted for _, wanted in self._wanted)
+        if obs.at - self._started_at < window:
+            peak = max(peak, len(obs.live))
+        return peak
 
     def _with_recent_launches(self, obs: Observation) -> Observation:
         seen = {i.id for i in obs.instances}

@@ -17,8 +17,13 @@ latency
     would finish the whole backlog before a new one could boot, launching one
     helps nobody, so none is launched.
 
-Either way the cap is never exceeded (pending instances count), and when the
-backlog has been zero for scale_in_cooldown_s every instance is terminated.
+Either way the cap is never exceeded (pending instances count). Scaling out
+is immediate; scaling in is not: the fleet shrinks only to the most instances
+wanted at any round of the last scale_in_cooldown_s (as Kubernetes' scale-down
+stabilisation window does), so a backlog that dips for a moment, or SQS's
+approximate counts reading low once, does not terminate instances that are
+launched again a round later. Every instance goes once the backlog has been
+zero for the whole window.
 """
 
 from __future__ import annotations
@@ -68,13 +73,11 @@ def target_backlog(policy: Policy) -> float:
     return policy.target_backlog_per_instance
 
 
-def desired_count(obs: Observation, policy: Policy, idle_for_s: float) -> tuple[int, str]:
-    """How many instances should be live, and why."""
+def desired_count(obs: Observation, policy: Policy) -> tuple[int, str]:
+    """How many instances this observation alone calls for, and why."""
     live = len(obs.live)
     if obs.backlog == 0:
-        if idle_for_s >= policy.scale_in_cooldown_s:
-            return 0, "no work outstanding"
-        return min(live, policy.max_instances), f"idle {idle_for_s:.0f}s, cooling down"
+        return 0, "no work outstanding"
     wanted = math.ceil(obs.backlog / target_backlog(policy))
     reason = f"backlog {obs.backlog} / target {target_backlog(policy):g}"
     if policy.mode == "latency" and 0 < len(obs.in_state("running")) < wanted:
@@ -101,9 +104,14 @@ def _scale_in_order(instance: Instance) -> tuple[int, float, int]:
     return (0 if instance.state == "pending" else 1, -instance.launched_at, -instance.number)
 
 
-def decide(obs: Observation, policy: Policy, idle_for_s: float = 0.0) -> Decision:
-    desired, reason = desired_count(obs, policy, idle_for_s)
+def decide(obs: Observation, policy: Policy, wanted_recently: int | None = None) -> Decision:
+    """What to do now. `wanted_recently` is the most instances wanted at any round of
+    the last scale_in_cooldown_s (None: no window); the fleet shrinks no lower."""
+    desired, reason = desired_count(obs, policy)
     live = obs.live
+    if wanted_recently is not None and desired < len(live) and wanted_recently > desired:
+        desired = min(len(live), wanted_recently, policy.max_instances)
+        reason += f"; holding {desired}, wanted within the last {policy.scale_in_cooldown_s:g}s"
     # A stopped instance is ours but serves nobody: always clean it up.
     stray = tuple(i.id for i in obs.in_state("stopped"))
     if desired > len(live):

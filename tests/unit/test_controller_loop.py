@@ -184,6 +184,33 @@ def test_no_work_left_terminates_all(aws, make_controller):
     assert instances(aws) == []
 
 
+def test_scale_in_waits_out_the_window_and_a_restart_does_not_shorten_it(aws, make_controller):
+    """A dip in the backlog terminates nothing within SCALE_IN_COOLDOWN; a controller that
+    has just started has not seen the window, so it keeps what is live until it has."""
+    from dataclasses import replace
+
+    def windowed() -> Controller:
+        controller = make_controller()
+        controller.policy = replace(controller.policy, scale_in_cooldown_s=5.0)
+        return controller
+
+    t0 = 10_000.0
+    send(aws, 8)
+    controller = windowed()
+    assert len(controller.step(now=t0).launch) == 8
+    handles = receive_all(aws)
+    delete(aws, handles[:6])  # 6 done, 2 in hand: 2 instances wanted now
+    assert controller.step(now=t0 + 1).terminate == ()
+    assert controller.step(now=t0 + 4.9).terminate == ()
+    assert len(controller.step(now=t0 + 6.5).terminate) == 6
+    delete(aws, handles[6:])  # all done
+    restarted = windowed()
+    assert restarted.step(now=t0 + 20).terminate == ()
+    assert restarted.step(now=t0 + 24).terminate == ()
+    assert len(restarted.step(now=t0 + 25.1).terminate) == 2
+    assert instances(aws) == []
+
+
 def test_new_controller_adopts_the_fleet_from_ec2_tags(aws, make_controller):
     """A restarted controller has no memory; EC2 tags and the queue are all it needs."""
     send(aws, 5)

@@ -65,19 +65,29 @@ def test_scale_in_removes_pending_first_then_newest():
 
 def test_cooldown_holds_instances_until_it_has_passed():
     policy = Policy(scale_in_cooldown_s=5)
-    assert decide(obs(running=3), policy, idle_for_s=2).terminate == ()
-    assert len(decide(obs(running=3), policy, idle_for_s=5).terminate) == 3
+    assert decide(obs(running=3), policy, wanted_recently=3).terminate == ()
+    assert len(decide(obs(running=3), policy, wanted_recently=0).terminate) == 3
+
+
+def test_the_fleet_shrinks_only_to_the_most_wanted_within_the_window():
+    policy = Policy(scale_in_cooldown_s=60)
+    held = decide(obs(visible=2, running=8), policy, wanted_recently=6)
+    assert held.desired == 6 and len(held.terminate) == 2 and "holding 6" in held.reason
+    assert decide(obs(visible=2, running=8), policy, wanted_recently=9).terminate == ()
+    # Scaling out never waits, and the cap still trims.
+    assert len(decide(obs(visible=12, running=8), policy, wanted_recently=8).launch) == 4
+    assert len(decide(obs(visible=100, running=17), policy, wanted_recently=17).terminate) == 2
 
 
 def test_target_backlog_per_instance():
-    assert desired_count(obs(visible=25), Policy(target_backlog_per_instance=10), 0)[0] == 3
+    assert desired_count(obs(visible=25), Policy(target_backlog_per_instance=10))[0] == 3
 
 
 def test_latency_mode_target_follows_from_acceptable_latency():
     # 10 s acceptable at 0.5 s an image: one instance may hold 20 messages.
     policy = Policy(mode="latency", acceptable_latency_s=10, seconds_per_image=0.5, boot_time_s=0)
-    assert desired_count(obs(visible=100), policy, 0)[0] == 5
-    assert desired_count(obs(visible=1000), policy, 0)[0] == 15
+    assert desired_count(obs(visible=100), policy)[0] == 5
+    assert desired_count(obs(visible=1000), policy)[0] == 15
 
 
 def test_latency_mode_does_not_launch_what_could_not_boot_in_time():
