@@ -96,7 +96,11 @@ class Controller:
         if self._started_at is None:
             self._started_at = obs.at
         self._wanted.append((obs.at, desired_count(obs, self.policy)[0]))
-        while self._wanted[0][0] < obs.at - window:
+        # A round's count holds until the next round: keep the one in force when the
+        # window began, or polls further apart than the window would shorten it to
+        # nothing (and one quiet poll between two requests would end the fleet).
+        cutoff = obs.at - window
+        while len(self._wanted) > 1 and self._wanted[1][0] <= cutoff:
             self._wanted.popleft()
         peak = max(wanted for _, wanted in self._wanted)
         if obs.at - self._started_at < window:

@@ -211,6 +211,22 @@ def test_scale_in_waits_out_the_window_and_a_restart_does_not_shorten_it(aws, ma
     assert instances(aws) == []
 
 
+def test_polls_further_apart_than_the_window_do_not_shorten_it(aws, make_controller):
+    """`make bench` polls every 0.5 s with a 0.5 s window: a round a little late must not
+    see an empty window, or one quiet poll between two requests ends the fleet."""
+    from dataclasses import replace
+
+    controller = make_controller()
+    controller.policy = replace(controller.policy, scale_in_cooldown_s=0.5)
+    t0 = 10_000.0
+    send(aws, 1)
+    controller.step(now=t0)
+    controller.step(now=t0 + 0.52)
+    delete(aws, receive_all(aws))
+    assert controller.step(now=t0 + 1.04).terminate == (), "idle for 0 s so far"
+    assert len(controller.step(now=t0 + 1.56).terminate) == 1, "idle for 0.52 s"
+
+
 def test_new_controller_adopts_the_fleet_from_ec2_tags(aws, make_controller):
     """A restarted controller has no memory; EC2 tags and the queue are all it needs."""
     send(aws, 5)
