@@ -12,6 +12,7 @@ from flask import Blueprint, Response, request
 from common.names import stem
 from web_tier.auth import require_api_key
 from web_tier.jobs import new_id
+from web_tier.results import DONE
 from web_tier.services import services
 from web_tier.uploads import FORM_SLACK_BYTES, UploadError, real_files, validate
 
@@ -51,7 +52,7 @@ def classify() -> Response:
         return _text(
             f"{upload.filename}: no result within {svc.settings.result_timeout_s:g} s", 504
         )
-    if item.state != "done":
+    if item.state != DONE:
         return _text(f"{upload.filename}: {item.error}", 422)
     response = _text(f"{stem(upload.filename)}:{item.label}", 200)
     response.headers["X-Item-Id"] = item.id

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import unicodedata
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -99,20 +100,23 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
     if not data:
         raise UploadError(400, "file is empty", name)
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            fmt = img.format or ""
-            width, height = img.size
-            if fmt not in FORMATS:
-                raise UploadError(415, f"{fmt or 'this'} images are not accepted; send {ACCEPTED}", name)
-            if width * height > settings.max_image_pixels:
-                raise UploadError(
-                    413,
-                    f"image is {width}x{height} pixels, more than the limit of "
-                    f"{settings.max_image_pixels}",
-                    name,
-                )
-            # Checks the structure (e.g. PNG chunk checksums) without decoding pixels.
-            img.verify()
+        with warnings.catch_warnings():
+            # As in the worker's decoder: past Pillow's own limit, refused here, not there.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                fmt = img.format or ""
+                width, height = img.size
+                if fmt not in FORMATS:
+                    raise UploadError(415, f"{fmt or 'this'} images are not accepted; send {ACCEPTED}", name)
+                if width * height > settings.max_image_pixels:
+                    raise UploadError(
+                        413,
+                        f"image is {width}x{height} pixels, more than the limit of "
+                        f"{settings.max_image_pixels}",
+                        name,
+                    )
+                # Checks the structure (e.g. PNG chunk checksums) without decoding pixels.
+                img.verify()
     except UploadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -180,6 +180,21 @@ def test_names_with_control_characters_and_quotes_are_accepted(web_client, web_a
     assert shown == [".jpg", "tab here.jpg", "bell " * 150 + ".jpg"]
 
 
+def test_past_pillows_own_pixel_limit_is_refused_at_upload_as_the_worker_would(make_web_app):
+    """With MAX_IMAGE_PIXELS raised above Pillow's limit, Pillow only warns, and the web
+    tier accepted images that every worker then refused."""
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    assert pillow_limit is not None
+    width = 10_000
+    height = pillow_limit // width + 100  # over Pillow's limit, under twice it (its hard error)
+    out = io.BytesIO()
+    Image.new("1", (width, height)).save(out, "PNG")
+    client = make_web_app(max_image_pixels=4 * pillow_limit, start_listeners=False).test_client()
+    response = upload(client, [(out.getvalue(), "huge.png")])
+    assert response.status_code == 413, response.get_json()
+    assert "too many pixels" in response.get_json()["error"]
+
+
 def test_page_inserts_user_text_only_as_text(web_client):
     page = web_client.get("/")
     assert page.status_code == 200
