@@ -8,7 +8,7 @@ timeouts and 5xx answers with backoff.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import boto3
@@ -43,6 +43,8 @@ class Aws:
 
     settings: Settings
     max_pool: int = 32
+    # Queue URLs by name, looked up once (they never change for a queue).
+    _queue_urls: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     def _client(self, service: str):
         return boto3.session.Session().client(
@@ -73,10 +75,9 @@ class Aws:
         return self
 
     def queue_url(self, name: str) -> str:
-        cache = self.__dict__.setdefault("_queue_urls", {})
-        if name not in cache:
-            cache[name] = self.sqs.get_queue_url(QueueName=name)["QueueUrl"]
-        return cache[name]
+        if name not in self._queue_urls:
+            self._queue_urls[name] = self.sqs.get_queue_url(QueueName=name)["QueueUrl"]
+        return self._queue_urls[name]
 
     @property
     def request_queue_url(self) -> str:
