@@ -34,9 +34,8 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from common.config import Settings
-from common.fleet import app_tier_instances
+from common.fleet import LIVE_STATES, app_tier_instances
 
-LIVE_STATES = ("pending", "running")
 _LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*controller .*action=(launch|terminate)")
 
 

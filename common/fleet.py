@@ -9,6 +9,8 @@ from common.names import APP_TIER_NAME_PREFIX, PREFIX_TAG, instance_number
 
 # Every state in which an instance is, or may soon be, ours to count or clean up.
 WATCHED_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
+# Those in which it is, or is about to be, serving (and costing money).
+LIVE_STATES = ("pending", "running")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 
 from common.aws import Aws
-from common.fleet import Instance, app_tier_instances
+from common.fleet import LIVE_STATES, Instance, app_tier_instances
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Observation:
     @property
     def live(self) -> tuple[Instance, ...]:
         """Instances that are, or are about to be, serving (and costing money)."""
-        return self.in_state("pending", "running")
+        return self.in_state(*LIVE_STATES)
 
 
 def queue_depth(aws: Aws) -> tuple[int, int, int]:

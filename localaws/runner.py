@@ -30,7 +30,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from common.aws import Aws
 from common.config import Settings
-from common.fleet import app_tier_instances
+from common.fleet import LIVE_STATES, app_tier_instances
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,9 @@ class InstanceRunner:
         if self.stopping.is_set():
             return  # shutdown() has taken its list of processes: start none it would miss
         now = time.monotonic()
-        instances = app_tier_instances(self.aws, states=("pending", "running"))  # by number
+        # The controller's question (every watched state), so that the embedded AWS
+        # answers both from one cached DescribeInstances; live ones kept, by number.
+        instances = [i for i in app_tier_instances(self.aws) if i.state in LIVE_STATES]
         live = {i.id for i in instances}
         self._live = len(live)
         for iid in list(self.workers):

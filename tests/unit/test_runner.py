@@ -147,3 +147,21 @@ def test_nothing_is_started_once_shutdown_has_begun(world):
     assert runner.workers == {} and runner._spares == []
     assert started(out) == []
 
+
+
+def test_the_runner_asks_ec2_what_the_controller_asks(world):
+    """So the embedded AWS answers both from one cached DescribeInstances, as for the
+    benchmark's fleet poller (tests/unit/test_bench_fleet.py)."""
+    from common.fleet import app_tier_instances
+
+    settings, aws, make, out = world
+    runner = make()
+    launch(aws, settings, (1,))
+    asked: dict[str, list] = {"runner": [], "controller": []}
+    for who, client in (("runner", runner.aws.ec2), ("controller", aws.ec2)):
+        client.meta.events.register("provide-client-params.ec2.DescribeInstances",
+                                    lambda params, who=who, **_: asked[who].append(params.get("Filters")))
+    runner.step()
+    app_tier_instances(aws)  # what controller.observe asks
+    assert asked["runner"] and asked["runner"] == asked["controller"]
+    assert len(runner.workers) == 1
