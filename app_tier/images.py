@@ -6,7 +6,7 @@ import io
 import threading
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -86,9 +86,8 @@ def prepare(data: bytes, max_pixels: int, large: threading.Semaphore | None = No
     of them cannot run a small instance out of memory all at once.
     """
     img = open_image(data, max_pixels)
-    if large is None or img.width * img.height <= LARGE_IMAGE_PIXELS:
-        return to_input(load_rgb(img))
-    with large:
+    is_large = large is not None and img.width * img.height > LARGE_IMAGE_PIXELS
+    with large if is_large else nullcontext():
         return to_input(load_rgb(img))
 
 
