@@ -46,6 +46,18 @@ from common.names import stored_name
 log = logging.getLogger(__name__)
 
 _AWS_ERRORS = (BotoCoreError, ClientError)
+SQS_MAX_VISIBILITY_S = 43200
+
+
+def retry_delay_s(receive_count: int, first_delay_s: int) -> int:
+    """How long a request whose attempt number `receive_count` failed stays hidden.
+
+    Doubling from `first_delay_s`: an attempt fails after botocore has already
+    retried for a while, so trying again at once would mostly fail again, and
+    after max_receive_count quick failures SQS sends the request to the
+    dead-letter queue; spread out, the attempts outlast a short outage of S3 or
+    SQS (or an IAM change still propagating) instead."""
+    return min(first_delay_s * 2 ** max(receive_count - 1, 0), SQS_MAX_VISIBILITY_S)
 
 
 @dataclass
@@ -193,7 +205,7 @@ class Worker:
         unreadable = [j for j in jobs if j.pixels is None and j.error is None]
         if unreadable:
             # Not read, for a reason that may pass (S3 failed after botocore's retries):
-            # another attempt may have them now; after max_receive_count, the dead-letter queue.
+            # another attempt, a little later; after max_receive_count, the dead-letter queue.
             self._release(unreadable)
         return Batch([j for j in jobs if j not in unreadable])
 
@@ -269,8 +281,8 @@ class Worker:
             self._finishing = None
 
     def _failed(self, batch: Batch) -> None:
-        # Let another attempt (here or elsewhere) have it now; after
-        # max_receive_count attempts SQS moves it to the dead-letter queue.
+        # Another attempt (here or elsewhere) may succeed; after max_receive_count
+        # attempts SQS moves it to the dead-letter queue.
         log.exception("batch of %d failed; releasing it", len(batch.jobs))
         self._release(batch.jobs)
 
@@ -344,11 +356,13 @@ class Worker:
                 self._held.pop(j.message_id, None)
 
     def _release(self, jobs: list[Job]) -> None:
-        """This attempt failed: let the next one (here or elsewhere) have the messages now.
+        """This attempt failed: let the next one (here or elsewhere) have the messages,
+        after a delay that grows with each attempt (see `retry_delay_s`).
 
         Counts as a receive: after max_receive_count of them SQS moves a message
         to the dead-letter queue."""
-        self._change_visibility(jobs, 0)
+        first = self.settings.retry_delay_s
+        self._change_visibility([(j, retry_delay_s(j.receive_count, first)) for j in jobs])
         self._forget(jobs)
 
     def hand_back(self, jobs: list[Job]) -> None:
@@ -371,10 +385,10 @@ class Worker:
                     Entries=[{"Id": str(i), "MessageBody": j.body} for i, j in enumerate(chunk)])
                 sent = [chunk[int(ok["Id"])] for ok in reply.get("Successful", [])]
                 self._delete(sent)
-                self._release([j for j in chunk if j not in sent])
+                self._change_visibility([(j, 0) for j in chunk if j not in sent])
             except _AWS_ERRORS as exc:
                 log.warning("could not hand back %d messages (%s); making them visible", len(chunk), exc)
-                self._release(chunk)
+                self._change_visibility([(j, 0) for j in chunk])
         self._forget(jobs)
 
     def hand_back_held(self) -> None:
@@ -384,10 +398,11 @@ class Worker:
             self._held.clear()
         self.hand_back(held)
 
-    def _change_visibility(self, jobs: list[Job], seconds: int) -> None:
-        for start in range(0, len(jobs), 10):
+    def _change_visibility(self, hidden_for: list[tuple[Job, int]]) -> None:
+        """Hide each job's message for its number of seconds from now (0: visible)."""
+        for start in range(0, len(hidden_for), 10):
             entries = [{"Id": str(i), "ReceiptHandle": j.receipt, "VisibilityTimeout": seconds}
-                       for i, j in enumerate(jobs[start:start + 10])]
+                       for i, (j, seconds) in enumerate(hidden_for[start:start + 10])]
             try:
                 self.aws.sqs.change_message_visibility_batch(
                     QueueUrl=self.aws.request_queue_url, Entries=entries)
@@ -400,7 +415,7 @@ class Worker:
             with self._held_lock:
                 held = list(self._held.values())
             if held:
-                self._change_visibility(held, self.settings.visibility_timeout_s)
+                self._change_visibility([(j, self.settings.visibility_timeout_s) for j in held])
 
 
 def warm_up(aws: Aws) -> None:

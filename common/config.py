@@ -84,6 +84,8 @@ class Settings:
     receive_wait_s: int = 20
     visibility_timeout_s: int = 60
     max_receive_count: int = 3
+    # A failed attempt is tried again after this, doubled at each further attempt.
+    retry_delay_s: int = 5
     shutdown_grace_s: float = 20.0
     worker_threads: int = 0  # 0 = let TensorFlow decide (one per vCPU)
 
@@ -160,6 +162,7 @@ class Settings:
             receive_wait_s=_int(env, "RECEIVE_WAIT", cls.receive_wait_s, low=0, high=20),
             visibility_timeout_s=_int(env, "VISIBILITY_TIMEOUT", cls.visibility_timeout_s, low=0, high=43200),
             max_receive_count=_int(env, "MAX_RECEIVE_COUNT", cls.max_receive_count, low=1, high=1000),
+            retry_delay_s=_int(env, "RETRY_DELAY", cls.retry_delay_s, low=0, high=43200),
             shutdown_grace_s=_float(env, "SHUTDOWN_GRACE", cls.shutdown_grace_s, low=0),
             worker_threads=_int(env, "WORKER_THREADS", cls.worker_threads, low=0),
             web_host=_str(env, "WEB_HOST", cls.web_host),

@@ -35,6 +35,7 @@ def worker_settings(settings: Settings) -> dict[str, str]:
         "RECEIVE_BATCH": str(settings.receive_batch),
         "RECEIVE_WAIT": str(settings.receive_wait_s),
         "VISIBILITY_TIMEOUT": str(settings.visibility_timeout_s),
+        "RETRY_DELAY": str(settings.retry_delay_s),
         "SHUTDOWN_GRACE": f"{settings.shutdown_grace_s:g}",
         "MAX_IMAGE_PIXELS": str(settings.max_image_pixels),
         "AWS_ENDPOINT_URL": settings.endpoint_url or "",

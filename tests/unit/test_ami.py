@@ -114,6 +114,7 @@ def test_user_data_writes_worker_env_from_imdsv2_and_starts_the_service(boot):
         "RECEIVE_BATCH=10",
         "RECEIVE_WAIT=20",
         "VISIBILITY_TIMEOUT=60",
+        "RETRY_DELAY=5",
         "SHUTDOWN_GRACE=20",
         "MAX_IMAGE_PIXELS=40000000",
         "INSTANCE_ID=i-0abc123def4567890",

@@ -14,7 +14,7 @@ from moto import mock_aws
 from PIL import Image
 
 from app_tier.model import Classification
-from app_tier.worker import Worker, warm_up
+from app_tier.worker import SQS_MAX_VISIBILITY_S, Worker, retry_delay_s, warm_up
 from common.aws import Aws
 from common.config import Settings
 from common.messages import ClassifyRequest, ClassifyResponse, Prediction
@@ -57,8 +57,9 @@ class MeanClassifier:
 @pytest.fixture
 def aws_env():
     with mock_aws():
+        # No retry delay: a failed attempt is tried again at once, unless a test says otherwise.
         settings = dataclasses.replace(Settings(), receive_wait_s=0, visibility_timeout_s=30,
-                                       max_receive_count=3)
+                                       max_receive_count=3, retry_delay_s=0)
         provision(settings)
         yield settings, Aws(settings)
 
@@ -477,3 +478,42 @@ def test_large_images_are_decoded_one_at_a_time(monkeypatch):
         assert all(o.shape == (224, 224, 3) for o in out)
         overlaps[name] = most["now"]
     assert overlaps["large"] == 1 and overlaps["small"] > 1, overlaps
+
+
+def test_a_failed_attempt_waits_longer_each_time_before_the_next():
+    assert [retry_delay_s(n, 5) for n in (1, 2, 3, 4)] == [5, 10, 20, 40]
+    assert retry_delay_s(1, 0) == retry_delay_s(3, 0) == 0
+    assert retry_delay_s(30, 5) == SQS_MAX_VISIBILITY_S  # SQS allows no longer
+
+
+def test_an_image_s3_cannot_serve_is_tried_again_later_not_at_once(aws_env, monkeypatch):
+    """S3 still failing after botocore's retries: the request comes back after the retry
+    delay, doubled on the next failure, so that max_receive_count quick failures in a
+    row do not send it to the dead-letter queue during a short outage."""
+    from botocore.exceptions import ClientError
+
+    from tests.unit.conftest import wait_until
+
+    settings, aws = aws_env
+    settings = dataclasses.replace(settings, retry_delay_s=1)
+    upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
+
+    def s3_down(**kwargs):
+        raise ClientError({"Error": {"Code": "InternalError", "Message": "S3 is down"}}, "GetObject")
+
+    monkeypatch.setattr(aws.s3, "get_object", s3_down)
+    hidden_for: list[int] = []
+    change = aws.sqs.change_message_visibility_batch
+
+    def recorded(**kwargs):
+        hidden_for.extend(e["VisibilityTimeout"] for e in kwargs["Entries"])
+        return change(**kwargs)
+
+    monkeypatch.setattr(aws.sqs, "change_message_visibility_batch", recorded)
+    worker = Worker(settings, aws, MeanClassifier(), "i-s3-down")
+    assert worker.fetch().jobs == []
+    assert depth(aws, aws.request_queue_url) == (0, 1)  # hidden, not handed straight back
+    wait_until(lambda: depth(aws, aws.request_queue_url) == (1, 0), timeout=10)
+    assert worker.fetch().jobs == []  # the second attempt fails too
+    assert hidden_for == [1, 2]
+    assert not worker._held
