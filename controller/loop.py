@@ -66,6 +66,8 @@ class Controller:
     # (time, instances wanted) of each round within the scale-in window.
     _wanted: deque[tuple[float, int]] = field(default_factory=deque)
     _recent: dict[str, Instance] = field(default_factory=dict)
+    # Stopped instances EC2 refused to terminate, warned about once each (not state: a log aid).
+    _refused_clean_up: set[str] = field(default_factory=set)
     _last_summary: tuple | None = None
     # The last rounds, for tests and a look in a debugger; --timeline keeps them all on disk.
     timeline: deque[dict] = field(default_factory=lambda: deque(maxlen=TIMELINE_ROUNDS))
@@ -118,9 +120,6 @@ class Controller:
         return replace(obs, instances=obs.instances + tuple(self._recent.values()))
 
     def _act(self, decision: Decision, now: float) -> None:
-        # Launches first: a decision to launch terminates only stray (stopped)
-        # instances, and one that EC2 refuses to terminate (termination
-        # protection, say) must not hold up scaling out, round after round.
         if decision.launch:
             try:
                 ids = launch(self.aws, self.settings, decision.launch)
@@ -132,6 +131,22 @@ class Controller:
             terminate(self.aws, decision.terminate)
             for iid in decision.terminate:
                 self._recent.pop(iid, None)
+        self._clean_up(decision.clean_up)
+
+    def _clean_up(self, stopped: tuple[str, ...]) -> None:
+        """Terminate stopped instances one by one, and let a refusal fail nothing else.
+
+        One that EC2 will not terminate (termination protection, say) stays
+        stopped round after round; failing the round for it would slow every
+        later round to the error backoff and hold up scaling in and out alike."""
+        for iid in stopped:
+            try:
+                terminate(self.aws, (iid,))
+            except EXPECTED_ERRORS as exc:
+                if iid not in self._refused_clean_up:
+                    self._refused_clean_up.add(iid)
+                    log.warning("controller: cannot terminate stopped instance %s (%s); "
+                                "it serves nobody, and is left to you", iid, exc)
 
     def _remember(self, launched: dict[int, str], now: float) -> None:
         for n, iid in launched.items():
@@ -144,6 +159,8 @@ class Controller:
             action.append(f"launch {len(decision.launch)}")
         if decision.terminate:
             action.append(f"terminate {len(decision.terminate)}")
+        if decision.clean_up:
+            action.append(f"clean up {len(decision.clean_up)}")
         row = {
             "time": round(obs.at, 3), "visible": obs.visible, "in_flight": obs.in_flight,
             "delayed": obs.delayed, "pending": pending, "running": running,
@@ -154,7 +171,9 @@ class Controller:
             with self.timeline_path.open("a", newline="") as fh:
                 csv.writer(fh).writerow([row[k] for k in TIMELINE_FIELDS])
         summary = (obs.backlog, pending, running, decision.desired, row["action"])
-        if decision.changes_anything or summary[:4] != (self._last_summary or (None,) * 4)[:4]:
+        # Every launch and terminate, and each change of the picture; a stopped instance
+        # EC2 will not terminate is cleaned up every round, but logged only once.
+        if decision.launch or decision.terminate or summary != self._last_summary:
             log.info(
                 "backlog=%d (visible %d, in flight %d, delayed %d) pending=%d running=%d desired=%d "
                 "action=%s%s [%s]",

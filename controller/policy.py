@@ -59,12 +59,13 @@ class Policy:
 class Decision:
     desired: int
     launch: tuple[int, ...] = ()  # instance numbers n of app-tier-instance-<n> to launch
-    terminate: tuple[str, ...] = ()  # instance ids
+    terminate: tuple[str, ...] = ()  # ids of live instances the fleet no longer needs
+    clean_up: tuple[str, ...] = ()  # ids of stopped instances: ours, but serving nobody
     reason: str = ""
 
     @property
     def changes_anything(self) -> bool:
-        return bool(self.launch or self.terminate)
+        return bool(self.launch or self.terminate or self.clean_up)
 
 
 def target_backlog(policy: Policy) -> float:
@@ -117,8 +118,8 @@ def decide(obs: Observation, policy: Policy, wanted_recently: int | None = None)
     if desired > len(live):
         taken = {i.number for i in obs.instances}
         return Decision(desired, launch=_free_numbers(taken, desired - len(live)),
-                        terminate=stray, reason=reason)
+                        clean_up=stray, reason=reason)
     if desired < len(live):
         victims = sorted(live, key=_scale_in_order)[: len(live) - desired]
-        return Decision(desired, terminate=stray + tuple(i.id for i in victims), reason=reason)
-    return Decision(desired, terminate=stray, reason=reason)
+        return Decision(desired, terminate=tuple(i.id for i in victims), clean_up=stray, reason=reason)
+    return Decision(desired, clean_up=stray, reason=reason)

@@ -243,25 +243,30 @@ def test_new_controller_adopts_the_fleet_from_ec2_tags(aws, make_controller):
     assert len(make_controller().step().terminate) == 15
 
 
-def test_a_stray_that_cannot_be_terminated_does_not_stop_scaling_out(aws, make_controller, patch):
-    """A stopped instance is cleaned up in the same round as a launch: if EC2 refuses
-    (termination protection), the launch must still happen."""
-    from botocore.exceptions import ClientError
-
+def test_a_stray_that_cannot_be_terminated_holds_up_nothing(aws, make_controller, caplog):
+    """A stopped instance EC2 refuses to terminate (termination protection) is cleaned
+    up apart: the round neither fails (which would slow every later round to the error
+    backoff) nor skips its launches and terminations, and it is warned about once."""
     send(aws, 1)
     make_controller().step()
-    aws.ec2.stop_instances(InstanceIds=[instances(aws)[0]["InstanceId"]])
-    send(aws, 2)
-
-    def protected(**kwargs):
-        raise ClientError({"Error": {"Code": "OperationNotPermitted", "Message": "protected"}},
-                          "TerminateInstances")
-
-    patch.setattr(aws.ec2, "terminate_instances", protected)
-    controller = make_controller()
-    with pytest.raises(ClientError):
-        controller.step()  # the loop logs this and tries again after a backoff
-    assert len(instances(aws)) == 3, "launched anyway"
+    stray = instances(aws)[0]["InstanceId"]
+    aws.ec2.stop_instances(InstanceIds=[stray])
+    aws.ec2.modify_instance_attribute(InstanceId=stray, DisableApiTermination={"Value": True})
+    try:
+        send(aws, 2)
+        controller = make_controller()
+        assert len(controller.step().launch) == 3  # the stopped one serves nobody
+        assert len(instances(aws)) == 3
+        delete(aws, receive_all(aws))
+        assert len(controller.step().terminate) == 3
+        assert instances(aws) == []  # scaled in to zero beside it
+        controller.step()
+        assert caplog.text.count(f"cannot terminate stopped instance {stray}") == 1
+        assert [i["InstanceId"] for i in instances(aws, ("stopped",))] == [stray]
+    finally:
+        aws.ec2.modify_instance_attribute(InstanceId=stray, DisableApiTermination={"Value": False})
+    controller.step()
+    assert instances(aws, ("stopped",)) == []
 
 
 class Killed(BaseException):

@@ -39,7 +39,7 @@ BACKLOG = Policy()
         ("above the cap is trimmed", obs(visible=100, running=17), 0, 2, 15),
         ("drain: backlog shrinks, fleet shrinks", obs(visible=0, in_flight=4, running=10), 0, 6, 4),
         ("all done: terminate all", obs(running=15), 0, 15, 0),
-        ("stopped strays are cleaned up", obs(visible=1, running=1, stopped=2), 0, 2, 1),
+        ("stopped strays are not counted", obs(visible=1, running=1, stopped=2), 0, 0, 1),
         ("shutting-down ones are not capacity", obs(visible=2, shutting=2), 2, 0, 2),
     ],
 )
@@ -47,6 +47,15 @@ def test_backlog_policy(name, observation, launches, terminates, desired):
     decision = decide(observation, BACKLOG)
     assert (len(decision.launch), len(decision.terminate), decision.desired) == (
         launches, terminates, desired), name
+
+
+@pytest.mark.parametrize("observation", [obs(visible=1, running=1, stopped=2),
+                                         obs(visible=3, running=1, stopped=2), obs(stopped=2, running=1)])
+def test_stopped_strays_are_cleaned_up_apart_from_scaling(observation):
+    decision = decide(observation, BACKLOG)
+    strays = {i.id for i in observation.in_state("stopped")}
+    assert set(decision.clean_up) == strays and not strays & set(decision.terminate)
+    assert decision.changes_anything
 
 
 def test_launch_numbers_fill_gaps_and_never_reuse_a_live_name():
