@@ -3,10 +3,11 @@
 All state that matters lives in EC2 (instances and their Name tags) and SQS
 (queue depths), so a controller that is killed and started again picks up
 exactly where the last one stopped. The only memory kept between polls is
-(1) when the backlog last became zero, for the scale-in cooldown, and
+(1) how many instances each round of the scale-in window wanted, and
 (2) instances this process launched in the last few seconds, counted until
 EC2's eventually consistent DescribeInstances lists them, so that a launch is
-never repeated for the same work. Losing either on restart is harmless.
+never repeated for the same work. Losing either on restart is harmless: a
+restarted controller keeps what is live for one window before it scales in.
 """
 
 from __future__ import annotations
