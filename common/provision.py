@@ -51,8 +51,12 @@ def _ensure_bucket(aws: Aws, name: str) -> None:
 
 
 def _ensure_queue(aws: Aws, name: str, attributes: dict[str, str]) -> str:
-    url = aws.sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
-    # create_queue does not change an existing queue's attributes; this does.
+    # CreateQueue refuses an existing queue whose attributes differ (QueueAlreadyExists),
+    # so a changed setting (VISIBILITY_TIMEOUT, say) is applied to the queue that exists.
+    try:
+        url = aws.sqs.get_queue_url(QueueName=name)["QueueUrl"]
+    except aws.sqs.exceptions.QueueDoesNotExist:
+        return aws.sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
     aws.sqs.set_queue_attributes(QueueUrl=url, Attributes=attributes)
     return url
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -126,6 +127,20 @@ def test_provision_is_idempotent_private_encrypted_and_has_a_dead_letter_queue()
         redrive = json.loads(attrs["RedrivePolicy"])
         assert redrive["deadLetterTargetArn"].endswith(settings.dead_letter_queue)
         assert int(redrive["maxReceiveCount"]) == 3
+
+
+def test_provision_applies_changed_settings_to_the_queues_that_exist():
+    """CreateQueue refuses an existing queue with other attributes; provisioning again
+    after VISIBILITY_TIMEOUT, RECEIVE_WAIT or MAX_RECEIVE_COUNT changed must not."""
+    with mock_aws():
+        first = provision(Settings())
+        changed = dataclasses.replace(Settings(), visibility_timeout_s=90, receive_wait_s=5,
+                                      max_receive_count=7)
+        assert provision(changed) == first
+        attrs = Aws(changed).sqs.get_queue_attributes(
+            QueueUrl=first["request"], AttributeNames=["All"])["Attributes"]
+        assert (attrs["VisibilityTimeout"], attrs["ReceiveMessageWaitTimeSeconds"]) == ("90", "5")
+        assert int(json.loads(attrs["RedrivePolicy"])["maxReceiveCount"]) == 7
 
 
 def test_aws_opens_clients_ahead_of_use_and_refuses_unknown_services():
