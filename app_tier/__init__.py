@@ -1,1 +1,6 @@
 """App tier: the worker that classifies images with ResNet-50."""
+
+# The worker's exit status when its model's weights cannot be loaded (EX_CONFIG).
+# Its supervisor (systemd on an instance, the local runner) does not restart it:
+# it would only fail again the same way.
+EXIT_MODEL_UNAVAILABLE = 78

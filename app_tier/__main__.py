@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 
+from app_tier import EXIT_MODEL_UNAVAILABLE
 from common.aws import Aws
 from common.config import Settings
 from common.heap import freeze_startup_heap
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         classifier = load_classifier(settings.model_weights, settings.model_runtime, settings.worker_threads)
     except WeightsUnavailable as exc:
         print(exc, file=sys.stderr)
-        return 78  # EX_CONFIG: systemd should not restart into the same failure forever
+        return EXIT_MODEL_UNAVAILABLE
     if args.prepare_only:
         print(f"model ready: {settings.model_runtime}, weights {settings.model_weights}, "
               f"loaded in {classifier.load_seconds:.1f}s")

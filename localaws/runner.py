@@ -6,7 +6,8 @@ or running, runs one real worker process (`python -m app_tier`), after a
 configurable boot delay. When the instance is terminated or disappears, it
 sends the worker SIGTERM, then SIGKILL after a grace period, as EC2's
 shutdown would. A worker that exits while its instance lives is restarted, as
-systemd's Restart=always does on a real instance.
+systemd's Restart=always does on a real instance, unless it exited because it
+cannot load the model (RestartPreventExitStatus there).
 
 Warm spares: the runner can keep a few worker processes that have already
 loaded the model and wait for an instance id on stdin, the local equivalent of
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from app_tier import EXIT_MODEL_UNAVAILABLE
 from common.aws import Aws
 from common.config import Settings
 from common.fleet import LIVE_STATES, app_tier_instances
@@ -44,6 +46,7 @@ class WorkerProcess:
     started_at: float
     term_sent_at: float | None = None
     restarts: int = 0
+    given_up: bool = False  # it cannot load the model: not restarted
 
 
 @dataclass
@@ -68,6 +71,7 @@ class InstanceRunner:
     _spares: list[subprocess.Popen] = field(default_factory=list)
     _draining: list[WorkerProcess] = field(default_factory=list)
     _warned_cap: bool = False
+    _spare_died_at: float = float("-inf")
     _spawned: int = 0
     _live: int = 0
     started_total: int = 0
@@ -110,13 +114,27 @@ class InstanceRunner:
         self.workers[instance_id] = WorkerProcess(instance_id, process, time.monotonic(), restarts=restarts)
         log.info("runner: worker pid %d serves %s", process.pid, instance_id)
 
-    def _top_up_spares(self, room: int) -> None:
-        self._spares = [s for s in self._spares if s.poll() is None]
+    def _top_up_spares(self, room: int, now: float) -> None:
+        alive = []
+        for spare in self._spares:
+            code = spare.poll()
+            if code is None:
+                alive.append(spare)
+            elif code == EXIT_MODEL_UNAVAILABLE and self.warm_spares:
+                log.error("runner: a warm spare cannot load the model (exit %d); keeping no spares", code)
+                self.warm_spares = 0
+            else:
+                self._spare_died_at = now
+        self._spares = alive
+        if now - self._spare_died_at < RESTART_BACKOFF_S:
+            return  # one that dies at start is not replaced at every poll
         while len(self._spares) < min(self.warm_spares, room):
             self._spares.append(self._spawn("-"))
 
     @staticmethod
     def _signal(process: subprocess.Popen, sig: int) -> None:
+        if process.poll() is not None:
+            return  # reaped: its pid (and process group id) may belong to another process now
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
@@ -159,7 +177,13 @@ class InstanceRunner:
                 self._first_seen.pop(iid, None)
         for iid, worker in list(self.workers.items()):
             code = worker.process.poll()
-            if code is not None and now - worker.started_at > RESTART_BACKOFF_S:
+            if code is None or worker.given_up:
+                continue
+            if code == EXIT_MODEL_UNAVAILABLE:
+                log.error("runner: the worker for %s cannot load the model (exit %d); not restarting it "
+                          "(see its log)", iid, code)
+                worker.given_up = True
+            elif now - worker.started_at > RESTART_BACKOFF_S:
                 log.warning("runner: worker for %s exited with %s; restarting", iid, code)
                 del self.workers[iid]
                 self._start_worker(iid, restarts=worker.restarts + 1)
@@ -179,7 +203,7 @@ class InstanceRunner:
                 continue
             self._start_worker(iid)
         self._first_seen = {k: v for k, v in self._first_seen.items() if k in live}
-        self._top_up_spares(room=self.settings.local_max_workers - len(self.workers))
+        self._top_up_spares(room=self.settings.local_max_workers - len(self.workers), now=now)
         self._reap_draining(now)
 
     def run(self) -> None:
@@ -188,9 +212,12 @@ class InstanceRunner:
             try:
                 self.step()
                 backoff = max(self.poll_s, self.busy_poll_s) if self._live else self.poll_s
-            except (BotoCoreError, ClientError) as exc:
+            except Exception as exc:  # the runner must outlive anything: the stack ends with it
                 backoff = min(max(backoff * 2, 1.0), 10.0)
-                log.warning("runner: cannot read EC2 (%s); retrying in %.0fs", exc, backoff)
+                if isinstance(exc, (BotoCoreError, ClientError)):
+                    log.warning("runner: cannot read EC2 (%s); retrying in %.0fs", exc, backoff)
+                else:
+                    log.exception("runner: round failed; retrying in %.0fs", backoff)
             self.stopping.wait(backoff)
 
     def shutdown(self, timeout_s: float = 8.0) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from app_tier import EXIT_MODEL_UNAVAILABLE
 from common.config import Settings
 from controller.act import render_user_data, worker_settings
 
@@ -172,6 +173,8 @@ def test_systemd_unit_restarts_and_stops_gracefully():
     assert unit["Restart"] == ["always"]
     assert unit["KillSignal"] == ["SIGTERM"]
     assert unit["TimeoutStopSec"] == ["30"]
+    # A worker that cannot load its weights exits with this, and is not restarted into it again.
+    assert unit["RestartPreventExitStatus"] == [str(EXIT_MODEL_UNAVAILABLE)]
     assert unit["EnvironmentFile"] == ["/etc/imgclass/worker.env"]
     assert unit["User"] == ["imgclass"]
     (exec_start,) = unit["ExecStart"]

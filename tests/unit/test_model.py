@@ -107,6 +107,17 @@ def test_missing_weights_file_says_what_to_set(runtime, tmp_path, monkeypatch):
     assert "MODEL_WEIGHTS=random" in message and "s3://" in message and "nope.h5" in message
 
 
+def test_the_worker_exits_with_its_no_model_status_when_the_weights_are_missing(tmp_path, monkeypatch):
+    """systemd (RestartPreventExitStatus) and the local runner do not restart on this status."""
+    from app_tier import EXIT_MODEL_UNAVAILABLE
+    from app_tier.__main__ import main
+
+    monkeypatch.setenv("IMGCLASS_CACHE", str(tmp_path))
+    monkeypatch.setenv("MODEL_RUNTIME", "openvino")
+    monkeypatch.setenv("MODEL_WEIGHTS", str(tmp_path / "nope.h5"))
+    assert main(["--instance-id", "i-test"]) == EXIT_MODEL_UNAVAILABLE
+
+
 def test_imagenet_weights_unreachable_offline_says_what_to_set(tmp_path, monkeypatch):
     # An empty Keras home and no route out: Keras's download must fail, clearly.
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))

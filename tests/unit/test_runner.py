@@ -10,15 +10,21 @@ from pathlib import Path
 import pytest
 from moto import mock_aws
 
+from app_tier import EXIT_MODEL_UNAVAILABLE
 from common.aws import Aws
 from common.config import Settings
 from controller.act import launch, terminate
-from localaws.runner import InstanceRunner
+from localaws.runner import RESTART_BACKOFF_S, InstanceRunner
 
 # Stands in for `python -m app_tier`: records its instance id and waits.
-# "stubborn" ignores SIGTERM, as a hung worker would.
+# "stubborn" ignores SIGTERM, as a hung worker would; "no-model" exits at once as a
+# worker that cannot load its weights does; "crash" dies at start.
 FAKE_WORKER = """
 import os, signal, sys, time
+if os.environ.get("FAKE_MODE") == "no-model":
+    sys.exit(78)
+if os.environ.get("FAKE_MODE") == "crash":
+    sys.exit(1)
 args = sys.argv[1:]
 iid = args[args.index("--instance-id") + 1]
 if iid == "-":
@@ -165,3 +171,78 @@ def test_the_runner_asks_ec2_what_the_controller_asks(world):
     app_tier_instances(aws)  # what controller.observe asks
     assert asked["runner"] and asked["runner"] == asked["controller"]
     assert len(runner.workers) == 1
+
+
+def test_a_worker_that_cannot_load_its_model_is_not_restarted(world, caplog):
+    """As systemd's RestartPreventExitStatus on an instance: it would only fail again."""
+    settings, aws, make, out = world
+    runner = make(warm_spares=1, env={"FAKE_MODE": "no-model"})
+    iid = launch(aws, settings, (1,))[1]
+    runner.step()
+    worker = runner.workers[iid]
+    wait_until(lambda: worker.process.poll() is not None, what="the worker to exit")
+    assert worker.process.returncode == EXIT_MODEL_UNAVAILABLE
+    deadline = time.monotonic() + 3 * RESTART_BACKOFF_S
+    while time.monotonic() < deadline:
+        runner.step()
+        time.sleep(0.05)
+    assert runner.workers[iid] is worker and runner.started_total == 1
+    assert runner.warm_spares == 0 and runner._spares == []  # spares would fail the same way
+    assert caplog.text.count("cannot load the model") == 2  # once for the worker, once for spares
+
+
+def test_a_spare_that_dies_at_start_is_replaced_at_most_once_a_backoff(world):
+    settings, aws, make, out = world
+    runner = make(warm_spares=1, poll_s=0.01, env={"FAKE_MODE": "crash"})
+    runner.step()
+    spawned_at = time.monotonic()
+    while time.monotonic() - spawned_at < 2 * RESTART_BACKOFF_S:
+        runner.step()
+        time.sleep(0.01)
+    assert 2 <= runner._spawned <= 4, "not one per poll (about 200 here)"
+
+
+def test_an_unexpected_error_does_not_end_the_runner(world, monkeypatch):
+    """The stack stops when its runner thread ends: a round that fails is retried."""
+    import threading
+
+    settings, aws, make, out = world
+    runner = make(warm_spares=0, poll_s=0.01)
+    spawn = runner._spawn
+    failures: list[str] = []
+
+    def fork_fails_once(instance_id):
+        if not failures:
+            failures.append(instance_id)
+            raise OSError(11, "Resource temporarily unavailable")
+        return spawn(instance_id)
+
+    monkeypatch.setattr(runner, "_spawn", fork_fails_once)
+    iid = launch(aws, settings, (1,))[1]
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: started(out) == [iid], what="the worker to start after the failed round")
+        assert thread.is_alive() and failures == [iid]
+    finally:
+        runner.stopping.set()
+        thread.join(timeout=5)
+
+
+def test_a_reaped_worker_is_never_signalled(world, monkeypatch):
+    """Its pid, and so its process group id, may belong to another process by now."""
+    import os
+
+    settings, aws, make, out = world
+    runner = make(warm_spares=0)
+    iid = launch(aws, settings, (1,))[1]
+    runner.step()
+    process = runner.workers[iid].process
+    process.kill()
+    process.wait()
+    signalled: list[int] = []
+    monkeypatch.setattr(os, "killpg", lambda pid, sig: signalled.append(pid))
+    terminate(aws, (iid,))
+    runner.step()
+    runner.shutdown(timeout_s=1)
+    assert signalled == []
