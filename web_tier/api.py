@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
@@ -102,18 +101,15 @@ def job_events(batch_id: str) -> Response | tuple[Response, int]:
         busy.headers["Retry-After"] = "10"
         return busy
     book = svc.book
-
-    def body_then_release() -> Iterator[str]:
-        try:
-            yield from events.stream(book, batch_id, lambda: book.batch(batch_id))
-        finally:
-            svc.event_streams.release()
-
-    return Response(
-        body_then_release(),
+    response = Response(
+        events.stream(book, batch_id, lambda: book.batch(batch_id)),
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+    # On close, which the server calls once whatever happened: a `finally` in the body
+    # would not run for a body never started (HEAD), and each HEAD kept a slot for good.
+    response.call_on_close(svc.event_streams.release)
+    return response
 
 
 @bp.get("/status")

@@ -327,6 +327,13 @@ def test_event_streams_are_capped_and_give_their_thread_back(make_web_app):
     third = client.get(f"/api/jobs/{batch_id}/events", buffered=False)
     assert third.status_code == 200
     third.close()
+    for _ in range(3):  # a HEAD never starts the body, and must give its slot back too
+        head = client.head(f"/api/jobs/{batch_id}/events")
+        assert head.status_code == 200
+        head.close()
+    fourth = client.get(f"/api/jobs/{batch_id}/events", buffered=False)
+    assert fourth.status_code == 200
+    fourth.close()
 
 
 def test_an_event_stream_ends_after_its_time_limit(make_web_app):
