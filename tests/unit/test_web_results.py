@@ -69,6 +69,15 @@ def test_wait_wakes_on_the_result_and_times_out_otherwise():
     assert item is not None and item.label == "cat"
     assert time.monotonic() - started < 5
     assert book.get("b").state == "queued"
+    assert book.get("b").waiter is None, "only an item someone waits on carries an Event"
+
+
+def test_a_result_rebuilt_from_s3_wakes_the_waiter_too():
+    book = book_with("a")
+    done = Item("a", BATCH, "a.jpg", state="done", label="cat", score=0.5)
+    threading.Timer(0.05, book.merge, args=(BATCH, [done])).start()
+    item = book.wait("a", 10)
+    assert item is not None and item.label == "cat"
 
 
 def test_unknown_ids_are_kept_but_their_batch_counts_as_unknown():
@@ -117,6 +126,18 @@ def test_memory_is_bounded_by_forgetting_old_finished_batches():
     book.add(second, [Item(f"s{n}", second, "x") for n in range(2)])
     assert book.batch(first) is None
     assert len(book.batch(second)) == 2
+
+
+def test_eviction_skips_unfinished_batches_and_forgets_only_what_it_must():
+    book = ResultBook(max_items=3)
+    batches = [str(n) * 32 for n in range(6)]
+    book.add(batches[0], [Item("pending", batches[0], "x")])  # oldest, never answered
+    for n, batch_id in enumerate(batches[1:], start=1):
+        book.add(batch_id, [Item(f"i{n}", batch_id, "x")])
+        book.fail(f"i{n}", "x")
+    assert len(book._items) == 3
+    assert book.get("pending") is not None, "someone may still wait on it"
+    assert [b for b in batches if book.batch(b) is not None] == [batches[0], batches[4], batches[5]]
 
 
 def test_ids():
