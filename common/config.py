@@ -7,6 +7,7 @@ each variable with its default.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ def _float(env: Mapping[str, str], name: str, default: float,
         value = float(raw)
     except ValueError as exc:
         raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+    if not math.isfinite(value):  # float() takes "nan" and "inf"; no wait can use them
+        raise ValueError(f"{name} must be a finite number, got {raw!r}")
     _in_range(name, value, low, high)
     return value
 
@@ -146,7 +149,7 @@ class Settings:
             key_name=_str(env, "KEY_NAME", ""),
             security_group_ids=sg,
             instance_profile=_str(env, "INSTANCE_PROFILE", ""),
-            poll_interval_s=_float(env, "POLL_INTERVAL", cls.poll_interval_s, low=0.01),
+            poll_interval_s=_float(env, "POLL_INTERVAL", cls.poll_interval_s, low=0.01, high=3600),
             target_backlog_per_instance=_float(
                 env, "TARGET_BACKLOG_PER_INSTANCE", cls.target_backlog_per_instance, low=0.01
             ),
@@ -160,17 +163,21 @@ class Settings:
             # SQS's own limits.
             receive_batch=_int(env, "RECEIVE_BATCH", cls.receive_batch, low=1, high=10),
             receive_wait_s=_int(env, "RECEIVE_WAIT", cls.receive_wait_s, low=0, high=20),
-            visibility_timeout_s=_int(env, "VISIBILITY_TIMEOUT", cls.visibility_timeout_s, low=0, high=43200),
+            # The heartbeat extends it every third of it (at most once a second): shorter,
+            # and a message being worked on would show up again for another worker.
+            visibility_timeout_s=_int(env, "VISIBILITY_TIMEOUT", cls.visibility_timeout_s, low=5, high=43200),
             max_receive_count=_int(env, "MAX_RECEIVE_COUNT", cls.max_receive_count, low=1, high=1000),
             retry_delay_s=_int(env, "RETRY_DELAY", cls.retry_delay_s, low=0, high=43200),
-            shutdown_grace_s=_float(env, "SHUTDOWN_GRACE", cls.shutdown_grace_s, low=0),
+            # Below systemd's TimeoutStopSec (30 s, ami/imgclass-worker.service), which
+            # kills the worker: the hand-back after the grace period needs the rest.
+            shutdown_grace_s=_float(env, "SHUTDOWN_GRACE", cls.shutdown_grace_s, low=0, high=25),
             worker_threads=_int(env, "WORKER_THREADS", cls.worker_threads, low=0),
             web_host=_str(env, "WEB_HOST", cls.web_host),
             web_port=_int(env, "WEB_PORT", cls.web_port, low=0, high=65535),
             max_upload_bytes=_int(env, "MAX_UPLOAD_BYTES", cls.max_upload_bytes, low=1),
             max_files_per_request=_int(env, "MAX_FILES_PER_REQUEST", cls.max_files_per_request, low=1),
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels, low=1),
-            result_timeout_s=_float(env, "RESULT_TIMEOUT", cls.result_timeout_s, low=0.1),
+            result_timeout_s=_float(env, "RESULT_TIMEOUT", cls.result_timeout_s, low=0.1, high=3600),
             api_key=env.get("API_KEY", "").strip(),
             local_aws_host=_str(env, "LOCAL_AWS_HOST", cls.local_aws_host),
             local_aws_port=_int(env, "LOCAL_AWS_PORT", cls.local_aws_port, low=0, high=65535),

@@ -103,7 +103,12 @@ def test_settings_from_env():
     ("RECEIVE_WAIT", "30", "RECEIVE_WAIT must be from 0 to 20, got 30"),  # SQS's long-poll limit
     ("RECEIVE_BATCH", "0", "RECEIVE_BATCH must be from 1 to 10, got 0"),
     ("MAX_UPLOAD_BYTES", "-5", "MAX_UPLOAD_BYTES must be from 1 up, got -5"),
-    ("POLL_INTERVAL", "0", "POLL_INTERVAL must be from 0.01 up, got 0"),
+    ("POLL_INTERVAL", "0", "POLL_INTERVAL must be from 0.01 to 3600, got 0"),
+    ("RESULT_TIMEOUT", "inf", "RESULT_TIMEOUT must be a finite number, got 'inf'"),
+    ("SCALE_IN_COOLDOWN", "nan", "SCALE_IN_COOLDOWN must be a finite number, got 'nan'"),
+    ("RESULT_TIMEOUT", "1e10", "RESULT_TIMEOUT must be from 0.1 to 3600, got 1e+10"),  # too long to wait on
+    ("SHUTDOWN_GRACE", "30", "SHUTDOWN_GRACE must be from 0 to 25, got 30"),  # systemd kills at 30
+    ("VISIBILITY_TIMEOUT", "1", "VISIBILITY_TIMEOUT must be from 5 to 43200, got 1"),
 ])
 def test_settings_out_of_range_are_refused_naming_the_variable(name, value, says):
     with pytest.raises(ValueError) as refused:
