@@ -191,7 +191,10 @@ class Worker:
                 request = ClassifyRequest.from_json(msg["Body"])
             except MessageError as exc:
                 log.error("dropping a message that is not a request: %s", exc)
-                self._delete([Job(msg["MessageId"], msg["ReceiptHandle"], None)])
+                try:
+                    self._delete([Job(msg["MessageId"], msg["ReceiptHandle"], None)])
+                except _AWS_ERRORS as delete_error:  # it comes back, and is dropped again
+                    log.warning("could not delete it: %s", delete_error)
                 continue
             count = int(msg.get("Attributes", {}).get("ApproximateReceiveCount", 1))
             jobs.append(Job(msg["MessageId"], msg["ReceiptHandle"], request, msg["Body"], count))

@@ -40,6 +40,11 @@ class MessageError(ValueError):
     """A message body that is not one of ours."""
 
 
+# What parsing a body that is not one of ours can raise. RecursionError: deeply
+# nested JSON (1,000 "[" fit in a request message) exhausts json's recursion.
+_NOT_A_MESSAGE = (ValueError, KeyError, TypeError, RecursionError)
+
+
 @dataclass(frozen=True)
 class ClassifyRequest:
     id: str
@@ -65,7 +70,7 @@ class ClassifyRequest:
                 filename=str(data["filename"]),
                 sent_at=float(data["sent_at"]),
             )
-        except (ValueError, KeyError, TypeError) as exc:
+        except _NOT_A_MESSAGE as exc:
             raise MessageError(f"not a classify request: {exc}") from exc
 
 
@@ -127,7 +132,7 @@ class ClassifyResponse:
                 error=data.get("error"),
                 finished_at=float(data.get("finished_at", 0.0)),
             )
-        except (ValueError, KeyError, TypeError) as exc:
+        except _NOT_A_MESSAGE as exc:
             raise MessageError(f"not a classify response: {exc}") from exc
 
     def as_item(self) -> dict:

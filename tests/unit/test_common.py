@@ -80,10 +80,13 @@ def test_error_response_round_trip():
     assert not back.ok and back.error.startswith("bad") and back.as_item()["state"] == "failed"
 
 
-@pytest.mark.parametrize("body", ["", "not json", "{}", json.dumps({"id": 1})])
+@pytest.mark.parametrize("body", ["", "not json", "{}", json.dumps({"id": 1}), "[1]", "[" * 1000])
 def test_foreign_messages_are_refused(body):
+    """1,000 "[" fit in a request message, and exhaust json's recursion."""
     with pytest.raises(MessageError):
         ClassifyRequest.from_json(body)
+    with pytest.raises(MessageError):
+        ClassifyResponse.from_json(body)
 
 
 def test_settings_from_env():

@@ -517,3 +517,16 @@ def test_an_image_s3_cannot_serve_is_tried_again_later_not_at_once(aws_env, monk
     assert worker.fetch().jobs == []  # the second attempt fails too
     assert hidden_for == [1, 2]
     assert not worker._held
+
+
+def test_a_message_that_is_not_a_request_is_dropped_and_its_batch_mates_served(aws_env):
+    settings, aws = aws_env
+    upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
+    for body in ("not json", "[" * 1000):  # the second exhausts json's recursion
+        aws.sqs.send_message(QueueUrl=aws.request_queue_url, MessageBody=body)
+    worker = Worker(settings, aws, MeanClassifier(), "i-foreign")
+    batch = worker.fetch()
+    assert [j.request.id for j in batch.jobs] == ["a"]
+    worker.process(batch)
+    assert list(responses(aws)) == ["a"]
+    assert depth(aws, aws.request_queue_url) == (0, 0)  # the foreign ones deleted, not stranded
