@@ -92,6 +92,10 @@ class Worker:
         self._finished = threading.Event()
         self._held: dict[str, Job] = {}  # by message id: what the heartbeat extends
         self._held_lock = threading.Lock()
+        # Orders the heartbeat's extensions against releases (see _hide).
+        self._visibility_lock = threading.Lock()
+        # One hand-back at a time: the grace timer's waits for the main loop's to finish.
+        self._handing_back = threading.Lock()
         self._prefetched: queue.Queue[Batch] = queue.Queue()
         # Taken by the fetch thread before it receives, given back when the main
         # thread picks the batch up: at most one batch waits while one is classified.
@@ -119,7 +123,7 @@ class Worker:
 
     def _give_up(self) -> None:
         log.warning("worker %s: grace period over, handing back held messages", self.instance_id)
-        self.hand_back_held()
+        self.hand_back_held()  # after any hand-back the main loop has begun: not cut short by the exit
         os._exit(0)
 
     def run(self) -> None:
@@ -365,8 +369,17 @@ class Worker:
         Counts as a receive: after max_receive_count of them SQS moves a message
         to the dead-letter queue."""
         first = self.settings.retry_delay_s
-        self._change_visibility([(j, retry_delay_s(j.receive_count, first)) for j in jobs])
-        self._forget(jobs)
+        self._hide([(j, retry_delay_s(j.receive_count, first)) for j in jobs])
+
+    def _hide(self, hidden_for: list[tuple[Job, int]]) -> None:
+        """Stop holding these jobs and hide each message for its seconds (0: visible now).
+
+        Ordered against the heartbeat: an extension it had read before the jobs
+        were forgotten must not land after this change and hide them for a whole
+        visibility timeout."""
+        with self._visibility_lock:
+            self._forget([j for j, _ in hidden_for])
+            self._change_visibility(hidden_for)
 
     def hand_back(self, jobs: list[Job]) -> None:
         """Give messages we will not process back to the queue without using up an attempt.
@@ -376,7 +389,24 @@ class Worker:
         scaled in three times must not push an innocent image into the
         dead-letter queue. Should the delete fail after the send, the request
         is answered twice, which the web tier ignores by id.
+
+        Only jobs still held are handed back, so that the grace timer and the
+        main loop, which may both get here, never send one message twice.
         """
+        with self._handing_back:
+            with self._held_lock:
+                mine = [j for j in jobs if self._held.pop(j.message_id, None) is not None]
+            self._send_back(mine)
+
+    def hand_back_held(self) -> None:
+        """Hand back everything held (see hand_back)."""
+        with self._handing_back:
+            with self._held_lock:
+                held = list(self._held.values())
+                self._held.clear()
+            self._send_back(held)
+
+    def _send_back(self, jobs: list[Job]) -> None:
         if not jobs:
             return
         log.info("worker %s: handing back %d messages", self.instance_id, len(jobs))
@@ -388,18 +418,10 @@ class Worker:
                     Entries=[{"Id": str(i), "MessageBody": j.body} for i, j in enumerate(chunk)])
                 sent = [chunk[int(ok["Id"])] for ok in reply.get("Successful", [])]
                 self._delete(sent)
-                self._change_visibility([(j, 0) for j in chunk if j not in sent])
+                self._hide([(j, 0) for j in chunk if j not in sent])
             except _AWS_ERRORS as exc:
                 log.warning("could not hand back %d messages (%s); making them visible", len(chunk), exc)
-                self._change_visibility([(j, 0) for j in chunk])
-        self._forget(jobs)
-
-    def hand_back_held(self) -> None:
-        # Taken and cleared at once: the grace timer and the main loop may both get here.
-        with self._held_lock:
-            held = list(self._held.values())
-            self._held.clear()
-        self.hand_back(held)
+                self._hide([(j, 0) for j in chunk])
 
     def _change_visibility(self, hidden_for: list[tuple[Job, int]]) -> None:
         """Hide each job's message for its number of seconds from now (0: visible)."""
@@ -415,6 +437,11 @@ class Worker:
     def _heartbeat_loop(self) -> None:
         period = max(1.0, self.settings.visibility_timeout_s / 3)
         while not self._finished.wait(period):
+            self._extend_held()
+
+    def _extend_held(self) -> None:
+        """Keep every held message hidden for another visibility timeout."""
+        with self._visibility_lock:
             with self._held_lock:
                 held = list(self._held.values())
             if held:

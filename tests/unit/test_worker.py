@@ -442,6 +442,66 @@ def test_two_hand_backs_at_once_send_each_message_back_once(aws_env, monkeypatch
     assert depth(aws, aws.request_queue_url) == (2, 0)
 
 
+def test_the_grace_timer_waits_for_the_main_loops_hand_back(aws_env, monkeypatch):
+    """The main loop hands back a prepared batch when the grace period ends: the timer
+    must neither send the batch again nor exit the process in the middle of it."""
+    settings, aws = aws_env
+    for name in ("a", "b"):
+        upload(settings, aws, f"{name}.jpg", make_image(ord(name), size=(64, 64)), name)
+    worker = Worker(settings, aws, MeanClassifier(), "i-stopping")
+    batch = worker.fetch()
+    send = aws.sqs.send_message_batch
+    sending = threading.Event()
+    sent: list[int] = []
+
+    def slow_send(**kwargs):
+        sending.set()
+        time.sleep(0.3)
+        sent.append(len(kwargs["Entries"]))
+        return send(**kwargs)
+
+    monkeypatch.setattr(aws.sqs, "send_message_batch", slow_send)
+    main_loop = threading.Thread(target=worker.hand_back, args=(batch.jobs,))
+    main_loop.start()
+    assert sending.wait(5)
+    worker.hand_back_held()  # what the grace timer does before os._exit
+    assert depth(aws, aws.request_queue_url) == (2, 0), "returned before the main loop's hand-back ended"
+    main_loop.join(timeout=10)
+    assert sent == [2]
+
+
+def test_a_release_is_not_overtaken_by_a_heartbeat_already_under_way(aws_env, monkeypatch):
+    """The heartbeat read the held messages, then a release made them visible: the
+    heartbeat's extension must not land last and hide them for a visibility timeout."""
+    settings, aws = aws_env  # no retry delay: a release makes the message visible at once
+    upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
+    worker = Worker(settings, aws, MeanClassifier(), "i-heartbeat")
+    batch = worker.fetch()
+    change = aws.sqs.change_message_visibility_batch
+    extending, releasing = threading.Event(), threading.Event()
+    applied: list[int] = []
+
+    def sqs_change(**kwargs):
+        seconds = kwargs["Entries"][0]["VisibilityTimeout"]
+        if seconds == settings.visibility_timeout_s:  # the heartbeat's
+            extending.set()
+            releasing.wait(timeout=1)  # a release may overtake it now, unless the two are ordered
+        else:
+            releasing.set()
+        reply = change(**kwargs)
+        applied.append(seconds)
+        return reply
+
+    monkeypatch.setattr(aws.sqs, "change_message_visibility_batch", sqs_change)
+    heartbeat = threading.Thread(target=worker._extend_held)
+    heartbeat.start()
+    assert extending.wait(5)
+    worker._release(batch.jobs)
+    heartbeat.join(timeout=10)
+    assert applied == [settings.visibility_timeout_s, 0]
+    assert depth(aws, aws.request_queue_url) == (1, 0)
+
+
 
 def test_large_images_are_decoded_one_at_a_time(monkeypatch):
     """A 40-megapixel PNG of 130 KB takes ~300 MB to decode: eight at once, one per io
