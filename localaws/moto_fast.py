@@ -48,6 +48,7 @@ import functools
 import io
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -67,6 +68,8 @@ STATS_ENV = "IMGCLASS_MOTO_STATS"
 STATS_EVERY_S = 1.0
 # Set in the WSGI environ when Ec2ReadCache answered, so the statistics can tell.
 CACHE_HIT = "imgclass.cache_hit"
+# In a SigV4 Authorization header: access key (so account), date, region and service.
+_CREDENTIAL_SCOPE = re.compile(r"Credential=([^,\s]+)")
 
 
 def apply() -> None:
@@ -167,7 +170,7 @@ class Ec2ReadCache:
     def __init__(self, app: Callable) -> None:
         self.app = app
         self.generation = 0
-        self.answers: dict[bytes, tuple[str, list, bytes]] = {}
+        self.answers: dict[tuple[str, bytes], tuple[str, list, bytes]] = {}
         self.lock = threading.Lock()
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
@@ -182,7 +185,10 @@ class Ec2ReadCache:
                 finally:
                     self._forget()
             return self.app(environ, start_response)
-        key = request_body(environ)
+        # The same question from another region or account is another question; those
+        # are named only in the signature's credential scope, not in the body.
+        scope = _CREDENTIAL_SCOPE.search(environ.get("HTTP_AUTHORIZATION", ""))
+        key = (scope.group(1) if scope else "", request_body(environ))
         with self.lock:
             generation, hit = self.generation, self.answers.get(key)
         if hit is not None:

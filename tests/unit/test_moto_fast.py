@@ -133,8 +133,10 @@ class FakeAws:
         return [f"{action} #{self.seen.count(action)} {len(body)}".encode()]
 
 
-def describe(client, filters: str = "tag:Name") -> str:
-    return client.post("/", data=f"Action=DescribeInstances&Version=2016-11-15&Filter.1.Name={filters}").text
+def describe(client, filters: str = "tag:Name", region: str = "us-east-1", key: str = "AKIDEXAMPLE") -> str:
+    signed = f"AWS4-HMAC-SHA256 Credential={key}/20261123/{region}/ec2/aws4_request, Signature=0"
+    return client.post("/", data=f"Action=DescribeInstances&Version=2016-11-15&Filter.1.Name={filters}",
+                       headers={"Authorization": signed}).text
 
 
 def test_describe_instances_is_answered_once_per_change():
@@ -146,6 +148,9 @@ def test_describe_instances_is_answered_once_per_change():
     assert first.startswith("DescribeInstances #1 ")
     assert describe(client) == first  # nothing changed: moto is not asked again
     assert describe(client, "instance-state-name").startswith("DescribeInstances #2 ")  # other question
+    # The same question from another region, or another account's key, is another question.
+    assert describe(client, region="eu-west-1").startswith("DescribeInstances #3 ")
+    assert describe(client, key="AKIDOTHER").startswith("DescribeInstances #4 ")
     # SQS (JSON protocol) and S3 calls do not touch EC2.
     client.post("/", headers={"X-Amz-Target": "AmazonSQS.SendMessage"}, data="{}")
     client.put("/bucket/key", data=b"x")
@@ -153,11 +158,11 @@ def test_describe_instances_is_answered_once_per_change():
     assert describe(client) == first
     # Any EC2 change, and a moto reset, make the next describe go to moto.
     client.post("/", data="Action=RunInstances&Version=2016-11-15&MinCount=1")
-    assert describe(client).startswith("DescribeInstances #3 ")
-    client.post("/", data="Action=TerminateInstances&Version=2016-11-15")
-    assert describe(client).startswith("DescribeInstances #4 ")
-    client.post("/moto-api/reset")
     assert describe(client).startswith("DescribeInstances #5 ")
+    client.post("/", data="Action=TerminateInstances&Version=2016-11-15")
+    assert describe(client).startswith("DescribeInstances #6 ")
+    client.post("/moto-api/reset")
+    assert describe(client).startswith("DescribeInstances #7 ")
     assert aws.seen.count("RunInstances") == 1 and aws.seen.count("SendMessage") == 1
 
 
