@@ -36,11 +36,16 @@ def safe_filename(original: str) -> str:
     Keeps the base name only (no directories, from either slash), folds accents
     to ASCII, replaces everything else outside [A-Za-z0-9._-] with '_', strips
     leading dots so it is never hidden or '..', and keeps the extension when
-    cutting long names.
+    cutting long names. A name of which only the extension survives (猫.jpg)
+    becomes image.<extension>.
     """
     base = re.split(r"[\\/]", original)[-1]
     folded = unicodedata.normalize("NFKD", base).encode("ascii", "ignore").decode("ascii")
-    safe = _SAFE.sub("_", folded).strip("._") or "image"
+    safe = _SAFE.sub("_", folded)
+    name, dot, ext = safe.rpartition(".")
+    if dot and ext.strip("_") and not name.strip("._"):
+        safe = f"image.{ext}"
+    safe = safe.strip("._") or "image"
     if len(safe) > _MAX_SAFE_NAME:
         stem, dot, ext = safe.rpartition(".")
         if dot and 0 < len(ext) <= 10:

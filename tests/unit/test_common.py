@@ -23,7 +23,10 @@ from common.provision import provision
     ("Café déjà vu.JPEG", "Cafe_deja_vu.JPEG"),
     ("..", "image"),
     (".hidden.png", "hidden.png"),
-    ("猫.jpg", "jpg"),
+    ("猫.jpg", "image.jpg"),
+    ("Ω.JPEG", "image.JPEG"),
+    ("猫", "image"),
+    (".png", "image.png"),
     ("a,b\nc.jpg", "a_b_c.jpg"),
 ])
 def test_safe_filename(original, safe):
