@@ -11,7 +11,15 @@ from web_tier.auth import require_api_key
 from web_tier.jobs import UPLOAD_THREADS, new_id
 from web_tier.results import Item
 from web_tier.services import services
-from web_tier.uploads import Upload, UploadError, check_count, real_files, validate
+from web_tier.uploads import (
+    UNREADABLE_FORM,
+    Upload,
+    UploadError,
+    check_count,
+    form_unreadable,
+    real_files,
+    validate,
+)
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -33,6 +41,8 @@ def _rejection(index: int, error: UploadError) -> dict[str, Any]:
 def create_job() -> tuple[Response, int]:
     svc = services()
     files = real_files(request.files.getlist("files"))
+    if not files and form_unreadable(request):
+        raise UploadError(400, UNREADABLE_FORM)
     check_count(files, svc.settings)
 
     # Optional: add these files to an existing batch, so a page sending many

@@ -9,6 +9,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from common.aws import error_reason
+from web_tier.services import services
 from web_tier.uploads import UploadError
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,11 @@ def error_response(error: UploadError) -> Response:
 
 
 def _too_large(exc: RequestEntityTooLarge) -> Response:
-    limit = request.max_content_length
+    limit, length = request.max_content_length, request.content_length
+    if limit is not None and length is not None and length <= limit:
+        # Within the size limit: Werkzeug counted more form parts than MAX_FORM_PARTS.
+        files = services().settings.max_files_per_request
+        return error_response(UploadError(413, f"too many parts in one request: at most {files} files"))
     return error_response(UploadError(
         413, "the request is larger than the server accepts" + (f" ({limit} bytes)" if limit else "")))
 

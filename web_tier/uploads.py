@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 from werkzeug.datastructures import FileStorage
+from werkzeug.wrappers import Request
 
 from common.config import Settings
 
@@ -35,6 +36,8 @@ MAX_FILENAME_CHARS = 1024
 _CHUNK = 1 << 20
 # Room in a request body for the multipart framing and form fields around the files.
 FORM_SLACK_BYTES = 1 << 20
+UNREADABLE_FORM = ("the multipart form could not be read: is every file name UTF-8, "
+                   "and the body well formed?")
 
 
 class UploadError(Exception):
@@ -67,6 +70,13 @@ def display_name(storage: FileStorage) -> str:
     break the one-line answer of POST /) turned into spaces."""
     name = "".join(" " if unicodedata.category(c) == "Cc" else c for c in storage.filename or "")
     return name.strip()[:MAX_FILENAME_CHARS] or "upload"
+
+
+def form_unreadable(request: Request) -> bool:
+    """A multipart body of which nothing could be read. Werkzeug drops the whole form
+    when, say, a file name is not UTF-8, and "no file" would then mislead."""
+    return (request.mimetype == "multipart/form-data" and bool(request.content_length)
+            and not request.files and not request.form)
 
 
 def check_count(files: list[FileStorage], settings: Settings) -> None:

@@ -111,6 +111,25 @@ def test_too_many_files(web_client, web_settings):
     assert upload(web_client, files[:2]).status_code == 202
 
 
+def test_past_the_form_parts_limit_the_answer_says_too_many_parts(web_client, web_settings):
+    """Werkzeug stops reading at max_files_per_request + 100 parts, before the count check."""
+    files = [(b"x", f"f{n}.jpg") for n in range(web_settings.max_files_per_request + 101)]
+    response = upload(web_client, files)
+    assert response.status_code == 413
+    assert response.get_json()["error"] == (
+        f"too many parts in one request: at most {web_settings.max_files_per_request} files")
+
+
+@pytest.mark.parametrize(("path", "field"), [("/", b"inputFile"), ("/api/jobs", b"files")])
+def test_a_file_name_that_is_not_utf8_gets_a_clear_error(web_client, path, field):
+    """Werkzeug drops the whole form then: "no file" would send the user looking elsewhere."""
+    body = (b'--XX\r\nContent-Disposition: form-data; name="' + field + b'"; filename="caf\xe9.jpg"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\n" + make_image(3) + b"\r\n--XX--\r\n")
+    response = web_client.post(path, data=body, content_type="multipart/form-data; boundary=XX")
+    assert response.status_code == 400
+    assert "file name UTF-8" in response.get_data(as_text=True)
+
+
 def test_a_bulk_request_is_read_and_stored_a_few_files_at_a_time(web_app, web_settings, monkeypatch):
     """A thousand 10 MB files must not sit in memory together: at most one chunk does."""
     from tests.unit.conftest import services_of
