@@ -206,7 +206,9 @@
         stream.close();
         this.stream = null;
         // More chunks may still be uploading: run() follows again when they are in.
-        if (!this.uploading && this.unfinished()) this.refresh();
+        // If they are all in and some still wait, this `end` was sent before the last
+        // chunk joined the batch: poll until they finish (a single refresh could miss them).
+        if (!this.uploading && this.unfinished()) this.poll();
       });
       stream.onerror = () => {
         reconnecting = true;
