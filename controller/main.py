@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
-import sys
+import os
 from pathlib import Path
 
 from common.aws import Aws
@@ -49,28 +48,37 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str] | None, defaults: Settings) -> argparse.Namespace:
-    return build_parser(defaults).parse_args(argv)
+# Each option sets the environment variable it is named after in --help, so that
+# options and the environment are checked by one parser (Settings.from_env).
+OPTION_VARIABLES = {
+    "max_instances": "MAX_INSTANCES",
+    "poll_interval": "POLL_INTERVAL",
+    "mode": "SCALING_MODE",
+    "target_backlog": "TARGET_BACKLOG_PER_INSTANCE",
+    "acceptable_latency": "ACCEPTABLE_LATENCY",
+    "seconds_per_image": "SECONDS_PER_IMAGE",
+    "boot_time": "BOOT_TIME",
+    "scale_in_cooldown": "SCALE_IN_COOLDOWN",
+}
+
+
+def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
+    """The environment's settings with the command line's options on top, all checked alike."""
+    options = {var: str(getattr(args, name)) for name, var in OPTION_VARIABLES.items()}
+    return Settings.from_env({**env, **options})
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s controller %(message)s")
     defaults = Settings.from_env()
-    args = parse_args(argv, defaults)
+    parser = build_parser(defaults)
+    args = parser.parse_args(argv)
     if args.plot and not args.timeline:
-        print("--plot needs --timeline", file=sys.stderr)
-        return 2
-    settings = dataclasses.replace(
-        defaults,
-        max_instances=args.max_instances,
-        poll_interval_s=args.poll_interval,
-        scaling_mode=args.mode,
-        target_backlog_per_instance=args.target_backlog,
-        acceptable_latency_s=args.acceptable_latency,
-        seconds_per_image=args.seconds_per_image,
-        boot_time_s=args.boot_time,
-        scale_in_cooldown_s=args.scale_in_cooldown,
-    )
+        parser.error("--plot needs --timeline")
+    try:
+        settings = settings_from(args, dict(os.environ))
+    except ValueError as exc:  # names the variable; --help maps it to its option
+        parser.error(str(exc))
     controller = Controller(settings, Aws(settings).open("ec2", "sqs"), dry_run=args.dry_run,
                             timeline_path=args.timeline)
     if args.once:

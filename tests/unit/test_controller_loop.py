@@ -28,7 +28,7 @@ from common.names import ROLE_APP_TIER, ROLE_TAG
 from common.provision import provision
 from controller.act import LaunchError
 from controller.loop import TIMELINE_FIELDS, Controller
-from controller.main import build_parser
+from controller.main import build_parser, main, settings_from
 from controller.timeline import plot_timeline
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -560,3 +560,20 @@ def test_help_documents_every_option():
         assert action.help, f"{action.option_strings} has no help text"
         for option in action.option_strings:
             assert option in out, f"{option} missing from --help"
+
+
+def test_options_override_the_environment_and_are_checked_like_it():
+    env = {"POLL_INTERVAL": "3", "MAX_INSTANCES": "4", "APP_PREFIX": "demo"}
+    args = build_parser(Settings.from_env(env)).parse_args(["--max-instances", "7"])
+    settings = settings_from(args, env)
+    assert (settings.max_instances, settings.poll_interval_s, settings.prefix) == (7, 3.0, "demo")
+    for option, value in (("--poll-interval", "0"), ("--poll-interval", "inf"), ("--max-instances", "-1")):
+        with pytest.raises(ValueError):
+            settings_from(build_parser(Settings()).parse_args([option, value]), {})
+
+
+def test_a_bad_option_stops_the_controller_with_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--poll-interval", "0", "--once"])
+    assert stopped.value.code == 2
+    assert "POLL_INTERVAL must be from 0.01" in capsys.readouterr().err
