@@ -15,7 +15,11 @@ every half second to record how many app-tier instances were pending or running.
 
 It only talks to the URL it is given, sends a bounded number of requests, and
 gives each one at most `--timeout` seconds. The exit code is 0 when every
-request was answered and no answer was wrong, 1 otherwise, 2 on bad usage.
+request was answered and no answer was wrong, 1 otherwise (or when a report
+asked for with --json or --plot could not be written), 2 on bad usage.
+
+Ctrl-C stops sending and waits for the requests in flight; a second Ctrl-C
+quits at once, still printing what was answered so far.
 
 The core (`run_load`, `percentile`, `read_expected`, `format_report`) is
 importable; `main` is the command line.
@@ -25,17 +29,19 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import json
 import math
 import mimetypes
 import os
+import queue
 import re
 import sys
 import threading
 import time
 import unicodedata
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -155,11 +161,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _output_problem(path: Path) -> str | None:
+    """Why a report could not be written to `path`, or None if it can."""
+    folder = path.parent  # Path("run.json").parent is Path(".")
+    if path.is_dir():
+        return f"{path} is a folder"
+    if not folder.is_dir():
+        return f"folder {folder} does not exist"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"folder {folder} is not writable"
+    if path.exists() and not os.access(path, os.W_OK):
+        return f"{path} is not writable"
+    return None
+
+
+def _plot_problem(path: Path) -> str | None:
+    """Why write_plot could not draw to `path`, or None if it can."""
+    try:
+        figure = importlib.import_module("matplotlib.figure")
+    except ImportError as exc:
+        return f"it needs matplotlib, which cannot be imported ({exc})"
+    suffix = path.suffix.lower().lstrip(".")
+    supported = figure.Figure().canvas.get_supported_filetypes()
+    if suffix and suffix not in supported:
+        return f"matplotlib cannot write .{suffix} files (it writes {', '.join(sorted(supported))})"
+    return None
+
+
 def parse_args(argv: Sequence[str] | None = None) -> Config:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not re.match(r"^https?://", args.url):
         parser.error(f"--url must start with http:// or https://, got {args.url!r}")
+    # Checked now, not when the run is over: a long run should not end in a traceback
+    # because of a typo in a folder name or a missing matplotlib.
+    for option, path in (("--json", args.json_path), ("--plot", args.plot_path)):
+        if path is not None and (problem := _output_problem(path)):
+            parser.error(f"cannot write {option} {path}: {problem}")
+    if args.plot_path is not None and (problem := _plot_problem(args.plot_path)):
+        parser.error(f"cannot draw --plot {args.plot_path}: {problem}")
     return Config(
         images=args.images,
         url=args.url.rstrip("/"),
@@ -237,15 +277,82 @@ def same_label(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
-def _safe_stem(stem: str) -> str:
-    # The web tier may answer with the sanitised name it stored (accents folded,
-    # anything outside [A-Za-z0-9._-] replaced by '_'); accept that spelling too.
-    folded = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode("ascii")
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", folded).strip("._")
+# How the web tier spells a file's name back. Copied from the project (this script
+# is one file that imports nothing of it); tests/unit/test_load_test.py checks each
+# copy against the original.
+
+# requests (urllib3) writes these three characters percent-encoded in a multipart
+# header's filename="...", as the HTML standard says.
+_MULTIPART_ESCAPES = {ord("\n"): "%0A", ord("\r"): "%0D", ord('"'): "%22"}
+_MAX_DISPLAY_NAME = 1024  # web_tier/uploads.py MAX_FILENAME_CHARS
+_MAX_SAFE_NAME = 100  # common/names.py
+_MESSAGE_FILENAME_BYTES = 160  # common/messages.py _FILENAME_BYTES
 
 
-def same_name(answer: str, stem: str) -> bool:
-    return answer in (stem, _safe_stem(stem))
+def received_name(filename: str) -> str:
+    """The name the web tier reads for a file uploaded as `filename`.
+
+    Werkzeug reads filename="..." as an HTTP quoted string, so a backslash escapes
+    the next character ('back\\slash.jpg' becomes 'backslash.jpg') and %22 is a
+    quote; the web tier then turns control characters (tab, ...) into spaces and
+    trims the ends (web_tier/uploads.py display_name).
+    """
+    wire = filename.translate(_MULTIPART_ESCAPES)
+    parsed = re.sub(r"\\(.)", r"\1", wire, flags=re.ASCII).replace("%22", '"')
+    shown = "".join(" " if unicodedata.category(c) == "Cc" else c for c in parsed)
+    return shown.strip()[:_MAX_DISPLAY_NAME] or "upload"
+
+
+def name_stem(filename: str) -> str:
+    """The web tier's stem (common/names.py): 'a.b.JPEG' -> 'a.b', '.jpg' -> '.jpg'."""
+    head, dot, _ = filename.rpartition(".")
+    return head if dot and head else filename
+
+
+def _safe_filename(name: str) -> str:
+    # common/names.py safe_filename: the name a stored object carries.
+    base = re.split(r"[\\/]", name)[-1]
+    folded = unicodedata.normalize("NFKD", base).encode("ascii", "ignore").decode("ascii")
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", folded)
+    name, dot, ext = safe.rpartition(".")
+    if dot and ext.strip("_") and not name.strip("._"):
+        safe = f"image.{ext}"
+    safe = safe.strip("._") or "image"
+    if len(safe) > _MAX_SAFE_NAME:
+        stem, dot, ext = safe.rpartition(".")
+        if dot and 0 < len(ext) <= 10:
+            safe = stem[: _MAX_SAFE_NAME - len(ext) - 1] + "." + ext
+        else:
+            safe = safe[:_MAX_SAFE_NAME]
+    return safe
+
+
+def _clip_for_json(text: str, limit: int) -> str:
+    # common/messages.py clip_for_json: the name a result message carries.
+    raw = text.encode("utf-8")
+    if len(raw) > limit:
+        text = raw[:limit].decode("utf-8", errors="ignore")
+    while len(json.dumps(text, ensure_ascii=False).encode("utf-8")) - 2 > limit:
+        text = text[:-1]
+    return text
+
+
+def answer_names(filename: str) -> set[str]:
+    """Every name (without extension) the web tier may answer for a file sent as `filename`.
+
+    The name as it read it; cut to fit a queue message (an item learnt from a
+    result message); the sanitised name it stored (a batch rebuilt from S3); and
+    the name exactly as sent, for a tier that keeps it.
+    """
+    shown = received_name(filename)
+    spellings = (filename, shown, _clip_for_json(shown, _MESSAGE_FILENAME_BYTES), _safe_filename(shown))
+    return {name_stem(name) for name in spellings}
+
+
+def same_name(answer: str, filename: str) -> bool:
+    """Whether `answer` names the file sent as `filename` (an answer for another file
+    means the web tier handed one request's result to another)."""
+    return answer in answer_names(filename)
 
 
 # --- statistics ---------------------------------------------------------------------
@@ -301,9 +408,8 @@ def judge(outcome: Outcome, expected: dict[str, str]) -> None:
     if not outcome.answered:
         outcome.verdict = "failed"
         return
-    stem = image_key(outcome.file)
-    outcome.expected = expected.get(stem)
-    if outcome.answer_name is not None and not same_name(outcome.answer_name, stem):
+    outcome.expected = expected.get(image_key(outcome.file))
+    if outcome.answer_name is not None and not same_name(outcome.answer_name, outcome.file):
         # An answer naming another image was handed to the wrong request.
         outcome.verdict = "wrong"
         outcome.note = f"answer is for {outcome.answer_name!r}"
@@ -328,6 +434,7 @@ class Report:
     # (seconds since the run began, app-tier instances pending or running)
     instance_samples: list[tuple[float, int]] = field(default_factory=list)
     interrupted: bool = False
+    abandoned: int = 0  # requests in flight at the second Ctrl-C, left unanswered
 
     def _count(self, verdict: str) -> int:
         return sum(1 for o in self.outcomes if o.verdict == verdict)
@@ -418,6 +525,7 @@ class Report:
             "untrained": self.untrained,
             "peak_instances": self.peak_instances,
             "interrupted": self.interrupted,
+            "abandoned": self.abandoned,
             "ok": self.ok,
             "instances": [{"t_s": t, "pending_running": n} for t, n in self.instance_samples],
             "requests": [
@@ -577,7 +685,9 @@ class Client:
         outcome.untrained = bool(item.get("untrained"))
         if item.get("state") != "done":
             raise RequestFailed(f"item failed: {_short(str(item.get('error')))}", outcome.status)
-        outcome.answer_name = image_key(str(item.get("filename") or path.name))
+        # The web tier's own stem, as POST / answers: image_key would also cut at a
+        # backslash, which is part of the name here.
+        outcome.answer_name = name_stem(str(item.get("filename") or path.name))
         outcome.label = str(item.get("label"))
 
     def _fetch_item(self, session: requests.Session, batch_id: str, item_id: str, deadline: float) -> dict:
@@ -609,29 +719,44 @@ class Client:
     def _wait_sse(self, session: requests.Session, batch_id: str, item_id: str, deadline: float) -> dict:
         url = f"{self.config.url}/api/jobs/{batch_id}/events"
         with session.get(url, stream=True, timeout=self._timeout(deadline), allow_redirects=False) as resp:
-            if resp.status_code != 200:
+            if resp.status_code == 200:
+                item = self._follow_events(resp, session, batch_id, item_id, deadline)
+                if item is not None:
+                    return item
+            elif resp.status_code == 503:
+                # The web tier caps the event streams open at once and answers the rest
+                # 503 "poll GET /api/jobs/<id> instead": the item itself is fine. The
+                # short body is read so the connection is kept for the polls.
+                resp.content  # noqa: B018
+            else:
                 raise RequestFailed(f"GET {url}: HTTP {resp.status_code}", resp.status_code)
-            # The stream is open, so no event can be missed from here on; the item
-            # may already have finished before it opened, though.
+        # No stream to spare, or the server closed it early: poll instead.
+        return self._wait_poll(session, batch_id, item_id, deadline)
+
+    def _follow_events(
+        self, resp: requests.Response, session: requests.Session, batch_id: str, item_id: str, deadline: float
+    ) -> dict | None:
+        """The item once an event says it finished; None if the stream ends first."""
+        # The stream is open, so no event can be missed from here on; the item
+        # may already have finished before it opened, though.
+        item = self._fetch_item(session, batch_id, item_id, deadline)
+        if item.get("state") in FINAL_STATES:
+            return item
+        for line in resp.iter_lines(decode_unicode=True):
+            if self.stop.is_set():
+                raise RequestFailed("interrupted")
+            if time.monotonic() >= deadline:
+                raise requests.Timeout()
+            if not line or not line.startswith("data:"):
+                continue
+            event = _parse_event(line[5:])
+            if event.get("id") == item_id and event.get("state") in FINAL_STATES:
+                return event
+            # An event we cannot read on its own is still a sign to look again.
             item = self._fetch_item(session, batch_id, item_id, deadline)
             if item.get("state") in FINAL_STATES:
                 return item
-            for line in resp.iter_lines(decode_unicode=True):
-                if self.stop.is_set():
-                    raise RequestFailed("interrupted")
-                if time.monotonic() >= deadline:
-                    raise requests.Timeout()
-                if not line or not line.startswith("data:"):
-                    continue
-                event = _parse_event(line[5:])
-                if event.get("id") == item_id and event.get("state") in FINAL_STATES:
-                    return event
-                # An event we cannot read on its own is still a sign to look again.
-                item = self._fetch_item(session, batch_id, item_id, deadline)
-                if item.get("state") in FINAL_STATES:
-                    return item
-        # The server closed the stream early: fall back to polling.
-        return self._wait_poll(session, batch_id, item_id, deadline)
+        return None
 
 
 def _parse_event(data: str) -> dict:
@@ -659,10 +784,10 @@ class StatusPoller:
     not depend on it.
     """
 
-    def __init__(self, config: Config, t0: float) -> None:
+    def __init__(self, config: Config) -> None:
         self.url = f"{config.url}/api/status"
         self.interval = config.status_interval
-        self.t0 = t0
+        self.t0 = 0.0
         self.samples: list[tuple[float, int]] = []
         self._session = new_session(config.api_key)
         self._done = threading.Event()
@@ -678,16 +803,22 @@ class StatusPoller:
             self.samples.append((time.monotonic() - self.t0, count))
 
     def _loop(self) -> None:
+        # The first sample at once, so even a short run has a starting point; taken
+        # here rather than before the run, as /api/status may take up to 2 s.
+        self.sample()
         while not self._done.wait(self.interval):
             self.sample()
 
-    def start(self) -> None:
-        # One sample before the first request, so even a short run has a starting point.
-        self.sample()
+    def start(self, t0: float) -> None:
+        """Sample from now on; times are seconds since `t0` (time.monotonic)."""
+        self.t0 = t0
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """Stop sampling; with `wait`, take one last sample, so the run's end has one."""
         self._done.set()
+        if not wait:
+            return  # the thread ends after the sample it may be taking
         self._thread.join(timeout=5.0)
         self.sample()
         self._session.close()
@@ -739,6 +870,84 @@ class Progress:
             self.stream.flush()
 
 
+class Senders:
+    """`concurrency` threads working through the plan, each outcome put on a queue.
+
+    Not a ThreadPoolExecutor: Python joins its threads when the interpreter exits,
+    so after a second Ctrl-C the process would still wait for every request in
+    flight (up to --timeout). These threads are daemons; once the report is
+    printed nothing waits for them.
+    """
+
+    def __init__(self, client: Client, plan: Sequence[Path], concurrency: int, stop: threading.Event) -> None:
+        self._client = client
+        self._stop = stop
+        self._todo = deque(enumerate(plan))
+        self._lock = threading.Lock()
+        # Each request taken from the plan puts one Outcome here, or the exception
+        # that ended its thread.
+        self._done: queue.SimpleQueue[Outcome | BaseException] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"load-{n}", daemon=True)
+            for n in range(min(concurrency, len(plan)))
+        ]
+        self._t0 = 0.0
+        self.started = 0  # requests taken from the plan (changed under the lock)
+        self.received = 0  # outcomes handed out (changed by the caller's thread only)
+
+    def start(self, t0: float) -> None:
+        self._t0 = t0
+        for thread in self._threads:
+            thread.start()
+
+    def _next(self) -> tuple[int, Path] | None:
+        # Checked and counted under the lock: once the stop event is set and the
+        # lock taken, `started` is final.
+        with self._lock:
+            if self._stop.is_set() or not self._todo:
+                return None
+            self.started += 1
+            return self._todo.popleft()
+
+    def _work(self) -> None:
+        try:
+            while (job := self._next()) is not None:
+                self._done.put(self._client.send(job[0], job[1], self._t0))
+        except BaseException as exc:  # send handles failed requests: this is a bug, shown by the caller
+            self._done.put(exc)
+
+    def _finished(self) -> bool:
+        with self._lock:
+            no_more = self._stop.is_set() or not self._todo
+            return no_more and self.received == self.started
+
+    def outcomes(self) -> Iterator[Outcome]:
+        """Each outcome as it comes, until the plan is sent and answered or, once
+        the stop event is set, until the requests in flight are answered."""
+        while not self._finished():
+            item = self._done.get()
+            if isinstance(item, BaseException):
+                raise item
+            self.received += 1
+            yield item
+
+    def ready(self) -> Iterator[Outcome]:
+        """The outcomes already there, without waiting for more."""
+        while True:
+            try:
+                item = self._done.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, Outcome):
+                self.received += 1
+                yield item
+
+    def in_flight(self) -> int:
+        """Requests taken from the plan whose outcome has not been handed out."""
+        with self._lock:
+            return self.started - self.received
+
+
 def run_load(
     config: Config,
     progress: Progress | None = None,
@@ -747,8 +956,11 @@ def run_load(
     """Send the planned requests with `config.concurrency` in flight; return the report.
 
     `on_result` is called in the calling thread for each finished request.
-    A Ctrl-C stops sending; requests in flight are waited for (each is bounded
-    by the timeout) and the report says it was interrupted.
+    A Ctrl-C (KeyboardInterrupt, also from `on_result`) stops sending; requests
+    in flight are waited for (each is bounded by the timeout). A second one stops
+    waiting: the report holds what was answered, counts the rest as abandoned,
+    and the threads still waiting for them are left to end with the process.
+    Either way the report says it was interrupted.
     """
     images = list_images(config.images)
     expected = read_expected(config.expected) if config.expected else {}
@@ -757,41 +969,59 @@ def run_load(
 
     stop = threading.Event()
     client = Client(config, stop)
+    senders = Senders(client, plan, config.concurrency, stop)
+    poller = StatusPoller(config)
+    outcomes: list[Outcome] = []
+    # Running counts for the progress line: counting all outcomes again for each
+    # result made a 20,000-request run spend seconds of the main thread on it.
+    problems = {"failed": 0, "wrong": 0}
+
+    def record(outcome: Outcome, notify: bool = True) -> None:
+        judge(outcome, expected)
+        outcomes.append(outcome)
+        if outcome.verdict in problems:
+            problems[outcome.verdict] += 1
+        if notify and on_result:
+            on_result(outcome)
+        if notify and progress:
+            progress.update(len(outcomes), problems["failed"], problems["wrong"])
+
+    interrupted = False
+    abandoned = 0
+    # The clock starts as the first requests go: nothing slow comes in between.
     started_at = time.time()
     t0 = time.monotonic()
-    poller = StatusPoller(config, t0)
-    poller.start()
-    outcomes: list[Outcome] = []
-    interrupted = False
-    pool = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="load")
     try:
-        futures: list[Future[Outcome]] = [pool.submit(client.send, i, p, t0) for i, p in enumerate(plan)]
         try:
-            for future in as_completed(futures):
-                outcome = future.result()
-                judge(outcome, expected)
-                outcomes.append(outcome)
-                if on_result:
-                    on_result(outcome)
-                if progress:
-                    progress.update(len(outcomes), _count(outcomes, "failed"), _count(outcomes, "wrong"))
+            poller.start(t0)
+            senders.start(t0)
+            for outcome in senders.outcomes():
+                record(outcome)
         except KeyboardInterrupt:
-            interrupted = True
-            stop.set()
-            for future in futures:
-                future.cancel()
-            print("\ninterrupted: waiting for requests in flight (Ctrl-C again to quit)", file=sys.stderr)
-            seen = {o.index for o in outcomes}
-            for future in futures:
-                if not future.cancelled():
-                    outcome = future.result()
-                    if outcome.index not in seen:
-                        judge(outcome, expected)
-                        outcomes.append(outcome)
+            # All of the handling is inside the next try: a second Ctrl-C may come
+            # at any moment, even before the message below is out.
+            try:
+                interrupted = True
+                stop.set()
+                if progress:
+                    progress.clear()
+                print(
+                    f"\ninterrupted: waiting for {senders.in_flight()} requests in flight "
+                    "(Ctrl-C again to quit)",
+                    file=sys.stderr,
+                )
+                for outcome in senders.outcomes():
+                    record(outcome)
+            except KeyboardInterrupt:
+                for outcome in senders.ready():
+                    record(outcome, notify=False)
+                abandoned = senders.in_flight()
+                print(f"\nquitting: {abandoned} requests in flight left unanswered", file=sys.stderr)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        stop.set()
         duration = time.monotonic() - t0
-        poller.stop()
+        # An interrupted run waits for nothing more, not even a slow /api/status.
+        poller.stop(wait=not interrupted)
         client.close()
         if progress:
             progress.close()
@@ -804,13 +1034,10 @@ def run_load(
         started_at=started_at,
         duration_s=duration,
         outcomes=outcomes,
-        instance_samples=poller.samples,
+        instance_samples=list(poller.samples),
         interrupted=interrupted,
+        abandoned=abandoned,
     )
-
-
-def _count(outcomes: list[Outcome], verdict: str) -> int:
-    return sum(1 for o in outcomes if o.verdict == verdict)
 
 
 # --- output -------------------------------------------------------------------------
@@ -830,8 +1057,10 @@ def result_line(report: Report) -> str:
     if report.ok:
         return f"RESULT: PASS ({report.answered} answered, none failed or wrong)"
     reasons = [f"{report.failed} failed", f"{report.wrong} wrong"]
-    if report.sent < report.planned:
-        reasons.append(f"{report.planned - report.sent} not sent")
+    if report.abandoned:
+        reasons.append(f"{report.abandoned} abandoned in flight")
+    if report.sent + report.abandoned < report.planned:
+        reasons.append(f"{report.planned - report.sent - report.abandoned} not sent")
     if report.interrupted:
         reasons.append("interrupted")
     return f"RESULT: FAIL ({', '.join(reasons)})"
@@ -856,6 +1085,8 @@ def format_report(report: Report, max_problems: int = 10) -> str:
         ("latency mean", _seconds(stats["mean"])),
         ("average latency (course)", _seconds(report.course_average_latency) + "  (duration / requests)"),
     ]
+    if report.abandoned:
+        rows.insert(3, ("abandoned", f"{report.abandoned}  (in flight at the second Ctrl-C)"))
     if report.peak_instances is not None:
         rows.append(("peak app-tier instances", f"{report.peak_instances}"))
     width = max(len(name) for name, _ in rows)
@@ -943,11 +1174,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(result_line(report))
     else:
         print(format_report(report))
-    if config.json_path:
-        write_json(report, config.json_path)
-    if config.plot_path:
-        write_plot(report, config.plot_path)
-    return 0 if report.ok else 1
+    # The summary is out already: a report that cannot be written (its folder
+    # removed during the run, a full disk) is said so, not a traceback.
+    written = True
+    outputs = (("JSON report", config.json_path, write_json), ("plot", config.plot_path, write_plot))
+    for what, path, write in outputs:
+        if path is None:
+            continue
+        try:
+            write(report, path)
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            print(f"load_test.py: cannot write the {what} to {path}: {reason}", file=sys.stderr)
+            written = False
+    return 0 if report.ok and written else 1
 
 
 if __name__ == "__main__":

@@ -9,8 +9,13 @@ flight as the barrier has parties (proof of real concurrency, no sleeping).
 
 from __future__ import annotations
 
+import io
 import json
+import queue
 import re
+import signal
+import subprocess
+import sys
 import threading
 import uuid
 from collections import Counter
@@ -20,9 +25,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import requests
 
 import load_test
 from load_test import Config, LoadTestError, percentile, read_expected, run_load
+from tests.unit.conftest import wait_until
 
 STATUS = {"instances": {"pending": 1, "running": 2, "stopping": 4}, "queue": {"visible": 0}}
 
@@ -41,6 +48,9 @@ class FakeTier:
         self.authorizations: list[str | None] = []  # each POST's Authorization header
         self.barrier: threading.Barrier | None = None
         self.release = threading.Event()
+        self.events_busy = False  # GET .../events answers 503, as the web tier past its stream cap
+        self.status_gate: threading.Event | None = None  # set: GET /api/status waits for it
+        self.web_tier_names = False  # read file names as Werkzeug and the web tier do
 
 
 def _parse_files(headers, body: bytes) -> list[tuple[str, str, bytes]]:
@@ -52,6 +62,18 @@ def _parse_files(headers, body: bytes) -> list[tuple[str, str, bytes]]:
          part.get_payload(decode=True))
         for part in message.iter_parts()
     ]
+
+
+def _parse_files_like_the_web_tier(headers, body: bytes) -> list[tuple[str, str, bytes]]:
+    """As _parse_files, but parsed by Werkzeug and named as the web tier names an upload."""
+    from werkzeug.formparser import FormDataParser
+    from werkzeug.http import parse_options_header
+
+    from web_tier.uploads import display_name
+
+    mimetype, options = parse_options_header(headers["Content-Type"])
+    _, _, files = FormDataParser().parse(io.BytesIO(body), mimetype, len(body), options)
+    return [(name, display_name(storage), storage.read()) for name, storage in files.items(multi=True)]
 
 
 def _answer(tier: FakeTier, content: bytes) -> tuple[int, str | None]:
@@ -80,7 +102,9 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # keep test output clean
         pass
 
-    def _send(self, status: int, body: str | dict, content_type: str = "text/plain", headers=None) -> None:
+    def _send(
+        self, status: int, body: str | dict, content_type: str = "text/plain; charset=utf-8", headers=None
+    ) -> None:
         data = (json.dumps(body) if isinstance(body, dict) else body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json" if isinstance(body, dict) else content_type)
@@ -103,7 +127,8 @@ class Handler(BaseHTTPRequestHandler):
             self.tier.authorizations.append(self.headers.get("Authorization"))
         if not self._authorised():
             return
-        files = _parse_files(self.headers, body)
+        parse = _parse_files_like_the_web_tier if self.tier.web_tier_names else _parse_files
+        files = parse(self.headers, body)
         if self.path == "/":
             self._post_form(files)
         elif self.path == "/api/jobs":
@@ -160,6 +185,8 @@ class Handler(BaseHTTPRequestHandler):
             return
         parts = self.path.strip("/").split("/")
         if self.path == "/api/status":
+            if self.tier.status_gate is not None:
+                self.tier.status_gate.wait(5)
             self._send(200, STATUS)
         elif parts[:2] == ["api", "jobs"] and len(parts) == 4 and parts[3] == "events":
             self._events(parts[2])
@@ -173,6 +200,10 @@ class Handler(BaseHTTPRequestHandler):
             self._send(404, "not found")
 
     def _events(self, batch_id: str) -> None:
+        if self.tier.events_busy:
+            busy = {"error": "too many event streams open; poll GET /api/jobs/<id> instead", "filename": None}
+            self._send(503, busy, headers={"Retry-After": "10"})
+            return
         job = self.tier.jobs[batch_id]
         event = self._item_json(job, finished=True)
         self.send_response(200)
@@ -233,6 +264,27 @@ def mixed(tmp_path) -> tuple[Path, Path]:
 
 def by_file(report) -> dict[str, load_test.Outcome]:
     return {o.file: o for o in report.outcomes}
+
+
+def finish_within(seconds: float, fn, *args, **kwargs):
+    """`fn(*args, **kwargs)`, failing the test if it has not returned after `seconds`
+    (it is run in a daemon thread, left to end with the fake tier)."""
+    box: queue.SimpleQueue = queue.SimpleQueue()
+
+    def run() -> None:
+        try:
+            box.put((True, fn(*args, **kwargs)))
+        except BaseException as exc:  # handed to the test
+            box.put((False, exc))
+
+    threading.Thread(target=run, daemon=True).start()
+    try:
+        ok, value = box.get(timeout=seconds)
+    except queue.Empty:
+        pytest.fail(f"still running after {seconds} s")
+    if not ok:
+        raise value
+    return value
 
 
 # --- the core against the fake --------------------------------------------------------
@@ -346,6 +398,139 @@ def test_jobs_api_following_server_sent_events(tier, mixed):
     assert tier.paths["GET /api/jobs/<id>/events"] == 7
 
 
+def test_event_streams_refused_with_503_fall_back_to_polling(tier, mixed):
+    """Past its cap on open event streams the web tier answers 503, "poll GET
+    /api/jobs/<id> instead": the items are fine and must not count as failed."""
+    images, csv_path = mixed
+    tier.events_busy, tier.queued_polls = True, 1
+    config = Config(images=images, url=tier.url, api="jobs", wait="sse", expected=csv_path, timeout=10)
+    report = run_load(config)
+
+    assert (report.answered, report.failed, report.wrong) == (6, 1, 1)
+    assert by_file(report)["boom.jpg"].error.startswith("item failed")
+    assert tier.paths["GET /api/jobs/<id>/events"] == 7
+    # Then each item was polled until it left "queued": two GETs each.
+    assert tier.paths["GET /api/jobs/<id>"] == 2 * 7
+
+
+ABANDONED_TWO = "RESULT: FAIL (0 failed, 0 wrong, 2 abandoned in flight, interrupted)"
+
+
+def test_a_second_ctrl_c_stops_waiting_for_the_requests_in_flight(tier, tmp_path, capsys):
+    # 0 and 1 never answer while the test runs; 2 and 3 answer together once both
+    # are in flight, so after 0 and 1 were sent (the plan goes in name order).
+    # Each answer is taken as a Ctrl-C: the first stops sending, the second quits.
+    tier.barrier = threading.Barrier(2, timeout=5)
+    images = make_images(
+        tmp_path / "images", {"0.jpg": b"hang", "1.jpg": b"hang", "2.jpg": b"barrier", "3.jpg": b"barrier"}
+    )
+
+    def ctrl_c(outcome: load_test.Outcome) -> None:
+        raise KeyboardInterrupt
+
+    config = Config(images=images, url=tier.url, concurrency=4, timeout=30)
+    report = finish_within(3, run_load, config, on_result=ctrl_c)
+
+    assert report.interrupted and not report.ok
+    assert sorted(o.file for o in report.outcomes) == ["2.jpg", "3.jpg"] and report.answered == 2
+    assert report.abandoned == 2
+    assert load_test.result_line(report) == ABANDONED_TWO
+    err = capsys.readouterr().err
+    assert "(Ctrl-C again to quit)" in err and "2 requests in flight left unanswered" in err
+
+
+def test_a_second_ctrl_c_quits_the_command_at_once(tier, tmp_path):
+    """Nothing may keep the process alive for the abandoned requests (a
+    ThreadPoolExecutor's threads are joined at exit): checked on a real process."""
+    images = make_images(tmp_path / "images", {"0.jpg": b"hang", "1.jpg": b"hang"})
+    command = [sys.executable, load_test.__file__, "--url", tier.url, "--images", str(images),
+               "-c", "2", "--timeout", "60", "-q"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        errors: queue.SimpleQueue[str] = queue.SimpleQueue()
+        threading.Thread(target=lambda: [errors.put(line) for line in proc.stderr], daemon=True).start()
+        wait_until(lambda: tier.paths["POST /"] == 2, timeout=10)
+        proc.send_signal(signal.SIGINT)
+        while "Ctrl-C again to quit" not in errors.get(timeout=5):
+            pass
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=3) == 1
+        assert proc.stdout.read().strip() == ABANDONED_TWO
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
+def test_the_run_is_timed_from_its_first_request_not_from_a_slow_status_check(tier, tmp_path):
+    # /api/status answers only once the first result is in; the poller gives up on
+    # a status check after 2 s, while the run itself takes milliseconds.
+    tier.status_gate = threading.Event()
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:x"})
+    report = run_load(Config(images=images, url=tier.url), on_result=lambda outcome: tier.status_gate.set())
+
+    assert report.ok
+    assert report.outcomes[0].started_s < 1.0 and report.duration_s < 1.0
+    assert report.peak_instances == 3  # the instances were still sampled
+
+
+def test_progress_keeps_running_counts_rather_than_counting_all_results_again(tier, mixed, monkeypatch):
+    # Counts how often any outcome's verdict is read while the run goes on.
+    reads = Counter()
+
+    class CountedOutcome(load_test.Outcome):
+        def __getattribute__(self, name: str):
+            if name == "verdict":
+                reads[name] += 1
+            return super().__getattribute__(name)
+
+    monkeypatch.setattr(load_test, "Outcome", CountedOutcome)
+    updates: list[tuple[int, int, int]] = []
+
+    class Recorder(load_test.Progress):
+        def update(self, done: int, failed: int, wrong: int) -> None:
+            updates.append((done, failed, wrong))
+
+    images, csv_path = mixed
+    n = 20 * len(MIXED)
+    config = Config(images=images, url=tier.url, num_requests=n, concurrency=8, expected=csv_path)
+    # Disabled, as with -q: the counts were worked out all the same.
+    report = run_load(config, progress=Recorder(n, stream=io.StringIO(), enabled=False))
+
+    assert (report.failed, report.wrong) == (20, 40)
+    assert [u[0] for u in updates] == list(range(1, n + 1))
+    assert updates[-1] == (n, 20, 40)
+    assert all(a[1] <= b[1] and a[2] <= b[2] for a, b in zip(updates, updates[1:], strict=False))
+    # A few reads per result, not one per earlier result too (that was ~n*n).
+    assert reads["verdict"] < 5 * n
+
+
+NAMES_THE_WEB_TIER_RESPELLS = {
+    "back\\slash.jpg": "backslash",  # Werkzeug: a backslash escapes the next character
+    "tab\there.jpg": "tab here",  # the web tier: control characters become spaces
+    "new\nline.jpg": "new%0Aline",  # requests sends LF as %0A, which stays
+    'quo"te.jpg': 'quo"te',
+    "caf\u00e9.jpg": "caf\u00e9",
+}
+
+
+@pytest.mark.parametrize("api", ["form", "jobs"])
+def test_names_the_web_tier_respells_are_still_the_right_answer(tier, tmp_path, api):
+    tier.web_tier_names = True
+    contents = {name: f"label:{n}".encode() for n, name in enumerate(NAMES_THE_WEB_TIER_RESPELLS)}
+    images = make_images(tmp_path / "images", {**contents, "other.jpg": b"mismatch"})
+    report = run_load(Config(images=images, url=tier.url, api=api, timeout=10))
+
+    outcomes = by_file(report)
+    assert report.failed == 0
+    for name, answered in NAMES_THE_WEB_TIER_RESPELLS.items():
+        assert outcomes[name].answer_name == answered  # the fake really respelled it
+        assert outcomes[name].verdict == "unchecked", (name, outcomes[name].note)
+    # An answer naming another file is still wrong (the jobs fake never sends one).
+    assert outcomes["other.jpg"].verdict == ("wrong" if api == "form" else "unchecked")
+
+
 # --- command line, JSON, plot ---------------------------------------------------------
 
 
@@ -402,6 +587,61 @@ def test_plot_writes_a_png(tier, mixed, tmp_path):
                     "--plot", str(png), "--quiet"])
     data = png.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000
+
+
+@pytest.mark.parametrize(
+    "option, name, problem",
+    [
+        ("--json", "missing/run.json", "folder"),
+        ("--plot", "missing/run.png", "folder"),
+        ("--json", ".", "is a folder"),
+        ("--plot", "run.pnx", "cannot write .pnx files"),
+    ],
+)
+def test_a_report_path_that_cannot_be_written_is_refused_before_anything_is_sent(
+    tier, tmp_path, capsys, option, name, problem
+):
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:x"})
+    path = tmp_path / name
+    with pytest.raises(SystemExit) as exc:
+        load_test.main(["--url", tier.url, "--images", str(images), option, str(path), "--quiet"])
+
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{option} {path}: " in err and problem in err
+    assert not tier.paths  # nothing sent, not even a status check
+
+
+def test_a_plot_without_matplotlib_is_refused_before_anything_is_sent(tier, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # None: import fails
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:x"})
+    with pytest.raises(SystemExit) as exc:
+        load_test.main(["--url", tier.url, "--images", str(images), "--plot", str(tmp_path / "run.png")])
+
+    assert exc.value.code == 2
+    assert "needs matplotlib" in capsys.readouterr().err
+    assert not tier.paths
+
+
+def test_a_report_that_cannot_be_written_after_the_run_is_a_clear_error(tier, tmp_path, capsys, monkeypatch):
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:x"})
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    real_run_load = load_test.run_load
+
+    def run_then_remove_the_folder(*args, **kwargs):
+        report = real_run_load(*args, **kwargs)
+        folder.rmdir()  # as if removed while the run went on
+        return report
+
+    monkeypatch.setattr(load_test, "run_load", run_then_remove_the_folder)
+    code = load_test.main(["--url", tier.url, "--images", str(images), "--json", str(folder / "run.json")])
+
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "latency p50" in out and "RESULT: PASS" in out  # the summary was printed all the same
+    assert f"cannot write the JSON report to {folder / 'run.json'}: No such file or directory" in err
 
 
 def test_verbose_prints_the_course_lines(tier, tmp_path, capsys):
@@ -477,3 +717,35 @@ def test_labels_and_names_compare_the_way_people_write_them():
     assert not load_test.same_name("test_01", "test_00")
     assert load_test.image_key("dir/test_00.JPEG") == "test_00"
     assert load_test.image_key("v1.2") == "v1.2"
+
+
+def test_same_name_accepts_the_web_tiers_spellings_and_no_other_name():
+    assert load_test.same_name("backslash", "back\\slash.jpg")
+    assert load_test.same_name("back\\slash", "back\\slash.jpg")  # a tier that keeps the name as sent
+    assert load_test.same_name("tab here", "tab\there.jpg")
+    assert load_test.same_name("tab_here", "tab\there.jpg")  # the sanitised name it stored
+    assert load_test.same_name("cafe", "caf\u00e9.jpg")
+    assert load_test.same_name("x" * 160, "x" * 200 + ".jpg")  # cut to fit a queue message
+    for other in ("slash", "back", "backslash2", "test_00", ""):
+        assert not load_test.same_name(other, "back\\slash.jpg"), other
+    for other in ("tab", "here", "tabhere", "tab  here", "tab\there.jpg"):
+        assert not load_test.same_name(other, "tab\there.jpg"), other
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["back\\slash.jpg", "a\\\\b.jpg", "tab\there.jpg", 'quo"te.jpg', "pct%22.jpg", "new\nline.jpg",
+     "cr\rx.jpg", "\x7fdel.jpg", " spaced .jpg", "caf\u00e9.jpg", "uni\x85x.jpg", "\t.jpg", "v1.2.png",
+     "x" * 200 + ".jpg", "\u00e9" * 120 + ".jpg", "q\"" * 90 + ".jpg"],
+)
+def test_the_copied_name_rules_match_the_web_tier(name):
+    """load_test.py copies how the web tier respells names; this catches the copies drifting."""
+    from common.messages import clip_for_json
+    from common.names import safe_filename, stem
+
+    sent = requests.Request("POST", "http://x/", files={"inputFile": (name, b"x", "image/jpeg")}).prepare()
+    ((_, shown, _),) = _parse_files_like_the_web_tier(sent.headers, sent.body)
+    assert load_test.received_name(name) == shown
+    assert load_test.name_stem(shown) == stem(shown)
+    assert load_test._safe_filename(shown) == safe_filename(shown)
+    assert load_test._clip_for_json(shown, 160) == clip_for_json(shown, 160)
