@@ -46,7 +46,9 @@ from common.names import stored_name
 log = logging.getLogger(__name__)
 
 _AWS_ERRORS = (BotoCoreError, ClientError)
-SQS_MAX_VISIBILITY_S = 43200
+# SQS allows a message 12 h of invisibility from its receive, all extensions
+# included; an hour leaves room for everything before and after a retry delay.
+MAX_RETRY_DELAY_S = 3600
 
 
 def retry_delay_s(receive_count: int, first_delay_s: int) -> int:
@@ -57,7 +59,7 @@ def retry_delay_s(receive_count: int, first_delay_s: int) -> int:
     after max_receive_count quick failures SQS sends the request to the
     dead-letter queue; spread out, the attempts outlast a short outage of S3 or
     SQS (or an IAM change still propagating) instead."""
-    return min(first_delay_s * 2 ** max(receive_count - 1, 0), SQS_MAX_VISIBILITY_S)
+    return min(first_delay_s * 2 ** max(receive_count - 1, 0), MAX_RETRY_DELAY_S)
 
 
 @dataclass
@@ -390,12 +392,14 @@ class Worker:
         dead-letter queue. Should the delete fail after the send, the request
         is answered twice, which the web tier ignores by id.
 
-        Only jobs still held are handed back, so that the grace timer and the
-        main loop, which may both get here, never send one message twice.
+        Hand-backs run one at a time, and each sends only jobs still held, so the
+        grace timer and the main loop, which may both get here, never send one
+        message twice. The jobs stay held (the heartbeat keeps them hidden) until
+        each is deleted or made visible again.
         """
         with self._handing_back:
             with self._held_lock:
-                mine = [j for j in jobs if self._held.pop(j.message_id, None) is not None]
+                mine = [j for j in jobs if j.message_id in self._held]
             self._send_back(mine)
 
     def hand_back_held(self) -> None:
@@ -403,7 +407,6 @@ class Worker:
         with self._handing_back:
             with self._held_lock:
                 held = list(self._held.values())
-                self._held.clear()
             self._send_back(held)
 
     def _send_back(self, jobs: list[Job]) -> None:
@@ -429,10 +432,13 @@ class Worker:
             entries = [{"Id": str(i), "ReceiptHandle": j.receipt, "VisibilityTimeout": seconds}
                        for i, (j, seconds) in enumerate(hidden_for[start:start + 10])]
             try:
-                self.aws.sqs.change_message_visibility_batch(
+                reply = self.aws.sqs.change_message_visibility_batch(
                     QueueUrl=self.aws.request_queue_url, Entries=entries)
             except _AWS_ERRORS as exc:
                 log.warning("could not change visibility of %d messages: %s", len(entries), exc)
+                continue
+            for failed in reply.get("Failed", []):
+                log.warning("could not change visibility of a message: %s", failed.get("Message") or failed)
 
     def _heartbeat_loop(self) -> None:
         period = max(1.0, self.settings.visibility_timeout_s / 3)

@@ -14,7 +14,7 @@ from moto import mock_aws
 from PIL import Image
 
 from app_tier.model import Classification
-from app_tier.worker import SQS_MAX_VISIBILITY_S, Worker, retry_delay_s, warm_up
+from app_tier.worker import MAX_RETRY_DELAY_S, Worker, retry_delay_s, warm_up
 from common.aws import Aws
 from common.config import Settings
 from common.messages import ClassifyRequest, ClassifyResponse, Prediction
@@ -453,9 +453,11 @@ def test_the_grace_timer_waits_for_the_main_loops_hand_back(aws_env, monkeypatch
     send = aws.sqs.send_message_batch
     sending = threading.Event()
     sent: list[int] = []
+    held_while_sending: list[int] = []
 
     def slow_send(**kwargs):
         sending.set()
+        held_while_sending.append(len(worker._held))  # still held: the heartbeat keeps them hidden
         time.sleep(0.3)
         sent.append(len(kwargs["Entries"]))
         return send(**kwargs)
@@ -467,7 +469,8 @@ def test_the_grace_timer_waits_for_the_main_loops_hand_back(aws_env, monkeypatch
     worker.hand_back_held()  # what the grace timer does before os._exit
     assert depth(aws, aws.request_queue_url) == (2, 0), "returned before the main loop's hand-back ended"
     main_loop.join(timeout=10)
-    assert sent == [2]
+    assert sent == [2] and held_while_sending == [2]
+    assert not worker._held
 
 
 def test_a_release_is_not_overtaken_by_a_heartbeat_already_under_way(aws_env, monkeypatch):
@@ -543,7 +546,7 @@ def test_large_images_are_decoded_one_at_a_time(monkeypatch):
 def test_a_failed_attempt_waits_longer_each_time_before_the_next():
     assert [retry_delay_s(n, 5) for n in (1, 2, 3, 4)] == [5, 10, 20, 40]
     assert retry_delay_s(1, 0) == retry_delay_s(3, 0) == 0
-    assert retry_delay_s(30, 5) == SQS_MAX_VISIBILITY_S  # SQS allows no longer
+    assert retry_delay_s(30, 5) == MAX_RETRY_DELAY_S  # SQS allows 12 h from the receive, in all
 
 
 def test_an_image_s3_cannot_serve_is_tried_again_later_not_at_once(aws_env, monkeypatch):
@@ -555,7 +558,7 @@ def test_an_image_s3_cannot_serve_is_tried_again_later_not_at_once(aws_env, monk
     from tests.unit.conftest import wait_until
 
     settings, aws = aws_env
-    settings = dataclasses.replace(settings, retry_delay_s=1)
+    settings = dataclasses.replace(settings, retry_delay_s=3)
     upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
 
     def s3_down(**kwargs):
@@ -575,7 +578,7 @@ def test_an_image_s3_cannot_serve_is_tried_again_later_not_at_once(aws_env, monk
     assert depth(aws, aws.request_queue_url) == (0, 1)  # hidden, not handed straight back
     wait_until(lambda: depth(aws, aws.request_queue_url) == (1, 0), timeout=10)
     assert worker.fetch().jobs == []  # the second attempt fails too
-    assert hidden_for == [1, 2]
+    assert hidden_for == [3, 6]
     assert not worker._held
 
 
