@@ -70,7 +70,10 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s controller %(message)s")
-    defaults = Settings.from_env()
+    try:
+        defaults = Settings.from_env()
+    except ValueError as exc:  # names the variable
+        build_parser(Settings()).error(str(exc))
     parser = build_parser(defaults)
     args = parser.parse_args(argv)
     if args.plot and not args.timeline:

@@ -101,13 +101,16 @@ class InstanceRunner:
         process = None
         while self._spares and process is None:
             spare = self._spares.pop(0)
-            if spare.poll() is None:
-                try:
-                    spare.stdin.write(f"{instance_id}\n".encode())
-                    spare.stdin.close()
-                    process = spare
-                except OSError:
-                    process = None
+            code = spare.poll()
+            if code is not None:
+                self._spare_exited(code, time.monotonic())
+                continue
+            try:
+                spare.stdin.write(f"{instance_id}\n".encode())
+                spare.stdin.close()
+                process = spare
+            except OSError:
+                process = None
         if process is None:
             process = self._spawn(instance_id)
         self.started_total += 1
@@ -120,16 +123,19 @@ class InstanceRunner:
             code = spare.poll()
             if code is None:
                 alive.append(spare)
-            elif code == EXIT_MODEL_UNAVAILABLE and self.warm_spares:
-                log.error("runner: a warm spare cannot load the model (exit %d); keeping no spares", code)
-                self.warm_spares = 0
             else:
-                self._spare_died_at = now
+                self._spare_exited(code, now)
         self._spares = alive
         if now - self._spare_died_at < RESTART_BACKOFF_S:
             return  # one that dies at start is not replaced at every poll
         while len(self._spares) < min(self.warm_spares, room):
             self._spares.append(self._spawn("-"))
+
+    def _spare_exited(self, code: int, now: float) -> None:
+        if code == EXIT_MODEL_UNAVAILABLE and self.warm_spares:
+            log.error("runner: a warm spare cannot load the model (exit %d); keeping no spares", code)
+            self.warm_spares = 0
+        self._spare_died_at = now
 
     @staticmethod
     def _signal(process: subprocess.Popen, sig: int) -> None:

@@ -32,9 +32,12 @@ def error_response(error: UploadError) -> Response:
 def _too_large(exc: RequestEntityTooLarge) -> Response:
     limit, length = request.max_content_length, request.content_length
     if limit is not None and length is not None and length <= limit:
-        # Within the size limit: Werkzeug counted more form parts than MAX_FORM_PARTS.
+        # Within the size limit: Werkzeug counted more form parts than MAX_FORM_PARTS,
+        # or found a form field (not a file) over MAX_FORM_MEMORY_SIZE.
         files = services().settings.max_files_per_request
-        return error_response(UploadError(413, f"too many parts in one request: at most {files} files"))
+        return error_response(UploadError(
+            413, f"the form has too many parts (at most {files} files to /api/jobs, one to POST /) "
+                 "or a field too large"))
     return error_response(UploadError(
         413, "the request is larger than the server accepts" + (f" ({limit} bytes)" if limit else "")))
 

@@ -572,8 +572,13 @@ def test_options_override_the_environment_and_are_checked_like_it():
             settings_from(build_parser(Settings()).parse_args([option, value]), {})
 
 
-def test_a_bad_option_stops_the_controller_with_a_usage_error(capsys):
+def test_a_bad_option_stops_the_controller_with_a_usage_error(capsys, monkeypatch):
     with pytest.raises(SystemExit) as stopped:
         main(["--poll-interval", "0", "--once"])
     assert stopped.value.code == 2
     assert "POLL_INTERVAL must be from 0.01" in capsys.readouterr().err
+    monkeypatch.setenv("MAX_INSTANCES", "many")  # the environment's, too: no traceback
+    with pytest.raises(SystemExit) as stopped:
+        main(["--once"])
+    assert stopped.value.code == 2
+    assert "MAX_INSTANCES must be a whole number" in capsys.readouterr().err
