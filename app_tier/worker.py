@@ -403,11 +403,11 @@ class Worker:
             self._send_back(mine)
 
     def hand_back_held(self) -> None:
-        """Hand back everything held (see hand_back)."""
-        with self._handing_back:
-            with self._held_lock:
-                held = list(self._held.values())
-            self._send_back(held)
+        """Hand back everything held (see hand_back: what another hand-back sends first
+        is no longer held when this one's turn comes)."""
+        with self._held_lock:
+            held = list(self._held.values())
+        self.hand_back(held)
 
     def _send_back(self, jobs: list[Job]) -> None:
         if not jobs:
