@@ -113,13 +113,12 @@ def decide(obs: Observation, policy: Policy, wanted_recently: int | None = None)
     if wanted_recently is not None and desired < len(live) and wanted_recently > desired:
         desired = min(len(live), wanted_recently, policy.max_instances)
         reason += f"; holding {desired}, wanted within the last {policy.scale_in_cooldown_s:g}s"
+    launch: tuple[int, ...] = ()
+    victims: tuple[str, ...] = ()
+    if desired > len(live):
+        launch = _free_numbers({i.number for i in obs.instances}, desired - len(live))
+    elif desired < len(live):
+        victims = tuple(i.id for i in sorted(live, key=_scale_in_order)[: len(live) - desired])
     # A stopped instance is ours but serves nobody: always clean it up.
     stray = tuple(i.id for i in obs.in_state("stopped"))
-    if desired > len(live):
-        taken = {i.number for i in obs.instances}
-        return Decision(desired, launch=_free_numbers(taken, desired - len(live)),
-                        clean_up=stray, reason=reason)
-    if desired < len(live):
-        victims = sorted(live, key=_scale_in_order)[: len(live) - desired]
-        return Decision(desired, terminate=tuple(i.id for i in victims), clean_up=stray, reason=reason)
-    return Decision(desired, clean_up=stray, reason=reason)
+    return Decision(desired, launch=launch, terminate=victims, clean_up=stray, reason=reason)
