@@ -11,15 +11,7 @@ from web_tier.auth import require_api_key
 from web_tier.jobs import UPLOAD_THREADS, new_id
 from web_tier.results import Item
 from web_tier.services import services
-from web_tier.uploads import (
-    UNREADABLE_FORM,
-    Upload,
-    UploadError,
-    check_count,
-    form_unreadable,
-    real_files,
-    validate,
-)
+from web_tier.uploads import Upload, UploadError, check_count, form_files, validate
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -40,9 +32,7 @@ def _rejection(index: int, error: UploadError) -> dict[str, Any]:
 @require_api_key(_unauthorized)
 def create_job() -> tuple[Response, int]:
     svc = services()
-    files = real_files(request.files.getlist("files"))
-    if not files and form_unreadable(request):
-        raise UploadError(400, UNREADABLE_FORM)
+    files = form_files(request, ("files",))
     check_count(files, svc.settings)
 
     # Optional: add these files to an existing batch, so a page sending many

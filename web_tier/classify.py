@@ -14,14 +14,7 @@ from web_tier.auth import require_api_key
 from web_tier.jobs import new_id
 from web_tier.results import DONE
 from web_tier.services import services
-from web_tier.uploads import (
-    FORM_SLACK_BYTES,
-    UNREADABLE_FORM,
-    UploadError,
-    form_unreadable,
-    real_files,
-    validate,
-)
+from web_tier.uploads import FORM_SLACK_BYTES, UploadError, form_files, validate
 
 bp = Blueprint("classify", __name__)
 
@@ -44,10 +37,9 @@ def _one_file_body_limit() -> None:
 @require_api_key(lambda: _text("a valid API key is required (X-API-Key header)", 401))
 def classify() -> Response:
     svc = services()
-    files = real_files(f for name in FIELDS for f in request.files.getlist(name))
+    files = form_files(request, FIELDS)
     if not files:
-        raise UploadError(400, UNREADABLE_FORM if form_unreadable(request)
-                          else "no file: send the image in form field 'inputFile'")
+        raise UploadError(400, "no file: send the image in form field 'inputFile'")
     if len(files) > 1:
         raise UploadError(400, "one file per request here; POST several to /api/jobs")
     upload = validate(files[0], svc.settings)

@@ -36,8 +36,6 @@ MAX_FILENAME_CHARS = 1024
 _CHUNK = 1 << 20
 # Room in a request body for the multipart framing and form fields around the files.
 FORM_SLACK_BYTES = 1 << 20
-UNREADABLE_FORM = ("the multipart form could not be read: is every file name UTF-8, "
-                   "and the body well formed?")
 
 
 class UploadError(Exception):
@@ -70,13 +68,6 @@ def display_name(storage: FileStorage) -> str:
     break the one-line answer of POST /) turned into spaces."""
     name = "".join(" " if unicodedata.category(c) == "Cc" else c for c in storage.filename or "")
     return name.strip()[:MAX_FILENAME_CHARS] or "upload"
-
-
-def form_unreadable(request: Request) -> bool:
-    """A multipart body of which nothing could be read. Werkzeug drops the whole form
-    when, say, a file name is not UTF-8, and "no file" would then mislead."""
-    return (request.mimetype == "multipart/form-data" and bool(request.content_length)
-            and not request.files and not request.form)
 
 
 def check_count(files: list[FileStorage], settings: Settings) -> None:
@@ -145,7 +136,22 @@ def validate(storage: FileStorage, settings: Settings) -> Upload:
     return check_image(name, data, settings)
 
 
-def real_files(files: Iterable[FileStorage]) -> list[FileStorage]:
+def form_files(request: Request, fields: Iterable[str]) -> list[FileStorage]:
+    """The files sent in these form fields, or UploadError for a form that could not be read.
+
+    A multipart body of which nothing could be read is said to be so: Werkzeug
+    drops the whole form when, say, a file name is not UTF-8, and "no file"
+    would then mislead.
+    """
+    files = _real_files(f for name in fields for f in request.files.getlist(name))
+    if (not files and request.mimetype == "multipart/form-data" and request.content_length
+            and not request.files and not request.form):
+        raise UploadError(400, "the multipart form could not be read: is every file name UTF-8, "
+                               "and the body well formed?")
+    return files
+
+
+def _real_files(files: Iterable[FileStorage]) -> list[FileStorage]:
     """Drop the empty part a browser sends for a file input left blank."""
     out = []
     for f in files:
