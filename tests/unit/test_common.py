@@ -115,6 +115,7 @@ def test_settings_from_env():
     ("RESULT_TIMEOUT", "1e10", "RESULT_TIMEOUT must be from 0.1 to 3600, got 1e+10"),  # too long to wait on
     ("SHUTDOWN_GRACE", "30", "SHUTDOWN_GRACE must be from 0 to 25, got 30"),  # systemd kills at 30
     ("VISIBILITY_TIMEOUT", "1", "VISIBILITY_TIMEOUT must be from 5 to 43200, got 1"),
+    ("RETRY_DELAY", "7200", "RETRY_DELAY must be from 0 to 3600, got 7200"),  # the worker's cap
 ])
 def test_settings_out_of_range_are_refused_naming_the_variable(name, value, says):
     with pytest.raises(ValueError) as refused:
