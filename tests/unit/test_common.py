@@ -8,7 +8,7 @@ import json
 import pytest
 from moto import mock_aws
 
-from common.aws import Aws
+from common.aws import USER_AGENT, Aws
 from common.config import Settings
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError, Prediction
 from common.names import instance_name, instance_number, object_key, safe_filename, stem
@@ -162,3 +162,16 @@ def test_aws_opens_clients_ahead_of_use_and_refuses_unknown_services():
     assert "s3" in vars(aws) and "sqs" in vars(aws) and "ec2" not in vars(aws)
     with pytest.raises(ValueError, match="lambda"):
         aws.open("lambda")
+
+
+def test_aws_clients_send_the_fixed_user_agent():
+    # The fixed string spares botocore rebuilding its structured one on every call.
+    sent: list[str] = []
+    with mock_aws():
+        aws = Aws(Settings(region="us-east-1"))
+        aws.sqs.meta.events.register(
+            "before-send", lambda request, **_: sent.append(request.headers["User-Agent"])
+        )
+        aws.sqs.list_queues()
+    agents = [agent.decode() if isinstance(agent, bytes) else agent for agent in sent]
+    assert agents and all(agent.startswith(USER_AGENT + " ") for agent in agents), agents
