@@ -11,6 +11,7 @@ import sys
 from app_tier import EXIT_MODEL_UNAVAILABLE
 from common.aws import Aws
 from common.config import Settings
+from common.fleet import report_worker_failed
 from common.heap import freeze_startup_heap
 
 
@@ -48,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         classifier = load_classifier(settings.model_weights, settings.model_runtime, settings.worker_threads)
     except WeightsUnavailable as exc:
         print(exc, file=sys.stderr)
+        if not args.prepare_only and args.instance_id != "-":
+            # Not restarted, this worker leaves its instance idle: say so, or the
+            # controller would count it as serving.
+            report_worker_failed(Aws(settings), args.instance_id, "model-unavailable")
         return EXIT_MODEL_UNAVAILABLE
     if args.prepare_only:
         print(f"model ready: {settings.model_runtime}, weights {settings.model_weights}, "

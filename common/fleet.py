@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from common.aws import Aws
 from common.names import APP_TIER_NAME_PREFIX, PREFIX_TAG, instance_number
 
+log = logging.getLogger(__name__)
+
 # Every state in which an instance is, or may soon be, ours to count or clean up.
 WATCHED_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
 # Those in which it is, or is about to be, serving (and costing money).
 LIVE_STATES = ("pending", "running")
+
+# The tag a worker that has given up for good puts on its own instance, saying why
+# (say, "model-unavailable"). EC2 alone cannot tell such an instance from one that
+# is still booting, and would count it as serving until it is terminated.
+WORKER_FAILED_TAG = "imgclass:worker-failed"
 
 
 @dataclass(frozen=True)
@@ -19,6 +27,7 @@ class Instance:
     number: int
     state: str
     launched_at: float
+    worker_failed: str = ""  # its WORKER_FAILED_TAG: why its worker gave up, "" if it has not
 
 
 def app_tier_instances(aws: Aws, states: tuple[str, ...] = WATCHED_STATES) -> tuple[Instance, ...]:
@@ -43,6 +52,24 @@ def app_tier_instances(aws: Aws, states: tuple[str, ...] = WATCHED_STATES) -> tu
                         number=number,
                         state=raw["State"]["Name"],
                         launched_at=raw["LaunchTime"].timestamp(),
+                        worker_failed=tags.get(WORKER_FAILED_TAG, ""),
                     )
                 )
     return tuple(sorted(found, key=lambda i: (i.number, i.id)))
+
+
+def report_worker_failed(aws: Aws, instance_id: str, reason: str) -> bool:
+    """Tag our own instance as one whose worker has given up; True if EC2 took it.
+
+    Best effort, as the worker is exiting anyway. Without the tag (say, the
+    instance role lacks ec2:CreateTags) the controller keeps counting the
+    instance as serving until the backlog is gone.
+    """
+    if not instance_id.startswith("i-"):
+        return False  # run by hand, outside any instance: nothing to tag
+    try:
+        aws.ec2.create_tags(Resources=[instance_id], Tags=[{"Key": WORKER_FAILED_TAG, "Value": reason}])
+    except Exception as exc:  # any failure means the same: the report is lost
+        log.warning("cannot tag instance %s %s=%s: %s", instance_id, WORKER_FAILED_TAG, reason, exc)
+        return False
+    return True

@@ -3,11 +3,14 @@
 All state that matters lives in EC2 (instances and their Name tags) and SQS
 (queue depths), so a controller that is killed and started again picks up
 exactly where the last one stopped. The only memory kept between polls is
-(1) how many instances each round of the scale-in window wanted, and
+(1) how many instances each round of the scale-in window wanted,
 (2) instances this process launched in the last few seconds, counted until
 EC2's eventually consistent DescribeInstances lists them, so that a launch is
-never repeated for the same work. Losing either on restart is harmless: a
-restarted controller keeps what is live for one window before it scales in.
+never repeated for the same work, and
+(3) when workers last gave up, and for how long launches are held after it.
+Losing any of them on restart is harmless: a restarted controller keeps what
+is live for one window before it scales in, and learns of failing workers from
+the next one that gives up.
 """
 
 from __future__ import annotations
@@ -67,7 +70,18 @@ class Controller:
     # (time, instances wanted) of each round within the scale-in window.
     _wanted: deque[tuple[float, int]] = field(default_factory=deque)
     _recent: dict[str, Instance] = field(default_factory=dict)
-    # Stopped instances EC2 refused to terminate, warned about once each (not state: a log aid).
+    # When a worker gives up (it cannot load the model), a replacement would most
+    # likely do the same: launches wait this long, doubling while workers keep giving
+    # up, as Kubernetes backs off a crash-looping container. Quiet for the max: reset.
+    failure_hold_min_s: float = 10.0
+    failure_hold_max_s: float = 300.0
+    _failure_hold_s: float = 0.0
+    _last_failure_at: float = float("-inf")
+    _failed_seen: set[str] = field(default_factory=set)
+    # Instances there were when the hold last began: failures among them are of the same
+    # wave, and do not lengthen the hold; only a replacement that fails again does.
+    _present_at_failure: set[str] = field(default_factory=set)
+    # Instances EC2 refused to terminate, warned about once each (not state: a log aid).
     _refused_clean_up: set[str] = field(default_factory=set)
     _last_summary: tuple | None = None
     # The last rounds, for tests and a look in a debugger; --timeline keeps them all on disk.
@@ -83,7 +97,7 @@ class Controller:
     # --- one round -----------------------------------------------------------------
     def step(self, now: float | None = None) -> Decision:
         obs = self._with_recent_launches(observe(self.aws, now))
-        decision = decide(obs, self.policy, self._wanted_recently(obs))
+        decision = decide(obs, self.policy, self._wanted_recently(obs), self._launches_held(obs))
         self._record(obs, decision)
         if decision.changes_anything and not self.dry_run:
             self._act(decision, obs.at)
@@ -110,6 +124,28 @@ class Controller:
             peak = max(peak, len(obs.live))
         return peak
 
+    def _launches_held(self, obs: Observation) -> bool:
+        """Whether workers gave up recently enough that launching more is held."""
+        failed = {i.id: i for i in obs.instances if i.worker_failed}
+        new = [i for iid, i in failed.items() if iid not in self._failed_seen]
+        self._failed_seen = set(failed)
+        if new:
+            if obs.at - self._last_failure_at > self.failure_hold_max_s:
+                self._failure_hold_s = self.failure_hold_min_s
+                self._present_at_failure = {i.id for i in obs.instances}
+            elif any(i.id not in self._present_at_failure for i in new):
+                self._failure_hold_s = min(self._failure_hold_s * 2, self.failure_hold_max_s)
+                self._present_at_failure = {i.id for i in obs.instances}
+            self._last_failure_at = obs.at
+            log.error(
+                "controller: %d worker(s) gave up: %s; their instances are terminated, and "
+                "launches held for %.0fs (see the worker's log; ami/README.md says how to provide "
+                "the weights)", len(new),
+                ", ".join(f"app-tier-instance-{i.number} ({i.id}): {i.worker_failed}" for i in new),
+                self._failure_hold_s,
+            )
+        return obs.at - self._last_failure_at < self._failure_hold_s
+
     def _with_recent_launches(self, obs: Observation) -> Observation:
         seen = {i.id for i in obs.instances}
         self._recent = {
@@ -134,20 +170,21 @@ class Controller:
                 self._recent.pop(iid, None)
         self._clean_up(decision.clean_up)
 
-    def _clean_up(self, stopped: tuple[str, ...]) -> None:
-        """Terminate stopped instances one by one, and let a refusal fail nothing else.
+    def _clean_up(self, useless: tuple[str, ...]) -> None:
+        """Terminate instances that serve nobody one by one, and let a refusal fail
+        nothing else.
 
         One that EC2 will not terminate (termination protection, say) stays
-        stopped round after round; failing the round for it would slow every
-        later round to the error backoff and hold up scaling in and out alike."""
-        for iid in stopped:
+        round after round; failing the round for it would slow every later
+        round to the error backoff and hold up scaling in and out alike."""
+        for iid in useless:
             try:
                 terminate(self.aws, (iid,))
             except EXPECTED_ERRORS as exc:
                 if iid not in self._refused_clean_up:
                     self._refused_clean_up.add(iid)
-                    log.warning("controller: cannot terminate stopped instance %s (%s); "
-                                "it serves nobody, and is left to you", iid, exc)
+                    log.warning("controller: cannot terminate instance %s (%s); it serves nobody "
+                                "(stopped, or its worker gave up), and is left to you", iid, exc)
 
     def _remember(self, launched: dict[int, str], now: float) -> None:
         for n, iid in launched.items():

@@ -27,8 +27,18 @@ class Observation:
 
     @property
     def live(self) -> tuple[Instance, ...]:
-        """Instances that are, or are about to be, serving (and costing money)."""
+        """Instances that are, or are about to be, up (and costing money)."""
         return self.in_state(*LIVE_STATES)
+
+    @property
+    def serving(self) -> tuple[Instance, ...]:
+        """Live instances that serve, or are about to: all but those whose worker gave up."""
+        return tuple(i for i in self.live if not i.worker_failed)
+
+    @property
+    def failed(self) -> tuple[Instance, ...]:
+        """Live instances whose worker has given up for good: they serve nobody."""
+        return tuple(i for i in self.live if i.worker_failed)
 
 
 def queue_depth(aws: Aws) -> tuple[int, int, int]:

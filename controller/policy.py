@@ -17,7 +17,12 @@ latency
     would finish the whole backlog before a new one could boot, launching one
     helps nobody, so none is launched.
 
-Either way the cap is never exceeded (pending instances count). Scaling out
+Only instances that serve count towards the fleet: one whose worker has
+given up (it tagged its instance, see common/fleet.py) is cleaned up and
+replaced, unless the loop holds launches because workers keep giving up.
+
+Either way the cap is never exceeded (pending instances, and failed ones until
+they are gone, count). Scaling out
 is immediate; scaling in is not: the fleet shrinks only to the most instances
 wanted at any round of the last scale_in_cooldown_s (as Kubernetes' scale-down
 stabilisation window does), so a backlog that dips for a moment, or SQS's
@@ -60,7 +65,8 @@ class Decision:
     desired: int
     launch: tuple[int, ...] = ()  # instance numbers n of app-tier-instance-<n> to launch
     terminate: tuple[str, ...] = ()  # ids of live instances the fleet no longer needs
-    clean_up: tuple[str, ...] = ()  # ids of stopped instances: ours, but serving nobody
+    # ids of ours that serve nobody: stopped, or live with a worker that gave up
+    clean_up: tuple[str, ...] = ()
     reason: str = ""
 
     @property
@@ -76,16 +82,16 @@ def target_backlog(policy: Policy) -> float:
 
 def desired_count(obs: Observation, policy: Policy) -> tuple[int, str]:
     """How many instances this observation alone calls for, and why."""
-    live = len(obs.live)
+    serving = obs.serving
     if obs.backlog == 0:
         return 0, "no work outstanding"
     wanted = math.ceil(obs.backlog / target_backlog(policy))
     reason = f"backlog {obs.backlog} / target {target_backlog(policy):g}"
-    if policy.mode == "latency" and 0 < len(obs.in_state("running")) < wanted:
-        running = len(obs.in_state("running"))
+    running = sum(1 for i in serving if i.state == "running")
+    if policy.mode == "latency" and 0 < running < wanted:
         drain_s = obs.backlog * policy.seconds_per_image / running
         if drain_s <= policy.boot_time_s:
-            wanted = live
+            wanted = len(serving)
             reason += f"; running instances drain it in {drain_s:.1f}s < boot {policy.boot_time_s:g}s"
     return min(policy.max_instances, wanted), reason
 
@@ -105,20 +111,28 @@ def _scale_in_order(instance: Instance) -> tuple[int, float, int]:
     return (0 if instance.state == "pending" else 1, -instance.launched_at, -instance.number)
 
 
-def decide(obs: Observation, policy: Policy, wanted_recently: int | None = None) -> Decision:
+def decide(
+    obs: Observation, policy: Policy, wanted_recently: int | None = None, hold_launches: bool = False
+) -> Decision:
     """What to do now. `wanted_recently` is the most instances wanted at any round of
-    the last scale_in_cooldown_s (None: no window); the fleet shrinks no lower."""
+    the last scale_in_cooldown_s (None: no window); the fleet shrinks no lower.
+    `hold_launches`: launch nothing this round (workers have been giving up)."""
     desired, reason = desired_count(obs, policy)
-    live = obs.live
-    if wanted_recently is not None and desired < len(live) and wanted_recently > desired:
-        desired = min(len(live), wanted_recently, policy.max_instances)
+    serving = obs.serving
+    if wanted_recently is not None and desired < len(serving) and wanted_recently > desired:
+        desired = min(len(serving), wanted_recently, policy.max_instances)
         reason += f"; holding {desired}, wanted within the last {policy.scale_in_cooldown_s:g}s"
     launch: tuple[int, ...] = ()
     victims: tuple[str, ...] = ()
-    if desired > len(live):
-        launch = _free_numbers({i.number for i in obs.instances}, desired - len(live))
-    elif desired < len(live):
-        victims = tuple(i.id for i in sorted(live, key=_scale_in_order)[: len(live) - desired])
-    # A stopped instance is ours but serves nobody: always clean it up.
-    stray = tuple(i.id for i in obs.in_state("stopped"))
-    return Decision(desired, launch=launch, terminate=victims, clean_up=stray, reason=reason)
+    if desired > len(serving):
+        # Failed instances keep their place under the cap until they are gone.
+        count = min(desired - len(serving), policy.max_instances - len(obs.live))
+        if hold_launches:
+            reason += "; launches held: workers gave up recently"
+        elif count > 0:
+            launch = _free_numbers({i.number for i in obs.instances}, count)
+    elif desired < len(serving):
+        victims = tuple(i.id for i in sorted(serving, key=_scale_in_order)[: len(serving) - desired])
+    # Stopped, or live with a worker that gave up: ours, serving nobody; always cleaned up.
+    useless = tuple(i.id for i in obs.in_state("stopped") + obs.failed)
+    return Decision(desired, launch=launch, terminate=victims, clean_up=useless, reason=reason)

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from common.aws import Aws, error_reason
-from common.fleet import WATCHED_STATES, app_tier_instances
+from common.fleet import LIVE_STATES, WATCHED_STATES, app_tier_instances
 from web_tier.results import ResultBook
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class StatusReader:
     def _read_aws(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "queue": None, "responses_waiting": None, "dead_letter": None,
-            "instances": {}, "instances_total": None,
+            "instances": {}, "instances_total": None, "workers_failed": None,
         }
         errors = []
         try:
@@ -81,10 +81,14 @@ class StatusReader:
         try:
             # Every state always reported, even at zero, so a page need not guess.
             counts = dict.fromkeys(WATCHED_STATES, 0)
+            failed = 0
             for instance in app_tier_instances(self.aws):
                 counts[instance.state] = counts.get(instance.state, 0) + 1
+                # Up, but with a worker that gave up: the controller replaces it.
+                failed += bool(instance.worker_failed and instance.state in LIVE_STATES)
             out["instances"] = counts
             out["instances_total"] = sum(counts.values())
+            out["workers_failed"] = failed
         except Exception as exc:
             log.warning("status: instances unreadable: %s", exc)
             errors.append(f"instances: {error_reason(exc)}")

@@ -391,3 +391,38 @@ def test_once_dry_run_decides_and_touches_nothing(world, tmp_path):
     assert "action=launch 5 (dry run)" in done.stderr
     assert world.ever_launched() == 0
     assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_workers_that_cannot_load_the_model_are_replaced_after_a_hold(world, controllers, tmp_path):
+    """Real workers, run by the local runner, whose weights are missing: each tags its
+    instance and exits 78; the controller terminates those instances and launches
+    replacements only after its hold (10 s), instead of crash-looping the fleet."""
+    from localaws.runner import InstanceRunner
+
+    env = dict(world.env, MODEL_WEIGHTS=str(tmp_path / "missing.h5"), IMGCLASS_CACHE=str(tmp_path))
+    runner = InstanceRunner(Settings.from_env(env), env=env, log_dir=tmp_path / "logs", warm_spares=0,
+                            busy_poll_s=0.2)
+    runner_thread = threading.Thread(target=runner.run, name="runner", daemon=True)
+    runner_thread.start()
+    try:
+        controller = controllers()
+        controller.wait_rounds(1)
+        world.send(2)
+        wait_for(lambda: "worker(s) gave up" in controller.output, 60, "the controller to see the failures",
+                 interval=0.1)
+        seen_at = time.monotonic()
+        assert "model-unavailable" in controller.output and "launches held for 10s" in controller.output
+        wait_for(lambda: not live_names(world.ec2), 10, "the failed instances to be terminated")
+        reply = world.ec2.describe_instances(Filters=[{"Name": "tag:imgclass:worker-failed",
+                                                       "Values": ["model-unavailable"]}])
+        assert sum(len(r["Instances"]) for r in reply["Reservations"]) >= 1
+        launched_before = world.ever_launched()
+        wait_for(lambda: world.ever_launched() > launched_before, 30, "the replacements after the hold")
+        held = time.monotonic() - seen_at
+        print(f"\nreplacements launched {held:.1f} s after the workers gave up")
+        assert held >= 8, f"launched again after {held:.1f}s, within the 10 s hold"
+        assert runner.started_total >= 2
+    finally:
+        runner.stopping.set()
+        runner_thread.join(15)
+        runner.shutdown()

@@ -19,6 +19,8 @@ import pytest
 
 from app_tier import EXIT_MODEL_UNAVAILABLE
 from common.config import Settings
+from common.fleet import WORKER_FAILED_TAG
+from common.names import ROLE_APP_TIER, ROLE_TAG
 from controller.act import render_user_data, worker_settings
 
 AMI = Path(__file__).resolve().parents[2] / "ami"
@@ -198,6 +200,15 @@ def test_iam_policy_is_least_privilege_on_our_buckets_and_queues():
     for statement in policy["Statement"]:
         resources = statement["Resource"]
         actions = statement["Action"]
+        if actions == ["ec2:CreateTags"]:
+            # Only the one tag, only on app-tier instances: a worker marks its own as failed.
+            assert resources == ["arn:aws:ec2:*:*:instance/*"]
+            assert statement["Condition"] == {
+                "StringEquals": {f"aws:ResourceTag/{ROLE_TAG}": ROLE_APP_TIER},
+                "ForAllValues:StringEquals": {"aws:TagKeys": [WORKER_FAILED_TAG]},
+            }
+            allowed_actions.update(actions)
+            continue
         if actions == ["s3:ListBucket"]:
             # Without it S3 answers a missing key with 403, not 404: the worker could
             # not tell a deleted upload (fail it) from a passing fault (retry it).
@@ -210,7 +221,7 @@ def test_iam_policy_is_least_privilege_on_our_buckets_and_queues():
             allowed_actions.update(actions)
             assert not any(r.endswith("imgclass-req-dlq") for r in resources)
     assert allowed_actions == {
-        "s3:GetObject", "s3:PutObject", "s3:PutObjectTagging", "s3:ListBucket",
+        "s3:GetObject", "s3:PutObject", "s3:PutObjectTagging", "s3:ListBucket", "ec2:CreateTags",
         "sqs:GetQueueUrl", "sqs:ReceiveMessage", "sqs:DeleteMessage",
         "sqs:ChangeMessageVisibility", "sqs:SendMessage",
     }

@@ -24,6 +24,7 @@ from moto.core.botocore_stubber import MockRawResponse
 
 from common.aws import Aws
 from common.config import Settings
+from common.fleet import report_worker_failed
 from common.names import ROLE_APP_TIER, ROLE_TAG
 from common.provision import provision
 from controller.act import LaunchError
@@ -261,12 +262,62 @@ def test_a_stray_that_cannot_be_terminated_holds_up_nothing(aws, make_controller
         assert len(controller.step().terminate) == 3
         assert instances(aws) == []  # scaled in to zero beside it
         controller.step()
-        assert caplog.text.count(f"cannot terminate stopped instance {stray}") == 1
+        assert caplog.text.count(f"cannot terminate instance {stray}") == 1
         assert [i["InstanceId"] for i in instances(aws, ("stopped",))] == [stray]
     finally:
         aws.ec2.modify_instance_attribute(InstanceId=stray, DisableApiTermination={"Value": False})
     controller.step()
     assert instances(aws, ("stopped",)) == []
+
+
+def test_a_worker_that_gave_up_is_replaced_after_a_hold_that_doubles(aws, make_controller, caplog):
+    """A worker that cannot load the model tags its instance: the controller stops
+    counting it, terminates it, and launches its replacement only after a hold, longer
+    each time workers keep giving up, so that a bad image does not crash-loop the fleet."""
+    send(aws, 2)
+    controller = make_controller(failure_hold_min_s=10.0, failure_hold_max_s=300.0)
+    t = 1000.0
+    assert len(controller.step(now=t).launch) == 2
+    first = instances(aws)[0]
+    assert report_worker_failed(aws, first["InstanceId"], "model-unavailable")
+
+    decision = controller.step(now=t + 1)
+    assert decision.clean_up == (first["InstanceId"],) and decision.launch == ()
+    assert "launches held" in decision.reason
+    assert f"{tags(first)['Name']} ({first['InstanceId']}): model-unavailable" in caplog.text
+    assert "launches held for 10s" in caplog.text
+    assert len(instances(aws)) == 1
+    assert controller.step(now=t + 10).launch == ()  # within the hold
+    (replacement,) = controller.step(now=t + 11.5).launch
+    assert len(instances(aws)) == 2
+
+    again = next(i for i in instances(aws) if tags(i)["Name"] == f"app-tier-instance-{replacement}")
+    report_worker_failed(aws, again["InstanceId"], "model-unavailable")
+    controller.step(now=t + 12)
+    assert "launches held for 20s" in caplog.text
+    assert controller.step(now=t + 31).launch == ()
+    assert len(controller.step(now=t + 32.5).launch) == 1
+    # Quiet for longer than the max: the next failure holds for the min again.
+    fresh = instances(aws)[-1]
+    report_worker_failed(aws, fresh["InstanceId"], "model-unavailable")
+    controller.step(now=t + 12 + 301)
+    assert caplog.text.count("launches held for 10s") == 2
+
+
+def test_workers_of_one_wave_failing_in_turn_do_not_lengthen_the_hold(aws, make_controller, caplog):
+    send(aws, 3)
+    controller = make_controller(failure_hold_min_s=10.0)
+    assert len(controller.step(now=1000.0).launch) == 3
+    for n, instance in enumerate(instances(aws)):
+        report_worker_failed(aws, instance["InstanceId"], "model-unavailable")
+        controller.step(now=1001.0 + n)
+    assert caplog.text.count("launches held for 10s") == 3 and "held for 20s" not in caplog.text
+    assert controller.step(now=1003.0 + 9.9).launch == ()  # the hold runs from the last of them
+    assert len(controller.step(now=1003.0 + 10.1).launch) == 3
+
+
+def test_a_worker_run_by_hand_tags_nothing(aws):
+    assert not report_worker_failed(aws, "my-laptop", "model-unavailable")
 
 
 class Killed(BaseException):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import boto3
 import numpy as np
 import pytest
 from PIL import Image
@@ -108,14 +109,23 @@ def test_missing_weights_file_says_what_to_set(runtime, tmp_path, monkeypatch):
 
 
 def test_the_worker_exits_with_its_no_model_status_when_the_weights_are_missing(tmp_path, monkeypatch):
-    """systemd (RestartPreventExitStatus) and the local runner do not restart on this status."""
+    """systemd (RestartPreventExitStatus) and the local runner do not restart on this
+    status; the worker tags its instance so that the controller stops counting it."""
+    from moto import mock_aws
+
     from app_tier import EXIT_MODEL_UNAVAILABLE
     from app_tier.__main__ import main
+    from common.fleet import WORKER_FAILED_TAG
 
     monkeypatch.setenv("IMGCLASS_CACHE", str(tmp_path))
     monkeypatch.setenv("MODEL_RUNTIME", "openvino")
     monkeypatch.setenv("MODEL_WEIGHTS", str(tmp_path / "nope.h5"))
-    assert main(["--instance-id", "i-test"]) == EXIT_MODEL_UNAVAILABLE
+    with mock_aws():
+        ec2 = boto3.client("ec2", region_name="us-east-1")
+        iid = ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+        assert main(["--instance-id", iid]) == EXIT_MODEL_UNAVAILABLE
+        tags = ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [iid]}])["Tags"]
+    assert {t["Key"]: t["Value"] for t in tags} == {WORKER_FAILED_TAG: "model-unavailable"}
 
 
 def test_imagenet_weights_unreachable_offline_says_what_to_set(tmp_path, monkeypatch):

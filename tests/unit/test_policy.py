@@ -58,6 +58,45 @@ def test_stopped_strays_are_cleaned_up_apart_from_scaling(observation):
     assert decision.changes_anything
 
 
+def failed(observation: Observation, count: int) -> Observation:
+    """The same observation with the workers of its first `count` live instances given up."""
+    from dataclasses import replace
+
+    ids = {i.id for i in observation.live[:count]}
+    return replace(observation, instances=tuple(
+        replace(i, worker_failed="model-unavailable") if i.id in ids else i for i in observation.instances))
+
+
+def test_an_instance_whose_worker_gave_up_is_cleaned_up_and_replaced():
+    observation = failed(obs(visible=3, running=3), 1)
+    decision = decide(observation, BACKLOG)
+    assert decision.clean_up == ("i-0001",) and decision.terminate == ()
+    assert len(decision.launch) == 1 and decision.desired == 3
+    assert 1 not in decision.launch  # its name stays taken until it is gone
+
+
+def test_failed_instances_keep_their_place_under_the_cap_until_gone():
+    observation = failed(obs(visible=100, running=15), 2)
+    decision = decide(observation, BACKLOG)
+    assert decision.launch == () and set(decision.clean_up) == {"i-0001", "i-0002"}
+    # A round later they are shutting down, and replaced.
+    gone = obs(visible=100, running=13, shutting=2)
+    assert len(decide(gone, BACKLOG).launch) == 2
+
+
+def test_held_launches_launch_nothing_but_still_clean_up_and_scale_in():
+    held = decide(failed(obs(visible=5, running=2), 2), BACKLOG, hold_launches=True)
+    assert held.launch == () and set(held.clean_up) == {"i-0001", "i-0002"}
+    assert "launches held" in held.reason
+    assert len(decide(obs(visible=1, running=3), BACKLOG, hold_launches=True).terminate) == 2
+
+
+def test_scale_in_never_picks_a_failed_instance_as_a_victim():
+    decision = decide(failed(obs(in_flight=1, running=3), 1), BACKLOG)
+    assert decision.clean_up == ("i-0001",)
+    assert len(decision.terminate) == 1 and "i-0001" not in decision.terminate
+
+
 def test_launch_numbers_fill_gaps_and_never_reuse_a_live_name():
     observation = Observation(at=0, visible=4, in_flight=0, delayed=0, instances=(
         Instance("i-a", 1, "running", 0), Instance("i-b", 3, "pending", 0),

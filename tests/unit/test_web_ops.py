@@ -6,6 +6,7 @@ import io
 
 import pytest
 
+from common.fleet import report_worker_failed
 from common.names import PREFIX_TAG
 from tests.conftest import make_image
 
@@ -72,7 +73,8 @@ def run_instance(ec2, name: str, prefix: str = "") -> str:
 def test_status_shape_and_counts(quiet_client, web_aws):
     ours = web_aws.settings.prefix
     run_instance(web_aws.ec2, "app-tier-instance-1", ours)
-    run_instance(web_aws.ec2, "app-tier-instance-2", ours)
+    broken = run_instance(web_aws.ec2, "app-tier-instance-2", ours)
+    assert report_worker_failed(web_aws, broken, "model-unavailable")
     gone = run_instance(web_aws.ec2, "app-tier-instance-3", ours)
     web_aws.ec2.terminate_instances(InstanceIds=[gone])
     run_instance(web_aws.ec2, "web-instance", ours)  # not an app-tier instance
@@ -89,6 +91,7 @@ def test_status_shape_and_counts(quiet_client, web_aws):
     assert status["instances"]["stopping"] == 0
     assert status["instances"]["shutting-down"] == 0
     assert status["instances_total"] == 2
+    assert status["workers_failed"] == 1
     assert status["totals"] == {"uploaded": 2, "answered": 0, "failed": 0}
     assert status["untrained"] is None
     assert status["api_key_required"] is False

@@ -275,7 +275,8 @@
       if (s.instances_total !== null && s.instances_total !== undefined) {
         const i = s.instances || {};
         parts.push(`instances: ${i.running || 0} running, ${i.pending || 0} starting, ` +
-                   `${(i.stopping || 0) + (i["shutting-down"] || 0)} stopping`);
+                   `${(i.stopping || 0) + (i["shutting-down"] || 0)} stopping` +
+                   (s.workers_failed ? `, ${s.workers_failed} whose worker failed` : ""));
       }
       if (s.totals) parts.push(`answered here: ${s.totals.answered}, failed: ${s.totals.failed}`);
       line.textContent = parts.join(" · ") || "status unavailable";
