@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import boto3
+import psutil
 import pytest
 
 from localaws.harness import StackProcess
@@ -65,6 +67,26 @@ def wait_for(predicate, timeout_s: float, what: str, interval: float = 0.2):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+SERVES = re.compile(r"runner: worker pid (\d+) serves (i-\w+)")
+
+
+def serving_workers(stack: StackProcess) -> list[psutil.Process]:
+    """Worker processes serving an instance, by the runner's own word.
+
+    An adopted warm spare still has `--instance-id -` on its command line, so the
+    command line cannot say which workers serve; the runner's log line can.
+    """
+    pids = {int(m.group(1)) for line in list(stack.output) if (m := SERVES.search(line))}
+    found = []
+    for proc in stack.descendants():
+        try:
+            if proc.pid in pids and "app_tier" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
 
 
 def live_instances(ec2) -> list[dict]:

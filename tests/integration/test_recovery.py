@@ -8,7 +8,7 @@ import psutil
 import requests
 
 from tests.conftest import make_image
-from tests.integration.conftest import clients, reference, wait_for
+from tests.integration.conftest import clients, reference, serving_workers, wait_for
 
 
 def processes(stack, marker: str) -> list[psutil.Process]:
@@ -65,8 +65,7 @@ def test_worker_killed_mid_batch_its_images_are_answered_by_another(stack, refer
     def workers_holding_messages():
         held = int(sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=[
             "ApproximateNumberOfMessagesNotVisible"])["Attributes"]["ApproximateNumberOfMessagesNotVisible"])
-        serving = [p for p in processes(stack, "app_tier")
-                   if "--instance-id" in p.cmdline() and p.cmdline()[-1] != "-"]
+        serving = serving_workers(stack)
         return serving if held and serving else None
 
     victims = wait_for(workers_holding_messages, 60, "workers holding messages", interval=0.02)

@@ -18,7 +18,7 @@ import requests
 
 from bench.memory import kind_of as process_kind
 from tests.conftest import make_image
-from tests.integration.conftest import clients, queue_counts, running_stack, wait_for
+from tests.integration.conftest import clients, queue_counts, running_stack, serving_workers, wait_for
 
 pytestmark = pytest.mark.soak
 
@@ -33,18 +33,6 @@ def soak_stack(tmp_path_factory):
     # (likely over ~40 kills) do not send a healthy image to the dead letters.
     yield from running_stack(tmp_path_factory, {
         "VISIBILITY_TIMEOUT": "10", "MAX_RECEIVE_COUNT": "5", "LOCAL_MAX_WORKERS": "4"})
-
-
-def worker_processes(stack) -> list[psutil.Process]:
-    out = []
-    for proc in stack.descendants():
-        try:
-            cmd = proc.cmdline()
-        except psutil.Error:
-            continue
-        if "app_tier" in cmd and "--instance-id" in cmd and cmd[cmd.index("--instance-id") + 1] != "-":
-            out.append(proc)
-    return out
 
 
 def kind_of(proc: psutil.Process, root_pid: int) -> str:
@@ -68,7 +56,7 @@ def test_thousand_images_with_workers_killed_at_random(soak_stack):
 
     def chaos():
         while not stop.wait(KILL_EVERY_S):
-            victims = worker_processes(stack)
+            victims = serving_workers(stack)
             if victims:
                 victim = rng.choice(victims)
                 try:
