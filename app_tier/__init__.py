@@ -4,3 +4,7 @@
 # Its supervisor (systemd on an instance, the local runner) does not restart it:
 # it would only fail again the same way.
 EXIT_MODEL_UNAVAILABLE = 78
+
+# The worker's exit status when its model stopped answering (EX_SOFTWARE): it
+# has given its messages back, and its supervisor starts it afresh.
+EXIT_STALLED = 70

@@ -9,9 +9,11 @@ One loop, in the spirit of rq's worker:
 A fetch thread prepares the next batch (receive, download, decode) while the
 main thread runs the model on the current one, and a finishing thread writes
 the previous batch's results, so the network and the decoder overlap with
-inference and the model never waits for S3 or SQS. A heartbeat thread extends the visibility timeout of
-every message the worker holds, so a slow batch is never redelivered by
-mistake. On SIGTERM the worker stops receiving, finishes the batch in hand if
+inference and the model never waits for S3 or SQS. A heartbeat thread extends
+the visibility timeout of every message the worker holds, so a slow batch is
+never redelivered by mistake, unless the model has not answered for
+STALL_TIMEOUT: a worker stuck there gives its messages back and exits to be
+restarted. On SIGTERM the worker stops receiving, finishes the batch in hand if
 it can within the grace period, and hands everything else back to the queue at
 once, so no request waits out a visibility timeout because of it.
 
@@ -29,13 +31,14 @@ import os
 import queue
 import signal
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 from botocore.exceptions import BotoCoreError, ClientError
 
-from app_tier import images
+from app_tier import EXIT_STALLED, images
 from app_tier.images import BadImage, prepare
 from app_tier.model import Classification
 from common.aws import Aws
@@ -108,6 +111,10 @@ class Worker:
         # One batch at a time is written while the next is classified.
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
         self._finishing: Future | None = None
+        # When the model call in progress began, and the jobs it holds: the
+        # heartbeat's evidence that the worker is stuck rather than slow.
+        self._in_model: tuple[float, list[Job]] | None = None
+        self._exit = os._exit  # tests put a recorder here
         self.processed = 0
 
     # --- lifecycle ---------------------------------------------------------------
@@ -126,7 +133,7 @@ class Worker:
     def _give_up(self) -> None:
         log.warning("worker %s: grace period over, handing back held messages", self.instance_id)
         self.hand_back_held()  # after any hand-back the main loop has begun: not cut short by the exit
-        os._exit(0)
+        self._exit(0)
 
     def run(self) -> None:
         """Serve until told to stop; returns after a clean, warm shutdown."""
@@ -304,6 +311,7 @@ class Worker:
         groups += [[j] for j in jobs if j.receive_count > 1]
         results: dict[str, Classification] = {}
         for group in groups:
+            self._in_model = (time.monotonic(), group)
             try:
                 out = self.classifier.classify(np.stack([j.pixels for j in group]))
             except Exception as exc:  # a model error on this input, not a worker fault
@@ -313,6 +321,8 @@ class Worker:
                 log.error("classification of %s failed: %s", group[0].request.key, exc)
                 group[0].error = f"classification failed: {exc}"
                 continue
+            finally:
+                self._in_model = None
             results.update({j.message_id: r for j, r in zip(group, out, strict=True)})
         return results
 
@@ -441,9 +451,37 @@ class Worker:
                 log.warning("could not change visibility of a message: %s", failed.get("Message") or failed)
 
     def _heartbeat_loop(self) -> None:
-        period = max(1.0, self.settings.visibility_timeout_s / 3)
+        period = max(1.0, min(self.settings.visibility_timeout_s, self.settings.stall_timeout_s) / 3)
         while not self._finished.wait(period):
+            stuck = self._stuck_in_model(time.monotonic())
+            if stuck is not None:
+                self._give_up_stuck(stuck)
+                return
             self._extend_held()
+
+    def _stuck_in_model(self, now: float) -> list[Job] | None:
+        """The jobs of a model call older than the stall timeout, if one is under way."""
+        in_model = self._in_model
+        if in_model is None or now - in_model[0] < self.settings.stall_timeout_s:
+            return None
+        return in_model[1]
+
+    def _give_up_stuck(self, stuck: list[Job]) -> None:
+        """A model call that never returns would keep its messages hidden for good
+        (this thread extends them): let another worker have them, and exit to be
+        restarted.
+
+        The stuck call's messages are made visible as a used attempt, so an image
+        that hangs the model is classified alone next time (see _classify) and,
+        after max_receive_count attempts, goes to the dead-letter queue; the others
+        held are handed back untried."""
+        log.error("worker %s: the model has not answered for %.0f s; giving back %d messages and "
+                  "exiting (%d) to be restarted", self.instance_id, self.settings.stall_timeout_s,
+                  len(stuck), EXIT_STALLED)
+        self.stopping.set()  # no more receives while the rest is handed back
+        self._hide([(j, 0) for j in stuck])
+        self.hand_back_held()
+        self._exit(EXIT_STALLED)
 
     def _extend_held(self) -> None:
         """Keep every held message hidden for another visibility timeout."""

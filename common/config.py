@@ -90,6 +90,10 @@ class Settings:
     # A failed attempt is tried again after this, doubled at each further attempt.
     retry_delay_s: int = 5
     shutdown_grace_s: float = 20.0
+    # A model call longer than this means the worker is stuck, not slow: it gives
+    # its messages back and exits to be restarted. A t2 instance out of CPU
+    # credits runs at a tenth of its speed: a batch of 10 can take a minute there.
+    stall_timeout_s: float = 300.0
     worker_threads: int = 0  # 0 = let TensorFlow decide (one per vCPU)
 
     # --- web tier ------------------------------------------------------------
@@ -172,6 +176,7 @@ class Settings:
             # Below systemd's TimeoutStopSec (30 s, ami/imgclass-worker.service), which
             # kills the worker: the hand-back after the grace period needs the rest.
             shutdown_grace_s=_float(env, "SHUTDOWN_GRACE", cls.shutdown_grace_s, low=0, high=25),
+            stall_timeout_s=_float(env, "STALL_TIMEOUT", cls.stall_timeout_s, low=1, high=43200),
             worker_threads=_int(env, "WORKER_THREADS", cls.worker_threads, low=0),
             web_host=_str(env, "WEB_HOST", cls.web_host),
             web_port=_int(env, "WEB_PORT", cls.web_port, low=0, high=65535),

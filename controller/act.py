@@ -37,6 +37,7 @@ def worker_settings(settings: Settings) -> dict[str, str]:
         "VISIBILITY_TIMEOUT": str(settings.visibility_timeout_s),
         "RETRY_DELAY": str(settings.retry_delay_s),
         "SHUTDOWN_GRACE": f"{settings.shutdown_grace_s:g}",
+        "STALL_TIMEOUT": f"{settings.stall_timeout_s:g}",
         "MAX_IMAGE_PIXELS": str(settings.max_image_pixels),
         "AWS_ENDPOINT_URL": settings.endpoint_url or "",
     }

@@ -119,6 +119,7 @@ def test_user_data_writes_worker_env_from_imdsv2_and_starts_the_service(boot):
         "VISIBILITY_TIMEOUT=60",
         "RETRY_DELAY=5",
         "SHUTDOWN_GRACE=20",
+        "STALL_TIMEOUT=300",
         "MAX_IMAGE_PIXELS=40000000",
         "INSTANCE_ID=i-0abc123def4567890",
     ]
@@ -136,12 +137,12 @@ def test_workers_on_ec2_get_the_controllers_worker_settings(boot):
     """A setting the app tier reads, changed where the controller runs, reaches the instances;
     read back by the worker's own parser from the file systemd gives it."""
     result, etc_dir, _ = boot(render(model_runtime="tensorflow", max_image_pixels=1_000_000,
-                                     shutdown_grace_s=12.5, receive_batch=4))
+                                     shutdown_grace_s=12.5, receive_batch=4, stall_timeout_s=90))
     assert result.returncode == 0, result.stderr
     env = dict(line.split("=", 1) for line in (etc_dir / "worker.env").read_text().splitlines())
     seen = Settings.from_env(env)
-    assert (seen.model_runtime, seen.max_image_pixels, seen.shutdown_grace_s, seen.receive_batch) == (
-        "tensorflow", 1_000_000, 12.5, 4)
+    assert (seen.model_runtime, seen.max_image_pixels, seen.shutdown_grace_s, seen.receive_batch,
+            seen.stall_timeout_s) == ("tensorflow", 1_000_000, 12.5, 4, 90)
     assert (seen.prefix, seen.region, seen.model_weights) == ("myapp", "eu-west-1", "s3://models/resnet50.h5")
 
 

@@ -116,6 +116,7 @@ def test_settings_from_env():
     ("SHUTDOWN_GRACE", "30", "SHUTDOWN_GRACE must be from 0 to 25, got 30"),  # systemd kills at 30
     ("VISIBILITY_TIMEOUT", "1", "VISIBILITY_TIMEOUT must be from 5 to 43200, got 1"),
     ("RETRY_DELAY", "7200", "RETRY_DELAY must be from 0 to 3600, got 7200"),  # the worker's cap
+    ("STALL_TIMEOUT", "0", "STALL_TIMEOUT must be from 1 to 43200, got 0"),
 ])
 def test_settings_out_of_range_are_refused_naming_the_variable(name, value, says):
     with pytest.raises(ValueError) as refused:

@@ -13,6 +13,7 @@ import pytest
 from moto import mock_aws
 from PIL import Image
 
+from app_tier import EXIT_STALLED
 from app_tier.model import Classification
 from app_tier.worker import MAX_RETRY_DELAY_S, Worker, retry_delay_s, warm_up
 from common.aws import Aws
@@ -593,3 +594,69 @@ def test_a_message_that_is_not_a_request_is_dropped_and_its_batch_mates_served(a
     worker.process(batch)
     assert list(responses(aws)) == ["a"]
     assert depth(aws, aws.request_queue_url) == (0, 0)  # the foreign ones deleted, not stranded
+
+
+class HangingClassifier(MeanClassifier):
+    """A model call that does not return until the test lets it (a wedged runtime)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def classify(self, batch: np.ndarray) -> list[Classification]:
+        self.calls += 1
+        self.release.wait(30)
+        return super().classify(batch)
+
+
+def test_a_worker_stuck_in_the_model_gives_its_messages_back_and_exits(aws_env):
+    settings, aws = aws_env
+    settings = dataclasses.replace(settings, receive_batch=1, visibility_timeout_s=30, stall_timeout_s=1)
+    upload(settings, aws, "hangs.jpg", make_image(1, size=(64, 64)), "hangs")
+    upload(settings, aws, "waits.jpg", make_image(2, size=(64, 64)), "waits")
+    model = HangingClassifier()
+    worker = Worker(settings, aws, model, "i-stuck")
+    exits: list[int] = []
+    worker._exit = exits.append
+    runner = threading.Thread(target=worker.run)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not exits and time.monotonic() < deadline:
+            # Held while the model works: never visible to others before the stall is seen.
+            time.sleep(0.05)
+        assert exits == [EXIT_STALLED]
+        # Both visible again at once, well before the 30 s visibility timeout.
+        assert depth(aws, aws.request_queue_url) == (2, 0)
+        # (Read before the hung call returns: a real worker has exited by then.)
+        again = Worker(settings, aws, MeanClassifier(), "i-next")
+        counts = {}
+        for _ in range(2):
+            for job in again.fetch().jobs:
+                counts[job.request.filename] = job.receive_count
+    finally:
+        model.release.set()
+        runner.join(timeout=10)
+    assert not runner.is_alive()
+    # The stuck call used up an attempt (so it runs alone next, and cannot loop for
+    # ever); the prepared batch was handed back untried.
+    assert counts == {"hangs.jpg": 2, "waits.jpg": 1}
+
+
+def test_a_slow_model_call_within_the_stall_timeout_is_left_alone(aws_env):
+    settings, aws = aws_env
+    settings = dataclasses.replace(settings, visibility_timeout_s=5, stall_timeout_s=6)
+    upload(settings, aws, "slow.jpg", make_image(5), "slow")
+    worker = Worker(settings, aws, MeanClassifier(delay_s=4.0), "i-slow")
+    exits: list[int] = []
+    worker._exit = exits.append
+    runner = threading.Thread(target=worker.run)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not responses_seen(aws) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        worker.stopping.set()
+        runner.join(timeout=10)
+    assert responses_seen(aws) and not exits
