@@ -17,8 +17,8 @@ from botocore.exceptions import ClientError
 
 from common.aws import Aws
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
-from web_tier.results import ResultBook
-from web_tier.storage import is_not_found, output_exists, tag_failed
+from web_tier.results import DONE, Item, ResultBook, batch_id_of
+from web_tier.storage import is_not_found, read_output, tag_failed
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +127,13 @@ class Listeners:
         known = self.book.get(request.id)
         if known is not None and known.is_finished and known.error != DEAD_LETTER_ERROR:
             return  # answered, or failed by a worker (which marked the object itself)
-        # A worker may have answered and crashed before deleting the request:
-        # then its result stands.
-        if output_exists(self.aws, request.key):
+        # A worker writes the result before it replies: one that died in between, on
+        # the last attempt, left a result that stands but that no response carries.
+        result = read_output(self.aws, request.key)
+        if result is not None:
+            item = Item(request.id, batch_id_of(request.key), request.filename, request.key, DONE, **result)
+            if self.book.record_item(item):
+                log.info("item %s: its result was stored but never sent; taken from S3", request.id)
             return
         # The waiting client first: the book is memory, and failing twice changes nothing.
         if self.book.fail(request.id, DEAD_LETTER_ERROR, key=request.key, filename=request.filename):

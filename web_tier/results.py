@@ -150,6 +150,10 @@ class ResultBook:
         """Record a worker's answer; the item if this was its first result, else None."""
         return self._finish(item_from_response(response), response.untrained)
 
+    def record_item(self, item: Item) -> Item | None:
+        """Record a result found another way (in S3); the item if this was its first result."""
+        return self._finish(item, item.untrained if item.state == DONE else None)
+
     def fail(self, item_id: str, error: str, *, key: str = "", filename: str = "") -> Item | None:
         """Mark an item failed unless it already has a result; the item if it changed."""
         item = Item(id=item_id, batch_id=batch_id_of(key), filename=filename, key=key)

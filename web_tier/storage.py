@@ -67,16 +67,6 @@ def tag_failed(aws: Aws, key: str, reason: str) -> None:
     )
 
 
-def output_exists(aws: Aws, key: str) -> bool:
-    try:
-        aws.s3.head_object(Bucket=aws.settings.output_bucket, Key=key)
-    except ClientError as exc:
-        if is_not_found(exc):
-            return False
-        raise
-    return True
-
-
 def read_output(aws: Aws, key: str) -> dict[str, Any] | None:
     """The result a worker stored for `key`, or None when there is none yet.
 

@@ -41,7 +41,8 @@ class FakeWorker:
     """Plays the app tier: reads requests, answers from the image bytes.
 
     `policy(request)` picks what to do: "ok", "fail", "twice" (same answer
-    sent twice) or "ignore" (delete the request, never answer).
+    sent twice), "ignore" (delete the request, never answer) or "mute" (store
+    the result and send nothing, as a worker that died before its reply).
     """
 
     def __init__(self, aws: Aws, untrained: bool = False) -> None:
@@ -99,6 +100,8 @@ class FakeWorker:
             s3.put_object(Bucket=settings.output_bucket, Key=request.key,
                           Body=f"{stored_name(request.key)},{response.label}".encode(),
                           Metadata={"result": json.dumps(meta, separators=(",", ":"))})
+        if action == "mute":
+            return
         body = response.to_json()
         for _ in range(2 if action == "twice" else 1):
             self.aws.sqs.send_message(QueueUrl=self.aws.response_queue_url, MessageBody=body)

@@ -127,10 +127,13 @@ def test_dead_letter_marks_the_item_failed(web_app, web_aws):
     assert attrs["Attributes"]["ApproximateNumberOfMessages"] == "0"
 
 
-def dead_letter(web_aws) -> ClassifyRequest:
-    """Move the next request to the dead-letter queue, as SQS does after max_receive_count."""
+def dead_letter(web_aws, last_attempt=None) -> ClassifyRequest:
+    """Move the next request to the dead-letter queue, as SQS does after max_receive_count
+    (after `last_attempt(request)`, what the last worker to receive it did)."""
     got = web_aws.sqs.receive_message(QueueUrl=web_aws.request_queue_url, WaitTimeSeconds=1)
     message = got["Messages"][0]
+    if last_attempt is not None:
+        last_attempt(ClassifyRequest.from_json(message["Body"]))
     web_aws.sqs.send_message(QueueUrl=web_aws.dead_letter_queue_url, MessageBody=message["Body"])
     web_aws.sqs.delete_message(QueueUrl=web_aws.request_queue_url, ReceiptHandle=message["ReceiptHandle"])
     return ClassifyRequest.from_json(message["Body"])
@@ -183,6 +186,26 @@ def test_a_dead_letter_for_a_deleted_object_is_done_with(web_app, web_aws):
     wait_until(lambda: all_finished(client, batch_id))
     assert items_by_name(client, batch_id)["gone.jpg"]["error"] == DEAD_LETTER_ERROR
     wait_until(lambda: dead_letters_left(web_aws) == 0)
+
+
+def test_a_dead_letter_whose_result_was_stored_but_never_sent_is_answered_with_it(web_app, web_aws):
+    """A worker writes the result, then replies: one killed in between, on the last
+    attempt, leaves a result in S3 that no response carries. The item must not
+    wait for ever, nor be called failed."""
+    client = web_app.test_client()
+    data = make_image(43)
+    batch_id = upload(client, [(data, "answered.jpg")]).get_json()["batch_id"]
+    died_before_replying = FakeWorker(web_aws)
+    died_before_replying.policy = lambda request: "mute"
+    request = dead_letter(web_aws, last_attempt=died_before_replying.handle)
+    wait_until(lambda: all_finished(client, batch_id))
+    item = items_by_name(client, batch_id)["answered.jpg"]
+    assert (item["state"], item["label"]) == ("done", answer_for(data)[0])
+    assert item["score"] == pytest.approx(answer_for(data)[1]) and item["worker"] == "fake-1"
+    wait_until(lambda: dead_letters_left(web_aws) == 0)
+    tags = web_aws.s3.get_object_tagging(Bucket=web_aws.settings.input_bucket, Key=request.key)["TagSet"]
+    assert tags == []  # not marked failed: a rebuilt batch shows the result too
+    assert services_of(web_app).book.totals() == {"uploaded": 1, "answered": 1, "failed": 0}
 
 
 def test_fresh_app_rebuilds_a_batch_from_s3(make_web_app, fake_worker, web_aws):
