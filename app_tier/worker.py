@@ -115,6 +115,7 @@ class Worker:
         # heartbeat's evidence that the worker is stuck rather than slow.
         self._in_model: tuple[float, list[Job]] | None = None
         self._exit = os._exit  # tests put a recorder here
+        self._fetcher: threading.Thread | None = None
         self.processed = 0
 
     # --- lifecycle ---------------------------------------------------------------
@@ -132,13 +133,17 @@ class Worker:
 
     def _give_up(self) -> None:
         log.warning("worker %s: grace period over, handing back held messages", self.instance_id)
-        self.hand_back_held()  # after any hand-back the main loop has begun: not cut short by the exit
-        self._exit(0)
+        try:
+            # A model call under way was tried and did not finish: that costs an attempt,
+            # or an image that hangs the model would start afresh at every scale-in.
+            self._give_back(self._model_call_jobs())
+        finally:
+            self._exit(0)
 
     def run(self) -> None:
         """Serve until told to stop; returns after a clean, warm shutdown."""
         log.info("worker %s: serving %s", self.instance_id, self.settings.request_queue)
-        fetcher = threading.Thread(target=self._fetch_loop, name="fetch", daemon=True)
+        fetcher = self._fetcher = threading.Thread(target=self._fetch_loop, name="fetch", daemon=True)
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         fetcher.start()
         heartbeat.start()
@@ -459,6 +464,10 @@ class Worker:
                 return
             self._extend_held()
 
+    def _model_call_jobs(self) -> list[Job]:
+        in_model = self._in_model
+        return [] if in_model is None else in_model[1]
+
     def _stuck_in_model(self, now: float) -> list[Job] | None:
         """The jobs of a model call older than the stall timeout, if one is under way."""
         in_model = self._in_model
@@ -469,19 +478,30 @@ class Worker:
     def _give_up_stuck(self, stuck: list[Job]) -> None:
         """A model call that never returns would keep its messages hidden for good
         (this thread extends them): let another worker have them, and exit to be
-        restarted.
-
-        The stuck call's messages are made visible as a used attempt, so an image
-        that hangs the model is classified alone next time (see _classify) and,
-        after max_receive_count attempts, goes to the dead-letter queue; the others
-        held are handed back untried."""
+        restarted (whatever happens here: a worker that neither serves nor exits is
+        counted as serving)."""
         log.error("worker %s: the model has not answered for %.0f s; giving back %d messages and "
                   "exiting (%d) to be restarted", self.instance_id, self.settings.stall_timeout_s,
                   len(stuck), EXIT_STALLED)
-        self.stopping.set()  # no more receives while the rest is handed back
-        self._hide([(j, 0) for j in stuck])
+        self.stopping.set()  # no more receives
+        try:
+            # A long poll under way may still bring messages: wait for it, to hand them back too.
+            self._give_back(stuck, wait_for_receive_s=self.settings.receive_wait_s + 5.0)
+        finally:
+            self._exit(EXIT_STALLED)
+
+    def _give_back(self, tried: list[Job], wait_for_receive_s: float = 0.0) -> None:
+        """Before an exit, everything held back to the queue: `tried`, a model call that
+        did not finish, visible again as a used attempt (so an image that hangs the
+        model is classified alone next time, see _classify, and after max_receive_count
+        attempts goes to the dead-letter queue); the rest handed back untried."""
+        with self._handing_back:  # after any hand-back under way, of what it left held
+            with self._held_lock:
+                tried = [j for j in tried if j.message_id in self._held]
+            self._hide([(j, 0) for j in tried])
+        if self._fetcher is not None and wait_for_receive_s > 0:
+            self._fetcher.join(wait_for_receive_s)
         self.hand_back_held()
-        self._exit(EXIT_STALLED)
 
     def _extend_held(self) -> None:
         """Keep every held message hidden for another visibility timeout."""

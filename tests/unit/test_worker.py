@@ -467,7 +467,7 @@ def test_the_grace_timer_waits_for_the_main_loops_hand_back(aws_env, monkeypatch
     main_loop = threading.Thread(target=worker.hand_back, args=(batch.jobs,))
     main_loop.start()
     assert sending.wait(5)
-    worker.hand_back_held()  # what the grace timer does before os._exit
+    worker._give_back(worker._model_call_jobs())  # what the grace timer does before os._exit
     assert depth(aws, aws.request_queue_url) == (2, 0), "returned before the main loop's hand-back ended"
     main_loop.join(timeout=10)
     assert sent == [2] and held_while_sending == [2]
@@ -609,9 +609,14 @@ class HangingClassifier(MeanClassifier):
         return super().classify(batch)
 
 
-def test_a_worker_stuck_in_the_model_gives_its_messages_back_and_exits(aws_env):
+@pytest.mark.parametrize(("how", "exit_code"), [("stall", EXIT_STALLED), ("sigterm", 0)])
+def test_a_worker_stuck_in_the_model_gives_its_messages_back_and_exits(aws_env, how, exit_code):
+    """Seen by the stall watchdog, or by the grace timer of a scale-in: either way the
+    hung call costs its image an attempt (or an image that hangs the model would start
+    afresh each time), and what waited behind it goes back untried."""
     settings, aws = aws_env
-    settings = dataclasses.replace(settings, receive_batch=1, visibility_timeout_s=30, stall_timeout_s=1)
+    settings = dataclasses.replace(settings, receive_batch=1, visibility_timeout_s=30,
+                                   stall_timeout_s=1 if how == "stall" else 300, shutdown_grace_s=0.5)
     upload(settings, aws, "hangs.jpg", make_image(1, size=(64, 64)), "hangs")
     upload(settings, aws, "waits.jpg", make_image(2, size=(64, 64)), "waits")
     model = HangingClassifier()
@@ -622,10 +627,14 @@ def test_a_worker_stuck_in_the_model_gives_its_messages_back_and_exits(aws_env):
     runner.start()
     try:
         deadline = time.monotonic() + 10
+        while len(worker._held) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert model.calls == 1 and len(worker._held) == 2, "one image in the model, one prepared"
+        if how == "sigterm":
+            worker._on_signal(15, None)
         while not exits and time.monotonic() < deadline:
-            # Held while the model works: never visible to others before the stall is seen.
             time.sleep(0.05)
-        assert exits == [EXIT_STALLED]
+        assert exits == [exit_code]
         # Both visible again at once, well before the 30 s visibility timeout.
         assert depth(aws, aws.request_queue_url) == (2, 0)
         # (Read before the hung call returns: a real worker has exited by then.)
@@ -638,9 +647,25 @@ def test_a_worker_stuck_in_the_model_gives_its_messages_back_and_exits(aws_env):
         model.release.set()
         runner.join(timeout=10)
     assert not runner.is_alive()
-    # The stuck call used up an attempt (so it runs alone next, and cannot loop for
-    # ever); the prepared batch was handed back untried.
     assert counts == {"hangs.jpg": 2, "waits.jpg": 1}
+
+
+def test_a_stuck_worker_exits_even_if_giving_back_fails(aws_env, monkeypatch):
+    """Neither serving nor exiting, it would be counted as serving for good."""
+    settings, aws = aws_env
+    worker = Worker(settings, aws, MeanClassifier(), "i-stuck")
+    exits: list[int] = []
+    worker._exit = exits.append
+
+    def broken():
+        raise RuntimeError("something unforeseen")
+
+    monkeypatch.setattr(worker, "hand_back_held", broken)
+    with pytest.raises(RuntimeError):
+        worker._give_up_stuck([])
+    with pytest.raises(RuntimeError):
+        worker._give_up()
+    assert exits == [EXIT_STALLED, 0]
 
 
 def test_a_slow_model_call_within_the_stall_timeout_is_left_alone(aws_env):
