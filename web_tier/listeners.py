@@ -18,7 +18,7 @@ from botocore.exceptions import ClientError
 from common.aws import Aws
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
 from web_tier.results import DONE, Item, ResultBook, batch_id_of
-from web_tier.storage import is_not_found, read_output, tag_failed
+from web_tier.storage import is_not_found, read_failure, read_output, tag_failed
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,17 @@ class Listeners:
             item = Item(request.id, batch_id_of(request.key), request.filename, request.key, DONE, **result)
             if self.book.record_item(item):
                 log.info("item %s: its result was stored but never sent; taken from S3", request.id)
+            return
+        # Likewise a failure a worker marked on the input object (a corrupt image, say):
+        # its reason tells the user more than "failed on every attempt".
+        try:
+            marked = read_failure(self.aws, request.key)
+        except ClientError as exc:
+            if not is_not_found(exc):
+                raise
+            marked = None
+        if marked is not None:
+            self.book.fail(request.id, marked, key=request.key, filename=request.filename)
             return
         # The waiting client first: the book is memory, and failing twice changes nothing.
         if self.book.fail(request.id, DEAD_LETTER_ERROR, key=request.key, filename=request.filename):

@@ -41,8 +41,9 @@ class FakeWorker:
     """Plays the app tier: reads requests, answers from the image bytes.
 
     `policy(request)` picks what to do: "ok", "fail", "twice" (same answer
-    sent twice), "ignore" (delete the request, never answer) or "mute" (store
-    the result and send nothing, as a worker that died before its reply).
+    sent twice), "ignore" (delete the request, never answer), or "mute" and
+    "mute-fail" (store the result, or mark the failure, and send nothing, as a
+    worker that died before its reply).
     """
 
     def __init__(self, aws: Aws, untrained: bool = False) -> None:
@@ -87,7 +88,7 @@ class FakeWorker:
         if action == "ignore":
             return
         s3, settings = self.aws.s3, self.aws.settings
-        if action == "fail":
+        if action in ("fail", "mute-fail"):
             response = ClassifyResponse(id=request.id, filename=request.filename, key=request.key,
                                         worker="fake-1", untrained=self.untrained, error="cannot decode")
             s3.put_object_tagging(Bucket=request.bucket, Key=request.key, Tagging={"TagSet": [
@@ -100,7 +101,7 @@ class FakeWorker:
             s3.put_object(Bucket=settings.output_bucket, Key=request.key,
                           Body=f"{stored_name(request.key)},{response.label}".encode(),
                           Metadata={"result": json.dumps(meta, separators=(",", ":"))})
-        if action == "mute":
+        if action.startswith("mute"):
             return
         body = response.to_json()
         for _ in range(2 if action == "twice" else 1):

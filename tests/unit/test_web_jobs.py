@@ -208,6 +208,18 @@ def test_a_dead_letter_whose_result_was_stored_but_never_sent_is_answered_with_i
     assert services_of(web_app).book.totals() == {"uploaded": 1, "answered": 1, "failed": 0}
 
 
+def test_a_dead_letter_a_worker_marked_failed_keeps_the_workers_reason(web_app, web_aws):
+    client = web_app.test_client()
+    batch_id = upload(client, [(make_image(44), "marked.jpg")]).get_json()["batch_id"]
+    died_before_replying = FakeWorker(web_aws)
+    died_before_replying.policy = lambda request: "mute-fail"
+    dead_letter(web_aws, last_attempt=died_before_replying.handle)
+    wait_until(lambda: all_finished(client, batch_id))
+    item = items_by_name(client, batch_id)["marked.jpg"]
+    assert (item["state"], item["error"]) == ("failed", "cannot decode")
+    wait_until(lambda: dead_letters_left(web_aws) == 0)
+
+
 def test_fresh_app_rebuilds_a_batch_from_s3(make_web_app, fake_worker, web_aws):
     old = make_web_app()
     client = old.test_client()
