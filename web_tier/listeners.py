@@ -17,8 +17,9 @@ from botocore.exceptions import ClientError
 
 from common.aws import Aws
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
-from web_tier.results import DONE, Item, ResultBook, batch_id_of
-from web_tier.storage import is_not_found, read_failure, read_output, tag_failed
+from web_tier.rebuild import with_stored_outcome
+from web_tier.results import Item, ResultBook, batch_id_of
+from web_tier.storage import is_not_found, tag_failed
 
 log = logging.getLogger(__name__)
 
@@ -127,25 +128,21 @@ class Listeners:
         known = self.book.get(request.id)
         if known is not None and known.is_finished and known.error != DEAD_LETTER_ERROR:
             return  # answered, or failed by a worker (which marked the object itself)
-        # A worker writes the result before it replies: one that died in between, on
-        # the last attempt, left a result that stands but that no response carries.
-        result = read_output(self.aws, request.key)
-        if result is not None:
-            item = Item(request.id, batch_id_of(request.key), request.filename, request.key, DONE, **result)
-            if self.book.record_item(item):
-                log.info("item %s: its result was stored but never sent; taken from S3", request.id)
-            return
-        # Likewise a failure a worker marked on the input object (a corrupt image, say):
-        # its reason tells the user more than "failed on every attempt".
+        # A worker stores the outcome (a result, or a failure and its reason) before it
+        # replies: one that died in between, on the last attempt, left an outcome that
+        # stands, and tells the user more than "failed on every attempt".
+        item = Item(request.id, batch_id_of(request.key), request.filename, request.key)
         try:
-            marked = read_failure(self.aws, request.key)
+            stored = with_stored_outcome(self.aws, item)
         except ClientError as exc:
+            # The input object may be gone (expired, deleted): then nothing was marked on it.
             if not is_not_found(exc):
                 raise
-            marked = None
-        if marked is not None:
-            self.book.fail(request.id, marked, key=request.key, filename=request.filename)
-            return
+        else:
+            if stored.is_finished:
+                if self.book.record_item(stored):
+                    log.info("item %s: its outcome was stored but never sent; taken from S3", request.id)
+                return
         # The waiting client first: the book is memory, and failing twice changes nothing.
         if self.book.fail(request.id, DEAD_LETTER_ERROR, key=request.key, filename=request.filename):
             log.info("item %s failed on every attempt", request.id)

@@ -30,14 +30,19 @@ def rebuild_item(aws: Aws, batch_id: str, key: str) -> Item | None:
     if len(parts) != 3:
         return None
     _, item_id, safe_name = parts
-    item = Item(item_id, batch_id, read_filename(aws, key) or safe_name, key)
-    result = read_output(aws, key)
+    return with_stored_outcome(aws, Item(item_id, batch_id, read_filename(aws, key) or safe_name, key))
+
+
+def with_stored_outcome(aws: Aws, item: Item) -> Item:
+    """`item` with the outcome S3 records for its key: done with the result in the
+    output bucket, failed with the reason tagged on the input object, or as it was."""
+    result = read_output(aws, item.key)
     if result is not None:
         item.state = DONE
         item.label, item.score, item.top5 = result["label"], result["score"], result["top5"]
         item.worker, item.untrained = result["worker"], result["untrained"]
         return item
-    error = read_failure(aws, key)
+    error = read_failure(aws, item.key)
     if error is not None:
         item.state, item.error = FAILED, error
     return item

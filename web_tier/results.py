@@ -151,7 +151,7 @@ class ResultBook:
         return self._finish(item_from_response(response), response.untrained)
 
     def record_item(self, item: Item) -> Item | None:
-        """Record a result found another way (in S3); the item if this was its first result."""
+        """Record an outcome found another way (in S3); the item if this was its first result."""
         return self._finish(item, item.untrained if item.state == DONE else None)
 
     def fail(self, item_id: str, error: str, *, key: str = "", filename: str = "") -> Item | None:

@@ -51,6 +51,13 @@ def kind_of(proc: psutil.Process, root_pid: int) -> str:
     return process_kind(cmdline, proc.pid == root_pid)
 
 
+def output_keys(stack, s3) -> list[str]:
+    keys = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=f"{stack.prefix}-out-bucket"):
+        keys += [o["Key"] for o in page.get("Contents", [])]
+    return keys
+
+
 def what_is_stuck(stack, s3, sqs, batches: list[str]) -> str:
     """For a failure message: the items still queued, what S3 and SQS hold of them,
     and what the stack logged that was not routine."""
@@ -58,9 +65,7 @@ def what_is_stuck(stack, s3, sqs, batches: list[str]) -> str:
     for b in batches:
         queued += [i for i in requests.get(f"{stack.web_url}/api/jobs/{b}", timeout=30).json()["items"]
                    if i["state"] == "queued"]
-    answered = set()
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=f"{stack.prefix}-out-bucket"):
-        answered |= {o["Key"].split("/")[1] for o in page.get("Contents", [])}
+    answered = {key.split("/")[1] for key in output_keys(stack, s3)}
     lines = [f"{len(queued)} items still queued; queues: {queue_counts(sqs, stack.prefix)}"]
     lines += [f"  {i['id']} {i['filename']}: {'has' if i['id'] in answered else 'no'} output pair"
               for i in queued[:10]]
@@ -150,9 +155,7 @@ def test_thousand_images_with_workers_killed_at_random(soak_stack):
         t.join(timeout=30)
     duration = time.monotonic() - started
 
-    out_keys = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=f"{stack.prefix}-out-bucket"):
-        out_keys += [o["Key"] for o in page.get("Contents", [])]
+    out_keys = output_keys(stack, s3)
     duplicated = sum(1 for n in events.values() if n > 1)
     lost = IMAGES - states["done"] - states["failed"]
     print(f"\n soak: 1,000 images, workers SIGKILLed every {KILL_EVERY_S:.0f}s")

@@ -596,6 +596,13 @@ def test_a_message_that_is_not_a_request_is_dropped_and_its_batch_mates_served(a
     assert depth(aws, aws.request_queue_url) == (0, 0)  # the foreign ones deleted, not stranded
 
 
+def record_exits(worker: Worker) -> list[int]:
+    """The worker's exit statuses, recorded instead of ending the test process."""
+    exits: list[int] = []
+    worker._exit = exits.append
+    return exits
+
+
 class HangingClassifier(MeanClassifier):
     """A model call that does not return until the test lets it (a wedged runtime)."""
 
@@ -621,8 +628,7 @@ def test_a_worker_stuck_in_the_model_gives_its_messages_back_and_exits(aws_env, 
     upload(settings, aws, "waits.jpg", make_image(2, size=(64, 64)), "waits")
     model = HangingClassifier()
     worker = Worker(settings, aws, model, "i-stuck")
-    exits: list[int] = []
-    worker._exit = exits.append
+    exits = record_exits(worker)
     runner = threading.Thread(target=worker.run)
     runner.start()
     try:
@@ -654,8 +660,7 @@ def test_a_stuck_worker_exits_even_if_giving_back_fails(aws_env, monkeypatch):
     """Neither serving nor exiting, it would be counted as serving for good."""
     settings, aws = aws_env
     worker = Worker(settings, aws, MeanClassifier(), "i-stuck")
-    exits: list[int] = []
-    worker._exit = exits.append
+    exits = record_exits(worker)
 
     def broken():
         raise RuntimeError("something unforeseen")
@@ -673,8 +678,7 @@ def test_a_slow_model_call_within_the_stall_timeout_is_left_alone(aws_env):
     settings = dataclasses.replace(settings, visibility_timeout_s=5, stall_timeout_s=6)
     upload(settings, aws, "slow.jpg", make_image(5), "slow")
     worker = Worker(settings, aws, MeanClassifier(delay_s=4.0), "i-slow")
-    exits: list[int] = []
-    worker._exit = exits.append
+    exits = record_exits(worker)
     runner = threading.Thread(target=worker.run)
     runner.start()
     try:
