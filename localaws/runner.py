@@ -117,7 +117,12 @@ class InstanceRunner:
         self.workers[instance_id] = WorkerProcess(instance_id, process, time.monotonic(), restarts=restarts)
         log.info("runner: worker pid %d serves %s", process.pid, instance_id)
 
-    def _top_up_spares(self, room: int, now: float) -> None:
+    def _top_up_spares(self, now: float) -> None:
+        # Spares do not count against LOCAL_MAX_WORKERS, which caps the processes that
+        # serve (compute) at once: a spare computes nothing until it is adopted, and
+        # costs memory that memory_safe_workers leaves a margin for. Counted against
+        # it, a cap of 1 left no spare while that one worker served, and an instance
+        # launched soon after a scale-in could wait over a second for a fresh one to load.
         alive = []
         for spare in self._spares:
             code = spare.poll()
@@ -128,7 +133,7 @@ class InstanceRunner:
         self._spares = alive
         if now - self._spare_died_at < RESTART_BACKOFF_S:
             return  # one that dies at start is not replaced at every poll
-        while len(self._spares) < min(self.warm_spares, room):
+        while len(self._spares) < self.warm_spares:
             self._spares.append(self._spawn("-"))
 
     def _spare_exited(self, code: int, now: float) -> None:
@@ -209,7 +214,7 @@ class InstanceRunner:
                 continue
             self._start_worker(iid)
         self._first_seen = {k: v for k, v in self._first_seen.items() if k in live}
-        self._top_up_spares(room=self.settings.local_max_workers - len(self.workers), now=now)
+        self._top_up_spares(now)
         self._reap_draining(now)
 
     def run(self) -> None:
