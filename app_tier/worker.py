@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from botocore.exceptions import BotoCoreError, ClientError
 
-from app_tier import EXIT_STALLED, images
+from app_tier import EXIT_STALLED, images, systemd
 from app_tier.images import BadImage, prepare
 from app_tier.model import Classification
 from common.aws import Aws
@@ -115,6 +115,10 @@ class Worker:
         # heartbeat's evidence that the worker is stuck rather than slow.
         self._in_model: tuple[float, list[Job]] | None = None
         self._exit = os._exit  # tests put a recorder here
+        # systemd's READY=1 and watchdog pings (no-ops when not run by systemd).
+        self._notify = systemd.notify
+        self._watchdog_s = systemd.watchdog_interval_s()
+        self._watchdog: threading.Thread | None = None
         self._fetcher: threading.Thread | None = None
         self.processed = 0
 
@@ -147,6 +151,11 @@ class Worker:
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         fetcher.start()
         heartbeat.start()
+        self._notify("READY=1")
+        if self._watchdog_s:
+            self._watchdog = threading.Thread(target=self._watchdog_loop, args=(heartbeat,),
+                                              name="watchdog", daemon=True)
+            self._watchdog.start()
         while not (self.stopping.is_set() and self._prefetched.empty() and not fetcher.is_alive()):
             try:
                 batch = self._prefetched.get(timeout=0.5)
@@ -463,6 +472,14 @@ class Worker:
                 self._give_up_stuck(stuck)
                 return
             self._extend_held()
+
+    def _watchdog_loop(self, heartbeat: threading.Thread) -> None:
+        """Tell systemd the worker is alive for as long as its heartbeat is. The pings stop
+        when this thread cannot run (a hang that holds Python's lock stops every thread,
+        the heartbeat too) or the heartbeat has died: systemd then restarts the worker."""
+        assert self._watchdog_s
+        while not self._finished.wait(self._watchdog_s) and heartbeat.is_alive():
+            self._notify("WATCHDOG=1")
 
     def _model_call_jobs(self) -> list[Job]:
         in_model = self._in_model

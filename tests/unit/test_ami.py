@@ -185,6 +185,16 @@ def test_systemd_unit_restarts_and_stops_gracefully():
     assert "${INSTANCE_ID}" in exec_start  # written from IMDSv2 by the user-data
 
 
+def test_systemd_unit_restarts_a_worker_whose_watchdog_pings_stop():
+    unit = unit_settings()
+    # Started once the worker says READY=1 (app_tier/systemd.py), after loading its model...
+    assert unit["Type"] == ["notify"]
+    assert unit["NotifyAccess"] == ["main"]
+    assert unit["TimeoutStartSec"] == ["15min"]
+    # ...then restarted (Restart=always) when its WATCHDOG=1 pings stop for this long.
+    assert unit["WatchdogSec"] == ["60"]
+
+
 # --- IAM policy -----------------------------------------------------------------------
 
 

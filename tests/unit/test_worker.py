@@ -689,3 +689,41 @@ def test_a_slow_model_call_within_the_stall_timeout_is_left_alone(aws_env):
         worker.stopping.set()
         runner.join(timeout=10)
     assert responses_seen(aws) and not exits
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_systemd_hears_ready_then_watchdog_pings_until_the_heartbeat_dies(aws_env, monkeypatch):
+    """The pings are systemd's evidence that the worker lives (ami/imgclass-worker.service):
+    they must stop when the heartbeat, which keeps the held messages hidden, is gone."""
+    settings, aws = aws_env
+    settings = dataclasses.replace(settings, visibility_timeout_s=5, stall_timeout_s=3)  # a beat a second
+    worker = Worker(settings, aws, MeanClassifier(), "i-watched")
+    said: list[str] = []
+    worker._notify = said.append
+    worker._watchdog_s = 0.02
+    beats = []
+
+    def dies_at_its_second_beat() -> None:
+        beats.append(time.monotonic())
+        if len(beats) == 2:
+            raise RuntimeError("the heartbeat thread dies")
+
+    monkeypatch.setattr(worker, "_extend_held", dies_at_its_second_beat)
+    runner = threading.Thread(target=worker.run)
+    runner.start()
+    try:
+        from tests.unit.conftest import wait_until
+
+        wait_until(lambda: worker._watchdog is not None and len(said) > 3, timeout=10)
+        assert said[0] == "READY=1" and set(said[1:]) == {"WATCHDOG=1"}
+        # Still pinging after a heartbeat that went well...
+        wait_until(lambda: len(beats) == 1, timeout=10)
+        pings = len(said)
+        wait_until(lambda: len(said) > pings, timeout=10)
+        # ...and no more once it has died: the watchdog thread ends with it.
+        wait_until(lambda: not worker._watchdog.is_alive(), timeout=10)
+        assert len(beats) == 2
+    finally:
+        worker.stopping.set()
+        runner.join(timeout=15)
+    assert not runner.is_alive()

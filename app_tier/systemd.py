@@ -1,0 +1,50 @@
+"""systemd's service notifications: READY=1 once serving, WATCHDOG=1 while alive.
+
+On an instance the worker runs as a `Type=notify` unit with `WatchdogSec=`
+(ami/imgclass-worker.service): systemd counts it started only when it says
+READY=1, after its model has loaded, and restarts it when its WATCHDOG=1
+pings stop. They stop when no Python thread can run (a hang that holds the
+interpreter lock, which the worker's own heartbeat cannot see, being a
+thread itself) or when the heartbeat thread has died. Anywhere else (the local
+runner, tests) NOTIFY_SOCKET is unset and every call here does nothing.
+
+The protocol is one datagram per message on the AF_UNIX socket named in
+NOTIFY_SOCKET (a leading "@" names an abstract socket), as sd_notify(3) sends
+it; written here rather than taken from a library for these few lines.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+
+
+def notify(state: str, env: Mapping[str, str] = os.environ) -> bool:
+    """Send `state` (e.g. "READY=1") to systemd; False when not run by systemd or on failure."""
+    address = env.get("NOTIFY_SOCKET", "")
+    if not address or address[0] not in "/@":
+        return False
+    if address[0] == "@":
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+        return True
+    except OSError:
+        # A lost notification is systemd's to notice (no READY, no pings), not a reason to stop serving.
+        return False
+
+
+def watchdog_interval_s(env: Mapping[str, str] = os.environ) -> float | None:
+    """How often to send WATCHDOG=1: half of systemd's WATCHDOG_USEC, as sd_watchdog_enabled(3)
+    advises; None when no watchdog is asked of this process."""
+    try:
+        usec = int(env.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    pid = env.get("WATCHDOG_PID")
+    if usec <= 0 or (pid and pid != str(os.getpid())):
+        return None
+    return usec / 2e6

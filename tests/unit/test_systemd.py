@@ -1,0 +1,52 @@
+"""systemd's notification protocol, against a real AF_UNIX datagram socket."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+from app_tier.systemd import notify, watchdog_interval_s
+
+
+@pytest.fixture
+def listener(tmp_path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = tmp_path / "notify"
+    sock.bind(str(path))
+    sock.settimeout(5)
+    yield str(path), sock
+    sock.close()
+
+
+def test_notify_sends_one_datagram_to_the_socket_systemd_names(listener):
+    path, sock = listener
+    assert notify("READY=1", {"NOTIFY_SOCKET": path})
+    assert notify("WATCHDOG=1", {"NOTIFY_SOCKET": path})
+    assert [sock.recv(256), sock.recv(256)] == [b"READY=1", b"WATCHDOG=1"]
+
+
+def test_notify_reaches_an_abstract_socket():
+    name = f"imgclass-test-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(5)
+        assert notify("READY=1", {"NOTIFY_SOCKET": "@" + name})
+        assert sock.recv(256) == b"READY=1"
+
+
+@pytest.mark.parametrize("address", ["", "relative/path", "/nonexistent/notify"])
+def test_without_a_usable_socket_notify_does_nothing_and_does_not_raise(address):
+    assert notify("READY=1", {"NOTIFY_SOCKET": address} if address else {}) is False
+
+
+def test_the_watchdog_is_pinged_at_half_its_timeout_and_only_when_asked():
+    assert watchdog_interval_s({"WATCHDOG_USEC": "60000000"}) == 30.0
+    assert watchdog_interval_s({"WATCHDOG_USEC": "60000000", "WATCHDOG_PID": str(os.getpid())}) == 30.0
+    # Meant for another process (systemd sets WATCHDOG_PID for the main one).
+    assert watchdog_interval_s({"WATCHDOG_USEC": "60000000", "WATCHDOG_PID": "1"}) is None
+    for usec in ("", "0", "-5", "soon"):
+        assert watchdog_interval_s({"WATCHDOG_USEC": usec}) is None
+    assert watchdog_interval_s({}) is None
