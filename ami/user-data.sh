@@ -41,4 +41,7 @@ mkdir -p "$etc_dir"
 } > "$etc_dir/worker.env.new"
 mv "$etc_dir/worker.env.new" "$etc_dir/worker.env"
 
-systemctl enable --now imgclass-worker.service
+# --no-block: the unit is Type=notify, so a blocking start would hold cloud-init until
+# the model is loaded, and fail this script if it cannot be; the unit's own restart
+# policy deals with that.
+systemctl enable --now --no-block imgclass-worker.service

@@ -124,7 +124,7 @@ def test_user_data_writes_worker_env_from_imdsv2_and_starts_the_service(boot):
         "INSTANCE_ID=i-0abc123def4567890",
     ]
     assert stat.S_IMODE((etc_dir / "worker.env").stat().st_mode) == 0o600
-    assert calls.read_text().splitlines() == ["enable --now imgclass-worker.service"]
+    assert calls.read_text().splitlines() == ["enable --now --no-block imgclass-worker.service"]
 
 
 def test_user_data_passes_an_endpoint_url_only_when_there_is_one(boot):
