@@ -120,9 +120,10 @@ class InstanceRunner:
     def _top_up_spares(self, now: float) -> None:
         # Spares do not count against LOCAL_MAX_WORKERS, which caps the processes that
         # serve (compute) at once: a spare computes nothing until it is adopted, and
-        # costs memory that memory_safe_workers leaves a margin for. Counted against
-        # it, a cap of 1 left no spare while that one worker served, and an instance
+        # costs memory, which memory_safe_workers sets aside for it. Counted against the
+        # cap, a cap of 1 left no spare while that one worker served, and an instance
         # launched soon after a scale-in could wait over a second for a fresh one to load.
+        # A cap of 0 serves nothing, so nothing could adopt a spare.
         alive = []
         for spare in self._spares:
             code = spare.poll()
@@ -133,7 +134,7 @@ class InstanceRunner:
         self._spares = alive
         if now - self._spare_died_at < RESTART_BACKOFF_S:
             return  # one that dies at start is not replaced at every poll
-        while len(self._spares) < self.warm_spares:
+        while len(self._spares) < (self.warm_spares if self.settings.local_max_workers else 0):
             self._spares.append(self._spawn("-"))
 
     def _spare_exited(self, code: int, now: float) -> None:
