@@ -15,9 +15,14 @@ it; written here rather than taken from a library for these few lines.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Mapping
+
+log = logging.getLogger(__name__)
+
+SEND_TIMEOUT_S = 1.0
 
 
 def notify(state: str, env: Mapping[str, str] = os.environ) -> bool:
@@ -28,12 +33,17 @@ def notify(state: str, env: Mapping[str, str] = os.environ) -> bool:
     if address[0] == "@":
         address = "\0" + address[1:]
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            # A datagram socket whose reader lags blocks the sender once its queue is
+            # full: READY=1 is sent from the worker's main loop, which must not wait on it.
+            sock.settimeout(SEND_TIMEOUT_S)
             sock.connect(address)
             sock.sendall(state.encode())
         return True
-    except OSError:
-        # A lost notification is systemd's to notice (no READY, no pings), not a reason to stop serving.
+    except OSError as exc:
+        # Not a reason to stop serving; but systemd, missing READY=1 or the pings, will
+        # restart this worker, and the log should say why.
+        log.warning("could not tell systemd %s: %s", state, exc)
         return False
 
 

@@ -193,6 +193,7 @@ def test_systemd_unit_restarts_a_worker_whose_watchdog_pings_stop():
     assert unit["TimeoutStartSec"] == ["15min"]
     # ...then restarted (Restart=always) when its WATCHDOG=1 pings stop for this long.
     assert unit["WatchdogSec"] == ["60"]
+    assert unit["LimitCORE"] == ["0"]  # the watchdog's SIGABRT: stacks in the journal, no core
 
 
 # --- IAM policy -----------------------------------------------------------------------

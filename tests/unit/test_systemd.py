@@ -37,9 +37,15 @@ def test_notify_reaches_an_abstract_socket():
         assert sock.recv(256) == b"READY=1"
 
 
-@pytest.mark.parametrize("address", ["", "relative/path", "/nonexistent/notify"])
-def test_without_a_usable_socket_notify_does_nothing_and_does_not_raise(address):
+@pytest.mark.parametrize("address", ["", "relative/path"])
+def test_not_run_by_systemd_notify_does_nothing(address, caplog):
     assert notify("READY=1", {"NOTIFY_SOCKET": address} if address else {}) is False
+    assert caplog.text == ""
+
+
+def test_a_notification_that_cannot_be_sent_is_logged_not_raised(caplog):
+    assert notify("WATCHDOG=1", {"NOTIFY_SOCKET": "/nonexistent/notify"}) is False
+    assert "could not tell systemd WATCHDOG=1" in caplog.text
 
 
 def test_the_watchdog_is_pinged_at_half_its_timeout_and_only_when_asked():
@@ -50,3 +56,28 @@ def test_the_watchdog_is_pinged_at_half_its_timeout_and_only_when_asked():
     for usec in ("", "0", "-5", "soon"):
         assert watchdog_interval_s({"WATCHDOG_USEC": usec}) is None
     assert watchdog_interval_s({}) is None
+
+
+def test_a_reader_that_lags_costs_a_notification_not_a_blocked_sender(listener, monkeypatch, caplog):
+    """A datagram socket's queue is short (net.unix.max_dgram_qlen): once it is full, a
+    plain send would block the worker's main loop for as long as the reader lags."""
+    import threading
+
+    import app_tier.systemd
+
+    monkeypatch.setattr(app_tier.systemd, "SEND_TIMEOUT_S", 0.05)
+    path, _never_read = listener
+    results: list[bool] = []
+
+    def keep_notifying() -> None:
+        for _ in range(1000):
+            results.append(notify("WATCHDOG=1", {"NOTIFY_SOCKET": path}))
+            if not results[-1]:
+                return
+
+    sender = threading.Thread(target=keep_notifying, daemon=True)
+    sender.start()
+    sender.join(timeout=10)
+    assert not sender.is_alive(), "notify blocked on a full queue"
+    assert results[0] and results[-1] is False
+    assert "could not tell systemd WATCHDOG=1" in caplog.text

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
+import socket
 import threading
 import time
 
@@ -692,38 +694,52 @@ def test_a_slow_model_call_within_the_stall_timeout_is_left_alone(aws_env):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_systemd_hears_ready_then_watchdog_pings_until_the_heartbeat_dies(aws_env, monkeypatch):
-    """The pings are systemd's evidence that the worker lives (ami/imgclass-worker.service):
-    they must stop when the heartbeat, which keeps the held messages hidden, is gone."""
+def test_systemd_hears_ready_then_watchdog_pings_until_the_heartbeat_dies(aws_env, monkeypatch, tmp_path):
+    """What systemd sees of a worker (ami/imgclass-worker.service), over its own socket and
+    environment: READY=1 once serving, then pings for as long as the heartbeat, which keeps
+    the held messages hidden, lives."""
+    from tests.unit.conftest import wait_until
+
     settings, aws = aws_env
     settings = dataclasses.replace(settings, visibility_timeout_s=5, stall_timeout_s=3)  # a beat a second
-    worker = Worker(settings, aws, MeanClassifier(), "i-watched")
-    said: list[str] = []
-    worker._notify = said.append
-    worker._watchdog_s = 0.02
-    beats = []
+    heard: list[bytes] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        systemd.bind(str(tmp_path / "notify"))
+        systemd.settimeout(0.2)
 
-    def dies_at_its_second_beat() -> None:
-        beats.append(time.monotonic())
-        if len(beats) == 2:
-            raise RuntimeError("the heartbeat thread dies")
+        def listen() -> None:
+            while systemd.fileno() != -1:
+                try:
+                    heard.append(systemd.recv(64))
+                except (TimeoutError, OSError):
+                    continue
 
-    monkeypatch.setattr(worker, "_extend_held", dies_at_its_second_beat)
-    runner = threading.Thread(target=worker.run)
-    runner.start()
-    try:
-        from tests.unit.conftest import wait_until
+        threading.Thread(target=listen, daemon=True).start()
+        monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+        monkeypatch.setenv("WATCHDOG_USEC", "40000")  # a ping every 20 ms
+        monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+        worker = Worker(settings, aws, MeanClassifier(), "i-watched")
+        beats, die = [], threading.Event()
 
-        wait_until(lambda: worker._watchdog is not None and len(said) > 3, timeout=10)
-        assert said[0] == "READY=1" and set(said[1:]) == {"WATCHDOG=1"}
-        # Still pinging after a heartbeat that went well...
-        wait_until(lambda: len(beats) == 1, timeout=10)
-        pings = len(said)
-        wait_until(lambda: len(said) > pings, timeout=10)
-        # ...and no more once it has died: the watchdog thread ends with it.
-        wait_until(lambda: not worker._watchdog.is_alive(), timeout=10)
-        assert len(beats) == 2
-    finally:
-        worker.stopping.set()
-        runner.join(timeout=15)
-    assert not runner.is_alive()
+        def beat() -> None:
+            beats.append(time.monotonic())
+            if die.is_set():
+                raise RuntimeError("the heartbeat thread dies")
+
+        monkeypatch.setattr(worker, "_extend_held", beat)
+        runner = threading.Thread(target=worker.run)
+        runner.start()
+        try:
+            wait_until(lambda: len(heard) >= 2, timeout=10)
+            assert heard[0] == b"READY=1" and set(heard[1:]) == {b"WATCHDOG=1"}
+            wait_until(lambda: beats, timeout=10)
+            pings = len(heard)
+            wait_until(lambda: len(heard) > pings, timeout=10)  # still pinging while it beats
+            die.set()
+            # Its next beat raises; the pings stop and the watchdog thread ends with them.
+            wait_until(lambda: not worker._watchdog.is_alive(), timeout=10)
+            assert len(beats) >= 2 and set(heard[1:]) == {b"WATCHDOG=1"}
+        finally:
+            worker.stopping.set()
+            runner.join(timeout=15)
+        assert not runner.is_alive()
