@@ -53,30 +53,24 @@ def local_model_weights(env: dict[str, str] | os._Environ) -> tuple[str, str]:
 WORKER_PEAK_BYTES = {"openvino": 0.5 * 2**30, "tensorflow": 1.3 * 2**30}
 
 
-def memory_safe_workers(settings: Settings, env: dict[str, str] | os._Environ,
-                        warm_spares: int = 0) -> tuple[int, int, str]:
-    """How many local worker processes may serve at once, and how many warm spares
-    to keep beside them, in this machine's memory: (workers, spares, note).
+def memory_safe_workers(settings: Settings, env: dict[str, str] | os._Environ) -> tuple[int, str]:
+    """How many local worker processes fit in this machine's memory.
 
     The controller still decides up to MAX_INSTANCES instances, as on AWS; this
-    only caps how many of them get a process here. Spares come on top of the
-    serving workers (see InstanceRunner), so they are taken from what fits first,
-    down to none when only one process fits. Workers draining after a scale-in
-    overlap with new ones, hence the margin.
+    only caps how many of them get a process here. Workers that are draining
+    after a scale-in and the warm spares overlap with new ones, hence the margin.
     """
     if env.get("LOCAL_MAX_WORKERS"):
-        return settings.local_max_workers, warm_spares, ""  # the operator's call
+        return settings.local_max_workers, ""
     import psutil
 
     per_worker = WORKER_PEAK_BYTES.get(settings.model_runtime, WORKER_PEAK_BYTES["tensorflow"])
     fits = int(psutil.virtual_memory().available * 0.6 // per_worker)
-    spares = min(warm_spares, max(0, fits - 1))
-    cap = max(1, min(settings.local_max_workers, fits - spares))
-    if cap < settings.local_max_workers or spares < warm_spares:
-        return cap, spares, (f"only {cap + spares} local {settings.model_runtime} workers fit in this "
-                             f"machine's memory (~{per_worker / 2**30:.1f} GB each): "
-                             f"LOCAL_MAX_WORKERS={cap}, LOCAL_WARM_SPARES={spares}")
-    return cap, spares, ""
+    cap = max(1, min(settings.local_max_workers, fits))
+    if cap < settings.local_max_workers:
+        return cap, (f"only {cap} local {settings.model_runtime} workers fit in this machine's memory "
+                     f"(~{per_worker / 2**30:.1f} GB each): LOCAL_MAX_WORKERS={cap}")
+    return cap, ""
 
 
 def child_env(settings: Settings) -> dict[str, str]:
@@ -204,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = dataclasses.replace(settings, endpoint_url=settings.local_aws_url, model_weights=weights)
     if note:
         log.warning(note)
-    workers, spares, note = memory_safe_workers(settings, os.environ, args.warm_spares)
+    workers, note = memory_safe_workers(settings, os.environ)
     settings = dataclasses.replace(settings, local_max_workers=workers)
     if note:
         log.warning(note)
@@ -212,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stack = Stack(settings, args.run_dir, spares)
+    stack = Stack(settings, args.run_dir, args.warm_spares)
     code = 0
     try:
         stack.start()

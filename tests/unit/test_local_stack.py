@@ -29,22 +29,11 @@ def test_with_cached_weights_the_demo_uses_them(tmp_path, monkeypatch):
     assert local_model_weights({}) == ("imagenet", "")
 
 
-def test_local_workers_and_their_spares_are_capped_by_memory(monkeypatch):
-    available = {"bytes": 8 * 2**30}
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=available["bytes"]))
+def test_local_workers_are_capped_by_memory(monkeypatch):
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=8 * 2**30))
     tf = dataclasses.replace(Settings(), model_runtime="tensorflow")
-    cap, spares, note = memory_safe_workers(tf, {})
-    assert (cap, spares) == (3, 0) and "LOCAL_MAX_WORKERS=3" in note  # 8 GB * 0.6 / 1.3 GB
-    # A spare comes on top of the serving workers: it takes one of the places that fit.
-    cap, spares, note = memory_safe_workers(tf, {}, warm_spares=1)
-    assert (cap, spares) == (2, 1) and "LOCAL_MAX_WORKERS=2, LOCAL_WARM_SPARES=1" in note
-    assert memory_safe_workers(Settings(), {}, warm_spares=2)[:2] == (7, 2)  # OpenVINO: 9 fit
-    # Where only one process fits, it serves, and no spare is kept beside it.
-    available["bytes"] = 3 * 2**30
-    cap, spares, note = memory_safe_workers(tf, {}, warm_spares=1)
-    assert (cap, spares) == (1, 0) and "LOCAL_WARM_SPARES=0" in note
-    # Plenty of memory: what was asked for, and nothing to say.
-    available["bytes"] = 64 * 2**30
-    assert memory_safe_workers(Settings(), {}, warm_spares=1) == (15, 1, "")
+    cap, note = memory_safe_workers(tf, {})
+    assert cap == 3 and "LOCAL_MAX_WORKERS=3" in note  # 8 GB * 0.6 / 1.3 GB
+    assert memory_safe_workers(Settings(), {})[0] == 9  # OpenVINO: 8 GB * 0.6 / 0.5 GB
     explicit = dataclasses.replace(tf, local_max_workers=12)
-    assert memory_safe_workers(explicit, {"LOCAL_MAX_WORKERS": "12"}, 1) == (12, 1, "")  # the operator's call
+    assert memory_safe_workers(explicit, {"LOCAL_MAX_WORKERS": "12"}) == (12, "")  # the operator's call

@@ -132,29 +132,6 @@ def test_a_warm_spare_is_adopted_by_the_next_instance(world):
     assert len(runner._spares) == 1, "a new spare replaces the adopted one"
 
 
-def test_spares_are_kept_beside_workers_at_the_cap(world):
-    """LOCAL_MAX_WORKERS caps the processes that serve, not the loaded spares: with a
-    cap of 1, the next instance after a scale-in must still find a loaded spare."""
-    settings, aws, make, out = world
-    runner = make(warm_spares=1, local_max_workers=1)
-    first = launch(aws, settings, (1,))[1]
-    runner.step()
-    assert list(runner.workers) == [first]
-    assert len(runner._spares) == 1 and runner._spares[0].poll() is None
-    spare_pid = runner._spares[0].pid
-    terminate(aws, (first,))
-    second = launch(aws, settings, (2,))[2]
-    runner.step()
-    assert list(runner.workers) == [second] and runner.workers[second].process.pid == spare_pid
-
-
-def test_no_spare_is_loaded_where_no_worker_may_serve(world):
-    settings, aws, make, out = world
-    runner = make(warm_spares=1, local_max_workers=0)
-    runner.step()
-    assert runner._spares == [] and runner.workers == {}
-
-
 def test_shutdown_leaves_no_process(world):
     settings, aws, make, out = world
     runner = make(warm_spares=1, env={"FAKE_MODE": "stubborn"})
