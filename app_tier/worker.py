@@ -115,8 +115,7 @@ class Worker:
         # heartbeat's evidence that the worker is stuck rather than slow.
         self._in_model: tuple[float, list[Job]] | None = None
         self._exit = os._exit  # tests put a recorder here
-        # systemd's READY=1 and watchdog pings (no-ops when not run by systemd).
-        self._notify = systemd.notify
+        # How often to ping systemd's watchdog; None when not run by one.
         self._watchdog_s = systemd.watchdog_interval_s()
         self._watchdog: threading.Thread | None = None
         self._fetcher: threading.Thread | None = None
@@ -151,7 +150,7 @@ class Worker:
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         fetcher.start()
         heartbeat.start()
-        self._notify("READY=1")
+        systemd.notify("READY=1")  # a no-op when not run by systemd
         if self._watchdog_s:
             self._watchdog = threading.Thread(target=self._watchdog_loop, args=(heartbeat,),
                                               name="watchdog", daemon=True)
@@ -479,7 +478,7 @@ class Worker:
         the heartbeat too) or the heartbeat has died: systemd then restarts the worker."""
         assert self._watchdog_s
         while not self._finished.wait(self._watchdog_s) and heartbeat.is_alive():
-            self._notify("WATCHDOG=1")
+            systemd.notify("WATCHDOG=1")
 
     def _model_call_jobs(self) -> list[Job]:
         in_model = self._in_model

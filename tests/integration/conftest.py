@@ -72,6 +72,18 @@ def wait_for(predicate, timeout_s: float, what: str, interval: float = 0.2):
 SERVES = re.compile(r"runner: worker pid (\d+) serves (i-\w+)")
 
 
+def processes(stack: StackProcess, marker: str) -> list[psutil.Process]:
+    """The stack's processes whose command line contains `marker`."""
+    found = []
+    for proc in stack.descendants():
+        try:
+            if marker in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
 def serving_workers(stack: StackProcess) -> list[psutil.Process]:
     """Worker processes serving an instance, by the runner's own word.
 
@@ -79,14 +91,7 @@ def serving_workers(stack: StackProcess) -> list[psutil.Process]:
     command line cannot say which workers serve; the runner's log line can.
     """
     pids = {int(m.group(1)) for line in list(stack.output) if (m := SERVES.search(line))}
-    found = []
-    for proc in stack.descendants():
-        try:
-            if proc.pid in pids and "app_tier" in " ".join(proc.cmdline()):
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
+    return [proc for proc in processes(stack, "app_tier") if proc.pid in pids]
 
 
 def live_instances(ec2) -> list[dict]:

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests.conftest import make_image
-from tests.integration.conftest import reference
+from tests.integration.conftest import processes, reference
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
@@ -108,7 +108,7 @@ def test_a_waiting_page_reconnects_after_the_web_tier_restarts(stack, browser, r
         time.sleep(0.05)
     assert len(states()) == 6 and "uploading" not in states(), states()
     # Kill the web tier's worker process (its master starts a new one) while the page waits.
-    master = next(p for p in stack.descendants() if "gunicorn" in " ".join(p.cmdline()) and p.children())
+    master = next(p for p in processes(stack, "gunicorn") if p.children())
     master.children()[0].kill()
 
     deadline = time.monotonic() + 120

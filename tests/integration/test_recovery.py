@@ -4,22 +4,10 @@ from __future__ import annotations
 
 import time
 
-import psutil
 import requests
 
 from tests.conftest import make_image
-from tests.integration.conftest import clients, reference, serving_workers, wait_for
-
-
-def processes(stack, marker: str) -> list[psutil.Process]:
-    found = []
-    for proc in stack.descendants():
-        try:
-            if marker in " ".join(proc.cmdline()):
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
+from tests.integration.conftest import clients, processes, reference, serving_workers, wait_for
 
 
 def batch_states(stack, batch_id: str) -> dict[str, dict]:
