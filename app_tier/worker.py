@@ -11,11 +11,12 @@ main thread runs the model on the current one, and a finishing thread writes
 the previous batch's results, so the network and the decoder overlap with
 inference and the model never waits for S3 or SQS. A heartbeat thread extends
 the visibility timeout of every message the worker holds, so a slow batch is
-never redelivered by mistake, unless the model has not answered for
-STALL_TIMEOUT: a worker stuck there gives its messages back and exits to be
-restarted. On SIGTERM the worker stops receiving, finishes the batch in hand if
-it can within the grace period, and hands everything else back to the queue at
-once, so no request waits out a visibility timeout because of it.
+never redelivered by mistake, unless a model call or an image's decoding has
+not ended within STALL_TIMEOUT: a worker stuck there gives its messages back
+and exits to be restarted. On SIGTERM the worker stops receiving, finishes the
+batch in hand if it can within the grace period, and hands everything else back
+to the queue at once, so no request waits out a visibility timeout because of
+it.
 
 A worker holds at most two unclassified batches (one being classified, one
 prepared), so that a worker that starts early does not hoard messages that
@@ -32,7 +33,9 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,6 +82,15 @@ class Job:
 
 
 @dataclass
+class Call:
+    """A call that must end for the worker to go on: a model call, or one image's decoding."""
+
+    kind: str
+    started: float  # time.monotonic()
+    jobs: list[Job]
+
+
+@dataclass
 class Batch:
     jobs: list[Job] = field(default_factory=list)
 
@@ -111,9 +123,10 @@ class Worker:
         # One batch at a time is written while the next is classified.
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
         self._finishing: Future | None = None
-        # When the model call in progress began, and the jobs it holds: the
-        # heartbeat's evidence that the worker is stuck rather than slow.
-        self._in_model: tuple[float, list[Job]] | None = None
+        # The model call and the decodes under way, by thread: the heartbeat's
+        # evidence that the worker is stuck rather than slow.
+        self._calls: dict[int, Call] = {}
+        self._calls_lock = threading.Lock()
         self._exit = os._exit  # tests put a recorder here
         # How often to ping systemd's watchdog; None when not run by one.
         self._watchdog_s = systemd.watchdog_interval_s()
@@ -137,9 +150,9 @@ class Worker:
     def _give_up(self) -> None:
         log.warning("worker %s: grace period over, handing back held messages", self.instance_id)
         try:
-            # A model call under way was tried and did not finish: that costs an attempt,
-            # or an image that hangs the model would start afresh at every scale-in.
-            self._give_back(self._model_call_jobs())
+            # A model call or decode under way was tried and did not finish: that costs an
+            # attempt, or an image that hangs either would start afresh at every scale-in.
+            self._give_back([job for call in self._calls_under_way() for job in call.jobs])
         finally:
             self._exit(0)
 
@@ -254,7 +267,8 @@ class Worker:
             log.warning("cannot read %s: %s", job.request.key, exc)
             return
         try:
-            job.pixels = prepare(data, self.settings.max_image_pixels, self._large_decodes)
+            with self._must_end("decode", [job]):
+                job.pixels = prepare(data, self.settings.max_image_pixels, self._large_decodes)
         except BadImage as exc:
             job.error = str(exc)
         except Exception:  # e.g. MemoryError: maybe not the image's fault, so not its answer
@@ -324,9 +338,9 @@ class Worker:
         groups += [[j] for j in jobs if j.receive_count > 1]
         results: dict[str, Classification] = {}
         for group in groups:
-            self._in_model = (time.monotonic(), group)
             try:
-                out = self.classifier.classify(np.stack([j.pixels for j in group]))
+                with self._must_end("model call", group):
+                    out = self.classifier.classify(np.stack([j.pixels for j in group]))
             except Exception as exc:  # a model error on this input, not a worker fault
                 if len(group) > 1:
                     groups.extend([j] for j in group)
@@ -334,8 +348,6 @@ class Worker:
                 log.error("classification of %s failed: %s", group[0].request.key, exc)
                 group[0].error = f"classification failed: {exc}"
                 continue
-            finally:
-                self._in_model = None
             results.update({j.message_id: r for j, r in zip(group, out, strict=True)})
         return results
 
@@ -466,7 +478,7 @@ class Worker:
     def _heartbeat_loop(self) -> None:
         period = max(1.0, min(self.settings.visibility_timeout_s, self.settings.stall_timeout_s) / 3)
         while not self._finished.wait(period):
-            stuck = self._stuck_in_model(time.monotonic())
+            stuck = self._stuck(time.monotonic())
             if stuck is not None:
                 self._give_up_stuck(stuck)
                 return
@@ -480,37 +492,52 @@ class Worker:
         while not self._finished.wait(self._watchdog_s) and heartbeat.is_alive():
             systemd.notify("WATCHDOG=1")
 
-    def _model_call_jobs(self) -> list[Job]:
-        in_model = self._in_model
-        return [] if in_model is None else in_model[1]
+    @contextmanager
+    def _must_end(self, kind: str, jobs: list[Job]) -> Iterator[None]:
+        """Mark a call the heartbeat watches: if it has not ended within the stall
+        timeout, the worker is stuck (a wedged runtime, or an image that hangs the
+        decoder: Pillow has had such bugs), not slow."""
+        thread = threading.get_ident()
+        with self._calls_lock:
+            self._calls[thread] = Call(kind, time.monotonic(), jobs)
+        try:
+            yield
+        finally:
+            with self._calls_lock:
+                del self._calls[thread]
 
-    def _stuck_in_model(self, now: float) -> list[Job] | None:
-        """The jobs of a model call older than the stall timeout, if one is under way."""
-        in_model = self._in_model
-        if in_model is None or now - in_model[0] < self.settings.stall_timeout_s:
-            return None
-        return in_model[1]
+    def _calls_under_way(self) -> list[Call]:
+        with self._calls_lock:
+            return list(self._calls.values())
 
-    def _give_up_stuck(self, stuck: list[Job]) -> None:
-        """A model call that never returns would keep its messages hidden for good
-        (this thread extends them): let another worker have them, and exit to be
-        restarted (whatever happens here: a worker that neither serves nor exits is
-        counted as serving)."""
-        log.error("worker %s: the model has not answered for %.0f s; giving back %d messages and "
-                  "exiting (%d) to be restarted", self.instance_id, self.settings.stall_timeout_s,
-                  len(stuck), EXIT_STALLED)
+    def _stuck(self, now: float) -> Call | None:
+        """The oldest call under way for longer than the stall timeout, if there is one."""
+        late = [c for c in self._calls_under_way() if now - c.started >= self.settings.stall_timeout_s]
+        return min(late, key=lambda c: c.started, default=None)
+
+    def _give_up_stuck(self, stuck: Call) -> None:
+        """A call that never returns would keep its messages hidden for good (this
+        thread extends them): let another worker have them, and exit to be restarted
+        (whatever happens here: a worker that neither serves nor exits is counted as
+        serving)."""
+        log.error("worker %s: a %s has not ended in %.0f s; giving back %d messages and "
+                  "exiting (%d) to be restarted", self.instance_id, stuck.kind,
+                  self.settings.stall_timeout_s, len(self._held), EXIT_STALLED)
         self.stopping.set()  # no more receives
         try:
-            # A long poll under way may still bring messages: wait for it, to hand them back too.
-            self._give_back(stuck, wait_for_receive_s=self.settings.receive_wait_s + 5.0)
+            # A long poll under way may still bring messages: wait for it, to hand them
+            # back too. (A decode runs after its receive, in the fetch thread: no poll then.)
+            wait_s = self.settings.receive_wait_s + 5.0 if stuck.kind == "model call" else 0.0
+            self._give_back(stuck.jobs, wait_for_receive_s=wait_s)
         finally:
             self._exit(EXIT_STALLED)
 
     def _give_back(self, tried: list[Job], wait_for_receive_s: float = 0.0) -> None:
-        """Before an exit, everything held back to the queue: `tried`, a model call that
-        did not finish, visible again as a used attempt (so an image that hangs the
-        model is classified alone next time, see _classify, and after max_receive_count
-        attempts goes to the dead-letter queue); the rest handed back untried."""
+        """Before an exit, everything held back to the queue: `tried`, the jobs of calls
+        that did not end, visible again as a used attempt (so an image that hangs the
+        model is classified alone next time, see _classify, and one that hangs either
+        goes to the dead-letter queue after max_receive_count attempts); the rest
+        handed back untried."""
         with self._handing_back:  # after any hand-back under way, of what it left held
             with self._held_lock:
                 tried = [j for j in tried if j.message_id in self._held]

@@ -90,9 +90,9 @@ class Settings:
     # A failed attempt is tried again after this, doubled at each further attempt.
     retry_delay_s: int = 5
     shutdown_grace_s: float = 20.0
-    # A model call longer than this means the worker is stuck, not slow: it gives
-    # its messages back and exits to be restarted. A t2 instance out of CPU
-    # credits runs at a tenth of its speed: a batch of 10 can take a minute there.
+    # A model call or image decode longer than this means the worker is stuck, not
+    # slow: it gives its messages back and exits to be restarted. A t2 instance out
+    # of CPU credits runs at a tenth of its speed: a batch of 10 can take a minute there.
     stall_timeout_s: float = 300.0
     worker_threads: int = 0  # 0 = let TensorFlow decide (one per vCPU)
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from app_tier import EXIT_STALLED
 from app_tier.model import Classification
-from app_tier.worker import MAX_RETRY_DELAY_S, Worker, retry_delay_s, warm_up
+from app_tier.worker import MAX_RETRY_DELAY_S, Call, Worker, retry_delay_s, warm_up
 from common.aws import Aws
 from common.config import Settings
 from common.messages import ClassifyRequest, ClassifyResponse, Prediction
@@ -469,7 +469,9 @@ def test_the_grace_timer_waits_for_the_main_loops_hand_back(aws_env, monkeypatch
     main_loop = threading.Thread(target=worker.hand_back, args=(batch.jobs,))
     main_loop.start()
     assert sending.wait(5)
-    worker._give_back(worker._model_call_jobs())  # what the grace timer does before os._exit
+    exits = record_exits(worker)
+    worker._give_up()  # the grace timer
+    assert exits == [0]
     assert depth(aws, aws.request_queue_url) == (2, 0), "returned before the main loop's hand-back ended"
     main_loop.join(timeout=10)
     assert sent == [2] and held_while_sending == [2]
@@ -652,10 +654,56 @@ def test_a_worker_stuck_in_the_model_gives_its_messages_back_and_exits(aws_env, 
             for job in again.fetch().jobs:
                 counts[job.request.filename] = job.receive_count
     finally:
+        worker.stopping.set()  # ends the loop even if the worker failed to give up
         model.release.set()
         runner.join(timeout=10)
     assert not runner.is_alive()
     assert counts == {"hangs.jpg": 2, "waits.jpg": 1}
+
+
+def test_an_image_that_hangs_the_decoder_costs_an_attempt_and_the_worker_exits(aws_env, monkeypatch):
+    """Pillow has had decoders that loop for ever on crafted files. Such a decode would
+    leave the fetch thread waiting, and its messages hidden by the heartbeat, for good:
+    it is treated like a stuck model call. Its image is visible again as a used attempt
+    (after max_receive_count, the dead-letter queue and an answer), its batch-mate goes
+    back untried, and the worker exits to be restarted."""
+    import app_tier.worker
+    from tests.unit.conftest import wait_until
+
+    settings, aws = aws_env
+    settings = dataclasses.replace(settings, receive_batch=2, visibility_timeout_s=30, stall_timeout_s=1)
+    hostile, fine = make_image(1, size=(64, 64)), make_image(2, size=(64, 64))
+    upload(settings, aws, "hangs.jpg", hostile, "hangs")
+    upload(settings, aws, "fine.jpg", fine, "fine")
+    real_prepare, release = app_tier.worker.prepare, threading.Event()
+
+    def prepare(data: bytes, *args):
+        if data == hostile:
+            release.wait(30)
+        return real_prepare(data, *args)
+
+    monkeypatch.setattr(app_tier.worker, "prepare", prepare)
+    model = MeanClassifier()
+    worker = Worker(settings, aws, model, "i-decoder-hangs")
+    exits = record_exits(worker)
+    runner = threading.Thread(target=worker.run)
+    runner.start()
+    try:
+        wait_until(lambda: exits, timeout=15)
+        assert exits == [EXIT_STALLED]
+        assert depth(aws, aws.request_queue_url) == (2, 0), "both visible again at once"
+        # Read before the hung decode returns: a real worker has exited by then.
+        got = aws.sqs.receive_message(QueueUrl=aws.request_queue_url, MaxNumberOfMessages=10,
+                                      MessageSystemAttributeNames=["ApproximateReceiveCount"])
+        counts = {ClassifyRequest.from_json(m["Body"]).filename:
+                  int(m["Attributes"]["ApproximateReceiveCount"]) for m in got["Messages"]}
+    finally:
+        worker.stopping.set()  # ends the loop even if the worker failed to give up
+        release.set()
+        runner.join(timeout=10)
+    assert not runner.is_alive()
+    assert counts == {"hangs.jpg": 2, "fine.jpg": 1}
+    assert model.calls == 0
 
 
 def test_a_stuck_worker_exits_even_if_giving_back_fails(aws_env, monkeypatch):
@@ -669,7 +717,7 @@ def test_a_stuck_worker_exits_even_if_giving_back_fails(aws_env, monkeypatch):
 
     monkeypatch.setattr(worker, "hand_back_held", broken)
     with pytest.raises(RuntimeError):
-        worker._give_up_stuck([])
+        worker._give_up_stuck(Call("model call", time.monotonic(), []))
     with pytest.raises(RuntimeError):
         worker._give_up()
     assert exits == [EXIT_STALLED, 0]
