@@ -111,6 +111,8 @@ class Settings:
     local_boot_delay_s: float = 0.0
     local_max_workers: int = 15
     local_worker_threads: int = 1
+    # As WatchdogSec= in ami/imgclass-worker.service; 0: no watchdog.
+    local_watchdog_s: float = 60.0
 
     extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -190,6 +192,7 @@ class Settings:
             local_boot_delay_s=_float(env, "LOCAL_BOOT_DELAY", cls.local_boot_delay_s, low=0),
             local_max_workers=_int(env, "LOCAL_MAX_WORKERS", cls.local_max_workers, low=0),
             local_worker_threads=_int(env, "LOCAL_WORKER_THREADS", cls.local_worker_threads, low=0),
+            local_watchdog_s=_float(env, "LOCAL_WATCHDOG", cls.local_watchdog_s, low=0),
         )
 
 

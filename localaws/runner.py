@@ -7,7 +7,10 @@ configurable boot delay. When the instance is terminated or disappears, it
 sends the worker SIGTERM, then SIGKILL after a grace period, as EC2's
 shutdown would. A worker that exits while its instance lives is restarted, as
 systemd's Restart=always does on a real instance, unless it exited because it
-cannot load the model (RestartPreventExitStatus there).
+cannot load the model (RestartPreventExitStatus there). Like systemd's
+watchdog there (WatchdogSec=), the runner kills a worker that has said it is
+ready and then stops pinging for LOCAL_WATCHDOG seconds, with SIGABRT (its
+stacks go to its log), then SIGKILL if that does not end it, and restarts it.
 
 Warm spares: the runner can keep a few worker processes that have already
 loaded the model and wait for an instance id on stdin, the local equivalent of
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -33,6 +37,7 @@ from app_tier import EXIT_MODEL_UNAVAILABLE
 from common.aws import Aws
 from common.config import Settings
 from common.fleet import LIVE_STATES, app_tier_instances
+from localaws.notify import NotifySocket, NotifySockets
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,7 @@ class WorkerProcess:
     process: subprocess.Popen
     started_at: float
     term_sent_at: float | None = None
+    abort_sent_at: float | None = None  # by the watchdog
     restarts: int = 0
     given_up: bool = False  # it cannot load the model: not restarted
 
@@ -75,27 +81,44 @@ class InstanceRunner:
     _spawned: int = 0
     _live: int = 0
     started_total: int = 0
+    # Each process's end of systemd's notification protocol, while it lives.
+    _notify: dict[subprocess.Popen, NotifySocket] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.aws = Aws(self.settings)
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._sockets = NotifySockets(self.settings.local_watchdog_s)
+        if self.settings.local_watchdog_s:
+            # Inherited by the workers: one the watchdog aborts writes its stacks
+            # (faulthandler), not a core of ~1 GB (LimitCORE=0 in the unit, likewise).
+            _, hard = resource.getrlimit(resource.RLIMIT_CORE)
+            resource.setrlimit(resource.RLIMIT_CORE, (0, hard))
 
     # --- processes -------------------------------------------------------------------
     def _spawn(self, instance_id: str) -> subprocess.Popen:
         self._spawned += 1
         log_path = self.log_dir / f"worker-{self._spawned:03d}.log"
-        with open(log_path, "ab") as out:
-            return subprocess.Popen(
-                [*self.worker_argv, "--instance-id", instance_id],
-                stdin=subprocess.PIPE if instance_id == "-" else subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                cwd=str(Path(__file__).resolve().parent.parent),
-                # Own process group: Ctrl-C in the terminal must not reach workers
-                # directly; the runner stops them in order.
-                start_new_session=True,
-            )
+        notify = self._sockets.new() if self.settings.local_watchdog_s else None
+        try:
+            with open(log_path, "ab") as out:
+                process = subprocess.Popen(
+                    [*self.worker_argv, "--instance-id", instance_id],
+                    stdin=subprocess.PIPE if instance_id == "-" else subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env={**self.env, **(notify.env() if notify else {})},
+                    cwd=str(Path(__file__).resolve().parent.parent),
+                    # Own process group: Ctrl-C in the terminal must not reach workers
+                    # directly; the runner stops them in order.
+                    start_new_session=True,
+                )
+        except BaseException:
+            if notify:
+                notify.close()
+            raise
+        if notify:
+            self._notify[process] = notify
+        return process
 
     def _start_worker(self, instance_id: str, restarts: int = 0) -> None:
         process = None
@@ -167,6 +190,28 @@ class InstanceRunner:
             still.append(worker)
         self._draining = still
 
+    def _watch(self, now: float) -> None:
+        """systemd's watchdog: abort a worker that was ready and has gone silent, kill one
+        that outlives the abort by the grace period (a stopped process cannot act on
+        SIGABRT); the restart follows as for any exit. Sockets of ended processes closed."""
+        for worker in self.workers.values():
+            notify = self._notify.get(worker.process)
+            if notify is None or worker.process.poll() is not None:
+                continue
+            notify.read(now)
+            if worker.abort_sent_at is None and notify.overdue(now):
+                log.error("runner: the worker for %s (pid %d) has not pinged its watchdog for %.0f s; "
+                          "SIGABRT (its stacks go to its log), then a restart", worker.instance_id,
+                          worker.process.pid, now - (notify.last_heard or now))
+                self._signal(worker.process, signal.SIGABRT)
+                worker.abort_sent_at = now
+            elif worker.abort_sent_at is not None and now - worker.abort_sent_at > self.grace_s:
+                log.warning("runner: pid %d outlived SIGABRT for %.0fs, SIGKILL",
+                            worker.process.pid, self.grace_s)
+                self._signal(worker.process, signal.SIGKILL)
+        for process in [p for p in self._notify if p.poll() is not None]:
+            self._notify.pop(process).close()
+
     # --- one round ----------------------------------------------------------------------
     def step(self) -> None:
         if self.stopping.is_set():
@@ -214,6 +259,7 @@ class InstanceRunner:
         # burst of `make bench`: the workers' CPU per image rose from ~149 to 161 ms).
         self._top_up_spares(room=self.settings.local_max_workers - len(self.workers), now=now)
         self._reap_draining(now)
+        self._watch(now)
 
     def run(self) -> None:
         backoff = self.poll_s
@@ -246,3 +292,7 @@ class InstanceRunner:
         self.workers.clear()
         self._draining.clear()
         self._spares.clear()
+        for notify in self._notify.values():
+            notify.close()
+        self._notify.clear()
+        self._sockets.remove_folder()

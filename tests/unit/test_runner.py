@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,9 @@ from localaws.runner import RESTART_BACKOFF_S, InstanceRunner
 
 # Stands in for `python -m app_tier`: records its instance id and waits.
 # "stubborn" ignores SIGTERM, as a hung worker would; "no-model" exits at once as a
-# worker that cannot load its weights does; "crash" dies at start.
+# worker that cannot load its weights does; "crash" dies at start; "pings" says
+# READY=1 and pings its watchdog through the worker's own module (app_tier.systemd)
+# until a file hang.<pid> appears, then goes silent, as a hang holding Python's lock.
 FAKE_WORKER = """
 import os, signal, sys, time
 if os.environ.get("FAKE_MODE") == "no-model":
@@ -35,6 +38,13 @@ if os.environ.get("FAKE_MODE") == "stubborn":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 out = os.environ["FAKE_OUT"]
 open(os.path.join(out, f"{iid}.{os.getpid()}"), "w").close()
+if os.environ.get("FAKE_MODE") == "pings":
+    sys.path.insert(0, os.getcwd())
+    from app_tier import systemd
+    systemd.notify("READY=1")
+    while not os.path.exists(os.path.join(out, f"hang.{os.getpid()}")):
+        systemd.notify("WATCHDOG=1")
+        time.sleep(systemd.watchdog_interval_s())
 while True:
     time.sleep(0.05)
 """
@@ -74,7 +84,7 @@ def world(tmp_path, monkeypatch):
 
 
 def started(out: Path) -> list[str]:
-    return sorted(p.name.split(".")[0] for p in out.iterdir())
+    return sorted(p.name.split(".")[0] for p in out.iterdir() if p.name.startswith("i-"))
 
 
 def test_each_live_instance_gets_one_worker_after_the_boot_delay(world):
@@ -117,6 +127,38 @@ def test_a_crashed_worker_is_restarted_like_systemd_would(world):
                what="a restart")
     assert runner.workers[iid].restarts == 1
     wait_until(lambda: started(out) == [iid, iid], what="the restarted worker to start")
+
+
+@pytest.mark.parametrize(("how", "ended_by"), [("silent", -signal.SIGABRT), ("stopped", -signal.SIGKILL)])
+def test_a_worker_that_stops_pinging_its_watchdog_is_aborted_and_restarted(world, how, ended_by):
+    """As systemd does with WatchdogSec=: SIGABRT once a ready worker has been silent
+    for the watchdog's time, SIGKILL if that does not end it (a stopped process
+    cannot act on it), then a restart."""
+    settings, aws, make, out = world
+    runner = make(warm_spares=0, local_watchdog_s=1.0, grace_s=0.5, env={"FAKE_MODE": "pings"})
+    iid = launch(aws, settings, (1,))[1]
+    runner.step()
+    first = runner.workers[iid].process
+    sockets = runner._notify[first].path.parent
+    wait_until(lambda: started(out) == [iid], what="the worker to start")
+    # Pinging every 0.5 s, it lives through several of the watchdog's periods.
+    healthy_until = time.monotonic() + 3.0
+    while time.monotonic() < healthy_until:
+        runner.step()
+        time.sleep(0.05)
+    assert runner.workers[iid].process is first and first.poll() is None
+    if how == "silent":
+        (out / f"hang.{first.pid}").touch()
+    else:
+        first.send_signal(signal.SIGSTOP)
+    wait_until(lambda: (runner.step(), first.poll() is not None)[1], what="the watchdog to end it")
+    assert first.returncode == ended_by
+    wait_until(lambda: (runner.step(), runner.workers[iid].process is not first)[1], timeout_s=5,
+               what="a restart")
+    assert runner.workers[iid].restarts == 1
+    wait_until(lambda: started(out) == [iid, iid], what="the restarted worker to start")
+    runner.shutdown(timeout_s=2)
+    assert not sockets.exists()
 
 
 def test_a_warm_spare_is_adopted_by_the_next_instance(world):

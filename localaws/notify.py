@@ -1,0 +1,77 @@
+"""systemd's side of the service notifications, for the local runner.
+
+On an instance, systemd gives the worker NOTIFY_SOCKET and WATCHDOG_USEC
+(ami/imgclass-worker.service: Type=notify, WatchdogSec=60), hears READY=1 and
+then WATCHDOG=1 pings, and kills a worker whose pings stop with SIGABRT (the
+worker's faulthandler writes its threads' stacks to its log) before restarting
+it. The runner does the same for its worker processes, so that a worker that
+hangs holding Python's lock is replaced locally too, and the worker's side of
+the protocol (app_tier/systemd.py) runs in every local stack.
+
+One datagram socket per process, so the runner knows who sent a message
+without SO_PASSCRED (Linux only). They live in a short temporary folder: a
+socket's path is limited to some 100 bytes, which a checkout's path can exceed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+
+class NotifySocket:
+    """Where one worker process sends READY=1 and WATCHDOG=1, and what it last sent."""
+
+    def __init__(self, path: Path, watchdog_s: float) -> None:
+        self.path = path
+        self.watchdog_s = watchdog_s
+        self.last_heard: float | None = None  # None until READY=1: systemd counts from there
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(path))
+        self._sock.setblocking(False)
+
+    def env(self) -> dict[str, str]:
+        """What systemd puts in the environment of a unit with WatchdogSec= and Type=notify."""
+        return {"NOTIFY_SOCKET": str(self.path), "WATCHDOG_USEC": str(round(self.watchdog_s * 1e6))}
+
+    def read(self, now: float) -> None:
+        """Take in every message sent since the last read; `now` counts as when they came,
+        which errs on the lenient side by at most the time between two reads."""
+        while True:
+            try:
+                data = self._sock.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            states = data.decode("utf-8", errors="replace").split("\n")
+            if "READY=1" in states or ("WATCHDOG=1" in states and self.last_heard is not None):
+                self.last_heard = now
+
+    def overdue(self, now: float) -> bool:
+        """Ready, then silent for longer than the watchdog allows."""
+        return self.last_heard is not None and now - self.last_heard > self.watchdog_s
+
+    def close(self) -> None:
+        self._sock.close()
+        self.path.unlink(missing_ok=True)
+
+
+class NotifySockets:
+    """The sockets of all the runner's processes, in one temporary folder made at first use."""
+
+    def __init__(self, watchdog_s: float) -> None:
+        self.watchdog_s = watchdog_s
+        self._folder: Path | None = None
+        self._made = 0
+
+    def new(self) -> NotifySocket:
+        if self._folder is None:
+            self._folder = Path(tempfile.mkdtemp(prefix="imgclass-notify-"))
+        self._made += 1
+        return NotifySocket(self._folder / f"{self._made}.sock", self.watchdog_s)
+
+    def remove_folder(self) -> None:
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
