@@ -12,8 +12,9 @@ the previous batch's results, so the network and the decoder overlap with
 inference and the model never waits for S3 or SQS. A heartbeat thread extends
 the visibility timeout of every message the worker holds, so a slow batch is
 never redelivered by mistake, unless a model call or an image's decoding has
-not ended within STALL_TIMEOUT: a worker stuck there gives its messages back
-and exits to be restarted. On SIGTERM the worker stops receiving, finishes the
+not ended within STALL_TIMEOUT (or an iteration of the main or fetch loop
+within 15 minutes more: a deadlock): a worker stuck there gives its messages
+back and exits to be restarted. On SIGTERM the worker stops receiving, finishes the
 batch in hand if it can within the grace period, and hands everything else back
 to the queue at once, so no request waits out a visibility timeout because of
 it.
@@ -55,6 +56,11 @@ _AWS_ERRORS = (BotoCoreError, ClientError)
 # SQS allows a message 12 h of invisibility from its receive, all extensions
 # included; an hour leaves room for everything before and after a retry delay.
 MAX_RETRY_DELAY_S = 3600
+# Besides the model calls and decodes that STALL_TIMEOUT bounds, an iteration of
+# the main or fetch loop makes a few AWS calls, each bounded by botocore (six
+# attempts of at most 5 s to connect and 30 s to read, with backoff): an
+# iteration longer than the stall timeout plus this is a deadlock, not slowness.
+LOOP_SLACK_S = 900.0
 
 
 def retry_delay_s(receive_count: int, first_delay_s: int) -> int:
@@ -127,6 +133,8 @@ class Worker:
         # evidence that the worker is stuck rather than slow.
         self._calls: dict[int, Call] = {}
         self._calls_lock = threading.Lock()
+        # When the main and fetch loops last began an iteration, while they run.
+        self._loop_ticks: dict[str, float] = {}
         self._exit = os._exit  # tests put a recorder here
         # How often to ping systemd's watchdog; None when not run by one.
         self._watchdog_s = systemd.watchdog_interval_s()
@@ -169,6 +177,7 @@ class Worker:
                                               name="watchdog", daemon=True)
             self._watchdog.start()
         while not (self.stopping.is_set() and self._prefetched.empty() and not fetcher.is_alive()):
+            self._loop_ticks["main"] = time.monotonic()
             try:
                 batch = self._prefetched.get(timeout=0.5)
             except queue.Empty:
@@ -185,6 +194,7 @@ class Worker:
                 continue
             self._wait_for_finishing()
             self._finishing = self._finisher.submit(self._finish_or_release, batch, responses)
+        self._loop_ticks.pop("main", None)
         self._wait_for_finishing()
         self._finished.set()
         self.hand_back_held()
@@ -194,8 +204,15 @@ class Worker:
 
     # --- fetch: receive, download, decode -----------------------------------------
     def _fetch_loop(self) -> None:
+        try:
+            self._fetch_until_stopped()
+        finally:
+            self._loop_ticks.pop("fetch", None)
+
+    def _fetch_until_stopped(self) -> None:
         backoff = 1.0
         while not self.stopping.is_set():
+            self._loop_ticks["fetch"] = time.monotonic()
             if not self._prefetch_slot.acquire(timeout=0.5):
                 continue
             try:
@@ -511,8 +528,15 @@ class Worker:
             return list(self._calls.values())
 
     def _stuck(self, now: float) -> Call | None:
-        """The oldest call under way for longer than the stall timeout, if there is one."""
-        late = [c for c in self._calls_under_way() if now - c.started >= self.settings.stall_timeout_s]
+        """The oldest call under way for longer than the stall timeout, if there is one;
+        else a loop iteration that has outlasted every bound on what it waits for (a
+        deadlock: no image to blame, so a Call without jobs)."""
+        limit = self.settings.stall_timeout_s
+        late = [c for c in self._calls_under_way() if now - c.started >= limit]
+        if not late:
+            ticks = dict(self._loop_ticks)
+            late = [Call(f"{loop} loop iteration", began, []) for loop, began in ticks.items()
+                    if now - began >= limit + LOOP_SLACK_S]
         return min(late, key=lambda c: c.started, default=None)
 
     def _give_up_stuck(self, stuck: Call) -> None:
@@ -522,7 +546,7 @@ class Worker:
         serving)."""
         log.error("worker %s: a %s has not ended in %.0f s; giving back %d messages and "
                   "exiting (%d) to be restarted", self.instance_id, stuck.kind,
-                  self.settings.stall_timeout_s, len(self._held), EXIT_STALLED)
+                  time.monotonic() - stuck.started, len(self._held), EXIT_STALLED)
         self.stopping.set()  # no more receives
         try:
             # A long poll under way may still bring messages: wait for it, to hand them

@@ -706,6 +706,46 @@ def test_an_image_that_hangs_the_decoder_costs_an_attempt_and_the_worker_exits(a
     assert model.calls == 0
 
 
+def test_a_deadlocked_fetch_loop_hands_its_messages_back_and_the_worker_exits(aws_env, monkeypatch):
+    """A deadlock outside any model call or decode (a bug of ours): the loop's iteration
+    outlasts every bound on what it waits for. Its messages go back untried, as no
+    image is to blame, and the worker exits to be restarted."""
+    import app_tier.worker
+    from tests.unit.conftest import wait_until
+
+    settings, aws = aws_env
+    settings = dataclasses.replace(settings, visibility_timeout_s=30, stall_timeout_s=1)
+    monkeypatch.setattr(app_tier.worker, "LOOP_SLACK_S", 0.5)
+    upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
+    model = MeanClassifier()
+    worker = Worker(settings, aws, model, "i-deadlocked")
+    real_fetch, release = worker.fetch, threading.Event()
+
+    def fetch_then_deadlock():
+        batch = real_fetch()
+        if batch.jobs:
+            release.wait(30)
+        return batch
+
+    monkeypatch.setattr(worker, "fetch", fetch_then_deadlock)
+    exits = record_exits(worker)
+    runner = threading.Thread(target=worker.run)
+    runner.start()
+    try:
+        wait_until(lambda: exits, timeout=15)
+        assert exits == [EXIT_STALLED]
+        assert depth(aws, aws.request_queue_url) == (1, 0), "visible again at once"
+        got = aws.sqs.receive_message(QueueUrl=aws.request_queue_url,
+                                      MessageSystemAttributeNames=["ApproximateReceiveCount"])
+        assert got["Messages"][0]["Attributes"]["ApproximateReceiveCount"] == "1", "handed back untried"
+    finally:
+        worker.stopping.set()  # ends the loop even if the worker failed to give up
+        release.set()
+        runner.join(timeout=10)
+    assert not runner.is_alive()
+    assert model.calls == 0
+
+
 def test_a_stuck_worker_exits_even_if_giving_back_fails(aws_env, monkeypatch):
     """Neither serving nor exiting, it would be counted as serving for good."""
     settings, aws = aws_env
