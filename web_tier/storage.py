@@ -70,8 +70,12 @@ def tag_failed(aws: Aws, key: str, reason: str) -> None:
 def read_output(aws: Aws, key: str) -> dict[str, Any] | None:
     """The result a worker stored for `key`, or None when there is none yet.
 
-    Returns the item fields (label, score, top5, worker, untrained).
+    Returns the item fields (label, score, top5, worker, untrained). An output
+    that does not say which model wrote it (not one of this service's workers)
+    is taken to come from the model this deployment is configured with: with
+    MODEL_WEIGHTS=random it is flagged untrained, never passed off as trained.
     """
+    configured_untrained = aws.settings.model_weights == "random"
     try:
         head = aws.s3.head_object(Bucket=aws.settings.output_bucket, Key=key)
     except ClientError as exc:
@@ -87,14 +91,14 @@ def read_output(aws: Aws, key: str) -> dict[str, Any] | None:
                 "score": meta.get("score"),
                 "top5": [{"label": str(lbl), "score": float(s)} for lbl, s in meta.get("top5", [])],
                 "worker": str(meta.get("worker", "")),
-                "untrained": bool(meta.get("untrained", False)),
+                "untrained": bool(meta.get("untrained", configured_untrained)),
             }
         except (ValueError, TypeError):
             pass
     # No usable metadata: the body `<name>,<label>` still holds the label.
     body = aws.s3.get_object(Bucket=aws.settings.output_bucket, Key=key)["Body"].read()
     label = body.decode("utf-8", errors="replace").split(",", 1)[-1].strip()
-    return {"label": label, "score": None, "top5": [], "worker": "", "untrained": False}
+    return {"label": label, "score": None, "top5": [], "worker": "", "untrained": configured_untrained}
 
 
 def read_failure(aws: Aws, key: str) -> str | None:

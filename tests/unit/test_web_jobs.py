@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import threading
@@ -9,6 +10,7 @@ import time
 
 import pytest
 
+from common.aws import Aws
 from common.messages import ClassifyRequest, ClassifyResponse
 from tests.conftest import make_image
 from tests.unit.conftest import FakeWorker, answer_for, services_of, wait_until
@@ -251,6 +253,23 @@ def test_fresh_app_rebuilds_a_batch_from_s3(make_web_app, fake_worker, web_aws):
     web_aws.s3.delete_object(Bucket=web_aws.settings.input_bucket,
                              Key=f"{batch_id}/{after['ok 1.jpg']['id']}/ok_1.jpg")
     assert len(fresh.get(f"/api/jobs/{batch_id}").get_json()["items"]) == 4
+
+
+@pytest.mark.parametrize("weights", ["random", "imagenet"])
+def test_a_stored_result_that_does_not_say_its_model_is_flagged_as_the_configured_one(web_aws, weights):
+    """An output written by something other than this service's workers (the contract's
+    bare `<name>,<label>`): its label is kept, and with MODEL_WEIGHTS=random it is
+    flagged untrained rather than passed off as trained."""
+    from web_tier.storage import read_output
+
+    aws = Aws(dataclasses.replace(web_aws.settings, model_weights=weights))
+    aws.s3.put_object(Bucket=aws.settings.output_bucket, Key="b/i/cat.jpg", Body=b"cat,tabby")
+    aws.s3.put_object(Bucket=aws.settings.output_bucket, Key="b/i/dog.jpg", Body=b"dog,beagle",
+                      Metadata={"result": json.dumps({"label": "beagle", "score": 0.5})})
+    for key, label in (("b/i/cat.jpg", "tabby"), ("b/i/dog.jpg", "beagle")):
+        result = read_output(aws, key)
+        assert result["label"] == label
+        assert result["untrained"] is (weights == "random")
 
 
 def test_answers_after_a_restart_are_kept_for_unknown_ids(make_web_app, web_aws):
