@@ -14,10 +14,10 @@ the visibility timeout of every message the worker holds, so a slow batch is
 never redelivered by mistake, unless a model call or an image's decoding has
 not ended within STALL_TIMEOUT (or an iteration of the main or fetch loop
 within 15 minutes more: a deadlock): a worker stuck there gives its messages
-back and exits to be restarted. On SIGTERM the worker stops receiving, finishes the
-batch in hand if it can within the grace period, and hands everything else back
-to the queue at once, so no request waits out a visibility timeout because of
-it.
+back and exits to be restarted. On SIGTERM the worker stops receiving,
+finishes the batch in hand if it can within the grace period, and hands
+everything else back to the queue at once, so no request waits out a
+visibility timeout because of it.
 
 A worker holds at most two unclassified batches (one being classified, one
 prepared), so that a worker that starts early does not hoard messages that
