@@ -1,4 +1,5 @@
-"""Soak: 1,000 images through /api/jobs while workers are SIGKILLed at random.
+"""Soak: 1,000 images through /api/jobs while workers are SIGKILLed at random,
+and one is stopped (SIGSTOP: a hang that only the runner's watchdog ends).
 
 Run apart from the quick suite: `make soak`. Prints a table of what was
 injected and what came back.
@@ -31,13 +32,19 @@ IMAGES = 1000
 # kill every 3 s (p ~ 0.4) it happened in 3 runs of 4, whole batches of 10.
 KILL_EVERY_S = 4.0
 MAX_RECEIVE_COUNT = 10
+# The third fault stops its worker instead: its slot stays taken until the
+# watchdog's SIGABRT (after WATCHDOG_S) and SIGKILL (30 s later: a stopped
+# process cannot act on SIGABRT) end it, and the runner starts another.
+HANG_AT_FAULT = 3
+WATCHDOG_S = 3
 
 
 @pytest.fixture(scope="module")
 def soak_stack(tmp_path_factory):
     # Shorter visibility timeout so a killed worker's batch comes back within seconds.
     yield from running_stack(tmp_path_factory, {
-        "VISIBILITY_TIMEOUT": "10", "MAX_RECEIVE_COUNT": str(MAX_RECEIVE_COUNT), "LOCAL_MAX_WORKERS": "4"})
+        "VISIBILITY_TIMEOUT": "10", "MAX_RECEIVE_COUNT": str(MAX_RECEIVE_COUNT), "LOCAL_MAX_WORKERS": "4",
+        "LOCAL_WATCHDOG": str(WATCHDOG_S)})
 
 
 def kind_of(proc: psutil.Process, root_pid: int) -> str:
@@ -80,16 +87,21 @@ def test_thousand_images_with_workers_killed_at_random(soak_stack):
     rng = random.Random(546)
     stop = threading.Event()
     kills: list[int] = []
+    hung: list[psutil.Process] = []
     memory: dict[str, list[tuple[float, int]]] = {}
 
     def chaos():
         while not stop.wait(KILL_EVERY_S):
-            victims = serving_workers(stack)
+            victims = [v for v in serving_workers(stack) if v not in hung]
             if victims:
                 victim = rng.choice(victims)
                 try:
-                    victim.kill()
-                    kills.append(victim.pid)
+                    if len(kills) + 1 == HANG_AT_FAULT and not hung:
+                        victim.suspend()
+                        hung.append(victim)
+                    else:
+                        victim.kill()
+                        kills.append(victim.pid)
                 except psutil.Error:
                     pass
 
@@ -160,6 +172,7 @@ def test_thousand_images_with_workers_killed_at_random(soak_stack):
     lost = IMAGES - states["done"] - states["failed"]
     print(f"\n soak: 1,000 images, workers SIGKILLed every {KILL_EVERY_S:.0f}s")
     print(f" {'faults injected (worker SIGKILLs)':40} {len(kills):>8}")
+    print(f" {'faults injected (worker SIGSTOPs)':40} {len(hung):>8}")
     print(f" {'requests sent':40} {IMAGES:>8}")
     print(f" {'answered (done)':40} {states['done']:>8}")
     print(f" {'answered (failed)':40} {states['failed']:>8}")
@@ -171,6 +184,9 @@ def test_thousand_images_with_workers_killed_at_random(soak_stack):
         print(f" {'peak RSS ' + kind + ', MB':40} {max(r for _, r in samples) / 2**20:>8.0f}")
 
     assert len(kills) >= 5, "the chaos thread must actually have killed workers"
+    assert len(hung) == 1, "the chaos thread must have stopped a worker"
+    assert any(f"(pid {hung[0].pid}) has not pinged its watchdog" in line for line in stack.output)
+    assert not hung[0].is_running() or hung[0].status() == "zombie", "the watchdog ended the hung worker"
     assert states["done"] == IMAGES and lost == 0
     assert duplicated == 0 and len(events) == IMAGES
     assert len(out_keys) == len(set(out_keys)) == IMAGES
