@@ -13,7 +13,7 @@ inference and the model never waits for S3 or SQS. A heartbeat thread extends
 the visibility timeout of every message the worker holds, so a slow batch is
 never redelivered by mistake, unless a model call or an image's decoding has
 not ended within STALL_TIMEOUT (or an iteration of the main or fetch loop
-within 15 minutes more: a deadlock): a worker stuck there gives its messages
+within 30 minutes more: a deadlock): a worker stuck there gives its messages
 back and exits to be restarted. On SIGTERM the worker stops receiving,
 finishes the batch in hand if it can within the grace period, and hands
 everything else back to the queue at once, so no request waits out a
@@ -56,11 +56,12 @@ _AWS_ERRORS = (BotoCoreError, ClientError)
 # SQS allows a message 12 h of invisibility from its receive, all extensions
 # included; an hour leaves room for everything before and after a retry delay.
 MAX_RETRY_DELAY_S = 3600
-# Besides the model calls and decodes that STALL_TIMEOUT bounds, an iteration of
-# the main or fetch loop makes a few AWS calls, each bounded by botocore (six
-# attempts of at most 5 s to connect and 30 s to read, with backoff): an
+# Besides a model call or decodes, which STALL_TIMEOUT bounds, an iteration of the
+# main or fetch loop waits for a few AWS calls one after another (the main loop for
+# the previous batch's writes, reply and delete), each up to ~4 minutes at botocore's
+# worst (six attempts of 5 s to connect and 30 s to read, with backoff): an
 # iteration longer than the stall timeout plus this is a deadlock, not slowness.
-LOOP_SLACK_S = 900.0
+LOOP_SLACK_S = 1800.0
 
 
 def retry_delay_s(receive_count: int, first_delay_s: int) -> int:
