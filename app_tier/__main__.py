@@ -6,6 +6,7 @@ import argparse
 import faulthandler
 import logging
 import os
+import resource
 import socket
 import sys
 
@@ -38,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Every thread's stack on stderr if the process is killed by SIGABRT (systemd's
     # watchdog), SIGSEGV and the like: the only account there would be of a hang.
+    # Not a core of ~1 GB as well (LimitCORE=0 in the unit says the same).
     faulthandler.enable()
+    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s worker[%(process)d] %(message)s",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 import threading
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -78,16 +78,19 @@ def to_input(img: Image.Image) -> np.ndarray:
     return np.subtract(rgb[..., ::-1], _BGR_MEANS, dtype=np.float32)
 
 
-def prepare(data: bytes, max_pixels: int, large: threading.Semaphore | None = None) -> np.ndarray:
+def prepare(data: bytes, max_pixels: int, large: threading.Semaphore | None = None,
+            watch: Callable[[], AbstractContextManager] = nullcontext) -> np.ndarray:
     """Bytes of an upload to one model input, or BadImage.
 
     Images that stay large after `draft` (a 40-megapixel PNG of 130 KB took
     ~300 MB to decode) are decoded only while holding `large`, so that a batch
-    of them cannot run a small instance out of memory all at once.
+    of them cannot run a small instance out of memory all at once. Pillow's
+    work runs inside `watch()` (the worker times it), the wait for `large` not.
     """
-    img = open_image(data, max_pixels)
+    with watch():
+        img = open_image(data, max_pixels)
     is_large = large is not None and img.width * img.height > LARGE_IMAGE_PIXELS
-    with large if is_large else nullcontext():
+    with large if is_large else nullcontext(), watch():
         return to_input(load_rgb(img))
 
 

@@ -62,6 +62,10 @@ MAX_RETRY_DELAY_S = 3600
 # worst (six attempts of 5 s to connect and 30 s to read, with backoff): an
 # iteration longer than the stall timeout plus this is a deadlock, not slowness.
 LOOP_SLACK_S = 1800.0
+# A heartbeat round extends visibility with one SQS call, up to ~4 minutes at
+# botocore's worst: a round that has not ended this long after it was due is
+# blocked (on a lock a deadlocked thread holds), and the watchdog pings stop.
+HEARTBEAT_SLACK_S = 300.0
 
 
 def retry_delay_s(receive_count: int, first_delay_s: int) -> int:
@@ -139,7 +143,10 @@ class Worker:
         self._exit = os._exit  # tests put a recorder here
         # How often to ping systemd's watchdog; None when not run by one.
         self._watchdog_s = systemd.watchdog_interval_s()
+        self._heartbeat_period_s = max(1.0, min(settings.visibility_timeout_s, settings.stall_timeout_s) / 3)
+        self._last_beat = time.monotonic()  # when the heartbeat last ended a round
         self._watchdog: threading.Thread | None = None
+        self._heartbeat: threading.Thread | None = None
         self._fetcher: threading.Thread | None = None
         self.processed = 0
 
@@ -169,7 +176,8 @@ class Worker:
         """Serve until told to stop; returns after a clean, warm shutdown."""
         log.info("worker %s: serving %s", self.instance_id, self.settings.request_queue)
         fetcher = self._fetcher = threading.Thread(target=self._fetch_loop, name="fetch", daemon=True)
-        heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        heartbeat = self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat",
+                                                       daemon=True)
         fetcher.start()
         heartbeat.start()
         systemd.notify("READY=1")  # a no-op when not run by systemd
@@ -285,8 +293,9 @@ class Worker:
             log.warning("cannot read %s: %s", job.request.key, exc)
             return
         try:
-            with self._must_end("decode", [job]):
-                job.pixels = prepare(data, self.settings.max_image_pixels, self._large_decodes)
+            # Watched while decoding, not while waiting its turn for a large decode.
+            job.pixels = prepare(data, self.settings.max_image_pixels, self._large_decodes,
+                                 watch=lambda: self._must_end("decode", [job]))
         except BadImage as exc:
             job.error = str(exc)
         except Exception:  # e.g. MemoryError: maybe not the image's fault, so not its answer
@@ -494,21 +503,28 @@ class Worker:
                 log.warning("could not change visibility of a message: %s", failed.get("Message") or failed)
 
     def _heartbeat_loop(self) -> None:
-        period = max(1.0, min(self.settings.visibility_timeout_s, self.settings.stall_timeout_s) / 3)
-        while not self._finished.wait(period):
+        self._last_beat = time.monotonic()
+        while not self._finished.wait(self._heartbeat_period_s):
             stuck = self._stuck(time.monotonic())
             if stuck is not None:
                 self._give_up_stuck(stuck)
                 return
             self._extend_held()
+            self._last_beat = time.monotonic()
 
     def _watchdog_loop(self, heartbeat: threading.Thread) -> None:
-        """Tell systemd the worker is alive for as long as its heartbeat is. The pings stop
-        when this thread cannot run (a hang that holds Python's lock stops every thread,
-        the heartbeat too) or the heartbeat has died: systemd then restarts the worker."""
+        """Tell systemd the worker is alive for as long as its heartbeat beats. The pings
+        stop when this thread cannot run (a hang that holds Python's lock stops every
+        thread, the heartbeat too), when the heartbeat has died, or when its round is
+        blocked (a deadlock on one of the worker's locks, which would also block its
+        give-up): systemd then restarts the worker."""
         assert self._watchdog_s
-        while not self._finished.wait(self._watchdog_s) and heartbeat.is_alive():
+        while not self._finished.wait(self._watchdog_s) and self._heartbeat_beats(heartbeat):
             systemd.notify("WATCHDOG=1")
+
+    def _heartbeat_beats(self, heartbeat: threading.Thread) -> bool:
+        late_s = time.monotonic() - self._last_beat - self._heartbeat_period_s
+        return heartbeat.is_alive() and late_s < HEARTBEAT_SLACK_S
 
     @contextmanager
     def _must_end(self, kind: str, jobs: list[Job]) -> Iterator[None]:
@@ -551,8 +567,9 @@ class Worker:
         self.stopping.set()  # no more receives
         try:
             # A long poll under way may still bring messages: wait for it, to hand them
-            # back too. (A decode runs after its receive, in the fetch thread: no poll then.)
-            wait_s = self.settings.receive_wait_s + 5.0 if stuck.kind == "model call" else 0.0
+            # back too, unless the fetch thread is the one stuck (a decode runs in it).
+            fetch_stuck = stuck.kind in ("decode", "fetch loop iteration")
+            wait_s = 0.0 if fetch_stuck else self.settings.receive_wait_s + 5.0
             self._give_back(stuck.jobs, wait_for_receive_s=wait_s)
         finally:
             self._exit(EXIT_STALLED)

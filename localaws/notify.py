@@ -9,8 +9,9 @@ hangs holding Python's lock is replaced locally too, and the worker's side of
 the protocol (app_tier/systemd.py) runs in every local stack.
 
 One datagram socket per process, so the runner knows who sent a message
-without SO_PASSCRED (Linux only). They live in a short temporary folder: a
-socket's path is limited to some 100 bytes, which a checkout's path can exceed.
+without SO_PASSCRED (Linux only). They live in a temporary folder, in /tmp
+when TMPDIR's path is long: a socket's path is limited to 104 bytes on macOS
+and 108 on Linux.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
+
+# Room for the file name ("<n>.sock") under the shortest limit.
+MAX_FOLDER_CHARS = 80
 
 
 class NotifySocket:
@@ -37,8 +41,8 @@ class NotifySocket:
         return {"NOTIFY_SOCKET": str(self.path), "WATCHDOG_USEC": str(round(self.watchdog_s * 1e6))}
 
     def read(self, now: float) -> None:
-        """Take in every message sent since the last read; `now` counts as when they came,
-        which errs on the lenient side by at most the time between two reads."""
+        """Take in every message sent since the last read; `now` counts as when they came
+        (read often, and with a fresh `now`, so that the error stays small)."""
         while True:
             try:
                 data = self._sock.recv(4096)
@@ -67,7 +71,11 @@ class NotifySockets:
 
     def new(self) -> NotifySocket:
         if self._folder is None:
-            self._folder = Path(tempfile.mkdtemp(prefix="imgclass-notify-"))
+            folder = tempfile.mkdtemp(prefix="imgclass-notify-")
+            if len(folder) > MAX_FOLDER_CHARS:
+                Path(folder).rmdir()
+                folder = tempfile.mkdtemp(prefix="imgclass-notify-", dir="/tmp")
+            self._folder = Path(folder)
         self._made += 1
         return NotifySocket(self._folder / f"{self._made}.sock", self.watchdog_s)
 

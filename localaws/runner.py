@@ -9,7 +9,8 @@ shutdown would. A worker that exits while its instance lives is restarted, as
 systemd's Restart=always does on a real instance, unless it exited because it
 cannot load the model (RestartPreventExitStatus there). Like systemd's
 watchdog there (WatchdogSec=), the runner kills a worker that has said it is
-ready and then stops pinging for LOCAL_WATCHDOG seconds, with SIGABRT (its
+ready and then stops pinging for LOCAL_WATCHDOG seconds, or that has not said
+it is ready within START_TIMEOUT_S (TimeoutStartSec=), with SIGABRT (its
 stacks go to its log), then SIGKILL if that does not end it, and restarts it.
 
 Warm spares: the runner can keep a few worker processes that have already
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -42,6 +42,8 @@ from localaws.notify import NotifySocket, NotifySockets
 log = logging.getLogger(__name__)
 
 RESTART_BACKOFF_S = 1.0
+# As TimeoutStartSec= in ami/imgclass-worker.service (weights may come from S3 there).
+START_TIMEOUT_S = 15 * 60.0
 
 
 @dataclass
@@ -51,6 +53,7 @@ class WorkerProcess:
     started_at: float
     term_sent_at: float | None = None
     abort_sent_at: float | None = None  # by the watchdog
+    ready: bool = False  # it said READY=1
     restarts: int = 0
     given_up: bool = False  # it cannot load the model: not restarted
 
@@ -68,6 +71,7 @@ class InstanceRunner:
     # once every busy_poll_s is enough (a real instance boots in ~40 s).
     busy_poll_s: float = 1.0
     grace_s: float = 30.0
+    start_timeout_s: float = START_TIMEOUT_S
     warm_spares: int = 1
     # What an instance runs; tests put a small stand-in here.
     worker_argv: list[str] = field(default_factory=lambda: [sys.executable, "-m", "app_tier"])
@@ -88,17 +92,17 @@ class InstanceRunner:
         self.aws = Aws(self.settings)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._sockets = NotifySockets(self.settings.local_watchdog_s)
-        if self.settings.local_watchdog_s:
-            # Inherited by the workers: one the watchdog aborts writes its stacks
-            # (faulthandler), not a core of ~1 GB (LimitCORE=0 in the unit, likewise).
-            _, hard = resource.getrlimit(resource.RLIMIT_CORE)
-            resource.setrlimit(resource.RLIMIT_CORE, (0, hard))
 
     # --- processes -------------------------------------------------------------------
     def _spawn(self, instance_id: str) -> subprocess.Popen:
         self._spawned += 1
         log_path = self.log_dir / f"worker-{self._spawned:03d}.log"
-        notify = self._sockets.new() if self.settings.local_watchdog_s else None
+        notify = None
+        if self.settings.local_watchdog_s:
+            try:
+                notify = self._sockets.new()
+            except OSError as exc:
+                log.warning("runner: no watchdog for this worker: cannot make its socket (%s)", exc)
         try:
             with open(log_path, "ab") as out:
                 process = subprocess.Popen(
@@ -190,19 +194,35 @@ class InstanceRunner:
             still.append(worker)
         self._draining = still
 
-    def _watch(self, now: float) -> None:
-        """systemd's watchdog: abort a worker that was ready and has gone silent, kill one
-        that outlives the abort by the grace period (a stopped process cannot act on
-        SIGABRT); the restart follows as for any exit. Sockets of ended processes closed."""
+    def _hear(self) -> None:
+        """Take in what every process has sent, so that no socket's queue fills up (a
+        full one would block its sender), whatever else this round does."""
+        now = time.monotonic()
+        for notify in self._notify.values():
+            notify.read(now)
+
+    def _watch(self) -> None:
+        """systemd's watchdog: abort a worker that was ready and has gone silent, or that
+        has not become ready in time; kill one that outlives the abort by the grace period
+        (a stopped process cannot act on SIGABRT); the restart follows as for any exit.
+        Sockets of ended processes are closed."""
+        self._hear()
+        now = time.monotonic()
         for worker in self.workers.values():
             notify = self._notify.get(worker.process)
             if notify is None or worker.process.poll() is not None:
                 continue
-            notify.read(now)
-            if worker.abort_sent_at is None and notify.overdue(now):
-                log.error("runner: the worker for %s (pid %d) has not pinged its watchdog for %.0f s; "
-                          "SIGABRT (its stacks go to its log), then a restart", worker.instance_id,
-                          worker.process.pid, now - (notify.last_heard or now))
+            if notify.last_heard is not None and not worker.ready:
+                worker.ready = True
+                log.info("runner: worker pid %d for %s is ready (%.1f s after it was given the instance)",
+                         worker.process.pid, worker.instance_id, now - worker.started_at)
+            silent = notify.overdue(now)
+            late = notify.last_heard is None and now - worker.started_at > self.start_timeout_s
+            if worker.abort_sent_at is None and (silent or late):
+                why = (f"has not pinged its watchdog for {now - (notify.last_heard or now):.0f} s" if silent
+                       else f"has not said it is ready in {now - worker.started_at:.0f} s")
+                log.error("runner: the worker for %s (pid %d) %s; SIGABRT (its stacks go to its log), "
+                          "then a restart", worker.instance_id, worker.process.pid, why)
                 self._signal(worker.process, signal.SIGABRT)
                 worker.abort_sent_at = now
             elif worker.abort_sent_at is not None and now - worker.abort_sent_at > self.grace_s:
@@ -216,6 +236,7 @@ class InstanceRunner:
     def step(self) -> None:
         if self.stopping.is_set():
             return  # shutdown() has taken its list of processes: start none it would miss
+        self._hear()  # before the EC2 call, which may fail
         now = time.monotonic()
         # The controller's question (every watched state), so that the embedded AWS
         # answers both from one cached DescribeInstances; live ones kept, by number.
@@ -259,7 +280,7 @@ class InstanceRunner:
         # burst of `make bench`: the workers' CPU per image rose from ~149 to 161 ms).
         self._top_up_spares(room=self.settings.local_max_workers - len(self.workers), now=now)
         self._reap_draining(now)
-        self._watch(now)
+        self._watch()
 
     def run(self) -> None:
         backoff = self.poll_s

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import threading
 import time
 from collections import Counter
@@ -36,7 +37,10 @@ MAX_RECEIVE_COUNT = 10
 # watchdog's SIGABRT (after WATCHDOG_S) and SIGKILL (30 s later: a stopped
 # process cannot act on SIGABRT) end it, and the runner starts another.
 HANG_AT_FAULT = 3
-WATCHDOG_S = 3
+WATCHDOG_S = 5
+# The runner's word that a worker said READY=1: only then does its watchdog run
+# (before, it is TimeoutStartSec's 15 minutes that would end a hang).
+READY = re.compile(r"runner: worker pid (\d+) for \S+ is ready")
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +97,14 @@ def test_thousand_images_with_workers_killed_at_random(soak_stack):
     def chaos():
         while not stop.wait(KILL_EVERY_S):
             victims = [v for v in serving_workers(stack) if v not in hung]
+            hang = len(kills) + 1 == HANG_AT_FAULT and not hung
+            if hang:
+                ready = {int(m.group(1)) for line in list(stack.output) if (m := READY.search(line))}
+                victims = [v for v in victims if v.pid in ready]
             if victims:
                 victim = rng.choice(victims)
                 try:
-                    if len(kills) + 1 == HANG_AT_FAULT and not hung:
+                    if hang:
                         victim.suspend()
                         hung.append(victim)
                     else:

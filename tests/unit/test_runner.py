@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import signal
 import sys
 import time
@@ -130,23 +131,25 @@ def test_a_crashed_worker_is_restarted_like_systemd_would(world):
 
 
 @pytest.mark.parametrize(("how", "ended_by"), [("silent", -signal.SIGABRT), ("stopped", -signal.SIGKILL)])
-def test_a_worker_that_stops_pinging_its_watchdog_is_aborted_and_restarted(world, how, ended_by):
+def test_a_worker_that_stops_pinging_its_watchdog_is_aborted_and_restarted(world, how, ended_by, caplog):
     """As systemd does with WatchdogSec=: SIGABRT once a ready worker has been silent
     for the watchdog's time, SIGKILL if that does not end it (a stopped process
     cannot act on it), then a restart."""
+    caplog.set_level(logging.INFO, logger="localaws.runner")
     settings, aws, make, out = world
-    runner = make(warm_spares=0, local_watchdog_s=1.0, grace_s=0.5, env={"FAKE_MODE": "pings"})
+    runner = make(warm_spares=0, local_watchdog_s=2.0, grace_s=0.5, env={"FAKE_MODE": "pings"})
     iid = launch(aws, settings, (1,))[1]
     runner.step()
     first = runner.workers[iid].process
     sockets = runner._notify[first].path.parent
     wait_until(lambda: started(out) == [iid], what="the worker to start")
-    # Pinging every 0.5 s, it lives through several of the watchdog's periods.
-    healthy_until = time.monotonic() + 3.0
+    # Pinging every 1 s, it lives through several of the watchdog's periods.
+    healthy_until = time.monotonic() + 5.0
     while time.monotonic() < healthy_until:
         runner.step()
         time.sleep(0.05)
     assert runner.workers[iid].process is first and first.poll() is None
+    assert f"worker pid {first.pid} for {iid} is ready" in caplog.text
     if how == "silent":
         (out / f"hang.{first.pid}").touch()
     else:
@@ -159,6 +162,21 @@ def test_a_worker_that_stops_pinging_its_watchdog_is_aborted_and_restarted(world
     wait_until(lambda: started(out) == [iid, iid], what="the restarted worker to start")
     runner.shutdown(timeout_s=2)
     assert not sockets.exists()
+
+
+def test_a_worker_that_never_says_it_is_ready_is_aborted_and_restarted(world, caplog):
+    """As systemd does with TimeoutStartSec=: a worker that hangs before READY=1 (this
+    stand-in never sends it) would otherwise hold its instance for good."""
+    settings, aws, make, out = world
+    runner = make(warm_spares=0, start_timeout_s=0.5, grace_s=0.5)
+    iid = launch(aws, settings, (1,))[1]
+    runner.step()
+    first = runner.workers[iid].process
+    wait_until(lambda: (runner.step(), first.poll() is not None)[1], what="the start timeout to end it")
+    assert first.returncode == -signal.SIGABRT
+    assert f"(pid {first.pid}) has not said it is ready" in caplog.text
+    wait_until(lambda: (runner.step(), runner.workers[iid].process is not first)[1], timeout_s=5,
+               what="a restart")
 
 
 def test_a_warm_spare_is_adopted_by_the_next_instance(world):

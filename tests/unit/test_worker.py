@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -385,11 +386,11 @@ def test_an_unexpected_error_preparing_one_image_costs_only_that_attempt(aws_env
     prepare = worker_module.prepare
     failures: list[str] = []
 
-    def out_of_memory_once_on_b(data, max_pixels, *rest):
+    def out_of_memory_once_on_b(data, max_pixels, *rest, **kwargs):
         if data == make_image(ord("b"), size=(64, 64)) and not failures:
             failures.append("b")
             raise MemoryError("decoder")
-        return prepare(data, max_pixels, *rest)
+        return prepare(data, max_pixels, *rest, **kwargs)
 
     monkeypatch.setattr(worker_module, "prepare", out_of_memory_once_on_b)
     worker = Worker(settings, aws, MeanClassifier(), "i-oom")
@@ -548,6 +549,34 @@ def test_large_images_are_decoded_one_at_a_time(monkeypatch):
     assert overlaps["large"] == 1 and overlaps["small"] > 1, overlaps
 
 
+def test_a_decode_is_watched_while_it_decodes_not_while_it_waits_its_turn(monkeypatch):
+    """The worker's stall watch blames the image of a decode that never ends: one that
+    only waits behind another large decode must not be timed (nor blamed) for it."""
+    from app_tier import images
+
+    watched, seen = [0], []
+
+    @contextlib.contextmanager
+    def watch():
+        watched[0] += 1
+        try:
+            yield
+        finally:
+            watched[0] -= 1
+
+    class Slot:  # the large-decode semaphore, recording what was watched as it is taken
+        def __enter__(self):
+            seen.append(watched[0])
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(images, "LARGE_IMAGE_PIXELS", 100)
+    out = images.prepare(make_image(5, size=(64, 64)), 40_000_000, Slot(), watch=watch)
+    assert out.shape == (224, 224, 3)
+    assert seen == [0], "the turn was awaited inside the watch"
+
+
 def test_a_failed_attempt_waits_longer_each_time_before_the_next():
     assert [retry_delay_s(n, 5) for n in (1, 2, 3, 4)] == [5, 10, 20, 40]
     assert retry_delay_s(1, 0) == retry_delay_s(3, 0) == 0
@@ -677,10 +706,11 @@ def test_an_image_that_hangs_the_decoder_costs_an_attempt_and_the_worker_exits(a
     upload(settings, aws, "fine.jpg", fine, "fine")
     real_prepare, release = app_tier.worker.prepare, threading.Event()
 
-    def prepare(data: bytes, *args):
-        if data == hostile:
-            release.wait(30)
-        return real_prepare(data, *args)
+    def prepare(data: bytes, *args, watch):
+        with watch():  # where the real one decodes
+            if data == hostile:
+                release.wait(30)
+        return real_prepare(data, *args, watch=watch)
 
     monkeypatch.setattr(app_tier.worker, "prepare", prepare)
     model = MeanClassifier()
@@ -779,6 +809,53 @@ def test_a_slow_model_call_within_the_stall_timeout_is_left_alone(aws_env):
         worker.stopping.set()
         runner.join(timeout=10)
     assert responses_seen(aws) and not exits
+
+
+def test_watchdog_pings_stop_when_a_heartbeat_round_is_blocked(aws_env, monkeypatch, tmp_path):
+    """A deadlock on one of the worker's locks blocks the heartbeat (and its give-up)
+    without killing it: the pings must stop all the same, so that systemd restarts it."""
+    import app_tier.worker
+    from tests.unit.conftest import wait_until
+
+    settings, aws = aws_env
+    settings = dataclasses.replace(settings, visibility_timeout_s=5, stall_timeout_s=3)  # a beat a second
+    monkeypatch.setattr(app_tier.worker, "HEARTBEAT_SLACK_S", 0.5)
+    heard: list[bytes] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        systemd.bind(str(tmp_path / "notify"))
+        systemd.settimeout(0.2)
+
+        def listen() -> None:
+            while systemd.fileno() != -1:
+                try:
+                    heard.append(systemd.recv(64))
+                except (TimeoutError, OSError):
+                    continue
+
+        threading.Thread(target=listen, daemon=True).start()
+        monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+        monkeypatch.setenv("WATCHDOG_USEC", "100000")  # a ping every 50 ms
+        worker = Worker(settings, aws, MeanClassifier(), "i-blocked")
+        beats, blocked, unblock = [], threading.Event(), threading.Event()
+
+        def beat() -> None:
+            beats.append(time.monotonic())
+            if blocked.is_set():
+                unblock.wait(30)  # as if waiting for a lock a deadlocked thread holds
+
+        monkeypatch.setattr(worker, "_extend_held", beat)
+        runner = threading.Thread(target=worker.run)
+        runner.start()
+        try:
+            wait_until(lambda: len(beats) >= 1 and heard.count(b"WATCHDOG=1") >= 3, timeout=10)
+            blocked.set()
+            wait_until(lambda: not worker._watchdog.is_alive(), timeout=10)
+            assert worker._heartbeat.is_alive(), "blocked, not dead"
+        finally:
+            unblock.set()
+            worker.stopping.set()
+            runner.join(timeout=15)
+        assert not runner.is_alive()
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
