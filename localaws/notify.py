@@ -33,7 +33,11 @@ class NotifySocket:
         self.watchdog_s = watchdog_s
         self.last_heard: float | None = None  # None until READY=1: systemd counts from there
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(str(path))
+        try:
+            self._sock.bind(str(path))
+        except OSError:
+            self._sock.close()
+            raise
         self._sock.setblocking(False)
 
     def env(self) -> dict[str, str]:

@@ -307,3 +307,23 @@ def test_a_reaped_worker_is_never_signalled(world, monkeypatch):
     runner.step()
     runner.shutdown(timeout_s=1)
     assert signalled == []
+
+
+def test_notification_sockets_leave_a_long_tmpdir_for_tmp(tmp_path, monkeypatch):
+    """A socket's path is limited to 104-108 bytes; TMPDIR under a test's or a run's
+    folder (or macOS's /var/folders/...) can be longer than that."""
+    import tempfile
+
+    from localaws.notify import NotifySockets
+
+    long_dir = tmp_path / ("d" * 100)
+    long_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long_dir))
+    sockets = NotifySockets(watchdog_s=1.0)
+    notify = sockets.new()
+    try:
+        assert notify.path.parent.parent == Path("/tmp") and len(str(notify.path)) < 104
+    finally:
+        notify.close()
+        sockets.remove_folder()
+    assert not notify.path.parent.exists()
