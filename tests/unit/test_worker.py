@@ -813,15 +813,10 @@ def test_a_slow_model_call_within_the_stall_timeout_is_left_alone(aws_env):
     assert responses_seen(aws) and not exits
 
 
-def test_watchdog_pings_stop_when_a_heartbeat_round_is_blocked(aws_env, monkeypatch, tmp_path):
-    """A deadlock on one of the worker's locks blocks the heartbeat (and its give-up)
-    without killing it: the pings must stop all the same, so that systemd restarts it."""
-    import app_tier.worker
-    from tests.unit.conftest import wait_until
-
-    settings, aws = aws_env
-    settings = dataclasses.replace(settings, visibility_timeout_s=5, stall_timeout_s=3)  # a beat a second
-    monkeypatch.setattr(app_tier.worker, "HEARTBEAT_SLACK_S", 0.5)
+@contextlib.contextmanager
+def systemd_listening(tmp_path, monkeypatch, watchdog_usec: int):
+    """systemd's end of the notification socket, as a worker run by it finds it in its
+    environment: yields every datagram heard, in order."""
     heard: list[bytes] = []
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
         systemd.bind(str(tmp_path / "notify"))
@@ -836,7 +831,20 @@ def test_watchdog_pings_stop_when_a_heartbeat_round_is_blocked(aws_env, monkeypa
 
         threading.Thread(target=listen, daemon=True).start()
         monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
-        monkeypatch.setenv("WATCHDOG_USEC", "100000")  # a ping every 50 ms
+        monkeypatch.setenv("WATCHDOG_USEC", str(watchdog_usec))
+        yield heard
+
+
+def test_watchdog_pings_stop_when_a_heartbeat_round_is_blocked(aws_env, monkeypatch, tmp_path):
+    """A deadlock on one of the worker's locks blocks the heartbeat (and its give-up)
+    without killing it: the pings must stop all the same, so that systemd restarts it."""
+    import app_tier.worker
+    from tests.unit.conftest import wait_until
+
+    settings, aws = aws_env
+    settings = dataclasses.replace(settings, visibility_timeout_s=5, stall_timeout_s=3)  # a beat a second
+    monkeypatch.setattr(app_tier.worker, "HEARTBEAT_SLACK_S", 0.5)
+    with systemd_listening(tmp_path, monkeypatch, watchdog_usec=100_000) as heard:  # a ping every 50 ms
         worker = Worker(settings, aws, MeanClassifier(), "i-blocked")
         beats, blocked, unblock = [], threading.Event(), threading.Event()
 
@@ -869,21 +877,7 @@ def test_systemd_hears_ready_then_watchdog_pings_until_the_heartbeat_dies(aws_en
 
     settings, aws = aws_env
     settings = dataclasses.replace(settings, visibility_timeout_s=5, stall_timeout_s=3)  # a beat a second
-    heard: list[bytes] = []
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
-        systemd.bind(str(tmp_path / "notify"))
-        systemd.settimeout(0.2)
-
-        def listen() -> None:
-            while systemd.fileno() != -1:
-                try:
-                    heard.append(systemd.recv(64))
-                except (TimeoutError, OSError):
-                    continue
-
-        threading.Thread(target=listen, daemon=True).start()
-        monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
-        monkeypatch.setenv("WATCHDOG_USEC", "40000")  # a ping every 20 ms
+    with systemd_listening(tmp_path, monkeypatch, watchdog_usec=40_000) as heard:  # a ping every 20 ms
         monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
         worker = Worker(settings, aws, MeanClassifier(), "i-watched")
         beats, die = [], threading.Event()
