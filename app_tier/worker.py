@@ -176,14 +176,12 @@ class Worker:
         """Serve until told to stop; returns after a clean, warm shutdown."""
         log.info("worker %s: serving %s", self.instance_id, self.settings.request_queue)
         fetcher = self._fetcher = threading.Thread(target=self._fetch_loop, name="fetch", daemon=True)
-        heartbeat = self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat",
-                                                       daemon=True)
+        self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         fetcher.start()
-        heartbeat.start()
+        self._heartbeat.start()
         systemd.notify("READY=1")  # a no-op when not run by systemd
         if self._watchdog_s:
-            self._watchdog = threading.Thread(target=self._watchdog_loop, args=(heartbeat,),
-                                              name="watchdog", daemon=True)
+            self._watchdog = threading.Thread(target=self._watchdog_loop, name="watchdog", daemon=True)
             self._watchdog.start()
         while not (self.stopping.is_set() and self._prefetched.empty() and not fetcher.is_alive()):
             self._loop_ticks["main"] = time.monotonic()
@@ -512,19 +510,19 @@ class Worker:
             self._extend_held()
             self._last_beat = time.monotonic()
 
-    def _watchdog_loop(self, heartbeat: threading.Thread) -> None:
+    def _watchdog_loop(self) -> None:
         """Tell systemd the worker is alive for as long as its heartbeat beats. The pings
         stop when this thread cannot run (a hang that holds Python's lock stops every
         thread, the heartbeat too), when the heartbeat has died, or when its round is
         blocked (a deadlock on one of the worker's locks, which would also block its
         give-up): systemd then restarts the worker."""
         assert self._watchdog_s
-        while not self._finished.wait(self._watchdog_s) and self._heartbeat_beats(heartbeat):
+        while not self._finished.wait(self._watchdog_s) and self._heartbeat_beats():
             systemd.notify("WATCHDOG=1")
 
-    def _heartbeat_beats(self, heartbeat: threading.Thread) -> bool:
+    def _heartbeat_beats(self) -> bool:
         late_s = time.monotonic() - self._last_beat - self._heartbeat_period_s
-        return heartbeat.is_alive() and late_s < HEARTBEAT_SLACK_S
+        return self._heartbeat is not None and self._heartbeat.is_alive() and late_s < HEARTBEAT_SLACK_S
 
     @contextmanager
     def _must_end(self, kind: str, jobs: list[Job]) -> Iterator[None]:
