@@ -43,7 +43,10 @@ def create_app(settings: Settings | None = None, *, aws: Aws | None = None,
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
-    book = ResultBook()
+    # Until a worker's answer says which model it runs, the configured weights are
+    # the best guess: with `random`, the page and /api/status say "untrained" from
+    # the start rather than only after the first result.
+    book = ResultBook(untrained=True if settings.model_weights == "random" else None)
     svc = Services(
         settings=settings,
         aws=aws,

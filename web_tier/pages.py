@@ -11,5 +11,6 @@ bp = Blueprint("pages", __name__)
 
 @bp.get("/")
 def index() -> str:
-    settings = services().settings
-    return render_template("index.html", max_file_mb=f"{settings.max_upload_bytes / 1024**2:g}")
+    svc = services()
+    return render_template("index.html", max_file_mb=f"{svc.settings.max_upload_bytes / 1024**2:g}",
+                           untrained=svc.book.untrained)

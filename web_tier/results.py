@@ -109,7 +109,7 @@ class ResultBook:
     holds ~1.8 KB (measured with tracemalloc), so the default cap is ~180 MB.
     """
 
-    def __init__(self, max_items: int = 100_000) -> None:
+    def __init__(self, max_items: int = 100_000, untrained: bool | None = None) -> None:
         self._lock = threading.Lock()
         self._items: dict[str, Item] = {}
         self._batches: OrderedDict[str, _Batch] = OrderedDict()
@@ -118,8 +118,9 @@ class ResultBook:
         self.uploaded = 0
         self.answered = 0
         self.failed = 0
-        # None until a response says which model answered.
-        self.untrained: bool | None = None
+        # Whether the workers' model is untrained: None while unknown, then what the
+        # latest response said.
+        self.untrained: bool | None = untrained
 
     # --- writing ---------------------------------------------------------------
     def add(self, batch_id: str, items: list[Item]) -> None:

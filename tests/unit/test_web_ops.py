@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 
@@ -158,3 +159,14 @@ def test_status_answers_from_the_last_snapshot_while_aws_is_slow(quiet_client):
         release.set()
         refresher.join(5)
 
+
+
+@pytest.mark.parametrize("weights, flagged", [("random", True), ("imagenet", None)])
+def test_untrained_is_said_from_the_start_when_configured(make_web_app, weights, flagged):
+    # Before any worker has answered, the configured weights decide: with `random`
+    # the page's banner and /api/status say "untrained" from the first look.
+    client = make_web_app(model_weights=weights, start_listeners=False).test_client()
+    assert client.get("/api/status").get_json()["untrained"] is flagged
+    page = client.get("/").get_data(as_text=True)
+    banner = re.search(r'<div id="untrained-banner"[^>]*>', page).group(0)
+    assert ("hidden" not in banner) is bool(flagged)
