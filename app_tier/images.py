@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import io
 import threading
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from common.pixels import pillow_limit_enforced, too_many_pixels
 
 INPUT_SIZE = (224, 224)
 # Above this, after `draft`, decoding takes some 30 MB or more (RGB, 3 bytes a pixel,
@@ -24,16 +25,15 @@ class BadImage(ValueError):
 
 
 @contextmanager
-def _bad_image_errors() -> Iterator[None]:
+def _bad_image_errors(max_pixels: int) -> Iterator[None]:
     """Pillow's many errors on hostile or damaged files, as BadImage saying which."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pillow_limit_enforced():
             yield
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise BadImage(f"image is too large to decode safely: {exc}") from exc
+        raise BadImage(too_many_pixels(exc, max_pixels)) from exc
     except UnidentifiedImageError as exc:
         raise BadImage("not an image format this service reads") from exc
     except (OSError, SyntaxError, ValueError) as exc:
@@ -49,7 +49,7 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """
     if not data:
         raise BadImage("the file is empty")
-    with _bad_image_errors():
+    with _bad_image_errors(max_pixels):
         img = Image.open(io.BytesIO(data))
         width, height = img.size
         if width * height > max_pixels:
@@ -58,15 +58,15 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     return img
 
 
-def load_rgb(img: Image.Image) -> Image.Image:
-    """Decode the pixels of an opened image, as RGB."""
-    with _bad_image_errors():
+def load_rgb(img: Image.Image, max_pixels: int) -> Image.Image:
+    """Decode the pixels of an image opened by `open_image`, as RGB."""
+    with _bad_image_errors(max_pixels):
         return img.convert("RGB")
 
 
 def decode(data: bytes, max_pixels: int) -> Image.Image:
     """Decode to an RGB image no larger than needed for a 224x224 input."""
-    return load_rgb(open_image(data, max_pixels))
+    return load_rgb(open_image(data, max_pixels), max_pixels)
 
 
 def to_input(img: Image.Image) -> np.ndarray:
@@ -91,7 +91,7 @@ def prepare(data: bytes, max_pixels: int, large: threading.Semaphore | None = No
         img = open_image(data, max_pixels)
     is_large = large is not None and img.width * img.height > LARGE_IMAGE_PIXELS
     with large if is_large else nullcontext(), watch():
-        return to_input(load_rgb(img))
+        return to_input(load_rgb(img, max_pixels))
 
 
 def warm_up() -> None:

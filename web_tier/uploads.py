@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import unicodedata
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ from werkzeug.datastructures import FileStorage
 from werkzeug.wrappers import Request
 
 from common.config import Settings
+from common.pixels import pillow_limit_enforced, too_many_pixels
 
 # Pillow format -> Content-Type stored with the object. MPO is what Pillow calls
 # many phone-camera JPEGs.
@@ -101,27 +101,25 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
     if not data:
         raise UploadError(400, "file is empty", name)
     try:
-        with warnings.catch_warnings():
-            # As in the worker's decoder: past Pillow's own limit, refused here, not there.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                fmt = img.format or ""
-                width, height = img.size
-                if fmt not in FORMATS:
-                    raise UploadError(415, f"{fmt or 'this'} images are not accepted; send {ACCEPTED}", name)
-                if width * height > settings.max_image_pixels:
-                    raise UploadError(
-                        413,
-                        f"image is {width}x{height} pixels, more than the limit of "
-                        f"{settings.max_image_pixels}",
-                        name,
-                    )
-                # Checks the structure (e.g. PNG chunk checksums) without decoding pixels.
-                img.verify()
+        # As in the worker's decoder: past Pillow's own limit, refused here, not there.
+        with pillow_limit_enforced(), Image.open(io.BytesIO(data)) as img:
+            fmt = img.format or ""
+            width, height = img.size
+            if fmt not in FORMATS:
+                raise UploadError(415, f"{fmt or 'this'} images are not accepted; send {ACCEPTED}", name)
+            if width * height > settings.max_image_pixels:
+                raise UploadError(
+                    413,
+                    f"image is {width}x{height} pixels, more than the limit of "
+                    f"{settings.max_image_pixels}",
+                    name,
+                )
+            # Checks the structure (e.g. PNG chunk checksums) without decoding pixels.
+            img.verify()
     except UploadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise UploadError(413, f"image has too many pixels ({exc})", name) from exc
+        raise UploadError(413, too_many_pixels(exc, settings.max_image_pixels), name) from exc
     except UnidentifiedImageError as exc:
         raise UploadError(415, f"not an image (the content is not {ACCEPTED})", name) from exc
     except Exception as exc:  # Pillow raises many kinds of errors on damaged files
