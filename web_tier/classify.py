@@ -44,14 +44,20 @@ def classify() -> Response:
         raise UploadError(400, "one file per request here; POST several to /api/jobs")
     upload = validate(files[0], svc.settings)
 
-    outcome = svc.submitter.submit(new_id(), [upload])[0]
+    batch_id = new_id()
+    outcome = svc.submitter.submit(batch_id, [upload])[0]
     if isinstance(outcome, UploadError):
         raise outcome
     item = svc.book.wait(outcome.id, svc.settings.result_timeout_s)
     if item is None:
-        return _text(
-            f"{upload.filename}: no result within {svc.settings.result_timeout_s:g} s", 504
+        # The image stays queued and will be classified: say where its result will be.
+        response = _text(
+            f"{upload.filename}: no result within {svc.settings.result_timeout_s:g} s; "
+            f"it is still queued, see /api/jobs/{batch_id}", 504
         )
+        response.headers["X-Item-Id"] = outcome.id
+        response.headers["X-Batch-Id"] = batch_id
+        return response
     if item.state != DONE:
         return _text(f"{upload.filename}: {item.error}", 422)
     response = _text(f"{stem(upload.filename)}:{item.label}", 200)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from botocore.exceptions import BotoCoreError, ClientError
 from flask import Flask, Response, jsonify, request
@@ -10,7 +11,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from common.aws import error_reason
 from web_tier.services import services
-from web_tier.uploads import UploadError
+from web_tier.uploads import UploadError, clean_name
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,29 @@ def _too_large(exc: RequestEntityTooLarge) -> Response:
         return error_response(UploadError(
             413, f"the form has too many parts (at most {files} files to /api/jobs, one to POST /) "
                  "or a field too large"))
+    if wants_text():
+        # POST / takes one file, so its limit is the file's: say so, naming the file.
+        max_bytes = services().settings.max_upload_bytes
+        return error_response(UploadError(
+            413, f"file is larger than the limit of {max_bytes} bytes", _first_file_name()))
     return error_response(UploadError(
         413, "the request is larger than the server accepts" + (f" ({limit} bytes)" if limit else "")))
+
+
+_FILENAME = re.compile(rb'filename="([^"\r\n]*)"')
+_PEEK_BYTES = 8192
+
+
+def _first_file_name() -> str | None:
+    """The name of the first file in a body refused unread for its declared length (read
+    from the headers of its first part, at its start), or None."""
+    stream = request.environ.get("wsgi.input")
+    try:
+        head = stream.read(_PEEK_BYTES) if stream is not None else b""
+    except Exception:  # a client gone, a body already consumed: no name then
+        return None
+    found = _FILENAME.search(head)
+    return clean_name(found.group(1).decode("utf-8", "replace")) if found else None
 
 
 def _http_error(exc: HTTPException) -> Response:

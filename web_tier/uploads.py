@@ -66,7 +66,12 @@ class Upload:
 def display_name(storage: FileStorage) -> str:
     """The name shown for a file: as sent, but with control characters (which would
     break the one-line answer of POST /) turned into spaces."""
-    name = "".join(" " if unicodedata.category(c) == "Cc" else c for c in storage.filename or "")
+    return clean_name(storage.filename or "")
+
+
+def clean_name(sent: str) -> str:
+    """A file name as sent, made fit to show (see display_name)."""
+    name = "".join(" " if unicodedata.category(c) == "Cc" else c for c in sent)
     return name.strip()[:MAX_FILENAME_CHARS] or "upload"
 
 
