@@ -304,9 +304,12 @@ def received_name(filename: str) -> str:
 
 
 def name_stem(filename: str) -> str:
-    """The web tier's stem (common/names.py): 'a.b.JPEG' -> 'a.b', '.jpg' -> '.jpg'."""
-    head, dot, _ = filename.rpartition(".")
-    return head if dot and head else filename
+    """The web tier's stem (common/names.py): 'a.b.JPEG' -> 'a.b', '.jpg' -> '.jpg',
+    'photos.v2/cat' -> 'photos.v2/cat'."""
+    cut = max(filename.rfind("/"), filename.rfind("\\")) + 1
+    folder, name = filename[:cut], filename[cut:]
+    head, dot, _ = name.rpartition(".")
+    return folder + head if dot and head.strip(".") else filename
 
 
 def _safe_filename(name: str) -> str:

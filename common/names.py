@@ -66,6 +66,11 @@ def stored_name(key: str) -> str:
 
 
 def stem(filename: str) -> str:
-    """File name without its extension: 'test_00.JPEG' -> 'test_00'."""
-    head, dot, _ = filename.rpartition(".")
-    return head if dot and head else filename
+    """File name without its extension: 'test_00.JPEG' -> 'test_00'.
+
+    Only the last path component can have one (programs may send a path:
+    'photos.v2/cat' stays whole), and not from a leading dot ('.rc', '..')."""
+    cut = max(filename.rfind("/"), filename.rfind("\\")) + 1
+    folder, name = filename[:cut], filename[cut:]
+    head, dot, _ = name.rpartition(".")
+    return folder + head if dot and head.strip(".") else filename

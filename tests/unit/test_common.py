@@ -53,6 +53,16 @@ def test_names():
     assert stem("test_00.JPEG") == "test_00" and stem("noext") == "noext" and stem(".rc") == ".rc"
 
 
+@pytest.mark.parametrize(("sent", "answered"), [
+    ("a.b.JPEG", "a.b"), ("..", ".."), ("...", "..."), ("a..jpg", "a."),
+    # A path (programs may send one): only its last part can have an extension.
+    ("../../etc/passwd", "../../etc/passwd"), ("photos.v2/cat", "photos.v2/cat"),
+    ("photos.v2/cat.jpg", "photos.v2/cat"), ("dir.d\\x", "dir.d\\x"), ("dir/.rc", "dir/.rc"),
+])
+def test_stem_strips_only_the_file_names_own_extension(sent, answered):
+    assert stem(sent) == answered
+
+
 def test_messages_stay_under_1kb_even_with_hostile_names():
     request = ClassifyRequest(id="a" * 32, bucket="b" * 63, key="k" * 300, filename="猫" * 300)
     assert len(request.to_json().encode()) < 1024
