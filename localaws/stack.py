@@ -2,8 +2,11 @@
 
 Starts, in order: moto's server (S3, SQS, EC2 on loopback); provisioning of
 the buckets and queues; the local instance runner; the controller; the web
-tier under gunicorn. Prints one READY line with both addresses. On Ctrl-C or
-SIGTERM, or when any part dies, stops everything it started, newest first.
+tier under gunicorn. Prints one READY line with both addresses. A controller
+or web tier that dies is restarted, as systemd would on an instance (both
+rebuild their state from AWS); one that keeps dying at start, or the death of
+moto (which holds every queue and object) or of the runner, stops everything,
+newest first, as Ctrl-C or SIGTERM do.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import Settings
@@ -26,6 +30,14 @@ from localaws.server import start_moto, wait_until_up
 
 log = logging.getLogger("stack")
 ROOT = Path(__file__).resolve().parent.parent
+
+# Children that rebuild their state from what AWS holds, so a new one can take over.
+RESTARTED = ("controller", "web")
+RESTART_DELAY_S = 1.0
+# A child that dies this soon after starting, this many times in a row, cannot start
+# (a bad setting, a port in use): restarting it again would only repeat the error.
+QUICK_EXIT_S = 10.0
+MAX_QUICK_EXITS = 3
 
 
 def local_model_weights(env: dict[str, str] | os._Environ) -> tuple[str, str]:
@@ -99,6 +111,16 @@ def child_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen
+    started: float  # time.monotonic()
+    quick_exits: int = 0  # deaths in a row, each soon after its start
+    restart_at: float | None = None  # set while it waits to be restarted
+
+
 class Stack:
     def __init__(self, settings: Settings, run_dir: Path, warm_spares: int) -> None:
         self.settings = settings
@@ -106,7 +128,7 @@ class Stack:
         self.logs = run_dir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.env = child_env(settings)
-        self.children: list[tuple[str, subprocess.Popen]] = []
+        self.children: list[Child] = []
         self.runner: InstanceRunner | None = None
         self.runner_thread: threading.Thread | None = None
         self.warm_spares = warm_spares
@@ -114,7 +136,8 @@ class Stack:
     def start(self) -> None:
         s = self.settings
         log.info("starting the embedded AWS on %s", s.local_aws_url)
-        self.children.append(("moto", start_moto(s.local_aws_host, s.local_aws_port, self.logs / "moto.log")))
+        moto = start_moto(s.local_aws_host, s.local_aws_port, self.logs / "moto.log")
+        self.children.append(Child("moto", [], moto, time.monotonic()))
         os.environ.update({k: self.env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
                                                       "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
         provision(s)
@@ -125,7 +148,7 @@ class Stack:
         self._spawn("controller", [sys.executable, str(ROOT / "controller.py")])
         gunicorn_conf = str(ROOT / "web_tier" / "gunicorn.conf.py")
         self._spawn("web", [sys.executable, "-m", "gunicorn", "-c", gunicorn_conf, "web_tier:create_app()"])
-        wait_until_up(f"http://{s.web_host}:{s.web_port}/healthz", self.children[-1][1], timeout_s=60)
+        wait_until_up(f"http://{s.web_host}:{s.web_port}/healthz", self.children[-1].process, timeout_s=60)
 
     def _prepare_model(self) -> None:
         """Convert and cache the model once, before any worker needs it (as an AMI bake would)."""
@@ -139,13 +162,34 @@ class Stack:
                                + (self.logs / "prepare-model.log").read_text()[-2000:])
 
     def _spawn(self, name: str, argv: list[str]) -> None:
-        process = subprocess.Popen(argv, env=self.env, cwd=str(ROOT), start_new_session=True)
-        self.children.append((name, process))
+        self.children.append(Child(name, argv, self._popen(argv), time.monotonic()))
 
-    def dead_child(self) -> str | None:
-        for name, process in self.children:
-            if process.poll() is not None:
-                return f"{name} exited with {process.returncode}"
+    def _popen(self, argv: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(argv, env=self.env, cwd=str(ROOT), start_new_session=True)
+
+    def supervise(self, now: float | None = None) -> str | None:
+        """Restart a controller or web tier that died; what forces a stop, if anything.
+        Called every half second: a restart waits out its delay across calls."""
+        now = time.monotonic() if now is None else now
+        for child in self.children:
+            code = child.process.poll()
+            if code is None:
+                continue
+            if child.name not in RESTARTED:
+                return f"{child.name} exited with {code}"
+            if child.restart_at is None:
+                quick = now - child.started < QUICK_EXIT_S
+                child.quick_exits = child.quick_exits + 1 if quick else 0
+                if child.quick_exits >= MAX_QUICK_EXITS:
+                    return f"{child.name} exited with {code}, {child.quick_exits} times in a row at start"
+                # Its process group may outlive it (gunicorn's workers, still holding the port).
+                _kill_group(child.process.pid)
+                child.restart_at = now + RESTART_DELAY_S * 2 ** child.quick_exits
+                log.error("%s exited with %s; restarting it in %.0f s", child.name, code,
+                          child.restart_at - now)
+            elif now >= child.restart_at:
+                child.process, child.started, child.restart_at = self._popen(child.argv), now, None
+                log.info("%s restarted (pid %d)", child.name, child.process.pid)
         if self.runner_thread is not None and not self.runner_thread.is_alive():
             return "the instance runner stopped"
         return None
@@ -153,10 +197,10 @@ class Stack:
     def stop(self, timeout_s: float = 8.0) -> None:
         """Stop everything, newest first; whatever outlives the timeout is killed."""
         deadline = time.monotonic() + timeout_s
-        for name, process in reversed(self.children):
-            if name == "moto":
+        for child in reversed(self.children):
+            if child.name == "moto":
                 continue  # last: the runner and workers still talk to it while stopping
-            _terminate(process, deadline)
+            _terminate(child.process, deadline)
         if self.runner is not None:
             # A round in progress may still start a worker: let it end, so that
             # shutdown() sees every process there is.
@@ -164,9 +208,16 @@ class Stack:
             if self.runner_thread is not None:
                 self.runner_thread.join(timeout=max(0.5, deadline - time.monotonic()))
             self.runner.shutdown(timeout_s=max(1.0, deadline - time.monotonic()))
-        for name, process in self.children:
-            if name == "moto":
-                _terminate(process, time.monotonic() + 2)
+        for child in self.children:
+            if child.name == "moto":
+                _terminate(child.process, time.monotonic() + 2)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _terminate(process: subprocess.Popen, deadline: float) -> None:
@@ -215,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"READY web=http://{settings.web_host}:{settings.web_port} aws={settings.local_aws_url}"
               f" logs={stack.logs}{untrained}", flush=True)
         while not stop.wait(0.5):
-            problem = stack.dead_child()
+            problem = stack.supervise()
             if problem:
                 log.error("%s; stopping everything", problem)
                 code = 1

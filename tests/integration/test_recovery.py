@@ -7,7 +7,14 @@ import time
 import requests
 
 from tests.conftest import make_image
-from tests.integration.conftest import clients, processes, reference, serving_workers, wait_for
+from tests.integration.conftest import (
+    clients,
+    live_instances,
+    processes,
+    reference,
+    serving_workers,
+    wait_for,
+)
 
 
 def batch_states(stack, batch_id: str) -> dict[str, dict]:
@@ -71,3 +78,22 @@ def test_worker_killed_mid_batch_its_images_are_answered_by_another(stack, refer
         assert items[name]["label"] == reference(reference_model, data).label
     # Redelivered after the 12 s visibility timeout, not stranded.
     assert took < 90, took
+
+
+def test_controller_killed_is_restarted_and_the_fleet_still_follows_the_work(stack, reference_model):
+    """A controller crash (SIGKILL) is not the end of the service: the stack restarts it,
+    as systemd would, and the new one takes over the fleet from what EC2 shows."""
+    old = processes(stack, "controller.py")
+    assert len(old) == 1
+    old[0].kill()
+    new = wait_for(lambda: [p for p in processes(stack, "controller.py") if p.pid != old[0].pid],
+                   30, "a restarted controller")
+    assert len(new) == 1
+    assert any("controller exited with -9; restarting it" in line for line in list(stack.output))
+
+    data = make_image(5000)
+    reply = requests.post(f"{stack.web_url}/", files={"inputFile": ("after_restart.jpg", data)}, timeout=120)
+    assert reply.status_code == 200, reply.text
+    assert reply.text == f"after_restart:{reference(reference_model, data).label}"
+    _, _, ec2 = clients(stack)
+    wait_for(lambda: not live_instances(ec2), 60, "the restarted controller to scale back to zero")

@@ -1,14 +1,26 @@
-"""The local stack's own decisions: weights for a demo, and how many workers fit."""
+"""The local stack's own decisions: weights for a demo, how many workers fit, and
+which of its processes are restarted when they die."""
 
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+import time
 from types import SimpleNamespace
 
 import psutil
 
 from common.config import Settings
-from localaws.stack import local_model_weights, memory_safe_workers
+from localaws.stack import (
+    MAX_QUICK_EXITS,
+    QUICK_EXIT_S,
+    RESTART_DELAY_S,
+    Child,
+    Stack,
+    local_model_weights,
+    memory_safe_workers,
+)
 
 
 def test_explicit_weights_always_win(tmp_path, monkeypatch):
@@ -37,3 +49,53 @@ def test_local_workers_are_capped_by_memory(monkeypatch):
     assert memory_safe_workers(Settings(), {})[0] == 9  # OpenVINO: 8 GB * 0.6 / 0.5 GB
     explicit = dataclasses.replace(tf, local_max_workers=12)
     assert memory_safe_workers(explicit, {"LOCAL_MAX_WORKERS": "12"}) == (12, "")  # the operator's call
+
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
+
+
+def exited(code: int = 1) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-c", f"raise SystemExit({code})"])
+    process.wait(timeout=30)
+    return process
+
+
+def test_a_dead_controller_or_web_tier_is_restarted_after_a_delay(tmp_path):
+    stack = Stack(Settings(), tmp_path, warm_spares=0)
+    t0 = time.monotonic()
+    child = Child("controller", SLEEPER, exited(), started=t0 - 3600)
+    stack.children = [child]
+    try:
+        assert stack.supervise(now=t0) is None
+        assert child.process.poll() == 1 and child.restart_at == t0 + RESTART_DELAY_S  # not yet
+        assert stack.supervise(now=t0 + RESTART_DELAY_S) is None
+        assert child.process.poll() is None and child.process.args == SLEEPER
+        assert child.started == t0 + RESTART_DELAY_S and child.restart_at is None
+    finally:
+        child.process.kill()
+        child.process.wait()
+
+
+def test_a_child_that_keeps_dying_at_start_stops_the_stack(tmp_path):
+    stack = Stack(Settings(), tmp_path, warm_spares=0)
+    now = time.monotonic()
+    child = Child("web", [sys.executable, "-c", "raise SystemExit(3)"], exited(code=3), started=now)
+    stack.children = [child]
+    delays = []
+    for _ in range(MAX_QUICK_EXITS - 1):
+        assert stack.supervise(now=now) is None
+        delays.append(child.restart_at - now)
+        now = child.restart_at
+        assert stack.supervise(now=now) is None  # restarted ...
+        child.process.wait(timeout=30)  # ... and dead again at once
+        now += QUICK_EXIT_S / 10
+    assert delays == [RESTART_DELAY_S * 2, RESTART_DELAY_S * 4]  # backing off
+    problem = stack.supervise(now=now)
+    assert problem == f"web exited with 3, {MAX_QUICK_EXITS} times in a row at start"
+
+
+def test_moto_dying_stops_the_stack(tmp_path):
+    # moto holds every queue and object: nothing can take over from it.
+    stack = Stack(Settings(), tmp_path, warm_spares=0)
+    stack.children = [Child("moto", [], exited(code=7), started=0.0)]
+    assert stack.supervise() == "moto exited with 7"
