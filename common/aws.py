@@ -25,11 +25,16 @@ from common.config import Settings
 USER_AGENT = f"imgclass Python/{platform.python_version()}"
 
 
-def client_config(max_pool: int = 32, read_timeout: float = 30.0) -> Config:
+PROBE_CONNECT_TIMEOUT_S = 2.0
+PROBE_READ_TIMEOUT_S = 3.0
+
+
+def client_config(max_pool: int = 32, read_timeout: float = 30.0,
+                  connect_timeout: float = 5.0, max_attempts: int = 6) -> Config:
     return Config(
-        retries={"mode": "standard", "max_attempts": 6},
+        retries={"mode": "standard", "max_attempts": max_attempts},
         max_pool_connections=max_pool,
-        connect_timeout=5,
+        connect_timeout=connect_timeout,
         # Long polls hold a connection for up to 20 s: the read timeout must exceed it.
         read_timeout=read_timeout,
         user_agent=USER_AGENT,
@@ -54,12 +59,12 @@ class Aws:
     # Queue URLs by name, looked up once (they never change for a queue).
     _queue_urls: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
-    def _client(self, service: str):
+    def _client(self, service: str, config: Config | None = None):
         return boto3.session.Session().client(
             service,
             region_name=self.settings.region,
             endpoint_url=self.settings.endpoint_url,
-            config=client_config(self.max_pool),
+            config=config or client_config(self.max_pool),
         )
 
     @cached_property
@@ -73,6 +78,15 @@ class Aws:
     @cached_property
     def ec2(self):
         return self._client("ec2")
+
+    @cached_property
+    def probes(self) -> dict[str, object]:
+        """S3 and SQS clients for health checks, which must answer within seconds (a
+        load balancer waits ~5 s): one attempt with short timeouts, where the other
+        clients' retries may take minutes against an AWS that has stopped answering."""
+        config = client_config(4, read_timeout=PROBE_READ_TIMEOUT_S,
+                               connect_timeout=PROBE_CONNECT_TIMEOUT_S, max_attempts=1)
+        return {service: self._client(service, config) for service in ("s3", "sqs")}
 
     def open(self, *services: str) -> Aws:
         """Create these clients now rather than at first use (each loads its service model)."""

@@ -16,13 +16,15 @@ log = logging.getLogger(__name__)
 @bp.get("/healthz")
 def healthz() -> tuple[Response, int]:
     aws = services().aws
+    # Short timeouts, no retries: an AWS that does not answer is a 503 within seconds.
+    sqs, s3 = aws.probes["sqs"], aws.probes["s3"]
     checks = [
-        ("request queue", lambda: aws.sqs.get_queue_attributes(
+        ("request queue", lambda: sqs.get_queue_attributes(
             QueueUrl=aws.request_queue_url, AttributeNames=["QueueArn"])),
-        ("response queue", lambda: aws.sqs.get_queue_attributes(
+        ("response queue", lambda: sqs.get_queue_attributes(
             QueueUrl=aws.response_queue_url, AttributeNames=["QueueArn"])),
-        ("input bucket", lambda: aws.s3.head_bucket(Bucket=aws.settings.input_bucket)),
-        ("output bucket", lambda: aws.s3.head_bucket(Bucket=aws.settings.output_bucket)),
+        ("input bucket", lambda: s3.head_bucket(Bucket=aws.settings.input_bucket)),
+        ("output bucket", lambda: s3.head_bucket(Bucket=aws.settings.output_bucket)),
     ]
     for name, check in checks:
         try:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import re
+import socket
+import time
+from dataclasses import replace
 
 import pytest
 
@@ -46,7 +49,7 @@ def test_unauthenticated_answers_name_the_aws_error_but_not_its_message(quiet_cl
         raise ClientError({"Error": {"Code": "UnauthorizedOperation", "Message": secret}}, "Describe")
 
     monkeypatch.setattr(web_aws.ec2, "describe_instances", denied)
-    monkeypatch.setattr(web_aws.s3, "head_bucket", denied)
+    monkeypatch.setattr(web_aws.probes["s3"], "head_bucket", denied)
     health, status = quiet_client.get("/healthz"), quiet_client.get("/api/status")
     assert "UnauthorizedOperation" in health.text and "UnauthorizedOperation" in status.text
     assert "123456789012" not in health.text + status.text
@@ -170,3 +173,25 @@ def test_untrained_is_said_from_the_start_when_configured(make_web_app, weights,
     page = client.get("/").get_data(as_text=True)
     banner = re.search(r'<div id="untrained-banner"[^>]*>', page).group(0)
     assert ("hidden" not in banner) is bool(flagged)
+
+
+def test_healthz_is_a_503_within_seconds_when_aws_does_not_answer(web_settings, monkeypatch):
+    """A health check that hangs (botocore would retry for minutes) tells a load
+    balancer nothing: one that does not hear from AWS in seconds says so."""
+    from common.aws import Aws
+    from web_tier import create_app
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
+        settings = replace(web_settings, endpoint_url=f"http://127.0.0.1:{silent.getsockname()[1]}")
+        aws = Aws(settings)
+        for name in (settings.request_queue, settings.response_queue):  # as a running tier has them
+            aws._queue_urls[name] = f"{settings.endpoint_url}/123456789012/{name}"
+        client = create_app(settings, aws=aws, start_listeners=False).test_client()
+        started = time.monotonic()
+        response = client.get("/healthz")
+        took = time.monotonic() - started
+    assert response.status_code == 503
+    assert response.get_json()["error"] == "request queue unreachable: ReadTimeoutError"
+    assert took < 10, took
