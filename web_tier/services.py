@@ -28,7 +28,7 @@ class Services:
     book: ResultBook
     pool: ThreadPoolExecutor
     listeners: Listeners | None = None
-    # Open SSE streams at most (each holds one of gunicorn's 256 threads).
+    # Open SSE streams at most (each holds one of gunicorn's threads).
     event_streams: threading.BoundedSemaphore = field(
         default_factory=lambda: threading.BoundedSemaphore(MAX_EVENT_STREAMS))
     submitter: Submitter = field(init=False)
