@@ -25,6 +25,13 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def item_id(position: int) -> str:
+    """A new item's id, 32 hex digits like every id here, starting with its position
+    in its batch: S3 lists a batch's keys (`<batch>/<item>/<name>`) in upload order,
+    so a batch rebuilt from S3 comes back in the order it was sent."""
+    return f"{position:06x}{uuid.uuid4().hex[6:]}"
+
+
 @dataclass
 class Submitter:
     """Stores uploads in the input bucket and sends one request each."""
@@ -41,10 +48,10 @@ class Submitter:
         answer finds its waiter.
         """
         items = []
-        for upload in uploads:
-            item_id = new_id()
-            key = object_key(batch_id, item_id, upload.filename)
-            items.append(Item(item_id, batch_id, upload.filename, key))
+        for position, upload in enumerate(uploads):
+            new_item_id = item_id(position)
+            key = object_key(batch_id, new_item_id, upload.filename)
+            items.append(Item(new_item_id, batch_id, upload.filename, key))
         self.book.add(batch_id, items)
         if len(uploads) == 1:
             return [self._submit_one(items[0], uploads[0])]

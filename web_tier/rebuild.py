@@ -20,8 +20,7 @@ def list_keys(aws: Aws, batch_id: str) -> list[str]:
     objects = []
     for page in paginator.paginate(Bucket=aws.settings.input_bucket, Prefix=f"{batch_id}/"):
         objects.extend(page.get("Contents", []))
-    # Keys start with random ids; upload time is the closest to the upload order.
-    objects.sort(key=lambda o: (o["LastModified"], o["Key"]))
+    # S3 lists keys in order, and item ids start with the item's position (jobs.item_id).
     return [o["Key"] for o in objects]
 
 

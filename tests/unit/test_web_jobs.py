@@ -255,6 +255,18 @@ def test_fresh_app_rebuilds_a_batch_from_s3(make_web_app, fake_worker, web_aws):
     assert len(fresh.get(f"/api/jobs/{batch_id}").get_json()["items"]) == 4
 
 
+def test_a_batch_rebuilt_from_s3_keeps_the_upload_order(make_web_app):
+    # Uploaded concurrently, so their objects are stored in any order.
+    names = [f"{n:02d}_{'zyxwvutsrqpo'[n]}.jpg" for n in range(12)]
+    client = make_web_app(start_listeners=False).test_client()
+    sent = upload(client, [(make_image(60 + n), name) for n, name in enumerate(names)])
+    batch_id = sent.get_json()["batch_id"]
+    fresh = make_web_app(start_listeners=False).test_client()
+    rebuilt = fresh.get(f"/api/jobs/{batch_id}").get_json()["items"]
+    assert [i["filename"] for i in rebuilt] == names
+    assert [i["id"] for i in rebuilt] == [i["id"] for i in sent.get_json()["items"]]
+
+
 @pytest.mark.parametrize("weights", ["random", "imagenet"])
 def test_a_stored_result_that_does_not_say_its_model_is_flagged_as_the_configured_one(web_aws, weights):
     """An output written by something other than this service's workers (the contract's
