@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import uuid
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from common.aws import Aws
 from common.messages import ClassifyRequest
@@ -25,11 +27,22 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-def item_id(position: int) -> str:
-    """A new item's id, 32 hex digits like every id here, starting with its position
-    in its batch: S3 lists a batch's keys (`<batch>/<item>/<name>`) in upload order,
-    so a batch rebuilt from S3 comes back in the order it was sent."""
-    return f"{position:06x}{uuid.uuid4().hex[6:]}"
+class OrderedIds:
+    """Item ids in the order they are made: 32 hex digits like every id here, the
+    first 14 the microsecond of making (each later than the one before, as UUIDv7
+    does), the rest random. S3 lists a batch's keys (`<batch>/<item>/<name>`) in
+    key order, so a batch rebuilt from S3 comes back in upload order, across the
+    chunks of one request and the requests that add to one batch."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_us = 0
+
+    def next(self) -> str:
+        with self._lock:
+            self._last_us = max(time.time_ns() // 1000, self._last_us + 1)
+            stamp = self._last_us
+        return f"{stamp:014x}{uuid.uuid4().hex[14:]}"
 
 
 @dataclass
@@ -40,6 +53,7 @@ class Submitter:
     book: ResultBook
     pool: Executor
     requests: BatchingSender
+    ids: OrderedIds = field(default_factory=OrderedIds)
 
     def submit(self, batch_id: str, uploads: list[Upload]) -> list[Item | UploadError]:
         """Submit every upload of one request, concurrently; results in upload order.
@@ -48,10 +62,10 @@ class Submitter:
         answer finds its waiter.
         """
         items = []
-        for position, upload in enumerate(uploads):
-            new_item_id = item_id(position)
-            key = object_key(batch_id, new_item_id, upload.filename)
-            items.append(Item(new_item_id, batch_id, upload.filename, key))
+        for upload in uploads:
+            item_id = self.ids.next()
+            key = object_key(batch_id, item_id, upload.filename)
+            items.append(Item(item_id, batch_id, upload.filename, key))
         self.book.add(batch_id, items)
         if len(uploads) == 1:
             return [self._submit_one(items[0], uploads[0])]

@@ -15,6 +15,7 @@ from common.messages import ClassifyRequest, ClassifyResponse
 from tests.conftest import make_image
 from tests.unit.conftest import FakeWorker, answer_for, services_of, wait_until
 from web_tier import events
+from web_tier.jobs import UPLOAD_THREADS
 from web_tier.listeners import DEAD_LETTER_ERROR
 
 pytestmark = pytest.mark.timeout(120)
@@ -256,15 +257,21 @@ def test_fresh_app_rebuilds_a_batch_from_s3(make_web_app, fake_worker, web_aws):
 
 
 def test_a_batch_rebuilt_from_s3_keeps_the_upload_order(make_web_app):
-    # Uploaded concurrently, so their objects are stored in any order.
-    names = [f"{n:02d}_{'zyxwvutsrqpo'[n]}.jpg" for n in range(12)]
+    # Stored concurrently (so in any order), in more than one chunk of UPLOAD_THREADS,
+    # then more added to the batch by a second request.
+    names = [f"{n:02d}_{chr(ord('z') - n)}.jpg" for n in range(UPLOAD_THREADS + 6)]
+    first, then = names[:-3], names[-3:]
     client = make_web_app(start_listeners=False).test_client()
-    sent = upload(client, [(make_image(60 + n), name) for n, name in enumerate(names)])
-    batch_id = sent.get_json()["batch_id"]
+    sent = upload(client, [(make_image(60 + n), name) for n, name in enumerate(first)]).get_json()
+    batch_id = sent["batch_id"]
+    files = [(io.BytesIO(make_image(90 + n)), name) for n, name in enumerate(then)]
+    more = client.post("/api/jobs", content_type="multipart/form-data",
+                       data={"batch_id": batch_id, "files": files})
+    assert more.status_code == 202
     fresh = make_web_app(start_listeners=False).test_client()
     rebuilt = fresh.get(f"/api/jobs/{batch_id}").get_json()["items"]
     assert [i["filename"] for i in rebuilt] == names
-    assert [i["id"] for i in rebuilt] == [i["id"] for i in sent.get_json()["items"]]
+    assert [i["id"] for i in rebuilt] == [i["id"] for i in sent["items"] + more.get_json()["items"]]
 
 
 @pytest.mark.parametrize("weights", ["random", "imagenet"])
