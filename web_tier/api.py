@@ -38,7 +38,8 @@ def create_job() -> tuple[Response, int]:
     # Optional: add these files to an existing batch, so a page sending many
     # chunks follows one batch (and one event stream) rather than dozens.
     batch_id = request.form.get("batch_id", "").strip()
-    if batch_id:
+    adding = bool(batch_id)
+    if adding:
         if svc.find_batch(batch_id) is None:
             return _no_batch(batch_id)
     else:
@@ -68,6 +69,8 @@ def create_job() -> tuple[Response, int]:
         return jsonify(body), 202
     first = rejected[0]
     body.update(error=first["error"], filename=first["filename"])
+    if not adding:
+        del body["batch_id"]  # nothing was stored under it: there is no such batch
     return jsonify(body), first["status"]
 
 

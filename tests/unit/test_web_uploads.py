@@ -68,6 +68,7 @@ def test_bad_upload_is_refused_naming_the_file(web_client, data, name, status, r
     assert body["filename"] == name
     assert reason in body["error"]
     assert body["rejected"] == [{"index": 0, "filename": name, "error": body["error"], "status": status}]
+    assert "batch_id" not in body  # nothing stored: no batch to follow
     # The service still answers the next request.
     assert upload(web_client, [(make_image(2), "fine.jpg")]).status_code == 202
 
