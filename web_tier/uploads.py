@@ -126,10 +126,27 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise UploadError(413, too_many_pixels(exc, settings.max_image_pixels), name) from exc
     except UnidentifiedImageError as exc:
+        kind = _signature(data)
+        if kind:  # it starts like one, but Pillow could not read even its header
+            raise UploadError(415, f"damaged or unreadable image: not a valid {kind} file", name) from exc
         raise UploadError(415, f"not an image (the content is not {ACCEPTED})", name) from exc
     except Exception as exc:  # Pillow raises many kinds of errors on damaged files
         raise UploadError(415, f"damaged or unreadable image: {exc}", name) from exc
     return Upload(name, data, FORMATS[fmt])
+
+
+# How each accepted format's files begin (WEBP: "RIFF", a size, then "WEBP").
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+    (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+)
+
+
+def _signature(data: bytes) -> str | None:
+    """The accepted format whose signature `data` starts with, if any."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((kind for magic, kind in _SIGNATURES if data.startswith(magic)), None)
 
 
 def validate(storage: FileStorage, settings: Settings) -> Upload:

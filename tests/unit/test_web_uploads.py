@@ -38,6 +38,12 @@ def png_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def png_with_bad_header_crc() -> bytes:
+    data = bytearray(encode(Image.new("L", (4, 4)), "PNG"))
+    data[29] ^= 0xFF  # the IHDR chunk's checksum
+    return bytes(data)
+
+
 def noise_png(side: int) -> bytes:
     pixels = np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)
     return encode(Image.fromarray(pixels), "PNG")
@@ -50,6 +56,10 @@ BAD = [
     pytest.param(encode(Image.new("RGB", (8, 8)), "PPM"), "x.ppm", 415, "PPM images are not accepted",
                  id="unaccepted-format"),
     pytest.param(make_image(1, fmt="PNG")[:200], "cut.png", 415, "damaged", id="truncated"),
+    pytest.param(png_with_bad_header_crc(), "crc.png", 415,
+                 "damaged or unreadable image: not a valid PNG file", id="bad-header-checksum"),
+    pytest.param(b"\xff\xd8\xff\xe0" + b"\x00" * 40, "stub.jpg", 415, "not a valid JPEG file",
+                 id="jpeg-stub"),
     pytest.param(b"", "empty.jpg", 400, "empty", id="empty"),
     pytest.param(noise_png(400), "huge.png", 413, "larger than the limit", id="too-many-bytes"),
     pytest.param(png_claiming(7000, 7000), "bomb.png", 413, "7000x7000", id="too-many-pixels"),
