@@ -10,7 +10,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from common.pixels import pillow_limit_enforced, too_many_pixels
+from common.pixels import PILLOW_REFUSALS, pillow_refusal, size_refusal
 
 INPUT_SIZE = (224, 224)
 # Above this, after `draft`, decoding takes some 30 MB or more (RGB, 3 bytes a pixel,
@@ -28,12 +28,11 @@ class BadImage(ValueError):
 def _bad_image_errors(max_pixels: int) -> Iterator[None]:
     """Pillow's many errors on hostile or damaged files, as BadImage saying which."""
     try:
-        with pillow_limit_enforced():
-            yield
+        yield
     except BadImage:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise BadImage(too_many_pixels(exc, max_pixels)) from exc
+    except PILLOW_REFUSALS as exc:
+        raise BadImage(pillow_refusal(exc, max_pixels)) from exc
     except UnidentifiedImageError as exc:
         raise BadImage("not an image format this service reads") from exc
     except (OSError, SyntaxError, ValueError) as exc:
@@ -51,9 +50,9 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise BadImage("the file is empty")
     with _bad_image_errors(max_pixels):
         img = Image.open(io.BytesIO(data))
-        width, height = img.size
-        if width * height > max_pixels:
-            raise BadImage(f"image is {width}x{height} pixels, more than the limit of {max_pixels}")
+        too_large = size_refusal(*img.size, max_pixels)
+        if too_large:
+            raise BadImage(too_large)
         img.draft("RGB", INPUT_SIZE)
     return img
 

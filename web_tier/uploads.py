@@ -17,7 +17,7 @@ from werkzeug.datastructures import FileStorage
 from werkzeug.wrappers import Request
 
 from common.config import Settings
-from common.pixels import pillow_limit_enforced, too_many_pixels
+from common.pixels import PILLOW_REFUSALS, pillow_refusal, size_refusal
 
 # Pillow format -> Content-Type stored with the object. MPO is what Pillow calls
 # many phone-camera JPEGs.
@@ -106,25 +106,20 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
     if not data:
         raise UploadError(400, "file is empty", name)
     try:
-        # As in the worker's decoder: past Pillow's own limit, refused here, not there.
-        with pillow_limit_enforced(), Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data)) as img:
             fmt = img.format or ""
-            width, height = img.size
             if fmt not in FORMATS:
                 raise UploadError(415, f"{fmt or 'this'} images are not accepted; send {ACCEPTED}", name)
-            if width * height > settings.max_image_pixels:
-                raise UploadError(
-                    413,
-                    f"image is {width}x{height} pixels, more than the limit of "
-                    f"{settings.max_image_pixels}",
-                    name,
-                )
+            # The worker's decoder applies the same rule (common/pixels.py).
+            too_large = size_refusal(*img.size, settings.max_image_pixels)
+            if too_large:
+                raise UploadError(413, too_large, name)
             # Checks the structure (e.g. PNG chunk checksums) without decoding pixels.
             img.verify()
     except UploadError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise UploadError(413, too_many_pixels(exc, settings.max_image_pixels), name) from exc
+    except PILLOW_REFUSALS as exc:
+        raise UploadError(413, pillow_refusal(exc, settings.max_image_pixels), name) from exc
     except UnidentifiedImageError as exc:
         kind = _signature(data)
         if kind:  # it starts like one, but Pillow could not read even its header

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 import struct
@@ -13,6 +14,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import make_image
+from web_tier.uploads import UploadError, check_image
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -226,7 +228,29 @@ def test_past_pillows_own_pixel_limit_is_refused_at_upload_as_the_worker_would(m
     assert response.status_code == 413, response.get_json()
     # MAX_IMAGE_PIXELS is higher: the limit that applies, and is quoted, is Pillow's.
     assert response.get_json()["error"] == (
-        f"image has {width * height} pixels, more than the limit of {pillow_limit}")
+        f"image is {width}x{height} pixels, more than the limit of {pillow_limit}")
+
+
+def test_the_pixel_limit_holds_in_every_thread_at_once(web_settings):
+    """Pillow's own limit used to be enforced by making its warning an error, in a
+    warnings.catch_warnings block: process-wide state that threads leaving the block
+    undid for each other, and one bomb in thousands got through."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    assert pillow_limit is not None
+    settings = dataclasses.replace(web_settings, max_image_pixels=4 * pillow_limit)
+    bomb = png_claiming(10_000, 10_000)  # over Pillow's limit, under twice it
+
+    def refused(_: int) -> bool:
+        try:
+            check_image("bomb.png", bomb, settings)
+        except UploadError as exc:
+            return exc.status == 413
+        return False
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(refused, range(4000)))
 
 
 def test_page_inserts_user_text_only_as_text(web_client):

@@ -127,7 +127,7 @@ def test_good_and_poison_images_each_get_an_answer_and_the_worker_goes_on(aws_en
         assert got[item].error, item
     # Said against the configured limit, not Pillow's internal thresholds.
     limit = settings.max_image_pixels
-    assert got["bomb"].error == f"image has 100000000 pixels, more than the limit of {limit}"
+    assert got["bomb"].error == f"image is 10000x10000 pixels, more than the limit of {limit}"
     assert "empty" in got["empty"].error
     # Every request was acknowledged, none left to be redelivered.
     assert depth(aws, aws.request_queue_url) == (0, 0)
