@@ -50,16 +50,31 @@ def _too_large(exc: RequestEntityTooLarge) -> Response:
 
 _FILENAME = re.compile(rb'filename="([^"\r\n]*)"')
 _PEEK_BYTES = 8192
+# A client that declared a large body and then stalls gets its 413 after this, named or not.
+_PEEK_TIMEOUT_S = 1.0
 
 
 def _first_file_name() -> str | None:
-    """The name of the first file in a body refused unread for its declared length (read
-    from the headers of its first part, at its start), or None."""
+    """The name of the first file in a body refused unread for its declared length,
+    read from the headers of its first part, at its start; None if it cannot be.
+
+    Only with a Content-Length: a chunked body was refused part-way through, where
+    the bytes are the file's own (which may well contain `filename="..."`)."""
     stream = request.environ.get("wsgi.input")
-    try:
-        head = stream.read(_PEEK_BYTES) if stream is not None else b""
-    except Exception:  # a client gone, a body already consumed: no name then
+    if request.content_length is None or stream is None:
         return None
+    # Under gunicorn the socket blocks for ever: bound the wait for a slow client.
+    sock = request.environ.get("gunicorn.socket")
+    timeout = sock.gettimeout() if sock is not None else None
+    try:
+        if sock is not None:
+            sock.settimeout(_PEEK_TIMEOUT_S)
+        head = stream.read(_PEEK_BYTES)
+    except Exception:  # a client gone or too slow: no name then
+        return None
+    finally:
+        if sock is not None:
+            sock.settimeout(timeout)
     found = _FILENAME.search(head)
     return clean_name(found.group(1).decode("utf-8", "replace")) if found else None
 

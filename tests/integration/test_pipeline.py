@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -139,3 +141,26 @@ def test_bad_uploads_get_clear_errors_and_service_goes_on(stack, images, expecte
     reply = requests.post(f"{stack.web_url}/", files={"myfile": (good, images[good])}, timeout=300)
     assert reply.status_code == 200, reply.text
     assert reply.text.endswith(f":{expected[good].label}")
+
+
+def test_a_body_too_large_for_post_is_refused_at_once_named_and_not_waited_for(stack):
+    """Under gunicorn: the 413 names the file, and a client that declares a large body
+    and then stalls still gets its answer (the name is looked for in a bounded read)."""
+    settings = stack.settings()
+    too_large = b"\0" * (settings.max_upload_bytes + 2 * 1024 * 1024)
+    reply = requests.post(f"{stack.web_url}/", files={"inputFile": ("big one.jpg", too_large)}, timeout=60)
+    assert reply.status_code == 413
+    assert reply.text == f"big one.jpg: file is larger than the limit of {settings.max_upload_bytes} bytes\n"
+
+    host, port = stack.web_url.removeprefix("http://").split(":")
+    head = (b'--b\r\nContent-Disposition: form-data; name="inputFile"; filename="slow.jpg"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\n")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 50000000\r\n\r\n" + head)
+        started = time.monotonic()
+        answer = conn.recv(4096).decode("latin-1")  # and nothing more is sent
+        took = time.monotonic() - started
+    assert answer.startswith("HTTP/1.1 413"), answer
+    assert "file is larger than the limit" in answer
+    assert took < 10, took
