@@ -13,7 +13,34 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+import resource  # noqa: E402
+
 from common.config import Settings  # noqa: E402
+
+# Each connection is a file descriptor, and so are spooled uploads, boto3's pooled
+# sockets and the listeners' long polls: gthread's accept() dies on EMFILE, and
+# with it the process, its result book and every POST / waiting in it.
+WANTED_OPEN_FILES = 4096
+FILES_KEPT_FOR_OTHER_USES = 512
+
+
+def raise_open_files_limit(wanted: int = WANTED_OPEN_FILES) -> int:
+    """Raise this process's soft limit on open files towards `wanted` (as far as the
+    hard limit allows: often 1,024 soft by default); the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return wanted
+    new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if new > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    return max(new, soft)
+
+
+def connection_limits(open_files: int) -> tuple[int, int]:
+    """Connections admitted at once, and threads serving them, within `open_files`."""
+    connections = max(64, min(2000, open_files - FILES_KEPT_FOR_OTHER_USES))
+    return connections, min(1024, connections)
+
 
 _settings = Settings.from_env()
 
@@ -28,11 +55,13 @@ workers = 1
 # processes, keep hundreds of such requests open at once without blocking each
 # other. A waiting thread costs no CPU, and gthread starts them only as needed.
 # With 256, 320 waiting POST / left /healthz waiting up to 9.4 s for a thread
-# (2.1 s with 1024, the machine's cores busy classifying).
+# (2.1 s with 1024, the machine's cores busy classifying). Both numbers are kept
+# within the open files the process may have (see connection_limits): with a hard
+# limit of 1,024, 1,100 half-sent requests made accept() fail with EMFILE and the
+# worker process die; clamped, it refuses nothing it cannot hold and lives on.
 worker_class = "gthread"
-threads = 1024
-# Requests beyond the threads queue here rather than being refused.
-worker_connections = 2000
+# Requests beyond the threads queue (up to worker_connections) rather than being refused.
+worker_connections, threads = connection_limits(raise_open_files_limit())
 # The app starts listener threads, which do not survive a fork: build it in the worker.
 preload_app = False
 

@@ -195,3 +195,24 @@ def test_healthz_is_a_503_within_seconds_when_aws_does_not_answer(web_settings, 
     assert response.status_code == 503
     assert response.get_json()["error"] == "request queue unreachable: ReadTimeoutError"
     assert took < 10, took
+
+
+def test_gunicorn_admits_no_more_connections_than_it_has_files_for():
+    """gthread's accept() dies on EMFILE, taking every waiting POST / with it: with a
+    soft limit of 1,024 open files, 2,000 connections let 1,100 slow clients kill it."""
+    import resource
+    import runpy
+    from pathlib import Path
+
+    conf = runpy.run_path(str(Path(__file__).parents[2] / "web_tier" / "gunicorn.conf.py"))
+    connection_limits = conf["connection_limits"]
+    for files in (256, 1024, 4096, 100_000):
+        connections, threads = connection_limits(files)
+        assert connections + conf["FILES_KEPT_FOR_OTHER_USES"] <= max(files, 64 + 512)
+        assert threads <= connections
+    assert connection_limits(1024) == (512, 512)
+    assert connection_limits(4096) == (2000, 1024)
+    # Loading the configuration raised this process's soft limit as far as allowed.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert soft >= min(conf["WANTED_OPEN_FILES"], hard)
+    assert conf["worker_connections"] == connection_limits(conf["raise_open_files_limit"]())[0]
