@@ -25,8 +25,9 @@ from common.config import Settings
 USER_AGENT = f"imgclass Python/{platform.python_version()}"
 
 
-PROBE_CONNECT_TIMEOUT_S = 2.0
-PROBE_READ_TIMEOUT_S = 3.0
+# Together under a load balancer's usual 5 s health-check timeout.
+PROBE_CONNECT_TIMEOUT_S = 1.0
+PROBE_READ_TIMEOUT_S = 2.5
 
 
 def client_config(max_pool: int = 32, read_timeout: float = 30.0,
@@ -84,7 +85,7 @@ class Aws:
         """S3 and SQS clients for health checks, which must answer within seconds (a
         load balancer waits ~5 s): one attempt with short timeouts, where the other
         clients' retries may take minutes against an AWS that has stopped answering."""
-        config = client_config(4, read_timeout=PROBE_READ_TIMEOUT_S,
+        config = client_config(10, read_timeout=PROBE_READ_TIMEOUT_S,
                                connect_timeout=PROBE_CONNECT_TIMEOUT_S, max_attempts=1)
         return {service: self._client(service, config) for service in ("s3", "sqs")}
 

@@ -178,12 +178,12 @@ class Stack:
             if child.name not in RESTARTED:
                 return f"{child.name} exited with {code}"
             if child.restart_at is None:
+                # Its process group may outlive it (gunicorn's workers, still holding the port).
+                _kill_group(child.process.pid)
                 quick = now - child.started < QUICK_EXIT_S
                 child.quick_exits = child.quick_exits + 1 if quick else 0
                 if child.quick_exits >= MAX_QUICK_EXITS:
                     return f"{child.name} exited with {code}, {child.quick_exits} times in a row at start"
-                # Its process group may outlive it (gunicorn's workers, still holding the port).
-                _kill_group(child.process.pid)
                 child.restart_at = now + RESTART_DELAY_S * 2 ** child.quick_exits
                 log.error("%s exited with %s; restarting it in %.0f s", child.name, code,
                           child.restart_at - now)
@@ -216,7 +216,7 @@ class Stack:
 def _kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):  # none left (its id may be reused)
         pass
 
 

@@ -96,5 +96,7 @@ def post_worker_init(worker) -> None:
     from common.heap import freeze_startup_heap
     from web_tier.services import EXTENSION
 
-    worker.wsgi.extensions[EXTENSION].aws.open("s3", "sqs")
+    aws = worker.wsgi.extensions[EXTENSION].aws
+    aws.open("s3", "sqs")
+    aws.probes  # noqa: B018  (made now, not at the first health check)
     freeze_startup_heap()

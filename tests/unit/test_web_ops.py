@@ -13,6 +13,7 @@ import pytest
 from common.fleet import report_worker_failed
 from common.names import PREFIX_TAG
 from tests.conftest import make_image
+from tests.unit.conftest import services_of
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -188,10 +189,11 @@ def test_healthz_is_a_503_within_seconds_when_aws_does_not_answer(web_settings, 
         aws = Aws(settings)
         for name in (settings.request_queue, settings.response_queue):  # as a running tier has them
             aws._queue_urls[name] = f"{settings.endpoint_url}/123456789012/{name}"
-        client = create_app(settings, aws=aws, start_listeners=False).test_client()
+        app = create_app(settings, aws=aws, start_listeners=False)
         started = time.monotonic()
-        response = client.get("/healthz")
+        response = app.test_client().get("/healthz")
         took = time.monotonic() - started
+        services_of(app).stop()
     assert response.status_code == 503
     assert response.get_json()["error"] == "request queue unreachable: ReadTimeoutError"
     assert took < 10, took
