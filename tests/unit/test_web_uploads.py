@@ -214,6 +214,8 @@ def test_names_with_control_characters_and_quotes_are_accepted(web_client, web_a
     assert shown == [".jpg", "tab here.jpg", "bell " * 150 + ".jpg"]
 
 
+# Pillow warns past its own limit; the service refuses such images all the same.
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_past_pillows_own_pixel_limit_is_refused_at_upload_as_the_worker_would(make_web_app):
     """With MAX_IMAGE_PIXELS raised above Pillow's limit, Pillow only warns, and the web
     tier accepted images that every worker then refused."""
@@ -231,6 +233,8 @@ def test_past_pillows_own_pixel_limit_is_refused_at_upload_as_the_worker_would(m
         f"image is {width}x{height} pixels, more than the limit of {pillow_limit}")
 
 
+# Pillow warns past its own limit; the service refuses such images all the same.
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_the_pixel_limit_holds_in_every_thread_at_once(web_settings):
     """Pillow's own limit used to be enforced by making its warning an error, in a
     warnings.catch_warnings block: process-wide state that threads leaving the block

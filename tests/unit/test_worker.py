@@ -98,6 +98,8 @@ def bomb_png() -> bytes:
     return out.getvalue()
 
 
+# Pillow warns past its own limit; the service refuses such images all the same.
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_good_and_poison_images_each_get_an_answer_and_the_worker_goes_on(aws_env, model):
     settings, aws = aws_env
     good = make_image(7)
