@@ -16,7 +16,11 @@ from botocore.exceptions import ClientError
 
 from common.aws import Aws
 
-MAX_META_FILENAME = 1000
+# S3 allows 2 KB of user metadata per object, names and values together; the other
+# fields take ~100 bytes. Percent-encoded, a non-ASCII character takes 6 to 12, so
+# names of up to ~300 such characters (every ASCII name the web tier keeps) survive
+# whole into a batch rebuilt from S3.
+MAX_META_FILENAME = 1800
 MAX_TAG_ERROR = 250
 # Characters S3 accepts in a tag value; others would make the whole call fail.
 _TAG_UNSAFE = re.compile(r"[^\w .:/=+\-@]")

@@ -421,3 +421,19 @@ def test_an_event_stream_ends_after_its_time_limit(make_web_app):
     assert chunks[0].startswith("retry:") and any(c.startswith(":") for c in chunks)
     assert not any("event: end" in c for c in chunks)
 
+
+
+def test_long_names_survive_in_s3_metadata_within_its_2kb(web_aws):
+    from web_tier.storage import decode_filename, put_input, read_filename
+    from web_tier.uploads import MAX_FILENAME_CHARS
+
+    whole = ("\u00e9" * 299 + ".jpg", "x" * (MAX_FILENAME_CHARS - 4) + ".png")  # was cut at 166 and 1000
+    for name in (*whole, "\U0001f600" * 600):
+        key = f"{'a' * 32}/{'b' * 32}/x.jpg"
+        put_input(web_aws, key, b"data", "image/jpeg", filename=name, batch_id="a" * 32, item_id="b" * 32)
+        meta = web_aws.s3.head_object(Bucket=web_aws.settings.input_bucket, Key=key)["Metadata"]
+        assert sum(len(k.encode()) + len(v.encode()) for k, v in meta.items()) <= 2048
+        kept = read_filename(web_aws, key)
+        assert name.startswith(kept) and decode_filename(meta["original-filename"]) == kept
+        if name in whole:
+            assert kept == name
