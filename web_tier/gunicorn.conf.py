@@ -30,10 +30,9 @@ def raise_open_files_limit(wanted: int = WANTED_OPEN_FILES) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= wanted:
         return wanted
-    new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if new > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-    return max(new, soft)
+    new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)  # >= soft
+    resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    return new
 
 
 def connection_limits(open_files: int) -> tuple[int, int]:
