@@ -47,6 +47,7 @@ from app_tier.images import BadImage, prepare
 from app_tier.model import Classification
 from common.aws import Aws
 from common.config import Settings
+from common.failure_tags import failure_tagging
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
 from common.names import stored_name
 
@@ -393,11 +394,8 @@ class Worker:
         else:
             # The failure is kept on the input object so the web tier can rebuild it.
             try:
-                self.aws.s3.put_object_tagging(
-                    Bucket=req.bucket, Key=req.key,
-                    Tagging={"TagSet": [{"Key": "status", "Value": "failed"},
-                                        {"Key": "error", "Value": _tag_value(response.error or "")}]},
-                )
+                self.aws.s3.put_object_tagging(Bucket=req.bucket, Key=req.key,
+                                               Tagging=failure_tagging(response.error or ""))
             except ClientError as exc:
                 log.warning("could not tag failed input %s: %s", req.key, exc)
 
@@ -606,10 +604,3 @@ def warm_up(aws: Aws) -> None:
             aws.queue_url(queue)  # kept by Aws for every later call
     except _AWS_ERRORS as exc:
         log.warning("queue URLs not resolved before serving (%s); the worker will retry", exc)
-
-
-def _tag_value(text: str) -> str:
-    """S3 tag values allow 256 characters from a restricted set."""
-    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 +-=._:/@")
-    return "".join(c if c in allowed else " " for c in text)[:250]
-

@@ -8,22 +8,19 @@ percent-encoded. A failed item is marked with object tags on its input object
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 from urllib.parse import quote, unquote
 
 from botocore.exceptions import ClientError
 
 from common.aws import Aws
+from common.failure_tags import failure_from_tags, failure_tagging
 
 # S3 allows 2 KB of user metadata per object, names and values together; the other
 # fields take ~100 bytes. Percent-encoded, a non-ASCII character takes 6 to 12, so
 # names of up to ~300 such characters (every ASCII name the web tier keeps) survive
 # whole into a batch rebuilt from S3.
 MAX_META_FILENAME = 1800
-MAX_TAG_ERROR = 250
-# Characters S3 accepts in a tag value; others would make the whole call fail.
-_TAG_UNSAFE = re.compile(r"[^\w .:/=+\-@]")
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 
 
@@ -63,12 +60,7 @@ def put_input(aws: Aws, key: str, data: bytes, content_type: str, *, filename: s
 
 def tag_failed(aws: Aws, key: str, reason: str) -> None:
     """Mark the input object failed so a rebuilt batch shows the error."""
-    value = _TAG_UNSAFE.sub(" ", reason)[:MAX_TAG_ERROR]
-    aws.s3.put_object_tagging(
-        Bucket=aws.settings.input_bucket,
-        Key=key,
-        Tagging={"TagSet": [{"Key": "status", "Value": "failed"}, {"Key": "error", "Value": value}]},
-    )
+    aws.s3.put_object_tagging(Bucket=aws.settings.input_bucket, Key=key, Tagging=failure_tagging(reason))
 
 
 def read_output(aws: Aws, key: str) -> dict[str, Any] | None:
@@ -107,11 +99,7 @@ def read_output(aws: Aws, key: str) -> dict[str, Any] | None:
 
 def read_failure(aws: Aws, key: str) -> str | None:
     """The error tagged on a failed input object, or None if it is not marked failed."""
-    tags = aws.s3.get_object_tagging(Bucket=aws.settings.input_bucket, Key=key)["TagSet"]
-    found = {t["Key"]: t["Value"] for t in tags}
-    if found.get("status") != "failed":
-        return None
-    return found.get("error") or "failed"
+    return failure_from_tags(aws.s3.get_object_tagging(Bucket=aws.settings.input_bucket, Key=key)["TagSet"])
 
 
 def read_filename(aws: Aws, key: str) -> str | None:

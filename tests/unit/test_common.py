@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import unicodedata
 
 import pytest
 from moto import mock_aws
 
 from common.aws import USER_AGENT, Aws
 from common.config import Settings
+from common.failure_tags import MAX_ERROR_CHARS, failure_from_tags, failure_tagging
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError, Prediction
 from common.names import instance_name, instance_number, object_key, safe_filename, stem
 from common.provision import provision
@@ -85,6 +87,33 @@ def test_names_that_json_escapes_still_fit_in_a_message(name):
                                 untrained=True, label="x" * 40, score=0.5,
                                 top5=tuple(Prediction("x" * 40, 0.1) for _ in range(5)))
     assert name.startswith(ClassifyResponse.from_json(response.to_json()).filename)
+
+
+def _in_s3_tag_set(char: str) -> bool:
+    # S3's rule for tag values: Unicode letters, numbers and spaces, and _ . : / = + - @
+    return unicodedata.category(char)[0] in "LNZ" or char in "_.:/=+-@"
+
+
+@pytest.mark.parametrize("reason, kept", [
+    ("image is 10000x10000 pixels, more than the limit of 178956970",
+     "image is 10000x10000 pixels more than the limit of 178956970"),
+    ("cannot identify <script>alert('x')</script>\nin 'é.jpg'",
+     "cannot identify script alert x /script in é.jpg"),
+    ("タイムアウト: 30 s", "タイムアウト: 30 s"),
+    ("x" * 400, "x" * MAX_ERROR_CHARS),
+    ("%%%", ""),
+])
+def test_a_failure_mark_holds_only_what_s3_takes_in_a_tag_and_reads_back(reason, kept):
+    tag_set = failure_tagging(reason)["TagSet"]
+    error = {tag["Key"]: tag["Value"] for tag in tag_set}["error"]
+    assert error == kept
+    assert len(error) <= 256 and all(_in_s3_tag_set(c) for c in error)
+    assert failure_from_tags(tag_set) == (kept or "failed")
+
+
+def test_tags_without_a_failure_mark_say_nothing():
+    assert failure_from_tags([]) is None
+    assert failure_from_tags([{"Key": "status", "Value": "ok"}, {"Key": "error", "Value": "x"}]) is None
 
 
 def test_error_response_round_trip():
