@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0  # the runner closed our stdin: never needed
     worker = Worker(settings, aws, classifier, instance_id)
     worker.install_signal_handlers()
-    worker.run()
+    worker.serve()
     return 0
 
 

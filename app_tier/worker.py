@@ -7,7 +7,7 @@ One loop, in the spirit of rq's worker:
     ->  delete each request, only after both of its writes succeeded.
 
 A fetch thread prepares the next batch (receive, download, decode) while the
-main thread runs the model on the current one, and a finishing thread writes
+serving thread runs the model on the current one, and a finishing thread writes
 the previous batch's results, so the network and the decoder overlap with
 inference and the model never waits for S3 or SQS. A heartbeat thread extends
 the visibility timeout of every message the worker holds, so a slow batch is
@@ -17,7 +17,8 @@ within 30 minutes more: a deadlock): a worker stuck there gives its messages
 back and exits to be restarted. On SIGTERM the worker stops receiving,
 finishes the batch in hand if it can within the grace period, and hands
 everything else back to the queue at once, so no request waits out a
-visibility timeout because of it.
+visibility timeout because of it. (The process's main thread only waits, so
+that it hears the signal even while the model runs: see `serve`.)
 
 A worker holds at most two unclassified batches (one being classified, one
 prepared), so that a worker that starts early does not hoard messages that
@@ -142,6 +143,7 @@ class Worker:
         # When the main and fetch loops last began an iteration, while they run.
         self._loop_ticks: dict[str, float] = {}
         self._exit = os._exit  # tests put a recorder here
+        self._grace_timer: threading.Timer | None = None
         # How often to ping systemd's watchdog; None when not run by one.
         self._watchdog_s = systemd.watchdog_interval_s()
         self._heartbeat_period_s = max(1.0, min(settings.visibility_timeout_s, settings.stall_timeout_s) / 3)
@@ -160,9 +162,10 @@ class Worker:
         log.info("worker %s: signal %d, stopping after the batch in hand", self.instance_id, signum)
         self.stopping.set()
         # If the batch in hand cannot finish in time, give its messages back now.
-        timer = threading.Timer(self.settings.shutdown_grace_s, self._give_up)
-        timer.daemon = True
-        timer.start()
+        if self._grace_timer is None:
+            self._grace_timer = threading.Timer(self.settings.shutdown_grace_s, self._give_up)
+            self._grace_timer.daemon = True
+            self._grace_timer.start()
 
     def _give_up(self) -> None:
         log.warning("worker %s: grace period over, handing back held messages", self.instance_id)
@@ -172,6 +175,32 @@ class Worker:
             self._give_back([job for call in self._calls_under_way() for job in call.jobs])
         finally:
             self._exit(0)
+
+    def serve(self) -> None:
+        """run(), with the process's main thread left free to hear signals.
+
+        Python runs signal handlers on the main thread only, between two bytecodes. A
+        main thread inside a model call (seconds of C++ on a throttled t2) would hear
+        SIGTERM only once the call returned: the fetch thread would go on receiving,
+        and the grace period would start late enough for systemd's kill to come before
+        the hand-back. So the loop runs on a thread of its own while this one waits.
+        Call it from the main thread, after install_signal_handlers()."""
+        raised: list[BaseException] = []
+
+        def run_keeping_what_it_raised() -> None:
+            try:
+                self.run()
+            except BaseException as exc:
+                raised.append(exc)
+
+        serving = threading.Thread(target=run_keeping_what_it_raised, name="serve")
+        serving.start()
+        while serving.is_alive():
+            serving.join(0.5)  # a timed wait: signal handlers run during it
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()  # the shutdown finished within the grace period
+        if raised:
+            raise raised[0]
 
     def run(self) -> None:
         """Serve until told to stop; returns after a clean, warm shutdown."""

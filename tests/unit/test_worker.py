@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -211,6 +213,57 @@ def test_sigterm_finishes_the_batch_in_hand_and_releases_the_rest(aws_env):
     assert depth(aws, aws.request_queue_url) == (2, 0)
     again = Worker(settings, aws, MeanClassifier(), "i-next").fetch()
     assert [j.receive_count for j in again.jobs] == [1, 1]
+
+
+class CBoundClassifier(MeanClassifier):
+    """A model call that stays in C code for seconds, as OpenVINO's and TensorFlow's do:
+    no Python bytecode runs on the calling thread until it returns."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        started = time.monotonic()
+        hashlib.pbkdf2_hmac("sha256", b"x", b"salt", 50_000)
+        self.rounds = int(50_000 * seconds / max(time.monotonic() - started, 1e-4))
+        self.entered = threading.Event()
+        self.left_at = 0.0
+
+    def classify(self, batch: np.ndarray) -> list[Classification]:
+        self.entered.set()
+        hashlib.pbkdf2_hmac("sha256", b"x", b"salt", self.rounds)
+        self.left_at = time.monotonic()
+        return super().classify(batch)
+
+
+def test_sigterm_is_heard_at_once_while_the_model_runs(aws_env):
+    """Heard only after the model call, the signal would start the grace period late
+    and let the fetch thread go on receiving: systemd's kill could then come first."""
+    settings, aws = aws_env
+    upload(settings, aws, "busy.jpg", make_image(3), "busy")
+    model = CBoundClassifier(seconds=3.0)
+    worker = Worker(dataclasses.replace(settings, shutdown_grace_s=60), aws, model, "i-busy")
+    heard_at: list[float] = []
+
+    def send_sigterm_during_the_model_call() -> None:
+        if model.entered.wait(20):
+            os.kill(os.getpid(), signal.SIGTERM)
+            if worker.stopping.wait(20):
+                heard_at.append(time.monotonic())
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    sender = threading.Thread(target=send_sigterm_during_the_model_call)
+    worker.install_signal_handlers()
+    try:
+        sender.start()
+        worker.serve()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sender.join(timeout=30)
+    assert heard_at, "the worker never heard SIGTERM"
+    assert heard_at[0] < model.left_at - 1.0, "SIGTERM was heard only when the model call returned"
+    # Still a warm shutdown: the batch in hand was finished and acknowledged.
+    assert set(responses(aws)) == {"busy"}
+    assert depth(aws, aws.request_queue_url) == (0, 0)
 
 
 def test_scaled_in_again_and_again_a_request_never_reaches_the_dead_letter_queue(aws_env):
