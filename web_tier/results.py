@@ -105,9 +105,11 @@ class _Batch:
 class ResultBook:
     """Thread-safe record of every batch and item this process knows about.
 
-    Memory is bounded by `max_items`: beyond it the oldest fully finished
-    batches are forgotten (they can always be rebuilt from S3). A finished item
-    holds ~1.8 KB (measured with tracemalloc), so the default cap is ~180 MB.
+    Beyond `max_items` the oldest fully finished batches are forgotten (they can
+    always be rebuilt from S3). A finished item holds ~1.8 KB (measured with
+    tracemalloc), so the default cap is ~180 MB. A batch with an item still queued
+    is never forgotten (someone may be waiting on it, or still adding to it), so
+    under a backlog the book holds the cap plus the backlog.
     """
 
     def __init__(self, max_items: int = 100_000, untrained: bool | None = None) -> None:
@@ -177,6 +179,11 @@ class ResultBook:
                     known._apply(item)
                     _wake(known)
                     finished.append(known)
+            # S3's key order is upload order; items learnt earlier from answers that
+            # came before the rebuild take their places in it.
+            in_s3 = [item.id for item in rebuilt]
+            listed = set(in_s3)
+            batch.item_ids = in_s3 + [i for i in batch.item_ids if i not in listed]
             self._evict()
             self._publish(finished)
 

@@ -92,6 +92,14 @@ def test_unknown_ids_are_kept_but_their_batch_counts_as_unknown():
     assert [(i.id, i.state) for i in items] == [("x", "done"), ("y", "queued")]
 
 
+def test_a_rebuilt_batch_keeps_upload_order_whatever_was_answered_first():
+    book = ResultBook()  # as after a restart: the listener hears of "c" first
+    book.record(response("c"))
+    book.merge(BATCH, [Item(i, BATCH, f"{i}.jpg") for i in ("a", "b", "c")])
+    assert [i.id for i in book.batch(BATCH)] == ["a", "b", "c"]
+    assert book.get("c").state == "done"
+
+
 def test_merge_keeps_results_already_in_memory_and_adopts_new_ones():
     book = book_with("a", "b")
     book.record(response("a", "cat"))
