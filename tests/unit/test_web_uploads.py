@@ -46,6 +46,22 @@ def png_with_bad_header_crc() -> bytes:
     return bytes(data)
 
 
+def reencoded(data: bytes, fmt: str, **options) -> bytes:
+    out = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(out, format=fmt, **options)
+    return out.getvalue()
+
+
+def decodes(data: bytes) -> bool:
+    """Whether Pillow decodes every pixel, as the worker must."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+        return True
+    except Exception:
+        return False
+
+
 def noise_png(side: int) -> bytes:
     pixels = np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)
     return encode(Image.fromarray(pixels), "PNG")
@@ -62,6 +78,10 @@ BAD = [
                  "damaged or unreadable image: not a valid PNG file", id="bad-header-checksum"),
     pytest.param(b"\xff\xd8\xff\xe0" + b"\x00" * 40, "stub.jpg", 415, "not a valid JPEG file",
                  id="jpeg-stub"),
+    pytest.param(make_image(1)[:3000], "half.jpg", 415, "JPEG data is truncated", id="truncated-jpeg"),
+    pytest.param(make_image(1)[:-2], "no-end.jpg", 415, "no end-of-image marker", id="jpeg-without-end"),
+    pytest.param(make_image(1, fmt="BMP")[:-100], "cut.bmp", 415, "BMP pixel data is truncated",
+                 id="truncated-bmp"),
     pytest.param(b"", "empty.jpg", 400, "empty", id="empty"),
     pytest.param(noise_png(400), "huge.png", 413, "larger than the limit", id="too-many-bytes"),
     pytest.param(png_claiming(7000, 7000), "bomb.png", 413, "7000x7000", id="too-many-pixels"),
@@ -83,6 +103,30 @@ def test_bad_upload_is_refused_naming_the_file(web_client, data, name, status, r
     assert "batch_id" not in body  # nothing stored: no batch to follow
     # The service still answers the next request.
     assert upload(web_client, [(make_image(2), "fine.jpg")]).status_code == 202
+
+
+@pytest.mark.parametrize("options", [{}, {"progressive": True}], ids=["baseline", "progressive"])
+def test_the_upload_check_refuses_a_cut_jpeg_exactly_when_the_decoder_would(web_settings, options):
+    whole = reencoded(make_image(5), "JPEG", **options)
+    for cut in range(40, len(whole) + 1, 97):
+        data = whole[:cut]
+        try:
+            check_image("cut.jpg", data, web_settings)
+            accepted = True
+        except UploadError:
+            accepted = False
+        assert accepted == decodes(data), f"cut at {cut} of {len(whole)} bytes"
+
+
+def test_bytes_after_a_jpegs_end_do_not_matter(web_settings):
+    """As after a phone's motion photo: a video follows the image, markers and all."""
+    trailer = b"\x00\x00ftypmp42" + bytes(range(256)) * 40 + b"\xff\xda\x00\x08\xff\xd8"
+    for options in ({}, {"progressive": True}):
+        data = reencoded(make_image(6), "JPEG", **options) + trailer
+        assert decodes(data)
+        assert check_image("motion.jpg", data, web_settings).content_type == "image/jpeg"
+    whole_bmp = make_image(6, fmt="BMP")
+    assert check_image("whole.bmp", whole_bmp, web_settings).content_type == "image/bmp"
 
 
 def test_real_decompression_bomb_is_refused(web_client):
