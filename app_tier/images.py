@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from common.pixels import PILLOW_REFUSALS, pillow_refusal, size_refusal
 
@@ -16,6 +16,11 @@ INPUT_SIZE = (224, 224)
 # Above this, after `draft`, decoding takes some 30 MB or more (RGB, 3 bytes a pixel,
 # and Pillow's working copies): see `prepare`.
 LARGE_IMAGE_PIXELS = 4_000_000
+# Modes whose samples go past 8 bits: 16-bit greyscale PNGs and TIFFs ("I;16*"; Pillow
+# may read them as "I" too), 32-bit integer and floating-point TIFFs.
+_HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_EXIF_ORIENTATION = 0x0112
 # ImageNet channel means in BGR order: Keras's "caffe" preprocessing for ResNet-50.
 _BGR_MEANS = np.array([103.939, 116.779, 123.68], dtype=np.float32)
 
@@ -58,9 +63,34 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def load_rgb(img: Image.Image, max_pixels: int) -> Image.Image:
-    """Decode the pixels of an image opened by `open_image`, as RGB."""
+    """Decode the pixels of an image opened by `open_image` as 8-bit RGB, as a viewer
+    shows them: turned upright by its EXIF orientation (phones store photos sideways
+    and say so there), transparent parts on white, and samples deeper than 8 bits
+    scaled to 0-255 (Pillow's own conversion clips them: a 16-bit photo came out
+    nearly all white, a floating-point one all black)."""
     with _bad_image_errors(max_pixels):
+        if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+            img = ImageOps.exif_transpose(img)
+        if img.mode in _HIGH_DEPTH_MODES:
+            img = _to_8_bits(img)
+        if img.mode in _ALPHA_MODES or "transparency" in img.info:
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
         return img.convert("RGB")
+
+
+def _to_8_bits(img: Image.Image) -> Image.Image:
+    """A greyscale image of more than 8 bits a sample, scaled to 8: 16-bit samples
+    from 0-65535, floating-point ones from 0-1 (or 0-255 when they go past 1)."""
+    samples = np.nan_to_num(np.asarray(img, dtype=np.float32))
+    brightest = float(samples.max(initial=0.0))
+    if img.mode == "F":
+        full_scale = 1.0 if brightest <= 1.0 else 255.0
+    else:
+        full_scale = 65535.0 if img.mode.startswith("I;16") or brightest > 255 else 255.0
+    scaled = np.clip(samples * (255.0 / full_scale) + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled, "L")
 
 
 def decode(data: bytes, max_pixels: int) -> Image.Image:
