@@ -51,6 +51,7 @@ from common.config import Settings
 from common.failure_tags import failure_tagging
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
 from common.names import stored_name
+from common.output_object import pair_text
 
 log = logging.getLogger(__name__)
 
@@ -416,7 +417,7 @@ class Worker:
             self.aws.s3.put_object(
                 Bucket=self.settings.output_bucket,
                 Key=req.key,
-                Body=f"{stored_name(req.key)},{response.label}".encode(),
+                Body=pair_text(req.filename or stored_name(req.key), response.label).encode(),
                 ContentType="text/plain",
                 Metadata={"result": json.dumps(meta, separators=(",", ":"))},
             )

@@ -15,6 +15,7 @@ from botocore.exceptions import ClientError
 
 from common.aws import Aws
 from common.failure_tags import failure_from_tags, failure_tagging
+from common.output_object import label_of
 
 # S3 allows 2 KB of user metadata per object, names and values together; the other
 # fields take ~100 bytes. Percent-encoded, a non-ASCII character takes 6 to 12, so
@@ -93,7 +94,7 @@ def read_output(aws: Aws, key: str) -> dict[str, Any] | None:
             pass
     # No usable metadata: the body `<name>,<label>` still holds the label.
     body = aws.s3.get_object(Bucket=aws.settings.output_bucket, Key=key)["Body"].read()
-    label = body.decode("utf-8", errors="replace").split(",", 1)[-1].strip()
+    label = label_of(body.decode("utf-8", errors="replace"))
     return {"label": label, "score": None, "top5": [], "worker": "", "untrained": configured_untrained}
 
 

@@ -14,8 +14,9 @@ from moto import mock_aws
 
 from common.aws import Aws
 from common.config import Settings
+from common.failure_tags import failure_tagging
 from common.messages import ClassifyRequest, ClassifyResponse, Prediction
-from common.names import stored_name
+from common.output_object import pair_text
 from common.provision import provision
 
 
@@ -91,15 +92,15 @@ class FakeWorker:
         if action in ("fail", "mute-fail"):
             response = ClassifyResponse(id=request.id, filename=request.filename, key=request.key,
                                         worker="fake-1", untrained=self.untrained, error="cannot decode")
-            s3.put_object_tagging(Bucket=request.bucket, Key=request.key, Tagging={"TagSet": [
-                {"Key": "status", "Value": "failed"}, {"Key": "error", "Value": "cannot decode"}]})
+            s3.put_object_tagging(Bucket=request.bucket, Key=request.key,
+                                  Tagging=failure_tagging("cannot decode"))
         else:
             response = self.response_for(request)
             meta = {"label": response.label, "score": response.score,
                     "top5": [[p.label, p.score] for p in response.top5],
                     "worker": response.worker, "untrained": response.untrained}
             s3.put_object(Bucket=settings.output_bucket, Key=request.key,
-                          Body=f"{stored_name(request.key)},{response.label}".encode(),
+                          Body=pair_text(request.filename, response.label).encode(),
                           Metadata={"result": json.dumps(meta, separators=(",", ":"))})
         if action.startswith("mute"):
             return

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import unicodedata
 
@@ -14,6 +16,7 @@ from common.config import Settings
 from common.failure_tags import MAX_ERROR_CHARS, failure_from_tags, failure_tagging
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError, Prediction
 from common.names import instance_name, instance_number, object_key, safe_filename, stem
+from common.output_object import label_of, pair_text
 from common.provision import provision
 
 
@@ -114,6 +117,19 @@ def test_a_failure_mark_holds_only_what_s3_takes_in_a_tag_and_reads_back(reason,
 def test_tags_without_a_failure_mark_say_nothing():
     assert failure_from_tags([]) is None
     assert failure_from_tags([{"Key": "status", "Value": "ok"}, {"Key": "error", "Value": "x"}]) is None
+
+
+@pytest.mark.parametrize("filename, text", [
+    ("test_00.JPEG", "test_00.JPEG,cat"),
+    ("a, b.jpg", '"a, b.jpg",cat'),
+    ('say "cheese".png', '"say ""cheese"".png",cat'),
+    ("line\nbreak.jpg", '"line\nbreak.jpg",cat'),
+    ("猫.jpg", "猫.jpg,cat"),
+])
+def test_the_output_pair_is_one_csv_record_and_its_label_reads_back(filename, text):
+    assert pair_text(filename, "cat") == text
+    assert next(csv.reader(io.StringIO(text))) == [filename, "cat"]
+    assert label_of(text) == "cat"
 
 
 def test_error_response_round_trip():

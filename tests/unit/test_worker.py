@@ -26,6 +26,7 @@ from common.config import Settings
 from common.failure_tags import failure_from_tags
 from common.messages import ClassifyRequest, ClassifyResponse, Prediction
 from common.names import object_key
+from common.output_object import label_of
 from common.provision import provision
 from tests.conftest import make_image
 
@@ -144,6 +145,18 @@ def test_good_and_poison_images_each_get_an_answer_and_the_worker_goes_on(aws_en
     bomb_key = object_key("b" * 32, "bomb", "bomb.jpg")
     tags = aws.s3.get_object_tagging(Bucket=settings.input_bucket, Key=bomb_key)["TagSet"]
     assert failure_from_tags(tags) == f"image is 10000x10000 pixels more than the limit of {limit}"
+
+
+def test_the_output_object_names_the_image_as_it_was_uploaded(aws_env):
+    settings, aws = aws_env
+    request = upload(settings, aws, "猫, the cat.jpg", make_image(8), "cat")
+    assert "猫" not in request.key  # the key holds a safe name
+    worker = Worker(settings, aws, MeanClassifier(), "i-names")
+    worker.process(worker.fetch())
+    label = responses(aws)["cat"].label
+    body = aws.s3.get_object(Bucket=settings.output_bucket, Key=request.key)["Body"].read().decode()
+    assert body == f'"猫, the cat.jpg",{label}'
+    assert label_of(body) == label
 
 
 def test_model_error_fails_only_that_image(aws_env):
