@@ -119,3 +119,55 @@ def test_a_waiting_page_reconnects_after_the_web_tier_restarts(stack, browser, r
         assert items[name].get_attribute("data-state") == "done", items[name].text
         assert items[name].get_attribute("data-label") == reference(reference_model, data).label
     assert psutil.pid_exists(master.pid)
+
+
+def test_a_reload_shows_the_batches_again_and_follows_them_to_the_end(stack, browser, reference_model,
+                                                                        tmp_path):
+    from selenium.webdriver.common.by import By
+
+    # Three chunks, sent in parallel once the first has made the batch, so they may join
+    # it in any order; one file is refused, which the server keeps no trace of.
+    first = {f"reload_{i}.jpg": make_image(800 + i, size=(64, 48)) for i in range(40)}
+    first = {**dict(list(first.items())[:5]), "refused.jpg": b"not an image", **dict(list(first.items())[5:])}
+    second = {"reload_later.jpg": make_image(810)}
+    browser.get(stack.web_url + "/")
+
+    def results():
+        return browser.find_elements(By.CSS_SELECTOR, "#results [data-state]")
+
+    def states():
+        return [i.get_attribute("data-state") for i in results()]
+
+    def wait_for(condition, what, timeout_s):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not condition():
+            time.sleep(0.05)
+        assert condition(), f"{what}: {states()}"
+
+    leaving = ("const e = new Event('beforeunload', {cancelable: true});"
+               "dispatchEvent(e); return e.defaultPrevented")
+    for count, files in ((41, first), (42, second)):
+        paths = []
+        for name, data in files.items():
+            (tmp_path / name).write_bytes(data)
+            paths.append(str(tmp_path / name))
+        browser.find_element(By.ID, "file-input").send_keys("\n".join(paths))
+        if count == 41:  # three chunks, one after another at first: still sending
+            assert browser.execute_script(leaving), "leaving mid-upload should ask first"
+        wait_for(lambda n=count: len(states()) == n and "uploading" not in states(), "uploads", 60)
+    assert not browser.execute_script(leaving), "nothing left to send: leave freely"
+    assert browser.current_url.count(",") == 1 and "#batches=" in browser.current_url  # two batches
+    shown_before = [i.get_attribute("data-filename") for i in results()]
+
+    browser.refresh()
+    wait_for(lambda: len(states()) == 42 and all(s in ("done", "failed") for s in states()),
+             "after the reload", 180)
+    items = results()
+    assert [i.get_attribute("data-filename") for i in items] == shown_before
+    for item in items:
+        if item.get_attribute("data-filename") == "refused.jpg":
+            assert item.get_attribute("data-state") == "failed" and "not an image" in item.text
+            continue
+        data = {**first, **second}[item.get_attribute("data-filename")]
+        assert item.get_attribute("data-state") == "done", item.text
+        assert item.get_attribute("data-label") == reference(reference_model, data).label

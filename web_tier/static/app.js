@@ -9,6 +9,8 @@
   const STATUS_MS = 2000;
   const SSE_GIVE_UP = 3;       // consecutive stream errors before polling instead
   const KEY_STORE = "imgclass.apiKey";
+  const BATCH_ID = /^[0-9a-f]{32}$/;
+  const SHOWN_STORE = "imgclass.shown.";  // + batch id, in this tab's sessionStorage
   const FINISHED = new Set(["done", "failed"]);
 
   const $ = (id) => document.getElementById(id);
@@ -152,18 +154,37 @@
         chunk.forEach(({ el }) => showFailure(el, why));
         return;
       }
-      if (body.items.length && !this.batchId) this.batchId = body.batch_id;
+      if (body.items.length && !this.batchId) {
+        this.batchId = body.batch_id;
+        rememberBatch(this.batchId);
+      }
       for (const item of body.items) {
         const entry = chunk[item.index];
         if (!entry) continue;
+        entry.id = item.id;
         this.byId.set(item.id, entry.el);
         setState(entry.el, "queued");
         if (this.early.has(item.id)) showItem(entry.el, this.early.get(item.id));
       }
       for (const rejection of body.rejected || []) {
         const entry = chunk[rejection.index];
-        if (entry) showFailure(entry.el, rejection.error);
+        if (!entry) continue;
+        entry.refused = rejection.error;
+        showFailure(entry.el, rejection.error);
       }
+      this.save();
+    }
+
+    // What the server cannot tell a reloaded page: the order the files were chosen in
+    // (chunks sent in parallel join the batch in any order) and the files it refused.
+    save() {
+      if (!this.batchId) return;
+      const shown = this.entries
+        .filter((entry) => entry.id || entry.refused)
+        .map((entry) => entry.id ? { id: entry.id } : { name: entry.el.dataset.filename, error: entry.refused });
+      try {
+        sessionStorage.setItem(SHOWN_STORE + this.batchId, JSON.stringify(shown));
+      } catch { /* storage full or disabled: a reload shows the server's order */ }
     }
 
     apply(item) {
@@ -234,6 +255,74 @@
       tick();
     }
   }
+
+  // --- batches kept in the address, so a reload (or a shared link) shows them again ---
+  function batchesInUrl() {
+    const match = /(?:^#|&)batches=([^&]*)/.exec(location.hash);
+    return match ? match[1].split(",").filter((id) => BATCH_ID.test(id)) : [];
+  }
+
+  function rememberBatch(batchId) {
+    const ids = batchesInUrl();
+    if (!ids.includes(batchId)) ids.push(batchId);
+    history.replaceState(null, "", `#batches=${ids.join(",")}`);
+  }
+
+  function savedShown(batchId) {
+    try {
+      const shown = JSON.parse(sessionStorage.getItem(SHOWN_STORE + batchId) || "[]");
+      return Array.isArray(shown) ? shown : [];
+    } catch {
+      return [];
+    }
+  }
+
+  async function restore(batchId) {
+    const session = new Session([]);
+    session.batchId = batchId;
+    session.uploading = false;
+    sessions.push(session);
+    let body = null;
+    try {
+      const response = await fetch(`/api/jobs/${batchId}`);
+      body = response.ok ? await response.json() : null;
+    } catch { /* shown below */ }
+    if (!body || !Array.isArray(body.items)) {
+      $("summary").textContent = `batch ${batchId} could not be loaded`;
+      return;
+    }
+    const items = new Map(body.items.map((item) => [item.id, item]));
+    const show = (item) => {
+      const el = makeResult(item.filename || "upload");
+      session.entries.push({ file: null, el, id: item.id });
+      session.byId.set(item.id, el);
+      showItem(el, item);
+    };
+    // As this tab showed them before, then whatever else the batch holds.
+    for (const shown of savedShown(batchId)) {
+      if (shown.id && items.has(shown.id)) {
+        show(items.get(shown.id));
+        items.delete(shown.id);
+      } else if (shown.error) {
+        const el = makeResult(shown.name || "upload");
+        session.entries.push({ file: null, el, refused: shown.error });
+        showFailure(el, shown.error);
+      }
+    }
+    items.forEach(show);
+    updateSummary();
+    if (session.unfinished()) session.follow();
+  }
+
+  // Leaving while files are still being sent would lose those not yet sent: ask first.
+  window.addEventListener("beforeunload", (event) => {
+    if (sessions.some((session) => session.uploading)) event.preventDefault();
+  });
+
+  // One after another, so the results keep the order the batches were sent in.
+  (async () => {
+    for (const batchId of batchesInUrl()) await restore(batchId);
+  })();
 
   function upload(fileList) {
     const files = Array.from(fileList || []);
