@@ -197,6 +197,10 @@ class Stack:
     def stop(self, timeout_s: float = 8.0) -> None:
         """Stop everything, newest first; whatever outlives the timeout is killed."""
         deadline = time.monotonic() + timeout_s
+        if self.runner is not None:
+            # First, or the runner would go on starting workers (each loading the
+            # model) for the instances the controller launched while it was stopping.
+            self.runner.stopping.set()
         for child in reversed(self.children):
             if child.name == "moto":
                 continue  # last: the runner and workers still talk to it while stopping
@@ -204,7 +208,6 @@ class Stack:
         if self.runner is not None:
             # A round in progress may still start a worker: let it end, so that
             # shutdown() sees every process there is.
-            self.runner.stopping.set()
             if self.runner_thread is not None:
                 self.runner_thread.join(timeout=max(0.5, deadline - time.monotonic()))
             self.runner.shutdown(timeout_s=max(1.0, deadline - time.monotonic()))

@@ -51,10 +51,13 @@ def classify() -> Response:
     item = svc.book.wait(outcome.id, svc.settings.result_timeout_s)
     if item is None:
         # The image stays queued and will be classified: say where its result will be.
-        response = _text(
-            f"{upload.filename}: no result within {svc.settings.result_timeout_s:g} s; "
-            f"it is still queued, see /api/jobs/{batch_id}", 504
-        )
+        if svc.book.closing.is_set():
+            response = _text(f"{upload.filename}: the web tier is stopping; the image is still "
+                             f"queued, see /api/jobs/{batch_id}", 503)
+            response.headers["Retry-After"] = "5"
+        else:
+            response = _text(f"{upload.filename}: no result within {svc.settings.result_timeout_s:g} s; "
+                             f"it is still queued, see /api/jobs/{batch_id}", 504)
         response.headers["X-Item-Id"] = outcome.id
         response.headers["X-Batch-Id"] = batch_id
         return response

@@ -52,6 +52,8 @@ def stream(book: ResultBook, batch_id: str, items: Callable[[], list[Item] | Non
             except queue.Empty:
                 yield ": keep-alive\n\n"
                 continue
+            if item is None:
+                return  # this process is stopping; without `end`, the browser reconnects
             if item.id not in sent and item.is_finished:
                 sent.add(item.id)
                 yield _event(item)

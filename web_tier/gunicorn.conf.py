@@ -91,11 +91,29 @@ def post_fork(server, worker) -> None:
 
 
 def post_worker_init(worker) -> None:
-    """The app is built: keep its start-up heap out of later garbage collections."""
+    """The app is built: keep its start-up heap out of later garbage collections,
+    and answer the waiting requests when told to stop."""
+    import signal
+    import threading
+
     from common.heap import freeze_startup_heap
     from web_tier.services import EXTENSION
 
-    aws = worker.wsgi.extensions[EXTENSION].aws
-    aws.open("s3", "sqs")
-    aws.probes  # noqa: B018  (made now, not at the first health check)
+    svc = worker.wsgi.extensions[EXTENSION]
+    svc.aws.open("s3", "sqs")
+    svc.aws.probes  # noqa: B018  (made now, not at the first health check)
+
+    # On SIGTERM gunicorn stops accepting and gives requests `graceful_timeout` to
+    # end; a POST / waiting for its answer, or an event stream, would be cut off then
+    # with no answer at all. Closing the book answers them at once (503 saying where
+    # the result will be; streams end and browsers reconnect). On a thread of its own:
+    # the book's lock may not be taken inside a signal handler.
+    stop_gracefully = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame) -> None:
+        threading.Thread(target=svc.book.close, name="close-book", daemon=True).start()
+        if callable(stop_gracefully):
+            stop_gracefully(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     freeze_startup_heap()

@@ -124,6 +124,21 @@ class ResultBook:
         # Whether the workers' model is untrained: None while unknown, then what the
         # latest response said.
         self.untrained: bool | None = untrained
+        # Set when this process is stopping: nobody waits for answers any more.
+        self.closing = threading.Event()
+
+    def close(self) -> None:
+        """Stop every wait at once: waiting requests answer that their image is still
+        queued, and event streams end (browsers reconnect, to a process that serves).
+        Called when the process is told to stop, which would otherwise cut them off
+        without an answer once its grace period is over."""
+        with self._lock:
+            self.closing.set()
+            for item in self._items.values():
+                _wake(item)
+            for inboxes in self._subscribers.values():
+                for inbox in inboxes:
+                    inbox.put(None)
 
     # --- writing ---------------------------------------------------------------
     def add(self, batch_id: str, items: list[Item]) -> None:
@@ -234,10 +249,12 @@ class ResultBook:
             item = self._items.get(item_id)
             if item is None or item.is_finished:
                 return item
+            if self.closing.is_set():
+                return None
             if item.waiter is None:
                 item.waiter = threading.Event()
             waiter = item.waiter
-        return item if waiter.wait(timeout) else None
+        return item if waiter.wait(timeout) and item.is_finished else None
 
     def totals(self) -> dict[str, int]:
         with self._lock:
@@ -245,10 +262,13 @@ class ResultBook:
 
     # --- subscribers (SSE) -----------------------------------------------------
     def subscribe(self, batch_id: str) -> queue.SimpleQueue:
-        """A queue that receives every item of `batch_id` as it finishes."""
+        """A queue that receives every item of `batch_id` as it finishes, and None
+        when the book is closed."""
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         with self._lock:
             self._subscribers.setdefault(batch_id, set()).add(inbox)
+            if self.closing.is_set():
+                inbox.put(None)
         return inbox
 
     def unsubscribe(self, batch_id: str, inbox: queue.SimpleQueue) -> None:

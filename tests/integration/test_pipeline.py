@@ -183,3 +183,57 @@ def test_a_body_too_large_for_post_is_refused_at_once_named_and_not_waited_for(s
     assert answer.startswith("HTTP/1.1 413"), answer
     assert "file is larger than the limit" in answer
     assert took < 10, took
+
+
+def test_a_web_tier_told_to_stop_answers_its_waiting_requests_at_once(stack, tmp_path):
+    """gunicorn gives requests `graceful_timeout` (5 s) after SIGTERM, then cuts them
+    off: a POST / still waiting then got no answer at all. It now gets a 503 at
+    once, saying where the result of its still-queued image will be."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from localaws.harness import ROOT, free_port
+
+    port = free_port()
+    env = {**os.environ, "AWS_ENDPOINT_URL": stack.aws_url, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "APP_PREFIX": "unserved", "WEB_PORT": str(port), "RESULT_TIMEOUT": "60"}  # no worker reads it
+    subprocess.run([sys.executable, "-m", "common.provision"], env=env, cwd=ROOT, check=True,
+                   capture_output=True)
+    with open(tmp_path / "web.log", "wb") as log:
+        conf = str(ROOT / "web_tier" / "gunicorn.conf.py")
+        web = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", conf, "web_tier:create_app()"],
+                               env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _answers(f"{url}/healthz"), 60, "the second web tier")
+        answers: list[requests.Response] = []
+        waiting = threading.Thread(target=lambda: answers.append(requests.post(
+            f"{url}/", files={"inputFile": ("waits.jpg", make_image(60))}, timeout=30)))
+        waiting.start()
+        _, sqs, _ = clients(stack)
+        wait_for(lambda: queue_counts(sqs, "unserved")["req-queue"] == 1, 30, "the image to be queued")
+        told = time.monotonic()
+        os.killpg(web.pid, signal.SIGTERM)  # as `make run` stops it: the whole group
+        waiting.join(timeout=30)
+        took = time.monotonic() - told
+    finally:
+        if web.poll() is None:
+            os.killpg(web.pid, signal.SIGKILL)
+        web.wait(timeout=30)
+    assert answers, (tmp_path / "web.log").read_text()
+    reply = answers[0]
+    assert reply.status_code == 503, reply.text
+    assert took < 3, took
+    assert reply.text.startswith("waits.jpg: the web tier is stopping; the image is still queued")
+    assert f"/api/jobs/{reply.headers['X-Batch-Id']}" in reply.text and reply.headers["X-Item-Id"]
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=5).status_code == 200
+    except requests.RequestException:
+        return False

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+import threading
 import time
 from types import SimpleNamespace
 
@@ -99,3 +100,23 @@ def test_moto_dying_stops_the_stack(tmp_path):
     stack = Stack(Settings(), tmp_path, warm_spares=0)
     stack.children = [Child("moto", [], exited(code=7), started=0.0)]
     assert stack.supervise() == "moto exited with 7"
+
+
+def test_stopping_stops_the_runner_launching_before_anything_else(tmp_path, monkeypatch):
+    from localaws import stack as stack_module
+
+    stack = Stack(Settings(), tmp_path, warm_spares=0)
+    runner_stopped_first: list[bool] = []
+    stack.runner = SimpleNamespace(stopping=threading.Event(), shutdown=lambda timeout_s: None)
+    real_terminate = stack_module._terminate
+
+    def terminate(process, deadline):
+        runner_stopped_first.append(stack.runner.stopping.is_set())
+        real_terminate(process, deadline)
+
+    monkeypatch.setattr(stack_module, "_terminate", terminate)
+    stack.children = [Child(name, SLEEPER, subprocess.Popen(SLEEPER, start_new_session=True), 0.0)
+                      for name in ("moto", "controller", "web")]
+    stack.stop(timeout_s=5)
+    assert runner_stopped_first == [True, True, True]  # web, controller, then moto
+    assert all(child.process.poll() is not None for child in stack.children)

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from tests.conftest import make_image
-from tests.unit.conftest import answer_for, services_of
+from tests.unit.conftest import answer_for, services_of, wait_until
 from web_tier.uploads import FORM_SLACK_BYTES
 
 pytestmark = pytest.mark.timeout(120)
@@ -94,6 +94,26 @@ def test_no_answer_is_504_and_the_service_keeps_answering(make_web_app, fake_wor
     patient = make_web_app(result_timeout_s=20).test_client()
     data = make_image(6)
     assert post_image(patient, data, "found.jpg").text.strip() == f"found:{answer_for(data)[0]}"
+
+
+def test_a_waiting_request_answers_503_at_once_when_the_web_tier_stops(make_web_app, fake_worker):
+    app = make_web_app(result_timeout_s=30)
+    fake_worker.policy = lambda request: "ignore"
+    book = services_of(app).book
+    replies = []
+    client = app.test_client()
+    waiting = threading.Thread(target=lambda: replies.append(post_image(client, make_image(7), "w.jpg")))
+    waiting.start()
+    wait_until(lambda: book.totals()["uploaded"] == 1)
+    book.close()  # what SIGTERM does under gunicorn
+    waiting.join(5)
+    assert replies, "still waiting"
+    reply = replies[0]
+    assert reply.status_code == 503 and reply.headers["Retry-After"]
+    batch_id, item_id = reply.headers["X-Batch-Id"], reply.headers["X-Item-Id"]
+    assert reply.text == ("w.jpg: the web tier is stopping; the image is still queued, "
+                          f"see /api/jobs/{batch_id}")
+    assert book.get(item_id).state == "queued"
 
 
 def test_bad_upload_is_text_naming_the_file(web_client):

@@ -113,6 +113,28 @@ def test_merge_keeps_results_already_in_memory_and_adopts_new_ones():
     assert inbox.get_nowait().id == "b"
 
 
+def test_closing_the_book_ends_every_wait_and_stream_at_once():
+    from web_tier.events import stream
+
+    book = book_with("a")
+    waited: list = []
+    waiter = threading.Thread(target=lambda: waited.append(book.wait("a", 30)))
+    waiter.start()
+    wait_until(lambda: book.get("a").waiter is not None)
+    events = stream(book, BATCH, lambda: book.batch(BATCH), keepalive_s=30)
+    assert next(events).startswith("retry:")
+    started = time.monotonic()
+    book.close()
+    waiter.join(5)
+    assert waited == [None] and time.monotonic() - started < 1
+    assert list(events) == [], "the stream ends, without `end`: the browser reconnects elsewhere"
+    assert book.wait("a", 30) is None and time.monotonic() - started < 1
+    assert book.subscribe(BATCH).get_nowait() is None
+    # Answers are still recorded (and stored in S3 by the workers in any case).
+    book.record(response("a"))
+    assert book.wait("a", 30).label == "cat"
+
+
 def test_subscribers_get_each_finished_item_once():
     book = book_with("a", "b")
     inbox = book.subscribe(BATCH)
