@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     talk = parser.add_mutually_exclusive_group()
     talk.add_argument(
         "--verbose", "-v", action="store_true",
-        help="print '<file> uploaded!' and 'Classification result: ...' for each request",
+        help="print '<file> uploaded!' and 'Classification result: ...' for each request, "
+             "both once its answer is in (as the course's client printed them)",
     )
     talk.add_argument(
         "--quiet", "-q", action="store_true",
@@ -577,6 +578,19 @@ def new_session(api_key: str = "") -> requests.Session:
     return session
 
 
+def connection_error(exc: requests.ConnectionError, url: str) -> str:
+    """What went wrong with the connection, in one line: whether it could not be made
+    (nothing listening, a wrong address) or was closed before the answer came (the
+    web tier stopped or crashed mid-request, the image perhaps already queued)."""
+    text = str(exc)
+    # urllib3's message nests three exceptions; the errno text is the useful part.
+    errno_text = re.search(r"\[Errno -?\d+\][^'\")]*", text)
+    if any(sign in text for sign in ("NewConnectionError", "Failed to establish", "Failed to resolve")):
+        return f"cannot connect to {url}" + (f": {errno_text[0]}" if errno_text else "")
+    why = errno_text[0] if errno_text else "closed without a response"
+    return f"the connection to {url} closed before the answer came: {why}"
+
+
 def _short(text: str, limit: int = 200) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -625,9 +639,7 @@ class Client:
         except requests.Timeout:
             outcome.error = f"timeout after {self.config.timeout:g} s"
         except requests.ConnectionError as exc:
-            # urllib3's message nests three exceptions; the errno text is the useful part.
-            reason = re.search(r"\[Errno -?\d+\][^'\")]*", str(exc))
-            outcome.error = f"cannot connect to {self.config.url}" + (f": {reason[0]}" if reason else "")
+            outcome.error = connection_error(exc, self.config.url)
         except requests.RequestException as exc:
             outcome.error = f"{type(exc).__name__}: {_short(str(exc))}"
         except OSError as exc:  # the image could not be read
@@ -1135,7 +1147,8 @@ def write_plot(report: Report, path: Path) -> None:
         f"{report.throughput:.2f} images/s" + ("  [UNTRAINED MODEL]" if report.untrained else "")
     )
     if report.outcomes:
-        top.legend(loc="upper left", fontsize="small")
+        # Beside the plot, not on it: the slowest requests tend to sit in its top left.
+        top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     top.grid(alpha=0.3)
 
     if report.instance_samples:

@@ -3,8 +3,9 @@
 The fake answers from the uploaded file's content, so each test knows exactly
 which requests must be answered, wrong or failed: `label:<x>` answers x,
 `fail` answers 500, `mismatch` answers with another image's name, `hang`
-never answers in time, and `barrier` only answers once as many requests are in
-flight as the barrier has parties (proof of real concurrency, no sleeping).
+never answers in time, `drop` closes the connection unanswered, and `barrier`
+only answers once as many requests are in flight as the barrier has parties
+(proof of real concurrency, no sleeping).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -141,6 +143,10 @@ class Handler(BaseHTTPRequestHandler):
             self.tier.form_ports.add(self.client_address[1])
         (field_name, filename, content), = files
         assert field_name == "inputFile"
+        if content == b"drop":  # as a web tier killed mid-request: the connection closes unanswered
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
         status, label = _answer(self.tier, content)
         if status != 200:
             self._send(status, "boom")
@@ -360,6 +366,23 @@ def test_a_request_past_its_timeout_counts_as_failed(tier, tmp_path):
     assert outcomes["slow.jpg"].verdict == "failed" and "timeout" in outcomes["slow.jpg"].error
     assert outcomes["fast.jpg"].answered
     assert (report.answered, report.failed) == (1, 1)
+
+
+def test_a_connection_closed_before_the_answer_is_not_called_a_failure_to_connect(tier, tmp_path):
+    images = make_images(tmp_path / "images", {"dropped.jpg": b"drop", "fine.jpg": b"label:ok"})
+    outcomes = by_file(run_load(Config(images=images, url=tier.url)))
+    error = outcomes["dropped.jpg"].error
+    assert error.startswith(f"the connection to {tier.url} closed before the answer"), error
+    assert outcomes["fine.jpg"].answered
+
+    unused = socket.socket()
+    unused.bind(("127.0.0.1", 0))  # bound, never listening: nothing accepts there
+    url = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    try:
+        report = run_load(Config(images=images, url=url, num_requests=1))
+    finally:
+        unused.close()
+    assert report.outcomes[0].error.startswith(f"cannot connect to {url}"), report.outcomes[0].error
 
 
 def test_jobs_api_by_polling_with_api_key_and_untrained_model(tier, mixed):
@@ -587,6 +610,30 @@ def test_plot_writes_a_png(tier, mixed, tmp_path):
                     "--plot", str(png), "--quiet"])
     data = png.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000
+
+
+def test_the_plots_legend_keeps_off_the_points(tier, mixed, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    drawn: list[Figure] = []
+    save = Figure.savefig
+
+    def keep_and_save(fig, *args, **kwargs):
+        drawn.append(fig)
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep_and_save)
+    images, csv_path = mixed
+    load_test.main(["--url", tier.url, "--images", str(images), "--expected", str(csv_path),
+                    "--plot", str(tmp_path / "run.png"), "--quiet"])
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(drawn[0])
+    canvas.draw()  # lays the figure out as it was saved
+    renderer = canvas.get_renderer()
+    latency = drawn[0].axes[0]
+    legend = latency.get_legend().get_window_extent(renderer)
+    assert not legend.overlaps(latency.get_window_extent(renderer))
 
 
 @pytest.mark.parametrize(
