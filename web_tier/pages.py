@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, render_template
 
 from web_tier.services import services
+from web_tier.uploads import ACCEPTED
 
 bp = Blueprint("pages", __name__)
 
@@ -13,4 +14,4 @@ bp = Blueprint("pages", __name__)
 def index() -> str:
     svc = services()
     return render_template("index.html", max_file_mb=f"{svc.settings.max_upload_bytes / 1024**2:g}",
-                           untrained=svc.book.untrained)
+                           accepted=ACCEPTED, untrained=svc.book.untrained)

@@ -12,7 +12,7 @@ import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError, features
 from werkzeug.datastructures import FileStorage
 from werkzeug.wrappers import Request
 
@@ -20,7 +20,7 @@ from common.config import Settings
 from common.pixels import PILLOW_REFUSALS, pillow_refusal, size_refusal
 
 # Pillow format -> Content-Type stored with the object. MPO is what Pillow calls
-# many phone-camera JPEGs.
+# many phone-camera JPEGs. The worker decodes with the same Pillow.
 FORMATS = {
     "JPEG": "image/jpeg",
     "MPO": "image/jpeg",
@@ -30,7 +30,10 @@ FORMATS = {
     "WEBP": "image/webp",
     "TIFF": "image/tiff",
 }
-ACCEPTED = "JPEG, PNG, GIF, BMP, WEBP or TIFF"
+if features.check("avif"):  # in Pillow's own wheels from 11.2 on
+    FORMATS["AVIF"] = "image/avif"
+_NAMED = [fmt for fmt in FORMATS if fmt != "MPO"]
+ACCEPTED = ", ".join(_NAMED[:-1]) + " or " + _NAMED[-1]
 # Longer names are kept only for display; storage uses names.safe_filename.
 MAX_FILENAME_CHARS = 1024
 _CHUNK = 1 << 20
@@ -126,6 +129,8 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
         raise UploadError(413, pillow_refusal(exc, settings.max_image_pixels), name) from exc
     except UnidentifiedImageError as exc:
         kind = _signature(data)
+        if kind and kind not in FORMATS:  # an image, in a format this service does not read
+            raise UploadError(415, f"{kind} images are not accepted; send {ACCEPTED}", name) from exc
         if kind:  # it starts like one, but Pillow could not read even its header
             raise UploadError(415, f"damaged or unreadable image: not a valid {kind} file", name) from exc
         raise UploadError(415, f"not an image (the content is not {ACCEPTED})", name) from exc
@@ -179,10 +184,17 @@ _SIGNATURES = (
 )
 
 
+# ISO media files (HEIF, AVIF) say what they hold in an `ftyp` box at byte 4.
+_ISO_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"hevc": "HEIC", b"heim": "HEIC", b"heis": "HEIC",
+               b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF", b"avis": "AVIF"}
+
+
 def _signature(data: bytes) -> str | None:
-    """The accepted format whose signature `data` starts with, if any."""
+    """The image format whose signature `data` starts with, if any."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
+    if data[4:8] == b"ftyp":
+        return _ISO_BRANDS.get(data[8:12])
     return next((kind for magic, kind in _SIGNATURES if data.startswith(magic)), None)
 
 

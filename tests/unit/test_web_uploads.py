@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from app_tier.images import decode
 from tests.conftest import make_image
-from web_tier.uploads import UploadError, check_image
+from web_tier.uploads import ACCEPTED, FORMATS, UploadError, check_image
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -145,10 +146,20 @@ def test_good_files_pass_while_bad_ones_are_listed(web_client):
     assert [(r["index"], r["filename"], r["status"]) for r in body["rejected"]] == [(1, "bad.gif", 415)]
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF"])
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if f != "MPO"])
 def test_every_accepted_format(web_client, fmt):
     data = encode(Image.open(io.BytesIO(make_image(5, size=(64, 48)))).convert("RGB"), fmt)
-    assert upload(web_client, [(data, f"x.{fmt.lower()}")]).status_code == 202
+    response = upload(web_client, [(data, f"x.{fmt.lower()}")])
+    assert response.status_code == 202
+    assert fmt in ACCEPTED and fmt in web_client.get("/").get_data(as_text=True)  # the page says so
+    assert decode(data, 40_000_000).size == (64, 48)  # and the worker reads it
+
+
+def test_heic_photos_are_refused_by_name_not_called_not_an_image(web_client):
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(200)
+    response = upload(web_client, [(heic, "IMG_0001.HEIC")])
+    assert response.status_code == 415
+    assert response.get_json()["error"] == f"HEIC images are not accepted; send {ACCEPTED}"
 
 
 def test_type_is_decided_by_content_not_name(web_client, web_aws):
