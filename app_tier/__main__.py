@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
-import logging
 import os
 import resource
 import socket
@@ -15,6 +14,7 @@ from common.aws import Aws
 from common.config import Settings
 from common.fleet import report_worker_failed
 from common.heap import freeze_startup_heap
+from common.logs import configure as configure_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,10 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     # Not a core of ~1 GB as well (LimitCORE=0 in the unit says the same).
     faulthandler.enable()
     resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s worker[%(process)d] %(message)s",
-    )
+    configure_logging("%(asctime)s %(levelname)s worker[%(process)d] %(message)s",
+                      level=os.environ.get("LOG_LEVEL", "INFO"))
     settings = Settings.from_env()
 
     # Imported here: the model runtime takes a while to import, and --help should not.

@@ -13,6 +13,7 @@ from botocore.exceptions import ClientError
 
 from common.aws import Aws
 from common.config import Settings
+from common.logs import configure as configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def provision(settings: Settings, aws: Aws | None = None) -> dict[str, str]:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging("%(asctime)s %(name)s %(message)s")
     urls = provision(Settings.from_env())
     print(json.dumps(urls, indent=2))
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from pathlib import Path
 
 from common.aws import Aws
 from common.config import Settings
 from common.heap import freeze_startup_heap
+from common.logs import configure as configure_logging
 from controller.loop import Controller
 from controller.policy import MODES
 
@@ -69,7 +69,7 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s controller %(message)s")
+    configure_logging("%(asctime)s %(levelname)s controller %(message)s")
     try:
         defaults = Settings.from_env()
     except ValueError as exc:  # names the variable
@@ -80,8 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--plot needs --timeline")
     try:
         settings = settings_from(args, dict(os.environ))
-    except ValueError as exc:  # names the variable; --help maps it to its option
-        parser.error(str(exc))
+    except ValueError as exc:  # names the variable: name the option too
+        message = str(exc)
+        for name, variable in OPTION_VARIABLES.items():
+            if message.startswith(variable + " "):
+                message = f"--{name.replace('_', '-')} ({variable}){message[len(variable):]}"
+        parser.error(message)
     controller = Controller(settings, Aws(settings).open("ec2", "sqs"), dry_run=args.dry_run,
                             timeline_path=args.timeline)
     if args.once:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import Settings
+from common.logs import configure as configure_logging
 from common.provision import provision
 from localaws.runner import InstanceRunner
 from localaws.server import start_moto, wait_until_up
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="worker processes kept with the model loaded, ready to serve a new "
                         "instance at once (LOCAL_WARM_SPARES, default 1)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging("%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = Settings.from_env()
     weights, note = local_model_weights(os.environ)
     os.environ["MODEL_WEIGHTS"] = weights

@@ -39,7 +39,7 @@ def classify() -> Response:
     svc = services()
     files = form_files(request, FIELDS)
     if not files:
-        raise UploadError(400, "no file: send the image in form field 'inputFile'")
+        raise UploadError(400, "no file: send the image in form field 'inputFile' (or 'myfile')")
     if len(files) > 1:
         raise UploadError(400, "one file per request here; POST several to /api/jobs")
     upload = validate(files[0], svc.settings)

@@ -81,13 +81,9 @@ loglevel = "info"
 
 def post_fork(server, worker) -> None:
     """Send the app's own loggers to stderr, before the worker builds the app."""
-    import logging
+    from common.logs import configure as configure_logging
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
-    )
-    # "Found credentials ..." on every new client is noise.
-    logging.getLogger("botocore").setLevel(logging.WARNING)
+    configure_logging("%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
 
 
 def post_worker_init(worker) -> None:

@@ -29,6 +29,7 @@ def browser(tmp_path):
                  "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for errors
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     driver.set_window_size(1200, 1400)
     try:
@@ -82,6 +83,8 @@ def test_many_images_from_the_page(stack, browser, reference_model, tmp_path):
     assert banner.is_displayed() and "UNTRAINED" in banner.text
     # No API key is configured, so the page does not ask for one.
     assert not browser.find_element(By.ID, "api-key-box").is_displayed()
+    # Nothing went wrong in the page's console (a script error, a missing resource).
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
     browser.save_screenshot(str(stack.run_dir / "page.png"))
 
 

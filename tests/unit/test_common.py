@@ -231,3 +231,20 @@ def test_aws_clients_send_the_fixed_user_agent():
         aws.sqs.list_queues()
     agents = [agent.decode() if isinstance(agent, bytes) else agent for agent in sent]
     assert agents and all(agent.startswith(USER_AGENT + " ") for agent in agents), agents
+
+
+def test_logging_set_up_keeps_botocores_credential_chatter_out(monkeypatch, caplog):
+    import logging
+
+    import boto3
+
+    from common.logs import configure
+
+    chatter = logging.getLogger("botocore.credentials")
+    monkeypatch.setattr(chatter, "level", logging.NOTSET)  # as in a fresh process
+    configure("%(message)s")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with caplog.at_level(logging.INFO):
+        boto3.session.Session().client("sqs", region_name="us-east-1")
+    assert not [r for r in caplog.records if "Found credentials" in r.getMessage()]

@@ -627,7 +627,7 @@ def test_a_bad_option_stops_the_controller_with_a_usage_error(capsys, monkeypatc
     with pytest.raises(SystemExit) as stopped:
         main(["--poll-interval", "0", "--once"])
     assert stopped.value.code == 2
-    assert "POLL_INTERVAL must be from 0.01" in capsys.readouterr().err
+    assert "error: --poll-interval (POLL_INTERVAL) must be from 0.01" in capsys.readouterr().err
     monkeypatch.setenv("MAX_INSTANCES", "many")  # the environment's, too: no traceback
     with pytest.raises(SystemExit) as stopped:
         main(["--once"])

@@ -127,6 +127,7 @@ def test_missing_file_is_400(web_client):
     response = web_client.post("/", data={}, content_type="multipart/form-data")
     assert response.status_code == 400
     assert response.mimetype == "text/plain"
+    assert "'inputFile' (or 'myfile')" in response.text
 
 
 def test_a_request_queue_that_refuses_the_message_is_a_503(web_app, web_aws):
