@@ -87,6 +87,8 @@ class InstanceRunner:
     started_total: int = 0
     # Each process's end of systemd's notification protocol, while it lives.
     _notify: dict[subprocess.Popen, NotifySocket] = field(default_factory=dict)
+    # Each process's log file (named when it starts, before a spare has an instance).
+    _logs: dict[subprocess.Popen, Path] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.aws = Aws(self.settings)
@@ -122,6 +124,7 @@ class InstanceRunner:
             raise
         if notify:
             self._notify[process] = notify
+        self._logs[process] = log_path
         return process
 
     def _start_worker(self, instance_id: str, restarts: int = 0) -> None:
@@ -142,7 +145,21 @@ class InstanceRunner:
             process = self._spawn(instance_id)
         self.started_total += 1
         self.workers[instance_id] = WorkerProcess(instance_id, process, time.monotonic(), restarts=restarts)
-        log.info("runner: worker pid %d serves %s", process.pid, instance_id)
+        log_path = self._logs.pop(process, None)
+        log.info("runner: worker pid %d serves %s (log %s)", process.pid, instance_id,
+                 log_path.name if log_path else "-")
+        if log_path is not None:
+            self._link_log(instance_id, log_path)
+
+    def _link_log(self, instance_id: str, log_path: Path) -> None:
+        """`<instance id>.log` next to the worker's log, so an instance's log is found by
+        its id; after a restart it names the newest process's."""
+        link = self.log_dir / f"{instance_id}.log"
+        try:
+            link.unlink(missing_ok=True)
+            link.symlink_to(log_path.name)
+        except OSError as exc:
+            log.warning("runner: cannot link %s to %s (%s)", link.name, log_path.name, exc)
 
     def _top_up_spares(self, room: int, now: float) -> None:
         alive = []
@@ -231,6 +248,8 @@ class InstanceRunner:
                 self._signal(worker.process, signal.SIGKILL)
         for process in [p for p in self._notify if p.poll() is not None]:
             self._notify.pop(process).close()
+        for process in [p for p in self._logs if p.poll() is not None]:  # spares that died
+            del self._logs[process]
 
     # --- one round ----------------------------------------------------------------------
     def step(self) -> None:

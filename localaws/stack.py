@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -127,6 +128,7 @@ class Stack:
         self.settings = settings
         self.run_dir = run_dir
         self.logs = run_dir / "logs"
+        keep_previous_logs(self.logs)
         self.logs.mkdir(parents=True, exist_ok=True)
         self.env = child_env(settings)
         self.children: list[Child] = []
@@ -215,6 +217,15 @@ class Stack:
         for child in self.children:
             if child.name == "moto":
                 _terminate(child.process, time.monotonic() + 2)
+
+
+def keep_previous_logs(logs: Path) -> None:
+    """Move the last run's logs to `<logs>.previous` (replacing the run before), so
+    that each run's folder holds its own and the folder does not grow run after run."""
+    if logs.is_dir() and any(logs.iterdir()):
+        previous = logs.with_name(logs.name + ".previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        logs.rename(previous)
 
 
 def _kill_group(pgid: int) -> None:

@@ -120,3 +120,12 @@ def test_stopping_stops_the_runner_launching_before_anything_else(tmp_path, monk
     stack.stop(timeout_s=5)
     assert runner_stopped_first == [True, True, True]  # web, controller, then moto
     assert all(child.process.poll() is not None for child in stack.children)
+
+
+def test_each_run_has_its_own_logs_and_the_last_runs_are_kept_once(tmp_path):
+    for run in ("first", "second", "third"):
+        stack = Stack(Settings(), tmp_path, warm_spares=0)
+        (stack.logs / "worker-001.log").write_text(run)
+    assert (tmp_path / "logs" / "worker-001.log").read_text() == "third"
+    assert (tmp_path / "logs.previous" / "worker-001.log").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "logs.previous"]

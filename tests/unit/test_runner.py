@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import time
@@ -190,6 +191,22 @@ def test_a_warm_spare_is_adopted_by_the_next_instance(world):
     assert runner.workers[iid].process.pid == spare_pid
     wait_until(lambda: started(out) == [iid], what="the spare to take the instance id")
     assert len(runner._spares) == 1, "a new spare replaces the adopted one"
+    # The spare's log, named before it had an instance, is found by the instance's id.
+    link = runner.log_dir / f"{iid}.log"
+    assert link.is_symlink() and link.resolve() == (runner.log_dir / "worker-001.log").resolve()
+
+
+def test_a_restarted_workers_instance_log_names_the_new_process(world):
+    settings, aws, make, out = world
+    runner = make(warm_spares=0)
+    iid = launch(aws, settings, (1,))[1]
+    runner.step()
+    first = runner.workers[iid].process
+    first.kill()
+    first.wait()
+    wait_until(lambda: (runner.step(), runner.workers[iid].process is not first)[1], timeout_s=5,
+               what="a restart")
+    assert os.readlink(runner.log_dir / f"{iid}.log") == "worker-002.log"
 
 
 def test_shutdown_leaves_no_process(world):
