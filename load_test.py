@@ -940,7 +940,12 @@ class Senders:
         """Each outcome as it comes, until the plan is sent and answered or, once
         the stop event is set, until the requests in flight are answered."""
         while not self._finished():
-            item = self._done.get()
+            try:
+                # Timed: Ctrl-C interrupts a wait only if the kernel hands SIGINT to
+                # this thread; handed to a sender, it is acted on at the next timeout.
+                item = self._done.get(timeout=0.2)
+            except queue.Empty:
+                continue
             if isinstance(item, BaseException):
                 raise item
             self.received += 1

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections import Counter
 from email.parser import BytesParser
@@ -484,6 +485,39 @@ def test_a_second_ctrl_c_quits_the_command_at_once(tier, tmp_path):
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+def test_a_ctrl_c_the_kernel_hands_to_another_thread_still_stops_the_wait():
+    """SIGINT goes to any thread of the process; one handed to a sending thread must
+    still reach the main thread waiting for outcomes, not when a request ends."""
+    in_send, release = threading.Event(), threading.Event()
+
+    class Slow:
+        def send(self, index, path, t0):
+            in_send.set()
+            release.wait(20)
+            return load_test.Outcome(index=index, file=path.name, started_s=0.0)
+
+    senders = load_test.Senders(Slow(), [Path("a.jpg")], 1, threading.Event())
+    senders.start(time.monotonic())
+
+    main = threading.get_ident()
+
+    def interrupt_from_another_thread():
+        in_send.wait(10)
+        # Once the main thread waits inside outcomes() (its innermost Python frame).
+        wait_until(lambda: sys._current_frames()[main].f_code.co_name == "outcomes")
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            threading.Thread(target=interrupt_from_another_thread).start()
+            for _ in senders.outcomes():
+                pass
+        assert time.monotonic() - started < 5, "heard only once the request ended"
+    finally:
+        release.set()
 
 
 def test_the_run_is_timed_from_its_first_request_not_from_a_slow_status_check(tier, tmp_path):

@@ -127,7 +127,9 @@ def test_missing_file_is_400(web_client):
     response = web_client.post("/", data={}, content_type="multipart/form-data")
     assert response.status_code == 400
     assert response.mimetype == "text/plain"
-    assert "'inputFile' (or 'myfile')" in response.text
+    wrong_field = post_image(web_client, make_image(1), "cat.jpg", field="image")
+    assert wrong_field.status_code == 400
+    assert wrong_field.text == "no file: send the image in form field 'inputFile' (or 'myfile')\n"
 
 
 def test_a_request_queue_that_refuses_the_message_is_a_503(web_app, web_aws):
