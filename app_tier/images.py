@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from common.pixels import PILLOW_REFUSALS, pillow_refusal, size_refusal
 
@@ -21,6 +21,13 @@ LARGE_IMAGE_PIXELS = 4_000_000
 _HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _EXIF_ORIENTATION = 0x0112
+# EXIF orientation -> the turn that shows the image upright (as ImageOps.exif_transpose,
+# which also rewrites the EXIF and so fails on some damaged EXIF that viewers read).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 # ImageNet channel means in BGR order: Keras's "caffe" preprocessing for ResNet-50.
 _BGR_MEANS = np.array([103.939, 116.779, 123.68], dtype=np.float32)
 
@@ -42,6 +49,13 @@ def _bad_image_errors(max_pixels: int) -> Iterator[None]:
         raise BadImage("not an image format this service reads") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadImage(f"image data is corrupt or truncated: {exc}") from exc
+    except MemoryError:
+        raise  # may pass once other decodes end: not the image's fault
+    except Exception as exc:
+        # Decoding the same bytes fails the same way every time: retrying such an
+        # image (struct.error, ZeroDivisionError... from a damaged file's fields)
+        # would only walk it to the dead-letter queue.
+        raise BadImage(f"image data is corrupt: {type(exc).__name__}: {exc}") from exc
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -69,8 +83,9 @@ def load_rgb(img: Image.Image, max_pixels: int) -> Image.Image:
     scaled to 0-255 (Pillow's own conversion clips them: a 16-bit photo came out
     nearly all white, a floating-point one all black)."""
     with _bad_image_errors(max_pixels):
-        if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
-            img = ImageOps.exif_transpose(img)
+        turn = _UPRIGHT.get(_orientation(img))
+        if turn is not None:
+            img = img.transpose(turn)
         if img.mode in _HIGH_DEPTH_MODES:
             img = _to_8_bits(img)
         if img.mode in _ALPHA_MODES or "transparency" in img.info:
@@ -80,16 +95,34 @@ def load_rgb(img: Image.Image, max_pixels: int) -> Image.Image:
         return img.convert("RGB")
 
 
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1 = upright). EXIF that viewers tolerate can be damaged
+    in ways Pillow's parser trips on: such an image is shown as stored."""
+    try:
+        return int(img.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001  (Pillow raises many kinds on damaged EXIF)
+        return 1
+
+
 def _to_8_bits(img: Image.Image) -> Image.Image:
-    """A greyscale image of more than 8 bits a sample, scaled to 8: 16-bit samples
-    from 0-65535, floating-point ones from 0-1 (or 0-255 when they go past 1)."""
-    samples = np.nan_to_num(np.asarray(img, dtype=np.float32))
+    """A greyscale image of more than 8 bits a sample, scaled to 8 bits from the
+    range its kind implies: 0-65535 for 16-bit samples; 0-1 for floating point
+    (with room for overshoot), else 0-255 when the samples fit, else their maximum
+    (12-bit data in a 32-bit TIFF). A transparent grey (PNG's tRNS) stays transparent."""
+    raw = np.asarray(img)
+    samples = np.nan_to_num(raw.astype(np.float32))
     brightest = float(samples.max(initial=0.0))
-    if img.mode == "F":
-        full_scale = 1.0 if brightest <= 1.0 else 255.0
+    if img.mode.startswith("I;16"):
+        full_scale = 65535.0
+    elif img.mode == "F" and brightest <= 1.5:
+        full_scale = 1.0
     else:
-        full_scale = 65535.0 if img.mode.startswith("I;16") or brightest > 255 else 255.0
+        full_scale = max(255.0, brightest)
     scaled = np.clip(samples * (255.0 / full_scale) + 0.5, 0, 255).astype(np.uint8)
+    transparent = img.info.get("transparency")
+    if isinstance(transparent, int):
+        alpha = np.where(raw == transparent, 0, 255).astype(np.uint8)
+        return Image.fromarray(np.dstack([scaled, alpha]), "LA")
     return Image.fromarray(scaled, "L")
 
 

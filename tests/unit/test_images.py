@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 import pytest
@@ -59,6 +60,38 @@ def test_a_photo_stored_sideways_is_turned_upright_by_its_exif_orientation():
     assert decoded.width > decoded.height
 
 
+def test_damaged_exif_that_viewers_read_does_not_stop_the_image():
+    """Pillow's exif_transpose rewrites the EXIF, and fails on some a phone wrote
+    (here a resolution of -1/0): the image is still turned, and classified."""
+    entries = struct.pack("<HHII", 0x0112, 3, 1, 6) + struct.pack("<HHII", 0x011A, 10, 1, 38)
+    tiff = b"II*\x00" + struct.pack("<IH", 8, 2) + entries + struct.pack("<Iii", 0, -1, 0)
+    data = saved(Image.new("RGB", (64, 48), (200, 30, 30)), "JPEG", exif=b"Exif\x00\x00" + tiff)
+    assert decode(data, MAX_PIXELS).size == (48, 64)
+
+
+@pytest.mark.parametrize("mode, brightest, full_scale", [
+    ("F", 1.0, 1.0), ("F", 1.02, 1.0), ("F", 200.0, 255.0), ("F", 4095.0, 4095.0),
+    ("I", 200, 255.0), ("I", 4095, 4095.0),  # 12-bit data in a 32-bit TIFF
+])
+def test_deep_samples_are_scaled_from_the_range_they_use(grey8, mode, brightest, full_scale):
+    """Floats in 0-1 (a little overshoot included) or in 0-255; integers in 0-255 or
+    up to their maximum."""
+    samples = grey8.astype(np.float32) * (full_scale / 255)
+    samples[0, 0] = brightest
+    img = Image.fromarray(samples if mode == "F" else samples.astype(np.int32), mode)
+    got = pixels(saved(img, "TIFF"))[..., 0]
+    want = np.clip(np.asarray(img, dtype=np.float32) * (255 / full_scale) + 0.5, 0, 255).astype(int)
+    assert np.abs(got - want).max() <= 1
+    assert got.mean() > 60, "scaled from its range, not left nearly black"
+
+
+def test_a_transparent_grey_in_a_16_bit_png_is_on_white(grey8):
+    deep = Image.fromarray(grey8.astype(np.uint16) * 257)
+    hidden = int(grey8[0, 0]) * 257
+    got = pixels(saved(deep, "PNG", transparency=hidden))
+    assert (got[grey8 == grey8[0, 0]] == 255).all()
+
+
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
 def test_transparent_parts_are_on_white(mode):
     rgba = np.zeros((20, 30, 4), dtype=np.uint8)  # black, hidden behind alpha 0...
@@ -72,3 +105,14 @@ def test_transparent_parts_are_on_white(mode):
     got = pixels(saved(img, "PNG"))
     assert (got[:, :15] == 255).all(), "the transparent half should be white"
     assert (got[:, 15:] < 255).any(axis=-1).all(), "the opaque half keeps its colour"
+
+
+def test_any_error_decoding_an_image_is_the_images_fault_not_a_reason_to_retry(monkeypatch):
+    from app_tier.images import BadImage
+
+    def trips(self, *args, **kwargs):
+        raise struct.error("argument out of range")  # as Pillow does on some damaged fields
+
+    monkeypatch.setattr(Image.Image, "convert", trips)
+    with pytest.raises(BadImage, match="image data is corrupt: error: argument out of range"):
+        decode(saved(Image.new("RGB", (8, 8)), "PNG"), MAX_PIXELS)
