@@ -145,13 +145,27 @@ def _truncation(img: Image.Image, data: bytes) -> str | None:
     JPEG, and the worker refuses whatever these miss."""
     if img.format in ("JPEG", "MPO") and not _jpeg_reaches_its_end(data):
         return "the JPEG data is truncated (it has no end-of-image marker)"
-    for tile in img.tile:  # uncompressed pixels (BMP, some TIFF): their size is known
+    if img.format == "TIFF" and _tiff_data_ends(img) > len(data):
+        return "the TIFF image data is truncated"
+    for tile in img.tile:  # uncompressed rows of a known size (BMP)
         stride = tile.args[1] if isinstance(tile.args, tuple) and len(tile.args) > 1 else 0
         if tile.codec_name == "raw" and isinstance(stride, int) and stride > 0:
             rows = tile.extents[3] - tile.extents[1]
-            if tile.offset + stride * rows > len(data):
+            # The last row's padding (up to 3 bytes) may be missing: the decoder does
+            # not need it. (Up to 3 bytes of its pixels missing pass here, then.)
+            if tile.offset + stride * rows - 3 > len(data):
                 return f"the {img.format} pixel data is truncated"
     return None
+
+
+def _tiff_data_ends(img: Image.Image) -> int:
+    """Where the first image's last strip or tile ends, as its header says."""
+    tags = getattr(img, "tag_v2", {})
+    offsets = tags.get(273) or tags.get(324) or ()  # strip offsets, or tile offsets
+    counts = tags.get(279) or tags.get(325) or ()  # and their byte counts
+    offsets = offsets if isinstance(offsets, tuple) else (offsets,)
+    counts = counts if isinstance(counts, tuple) else (counts,)
+    return max((int(o) + int(c) for o, c in zip(offsets, counts, strict=False)), default=0)
 
 
 def _jpeg_reaches_its_end(data: bytes) -> bool:
@@ -184,9 +198,10 @@ _SIGNATURES = (
 )
 
 
-# ISO media files (HEIF, AVIF) say what they hold in an `ftyp` box at byte 4.
-_ISO_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"hevc": "HEIC", b"heim": "HEIC", b"heis": "HEIC",
-               b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF", b"avis": "AVIF"}
+# ISO media files (HEIF, AVIF) say what they hold in an `ftyp` box at byte 4: a main
+# brand, then compatible ones. The most specific brand found names the format.
+_ISO_BRANDS = ((b"avif", "AVIF"), (b"avis", "AVIF"), (b"heic", "HEIC"), (b"heix", "HEIC"),
+               (b"hevc", "HEIC"), (b"heim", "HEIC"), (b"heis", "HEIC"), (b"mif1", "HEIF"), (b"msf1", "HEIF"))
 
 
 def _signature(data: bytes) -> str | None:
@@ -194,7 +209,9 @@ def _signature(data: bytes) -> str | None:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
     if data[4:8] == b"ftyp":
-        return _ISO_BRANDS.get(data[8:12])
+        box = data[8:min(int.from_bytes(data[:4], "big"), 64)]
+        brands = {box[i:i + 4] for i in range(0, len(box) - 3, 4)}  # main, version, compatible
+        return next((kind for brand, kind in _ISO_BRANDS if brand in brands), None)
     return next((kind for magic, kind in _SIGNATURES if data.startswith(magic)), None)
 
 

@@ -47,6 +47,12 @@ def png_with_bad_header_crc() -> bytes:
     return bytes(data)
 
 
+def encode_with(img: Image.Image, fmt: str, **options) -> bytes:
+    out = io.BytesIO()
+    img.save(out, format=fmt, **options)
+    return out.getvalue()
+
+
 def reencoded(data: bytes, fmt: str, **options) -> bytes:
     out = io.BytesIO()
     Image.open(io.BytesIO(data)).save(out, format=fmt, **options)
@@ -81,7 +87,7 @@ BAD = [
                  id="jpeg-stub"),
     pytest.param(make_image(1)[:3000], "half.jpg", 415, "JPEG data is truncated", id="truncated-jpeg"),
     pytest.param(make_image(1)[:-2], "no-end.jpg", 415, "no end-of-image marker", id="jpeg-without-end"),
-    pytest.param(make_image(1, fmt="BMP")[:-100], "cut.bmp", 415, "BMP pixel data is truncated",
+    pytest.param(make_image(1, fmt="BMP")[:-1000], "cut.bmp", 415, "BMP pixel data is truncated",
                  id="truncated-bmp"),
     pytest.param(b"", "empty.jpg", 400, "empty", id="empty"),
     pytest.param(noise_png(400), "huge.png", 413, "larger than the limit", id="too-many-bytes"),
@@ -117,6 +123,28 @@ def test_the_upload_check_refuses_a_cut_jpeg_exactly_when_the_decoder_would(web_
         except UploadError:
             accepted = False
         assert accepted == decodes(data), f"cut at {cut} of {len(whole)} bytes"
+
+
+@pytest.mark.parametrize("fmt, options", [
+    ("TIFF", {}), ("TIFF", {"compression": "tiff_lzw"}), ("TIFF", {"strip_size": 2048}),
+    ("BMP", {}),
+], ids=["tiff", "tiff-lzw", "tiff-strips", "bmp"])
+# Pillow warns when it reads a header cut short; the check refuses such files all the same.
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning", "ignore:Truncated File Read:UserWarning")
+def test_the_upload_check_refuses_a_cut_tiff_or_bmp_as_the_decoder_would(web_settings, fmt, options):
+    rgb = Image.open(io.BytesIO(make_image(7, size=(61, 48)))).convert("RGB")  # rows need padding
+    whole = encode_with(rgb, fmt, **options)
+    for cut in [*range(40, len(whole), 331), *range(len(whole) - 8, len(whole) + 1)]:
+        data = whole[:cut]
+        try:
+            check_image(f"cut.{fmt.lower()}", data, web_settings)
+            accepted = True
+        except UploadError:
+            accepted = False
+        if not accepted:
+            assert not decodes(data), f"refused at {cut} of {len(whole)} bytes, yet it decodes"
+        elif fmt == "TIFF" or cut < len(whole) - 3:  # a BMP's last 3 bytes may be padding
+            assert decodes(data), f"accepted at {cut} of {len(whole)} bytes, yet it does not decode"
 
 
 def test_bytes_after_a_jpegs_end_do_not_matter(web_settings):
@@ -155,11 +183,16 @@ def test_every_accepted_format(web_client, fmt):
     assert decode(data, 40_000_000).size == (64, 48)  # and the worker reads it
 
 
-def test_heic_photos_are_refused_by_name_not_called_not_an_image(web_client):
-    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(200)
+@pytest.mark.parametrize("brands, kind", [
+    (b"heic\x00\x00\x00\x00mif1heic", "HEIC"),
+    (b"mif1\x00\x00\x00\x00mif1heic", "HEIC"),  # the main brand is generic: the others say
+    (b"mif1\x00\x00\x00\x00mif1msf1", "HEIF"),
+])
+def test_heic_photos_are_refused_by_name_not_called_not_an_image(web_client, brands, kind):
+    heic = (8 + len(brands)).to_bytes(4, "big") + b"ftyp" + brands + bytes(200)
     response = upload(web_client, [(heic, "IMG_0001.HEIC")])
     assert response.status_code == 415
-    assert response.get_json()["error"] == f"HEIC images are not accepted; send {ACCEPTED}"
+    assert response.get_json()["error"] == f"{kind} images are not accepted; send {ACCEPTED}"
 
 
 def test_type_is_decided_by_content_not_name(web_client, web_aws):
