@@ -89,6 +89,7 @@ def post_fork(server, worker) -> None:
 def post_worker_init(worker) -> None:
     """The app is built: keep its start-up heap out of later garbage collections,
     and answer the waiting requests when told to stop."""
+    import os
     import signal
     import threading
 
@@ -102,14 +103,27 @@ def post_worker_init(worker) -> None:
     # On SIGTERM gunicorn stops accepting and gives requests `graceful_timeout` to
     # end; a POST / waiting for its answer, or an event stream, would be cut off then
     # with no answer at all. Closing the book answers them at once (503 saying where
-    # the result will be; streams end and browsers reconnect). On a thread of its own:
-    # the book's lock may not be taken inside a signal handler.
+    # the result will be; streams end and browsers reconnect). A thread reading a pipe
+    # does it: the handler only writes a byte, as it must take no lock (the book's, the
+    # one starting a thread takes, even an Event's) that the interrupted code might hold.
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+
+    def close_book_when_told() -> None:
+        os.read(wake_read, 1)
+        svc.book.close()
+
+    threading.Thread(target=close_book_when_told, name="close-book", daemon=True).start()
     stop_gracefully = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum, frame) -> None:
-        threading.Thread(target=svc.book.close, name="close-book", daemon=True).start()
+        try:
+            os.write(wake_write, b"x")
+        except BlockingIOError:
+            pass  # told before, and the byte is still there
         if callable(stop_gracefully):
             stop_gracefully(signum, frame)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    signal.siginterrupt(signal.SIGTERM, False)  # as gunicorn had it
     freeze_startup_heap()
