@@ -11,6 +11,7 @@
   const KEY_STORE = "imgclass.apiKey";
   const BATCH_ID = /^[0-9a-f]{32}$/;
   const SHOWN_STORE = "imgclass.shown.";  // + batch id, in this tab's sessionStorage
+  const MAX_BATCHES_IN_URL = 20;          // the latest; a reload shows these again
   const FINISHED = new Set(["done", "failed"]);
 
   const $ = (id) => document.getElementById(id);
@@ -141,17 +142,16 @@
         response = await fetch("/api/jobs", { method: "POST", body: form, headers: authHeaders() });
         body = await response.json().catch(() => null);
       } catch (err) {
-        chunk.forEach(({ el }) => showFailure(el, "upload failed: the server could not be reached"));
+        this.refuse(chunk, "upload failed: the server could not be reached");
         return;
       }
       if (response.status === 401) {
         keyBox.hidden = false;
-        chunk.forEach(({ el }) => showFailure(el, "an API key is required: enter it above and upload again"));
+        this.refuse(chunk, "an API key is required: enter it above and upload again");
         return;
       }
       if (!body || !Array.isArray(body.items)) {
-        const why = (body && body.error) || `upload refused (HTTP ${response.status})`;
-        chunk.forEach(({ el }) => showFailure(el, why));
+        this.refuse(chunk, (body && body.error) || `upload refused (HTTP ${response.status})`);
         return;
       }
       if (body.items.length && !this.batchId) {
@@ -171,6 +171,14 @@
         if (!entry) continue;
         entry.refused = rejection.error;
         showFailure(entry.el, rejection.error);
+      }
+      this.save();
+    }
+
+    refuse(chunk, why) {
+      for (const entry of chunk) {
+        entry.refused = why;
+        showFailure(entry.el, why);
       }
       this.save();
     }
@@ -263,9 +271,9 @@
   }
 
   function rememberBatch(batchId) {
-    const ids = batchesInUrl();
-    if (!ids.includes(batchId)) ids.push(batchId);
-    history.replaceState(null, "", `#batches=${ids.join(",")}`);
+    const ids = batchesInUrl().filter((id) => id !== batchId);
+    ids.push(batchId);
+    history.replaceState(null, "", `#batches=${ids.slice(-MAX_BATCHES_IN_URL).join(",")}`);
   }
 
   function savedShown(batchId) {
@@ -311,12 +319,17 @@
     }
     items.forEach(show);
     updateSummary();
-    if (session.unfinished()) session.follow();
+    // Polled, not streamed: each event stream holds one of the browser's few
+    // connections to this server (six over HTTP/1.1), and a reload may bring back many.
+    if (session.unfinished()) session.poll();
   }
 
   // Leaving while files are still being sent would lose those not yet sent: ask first.
   window.addEventListener("beforeunload", (event) => {
-    if (sessions.some((session) => session.uploading)) event.preventDefault();
+    if (sessions.some((session) => session.uploading)) {
+      event.preventDefault();
+      event.returnValue = "";  // what older browsers look for
+    }
   });
 
   // One after another, so the results keep the order the batches were sent in.
