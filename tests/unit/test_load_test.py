@@ -469,7 +469,10 @@ def test_a_second_ctrl_c_quits_the_command_at_once(tier, tmp_path):
     images = make_images(tmp_path / "images", {"0.jpg": b"hang", "1.jpg": b"hang"})
     command = [sys.executable, load_test.__file__, "--url", tier.url, "--images", str(images),
                "-c", "2", "--timeout", "60", "-q"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Started from a shell's background job, this process (and so the command) would
+    # ignore SIGINT: the command is given Python's usual handling back.
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         errors: queue.SimpleQueue[str] = queue.SimpleQueue()
         threading.Thread(target=lambda: [errors.put(line) for line in proc.stderr], daemon=True).start()
@@ -510,6 +513,7 @@ def test_a_ctrl_c_the_kernel_hands_to_another_thread_still_stops_the_wait():
         signal.pthread_kill(threading.get_ident(), signal.SIGINT)
 
     started = time.monotonic()
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's Ctrl-C finds it
     try:
         with pytest.raises(KeyboardInterrupt):
             threading.Thread(target=interrupt_from_another_thread).start()
@@ -517,6 +521,7 @@ def test_a_ctrl_c_the_kernel_hands_to_another_thread_still_stops_the_wait():
                 pass
         assert time.monotonic() - started < 5, "heard only once the request ended"
     finally:
+        signal.signal(signal.SIGINT, ignored)
         release.set()
 
 
