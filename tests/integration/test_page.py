@@ -174,3 +174,101 @@ def test_a_reload_shows_the_batches_again_and_follows_them_to_the_end(stack, bro
         data = {**first, **second}[item.get_attribute("data-filename")]
         assert item.get_attribute("data-state") == "done", item.text
         assert item.get_attribute("data-label") == reference(reference_model, data).label
+
+
+def test_a_reload_that_cuts_uploads_off_shows_each_stored_file_once(stack, browser, tmp_path):
+    """Files still being sent when the page is left were not refused by the server: a
+    reload shows what the server stored, once each, and no invented failures."""
+    import requests
+    from selenium.webdriver.common.by import By
+
+    paths = []
+    for i in range(41):  # three chunks
+        (tmp_path / f"cut_{i}.jpg").write_bytes(make_image(900 + i, size=(64, 48)))
+        paths.append(str(tmp_path / f"cut_{i}.jpg"))
+    browser.get(stack.web_url + "/")
+    browser.set_network_conditions(offline=False, latency=5, download_throughput=10_000_000,
+                                   upload_throughput=40_000)  # bytes/s: the later chunks take seconds
+    browser.find_element(By.ID, "file-input").send_keys("\n".join(paths))
+    deadline = time.monotonic() + 60
+    while "#batches=" not in browser.current_url and time.monotonic() < deadline:
+        time.sleep(0.05)
+    batch_id = browser.current_url.split("#batches=")[1]
+    browser.refresh()  # while the other chunks are still being sent
+    browser.delete_network_conditions()
+
+    def rows():
+        return [(r.get_attribute("data-filename"), r.get_attribute("data-state"), r.text)
+                for r in browser.find_elements(By.CSS_SELECTOR, "#results [data-state]")]
+
+    def stored():  # a chunk received whole just before the reload may still be joining
+        return requests.get(f"{stack.web_url}/api/jobs/{batch_id}", timeout=30).json()["items"]
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (
+            len(rows()) >= len(stored()) and all(state in ("done", "failed") for _, state, _ in rows())):
+        time.sleep(0.2)
+    shown, stored = rows(), stored()
+    names = [name for name, _, _ in shown]
+    assert len(names) == len(set(names)), f"shown twice: {names}"
+    assert not [text for _, _, text in shown if "could not be reached" in text]
+    assert sorted(names) == sorted(item["filename"] for item in stored)  # every stored one, once
+    assert all(state == "done" for _, state, _ in shown)
+
+
+def test_a_restored_batch_shows_files_that_join_it_later(stack, browser, reference_model):
+    """Opened from its address while more files are still being added to it (from
+    another tab, or a program): the page shows them as they join."""
+    import uuid
+
+    import requests
+    from selenium.webdriver.common.by import By
+
+    from common.names import object_key
+    from tests.integration.conftest import clients
+
+    # A batch whose one stored image is never sent to the workers: it stays queued,
+    # so the page keeps following the batch.
+    s3, _, _ = clients(stack)
+    batch_id, item_id = uuid.uuid4().hex, "0" * 14 + uuid.uuid4().hex[:18]
+    key = object_key(batch_id, item_id, "waiting.jpg")
+    s3.put_object(Bucket=stack.settings().input_bucket, Key=key, Body=make_image(950),
+                  Metadata={"original-filename": "waiting.jpg", "batch-id": batch_id, "item-id": item_id})
+    try:
+        browser.get(f"{stack.web_url}/#batches={batch_id}")
+
+        def rows():
+            return {r.get_attribute("data-filename"): r for r in
+                    browser.find_elements(By.CSS_SELECTOR, "#results [data-state]")}
+
+        deadline = time.monotonic() + 30
+        while "waiting.jpg" not in rows() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(rows()) == ["waiting.jpg"]
+        later = make_image(951)
+        added = requests.post(f"{stack.web_url}/api/jobs", data={"batch_id": batch_id},
+                              files={"files": ("later.jpg", later)}, timeout=30)
+        assert added.status_code == 202, added.text
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (
+                "later.jpg" not in rows() or rows()["later.jpg"].get_attribute("data-state") != "done"):
+            time.sleep(0.2)
+        shown = rows()
+        assert list(shown) == ["waiting.jpg", "later.jpg"]
+        assert shown["later.jpg"].get_attribute("data-label") == reference(reference_model, later).label
+        assert shown["waiting.jpg"].get_attribute("data-state") == "queued"
+    finally:
+        s3.delete_object(Bucket=stack.settings().input_bucket, Key=key)
+
+
+def test_an_unknown_batch_in_the_address_is_said_and_dropped(stack, browser):
+    from selenium.webdriver.common.by import By
+
+    unknown = "0" * 32
+    browser.get(f"{stack.web_url}/#batches={unknown}")
+    summary = browser.find_element(By.ID, "summary")
+    deadline = time.monotonic() + 30
+    while "could not be loaded" not in summary.text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert summary.text == f"batch {unknown} could not be loaded (unknown here, or expired)"
+    assert "#batches=" not in browser.current_url

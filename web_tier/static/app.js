@@ -21,6 +21,9 @@
   const keyBox = $("api-key-box");
   const keyInput = $("api-key");
   const sessions = [];
+  const notices = [];      // said in the summary line, e.g. a batch that could not be loaded
+  let leaving = false;     // the page is being unloaded: its uploads are cut off, not refused
+  window.addEventListener("pagehide", () => { leaving = true; });
 
   // --- API key ---------------------------------------------------------------
   function storedKey() {
@@ -36,12 +39,13 @@
   });
 
   // --- result elements ---------------------------------------------------------
-  function makeResult(name) {
+  function makeResult(name, after = null) {
     const el = template.content.firstElementChild.cloneNode(true);
     el.dataset.filename = name;
     el.querySelector(".name").textContent = name;
     setState(el, "uploading");
-    resultsEl.append(el);
+    if (after) after.after(el);
+    else resultsEl.append(el);
     return el;
   }
 
@@ -98,9 +102,8 @@
       if (el.dataset.state === "done") done += 1;
       else if (el.dataset.state === "failed") failed += 1;
     }
-    $("summary").textContent = all.length
-      ? `${done} of ${all.length} classified${failed ? `, ${failed} failed` : ""}`
-      : "";
+    const counts = all.length ? `${done} of ${all.length} classified${failed ? `, ${failed} failed` : ""}` : "";
+    $("summary").textContent = [counts, ...notices].filter(Boolean).join(" · ");
   }
 
   // --- one upload session = one batch ----------------------------------------------
@@ -114,6 +117,7 @@
       this.stream = null;
       this.sseErrors = 0;
       this.pollTimer = null;
+      this.restored = false;    // rebuilt from the address after a reload, not uploaded here
     }
 
     async run() {
@@ -142,7 +146,9 @@
         response = await fetch("/api/jobs", { method: "POST", body: form, headers: authHeaders() });
         body = await response.json().catch(() => null);
       } catch (err) {
-        this.refuse(chunk, "upload failed: the server could not be reached");
+        if (leaving) return;  // cut off by the reload itself: the server may well have them
+        // Not remembered for a reload: the server may have stored them before the failure.
+        this.refuse(chunk, "upload failed: the server could not be reached", false);
         return;
       }
       if (response.status === 401) {
@@ -175,9 +181,9 @@
       this.save();
     }
 
-    refuse(chunk, why) {
+    refuse(chunk, why, remember = true) {
       for (const entry of chunk) {
-        entry.refused = why;
+        if (remember) entry.refused = why;
         showFailure(entry.el, why);
       }
       this.save();
@@ -198,7 +204,17 @@
     apply(item) {
       const el = this.byId.get(item.id);
       if (el) showItem(el, item);
+      else if (this.restored) this.showNew(item);  // joined the batch after it was loaded
       else this.early.set(item.id, item);
+    }
+
+    // An item of a restored batch, after the batch's other rows.
+    showNew(item) {
+      const last = this.entries.length ? this.entries[this.entries.length - 1].el : null;
+      const el = makeResult(item.filename || "upload", last);
+      this.entries.push({ file: null, el, id: item.id });
+      this.byId.set(item.id, el);
+      showItem(el, item);
     }
 
     unfinished() {
@@ -285,10 +301,16 @@
     }
   }
 
+  function forgetBatch(batchId) {
+    const ids = batchesInUrl().filter((id) => id !== batchId);
+    history.replaceState(null, "", ids.length ? `#batches=${ids.join(",")}` : location.pathname);
+  }
+
   async function restore(batchId) {
     const session = new Session([]);
     session.batchId = batchId;
     session.uploading = false;
+    session.restored = true;
     sessions.push(session);
     let body = null;
     try {
@@ -296,16 +318,13 @@
       body = response.ok ? await response.json() : null;
     } catch { /* shown below */ }
     if (!body || !Array.isArray(body.items)) {
-      $("summary").textContent = `batch ${batchId} could not be loaded`;
+      notices.push(`batch ${batchId} could not be loaded (unknown here, or expired)`);
+      forgetBatch(batchId);
+      updateSummary();
       return;
     }
     const items = new Map(body.items.map((item) => [item.id, item]));
-    const show = (item) => {
-      const el = makeResult(item.filename || "upload");
-      session.entries.push({ file: null, el, id: item.id });
-      session.byId.set(item.id, el);
-      showItem(el, item);
-    };
+    const show = (item) => session.showNew(item);
     // As this tab showed them before, then whatever else the batch holds.
     for (const shown of savedShown(batchId)) {
       if (shown.id && items.has(shown.id)) {
