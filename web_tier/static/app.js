@@ -312,14 +312,19 @@
     session.uploading = false;
     session.restored = true;
     sessions.push(session);
-    let body = null;
+    let body = null, unknown = false;
     try {
       const response = await fetch(`/api/jobs/${batchId}`);
+      unknown = response.status === 404;
       body = response.ok ? await response.json() : null;
     } catch { /* shown below */ }
     if (!body || !Array.isArray(body.items)) {
-      notices.push(`batch ${batchId} could not be loaded (unknown here, or expired)`);
-      forgetBatch(batchId);
+      if (unknown) {
+        notices.push(`batch ${batchId} could not be loaded (unknown here, or expired)`);
+        forgetBatch(batchId);
+      } else {  // the server is unreachable or failing for now: keep the batch for a reload
+        notices.push(`batch ${batchId} could not be loaded now: reload to try again`);
+      }
       updateSummary();
       return;
     }
