@@ -286,10 +286,17 @@
     return match ? match[1].split(",").filter((id) => BATCH_ID.test(id)) : [];
   }
 
+  function writeBatches(ids) {
+    history.replaceState(null, "", ids.length ? `#batches=${ids.join(",")}` : location.pathname);
+  }
+
   function rememberBatch(batchId) {
     const ids = batchesInUrl().filter((id) => id !== batchId);
-    ids.push(batchId);
-    history.replaceState(null, "", `#batches=${ids.slice(-MAX_BATCHES_IN_URL).join(",")}`);
+    writeBatches([...ids, batchId].slice(-MAX_BATCHES_IN_URL));
+  }
+
+  function forgetBatch(batchId) {
+    writeBatches(batchesInUrl().filter((id) => id !== batchId));
   }
 
   function savedShown(batchId) {
@@ -299,11 +306,6 @@
     } catch {
       return [];
     }
-  }
-
-  function forgetBatch(batchId) {
-    const ids = batchesInUrl().filter((id) => id !== batchId);
-    history.replaceState(null, "", ids.length ? `#batches=${ids.join(",")}` : location.pathname);
   }
 
   async function restore(batchId) {
@@ -329,11 +331,10 @@
       return;
     }
     const items = new Map(body.items.map((item) => [item.id, item]));
-    const show = (item) => session.showNew(item);
     // As this tab showed them before, then whatever else the batch holds.
     for (const shown of savedShown(batchId)) {
       if (shown.id && items.has(shown.id)) {
-        show(items.get(shown.id));
+        session.showNew(items.get(shown.id));
         items.delete(shown.id);
       } else if (shown.error) {
         const el = makeResult(shown.name || "upload");
@@ -341,7 +342,7 @@
         showFailure(el, shown.error);
       }
     }
-    items.forEach(show);
+    items.forEach((item) => session.showNew(item));
     updateSummary();
     // Polled, not streamed: each event stream holds one of the browser's few
     // connections to this server (six over HTTP/1.1), and a reload may bring back many.
