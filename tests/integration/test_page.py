@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests.conftest import make_image
-from tests.integration.conftest import processes, reference
+from tests.integration.conftest import processes, reference, wait_for
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
@@ -141,12 +141,6 @@ def test_a_reload_shows_the_batches_again_and_follows_them_to_the_end(stack, bro
     def states():
         return [i.get_attribute("data-state") for i in results()]
 
-    def wait_for(condition, what, timeout_s):
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and not condition():
-            time.sleep(0.05)
-        assert condition(), f"{what}: {states()}"
-
     leaving = ("const e = new Event('beforeunload', {cancelable: true});"
                "dispatchEvent(e); return e.defaultPrevented")
     for count, files in ((41, first), (42, second)):
@@ -157,14 +151,15 @@ def test_a_reload_shows_the_batches_again_and_follows_them_to_the_end(stack, bro
         browser.find_element(By.ID, "file-input").send_keys("\n".join(paths))
         if count == 41:  # three chunks, one after another at first: still sending
             assert browser.execute_script(leaving), "leaving mid-upload should ask first"
-        wait_for(lambda n=count: len(states()) == n and "uploading" not in states(), "uploads", 60)
+        wait_for(lambda n=count: len(states()) == n and "uploading" not in states(), 60, "the uploads",
+                 interval=0.05)
     assert not browser.execute_script(leaving), "nothing left to send: leave freely"
     assert browser.current_url.count(",") == 1 and "#batches=" in browser.current_url  # two batches
     shown_before = [i.get_attribute("data-filename") for i in results()]
 
     browser.refresh()
-    wait_for(lambda: len(states()) == 42 and all(s in ("done", "failed") for s in states()),
-             "after the reload", 180)
+    wait_for(lambda: len(states()) == 42 and all(s in ("done", "failed") for s in states()), 180,
+             "every result after the reload")
     items = results()
     assert [i.get_attribute("data-filename") for i in items] == shown_before
     for item in items:

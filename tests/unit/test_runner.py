@@ -129,6 +129,8 @@ def test_a_crashed_worker_is_restarted_like_systemd_would(world):
                what="a restart")
     assert runner.workers[iid].restarts == 1
     wait_until(lambda: started(out) == [iid, iid], what="the restarted worker to start")
+    # The instance's log is the newest process's.
+    assert os.readlink(runner.log_dir / f"{iid}.log") == "worker-002.log"
 
 
 @pytest.mark.parametrize(("how", "ended_by"), [("silent", -signal.SIGABRT), ("stopped", -signal.SIGKILL)])
@@ -194,19 +196,6 @@ def test_a_warm_spare_is_adopted_by_the_next_instance(world):
     # The spare's log, named before it had an instance, is found by the instance's id.
     link = runner.log_dir / f"{iid}.log"
     assert link.is_symlink() and link.resolve() == (runner.log_dir / "worker-001.log").resolve()
-
-
-def test_a_restarted_workers_instance_log_names_the_new_process(world):
-    settings, aws, make, out = world
-    runner = make(warm_spares=0)
-    iid = launch(aws, settings, (1,))[1]
-    runner.step()
-    first = runner.workers[iid].process
-    first.kill()
-    first.wait()
-    wait_until(lambda: (runner.step(), runner.workers[iid].process is not first)[1], timeout_s=5,
-               what="a restart")
-    assert os.readlink(runner.log_dir / f"{iid}.log") == "worker-002.log"
 
 
 def test_shutdown_leaves_no_process(world):
