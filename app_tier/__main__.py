@@ -8,11 +8,12 @@ import os
 import resource
 import socket
 import sys
+import threading
 
 from app_tier import EXIT_MODEL_UNAVAILABLE
 from common.aws import Aws
 from common.config import Settings
-from common.fleet import report_worker_failed
+from common.fleet import report_worker_failed, report_worker_ready
 from common.heap import freeze_startup_heap
 from common.logs import configure as configure_logging
 
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
               f"loaded in {classifier.load_seconds:.1f}s")
         return 0
     aws = Aws(settings).open("s3", "sqs")
+    # EC2 is only needed to say the worker serves (~200 ms of CPU to build its
+    # client): its own, so that it is dropped once that is said.
+    reporter = Aws(settings).open("ec2")
     # Before waiting for an instance id: a warm spare pays these while idle.
     warm_up(aws)
     freeze_startup_heap()
@@ -74,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0  # the runner closed our stdin: never needed
     worker = Worker(settings, aws, classifier, instance_id)
     worker.install_signal_handlers()
+    # Beside serving, not before it: EC2 being slow to take a tag delays nobody.
+    threading.Thread(target=report_worker_ready, args=(reporter, instance_id, worker.stopping),
+                     name="report-ready", daemon=True).start()
+    del reporter
     worker.serve()
     return 0
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from app_tier.labels import imagenet_labels
+from common.config import MODEL_RUNTIMES
 from common.messages import Prediction
 
 log = logging.getLogger(__name__)
@@ -166,9 +167,6 @@ class ResNet50Classifier(Classifier):
         return self._forward(self._tf.constant(batch, dtype=self._tf.float32)).numpy()
 
 
-RUNTIMES = ("openvino", "tensorflow")
-
-
 def load_classifier(weights: str, runtime: str = "openvino", threads: int = 0) -> Classifier:
     """The classifier a worker (or a test, or the benchmark) should use."""
     if runtime == "tensorflow":
@@ -177,4 +175,4 @@ def load_classifier(weights: str, runtime: str = "openvino", threads: int = 0) -
         from app_tier.openvino_runtime import OpenVinoResNet50
 
         return OpenVinoResNet50(weights, threads=threads)
-    raise ValueError(f"MODEL_RUNTIME must be one of {RUNTIMES}, got {runtime!r}")
+    raise ValueError(f"MODEL_RUNTIME must be one of {MODEL_RUNTIMES}, got {runtime!r}")

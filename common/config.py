@@ -52,6 +52,22 @@ def _str(env: Mapping[str, str], name: str, default: str) -> str:
     return raw or default
 
 
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = _str(env, name, default).lower()
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {env.get(name)!r}")
+    return value
+
+
+def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma-separated list; "sg-1, sg-2" is two items, not "sg-1" and " sg-2"."""
+    return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
+
+
+SCALING_MODES = ("backlog", "latency")
+MODEL_RUNTIMES = ("openvino", "tensorflow")
+
+
 @dataclass(frozen=True)
 class Settings:
     # --- where AWS is -----------------------------------------------------
@@ -79,6 +95,12 @@ class Settings:
     seconds_per_image: float = 0.5
     boot_time_s: float = 40.0
     scale_in_cooldown_s: float = 0.0
+    # A worker tags its instance once it serves (common/fleet.py). An instance live
+    # this long without the tag never will (no credentials, a role missing a right,
+    # a crash loop, stuck pending): it is counted as failed, terminated and replaced
+    # after a hold. As the worker unit's TimeoutStartSec, which includes
+    # downloading and converting the weights.
+    ready_deadline_s: float = 900.0
 
     # --- app tier (worker) -------------------------------------------------
     model_weights: str = "imagenet"
@@ -110,6 +132,8 @@ class Settings:
     local_aws_port: int = 5000
     local_boot_delay_s: float = 0.0
     local_max_workers: int = 15
+    # Worker processes kept with the model loaded, so that a launched instance serves at once.
+    local_warm_spares: int = 1
     local_worker_threads: int = 1
     # As WatchdogSec= in ami/imgclass-worker.service; 0: no watchdog.
     local_watchdog_s: float = 60.0
@@ -144,7 +168,6 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        sg = tuple(s for s in _str(env, "SECURITY_GROUP_IDS", "").split(",") if s)
         return cls(
             region=region_from_env(env),
             endpoint_url=env.get("AWS_ENDPOINT_URL") or None,
@@ -153,19 +176,20 @@ class Settings:
             ami_id=_str(env, "AMI_ID", cls.ami_id),
             instance_type=_str(env, "INSTANCE_TYPE", cls.instance_type),
             key_name=_str(env, "KEY_NAME", ""),
-            security_group_ids=sg,
+            security_group_ids=_list(env, "SECURITY_GROUP_IDS"),
             instance_profile=_str(env, "INSTANCE_PROFILE", ""),
             poll_interval_s=_float(env, "POLL_INTERVAL", cls.poll_interval_s, low=0.01, high=3600),
             target_backlog_per_instance=_float(
                 env, "TARGET_BACKLOG_PER_INSTANCE", cls.target_backlog_per_instance, low=0.01
             ),
-            scaling_mode=_str(env, "SCALING_MODE", cls.scaling_mode),
+            scaling_mode=_choice(env, "SCALING_MODE", cls.scaling_mode, SCALING_MODES),
             acceptable_latency_s=_float(env, "ACCEPTABLE_LATENCY", cls.acceptable_latency_s, low=0),
             seconds_per_image=_float(env, "SECONDS_PER_IMAGE", cls.seconds_per_image, low=0.001),
             boot_time_s=_float(env, "BOOT_TIME", cls.boot_time_s, low=0),
             scale_in_cooldown_s=_float(env, "SCALE_IN_COOLDOWN", cls.scale_in_cooldown_s, low=0),
+            ready_deadline_s=_float(env, "READY_DEADLINE", cls.ready_deadline_s, low=1),
             model_weights=_str(env, "MODEL_WEIGHTS", cls.model_weights),
-            model_runtime=_str(env, "MODEL_RUNTIME", cls.model_runtime),
+            model_runtime=_choice(env, "MODEL_RUNTIME", cls.model_runtime, MODEL_RUNTIMES),
             # SQS's own limits.
             receive_batch=_int(env, "RECEIVE_BATCH", cls.receive_batch, low=1, high=10),
             receive_wait_s=_int(env, "RECEIVE_WAIT", cls.receive_wait_s, low=0, high=20),
@@ -191,6 +215,7 @@ class Settings:
             local_aws_port=_int(env, "LOCAL_AWS_PORT", cls.local_aws_port, low=0, high=65535),
             local_boot_delay_s=_float(env, "LOCAL_BOOT_DELAY", cls.local_boot_delay_s, low=0),
             local_max_workers=_int(env, "LOCAL_MAX_WORKERS", cls.local_max_workers, low=0),
+            local_warm_spares=_int(env, "LOCAL_WARM_SPARES", cls.local_warm_spares, low=0, high=15),
             local_worker_threads=_int(env, "LOCAL_WORKER_THREADS", cls.local_worker_threads, low=0),
             local_watchdog_s=_float(env, "LOCAL_WATCHDOG", cls.local_watchdog_s, low=0),
         )

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, replace
 
 from common.aws import Aws
 from common.names import APP_TIER_NAME_PREFIX, PREFIX_TAG, instance_number
@@ -19,6 +20,10 @@ LIVE_STATES = ("pending", "running")
 # (say, "model-unavailable"). EC2 alone cannot tell such an instance from one that
 # is still booting, and would count it as serving until it is terminated.
 WORKER_FAILED_TAG = "imgclass:worker-failed"
+# The tag a worker puts on its own instance once it serves. Nothing else tells an
+# instance that will never serve (no credentials, a role missing a right, a
+# worker crash-looping, stuck pending) from one still booting.
+WORKER_READY_TAG = "imgclass:worker-ready"
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,17 @@ class Instance:
     state: str
     launched_at: float
     worker_failed: str = ""  # its WORKER_FAILED_TAG: why its worker gave up, "" if it has not
+    ready: bool = False  # its worker has served (WORKER_READY_TAG)
+
+
+def failed_if_never_ready(instance: Instance, now: float, deadline_s: float) -> Instance:
+    """The instance, counted as failed if it has been live for `deadline_s` without
+    its worker saying it serves."""
+    overdue = (instance.state in LIVE_STATES and not instance.ready and not instance.worker_failed
+               and now - instance.launched_at > deadline_s)
+    if not overdue:
+        return instance
+    return replace(instance, worker_failed=f"not serving {deadline_s:g}s after launch")
 
 
 def app_tier_instances(aws: Aws, states: tuple[str, ...] = WATCHED_STATES) -> tuple[Instance, ...]:
@@ -53,6 +69,7 @@ def app_tier_instances(aws: Aws, states: tuple[str, ...] = WATCHED_STATES) -> tu
                         state=raw["State"]["Name"],
                         launched_at=raw["LaunchTime"].timestamp(),
                         worker_failed=tags.get(WORKER_FAILED_TAG, ""),
+                        ready=WORKER_READY_TAG in tags,
                     )
                 )
     return tuple(sorted(found, key=lambda i: (i.number, i.id)))
@@ -73,3 +90,24 @@ def report_worker_failed(aws: Aws, instance_id: str, reason: str) -> bool:
         log.warning("cannot tag instance %s %s=%s: %s", instance_id, WORKER_FAILED_TAG, reason, exc)
         return False
     return True
+
+
+def report_worker_ready(aws: Aws, instance_id: str, stopping: threading.Event,
+                        max_delay_s: float = 60.0) -> None:
+    """Tag our own instance as serving, trying until EC2 takes it or `stopping` is set.
+
+    Without the tag the controller takes the instance for one that never served
+    once READY_DEADLINE has passed, and replaces it.
+    """
+    if not instance_id.startswith("i-"):
+        return  # run by hand, outside any instance: nothing to tag
+    delay = 1.0
+    while not stopping.is_set():
+        try:
+            aws.ec2.create_tags(Resources=[instance_id], Tags=[{"Key": WORKER_READY_TAG, "Value": "1"}])
+            return
+        except Exception as exc:  # whatever it is, trying again later is all there is to do
+            log.warning("cannot tag instance %s %s (%s); trying again in %.0f s",
+                        instance_id, WORKER_READY_TAG, exc, delay)
+        stopping.wait(delay)
+        delay = min(delay * 2, max_delay_s)

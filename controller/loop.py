@@ -29,7 +29,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from common.aws import Aws
 from common.config import Settings
 from controller.act import LaunchError, launch, render_user_data, terminate
-from controller.observe import Instance, Observation, observe
+from controller.observe import Instance, Observation, observe, terminated
 from controller.policy import Decision, Policy, decide, desired_count
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class Controller:
     # wave, and do not lengthen the hold; only a replacement that fails again does.
     _present_at_failure: set[str] = field(default_factory=set)
     # Instances EC2 refused to terminate, warned about once each (not state: a log aid).
-    _refused_clean_up: set[str] = field(default_factory=set)
+    _refused: set[str] = field(default_factory=set)
     _last_summary: tuple | None = None
     # The last rounds, for tests and a look in a debugger; --timeline keeps them all on disk.
     timeline: deque[dict] = field(default_factory=lambda: deque(maxlen=TIMELINE_ROUNDS))
@@ -154,9 +154,17 @@ class Controller:
         }
         if not self._recent:
             return obs
+        # One that went straight to terminated (no capacity, a volume it could not
+        # encrypt, a hand) is never listed in a watched state: counted until the
+        # memory ran out, it held up its replacement and stood in for a scale-in victim.
+        for iid in terminated(self.aws, list(self._recent)):
+            del self._recent[iid]
         return replace(obs, instances=obs.instances + tuple(self._recent.values()))
 
     def _act(self, decision: Decision, now: float) -> None:
+        # Terminations first: they never fail the round, where a failed launch does.
+        self._terminate(decision.terminate, "the fleet no longer needs it")
+        self._terminate(decision.clean_up, "it serves nobody (stopped, or its worker gave up)")
         if decision.launch:
             try:
                 ids = launch(self.aws, self.settings, decision.launch)
@@ -164,27 +172,36 @@ class Controller:
                 self._remember(exc.launched, now)
                 raise
             self._remember(ids, now)
-        if decision.terminate:
-            terminate(self.aws, decision.terminate)
-            for iid in decision.terminate:
+
+    def _terminate(self, instance_ids: tuple[str, ...], why: str) -> None:
+        """Terminate these instances, and let one that EC2 refuses fail nothing else.
+
+        One call for all of them, as a scale-in usually is; if EC2 refuses it (one
+        protected instance fails the whole call), one call each. An instance EC2
+        will not terminate (termination protection, say) stays round after round;
+        failing the round for it would slow every later round to the error backoff
+        and hold up scaling in and out alike."""
+        if not instance_ids:
+            return
+        try:
+            terminate(self.aws, instance_ids)
+            refused = []
+        except EXPECTED_ERRORS:
+            refused = [iid for iid in instance_ids if not self._terminate_one(iid, why)]
+        for iid in instance_ids:
+            if iid not in refused:
                 self._recent.pop(iid, None)
-        self._clean_up(decision.clean_up)
 
-    def _clean_up(self, useless: tuple[str, ...]) -> None:
-        """Terminate instances that serve nobody one by one, and let a refusal fail
-        nothing else.
-
-        One that EC2 will not terminate (termination protection, say) stays
-        round after round; failing the round for it would slow every later
-        round to the error backoff and hold up scaling in and out alike."""
-        for iid in useless:
-            try:
-                terminate(self.aws, (iid,))
-            except EXPECTED_ERRORS as exc:
-                if iid not in self._refused_clean_up:
-                    self._refused_clean_up.add(iid)
-                    log.warning("controller: cannot terminate instance %s (%s); it serves nobody "
-                                "(stopped, or its worker gave up), and is left to you", iid, exc)
+    def _terminate_one(self, iid: str, why: str) -> bool:
+        try:
+            terminate(self.aws, (iid,))
+        except EXPECTED_ERRORS as exc:
+            if iid not in self._refused:
+                self._refused.add(iid)
+                log.warning("controller: cannot terminate instance %s (%s): %s; it is tried "
+                            "again every round, and warned about once", iid, exc, why)
+            return False
+        return True
 
     def _remember(self, launched: dict[int, str], now: float) -> None:
         for n, iid in launched.items():

@@ -7,11 +7,10 @@ import os
 from pathlib import Path
 
 from common.aws import Aws
-from common.config import Settings
+from common.config import SCALING_MODES, Settings
 from common.heap import freeze_startup_heap
 from common.logs import configure as configure_logging
 from controller.loop import Controller
-from controller.policy import MODES
 
 
 def build_parser(defaults: Settings) -> argparse.ArgumentParser:
@@ -25,7 +24,7 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
                    help="never more live instances than this (MAX_INSTANCES, default %(default)s)")
     p.add_argument("--poll-interval", type=float, default=defaults.poll_interval_s,
                    help="seconds between observations (POLL_INTERVAL, default %(default)s)")
-    p.add_argument("--mode", choices=MODES, default=defaults.scaling_mode,
+    p.add_argument("--mode", choices=SCALING_MODES, default=defaults.scaling_mode,
                    help="backlog: one instance per TARGET messages; latency: target from acceptable "
                    "latency and processing time (SCALING_MODE, default %(default)s)")
     p.add_argument("--target-backlog", type=float, default=defaults.target_backlog_per_instance,
@@ -86,8 +85,17 @@ def main(argv: list[str] | None = None) -> int:
             if message.startswith(variable + " "):
                 message = f"--{name.replace('_', '-')} ({variable}){message[len(variable):]}"
         parser.error(message)
-    controller = Controller(settings, Aws(settings).open("ec2", "sqs"), dry_run=args.dry_run,
-                            timeline_path=args.timeline)
+    if settings.endpoint_url is None and not settings.instance_profile and not args.dry_run:
+        # Launched without one, a worker has no credentials: it never serves, and its
+        # instance is billed until READY_DEADLINE gives up on it.
+        parser.error("INSTANCE_PROFILE is not set: on AWS, workers get their credentials from "
+                     "their instance profile (ami/README.md, IAM). Set it, or set "
+                     "AWS_ENDPOINT_URL to use the embedded AWS.")
+    try:
+        controller = Controller(settings, Aws(settings).open("ec2", "sqs"), dry_run=args.dry_run,
+                                timeline_path=args.timeline)
+    except ValueError as exc:  # a setting that cannot be passed to instances: names it
+        parser.error(str(exc))
     if args.once:
         controller.step()
     else:

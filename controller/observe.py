@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 
 from common.aws import Aws
-from common.fleet import LIVE_STATES, Instance, app_tier_instances
+from common.fleet import LIVE_STATES, Instance, app_tier_instances, failed_if_never_ready
 
 
 @dataclass(frozen=True)
@@ -59,10 +59,22 @@ def queue_depth(aws: Aws) -> tuple[int, int, int]:
 
 def observe(aws: Aws, now: float | None = None) -> Observation:
     visible, in_flight, delayed = queue_depth(aws)
+    at = time.time() if now is None else now
+    deadline_s = aws.settings.ready_deadline_s
     return Observation(
-        at=time.time() if now is None else now,
+        at=at,
         visible=visible,
         in_flight=in_flight,
         delayed=delayed,
-        instances=app_tier_instances(aws),
+        instances=tuple(failed_if_never_ready(i, at, deadline_s) for i in app_tier_instances(aws)),
     )
+
+
+def terminated(aws: Aws, instance_ids: list[str]) -> set[str]:
+    """Those of `instance_ids` that EC2 lists as terminated. A filter, not InstanceIds:
+    an id EC2 does not list yet (it is eventually consistent) fails nothing."""
+    reply = aws.ec2.describe_instances(Filters=[
+        {"Name": "instance-id", "Values": instance_ids},
+        {"Name": "instance-state-name", "Values": ["terminated"]},
+    ])
+    return {i["InstanceId"] for r in reply["Reservations"] for i in r["Instances"]}

@@ -36,9 +36,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from common.config import SCALING_MODES
 from controller.observe import Instance, Observation
-
-MODES = ("backlog", "latency")
 
 
 @dataclass(frozen=True)
@@ -52,8 +51,8 @@ class Policy:
     scale_in_cooldown_s: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"scaling mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode not in SCALING_MODES:
+            raise ValueError(f"scaling mode must be one of {SCALING_MODES}, got {self.mode!r}")
         if self.max_instances < 0:
             raise ValueError("max_instances must be 0 or more")
         if self.target_backlog_per_instance <= 0:

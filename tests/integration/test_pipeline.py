@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from common.fleet import WORKER_READY_TAG
 from tests.conftest import make_image
 from tests.integration.conftest import (
     clients,
@@ -108,14 +109,25 @@ def test_end_to_end(stack, images, expected):
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=out_bucket).get("Contents", [])
             if o["Key"].rsplit("/", 1)[-1] in images]
     assert len(keys) == 30
+    answered_by = set()
     for key in keys:
         obj = s3.get_object(Bucket=out_bucket, Key=key)
         name = key.rsplit("/", 1)[-1]
         body = obj["Body"].read().decode()
         assert body == f"{name},{expected[name].label}"
         meta = json.loads(obj["Metadata"]["result"])
+        answered_by.add(meta["worker"])
         assert_matches(expected[name], meta["label"], meta["score"],
                        [p[0] for p in meta["top5"]], [p[1] for p in meta["top5"]], name)
+
+    # Each worker that answered told EC2 it serves: without that, the controller would
+    # take its instance for one that never did once READY_DEADLINE had passed.
+    def untagged() -> list[str]:
+        reply = ec2.describe_instances(InstanceIds=sorted(answered_by))
+        return [i["InstanceId"] for r in reply["Reservations"] for i in r["Instances"]
+                if WORKER_READY_TAG not in {t["Key"] for t in i.get("Tags", [])}]
+
+    wait_for(lambda: not untagged(), 30, "every worker that answered to have tagged its instance ready")
 
     # The fleet grew for the work and went back to zero after it.
     wait_for(lambda: len(live_instances(ec2)) == 0, 30, "instances to return to 0")

@@ -149,12 +149,14 @@ def test_foreign_messages_are_refused(body):
 
 def test_settings_from_env():
     s = Settings.from_env({"APP_PREFIX": "demo", "MAX_INSTANCES": "3", "AWS_REGION": "eu-west-1",
-                           "SECURITY_GROUP_IDS": "sg-1,sg-2", "API_KEY": "s3cret"})
+                           "SECURITY_GROUP_IDS": "sg-1, sg-2,", "API_KEY": "s3cret",
+                           "SCALING_MODE": "Latency", "MODEL_RUNTIME": " TensorFlow"})
     assert (s.input_bucket, s.output_bucket) == ("demo-in-bucket", "demo-out-bucket")
     assert (s.request_queue, s.response_queue, s.dead_letter_queue) == (
         "demo-req-queue", "demo-resp-queue", "demo-req-dlq")
     assert s.max_instances == 3 and s.region == "eu-west-1" and s.security_group_ids == ("sg-1", "sg-2")
     assert s.api_key == "s3cret" and "s3cret" not in repr(s)
+    assert (s.scaling_mode, s.model_runtime) == ("latency", "tensorflow")
     with pytest.raises(ValueError, match="MAX_INSTANCES"):
         Settings.from_env({"MAX_INSTANCES": "many"})
     assert Settings.from_env({"API_KEY": " key\n"}).api_key == "key"  # as pasted from a file
@@ -172,6 +174,11 @@ def test_settings_from_env():
     ("VISIBILITY_TIMEOUT", "1", "VISIBILITY_TIMEOUT must be from 5 to 43200, got 1"),
     ("RETRY_DELAY", "7200", "RETRY_DELAY must be from 0 to 3600, got 7200"),  # the worker's cap
     ("STALL_TIMEOUT", "0", "STALL_TIMEOUT must be from 1 to 43200, got 0"),
+    ("MODEL_RUNTIME", "onnx", "MODEL_RUNTIME must be one of openvino, tensorflow, got 'onnx'"),
+    ("SCALING_MODE", "fast", "SCALING_MODE must be one of backlog, latency, got 'fast'"),
+    ("LOCAL_WARM_SPARES", "two", "LOCAL_WARM_SPARES must be a whole number, got 'two'"),
+    ("LOCAL_WARM_SPARES", "-1", "LOCAL_WARM_SPARES must be from 0 to 15, got -1"),
+    ("READY_DEADLINE", "0", "READY_DEADLINE must be from 1 up, got 0"),
 ])
 def test_settings_out_of_range_are_refused_naming_the_variable(name, value, says):
     with pytest.raises(ValueError) as refused:

@@ -24,7 +24,7 @@ from moto.core.botocore_stubber import MockRawResponse
 
 from common.aws import Aws
 from common.config import Settings
-from common.fleet import report_worker_failed
+from common.fleet import WORKER_READY_TAG, report_worker_failed, report_worker_ready
 from common.names import ROLE_APP_TIER, ROLE_TAG
 from common.provision import provision
 from controller.act import LaunchError
@@ -316,6 +316,65 @@ def test_workers_of_one_wave_failing_in_turn_do_not_lengthen_the_hold(aws, make_
     assert len(controller.step(now=1003.0 + 10.1).launch) == 3
 
 
+def test_an_instance_that_never_serves_is_replaced_after_the_ready_deadline(aws, make_controller, caplog):
+    """A worker that never serves cannot always say so (no credentials, a role missing
+    a right, a crash loop): an instance live for READY_DEADLINE without its worker's
+    ready tag is counted as failed, terminated, and replaced after the launch hold.
+    One whose worker said it serves stays, however old."""
+    send(aws, 2)
+    controller = make_controller(failure_hold_min_s=10.0)
+    assert len(controller.step().launch) == 2
+    serving, silent = instances(aws)
+    report_worker_ready(aws, serving["InstanceId"], threading.Event())
+    assert WORKER_READY_TAG in tags(instances(aws)[0])
+    deadline = aws.settings.ready_deadline_s
+    now = time.time()
+    assert controller.step(now=now + deadline - 5).changes_anything is False  # still booting
+
+    decision = controller.step(now=now + deadline + 5)
+    assert decision.clean_up == (silent["InstanceId"],) and decision.launch == ()
+    assert f"not serving {deadline:g}s after launch" in caplog.text
+    assert [i["InstanceId"] for i in instances(aws)] == [serving["InstanceId"]]
+    assert len(controller.step(now=now + deadline + 16).launch) == 1  # after the hold
+
+
+def test_a_launch_that_terminates_before_ec2_lists_it_is_not_counted(aws, make_controller, patch):
+    """An instance that goes straight to terminated (no capacity, say) is never listed
+    as pending or running: its replacement is launched at the next round."""
+    send(aws, 1)
+    controller = make_controller()
+    real_describe = aws.ec2.describe_instances
+
+    def lagging(**kwargs):  # EC2 lists nothing as pending or running yet
+        if any(f["Name"] == "tag:Name" for f in kwargs.get("Filters", [])):
+            return {"Reservations": []}
+        return real_describe(**kwargs)
+
+    patch.setattr(aws.ec2, "describe_instances", lagging)
+    assert len(controller.step().launch) == 1
+    assert controller.step().launch == ()  # counted while EC2 lags
+    aws.ec2.terminate_instances(InstanceIds=[i["InstanceId"] for i in instances(aws)])
+    assert len(controller.step().launch) == 1
+
+
+def test_one_instance_ec2_will_not_terminate_fails_no_other_scale_in(aws, make_controller, caplog):
+    send(aws, 3)
+    controller = make_controller()
+    controller.step()
+    protected = instances(aws)[-1]["InstanceId"]
+    aws.ec2.modify_instance_attribute(InstanceId=protected, DisableApiTermination={"Value": True})
+    try:
+        delete(aws, receive_all(aws))
+        assert len(controller.step().terminate) == 3
+        assert [i["InstanceId"] for i in instances(aws)] == [protected]
+        assert len(controller.step().terminate) == 1  # tried again, warned once
+        assert caplog.text.count(f"cannot terminate instance {protected}") == 1
+    finally:
+        aws.ec2.modify_instance_attribute(InstanceId=protected, DisableApiTermination={"Value": False})
+    controller.step()
+    assert instances(aws) == []
+
+
 def test_a_worker_run_by_hand_tags_nothing(aws):
     assert not report_worker_failed(aws, "my-laptop", "model-unavailable")
 
@@ -542,9 +601,10 @@ def test_partial_launch_failure_in_run_reaches_the_cap(aws, make_controller, pat
     controller = make_controller()
     thread = start(controller)
     try:
-        wait_until(lambda: len(instances(aws)) == 15, 10, "15 instances")
+        # Generous deadlines: in-process moto lists 15 instances slowly on a busy machine.
+        wait_until(lambda: len(instances(aws)) == 15, 30, "15 instances")
         rounds = len(controller.timeline)
-        wait_until(lambda: len(controller.timeline) >= rounds + 5, 5, "5 more rounds")
+        wait_until(lambda: len(controller.timeline) >= rounds + 5, 30, "5 more rounds")
     finally:
         stop(controller, thread)
     assert len(flaky.calls) == 20, "15 in the first round, then only the 5 that failed"
@@ -595,6 +655,24 @@ def test_botocore_retries_throttling_by_itself(aws, make_controller):
 
 
 # --- the command line ---------------------------------------------------------------------
+
+
+def test_on_aws_the_controller_will_not_launch_workers_without_credentials(capsys, monkeypatch):
+    """Without an instance profile a worker has no credentials and never serves."""
+    for name in ("AWS_ENDPOINT_URL", "INSTANCE_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        main(["--once"])
+    assert stopped.value.code == 2
+    assert "INSTANCE_PROFILE is not set" in capsys.readouterr().err
+
+
+def test_a_bad_scaling_mode_in_the_environment_is_a_usage_error(capsys, monkeypatch):
+    monkeypatch.setenv("SCALING_MODE", "fastest")
+    with pytest.raises(SystemExit) as stopped:
+        main(["--once"])
+    assert stopped.value.code == 2
+    assert "SCALING_MODE must be one of backlog, latency, got 'fastest'" in capsys.readouterr().err
 
 
 def test_help_documents_every_option():
