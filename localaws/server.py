@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +27,23 @@ def start_moto(host: str, port: int, log_path: Path) -> subprocess.Popen:
         )
     wait_until_up(f"http://{host}:{port}/moto-api/", process, timeout_s=30)
     return process
+
+
+class PortInUse(RuntimeError):
+    """Something already listens where the stack would: a second `make run`, say."""
+
+
+def ensure_port_free(host: str, port: int, variable: str) -> None:
+    """Refuse a port another server answers on. Started there anyway, ours would fail
+    to bind while wait_until_up took the other's answers for its own, and the stack
+    would provision into, and send its work to, someone else's AWS or web tier."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.settimeout(1.0)
+        if probe.connect_ex((host, port)) == 0:
+            raise PortInUse(f"{host}:{port} is already in use (another `make run`?): stop what "
+                            f"listens there, or set {variable} to another port")
 
 
 def wait_until_up(url: str, process: subprocess.Popen | None, timeout_s: float) -> None:

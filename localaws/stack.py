@@ -28,7 +28,7 @@ from common.config import Settings
 from common.logs import configure as configure_logging
 from common.provision import provision
 from localaws.runner import InstanceRunner
-from localaws.server import start_moto, wait_until_up
+from localaws.server import PortInUse, ensure_port_free, start_moto, wait_until_up
 
 log = logging.getLogger("stack")
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,6 +138,8 @@ class Stack:
 
     def start(self) -> None:
         s = self.settings
+        ensure_port_free(s.local_aws_host, s.local_aws_port, "LOCAL_AWS_PORT")
+        ensure_port_free(s.web_host, s.web_port, "WEB_PORT")
         log.info("starting the embedded AWS on %s", s.local_aws_url)
         moto = start_moto(s.local_aws_host, s.local_aws_port, self.logs / "moto.log")
         self.children.append(Child("moto", [], moto, time.monotonic()))
@@ -253,12 +255,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m localaws.stack", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, default=ROOT / ".run", help="logs go here (default .run/)")
-    parser.add_argument("--warm-spares", type=int, default=int(os.environ.get("LOCAL_WARM_SPARES", "1")),
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:  # names the variable
+        parser.error(str(exc))
+    parser.add_argument("--warm-spares", type=int, default=settings.local_warm_spares,
                         help="worker processes kept with the model loaded, ready to serve a new "
                         "instance at once (LOCAL_WARM_SPARES, default 1)")
     args = parser.parse_args(argv)
+    if args.warm_spares < 0:
+        parser.error("--warm-spares must be 0 or more")
     configure_logging("%(asctime)s %(levelname)s %(name)s %(message)s")
-    settings = Settings.from_env()
     weights, note = local_model_weights(os.environ)
     os.environ["MODEL_WEIGHTS"] = weights
     settings = dataclasses.replace(settings, endpoint_url=settings.local_aws_url, model_weights=weights)
@@ -286,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
                 log.error("%s; stopping everything", problem)
                 code = 1
                 break
+    except PortInUse as exc:
+        log.error("%s", exc)
+        code = 1
     except Exception:
         log.exception("could not start the stack")
         code = 1

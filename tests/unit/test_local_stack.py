@@ -4,6 +4,7 @@ which of its processes are restarted when they die."""
 from __future__ import annotations
 
 import dataclasses
+import socket
 import subprocess
 import sys
 import threading
@@ -11,8 +12,10 @@ import time
 from types import SimpleNamespace
 
 import psutil
+import pytest
 
 from common.config import Settings
+from localaws.server import PortInUse
 from localaws.stack import (
     MAX_QUICK_EXITS,
     QUICK_EXIT_S,
@@ -129,3 +132,26 @@ def test_each_run_has_its_own_logs_and_the_last_runs_are_kept_once(tmp_path):
     assert (tmp_path / "logs" / "worker-001.log").read_text() == "third"
     assert (tmp_path / "logs.previous" / "worker-001.log").read_text() == "second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "logs.previous"]
+
+
+def test_a_port_already_in_use_stops_the_stack_before_it_starts_anything(tmp_path):
+    """Started anyway, moto would fail to bind while the stack took the other server's
+    answers for its own, and provisioned into someone else's AWS."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        stack = Stack(Settings(local_aws_port=port), tmp_path, warm_spares=0)
+        with pytest.raises(PortInUse, match=f"127.0.0.1:{port} is already in use.*LOCAL_AWS_PORT"):
+            stack.start()
+        assert stack.children == []
+
+
+def test_bad_settings_stop_make_run_with_a_message_naming_the_variable(capsys, monkeypatch):
+    from localaws.stack import main
+
+    monkeypatch.setenv("LOCAL_WARM_SPARES", "two")
+    with pytest.raises(SystemExit) as stopped:
+        main([])
+    assert stopped.value.code == 2
+    assert "LOCAL_WARM_SPARES must be a whole number, got 'two'" in capsys.readouterr().err
