@@ -47,8 +47,9 @@ fi
 stage="$(mktemp -d)"
 trap 'rm -rf "$stage"' EXIT
 
-# The code as it is in this checkout, without local state: no venv, caches or
-# tests. A weights file given with --weights rides along in .bake/, where
+# The code as it is in this checkout, without local state: no venv, caches,
+# tests, `make run`'s logs and state (.run/) or benchmark figures (.bench/).
+# A weights file given with --weights rides along in .bake/, where
 # provision.sh looks first.
 extra=()
 if [[ -n $weights_file ]]; then
@@ -58,9 +59,9 @@ if [[ -n $weights_file ]]; then
 fi
 # ${extra[@]+...}: an empty array is "unbound" to bash 3.2 (macOS) under set -u.
 tar -czf "$stage/imgclass-src.tar.gz" \
-  --exclude=./.venv --exclude=./.git --exclude=./.bench --exclude=./tests \
+  --exclude=./.venv --exclude=./.git --exclude=./.run --exclude=./.bench --exclude=./tests \
   --exclude='__pycache__' --exclude='*.pyc' --exclude=.pytest_cache --exclude=.ruff_cache \
-  --exclude='packer-manifest.json' \
+  --exclude=.mypy_cache --exclude='*.egg-info' --exclude='packer-manifest.json' \
   -C "$repo" . ${extra[@]+"${extra[@]}"}
 echo "bake.sh: source tarball is $(du -h "$stage/imgclass-src.tar.gz" | cut -f1)"
 

@@ -1,0 +1,426 @@
+"""The IAM policies in ami/ against the AWS calls each tier's code makes.
+
+Each tier's boto3 calls are found in its source (every call named like an S3,
+SQS, EC2, IAM or STS operation, and the operation of each paginator), mapped to
+the IAM actions that authorise them, and checked against that tier's policy:
+every action needed is allowed, on the resources it is needed on, and nothing
+more. The conditions are checked against the requests the code really makes
+(the controller's RunInstances, the worker's CreateTags).
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import json
+import re
+import threading
+from functools import cache
+from pathlib import Path
+
+import botocore.session
+import pytest
+from botocore import xform_name
+
+from common.config import Settings
+from common.fleet import report_worker_failed, report_worker_ready
+from controller.act import launch
+
+ROOT = Path(__file__).resolve().parents[2]
+AMI = ROOT / "ami"
+
+# The IAM actions that authorise each boto3 operation the code calls. A batch SQS
+# call is authorised by its single-message action; HeadObject by s3:GetObject;
+# HeadBucket and ListObjectsV2 by s3:ListBucket. Tags given to RunInstances need
+# ec2:CreateTags too, and an instance profile iam:PassRole on its role.
+ACTIONS = {
+    "get_object": {"s3:GetObject"},
+    "head_object": {"s3:GetObject"},
+    "download_file": {"s3:GetObject"},  # boto3's transfer: HeadObject, then GetObject
+    "put_object": {"s3:PutObject"},
+    "delete_object": {"s3:DeleteObject"},
+    "get_object_tagging": {"s3:GetObjectTagging"},
+    "put_object_tagging": {"s3:PutObjectTagging"},
+    "list_objects_v2": {"s3:ListBucket"},
+    "head_bucket": {"s3:ListBucket"},
+    "create_bucket": {"s3:CreateBucket"},
+    "put_public_access_block": {"s3:PutBucketPublicAccessBlock"},
+    "put_bucket_encryption": {"s3:PutEncryptionConfiguration"},
+    "get_queue_url": {"sqs:GetQueueUrl"},
+    "get_queue_attributes": {"sqs:GetQueueAttributes"},
+    "set_queue_attributes": {"sqs:SetQueueAttributes"},
+    "create_queue": {"sqs:CreateQueue"},
+    "receive_message": {"sqs:ReceiveMessage"},
+    "delete_message_batch": {"sqs:DeleteMessage"},
+    "send_message_batch": {"sqs:SendMessage"},
+    "change_message_visibility_batch": {"sqs:ChangeMessageVisibility"},
+    "describe_instances": {"ec2:DescribeInstances"},
+    "run_instances": {"ec2:RunInstances", "ec2:CreateTags", "iam:PassRole"},
+    "terminate_instances": {"ec2:TerminateInstances"},
+    "create_tags": {"ec2:CreateTags"},
+}
+# boto3's own S3 methods, which botocore's models do not list ("copy" is left out:
+# every dict has one).
+BOTO3_METHODS = {"download_file", "download_fileobj", "upload_file", "upload_fileobj",
+                 "generate_presigned_url", "generate_presigned_post"}
+# Actions that take no resource but "*".
+UNSCOPED = {"ec2:DescribeInstances"}
+
+# Tier: its policy, the files it runs, and the functions of common/ that call AWS
+# on its behalf (every running tier resolves its queues through Aws.queue_url).
+TIERS = {
+    "worker": ("iam-policy.json", ["app_tier"],
+               {"Aws.queue_url", "report_worker_failed", "report_worker_ready"}),
+    "controller": ("iam-controller-policy.json", ["controller", "controller.py"],
+                   {"Aws.queue_url", "app_tier_instances"}),
+    "web": ("iam-web-policy.json", ["web_tier"], {"Aws.queue_url", "app_tier_instances"}),
+    # Run once by a person or a deploy pipeline, never by a running tier.
+    "provision": ("iam-provision-policy.json", ["common/provision.py"], set()),
+}
+# Allowed without a call of its own: with s3:ListBucket a missing upload answers
+# GetObject with 404, not 403 (the worker fails it rather than retrying it).
+EXTRA = {"worker": {"s3:ListBucket"}}
+
+ACCOUNT, REGION = "123456789012", "us-east-1"
+INSTANCE = f"arn:aws:ec2:{REGION}:{ACCOUNT}:instance/i-0abc123def4567890"
+IMAGE = f"arn:aws:ec2:{REGION}::image/ami-0123456789abcdef0"
+LAUNCHED_WITH = [f"arn:aws:ec2:{REGION}:{ACCOUNT}:{kind}"
+                 for kind in ("volume/vol-1", "network-interface/eni-1", "security-group/sg-1",
+                              "subnet/subnet-1", "key-pair/my-key")]
+
+
+def names(prefix: str) -> dict[str, str]:
+    s = Settings(prefix=prefix)
+    sqs = f"arn:aws:sqs:{REGION}:{ACCOUNT}:"
+    return {
+        "in": f"arn:aws:s3:::{s.input_bucket}", "in/*": f"arn:aws:s3:::{s.input_bucket}/b/i/cat.jpg",
+        "out": f"arn:aws:s3:::{s.output_bucket}", "out/*": f"arn:aws:s3:::{s.output_bucket}/b/i/cat.jpg",
+        "req": sqs + s.request_queue, "resp": sqs + s.response_queue, "dlq": sqs + s.dead_letter_queue,
+        "role": f"arn:aws:iam::{ACCOUNT}:role/{prefix}-worker",
+    }
+
+
+def needs(tier: str, prefix: str) -> set[tuple[str, str]]:
+    """(action, resource) pairs the tier needs, conditions aside."""
+    n = names(prefix)
+    pairs = {
+        "worker": [
+            ("s3:GetObject", n["in/*"]), ("s3:PutObjectTagging", n["in/*"]), ("s3:ListBucket", n["in"]),
+            ("s3:PutObject", n["out/*"]),
+            *((a, n["req"]) for a in ("sqs:GetQueueUrl", "sqs:ReceiveMessage", "sqs:DeleteMessage",
+                                       "sqs:ChangeMessageVisibility", "sqs:SendMessage")),
+            ("sqs:GetQueueUrl", n["resp"]), ("sqs:SendMessage", n["resp"]),
+            ("ec2:CreateTags", INSTANCE),
+        ],
+        "controller": [
+            ("sqs:GetQueueUrl", n["req"]), ("sqs:GetQueueAttributes", n["req"]),
+            ("ec2:DescribeInstances", "*"),
+            *(("ec2:RunInstances", r) for r in (IMAGE, INSTANCE, *LAUNCHED_WITH)),
+            ("ec2:CreateTags", INSTANCE), ("ec2:TerminateInstances", INSTANCE),
+            ("iam:PassRole", n["role"]),
+        ],
+        "web": [
+            *((a, n["in/*"]) for a in ("s3:PutObject", "s3:GetObject", "s3:GetObjectTagging",
+                                        "s3:PutObjectTagging", "s3:DeleteObject")),
+            ("s3:GetObject", n["out/*"]), ("s3:ListBucket", n["in"]), ("s3:ListBucket", n["out"]),
+            *((a, n[q]) for q in ("req", "resp", "dlq")
+              for a in ("sqs:GetQueueUrl", "sqs:GetQueueAttributes")),
+            ("sqs:SendMessage", n["req"]),
+            *((a, n[q]) for q in ("resp", "dlq") for a in ("sqs:ReceiveMessage", "sqs:DeleteMessage")),
+            ("ec2:DescribeInstances", "*"),
+        ],
+        "provision": [
+            *((a, n[b]) for b in ("in", "out") for a in ("s3:ListBucket", "s3:CreateBucket",
+                                                          "s3:PutBucketPublicAccessBlock",
+                                                          "s3:PutEncryptionConfiguration")),
+            *((a, n[q]) for q in ("req", "resp", "dlq") for a in ("sqs:GetQueueUrl", "sqs:CreateQueue",
+                                                                    "sqs:GetQueueAttributes",
+                                                                    "sqs:SetQueueAttributes")),
+        ],
+    }[tier]
+    return set(pairs)
+
+
+def every_resource(prefix: str) -> list[str]:
+    """Ours, and the like of another deployment's, which no policy may reach."""
+    other = names("other")
+    return [*names(prefix).values(), *other.values(), INSTANCE, IMAGE, *LAUNCHED_WITH,
+            f"arn:aws:iam::{ACCOUNT}:role/admin"]
+
+
+# --- reading the policies -----------------------------------------------------------
+
+# ami/README.md's recipe for another prefix: names, the worker role, the prefix tag's value.
+OTHER_PREFIX_SED = """sed -e 's/imgclass-/myapp-/g' -e 's/": "imgclass"/": "myapp"/g'"""
+
+
+def load(tier: str, prefix: str = "imgclass") -> dict:
+    text = (AMI / TIERS[tier][0]).read_text()
+    if prefix != "imgclass":  # as OTHER_PREFIX_SED
+        text = text.replace("imgclass-", f"{prefix}-").replace('": "imgclass"', f'": "{prefix}"')
+    return json.loads(text)
+
+
+def as_list(value: str | list[str]) -> list[str]:
+    return value if isinstance(value, list) else [value]
+
+
+def _condition_holds(condition: dict, context: dict) -> bool:
+    for operator, pairs in condition.items():
+        for key, wanted in pairs.items():
+            wanted, got = as_list(wanted), context.get(key)
+            if operator == "ForAllValues:StringEquals":
+                if got is not None and not set(got) <= set(wanted):
+                    return False
+            elif operator == "StringEquals":
+                if got not in wanted:
+                    return False
+            elif operator == "StringLike":
+                if got is None or not any(fnmatch.fnmatchcase(got, w) for w in wanted):
+                    return False
+            else:
+                raise AssertionError(f"this test does not model {operator}")
+    return True
+
+
+def allows(policy: dict, action: str, resource: str, context: dict | None = None) -> bool:
+    """IAM's verdict for one resource of a request, for the operators these policies
+    use: an explicit Deny wins, else an Allow must match. Without a context,
+    conditions are taken as met."""
+    def applies(statement: dict) -> bool:
+        return (action in as_list(statement["Action"])
+                and any(fnmatch.fnmatchcase(resource, r) for r in as_list(statement["Resource"]))
+                and (context is None or _condition_holds(statement.get("Condition", {}), context)))
+    statements = policy["Statement"]
+    if any(s["Effect"] == "Deny" and applies(s) for s in statements):
+        return False
+    return any(s["Effect"] == "Allow" and applies(s) for s in statements)
+
+
+def allowed_actions(policy: dict) -> set[str]:
+    return {a for s in policy["Statement"] if s["Effect"] == "Allow" for a in as_list(s["Action"])}
+
+
+# --- reading the code ---------------------------------------------------------------
+
+
+@cache
+def operation_names() -> frozenset[str]:
+    session = botocore.session.get_session()
+    ops = {xform_name(op) for service in ("s3", "sqs", "ec2", "iam", "sts")
+           for op in session.get_service_model(service).operation_names}
+    return frozenset(ops | BOTO3_METHODS)
+
+
+def aws_calls(tree: ast.AST) -> set[str]:
+    """The AWS operations called anywhere in `tree`."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            if node.func.attr in ("get_paginator", "get_waiter"):
+                assert node.func.attr == "get_paginator", "waiters: map their operations here"
+                found.add(ast.literal_eval(node.args[0]))
+            elif node.func.attr in operation_names():
+                found.add(node.func.attr)
+    return found
+
+
+def sources(paths: list[str]) -> list[Path]:
+    files = []
+    for path in map(ROOT.joinpath, paths):
+        files.extend(sorted(path.rglob("*.py")) if path.is_dir() else [path])
+    return files
+
+
+@cache
+def common_functions() -> dict[str, set[str]]:
+    """The AWS operations of each function (or Class.method) of common/ that calls AWS;
+    common/provision.py is a tier of its own."""
+    found = {}
+    for path in sorted((ROOT / "common").glob("*.py")):
+        if path.name == "provision.py":
+            continue
+        for node in ast.parse(path.read_text()).body:
+            defs = [(node.name, node)] if isinstance(node, ast.FunctionDef) else []
+            if isinstance(node, ast.ClassDef):
+                defs = [(f"{node.name}.{f.name}", f) for f in node.body if isinstance(f, ast.FunctionDef)]
+            for name, fn in defs:
+                if calls := aws_calls(fn):
+                    found[name] = calls
+    return found
+
+
+def referenced_names(files: list[Path]) -> set[str]:
+    refs = set()
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Name):
+                refs.add(node.id)
+            elif isinstance(node, ast.Attribute):
+                refs.add(node.attr)
+            elif isinstance(node, ast.ImportFrom):
+                refs.update(alias.name for alias in node.names)
+                refs.add(node.module or "")
+    return refs
+
+
+def tier_calls(tier: str) -> set[str]:
+    _, paths, common = TIERS[tier]
+    calls = set().union(*(aws_calls(ast.parse(p.read_text())) for p in sources(paths)))
+    return calls.union(*(common_functions()[name] for name in common))
+
+
+# --- the tests ------------------------------------------------------------------------
+
+
+def test_every_function_of_common_that_calls_aws_is_placed_in_the_tiers_that_run_it():
+    claimed = set().union(*(common for _, _, common in TIERS.values()))
+    assert set(common_functions()) == claimed, "place it in TIERS, and its actions in that tier's policy"
+    for tier, (_, paths, common) in TIERS.items():
+        refs = referenced_names(sources(paths))
+        for name in common_functions():
+            if name != "Aws.queue_url":  # reached through the request_queue_url properties
+                assert (name.rsplit(".", 1)[-1] in refs) == (name in common), (tier, name)
+        if tier != "provision":
+            assert "common.provision" not in refs, f"{tier} provisions: it needs iam-provision-policy.json"
+
+
+def test_every_aws_call_is_mapped_to_its_iam_actions():
+    for tier in TIERS:
+        unmapped = tier_calls(tier) - set(ACTIONS)
+        assert not unmapped, f"{tier} calls {unmapped}: add them to ACTIONS and to {TIERS[tier][0]}"
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_policy_allows_exactly_the_actions_its_tier_calls(tier):
+    policy = load(tier)
+    assert policy["Version"] == "2012-10-17"
+    needed = set().union(*(ACTIONS[op] for op in tier_calls(tier))) | EXTRA.get(tier, set())
+    assert allowed_actions(policy) == needed
+    assert {a for a, _ in needs(tier, "imgclass")} == needed
+    for statement in policy["Statement"]:
+        assert re.fullmatch(r"[A-Z][A-Za-z]+", statement["Sid"]), statement["Sid"]
+        assert not any("*" in a for a in as_list(statement["Action"])), statement["Sid"]
+        if "*" in as_list(statement["Resource"]):
+            assert statement["Resource"] == ["*"] and set(statement["Action"]) <= UNSCOPED, statement["Sid"]
+
+
+@pytest.mark.parametrize("prefix", ["imgclass", "myapp"])
+@pytest.mark.parametrize("tier", TIERS)
+def test_policy_reaches_exactly_the_resources_its_tier_needs(tier, prefix):
+    policy = load(tier, prefix)
+    wanted = needs(tier, prefix)
+    for action, resource in wanted:
+        assert allows(policy, action, resource), (action, resource)
+    for action in allowed_actions(policy) - UNSCOPED:
+        for resource in every_resource(prefix):
+            if allows(policy, action, resource):
+                assert (action, resource) in wanted, f"{tier} may {action} on {resource}"
+
+
+def test_the_readme_gives_the_other_prefix_recipe_the_tests_check():
+    readme = (AMI / "README.md").read_text()
+    assert OTHER_PREFIX_SED in readme
+    for tier in TIERS:
+        assert TIERS[tier][0] in readme
+
+
+# --- conditions, against the requests the code makes ---------------------------------
+
+
+class RecordingEc2:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict]] = []
+
+    def run_instances(self, **kwargs):
+        self.calls.append(("RunInstances", kwargs))
+        return {"Instances": [{"InstanceId": "i-0abc123def4567890"}]}
+
+    def create_tags(self, **kwargs):
+        self.calls.append(("CreateTags", kwargs))
+
+
+class StubAws:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.ec2 = RecordingEc2()
+
+
+def launch_request(prefix: str) -> dict:
+    settings = Settings(prefix=prefix, ami_id="ami-0123456789abcdef0", key_name="my-key",
+                        security_group_ids=("sg-1",), instance_profile=f"{prefix}-worker")
+    aws = StubAws(settings)
+    assert launch(aws, settings, (3,)) == {3: "i-0abc123def4567890"}
+    [(_, request)] = aws.ec2.calls
+    return request
+
+
+def instance_tags(request: dict) -> dict[str, str]:
+    [spec] = [s for s in request["TagSpecifications"] if s["ResourceType"] == "instance"]
+    return {t["Key"]: t["Value"] for t in spec["Tags"]}
+
+
+def tag_request(tags: dict[str, str]) -> dict:
+    return {**{f"aws:RequestTag/{k}": v for k, v in tags.items()}, "aws:TagKeys": list(tags)}
+
+
+def tagged(tags: dict[str, str]) -> dict:
+    return {f"aws:ResourceTag/{k}": v for k, v in tags.items()}
+
+
+def ami_tags() -> dict[str, str]:
+    """The tags worker.pkr.hcl gives the AMI it bakes."""
+    block = re.search(r"^  tags = \{\n(.*?)^  \}", (AMI / "worker.pkr.hcl").read_text(), re.M | re.S)[1]
+    return {k.strip('"'): v for k, v in re.findall(r'^\s*("[^"]+"|\w+)\s*=\s*"([^"$]*)"$', block, re.M)}
+
+
+@pytest.mark.parametrize("prefix", ["imgclass", "myapp"])
+def test_the_controller_may_launch_its_workers_from_the_baked_image_and_nothing_else(prefix):
+    policy, request = load("controller", prefix), launch_request(prefix)
+    tags = instance_tags(request)
+    assert allows(policy, "ec2:RunInstances", INSTANCE, tag_request(tags))
+    assert allows(policy, "ec2:RunInstances", IMAGE, tagged(ami_tags()))
+    for resource in LAUNCHED_WITH:
+        assert allows(policy, "ec2:RunInstances", resource, {})
+    at_launch = {"ec2:CreateAction": "RunInstances", **tag_request(tags)}
+    assert allows(policy, "ec2:CreateTags", INSTANCE, at_launch)
+    role = f"arn:aws:iam::{ACCOUNT}:role/{request['IamInstanceProfile']['Name']}"
+    assert allows(policy, "iam:PassRole", role, {"iam:PassedToService": "ec2.amazonaws.com"})
+
+    # Not another image, nor an instance that is not tagged as ours.
+    assert not allows(policy, "ec2:RunInstances", IMAGE, {})
+    assert not allows(policy, "ec2:RunInstances", IMAGE, tagged({"imgclass:role": "something-else"}))
+    assert not allows(policy, "ec2:RunInstances", INSTANCE, {})
+    assert not allows(policy, "ec2:RunInstances", INSTANCE, tag_request({**tags, "imgclass:prefix": "other"}))
+    assert not allows(policy, "ec2:RunInstances", INSTANCE, tag_request({**tags, "Owner": "me"}))
+    assert not allows(policy, "ec2:RunInstances", INSTANCE, tag_request({**tags, "Name": "web-instance"}))
+    # Tags only as it launches; a role only for EC2, and only the worker's.
+    assert not allows(policy, "ec2:CreateTags", INSTANCE, tag_request(tags))
+    assert not allows(policy, "iam:PassRole", role, {"iam:PassedToService": "lambda.amazonaws.com"})
+    assert not allows(policy, "iam:PassRole", f"arn:aws:iam::{ACCOUNT}:role/admin",
+                      {"iam:PassedToService": "ec2.amazonaws.com"})
+
+
+@pytest.mark.parametrize("prefix", ["imgclass", "myapp"])
+def test_the_controller_may_terminate_only_instances_it_launched(prefix):
+    policy = load("controller", prefix)
+    tags = instance_tags(launch_request(prefix))
+    assert allows(policy, "ec2:TerminateInstances", INSTANCE, tagged(tags))
+    assert not allows(policy, "ec2:TerminateInstances", INSTANCE, tagged({"Name": tags["Name"]}))
+    assert not allows(policy, "ec2:TerminateInstances", INSTANCE,
+                      tagged({**tags, "imgclass:prefix": "other"}))
+    assert not allows(policy, "ec2:TerminateInstances", INSTANCE, {})
+
+
+def test_a_worker_may_put_its_two_tags_on_app_tier_instances_only():
+    policy, settings = load("worker"), Settings()
+    aws = StubAws(settings)
+    report_worker_failed(aws, "i-0abc123def4567890", "model-unavailable")
+    report_worker_ready(aws, "i-0abc123def4567890", threading.Event())
+    ours = tagged(instance_tags(launch_request(settings.prefix)))
+    assert [name for name, _ in aws.ec2.calls] == ["CreateTags", "CreateTags"]
+    for _, request in aws.ec2.calls:
+        tags = {t["Key"]: t["Value"] for t in request["Tags"]}
+        assert allows(policy, "ec2:CreateTags", INSTANCE, {**ours, **tag_request(tags)})
+        assert not allows(policy, "ec2:CreateTags", INSTANCE, tag_request(tags))
+    assert not allows(policy, "ec2:CreateTags", INSTANCE, {**ours, **tag_request({"imgclass:role": "web"})})
