@@ -159,28 +159,36 @@ def moto_table(by_action: dict[str, Any], images: int) -> str:
     total = sum(v["cpu_s"] for v in by_action.values())
     rows.append(["all", str(sum(v["requests"] for v in by_action.values())), f"{total:.2f} s", "",
                  f"{1000 * total / max(images, 1):.1f} ms"])
-    return report.table("(f) The embedded AWS's own CPU during (b), by API action",
+    return report.table("(f) The embedded AWS's own CPU during (b), to its last response, by API action",
                         ["action", "requests", "CPU", "per request", "per image"], rows)
 
 
 def sqs_table(sqs: dict[str, Any]) -> str:
+    # A JSON from before the queue was kept at its depth has other keys: "-" for those.
+    keys = ("send_batch1_ms", "send_batch10_ms", "receive10_ms", "receive10_and_delete_ms",
+            "receive10_and_delete_messages")
     rows = []
     for server in ("moto", "moto_fast"):
         for d in (sqs.get(server) or {}).get("depths", []):
-            rows.append([server, str(d["depth"]), *[f"{d[k]:.1f}" for k in (
-                "send_ms", "send_batch10_ms", "receive10_ms", "receive10_and_delete_ms")]])
-    title = ("(h) moto SQS: median ms per call from one client "
+            rows.append([server, str(d["depth"]), *[report.fmt(d.get(k), digits=1) for k in keys]])
+    title = ("(h) moto SQS: median ms per call from one client, the queue kept at its depth "
              "(moto = as shipped; moto_fast = what the stack runs)")
-    header = ["server", "queue depth", "send", "send batch 10", "receive 10", "receive 10 + delete"]
+    header = ["server", "queue depth", "send batch 1", "send batch 10", "receive 10",
+              "receive 10 + delete", "(messages taken)"]
     text = report.table(title, header, rows)
     needed = sqs.get("needed_images_per_s")
+
+    def batches(kind: str) -> str:
+        assumed = sqs.get(f"{kind}_batch_assumed")
+        return "?" if assumed is None else f"{assumed:g}"
+
     for server in ("moto", "moto_fast"):
         s = sqs.get(server)
         if not s:
             continue
         text += (f"\n  {server}: SQS calls cost ~{s['sqs_ms_per_image_at_depth_100']:.1f} ms of moto "
-                 f"per image at depth 100 -> at most ~{s['sqs_bound_images_per_s']:.0f} images/s "
-                 f"from SQS alone")
+                 f"per image at depth 100 (receives of {batches('receive')}, web-tier sends of "
+                 f"{batches('send')}) -> at most ~{s['sqs_bound_images_per_s']:.0f} images/s from SQS alone")
         if needed:
             text += f"; at the local limit ({needed:.1f}/s) moto is busy {s['busy_share_at_needed_rate']:.0%}"
     return text + ("\n  (S3 and EC2 calls come on top, in the same moto process: see the CPU column of (f).)")

@@ -163,15 +163,26 @@ def _scaled_run(plan: EndToEndPlan, stack: StackProcess, images: Path, requests:
         own_cpu = _own_cpu_s()
         report = _load(plan, stack.web_url, images, requests, concurrency)
         own_cpu = _own_cpu_s() - own_cpu
+        # Poll fast before anything else here: the fleet may reach zero while the
+        # memory sampler stops and moto's figures are read, and a slow poll would
+        # see it late.
+        poller.fast()
+        fast_at = time.time()
         mem = sampler.stop() if sampler else None
         last = _last_response(report)
-        zero_at = poller.wait_for_zero(last, ZERO_TIMEOUT_S)
+        # moto's CPU is reported per image of the run, so it is read at the last
+        # response, not once the fleet is back at zero: that added the scale-in,
+        # the idle workers' polls and this poller's. The server writes its figures
+        # every STATS_EVERY_S, so up to that much after the last response counts.
         moto = moto_delta(moto_before, _moto_stats(stack.run_dir / MOTO_STATS))
+        zero_at = poller.wait_for_zero(last, ZERO_TIMEOUT_S)
     finally:
         poller.stop()
     out = _summary(report)
     out["scaling"] = scaling_times(poller.samples, report.started_at, last, zero_at,
                                    controller_actions(stack.output[lines_before:]))
+    # How late fast polling began: a zero reached before then is seen only then.
+    out["scaling"]["fast_polling_after_last_response_s"] = round(fast_at - last, 3)
     out["scaling"]["fleet_poll_errors"] = poller.errors
     out["scaling"]["fleet_samples"] = len(poller.samples)
     if mem is not None:

@@ -48,7 +48,12 @@ class FleetPoller:
     slow_interval_s: float = 1.0
     samples: list[tuple[float, int]] = field(default_factory=list)  # (wall clock, live)
     errors: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
+    # Guards the mode, the samples and stopping. fast() and stop() wake the
+    # poller's wait, and each sample wakes wait_for_zero(): with plain sleeps, a
+    # fast() during a 1 s slow wait left the fleet unpolled for the rest of it,
+    # and "last response -> zero" measured up to ~1 s of that wait.
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+    _stopping: bool = False
     _thread: threading.Thread | None = None
     _fast: bool = True
     _until_launch: bool = False  # fast only until an instance shows up
@@ -64,24 +69,38 @@ class FleetPoller:
         return sum(1 for i in app_tier_instances(self.aws) if i.state in LIVE_STATES)
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
+        while True:
             started = time.time()
             try:
-                live = self.count()
+                live: int | None = self.count()
             except (BotoCoreError, ClientError):
-                self.errors += 1
-            else:
-                # Stamped at the middle of the call: EC2 answered somewhere inside it.
-                self.samples.append(((started + time.time()) / 2, live))
-                if live > 0 and self._until_launch:
-                    self._fast = False  # the first launch is seen: slow down until fast()
-            interval = self.interval_s if self._fast else self.slow_interval_s
-            self._stop.wait(max(0.0, interval - (time.time() - started)))
+                live = None
+            with self._cond:
+                if live is None:
+                    self.errors += 1
+                else:
+                    # Stamped at the middle of the call: EC2 answered somewhere inside it.
+                    self.samples.append(((started + time.time()) / 2, live))
+                    if live > 0 and self._until_launch:
+                        self._fast = False  # the first launch is seen: slow down until fast()
+                    self._cond.notify_all()
+                # The interval is read again whenever fast() wakes us, so that the
+                # next poll follows it at once instead of after the slow interval.
+                while not self._stopping:
+                    interval = self.interval_s if self._fast else self.slow_interval_s
+                    remaining = started + interval - time.time()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                if self._stopping:
+                    return
 
     def fast(self, until_launch: bool = False) -> None:
-        """Poll every `interval_s` again; with `until_launch`, only until an instance is seen."""
-        self._until_launch = until_launch
-        self._fast = True
+        """Poll every `interval_s` again, from now on; with `until_launch`, only until an instance is seen."""
+        with self._cond:
+            self._until_launch = until_launch
+            self._fast = True
+            self._cond.notify_all()
 
     def start(self) -> FleetPoller:
         self._thread = threading.Thread(target=self._loop, name="fleet-poller", daemon=True)
@@ -89,20 +108,17 @@ class FleetPoller:
         return self
 
     def stop(self) -> None:
-        self._stop.set()
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
         if self._thread:
             self._thread.join(timeout=5)
 
     def wait_for_zero(self, after: float, timeout_s: float) -> float | None:
         """Block until a sample taken after `after` shows no instance; its time, or None."""
         self.fast()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            at = first_at(self.samples, after, lambda n: n == 0)
-            if at is not None:
-                return at
-            time.sleep(self.interval_s)
-        return None
+        with self._cond:
+            return self._cond.wait_for(lambda: first_at(self.samples, after, lambda n: n == 0), timeout_s)
 
 
 def first_at(samples: list[tuple[float, int]], after: float, test) -> float | None:

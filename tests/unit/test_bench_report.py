@@ -9,7 +9,6 @@ import pytest
 from bench import report
 from bench.memory import kind_of
 from bench.scaling import controller_actions, first_at, scaling_times
-from bench.sqs import sqs_ms_per_image
 
 
 def test_latency_summary_uses_linear_percentiles():
@@ -94,11 +93,6 @@ def test_process_kinds():
     assert kind_of(["python", "/x/controller.py"], False) == "controller"
     assert kind_of(["python", "-m", "app_tier", "--instance-id", "-"], False) == "worker"
     assert kind_of(["anything"], True) == "stack/runner"
-
-
-def test_sqs_cost_per_image():
-    row = {"send_ms": 6.0, "receive10_and_delete_ms": 9.0, "send_batch10_ms": 8.0}
-    assert sqs_ms_per_image(row, 10) == pytest.approx(6.0 + (18.0 + 8.0) / 10)
 
 
 def test_moto_cpu_by_action_is_the_difference_between_snapshots():

@@ -1,0 +1,73 @@
+"""The benchmark's end-to-end run: what it counts into the run's figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from bench import endtoend
+from load_test import Outcome, Report
+
+
+class _Moto:
+    """The embedded AWS's statistics: requests and CPU served so far, by action."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, dict[str, float]] = {}
+
+    def serve(self, action: str, requests: int) -> None:
+        entry = self.totals.setdefault(action, {"requests": 0, "cpu_s": 0.0})
+        entry["requests"] += requests
+        entry["cpu_s"] = round(entry["cpu_s"] + requests * 0.002, 3)
+
+    def snapshot(self, path: Path) -> dict[str, dict[str, float]]:
+        return {action: dict(entry) for action, entry in self.totals.items()}
+
+
+def test_moto_figures_stop_at_the_last_response(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """They are per image of the run: the scale-in to zero (and the polls that
+    watch for it) after the last response are not part of it."""
+    moto = _Moto()
+
+    class Poller:
+        """Sees the fleet reach zero a second after it is asked, the controller
+        having terminated the instances meanwhile."""
+
+        def __init__(self, settings) -> None:
+            self.samples: list[tuple[float, int]] = []
+            self.errors = 0
+
+        def start(self) -> Poller:
+            return self
+
+        def fast(self, until_launch: bool = False) -> None:
+            pass
+
+        def stop(self) -> None:
+            pass
+
+        def wait_for_zero(self, after: float, timeout_s: float) -> float:
+            moto.serve("TerminateInstances", 1)
+            moto.serve("DescribeInstances (cached)", 20)
+            self.samples.append((after + 1.0, 0))
+            return after + 1.0
+
+    def load(plan, url, images, requests, concurrency) -> Report:
+        moto.serve("SendMessageBatch", requests)
+        outcomes = [Outcome(i, f"{i}.jpg", 0.0, 0.5, status=200) for i in range(requests)]
+        return Report(url, "form", concurrency, requests, started_at=1000.0, duration_s=0.5,
+                      outcomes=outcomes)
+
+    monkeypatch.setattr(endtoend, "FleetPoller", Poller)
+    monkeypatch.setattr(endtoend, "_load", load)
+    monkeypatch.setattr(endtoend, "_moto_stats", moto.snapshot)
+    stack = SimpleNamespace(settings=lambda: None, run_dir=tmp_path, process=None, output=[],
+                            web_url="http://127.0.0.1:1")
+    plan = endtoend.EndToEndPlan(images=tmp_path, expected=None)
+
+    out = endtoend._scaled_run(plan, stack, tmp_path, requests=10, concurrency=10)
+
+    assert out["moto_by_action"] == {"SendMessageBatch": {"requests": 10, "cpu_s": 0.02}}
+    assert out["scaling"]["last_response_to_zero_s"] == pytest.approx(1.0)
