@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 from botocore.exceptions import ClientError
 
@@ -18,6 +19,10 @@ from common.logs import configure as configure_logging
 log = logging.getLogger(__name__)
 
 REQUEST_QUEUE_MAX_BYTES = 1024
+
+
+class ProvisionError(RuntimeError):
+    """What is in the way of provisioning, said so that the reader can act on it."""
 
 
 def _ensure_bucket(aws: Aws, name: str) -> None:
@@ -31,7 +36,12 @@ def _ensure_bucket(aws: Aws, name: str) -> None:
             aws.s3.create_bucket(**kwargs)
             log.info("created bucket %s", name)
         except ClientError as exc:
-            if exc.response["Error"]["Code"] not in ("BucketAlreadyOwnedByYou",):
+            code = exc.response["Error"]["Code"]
+            if code == "BucketAlreadyExists":
+                # Bucket names are global: the default prefix's are most likely taken.
+                raise ProvisionError(f"bucket {name} belongs to another AWS account (bucket names "
+                                     f"are global): set APP_PREFIX to a prefix of your own") from exc
+            if code != "BucketAlreadyOwnedByYou":
                 raise
     # Private and encrypted at rest, whatever the account's defaults are.
     aws.s3.put_public_access_block(
@@ -89,11 +99,16 @@ def provision(settings: Settings, aws: Aws | None = None) -> dict[str, str]:
     return {"request": req_url, "response": resp_url, "dead_letter": dlq_url}
 
 
-def main() -> None:
+def main() -> int:
     configure_logging("%(asctime)s %(name)s %(message)s")
-    urls = provision(Settings.from_env())
+    try:
+        urls = provision(Settings.from_env())
+    except (ValueError, ProvisionError) as exc:
+        print(f"python -m common.provision: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(urls, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,6 +9,7 @@ import json
 import unicodedata
 
 import pytest
+from botocore.exceptions import ClientError
 from moto import mock_aws
 
 from common.aws import USER_AGENT, Aws
@@ -17,7 +18,8 @@ from common.failure_tags import MAX_ERROR_CHARS, failure_from_tags, failure_tagg
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError, Prediction
 from common.names import instance_name, instance_number, object_key, safe_filename, stem
 from common.output_object import label_of, pair_text
-from common.provision import provision
+from common.provision import ProvisionError, provision
+from common.provision import main as provision_main
 
 
 @pytest.mark.parametrize("original, safe", [
@@ -202,6 +204,24 @@ def test_provision_is_idempotent_private_encrypted_and_has_a_dead_letter_queue()
         redrive = json.loads(attrs["RedrivePolicy"])
         assert redrive["deadLetterTargetArn"].endswith(settings.dead_letter_queue)
         assert int(redrive["maxReceiveCount"]) == 3
+
+
+def test_a_bucket_name_taken_by_another_account_is_said_so_naming_app_prefix(monkeypatch, capsys):
+    """Bucket names are global: on AWS, the default prefix's are most likely taken."""
+    def refused(code: str, operation: str):
+        def call(**_kwargs):
+            raise ClientError({"Error": {"Code": code, "Message": "..."}}, operation)
+        return call
+
+    with mock_aws():
+        aws = Aws(Settings())
+        monkeypatch.setattr(aws.s3, "head_bucket", refused("403", "HeadBucket"))
+        monkeypatch.setattr(aws.s3, "create_bucket", refused("BucketAlreadyExists", "CreateBucket"))
+        with pytest.raises(ProvisionError, match="imgclass-in-bucket belongs to another .*APP_PREFIX"):
+            provision(Settings(), aws)
+    monkeypatch.setenv("MAX_RECEIVE_COUNT", "0")  # and a bad setting, without a traceback
+    assert provision_main() == 2
+    assert "MAX_RECEIVE_COUNT must be from 1" in capsys.readouterr().err
 
 
 def test_provision_applies_changed_settings_to_the_queues_that_exist():
