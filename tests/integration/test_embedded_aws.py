@@ -106,3 +106,54 @@ def _quietly(call, **kwargs) -> None:
         call(**kwargs)
     except Exception:  # the server going away mid-poll is what this test does
         pass
+
+
+def test_concurrent_sends_receives_and_deletes_lose_and_repeat_nothing(moto):
+    """moto's DeleteMessage rebuilds a queue's list of messages: run beside a send, it
+    dropped the sent messages (329 of 2,300 here), and beside another delete it could
+    bring a deleted message back. The web tier sends, and the workers receive and
+    delete, all at once."""
+    port, _ = moto
+    sqs = client("sqs", port)
+    queue = sqs.create_queue(QueueName="side-by-side")["QueueUrl"]
+    sent: list[str] = []
+    received: list[str] = []
+    lock = threading.Lock()
+
+    def send(name: str, batches: int) -> None:
+        own = client("sqs", port)
+        for b in range(batches):
+            bodies = [f"{name}-{b}-{i}" for i in range(10)]
+            own.send_message_batch(QueueUrl=queue, Entries=[{"Id": str(i), "MessageBody": body}
+                                                           for i, body in enumerate(bodies)])
+            with lock:
+                sent.extend(bodies)
+
+    sending_done = threading.Event()
+
+    def receive_and_delete() -> None:
+        own = client("sqs", port)
+        while True:
+            got = own.receive_message(QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=1,
+                                      VisibilityTimeout=120).get("Messages", [])
+            if not got and sending_done.is_set():
+                return  # nothing in 1 s, with nothing more coming
+            if got:
+                with lock:
+                    received.extend(m["Body"] for m in got)
+                own.delete_message_batch(QueueUrl=queue, Entries=[
+                    {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(got)])
+
+    send("before", 50)
+    senders = [threading.Thread(target=send, args=(f"s{n}", 30)) for n in range(6)]
+    takers = [threading.Thread(target=receive_and_delete) for _ in range(8)]
+    for thread in senders + takers:
+        thread.start()
+    for thread in senders:
+        thread.join(120)
+    sending_done.set()
+    for thread in takers:
+        thread.join(120)
+    assert len(sent) == 2300
+    assert sorted(received) == sorted(sent), (
+        f"lost {len(set(sent) - set(received))}, received twice {len(received) - len(set(received))}")
