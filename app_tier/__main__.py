@@ -65,9 +65,6 @@ def main(argv: list[str] | None = None) -> int:
               f"loaded in {classifier.load_seconds:.1f}s")
         return 0
     aws = Aws(settings).open("s3", "sqs")
-    # EC2 is only needed to say the worker serves (~200 ms of CPU to build its
-    # client): its own, so that it is dropped once that is said.
-    reporter = Aws(settings).open("ec2")
     # Before waiting for an instance id: a warm spare pays these while idle.
     warm_up(aws)
     freeze_startup_heap()
@@ -78,12 +75,21 @@ def main(argv: list[str] | None = None) -> int:
             return 0  # the runner closed our stdin: never needed
     worker = Worker(settings, aws, classifier, instance_id)
     worker.install_signal_handlers()
-    # Beside serving, not before it: EC2 being slow to take a tag delays nobody.
-    threading.Thread(target=report_worker_ready, args=(reporter, instance_id, worker.stopping),
-                     name="report-ready", daemon=True).start()
-    del reporter
+    threading.Thread(target=report_ready_once_received, args=(settings, worker), name="report-ready",
+                     daemon=True).start()
     worker.serve()
     return 0
+
+
+def report_ready_once_received(settings: Settings, worker) -> None:
+    """Tag the instance ready once the worker has received from the request queue:
+    beside serving, so that EC2 being slow to take a tag delays no request."""
+    while not worker.received.wait(1.0):
+        if worker.stopping.is_set():
+            return
+    # Its own client (~200 ms of CPU and ~20 MB to build), made after the start-up
+    # heap is frozen, so that it is freed once the tag is taken.
+    report_worker_ready(Aws(settings), worker.instance_id, worker.stopping)
 
 
 if __name__ == "__main__":

@@ -120,6 +120,10 @@ class Worker:
         self.classifier = classifier
         self.instance_id = instance_id
         self.stopping = threading.Event()
+        # Set once a receive from the request queue has succeeded: the worker has what
+        # it needs to serve (credentials, rights, a route to SQS), so its instance may
+        # be tagged ready (common/fleet.py).
+        self.received = threading.Event()
         self._finished = threading.Event()
         self._held: dict[str, Job] = {}  # by message id: what the heartbeat extends
         self._held_lock = threading.Lock()
@@ -256,6 +260,7 @@ class Worker:
             try:
                 batch = self.fetch()
                 backoff = 1.0
+                self.received.set()
             except Exception as exc:  # this thread must outlive anything, or the worker stalls
                 self._prefetch_slot.release()
                 if isinstance(exc, _AWS_ERRORS):
@@ -440,10 +445,16 @@ class Worker:
     def _delete(self, jobs: list[Job]) -> None:
         for start in range(0, len(jobs), 10):
             chunk = jobs[start:start + 10]
-            self.aws.sqs.delete_message_batch(
+            reply = self.aws.sqs.delete_message_batch(
                 QueueUrl=self.aws.request_queue_url,
                 Entries=[{"Id": str(i), "ReceiptHandle": j.receipt} for i, j in enumerate(chunk)],
             )
+            if reply.get("Failed"):
+                # Answered already: nothing to undo. Such a request comes back after its
+                # visibility timeout, is classified again, and its second answer ignored.
+                codes = ", ".join(sorted({f.get("Code", "?") for f in reply["Failed"]}))
+                log.warning("could not delete %d answered request(s), which will be answered again: %s",
+                            len(reply["Failed"]), codes)
         self._forget(jobs)
 
     # --- visibility ------------------------------------------------------------------

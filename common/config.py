@@ -95,12 +95,13 @@ class Settings:
     seconds_per_image: float = 0.5
     boot_time_s: float = 40.0
     scale_in_cooldown_s: float = 0.0
-    # A worker tags its instance once it serves (common/fleet.py). An instance live
-    # this long without the tag never will (no credentials, a role missing a right,
-    # a crash loop, stuck pending): it is counted as failed, terminated and replaced
-    # after a hold. As the worker unit's TimeoutStartSec, which includes
-    # downloading and converting the weights.
-    ready_deadline_s: float = 900.0
+    # A worker tags its instance once it has received from the request queue
+    # (common/fleet.py). An instance the controller has watched this long without
+    # the tag never will (no credentials, a role missing a right, a crash loop,
+    # stuck pending): it is counted as failed, terminated and replaced after a hold.
+    # The worker unit's TimeoutStartSec (15 min, weights downloaded and converted
+    # included) plus a boot. 0: off (workers from an AMI older than the tag).
+    ready_deadline_s: float = 1200.0
 
     # --- app tier (worker) -------------------------------------------------
     model_weights: str = "imagenet"
@@ -187,7 +188,7 @@ class Settings:
             seconds_per_image=_float(env, "SECONDS_PER_IMAGE", cls.seconds_per_image, low=0.001),
             boot_time_s=_float(env, "BOOT_TIME", cls.boot_time_s, low=0),
             scale_in_cooldown_s=_float(env, "SCALE_IN_COOLDOWN", cls.scale_in_cooldown_s, low=0),
-            ready_deadline_s=_float(env, "READY_DEADLINE", cls.ready_deadline_s, low=1),
+            ready_deadline_s=_float(env, "READY_DEADLINE", cls.ready_deadline_s, low=0),
             model_weights=_str(env, "MODEL_WEIGHTS", cls.model_weights),
             model_runtime=_choice(env, "MODEL_RUNTIME", cls.model_runtime, MODEL_RUNTIMES),
             # SQS's own limits.

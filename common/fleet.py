@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from common.aws import Aws
 from common.names import APP_TIER_NAME_PREFIX, PREFIX_TAG, instance_number
@@ -20,9 +20,9 @@ LIVE_STATES = ("pending", "running")
 # (say, "model-unavailable"). EC2 alone cannot tell such an instance from one that
 # is still booting, and would count it as serving until it is terminated.
 WORKER_FAILED_TAG = "imgclass:worker-failed"
-# The tag a worker puts on its own instance once it serves. Nothing else tells an
-# instance that will never serve (no credentials, a role missing a right, a
-# worker crash-looping, stuck pending) from one still booting.
+# The tag a worker puts on its own instance once it has received from the request
+# queue. Nothing else tells an instance that will never serve (no credentials, a
+# role missing a right, a worker crash-looping, stuck pending) from one still booting.
 WORKER_READY_TAG = "imgclass:worker-ready"
 
 
@@ -33,17 +33,7 @@ class Instance:
     state: str
     launched_at: float
     worker_failed: str = ""  # its WORKER_FAILED_TAG: why its worker gave up, "" if it has not
-    ready: bool = False  # its worker has served (WORKER_READY_TAG)
-
-
-def failed_if_never_ready(instance: Instance, now: float, deadline_s: float) -> Instance:
-    """The instance, counted as failed if it has been live for `deadline_s` without
-    its worker saying it serves."""
-    overdue = (instance.state in LIVE_STATES and not instance.ready and not instance.worker_failed
-               and now - instance.launched_at > deadline_s)
-    if not overdue:
-        return instance
-    return replace(instance, worker_failed=f"not serving {deadline_s:g}s after launch")
+    ready: bool = False  # its worker has received from the request queue (WORKER_READY_TAG)
 
 
 def app_tier_instances(aws: Aws, states: tuple[str, ...] = WATCHED_STATES) -> tuple[Instance, ...]:

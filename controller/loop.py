@@ -7,10 +7,15 @@ exactly where the last one stopped. The only memory kept between polls is
 (2) instances this process launched in the last few seconds, counted until
 EC2's eventually consistent DescribeInstances lists them, so that a launch is
 never repeated for the same work, and
-(3) when workers last gave up, and for how long launches are held after it.
+(3) when workers last gave up, and for how long launches are held after it,
+(4) when it first saw each instance whose worker has not yet said it serves, on
+its own clock (EC2's launch time would do, but for a controller whose clock is
+off), and
+(5) instances EC2 refused to terminate, kept for last when scaling in.
 Losing any of them on restart is harmless: a restarted controller keeps what
-is live for one window before it scales in, and learns of failing workers from
-the next one that gives up.
+is live for one window before it scales in, learns of failing workers from
+the next one that gives up, and gives a silent instance a whole READY_DEADLINE
+again.
 """
 
 from __future__ import annotations
@@ -37,9 +42,18 @@ log = logging.getLogger(__name__)
 RECENT_LAUNCH_MEMORY_S = 30.0
 # Errors AWS is known to give (LaunchError wraps those of RunInstances): one warning line each.
 EXPECTED_ERRORS = (BotoCoreError, ClientError, LaunchError)
+# EC2's refusals that concern one instance of a TerminateInstances call, not the call.
+ONE_INSTANCE_ERRORS = frozenset({
+    "OperationNotPermitted", "UnauthorizedOperation", "IncorrectInstanceState",
+    "InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed",
+})
 # Rounds kept in memory (a day at a 1 s poll would be 86,400 of them).
 TIMELINE_ROUNDS = 1000
 TIMELINE_FIELDS = ("time", "visible", "in_flight", "delayed", "pending", "running", "desired", "action")
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
 def policy_from(settings: Settings) -> Policy:
@@ -81,8 +95,11 @@ class Controller:
     # Instances there were when the hold last began: failures among them are of the same
     # wave, and do not lengthen the hold; only a replacement that fails again does.
     _present_at_failure: set[str] = field(default_factory=set)
-    # Instances EC2 refused to terminate, warned about once each (not state: a log aid).
+    # Instances EC2 refused to terminate (termination protection, say): warned about
+    # once each, and the last chosen to scale in, so that the others go instead.
     _refused: set[str] = field(default_factory=set)
+    # When this controller first saw each live instance not yet tagged ready.
+    _first_seen: dict[str, float] = field(default_factory=dict)
     _last_summary: tuple | None = None
     # The last rounds, for tests and a look in a debugger; --timeline keeps them all on disk.
     timeline: deque[dict] = field(default_factory=lambda: deque(maxlen=TIMELINE_ROUNDS))
@@ -96,8 +113,9 @@ class Controller:
 
     # --- one round -----------------------------------------------------------------
     def step(self, now: float | None = None) -> Decision:
-        obs = self._with_recent_launches(observe(self.aws, now))
-        decision = decide(obs, self.policy, self._wanted_recently(obs), self._launches_held(obs))
+        obs = self._with_readiness(self._with_recent_launches(observe(self.aws, now)))
+        decision = decide(obs, self.policy, self._wanted_recently(obs), self._launches_held(obs),
+                          keep_last=frozenset(self._refused))
         self._record(obs, decision)
         if decision.changes_anything and not self.dry_run:
             self._act(decision, obs.at)
@@ -124,6 +142,21 @@ class Controller:
             peak = max(peak, len(obs.live))
         return peak
 
+    def _with_readiness(self, obs: Observation) -> Observation:
+        """The observation, with each instance watched for READY_DEADLINE without its
+        worker saying it serves counted as failed: it never will (see common/fleet.py)."""
+        deadline = self.settings.ready_deadline_s
+        silent = [i for i in obs.live if not i.ready and not i.worker_failed]
+        self._first_seen = {i.id: self._first_seen.get(i.id, obs.at) for i in silent}
+        if deadline <= 0:
+            return obs
+        overdue = {i.id for i in silent if obs.at - self._first_seen[i.id] > deadline}
+        if not overdue:
+            return obs
+        reason = f"not serving {deadline:g}s after it was first seen"
+        return replace(obs, instances=tuple(replace(i, worker_failed=reason) if i.id in overdue else i
+                                            for i in obs.instances))
+
     def _launches_held(self, obs: Observation) -> bool:
         """Whether workers gave up recently enough that launching more is held."""
         failed = {i.id: i for i in obs.instances if i.worker_failed}
@@ -139,8 +172,7 @@ class Controller:
             self._last_failure_at = obs.at
             log.error(
                 "controller: %d worker(s) gave up: %s; their instances are terminated, and "
-                "launches held for %.0fs (see the worker's log; ami/README.md says how to provide "
-                "the weights)", len(new),
+                "launches held for %.0fs (see the worker's log, and ami/README.md)", len(new),
                 ", ".join(f"app-tier-instance-{i.number} ({i.id}): {i.worker_failed}" for i in new),
                 self._failure_hold_s,
             )
@@ -174,38 +206,46 @@ class Controller:
             self._remember(ids, now)
 
     def _terminate(self, instance_ids: tuple[str, ...], why: str) -> None:
-        """Terminate these instances, and let one that EC2 refuses fail nothing else.
+        """Terminate these instances; one that EC2 refuses for a reason of its own fails
+        nothing else.
 
-        One call for all of them, as a scale-in usually is; if EC2 refuses it (one
-        protected instance fails the whole call), one call each. An instance EC2
+        One call for all of them, as a scale-in usually is. If EC2 refuses it for one
+        instance (a protected one fails the whole call), one call each. An instance EC2
         will not terminate (termination protection, say) stays round after round;
-        failing the round for it would slow every later round to the error backoff
-        and hold up scaling in and out alike."""
+        failing the round for it would slow every later round to the error backoff and
+        hold up scaling in and out alike. Any other error (throttling, say) fails the
+        round as before: calling once per instance would only add to it."""
         if not instance_ids:
             return
         try:
             terminate(self.aws, instance_ids)
-            refused = []
-        except EXPECTED_ERRORS:
-            refused = [iid for iid in instance_ids if not self._terminate_one(iid, why)]
+            refused: set[str] = set()
+        except ClientError as exc:
+            if _error_code(exc) not in ONE_INSTANCE_ERRORS:
+                raise
+            refused = {iid for iid in instance_ids if not self._terminate_one(iid, why)}
         for iid in instance_ids:
             if iid not in refused:
                 self._recent.pop(iid, None)
+                self._refused.discard(iid)
 
     def _terminate_one(self, iid: str, why: str) -> bool:
         try:
             terminate(self.aws, (iid,))
-        except EXPECTED_ERRORS as exc:
+        except ClientError as exc:
+            if _error_code(exc) not in ONE_INSTANCE_ERRORS:
+                raise
             if iid not in self._refused:
                 self._refused.add(iid)
                 log.warning("controller: cannot terminate instance %s (%s): %s; it is tried "
-                            "again every round, and warned about once", iid, exc, why)
+                            "again while it is not needed, and warned about once", iid, exc, why)
             return False
         return True
 
     def _remember(self, launched: dict[int, str], now: float) -> None:
         for n, iid in launched.items():
             self._recent[iid] = Instance(id=iid, number=n, state="pending", launched_at=now)
+            self._first_seen[iid] = now
 
     def _record(self, obs: Observation, decision: Decision) -> None:
         pending, running = len(obs.in_state("pending")), len(obs.in_state("running"))

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 
 from common.aws import Aws
-from common.fleet import LIVE_STATES, Instance, app_tier_instances, failed_if_never_ready
+from common.fleet import LIVE_STATES, Instance, app_tier_instances
 
 
 @dataclass(frozen=True)
@@ -59,14 +59,12 @@ def queue_depth(aws: Aws) -> tuple[int, int, int]:
 
 def observe(aws: Aws, now: float | None = None) -> Observation:
     visible, in_flight, delayed = queue_depth(aws)
-    at = time.time() if now is None else now
-    deadline_s = aws.settings.ready_deadline_s
     return Observation(
-        at=at,
+        at=time.time() if now is None else now,
         visible=visible,
         in_flight=in_flight,
         delayed=delayed,
-        instances=tuple(failed_if_never_ready(i, at, deadline_s) for i in app_tier_instances(aws)),
+        instances=app_tier_instances(aws),
     )
 
 

@@ -111,11 +111,13 @@ def _scale_in_order(instance: Instance) -> tuple[int, float, int]:
 
 
 def decide(
-    obs: Observation, policy: Policy, wanted_recently: int | None = None, hold_launches: bool = False
+    obs: Observation, policy: Policy, wanted_recently: int | None = None, hold_launches: bool = False,
+    keep_last: frozenset[str] = frozenset(),
 ) -> Decision:
     """What to do now. `wanted_recently` is the most instances wanted at any round of
     the last scale_in_cooldown_s (None: no window); the fleet shrinks no lower.
-    `hold_launches`: launch nothing this round (workers have been giving up)."""
+    `hold_launches`: launch nothing this round (workers have been giving up).
+    `keep_last`: ids chosen to scale in only after every other (EC2 refused them)."""
     desired, reason = desired_count(obs, policy)
     serving = obs.serving
     if wanted_recently is not None and desired < len(serving) and wanted_recently > desired:
@@ -131,7 +133,8 @@ def decide(
         elif count > 0:
             launch = _free_numbers({i.number for i in obs.instances}, count)
     elif desired < len(serving):
-        victims = tuple(i.id for i in sorted(serving, key=_scale_in_order)[: len(serving) - desired])
+        order = sorted(serving, key=lambda i: (i.id in keep_last, *_scale_in_order(i)))
+        victims = tuple(i.id for i in order[: len(serving) - desired])
     # Stopped, or live with a worker that gave up: ours, serving nobody; always cleaned up.
     useless = tuple(i.id for i in obs.in_state("stopped") + obs.failed)
     return Decision(desired, launch=launch, terminate=victims, clean_up=useless, reason=reason)

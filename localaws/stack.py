@@ -107,6 +107,10 @@ def child_env(settings: Settings) -> dict[str, str]:
     # Shorter long polls than production's 20 s: an idle local worker that is
     # told to stop then exits within seconds (each poll is free here).
     env.setdefault("RECEIVE_WAIT", "5")
+    if settings.local_max_workers < settings.max_instances:
+        # Instances beyond the local cap get no worker and never say they serve: a
+        # limit of this machine, not a failure for the controller to replace them for.
+        env.setdefault("READY_DEADLINE", "0")
     env.setdefault("AWS_ACCESS_KEY_ID", "local")
     env.setdefault("AWS_SECRET_ACCESS_KEY", "local")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -287,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
             if settings.model_weights == "random" else ""
         print(f"READY web=http://{settings.web_host}:{settings.web_port} aws={settings.local_aws_url}"
               f" logs={stack.logs}{untrained}", flush=True)
+        # boto3 and the AWS CLI need a region and some credentials besides the address.
+        print(f"to reach the embedded AWS from another shell: export AWS_ENDPOINT_URL="
+              f"{settings.local_aws_url} AWS_DEFAULT_REGION={settings.region} "
+              "AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local", flush=True)
         while not stop.wait(0.5):
             problem = stack.supervise()
             if problem:

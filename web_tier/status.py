@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from common.aws import Aws, error_reason
-from common.fleet import LIVE_STATES, WATCHED_STATES, app_tier_instances, failed_if_never_ready
+from common.fleet import LIVE_STATES, WATCHED_STATES, app_tier_instances
 from web_tier.results import ResultBook
 
 log = logging.getLogger(__name__)
@@ -82,11 +82,9 @@ class StatusReader:
             # Every state always reported, even at zero, so a page need not guess.
             counts = dict.fromkeys(WATCHED_STATES, 0)
             failed = 0
-            now, deadline_s = time.time(), self.aws.settings.ready_deadline_s
             for instance in app_tier_instances(self.aws):
-                instance = failed_if_never_ready(instance, now, deadline_s)
                 counts[instance.state] = counts.get(instance.state, 0) + 1
-                # Up, but with a worker that gave up or never served: the controller replaces it.
+                # Up, but with a worker that gave up: the controller replaces it.
                 failed += bool(instance.worker_failed and instance.state in LIVE_STATES)
             out["instances"] = counts
             out["instances_total"] = sum(counts.values())

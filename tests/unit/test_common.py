@@ -180,7 +180,7 @@ def test_settings_from_env():
     ("SCALING_MODE", "fast", "SCALING_MODE must be one of backlog, latency, got 'fast'"),
     ("LOCAL_WARM_SPARES", "two", "LOCAL_WARM_SPARES must be a whole number, got 'two'"),
     ("LOCAL_WARM_SPARES", "-1", "LOCAL_WARM_SPARES must be from 0 to 15, got -1"),
-    ("READY_DEADLINE", "0", "READY_DEADLINE must be from 1 up, got 0"),
+    ("READY_DEADLINE", "-1", "READY_DEADLINE must be from 0 up, got -1"),
 ])
 def test_settings_out_of_range_are_refused_naming_the_variable(name, value, says):
     with pytest.raises(ValueError) as refused:

@@ -8,6 +8,7 @@ by wrapping single client methods, so the rest of the AWS stays real.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import subprocess
 import sys
@@ -318,24 +319,38 @@ def test_workers_of_one_wave_failing_in_turn_do_not_lengthen_the_hold(aws, make_
 
 def test_an_instance_that_never_serves_is_replaced_after_the_ready_deadline(aws, make_controller, caplog):
     """A worker that never serves cannot always say so (no credentials, a role missing
-    a right, a crash loop): an instance live for READY_DEADLINE without its worker's
+    a right, a crash loop): an instance watched for READY_DEADLINE without its worker's
     ready tag is counted as failed, terminated, and replaced after the launch hold.
-    One whose worker said it serves stays, however old."""
+    One whose worker said it serves stays, however old. The deadline runs on the
+    controller's own clock from when it first saw the instance."""
     send(aws, 2)
     controller = make_controller(failure_hold_min_s=10.0)
-    assert len(controller.step().launch) == 2
+    t = 1000.0
+    assert len(controller.step(now=t).launch) == 2
     serving, silent = instances(aws)
     report_worker_ready(aws, serving["InstanceId"], threading.Event())
     assert WORKER_READY_TAG in tags(instances(aws)[0])
     deadline = aws.settings.ready_deadline_s
-    now = time.time()
-    assert controller.step(now=now + deadline - 5).changes_anything is False  # still booting
+    assert controller.step(now=t + deadline - 5).changes_anything is False  # still booting
 
-    decision = controller.step(now=now + deadline + 5)
+    decision = controller.step(now=t + deadline + 5)
     assert decision.clean_up == (silent["InstanceId"],) and decision.launch == ()
-    assert f"not serving {deadline:g}s after launch" in caplog.text
+    assert f"not serving {deadline:g}s after it was first seen" in caplog.text
     assert [i["InstanceId"] for i in instances(aws)] == [serving["InstanceId"]]
-    assert len(controller.step(now=now + deadline + 16).launch) == 1  # after the hold
+    assert len(controller.step(now=t + deadline + 16).launch) == 1  # after the hold
+
+    # A new controller (restarted) gives the replacement, and any silent one, a whole deadline.
+    fresh = make_controller()
+    assert fresh.step(now=t + 2 * deadline).changes_anything is False
+
+
+def test_ready_deadline_0_counts_no_silent_instance_as_failed(aws, make_controller):
+    """Workers from an AMI older than the ready tag never set it: READY_DEADLINE=0."""
+    send(aws, 1)
+    controller = make_controller()
+    controller.settings = dataclasses.replace(aws.settings, ready_deadline_s=0)
+    controller.step(now=1000.0)
+    assert controller.step(now=1000.0 + 10 * 86400).changes_anything is False
 
 
 def test_a_launch_that_terminates_before_ec2_lists_it_is_not_counted(aws, make_controller, patch):
@@ -361,18 +376,41 @@ def test_one_instance_ec2_will_not_terminate_fails_no_other_scale_in(aws, make_c
     send(aws, 3)
     controller = make_controller()
     controller.step()
-    protected = instances(aws)[-1]["InstanceId"]
+    # The highest number, of those launched together: the first chosen to go.
+    protected = max(instances(aws), key=lambda i: int(tags(i)["Name"].rsplit("-", 1)[1]))["InstanceId"]
     aws.ec2.modify_instance_attribute(InstanceId=protected, DisableApiTermination={"Value": True})
     try:
-        delete(aws, receive_all(aws))
-        assert len(controller.step().terminate) == 3
+        handles = receive_all(aws)
+        delete(aws, handles[:1])  # two messages left: two instances wanted
+        assert controller.step().terminate == (protected,)
+        assert len(instances(aws)) == 3
+        # Refused once, it goes last: another instance goes instead.
+        (victim,) = controller.step().terminate
+        assert victim != protected and len(instances(aws)) == 2
+        delete(aws, handles[1:])
+        assert len(controller.step().terminate) == 2  # nothing left: all of them, again
         assert [i["InstanceId"] for i in instances(aws)] == [protected]
-        assert len(controller.step().terminate) == 1  # tried again, warned once
         assert caplog.text.count(f"cannot terminate instance {protected}") == 1
     finally:
         aws.ec2.modify_instance_attribute(InstanceId=protected, DisableApiTermination={"Value": False})
     controller.step()
     assert instances(aws) == []
+
+
+def test_a_throttled_scale_in_fails_the_round_rather_than_call_once_per_instance(aws, make_controller,
+                                                                                 patch):
+    send(aws, 3)
+    controller = make_controller()
+    controller.step()
+    delete(aws, receive_all(aws))
+    throttled = Flaky(aws.ec2.terminate_instances, client_error("RequestLimitExceeded", "TerminateInstances"),
+                      lambda n, kwargs: True)
+    patch.setattr(aws.ec2, "terminate_instances", throttled)
+    with pytest.raises(ClientError, match="RequestLimitExceeded"):
+        controller.step()
+    assert len(throttled.calls) == 1
+    patch.undo()
+    assert len(controller.step().terminate) == 3 and instances(aws) == []
 
 
 def test_a_worker_run_by_hand_tags_nothing(aws):

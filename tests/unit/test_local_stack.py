@@ -22,6 +22,7 @@ from localaws.stack import (
     RESTART_DELAY_S,
     Child,
     Stack,
+    child_env,
     local_model_weights,
     memory_safe_workers,
 )
@@ -155,3 +156,12 @@ def test_bad_settings_stop_make_run_with_a_message_naming_the_variable(capsys, m
         main([])
     assert stopped.value.code == 2
     assert "LOCAL_WARM_SPARES must be a whole number, got 'two'" in capsys.readouterr().err
+
+
+def test_instances_beyond_the_local_cap_are_not_taken_for_workers_that_never_serve(monkeypatch):
+    """They get no worker process here, so they never tag themselves ready."""
+    monkeypatch.delenv("READY_DEADLINE", raising=False)
+    assert child_env(Settings(local_max_workers=2))["READY_DEADLINE"] == "0"
+    assert "READY_DEADLINE" not in child_env(Settings(local_max_workers=15))
+    monkeypatch.setenv("READY_DEADLINE", "600")  # the user's own choice stands
+    assert child_env(Settings(local_max_workers=2))["READY_DEADLINE"] == "600"

@@ -15,15 +15,18 @@ import time
 
 import numpy as np
 import pytest
+from botocore.exceptions import ClientError
 from moto import mock_aws
 from PIL import Image
 
 from app_tier import EXIT_STALLED
+from app_tier.__main__ import report_ready_once_received
 from app_tier.model import Classification
 from app_tier.worker import MAX_RETRY_DELAY_S, Call, Worker, retry_delay_s, warm_up
 from common.aws import Aws
 from common.config import Settings
 from common.failure_tags import failure_from_tags
+from common.fleet import WORKER_READY_TAG
 from common.messages import ClassifyRequest, ClassifyResponse, Prediction
 from common.names import object_key
 from common.output_object import label_of
@@ -490,6 +493,50 @@ def test_the_fetch_thread_survives_an_unexpected_error(aws_env, monkeypatch):
     answered: dict[str, ClassifyResponse] = {}
     run_until(worker, lambda: answered.update(responses(aws)) or "a" in answered)
     assert raised and answered["a"].ok
+
+
+def test_the_instance_is_tagged_ready_only_once_a_receive_has_succeeded(aws_env, monkeypatch):
+    """A worker that cannot receive (no credentials, a role without sqs:ReceiveMessage)
+    must not say it serves: the controller replaces an instance that never says so."""
+    settings, aws = aws_env
+    instance_id = aws.ec2.run_instances(ImageId=settings.ami_id, MinCount=1,
+                                        MaxCount=1)["Instances"][0]["InstanceId"]
+
+    def tagged_ready() -> bool:
+        reply = aws.ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [instance_id]}])
+        return any(t["Key"] == WORKER_READY_TAG for t in reply["Tags"])
+
+    receive = aws.sqs.receive_message
+    tagged_before: list[bool] = []
+
+    def denied_once(**kwargs):
+        tagged_before.append(tagged_ready())
+        if len(tagged_before) == 1:
+            raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "ReceiveMessage")
+        return receive(**kwargs)
+
+    monkeypatch.setattr(aws.sqs, "receive_message", denied_once)
+    worker = Worker(settings, aws, MeanClassifier(), instance_id)
+    threading.Thread(target=report_ready_once_received, args=(settings, worker), daemon=True).start()
+    run_until(worker, tagged_ready)
+    assert tagged_before[:2] == [False, False]  # not after the denied receive, nor before it
+
+
+def test_a_delete_sqs_refuses_is_said(aws_env, monkeypatch, caplog):
+    settings, aws = aws_env
+    upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
+    delete = aws.sqs.delete_message_batch
+
+    def refused(**kwargs):
+        delete(**kwargs)
+        return {"Successful": [], "Failed": [{"Id": e["Id"], "SenderFault": True, "Message": "...",
+                                              "Code": "ReceiptHandleIsInvalid"} for e in kwargs["Entries"]]}
+
+    monkeypatch.setattr(aws.sqs, "delete_message_batch", refused)
+    worker = Worker(settings, aws, MeanClassifier(), "i-del")
+    run_until(worker, lambda: "a" in responses(aws))
+    assert "could not delete 1 answered request(s), which will be answered again: ReceiptHandleIsInvalid" \
+        in caplog.text
 
 
 def test_two_hand_backs_at_once_send_each_message_back_once(aws_env, monkeypatch):
