@@ -984,6 +984,11 @@ def run_load(
     """
     images = list_images(config.images)
     expected = read_expected(config.expected) if config.expected else {}
+    if config.expected and not any(image_key(p.name) in expected for p in images):
+        # Every answer would be "unchecked", and the run a PASS that checked nothing.
+        raise LoadTestError(f"{config.expected} names none of the {len(images)} images in "
+                            f"{config.images} (it names {', '.join(sorted(expected)[:3]) or 'none'}"
+                            f"{', ...' if len(expected) > 3 else ''})")
     total = config.num_requests if config.num_requests is not None else len(images)
     plan = [images[i % len(images)] for i in range(total)]
 

@@ -78,10 +78,11 @@ def clean_name(sent: str) -> str:
     return name.strip()[:MAX_FILENAME_CHARS] or "upload"
 
 
-def check_count(files: list[FileStorage], settings: Settings) -> None:
-    """Refuse a request with no file, or with more than one request may carry."""
+def check_count(files: list[FileStorage], settings: Settings, field: str = "files") -> None:
+    """Refuse a request with no file in `field`, or with more than one request may carry."""
     if not files:
-        raise UploadError(400, "no file in the request")
+        raise UploadError(400, f"no file in the request: send the images as multipart/form-data, "
+                               f"in the field '{field}'")
     if len(files) > settings.max_files_per_request:
         raise UploadError(
             413,

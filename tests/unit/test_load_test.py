@@ -836,3 +836,17 @@ def test_the_copied_name_rules_match_the_web_tier(name):
     assert load_test.name_stem(shown) == stem(shown)
     assert load_test._safe_filename(shown) == safe_filename(shown)
     assert load_test._clip_for_json(shown, 160) == clip_for_json(shown, 160)
+
+
+def test_expected_results_that_name_none_of_the_images_are_refused_before_anything_is_sent(
+    tier, tmp_path, capsys
+):
+    """Else every answer is "unchecked" and the run a PASS that checked nothing."""
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:x", "b.jpg": b"label:y"})
+    csv_path = tmp_path / "expected.csv"
+    csv_path.write_text("Image,Results\nfoo,ant\nbar,ant\n")
+    code = load_test.main(["--url", tier.url, "--images", str(images), "--expected", str(csv_path),
+                           "--quiet"])
+    assert code == 2
+    assert f"{csv_path} names none of the 2 images in {images} (it names bar, foo)" in capsys.readouterr().err
+    assert not [p for p in tier.paths if p != "/api/status"]  # no image sent

@@ -261,10 +261,14 @@ def test_request_over_the_body_limit_is_json_413(web_app):
     assert upload(client, [(make_image(8), "next.jpg")]).status_code == 202
 
 
-def test_no_files(web_client):
+def test_no_files_or_a_wrong_field_is_refused_naming_the_field(web_client):
     response = web_client.post("/api/jobs", data={}, content_type="multipart/form-data")
     assert response.status_code == 400
     assert response.get_json()["error"]
+    response = web_client.post("/api/jobs", data={"file": (io.BytesIO(make_image(1)), "a.jpg")},
+                               content_type="multipart/form-data")
+    assert response.status_code == 400
+    assert "in the field 'files'" in response.get_json()["error"]
 
 
 def test_hostile_names_are_stored_safely_and_returned_intact(web_client, web_aws):
