@@ -44,7 +44,10 @@ queue's message list and assigns it back, so a message sent meanwhile was lost
 deletes), and two deletes at once could bring a deleted message back to be
 classified twice. Each service's requests now run one at a time
 (ServiceLocks); an SQS long poll lets go while it waits, as its queue's
-condition variable shares the SQS lock.
+condition variable shares the SQS lock. Measured with 1,200 calls from 4
+clients, three rounds each way: 3.07-3.25 ms of server CPU a call against
+3.02-3.20 without the locks, no difference beyond the noise (the GIL already
+ran them one at a time).
 
 Measured on this machine (2 cores) with 300 x (S3 PutObject + SQS
 SendMessage): see the commit that introduced each patch, and `make bench`.
