@@ -64,6 +64,11 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
 
 
+# The scale-in window on real AWS (no AWS_ENDPOINT_URL), where a boot takes ~40 s
+# and SQS's approximate counts can read low once: a trickle of requests must not
+# end the fleet between two of them. The embedded AWS starts an "instance" in a
+# second, and the local target is zero instances within 2 s: none there.
+AWS_SCALE_IN_COOLDOWN_S = 60.0
 SCALING_MODES = ("backlog", "latency")
 MODEL_RUNTIMES = ("openvino", "tensorflow")
 
@@ -169,9 +174,11 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
+        endpoint_url = env.get("AWS_ENDPOINT_URL") or None
+        cooldown = cls.scale_in_cooldown_s if endpoint_url else AWS_SCALE_IN_COOLDOWN_S
         return cls(
             region=region_from_env(env),
-            endpoint_url=env.get("AWS_ENDPOINT_URL") or None,
+            endpoint_url=endpoint_url,
             prefix=_str(env, "APP_PREFIX", cls.prefix),
             max_instances=_int(env, "MAX_INSTANCES", cls.max_instances, low=0),
             ami_id=_str(env, "AMI_ID", cls.ami_id),
@@ -187,7 +194,7 @@ class Settings:
             acceptable_latency_s=_float(env, "ACCEPTABLE_LATENCY", cls.acceptable_latency_s, low=0),
             seconds_per_image=_float(env, "SECONDS_PER_IMAGE", cls.seconds_per_image, low=0.001),
             boot_time_s=_float(env, "BOOT_TIME", cls.boot_time_s, low=0),
-            scale_in_cooldown_s=_float(env, "SCALE_IN_COOLDOWN", cls.scale_in_cooldown_s, low=0),
+            scale_in_cooldown_s=_float(env, "SCALE_IN_COOLDOWN", cooldown, low=0),
             ready_deadline_s=_float(env, "READY_DEADLINE", cls.ready_deadline_s, low=0),
             model_weights=_str(env, "MODEL_WEIGHTS", cls.model_weights),
             model_runtime=_choice(env, "MODEL_RUNTIME", cls.model_runtime, MODEL_RUNTIMES),

@@ -39,7 +39,8 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
                    help="seconds from launch to serving, latency mode (BOOT_TIME, default %(default)s)")
     p.add_argument("--scale-in-cooldown", type=float, default=defaults.scale_in_cooldown_s,
                    help="scale-in window: the fleet shrinks only to the most instances wanted in the "
-                   "last this many seconds (SCALE_IN_COOLDOWN, default %(default)s; a minute or more on AWS)")
+                   "last this many seconds (SCALE_IN_COOLDOWN, default here %(default)s: 60 on AWS, "
+                   "0 against AWS_ENDPOINT_URL)")
     p.add_argument("--dry-run", action="store_true", help="decide and log, but launch or terminate nothing")
     p.add_argument("--once", action="store_true", help="one observe-decide-act round, then exit")
     p.add_argument("--timeline", type=Path, help="write time, visible, in-flight, pending, running to CSV")

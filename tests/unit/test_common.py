@@ -164,6 +164,13 @@ def test_settings_from_env():
     assert Settings.from_env({"API_KEY": " key\n"}).api_key == "key"  # as pasted from a file
 
 
+def test_on_aws_the_fleet_shrinks_only_after_a_minute_by_default():
+    """A boot takes ~40 s there: a trickle of requests must not end the fleet between two."""
+    assert Settings.from_env({}).scale_in_cooldown_s == 60
+    assert Settings.from_env({"AWS_ENDPOINT_URL": "http://127.0.0.1:5000"}).scale_in_cooldown_s == 0
+    assert Settings.from_env({"SCALE_IN_COOLDOWN": "5"}).scale_in_cooldown_s == 5
+
+
 @pytest.mark.parametrize(("name", "value", "says"), [
     ("RECEIVE_WAIT", "30", "RECEIVE_WAIT must be from 0 to 20, got 30"),  # SQS's long-poll limit
     ("RECEIVE_BATCH", "0", "RECEIVE_BATCH must be from 1 to 10, got 0"),
