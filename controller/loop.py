@@ -194,7 +194,8 @@ class Controller:
         return replace(obs, instances=obs.instances + tuple(self._recent.values()))
 
     def _act(self, decision: Decision, now: float) -> None:
-        # Terminations first: they never fail the round, where a failed launch does.
+        # Terminations first: a launch that fails ends the round (LaunchError), and
+        # the instances no longer needed would wait for the next one.
         self._terminate(decision.terminate, "the fleet no longer needs it")
         self._terminate(decision.clean_up, "it serves nobody (stopped, or its worker gave up)")
         if decision.launch:
