@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import queue
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -52,6 +51,7 @@ from common.failure_tags import failure_tagging
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
 from common.names import stored_name
 from common.output_object import pair_text
+from common.signals import on_signals
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +160,9 @@ class Worker:
 
     # --- lifecycle ---------------------------------------------------------------
     def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        on_signals(self._on_signal)
 
-    def _on_signal(self, signum: int, _frame) -> None:
+    def _on_signal(self, signum: int, _frame=None) -> None:
         log.info("worker %s: signal %d, stopping after the batch in hand", self.instance_id, signum)
         self.stopping.set()
         # If the batch in hand cannot finish in time, give its messages back now.

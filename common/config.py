@@ -222,7 +222,8 @@ class Settings:
             local_aws_host=_str(env, "LOCAL_AWS_HOST", cls.local_aws_host),
             local_aws_port=_int(env, "LOCAL_AWS_PORT", cls.local_aws_port, low=0, high=65535),
             local_boot_delay_s=_float(env, "LOCAL_BOOT_DELAY", cls.local_boot_delay_s, low=0),
-            local_max_workers=_int(env, "LOCAL_MAX_WORKERS", cls.local_max_workers, low=0),
+            # 0 would serve nothing: every upload would stay queued.
+            local_max_workers=_int(env, "LOCAL_MAX_WORKERS", cls.local_max_workers, low=1),
             local_warm_spares=_int(env, "LOCAL_WARM_SPARES", cls.local_warm_spares, low=0, high=15),
             local_worker_threads=_int(env, "LOCAL_WORKER_THREADS", cls.local_worker_threads, low=0),
             local_watchdog_s=_float(env, "LOCAL_WATCHDOG", cls.local_watchdog_s, low=0),

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import signal
 import threading
 import time
 from collections import deque
@@ -33,6 +32,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from common.aws import Aws
 from common.config import Settings
+from common.signals import on_signals
 from controller.act import LaunchError, launch, render_user_data, terminate
 from controller.observe import Instance, Observation, observe, terminated
 from controller.policy import Decision, Policy, decide, desired_count
@@ -309,5 +309,4 @@ class Controller:
         log.info("controller: stopped (instances are left as they are; a new controller adopts them)")
 
     def install_signal_handlers(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stopping.set())
+        on_signals(lambda _signum: self.stopping.set())

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from common.aws import Aws
 from common.config import SCALING_MODES, Settings
 from common.heap import freeze_startup_heap
 from common.logs import configure as configure_logging
-from controller.loop import Controller
+from controller.loop import EXPECTED_ERRORS, Controller
 
 
 def build_parser(defaults: Settings) -> argparse.ArgumentParser:
@@ -98,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # a setting that cannot be passed to instances: names it
         parser.error(str(exc))
     if args.once:
-        controller.step()
+        try:
+            controller.step()
+        except EXPECTED_ERRORS as exc:  # no credentials, AWS unreachable: one line, not a traceback
+            print(f"python controller.py: {exc}", file=sys.stderr)
+            return 1
     else:
         freeze_startup_heap()
         controller.install_signal_handlers()

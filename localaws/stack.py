@@ -27,6 +27,7 @@ from pathlib import Path
 from common.config import Settings
 from common.logs import configure as configure_logging
 from common.provision import provision
+from common.signals import on_signals
 from localaws.runner import InstanceRunner
 from localaws.server import PortInUse, ensure_port_free, start_moto, wait_until_up
 
@@ -132,8 +133,6 @@ class Stack:
         self.settings = settings
         self.run_dir = run_dir
         self.logs = run_dir / "logs"
-        keep_previous_logs(self.logs)
-        self.logs.mkdir(parents=True, exist_ok=True)
         self.env = child_env(settings)
         self.children: list[Child] = []
         self.runner: InstanceRunner | None = None
@@ -144,6 +143,9 @@ class Stack:
         s = self.settings
         ensure_port_free(s.local_aws_host, s.local_aws_port, "LOCAL_AWS_PORT")
         ensure_port_free(s.web_host, s.web_port, "WEB_PORT")
+        # Only now: a run refused for a port in use (a second `make run` here, say)
+        # must leave the running one's logs where they are.
+        self.open_logs()
         log.info("starting the embedded AWS on %s", s.local_aws_url)
         moto = start_moto(s.local_aws_host, s.local_aws_port, self.logs / "moto.log")
         self.children.append(Child("moto", [], moto, time.monotonic()))
@@ -158,6 +160,11 @@ class Stack:
         gunicorn_conf = str(ROOT / "web_tier" / "gunicorn.conf.py")
         self._spawn("web", [sys.executable, "-m", "gunicorn", "-c", gunicorn_conf, "web_tier:create_app()"])
         wait_until_up(f"http://{s.web_host}:{s.web_port}/healthz", self.children[-1].process, timeout_s=60)
+
+    def open_logs(self) -> None:
+        """A fresh logs folder for this run, the last run's kept beside it."""
+        keep_previous_logs(self.logs)
+        self.logs.mkdir(parents=True, exist_ok=True)
 
     def _prepare_model(self) -> None:
         """Convert and cache the model once, before any worker needs it (as an AMI bake would)."""
@@ -281,8 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning(note)
 
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    on_signals(lambda _signum: stop.set())
     stack = Stack(settings, args.run_dir, args.warm_spares)
     code = 0
     try:

@@ -188,6 +188,7 @@ def test_on_aws_the_fleet_shrinks_only_after_a_minute_by_default():
     ("LOCAL_WARM_SPARES", "two", "LOCAL_WARM_SPARES must be a whole number, got 'two'"),
     ("LOCAL_WARM_SPARES", "-1", "LOCAL_WARM_SPARES must be from 0 to 15, got -1"),
     ("READY_DEADLINE", "-1", "READY_DEADLINE must be from 0 up, got -1"),
+    ("LOCAL_MAX_WORKERS", "0", "LOCAL_MAX_WORKERS must be from 1 up, got 0"),
 ])
 def test_settings_out_of_range_are_refused_naming_the_variable(name, value, says):
     with pytest.raises(ValueError) as refused:

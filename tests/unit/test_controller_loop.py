@@ -705,6 +705,17 @@ def test_on_aws_the_controller_will_not_launch_workers_without_credentials(capsy
     assert "INSTANCE_PROFILE is not set" in capsys.readouterr().err
 
 
+def test_once_without_credentials_says_so_in_one_line(capsys, monkeypatch, tmp_path):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # never reached: no credentials
+    assert main(["--once"]) == 1
+    assert capsys.readouterr().err.strip() == "python controller.py: Unable to locate credentials"
+
+
 def test_a_bad_scaling_mode_in_the_environment_is_a_usage_error(capsys, monkeypatch):
     monkeypatch.setenv("SCALING_MODE", "fastest")
     with pytest.raises(SystemExit) as stopped:

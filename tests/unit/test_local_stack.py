@@ -129,6 +129,7 @@ def test_stopping_stops_the_runner_launching_before_anything_else(tmp_path, monk
 def test_each_run_has_its_own_logs_and_the_last_runs_are_kept_once(tmp_path):
     for run in ("first", "second", "third"):
         stack = Stack(Settings(), tmp_path, warm_spares=0)
+        stack.open_logs()
         (stack.logs / "worker-001.log").write_text(run)
     assert (tmp_path / "logs" / "worker-001.log").read_text() == "third"
     assert (tmp_path / "logs.previous" / "worker-001.log").read_text() == "second"
@@ -142,10 +143,13 @@ def test_a_port_already_in_use_stops_the_stack_before_it_starts_anything(tmp_pat
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
+        (tmp_path / "logs").mkdir()
+        (tmp_path / "logs" / "moto.log").write_text("the running stack's")
         stack = Stack(Settings(local_aws_port=port), tmp_path, warm_spares=0)
         with pytest.raises(PortInUse, match=f"127.0.0.1:{port} is already in use.*LOCAL_AWS_PORT"):
             stack.start()
         assert stack.children == []
+        assert (tmp_path / "logs" / "moto.log").read_text() == "the running stack's"  # left alone
 
 
 def test_bad_settings_stop_make_run_with_a_message_naming_the_variable(capsys, monkeypatch):
