@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -27,6 +28,20 @@ import numpy as np
 from app_tier.model import RANDOM_WEIGHTS_SEED, Classifier, build_network
 
 log = logging.getLogger(__name__)
+
+
+def import_openvino():
+    """OpenVINO, without its usage telemetry.
+
+    Its converter, imported with it, sends usage events to Google Analytics
+    unless the user has opted out (a consent file under ~/intel; none counts as
+    consent). A worker talks to nobody but its own AWS: the telemetry module is
+    made unimportable, and OpenVINO falls back to its own no-op stub.
+    """
+    sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[assignment]
+    import openvino
+
+    return openvino
 
 # Settings for every compilation. fp32 stated, not left to the default: on CPUs
 # with bf16 (AVX512_BF16, AMX) OpenVINO would otherwise run in bf16, measured
@@ -71,7 +86,7 @@ def ensure_ir(weights: str) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if target.exists():
             return target
-        import openvino as ov
+        ov = import_openvino()
 
         started = time.perf_counter()
         network = build_network(weights)
@@ -106,7 +121,7 @@ class OpenVinoResNet50(Classifier):
     """
 
     def __init__(self, weights: str = "imagenet", threads: int = 0) -> None:
-        import openvino as ov
+        ov = import_openvino()
 
         started = time.perf_counter()
         self.weights = weights

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import boto3
 import numpy as np
 import pytest
@@ -11,6 +16,8 @@ from app_tier.images import INPUT_SIZE, decode, prepare, to_input
 from app_tier.labels import imagenet_labels
 from app_tier.model import WeightsUnavailable, load_classifier
 from tests.conftest import make_image
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +149,17 @@ def test_imagenet_weights_unreachable_offline_says_what_to_set(tmp_path, monkeyp
 def test_unknown_runtime_is_refused():
     with pytest.raises(ValueError):
         load_classifier("random", "pytorch")
+
+
+def test_openvino_sends_no_usage_telemetry():
+    """With no consent file, OpenVINO's converter counts as consent and sends usage
+    events to Google Analytics at import; a worker must send nothing anywhere."""
+    script = ("import sys\n"
+              "from app_tier.openvino_runtime import import_openvino\n"
+              "import_openvino()\n"
+              "import openvino.tools.ovc.telemetry_utils as t\n"
+              "print(t.tm.__name__)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "HOME": "/nonexistent-home"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "openvino.tools.ovc.telemetry_stub"
