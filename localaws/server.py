@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +27,18 @@ def start_moto(host: str, port: int, log_path: Path) -> subprocess.Popen:
             start_new_session=True,
             cwd=str(Path(__file__).resolve().parent.parent),
         )
-    wait_until_up(f"http://{host}:{port}/moto-api/", process, timeout_s=30)
+    try:
+        # Its start-up builds EC2's, SQS's and S3's backends: ~5 s here, more on a busy machine.
+        wait_until_up(f"http://{host}:{port}/moto-api/", process, timeout_s=90)
+    except BaseException:
+        # Not yet handed to the caller, who could not stop it: seen left running for
+        # hours after a start that timed out on a busy machine.
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=10)
+        raise
     return process
 
 

@@ -169,3 +169,20 @@ def test_instances_beyond_the_local_cap_are_not_taken_for_workers_that_never_ser
     assert "READY_DEADLINE" not in child_env(Settings(local_max_workers=15))
     monkeypatch.setenv("READY_DEADLINE", "600")  # the user's own choice stands
     assert child_env(Settings(local_max_workers=2))["READY_DEADLINE"] == "600"
+
+
+def test_a_moto_that_does_not_come_up_in_time_is_not_left_running(tmp_path, monkeypatch):
+    """The caller never gets the process to stop: start_moto must stop it itself."""
+    from localaws import server
+
+    started: list[subprocess.Popen] = []
+
+    def too_slow(url, process, timeout_s):
+        started.append(process)
+        raise TimeoutError(f"{url} did not answer within {timeout_s:.0f}s")
+
+    monkeypatch.setattr(server, "wait_until_up", too_slow)
+    with pytest.raises(TimeoutError):
+        server.start_moto("127.0.0.1", 1, tmp_path / "moto.log")
+    (process,) = started
+    assert process.poll() is not None
