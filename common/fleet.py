@@ -70,7 +70,7 @@ def report_worker_failed(aws: Aws, instance_id: str, reason: str) -> bool:
 
     Best effort, as the worker is exiting anyway. Without the tag (say, the
     instance role lacks ec2:CreateTags) the controller keeps counting the
-    instance as serving until the backlog is gone.
+    instance as serving until READY_DEADLINE, as it never tags it ready either.
     """
     if not instance_id.startswith("i-"):
         return False  # run by hand, outside any instance: nothing to tag
