@@ -25,7 +25,8 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
                    help="never more live instances than this (MAX_INSTANCES, default %(default)s)")
     p.add_argument("--poll-interval", type=float, default=defaults.poll_interval_s,
                    help="seconds between observations (POLL_INTERVAL, default %(default)s)")
-    p.add_argument("--mode", choices=SCALING_MODES, default=defaults.scaling_mode,
+    # Checked by Settings, as SCALING_MODE is (case-insensitive), not by argparse's choices.
+    p.add_argument("--mode", metavar="{" + ",".join(SCALING_MODES) + "}", default=defaults.scaling_mode,
                    help="backlog: one instance per TARGET messages; latency: target from acceptable "
                    "latency and processing time (SCALING_MODE, default %(default)s)")
     p.add_argument("--target-backlog", type=float, default=defaults.target_backlog_per_instance,

@@ -724,6 +724,17 @@ def test_a_bad_scaling_mode_in_the_environment_is_a_usage_error(capsys, monkeypa
     assert "SCALING_MODE must be one of backlog, latency, got 'fastest'" in capsys.readouterr().err
 
 
+def test_the_mode_option_is_checked_as_its_variable_is(capsys, monkeypatch):
+    """SCALING_MODE=LATENCY is accepted: so is --mode LATENCY (argparse's choices refused it)."""
+    monkeypatch.delenv("SCALING_MODE", raising=False)
+    args = build_parser(Settings()).parse_args(["--mode", "LATENCY"])
+    assert settings_from(args, {}).scaling_mode == "latency"
+    with pytest.raises(SystemExit) as stopped:
+        main(["--mode", "fastest", "--once"])
+    assert stopped.value.code == 2
+    assert "--mode (SCALING_MODE) must be one of backlog, latency, got 'fastest'" in capsys.readouterr().err
+
+
 def test_help_documents_every_option():
     out = subprocess.run([sys.executable, "controller.py", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=30, check=True).stdout
