@@ -7,13 +7,19 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 
-def start_moto(host: str, port: int, log_path: Path) -> subprocess.Popen:
+class StartInterrupted(Exception):
+    """A stop was asked for while a server was starting."""
+
+
+def start_moto(host: str, port: int, log_path: Path,
+               stopping: threading.Event | None = None) -> subprocess.Popen:
     """Start moto's server (S3, SQS, EC2 and the rest) and wait until it answers.
 
     It runs as `localaws.moto_fast`: moto's own server with patches that remove
@@ -29,7 +35,7 @@ def start_moto(host: str, port: int, log_path: Path) -> subprocess.Popen:
         )
     try:
         # Its start-up builds EC2's, SQS's and S3's backends: ~5 s here, more on a busy machine.
-        wait_until_up(f"http://{host}:{port}/moto-api/", process, timeout_s=90)
+        wait_until_up(f"http://{host}:{port}/moto-api/", process, timeout_s=90, stopping=stopping)
     except BaseException:
         # Not yet handed to the caller, who could not stop it: seen left running for
         # hours after a start that timed out on a busy machine.
@@ -59,7 +65,10 @@ def ensure_port_free(host: str, port: int, variable: str) -> None:
                             f"listens there, or set {variable} to another port")
 
 
-def wait_until_up(url: str, process: subprocess.Popen | None, timeout_s: float) -> None:
+def wait_until_up(url: str, process: subprocess.Popen | None, timeout_s: float,
+                  stopping: threading.Event | None = None) -> None:
+    """Wait for `url` to answer; raise if `process` exits, the time is up, or `stopping` is set."""
+    stopping = stopping or threading.Event()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -73,5 +82,6 @@ def wait_until_up(url: str, process: subprocess.Popen | None, timeout_s: float) 
                 return
         except OSError:
             pass
-        time.sleep(0.1)
+        if stopping.wait(0.1):
+            raise StartInterrupted(f"stopped while waiting for {url} to answer")
     raise TimeoutError(f"{url} did not answer within {timeout_s:.0f}s")

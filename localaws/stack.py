@@ -29,7 +29,7 @@ from common.logs import configure as configure_logging
 from common.provision import provision
 from common.signals import on_signals
 from localaws.runner import InstanceRunner
-from localaws.server import PortInUse, ensure_port_free, start_moto, wait_until_up
+from localaws.server import PortInUse, StartInterrupted, ensure_port_free, start_moto, wait_until_up
 
 log = logging.getLogger("stack")
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,6 +128,22 @@ class Child:
     restart_at: float | None = None  # set while it waits to be restarted
 
 
+# Converts and caches the model once, as an AMI bake would (app_tier/__main__.py).
+PREPARE_MODEL = [sys.executable, "-m", "app_tier", "--prepare-only"]
+
+
+def how_it_ended(code: int) -> str:
+    """A child's exit status in words: Popen gives -N for a process killed by signal N."""
+    if code == 0:
+        return "stopped (exit 0)"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with {code}"
+
+
 class Stack:
     def __init__(self, settings: Settings, run_dir: Path, warm_spares: int) -> None:
         self.settings = settings
@@ -138,6 +154,8 @@ class Stack:
         self.runner: InstanceRunner | None = None
         self.runner_thread: threading.Thread | None = None
         self.warm_spares = warm_spares
+        # Set on Ctrl-C or SIGTERM: a start under way gives up (see _prepare_model).
+        self.stopping = threading.Event()
 
     def start(self) -> None:
         s = self.settings
@@ -147,7 +165,7 @@ class Stack:
         # must leave the running one's logs where they are.
         self.open_logs()
         log.info("starting the embedded AWS on %s", s.local_aws_url)
-        moto = start_moto(s.local_aws_host, s.local_aws_port, self.logs / "moto.log")
+        moto = start_moto(s.local_aws_host, s.local_aws_port, self.logs / "moto.log", self.stopping)
         self.children.append(Child("moto", [], moto, time.monotonic()))
         os.environ.update({k: self.env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
                                                       "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
@@ -159,7 +177,8 @@ class Stack:
         self._spawn("controller", [sys.executable, str(ROOT / "controller.py")])
         gunicorn_conf = str(ROOT / "web_tier" / "gunicorn.conf.py")
         self._spawn("web", [sys.executable, "-m", "gunicorn", "-c", gunicorn_conf, "web_tier:create_app()"])
-        wait_until_up(f"http://{s.web_host}:{s.web_port}/healthz", self.children[-1].process, timeout_s=60)
+        wait_until_up(f"http://{s.web_host}:{s.web_port}/healthz", self.children[-1].process, timeout_s=60,
+                      stopping=self.stopping)
 
     def open_logs(self) -> None:
         """A fresh logs folder for this run, the last run's kept beside it."""
@@ -171,8 +190,16 @@ class Stack:
         log.info("preparing the model (%s, weights %s)", self.settings.model_runtime,
                  self.settings.model_weights)
         with open(self.logs / "prepare-model.log", "wb") as out:
-            code = subprocess.call([sys.executable, "-m", "app_tier", "--prepare-only"], env=self.env,
-                                   cwd=str(ROOT), stdout=out, stderr=subprocess.STDOUT)
+            # A session of its own, so that the terminal's Ctrl-C reaches only the stack,
+            # which stops it: a preparation cut short is not a model that cannot load.
+            process = subprocess.Popen(PREPARE_MODEL, env=self.env,
+                                       cwd=str(ROOT), stdout=out, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+            while process.poll() is None:
+                if self.stopping.wait(0.2):
+                    _terminate(process, time.monotonic() + 5)
+                    raise StartInterrupted("stopped while the model was being prepared")
+            code = process.returncode
         if code != 0:
             raise RuntimeError(f"the model could not be loaded: see {self.logs / 'prepare-model.log'}\n"
                                + (self.logs / "prepare-model.log").read_text()[-2000:])
@@ -192,17 +219,18 @@ class Stack:
             if code is None:
                 continue
             if child.name not in RESTARTED:
-                return f"{child.name} exited with {code}"
+                return f"{child.name} {how_it_ended(code)}"
             if child.restart_at is None:
                 # Its process group may outlive it (gunicorn's workers, still holding the port).
                 _kill_group(child.process.pid)
                 quick = now - child.started < QUICK_EXIT_S
                 child.quick_exits = child.quick_exits + 1 if quick else 0
                 if child.quick_exits >= MAX_QUICK_EXITS:
-                    return f"{child.name} exited with {code}, {child.quick_exits} times in a row at start"
+                    return f"{child.name} {how_it_ended(code)}, {child.quick_exits} times in a row at start"
                 child.restart_at = now + RESTART_DELAY_S * 2 ** child.quick_exits
-                log.error("%s exited with %s; restarting it in %.0f s", child.name, code,
-                          child.restart_at - now)
+                # Exit 0 is a clean stop someone else asked for (a SIGTERM sent to it alone).
+                log.log(logging.WARNING if code == 0 else logging.ERROR, "%s %s; restarting it in %.0f s",
+                        child.name, how_it_ended(code), child.restart_at - now)
             elif now >= child.restart_at:
                 child.process, child.started, child.restart_at = self._popen(child.argv), now, None
                 log.info("%s restarted (pid %d)", child.name, child.process.pid)
@@ -270,12 +298,16 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
     except ValueError as exc:  # names the variable
         parser.error(str(exc))
-    parser.add_argument("--warm-spares", type=int, default=settings.local_warm_spares,
+    parser.add_argument("--warm-spares", metavar="N",
                         help="worker processes kept with the model loaded, ready to serve a new "
-                        "instance at once (LOCAL_WARM_SPARES, default 1)")
+                        f"instance at once (LOCAL_WARM_SPARES, default {settings.local_warm_spares})")
     args = parser.parse_args(argv)
-    if args.warm_spares < 0:
-        parser.error("--warm-spares must be 0 or more")
+    if args.warm_spares is not None:
+        # Checked as the variable is, with the same bounds.
+        try:
+            settings = Settings.from_env({**os.environ, "LOCAL_WARM_SPARES": args.warm_spares})
+        except ValueError as exc:
+            parser.error(str(exc).replace("LOCAL_WARM_SPARES", "--warm-spares (LOCAL_WARM_SPARES)", 1))
     configure_logging("%(asctime)s %(levelname)s %(name)s %(message)s")
     weights, note = local_model_weights(os.environ)
     os.environ["MODEL_WEIGHTS"] = weights
@@ -287,9 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     if note:
         log.warning(note)
 
-    stop = threading.Event()
+    stack = Stack(settings, args.run_dir, settings.local_warm_spares)
+    stop = stack.stopping
     on_signals(lambda _signum: stop.set())
-    stack = Stack(settings, args.run_dir, args.warm_spares)
     code = 0
     try:
         stack.start()
@@ -310,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     except PortInUse as exc:
         log.error("%s", exc)
         code = 1
+    except StartInterrupted as exc:
+        log.info("%s", exc)
     except Exception:
         log.exception("could not start the stack")
         code = 1

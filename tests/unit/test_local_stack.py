@@ -23,6 +23,7 @@ from localaws.stack import (
     Child,
     Stack,
     child_env,
+    how_it_ended,
     local_model_weights,
     memory_safe_workers,
 )
@@ -79,6 +80,21 @@ def test_a_dead_controller_or_web_tier_is_restarted_after_a_delay(tmp_path):
     finally:
         child.process.kill()
         child.process.wait()
+
+
+def test_the_log_says_how_a_child_ended(tmp_path, caplog):
+    """A web tier stopped cleanly by a SIGTERM sent to it alone is no error; a kill is named."""
+    assert how_it_ended(0) == "stopped (exit 0)"
+    assert how_it_ended(-9) == "was killed by SIGKILL"
+    assert how_it_ended(3) == "exited with 3"
+    stack = Stack(Settings(), tmp_path, warm_spares=0)
+    now = time.monotonic()
+    stack.children = [Child("web", SLEEPER, exited(code=0), started=now - 3600),
+                      Child("controller", SLEEPER, exited(code=1), started=now - 3600)]
+    with caplog.at_level("INFO", logger="localaws.stack"):
+        assert stack.supervise(now=now) is None
+    levels = {r.getMessage().split(";")[0]: r.levelname for r in caplog.records}
+    assert levels == {"web stopped (exit 0)": "WARNING", "controller exited with 1": "ERROR"}
 
 
 def test_a_child_that_keeps_dying_at_start_stops_the_stack(tmp_path):
@@ -162,6 +178,43 @@ def test_bad_settings_stop_make_run_with_a_message_naming_the_variable(capsys, m
     assert "LOCAL_WARM_SPARES must be a whole number, got 'two'" in capsys.readouterr().err
 
 
+def test_the_warm_spares_option_is_checked_as_its_variable_is(capsys, monkeypatch):
+    """--warm-spares 16 was taken (checked only for >= 0) where LOCAL_WARM_SPARES=16 is refused."""
+    from localaws.stack import main
+
+    monkeypatch.delenv("LOCAL_WARM_SPARES", raising=False)
+    for value, message in (("16", "must be from 0 to 15"), ("-1", "must be from 0 to 15"),
+                           ("two", "must be a whole number")):
+        with pytest.raises(SystemExit) as stopped:
+            main(["--warm-spares", value])
+        assert stopped.value.code == 2
+        assert f"--warm-spares (LOCAL_WARM_SPARES) {message}" in capsys.readouterr().err
+
+
+def test_a_stop_while_the_model_is_prepared_is_not_taken_for_a_model_failure(tmp_path, monkeypatch):
+    """Ctrl-C reached the preparing process too (the terminal signals its whole group),
+    and the stack then said the model could not be loaded, with a traceback."""
+    from localaws import stack as stack_module
+
+    monkeypatch.setattr(stack_module, "PREPARE_MODEL", SLEEPER)
+    stack = Stack(Settings(), tmp_path, warm_spares=0)
+    stack.open_logs()
+    spawned: list[psutil.Process] = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        process = real_popen(*args, **kwargs)
+        spawned.append(psutil.Process(process.pid))
+        assert kwargs.get("start_new_session")  # out of the terminal's reach
+        stack.stopping.set()  # Ctrl-C, while it runs
+        return process
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    with pytest.raises(stack_module.StartInterrupted, match="stopped while the model was being prepared"):
+        stack._prepare_model()
+    assert len(spawned) == 1 and not spawned[0].is_running()
+
+
 def test_instances_beyond_the_local_cap_are_not_taken_for_workers_that_never_serve(monkeypatch):
     """They get no worker process here, so they never tag themselves ready."""
     monkeypatch.delenv("READY_DEADLINE", raising=False)
@@ -177,7 +230,7 @@ def test_a_moto_that_does_not_come_up_in_time_is_not_left_running(tmp_path, monk
 
     started: list[subprocess.Popen] = []
 
-    def too_slow(url, process, timeout_s):
+    def too_slow(url, process, timeout_s, stopping=None):
         started.append(process)
         raise TimeoutError(f"{url} did not answer within {timeout_s:.0f}s")
 
@@ -186,3 +239,18 @@ def test_a_moto_that_does_not_come_up_in_time_is_not_left_running(tmp_path, monk
         server.start_moto("127.0.0.1", 1, tmp_path / "moto.log")
     (process,) = started
     assert process.poll() is not None
+
+
+def test_a_stop_while_a_server_starts_ends_the_wait_at_once():
+    """make run waited out moto's start (up to 90 s on a busy machine) before it heard Ctrl-C."""
+    from localaws import server
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]  # nothing listens there once closed
+    stopping = threading.Event()
+    stopping.set()
+    began = time.monotonic()
+    with pytest.raises(server.StartInterrupted, match="stopped while waiting for"):
+        server.wait_until_up(f"http://127.0.0.1:{port}/", None, timeout_s=60, stopping=stopping)
+    assert time.monotonic() - began < 30  # not the 60 s timeout
