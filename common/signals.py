@@ -19,9 +19,15 @@ from collections.abc import Callable, Iterable
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def on_signals(callback: Callable[[int], None], signals: Iterable[int] = STOP_SIGNALS) -> None:
+def on_signals(callback: Callable[[int], None], signals: Iterable[int] = STOP_SIGNALS, *,
+               then_previous: bool = False) -> None:
     """From now on, call `callback(signal number)` on a thread of its own for each of
-    these signals. Call from the main thread, as signal.signal requires."""
+    these signals. Call from the main thread, as signal.signal requires.
+
+    With `then_previous`, the handler each signal had before still runs too, on the
+    main thread as before (gunicorn's own graceful stop, say)."""
+    signals = tuple(signals)
+    previous = {signum: signal.getsignal(signum) for signum in signals} if then_previous else {}
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
 
@@ -38,6 +44,9 @@ def on_signals(callback: Callable[[int], None], signals: Iterable[int] = STOP_SI
             os.write(write_fd, bytes([signum]))
         except BlockingIOError:
             pass  # 64 KiB of signals not yet read: this one changes nothing
+        before = previous.get(signum)
+        if callable(before):
+            before(signum, _frame)
 
     for signum in signals:
         signal.signal(signum, handler)

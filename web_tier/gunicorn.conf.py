@@ -89,11 +89,10 @@ def post_fork(server, worker) -> None:
 def post_worker_init(worker) -> None:
     """The app is built: keep its start-up heap out of later garbage collections,
     and answer the waiting requests when told to stop."""
-    import os
     import signal
-    import threading
 
     from common.heap import freeze_startup_heap
+    from common.signals import on_signals
     from web_tier.services import EXTENSION
 
     svc = worker.wsgi.extensions[EXTENSION]
@@ -103,27 +102,8 @@ def post_worker_init(worker) -> None:
     # On SIGTERM gunicorn stops accepting and gives requests `graceful_timeout` to
     # end; a POST / waiting for its answer, or an event stream, would be cut off then
     # with no answer at all. Closing the book answers them at once (503 saying where
-    # the result will be; streams end and browsers reconnect). A thread reading a pipe
-    # does it: the handler only writes a byte, as it must take no lock (the book's, the
-    # one starting a thread takes, even an Event's) that the interrupted code might hold.
-    wake_read, wake_write = os.pipe()
-    os.set_blocking(wake_write, False)
-
-    def close_book_when_told() -> None:
-        os.read(wake_read, 1)
-        svc.book.close()
-
-    threading.Thread(target=close_book_when_told, name="close-book", daemon=True).start()
-    stop_gracefully = signal.getsignal(signal.SIGTERM)
-
-    def on_sigterm(signum, frame) -> None:
-        try:
-            os.write(wake_write, b"x")
-        except BlockingIOError:
-            pass  # told before, and the byte is still there
-        if callable(stop_gracefully):
-            stop_gracefully(signum, frame)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    # the result will be; streams end and browsers reconnect), and gunicorn's own
+    # handler still runs. (Off the handler, as closing takes the book's lock.)
+    on_signals(lambda _signum: svc.book.close(), (signal.SIGTERM,), then_previous=True)
     signal.siginterrupt(signal.SIGTERM, False)  # as gunicorn had it
     freeze_startup_heap()

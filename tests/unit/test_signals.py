@@ -32,3 +32,24 @@ def test_a_signal_that_comes_while_the_main_thread_holds_the_events_lock_is_stil
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "True"]
+
+
+# gunicorn's worker has its own SIGTERM handler (a graceful stop) on the main thread:
+# the web tier adds closing its result book without replacing it.
+CHAINED = """
+import os, signal, threading
+from common.signals import on_signals
+on_main = []
+signal.signal(signal.SIGTERM, lambda signum, frame: on_main.append(threading.current_thread().name))
+relayed = threading.Event()
+on_signals(lambda signum: relayed.set(), (signal.SIGTERM,), then_previous=True)
+os.kill(os.getpid(), signal.SIGTERM)
+print(relayed.wait(10), on_main == ["MainThread"])
+"""
+
+
+def test_the_handler_a_signal_had_before_still_runs_when_asked():
+    done = subprocess.run([sys.executable, "-c", CHAINED], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True"]
