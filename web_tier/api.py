@@ -11,7 +11,7 @@ from web_tier.auth import require_api_key
 from web_tier.jobs import UPLOAD_THREADS, new_id
 from web_tier.results import Item
 from web_tier.services import services
-from web_tier.uploads import Upload, UploadError, check_count, form_files, validate
+from web_tier.uploads import Upload, UploadError, check_count, display_name, form_files, validate
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -50,6 +50,15 @@ def create_job() -> tuple[Response, int]:
     # A few files at a time, so that a request of a thousand large files never
     # holds all their bytes in memory at once.
     for start in range(0, len(files), UPLOAD_THREADS):
+        if svc.book.closing.is_set():
+            # Told to stop: gunicorn kills this process a few seconds from now. Store no
+            # more (one killed between its S3 put and its message would stay queued for
+            # ever), and answer now with what was stored, the rest refused.
+            for index, storage in enumerate(files[start:], start):
+                refusal = UploadError(503, "not stored: the web tier is stopping; send this file again",
+                                      display_name(storage))
+                rejected.append(_rejection(index, refusal))
+            break
         accepted: list[tuple[int, Upload]] = []
         for index, storage in enumerate(files[start:start + UPLOAD_THREADS], start):
             try:
@@ -71,15 +80,17 @@ def create_job() -> tuple[Response, int]:
     body.update(error=first["error"], filename=first["filename"])
     if not adding:
         del body["batch_id"]  # nothing was stored under it: there is no such batch
-    return jsonify(body), first["status"]
+    response = jsonify(body)
+    if first["status"] == 503:
+        response.headers["Retry-After"] = "5"
+    return response, first["status"]
 
 
 def _batch_json(batch_id: str, items: list[Item]) -> dict[str, Any]:
-    return {
-        "batch_id": batch_id,
-        "items": [i.to_json() for i in items],
-        "untrained": any(i.untrained for i in items),
-    }
+    # Said from the first GET, while everything is still queued: what the configured
+    # model (or, once known, the workers' latest answer) says, or any result here.
+    untrained = bool(services().book.untrained) or any(i.untrained for i in items)
+    return {"batch_id": batch_id, "items": [i.to_json() for i in items], "untrained": untrained}
 
 
 @bp.get("/jobs/<batch_id>")

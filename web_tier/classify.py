@@ -62,9 +62,12 @@ def classify() -> Response:
         response.headers["X-Batch-Id"] = batch_id
         return response
     if item.state != DONE:
-        return _text(f"{upload.filename}: {item.error}", 422)
-    response = _text(f"{stem(upload.filename)}:{item.label}", 200)
+        response = _text(f"{upload.filename}: {item.error}", 422)
+    else:
+        response = _text(f"{stem(upload.filename)}:{item.label}", 200)
+    # Where the item's score, top 5 and worker are: GET /api/jobs/<X-Batch-Id>.
     response.headers["X-Item-Id"] = item.id
+    response.headers["X-Batch-Id"] = batch_id
     if item.untrained:
         response.headers["X-Model-Untrained"] = "true"
     return response

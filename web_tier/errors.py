@@ -82,7 +82,12 @@ def _first_file_name() -> str | None:
 def _http_error(exc: HTTPException) -> Response:
     # Pages keep Flask's HTML errors; API callers and programs get their format.
     if request.path.startswith(("/api/", "/healthz")) or wants_text():
-        return error_response(UploadError(exc.code or 500, exc.description or exc.name))
+        response = error_response(UploadError(exc.code or 500, exc.description or exc.name))
+        # Werkzeug's own headers: a 405's Allow names the methods that are.
+        for name, value in exc.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
     return exc.get_response()
 
 

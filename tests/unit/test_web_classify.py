@@ -75,6 +75,27 @@ def test_failed_item_is_422_text(web_client, fake_worker):
     assert response.status_code == 422
     assert response.mimetype == "text/plain"
     assert response.text.strip() == "broken.jpg: cannot decode"
+    # As on a 200: where the item is, for GET /api/jobs/<batch>.
+    batch = web_client.get(f"/api/jobs/{response.headers['X-Batch-Id']}").get_json()
+    assert [(i["id"], i["state"]) for i in batch["items"]] == [(response.headers["X-Item-Id"], "failed")]
+
+
+def test_an_answer_says_where_its_score_and_top5_are(web_client, fake_worker):
+    data = make_image(5)
+    response = post_image(web_client, data, "scored.jpg")
+    assert response.status_code == 200
+    batch = web_client.get(f"/api/jobs/{response.headers['X-Batch-Id']}").get_json()
+    (item,) = batch["items"]
+    assert item["id"] == response.headers["X-Item-Id"]
+    assert item["score"] == pytest.approx(answer_for(data)[1]) and len(item["top5"]) == 5
+
+
+def test_a_method_not_allowed_names_the_allowed_ones(web_client):
+    """The JSON 405 of the API dropped Werkzeug's Allow header."""
+    for path, allowed in (("/api/jobs", {"POST"}), ("/api/status", {"GET", "HEAD"})):
+        response = web_client.put(path)
+        assert response.status_code == 405 and response.is_json
+        assert set(response.headers["Allow"].replace(" ", "").split(",")) >= allowed
 
 
 def test_no_answer_is_504_and_the_service_keeps_answering(make_web_app, fake_worker):

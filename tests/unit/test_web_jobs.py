@@ -437,3 +437,45 @@ def test_long_names_survive_in_s3_metadata_within_its_2kb(web_aws):
         assert name.startswith(kept) and decode_filename(meta["original-filename"]) == kept
         if name in whole:
             assert kept == name
+
+
+def test_a_stop_during_a_large_upload_stores_no_more_and_answers_at_once(make_web_app, web_aws):
+    """gunicorn kills the process `graceful_timeout` after SIGTERM: an upload still storing
+    files then got no answer, and a file killed between its S3 put and its message stayed
+    queued for ever. Now the files not yet stored are refused with the request's answer."""
+    app = make_web_app(start_listeners=False, max_files_per_request=UPLOAD_THREADS * 3)
+    svc = services_of(app)
+    real_submit = svc.submitter.submit
+
+    def submit_then_told_to_stop(batch_id, uploads):
+        outcomes = real_submit(batch_id, uploads)
+        svc.book.close()  # SIGTERM, while the first chunk was being stored
+        return outcomes
+
+    svc.submitter.submit = submit_then_told_to_stop
+    files = [(make_image(70 + n), f"f{n:02d}.jpg") for n in range(UPLOAD_THREADS * 2 + 1)]
+    response = upload(app.test_client(), files)
+    assert response.status_code == 202
+    body = response.get_json()
+    assert [i["filename"] for i in body["items"]] == [name for _, name in files[:UPLOAD_THREADS]]
+    assert [r["filename"] for r in body["rejected"]] == [name for _, name in files[UPLOAD_THREADS:]]
+    assert {(r["status"], r["error"]) for r in body["rejected"]} == {
+        (503, "not stored: the web tier is stopping; send this file again")}
+    stored = web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket).get("KeyCount", 0)
+    queued = web_aws.sqs.get_queue_attributes(QueueUrl=web_aws.request_queue_url,
+                                              AttributeNames=["ApproximateNumberOfMessages"])
+    assert stored == int(queued["Attributes"]["ApproximateNumberOfMessages"]) == UPLOAD_THREADS
+
+    # Told to stop before anything was stored: a 503 for the whole request.
+    refused = upload(app.test_client(), files[:2])
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "5"
+    assert "batch_id" not in refused.get_json()
+
+
+def test_a_batch_says_its_model_is_untrained_before_any_result(make_web_app):
+    """It said false while every item was still queued, the page's banner saying otherwise."""
+    app = make_web_app(start_listeners=False, model_weights="random")
+    client = app.test_client()
+    batch_id = upload(client, [(make_image(90), "early.jpg")]).get_json()["batch_id"]
+    body = client.get(f"/api/jobs/{batch_id}").get_json()
+    assert [i["state"] for i in body["items"]] == ["queued"] and body["untrained"] is True
