@@ -5,6 +5,7 @@
 # it would only fail again the same way.
 EXIT_MODEL_UNAVAILABLE = 78
 
-# The worker's exit status when its model stopped answering (EX_SOFTWARE): it
-# has given its messages back, and its supervisor starts it afresh.
+# The worker's exit status when a model call, an image's decoding or one of its
+# loops stalled (EX_SOFTWARE): it has given its messages back, and its supervisor
+# starts it afresh.
 EXIT_STALLED = 70

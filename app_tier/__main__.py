@@ -9,6 +9,7 @@ import resource
 import socket
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from app_tier import EXIT_MODEL_UNAVAILABLE
 from common.aws import Aws
@@ -16,6 +17,9 @@ from common.config import Settings
 from common.fleet import report_worker_failed, report_worker_ready
 from common.heap import freeze_startup_heap
 from common.logs import configure as configure_logging
+
+if TYPE_CHECKING:  # imported in main(): the model runtime takes a while to import
+    from app_tier.worker import Worker
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report_ready_once_received(settings: Settings, worker) -> None:
+def report_ready_once_received(settings: Settings, worker: Worker) -> None:
     """Tag the instance ready once the worker has received from the request queue:
     beside serving, so that EC2 being slow to take a tag delays no request."""
     while not worker.received.wait(1.0):

@@ -44,7 +44,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from app_tier import EXIT_STALLED, images, systemd
 from app_tier.images import BadImage, prepare
-from app_tier.model import Classification
+from app_tier.model import Classification, Classifier
 from common.aws import Aws
 from common.config import Settings
 from common.failure_tags import failure_tagging
@@ -114,7 +114,7 @@ class Batch:
 
 
 class Worker:
-    def __init__(self, settings: Settings, aws: Aws, classifier, instance_id: str) -> None:
+    def __init__(self, settings: Settings, aws: Aws, classifier: Classifier, instance_id: str) -> None:
         self.settings = settings
         self.aws = aws
         self.classifier = classifier

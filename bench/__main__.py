@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import platform
 import sys
 import time
@@ -37,6 +36,7 @@ from bench.images import write_expected, write_images
 from bench.inference import BATCH_SIZES, InferenceResult, measure, prepare_model
 from bench.noise import NoiseMeter
 from bench.sqs import measure_sqs
+from common.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / ".bench"
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if "sqs" in parts:
         meter = NoiseMeter.start()
-        figures["sqs"] = run_sqs(limit, receive_batch=float(os.environ.get("RECEIVE_BATCH", "10")))
+        figures["sqs"] = run_sqs(limit, receive_batch=float(Settings.from_env().receive_batch))
         noise["sqs"] = meter.stop()
         save()
 

@@ -1,8 +1,12 @@
 """All configuration, in one place, read from the environment.
 
 Every tier builds one `Settings` with `Settings.from_env()` and passes it down;
-nothing else reads `os.environ` for configuration. The table in README.md lists
-each variable with its default.
+no other module reads the service's settings from `os.environ`. The table in
+README.md lists each variable with its default. Read where they are used, as they
+are not the service's to define: variables of other programs' protocols (systemd's
+NOTIFY_SOCKET and WATCHDOG_USEC, Keras's KERAS_HOME), and the worker process's own
+start-up switches (INSTANCE_ID, the default of its --instance-id; LOG_LEVEL;
+IMGCLASS_CACHE, where it keeps the converted model).
 """
 
 from __future__ import annotations
@@ -122,7 +126,7 @@ class Settings:
     # slow: it gives its messages back and exits to be restarted. A t2 instance out
     # of CPU credits runs at a tenth of its speed: a batch of 10 can take a minute there.
     stall_timeout_s: float = 300.0
-    worker_threads: int = 0  # 0 = let TensorFlow decide (one per vCPU)
+    worker_threads: int = 0  # 0 = the runtime decides (all of the instance's vCPUs)
 
     # --- web tier ------------------------------------------------------------
     web_host: str = "127.0.0.1"
@@ -143,8 +147,6 @@ class Settings:
     local_worker_threads: int = 1
     # As WatchdogSec= in ami/imgclass-worker.service; 0: no watchdog.
     local_watchdog_s: float = 60.0
-
-    extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     # Names ----------------------------------------------------------------------
     @property

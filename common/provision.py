@@ -15,10 +15,12 @@ from botocore.exceptions import ClientError
 from common.aws import Aws
 from common.config import Settings
 from common.logs import configure as configure_logging
+from common.messages import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
-REQUEST_QUEUE_MAX_BYTES = 1024
+# The contract's MaximumMessageSize: a request is a small pointer to S3, never an image.
+REQUEST_QUEUE_MAX_BYTES = MAX_MESSAGE_BYTES
 
 
 class ProvisionError(RuntimeError):

@@ -55,7 +55,7 @@ def render_user_data(settings: Settings) -> str:
 
 
 class LaunchError(RuntimeError):
-    """Some launches failed; `launched` maps the numbers that did not to their ids."""
+    """Some launches failed; `launched` maps each number that did launch to its instance id."""
 
     def __init__(self, launched: dict[int, str], errors: list[Exception]) -> None:
         super().__init__(

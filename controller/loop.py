@@ -32,6 +32,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from common.aws import Aws
 from common.config import Settings
+from common.names import instance_name
 from common.signals import on_signals
 from controller.act import LaunchError, launch, render_user_data, terminate
 from controller.observe import Instance, Observation, observe, terminated
@@ -173,7 +174,7 @@ class Controller:
             log.error(
                 "controller: %d worker(s) gave up: %s; their instances are terminated, and "
                 "launches held for %.0fs (see the worker's log, and ami/README.md)", len(new),
-                ", ".join(f"app-tier-instance-{i.number} ({i.id}): {i.worker_failed}" for i in new),
+                ", ".join(f"{instance_name(i.number)} ({i.id}): {i.worker_failed}" for i in new),
                 self._failure_hold_s,
             )
         return obs.at - self._last_failure_at < self._failure_hold_s

@@ -11,7 +11,7 @@ from common.aws import Aws
 from common.config import SCALING_MODES, Settings
 from common.heap import freeze_startup_heap
 from common.logs import configure as configure_logging
-from controller.loop import EXPECTED_ERRORS, Controller
+from controller.loop import EXPECTED_ERRORS, TIMELINE_FIELDS, Controller
 
 
 def build_parser(defaults: Settings) -> argparse.ArgumentParser:
@@ -45,7 +45,8 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
                    "0 against AWS_ENDPOINT_URL)")
     p.add_argument("--dry-run", action="store_true", help="decide and log, but launch or terminate nothing")
     p.add_argument("--once", action="store_true", help="one observe-decide-act round, then exit")
-    p.add_argument("--timeline", type=Path, help="write time, visible, in-flight, pending, running to CSV")
+    p.add_argument("--timeline", type=Path,
+                   help=f"write each round's {', '.join(TIMELINE_FIELDS)} to this CSV file")
     p.add_argument("--plot", type=Path, help="on exit, draw the timeline CSV as a PNG (needs --timeline)")
     return p
 

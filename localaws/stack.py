@@ -103,8 +103,6 @@ def child_env(settings: Settings) -> dict[str, str]:
         WORKER_THREADS=str(settings.local_worker_threads),
         TF_CPP_MIN_LOG_LEVEL="2",
     )
-    # moto accepts any credentials; set harmless ones only where none are set,
-    # so that a developer's real keys are never sent anywhere by accident.
     # Shorter long polls than production's 20 s: an idle local worker that is
     # told to stop then exits within seconds (each poll is free here).
     env.setdefault("RECEIVE_WAIT", "5")
@@ -112,6 +110,8 @@ def child_env(settings: Settings) -> dict[str, str]:
         # Instances beyond the local cap get no worker and never say they serve: a
         # limit of this machine, not a failure for the controller to replace them for.
         env.setdefault("READY_DEADLINE", "0")
+    # moto accepts any credentials; set harmless ones only where none are set,
+    # so that a developer's real keys are never sent anywhere by accident.
     env.setdefault("AWS_ACCESS_KEY_ID", "local")
     env.setdefault("AWS_SECRET_ACCESS_KEY", "local")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
