@@ -88,6 +88,50 @@ def test_many_images_from_the_page(stack, browser, reference_model, tmp_path):
     browser.save_screenshot(str(stack.run_dir / "page.png"))
 
 
+# The page's first POST /api/jobs answered as a stopping web tier answers one: 503,
+# nothing stored, each file rejected with 503.
+STOPPING_ONCE = """
+const realFetch = window.fetch;
+window.stoppingAnswers = 0;
+window.fetch = async (url, options) => {
+  if (url === "/api/jobs" && window.stoppingAnswers === 0) {
+    window.stoppingAnswers += 1;
+    const reason = "not stored: the web tier is stopping; send this file again";
+    const rejected = options.body.getAll("files").map((file, index) =>
+      ({index, filename: file.name, error: reason, status: 503}));
+    return new Response(JSON.stringify({error: reason, filename: rejected[0].filename, items: [], rejected}),
+                        {status: 503, headers: {"Content-Type": "application/json"}});
+  }
+  return realFetch(url, options);
+};
+"""
+
+
+def test_files_a_stopping_web_tier_did_not_store_are_sent_again(stack, browser, reference_model, tmp_path):
+    """They were shown failed for good, though nothing was wrong with them."""
+    from selenium.webdriver.common.by import By
+
+    files = {f"resent_{i}.jpg": make_image(800 + i) for i in range(3)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    browser.get(stack.web_url + "/")
+    browser.execute_script(STOPPING_ONCE)
+    browser.find_element(By.ID, "file-input").send_keys("\n".join(str(tmp_path / n) for n in files))
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        items = browser.find_elements(By.CSS_SELECTOR, "#results [data-state]")
+        states = [i.get_attribute("data-state") for i in items]
+        if len(items) == len(files) and all(s in ("done", "failed") for s in states):
+            break
+        time.sleep(0.2)
+    shown = {i.get_attribute("data-filename"): i for i in items}
+    assert browser.execute_script("return window.stoppingAnswers") == 1
+    for name, data in files.items():
+        assert shown[name].get_attribute("data-state") == "done", shown[name].text
+        assert shown[name].get_attribute("data-label") == reference(reference_model, data).label
+
+
 def test_a_waiting_page_reconnects_after_the_web_tier_restarts(stack, browser, reference_model, tmp_path):
     import psutil
     from selenium.webdriver.common.by import By

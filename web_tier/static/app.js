@@ -13,6 +13,9 @@
   const SHOWN_STORE = "imgclass.shown.";  // + batch id, in this tab's sessionStorage
   const MAX_BATCHES_IN_URL = 20;          // the latest; a reload shows these again
   const FINISHED = new Set(["done", "failed"]);
+  // A file refused with 503 was not stored (a web tier stopping, S3 or SQS failing):
+  // sent again after 5, 10, 20 and 40 s, the web tier back by then.
+  const RESEND_DELAYS_MS = [5000, 10000, 20000, 40000];
 
   const $ = (id) => document.getElementById(id);
   const resultsEl = $("results");
@@ -137,7 +140,7 @@
       updateSummary();
     }
 
-    async send(chunk) {
+    async send(chunk, attempt = 0) {
       const form = new FormData();
       for (const { file } of chunk) form.append("files", file, file.name);
       if (this.batchId) form.append("batch_id", this.batchId);
@@ -157,6 +160,10 @@
         return;
       }
       if (!body || !Array.isArray(body.items)) {
+        if (response.status === 503 && attempt < RESEND_DELAYS_MS.length) {
+          await this.sendLater(chunk, attempt);
+          return;
+        }
         this.refuse(chunk, (body && body.error) || `upload refused (HTTP ${response.status})`);
         return;
       }
@@ -172,13 +179,24 @@
         setState(entry.el, "queued");
         if (this.early.has(item.id)) showItem(entry.el, this.early.get(item.id));
       }
+      const again = [];
       for (const rejection of body.rejected || []) {
         const entry = chunk[rejection.index];
         if (!entry) continue;
+        if (rejection.status === 503 && attempt < RESEND_DELAYS_MS.length) {
+          again.push(entry);  // still "uploading"
+          continue;
+        }
         entry.refused = rejection.error;
         showFailure(entry.el, rejection.error);
       }
       this.save();
+      if (again.length) await this.sendLater(again, attempt);
+    }
+
+    async sendLater(entries, attempt) {
+      await new Promise((resolve) => setTimeout(resolve, RESEND_DELAYS_MS[attempt]));
+      if (!leaving) await this.send(entries, attempt + 1);
     }
 
     refuse(chunk, why, remember = true) {
