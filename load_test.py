@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--jobs", dest="api", action="store_const", const="jobs", help="same as --api jobs")
     parser.add_argument(
-        "--wait", choices=("poll", "sse"), default="poll",
+        "--wait", choices=("poll", "sse"),
         help="with --api jobs: poll GET /api/jobs/<id> (default) or follow its event stream",
     )
     parser.add_argument(
@@ -201,6 +201,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
             parser.error(f"cannot write {option} {path}: {problem}")
     if args.plot_path is not None and (problem := _plot_problem(args.plot_path)):
         parser.error(f"cannot draw --plot {args.plot_path}: {problem}")
+    if args.wait is not None and args.api != "jobs":
+        parser.error("--wait applies to --api jobs (POST / waits for its own answer)")
     return Config(
         images=args.images,
         url=args.url.rstrip("/"),
@@ -208,7 +210,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         concurrency=args.concurrency,
         expected=args.expected,
         api=args.api,
-        wait=args.wait,
+        wait=args.wait or "poll",
         api_key=args.api_key,
         timeout=args.timeout,
         json_path=args.json_path,
@@ -591,6 +593,15 @@ def connection_error(exc: requests.ConnectionError, url: str) -> str:
     return f"the connection to {url} closed before the answer came: {why}"
 
 
+def _error_text(resp: requests.Response) -> str:
+    """The reason a JSON error answer gives (its "error"), else its text, shortened."""
+    try:
+        reason = resp.json().get("error")
+    except (ValueError, AttributeError):
+        reason = None
+    return _short(reason if isinstance(reason, str) and reason else resp.text)
+
+
 def _short(text: str, limit: int = 200) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -686,7 +697,7 @@ class Client:
         )
         outcome.status = resp.status_code
         if resp.status_code not in (200, 201, 202):
-            raise RequestFailed(f"HTTP {resp.status_code}: {_short(resp.text)}", resp.status_code)
+            raise RequestFailed(f"HTTP {resp.status_code}: {_error_text(resp)}", resp.status_code)
         try:
             batch = resp.json()
             batch_id, item_id = batch["batch_id"], batch["items"][0]["id"]

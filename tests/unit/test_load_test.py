@@ -159,6 +159,12 @@ class Handler(BaseHTTPRequestHandler):
     def _post_jobs(self, files) -> None:
         (field_name, filename, content), = files
         assert field_name == "files"
+        if content == b"refuse":  # as the web tier refuses a file it cannot read: all of a 4xx
+            rejection = {"index": 0, "filename": filename, "error": "damaged or unreadable image",
+                         "status": 415}
+            self._send(415, {"items": [], "rejected": [rejection], "error": rejection["error"],
+                             "filename": filename})
+            return
         batch_id, item_id = uuid.uuid4().hex, uuid.uuid4().hex
         status, label = _answer(self.tier, content)
         with self.tier.lock:
@@ -593,6 +599,12 @@ def test_names_the_web_tier_respells_are_still_the_right_answer(tier, tmp_path, 
     assert outcomes["other.jpg"].verdict == ("wrong" if api == "form" else "unchecked")
 
 
+def test_a_refused_upload_says_why_not_the_raw_json(tier, tmp_path):
+    images = make_images(tmp_path / "images", {"bad.jpg": b"refuse"})
+    report = run_load(Config(images=images, url=tier.url, api="jobs", timeout=10))
+    assert by_file(report)["bad.jpg"].error == "HTTP 415: damaged or unreadable image"
+
+
 # --- command line, JSON, plot ---------------------------------------------------------
 
 
@@ -606,9 +618,12 @@ def test_alias_options_parse_the_same(tmp_path):
     assert canonical.url == "http://127.0.0.1:8000" and canonical.api == "form"
     assert load_test.parse_args(["--images", ".", "--jobs"]).api == "jobs"
     assert load_test.parse_args(["--images", ".", "--api", "jobs", "--api-key", "k"]).api_key == "k"
+    assert load_test.parse_args(["--images", ".", "--jobs"]).wait == "poll"
+    assert load_test.parse_args(["--images", ".", "--jobs", "--wait", "sse"]).wait == "sse"
 
 
-@pytest.mark.parametrize("argv", [["--num-requests", "0"], ["--url", "ftp://x"], ["--api", "soap"], []])
+@pytest.mark.parametrize("argv", [["--num-requests", "0"], ["--url", "ftp://x"], ["--api", "soap"], [],
+                                  ["--wait", "sse"]])  # POST / has nothing to wait for: was ignored
 def test_bad_options_are_refused(argv, tmp_path):
     with pytest.raises(SystemExit) as exc:
         load_test.parse_args(["--images", str(tmp_path), *argv] if argv else argv)
