@@ -66,15 +66,21 @@ class Upload:
     content_type: str
 
 
+# Bidirectional-text controls: shown, "photo\u202egpj.exe" reads as "photoexe.jpg".
+_BIDI_CONTROLS = dict.fromkeys(map(ord, "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+                                        "\u2066\u2067\u2068\u2069"))
+
+
 def display_name(storage: FileStorage) -> str:
     """The name shown for a file: as sent, but with control characters (which would
-    break the one-line answer of POST /) turned into spaces."""
+    break the one-line answer of POST /) turned into spaces, and without the
+    bidirectional-text controls that make a name read as another."""
     return clean_name(storage.filename or "")
 
 
 def clean_name(sent: str) -> str:
     """A file name as sent, made fit to show (see display_name)."""
-    name = "".join(" " if unicodedata.category(c) == "Cc" else c for c in sent)
+    name = "".join(" " if unicodedata.category(c) == "Cc" else c for c in sent.translate(_BIDI_CONTROLS))
     return name.strip()[:MAX_FILENAME_CHARS] or "upload"
 
 

@@ -306,6 +306,14 @@ def test_names_with_control_characters_and_quotes_are_accepted(web_client, web_a
     assert shown == [".jpg", "tab here.jpg", "bell " * 150 + ".jpg"]
 
 
+def test_a_name_cannot_use_bidirectional_controls_to_read_as_another(web_client):
+    """'invoice\u202egpj.exe' shows as 'invoiceexe.jpg' wherever the name is shown."""
+    response = upload(web_client, [(make_image(310), "invoice\u202egpj.exe.jpg"),
+                                   (make_image(311), "\u2067a\u2069\u200f.jpg")])
+    assert response.status_code == 202, response.get_json()
+    assert [i["filename"] for i in response.get_json()["items"]] == ["invoicegpj.exe.jpg", "a.jpg"]
+
+
 # Pillow warns past its own limit; the service refuses such images all the same.
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_past_pillows_own_pixel_limit_is_refused_at_upload_as_the_worker_would(make_web_app):
