@@ -28,7 +28,6 @@ classified, may be being written.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -50,7 +49,7 @@ from common.config import Settings
 from common.failure_tags import failure_tagging
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
 from common.names import stored_name
-from common.output_object import pair_text
+from common.output_object import pair_text, result_metadata
 from common.signals import on_signals
 
 log = logging.getLogger(__name__)
@@ -415,15 +414,12 @@ class Worker:
         req = job.request
         assert req is not None
         if response.ok:
-            meta = {"label": response.label, "score": response.score,
-                    "top5": [[p.label, p.score] for p in response.top5],
-                    "worker": response.worker, "untrained": response.untrained}
             self.aws.s3.put_object(
                 Bucket=self.settings.output_bucket,
                 Key=req.key,
                 Body=pair_text(req.filename or stored_name(req.key), response.label).encode(),
                 ContentType="text/plain",
-                Metadata={"result": json.dumps(meta, separators=(",", ":"))},
+                Metadata=result_metadata(response),
             )
         else:
             # The failure is kept on the input object so the web tier can rebuild it.

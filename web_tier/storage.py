@@ -7,7 +7,6 @@ percent-encoded. A failed item is marked with object tags on its input object
 
 from __future__ import annotations
 
-import json
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -15,7 +14,7 @@ from botocore.exceptions import ClientError
 
 from common.aws import Aws
 from common.failure_tags import failure_from_tags, failure_tagging
-from common.output_object import label_of
+from common.output_object import label_of, read_result_metadata
 
 # S3 allows 2 KB of user metadata per object, names and values together; the other
 # fields take ~100 bytes. Percent-encoded, a non-ASCII character takes 6 to 12, so
@@ -79,19 +78,9 @@ def read_output(aws: Aws, key: str) -> dict[str, Any] | None:
         if is_not_found(exc):
             return None
         raise
-    raw = head.get("Metadata", {}).get("result")
-    if raw:
-        try:
-            meta = json.loads(raw)
-            return {
-                "label": meta.get("label"),
-                "score": meta.get("score"),
-                "top5": [{"label": str(lbl), "score": float(s)} for lbl, s in meta.get("top5", [])],
-                "worker": str(meta.get("worker", "")),
-                "untrained": bool(meta.get("untrained", configured_untrained)),
-            }
-        except (ValueError, TypeError):
-            pass
+    result = read_result_metadata(head.get("Metadata", {}), configured_untrained)
+    if result is not None:
+        return result
     # No usable metadata: the body `<name>,<label>` still holds the label.
     body = aws.s3.get_object(Bucket=aws.settings.output_bucket, Key=key)["Body"].read()
     label = label_of(body.decode("utf-8", errors="replace"))

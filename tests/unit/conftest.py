@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +15,7 @@ from common.aws import Aws
 from common.config import Settings
 from common.failure_tags import failure_tagging
 from common.messages import ClassifyRequest, ClassifyResponse, Prediction
-from common.output_object import pair_text
+from common.output_object import pair_text, result_metadata
 from common.provision import provision
 
 
@@ -96,12 +95,9 @@ class FakeWorker:
                                   Tagging=failure_tagging("cannot decode"))
         else:
             response = self.response_for(request)
-            meta = {"label": response.label, "score": response.score,
-                    "top5": [[p.label, p.score] for p in response.top5],
-                    "worker": response.worker, "untrained": response.untrained}
             s3.put_object(Bucket=settings.output_bucket, Key=request.key,
                           Body=pair_text(request.filename, response.label).encode(),
-                          Metadata={"result": json.dumps(meta, separators=(",", ":"))})
+                          Metadata=result_metadata(response))
         if action.startswith("mute"):
             return
         body = response.to_json()

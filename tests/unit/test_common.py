@@ -17,7 +17,7 @@ from common.config import Settings
 from common.failure_tags import MAX_ERROR_CHARS, failure_from_tags, failure_tagging
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError, Prediction
 from common.names import instance_name, instance_number, object_key, safe_filename, stem
-from common.output_object import label_of, pair_text
+from common.output_object import label_of, pair_text, read_result_metadata, result_metadata
 from common.provision import ProvisionError, provision
 from common.provision import main as provision_main
 
@@ -132,6 +132,24 @@ def test_the_output_pair_is_one_csv_record_and_its_label_reads_back(filename, te
     assert pair_text(filename, "cat") == text
     assert next(csv.reader(io.StringIO(text))) == [filename, "cat"]
     assert label_of(text) == "cat"
+
+
+def test_the_result_a_worker_stores_in_metadata_reads_back_whole():
+    response = ClassifyResponse(id="i", filename="cat.jpg", key="k", worker="i-1", untrained=True,
+                                label="tabby", score=0.75,
+                                top5=(Prediction("tabby", 0.75), Prediction("tiger_cat", 0.25)))
+    metadata = result_metadata(response)
+    assert len(json.dumps(metadata)) < 2048  # S3's limit on user metadata
+    assert read_result_metadata(metadata, untrained=False) == {
+        "label": "tabby", "score": 0.75, "worker": "i-1", "untrained": True,
+        "top5": [{"label": "tabby", "score": 0.75}, {"label": "tiger_cat", "score": 0.25}]}
+
+
+@pytest.mark.parametrize("raw", ["", "not json", "[1, 2]", '{"top5": [1]}', '{"top5": [["a", "x"]]}'])
+def test_metadata_without_a_readable_result_reads_as_none(raw):
+    """The caller then reads the label from the object's text. A JSON list made the web
+    tier answer 500 (AttributeError was not caught)."""
+    assert read_result_metadata({"result": raw} if raw else {}, untrained=False) is None
 
 
 def test_error_response_round_trip():
