@@ -44,7 +44,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from app_tier import EXIT_STALLED, images, systemd
 from app_tier.images import BadImage, prepare
 from app_tier.model import Classification, Classifier
-from common.aws import Aws
+from common.aws import Aws, error_code
 from common.config import Settings
 from common.failure_tags import failure_tagging
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
@@ -315,8 +315,7 @@ class Worker:
             obj = self.aws.s3.get_object(Bucket=job.request.bucket, Key=job.request.key)
             data = obj["Body"].read()
         except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code in ("NoSuchKey", "404", "NoSuchBucket"):
+            if error_code(exc) in ("NoSuchKey", "404", "NoSuchBucket"):
                 job.error = "the uploaded image is missing from the input bucket"
             else:
                 log.warning("cannot read %s: %s", job.request.key, exc)

@@ -42,12 +42,17 @@ def client_config(max_pool: int = 32, read_timeout: float = 30.0,
     )
 
 
+def error_code(exc: ClientError) -> str:
+    """AWS's error code ("NoSuchKey", "Throttling"...), or "" if the answer had none."""
+    return str(exc.response.get("Error", {}).get("Code") or "")
+
+
 def error_reason(exc: BaseException) -> str:
     """A short reason for an AWS failure, fit to show an unauthenticated caller: AWS's
     error code or the kind of failure, never its message, which can name accounts,
     roles and ARNs (log the whole error where it is handled)."""
     if isinstance(exc, ClientError):
-        return str(exc.response.get("Error", {}).get("Code") or "ClientError")
+        return error_code(exc) or "ClientError"
     return type(exc).__name__
 
 

@@ -12,7 +12,7 @@ import sys
 
 from botocore.exceptions import ClientError
 
-from common.aws import Aws
+from common.aws import Aws, error_code
 from common.config import Settings
 from common.logs import configure as configure_logging
 from common.messages import MAX_MESSAGE_BYTES
@@ -38,7 +38,7 @@ def _ensure_bucket(aws: Aws, name: str) -> None:
             aws.s3.create_bucket(**kwargs)
             log.info("created bucket %s", name)
         except ClientError as exc:
-            code = exc.response["Error"]["Code"]
+            code = error_code(exc)
             if code == "BucketAlreadyExists":
                 # Bucket names are global: the default prefix's are most likely taken.
                 raise ProvisionError(f"bucket {name} belongs to another AWS account (bucket names "

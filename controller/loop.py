@@ -30,7 +30,7 @@ from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from common.aws import Aws
+from common.aws import Aws, error_code
 from common.config import Settings
 from common.names import instance_name
 from common.signals import on_signals
@@ -51,10 +51,6 @@ ONE_INSTANCE_ERRORS = frozenset({
 # Rounds kept in memory (a day at a 1 s poll would be 86,400 of them).
 TIMELINE_ROUNDS = 1000
 TIMELINE_FIELDS = ("time", "visible", "in_flight", "delayed", "pending", "running", "desired", "action")
-
-
-def _error_code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
 def policy_from(settings: Settings) -> Policy:
@@ -223,7 +219,7 @@ class Controller:
             terminate(self.aws, instance_ids)
             refused: set[str] = set()
         except ClientError as exc:
-            if _error_code(exc) not in ONE_INSTANCE_ERRORS:
+            if error_code(exc) not in ONE_INSTANCE_ERRORS:
                 raise
             refused = {iid for iid in instance_ids if not self._terminate_one(iid, why)}
         for iid in instance_ids:
@@ -235,7 +231,7 @@ class Controller:
         try:
             terminate(self.aws, (iid,))
         except ClientError as exc:
-            if _error_code(exc) not in ONE_INSTANCE_ERRORS:
+            if error_code(exc) not in ONE_INSTANCE_ERRORS:
                 raise
             if iid not in self._refused:
                 self._refused.add(iid)

@@ -12,7 +12,7 @@ from urllib.parse import quote, unquote
 
 from botocore.exceptions import ClientError
 
-from common.aws import Aws
+from common.aws import Aws, error_code
 from common.failure_tags import failure_from_tags, failure_tagging
 from common.output_object import label_of, read_result_metadata
 
@@ -40,7 +40,7 @@ def decode_filename(encoded: str) -> str:
 
 
 def is_not_found(exc: ClientError) -> bool:
-    return str(exc.response.get("Error", {}).get("Code")) in _NOT_FOUND
+    return error_code(exc) in _NOT_FOUND
 
 
 def put_input(aws: Aws, key: str, data: bytes, content_type: str, *, filename: str,
