@@ -37,8 +37,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # Children that rebuild their state from what AWS holds, so a new one can take over.
 RESTARTED = ("controller", "web")
 RESTART_DELAY_S = 1.0
-# A child that dies this soon after starting, this many times in a row, cannot start
-# (a bad setting, a port in use): restarting it again would only repeat the error.
+# A child that exits with an error this soon after starting, this many times in a
+# row, cannot start (a bad setting, a port in use): restarting it again would only
+# repeat the error. One killed by a signal was stopped from outside (kill -9, the
+# OOM killer), which says nothing against the next start: it is always restarted.
 QUICK_EXIT_S = 10.0
 MAX_QUICK_EXITS = 3
 
@@ -223,8 +225,8 @@ class Stack:
             if child.restart_at is None:
                 # Its process group may outlive it (gunicorn's workers, still holding the port).
                 _kill_group(child.process.pid)
-                quick = now - child.started < QUICK_EXIT_S
-                child.quick_exits = child.quick_exits + 1 if quick else 0
+                failed_at_start = code > 0 and now - child.started < QUICK_EXIT_S
+                child.quick_exits = child.quick_exits + 1 if failed_at_start else 0
                 if child.quick_exits >= MAX_QUICK_EXITS:
                     return f"{child.name} {how_it_ended(code)}, {child.quick_exits} times in a row at start"
                 child.restart_at = now + RESTART_DELAY_S * 2 ** child.quick_exits

@@ -115,6 +115,30 @@ def test_a_child_that_keeps_dying_at_start_stops_the_stack(tmp_path):
     assert problem == f"web exited with 3, {MAX_QUICK_EXITS} times in a row at start"
 
 
+def test_a_child_killed_again_and_again_at_start_is_still_restarted(tmp_path):
+    """Three kill -9s of a controller just restarted took the whole service down
+    (explorer): the rule is for children that cannot start, not for ones killed."""
+    stack = Stack(Settings(), tmp_path, warm_spares=0)
+    now = time.monotonic()
+    killed = subprocess.Popen(SLEEPER)
+    killed.kill()
+    killed.wait(timeout=30)
+    child = Child("controller", SLEEPER, killed, started=now)
+    stack.children = [child]
+    try:
+        for _ in range(MAX_QUICK_EXITS + 1):
+            assert stack.supervise(now=now) is None
+            assert child.restart_at == now + RESTART_DELAY_S  # no backing off either
+            now = child.restart_at
+            assert stack.supervise(now=now) is None  # restarted ...
+            child.process.kill()  # ... and killed again at once
+            child.process.wait(timeout=30)
+            now += QUICK_EXIT_S / 10
+    finally:
+        child.process.kill()
+        child.process.wait()
+
+
 def test_moto_dying_stops_the_stack(tmp_path):
     # moto holds every queue and object: nothing can take over from it.
     stack = Stack(Settings(), tmp_path, warm_spares=0)
