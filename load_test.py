@@ -733,7 +733,14 @@ class Client:
         # so a thousand waiting requests do not flood the web tier.
         delay = 0.05
         while True:
-            item = self._fetch_item(session, batch_id, item_id, deadline)
+            try:
+                item = self._fetch_item(session, batch_id, item_id, deadline)
+            except (requests.ConnectionError, RequestFailed) as exc:
+                if isinstance(exc, RequestFailed) and (exc.status or 0) < 500:
+                    raise
+                # The web tier restarting (refused, cut off, a 502 or 503): the item was
+                # accepted and is kept in S3, and a new web tier answers for it.
+                item, delay = {}, max(delay, 0.5)
             if item.get("state") in FINAL_STATES:
                 return item
             if time.monotonic() + delay >= deadline:

@@ -45,6 +45,9 @@ class FakeTier:
         self.untrained = False
         self.api_key = ""
         self.queued_polls = 0  # GETs of a job that still answer "queued"
+        # How the next GETs of a job fail, one each, as a restarting web tier's do:
+        # "drop" (the connection closes unanswered), "503", "404".
+        self.failing_polls: list[str] = []
         self.jobs: dict[str, dict] = {}
         self.form_ports: set[int] = set()
         self.paths: Counter[str] = Counter()
@@ -204,6 +207,15 @@ class Handler(BaseHTTPRequestHandler):
         elif parts[:2] == ["api", "jobs"] and len(parts) == 4 and parts[3] == "events":
             self._events(parts[2])
         elif parts[:2] == ["api", "jobs"] and len(parts) == 3:
+            with self.tier.lock:
+                failure = self.tier.failing_polls.pop(0) if self.tier.failing_polls else None
+            if failure == "drop":
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            if failure is not None:
+                self._send(int(failure), {"error": "failing as asked"})
+                return
             item = self._item(parts[2])
             if item is None:
                 self._send(404, {"error": "no such batch"})
@@ -603,6 +615,19 @@ def test_a_refused_upload_says_why_not_the_raw_json(tier, tmp_path):
     images = make_images(tmp_path / "images", {"bad.jpg": b"refuse"})
     report = run_load(Config(images=images, url=tier.url, api="jobs", timeout=10))
     assert by_file(report)["bad.jpg"].error == "HTTP 415: damaged or unreadable image"
+
+
+def test_a_web_tier_restarting_while_a_job_is_polled_fails_nothing(tier, tmp_path):
+    """The item was accepted (202) and is kept in S3: a refused or cut-off GET, or a
+    503, while the web tier restarts is no answer yet, not a failed request."""
+    images = make_images(tmp_path / "images", {"kept.jpg": b"label:7"})
+    tier.failing_polls = ["drop", "503", "502"]
+    report = run_load(Config(images=images, url=tier.url, api="jobs", timeout=20))
+    assert report.failed == 0 and by_file(report)["kept.jpg"].label == "7"
+    assert tier.failing_polls == []
+    tier.failing_polls = ["404"]  # no such batch: that is an answer
+    report = run_load(Config(images=images, url=tier.url, api="jobs", timeout=20))
+    assert report.failed == 1 and "HTTP 404" in by_file(report)["kept.jpg"].error
 
 
 # --- command line, JSON, plot ---------------------------------------------------------
