@@ -10,8 +10,9 @@ systemd's Restart=always does on a real instance, unless it exited because it
 cannot load the model (RestartPreventExitStatus there). Like systemd's
 watchdog there (WatchdogSec=), the runner kills a worker that has said it is
 ready and then stops pinging for LOCAL_WATCHDOG seconds, or that has not said
-it is ready within START_TIMEOUT_S (TimeoutStartSec=), with SIGABRT (its
-stacks go to its log), then SIGKILL if that does not end it, and restarts it.
+it is ready within START_TIMEOUT_S (TimeoutStartSec=; a minute for a warm
+spare, whose model is loaded already), with SIGABRT (its stacks go to its
+log), then SIGKILL if that does not end it, and restarts it.
 
 Warm spares: the runner can keep a few worker processes that have already
 loaded the model and wait for an instance id on stdin, the local equivalent of
@@ -44,6 +45,10 @@ log = logging.getLogger(__name__)
 RESTART_BACKOFF_S = 1.0
 # As TimeoutStartSec= in ami/imgclass-worker.service (weights may come from S3 there).
 START_TIMEOUT_S = 15 * 60.0
+# A warm spare has its model loaded: given an instance, it is ready within seconds.
+# One that is not (stopped, deadlocked while it waited) is replaced after this, not
+# after the 15 minutes a cold start may take.
+ADOPTED_START_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -54,6 +59,7 @@ class WorkerProcess:
     term_sent_at: float | None = None
     abort_sent_at: float | None = None  # by the watchdog
     ready: bool = False  # it said READY=1
+    start_timeout_s: float = START_TIMEOUT_S  # to say it, from started_at
     restarts: int = 0
     given_up: bool = False  # it cannot load the model: not restarted
 
@@ -72,6 +78,7 @@ class InstanceRunner:
     busy_poll_s: float = 1.0
     grace_s: float = 30.0
     start_timeout_s: float = START_TIMEOUT_S
+    adopted_start_timeout_s: float = ADOPTED_START_TIMEOUT_S
     warm_spares: int = 1
     # What an instance runs; tests put a small stand-in here.
     worker_argv: list[str] = field(default_factory=lambda: [sys.executable, "-m", "app_tier"])
@@ -141,10 +148,12 @@ class InstanceRunner:
                 process = spare
             except OSError:
                 process = None
+        start_timeout_s = min(self.start_timeout_s, self.adopted_start_timeout_s)
         if process is None:
-            process = self._spawn(instance_id)
+            process, start_timeout_s = self._spawn(instance_id), self.start_timeout_s
         self.started_total += 1
-        self.workers[instance_id] = WorkerProcess(instance_id, process, time.monotonic(), restarts=restarts)
+        self.workers[instance_id] = WorkerProcess(instance_id, process, time.monotonic(), restarts=restarts,
+                                                  start_timeout_s=start_timeout_s)
         log_path = self._logs.pop(process, None)
         log.info("runner: worker pid %d serves %s (log %s)", process.pid, instance_id,
                  log_path.name if log_path else "-")
@@ -234,7 +243,7 @@ class InstanceRunner:
                 log.info("runner: worker pid %d for %s is ready (%.1f s after it was given the instance)",
                          worker.process.pid, worker.instance_id, now - worker.started_at)
             silent = notify.overdue(now)
-            late = notify.last_heard is None and now - worker.started_at > self.start_timeout_s
+            late = notify.last_heard is None and now - worker.started_at > worker.start_timeout_s
             if worker.abort_sent_at is None and (silent or late):
                 why = (f"has not pinged its watchdog for {now - (notify.last_heard or now):.0f} s" if silent
                        else f"has not said it is ready in {now - worker.started_at:.0f} s")

@@ -182,6 +182,24 @@ def test_a_worker_that_never_says_it_is_ready_is_aborted_and_restarted(world, ca
                what="a restart")
 
 
+def test_a_hung_warm_spare_given_an_instance_is_replaced_within_its_short_start_timeout(world, caplog):
+    """A stopped spare was handed an instance and then had the full cold start's 15
+    minutes to say it was ready: nothing was served meanwhile (explorer)."""
+    settings, aws, make, out = world
+    runner = make(warm_spares=1, adopted_start_timeout_s=0.5, grace_s=0.5)
+    runner.step()
+    (spare,) = runner._spares
+    spare.send_signal(signal.SIGSTOP)
+    iid = launch(aws, settings, (1,))[1]
+    runner.step()
+    assert runner.workers[iid].process is spare
+    wait_until(lambda: (runner.step(), spare.poll() is not None)[1], what="the start timeout to end it")
+    assert f"(pid {spare.pid}) has not said it is ready" in caplog.text
+    wait_until(lambda: (runner.step(), runner.workers[iid].process is not spare)[1], timeout_s=5,
+               what="a replacement")
+    wait_until(lambda: started(out) == [iid], what="the replacement to take the instance")
+
+
 def test_a_warm_spare_is_adopted_by_the_next_instance(world):
     settings, aws, make, out = world
     runner = make(warm_spares=1)
