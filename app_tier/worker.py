@@ -41,9 +41,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from botocore.exceptions import BotoCoreError, ClientError
 
-from app_tier import EXIT_STALLED, images, systemd
+from app_tier import EXIT_STALLED, images
 from app_tier.images import BadImage, prepare
 from app_tier.model import Classification, Classifier
+from common import systemd
 from common.aws import Aws, error_code
 from common.config import Settings
 from common.failure_tags import failure_tagging

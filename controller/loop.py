@@ -30,6 +30,7 @@ from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from common import systemd
 from common.aws import Aws, error_code
 from common.config import Settings
 from common.names import instance_name
@@ -286,8 +287,13 @@ class Controller:
         backoff = 0.0
         log.info("controller: cap %d, mode %s, poll every %.1fs%s", self.policy.max_instances,
                  self.policy.mode, self.settings.poll_interval_s, " (dry run)" if self.dry_run else "")
+        # Run by systemd with WatchdogSec= (or by make run): started now, and alive for as
+        # long as its rounds end. One that hangs (a deadlock, a call that never returns)
+        # stops pinging and is restarted; a new controller adopts the fleet.
+        systemd.notify("READY=1")
         while not self.stopping.is_set():
             started = time.monotonic()
+            self._ping_watchdog()
             try:
                 self.step()
                 backoff = 0.0
@@ -300,10 +306,23 @@ class Controller:
                     log.warning("controller: %s; next try in %.1fs", exc, backoff)
                 else:  # a surprise: keep the traceback, but keep running too
                     log.exception("controller: unexpected error; next try in %.1fs", backoff)
-                self.stopping.wait(backoff)
+                self._wait(backoff)
                 continue
-            self.stopping.wait(max(0.0, self.settings.poll_interval_s - (time.monotonic() - started)))
+            self._wait(max(0.0, self.settings.poll_interval_s - (time.monotonic() - started)))
         log.info("controller: stopped (instances are left as they are; a new controller adopts them)")
+
+    def _wait(self, seconds: float) -> None:
+        """Wait until the next round or a stop, pinging the watchdog meanwhile if there is one."""
+        interval = systemd.watchdog_interval_s()
+        deadline = time.monotonic() + seconds
+        while not self.stopping.wait(max(0.0, min(deadline - time.monotonic(), interval or seconds))):
+            if time.monotonic() >= deadline:
+                return
+            self._ping_watchdog()
+
+    def _ping_watchdog(self) -> None:
+        if systemd.watchdog_interval_s() is not None:
+            systemd.notify("WATCHDOG=1")
 
     def install_signal_handlers(self) -> None:
         on_signals(lambda _signum: self.stopping.set())

@@ -6,7 +6,7 @@ then WATCHDOG=1 pings, and kills a worker whose pings stop with SIGABRT (the
 worker's faulthandler writes its threads' stacks to its log) before restarting
 it. The runner does the same for its worker processes, so that a worker that
 hangs holding Python's lock is replaced locally too, and the worker's side of
-the protocol (app_tier/systemd.py) runs in every local stack.
+the protocol (common/systemd.py) runs in every local stack.
 
 One datagram socket per process, so the runner knows who sent a message
 without SO_PASSCRED (Linux only). They live in a temporary folder, in /tmp

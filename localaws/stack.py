@@ -28,6 +28,7 @@ from common.config import Settings
 from common.logs import configure as configure_logging
 from common.provision import provision
 from common.signals import on_signals
+from localaws.notify import NotifySocket, NotifySockets
 from localaws.runner import InstanceRunner
 from localaws.server import PortInUse, StartInterrupted, ensure_port_free, start_moto, wait_until_up
 
@@ -37,6 +38,11 @@ ROOT = Path(__file__).resolve().parent.parent
 # Children that rebuild their state from what AWS holds, so a new one can take over.
 RESTARTED = ("controller", "web")
 RESTART_DELAY_S = 1.0
+# Children that ping a watchdog, as under systemd with WatchdogSec= (LOCAL_WATCHDOG):
+# one whose pings stop is hung, and is aborted (SIGABRT: its stacks go to its log),
+# killed if that does not end it within ABORT_GRACE_S, and restarted.
+WATCHED = ("controller",)
+ABORT_GRACE_S = 5.0
 # A child that exits with an error this soon after starting, this many times in a
 # row, cannot start (a bad setting, a port in use): restarting it again would only
 # repeat the error. One killed by a signal was stopped from outside (kill -9, the
@@ -128,6 +134,9 @@ class Child:
     started: float  # time.monotonic()
     quick_exits: int = 0  # deaths in a row, each soon after its start
     restart_at: float | None = None  # set while it waits to be restarted
+    # systemd's watchdog, for a child that pings one (see WATCHED).
+    notify: NotifySocket | None = None
+    abort_sent_at: float | None = None
 
 
 # Converts and caches the model once, as an AMI bake would (app_tier/__main__.py).
@@ -158,6 +167,7 @@ class Stack:
         self.warm_spares = warm_spares
         # Set on Ctrl-C or SIGTERM: a start under way gives up (see _prepare_model).
         self.stopping = threading.Event()
+        self.sockets = NotifySockets(settings.local_watchdog_s) if settings.local_watchdog_s > 0 else None
 
     def start(self) -> None:
         s = self.settings
@@ -207,10 +217,35 @@ class Stack:
                                + (self.logs / "prepare-model.log").read_text()[-2000:])
 
     def _spawn(self, name: str, argv: list[str]) -> None:
-        self.children.append(Child(name, argv, self._popen(argv), time.monotonic()))
+        process, notify = self._popen(name, argv)
+        self.children.append(Child(name, argv, process, time.monotonic(), notify=notify))
 
-    def _popen(self, argv: list[str]) -> subprocess.Popen:
-        return subprocess.Popen(argv, env=self.env, cwd=str(ROOT), start_new_session=True)
+    def _restart(self, child: Child, now: float) -> None:
+        if child.notify is not None:
+            child.notify.close()
+        child.process, child.notify = self._popen(child.name, child.argv)
+        child.started, child.restart_at, child.abort_sent_at = now, None, None
+
+    def _popen(self, name: str, argv: list[str]) -> tuple[subprocess.Popen, NotifySocket | None]:
+        """A child's process, with a watchdog socket of its own if it is WATCHED."""
+        notify = self.sockets.new() if self.sockets is not None and name in WATCHED else None
+        env = {**self.env, **notify.env()} if notify is not None else self.env
+        return subprocess.Popen(argv, env=env, cwd=str(ROOT), start_new_session=True), notify
+
+    def _watch(self, child: Child, now: float) -> None:
+        """systemd's watchdog for a live child: abort it once its pings have stopped for
+        LOCAL_WATCHDOG seconds, kill it if the abort does not end it."""
+        if child.notify is None:
+            return
+        child.notify.read(now)
+        if child.abort_sent_at is None and child.notify.overdue(now):
+            log.error("%s (pid %d) has not pinged its watchdog for %.0f s: hung; SIGABRT (its stacks go "
+                      "to its log), then a restart", child.name, child.process.pid,
+                      now - (child.notify.last_heard or now))
+            _signal_group(child.process.pid, signal.SIGABRT)
+            child.abort_sent_at = now
+        elif child.abort_sent_at is not None and now - child.abort_sent_at > ABORT_GRACE_S:
+            _signal_group(child.process.pid, signal.SIGKILL)
 
     def supervise(self, now: float | None = None) -> str | None:
         """Restart a controller or web tier that died; what forces a stop, if anything.
@@ -219,6 +254,7 @@ class Stack:
         for child in self.children:
             code = child.process.poll()
             if code is None:
+                self._watch(child, now)
                 continue
             if child.name not in RESTARTED:
                 return f"{child.name} {how_it_ended(code)}"
@@ -234,7 +270,7 @@ class Stack:
                 log.log(logging.WARNING if code == 0 else logging.ERROR, "%s %s; restarting it in %.0f s",
                         child.name, how_it_ended(code), child.restart_at - now)
             elif now >= child.restart_at:
-                child.process, child.started, child.restart_at = self._popen(child.argv), now, None
+                self._restart(child, now)
                 log.info("%s restarted (pid %d)", child.name, child.process.pid)
         if self.runner_thread is not None and not self.runner_thread.is_alive():
             return "the instance runner stopped"
@@ -260,6 +296,8 @@ class Stack:
         for child in self.children:
             if child.name == "moto":
                 _terminate(child.process, time.monotonic() + 2)
+        if self.sockets is not None:
+            self.sockets.remove_folder()
 
 
 def keep_previous_logs(logs: Path) -> None:
@@ -272,8 +310,12 @@ def keep_previous_logs(logs: Path) -> None:
 
 
 def _kill_group(pgid: int) -> None:
+    _signal_group(pgid, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, signum: int) -> None:
     try:
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(pgid, signum)
     except (ProcessLookupError, PermissionError):  # none left (its id may be reused)
         pass
 

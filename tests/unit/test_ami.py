@@ -162,9 +162,9 @@ def test_user_data_without_imds_starts_nothing(boot):
 # --- systemd unit -------------------------------------------------------------------
 
 
-def unit_settings() -> dict[str, list[str]]:
+def unit_settings(unit: str = "imgclass-worker.service") -> dict[str, list[str]]:
     settings: dict[str, list[str]] = {}
-    for line in (AMI / "imgclass-worker.service").read_text().splitlines():
+    for line in (AMI / unit).read_text().splitlines():
         if "=" in line and not line.lstrip().startswith(("#", ";")):
             key, _, value = line.partition("=")
             settings.setdefault(key.strip(), []).append(value.strip())
@@ -187,13 +187,24 @@ def test_systemd_unit_restarts_and_stops_gracefully():
 
 def test_systemd_unit_restarts_a_worker_whose_watchdog_pings_stop():
     unit = unit_settings()
-    # Started once the worker says READY=1 (app_tier/systemd.py), after loading its model...
+    # Started once the worker says READY=1 (common/systemd.py), after loading its model...
     assert unit["Type"] == ["notify"]
     assert unit["NotifyAccess"] == ["main"]
     assert unit["TimeoutStartSec"] == ["15min"]
     # ...then restarted (Restart=always) when its WATCHDOG=1 pings stop for this long.
     assert unit["WatchdogSec"] == ["60"]
     assert unit["LimitCORE"] == ["0"]  # the watchdog's SIGABRT: stacks in the journal, no core
+
+
+def test_the_controllers_unit_restarts_a_controller_whose_watchdog_pings_stop():
+    unit = unit_settings("imgclass-controller.service")
+    assert unit["Type"] == ["notify"] and unit["NotifyAccess"] == ["main"]
+    assert unit["Restart"] == ["always"] and unit["StartLimitIntervalSec"] == ["0"]
+    # Longer than a round's worst case against an AWS that stopped answering (botocore's
+    # six attempts of a 30 s read): only a hang goes this long without a ping.
+    assert unit["WatchdogSec"] == ["10min"] and unit["LimitCORE"] == ["0"]
+    assert unit["ExecStart"] == ["/opt/imgclass/.venv/bin/python controller.py"]
+    assert "AWS_ACCESS_KEY_ID" not in (AMI / "imgclass-controller.service").read_text()
 
 
 # --- IAM policy -----------------------------------------------------------------------

@@ -771,3 +771,25 @@ def test_a_bad_option_stops_the_controller_with_a_usage_error(capsys, monkeypatc
         main(["--once"])
     assert stopped.value.code == 2
     assert "MAX_INSTANCES must be a whole number" in capsys.readouterr().err
+
+
+def test_the_controller_pings_its_watchdog_through_its_rounds_and_waits(aws, patch, tmp_path):
+    """Run by systemd with WatchdogSec= (ami/imgclass-controller.service) or by make run: a
+    controller that hangs stops pinging and is restarted. It pings between rounds too, so
+    that a long poll interval or backoff is not taken for a hang."""
+    import socket
+
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(path))
+        listener.settimeout(5)
+        patch.setenv("NOTIFY_SOCKET", str(path))
+        patch.setenv("WATCHDOG_USEC", "200000")  # a ping every 0.1 s
+        patch.delenv("WATCHDOG_PID", raising=False)
+        controller = Controller(dataclasses.replace(aws.settings, poll_interval_s=5.0), aws)
+        thread = start(controller)
+        try:
+            heard = [listener.recv(64) for _ in range(6)]  # within one 5 s poll interval
+        finally:
+            stop(controller, thread)
+    assert heard[0] == b"READY=1" and set(heard[1:]) == {b"WATCHDOG=1"}

@@ -4,6 +4,7 @@ which of its processes are restarted when they die."""
 from __future__ import annotations
 
 import dataclasses
+import signal
 import socket
 import subprocess
 import sys
@@ -80,6 +81,41 @@ def test_a_dead_controller_or_web_tier_is_restarted_after_a_delay(tmp_path):
     finally:
         child.process.kill()
         child.process.wait()
+        stack.sockets.remove_folder()
+
+
+# Stands in for the controller: pings its watchdog for a while, then hangs.
+PINGS_THEN_HANGS = """
+import time
+from common import systemd
+systemd.notify("READY=1")
+for _ in range(5):
+    systemd.notify("WATCHDOG=1")
+    time.sleep(0.1)
+time.sleep(120)
+"""
+
+
+def test_a_controller_that_stops_pinging_its_watchdog_is_aborted_and_restarted(tmp_path, caplog):
+    """A hung controller (SIGSTOP, a deadlock) was never noticed: no instance was
+    launched for a growing backlog until it was continued by hand (explorer)."""
+    stack = Stack(Settings(local_watchdog_s=1.0), tmp_path, warm_spares=0)
+    stack._spawn("controller", [sys.executable, "-c", PINGS_THEN_HANGS])
+    (child,) = stack.children
+    first = child.process
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and child.process is first:
+            assert stack.supervise() is None
+            time.sleep(0.05)
+        assert first.returncode == -signal.SIGABRT
+        assert f"controller (pid {first.pid}) has not pinged its watchdog" in caplog.text
+        assert child.process.poll() is None  # the new one
+    finally:
+        for process in (first, child.process):
+            process.kill()
+            process.wait()
+        stack.sockets.remove_folder()
 
 
 def test_the_log_says_how_a_child_ended(tmp_path, caplog):

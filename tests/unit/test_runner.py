@@ -22,7 +22,7 @@ from localaws.runner import RESTART_BACKOFF_S, InstanceRunner
 # Stands in for `python -m app_tier`: records its instance id and waits.
 # "stubborn" ignores SIGTERM, as a hung worker would; "no-model" exits at once as a
 # worker that cannot load its weights does; "crash" dies at start; "pings" says
-# READY=1 and pings its watchdog through the worker's own module (app_tier.systemd)
+# READY=1 and pings its watchdog through the worker's own module (common.systemd)
 # until a file hang.<pid> appears, then goes silent, as a hang holding Python's lock.
 FAKE_WORKER = """
 import os, signal, sys, time
@@ -42,7 +42,7 @@ out = os.environ["FAKE_OUT"]
 open(os.path.join(out, f"{iid}.{os.getpid()}"), "w").close()
 if os.environ.get("FAKE_MODE") == "pings":
     sys.path.insert(0, os.getcwd())
-    from app_tier import systemd
+    from common import systemd
     systemd.notify("READY=1")
     while not os.path.exists(os.path.join(out, f"hang.{os.getpid()}")):
         systemd.notify("WATCHDOG=1")

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from app_tier.systemd import notify, watchdog_interval_s
+from common.systemd import notify, watchdog_interval_s
 
 
 @pytest.fixture
@@ -63,9 +63,9 @@ def test_a_reader_that_lags_costs_a_notification_not_a_blocked_sender(listener, 
     plain send would block the worker's main loop for as long as the reader lags."""
     import threading
 
-    import app_tier.systemd
+    import common.systemd
 
-    monkeypatch.setattr(app_tier.systemd, "SEND_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(common.systemd, "SEND_TIMEOUT_S", 0.05)
     path, _never_read = listener
     results: list[bool] = []
 

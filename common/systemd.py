@@ -6,8 +6,10 @@ READY=1, after its model has loaded, and restarts it when its WATCHDOG=1
 pings stop. They stop when no Python thread can run (a hang that holds the
 interpreter lock, which the worker's own heartbeat cannot see, being a
 thread itself) or when the heartbeat thread has died or is blocked. The local
-runner plays systemd's part the same way (localaws/notify.py). Without
-NOTIFY_SOCKET (a worker started by hand, most tests) every call here does
+runner plays systemd's part the same way (localaws/notify.py). The controller
+pings after every round (ami/imgclass-controller.service), so a controller that
+hangs is restarted too; `make run` watches its controller the same way. Without
+NOTIFY_SOCKET (a process started by hand, most tests) every call here does
 nothing.
 
 The protocol is one datagram per message on the AF_UNIX socket named in
