@@ -10,6 +10,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from common.pillow_errors import plain_reason
 from common.pixels import PILLOW_REFUSALS, pillow_refusal, size_refusal
 
 INPUT_SIZE = (224, 224)
@@ -48,7 +49,7 @@ def _bad_image_errors(max_pixels: int) -> Iterator[None]:
     except UnidentifiedImageError as exc:
         raise BadImage("not an image format this service reads") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise BadImage(f"image data is corrupt or truncated: {exc}") from exc
+        raise BadImage(f"damaged or unreadable image: {plain_reason(exc)}") from exc
     except MemoryError:
         raise  # may pass once other decodes end: not the image's fault
     except Exception as exc:

@@ -39,7 +39,9 @@ def classify() -> Response:
     svc = services()
     files = form_files(request, FIELDS)
     if not files:
-        raise UploadError(400, "no file: send the image in form field 'inputFile' (or 'myfile')")
+        how = "" if request.mimetype == "multipart/form-data" else " as multipart/form-data"
+        raise UploadError(400, f"no file: send the image{how} in form field 'inputFile' (or 'myfile'), "
+                               "as curl -F inputFile=@cat.jpg does")
     if len(files) > 1:
         raise UploadError(400, "one file per request here; POST several to /api/jobs")
     upload = validate(files[0], svc.settings)

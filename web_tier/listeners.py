@@ -23,7 +23,10 @@ from web_tier.storage import is_not_found, tag_failed
 
 log = logging.getLogger(__name__)
 
-DEAD_LETTER_ERROR = "could not be processed: it failed on every attempt"
+# In the characters an S3 tag value takes (common/failure_tags.py), so that a batch
+# rebuilt from S3 shows it the same.
+DEAD_LETTER_ERROR = ("could not be processed: every attempt to classify it failed - a worker crashed or "
+                     "stalled on it each time. Check the image or send it again")
 RESPONSE_THREADS = 2
 MIN_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0

@@ -17,6 +17,7 @@ from werkzeug.datastructures import FileStorage
 from werkzeug.wrappers import Request
 
 from common.config import Settings
+from common.pillow_errors import plain_reason
 from common.pixels import PILLOW_REFUSALS, pillow_refusal, size_refusal
 
 # Pillow format -> Content-Type stored with the object. MPO is what Pillow calls
@@ -142,7 +143,7 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
             raise UploadError(415, f"damaged or unreadable image: not a valid {kind} file", name) from exc
         raise UploadError(415, f"not an image (the content is not {ACCEPTED})", name) from exc
     except Exception as exc:  # Pillow raises many kinds of errors on damaged files
-        raise UploadError(415, f"damaged or unreadable image: {exc}", name) from exc
+        raise UploadError(415, f"damaged or unreadable image: {plain_reason(exc)}", name) from exc
     return Upload(name, data, FORMATS[fmt])
 
 
@@ -213,6 +214,9 @@ _ISO_BRANDS = ((b"avif", "AVIF"), (b"avis", "AVIF"), (b"heic", "HEIC"), (b"heix"
 
 def _signature(data: bytes) -> str | None:
     """The image format whose signature `data` starts with, if any."""
+    head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in head):
+        return "SVG"
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
     if data[4:8] == b"ftyp":

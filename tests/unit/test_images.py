@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app_tier.images import decode
+from app_tier.images import BadImage, decode, prepare
 
 MAX_PIXELS = 40_000_000
 
@@ -116,3 +116,35 @@ def test_any_error_decoding_an_image_is_the_images_fault_not_a_reason_to_retry(m
     monkeypatch.setattr(Image.Image, "convert", trips)
     with pytest.raises(BadImage, match="image data is corrupt: error: argument out of range"):
         decode(saved(Image.new("RGB", (8, 8)), "PNG"), MAX_PIXELS)
+
+
+def _png_with_huge_text() -> bytes:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "x" * (2 * PngImagePlugin.MAX_TEXT_CHUNK), zip=True)  # small once packed
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(out, "PNG", pnginfo=info)
+    return out.getvalue()
+
+
+def _jpeg_with_damaged_data() -> bytes:
+    from tests.conftest import make_image
+
+    good = bytearray(make_image(7))
+    start = good.index(b"\xff\xda")  # start of scan: the compressed data follows
+    for i in range(start + 40, len(good) - 40, 7):
+        good[i] = 0xFF  # an FF followed by a byte that is no marker: a broken stream
+    return bytes(good)
+
+
+@pytest.mark.parametrize(("make", "says"), [
+    (_png_with_huge_text, "it holds a text or colour-profile chunk too large to read (over 1 MB unpacked)"),
+    (_jpeg_with_damaged_data, "the compressed image data is damaged"),
+])
+def test_damage_is_said_in_plain_words_not_pillows(make, says):
+    """Pillow's texts named its internals ('Decompressed data too large for
+    PngImagePlugin.MAX_TEXT_CHUNK', 'broken data stream when reading image file')."""
+    with pytest.raises(BadImage) as refused:
+        prepare(make(), 40_000_000)
+    assert str(refused.value) == f"damaged or unreadable image: {says}"

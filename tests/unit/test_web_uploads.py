@@ -80,7 +80,11 @@ BAD = [
                  id="pdf-named-png"),
     pytest.param(encode(Image.new("RGB", (8, 8)), "PPM"), "x.ppm", 415, "PPM images are not accepted",
                  id="unaccepted-format"),
-    pytest.param(make_image(1, fmt="PNG")[:200], "cut.png", 415, "damaged", id="truncated"),
+    pytest.param(make_image(1, fmt="PNG")[:200], "cut.png", 415,
+                 "damaged or unreadable image: the file ends before its image data does (cut short)",
+                 id="truncated"),  # Pillow says "Truncated File Read"
+    pytest.param(b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>', "logo.svg", 415,
+                 "SVG images are not accepted", id="svg"),
     pytest.param(png_with_bad_header_crc(), "crc.png", 415,
                  "damaged or unreadable image: not a valid PNG file", id="bad-header-checksum"),
     pytest.param(b"\xff\xd8\xff\xe0" + b"\x00" * 40, "stub.jpg", 415, "not a valid JPEG file",
