@@ -557,6 +557,10 @@ class Report:
 # --- talking to the web tier ----------------------------------------------------------
 
 
+# What a web tier starting or stopping (or a proxy in front of it) answers meanwhile.
+RESTARTING_STATUSES = (502, 503, 504)
+
+
 class RequestFailed(Exception):
     """One request did not get a usable answer; the message says why."""
 
@@ -732,18 +736,22 @@ class Client:
         # Start quick (a warm fleet answers in well under a second), then back off
         # so a thousand waiting requests do not flood the web tier.
         delay = 0.05
+        unanswered: Exception | None = None  # the last poll the web tier did not answer
         while True:
             try:
                 item = self._fetch_item(session, batch_id, item_id, deadline)
-            except (requests.ConnectionError, RequestFailed) as exc:
-                if isinstance(exc, RequestFailed) and (exc.status or 0) < 500:
+                unanswered = None
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, RequestFailed) as exc:
+                if isinstance(exc, RequestFailed) and exc.status not in RESTARTING_STATUSES:
                     raise
-                # The web tier restarting (refused, cut off, a 502 or 503): the item was
+                # The web tier restarting (refused, cut off, a 502, 503 or 504): the item was
                 # accepted and is kept in S3, and a new web tier answers for it.
-                item, delay = {}, max(delay, 0.5)
+                item, delay, unanswered = {}, max(delay, 0.5), exc
             if item.get("state") in FINAL_STATES:
                 return item
             if time.monotonic() + delay >= deadline:
+                if unanswered is not None:
+                    raise RequestFailed(f"no answer in time; the last poll: {unanswered}")
                 raise requests.Timeout()
             if self.stop.wait(delay):
                 raise RequestFailed("interrupted")

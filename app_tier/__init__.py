@@ -9,3 +9,7 @@ EXIT_MODEL_UNAVAILABLE = 78
 # loops stalled (EX_SOFTWARE): it has given its messages back, and its supervisor
 # starts it afresh.
 EXIT_STALLED = 70
+
+# What a warm spare (--instance-id -) tells the runner, as systemd's STATUS=, once its
+# model is loaded and it waits for an instance id.
+SPARE_LOADED = "model loaded, waiting for an instance"

@@ -11,7 +11,8 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
-from app_tier import EXIT_MODEL_UNAVAILABLE
+from app_tier import EXIT_MODEL_UNAVAILABLE, SPARE_LOADED
+from common import systemd
 from common.aws import Aws
 from common.config import Settings
 from common.fleet import report_worker_failed, report_worker_ready
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     freeze_startup_heap()
     instance_id = args.instance_id
     if instance_id == "-":
+        # To the local runner: given an instance now, this spare serves within seconds.
+        systemd.notify(f"STATUS={SPARE_LOADED}")
         instance_id = sys.stdin.readline().strip()
         if not instance_id:
             return 0  # the runner closed our stdin: never needed

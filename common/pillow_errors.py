@@ -7,6 +7,8 @@ error -2", "Decompressed data too large for PngImagePlugin.MAX_TEXT_CHUNK").
 
 from __future__ import annotations
 
+import re
+
 _TRUNCATED = "the file ends before its image data does (cut short)"
 _DAMAGED = "the compressed image data is damaged"
 
@@ -18,7 +20,7 @@ _PLAIN = (
     ("broken data stream", _DAMAGED),
     ("decoder error -2", _DAMAGED),
     ("buffer overrun", _DAMAGED),
-    ("decoder error -1", _DAMAGED),
+    ("decoder error -1", _DAMAGED),  # whole codes only (see plain_reason): -10 is another
     ("could not create decoder object", "the image data is damaged or cut short"),
     ("MAX_TEXT_CHUNK", "it holds a text or colour-profile chunk too large to read (over 1 MB unpacked)"),
 )
@@ -28,6 +30,6 @@ def plain_reason(exc: BaseException) -> str:
     """What Pillow's error `exc` means for the file, or its own text when it is not one of these."""
     text = str(exc)
     for phrase, meaning in _PLAIN:
-        if phrase in text:
+        if re.search(re.escape(phrase) + r"(?![0-9])", text):
             return meaning
     return text

@@ -25,7 +25,8 @@ def on_signals(callback: Callable[[int], None], signals: Iterable[int] = STOP_SI
     these signals. Call from the main thread, as signal.signal requires.
 
     With `then_previous`, the handler each signal had before still runs too, on the
-    main thread as before (gunicorn's own graceful stop, say)."""
+    main thread as before (gunicorn's own graceful stop, say), if it was a function:
+    the default action (SIG_DFL) or ignoring (SIG_IGN) is not replayed."""
     signals = tuple(signals)
     previous = {signum: signal.getsignal(signum) for signum in signals} if then_previous else {}
     read_fd, write_fd = os.pipe()

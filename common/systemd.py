@@ -46,7 +46,7 @@ def notify(state: str, env: Mapping[str, str] = os.environ) -> bool:
         return True
     except OSError as exc:
         # Not a reason to stop serving; but systemd, missing READY=1 or the pings, will
-        # restart this worker, and the log should say why.
+        # restart this process, and the log should say why.
         log.warning("could not tell systemd %s: %s", state, exc)
         return False
 

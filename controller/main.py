@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import os
 import sys
 from pathlib import Path
@@ -73,8 +72,6 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Every thread's stack on stderr if a watchdog aborts a hung controller (SIGABRT).
-    faulthandler.enable()
     configure_logging("%(asctime)s %(levelname)s controller %(message)s")
     try:
         defaults = Settings.from_env()

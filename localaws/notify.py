@@ -1,4 +1,4 @@
-"""systemd's side of the service notifications, for the local runner.
+"""systemd's side of the service notifications, for the local runner and stack.
 
 On an instance, systemd gives the worker NOTIFY_SOCKET and WATCHDOG_USEC
 (ami/imgclass-worker.service: Type=notify, WatchdogSec=60), hears READY=1 and
@@ -6,7 +6,8 @@ then WATCHDOG=1 pings, and kills a worker whose pings stop with SIGABRT (the
 worker's faulthandler writes its threads' stacks to its log) before restarting
 it. The runner does the same for its worker processes, so that a worker that
 hangs holding Python's lock is replaced locally too, and the worker's side of
-the protocol (common/systemd.py) runs in every local stack.
+the protocol (common/systemd.py) runs in every local stack. `make run` watches
+its controller the same way (localaws/stack.py).
 
 One datagram socket per process, so the runner knows who sent a message
 without SO_PASSCRED (Linux only). They live in a temporary folder, in /tmp
@@ -32,6 +33,7 @@ class NotifySocket:
         self.path = path
         self.watchdog_s = watchdog_s
         self.last_heard: float | None = None  # None until READY=1: systemd counts from there
+        self.status = ""  # the last STATUS= sent
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             self._sock.bind(str(path))
@@ -55,6 +57,9 @@ class NotifySocket:
             states = data.decode("utf-8", errors="replace").split("\n")
             if "READY=1" in states or ("WATCHDOG=1" in states and self.last_heard is not None):
                 self.last_heard = now
+            for state in states:
+                if state.startswith("STATUS="):
+                    self.status = state.removeprefix("STATUS=")
 
     def overdue(self, now: float) -> bool:
         """Ready, then silent for longer than the watchdog allows."""
@@ -73,7 +78,8 @@ class NotifySockets:
         self._folder: Path | None = None
         self._made = 0
 
-    def new(self) -> NotifySocket:
+    def new(self, watchdog_s: float | None = None) -> NotifySocket:
+        """A socket for one more process, whose watchdog allows `watchdog_s` (default: all's)."""
         if self._folder is None:
             folder = tempfile.mkdtemp(prefix="imgclass-notify-")
             if len(folder) > MAX_FOLDER_CHARS:
@@ -81,7 +87,7 @@ class NotifySockets:
                 folder = tempfile.mkdtemp(prefix="imgclass-notify-", dir="/tmp")
             self._folder = Path(folder)
         self._made += 1
-        return NotifySocket(self._folder / f"{self._made}.sock", self.watchdog_s)
+        return NotifySocket(self._folder / f"{self._made}.sock", watchdog_s or self.watchdog_s)
 
     def remove_folder(self) -> None:
         if self._folder is not None:

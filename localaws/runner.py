@@ -11,7 +11,7 @@ cannot load the model (RestartPreventExitStatus there). Like systemd's
 watchdog there (WatchdogSec=), the runner kills a worker that has said it is
 ready and then stops pinging for LOCAL_WATCHDOG seconds, or that has not said
 it is ready within START_TIMEOUT_S (TimeoutStartSec=; a minute for a warm
-spare, whose model is loaded already), with SIGABRT (its stacks go to its
+spare that has said its model is loaded), with SIGABRT (its stacks go to its
 log), then SIGKILL if that does not end it, and restarts it.
 
 Warm spares: the runner can keep a few worker processes that have already
@@ -34,7 +34,7 @@ from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from app_tier import EXIT_MODEL_UNAVAILABLE
+from app_tier import EXIT_MODEL_UNAVAILABLE, SPARE_LOADED
 from common.aws import Aws
 from common.config import Settings
 from common.fleet import LIVE_STATES, app_tier_instances
@@ -45,9 +45,9 @@ log = logging.getLogger(__name__)
 RESTART_BACKOFF_S = 1.0
 # As TimeoutStartSec= in ami/imgclass-worker.service (weights may come from S3 there).
 START_TIMEOUT_S = 15 * 60.0
-# A warm spare has its model loaded: given an instance, it is ready within seconds.
-# One that is not (stopped, deadlocked while it waited) is replaced after this, not
-# after the 15 minutes a cold start may take.
+# A warm spare that has said its model is loaded is ready within seconds of being
+# given an instance. One that is not (stopped, deadlocked while it waited) is
+# replaced after this, not after the 15 minutes a cold start may take.
 ADOPTED_START_TIMEOUT_S = 60.0
 
 
@@ -148,9 +148,11 @@ class InstanceRunner:
                 process = spare
             except OSError:
                 process = None
-        start_timeout_s = min(self.start_timeout_s, self.adopted_start_timeout_s)
+        start_timeout_s = self.start_timeout_s
         if process is None:
-            process, start_timeout_s = self._spawn(instance_id), self.start_timeout_s
+            process = self._spawn(instance_id)
+        elif self._spare_loaded(process):
+            start_timeout_s = min(self.start_timeout_s, self.adopted_start_timeout_s)
         self.started_total += 1
         self.workers[instance_id] = WorkerProcess(instance_id, process, time.monotonic(), restarts=restarts,
                                                   start_timeout_s=start_timeout_s)
@@ -159,6 +161,15 @@ class InstanceRunner:
                  log_path.name if log_path else "-")
         if log_path is not None:
             self._link_log(instance_id, log_path)
+
+    def _spare_loaded(self, spare: subprocess.Popen) -> bool:
+        """Whether the spare said its model is loaded (a spare still loading it may take as
+        long as any worker starting)."""
+        notify = self._notify.get(spare)
+        if notify is None:
+            return False
+        notify.read(time.monotonic())
+        return notify.status == SPARE_LOADED
 
     def _link_log(self, instance_id: str, log_path: Path) -> None:
         """`<instance id>.log` next to the worker's log, so an instance's log is found by

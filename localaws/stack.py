@@ -4,9 +4,10 @@ Starts, in order: moto's server (S3, SQS, EC2 on loopback); provisioning of
 the buckets and queues; the local instance runner; the controller; the web
 tier under gunicorn. Prints one READY line with both addresses. A controller
 or web tier that dies is restarted, as systemd would on an instance (both
-rebuild their state from AWS); one that keeps dying at start, or the death of
-moto (which holds every queue and object) or of the runner, stops everything,
-newest first, as Ctrl-C or SIGTERM do.
+rebuild their state from AWS), and so is a controller that hangs (its watchdog);
+one that keeps failing at start, or the death of moto (which holds every queue
+and object) or of the runner, stops everything, newest first, as Ctrl-C or
+SIGTERM do.
 """
 
 from __future__ import annotations
@@ -38,10 +39,14 @@ ROOT = Path(__file__).resolve().parent.parent
 # Children that rebuild their state from what AWS holds, so a new one can take over.
 RESTARTED = ("controller", "web")
 RESTART_DELAY_S = 1.0
-# Children that ping a watchdog, as under systemd with WatchdogSec= (LOCAL_WATCHDOG):
-# one whose pings stop is hung, and is aborted (SIGABRT: its stacks go to its log),
-# killed if that does not end it within ABORT_GRACE_S, and restarted.
-WATCHED = ("controller",)
+# Children that ping a watchdog, as under systemd with WatchdogSec=, and for how
+# long they may be silent: one whose pings stop is hung, and is aborted (SIGABRT:
+# its stacks go to make run's output), killed if that does not end it within
+# ABORT_GRACE_S, and restarted. The controller pings between its rounds, and a
+# round against an AWS that stopped answering can take minutes of botocore's
+# retries (ami/imgclass-controller.service allows 10 minutes): 5 here, where AWS is
+# local and a hang is all that keeps a round this long.
+WATCHED = {"controller": 300.0}
 ABORT_GRACE_S = 5.0
 # A child that exits with an error this soon after starting, this many times in a
 # row, cannot start (a bad setting, a port in use): restarting it again would only
@@ -132,7 +137,7 @@ class Child:
     argv: list[str]
     process: subprocess.Popen
     started: float  # time.monotonic()
-    quick_exits: int = 0  # deaths in a row, each soon after its start
+    quick_exits: int = 0  # error exits in a row, each soon after its start
     restart_at: float | None = None  # set while it waits to be restarted
     # systemd's watchdog, for a child that pings one (see WATCHED).
     notify: NotifySocket | None = None
@@ -167,7 +172,9 @@ class Stack:
         self.warm_spares = warm_spares
         # Set on Ctrl-C or SIGTERM: a start under way gives up (see _prepare_model).
         self.stopping = threading.Event()
+        # Off with LOCAL_WATCHDOG=0, as the workers' watchdog is.
         self.sockets = NotifySockets(settings.local_watchdog_s) if settings.local_watchdog_s > 0 else None
+        self.watchdog_s = dict(WATCHED)  # tests shorten it
 
     def start(self) -> None:
         s = self.settings
@@ -228,7 +235,8 @@ class Stack:
 
     def _popen(self, name: str, argv: list[str]) -> tuple[subprocess.Popen, NotifySocket | None]:
         """A child's process, with a watchdog socket of its own if it is WATCHED."""
-        notify = self.sockets.new() if self.sockets is not None and name in WATCHED else None
+        watched = self.sockets is not None and name in self.watchdog_s
+        notify = self.sockets.new(self.watchdog_s[name]) if watched else None
         env = {**self.env, **notify.env()} if notify is not None else self.env
         return subprocess.Popen(argv, env=env, cwd=str(ROOT), start_new_session=True), notify
 
@@ -239,8 +247,8 @@ class Stack:
             return
         child.notify.read(now)
         if child.abort_sent_at is None and child.notify.overdue(now):
-            log.error("%s (pid %d) has not pinged its watchdog for %.0f s: hung; SIGABRT (its stacks go "
-                      "to its log), then a restart", child.name, child.process.pid,
+            log.error("%s (pid %d) has not pinged its watchdog for %.0f s: hung; SIGABRT (its threads' "
+                      "stacks follow), then a restart", child.name, child.process.pid,
                       now - (child.notify.last_heard or now))
             _signal_group(child.process.pid, signal.SIGABRT)
             child.abort_sent_at = now
@@ -296,6 +304,9 @@ class Stack:
         for child in self.children:
             if child.name == "moto":
                 _terminate(child.process, time.monotonic() + 2)
+        for child in self.children:
+            if child.notify is not None:
+                child.notify.close()
         if self.sockets is not None:
             self.sockets.remove_folder()
 

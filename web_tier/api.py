@@ -9,7 +9,7 @@ from flask import Blueprint, Response, jsonify, request
 from web_tier import events
 from web_tier.auth import require_api_key
 from web_tier.jobs import UPLOAD_THREADS, new_id
-from web_tier.results import Item
+from web_tier.results import DONE, Item
 from web_tier.services import services
 from web_tier.uploads import Upload, UploadError, check_count, display_name, form_files, validate
 
@@ -87,9 +87,10 @@ def create_job() -> tuple[Response, int]:
 
 
 def _batch_json(batch_id: str, items: list[Item]) -> dict[str, Any]:
-    # Said from the first GET, while everything is still queued: what the configured
-    # model (or, once known, the workers' latest answer) says, or any result here.
-    untrained = bool(services().book.untrained) or any(i.untrained for i in items)
+    # What its results say; before any, what the configured model (or, once known, the
+    # workers' latest answer) says, so that a batch still queued is not called trained.
+    done = [i for i in items if i.state == DONE]
+    untrained = any(i.untrained for i in done) if done else bool(services().book.untrained)
     return {"batch_id": batch_id, "items": [i.to_json() for i in items], "untrained": untrained}
 
 

@@ -45,6 +45,11 @@ def classify() -> Response:
     if len(files) > 1:
         raise UploadError(400, "one file per request here; POST several to /api/jobs")
     upload = validate(files[0], svc.settings)
+    if svc.book.closing.is_set():
+        # Nobody would wait for its answer here: store nothing (as /api/jobs does then).
+        response = _text(f"{upload.filename}: not stored: the web tier is stopping; send it again", 503)
+        response.headers["Retry-After"] = "5"
+        return response
 
     batch_id = new_id()
     outcome = svc.submitter.submit(batch_id, [upload])[0]

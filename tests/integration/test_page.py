@@ -88,14 +88,16 @@ def test_many_images_from_the_page(stack, browser, reference_model, tmp_path):
     browser.save_screenshot(str(stack.run_dir / "page.png"))
 
 
-# The page's first POST /api/jobs answered as a stopping web tier answers one: 503,
-# nothing stored, each file rejected with 503.
-STOPPING_ONCE = """
+# The page's first POST /api/jobs answered as a stopping web tier answers one (503,
+# nothing stored, each file rejected with 503); the second, sent again 5 s later, not
+# answered at all, as while the next web tier starts (a refused connection).
+STOPPING_THEN_RESTARTING = """
 const realFetch = window.fetch;
-window.stoppingAnswers = 0;
+window.fakedPosts = 0;
 window.fetch = async (url, options) => {
-  if (url === "/api/jobs" && window.stoppingAnswers === 0) {
-    window.stoppingAnswers += 1;
+  if (url === "/api/jobs" && window.fakedPosts < 2) {
+    window.fakedPosts += 1;
+    if (window.fakedPosts === 2) throw new TypeError("Failed to fetch");
     const reason = "not stored: the web tier is stopping; send this file again";
     const rejected = options.body.getAll("files").map((file, index) =>
       ({index, filename: file.name, error: reason, status: 503}));
@@ -115,7 +117,7 @@ def test_files_a_stopping_web_tier_did_not_store_are_sent_again(stack, browser, 
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     browser.get(stack.web_url + "/")
-    browser.execute_script(STOPPING_ONCE)
+    browser.execute_script(STOPPING_THEN_RESTARTING)
     browser.find_element(By.ID, "file-input").send_keys("\n".join(str(tmp_path / n) for n in files))
 
     deadline = time.monotonic() + 120
@@ -126,7 +128,7 @@ def test_files_a_stopping_web_tier_did_not_store_are_sent_again(stack, browser, 
             break
         time.sleep(0.2)
     shown = {i.get_attribute("data-filename"): i for i in items}
-    assert browser.execute_script("return window.stoppingAnswers") == 1
+    assert browser.execute_script("return window.fakedPosts") == 2
     for name, data in files.items():
         assert shown[name].get_attribute("data-state") == "done", shown[name].text
         assert shown[name].get_attribute("data-label") == reference(reference_model, data).label

@@ -148,3 +148,11 @@ def test_damage_is_said_in_plain_words_not_pillows(make, says):
     with pytest.raises(BadImage) as refused:
         prepare(make(), 40_000_000)
     assert str(refused.value) == f"damaged or unreadable image: {says}"
+
+
+def test_only_the_pillow_errors_known_are_reworded():
+    from common.pillow_errors import plain_reason
+
+    assert plain_reason(OSError("decoder error -2")) == "the compressed image data is damaged"
+    assert plain_reason(OSError("decoder error -10")) == "decoder error -10"  # not -1
+    assert plain_reason(ValueError("something new")) == "something new"

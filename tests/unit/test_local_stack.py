@@ -99,7 +99,8 @@ time.sleep(120)
 def test_a_controller_that_stops_pinging_its_watchdog_is_aborted_and_restarted(tmp_path, caplog):
     """A hung controller (SIGSTOP, a deadlock) was never noticed: no instance was
     launched for a growing backlog until it was continued by hand (explorer)."""
-    stack = Stack(Settings(local_watchdog_s=1.0), tmp_path, warm_spares=0)
+    stack = Stack(Settings(), tmp_path, warm_spares=0)
+    stack.watchdog_s["controller"] = 1.0  # 5 minutes by default
     stack._spawn("controller", [sys.executable, "-c", PINGS_THEN_HANGS])
     (child,) = stack.children
     first = child.process
@@ -173,6 +174,7 @@ def test_a_child_killed_again_and_again_at_start_is_still_restarted(tmp_path):
     finally:
         child.process.kill()
         child.process.wait()
+        stack.sockets.remove_folder()
 
 
 def test_moto_dying_stops_the_stack(tmp_path):

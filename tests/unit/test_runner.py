@@ -21,7 +21,8 @@ from localaws.runner import RESTART_BACKOFF_S, InstanceRunner
 
 # Stands in for `python -m app_tier`: records its instance id and waits.
 # "stubborn" ignores SIGTERM, as a hung worker would; "no-model" exits at once as a
-# worker that cannot load its weights does; "crash" dies at start; "pings" says
+# worker that cannot load its weights does; "crash" dies at start; a spare says its
+# model is loaded, unless "still-loading"; "pings" says
 # READY=1 and pings its watchdog through the worker's own module (common.systemd)
 # until a file hang.<pid> appears, then goes silent, as a hang holding Python's lock.
 FAKE_WORKER = """
@@ -33,6 +34,11 @@ if os.environ.get("FAKE_MODE") == "crash":
 args = sys.argv[1:]
 iid = args[args.index("--instance-id") + 1]
 if iid == "-":
+    if os.environ.get("FAKE_MODE") != "still-loading":  # as a spare whose model is loaded
+        sys.path.insert(0, os.getcwd())
+        from app_tier import SPARE_LOADED
+        from common import systemd
+        systemd.notify("STATUS=" + SPARE_LOADED)
     iid = sys.stdin.readline().strip()
     if not iid:
         sys.exit(0)
@@ -189,6 +195,7 @@ def test_a_hung_warm_spare_given_an_instance_is_replaced_within_its_short_start_
     runner = make(warm_spares=1, adopted_start_timeout_s=0.5, grace_s=0.5)
     runner.step()
     (spare,) = runner._spares
+    wait_until(lambda: runner._spare_loaded(spare), what="the spare to load its model")
     spare.send_signal(signal.SIGSTOP)
     iid = launch(aws, settings, (1,))[1]
     runner.step()
@@ -198,6 +205,15 @@ def test_a_hung_warm_spare_given_an_instance_is_replaced_within_its_short_start_
     wait_until(lambda: (runner.step(), runner.workers[iid].process is not spare)[1], timeout_s=5,
                what="a replacement")
     wait_until(lambda: started(out) == [iid], what="the replacement to take the instance")
+
+
+def test_a_spare_still_loading_its_model_when_adopted_has_a_cold_starts_time(world):
+    settings, aws, make, out = world
+    runner = make(warm_spares=1, adopted_start_timeout_s=0.5, env={"FAKE_MODE": "still-loading"})
+    runner.step()
+    iid = launch(aws, settings, (1,))[1]
+    runner.step()
+    assert runner.workers[iid].start_timeout_s == runner.start_timeout_s > 0.5
 
 
 def test_a_warm_spare_is_adopted_by_the_next_instance(world):

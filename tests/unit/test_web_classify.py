@@ -177,3 +177,13 @@ def test_a_body_larger_than_one_file_is_refused_before_it_is_read(web_app, web_s
     # The one file's limit, not the body's (which has room for the form around it).
     max_bytes = web_settings.max_upload_bytes
     assert response.text == f"huge.jpg: file is larger than the limit of {max_bytes} bytes\n"
+
+
+def test_a_stopping_web_tier_stores_no_new_image(web_app, web_aws):
+    """Nobody would wait for its answer: it said 503 'still queued' for an image it had
+    just stored, inviting a second upload of it. Now nothing is stored, as /api/jobs does."""
+    web_app.extensions["imgclass"].book.close()  # SIGTERM
+    response = post_image(web_app.test_client(), make_image(6), "late.jpg")
+    assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+    assert response.text == "late.jpg: not stored: the web tier is stopping; send it again"
+    assert web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket).get("KeyCount", 0) == 0

@@ -479,3 +479,12 @@ def test_a_batch_says_its_model_is_untrained_before_any_result(make_web_app):
     batch_id = upload(client, [(make_image(90), "early.jpg")]).get_json()["batch_id"]
     body = client.get(f"/api/jobs/{batch_id}").get_json()
     assert [i["state"] for i in body["items"]] == ["queued"] and body["untrained"] is True
+
+
+def test_a_finished_batch_says_what_its_own_results_say(web_app, fake_worker):
+    """Not what the latest answer of any batch said."""
+    client = web_app.test_client()
+    batch_id = upload(client, [(make_image(91), "trained.jpg")]).get_json()["batch_id"]
+    wait_until(lambda: all_finished(client, batch_id))
+    services_of(web_app).book.untrained = True  # another batch's answer, from an untrained model
+    assert client.get(f"/api/jobs/{batch_id}").get_json()["untrained"] is False

@@ -121,6 +121,7 @@
       this.sseErrors = 0;
       this.pollTimer = null;
       this.restored = false;    // rebuilt from the address after a reload, not uploaded here
+      this.resends = [];        // files being sent again (sendLater), awaited at the end of run()
     }
 
     async run() {
@@ -135,6 +136,8 @@
         while (chunks.length) await this.send(chunks.shift());
       };
       await Promise.all(Array.from({ length: PARALLEL_CHUNKS }, worker));
+      // Files sent again later (see sendLater) keep the upload open until they are in.
+      while (this.resends.length) await this.resends.shift();
       this.uploading = false;
       if (this.batchId && !this.stream && !this.pollTimer) this.follow();
       updateSummary();
@@ -150,6 +153,13 @@
         body = await response.json().catch(() => null);
       } catch (err) {
         if (leaving) return;  // cut off by the reload itself: the server may well have them
+        if (attempt > 0 && attempt < RESEND_DELAYS_MS.length) {
+          // Sending again files a stopping web tier did not store: the next one is most
+          // likely still starting. (Cut off mid-request, it may have stored some: they
+          // would then be in the batch twice, which beats losing them.)
+          this.sendLater(chunk, attempt);
+          return;
+        }
         // Not remembered for a reload: the server may have stored them before the failure.
         this.refuse(chunk, "upload failed: the server could not be reached", false);
         return;
@@ -160,8 +170,10 @@
         return;
       }
       if (!body || !Array.isArray(body.items)) {
-        if (response.status === 503 && attempt < RESEND_DELAYS_MS.length) {
-          await this.sendLater(chunk, attempt);
+        // 503: not stored. 502 and 504 (a proxy in front): the web tier not there yet.
+        const unstored = response.status === 503 || (attempt > 0 && [502, 504].includes(response.status));
+        if (unstored && attempt < RESEND_DELAYS_MS.length) {
+          this.sendLater(chunk, attempt);
           return;
         }
         this.refuse(chunk, (body && body.error) || `upload refused (HTTP ${response.status})`);
@@ -191,12 +203,15 @@
         showFailure(entry.el, rejection.error);
       }
       this.save();
-      if (again.length) await this.sendLater(again, attempt);
+      if (again.length) this.sendLater(again, attempt);
     }
 
-    async sendLater(entries, attempt) {
-      await new Promise((resolve) => setTimeout(resolve, RESEND_DELAYS_MS[attempt]));
-      if (!leaving) await this.send(entries, attempt + 1);
+    // Send `entries` again after a while, without holding up the other chunks.
+    sendLater(entries, attempt) {
+      this.resends.push((async () => {
+        await new Promise((resolve) => setTimeout(resolve, RESEND_DELAYS_MS[attempt]));
+        if (!leaving) await this.send(entries, attempt + 1);
+      })());
     }
 
     refuse(chunk, why, remember = true) {
