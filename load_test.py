@@ -759,15 +759,26 @@ class Client:
 
     def _wait_sse(self, session: requests.Session, batch_id: str, item_id: str, deadline: float) -> dict:
         url = f"{self.config.url}/api/jobs/{batch_id}/events"
+        try:
+            return self._wait_stream(session, url, batch_id, item_id, deadline)
+        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, RequestFailed) as exc:
+            if isinstance(exc, RequestFailed) and exc.status not in RESTARTING_STATUSES:
+                raise
+            # The web tier restarting: polling waits for the next one (see _wait_poll).
+            return self._wait_poll(session, batch_id, item_id, deadline)
+
+    def _wait_stream(self, session: requests.Session, url: str, batch_id: str, item_id: str,
+                     deadline: float) -> dict:
         with session.get(url, stream=True, timeout=self._timeout(deadline), allow_redirects=False) as resp:
             if resp.status_code == 200:
                 item = self._follow_events(resp, session, batch_id, item_id, deadline)
                 if item is not None:
                     return item
-            elif resp.status_code == 503:
+            elif resp.status_code in RESTARTING_STATUSES:
                 # The web tier caps the event streams open at once and answers the rest
-                # 503 "poll GET /api/jobs/<id> instead": the item itself is fine. The
-                # short body is read so the connection is kept for the polls.
+                # 503 "poll GET /api/jobs/<id> instead" (and one restarting, 502 to 504):
+                # the item itself is fine. The short body is read so the connection is
+                # kept for the polls.
                 resp.content  # noqa: B018
             else:
                 raise RequestFailed(f"GET {url}: HTTP {resp.status_code}", resp.status_code)

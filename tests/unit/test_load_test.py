@@ -625,6 +625,9 @@ def test_a_web_tier_restarting_while_a_job_is_polled_fails_nothing(tier, tmp_pat
     report = run_load(Config(images=images, url=tier.url, api="jobs", timeout=20))
     assert report.failed == 0 and by_file(report)["kept.jpg"].label == "7"
     assert tier.failing_polls == []
+    tier.failing_polls = ["drop", "503"]  # the stream's first look at the item, then a poll
+    report = run_load(Config(images=images, url=tier.url, api="jobs", wait="sse", timeout=20))
+    assert report.failed == 0 and tier.failing_polls == []
     for status in ("404", "500"):  # no such batch, a bug: those are answers
         tier.failing_polls = [status]
         report = run_load(Config(images=images, url=tier.url, api="jobs", timeout=20))
