@@ -111,8 +111,15 @@ class Controller:
 
     # --- one round -----------------------------------------------------------------
     def step(self, now: float | None = None) -> Decision:
+        # Observe: what EC2 and SQS show, with what only this controller has seen (its
+        # launches EC2 does not list yet, how long an instance has gone unready).
         obs = self._with_readiness(self._with_recent_launches(observe(self.aws, now)))
-        decision = decide(obs, self.policy, self._wanted_recently(obs), self._launches_held(obs),
+        # Remember what the next rounds need of this one: the scale-in window's counts,
+        # and workers giving up (the launch hold). Both update this controller's memory.
+        wanted_recently = self._wanted_recently(obs)
+        launches_held = self._launches_held(obs)
+        # Decide, with a pure function of all that; then act.
+        decision = decide(obs, self.policy, wanted_recently, launches_held,
                           keep_last=frozenset(self._refused))
         self._record(obs, decision)
         if decision.changes_anything and not self.dry_run:
