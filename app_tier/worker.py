@@ -45,7 +45,7 @@ from app_tier import EXIT_STALLED, images
 from app_tier.images import BadImage, prepare
 from app_tier.model import Classification, Classifier
 from common import systemd
-from common.aws import Aws, error_code
+from common.aws import Aws, error_code, sqs_batches
 from common.config import Settings
 from common.failure_tags import failure_tagging
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
@@ -430,16 +430,14 @@ class Worker:
                 log.warning("could not tag failed input %s: %s", req.key, exc)
 
     def _reply(self, responses: list[ClassifyResponse]) -> None:
-        for start in range(0, len(responses), 10):
-            chunk = responses[start:start + 10]
+        for chunk in sqs_batches(responses):
             entries = [{"Id": str(i), "MessageBody": r.to_json()} for i, r in enumerate(chunk)]
             reply = self.aws.sqs.send_message_batch(QueueUrl=self.aws.response_queue_url, Entries=entries)
             if reply.get("Failed"):
                 raise RuntimeError(f"could not send {len(reply['Failed'])} responses: {reply['Failed']}")
 
     def _delete(self, jobs: list[Job]) -> None:
-        for start in range(0, len(jobs), 10):
-            chunk = jobs[start:start + 10]
+        for chunk in sqs_batches(jobs):
             reply = self.aws.sqs.delete_message_batch(
                 QueueUrl=self.aws.request_queue_url,
                 Entries=[{"Id": str(i), "ReceiptHandle": j.receipt} for i, j in enumerate(chunk)],
@@ -507,8 +505,7 @@ class Worker:
         if not jobs:
             return
         log.info("worker %s: handing back %d messages", self.instance_id, len(jobs))
-        for start in range(0, len(jobs), 10):
-            chunk = jobs[start:start + 10]
+        for chunk in sqs_batches(jobs):
             try:
                 reply = self.aws.sqs.send_message_batch(
                     QueueUrl=self.aws.request_queue_url,
@@ -522,9 +519,9 @@ class Worker:
 
     def _change_visibility(self, hidden_for: list[tuple[Job, int]]) -> None:
         """Hide each job's message for its number of seconds from now (0: visible)."""
-        for start in range(0, len(hidden_for), 10):
+        for chunk in sqs_batches(hidden_for):
             entries = [{"Id": str(i), "ReceiptHandle": j.receipt, "VisibilityTimeout": seconds}
-                       for i, (j, seconds) in enumerate(hidden_for[start:start + 10])]
+                       for i, (j, seconds) in enumerate(chunk)]
             try:
                 reply = self.aws.sqs.change_message_visibility_batch(
                     QueueUrl=self.aws.request_queue_url, Entries=entries)

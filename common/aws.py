@@ -9,8 +9,10 @@ timeouts and 5xx answers with backoff.
 from __future__ import annotations
 
 import platform
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TypeVar
 
 import boto3
 from botocore.config import Config
@@ -23,6 +25,18 @@ from common.config import Settings
 # client cost, measured against the embedded AWS. It only feeds AWS's usage metrics.
 # (boto3 appends its Botocore/<version> to it.)
 USER_AGENT = f"imgclass Python/{platform.python_version()}"
+
+
+# Entries in one SendMessageBatch, DeleteMessageBatch or ChangeMessageVisibilityBatch.
+SQS_MAX_BATCH = 10
+
+T = TypeVar("T")
+
+
+def sqs_batches(items: Sequence[T]) -> Iterator[Sequence[T]]:
+    """`items` in runs of at most SQS_MAX_BATCH, in order, for SQS's batch calls."""
+    for start in range(0, len(items), SQS_MAX_BATCH):
+        yield items[start:start + SQS_MAX_BATCH]
 
 
 # Together under a load balancer's usual 5 s health-check timeout.

@@ -17,7 +17,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-MAX_BATCH = 10  # SQS's limit on entries in one SendMessageBatch
+from common.aws import SQS_MAX_BATCH
+
+MAX_BATCH = SQS_MAX_BATCH
 
 
 class SendError(Exception):
