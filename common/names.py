@@ -6,7 +6,6 @@ import re
 import unicodedata
 
 APP_TIER_NAME_PREFIX = "app-tier-instance-"
-WEB_INSTANCE_NAME = "web-instance"
 # Tags every app-tier instance also carries, so that a query never confuses ours
 # with another deployment's (another APP_PREFIX) that shares the Name pattern.
 ROLE_TAG = "imgclass:role"
