@@ -91,17 +91,26 @@ def _build_network(weights: str):
         keras.utils.set_random_seed(RANDOM_WEIGHTS_SEED)
         return keras.applications.ResNet50(weights=None)
     if weights == "imagenet":
-        if not (keras_cache_dir() / WEIGHTS_FILE).exists():
+        cached = keras_cache_dir() / WEIGHTS_FILE
+        if not cached.exists():
             log.info("ImageNet weights not cached; asking Keras to download them")
         try:
             return keras.applications.ResNet50(weights="imagenet")
         except Exception as exc:  # Keras raises several kinds when offline
-            raise WeightsUnavailable(_missing_weights_message(f"download failed ({exc})")) from exc
+            detail = (f"{cached} could not be read ({exc}): delete it, and Keras downloads it again"
+                      if cached.exists() else f"download failed ({exc})")
+            raise WeightsUnavailable(_missing_weights_message(detail)) from exc
     path = _fetch_s3_weights(weights) if weights.startswith("s3://") else Path(weights)
     if not path.is_file():
         raise WeightsUnavailable(_missing_weights_message(f"no file at {path}"))
     model = keras.applications.ResNet50(weights=None)
-    model.load_weights(str(path))
+    try:
+        model.load_weights(str(path))
+    except Exception as exc:  # h5py's OSError, Keras's ValueError for another network's...
+        # Loading it again would fail the same way: this is no crash to restart after.
+        copy = f" (a copy of {weights}: delete it to fetch it again)" if weights.startswith("s3://") else ""
+        raise WeightsUnavailable(_missing_weights_message(
+            f"{path}{copy} is not a ResNet-50 weights file Keras can read ({exc})")) from exc
     return model
 
 

@@ -163,3 +163,17 @@ def test_openvino_sends_no_usage_telemetry():
                           timeout=120, env={**os.environ, "HOME": "/nonexistent-home"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "openvino.tools.ovc.telemetry_stub"
+
+
+@pytest.mark.parametrize("runtime", ["tensorflow", "openvino"])
+def test_a_damaged_weights_file_is_a_model_that_cannot_load_not_a_crash(runtime, tmp_path, monkeypatch):
+    """h5py's OSError went uncaught: the worker exited 1 and was restarted for ever (and
+    said nothing to the controller), where exit 78 says it cannot serve."""
+    monkeypatch.setenv("IMGCLASS_CACHE", str(tmp_path))
+    damaged = tmp_path / "resnet50.h5"
+    damaged.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(WeightsUnavailable) as info:
+        load_classifier(str(damaged), runtime)
+    message = str(info.value)
+    assert f"{damaged} is not a ResNet-50 weights file Keras can read" in message
+    assert "MODEL_WEIGHTS=random" in message
