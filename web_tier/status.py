@@ -28,6 +28,8 @@ class StatusReader:
         self.cache_s = cache_s
         self._lock = threading.Lock()
         self._cached: tuple[float, dict[str, Any]] | None = None
+        # The totals are this process's: a restarted web tier counts from 0 again.
+        self.counting_since = time.time()
 
     def read(self) -> dict[str, Any]:
         # One thread refreshes at a time. While it waits on AWS the others answer
@@ -43,6 +45,7 @@ class StatusReader:
         assert self._cached is not None
         snapshot = dict(self._cached[1])
         snapshot["totals"] = self.book.totals()
+        snapshot["totals_since"] = self.counting_since
         snapshot["untrained"] = self.book.untrained
         snapshot["api_key_required"] = bool(self.aws.settings.api_key)
         snapshot["time"] = time.time()

@@ -98,6 +98,8 @@ def test_status_shape_and_counts(quiet_client, web_aws):
     assert status["instances_total"] == 2
     assert status["workers_failed"] == 1
     assert status["totals"] == {"uploaded": 2, "answered": 0, "failed": 0}
+    # This process's own counts (a restarted web tier starts again): since when.
+    assert status["totals_since"] <= status["time"]
     assert status["untrained"] is None
     assert status["api_key_required"] is False
     assert isinstance(status["time"], float)

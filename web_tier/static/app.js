@@ -438,7 +438,11 @@
                    `${(i.stopping || 0) + (i["shutting-down"] || 0)} stopping` +
                    (s.workers_failed ? `, ${s.workers_failed} whose worker failed` : ""));
       }
-      if (s.totals) parts.push(`answered here: ${s.totals.answered}, failed: ${s.totals.failed}`);
+      if (s.totals) {
+        // This web tier process's counts: a restarted one starts again from zero.
+        const since = s.totals_since ? ` since ${new Date(s.totals_since * 1000).toLocaleTimeString()}` : "";
+        parts.push(`answered here${since}: ${s.totals.answered}, failed: ${s.totals.failed}`);
+      }
       line.textContent = parts.join(" · ") || "status unavailable";
     } catch {
       line.textContent = "status unavailable";
