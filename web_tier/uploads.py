@@ -37,6 +37,7 @@ _NAMED = [fmt for fmt in FORMATS if fmt != "MPO"]
 ACCEPTED = ", ".join(_NAMED[:-1]) + " or " + _NAMED[-1]
 # Longer names are kept only for display; storage uses names.safe_filename.
 MAX_FILENAME_CHARS = 1024
+MAX_EXTENSION_CHARS = 16
 _CHUNK = 1 << 20
 # Room in a request body for the multipart framing and form fields around the files.
 FORM_SLACK_BYTES = 1 << 20
@@ -80,9 +81,15 @@ def display_name(storage: FileStorage) -> str:
 
 
 def clean_name(sent: str) -> str:
-    """A file name as sent, made fit to show (see display_name)."""
+    """A file name as sent, made fit to show (see display_name); one too long is cut
+    before its extension, which POST /'s answer drops."""
     name = "".join(" " if unicodedata.category(c) == "Cc" else c for c in sent.translate(_BIDI_CONTROLS))
-    return name.strip()[:MAX_FILENAME_CHARS] or "upload"
+    name = name.strip()
+    if len(name) > MAX_FILENAME_CHARS:
+        head, dot, extension = name.rpartition(".")
+        kept = dot + extension if head and len(extension) <= MAX_EXTENSION_CHARS else ""
+        name = name[:MAX_FILENAME_CHARS - len(kept)] + kept
+    return name or "upload"
 
 
 def check_count(files: list[FileStorage], settings: Settings, field: str = "files") -> None:
@@ -238,13 +245,20 @@ def form_files(request: Request, fields: Iterable[str]) -> list[FileStorage]:
 
     A multipart body of which nothing could be read is said to be so: Werkzeug
     drops the whole form when, say, a file name is not UTF-8, and "no file"
-    would then mislead.
+    would then mislead. So are files sent in other fields beside these, which
+    would otherwise be dropped without a word.
     """
+    fields = tuple(fields)
     files = _real_files(f for name in fields for f in request.files.getlist(name))
     if (not files and request.mimetype == "multipart/form-data" and request.content_length
             and not request.files and not request.form):
         raise UploadError(400, "the multipart form could not be read: is every file name UTF-8, "
                                "and the body well formed?")
+    elsewhere = sorted(name for name in request.files if name not in fields
+                       and _real_files(request.files.getlist(name)))
+    if files and elsewhere:
+        raise UploadError(400, f"files in form field {elsewhere[0][:64]!r} too: send them all in "
+                               + " or ".join(repr(f) for f in fields))
     return files
 
 

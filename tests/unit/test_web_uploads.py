@@ -310,6 +310,28 @@ def test_names_with_control_characters_and_quotes_are_accepted(web_client, web_a
     assert shown == [".jpg", "tab here.jpg", "bell " * 150 + ".jpg"]
 
 
+def test_files_in_another_field_beside_the_right_one_are_not_dropped_without_a_word(web_client, web_aws):
+    """/api/jobs took the one file in 'files' and said nothing of the two in 'inputFile'."""
+    data = {"files": [(io.BytesIO(make_image(320)), "a.jpg")],
+            "inputFile": [(io.BytesIO(make_image(321)), "b.jpg"), (io.BytesIO(make_image(322)), "c.jpg")]}
+    response = web_client.post("/api/jobs", data=data, content_type="multipart/form-data")
+    assert response.status_code == 400
+    assert response.get_json()["error"] == "files in form field 'inputFile' too: send them all in 'files'"
+    assert web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket).get("KeyCount", 0) == 0
+
+
+def test_a_name_too_long_is_cut_before_its_extension():
+    """Cut at 1,024 characters with its extension, POST / answered with the whole
+    '.jpg'-less name's first 1,024 characters, where it drops the extension."""
+    from common.names import stem
+    from web_tier.uploads import MAX_FILENAME_CHARS, clean_name
+
+    shown = clean_name("A" * 3000 + ".jpg")
+    assert len(shown) == MAX_FILENAME_CHARS and shown.endswith("A.jpg")
+    assert stem(shown) == "A" * (MAX_FILENAME_CHARS - 4)
+    assert clean_name("B" * 3000) == "B" * MAX_FILENAME_CHARS  # no extension to keep
+
+
 def test_a_name_cannot_use_bidirectional_controls_to_read_as_another(web_client):
     """'invoice\u202egpj.exe' shows as 'invoiceexe.jpg' wherever the name is shown."""
     response = upload(web_client, [(make_image(310), "invoice\u202egpj.exe.jpg"),
