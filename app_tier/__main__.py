@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import os
-import resource
 import socket
 import sys
 import threading
@@ -43,11 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # Every thread's stack on stderr if the process is killed by SIGABRT (systemd's
-    # watchdog), SIGSEGV and the like: the only account there would be of a hang.
-    # Not a core of ~1 GB as well (LimitCORE=0 in the unit says the same).
-    faulthandler.enable()
-    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+    systemd.report_stacks_on_abort()
     configure_logging("%(asctime)s %(levelname)s worker[%(process)d] %(message)s",
                       level=os.environ.get("LOG_LEVEL", "INFO"))
     settings = Settings.from_env()

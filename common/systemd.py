@@ -19,14 +19,25 @@ it; written here rather than taken from a library for these few lines.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import resource
 import socket
 from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
 
 SEND_TIMEOUT_S = 1.0
+
+
+def report_stacks_on_abort() -> None:
+    """Every thread's stack on stderr if the process is killed by SIGABRT (the
+    watchdog's), SIGSEGV and the like: the only account there would be of a hang.
+    Not a core file as well (LimitCORE=0 in the units says the same): a worker's
+    is ~1 GB. Call at start, with a real stderr (not pytest's captured one)."""
+    faulthandler.enable()
+    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
 
 
 def notify(state: str, env: Mapping[str, str] = os.environ) -> bool:
