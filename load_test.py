@@ -597,6 +597,18 @@ def connection_error(exc: requests.ConnectionError, url: str) -> str:
     return f"the connection to {url} closed before the answer came: {why}"
 
 
+# Failures among which web_tier_restarting picks the ones that are no answer yet.
+MAYBE_RESTARTING = (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, RequestFailed)
+
+
+def web_tier_restarting(exc: Exception) -> bool:
+    """Whether a failed GET of an accepted item means only that the web tier is
+    restarting (refused, cut off, 502-504): the item is kept, and the next one answers."""
+    if isinstance(exc, RequestFailed):
+        return exc.status in RESTARTING_STATUSES
+    return isinstance(exc, MAYBE_RESTARTING)
+
+
 def _error_text(resp: requests.Response) -> str:
     """The reason a JSON error answer gives (its "error"), else its text, shortened."""
     try:
@@ -741,8 +753,8 @@ class Client:
             try:
                 item = self._fetch_item(session, batch_id, item_id, deadline)
                 unanswered = None
-            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, RequestFailed) as exc:
-                if isinstance(exc, RequestFailed) and exc.status not in RESTARTING_STATUSES:
+            except MAYBE_RESTARTING as exc:
+                if not web_tier_restarting(exc):
                     raise
                 # The web tier restarting (refused, cut off, a 502, 503 or 504): the item was
                 # accepted and is kept in S3, and a new web tier answers for it.
@@ -761,8 +773,8 @@ class Client:
         url = f"{self.config.url}/api/jobs/{batch_id}/events"
         try:
             return self._wait_stream(session, url, batch_id, item_id, deadline)
-        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, RequestFailed) as exc:
-            if isinstance(exc, RequestFailed) and exc.status not in RESTARTING_STATUSES:
+        except MAYBE_RESTARTING as exc:
+            if not web_tier_restarting(exc):
                 raise
             # The web tier restarting: polling waits for the next one (see _wait_poll).
             return self._wait_poll(session, batch_id, item_id, deadline)
