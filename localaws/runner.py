@@ -163,13 +163,10 @@ class InstanceRunner:
             self._link_log(instance_id, log_path)
 
     def _spare_loaded(self, spare: subprocess.Popen) -> bool:
-        """Whether the spare said its model is loaded (a spare still loading it may take as
-        long as any worker starting)."""
+        """Whether the spare said its model is loaded, as of this round's _hear() (a spare
+        still loading it may take as long as any worker starting)."""
         notify = self._notify.get(spare)
-        if notify is None:
-            return False
-        notify.read(time.monotonic())
-        return notify.status == SPARE_LOADED
+        return notify is not None and notify.status == SPARE_LOADED
 
     def _link_log(self, instance_id: str, log_path: Path) -> None:
         """`<instance id>.log` next to the worker's log, so an instance's log is found by

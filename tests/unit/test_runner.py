@@ -195,7 +195,7 @@ def test_a_hung_warm_spare_given_an_instance_is_replaced_within_its_short_start_
     runner = make(warm_spares=1, adopted_start_timeout_s=0.5, grace_s=0.5)
     runner.step()
     (spare,) = runner._spares
-    wait_until(lambda: runner._spare_loaded(spare), what="the spare to load its model")
+    wait_until(lambda: (runner._hear(), runner._spare_loaded(spare))[1], what="the spare to load its model")
     spare.send_signal(signal.SIGSTOP)
     iid = launch(aws, settings, (1,))[1]
     runner.step()
