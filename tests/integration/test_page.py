@@ -38,6 +38,22 @@ def browser(tmp_path):
         driver.quit()
 
 
+def finished_rows(browser, stack, count: int, timeout_s: float) -> dict:
+    """The page's result rows by file name, once there are `count` and each is done or
+    failed; a screenshot and an AssertionError if that takes longer than `timeout_s`."""
+    from selenium.webdriver.common.by import By
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        items = browser.find_elements(By.CSS_SELECTOR, "#results [data-state]")
+        states = [i.get_attribute("data-state") for i in items]
+        if len(items) == count and all(s in ("done", "failed") for s in states):
+            return {i.get_attribute("data-filename"): i for i in items}
+        time.sleep(0.2)
+    browser.save_screenshot(str(stack.run_dir / "page-timeout.png"))
+    raise AssertionError(f"page did not finish: {states}")
+
+
 def test_many_images_from_the_page(stack, browser, reference_model, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -53,18 +69,7 @@ def test_many_images_from_the_page(stack, browser, reference_model, tmp_path):
     browser.get(stack.web_url + "/")
     browser.find_element(By.ID, "file-input").send_keys("\n".join(paths))
 
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        items = browser.find_elements(By.CSS_SELECTOR, "#results [data-state]")
-        states = [i.get_attribute("data-state") for i in items]
-        if len(items) == len(files) and all(s in ("done", "failed") for s in states):
-            break
-        time.sleep(0.2)
-    else:
-        browser.save_screenshot(str(stack.run_dir / "page-timeout.png"))
-        raise AssertionError(f"page did not finish: {states}")
-
-    shown = {i.get_attribute("data-filename"): i for i in items}
+    shown = finished_rows(browser, stack, len(files), timeout_s=180)
     assert set(shown) == set(files)
     for name, data in files.items():
         item = shown[name]
@@ -120,14 +125,7 @@ def test_files_a_stopping_web_tier_did_not_store_are_sent_again(stack, browser, 
     browser.execute_script(STOPPING_THEN_RESTARTING)
     browser.find_element(By.ID, "file-input").send_keys("\n".join(str(tmp_path / n) for n in files))
 
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        items = browser.find_elements(By.CSS_SELECTOR, "#results [data-state]")
-        states = [i.get_attribute("data-state") for i in items]
-        if len(items) == len(files) and all(s in ("done", "failed") for s in states):
-            break
-        time.sleep(0.2)
-    shown = {i.get_attribute("data-filename"): i for i in items}
+    shown = finished_rows(browser, stack, len(files), timeout_s=120)
     assert browser.execute_script("return window.fakedPosts") == 2
     for name, data in files.items():
         assert shown[name].get_attribute("data-state") == "done", shown[name].text
