@@ -136,6 +136,9 @@ class Settings:
     max_image_pixels: int = 40_000_000
     result_timeout_s: float = 300.0
     api_key: str = field(default="", repr=False)  # a secret: never in a log line
+    # Where the web tier records uploads stored but not yet queued (web_tier/journal.py).
+    # "": none (Settings() in tests); from the environment, a per-user default.
+    web_journal_dir: str = ""
 
     # --- embedded AWS ----------------------------------------------------------
     local_aws_host: str = "127.0.0.1"
@@ -178,10 +181,11 @@ class Settings:
         env = os.environ if env is None else env
         endpoint_url = env.get("AWS_ENDPOINT_URL") or None
         cooldown = cls.scale_in_cooldown_s if endpoint_url else AWS_SCALE_IN_COOLDOWN_S
+        prefix = _str(env, "APP_PREFIX", cls.prefix)
         return cls(
             region=region_from_env(env),
             endpoint_url=endpoint_url,
-            prefix=_str(env, "APP_PREFIX", cls.prefix),
+            prefix=prefix,
             max_instances=_int(env, "MAX_INSTANCES", cls.max_instances, low=0),
             ami_id=_str(env, "AMI_ID", cls.ami_id),
             instance_type=_str(env, "INSTANCE_TYPE", cls.instance_type),
@@ -221,6 +225,7 @@ class Settings:
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels, low=1),
             result_timeout_s=_float(env, "RESULT_TIMEOUT", cls.result_timeout_s, low=0.1, high=3600),
             api_key=env.get("API_KEY", "").strip(),
+            web_journal_dir=_str(env, "WEB_JOURNAL_DIR", default_journal_dir(env, prefix)),
             local_aws_host=_str(env, "LOCAL_AWS_HOST", cls.local_aws_host),
             local_aws_port=_int(env, "LOCAL_AWS_PORT", cls.local_aws_port, low=0, high=65535),
             local_boot_delay_s=_float(env, "LOCAL_BOOT_DELAY", cls.local_boot_delay_s, low=0),
@@ -235,3 +240,11 @@ class Settings:
 def region_from_env(env: Mapping[str, str]) -> str:
     """The region boto3 would use: AWS_REGION, else AWS_DEFAULT_REGION, else the default."""
     return env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or Settings.region
+
+
+def default_journal_dir(env: Mapping[str, str], prefix: str) -> str:
+    """The web tier's journal directory when WEB_JOURNAL_DIR is not set: under the
+    user's state directory (XDG_STATE_HOME, else ~/.local/state), one per prefix."""
+    home = env.get("HOME") or os.path.expanduser("~")
+    state = env.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
+    return os.path.join(state, "imgclass", f"{prefix}-web-journal")

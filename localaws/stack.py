@@ -166,6 +166,9 @@ class Stack:
         self.run_dir = run_dir
         self.logs = run_dir / "logs"
         self.env = child_env(settings)
+        # The web tier's journal with the run's other files, not in the user's state
+        # directory: the embedded AWS starts empty at every run, and so should it.
+        self.env.setdefault("WEB_JOURNAL_DIR", str(run_dir / "web-journal"))
         self.children: list[Child] = []
         self.runner: InstanceRunner | None = None
         self.runner_thread: threading.Thread | None = None

@@ -6,7 +6,9 @@ Run it with `gunicorn -c web_tier/gunicorn.conf.py "web_tier:create_app()"`.
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from flask import Flask, Response
 
@@ -14,6 +16,7 @@ from common.aws import Aws
 from common.config import Settings
 from web_tier import api, classify, errors, health, pages
 from web_tier.jobs import UPLOAD_THREADS
+from web_tier.journal import Journal
 from web_tier.listeners import Listeners
 from web_tier.results import ResultBook
 from web_tier.services import EXTENSION, Services
@@ -52,11 +55,14 @@ def create_app(settings: Settings | None = None, *, aws: Aws | None = None,
         aws=aws,
         book=book,
         pool=ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="web-upload"),
+        journal=_open_journal(settings.web_journal_dir),
     )
     if start_listeners:
         svc.listeners = Listeners(aws, book, wait_s=settings.receive_wait_s)
         svc.listeners.start()
         log.info("listening for results on %s", settings.response_queue)
+        # In the background: S3 and SQS may be slow to answer, and the page must not wait.
+        threading.Thread(target=_requeue_orphans, args=(svc,), name="requeue-orphans", daemon=True).start()
     app.extensions[EXTENSION] = svc
 
     errors.register(app)
@@ -66,6 +72,28 @@ def create_app(settings: Settings | None = None, *, aws: Aws | None = None,
     app.register_blueprint(health.bp)
     app.after_request(_security_headers)
     return app
+
+
+def _open_journal(directory: str) -> Journal | None:
+    if not directory:
+        return None
+    try:
+        return Journal(Path(directory))
+    except OSError as exc:
+        log.error("no journal in %s (%s): an upload stored when this process is killed, and not yet "
+                  "queued, will stay queued for ever; set WEB_JOURNAL_DIR to a directory it can write",
+                  directory, exc)
+        return None
+
+
+def _requeue_orphans(svc: Services) -> None:
+    try:
+        queued = svc.submitter.requeue_orphans()
+    except Exception:
+        log.exception("could not read the journals of killed web tiers")
+        return
+    if queued:
+        log.warning("queued %d uploads that a killed web tier had stored and not sent", queued)
 
 
 def _security_headers(response: Response) -> Response:

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from common.aws import Aws
 from common.messages import ClassifyRequest
 from common.names import object_key
+from web_tier.journal import Journal
 from web_tier.results import Item, ResultBook
 from web_tier.sender import BatchingSender
-from web_tier.storage import put_input
+from web_tier.storage import object_exists, put_input
 from web_tier.uploads import Upload, UploadError
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class Submitter:
     book: ResultBook
     pool: Executor
     requests: BatchingSender
+    # None: no journal (tests that do not kill the web tier), and nothing recovered.
+    journal: Journal | None = None
     ids: OrderedIds = field(default_factory=OrderedIds)
 
     def submit(self, batch_id: str, uploads: list[Upload]) -> list[Item | UploadError]:
@@ -78,6 +81,7 @@ class Submitter:
             request = ClassifyRequest(
                 id=item.id, bucket=self.aws.settings.input_bucket, key=item.key, filename=upload.filename
             ).to_json()
+            self._begin(item.id, request)
             put_input(
                 self.aws, item.key, upload.data, upload.content_type,
                 filename=upload.filename, batch_id=item.batch_id or "", item_id=item.id,
@@ -91,7 +95,43 @@ class Submitter:
             if stored:
                 self._unstore(item.key)
             return UploadError(503, "could not be stored or queued; try again", upload.filename)
+        finally:
+            self._end(item.id)
         return item
+
+    def requeue_orphans(self) -> int:
+        """Queue the requests that a killed web tier stored and never sent; the number queued.
+
+        Each one whose image is in the input bucket and whose result is not yet
+        in the output bucket is sent; the rest were never stored, or were sent
+        before the kill. A request that cannot be sent now stays in the journal
+        for the next start.
+        """
+        if self.journal is None:
+            return 0
+        queued = 0
+        for item_id, body in self.journal.adopt_orphans().items():
+            try:
+                request = ClassifyRequest.from_json(body)
+                stored = object_exists(self.aws, request.bucket, request.key)
+                if stored and not object_exists(self.aws, self.aws.settings.output_bucket, request.key):
+                    self.requests.send(body)
+                    queued += 1
+                    log.info("queued %s: stored by a web tier that was killed before it sent it", request.key)
+            except Exception:
+                log.exception("could not queue item %s, left by a killed web tier; trying at the next start",
+                              item_id)
+                continue
+            self.journal.end(item_id)
+        return queued
+
+    def _begin(self, item_id: str, request: str) -> None:
+        if self.journal is not None:
+            self.journal.begin(item_id, request)
+
+    def _end(self, item_id: str) -> None:
+        if self.journal is not None:
+            self.journal.end(item_id)
 
     def _unstore(self, key: str) -> None:
         """Delete the object of an upload that was refused: left in the bucket, a batch

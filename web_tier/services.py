@@ -11,6 +11,7 @@ from flask import current_app
 from common.aws import Aws
 from common.config import Settings
 from web_tier.jobs import Submitter
+from web_tier.journal import Journal
 from web_tier.listeners import Listeners
 from web_tier.rebuild import rebuild_batch
 from web_tier.results import Item, ResultBook, is_batch_id
@@ -28,6 +29,7 @@ class Services:
     book: ResultBook
     pool: ThreadPoolExecutor
     listeners: Listeners | None = None
+    journal: Journal | None = None
     # Open SSE streams at most (each holds one of gunicorn's threads).
     event_streams: threading.BoundedSemaphore = field(
         default_factory=lambda: threading.BoundedSemaphore(MAX_EVENT_STREAMS))
@@ -36,7 +38,7 @@ class Services:
 
     def __post_init__(self) -> None:
         requests = BatchingSender(self.aws.sqs, lambda: self.aws.request_queue_url)
-        self.submitter = Submitter(self.aws, self.book, self.pool, requests)
+        self.submitter = Submitter(self.aws, self.book, self.pool, requests, self.journal)
         self.status = StatusReader(self.aws, self.book)
 
     def find_batch(self, batch_id: str) -> list[Item] | None:
@@ -57,6 +59,8 @@ class Services:
         if self.listeners is not None:
             self.listeners.stop(timeout)
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.journal is not None:
+            self.journal.close()
 
 
 def services() -> Services:

@@ -58,6 +58,16 @@ def put_input(aws: Aws, key: str, data: bytes, content_type: str, *, filename: s
     )
 
 
+def object_exists(aws: Aws, bucket: str, key: str) -> bool:
+    try:
+        aws.s3.head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if is_not_found(exc):
+            return False
+        raise
+    return True
+
+
 def tag_failed(aws: Aws, key: str, reason: str) -> None:
     """Mark the input object failed so a rebuilt batch shows the error."""
     aws.s3.put_object_tagging(Bucket=aws.settings.input_bucket, Key=key, Tagging=failure_tagging(reason))

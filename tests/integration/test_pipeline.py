@@ -211,7 +211,8 @@ def test_a_web_tier_told_to_stop_answers_its_waiting_requests_at_once(stack, tmp
     port = free_port()
     env = {**os.environ, "AWS_ENDPOINT_URL": stack.aws_url, "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "APP_PREFIX": "unserved", "WEB_PORT": str(port), "RESULT_TIMEOUT": "60"}  # no worker reads it
+           "APP_PREFIX": "unserved", "WEB_PORT": str(port), "RESULT_TIMEOUT": "60",  # no worker reads it
+           "WEB_JOURNAL_DIR": str(tmp_path / "journal")}
     subprocess.run([sys.executable, "-m", "common.provision"], env=env, cwd=ROOT, check=True,
                    capture_output=True)
     with open(tmp_path / "web.log", "wb") as log:

@@ -182,6 +182,15 @@ def test_settings_from_env():
     assert Settings.from_env({"API_KEY": " key\n"}).api_key == "key"  # as pasted from a file
 
 
+def test_the_web_journal_is_in_the_users_state_directory_unless_set():
+    assert Settings().web_journal_dir == ""  # tests: none
+    home = Settings.from_env({"HOME": "/home/u"})
+    assert home.web_journal_dir == "/home/u/.local/state/imgclass/imgclass-web-journal"
+    xdg = Settings.from_env({"HOME": "/home/u", "XDG_STATE_HOME": "/state", "APP_PREFIX": "demo"})
+    assert xdg.web_journal_dir == "/state/imgclass/demo-web-journal"
+    assert Settings.from_env({"WEB_JOURNAL_DIR": "/var/lib/web"}).web_journal_dir == "/var/lib/web"
+
+
 def test_on_aws_the_fleet_shrinks_only_after_a_minute_by_default():
     """A boot takes ~40 s there: a trickle of requests must not end the fleet between two."""
     assert Settings.from_env({}).scale_in_cooldown_s == 60

@@ -273,3 +273,32 @@ def test_a_failed_warm_up_call_stops_the_server_from_starting():
 
     with pytest.raises(RuntimeError, match="500"):
         moto_fast.warm_up(broken_sqs, "us-east-1")
+
+
+def test_a_body_cut_short_by_a_dead_client_stores_nothing(monkeypatch):
+    """A client killed mid-upload: gunicorn hands moto what arrived, and moto
+    stored it as the object. S3 refuses the request (IncompleteBody)."""
+    import io
+
+    from werkzeug.test import EnvironBuilder
+
+    called = []
+
+    def moto_app(environ, start_response):
+        called.append(environ["wsgi.input"].read())
+        start_response("200 OK", [])
+        return [b""]
+
+    app = moto_fast.ServiceLocks(moto_app)
+    headers = {"Authorization": "AWS4-HMAC-SHA256 Credential=k/20260101/us-east-1/s3/aws4_request, X=y"}
+    cut = EnvironBuilder(method="PUT", path="/bucket/key", headers=headers).get_environ()
+    cut.update({"CONTENT_LENGTH": "100", "wsgi.input": io.BytesIO(b"x" * 40)})
+    statuses = []
+    body = b"".join(app(cut, lambda status, headers: statuses.append(status)))
+    assert statuses == ["400 Bad Request"] and b"<Code>IncompleteBody</Code>" in body
+    assert called == []
+
+    whole = EnvironBuilder(method="PUT", path="/bucket/key", headers=headers).get_environ()
+    whole.update({"CONTENT_LENGTH": "100", "wsgi.input": io.BytesIO(b"x" * 100)})
+    b"".join(app(whole, lambda status, headers: statuses.append(status)))
+    assert statuses[-1] == "200 OK" and called == [b"x" * 100]

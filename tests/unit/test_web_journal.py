@@ -1,0 +1,176 @@
+"""The web tier's journal: what a killed web tier stored and never queued is queued at the next start."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from common.aws import Aws
+from common.messages import ClassifyRequest
+from tests.conftest import make_image
+from tests.unit.conftest import services_of, wait_until
+from web_tier.journal import Journal, read_pending
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def request_body(item_id: str, key: str, bucket: str = "imgclass-in-bucket") -> str:
+    return ClassifyRequest(id=item_id, bucket=bucket, key=key, filename=key.rsplit("/", 1)[-1],
+                           sent_at=1.0).to_json()
+
+
+def test_a_journal_holds_what_was_begun_and_not_ended(tmp_path):
+    journal = Journal(tmp_path)
+    journal.begin("a", request_body("a", "b/a/1.jpg"))
+    journal.begin("b", request_body("b", "b/b/2.jpg"))
+    journal.end("a")
+    journal.end("never-begun")  # nothing written for it
+    assert journal.pending() == {"b": request_body("b", "b/b/2.jpg")}
+    assert read_pending(journal.path.read_bytes()) == journal.pending()
+
+
+def test_a_line_cut_short_by_a_kill_is_skipped(tmp_path):
+    whole = request_body("a", "b/a/1.jpg")
+    data = f"+ a {whole}\n+ b {request_body('b', 'b/b/2.jpg')[:30]}".encode()
+    assert read_pending(data) == {"a": whole}
+
+
+def test_a_long_journal_is_replaced_by_one_holding_only_what_is_pending(tmp_path):
+    journal = Journal(tmp_path, max_lines=10)
+    for n in range(20):
+        journal.begin(str(n), request_body(str(n), f"b/{n}/x.jpg"))
+        if n != 7:
+            journal.end(str(n))
+    files = list(tmp_path.iterdir())
+    assert files == [journal.path]
+    assert read_pending(journal.path.read_bytes()) == {"7": request_body("7", "b/7/x.jpg")}
+    assert len(journal.path.read_bytes().splitlines()) < 10
+
+
+def test_a_live_processs_journal_is_never_taken_and_a_dead_ones_is_taken_once(tmp_path):
+    live = Journal(tmp_path)
+    live.begin("a", request_body("a", "b/a/1.jpg"))
+    starting = Journal(tmp_path)
+    assert starting.adopt_orphans() == {}
+    assert live.path.exists()
+
+    live.close()  # as at its process's death: the lock goes with the file descriptor
+    assert starting.adopt_orphans() == {"a": request_body("a", "b/a/1.jpg")}
+    assert not live.path.exists()
+    assert starting.pending() == {"a": request_body("a", "b/a/1.jpg")}
+    # Now in a live journal: a third process takes nothing.
+    assert Journal(tmp_path).adopt_orphans() == {}
+
+
+def test_a_process_killed_with_sigkill_leaves_its_journal_to_the_next(tmp_path):
+    body = request_body("a", "b/a/1.jpg")
+    script = (
+        "import os, signal, sys; from pathlib import Path; from web_tier.journal import Journal; "
+        "j = Journal(Path(sys.argv[1])); j.begin('a', sys.argv[2]); j.begin('b', sys.argv[2]); j.end('b'); "
+        "os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    process = subprocess.run([sys.executable, "-c", script, str(tmp_path), body], cwd=ROOT, timeout=60,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert process.returncode == -9
+    assert Journal(tmp_path).adopt_orphans() == {"a": body}
+
+
+def queued_requests(aws: Aws) -> list[ClassifyRequest]:
+    found = []
+    while True:
+        messages = aws.sqs.receive_message(QueueUrl=aws.request_queue_url, MaxNumberOfMessages=10,
+                                           VisibilityTimeout=60).get("Messages", [])
+        if not messages:
+            return found
+        found.extend(ClassifyRequest.from_json(m["Body"]) for m in messages)
+
+
+def test_a_starting_web_tier_queues_what_a_killed_one_stored_and_never_sent(make_web_app, web_aws, tmp_path):
+    s3, settings = web_aws.s3, web_aws.settings
+    old = Journal(tmp_path)
+    stored = request_body("1" * 32, "b1/i1/stored.jpg")
+    never_stored = request_body("2" * 32, "b1/i2/never.jpg")
+    answered = request_body("3" * 32, "b1/i3/answered.jpg")
+    for body in (stored, never_stored, answered):
+        old.begin(json.loads(body)["id"], body)
+    s3.put_object(Bucket=settings.input_bucket, Key="b1/i1/stored.jpg", Body=make_image(1))
+    s3.put_object(Bucket=settings.input_bucket, Key="b1/i3/answered.jpg", Body=make_image(3))
+    s3.put_object(Bucket=settings.output_bucket, Key="b1/i3/answered.jpg", Body=b"answered.jpg,cat")
+    old.close()
+
+    app = make_web_app(web_journal_dir=str(tmp_path))
+    journal = services_of(app).journal
+    wait_until(lambda: not old.path.exists() and journal.pending() == {})
+    assert [r.key for r in queued_requests(web_aws)] == ["b1/i1/stored.jpg"]
+    assert read_pending(journal.path.read_bytes()) == {}
+
+
+def test_a_request_that_cannot_be_sent_now_stays_for_the_next_start(make_web_app, web_aws, tmp_path):
+    web_aws.s3.put_object(Bucket=web_aws.settings.input_bucket, Key="b1/i1/stored.jpg", Body=make_image(1))
+    old = Journal(tmp_path)
+    old.begin("1" * 32, request_body("1" * 32, "b1/i1/stored.jpg"))
+    old.close()
+    app = make_web_app(web_journal_dir=str(tmp_path), start_listeners=False)
+    submitter = services_of(app).submitter
+
+    def refuse(body: str) -> None:
+        raise ConnectionError("SQS is down")
+
+    submitter.requests.send = refuse
+    assert submitter.requeue_orphans() == 0
+    assert list(services_of(app).journal.pending()) == ["1" * 32]
+
+
+def test_an_upload_in_flight_when_its_web_tier_dies_is_queued_by_the_next(make_web_app, web_aws, tmp_path):
+    # The first web tier stores the image, then dies before its request is sent.
+    dying = make_web_app(web_journal_dir=str(tmp_path), start_listeners=False)
+    sender = services_of(dying).submitter.requests
+    stored, never = threading.Event(), threading.Event()
+
+    def die_before_sending(body: str) -> None:
+        stored.set()
+        never.wait()
+
+    sender.send = die_before_sending
+    client = dying.test_client()
+    data = {"files": [(io.BytesIO(make_image(9)), "in flight.jpg")]}
+    upload = threading.Thread(target=client.post, args=("/api/jobs",),
+                              kwargs={"data": data, "content_type": "multipart/form-data"}, daemon=True)
+    upload.start()
+    assert stored.wait(30)
+    services_of(dying).journal.close()  # its death, as far as the journal can tell
+
+    make_web_app(web_journal_dir=str(tmp_path))
+    requests = wait_until(lambda: queued_requests(web_aws), timeout=30)
+    assert [r.filename for r in requests] == ["in flight.jpg"]
+    body = web_aws.s3.get_object(Bucket=web_aws.settings.input_bucket, Key=requests[0].key)["Body"].read()
+    assert body == make_image(9)
+    never.set()
+
+
+def test_uploads_queued_or_refused_leave_nothing_pending(make_web_app, tmp_path):
+    app = make_web_app(web_journal_dir=str(tmp_path), start_listeners=False)
+    client = app.test_client()
+    ok = client.post("/api/jobs", data={"files": [(io.BytesIO(make_image(1)), "a.jpg")]},
+                     content_type="multipart/form-data")
+    assert ok.status_code == 202
+
+    def refuse(body: str) -> None:
+        raise ConnectionError("SQS is down")
+
+    services_of(app).submitter.requests.send = refuse
+    refused = client.post("/api/jobs", data={"files": [(io.BytesIO(make_image(2)), "b.jpg")]},
+                          content_type="multipart/form-data")
+    assert refused.status_code == 503
+    journal = services_of(app).journal
+    assert journal.pending() == {}
+    assert read_pending(journal.path.read_bytes()) == {}

@@ -1,0 +1,158 @@
+"""A local record of uploads stored but not yet queued, so that a killed web tier leaves none behind.
+
+Each upload is stored in the input bucket, then its request is sent to the
+request queue (in that order, so that a worker always finds the image a message
+names). A web tier killed between the two (SIGKILL, the OOM killer) would leave
+an image that no message names: queued for ever. So each request is written
+here before its image is stored, and marked ended once it is queued (or
+refused). A starting web tier takes over the requests a dead process began and
+never ended, and queues the ones whose image is stored (`requeue_orphans`).
+
+Each process appends to a file of its own and holds an exclusive lock on it
+for its whole life: the kernel drops the lock when the process dies, however it
+dies, so a file whose lock can be taken belongs to a dead process. A line
+reaches the kernel when it is written (no buffering in this process), which
+is all a killed process needs; a lost machine loses the file with the process.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+import uuid
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".journal"
+# A file holds every request begun since it was made; past this many lines it
+# is replaced by one that holds only those not yet ended.
+MAX_LINES = 20_000
+_BEGIN, _END = "+", "-"
+
+
+def _line(mark: str, item_id: str, body: str = "") -> bytes:
+    return f"{mark} {item_id} {body}\n".encode() if body else f"{mark} {item_id}\n".encode()
+
+
+def read_pending(data: bytes) -> dict[str, str]:
+    """The requests begun and not ended in a journal's bytes: {item id: request body}.
+
+    A line cut short by a kill mid-write is skipped: its request was never stored.
+    """
+    pending: dict[str, str] = {}
+    for raw in data.split(b"\n"):
+        parts = raw.decode("utf-8", errors="replace").split(" ", 2)
+        if len(parts) == 3 and parts[0] == _BEGIN and parts[2].endswith("}"):
+            pending[parts[1]] = parts[2]
+        elif len(parts) == 2 and parts[0] == _END:
+            pending.pop(parts[1], None)
+    return pending
+
+
+class Journal:
+    """This process's journal file in `directory`; safe to call from any number of threads."""
+
+    def __init__(self, directory: Path, max_lines: int = MAX_LINES) -> None:
+        self.directory = directory
+        self.max_lines = max_lines
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._pending: dict[str, str] = {}
+        self._path, self._fd = self._new_file()
+        self._lines = 0
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def begin(self, item_id: str, body: str) -> None:
+        """Record a request about to be stored and sent."""
+        with self._lock:
+            self._pending[item_id] = body
+            self._write(_line(_BEGIN, item_id, body))
+
+    def end(self, item_id: str) -> None:
+        """Record that a request is queued, or refused with its image deleted."""
+        with self._lock:
+            if self._pending.pop(item_id, None) is None:
+                return
+            self._write(_line(_END, item_id))
+            if self._lines >= self.max_lines and self._fd >= 0:
+                self._compact()
+
+    def pending(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._pending)
+
+    def adopt_orphans(self) -> dict[str, str]:
+        """Take over the requests of dead processes' journals: begun again in this
+        one, their files deleted. Returns them ({item id: request body})."""
+        adopted: dict[str, str] = {}
+        for path in sorted(self.directory.glob(f"*{SUFFIX}")):
+            if path == self._path:
+                continue
+            fd = _lock_if_dead(path)
+            if fd is None:
+                continue
+            try:
+                with os.fdopen(os.dup(fd), "rb") as f:
+                    orphans = read_pending(f.read())
+                for item_id, body in orphans.items():
+                    self.begin(item_id, body)
+                adopted.update(orphans)
+                # Only once they are in this journal (killed in between, they are in
+                # both: sent twice at worst), and while still locked, so that no
+                # other starting process reads it too.
+                path.unlink(missing_ok=True)
+            finally:
+                os.close(fd)
+        return adopted
+
+    def close(self) -> None:
+        """Close the file, keeping it (what is pending in it is adopted at the next
+        start). Closed, a journal records nothing more."""
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+    def _write(self, line: bytes) -> None:
+        if self._fd < 0:
+            return
+        os.write(self._fd, line)
+        self._lines += 1
+
+    def _new_file(self) -> tuple[Path, int]:
+        path = self.directory / f"{os.getpid()}-{uuid.uuid4().hex[:8]}{SUFFIX}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a new, unique file: nobody else holds it
+        return path, fd
+
+    def _compact(self) -> None:
+        old_path, old_fd = self._path, self._fd
+        self._path, self._fd = self._new_file()
+        self._lines = 0
+        for item_id, body in self._pending.items():
+            self._write(_line(_BEGIN, item_id, body))
+        # Killed before this, both files are read at the next start: duplicates only.
+        old_path.unlink(missing_ok=True)
+        os.close(old_fd)
+
+
+def _lock_if_dead(path: Path) -> int | None:
+    """`path` opened and locked if the process that wrote it is dead, else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:  # another starting process took it first
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            return fd
+    except (BlockingIOError, FileNotFoundError):
+        pass  # its process is alive, or another took and deleted it while this opened it
+    os.close(fd)
+    return None
