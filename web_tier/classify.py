@@ -59,9 +59,10 @@ def classify() -> Response:
     if item is None:
         # The image stays queued and will be classified: say where its result will be.
         if svc.book.closing.is_set():
+            # No Retry-After: the image is stored and queued, and sending it again
+            # would classify it twice.
             response = _text(f"{upload.filename}: the web tier is stopping; the image is still "
-                             f"queued, see /api/jobs/{batch_id}", 503)
-            response.headers["Retry-After"] = "5"
+                             f"queued, see /api/jobs/{batch_id} (no need to send it again)", 503)
         else:
             response = _text(f"{upload.filename}: no result within {svc.settings.result_timeout_s:g} s; "
                              f"it is still queued, see /api/jobs/{batch_id}", 504)
