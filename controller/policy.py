@@ -36,19 +36,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from common.config import SCALING_MODES
+from common.config import SCALING_MODES, Settings
 from controller.observe import Instance, Observation
 
 
 @dataclass(frozen=True)
 class Policy:
-    max_instances: int = 15
-    mode: str = "backlog"
-    target_backlog_per_instance: float = 1.0
-    acceptable_latency_s: float = 10.0
-    seconds_per_image: float = 0.5
-    boot_time_s: float = 40.0
-    scale_in_cooldown_s: float = 0.0
+    """The settings decide() reads; defaults as Settings' (controller.loop.policy_from)."""
+
+    max_instances: int = Settings.max_instances
+    mode: str = Settings.scaling_mode
+    target_backlog_per_instance: float = Settings.target_backlog_per_instance
+    acceptable_latency_s: float = Settings.acceptable_latency_s
+    seconds_per_image: float = Settings.seconds_per_image
+    boot_time_s: float = Settings.boot_time_s
+    scale_in_cooldown_s: float = Settings.scale_in_cooldown_s
 
     def __post_init__(self) -> None:
         if self.mode not in SCALING_MODES:
