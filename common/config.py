@@ -11,6 +11,7 @@ IMGCLASS_CACHE, where it keeps the converted model).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Mapping
@@ -136,8 +137,11 @@ class Settings:
     max_image_pixels: int = 40_000_000
     result_timeout_s: float = 300.0
     api_key: str = field(default="", repr=False)  # a secret: never in a log line
+    # This machine's own files for the service: the controller's lock (controller/lock.py)
+    # and, unless WEB_JOURNAL_DIR says otherwise, the web tier's journal. "": none
+    # (Settings() in tests); from the environment, the user's state directory.
+    state_dir: str = ""
     # Where the web tier records uploads stored but not yet queued (web_tier/journal.py).
-    # "": none (Settings() in tests); from the environment, a per-user default.
     web_journal_dir: str = ""
 
     # --- embedded AWS ----------------------------------------------------------
@@ -173,6 +177,10 @@ class Settings:
         return f"{self.prefix}-req-dlq"
 
     @property
+    def fleet_name(self) -> str:
+        return fleet_name(self.prefix, self.endpoint_url, self.region)
+
+    @property
     def local_aws_url(self) -> str:
         return f"http://{self.local_aws_host}:{self.local_aws_port}"
 
@@ -182,6 +190,7 @@ class Settings:
         endpoint_url = env.get("AWS_ENDPOINT_URL") or None
         cooldown = cls.scale_in_cooldown_s if endpoint_url else AWS_SCALE_IN_COOLDOWN_S
         prefix = _str(env, "APP_PREFIX", cls.prefix)
+        state = state_dir(env)
         return cls(
             region=region_from_env(env),
             endpoint_url=endpoint_url,
@@ -225,7 +234,9 @@ class Settings:
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels, low=1),
             result_timeout_s=_float(env, "RESULT_TIMEOUT", cls.result_timeout_s, low=0.1, high=3600),
             api_key=env.get("API_KEY", "").strip(),
-            web_journal_dir=_str(env, "WEB_JOURNAL_DIR", default_journal_dir(env, prefix)),
+            state_dir=state,
+            web_journal_dir=_str(env, "WEB_JOURNAL_DIR", os.path.join(
+                state, f"{fleet_name(prefix, endpoint_url, region_from_env(env))}-web-journal")),
             local_aws_host=_str(env, "LOCAL_AWS_HOST", cls.local_aws_host),
             local_aws_port=_int(env, "LOCAL_AWS_PORT", cls.local_aws_port, low=0, high=65535),
             local_boot_delay_s=_float(env, "LOCAL_BOOT_DELAY", cls.local_boot_delay_s, low=0),
@@ -242,9 +253,15 @@ def region_from_env(env: Mapping[str, str]) -> str:
     return env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or Settings.region
 
 
-def default_journal_dir(env: Mapping[str, str], prefix: str) -> str:
-    """The web tier's journal directory when WEB_JOURNAL_DIR is not set: under the
-    user's state directory (XDG_STATE_HOME, else ~/.local/state), one per prefix."""
+def state_dir(env: Mapping[str, str]) -> str:
+    """The service's directory in the user's state directory (XDG_STATE_HOME, else ~/.local/state)."""
     home = env.get("HOME") or os.path.expanduser("~")
-    state = env.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
-    return os.path.join(state, "imgclass", f"{prefix}-web-journal")
+    return os.path.join(env.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state"), "imgclass")
+
+
+def fleet_name(prefix: str, endpoint_url: str | None, region: str) -> str:
+    """`<prefix>-<12 hex digits>`, one per fleet: the prefix and the AWS it lives in.
+    Names this machine's files for it, so that a fleet on the embedded AWS and one
+    on AWS under the same prefix never read each other's."""
+    where = endpoint_url or f"aws:{region}"
+    return f"{prefix}-{hashlib.sha256(f'{where} {prefix}'.encode()).hexdigest()[:12]}"

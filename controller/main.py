@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -11,7 +12,13 @@ from common.aws import Aws
 from common.config import SCALING_MODES, Settings
 from common.heap import freeze_startup_heap
 from common.logs import configure as configure_logging
+from controller.lock import AnotherController, hold_fleet_lock
 from controller.loop import EXPECTED_ERRORS, TIMELINE_FIELDS, Controller
+
+log = logging.getLogger(__name__)
+
+# sysexits' EX_TEMPFAIL: it may start once the other has stopped.
+EXIT_ANOTHER_CONTROLLER = 75
 
 
 def build_parser(defaults: Settings) -> argparse.ArgumentParser:
@@ -95,6 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("INSTANCE_PROFILE is not set: on AWS, workers get their credentials from "
                      "their instance profile (ami/README.md, IAM). Set it, or set "
                      "AWS_ENDPOINT_URL to use the embedded AWS.")
+    if not args.dry_run and settings.state_dir:
+        try:
+            hold_fleet_lock(settings)  # released by the kernel when this process ends
+        except AnotherController as exc:
+            print(f"python controller.py: {exc}", file=sys.stderr)
+            return EXIT_ANOTHER_CONTROLLER
+        except OSError as exc:
+            log.warning("no lock against a second controller (%s): run exactly one", exc)
     try:
         controller = Controller(settings, Aws(settings).open("ec2", "sqs"), dry_run=args.dry_run,
                                 timeline_path=args.timeline)

@@ -37,10 +37,11 @@ and h, yappi and py-spy):
    (~190,000 objects, ~130-190 ms each). The server builds its EC2, SQS and S3
    backends at start (warm_up) and then freezes that heap (common.heap).
 
-Two changes are for correctness. moto stored whatever part of a body had
-arrived when its client died mid-upload (an image cut short, which no one
-sent); like S3, a body shorter than its Content-Length is now refused
-(IncompleteBody) and stores nothing. The other adds a cost: moto's backends are not thread-safe,
+Two changes are for correctness. The first: when a client died mid-upload,
+moto stored the part of the body that had arrived, an image cut short that
+nobody sent. Like S3, a request whose body is shorter than its Content-Length
+is now refused (IncompleteBody, S3's code, whatever the service) and changes
+nothing. The second adds a cost: moto's backends are not thread-safe,
 and gunicorn serves them from many threads. SQS's DeleteMessage rebuilds a
 queue's message list and assigns it back, so a message sent meanwhile was lost
 (193 of 2,300 in an explorer's run of concurrent batch sends, receives and

@@ -167,7 +167,8 @@ class Stack:
         self.logs = run_dir / "logs"
         self.env = child_env(settings)
         # The web tier's journal with the run's other files, not in the user's state
-        # directory: the embedded AWS starts empty at every run, and so should it.
+        # directory. The embedded AWS starts empty at every run: what a journal from
+        # the last run holds is found not stored, and dropped.
         self.env.setdefault("WEB_JOURNAL_DIR", str(run_dir / "web-journal"))
         self.children: list[Child] = []
         self.runner: InstanceRunner | None = None

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 2 * 1024**3
 # Connections per boto3 client: request threads, listeners and the upload pool share them.
 AWS_POOL = 128
+# How often the web tier looks for uploads stored with no request (web_tier/journal.py).
+REQUEUE_EVERY_S = 60.0
 
 
 def create_app(settings: Settings | None = None, *, aws: Aws | None = None,
@@ -62,7 +64,7 @@ def create_app(settings: Settings | None = None, *, aws: Aws | None = None,
         svc.listeners.start()
         log.info("listening for results on %s", settings.response_queue)
         # In the background: S3 and SQS may be slow to answer, and the page must not wait.
-        threading.Thread(target=_requeue_orphans, args=(svc,), name="requeue-orphans", daemon=True).start()
+        threading.Thread(target=_requeue_unsent, args=(svc,), name="requeue-unsent", daemon=True).start()
     app.extensions[EXTENSION] = svc
 
     errors.register(app)
@@ -86,14 +88,21 @@ def _open_journal(directory: str) -> Journal | None:
         return None
 
 
-def _requeue_orphans(svc: Services) -> None:
-    try:
-        queued = svc.submitter.requeue_orphans()
-    except Exception:
-        log.exception("could not read the journals of killed web tiers")
-        return
-    if queued:
-        log.warning("queued %d uploads that a killed web tier had stored and not sent", queued)
+def _requeue_unsent(svc: Services) -> None:
+    """Queue what killed web tiers stored and never sent, at start and then every
+    REQUEUE_EVERY_S: one that dies while this process runs (the old worker of a
+    gunicorn reload), or an AWS that does not answer at start, is caught up with."""
+    while True:
+        try:
+            queued = svc.submitter.requeue_unsent()
+        except Exception:
+            log.exception("could not requeue uploads stored with no request")
+        else:
+            if queued:
+                log.warning("queued %d uploads stored with no request sent (a web tier killed, "
+                            "or a request refused whose image could not be deleted)", queued)
+        if svc.stopped.wait(REQUEUE_EVERY_S):
+            return
 
 
 def _security_headers(response: Response) -> Response:

@@ -9,8 +9,8 @@ import uuid
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-from common.aws import Aws
-from common.messages import ClassifyRequest
+from common.aws import Aws, error_reason
+from common.messages import ClassifyRequest, MessageError
 from common.names import object_key
 from web_tier.journal import Journal
 from web_tier.results import Item, ResultBook
@@ -54,9 +54,12 @@ class Submitter:
     book: ResultBook
     pool: Executor
     requests: BatchingSender
-    # None: no journal (tests that do not kill the web tier), and nothing recovered.
+    # None: no journal (WEB_JOURNAL_DIR unwritable; Settings() in tests), and nothing requeued.
     journal: Journal | None = None
     ids: OrderedIds = field(default_factory=OrderedIds)
+    # Stored with no request sent, to be queued by requeue_unsent: {item id: request body}.
+    _unsent: dict[str, str] = field(default_factory=dict)
+    _unsent_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def submit(self, batch_id: str, uploads: list[Upload]) -> list[Item | UploadError]:
         """Submit every upload of one request, concurrently; results in upload order.
@@ -77,11 +80,11 @@ class Submitter:
 
     def _submit_one(self, item: Item, upload: Upload) -> Item | UploadError:
         stored = False
+        request = ClassifyRequest(
+            id=item.id, bucket=self.aws.settings.input_bucket, key=item.key, filename=upload.filename
+        ).to_json()
+        self._begin(item.id, request)
         try:
-            request = ClassifyRequest(
-                id=item.id, bucket=self.aws.settings.input_bucket, key=item.key, filename=upload.filename
-            ).to_json()
-            self._begin(item.id, request)
             put_input(
                 self.aws, item.key, upload.data, upload.content_type,
                 filename=upload.filename, batch_id=item.batch_id or "", item_id=item.id,
@@ -92,38 +95,58 @@ class Submitter:
             # An AWS outage must cost this file, not the service.
             log.exception("could not submit item %s", item.id)
             self.book.discard(item.id)
-            if stored:
-                self._unstore(item.key)
+            if stored and not self._unstore(item.key):
+                # Stored, with no message: left so, it would be queued for ever.
+                self._retry_later(item.id, request)
+            else:
+                self._end(item.id)
             return UploadError(503, "could not be stored or queued; try again", upload.filename)
-        finally:
-            self._end(item.id)
+        self._end(item.id)
         return item
 
-    def requeue_orphans(self) -> int:
-        """Queue the requests that a killed web tier stored and never sent; the number queued.
+    def requeue_unsent(self) -> int:
+        """Queue the images stored with no request sent; the number queued.
 
-        Each one whose image is in the input bucket and whose result is not yet
-        in the output bucket is sent; the rest were never stored, or were sent
-        before the kill. A request that cannot be sent now stays in the journal
-        for the next start.
+        They are those that web tiers killed between the two steps left in their
+        journals (adopted here), and those whose request failed and whose image
+        could not be deleted. Each one whose image is in the input bucket, and
+        whose result is not yet in the output bucket, is sent: at worst a second
+        time, if its process was killed just after sending it. One that cannot be
+        sent now is tried again at the next call.
         """
-        if self.journal is None:
-            return 0
+        if self.journal is not None:
+            for item_id, body in self.journal.adopt_orphans().items():
+                self._retry_later(item_id, body)
+        with self._unsent_lock:
+            unsent = dict(self._unsent)
         queued = 0
-        for item_id, body in self.journal.adopt_orphans().items():
+        for item_id, body in unsent.items():
             try:
-                request = ClassifyRequest.from_json(body)
-                stored = object_exists(self.aws, request.bucket, request.key)
-                if stored and not object_exists(self.aws, self.aws.settings.output_bucket, request.key):
-                    self.requests.send(body)
-                    queued += 1
-                    log.info("queued %s: stored by a web tier that was killed before it sent it", request.key)
-            except Exception:
-                log.exception("could not queue item %s, left by a killed web tier; trying at the next start",
-                              item_id)
+                queued += self._requeue(body)
+            except MessageError as exc:  # nothing to send: a journal line that is not a request
+                log.error("dropped %s from the journal: %s", item_id, exc)
+            except Exception as exc:
+                log.warning("could not queue item %s, stored with no request; trying again: %s",
+                            item_id, error_reason(exc))
                 continue
-            self.journal.end(item_id)
+            with self._unsent_lock:
+                self._unsent.pop(item_id, None)
+            self._end(item_id)
         return queued
+
+    def _requeue(self, body: str) -> bool:
+        request = ClassifyRequest.from_json(body)
+        if not object_exists(self.aws, request.bucket, request.key):
+            return False  # never stored: its upload was answered with an error, or not at all
+        if object_exists(self.aws, self.aws.settings.output_bucket, request.key):
+            return False  # sent before the kill, and answered
+        self.requests.send(body)
+        log.info("queued %s, stored with no request sent", request.key)
+        return True
+
+    def _retry_later(self, item_id: str, body: str) -> None:
+        with self._unsent_lock:
+            self._unsent[item_id] = body
 
     def _begin(self, item_id: str, request: str) -> None:
         if self.journal is not None:
@@ -133,10 +156,11 @@ class Submitter:
         if self.journal is not None:
             self.journal.end(item_id)
 
-    def _unstore(self, key: str) -> None:
-        """Delete the object of an upload that was refused: left in the bucket, a batch
-        rebuilt from S3 would show it queued for ever."""
+    def _unstore(self, key: str) -> bool:
+        """Delete the object of an upload that was refused; whether it is gone."""
         try:
             self.aws.s3.delete_object(Bucket=self.aws.settings.input_bucket, Key=key)
         except Exception:
             log.exception("could not delete %s, stored for an upload that was refused", key)
+            return False
+        return True

@@ -5,8 +5,10 @@ request queue (in that order, so that a worker always finds the image a message
 names). A web tier killed between the two (SIGKILL, the OOM killer) would leave
 an image that no message names: queued for ever. So each request is written
 here before its image is stored, and marked ended once it is queued (or
-refused). A starting web tier takes over the requests a dead process began and
-never ended, and queues the ones whose image is stored (`requeue_orphans`).
+refused with its image not stored). A web tier takes over the requests a dead
+process began and never ended, at its start and every minute after, and queues
+the ones whose image is stored and not yet answered (`Submitter.requeue_unsent`;
+at worst a second time, for a process killed just after sending one).
 
 Each process appends to a file of its own and holds an exclusive lock on it
 for its whole life: the kernel drops the lock when the process dies, however it
@@ -53,7 +55,12 @@ def read_pending(data: bytes) -> dict[str, str]:
 
 
 class Journal:
-    """This process's journal file in `directory`; safe to call from any number of threads."""
+    """This process's journal file in `directory`; safe to call from any number of threads.
+
+    A journal that cannot write (a full disk) says so in the log and goes on: the
+    upload matters more than its insurance, and nothing is lost unless the
+    process is also killed before the disk recovers.
+    """
 
     def __init__(self, directory: Path, max_lines: int = MAX_LINES) -> None:
         self.directory = directory
@@ -63,6 +70,7 @@ class Journal:
         self._pending: dict[str, str] = {}
         self._path, self._fd = self._new_file()
         self._lines = 0
+        self._failing = False
 
     @property
     def path(self) -> Path:
@@ -75,12 +83,12 @@ class Journal:
             self._write(_line(_BEGIN, item_id, body))
 
     def end(self, item_id: str) -> None:
-        """Record that a request is queued, or refused with its image deleted."""
+        """Record that a request is queued, or that its image is not stored."""
         with self._lock:
             if self._pending.pop(item_id, None) is None:
                 return
             self._write(_line(_END, item_id))
-            if self._lines >= self.max_lines and self._fd >= 0:
+            if self._lines >= self.max_lines:
                 self._compact()
 
     def pending(self) -> dict[str, str]:
@@ -112,32 +120,68 @@ class Journal:
         return adopted
 
     def close(self) -> None:
-        """Close the file, keeping it (what is pending in it is adopted at the next
-        start). Closed, a journal records nothing more."""
+        """Close the file and let go of its lock, keeping the file: what is pending in
+        it is another process's to adopt. Closed, a journal writes nothing more (tests
+        close it to play a process's death)."""
         with self._lock:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
 
-    def _write(self, line: bytes) -> None:
+    def _write(self, line: bytes) -> bool:
+        """Append `line`; whether it was written."""
         if self._fd < 0:
-            return
-        os.write(self._fd, line)
+            return False
+        try:
+            os.write(self._fd, line)
+        except OSError as exc:
+            if not self._failing:
+                log.error("cannot write the journal %s (%s): uploads stored until it can are lost if "
+                          "this process is killed before they are queued", self._path, exc)
+            self._failing = True
+            return False
+        if self._failing:
+            log.warning("writing the journal %s again", self._path)
+            self._failing = False
         self._lines += 1
+        return True
 
     def _new_file(self) -> tuple[Path, int]:
-        path = self.directory / f"{os.getpid()}-{uuid.uuid4().hex[:8]}{SUFFIX}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)  # a new, unique file: nobody else holds it
+        """A new journal file, locked before it has a name that adopt_orphans looks at:
+        unlocked under that name for a moment, a starting process would take it for
+        a dead one's and delete it."""
+        name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        making = self.directory / f".{name}.new"
+        fd = os.open(making, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            path = self.directory / f"{name}{SUFFIX}"
+            os.rename(making, path)  # the lock belongs to the file, whatever its name
+        except OSError:
+            os.close(fd)
+            making.unlink(missing_ok=True)
+            raise
         return path, fd
 
     def _compact(self) -> None:
+        """Move to a new file holding only what is pending; on failure, keep the old one."""
+        self._lines = 0  # failing, try again only after as many lines again
+        if self._fd < 0:
+            return
+        try:
+            path, fd = self._new_file()
+        except OSError as exc:
+            log.error("cannot start a new journal in %s (%s): %s grows on", self.directory, exc, self._path)
+            return
         old_path, old_fd = self._path, self._fd
-        self._path, self._fd = self._new_file()
-        self._lines = 0
-        for item_id, body in self._pending.items():
-            self._write(_line(_BEGIN, item_id, body))
-        # Killed before this, both files are read at the next start: duplicates only.
+        self._path, self._fd = path, fd
+        written = all(self._write(_line(_BEGIN, i, body)) for i, body in self._pending.items())
+        if not written:  # the new file lacks some: the old one, which has them all, stays
+            self._path, self._fd = old_path, old_fd
+            path.unlink(missing_ok=True)
+            os.close(fd)
+            return
+        # Killed before this, both files are read at the next start: sent twice at worst.
         old_path.unlink(missing_ok=True)
         os.close(old_fd)
 

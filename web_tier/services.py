@@ -30,6 +30,8 @@ class Services:
     pool: ThreadPoolExecutor
     listeners: Listeners | None = None
     journal: Journal | None = None
+    # Set by stop(): background loops end.
+    stopped: threading.Event = field(default_factory=threading.Event)
     # Open SSE streams at most (each holds one of gunicorn's threads).
     event_streams: threading.BoundedSemaphore = field(
         default_factory=lambda: threading.BoundedSemaphore(MAX_EVENT_STREAMS))
@@ -56,6 +58,7 @@ class Services:
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the listeners and the upload pool (tests; process exit needs nothing)."""
+        self.stopped.set()
         if self.listeners is not None:
             self.listeners.stop(timeout)
         self.pool.shutdown(wait=False, cancel_futures=True)

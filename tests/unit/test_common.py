@@ -185,10 +185,16 @@ def test_settings_from_env():
 def test_the_web_journal_is_in_the_users_state_directory_unless_set():
     assert Settings().web_journal_dir == ""  # tests: none
     home = Settings.from_env({"HOME": "/home/u"})
-    assert home.web_journal_dir == "/home/u/.local/state/imgclass/imgclass-web-journal"
+    assert home.state_dir == "/home/u/.local/state/imgclass"
+    assert home.web_journal_dir == f"/home/u/.local/state/imgclass/{home.fleet_name}-web-journal"
     xdg = Settings.from_env({"HOME": "/home/u", "XDG_STATE_HOME": "/state", "APP_PREFIX": "demo"})
-    assert xdg.web_journal_dir == "/state/imgclass/demo-web-journal"
+    assert xdg.web_journal_dir == f"/state/imgclass/{xdg.fleet_name}-web-journal"
     assert Settings.from_env({"WEB_JOURNAL_DIR": "/var/lib/web"}).web_journal_dir == "/var/lib/web"
+    # One fleet's files are never another's: the same prefix on the embedded AWS and on AWS.
+    local = Settings.from_env({"AWS_ENDPOINT_URL": "http://127.0.0.1:5000"})
+    assert home.fleet_name.startswith("imgclass-") and xdg.fleet_name.startswith("demo-")
+    assert len({home.fleet_name, local.fleet_name, xdg.fleet_name}) == 3
+    assert local.web_journal_dir != home.web_journal_dir
 
 
 def test_on_aws_the_fleet_shrinks_only_after_a_minute_by_default():

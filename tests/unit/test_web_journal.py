@@ -107,27 +107,65 @@ def test_a_starting_web_tier_queues_what_a_killed_one_stored_and_never_sent(make
     s3.put_object(Bucket=settings.output_bucket, Key="b1/i3/answered.jpg", Body=b"answered.jpg,cat")
     old.close()
 
-    app = make_web_app(web_journal_dir=str(tmp_path))
+    app = make_web_app(web_journal_dir=str(tmp_path))  # its listeners started, and the requeue loop
     journal = services_of(app).journal
     wait_until(lambda: not old.path.exists() and journal.pending() == {})
     assert [r.key for r in queued_requests(web_aws)] == ["b1/i1/stored.jpg"]
     assert read_pending(journal.path.read_bytes()) == {}
 
 
-def test_a_request_that_cannot_be_sent_now_stays_for_the_next_start(make_web_app, web_aws, tmp_path):
+def test_a_request_that_cannot_be_sent_now_is_sent_at_the_next_round(make_web_app, web_aws, tmp_path):
     web_aws.s3.put_object(Bucket=web_aws.settings.input_bucket, Key="b1/i1/stored.jpg", Body=make_image(1))
     old = Journal(tmp_path)
     old.begin("1" * 32, request_body("1" * 32, "b1/i1/stored.jpg"))
+    old.begin("2" * 32, "{not a request}")
     old.close()
     app = make_web_app(web_journal_dir=str(tmp_path), start_listeners=False)
-    submitter = services_of(app).submitter
+    submitter, journal = services_of(app).submitter, services_of(app).journal
+    send = submitter.requests.send
 
     def refuse(body: str) -> None:
         raise ConnectionError("SQS is down")
 
     submitter.requests.send = refuse
-    assert submitter.requeue_orphans() == 0
-    assert list(services_of(app).journal.pending()) == ["1" * 32]
+    assert submitter.requeue_unsent() == 0
+    # Kept, on disk too, for this process's next round or the next process; the
+    # line that is no request is dropped, not carried from start to start.
+    assert list(journal.pending()) == ["1" * 32]
+    assert list(read_pending(journal.path.read_bytes())) == ["1" * 32]
+
+    submitter.requests.send = send
+    assert submitter.requeue_unsent() == 1
+    assert [r.key for r in queued_requests(web_aws)] == ["b1/i1/stored.jpg"]
+    assert journal.pending() == {}
+
+
+def test_a_refused_upload_whose_image_cannot_be_deleted_is_queued_later(make_web_app, web_aws, tmp_path):
+    """Stored, its request refused and its deletion too: left so, it would be
+    queued for ever (a batch rebuilt from S3 lists it)."""
+    app = make_web_app(web_journal_dir=str(tmp_path), start_listeners=False)
+    submitter = services_of(app).submitter
+    send = submitter.requests.send
+
+    def refuse(body: str) -> None:
+        raise ConnectionError("SQS is down")
+
+    def cannot_delete(**kwargs) -> None:
+        raise ConnectionError("S3 is down")
+
+    submitter.requests.send = refuse
+    s3 = submitter.aws.s3
+    s3.delete_object = cannot_delete
+    reply = app.test_client().post("/api/jobs", data={"files": [(io.BytesIO(make_image(1)), "a.jpg")]},
+                                   content_type="multipart/form-data")
+    del s3.delete_object  # the client's own again
+    assert reply.status_code == 503
+    assert len(services_of(app).journal.pending()) == 1  # on disk, should this process die
+
+    submitter.requests.send = send
+    assert submitter.requeue_unsent() == 1
+    assert [r.filename for r in queued_requests(web_aws)] == ["a.jpg"]
+    assert services_of(app).journal.pending() == {}
 
 
 def test_an_upload_in_flight_when_its_web_tier_dies_is_queued_by_the_next(make_web_app, web_aws, tmp_path):
@@ -174,3 +212,60 @@ def test_uploads_queued_or_refused_leave_nothing_pending(make_web_app, tmp_path)
     journal = services_of(app).journal
     assert journal.pending() == {}
     assert read_pending(journal.path.read_bytes()) == {}
+
+
+def test_a_journal_is_locked_before_a_starting_process_can_see_it(tmp_path, monkeypatch):
+    """Locked only after it had its name, a new journal could be taken for a dead
+    one's by a process starting at that moment, and deleted."""
+    from web_tier import journal as journal_module
+
+    other = Journal(tmp_path / "other")
+    real_flock = journal_module.fcntl.flock
+    seen = []
+
+    def flock_while_another_starts(fd, operation):
+        if operation == journal_module.fcntl.LOCK_EX:  # a new journal locking itself
+            other.directory = tmp_path
+            seen.append(other.adopt_orphans())
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(journal_module.fcntl, "flock", flock_while_another_starts)
+    journal = Journal(tmp_path)
+    journal.begin("a", request_body("a", "b/a/1.jpg"))
+    assert seen == [{}]
+    assert journal.path.exists()
+    assert read_pending(journal.path.read_bytes()) == {"a": request_body("a", "b/a/1.jpg")}
+
+
+def test_a_journal_that_cannot_write_does_not_fail_the_upload(make_web_app, web_aws, tmp_path, caplog):
+    app = make_web_app(web_journal_dir=str(tmp_path), start_listeners=False)
+    journal = services_of(app).journal
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, journal._fd)  # the disk is full from now on
+    os.close(full)
+    reply = app.test_client().post("/api/jobs", data={"files": [(io.BytesIO(make_image(1)), "a.jpg")]},
+                                   content_type="multipart/form-data")
+    assert reply.status_code == 202
+    assert [r.filename for r in queued_requests(web_aws)] == ["a.jpg"]
+    assert "cannot write the journal" in caplog.text
+
+
+def test_a_compaction_that_cannot_write_keeps_the_old_file(tmp_path, monkeypatch):
+    journal = Journal(tmp_path, max_lines=4)
+    journal.begin("a", request_body("a", "b/a/1.jpg"))
+    first = journal.path
+    journal.begin("b", request_body("b", "b/b/2.jpg"))
+    journal.begin("c", request_body("c", "b/c/3.jpg"))
+    real_write = os.write
+
+    def full_disk_for_new_files(fd, data):
+        if fd != journal._fd or journal.path != first:
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr("web_tier.journal.os.write", full_disk_for_new_files)
+    journal.end("c")  # the fourth line: compaction, whose new file cannot be written
+    monkeypatch.undo()
+    assert journal.path == first and first.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name]
+    assert set(read_pending(first.read_bytes())) == {"a", "b"}

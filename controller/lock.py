@@ -1,0 +1,53 @@
+"""One controller per fleet on a machine: a second one would launch past the cap.
+
+Two controllers each count the fleet and each launch what they find missing:
+together they go over the cap and launch instances under the same names (an
+explorer's second controller: 18 live instances, five names twice). So a
+controller holds a lock for its whole life, one per fleet (the prefix and the
+AWS it talks to), and a second one for the same fleet refuses to start. The
+lock is a file under the state directory, locked with flock: the kernel drops
+it when its process dies, however it dies, so a controller restarted after a
+kill is never shut out by its own past.
+
+It guards one machine only. Controllers on two machines need a lease that AWS
+holds (a conditional write); README, Controller, says to run exactly one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from common.config import Settings
+
+
+class AnotherController(Exception):
+    """A controller for the same fleet is running on this machine."""
+
+
+def lock_path(settings: Settings) -> Path:
+    return Path(settings.state_dir) / f"{settings.fleet_name}-controller.lock"
+
+
+def hold_fleet_lock(settings: Settings) -> int:
+    """Lock this fleet for this process's life; the lock's file descriptor (kept open).
+
+    Raises AnotherController, naming its process, if one already holds it.
+    """
+    path = lock_path(settings)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        where = settings.endpoint_url or f"AWS {settings.region}"
+        raise AnotherController(
+            f"another controller (pid {holder}) is running for the instances of prefix "
+            f"{settings.prefix!r} on {where}: two would launch past the cap. Run exactly one; "
+            f"stop that one first (lock: {path})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

@@ -1,0 +1,58 @@
+"""One controller per fleet on a machine: a second one refuses to start."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.config import Settings
+from controller.lock import AnotherController, hold_fleet_lock
+from controller.main import EXIT_ANOTHER_CONTROLLER, main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    return Settings(state_dir=str(tmp_path), endpoint_url="http://127.0.0.1:5000")
+
+
+def test_a_second_lock_on_one_fleet_is_refused_naming_the_first(settings):
+    first = hold_fleet_lock(settings)
+    try:
+        with pytest.raises(AnotherController, match=f"pid {os.getpid()}.*'imgclass'.*127.0.0.1:5000"):
+            hold_fleet_lock(settings)
+        # Other fleets: another prefix, or the same prefix on another AWS.
+        os.close(hold_fleet_lock(dataclasses.replace(settings, prefix="other")))
+        os.close(hold_fleet_lock(dataclasses.replace(settings, endpoint_url=None)))
+    finally:
+        os.close(first)
+    os.close(hold_fleet_lock(settings))  # free again once the first lets go
+
+
+def test_a_killed_controllers_lock_is_free_for_the_next(settings):
+    script = ("import os, signal, sys; from common.config import Settings; "
+              "from controller.lock import hold_fleet_lock; "
+              "hold_fleet_lock(Settings(state_dir=sys.argv[1], endpoint_url='http://127.0.0.1:5000')); "
+              "os.kill(os.getpid(), signal.SIGKILL)")
+    died = subprocess.run([sys.executable, "-c", script, settings.state_dir], cwd=ROOT, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert died.returncode == -9
+    os.close(hold_fleet_lock(settings))
+
+
+def test_controller_py_refuses_to_run_beside_another(settings, monkeypatch, capsys):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", settings.endpoint_url)
+    monkeypatch.setenv("XDG_STATE_HOME", str(Path(settings.state_dir).parent))
+    running = hold_fleet_lock(Settings.from_env())
+    try:
+        assert main(["--once"]) == EXIT_ANOTHER_CONTROLLER
+    finally:
+        os.close(running)
+    err = capsys.readouterr().err
+    assert "another controller" in err and "Run exactly one" in err
