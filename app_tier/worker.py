@@ -10,7 +10,7 @@ A fetch thread prepares the next batch (receive, download, decode) while the
 serving thread runs the model on the current one, and a finishing thread writes
 the previous batch's results, so the network and the decoder overlap with
 inference and the model never waits for S3 or SQS. A heartbeat thread extends
-the visibility timeout of every message the worker holds, so a slow batch is
+the visibility timeout of every message the worker holds (`app_tier/held.py`), so a slow batch is
 never redelivered by mistake, unless a model call or an image's decoding has
 not ended within STALL_TIMEOUT (or an iteration of the main or fetch loop
 within 30 minutes more: a deadlock): a worker stuck there gives its messages
@@ -42,6 +42,7 @@ import numpy as np
 from botocore.exceptions import BotoCoreError, ClientError
 
 from app_tier import EXIT_STALLED, images
+from app_tier.held import AWS_ERRORS, HeldMessages, Job
 from app_tier.images import BadImage, prepare
 from app_tier.model import Classification, Classifier
 from common import systemd
@@ -55,10 +56,6 @@ from common.signals import on_signals
 
 log = logging.getLogger(__name__)
 
-_AWS_ERRORS = (BotoCoreError, ClientError)
-# SQS allows a message 12 h of invisibility from its receive, all extensions
-# included; an hour leaves room for everything before and after a retry delay.
-MAX_RETRY_DELAY_S = 3600
 # Besides a model call or decodes, which STALL_TIMEOUT bounds, an iteration of the
 # main or fetch loop waits for a few AWS calls one after another (the main loop for
 # the previous batch's writes, reply and delete), each up to ~4 minutes at botocore's
@@ -69,30 +66,6 @@ LOOP_SLACK_S = 1800.0
 # botocore's worst: a round that has not ended this long after it was due is
 # blocked (on a lock a deadlocked thread holds), and the watchdog pings stop.
 HEARTBEAT_SLACK_S = 300.0
-
-
-def retry_delay_s(receive_count: int, first_delay_s: int) -> int:
-    """How long a request whose attempt number `receive_count` failed stays hidden.
-
-    Doubling from `first_delay_s`: an attempt fails after botocore has already
-    retried for a while, so trying again at once would mostly fail again, and
-    after max_receive_count quick failures SQS sends the request to the
-    dead-letter queue; spread out, the attempts outlast a short outage of S3 or
-    SQS (or an IAM change still propagating) instead."""
-    return min(first_delay_s * 2 ** max(receive_count - 1, 0), MAX_RETRY_DELAY_S)
-
-
-@dataclass
-class Job:
-    """One received request and what became of it so far."""
-
-    message_id: str
-    receipt: str
-    request: ClassifyRequest | None
-    body: str = ""
-    receive_count: int = 1
-    pixels: np.ndarray | None = None
-    error: str | None = None
 
 
 @dataclass
@@ -125,12 +98,8 @@ class Worker:
         # be tagged ready (common/fleet.py).
         self.received = threading.Event()
         self._finished = threading.Event()
-        self._held: dict[str, Job] = {}  # by message id: what the heartbeat extends
-        self._held_lock = threading.Lock()
-        # Orders the heartbeat's extensions against releases (see _hide).
-        self._visibility_lock = threading.Lock()
-        # One hand-back at a time: the grace timer's waits for the main loop's to finish.
-        self._handing_back = threading.Lock()
+        # What the heartbeat keeps hidden, and what a stop hands back.
+        self.held = HeldMessages(aws, settings, instance_id)
         self._prefetched: queue.Queue[Batch] = queue.Queue()
         # Taken by the fetch thread before it receives, given back when the main
         # thread picks the batch up: at most one batch waits while one is classified.
@@ -226,7 +195,7 @@ class Worker:
             self._prefetch_slot.release()
             if self.stopping.is_set():
                 # Prepared, but the stop signal came first: not ours to finish.
-                self.hand_back(batch.jobs)
+                self.held.hand_back(batch.jobs)
                 continue
             try:
                 responses = self.answer(batch)
@@ -238,7 +207,7 @@ class Worker:
         self._loop_ticks.pop("main", None)
         self._wait_for_finishing()
         self._finished.set()
-        self.hand_back_held()
+        self.held.hand_back_all()
         self._io.shutdown(wait=False)
         self._finisher.shutdown(wait=False)
         log.info("worker %s: stopped after %d images", self.instance_id, self.processed)
@@ -262,7 +231,7 @@ class Worker:
                 self.received.set()
             except Exception as exc:  # this thread must outlive anything, or the worker stalls
                 self._prefetch_slot.release()
-                if isinstance(exc, _AWS_ERRORS):
+                if isinstance(exc, AWS_ERRORS):
                     log.warning("receive failed (%s); retrying in %.0f s", exc, backoff)
                 else:
                     log.exception("fetch failed; retrying in %.0f s", backoff)
@@ -290,24 +259,23 @@ class Worker:
             except MessageError as exc:
                 log.error("dropping a message that is not a request: %s", exc)
                 try:
-                    self._delete([Job(msg["MessageId"], msg["ReceiptHandle"], None)])
-                except _AWS_ERRORS as delete_error:  # it comes back, and is dropped again
+                    self.held.delete([Job(msg["MessageId"], msg["ReceiptHandle"], None)])
+                except AWS_ERRORS as delete_error:  # it comes back, and is dropped again
                     log.warning("could not delete it: %s", delete_error)
                 continue
             count = int(msg.get("Attributes", {}).get("ApproximateReceiveCount", 1))
             jobs.append(Job(msg["MessageId"], msg["ReceiptHandle"], request, msg["Body"], count))
-        with self._held_lock:
-            self._held.update({j.message_id: j for j in jobs})
+        self.held.hold(jobs)
         try:
             list(self._io.map(self._load, jobs))
         except BaseException:
-            self._release(jobs)  # held, the heartbeat would hide them forever
+            self.held.release(jobs)  # held, the heartbeat would hide them forever
             raise
         unreadable = [j for j in jobs if j.pixels is None and j.error is None]
         if unreadable:
             # Not read, for a reason that may pass (S3 failed after botocore's retries):
             # another attempt, a little later; after max_receive_count, the dead-letter queue.
-            self._release(unreadable)
+            self.held.release(unreadable)
         return Batch([j for j in jobs if j not in unreadable])
 
     def _load(self, job: Job) -> None:
@@ -366,9 +334,9 @@ class Worker:
         for store in stores:
             store.result()  # raises if a write failed
         # Committed: these are answered now, so a shutdown must not hand them back too.
-        self._forget(batch.jobs)
+        self.held.forget(batch.jobs)
         self._reply([r for _, r in responses])
-        self._delete(batch.jobs)
+        self.held.delete(batch.jobs)
         self.processed += sum(1 for _, r in responses if r.ok)
 
     def _finish_or_release(self, batch: Batch, responses: list[tuple[Job, ClassifyResponse]]) -> None:
@@ -386,7 +354,7 @@ class Worker:
         # Another attempt (here or elsewhere) may succeed; after max_receive_count
         # attempts SQS moves it to the dead-letter queue.
         log.exception("batch of %d failed; releasing it", len(batch.jobs))
-        self._release(batch.jobs)
+        self.held.release(batch.jobs)
 
     def _classify(self, jobs: list[Job]) -> dict[str, Classification]:
         """Results by message id. A message seen before may have crashed a worker:
@@ -436,101 +404,6 @@ class Worker:
             if reply.get("Failed"):
                 raise RuntimeError(f"could not send {len(reply['Failed'])} responses: {reply['Failed']}")
 
-    def _delete(self, jobs: list[Job]) -> None:
-        for chunk in sqs_batches(jobs):
-            reply = self.aws.sqs.delete_message_batch(
-                QueueUrl=self.aws.request_queue_url,
-                Entries=[{"Id": str(i), "ReceiptHandle": j.receipt} for i, j in enumerate(chunk)],
-            )
-            if reply.get("Failed"):
-                # Answered already: nothing to undo. Such a request comes back after its
-                # visibility timeout, is classified again, and its second answer ignored.
-                codes = ", ".join(sorted({f.get("Code", "?") for f in reply["Failed"]}))
-                log.warning("could not delete %d answered request(s), which will be answered again: %s",
-                            len(reply["Failed"]), codes)
-        self._forget(jobs)
-
-    # --- visibility ------------------------------------------------------------------
-    def _forget(self, jobs: list[Job]) -> None:
-        with self._held_lock:
-            for j in jobs:
-                self._held.pop(j.message_id, None)
-
-    def _release(self, jobs: list[Job]) -> None:
-        """This attempt failed: let the next one (here or elsewhere) have the messages,
-        after a delay that grows with each attempt (see `retry_delay_s`).
-
-        Counts as a receive: after max_receive_count of them SQS moves a message
-        to the dead-letter queue."""
-        first = self.settings.retry_delay_s
-        self._hide([(j, retry_delay_s(j.receive_count, first)) for j in jobs])
-
-    def _hide(self, hidden_for: list[tuple[Job, int]]) -> None:
-        """Stop holding these jobs and hide each message for its seconds (0: visible now).
-
-        Ordered against the heartbeat: an extension it had read before the jobs
-        were forgotten must not land after this change and hide them for a whole
-        visibility timeout."""
-        with self._visibility_lock:
-            self._forget([j for j, _ in hidden_for])
-            self._change_visibility(hidden_for)
-
-    def hand_back(self, jobs: list[Job]) -> None:
-        """Give messages we will not process back to the queue without using up an attempt.
-
-        A worker that is stopping never tried these, so they are sent again as
-        new messages (receive count 0) and the originals deleted; a worker
-        scaled in three times must not push an innocent image into the
-        dead-letter queue. Should the delete fail after the send, the request
-        is answered twice, which the web tier ignores by id.
-
-        Hand-backs run one at a time, and each sends only jobs still held, so the
-        grace timer and the main loop, which may both get here, never send one
-        message twice. The jobs stay held (the heartbeat keeps them hidden) until
-        each is deleted or made visible again.
-        """
-        with self._handing_back:
-            with self._held_lock:
-                mine = [j for j in jobs if j.message_id in self._held]
-            self._send_back(mine)
-
-    def hand_back_held(self) -> None:
-        """Hand back everything held (see hand_back: what another hand-back sends first
-        is no longer held when this one's turn comes)."""
-        with self._held_lock:
-            held = list(self._held.values())
-        self.hand_back(held)
-
-    def _send_back(self, jobs: list[Job]) -> None:
-        if not jobs:
-            return
-        log.info("worker %s: handing back %d messages", self.instance_id, len(jobs))
-        for chunk in sqs_batches(jobs):
-            try:
-                reply = self.aws.sqs.send_message_batch(
-                    QueueUrl=self.aws.request_queue_url,
-                    Entries=[{"Id": str(i), "MessageBody": j.body} for i, j in enumerate(chunk)])
-                sent = [chunk[int(ok["Id"])] for ok in reply.get("Successful", [])]
-                self._delete(sent)
-                self._hide([(j, 0) for j in chunk if j not in sent])
-            except _AWS_ERRORS as exc:
-                log.warning("could not hand back %d messages (%s); making them visible", len(chunk), exc)
-                self._hide([(j, 0) for j in chunk])
-
-    def _change_visibility(self, hidden_for: list[tuple[Job, int]]) -> None:
-        """Hide each job's message for its number of seconds from now (0: visible)."""
-        for chunk in sqs_batches(hidden_for):
-            entries = [{"Id": str(i), "ReceiptHandle": j.receipt, "VisibilityTimeout": seconds}
-                       for i, (j, seconds) in enumerate(chunk)]
-            try:
-                reply = self.aws.sqs.change_message_visibility_batch(
-                    QueueUrl=self.aws.request_queue_url, Entries=entries)
-            except _AWS_ERRORS as exc:
-                log.warning("could not change visibility of %d messages: %s", len(entries), exc)
-                continue
-            for failed in reply.get("Failed", []):
-                log.warning("could not change visibility of a message: %s", failed.get("Message") or failed)
-
     def _heartbeat_loop(self) -> None:
         self._last_beat = time.monotonic()
         while not self._finished.wait(self._heartbeat_period_s):
@@ -538,7 +411,7 @@ class Worker:
             if stuck is not None:
                 self._give_up_stuck(stuck)
                 return
-            self._extend_held()
+            self.held.extend()
             self._last_beat = time.monotonic()
 
     def _watchdog_loop(self) -> None:
@@ -592,7 +465,7 @@ class Worker:
         serving)."""
         log.error("worker %s: a %s has not ended in %.0f s; giving back %d messages and "
                   "exiting (%d) to be restarted", self.instance_id, stuck.kind,
-                  time.monotonic() - stuck.started, len(self._held), EXIT_STALLED)
+                  time.monotonic() - stuck.started, len(self.held), EXIT_STALLED)
         self.stopping.set()  # no more receives
         try:
             # A long poll under way may still bring messages: wait for it, to hand them
@@ -609,21 +482,10 @@ class Worker:
         model is classified alone next time, see _classify, and one that hangs either
         goes to the dead-letter queue after max_receive_count attempts); the rest
         handed back untried."""
-        with self._handing_back:  # after any hand-back under way, of what it left held
-            with self._held_lock:
-                tried = [j for j in tried if j.message_id in self._held]
-            self._hide([(j, 0) for j in tried])
+        self.held.show_tried(tried)
         if self._fetcher is not None and wait_for_receive_s > 0:
             self._fetcher.join(wait_for_receive_s)
-        self.hand_back_held()
-
-    def _extend_held(self) -> None:
-        """Keep every held message hidden for another visibility timeout."""
-        with self._visibility_lock:
-            with self._held_lock:
-                held = list(self._held.values())
-            if held:
-                self._change_visibility([(j, self.settings.visibility_timeout_s) for j in held])
+        self.held.hand_back_all()
 
 
 def warm_up(aws: Aws) -> None:
@@ -635,5 +497,5 @@ def warm_up(aws: Aws) -> None:
     try:
         for queue in (aws.settings.request_queue, aws.settings.response_queue):
             aws.queue_url(queue)  # kept by Aws for every later call
-    except _AWS_ERRORS as exc:
+    except AWS_ERRORS as exc:
         log.warning("queue URLs not resolved before serving (%s); the worker will retry", exc)

@@ -220,7 +220,7 @@ class Settings:
             # and a message being worked on would show up again for another worker.
             visibility_timeout_s=_int(env, "VISIBILITY_TIMEOUT", cls.visibility_timeout_s, low=5, high=43200),
             max_receive_count=_int(env, "MAX_RECEIVE_COUNT", cls.max_receive_count, low=1, high=1000),
-            # The worker caps every retry delay at an hour (app_tier.worker.MAX_RETRY_DELAY_S).
+            # The worker caps every retry delay at an hour (app_tier.held.MAX_RETRY_DELAY_S).
             retry_delay_s=_int(env, "RETRY_DELAY", cls.retry_delay_s, low=0, high=3600),
             # Below systemd's TimeoutStopSec (30 s, ami/imgclass-worker.service), which
             # kills the worker: the hand-back after the grace period needs the rest.

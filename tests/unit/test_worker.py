@@ -21,8 +21,9 @@ from PIL import Image
 
 from app_tier import EXIT_STALLED
 from app_tier.__main__ import report_ready_once_received
+from app_tier.held import MAX_RETRY_DELAY_S, retry_delay_s
 from app_tier.model import Classification
-from app_tier.worker import MAX_RETRY_DELAY_S, Call, Worker, retry_delay_s, warm_up
+from app_tier.worker import Call, Worker, warm_up
 from common.aws import Aws
 from common.config import Settings
 from common.failure_tags import failure_from_tags
@@ -289,7 +290,7 @@ def test_scaled_in_again_and_again_a_request_never_reaches_the_dead_letter_queue
         worker = Worker(settings, aws, MeanClassifier(), f"i-{n}")
         batch = worker.fetch()
         assert len(batch.jobs) == 1, f"lost after {n} hand-backs"
-        worker.hand_back(batch.jobs)
+        worker.held.hand_back(batch.jobs)
     assert depth(aws, aws.dead_letter_queue_url) == (0, 0)
 
 
@@ -473,7 +474,7 @@ def test_an_unexpected_error_preparing_one_image_costs_only_that_attempt(aws_env
     assert failures == ["b"]
     assert all(r.ok for r in answered.values())
     assert depth(aws, aws.request_queue_url) == (0, 0)
-    assert not worker._held
+    assert not len(worker.held)
 
 
 def test_the_fetch_thread_survives_an_unexpected_error(aws_env, monkeypatch):
@@ -555,7 +556,7 @@ def test_two_hand_backs_at_once_send_each_message_back_once(aws_env, monkeypatch
         return send(**kwargs)
 
     monkeypatch.setattr(aws.sqs, "send_message_batch", slow_send)
-    callers = [threading.Thread(target=worker.hand_back_held) for _ in range(2)]
+    callers = [threading.Thread(target=worker.held.hand_back_all) for _ in range(2)]
     for caller in callers:
         caller.start()
     for caller in callers:
@@ -579,13 +580,13 @@ def test_the_grace_timer_waits_for_the_main_loops_hand_back(aws_env, monkeypatch
 
     def slow_send(**kwargs):
         sending.set()
-        held_while_sending.append(len(worker._held))  # still held: the heartbeat keeps them hidden
+        held_while_sending.append(len(worker.held))  # still held: the heartbeat keeps them hidden
         time.sleep(0.3)
         sent.append(len(kwargs["Entries"]))
         return send(**kwargs)
 
     monkeypatch.setattr(aws.sqs, "send_message_batch", slow_send)
-    main_loop = threading.Thread(target=worker.hand_back, args=(batch.jobs,))
+    main_loop = threading.Thread(target=worker.held.hand_back, args=(batch.jobs,))
     main_loop.start()
     assert sending.wait(5)
     exits = record_exits(worker)
@@ -594,7 +595,7 @@ def test_the_grace_timer_waits_for_the_main_loops_hand_back(aws_env, monkeypatch
     assert depth(aws, aws.request_queue_url) == (2, 0), "returned before the main loop's hand-back ended"
     main_loop.join(timeout=10)
     assert sent == [2] and held_while_sending == [2]
-    assert not worker._held
+    assert not len(worker.held)
 
 
 def test_a_release_is_not_overtaken_by_a_heartbeat_already_under_way(aws_env, monkeypatch):
@@ -620,10 +621,10 @@ def test_a_release_is_not_overtaken_by_a_heartbeat_already_under_way(aws_env, mo
         return reply
 
     monkeypatch.setattr(aws.sqs, "change_message_visibility_batch", sqs_change)
-    heartbeat = threading.Thread(target=worker._extend_held)
+    heartbeat = threading.Thread(target=worker.held.extend)
     heartbeat.start()
     assert extending.wait(5)
-    worker._release(batch.jobs)
+    worker.held.release(batch.jobs)
     heartbeat.join(timeout=10)
     assert applied == [settings.visibility_timeout_s, 0]
     assert depth(aws, aws.request_queue_url) == (1, 0)
@@ -731,7 +732,7 @@ def test_an_image_s3_cannot_serve_is_tried_again_later_not_at_once(aws_env, monk
     wait_until(lambda: depth(aws, aws.request_queue_url) == (1, 0), timeout=10)
     assert worker.fetch().jobs == []  # the second attempt fails too
     assert hidden_for == [3, 6]
-    assert not worker._held
+    assert not len(worker.held)
 
 
 def test_a_message_that_is_not_a_request_is_dropped_and_its_batch_mates_served(aws_env):
@@ -786,9 +787,9 @@ def test_a_worker_stuck_in_the_model_gives_its_messages_back_and_exits(aws_env, 
         deadline = time.monotonic() + 10
         # Both, not held alone: the second receive can land before the main thread
         # has made its model call (seen once on a loaded host).
-        while not (model.calls == 1 and len(worker._held) == 2) and time.monotonic() < deadline:
+        while not (model.calls == 1 and len(worker.held) == 2) and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert model.calls == 1 and len(worker._held) == 2, "one image in the model, one prepared"
+        assert model.calls == 1 and len(worker.held) == 2, "one image in the model, one prepared"
         if how == "sigterm":
             worker._on_signal(15, None)
         while not exits and time.monotonic() < deadline:
@@ -905,7 +906,7 @@ def test_a_stuck_worker_exits_even_if_giving_back_fails(aws_env, monkeypatch):
     def broken():
         raise RuntimeError("something unforeseen")
 
-    monkeypatch.setattr(worker, "hand_back_held", broken)
+    monkeypatch.setattr(worker.held, "hand_back_all", broken)
     with pytest.raises(RuntimeError):
         worker._give_up_stuck(Call("model call", time.monotonic(), []))
     with pytest.raises(RuntimeError):
@@ -973,7 +974,7 @@ def test_watchdog_pings_stop_when_a_heartbeat_round_is_blocked(aws_env, monkeypa
             if blocked.is_set():
                 unblock.wait(30)  # as if waiting for a lock a deadlocked thread holds
 
-        monkeypatch.setattr(worker, "_extend_held", beat)
+        monkeypatch.setattr(worker.held, "extend", beat)
         runner = threading.Thread(target=worker.run)
         runner.start()
         try:
@@ -1007,7 +1008,7 @@ def test_systemd_hears_ready_then_watchdog_pings_until_the_heartbeat_dies(aws_en
             if die.is_set():
                 raise RuntimeError("the heartbeat thread dies")
 
-        monkeypatch.setattr(worker, "_extend_held", beat)
+        monkeypatch.setattr(worker.held, "extend", beat)
         runner = threading.Thread(target=worker.run)
         runner.start()
         try:

@@ -1,0 +1,193 @@
+"""The messages a worker holds: hidden from other workers while it works on them,
+deleted once answered, and given back when it cannot finish them.
+
+A received message stays invisible for the queue's visibility timeout. The
+worker's heartbeat extends that for every message held (`extend`), so a slow
+batch is never redelivered by mistake. A failed attempt is made visible again
+after a delay that grows with each attempt (`release`); a stopping worker hands
+the messages it never tried back without using up an attempt (`hand_back`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+from botocore.exceptions import BotoCoreError, ClientError
+
+from common.aws import Aws, sqs_batches
+from common.config import Settings
+from common.messages import ClassifyRequest
+
+log = logging.getLogger(__name__)
+
+AWS_ERRORS = (BotoCoreError, ClientError)
+# SQS allows a message 12 h of invisibility from its receive, all extensions
+# included; an hour leaves room for everything before and after a retry delay.
+MAX_RETRY_DELAY_S = 3600
+
+
+def retry_delay_s(receive_count: int, first_delay_s: int) -> int:
+    """How long a request whose attempt number `receive_count` failed stays hidden.
+
+    Doubling from `first_delay_s`: an attempt fails after botocore has already
+    retried for a while, so trying again at once would mostly fail again, and
+    after max_receive_count quick failures SQS sends the request to the
+    dead-letter queue; spread out, the attempts outlast a short outage of S3 or
+    SQS (or an IAM change still propagating) instead."""
+    return min(first_delay_s * 2 ** max(receive_count - 1, 0), MAX_RETRY_DELAY_S)
+
+
+@dataclass
+class Job:
+    """One received request and what became of it so far."""
+
+    message_id: str
+    receipt: str
+    request: ClassifyRequest | None
+    body: str = ""
+    receive_count: int = 1
+    pixels: np.ndarray | None = None
+    error: str | None = None
+
+
+class HeldMessages:
+    """The request-queue messages one worker holds, by message id; thread-safe."""
+
+    def __init__(self, aws: Aws, settings: Settings, worker_name: str) -> None:
+        self.aws = aws
+        self.settings = settings
+        self.worker_name = worker_name
+        self._held: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        # Orders the heartbeat's extensions against releases (see hide).
+        self._visibility_lock = threading.Lock()
+        # One hand-back at a time: the grace timer's waits for the main loop's to finish.
+        self._handing_back = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._held)
+
+    def __contains__(self, job: Job) -> bool:
+        with self._lock:
+            return job.message_id in self._held
+
+    def hold(self, jobs: list[Job]) -> None:
+        """Start holding just-received messages: the heartbeat keeps them hidden from now."""
+        with self._lock:
+            self._held.update({j.message_id: j for j in jobs})
+
+    def forget(self, jobs: list[Job]) -> None:
+        """Stop holding these: answered, or visible again."""
+        with self._lock:
+            for j in jobs:
+                self._held.pop(j.message_id, None)
+
+    def delete(self, jobs: list[Job]) -> None:
+        """Delete answered requests from the queue, and stop holding them."""
+        for chunk in sqs_batches(jobs):
+            reply = self.aws.sqs.delete_message_batch(
+                QueueUrl=self.aws.request_queue_url,
+                Entries=[{"Id": str(i), "ReceiptHandle": j.receipt} for i, j in enumerate(chunk)],
+            )
+            if reply.get("Failed"):
+                # Answered already: nothing to undo. Such a request comes back after its
+                # visibility timeout, is classified again, and its second answer ignored.
+                codes = ", ".join(sorted({f.get("Code", "?") for f in reply["Failed"]}))
+                log.warning("could not delete %d answered request(s), which will be answered again: %s",
+                            len(reply["Failed"]), codes)
+        self.forget(jobs)
+
+    def release(self, jobs: list[Job]) -> None:
+        """This attempt failed: let the next one (here or elsewhere) have the messages,
+        after a delay that grows with each attempt (see `retry_delay_s`).
+
+        Counts as a receive: after max_receive_count of them SQS moves a message
+        to the dead-letter queue."""
+        first = self.settings.retry_delay_s
+        self.hide([(j, retry_delay_s(j.receive_count, first)) for j in jobs])
+
+    def hide(self, hidden_for: list[tuple[Job, int]]) -> None:
+        """Stop holding these jobs and hide each message for its seconds (0: visible now).
+
+        Ordered against the heartbeat: an extension it had read before the jobs
+        were forgotten must not land after this change and hide them for a whole
+        visibility timeout."""
+        with self._visibility_lock:
+            self.forget([j for j, _ in hidden_for])
+            self._change_visibility(hidden_for)
+
+    def extend(self) -> None:
+        """Keep every held message hidden for another visibility timeout."""
+        with self._visibility_lock:
+            with self._lock:
+                held = list(self._held.values())
+            if held:
+                self._change_visibility([(j, self.settings.visibility_timeout_s) for j in held])
+
+    def hand_back(self, jobs: list[Job]) -> None:
+        """Give messages we will not process back to the queue without using up an attempt.
+
+        A worker that is stopping never tried these, so they are sent again as
+        new messages (receive count 0) and the originals deleted; a worker
+        scaled in three times must not push an innocent image into the
+        dead-letter queue. Should the delete fail after the send, the request
+        is answered twice, which the web tier ignores by id.
+
+        Hand-backs run one at a time, and each sends only jobs still held, so the
+        grace timer and the main loop, which may both get here, never send one
+        message twice. The jobs stay held (the heartbeat keeps them hidden) until
+        each is deleted or made visible again.
+        """
+        with self._handing_back:
+            with self._lock:
+                mine = [j for j in jobs if j.message_id in self._held]
+            self._send_back(mine)
+
+    def hand_back_all(self) -> None:
+        """Hand back everything held (see hand_back: what another hand-back sends first
+        is no longer held when this one's turn comes)."""
+        with self._lock:
+            held = list(self._held.values())
+        self.hand_back(held)
+
+    def show_tried(self, tried: list[Job]) -> None:
+        """Make `tried` visible at once, each as a used attempt, after any hand-back
+        under way (of what it left held)."""
+        with self._handing_back:
+            with self._lock:
+                tried = [j for j in tried if j.message_id in self._held]
+            self.hide([(j, 0) for j in tried])
+
+    def _send_back(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
+        log.info("worker %s: handing back %d messages", self.worker_name, len(jobs))
+        for chunk in sqs_batches(jobs):
+            try:
+                reply = self.aws.sqs.send_message_batch(
+                    QueueUrl=self.aws.request_queue_url,
+                    Entries=[{"Id": str(i), "MessageBody": j.body} for i, j in enumerate(chunk)])
+                sent = [chunk[int(ok["Id"])] for ok in reply.get("Successful", [])]
+                self.delete(sent)
+                self.hide([(j, 0) for j in chunk if j not in sent])
+            except AWS_ERRORS as exc:
+                log.warning("could not hand back %d messages (%s); making them visible", len(chunk), exc)
+                self.hide([(j, 0) for j in chunk])
+
+    def _change_visibility(self, hidden_for: list[tuple[Job, int]]) -> None:
+        """Hide each job's message for its number of seconds from now (0: visible)."""
+        for chunk in sqs_batches(hidden_for):
+            entries = [{"Id": str(i), "ReceiptHandle": j.receipt, "VisibilityTimeout": seconds}
+                       for i, (j, seconds) in enumerate(chunk)]
+            try:
+                reply = self.aws.sqs.change_message_visibility_batch(
+                    QueueUrl=self.aws.request_queue_url, Entries=entries)
+            except AWS_ERRORS as exc:
+                log.warning("could not change visibility of %d messages: %s", len(entries), exc)
+                continue
+            for failed in reply.get("Failed", []):
+                log.warning("could not change visibility of a message: %s", failed.get("Message") or failed)
