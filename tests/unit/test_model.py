@@ -29,6 +29,8 @@ def test_labels_are_keras_imagenet_classes():
     labels = imagenet_labels()
     assert len(labels) == 1000
     assert (labels[0], labels[2], labels[999]) == ("tench", "great_white_shark", "toilet_tissue")
+    # POST / answers "<name>:<label>" and a name may hold a colon: split at the last one.
+    assert not [label for label in labels if ":" in label or "\n" in label]
 
 
 def test_input_is_keras_resnet50_preprocessing():
