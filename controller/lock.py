@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import Settings
@@ -30,24 +31,45 @@ def lock_path(settings: Settings) -> Path:
     return Path(settings.state_dir) / f"{settings.fleet_name}-controller.lock"
 
 
-def hold_fleet_lock(settings: Settings) -> int:
-    """Lock this fleet for this process's life; the lock's file descriptor (kept open).
+@dataclass
+class FleetLock:
+    path: Path
+    fd: int
+
+    def release(self) -> None:
+        """Delete the lock file and let go (a clean exit: no file left behind per fleet
+        that ever ran). Deleted while still locked, so that whoever locks next finds
+        the file gone, and makes a new one (see hold_fleet_lock)."""
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+
+
+def hold_fleet_lock(settings: Settings) -> FleetLock:
+    """Lock this fleet for this process's life (the kernel lets go when it ends).
 
     Raises AnotherController, naming its process, if one already holds it.
     """
     path = lock_path(settings)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            where = settings.endpoint_url or f"AWS {settings.region}"
+            raise AnotherController(
+                f"another controller (pid {holder}) is running for the instances of prefix "
+                f"{settings.prefix!r} on {where}: two would launch past the cap. Run exactly one; "
+                f"stop that one first (lock: {path})") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        # Locked a file that a controller ending meanwhile deleted: try the new one.
         os.close(fd)
-        where = settings.endpoint_url or f"AWS {settings.region}"
-        raise AnotherController(
-            f"another controller (pid {holder}) is running for the instances of prefix "
-            f"{settings.prefix!r} on {where}: two would launch past the cap. Run exactly one; "
-            f"stop that one first (lock: {path})") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+    return FleetLock(path, fd)

@@ -102,14 +102,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("INSTANCE_PROFILE is not set: on AWS, workers get their credentials from "
                      "their instance profile (ami/README.md, IAM). Set it, or set "
                      "AWS_ENDPOINT_URL to use the embedded AWS.")
+    lock = None
     if not args.dry_run and settings.state_dir:
         try:
-            hold_fleet_lock(settings)  # released by the kernel when this process ends
+            lock = hold_fleet_lock(settings)
         except AnotherController as exc:
             print(f"python controller.py: {exc}", file=sys.stderr)
             return EXIT_ANOTHER_CONTROLLER
         except OSError as exc:
             log.warning("no lock against a second controller (%s): run exactly one", exc)
+    try:
+        return _run(parser, args, settings)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, settings: Settings) -> int:
+    """Build the controller and run it: one round with --once, else until told to stop."""
     try:
         controller = Controller(settings, Aws(settings).open("ec2", "sqs"), dry_run=args.dry_run,
                                 timeline_path=args.timeline)

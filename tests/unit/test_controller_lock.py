@@ -28,11 +28,42 @@ def test_a_second_lock_on_one_fleet_is_refused_naming_the_first(settings):
         with pytest.raises(AnotherController, match=f"pid {os.getpid()}.*'imgclass'.*127.0.0.1:5000"):
             hold_fleet_lock(settings)
         # Other fleets: another prefix, or the same prefix on another AWS.
-        os.close(hold_fleet_lock(dataclasses.replace(settings, prefix="other")))
-        os.close(hold_fleet_lock(dataclasses.replace(settings, endpoint_url=None)))
+        hold_fleet_lock(dataclasses.replace(settings, prefix="other")).release()
+        hold_fleet_lock(dataclasses.replace(settings, endpoint_url=None)).release()
     finally:
-        os.close(first)
-    os.close(hold_fleet_lock(settings))  # free again once the first lets go
+        first.release()
+    assert not first.path.exists()  # a clean exit leaves no file behind
+    hold_fleet_lock(settings).release()  # free again once the first lets go
+
+
+def test_a_lock_on_a_file_deleted_meanwhile_is_not_taken_for_the_fleets(settings, monkeypatch):
+    """A controller ending deletes its lock file: one that opened it just before, and
+    locks it just after, would hold a file nobody else can see (a third would make a
+    new one and lock that too). It must try again."""
+    import fcntl
+
+    from controller import lock as lock_module
+
+    ending = hold_fleet_lock(settings)
+    real_flock = fcntl.flock
+    calls = []
+
+    def the_other_ends_first(fd, operation):
+        calls.append(fd)
+        if len(calls) == 1:
+            ending.release()  # between this one's open and its lock
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(lock_module.fcntl, "flock", the_other_ends_first)
+    starting = hold_fleet_lock(settings)
+    monkeypatch.undo()
+    try:
+        assert len(calls) == 2
+        assert os.fstat(starting.fd).st_ino == os.stat(starting.path).st_ino
+        with pytest.raises(AnotherController):
+            hold_fleet_lock(settings)
+    finally:
+        starting.release()
 
 
 def test_a_killed_controllers_lock_is_free_for_the_next(settings):
@@ -43,7 +74,7 @@ def test_a_killed_controllers_lock_is_free_for_the_next(settings):
     died = subprocess.run([sys.executable, "-c", script, settings.state_dir], cwd=ROOT, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert died.returncode == -9
-    os.close(hold_fleet_lock(settings))
+    hold_fleet_lock(settings).release()
 
 
 def test_controller_py_refuses_to_run_beside_another(settings, monkeypatch, capsys):
@@ -53,6 +84,6 @@ def test_controller_py_refuses_to_run_beside_another(settings, monkeypatch, caps
     try:
         assert main(["--once"]) == EXIT_ANOTHER_CONTROLLER
     finally:
-        os.close(running)
+        running.release()
     err = capsys.readouterr().err
     assert "another controller" in err and "Run exactly one" in err
