@@ -16,6 +16,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 
 def _in_range(name: str, value: float, low: float | None, high: float | None) -> None:
@@ -263,5 +264,22 @@ def fleet_name(prefix: str, endpoint_url: str | None, region: str) -> str:
     """`<prefix>-<12 hex digits>`, one per fleet: the prefix and the AWS it lives in.
     Names this machine's files for it, so that a fleet on the embedded AWS and one
     on AWS under the same prefix never read each other's."""
-    where = endpoint_url or f"aws:{region}"
+    where = _same_endpoint(endpoint_url) if endpoint_url else f"aws:{region}"
     return f"{prefix}-{hashlib.sha256(f'{where} {prefix}'.encode()).hexdigest()[:12]}"
+
+
+# Names of this machine's loopback: one embedded AWS, however its address is written.
+_LOOPBACK = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
+
+
+def _same_endpoint(url: str) -> str:
+    """`url` written one way for all the ways of writing one endpoint: any case, with
+    or without a trailing slash or a default port, localhost or 127.0.0.1."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(scheme, 0)
+    except ValueError:  # not a port: boto3 will say so; the text is all there is
+        return url
+    return f"{scheme}://{'127.0.0.1' if host in _LOOPBACK else host}:{port}{parts.path.rstrip('/')}"

@@ -22,6 +22,9 @@ from pathlib import Path
 
 from common.config import Settings
 
+# sysexits' EX_TEMPFAIL: it may start once the other has stopped.
+EXIT_ANOTHER_CONTROLLER = 75
+
 
 class AnotherController(Exception):
     """A controller for the same fleet is running on this machine."""

@@ -12,13 +12,10 @@ from common.aws import Aws
 from common.config import SCALING_MODES, Settings
 from common.heap import freeze_startup_heap
 from common.logs import configure as configure_logging
-from controller.lock import AnotherController, hold_fleet_lock
+from controller.lock import EXIT_ANOTHER_CONTROLLER, AnotherController, hold_fleet_lock
 from controller.loop import EXPECTED_ERRORS, TIMELINE_FIELDS, Controller
 
 log = logging.getLogger(__name__)
-
-# sysexits' EX_TEMPFAIL: it may start once the other has stopped.
-EXIT_ANOTHER_CONTROLLER = 75
 
 
 def build_parser(defaults: Settings) -> argparse.ArgumentParser:

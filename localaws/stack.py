@@ -29,6 +29,7 @@ from common.config import Settings
 from common.logs import configure as configure_logging
 from common.provision import provision
 from common.signals import on_signals
+from controller.lock import EXIT_ANOTHER_CONTROLLER
 from localaws.notify import NotifySocket, NotifySockets
 from localaws.runner import InstanceRunner
 from localaws.server import PortInUse, StartInterrupted, ensure_port_free, start_moto, wait_until_up
@@ -54,6 +55,10 @@ ABORT_GRACE_S = 5.0
 # OOM killer), which says nothing against the next start: it is always restarted.
 QUICK_EXIT_S = 10.0
 MAX_QUICK_EXITS = 3
+# A controller that finds another one running for this fleet (controller/lock.py)
+# cannot start yet, through nobody's fault here: it is tried again at this pace for
+# as long as the other runs, as systemd's Restart=always does on AWS.
+LOCK_RETRY_S = 5.0
 
 
 def local_model_weights(env: dict[str, str] | os._Environ) -> tuple[str, str]:
@@ -270,7 +275,12 @@ class Stack:
                 continue
             if child.name not in RESTARTED:
                 return f"{child.name} {how_it_ended(code)}"
-            if child.restart_at is None:
+            if child.restart_at is None and child.name == "controller" and code == EXIT_ANOTHER_CONTROLLER:
+                child.quick_exits = 0
+                child.restart_at = now + LOCK_RETRY_S
+                log.warning("controller: another controller runs for this fleet (named above); trying "
+                            "again in %.0f s, and so on for as long as that one runs", LOCK_RETRY_S)
+            elif child.restart_at is None:
                 # Its process group may outlive it (gunicorn's workers, still holding the port).
                 _kill_group(child.process.pid)
                 failed_at_start = code > 0 and now - child.started < QUICK_EXIT_S

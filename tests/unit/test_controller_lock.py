@@ -36,6 +36,21 @@ def test_a_second_lock_on_one_fleet_is_refused_naming_the_first(settings):
     hold_fleet_lock(settings).release()  # free again once the first lets go
 
 
+@pytest.mark.parametrize("written", ["http://127.0.0.1:5000/", "http://localhost:5000",
+                                     "HTTP://127.0.0.1:5000", " http://[::1]:5000 "])
+def test_one_endpoint_is_one_fleet_however_it_is_written(settings, written):
+    """Two controllers ran on one fleet, the second given the address with a trailing
+    slash, as localhost, or in capitals (explorer)."""
+    first = hold_fleet_lock(settings)
+    try:
+        with pytest.raises(AnotherController):
+            hold_fleet_lock(dataclasses.replace(settings, endpoint_url=written))
+    finally:
+        first.release()
+    other_port = dataclasses.replace(settings, endpoint_url="http://127.0.0.1:5001")
+    assert other_port.fleet_name != settings.fleet_name
+
+
 def test_a_lock_on_a_file_deleted_meanwhile_is_not_taken_for_the_fleets(settings, monkeypatch):
     """A controller ending deletes its lock file: one that opened it just before, and
     locks it just after, would hold a file nobody else can see (a third would make a

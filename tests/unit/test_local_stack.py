@@ -16,8 +16,10 @@ import psutil
 import pytest
 
 from common.config import Settings
+from controller.lock import EXIT_ANOTHER_CONTROLLER
 from localaws.server import PortInUse
 from localaws.stack import (
+    LOCK_RETRY_S,
     MAX_QUICK_EXITS,
     QUICK_EXIT_S,
     RESTART_DELAY_S,
@@ -175,6 +177,25 @@ def test_a_child_killed_again_and_again_at_start_is_still_restarted(tmp_path):
         child.process.kill()
         child.process.wait()
         stack.sockets.remove_folder()
+
+
+def test_a_controller_refused_for_another_one_running_is_retried_for_as_long(tmp_path, caplog):
+    """A controller started by hand took the lock while the stack's was restarting:
+    the stack's then exited 75 three times and the stack stopped everything (explorer)."""
+    stack = Stack(Settings(), tmp_path, warm_spares=0)
+    now = time.monotonic()
+    refused = [sys.executable, "-c", f"raise SystemExit({EXIT_ANOTHER_CONTROLLER})"]
+    child = Child("controller", refused, exited(code=EXIT_ANOTHER_CONTROLLER), started=now)
+    stack.children = [child]
+    with caplog.at_level("WARNING", logger="localaws.stack"):
+        for _ in range(MAX_QUICK_EXITS + 2):
+            assert stack.supervise(now=now) is None
+            assert child.restart_at == now + LOCK_RETRY_S
+            now = child.restart_at
+            assert stack.supervise(now=now) is None  # restarted ...
+            child.process.wait(timeout=30)  # ... and refused again
+    assert "another controller runs for this fleet" in caplog.text
+    stack.sockets.remove_folder()
 
 
 def test_moto_dying_stops_the_stack(tmp_path):
