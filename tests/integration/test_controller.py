@@ -116,7 +116,8 @@ def world(moto_url, tmp_path) -> World:
     prefix = f"c{uuid.uuid4().hex[:8]}"
     env = {k: v for k, v in os.environ.items() if k not in CONTROLLER_VARS}
     env.update(AWS_ENDPOINT_URL=moto_url, APP_PREFIX=prefix, AWS_ACCESS_KEY_ID="testing",
-               AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1", PYTHONUNBUFFERED="1")
+               AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1", PYTHONUNBUFFERED="1",
+               XDG_STATE_HOME=str(tmp_path / "state"))  # the lock of a controller killed at the end
     urls = provision(Settings.from_env(env))
     w = World(moto_url, prefix, env, None, None, urls["request"], tmp_path)
     w.sqs, w.ec2 = w.client("sqs"), w.client("ec2")

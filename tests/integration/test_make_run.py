@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_make_run_serves_and_ctrl_c_stops_everything_within_10s(tmp_path):
     web, aws = free_port(), free_port()
     env = dict(os.environ, WEB_PORT=str(web), LOCAL_AWS_PORT=str(aws), APP_PREFIX="makerun",
-               MODEL_WEIGHTS="random", TMPDIR=str(tmp_path))
+               MODEL_WEIGHTS="random", TMPDIR=str(tmp_path), XDG_STATE_HOME=str(tmp_path / "state"))
     env.pop("AWS_ENDPOINT_URL", None)
     make = subprocess.Popen(["make", "-s", "run"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
