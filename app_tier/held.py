@@ -71,10 +71,6 @@ class HeldMessages:
         with self._lock:
             return len(self._held)
 
-    def __contains__(self, job: Job) -> bool:
-        with self._lock:
-            return job.message_id in self._held
-
     def hold(self, jobs: list[Job]) -> None:
         """Start holding just-received messages: the heartbeat keeps them hidden from now."""
         with self._lock:
