@@ -261,10 +261,12 @@ def state_dir(env: Mapping[str, str]) -> str:
 
 
 def fleet_name(prefix: str, endpoint_url: str | None, region: str) -> str:
-    """`<prefix>-<12 hex digits>`, one per fleet: the prefix and the AWS it lives in.
+    """`<prefix>-<12 hex digits>`, one per fleet: the prefix and the AWS (endpoint and
+    region) it lives in.
     Names this machine's files for it, so that a fleet on the embedded AWS and one
     on AWS under the same prefix never read each other's."""
-    where = _same_endpoint(endpoint_url) if endpoint_url else f"aws:{region}"
+    # The region too: the embedded AWS, like AWS, keeps each region's queues apart.
+    where = f"{_same_endpoint(endpoint_url) if endpoint_url else 'aws'} {region}"
     return f"{prefix}-{hashlib.sha256(f'{where} {prefix}'.encode()).hexdigest()[:12]}"
 
 

@@ -73,6 +73,10 @@ def hold_fleet_lock(settings: Settings) -> FleetLock:
             pass
         # Locked a file that a controller ending meanwhile deleted: try the new one.
         os.close(fd)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        os.close(fd)
+        raise
     return FleetLock(path, fd)

@@ -74,7 +74,7 @@ class StackProcess:
         self.env["TMPDIR"] = str(self.tmp_dir)
         # The controller's lock with the run's files: a test stack killed at its end
         # would leave one in the user's state directory every time.
-        self.env.setdefault("XDG_STATE_HOME", str(self.run_dir / "state"))
+        self.env["XDG_STATE_HOME"] = str(self.run_dir / "state")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "localaws.stack", "--run-dir", str(self.run_dir),
              "--warm-spares", str(self.warm_spares)],

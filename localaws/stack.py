@@ -143,6 +143,7 @@ class Child:
     process: subprocess.Popen
     started: float  # time.monotonic()
     quick_exits: int = 0  # error exits in a row, each soon after its start
+    waiting_for_lock: bool = False  # a controller refused, another running for its fleet
     restart_at: float | None = None  # set while it waits to be restarted
     # systemd's watchdog, for a child that pings one (see WATCHED).
     notify: NotifySocket | None = None
@@ -276,11 +277,15 @@ class Stack:
             if child.name not in RESTARTED:
                 return f"{child.name} {how_it_ended(code)}"
             if child.restart_at is None and child.name == "controller" and code == EXIT_ANOTHER_CONTROLLER:
-                child.quick_exits = 0
+                # Said once, not at every retry (the controller's own line names the other).
+                if not child.waiting_for_lock:
+                    log.warning("controller: another controller runs for this fleet (named above); "
+                                "trying again every %.0f s for as long as that one runs", LOCK_RETRY_S)
+                child.waiting_for_lock = True
+                child.quick_exits = 0  # not a failed start
                 child.restart_at = now + LOCK_RETRY_S
-                log.warning("controller: another controller runs for this fleet (named above); trying "
-                            "again in %.0f s, and so on for as long as that one runs", LOCK_RETRY_S)
             elif child.restart_at is None:
+                child.waiting_for_lock = False
                 # Its process group may outlive it (gunicorn's workers, still holding the port).
                 _kill_group(child.process.pid)
                 failed_at_start = code > 0 and now - child.started < QUICK_EXIT_S

@@ -58,8 +58,9 @@ class Journal:
     """This process's journal file in `directory`; safe to call from any number of threads.
 
     A journal that cannot write (a full disk) says so in the log and goes on: the
-    upload matters more than its insurance, and nothing is lost unless the
-    process is also killed before the disk recovers.
+    upload matters more than its insurance. At risk meanwhile are only the
+    uploads whose line was not written and that are between their S3 put and
+    their SQS send when the process is killed.
     """
 
     def __init__(self, directory: Path, max_lines: int = MAX_LINES) -> None:
@@ -97,27 +98,40 @@ class Journal:
 
     def adopt_orphans(self) -> dict[str, str]:
         """Take over the requests of dead processes' journals: begun again in this
-        one, their files deleted. Returns them ({item id: request body})."""
+        one, their files deleted. Returns them ({item id: request body}).
+
+        A file that cannot be read, or copied here whole (a full disk), is left
+        for a later call: deleted, what this journal lacks of it would be lost
+        with this process."""
         adopted: dict[str, str] = {}
         for path in sorted(self.directory.glob(f"*{SUFFIX}")):
             if path == self._path:
                 continue
-            fd = _lock_if_dead(path)
-            if fd is None:
-                continue
             try:
-                with os.fdopen(os.dup(fd), "rb") as f:
-                    orphans = read_pending(f.read())
-                for item_id, body in orphans.items():
-                    self.begin(item_id, body)
-                adopted.update(orphans)
-                # Only once they are in this journal (killed in between, they are in
-                # both: sent twice at worst), and while still locked, so that no
-                # other starting process reads it too.
-                path.unlink(missing_ok=True)
-            finally:
-                os.close(fd)
+                adopted.update(self._adopt(path))
+            except OSError as exc:  # e.g. a file another user's web tier left
+                log.error("cannot take over the journal %s (%s); trying again later", path, exc)
         return adopted
+
+    def _adopt(self, path: Path) -> dict[str, str]:
+        fd = _lock_if_dead(path)
+        if fd is None:
+            return {}
+        try:
+            with os.fdopen(os.dup(fd), "rb") as f:
+                orphans = read_pending(f.read())
+            with self._lock:
+                copied = all(self._write(_line(_BEGIN, i, body)) for i, body in orphans.items())
+                if not copied:
+                    return {}
+                self._pending.update(orphans)
+            # Only once they are in this journal (killed in between, they are in
+            # both: sent twice at worst), and while still locked, so that no
+            # other starting process reads it too.
+            path.unlink(missing_ok=True)
+            return orphans
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         """Close the file and let go of its lock, keeping the file: what is pending in

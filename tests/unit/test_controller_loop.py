@@ -712,6 +712,7 @@ def test_once_without_credentials_says_so_in_one_line(capsys, monkeypatch, tmp_p
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # never reached: no credentials
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))  # its lock, not in the user's state directory
     assert main(["--once"]) == 1
     assert capsys.readouterr().err.strip() == "python controller.py: Unable to locate credentials"
 

@@ -269,3 +269,32 @@ def test_a_compaction_that_cannot_write_keeps_the_old_file(tmp_path, monkeypatch
     assert journal.path == first and first.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [first.name]
     assert set(read_pending(first.read_bytes())) == {"a", "b"}
+
+
+def test_a_journal_that_cannot_be_read_does_not_stop_the_others_being_taken(tmp_path):
+    """A directory named like a journal (or a file another user's web tier left)
+    made the whole call fail, after it had deleted the journals before it."""
+    dead = Journal(tmp_path)
+    dead.begin("a", request_body("a", "b/a/1.jpg"))
+    dead.close()
+    (tmp_path / "zzz-unreadable.journal").mkdir()
+    assert Journal(tmp_path).adopt_orphans() == {"a": request_body("a", "b/a/1.jpg")}
+    assert not dead.path.exists()
+
+
+def test_a_dead_journal_not_copied_whole_is_left_for_later(tmp_path):
+    dead = Journal(tmp_path)
+    dead.begin("a", request_body("a", "b/a/1.jpg"))
+    dead.close()
+    starting = Journal(tmp_path)
+    full = os.open("/dev/full", os.O_WRONLY)
+    saved = os.dup(starting._fd)
+    os.dup2(full, starting._fd)  # the disk is full
+    assert starting.adopt_orphans() == {}
+    assert dead.path.exists() and starting.pending() == {}
+    os.dup2(saved, starting._fd)  # it has room again
+    os.close(full)
+    os.close(saved)
+    assert starting.adopt_orphans() == {"a": request_body("a", "b/a/1.jpg")}
+    assert not dead.path.exists()
+    assert read_pending(starting.path.read_bytes()) == {"a": request_body("a", "b/a/1.jpg")}
