@@ -15,12 +15,12 @@ holds (a conditional write); README, Controller, says to run exactly one.
 
 from __future__ import annotations
 
-import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import Settings
+from common.file_lock import LockHeld, lock_file
 
 # sysexits' EX_TEMPFAIL: it may start once the other has stopped.
 EXIT_ANOTHER_CONTROLLER = 75
@@ -54,25 +54,16 @@ def hold_fleet_lock(settings: Settings) -> FleetLock:
     """
     path = lock_path(settings)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = None
+    while fd is None:  # None: a controller ending deleted the file meanwhile; try the new one
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
-            os.close(fd)
+            fd = lock_file(path, os.O_RDWR | os.O_CREAT)
+        except LockHeld:
             where = settings.endpoint_url or f"AWS {settings.region}"
             raise AnotherController(
-                f"another controller (pid {holder}) is running for the instances of prefix "
+                f"another controller (pid {_holder(path)}) is running for the instances of prefix "
                 f"{settings.prefix!r} on {where}: two would launch past the cap. Run exactly one; "
                 f"stop that one first (lock: {path})") from None
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        # Locked a file that a controller ending meanwhile deleted: try the new one.
-        os.close(fd)
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -80,3 +71,11 @@ def hold_fleet_lock(settings: Settings) -> FleetLock:
         os.close(fd)
         raise
     return FleetLock(path, fd)
+
+
+def _holder(path: Path) -> str:
+    """The pid the lock's holder wrote in it."""
+    try:
+        return path.read_text(encoding="ascii", errors="replace").strip() or "unknown"
+    except OSError:
+        return "unknown"

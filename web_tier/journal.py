@@ -26,6 +26,8 @@ import threading
 import uuid
 from pathlib import Path
 
+from common.file_lock import LockHeld, lock_file
+
 log = logging.getLogger(__name__)
 
 SUFFIX = ".journal"
@@ -201,16 +203,9 @@ class Journal:
 
 
 def _lock_if_dead(path: Path) -> int | None:
-    """`path` opened and locked if the process that wrote it is dead, else None."""
+    """`path` opened and locked if the process that wrote it is dead, else None
+    (alive, or another process took the file first)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:  # another starting process took it first
+        return lock_file(path, os.O_RDONLY)
+    except LockHeld:
         return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if os.stat(path).st_ino == os.fstat(fd).st_ino:
-            return fd
-    except (BlockingIOError, FileNotFoundError):
-        pass  # its process is alive, or another took and deleted it while this opened it
-    os.close(fd)
-    return None

@@ -55,12 +55,10 @@ def test_a_lock_on_a_file_deleted_meanwhile_is_not_taken_for_the_fleets(settings
     """A controller ending deletes its lock file: one that opened it just before, and
     locks it just after, would hold a file nobody else can see (a third would make a
     new one and lock that too). It must try again."""
-    import fcntl
-
-    from controller import lock as lock_module
+    from common import file_lock
 
     ending = hold_fleet_lock(settings)
-    real_flock = fcntl.flock
+    real_flock = file_lock.fcntl.flock
     calls = []
 
     def the_other_ends_first(fd, operation):
@@ -69,7 +67,7 @@ def test_a_lock_on_a_file_deleted_meanwhile_is_not_taken_for_the_fleets(settings
             ending.release()  # between this one's open and its lock
         return real_flock(fd, operation)
 
-    monkeypatch.setattr(lock_module.fcntl, "flock", the_other_ends_first)
+    monkeypatch.setattr(file_lock.fcntl, "flock", the_other_ends_first)
     starting = hold_fleet_lock(settings)
     monkeypatch.undo()
     try:
