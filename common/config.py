@@ -191,9 +191,10 @@ class Settings:
         endpoint_url = env.get("AWS_ENDPOINT_URL") or None
         cooldown = cls.scale_in_cooldown_s if endpoint_url else AWS_SCALE_IN_COOLDOWN_S
         prefix = _str(env, "APP_PREFIX", cls.prefix)
+        region = region_from_env(env)
         state = state_dir(env)
         return cls(
-            region=region_from_env(env),
+            region=region,
             endpoint_url=endpoint_url,
             prefix=prefix,
             max_instances=_int(env, "MAX_INSTANCES", cls.max_instances, low=0),
@@ -237,7 +238,7 @@ class Settings:
             api_key=env.get("API_KEY", "").strip(),
             state_dir=state,
             web_journal_dir=_str(env, "WEB_JOURNAL_DIR", os.path.join(
-                state, f"{fleet_name(prefix, endpoint_url, region_from_env(env))}-web-journal")),
+                state, f"{fleet_name(prefix, endpoint_url, region)}-web-journal")),
             local_aws_host=_str(env, "LOCAL_AWS_HOST", cls.local_aws_host),
             local_aws_port=_int(env, "LOCAL_AWS_PORT", cls.local_aws_port, low=0, high=65535),
             local_boot_delay_s=_float(env, "LOCAL_BOOT_DELAY", cls.local_boot_delay_s, low=0),
