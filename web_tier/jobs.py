@@ -15,7 +15,7 @@ from common.names import object_key
 from web_tier.journal import Journal
 from web_tier.results import Item, ResultBook
 from web_tier.sender import BatchingSender
-from web_tier.storage import object_exists, put_input
+from web_tier.storage import head, put_input
 from web_tier.uploads import Upload, UploadError
 
 log = logging.getLogger(__name__)
@@ -136,9 +136,9 @@ class Submitter:
 
     def _requeue(self, body: str) -> bool:
         request = ClassifyRequest.from_json(body)
-        if not object_exists(self.aws, request.bucket, request.key):
+        if head(self.aws, request.bucket, request.key) is None:
             return False  # never stored: its upload was answered with an error, or not at all
-        if object_exists(self.aws, self.aws.settings.output_bucket, request.key):
+        if head(self.aws, self.aws.settings.output_bucket, request.key) is not None:
             return False  # sent before the kill, and answered
         self.requests.send(body)
         log.info("queued %s, stored with no request sent", request.key)

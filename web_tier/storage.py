@@ -58,14 +58,14 @@ def put_input(aws: Aws, key: str, data: bytes, content_type: str, *, filename: s
     )
 
 
-def object_exists(aws: Aws, bucket: str, key: str) -> bool:
+def head(aws: Aws, bucket: str, key: str) -> dict[str, Any] | None:
+    """S3's HEAD answer for the object (its metadata among it), or None if there is none."""
     try:
-        aws.s3.head_object(Bucket=bucket, Key=key)
+        return aws.s3.head_object(Bucket=bucket, Key=key)
     except ClientError as exc:
         if is_not_found(exc):
-            return False
+            return None
         raise
-    return True
 
 
 def tag_failed(aws: Aws, key: str, reason: str) -> None:
@@ -82,13 +82,10 @@ def read_output(aws: Aws, key: str) -> dict[str, Any] | None:
     MODEL_WEIGHTS=random it is flagged untrained, never passed off as trained.
     """
     configured_untrained = aws.settings.model_weights == "random"
-    try:
-        head = aws.s3.head_object(Bucket=aws.settings.output_bucket, Key=key)
-    except ClientError as exc:
-        if is_not_found(exc):
-            return None
-        raise
-    result = read_result_metadata(head.get("Metadata", {}), configured_untrained)
+    stored = head(aws, aws.settings.output_bucket, key)
+    if stored is None:
+        return None
+    result = read_result_metadata(stored.get("Metadata", {}), configured_untrained)
     if result is not None:
         return result
     # No usable metadata: the body `<name>,<label>` still holds the label.
