@@ -19,8 +19,6 @@ from dataclasses import dataclass
 
 from common.aws import SQS_MAX_BATCH
 
-MAX_BATCH = SQS_MAX_BATCH
-
 
 class SendError(Exception):
     """SQS did not accept a message."""
@@ -54,7 +52,7 @@ class BatchingSender:
                     continue
                 # Nobody is sending: this caller sends the oldest waiting messages,
                 # its own among them or ahead of it, and loops until its own is out.
-                batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
+                batch, self._waiting = self._waiting[:SQS_MAX_BATCH], self._waiting[SQS_MAX_BATCH:]
                 self._sending = True
                 self._cond.release()
                 try:

@@ -6,8 +6,9 @@ import threading
 
 import pytest
 
+from common.aws import SQS_MAX_BATCH
 from tests.unit.conftest import wait_until
-from web_tier.sender import MAX_BATCH, BatchingSender, SendError
+from web_tier.sender import BatchingSender, SendError
 
 
 def _queued(aws) -> list[str]:
@@ -72,7 +73,7 @@ def test_messages_arriving_during_a_send_go_out_together(web_aws):
     for t in first + rest:
         t.join(10)
     assert not errors
-    assert sizes == [1, MAX_BATCH, MAX_BATCH, 9]
+    assert sizes == [1, SQS_MAX_BATCH, SQS_MAX_BATCH, 9]
     assert _queued(web_aws) == ["m00", *bodies]
 
 
