@@ -9,6 +9,7 @@ import time
 import boto3
 import psutil
 import pytest
+import requests
 
 from localaws.harness import StackProcess
 
@@ -67,6 +68,15 @@ def wait_for(predicate, timeout_s: float, what: str, interval: float = 0.2):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def answers(url: str) -> bool:
+    """Whether a GET of `url` is answered 200 now: a web tier starting may refuse the
+    connection, or be too busy to answer within 5 s (a wait_for predicate)."""
+    try:
+        return requests.get(url, timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
 
 
 SERVES = re.compile(r"runner: worker pid (\d+) serves (i-\w+)")

@@ -14,6 +14,7 @@ import requests
 from common.fleet import WORKER_READY_TAG
 from tests.conftest import make_image
 from tests.integration.conftest import (
+    answers,
     clients,
     live_instances,
     queue_counts,
@@ -222,9 +223,9 @@ def test_a_web_tier_told_to_stop_answers_its_waiting_requests_at_once(stack, tmp
                                start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: _answers(f"{url}/healthz"), 60, "the second web tier")
-        answers: list[requests.Response] = []
-        waiting = threading.Thread(target=lambda: answers.append(requests.post(
+        wait_for(lambda: answers(f"{url}/healthz"), 60, "the second web tier")
+        replies: list[requests.Response] = []
+        waiting = threading.Thread(target=lambda: replies.append(requests.post(
             f"{url}/", files={"inputFile": ("waits.jpg", make_image(60))}, timeout=30)))
         waiting.start()
         _, sqs, _ = clients(stack)
@@ -237,17 +238,10 @@ def test_a_web_tier_told_to_stop_answers_its_waiting_requests_at_once(stack, tmp
         if web.poll() is None:
             os.killpg(web.pid, signal.SIGKILL)
         web.wait(timeout=30)
-    assert answers, (tmp_path / "web.log").read_text()
-    reply = answers[0]
+    assert replies, (tmp_path / "web.log").read_text()
+    reply = replies[0]
     assert reply.status_code == 503, reply.text
     assert took < 3, took
     assert reply.text.startswith("waits.jpg: the web tier is stopping; the image is still queued")
     assert "Retry-After" not in reply.headers  # stored and queued: sent again, classified twice
     assert f"/api/jobs/{reply.headers['X-Batch-Id']}" in reply.text and reply.headers["X-Item-Id"]
-
-
-def _answers(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=5).status_code == 200
-    except requests.RequestException:
-        return False

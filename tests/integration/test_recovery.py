@@ -9,6 +9,7 @@ import requests
 
 from tests.conftest import make_image
 from tests.integration.conftest import (
+    answers,
     clients,
     live_instances,
     processes,
@@ -36,7 +37,7 @@ def test_web_tier_process_killed_mid_batch_loses_nothing(stack, reference_model)
     old_worker = master.children()[0]
     old_worker.kill()
     wait_for(lambda: [c for c in master.children() if c.pid != old_worker.pid], 30, "a new web worker")
-    wait_for(lambda: requests.get(f"{stack.web_url}/healthz", timeout=5).status_code == 200, 30, "healthz")
+    wait_for(lambda: answers(f"{stack.web_url}/healthz"), 30, "healthz")
 
     def finished():
         items = batch_states(stack, batch_id)
@@ -74,7 +75,7 @@ def test_web_tier_killed_mid_upload_queues_every_image_it_stored(stack, referenc
     old_worker.kill()
     uploading.join(timeout=60)
     wait_for(lambda: [c for c in master.children() if c.pid != old_worker.pid], 30, "a new web worker")
-    wait_for(lambda: requests.get(f"{stack.web_url}/healthz", timeout=5).status_code == 200, 30, "healthz")
+    wait_for(lambda: answers(f"{stack.web_url}/healthz"), 30, "healthz")
     # Listed only now: a put under way at the kill may have been stored after it.
     keys = stored_keys()
     assert len(keys) < len(images), "the kill came after the upload: nothing tested"
