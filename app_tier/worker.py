@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
 from app_tier import EXIT_STALLED, images
 from app_tier.held import AWS_ERRORS, HeldMessages, Job
@@ -289,6 +289,10 @@ class Worker:
             else:
                 log.warning("cannot read %s: %s", job.request.key, exc)
             return
+        except ParamValidationError as exc:
+            # A bucket name boto3 refuses to send: no later attempt can do better.
+            job.error = f"the request names no object S3 can read: {exc}"
+            return
         except BotoCoreError as exc:
             log.warning("cannot read %s: %s", job.request.key, exc)
             return
@@ -394,7 +398,7 @@ class Worker:
             try:
                 self.aws.s3.put_object_tagging(Bucket=req.bucket, Key=req.key,
                                                Tagging=failure_tagging(response.error or ""))
-            except ClientError as exc:
+            except (ClientError, ParamValidationError) as exc:  # not an outage: retrying would not help
                 log.warning("could not tag failed input %s: %s", req.key, exc)
 
     def _reply(self, responses: list[ClassifyResponse]) -> None:

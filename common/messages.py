@@ -45,6 +45,18 @@ class MessageError(ValueError):
 _NOT_A_MESSAGE = (ValueError, KeyError, TypeError, RecursionError)
 
 
+def _name(data: dict, field_name: str) -> str:
+    """A field that names something (an id, a bucket, a key): a string, not empty.
+
+    Turned into text with str(), a list id or an empty key made a request that
+    S3 refused before sending it, over and over, and a dead letter that the web
+    tier could never settle."""
+    value = data[field_name]
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{field_name} must be a non-empty string, not {value!r:.40}")
+    return value
+
+
 @dataclass(frozen=True)
 class ClassifyRequest:
     id: str
@@ -63,11 +75,13 @@ class ClassifyRequest:
     def from_json(cls, body: str) -> ClassifyRequest:
         try:
             data = json.loads(body)
+            if not isinstance(data["filename"], str):
+                raise TypeError("filename must be a string")
             return cls(
-                id=str(data["id"]),
-                bucket=str(data["bucket"]),
-                key=str(data["key"]),
-                filename=str(data["filename"]),
+                id=_name(data, "id"),
+                bucket=_name(data, "bucket"),
+                key=_name(data, "key"),
+                filename=data["filename"],
                 sent_at=float(data["sent_at"]),
             )
         except _NOT_A_MESSAGE as exc:
@@ -121,7 +135,7 @@ class ClassifyResponse:
         try:
             data = json.loads(body)
             return cls(
-                id=str(data["id"]),
+                id=_name(data, "id"),
                 filename=str(data["filename"]),
                 key=str(data.get("key", "")),
                 worker=str(data.get("worker", "")),

@@ -167,6 +167,24 @@ def test_foreign_messages_are_refused(body):
         ClassifyResponse.from_json(body)
 
 
+@pytest.mark.parametrize("change", [{"key": ""}, {"bucket": ""}, {"id": ["x5"]}, {"id": 5},
+                                    {"filename": None}])
+def test_requests_that_name_nothing_are_refused(change):
+    """Seen by an explorer: a dead letter with an empty key made the web tier log a
+    traceback every 30 s for ever (S3's client refuses an empty key before sending)."""
+    body = json.loads(ClassifyRequest(id="x", bucket="b", key="k", filename="f.jpg").to_json())
+    ClassifyRequest.from_json(json.dumps(body))  # as sent, it is a request
+    with pytest.raises(MessageError):
+        ClassifyRequest.from_json(json.dumps({**body, **change}))
+
+
+def test_responses_need_a_text_id():
+    body = json.loads(ClassifyResponse(id="x", filename="f", key="k", worker="w", untrained=True,
+                                       error="e").to_json())
+    with pytest.raises(MessageError):
+        ClassifyResponse.from_json(json.dumps({**body, "id": ["x"]}))
+
+
 def test_settings_from_env():
     s = Settings.from_env({"APP_PREFIX": "demo", "MAX_INSTANCES": "3", "AWS_REGION": "eu-west-1",
                            "SECURITY_GROUP_IDS": "sg-1, sg-2,", "API_KEY": "s3cret",

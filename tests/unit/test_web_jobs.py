@@ -191,6 +191,15 @@ def test_a_dead_letter_for_a_deleted_object_is_done_with(web_app, web_aws):
     wait_until(lambda: dead_letters_left(web_aws) == 0)
 
 
+def test_a_dead_letter_that_names_no_object_is_dropped_not_retried_for_ever(web_app, web_aws):
+    """An explorer's hand-made request with an empty key: S3's client refused it before
+    sending, and the web tier logged a traceback every 30 s while it stayed queued."""
+    body = {"id": "x5", "bucket": web_aws.settings.input_bucket, "key": "", "filename": "", "sent_at": 0}
+    web_aws.sqs.send_message(QueueUrl=web_aws.dead_letter_queue_url, MessageBody=json.dumps(body))
+    web_app.test_client()  # the listeners run from here on
+    wait_until(lambda: dead_letters_left(web_aws) == 0)
+
+
 def test_a_dead_letter_whose_result_was_stored_but_never_sent_is_answered_with_it(web_app, web_aws):
     """A worker writes the result, then replies: one killed in between, on the last
     attempt, leaves a result in S3 that no response carries. The item must not

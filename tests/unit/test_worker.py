@@ -738,7 +738,11 @@ def test_an_image_s3_cannot_serve_is_tried_again_later_not_at_once(aws_env, monk
 def test_a_message_that_is_not_a_request_is_dropped_and_its_batch_mates_served(aws_env):
     settings, aws = aws_env
     upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
-    for body in ("not json", "[" * 1000):  # the second exhausts json's recursion
+    request = {"id": "x", "bucket": settings.input_bucket, "key": "k", "filename": "", "sent_at": 0}
+    empty_key = json.dumps({**request, "key": ""})
+    list_id = json.dumps({**request, "id": ["x"]})
+    # The second exhausts json's recursion; the last two S3 would refuse to read, for ever.
+    for body in ("not json", "[" * 1000, empty_key, list_id):
         aws.sqs.send_message(QueueUrl=aws.request_queue_url, MessageBody=body)
     worker = Worker(settings, aws, MeanClassifier(), "i-foreign")
     batch = worker.fetch()
@@ -746,6 +750,21 @@ def test_a_message_that_is_not_a_request_is_dropped_and_its_batch_mates_served(a
     worker.process(batch)
     assert list(responses(aws)) == ["a"]
     assert depth(aws, aws.request_queue_url) == (0, 0)  # the foreign ones deleted, not stranded
+
+
+def test_a_bucket_name_s3_cannot_take_fails_the_image_at_once(aws_env):
+    """boto3 refuses such a name before sending anything (ParamValidationError): taken
+    for an outage, it was tried MAX_RECEIVE_COUNT times, holding an instance up."""
+    settings, aws = aws_env
+    request = ClassifyRequest(id="b", bucket="not a bucket!", key="b/1/b.jpg", filename="b.jpg")
+    aws.sqs.send_message(QueueUrl=aws.request_queue_url, MessageBody=request.to_json())
+    worker = Worker(settings, aws, MeanClassifier(), "i-bad-bucket")
+    batch = worker.fetch()
+    assert [j.request.id for j in batch.jobs] == ["b"]
+    worker.process(batch)
+    answer = responses(aws)["b"]
+    assert not answer.ok and "names no object S3 can read" in answer.error
+    assert depth(aws, aws.request_queue_url) == (0, 0)
 
 
 def record_exits(worker: Worker) -> list[int]:
