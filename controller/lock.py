@@ -9,8 +9,10 @@ lock is a file under the state directory, locked with flock: the kernel drops
 it when its process dies, however it dies, so a controller restarted after a
 kill is never shut out by its own past.
 
-It guards one machine only. Controllers on two machines need a lease that AWS
-holds (a conditional write); README, Controller, says to run exactly one.
+It guards one state directory on one machine: a controller run by another user,
+or with another XDG_STATE_HOME, takes another lock. Controllers on two machines
+need a lease that AWS holds (a conditional write); README, Controller, says to
+run exactly one.
 """
 
 from __future__ import annotations
