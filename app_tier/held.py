@@ -51,6 +51,8 @@ class Job:
     receive_count: int = 1
     pixels: np.ndarray | None = None
     error: str | None = None
+    # The name as uploaded, read from the input object: the request carries it cut.
+    filename: str | None = None
 
 
 class HeldMessages:

@@ -50,7 +50,7 @@ from common.aws import Aws, error_code, sqs_batches
 from common.config import Settings
 from common.failure_tags import failure_tagging
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
-from common.names import stored_name
+from common.names import original_filename, stored_name
 from common.output_object import pair_text, result_metadata
 from common.signals import on_signals
 
@@ -283,6 +283,7 @@ class Worker:
         try:
             obj = self.aws.s3.get_object(Bucket=job.request.bucket, Key=job.request.key)
             data = obj["Body"].read()
+            job.filename = original_filename(obj.get("Metadata", {}))
         except ClientError as exc:
             if error_code(exc) in ("NoSuchKey", "404", "NoSuchBucket"):
                 job.error = "the uploaded image is missing from the input bucket"
@@ -389,7 +390,7 @@ class Worker:
             self.aws.s3.put_object(
                 Bucket=self.settings.output_bucket,
                 Key=req.key,
-                Body=pair_text(req.filename or stored_name(req.key), response.label).encode(),
+                Body=pair_text(job.filename or req.filename or stored_name(req.key), response.label).encode(),
                 ContentType="text/plain",
                 Metadata=result_metadata(response),
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from urllib.parse import quote, unquote
 
 APP_TIER_NAME_PREFIX = "app-tier-instance-"
 # Tags every app-tier instance also carries, so that a query never confuses ours
@@ -11,6 +12,15 @@ APP_TIER_NAME_PREFIX = "app-tier-instance-"
 ROLE_TAG = "imgclass:role"
 ROLE_APP_TIER = "app-tier"
 PREFIX_TAG = "imgclass:prefix"
+
+# The name as uploaded, in the input object's metadata (percent-encoded: S3 metadata
+# is ASCII). A request message carries it cut to 160 bytes to fit SQS's 1 KB; the
+# worker takes it whole from here for the output object. S3 allows 2 KB of user
+# metadata per object, names and values together; the other fields take ~100 bytes.
+# A non-ASCII character takes 6 to 12 encoded, so every ASCII name the web tier keeps,
+# and names of up to ~300 such characters, fit whole.
+ORIGINAL_FILENAME_META = "original-filename"
+MAX_META_FILENAME = 1800
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_SAFE_NAME = 100
@@ -73,3 +83,32 @@ def stem(filename: str) -> str:
     folder, name = filename[:cut], filename[cut:]
     head, dot, _ = name.rpartition(".")
     return folder + head if dot and head.strip(".") else filename
+
+
+def encode_filename(original: str) -> str:
+    """`original` percent-encoded for S3 metadata; one too long is cut before its
+    extension, so that the output object still names an image file."""
+    encoded = quote(original, safe="")
+    if len(encoded) <= MAX_META_FILENAME:
+        return encoded
+    head, dot, extension = original.rpartition(".")
+    kept = dot + extension if head and len(extension) <= 16 else ""
+    room = MAX_META_FILENAME - len(quote(kept, safe=""))
+    body = []
+    for char in original[:len(original) - len(kept)]:  # whole characters: never half of one
+        encoded_char = quote(char, safe="")
+        if len(encoded_char) > room:
+            break
+        body.append(encoded_char)
+        room -= len(encoded_char)
+    return "".join(body) + quote(kept, safe="")
+
+
+def decode_filename(encoded: str) -> str:
+    return unquote(encoded, errors="replace")
+
+
+def original_filename(metadata: dict[str, str]) -> str | None:
+    """The name as uploaded, from an input object's metadata; None when it has none."""
+    encoded = metadata.get(ORIGINAL_FILENAME_META)
+    return decode_filename(encoded) if encoded else None

@@ -1,42 +1,22 @@
-"""What the web tier reads and writes in S3, and how names travel in metadata.
+"""What the web tier reads and writes in S3.
 
-S3 user metadata must be ASCII, so the original file name is stored
-percent-encoded. A failed item is marked with object tags on its input object
+The original file name travels in the input object's metadata (common/names.py).
+A failed item is marked with object tags on its input object
 (`status=failed`, `error=<reason>`), which workers write too.
 """
 
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import quote, unquote
 
 from botocore.exceptions import ClientError
 
 from common.aws import Aws, error_code
 from common.failure_tags import failure_from_tags, failure_tagging
+from common.names import ORIGINAL_FILENAME_META, encode_filename, original_filename
 from common.output_object import label_of, read_result_metadata
 
-# S3 allows 2 KB of user metadata per object, names and values together; the other
-# fields take ~100 bytes. Percent-encoded, a non-ASCII character takes 6 to 12, so
-# names of up to ~300 such characters (every ASCII name the web tier keeps) survive
-# whole into a batch rebuilt from S3.
-MAX_META_FILENAME = 1800
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
-
-
-def encode_filename(original: str) -> str:
-    encoded = quote(original, safe="")
-    if len(encoded) > MAX_META_FILENAME:
-        encoded = encoded[:MAX_META_FILENAME]
-        # Never end inside a %XX escape.
-        cut = encoded.rfind("%", len(encoded) - 2)
-        if cut != -1:
-            encoded = encoded[:cut]
-    return encoded
-
-
-def decode_filename(encoded: str) -> str:
-    return unquote(encoded, errors="replace")
 
 
 def is_not_found(exc: ClientError) -> bool:
@@ -51,7 +31,7 @@ def put_input(aws: Aws, key: str, data: bytes, content_type: str, *, filename: s
         Body=data,
         ContentType=content_type,
         Metadata={
-            "original-filename": encode_filename(filename),
+            ORIGINAL_FILENAME_META: encode_filename(filename),
             "batch-id": batch_id,
             "item-id": item_id,
         },
@@ -101,5 +81,4 @@ def read_failure(aws: Aws, key: str) -> str | None:
 
 def read_filename(aws: Aws, key: str) -> str | None:
     head = aws.s3.head_object(Bucket=aws.settings.input_bucket, Key=key)
-    encoded = head.get("Metadata", {}).get("original-filename")
-    return decode_filename(encoded) if encoded else None
+    return original_filename(head.get("Metadata", {}))

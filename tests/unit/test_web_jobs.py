@@ -433,7 +433,8 @@ def test_an_event_stream_ends_after_its_time_limit(make_web_app):
 
 
 def test_long_names_survive_in_s3_metadata_within_its_2kb(web_aws):
-    from web_tier.storage import decode_filename, put_input, read_filename
+    from common.names import decode_filename
+    from web_tier.storage import put_input, read_filename
     from web_tier.uploads import MAX_FILENAME_CHARS
 
     whole = ("\u00e9" * 299 + ".jpg", "x" * (MAX_FILENAME_CHARS - 4) + ".png")  # was cut at 166 and 1000
@@ -446,6 +447,16 @@ def test_long_names_survive_in_s3_metadata_within_its_2kb(web_aws):
         assert name.startswith(kept) and decode_filename(meta["original-filename"]) == kept
         if name in whole:
             assert kept == name
+
+
+def test_a_name_too_long_for_s3_metadata_keeps_its_extension_and_whole_characters():
+    from common.names import MAX_META_FILENAME, decode_filename, encode_filename
+
+    name = "\U0001f600" * 600 + ".jpeg"  # 12 encoded characters each
+    encoded = encode_filename(name)
+    kept = decode_filename(encoded)
+    assert len(encoded) <= MAX_META_FILENAME
+    assert kept.endswith("\U0001f600.jpeg") and "\ufffd" not in kept and len(kept) < len(name)
 
 
 def test_a_stop_during_a_large_upload_stores_no_more_and_answers_at_once(make_web_app, web_aws):

@@ -767,6 +767,24 @@ def test_a_bucket_name_s3_cannot_take_fails_the_image_at_once(aws_env):
     assert depth(aws, aws.request_queue_url) == (0, 0)
 
 
+def test_the_output_names_the_image_as_uploaded_not_as_the_request_cut_it(aws_env):
+    """A request carries the file name cut to 160 bytes (SQS's 1 KB): an explorer's
+    304-character name came out as 160 "a"s and no ".jpg". The input object's
+    metadata holds it whole."""
+    from web_tier.storage import put_input
+
+    settings, aws = aws_env
+    name = "a" * 300 + ".jpg"
+    request = upload(settings, aws, name, make_image(3, size=(64, 64)), "long")
+    assert len(request.to_json()) < 1024 and name not in request.to_json()
+    put_input(aws, request.key, make_image(3, size=(64, 64)), "image/jpeg", filename=name,
+              batch_id="b" * 32, item_id="long")
+    worker = Worker(settings, aws, MeanClassifier(), "i-long-name")
+    worker.process(worker.fetch())
+    body = aws.s3.get_object(Bucket=settings.output_bucket, Key=request.key)["Body"].read().decode()
+    assert body.startswith(name + ",") and label_of(body) == responses(aws)["long"].label
+
+
 def record_exits(worker: Worker) -> list[int]:
     """The worker's exit statuses, recorded instead of ending the test process."""
     exits: list[int] = []
