@@ -311,3 +311,38 @@ def test_an_unknown_batch_in_the_address_is_said_and_dropped(stack, browser):
         time.sleep(0.05)
     assert summary.text == f"batch {unknown} could not be loaded (unknown here, or expired)"
     assert "#batches=" not in browser.current_url
+
+
+# Counts the files of each POST /api/jobs, then sends it on.
+COUNT_FILES_PER_POST = """
+const realFetch = window.fetch;
+window.filesPerPost = [];
+window.fetch = async (url, options) => {
+  if (url === "/api/jobs") window.filesPerPost.push(options.body.getAll("files").length);
+  return realFetch(url, options);
+};
+"""
+
+
+def test_the_page_sends_no_more_files_at_once_than_the_server_takes_and_shows_its_names(
+        stack, browser, tmp_path):
+    """An explorer's page with MAX_FILES_PER_REQUEST=5 failed every file: it always sent
+    20 at once. And a name the server cleans (a bidi control taken out) was shown as
+    chosen until a reload, though the output bucket holds the cleaned one."""
+    from selenium.webdriver.common.by import By
+
+    paths = []
+    for i in range(7):
+        name = f"chunk_{i}.jpg" if i else "photo\u202egpj.exe.jpg"
+        (tmp_path / name).write_bytes(make_image(700 + i))
+        paths.append(str(tmp_path / name))
+    browser.get(stack.web_url + "/")
+    assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-files-per-request") == "1000"
+    # As if the server took 3 files a request (the page reads the limit when it uploads).
+    browser.execute_script("document.body.dataset.filesPerRequest = '3';" + COUNT_FILES_PER_POST)
+    browser.find_element(By.ID, "file-input").send_keys("\n".join(paths))
+
+    shown = finished_rows(browser, stack, 7, timeout_s=180)
+    assert sorted(browser.execute_script("return window.filesPerPost")) == [1, 3, 3]
+    assert set(shown) == {f"chunk_{i}.jpg" for i in range(1, 7)} | {"photogpj.exe.jpg"}
+    assert all(row.get_attribute("data-state") == "done" for row in shown.values())

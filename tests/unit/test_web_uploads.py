@@ -395,6 +395,22 @@ def test_page_inserts_user_text_only_as_text(web_client):
     assert "default-src 'self'" in page.headers["Content-Security-Policy"]
 
 
+def test_page_tells_its_script_and_its_user_the_server_limits(web_client):
+    """The script sends at most this many files a request (an explorer's page sent 20
+    to a server taking 5); the hint read "up to 0.0190735 MB each" for 20,000 bytes."""
+    page = web_client.get("/").text
+    assert 'data-files-per-request="25"' in page
+    assert "up to 293 KB each" in page  # web_settings: 300,000 bytes
+
+
+@pytest.mark.parametrize(("size", "shown"), [(10 * 1024**2, "10 MB"), (20_000, "19.5 KB"),
+                                             (500, "500 bytes"), (1536 * 1024**2, "1536 MB")])
+def test_readable_size(size, shown):
+    from web_tier.pages import readable_size
+
+    assert readable_size(size) == shown
+
+
 # --- API key ---------------------------------------------------------------------------
 
 @pytest.fixture

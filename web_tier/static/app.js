@@ -3,7 +3,6 @@
 "use strict";
 
 (() => {
-  const CHUNK_FILES = 20;      // files per POST /api/jobs
   const PARALLEL_CHUNKS = 3;   // chunks in flight at once
   const POLL_MS = 2000;        // fallback polling when EventSource fails
   const STATUS_MS = 2000;
@@ -41,15 +40,26 @@
     try { localStorage.setItem(KEY_STORE, keyInput.value.trim()); } catch { /* private mode */ }
   });
 
+  // Files per POST /api/jobs: 20, or fewer if the server takes fewer (MAX_FILES_PER_REQUEST).
+  function chunkFiles() {
+    return Math.max(1, Math.min(20, Number(document.body.dataset.filesPerRequest) || 20));
+  }
+
   // --- result elements ---------------------------------------------------------
   function makeResult(name, after = null) {
     const el = template.content.firstElementChild.cloneNode(true);
-    el.dataset.filename = name;
-    el.querySelector(".name").textContent = name;
+    setName(el, name);
     setState(el, "uploading");
     if (after) after.after(el);
     else resultsEl.append(el);
     return el;
+  }
+
+  // The name as the server keeps it once it has one (control and bidi characters
+  // taken out), so that the page shows what a reload and the output bucket show.
+  function setName(el, name) {
+    el.dataset.filename = name;
+    el.querySelector(".name").textContent = name;
   }
 
   function setState(el, state) {
@@ -126,8 +136,9 @@
 
     async run() {
       const chunks = [];
-      for (let i = 0; i < this.entries.length; i += CHUNK_FILES) {
-        chunks.push(this.entries.slice(i, i + CHUNK_FILES));
+      const size = chunkFiles();
+      for (let i = 0; i < this.entries.length; i += size) {
+        chunks.push(this.entries.slice(i, i + size));
       }
       // Until a batch exists, chunks go one at a time; the rest then join it in parallel.
       while (chunks.length && !this.batchId) await this.send(chunks.shift());
@@ -187,6 +198,7 @@
         const entry = chunk[item.index];
         if (!entry) continue;
         entry.id = item.id;
+        if (item.filename) setName(entry.el, item.filename);
         this.byId.set(item.id, entry.el);
         setState(entry.el, "queued");
         if (this.early.has(item.id)) showItem(entry.el, this.early.get(item.id));
