@@ -19,7 +19,7 @@ from web_tier.jobs import UPLOAD_THREADS
 from web_tier.journal import Journal
 from web_tier.listeners import Listeners
 from web_tier.results import ResultBook
-from web_tier.services import EXTENSION, Services
+from web_tier.services import EXTENSION, Services, services
 from web_tier.uploads import FORM_SLACK_BYTES
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None, *, aws: Aws | None = None,
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
     app.after_request(_security_headers)
+    app.after_request(_untrained_header)
     return app
 
 
@@ -112,4 +113,12 @@ def _security_headers(response: Response) -> Response:
         "Content-Security-Policy", "default-src 'self'; img-src 'self' blob: data:; object-src 'none'"
     )
     response.headers.setdefault("Referrer-Policy", "no-referrer")
+    return response
+
+
+def _untrained_header(response: Response) -> Response:
+    """While the workers' model is untrained, every answer says so (README), refusals
+    and timeouts too, not only those that carry a label (which set it themselves)."""
+    if "X-Model-Untrained" not in response.headers and services().book.untrained:
+        response.headers["X-Model-Untrained"] = "true"
     return response

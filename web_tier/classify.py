@@ -76,6 +76,6 @@ def classify() -> Response:
     # Where the item's score, top 5 and worker are: GET /api/jobs/<X-Batch-Id>.
     response.headers["X-Item-Id"] = item.id
     response.headers["X-Batch-Id"] = batch_id
-    if item.untrained:
-        response.headers["X-Model-Untrained"] = "true"
+    # This answer's own model, which may differ from the book's latest during a rollout.
+    response.headers["X-Model-Untrained"] = "true" if item.untrained else "false"
     return response

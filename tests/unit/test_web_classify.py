@@ -24,7 +24,7 @@ def test_round_trip_returns_stem_and_label(web_client, fake_worker):
     assert response.status_code == 200, response.text
     assert response.mimetype == "text/plain"
     assert response.text.strip() == f"test_00:{answer_for(data)[0]}"
-    assert "X-Model-Untrained" not in response.headers
+    assert response.headers["X-Model-Untrained"] == "false"
 
 
 def test_myfile_field_is_accepted(web_client, fake_worker):
@@ -67,6 +67,20 @@ def test_untrained_answer_is_flagged(web_client, fake_worker):
     response = post_image(web_client, make_image(3), "a.jpg")
     assert response.status_code == 200
     assert response.headers["X-Model-Untrained"] == "true"
+
+
+def test_every_answer_says_the_model_is_untrained_refusals_too(make_web_app):
+    """README: "in every answer". An explorer's 504s, 413s and 415s did not say it."""
+    untrained = make_web_app(start_listeners=False, model_weights="random").test_client()
+    trained = make_web_app(start_listeners=False, model_weights="imagenet").test_client()
+    for path, data in (("/", {"inputFile": (io.BytesIO(b"not an image"), "a.jpg")}),
+                       ("/api/jobs", {"files": (io.BytesIO(b""), "empty.jpg")})):
+        refused = untrained.post(path, data=data, content_type="multipart/form-data")
+        assert refused.status_code in (400, 415) and refused.headers["X-Model-Untrained"] == "true"
+    assert untrained.get("/api/status").headers["X-Model-Untrained"] == "true"
+    refused = trained.post("/", data={"inputFile": (io.BytesIO(b"not an image"), "a.jpg")},
+                           content_type="multipart/form-data")
+    assert refused.status_code == 415 and "X-Model-Untrained" not in refused.headers
 
 
 def test_failed_item_is_422_text(web_client, fake_worker):
