@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from botocore.exceptions import BotoCoreError, ClientError
 from flask import Flask, Response, jsonify, request
@@ -31,6 +34,14 @@ def error_response(error: UploadError) -> Response:
 
 
 def _too_large(exc: RequestEntityTooLarge) -> Response:
+    response = _too_large_answer()
+    # Once the answer is sent, before gunicorn looks for the next request.
+    environ = request.environ
+    response.call_on_close(lambda: _drop_unread_body(environ))
+    return response
+
+
+def _too_large_answer() -> Response:
     limit, length = request.max_content_length, request.content_length
     if limit is not None and length is not None and length <= limit:
         # Within the size limit: Werkzeug counted more form parts than MAX_FORM_PARTS,
@@ -63,20 +74,56 @@ def _first_file_name() -> str | None:
     stream = request.environ.get("wsgi.input")
     if request.content_length is None or stream is None:
         return None
-    # Under gunicorn the socket blocks for ever: bound the wait for a slow client.
-    sock = request.environ.get("gunicorn.socket")
-    timeout = sock.gettimeout() if sock is not None else None
     try:
-        if sock is not None:
-            sock.settimeout(_PEEK_TIMEOUT_S)
-        head = stream.read(_PEEK_BYTES)
+        with _reads_bounded_by(request.environ, _PEEK_TIMEOUT_S):
+            head = stream.read(_PEEK_BYTES)
     except Exception:  # a client gone or too slow: no name then
         return None
+    found = _FILENAME.search(head)
+    return clean_name(found.group(1).decode("utf-8", "replace")) if found else None
+
+
+# A body refused for its declared length is read and dropped, up to this much and
+# this long, so that the client's connection can carry its next request. gunicorn
+# drains only 64 KB itself, and closes the connection after a 413 it sent without
+# "Connection: close" (an explorer's session lost the request after it 18 times in 30).
+_DRAIN_MAX_BYTES = 64 * 1024**2
+_DRAIN_TIMEOUT_S = 5.0
+
+
+def _drop_unread_body(environ: dict) -> None:
+    stream = environ.get("wsgi.input")
+    try:
+        left = int(environ.get("CONTENT_LENGTH") or -1)
+    except ValueError:
+        return
+    if stream is None or not 0 < left <= _DRAIN_MAX_BYTES:
+        return  # chunked (refused part-way through), or too much: gunicorn closes
+    deadline = time.monotonic() + _DRAIN_TIMEOUT_S
+    try:
+        with _reads_bounded_by(environ, _PEEK_TIMEOUT_S):
+            # At most the declared length: gunicorn's input ends with the body anyway.
+            while left > 0 and time.monotonic() < deadline:
+                chunk = stream.read(min(left, 256 * 1024))
+                if not chunk:
+                    return
+                left -= len(chunk)
+    except Exception:  # a client gone or too slow: gunicorn closes the connection
+        return
+
+
+@contextmanager
+def _reads_bounded_by(environ: dict, timeout_s: float) -> Iterator[None]:
+    """Under gunicorn the socket blocks for ever: bound each read from a slow client."""
+    sock = environ.get("gunicorn.socket")
+    timeout = sock.gettimeout() if sock is not None else None
+    if sock is not None:
+        sock.settimeout(timeout_s)
+    try:
+        yield
     finally:
         if sock is not None:
             sock.settimeout(timeout)
-    found = _FILENAME.search(head)
-    return clean_name(found.group(1).decode("utf-8", "replace")) if found else None
 
 
 def _http_error(exc: HTTPException) -> Response:
