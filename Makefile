@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -m "not soak"
 
-## Unit tests only: seconds, no TensorFlow start-up
+## Unit tests only: no browser and no stack (minutes)
 test-quick: $(STAMP)
 	$(PY) -m pytest -m "not soak and not integration"
 
