@@ -21,6 +21,7 @@ PREFIX_TAG = "imgclass:prefix"
 # and names of up to ~300 such characters, fit whole.
 ORIGINAL_FILENAME_META = "original-filename"
 MAX_META_FILENAME = 1800
+MAX_EXTENSION_CHARS = 16
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_SAFE_NAME = 100
@@ -85,14 +86,20 @@ def stem(filename: str) -> str:
     return folder + head if dot and head.strip(".") else filename
 
 
+def kept_extension(name: str) -> str:
+    """What a name cut short keeps at its end: its extension ('.jpg'), or '' when it
+    has none (or one too long to be one)."""
+    head, dot, extension = name.rpartition(".")
+    return dot + extension if head and len(extension) <= MAX_EXTENSION_CHARS else ""
+
+
 def encode_filename(original: str) -> str:
     """`original` percent-encoded for S3 metadata; one too long is cut before its
     extension, so that the output object still names an image file."""
     encoded = quote(original, safe="")
     if len(encoded) <= MAX_META_FILENAME:
         return encoded
-    head, dot, extension = original.rpartition(".")
-    kept = dot + extension if head and len(extension) <= 16 else ""
+    kept = kept_extension(original)
     room = MAX_META_FILENAME - len(quote(kept, safe=""))
     body = []
     for char in original[:len(original) - len(kept)]:  # whole characters: never half of one

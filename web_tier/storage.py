@@ -80,5 +80,5 @@ def read_failure(aws: Aws, key: str) -> str | None:
 
 
 def read_filename(aws: Aws, key: str) -> str | None:
-    head = aws.s3.head_object(Bucket=aws.settings.input_bucket, Key=key)
-    return original_filename(head.get("Metadata", {}))
+    stored = aws.s3.head_object(Bucket=aws.settings.input_bucket, Key=key)  # raises if there is none
+    return original_filename(stored.get("Metadata", {}))

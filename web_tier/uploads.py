@@ -17,6 +17,7 @@ from werkzeug.datastructures import FileStorage
 from werkzeug.wrappers import Request
 
 from common.config import Settings
+from common.names import kept_extension
 from common.pillow_errors import plain_reason
 from common.pixels import PILLOW_REFUSALS, pillow_refusal, size_refusal
 
@@ -37,7 +38,6 @@ _NAMED = [fmt for fmt in FORMATS if fmt != "MPO"]
 ACCEPTED = ", ".join(_NAMED[:-1]) + " or " + _NAMED[-1]
 # Longer names are kept only for display; storage uses names.safe_filename.
 MAX_FILENAME_CHARS = 1024
-MAX_EXTENSION_CHARS = 16
 _CHUNK = 1 << 20
 # Room in a request body for the multipart framing and form fields around the files.
 FORM_SLACK_BYTES = 1 << 20
@@ -86,8 +86,7 @@ def clean_name(sent: str) -> str:
     name = "".join(" " if unicodedata.category(c) == "Cc" else c for c in sent.translate(_BIDI_CONTROLS))
     name = name.strip()
     if len(name) > MAX_FILENAME_CHARS:
-        head, dot, extension = name.rpartition(".")
-        kept = dot + extension if head and len(extension) <= MAX_EXTENSION_CHARS else ""
+        kept = kept_extension(name)
         name = name[:MAX_FILENAME_CHARS - len(kept)] + kept
     return name or "upload"
 
