@@ -36,8 +36,8 @@ def error_response(error: UploadError) -> Response:
 def _too_large(exc: RequestEntityTooLarge) -> Response:
     response = _too_large_answer()
     # Once the answer is sent, before gunicorn looks for the next request.
-    environ = request.environ
-    response.call_on_close(lambda: _drop_unread_body(environ))
+    environ, length = request.environ, request.content_length
+    response.call_on_close(lambda: _drop_unread_body(environ, length))
     return response
 
 
@@ -91,13 +91,9 @@ _DRAIN_MAX_BYTES = 64 * 1024**2
 _DRAIN_TIMEOUT_S = 5.0
 
 
-def _drop_unread_body(environ: dict) -> None:
+def _drop_unread_body(environ: dict, left: int | None) -> None:
     stream = environ.get("wsgi.input")
-    try:
-        left = int(environ.get("CONTENT_LENGTH") or -1)
-    except ValueError:
-        return
-    if stream is None or not 0 < left <= _DRAIN_MAX_BYTES:
+    if stream is None or left is None or not 0 < left <= _DRAIN_MAX_BYTES:
         return  # chunked (refused part-way through), or too much: gunicorn closes
     deadline = time.monotonic() + _DRAIN_TIMEOUT_S
     try:
