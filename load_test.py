@@ -36,6 +36,7 @@ import mimetypes
 import os
 import queue
 import re
+import socket
 import sys
 import threading
 import time
@@ -45,6 +46,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 import requests
 
@@ -250,24 +252,33 @@ def read_expected(path: Path) -> dict[str, str]:
 
     The course's file has columns `Image,Results`; other spellings
     (`image,result`, `filename,label`, ...) and a UTF-8 byte-order mark are
-    accepted too, and Image may carry an extension.
+    accepted too, and Image may carry an extension. A row without an image or a
+    label, or naming an image again with another label, is refused with its line
+    number: skipped, it would leave that image "unchecked" and the run a PASS.
     """
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
-            rows = [row for row in csv.reader(fh) if any(cell.strip() for cell in row)]
+            reader = csv.reader(fh)
+            rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise LoadTestError(f"cannot read {path} as a UTF-8 CSV: {exc}") from exc
     if not rows:
         raise LoadTestError(f"{path} is empty")
-    header = [cell.strip().lower() for cell in rows[0]]
+    header = [cell.strip().lower() for cell in rows[0][1]]
     image_col = next((header.index(c) for c in IMAGE_COLUMNS if c in header), None)
     result_col = next((header.index(c) for c in RESULT_COLUMNS if c in header), None)
     if image_col is None or result_col is None:
-        raise LoadTestError(f"{path}: expected a header with columns Image,Results, found {rows[0]}")
-    expected = {}
-    for row in rows[1:]:
-        if len(row) > max(image_col, result_col):
-            expected[image_key(row[image_col])] = row[result_col].strip()
+        raise LoadTestError(f"{path}: expected a header with columns Image,Results, found {rows[0][1]}")
+    expected: dict[str, str] = {}
+    for line, row in rows[1:]:
+        cells = [row[col].strip() if col < len(row) else "" for col in (image_col, result_col)]
+        if not all(cells):
+            raise LoadTestError(f"{path}, line {line}: no {'image' if not cells[0] else 'label'} in {row}")
+        key, label = image_key(cells[0]), cells[1]
+        if key in expected and not same_label(expected[key], label):
+            raise LoadTestError(f"{path}, line {line}: {key} is expected as {expected[key]!r} "
+                                f"above and as {label!r} here")
+        expected[key] = label
     return expected
 
 
@@ -399,6 +410,7 @@ class Outcome:
     verdict: str = "unchecked"  # "correct", "wrong", "unchecked" or "failed"
     expected: str | None = None
     note: str | None = None  # why a verdict is "wrong"
+    resent: int = 0  # times sent again because nothing was stored (see RESEND_WINDOW_S)
 
     @property
     def answered(self) -> bool:
@@ -474,6 +486,10 @@ class Report:
         return any(o.untrained for o in self.outcomes)
 
     @property
+    def resent(self) -> int:
+        return sum(o.resent for o in self.outcomes)
+
+    @property
     def latencies(self) -> list[float]:
         # Failures are left out: a timeout's "latency" is only how long we waited.
         return [o.latency_s for o in self.outcomes if o.answered]
@@ -495,8 +511,9 @@ class Report:
 
     @property
     def course_average_latency(self) -> float | None:
-        """The course's figure: total duration divided by the number of requests."""
-        return self.duration_s / self.sent if self.sent else None
+        """The course's figure: total duration divided by the number of requests
+        (None when nothing was answered: it would measure only how fast they failed)."""
+        return self.duration_s / self.sent if self.answered else None
 
     @property
     def peak_instances(self) -> int | None:
@@ -532,6 +549,7 @@ class Report:
             "peak_instances": self.peak_instances,
             "interrupted": self.interrupted,
             "abandoned": self.abandoned,
+            "resent": self.resent,
             "ok": self.ok,
             "instances": [{"t_s": t, "pending_running": n} for t, n in self.instance_samples],
             "requests": [
@@ -548,6 +566,7 @@ class Report:
                     "error": o.error,
                     "note": o.note,
                     "untrained": o.untrained,
+                    "resent": o.resent,
                 }
                 for o in sorted(self.outcomes, key=lambda o: o.index)
             ],
@@ -559,6 +578,12 @@ class Report:
 
 # What a web tier starting or stopping (or a proxy in front of it) answers meanwhile.
 RESTARTING_STATUSES = (502, 503, 504)
+# A web tier restarting refuses connections for a moment, and one stopping answers
+# an upload it did not store with 503 and Retry-After: nothing was stored either way,
+# so the upload is sent again, for up to this long (`make run` restarts a web tier
+# within about a second, systemd after its RestartSec).
+RESEND_WINDOW_S = 30.0
+FIRST_RESEND_DELAY_S = 0.25
 
 
 class RequestFailed(Exception):
@@ -595,6 +620,47 @@ def connection_error(exc: requests.ConnectionError, url: str) -> str:
         return f"cannot connect to {url}" + (f": {errno_text[0]}" if errno_text else "")
     why = errno_text[0] if errno_text else "closed without a response"
     return f"the connection to {url} closed before the answer came: {why}"
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether a connection error is a refused connection (nothing listening), which
+    sent nothing; urllib3 keeps the OS's error a few causes down."""
+    pending, seen = [exc], set()
+    while pending:
+        error = pending.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, ConnectionRefusedError):
+            return True
+        links = (error.__cause__, error.__context__, getattr(error, "reason", None), *error.args)
+        pending += [link for link in links if isinstance(link, BaseException)]
+    return False
+
+
+def not_stored(resp: requests.Response) -> bool:
+    """A 503 with Retry-After: the web tier stored nothing and says to send again
+    (without it, a 503 may mean the image is queued: sent again, it would be classified twice)."""
+    return resp.status_code == 503 and "Retry-After" in resp.headers
+
+
+def retry_after_s(resp: requests.Response, default: float) -> float:
+    try:
+        return max(0.0, float(resp.headers.get("Retry-After", "")))
+    except ValueError:  # an HTTP date: not what the web tier sends
+        return default
+
+
+def check_reachable(url: str) -> None:
+    """Fail at once when nothing listens at `url` (a typo, a stack not started), rather
+    than send every request into the resend window."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname or "", port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise LoadTestError(f"cannot connect to {url}: {why} (is the web tier running?)") from exc
 
 
 # Failures among which web_tier_restarting picks the ones that are no answer yet.
@@ -684,33 +750,50 @@ class Client:
         mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         return (path.name, path.read_bytes(), mime)
 
+    def _post(self, endpoint: str, files: dict, deadline: float, outcome: Outcome) -> requests.Response:
+        """POST an upload; sent again while nothing was stored (see RESEND_WINDOW_S)."""
+        give_up = min(deadline, time.monotonic() + RESEND_WINDOW_S)
+        delay = FIRST_RESEND_DELAY_S
+        while True:
+            failure: requests.ConnectionError | None = None
+            try:
+                # Only ever talk to the URL we were given: no redirects.
+                resp = self._session().post(f"{self.config.url}{endpoint}", files=files,
+                                            timeout=self._timeout(deadline), allow_redirects=False)
+            except requests.ConnectionError as exc:
+                if not refused(exc):
+                    raise  # cut off mid-request: the image may be stored already
+                failure, wait = exc, delay
+            else:
+                if not not_stored(resp):
+                    return resp
+                wait = retry_after_s(resp, delay)
+            if self.stop.is_set() or time.monotonic() + wait >= give_up:
+                if failure is not None:
+                    raise failure
+                return resp
+            outcome.resent += 1
+            self.stop.wait(wait)
+            delay = min(2 * delay, 2.0)
+
     def _via_form(self, path: Path, deadline: float, outcome: Outcome) -> None:
-        resp = self._session().post(
-            f"{self.config.url}/",
-            files={"inputFile": self._upload(path)},
-            timeout=self._timeout(deadline),
-            # Only ever talk to the URL we were given.
-            allow_redirects=False,
-        )
+        resp = self._post("/", {"inputFile": self._upload(path)}, deadline, outcome)
         outcome.status = resp.status_code
         body = resp.text.strip()
         outcome.untrained = resp.headers.get("X-Model-Untrained", "").strip().lower() == "true"
         if resp.status_code != 200:
             raise RequestFailed(f"HTTP {resp.status_code}: {_short(body)}", resp.status_code)
-        # Labels never hold ':', file names might: split at the last one.
+        # Labels never hold ':', file names might: split at the last one. The answer is
+        # one line: a page, or another server's XML, that happens to hold a colon is not one.
         name, colon, label = body.rpartition(":")
-        if not colon or not label:
-            raise RequestFailed(f"malformed answer {_short(body)!r} (expected <name>:<label>)", 200)
+        if not colon or not label or "\n" in body or "\r" in body:
+            raise RequestFailed(f"not a classification answer: {_short(body)!r} "
+                                "(expected one line, <name>:<label>)", 200)
         outcome.answer_name, outcome.label = name, label
 
     def _via_jobs(self, path: Path, deadline: float, outcome: Outcome) -> None:
         session = self._session()
-        resp = session.post(
-            f"{self.config.url}/api/jobs",
-            files={"files": self._upload(path)},
-            timeout=self._timeout(deadline),
-            allow_redirects=False,
-        )
+        resp = self._post("/api/jobs", {"files": self._upload(path)}, deadline, outcome)
         outcome.status = resp.status_code
         if resp.status_code not in (200, 201, 202):
             raise RequestFailed(f"HTTP {resp.status_code}: {_error_text(resp)}", resp.status_code)
@@ -1040,6 +1123,7 @@ def run_load(
                             f"{', ...' if len(expected) > 3 else ''})")
     total = config.num_requests if config.num_requests is not None else len(images)
     plan = [images[i % len(images)] for i in range(total)]
+    check_reachable(config.url)
 
     stop = threading.Event()
     client = Client(config, stop)
@@ -1161,10 +1245,17 @@ def format_report(report: Report, max_problems: int = 10) -> str:
     ]
     if report.abandoned:
         rows.insert(3, ("abandoned", f"{report.abandoned}  (in flight at the second Ctrl-C)"))
+    if report.resent:
+        rows.insert(1, ("sent again", f"{report.resent}  (refused connections, 503 'not stored': "
+                                      "a web tier restarting)"))
     if report.peak_instances is not None:
         rows.append(("peak app-tier instances", f"{report.peak_instances}"))
     width = max(len(name) for name, _ in rows)
-    lines = [f"Load test: {endpoint} on {report.url}, concurrency {report.concurrency}", ""]
+    in_flight = min(report.concurrency, report.planned)
+    concurrency = f"concurrency {report.concurrency}"
+    if in_flight < report.concurrency:
+        concurrency += f" (at most {in_flight} in flight: {report.planned} requests)"
+    lines = [f"Load test: {endpoint} on {report.url}, {concurrency}", ""]
     lines += [f"  {name:<{width}}  {value}" for name, value in rows]
 
     problems = sorted((o for o in report.outcomes if o.verdict in ("failed", "wrong")), key=lambda o: o.index)
@@ -1194,12 +1285,15 @@ def write_plot(report: Report, path: Path) -> None:
 
     fig = Figure(figsize=(10, 6.5), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
-    styles = {"correct": "tab:green", "unchecked": "tab:blue", "wrong": "tab:orange", "failed": "tab:red"}
-    for verdict, colour in styles.items():
+    # Okabe-Ito colours and a marker each: told apart without colour vision too.
+    styles = {"correct": ("#009E73", "o"), "unchecked": ("#0072B2", "o"),
+              "wrong": ("#E69F00", "^"), "failed": ("#D55E00", "x")}
+    for verdict, (colour, marker) in styles.items():
         points = [(o.started_s, o.latency_s) for o in report.outcomes if o.verdict == verdict]
         if points:
             xs, ys = zip(*points, strict=True)
-            top.scatter(xs, ys, s=10, color=colour, label=f"{verdict} ({len(points)})")
+            top.scatter(xs, ys, s=12, color=colour, marker=marker, alpha=0.7,
+                        label=f"{verdict} ({len(points)})")
     top.set_ylabel("latency (s)")
     top.set_title(
         f"{report.sent} requests, concurrency {report.concurrency}, "
@@ -1217,7 +1311,7 @@ def write_plot(report: Report, path: Path) -> None:
     else:
         bottom.text(0.5, 0.5, "no /api/status data", ha="center", va="center", transform=bottom.transAxes)
     bottom.set_ylabel("app-tier instances\n(pending + running)")
-    bottom.set_xlabel("time since start (s)")
+    bottom.set_xlabel("seconds since the run began (a request's point: when it was sent)")
     bottom.grid(alpha=0.3)
     fig.savefig(path, dpi=100)
 

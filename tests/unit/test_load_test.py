@@ -57,6 +57,7 @@ class FakeTier:
         self.events_busy = False  # GET .../events answers 503, as the web tier past its stream cap
         self.status_gate: threading.Event | None = None  # set: GET /api/status waits for it
         self.web_tier_names = False  # read file names as Werkzeug and the web tier do
+        self.not_stored = 0  # the next POSTs answered as a stopping web tier does: 503, Retry-After
 
 
 def _parse_files(headers, body: bytes) -> list[tuple[str, str, bytes]]:
@@ -97,6 +98,8 @@ def _answer(tier: FakeTier, content: bytes) -> tuple[int, str | None]:
         return 200, "together"
     if content.startswith(b"label:"):
         return 200, content[6:].decode()
+    if content.startswith(b"status:"):
+        return int(content[7:]), None
     return 200, "cat"
 
 
@@ -133,6 +136,12 @@ class Handler(BaseHTTPRequestHandler):
             self.tier.authorizations.append(self.headers.get("Authorization"))
         if not self._authorised():
             return
+        with self.tier.lock:
+            stopping, self.tier.not_stored = self.tier.not_stored > 0, max(0, self.tier.not_stored - 1)
+        if stopping:
+            self._send(503, "not stored: the web tier is stopping; send it again",
+                       headers={"Retry-After": "0"})
+            return
         parse = _parse_files_like_the_web_tier if self.tier.web_tier_names else _parse_files
         files = parse(self.headers, body)
         if self.path == "/":
@@ -157,6 +166,9 @@ class Handler(BaseHTTPRequestHandler):
             return
         name = "someone_else" if content == b"mismatch" else Path(filename).stem
         headers = {"X-Model-Untrained": "true"} if self.tier.untrained else {}
+        if content == b"not-an-answer":  # another server's page, which happens to hold a colon
+            self._send(200, f'<?xml version="1.0"?>\n<Result xmlns="http://x/">{name}</Result>\n')
+            return
         self._send(200, f"{name}:{label}\n", headers=headers)
 
     def _post_jobs(self, files) -> None:
@@ -394,14 +406,74 @@ def test_a_connection_closed_before_the_answer_is_not_called_a_failure_to_connec
     assert error.startswith(f"the connection to {tier.url} closed before the answer"), error
     assert outcomes["fine.jpg"].answered
 
+
+def test_nothing_listening_at_the_url_is_said_before_anything_is_sent(tmp_path):
+    """Else each request would be sent again for RESEND_WINDOW_S, as to a web tier restarting."""
+    images = make_images(tmp_path / "images", {"fine.jpg": b"label:ok"})
     unused = socket.socket()
     unused.bind(("127.0.0.1", 0))  # bound, never listening: nothing accepts there
     url = f"http://127.0.0.1:{unused.getsockname()[1]}"
     try:
-        report = run_load(Config(images=images, url=url, num_requests=1))
+        with pytest.raises(LoadTestError, match=f"cannot connect to {url}: .*is the web tier running"):
+            run_load(Config(images=images, url=url, num_requests=1))
     finally:
         unused.close()
-    assert report.outcomes[0].error.startswith(f"cannot connect to {url}"), report.outcomes[0].error
+
+
+@pytest.mark.parametrize("api", ["form", "jobs"])
+def test_an_upload_refused_while_the_web_tier_restarts_is_sent_again(tmp_path, monkeypatch, api):
+    """An explorer restarted the web tier 2.5 s into a run of 80: the 70 requests not yet
+    sent burned through in 0.2 s, each failing on a refused connection, which stores nothing."""
+    images = make_images(tmp_path / "images", {"cat.jpg": b"label:cat"})
+    port_holder = socket.socket()
+    port_holder.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+    port = port_holder.getsockname()[1]
+    monkeypatch.setattr(load_test, "check_reachable", lambda url: None)  # it was up when the run began
+    state = FakeTier()
+    server_box = []
+
+    def come_back() -> None:
+        time.sleep(0.6)
+        port_holder.close()
+        server = ThreadingHTTPServer(("127.0.0.1", port), type("H", (Handler,), {"tier": state}))
+        server_box.append(server)
+        server.serve_forever(poll_interval=0.05)
+
+    threading.Thread(target=come_back, daemon=True).start()
+    try:
+        report = run_load(Config(images=images, url=f"http://127.0.0.1:{port}", api=api, num_requests=2))
+    finally:
+        wait_until(lambda: server_box, 5)
+        server_box[0].shutdown()
+        server_box[0].server_close()
+    assert (report.answered, report.failed) == (2, 0), [o.error for o in report.outcomes]
+    assert all(o.resent >= 1 for o in report.outcomes)
+    assert "sent again" in load_test.format_report(report)
+    assert report.to_dict()["resent"] == report.resent >= 2
+
+
+def test_an_upload_a_stopping_web_tier_did_not_store_is_sent_again_and_a_queued_one_is_not(tier, tmp_path):
+    images = make_images(tmp_path / "images", {"cat.jpg": b"label:cat"})
+    tier.not_stored = 2  # 503 with Retry-After: nothing stored, send again
+    report = run_load(Config(images=images, url=tier.url, num_requests=1))
+    assert report.outcomes[0].answered and report.outcomes[0].resent == 2
+    assert tier.paths["POST /"] == 3
+
+    queued = make_images(tmp_path / "queued", {"q.jpg": b"status:503"})  # 503 without Retry-After
+    report = run_load(Config(images=queued, url=tier.url, num_requests=1))
+    assert report.outcomes[0].verdict == "failed" and report.outcomes[0].resent == 0
+    assert tier.paths["POST /"] == 4
+
+
+def test_a_page_that_holds_a_colon_is_not_an_answer(tier, tmp_path):
+    """An explorer pointed the script at the embedded AWS: its XML, which holds
+    "http:", counted as answered (and wrong) at 79 images/s."""
+    images = make_images(tmp_path / "images", {"x.jpg": b"not-an-answer"})
+    report = run_load(Config(images=images, url=tier.url, num_requests=1))
+    (outcome,) = report.outcomes
+    assert outcome.verdict == "failed" and outcome.error.startswith("not a classification answer"), outcome
+    assert report.course_average_latency is None  # nothing answered: no latency to speak of
+    assert "average latency (course)  -" in load_test.format_report(report)
 
 
 def test_jobs_api_by_polling_with_api_key_and_untrained_model(tier, mixed):
@@ -838,6 +910,35 @@ def test_read_expected_refuses_a_file_that_is_not_utf8_with_a_clear_error(tmp_pa
     path.write_bytes("Image,Results\ncaf\u00e9,cardigan\n".encode("latin-1"))
     with pytest.raises(LoadTestError, match="UTF-8 CSV"):
         read_expected(path)
+
+
+@pytest.mark.parametrize("rows, why", [
+    ("test_00,cardigan\ntest_01\n", "line 3: no label"),
+    ("test_00,cardigan\ntest_01,\n", "line 3: no label"),
+    ("test_00,cardigan\n,Persian_cat\n", "line 3: no image"),
+    ("test_00,cardigan\ntest_00.JPEG,Persian_cat\n", "line 3: test_00 is expected as 'cardigan' above"),
+])
+def test_read_expected_refuses_a_row_it_could_only_skip(tmp_path, rows, why):
+    """An explorer's short row, empty label and twice-named image were taken silently:
+    the image "unchecked" (the run a PASS that did not check it), or judged against ''."""
+    path = tmp_path / "expected.csv"
+    path.write_text("Image,Results\n" + rows)
+    with pytest.raises(LoadTestError, match=why):
+        read_expected(path)
+
+
+def test_read_expected_takes_an_image_named_twice_with_one_label(tmp_path):
+    path = tmp_path / "expected.csv"
+    path.write_text("Image,Results\ntest_00,great_white_shark\n\ntest_00.jpg,Great white shark\n")
+    assert read_expected(path) == {"test_00": "Great white shark"}
+
+
+def test_the_header_says_when_fewer_requests_than_the_concurrency_were_planned(tier, tmp_path):
+    images = make_images(tmp_path / "images", {"cat.jpg": b"label:cat"})
+    report = run_load(Config(images=images, url=tier.url, num_requests=3, concurrency=50))
+    assert "concurrency 50 (at most 3 in flight: 3 requests)" in load_test.format_report(report)
+    report = run_load(Config(images=images, url=tier.url, num_requests=3, concurrency=3))
+    assert load_test.format_report(report).splitlines()[0].endswith("concurrency 3")
 
 
 def test_labels_and_names_compare_the_way_people_write_them():
