@@ -14,7 +14,7 @@ from flask import Flask, Response
 
 from common.aws import Aws
 from common.config import Settings
-from web_tier import api, classify, errors, health, pages
+from web_tier import api, classify, errors, health, pages, unread_body
 from web_tier.jobs import UPLOAD_THREADS
 from web_tier.journal import Journal
 from web_tier.listeners import Listeners
@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None, *, aws: Aws | None = None,
     app.register_blueprint(health.bp)
     app.after_request(_security_headers)
     app.after_request(_untrained_header)
+    app.after_request(unread_body.drop_after_answer)
     return app
 
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import logging
 import re
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from botocore.exceptions import BotoCoreError, ClientError
 from flask import Flask, Response, jsonify, request
+from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from common.aws import error_reason
 from web_tier.services import services
+from web_tier.unread_body import reads_bounded_by
 from web_tier.uploads import UploadError, clean_name
 
 log = logging.getLogger(__name__)
@@ -34,14 +33,6 @@ def error_response(error: UploadError) -> Response:
 
 
 def _too_large(exc: RequestEntityTooLarge) -> Response:
-    response = _too_large_answer()
-    # Once the answer is sent, before gunicorn looks for the next request.
-    environ, length = request.environ, request.content_length
-    response.call_on_close(lambda: _drop_unread_body(environ, length))
-    return response
-
-
-def _too_large_answer() -> Response:
     limit, length = request.max_content_length, request.content_length
     if limit is not None and length is not None and length <= limit:
         # Within the size limit: Werkzeug counted more form parts than MAX_FORM_PARTS,
@@ -75,51 +66,12 @@ def _first_file_name() -> str | None:
     if request.content_length is None or stream is None:
         return None
     try:
-        with _reads_bounded_by(request.environ, _PEEK_TIMEOUT_S):
+        with reads_bounded_by(request.environ, _PEEK_TIMEOUT_S):
             head = stream.read(_PEEK_BYTES)
     except Exception:  # a client gone or too slow: no name then
         return None
     found = _FILENAME.search(head)
     return clean_name(found.group(1).decode("utf-8", "replace")) if found else None
-
-
-# A body refused for its declared length is read and dropped, up to this much and
-# this long, so that the client's connection can carry its next request. gunicorn
-# drains only 64 KB itself, and closes the connection after a 413 it sent without
-# "Connection: close" (an explorer's session lost the request after it 18 times in 30).
-_DRAIN_MAX_BYTES = 64 * 1024**2
-_DRAIN_TIMEOUT_S = 5.0
-
-
-def _drop_unread_body(environ: dict, left: int | None) -> None:
-    stream = environ.get("wsgi.input")
-    if stream is None or left is None or not 0 < left <= _DRAIN_MAX_BYTES:
-        return  # chunked (refused part-way through), or too much: gunicorn closes
-    deadline = time.monotonic() + _DRAIN_TIMEOUT_S
-    try:
-        with _reads_bounded_by(environ, _PEEK_TIMEOUT_S):
-            # At most the declared length: gunicorn's input ends with the body anyway.
-            while left > 0 and time.monotonic() < deadline:
-                chunk = stream.read(min(left, 256 * 1024))
-                if not chunk:
-                    return
-                left -= len(chunk)
-    except Exception:  # a client gone or too slow: gunicorn closes the connection
-        return
-
-
-@contextmanager
-def _reads_bounded_by(environ: dict, timeout_s: float) -> Iterator[None]:
-    """Under gunicorn the socket blocks for ever: bound each read from a slow client."""
-    sock = environ.get("gunicorn.socket")
-    timeout = sock.gettimeout() if sock is not None else None
-    if sock is not None:
-        sock.settimeout(timeout_s)
-    try:
-        yield
-    finally:
-        if sock is not None:
-            sock.settimeout(timeout)
 
 
 def _http_error(exc: HTTPException) -> Response:
@@ -140,6 +92,14 @@ def _aws_unavailable(exc: Exception) -> Response:
     return error_response(UploadError(503, f"storage unavailable ({error_reason(exc)}); try again"))
 
 
+def _malformed_body(exc: ParseException) -> Response:
+    # A chunked body whose framing is broken (gunicorn reads it as the form is parsed):
+    # the client's mistake. Nothing after it on the connection can be read, so gunicorn
+    # closes it after this answer (whose "Connection: keep-alive" is gunicorn's own: it
+    # drops a Connection header set here).
+    return error_response(UploadError(400, f"the request body is malformed ({exc})"))
+
+
 def _unexpected(exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.path)
     return error_response(UploadError(500, "internal error"))
@@ -149,6 +109,7 @@ def register(app: Flask) -> None:
     app.register_error_handler(UploadError, error_response)
     app.register_error_handler(RequestEntityTooLarge, _too_large)
     app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(ParseException, _malformed_body)
     for aws_error in (BotoCoreError, ClientError):
         app.register_error_handler(aws_error, _aws_unavailable)
     app.register_error_handler(Exception, _unexpected)
