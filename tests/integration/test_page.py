@@ -93,16 +93,19 @@ def test_many_images_from_the_page(stack, browser, reference_model, tmp_path):
     browser.save_screenshot(str(stack.run_dir / "page.png"))
 
 
-# The page's first POST /api/jobs answered as a stopping web tier answers one (503,
-# nothing stored, each file rejected with 503); the second, sent again 5 s later, not
-# answered at all, as while the next web tier starts (a refused connection).
-STOPPING_THEN_RESTARTING = """
+# The page's first POST /api/jobs fail, one way each, as listed in arguments[0]:
+# "503" is answered as a stopping web tier answers one (nothing stored, each file
+# rejected with 503); "unreachable" is not answered at all, as while the next web
+# tier starts (a refused connection). Later ones reach the server.
+FAIL_FIRST_POSTS = """
+const ways = arguments[0];
 const realFetch = window.fetch;
 window.fakedPosts = 0;
 window.fetch = async (url, options) => {
-  if (url === "/api/jobs" && window.fakedPosts < 2) {
+  if (url === "/api/jobs" && window.fakedPosts < ways.length) {
+    const way = ways[window.fakedPosts];
     window.fakedPosts += 1;
-    if (window.fakedPosts === 2) throw new TypeError("Failed to fetch");
+    if (way === "unreachable") throw new TypeError("Failed to fetch");
     const reason = "not stored: the web tier is stopping; send this file again";
     const rejected = options.body.getAll("files").map((file, index) =>
       ({index, filename: file.name, error: reason, status: 503}));
@@ -114,22 +117,52 @@ window.fetch = async (url, options) => {
 """
 
 
-def test_files_a_stopping_web_tier_did_not_store_are_sent_again(stack, browser, reference_model, tmp_path):
-    """They were shown failed for good, though nothing was wrong with them."""
+def upload_failing_first(browser, stack, tmp_path, files: dict[str, bytes], ways: list[str],
+                         per_request: int = 20) -> dict:
+    """Choose `files` on a fresh page whose first POSTs fail as `ways` says; the rows once finished."""
     from selenium.webdriver.common.by import By
 
-    files = {f"resent_{i}.jpg": make_image(800 + i) for i in range(3)}
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     browser.get(stack.web_url + "/")
-    browser.execute_script(STOPPING_THEN_RESTARTING)
+    browser.execute_script(f"document.body.dataset.filesPerRequest = '{per_request}';")
+    browser.execute_script(FAIL_FIRST_POSTS, ways)
     browser.find_element(By.ID, "file-input").send_keys("\n".join(str(tmp_path / n) for n in files))
-
     shown = finished_rows(browser, stack, len(files), timeout_s=120)
-    assert browser.execute_script("return window.fakedPosts") == 2
+    assert browser.execute_script("return window.fakedPosts") == len(ways)
+    return shown
+
+
+def assert_classified(shown: dict, files: dict[str, bytes], reference_model) -> None:
     for name, data in files.items():
         assert shown[name].get_attribute("data-state") == "done", shown[name].text
         assert shown[name].get_attribute("data-label") == reference(reference_model, data).label
+
+
+def test_files_a_stopping_web_tier_did_not_store_are_sent_again(stack, browser, reference_model, tmp_path):
+    """They were shown failed for good, though nothing was wrong with them."""
+    files = {f"resent_{i}.jpg": make_image(800 + i) for i in range(3)}
+    shown = upload_failing_first(browser, stack, tmp_path, files, ["503", "unreachable"])
+    assert_classified(shown, files, reference_model)
+
+
+def test_files_whose_first_send_finds_no_server_are_sent_again(stack, browser, reference_model, tmp_path):
+    """An explorer chose files while the web tier restarted: a refused connection
+    stores nothing, yet they were shown failed at once, for good."""
+    files = {"unreachable_0.jpg": make_image(830)}
+    shown = upload_failing_first(browser, stack, tmp_path, files, ["unreachable"])
+    assert_classified(shown, files, reference_model)
+
+
+def test_chunks_refused_before_their_batch_exists_all_join_one_batch(stack, browser, reference_model,
+                                                                      tmp_path):
+    """An explorer's 30 files, chosen while the web tier restarted: both chunks were
+    refused, both sent again side by side without a batch id, and the server made two
+    batches; the page followed one, and the other's files stayed "queued" for good."""
+    files = {f"split_{i}.jpg": make_image(840 + i, size=(64, 48)) for i in range(4)}
+    shown = upload_failing_first(browser, stack, tmp_path, files, ["503", "503"], per_request=2)
+    assert_classified(shown, files, reference_model)
+    assert browser.current_url.count("#batches=") == 1 and "," not in browser.current_url
 
 
 def test_a_waiting_page_reconnects_after_the_web_tier_restarts(stack, browser, reference_model, tmp_path):
@@ -249,9 +282,12 @@ def test_a_reload_that_cuts_uploads_off_shows_each_stored_file_once(stack, brows
         time.sleep(0.2)
     shown, stored = rows(), stored()
     names = [name for name, _, _ in shown]
-    assert len(names) == len(set(names)), f"shown twice: {names}"
+    stored_names = sorted(item["filename"] for item in stored)
+    # Which of the two shows a file twice tells a page that sent it twice (both) from
+    # one that drew it twice (the page only).
+    assert len(names) == len(set(names)), f"shown twice: {names}; stored: {stored_names}"
     assert not [text for _, _, text in shown if "could not be reached" in text]
-    assert sorted(names) == sorted(item["filename"] for item in stored)  # every stored one, once
+    assert sorted(names) == stored_names  # every stored one, once
     assert all(state == "done" for _, state, _ in shown)
 
 
@@ -346,3 +382,81 @@ def test_the_page_sends_no_more_files_at_once_than_the_server_takes_and_shows_it
     assert sorted(browser.execute_script("return window.filesPerPost")) == [1, 3, 3]
     assert set(shown) == {f"chunk_{i}.jpg" for i in range(1, 7)} | {"photogpj.exe.jpg"}
     assert all(row.get_attribute("data-state") == "done" for row in shown.values())
+
+
+def test_a_row_that_joins_a_restored_batch_queued_is_counted(stack, browser):
+    """The summary said "0 of 1 classified" beside two rows until the next result came."""
+    import uuid
+
+    from selenium.webdriver.common.by import By
+
+    from common.names import object_key
+    from tests.integration.conftest import clients
+
+    s3, _, _ = clients(stack)
+    batch_id, item_id = uuid.uuid4().hex, "0" * 14 + uuid.uuid4().hex[:18]
+    key = object_key(batch_id, item_id, "waiting.jpg")  # stored, never queued: it stays so
+    s3.put_object(Bucket=stack.settings().input_bucket, Key=key, Body=make_image(960),
+                  Metadata={"original-filename": "waiting.jpg", "batch-id": batch_id, "item-id": item_id})
+    try:
+        browser.get(f"{stack.web_url}/#batches={batch_id}")
+        summary = browser.find_element(By.ID, "summary")
+        wait_for(lambda: summary.text == "0 of 1 classified", 30, "the restored batch")
+        # From the next poll on, the batch holds a second item, still queued.
+        browser.execute_script("""
+          const realFetch = window.fetch;
+          window.fetch = async (url, options) => {
+            const response = await realFetch(url, options);
+            if (!String(url).startsWith("/api/jobs/")) return response;
+            const body = await response.json();
+            body.items.push({...body.items[0], id: "1" + body.items[0].id.slice(1), filename: "joined.jpg"});
+            return new Response(JSON.stringify(body), {status: response.status,
+                                                       headers: {"Content-Type": "application/json"}});
+          };""")
+        wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#results [data-state]")) == 2, 30,
+                 "the joined row")
+        assert summary.text == "0 of 2 classified"
+    finally:
+        s3.delete_object(Bucket=stack.settings().input_bucket, Key=key)
+
+
+def test_an_address_edited_in_the_tab_shows_the_batches_it_names(stack, browser):
+    """The page went on showing the batches of its old address."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    unknown = "0" * 32
+    browser.execute_script(f"location.hash = '#batches={unknown}'")
+    wait_for(lambda: "could not be loaded" in browser.find_element(By.ID, "summary").text, 30,
+             "the page to load the batch its address names")
+
+
+def test_files_dropped_anywhere_on_the_page_are_uploaded(stack, browser, reference_model):
+    """Dropped beside the drop zone, a file was left to the browser, which opens it in
+    the tab: the page and its uploads were gone."""
+
+    data = make_image(970)
+    browser.get(stack.web_url + "/")
+    prevented = browser.execute_script("""
+      const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+      const files = new DataTransfer();
+      files.items.add(new File([bytes], "dropped.jpg", {type: "image/jpeg"}));
+      const drop = new DragEvent("drop", {dataTransfer: files, bubbles: true, cancelable: true});
+      document.querySelector("h1").dispatchEvent(drop);
+      return drop.defaultPrevented;""", __import__("base64").b64encode(data).decode())
+    assert prevented
+    shown = finished_rows(browser, stack, 1, timeout_s=60)
+    assert shown["dropped.jpg"].get_attribute("data-label") == reference(reference_model, data).label
+
+
+def test_the_choose_button_shows_keyboard_focus(stack, browser):
+    """The focus ring was drawn around the hint below it, not the button."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(stack.web_url + "/")
+    browser.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB)
+    assert browser.execute_script("return document.activeElement.id") == "file-input"
+    outline = browser.execute_script(
+        "return getComputedStyle(document.querySelector('label.button')).outlineStyle")
+    assert outline == "solid"

@@ -141,7 +141,13 @@
         chunks.push(this.entries.slice(i, i + size));
       }
       // Until a batch exists, chunks go one at a time; the rest then join it in parallel.
-      while (chunks.length && !this.batchId) await this.send(chunks.shift());
+      while (chunks.length && !this.batchId) {
+        await this.send(chunks.shift());
+        // A chunk the server did not store is sent again later (sendLater); sent
+        // then beside the next chunk, neither naming a batch yet, each would start
+        // one of its own, and the page follows only one: wait for it instead.
+        while (this.resends.length && !this.batchId) await this.resends.shift();
+      }
       if (this.batchId) this.follow();
       const worker = async () => {
         while (chunks.length) await this.send(chunks.shift());
@@ -164,10 +170,10 @@
         body = await response.json().catch(() => null);
       } catch (err) {
         if (leaving) return;  // cut off by the reload itself: the server may well have them
-        if (attempt > 0 && attempt < RESEND_DELAYS_MS.length) {
-          // Sending again files a stopping web tier did not store: the next one is most
-          // likely still starting. (Cut off mid-request, it may have stored some: they
-          // would then be in the batch twice, which beats losing them.)
+        if (attempt < RESEND_DELAYS_MS.length) {
+          // Most likely a web tier restarting (a refused connection stores nothing):
+          // sent again, it finds the next one. (Cut off mid-request, it may have
+          // stored some: they would then be in the batch twice, which beats losing them.)
           this.sendLater(chunk, attempt);
           return;
         }
@@ -260,6 +266,7 @@
       this.entries.push({ file: null, el, id: item.id });
       this.byId.set(item.id, el);
       showItem(el, item);
+      updateSummary();  // a row that joins queued is counted too
     }
 
     unfinished() {
@@ -406,6 +413,9 @@
   (async () => {
     for (const batchId of batchesInUrl()) await restore(batchId);
   })();
+  // The address edited by hand (or a link to other batches followed in this tab):
+  // show what it names now. The page's own changes (replaceState) fire no event.
+  window.addEventListener("hashchange", () => location.reload());
 
   function upload(fileList) {
     const files = Array.from(fileList || []);
@@ -422,16 +432,20 @@
     upload(input.files);
     input.value = "";
   });
+  // Files dropped anywhere on the page are uploaded: left to the browser, a drop
+  // beside the zone would open the file in this tab, leaving the page.
   const zone = $("drop-zone");
-  zone.addEventListener("dragover", (event) => {
+  document.addEventListener("dragover", (event) => {
     event.preventDefault();
-    zone.classList.add("over");
+    zone.classList.toggle("over", zone.contains(event.target));
   });
-  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
-  zone.addEventListener("drop", (event) => {
+  document.addEventListener("dragleave", (event) => {
+    if (!event.relatedTarget) zone.classList.remove("over");  // left the window
+  });
+  document.addEventListener("drop", (event) => {
     event.preventDefault();
     zone.classList.remove("over");
-    upload(event.dataTransfer.files);
+    upload(event.dataTransfer && event.dataTransfer.files);
   });
 
   // --- live status line -------------------------------------------------------------
