@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import requests
 
@@ -299,6 +299,10 @@ def same_label(a: str, b: str) -> bool:
 # header's filename="...", as the HTML standard says.
 _MULTIPART_ESCAPES = {ord("\n"): "%0A", ord("\r"): "%0D", ord('"'): "%22"}
 _MAX_DISPLAY_NAME = 1024  # web_tier/uploads.py MAX_FILENAME_CHARS
+_BIDI_CONTROLS = dict.fromkeys(map(ord, "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+                                        "\u2066\u2067\u2068\u2069"))  # web_tier/uploads.py
+_MAX_EXTENSION_CHARS = 16  # common/names.py MAX_EXTENSION_CHARS
+_MAX_META_FILENAME = 1800  # common/names.py MAX_META_FILENAME
 _MAX_SAFE_NAME = 100  # common/names.py
 _MESSAGE_FILENAME_BYTES = 160  # common/messages.py _FILENAME_BYTES
 
@@ -308,13 +312,40 @@ def received_name(filename: str) -> str:
 
     Werkzeug reads filename="..." as an HTTP quoted string, so a backslash escapes
     the next character ('back\\slash.jpg' becomes 'backslash.jpg') and %22 is a
-    quote; the web tier then turns control characters (tab, ...) into spaces and
-    trims the ends (web_tier/uploads.py display_name).
+    quote; the web tier then drops bidirectional-text controls, turns control
+    characters (tab, ...) into spaces, trims the ends, and cuts a long name before
+    its extension (web_tier/uploads.py clean_name).
     """
     wire = filename.translate(_MULTIPART_ESCAPES)
     parsed = re.sub(r"\\(.)", r"\1", wire, flags=re.ASCII).replace("%22", '"')
-    shown = "".join(" " if unicodedata.category(c) == "Cc" else c for c in parsed)
-    return shown.strip()[:_MAX_DISPLAY_NAME] or "upload"
+    shown = "".join(" " if unicodedata.category(c) == "Cc" else c for c in parsed.translate(_BIDI_CONTROLS))
+    shown = shown.strip()
+    if len(shown) > _MAX_DISPLAY_NAME:
+        kept = _kept_extension(shown)
+        shown = shown[:_MAX_DISPLAY_NAME - len(kept)] + kept
+    return _fit_metadata(shown) or "upload"
+
+
+def _kept_extension(name: str) -> str:
+    # common/names.py kept_extension
+    head, dot, extension = name.rpartition(".")
+    return dot + extension if head and len(extension) <= _MAX_EXTENSION_CHARS else ""
+
+
+def _fit_metadata(name: str) -> str:
+    # common/names.py encode_filename, decoded: the name cut, in whole characters and
+    # before its extension, to what S3 metadata holds percent-encoded.
+    if len(quote(name, safe="")) <= _MAX_META_FILENAME:
+        return name
+    kept = _kept_extension(name)
+    room, body = _MAX_META_FILENAME - len(quote(kept, safe="")), []
+    for char in name[:len(name) - len(kept)]:
+        size = len(quote(char, safe=""))
+        if size > room:
+            break
+        body.append(char)
+        room -= size
+    return "".join(body) + kept
 
 
 def name_stem(filename: str) -> str:

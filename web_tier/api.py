@@ -90,8 +90,10 @@ def _batch_json(batch_id: str, items: list[Item]) -> dict[str, Any]:
     # What its results say; before any, what the configured model (or, once known, the
     # workers' latest answer) says, so that a batch still queued is not called trained.
     done = [i for i in items if i.state == DONE]
-    untrained = any(i.untrained for i in done) if done else bool(services().book.untrained)
-    return {"batch_id": batch_id, "items": [i.to_json() for i in items], "untrained": untrained}
+    model_untrained = bool(services().book.untrained)
+    untrained = any(i.untrained for i in done) if done else model_untrained
+    return {"batch_id": batch_id, "items": [i.to_json(model_untrained) for i in items],
+            "untrained": untrained}
 
 
 @bp.get("/jobs/<batch_id>")

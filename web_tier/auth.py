@@ -7,7 +7,7 @@ import hmac
 from collections.abc import Callable
 from typing import Any
 
-from flask import request
+from flask import current_app, request
 
 from web_tier.services import services
 
@@ -36,7 +36,10 @@ def require_api_key(on_refusal: Callable[[], Any]) -> Callable:
         @functools.wraps(view)
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             if not key_ok(services().settings.api_key):
-                return on_refusal()
+                refusal = current_app.make_response(on_refusal())
+                # A 401 names the scheme that would do (RFC 9110); X-API-Key works too.
+                refusal.headers["WWW-Authenticate"] = 'Bearer realm="imgclass"'
+                return refusal
             return view(*args, **kwargs)
 
         return wrapped

@@ -21,8 +21,9 @@ RETRY_MS = 3000
 MAX_STREAM_S = 600.0
 
 
-def _event(item: Item) -> str:
-    return f"id: {item.id}\ndata: {json.dumps(item.to_json(), separators=(',', ':'))}\n\n"
+def _event(item: Item, book: ResultBook) -> str:
+    body = item.to_json(bool(book.untrained))
+    return f"id: {item.id}\ndata: {json.dumps(body, separators=(',', ':'))}\n\n"
 
 
 def stream(book: ResultBook, batch_id: str, items: Callable[[], list[Item] | None],
@@ -40,7 +41,7 @@ def stream(book: ResultBook, batch_id: str, items: Callable[[], list[Item] | Non
             for item in current:
                 if item.is_finished and item.id not in sent:
                     sent.add(item.id)
-                    yield _event(item)
+                    yield _event(item, book)
             if all(i.id in sent for i in current):
                 yield "event: end\ndata: {}\n\n"
                 return
@@ -56,6 +57,6 @@ def stream(book: ResultBook, batch_id: str, items: Callable[[], list[Item] | Non
                 return  # this process is stopping; without `end`, the browser reconnects
             if item.id not in sent and item.is_finished:
                 sent.add(item.id)
-                yield _event(item)
+                yield _event(item, book)
     finally:
         book.unsubscribe(batch_id, inbox)

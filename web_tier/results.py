@@ -56,7 +56,9 @@ class Item:
     def is_finished(self) -> bool:
         return self.state in FINISHED
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, model_untrained: bool = False) -> dict[str, Any]:
+        """The item as the API shows it; `untrained` is its label's, and, for an item
+        without one (queued, failed), what the model is known to be."""
         return {
             "id": self.id,
             "filename": self.filename,
@@ -65,7 +67,7 @@ class Item:
             "score": self.score,
             "top5": list(self.top5),
             "error": self.error,
-            "untrained": self.untrained,
+            "untrained": self.untrained if self.state == DONE else model_untrained,
             "worker": self.worker,
         }
 

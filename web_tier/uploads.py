@@ -17,7 +17,7 @@ from werkzeug.datastructures import FileStorage
 from werkzeug.wrappers import Request
 
 from common.config import Settings
-from common.names import kept_extension
+from common.names import decode_filename, encode_filename, kept_extension
 from common.pillow_errors import plain_reason
 from common.pixels import PILLOW_REFUSALS, pillow_refusal, size_refusal
 
@@ -88,6 +88,11 @@ def clean_name(sent: str) -> str:
     if len(name) > MAX_FILENAME_CHARS:
         kept = kept_extension(name)
         name = name[:MAX_FILENAME_CHARS - len(kept)] + kept
+    # The output object takes the name from the input object's metadata, which holds
+    # it percent-encoded in MAX_META_FILENAME characters (about 300 two-byte or 200
+    # three-byte characters): cut here as it would be cut there, the answer, the page
+    # and the output object all show one name.
+    name = decode_filename(encode_filename(name))
     return name or "upload"
 
 
@@ -248,6 +253,12 @@ def form_files(request: Request, fields: Iterable[str]) -> list[FileStorage]:
     would otherwise be dropped without a word.
     """
     fields = tuple(fields)
+    texts = [name for name in fields if request.form.getlist(name)]
+    if texts:
+        # A part without a filename is a text field: curl -F 'files=<cat.jpg' sends
+        # the file's bytes so, and Werkzeug keeps it apart from the files.
+        raise UploadError(400, f"form field {texts[0]!r} holds text, not a file: send each image "
+                               f"as a file (curl -F {texts[0]}=@cat.jpg)")
     files = _real_files(f for name in fields for f in request.files.getlist(name))
     if (not files and request.mimetype == "multipart/form-data" and request.content_length
             and not request.files and not request.form):

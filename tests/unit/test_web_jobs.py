@@ -499,6 +499,8 @@ def test_a_batch_says_its_model_is_untrained_before_any_result(make_web_app):
     batch_id = upload(client, [(make_image(90), "early.jpg")]).get_json()["batch_id"]
     body = client.get(f"/api/jobs/{batch_id}").get_json()
     assert [i["state"] for i in body["items"]] == ["queued"] and body["untrained"] is True
+    # Its item too, without a label yet: it said false beside the batch's true (explorer).
+    assert body["items"][0]["untrained"] is True
 
 
 def test_a_finished_batch_says_what_its_own_results_say(web_app, fake_worker):

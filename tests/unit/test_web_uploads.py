@@ -332,6 +332,21 @@ def test_a_name_too_long_is_cut_before_its_extension():
     assert clean_name("B" * 3000) == "B" * MAX_FILENAME_CHARS  # no extension to keep
 
 
+@pytest.mark.parametrize("name", ["\u00e9" * 1100 + ".jpg", "\U0001f600" * 500 + ".jpg",
+                                  "\u732b" * 300 + ".png", "%" * 1000 + ".gif"])
+def test_a_name_is_cut_to_what_the_output_object_can_name(name):
+    """An explorer's 300 CJK characters: the API showed them all, the output object 203
+    (the worker reads the name from the input object's metadata, 1,800 characters
+    percent-encoded). Every name kept fits there whole."""
+    from common.names import MAX_META_FILENAME, decode_filename, encode_filename
+    from web_tier.uploads import clean_name
+
+    kept = clean_name(name)
+    assert decode_filename(encode_filename(kept)) == kept  # the worker reads it back whole
+    assert len(encode_filename(kept)) <= MAX_META_FILENAME
+    assert kept.endswith(name[-5:]) and name.startswith(kept[:-4]) and len(kept) < len(name)
+
+
 def test_a_name_cannot_use_bidirectional_controls_to_read_as_another(web_client):
     """'invoice\u202egpj.exe' shows as 'invoiceexe.jpg' wherever the name is shown."""
     response = upload(web_client, [(make_image(310), "invoice\u202egpj.exe.jpg"),
@@ -434,6 +449,26 @@ def test_api_key_guards_post_root_too(keyed_client):
                                  content_type="multipart/form-data")
     assert response.status_code == 401
     assert response.mimetype == "text/plain"
+
+
+def test_a_401_names_the_scheme_that_would_do(keyed_client):
+    """RFC 9110: a 401 carries WWW-Authenticate (an explorer found none)."""
+    for response in (upload(keyed_client, [(make_image(9), "a.jpg")]),
+                     keyed_client.post("/", data={"inputFile": (io.BytesIO(make_image(10)), "a.jpg")},
+                                       content_type="multipart/form-data")):
+        assert response.status_code == 401
+        assert response.headers["WWW-Authenticate"] == 'Bearer realm="imgclass"'
+
+
+@pytest.mark.parametrize("url, field", [("/api/jobs", "files"), ("/", "inputFile")])
+def test_an_image_sent_as_text_in_a_file_field_is_refused_not_dropped(web_client, url, field):
+    """curl -F 'files=<b.png' sends b.png's bytes as a text field: /api/jobs answered 202
+    with the other file and said nothing of this one."""
+    files = [(io.BytesIO(make_image(11)), "a.jpg")] if url == "/api/jobs" else []
+    response = web_client.post(url, data={field: [*files, "\x89PNG..."]}, content_type="multipart/form-data")
+    assert response.status_code == 400
+    text = response.get_json()["error"] if response.is_json else response.get_data(as_text=True)
+    assert f"form field '{field}' holds text, not a file" in text
 
 
 def test_status_reports_whether_a_key_is_required(keyed_client, web_client):
