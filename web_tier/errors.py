@@ -13,7 +13,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from common.aws import error_reason
 from web_tier.services import services
 from web_tier.unread_body import reads_bounded_by
-from web_tier.uploads import UploadError, clean_name
+from web_tier.uploads import UploadError, clean_name, too_large
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def _too_large(exc: RequestEntityTooLarge) -> Response:
         # POST / takes one file, so its limit is the file's: say so, naming the file.
         max_bytes = services().settings.max_upload_bytes
         return error_response(UploadError(
-            413, f"file is larger than the limit of {max_bytes} bytes", _first_file_name()))
+            413, too_large(max_bytes), _first_file_name()))
     return error_response(UploadError(
         413, "the request is larger than the server accepts" + (f" ({limit} bytes)" if limit else "")))
 

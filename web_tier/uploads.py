@@ -119,7 +119,7 @@ def read_limited(storage: FileStorage, limit: int) -> bytes:
             break
         buf.write(chunk)
         if buf.tell() > limit:
-            raise UploadError(413, f"file is larger than the limit of {limit} bytes", name)
+            raise UploadError(413, too_large(limit), name)
     return buf.getvalue()
 
 
@@ -156,6 +156,19 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
     except Exception as exc:  # Pillow raises many kinds of errors on damaged files
         raise UploadError(415, f"damaged or unreadable image: {plain_reason(exc)}", name) from exc
     return Upload(name, data, FORMATS[fmt])
+
+
+def readable_size(n: int) -> str:
+    """10485760 -> '10 MB', 20000 -> '19.5 KB' (binary units, as MAX_UPLOAD_BYTES' default)."""
+    for unit, size in (("MB", 1024**2), ("KB", 1024)):
+        if n >= size:
+            return f"{round(n / size, 1):g} {unit}"
+    return f"{n} bytes"
+
+
+def too_large(limit: int) -> str:
+    """Why a file over the size limit is refused, in the page's units and exactly."""
+    return f"file is larger than the limit of {readable_size(limit)} ({limit} bytes)"
 
 
 def _truncation(img: Image.Image, data: bytes) -> str | None:

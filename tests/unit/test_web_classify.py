@@ -191,7 +191,7 @@ def test_a_body_larger_than_one_file_is_refused_before_it_is_read(web_app, web_s
     assert response.status_code == 413
     # The one file's limit, not the body's (which has room for the form around it).
     max_bytes = web_settings.max_upload_bytes
-    assert response.text == f"huge.jpg: file is larger than the limit of {max_bytes} bytes\n"
+    assert response.text == f"huge.jpg: file is larger than the limit of 293 KB ({max_bytes} bytes)\n"
 
 
 def test_a_stopping_web_tier_stores_no_new_image(web_app, web_aws):
