@@ -38,6 +38,7 @@ from app_tier import EXIT_MODEL_UNAVAILABLE, SPARE_LOADED
 from common.aws import Aws
 from common.config import Settings
 from common.fleet import LIVE_STATES, app_tier_instances
+from localaws.kill import kill_and_wait
 from localaws.notify import NotifySocket, NotifySockets
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class WorkerProcess:
     process: subprocess.Popen
     started_at: float
     term_sent_at: float | None = None
+    kill_sent_at: float | None = None  # once it outlived the grace period after SIGTERM
     abort_sent_at: float | None = None  # by the watchdog
     ready: bool = False  # it said READY=1
     start_timeout_s: float = START_TIMEOUT_S  # to say it, from started_at
@@ -219,12 +221,13 @@ class InstanceRunner:
         for worker in self._draining:
             if worker.process.poll() is not None:
                 continue
-            if now - (worker.term_sent_at or now) > self.grace_s:
+            if worker.kill_sent_at is None and now - (worker.term_sent_at or now) > self.grace_s:
                 log.warning("runner: pid %d ignored SIGTERM for %.0fs, SIGKILL",
                             worker.process.pid, self.grace_s)
                 self._signal(worker.process, signal.SIGKILL)
-                worker.process.wait(timeout=5)
-                continue
+                worker.kill_sent_at = now
+            # Reaped by a later round's poll, not waited for here: a process a debugger
+            # holds outlives SIGKILL, and the round must go on (the watchdog comes after).
             still.append(worker)
         self._draining = still
 
@@ -344,8 +347,7 @@ class InstanceRunner:
             try:
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                self._signal(p, signal.SIGKILL)
-                p.wait(timeout=5)
+                kill_and_wait(p)
         self.workers.clear()
         self._draining.clear()
         self._spares.clear()

@@ -30,6 +30,7 @@ from common.logs import configure as configure_logging
 from common.provision import provision
 from common.signals import on_signals
 from controller.lock import EXIT_ANOTHER_CONTROLLER
+from localaws.kill import kill_and_wait
 from localaws.notify import NotifySocket, NotifySockets
 from localaws.runner import InstanceRunner
 from localaws.server import PortInUse, StartInterrupted, ensure_port_free, start_moto, wait_until_up
@@ -258,7 +259,7 @@ class Stack:
         child.notify.read(now)
         if child.abort_sent_at is None and child.notify.overdue(now):
             log.error("%s (pid %d) has not pinged its watchdog for %.0f s: hung; SIGABRT (its threads' "
-                      "stacks follow), then a restart", child.name, child.process.pid,
+                      "stacks follow, unless it is stopped), then a restart", child.name, child.process.pid,
                       now - (child.notify.last_heard or now))
             _signal_group(child.process.pid, signal.SIGABRT)
             child.abort_sent_at = now
@@ -310,19 +311,21 @@ class Stack:
             # First, or the runner would go on starting workers (each loading the
             # model) for the instances the controller launched while it was stopping.
             self.runner.stopping.set()
-        for child in reversed(self.children):
-            if child.name == "moto":
-                continue  # last: the runner and workers still talk to it while stopping
-            _terminate(child.process, deadline)
-        if self.runner is not None:
-            # A round in progress may still start a worker: let it end, so that
-            # shutdown() sees every process there is.
-            if self.runner_thread is not None:
-                self.runner_thread.join(timeout=max(0.5, deadline - time.monotonic()))
-            self.runner.shutdown(timeout_s=max(1.0, deadline - time.monotonic()))
-        for child in self.children:
-            if child.name == "moto":
-                _terminate(child.process, time.monotonic() + 2)
+        try:
+            for child in reversed(self.children):
+                if child.name == "moto":
+                    continue  # last: the runner and workers still talk to it while stopping
+                _terminate(child.process, deadline)
+            if self.runner is not None:
+                # A round in progress may still start a worker: let it end, so that
+                # shutdown() sees every process there is.
+                if self.runner_thread is not None:
+                    self.runner_thread.join(timeout=max(0.5, deadline - time.monotonic()))
+                self.runner.shutdown(timeout_s=max(1.0, deadline - time.monotonic()))
+        finally:  # whatever failed above, the embedded AWS is not left running
+            for child in self.children:
+                if child.name == "moto":
+                    _terminate(child.process, time.monotonic() + 2)
         for child in self.children:
             if child.notify is not None:
                 child.notify.close()
@@ -360,8 +363,7 @@ def _terminate(process: subprocess.Popen, deadline: float) -> None:
     try:
         process.wait(timeout=max(0.1, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=5)
+        kill_and_wait(process)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,9 +24,11 @@ from web_tier.storage import is_not_found, tag_failed
 log = logging.getLogger(__name__)
 
 # In the characters an S3 tag value takes (common/failure_tags.py), so that a batch
-# rebuilt from S3 shows it the same.
-DEAD_LETTER_ERROR = ("could not be processed: every attempt to classify it failed - a worker crashed or "
-                     "stalled on it each time. Check the image or send it again")
+# rebuilt from S3 shows it the same. Not "it failed each time": a worker killed while
+# it held an image it had not begun (scale-in, a crash on another image) counts too.
+DEAD_LETTER_ERROR = ("could not be processed: no worker answered for it in the attempts allowed - each "
+                     "worker holding it crashed or stalled or was stopped. Send it again and check "
+                     "the image if it fails again")
 RESPONSE_THREADS = 2
 MIN_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0

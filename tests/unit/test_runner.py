@@ -122,6 +122,58 @@ def test_a_terminated_instance_gets_sigterm_then_sigkill(world):
     assert process.returncode == -9
 
 
+def test_a_worker_that_outlives_sigkill_does_not_hold_up_the_rounds(world, monkeypatch):
+    """A debugger attached to a worker kept it alive after SIGKILL: the runner waited 5 s
+    for it, then raised, in every round after, so the watchdog never ran and a launch
+    waited 7 s for its worker (explorer)."""
+    settings, aws, make, out = world
+    runner = make(warm_spares=0, grace_s=0.5, env={"FAKE_MODE": "stubborn"})
+    iid = launch(aws, settings, (1,))[1]
+    runner.step()
+    process = runner.workers[iid].process
+    wait_until(lambda: started(out) == [iid], what="the worker to start")
+    kills: list[int] = []
+    real_signal = InstanceRunner._signal
+
+    def sigkill_outlived(target, sig):  # as if a debugger held the process
+        if sig == signal.SIGKILL:
+            kills.append(target.pid)
+            return
+        real_signal(target, sig)
+
+    monkeypatch.setattr(InstanceRunner, "_signal", staticmethod(sigkill_outlived))
+    terminate(aws, (iid,))
+    wait_until(lambda: (runner.step(), kills)[1], what="SIGKILL after the grace period")
+    second = launch(aws, settings, (2,))[2]
+    began = time.monotonic()
+    runner.step()
+    assert second in runner.workers and time.monotonic() - began < 2
+    runner.step()
+    assert kills == [process.pid], "SIGKILL once, not again every round"
+    assert process.poll() is None  # still there: reaped by a later round, or killed at shutdown
+
+
+def test_kill_and_wait_leaves_a_process_that_outlives_sigkill_behind_and_says_so(caplog):
+    import subprocess
+
+    from localaws.kill import kill_and_wait
+
+    class Held:  # SIGKILLed, but not gone: as a process a debugger holds
+        pid = os.getpid()  # never signalled: killpg is replaced below
+
+        def poll(self):
+            return None
+
+        def wait(self, timeout):
+            raise subprocess.TimeoutExpired("held", timeout)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "killpg", lambda pgid, sig: None)
+        with caplog.at_level(logging.ERROR, logger="localaws.kill"):
+            assert kill_and_wait(Held(), wait_s=0.01) is False
+    assert "outlived SIGKILL" in caplog.text and "left behind" in caplog.text
+
+
 def test_a_crashed_worker_is_restarted_like_systemd_would(world):
     settings, aws, make, out = world
     runner = make(warm_spares=0)
