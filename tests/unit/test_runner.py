@@ -107,13 +107,19 @@ def test_each_live_instance_gets_one_worker_after_the_boot_delay(world):
     assert len(runner.workers) == 2 and runner.started_total == 2, "no second process per instance"
 
 
-def test_a_terminated_instance_gets_sigterm_then_sigkill(world):
+def stubborn_worker(world) -> tuple[InstanceRunner, str, object]:
+    """A runner serving one instance whose worker ignores SIGTERM: (runner, instance id, process)."""
     settings, aws, make, out = world
     runner = make(warm_spares=0, grace_s=0.5, env={"FAKE_MODE": "stubborn"})
     iid = launch(aws, settings, (1,))[1]
     runner.step()
-    process = runner.workers[iid].process
     wait_until(lambda: started(out) == [iid], what="the worker to start")
+    return runner, iid, runner.workers[iid].process
+
+
+def test_a_terminated_instance_gets_sigterm_then_sigkill(world):
+    _, aws, _, _ = world
+    runner, iid, process = stubborn_worker(world)
     terminate(aws, (iid,))
     runner.step()
     assert iid not in runner.workers
@@ -126,12 +132,8 @@ def test_a_worker_that_outlives_sigkill_does_not_hold_up_the_rounds(world, monke
     """A debugger attached to a worker kept it alive after SIGKILL: the runner waited 5 s
     for it, then raised, in every round after, so the watchdog never ran and a launch
     waited 7 s for its worker (explorer)."""
-    settings, aws, make, out = world
-    runner = make(warm_spares=0, grace_s=0.5, env={"FAKE_MODE": "stubborn"})
-    iid = launch(aws, settings, (1,))[1]
-    runner.step()
-    process = runner.workers[iid].process
-    wait_until(lambda: started(out) == [iid], what="the worker to start")
+    settings, aws, _, _ = world
+    runner, iid, process = stubborn_worker(world)
     kills: list[int] = []
     real_signal = InstanceRunner._signal
 
