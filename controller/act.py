@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 import re
 import uuid
@@ -72,7 +71,9 @@ def launch(aws: Aws, settings: Settings, numbers: tuple[int, ...]) -> dict[int, 
     One RunInstances call per instance, because each needs its own Name tag at
     launch; the calls run in parallel so that 15 take about as long as one.
     """
-    user_data = base64.b64encode(render_user_data(settings).encode()).decode()
+    # As text: boto3 base64-encodes UserData itself, and a script encoded here too
+    # reached the instance still encoded, which cloud-init does not run.
+    user_data = render_user_data(settings)
     with ThreadPoolExecutor(max_workers=8) as pool:
         futures = [pool.submit(_launch_one, aws, settings, n, user_data) for n in numbers]
     ids: dict[int, str] = {}

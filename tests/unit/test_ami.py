@@ -102,6 +102,28 @@ esac
     return run
 
 
+def test_an_instance_launched_gets_the_boot_script_itself(monkeypatch):
+    """The controller encoded the script, and boto3 encoded it again: an instance would
+    have been given base64 text, which cloud-init does not run, so no worker would
+    ever have started on AWS (explorer)."""
+    import base64
+
+    from moto import mock_aws
+
+    from common.aws import Aws
+    from controller.act import launch
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "testing")
+    with mock_aws():
+        settings = Settings()
+        aws = Aws(settings)
+        instance_id = launch(aws, settings, (1,))[1]
+        attribute = aws.ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
+        served = base64.b64decode(attribute["UserData"]["Value"]).decode()  # as IMDS serves it
+    assert served == render_user_data(settings) and served.startswith("#!/bin/bash")
+
+
 def test_user_data_writes_worker_env_from_imdsv2_and_starts_the_service(boot):
     result, etc_dir, calls = boot(render())
     assert result.returncode == 0, result.stderr
