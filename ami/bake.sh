@@ -47,10 +47,15 @@ fi
 stage="$(mktemp -d)"
 trap 'rm -rf "$stage"' EXIT
 
-# The code as it is in this checkout, without local state: no venv, caches,
-# tests, `make run`'s logs and state (.run/) or benchmark figures (.bench/).
-# A weights file given with --weights rides along in .bake/, where
-# provision.sh looks first.
+# The files git tracks, as they are in this checkout (uncommitted edits included,
+# a new file once it is `git add`ed), but the tests: never whatever else lies in
+# the folder (a .env, credentials, the venv, `make run`'s state), which would ride
+# along into every instance, readable there by any user. A weights file given
+# with --weights rides along in .bake/, where provision.sh looks first.
+if ! git -C "$repo" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  echo "bake.sh: $repo is not a git checkout: the image is made of the files git tracks" >&2
+  exit 2
+fi
 extra=()
 if [[ -n $weights_file ]]; then
   mkdir -p "$stage/extra/.bake"
@@ -58,11 +63,8 @@ if [[ -n $weights_file ]]; then
   extra=(-C "$stage/extra" ./.bake)
 fi
 # ${extra[@]+...}: an empty array is "unbound" to bash 3.2 (macOS) under set -u.
-tar -czf "$stage/imgclass-src.tar.gz" \
-  --exclude=./.venv --exclude=./.git --exclude=./.run --exclude=./.bench --exclude=./tests \
-  --exclude='__pycache__' --exclude='*.pyc' --exclude=.pytest_cache --exclude=.ruff_cache \
-  --exclude=.mypy_cache --exclude='*.egg-info' --exclude='packer-manifest.json' \
-  -C "$repo" . ${extra[@]+"${extra[@]}"}
+git -C "$repo" ls-files -z -- . ':(exclude)tests' \
+  | tar -czf "$stage/imgclass-src.tar.gz" -C "$repo" --null -T - ${extra[@]+"${extra[@]}"}
 echo "bake.sh: source tarball is $(du -h "$stage/imgclass-src.tar.gz" | cut -f1)"
 
 vars=(

@@ -319,11 +319,11 @@ fi
     assert log.read_text().split() == ["init", "validate", "build"]
 
     with tarfile.open(kept) as tar:
-        names = set(tar.getnames())
-    assert {"./ami/provision.sh", "./ami/imgclass-worker.service", "./requirements.txt",
-            "./app_tier/imagenet_class_index.json"} <= names
-    assert "./.bake/resnet50_weights_tf_dim_ordering_tf_kernels.h5" in names
-    assert not any(n.startswith(("./.venv", "./.git/", "./tests")) or "__pycache__" in n for n in names)
+        names = {n.removeprefix("./") for n in tar.getnames()}
+    assert {"ami/provision.sh", "ami/imgclass-worker.service", "requirements.txt",
+            "app_tier/imagenet_class_index.json"} <= names
+    assert ".bake/resnet50_weights_tf_dim_ordering_tf_kernels.h5" in names
+    assert not any(n.startswith((".venv", ".git/", "tests")) or "__pycache__" in n for n in names)
 
 
 def test_bake_refuses_a_bad_weights_source(tmp_path):

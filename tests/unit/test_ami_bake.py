@@ -1,5 +1,5 @@
-"""What bake.sh leaves out of the image: local state, caches and tests, in a checkout
-that has all of them (bake.sh packs the folder above its own)."""
+"""What bake.sh packs into the image: the files git tracks but the tests, never what
+else lies in the checkout (bake.sh packs the folder above its own)."""
 
 from __future__ import annotations
 
@@ -12,23 +12,21 @@ from pathlib import Path
 
 AMI = Path(__file__).resolve().parents[2] / "ami"
 
-LOCAL_ONLY = [
+UNTRACKED = [
     ".run/logs/web.log", ".run/state.json",  # make run
     ".bench/latest.json",  # make bench
-    ".venv/bin/python", ".git/HEAD", "tests/test_x.py",
-    ".pytest_cache/README.md", ".ruff_cache/x", ".mypy_cache/x", "imgclass.egg-info/PKG-INFO",
+    ".venv/bin/python", ".pytest_cache/README.md", ".ruff_cache/x", "imgclass.egg-info/PKG-INFO",
     "app_tier/__pycache__/worker.cpython-311.pyc", "stray.pyc", "packer-manifest.json",
+    ".env", ".aws/credentials", "notes/keys.txt",  # an explorer's .env and credentials were packed
 ]
-KEPT = ["app_tier/worker.py", "requirements.txt", "web_tier/static/app.js"]
+TRACKED = ["app_tier/worker.py", "requirements.txt", "web_tier/static/app.js"]
+TRACKED_LEFT_OUT = ["tests/test_x.py"]
 
 
-def test_bake_leaves_local_state_caches_and_tests_out_of_the_image(tmp_path):
-    repo, bin_dir, kept = tmp_path / "repo", tmp_path / "bin", tmp_path / "src.tar.gz"
-    shutil.copytree(AMI, repo / "ami")
-    for name in LOCAL_ONLY + KEPT:
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        (repo / name).write_text("x")
-    bin_dir.mkdir()
+def bake(repo: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    """bake.sh --validate-only under a stub packer that keeps the tarball it is given."""
+    bin_dir, kept = tmp_path / "bin", tmp_path / "src.tar.gz"
+    bin_dir.mkdir(exist_ok=True)
     packer = bin_dir / "packer"
     packer.write_text(f"""#!/bin/bash
 for arg in "$@"; do
@@ -39,14 +37,31 @@ done
 """)
     packer.chmod(packer.stat().st_mode | stat.S_IXUSR)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    result = subprocess.run(["bash", str(repo / "ami" / "bake.sh"), "--validate-only"],
-                            env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(["bash", str(repo / "ami" / "bake.sh"), "--validate-only"],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_bake_packs_the_files_git_tracks_and_nothing_else(tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(AMI, repo / "ami")
+    for name in UNTRACKED + TRACKED + TRACKED_LEFT_OUT:
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text("x")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "add", "ami", *TRACKED, *TRACKED_LEFT_OUT], check=True)
+    (repo / TRACKED[0]).write_text("edited, not committed")
+    result = bake(repo, tmp_path)
     assert result.returncode == 0, result.stderr
 
-    with tarfile.open(kept) as tar:
-        names = {n.removeprefix("./") for n in tar.getnames()}
-    assert {*KEPT, "ami/bake.sh"} <= names
-    local_dirs = {name.split("/")[0] for name in LOCAL_ONLY if "/" in name} - {"app_tier"}
-    leaked = {n for n in names if n.split("/")[0] in local_dirs or n in LOCAL_ONLY
-              or "__pycache__" in n or n.endswith(".pyc")}
-    assert not leaked, sorted(leaked)
+    with tarfile.open(tmp_path / "src.tar.gz") as tar:
+        names = {n.removeprefix("./") for n in tar.getnames() if tar.getmember(n).isfile()}
+        edited = tar.extractfile(next(n for n in tar.getnames() if n.endswith(TRACKED[0]))).read()
+    assert names == {*TRACKED, *(f"ami/{p.name}" for p in AMI.iterdir() if p.is_file())}
+    assert edited == b"edited, not committed"
+
+
+def test_bake_refuses_a_folder_that_is_not_a_git_checkout(tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(AMI, repo / "ami")
+    result = bake(repo, tmp_path)
+    assert result.returncode == 2 and "not a git checkout" in result.stderr
