@@ -97,6 +97,10 @@ class Settings:
     instance_type: str = "t2.small"
     key_name: str = ""
     security_group_ids: tuple[str, ...] = ()
+    # Where instances go, spread by instance number (and so across Availability
+    # Zones, if the subnets are in several); none: the default VPC's default subnet,
+    # which an account or region without a default VPC does not have.
+    subnet_ids: tuple[str, ...] = ()
     instance_profile: str = ""
     poll_interval_s: float = 1.0
     # Messages one instance is expected to hold: desired = ceil(backlog / target).
@@ -202,6 +206,7 @@ class Settings:
             instance_type=_str(env, "INSTANCE_TYPE", cls.instance_type),
             key_name=_str(env, "KEY_NAME", ""),
             security_group_ids=_list(env, "SECURITY_GROUP_IDS"),
+            subnet_ids=_list(env, "SUBNET_IDS"),
             instance_profile=_str(env, "INSTANCE_PROFILE", ""),
             poll_interval_s=_float(env, "POLL_INTERVAL", cls.poll_interval_s, low=0.01, high=3600),
             target_backlog_per_instance=_float(

@@ -113,6 +113,8 @@ def _launch_one(aws: Aws, settings: Settings, n: int, user_data: str) -> str:
         kwargs["KeyName"] = settings.key_name
     if settings.security_group_ids:
         kwargs["SecurityGroupIds"] = list(settings.security_group_ids)
+    if settings.subnet_ids:
+        kwargs["SubnetId"] = settings.subnet_ids[n % len(settings.subnet_ids)]
     if settings.instance_profile:
         kwargs["IamInstanceProfile"] = {"Name": settings.instance_profile}
     return aws.ec2.run_instances(**kwargs)["Instances"][0]["InstanceId"]

@@ -355,6 +355,20 @@ def launch_request(prefix: str) -> dict:
     return request
 
 
+def test_launches_are_spread_over_the_subnets_given_by_instance_number():
+    """Without SUBNET_IDS a launch needs a default VPC, which many accounts and regions
+    do not have: every launch failed there (explorer)."""
+    settings = Settings(subnet_ids=("subnet-a", "subnet-b"))
+    aws = StubAws(settings)
+    launch(aws, settings, (1, 2, 3))
+    subnets = {instance_tags(request)["Name"]: request["SubnetId"] for _, request in aws.ec2.calls}
+    assert subnets == {"app-tier-instance-1": "subnet-b", "app-tier-instance-2": "subnet-a",
+                       "app-tier-instance-3": "subnet-b"}
+    aws = StubAws(Settings())
+    launch(aws, aws.settings, (1,))
+    assert "SubnetId" not in aws.ec2.calls[0][1]  # the default VPC's default subnet
+
+
 def instance_tags(request: dict) -> dict[str, str]:
     [spec] = [s for s in request["TagSpecifications"] if s["ResourceType"] == "instance"]
     return {t["Key"]: t["Value"] for t in spec["Tags"]}

@@ -188,11 +188,13 @@ def test_responses_need_a_text_id():
 def test_settings_from_env():
     s = Settings.from_env({"APP_PREFIX": "demo", "MAX_INSTANCES": "3", "AWS_REGION": "eu-west-1",
                            "SECURITY_GROUP_IDS": "sg-1, sg-2,", "API_KEY": "s3cret",
+                           "SUBNET_IDS": "subnet-a,subnet-b",
                            "SCALING_MODE": "Latency", "MODEL_RUNTIME": " TensorFlow"})
     assert (s.input_bucket, s.output_bucket) == ("demo-in-bucket", "demo-out-bucket")
     assert (s.request_queue, s.response_queue, s.dead_letter_queue) == (
         "demo-req-queue", "demo-resp-queue", "demo-req-dlq")
     assert s.max_instances == 3 and s.region == "eu-west-1" and s.security_group_ids == ("sg-1", "sg-2")
+    assert s.subnet_ids == ("subnet-a", "subnet-b")
     assert s.api_key == "s3cret" and "s3cret" not in repr(s)
     assert (s.scaling_mode, s.model_runtime) == ("latency", "tensorflow")
     with pytest.raises(ValueError, match="MAX_INSTANCES"):
