@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -63,6 +64,19 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, got {env.get(name)!r}")
     return value
+
+
+# What a bucket name allows, with room for the longest suffix ("-out-bucket") in its
+# 63 characters: found out at start, not when provisioning fails half-way.
+_PREFIX = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,50}[a-z0-9])?")
+
+
+def _prefix(env: Mapping[str, str]) -> str:
+    prefix = _str(env, "APP_PREFIX", Settings.prefix)
+    if not _PREFIX.fullmatch(prefix):
+        raise ValueError(f"APP_PREFIX must be 1 to 52 lowercase letters, digits and hyphens, neither "
+                         f"first nor last (it names the buckets), got {prefix!r}")
+    return prefix
 
 
 def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
@@ -194,7 +208,7 @@ class Settings:
         env = os.environ if env is None else env
         endpoint_url = env.get("AWS_ENDPOINT_URL") or None
         cooldown = cls.scale_in_cooldown_s if endpoint_url else AWS_SCALE_IN_COOLDOWN_S
-        prefix = _str(env, "APP_PREFIX", cls.prefix)
+        prefix = _prefix(env)
         region = region_from_env(env)
         state = state_dir(env)
         return cls(

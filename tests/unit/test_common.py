@@ -185,6 +185,18 @@ def test_responses_need_a_text_id():
         ClassifyResponse.from_json(json.dumps({**body, "id": ["x"]}))
 
 
+@pytest.mark.parametrize("prefix", ["MyApp", "my_app", "-app", "app-", "a" * 53, "app.v2"])
+def test_a_prefix_no_bucket_name_can_carry_is_refused_at_start(prefix):
+    """An uppercase prefix failed only at bucket creation (explorer)."""
+    with pytest.raises(ValueError, match="APP_PREFIX must be 1 to 52 lowercase letters"):
+        Settings.from_env({"APP_PREFIX": prefix})
+
+
+def test_a_prefix_any_bucket_name_can_carry_is_taken():
+    for prefix in ("a", "my-app-2", "a" * 52):
+        assert Settings.from_env({"APP_PREFIX": prefix}).output_bucket == f"{prefix}-out-bucket"
+
+
 def test_settings_from_env():
     s = Settings.from_env({"APP_PREFIX": "demo", "MAX_INSTANCES": "3", "AWS_REGION": "eu-west-1",
                            "SECURITY_GROUP_IDS": "sg-1, sg-2,", "API_KEY": "s3cret",

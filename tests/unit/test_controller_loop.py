@@ -705,6 +705,17 @@ def test_on_aws_the_controller_will_not_launch_workers_without_credentials(capsy
     assert "INSTANCE_PROFILE is not set" in capsys.readouterr().err
 
 
+def test_on_aws_the_controller_will_not_launch_the_placeholder_image(capsys, monkeypatch):
+    """Every launch of it would fail, round after round (explorer)."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AMI_ID", raising=False)
+    monkeypatch.setenv("INSTANCE_PROFILE", "imgclass-worker")
+    with pytest.raises(SystemExit) as stopped:
+        main(["--once"])
+    assert stopped.value.code == 2
+    assert "AMI_ID is not set (the default ami-0abcdef1234567890 is a placeholder)" in capsys.readouterr().err
+
+
 def test_once_without_credentials_says_so_in_one_line(capsys, monkeypatch, tmp_path):
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
