@@ -229,6 +229,20 @@ def test_the_controllers_unit_restarts_a_controller_whose_watchdog_pings_stop():
     assert "AWS_ACCESS_KEY_ID" not in (AMI / "imgclass-controller.service").read_text()
 
 
+def test_the_web_tiers_unit_runs_gunicorn_with_a_journal_that_outlives_it():
+    unit = unit_settings("imgclass-web.service")
+    assert unit["Restart"] == ["always"] and unit["StartLimitIntervalSec"] == ["0"]
+    assert unit["ExecStart"] == ['/opt/imgclass/.venv/bin/gunicorn -c web_tier/gunicorn.conf.py '
+                                 '"web_tier:create_app()"']
+    assert unit["EnvironmentFile"] == ["/etc/imgclass/web.env"] and unit["User"] == ["imgclass"]
+    # The journal's default place (XDG_STATE_HOME), in a directory systemd keeps and
+    # that ProtectSystem=strict leaves writable.
+    assert unit["StateDirectory"] == ["imgclass-web"] and unit["ProtectSystem"] == ["strict"]
+    assert "XDG_STATE_HOME=/var/lib/imgclass-web" in unit["Environment"]
+    assert unit["KillSignal"] == ["SIGTERM"] and unit["TimeoutStopSec"] == ["30"]
+    assert "AWS_ACCESS_KEY_ID" not in (AMI / "imgclass-web.service").read_text()
+
+
 # --- IAM policy -----------------------------------------------------------------------
 
 
