@@ -81,6 +81,8 @@ source "amazon-ebs" "worker" {
     most_recent = true
   }
   ssh_username = "ec2-user"
+  # The build's temporary key is not left in the image's authorized_keys.
+  ssh_clear_authorized_keys = true
 
   # IMDSv2 only, for the build instance and, through imds_support, for every
   # instance launched from the AMI.

@@ -302,6 +302,7 @@ def test_packer_template_runs_provision_with_imdsv2_only():
     template = (AMI / "worker.pkr.hcl").read_text()
     assert '"${path.root}/provision.sh"' in template
     assert re.search(r'http_tokens\s*=\s*"required"', template)
+    assert re.search(r"ssh_clear_authorized_keys\s*=\s*true", template)  # no build key left in it
 
 
 def test_bake_packs_the_code_and_weights_and_prints_the_ami_id(tmp_path):

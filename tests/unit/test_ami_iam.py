@@ -23,7 +23,7 @@ import pytest
 from botocore import xform_name
 
 from common.config import Settings
-from common.fleet import report_worker_failed, report_worker_ready
+from common.fleet import WORKER_READY_TAG, report_worker_failed, report_worker_ready
 from controller.act import launch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -426,8 +426,10 @@ def test_the_controller_may_terminate_only_instances_it_launched(prefix):
     assert not allows(policy, "ec2:TerminateInstances", INSTANCE, {})
 
 
-def test_a_worker_may_put_its_two_tags_on_app_tier_instances_only():
-    policy, settings = load("worker"), Settings()
+@pytest.mark.parametrize("prefix", ["imgclass", "myapp"])
+def test_a_worker_may_put_its_two_tags_on_its_own_deployments_app_tier_instances_only(prefix):
+    """Not another deployment's (another APP_PREFIX) in the same account (explorer)."""
+    policy, settings = load("worker", prefix), Settings(prefix=prefix)
     aws = StubAws(settings)
     report_worker_failed(aws, "i-0abc123def4567890", "model-unavailable")
     report_worker_ready(aws, "i-0abc123def4567890", threading.Event())
@@ -438,3 +440,5 @@ def test_a_worker_may_put_its_two_tags_on_app_tier_instances_only():
         assert allows(policy, "ec2:CreateTags", INSTANCE, {**ours, **tag_request(tags)})
         assert not allows(policy, "ec2:CreateTags", INSTANCE, tag_request(tags))
     assert not allows(policy, "ec2:CreateTags", INSTANCE, {**ours, **tag_request({"imgclass:role": "web"})})
+    theirs = {**ours, **tagged({"imgclass:prefix": "other"})}
+    assert not allows(policy, "ec2:CreateTags", INSTANCE, {**theirs, **tag_request({WORKER_READY_TAG: "1"})})
