@@ -146,12 +146,44 @@ def test_files_a_stopping_web_tier_did_not_store_are_sent_again(stack, browser, 
     assert_classified(shown, files, reference_model)
 
 
-def test_files_whose_first_send_finds_no_server_are_sent_again(stack, browser, reference_model, tmp_path):
-    """An explorer chose files while the web tier restarted: a refused connection
-    stores nothing, yet they were shown failed at once, for good."""
+def test_files_whose_first_send_finds_no_server_are_not_sent_again(stack, browser, tmp_path):
+    """A first send may have been cut off after the server stored some of its files (a
+    web tier killed mid-request): sent again, an explorer's were classified twice, in
+    a batch of their own when the chunk was the first. They are shown failed instead,
+    and a reload shows those the server stored."""
     files = {"unreachable_0.jpg": make_image(830)}
     shown = upload_failing_first(browser, stack, tmp_path, files, ["unreachable"])
-    assert_classified(shown, files, reference_model)
+    assert shown["unreachable_0.jpg"].get_attribute("data-state") == "failed"
+    assert "could not be reached" in shown["unreachable_0.jpg"].text
+
+
+def test_a_file_deleted_after_it_was_chosen_fails_alone(stack, browser, reference_model, tmp_path):
+    """The browser refuses to send a chunk with a file it cannot read: all 20 of an
+    explorer's chunk were sent again for 75 s, then said to have found no server."""
+    from selenium.webdriver.common.by import By
+
+    files = {f"kept_{i}.jpg": make_image(860 + i) for i in range(2)}
+    for name, data in {**files, "deleted.jpg": make_image(862)}.items():
+        (tmp_path / name).write_bytes(data)
+    browser.get(stack.web_url + "/")
+    browser.execute_script("""
+      document.body.dataset.filesPerRequest = '1';
+      const realFetch = window.fetch;
+      window.held = true;  // the first POST waits until the file is gone
+      window.fetch = async (url, options) => {
+        while (url === "/api/jobs" && window.held) await new Promise((r) => setTimeout(r, 50));
+        return realFetch(url, options);
+      };""")
+    browser.find_element(By.ID, "file-input").send_keys(
+        "\n".join(str(tmp_path / n) for n in ("kept_0.jpg", "kept_1.jpg", "deleted.jpg")))
+    rows = (By.CSS_SELECTOR, "#results [data-state]")
+    wait_for(lambda: len(browser.find_elements(*rows)) == 3, 30, "the rows")
+    (tmp_path / "deleted.jpg").unlink()
+    browser.execute_script("window.held = false;")
+    shown = finished_rows(browser, stack, 3, timeout_s=120)
+    assert shown["deleted.jpg"].get_attribute("data-state") == "failed"
+    assert "the file could not be read" in shown["deleted.jpg"].text
+    assert_classified({n: shown[n] for n in files}, files, reference_model)
 
 
 def test_chunks_refused_before_their_batch_exists_all_join_one_batch(stack, browser, reference_model,

@@ -161,6 +161,8 @@
     }
 
     async send(chunk, attempt = 0) {
+      if (attempt === 0) chunk = await this.readable(chunk);
+      if (!chunk.length) return;
       const form = new FormData();
       for (const { file } of chunk) form.append("files", file, file.name);
       if (this.batchId) form.append("batch_id", this.batchId);
@@ -170,14 +172,17 @@
         body = await response.json().catch(() => null);
       } catch (err) {
         if (leaving) return;  // cut off by the reload itself: the server may well have them
-        if (attempt < RESEND_DELAYS_MS.length) {
-          // Most likely a web tier restarting (a refused connection stores nothing):
-          // sent again, it finds the next one. (Cut off mid-request, it may have
-          // stored some: they would then be in the batch twice, which beats losing them.)
+        if (attempt > 0 && attempt < RESEND_DELAYS_MS.length) {
+          // Sending again files a stopping web tier did not store: the next one is most
+          // likely still starting. (Cut off mid-request, it may have stored some: they
+          // would then be in the batch twice, which beats losing them.)
           this.sendLater(chunk, attempt);
           return;
         }
-        // Not remembered for a reload: the server may have stored them before the failure.
+        // Not sent again, nor remembered for a reload: a first send may have been cut
+        // off after the server stored some files (a web tier killed mid-request), and
+        // sent again they would be classified twice, in a batch of their own if this
+        // chunk was the first (explorer). A reload shows those the server stored.
         this.refuse(chunk, "upload failed: the server could not be reached", false);
         return;
       }
@@ -222,6 +227,19 @@
       }
       this.save();
       if (again.length) this.sendLater(again, attempt);
+    }
+
+    // The entries whose files can still be read; the others failed, each with why.
+    // One file moved or deleted since it was chosen made the browser refuse to send its
+    // whole chunk, which was then said to have found no server (explorer).
+    async readable(chunk) {
+      // Its first byte, or the whole of an empty one: a deleted file's size reads as 0,
+      // and only reading it whole fails then.
+      const read = await Promise.all(chunk.map(({ file }) =>
+        (file.size ? file.slice(0, 1) : file).arrayBuffer().then(() => true, () => false)));
+      const unreadable = chunk.filter((_, i) => !read[i]);
+      this.refuse(unreadable, "the file could not be read: moved or deleted since it was chosen?");
+      return chunk.filter((_, i) => read[i]);
     }
 
     // Send `entries` again after a while, without holding up the other chunks.
