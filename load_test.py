@@ -764,6 +764,8 @@ class Client:
             outcome.error = f"timeout after {self.config.timeout:g} s"
         except requests.ConnectionError as exc:
             outcome.error = connection_error(exc, self.config.url)
+            if outcome.resent:
+                outcome.error += f" (sent {outcome.resent} times more, for up to {RESEND_WINDOW_S:g} s)"
         except requests.RequestException as exc:
             outcome.error = f"{type(exc).__name__}: {_short(str(exc))}"
         except OSError as exc:  # the image could not be read
@@ -1277,8 +1279,9 @@ def format_report(report: Report, max_problems: int = 10) -> str:
     if report.abandoned:
         rows.insert(3, ("abandoned", f"{report.abandoned}  (in flight at the second Ctrl-C)"))
     if report.resent:
-        rows.insert(1, ("sent again", f"{report.resent}  (refused connections, 503 'not stored': "
-                                      "a web tier restarting)"))
+        resent_requests = sum(1 for o in report.outcomes if o.resent)
+        rows.insert(1, ("sent again", f"{resent_requests} requests, {report.resent} times in all  (refused "
+                                      "connections, 503 'not stored': a web tier restarting)"))
     if report.peak_instances is not None:
         rows.append(("peak app-tier instances", f"{report.peak_instances}"))
     width = max(len(name) for name, _ in rows)

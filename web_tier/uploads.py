@@ -266,7 +266,8 @@ def form_files(request: Request, fields: Iterable[str]) -> list[FileStorage]:
     would otherwise be dropped without a word.
     """
     fields = tuple(fields)
-    texts = [name for name in fields if request.form.getlist(name)]
+    # (An empty one, as `curl -F files=` sends, carries nothing to lose.)
+    texts = [name for name in fields if any(request.form.getlist(name))]
     if texts:
         # A part without a filename is a text field: curl -F 'files=<cat.jpg' sends
         # the file's bytes so, and Werkzeug keeps it apart from the files.

@@ -471,6 +471,12 @@ def test_an_image_sent_as_text_in_a_file_field_is_refused_not_dropped(web_client
     assert f"form field '{field}' holds text, not a file" in text
 
 
+def test_an_empty_text_part_beside_the_files_is_no_reason_to_refuse_them(web_client):
+    response = web_client.post("/api/jobs", data={"files": [(io.BytesIO(make_image(12)), "a.jpg"), ""]},
+                               content_type="multipart/form-data")
+    assert response.status_code == 202 and len(response.get_json()["items"]) == 1
+
+
 def test_status_reports_whether_a_key_is_required(keyed_client, web_client):
     assert keyed_client.get("/api/status").get_json()["api_key_required"] is True
     assert web_client.get("/api/status").get_json()["api_key_required"] is False
