@@ -467,8 +467,13 @@ def test_files_dropped_anywhere_on_the_page_are_uploaded(stack, browser, referen
     """Dropped beside the drop zone, a file was left to the browser, which opens it in
     the tab: the page and its uploads were gone."""
 
+    from selenium.webdriver.common.by import By
+
     data = make_image(970)
     browser.get(stack.web_url + "/")
+    # The page's script has run (its first status read is in): its listeners are there.
+    status = browser.find_element(By.ID, "status-line")
+    wait_for(lambda: status.text != "Connecting…", 30, "the page's script to run")
     prevented = browser.execute_script("""
       const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
       const files = new DataTransfer();

@@ -20,7 +20,7 @@ import pytest
 from app_tier import EXIT_MODEL_UNAVAILABLE
 from common.config import Settings
 from common.fleet import WORKER_FAILED_TAG, WORKER_READY_TAG
-from common.names import ROLE_APP_TIER, ROLE_TAG
+from common.names import PREFIX_TAG, ROLE_APP_TIER, ROLE_TAG
 from controller.act import render_user_data, worker_settings
 
 AMI = Path(__file__).resolve().parents[2] / "ami"
@@ -260,12 +260,14 @@ def test_iam_policy_is_least_privilege_on_our_buckets_and_queues():
         resources = statement["Resource"]
         actions = statement["Action"]
         if actions == ["ec2:CreateTags"]:
-            # One tag each, only on app-tier instances: a worker marks its own as failed, or serving.
+            # One tag each, only on this deployment's app-tier instances: a worker marks
+            # its own as failed, or serving.
             assert resources == ["arn:aws:ec2:*:*:instance/*"]
             tag = {"ReportAWorkerThatGaveUp": WORKER_FAILED_TAG,
                    "ReportAWorkerThatServes": WORKER_READY_TAG}[statement["Sid"]]
             assert statement["Condition"] == {
-                "StringEquals": {f"aws:ResourceTag/{ROLE_TAG}": ROLE_APP_TIER},
+                "StringEquals": {f"aws:ResourceTag/{ROLE_TAG}": ROLE_APP_TIER,
+                                 f"aws:ResourceTag/{PREFIX_TAG}": "imgclass"},
                 "ForAllValues:StringEquals": {"aws:TagKeys": [tag]},
             }
             allowed_actions.update(actions)
