@@ -442,6 +442,7 @@ class Outcome:
     expected: str | None = None
     note: str | None = None  # why a verdict is "wrong"
     resent: int = 0  # times sent again because nothing was stored (see RESEND_WINDOW_S)
+    via: str | None = None  # where its answer was read, when not from its own response
 
     @property
     def answered(self) -> bool:
@@ -598,6 +599,7 @@ class Report:
                     "note": o.note,
                     "untrained": o.untrained,
                     "resent": o.resent,
+                    "via": o.via,
                 }
                 for o in sorted(self.outcomes, key=lambda o: o.index)
             ],
@@ -814,6 +816,13 @@ class Client:
         outcome.status = resp.status_code
         body = resp.text.strip()
         outcome.untrained = resp.headers.get("X-Model-Untrained", "").strip().lower() == "true"
+        batch_id, item_id = resp.headers.get("X-Batch-Id"), resp.headers.get("X-Item-Id")
+        if resp.status_code in (503, 504) and batch_id and item_id:
+            # Stored and queued, its answer not waited for (a web tier stopping, or past
+            # RESULT_TIMEOUT): the answer says where its result will be, so follow it there.
+            outcome.via = f"/api/jobs/{batch_id}, after HTTP {resp.status_code}"
+            self._take_item(self._wait_poll(self._session(), batch_id, item_id, deadline), path, outcome)
+            return
         if resp.status_code != 200:
             raise RequestFailed(f"HTTP {resp.status_code}: {_short(body)}", resp.status_code)
         # Labels never hold ':', file names might: split at the last one. The answer is
@@ -840,6 +849,11 @@ class Client:
             item = self._wait_sse(session, batch_id, item_id, deadline)
         else:
             item = self._wait_poll(session, batch_id, item_id, deadline)
+        self._take_item(item, path, outcome)
+
+    @staticmethod
+    def _take_item(item: dict, path: Path, outcome: Outcome) -> None:
+        """The outcome of an item read from /api/jobs, once finished."""
         outcome.untrained = bool(item.get("untrained"))
         if item.get("state") != "done":
             raise RequestFailed(f"item failed: {_short(str(item.get('error')))}", outcome.status)
@@ -1278,6 +1292,10 @@ def format_report(report: Report, max_problems: int = 10) -> str:
     ]
     if report.abandoned:
         rows.insert(3, ("abandoned", f"{report.abandoned}  (in flight at the second Ctrl-C)"))
+    followed = sum(1 for o in report.outcomes if o.via and o.answered)
+    if followed:
+        rows.insert(2, ("answered later", f"{followed}  (a 503 or 504 said the image was queued: its "
+                                          "result was read from /api/jobs)"))
     if report.resent:
         resent_requests = sum(1 for o in report.outcomes if o.resent)
         rows.insert(1, ("sent again", f"{resent_requests} requests, {report.resent} times in all  (refused "

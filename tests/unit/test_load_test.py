@@ -160,6 +160,15 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return
+        if content.startswith(b"queued:"):  # as a web tier stopping while the image waits
+            batch_id, item_id = uuid.uuid4().hex, uuid.uuid4().hex
+            with self.tier.lock:
+                self.tier.jobs[batch_id] = {"id": item_id, "filename": filename, "ok": True,
+                                            "label": content[7:].decode(), "gets": 0}
+            self._send(503, f"{filename}: the web tier is stopping; the image is still queued, see "
+                            f"/api/jobs/{batch_id} (no need to send it again)",
+                       headers={"X-Batch-Id": batch_id, "X-Item-Id": item_id})
+            return
         status, label = _answer(self.tier, content)
         if status != 200:
             self._send(status, "boom")
@@ -463,6 +472,20 @@ def test_an_upload_a_stopping_web_tier_did_not_store_is_sent_again_and_a_queued_
     report = run_load(Config(images=queued, url=tier.url, num_requests=1))
     assert report.outcomes[0].verdict == "failed" and report.outcomes[0].resent == 0
     assert tier.paths["POST /"] == 4
+
+
+def test_an_image_a_503_says_is_queued_is_answered_from_where_it_says(tier, tmp_path):
+    """An explorer's web tier stopped with 20 POST / waiting: each got a 503 saying its
+    image was still queued and where its result would be, and each was counted failed,
+    though all 20 were classified."""
+    images = make_images(tmp_path / "images", {"cat.jpg": b"queued:cat"})
+    tier.queued_polls = 1
+    report = run_load(Config(images=images, url=tier.url, num_requests=1))
+    (outcome,) = report.outcomes
+    assert outcome.answered and outcome.label == "cat" and outcome.via.startswith("/api/jobs/")
+    assert outcome.resent == 0 and tier.paths["POST /"] == 1  # followed, not sent again
+    assert re.search(r"answered later +1  \(a 503 or 504", load_test.format_report(report))
+    assert report.to_dict()["requests"][0]["via"] == outcome.via
 
 
 def test_a_page_that_holds_a_colon_is_not_an_answer(tier, tmp_path):
