@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("INSTANCE_PROFILE is not set: on AWS, workers get their credentials from "
                      "their instance profile (ami/README.md, IAM). Set it, or set "
                      "AWS_ENDPOINT_URL to use the embedded AWS.")
-    if settings.endpoint_url is None and settings.ami_id == Settings().ami_id and not args.dry_run:
+    if settings.endpoint_url is None and settings.ami_id == Settings.ami_id and not args.dry_run:
         # The placeholder names no image: every launch would fail, round after round.
         parser.error(f"AMI_ID is not set (the default {settings.ami_id} is a placeholder): on AWS, set "
                      "it to the image ami/bake.sh printed. Or set AWS_ENDPOINT_URL to use the "
