@@ -5,16 +5,17 @@ PYTHON ?= $(shell for p in python3 python3.13 python3.12 python3.11; do \
 	$$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && { echo $$p; break; }; done)
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
+REQS   := requirements.txt requirements-runtime.txt constraints.txt
+STAMP  := $(VENV)/.installed-$(shell cat $(REQS) | cksum | cut -d' ' -f1)
 
-.PHONY: run test test-quick soak bench lint venv clean browser-deps
+.PHONY: run test test-quick soak bench lint lock venv clean browser-deps
 
-$(STAMP): requirements.txt
+$(STAMP): $(REQS)
 	@test -x $(PY) || test -n "$(PYTHON)" || { echo "make: needs Python 3.11 or newer (python3 here is" \
 		"$$(python3 --version 2>&1)); install python3.11 (dnf install python3.11)" >&2; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -44,8 +45,16 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+## Remake constraints.txt from the newest versions requirements.txt allows (then make test)
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip
+	.lock-venv/bin/pip install --quiet -r requirements.txt
+	{ sed -n '1,2p' constraints.txt; .lock-venv/bin/pip freeze --all | grep -v '^pip=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf .lock-venv
+
 clean:
-	rm -rf $(VENV) .run .bench .pytest_cache .ruff_cache
+	rm -rf $(VENV) .lock-venv .run .bench .pytest_cache .ruff_cache
 
 ## Debian's headless Chromium for the page test (needs root; .ci/run does this)
 browser-deps:

@@ -70,10 +70,10 @@ install_code() {
   chown -R root:root "$APP_DIR"
   chmod -R u+rwX,go+rX,go-w "$APP_DIR"
 
-  log "creating the virtualenv and installing requirements.txt"
+  log "creating the virtualenv and installing requirements-runtime.txt"
   python3.11 -m venv "$VENV"
   "$VENV/bin/pip" install --no-cache-dir --quiet --upgrade pip
-  "$VENV/bin/pip" install --no-cache-dir --quiet -r "$APP_DIR/requirements.txt"
+  "$VENV/bin/pip" install --no-cache-dir --quiet -r "$APP_DIR/requirements-runtime.txt" -c "$APP_DIR/constraints.txt"
   # The service user cannot write bytecode next to the code, so compile it now.
   "$VENV/bin/python" -m compileall -q "$APP_DIR/app_tier" "$APP_DIR/common"
 }

@@ -337,7 +337,7 @@ fi
 
     with tarfile.open(kept) as tar:
         names = {n.removeprefix("./") for n in tar.getnames()}
-    assert {"ami/provision.sh", "ami/imgclass-worker.service", "requirements.txt",
+    assert {"ami/provision.sh", "ami/imgclass-worker.service", "requirements-runtime.txt", "constraints.txt",
             "app_tier/imagenet_class_index.json"} <= names
     assert ".bake/resnet50_weights_tf_dim_ordering_tf_kernels.h5" in names
     assert not any(n.startswith((".venv", ".git/", "tests")) or "__pycache__" in n for n in names)
