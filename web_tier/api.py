@@ -8,10 +8,18 @@ from flask import Blueprint, Response, jsonify, request
 
 from web_tier import events
 from web_tier.auth import require_api_key
-from web_tier.jobs import UPLOAD_THREADS, new_id
-from web_tier.results import DONE, Item
+from web_tier.jobs import UPLOAD_THREADS, SentBefore, new_id
+from web_tier.results import DONE, Item, is_batch_id
 from web_tier.services import services
-from web_tier.uploads import Upload, UploadError, check_count, display_name, form_files, validate
+from web_tier.uploads import (
+    Upload,
+    UploadError,
+    check_count,
+    display_name,
+    form_files,
+    form_tokens,
+    validate,
+)
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -34,15 +42,20 @@ def create_job() -> tuple[Response, int]:
     svc = services()
     files = form_files(request, ("files",))
     check_count(files, svc.settings)
+    tokens = form_tokens(request, len(files))
 
     # Optional: add these files to an existing batch, so a page sending many
-    # chunks follows one batch (and one event stream) rather than dozens.
+    # chunks follows one batch (and one event stream) rather than dozens; with
+    # `create`, to the batch of that id, made if it does not exist yet (a client
+    # sending again a first request whose answer it lost must not make a second).
     batch_id = request.form.get("batch_id", "").strip()
-    adding = bool(batch_id)
-    if adding:
-        if svc.find_batch(batch_id) is None:
+    adding = bool(batch_id) and svc.find_batch(batch_id) is not None
+    if batch_id and not adding:
+        if request.form.get("create", "").lower() not in ("1", "true"):
             return _no_batch(batch_id)
-    else:
+        if not is_batch_id(batch_id):
+            raise UploadError(400, "a new batch's id is 32 lowercase hexadecimal digits")
+    elif not batch_id:
         batch_id = new_id()
 
     items: list[dict[str, Any]] = []
@@ -65,10 +78,15 @@ def create_job() -> tuple[Response, int]:
                 accepted.append((index, validate(storage, svc.settings)))
             except UploadError as exc:
                 rejected.append(_rejection(index, exc))
-        outcomes = svc.submitter.submit(batch_id, [u for _, u in accepted]) if accepted else []
+        outcomes = svc.submitter.submit(
+            batch_id, [u for _, u in accepted], [tokens[i] for i, _ in accepted] if tokens else None,
+        ) if accepted else []
         for (index, _), outcome in zip(accepted, outcomes, strict=True):
             if isinstance(outcome, UploadError):
                 rejected.append(_rejection(index, outcome))
+            elif isinstance(outcome, SentBefore):  # stored by an earlier request: not again
+                items.append({"index": index, "id": outcome.item.id, "filename": outcome.item.filename,
+                              "again": True})
             else:
                 items.append({"index": index, "id": outcome.id, "filename": outcome.filename})
     rejected.sort(key=lambda r: r["index"])

@@ -46,6 +46,13 @@ class OrderedIds:
         return f"{stamp:014x}{uuid.uuid4().hex[14:]}"
 
 
+@dataclass(frozen=True)
+class SentBefore:
+    """An upload sent again under a token its batch holds: `item` holds it, stored and queued."""
+
+    item: Item
+
+
 @dataclass
 class Submitter:
     """Stores uploads in the input bucket and sends one request each."""
@@ -60,25 +67,56 @@ class Submitter:
     # Stored with no request sent, to be queued by requeue_unsent: {item id: request body}.
     _unsent: dict[str, str] = field(default_factory=dict)
     _unsent_lock: threading.Lock = field(default_factory=threading.Lock)
+    # Items in the book whose image is not yet stored and queued (it may yet fail).
+    _storing: set[str] = field(default_factory=set)
+    _storing_lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def submit(self, batch_id: str, uploads: list[Upload]) -> list[Item | UploadError]:
+    def submit(self, batch_id: str, uploads: list[Upload], tokens: list[str] | None = None,
+               ) -> list[Item | SentBefore | UploadError]:
         """Submit every upload of one request, concurrently; results in upload order.
 
         Items are in the book before their request is sent, so even the fastest
-        answer finds its waiter.
+        answer finds its waiter. An upload whose token (`tokens`, one per upload)
+        the batch already holds is not stored again: its result is SentBefore the
+        item that holds it, once that is stored and queued.
         """
         items = []
-        for upload in uploads:
+        for n, upload in enumerate(uploads):
             item_id = self.ids.next()
             key = object_key(batch_id, item_id, upload.filename)
-            items.append(Item(item_id, batch_id, upload.filename, key))
-        self.book.add(batch_id, items)
-        if len(uploads) == 1:
-            return [self._submit_one(items[0], uploads[0])]
-        futures = [self.pool.submit(self._submit_one, i, u) for i, u in zip(items, uploads, strict=True)]
-        return [f.result() for f in futures]
+            items.append(Item(item_id, batch_id, upload.filename, key, token=tokens[n] if tokens else ""))
+        # Marked before they join the book, so that a request sending the same tokens
+        # never takes one of them for stored while it may still fail.
+        with self._storing_lock:
+            self._storing.update(i.id for i in items)
+        held = self.book.add(batch_id, items)
+        outcomes: dict[int, Item | SentBefore | UploadError] = {}
+        new = []
+        with self._storing_lock:
+            for n, (item, holder) in enumerate(zip(items, held, strict=True)):
+                if holder is item:
+                    new.append(n)
+                    continue
+                self._storing.discard(item.id)
+                outcomes[n] = SentBefore(holder) if holder.id not in self._storing else UploadError(
+                    503, "an earlier request with the same token is storing this file; send it again",
+                    uploads[n].filename)
+        if len(new) == 1:
+            outcomes[new[0]] = self._submit_one(items[new[0]], uploads[new[0]])
+        else:
+            futures = {n: self.pool.submit(self._submit_one, items[n], uploads[n]) for n in new}
+            for n, future in futures.items():
+                outcomes[n] = future.result()
+        return [outcomes[n] for n in range(len(items))]
 
     def _submit_one(self, item: Item, upload: Upload) -> Item | UploadError:
+        try:
+            return self._store_and_queue(item, upload)
+        finally:
+            with self._storing_lock:
+                self._storing.discard(item.id)
+
+    def _store_and_queue(self, item: Item, upload: Upload) -> Item | UploadError:
         stored = False
         request = ClassifyRequest(
             id=item.id, bucket=self.aws.settings.input_bucket, key=item.key, filename=upload.filename
@@ -87,7 +125,7 @@ class Submitter:
         try:
             put_input(
                 self.aws, item.key, upload.data, upload.content_type,
-                filename=upload.filename, batch_id=item.batch_id or "", item_id=item.id,
+                filename=upload.filename, batch_id=item.batch_id or "", item_id=item.id, token=item.token,
             )
             stored = True
             self.requests.send(request)

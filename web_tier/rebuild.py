@@ -12,7 +12,7 @@ from concurrent.futures import Executor
 
 from common.aws import Aws
 from web_tier.results import DONE, FAILED, Item
-from web_tier.storage import read_failure, read_filename, read_output
+from web_tier.storage import read_failure, read_name_and_token, read_output
 
 
 def list_keys(aws: Aws, batch_id: str) -> list[str]:
@@ -29,7 +29,8 @@ def rebuild_item(aws: Aws, batch_id: str, key: str) -> Item | None:
     if len(parts) != 3:
         return None
     _, item_id, safe_name = parts
-    return with_stored_outcome(aws, Item(item_id, batch_id, read_filename(aws, key) or safe_name, key))
+    filename, token = read_name_and_token(aws, key)
+    return with_stored_outcome(aws, Item(item_id, batch_id, filename or safe_name, key, token=token))
 
 
 def with_stored_outcome(aws: Aws, item: Item) -> Item:

@@ -48,6 +48,9 @@ class Item:
     error: str | None = None
     untrained: bool = False
     worker: str = ""
+    # The client's name for the file within its batch (POST /api/jobs `tokens`): a file
+    # sent again under it is not stored again.
+    token: str = ""
     # Made only for an item someone waits on (POST /), set when it finishes: an Event
     # for each of the book's many items cost ~1 KB apiece.
     waiter: threading.Event | None = field(default=None, repr=False, compare=False)
@@ -99,6 +102,7 @@ def item_from_response(response: ClassifyResponse) -> Item:
 class _Batch:
     id: str
     item_ids: list[str] = field(default_factory=list)
+    tokens: dict[str, str] = field(default_factory=dict)  # client token -> item id
     # False while the batch holds only items learnt from stray responses (e.g.
     # after a restart): a GET must then rebuild it from S3 to see all of it.
     complete: bool = False
@@ -143,18 +147,29 @@ class ResultBook:
                     inbox.put(None)
 
     # --- writing ---------------------------------------------------------------
-    def add(self, batch_id: str, items: list[Item]) -> None:
-        """Register new uploads (in order) under `batch_id`, creating the batch if needed."""
+    def add(self, batch_id: str, items: list[Item]) -> list[Item]:
+        """Register new uploads (in order) under `batch_id`, creating the batch if needed.
+
+        Returns, for each, the item the batch holds: itself, or the one it already
+        holds under the same token, which this one then does not join."""
+        held = []
         with self._lock:
             batch = self._batch(batch_id)
             batch.complete = True
             for item in items:
-                known = self._items.get(item.id)
-                if known is None:
+                holder = self._items.get(batch.tokens.get(item.token, "")) if item.token else None
+                if holder is not None:
+                    held.append(holder)
+                    continue
+                if item.id not in self._items:
                     self._items[item.id] = item
                     batch.item_ids.append(item.id)
                     self.uploaded += 1
+                    if item.token:
+                        batch.tokens[item.token] = item.id
+                held.append(item)
             self._evict()
+        return held
 
     def discard(self, item_id: str) -> None:
         """Forget an upload that never reached the queue."""
@@ -166,6 +181,8 @@ class ResultBook:
             batch = self._batches.get(item.batch_id or "")
             if batch is not None and item_id in batch.item_ids:
                 batch.item_ids.remove(item_id)
+            if batch is not None and item.token and batch.tokens.get(item.token) == item_id:
+                del batch.tokens[item.token]
 
     def record(self, response: ClassifyResponse) -> Item | None:
         """Record a worker's answer; the item if this was its first result, else None."""
@@ -189,6 +206,8 @@ class ResultBook:
             batch.complete = True
             for item in rebuilt:
                 known = self._items.get(item.id)
+                if item.token:
+                    batch.tokens.setdefault(item.token, item.id)
                 if known is None:
                     self._items[item.id] = item
                     batch.item_ids.append(item.id)

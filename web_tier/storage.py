@@ -23,18 +23,16 @@ def is_not_found(exc: ClientError) -> bool:
     return error_code(exc) in _NOT_FOUND
 
 
+CLIENT_TOKEN_META = "client-token"
+
+
 def put_input(aws: Aws, key: str, data: bytes, content_type: str, *, filename: str,
-              batch_id: str, item_id: str) -> None:
+              batch_id: str, item_id: str, token: str = "") -> None:
+    metadata = {ORIGINAL_FILENAME_META: encode_filename(filename), "batch-id": batch_id, "item-id": item_id}
+    if token:
+        metadata[CLIENT_TOKEN_META] = token
     aws.s3.put_object(
-        Bucket=aws.settings.input_bucket,
-        Key=key,
-        Body=data,
-        ContentType=content_type,
-        Metadata={
-            ORIGINAL_FILENAME_META: encode_filename(filename),
-            "batch-id": batch_id,
-            "item-id": item_id,
-        },
+        Bucket=aws.settings.input_bucket, Key=key, Body=data, ContentType=content_type, Metadata=metadata,
     )
 
 
@@ -79,6 +77,8 @@ def read_failure(aws: Aws, key: str) -> str | None:
     return failure_from_tags(aws.s3.get_object_tagging(Bucket=aws.settings.input_bucket, Key=key)["TagSet"])
 
 
-def read_filename(aws: Aws, key: str) -> str | None:
+def read_name_and_token(aws: Aws, key: str) -> tuple[str | None, str]:
+    """An input object's original file name (None if it has none) and client token ("" if none)."""
     stored = aws.s3.head_object(Bucket=aws.settings.input_bucket, Key=key)  # raises if there is none
-    return original_filename(stored.get("Metadata", {}))
+    metadata = stored.get("Metadata", {})
+    return original_filename(metadata), metadata.get(CLIENT_TOKEN_META, "")

@@ -8,6 +8,7 @@ file that would decompress into gigabytes is refused before anyone decodes it.
 from __future__ import annotations
 
 import io
+import re
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -107,6 +108,30 @@ def check_count(files: list[FileStorage], settings: Settings, field: str = "file
             f"too many files in one request: {len(files)} "
             f"(the limit is {settings.max_files_per_request})",
         )
+
+
+_TOKEN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def form_tokens(request: Request, count: int, field: str = "tokens") -> list[str] | None:
+    """The client's token for each of `count` files (one per file, in their order), or None.
+
+    A file sent again under a token its batch holds is not stored again, so a client
+    that lost the answer to a request (a connection cut, a web tier restarted) can
+    send it again without having anything classified twice.
+    """
+    tokens = request.form.getlist(field)
+    if not tokens:
+        return None
+    if len(tokens) != count:
+        raise UploadError(400, f"{len(tokens)} tokens for {count} files: send one token per file, "
+                               "in the order of the files")
+    for token in tokens:
+        if not _TOKEN.fullmatch(token):
+            raise UploadError(400, f"a token is 1 to 64 letters, digits or '._:-', not {token[:70]!r}")
+    if len(set(tokens)) != count:
+        raise UploadError(400, "two files have the same token: each file needs its own")
+    return tokens
 
 
 def read_limited(storage: FileStorage, limit: int) -> bytes:

@@ -332,6 +332,122 @@ def test_chunks_can_join_an_existing_batch(web_client):
     assert unknown.status_code == 404
 
 
+
+# --- Sending a request again under its tokens ------------------------------------------
+def stored_keys(aws: Aws, batch_id: str) -> list[str]:
+    listed = aws.s3.list_objects_v2(Bucket=aws.settings.input_bucket, Prefix=f"{batch_id}/")
+    return [o["Key"] for o in listed.get("Contents", [])]
+
+
+def send_with_tokens(client, batch_id: str, files: list[tuple[bytes, str]], tokens: list[str]):
+    return upload(client, files, batch_id=batch_id, create="1", tokens=tokens)
+
+
+def test_a_first_request_sent_again_under_its_tokens_stores_nothing_twice(make_web_app, web_aws):
+    """A page whose connection was cut after the server stored its files (a web tier
+    killed mid-answer) cannot know they were: it sends them again, under the same batch
+    id and tokens, and they are neither stored nor classified twice, nor in a second batch."""
+    client = make_web_app(start_listeners=False).test_client()
+    batch_id = "c" * 32
+    files = [(make_image(700), "a.jpg"), (make_image(701), "b.jpg")]
+    first = send_with_tokens(client, batch_id, files, ["0", "1"])
+    assert first.status_code == 202 and first.get_json()["batch_id"] == batch_id
+    assert not any("again" in i for i in first.get_json()["items"])
+
+    again = send_with_tokens(client, batch_id, files, ["0", "1"])
+    assert again.status_code == 202
+    assert [(i["id"], i["again"]) for i in again.get_json()["items"]] == [
+        (i["id"], True) for i in first.get_json()["items"]]
+    assert len(stored_keys(web_aws, batch_id)) == 2
+    assert len(items_by_name(client, batch_id)) == 2
+    queued = web_aws.sqs.get_queue_attributes(QueueUrl=web_aws.request_queue_url,
+                                              AttributeNames=["ApproximateNumberOfMessages"])
+    assert queued["Attributes"]["ApproximateNumberOfMessages"] == "2"
+
+    # A new token in the same request is stored; the known one is not.
+    more = send_with_tokens(client, batch_id, [files[0], (make_image(702), "c.jpg")], ["0", "2"])
+    assert ["again" in i for i in more.get_json()["items"]] == [True, False]
+    assert len(stored_keys(web_aws, batch_id)) == 3
+
+
+def test_tokens_are_known_to_a_web_tier_restarted_since(make_web_app, web_aws):
+    """The page sends again to whichever web tier answers: one started since finds the
+    batch, and the files' tokens, in S3."""
+    batch_id = "d" * 32
+    files = [(make_image(710), "a.jpg")]
+    first = send_with_tokens(make_web_app(start_listeners=False).test_client(), batch_id, files, ["t-0"])
+    fresh = make_web_app(start_listeners=False).test_client()
+    again = send_with_tokens(fresh, batch_id, files, ["t-0"])
+    assert again.get_json()["items"][0]["id"] == first.get_json()["items"][0]["id"]
+    assert again.get_json()["items"][0]["again"] is True
+    assert len(stored_keys(web_aws, batch_id)) == 1
+
+
+@pytest.mark.parametrize(("form", "says"), [
+    ({"tokens": ["0"]}, "1 tokens for 2 files"),
+    ({"tokens": ["0", "0"]}, "the same token"),
+    ({"tokens": ["0", "a b"]}, "a token is 1 to 64"),
+    ({"tokens": ["0", "x" * 65]}, "a token is 1 to 64"),
+    ({"batch_id": "not-hex", "create": "1"}, "32 lowercase hexadecimal"),
+])
+def test_bad_tokens_and_batch_ids_are_refused_and_nothing_is_stored(web_client, web_aws, form, says):
+    response = upload(web_client, [(make_image(720), "a.jpg"), (make_image(721), "b.jpg")], **form)
+    assert response.status_code == 400
+    assert says in response.get_json()["error"]
+    assert web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket).get("KeyCount", 0) == 0
+
+
+def test_a_file_still_being_stored_under_a_token_is_refused_for_now_not_taken_as_stored(
+        make_web_app, web_aws, monkeypatch):
+    """Sent again while the first request still stores it, the file may yet fail there:
+    taken as stored, it would be answered with an item that never comes. It is refused
+    with a 503 (to send again), and once stored, found."""
+    import web_tier.jobs
+
+    app = make_web_app(start_listeners=False)
+    client = app.test_client()
+    batch_id = "e" * 32
+    files = [(make_image(730), "slow.jpg")]
+    storing, release = threading.Event(), threading.Event()
+    real_put = web_tier.jobs.put_input
+
+    def slow_put(*args, **kwargs):
+        storing.set()
+        assert release.wait(30)
+        return real_put(*args, **kwargs)
+
+    monkeypatch.setattr(web_tier.jobs, "put_input", slow_put)
+    first: dict = {}
+    sender = threading.Thread(target=lambda: first.update(
+        r=send_with_tokens(app.test_client(), batch_id, files, ["0"])))
+    sender.start()
+    assert storing.wait(30)
+    meanwhile = send_with_tokens(client, batch_id, files, ["0"])
+    release.set()
+    sender.join(30)
+    assert meanwhile.status_code == 503 and meanwhile.headers["Retry-After"]
+    assert meanwhile.get_json()["rejected"][0]["status"] == 503
+    assert first["r"].status_code == 202
+    later = send_with_tokens(client, batch_id, files, ["0"])
+    assert later.get_json()["items"][0] == {**first["r"].get_json()["items"][0], "again": True}
+    assert len(stored_keys(web_aws, batch_id)) == 1
+
+
+def test_a_token_whose_file_could_not_be_stored_is_free_to_send_again(make_web_app, web_aws, monkeypatch):
+    import web_tier.jobs
+
+    client = make_web_app(start_listeners=False).test_client()
+    batch_id = "f" * 32
+    files = [(make_image(740), "a.jpg")]
+    real_put = web_tier.jobs.put_input
+    monkeypatch.setattr(web_tier.jobs, "put_input", lambda *a, **k: (_ for _ in ()).throw(OSError("S3 down")))
+    assert send_with_tokens(client, batch_id, files, ["0"]).status_code == 503
+    monkeypatch.setattr(web_tier.jobs, "put_input", real_put)
+    again = send_with_tokens(client, batch_id, files, ["0"])
+    assert again.status_code == 202 and "again" not in again.get_json()["items"][0]
+    assert len(stored_keys(web_aws, batch_id)) == 1
+
+
 # --- Server-Sent Events --------------------------------------------------------------
 
 def finish(app, item_id: str, label: str, key: str = "", name: str = "x.jpg") -> None:
@@ -434,16 +550,18 @@ def test_an_event_stream_ends_after_its_time_limit(make_web_app):
 
 def test_long_names_survive_in_s3_metadata_within_its_2kb(web_aws):
     from common.names import decode_filename
-    from web_tier.storage import put_input, read_filename
+    from web_tier.storage import put_input, read_name_and_token
     from web_tier.uploads import MAX_FILENAME_CHARS
 
     whole = ("\u00e9" * 299 + ".jpg", "x" * (MAX_FILENAME_CHARS - 4) + ".png")  # was cut at 166 and 1000
     for name in (*whole, "\U0001f600" * 600):
         key = f"{'a' * 32}/{'b' * 32}/x.jpg"
-        put_input(web_aws, key, b"data", "image/jpeg", filename=name, batch_id="a" * 32, item_id="b" * 32)
+        put_input(web_aws, key, b"data", "image/jpeg", filename=name, batch_id="a" * 32, item_id="b" * 32,
+                  token="t" * 64)  # the longest token a client may send
         meta = web_aws.s3.head_object(Bucket=web_aws.settings.input_bucket, Key=key)["Metadata"]
         assert sum(len(k.encode()) + len(v.encode()) for k, v in meta.items()) <= 2048
-        kept = read_filename(web_aws, key)
+        kept, token = read_name_and_token(web_aws, key)
+        assert token == "t" * 64
         assert name.startswith(kept) and decode_filename(meta["original-filename"]) == kept
         if name in whole:
             assert kept == name
@@ -467,8 +585,8 @@ def test_a_stop_during_a_large_upload_stores_no_more_and_answers_at_once(make_we
     svc = services_of(app)
     real_submit = svc.submitter.submit
 
-    def submit_then_told_to_stop(batch_id, uploads):
-        outcomes = real_submit(batch_id, uploads)
+    def submit_then_told_to_stop(batch_id, uploads, tokens=None):
+        outcomes = real_submit(batch_id, uploads, tokens)
         svc.book.close()  # SIGTERM, while the first chunk was being stored
         return outcomes
 
