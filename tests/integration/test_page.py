@@ -96,7 +96,9 @@ def test_many_images_from_the_page(stack, browser, reference_model, tmp_path):
 # The page's first POST /api/jobs fail, one way each, as listed in arguments[0]:
 # "503" is answered as a stopping web tier answers one (nothing stored, each file
 # rejected with 503); "unreachable" is not answered at all, as while the next web
-# tier starts (a refused connection). Later ones reach the server.
+# tier starts (a refused connection); "lost" reaches the server, which stores the
+# files, but its answer does not reach the page (a connection cut mid-answer).
+# Later ones reach the server.
 FAIL_FIRST_POSTS = """
 const ways = arguments[0];
 const realFetch = window.fetch;
@@ -106,6 +108,10 @@ window.fetch = async (url, options) => {
     const way = ways[window.fakedPosts];
     window.fakedPosts += 1;
     if (way === "unreachable") throw new TypeError("Failed to fetch");
+    if (way === "lost") {
+      await realFetch(url, options);
+      throw new TypeError("Failed to fetch");
+    }
     const reason = "not stored: the web tier is stopping; send this file again";
     const rejected = options.body.getAll("files").map((file, index) =>
       ({index, filename: file.name, error: reason, status: 503}));
@@ -146,15 +152,21 @@ def test_files_a_stopping_web_tier_did_not_store_are_sent_again(stack, browser, 
     assert_classified(shown, files, reference_model)
 
 
-def test_files_whose_first_send_finds_no_server_are_not_sent_again(stack, browser, tmp_path):
-    """A first send may have been cut off after the server stored some of its files (a
-    web tier killed mid-request): sent again, an explorer's were classified twice, in
-    a batch of their own when the chunk was the first. They are shown failed instead,
-    and a reload shows those the server stored."""
-    files = {"unreachable_0.jpg": make_image(830)}
-    shown = upload_failing_first(browser, stack, tmp_path, files, ["unreachable"])
-    assert shown["unreachable_0.jpg"].get_attribute("data-state") == "failed"
-    assert "could not be reached" in shown["unreachable_0.jpg"].text
+def test_files_whose_answer_was_lost_are_sent_again_and_classified_once(stack, browser, reference_model,
+                                                                         tmp_path):
+    """A send may be cut off after the server stored its files (a web tier killed
+    mid-answer). They were shown failed, though stored and classified; sent again
+    without tokens, an explorer's were classified twice, in a batch of their own when
+    the chunk was the first. Now they are sent again under the same batch and tokens."""
+    import requests
+
+    files = {f"lost_{i}.jpg": make_image(830 + i, size=(64, 48)) for i in range(4)}
+    shown = upload_failing_first(browser, stack, tmp_path, files, ["lost", "lost"], per_request=2)
+    assert_classified(shown, files, reference_model)
+    batches = browser.current_url.split("#batches=")[1].split(",")
+    assert len(batches) == 1
+    items = requests.get(f"{stack.web_url}/api/jobs/{batches[0]}", timeout=10).json()["items"]
+    assert sorted(i["filename"] for i in items) == sorted(files)
 
 
 def test_a_file_deleted_after_it_was_chosen_fails_alone(stack, browser, reference_model, tmp_path):

@@ -119,14 +119,25 @@
     $("summary").textContent = [counts, ...notices].filter(Boolean).join(" · ");
   }
 
+  // 32 hex digits, as the server's ids (crypto.randomUUID needs HTTPS, this may not be).
+  function newBatchId() {
+    return Array.from(crypto.getRandomValues(new Uint8Array(16)),
+                      (byte) => byte.toString(16).padStart(2, "0")).join("");
+  }
+
   // --- one upload session = one batch ----------------------------------------------
+  // The page names the batch and gives each file a token (its place in the upload):
+  // a chunk sent again after its answer was lost (a connection cut, a web tier
+  // restarted mid-request) then joins the same batch, and the server does not store
+  // again the files it already holds under their tokens.
   class Session {
     constructor(files) {
-      this.batchId = null;
+      this.batchId = newBatchId();
+      this.created = false;     // the server holds the batch: a file of it was stored
       this.uploading = true;
       this.byId = new Map();    // item id -> element
       this.early = new Map();   // results that beat their upload's answer
-      this.entries = files.map((file) => ({ file, el: makeResult(file.name || "upload") }));
+      this.entries = files.map((file, n) => ({ file, token: String(n), el: makeResult(file.name || "upload") }));
       this.stream = null;
       this.sseErrors = 0;
       this.pollTimer = null;
@@ -140,15 +151,13 @@
       for (let i = 0; i < this.entries.length; i += size) {
         chunks.push(this.entries.slice(i, i + size));
       }
-      // Until a batch exists, chunks go one at a time; the rest then join it in parallel.
-      while (chunks.length && !this.batchId) {
+      // Until the batch exists, chunks go one at a time (its event stream can only be
+      // followed then); the rest then join it in parallel.
+      while (chunks.length && !this.created) {
         await this.send(chunks.shift());
-        // A chunk the server did not store is sent again later (sendLater); sent
-        // then beside the next chunk, neither naming a batch yet, each would start
-        // one of its own, and the page follows only one: wait for it instead.
-        while (this.resends.length && !this.batchId) await this.resends.shift();
+        while (this.resends.length && !this.created) await this.resends.shift();
       }
-      if (this.batchId) this.follow();
+      if (this.created) this.follow();
       const worker = async () => {
         while (chunks.length) await this.send(chunks.shift());
       };
@@ -156,7 +165,7 @@
       // Files sent again later (see sendLater) keep the upload open until they are in.
       while (this.resends.length) await this.resends.shift();
       this.uploading = false;
-      if (this.batchId && !this.stream && !this.pollTimer) this.follow();
+      if (this.created && !this.stream && !this.pollTimer) this.follow();
       updateSummary();
     }
 
@@ -164,25 +173,25 @@
       if (attempt === 0) chunk = await this.readable(chunk);
       if (!chunk.length) return;
       const form = new FormData();
-      for (const { file } of chunk) form.append("files", file, file.name);
-      if (this.batchId) form.append("batch_id", this.batchId);
+      for (const { file, token } of chunk) {
+        form.append("files", file, file.name);
+        form.append("tokens", token);
+      }
+      form.append("batch_id", this.batchId);
+      form.append("create", "1");
       let response, body = null;
       try {
         response = await fetch("/api/jobs", { method: "POST", body: form, headers: authHeaders() });
         body = await response.json().catch(() => null);
       } catch (err) {
         if (leaving) return;  // cut off by the reload itself: the server may well have them
-        if (attempt > 0 && attempt < RESEND_DELAYS_MS.length) {
-          // Sending again files a stopping web tier did not store: the next one is most
-          // likely still starting. (Cut off mid-request, it may have stored some: they
-          // would then be in the batch twice, which beats losing them.)
+        if (attempt < RESEND_DELAYS_MS.length) {
+          // No server (the next web tier still starting), or the answer lost: the files'
+          // tokens keep those it stored from being stored twice.
           this.sendLater(chunk, attempt);
           return;
         }
-        // Not sent again, nor remembered for a reload: a first send may have been cut
-        // off after the server stored some files (a web tier killed mid-request), and
-        // sent again they would be classified twice, in a batch of their own if this
-        // chunk was the first (explorer). A reload shows those the server stored.
+        // Not remembered for a reload: the server may have stored some, which a reload shows.
         this.refuse(chunk, "upload failed: the server could not be reached", false);
         return;
       }
@@ -201,8 +210,8 @@
         this.refuse(chunk, (body && body.error) || `upload refused (HTTP ${response.status})`);
         return;
       }
-      if (body.items.length && !this.batchId) {
-        this.batchId = body.batch_id;
+      if (body.items.length && !this.created) {
+        this.created = true;
         rememberBatch(this.batchId);
       }
       for (const item of body.items) {
@@ -261,7 +270,7 @@
     // What the server cannot tell a reloaded page: the order the files were chosen in
     // (chunks sent in parallel join the batch in any order) and the files it refused.
     save() {
-      if (!this.batchId) return;
+      if (!this.created) return;
       const shown = this.entries
         .filter((entry) => entry.id || entry.refused)
         .map((entry) => entry.id ? { id: entry.id } : { name: entry.el.dataset.filename, error: entry.refused });
@@ -381,6 +390,7 @@
   async function restore(batchId) {
     const session = new Session([]);
     session.batchId = batchId;
+    session.created = true;
     session.uploading = false;
     session.restored = true;
     sessions.push(session);
