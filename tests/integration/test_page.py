@@ -509,3 +509,152 @@ def test_the_choose_button_shows_keyboard_focus(stack, browser):
     outline = browser.execute_script(
         "return getComputedStyle(document.querySelector('label.button')).outlineStyle")
     assert outline == "solid"
+
+
+def choose(browser, tmp_path, files: dict[str, bytes]) -> None:
+    """Choose `files` (written to tmp_path) in the page's file input."""
+    from selenium.webdriver.common.by import By
+
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    browser.find_element(By.ID, "file-input").send_keys("\n".join(str(tmp_path / n) for n in files))
+
+
+def test_a_page_back_from_the_back_forward_cache_sends_files_again(stack, browser, reference_model, tmp_path):
+    """Left and shown again from the browser's cache (Back), the page still thought it
+    was leaving: files whose first send found no server stayed "uploading" for good."""
+    browser.get(stack.web_url + "/")
+    browser.execute_script("""
+      window.dispatchEvent(new PageTransitionEvent("pagehide", {persisted: true}));
+      window.dispatchEvent(new PageTransitionEvent("pageshow", {persisted: true}));""")
+    browser.execute_script(FAIL_FIRST_POSTS, ["unreachable"])
+    files = {"bfcache.jpg": make_image(880)}
+    choose(browser, tmp_path, files)
+    assert_classified(finished_rows(browser, stack, 1, timeout_s=60), files, reference_model)
+
+
+# Counts the event streams open at once (window.mostStreams) and holds back each
+# stream's `end` until window.endsHeld is false, so that a stream stays open as
+# long as its batch would take with a backlog in the queue.
+WATCH_STREAMS = """
+const RealEventSource = window.EventSource;
+window.openStreams = 0;
+window.mostStreams = 0;
+window.endsHeld = true;
+window.streamEnds = 0;
+window.EventSource = class extends RealEventSource {
+  constructor(url) {
+    super(url);
+    window.openStreams += 1;
+    window.mostStreams = Math.max(window.mostStreams, window.openStreams);
+  }
+  addEventListener(type, listener) {
+    if (type !== "end") return super.addEventListener(type, listener);
+    super.addEventListener("end", async (event) => {
+      while (window.endsHeld) await new Promise((resolve) => setTimeout(resolve, 50));
+      window.streamEnds += 1;
+      listener(event);
+    });
+  }
+  close() {
+    if (this.readyState !== RealEventSource.CLOSED) window.openStreams -= 1;
+    super.close();
+  }
+};
+"""
+
+
+def test_uploads_keep_no_more_than_two_event_streams_open(stack, browser, reference_model, tmp_path):
+    """Each upload held an event stream, and with it one of the browser's six
+    connections to the server, until its batch was done: an explorer's seventh upload
+    waited, the status line froze, and another tab could not load the page."""
+    browser.get(stack.web_url + "/")
+    browser.execute_script(WATCH_STREAMS)
+    files = {f"stream_{i}.jpg": make_image(890 + i, size=(64, 48)) for i in range(4)}
+    for name, data in files.items():  # four uploads, one after another
+        choose(browser, tmp_path, {name: data})
+    shown = finished_rows(browser, stack, 4, timeout_s=120)
+    assert_classified(shown, files, reference_model)
+    assert browser.execute_script("return window.mostStreams") == 2
+    browser.execute_script("window.endsHeld = false;")
+
+
+def test_files_that_join_a_batch_after_its_stream_ended_are_followed_while_others_upload(
+        stack, browser, reference_model, tmp_path):
+    """The stream ends once all that joined the batch are done; a chunk stored after that
+    was not followed until the last chunk was in: an explorer's slow upload showed 100
+    rows "queued" that the server had done."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    browser.execute_script(WATCH_STREAMS + """
+      window.endsHeld = false;
+      document.body.dataset.filesPerRequest = '1';
+      const realFetch = window.fetch;
+      window.lastHeld = true;
+      window.fetch = async (url, options) => {
+        const name = url === "/api/jobs" ? options.body.get("files").name : "";
+        // The second file joins only after the first's stream has ended; the last is held.
+        while (name === "join_1.jpg" && window.streamEnds === 0) await new Promise((r) => setTimeout(r, 50));
+        while (name === "join_2.jpg" && window.lastHeld) await new Promise((r) => setTimeout(r, 50));
+        return realFetch(url, options);
+      };""")
+    files = {f"join_{i}.jpg": make_image(900 + i, size=(64, 48)) for i in range(3)}
+    choose(browser, tmp_path, files)
+
+    def state(name: str) -> str:
+        rows = browser.find_elements(By.CSS_SELECTOR, f'#results [data-filename="{name}"]')
+        return rows[0].get_attribute("data-state") if rows else ""
+
+    wait_for(lambda: state("join_1.jpg") == "done", 60, "the file that joined after the stream ended")
+    assert state("join_2.jpg") == "uploading"
+    browser.execute_script("window.lastHeld = false;")
+    assert_classified(finished_rows(browser, stack, 3, timeout_s=60), files, reference_model)
+
+
+def test_a_batch_named_twice_in_the_address_is_shown_once_and_a_malformed_id_is_said(
+        stack, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    choose(browser, tmp_path, {"twice.jpg": make_image(910)})
+    finished_rows(browser, stack, 1, timeout_s=60)
+    batch_id = browser.current_url.split("#batches=")[1]
+    browser.get(f"{stack.web_url}/#batches={batch_id},{batch_id},../../etc,{batch_id.upper()}")
+    browser.refresh()
+    summary = browser.find_element(By.ID, "summary")
+    wait_for(lambda: "classified" in summary.text, 30, "the restored batch")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#results [data-state]")) == 1
+    assert summary.text == f"1 of 1 classified · not a batch id, ignored: ../../etc, {batch_id.upper()}"
+    assert browser.current_url.endswith(f"#batches={batch_id}")
+
+
+def test_a_narrow_screen_shows_the_untrained_warning_whole(stack, browser):
+    """At 280 px "(MODEL_WEIGHTS=random):" was wider than the banner: cut off, and the
+    page scrolled sideways."""
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": 280, "height": 800, "deviceScaleFactor": 1, "mobile": True})
+    browser.get(stack.web_url + "/")
+    banner = browser.execute_script("""
+      const banner = document.getElementById("untrained-banner");
+      return {shown: !banner.hidden, fits: banner.scrollWidth <= banner.clientWidth,
+              pageFits: document.documentElement.scrollWidth <= window.innerWidth};""")
+    assert banner == {"shown": True, "fits": True, "pageFits": True}
+
+
+def test_screen_readers_hear_the_summary_once_all_files_are_finished(stack, browser, tmp_path):
+    """The summary was a live region rewritten at each result: 150 files, 150 announcements."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    assert browser.find_element(By.ID, "summary").get_attribute("aria-live") is None
+    announce = browser.find_element(By.ID, "announce")
+    browser.execute_script("""
+      window.announced = [];
+      new MutationObserver(() => window.announced.push(arguments[0].textContent))
+        .observe(arguments[0], {childList: true, characterData: true, subtree: true});""", announce)
+    choose(browser, tmp_path, {f"said_{i}.jpg": make_image(920 + i, size=(64, 48)) for i in range(3)})
+    finished_rows(browser, stack, 3, timeout_s=60)
+    wait_for(lambda: browser.execute_script("return window.announced.length") >= 1, 10, "the announcement")
+    assert browser.execute_script("return window.announced") == ["3 of 3 classified"]
+    assert announce.get_attribute("aria-live") == "polite"

@@ -7,6 +7,10 @@
   const POLL_MS = 2000;        // fallback polling when EventSource fails
   const STATUS_MS = 2000;
   const SSE_GIVE_UP = 3;       // consecutive stream errors before polling instead
+  // Event streams open at once; other batches are polled. Each holds one of the
+  // browser's six connections to the server until its batch is done: one per upload
+  // left later uploads, the status line and other tabs waiting (explorer).
+  const MAX_STREAMS = 2;
   const KEY_STORE = "imgclass.apiKey";
   const BATCH_ID = /^[0-9a-f]{32}$/;
   const SHOWN_STORE = "imgclass.shown.";  // + batch id, in this tab's sessionStorage
@@ -25,7 +29,12 @@
   const sessions = [];
   const notices = [];      // said in the summary line, e.g. a batch that could not be loaded
   let leaving = false;     // the page is being unloaded: its uploads are cut off, not refused
+  let openStreams = 0;
+  let announced = "";
   window.addEventListener("pagehide", () => { leaving = true; });
+  // Back in view from the back/forward cache: live again, its uploads go on (they
+  // were left "uploading" for good, none sent again).
+  window.addEventListener("pageshow", () => { leaving = false; });
 
   // --- API key ---------------------------------------------------------------
   function storedKey() {
@@ -117,6 +126,11 @@
     }
     const counts = all.length ? `${done} of ${all.length} classified${failed ? `, ${failed} failed` : ""}` : "";
     $("summary").textContent = [counts, ...notices].filter(Boolean).join(" · ");
+    // Said to screen readers once every file is finished, not at each result.
+    if (counts && done + failed === all.length && counts !== announced) {
+      announced = counts;
+      $("announce").textContent = counts;
+    }
   }
 
   // 32 hex digits, as the server's ids (crypto.randomUUID needs HTTPS, this may not be).
@@ -157,7 +171,6 @@
         await this.send(chunks.shift());
         while (this.resends.length && !this.created) await this.resends.shift();
       }
-      if (this.created) this.follow();
       const worker = async () => {
         while (chunks.length) await this.send(chunks.shift());
       };
@@ -236,6 +249,9 @@
       }
       this.save();
       if (again.length) this.sendLater(again, attempt);
+      // Followed from the first stored file on, and again after a stream that ended
+      // because all that had joined the batch were done (more chunks join it later).
+      if (this.created && !this.stream && !this.pollTimer) this.follow();
     }
 
     // The entries whose files can still be read; the others failed, each with why.
@@ -310,12 +326,13 @@
     }
 
     follow() {
-      if (!window.EventSource || this.sseErrors >= SSE_GIVE_UP) {
+      if (!window.EventSource || this.sseErrors >= SSE_GIVE_UP || openStreams >= MAX_STREAMS) {
         this.poll();
         return;
       }
       const stream = new EventSource(`/api/jobs/${this.batchId}/events`);
       this.stream = stream;
+      openStreams += 1;
       let reconnecting = false;
       stream.onopen = () => {
         // Whatever finished while we were away: fetch it once.
@@ -327,8 +344,7 @@
         try { this.apply(JSON.parse(event.data)); } catch { /* ignore a damaged event */ }
       };
       stream.addEventListener("end", () => {
-        stream.close();
-        this.stream = null;
+        this.closeStream();
         // More chunks may still be uploading: run() follows again when they are in.
         // If they are all in and some still wait, this `end` was sent before the last
         // chunk joined the batch: poll until they finish (a single refresh could miss them).
@@ -338,11 +354,17 @@
         reconnecting = true;
         this.sseErrors += 1;
         if (stream.readyState === EventSource.CLOSED || this.sseErrors >= SSE_GIVE_UP) {
-          stream.close();
-          this.stream = null;
+          this.closeStream();
           this.poll();
         }
       };
+    }
+
+    closeStream() {
+      if (!this.stream) return;
+      this.stream.close();
+      this.stream = null;
+      openStreams -= 1;
     }
 
     poll() {
@@ -360,9 +382,13 @@
   }
 
   // --- batches kept in the address, so a reload (or a shared link) shows them again ---
-  function batchesInUrl() {
+  function idsInUrl() {
     const match = /(?:^#|&)batches=([^&]*)/.exec(location.hash);
-    return match ? match[1].split(",").filter((id) => BATCH_ID.test(id)) : [];
+    return match ? match[1].split(",").filter(Boolean) : [];
+  }
+
+  function batchesInUrl() {  // each once: a batch named twice was shown twice
+    return [...new Set(idsInUrl().filter((id) => BATCH_ID.test(id)))];
   }
 
   function writeBatches(ids) {
@@ -437,6 +463,13 @@
     }
   });
 
+  // An address edited by hand may name what is not a batch id: say so, not nothing.
+  const malformed = idsInUrl().filter((id) => !BATCH_ID.test(id));
+  if (malformed.length) {
+    notices.push(`not a batch id, ignored: ${malformed.map((id) => id.slice(0, 40)).join(", ")}`);
+    updateSummary();
+  }
+  if (malformed.length || batchesInUrl().length !== idsInUrl().length) writeBatches(batchesInUrl());
   // One after another, so the results keep the order the batches were sent in.
   (async () => {
     for (const batchId of batchesInUrl()) await restore(batchId);
