@@ -11,8 +11,8 @@
 `MODEL_RUNTIME` chooses what runs it:
   openvino (default) the same Keras network converted once to OpenVINO's IR
                     and cached on disk (see app_tier/openvino_runtime.py):
-                    about 1 s from process start to first answer and ~400 MB
-                    resident, against 5-8 s and ~900 MB for TensorFlow;
+                    it starts several times faster than TensorFlow, in about
+                    half the memory (README, Speed, has the figures);
   tensorflow        the Keras network through one traced tf.function.
 """
 

@@ -106,8 +106,8 @@ class Settings:
     # --- controller --------------------------------------------------------
     max_instances: int = 15
     ami_id: str = "ami-0abcdef1234567890"
-    # t2.small (2 GiB): a TensorFlow ResNet-50 worker peaks near 1.3 GB,
-    # which does not fit t2.micro's 1 GiB.
+    # t2.small (2 GiB): a TensorFlow ResNet-50 worker peaks near 1 GiB (README,
+    # Speed), which with the OS does not fit t2.micro's 1 GiB.
     instance_type: str = "t2.small"
     key_name: str = ""
     security_group_ids: tuple[str, ...] = ()

@@ -55,7 +55,7 @@ def test_local_workers_are_capped_by_memory(monkeypatch):
     tf = dataclasses.replace(Settings(), model_runtime="tensorflow")
     cap, note = memory_safe_workers(tf, {})
     assert cap == 3 and "LOCAL_MAX_WORKERS=3" in note  # 8 GB * 0.6 / 1.3 GB
-    assert memory_safe_workers(Settings(), {})[0] == 9  # OpenVINO: 8 GB * 0.6 / 0.5 GB
+    assert memory_safe_workers(Settings(), {})[0] == 8  # OpenVINO: 8 GiB * 0.6 / 0.6 GiB
     explicit = dataclasses.replace(tf, local_max_workers=12)
     assert memory_safe_workers(explicit, {"LOCAL_MAX_WORKERS": "12"}) == (12, "")  # the operator's call
 
