@@ -94,6 +94,13 @@ class Prediction:
     score: float
 
 
+def wire_score(score: float) -> float:
+    """A score as every answer carries it: float32 scores survive a JSON round trip
+    exactly at 9 significant digits, and the same digits everywhere (the response, the
+    output object, a batch rebuilt from S3) let clients compare scores across them."""
+    return float(f"{score:.9g}")
+
+
 @dataclass(frozen=True)
 class ClassifyResponse:
     id: str
@@ -125,9 +132,8 @@ class ClassifyResponse:
             payload["error"] = clip_for_json(self.error, _ERROR_BYTES)
         else:
             payload["label"] = self.label
-            # float32 scores survive a JSON round trip exactly at 9 significant digits.
-            payload["score"] = float(f"{self.score:.9g}")
-            payload["top5"] = [[p.label, float(f"{p.score:.9g}")] for p in self.top5]
+            payload["score"] = wire_score(self.score)
+            payload["top5"] = [[p.label, wire_score(p.score)] for p in self.top5]
         return _encode(payload)
 
     @classmethod

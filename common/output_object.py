@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from common.messages import ClassifyResponse
+from common.messages import ClassifyResponse, wire_score
 
 # The user-metadata key holding the result as JSON, so that a web tier rebuilding a
 # batch from S3 shows the score and top 5 too (S3 allows 2 KB of metadata).
@@ -37,8 +37,8 @@ def label_of(text: str) -> str:
 
 def result_metadata(response: ClassifyResponse) -> dict[str, str]:
     """The output object's user metadata for a successful response."""
-    result = {"label": response.label, "score": response.score,
-              "top5": [[p.label, p.score] for p in response.top5],
+    result = {"label": response.label, "score": wire_score(response.score),
+              "top5": [[p.label, wire_score(p.score)] for p in response.top5],
               "worker": response.worker, "untrained": response.untrained}
     return {RESULT_KEY: json.dumps(result, separators=(",", ":"))}
 
@@ -54,8 +54,10 @@ def read_result_metadata(metadata: Mapping[str, str], untrained: bool) -> dict[s
         result = json.loads(raw)
         return {
             "label": result.get("label"),
-            "score": result.get("score"),
-            "top5": [{"label": str(label), "score": float(score)} for label, score in result.get("top5", [])],
+            # Rounded as the response was: objects written before their writer rounded too.
+            "score": None if result.get("score") is None else wire_score(float(result["score"])),
+            "top5": [{"label": str(label), "score": wire_score(float(score))}
+                     for label, score in result.get("top5", [])],
             "worker": str(result.get("worker", "")),
             "untrained": bool(result.get("untrained", untrained)),
         }

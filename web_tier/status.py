@@ -2,7 +2,7 @@
 
 Four AWS calls at most (three queue attribute reads and one instance listing),
 and the answer is reused for a second, so many open pages polling every two
-seconds cost the same as one.
+seconds cost the same as one. `read_at` is when AWS was read.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from web_tier.results import ResultBook
 log = logging.getLogger(__name__)
 
 CACHE_S = 1.0
+# A snapshot older than this is said to be so: AWS is not answering its refresh.
+STALE_AFTER_S = 5.0
 
 
 class StatusReader:
@@ -39,11 +41,17 @@ class StatusReader:
             try:
                 now = time.monotonic()
                 if self._cached is None or now - self._cached[0] >= self.cache_s:
-                    self._cached = (now, self._read_aws())
+                    self._cached = (now, {**self._read_aws(), "read_at": time.time()})
             finally:
                 self._lock.release()
         assert self._cached is not None
-        snapshot = dict(self._cached[1])
+        read_mono, snapshot = self._cached[0], dict(self._cached[1])
+        age = time.monotonic() - read_mono
+        if age > STALE_AFTER_S:
+            # Answered from the last snapshot while the refresh waits on AWS: an
+            # explorer's page showed minutes-old figures as if they were current.
+            snapshot["errors"] = [*snapshot.get("errors", []),
+                                  f"AWS has not answered for {age:.0f} s: these figures are that old"]
         snapshot["totals"] = self.book.totals()
         snapshot["totals_since"] = self.counting_since
         snapshot["untrained"] = self.book.untrained

@@ -658,3 +658,23 @@ def test_screen_readers_hear_the_summary_once_all_files_are_finished(stack, brow
     wait_for(lambda: browser.execute_script("return window.announced.length") >= 1, 10, "the announcement")
     assert browser.execute_script("return window.announced") == ["3 of 3 classified"]
     assert announce.get_attribute("aria-live") == "polite"
+
+
+def test_the_status_line_says_when_its_figures_are_old(stack, browser):
+    """/api/status says so while AWS does not answer its refresh; the page showed the old
+    figures as if they were current."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    browser.execute_script("""
+      const realFetch = window.fetch;
+      window.fetch = async (url, options) => {
+        const response = await realFetch(url, options);
+        if (url !== "/api/status") return response;
+        const body = await response.json();
+        body.errors = ["AWS has not answered for 42 s: these figures are that old"];
+        return new Response(JSON.stringify(body), {headers: {"Content-Type": "application/json"}});
+      };""")
+    line = browser.find_element(By.ID, "status-line")
+    wait_for(lambda: "AWS has not answered for 42 s" in line.text, 10, "the status line")
+    assert line.text.startswith("queue: ")

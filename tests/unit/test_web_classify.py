@@ -83,6 +83,21 @@ def test_every_answer_says_the_model_is_untrained_refusals_too(make_web_app):
     assert refused.status_code == 415 and "X-Model-Untrained" not in refused.headers
 
 
+def test_an_image_no_worker_answered_says_the_model_is_untrained(make_web_app, web_aws):
+    """Dead-lettered, its 422 said `X-Model-Untrained: false` while the model was untrained,
+    though GET /api/jobs said `true` for the same item (explorer)."""
+    from tests.unit.test_web_jobs import dead_letter
+
+    client = make_web_app(model_weights="random").test_client()
+    answer: dict = {}
+    waiting = threading.Thread(target=lambda: answer.update(r=post_image(client, make_image(6), "lost.jpg")))
+    waiting.start()
+    dead_letter(web_aws)
+    waiting.join(60)
+    assert answer["r"].status_code == 422
+    assert answer["r"].headers["X-Model-Untrained"] == "true"
+
+
 def test_failed_item_is_422_text(web_client, fake_worker):
     fake_worker.policy = lambda request: "fail"
     response = post_image(web_client, make_image(4), "broken.jpg")

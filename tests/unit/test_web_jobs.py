@@ -256,9 +256,9 @@ def test_fresh_app_rebuilds_a_batch_from_s3(make_web_app, fake_worker, web_aws):
         assert after[name]["state"] == "done"
         for field in ("id", "label", "worker", "untrained"):
             assert after[name][field] == before[name][field], field
-        # The response carries 9 significant digits; the stored metadata may carry more.
-        assert after[name]["score"] == pytest.approx(before[name]["score"], rel=1e-8)
-        assert [t["label"] for t in after[name]["top5"]] == [t["label"] for t in before[name]["top5"]]
+        # The same digits (a client comparing scores across a restart saw them differ).
+        assert after[name]["score"] == before[name]["score"]
+        assert after[name]["top5"] == before[name]["top5"]
     # Cached: a second GET does not list S3 again.
     web_aws.s3.delete_object(Bucket=web_aws.settings.input_bucket,
                              Key=f"{batch_id}/{after['ok 1.jpg']['id']}/ok_1.jpg")

@@ -137,7 +137,7 @@ def test_s3_failing_while_a_batch_is_rebuilt_is_a_503_not_a_500(quiet_client, we
     assert "ServiceUnavailable" in response.get_json()["error"]
 
 
-def test_status_answers_from_the_last_snapshot_while_aws_is_slow(quiet_client):
+def test_status_answers_from_the_last_snapshot_while_aws_is_slow(quiet_client, monkeypatch):
     """Pages poll every 2 s: a slow AWS must not pile their requests up behind one refresh."""
     import threading
 
@@ -161,6 +161,12 @@ def test_status_answers_from_the_last_snapshot_while_aws_is_slow(quiet_client):
         answer = quiet_client.get("/api/status")  # while the refresh is stuck in AWS
         assert answer.status_code == 200 and "queue" in answer.get_json()
         assert refresher.is_alive(), "the refresh was not waited for"
+        assert "errors" not in answer.get_json()  # a moment old: not worth a word
+        # Long stuck, the answer says how old its figures are.
+        monkeypatch.setattr("web_tier.status.STALE_AFTER_S", 0.0)
+        stale = quiet_client.get("/api/status").get_json()
+        assert any("AWS has not answered for" in e for e in stale["errors"])
+        assert stale["read_at"] < stale["time"]
     finally:
         release.set()
         refresher.join(5)

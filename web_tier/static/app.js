@@ -530,6 +530,8 @@
         const since = s.totals_since ? ` since ${new Date(s.totals_since * 1000).toLocaleTimeString()}` : "";
         parts.push(`answered here${since}: ${s.totals.answered}, failed: ${s.totals.failed}`);
       }
+      // What could not be read, or how old the figures are while AWS does not answer.
+      if (Array.isArray(s.errors)) parts.push(...s.errors.map(String));
       line.textContent = parts.join(" · ") || "status unavailable";
     } catch {
       line.textContent = "status unavailable";
