@@ -345,7 +345,7 @@
       };
       stream.addEventListener("end", () => {
         this.closeStream();
-        // More chunks may still be uploading: run() follows again when they are in.
+        // More chunks may still be uploading: send() follows again when one is in.
         // If they are all in and some still wait, this `end` was sent before the last
         // chunk joined the batch: poll until they finish (a single refresh could miss them).
         if (!this.uploading && this.unfinished()) this.poll();
