@@ -98,7 +98,10 @@ class Submitter:
                     new.append(n)
                     continue
                 self._storing.discard(item.id)
-                outcomes[n] = SentBefore(holder) if holder.id not in self._storing else UploadError(
+                # Still being stored, or its storing failed since (it then left the book
+                # before leaving _storing): either way not stored now, so not "sent before".
+                stored = holder.id not in self._storing and self.book.get(holder.id) is holder
+                outcomes[n] = SentBefore(holder) if stored else UploadError(
                     503, "an earlier request with the same token is storing this file; send it again",
                     uploads[n].filename)
         if len(new) == 1:
@@ -132,11 +135,12 @@ class Submitter:
         except Exception:
             # An AWS outage must cost this file, not the service.
             log.exception("could not submit item %s", item.id)
-            self.book.discard(item.id)
             if stored and not self._unstore(item.key):
-                # Stored, with no message: left so, it would be queued for ever.
+                # Stored, with no message: left so, it would be queued for ever. It stays
+                # in the book, and so does its token: sent again, it is not stored twice.
                 self._retry_later(item.id, request)
             else:
+                self.book.discard(item.id)
                 self._end(item.id)
             return UploadError(503, "could not be stored or queued; try again", upload.filename)
         self._end(item.id)

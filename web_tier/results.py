@@ -168,7 +168,7 @@ class ResultBook:
                     if item.token:
                         batch.tokens[item.token] = item.id
                 held.append(item)
-            self._evict()
+            self._evict(keep=batch_id)
         return held
 
     def discard(self, item_id: str) -> None:
@@ -220,7 +220,7 @@ class ResultBook:
             in_s3 = [item.id for item in rebuilt]
             listed = set(in_s3)
             batch.item_ids = in_s3 + [i for i in batch.item_ids if i not in listed]
-            self._evict()
+            self._evict(keep=batch_id)
             self._publish(finished)
 
     def _finish(self, incoming: Item, untrained: bool | None) -> Item | None:
@@ -312,7 +312,9 @@ class ResultBook:
             for inbox in self._subscribers.get(item.batch_id or "", ()):
                 inbox.put(item)
 
-    def _evict(self) -> None:
+    def _evict(self, keep: str = "") -> None:
+        """Forget the oldest finished batches beyond the cap, but `keep`: the batch just
+        added to or rebuilt, which its caller goes on to read (and whose tokens it needs)."""
         excess = len(self._items) - self._max_items
         if excess <= 0:
             return
@@ -324,7 +326,7 @@ class ResultBook:
                 break
             items = [self._items[i] for i in batch.item_ids if i in self._items]
             # Never forget an item someone may still be waiting on.
-            if batch_id in self._subscribers or any(not i.is_finished for i in items):
+            if batch_id == keep or batch_id in self._subscribers or any(not i.is_finished for i in items):
                 continue
             victims.append(batch_id)
             excess -= len(items)

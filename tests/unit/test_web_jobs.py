@@ -433,6 +433,50 @@ def test_a_file_still_being_stored_under_a_token_is_refused_for_now_not_taken_as
     assert len(stored_keys(web_aws, batch_id)) == 1
 
 
+def test_a_file_sent_again_while_its_first_storing_fails_is_not_taken_as_stored(
+        make_web_app, web_aws, monkeypatch):
+    """The resend found the first request's item under the token; the first then failed,
+    and the resend answered with that item, which was never stored (reviewer): the page
+    showed it queued for ever."""
+    import web_tier.jobs
+
+    app = make_web_app(start_listeners=False)
+    svc = services_of(app)
+    batch_id = "b" * 32
+    files = [(make_image(750), "a.jpg")]
+    storing, fail_now = threading.Event(), threading.Event()
+    real_put = web_tier.jobs.put_input
+
+    def failing_put(*args, **kwargs):
+        storing.set()
+        assert fail_now.wait(30)
+        raise OSError("S3 down")
+
+    monkeypatch.setattr(web_tier.jobs, "put_input", failing_put)
+    first: dict = {}
+    sender = threading.Thread(target=lambda: first.update(
+        r=send_with_tokens(app.test_client(), batch_id, files, ["0"])))
+    sender.start()
+    assert storing.wait(30)
+    real_add = svc.book.add
+
+    def add_then_let_the_first_fail(batch, items):
+        held = real_add(batch, items)  # finds the first request's item under the token
+        fail_now.set()
+        sender.join(30)  # which has now failed, and left the book
+        return held
+
+    monkeypatch.setattr(svc.book, "add", add_then_let_the_first_fail)
+    resent = send_with_tokens(app.test_client(), batch_id, files, ["0"])
+    assert first["r"].status_code == 503
+    assert resent.status_code == 503, resent.get_json()
+    monkeypatch.setattr(svc.book, "add", real_add)
+    monkeypatch.setattr(web_tier.jobs, "put_input", real_put)
+    stored = send_with_tokens(app.test_client(), batch_id, files, ["0"])
+    assert stored.status_code == 202 and "again" not in stored.get_json()["items"][0]
+    assert len(stored_keys(web_aws, batch_id)) == 1
+
+
 def test_a_token_whose_file_could_not_be_stored_is_free_to_send_again(make_web_app, web_aws, monkeypatch):
     import web_tier.jobs
 

@@ -156,11 +156,20 @@ def test_a_refused_upload_whose_image_cannot_be_deleted_is_queued_later(make_web
     submitter.requests.send = refuse
     s3 = submitter.aws.s3
     s3.delete_object = cannot_delete
-    reply = app.test_client().post("/api/jobs", data={"files": [(io.BytesIO(make_image(1)), "a.jpg")]},
-                                   content_type="multipart/form-data")
+
+    def upload():
+        form = {"files": [(io.BytesIO(make_image(1)), "a.jpg")], "batch_id": "a" * 32, "create": "1",
+                "tokens": "0"}
+        return app.test_client().post("/api/jobs", data=form, content_type="multipart/form-data")
+
+    reply = upload()
     del s3.delete_object  # the client's own again
     assert reply.status_code == 503
     assert len(services_of(app).journal.pending()) == 1  # on disk, should this process die
+    # Sent again under its token, it is not stored a second time: it will be queued.
+    again = upload().get_json()
+    assert again["items"][0]["again"] is True
+    assert len(services_of(app).journal.pending()) == 1
 
     submitter.requests.send = send
     assert submitter.requeue_unsent() == 1

@@ -170,6 +170,20 @@ def test_eviction_skips_unfinished_batches_and_forgets_only_what_it_must():
     assert [b for b in batches if book.batch(b) is not None] == [batches[0], batches[4], batches[5]]
 
 
+def test_a_batch_just_rebuilt_is_not_forgotten_at_once_with_its_tokens():
+    """A book full of queued work: the finished batch just rebuilt from S3 was the only
+    one it could forget, and was, at once; a resend under a token it held then found no
+    batch, and stored its file a second time (reviewer)."""
+    book = ResultBook(max_items=2)
+    queued = "q" * 32
+    book.add(queued, [Item(f"q{n}", queued, "x") for n in range(2)])  # never answered
+    rebuilt, done = "r" * 32, Item("r0", "r" * 32, "x", token="0")
+    done.state = "done"
+    book.merge(rebuilt, [done])
+    assert [i.id for i in book.batch(rebuilt)] == ["r0"]
+    assert book.add(rebuilt, [Item("r1", rebuilt, "x", token="0")])[0] is done
+
+
 def test_ids():
     assert is_batch_id("0123456789abcdef" * 2)
     assert not is_batch_id("0123456789ABCDEF" * 2)
