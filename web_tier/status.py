@@ -19,8 +19,11 @@ from web_tier.results import ResultBook
 log = logging.getLogger(__name__)
 
 CACHE_S = 1.0
-# A snapshot older than this is said to be so: AWS is not answering its refresh.
+# A refresh waiting on AWS longer than this is said to be so, with the snapshot's age.
 STALE_AFTER_S = 5.0
+# How long a read whose snapshot is that old (after an idle spell) waits for the
+# refresh another read has begun, rather than answer with old figures at once.
+REFRESH_WAIT_S = 2.0
 
 
 class StatusReader:
@@ -30,28 +33,40 @@ class StatusReader:
         self.cache_s = cache_s
         self._lock = threading.Lock()
         self._cached: tuple[float, dict[str, Any]] | None = None
+        self._refresh_began: float | None = None  # monotonic, while a refresh waits on AWS
         # The totals are this process's: a restarted web tier counts from 0 again.
         self.counting_since = time.time()
 
     def read(self) -> dict[str, Any]:
         # One thread refreshes at a time. While it waits on AWS the others answer
         # from the last snapshot rather than queue up behind it, each holding a
-        # thread (every open page asks every 2 s); only the very first read waits.
-        if self._lock.acquire(blocking=self._cached is None):
+        # thread (every open page asks every 2 s); only the very first read waits,
+        # and, briefly, one whose snapshot is long out of date.
+        cached = self._cached
+        if cached is None:
+            acquired = self._lock.acquire()
+        elif time.monotonic() - cached[0] > STALE_AFTER_S:
+            acquired = self._lock.acquire(timeout=REFRESH_WAIT_S)
+        else:
+            acquired = self._lock.acquire(blocking=False)
+        if acquired:
             try:
-                now = time.monotonic()
-                if self._cached is None or now - self._cached[0] >= self.cache_s:
-                    self._cached = (now, {**self._read_aws(), "read_at": time.time()})
+                if self._cached is None or time.monotonic() - self._cached[0] >= self.cache_s:
+                    self._refresh_began = time.monotonic()
+                    figures = self._read_aws()
+                    self._cached = (time.monotonic(), {**figures, "read_at": time.time()})
             finally:
+                self._refresh_began = None
                 self._lock.release()
         assert self._cached is not None
         read_mono, snapshot = self._cached[0], dict(self._cached[1])
-        age = time.monotonic() - read_mono
-        if age > STALE_AFTER_S:
+        began = self._refresh_began
+        if began is not None and time.monotonic() - began > STALE_AFTER_S:
             # Answered from the last snapshot while the refresh waits on AWS: an
             # explorer's page showed minutes-old figures as if they were current.
-            snapshot["errors"] = [*snapshot.get("errors", []),
-                                  f"AWS has not answered for {age:.0f} s: these figures are that old"]
+            waited, age = time.monotonic() - began, time.monotonic() - read_mono
+            snapshot["errors"] = [*snapshot.get("errors", []), f"AWS has not answered for {waited:.0f} s: "
+                                                               f"these figures are {age:.0f} s old"]
         snapshot["totals"] = self.book.totals()
         snapshot["totals_since"] = self.counting_since
         snapshot["untrained"] = self.book.untrained

@@ -164,9 +164,39 @@ def test_status_answers_from_the_last_snapshot_while_aws_is_slow(quiet_client, m
         assert "errors" not in answer.get_json()  # a moment old: not worth a word
         # Long stuck, the answer says how old its figures are.
         monkeypatch.setattr("web_tier.status.STALE_AFTER_S", 0.0)
+        monkeypatch.setattr("web_tier.status.REFRESH_WAIT_S", 0.1)
         stale = quiet_client.get("/api/status").get_json()
         assert any("AWS has not answered for" in e for e in stale["errors"])
         assert stale["read_at"] < stale["time"]
+    finally:
+        release.set()
+        refresher.join(5)
+
+
+def test_status_after_an_idle_spell_does_not_blame_aws(quiet_client, monkeypatch):
+    """An hour without a reader, then two at once: the second was told "AWS has not
+    answered for 3600 s" while the first's refresh had only just asked (reviewer)."""
+    import threading
+
+    from tests.unit.conftest import services_of
+
+    reader = services_of(quiet_client.application).status
+    assert quiet_client.get("/api/status").status_code == 200
+    reader._cached = (reader._cached[0] - 3600, reader._cached[1])  # an hour ago
+    read_aws, entered, release = reader._read_aws, threading.Event(), threading.Event()
+
+    def slow_aws():
+        entered.set()
+        release.wait(10)
+        return read_aws()
+
+    monkeypatch.setattr(reader, "_read_aws", slow_aws)
+    monkeypatch.setattr("web_tier.status.REFRESH_WAIT_S", 0.1)
+    refresher = threading.Thread(target=lambda: quiet_client.get("/api/status"))
+    refresher.start()
+    try:
+        assert entered.wait(5)
+        assert "errors" not in quiet_client.get("/api/status").get_json()
     finally:
         release.set()
         refresher.join(5)
