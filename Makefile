@@ -45,10 +45,12 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-## Remake constraints.txt from the newest versions requirements.txt allows (then make test)
+## Remake constraints.txt from the newest versions requirements.txt allows (then make test).
+## With the AMI's Python (3.11): a newer one could pick versions that no longer install there.
+LOCK_PYTHON ?= python3.11
 lock:
-	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/pip install --quiet --upgrade pip
+	rm -rf .lock-venv && $(LOCK_PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip setuptools wheel
 	.lock-venv/bin/pip install --quiet -r requirements.txt
 	{ sed -n '1,2p' constraints.txt; .lock-venv/bin/pip freeze --all | grep -v '^pip=='; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt && rm -rf .lock-venv
