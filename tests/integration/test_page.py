@@ -310,6 +310,9 @@ def test_a_reload_that_cuts_uploads_off_shows_each_stored_file_once(stack, brows
     while "#batches=" not in browser.current_url and time.monotonic() < deadline:
         time.sleep(0.05)
     batch_id = browser.current_url.split("#batches=")[1]
+    # (The page names its batch before sending: wait for the server to hold some of it.)
+    wait_for(lambda: requests.get(f"{stack.web_url}/api/jobs/{batch_id}", timeout=30).ok, 60,
+             "the first chunk to be stored")
     browser.refresh()  # while the other chunks are still being sent
     browser.delete_network_conditions()
 
@@ -620,8 +623,8 @@ def test_a_batch_named_twice_in_the_address_is_shown_once_and_a_malformed_id_is_
     choose(browser, tmp_path, {"twice.jpg": make_image(910)})
     finished_rows(browser, stack, 1, timeout_s=60)
     batch_id = browser.current_url.split("#batches=")[1]
+    browser.get("about:blank")  # a new page load, not a change of this page's address
     browser.get(f"{stack.web_url}/#batches={batch_id},{batch_id},../../etc,{batch_id.upper()}")
-    browser.refresh()
     summary = browser.find_element(By.ID, "summary")
     wait_for(lambda: "classified" in summary.text, 30, "the restored batch")
     assert len(browser.find_elements(By.CSS_SELECTOR, "#results [data-state]")) == 1
@@ -678,3 +681,51 @@ def test_the_status_line_says_when_its_figures_are_old(stack, browser):
     line = browser.find_element(By.ID, "status-line")
     wait_for(lambda: "AWS has not answered for 42 s" in line.text, 10, "the status line")
     assert line.text.startswith("queue: ")
+
+
+def test_a_reload_after_a_lost_answer_shows_the_files_the_server_stored(stack, browser, tmp_path):
+    """The page put its batch in the address only once an answer said a file was
+    stored: reloaded after the first answer was lost, it showed nothing of what the
+    server held and went on classifying."""
+    import requests
+
+    browser.get(stack.web_url + "/")
+    browser.execute_script(FAIL_FIRST_POSTS, ["lost"])
+    choose(browser, tmp_path, {f"unseen_{i}.jpg": make_image(940 + i, size=(64, 48)) for i in range(2)})
+    wait_for(lambda: browser.execute_script("return window.fakedPosts") == 1, 30, "the lost answer")
+    batch_id = browser.current_url.split("#batches=")[1]
+
+    def stored() -> int:
+        answer = requests.get(f"{stack.web_url}/api/jobs/{batch_id}", timeout=10)
+        return len(answer.json()["items"]) if answer.ok else 0
+
+    wait_for(lambda: stored() == 2, 30, "the server to hold both files")
+    browser.refresh()  # before the page sends them again
+    shown = finished_rows(browser, stack, 2, timeout_s=60)
+    assert set(shown) == {"unseen_0.jpg", "unseen_1.jpg"}
+    assert all(row.get_attribute("data-state") == "done" for row in shown.values())
+
+
+def test_a_reload_before_anything_was_stored_drops_the_batch_without_a_word(stack, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    browser.execute_script(FAIL_FIRST_POSTS, ["unreachable"])
+    choose(browser, tmp_path, {"never.jpg": make_image(950)})
+    wait_for(lambda: browser.execute_script("return window.fakedPosts") == 1, 30, "the failed send")
+    assert "#batches=" in browser.current_url
+    browser.refresh()
+    wait_for(lambda: "#batches=" not in browser.current_url, 30, "the unknown batch to be dropped")
+    assert browser.find_element(By.ID, "summary").text == ""
+
+
+def test_a_batch_of_refused_files_only_is_not_kept_in_the_address(stack, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    choose(browser, tmp_path, {"not_an_image.jpg": b"plain text"})
+    shown = finished_rows(browser, stack, 1, timeout_s=30)
+    assert shown["not_an_image.jpg"].get_attribute("data-state") == "failed"
+    wait_for(lambda: "#batches=" not in browser.current_url, 10, "the batch that never was to be dropped")
+    browser.refresh()
+    assert browser.find_element(By.ID, "summary").text == ""

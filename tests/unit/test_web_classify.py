@@ -92,8 +92,16 @@ def test_an_image_no_worker_answered_says_the_model_is_untrained(make_web_app, w
     answer: dict = {}
     waiting = threading.Thread(target=lambda: answer.update(r=post_image(client, make_image(6), "lost.jpg")))
     waiting.start()
+
+    def queued() -> int:
+        attrs = web_aws.sqs.get_queue_attributes(QueueUrl=web_aws.request_queue_url,
+                                                 AttributeNames=["ApproximateNumberOfMessages"])
+        return int(attrs["Attributes"]["ApproximateNumberOfMessages"])
+
+    wait_until(lambda: queued() == 1)
     dead_letter(web_aws)
     waiting.join(60)
+    assert not waiting.is_alive()
     assert answer["r"].status_code == 422
     assert answer["r"].headers["X-Model-Untrained"] == "true"
 

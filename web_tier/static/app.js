@@ -14,6 +14,7 @@
   const KEY_STORE = "imgclass.apiKey";
   const BATCH_ID = /^[0-9a-f]{32}$/;
   const SHOWN_STORE = "imgclass.shown.";  // + batch id, in this tab's sessionStorage
+  const UNCONFIRMED_STORE = "imgclass.unconfirmed.";  // + id of a batch not yet known to hold a file
   const MAX_BATCHES_IN_URL = 20;          // the latest; a reload shows these again
   const FINISHED = new Set(["done", "failed"]);
   // A file refused with 503 was not stored (a web tier stopping, S3 or SQS failing):
@@ -148,6 +149,7 @@
     constructor(files) {
       this.batchId = newBatchId();
       this.created = false;     // the server holds the batch: a file of it was stored
+      this.unanswered = false;  // a send got no answer: the server may hold files it stored
       this.uploading = true;
       this.byId = new Map();    // item id -> element
       this.early = new Map();   // results that beat their upload's answer
@@ -160,6 +162,11 @@
     }
 
     async run() {
+      // In the address from the start, so that a reload shows the files the server
+      // stored even if no answer came back; until one does, a reload that finds no
+      // such batch drops it without a word (nothing was stored).
+      rememberBatch(this.batchId);
+      setUnconfirmed(this.batchId, true);
       const chunks = [];
       const size = chunkFiles();
       for (let i = 0; i < this.entries.length; i += size) {
@@ -179,6 +186,10 @@
       while (this.resends.length) await this.resends.shift();
       this.uploading = false;
       if (this.created && !this.stream && !this.pollTimer) this.follow();
+      if (!this.created && !this.unanswered) {  // every file refused: there is no such batch
+        setUnconfirmed(this.batchId, false);
+        forgetBatch(this.batchId);
+      }
       updateSummary();
     }
 
@@ -197,15 +208,17 @@
         response = await fetch("/api/jobs", { method: "POST", body: form, headers: authHeaders() });
         body = await response.json().catch(() => null);
       } catch (err) {
-        if (leaving) return;  // cut off by the reload itself: the server may well have them
+        this.unanswered = true;
         if (attempt < RESEND_DELAYS_MS.length) {
-          // No server (the next web tier still starting), or the answer lost: the files'
-          // tokens keep those it stored from being stored twice.
+          // No server (the next web tier still starting), the answer lost, or cut off by
+          // leaving the page: the files' tokens keep those it stored from being stored
+          // twice. (A page left for good runs no timer; one kept in the back/forward
+          // cache sends them when it is shown again.)
           this.sendLater(chunk, attempt);
           return;
         }
         // Not remembered for a reload: the server may have stored some, which a reload shows.
-        this.refuse(chunk, "upload failed: the server could not be reached", false);
+        if (!leaving) this.refuse(chunk, "upload failed: the server could not be reached", false);
         return;
       }
       if (response.status === 401) {
@@ -225,7 +238,7 @@
       }
       if (body.items.length && !this.created) {
         this.created = true;
-        rememberBatch(this.batchId);
+        setUnconfirmed(this.batchId, false);
       }
       for (const item of body.items) {
         const entry = chunk[item.index];
@@ -271,7 +284,7 @@
     sendLater(entries, attempt) {
       this.resends.push((async () => {
         await new Promise((resolve) => setTimeout(resolve, RESEND_DELAYS_MS[attempt]));
-        if (!leaving) await this.send(entries, attempt + 1);
+        await this.send(entries, attempt + 1);
       })());
     }
 
@@ -404,6 +417,17 @@
     writeBatches(batchesInUrl().filter((id) => id !== batchId));
   }
 
+  function setUnconfirmed(batchId, unconfirmed) {
+    try {
+      if (unconfirmed) sessionStorage.setItem(UNCONFIRMED_STORE + batchId, "1");
+      else sessionStorage.removeItem(UNCONFIRMED_STORE + batchId);
+    } catch { /* storage disabled: a reload then says the batch could not be loaded */ }
+  }
+
+  function isUnconfirmed(batchId) {
+    try { return sessionStorage.getItem(UNCONFIRMED_STORE + batchId) === "1"; } catch { return false; }
+  }
+
   function savedShown(batchId) {
     try {
       const shown = JSON.parse(sessionStorage.getItem(SHOWN_STORE + batchId) || "[]");
@@ -428,7 +452,9 @@
     } catch { /* shown below */ }
     if (!body || !Array.isArray(body.items)) {
       if (unknown) {
-        notices.push(`batch ${batchId} could not be loaded (unknown here, or expired)`);
+        // One this tab was sending when it reloaded, of which the server stored nothing.
+        if (!isUnconfirmed(batchId)) notices.push(`batch ${batchId} could not be loaded (unknown here, or expired)`);
+        setUnconfirmed(batchId, false);
         forgetBatch(batchId);
       } else {  // the server is unreachable or failing for now: keep the batch for a reload
         notices.push(`batch ${batchId} could not be loaded now: reload to try again`);
@@ -436,6 +462,7 @@
       updateSummary();
       return;
     }
+    setUnconfirmed(batchId, false);
     const items = new Map(body.items.map((item) => [item.id, item]));
     // As this tab showed them before, then whatever else the batch holds.
     for (const shown of savedShown(batchId)) {
