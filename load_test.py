@@ -10,7 +10,9 @@ latency, throughput and correctness:
 By default each request is `POST /` with the image in form field `inputFile`,
 and the answer is `<name>:<label>`. With `--api jobs` each image is one
 `POST /api/jobs` batch whose result is awaited by polling `GET /api/jobs/<id>`
-(or, with `--wait sse`, its event stream). Meanwhile `GET /api/status` is read
+(or, with `--wait sse`, its event stream); it names its batch and gives its file
+a token, so one whose answer was cut off is sent again without being stored
+twice. Meanwhile `GET /api/status` is read
 every half second to record how many app-tier instances were pending or running.
 
 It only talks to the URL it is given, sends a bounded number of requests, and
@@ -41,6 +43,7 @@ import sys
 import threading
 import time
 import unicodedata
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -441,7 +444,7 @@ class Outcome:
     verdict: str = "unchecked"  # "correct", "wrong", "unchecked" or "failed"
     expected: str | None = None
     note: str | None = None  # why a verdict is "wrong"
-    resent: int = 0  # times sent again because nothing was stored (see RESEND_WINDOW_S)
+    resent: int = 0  # times sent again (see RESEND_WINDOW_S)
     via: str | None = None  # where its answer was read, when not from its own response
 
     @property
@@ -613,7 +616,8 @@ class Report:
 RESTARTING_STATUSES = (502, 503, 504)
 # A web tier restarting refuses connections for a moment, and one stopping answers
 # an upload it did not store with 503 and Retry-After: nothing was stored either way,
-# so the upload is sent again, for up to this long (`make run` restarts a web tier
+# so the upload is sent again (with --api jobs, also one cut off mid-request: its
+# batch id and token keep it from being stored twice), for up to this long (`make run` restarts a web tier
 # within about a second, systemd after its RestartSec).
 RESEND_WINDOW_S = 30.0
 FIRST_RESEND_DELAY_S = 0.25
@@ -785,18 +789,20 @@ class Client:
         mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         return (path.name, path.read_bytes(), mime)
 
-    def _post(self, endpoint: str, files: dict, deadline: float, outcome: Outcome) -> requests.Response:
-        """POST an upload; sent again while nothing was stored (see RESEND_WINDOW_S)."""
+    def _post(self, endpoint: str, files: dict, deadline: float, outcome: Outcome,
+              form: dict[str, str] | None = None) -> requests.Response:
+        """POST an upload; sent again while nothing was stored, or, with a `form` naming a
+        batch and a token, after any connection failure (see RESEND_WINDOW_S)."""
         give_up = min(deadline, time.monotonic() + RESEND_WINDOW_S)
         delay = FIRST_RESEND_DELAY_S
         while True:
             failure: requests.ConnectionError | None = None
             try:
                 # Only ever talk to the URL we were given: no redirects.
-                resp = self._session().post(f"{self.config.url}{endpoint}", files=files,
+                resp = self._session().post(f"{self.config.url}{endpoint}", files=files, data=form,
                                             timeout=self._timeout(deadline), allow_redirects=False)
             except requests.ConnectionError as exc:
-                if not refused(exc):
+                if not refused(exc) and form is None:
                     raise  # cut off mid-request: the image may be stored already
                 failure, wait = exc, delay
             else:
@@ -835,7 +841,8 @@ class Client:
 
     def _via_jobs(self, path: Path, deadline: float, outcome: Outcome) -> None:
         session = self._session()
-        resp = self._post("/api/jobs", {"files": self._upload(path)}, deadline, outcome)
+        once = {"batch_id": uuid.uuid4().hex, "create": "1", "tokens": "0"}  # stored once, however often sent
+        resp = self._post("/api/jobs", {"files": self._upload(path)}, deadline, outcome, once)
         outcome.status = resp.status_code
         if resp.status_code not in (200, 201, 202):
             raise RequestFailed(f"HTTP {resp.status_code}: {_error_text(resp)}", resp.status_code)
@@ -1298,8 +1305,9 @@ def format_report(report: Report, max_problems: int = 10) -> str:
                                           "result was read from /api/jobs)"))
     if report.resent:
         resent_requests = sum(1 for o in report.outcomes if o.resent)
-        rows.insert(1, ("sent again", f"{resent_requests} requests, {report.resent} times in all  (refused "
-                                      "connections, 503 'not stored': a web tier restarting)"))
+        why = "refused or cut-off connections" if report.api == "jobs" else "refused connections"
+        rows.insert(1, ("sent again", f"{resent_requests} requests, {report.resent} times in all  ({why}, "
+                                      "503 'not stored': a web tier restarting)"))
     if report.peak_instances is not None:
         rows.append(("peak app-tier instances", f"{report.peak_instances}"))
     width = max(len(name) for name, _ in rows)

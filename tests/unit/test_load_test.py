@@ -58,6 +58,8 @@ class FakeTier:
         self.status_gate: threading.Event | None = None  # set: GET /api/status waits for it
         self.web_tier_names = False  # read file names as Werkzeug and the web tier do
         self.not_stored = 0  # the next POSTs answered as a stopping web tier does: 503, Retry-After
+        self.tokens: dict[tuple[str, str], str] = {}  # (batch id, token) -> item id, as the web tier keeps
+        self.dropped: set[bytes] = set()  # "drop-once" contents whose first answer was cut off
 
 
 def _parse_files(headers, body: bytes) -> list[tuple[str, str, bytes]]:
@@ -180,8 +182,9 @@ class Handler(BaseHTTPRequestHandler):
             return
         self._send(200, f"{name}:{label}\n", headers=headers)
 
-    def _post_jobs(self, files) -> None:
-        (field_name, filename, content), = files
+    def _post_jobs(self, parts) -> None:
+        form = {name: content.decode() for name, filename, content in parts if filename is None}
+        (field_name, filename, content), = [part for part in parts if part[1] is not None]
         assert field_name == "files"
         if content == b"refuse":  # as the web tier refuses a file it cannot read: all of a 4xx
             rejection = {"index": 0, "filename": filename, "error": "damaged or unreadable image",
@@ -189,13 +192,24 @@ class Handler(BaseHTTPRequestHandler):
             self._send(415, {"items": [], "rejected": [rejection], "error": rejection["error"],
                              "filename": filename})
             return
-        batch_id, item_id = uuid.uuid4().hex, uuid.uuid4().hex
+        batch_id, item_id = form.get("batch_id") or uuid.uuid4().hex, uuid.uuid4().hex
         status, label = _answer(self.tier, content)
         with self.tier.lock:
-            self.tier.jobs[batch_id] = {
-                "id": item_id, "filename": filename, "ok": status == 200, "label": label, "gets": 0
-            }
-        self._send(202, {"batch_id": batch_id, "items": [{"id": item_id, "filename": filename}]})
+            known = self.tier.tokens.get((batch_id, form.get("tokens", "")))
+            if known is None:
+                self.tier.jobs[batch_id] = {
+                    "id": item_id, "filename": filename, "ok": status == 200, "label": label, "gets": 0
+                }
+                if "tokens" in form:
+                    self.tier.tokens[(batch_id, form["tokens"])] = item_id
+            cut_off = content == b"drop-once" and content not in self.tier.dropped
+            self.tier.dropped.add(content)
+        if cut_off:  # stored, then the web tier killed before it answered
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        item = {"id": known or item_id, "filename": filename, **({"again": True} if known else {})}
+        self._send(202, {"batch_id": batch_id, "items": [item]})
 
     def _item(self, batch_id: str) -> dict | None:
         with self.tier.lock:
@@ -459,6 +473,18 @@ def test_an_upload_refused_while_the_web_tier_restarts_is_sent_again(tmp_path, m
     assert all(o.resent >= 1 for o in report.outcomes)
     assert "sent again" in load_test.format_report(report)
     assert report.to_dict()["resent"] == report.resent >= 2
+
+
+def test_a_batch_whose_answer_was_cut_off_is_sent_again_and_stored_once(tier, tmp_path):
+    """A web tier killed after storing the upload, before answering: with --api jobs the
+    upload was counted failed, though stored and classified. It names its batch and
+    token, so sending it again is safe."""
+    images = make_images(tmp_path / "images", {"cat.jpg": b"drop-once"})
+    report = run_load(Config(images=images, url=tier.url, api="jobs", num_requests=1))
+    assert (report.answered, report.failed) == (1, 0), [o.error for o in report.outcomes]
+    assert report.outcomes[0].resent == 1 and tier.paths["POST /api/jobs"] == 2
+    assert len(tier.jobs) == 1  # stored once
+    assert "cut-off connections" in load_test.format_report(report)
 
 
 def test_an_upload_a_stopping_web_tier_did_not_store_is_sent_again_and_a_queued_one_is_not(tier, tmp_path):
