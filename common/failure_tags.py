@@ -12,13 +12,20 @@ import re
 # S3 tag values: up to 256 Unicode letters, numbers, spaces and `_ . : / = + - @`.
 # One character outside that set makes the whole tagging call fail.
 MAX_ERROR_CHARS = 250
+MAX_TAG_CHARS = 256
 _OUTSIDE_TAG_SET = re.compile(r"[^\w.:/=+\-@]+")  # spaces too: runs become one space
+# `reason` holds the reason whole, as far as it fits: every character outside the set,
+# and "=" itself, as =XX per UTF-8 byte (as quoted-printable does). `error` is for a
+# person reading the tags, and for marks written before `reason` was.
+_ESCAPED = re.compile(r"[^\w.:/+\-@ ]")
+_ESCAPES = re.compile(r"(?:=[0-9A-F]{2})+")
 
 
 def failure_tagging(reason: str) -> dict[str, list[dict[str, str]]]:
     """The `Tagging` argument of put_object_tagging that marks an input failed."""
     error = _OUTSIDE_TAG_SET.sub(" ", reason).strip()[:MAX_ERROR_CHARS]
-    return {"TagSet": [{"Key": "status", "Value": "failed"}, {"Key": "error", "Value": error}]}
+    return {"TagSet": [{"Key": "status", "Value": "failed"}, {"Key": "error", "Value": error},
+                       {"Key": "reason", "Value": _escape(reason)}]}
 
 
 def failure_from_tags(tag_set: list[dict[str, str]]) -> str | None:
@@ -26,4 +33,19 @@ def failure_from_tags(tag_set: list[dict[str, str]]) -> str | None:
     found = {tag["Key"]: tag["Value"] for tag in tag_set}
     if found.get("status") != "failed":
         return None
+    if found.get("reason"):
+        return _ESCAPES.sub(lambda m: bytes.fromhex(m[0].replace("=", "")).decode(errors="replace"),
+                            found["reason"])
     return found.get("error") or "failed"
+
+
+def _escape(reason: str) -> str:
+    """`reason` in the tag set, reversibly, cut (between characters) to fit a tag."""
+    pieces, used = [], 0
+    for char in reason:
+        piece = "".join(f"={byte:02X}" for byte in char.encode()) if _ESCAPED.match(char) else char
+        if used + len(piece) > MAX_TAG_CHARS:
+            break
+        pieces.append(piece)
+        used += len(piece)
+    return "".join(pieces)

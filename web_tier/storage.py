@@ -2,7 +2,8 @@
 
 The original file name travels in the input object's metadata (common/names.py).
 A failed item is marked with object tags on its input object
-(`status=failed`, `error=<reason>`), which workers write too.
+(`status=failed`, `error=<reason>`, and `reason`, the reason escaped so it reads
+back whole: common/failure_tags.py), which workers write too.
 """
 
 from __future__ import annotations

@@ -108,12 +108,32 @@ def _in_s3_tag_set(char: str) -> bool:
     ("x" * 400, "x" * MAX_ERROR_CHARS),
     ("%%%", ""),
 ])
-def test_a_failure_mark_holds_only_what_s3_takes_in_a_tag_and_reads_back(reason, kept):
+def test_a_failure_mark_holds_only_what_s3_takes_in_a_tag(reason, kept):
     tag_set = failure_tagging(reason)["TagSet"]
     error = {tag["Key"]: tag["Value"] for tag in tag_set}["error"]
     assert error == kept
-    assert len(error) <= 256 and all(_in_s3_tag_set(c) for c in error)
-    assert failure_from_tags(tag_set) == (kept or "failed")
+    for tag in tag_set:
+        assert len(tag["Value"]) <= 256 and all(_in_s3_tag_set(c) for c in tag["Value"]), tag
+    # As written before the `reason` tag was: its `error` is what reads back.
+    old = [tag for tag in tag_set if tag["Key"] != "reason"]
+    assert failure_from_tags(old) == (kept or "failed")
+
+
+@pytest.mark.parametrize("reason", [
+    "cannot decode: image file is truncated (cut short)",
+    "MODEL_WEIGHTS=random =41 \"quoted\"\nnext line\ttab",
+    "タイムアウト: 30 s 😀 e\u0301",
+    "",
+])
+def test_a_failure_mark_reads_back_the_reason_as_it_was(reason):
+    """Rebuilt after a restart, "…(cut short)" read "…cut short" (explorer)."""
+    assert failure_from_tags(failure_tagging(reason)["TagSet"]) == (reason or "failed")
+
+
+def test_a_reason_too_long_for_a_tag_reads_back_cut_between_characters():
+    reason = "(é) " * 100
+    back = failure_from_tags(failure_tagging(reason)["TagSet"])
+    assert reason.startswith(back) and len(back) > 40 and "\ufffd" not in back
 
 
 def test_tags_without_a_failure_mark_say_nothing():

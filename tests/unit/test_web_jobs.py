@@ -11,6 +11,7 @@ import time
 import pytest
 
 from common.aws import Aws
+from common.failure_tags import failure_from_tags
 from common.messages import ClassifyRequest, ClassifyResponse
 from tests.conftest import make_image
 from tests.unit.conftest import FakeWorker, answer_for, services_of, wait_until
@@ -117,12 +118,12 @@ def test_dead_letter_marks_the_item_failed(web_app, web_aws):
     assert failed["error"] == DEAD_LETTER_ERROR
     key = ClassifyRequest.from_json(message["Body"]).key
 
-    def tags() -> dict[str, str]:
+    def marked() -> str | None:
         tag_set = web_aws.s3.get_object_tagging(Bucket=web_aws.settings.input_bucket, Key=key)["TagSet"]
-        return {t["Key"]: t["Value"] for t in tag_set}
+        return failure_from_tags(tag_set)
 
     # The item is marked failed first, then its input object is tagged (for a rebuilt book).
-    wait_until(lambda: tags() == {"status": "failed", "error": DEAD_LETTER_ERROR})
+    wait_until(lambda: marked() == DEAD_LETTER_ERROR)
     wait_until(lambda: web_aws.sqs.get_queue_attributes(
         QueueUrl=web_aws.dead_letter_queue_url, AttributeNames=["All"]
     )["Attributes"]["ApproximateNumberOfMessagesNotVisible"] == "0")
@@ -175,7 +176,7 @@ def test_a_dead_letter_whose_object_cannot_be_marked_still_answers_the_client(we
     # SQS hands the message back after its visibility timeout: handled again, it is marked.
     services_of(web_app).listeners._dead_letter(request)
     tags = web_aws.s3.get_object_tagging(Bucket=web_aws.settings.input_bucket, Key=request.key)["TagSet"]
-    assert {t["Key"]: t["Value"] for t in tags} == {"status": "failed", "error": DEAD_LETTER_ERROR}
+    assert failure_from_tags(tags) == DEAD_LETTER_ERROR
 
 
 def test_a_dead_letter_for_a_deleted_object_is_done_with(web_app, web_aws):

@@ -148,7 +148,7 @@ def test_good_and_poison_images_each_get_an_answer_and_the_worker_goes_on(aws_en
     assert body == f"good.jpg,{want.label}"
     bomb_key = object_key("b" * 32, "bomb", "bomb.jpg")
     tags = aws.s3.get_object_tagging(Bucket=settings.input_bucket, Key=bomb_key)["TagSet"]
-    assert failure_from_tags(tags) == f"image is 10000x10000 pixels more than the limit of {limit}"
+    assert failure_from_tags(tags) == f"image is 10000x10000 pixels, more than the limit of {limit}"
 
 
 def test_the_output_object_names_the_image_as_it_was_uploaded(aws_env):
