@@ -43,8 +43,9 @@ def create_app(settings: Settings | None = None, *, aws: Aws | None = None,
     body_limit = settings.max_upload_bytes * max(1, settings.max_files_per_request)
     app.config.update(
         MAX_CONTENT_LENGTH=min(body_limit + FORM_SLACK_BYTES, MAX_REQUEST_BYTES),
-        # Werkzeug refuses more parts than this; each file is one part.
-        MAX_FORM_PARTS=settings.max_files_per_request + 100,
+        # Werkzeug refuses more parts than this: each file is one part, and its token
+        # (POST /api/jobs `tokens`) another; room besides for the other fields.
+        MAX_FORM_PARTS=2 * settings.max_files_per_request + 100,
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]
 

@@ -24,6 +24,15 @@ from web_tier.uploads import (
 bp = Blueprint("api", __name__, url_prefix="/api")
 
 
+@bp.after_request
+def _not_cached(response: Response) -> Response:
+    # Answers change from one second to the next. And a browser holds a second GET of
+    # a URL behind one still in flight, for up to 20 s, to share a cached answer: a
+    # page polling /api/status while AWS was slow showed old figures that long (explorer).
+    response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
 def _unauthorized() -> tuple[Response, int]:
     return jsonify({"error": "a valid API key is required (X-API-Key header)", "filename": None}), 401
 

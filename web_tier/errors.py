@@ -39,8 +39,8 @@ def _too_large(exc: RequestEntityTooLarge) -> Response:
         # or found a form field (not a file) over MAX_FORM_MEMORY_SIZE.
         files = services().settings.max_files_per_request
         return error_response(UploadError(
-            413, f"the form has too many parts (at most {files} files to /api/jobs, one to POST /) "
-                 "or a field too large"))
+            413, f"the form has too many parts (at most {files} files to /api/jobs, each with at most "
+                 "one token; one file to POST /) or a field too large"))
     if wants_text():
         # POST / takes one file, so its limit is the file's: say so, naming the file.
         max_bytes = services().settings.max_upload_bytes

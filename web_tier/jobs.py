@@ -101,9 +101,17 @@ class Submitter:
                 # Still being stored, or its storing failed since (it then left the book
                 # before leaving _storing): either way not stored now, so not "sent before".
                 stored = holder.id not in self._storing and self.book.get(holder.id) is holder
-                outcomes[n] = SentBefore(holder) if stored else UploadError(
-                    503, "an earlier request with the same token is storing this file; send it again",
-                    uploads[n].filename)
+                if holder.filename != uploads[n].filename:
+                    # Not this file sent again: another under a token already used.
+                    outcomes[n] = UploadError(409, f"token {items[n].token!r} already names another file "
+                                                   f"in this batch ({holder.filename}): give each file "
+                                                   "its own token", uploads[n].filename)
+                elif stored:
+                    outcomes[n] = SentBefore(holder)
+                else:
+                    outcomes[n] = UploadError(
+                        503, "an earlier request with the same token is storing this file; send it again",
+                        uploads[n].filename)
         if len(new) == 1:
             outcomes[new[0]] = self._submit_one(items[new[0]], uploads[new[0]])
         else:

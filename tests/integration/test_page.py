@@ -97,7 +97,8 @@ def test_many_images_from_the_page(stack, browser, reference_model, tmp_path):
 # "503" is answered as a stopping web tier answers one (nothing stored, each file
 # rejected with 503); "unreachable" is not answered at all, as while the next web
 # tier starts (a refused connection); "lost" reaches the server, which stores the
-# files, but its answer does not reach the page (a connection cut mid-answer).
+# files, but its answer does not reach the page (a connection cut mid-answer);
+# "hang" too, but the answer never comes and the request never fails.
 # Later ones reach the server.
 FAIL_FIRST_POSTS = """
 const ways = arguments[0];
@@ -111,6 +112,11 @@ window.fetch = async (url, options) => {
     if (way === "lost") {
       await realFetch(url, options);
       throw new TypeError("Failed to fetch");
+    }
+    if (way === "hang") {  // stored, and the answer never comes: the connection left open
+      await realFetch(url, options);
+      return new Promise((resolve, reject) => options.signal && options.signal.addEventListener(
+        "abort", () => reject(new DOMException("The operation was aborted.", "AbortError"))));
     }
     const reason = "not stored: the web tier is stopping; send this file again";
     const rejected = options.body.getAll("files").map((file, index) =>
@@ -521,6 +527,22 @@ def choose(browser, tmp_path, files: dict[str, bytes]) -> None:
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     browser.find_element(By.ID, "file-input").send_keys("\n".join(str(tmp_path / n) for n in files))
+
+
+def test_files_whose_answer_never_comes_are_sent_again_and_classified_once(stack, browser, reference_model,
+                                                                           tmp_path):
+    """A POST whose answer never came, nor an error (a connection left half open), left
+    every row "uploading" for good and held the rest of the upload back (explorer)."""
+    import requests
+
+    browser.get(stack.web_url + "/")
+    browser.execute_script("document.body.dataset.answerTimeoutMs = '1000';" + FAIL_FIRST_POSTS, ["hang"])
+    files = {f"hung_{i}.jpg": make_image(960 + i, size=(64, 48)) for i in range(2)}
+    choose(browser, tmp_path, files)
+    assert_classified(finished_rows(browser, stack, 2, timeout_s=60), files, reference_model)
+    batch_id = browser.current_url.split("#batches=")[1]
+    items = requests.get(f"{stack.web_url}/api/jobs/{batch_id}", timeout=10).json()["items"]
+    assert sorted(i["filename"] for i in items) == sorted(files)
 
 
 def test_a_page_back_from_the_back_forward_cache_sends_files_again(stack, browser, reference_model, tmp_path):

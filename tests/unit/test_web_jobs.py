@@ -384,6 +384,28 @@ def test_tokens_are_known_to_a_web_tier_restarted_since(make_web_app, web_aws):
     assert len(stored_keys(web_aws, batch_id)) == 1
 
 
+def test_a_full_request_with_a_token_per_file_is_taken(make_web_app, web_aws):
+    """Werkzeug counted a file and its token as two parts: past 549 of the 1,000 files
+    allowed, a request with tokens was a 413 saying the limit was 1,000 (explorer)."""
+    count = 120  # enough for 2 parts a file to pass the old allowance of count + 100
+    client = make_web_app(start_listeners=False, max_files_per_request=count).test_client()
+    image = make_image(760, size=(48, 48))
+    response = send_with_tokens(client, "9" * 32, [(image, f"f{n}.jpg") for n in range(count)],
+                                [str(n) for n in range(count)])
+    assert response.status_code == 202, response.get_json()
+    assert len(response.get_json()["items"]) == count
+
+
+def test_a_token_used_again_for_another_file_is_refused_not_taken_for_a_resend(web_client, web_aws):
+    """The second file was dropped, answered as "again" with the first file's item (explorer)."""
+    batch_id = "8" * 32
+    send_with_tokens(web_client, batch_id, [(make_image(770), "first.jpg")], ["x"])
+    other = send_with_tokens(web_client, batch_id, [(make_image(771), "second.jpg")], ["x"])
+    assert other.status_code == 409
+    assert "already names another file in this batch (first.jpg)" in other.get_json()["error"]
+    assert len(stored_keys(web_aws, batch_id)) == 1
+
+
 @pytest.mark.parametrize(("form", "says"), [
     ({"tokens": ["0"]}, "1 tokens for 2 files"),
     ({"tokens": ["0", "0"]}, "the same token"),

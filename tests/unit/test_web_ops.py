@@ -106,6 +106,15 @@ def test_status_shape_and_counts(quiet_client, web_aws):
     assert "errors" not in status
 
 
+def test_api_answers_are_not_cached(quiet_client):
+    """Chrome held a poll of /api/status behind one still waiting on AWS for 20 s, to
+    share its cached answer: the status line froze (explorer)."""
+    batch = quiet_client.post("/api/jobs", data={"files": (io.BytesIO(make_image(1)), "a.jpg")},
+                              content_type="multipart/form-data").get_json()["batch_id"]
+    for path in ("/api/status", f"/api/jobs/{batch}", "/api/jobs/" + "0" * 32):
+        assert quiet_client.get(path).headers["Cache-Control"] == "no-store", path
+
+
 def test_status_is_cheap(quiet_client, web_aws):
     calls = []
     for client in (web_aws.sqs, web_aws.ec2):

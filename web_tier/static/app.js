@@ -50,6 +50,14 @@
     try { localStorage.setItem(KEY_STORE, keyInput.value.trim()); } catch { /* private mode */ }
   });
 
+  // An answer that never comes (a connection left half open, a web machine lost) must not
+  // hold an upload for ever: the chunk is sent again (its tokens make that safe) once
+  // its bytes would have gone even at 50 KB/s, and half a minute more.
+  function answerTimeoutMs(chunk) {
+    const bytes = chunk.reduce((sum, { file }) => sum + file.size, 0);
+    return (Number(document.body.dataset.answerTimeoutMs) || 30000) + bytes / 50;
+  }
+
   // Files per POST /api/jobs: 20, or fewer if the server takes fewer (MAX_FILES_PER_REQUEST).
   function chunkFiles() {
     return Math.max(1, Math.min(20, Number(document.body.dataset.filesPerRequest) || 20));
@@ -204,14 +212,19 @@
       form.append("batch_id", this.batchId);
       form.append("create", "1");
       let response, body = null;
+      const abort = new AbortController();
+      const timer = setTimeout(() => abort.abort(), answerTimeoutMs(chunk));
       try {
-        response = await fetch("/api/jobs", { method: "POST", body: form, headers: authHeaders() });
+        response = await fetch("/api/jobs", { method: "POST", body: form, headers: authHeaders(),
+                                              signal: abort.signal });
+        clearTimeout(timer);
         body = await response.json().catch(() => null);
       } catch (err) {
+        clearTimeout(timer);
         this.unanswered = true;
         if (attempt < RESEND_DELAYS_MS.length) {
-          // No server (the next web tier still starting), the answer lost, or cut off by
-          // leaving the page: the files' tokens keep those it stored from being stored
+          // No server (the next web tier still starting), the answer lost or too long in
+          // coming, or cut off by leaving the page: the files' tokens keep those it stored from being stored
           // twice. (A page left for good runs no timer; one kept in the back/forward
           // cache sends them when it is shown again.)
           this.sendLater(chunk, attempt);
@@ -331,7 +344,7 @@
 
     async refresh() {
       try {
-        const response = await fetch(`/api/jobs/${this.batchId}`);
+        const response = await fetch(`/api/jobs/${this.batchId}`, { cache: "no-store" });
         if (!response.ok) return;
         const body = await response.json();
         body.items.forEach((item) => this.apply(item));
@@ -446,7 +459,7 @@
     sessions.push(session);
     let body = null, unknown = false;
     try {
-      const response = await fetch(`/api/jobs/${batchId}`);
+      const response = await fetch(`/api/jobs/${batchId}`, { cache: "no-store" });
       unknown = response.status === 404;
       body = response.ok ? await response.json() : null;
     } catch { /* shown below */ }
@@ -540,7 +553,7 @@
   async function refreshStatus() {
     const line = $("status-line");
     try {
-      const response = await fetch("/api/status");
+      const response = await fetch("/api/status", { cache: "no-store" });
       const s = await response.json();
       if (s.api_key_required) keyBox.hidden = false;
       if (s.untrained) banner.hidden = false;
