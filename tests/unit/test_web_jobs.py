@@ -420,38 +420,52 @@ def test_bad_tokens_and_batch_ids_are_refused_and_nothing_is_stored(web_client, 
     assert web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket).get("KeyCount", 0) == 0
 
 
+class HeldPut:
+    """The web tier's S3 puts, each held until `release` is set; then it stores, or fails."""
+
+    def __init__(self, monkeypatch, fail: bool = False) -> None:
+        import web_tier.jobs
+
+        self.real = web_tier.jobs.put_input
+        self.storing, self.release = threading.Event(), threading.Event()
+
+        def held(*args, **kwargs):
+            self.storing.set()
+            assert self.release.wait(30)
+            if fail:
+                raise OSError("S3 down")
+            return self.real(*args, **kwargs)
+
+        monkeypatch.setattr(web_tier.jobs, "put_input", held)
+        self.undo = lambda: monkeypatch.setattr(web_tier.jobs, "put_input", self.real)
+
+
+def send_in_background(app, batch_id: str, files, tokens: list[str]) -> tuple[threading.Thread, dict]:
+    """Send with tokens from another thread; the answer lands in the dict under "r"."""
+    answer: dict = {}
+    thread = threading.Thread(target=lambda: answer.update(
+        r=send_with_tokens(app.test_client(), batch_id, files, tokens)))
+    thread.start()
+    return thread, answer
+
+
 def test_a_file_still_being_stored_under_a_token_is_refused_for_now_not_taken_as_stored(
         make_web_app, web_aws, monkeypatch):
     """Sent again while the first request still stores it, the file may yet fail there:
     taken as stored, it would be answered with an item that never comes. It is refused
     with a 503 (to send again), and once stored, found."""
-    import web_tier.jobs
-
     app = make_web_app(start_listeners=False)
-    client = app.test_client()
-    batch_id = "e" * 32
-    files = [(make_image(730), "slow.jpg")]
-    storing, release = threading.Event(), threading.Event()
-    real_put = web_tier.jobs.put_input
-
-    def slow_put(*args, **kwargs):
-        storing.set()
-        assert release.wait(30)
-        return real_put(*args, **kwargs)
-
-    monkeypatch.setattr(web_tier.jobs, "put_input", slow_put)
-    first: dict = {}
-    sender = threading.Thread(target=lambda: first.update(
-        r=send_with_tokens(app.test_client(), batch_id, files, ["0"])))
-    sender.start()
-    assert storing.wait(30)
-    meanwhile = send_with_tokens(client, batch_id, files, ["0"])
-    release.set()
+    batch_id, files = "e" * 32, [(make_image(730), "slow.jpg")]
+    put = HeldPut(monkeypatch)
+    sender, first = send_in_background(app, batch_id, files, ["0"])
+    assert put.storing.wait(30)
+    meanwhile = send_with_tokens(app.test_client(), batch_id, files, ["0"])
+    put.release.set()
     sender.join(30)
     assert meanwhile.status_code == 503 and meanwhile.headers["Retry-After"]
     assert meanwhile.get_json()["rejected"][0]["status"] == 503
     assert first["r"].status_code == 202
-    later = send_with_tokens(client, batch_id, files, ["0"])
+    later = send_with_tokens(app.test_client(), batch_id, files, ["0"])
     assert later.get_json()["items"][0] == {**first["r"].get_json()["items"][0], "again": True}
     assert len(stored_keys(web_aws, batch_id)) == 1
 
@@ -461,31 +475,17 @@ def test_a_file_sent_again_while_its_first_storing_fails_is_not_taken_as_stored(
     """The resend found the first request's item under the token; the first then failed,
     and the resend answered with that item, which was never stored (reviewer): the page
     showed it queued for ever."""
-    import web_tier.jobs
-
     app = make_web_app(start_listeners=False)
     svc = services_of(app)
-    batch_id = "b" * 32
-    files = [(make_image(750), "a.jpg")]
-    storing, fail_now = threading.Event(), threading.Event()
-    real_put = web_tier.jobs.put_input
-
-    def failing_put(*args, **kwargs):
-        storing.set()
-        assert fail_now.wait(30)
-        raise OSError("S3 down")
-
-    monkeypatch.setattr(web_tier.jobs, "put_input", failing_put)
-    first: dict = {}
-    sender = threading.Thread(target=lambda: first.update(
-        r=send_with_tokens(app.test_client(), batch_id, files, ["0"])))
-    sender.start()
-    assert storing.wait(30)
+    batch_id, files = "b" * 32, [(make_image(750), "a.jpg")]
+    put = HeldPut(monkeypatch, fail=True)
+    sender, first = send_in_background(app, batch_id, files, ["0"])
+    assert put.storing.wait(30)
     real_add = svc.book.add
 
     def add_then_let_the_first_fail(batch, items):
         held = real_add(batch, items)  # finds the first request's item under the token
-        fail_now.set()
+        put.release.set()
         sender.join(30)  # which has now failed, and left the book
         return held
 
@@ -494,7 +494,7 @@ def test_a_file_sent_again_while_its_first_storing_fails_is_not_taken_as_stored(
     assert first["r"].status_code == 503
     assert resent.status_code == 503, resent.get_json()
     monkeypatch.setattr(svc.book, "add", real_add)
-    monkeypatch.setattr(web_tier.jobs, "put_input", real_put)
+    put.undo()
     stored = send_with_tokens(app.test_client(), batch_id, files, ["0"])
     assert stored.status_code == 202 and "again" not in stored.get_json()["items"][0]
     assert len(stored_keys(web_aws, batch_id)) == 1
