@@ -90,28 +90,10 @@ class Submitter:
         with self._storing_lock:
             self._storing.update(i.id for i in items)
         held = self.book.add(batch_id, items)
-        outcomes: dict[int, Item | SentBefore | UploadError] = {}
-        new = []
-        with self._storing_lock:
-            for n, (item, holder) in enumerate(zip(items, held, strict=True)):
-                if holder is item:
-                    new.append(n)
-                    continue
-                self._storing.discard(item.id)
-                # Still being stored, or its storing failed since (it then left the book
-                # before leaving _storing): either way not stored now, so not "sent before".
-                stored = holder.id not in self._storing and self.book.get(holder.id) is holder
-                if holder.filename != uploads[n].filename:
-                    # Not this file sent again: another under a token already used.
-                    outcomes[n] = UploadError(409, f"token {items[n].token!r} already names another file "
-                                                   f"in this batch ({holder.filename}): give each file "
-                                                   "its own token", uploads[n].filename)
-                elif stored:
-                    outcomes[n] = SentBefore(holder)
-                else:
-                    outcomes[n] = UploadError(
-                        503, "an earlier request with the same token is storing this file; send it again",
-                        uploads[n].filename)
+        new = [n for n, holder in enumerate(held) if holder is items[n]]
+        outcomes: dict[int, Item | SentBefore | UploadError] = {
+            n: self._sent_again(items[n], holder, uploads[n]) for n, holder in enumerate(held) if n not in new
+        }
         if len(new) == 1:
             outcomes[new[0]] = self._submit_one(items[new[0]], uploads[new[0]])
         else:
@@ -119,6 +101,21 @@ class Submitter:
             for n, future in futures.items():
                 outcomes[n] = future.result()
         return [outcomes[n] for n in range(len(items))]
+
+    def _sent_again(self, item: Item, holder: Item, upload: Upload) -> SentBefore | UploadError:
+        """What an upload whose token the batch holds (in `holder`) is answered."""
+        with self._storing_lock:
+            self._storing.discard(item.id)  # never joined the book: nothing to store
+            # Still being stored, or its storing failed since (it then left the book
+            # before leaving _storing): either way not stored now, so not "sent before".
+            stored = holder.id not in self._storing and self.book.get(holder.id) is holder
+        if holder.filename != upload.filename:  # not this file sent again: another, under a used token
+            return UploadError(409, f"token {item.token!r} already names another file in this batch "
+                                    f"({holder.filename}): give each file its own token", upload.filename)
+        if not stored:
+            return UploadError(503, "an earlier request with the same token is storing this file; "
+                                    "send it again", upload.filename)
+        return SentBefore(holder)
 
     def _submit_one(self, item: Item, upload: Upload) -> Item | UploadError:
         try:
