@@ -219,8 +219,9 @@ def test_too_many_files(web_client, web_settings):
 
 
 def test_past_the_form_parts_limit_the_answer_says_too_many_parts(web_client, web_settings):
-    """Werkzeug stops reading at max_files_per_request + 100 parts, before the count check."""
-    files = [(b"x", f"f{n}.jpg") for n in range(web_settings.max_files_per_request + 101)]
+    """Werkzeug stops reading at 2 * max_files_per_request + 100 parts (a file and its
+    token each), before the count check."""
+    files = [(b"x", f"f{n}.jpg") for n in range(2 * web_settings.max_files_per_request + 101)]
     response = upload(web_client, files)
     assert response.status_code == 413
     assert response.get_json()["error"].startswith(
