@@ -5,7 +5,10 @@ from __future__ import annotations
 import io
 import re
 import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -146,15 +149,11 @@ def test_s3_failing_while_a_batch_is_rebuilt_is_a_503_not_a_500(quiet_client, we
     assert "ServiceUnavailable" in response.get_json()["error"]
 
 
-def test_status_answers_from_the_last_snapshot_while_aws_is_slow(quiet_client, monkeypatch):
-    """Pages poll every 2 s: a slow AWS must not pile their requests up behind one refresh."""
-    import threading
-
-    from tests.unit.conftest import services_of
-
-    reader = services_of(quiet_client.application).status
-    reader.cache_s = 0.0  # every read wants a refresh
-    assert quiet_client.get("/api/status").status_code == 200  # the first snapshot
+@contextmanager
+def refresh_stuck_in_aws(client, monkeypatch) -> Iterator[threading.Thread]:
+    """A GET /api/status from another thread, its refresh held inside its AWS read
+    until the block ends; yields that thread."""
+    reader = services_of(client.application).status
     read_aws, entered, release = reader._read_aws, threading.Event(), threading.Event()
 
     def slow_aws():
@@ -162,11 +161,22 @@ def test_status_answers_from_the_last_snapshot_while_aws_is_slow(quiet_client, m
         release.wait(10)
         return read_aws()
 
-    reader._read_aws = slow_aws
-    refresher = threading.Thread(target=lambda: quiet_client.get("/api/status"))
+    monkeypatch.setattr(reader, "_read_aws", slow_aws)
+    refresher = threading.Thread(target=lambda: client.get("/api/status"))
     refresher.start()
     try:
         assert entered.wait(5)
+        yield refresher
+    finally:
+        release.set()
+        refresher.join(5)
+
+
+def test_status_answers_from_the_last_snapshot_while_aws_is_slow(quiet_client, monkeypatch):
+    """Pages poll every 2 s: a slow AWS must not pile their requests up behind one refresh."""
+    services_of(quiet_client.application).status.cache_s = 0.0  # every read wants a refresh
+    assert quiet_client.get("/api/status").status_code == 200  # the first snapshot
+    with refresh_stuck_in_aws(quiet_client, monkeypatch) as refresher:
         answer = quiet_client.get("/api/status")  # while the refresh is stuck in AWS
         assert answer.status_code == 200 and "queue" in answer.get_json()
         assert refresher.is_alive(), "the refresh was not waited for"
@@ -177,39 +187,17 @@ def test_status_answers_from_the_last_snapshot_while_aws_is_slow(quiet_client, m
         stale = quiet_client.get("/api/status").get_json()
         assert any("AWS has not answered for" in e for e in stale["errors"])
         assert stale["read_at"] < stale["time"]
-    finally:
-        release.set()
-        refresher.join(5)
 
 
 def test_status_after_an_idle_spell_does_not_blame_aws(quiet_client, monkeypatch):
     """An hour without a reader, then two at once: the second was told "AWS has not
     answered for 3600 s" while the first's refresh had only just asked (reviewer)."""
-    import threading
-
-    from tests.unit.conftest import services_of
-
     reader = services_of(quiet_client.application).status
     assert quiet_client.get("/api/status").status_code == 200
     reader._cached = (reader._cached[0] - 3600, reader._cached[1])  # an hour ago
-    read_aws, entered, release = reader._read_aws, threading.Event(), threading.Event()
-
-    def slow_aws():
-        entered.set()
-        release.wait(10)
-        return read_aws()
-
-    monkeypatch.setattr(reader, "_read_aws", slow_aws)
     monkeypatch.setattr("web_tier.status.REFRESH_WAIT_S", 0.1)
-    refresher = threading.Thread(target=lambda: quiet_client.get("/api/status"))
-    refresher.start()
-    try:
-        assert entered.wait(5)
+    with refresh_stuck_in_aws(quiet_client, monkeypatch):
         assert "errors" not in quiet_client.get("/api/status").get_json()
-    finally:
-        release.set()
-        refresher.join(5)
-
 
 
 @pytest.mark.parametrize("weights, flagged", [("random", True), ("imagenet", None)])
