@@ -129,20 +129,36 @@ window.fetch = async (url, options) => {
 """
 
 
-def upload_failing_first(browser, stack, tmp_path, files: dict[str, bytes], ways: list[str],
-                         per_request: int = 20) -> dict:
-    """Choose `files` on a fresh page whose first POSTs fail as `ways` says; the rows once finished."""
+def choose(browser, tmp_path, files: dict[str, bytes]) -> None:
+    """Choose `files` (written to tmp_path) in the page's file input."""
     from selenium.webdriver.common.by import By
 
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
-    browser.get(stack.web_url + "/")
-    browser.execute_script(f"document.body.dataset.filesPerRequest = '{per_request}';")
-    browser.execute_script(FAIL_FIRST_POSTS, ways)
     browser.find_element(By.ID, "file-input").send_keys("\n".join(str(tmp_path / n) for n in files))
-    shown = finished_rows(browser, stack, len(files), timeout_s=120)
+
+
+def upload_failing_first(browser, stack, tmp_path, files: dict[str, bytes], ways: list[str],
+                         per_request: int = 20, setup: str = "", timeout_s: float = 120) -> dict:
+    """Choose `files` on a fresh page (after the script `setup`) whose first POSTs fail as
+    `ways` says; the rows once finished."""
+    browser.get(stack.web_url + "/")
+    browser.execute_script(setup + f"document.body.dataset.filesPerRequest = '{per_request}';")
+    browser.execute_script(FAIL_FIRST_POSTS, ways)
+    choose(browser, tmp_path, files)
+    shown = finished_rows(browser, stack, len(files), timeout_s=timeout_s)
     assert browser.execute_script("return window.fakedPosts") == len(ways)
     return shown
+
+
+def assert_stored_once(browser, stack, files: dict[str, bytes]) -> None:
+    """The page follows one batch, and the server holds each file in it once."""
+    import requests
+
+    batches = browser.current_url.split("#batches=")[1].split(",")
+    assert len(batches) == 1
+    items = requests.get(f"{stack.web_url}/api/jobs/{batches[0]}", timeout=10).json()["items"]
+    assert sorted(i["filename"] for i in items) == sorted(files)
 
 
 def assert_classified(shown: dict, files: dict[str, bytes], reference_model) -> None:
@@ -164,15 +180,10 @@ def test_files_whose_answer_was_lost_are_sent_again_and_classified_once(stack, b
     mid-answer). They were shown failed, though stored and classified; sent again
     without tokens, an explorer's were classified twice, in a batch of their own when
     the chunk was the first. Now they are sent again under the same batch and tokens."""
-    import requests
-
     files = {f"lost_{i}.jpg": make_image(830 + i, size=(64, 48)) for i in range(4)}
     shown = upload_failing_first(browser, stack, tmp_path, files, ["lost", "lost"], per_request=2)
     assert_classified(shown, files, reference_model)
-    batches = browser.current_url.split("#batches=")[1].split(",")
-    assert len(batches) == 1
-    items = requests.get(f"{stack.web_url}/api/jobs/{batches[0]}", timeout=10).json()["items"]
-    assert sorted(i["filename"] for i in items) == sorted(files)
+    assert_stored_once(browser, stack, files)
 
 
 def test_a_file_deleted_after_it_was_chosen_fails_alone(stack, browser, reference_model, tmp_path):
@@ -520,42 +531,27 @@ def test_the_choose_button_shows_keyboard_focus(stack, browser):
     assert outline == "solid"
 
 
-def choose(browser, tmp_path, files: dict[str, bytes]) -> None:
-    """Choose `files` (written to tmp_path) in the page's file input."""
-    from selenium.webdriver.common.by import By
-
-    for name, data in files.items():
-        (tmp_path / name).write_bytes(data)
-    browser.find_element(By.ID, "file-input").send_keys("\n".join(str(tmp_path / n) for n in files))
-
-
 def test_files_whose_answer_never_comes_are_sent_again_and_classified_once(stack, browser, reference_model,
                                                                            tmp_path):
     """A POST whose answer never came, nor an error (a connection left half open), left
     every row "uploading" for good and held the rest of the upload back (explorer)."""
-    import requests
-
-    browser.get(stack.web_url + "/")
-    browser.execute_script("document.body.dataset.answerTimeoutMs = '1000';" + FAIL_FIRST_POSTS, ["hang"])
     files = {f"hung_{i}.jpg": make_image(960 + i, size=(64, 48)) for i in range(2)}
-    choose(browser, tmp_path, files)
-    assert_classified(finished_rows(browser, stack, 2, timeout_s=60), files, reference_model)
-    batch_id = browser.current_url.split("#batches=")[1]
-    items = requests.get(f"{stack.web_url}/api/jobs/{batch_id}", timeout=10).json()["items"]
-    assert sorted(i["filename"] for i in items) == sorted(files)
+    shown = upload_failing_first(browser, stack, tmp_path, files, ["hang"],
+                                 setup="document.body.dataset.answerTimeoutMs = '1000';", timeout_s=60)
+    assert_classified(shown, files, reference_model)
+    assert_stored_once(browser, stack, files)
 
 
 def test_a_page_back_from_the_back_forward_cache_sends_files_again(stack, browser, reference_model, tmp_path):
     """Left and shown again from the browser's cache (Back), the page still thought it
     was leaving: files whose first send found no server stayed "uploading" for good."""
-    browser.get(stack.web_url + "/")
-    browser.execute_script("""
+    back_from_the_cache = """
       window.dispatchEvent(new PageTransitionEvent("pagehide", {persisted: true}));
-      window.dispatchEvent(new PageTransitionEvent("pageshow", {persisted: true}));""")
-    browser.execute_script(FAIL_FIRST_POSTS, ["unreachable"])
+      window.dispatchEvent(new PageTransitionEvent("pageshow", {persisted: true}));"""
     files = {"bfcache.jpg": make_image(880)}
-    choose(browser, tmp_path, files)
-    assert_classified(finished_rows(browser, stack, 1, timeout_s=60), files, reference_model)
+    shown = upload_failing_first(browser, stack, tmp_path, files, ["unreachable"],
+                                 setup=back_from_the_cache, timeout_s=60)
+    assert_classified(shown, files, reference_model)
 
 
 # Counts the event streams open at once (window.mostStreams) and holds back each
