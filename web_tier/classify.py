@@ -76,8 +76,6 @@ def classify() -> Response:
     # Where the item's score, top 5 and worker are: GET /api/jobs/<X-Batch-Id>.
     response.headers["X-Item-Id"] = item.id
     response.headers["X-Batch-Id"] = batch_id
-    # A label's own model, which may differ from the book's latest during a rollout; for
-    # an image without one (a dead letter), what the model is known to be, as the API says.
-    untrained = item.untrained if item.state == DONE else item.untrained or bool(svc.book.untrained)
+    untrained = item.shows_untrained(bool(svc.book.untrained))  # as GET /api/jobs/<id> says
     response.headers["X-Model-Untrained"] = "true" if untrained else "false"
     return response

@@ -59,9 +59,14 @@ class Item:
     def is_finished(self) -> bool:
         return self.state in FINISHED
 
+    def shows_untrained(self, model_untrained: bool) -> bool:
+        """Whether to flag this item as untrained: a label's own model, which may differ
+        from the latest during a rollout; for an item without one (queued, failed, a dead
+        letter), what its worker said or the model is known to be."""
+        return self.untrained if self.state == DONE else self.untrained or model_untrained
+
     def to_json(self, model_untrained: bool = False) -> dict[str, Any]:
-        """The item as the API shows it; `untrained` is its label's, and, for an item
-        without one (queued, failed), what the model is known to be."""
+        """The item as the API shows it (`untrained` as shows_untrained says)."""
         return {
             "id": self.id,
             "filename": self.filename,
@@ -70,7 +75,7 @@ class Item:
             "score": self.score,
             "top5": list(self.top5),
             "error": self.error,
-            "untrained": self.untrained if self.state == DONE else model_untrained,
+            "untrained": self.shows_untrained(model_untrained),
             "worker": self.worker,
         }
 

@@ -59,6 +59,21 @@ def test_a_reader_sees_finished_only_once_every_field_is_written():
     assert target.to_json()["state"] == "done" and target.worker == "i-1"
 
 
+@pytest.mark.parametrize("state, own, model, shown", [
+    ("done", False, True, False),   # a label is flagged by its own model, mid-rollout too
+    ("done", True, False, True),
+    ("failed", True, False, True),  # refused by an untrained worker: said so
+    ("failed", False, True, True),  # a dead letter: what the model is known to be
+    ("failed", False, False, False),
+    ("queued", False, True, True),
+])
+def test_the_untrained_flag_is_the_labels_own_else_the_workers_or_the_models(state, own, model, shown):
+    item = Item("a", BATCH, "a.jpg", state=state, untrained=own)
+    # POST / (X-Model-Untrained) and the API show the one answer.
+    assert item.shows_untrained(model) is shown
+    assert item.to_json(model)["untrained"] is shown
+
+
 def test_wait_wakes_on_the_result_and_times_out_otherwise():
     book = book_with("a", "b")
     assert book.wait("a", 0.05) is None
