@@ -29,6 +29,10 @@ def error_response(error: UploadError) -> Response:
     else:
         response = jsonify(error.to_json())
         response.status_code = error.status
+    if error.status == 503:
+        # Every 503 refusal here stored nothing: say that sending again is safe (the
+        # load test, like other clients, sends again only a 503 with Retry-After).
+        response.headers["Retry-After"] = "5"
     return response
 
 

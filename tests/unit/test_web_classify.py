@@ -201,6 +201,7 @@ def test_a_request_queue_that_refuses_the_message_is_a_503(web_app, web_aws):
     response = post_image(client, make_image(3), "lost.jpg")
     assert response.status_code == 503
     assert "could not be stored or queued" in response.text
+    assert response.headers["Retry-After"] == "5"  # nothing stored: safe to send again
     assert services_of(web_app).book.totals()["uploaded"] == 0  # forgotten: no answer can come
     # Nor is its image left behind, where a batch rebuilt from S3 would show it queued for ever.
     assert web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket).get("KeyCount") == 0
