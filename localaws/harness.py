@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 
 from common.config import Settings
+from localaws.kill import ends_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,6 +80,7 @@ class StackProcess:
             [sys.executable, "-m", "localaws.stack", "--run-dir", str(self.run_dir),
              "--warm-spares", str(self.warm_spares)],
             cwd=str(ROOT), env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            preexec_fn=ends_with_parent(),  # a test run killed takes its stacks with it
         )
         ready = threading.Event()
 

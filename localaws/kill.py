@@ -1,4 +1,5 @@
-"""Killing a child's process group, and a bounded wait for it to be gone.
+"""Killing a child's process group, a bounded wait for it to be gone, and children
+that end with the process that started them.
 
 A process SIGKILLed is not always gone at once: one a debugger holds (gdb,
 strace), or one in an I/O the kernel cannot interrupt, stays until that ends.
@@ -9,10 +10,12 @@ AWS was stopped, and the runner's rounds one after another (explorer).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
 import subprocess
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -35,3 +38,29 @@ def kill_and_wait(process: subprocess.Popen, wait_s: float = REAP_WAIT_S) -> boo
         log.error("pid %d outlived SIGKILL by %.0f s (a debugger attached to it, or I/O that cannot "
                   "be interrupted): left behind", process.pid, wait_s)
         return False
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def ends_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` for Popen: the child gets SIGTERM when the thread that started it
+    ends, or None where the kernel has no such request (macOS).
+
+    Without it, a stack ended by SIGKILL (or the OOM killer) left the embedded AWS,
+    the web tier, the controller and the workers running, each in a session of its
+    own: the next `make run` found its ports in use (explorer). SIGTERM, not
+    SIGKILL: each stops as it does on Ctrl-C (a worker finishes its batch).
+    """
+    prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+    if prctl is None:
+        return None
+    parent, sigterm = os.getpid(), int(signal.SIGTERM)
+
+    def in_child() -> None:
+        # Runs between fork and exec: nothing here may take a lock another thread held.
+        prctl(_PR_SET_PDEATHSIG, sigterm)
+        if os.getppid() != parent:  # the parent died before the request was made
+            os._exit(1)
+
+    return in_child

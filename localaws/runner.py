@@ -38,7 +38,7 @@ from app_tier import EXIT_MODEL_UNAVAILABLE, SPARE_LOADED
 from common.aws import Aws
 from common.config import Settings
 from common.fleet import LIVE_STATES, app_tier_instances
-from localaws.kill import kill_and_wait
+from localaws.kill import ends_with_parent, kill_and_wait
 from localaws.notify import NotifySocket, NotifySockets
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,7 @@ class InstanceRunner:
                     # Own process group: Ctrl-C in the terminal must not reach workers
                     # directly; the runner stops them in order.
                     start_new_session=True,
+                    preexec_fn=ends_with_parent(),
                 )
         except BaseException:
             if notify:

@@ -13,6 +13,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from localaws.kill import ends_with_parent
+
 
 class StartInterrupted(Exception):
     """A stop was asked for while a server was starting."""
@@ -31,6 +33,7 @@ def start_moto(host: str, port: int, log_path: Path,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=ends_with_parent(),
             cwd=str(Path(__file__).resolve().parent.parent),
         )
     try:

@@ -31,7 +31,7 @@ from common.logs import configure as configure_logging
 from common.provision import provision
 from common.signals import on_signals
 from controller.lock import EXIT_ANOTHER_CONTROLLER
-from localaws.kill import kill_and_wait
+from localaws.kill import ends_with_parent, kill_and_wait
 from localaws.notify import NotifySocket, NotifySockets
 from localaws.runner import InstanceRunner
 from localaws.server import PortInUse, StartInterrupted, ensure_port_free, start_moto, wait_until_up
@@ -226,7 +226,7 @@ class Stack:
             # which stops it: a preparation cut short is not a model that cannot load.
             process = subprocess.Popen(PREPARE_MODEL, env=self.env,
                                        cwd=str(ROOT), stdout=out, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+                                       start_new_session=True, preexec_fn=ends_with_parent())
             while process.poll() is None:
                 if self.stopping.wait(0.2):
                     _terminate(process, time.monotonic() + 5)
@@ -251,7 +251,8 @@ class Stack:
         watched = self.sockets is not None and name in self.watchdog_s
         notify = self.sockets.new(self.watchdog_s[name]) if watched else None
         env = {**self.env, **notify.env()} if notify is not None else self.env
-        return subprocess.Popen(argv, env=env, cwd=str(ROOT), start_new_session=True), notify
+        return subprocess.Popen(argv, env=env, cwd=str(ROOT), start_new_session=True,
+                                preexec_fn=ends_with_parent()), notify
 
     def _watch(self, child: Child, now: float) -> None:
         """systemd's watchdog for a live child: abort it once its pings have stopped for

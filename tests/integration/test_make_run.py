@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -11,7 +12,9 @@ from pathlib import Path
 import psutil
 import requests
 
-from localaws.harness import free_port
+from localaws.harness import StackProcess, free_port
+from tests.conftest import make_image
+from tests.integration.conftest import serving_workers, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,3 +58,43 @@ def test_make_run_serves_and_ctrl_c_stops_everything_within_10s(tmp_path):
     finally:
         if make.poll() is None:
             os.killpg(make.pid, signal.SIGKILL)
+
+
+def test_a_stack_killed_outright_takes_every_process_it_started_with_it(tmp_path):
+    """kill -9 (or the OOM killer) gives the stack no chance to stop its children: they
+    must end themselves, or the next `make run` finds its ports in use."""
+    stack = StackProcess(tmp_path / "run", env_overrides={"MAX_INSTANCES": "2", "MODEL_WEIGHTS": "random"})
+    stack.start()
+    try:
+        images = [("files", (f"orphan_{i}.jpg", make_image(7000 + i))) for i in range(30)]
+        reply = requests.post(f"{stack.web_url}/api/jobs", files=images, timeout=60)
+        assert reply.status_code == 202, reply.text
+        # Busy: a worker serving an instance (started by the runner's thread, which
+        # ends with the stack) as well as moto, the controller, the web tier and spares.
+        serving = wait_for(lambda: serving_workers(stack), 90, "a worker serving an instance")
+        everything = stack.descendants()
+        names = " ".join(" ".join(p.cmdline()) for p in everything)
+        for part in ("localaws.moto_fast", "controller.py", "gunicorn"):
+            assert part in names, f"{part} not running: {names}"
+        assert {p.pid for p in serving} <= {p.pid for p in everything}
+    finally:
+        stack.process.kill()
+        stack.process.wait()
+
+    def left() -> list[str]:
+        return [" ".join(p.cmdline()[:4]) for p in everything if p.is_running() and p.status() != "zombie"]
+
+    # Each stops as on Ctrl-C (a worker ends its batch first, moto gone beneath it).
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and left():
+        time.sleep(0.1)
+    try:
+        assert not left(), f"left behind by a stack killed outright: {left()}"
+    finally:
+        for p in everything:
+            if p.is_running():
+                p.kill()  # not to be left by a failure either
+    for port in (stack.web_port, stack.aws_port):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))  # free for the next run
