@@ -58,6 +58,6 @@ lock:
 clean:
 	rm -rf $(VENV) .lock-venv .run .bench .pytest_cache .ruff_cache
 
-## Debian's headless Chromium for the page test (needs root; .ci/run does this)
+## Debian's headless Chromium for the page test, and bsdtar for bake.sh's (needs root; .ci/run does this)
 browser-deps:
-	apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver
+	apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver libarchive-tools

@@ -19,7 +19,7 @@ build_instance_profile=""
 subnet_id=""
 validate_only=false
 
-usage() { sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 die() { printf 'bake.sh: %s\n' "$*" >&2; exit 1; }
 
 while (($#)); do
@@ -56,15 +56,16 @@ if ! git -C "$repo" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
   echo "bake.sh: $repo is not a git checkout: the image is made of the files git tracks" >&2
   exit 2
 fi
-extra=()
+git -C "$repo" ls-files -z -- . ':(exclude)tests' \
+  | tar -cf "$stage/imgclass-src.tar" -C "$repo" --null -T -
 if [[ -n $weights_file ]]; then
+  # Appended, not named with a second -C in the command above: macOS's tar applies
+  # only the last -C to every name, and looked for the repository's files in .bake.
   mkdir -p "$stage/extra/.bake"
   cp "$weights_file" "$stage/extra/.bake/$weights_name"
-  extra=(-C "$stage/extra" ./.bake)
+  tar -rf "$stage/imgclass-src.tar" -C "$stage/extra" ./.bake
 fi
-# ${extra[@]+...}: an empty array is "unbound" to bash 3.2 (macOS) under set -u.
-git -C "$repo" ls-files -z -- . ':(exclude)tests' \
-  | tar -czf "$stage/imgclass-src.tar.gz" -C "$repo" --null -T - ${extra[@]+"${extra[@]}"}
+gzip -n "$stage/imgclass-src.tar"
 echo "bake.sh: source tarball is $(du -h "$stage/imgclass-src.tar.gz" | cut -f1)"
 
 vars=(

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import tarfile
@@ -307,9 +308,13 @@ def test_packer_template_runs_provision_with_imdsv2_only():
     assert re.search(r"ssh_clear_authorized_keys\s*=\s*true", template)  # no build key left in it
 
 
-def test_bake_packs_the_code_and_weights_and_prints_the_ami_id(tmp_path):
+@pytest.mark.parametrize("tar", ["tar", pytest.param("bsdtar", marks=pytest.mark.skipif(
+    not shutil.which("bsdtar"), reason="bsdtar (libarchive-tools; .ci/run installs it) is not installed"))])
+def test_bake_packs_the_code_and_weights_and_prints_the_ami_id(tmp_path, tar):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
+    # macOS's tar is bsdtar, which read two -C options differently from GNU tar.
+    (bin_dir / "tar").symlink_to(shutil.which(tar))
     log, kept = tmp_path / "packer.log", tmp_path / "src.tar.gz"
     # A stand-in for packer: records its calls, keeps the tarball, writes the manifest.
     write_stub(bin_dir, "packer", f"""
