@@ -108,6 +108,10 @@ def _launch_one(aws: Aws, settings: Settings, n: int, user_data: str) -> str:
             }
         ],
         "InstanceInitiatedShutdownBehavior": "terminate",
+        # IMDSv2 only, whatever the AMI says (one made by hand, without Packer's
+        # imds_support, says nothing) or the account's default is.
+        "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled",
+                            "HttpPutResponseHopLimit": 2},
     }
     if settings.key_name:
         kwargs["KeyName"] = settings.key_name

@@ -13,6 +13,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -228,6 +229,15 @@ def test_the_controllers_unit_restarts_a_controller_whose_watchdog_pings_stop():
     assert unit["WatchdogSec"] == ["10min"] and unit["LimitCORE"] == ["0"]
     assert unit["ExecStart"] == ["/opt/imgclass/.venv/bin/python controller.py"]
     assert "AWS_ACCESS_KEY_ID" not in (AMI / "imgclass-controller.service").read_text()
+
+
+def test_the_controllers_unit_does_not_restart_a_controller_refusing_its_settings():
+    unit = unit_settings("imgclass-controller.service")
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_ENDPOINT_URL", "AMI_ID", "INSTANCE_PROFILE")}
+    refused = subprocess.run([sys.executable, "controller.py"], cwd=AMI.parent, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert "INSTANCE_PROFILE is not set" in refused.stderr  # on real AWS: AWS_ENDPOINT_URL unset
+    assert unit["RestartPreventExitStatus"] == [str(refused.returncode)]
 
 
 def test_the_web_tiers_unit_runs_gunicorn_with_a_journal_that_outlives_it():

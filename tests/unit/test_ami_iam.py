@@ -369,6 +369,14 @@ def test_launches_are_spread_over_the_subnets_given_by_instance_number():
     assert "SubnetId" not in aws.ec2.calls[0][1]  # the default VPC's default subnet
 
 
+def test_launches_ask_for_imdsv2_only_whatever_the_image_says():
+    """A worker reads its instance id from the metadata service with a token
+    (user-data.sh); an instance that also answered without one would hand its
+    role's credentials to any request a process on it can be tricked into making."""
+    options = launch_request("imgclass")["MetadataOptions"]
+    assert options["HttpTokens"] == "required" and options["HttpEndpoint"] == "enabled"
+
+
 def instance_tags(request: dict) -> dict[str, str]:
     [spec] = [s for s in request["TagSpecifications"] if s["ResourceType"] == "instance"]
     return {t["Key"]: t["Value"] for t in spec["Tags"]}
