@@ -92,7 +92,8 @@ def desired_count(obs: Observation, policy: Policy) -> tuple[int, str]:
     if policy.mode == "latency" and 0 < running < wanted:
         drain_s = obs.backlog * policy.seconds_per_image / running
         if drain_s <= policy.boot_time_s:
-            wanted = len(serving)
+            # Launch nothing; never more than the backlog wants (pending ones included).
+            wanted = min(wanted, len(serving))
             reason += f"; running instances drain it in {drain_s:.1f}s < boot {policy.boot_time_s:g}s"
     return min(policy.max_instances, wanted), reason
 

@@ -148,6 +148,15 @@ def test_latency_mode_does_not_launch_what_could_not_boot_in_time():
     assert len(large.launch) > 0
 
 
+def test_latency_mode_stopping_launches_keeps_no_more_than_the_backlog_wants():
+    """25 images at 10 an instance want 3; two running clear them before a boot. It once
+    kept every instance there was (5, the 3 pending included) instead (explorer)."""
+    policy = Policy(mode="latency", acceptable_latency_s=5, seconds_per_image=0.5, boot_time_s=40)
+    decision = decide(obs(visible=25, running=2, pending=3), policy)
+    assert decision.desired == 3 and decision.launch == ()
+    assert len(decision.terminate) == 2
+
+
 def test_latency_mode_launches_from_zero():
     policy = Policy(mode="latency", boot_time_s=1000)
     assert len(decide(obs(visible=1), policy).launch) == 1
