@@ -12,9 +12,11 @@ IMGCLASS_CACHE, where it keeps the converted model).
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import math
 import os
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -291,12 +293,12 @@ def fleet_name(prefix: str, endpoint_url: str | None, region: str) -> str:
 
 
 # Names of this machine's loopback: one embedded AWS, however its address is written.
-_LOOPBACK = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
+_LOOPBACK = {"localhost", "ip6-localhost"}
 
 
 def _same_endpoint(url: str) -> str:
     """`url` written one way for all the ways of writing one endpoint: any case, with
-    or without a trailing slash or a default port, localhost or 127.0.0.1."""
+    or without a trailing slash or a default port, any address of this machine's own."""
     parts = urlsplit(url.strip())
     scheme = parts.scheme.lower()
     host = (parts.hostname or "").lower()
@@ -304,4 +306,23 @@ def _same_endpoint(url: str) -> str:
         port = parts.port or {"http": 80, "https": 443}.get(scheme, 0)
     except ValueError:  # not a port: boto3 will say so; the text is all there is
         return url
-    return f"{scheme}://{'127.0.0.1' if host in _LOOPBACK else host}:{port}{parts.path.rstrip('/')}"
+    return f"{scheme}://{_same_host(host)}:{port}{parts.path.rstrip('/')}"
+
+
+def _same_host(host: str) -> str:
+    """127.0.0.1 for every way of writing an address of this machine (localhost, ::1,
+    127.1, ::ffff:127.0.0.1, and 0.0.0.0 or ::, which a client's connect takes for
+    its own machine): a second controller given 0.0.0.0 took no lock, and the
+    two ran the fleet to 27 instances (explorer). No DNS: names stay as written."""
+    if host in _LOOPBACK:
+        return "127.0.0.1"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        try:  # the short forms inet_aton reads, as connect does: 127.1, 0x7f.0.0.1
+            address = ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return "127.0.0.1" if address.is_loopback or address.is_unspecified else str(address)

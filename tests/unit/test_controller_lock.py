@@ -37,7 +37,9 @@ def test_a_second_lock_on_one_fleet_is_refused_naming_the_first(settings):
 
 
 @pytest.mark.parametrize("written", ["http://127.0.0.1:5000/", "http://localhost:5000",
-                                     "HTTP://127.0.0.1:5000", " http://[::1]:5000 "])
+                                     "HTTP://127.0.0.1:5000", " http://[::1]:5000 ",
+                                     "http://0.0.0.0:5000", "http://127.1:5000", "http://[::]:5000",
+                                     "http://[::ffff:127.0.0.1]:5000", "http://127.0.0.2:5000"])
 def test_one_endpoint_is_one_fleet_however_it_is_written(settings, written):
     """Two controllers ran on one fleet, the second given the address with a trailing
     slash, as localhost, or in capitals (explorer)."""
@@ -49,6 +51,8 @@ def test_one_endpoint_is_one_fleet_however_it_is_written(settings, written):
         first.release()
     other_port = dataclasses.replace(settings, endpoint_url="http://127.0.0.1:5001")
     assert other_port.fleet_name != settings.fleet_name
+    for elsewhere in ("http://10.0.0.7:5000", "http://moto.example:5000"):
+        assert dataclasses.replace(settings, endpoint_url=elsewhere).fleet_name != settings.fleet_name
 
 
 def test_a_lock_on_a_file_deleted_meanwhile_is_not_taken_for_the_fleets(settings, monkeypatch):
