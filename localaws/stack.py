@@ -29,7 +29,7 @@ from pathlib import Path
 from common.config import Settings
 from common.logs import configure as configure_logging
 from common.provision import provision
-from common.signals import on_signals
+from common.signals import STOP_SIGNALS, on_signals
 from controller.lock import EXIT_ANOTHER_CONTROLLER
 from localaws.kill import ends_with_parent, kill_and_wait
 from localaws.notify import NotifySocket, NotifySockets
@@ -400,7 +400,9 @@ def main(argv: list[str] | None = None) -> int:
 
     stack = Stack(settings, args.run_dir, settings.local_warm_spares)
     stop = stack.stopping
-    on_signals(lambda _signum: stop.set())
+    # SIGHUP too: the terminal `make run` runs in, closed, sends it; its default action
+    # ended the stack at once, leaving its children to end on their own.
+    on_signals(lambda _signum: stop.set(), (*STOP_SIGNALS, signal.SIGHUP))
     code = 0
     try:
         stack.start()

@@ -98,3 +98,20 @@ def test_a_stack_killed_outright_takes_every_process_it_started_with_it(tmp_path
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", port))  # free for the next run
+
+
+def test_a_stack_whose_terminal_is_closed_stops_as_on_ctrl_c(tmp_path):
+    """Closing the terminal sends SIGHUP, whose default action ended the stack at once."""
+    stack = StackProcess(tmp_path / "run", env_overrides={"MODEL_WEIGHTS": "random"}, warm_spares=0)
+    stack.start()
+    everything = stack.descendants()
+    stack.process.send_signal(signal.SIGHUP)
+    try:
+        code = stack.process.wait(timeout=15)
+    finally:
+        if stack.process.poll() is None:
+            stack.process.kill()
+    assert code == 0, "".join(stack.output[-20:])
+    wait_for(lambda: any(line.rstrip().endswith(" stopped") for line in stack.output), 5,
+             "the stack's last line, 'stopped'")
+    assert not [p.pid for p in everything if p.is_running() and p.status() != "zombie"]
