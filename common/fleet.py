@@ -36,6 +36,19 @@ class Instance:
     ready: bool = False  # its worker has received from the request queue (WORKER_READY_TAG)
 
 
+def scale_in_order(instance: Instance) -> tuple[int, int, float, int]:
+    """Sorting key of the order the controller scales in (first first). A pending
+    instance holds no work yet, nor does one whose worker has not yet received
+    (not ready: booting, or, locally, waiting for a worker process); then the most
+    recently launched, which have had the least chance to take a batch; then the
+    highest numbers. The local runner, short of worker processes, serves
+    instances in the reverse order, so that no busy worker is stopped while an
+    instance without one survives it (explorer: a replacement numbered 1 was
+    served, then scaled in mid-batch, instances 3 to 15 kept)."""
+    return (0 if instance.state == "pending" else 1, 1 if instance.ready else 0,
+            -instance.launched_at, -instance.number)
+
+
 def app_tier_instances(aws: Aws, states: tuple[str, ...] = WATCHED_STATES) -> tuple[Instance, ...]:
     """This deployment's app-tier instances in the given states, ordered by their number."""
     found = []

@@ -37,7 +37,8 @@ import math
 from dataclasses import dataclass
 
 from common.config import SCALING_MODES, Settings
-from controller.observe import Instance, Observation
+from common.fleet import scale_in_order
+from controller.observe import Observation
 
 
 @dataclass(frozen=True)
@@ -107,12 +108,6 @@ def _free_numbers(taken: set[int], count: int) -> tuple[int, ...]:
     return tuple(numbers)
 
 
-def _scale_in_order(instance: Instance) -> tuple[int, float, int]:
-    # Pending instances hold no work yet; then the most recently launched,
-    # which have had the least chance to take a batch.
-    return (0 if instance.state == "pending" else 1, -instance.launched_at, -instance.number)
-
-
 def decide(
     obs: Observation, policy: Policy, wanted_recently: int | None = None, hold_launches: bool = False,
     keep_last: frozenset[str] = frozenset(),
@@ -136,7 +131,7 @@ def decide(
         elif count > 0:
             launch = _free_numbers({i.number for i in obs.instances}, count)
     elif desired < len(serving):
-        order = sorted(serving, key=lambda i: (i.id in keep_last, *_scale_in_order(i)))
+        order = sorted(serving, key=lambda i: (i.id in keep_last, *scale_in_order(i)))
         victims = tuple(i.id for i in order[: len(serving) - desired])
     # Stopped, or live with a worker that gave up: ours, serving nobody; always cleaned up.
     useless = tuple(i.id for i in obs.in_state("stopped") + obs.failed)

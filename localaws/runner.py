@@ -37,7 +37,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from app_tier import EXIT_MODEL_UNAVAILABLE, SPARE_LOADED
 from common.aws import Aws
 from common.config import Settings
-from common.fleet import LIVE_STATES, app_tier_instances
+from common.fleet import LIVE_STATES, app_tier_instances, scale_in_order
 from localaws.kill import ends_with_parent, kill_and_wait
 from localaws.notify import NotifySocket, NotifySockets
 
@@ -299,11 +299,10 @@ class InstanceRunner:
                 log.warning("runner: worker for %s exited with %s; restarting", iid, code)
                 del self.workers[iid]
                 self._start_worker(iid, restarts=worker.restarts + 1)
-        # Lowest instance numbers first: when LOCAL_MAX_WORKERS leaves some instances
-        # without a process, the ones served are those the controller scales in last
-        # (of instances launched together it removes the highest numbers first), so no
-        # busy worker is stopped while an instance without a process survives it.
-        for iid in [i.id for i in instances if i.id not in self.workers]:
+        # When LOCAL_MAX_WORKERS leaves some instances without a process, the ones
+        # served are those the controller scales in last.
+        waiting = sorted((i for i in instances if i.id not in self.workers), key=scale_in_order, reverse=True)
+        for iid in [i.id for i in waiting]:
             first = self._first_seen.setdefault(iid, now)
             if now - first < self.settings.local_boot_delay_s:
                 continue

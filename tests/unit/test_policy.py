@@ -157,6 +157,15 @@ def test_latency_mode_stopping_launches_keeps_no_more_than_the_backlog_wants():
     assert len(decision.terminate) == 2
 
 
+def test_scale_in_takes_an_instance_whose_worker_has_not_received_before_one_that_has():
+    """A worker not yet ready (booting; locally, waiting for a process) holds no work;
+    a ready one launched later may hold a batch."""
+    booting = Instance(id="i-boot", number=2, state="running", launched_at=100.0)
+    serving = Instance(id="i-busy", number=1, state="running", launched_at=200.0, ready=True)
+    observation = Observation(at=1000.0, visible=0, in_flight=1, delayed=0, instances=(booting, serving))
+    assert decide(observation, BACKLOG).terminate == ("i-boot",)
+
+
 def test_latency_mode_launches_from_zero():
     policy = Policy(mode="latency", boot_time_s=1000)
     assert len(decide(obs(visible=1), policy).launch) == 1

@@ -107,6 +107,21 @@ def test_each_live_instance_gets_one_worker_after_the_boot_delay(world):
     assert len(runner.workers) == 2 and runner.started_total == 2, "no second process per instance"
 
 
+def test_short_of_processes_it_serves_the_instances_the_controller_scales_in_last(world, monkeypatch):
+    """A replacement numbered 1, launched last, was served before older instances 3 to 15,
+    then scaled in mid-batch while they, without a process, were kept (explorer)."""
+    from common.fleet import Instance
+    from localaws import runner as runner_module
+    _, _, make, out = world
+    fleet = (Instance("i-replacement", number=1, state="running", launched_at=200.0),
+             Instance("i-older", number=3, state="running", launched_at=100.0))
+    monkeypatch.setattr(runner_module, "app_tier_instances", lambda aws: fleet)
+    runner = make(warm_spares=0, local_max_workers=1)
+    runner.step()
+    assert list(runner.workers) == ["i-older"]
+    wait_until(lambda: started(out) == ["i-older"], what="its worker to start")
+
+
 def stubborn_worker(world) -> tuple[InstanceRunner, str, object]:
     """A runner serving one instance whose worker ignores SIGTERM: (runner, instance id, process)."""
     settings, aws, make, out = world
