@@ -84,6 +84,10 @@ def load_rgb(img: Image.Image, max_pixels: int) -> Image.Image:
     scaled to 0-255 (Pillow's own conversion clips them: a 16-bit photo came out
     nearly all white, a floating-point one all black)."""
     with _bad_image_errors(max_pixels):
+        # Decoded first, here: a PNG's EXIF is read by decoding, and _orientation,
+        # which must swallow EXIF's own errors, swallowed a damaged decode's too,
+        # leaving half-decoded pixels that the conversions below took as they were.
+        img.load()
         turn = _UPRIGHT.get(_orientation(img))
         if turn is not None:
             img = img.transpose(turn)
