@@ -95,6 +95,10 @@ def load_rgb(img: Image.Image, max_pixels: int) -> Image.Image:
             img = _to_8_bits(img)
         if img.mode in _ALPHA_MODES or "transparency" in img.info:
             rgba = img.convert("RGBA")
+            if rgba.getextrema()[3][1] == 0:
+                # Transparent everywhere: nothing to see, on white a blank square. A
+                # 32-bit BMP's fourth byte, say, is often zero padding, not alpha.
+                return rgba.convert("RGB")
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(white, rgba).convert("RGB")
         return img.convert("RGB")
@@ -115,14 +119,17 @@ def _to_8_bits(img: Image.Image) -> Image.Image:
     (with room for overshoot), else 0-255 when the samples fit, else their maximum
     (12-bit data in a 32-bit TIFF). A transparent grey (PNG's tRNS) stays transparent."""
     raw = np.asarray(img)
-    samples = np.nan_to_num(raw.astype(np.float32))
-    brightest = float(samples.max(initial=0.0))
+    samples = raw.astype(np.float32)
+    # The range from finite samples: one +inf made the full scale 3.4e38 (nan_to_num's
+    # largest float) and the whole picture black (explorer). NaN is black, inf white.
+    brightest = float(samples.max(initial=0.0, where=np.isfinite(samples)))
     if img.mode.startswith("I;16"):
         full_scale = 65535.0
     elif img.mode == "F" and brightest <= 1.5:
         full_scale = 1.0
     else:
         full_scale = max(255.0, brightest)
+    samples = np.nan_to_num(samples, nan=0.0, posinf=full_scale, neginf=0.0)
     scaled = np.clip(samples * (255.0 / full_scale) + 0.5, 0, 255).astype(np.uint8)
     transparent = img.info.get("transparency")
     if isinstance(transparent, int):

@@ -47,6 +47,16 @@ def test_floating_point_samples_are_scaled_from_their_range(grey8, full_scale):
     assert np.abs(got - grey8[..., None]).max() <= 1
 
 
+@pytest.mark.parametrize("odd", [np.inf, -np.inf, np.nan])
+def test_a_sample_that_is_no_number_does_not_change_the_others(grey8, odd):
+    """One +inf made the full scale 3.4e38 and the picture black (explorer)."""
+    floats = grey8.astype(np.float32) / 255
+    floats[0, 0] = odd
+    got = pixels(saved(Image.fromarray(floats, "F"), "TIFF"))
+    assert np.abs(got - grey8[..., None])[1:].max() <= 1
+    assert (got[0, 0] == (255 if odd == np.inf else 0)).all()
+
+
 def test_a_photo_stored_sideways_is_turned_upright_by_its_exif_orientation():
     upright = np.random.default_rng(5).integers(0, 256, (40, 70, 3), dtype=np.uint8)
     # Orientation 6: the stored pixels need turning 90 degrees clockwise to be shown.
@@ -105,6 +115,15 @@ def test_transparent_parts_are_on_white(mode):
     got = pixels(saved(img, "PNG"))
     assert (got[:, :15] == 255).all(), "the transparent half should be white"
     assert (got[:, 15:] < 255).any(axis=-1).all(), "the opaque half keeps its colour"
+
+
+def test_an_image_transparent_everywhere_is_shown_by_its_colours_not_as_a_white_square():
+    """A 32-bit BMP's fourth byte is often padding, all zero: composited on white, the
+    model saw a blank square (explorer)."""
+    rgba = np.zeros((20, 30, 4), dtype=np.uint8)
+    rgba[..., 0], rgba[:, 15:, 1] = 200, 90
+    got = pixels(saved(Image.fromarray(rgba, "RGBA"), "PNG"))
+    assert np.array_equal(got, rgba[..., :3])
 
 
 def test_any_error_decoding_an_image_is_the_images_fault_not_a_reason_to_retry(monkeypatch):
