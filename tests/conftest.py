@@ -43,3 +43,18 @@ def make_image(seed: int, size: tuple[int, int] = (320, 240), fmt: str = "JPEG")
 @pytest.fixture
 def image_bytes():
     return make_image
+
+
+def jpeg_of_many_scans(scans: int, side: int = 64) -> bytes:
+    """A progressive JPEG whose second scan is repeated until it has `scans` in all:
+    small, and each scan costs the decoder a pass over the whole image."""
+    out = io.BytesIO()
+    Image.new("L", (side, side), 128).save(out, "JPEG", progressive=True, quality=90)
+    data = out.getvalue()
+    starts = []
+    at = data.find(b"\xff\xda")
+    while at >= 0:
+        starts.append(at)
+        at = data.find(b"\xff\xda", at + 2)
+    second = data[starts[1]:starts[2]]
+    return data[:starts[2]] + second * (scans - len(starts)) + data[starts[2]:]

@@ -20,7 +20,14 @@ from werkzeug.wrappers import Request
 from common.config import Settings
 from common.names import decode_filename, encode_filename, kept_extension
 from common.pillow_errors import plain_reason
-from common.pixels import PILLOW_REFUSALS, pillow_refusal, size_refusal
+from common.pixels import (
+    PILLOW_REFUSALS,
+    UNKNOWN_LAYOUT,
+    jpeg_first_scan,
+    jpeg_scans_refusal,
+    pillow_refusal,
+    size_refusal,
+)
 
 # Pillow format -> Content-Type stored with the object. MPO is what Pillow calls
 # many phone-camera JPEGs. The worker decodes with the same Pillow.
@@ -164,6 +171,10 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
             cut_short = _truncation(img, data)
             if cut_short:
                 raise UploadError(415, f"damaged or unreadable image: {cut_short}", name)
+            # The worker's decoder applies the same rule.
+            too_slow = jpeg_scans_refusal(data) if fmt in ("JPEG", "MPO") else None
+            if too_slow:
+                raise UploadError(415, too_slow, name)
             # Checks PNG's chunks and checksums without decoding pixels; for most
             # other formats it does little, hence the check above.
             img.verify()
@@ -229,23 +240,15 @@ def _jpeg_reaches_its_end(data: bytes) -> bool:
     """Whether a JPEG's image data is followed by its end-of-image marker, which
     Pillow's decoder needs (without it the worker refuses the image as truncated).
     Bytes after the marker, such as a phone's motion-photo video, do not matter."""
-    pos = 2  # after start-of-image
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return True  # not a layout this walk knows: leave it to the decoder
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            pos += 1
-        elif marker == 0xDA:
-            # Start of scan. Compressed data cannot hold FF D9 (an FF there is
-            # followed by 00 or a restart marker), so any after this point means the
-            # image ended. Looked for from the end, where it nearly always is.
-            return data.rfind(b"\xff\xd9") > pos
-        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
-            pos += 2
-        else:
-            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
-    return False  # ended before its image data
+    first = jpeg_first_scan(data)
+    if first is None:
+        return False  # ended before its image data
+    if first == UNKNOWN_LAYOUT:
+        return True  # not a layout the walk knows: leave it to the decoder
+    # Compressed data cannot hold FF D9 (an FF there is followed by 00 or a restart
+    # marker), so any after the first scan means the image ended. Looked for from
+    # the end, where it nearly always is.
+    return data.rfind(b"\xff\xd9") > first
 
 
 # How each accepted format's files begin (WEBP: "RIFF", a size, then "WEBP").

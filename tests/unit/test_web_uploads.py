@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app_tier.images import decode
-from tests.conftest import make_image
+from app_tier.images import BadImage, decode, prepare
+from common.pixels import MAX_JPEG_SCANS
+from tests.conftest import jpeg_of_many_scans, make_image
 from web_tier.uploads import ACCEPTED, FORMATS, UploadError, check_image
 
 pytestmark = pytest.mark.timeout(120)
@@ -160,6 +161,25 @@ def test_bytes_after_a_jpegs_end_do_not_matter(web_settings):
         assert check_image("motion.jpg", data, web_settings).content_type == "image/jpeg"
     whole_bmp = make_image(6, fmt="BMP")
     assert check_image("whole.bmp", whole_bmp, web_settings).content_type == "image/bmp"
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_as_the_worker_would(web_settings):
+    """Each scan is a decode of the whole image: 3,000 of them in 0.3 MB took 20 s."""
+    within, beyond = jpeg_of_many_scans(MAX_JPEG_SCANS), jpeg_of_many_scans(MAX_JPEG_SCANS + 1)
+    assert decodes(within) and decodes(beyond)  # valid JPEGs, only slow to decode at scale
+    assert check_image("ok.jpg", within, web_settings).content_type == "image/jpeg"
+    prepare(within, web_settings.max_image_pixels)
+    with pytest.raises(UploadError) as refused:
+        check_image("slow.jpg", beyond, web_settings)
+    assert refused.value.status == 415 and f"drawn in {MAX_JPEG_SCANS + 1} scans" in refused.value.reason
+    with pytest.raises(BadImage, match=f"drawn in {MAX_JPEG_SCANS + 1} scans"):
+        prepare(beyond, web_settings.max_image_pixels)
+
+
+def test_scans_are_counted_up_to_the_images_end_not_in_a_motion_photos_video(web_settings):
+    video = b"\x00\x00ftypmp42" + b"\xff\xda\x00\x08" * (2 * MAX_JPEG_SCANS)
+    data = reencoded(make_image(6), "JPEG", progressive=True) + video
+    assert check_image("motion.jpg", data, web_settings).content_type == "image/jpeg"
 
 
 def test_real_decompression_bomb_is_refused(web_client):
