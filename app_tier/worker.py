@@ -266,12 +266,21 @@ class Worker:
             count = int(msg.get("Attributes", {}).get("ApproximateReceiveCount", 1))
             jobs.append(Job(msg["MessageId"], msg["ReceiptHandle"], request, msg["Body"], count))
         self.held.hold(jobs)
+        if self.stopping.is_set():
+            # Received as the stop came (a long poll outlives it): another worker's to
+            # serve, at once, not after this one has read and decoded them for nobody.
+            self.held.hand_back(jobs)
+            return Batch([])
         try:
             list(self._io.map(self._load, jobs))
         except BaseException:
             self.held.release(jobs)  # held, the heartbeat would hide them forever
             raise
-        unreadable = [j for j in jobs if j.pixels is None and j.error is None]
+        unread = [j for j in jobs if j.pixels is None and j.error is None]
+        if self.stopping.is_set() and unread:
+            self.held.hand_back(unread)  # not read: the stop came first (see _load)
+            return Batch([j for j in jobs if j not in unread])
+        unreadable = unread
         if unreadable:
             # Not read, for a reason that may pass (S3 failed after botocore's retries):
             # another attempt, a little later; after max_receive_count, the dead-letter queue.
@@ -280,6 +289,8 @@ class Worker:
 
     def _load(self, job: Job) -> None:
         assert job.request is not None
+        if self.stopping.is_set():
+            return  # handed back unread by fetch
         try:
             obj = self.aws.s3.get_object(Bucket=job.request.bucket, Key=job.request.key)
             data = obj["Body"].read()

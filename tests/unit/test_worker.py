@@ -232,6 +232,27 @@ def test_sigterm_finishes_the_batch_in_hand_and_releases_the_rest(aws_env):
     assert [j.receive_count for j in again.jobs] == [1, 1]
 
 
+def test_what_a_receive_brings_as_the_stop_comes_is_handed_back_unread(aws_env, monkeypatch):
+    """A long poll outlives a SIGTERM: what it brought was read and decoded for nobody,
+    hidden from other workers all the while (15 s for 8 large PNGs), then handed back."""
+    settings, aws = aws_env
+    for i in range(3):
+        upload(settings, aws, f"{i}.jpg", make_image(i), str(i))
+    worker = Worker(settings, aws, MeanClassifier(), "i-stopping")
+    receive, reads = aws.sqs.receive_message, []
+
+    def receive_as_the_stop_comes(**kwargs):
+        reply = receive(**kwargs)
+        worker.stopping.set()
+        return reply
+
+    monkeypatch.setattr(aws.sqs, "receive_message", receive_as_the_stop_comes)
+    monkeypatch.setattr(aws.s3, "get_object", lambda **kw: reads.append(kw))
+    assert worker.fetch().jobs == []
+    assert reads == [] and len(worker.held) == 0
+    assert depth(aws, aws.request_queue_url) == (3, 0)  # visible to the others at once
+
+
 class CBoundClassifier(MeanClassifier):
     """A model call that stays in C code for seconds, as OpenVINO's and TensorFlow's do:
     no Python bytecode runs on the calling thread until it returns."""
