@@ -45,9 +45,12 @@ PROBE_READ_TIMEOUT_S = 2.5
 
 
 def client_config(max_pool: int = 32, read_timeout: float = 30.0,
-                  connect_timeout: float = 5.0, max_attempts: int = 6) -> Config:
+                  connect_timeout: float = 5.0, attempts: int = 6) -> Config:
+    """`attempts` counts the first: botocore's `max_attempts` counts only the retries,
+    so the health checks' "one attempt" (max_attempts=1) made two, and took 5.05 s
+    against an AWS that did not answer, past a load balancer's 5 (explorer)."""
     return Config(
-        retries={"mode": "standard", "max_attempts": max_attempts},
+        retries={"mode": "standard", "total_max_attempts": attempts},
         max_pool_connections=max_pool,
         connect_timeout=connect_timeout,
         # Long polls hold a connection for up to 20 s: the read timeout must exceed it.
@@ -105,7 +108,7 @@ class Aws:
         load balancer waits ~5 s): one attempt with short timeouts, where the other
         clients' retries may take minutes against an AWS that has stopped answering."""
         config = client_config(10, read_timeout=PROBE_READ_TIMEOUT_S,
-                               connect_timeout=PROBE_CONNECT_TIMEOUT_S, max_attempts=1)
+                               connect_timeout=PROBE_CONNECT_TIMEOUT_S, attempts=1)
         return {service: self._client(service, config) for service in ("s3", "sqs")}
 
     def open(self, *services: str) -> Aws:

@@ -40,6 +40,40 @@ def test_safe_filename(original, safe):
     assert safe_filename(original) == safe
 
 
+@pytest.mark.parametrize("attempts", [1, 2])
+def test_a_client_makes_as_many_attempts_as_it_is_given(attempts):
+    """The health checks' clients must give up after one attempt, within a load
+    balancer's 5 s; botocore's max_attempts counts retries only, and they made two."""
+    import socket
+    import threading
+
+    from common.aws import client_config
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    accepted = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(silent.accept()[0])  # and never answered
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    settings = dataclasses.replace(Settings(), endpoint_url=f"http://127.0.0.1:{silent.getsockname()[1]}")
+    config = client_config(1, read_timeout=0.3, connect_timeout=0.3, attempts=attempts)
+    with pytest.raises(Exception, match="Read timeout"):
+        Aws(settings)._client("s3", config).head_bucket(Bucket="b")
+    silent.close()
+    for connection in accepted:
+        connection.close()
+    assert len(accepted) == attempts
+    probe = Aws(settings).probes["sqs"].meta.config
+    assert probe.retries["total_max_attempts"] == 1
+
+
 def test_safe_filename_keeps_extension_of_long_names():
     name = safe_filename("x" * 300 + ".jpeg")
     assert len(name) == 100 and name.endswith(".jpeg")
