@@ -54,7 +54,9 @@ from urllib.parse import quote, urlsplit
 import requests
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
+# What the web tier accepts: JPEG (also as .jpe and .jfif), PNG, GIF, BMP, WebP, TIFF, AVIF.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif",
+                            ".tiff", ".avif"})
 # The web tier answers 504 after RESULT_TIMEOUT (300 s by default); waiting a little
 # longer lets the report show the server's own answer rather than our give-up.
 DEFAULT_TIMEOUT_S = 330.0
@@ -239,6 +241,13 @@ def list_images(folder: Path) -> list[Path]:
     if not images:
         raise LoadTestError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
     return images
+
+
+def sendable_name(path: Path) -> str:
+    """The file's name as it is sent and reported: a name that is not UTF-8 (bytes
+    Python keeps as surrogates) has them as U+FFFD. Sent as they were, they stopped
+    the whole run with a UnicodeEncodeError, no report written (explorer)."""
+    return path.name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def image_key(name: str) -> str:
@@ -739,6 +748,10 @@ class Client:
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
+        # Since when every connection has been refused (None: the last was not): a
+        # refused request is sent again until RESEND_WINDOW_S from then, not for a
+        # window of its own (a dead server took 50 minutes to report at -c 10).
+        self._refused_since: float | None = None
 
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
@@ -757,7 +770,7 @@ class Client:
     def send(self, index: int, path: Path, t0: float) -> Outcome:
         """Send `path` once and wait for its answer; never raises for a failed request."""
         start = time.monotonic()
-        outcome = Outcome(index=index, file=path.name, started_s=start - t0)
+        outcome = Outcome(index=index, file=sendable_name(path), started_s=start - t0)
         deadline = start + self.config.timeout
         try:
             if self.config.api == "jobs":
@@ -776,6 +789,8 @@ class Client:
             outcome.error = f"{type(exc).__name__}: {_short(str(exc))}"
         except OSError as exc:  # the image could not be read
             outcome.error = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # a failed request, whatever it was: never the whole run
+            outcome.error = f"{type(exc).__name__}: {_short(str(exc))}"
         outcome.latency_s = time.monotonic() - start
         return outcome
 
@@ -787,7 +802,19 @@ class Client:
 
     def _upload(self, path: Path) -> tuple[str, bytes, str]:
         mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        return (path.name, path.read_bytes(), mime)
+        return (sendable_name(path), path.read_bytes(), mime)
+
+    def _refused_for(self, refused_now: bool) -> float:
+        """Note whether the server refused this connection; how long it has refused
+        every one since (0 once one was not refused)."""
+        now = time.monotonic()
+        with self._lock:
+            if not refused_now:
+                self._refused_since = None
+                return 0.0
+            if self._refused_since is None:
+                self._refused_since = now
+            return now - self._refused_since
 
     def _post(self, endpoint: str, files: dict, deadline: float, outcome: Outcome,
               form: dict[str, str] | None = None) -> requests.Response:
@@ -802,10 +829,15 @@ class Client:
                 resp = self._session().post(f"{self.config.url}{endpoint}", files=files, data=form,
                                             timeout=self._timeout(deadline), allow_redirects=False)
             except requests.ConnectionError as exc:
-                if not refused(exc) and form is None:
+                was_refused = refused(exc)
+                if not was_refused and form is None:
                     raise  # cut off mid-request: the image may be stored already
                 failure, wait = exc, delay
+                if was_refused:
+                    # One window for all: since the server began refusing every connection.
+                    give_up = min(give_up, time.monotonic() - self._refused_for(True) + RESEND_WINDOW_S)
             else:
+                self._refused_for(False)
                 if not not_stored(resp):
                     return resp
                 wait = retry_after_s(resp, delay)
@@ -866,7 +898,7 @@ class Client:
             raise RequestFailed(f"item failed: {_short(str(item.get('error')))}", outcome.status)
         # The web tier's own stem, as POST / answers: image_key would also cut at a
         # backslash, which is part of the name here.
-        outcome.answer_name = name_stem(str(item.get("filename") or path.name))
+        outcome.answer_name = name_stem(str(item.get("filename") or sendable_name(path)))
         outcome.label = str(item.get("label"))
 
     def _fetch_item(self, session: requests.Session, batch_id: str, item_id: str, deadline: float) -> dict:
@@ -1267,6 +1299,10 @@ def _seconds(value: float | None) -> str:
 
 def result_line(report: Report) -> str:
     if report.ok:
+        checked = report.correct + report.wrong
+        if checked and report.unchecked:  # an --expected CSV that names only some images
+            return (f"RESULT: PASS ({report.answered} answered, none failed or wrong; "
+                    f"{report.unchecked} not in the expected CSV, so unchecked)")
         return f"RESULT: PASS ({report.answered} answered, none failed or wrong)"
     reasons = [f"{report.failed} failed", f"{report.wrong} wrong"]
     if report.abandoned:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import queue
 import re
 import signal
@@ -473,6 +474,57 @@ def test_an_upload_refused_while_the_web_tier_restarts_is_sent_again(tmp_path, m
     assert all(o.resent >= 1 for o in report.outcomes)
     assert "sent again" in load_test.format_report(report)
     assert report.to_dict()["resent"] == report.resent >= 2
+
+
+def test_once_refused_for_a_whole_window_later_requests_fail_at_once(tmp_path, monkeypatch):
+    """A web tier gone for good: each request waited a window of its own, and a run of
+    1,000 at -c 10 would have taken 50 minutes to say so (explorer)."""
+    images = make_images(tmp_path / "images", {f"{i}.jpg": b"label:cat" for i in range(6)})
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+    monkeypatch.setattr(load_test, "check_reachable", lambda url: None)
+    monkeypatch.setattr(load_test, "RESEND_WINDOW_S", 1.5)
+    url = f"http://127.0.0.1:{dead.getsockname()[1]}"
+    try:
+        report = finish_within(20, run_load, Config(images=images, url=url, concurrency=1))
+    finally:
+        dead.close()
+    assert report.failed == 6
+    # Sent again (after 0.25, 0.5, 1 s...) within one window from the first refusal:
+    # each request in a window of its own was sent again twice, 12 in all.
+    resent = [o.resent for o in sorted(report.outcomes, key=lambda o: o.index)]
+    assert resent[0] == 2 and resent[-1] == 0 and sum(resent) <= 5, resent
+
+
+def test_a_file_name_that_is_not_utf8_fails_nothing_and_is_reported(tier, tmp_path, capsys):
+    """Sent as it was, it ended the whole run with a UnicodeEncodeError, no report written."""
+    images = make_images(tmp_path / "images", {"good.jpg": b"label:cat"})
+    with open(os.path.join(os.fsencode(images), b"caf\xe9.jpg"), "wb") as f:
+        f.write(b"label:dog")
+    report_path = tmp_path / "report.json"
+    code = load_test.main(["--url", tier.url, "--images", str(images), "--json", str(report_path), "-q"])
+    assert code == 0, capsys.readouterr()
+    assert sorted(o["file"] for o in json.loads(report_path.read_text())["requests"]) == ["caf\ufffd.jpg",
+                                                                                        "good.jpg"]
+
+
+def test_an_expected_csv_naming_only_some_images_says_so_in_its_pass(tier, tmp_path, capsys):
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:x", "b.jpg": b"label:y"})
+    csv_path = tmp_path / "expected.csv"
+    csv_path.write_text("Image,Results\na,x\n")
+    code = load_test.main(["--url", tier.url, "--images", str(images), "--expected", str(csv_path), "-q"])
+    assert code == 0
+    assert "RESULT: PASS (2 answered, none failed or wrong; 1 not in the expected CSV, so unchecked)" \
+        in capsys.readouterr().out
+
+
+def test_every_kind_of_image_the_web_tier_takes_is_sent():
+    from web_tier.uploads import FORMATS
+
+    suffix = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp",
+              "TIFF": ".tif", "AVIF": ".avif"}
+    assert {suffix[kind] for kind in FORMATS} <= load_test.IMAGE_SUFFIXES  # a KeyError: a new kind
+    assert {".jpe", ".jfif", ".jpeg", ".tiff"} <= load_test.IMAGE_SUFFIXES
 
 
 def test_a_batch_whose_answer_was_cut_off_is_sent_again_and_stored_once(tier, tmp_path):
