@@ -311,6 +311,11 @@ def form_files(request: Request, fields: Iterable[str]) -> list[FileStorage]:
     if files and elsewhere:
         raise UploadError(400, f"files in form field {elsewhere[0][:64]!r} too: send them all in "
                                + " or ".join(repr(f) for f in fields))
+    if elsewhere:  # only there: named, as every refusal of a file is
+        stray = _real_files(request.files.getlist(elsewhere[0]))[0]
+        raise UploadError(400, f"sent in form field {elsewhere[0][:64]!r}: send it in "
+                               + " or ".join(repr(f) for f in fields)
+                               + f" (curl -F {fields[0]}=@cat.jpg)", display_name(stray))
     return files
 
 

@@ -188,8 +188,9 @@ def test_missing_file_is_400(web_client):
     assert response.mimetype == "text/plain"
     wrong_field = post_image(web_client, make_image(1), "cat.jpg", field="image")
     assert wrong_field.status_code == 400
-    assert wrong_field.text == ("no file: send the image in form field 'inputFile' (or 'myfile'), "
-                                "as curl -F inputFile=@cat.jpg does\n")
+    # Named, as every refusal of a file is (explorer: it said "no file").
+    assert wrong_field.text == ("cat.jpg: sent in form field 'image': send it in 'inputFile' or 'myfile' "
+                                "(curl -F inputFile=@cat.jpg)\n")
     raw = web_client.post("/", data=make_image(1), content_type="image/jpeg")  # the bytes alone
     assert raw.status_code == 400
     assert raw.text.startswith("no file: send the image as multipart/form-data in form field 'inputFile'")

@@ -293,7 +293,8 @@ def test_no_files_or_a_wrong_field_is_refused_naming_the_field(web_client):
     response = web_client.post("/api/jobs", data={"file": (io.BytesIO(make_image(1)), "a.jpg")},
                                content_type="multipart/form-data")
     assert response.status_code == 400
-    assert "in the field 'files'" in response.get_json()["error"]
+    assert response.get_json() == {"error": "sent in form field 'file': send it in 'files' "
+                                            "(curl -F files=@cat.jpg)", "filename": "a.jpg"}
 
 
 def test_hostile_names_are_stored_safely_and_returned_intact(web_client, web_aws):
