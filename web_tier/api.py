@@ -146,7 +146,8 @@ def job_events(batch_id: str) -> Response | tuple[Response, int]:
         return busy
     book = svc.book
     response = Response(
-        events.stream(book, batch_id, lambda: book.batch(batch_id)),
+        events.stream(book, batch_id, lambda: book.batch(batch_id),
+                      last_event_id=request.headers.get("Last-Event-ID")),
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -2,6 +2,13 @@
 
 The stream subscribes before it looks at the batch, so an item finishing in
 between is seen twice at worst (and sent once), never missed.
+
+Each event's id is `<book epoch>.<finished_seq>`, and items are sent in the
+order they finished, so an id says "every item that finished up to this one
+has been sent". A browser reconnecting (every MAX_STREAM_S, or after a drop)
+sends the last id it saw as Last-Event-ID, and is sent only what finished
+after it; an id from another process (a restarted web tier numbers anew), or
+none, gets everything.
 """
 
 from __future__ import annotations
@@ -23,25 +30,36 @@ MAX_STREAM_S = 600.0
 
 def _event(item: Item, book: ResultBook) -> str:
     body = item.to_json(bool(book.untrained))
-    return f"id: {item.id}\ndata: {json.dumps(body, separators=(',', ':'))}\n\n"
+    return f"id: {book.epoch}.{item.finished_seq}\ndata: {json.dumps(body, separators=(',', ':'))}\n\n"
+
+
+def seen_up_to(book: ResultBook, last_event_id: str | None) -> int:
+    """The finished_seq a client's Last-Event-ID says it has seen up to; 0 for none,
+    or for an id of another process's (or not one of ours at all)."""
+    epoch, _, seq = (last_event_id or "").strip().partition(".")
+    return int(seq) if epoch == book.epoch and seq.isdigit() else 0
 
 
 def stream(book: ResultBook, batch_id: str, items: Callable[[], list[Item] | None],
-           keepalive_s: float | None = None, max_s: float | None = None) -> Iterator[str]:
-    """Events for `batch_id`; `items()` gives the batch's current items."""
+           keepalive_s: float | None = None, max_s: float | None = None,
+           last_event_id: str | None = None) -> Iterator[str]:
+    """Events for `batch_id`, after what `last_event_id` says was seen; `items()` gives
+    the batch's current items."""
     keepalive_s = KEEPALIVE_S if keepalive_s is None else keepalive_s
     deadline = time.monotonic() + (MAX_STREAM_S if max_s is None else max_s)
+    seen = seen_up_to(book, last_event_id)
     inbox = book.subscribe(batch_id)
     try:
         yield f"retry: {RETRY_MS}\n\n"
-        sent: set[str] = set()
+        sent = {item.id for item in items() or [] if item.is_finished and item.finished_seq <= seen}
         while True:
-            # Re-read every round: more uploads may join the batch meanwhile.
+            # Re-read every round: more uploads may join the batch meanwhile. In the
+            # order they finished, so that each event's id covers every one before it.
             current = items() or []
-            for item in current:
-                if item.is_finished and item.id not in sent:
-                    sent.add(item.id)
-                    yield _event(item, book)
+            for item in sorted((i for i in current if i.is_finished and i.id not in sent),
+                               key=lambda i: i.finished_seq):
+                sent.add(item.id)
+                yield _event(item, book)
             if all(i.id in sent for i in current):
                 yield "event: end\ndata: {}\n\n"
                 return

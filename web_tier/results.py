@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import re
 import threading
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,9 @@ class Item:
     # The client's name for the file within its batch (POST /api/jobs `tokens`): a file
     # sent again under it is not stored again.
     token: str = ""
+    # When it finished, in this book's order (ResultBook.finish_order): event streams
+    # resume after the last one a client saw. 0 while queued.
+    finished_seq: int = field(default=0, compare=False)
     # Made only for an item someone waits on (POST /), set when it finishes: an Event
     # for each of the book's many items cost ~1 KB apiece.
     waiter: threading.Event | None = field(default=None, repr=False, compare=False)
@@ -137,6 +141,10 @@ class ResultBook:
         self.untrained: bool | None = untrained
         # Set when this process is stopping: nobody waits for answers any more.
         self.closing = threading.Event()
+        # Items are numbered as they finish (Item.finished_seq); the epoch tells this
+        # book's numbers from another process's.
+        self.epoch = uuid.uuid4().hex[:8]
+        self._finished_count = 0
 
     def close(self) -> None:
         """Stop every wait at once: waiting requests answer that their image is still
@@ -216,8 +224,11 @@ class ResultBook:
                 if known is None:
                     self._items[item.id] = item
                     batch.item_ids.append(item.id)
+                    if item.is_finished:
+                        self._number(item)
                 elif not known.is_finished and item.is_finished:
                     known._apply(item)
+                    self._number(known)
                     _wake(known)
                     finished.append(known)
             # S3's key order is upload order; items learnt earlier from answers that
@@ -250,10 +261,17 @@ class ResultBook:
                 self.failed += 1
             if untrained is not None:
                 self.untrained = untrained
+            self._number(item)
             _wake(item)
             self._publish([item])
             self._evict()
             return item
+
+    def _number(self, item: Item) -> None:
+        """Number a just-finished item (the lock held): numbers follow the order items
+        finish in, and the order they are published to event streams."""
+        self._finished_count += 1
+        item.finished_seq = self._finished_count
 
     # --- reading ---------------------------------------------------------------
     def get(self, item_id: str) -> Item | None:

@@ -550,9 +550,41 @@ def test_events_replay_finished_items_then_end(make_web_app):
     data = [json.loads(e["data"]) for e in got if "id" in e]
     assert [(d["id"], d["label"], d["state"]) for d in data] == [
         (body["items"][0]["id"], "L0", "done"), (body["items"][1]["id"], "L1", "done")]
-    assert [e["id"] for e in got if "id" in e] == [d["id"] for d in data]
+    book = services_of(app).book
+    assert [e["id"] for e in got if "id" in e] == [f"{book.epoch}.1", f"{book.epoch}.2"]  # finish order
     assert got[-1]["event"] == "end"
     response.close()
+
+
+def test_a_stream_resumed_with_last_event_id_sends_only_what_finished_after_it(make_web_app):
+    """A browser reconnects every MAX_STREAM_S and after a drop, with the last id it saw:
+    it was sent every finished item again. Items finish in any order: the ids follow
+    that order, so that each covers every item before it."""
+    app = make_web_app(start_listeners=False)
+    client = app.test_client()
+    body = upload(client, [(make_image(70 + n), f"{n}.jpg") for n in range(3)]).get_json()
+    first, second, third = (item["id"] for item in body["items"])
+    url = f"/api/jobs/{body['batch_id']}/events"
+    finish(app, third, "c")  # the last uploaded finishes first
+    finish(app, first, "a")
+    opened = client.get(url, buffered=False)
+    chunks = iter(opened.response)
+    seen = []
+    while len([c for c in seen if b"data: " in c]) < 2:
+        seen.append(next(chunks))
+    opened.close()  # dropped, with `second` still queued
+    events_seen = parse_events(seen)
+    assert [json.loads(e["data"])["id"] for e in events_seen if "id" in e] == [third, first]
+    last_id = [e["id"] for e in events_seen if "id" in e][-1]
+
+    finish(app, second, "b")
+    resumed = parse_events(client.get(url, headers={"Last-Event-ID": last_id}, buffered=False).response)
+    assert [json.loads(e["data"])["id"] for e in resumed if "id" in e] == [second]
+    assert resumed[-1]["event"] == "end"
+    # An id from another process (a restart numbers anew), or a made-up one: everything.
+    for foreign in ("0123abcd.2", "nonsense", ""):
+        again = parse_events(client.get(url, headers={"Last-Event-ID": foreign}, buffered=False).response)
+        assert [json.loads(e["data"])["id"] for e in again if "id" in e] == [third, first, second]
 
 
 def test_events_push_items_as_they_finish(make_web_app, monkeypatch):
