@@ -3,6 +3,11 @@
 Four AWS calls at most (three queue attribute reads and one instance listing),
 and the answer is reused for a second, so many open pages polling every two
 seconds cost the same as one. `read_at` is when AWS was read.
+
+AWS is read on a thread of its own, one refresh at a time, and a request waits
+for it a moment at most: a request that did the reading itself waited as long
+as AWS did not answer (40 s in an explorer's run, botocore's retries allow
+minutes), holding its thread all the while.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ log = logging.getLogger(__name__)
 CACHE_S = 1.0
 # A refresh waiting on AWS longer than this is said to be so, with the snapshot's age.
 STALE_AFTER_S = 5.0
-# How long a read whose snapshot is that old (after an idle spell) waits for the
-# refresh another read has begun, rather than answer with old figures at once.
+# How long a read waits for the refresh it needs (or, with a snapshot that old, after
+# an idle spell, one another read began), before it answers from the last snapshot.
 REFRESH_WAIT_S = 2.0
+# How long the very first read, which has no snapshot to fall back on, waits.
+FIRST_READ_WAIT_S = 10.0
 
 
 class StatusReader:
@@ -32,47 +39,64 @@ class StatusReader:
         self.book = book
         self.cache_s = cache_s
         self._lock = threading.Lock()
+        self._refreshed = threading.Condition(self._lock)  # notified as each refresh ends
         self._cached: tuple[float, dict[str, Any]] | None = None
         self._refresh_began: float | None = None  # monotonic, while a refresh waits on AWS
         # The totals are this process's: a restarted web tier counts from 0 again.
         self.counting_since = time.time()
 
     def read(self) -> dict[str, Any]:
-        # One thread refreshes at a time. While it waits on AWS the others answer
-        # from the last snapshot rather than queue up behind it, each holding a
-        # thread (every open page asks every 2 s); only the very first read waits,
-        # and, briefly, one whose snapshot is long out of date.
-        cached = self._cached
-        if cached is None:
-            acquired = self._lock.acquire()
-        elif time.monotonic() - cached[0] > STALE_AFTER_S:
-            acquired = self._lock.acquire(timeout=REFRESH_WAIT_S)
-        else:
-            acquired = self._lock.acquire(blocking=False)
-        if acquired:
-            try:
-                if self._cached is None or time.monotonic() - self._cached[0] >= self.cache_s:
-                    self._refresh_began = time.monotonic()
-                    figures = self._read_aws()
-                    self._cached = (time.monotonic(), {**figures, "read_at": time.time()})
-            finally:
-                self._refresh_began = None
-                self._lock.release()
-        assert self._cached is not None
-        read_mono, snapshot = self._cached[0], dict(self._cached[1])
-        began = self._refresh_began
+        # While a refresh waits on AWS, reads answer from the last snapshot rather
+        # than queue up behind it, each holding a thread (every open page asks every
+        # 2 s). A read waits a moment for the refresh it began, or, when its snapshot
+        # is long out of date, for the one under way; the very first, a little longer.
+        with self._refreshed:
+            now = time.monotonic()
+            due = self._cached is None or now - self._cached[0] >= self.cache_s
+            began_now = False
+            if due and self._refresh_began is None:
+                self._refresh_began, began_now = now, True
+                threading.Thread(target=self._refresh, name="status-refresh", daemon=True).start()
+            if self._cached is None:
+                self._refreshed.wait_for(lambda: self._refresh_began is None, FIRST_READ_WAIT_S)
+            elif self._refresh_began is not None and (began_now or now - self._cached[0] > STALE_AFTER_S):
+                self._refreshed.wait_for(lambda: self._refresh_began is None, REFRESH_WAIT_S)
+            cached, began = self._cached, self._refresh_began
+        read_mono, snapshot = cached if cached is not None else (None, self._nothing_read())
+        snapshot = dict(snapshot)
         if began is not None and time.monotonic() - began > STALE_AFTER_S:
             # Answered from the last snapshot while the refresh waits on AWS: an
             # explorer's page showed minutes-old figures as if they were current.
-            waited, age = time.monotonic() - began, time.monotonic() - read_mono
+            waited = time.monotonic() - began
+            age = f"these figures are {time.monotonic() - read_mono:.0f} s old" if read_mono is not None \
+                else "there are no figures yet"
             snapshot["errors"] = [*snapshot.get("errors", []), f"AWS has not answered for {waited:.0f} s: "
-                                                               f"these figures are {age:.0f} s old"]
+                                                               + age]
         snapshot["totals"] = self.book.totals()
         snapshot["totals_since"] = self.counting_since
         snapshot["untrained"] = self.book.untrained
         snapshot["api_key_required"] = bool(self.aws.settings.api_key)
         snapshot["time"] = time.time()
         return snapshot
+
+    def _refresh(self) -> None:
+        """Read AWS (on a thread of its own) and keep the snapshot; wake the readers."""
+        try:
+            figures = self._read_aws()
+            snapshot = (time.monotonic(), {**figures, "read_at": time.time()})
+        except Exception:  # _read_aws says what it cannot read; anything else, here
+            log.exception("status: refresh failed")
+            snapshot = None
+        with self._refreshed:
+            if snapshot is not None:
+                self._cached = snapshot
+            self._refresh_began = None
+            self._refreshed.notify_all()
+
+    @staticmethod
+    def _nothing_read() -> dict[str, Any]:
+        return {"queue": None, "responses_waiting": None, "dead_letter": None, "instances": {},
+                "instances_total": None, "workers_failed": None, "read_at": None}
 
     def _queue_attrs(self, url: str, names: list[str]) -> dict[str, int]:
         attrs = self.aws.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=names)["Attributes"]

@@ -200,6 +200,47 @@ def test_status_after_an_idle_spell_does_not_blame_aws(quiet_client, monkeypatch
         assert "errors" not in quiet_client.get("/api/status").get_json()
 
 
+@contextmanager
+def aws_hanging(reader, monkeypatch) -> Iterator[tuple[threading.Event, threading.Event]]:
+    """`reader`'s AWS reads hang until the block ends; yields (entered, left)."""
+    entered, left, release = threading.Event(), threading.Event(), threading.Event()
+
+    def hang():
+        entered.set()
+        release.wait(30)
+        left.set()
+        return {}
+
+    monkeypatch.setattr(reader, "_read_aws", hang)
+    try:
+        yield entered, left
+    finally:
+        release.set()
+
+
+def test_a_read_that_begins_a_refresh_does_not_wait_as_long_as_aws_hangs(quiet_client, monkeypatch):
+    """It read AWS itself, and waited as long as AWS did not answer (40 s: explorer)."""
+    reader = services_of(quiet_client.application).status
+    reader.cache_s = 0.0  # every read wants a refresh
+    assert quiet_client.get("/api/status").status_code == 200
+    monkeypatch.setattr("web_tier.status.REFRESH_WAIT_S", 0.2)
+    with aws_hanging(reader, monkeypatch) as (entered, left):
+        answer = quiet_client.get("/api/status").get_json()
+        assert entered.is_set() and not left.is_set(), "answered only once AWS had"
+        assert answer["queue"] is not None  # from the last snapshot
+
+
+def test_the_first_read_of_an_aws_that_hangs_says_so(quiet_client, monkeypatch):
+    reader = services_of(quiet_client.application).status
+    monkeypatch.setattr("web_tier.status.FIRST_READ_WAIT_S", 0.3)
+    monkeypatch.setattr("web_tier.status.STALE_AFTER_S", 0.1)
+    with aws_hanging(reader, monkeypatch) as (_, left):
+        answer = quiet_client.get("/api/status").get_json()
+        assert not left.is_set()
+    assert answer["queue"] is None and answer["read_at"] is None
+    assert any("there are no figures yet" in e for e in answer["errors"])
+
+
 @pytest.mark.parametrize("weights, flagged", [("random", True), ("imagenet", None)])
 def test_untrained_is_said_from_the_start_when_configured(make_web_app, weights, flagged):
     # Before any worker has answered, the configured weights decide: with `random`
