@@ -1249,6 +1249,8 @@ def run_load(
                 stop.set()
                 if progress:
                     progress.clear()
+                for outcome in senders.ready():  # answered already: not in flight
+                    record(outcome)
                 print(
                     f"\ninterrupted: waiting for {senders.in_flight()} requests in flight "
                     "(Ctrl-C again to quit)",
