@@ -141,12 +141,14 @@ class Submitter:
             # An AWS outage must cost this file, not the service.
             log.exception("could not submit item %s", item.id)
             if stored and not self._unstore(item.key):
-                # Stored, with no message: left so, it would be queued for ever. It stays
-                # in the book, and so does its token: sent again, it is not stored twice.
+                # Stored, with no message, and there to stay: queued later (requeue_unsent,
+                # once SQS answers), as one whose web tier died between the two steps is.
+                # So accepted: refused with "try again" (and Retry-After, which every 503
+                # refusal says: it stored nothing), it was sent again and classified twice.
                 self._retry_later(item.id, request)
-            else:
-                self.book.discard(item.id)
-                self._end(item.id)
+                return item
+            self.book.discard(item.id)
+            self._end(item.id)
             return UploadError(503, "could not be stored or queued; try again", upload.filename)
         self._end(item.id)
         return item
