@@ -369,6 +369,15 @@ def _terminate(process: subprocess.Popen, deadline: float) -> None:
         kill_and_wait(process)
 
 
+def stop_signals() -> tuple[int, ...]:
+    """What stops the stack: Ctrl-C and SIGTERM, and SIGHUP, which the terminal `make
+    run` runs in sends when it is closed (its default action ended the stack at once,
+    leaving its children to end on their own), unless SIGHUP is ignored: `nohup make
+    run` asks to outlive the terminal."""
+    hangup = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
+    return (*STOP_SIGNALS, *hangup)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m localaws.stack", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -400,9 +409,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stack = Stack(settings, args.run_dir, settings.local_warm_spares)
     stop = stack.stopping
-    # SIGHUP too: the terminal `make run` runs in, closed, sends it; its default action
-    # ended the stack at once, leaving its children to end on their own.
-    on_signals(lambda _signum: stop.set(), (*STOP_SIGNALS, signal.SIGHUP))
+    on_signals(lambda _signum: stop.set(), stop_signals())
     code = 0
     try:
         stack.start()

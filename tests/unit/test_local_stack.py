@@ -337,3 +337,18 @@ def test_a_stop_while_a_server_starts_ends_the_wait_at_once():
     with pytest.raises(server.StartInterrupted, match="stopped while waiting for"):
         server.wait_until_up(f"http://127.0.0.1:{port}/", None, timeout_s=60, stopping=stopping)
     assert time.monotonic() - began < 30  # not the 60 s timeout
+
+
+def test_the_stack_stops_on_a_hangup_unless_run_under_nohup():
+    import signal
+
+    from localaws.stack import stop_signals
+
+    before = signal.getsignal(signal.SIGHUP)
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        assert set(stop_signals()) == {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup leaves it
+        assert set(stop_signals()) == {signal.SIGINT, signal.SIGTERM}
+    finally:
+        signal.signal(signal.SIGHUP, before)
