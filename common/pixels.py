@@ -74,16 +74,35 @@ def jpeg_first_scan(data: bytes) -> int | None:
     return None
 
 
+# A marker, as libjpeg finds one: FF, then a byte that is not 00 (a stuffed FF in
+# compressed data), a restart marker D0-D7 or TEM (01) (no segment follows them),
+# or FF (fill before the marker).
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\x01\xd0-\xd7\xff]")
+_NO_LENGTH = frozenset({0xD8, 0xD9})  # start and end of image
+
+
+def jpeg_scan_count(data: bytes) -> int:
+    """How many scans a JPEG's first image is drawn in, walked as libjpeg walks it:
+    each segment skipped by its length (so the scans of an EXIF thumbnail, or an
+    FF D9 in a comment, are not its own), stray bytes between segments skipped,
+    compressed data read to its next marker; to the end-of-image marker, not past
+    it (a phone's motion photo puts a video there, whose bytes are any at all)."""
+    scans, pos = 0, 2
+    while (found := _JPEG_MARKER.search(data, pos)) is not None:
+        at, marker = found.start(), data[found.start() + 1]
+        if marker == 0xD9:
+            break
+        if marker in _NO_LENGTH:
+            pos = at + 2
+            continue
+        scans += marker == 0xDA
+        pos = at + 2 + max(2, int.from_bytes(data[at + 2:at + 4], "big"))
+    return scans
+
+
 def jpeg_scans_refusal(data: bytes) -> str | None:
-    """Why a JPEG of too many scans is refused, or None. Compressed data cannot hold
-    FF DA or FF D9 (an FF there is followed by 00 or a restart marker), so each FF DA
-    from the first scan's to the end-of-image marker is a scan's start. Not after
-    it: a phone's motion photo puts a video there, whose bytes are any at all."""
-    first = jpeg_first_scan(data)
-    if first is None or first == UNKNOWN_LAYOUT:
-        return None
-    end = data.find(b"\xff\xd9", first)
-    scans = data.count(b"\xff\xda", first, end if end >= 0 else len(data))
+    """Why a JPEG of too many scans is refused, or None."""
+    scans = jpeg_scan_count(data)
     if scans > MAX_JPEG_SCANS:
         return (f"the JPEG is drawn in {scans} scans, more than the limit of {MAX_JPEG_SCANS} "
                 "(photos have about 10): decoding it would take minutes")

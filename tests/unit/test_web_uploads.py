@@ -176,6 +176,28 @@ def test_a_jpeg_of_too_many_scans_is_refused_as_the_worker_would(web_settings):
         prepare(beyond, web_settings.max_image_pixels)
 
 
+def test_scans_are_counted_as_the_decoder_reads_them(web_settings):
+    """An FF D9 in a comment, or a stray byte between segments, hid 3,000 scans from a
+    count that stopped at either; the worker took 16 s on such a file (reviewer)."""
+    from common.pixels import jpeg_scan_count
+
+    assert jpeg_scan_count(make_image(6)) == 1  # baseline: one scan
+    progressive = reencoded(make_image(6), "JPEG", progressive=True)
+    assert jpeg_scan_count(progressive) == progressive.count(b"\xff\xda") > 1
+    many = jpeg_of_many_scans(MAX_JPEG_SCANS + 1)
+    second_scan = many.index(b"\xff\xda", many.index(b"\xff\xda") + 2)
+    after_app0 = 4 + int.from_bytes(many[4:6], "big")
+    hidden = {
+        "a comment holding FF D9": many[:second_scan] + b"\xff\xfe\x00\x04\xff\xd9" + many[second_scan:],
+        "a stray byte between segments": many[:after_app0] + b"\x00" + many[after_app0:],
+    }
+    for how, data in hidden.items():
+        assert decodes(data), how
+        assert jpeg_scan_count(data) == MAX_JPEG_SCANS + 1, how
+        with pytest.raises(UploadError, match="scans"):
+            check_image("slow.jpg", data, web_settings)
+
+
 def test_scans_are_counted_up_to_the_images_end_not_in_a_motion_photos_video(web_settings):
     video = b"\x00\x00ftypmp42" + b"\xff\xda\x00\x08" * (2 * MAX_JPEG_SCANS)
     data = reencoded(make_image(6), "JPEG", progressive=True) + video
