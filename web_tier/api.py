@@ -118,7 +118,8 @@ def _batch_json(batch_id: str, items: list[Item]) -> dict[str, Any]:
     # workers' latest answer) says, so that a batch still queued is not called trained.
     done = [i for i in items if i.state == DONE]
     model_untrained = bool(services().book.untrained)
-    untrained = any(i.untrained for i in done) if done else model_untrained
+    untrained = any(i.untrained for i in done) if done else any(
+        i.shows_untrained(model_untrained) for i in items) or model_untrained
     return {"batch_id": batch_id, "items": [i.to_json(model_untrained) for i in items],
             "untrained": untrained}
 

@@ -522,6 +522,19 @@ def finish(app, item_id: str, label: str, key: str = "", name: str = "x.jpg") ->
         id=item_id, filename=name, key=key, worker="w", untrained=True, label=label, score=0.5))
 
 
+def test_a_batch_all_refused_by_an_untrained_worker_says_untrained(make_web_app):
+    """Its items said so (Item.shows_untrained), the batch did not (reviewer)."""
+    app = make_web_app(start_listeners=False)
+    client = app.test_client()
+    body = upload(client, [(make_image(60), "one.jpg")]).get_json()
+    book = services_of(app).book
+    book.record(ClassifyResponse(id=body["items"][0]["id"], filename="one.jpg", key="", worker="w",
+                                 untrained=True, error="damaged"))
+    book.untrained = False  # the workers' latest answer: a trained model (a rollout)
+    batch = client.get(f"/api/jobs/{body['batch_id']}").get_json()
+    assert batch["items"][0]["untrained"] is True and batch["untrained"] is True
+
+
 def parse_events(chunks) -> list[dict]:
     """Read SSE blocks from a streamed response until `end`."""
     out, buffer = [], ""
