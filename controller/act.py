@@ -109,9 +109,10 @@ def _launch_one(aws: Aws, settings: Settings, n: int, user_data: str) -> str:
         ],
         "InstanceInitiatedShutdownBehavior": "terminate",
         # IMDSv2 only, whatever the AMI says (one made by hand, without Packer's
-        # imds_support, says nothing) or the account's default is.
+        # imds_support, says nothing) or the account's default is; one hop: a worker
+        # runs no containers, which would need two.
         "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled",
-                            "HttpPutResponseHopLimit": 2},
+                            "HttpPutResponseHopLimit": 1},
     }
     if settings.key_name:
         kwargs["KeyName"] = settings.key_name

@@ -375,6 +375,7 @@ def test_launches_ask_for_imdsv2_only_whatever_the_image_says():
     role's credentials to any request a process on it can be tricked into making."""
     options = launch_request("imgclass")["MetadataOptions"]
     assert options["HttpTokens"] == "required" and options["HttpEndpoint"] == "enabled"
+    assert options["HttpPutResponseHopLimit"] == 1  # not reachable from a container on it
 
 
 def instance_tags(request: dict) -> dict[str, str]:
