@@ -165,8 +165,8 @@ def prepare(data: bytes, max_pixels: int, large: threading.Semaphore | None = No
     Images that stay large after `draft` (a 40-megapixel PNG of 130 KB took
     ~300 MB to decode, ~600 MB with transparency) are decoded only while holding
     `large`, so that a batch of them cannot run a small instance out of memory
-    all at once. Pillow's
-    work runs inside `watch()` (the worker times it), the wait for `large` not.
+    all at once. Pillow's work runs inside `watch()` (the worker times it), the
+    wait for `large` not.
     """
     with watch():
         img = open_image(data, max_pixels)

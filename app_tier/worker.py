@@ -276,11 +276,10 @@ class Worker:
         except BaseException:
             self.held.release(jobs)  # held, the heartbeat would hide them forever
             raise
-        unread = [j for j in jobs if j.pixels is None and j.error is None]
-        if self.stopping.is_set() and unread:
-            self.held.hand_back(unread)  # not read: the stop came first (see _load)
-            return Batch([j for j in jobs if j not in unread])
-        unreadable = unread
+        unreadable = [j for j in jobs if j.pixels is None and j.error is None]
+        if self.stopping.is_set() and unreadable:
+            self.held.hand_back(unreadable)  # not read: the stop came first (see _load)
+            return Batch([j for j in jobs if j not in unreadable])
         if unreadable:
             # Not read, for a reason that may pass (S3 failed after botocore's retries):
             # another attempt, a little later; after max_receive_count, the dead-letter queue.

@@ -13,6 +13,7 @@ it undo each other's filters: one bomb in 6,000 got through 8 threads that way.)
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from PIL import Image
 
@@ -49,31 +50,6 @@ def pillow_refusal(exc: Exception, configured: int) -> str:
 # their number), and one of 3 MB would outlast STALL_TIMEOUT, three times over
 # before its dead letter (explorer).
 MAX_JPEG_SCANS = 100
-# What jpeg_first_scan says of bytes its walk cannot read as segments.
-UNKNOWN_LAYOUT = -1
-
-
-def jpeg_first_scan(data: bytes) -> int | None:
-    """Where a JPEG's first start-of-scan marker is, found by walking its segments by
-    their lengths (an EXIF thumbnail, inside a segment, has scans of its own);
-    UNKNOWN_LAYOUT where the walk meets bytes that are no marker, None if the data
-    ends before any scan."""
-    pos = 2  # after start-of-image
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return UNKNOWN_LAYOUT
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            pos += 1
-        elif marker == 0xDA:
-            return pos
-        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
-            pos += 2
-        else:
-            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
-    return None
-
-
 # A marker, as libjpeg finds one: FF, then a byte that is not 00 (a stuffed FF in
 # compressed data), a restart marker D0-D7 or TEM (01) (no segment follows them),
 # or FF (fill before the marker).
@@ -81,28 +57,34 @@ _JPEG_MARKER = re.compile(rb"\xff[^\x00\x01\xd0-\xd7\xff]")
 _NO_LENGTH = frozenset({0xD8, 0xD9})  # start and end of image
 
 
-def jpeg_scan_count(data: bytes) -> int:
-    """How many scans a JPEG's first image is drawn in, walked as libjpeg walks it:
-    each segment skipped by its length (so the scans of an EXIF thumbnail, or an
-    FF D9 in a comment, are not its own), stray bytes between segments skipped,
-    compressed data read to its next marker; to the end-of-image marker, not past
-    it (a phone's motion photo puts a video there, whose bytes are any at all)."""
+@dataclass(frozen=True)
+class JpegLayout:
+    scans: int  # start-of-scan markers of the first image
+    ends: bool  # whether its end-of-image marker is there (the decoder needs it)
+
+
+def jpeg_layout(data: bytes) -> JpegLayout:
+    """A JPEG's first image walked as libjpeg walks it: each segment skipped by its
+    length (so the scans of an EXIF thumbnail, or an FF D9 in a comment, are not its
+    own), stray bytes between segments skipped, compressed data read to its next
+    marker; up to the end-of-image marker, not past it (a phone's motion photo puts
+    a video there, whose bytes are any at all)."""
     scans, pos = 0, 2
     while (found := _JPEG_MARKER.search(data, pos)) is not None:
         at, marker = found.start(), data[found.start() + 1]
         if marker == 0xD9:
-            break
+            return JpegLayout(scans, ends=True)
         if marker in _NO_LENGTH:
             pos = at + 2
             continue
         scans += marker == 0xDA
         pos = at + 2 + max(2, int.from_bytes(data[at + 2:at + 4], "big"))
-    return scans
+    return JpegLayout(scans, ends=False)
 
 
 def jpeg_scans_refusal(data: bytes) -> str | None:
     """Why a JPEG of too many scans is refused, or None."""
-    scans = jpeg_scan_count(data)
+    scans = jpeg_layout(data).scans
     if scans > MAX_JPEG_SCANS:
         return (f"the JPEG is drawn in {scans} scans, more than the limit of {MAX_JPEG_SCANS} "
                 "(photos have about 10): decoding it would take minutes")

@@ -22,8 +22,7 @@ from common.names import decode_filename, encode_filename, kept_extension
 from common.pillow_errors import plain_reason
 from common.pixels import (
     PILLOW_REFUSALS,
-    UNKNOWN_LAYOUT,
-    jpeg_first_scan,
+    jpeg_layout,
     jpeg_scans_refusal,
     pillow_refusal,
     size_refusal,
@@ -240,15 +239,7 @@ def _jpeg_reaches_its_end(data: bytes) -> bool:
     """Whether a JPEG's image data is followed by its end-of-image marker, which
     Pillow's decoder needs (without it the worker refuses the image as truncated).
     Bytes after the marker, such as a phone's motion-photo video, do not matter."""
-    first = jpeg_first_scan(data)
-    if first is None:
-        return False  # ended before its image data
-    if first == UNKNOWN_LAYOUT:
-        return True  # not a layout the walk knows: leave it to the decoder
-    # Compressed data cannot hold FF D9 (an FF there is followed by 00 or a restart
-    # marker), so any after the first scan means the image ended. Looked for from
-    # the end, where it nearly always is.
-    return data.rfind(b"\xff\xd9") > first
+    return jpeg_layout(data).ends
 
 
 # How each accepted format's files begin (WEBP: "RIFF", a size, then "WEBP").
