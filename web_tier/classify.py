@@ -3,15 +3,24 @@
 One image in, one line out (`<name without extension>:<label>`), after waiting
 for the worker's answer. Each request waits on its own item id, so any number
 of concurrent requests each get their own image's answer.
+
+A program whose connection was cut before the answer came cannot tell whether
+its image was stored: with an `Idempotency-Key` header, sent again under the
+same key, it is not stored (nor classified) twice, by this process or, after a
+restart, the next. The key names a batch of its own (a hash of it), holding the
+one image under the key as its token (as POST /api/jobs's `tokens`).
 """
 
 from __future__ import annotations
+
+import hashlib
+import re
 
 from flask import Blueprint, Response, request
 
 from common.names import stem
 from web_tier.auth import require_api_key
-from web_tier.jobs import new_id
+from web_tier.jobs import SentBefore, new_id
 from web_tier.results import DONE
 from web_tier.services import services
 from web_tier.uploads import FORM_SLACK_BYTES, UploadError, form_files, validate
@@ -19,6 +28,8 @@ from web_tier.uploads import FORM_SLACK_BYTES, UploadError, form_files, validate
 bp = Blueprint("classify", __name__)
 
 FIELDS = ("inputFile", "myfile")
+# Unique enough to name a batch of its own: at least 16 characters (a UUID has 36).
+IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9._:-]{16,64}")
 
 
 def _text(body: str, status: int) -> Response:
@@ -51,10 +62,15 @@ def classify() -> Response:
         response.headers["Retry-After"] = "5"
         return response
 
-    batch_id = new_id()
-    outcome = svc.submitter.submit(batch_id, [upload])[0]
+    batch_id, tokens = _batch_for(request.headers.get("Idempotency-Key"))
+    outcome = svc.submitter.submit(batch_id, [upload], tokens)[0]
+    if isinstance(outcome, UploadError) and outcome.status == 409:
+        raise UploadError(409, "this Idempotency-Key came before with another file: give each upload "
+                               "a key of its own", upload.filename)
     if isinstance(outcome, UploadError):
         raise outcome
+    if isinstance(outcome, SentBefore):  # stored by an earlier request under this key
+        outcome = outcome.item
     item = svc.book.wait(outcome.id, svc.settings.result_timeout_s)
     if item is None:
         # The image stays queued and will be classified: say where its result will be.
@@ -79,3 +95,16 @@ def classify() -> Response:
     untrained = item.shows_untrained(bool(svc.book.untrained))  # as GET /api/jobs/<id> says
     response.headers["X-Model-Untrained"] = "true" if untrained else "false"
     return response
+
+
+def _batch_for(key: str | None) -> tuple[str, list[str] | None]:
+    """The batch and tokens for this upload: a new batch, or with an Idempotency-Key
+    the key's own (rebuilt from S3 if an earlier process stored it)."""
+    if key is None:
+        return new_id(), None
+    if not IDEMPOTENCY_KEY.fullmatch(key):
+        raise UploadError(400, "an Idempotency-Key is 16 to 64 letters, digits or '._:-' (a UUID, say), "
+                               f"not {key[:70]!r}")
+    batch_id = hashlib.sha256(f"POST / {key}".encode()).hexdigest()[:32]
+    services().find_batch(batch_id)  # known here, or rebuilt from S3, or nothing yet
+    return batch_id, [key]

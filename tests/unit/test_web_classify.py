@@ -227,3 +227,51 @@ def test_a_stopping_web_tier_stores_no_new_image(web_app, web_aws):
     assert response.status_code == 503 and response.headers["Retry-After"] == "5"
     assert response.text == "late.jpg: not stored: the web tier is stopping; send it again"
     assert web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket).get("KeyCount", 0) == 0
+
+
+def post_with_key(client, data: bytes, name: str, key: str):
+    return client.post("/", data={"inputFile": (io.BytesIO(data), name)}, content_type="multipart/form-data",
+                       headers={"Idempotency-Key": key})
+
+
+def stored_inputs(web_aws) -> list[str]:
+    listed = web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket).get("Contents", [])
+    return [o["Key"] for o in listed]
+
+
+def test_sent_again_under_its_idempotency_key_an_image_is_stored_and_classified_once(
+        make_web_app, web_aws, fake_worker):
+    """A program whose connection was cut before the answer sends the image again: it
+    was stored, and classified, twice."""
+    data, key = make_image(31), "0f6e2a5c-6a3e-4a5b-9f36-7f3f7d4f0e11"
+    before = make_web_app()
+    first = post_with_key(before.test_client(), data, "cut.jpg", key)
+    assert first.status_code == 200, first.text
+    assert post_with_key(before.test_client(), data, "cut.jpg", key).text == first.text
+    services_of(before).stop()  # and then a new web tier, which knows it only from S3
+    client = make_web_app().test_client()
+    again = post_with_key(client, data, "cut.jpg", key)
+    assert again.status_code == 200 and again.text == first.text
+    assert again.headers["X-Item-Id"] == first.headers["X-Item-Id"]
+    assert len(stored_inputs(web_aws)) == 1 and fake_worker.handled == 1
+    other = post_with_key(client, make_image(32), "cut.jpg", "another-key-0000001")
+    assert other.status_code == 200 and other.headers["X-Item-Id"] != first.headers["X-Item-Id"]
+
+
+@pytest.mark.parametrize("key, status, says", [
+    ("short", 400, "an Idempotency-Key is 16 to 64 letters"),
+    ("k" * 65, 400, "an Idempotency-Key is 16 to 64 letters"),
+    ("with spaces in it, sixteen+", 400, "an Idempotency-Key is 16 to 64 letters"),
+])
+def test_a_malformed_idempotency_key_is_refused(web_client, web_aws, key, status, says):
+    response = post_with_key(web_client, make_image(33), "k.jpg", key)
+    assert response.status_code == status and says in response.text
+    assert stored_inputs(web_aws) == []
+
+
+def test_an_idempotency_key_sent_again_with_another_file_is_a_409(web_client, web_aws, fake_worker):
+    key = "3c1b9e0a-1111-4222-8333-444455556666"
+    assert post_with_key(web_client, make_image(34), "first.jpg", key).status_code == 200
+    clash = post_with_key(web_client, make_image(35), "second.jpg", key)
+    assert clash.status_code == 409 and clash.text.startswith("second.jpg: this Idempotency-Key came before")
+    assert len(stored_inputs(web_aws)) == 1
