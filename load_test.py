@@ -85,6 +85,10 @@ class Config:
     expected: Path | None = None
     api: str = "form"  # "form": POST / ; "jobs": POST /api/jobs
     wait: str = "poll"  # jobs only: "poll" GET /api/jobs/<id>, or "sse" its event stream
+    # POST / only: an Idempotency-Key per image, so that one whose connection was cut
+    # is sent again without being classified twice (off by default: the web tier then
+    # looks for the key in S3, a cost the benchmark does not want to measure)
+    idempotency_keys: bool = False
     api_key: str = ""
     timeout: float = DEFAULT_TIMEOUT_S
     json_path: Path | None = None
@@ -142,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--wait", choices=("poll", "sse"),
         help="with --api jobs: poll GET /api/jobs/<id> (default) or follow its event stream",
+    )
+    parser.add_argument(
+        "--idempotency-keys", action="store_true",
+        help="POST / only: send each image with an Idempotency-Key, and send it again if its connection "
+             "is cut before the answer (without a key, it may be stored already: it is counted failed)",
     )
     parser.add_argument(
         "--api-key", default=os.environ.get("API_KEY", ""),
@@ -218,6 +227,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         expected=args.expected,
         api=args.api,
         wait=args.wait or "poll",
+        idempotency_keys=args.idempotency_keys,
         api_key=args.api_key,
         timeout=args.timeout,
         json_path=args.json_path,
@@ -625,9 +635,10 @@ class Report:
 RESTARTING_STATUSES = (502, 503, 504)
 # A web tier restarting refuses connections for a moment, and one stopping answers
 # an upload it did not store with 503 and Retry-After: nothing was stored either way,
-# so the upload is sent again (with --api jobs, also one cut off mid-request: its
-# batch id and token keep it from being stored twice), for up to this long (`make run` restarts a web tier
-# within about a second, systemd after its RestartSec).
+# so the upload is sent again (with --api jobs, or --idempotency-keys, also one cut
+# off mid-request: its batch id and token, or its key, keep it from being stored
+# twice), for up to this long (`make run` restarts a web tier within about a second,
+# systemd after its RestartSec).
 RESEND_WINDOW_S = 30.0
 FIRST_RESEND_DELAY_S = 0.25
 
@@ -817,9 +828,11 @@ class Client:
             return now - self._refused_since
 
     def _post(self, endpoint: str, files: dict, deadline: float, outcome: Outcome,
-              form: dict[str, str] | None = None) -> requests.Response:
+              form: dict[str, str] | None = None, headers: dict[str, str] | None = None) -> requests.Response:
         """POST an upload; sent again while nothing was stored, or, with a `form` naming a
-        batch and a token, after any connection failure (see RESEND_WINDOW_S)."""
+        batch and a token or an Idempotency-Key in `headers`, after any connection
+        failure (see RESEND_WINDOW_S)."""
+        stored_once = form is not None or headers is not None
         give_up = min(deadline, time.monotonic() + RESEND_WINDOW_S)
         delay = FIRST_RESEND_DELAY_S
         while True:
@@ -827,10 +840,11 @@ class Client:
             try:
                 # Only ever talk to the URL we were given: no redirects.
                 resp = self._session().post(f"{self.config.url}{endpoint}", files=files, data=form,
-                                            timeout=self._timeout(deadline), allow_redirects=False)
+                                            headers=headers, timeout=self._timeout(deadline),
+                                            allow_redirects=False)
             except requests.ConnectionError as exc:
                 was_refused = refused(exc)
-                if not was_refused and form is None:
+                if not was_refused and not stored_once:
                     raise  # cut off mid-request: the image may be stored already
                 failure, wait = exc, delay
                 if was_refused:
@@ -850,7 +864,8 @@ class Client:
             delay = min(2 * delay, 2.0)
 
     def _via_form(self, path: Path, deadline: float, outcome: Outcome) -> None:
-        resp = self._post("/", {"inputFile": self._upload(path)}, deadline, outcome)
+        key = {"Idempotency-Key": str(uuid.uuid4())} if self.config.idempotency_keys else None
+        resp = self._post("/", {"inputFile": self._upload(path)}, deadline, outcome, headers=key)
         outcome.status = resp.status_code
         body = resp.text.strip()
         outcome.untrained = resp.headers.get("X-Model-Untrained", "").strip().lower() == "true"
@@ -1127,6 +1142,7 @@ class Senders:
         self._t0 = 0.0
         self.started = 0  # requests taken from the plan (changed under the lock)
         self.received = 0  # outcomes handed out (changed by the caller's thread only)
+        self.answered = 0  # requests whose outcome is in (changed under the lock)
 
     def start(self, t0: float) -> None:
         self._t0 = t0
@@ -1145,7 +1161,10 @@ class Senders:
     def _work(self) -> None:
         try:
             while (job := self._next()) is not None:
-                self._done.put(self._client.send(job[0], job[1], self._t0))
+                outcome = self._client.send(job[0], job[1], self._t0)
+                with self._lock:
+                    self.answered += 1
+                self._done.put(outcome)
         except BaseException as exc:  # send handles failed requests: this is a bug, shown by the caller
             self._done.put(exc)
 
@@ -1181,9 +1200,10 @@ class Senders:
                 yield item
 
     def in_flight(self) -> int:
-        """Requests taken from the plan whose outcome has not been handed out."""
+        """Requests taken from the plan whose outcome is not in yet (one in but not yet
+        handed out is not in flight: the first Ctrl-C's count had them too)."""
         with self._lock:
-            return self.started - self.received
+            return self.started - self.answered
 
 
 def run_load(
@@ -1249,8 +1269,6 @@ def run_load(
                 stop.set()
                 if progress:
                     progress.clear()
-                for outcome in senders.ready():  # answered already: not in flight
-                    record(outcome)
                 print(
                     f"\ninterrupted: waiting for {senders.in_flight()} requests in flight "
                     "(Ctrl-C again to quit)",

@@ -61,6 +61,7 @@ class FakeTier:
         self.not_stored = 0  # the next POSTs answered as a stopping web tier does: 503, Retry-After
         self.tokens: dict[tuple[str, str], str] = {}  # (batch id, token) -> item id, as the web tier keeps
         self.dropped: set[bytes] = set()  # "drop-once" contents whose first answer was cut off
+        self.idempotency_keys: dict[str, int] = {}  # POST /'s keys, and how often each came
 
 
 def _parse_files(headers, body: bytes) -> list[tuple[str, str, bytes]]:
@@ -163,6 +164,18 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return
+        key = self.headers.get("Idempotency-Key")
+        with self.tier.lock:
+            if key:
+                self.tier.idempotency_keys[key] = self.tier.idempotency_keys.get(key, 0) + 1
+            cut_off = content == b"drop-once" and content not in self.tier.dropped
+            self.tier.dropped.add(content)
+        if cut_off:  # stored, then the web tier killed before it answered
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if content == b"drop-once":
+            content = b"label:cat"
         if content.startswith(b"queued:"):  # as a web tier stopping while the image waits
             batch_id, item_id = uuid.uuid4().hex, uuid.uuid4().hex
             with self.tier.lock:
@@ -540,6 +553,19 @@ def test_a_batch_whose_answer_was_cut_off_is_sent_again_and_stored_once(tier, tm
     assert report.outcomes[0].resent == 1 and tier.paths["POST /api/jobs"] == 2
     assert len(tier.jobs) == 1  # stored once
     assert "cut-off connections" in load_test.format_report(report)
+
+
+def test_with_idempotency_keys_a_post_whose_answer_was_cut_off_is_sent_again_under_its_key(tier, tmp_path):
+    images = make_images(tmp_path / "images", {"cat.jpg": b"drop-once"})
+    plain = run_load(Config(images=images, url=tier.url, num_requests=1))
+    assert (plain.answered, plain.failed) == (0, 1)  # without a key: it may be stored, not sent again
+    assert tier.idempotency_keys == {}
+    tier.dropped.clear()
+    keyed = run_load(Config(images=images, url=tier.url, num_requests=1, idempotency_keys=True))
+    assert (keyed.answered, keyed.failed) == (1, 0), [o.error for o in keyed.outcomes]
+    [(key, sent)] = tier.idempotency_keys.items()
+    assert sent == 2 and keyed.outcomes[0].resent == 1 and len(key) == 36
+    assert load_test.parse_args(["--images", str(images), "--idempotency-keys"]).idempotency_keys
 
 
 def test_an_upload_a_stopping_web_tier_did_not_store_is_sent_again_and_a_queued_one_is_not(tier, tmp_path):
