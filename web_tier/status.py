@@ -57,8 +57,11 @@ class StatusReader:
             if due and self._refresh_began is None:
                 self._refresh_began, began_now = now, True
                 threading.Thread(target=self._refresh, name="status-refresh", daemon=True).start()
-            if self._cached is None:
-                self._refreshed.wait_for(lambda: self._refresh_began is None, FIRST_READ_WAIT_S)
+            if self._cached is None and self._refresh_began is not None:
+                # What is left of FIRST_READ_WAIT_S since the refresh began: every read
+                # of an AWS that never answered the first waited all of it (explorer).
+                self._refreshed.wait_for(lambda: self._refresh_began is None,
+                                         max(0.0, self._refresh_began + FIRST_READ_WAIT_S - now))
             elif self._refresh_began is not None and (began_now or now - self._cached[0] > STALE_AFTER_S):
                 self._refreshed.wait_for(lambda: self._refresh_began is None, REFRESH_WAIT_S)
             cached, began = self._cached, self._refresh_began

@@ -232,13 +232,18 @@ def test_a_read_that_begins_a_refresh_does_not_wait_as_long_as_aws_hangs(quiet_c
 
 def test_the_first_read_of_an_aws_that_hangs_says_so(quiet_client, monkeypatch):
     reader = services_of(quiet_client.application).status
-    monkeypatch.setattr("web_tier.status.FIRST_READ_WAIT_S", 0.3)
+    monkeypatch.setattr("web_tier.status.FIRST_READ_WAIT_S", 2.0)
     monkeypatch.setattr("web_tier.status.STALE_AFTER_S", 0.1)
     with aws_hanging(reader, monkeypatch) as (_, left):
         answer = quiet_client.get("/api/status").get_json()
         assert not left.is_set()
+        # The reads after it wait no longer: each waited its own 10 s (explorer).
+        started = time.monotonic()
+        later = quiet_client.get("/api/status").get_json()
+        assert time.monotonic() - started < 1.0 and not left.is_set()
     assert answer["queue"] is None and answer["read_at"] is None
     assert any("there are no figures yet" in e for e in answer["errors"])
+    assert any("there are no figures yet" in e for e in later["errors"])
 
 
 @pytest.mark.parametrize("weights, flagged", [("random", True), ("imagenet", None)])
