@@ -222,13 +222,13 @@ class ResultBook:
                 if item.token:
                     batch.tokens.setdefault(item.token, item.id)
                 if known is None:
-                    self._items[item.id] = item
-                    batch.item_ids.append(item.id)
                     if item.is_finished:
                         self._number(item)
+                    self._items[item.id] = item
+                    batch.item_ids.append(item.id)
                 elif not known.is_finished and item.is_finished:
-                    known._apply(item)
                     self._number(known)
+                    known._apply(item)
                     _wake(known)
                     finished.append(known)
             # S3's key order is upload order; items learnt earlier from answers that
@@ -246,12 +246,14 @@ class ResultBook:
                 # Unknown id (e.g. answered after a restart): keep it so a later
                 # GET shows it; its batch stays incomplete until rebuilt from S3.
                 item = incoming
+                self._number(item)
                 self._items[item.id] = item
                 if item.batch_id:
                     self._batch(item.batch_id).item_ids.append(item.id)
             elif item.is_finished:
                 return None
             else:
+                self._number(item)
                 item._apply(incoming)
                 if not item.key:
                     item.key = incoming.key
@@ -261,15 +263,16 @@ class ResultBook:
                 self.failed += 1
             if untrained is not None:
                 self.untrained = untrained
-            self._number(item)
             _wake(item)
             self._publish([item])
             self._evict()
             return item
 
     def _number(self, item: Item) -> None:
-        """Number a just-finished item (the lock held): numbers follow the order items
-        finish in, and the order they are published to event streams."""
+        """Number an item about to finish (the lock held): numbers follow the order items
+        finish in, and the order they are published to event streams. Before its state
+        changes, as event streams read items without the lock: one that sees it
+        finished sees its number too."""
         self._finished_count += 1
         item.finished_seq = self._finished_count
 
