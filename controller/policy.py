@@ -92,9 +92,9 @@ def desired_count(obs: Observation, policy: Policy) -> tuple[int, str]:
     running = sum(1 for i in serving if i.state == "running")
     if policy.mode == "latency" and 0 < running < wanted:
         drain_s = obs.backlog * policy.seconds_per_image / running
-        if drain_s <= policy.boot_time_s:
-            # Launch nothing; never more than the backlog wants (pending ones included).
-            wanted = min(wanted, len(serving))
+        if drain_s <= policy.boot_time_s and len(serving) < wanted:
+            # Launch nothing (pending ones are kept: they boot as the backlog drains).
+            wanted = len(serving)
             reason += f"; running instances drain it in {drain_s:.1f}s < boot {policy.boot_time_s:g}s"
     return min(policy.max_instances, wanted), reason
 
