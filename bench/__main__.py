@@ -67,7 +67,8 @@ def run_inference(images: Path, skip_tf: bool) -> tuple[dict[str, Any], dict[str
     prepare_model()
     runs: list[InferenceResult] = [measure("openvino", 0, images, labels=True)]
     labels = runs[0].labels
-    # What each worker of the local stack runs: one thread (LOCAL_WORKER_THREADS=1).
+    # What each worker of `make run` runs by default: one thread (LOCAL_WORKER_THREADS=1;
+    # the end-to-end runs here give each worker all cores: bench.endtoend.tuned_env).
     runs.append(measure("openvino", 1, images))
     if not skip_tf:
         runs.append(measure("tensorflow", 0, images))
@@ -344,7 +345,8 @@ def print_figures(doc: dict[str, Any]) -> None:
         single = (inference or {}).get("single_image_s")
         print(f"(g) low-load p50 {report.fmt(low, 'ms')} vs model single-image time "
               f"{report.fmt(single, 'ms')} "
-              f"(one worker runs 1 thread: {report.fmt(_one_thread_single(inference), 'ms')})\n")
+              f"(one thread, make run's default a worker: "
+              f"{report.fmt(_one_thread_single(inference), 'ms')}; here each worker uses all cores)\n")
         print(scaling_table(e2e), "\n")
         if tput.get("memory"):
             print(memory_table(tput["memory"]), "\n")
