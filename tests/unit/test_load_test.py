@@ -161,18 +161,13 @@ class Handler(BaseHTTPRequestHandler):
         (field_name, filename, content), = files
         assert field_name == "inputFile"
         if content == b"drop":  # as a web tier killed mid-request: the connection closes unanswered
-            self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
+            self._hang_up()
             return
         key = self.headers.get("Idempotency-Key")
-        with self.tier.lock:
-            if key:
+        if key:
+            with self.tier.lock:
                 self.tier.idempotency_keys[key] = self.tier.idempotency_keys.get(key, 0) + 1
-            cut_off = content == b"drop-once" and content not in self.tier.dropped
-            self.tier.dropped.add(content)
-        if cut_off:  # stored, then the web tier killed before it answered
-            self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
+        if self._cut_off_once(content):
             return
         if content == b"drop-once":
             content = b"label:cat"
@@ -216,14 +211,24 @@ class Handler(BaseHTTPRequestHandler):
                 }
                 if "tokens" in form:
                     self.tier.tokens[(batch_id, form["tokens"])] = item_id
-            cut_off = content == b"drop-once" and content not in self.tier.dropped
-            self.tier.dropped.add(content)
-        if cut_off:  # stored, then the web tier killed before it answered
-            self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
+        if self._cut_off_once(content):
             return
         item = {"id": known or item_id, "filename": filename, **({"again": True} if known else {})}
         self._send(202, {"batch_id": batch_id, "items": [item]})
+
+    def _cut_off_once(self, content: bytes) -> bool:
+        """Whether this is a "drop-once" upload's first coming: stored, then the web tier
+        killed before it answered (its connection closed unanswered)."""
+        with self.tier.lock:
+            first = content == b"drop-once" and content not in self.tier.dropped
+            self.tier.dropped.add(content)
+        if first:
+            self._hang_up()
+        return first
+
+    def _hang_up(self) -> None:
+        self.close_connection = True
+        self.connection.shutdown(socket.SHUT_RDWR)
 
     def _item(self, batch_id: str) -> dict | None:
         with self.tier.lock:
@@ -259,8 +264,7 @@ class Handler(BaseHTTPRequestHandler):
             with self.tier.lock:
                 failure = self.tier.failing_polls.pop(0) if self.tier.failing_polls else None
             if failure == "drop":
-                self.close_connection = True
-                self.connection.shutdown(socket.SHUT_RDWR)
+                self._hang_up()
                 return
             if failure is not None:
                 self._send(int(failure), {"error": "failing as asked"})
