@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -63,6 +64,9 @@ def test_make_run_serves_and_ctrl_c_stops_everything_within_10s(tmp_path):
 def test_a_stack_killed_outright_takes_every_process_it_started_with_it(tmp_path):
     """kill -9 (or the OOM killer) gives the stack no chance to stop its children: they
     must end themselves, or the next `make run` finds its ports in use."""
+    # Watchdog sockets go to /tmp when TMPDIR (pytest's, here) is too long for them: a
+    # stack killed outright cannot remove their folders, so the test does.
+    notify_folders = set(Path("/tmp").glob("imgclass-notify-*"))
     stack = StackProcess(tmp_path / "run", env_overrides={"MAX_INSTANCES": "2", "MODEL_WEIGHTS": "random"})
     stack.start()
     try:
@@ -94,6 +98,8 @@ def test_a_stack_killed_outright_takes_every_process_it_started_with_it(tmp_path
         for p in everything:
             if p.is_running():
                 p.kill()  # not to be left by a failure either
+        for folder in set(Path("/tmp").glob("imgclass-notify-*")) - notify_folders:
+            shutil.rmtree(folder, ignore_errors=True)
     for port in (stack.web_port, stack.aws_port):
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
