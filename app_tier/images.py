@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from common.pillow_errors import plain_reason
-from common.pixels import PILLOW_REFUSALS, jpeg_scans_refusal, pillow_refusal, size_refusal
+from common.pixels import PILLOW_REFUSALS, jpeg_layout, jpeg_scans_refusal, pillow_refusal, size_refusal
 
 INPUT_SIZE = (224, 224)
 # Above this, after `draft`, decoding takes some 30 MB or more (RGB, 3 bytes a pixel,
@@ -76,7 +76,7 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         too_large = size_refusal(*img.size, max_pixels)
         if too_large:
             raise BadImage(too_large)
-        too_slow = jpeg_scans_refusal(data) if img.format in ("JPEG", "MPO") else None
+        too_slow = jpeg_scans_refusal(jpeg_layout(data)) if img.format in ("JPEG", "MPO") else None
         if too_slow:
             raise BadImage(too_slow)
         img.draft("RGB", INPUT_SIZE)

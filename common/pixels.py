@@ -82,9 +82,9 @@ def jpeg_layout(data: bytes) -> JpegLayout:
     return JpegLayout(scans, ends=False)
 
 
-def jpeg_scans_refusal(data: bytes) -> str | None:
+def jpeg_scans_refusal(layout: JpegLayout) -> str | None:
     """Why a JPEG of too many scans is refused, or None."""
-    scans = jpeg_layout(data).scans
+    scans = layout.scans
     if scans > MAX_JPEG_SCANS:
         return (f"the JPEG is drawn in {scans} scans, more than the limit of {MAX_JPEG_SCANS} "
                 "(photos have about 10): decoding it would take minutes")

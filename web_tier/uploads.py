@@ -22,6 +22,7 @@ from common.names import decode_filename, encode_filename, kept_extension
 from common.pillow_errors import plain_reason
 from common.pixels import (
     PILLOW_REFUSALS,
+    JpegLayout,
     jpeg_layout,
     jpeg_scans_refusal,
     pillow_refusal,
@@ -167,11 +168,13 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
             too_large = size_refusal(*img.size, settings.max_image_pixels)
             if too_large:
                 raise UploadError(413, too_large, name)
-            cut_short = _truncation(img, data)
+            # Walked once, for both checks below.
+            jpeg = jpeg_layout(data) if fmt in ("JPEG", "MPO") else None
+            cut_short = _truncation(img, data, jpeg)
             if cut_short:
                 raise UploadError(415, f"damaged or unreadable image: {cut_short}", name)
             # The worker's decoder applies the same rule.
-            too_slow = jpeg_scans_refusal(data) if fmt in ("JPEG", "MPO") else None
+            too_slow = jpeg_scans_refusal(jpeg) if jpeg is not None else None
             if too_slow:
                 raise UploadError(415, too_slow, name)
             # Checks PNG's chunks and checksums without decoding pixels; for most
@@ -206,11 +209,13 @@ def too_large(limit: int) -> str:
     return f"file is larger than the limit of {readable_size(limit)} ({limit} bytes)"
 
 
-def _truncation(img: Image.Image, data: bytes) -> str | None:
+def _truncation(img: Image.Image, data: bytes, jpeg: JpegLayout | None) -> str | None:
     """Why `data` is visibly cut short, or None. Cheap checks, no decoding: a full
     decode here would cost the web tier up to ~50 ms of CPU for a 12-megapixel
-    JPEG, and the worker refuses whatever these miss."""
-    if img.format in ("JPEG", "MPO") and not _jpeg_reaches_its_end(data):
+    JPEG, and the worker refuses whatever these miss. `jpeg`: a JPEG's layout."""
+    # Pillow's decoder needs the end-of-image marker (without it the worker refuses
+    # the image as truncated); bytes after it, such as a motion photo's video, do not matter.
+    if jpeg is not None and not jpeg.ends:
         return "the JPEG data is truncated (it has no end-of-image marker)"
     if img.format == "TIFF" and _tiff_data_ends(img) > len(data):
         return "the TIFF image data is truncated"
@@ -233,13 +238,6 @@ def _tiff_data_ends(img: Image.Image) -> int:
     offsets = offsets if isinstance(offsets, tuple) else (offsets,)
     counts = counts if isinstance(counts, tuple) else (counts,)
     return max((int(o) + int(c) for o, c in zip(offsets, counts, strict=False)), default=0)
-
-
-def _jpeg_reaches_its_end(data: bytes) -> bool:
-    """Whether a JPEG's image data is followed by its end-of-image marker, which
-    Pillow's decoder needs (without it the worker refuses the image as truncated).
-    Bytes after the marker, such as a phone's motion-photo video, do not matter."""
-    return jpeg_layout(data).ends
 
 
 # How each accepted format's files begin (WEBP: "RIFF", a size, then "WEBP").
