@@ -23,13 +23,13 @@ from web_tier.auth import require_api_key
 from web_tier.jobs import SentBefore, new_id
 from web_tier.results import DONE
 from web_tier.services import services
-from web_tier.uploads import FORM_SLACK_BYTES, UploadError, form_files, validate
+from web_tier.uploads import FORM_SLACK_BYTES, TOKEN_CHARACTER, UploadError, form_files, validate
 
 bp = Blueprint("classify", __name__)
 
 FIELDS = ("inputFile", "myfile")
 # Unique enough to name a batch of its own: at least 16 characters (a UUID has 36).
-IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9._:-]{16,64}")
+IDEMPOTENCY_KEY = re.compile(TOKEN_CHARACTER + "{16,64}")
 
 
 def _text(body: str, status: int) -> Response:

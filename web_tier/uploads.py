@@ -117,7 +117,9 @@ def check_count(files: list[FileStorage], settings: Settings, field: str = "file
         )
 
 
-_TOKEN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+# What a client's token (and POST /'s Idempotency-Key) is made of.
+TOKEN_CHARACTER = r"[A-Za-z0-9._:-]"
+_TOKEN = re.compile(TOKEN_CHARACTER + "{1,64}")
 
 
 def form_tokens(request: Request, count: int, field: str = "tokens") -> list[str] | None:
