@@ -52,7 +52,7 @@ class Item:
     # The client's name for the file within its batch (POST /api/jobs `tokens`): a file
     # sent again under it is not stored again.
     token: str = ""
-    # When it finished, in this book's order (ResultBook.finish_order): event streams
+    # When it finished, in this book's order (ResultBook._number): event streams
     # resume after the last one a client saw. 0 while queued.
     finished_seq: int = field(default=0, compare=False)
     # Made only for an item someone waits on (POST /), set when it finishes: an Event
