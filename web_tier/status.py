@@ -65,7 +65,7 @@ class StatusReader:
             elif self._refresh_began is not None and (began_now or now - self._cached[0] > STALE_AFTER_S):
                 self._refreshed.wait_for(lambda: self._refresh_began is None, REFRESH_WAIT_S)
             cached, began = self._cached, self._refresh_began
-        read_mono, snapshot = cached if cached is not None else (None, self._nothing_read())
+        read_mono, snapshot = cached if cached is not None else (None, {**_nothing_read(), "read_at": None})
         snapshot = dict(snapshot)
         if began is not None and time.monotonic() - began > STALE_AFTER_S:
             # Answered from the last snapshot while the refresh waits on AWS: an
@@ -96,20 +96,12 @@ class StatusReader:
             self._refresh_began = None
             self._refreshed.notify_all()
 
-    @staticmethod
-    def _nothing_read() -> dict[str, Any]:
-        return {"queue": None, "responses_waiting": None, "dead_letter": None, "instances": {},
-                "instances_total": None, "workers_failed": None, "read_at": None}
-
     def _queue_attrs(self, url: str, names: list[str]) -> dict[str, int]:
         attrs = self.aws.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=names)["Attributes"]
         return {n: int(attrs.get(n, 0)) for n in names}
 
     def _read_aws(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "queue": None, "responses_waiting": None, "dead_letter": None,
-            "instances": {}, "instances_total": None, "workers_failed": None,
-        }
+        out = _nothing_read()
         errors = []
         try:
             req = self._queue_attrs(self.aws.request_queue_url, [
@@ -148,3 +140,9 @@ class StatusReader:
         if errors:
             out["errors"] = errors
         return out
+
+
+def _nothing_read() -> dict[str, Any]:
+    """The snapshot's figures before AWS has given any."""
+    return {"queue": None, "responses_waiting": None, "dead_letter": None, "instances": {},
+            "instances_total": None, "workers_failed": None}
