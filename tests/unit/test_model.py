@@ -25,6 +25,19 @@ def batch():
     return np.stack([prepare(make_image(seed), 40_000_000) for seed in range(4)])
 
 
+@pytest.fixture(scope="module")
+def ir_cache(tmp_path_factory) -> Path:
+    """One IMGCLASS_CACHE for the tests that only use the converted model: converting
+    ResNet-50 costs seconds, and test_openvino_ir_is_converted_once_and_reused checks
+    the conversion itself in a cache of its own."""
+    return tmp_path_factory.mktemp("imgclass-cache")
+
+
+@pytest.fixture(scope="module")
+def tensorflow_model():
+    return load_classifier("random", "tensorflow", threads=1)
+
+
 def test_labels_are_keras_imagenet_classes():
     labels = imagenet_labels()
     assert len(labels) == 1000
@@ -45,9 +58,9 @@ def test_input_is_keras_resnet50_preprocessing():
 
 
 @pytest.mark.parametrize("ov_threads", [1, 2], ids=["one-stream", "stream-per-image"])
-def test_openvino_agrees_with_tensorflow(batch, tmp_path, monkeypatch, ov_threads):
-    monkeypatch.setenv("IMGCLASS_CACHE", str(tmp_path))
-    tf_model = load_classifier("random", "tensorflow", threads=1)
+def test_openvino_agrees_with_tensorflow(batch, ir_cache, monkeypatch, ov_threads, tensorflow_model):
+    monkeypatch.setenv("IMGCLASS_CACHE", str(ir_cache))
+    tf_model = tensorflow_model
     ov_model = load_classifier("random", "openvino", threads=ov_threads)
     tf_probs, ov_probs = tf_model.probabilities(batch), ov_model.probabilities(batch)
     assert tf_probs.shape == ov_probs.shape == (4, 1000)
@@ -60,10 +73,10 @@ def test_openvino_agrees_with_tensorflow(batch, tmp_path, monkeypatch, ov_thread
     assert ov_model.untrained and tf_model.untrained
 
 
-def test_openvino_runs_in_fp32_without_cpu_pinning(tmp_path, monkeypatch):
+def test_openvino_runs_in_fp32_without_cpu_pinning(ir_cache, monkeypatch):
     """bf16 (the default on AVX512_BF16 CPUs) is 3e-3 off TensorFlow; pinned, one-thread
     workers on one machine all pin to the first core and share it."""
-    monkeypatch.setenv("IMGCLASS_CACHE", str(tmp_path))
+    monkeypatch.setenv("IMGCLASS_CACHE", str(ir_cache))
     model = load_classifier("random", "openvino", threads=2)
     assert len(model.compiled_property("ENABLE_CPU_PINNING")) == 2
     assert model.compiled_property("ENABLE_CPU_PINNING") == [False, False]
@@ -72,10 +85,10 @@ def test_openvino_runs_in_fp32_without_cpu_pinning(tmp_path, monkeypatch):
     assert model.compiled_property("INFERENCE_PRECISION_HINT") == [ov.Type.f32, ov.Type.f32]
 
 
-def test_openvino_runs_both_compiled_models_before_serving(tmp_path, monkeypatch):
+def test_openvino_runs_both_compiled_models_before_serving(ir_cache, monkeypatch):
     """Each compiled model's first inference is ~3x slower: a new worker must not pay it
     on its first request, whether that is one image or a batch."""
-    monkeypatch.setenv("IMGCLASS_CACHE", str(tmp_path))
+    monkeypatch.setenv("IMGCLASS_CACHE", str(ir_cache))
     from app_tier.openvino_runtime import OpenVinoResNet50
 
     sizes: list[int] = []
@@ -87,9 +100,9 @@ def test_openvino_runs_both_compiled_models_before_serving(tmp_path, monkeypatch
     assert any(n >= 2 for n in sizes), "the batch model was not run at load"
 
 
-def test_openvino_batch_rows_are_the_images_own_results(batch, tmp_path, monkeypatch):
+def test_openvino_batch_rows_are_the_images_own_results(batch, ir_cache, monkeypatch):
     """Batches run one image per stream: every row must come back in its place."""
-    monkeypatch.setenv("IMGCLASS_CACHE", str(tmp_path))
+    monkeypatch.setenv("IMGCLASS_CACHE", str(ir_cache))
     model = load_classifier("random", "openvino", threads=2)
     together = model.probabilities(batch)
     alone = np.concatenate([model.probabilities(batch[i:i + 1]) for i in range(len(batch))])
