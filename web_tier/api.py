@@ -33,6 +33,10 @@ def _not_cached(response: Response) -> Response:
     return response
 
 
+# The form fields that place a request's files in a batch (see create_job).
+BATCH_FORM_FIELDS = ("batch_id", "create", "tokens")
+
+
 def _unauthorized() -> tuple[Response, int]:
     return jsonify({"error": "a valid API key is required (X-API-Key header)", "filename": None}), 401
 
@@ -49,6 +53,11 @@ def _rejection(index: int, error: UploadError) -> dict[str, Any]:
 @require_api_key(_unauthorized)
 def create_job() -> tuple[Response, int]:
     svc = services()
+    in_url = [name for name in BATCH_FORM_FIELDS if name in request.args]
+    if in_url:
+        # Read from the form only: ignored in the URL, they would put the files in a
+        # new batch, where the client would never look for them.
+        raise UploadError(400, f"send {', '.join(in_url)} as form fields, not in the URL")
     files = form_files(request, ("files",))
     check_count(files, svc.settings)
     tokens = form_tokens(request, len(files))

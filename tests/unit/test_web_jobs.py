@@ -420,6 +420,17 @@ def test_bad_tokens_and_batch_ids_are_refused_and_nothing_is_stored(web_client, 
     assert web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket).get("KeyCount", 0) == 0
 
 
+@pytest.mark.parametrize("query", ["batch_id=" + "9" * 32, "create=1", "tokens=a"])
+def test_batch_fields_in_the_url_are_refused_not_ignored(web_client, web_aws, query):
+    """`?batch_id=...` was ignored: the files went into a new batch, where the client
+    would never look for them (explorer)."""
+    data = {"files": [(io.BytesIO(make_image(722)), "a.jpg")]}
+    response = web_client.post(f"/api/jobs?{query}", data=data, content_type="multipart/form-data")
+    assert response.status_code == 400
+    assert "form fields, not in the URL" in response.get_json()["error"]
+    assert web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket).get("KeyCount", 0) == 0
+
+
 class HeldPut:
     """The web tier's S3 puts, each held until `release` is set; then it stores, or fails."""
 
