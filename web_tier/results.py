@@ -290,6 +290,14 @@ class ResultBook:
             self._batches.move_to_end(batch_id)
             return [self._items[i] for i in batch.item_ids if i in self._items]
 
+    def finished_in_order(self, items: list[Item]) -> list[Item]:
+        """Those of `items` that have finished, in the order they finished. Read under
+        the lock, as items are numbered and finish under it: one that finished before
+        any of these is among them (read one by one without it, an item could finish
+        between two reads, after a later one had been seen finished)."""
+        with self._lock:
+            return sorted((i for i in items if i.is_finished), key=lambda i: i.finished_seq)
+
     def wait(self, item_id: str, timeout: float) -> Item | None:
         """Block until the item has a result; the item, or None on timeout or unknown id."""
         with self._lock:

@@ -250,3 +250,36 @@ def test_malformed_responses_are_dropped_not_retried_forever():
     Listeners(aws, book).poll_responses()  # type: ignore[arg-type]
     assert [e["ReceiptHandle"] for e in deleted] == ["r1", "r2"]
     assert book.get("a").state == "done"
+
+
+def test_an_event_id_covers_every_item_that_finished_before_it(monkeypatch):
+    """An event's id says every item finished up to it has been sent, so a client
+    resuming from it is sent only later ones. The stream read the items' states one
+    by one: x and y finishing while it was between them sent y first, and a client
+    that resumed from y's id never got x (explorer)."""
+    from web_tier.events import stream
+
+    book = book_with("x", "y")
+    finisher = threading.Thread(target=lambda: (book.record(response("x")), book.record(response("y"))))
+    real = Item.is_finished
+    looks_at_x: list[bool] = []
+
+    def is_finished_racing(item: Item) -> bool:
+        finished = real.fget(item)
+        if item.id == "x" and not finished:
+            looks_at_x.append(finished)
+        if len(looks_at_x) == 2 and finisher.ident is None:
+            # Both finish now, between the stream's look at x and at y (its first look
+            # at x, before the loop, only notes what the client has seen already).
+            finisher.start()
+            deadline = time.monotonic() + 0.5
+            while not real.fget(book_items["y"]) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return finished
+
+    book_items = {i.id: i for i in book.batch(BATCH)}
+    monkeypatch.setattr(Item, "is_finished", property(is_finished_racing))
+    events = [e for e in stream(book, BATCH, lambda: book.batch(BATCH), keepalive_s=5) if e.startswith("id:")]
+    finisher.join(5)
+    sent_seqs = [int(e.split("\n")[0].split(".")[1]) for e in events]
+    assert sent_seqs == [1, 2], "each event must come after every item that finished before it"
