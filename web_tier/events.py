@@ -37,7 +37,9 @@ def seen_up_to(book: ResultBook, last_event_id: str | None) -> int:
     """The finished_seq a client's Last-Event-ID says it has seen up to; 0 for none,
     or for an id of another process's (or not one of ours at all)."""
     epoch, _, seq = (last_event_id or "").strip().partition(".")
-    return int(seq) if epoch == book.epoch and seq.isdigit() else 0
+    # ASCII digits only, and not too many: int() refuses "²" and numbers past 4300 digits.
+    ours = epoch == book.epoch and seq.isascii() and seq.isdigit() and len(seq) <= 18
+    return int(seq) if ours else 0
 
 
 def stream(book: ResultBook, batch_id: str, items: Callable[[], list[Item] | None],
