@@ -226,11 +226,16 @@ class ResultBook:
                         self._number(item)
                     self._items[item.id] = item
                     batch.item_ids.append(item.id)
-                elif not known.is_finished and item.is_finished:
-                    self._number(known)
-                    known._apply(item)
-                    _wake(known)
-                    finished.append(known)
+                else:
+                    # S3 holds the whole name; an answer learnt before this rebuild
+                    # carries at most a message's share of it (common/messages.py).
+                    known.filename = item.filename or known.filename
+                    known.token = known.token or item.token
+                    if not known.is_finished and item.is_finished:
+                        self._number(known)
+                        known._apply(item)
+                        _wake(known)
+                        finished.append(known)
             # S3's key order is upload order; items learnt earlier from answers that
             # came before the rebuild take their places in it.
             in_s3 = [item.id for item in rebuilt]

@@ -384,6 +384,29 @@ def test_tokens_are_known_to_a_web_tier_restarted_since(make_web_app, web_aws):
     assert len(stored_keys(web_aws, batch_id)) == 1
 
 
+def test_a_long_name_answered_before_its_batch_was_rebuilt_keeps_its_token(make_web_app, web_aws):
+    """A message carries at most 160 bytes of a name. A restarted web tier learnt the
+    item from its answer, with the name cut, and kept that name when it rebuilt the
+    batch from S3: the file sent again under its token was refused (409) as another
+    file, and the batch showed the cut name for good (explorer)."""
+    batch_id = "e" * 32
+    name = "photo-" + "x" * 300 + ".jpg"
+    first = send_with_tokens(make_web_app(start_listeners=False).test_client(), batch_id,
+                             [(make_image(712), name)], ["t-0"])
+    item_id = first.get_json()["items"][0]["id"]
+    fresh_app = make_web_app(start_listeners=False)
+    answer = ClassifyResponse(id=item_id, filename=name, key=stored_keys(web_aws, batch_id)[0],
+                              worker="w", untrained=True, label="cat", score=0.5)
+    services_of(fresh_app).book.record(ClassifyResponse.from_json(answer.to_json()))  # as sent: cut
+
+    fresh = fresh_app.test_client()
+    again = send_with_tokens(fresh, batch_id, [(make_image(712), name)], ["t-0"])
+    assert again.status_code == 202, again.get_json()
+    assert again.get_json()["items"][0]["id"] == item_id and again.get_json()["items"][0]["again"] is True
+    assert list(items_by_name(fresh, batch_id)) == [name]
+    assert len(stored_keys(web_aws, batch_id)) == 1
+
+
 def test_a_full_request_with_a_token_per_file_is_taken(make_web_app, web_aws):
     """Werkzeug counted a file and its token as two parts: past 549 of the 1,000 files
     allowed, a request with tokens was a 413 saying the limit was 1,000 (explorer)."""
