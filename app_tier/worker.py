@@ -407,8 +407,8 @@ class Worker:
         else:
             # The failure is kept on the input object so the web tier can rebuild it.
             try:
-                self.aws.s3.put_object_tagging(Bucket=req.bucket, Key=req.key,
-                                               Tagging=failure_tagging(response.error or ""))
+                tagging = failure_tagging(response.error or "", self.instance_id)
+                self.aws.s3.put_object_tagging(Bucket=req.bucket, Key=req.key, Tagging=tagging)
             except (ClientError, ParamValidationError) as exc:  # not an outage: retrying would not help
                 log.warning("could not tag failed input %s: %s", req.key, exc)
 

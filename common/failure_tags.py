@@ -21,11 +21,15 @@ _ESCAPED = re.compile(r"[^\w.:/+\-@ ]")
 _ESCAPES = re.compile(r"(?:=[0-9A-F]{2})+")
 
 
-def failure_tagging(reason: str) -> dict[str, list[dict[str, str]]]:
-    """The `Tagging` argument of put_object_tagging that marks an input failed."""
+def failure_tagging(reason: str, worker: str = "") -> dict[str, list[dict[str, str]]]:
+    """The `Tagging` argument of put_object_tagging that marks an input failed, by
+    `worker` (the instance that refused it; none for a dead letter)."""
     error = _OUTSIDE_TAG_SET.sub(" ", reason).strip()[:MAX_ERROR_CHARS]
-    return {"TagSet": [{"Key": "status", "Value": "failed"}, {"Key": "error", "Value": error},
-                       {"Key": "reason", "Value": _escape(reason)}]}
+    tags = [{"Key": "status", "Value": "failed"}, {"Key": "error", "Value": error},
+            {"Key": "reason", "Value": _escape(reason)}]
+    if worker:
+        tags.append({"Key": "worker", "Value": _escape(worker)})
+    return {"TagSet": tags}
 
 
 def failure_from_tags(tag_set: list[dict[str, str]]) -> str | None:
@@ -34,9 +38,19 @@ def failure_from_tags(tag_set: list[dict[str, str]]) -> str | None:
     if found.get("status") != "failed":
         return None
     if found.get("reason"):
-        return _ESCAPES.sub(lambda m: bytes.fromhex(m[0].replace("=", "")).decode(errors="replace"),
-                            found["reason"])
+        return _unescape(found["reason"])
     return found.get("error") or "failed"
+
+
+def failed_by(tag_set: list[dict[str, str]]) -> str:
+    """The worker a failure mark names, or "" (a dead letter, or a mark written before
+    marks named one)."""
+    found = {tag["Key"]: tag["Value"] for tag in tag_set}
+    return _unescape(found.get("worker", "")) if found.get("status") == "failed" else ""
+
+
+def _unescape(value: str) -> str:
+    return _ESCAPES.sub(lambda m: bytes.fromhex(m[0].replace("=", "")).decode(errors="replace"), value)
 
 
 def _escape(reason: str) -> str:

@@ -42,9 +42,9 @@ def with_stored_outcome(aws: Aws, item: Item) -> Item:
         item.label, item.score, item.top5 = result["label"], result["score"], result["top5"]
         item.worker, item.untrained = result["worker"], result["untrained"]
         return item
-    error = read_failure(aws, item.key)
-    if error is not None:
-        item.state, item.error = FAILED, error
+    failure = read_failure(aws, item.key)
+    if failure is not None:
+        item.state, (item.error, item.worker) = FAILED, failure
     return item
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from common.aws import Aws, error_code
-from common.failure_tags import failure_from_tags, failure_tagging
+from common.failure_tags import failed_by, failure_from_tags, failure_tagging
 from common.names import ORIGINAL_FILENAME_META, encode_filename, original_filename
 from common.output_object import label_of, read_result_metadata
 
@@ -73,9 +73,12 @@ def read_output(aws: Aws, key: str) -> dict[str, Any] | None:
     return {"label": label, "score": None, "top5": [], "worker": "", "untrained": configured_untrained}
 
 
-def read_failure(aws: Aws, key: str) -> str | None:
-    """The error tagged on a failed input object, or None if it is not marked failed."""
-    return failure_from_tags(aws.s3.get_object_tagging(Bucket=aws.settings.input_bucket, Key=key)["TagSet"])
+def read_failure(aws: Aws, key: str) -> tuple[str, str] | None:
+    """The error tagged on a failed input object and the worker that tagged it ("" if
+    none did), or None if it is not marked failed."""
+    tag_set = aws.s3.get_object_tagging(Bucket=aws.settings.input_bucket, Key=key)["TagSet"]
+    error = failure_from_tags(tag_set)
+    return None if error is None else (error, failed_by(tag_set))
 
 
 def read_name_and_token(aws: Aws, key: str) -> tuple[str | None, str]:

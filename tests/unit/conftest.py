@@ -92,7 +92,7 @@ class FakeWorker:
             response = ClassifyResponse(id=request.id, filename=request.filename, key=request.key,
                                         worker="fake-1", untrained=self.untrained, error="cannot decode")
             s3.put_object_tagging(Bucket=request.bucket, Key=request.key,
-                                  Tagging=failure_tagging("cannot decode"))
+                                  Tagging=failure_tagging("cannot decode", "fake-1"))
         else:
             response = self.response_for(request)
             s3.put_object(Bucket=settings.output_bucket, Key=request.key,

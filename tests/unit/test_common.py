@@ -14,7 +14,7 @@ from moto import mock_aws
 
 from common.aws import USER_AGENT, Aws
 from common.config import Settings
-from common.failure_tags import MAX_ERROR_CHARS, failure_from_tags, failure_tagging
+from common.failure_tags import MAX_ERROR_CHARS, failed_by, failure_from_tags, failure_tagging
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError, Prediction
 from common.names import instance_name, instance_number, object_key, safe_filename, stem
 from common.output_object import label_of, pair_text, read_result_metadata, result_metadata
@@ -170,8 +170,18 @@ def test_a_reason_too_long_for_a_tag_reads_back_cut_between_characters():
     assert reason.startswith(back) and len(back) > 40 and "\ufffd" not in back
 
 
+@pytest.mark.parametrize("worker", ["i-0123456789abcdef0", "worker 7 (é, <x>)", ""])
+def test_a_failure_mark_names_the_worker_that_wrote_it(worker):
+    tag_set = failure_tagging("cannot decode", worker)["TagSet"]
+    assert failed_by(tag_set) == worker
+    for tag in tag_set:
+        assert len(tag["Value"]) <= 256 and all(_in_s3_tag_set(c) for c in tag["Value"]), tag
+    assert failure_from_tags(tag_set) == "cannot decode"
+
+
 def test_tags_without_a_failure_mark_say_nothing():
     assert failure_from_tags([]) is None
+    assert failed_by([{"Key": "status", "Value": "ok"}, {"Key": "worker", "Value": "w"}]) == ""
     assert failure_from_tags([{"Key": "status", "Value": "ok"}, {"Key": "error", "Value": "x"}]) is None
 
 

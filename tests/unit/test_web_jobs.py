@@ -253,6 +253,8 @@ def test_fresh_app_rebuilds_a_batch_from_s3(make_web_app, fake_worker, web_aws):
     assert after["pending.jpg"]["state"] == "queued"
     assert after["bad.jpg"]["state"] == "failed"
     assert after["bad.jpg"]["error"] == "cannot decode"
+    # Which worker refused it, as before the restart (it read "": explorer).
+    assert after["bad.jpg"]["worker"] == before["bad.jpg"]["worker"] == "fake-1"
     for name in ("ok 1.jpg", "δοκιμή.png"):
         assert after[name]["state"] == "done"
         for field in ("id", "label", "worker", "untrained"):

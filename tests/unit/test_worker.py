@@ -26,7 +26,7 @@ from app_tier.model import Classification
 from app_tier.worker import Call, Worker, warm_up
 from common.aws import Aws
 from common.config import Settings
-from common.failure_tags import failure_from_tags
+from common.failure_tags import failed_by, failure_from_tags
 from common.fleet import WORKER_READY_TAG
 from common.messages import ClassifyRequest, ClassifyResponse, Prediction
 from common.names import object_key
@@ -149,6 +149,7 @@ def test_good_and_poison_images_each_get_an_answer_and_the_worker_goes_on(aws_en
     bomb_key = object_key("b" * 32, "bomb", "bomb.jpg")
     tags = aws.s3.get_object_tagging(Bucket=settings.input_bucket, Key=bomb_key)["TagSet"]
     assert failure_from_tags(tags) == f"image is 10000x10000 pixels, more than the limit of {limit}"
+    assert failed_by(tags) == "i-test"
 
 
 def test_the_output_object_names_the_image_as_it_was_uploaded(aws_env):
