@@ -33,7 +33,7 @@ import psutil
 from bench import report
 from bench.endtoend import EndToEndPlan, run_end_to_end, tuned_env
 from bench.images import write_expected, write_images
-from bench.inference import BATCH_SIZES, InferenceResult, measure, prepare_model
+from bench.inference import BATCH_SIZES, PAUSE_S, InferenceResult, measure, prepare_model
 from bench.noise import NoiseMeter
 from bench.sqs import measure_sqs
 from common.config import Settings
@@ -79,6 +79,7 @@ def run_inference(images: Path, skip_tf: bool) -> tuple[dict[str, Any], dict[str
         "local_limit": {"runtime": limit.runtime, "threads": limit.threads, "batch": limit.best_batch,
                         "images_per_s": limit.best_throughput},
         "single_image_s": limit.single_image_s,
+        "single_image_after_pause_s": limit.single_image_after_pause_s,
         "distinct_labels": len(set(labels.values())),
     }, labels
 
@@ -343,8 +344,10 @@ def print_figures(doc: dict[str, Any]) -> None:
         print(budget_line(doc.get("cpu_budget")))
         low = ((e2e.get("low_load") or {}).get("latency_s") or {}).get("p50")
         single = (inference or {}).get("single_image_s")
+        paused = (inference or {}).get("single_image_after_pause_s")
         print(f"(g) low-load p50 {report.fmt(low, 'ms')} vs model single-image time "
-              f"{report.fmt(single, 'ms')} "
+              f"{report.fmt(single, 'ms')} back-to-back (the target's), {report.fmt(paused, 'ms')} "
+              f"after a pause of {PAUSE_S * 1000:.0f} ms as between one-at-a-time requests "
               f"(one thread, make run's default a worker: "
               f"{report.fmt(_one_thread_single(inference), 'ms')}; here each worker uses all cores)\n")
         print(scaling_table(e2e), "\n")
