@@ -1,5 +1,5 @@
-"""How many pixels an image may have, and how many scans a JPEG: one rule for the web
-tier's check and the worker's decoder.
+"""How many pixels an image may have, and how many segments and scans a JPEG: one
+rule for the web tier's check and the worker's decoder.
 
 Pillow has a limit of its own (`Image.MAX_IMAGE_PIXELS`, ~89 megapixels): past it
 Pillow only warns, past twice it refuses to open the file. The limit that applies
@@ -28,11 +28,19 @@ def pixel_limit(configured: int) -> int:
     return min(configured, Image.MAX_IMAGE_PIXELS or configured)
 
 
+# The longest side an image may have (JPEG's own limit). Pillow keeps a pointer and an
+# allocation per row, and resizes row by row: a PNG of 1x40,000,000 pixels, within
+# the pixel limit and 151 KB, took a worker 1.5 GB and 5 s to decode (explorer).
+MAX_IMAGE_SIDE = 65535
+
+
 def size_refusal(width: int, height: int, configured: int) -> str | None:
     """Why an image of this size is refused, or None if it is not."""
     limit = pixel_limit(configured)
     if width * height > limit:
         return f"image is {width}x{height} pixels, more than the limit of {limit}"
+    if max(width, height) > MAX_IMAGE_SIDE:
+        return f"image is {width}x{height} pixels: a side longer than {MAX_IMAGE_SIDE} pixels is refused"
     return None
 
 
@@ -50,6 +58,11 @@ def pillow_refusal(exc: Exception, configured: int) -> str:
 # their number), and one of 3 MB would outlast STALL_TIMEOUT, three times over
 # before its dead letter (explorer).
 MAX_JPEG_SCANS = 100
+# Segments (markers with their data) before a JPEG's end. Photos have a few dozen; an
+# ICC profile or XMP split into 64 KB pieces adds one per piece. Each costs Pillow's
+# header parser (in Python) ~2.5 us: a 10 MB upload of 2.6 million 4-byte comments
+# took the web tier 12 s of CPU (explorer). Counted before Pillow opens a JPEG.
+MAX_JPEG_SEGMENTS = 2000
 # A marker, as libjpeg finds one: FF, then a byte that is not 00 (a stuffed FF in
 # compressed data), a restart marker D0-D7 or TEM (01) (no segment follows them),
 # or FF (fill before the marker).
@@ -61,6 +74,12 @@ _NO_LENGTH = frozenset({0xD8, 0xD9})  # start and end of image
 class JpegLayout:
     scans: int  # start-of-scan markers of the first image
     ends: bool  # whether its end-of-image marker is there (the decoder needs it)
+    segments: int = 0  # counted up to MAX_JPEG_SEGMENTS + 1, where the walk stops
+
+
+def is_jpeg(data: bytes) -> bool:
+    """Whether `data` starts as a JPEG (or an MPO, a JPEG with more images after it) does."""
+    return data[:3] == b"\xff\xd8\xff"
 
 
 def jpeg_layout(data: bytes) -> JpegLayout:
@@ -68,22 +87,28 @@ def jpeg_layout(data: bytes) -> JpegLayout:
     length (so the scans of an EXIF thumbnail, or an FF D9 in a comment, are not its
     own), stray bytes between segments skipped, compressed data read to its next
     marker; up to the end-of-image marker, not past it (a phone's motion photo puts
-    a video there, whose bytes are any at all)."""
-    scans, pos = 0, 2
+    a video there, whose bytes are any at all), or past MAX_JPEG_SEGMENTS segments."""
+    scans, segments, pos = 0, 0, 2
     while (found := _JPEG_MARKER.search(data, pos)) is not None:
         at, marker = found.start(), data[found.start() + 1]
         if marker == 0xD9:
-            return JpegLayout(scans, ends=True)
+            return JpegLayout(scans, ends=True, segments=segments)
         if marker in _NO_LENGTH:
             pos = at + 2
             continue
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            break
         scans += marker == 0xDA
         pos = at + 2 + max(2, int.from_bytes(data[at + 2:at + 4], "big"))
-    return JpegLayout(scans, ends=False)
+    return JpegLayout(scans, ends=False, segments=segments)
 
 
-def jpeg_scans_refusal(layout: JpegLayout) -> str | None:
-    """Why a JPEG of too many scans is refused, or None."""
+def jpeg_refusal(layout: JpegLayout) -> str | None:
+    """Why a JPEG of too many segments or scans is refused, or None."""
+    if layout.segments > MAX_JPEG_SEGMENTS:
+        return (f"the JPEG has more than {MAX_JPEG_SEGMENTS} segments (photos have a few dozen): "
+                "reading it would take seconds")
     scans = layout.scans
     if scans > MAX_JPEG_SCANS:
         return (f"the JPEG is drawn in {scans} scans, more than the limit of {MAX_JPEG_SCANS} "

@@ -23,8 +23,9 @@ from common.pillow_errors import plain_reason
 from common.pixels import (
     PILLOW_REFUSALS,
     JpegLayout,
+    is_jpeg,
     jpeg_layout,
-    jpeg_scans_refusal,
+    jpeg_refusal,
     pillow_refusal,
     size_refusal,
 )
@@ -161,6 +162,13 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
     """Accept `data` only if it is a whole, reasonably sized image of a known type."""
     if not data:
         raise UploadError(400, "file is empty", name)
+    # A JPEG is walked before Pillow reads its header, segment by segment in Python;
+    # walked once, for this and the truncation check below. The worker applies the
+    # same rules (common/pixels.py).
+    jpeg = jpeg_layout(data) if is_jpeg(data) else None
+    too_slow = jpeg_refusal(jpeg) if jpeg is not None else None
+    if too_slow:
+        raise UploadError(415, too_slow, name)
     try:
         with Image.open(io.BytesIO(data)) as img:
             fmt = img.format or ""
@@ -170,15 +178,9 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
             too_large = size_refusal(*img.size, settings.max_image_pixels)
             if too_large:
                 raise UploadError(413, too_large, name)
-            # Walked once, for both checks below.
-            jpeg = jpeg_layout(data) if fmt in ("JPEG", "MPO") else None
             cut_short = _truncation(img, data, jpeg)
             if cut_short:
                 raise UploadError(415, f"damaged or unreadable image: {cut_short}", name)
-            # The worker's decoder applies the same rule.
-            too_slow = jpeg_scans_refusal(jpeg) if jpeg is not None else None
-            if too_slow:
-                raise UploadError(415, too_slow, name)
             # Checks PNG's chunks and checksums without decoding pixels; for most
             # other formats it does little, hence the check above.
             img.verify()

@@ -660,7 +660,9 @@ def test_a_release_is_not_overtaken_by_a_heartbeat_already_under_way(aws_env, mo
 
 def test_large_images_are_decoded_one_at_a_time(monkeypatch):
     """A 40-megapixel PNG of 130 KB takes ~300 MB to decode: eight at once, one per io
-    thread, would run a small instance out of memory. Small images still overlap."""
+    thread, would run a small instance out of memory. So does a large progressive
+    JPEG, however small its draft (eight took a worker from 0.5 to 3 GB: explorer).
+    Small images, and large baseline JPEGs decoded at 1/8 scale, still overlap."""
     from concurrent.futures import ThreadPoolExecutor
 
     from app_tier import images
@@ -686,13 +688,20 @@ def test_large_images_are_decoded_one_at_a_time(monkeypatch):
     assert images.LARGE_IMAGE_PIXELS < 2500 * 2000
     slot = threading.Semaphore(1)
     overlaps = {}
-    for name, data in (("large", big.getvalue()), ("small", make_image(5, size=(64, 64)))):
+    photo = Image.new("RGB", (2500, 2000), (10, 200, 30))
+    progressive, baseline = io.BytesIO(), io.BytesIO()
+    photo.save(progressive, "JPEG", progressive=True)
+    photo.save(baseline, "JPEG")
+    cases = (("large", big.getvalue()), ("progressive", progressive.getvalue()),
+             ("baseline", baseline.getvalue()), ("small", make_image(5, size=(64, 64))))
+    for name, data in cases:
         most["now"] = 0
         with ThreadPoolExecutor(4) as pool:
             out = list(pool.map(lambda d: images.prepare(d, 40_000_000, slot), [data] * 4))
         assert all(o.shape == (224, 224, 3) for o in out)
         overlaps[name] = most["now"]
-    assert overlaps["large"] == 1 and overlaps["small"] > 1, overlaps
+    assert overlaps["large"] == overlaps["progressive"] == 1, overlaps
+    assert overlaps["baseline"] > 1 and overlaps["small"] > 1, overlaps
 
 
 def test_a_decode_is_watched_while_it_decodes_not_while_it_waits_its_turn(monkeypatch):
