@@ -147,7 +147,7 @@ def test_any_error_decoding_an_image_is_the_images_fault_not_a_reason_to_retry(m
 
     monkeypatch.setattr(Image.Image, "convert", trips)
     with pytest.raises(BadImage, match="image data is corrupt: error: argument out of range"):
-        decode(saved(Image.new("RGB", (8, 8)), "PNG"), MAX_PIXELS)
+        decode(saved(Image.new("L", (8, 8)), "PNG"), MAX_PIXELS)  # converted to RGB
 
 
 def _png_with_huge_text() -> bytes:
