@@ -307,6 +307,9 @@ class Worker:
         except BotoCoreError as exc:
             log.warning("cannot read %s: %s", job.request.key, exc)
             return
+        except Exception:  # whatever it is, this job's alone: not its batch-mates' (fetch)
+            log.exception("cannot read %s", job.request.key)
+            return
         try:
             # Watched while decoding, not while waiting its turn for a large decode.
             job.pixels = prepare(data, self.settings.max_image_pixels, self._large_decodes,

@@ -771,6 +771,28 @@ def test_an_image_s3_cannot_serve_is_tried_again_later_not_at_once(aws_env, monk
     assert not len(worker.held)
 
 
+def test_an_unexpected_error_reading_one_image_fails_it_alone(aws_env, monkeypatch):
+    """A request S3's client could not carry raised past _load and failed the whole
+    batch, nine good requests with it, attempt after attempt (explorer)."""
+    settings, aws = aws_env
+    for name in ("a", "b", "c"):
+        upload(settings, aws, f"{name}.jpg", make_image(ord(name), size=(64, 64)), name)
+    get_object = aws.s3.get_object
+
+    def trips_on_b(**kwargs):
+        if kwargs["Key"].endswith("/b.jpg"):
+            raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+        return get_object(**kwargs)
+
+    monkeypatch.setattr(aws.s3, "get_object", trips_on_b)
+    worker = Worker(settings, aws, MeanClassifier(), "i-trips")
+    batch = worker.fetch()
+    assert sorted(j.request.id for j in batch.jobs) == ["a", "c"]
+    worker.process(batch)
+    assert sorted(responses(aws)) == ["a", "c"]
+    assert len(worker.held) == 0  # b released, to be tried again (then dead-lettered), alone
+
+
 def test_a_message_that_is_not_a_request_is_dropped_and_its_batch_mates_served(aws_env):
     settings, aws = aws_env
     upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
