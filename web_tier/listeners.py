@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from common.aws import Aws
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
@@ -122,10 +122,15 @@ class Listeners:
                 continue
             try:
                 self._dead_letter(request)
-            except Exception:
-                # Left in the queue: it comes back after its visibility timeout.
+            except (ClientError, BotoCoreError):
+                # AWS failing: left in the queue, it comes back after its visibility timeout.
                 log.exception("could not handle dead letter for %s", request.id)
                 continue
+            except Exception:
+                # Anything else fails the same way each time it comes back: it did every
+                # 30 s for the queue's 14 days (explorer). Failed here, and dropped.
+                log.exception("cannot handle dead letter for %s; it fails unmarked", request.id)
+                self.book.fail(request.id, DEAD_LETTER_ERROR, key=request.key, filename=request.filename)
             done.append(message)
         self._delete(url, done)
 
