@@ -287,6 +287,15 @@ def form_files(request: Request, fields: Iterable[str]) -> list[FileStorage]:
     would otherwise be dropped without a word.
     """
     fields = tuple(fields)
+    coding = request.headers.get("Content-Encoding", "").strip().lower()
+    if coding not in ("", "identity"):  # Werkzeug reads a body as it comes
+        raise UploadError(415, f"a body in Content-Encoding {coding[:32]!r} is not read: send the form "
+                               "as it is (images are compressed already)")
+    chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    if request.mimetype == "multipart/form-data" and request.content_length is None and not chunked:
+        # (HTTP/1.0 without a length): Werkzeug reads nothing, and "no file" would mislead.
+        raise UploadError(411, "the request has no Content-Length (and is not chunked): its form "
+                               "cannot be read")
     # (An empty one, as `curl -F files=` sends, carries nothing to lose.)
     texts = [name for name in fields if any(request.form.getlist(name))]
     if texts:
@@ -295,7 +304,7 @@ def form_files(request: Request, fields: Iterable[str]) -> list[FileStorage]:
         raise UploadError(400, f"form field {texts[0]!r} holds text, not a file: send each image "
                                f"as a file (curl -F {texts[0]}=@cat.jpg)")
     files = _real_files(f for name in fields for f in request.files.getlist(name))
-    if (not files and request.mimetype == "multipart/form-data" and request.content_length
+    if (not files and request.mimetype == "multipart/form-data" and (request.content_length or chunked)
             and not request.files and not request.form):
         raise UploadError(400, "the multipart form could not be read: is every file name UTF-8, "
                                "and the body well formed?")

@@ -326,6 +326,32 @@ def test_a_file_name_that_is_not_utf8_gets_a_clear_error(web_client, path, field
     response = web_client.post(path, data=body, content_type="multipart/form-data; boundary=XX")
     assert response.status_code == 400
     assert "file name UTF-8" in response.get_data(as_text=True)
+    # Sent chunked, it was answered "no file" (explorer).
+    chunked = web_client.post(path, input_stream=io.BytesIO(body), headers={"Transfer-Encoding": "chunked"},
+                              content_type="multipart/form-data; boundary=XX",
+                              environ_overrides={"wsgi.input_terminated": True, "CONTENT_LENGTH": ""})
+    assert chunked.status_code == 400
+    assert "file name UTF-8" in chunked.get_data(as_text=True)
+
+
+@pytest.mark.parametrize(("path", "field"), [("/", b"inputFile"), ("/api/jobs", b"files")])
+def test_a_form_without_length_or_in_a_content_coding_is_refused_as_such(web_app, web_client, path, field):
+    """Werkzeug reads no body without a Content-Length (HTTP/1.0, not chunked), and does
+    not undo a Content-Encoding: both were answered "no file" or "not well formed"."""
+    body = (b'--XX\r\nContent-Disposition: form-data; name="' + field + b'"; filename="a.jpg"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\n" + make_image(3) + b"\r\n--XX--\r\n")
+    from werkzeug.test import EnvironBuilder, run_wsgi_app
+
+    environ = EnvironBuilder(path=path, method="POST", input_stream=io.BytesIO(body),
+                             content_type="multipart/form-data; boundary=XX").get_environ()
+    del environ["CONTENT_LENGTH"]  # as gunicorn passes such a request on (the test client adds one)
+    answer, status, _ = run_wsgi_app(web_app, environ)
+    assert status.startswith("411")
+    assert "Content-Length" in b"".join(answer).decode()
+    packed = web_client.post(path, data=zlib.compress(body), headers={"Content-Encoding": "gzip"},
+                             content_type="multipart/form-data; boundary=XX")
+    assert packed.status_code == 415
+    assert "Content-Encoding 'gzip'" in packed.get_data(as_text=True)
 
 
 def test_a_bulk_request_is_read_and_stored_a_few_files_at_a_time(web_app, web_settings, monkeypatch):
