@@ -20,7 +20,10 @@ from collections.abc import Callable, Iterator
 
 from web_tier.results import Item, ResultBook
 
-KEEPALIVE_S = 15.0
+# A comment this often while nothing finishes. A stream hears that its client has gone
+# only when a write fails, and holds one of the few stream slots until then: at 15 s,
+# a client reconnecting in a loop kept every slot taken (explorer).
+KEEPALIVE_S = 5.0
 RETRY_MS = 3000
 # A stream holds one of the web tier's threads: after this long it ends without
 # `end`, and the browser's EventSource reconnects (and is sent the finished
