@@ -12,14 +12,23 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from common.pillow_errors import plain_reason
-from common.pixels import PILLOW_REFUSALS, is_jpeg, jpeg_layout, jpeg_refusal, pillow_refusal, size_refusal
+from common.pixels import (
+    PILLOW_REFUSALS,
+    is_jpeg,
+    jpeg_layout,
+    jpeg_refusal,
+    pillow_refusal,
+    png_refusal,
+    size_refusal,
+)
 
 INPUT_SIZE = (224, 224)
 # Above this, after `draft`, decoding takes some 30 MB or more (RGB, 3 bytes a pixel,
 # and Pillow's working copies): see `prepare`.
 LARGE_IMAGE_PIXELS = 4_000_000
-# Where open_image notes an image's size before `draft` (in its `info`).
-_FULL_SIZE = "imgclass.full_size"
+# Where open_image notes, in an image's `info`, the pixels decoding it holds when
+# that is more than its size after `draft`.
+_HELD_WHOLE = "imgclass.held_whole"
 # After decoding more pixels than this, give the memory freed back (release_freed_memory).
 TRIM_AFTER_PIXELS = 1_000_000
 # Modes whose samples go past 8 bits: 16-bit greyscale PNGs and TIFFs ("I;16*"; Pillow
@@ -73,8 +82,9 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """
     if not data:
         raise BadImage("the file is empty")
-    # Before Pillow reads a JPEG's header, segment by segment in Python.
-    too_slow = jpeg_refusal(jpeg_layout(data)) if is_jpeg(data) else None
+    # Before Pillow reads a JPEG's or PNG's header, part by part in Python.
+    jpeg = jpeg_layout(data) if is_jpeg(data) else None
+    too_slow = jpeg_refusal(jpeg) if jpeg is not None else png_refusal(data)
     if too_slow:
         raise BadImage(too_slow)
     with _bad_image_errors(max_pixels):
@@ -82,22 +92,23 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         too_large = size_refusal(*img.size, max_pixels)
         if too_large:
             raise BadImage(too_large)
-        full_size = img.size
+        width, height = img.size
         img.draft("RGB", INPUT_SIZE)
-        img.info[_FULL_SIZE] = full_size
+        # libjpeg keeps the coefficients of a JPEG drawn in more than one scan (any
+        # progressive one, and a baseline one whose scans split its colours) for the
+        # whole image, whatever the scale: see decoding_pixels.
+        if jpeg is not None and (jpeg.scans > 1 or img.info.get("progressive")):
+            img.info[_HELD_WHOLE] = width * height
     return img
 
 
 def decoding_pixels(img: Image.Image) -> int:
     """The pixels decoding an image opened by `open_image` holds at once: its size
-    after `draft`, except for a progressive JPEG, whose coefficients libjpeg keeps
-    for the whole image whatever the scale (measured on 40 megapixels: +230-307 MB
-    where a baseline JPEG drafted to the same size took +3 MB; eight decoded side
-    by side took a worker from 0.5 to 3 GB: explorer)."""
-    if img.info.get("progressive"):
-        width, height = img.info.get(_FULL_SIZE, img.size)
-        return width * height
-    return img.width * img.height
+    after `draft`, but the whole image's for a JPEG of several scans (40 megapixels,
+    progressive: +230-307 MB where a baseline JPEG drafted to the same size took
+    +3 MB, and eight decoded side by side took a worker from 0.5 to 3 GB: explorer;
+    24 megapixels in 3 baseline scans: +73 MB against +5: reviewer)."""
+    return img.info.get(_HELD_WHOLE, img.width * img.height)
 
 
 def load_rgb(img: Image.Image, max_pixels: int) -> Image.Image:
@@ -109,7 +120,7 @@ def load_rgb(img: Image.Image, max_pixels: int) -> Image.Image:
 
     Each step's input is closed (its pixels freed) as soon as the next exists, `img`
     too: at full size every copy of a 40-megapixel RGBA image is 160 MB, and keeping
-    them all took a worker +918 MB where this takes +470 (explorer, measured)."""
+    them all took a worker +918 MB where this takes +460 (explorer, measured)."""
     with _bad_image_errors(max_pixels):
         # Decoded first, here: a PNG's EXIF is read by decoding, and _orientation,
         # which must swallow EXIF's own errors, swallowed a damaged decode's too,
@@ -196,9 +207,9 @@ def prepare(data: bytes, max_pixels: int, large: threading.Semaphore | None = No
             watch: Callable[[], AbstractContextManager] = nullcontext) -> np.ndarray:
     """Bytes of an upload to one model input, or BadImage.
 
-    Images that stay large after `draft` (a 40-megapixel PNG of 130 KB took
-    ~300 MB to decode, ~600-1,400 MB with transparency or 16-bit samples), and
-    large progressive JPEGs, are decoded only while holding
+    Images that stay large after `draft` (a 40-megapixel PNG of 130 KB takes
+    +160 MB to decode, +460 MB with transparency, up to +660 MB for floating-point
+    samples), and large JPEGs of several scans, are decoded only while holding
     `large`, so that a batch of them cannot run a small instance out of memory
     all at once. Pillow's work runs inside `watch()` (the worker times it), the
     wait for `large` not.

@@ -21,12 +21,15 @@ from common.config import Settings
 from common.names import decode_filename, encode_filename, kept_extension
 from common.pillow_errors import plain_reason
 from common.pixels import (
+    JPEG_SIGNATURE,
     PILLOW_REFUSALS,
+    PNG_SIGNATURE,
     JpegLayout,
     is_jpeg,
     jpeg_layout,
     jpeg_refusal,
     pillow_refusal,
+    png_refusal,
     size_refusal,
 )
 
@@ -162,11 +165,11 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
     """Accept `data` only if it is a whole, reasonably sized image of a known type."""
     if not data:
         raise UploadError(400, "file is empty", name)
-    # A JPEG is walked before Pillow reads its header, segment by segment in Python;
-    # walked once, for this and the truncation check below. The worker applies the
-    # same rules (common/pixels.py).
+    # JPEGs and PNGs are walked before Pillow reads them, part by part in Python; a
+    # JPEG once, for this and the truncation check below. The worker applies the same
+    # rules (common/pixels.py).
     jpeg = jpeg_layout(data) if is_jpeg(data) else None
-    too_slow = jpeg_refusal(jpeg) if jpeg is not None else None
+    too_slow = jpeg_refusal(jpeg) if jpeg is not None else png_refusal(data)
     if too_slow:
         raise UploadError(415, too_slow, name)
     try:
@@ -246,7 +249,7 @@ def _tiff_data_ends(img: Image.Image) -> int:
 
 # How each accepted format's files begin (WEBP: "RIFF", a size, then "WEBP").
 _SIGNATURES = (
-    (b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+    (JPEG_SIGNATURE, "JPEG"), (PNG_SIGNATURE, "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
     (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
 )
 
