@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
 from common.aws import Aws
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
@@ -122,6 +122,8 @@ class Listeners:
                 continue
             try:
                 self._dead_letter(request)
+            except ParamValidationError:  # botocore refused to send it: it would, every time
+                self._drop_dead_letter(request)
             except (ClientError, BotoCoreError):
                 # AWS failing: left in the queue, it comes back after its visibility timeout.
                 log.exception("could not handle dead letter for %s", request.id)
@@ -129,10 +131,16 @@ class Listeners:
             except Exception:
                 # Anything else fails the same way each time it comes back: it did every
                 # 30 s for the queue's 14 days (explorer). Failed here, and dropped.
-                log.exception("cannot handle dead letter for %s; it fails unmarked", request.id)
-                self.book.fail(request.id, DEAD_LETTER_ERROR, key=request.key, filename=request.filename)
+                self._drop_dead_letter(request)
             done.append(message)
         self._delete(url, done)
+
+    def _drop_dead_letter(self, request: ClassifyRequest) -> None:
+        log.exception("cannot handle dead letter for %s; failed unmarked, and dropped", request.id)
+        try:
+            self.book.fail(request.id, DEAD_LETTER_ERROR, key=request.key, filename=request.filename)
+        except Exception:  # the other dead letters received with it are still to be deleted
+            log.exception("could not fail item %s", request.id)
 
     def _dead_letter(self, request: ClassifyRequest) -> None:
         known = self.book.get(request.id)

@@ -182,18 +182,24 @@ def test_a_dead_letter_whose_object_cannot_be_marked_still_answers_the_client(we
 def test_a_dead_letter_that_fails_other_than_by_aws_is_failed_and_dropped(web_app, web_aws, monkeypatch):
     """Handled again, it fails the same way: such a dead letter came back every 30 s
     for the queue's 14 days, its item queued all along (explorer)."""
+    from botocore.exceptions import ParamValidationError
+
     import web_tier.listeners
 
+    failures = iter([UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"),
+                     ParamValidationError(report="Invalid length for parameter Key")])
+
     def trips(aws, item):
-        raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+        raise next(failures)
 
     monkeypatch.setattr(web_tier.listeners, "with_stored_outcome", trips)
     client = web_app.test_client()
-    batch_id = upload(client, [(make_image(43), "trips.jpg")]).get_json()["batch_id"]
-    dead_letter(web_aws)
-    wait_until(lambda: all_finished(client, batch_id))
-    assert items_by_name(client, batch_id)["trips.jpg"]["error"] == DEAD_LETTER_ERROR
-    wait_until(lambda: dead_letters_left(web_aws) == 0)
+    for n in range(2):  # one failure of each kind
+        batch_id = upload(client, [(make_image(43 + n), "trips.jpg")]).get_json()["batch_id"]
+        dead_letter(web_aws)
+        wait_until(lambda b=batch_id: all_finished(client, b))
+        assert items_by_name(client, batch_id)["trips.jpg"]["error"] == DEAD_LETTER_ERROR
+        wait_until(lambda: dead_letters_left(web_aws) == 0)
 
 
 def test_a_dead_letter_for_a_deleted_object_is_done_with(web_app, web_aws):
