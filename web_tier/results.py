@@ -228,8 +228,11 @@ class ResultBook:
                     batch.item_ids.append(item.id)
                 else:
                     # S3 holds the whole name; an answer learnt before this rebuild
-                    # carries at most a message's share of it (common/messages.py).
-                    known.filename = item.filename or known.filename
+                    # carries at most a message's share of it, its start (common/
+                    # messages.py). (A name S3 lacks is rebuilt from the key, cleaned:
+                    # then the answer's is the better.)
+                    if item.filename.startswith(known.filename):
+                        known.filename = item.filename
                     known.token = known.token or item.token
                     if not known.is_finished and item.is_finished:
                         self._number(known)

@@ -283,3 +283,18 @@ def test_an_event_id_covers_every_item_that_finished_before_it(monkeypatch):
     finisher.join(5)
     sent_seqs = [int(e.split("\n")[0].split(".")[1]) for e in events]
     assert sent_seqs == [1, 2], "each event must come after every item that finished before it"
+
+
+def test_a_rebuild_takes_the_whole_name_s3_holds_but_not_a_cleaned_one():
+    """S3's name replaces an answer's cut one; a name rebuilt from the key (an object
+    without the name in its metadata) is cleaned, and must not replace a real one."""
+    book = ResultBook()
+    long_name = "x" * 200 + ".jpg"
+    book.record(ClassifyResponse(id="cut", filename=long_name[:160], key=f"{BATCH}/cut/x.jpg", worker="w",
+                                 untrained=False, label="cat", score=0.5))
+    book.record(ClassifyResponse(id="real", filename="café.jpg", key=f"{BATCH}/real/caf_.jpg", worker="w",
+                                 untrained=False, label="cat", score=0.5))
+    book.merge(BATCH, [Item("cut", BATCH, long_name, f"{BATCH}/cut/x.jpg"),
+                       Item("real", BATCH, "caf_.jpg", f"{BATCH}/real/caf_.jpg")])
+    assert book.get("cut").filename == long_name
+    assert book.get("real").filename == "café.jpg"
