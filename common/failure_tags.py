@@ -34,8 +34,8 @@ def failure_tagging(reason: str, worker: str = "") -> dict[str, list[dict[str, s
 
 def failure_from_tags(tag_set: list[dict[str, str]]) -> str | None:
     """The error a failure mark holds, or None if these tags do not mark a failure."""
-    found = {tag["Key"]: tag["Value"] for tag in tag_set}
-    if found.get("status") != "failed":
+    found = _failure_mark(tag_set)
+    if not found:
         return None
     if found.get("reason"):
         return _unescape(found["reason"])
@@ -45,8 +45,13 @@ def failure_from_tags(tag_set: list[dict[str, str]]) -> str | None:
 def failed_by(tag_set: list[dict[str, str]]) -> str:
     """The worker a failure mark names, or "" (a dead letter, or a mark written before
     marks named one)."""
+    return _unescape(_failure_mark(tag_set).get("worker", ""))
+
+
+def _failure_mark(tag_set: list[dict[str, str]]) -> dict[str, str]:
+    """The tags by key if they mark a failure, else none."""
     found = {tag["Key"]: tag["Value"] for tag in tag_set}
-    return _unescape(found.get("worker", "")) if found.get("status") == "failed" else ""
+    return found if found.get("status") == "failed" else {}
 
 
 def _unescape(value: str) -> str:
