@@ -61,7 +61,7 @@ def stream(book: ResultBook, batch_id: str, items: Callable[[], list[Item] | Non
             # Re-read every round: more uploads may join the batch meanwhile. In the
             # order they finished, so that each event's id covers every one before it.
             current = items() or []
-            for item in book.finished_in_order([i for i in current if i.id not in sent]):
+            for item in book.finished_in_order(batch_id, leaving_out=sent):
                 sent.add(item.id)
                 yield _event(item, book)
             if all(i.id in sent for i in current):

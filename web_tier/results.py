@@ -298,13 +298,17 @@ class ResultBook:
             self._batches.move_to_end(batch_id)
             return [self._items[i] for i in batch.item_ids if i in self._items]
 
-    def finished_in_order(self, items: list[Item]) -> list[Item]:
-        """Those of `items` that have finished, in the order they finished. Read under
-        the lock, as items are numbered and finish under it: one that finished before
-        any of these is among them (read one by one without it, an item could finish
-        between two reads, after a later one had been seen finished)."""
+    def finished_in_order(self, batch_id: str, leaving_out: set[str]) -> list[Item]:
+        """The batch's finished items but those in `leaving_out`, in the order they
+        finished. Read under the lock, as items join batches, are numbered and finish
+        under it: one that finished before any of these is among them (read one by
+        one without it, an item could finish between two reads, after a later one had
+        been seen finished; one could join the batch finished in between too)."""
         with self._lock:
-            return sorted((i for i in items if i.is_finished), key=lambda i: i.finished_seq)
+            batch = self._batches.get(batch_id)
+            ids = batch.item_ids if batch is not None else []
+            finished = (self._items[i] for i in ids if i in self._items and i not in leaving_out)
+            return sorted((i for i in finished if i.is_finished), key=lambda i: i.finished_seq)
 
     def wait(self, item_id: str, timeout: float) -> Item | None:
         """Block until the item has a result; the item, or None on timeout or unknown id."""

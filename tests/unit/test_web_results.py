@@ -298,3 +298,24 @@ def test_a_rebuild_takes_the_whole_name_s3_holds_but_not_a_cleaned_one():
                        Item("real", BATCH, "caf_.jpg", f"{BATCH}/real/caf_.jpg")])
     assert book.get("cut").filename == long_name
     assert book.get("real").filename == "café.jpg"
+
+
+def test_an_item_that_joins_the_batch_finished_is_sent_in_its_place():
+    """An answer for an item this process did not upload (after a restart) joins its
+    batch finished. Joining between the stream's read of the batch and of what had
+    finished, it was sent after an item that finished later (reviewer)."""
+    from web_tier.events import stream
+
+    book = book_with("w")
+    reads = []
+
+    def items():
+        snapshot = book.batch(BATCH)
+        reads.append(len(snapshot))
+        if len(reads) == 2:  # the loop's first read: z joins (finished), then w finishes
+            book.record(response("z"))
+            book.record(response("w"))
+        return snapshot
+
+    events = [e for e in stream(book, BATCH, items, keepalive_s=5) if e.startswith("id:")]
+    assert [int(e.split("\n")[0].split(".")[1]) for e in events] == [1, 2]
