@@ -195,6 +195,16 @@ def unit_settings(unit: str = "imgclass-worker.service") -> dict[str, list[str]]
     return settings
 
 
+@pytest.mark.parametrize("unit", ["imgclass-worker.service", "imgclass-web.service",
+                                  "imgclass-controller.service"])
+def test_every_unit_starts_at_boot_once_enabled(unit):
+    """Without an [Install] section `systemctl enable` does nothing: the web tier and
+    the controller came back from no reboot (explorer)."""
+    text = (AMI / unit).read_text()
+    install = text[text.index("[Install]"):] if "[Install]" in text else ""
+    assert "WantedBy=multi-user.target" in install, unit
+
+
 def test_systemd_unit_restarts_and_stops_gracefully():
     unit = unit_settings()
     assert unit["Restart"] == ["always"]
