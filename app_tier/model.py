@@ -65,8 +65,18 @@ def _missing_weights_message(detail: str) -> str:
     )
 
 
+# S3's answers that no later start of the worker can change: the operator must act
+# (WeightsUnavailable, exit 78, not restarted). Anything else (S3 failing, no route
+# yet, credentials not yet there at first boot) raises as it is: systemd restarts.
+WEIGHTS_NOT_THERE = frozenset({"404", "NoSuchKey", "NoSuchBucket",
+                               "403", "AccessDenied", "AllAccessDisabled"})
+
+
 def _fetch_s3_weights(uri: str) -> Path:
     import boto3
+    from botocore.exceptions import ClientError
+
+    from common.aws import error_code
 
     bucket, _, key = uri[len("s3://"):].partition("/")
     if not bucket or not key:
@@ -77,7 +87,9 @@ def _fetch_s3_weights(uri: str) -> Path:
         partial = target.with_suffix(".part")
         try:
             boto3.client("s3").download_file(bucket, key, str(partial))
-        except Exception as exc:  # any failure here means the same thing to the operator
+        except ClientError as exc:
+            if error_code(exc) not in WEIGHTS_NOT_THERE:
+                raise  # S3 failing (throttled, 5xx): another start may well succeed
             raise WeightsUnavailable(_missing_weights_message(f"cannot download {uri}: {exc}")) from exc
         partial.rename(target)
     return target
