@@ -56,7 +56,11 @@ if ! git -C "$repo" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
   echo "bake.sh: $repo is not a git checkout: the image is made of the files git tracks" >&2
   exit 2
 fi
+# (Less those deleted from the checkout and not yet `git rm`ed: tar stopped at them.)
 git -C "$repo" ls-files -z -- . ':(exclude)tests' \
+  | while IFS= read -r -d '' path; do
+      if [[ -e $repo/$path || -L $repo/$path ]]; then printf '%s\0' "$path"; fi
+    done \
   | tar -cf "$stage/imgclass-src.tar" -C "$repo" --null -T -
 if [[ -n $weights_file ]]; then
   # Appended, not named with a second -C in the command above: macOS's tar applies

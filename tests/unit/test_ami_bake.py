@@ -48,8 +48,11 @@ def test_bake_packs_the_files_git_tracks_and_nothing_else(tmp_path):
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         (repo / name).write_text("x")
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
-    subprocess.run(["git", "-C", str(repo), "add", "ami", *TRACKED, *TRACKED_LEFT_OUT], check=True)
+    (repo / "gone.py").write_text("x")
+    subprocess.run(["git", "-C", str(repo), "add", "ami", "gone.py", *TRACKED, *TRACKED_LEFT_OUT],
+                   check=True)
     (repo / TRACKED[0]).write_text("edited, not committed")
+    (repo / "gone.py").unlink()  # deleted, not `git rm`ed: tar stopped at it (explorer)
     result = bake(repo, tmp_path)
     assert result.returncode == 0, result.stderr
 
