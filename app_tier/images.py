@@ -12,15 +12,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from common.pillow_errors import plain_reason
-from common.pixels import (
-    PILLOW_REFUSALS,
-    is_jpeg,
-    jpeg_layout,
-    jpeg_refusal,
-    pillow_refusal,
-    png_refusal,
-    size_refusal,
-)
+from common.pixels import PILLOW_REFUSALS, parts_refusal, pillow_refusal, size_refusal
 
 INPUT_SIZE = (224, 224)
 # Above this, after `draft`, decoding takes some 30 MB or more (RGB, 3 bytes a pixel,
@@ -83,8 +75,7 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise BadImage("the file is empty")
     # Before Pillow reads a JPEG's or PNG's header, part by part in Python.
-    jpeg = jpeg_layout(data) if is_jpeg(data) else None
-    too_slow = jpeg_refusal(jpeg) if jpeg is not None else png_refusal(data)
+    jpeg, too_slow = parts_refusal(data)
     if too_slow:
         raise BadImage(too_slow)
     with _bad_image_errors(max_pixels):

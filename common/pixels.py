@@ -144,3 +144,11 @@ def png_refusal(data: bytes) -> str | None:
         return (f"the PNG has more than {MAX_PNG_CHUNKS} chunks (encoders write one per 8-64 KB), "
                 "more than this service reads")
     return None
+
+
+def parts_refusal(data: bytes) -> tuple[JpegLayout | None, str | None]:
+    """A JPEG's layout (None for any other image), and why an image of too many parts
+    for its format (JPEG segments or scans, PNG chunks) is refused, or None. Cheap,
+    and meant to run before Pillow opens it: Pillow reads those parts in Python."""
+    jpeg = jpeg_layout(data) if is_jpeg(data) else None
+    return jpeg, jpeg_refusal(jpeg) if jpeg is not None else png_refusal(data)

@@ -25,11 +25,8 @@ from common.pixels import (
     PILLOW_REFUSALS,
     PNG_SIGNATURE,
     JpegLayout,
-    is_jpeg,
-    jpeg_layout,
-    jpeg_refusal,
+    parts_refusal,
     pillow_refusal,
-    png_refusal,
     size_refusal,
 )
 
@@ -168,8 +165,7 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
     # JPEGs and PNGs are walked before Pillow reads them, part by part in Python; a
     # JPEG once, for this and the truncation check below. The worker applies the same
     # rules (common/pixels.py).
-    jpeg = jpeg_layout(data) if is_jpeg(data) else None
-    too_slow = jpeg_refusal(jpeg) if jpeg is not None else png_refusal(data)
+    jpeg, too_slow = parts_refusal(data)
     if too_slow:
         raise UploadError(415, too_slow, name)
     try:

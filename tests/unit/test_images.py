@@ -220,7 +220,7 @@ def test_a_jpeg_of_several_scans_counts_as_decoded_whole(monkeypatch):
     assert images.decoding_pixels(images.open_image(baseline, MAX_PIXELS)) == 375 * 250  # drafted to 1/8
     assert images.decoding_pixels(images.open_image(progressive, MAX_PIXELS)) == 3000 * 2000
     # jpegtran -scans writes a baseline JPEG in several scans; Pillow cannot.
-    monkeypatch.setattr(images, "jpeg_layout", lambda data: JpegLayout(scans=3, ends=True, segments=12))
+    monkeypatch.setattr("common.pixels.jpeg_layout", lambda data: JpegLayout(scans=3, ends=True, segments=12))
     assert images.decoding_pixels(images.open_image(baseline, MAX_PIXELS)) == 3000 * 2000
 
 
