@@ -131,7 +131,8 @@ def load_rgb(img: Image.Image, max_pixels: int) -> Image.Image:
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             on_white = Image.alpha_composite(white, rgba)
             white.close()
-            return _instead(rgba, _instead(on_white, on_white.convert("RGB")))
+            rgba.close()
+            return _instead(on_white, on_white.convert("RGB"))
         return img if img.mode == "RGB" else _instead(img, img.convert("RGB"))
 
 
