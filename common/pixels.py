@@ -81,10 +81,6 @@ JPEG_SIGNATURE = b"\xff\xd8\xff"  # a JPEG's, or an MPO's (a JPEG with more imag
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def is_jpeg(data: bytes) -> bool:
-    return data.startswith(JPEG_SIGNATURE)
-
-
 def jpeg_layout(data: bytes) -> JpegLayout:
     """A JPEG's first image walked as libjpeg walks it: each segment skipped by its
     length (so the scans of an EXIF thumbnail, or an FF D9 in a comment, are not its
@@ -150,5 +146,5 @@ def parts_refusal(data: bytes) -> tuple[JpegLayout | None, str | None]:
     """A JPEG's layout (None for any other image), and why an image of too many parts
     for its format (JPEG segments or scans, PNG chunks) is refused, or None. Cheap,
     and meant to run before Pillow opens it: Pillow reads those parts in Python."""
-    jpeg = jpeg_layout(data) if is_jpeg(data) else None
+    jpeg = jpeg_layout(data) if data.startswith(JPEG_SIGNATURE) else None
     return jpeg, jpeg_refusal(jpeg) if jpeg is not None else png_refusal(data)
