@@ -27,6 +27,14 @@ TRIM_AFTER_PIXELS = 1_000_000
 # may read them as "I" too), 32-bit integer and floating-point TIFFs.
 _HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+# Modes whose samples can be averaged (Image.reduce refuses 16-bit and 1-bit ones).
+_REDUCIBLE_MODES = frozenset({"L", "LA", "La", "RGB", "RGBA", "RGBa", "I", "F", "CMYK", "YCbCr"})
+# A large image is reduced by box averaging until its sides are within this factor of
+# the model's input; `to_input`'s resize does the rest. Pillow's `reducing_gap`: from
+# 3 on, "indistinguishable from" resizing the whole image in one go.
+REDUCING_GAP = 3
+# Deep samples are scaled to 8 bits this many at a time (as float32: 4 MB).
+_SCALING_SAMPLES = 1 << 20
 _EXIF_ORIENTATION = 0x0112
 # EXIF orientation -> the turn that shows the image upright (as ImageOps.exif_transpose,
 # which also rewrites the EXIF and so fails on some damaged EXIF that viewers read).
@@ -109,21 +117,23 @@ def load_rgb(img: Image.Image, max_pixels: int) -> Image.Image:
     scaled to 0-255 (Pillow's own conversion clips them: a 16-bit photo came out
     nearly all white, a floating-point one all black).
 
-    Each step's input is closed (its pixels freed) as soon as the next exists, `img`
-    too: at full size every copy of a 40-megapixel RGBA image is 160 MB, and keeping
-    them all took a worker +918 MB where this takes +460 (explorer, measured)."""
+    A large image is first reduced (`_reduced`), and each step's input is closed
+    (its pixels freed) as soon as the next exists, `img` too: at full size every
+    copy of a 40-megapixel RGBA image is 160 MB, and keeping them all took a worker
+    +918 MB; freed, +480; reduced first, +323 (measured)."""
     with _bad_image_errors(max_pixels):
         # Decoded first, here: a PNG's EXIF is read by decoding, and _orientation,
         # which must swallow EXIF's own errors, swallowed a damaged decode's too,
         # leaving half-decoded pixels that the conversions below took as they were.
         img.load()
         turn = _UPRIGHT.get(_orientation(img))
+        img = _reduced(img)
         if turn is not None:
             img = _instead(img, img.transpose(turn))
         if img.mode in _HIGH_DEPTH_MODES:
-            img = _instead(img, _to_8_bits(img))
+            img = _reduced(_instead(img, _to_8_bits(img)))
         if img.mode in _ALPHA_MODES or "transparency" in img.info:
-            rgba = img if img.mode == "RGBA" else _instead(img, img.convert("RGBA"))
+            rgba = img if img.mode == "RGBA" else _reduced(_instead(img, img.convert("RGBA")))
             if rgba.getextrema()[3][1] == 0:
                 # Transparent everywhere: nothing to see, on white a blank square. A
                 # 32-bit BMP's fourth byte, say, is often zero padding, not alpha.
@@ -133,7 +143,19 @@ def load_rgb(img: Image.Image, max_pixels: int) -> Image.Image:
             white.close()
             rgba.close()
             return _instead(on_white, on_white.convert("RGB"))
-        return img if img.mode == "RGB" else _instead(img, img.convert("RGB"))
+        return img if img.mode == "RGB" else _reduced(_instead(img, img.convert("RGB")))
+
+
+def _reduced(img: Image.Image) -> Image.Image:
+    """`img` made smaller by a whole factor, its pixels averaged in boxes, while both
+    sides stay at least REDUCING_GAP times the model's input; `img` itself where that
+    would change what it shows: a palette's indices, or a colour key (PNG's tRNS)
+    that averaged pixels would no longer match, are reduced once converted."""
+    factor = min(img.width // (INPUT_SIZE[0] * REDUCING_GAP), img.height // (INPUT_SIZE[1] * REDUCING_GAP))
+    if factor < 2 or img.mode not in _REDUCIBLE_MODES or "transparency" in img.info:
+        return img
+    # Image.reduce averages RGBA and LA premultiplied by alpha, as compositing needs.
+    return _instead(img, img.reduce(factor))
 
 
 def _instead(old: Image.Image, new: Image.Image) -> Image.Image:
@@ -156,28 +178,32 @@ def _to_8_bits(img: Image.Image) -> Image.Image:
     """A greyscale image of more than 8 bits a sample, scaled to 8 bits from the
     range its kind implies: 0-65535 for 16-bit samples; 0-1 for floating point
     (with room for overshoot), else 0-255 when the samples fit, else their maximum
-    (12-bit data in a 32-bit TIFF). A transparent grey (PNG's tRNS) stays transparent."""
+    (12-bit data in a 32-bit TIFF). A transparent grey (PNG's tRNS) stays transparent.
+
+    Samples are scaled a band of rows at a time: as float32, a whole 40-megapixel
+    image is 160 MB, and one copy of it took a 16-bit PNG to +518 MB."""
     raw = np.asarray(img)
-    samples = raw.astype(np.float32)
-    # The range from finite samples: one +inf made the full scale 3.4e38 (nan_to_num's
-    # largest float) and the whole picture black (explorer). NaN is black, inf white.
-    brightest = float(samples.max(initial=0.0, where=np.isfinite(samples)))
+    rows = max(1, _SCALING_SAMPLES // max(1, raw.shape[1]))
+    bands = [slice(top, top + rows) for top in range(0, raw.shape[0], rows)]
     if img.mode.startswith("I;16"):
         full_scale = 65535.0
-    elif img.mode == "F" and brightest <= 1.5:
-        full_scale = 1.0
     else:
-        full_scale = max(255.0, brightest)
-    # In place: each temporary of a 40-megapixel image is 160 MB.
-    np.nan_to_num(samples, copy=False, nan=0.0, posinf=full_scale, neginf=0.0)
-    samples *= 255.0 / full_scale
-    samples += 0.5
-    scaled = np.clip(samples, 0, 255, out=samples).astype(np.uint8)
-    del samples
+        # The range from finite samples: one +inf made the full scale 3.4e38 (nan_to_num's
+        # largest float) and the whole picture black (explorer). NaN is black, inf white.
+        brightest = max((float(raw[band].max(initial=0, where=np.isfinite(raw[band]))) for band in bands),
+                        default=0.0)
+        full_scale = 1.0 if img.mode == "F" and brightest <= 1.5 else max(255.0, brightest)
+    scaled = np.empty(raw.shape, dtype=np.uint8)
+    for band in bands:
+        samples = raw[band].astype(np.float32)
+        np.nan_to_num(samples, copy=False, nan=0.0, posinf=full_scale, neginf=0.0)
+        samples *= 255.0 / full_scale
+        samples += 0.5
+        scaled[band] = np.clip(samples, 0, 255, out=samples)
     transparent = img.info.get("transparency")
     if isinstance(transparent, int):
         alpha = np.where(raw == transparent, np.uint8(0), np.uint8(255))
-        return Image.fromarray(np.dstack([scaled, alpha]), "LA")
+        return Image.merge("LA", (Image.fromarray(scaled, "L"), Image.fromarray(alpha, "L")))
     return Image.fromarray(scaled, "L")
 
 
@@ -200,8 +226,8 @@ def prepare(data: bytes, max_pixels: int, large: threading.Semaphore | None = No
     """Bytes of an upload to one model input, or BadImage.
 
     Images that stay large after `draft` (a 40-megapixel PNG of 130 KB takes
-    +160 MB to decode, +460 MB with transparency, up to +660 MB for floating-point
-    samples), and large JPEGs of several scans, are decoded only while holding
+    +160 MB to decode, +320 MB with transparency, +400 MB for 16-bit grey with a
+    transparent value), and large JPEGs of several scans, are decoded only while holding
     `large`, so that a batch of them cannot run a small instance out of memory
     all at once. Pillow's work runs inside `watch()` (the worker times it), the
     wait for `large` not.
