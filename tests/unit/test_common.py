@@ -6,7 +6,10 @@ import csv
 import dataclasses
 import io
 import json
+import subprocess
+import sys
 import unicodedata
+from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError
@@ -426,3 +429,15 @@ def test_logging_set_up_keeps_botocores_credential_chatter_out(monkeypatch, capl
     with caplog.at_level(logging.INFO):
         boto3.session.Session().client("sqs", region_name="us-east-1")
     assert not [r for r in caplog.records if "Found credentials" in r.getMessage()]
+
+
+@pytest.mark.parametrize(("level", "effective", "warned"), [
+    ("debug", "DEBUG", False), (" Warning ", "WARNING", False), ("verbose", "INFO", True)])
+def test_a_log_level_is_taken_in_any_case_and_a_wrong_one_does_not_stop_the_process(level, effective, warned):
+    """LOG_LEVEL=debug had ended the worker with a traceback, restarted for ever (explorer)."""
+    code = ("import logging, sys; from common.logs import configure; configure('%(levelname)s %(message)s', "
+            "sys.argv[1]); print(logging.getLevelName(logging.getLogger().level))")
+    done = subprocess.run([sys.executable, "-c", code, level], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2], check=True)
+    assert done.stdout.strip() == effective
+    assert ("names no level" in done.stderr) == warned, done.stderr
