@@ -386,7 +386,9 @@ class Worker:
             try:
                 with self._must_end("model call", group):
                     out = self.classifier.classify(np.stack([j.pixels for j in group]))
-            except Exception as exc:  # a model error on this input, not a worker fault
+            except Exception as exc:  # a model error on this input, not a worker fault...
+                if _out_of_memory(exc):
+                    raise  # ...unless the machine ran short: the batch goes back, to be tried again
                 if len(group) > 1:
                     groups.extend([j] for j in group)
                     continue
@@ -517,3 +519,11 @@ def warm_up(aws: Aws) -> None:
             aws.queue_url(queue)  # kept by Aws for every later call
     except AWS_ERRORS as exc:
         log.warning("queue URLs not resolved before serving (%s); the worker will retry", exc)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether a model call failed for want of memory, as each runtime says it:
+    Python's MemoryError, OpenVINO's std::bad_alloc (a RuntimeError), TensorFlow's
+    ResourceExhaustedError. Another process's peak may pass; the input is not at fault."""
+    return (isinstance(exc, MemoryError) or "bad_alloc" in str(exc)
+            or type(exc).__name__ == "ResourceExhaustedError")

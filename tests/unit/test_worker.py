@@ -179,6 +179,29 @@ def test_model_error_fails_only_that_image(aws_env):
     assert got["a"].ok and got["b"].error.startswith("classification failed")
 
 
+@pytest.mark.parametrize("shortage", [MemoryError("std::bad_alloc"), RuntimeError("Exception from "
+                                      "src/inference/src/infer_request.cpp: std::bad_alloc")])
+def test_a_model_call_short_of_memory_is_tried_again_not_answered_failed(aws_env, shortage):
+    """Every image of such a batch had been answered "classification failed" and its
+    request deleted (explorer): the machine was short, not the images wrong."""
+    settings, aws = aws_env
+    for name in ("a", "b", "c"):
+        upload(settings, aws, f"{name}.jpg", make_image(ord(name), size=(64, 64)), name)
+
+    class ShortTwice(MeanClassifier):  # the batch's call, then the first image's alone
+        def classify(self, batch):
+            if self.calls < 2:
+                self.calls += 1
+                raise shortage
+            return super().classify(batch)
+
+    worker = Worker(settings, aws, ShortTwice(), "i-short")
+    answered: dict[str, ClassifyResponse] = {}
+    run_until(worker, lambda: answered.update(responses(aws)) or len(answered) == 3)
+    assert all(r.ok for r in answered.values()), answered
+    assert worker.classifier.calls > 1 and depth(aws, aws.request_queue_url) == (0, 0)
+
+
 def test_message_that_keeps_crashing_workers_lands_in_the_dead_letter_queue(aws_env):
     settings, aws = aws_env
     upload(settings, aws, "crash.jpg", make_image(3), "crash")
