@@ -119,9 +119,12 @@ class Aws:
             getattr(self, service)
         return self
 
-    def queue_url(self, name: str) -> str:
+    def queue_url(self, name: str, probe: bool = False) -> str:
+        """The queue's URL, looked up once; with `probe`, through the probe client, so
+        that a health check gets an answer within seconds even for its first lookup."""
         if name not in self._queue_urls:
-            self._queue_urls[name] = self.sqs.get_queue_url(QueueName=name)["QueueUrl"]
+            sqs = self.probes["sqs"] if probe else self.sqs
+            self._queue_urls[name] = sqs.get_queue_url(QueueName=name)["QueueUrl"]
         return self._queue_urls[name]
 
     @property

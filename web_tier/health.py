@@ -17,12 +17,13 @@ log = logging.getLogger(__name__)
 def healthz() -> tuple[Response, int]:
     aws = services().aws
     # Short timeouts, no retries: an AWS that does not answer is a 503 within seconds.
+    # The queues' URLs too, where this process has not looked them up yet.
     sqs, s3 = aws.probes["sqs"], aws.probes["s3"]
     checks = [
         ("request queue", lambda: sqs.get_queue_attributes(
-            QueueUrl=aws.request_queue_url, AttributeNames=["QueueArn"])),
+            QueueUrl=aws.queue_url(aws.settings.request_queue, probe=True), AttributeNames=["QueueArn"])),
         ("response queue", lambda: sqs.get_queue_attributes(
-            QueueUrl=aws.response_queue_url, AttributeNames=["QueueArn"])),
+            QueueUrl=aws.queue_url(aws.settings.response_queue, probe=True), AttributeNames=["QueueArn"])),
         ("input bucket", lambda: s3.head_bucket(Bucket=aws.settings.input_bucket)),
         ("output bucket", lambda: s3.head_bucket(Bucket=aws.settings.output_bucket)),
     ]

@@ -257,9 +257,11 @@ def test_untrained_is_said_from_the_start_when_configured(make_web_app, weights,
     assert ("hidden" not in banner) is bool(flagged)
 
 
-def test_healthz_is_a_503_within_seconds_when_aws_does_not_answer(web_settings, monkeypatch):
+@pytest.mark.parametrize("urls_known", [True, False])
+def test_healthz_is_a_503_within_seconds_when_aws_does_not_answer(web_settings, monkeypatch, urls_known):
     """A health check that hangs (botocore would retry for minutes) tells a load
-    balancer nothing: one that does not hear from AWS in seconds says so."""
+    balancer nothing: one that does not hear from AWS in seconds says so. So does
+    the first one of a web tier that has not looked its queues up yet (it hung)."""
     from common.aws import Aws
     from web_tier import create_app
 
@@ -268,8 +270,8 @@ def test_healthz_is_a_503_within_seconds_when_aws_does_not_answer(web_settings, 
     with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
         settings = replace(web_settings, endpoint_url=f"http://127.0.0.1:{silent.getsockname()[1]}")
         aws = Aws(settings)
-        for name in (settings.request_queue, settings.response_queue):  # as a running tier has them
-            aws._queue_urls[name] = f"{settings.endpoint_url}/123456789012/{name}"
+        for name in (settings.request_queue, settings.response_queue) if urls_known else ():
+            aws._queue_urls[name] = f"{settings.endpoint_url}/123456789012/{name}"  # as a running tier has
         app = create_app(settings, aws=aws, start_listeners=False)
         started = time.monotonic()
         response = app.test_client().get("/healthz")
