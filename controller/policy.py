@@ -89,7 +89,9 @@ def desired_count(obs: Observation, policy: Policy) -> tuple[int, str]:
         return 0, "no work outstanding"
     wanted = math.ceil(obs.backlog / target_backlog(policy))
     reason = f"backlog {obs.backlog} / target {target_backlog(policy):g}"
-    running = sum(1 for i in serving if i.state == "running")
+    # Serving: a running instance whose worker is still starting drains nothing (EC2
+    # says running some 10-15 s after a launch, the worker serves after BOOT_TIME).
+    running = sum(1 for i in serving if i.state == "running" and i.ready)
     if policy.mode == "latency" and 0 < running < wanted:
         drain_s = obs.backlog * policy.seconds_per_image / running
         if drain_s <= policy.boot_time_s and len(serving) < wanted:

@@ -8,13 +8,18 @@ from controller.observe import Instance, Observation
 from controller.policy import Policy, decide, desired_count
 
 
-def obs(visible=0, in_flight=0, delayed=0, pending=0, running=0, stopped=0, shutting=0, at=1000.0):
+def obs(visible=0, in_flight=0, delayed=0, pending=0, running=0, stopped=0, shutting=0, at=1000.0,
+        booting=0):
+    """`running` instances serve (their workers have said so); `booting` ones run, their
+    workers not yet serving."""
     instances, n = [], 0
-    for state, count in (("pending", pending), ("running", running), ("stopped", stopped),
-                         ("shutting-down", shutting)):
+    for state, count, ready in (("pending", pending, False), ("running", running, True),
+                                ("running", booting, False), ("stopped", stopped, False),
+                                ("shutting-down", shutting, False)):
         for _ in range(count):
             n += 1
-            instances.append(Instance(id=f"i-{n:04d}", number=n, state=state, launched_at=float(n)))
+            instances.append(Instance(id=f"i-{n:04d}", number=n, state=state, launched_at=float(n),
+                                      ready=ready))
     return Observation(at=at, visible=visible, in_flight=in_flight, delayed=delayed,
                        instances=tuple(instances))
 
@@ -146,6 +151,15 @@ def test_latency_mode_does_not_launch_what_could_not_boot_in_time():
     # A burst they could not clear before a boot does launch more.
     large = decide(obs(visible=400, running=2), policy)
     assert len(large.launch) > 0
+
+
+def test_latency_mode_counts_on_no_instance_whose_worker_is_still_starting():
+    """One instance EC2 called running, its worker not serving yet, had held a backlog of
+    60 at one instance: the same instance a moment before, pending, got two more (explorer)."""
+    policy = Policy(mode="latency", acceptable_latency_s=10, seconds_per_image=0.5, boot_time_s=40)
+    for starting in (obs(visible=60, pending=1), obs(visible=60, booting=1)):
+        assert decide(starting, policy).launch == (2, 3), starting
+    assert decide(obs(visible=60, running=1), policy).launch == ()  # it drains them in 30 s
 
 
 def test_latency_mode_stopping_launches_keeps_no_more_than_the_backlog_wants():
