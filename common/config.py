@@ -21,11 +21,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+# Pillow's own limit (Image.MAX_IMAGE_PIXELS, which it refuses past twice over): a
+# larger MAX_IMAGE_PIXELS would have no effect, so it is refused, not quietly lowered.
+PILLOW_MAX_IMAGE_PIXELS = 89_478_485
+
 
 def _in_range(name: str, value: float, low: float | None, high: float | None) -> None:
     if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f"from {low:g}" + (f" to {high:g}" if high is not None else " up")
-        raise ValueError(f"{name} must be {bounds}, got {value:g}")
+        bounds = f"from {_shown(low)}" + (f" to {_shown(high)}" if high is not None else " up")
+        raise ValueError(f"{name} must be {bounds}, got {_shown(value)}")
+
+
+def _shown(value: float | None) -> str:
+    """A whole number in full (89478485, not 8.94785e+07), any other briefly."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 def _int(env: Mapping[str, str], name: str, default: int,
@@ -254,7 +263,8 @@ class Settings:
             web_port=_int(env, "WEB_PORT", cls.web_port, low=0, high=65535),
             max_upload_bytes=_int(env, "MAX_UPLOAD_BYTES", cls.max_upload_bytes, low=1),
             max_files_per_request=_int(env, "MAX_FILES_PER_REQUEST", cls.max_files_per_request, low=1),
-            max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels, low=1),
+            max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels, low=1,
+                                  high=PILLOW_MAX_IMAGE_PIXELS),
             result_timeout_s=_float(env, "RESULT_TIMEOUT", cls.result_timeout_s, low=0.1, high=3600),
             api_key=env.get("API_KEY", "").strip(),
             state_dir=state,

@@ -278,6 +278,19 @@ def test_a_prefix_any_bucket_name_can_carry_is_taken():
         assert Settings.from_env({"APP_PREFIX": prefix}).output_bucket == f"{prefix}-out-bucket"
 
 
+def test_an_image_limit_past_pillows_own_is_refused_not_quietly_lowered():
+    """MAX_IMAGE_PIXELS=500000000 started without a word and refused at 89 megapixels."""
+    from PIL import Image
+
+    from common.config import PILLOW_MAX_IMAGE_PIXELS
+
+    assert PILLOW_MAX_IMAGE_PIXELS == Image.MAX_IMAGE_PIXELS
+    limit = str(PILLOW_MAX_IMAGE_PIXELS)
+    assert Settings.from_env({"MAX_IMAGE_PIXELS": limit}).max_image_pixels == PILLOW_MAX_IMAGE_PIXELS
+    with pytest.raises(ValueError, match=f"MAX_IMAGE_PIXELS must be from 1 to {limit}, got 500000000"):
+        Settings.from_env({"MAX_IMAGE_PIXELS": "500000000"})
+
+
 def test_settings_from_env():
     s = Settings.from_env({"APP_PREFIX": "demo", "MAX_INSTANCES": "3", "AWS_REGION": "eu-west-1",
                            "SECURITY_GROUP_IDS": "sg-1, sg-2,", "API_KEY": "s3cret",
