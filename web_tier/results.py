@@ -196,6 +196,8 @@ class ResultBook:
                 batch.item_ids.remove(item_id)
             if batch is not None and item.token and batch.tokens.get(item.token) == item_id:
                 del batch.tokens[item.token]
+            if batch is not None and not batch.item_ids and not batch.tokens:
+                del self._batches[batch.id]  # nothing of it was stored: as if never sent
 
     def record(self, response: ClassifyResponse) -> Item | None:
         """Record a worker's answer; the item if this was its first result, else None."""

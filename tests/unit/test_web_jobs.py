@@ -574,6 +574,20 @@ def test_a_token_whose_file_could_not_be_stored_is_free_to_send_again(make_web_a
     assert len(stored_keys(web_aws, batch_id)) == 1
 
 
+def test_a_batch_of_which_nothing_was_stored_is_gone_at_once(make_web_app, web_aws, monkeypatch):
+    """It answered 200 with no items until the next restart, which the page does not
+    drop (it drops a batch on 404), and such batches piled up in an outage (explorer)."""
+    import web_tier.jobs
+
+    client = make_web_app(start_listeners=False).test_client()
+    batch_id = "e" * 32
+    monkeypatch.setattr(web_tier.jobs, "put_input", lambda *a, **k: (_ for _ in ()).throw(OSError("S3 down")))
+    files = [(make_image(741), "a.jpg"), (make_image(742), "b.jpg")]
+    refused = upload(client, files, batch_id=batch_id, create="1")
+    assert refused.status_code == 503
+    assert client.get(f"/api/jobs/{batch_id}").status_code == 404
+
+
 # --- Server-Sent Events --------------------------------------------------------------
 
 def finish(app, item_id: str, label: str, key: str = "", name: str = "x.jpg") -> None:
