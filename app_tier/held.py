@@ -84,8 +84,9 @@ class HeldMessages:
             for j in jobs:
                 self._held.pop(j.message_id, None)
 
-    def delete(self, jobs: list[Job]) -> None:
-        """Delete answered requests from the queue, and stop holding them."""
+    def delete(self, jobs: list[Job], why: str = "answered request(s), which will be answered again") -> None:
+        """Delete answered requests from the queue, and stop holding them; `why` says
+        what a request SQS would not delete is, in the warning."""
         for chunk in sqs_batches(jobs):
             reply = self.aws.sqs.delete_message_batch(
                 QueueUrl=self.aws.request_queue_url,
@@ -95,8 +96,7 @@ class HeldMessages:
                 # Answered already: nothing to undo. Such a request comes back after its
                 # visibility timeout, is classified again, and its second answer ignored.
                 codes = ", ".join(sorted({f.get("Code", "?") for f in reply["Failed"]}))
-                log.warning("could not delete %d answered request(s), which will be answered again: %s",
-                            len(reply["Failed"]), codes)
+                log.warning("could not delete %d %s: %s", len(reply["Failed"]), why, codes)
         self.forget(jobs)
 
     def release(self, jobs: list[Job]) -> None:
@@ -170,7 +170,8 @@ class HeldMessages:
                     QueueUrl=self.aws.request_queue_url,
                     Entries=[{"Id": str(i), "MessageBody": j.body} for i, j in enumerate(chunk)])
                 sent = [chunk[int(ok["Id"])] for ok in reply.get("Successful", [])]
-                self.delete(sent)
+                # Sent back, its old copy still queued: two of the same, answered twice.
+                self.delete(sent, why="handed-back request(s), now queued twice")
                 self.hide([(j, 0) for j in chunk if j not in sent])
             except AWS_ERRORS as exc:
                 log.warning("could not hand back %d messages (%s); making them visible", len(chunk), exc)

@@ -1,4 +1,8 @@
-"""Act: carry out a decision against EC2. Each call is safe to repeat."""
+"""Act: carry out a decision against EC2.
+
+Terminating is safe to repeat. A launch is safe across botocore's retries of one
+call (its ClientToken), not across rounds: the loop remembers its recent launches
+until EC2 lists them (controller/loop.py), so that a round does not launch again."""
 
 from __future__ import annotations
 

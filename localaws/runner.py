@@ -296,7 +296,8 @@ class InstanceRunner:
                           "(see its log)", iid, code)
                 worker.given_up = True
             elif now - worker.started_at > RESTART_BACKOFF_S:
-                log.warning("runner: worker for %s exited with %s; restarting", iid, code)
+                log.warning("runner: worker for %s exited with %s; restarting it (restart %d)", iid, code,
+                            worker.restarts + 1)
                 del self.workers[iid]
                 self._start_worker(iid, restarts=worker.restarts + 1)
         # When LOCAL_MAX_WORKERS leaves some instances without a process, the ones

@@ -45,7 +45,7 @@ if features.check("avif"):  # in Pillow's own wheels from 11.2 on
     FORMATS["AVIF"] = "image/avif"
 _NAMED = [fmt for fmt in FORMATS if fmt != "MPO"]
 ACCEPTED = ", ".join(_NAMED[:-1]) + " or " + _NAMED[-1]
-# Longer names are kept only for display; storage uses names.safe_filename.
+# Longer names are cut before their extension (clean_name); storage uses names.safe_filename.
 MAX_FILENAME_CHARS = 1024
 _CHUNK = 1 << 20
 # Room in a request body for the multipart framing and form fields around the files.
