@@ -14,6 +14,7 @@ import ast
 import fnmatch
 import json
 import re
+import subprocess
 import threading
 from functools import cache
 from pathlib import Path
@@ -151,12 +152,9 @@ def every_resource(prefix: str) -> list[str]:
 # --- reading the policies -----------------------------------------------------------
 
 # ami/README.md's recipe for another prefix: names, the worker role, the prefix tag's value.
-OTHER_PREFIX_SED = """sed -e 's/imgclass-/myapp-/g' -e 's/": "imgclass"/": "myapp"/g'"""
-
-
 def load(tier: str, prefix: str = "imgclass") -> dict:
     text = (AMI / TIERS[tier][0]).read_text()
-    if prefix != "imgclass":  # as OTHER_PREFIX_SED
+    if prefix != "imgclass":  # as ami/README.md's recipe (see the test of it below)
         text = text.replace("imgclass-", f"{prefix}-").replace('": "imgclass"', f'": "{prefix}"')
     return json.loads(text)
 
@@ -318,11 +316,16 @@ def test_policy_reaches_exactly_the_resources_its_tier_needs(tier, prefix):
                 assert (action, resource) in wanted, f"{tier} may {action} on {resource}"
 
 
-def test_the_readme_gives_the_other_prefix_recipe_the_tests_check():
+def test_the_readmes_recipe_for_another_prefix_makes_the_policies_the_tests_check(tmp_path):
+    """Run as written, with PREFIX=myapp, writing to tmp_path instead of /tmp."""
     readme = (AMI / "README.md").read_text()
-    assert OTHER_PREFIX_SED in readme
-    for tier in TIERS:
-        assert TIERS[tier][0] in readme
+    blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
+    recipe = next(block for block in blocks if "for policy in" in block)
+    script = recipe.replace("PREFIX=imgclass", "PREFIX=myapp").replace("/tmp/", f"{tmp_path}/")
+    subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=AMI.parent, check=True, timeout=30)
+    for tier, (policy_file, _, _) in TIERS.items():
+        made = json.loads((tmp_path / f"myapp-{policy_file}").read_text())
+        assert made == load(tier, "myapp"), tier
 
 
 # --- conditions, against the requests the code makes ---------------------------------
