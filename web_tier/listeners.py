@@ -138,13 +138,14 @@ class Listeners:
     def _drop_dead_letter(self, request: ClassifyRequest) -> None:
         log.exception("cannot handle dead letter for %s; failed unmarked, and dropped", request.id)
         try:
-            self.book.fail(request.id, DEAD_LETTER_ERROR, key=request.key, filename=request.filename)
+            self.book.fail(request.id, DEAD_LETTER_ERROR, key=request.key, filename=request.filename,
+                           provisional=True)
         except Exception:  # the other dead letters received with it are still to be deleted
             log.exception("could not fail item %s", request.id)
 
     def _dead_letter(self, request: ClassifyRequest) -> None:
         known = self.book.get(request.id)
-        if known is not None and known.is_finished and known.error != DEAD_LETTER_ERROR:
+        if known is not None and known.is_finished and not known.provisional:
             return  # answered, or failed by a worker (which marked the object itself)
         # A worker stores the outcome (a result, or a failure and its reason) before it
         # replies: one that died in between, on the last attempt, left an outcome that
@@ -162,7 +163,8 @@ class Listeners:
                     log.info("item %s: its outcome was stored but never sent; taken from S3", request.id)
                 return
         # The waiting client first: the book is memory, and failing twice changes nothing.
-        if self.book.fail(request.id, DEAD_LETTER_ERROR, key=request.key, filename=request.filename):
+        if self.book.fail(request.id, DEAD_LETTER_ERROR, key=request.key, filename=request.filename,
+                          provisional=True):
             log.info("item %s failed on every attempt", request.id)
         # Then the lasting record, for a batch rebuilt from S3. If this raises, the
         # message stays and comes back; an object that is gone has nothing to mark.

@@ -55,6 +55,9 @@ class Item:
     # When it finished, in this book's order (ResultBook._number): event streams
     # resume after the last one a client saw. 0 while queued.
     finished_seq: int = field(default=0, compare=False)
+    # Failed by a dead letter: no worker answered one copy of its request in the attempts
+    # allowed. Another copy (a journal's requeue, a hand-back) may yet be answered.
+    provisional: bool = field(default=False, compare=False)
     # Made only for an item someone waits on (POST /), set when it finishes: an Event
     # for each of the book's many items cost ~1 KB apiece.
     waiter: threading.Event | None = field(default=None, repr=False, compare=False)
@@ -207,9 +210,12 @@ class ResultBook:
         """Record an outcome found another way (in S3); the item if this was its first result."""
         return self._finish(item, item.untrained if item.state == DONE else None)
 
-    def fail(self, item_id: str, error: str, *, key: str = "", filename: str = "") -> Item | None:
-        """Mark an item failed unless it already has a result; the item if it changed."""
-        item = Item(id=item_id, batch_id=batch_id_of(key), filename=filename, key=key)
+    def fail(self, item_id: str, error: str, *, key: str = "", filename: str = "",
+             provisional: bool = False) -> Item | None:
+        """Mark an item failed unless it already has an outcome; the item if it changed.
+        A `provisional` failure gives way to an outcome recorded after it."""
+        item = Item(id=item_id, batch_id=batch_id_of(key), filename=filename, key=key,
+                    provisional=provisional)
         item.state, item.error = FAILED, error
         return self._finish(item, None)
 
@@ -260,10 +266,13 @@ class ResultBook:
                 self._items[item.id] = item
                 if item.batch_id:
                     self._batch(item.batch_id).item_ids.append(item.id)
-            elif item.is_finished:
+            elif item.is_finished and not (item.provisional and not incoming.provisional):
                 return None
             else:
+                if item.is_finished:  # a dead letter's failure; another copy was answered after all
+                    self.failed -= 1
                 self._number(item)
+                item.provisional = incoming.provisional
                 item._apply(incoming)
                 if not item.key:
                     item.key = incoming.key

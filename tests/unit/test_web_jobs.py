@@ -224,6 +224,26 @@ def test_a_dead_letter_that_names_no_object_is_dropped_not_retried_for_ever(web_
     wait_until(lambda: dead_letters_left(web_aws) == 0)
 
 
+def test_a_dead_letters_failure_gives_way_to_another_copy_answered_after_it(web_app, web_aws):
+    """A request can be queued twice (a journal's requeue, a hand-back SQS would not
+    delete): one copy dead-lettered, the other answered after. The item had stayed
+    failed, the label in the output bucket for nobody (explorer)."""
+    client = web_app.test_client()
+    data = make_image(44)
+    batch_id = upload(client, [(data, "twice.jpg")]).get_json()["batch_id"]
+    request = dead_letter(web_aws)
+    wait_until(lambda: all_finished(client, batch_id))
+    assert items_by_name(client, batch_id)["twice.jpg"]["error"] == DEAD_LETTER_ERROR
+    book = services_of(web_app).book
+    assert (book.answered, book.failed) == (0, 1)
+    FakeWorker(web_aws).handle(request)  # the other copy
+    wait_until(lambda: items_by_name(client, batch_id)["twice.jpg"]["state"] == "done")
+    assert items_by_name(client, batch_id)["twice.jpg"]["label"] == answer_for(data)[0]
+    assert (book.answered, book.failed) == (1, 0)
+    # A second dead letter of it changes nothing now.
+    assert book.fail(request.id, DEAD_LETTER_ERROR, key=request.key, provisional=True) is None
+
+
 def test_a_dead_letter_whose_result_was_stored_but_never_sent_is_answered_with_it(web_app, web_aws):
     """A worker writes the result, then replies: one killed in between, on the last
     attempt, leaves a result in S3 that no response carries. The item must not
