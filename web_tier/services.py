@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from flask import current_app
@@ -20,6 +20,9 @@ from web_tier.status import StatusReader
 
 EXTENSION = "imgclass"
 MAX_EVENT_STREAMS = 64
+# Threads reading S3 to rebuild batches: their own, so that a large batch rebuilt
+# (some 3 S3 calls an item) holds up no upload, which the upload pool runs.
+REBUILD_THREADS = 8
 
 
 @dataclass
@@ -37,6 +40,13 @@ class Services:
         default_factory=lambda: threading.BoundedSemaphore(MAX_EVENT_STREAMS))
     submitter: Submitter = field(init=False)
     status: StatusReader = field(init=False)
+    rebuild_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(REBUILD_THREADS, thread_name_prefix="web-rebuild"))
+    # Batches being rebuilt from S3, each by the first request to ask: the others wait
+    # for it. A page polling a 1,500-item batch across a restart had started a whole
+    # rebuild every 2 s, and 2-file uploads behind them took a minute (explorer).
+    _rebuilding: dict[str, Future] = field(default_factory=dict)
+    _rebuilding_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         requests = BatchingSender(self.aws.sqs, lambda: self.aws.request_queue_url)
@@ -50,11 +60,25 @@ class Services:
         items = self.book.batch(batch_id)
         if items is not None:
             return items
-        rebuilt = rebuild_batch(self.aws, batch_id, self.pool)
-        if rebuilt is None:
-            return None
-        self.book.merge(batch_id, rebuilt)
-        return self.book.batch(batch_id)
+        with self._rebuilding_lock:
+            under_way = self._rebuilding.get(batch_id)
+            if under_way is None:
+                mine = self._rebuilding[batch_id] = Future()
+        if under_way is not None:
+            # Raises what the rebuild raised; else the batch as the book now has it.
+            return self.book.batch(batch_id) if under_way.result() else None
+        try:
+            rebuilt = rebuild_batch(self.aws, batch_id, self.rebuild_pool)
+            if rebuilt is not None:
+                self.book.merge(batch_id, rebuilt)
+            mine.set_result(rebuilt is not None)
+        except BaseException as exc:
+            mine.set_exception(exc)
+            raise
+        finally:
+            with self._rebuilding_lock:
+                del self._rebuilding[batch_id]
+        return self.book.batch(batch_id) if rebuilt is not None else None
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the listeners and the upload pool (tests; process exit needs nothing)."""
@@ -62,6 +86,7 @@ class Services:
         if self.listeners is not None:
             self.listeners.stop(timeout)
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.rebuild_pool.shutdown(wait=False, cancel_futures=True)
         if self.journal is not None:
             self.journal.close()
 

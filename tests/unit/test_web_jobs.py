@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import io
 import json
 import threading
@@ -309,6 +310,38 @@ def test_fresh_app_rebuilds_a_batch_from_s3(make_web_app, fake_worker, web_aws):
     web_aws.s3.delete_object(Bucket=web_aws.settings.input_bucket,
                              Key=f"{batch_id}/{after['ok 1.jpg']['id']}/ok_1.jpg")
     assert len(fresh.get(f"/api/jobs/{batch_id}").get_json()["items"]) == 4
+
+
+def test_a_batch_is_rebuilt_once_however_many_ask_and_holds_up_no_upload(make_web_app, monkeypatch):
+    """A page polling a 1,500-item batch across a restart started a whole rebuild every
+    2 s on the upload pool: 2-file uploads behind them took a minute (explorer)."""
+    services_module = importlib.import_module("web_tier.services")  # web_tier.services: the function
+    old = make_web_app(start_listeners=False)
+    files = [(make_image(54), "a.jpg"), (make_image(55), "b.jpg")]
+    batch_id = upload(old.test_client(), files).get_json()["batch_id"]
+    fresh = make_web_app(start_listeners=False)
+    svc = services_of(fresh)
+    rebuild, calls, release = services_module.rebuild_batch, [], threading.Event()
+
+    def slow_rebuild(aws, batch, pool):
+        calls.append(pool)
+        assert release.wait(30)
+        return rebuild(aws, batch, pool)
+
+    monkeypatch.setattr(services_module, "rebuild_batch", slow_rebuild)
+    answers: list[int] = []
+    readers = [threading.Thread(target=lambda: answers.append(len(fresh.test_client().get(
+        f"/api/jobs/{batch_id}").get_json()["items"]))) for _ in range(5)]
+    for reader in readers:
+        reader.start()
+    wait_until(lambda: calls)
+    # Meanwhile a 2-file upload, which runs on the upload pool, is not held up.
+    sent = upload(fresh.test_client(), [(make_image(56), "c.jpg"), (make_image(57), "d.jpg")])
+    assert sent.status_code == 202
+    release.set()
+    for reader in readers:
+        reader.join(30)
+    assert answers == [2] * 5 and len(calls) == 1 and calls[0] is not svc.pool
 
 
 def test_a_batch_rebuilt_from_s3_keeps_the_upload_order(make_web_app):
