@@ -486,6 +486,39 @@ def test_a_row_that_joins_a_restored_batch_queued_is_counted(stack, browser):
         s3.delete_object(Bucket=stack.settings().input_bucket, Key=key)
 
 
+def test_a_slow_batch_is_polled_once_at_a_time(stack, browser):
+    """The page asked again every 2 s, answered or not: a page polling a large batch
+    rebuilt from S3 after a restart piled up requests, each a whole rebuild (explorer)."""
+    import uuid
+
+    from common.names import object_key
+    from tests.integration.conftest import clients
+
+    s3, _, _ = clients(stack)
+    batch_id, item_id = uuid.uuid4().hex, "0" * 14 + uuid.uuid4().hex[:18]
+    key = object_key(batch_id, item_id, "waiting.jpg")  # stored, never queued: it stays so
+    s3.put_object(Bucket=stack.settings().input_bucket, Key=key, Body=make_image(961),
+                  Metadata={"original-filename": "waiting.jpg", "batch-id": batch_id, "item-id": item_id})
+    try:
+        browser.get(f"{stack.web_url}/#batches={batch_id}")
+        browser.execute_script("""
+          const realFetch = window.fetch;  // from the next poll on, each answers 3 s late
+          window.polls = 0; window.pollsAtOnce = 0; window.mostPollsAtOnce = 0;
+          window.fetch = async (url, options) => {
+            if (!String(url).startsWith("/api/jobs/")) return realFetch(url, options);
+            window.polls += 1; window.pollsAtOnce += 1;
+            window.mostPollsAtOnce = Math.max(window.mostPollsAtOnce, window.pollsAtOnce);
+            try {
+              await new Promise((resolve) => setTimeout(resolve, 3000));  // a slow answer
+              return await realFetch(url, options);
+            } finally { window.pollsAtOnce -= 1; }
+          };""")
+        wait_for(lambda: browser.execute_script("return window.polls") >= 3, 30, "three polls")
+        assert browser.execute_script("return window.mostPollsAtOnce") == 1
+    finally:
+        s3.delete_object(Bucket=stack.settings().input_bucket, Key=key)
+
+
 def test_an_address_edited_in_the_tab_shows_the_batches_it_names(stack, browser):
     """The page went on showing the batches of its old address."""
     from selenium.webdriver.common.by import By

@@ -400,15 +400,13 @@
 
     poll() {
       if (this.pollTimer) return;
+      // The next poll POLL_MS after this one answers, not every POLL_MS: a batch
+      // rebuilt from S3 after a restart can take many seconds to answer.
       const tick = async () => {
         await this.refresh();
-        if (!this.uploading && !this.unfinished()) {
-          clearInterval(this.pollTimer);
-          this.pollTimer = null;
-        }
+        this.pollTimer = !this.uploading && !this.unfinished() ? null : setTimeout(tick, POLL_MS);
       };
-      this.pollTimer = setInterval(tick, POLL_MS);
-      tick();
+      this.pollTimer = setTimeout(tick, 0);
     }
   }
 
