@@ -217,6 +217,21 @@ def test_a_file_deleted_after_it_was_chosen_fails_alone(stack, browser, referenc
     assert_classified({n: shown[n] for n in files}, files, reference_model)
 
 
+def test_a_file_deleted_before_its_chunk_is_sent_again_fails_alone(stack, browser, reference_model, tmp_path):
+    """Resends did not look at the files again: all five rows of an explorer's chunk,
+    one file deleted while the web tier restarted, failed as "could not be reached"."""
+    files = {f"again_{i}.jpg": make_image(870 + i) for i in range(2)}
+    browser.get(stack.web_url + "/")
+    browser.execute_script(FAIL_FIRST_POSTS, ["unreachable"])  # resent 5 s later
+    choose(browser, tmp_path, {**files, "gone.jpg": make_image(872)})
+    wait_for(lambda: browser.execute_script("return window.fakedPosts") == 1, 30, "the first send")
+    (tmp_path / "gone.jpg").unlink()
+    shown = finished_rows(browser, stack, 3, timeout_s=120)
+    assert shown["gone.jpg"].get_attribute("data-state") == "failed"
+    assert "the file could not be read" in shown["gone.jpg"].text
+    assert_classified({n: shown[n] for n in files}, files, reference_model)
+
+
 def test_chunks_refused_before_their_batch_exists_all_join_one_batch(stack, browser, reference_model,
                                                                       tmp_path):
     """An explorer's 30 files, chosen while the web tier restarted: both chunks were

@@ -207,7 +207,7 @@
     }
 
     async send(chunk, attempt = 0) {
-      if (attempt === 0) chunk = await this.readable(chunk);
+      chunk = await this.readable(chunk);  // each time: a file may go while a resend waits
       if (!chunk.length) return;
       const form = new FormData();
       for (const { file, token } of chunk) {
