@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, render_template
+from flask import Blueprint, current_app, render_template
 
 from web_tier.services import services
-from web_tier.uploads import ACCEPTED, readable_size
+from web_tier.uploads import ACCEPTED, FORM_SLACK_BYTES, readable_size, too_large
 
 bp = Blueprint("pages", __name__)
 
@@ -13,6 +13,10 @@ bp = Blueprint("pages", __name__)
 @bp.get("/")
 def index() -> str:
     svc = services()
-    return render_template("index.html", max_file_size=readable_size(svc.settings.max_upload_bytes),
-                           max_files=svc.settings.max_files_per_request,
+    limit = svc.settings.max_upload_bytes
+    # The page sends no file the server would refuse for its size, nor a request it
+    # would refuse whole: one 2.2 GB file had failed the 8 photos sent with it (explorer).
+    return render_template("index.html", max_file_size=readable_size(limit), max_file_bytes=limit,
+                           too_large=too_large(limit), max_files=svc.settings.max_files_per_request,
+                           max_chunk_bytes=current_app.config["MAX_CONTENT_LENGTH"] - FORM_SLACK_BYTES,
                            accepted=ACCEPTED, untrained=svc.book.untrained)

@@ -232,6 +232,32 @@ def test_a_file_deleted_before_its_chunk_is_sent_again_fails_alone(stack, browse
     assert_classified({n: shown[n] for n in files}, files, reference_model)
 
 
+def test_a_file_over_the_size_limit_is_refused_unsent_and_chunks_keep_under_the_body_limit(
+        stack, browser, reference_model, tmp_path):
+    """One 2.2 GB file had taken the whole request over the server's body limit: the 8
+    photos sent with it failed too, said to be "larger than the server accepts"."""
+    files = {f"small_{i}.jpg": make_image(880 + i, size=(64, 48)) for i in range(2)}
+    big = make_image(883, size=(800, 600))
+    limit = max(len(data) for data in files.values())
+    assert len(big) > limit
+    browser.get(stack.web_url + "/")
+    browser.execute_script("""
+      document.body.dataset.maxFileBytes = arguments[0];
+      document.body.dataset.maxChunkBytes = arguments[0];  // one small file a request
+      window.sent = [];
+      const realFetch = window.fetch;
+      window.fetch = (url, options) => {
+        if (url === "/api/jobs") window.sent.push(options.body.getAll("files").map((file) => file.name));
+        return realFetch(url, options);
+      };""", str(limit))
+    choose(browser, tmp_path, {**files, "big.jpg": big})
+    shown = finished_rows(browser, stack, 3, timeout_s=120)
+    assert shown["big.jpg"].get_attribute("data-state") == "failed"
+    assert "file is larger than the limit of 10 MB" in shown["big.jpg"].text  # the server's words
+    assert sorted(browser.execute_script("return window.sent")) == [[name] for name in sorted(files)]
+    assert_classified({n: shown[n] for n in files}, files, reference_model)
+
+
 def test_chunks_refused_before_their_batch_exists_all_join_one_batch(stack, browser, reference_model,
                                                                       tmp_path):
     """An explorer's 30 files, chosen while the web tier restarted: both chunks were

@@ -68,6 +68,33 @@
     return Math.max(1, Math.min(20, Number(document.body.dataset.filesPerRequest) || 20));
   }
 
+  // The server refuses a file over MAX_UPLOAD_BYTES, and a request over its body limit
+  // whole: such files are refused here, unsent, and chunks kept under the limit.
+  function maxFileBytes() {
+    return Number(document.body.dataset.maxFileBytes) || Infinity;
+  }
+  function maxChunkBytes() {
+    return Number(document.body.dataset.maxChunkBytes) || Infinity;
+  }
+
+  // `entries` in chunks of at most chunkFiles() files and maxChunkBytes() bytes (a file
+  // alone may be larger: the server then says why).
+  function chunked(entries) {
+    const chunks = [];
+    let bytes = 0;
+    for (const entry of entries) {
+      const last = chunks[chunks.length - 1];
+      if (last && last.length < chunkFiles() && bytes + entry.file.size <= maxChunkBytes()) {
+        last.push(entry);
+        bytes += entry.file.size;
+      } else {
+        chunks.push([entry]);
+        bytes = entry.file.size;
+      }
+    }
+    return chunks;
+  }
+
   // --- result elements ---------------------------------------------------------
   function makeResult(name, after = null) {
     const el = template.content.firstElementChild.cloneNode(true);
@@ -180,11 +207,9 @@
       // such batch drops it without a word (nothing was stored).
       rememberBatch(this.batchId);
       setUnconfirmed(this.batchId, true);
-      const chunks = [];
-      const size = chunkFiles();
-      for (let i = 0; i < this.entries.length; i += size) {
-        chunks.push(this.entries.slice(i, i + size));
-      }
+      const tooLarge = this.entries.filter(({ file }) => file.size > maxFileBytes());
+      this.refuse(tooLarge, document.body.dataset.tooLarge || "file is too large");
+      const chunks = chunked(this.entries.filter((entry) => !tooLarge.includes(entry)));
       // Until the batch exists, chunks go one at a time (its event stream can only be
       // followed then); the rest then join it in parallel.
       while (chunks.length && !this.created) {
