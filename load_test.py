@@ -321,6 +321,7 @@ def same_label(a: str, b: str) -> bool:
 # header's filename="...", as the HTML standard says.
 _MULTIPART_ESCAPES = {ord("\n"): "%0A", ord("\r"): "%0D", ord('"'): "%22"}
 _MAX_DISPLAY_NAME = 1024  # web_tier/uploads.py MAX_FILENAME_CHARS
+_LINE_BREAKING = frozenset({"Cc", "Zl", "Zp"})  # web_tier/uploads.py
 _BIDI_CONTROLS = dict.fromkeys(map(ord, "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
                                         "\u2066\u2067\u2068\u2069"))  # web_tier/uploads.py
 _MAX_EXTENSION_CHARS = 16  # common/names.py MAX_EXTENSION_CHARS
@@ -335,12 +336,13 @@ def received_name(filename: str) -> str:
     Werkzeug reads filename="..." as an HTTP quoted string, so a backslash escapes
     the next character ('back\\slash.jpg' becomes 'backslash.jpg') and %22 is a
     quote; the web tier then drops bidirectional-text controls, turns control
-    characters (tab, ...) into spaces, trims the ends, and cuts a long name before
-    its extension (web_tier/uploads.py clean_name).
+    characters (tab, ...) and line and paragraph separators into spaces, trims the
+    ends, and cuts a long name before its extension (web_tier/uploads.py clean_name).
     """
     wire = filename.translate(_MULTIPART_ESCAPES)
     parsed = re.sub(r"\\(.)", r"\1", wire, flags=re.ASCII).replace("%22", '"')
-    shown = "".join(" " if unicodedata.category(c) == "Cc" else c for c in parsed.translate(_BIDI_CONTROLS))
+    shown = "".join(" " if unicodedata.category(c) in _LINE_BREAKING else c
+                    for c in parsed.translate(_BIDI_CONTROLS))
     shown = shown.strip()
     if len(shown) > _MAX_DISPLAY_NAME:
         kept = _kept_extension(shown)

@@ -78,6 +78,7 @@ class Upload:
 
 
 # Bidirectional-text controls: shown, "photo\u202egpj.exe" reads as "photoexe.jpg".
+_LINE_BREAKING = frozenset({"Cc", "Zl", "Zp"})
 _BIDI_CONTROLS = dict.fromkeys(map(ord, "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
                                         "\u2066\u2067\u2068\u2069"))
 
@@ -92,7 +93,9 @@ def display_name(storage: FileStorage) -> str:
 def clean_name(sent: str) -> str:
     """A file name as sent, made fit to show (see display_name); one too long is cut
     before its extension, which POST /'s answer drops."""
-    name = "".join(" " if unicodedata.category(c) == "Cc" else c for c in sent.translate(_BIDI_CONTROLS))
+    # Controls, and the line and paragraph separators, which end a line as well.
+    name = "".join(" " if unicodedata.category(c) in _LINE_BREAKING else c
+                   for c in sent.translate(_BIDI_CONTROLS))
     name = name.strip()
     if len(name) > MAX_FILENAME_CHARS:
         kept = kept_extension(name)
@@ -307,17 +310,22 @@ def form_files(request: Request, fields: Iterable[str]) -> list[FileStorage]:
             and not request.files and not request.form):
         raise UploadError(400, "the multipart form could not be read: is every file name UTF-8, "
                                "and the body well formed?")
-    elsewhere = sorted(name for name in request.files if name not in fields
-                       and _real_files(request.files.getlist(name)))
+    # Werkzeug files a part with no name= under None.
+    elsewhere = sorted((name for name in request.files if name not in fields
+                        and _real_files(request.files.getlist(name))), key=lambda name: name or "")
     if files and elsewhere:
-        raise UploadError(400, f"files in form field {elsewhere[0][:64]!r} too: send them all in "
+        raise UploadError(400, f"files in {_field(elsewhere[0])} too: send them all in "
                                + " or ".join(repr(f) for f in fields))
     if elsewhere:  # only there: named, as every refusal of a file is
         stray = _real_files(request.files.getlist(elsewhere[0]))[0]
-        raise UploadError(400, f"sent in form field {elsewhere[0][:64]!r}: send it in "
+        raise UploadError(400, f"sent in {_field(elsewhere[0])}: send it in "
                                + " or ".join(repr(f) for f in fields)
                                + f" (curl -F {fields[0]}=@cat.jpg)", display_name(stray))
     return files
+
+
+def _field(name: str | None) -> str:
+    return f"form field {name[:64]!r}" if name else "a form part with no name"
 
 
 def _real_files(files: Iterable[FileStorage]) -> list[FileStorage]:

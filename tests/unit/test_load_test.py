@@ -1104,7 +1104,7 @@ def test_same_name_accepts_the_web_tiers_spellings_and_no_other_name():
      "x" * 200 + ".jpg", "\u00e9" * 120 + ".jpg", "q\"" * 90 + ".jpg", "../../etc/passwd",
      "photos.v2/cat", "photos.v2/cat.jpg", "..", "photo\u202egpj.exe.png", "\u200fa\u2066b.png",
      "y" * 1100 + ".jpg", "\u00e9" * 1100 + ".jpg", "\u732b" * 300 + ".png", "\U0001f600" * 500 + ".jpg",
-     "%" * 700 + ".gif"],
+     "%" * 700 + ".gif", "line\u2028para\u2029.jpg"],
 )
 def test_the_copied_name_rules_match_the_web_tier(name):
     """load_test.py copies how the web tier respells names; this catches the copies drifting."""
