@@ -509,6 +509,7 @@ class Report:
     instance_samples: list[tuple[float, int]] = field(default_factory=list)
     interrupted: bool = False
     abandoned: int = 0  # requests in flight at the second Ctrl-C, left unanswered
+    idempotency_keys: bool = False  # uploads cut off mid-request were sent again too
 
     def _count(self, verdict: str) -> int:
         return sum(1 for o in self.outcomes if o.verdict == verdict)
@@ -588,6 +589,7 @@ class Report:
         return {
             "url": self.url,
             "api": self.api,
+            "idempotency_keys": self.idempotency_keys,
             "concurrency": self.concurrency,
             "started_at": self.started_at,
             "duration_s": self.duration_s,
@@ -1303,6 +1305,7 @@ def run_load(
         instance_samples=list(poller.samples),
         interrupted=interrupted,
         abandoned=abandoned,
+        idempotency_keys=config.idempotency_keys,
     )
 
 
@@ -1363,7 +1366,8 @@ def format_report(report: Report, max_problems: int = 10) -> str:
                                           "result was read from /api/jobs)"))
     if report.resent:
         resent_requests = sum(1 for o in report.outcomes if o.resent)
-        why = "refused or cut-off connections" if report.api == "jobs" else "refused connections"
+        cut_off_too = report.api == "jobs" or report.idempotency_keys
+        why = "refused or cut-off connections" if cut_off_too else "refused connections"
         rows.insert(1, ("sent again", f"{resent_requests} requests, {report.resent} times in all  ({why}, "
                                       "503 'not stored': a web tier restarting)"))
     if report.peak_instances is not None:

@@ -569,6 +569,7 @@ def test_with_idempotency_keys_a_post_whose_answer_was_cut_off_is_sent_again_und
     assert (keyed.answered, keyed.failed) == (1, 0), [o.error for o in keyed.outcomes]
     [(key, sent)] = tier.idempotency_keys.items()
     assert sent == 2 and keyed.outcomes[0].resent == 1 and len(key) == 36
+    assert "cut-off connections" in load_test.format_report(keyed)  # not only "refused" ones
     assert load_test.parse_args(["--images", str(images), "--idempotency-keys"]).idempotency_keys
 
 
