@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from app_tier.labels import imagenet_labels
+from common.aws import NOT_FOUND_CODES
 from common.config import MODEL_RUNTIMES
 from common.messages import Prediction
 
@@ -68,8 +69,7 @@ def _missing_weights_message(detail: str) -> str:
 # S3's answers that no later start of the worker can change: the operator must act
 # (WeightsUnavailable, exit 78, not restarted). Anything else (S3 failing, no route
 # yet, credentials not yet there at first boot) raises as it is: systemd restarts.
-WEIGHTS_NOT_THERE = frozenset({"404", "NoSuchKey", "NoSuchBucket",
-                               "403", "AccessDenied", "AllAccessDisabled"})
+WEIGHTS_NOT_THERE = NOT_FOUND_CODES | {"403", "AccessDenied", "AllAccessDisabled"}
 
 
 def _fetch_s3_weights(uri: str) -> Path:

@@ -46,7 +46,7 @@ from app_tier.held import AWS_ERRORS, HeldMessages, Job
 from app_tier.images import BadImage, prepare
 from app_tier.model import Classification, Classifier
 from common import systemd
-from common.aws import Aws, error_code, sqs_batches
+from common.aws import Aws, is_not_found, sqs_batches
 from common.config import Settings
 from common.failure_tags import failure_tagging
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
@@ -295,7 +295,7 @@ class Worker:
             data = obj["Body"].read()
             job.filename = original_filename(obj.get("Metadata", {}))
         except ClientError as exc:
-            if error_code(exc) in ("NoSuchKey", "404", "NoSuchBucket"):
+            if is_not_found(exc):
                 job.error = "the uploaded image is missing from the input bucket"
             else:
                 log.warning("cannot read %s: %s", job.request.key, exc)

@@ -64,6 +64,15 @@ def error_code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code") or "")
 
 
+# S3 saying an object (or its bucket) is not there: GetObject says NoSuchKey, HeadObject
+# only its status, 404 (NotFound in some clients' words).
+NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket"})
+
+
+def is_not_found(exc: ClientError) -> bool:
+    return error_code(exc) in NOT_FOUND_CODES
+
+
 def error_reason(exc: BaseException) -> str:
     """A short reason for an AWS failure, fit to show an unauthenticated caller: AWS's
     error code or the kind of failure, never its message, which can name accounts,

@@ -15,11 +15,11 @@ from collections.abc import Callable
 
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
-from common.aws import Aws
+from common.aws import Aws, is_not_found
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
 from web_tier.rebuild import with_stored_outcome
 from web_tier.results import Item, ResultBook, batch_id_of
-from web_tier.storage import is_not_found, tag_failed
+from web_tier.storage import tag_failed
 
 log = logging.getLogger(__name__)
 

@@ -12,17 +12,10 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from common.aws import Aws, error_code
+from common.aws import Aws, is_not_found
 from common.failure_tags import failed_by, failure_from_tags, failure_tagging
 from common.names import ORIGINAL_FILENAME_META, encode_filename, original_filename
 from common.output_object import label_of, read_result_metadata
-
-_NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
-
-
-def is_not_found(exc: ClientError) -> bool:
-    return error_code(exc) in _NOT_FOUND
-
 
 CLIENT_TOKEN_META = "client-token"
 
