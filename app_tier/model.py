@@ -28,7 +28,7 @@ import numpy as np
 
 from app_tier.labels import imagenet_labels
 from common.aws import NOT_FOUND_CODES
-from common.config import MODEL_RUNTIMES
+from common.config import MODEL_RUNTIMES, RANDOM_WEIGHTS
 from common.messages import Prediction
 
 log = logging.getLogger(__name__)
@@ -95,11 +95,11 @@ def _fetch_s3_weights(uri: str) -> Path:
     return target
 
 
-def _build_network(weights: str):
-    """The Keras ResNet-50 with the requested weights loaded."""
+def build_network(weights: str):
+    """The Keras ResNet-50 with the requested weights loaded (imports TensorFlow)."""
     import keras
 
-    if weights == "random":
+    if weights == RANDOM_WEIGHTS:
         keras.utils.set_random_seed(RANDOM_WEIGHTS_SEED)
         return keras.applications.ResNet50(weights=None)
     if weights == "imagenet":
@@ -149,11 +149,6 @@ class Classifier:
         return out
 
 
-def build_network(weights: str):
-    """The Keras ResNet-50 with the requested weights (imports TensorFlow)."""
-    return _build_network(weights)
-
-
 class ResNet50Classifier(Classifier):
     """Batch classification with one traced graph, reused for every call.
 
@@ -170,8 +165,8 @@ class ResNet50Classifier(Classifier):
             tf.config.threading.set_inter_op_parallelism_threads(1)
         started = time.perf_counter()
         self.weights = weights
-        self.untrained = weights == "random"
-        network = _build_network(weights)
+        self.untrained = weights == RANDOM_WEIGHTS
+        network = build_network(weights)
         self._forward = tf.function(
             lambda x: network(x, training=False),
             input_signature=[tf.TensorSpec([None, 224, 224, 3], tf.float32)],

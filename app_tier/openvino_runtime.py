@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from app_tier.model import RANDOM_WEIGHTS_SEED, Classifier, build_network
+from common.config import RANDOM_WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def cache_dir() -> Path:
 
 def ir_path(weights: str) -> Path:
     """Where the IR for these weights lives; a changed weights file gets a new name."""
-    if weights == "random":
+    if weights == RANDOM_WEIGHTS:
         tag = f"random-{RANDOM_WEIGHTS_SEED}"
     elif not Path(weights).is_file():
         # imagenet, s3://..., or a missing file (whose conversion will say so).
@@ -125,7 +126,7 @@ class OpenVinoResNet50(Classifier):
 
         started = time.perf_counter()
         self.weights = weights
-        self.untrained = weights == "random"
+        self.untrained = weights == RANDOM_WEIGHTS
         core = ov.Core()
         network = core.read_model(str(ensure_ir(weights)))
         config: dict = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, **COMPILE_DEFAULTS}

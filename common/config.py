@@ -102,6 +102,8 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
 AWS_SCALE_IN_COOLDOWN_S = 60.0
 SCALING_MODES = ("backlog", "latency")
 MODEL_RUNTIMES = ("openvino", "tensorflow")
+# MODEL_WEIGHTS for ResNet-50 untrained (tests, offline demos): flagged wherever a label shows.
+RANDOM_WEIGHTS = "random"
 
 
 @dataclass(frozen=True)
@@ -213,6 +215,11 @@ class Settings:
     @property
     def local_aws_url(self) -> str:
         return f"http://{self.local_aws_host}:{self.local_aws_port}"
+
+    @property
+    def untrained(self) -> bool:
+        """Whether the configured weights are untrained (MODEL_WEIGHTS=random)."""
+        return self.model_weights == RANDOM_WEIGHTS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stack.start()
         untrained = " (MODEL_WEIGHTS=random: labels come from an UNTRAINED model)" \
-            if settings.model_weights == "random" else ""
+            if settings.untrained else ""
         print(f"READY web=http://{settings.web_host}:{settings.web_port} aws={settings.local_aws_url}"
               f" logs={stack.logs}{untrained}", flush=True)
         # boto3 and the AWS CLI need a region and some credentials besides the address.

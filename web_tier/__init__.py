@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None, *, aws: Aws | None = None,
     # Until a worker's answer says which model it runs, the configured weights are
     # the best guess: with `random`, the page and /api/status say "untrained" from
     # the start rather than only after the first result.
-    book = ResultBook(untrained=True if settings.model_weights == "random" else None)
+    book = ResultBook(untrained=True if settings.untrained else None)
     svc = Services(
         settings=settings,
         aws=aws,

@@ -53,7 +53,7 @@ def read_output(aws: Aws, key: str) -> dict[str, Any] | None:
     is taken to come from the model this deployment is configured with: with
     MODEL_WEIGHTS=random it is flagged untrained, never passed off as trained.
     """
-    configured_untrained = aws.settings.model_weights == "random"
+    configured_untrained = aws.settings.untrained
     stored = head(aws, aws.settings.output_bucket, key)
     if stored is None:
         return None
