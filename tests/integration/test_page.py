@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -527,9 +529,9 @@ def test_a_row_that_joins_a_restored_batch_queued_is_counted(stack, browser):
         s3.delete_object(Bucket=stack.settings().input_bucket, Key=key)
 
 
-def test_a_slow_batch_is_polled_once_at_a_time(stack, browser):
-    """The page asked again every 2 s, answered or not: a page polling a large batch
-    rebuilt from S3 after a restart piled up requests, each a whole rebuild (explorer)."""
+@contextlib.contextmanager
+def waiting_batch(stack, seed: int) -> Iterator[str]:
+    """A batch of one image stored and never queued (it stays so), as a page polls it."""
     import uuid
 
     from common.names import object_key
@@ -537,27 +539,61 @@ def test_a_slow_batch_is_polled_once_at_a_time(stack, browser):
 
     s3, _, _ = clients(stack)
     batch_id, item_id = uuid.uuid4().hex, "0" * 14 + uuid.uuid4().hex[:18]
-    key = object_key(batch_id, item_id, "waiting.jpg")  # stored, never queued: it stays so
-    s3.put_object(Bucket=stack.settings().input_bucket, Key=key, Body=make_image(961),
+    key = object_key(batch_id, item_id, "waiting.jpg")
+    s3.put_object(Bucket=stack.settings().input_bucket, Key=key, Body=make_image(seed),
                   Metadata={"original-filename": "waiting.jpg", "batch-id": batch_id, "item-id": item_id})
     try:
-        browser.get(f"{stack.web_url}/#batches={batch_id}")
-        browser.execute_script("""
-          const realFetch = window.fetch;  // from the next poll on, each answers 3 s late
-          window.polls = 0; window.pollsAtOnce = 0; window.mostPollsAtOnce = 0;
-          window.fetch = async (url, options) => {
-            if (!String(url).startsWith("/api/jobs/")) return realFetch(url, options);
-            window.polls += 1; window.pollsAtOnce += 1;
-            window.mostPollsAtOnce = Math.max(window.mostPollsAtOnce, window.pollsAtOnce);
-            try {
-              await new Promise((resolve) => setTimeout(resolve, 3000));  // a slow answer
-              return await realFetch(url, options);
-            } finally { window.pollsAtOnce -= 1; }
-          };""")
-        wait_for(lambda: browser.execute_script("return window.polls") >= 3, 30, "three polls")
-        assert browser.execute_script("return window.mostPollsAtOnce") == 1
+        yield batch_id
     finally:
         s3.delete_object(Bucket=stack.settings().input_bucket, Key=key)
+
+
+def show_restored(browser, stack, batch_id: str) -> None:
+    """Open the page on `batch_id`, and wait until it shows the batch (then polls it)."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{stack.web_url}/#batches={batch_id}")
+    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#results [data-state]"), 30, "the batch")
+
+
+# From the next poll on, each answers 3 s late ("slow") or only when given up on ("hang",
+# the first one only); window.mostPollsAtOnce counts the polls waiting at once.
+WATCH_POLLS = """
+const how = arguments[0];
+const realFetch = window.fetch;
+window.polls = 0; window.pollsAtOnce = 0; window.mostPollsAtOnce = 0;
+window.fetch = async (url, options) => {
+  if (!String(url).startsWith("/api/jobs/")) return realFetch(url, options);
+  window.polls += 1; window.pollsAtOnce += 1;
+  window.mostPollsAtOnce = Math.max(window.mostPollsAtOnce, window.pollsAtOnce);
+  try {
+    if (how === "hang" && window.polls === 1) {
+      await new Promise((resolve, reject) => options.signal && options.signal.addEventListener(
+        "abort", () => reject(new DOMException("The operation was aborted.", "AbortError"))));
+    }
+    if (how === "slow") await new Promise((resolve) => setTimeout(resolve, 3000));
+    return await realFetch(url, options);
+  } finally { window.pollsAtOnce -= 1; }
+};
+"""
+
+
+def test_a_slow_batch_is_polled_once_at_a_time(stack, browser):
+    """The page asked again every 2 s, answered or not: a page polling a large batch
+    rebuilt from S3 after a restart piled up requests, each a whole rebuild (explorer)."""
+    with waiting_batch(stack, 961) as batch_id:
+        show_restored(browser, stack, batch_id)
+        browser.execute_script(WATCH_POLLS, "slow")
+        wait_for(lambda: browser.execute_script("return window.polls") >= 3, 30, "three polls")
+        assert browser.execute_script("return window.mostPollsAtOnce") == 1
+
+
+def test_a_poll_that_never_answers_is_given_up_on_and_asked_again(stack, browser):
+    with waiting_batch(stack, 962) as batch_id:
+        show_restored(browser, stack, batch_id)
+        browser.execute_script("document.body.dataset.pollTimeoutMs = '1000';")
+        browser.execute_script(WATCH_POLLS, "hang")
+        wait_for(lambda: browser.execute_script("return window.polls") >= 3, 30, "polls after the hung one")
 
 
 def test_an_address_edited_in_the_tab_shows_the_batches_it_names(stack, browser):

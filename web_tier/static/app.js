@@ -5,6 +5,11 @@
 (() => {
   const PARALLEL_CHUNKS = 3;   // chunks in flight at once
   const POLL_MS = 2000;        // fallback polling when EventSource fails
+  // A poll given up on, so that the next one is asked (a batch rebuilt from S3 after a
+  // restart answers in seconds: 17 s for 1,500 items).
+  function pollTimeoutMs() {
+    return Number(document.body.dataset.pollTimeoutMs) || 60000;
+  }
   const STATUS_MS = 2000;
   const SSE_GIVE_UP = 3;       // consecutive stream errors before polling instead
   // Event streams open at once; other batches are polled. Each holds one of the
@@ -374,7 +379,8 @@
 
     async refresh() {
       try {
-        const response = await fetch(`/api/jobs/${this.batchId}`, { cache: "no-store" });
+        const signal = AbortSignal.timeout ? AbortSignal.timeout(pollTimeoutMs()) : undefined;
+        const response = await fetch(`/api/jobs/${this.batchId}`, { cache: "no-store", signal });
         if (!response.ok) return;
         const body = await response.json();
         body.items.forEach((item) => this.apply(item));
