@@ -27,8 +27,12 @@ TRIM_AFTER_PIXELS = 1_000_000
 # may read them as "I" too), 32-bit integer and floating-point TIFFs.
 _HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
-# Modes whose samples can be averaged (Image.reduce refuses 16-bit and 1-bit ones).
-_REDUCIBLE_MODES = frozenset({"L", "LA", "La", "RGB", "RGBA", "RGBa", "I", "F", "CMYK", "YCbCr"})
+# Modes whose samples can be averaged before they are converted to RGB, to the same
+# effect (Image.reduce refuses 16-bit and 1-bit ones). Not 32-bit integers: reduce sums
+# them in 32 bits, which wrap (2**31 - 10 came out -10); nor floats, whose brightest
+# sample sets their scale (_to_8_bits); nor CMYK, whose conversion multiplies its
+# channels (reviewer): each is reduced once converted.
+_REDUCIBLE_MODES = frozenset({"L", "LA", "La", "RGB", "RGBA", "RGBa", "YCbCr"})
 # A large image is reduced by box averaging until its sides are within this factor of
 # the model's input; `to_input`'s resize does the rest. Pillow's `reducing_gap`: from
 # 3 on, "indistinguishable from" resizing the whole image in one go.
@@ -149,8 +153,9 @@ def load_rgb(img: Image.Image, max_pixels: int) -> Image.Image:
 def _reduced(img: Image.Image) -> Image.Image:
     """`img` made smaller by a whole factor, its pixels averaged in boxes, while both
     sides stay at least REDUCING_GAP times the model's input; `img` itself where that
-    would change what it shows: a palette's indices, or a colour key (PNG's tRNS)
-    that averaged pixels would no longer match, are reduced once converted."""
+    would change what it shows (see _REDUCIBLE_MODES): a palette's indices, or a
+    colour key (PNG's tRNS) that averaged pixels would no longer match, are reduced
+    once converted."""
     factor = min(img.width // (INPUT_SIZE[0] * REDUCING_GAP), img.height // (INPUT_SIZE[1] * REDUCING_GAP))
     if factor < 2 or img.mode not in _REDUCIBLE_MODES or "transparency" in img.info:
         return img
@@ -180,29 +185,39 @@ def _to_8_bits(img: Image.Image) -> Image.Image:
     (with room for overshoot), else 0-255 when the samples fit, else their maximum
     (12-bit data in a 32-bit TIFF). A transparent grey (PNG's tRNS) stays transparent.
 
-    Samples are scaled a band of rows at a time: as float32, a whole 40-megapixel
-    image is 160 MB, and one copy of it took a 16-bit PNG to +518 MB."""
-    raw = np.asarray(img)
-    rows = max(1, _SCALING_SAMPLES // max(1, raw.shape[1]))
-    bands = [slice(top, top + rows) for top in range(0, raw.shape[0], rows)]
+    Samples are read and scaled a band of rows at a time: as float32, a whole
+    40-megapixel image is 160 MB, and one copy of it took a 16-bit PNG to +518 MB."""
+    width, height = img.size
+    rows = max(1, _SCALING_SAMPLES // max(1, width))
+    bands = [(top, min(top + rows, height)) for top in range(0, height, rows)]
+
+    def samples_of(top: int, bottom: int) -> np.ndarray:
+        return np.asarray(img.crop((0, top, width, bottom)))
+
     if img.mode.startswith("I;16"):
         full_scale = 65535.0
     else:
         # The range from finite samples: one +inf made the full scale 3.4e38 (nan_to_num's
         # largest float) and the whole picture black (explorer). NaN is black, inf white.
-        brightest = max((float(raw[band].max(initial=0, where=np.isfinite(raw[band]))) for band in bands),
-                        default=0.0)
+        brightest = 0.0
+        for band in bands:
+            raw = samples_of(*band)
+            brightest = max(brightest, float(raw.max(initial=0, where=np.isfinite(raw))))
         full_scale = 1.0 if img.mode == "F" and brightest <= 1.5 else max(255.0, brightest)
-    scaled = np.empty(raw.shape, dtype=np.uint8)
-    for band in bands:
-        samples = raw[band].astype(np.float32)
+    transparent = img.info.get("transparency")
+    keyed = isinstance(transparent, int)
+    scaled = np.empty((height, width), dtype=np.uint8)
+    alpha = np.empty((height, width), dtype=np.uint8) if keyed else None
+    for top, bottom in bands:
+        raw = samples_of(top, bottom)
+        if alpha is not None:
+            alpha[top:bottom] = np.where(raw == transparent, np.uint8(0), np.uint8(255))
+        samples = raw.astype(np.float32)
         np.nan_to_num(samples, copy=False, nan=0.0, posinf=full_scale, neginf=0.0)
         samples *= 255.0 / full_scale
         samples += 0.5
-        scaled[band] = np.clip(samples, 0, 255, out=samples)
-    transparent = img.info.get("transparency")
-    if isinstance(transparent, int):
-        alpha = np.where(raw == transparent, np.uint8(0), np.uint8(255))
+        scaled[top:bottom] = np.clip(samples, 0, 255, out=samples)
+    if alpha is not None:
         return Image.merge("LA", (Image.fromarray(scaled, "L"), Image.fromarray(alpha, "L")))
     return Image.fromarray(scaled, "L")
 
@@ -226,7 +241,7 @@ def prepare(data: bytes, max_pixels: int, large: threading.Semaphore | None = No
     """Bytes of an upload to one model input, or BadImage.
 
     Images that stay large after `draft` (a 40-megapixel PNG of 130 KB takes
-    +160 MB to decode, +320 MB with transparency, +400 MB for 16-bit grey with a
+    +160 MB to decode, +320 MB with transparency, +330 MB for 16-bit grey with a
     transparent value), and large JPEGs of several scans, are decoded only while holding
     `large`, so that a batch of them cannot run a small instance out of memory
     all at once. Pillow's work runs inside `watch()` (the worker times it), the

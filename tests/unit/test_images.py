@@ -304,3 +304,41 @@ def test_deep_samples_scaled_a_band_of_rows_at_a_time_are_scaled_alike(grey8, mo
     monkeypatch.setattr(images, "_SCALING_SAMPLES", 200)  # bands of 2 rows
     assert np.array_equal(pixels(saved(Image.fromarray(floats, "F"), "TIFF")), whole)
     assert whole.max() == 255
+
+
+def _stripes(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Columns alternating between two values: what averaging before converting gets wrong."""
+    out = np.empty((1400, 1400) + np.shape(first), dtype=np.asarray(first).dtype)
+    out[:, 0::2], out[:, 1::2] = first, second
+    return out
+
+
+def _int32_ramp() -> Image.Image:
+    ramp = np.tile(np.linspace(0, 2**30, 1400).astype(np.int32), (1400, 1))
+    return Image.fromarray(ramp, "I")
+
+
+def _float_with_hot_pixels() -> Image.Image:
+    samples = np.full((1400, 1400), 0.5, dtype=np.float32)
+    samples[::200, ::200] = 2.0  # 49 hot pixels set the range, in the whole image
+    return Image.fromarray(samples, "F")
+
+
+@pytest.mark.parametrize(("image", "fmt", "options"), [
+    (_int32_ramp, "TIFF", {}),  # reduce sums 32-bit integers in 32 bits: they wrapped
+    (_float_with_hot_pixels, "TIFF", {}),  # the brightest box average set the range
+    (lambda: Image.fromarray(_stripes(np.array([255, 255, 255, 255], np.uint8), np.zeros(4, np.uint8)),
+                             "CMYK"), "TIFF", {}),  # converted by multiplying channels
+    (lambda: Image.fromarray(_stripes(np.uint8(0), np.uint8(100)), "L"), "PNG", {"transparency": 0}),
+    (lambda: Image.fromarray(_stripes(np.zeros(3, np.uint8), np.array([9, 99, 199], np.uint8)), "RGB"),
+     "PNG", {"transparency": (0, 0, 0)}),
+])
+def test_a_large_image_reduced_first_looks_as_it_would_whole(monkeypatch, image, fmt, options):
+    """Reduced before converting, each of these came out another picture (reviewer)."""
+    from app_tier import images
+
+    data = saved(image(), fmt, **options)
+    reduced = prepare(data, MAX_PIXELS)
+    monkeypatch.setattr(images, "REDUCING_GAP", 10**6)  # never reduced before converting
+    whole = prepare(data, MAX_PIXELS)
+    assert np.abs(reduced - whole).mean() < 1.0, (reduced.mean(), whole.mean())
