@@ -18,17 +18,11 @@ from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 from common.aws import Aws, is_not_found
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
 from web_tier.rebuild import with_stored_outcome
-from web_tier.results import Item, ResultBook, batch_id_of
+from web_tier.results import DEAD_LETTER_ERROR, Item, ResultBook, batch_id_of
 from web_tier.storage import tag_failed
 
 log = logging.getLogger(__name__)
 
-# In the characters an S3 tag value takes (common/failure_tags.py), so that a batch
-# rebuilt from S3 shows it the same. Not "it failed each time": a worker killed while
-# it held an image it had not begun (scale-in, a crash on another image) counts too.
-DEAD_LETTER_ERROR = ("could not be processed: no worker answered for it in the attempts allowed - each "
-                     "worker holding it crashed or stalled or was stopped. Send it again and check "
-                     "the image if it fails again")
 RESPONSE_THREADS = 2
 MIN_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0
@@ -138,8 +132,7 @@ class Listeners:
     def _drop_dead_letter(self, request: ClassifyRequest) -> None:
         log.exception("cannot handle dead letter for %s; failed unmarked, and dropped", request.id)
         try:
-            self.book.fail(request.id, DEAD_LETTER_ERROR, key=request.key, filename=request.filename,
-                           provisional=True)
+            self.book.fail(request.id, DEAD_LETTER_ERROR, key=request.key, filename=request.filename)
         except Exception:  # the other dead letters received with it are still to be deleted
             log.exception("could not fail item %s", request.id)
 
@@ -163,8 +156,7 @@ class Listeners:
                     log.info("item %s: its outcome was stored but never sent; taken from S3", request.id)
                 return
         # The waiting client first: the book is memory, and failing twice changes nothing.
-        if self.book.fail(request.id, DEAD_LETTER_ERROR, key=request.key, filename=request.filename,
-                          provisional=True):
+        if self.book.fail(request.id, DEAD_LETTER_ERROR, key=request.key, filename=request.filename):
             log.info("item %s failed on every attempt", request.id)
         # Then the lasting record, for a batch rebuilt from S3. If this raises, the
         # message stays and comes back; an object that is gone has nothing to mark.

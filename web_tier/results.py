@@ -13,13 +13,20 @@ import re
 import threading
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from common.messages import ClassifyResponse
 
 QUEUED, DONE, FAILED = "queued", "done", "failed"
 FINISHED = (DONE, FAILED)
+
+# In the characters an S3 tag value takes (common/failure_tags.py), so that a batch
+# rebuilt from S3 shows it the same. Not "it failed each time": a worker killed while
+# it held an image it had not begun (scale-in, a crash on another image) counts too.
+DEAD_LETTER_ERROR = ("could not be processed: no worker answered for it in the attempts allowed - each "
+                     "worker holding it crashed or stalled or was stopped. Send it again and check "
+                     "the image if it fails again")
 
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 
@@ -55,9 +62,6 @@ class Item:
     # When it finished, in this book's order (ResultBook._number): event streams
     # resume after the last one a client saw. 0 while queued.
     finished_seq: int = field(default=0, compare=False)
-    # Failed by a dead letter: no worker answered one copy of its request in the attempts
-    # allowed. Another copy (a journal's requeue, a hand-back) may yet be answered.
-    provisional: bool = field(default=False, compare=False)
     # Made only for an item someone waits on (POST /), set when it finishes: an Event
     # for each of the book's many items cost ~1 KB apiece.
     waiter: threading.Event | None = field(default=None, repr=False, compare=False)
@@ -65,6 +69,13 @@ class Item:
     @property
     def is_finished(self) -> bool:
         return self.state in FINISHED
+
+    @property
+    def provisional(self) -> bool:
+        """Failed by a dead letter: no worker answered one copy of its request in the
+        attempts allowed. Another copy (a journal's requeue, a hand-back SQS would not
+        delete) may yet be answered, and its outcome then replaces this one."""
+        return self.state == FAILED and self.error == DEAD_LETTER_ERROR
 
     def shows_untrained(self, model_untrained: bool) -> bool:
         """Whether to flag this item as untrained: a label's own model, which may differ
@@ -210,12 +221,9 @@ class ResultBook:
         """Record an outcome found another way (in S3); the item if this was its first result."""
         return self._finish(item, item.untrained if item.state == DONE else None)
 
-    def fail(self, item_id: str, error: str, *, key: str = "", filename: str = "",
-             provisional: bool = False) -> Item | None:
-        """Mark an item failed unless it already has an outcome; the item if it changed.
-        A `provisional` failure gives way to an outcome recorded after it."""
-        item = Item(id=item_id, batch_id=batch_id_of(key), filename=filename, key=key,
-                    provisional=provisional)
+    def fail(self, item_id: str, error: str, *, key: str = "", filename: str = "") -> Item | None:
+        """Mark an item failed unless it already has an outcome; the item if it changed."""
+        item = Item(id=item_id, batch_id=batch_id_of(key), filename=filename, key=key)
         item.state, item.error = FAILED, error
         return self._finish(item, None)
 
@@ -247,6 +255,12 @@ class ResultBook:
                         known._apply(item)
                         _wake(known)
                         finished.append(known)
+                    elif known.provisional and item.is_finished and not item.provisional:
+                        self.failed -= 1
+                        replaced = self._replace(known, item)
+                        self.answered += replaced.state == DONE
+                        self.failed += replaced.state == FAILED
+                        finished.append(replaced)
             # S3's key order is upload order; items learnt earlier from answers that
             # came before the rebuild take their places in it.
             in_s3 = [item.id for item in rebuilt]
@@ -266,13 +280,13 @@ class ResultBook:
                 self._items[item.id] = item
                 if item.batch_id:
                     self._batch(item.batch_id).item_ids.append(item.id)
-            elif item.is_finished and not (item.provisional and not incoming.provisional):
-                return None
+            elif item.is_finished:
+                if not item.provisional or incoming.provisional:
+                    return None
+                self.failed -= 1
+                item = self._replace(item, incoming)
             else:
-                if item.is_finished:  # a dead letter's failure; another copy was answered after all
-                    self.failed -= 1
                 self._number(item)
-                item.provisional = incoming.provisional
                 item._apply(incoming)
                 if not item.key:
                     item.key = incoming.key
@@ -286,6 +300,15 @@ class ResultBook:
             self._publish([item])
             self._evict()
             return item
+
+    def _replace(self, item: Item, outcome: Item) -> Item:
+        """A new item in `item`'s place (the lock held), with `outcome`'s outcome: readers
+        take no lock, and a finished item's fields must never change under them."""
+        new = replace(item, waiter=None)
+        self._number(new)
+        new._apply(outcome)
+        self._items[new.id] = new
+        return new
 
     def _number(self, item: Item) -> None:
         """Number an item about to finish (the lock held): numbers follow the order items

@@ -237,12 +237,34 @@ def test_a_dead_letters_failure_gives_way_to_another_copy_answered_after_it(web_
     assert items_by_name(client, batch_id)["twice.jpg"]["error"] == DEAD_LETTER_ERROR
     book = services_of(web_app).book
     assert (book.answered, book.failed) == (0, 1)
+    failed = book.get(request.id)
     FakeWorker(web_aws).handle(request)  # the other copy
     wait_until(lambda: items_by_name(client, batch_id)["twice.jpg"]["state"] == "done")
     assert items_by_name(client, batch_id)["twice.jpg"]["label"] == answer_for(data)[0]
     assert (book.answered, book.failed) == (1, 0)
+    # Replaced, not changed: a reader holding the failed item reads it whole (reviewer).
+    assert (failed.state, failed.error, failed.label) == ("failed", DEAD_LETTER_ERROR, None)
     # A second dead letter of it changes nothing now.
-    assert book.fail(request.id, DEAD_LETTER_ERROR, key=request.key, provisional=True) is None
+    assert book.fail(request.id, DEAD_LETTER_ERROR, key=request.key) is None
+
+
+def test_a_dead_letters_failure_rebuilt_from_s3_gives_way_too(make_web_app, web_aws):
+    """Read back from the input object's tags after a restart, the failure had become
+    final: the other copy's answer was ignored (reviewer)."""
+    old = make_web_app()
+    client = old.test_client()
+    data = make_image(45)
+    batch_id = upload(client, [(data, "later.jpg")]).get_json()["batch_id"]
+    request = dead_letter(web_aws)
+    key = request.key
+    wait_until(lambda: failure_from_tags(web_aws.s3.get_object_tagging(
+        Bucket=web_aws.settings.input_bucket, Key=key)["TagSet"]) == DEAD_LETTER_ERROR)
+    services_of(old).stop(timeout=5)
+
+    fresh = make_web_app().test_client()
+    assert items_by_name(fresh, batch_id)["later.jpg"]["state"] == "failed"  # rebuilt from S3
+    FakeWorker(web_aws).handle(request)  # the other copy
+    wait_until(lambda: items_by_name(fresh, batch_id)["later.jpg"]["state"] == "done")
 
 
 def test_a_dead_letter_whose_result_was_stored_but_never_sent_is_answered_with_it(web_app, web_aws):
