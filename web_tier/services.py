@@ -63,6 +63,10 @@ class Services:
         with self._rebuilding_lock:
             under_way = self._rebuilding.get(batch_id)
             if under_way is None:
+                # Looked at again: a rebuild may have ended since the look above.
+                items = self.book.batch(batch_id)
+                if items is not None:
+                    return items
                 mine = self._rebuilding[batch_id] = Future()
         if under_way is not None:
             # Raises what the rebuild raised; else the batch as the book now has it.
