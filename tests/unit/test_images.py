@@ -264,7 +264,7 @@ def test_a_large_image_is_reduced_before_it_is_converted_and_looks_the_same(monk
     and 1.6 s, now +162 MB and 0.24 s). What the model sees barely changes."""
     from app_tier.images import INPUT_SIZE
 
-    width, height = 2400, 1800
+    width, height = 2800, 2700
     rgb = _photo_like(width, height)
     alpha = np.tile(np.linspace(0, 255, width, dtype=np.uint8), (height, 1))
     rgba = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
@@ -276,8 +276,8 @@ def test_a_large_image_is_reduced_before_it_is_converted_and_looks_the_same(monk
     monkeypatch.setattr(Image, "alpha_composite", lambda a, b: composited.append(a.size) or composite(a, b))
     got = decode(saved(rgba, "PNG", compress_level=1), MAX_PIXELS)
 
-    # Halved (both sides stay at least 3 x 224), then composited on white.
-    assert composited == [(1200, 900)] and got.size == (1200, 900)
+    # Halved (both sides stay at least 6 x 224), then composited on white.
+    assert composited == [(1400, 1350)] and got.size == (1400, 1350)
     seen = np.asarray(got.resize(INPUT_SIZE, Image.Resampling.BILINEAR), dtype=np.int16)
     difference = np.abs(seen - np.asarray(whole, dtype=np.int16))
     assert difference.mean() < 0.5 and difference.max() <= 4, (difference.mean(), difference.max())
@@ -285,13 +285,13 @@ def test_a_large_image_is_reduced_before_it_is_converted_and_looks_the_same(monk
 
 def test_a_large_image_with_a_colour_key_is_reduced_only_once_its_key_is_applied():
     """Averaged, pixels of a PNG's transparent colour (tRNS) would no longer match it."""
-    index = np.zeros((1400, 1400), dtype=np.uint8)
-    index[:, 700:] = 1
+    index = np.zeros((2800, 2800), dtype=np.uint8)
+    index[:, 1400:] = 1
     keyed = Image.fromarray(index, "L").convert("P")
     keyed.putpalette([10, 20, 30, 200, 50, 0] + [0] * 762)
     got = pixels(saved(keyed, "PNG", transparency=0))
-    assert got.shape[:2] == (700, 700)  # reduced by 2
-    assert (got[:, :340] == 255).all() and (got[:, 360:] == (200, 50, 0)).all()
+    assert got.shape[:2] == (1400, 1400)  # reduced by 2
+    assert (got[:, :690] == 255).all() and (got[:, 710:] == (200, 50, 0)).all()
 
 
 def test_deep_samples_scaled_a_band_of_rows_at_a_time_are_scaled_alike(grey8, monkeypatch):
@@ -306,27 +306,45 @@ def test_deep_samples_scaled_a_band_of_rows_at_a_time_are_scaled_alike(grey8, mo
     assert whole.max() == 255
 
 
+SIDE = 2800  # reduced by 2 (6 x 224 = 1344)
+
+
 def _stripes(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     """Columns alternating between two values: what averaging before converting gets wrong."""
-    out = np.empty((1400, 1400) + np.shape(first), dtype=np.asarray(first).dtype)
+    out = np.empty((SIDE, SIDE) + np.shape(first), dtype=np.asarray(first).dtype)
     out[:, 0::2], out[:, 1::2] = first, second
     return out
 
 
 def _int32_ramp() -> Image.Image:
-    ramp = np.tile(np.linspace(0, 2**30, 1400).astype(np.int32), (1400, 1))
+    ramp = np.tile(np.linspace(0, 2**30, SIDE).astype(np.int32), (SIDE, 1))
     return Image.fromarray(ramp, "I")
 
 
-def _float_with_hot_pixels() -> Image.Image:
-    samples = np.full((1400, 1400), 0.5, dtype=np.float32)
-    samples[::200, ::200] = 2.0  # 49 hot pixels set the range, in the whole image
+def _float_with_hot_pixels_and_no_data() -> Image.Image:
+    samples = np.full((SIDE, SIDE), 0.5, dtype=np.float32)
+    samples[::400, ::400] = 2.0  # 49 hot pixels set the range, in the whole image
+    samples[1::100, 1::10] = np.nan  # "no data": one black pixel each, not a black box
     return Image.fromarray(samples, "F")
+
+
+def _transparent_everywhere() -> Image.Image:
+    rgba = np.random.default_rng(8).integers(0, 256, (SIDE, SIDE, 4), dtype=np.uint8)
+    rgba[..., 3] = 0  # a 32-bit BMP's padding byte, say: its colours are what it shows
+    return Image.fromarray(rgba, "RGBA")
+
+
+def _framed(width: int, height: int) -> Image.Image:
+    framed = np.zeros((height, width), dtype=np.uint8)
+    framed[1:-1, 1:-1] = 255
+    return Image.fromarray(framed, "L")
 
 
 @pytest.mark.parametrize(("image", "fmt", "options"), [
     (_int32_ramp, "TIFF", {}),  # reduce sums 32-bit integers in 32 bits: they wrapped
-    (_float_with_hot_pixels, "TIFF", {}),  # the brightest box average set the range
+    (_float_with_hot_pixels_and_no_data, "TIFF", {}),  # box averages set the range; NaN blackened boxes
+    (_transparent_everywhere, "PNG", {}),  # premultiplied by alpha 0: black
+    (lambda: _framed(4 * 6 * 224 + 1, 1400), "PNG", {}),  # a last box of 1 pixel skewed the edge
     (lambda: Image.fromarray(_stripes(np.array([255, 255, 255, 255], np.uint8), np.zeros(4, np.uint8)),
                              "CMYK"), "TIFF", {}),  # converted by multiplying channels
     (lambda: Image.fromarray(_stripes(np.uint8(0), np.uint8(100)), "L"), "PNG", {"transparency": 0}),
@@ -341,4 +359,13 @@ def test_a_large_image_reduced_first_looks_as_it_would_whole(monkeypatch, image,
     reduced = prepare(data, MAX_PIXELS)
     monkeypatch.setattr(images, "REDUCING_GAP", 10**6)  # never reduced before converting
     whole = prepare(data, MAX_PIXELS)
-    assert np.abs(reduced - whole).mean() < 1.0, (reduced.mean(), whole.mean())
+    difference = np.abs(reduced - whole)
+    assert difference.mean() < 1.0 and difference.max() <= 8, (difference.mean(), difference.max())
+
+
+def test_a_long_thin_image_is_reduced_along_its_length():
+    """The model's input is square whatever the image: a 40,000 x 1,000 RGBA image was
+    not reduced at all (its short side too short), +480 MB (explorer)."""
+    rgba = np.zeros((300, 2 * 6 * 224 + 100, 4), dtype=np.uint8)
+    rgba[..., 1:] = 200
+    assert decode(saved(Image.fromarray(rgba, "RGBA"), "PNG"), MAX_PIXELS).size == (1394, 300)
