@@ -108,7 +108,7 @@ class Submitter:
             self._storing.discard(item.id)  # never joined the book: nothing to store
             # Still being stored, or its storing failed since (it then left the book
             # before leaving _storing): either way not stored now, so not "sent before".
-            stored = holder.id not in self._storing and self.book.get(holder.id) is holder
+            stored = holder.id not in self._storing and self.book.get(holder.id) is not None
         if holder.filename != upload.filename:  # not this file sent again: another, under a used token
             return UploadError(409, f"token {item.token!r} already names another file in this batch "
                                     f"({holder.filename}): give each file its own token", upload.filename)

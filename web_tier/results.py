@@ -62,6 +62,8 @@ class Item:
     # When it finished, in this book's order (ResultBook._number): event streams
     # resume after the last one a client saw. 0 while queued.
     finished_seq: int = field(default=0, compare=False)
+    # Counted in the book's totals (answered or failed): an outcome learnt from S3 is not.
+    counted: bool = field(default=False, compare=False)
     # Made only for an item someone waits on (POST /), set when it finishes: an Event
     # for each of the book's many items cost ~1 KB apiece.
     waiter: threading.Event | None = field(default=None, repr=False, compare=False)
@@ -256,10 +258,10 @@ class ResultBook:
                         _wake(known)
                         finished.append(known)
                     elif known.provisional and item.is_finished and not item.provisional:
-                        self.failed -= 1
                         replaced = self._replace(known, item)
-                        self.answered += replaced.state == DONE
-                        self.failed += replaced.state == FAILED
+                        if known.counted:  # the totals follow what they counted
+                            self.failed -= 1
+                            self._count(replaced)
                         finished.append(replaced)
             # S3's key order is upload order; items learnt earlier from answers that
             # came before the rebuild take their places in it.
@@ -283,17 +285,14 @@ class ResultBook:
             elif item.is_finished:
                 if not item.provisional or incoming.provisional:
                     return None
-                self.failed -= 1
+                self.failed -= item.counted
                 item = self._replace(item, incoming)
             else:
                 self._number(item)
                 item._apply(incoming)
                 if not item.key:
                     item.key = incoming.key
-            if item.state == DONE:
-                self.answered += 1
-            else:
-                self.failed += 1
+            self._count(item)
             if untrained is not None:
                 self.untrained = untrained
             _wake(item)
@@ -304,11 +303,19 @@ class ResultBook:
     def _replace(self, item: Item, outcome: Item) -> Item:
         """A new item in `item`'s place (the lock held), with `outcome`'s outcome: readers
         take no lock, and a finished item's fields must never change under them."""
-        new = replace(item, waiter=None)
+        new = replace(item, waiter=None, counted=False)
         self._number(new)
         new._apply(outcome)
         self._items[new.id] = new
         return new
+
+    def _count(self, item: Item) -> None:
+        """Add a finished item to the totals (the lock held)."""
+        if item.state == DONE:
+            self.answered += 1
+        else:
+            self.failed += 1
+        item.counted = True
 
     def _number(self, item: Item) -> None:
         """Number an item about to finish (the lock held): numbers follow the order items

@@ -265,6 +265,9 @@ def test_a_dead_letters_failure_rebuilt_from_s3_gives_way_too(make_web_app, web_
     assert items_by_name(fresh, batch_id)["later.jpg"]["state"] == "failed"  # rebuilt from S3
     FakeWorker(web_aws).handle(request)  # the other copy
     wait_until(lambda: items_by_name(fresh, batch_id)["later.jpg"]["state"] == "done")
+    # The totals count what this process heard: the answer, not the failure read from S3
+    # (they read failed: -1: reviewer).
+    assert fresh.get("/api/status").get_json()["totals"] == {"uploaded": 0, "answered": 1, "failed": 0}
 
 
 def test_a_dead_letter_whose_result_was_stored_but_never_sent_is_answered_with_it(web_app, web_aws):
