@@ -163,9 +163,10 @@ def _reduced(img: Image.Image) -> Image.Image:
     down = max(1, img.height // (INPUT_SIZE[1] * REDUCING_GAP))
     if across * down < 2 or img.mode not in _REDUCIBLE_MODES or "transparency" in img.info:
         return img
-    if img.mode in ("RGBA", "LA") and img.getextrema()[-1][1] == 0:
-        # Transparent everywhere: load_rgb shows its colours, which reduce's
-        # premultiplying by alpha would make black (explorer).
+    if img.mode in ("RGBA", "LA") and 2 * img.getextrema()[-1][1] < across * down:
+        # Transparent everywhere, or so nearly that every box would average to alpha 0:
+        # load_rgb shows the colours of the one and composites the other on white, and
+        # reduce's premultiplying by alpha would make both black (explorer, reviewer).
         return img
     # Whole boxes only: a last box of the few pixels left over would count in the
     # resize as a whole one, and skew the edge (explorer). At most a box's width lost.

@@ -334,6 +334,13 @@ def _transparent_everywhere() -> Image.Image:
     return Image.fromarray(rgba, "RGBA")
 
 
+def _nearly_transparent_everywhere() -> Image.Image:
+    rgba = np.full((SIDE, SIDE, 4), 200, dtype=np.uint8)
+    rgba[..., 3] = 0
+    rgba[::2, ::2, 3] = 1  # alpha 1 in one pixel of each 2 x 2 box: each averages to 0
+    return Image.fromarray(rgba, "RGBA")
+
+
 def _framed(width: int, height: int) -> Image.Image:
     framed = np.zeros((height, width), dtype=np.uint8)
     framed[1:-1, 1:-1] = 255
@@ -344,6 +351,7 @@ def _framed(width: int, height: int) -> Image.Image:
     (_int32_ramp, "TIFF", {}),  # reduce sums 32-bit integers in 32 bits: they wrapped
     (_float_with_hot_pixels_and_no_data, "TIFF", {}),  # box averages set the range; NaN blackened boxes
     (_transparent_everywhere, "PNG", {}),  # premultiplied by alpha 0: black
+    (_nearly_transparent_everywhere, "PNG", {}),  # every box alpha 0: black, not on white
     (lambda: _framed(4 * 6 * 224 + 1, 1400), "PNG", {}),  # a last box of 1 pixel skewed the edge
     (lambda: Image.fromarray(_stripes(np.array([255, 255, 255, 255], np.uint8), np.zeros(4, np.uint8)),
                              "CMYK"), "TIFF", {}),  # converted by multiplying channels
