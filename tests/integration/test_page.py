@@ -100,7 +100,8 @@ def test_many_images_from_the_page(stack, browser, reference_model, tmp_path):
 # rejected with 503); "unreachable" is not answered at all, as while the next web
 # tier starts (a refused connection); "lost" reaches the server, which stores the
 # files, but its answer does not reach the page (a connection cut mid-answer);
-# "hang" too, but the answer never comes and the request never fails.
+# "hang" too, but the answer never comes and the request never fails; "cut-body" too,
+# but the answer's headers come and its body is cut off.
 # Later ones reach the server.
 FAIL_FIRST_POSTS = """
 const ways = arguments[0];
@@ -114,6 +115,11 @@ window.fetch = async (url, options) => {
     if (way === "lost") {
       await realFetch(url, options);
       throw new TypeError("Failed to fetch");
+    }
+    if (way === "cut-body") {  // stored, answered 202, the answer's body cut off
+      const real = await realFetch(url, options);
+      return new Response(new ReadableStream({start(c) { c.error(new TypeError("network error")); }}),
+                          {status: real.status, headers: {"Content-Type": "application/json"}});
     }
     if (way === "hang") {  // stored, and the answer never comes: the connection left open
       await realFetch(url, options);
@@ -186,6 +192,16 @@ def test_files_whose_answer_was_lost_are_sent_again_and_classified_once(stack, b
     the chunk was the first. Now they are sent again under the same batch and tokens."""
     files = {f"lost_{i}.jpg": make_image(830 + i, size=(64, 48)) for i in range(4)}
     shown = upload_failing_first(browser, stack, tmp_path, files, ["lost", "lost"], per_request=2)
+    assert_classified(shown, files, reference_model)
+    assert_stored_once(browser, stack, files)
+
+
+def test_files_whose_answer_was_cut_off_after_its_headers_are_sent_again_and_classified_once(
+        stack, browser, reference_model, tmp_path):
+    """They were shown "upload refused (HTTP 202)", and the batch dropped from the
+    address, though the server had stored and classified them (explorer)."""
+    files = {f"cut_{i}.jpg": make_image(875 + i, size=(64, 48)) for i in range(2)}
+    shown = upload_failing_first(browser, stack, tmp_path, files, ["cut-body"])
     assert_classified(shown, files, reference_model)
     assert_stored_once(browser, stack, files)
 
@@ -578,6 +594,22 @@ window.fetch = async (url, options) => {
 """
 
 
+def test_a_reloaded_page_shows_its_batches_though_one_never_answers(stack, browser):
+    """The batches were asked for one after another: one whose answer never came left
+    the page empty, the others never asked for (explorer)."""
+    from selenium.webdriver.common.by import By
+
+    with waiting_batch(stack, 963) as hung, waiting_batch(stack, 964) as shown:
+        # Before the page's script runs: the first batch's answer never comes.
+        browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
+          const realFetch = window.fetch;
+          window.fetch = (url, options) => String(url).endsWith("/api/jobs/HUNG")
+            ? new Promise(() => {}) : realFetch(url, options);""".replace("HUNG", hung)})
+        browser.get(f"{stack.web_url}/#batches={hung},{shown}")
+        rows = (By.CSS_SELECTOR, "#results [data-state]")
+        wait_for(lambda: len(browser.find_elements(*rows)) == 1, 30, "the batch that answers")
+
+
 def test_a_slow_batch_is_polled_once_at_a_time(stack, browser):
     """The page asked again every 2 s, answered or not: a page polling a large batch
     rebuilt from S3 after a restart piled up requests, each a whole rebuild (explorer)."""
@@ -628,6 +660,51 @@ def test_files_dropped_anywhere_on_the_page_are_uploaded(stack, browser, referen
     assert prevented
     shown = finished_rows(browser, stack, 1, timeout_s=60)
     assert shown["dropped.jpg"].get_attribute("data-label") == reference(reference_model, data).label
+
+
+def spy_on_uploads(browser) -> None:
+    """window.keysSent: the X-API-Key of each POST /api/jobs, "" for none."""
+    browser.execute_script("""
+      const realFetch = window.fetch;
+      window.keysSent = [];
+      window.fetch = (url, options) => {
+        if (url === "/api/jobs") window.keysSent.push((options.headers || {})["X-API-Key"] || "");
+        return realFetch(url, options);
+      };""")
+
+
+def test_an_api_key_typed_just_before_a_drop_is_sent(stack, browser, tmp_path):
+    """Kept only once the box lost focus: files dropped straight after typing went
+    without it, and a server that needs one refused them (explorer)."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    browser.execute_script("localStorage.clear(); document.getElementById('api-key-box').hidden = false;")
+    spy_on_uploads(browser)
+    browser.find_element(By.ID, "api-key").send_keys("sekrit")  # focus stays in the box
+    choose(browser, tmp_path, {"keyed.jpg": make_image(971)})
+    finished_rows(browser, stack, 1, timeout_s=60)
+    assert browser.execute_script("return window.keysSent") == ["sekrit"]
+    browser.execute_script("localStorage.clear();")
+
+
+def test_an_api_key_a_header_cannot_carry_is_said_to_be_wrong_not_the_server_unreachable(
+        stack, browser, tmp_path):
+    """A curly quote pasted with the key: fetch refused the header before sending, and
+    the files were sent again for 75 s, then said to have found no server (explorer)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(stack.web_url + "/")
+    browser.execute_script("localStorage.clear(); document.getElementById('api-key-box').hidden = false;")
+    spy_on_uploads(browser)
+    browser.find_element(By.ID, "api-key").send_keys("sekrit\u2019", Keys.ENTER)
+    choose(browser, tmp_path, {"quoted.jpg": make_image(972)})
+    shown = finished_rows(browser, stack, 1, timeout_s=20)
+    browser.execute_script("localStorage.clear();")
+    assert shown["quoted.jpg"].get_attribute("data-state") == "failed"
+    assert "the API key holds a character an HTTP header cannot carry" in shown["quoted.jpg"].text
+    assert browser.execute_script("return window.keysSent") == []  # nothing sent
 
 
 def test_the_choose_button_shows_keyboard_focus(stack, browser):

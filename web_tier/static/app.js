@@ -55,10 +55,21 @@
     const key = storedKey();
     return key ? { "X-API-Key": key } : {};
   }
+  // An HTTP header carries printable ASCII only (fetch refuses anything else before
+  // sending, which read as "no server"): a key pasted with a curly quote is said to be wrong.
+  const HEADER_SAFE = /^[\x20-\x7e]*$/;
+  function keyProblem() {
+    return HEADER_SAFE.test(storedKey()) ? "" :
+      "the API key holds a character an HTTP header cannot carry: enter it again above";
+  }
   keyInput.value = storedKey();
-  keyInput.addEventListener("change", () => {
-    try { localStorage.setItem(KEY_STORE, keyInput.value.trim()); } catch { /* private mode */ }
-  });
+  // As typed, not only on leaving the box: files dropped straight after typing were sent
+  // without it (explorer).
+  for (const type of ["input", "change"]) {
+    keyInput.addEventListener(type, () => {
+      try { localStorage.setItem(KEY_STORE, keyInput.value.trim()); } catch { /* private mode */ }
+    });
+  }
 
   // An answer that never comes (a connection left half open, a web machine lost) must not
   // hold an upload for ever: the chunk is sent again (its tokens make that safe) once
@@ -203,6 +214,7 @@
       this.sseErrors = 0;
       this.pollTimer = null;
       this.restored = false;    // rebuilt from the address after a reload, not uploaded here
+      this.place = null;        // a restored batch's rows go after this (kept in address order)
       this.resends = [];        // files being sent again (sendLater), awaited at the end of run()
     }
 
@@ -246,14 +258,22 @@
       }
       form.append("batch_id", this.batchId);
       form.append("create", "1");
+      if (keyProblem()) {
+        keyBox.hidden = false;
+        this.refuse(chunk, keyProblem());
+        return;
+      }
       let response, body = null;
       const abort = new AbortController();
       const timer = setTimeout(() => abort.abort(), answerTimeoutMs(chunk));
       try {
         response = await fetch("/api/jobs", { method: "POST", body: form, headers: authHeaders(),
                                               signal: abort.signal });
+        // The body within the same time: one cut off or stalled after a 202 is an answer
+        // lost (the files may be stored), not a refusal (explorer).
+        if (response.ok) body = await response.json();
+        else body = await response.json().catch(() => null);
         clearTimeout(timer);
-        body = await response.json().catch(() => null);
       } catch (err) {
         clearTimeout(timer);
         this.unanswered = true;
@@ -363,10 +383,14 @@
       else this.early.set(item.id, item);
     }
 
+    // A new row of a restored batch, after the batch's other rows (or its place).
+    newRow(name) {
+      return makeResult(name, this.entries.length ? this.entries[this.entries.length - 1].el : this.place);
+    }
+
     // An item of a restored batch, after the batch's other rows.
     showNew(item) {
-      const last = this.entries.length ? this.entries[this.entries.length - 1].el : null;
-      const el = makeResult(item.filename || "upload", last);
+      const el = this.newRow(item.filename || "upload");
       this.entries.push({ file: null, el, id: item.id });
       this.byId.set(item.id, el);
       showItem(el, item);
@@ -484,19 +508,26 @@
     }
   }
 
-  async function restore(batchId) {
+  // A batch's answer to a reloaded page: {body, unknown}; body null if none came in time.
+  async function fetchBatch(batchId) {
+    try {
+      const signal = AbortSignal.timeout ? AbortSignal.timeout(pollTimeoutMs()) : undefined;
+      const response = await fetch(`/api/jobs/${batchId}`, { cache: "no-store", signal });
+      return { body: response.ok ? await response.json() : null, unknown: response.status === 404 };
+    } catch {
+      return { body: null, unknown: false };
+    }
+  }
+
+  async function restore(batchId, place) {
     const session = new Session([]);
     session.batchId = batchId;
     session.created = true;
     session.uploading = false;
     session.restored = true;
+    session.place = place;
     sessions.push(session);
-    let body = null, unknown = false;
-    try {
-      const response = await fetch(`/api/jobs/${batchId}`, { cache: "no-store" });
-      unknown = response.status === 404;
-      body = response.ok ? await response.json() : null;
-    } catch { /* shown below */ }
+    const { body, unknown } = await fetchBatch(batchId);
     if (!body || !Array.isArray(body.items)) {
       if (unknown) {
         // One this tab was sending when it reloaded, of which the server stored nothing.
@@ -517,7 +548,7 @@
         session.showNew(items.get(shown.id));
         items.delete(shown.id);
       } else if (shown.error) {
-        const el = makeResult(shown.name || "upload");
+        const el = session.newRow(shown.name || "upload");
         session.entries.push({ file: null, el, refused: shown.error });
         showFailure(el, shown.error);
       }
@@ -544,10 +575,15 @@
     updateSummary();
   }
   if (malformed.length || batchesInUrl().length !== idsInUrl().length) writeBatches(batchesInUrl());
-  // One after another, so the results keep the order the batches were sent in.
-  (async () => {
-    for (const batchId of batchesInUrl()) await restore(batchId);
-  })();
+  // All at once (a batch rebuilt after a restart may take seconds, and one that never
+  // answered held up every batch after it: explorer), each shown at a place kept for it
+  // in the order the batches were sent in.
+  for (const batchId of batchesInUrl()) {
+    const place = document.createElement("li");
+    place.hidden = true;
+    resultsEl.append(place);
+    restore(batchId, place);
+  }
   // The address edited by hand (or a link to other batches followed in this tab):
   // show what it names now. The page's own changes (replaceState) fire no event.
   window.addEventListener("hashchange", () => location.reload());
