@@ -73,10 +73,23 @@ class HeldMessages:
         with self._lock:
             return len(self._held)
 
-    def hold(self, jobs: list[Job]) -> None:
-        """Start holding just-received messages: the heartbeat keeps them hidden from now."""
+    def hold(self, jobs: list[Job]) -> list[Job]:
+        """Start holding just-received messages: the heartbeat keeps them hidden from now.
+
+        The jobs newly held. One already held was received again while in hand (its
+        visibility lapsed: extensions failed): the job in hand takes the new receipt,
+        the old one being void, and this copy is not worked on twice. Held over it,
+        the copy had been forgotten when the first finished (explorer)."""
+        fresh = []
         with self._lock:
-            self._held.update({j.message_id: j for j in jobs})
+            for job in jobs:
+                in_hand = self._held.get(job.message_id)
+                if in_hand is None:
+                    self._held[job.message_id] = job
+                    fresh.append(job)
+                else:
+                    in_hand.receipt = job.receipt
+        return fresh
 
     def forget(self, jobs: list[Job]) -> None:
         """Stop holding these: answered, or visible again."""
@@ -169,13 +182,21 @@ class HeldMessages:
                 reply = self.aws.sqs.send_message_batch(
                     QueueUrl=self.aws.request_queue_url,
                     Entries=[{"Id": str(i), "MessageBody": j.body} for i, j in enumerate(chunk)])
-                sent = [chunk[int(ok["Id"])] for ok in reply.get("Successful", [])]
-                # Sent back, its old copy still queued: two of the same, answered twice.
-                self.delete(sent, why="handed-back request(s), now queued twice")
-                self.hide([(j, 0) for j in chunk if j not in sent])
             except AWS_ERRORS as exc:
                 log.warning("could not hand back %d messages (%s); making them visible", len(chunk), exc)
                 self.hide([(j, 0) for j in chunk])
+                continue
+            sent = [chunk[int(ok["Id"])] for ok in reply.get("Successful", [])]
+            self.hide([(j, 0) for j in chunk if j not in sent])
+            try:
+                # Sent back, its old copy still queued: two of the same, answered twice.
+                self.delete(sent, why="handed-back request(s), now queued twice")
+            except AWS_ERRORS as exc:
+                # Not made visible as well: that would queue each twice at once (and the
+                # log said the hand-back had failed: explorer). Back after their timeout.
+                log.warning("handed back %d messages, but could not delete their old copies (%s): "
+                            "each is queued twice, and will be answered twice", len(sent), exc)
+                self.forget(sent)
 
     def _change_visibility(self, hidden_for: list[tuple[Job, int]]) -> None:
         """Hide each job's message for its number of seconds from now (0: visible)."""

@@ -46,7 +46,7 @@ from app_tier.held import AWS_ERRORS, HeldMessages, Job
 from app_tier.images import BadImage, prepare
 from app_tier.model import Classification, Classifier
 from common import systemd
-from common.aws import Aws, is_not_found, sqs_batches
+from common.aws import Aws, error_code, is_not_found, sqs_batches
 from common.config import Settings
 from common.failure_tags import failure_tagging
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
@@ -66,6 +66,9 @@ LOOP_SLACK_S = 1800.0
 # botocore's worst: a round that has not ended this long after it was due is
 # blocked (on a lock a deadlocked thread holds), and the watchdog pings stop.
 HEARTBEAT_SLACK_S = 300.0
+# S3's refusals of a failure mark that no retry changes (the mark is then only missed
+# by a batch rebuilt after a restart): no permission, or a tag it will not take.
+TAGGING_REFUSALS = frozenset({"AccessDenied", "InvalidTag", "MalformedXML", "InvalidArgument"})
 
 
 @dataclass
@@ -265,7 +268,7 @@ class Worker:
                 continue
             count = int(msg.get("Attributes", {}).get("ApproximateReceiveCount", 1))
             jobs.append(Job(msg["MessageId"], msg["ReceiptHandle"], request, msg["Body"], count))
-        self.held.hold(jobs)
+        jobs = self.held.hold(jobs)
         if self.stopping.is_set():
             # Received as the stop came (a long poll outlives it): another worker's to
             # serve, at once, not after this one has read and decoded them for nobody.
@@ -354,8 +357,14 @@ class Worker:
         # Committed: these are answered now, so a shutdown must not hand them back too.
         self.held.forget(batch.jobs)
         self._reply([r for _, r in responses])
-        self.held.delete(batch.jobs)
         self.processed += sum(1 for _, r in responses if r.ok)
+        try:
+            self.held.delete(batch.jobs)
+        except AWS_ERRORS as exc:
+            # Answered: released, each would be answered again at every retry until the
+            # dead-letter queue (explorer). Back after their visibility timeout, once.
+            log.warning("answered %d request(s) but could not delete them (%s): they will be "
+                        "answered again", len(batch.jobs), exc)
 
     def _finish_or_release(self, batch: Batch, responses: list[tuple[Job, ClassifyResponse]]) -> None:
         try:
@@ -414,7 +423,14 @@ class Worker:
             try:
                 tagging = failure_tagging(response.error or "", self.instance_id)
                 self.aws.s3.put_object_tagging(Bucket=req.bucket, Key=req.key, Tagging=tagging)
-            except (ClientError, ParamValidationError) as exc:  # not an outage: retrying would not help
+            except ClientError as exc:
+                if not (is_not_found(exc) or error_code(exc) in TAGGING_REFUSALS):
+                    # S3 failing or throttling after botocore's retries: as for a result
+                    # written, nothing is sent, and the request is tried again. Answered
+                    # untagged, a batch rebuilt after a restart showed it queued for ever.
+                    raise
+                log.warning("could not tag failed input %s: %s", req.key, exc)
+            except ParamValidationError as exc:  # not an outage: retrying would not help
                 log.warning("could not tag failed input %s: %s", req.key, exc)
 
     def _reply(self, responses: list[ClassifyResponse]) -> None:

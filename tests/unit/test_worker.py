@@ -1143,3 +1143,75 @@ def test_systemd_hears_ready_then_watchdog_pings_until_the_heartbeat_dies(aws_en
             worker.stopping.set()
             runner.join(timeout=15)
         assert not runner.is_alive()
+
+
+def _client_error(code: str, operation: str) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": code}}, operation)
+
+
+def test_a_failure_mark_s3_throttles_is_tried_again_not_answered_unmarked(aws_env, monkeypatch):
+    """Swallowed as if permanent, SlowDown left the failed image answered with no mark:
+    a batch rebuilt after a restart showed it queued for ever (explorer)."""
+    settings, aws = aws_env
+    upload(settings, aws, "bad.jpg", b"not an image at all", "bad")
+    tag, calls = aws.s3.put_object_tagging, []
+
+    def throttled_once(**kwargs):
+        calls.append(kwargs["Key"])
+        if len(calls) == 1:
+            raise _client_error("SlowDown", "PutObjectTagging")
+        return tag(**kwargs)
+
+    monkeypatch.setattr(aws.s3, "put_object_tagging", throttled_once)
+    worker = Worker(settings, aws, MeanClassifier(), "i-tag")
+    answered: dict[str, ClassifyResponse] = {}
+    run_until(worker, lambda: answered.update(responses(aws)) or "bad" in answered)
+    key = object_key("b" * 32, "bad", "bad.jpg")
+    tags = aws.s3.get_object_tagging(Bucket=settings.input_bucket, Key=key)["TagSet"]
+    assert {t["Key"]: t["Value"] for t in tags}["status"] == "failed" and not answered["bad"].ok
+    assert len(calls) == 2  # the second attempt marked it
+
+
+def test_requests_answered_but_not_deleted_are_not_released_to_be_answered_again_at_once(
+        aws_env, monkeypatch, caplog):
+    """A delete that raised after the reply released the batch: answered again at each
+    retry, then dead-lettered, the log saying only that the batch failed (explorer)."""
+    settings, aws = aws_env
+    upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
+    denied = _client_error("AccessDenied", "DeleteMessageBatch")
+    monkeypatch.setattr(aws.sqs, "delete_message_batch", lambda **kw: (_ for _ in ()).throw(denied))
+    worker = Worker(settings, aws, MeanClassifier(), "i-undeleted")
+    worker.process(worker.fetch())
+    assert list(responses(aws)) == ["a"] and worker.processed == 1
+    assert depth(aws, aws.request_queue_url) == (0, 1)  # hidden until its visibility timeout
+    assert "answered 1 request(s) but could not delete them" in caplog.text
+
+
+def test_a_hand_back_whose_old_copies_cannot_be_deleted_does_not_show_them_too(aws_env, monkeypatch, caplog):
+    """The old copies were made visible beside the new ones sent back: each queued twice
+    at once, and the log said the hand-back had failed (explorer)."""
+    settings, aws = aws_env
+    for name in ("a", "b"):
+        upload(settings, aws, f"{name}.jpg", make_image(ord(name), size=(64, 64)), name)
+    worker = Worker(settings, aws, MeanClassifier(), "i-handing")
+    batch = worker.fetch()
+    throttled = _client_error("Throttling", "DeleteMessageBatch")
+    monkeypatch.setattr(aws.sqs, "delete_message_batch", lambda **kw: (_ for _ in ()).throw(throttled))
+    worker.held.hand_back(batch.jobs)
+    assert depth(aws, aws.request_queue_url) == (2, 2)  # the copies sent back; the old ones hidden
+    assert not len(worker.held)
+    assert "handed back 2 messages, but could not delete their old copies" in caplog.text
+
+
+def test_a_message_received_again_while_in_hand_is_worked_on_once(aws_env):
+    """Its visibility lapsed (extensions failed) and the same worker received it again:
+    held over the first, the copy was forgotten when the first finished (explorer)."""
+    settings, aws = aws_env
+    upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
+    worker = Worker(settings, aws, MeanClassifier(), "i-twice")
+    first = worker.fetch()
+    crash(aws, first)  # visible again, as after failed extensions
+    assert worker.fetch().jobs == []  # received again: the job in hand takes its receipt
+    worker.process(first)
+    assert list(responses(aws)) == ["a"] and depth(aws, aws.request_queue_url) == (0, 0)
+    assert not len(worker.held)
