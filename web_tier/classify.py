@@ -14,22 +14,31 @@ one image under the key as its token (as POST /api/jobs's `tokens`).
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
+import select
+import socket
+import time
 
 from flask import Blueprint, Response, request
 
 from common.names import stem
 from web_tier.auth import require_api_key
-from web_tier.jobs import SentBefore, new_id
-from web_tier.results import DONE
+from web_tier.jobs import STILL_STORING, SentBefore, new_id
+from web_tier.results import DONE, Item, ResultBook
 from web_tier.services import services
 from web_tier.uploads import FORM_SLACK_BYTES, TOKEN_CHARACTER, UploadError, form_files, validate
 
 bp = Blueprint("classify", __name__)
+log = logging.getLogger(__name__)
 
 FIELDS = ("inputFile", "myfile")
 # Unique enough to name a batch of its own: at least 16 characters (a UUID has 36).
 IDEMPOTENCY_KEY = re.compile(TOKEN_CHARACTER + "{16,64}")
+# How often a request waiting for its result looks whether its client is still there.
+CLIENT_CHECK_S = 1.0
+# nginx's word for a request whose client closed the connection before the answer.
+CLIENT_CLOSED = 499
 
 
 def _text(body: str, status: int) -> Response:
@@ -67,11 +76,20 @@ def classify() -> Response:
     if isinstance(outcome, UploadError) and outcome.status == 409:
         raise UploadError(409, "this Idempotency-Key came before with another file: give each upload "
                                "a key of its own", upload.filename)
+    if isinstance(outcome, UploadError) and outcome.reason == STILL_STORING:
+        raise UploadError(503, "an earlier request with the same Idempotency-Key is storing this file; "
+                               "send it again", upload.filename)
     if isinstance(outcome, UploadError):
         raise outcome
     if isinstance(outcome, SentBefore):  # stored by an earlier request under this key
         outcome = outcome.item
-    item = svc.book.wait(outcome.id, svc.settings.result_timeout_s)
+    item, client_left = _wait_while_connected(svc.book, outcome.id, svc.settings.result_timeout_s)
+    if client_left:
+        log.info("POST / for item %s: the client left before its result; it is still queued", outcome.id)
+        response = _text(f"{upload.filename}: the client left; the image is still queued, "
+                         f"see /api/jobs/{batch_id}", CLIENT_CLOSED)
+        response.headers["X-Batch-Id"] = batch_id
+        return response
     if item is None:
         # The image stays queued and will be classified: say where its result will be.
         if svc.book.closing.is_set():
@@ -95,6 +113,37 @@ def classify() -> Response:
     untrained = item.shows_untrained(bool(svc.book.untrained))  # as GET /api/jobs/<id> says
     response.headers["X-Model-Untrained"] = "true" if untrained else "false"
     return response
+
+
+def _wait_while_connected(book: ResultBook, item_id: str, timeout_s: float) -> tuple[Item | None, bool]:
+    """The item once it has a result (None after `timeout_s`), and whether the client
+    left first. A client that gave up (its own timeout, a proxy's) reads no answer,
+    and its request held one of the threads until RESULT_TIMEOUT: clients sending
+    again on a 5 s timeout took all 1,024, /healthz with them (explorer)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        item = book.wait(item_id, max(0.0, min(CLIENT_CHECK_S, left)))
+        if item is not None or left <= CLIENT_CHECK_S or book.closing.is_set():
+            return item, False
+        if _client_left():
+            return None, True
+
+
+def _client_left() -> bool:
+    """Whether this request's client has closed its connection: its socket, the
+    request read whole, reads as at its end. Only under gunicorn, which says which
+    socket; not through TLS, where a peek is not allowed."""
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, ValueError):  # nothing to read after all; an SSL socket
+        return False
+    except OSError:  # reset by the client
+        return True
 
 
 def _batch_for(key: str | None) -> tuple[str, list[str] | None]:

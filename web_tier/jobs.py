@@ -21,6 +21,8 @@ from web_tier.uploads import Upload, UploadError
 log = logging.getLogger(__name__)
 
 # Uploads of one request go to S3 this many at a time.
+# The answer to a file sent again while the first request with its token still stores it.
+STILL_STORING = "an earlier request with the same token is storing this file; send it again"
 UPLOAD_THREADS = 16
 
 
@@ -113,8 +115,7 @@ class Submitter:
             return UploadError(409, f"token {item.token!r} already names another file in this batch "
                                     f"({holder.filename}): give each file its own token", upload.filename)
         if not stored:
-            return UploadError(503, "an earlier request with the same token is storing this file; "
-                                    "send it again", upload.filename)
+            return UploadError(503, STILL_STORING, upload.filename)
         return SentBefore(holder)
 
     def _submit_one(self, item: Item, upload: Upload) -> Item | UploadError:

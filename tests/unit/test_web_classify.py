@@ -275,3 +275,59 @@ def test_an_idempotency_key_sent_again_with_another_file_is_a_409(web_client, we
     clash = post_with_key(web_client, make_image(35), "second.jpg", key)
     assert clash.status_code == 409 and clash.text.startswith("second.jpg: this Idempotency-Key came before")
     assert len(stored_inputs(web_aws)) == 1
+
+
+def test_a_request_whose_client_left_stops_waiting_and_gives_its_thread_back(make_web_app):
+    """A client that gave up (its own timeout, a proxy's) held a thread until
+    RESULT_TIMEOUT: clients sending again on a 5 s timeout took all 1,024 threads and
+    /healthz with them (explorer). No worker answers here."""
+    import socket
+    import time
+
+    client = make_web_app(start_listeners=False, result_timeout_s=60).test_client()
+    server_side, client_side = socket.socketpair()  # as gunicorn gives the request's socket
+    with server_side:
+        answers: list = []
+        waiting = threading.Thread(target=lambda: answers.append(client.post(
+            "/", data={"inputFile": (io.BytesIO(make_image(6)), "left.jpg")},
+            content_type="multipart/form-data", environ_base={"gunicorn.socket": server_side})))
+        started = time.monotonic()
+        waiting.start()
+        time.sleep(0.5)  # it waits: the client is still there
+        assert waiting.is_alive()
+        client_side.close()  # the client gives up
+        waiting.join(10)
+        took = time.monotonic() - started
+    assert not waiting.is_alive() and took < 5, took
+    assert answers[0].status_code == 499
+    assert answers[0].text.startswith("left.jpg: the client left; the image is still queued, see /api/jobs/")
+
+
+def test_a_client_still_connected_is_not_taken_for_one_that_left(make_web_app, fake_worker, monkeypatch):
+    import importlib
+    import socket
+
+    monkeypatch.setattr(importlib.import_module("web_tier.classify"), "CLIENT_CHECK_S", 0.005)
+    client = make_web_app(result_timeout_s=30).test_client()
+    server_side, client_side = socket.socketpair()
+    with server_side, client_side:
+        response = client.post("/", data={"inputFile": (io.BytesIO(make_image(7)), "stayed.jpg")},
+                               content_type="multipart/form-data",
+                               environ_base={"gunicorn.socket": server_side})
+    assert response.status_code == 200 and response.text == f"stayed:{answer_for(make_image(7))[0]}"
+
+
+def test_a_file_still_being_stored_under_its_idempotency_key_is_said_so_in_those_words(
+        make_web_app, monkeypatch):
+    """The 503 spoke of a "token", which POST / callers never sent (explorer)."""
+    from web_tier.jobs import STILL_STORING
+    from web_tier.uploads import UploadError
+
+    app = make_web_app(start_listeners=False)
+    monkeypatch.setattr(services_of(app).submitter, "submit",
+                        lambda batch_id, uploads, tokens: [UploadError(503, STILL_STORING, "k.jpg")])
+    response = app.test_client().post("/", data={"inputFile": (io.BytesIO(make_image(8)), "k.jpg")},
+                                      content_type="multipart/form-data",
+                                      headers={"Idempotency-Key": "a-key-of-sixteen-or-more"})
+    assert response.status_code == 503
+    assert "an earlier request with the same Idempotency-Key is storing this file" in response.text
