@@ -124,7 +124,8 @@ def _wait_while_connected(book: ResultBook, item_id: str, timeout_s: float) -> t
     while True:
         left = deadline - time.monotonic()
         item = book.wait(item_id, max(0.0, min(CLIENT_CHECK_S, left)))
-        if item is not None or left <= CLIENT_CHECK_S or book.closing.is_set():
+        # (An id the book does not hold: wait would answer at once, each round.)
+        if item is not None or left <= CLIENT_CHECK_S or book.closing.is_set() or book.get(item_id) is None:
             return item, False
         if _client_left():
             return None, True
