@@ -30,15 +30,28 @@ def running_stack(tmp_path_factory, overrides: dict[str, str] | None = None):
     finally:
         took = proc.stop()
         deadline = time.monotonic() + 5
-        alive = [c for c in children if c.is_running() and c.status() != "zombie"]
+        alive = still_running(children)
         while alive and time.monotonic() < deadline:
             time.sleep(0.1)
-            alive = [c for c in alive if c.is_running() and c.status() != "zombie"]
+            alive = still_running(alive)
         logs = "".join(proc.output[-40:])
         assert not alive, f"processes left behind: {[c.pid for c in alive]}\n{logs}"
         assert took < 10, f"stack took {took:.1f}s to stop\n{logs}"
         leaked = os.listdir(proc.tmp_dir)
         assert not leaked, f"temporary files left behind: {sorted(leaked)}"
+
+
+def still_running(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """Those of `processes` still running, zombies not counted; one that ends while it
+    is looked at (its /proc entry gone between two reads) is not (a flaky failure)."""
+    running = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                running.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return running
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -15,7 +16,7 @@ import requests
 
 from localaws.harness import StackProcess, free_port
 from tests.conftest import make_image
-from tests.integration.conftest import serving_workers, wait_for
+from tests.integration.conftest import serving_workers, still_running, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,7 +49,7 @@ def test_make_run_serves_and_ctrl_c_stops_everything_within_10s(tmp_path):
         took = time.monotonic() - started
 
         def alive() -> list[int]:
-            return [p.pid for p in everything if p.is_running() and p.status() != "zombie"]
+            return [p.pid for p in still_running(everything)]
 
         deadline = time.monotonic() + 2
         while time.monotonic() < deadline and alive():
@@ -86,7 +87,11 @@ def test_a_stack_killed_outright_takes_every_process_it_started_with_it(tmp_path
         stack.process.wait()
 
     def left() -> list[str]:
-        return [" ".join(p.cmdline()[:4]) for p in everything if p.is_running() and p.status() != "zombie"]
+        names = []
+        for p in still_running(everything):
+            with contextlib.suppress(psutil.NoSuchProcess):  # ended since
+                names.append(" ".join(p.cmdline()[:4]))
+        return names
 
     # Each stops as on Ctrl-C (a worker ends its batch first, moto gone beneath it).
     deadline = time.monotonic() + 30
@@ -95,8 +100,8 @@ def test_a_stack_killed_outright_takes_every_process_it_started_with_it(tmp_path
     try:
         assert not left(), f"left behind by a stack killed outright: {left()}"
     finally:
-        for p in everything:
-            if p.is_running():
+        for p in still_running(everything):
+            with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()  # not to be left by a failure either
         for folder in set(Path("/tmp").glob("imgclass-notify-*")) - notify_folders:
             shutil.rmtree(folder, ignore_errors=True)
@@ -120,4 +125,4 @@ def test_a_stack_whose_terminal_is_closed_stops_as_on_ctrl_c(tmp_path):
     assert code == 0, "".join(stack.output[-20:])
     wait_for(lambda: any(line.rstrip().endswith(" stopped") for line in stack.output), 5,
              "the stack's last line, 'stopped'")
-    assert not [p.pid for p in everything if p.is_running() and p.status() != "zombie"]
+    assert not still_running(everything)
