@@ -9,8 +9,9 @@ def configure(log_format: str, level: str = "INFO") -> None:
     """Log to stderr at `level`, a level's name in any case (LOG_LEVEL=debug); at INFO,
     saying so, if it names none: a misspelt log level is no reason not to serve."""
     levels = logging.getLevelNamesMapping()
-    logging.basicConfig(level=levels.get(level.strip().upper(), logging.INFO), format=log_format)
-    if level.strip().upper() not in levels:
+    name = level.strip().upper()
+    logging.basicConfig(level=levels.get(name, logging.INFO), format=log_format)
+    if name not in levels:
         logging.getLogger(__name__).warning("LOG_LEVEL %r names no level (DEBUG, INFO, WARNING, ERROR, "
                                             "CRITICAL): logging at INFO", level)
     # botocore says where it found credentials, at INFO, for every client made: noise.

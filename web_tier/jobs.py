@@ -21,9 +21,9 @@ from web_tier.uploads import Upload, UploadError
 log = logging.getLogger(__name__)
 
 # Uploads of one request go to S3 this many at a time.
+UPLOAD_THREADS = 16
 # The answer to a file sent again while the first request with its token still stores it.
 STILL_STORING = "an earlier request with the same token is storing this file; send it again"
-UPLOAD_THREADS = 16
 
 
 def new_id() -> str:

@@ -77,8 +77,10 @@ class Upload:
     content_type: str
 
 
-# Bidirectional-text controls: shown, "photo\u202egpj.exe" reads as "photoexe.jpg".
+# Characters shown as a space: controls, and the line and paragraph separators, which
+# end a line as well (U+2028 split POST /'s one-line answer in two).
 _LINE_BREAKING = frozenset({"Cc", "Zl", "Zp"})
+# Bidirectional-text controls: shown, "photo\u202egpj.exe" reads as "photoexe.jpg".
 _BIDI_CONTROLS = dict.fromkeys(map(ord, "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
                                         "\u2066\u2067\u2068\u2069"))
 
@@ -93,7 +95,6 @@ def display_name(storage: FileStorage) -> str:
 def clean_name(sent: str) -> str:
     """A file name as sent, made fit to show (see display_name); one too long is cut
     before its extension, which POST /'s answer drops."""
-    # Controls, and the line and paragraph separators, which end a line as well.
     name = "".join(" " if unicodedata.category(c) in _LINE_BREAKING else c
                    for c in sent.translate(_BIDI_CONTROLS))
     name = name.strip()
