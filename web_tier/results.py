@@ -260,7 +260,6 @@ class ResultBook:
                     elif known.provisional and item.is_finished and not item.provisional:
                         replaced = self._replace(known, item)
                         if known.counted:  # the totals follow what they counted
-                            self.failed -= 1
                             self._count(replaced)
                         finished.append(replaced)
             # S3's key order is upload order; items learnt earlier from answers that
@@ -285,7 +284,6 @@ class ResultBook:
             elif item.is_finished:
                 if not item.provisional or incoming.provisional:
                     return None
-                self.failed -= item.counted
                 item = self._replace(item, incoming)
             else:
                 self._number(item)
@@ -301,8 +299,10 @@ class ResultBook:
             return item
 
     def _replace(self, item: Item, outcome: Item) -> Item:
-        """A new item in `item`'s place (the lock held), with `outcome`'s outcome: readers
-        take no lock, and a finished item's fields must never change under them."""
+        """A new item in `item`'s place (the lock held), with `outcome`'s outcome, and
+        `item`'s failure out of the totals: readers take no lock, and a finished item's
+        fields must never change under them. The new one is counted by the caller."""
+        self.failed -= item.counted
         new = replace(item, waiter=None, counted=False)
         self._number(new)
         new._apply(outcome)
