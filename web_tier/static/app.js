@@ -10,6 +10,9 @@
   function pollTimeoutMs() {
     return Number(document.body.dataset.pollTimeoutMs) || 60000;
   }
+  function pollSignal() {
+    return AbortSignal.timeout ? AbortSignal.timeout(pollTimeoutMs()) : undefined;
+  }
   const STATUS_MS = 2000;
   const SSE_GIVE_UP = 3;       // consecutive stream errors before polling instead
   // Event streams open at once; other batches are polled. Each holds one of the
@@ -403,8 +406,7 @@
 
     async refresh() {
       try {
-        const signal = AbortSignal.timeout ? AbortSignal.timeout(pollTimeoutMs()) : undefined;
-        const response = await fetch(`/api/jobs/${this.batchId}`, { cache: "no-store", signal });
+        const response = await fetch(`/api/jobs/${this.batchId}`, { cache: "no-store", signal: pollSignal() });
         if (!response.ok) return;
         const body = await response.json();
         body.items.forEach((item) => this.apply(item));
@@ -511,8 +513,7 @@
   // A batch's answer to a reloaded page: {body, unknown}; body null if none came in time.
   async function fetchBatch(batchId) {
     try {
-      const signal = AbortSignal.timeout ? AbortSignal.timeout(pollTimeoutMs()) : undefined;
-      const response = await fetch(`/api/jobs/${batchId}`, { cache: "no-store", signal });
+      const response = await fetch(`/api/jobs/${batchId}`, { cache: "no-store", signal: pollSignal() });
       return { body: response.ok ? await response.json() : null, unknown: response.status === 404 };
     } catch {
       return { body: null, unknown: false };
