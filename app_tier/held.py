@@ -19,7 +19,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from common.aws import Aws, sqs_batches
 from common.config import Settings
-from common.messages import ClassifyRequest
+from common.messages import ClassifyRequest, prior_receives_attribute
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class Job:
     receipt: str
     request: ClassifyRequest | None
     body: str = ""
+    # Receives of this request so far, this one included, by earlier copies too.
     receive_count: int = 1
     pixels: np.ndarray | None = None
     error: str | None = None
@@ -145,7 +146,9 @@ class HeldMessages:
         A worker that is stopping never tried these, so they are sent again as
         new messages (receive count 0) and the originals deleted; a worker
         scaled in three times must not push an innocent image into the
-        dead-letter queue. Should the delete fail after the send, the request
+        dead-letter queue. The receives earlier copies used go with each
+        (PRIOR_RECEIVES_ATTRIBUTE): one that crashed a worker is still
+        classified alone, and its retry delay still grows. Should the delete fail after the send, the request
         is answered twice, which the web tier ignores by id.
 
         Hand-backs run one at a time, and each sends only jobs still held, so the
@@ -181,7 +184,10 @@ class HeldMessages:
             try:
                 reply = self.aws.sqs.send_message_batch(
                     QueueUrl=self.aws.request_queue_url,
-                    Entries=[{"Id": str(i), "MessageBody": j.body} for i, j in enumerate(chunk)])
+                    Entries=[{"Id": str(i), "MessageBody": j.body,
+                              # this receive was not an attempt: only the earlier ones count
+                              "MessageAttributes": prior_receives_attribute(j.receive_count - 1)}
+                             for i, j in enumerate(chunk)])
             except AWS_ERRORS as exc:
                 log.warning("could not hand back %d messages (%s); making them visible", len(chunk), exc)
                 self.hide([(j, 0) for j in chunk])

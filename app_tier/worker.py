@@ -49,7 +49,13 @@ from common import systemd
 from common.aws import Aws, error_code, is_not_found, sqs_batches
 from common.config import Settings
 from common.failure_tags import failure_tagging
-from common.messages import ClassifyRequest, ClassifyResponse, MessageError
+from common.messages import (
+    PRIOR_RECEIVES_ATTRIBUTE,
+    ClassifyRequest,
+    ClassifyResponse,
+    MessageError,
+    prior_receives,
+)
 from common.names import original_filename, stored_name
 from common.output_object import pair_text, result_metadata
 from common.signals import on_signals
@@ -254,6 +260,7 @@ class Worker:
             WaitTimeSeconds=self.settings.receive_wait_s,
             VisibilityTimeout=self.settings.visibility_timeout_s,
             MessageSystemAttributeNames=["ApproximateReceiveCount"],
+            MessageAttributeNames=[PRIOR_RECEIVES_ATTRIBUTE],
         )
         jobs = []
         for msg in reply.get("Messages", []):
@@ -266,7 +273,7 @@ class Worker:
                 except AWS_ERRORS as delete_error:  # it comes back, and is dropped again
                     log.warning("could not delete it: %s", delete_error)
                 continue
-            count = int(msg.get("Attributes", {}).get("ApproximateReceiveCount", 1))
+            count = int(msg.get("Attributes", {}).get("ApproximateReceiveCount", 1)) + prior_receives(msg)
             jobs.append(Job(msg["MessageId"], msg["ReceiptHandle"], request, msg["Body"], count))
         jobs = self.held.hold(jobs)
         if self.stopping.is_set():

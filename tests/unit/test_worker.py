@@ -28,7 +28,7 @@ from common.aws import Aws
 from common.config import Settings
 from common.failure_tags import failed_by, failure_from_tags
 from common.fleet import WORKER_READY_TAG
-from common.messages import ClassifyRequest, ClassifyResponse, Prediction
+from common.messages import ClassifyRequest, ClassifyResponse, Prediction, prior_receives
 from common.names import object_key
 from common.output_object import label_of
 from common.provision import provision
@@ -230,6 +230,37 @@ def test_a_message_seen_before_is_classified_alone(aws_env):
     second.process(batch)
     assert model.calls == 3
     assert len(responses(aws)) == 3
+
+
+def test_a_hand_back_keeps_the_receives_a_request_used_before(aws_env):
+    """Sent back as a new message, a request's SQS receive count starts again: one that
+    had crashed a worker must still be classified alone after a scale-in hands it back,
+    and one never tried must not count the hand-back's receive."""
+    settings, aws = aws_env
+    for i in range(2):
+        upload(settings, aws, f"{i}.jpg", make_image(i), str(i))
+    crash(aws, Worker(settings, aws, MeanClassifier(), "i-crashed").fetch())
+    stopping = Worker(settings, aws, MeanClassifier(), "i-stopping")
+    assert [j.receive_count for j in stopping.fetch().jobs] == [2, 2]
+    stopping.held.hand_back_all()
+    upload(settings, aws, "new.jpg", make_image(9), "new")
+    never_tried = Worker(settings, aws, MeanClassifier(), "i-never")
+    newcomer = never_tried.fetch()
+    assert sorted(j.receive_count for j in newcomer.jobs) == [1, 2, 2]
+    never_tried.held.hand_back_all()
+    model = MeanClassifier()
+    last = Worker(settings, aws, model, "i-last")
+    batch = last.fetch()
+    assert {j.request.id: j.receive_count for j in batch.jobs} == {"0": 2, "1": 2, "new": 1}
+    last.process(batch)
+    assert model.calls == 3  # the two seen before alone, the new one by itself
+    assert set(responses(aws)) == {"0", "1", "new"}
+
+
+@pytest.mark.parametrize("value, expected", [("2", 2), ("0", 0), ("-5", 0), ("1.5", 0), ("x", 0), (None, 0)])
+def test_prior_receives_takes_only_a_count(value, expected):
+    attributes = {} if value is None else {"PriorReceives": {"DataType": "Number", "StringValue": value}}
+    assert prior_receives({"MessageAttributes": attributes}) == expected
 
 
 def test_sigterm_finishes_the_batch_in_hand_and_releases_the_rest(aws_env):
