@@ -86,11 +86,16 @@ class StackProcess:
 
         def pump() -> None:
             assert self.process and self.process.stdout
-            for line in self.process.stdout:
-                self.output.append(line)
-                if line.startswith("READY "):
-                    self.ready_line = line.strip()
-                    ready.set()
+            # Also kept in a file: the web tier, controller and runner log only here, and
+            # a failed test's run directory should say what they did.
+            with open(self.run_dir / "stack.log", "a", encoding="utf-8") as kept:
+                for line in self.process.stdout:
+                    self.output.append(line)
+                    kept.write(line)
+                    kept.flush()
+                    if line.startswith("READY "):
+                        self.ready_line = line.strip()
+                        ready.set()
 
         threading.Thread(target=pump, daemon=True).start()
         deadline = time.monotonic() + timeout_s
