@@ -147,3 +147,21 @@ class Aws:
     @property
     def dead_letter_queue_url(self) -> str:
         return self.queue_url(self.settings.dead_letter_queue)
+
+    def queue_depth(self, url: str) -> QueueDepth:
+        """What SQS says a queue holds (approximately: its counts lag by a second or so)."""
+        reply = self.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=list(_DEPTH_ATTRIBUTES))
+        attrs = reply["Attributes"]
+        return QueueDepth(*(int(attrs.get(name, 0)) for name in _DEPTH_ATTRIBUTES))
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    visible: int  # waiting to be received
+    in_flight: int  # received, not yet deleted (being worked on)
+    delayed: int  # sent with a delay that has not yet passed
+
+
+# In QueueDepth's field order.
+_DEPTH_ATTRIBUTES = ("ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible",
+                     "ApproximateNumberOfMessagesDelayed")

@@ -41,29 +41,13 @@ class Observation:
         return tuple(i for i in self.live if i.worker_failed)
 
 
-def queue_depth(aws: Aws) -> tuple[int, int, int]:
-    attrs = aws.sqs.get_queue_attributes(
-        QueueUrl=aws.request_queue_url,
-        AttributeNames=[
-            "ApproximateNumberOfMessages",
-            "ApproximateNumberOfMessagesNotVisible",
-            "ApproximateNumberOfMessagesDelayed",
-        ],
-    )["Attributes"]
-    return (
-        int(attrs.get("ApproximateNumberOfMessages", 0)),
-        int(attrs.get("ApproximateNumberOfMessagesNotVisible", 0)),
-        int(attrs.get("ApproximateNumberOfMessagesDelayed", 0)),
-    )
-
-
 def observe(aws: Aws, now: float | None = None) -> Observation:
-    visible, in_flight, delayed = queue_depth(aws)
+    depth = aws.queue_depth(aws.request_queue_url)
     return Observation(
         at=time.time() if now is None else now,
-        visible=visible,
-        in_flight=in_flight,
-        delayed=delayed,
+        visible=depth.visible,
+        in_flight=depth.in_flight,
+        delayed=depth.delayed,
         instances=app_tier_instances(aws),
     )
 

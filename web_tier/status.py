@@ -96,30 +96,15 @@ class StatusReader:
             self._refresh_began = None
             self._refreshed.notify_all()
 
-    def _queue_attrs(self, url: str, names: list[str]) -> dict[str, int]:
-        attrs = self.aws.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=names)["Attributes"]
-        return {n: int(attrs.get(n, 0)) for n in names}
-
     def _read_aws(self) -> dict[str, Any]:
         out = _nothing_read()
         errors = []
         try:
-            req = self._queue_attrs(self.aws.request_queue_url, [
-                "ApproximateNumberOfMessages",
-                "ApproximateNumberOfMessagesNotVisible",
-                "ApproximateNumberOfMessagesDelayed",
-            ])
-            out["queue"] = {
-                "visible": req["ApproximateNumberOfMessages"],
-                "in_flight": req["ApproximateNumberOfMessagesNotVisible"],
-                "delayed": req["ApproximateNumberOfMessagesDelayed"],
-            }
-            out["responses_waiting"] = self._queue_attrs(
-                self.aws.response_queue_url, ["ApproximateNumberOfMessages"]
-            )["ApproximateNumberOfMessages"]
-            out["dead_letter"] = self._queue_attrs(
-                self.aws.dead_letter_queue_url, ["ApproximateNumberOfMessages"]
-            )["ApproximateNumberOfMessages"]
+            requests = self.aws.queue_depth(self.aws.request_queue_url)
+            out["queue"] = {"visible": requests.visible, "in_flight": requests.in_flight,
+                            "delayed": requests.delayed}
+            out["responses_waiting"] = self.aws.queue_depth(self.aws.response_queue_url).visible
+            out["dead_letter"] = self.aws.queue_depth(self.aws.dead_letter_queue_url).visible
         except Exception as exc:
             log.warning("status: queues unreadable: %s", exc)
             errors.append(f"queues: {error_reason(exc)}")

@@ -15,7 +15,7 @@ import pytest
 from botocore.exceptions import ClientError
 from moto import mock_aws
 
-from common.aws import USER_AGENT, Aws
+from common.aws import USER_AGENT, Aws, QueueDepth
 from common.config import Settings
 from common.failure_tags import MAX_ERROR_CHARS, failed_by, failure_from_tags, failure_tagging
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError, Prediction
@@ -353,6 +353,20 @@ def test_settings_out_of_range_are_refused_naming_the_variable(name, value, says
     with pytest.raises(ValueError) as refused:
         Settings.from_env({name: value})
     assert str(refused.value) == says
+
+
+def test_queue_depth_tells_waiting_in_flight_and_delayed_apart():
+    with mock_aws():
+        settings = Settings()
+        provision(settings)
+        aws = Aws(settings)
+        url = aws.request_queue_url
+        for n in range(3):
+            aws.sqs.send_message(QueueUrl=url, MessageBody=str(n))
+        aws.sqs.send_message(QueueUrl=url, MessageBody="later", DelaySeconds=60)
+        aws.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=1)
+        assert aws.queue_depth(url) == QueueDepth(visible=2, in_flight=1, delayed=1)
+        assert aws.queue_depth(aws.response_queue_url) == QueueDepth(0, 0, 0)
 
 
 def test_provision_is_idempotent_private_encrypted_and_has_a_dead_letter_queue():
