@@ -25,10 +25,11 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(PY) -m localaws.stack
 
-## The whole test suite (what CI runs), without the long soak test
+## The whole test suite (what CI runs), without the long soak test, in two processes
+TEST_PROCESSES ?= 2
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -m "not soak"
+	$(PY) -m pytest -m "not soak" -n $(TEST_PROCESSES) --dist loadgroup
 
 ## Unit tests only: no browser and no stack (minutes)
 test-quick: $(STAMP)

@@ -10,6 +10,18 @@ import pytest
 from PIL import Image, ImageDraw
 
 
+def pytest_collection_modifyitems(items):
+    """`make test` runs two test processes (pytest-xdist, --dist loadgroup); each group
+    runs whole in one of them. Every integration test in one group: each starts a stack
+    that wants both cores, and the page and pipeline tests share one (a session fixture,
+    which would otherwise start in both processes). A unit module in a group of its own:
+    its module fixtures (a loaded model, say) are made once."""
+    for item in items:
+        path = item.path.as_posix()
+        group = "integration" if "/tests/integration/" in path else path
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(autouse=True)
 def _no_real_aws(monkeypatch):
     """Tests never touch real AWS: dummy credentials and a fixed region."""

@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,13 +63,14 @@ def test_make_run_serves_and_ctrl_c_stops_everything_within_10s(tmp_path):
             os.killpg(make.pid, signal.SIGKILL)
 
 
-def test_a_stack_killed_outright_takes_every_process_it_started_with_it(tmp_path):
+def test_a_stack_killed_outright_takes_every_process_it_started_with_it():
     """kill -9 (or the OOM killer) gives the stack no chance to stop its children: they
     must end themselves, or the next `make run` finds its ports in use."""
-    # Watchdog sockets go to /tmp when TMPDIR (pytest's, here) is too long for them: a
-    # stack killed outright cannot remove their folders, so the test does.
-    notify_folders = set(Path("/tmp").glob("imgclass-notify-*"))
-    stack = StackProcess(tmp_path / "run", env_overrides={"MAX_INSTANCES": "2", "MODEL_WEIGHTS": "random"})
+    # A stack killed outright cannot remove its watchdog sockets' folder, so the test
+    # does: the run directory is short, for the folder to be made in its TMPDIR, not in
+    # /tmp (where it goes when TMPDIR is too long), among other test processes' folders.
+    run_dir = Path(tempfile.mkdtemp(prefix="killed-", dir="/tmp"))
+    stack = StackProcess(run_dir, env_overrides={"MAX_INSTANCES": "2", "MODEL_WEIGHTS": "random"})
     stack.start()
     try:
         images = [("files", (f"orphan_{i}.jpg", make_image(7000 + i))) for i in range(30)]
@@ -103,8 +105,9 @@ def test_a_stack_killed_outright_takes_every_process_it_started_with_it(tmp_path
         for p in still_running(everything):
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()  # not to be left by a failure either
-        for folder in set(Path("/tmp").glob("imgclass-notify-*")) - notify_folders:
-            shutil.rmtree(folder, ignore_errors=True)
+        sockets_here = list(stack.tmp_dir.glob("imgclass-notify-*"))
+        shutil.rmtree(run_dir, ignore_errors=True)
+    assert sockets_here, "the watchdog sockets' folder was made outside the run directory"
     for port in (stack.web_port, stack.aws_port):
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
