@@ -73,8 +73,8 @@ TIERS = {
     "worker": ("iam-policy.json", ["app_tier"],
                {"Aws.queue_url", "report_worker_failed", "report_worker_ready"}),
     "controller": ("iam-controller-policy.json", ["controller", "controller.py"],
-                   {"Aws.queue_url", "app_tier_instances"}),
-    "web": ("iam-web-policy.json", ["web_tier"], {"Aws.queue_url", "app_tier_instances"}),
+                   {"Aws.queue_url", "Aws.queue_depth", "app_tier_instances"}),
+    "web": ("iam-web-policy.json", ["web_tier"], {"Aws.queue_url", "Aws.queue_depth", "app_tier_instances"}),
     # Run once by a person or a deploy pipeline, never by a running tier.
     "provision": ("iam-provision-policy.json", ["common/provision.py"], set()),
 }
