@@ -37,7 +37,8 @@ def retry_delay_s(receive_count: int, first_delay_s: int) -> int:
     after max_receive_count quick failures SQS sends the request to the
     dead-letter queue; spread out, the attempts outlast a short outage of S3 or
     SQS (or an IAM change still propagating) instead."""
-    return min(first_delay_s * 2 ** max(receive_count - 1, 0), MAX_RETRY_DELAY_S)
+    doublings = min(max(receive_count - 1, 0), 32)  # 2 ** a sender's huge count would never end
+    return min(first_delay_s * 2 ** doublings, MAX_RETRY_DELAY_S)
 
 
 @dataclass

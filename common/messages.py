@@ -80,14 +80,18 @@ def prior_receives_attribute(receives: int) -> dict[str, dict[str, str]]:
     return {PRIOR_RECEIVES_ATTRIBUTE: {"DataType": "Number", "StringValue": str(receives)}}
 
 
+# More than any request can have used (each copy is dead-lettered after a few).
+MAX_PRIOR_RECEIVES = 1000
+
+
 def prior_receives(message: dict) -> int:
     """The receives a received request's earlier copies used (0 when it has none, or
-    when the attribute is not a count: anyone can send a request)."""
+    when the attribute is not a count: anyone can send a request), at most
+    MAX_PRIOR_RECEIVES."""
     value = message.get("MessageAttributes", {}).get(PRIOR_RECEIVES_ATTRIBUTE, {}).get("StringValue")
-    try:
-        return max(int(value), 0) if value is not None else 0
-    except ValueError:
+    if value is None or not value.isascii() or not value.isdigit() or len(value) > 9:
         return 0
+    return min(int(value), MAX_PRIOR_RECEIVES)
 
 
 @dataclass(frozen=True)

@@ -257,7 +257,8 @@ def test_a_hand_back_keeps_the_receives_a_request_used_before(aws_env):
     assert set(responses(aws)) == {"0", "1", "new"}
 
 
-@pytest.mark.parametrize("value, expected", [("2", 2), ("0", 0), ("-5", 0), ("1.5", 0), ("x", 0), (None, 0)])
+@pytest.mark.parametrize("value, expected", [("2", 2), ("0", 0), ("-5", 0), ("1.5", 0), ("x", 0), (None, 0),
+                                             ("²", 0), ("99999", 1000), ("9" * 4000, 0)])
 def test_prior_receives_takes_only_a_count(value, expected):
     attributes = {} if value is None else {"PriorReceives": {"DataType": "Number", "StringValue": value}}
     assert prior_receives({"MessageAttributes": attributes}) == expected
@@ -790,6 +791,7 @@ def test_a_failed_attempt_waits_longer_each_time_before_the_next():
     assert [retry_delay_s(n, 5) for n in (1, 2, 3, 4)] == [5, 10, 20, 40]
     assert retry_delay_s(1, 0) == retry_delay_s(3, 0) == 0
     assert retry_delay_s(30, 5) == MAX_RETRY_DELAY_S  # SQS allows 12 h from the receive, in all
+    assert retry_delay_s(10 ** 12, 5) == MAX_RETRY_DELAY_S  # a count a sender made up: no 2 ** 10 ** 12
 
 
 def test_an_image_s3_cannot_serve_is_tried_again_later_not_at_once(aws_env, monkeypatch):
