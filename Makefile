@@ -29,7 +29,7 @@ run: $(STAMP)
 TEST_PROCESSES ?= 2
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -m "not soak" -n $(TEST_PROCESSES) --dist loadgroup
+	$(PY) -m pytest -m "not soak" -n $(TEST_PROCESSES) --dist loadscope --no-loadscope-reorder
 
 ## Unit tests only: no browser and no stack (minutes)
 test-quick: $(STAMP)

@@ -9,17 +9,49 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+# `make test` runs two test processes (pytest-xdist, --dist loadscope), each taking
+# whole groups: every integration test in one group, as each starts a stack that wants
+# both cores, and the page and pipeline tests share one (a session fixture, which would
+# otherwise start in both processes); each unit module in a group of its own, so that
+# its module fixtures (a loaded model, say) are made once. The groups are made here, in
+# the scheduler: xdist's own xdist_group marks are lost on pytest 9.2 (pytest-xdist
+# issue 1386), and every test was scheduled alone, two stacks at once (explorer).
+INTEGRATION = "tests/integration/"
 
-def pytest_collection_modifyitems(items):
-    """`make test` runs two test processes (pytest-xdist, --dist loadgroup); each group
-    runs whole in one of them. Every integration test in one group: each starts a stack
-    that wants both cores, and the page and pipeline tests share one (a session fixture,
-    which would otherwise start in both processes). A unit module in a group of its own:
-    its module fixtures (a loaded model, say) are made once."""
-    for item in items:
-        path = item.path.as_posix()
-        group = "integration" if "/tests/integration/" in path else path
-        item.add_marker(pytest.mark.xdist_group(group))
+
+def test_group(nodeid: str) -> str:
+    path = nodeid.split("::", 1)[0]
+    return INTEGRATION if path.startswith(INTEGRATION) else path
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return test_group(nodeid)
+
+    return ByGroup(config, log)
+
+
+# The test processes each group ran in, as the controlling process hears of them:
+# a group split over two fails the run, lest the grouping be lost unseen again.
+_processes_by_group: dict[str, set[str]] = {}
+
+
+def pytest_runtest_logreport(report):
+    node = getattr(report, "node", None)  # set by xdist, in the controlling process only
+    if node is not None and report.when == "call":
+        _processes_by_group.setdefault(test_group(report.nodeid), set()).add(node.gateway.id)
+
+
+def pytest_sessionfinish(session):
+    split = {group: sorted(ids) for group, ids in _processes_by_group.items() if len(ids) > 1}
+    if split:
+        session.config.get_terminal_writer().line(f"\ntest groups split across processes: {split}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(autouse=True)
