@@ -220,8 +220,13 @@ class BrokenSqs:
         raise ConnectionError("endpoint down")
 
 
-def test_listeners_back_off_on_errors_and_stop_promptly():
+def test_listeners_back_off_on_errors_and_stop_promptly(monkeypatch):
     from common.aws import Aws
+    from web_tier import listeners as listeners_module
+
+    # Long enough that no thread's second try can come within the look below, however
+    # late this thread sees the first three (another test process may hold the cores).
+    monkeypatch.setattr(listeners_module, "MIN_BACKOFF_S", 5.0)
 
     sqs = BrokenSqs()
     aws = Aws(Settings())
@@ -229,7 +234,7 @@ def test_listeners_back_off_on_errors_and_stop_promptly():
     listeners = Listeners(aws, ResultBook(), wait_s=20)
     listeners.start()
     wait_until(lambda: sqs.calls >= 3)  # one failure per thread
-    # Backing off (first wait 1 s), not spinning: no new calls for a while.
+    # Backing off, not spinning: no new calls for a while.
     time.sleep(0.5)
     assert sqs.calls == 3
     started = time.monotonic()
