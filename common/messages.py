@@ -55,8 +55,18 @@ def _loads(body: str):
     return data
 
 
-def _name(data: dict, field_name: str) -> str:
-    """A field that names something (an id, a bucket, a key): a string, not empty.
+# The longest names a message may carry, in bytes as JSON carries them. The web tier's
+# are far shorter (32-character ids, keys of at most 166); with these, the answer to
+# any request fits in a message too. An answer echoing a 900-byte key did not, and
+# failed the replies of every request received with it (explorer).
+MAX_ID_BYTES = 64
+MAX_BUCKET_BYTES = 63  # S3's own limit
+MAX_KEY_BYTES = 300
+
+
+def _name(data: dict, field_name: str, max_bytes: int) -> str:
+    """A field that names something (an id, a bucket, a key): a string, not empty, of
+    at most `max_bytes` in the message.
 
     Turned into text with str(), a list id or an empty key made a request that
     S3 refused before sending it, over and over, and a dead letter that the web
@@ -64,6 +74,8 @@ def _name(data: dict, field_name: str) -> str:
     value = data[field_name]
     if not isinstance(value, str) or not value:
         raise ValueError(f"{field_name} must be a non-empty string, not {value!r:.40}")
+    if len(json.dumps(value, ensure_ascii=False).encode("utf-8")) - 2 > max_bytes:
+        raise ValueError(f"{field_name} is longer than {max_bytes} bytes")
     return value
 
 
@@ -115,9 +127,9 @@ class ClassifyRequest:
             if not isinstance(data["filename"], str):
                 raise TypeError("filename must be a string")
             return cls(
-                id=_name(data, "id"),
-                bucket=_name(data, "bucket"),
-                key=_name(data, "key"),
+                id=_name(data, "id", MAX_ID_BYTES),
+                bucket=_name(data, "bucket", MAX_BUCKET_BYTES),
+                key=_name(data, "key", MAX_KEY_BYTES),
                 filename=data["filename"],
                 sent_at=float(data["sent_at"]),
             )
@@ -178,7 +190,7 @@ class ClassifyResponse:
         try:
             data = _loads(body)
             return cls(
-                id=_name(data, "id"),
+                id=_name(data, "id", MAX_ID_BYTES),
                 filename=str(data["filename"]),
                 key=str(data.get("key", "")),
                 worker=str(data.get("worker", "")),

@@ -108,15 +108,24 @@ def test_stem_strips_only_the_file_names_own_extension(sent, answered):
 
 
 def test_messages_stay_under_1kb_even_with_hostile_names():
-    request = ClassifyRequest(id="a" * 32, bucket="b" * 63, key="k" * 300, filename="猫" * 300)
+    request = ClassifyRequest(id="a" * 64, bucket="b" * 63, key="k" * 300, filename="猫" * 300)
     assert len(request.to_json().encode()) < 1024
     back = ClassifyRequest.from_json(request.to_json())
     assert back.id == request.id and back.filename.startswith("猫")
     top5 = tuple(Prediction("x" * 40, 0.1) for _ in range(5))
-    response = ClassifyResponse(id="a" * 32, filename="名" * 300, key="k" * 300, worker="i-" + "0" * 17,
+    response = ClassifyResponse(id="a" * 64, filename="名" * 300, key="k" * 300, worker="i-" + "0" * 17,
                                 untrained=True, label="x" * 40, score=0.123456789, top5=top5)
     assert len(response.to_json().encode()) < 1024
     assert ClassifyResponse.from_json(response.to_json()).score == pytest.approx(0.123456789, abs=1e-9)
+
+
+@pytest.mark.parametrize(("field", "longest"), [("id", 64), ("bucket", 63), ("key", 300)])
+def test_requests_whose_names_an_answer_could_not_carry_are_refused(field, longest):
+    fields = {"id": "a" * 32, "bucket": "b" * 20, "key": "k" * 166, "filename": "f.jpg"}
+    assert ClassifyRequest.from_json(ClassifyRequest(**{**fields, field: "é" * (longest // 2)}).to_json())
+    body = ClassifyRequest(**{**fields, field: "\n" * (longest // 2 + 1)}).to_json()
+    with pytest.raises(MessageError, match=f"{field} is longer than {longest} bytes"):
+        ClassifyRequest.from_json(body)
 
 
 @pytest.mark.parametrize("name", ["\x01" * 200 + ".jpg", '"' * 300 + ".jpg", "\\" * 300, "é\x1f" * 150])

@@ -857,8 +857,11 @@ def test_a_message_that_is_not_a_request_is_dropped_and_its_batch_mates_served(a
     request = {"id": "x", "bucket": settings.input_bucket, "key": "k", "filename": "", "sent_at": 0}
     empty_key = json.dumps({**request, "key": ""})
     list_id = json.dumps({**request, "id": ["x"]})
-    # The second exhausts json's recursion; the last two S3 would refuse to read, for ever.
-    for body in ("not json", "[" * 1000, empty_key, list_id):
+    long_key = json.dumps({**request, "key": "k" * 900})
+    # The second exhausts json's recursion; the next two S3 would refuse to read, for ever;
+    # the last one's answer, echoing its key, would not fit in a message, and its batch's
+    # replies, sent together, had all failed.
+    for body in ("not json", "[" * 1000, empty_key, list_id, long_key):
         aws.sqs.send_message(QueueUrl=aws.request_queue_url, MessageBody=body)
     worker = Worker(settings, aws, MeanClassifier(), "i-foreign")
     batch = worker.fetch()
