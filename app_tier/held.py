@@ -19,7 +19,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from common.aws import Aws, sqs_batches
 from common.config import Settings
-from common.messages import ClassifyRequest, prior_receives_attribute
+from common.messages import ClassifyRequest
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,35 @@ def retry_delay_s(receive_count: int, first_delay_s: int) -> int:
     return min(first_delay_s * 2 ** doublings, MAX_RETRY_DELAY_S)
 
 
+# A request handed back by a stopping worker is sent again as a new message, whose
+# receive count SQS starts afresh; this attribute carries the receives its earlier
+# copies used, so that one that crashed a worker before is still known as such. It is
+# the sender's word: anyone allowed to send to the queue may set it, and so have a
+# request classified alone (as one seen before is), which costs only batching.
+PRIOR_RECEIVES_ATTRIBUTE = "PriorReceives"
+
+
+def prior_receives_attribute(receives: int) -> dict[str, dict[str, str]]:
+    """The MessageAttributes of a request resent after `receives` earlier receives."""
+    if receives <= 0:
+        return {}
+    return {PRIOR_RECEIVES_ATTRIBUTE: {"DataType": "Number", "StringValue": str(receives)}}
+
+
+# More than any request can have used (each copy is dead-lettered after a few).
+MAX_PRIOR_RECEIVES = 1000
+
+
+def prior_receives(message: dict) -> int:
+    """The receives a received request's earlier copies used (0 when it has none, or
+    when the attribute is not a count: anyone can send a request), at most
+    MAX_PRIOR_RECEIVES."""
+    value = message.get("MessageAttributes", {}).get(PRIOR_RECEIVES_ATTRIBUTE, {}).get("StringValue")
+    if value is None or not value.isascii() or not value.isdigit() or len(value) > 9:
+        return 0
+    return min(int(value), MAX_PRIOR_RECEIVES)
+
+
 @dataclass
 class Job:
     """One received request and what became of it so far."""
@@ -55,6 +84,13 @@ class Job:
     error: str | None = None
     # The name as uploaded, read from the input object: the request carries it cut.
     filename: str | None = None
+
+
+def resent_body(job: Job) -> str:
+    """The body a handed-back request is sent again with: its request as this worker
+    writes one, not the body received, which a sender may have padded to the queue's
+    limit; SQS counts the attribute towards it too."""
+    return job.request.to_json() if job.request is not None else job.body
 
 
 class HeldMessages:
@@ -149,8 +185,9 @@ class HeldMessages:
         scaled in three times must not push an innocent image into the
         dead-letter queue. The receives earlier copies used go with each
         (PRIOR_RECEIVES_ATTRIBUTE): one that crashed a worker is still
-        classified alone, and its retry delay still grows. Should the delete fail after the send, the request
-        is answered twice, which the web tier ignores by id.
+        classified alone, and its retry delay still grows. Should the delete
+        fail after the send, the request is answered twice, which the web tier
+        ignores by id.
 
         Hand-backs run one at a time, and each sends only jobs still held, so the
         grace timer and the main loop, which may both get here, never send one
@@ -185,7 +222,7 @@ class HeldMessages:
             try:
                 reply = self.aws.sqs.send_message_batch(
                     QueueUrl=self.aws.request_queue_url,
-                    Entries=[{"Id": str(i), "MessageBody": j.body,
+                    Entries=[{"Id": str(i), "MessageBody": resent_body(j),
                               # this receive was not an attempt: only the earlier ones count
                               "MessageAttributes": prior_receives_attribute(j.receive_count - 1)}
                              for i, j in enumerate(chunk)])

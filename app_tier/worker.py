@@ -42,20 +42,14 @@ import numpy as np
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
 from app_tier import EXIT_STALLED, images
-from app_tier.held import AWS_ERRORS, HeldMessages, Job
+from app_tier.held import AWS_ERRORS, PRIOR_RECEIVES_ATTRIBUTE, HeldMessages, Job, prior_receives
 from app_tier.images import BadImage, prepare
 from app_tier.model import Classification, Classifier
 from common import systemd
 from common.aws import Aws, error_code, is_not_found, sqs_batches
 from common.config import Settings
 from common.failure_tags import failure_tagging
-from common.messages import (
-    PRIOR_RECEIVES_ATTRIBUTE,
-    ClassifyRequest,
-    ClassifyResponse,
-    MessageError,
-    prior_receives,
-)
+from common.messages import ClassifyRequest, ClassifyResponse, MessageError
 from common.names import original_filename, stored_name
 from common.output_object import pair_text, result_metadata
 from common.signals import on_signals

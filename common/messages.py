@@ -79,33 +79,6 @@ def _name(data: dict, field_name: str, max_bytes: int) -> str:
     return value
 
 
-# A request handed back by a stopping worker is sent again as a new message, whose
-# receive count SQS starts afresh; this attribute carries the receives its earlier
-# copies used, so that one that crashed a worker before is still known as such.
-PRIOR_RECEIVES_ATTRIBUTE = "PriorReceives"
-
-
-def prior_receives_attribute(receives: int) -> dict[str, dict[str, str]]:
-    """The MessageAttributes of a request resent after `receives` earlier receives."""
-    if receives <= 0:
-        return {}
-    return {PRIOR_RECEIVES_ATTRIBUTE: {"DataType": "Number", "StringValue": str(receives)}}
-
-
-# More than any request can have used (each copy is dead-lettered after a few).
-MAX_PRIOR_RECEIVES = 1000
-
-
-def prior_receives(message: dict) -> int:
-    """The receives a received request's earlier copies used (0 when it has none, or
-    when the attribute is not a count: anyone can send a request), at most
-    MAX_PRIOR_RECEIVES."""
-    value = message.get("MessageAttributes", {}).get(PRIOR_RECEIVES_ATTRIBUTE, {}).get("StringValue")
-    if value is None or not value.isascii() or not value.isdigit() or len(value) > 9:
-        return 0
-    return min(int(value), MAX_PRIOR_RECEIVES)
-
-
 @dataclass(frozen=True)
 class ClassifyRequest:
     id: str

@@ -21,14 +21,18 @@ from PIL import Image
 
 from app_tier import EXIT_STALLED
 from app_tier.__main__ import report_ready_once_received
-from app_tier.held import MAX_RETRY_DELAY_S, retry_delay_s
+from app_tier.held import (
+    MAX_RETRY_DELAY_S,
+    prior_receives,
+    retry_delay_s,
+)
 from app_tier.model import Classification
 from app_tier.worker import Call, Worker, warm_up
 from common.aws import Aws
 from common.config import Settings
 from common.failure_tags import failed_by, failure_from_tags
 from common.fleet import WORKER_READY_TAG
-from common.messages import ClassifyRequest, ClassifyResponse, Prediction, prior_receives
+from common.messages import MAX_MESSAGE_BYTES, ClassifyRequest, ClassifyResponse, Prediction
 from common.names import object_key
 from common.output_object import label_of
 from common.provision import provision
@@ -255,6 +259,35 @@ def test_a_hand_back_keeps_the_receives_a_request_used_before(aws_env):
     last.process(batch)
     assert model.calls == 3  # the two seen before alone, the new one by itself
     assert set(responses(aws)) == {"0", "1", "new"}
+
+
+def test_a_request_handed_back_fits_in_a_message_with_its_attribute(aws_env, monkeypatch):
+    """Real SQS counts a message's attributes towards the queue's 1,024 bytes (moto does
+    not): sent back as received, a body padded to the limit would not fit beside them."""
+    settings, aws = aws_env
+    fields = {"id": "a" * 64, "bucket": settings.input_bucket, "key": "k" * 300, "sent_at": 0, "v": 1}
+    empty = json.dumps({**fields, "filename": ""}, separators=(",", ":"))
+    padded = json.dumps({**fields, "filename": "x" * (MAX_MESSAGE_BYTES - 1 - len(empty))},
+                        separators=(",", ":"))
+    aws.sqs.send_message(QueueUrl=aws.request_queue_url, MessageBody=padded)
+    crash(aws, Worker(settings, aws, MeanClassifier(), "i-crashed").fetch())  # the key is not there
+    stopping = Worker(settings, aws, MeanClassifier(), "i-stopping")
+    jobs = stopping.fetch().jobs + list(stopping.held._held.values())
+    assert jobs and jobs[0].receive_count > 1
+    send, sent = aws.sqs.send_message_batch, []
+
+    def sizes(**kwargs):
+        for entry in kwargs["Entries"]:
+            attributes = entry.get("MessageAttributes", {})
+            assert attributes, "sent back without the receives it used"
+            sent.append(len(entry["MessageBody"].encode()) + sum(
+                len(name) + len(value["DataType"]) + len(value["StringValue"])
+                for name, value in attributes.items()))
+        return send(**kwargs)
+
+    monkeypatch.setattr(aws.sqs, "send_message_batch", sizes)
+    stopping.held.hand_back_all()
+    assert len(sent) == 1 and sent[0] <= MAX_MESSAGE_BYTES
 
 
 @pytest.mark.parametrize("value, expected", [("2", 2), ("0", 0), ("-5", 0), ("1.5", 0), ("x", 0), (None, 0),
