@@ -29,7 +29,8 @@ run: $(STAMP)
 TEST_PROCESSES ?= 2
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -m "not soak" -n $(TEST_PROCESSES) --dist loadscope --no-loadscope-reorder
+	$(PY) -m pytest -m "not soak" -n $(TEST_PROCESSES) --dist loadscope --no-loadscope-reorder \
+		--max-worker-restart 1
 
 ## Unit tests only: no browser and no stack (minutes)
 test-quick: $(STAMP)

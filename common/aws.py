@@ -150,9 +150,9 @@ class Aws:
 
     def queue_depth(self, url: str) -> QueueDepth:
         """What SQS says a queue holds (approximately: its counts lag by a second or so)."""
-        reply = self.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=list(_DEPTH_ATTRIBUTES))
+        reply = self.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=list(_DEPTH_ATTRIBUTES.values()))
         attrs = reply["Attributes"]
-        return QueueDepth(*(int(attrs.get(name, 0)) for name in _DEPTH_ATTRIBUTES))
+        return QueueDepth(**{field: int(attrs.get(name, 0)) for field, name in _DEPTH_ATTRIBUTES.items()})
 
 
 @dataclass(frozen=True)
@@ -162,6 +162,7 @@ class QueueDepth:
     delayed: int  # sent with a delay that has not yet passed
 
 
-# In QueueDepth's field order.
-_DEPTH_ATTRIBUTES = ("ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible",
-                     "ApproximateNumberOfMessagesDelayed")
+# SQS's name for each of QueueDepth's fields.
+_DEPTH_ATTRIBUTES = {"visible": "ApproximateNumberOfMessages",
+                     "in_flight": "ApproximateNumberOfMessagesNotVisible",
+                     "delayed": "ApproximateNumberOfMessagesDelayed"}

@@ -16,6 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import psutil
 
@@ -87,15 +88,22 @@ class StackProcess:
         def pump() -> None:
             assert self.process and self.process.stdout
             # Also kept in a file: the web tier, controller and runner log only here, and
-            # a failed test's run directory should say what they did.
-            with open(self.run_dir / "stack.log", "a", encoding="utf-8") as kept:
-                for line in self.process.stdout:
-                    self.output.append(line)
-                    kept.write(line)
-                    kept.flush()
-                    if line.startswith("READY "):
-                        self.ready_line = line.strip()
-                        ready.set()
+            # a failed test's run directory should say what they did. The pipe is read
+            # whatever becomes of the file: unread, it would block the stack's logging.
+            kept = self._open_log()
+            for line in self.process.stdout:
+                self.output.append(line)
+                if line.startswith("READY "):
+                    self.ready_line = line.strip()
+                    ready.set()
+                if kept is not None:
+                    try:
+                        kept.write(line)
+                        kept.flush()
+                    except OSError:
+                        kept = None
+            if kept is not None:
+                kept.close()
 
         threading.Thread(target=pump, daemon=True).start()
         deadline = time.monotonic() + timeout_s
@@ -104,6 +112,12 @@ class StackProcess:
                 self.stop()
                 raise RuntimeError("stack did not become ready:\n" + "".join(self.output[-60:]))
         return self
+
+    def _open_log(self) -> TextIO | None:
+        try:
+            return open(self.run_dir / "stack.log", "a", encoding="utf-8")  # noqa: SIM115 (the pump's)
+        except OSError:
+            return None
 
     def descendants(self) -> list[psutil.Process]:
         if not self.process:

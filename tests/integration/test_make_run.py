@@ -69,6 +69,7 @@ def test_a_stack_killed_outright_takes_every_process_it_started_with_it():
     # A stack killed outright cannot remove its watchdog sockets' folder, so the test
     # does: the run directory is short, for the folder to be made in its TMPDIR, not in
     # /tmp (where it goes when TMPDIR is too long), among other test processes' folders.
+    # A failure leaves the run directory (/tmp/killed-*) with the stack's logs.
     run_dir = Path(tempfile.mkdtemp(prefix="killed-", dir="/tmp"))
     stack = StackProcess(run_dir, env_overrides={"MAX_INSTANCES": "2", "MODEL_WEIGHTS": "random"})
     stack.start()
@@ -106,12 +107,14 @@ def test_a_stack_killed_outright_takes_every_process_it_started_with_it():
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()  # not to be left by a failure either
         sockets_here = list(stack.tmp_dir.glob("imgclass-notify-*"))
-        shutil.rmtree(run_dir, ignore_errors=True)
+        for folder in sockets_here:
+            shutil.rmtree(folder, ignore_errors=True)
     assert sockets_here, "the watchdog sockets' folder was made outside the run directory"
     for port in (stack.web_port, stack.aws_port):
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", port))  # free for the next run
+    shutil.rmtree(run_dir, ignore_errors=True)  # kept when the test fails: its logs say why
 
 
 def test_a_stack_whose_terminal_is_closed_stops_as_on_ctrl_c(tmp_path):
