@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import asdict
 from typing import Any
 
 from common.aws import Aws, error_reason
@@ -100,9 +101,7 @@ class StatusReader:
         out = _nothing_read()
         errors = []
         try:
-            requests = self.aws.queue_depth(self.aws.request_queue_url)
-            out["queue"] = {"visible": requests.visible, "in_flight": requests.in_flight,
-                            "delayed": requests.delayed}
+            out["queue"] = asdict(self.aws.queue_depth(self.aws.request_queue_url))
             out["responses_waiting"] = self.aws.queue_depth(self.aws.response_queue_url).visible
             out["dead_letter"] = self.aws.queue_depth(self.aws.dead_letter_queue_url).visible
         except Exception as exc:
