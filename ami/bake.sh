@@ -12,6 +12,8 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
 weights_name=resnet50_weights_tf_dim_ordering_tf_kernels.h5
 
+# The controller picks its region the same way (common/config.py region_from_env):
+# an AMI can be launched only in the region it was baked in.
 region="${AWS_REGION:-${AWS_DEFAULT_REGION:-us-east-1}}"
 weights_file=""
 weights_source=imagenet

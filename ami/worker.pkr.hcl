@@ -1,7 +1,7 @@
 # Packer template for the imgclass app-tier worker AMI. Run it through ami/bake.sh,
 # which builds the source tarball and passes it in as `source_tarball`:
 #
-#   ami/bake.sh --region us-east-1
+#   ami/bake.sh --region "$AWS_REGION"   # the controller's region: an AMI is regional
 #
 # It starts a temporary build instance from the newest Amazon Linux 2023 image,
 # uploads the tarball, runs ami/provision.sh as root, and snapshots the result.
