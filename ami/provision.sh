@@ -137,6 +137,16 @@ clean_up() {
   if command -v cloud-init >/dev/null; then
     cloud-init clean --logs
   fi
+  # Nor share this build instance's machine-id (journald, DHCP client ids and
+  # others key on it). machine-id(5): an image for many machines holds an empty
+  # file, and systemd writes a new id into it at each instance's first boot.
+  # Empty rather than "uninitialized", which would also make that a first boot
+  # (ConditionFirstBoot: unit presets applied again over the baked units). systemd
+  # falls back to dbus's copy (unless a symlink) before making a new id.
+  truncate -s 0 /etc/machine-id
+  if [[ -f /var/lib/dbus/machine-id && ! -L /var/lib/dbus/machine-id ]]; then
+    rm -f /var/lib/dbus/machine-id
+  fi
 }
 
 [[ $EUID -eq 0 ]] || die "run as root (Packer runs it with sudo)"
