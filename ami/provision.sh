@@ -71,6 +71,11 @@ install_code() {
   chmod -R u+rwX,go+rX,go-w "$APP_DIR"
 
   log "creating the virtualenv and installing requirements-runtime.txt"
+  # pip downloads each wheel into TMPDIR before installing it, --no-cache-dir or
+  # not: hundreds of MB for TensorFlow and OpenVINO. Amazon Linux 2023's /tmp is a
+  # tmpfs capped at half the RAM, so on a smaller build instance they would run
+  # out of room there, and take memory: /var/tmp is on disk.
+  export TMPDIR=/var/tmp
   python3.11 -m venv "$VENV"
   "$VENV/bin/pip" install --no-cache-dir --quiet --upgrade pip
   "$VENV/bin/pip" install --no-cache-dir --quiet -r "$APP_DIR/requirements-runtime.txt" -c "$APP_DIR/constraints.txt"
