@@ -157,7 +157,8 @@ class Settings:
     shutdown_grace_s: float = 20.0
     # A model call or image decode longer than this means the worker is stuck, not
     # slow: it gives its messages back and exits to be restarted. A t2 instance out
-    # of CPU credits runs at a tenth of its speed: a batch of 10 can take a minute there.
+    # of CPU credits runs at its baseline (a t2.small 20 % of a vCPU, a t2.micro 10 %): a batch of
+    # 10 can take a minute there.
     stall_timeout_s: float = 300.0
     worker_threads: int = 0  # 0 = the runtime decides (all of the instance's vCPUs)
 
