@@ -516,7 +516,8 @@ class Report:
 
     @property
     def sent(self) -> int:
-        return len(self.outcomes)
+        """Requests sent: those answered or failed, and those abandoned in flight."""
+        return len(self.outcomes) + self.abandoned
 
     @property
     def answered(self) -> int:
@@ -568,9 +569,10 @@ class Report:
 
     @property
     def course_average_latency(self) -> float | None:
-        """The course's figure: total duration divided by the number of requests
-        (None when nothing was answered: it would measure only how fast they failed)."""
-        return self.duration_s / self.sent if self.answered else None
+        """The course's figure: total duration divided by the number of requests that
+        ended (None when nothing was answered: it would measure only how fast they
+        failed; abandoned ones did not end within the duration)."""
+        return self.duration_s / len(self.outcomes) if self.answered else None
 
     @property
     def peak_instances(self) -> int | None:
@@ -800,6 +802,9 @@ class Client:
             outcome.error = connection_error(exc, self.config.url)
             if outcome.resent:
                 outcome.error += f" (sent {outcome.resent} times more, for up to {RESEND_WINDOW_S:g} s)"
+            elif (self.config.api == "form" and not self.config.idempotency_keys
+                  and not outcome.error.startswith("cannot connect")):
+                outcome.error += " (the image may be stored; --idempotency-keys sends such uploads again)"
         except requests.RequestException as exc:
             outcome.error = f"{type(exc).__name__}: {_short(str(exc))}"
         except OSError as exc:  # the image could not be read
@@ -856,6 +861,11 @@ class Client:
                     give_up = min(give_up, time.monotonic() - self._refused_for(True) + RESEND_WINDOW_S)
             else:
                 self._refused_for(False)
+                if resp.status_code in RESTARTING_STATUSES:
+                    # A web tier stopping closes each connection after its answer: kept for
+                    # the next request, it could be closed under it, the request unanswered
+                    # and, without a key, not sent again (explorer).
+                    self._session().close()
                 if not not_stored(resp):
                     return resp
                 wait = retry_after_s(resp, delay)
@@ -1283,7 +1293,10 @@ def run_load(
             except KeyboardInterrupt:
                 for outcome in senders.ready():
                     record(outcome, notify=False)
-                abandoned = senders.in_flight()
+                # Every request taken from the plan is either recorded or abandoned: one
+                # whose outcome came a moment too late for the report (or was handed out
+                # as this Ctrl-C came) is abandoned, not lost from both (explorer).
+                abandoned = senders.started - len(outcomes)
                 print(f"\nquitting: {abandoned} requests in flight left unanswered", file=sys.stderr)
     finally:
         stop.set()
@@ -1332,8 +1345,8 @@ def result_line(report: Report) -> str:
     reasons = [f"{report.failed} failed", f"{report.wrong} wrong"]
     if report.abandoned:
         reasons.append(f"{report.abandoned} abandoned in flight")
-    if report.sent + report.abandoned < report.planned:
-        reasons.append(f"{report.planned - report.sent - report.abandoned} not sent")
+    if report.sent < report.planned:
+        reasons.append(f"{report.planned - report.sent} not sent")
     if report.interrupted:
         reasons.append("interrupted")
     return f"RESULT: FAIL ({', '.join(reasons)})"
@@ -1435,7 +1448,8 @@ def write_plot(report: Report, path: Path) -> None:
     bottom.set_ylabel("app-tier instances\n(pending + running)")
     bottom.set_xlabel("seconds since the run began (a request's point: when it was sent)")
     bottom.grid(alpha=0.3)
-    fig.savefig(path, dpi=100)
+    # A path without a suffix is written as a PNG at that path (matplotlib would add ".png").
+    fig.savefig(path, dpi=100, format=None if Path(path).suffix else "png")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -51,6 +51,7 @@ class FakeTier:
         self.failing_polls: list[str] = []
         self.jobs: dict[str, dict] = {}
         self.form_ports: set[int] = set()
+        self.post_ports: list[int] = []  # each POST's client port: its connection
         self.paths: Counter[str] = Counter()
         self.authorizations: list[str | None] = []  # each POST's Authorization header
         self.barrier: threading.Barrier | None = None
@@ -137,6 +138,7 @@ class Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         with self.tier.lock:
             self.tier.paths[f"POST {self.path}"] += 1
+            self.tier.post_ports.append(self.client_address[1])
             self.tier.authorizations.append(self.headers.get("Authorization"))
         if not self._authorised():
             return
@@ -445,6 +447,7 @@ def test_a_connection_closed_before_the_answer_is_not_called_a_failure_to_connec
     outcomes = by_file(run_load(Config(images=images, url=tier.url)))
     error = outcomes["dropped.jpg"].error
     assert error.startswith(f"the connection to {tier.url} closed before the answer"), error
+    assert error.endswith("(the image may be stored; --idempotency-keys sends such uploads again)")
     assert outcomes["fine.jpg"].answered
 
 
@@ -586,6 +589,16 @@ def test_an_upload_a_stopping_web_tier_did_not_store_is_sent_again_and_a_queued_
     assert tier.paths["POST /"] == 4
 
 
+def test_after_a_stopping_web_tiers_answer_the_next_request_goes_on_a_new_connection(tier, tmp_path):
+    """A stopping web tier closes each connection after its answer: reused, the connection
+    could be closed under the next request, which was then failed unanswered (explorer)."""
+    images = make_images(tmp_path / "images", {"cat.jpg": b"label:cat"})
+    tier.not_stored = 2
+    report = run_load(Config(images=images, url=tier.url, num_requests=1))
+    assert report.outcomes[0].answered and report.outcomes[0].resent == 2
+    assert len(tier.post_ports) == 3 and len(set(tier.post_ports)) == 3, tier.post_ports
+
+
 def test_an_image_a_503_says_is_queued_is_answered_from_where_it_says(tier, tmp_path):
     """An explorer's web tier stopped with 20 POST / waiting: each got a 503 saying its
     image was still queued and where its result would be, and each was counted failed,
@@ -682,7 +695,7 @@ def test_a_second_ctrl_c_stops_waiting_for_the_requests_in_flight(tier, tmp_path
 
     assert report.interrupted and not report.ok
     assert sorted(o.file for o in report.outcomes) == ["2.jpg", "3.jpg"] and report.answered == 2
-    assert report.abandoned == 2
+    assert report.abandoned == 2 and report.sent == 4  # the abandoned were sent too
     assert load_test.result_line(report) == ABANDONED_TWO
     err = capsys.readouterr().err
     assert "(Ctrl-C again to quit)" in err and "2 requests in flight left unanswered" in err
@@ -900,6 +913,12 @@ def test_plot_writes_a_png(tier, mixed, tmp_path):
                     "--plot", str(png), "--quiet"])
     data = png.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000
+
+
+def test_a_plot_path_without_a_suffix_is_written_where_asked(tier, mixed, tmp_path):
+    images, _ = mixed
+    load_test.main(["--url", tier.url, "--images", str(images), "--plot", str(tmp_path / "run"), "--quiet"])
+    assert (tmp_path / "run").read_bytes().startswith(b"\x89PNG") and not (tmp_path / "run.png").exists()
 
 
 def test_the_plots_legend_keeps_off_the_points(tier, mixed, tmp_path, monkeypatch):
