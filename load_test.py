@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--url", default=DEFAULT_URL, help=f"web tier address (default {DEFAULT_URL})")
     parser.add_argument(
         "--images", "--image_folder", "--image-folder", dest="images", type=Path, required=True,
-        metavar="DIR", help="folder of images to upload",
+        metavar="DIR", help="folder of images to upload (the files directly in it; folders not searched)",
     )
     parser.add_argument(
         "--num-requests", "--num_request", "--num_requests", dest="num_requests",
@@ -251,6 +251,19 @@ def list_images(folder: Path) -> list[Path]:
     if not images:
         raise LoadTestError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
     return images
+
+
+def say_what_is_left_out(config: Config, images: list[Path], expected: dict[str, str]) -> None:
+    """On stderr: entries of the folder that are not sent, and expected rows that name
+    no image sent, each of which a run would otherwise leave out without a word."""
+    skipped = sum(1 for _ in config.images.iterdir()) - len(images)
+    if skipped:
+        print(f"load_test.py: {skipped} entries of {config.images} left out: not image files "
+              f"({', '.join(sorted(IMAGE_SUFFIXES))}) directly in it", file=sys.stderr)
+    unused = len(set(expected) - {image_key(p.name) for p in images})
+    if unused:
+        print(f"load_test.py: {unused} rows of {config.expected} name no image in {config.images}",
+              file=sys.stderr)
 
 
 def sendable_name(path: Path) -> str:
@@ -1241,6 +1254,7 @@ def run_load(
         raise LoadTestError(f"{config.expected} names none of the {len(images)} images in "
                             f"{config.images} (it names {', '.join(sorted(expected)[:3]) or 'none'}"
                             f"{', ...' if len(expected) > 3 else ''})")
+    say_what_is_left_out(config, images, expected)
     total = config.num_requests if config.num_requests is not None else len(images)
     plan = [images[i % len(images)] for i in range(total)]
     check_reachable(config.url)

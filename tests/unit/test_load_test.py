@@ -442,6 +442,20 @@ def test_a_request_past_its_timeout_counts_as_failed(tier, tmp_path):
     assert (report.answered, report.failed) == (1, 1)
 
 
+def test_what_a_run_leaves_out_is_said(tier, tmp_path, capsys):
+    images = make_images(tmp_path / "images", {"cat.jpg": b"label:cat"})
+    (images / "notes.txt").write_text("not an image")
+    (images / "more").mkdir()
+    (images / "more" / "dog.jpg").write_bytes(b"label:dog")
+    expected = tmp_path / "expected.csv"
+    expected.write_text("Image,Results\ncat,cat\ndog,dog\nbird,bird\n")
+    report = run_load(Config(images=images, url=tier.url, expected=expected))
+    assert report.correct == 1 and report.sent == 1
+    err = capsys.readouterr().err
+    assert f"2 entries of {images} left out: not image files" in err
+    assert f"2 rows of {expected} name no image in {images}" in err
+
+
 def test_a_connection_closed_before_the_answer_is_not_called_a_failure_to_connect(tier, tmp_path):
     images = make_images(tmp_path / "images", {"dropped.jpg": b"drop", "fine.jpg": b"label:ok"})
     outcomes = by_file(run_load(Config(images=images, url=tier.url)))
