@@ -253,9 +253,12 @@ def list_images(folder: Path) -> list[Path]:
     return images
 
 
-def say_what_is_left_out(config: Config, images: list[Path], expected: dict[str, str]) -> None:
+def say_what_is_left_out(config: Config) -> None:
     """On stderr: entries of the folder that are not sent, and expected rows that name
-    no image sent, each of which a run would otherwise leave out without a word."""
+    no image sent, each of which a run would otherwise leave out without a word (the
+    command's; `make bench` gives run_load a CSV for more images than it sends)."""
+    images = list_images(config.images)
+    expected = read_expected(config.expected) if config.expected else {}
     skipped = sum(1 for _ in config.images.iterdir()) - len(images)
     if skipped:
         print(f"load_test.py: {skipped} entries of {config.images} left out: not image files "
@@ -1254,7 +1257,6 @@ def run_load(
         raise LoadTestError(f"{config.expected} names none of the {len(images)} images in "
                             f"{config.images} (it names {', '.join(sorted(expected)[:3]) or 'none'}"
                             f"{', ...' if len(expected) > 3 else ''})")
-    say_what_is_left_out(config, images, expected)
     total = config.num_requests if config.num_requests is not None else len(images)
     plan = [images[i % len(images)] for i in range(total)]
     check_reachable(config.url)
@@ -1482,6 +1484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Classification result: {outcome.body}", flush=True)
 
     try:
+        say_what_is_left_out(config)
         report = run_load(config, progress=progress, on_result=print_result if config.verbose else None)
     except LoadTestError as exc:
         print(f"load_test.py: {exc}", file=sys.stderr)
