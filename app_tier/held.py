@@ -77,20 +77,12 @@ class Job:
     message_id: str
     receipt: str
     request: ClassifyRequest | None
-    body: str = ""
     # Receives of this request so far, this one included, by earlier copies too.
     receive_count: int = 1
     pixels: np.ndarray | None = None
     error: str | None = None
     # The name as uploaded, read from the input object: the request carries it cut.
     filename: str | None = None
-
-
-def resent_body(job: Job) -> str:
-    """The body a handed-back request is sent again with: its request as this worker
-    writes one, not the body received, which a sender may have padded to the queue's
-    limit; SQS counts the attribute towards it too."""
-    return job.request.to_json() if job.request is not None else job.body
 
 
 class HeldMessages:
@@ -222,7 +214,10 @@ class HeldMessages:
             try:
                 reply = self.aws.sqs.send_message_batch(
                     QueueUrl=self.aws.request_queue_url,
-                    Entries=[{"Id": str(i), "MessageBody": resent_body(j),
+                    # The request as this worker writes it, not the body received, which a
+                    # sender may have padded to the queue's limit: SQS counts the attribute
+                    # towards it too. (Only requests are held: each job has one.)
+                    Entries=[{"Id": str(i), "MessageBody": j.request.to_json(),
                               # this receive was not an attempt: only the earlier ones count
                               "MessageAttributes": prior_receives_attribute(j.receive_count - 1)}
                              for i, j in enumerate(chunk)])

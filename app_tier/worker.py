@@ -268,7 +268,7 @@ class Worker:
                     log.warning("could not delete it: %s", delete_error)
                 continue
             count = int(msg.get("Attributes", {}).get("ApproximateReceiveCount", 1)) + prior_receives(msg)
-            jobs.append(Job(msg["MessageId"], msg["ReceiptHandle"], request, msg["Body"], count))
+            jobs.append(Job(msg["MessageId"], msg["ReceiptHandle"], request, receive_count=count))
         jobs = self.held.hold(jobs)
         if self.stopping.is_set():
             # Received as the stop came (a long poll outlives it): another worker's to
