@@ -253,11 +253,10 @@ def list_images(folder: Path) -> list[Path]:
     return images
 
 
-def say_what_is_left_out(config: Config) -> None:
+def say_what_is_left_out(config: Config, images: list[Path]) -> None:
     """On stderr: entries of the folder that are not sent, and expected rows that name
-    no image sent, each of which a run would otherwise leave out without a word (the
+    none of `images`, each of which a run would otherwise leave out without a word (the
     command's; `make bench` gives run_load a CSV for more images than it sends)."""
-    images = list_images(config.images)
     expected = read_expected(config.expected) if config.expected else {}
     skipped = sum(1 for _ in config.images.iterdir()) - len(images)
     if skipped:
@@ -1471,11 +1470,12 @@ def write_plot(report: Report, path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     try:
-        total = config.num_requests or len(list_images(config.images))
+        images = list_images(config.images)
+        say_what_is_left_out(config, images)
     except LoadTestError as exc:
         print(f"load_test.py: {exc}", file=sys.stderr)
         return 2
-    progress = Progress(total, enabled=not config.quiet)
+    progress = Progress(config.num_requests or len(images), enabled=not config.quiet)
 
     def print_result(outcome: Outcome) -> None:
         # The course's client printed these two lines per image.
@@ -1484,7 +1484,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Classification result: {outcome.body}", flush=True)
 
     try:
-        say_what_is_left_out(config)
         report = run_load(config, progress=progress, on_result=print_result if config.verbose else None)
     except LoadTestError as exc:
         print(f"load_test.py: {exc}", file=sys.stderr)
