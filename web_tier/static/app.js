@@ -405,12 +405,10 @@
     }
 
     async refresh() {
+      const { body } = await fetchBatch(this.batchId);
       try {
-        const response = await fetch(`/api/jobs/${this.batchId}`, { cache: "no-store", signal: pollSignal() });
-        if (!response.ok) return;
-        const body = await response.json();
         body.items.forEach((item) => this.apply(item));
-      } catch { /* the next event or poll fills the gap */ }
+      } catch { /* no answer in time, or not a batch: the next event or poll fills the gap */ }
     }
 
     follow() {
@@ -510,7 +508,7 @@
     }
   }
 
-  // A batch's answer to a reloaded page: {body, unknown}; body null if none came in time.
+  // A batch as the server has it now: {body, unknown}; body null if no answer came in time.
   async function fetchBatch(batchId) {
     try {
       const response = await fetch(`/api/jobs/${batchId}`, { cache: "no-store", signal: pollSignal() });
