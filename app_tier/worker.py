@@ -48,7 +48,7 @@ from app_tier.model import Classification, Classifier
 from common import systemd
 from common.aws import Aws, error_code, is_not_found, sqs_batches
 from common.config import Settings
-from common.failure_tags import failure_tagging
+from common.failure_tags import DEAD_LETTER_ERROR, failure_tagging
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
 from common.names import original_filename, stored_name
 from common.output_object import pair_text, result_metadata
@@ -267,8 +267,16 @@ class Worker:
                 except AWS_ERRORS as delete_error:  # it comes back, and is dropped again
                     log.warning("could not delete it: %s", delete_error)
                 continue
-            count = int(msg.get("Attributes", {}).get("ApproximateReceiveCount", 1)) + prior_receives(msg)
-            jobs.append(Job(msg["MessageId"], msg["ReceiptHandle"], request, receive_count=count))
+            prior = prior_receives(msg)
+            count = int(msg.get("Attributes", {}).get("ApproximateReceiveCount", 1)) + prior
+            job = Job(msg["MessageId"], msg["ReceiptHandle"], request, receive_count=count)
+            if prior and count > self.settings.max_receive_count:
+                # SQS counts a resent copy afresh: without this, every hand-back would
+                # give a request that crashes workers max_receive_count more tries.
+                log.warning("request %s has used its %d attempts; failing it", request.id,
+                            self.settings.max_receive_count)
+                job.error = DEAD_LETTER_ERROR
+            jobs.append(job)
         jobs = self.held.hold(jobs)
         if self.stopping.is_set():
             # Received as the stop came (a long poll outlives it): another worker's to
@@ -294,6 +302,8 @@ class Worker:
         assert job.request is not None
         if self.stopping.is_set():
             return  # handed back unread by fetch
+        if job.error is not None:
+            return  # failed already (its attempts used up): nothing to read
         try:
             obj = self.aws.s3.get_object(Bucket=job.request.bucket, Key=job.request.key)
             data = obj["Body"].read()

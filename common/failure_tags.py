@@ -21,6 +21,17 @@ _ESCAPED = re.compile(r"[^\w.:/+\-@ ]")
 _ESCAPES = re.compile(r"(?:=[0-9A-F]{2})+")
 
 
+# Why a request whose every attempt ended unanswered failed: the web tier marks a dead
+# letter with it, and a worker a request whose earlier copies (resent by a stopping
+# worker, which SQS counts afresh) used up the attempts allowed.
+# In the characters a tag value takes, so that a batch rebuilt from S3 shows it the same.
+# Not "it failed each time": a worker killed while it held an image it had not begun
+# (scale-in, a crash on another image) counts too.
+DEAD_LETTER_ERROR = ("could not be processed: no worker answered for it in the attempts allowed - each "
+                     "worker holding it crashed or stalled or was stopped. Send it again and check "
+                     "the image if it fails again")
+
+
 def failure_tagging(reason: str, worker: str = "") -> dict[str, list[dict[str, str]]]:
     """The `Tagging` argument of put_object_tagging that marks an input failed, by
     `worker` (the instance that refused it; none for a dead letter)."""

@@ -16,17 +16,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from common.failure_tags import DEAD_LETTER_ERROR
 from common.messages import ClassifyResponse
 
 QUEUED, DONE, FAILED = "queued", "done", "failed"
 FINISHED = (DONE, FAILED)
-
-# In the characters an S3 tag value takes (common/failure_tags.py), so that a batch
-# rebuilt from S3 shows it the same. Not "it failed each time": a worker killed while
-# it held an image it had not begun (scale-in, a crash on another image) counts too.
-DEAD_LETTER_ERROR = ("could not be processed: no worker answered for it in the attempts allowed - each "
-                     "worker holding it crashed or stalled or was stopped. Send it again and check "
-                     "the image if it fails again")
 
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 

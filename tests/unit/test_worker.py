@@ -30,7 +30,7 @@ from app_tier.model import Classification
 from app_tier.worker import Call, Worker, warm_up
 from common.aws import Aws
 from common.config import Settings
-from common.failure_tags import failed_by, failure_from_tags
+from common.failure_tags import DEAD_LETTER_ERROR, failed_by, failure_from_tags
 from common.fleet import WORKER_READY_TAG
 from common.messages import MAX_MESSAGE_BYTES, ClassifyRequest, ClassifyResponse, Prediction
 from common.names import object_key
@@ -259,6 +259,34 @@ def test_a_hand_back_keeps_the_receives_a_request_used_before(aws_env):
     last.process(batch)
     assert model.calls == 3  # the two seen before alone, the new one by itself
     assert set(responses(aws)) == {"0", "1", "new"}
+
+
+def test_a_request_whose_copies_used_up_its_attempts_fails_and_is_not_tried_again(aws_env):
+    """SQS counts a handed-back copy's receives afresh: the worker itself must stop a
+    request that keeps crashing workers, or each scale-in would give it
+    max_receive_count more tries."""
+    settings, aws = aws_env
+    request = upload(settings, aws, "crash.jpg", make_image(3), "crash")
+    for attempt in range(settings.max_receive_count - 1):
+        crash(aws, Worker(settings, aws, MeanClassifier(), f"i-{attempt}").fetch())
+    stopping = Worker(settings, aws, MeanClassifier(), "i-stopping")
+    assert [j.receive_count for j in stopping.fetch().jobs] == [settings.max_receive_count]
+    stopping.held.hand_back_all()  # untried: this receive does not count
+    last_try = Worker(settings, aws, MeanClassifier(), "i-last-try")
+    batch = last_try.fetch()
+    assert [(j.receive_count, j.error) for j in batch.jobs] == [(settings.max_receive_count, None)]
+    crash(aws, batch)
+    model = MeanClassifier()
+    worker = Worker(settings, aws, model, "i-after")
+    batch = worker.fetch()
+    assert [j.error for j in batch.jobs] == [DEAD_LETTER_ERROR]
+    worker.process(batch)
+    assert model.calls == 0
+    answer = responses(aws)["crash"]
+    assert (answer.ok, answer.error) == (False, DEAD_LETTER_ERROR)
+    tags = aws.s3.get_object_tagging(Bucket=request.bucket, Key=request.key)["TagSet"]
+    assert failure_from_tags(tags) == DEAD_LETTER_ERROR
+    assert depth(aws, aws.request_queue_url) == (0, 0)
 
 
 def test_a_request_handed_back_fits_in_a_message_with_its_attribute(aws_env, monkeypatch):
