@@ -49,6 +49,7 @@ from common import systemd
 from common.aws import Aws, error_code, is_not_found, sqs_batches
 from common.config import Settings
 from common.failure_tags import DEAD_LETTER_ERROR, failure_tagging
+from common.fleet import report_worker_failed
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
 from common.names import original_filename, stored_name
 from common.output_object import pair_text, result_metadata
@@ -224,6 +225,7 @@ class Worker:
 
     def _fetch_until_stopped(self) -> None:
         backoff = 1.0
+        failing_since: float | None = None
         while not self.stopping.is_set():
             self._loop_ticks["fetch"] = time.monotonic()
             if not self._prefetch_slot.acquire(timeout=0.5):
@@ -231,6 +233,7 @@ class Worker:
             try:
                 batch = self.fetch()
                 backoff = 1.0
+                failing_since = None
                 self.received.set()
             except Exception as exc:  # this thread must outlive anything, or the worker stalls
                 self._prefetch_slot.release()
@@ -238,6 +241,10 @@ class Worker:
                     log.warning("receive failed (%s); retrying in %.0f s", exc, backoff)
                 else:
                     log.exception("fetch failed; retrying in %.0f s", backoff)
+                failing_since = time.monotonic() if failing_since is None else failing_since
+                if time.monotonic() - failing_since >= self.settings.stall_timeout_s:
+                    self._cannot_receive(time.monotonic() - failing_since, exc)
+                    return
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
@@ -245,6 +252,16 @@ class Worker:
                 self._prefetched.put(batch)
             else:
                 self._prefetch_slot.release()
+
+    def _cannot_receive(self, failing_s: float, last: Exception) -> None:
+        """Receiving has failed for STALL_TIMEOUT: no right to the queue, no route to
+        it, a fault in this process. Its instance, once tagged ready, would otherwise
+        count as serving for good while requests wait: the controller replaces an
+        instance reported failed, and holds launches if the replacements fail too."""
+        log.error("worker %s: every receive has failed for %.0f s (the last: %s); reporting its "
+                  "instance failed and stopping", self.instance_id, failing_s, last)
+        report_worker_failed(self.aws, self.instance_id, "cannot-receive")
+        self.stopping.set()
 
     def fetch(self) -> Batch:
         """Receive up to `receive_batch` requests and prepare their pixels."""

@@ -31,7 +31,7 @@ from app_tier.worker import Call, Worker, warm_up
 from common.aws import Aws
 from common.config import Settings
 from common.failure_tags import DEAD_LETTER_ERROR, failed_by, failure_from_tags
-from common.fleet import WORKER_READY_TAG
+from common.fleet import WORKER_FAILED_TAG, WORKER_READY_TAG
 from common.messages import MAX_MESSAGE_BYTES, ClassifyRequest, ClassifyResponse, Prediction
 from common.names import object_key
 from common.output_object import label_of
@@ -666,6 +666,50 @@ def test_the_instance_is_tagged_ready_only_once_a_receive_has_succeeded(aws_env,
     threading.Thread(target=report_ready_once_received, args=(settings, worker), daemon=True).start()
     run_until(worker, tagged_ready)
     assert tagged_before[:2] == [False, False]  # not after the denied receive, nor before it
+
+
+def instance_tags(aws: Aws, instance_id: str) -> dict[str, str]:
+    reply = aws.ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [instance_id]}])
+    return {t["Key"]: t["Value"] for t in reply["Tags"]}
+
+
+@pytest.mark.parametrize("failures, gives_up", [(2, False), (None, True)])
+def test_a_worker_that_cannot_receive_for_the_stall_timeout_reports_its_instance_failed(
+        aws_env, monkeypatch, failures, gives_up):
+    """Tagged ready once, an instance whose receives then always fail would count as
+    serving for good while requests wait: it says it has failed, and stops, so that
+    the controller replaces it. Receives failing for less than that are only retried."""
+    settings, aws = aws_env
+    settings = dataclasses.replace(settings, stall_timeout_s=5)
+    instance_id = aws.ec2.run_instances(ImageId=settings.ami_id, MinCount=1,
+                                        MaxCount=1)["Instances"][0]["InstanceId"]
+    upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
+    receive = aws.sqs.receive_message
+    denied: list[float] = []
+
+    def denied_for_a_while(**kwargs):
+        if kwargs["QueueUrl"] == aws.request_queue_url and (failures is None or len(denied) < failures):
+            denied.append(time.monotonic())
+            raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "ReceiveMessage")
+        return receive(**kwargs)
+
+    monkeypatch.setattr(aws.sqs, "receive_message", denied_for_a_while)
+    worker = Worker(settings, aws, MeanClassifier(), instance_id)
+    if gives_up:
+        runner = threading.Thread(target=worker.run, daemon=True)
+        runner.start()
+        runner.join(timeout=30)
+        stopped_itself = not runner.is_alive()
+        worker.stopping.set()  # the test's end, whatever happened
+        assert stopped_itself
+        assert instance_tags(aws, instance_id).get(WORKER_FAILED_TAG) == "cannot-receive"
+        assert denied[-1] - denied[0] >= settings.stall_timeout_s
+        assert depth(aws, aws.request_queue_url) == (1, 0)  # left for a worker that can
+    else:
+        answered: dict[str, ClassifyResponse] = {}
+        run_until(worker, lambda: answered.update(responses(aws)) or "a" in answered)
+        assert len(denied) == failures and answered["a"].ok
+        assert WORKER_FAILED_TAG not in instance_tags(aws, instance_id)
 
 
 def test_a_delete_sqs_refuses_is_said(aws_env, monkeypatch, caplog):
