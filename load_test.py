@@ -857,10 +857,14 @@ class Client:
         batch and a token or an Idempotency-Key in `headers`, after any connection
         failure (see RESEND_WINDOW_S)."""
         stored_once = form is not None or headers is not None
-        give_up = min(deadline, time.monotonic() + RESEND_WINDOW_S)
+        # The window runs from the first failed attempt, not from the first send: a POST /
+        # waits for its classification, which under a backlog takes longer than the
+        # window, and one cut off after that was never sent again (explorer).
+        give_up: float | None = None
         delay = FIRST_RESEND_DELAY_S
         while True:
             failure: requests.ConnectionError | None = None
+            refused_since: float | None = None  # since when every connection has been refused
             try:
                 # Only ever talk to the URL we were given: no redirects.
                 resp = self._session().post(f"{self.config.url}{endpoint}", files=files, data=form,
@@ -872,8 +876,7 @@ class Client:
                     raise  # cut off mid-request: the image may be stored already
                 failure, wait = exc, delay
                 if was_refused:
-                    # One window for all: since the server began refusing every connection.
-                    give_up = min(give_up, time.monotonic() - self._refused_for(True) + RESEND_WINDOW_S)
+                    refused_since = time.monotonic() - self._refused_for(True)
             else:
                 self._refused_for(False)
                 if resp.status_code in RESTARTING_STATUSES:
@@ -884,7 +887,13 @@ class Client:
                 if not not_stored(resp):
                     return resp
                 wait = retry_after_s(resp, delay)
-            if self.stop.is_set() or time.monotonic() + wait >= give_up:
+            now = time.monotonic()
+            if give_up is None:  # the first failed attempt
+                give_up = min(deadline, now + RESEND_WINDOW_S)
+            if refused_since is not None:
+                # One window for all: since the server began refusing every connection.
+                give_up = min(give_up, refused_since + RESEND_WINDOW_S)
+            if self.stop.is_set() or now + wait >= give_up:
                 if failure is not None:
                     raise failure
                 return resp

@@ -62,6 +62,7 @@ class FakeTier:
         self.not_stored = 0  # the next POSTs answered as a stopping web tier does: 503, Retry-After
         self.tokens: dict[tuple[str, str], str] = {}  # (batch id, token) -> item id, as the web tier keeps
         self.dropped: set[bytes] = set()  # "drop-once" contents whose first answer was cut off
+        self.cut_off_after = 0.0  # how long a "drop-once" upload's first coming waits before its cut-off
         self.idempotency_keys: dict[str, int] = {}  # POST /'s keys, and how often each came
 
 
@@ -225,6 +226,9 @@ class Handler(BaseHTTPRequestHandler):
             first = content == b"drop-once" and content not in self.tier.dropped
             self.tier.dropped.add(content)
         if first:
+            # As a POST / waiting for its classification under a backlog; set, `release`
+            # lets it go at once (the fixture's teardown).
+            self.tier.release.wait(self.tier.cut_off_after)
             self._hang_up()
         return first
 
@@ -588,6 +592,22 @@ def test_with_idempotency_keys_a_post_whose_answer_was_cut_off_is_sent_again_und
     assert sent == 2 and keyed.outcomes[0].resent == 1 and len(key) == 36
     assert "cut-off connections" in load_test.format_report(keyed)  # not only "refused" ones
     assert load_test.parse_args(["--images", str(images), "--idempotency-keys"]).idempotency_keys
+
+
+@pytest.mark.parametrize("api", ["form", "jobs"])
+def test_an_upload_cut_off_after_longer_than_the_window_is_still_sent_again(tier, tmp_path, monkeypatch, api):
+    """The window ran from the first send: a POST / whose classification took over 30 s
+    under a backlog, its connection then cut (a gunicorn worker killed), was reported
+    failed, "resent 0" (explorer). It runs from the first failed attempt."""
+    monkeypatch.setattr(load_test, "RESEND_WINDOW_S", 0.3)
+    monkeypatch.setattr(load_test, "FIRST_RESEND_DELAY_S", 0.01)
+    tier.cut_off_after = 0.6  # twice the window
+    images = make_images(tmp_path / "images", {"cat.jpg": b"drop-once"})
+    config = Config(images=images, url=tier.url, api=api, num_requests=1, idempotency_keys=api == "form",
+                    timeout=10)
+    report = finish_within(8, run_load, config)
+    assert (report.answered, report.failed) == (1, 0), [o.error for o in report.outcomes]
+    assert report.outcomes[0].resent == 1 and report.outcomes[0].latency_s >= 0.6
 
 
 def test_an_upload_a_stopping_web_tier_did_not_store_is_sent_again_and_a_queued_one_is_not(tier, tmp_path):
