@@ -959,7 +959,9 @@ class Client:
             f"{self.config.url}/api/jobs/{batch_id}", timeout=self._timeout(deadline), allow_redirects=False
         )
         if resp.status_code != 200:
-            raise RequestFailed(f"GET /api/jobs/{batch_id}: HTTP {resp.status_code}", resp.status_code)
+            # The server's reason too: a 404 "no such batch" after the stack was restarted.
+            raise RequestFailed(f"GET /api/jobs/{batch_id}: HTTP {resp.status_code}: {_error_text(resp)}",
+                                resp.status_code)
         try:
             items = resp.json()["items"]
             return next(i for i in items if i.get("id") == item_id)
@@ -1015,7 +1017,8 @@ class Client:
                 # kept for the polls.
                 resp.content  # noqa: B018
             else:
-                raise RequestFailed(f"GET {url}: HTTP {resp.status_code}", resp.status_code)
+                raise RequestFailed(f"GET /api/jobs/{batch_id}/events: HTTP {resp.status_code}: "
+                                    f"{_error_text(resp)}", resp.status_code)
         # No stream to spare, or the server closed it early: poll instead.
         return self._wait_poll(session, batch_id, item_id, deadline)
 

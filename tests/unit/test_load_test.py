@@ -62,6 +62,7 @@ class FakeTier:
         self.not_stored = 0  # the next POSTs answered as a stopping web tier does: 503, Retry-After
         self.tokens: dict[tuple[str, str], str] = {}  # (batch id, token) -> item id, as the web tier keeps
         self.dropped: set[bytes] = set()  # "drop-once" contents whose first answer was cut off
+        self.lost = False  # every batch forgotten, as after the stack (and its embedded AWS) restarted
         self.cut_off_after = 0.0  # how long a "drop-once" upload's first coming waits before its cut-off
         self.idempotency_keys: dict[str, int] = {}  # POST /'s keys, and how often each came
 
@@ -238,7 +239,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _item(self, batch_id: str) -> dict | None:
         with self.tier.lock:
-            job = self.tier.jobs.get(batch_id)
+            job = None if self.tier.lost else self.tier.jobs.get(batch_id)
             if job is None:
                 return None
             job["gets"] += 1
@@ -277,7 +278,7 @@ class Handler(BaseHTTPRequestHandler):
                 return
             item = self._item(parts[2])
             if item is None:
-                self._send(404, {"error": "no such batch"})
+                self._send(404, {"error": f"no such batch: {parts[2]}", "filename": None})
             else:
                 self._send(200, {"batch_id": parts[2], "items": [item]})
         else:
@@ -288,7 +289,10 @@ class Handler(BaseHTTPRequestHandler):
             busy = {"error": "too many event streams open; poll GET /api/jobs/<id> instead", "filename": None}
             self._send(503, busy, headers={"Retry-After": "10"})
             return
-        job = self.tier.jobs[batch_id]
+        job = None if self.tier.lost else self.tier.jobs.get(batch_id)
+        if job is None:
+            self._send(404, {"error": f"no such batch: {batch_id}", "filename": None})
+            return
         event = self._item_json(job, finished=True)
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -886,6 +890,19 @@ def test_a_web_tier_restarting_while_a_job_is_polled_fails_nothing(tier, tmp_pat
         tier.failing_polls = [status]
         report = run_load(Config(images=images, url=tier.url, api="jobs", timeout=20))
         assert report.failed == 1 and f"HTTP {status}" in by_file(report)["kept.jpg"].error
+
+
+@pytest.mark.parametrize("wait", ["poll", "sse"])
+def test_a_batch_the_server_no_longer_knows_says_the_servers_reason(tier, tmp_path, wait):
+    """After the whole stack restarted (the embedded AWS lost everything) the failure
+    said only "HTTP 404": it now says what the server said, as other HTTP failures do."""
+    images = make_images(tmp_path / "images", {"kept.jpg": b"label:7"})
+    tier.lost = True
+    report = run_load(Config(images=images, url=tier.url, api="jobs", wait=wait, timeout=10))
+    [batch_id] = tier.jobs
+    path = f"/api/jobs/{batch_id}" + ("/events" if wait == "sse" else "")
+    assert by_file(report)["kept.jpg"].error == f"GET {path}: HTTP 404: no such batch: {batch_id}"
+    assert by_file(report)["kept.jpg"].status == 404
 
 
 # --- command line, JSON, plot ---------------------------------------------------------
