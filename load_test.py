@@ -242,23 +242,27 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
 
 def list_images(folder: Path) -> list[Path]:
     """Image files directly inside `folder`, in name order (so runs are repeatable)."""
+    return scan_folder(folder)[0]
+
+
+def scan_folder(folder: Path) -> tuple[list[Path], int]:
+    """list_images's images, and how many other entries the folder holds, from one
+    listing (two could disagree about a folder that changes meanwhile)."""
     if not folder.is_dir():
         raise LoadTestError(f"{folder} is not a folder")
-    images = sorted(
-        (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
-        key=lambda p: p.name,
-    )
+    entries = list(folder.iterdir())
+    images = sorted((p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+                    key=lambda p: p.name)
     if not images:
         raise LoadTestError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
-    return images
+    return images, len(entries) - len(images)
 
 
-def say_what_is_left_out(config: Config, images: list[Path]) -> None:
-    """On stderr: entries of the folder that are not sent, and expected rows that name
-    none of `images`, each of which a run would otherwise leave out without a word (the
-    command's; `make bench` gives run_load a CSV for more images than it sends)."""
-    expected = read_expected(config.expected) if config.expected else {}
-    skipped = sum(1 for _ in config.images.iterdir()) - len(images)
+def say_what_is_left_out(config: Config, images: list[Path], skipped: int, expected: dict[str, str]) -> None:
+    """On stderr: the `skipped` entries of the folder that are not sent, and rows of
+    `expected` that name none of `images`, each of which a run would otherwise leave out
+    without a word (the command's; `make bench` gives run_load a CSV for more images
+    than it sends)."""
     if skipped:
         print(f"load_test.py: {skipped} entries of {config.images} left out: not image files "
               f"({', '.join(sorted(IMAGE_SUFFIXES))}) directly in it", file=sys.stderr)
@@ -1251,8 +1255,16 @@ def run_load(
     config: Config,
     progress: Progress | None = None,
     on_result: Callable[[Outcome], None] | None = None,
+    *,
+    images: list[Path] | None = None,
+    expected: dict[str, str] | None = None,
 ) -> Report:
     """Send the planned requests with `config.concurrency` in flight; return the report.
+
+    `images` and `expected`: what list_images and read_expected gave for `config.images`
+    and `config.expected`, if the caller has read them already (main, for its progress
+    bar): read again, a folder changed in between would make the plan disagree with
+    the progress total. Left out, they are read here.
 
     `on_result` is called in the calling thread for each finished request.
     A Ctrl-C (KeyboardInterrupt, also from `on_result`) stops sending; requests
@@ -1261,8 +1273,10 @@ def run_load(
     and the threads still waiting for them are left to end with the process.
     Either way the report says it was interrupted.
     """
-    images = list_images(config.images)
-    expected = read_expected(config.expected) if config.expected else {}
+    if images is None:
+        images = list_images(config.images)
+    if expected is None:
+        expected = read_expected(config.expected) if config.expected else {}
     if config.expected and not any(image_key(p.name) in expected for p in images):
         # Every answer would be "unchecked", and the run a PASS that checked nothing.
         raise LoadTestError(f"{config.expected} names none of the {len(images)} images in "
@@ -1482,8 +1496,10 @@ def write_plot(report: Report, path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     try:
-        images = list_images(config.images)
-        say_what_is_left_out(config, images)
+        # Read once, here: run_load is given them, so its plan is what the progress bar counts.
+        images, skipped = scan_folder(config.images)
+        expected = read_expected(config.expected) if config.expected else {}
+        say_what_is_left_out(config, images, skipped, expected)
     except LoadTestError as exc:
         print(f"load_test.py: {exc}", file=sys.stderr)
         return 2
@@ -1496,7 +1512,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Classification result: {outcome.body}", flush=True)
 
     try:
-        report = run_load(config, progress=progress, on_result=print_result if config.verbose else None)
+        report = run_load(config, progress=progress, on_result=print_result if config.verbose else None,
+                          images=images, expected=expected)
     except LoadTestError as exc:
         print(f"load_test.py: {exc}", file=sys.stderr)
         return 2

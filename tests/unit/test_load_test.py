@@ -464,6 +464,44 @@ def test_what_a_run_leaves_out_is_said(tier, tmp_path, capsys):
     assert f"2 rows of {expected} name no image in {images}" in err
 
 
+def test_the_command_reads_the_folder_and_the_csv_once_so_its_plan_is_what_it_counts(
+        tier, tmp_path, monkeypatch, capsys):
+    """main listed the folder and read --expected for its progress bar (and listed the
+    folder again for what it leaves out), then run_load read both again: an image added
+    in between was sent, beyond the progress total, and counted as left out."""
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:x", "b.jpg": b"label:y"})
+    csv_path = tmp_path / "expected.csv"
+    csv_path.write_text("Image,Results\na,x\nb,y\n")
+    calls = Counter()
+    real_iterdir, real_read = Path.iterdir, load_test.read_expected
+
+    def list_then_add_one(folder):
+        listed = list(real_iterdir(folder))
+        if folder == images:
+            calls["listed"] += 1
+            (folder / "c.jpg").write_bytes(b"label:z")  # the folder changes after the listing
+        return iter(listed)
+
+    def read_then_change(path):
+        calls["read_expected"] += 1
+        read = real_read(path)
+        path.write_text("Image,Results\na,wrong\nb,wrong\n")
+        return read
+
+    monkeypatch.setattr(Path, "iterdir", list_then_add_one)
+    monkeypatch.setattr(load_test, "read_expected", read_then_change)
+    out = tmp_path / "run.json"
+    code = load_test.main(["--url", tier.url, "--images", str(images), "--expected", str(csv_path),
+                           "--json", str(out), "-q"])
+    captured = capsys.readouterr()
+    assert code == 0, captured
+    assert "left out" not in captured.err
+    assert calls == {"listed": 1, "read_expected": 1}
+    requests_sent = json.loads(out.read_text())["requests"]
+    assert sorted(r["file"] for r in requests_sent) == ["a.jpg", "b.jpg"]
+    assert {r["verdict"] for r in requests_sent} == {"correct"}
+
+
 def test_a_connection_closed_before_the_answer_is_not_called_a_failure_to_connect(tier, tmp_path):
     images = make_images(tmp_path / "images", {"dropped.jpg": b"drop", "fine.jpg": b"label:ok"})
     outcomes = by_file(run_load(Config(images=images, url=tier.url)))
