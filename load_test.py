@@ -219,6 +219,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         parser.error(f"cannot draw --plot {args.plot_path}: {problem}")
     if args.wait is not None and args.api != "jobs":
         parser.error("--wait applies to --api jobs (POST / waits for its own answer)")
+    if args.idempotency_keys and args.api != "form":
+        # Accepted, it changed nothing: a batch sends no key, and needs none.
+        parser.error("--idempotency-keys applies to POST / (--api jobs names each upload's batch and "
+                     "token, so one cut off is always sent again without being stored twice)")
     return Config(
         images=args.images,
         url=args.url.rstrip("/"),

@@ -968,6 +968,16 @@ def test_bad_options_are_refused(argv, tmp_path):
     assert exc.value.code == 2
 
 
+@pytest.mark.parametrize("api", [["--jobs"], ["--api", "jobs"]])
+def test_idempotency_keys_with_the_jobs_api_are_refused_saying_why(tmp_path, capsys, api):
+    """Accepted, they changed nothing: a batch names itself and its token instead."""
+    with pytest.raises(SystemExit) as exc:
+        load_test.parse_args(["--images", str(tmp_path), *api, "--idempotency-keys"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--idempotency-keys applies to POST / (--api jobs names each upload's batch" in err
+
+
 def test_json_report_holds_the_right_numbers(tier, mixed, tmp_path, capsys):
     images, csv_path = mixed
     out = tmp_path / "report.json"
