@@ -6,6 +6,7 @@ environment points at.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -101,7 +102,21 @@ def provision(settings: Settings, aws: Aws | None = None) -> dict[str, str]:
     return {"request": req_url, "response": resp_url, "dead_letter": dlq_url}
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    # Arguments are refused, not ignored: `--help` made buckets and queues.
+    parser = argparse.ArgumentParser(
+        prog="python -m common.provision",
+        description="Create (or bring up to date) the service's two buckets and three queues, in "
+        "the AWS the environment points at (the default credential chain; AWS_ENDPOINT_URL for "
+        "the embedded AWS). Safe to run again: what exists is kept, and the queues take the "
+        "current settings. Names from APP_PREFIX, region from AWS_REGION; the request queue's "
+        "VISIBILITY_TIMEOUT, RECEIVE_WAIT and MAX_RECEIVE_COUNT from the environment too. "
+        "Prints the queues' URLs as JSON.")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parse_args(argv)
     configure_logging("%(asctime)s %(name)s %(message)s")
     try:
         urls = provision(Settings.from_env())

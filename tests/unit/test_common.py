@@ -410,8 +410,18 @@ def test_a_bucket_name_taken_by_another_account_is_said_so_naming_app_prefix(mon
         with pytest.raises(ProvisionError, match="imgclass-in-bucket belongs to another .*APP_PREFIX"):
             provision(Settings(), aws)
     monkeypatch.setenv("MAX_RECEIVE_COUNT", "0")  # and a bad setting, without a traceback
-    assert provision_main() == 2
+    assert provision_main([]) == 2
     assert "MAX_RECEIVE_COUNT must be from 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--dry-run"]])
+def test_provision_takes_no_arguments_and_makes_nothing_when_given_one(argv, capsys):
+    with mock_aws():
+        with pytest.raises(SystemExit) as exited:
+            provision_main(argv)
+        assert exited.value.code == (0 if argv == ["--help"] else 2)
+        assert Aws(Settings()).s3.list_buckets()["Buckets"] == []
+    assert "two buckets and three queues" in capsys.readouterr().out or argv != ["--help"]
 
 
 def test_provision_applies_changed_settings_to_the_queues_that_exist():
