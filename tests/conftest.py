@@ -67,8 +67,12 @@ def pytest_sessionfinish(session):
 @pytest.fixture(autouse=True)
 def _no_real_aws(monkeypatch):
     """Tests never touch real AWS: dummy credentials and a fixed region."""
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+    # AWS_REGION comes before AWS_DEFAULT_REGION, for boto3 and for Settings.
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_REGION"):
         monkeypatch.delenv(name, raising=False)
+    # Nor a profile's settings from the developer's own files.
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")

@@ -487,3 +487,12 @@ def test_a_log_level_is_taken_in_any_case_and_a_wrong_one_does_not_stop_the_proc
                           cwd=Path(__file__).resolve().parents[2], check=True)
     assert done.stdout.strip() == effective
     assert ("names no level" in done.stderr) == warned, done.stderr
+
+
+def test_tests_run_in_the_fixed_region_whatever_the_shell_says():
+    """tests/conftest.py: a developer's AWS_REGION (read before AWS_DEFAULT_REGION)
+    must not move the tests to another region."""
+    import boto3
+
+    assert Settings.from_env().region == "us-east-1"
+    assert boto3.session.Session().region_name == "us-east-1"
