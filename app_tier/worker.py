@@ -201,10 +201,8 @@ class Worker:
                 # Prepared, but the stop signal came first: not ours to finish.
                 self.held.hand_back(batch.jobs)
                 continue
-            try:
-                responses = self.answer(batch)
-            except Exception:  # whatever it was, the loop must go on
-                self._failed(batch)
+            responses = self._answer_or_release(batch)
+            if responses is None:
                 continue
             self._wait_for_finishing()
             self._finishing = self._finisher.submit(self._finish_or_release, batch, responses)
@@ -352,8 +350,19 @@ class Worker:
 
     # --- process: classify, write, reply, acknowledge ------------------------------
     def process(self, batch: Batch) -> None:
-        """Classify a batch and finish it: write, reply, acknowledge."""
-        self.finish(batch, self.answer(batch))
+        """Classify a batch and finish it (write, reply, acknowledge), or release it for
+        another attempt if anything fails: what the serving loop does with each batch,
+        except that the loop writes one batch while it classifies the next."""
+        responses = self._answer_or_release(batch)
+        if responses is not None:
+            self._finish_or_release(batch, responses)
+
+    def _answer_or_release(self, batch: Batch) -> list[tuple[Job, ClassifyResponse]] | None:
+        try:
+            return self.answer(batch)
+        except Exception:  # whatever it was, the loop must go on
+            self._failed(batch)
+            return None
 
     def answer(self, batch: Batch) -> list[tuple[Job, ClassifyResponse]]:
         """Every job's response: its classification, or why it has none."""
