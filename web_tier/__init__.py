@@ -33,8 +33,10 @@ REQUEUE_EVERY_S = 60.0
 
 
 def create_app(settings: Settings | None = None, *, aws: Aws | None = None,
-               start_listeners: bool = True) -> Flask:
-    """Build the app; with `start_listeners` it also starts the SQS listener threads."""
+               start_background: bool = True) -> Flask:
+    """Build the app; with `start_background` it also starts the threads that work
+    beside requests: the SQS listeners, and the requeue of uploads stored with no
+    request sent (web_tier/journal.py)."""
     settings = settings or Settings.from_env()
     aws = aws or Aws(settings, max_pool=AWS_POOL)
 
@@ -60,7 +62,7 @@ def create_app(settings: Settings | None = None, *, aws: Aws | None = None,
         pool=ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="web-upload"),
         journal=_open_journal(settings.web_journal_dir),
     )
-    if start_listeners:
+    if start_background:
         svc.listeners = Listeners(aws, book, wait_s=settings.receive_wait_s)
         svc.listeners.start()
         log.info("listening for results on %s", settings.response_queue)

@@ -1,7 +1,8 @@
 """Threads that carry answers from SQS into the result book.
 
 Two threads long-poll the response queue; one polls the dead-letter queue,
-where requests land after crashing a worker on every attempt. A message is
+where requests land after MAX_RECEIVE_COUNT receives that each ended unanswered
+(a worker crashed, stalled or was killed holding it, or S3 or SQS failed). A message is
 deleted only after it is recorded, so a crash in between means a redelivery:
 ignored as a duplicate by a book that has it, or kept, after a restart, for the
 GET that rebuilds its batch from S3.

@@ -85,7 +85,8 @@ class Services:
         return self.book.batch(batch_id) if rebuilt is not None else None
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop the listeners and the upload pool (tests; process exit needs nothing)."""
+        """Stop the background work: the listeners, both pools, and the journal (tests;
+        process exit needs nothing)."""
         self.stopped.set()
         if self.listeners is not None:
             self.listeners.stop(timeout)

@@ -71,8 +71,8 @@ def test_untrained_answer_is_flagged(web_client, fake_worker):
 
 def test_every_answer_says_the_model_is_untrained_refusals_too(make_web_app):
     """README: "in every answer". An explorer's 504s, 413s and 415s did not say it."""
-    untrained = make_web_app(start_listeners=False, model_weights="random").test_client()
-    trained = make_web_app(start_listeners=False, model_weights="imagenet").test_client()
+    untrained = make_web_app(start_background=False, model_weights="random").test_client()
+    trained = make_web_app(start_background=False, model_weights="imagenet").test_client()
     for path, data in (("/", {"inputFile": (io.BytesIO(b"not an image"), "a.jpg")}),
                        ("/api/jobs", {"files": (io.BytesIO(b""), "empty.jpg")})):
         refused = untrained.post(path, data=data, content_type="multipart/form-data")
@@ -284,7 +284,7 @@ def test_a_request_whose_client_left_stops_waiting_and_gives_its_thread_back(mak
     import socket
     import time
 
-    client = make_web_app(start_listeners=False, result_timeout_s=60).test_client()
+    client = make_web_app(start_background=False, result_timeout_s=60).test_client()
     server_side, client_side = socket.socketpair()  # as gunicorn gives the request's socket
     with server_side:
         answers: list = []
@@ -323,7 +323,7 @@ def test_a_file_still_being_stored_under_its_idempotency_key_is_said_so_in_those
     from web_tier.jobs import STILL_STORING
     from web_tier.uploads import UploadError
 
-    app = make_web_app(start_listeners=False)
+    app = make_web_app(start_background=False)
     monkeypatch.setattr(services_of(app).submitter, "submit",
                         lambda batch_id, uploads, tokens: [UploadError(503, STILL_STORING, "k.jpg")])
     response = app.test_client().post("/", data={"inputFile": (io.BytesIO(make_image(8)), "k.jpg")},

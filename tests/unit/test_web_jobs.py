@@ -314,7 +314,7 @@ def test_fresh_app_rebuilds_a_batch_from_s3(make_web_app, fake_worker, web_aws):
     before = items_by_name(client, batch_id)
     services_of(old).stop(timeout=5)
 
-    fresh = make_web_app(start_listeners=False).test_client()
+    fresh = make_web_app(start_background=False).test_client()
     rebuilt = fresh.get(f"/api/jobs/{batch_id}").get_json()
     assert rebuilt["batch_id"] == batch_id
     after = {i["filename"]: i for i in rebuilt["items"]}
@@ -341,10 +341,10 @@ def test_a_batch_is_rebuilt_once_however_many_ask_and_holds_up_no_upload(make_we
     """A page polling a 1,500-item batch across a restart started a whole rebuild every
     2 s on the upload pool: 2-file uploads behind them took a minute (explorer)."""
     services_module = importlib.import_module("web_tier.services")  # web_tier.services: the function
-    old = make_web_app(start_listeners=False)
+    old = make_web_app(start_background=False)
     files = [(make_image(54), "a.jpg"), (make_image(55), "b.jpg")]
     batch_id = upload(old.test_client(), files).get_json()["batch_id"]
-    fresh = make_web_app(start_listeners=False)
+    fresh = make_web_app(start_background=False)
     svc = services_of(fresh)
     rebuild, calls, release = services_module.rebuild_batch, [], threading.Event()
 
@@ -374,14 +374,14 @@ def test_a_batch_rebuilt_from_s3_keeps_the_upload_order(make_web_app):
     # then more added to the batch by a second request.
     names = [f"{n:02d}_{chr(ord('z') - n)}.jpg" for n in range(UPLOAD_THREADS + 6)]
     first, then = names[:-3], names[-3:]
-    client = make_web_app(start_listeners=False).test_client()
+    client = make_web_app(start_background=False).test_client()
     sent = upload(client, [(make_image(60 + n), name) for n, name in enumerate(first)]).get_json()
     batch_id = sent["batch_id"]
     files = [(io.BytesIO(make_image(90 + n)), name) for n, name in enumerate(then)]
     more = client.post("/api/jobs", content_type="multipart/form-data",
                        data={"batch_id": batch_id, "files": files})
     assert more.status_code == 202
-    fresh = make_web_app(start_listeners=False).test_client()
+    fresh = make_web_app(start_background=False).test_client()
     rebuilt = fresh.get(f"/api/jobs/{batch_id}").get_json()["items"]
     assert [i["filename"] for i in rebuilt] == names
     assert [i["id"] for i in rebuilt] == [i["id"] for i in sent["items"] + more.get_json()["items"]]
@@ -405,7 +405,7 @@ def test_a_stored_result_that_does_not_say_its_model_is_flagged_as_the_configure
 
 
 def test_answers_after_a_restart_are_kept_for_unknown_ids(make_web_app, web_aws):
-    old = make_web_app(start_listeners=False)
+    old = make_web_app(start_background=False)
     batch_id = upload(old.test_client(), [(make_image(60), "late.jpg")]).get_json()["batch_id"]
     fresh = make_web_app()  # listens; knows nothing of the batch
     worker = FakeWorker(web_aws).start()
@@ -451,7 +451,7 @@ def test_a_first_request_sent_again_under_its_tokens_stores_nothing_twice(make_w
     """A page whose connection was cut after the server stored its files (a web tier
     killed mid-answer) cannot know they were: it sends them again, under the same batch
     id and tokens, and they are neither stored nor classified twice, nor in a second batch."""
-    client = make_web_app(start_listeners=False).test_client()
+    client = make_web_app(start_background=False).test_client()
     batch_id = "c" * 32
     files = [(make_image(700), "a.jpg"), (make_image(701), "b.jpg")]
     first = send_with_tokens(client, batch_id, files, ["0", "1"])
@@ -479,8 +479,8 @@ def test_tokens_are_known_to_a_web_tier_restarted_since(make_web_app, web_aws):
     batch, and the files' tokens, in S3."""
     batch_id = "d" * 32
     files = [(make_image(710), "a.jpg")]
-    first = send_with_tokens(make_web_app(start_listeners=False).test_client(), batch_id, files, ["t-0"])
-    fresh = make_web_app(start_listeners=False).test_client()
+    first = send_with_tokens(make_web_app(start_background=False).test_client(), batch_id, files, ["t-0"])
+    fresh = make_web_app(start_background=False).test_client()
     again = send_with_tokens(fresh, batch_id, files, ["t-0"])
     assert again.get_json()["items"][0]["id"] == first.get_json()["items"][0]["id"]
     assert again.get_json()["items"][0]["again"] is True
@@ -494,10 +494,10 @@ def test_a_long_name_answered_before_its_batch_was_rebuilt_keeps_its_token(make_
     file, and the batch showed the cut name for good (explorer)."""
     batch_id = "e" * 32
     name = "photo-" + "x" * 300 + ".jpg"
-    first = send_with_tokens(make_web_app(start_listeners=False).test_client(), batch_id,
+    first = send_with_tokens(make_web_app(start_background=False).test_client(), batch_id,
                              [(make_image(712), name)], ["t-0"])
     item_id = first.get_json()["items"][0]["id"]
-    fresh_app = make_web_app(start_listeners=False)
+    fresh_app = make_web_app(start_background=False)
     answer = ClassifyResponse(id=item_id, filename=name, key=stored_keys(web_aws, batch_id)[0],
                               worker="w", untrained=True, label="cat", score=0.5)
     services_of(fresh_app).book.record(ClassifyResponse.from_json(answer.to_json()))  # as sent: cut
@@ -514,7 +514,7 @@ def test_a_full_request_with_a_token_per_file_is_taken(make_web_app, web_aws):
     """Werkzeug counted a file and its token as two parts: past 549 of the 1,000 files
     allowed, a request with tokens was a 413 saying the limit was 1,000 (explorer)."""
     count = 120  # enough for 2 parts a file to pass the old allowance of count + 100
-    client = make_web_app(start_listeners=False, max_files_per_request=count).test_client()
+    client = make_web_app(start_background=False, max_files_per_request=count).test_client()
     image = make_image(760, size=(48, 48))
     response = send_with_tokens(client, "9" * 32, [(image, f"f{n}.jpg") for n in range(count)],
                                 [str(n) for n in range(count)])
@@ -591,7 +591,7 @@ def test_a_file_still_being_stored_under_a_token_is_refused_for_now_not_taken_as
     """Sent again while the first request still stores it, the file may yet fail there:
     taken as stored, it would be answered with an item that never comes. It is refused
     with a 503 (to send again), and once stored, found."""
-    app = make_web_app(start_listeners=False)
+    app = make_web_app(start_background=False)
     batch_id, files = "e" * 32, [(make_image(730), "slow.jpg")]
     put = HeldPut(monkeypatch)
     sender, first = send_in_background(app, batch_id, files, ["0"])
@@ -612,7 +612,7 @@ def test_a_file_sent_again_while_its_first_storing_fails_is_not_taken_as_stored(
     """The resend found the first request's item under the token; the first then failed,
     and the resend answered with that item, which was never stored (reviewer): the page
     showed it queued for ever."""
-    app = make_web_app(start_listeners=False)
+    app = make_web_app(start_background=False)
     svc = services_of(app)
     batch_id, files = "b" * 32, [(make_image(750), "a.jpg")]
     put = HeldPut(monkeypatch, fail=True)
@@ -640,7 +640,7 @@ def test_a_file_sent_again_while_its_first_storing_fails_is_not_taken_as_stored(
 def test_a_token_whose_file_could_not_be_stored_is_free_to_send_again(make_web_app, web_aws, monkeypatch):
     import web_tier.jobs
 
-    client = make_web_app(start_listeners=False).test_client()
+    client = make_web_app(start_background=False).test_client()
     batch_id = "f" * 32
     files = [(make_image(740), "a.jpg")]
     real_put = web_tier.jobs.put_input
@@ -657,7 +657,7 @@ def test_a_batch_of_which_nothing_was_stored_is_gone_at_once(make_web_app, web_a
     drop (it drops a batch on 404), and such batches piled up in an outage (explorer)."""
     import web_tier.jobs
 
-    client = make_web_app(start_listeners=False).test_client()
+    client = make_web_app(start_background=False).test_client()
     batch_id = "e" * 32
     monkeypatch.setattr(web_tier.jobs, "put_input", lambda *a, **k: (_ for _ in ()).throw(OSError("S3 down")))
     files = [(make_image(741), "a.jpg"), (make_image(742), "b.jpg")]
@@ -675,7 +675,7 @@ def finish(app, item_id: str, label: str, key: str = "", name: str = "x.jpg") ->
 
 def test_a_batch_all_refused_by_an_untrained_worker_says_untrained(make_web_app):
     """Its items said so (Item.shows_untrained), the batch did not (reviewer)."""
-    app = make_web_app(start_listeners=False)
+    app = make_web_app(start_background=False)
     client = app.test_client()
     body = upload(client, [(make_image(60), "one.jpg")]).get_json()
     book = services_of(app).book
@@ -701,7 +701,7 @@ def parse_events(chunks) -> list[dict]:
 
 
 def test_events_replay_finished_items_then_end(make_web_app):
-    app = make_web_app(start_listeners=False)
+    app = make_web_app(start_background=False)
     client = app.test_client()
     body = upload(client, [(make_image(80), "one.jpg"), (make_image(81), "two.jpg")]).get_json()
     for n, item in enumerate(body["items"]):
@@ -724,7 +724,7 @@ def test_a_stream_resumed_with_last_event_id_sends_only_what_finished_after_it(m
     """A browser reconnects every MAX_STREAM_S and after a drop, with the last id it saw:
     it was sent every finished item again. Items finish in any order: the ids follow
     that order, so that each covers every item before it."""
-    app = make_web_app(start_listeners=False)
+    app = make_web_app(start_background=False)
     client = app.test_client()
     body = upload(client, [(make_image(70 + n), f"{n}.jpg") for n in range(3)]).get_json()
     first, second, third = (item["id"] for item in body["items"])
@@ -755,7 +755,7 @@ def test_a_stream_resumed_with_last_event_id_sends_only_what_finished_after_it(m
 
 def test_events_push_items_as_they_finish(make_web_app, monkeypatch):
     monkeypatch.setattr(events, "KEEPALIVE_S", 0.05)
-    app = make_web_app(start_listeners=False)
+    app = make_web_app(start_background=False)
     client = app.test_client()
     body = upload(client, [(make_image(90), "early.jpg"), (make_image(91), "late.jpg")]).get_json()
     early, late = body["items"]
@@ -777,7 +777,7 @@ def test_events_push_items_as_they_finish(make_web_app, monkeypatch):
 
 def test_event_streams_are_capped_and_give_their_thread_back(make_web_app):
     """Each stream holds a thread: past the cap the answer is 503 (the page then polls)."""
-    app = make_web_app(start_listeners=False)
+    app = make_web_app(start_background=False)
     services_of(app).event_streams = threading.BoundedSemaphore(1)
     client = app.test_client()
     batch_id = upload(client, [(make_image(95), "slow.jpg")]).get_json()["batch_id"]
@@ -801,7 +801,7 @@ def test_event_streams_are_capped_and_give_their_thread_back(make_web_app):
 
 def test_an_event_stream_ends_after_its_time_limit(make_web_app):
     """Without `end`: the browser reconnects, and an abandoned stream frees its thread."""
-    app = make_web_app(start_listeners=False)
+    app = make_web_app(start_background=False)
     client = app.test_client()
     batch_id = upload(client, [(make_image(96), "never.jpg")]).get_json()["batch_id"]
     book = services_of(app).book
@@ -846,7 +846,7 @@ def test_a_stop_during_a_large_upload_stores_no_more_and_answers_at_once(make_we
     """gunicorn kills the process `graceful_timeout` after SIGTERM: an upload still storing
     files then got no answer, and a file killed between its S3 put and its message stayed
     queued for ever. Now the files not yet stored are refused with the request's answer."""
-    app = make_web_app(start_listeners=False, max_files_per_request=UPLOAD_THREADS * 3)
+    app = make_web_app(start_background=False, max_files_per_request=UPLOAD_THREADS * 3)
     svc = services_of(app)
     real_submit = svc.submitter.submit
 
@@ -877,7 +877,7 @@ def test_a_stop_during_a_large_upload_stores_no_more_and_answers_at_once(make_we
 
 def test_a_batch_says_its_model_is_untrained_before_any_result(make_web_app):
     """It said false while every item was still queued, the page's banner saying otherwise."""
-    app = make_web_app(start_listeners=False, model_weights="random")
+    app = make_web_app(start_background=False, model_weights="random")
     client = app.test_client()
     batch_id = upload(client, [(make_image(90), "early.jpg")]).get_json()["batch_id"]
     body = client.get(f"/api/jobs/{batch_id}").get_json()

@@ -120,7 +120,7 @@ def test_a_request_that_cannot_be_sent_now_is_sent_at_the_next_round(make_web_ap
     old.begin("1" * 32, request_body("1" * 32, "b1/i1/stored.jpg"))
     old.begin("2" * 32, "{not a request}")
     old.close()
-    app = make_web_app(web_journal_dir=str(tmp_path), start_listeners=False)
+    app = make_web_app(web_journal_dir=str(tmp_path), start_background=False)
     submitter, journal = services_of(app).submitter, services_of(app).journal
     send = submitter.requests.send
 
@@ -143,7 +143,7 @@ def test_a_request_that_cannot_be_sent_now_is_sent_at_the_next_round(make_web_ap
 def test_a_refused_upload_whose_image_cannot_be_deleted_is_queued_later(make_web_app, web_aws, tmp_path):
     """Stored, its request refused and its deletion too: left so, it would be
     queued for ever (a batch rebuilt from S3 lists it)."""
-    app = make_web_app(web_journal_dir=str(tmp_path), start_listeners=False)
+    app = make_web_app(web_journal_dir=str(tmp_path), start_background=False)
     submitter = services_of(app).submitter
     send = submitter.requests.send
 
@@ -181,7 +181,7 @@ def test_a_refused_upload_whose_image_cannot_be_deleted_is_queued_later(make_web
 
 def test_an_upload_in_flight_when_its_web_tier_dies_is_queued_by_the_next(make_web_app, web_aws, tmp_path):
     # The first web tier stores the image, then dies before its request is sent.
-    dying = make_web_app(web_journal_dir=str(tmp_path), start_listeners=False)
+    dying = make_web_app(web_journal_dir=str(tmp_path), start_background=False)
     sender = services_of(dying).submitter.requests
     stored, never = threading.Event(), threading.Event()
 
@@ -207,7 +207,7 @@ def test_an_upload_in_flight_when_its_web_tier_dies_is_queued_by_the_next(make_w
 
 
 def test_uploads_queued_or_refused_leave_nothing_pending(make_web_app, tmp_path):
-    app = make_web_app(web_journal_dir=str(tmp_path), start_listeners=False)
+    app = make_web_app(web_journal_dir=str(tmp_path), start_background=False)
     client = app.test_client()
     ok = client.post("/api/jobs", data={"files": [(io.BytesIO(make_image(1)), "a.jpg")]},
                      content_type="multipart/form-data")
@@ -249,7 +249,7 @@ def test_a_journal_is_locked_before_a_starting_process_can_see_it(tmp_path, monk
 
 
 def test_a_journal_that_cannot_write_does_not_fail_the_upload(make_web_app, web_aws, tmp_path, caplog):
-    app = make_web_app(web_journal_dir=str(tmp_path), start_listeners=False)
+    app = make_web_app(web_journal_dir=str(tmp_path), start_background=False)
     journal = services_of(app).journal
     full = os.open("/dev/full", os.O_WRONLY)
     os.dup2(full, journal._fd)  # the disk is full from now on

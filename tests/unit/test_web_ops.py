@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture
 def quiet_client(make_web_app):
-    return make_web_app(start_listeners=False).test_client()
+    return make_web_app(start_background=False).test_client()
 
 
 def test_healthz_ok(quiet_client):
@@ -250,7 +250,7 @@ def test_the_first_read_of_an_aws_that_hangs_says_so(quiet_client, monkeypatch):
 def test_untrained_is_said_from_the_start_when_configured(make_web_app, weights, flagged):
     # Before any worker has answered, the configured weights decide: with `random`
     # the page's banner and /api/status say "untrained" from the first look.
-    client = make_web_app(model_weights=weights, start_listeners=False).test_client()
+    client = make_web_app(model_weights=weights, start_background=False).test_client()
     assert client.get("/api/status").get_json()["untrained"] is flagged
     page = client.get("/").get_data(as_text=True)
     banner = re.search(r'<div id="untrained-banner"[^>]*>', page).group(0)
@@ -272,7 +272,7 @@ def test_healthz_is_a_503_within_seconds_when_aws_does_not_answer(web_settings, 
         aws = Aws(settings)
         for name in (settings.request_queue, settings.response_queue) if urls_known else ():
             aws._queue_urls[name] = f"{settings.endpoint_url}/123456789012/{name}"  # as a running tier has
-        app = create_app(settings, aws=aws, start_listeners=False)
+        app = create_app(settings, aws=aws, start_background=False)
         started = time.monotonic()
         response = app.test_client().get("/healthz")
         took = time.monotonic() - started

@@ -528,7 +528,7 @@ def test_past_pillows_own_pixel_limit_is_refused_at_upload_as_the_worker_would(m
     height = pillow_limit // width + 100  # over Pillow's limit, under twice it (its hard error)
     out = io.BytesIO()
     Image.new("1", (width, height)).save(out, "PNG")
-    client = make_web_app(max_image_pixels=4 * pillow_limit, start_listeners=False).test_client()
+    client = make_web_app(max_image_pixels=4 * pillow_limit, start_background=False).test_client()
     response = upload(client, [(out.getvalue(), "huge.png")])
     assert response.status_code == 413, response.get_json()
     # MAX_IMAGE_PIXELS is higher: the limit that applies, and is quoted, is Pillow's.
@@ -592,7 +592,7 @@ def test_readable_size(size, shown):
 
 @pytest.fixture
 def keyed_client(make_web_app):
-    return make_web_app(start_listeners=False, api_key="s3cret-key").test_client()
+    return make_web_app(start_background=False, api_key="s3cret-key").test_client()
 
 
 def test_api_key_is_required_when_set(keyed_client):
