@@ -33,6 +33,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -425,10 +426,11 @@ class Worker:
         it is classified alone, so that it cannot take its batch-mates down again
         (and with them into the dead-letter queue)."""
         fresh = [j for j in jobs if j.receive_count <= 1]
-        groups = [fresh] if fresh else []
-        groups += [[j] for j in jobs if j.receive_count > 1]
+        pending = deque([fresh] if fresh else [])
+        pending.extend([j] for j in jobs if j.receive_count > 1)
         results: dict[str, Classification] = {}
-        for group in groups:
+        while pending:
+            group = pending.popleft()
             try:
                 with self._must_end("model call", group):
                     out = self.classifier.classify(np.stack([j.pixels for j in group]))
@@ -436,7 +438,7 @@ class Worker:
                 if _out_of_memory(exc):
                     raise  # ...unless the machine ran short: the batch goes back, to be tried again
                 if len(group) > 1:
-                    groups.extend([j] for j in group)
+                    pending.extend([j] for j in group)  # one at a time, to find the image at fault
                     continue
                 log.error("classification of %s failed: %s", group[0].request.key, exc)
                 group[0].error = f"classification failed: {exc}"
