@@ -303,6 +303,7 @@ class InstanceRunner:
         # When LOCAL_MAX_WORKERS leaves some instances without a process, the ones
         # served are those the controller scales in last.
         waiting = sorted((i for i in instances if i.id not in self.workers), key=scale_in_order, reverse=True)
+        capped = False
         for iid in [i.id for i in waiting]:
             first = self._first_seen.setdefault(iid, now)
             if now - first < self.settings.local_boot_delay_s:
@@ -311,9 +312,11 @@ class InstanceRunner:
                 if not self._warned_cap:
                     log.warning("runner: LOCAL_MAX_WORKERS=%d reached; %s waits for a free slot",
                                 self.settings.local_max_workers, iid)
-                    self._warned_cap = True
+                capped = self._warned_cap = True
                 continue
             self._start_worker(iid)
+        if not capped:
+            self._warned_cap = False  # said again the next time the cap holds an instance back
         self._first_seen = {k: v for k, v in self._first_seen.items() if k in live}
         # Spares only in room under the cap: a spare loading beside a full fleet takes
         # the cores it serves from (kept on top of the cap, spares loaded during every

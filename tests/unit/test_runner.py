@@ -122,6 +122,30 @@ def test_short_of_processes_it_serves_the_instances_the_controller_scales_in_las
     wait_until(lambda: started(out) == ["i-older"], what="its worker to start")
 
 
+def test_the_cap_is_said_once_each_time_it_holds_an_instance_back(world, monkeypatch, caplog):
+    from common.fleet import Instance
+    from localaws import runner as runner_module
+    _, _, make, _ = world
+    served = Instance("i-served", number=2, state="running", launched_at=100.0)
+    waiting = Instance("i-waiting", number=1, state="running", launched_at=200.0)
+    fleet = [served, waiting]
+    monkeypatch.setattr(runner_module, "app_tier_instances", lambda aws: tuple(fleet))
+    runner = make(warm_spares=0, local_max_workers=1)
+    caplog.set_level(logging.WARNING, logger="localaws.runner")
+
+    def said() -> int:
+        return caplog.text.count("LOCAL_MAX_WORKERS=1 reached")
+
+    runner.step()
+    runner.step()
+    assert list(runner.workers) == ["i-served"] and said() == 1
+    fleet.remove(waiting)
+    runner.step()
+    fleet.append(waiting)
+    runner.step()
+    assert said() == 2
+
+
 def stubborn_worker(world) -> tuple[InstanceRunner, str, object]:
     """A runner serving one instance whose worker ignores SIGTERM: (runner, instance id, process)."""
     settings, aws, make, out = world
