@@ -381,7 +381,9 @@ def stop_signals() -> tuple[int, ...]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m localaws.stack", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", type=Path, default=ROOT / ".run", help="logs go here (default .run/)")
+    parser.add_argument("--run-dir", type=Path, default=ROOT / ".run",
+                        help="logs go here, and the web tier's journal unless WEB_JOURNAL_DIR says "
+                        "otherwise (default .run/)")
     try:
         settings = Settings.from_env()
     except ValueError as exc:  # names the variable
