@@ -95,8 +95,11 @@ def classify() -> Response:
         if svc.book.closing.is_set():
             # No Retry-After: the image is stored and queued, and sending it again
             # would classify it twice.
+            endpoint = svc.settings.endpoint_url
+            unless = (f", unless the AWS at {endpoint} stops too: the embedded AWS keeps nothing"
+                      if endpoint else "")
             response = _text(f"{upload.filename}: the web tier is stopping; the image is still "
-                             f"queued, see /api/jobs/{batch_id} (no need to send it again)", 503)
+                             f"queued, see /api/jobs/{batch_id} (no need to send it again{unless})", 503)
         else:
             response = _text(f"{upload.filename}: no result within {svc.settings.result_timeout_s:g} s; "
                              f"it is still queued, see /api/jobs/{batch_id}", 504)

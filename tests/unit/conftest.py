@@ -136,9 +136,10 @@ def make_web_app(web_aws: Aws) -> Iterator[Callable]:
     # Imported here so that other tiers' unit tests never depend on the web tier importing.
     from web_tier import create_app
 
-    def make(settings: Settings | None = None, start_background: bool = True, **changes):
+    def make(settings: Settings | None = None, start_background: bool = True, aws: Aws | None = None,
+             **changes):
         settings = replace(settings or web_aws.settings, **changes)
-        aws = web_aws if settings == web_aws.settings else Aws(settings)
+        aws = aws or (web_aws if settings == web_aws.settings else Aws(settings))
         app = create_app(settings, aws=aws, start_background=start_background)
         app.config["TESTING"] = True
         made.append(app)

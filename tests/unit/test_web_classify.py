@@ -154,8 +154,12 @@ def test_no_answer_is_504_and_the_service_keeps_answering(make_web_app, fake_wor
     assert post_image(patient, data, "found.jpg").text.strip() == f"found:{answer_for(data)[0]}"
 
 
-def test_a_waiting_request_answers_503_at_once_when_the_web_tier_stops(make_web_app, fake_worker):
-    app = make_web_app(result_timeout_s=30)
+@pytest.mark.parametrize("endpoint_url", [None, "http://127.0.0.1:5000"])
+def test_a_waiting_request_answers_503_at_once_when_the_web_tier_stops(make_web_app, fake_worker, web_aws,
+                                                                      endpoint_url):
+    """Stored and queued, the image needs no second send; unless the AWS it is queued in
+    stops too, as the embedded AWS, which keeps nothing, does with `make run`."""
+    app = make_web_app(result_timeout_s=30, endpoint_url=endpoint_url, aws=web_aws)
     fake_worker.policy = lambda request: "ignore"
     book = services_of(app).book
     replies = []
@@ -170,8 +174,10 @@ def test_a_waiting_request_answers_503_at_once_when_the_web_tier_stops(make_web_
     # Stored and queued: no Retry-After, which would invite sending it a second time.
     assert reply.status_code == 503 and "Retry-After" not in reply.headers
     batch_id, item_id = reply.headers["X-Batch-Id"], reply.headers["X-Item-Id"]
+    unless = "" if endpoint_url is None else (", unless the AWS at http://127.0.0.1:5000 stops too: "
+                                              "the embedded AWS keeps nothing")
     assert reply.text == ("w.jpg: the web tier is stopping; the image is still queued, "
-                          f"see /api/jobs/{batch_id} (no need to send it again)")
+                          f"see /api/jobs/{batch_id} (no need to send it again{unless})")
     assert book.get(item_id).state == "queued"
 
 
