@@ -67,7 +67,7 @@ def create_job() -> tuple[Response, int]:
     # `create`, to the batch of that id, made if it does not exist yet (a client
     # sending again a first request whose answer it lost must not make a second).
     batch_id = request.form.get("batch_id", "").strip()
-    adding = bool(batch_id) and svc.find_batch(batch_id) is not None
+    adding = bool(batch_id) and svc.rebuilder.find_batch(batch_id) is not None
     if batch_id and not adding:
         if request.form.get("create", "").lower() not in ("1", "true"):
             return _no_batch(batch_id)
@@ -135,7 +135,7 @@ def _batch_json(batch_id: str, items: list[Item]) -> dict[str, Any]:
 
 @bp.get("/jobs/<batch_id>")
 def get_job(batch_id: str) -> tuple[Response, int]:
-    items = services().find_batch(batch_id)
+    items = services().rebuilder.find_batch(batch_id)
     if items is None:
         return _no_batch(batch_id)
     return jsonify(_batch_json(batch_id, items)), 200
@@ -144,7 +144,7 @@ def get_job(batch_id: str) -> tuple[Response, int]:
 @bp.get("/jobs/<batch_id>/events")
 def job_events(batch_id: str) -> Response | tuple[Response, int]:
     svc = services()
-    if svc.find_batch(batch_id) is None:
+    if svc.rebuilder.find_batch(batch_id) is None:
         return _no_batch(batch_id)
     # Each stream holds a thread until its batch is done: past the cap, the page
     # falls back to polling GET /api/jobs/<id>, which holds none.

@@ -8,11 +8,16 @@ therefore answer for batches uploaded before it started.
 
 from __future__ import annotations
 
-from concurrent.futures import Executor
+import threading
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 from common.aws import Aws
-from web_tier.results import DONE, FAILED, Item
+from web_tier.results import DONE, FAILED, Item, ResultBook, is_batch_id
 from web_tier.storage import read_failure, read_name_and_token, read_output
+
+# Threads reading S3 to rebuild batches: their own, so that a large batch rebuilt
+# (some 3 S3 calls an item) holds up no upload, which the upload pool runs.
+REBUILD_THREADS = 8
 
 
 def list_keys(aws: Aws, batch_id: str) -> list[str]:
@@ -54,3 +59,53 @@ def rebuild_batch(aws: Aws, batch_id: str, pool: Executor) -> list[Item] | None:
     if not keys:
         return None
     return [i for i in pool.map(lambda k: rebuild_item(aws, batch_id, k), keys) if i is not None]
+
+
+class BatchRebuilder:
+    """Finds a batch in the book, else rebuilds it from S3 into the book, once however
+    many requests ask at the same time."""
+
+    def __init__(self, aws: Aws, book: ResultBook) -> None:
+        self.aws = aws
+        self.book = book
+        self.pool = ThreadPoolExecutor(REBUILD_THREADS, thread_name_prefix="web-rebuild")
+        # Batches being rebuilt from S3, each by the first request to ask: the others wait
+        # for it. A page polling a 1,500-item batch across a restart had started a whole
+        # rebuild every 2 s, and 2-file uploads behind them took a minute (explorer).
+        self._rebuilding: dict[str, Future] = {}
+        self._rebuilding_lock = threading.Lock()
+
+    def find_batch(self, batch_id: str) -> list[Item] | None:
+        """A batch's items from memory, else rebuilt from S3 and kept; None if unknown."""
+        if not is_batch_id(batch_id):
+            return None
+        items = self.book.batch(batch_id)
+        if items is not None:
+            return items
+        with self._rebuilding_lock:
+            under_way = self._rebuilding.get(batch_id)
+            if under_way is None:
+                # Looked at again: a rebuild may have ended since the look above.
+                items = self.book.batch(batch_id)
+                if items is not None:
+                    return items
+                mine = self._rebuilding[batch_id] = Future()
+        if under_way is not None:
+            # Raises what the rebuild raised; else the batch as the book now has it.
+            return self.book.batch(batch_id) if under_way.result() else None
+        try:
+            rebuilt = rebuild_batch(self.aws, batch_id, self.pool)
+            if rebuilt is not None:
+                self.book.merge(batch_id, rebuilt)
+            mine.set_result(rebuilt is not None)
+        except BaseException as exc:
+            mine.set_exception(exc)
+            raise
+        finally:
+            with self._rebuilding_lock:
+                del self._rebuilding[batch_id]
+        return self.book.batch(batch_id) if rebuilt is not None else None
+
+    def stop(self) -> None:
+        """Cancel the S3 reads not yet started (tests; process exit needs nothing)."""
+        self.pool.shutdown(wait=False, cancel_futures=True)

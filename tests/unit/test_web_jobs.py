@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import io
 import json
 import threading
@@ -340,20 +339,21 @@ def test_fresh_app_rebuilds_a_batch_from_s3(make_web_app, fake_worker, web_aws):
 def test_a_batch_is_rebuilt_once_however_many_ask_and_holds_up_no_upload(make_web_app, monkeypatch):
     """A page polling a 1,500-item batch across a restart started a whole rebuild every
     2 s on the upload pool: 2-file uploads behind them took a minute (explorer)."""
-    services_module = importlib.import_module("web_tier.services")  # web_tier.services: the function
+    import web_tier.rebuild as rebuild_module
+
     old = make_web_app(start_background=False)
     files = [(make_image(54), "a.jpg"), (make_image(55), "b.jpg")]
     batch_id = upload(old.test_client(), files).get_json()["batch_id"]
     fresh = make_web_app(start_background=False)
     svc = services_of(fresh)
-    rebuild, calls, release = services_module.rebuild_batch, [], threading.Event()
+    rebuild, calls, release = rebuild_module.rebuild_batch, [], threading.Event()
 
     def slow_rebuild(aws, batch, pool):
         calls.append(pool)
         assert release.wait(30)
         return rebuild(aws, batch, pool)
 
-    monkeypatch.setattr(services_module, "rebuild_batch", slow_rebuild)
+    monkeypatch.setattr(rebuild_module, "rebuild_batch", slow_rebuild)
     answers: list[int] = []
     readers = [threading.Thread(target=lambda: answers.append(len(fresh.test_client().get(
         f"/api/jobs/{batch_id}").get_json()["items"]))) for _ in range(5)]
