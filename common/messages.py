@@ -176,15 +176,3 @@ class ClassifyResponse:
             )
         except _NOT_A_MESSAGE as exc:
             raise MessageError(f"not a classify response: {exc}") from exc
-
-    def as_item(self) -> dict:
-        """The fields the web API shows for a finished item."""
-        return {
-            "state": "done" if self.ok else "failed",
-            "label": self.label,
-            "score": self.score,
-            "top5": [{"label": p.label, "score": p.score} for p in self.top5],
-            "error": self.error,
-            "worker": self.worker,
-            "untrained": self.untrained,
-        }

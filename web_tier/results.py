@@ -104,17 +104,20 @@ class Item:
 
 
 def item_from_response(response: ClassifyResponse) -> Item:
-    item = Item(
+    """The finished item a worker's response describes."""
+    return Item(
         id=response.id,
         batch_id=batch_id_of(response.key),
         filename=response.filename,
         key=response.key,
+        state=DONE if response.ok else FAILED,
+        label=response.label,
+        score=response.score,
+        top5=[{"label": p.label, "score": p.score} for p in response.top5],
+        error=response.error,
+        worker=response.worker,
+        untrained=response.untrained,
     )
-    fields_ = response.as_item()
-    item.state = fields_["state"]
-    item.label, item.score, item.top5 = fields_["label"], fields_["score"], fields_["top5"]
-    item.error, item.worker, item.untrained = fields_["error"], fields_["worker"], fields_["untrained"]
-    return item
 
 
 @dataclass
