@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
+from werkzeug.datastructures import FileStorage
 
 from web_tier import events
 from web_tier.auth import require_api_key
@@ -61,20 +62,11 @@ def create_job() -> tuple[Response, int]:
     files = form_files(request, ("files",))
     check_count(files, svc.settings)
     tokens = form_tokens(request, len(files))
-
-    # Optional: add these files to an existing batch, so a page sending many
-    # chunks follows one batch (and one event stream) rather than dozens; with
-    # `create`, to the batch of that id, made if it does not exist yet (a client
-    # sending again a first request whose answer it lost must not make a second).
-    batch_id = request.form.get("batch_id", "").strip()
-    adding = bool(batch_id) and svc.rebuilder.find_batch(batch_id) is not None
-    if batch_id and not adding:
-        if request.form.get("create", "").lower() not in ("1", "true"):
-            return _no_batch(batch_id)
-        if not is_batch_id(batch_id):
-            raise UploadError(400, "a new batch's id is 32 lowercase hexadecimal digits")
-    elif not batch_id:
-        batch_id = new_id()
+    form_batch_id = request.form.get("batch_id", "").strip()
+    target = _target_batch(form_batch_id)
+    if target is None:
+        return _no_batch(form_batch_id)
+    batch_id, adding = target
 
     items: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
@@ -85,37 +77,80 @@ def create_job() -> tuple[Response, int]:
             # Told to stop: gunicorn kills this process a few seconds from now. Store no
             # more (one killed between its S3 put and its message would stay queued for
             # ever), and answer now with what was stored, the rest refused.
-            for index, storage in enumerate(files[start:], start):
-                refusal = UploadError(503, "not stored: the web tier is stopping; send this file again",
-                                      display_name(storage))
-                rejected.append(_rejection(index, refusal))
+            rejected.extend(_refusals_while_stopping(files[start:], start))
             break
-        accepted: list[tuple[int, Upload]] = []
-        for index, storage in enumerate(files[start:start + UPLOAD_THREADS], start):
-            try:
-                accepted.append((index, validate(storage, svc.settings)))
-            except UploadError as exc:
-                rejected.append(_rejection(index, exc))
-        outcomes = svc.submitter.submit(
-            batch_id, [u for _, u in accepted], [tokens[i] for i, _ in accepted] if tokens else None,
-        ) if accepted else []
-        for (index, _), outcome in zip(accepted, outcomes, strict=True):
-            if isinstance(outcome, UploadError):
-                rejected.append(_rejection(index, outcome))
-            elif isinstance(outcome, SentBefore):  # stored by an earlier request: not again
-                items.append({"index": index, "id": outcome.item.id, "filename": outcome.item.filename,
-                              "again": True})
-            else:
-                items.append({"index": index, "id": outcome.id, "filename": outcome.filename})
+        stored, refused = _stored_and_refused(batch_id, files[start:start + UPLOAD_THREADS], start, tokens)
+        items.extend(stored)
+        rejected.extend(refused)
     rejected.sort(key=lambda r: r["index"])
 
-    body: dict[str, Any] = {"batch_id": batch_id, "items": items, "rejected": rejected}
     if items:
-        return jsonify(body), 202
+        return jsonify({"batch_id": batch_id, "items": items, "rejected": rejected}), 202
+    # Nothing was stored under a new batch's id: there is no such batch to name.
+    return _all_refused_answer(batch_id if adding else None, rejected)
+
+
+def _target_batch(form_batch_id: str) -> tuple[str, bool] | None:
+    """The batch these files go to, and whether it exists already; None for a batch
+    the form names that does not exist, without `create`.
+
+    Adding files to an existing batch lets a page sending many chunks follow one batch
+    (and one event stream) rather than dozens. With `create`, the batch of that id is
+    made if it does not exist yet: a client sending again a first request whose answer
+    it lost must not make a second."""
+    if not form_batch_id:
+        return new_id(), False
+    if services().rebuilder.find_batch(form_batch_id) is not None:
+        return form_batch_id, True
+    if request.form.get("create", "").lower() not in ("1", "true"):
+        return None
+    if not is_batch_id(form_batch_id):
+        raise UploadError(400, "a new batch's id is 32 lowercase hexadecimal digits")
+    return form_batch_id, False
+
+
+def _refusals_while_stopping(files: list[FileStorage], first_index: int) -> list[dict[str, Any]]:
+    """A refusal for each of `files` (numbered from `first_index`), as a stopping web tier stores none."""
+    return [_rejection(index, UploadError(503, "not stored: the web tier is stopping; send this file again",
+                                          display_name(storage)))
+            for index, storage in enumerate(files, first_index)]
+
+
+def _stored_and_refused(batch_id: str, files: list[FileStorage], first_index: int, tokens: list[str] | None,
+                        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Store and queue `files` (numbered from `first_index`) in `batch_id`: the items
+    stored, and the refusals of the files that were not."""
+    svc = services()
+    items: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    accepted: list[tuple[int, Upload]] = []
+    for index, storage in enumerate(files, first_index):
+        try:
+            accepted.append((index, validate(storage, svc.settings)))
+        except UploadError as exc:
+            rejected.append(_rejection(index, exc))
+    outcomes = svc.submitter.submit(
+        batch_id, [u for _, u in accepted], [tokens[i] for i, _ in accepted] if tokens else None,
+    ) if accepted else []
+    for (index, _), outcome in zip(accepted, outcomes, strict=True):
+        if isinstance(outcome, UploadError):
+            rejected.append(_rejection(index, outcome))
+        elif isinstance(outcome, SentBefore):  # stored by an earlier request: not again
+            items.append({"index": index, "id": outcome.item.id, "filename": outcome.item.filename,
+                          "again": True})
+        else:
+            items.append({"index": index, "id": outcome.id, "filename": outcome.filename})
+    return items, rejected
+
+
+def _all_refused_answer(batch_id: str | None, rejected: list[dict[str, Any]]) -> tuple[Response, int]:
+    """The answer when no file was stored: the first refusal's error and status, with
+    every refusal listed (and `batch_id` unless None)."""
     first = rejected[0]
-    body.update(error=first["error"], filename=first["filename"])
-    if not adding:
-        del body["batch_id"]  # nothing was stored under it: there is no such batch
+    body: dict[str, Any] = {"items": [], "rejected": rejected, "error": first["error"],
+                            "filename": first["filename"]}
+    if batch_id is not None:
+        body = {"batch_id": batch_id, **body}
     response = jsonify(body)
     if first["status"] == 503:
         response.headers["Retry-After"] = "5"
