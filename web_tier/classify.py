@@ -73,14 +73,8 @@ def classify() -> Response:
 
     batch_id, tokens = _batch_for(request.headers.get("Idempotency-Key"))
     outcome = svc.submitter.submit(batch_id, [upload], tokens)[0]
-    if isinstance(outcome, UploadError) and outcome.status == 409:
-        raise UploadError(409, "this Idempotency-Key came before with another file: give each upload "
-                               "a key of its own", upload.filename)
-    if isinstance(outcome, UploadError) and outcome.reason == STILL_STORING:
-        raise UploadError(503, "an earlier request with the same Idempotency-Key is storing this file; "
-                               "send it again", upload.filename)
     if isinstance(outcome, UploadError):
-        raise outcome
+        raise _refusal_of(outcome, upload.filename)
     if isinstance(outcome, SentBefore):  # stored by an earlier request under this key
         outcome = outcome.item
     item, client_left = _wait_while_connected(svc.book, outcome.id, svc.settings.result_timeout_s)
@@ -91,29 +85,52 @@ def classify() -> Response:
         response.headers["X-Batch-Id"] = batch_id
         return response
     if item is None:
-        # The image stays queued and will be classified: say where its result will be.
-        if svc.book.closing.is_set():
-            # No Retry-After: the image is stored and queued, and sending it again
-            # would classify it twice.
-            endpoint = svc.settings.endpoint_url
-            unless = (f", unless the AWS at {endpoint} stops too: the embedded AWS keeps nothing"
-                      if endpoint else "")
-            response = _text(f"{upload.filename}: the web tier is stopping; the image is still "
-                             f"queued, see /api/jobs/{batch_id} (no need to send it again{unless})", 503)
-        else:
-            response = _text(f"{upload.filename}: no result within {svc.settings.result_timeout_s:g} s; "
-                             f"it is still queued, see /api/jobs/{batch_id}", 504)
-        response.headers["X-Item-Id"] = outcome.id
-        response.headers["X-Batch-Id"] = batch_id
-        return response
-    if item.state != DONE:
-        response = _text(f"{upload.filename}: {item.error}", 422)
+        return _no_result_response(upload.filename, outcome.id, batch_id)
+    return _result_response(upload.filename, item, batch_id)
+
+
+def _refusal_of(outcome: UploadError, filename: str) -> UploadError:
+    """The refusal POST / answers for an upload the submitter refused: its own, but said
+    in terms of the Idempotency-Key for a clash or a copy still being stored."""
+    if outcome.status == 409:
+        return UploadError(409, "this Idempotency-Key came before with another file: give each upload "
+                                "a key of its own", filename)
+    if outcome.reason == STILL_STORING:
+        return UploadError(503, "an earlier request with the same Idempotency-Key is storing this file; "
+                                "send it again", filename)
+    return outcome
+
+
+def _no_result_response(filename: str, item_id: str, batch_id: str) -> Response:
+    """The answer for an item with no result in time, or none before the web tier stops:
+    the image stays queued and will be classified, so it says where its result will be."""
+    svc = services()
+    if svc.book.closing.is_set():
+        # No Retry-After: the image is stored and queued, and sending it again
+        # would classify it twice.
+        endpoint = svc.settings.endpoint_url
+        unless = (f", unless the AWS at {endpoint} stops too: the embedded AWS keeps nothing"
+                  if endpoint else "")
+        response = _text(f"{filename}: the web tier is stopping; the image is still "
+                         f"queued, see /api/jobs/{batch_id} (no need to send it again{unless})", 503)
     else:
-        response = _text(f"{stem(upload.filename)}:{item.label}", 200)
+        response = _text(f"{filename}: no result within {svc.settings.result_timeout_s:g} s; "
+                         f"it is still queued, see /api/jobs/{batch_id}", 504)
+    response.headers["X-Item-Id"] = item_id
+    response.headers["X-Batch-Id"] = batch_id
+    return response
+
+
+def _result_response(filename: str, item: Item, batch_id: str) -> Response:
+    """The answer for a finished item: `<name>:<label>`, or its error."""
+    if item.state != DONE:
+        response = _text(f"{filename}: {item.error}", 422)
+    else:
+        response = _text(f"{stem(filename)}:{item.label}", 200)
     # Where the item's score, top 5 and worker are: GET /api/jobs/<X-Batch-Id>.
     response.headers["X-Item-Id"] = item.id
     response.headers["X-Batch-Id"] = batch_id
-    untrained = item.shows_untrained(bool(svc.book.untrained))  # as GET /api/jobs/<id> says
+    untrained = item.shows_untrained(bool(services().book.untrained))  # as GET /api/jobs/<id> says
     response.headers["X-Model-Untrained"] = "true" if untrained else "false"
     return response
 
