@@ -9,9 +9,9 @@ from werkzeug.datastructures import FileStorage
 
 from web_tier import events
 from web_tier.auth import require_api_key
-from web_tier.jobs import UPLOAD_THREADS, SentBefore, new_id
 from web_tier.results import DONE, Item, is_batch_id
 from web_tier.services import services
+from web_tier.submit import UPLOAD_THREADS, SentBefore, new_id
 from web_tier.uploads import (
     Upload,
     UploadError,

@@ -24,9 +24,9 @@ from flask import Blueprint, Response, request
 
 from common.names import stem
 from web_tier.auth import require_api_key
-from web_tier.jobs import STILL_STORING, SentBefore, new_id
 from web_tier.results import DONE, Item, ResultBook
 from web_tier.services import services
+from web_tier.submit import STILL_STORING, SentBefore, new_id
 from web_tier.uploads import FORM_SLACK_BYTES, TOKEN_CHARACTER, UploadError, form_files, validate
 
 bp = Blueprint("classify", __name__)

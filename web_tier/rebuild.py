@@ -25,7 +25,7 @@ def list_keys(aws: Aws, batch_id: str) -> list[str]:
     objects = []
     for page in paginator.paginate(Bucket=aws.settings.input_bucket, Prefix=f"{batch_id}/"):
         objects.extend(page.get("Contents", []))
-    # S3 lists keys in order, and item ids are made in upload order (jobs.OrderedIds).
+    # S3 lists keys in order, and item ids are made in upload order (submit.OrderedIds).
     return [o["Key"] for o in objects]
 
 

@@ -27,7 +27,7 @@ _HEX32 = re.compile(r"[0-9a-f]{32}")
 
 def is_batch_id(value: str) -> bool:
     """True for the ids this service hands out (32 hex digits: uuid4().hex for a batch,
-    jobs.OrderedIds for an item)."""
+    submit.OrderedIds for an item)."""
     return bool(_HEX32.fullmatch(value))
 
 

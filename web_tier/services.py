@@ -10,13 +10,13 @@ from flask import current_app
 
 from common.aws import Aws
 from common.config import Settings
-from web_tier.jobs import Submitter
 from web_tier.journal import Journal
 from web_tier.listeners import Listeners
 from web_tier.rebuild import BatchRebuilder
 from web_tier.results import ResultBook
 from web_tier.sender import BatchingSender
 from web_tier.status import StatusReader
+from web_tier.submit import Submitter
 
 EXTENSION = "imgclass"
 MAX_EVENT_STREAMS = 64

@@ -16,8 +16,8 @@ from common.messages import ClassifyRequest, ClassifyResponse
 from tests.conftest import make_image
 from tests.unit.conftest import FakeWorker, answer_for, services_of, wait_until
 from web_tier import events
-from web_tier.jobs import UPLOAD_THREADS
 from web_tier.listeners import DEAD_LETTER_ERROR
+from web_tier.submit import UPLOAD_THREADS
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -561,9 +561,9 @@ class HeldPut:
     """The web tier's S3 puts, each held until `release` is set; then it stores, or fails."""
 
     def __init__(self, monkeypatch, fail: bool = False) -> None:
-        import web_tier.jobs
+        import web_tier.submit
 
-        self.real = web_tier.jobs.put_input
+        self.real = web_tier.submit.put_input
         self.storing, self.release = threading.Event(), threading.Event()
 
         def held(*args, **kwargs):
@@ -573,8 +573,8 @@ class HeldPut:
                 raise OSError("S3 down")
             return self.real(*args, **kwargs)
 
-        monkeypatch.setattr(web_tier.jobs, "put_input", held)
-        self.undo = lambda: monkeypatch.setattr(web_tier.jobs, "put_input", self.real)
+        monkeypatch.setattr(web_tier.submit, "put_input", held)
+        self.undo = lambda: monkeypatch.setattr(web_tier.submit, "put_input", self.real)
 
 
 def send_in_background(app, batch_id: str, files, tokens: list[str]) -> tuple[threading.Thread, dict]:
@@ -638,15 +638,16 @@ def test_a_file_sent_again_while_its_first_storing_fails_is_not_taken_as_stored(
 
 
 def test_a_token_whose_file_could_not_be_stored_is_free_to_send_again(make_web_app, web_aws, monkeypatch):
-    import web_tier.jobs
+    import web_tier.submit
 
     client = make_web_app(start_background=False).test_client()
     batch_id = "f" * 32
     files = [(make_image(740), "a.jpg")]
-    real_put = web_tier.jobs.put_input
-    monkeypatch.setattr(web_tier.jobs, "put_input", lambda *a, **k: (_ for _ in ()).throw(OSError("S3 down")))
+    real_put = web_tier.submit.put_input
+    monkeypatch.setattr(web_tier.submit, "put_input",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("S3 down")))
     assert send_with_tokens(client, batch_id, files, ["0"]).status_code == 503
-    monkeypatch.setattr(web_tier.jobs, "put_input", real_put)
+    monkeypatch.setattr(web_tier.submit, "put_input", real_put)
     again = send_with_tokens(client, batch_id, files, ["0"])
     assert again.status_code == 202 and "again" not in again.get_json()["items"][0]
     assert len(stored_keys(web_aws, batch_id)) == 1
@@ -655,11 +656,12 @@ def test_a_token_whose_file_could_not_be_stored_is_free_to_send_again(make_web_a
 def test_a_batch_of_which_nothing_was_stored_is_gone_at_once(make_web_app, web_aws, monkeypatch):
     """It answered 200 with no items until the next restart, which the page does not
     drop (it drops a batch on 404), and such batches piled up in an outage (explorer)."""
-    import web_tier.jobs
+    import web_tier.submit
 
     client = make_web_app(start_background=False).test_client()
     batch_id = "e" * 32
-    monkeypatch.setattr(web_tier.jobs, "put_input", lambda *a, **k: (_ for _ in ()).throw(OSError("S3 down")))
+    monkeypatch.setattr(web_tier.submit, "put_input",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("S3 down")))
     files = [(make_image(741), "a.jpg"), (make_image(742), "b.jpg")]
     refused = upload(client, files, batch_id=batch_id, create="1")
     assert refused.status_code == 503

@@ -381,7 +381,7 @@ def test_a_form_without_length_or_in_a_content_coding_is_refused_as_such(web_app
 def test_a_bulk_request_is_read_and_stored_a_few_files_at_a_time(web_app, web_settings, monkeypatch):
     """A thousand 10 MB files must not sit in memory together: at most one chunk does."""
     from tests.unit.conftest import services_of
-    from web_tier.jobs import UPLOAD_THREADS
+    from web_tier.submit import UPLOAD_THREADS
 
     submitter = services_of(web_app).submitter
     submit, chunks = submitter.submit, []
