@@ -67,6 +67,35 @@ def policy_from(settings: Settings) -> Policy:
 
 
 @dataclass
+class ScaleInWindow:
+    """How many instances each round of the scale-in window wanted, and when this
+    controller began watching: the fleet shrinks only to the most wanted at any round of
+    the window. Lost on restart, it is rebuilt by watching: until a restarted controller
+    has watched a whole window, it counts what is live as wanted, so it scales out, not in."""
+
+    started_at: float | None = None
+    # (time, instances wanted) of each round within the window.
+    rounds: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def peak(self, at: float, wanted: int, live: int, window: float) -> int:
+        """Records that the round at `at` wanted `wanted` instances; returns the most wanted
+        at any round of the last `window` seconds, or `live` if more, before a whole window."""
+        if self.started_at is None:
+            self.started_at = at
+        self.rounds.append((at, wanted))
+        # A round's count holds until the next round: keep the one in force when the
+        # window began, or polls further apart than the window would shorten it to
+        # nothing (and one quiet poll between two requests would end the fleet).
+        cutoff = at - window
+        while len(self.rounds) > 1 and self.rounds[1][0] <= cutoff:
+            self.rounds.popleft()
+        peak = max(count for _, count in self.rounds)
+        if at - self.started_at < window:
+            peak = max(peak, live)
+        return peak
+
+
+@dataclass
 class Controller:
     settings: Settings
     aws: Aws
@@ -78,9 +107,7 @@ class Controller:
     # The max stays short so that the fleet follows the queue soon after AWS recovers.
     backoff_min_s: float = 1.0
     backoff_max_s: float = 10.0
-    _started_at: float | None = None
-    # (time, instances wanted) of each round within the scale-in window.
-    _wanted: deque[tuple[float, int]] = field(default_factory=deque)
+    scale_in_window: ScaleInWindow = field(default_factory=ScaleInWindow, init=False)
     _recent: dict[str, Instance] = field(default_factory=dict)
     # When a worker gives up (it cannot load the model), a replacement would most
     # likely do the same: launches wait this long, doubling while workers keep giving
@@ -133,19 +160,7 @@ class Controller:
         window = self.policy.scale_in_cooldown_s
         if window <= 0:
             return None
-        if self._started_at is None:
-            self._started_at = obs.at
-        self._wanted.append((obs.at, desired_count(obs, self.policy)[0]))
-        # A round's count holds until the next round: keep the one in force when the
-        # window began, or polls further apart than the window would shorten it to
-        # nothing (and one quiet poll between two requests would end the fleet).
-        cutoff = obs.at - window
-        while len(self._wanted) > 1 and self._wanted[1][0] <= cutoff:
-            self._wanted.popleft()
-        peak = max(wanted for _, wanted in self._wanted)
-        if obs.at - self._started_at < window:
-            peak = max(peak, len(obs.live))
-        return peak
+        return self.scale_in_window.peak(obs.at, desired_count(obs, self.policy)[0], len(obs.live), window)
 
     def _with_readiness(self, obs: Observation) -> Observation:
         """The observation, with each instance watched for READY_DEADLINE without its
