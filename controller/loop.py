@@ -96,6 +96,30 @@ class ScaleInWindow:
 
 
 @dataclass
+class RecentLaunches:
+    """Instances this controller launched in the last RECENT_LAUNCH_MEMORY_S that EC2's
+    eventually consistent DescribeInstances does not list yet: counted as pending until it
+    does, so that a launch is not repeated for the same work. Lost on restart, they are
+    listed by EC2 within seconds; a restart in those seconds could launch once more."""
+
+    by_id: dict[str, Instance] = field(default_factory=dict)
+
+    def add(self, launched: dict[int, str], at: float) -> None:
+        for n, iid in launched.items():
+            self.by_id[iid] = Instance(id=iid, number=n, state="pending", launched_at=at)
+
+    def keep_unlisted(self, listed: set[str], at: float) -> None:
+        """Forgets those EC2 lists now, and those launched too long ago."""
+        self.by_id = {
+            iid: inst for iid, inst in self.by_id.items()
+            if iid not in listed and at - inst.launched_at < RECENT_LAUNCH_MEMORY_S
+        }
+
+    def forget(self, iid: str) -> None:
+        self.by_id.pop(iid, None)
+
+
+@dataclass
 class Controller:
     settings: Settings
     aws: Aws
@@ -108,7 +132,7 @@ class Controller:
     backoff_min_s: float = 1.0
     backoff_max_s: float = 10.0
     scale_in_window: ScaleInWindow = field(default_factory=ScaleInWindow, init=False)
-    _recent: dict[str, Instance] = field(default_factory=dict)
+    recent_launches: RecentLaunches = field(default_factory=RecentLaunches, init=False)
     # When a worker gives up (it cannot load the model), a replacement would most
     # likely do the same: launches wait this long, doubling while workers keep giving
     # up, as Kubernetes backs off a crash-looping container. Quiet for the max: reset.
@@ -199,19 +223,16 @@ class Controller:
         return obs.at - self._last_failure_at < self._failure_hold_s
 
     def _with_recent_launches(self, obs: Observation) -> Observation:
-        seen = {i.id for i in obs.instances}
-        self._recent = {
-            iid: inst for iid, inst in self._recent.items()
-            if iid not in seen and obs.at - inst.launched_at < RECENT_LAUNCH_MEMORY_S
-        }
-        if not self._recent:
+        recent = self.recent_launches
+        recent.keep_unlisted({i.id for i in obs.instances}, obs.at)
+        if not recent.by_id:
             return obs
         # One that went straight to terminated (no capacity, a volume it could not
         # encrypt, a hand) is never listed in a watched state: counted until the
         # memory ran out, it held up its replacement and stood in for a scale-in victim.
-        for iid in terminated(self.aws, list(self._recent)):
-            del self._recent[iid]
-        return replace(obs, instances=obs.instances + tuple(self._recent.values()))
+        for iid in terminated(self.aws, list(recent.by_id)):
+            recent.forget(iid)
+        return replace(obs, instances=obs.instances + tuple(recent.by_id.values()))
 
     def _act(self, decision: Decision, now: float) -> None:
         # Terminations first: a launch that fails ends the round (LaunchError), and
@@ -247,7 +268,7 @@ class Controller:
             refused = {iid for iid in instance_ids if not self._terminate_one(iid, why)}
         for iid in instance_ids:
             if iid not in refused:
-                self._recent.pop(iid, None)
+                self.recent_launches.forget(iid)
                 self._refused.discard(iid)
 
     def _terminate_one(self, iid: str, why: str) -> bool:
@@ -264,8 +285,8 @@ class Controller:
         return True
 
     def _remember(self, launched: dict[int, str], now: float) -> None:
-        for n, iid in launched.items():
-            self._recent[iid] = Instance(id=iid, number=n, state="pending", launched_at=now)
+        self.recent_launches.add(launched, now)
+        for iid in launched.values():
             self._first_seen[iid] = now
 
     def _record(self, obs: Observation, decision: Decision) -> None:
