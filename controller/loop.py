@@ -120,6 +120,42 @@ class RecentLaunches:
 
 
 @dataclass
+class LaunchHold:
+    """Workers that gave up, and for how long launches are held after it: a replacement
+    would most likely give up too, so launches wait, as Kubernetes backs off a crash-looping
+    container. Lost on restart, it is rebuilt from the failed instances EC2 still lists:
+    all are new to a restarted controller, which holds for the shortest hold from then
+    (a hold doubled by earlier waves is forgotten)."""
+
+    hold_s: float = 0.0
+    last_failure_at: float = float("-inf")
+    # The failed instances of the last round: a failure is new if it was not among them.
+    failed_seen: set[str] = field(default_factory=set)
+    # Instances there were when the hold last began: failures among them are of the same
+    # wave, and do not lengthen the hold; only a replacement that fails again does.
+    present_at_failure: set[str] = field(default_factory=set)
+
+    def note_failures(self, obs: Observation, min_s: float, max_s: float) -> list[Instance]:
+        """Takes in this round's failed instances; returns those that failed since the last.
+        The hold is min_s after a quiet max_s, else doubled (at most max_s) by a new wave."""
+        failed = {i.id: i for i in obs.instances if i.worker_failed}
+        new = [i for iid, i in failed.items() if iid not in self.failed_seen]
+        self.failed_seen = set(failed)
+        if new:
+            if obs.at - self.last_failure_at > max_s:
+                self.hold_s = min_s
+                self.present_at_failure = {i.id for i in obs.instances}
+            elif any(i.id not in self.present_at_failure for i in new):
+                self.hold_s = min(self.hold_s * 2, max_s)
+                self.present_at_failure = {i.id for i in obs.instances}
+            self.last_failure_at = obs.at
+        return new
+
+    def holds(self, at: float) -> bool:
+        return at - self.last_failure_at < self.hold_s
+
+
+@dataclass
 class Controller:
     settings: Settings
     aws: Aws
@@ -138,12 +174,7 @@ class Controller:
     # up, as Kubernetes backs off a crash-looping container. Quiet for the max: reset.
     failure_hold_min_s: float = 10.0
     failure_hold_max_s: float = 300.0
-    _failure_hold_s: float = 0.0
-    _last_failure_at: float = float("-inf")
-    _failed_seen: set[str] = field(default_factory=set)
-    # Instances there were when the hold last began: failures among them are of the same
-    # wave, and do not lengthen the hold; only a replacement that fails again does.
-    _present_at_failure: set[str] = field(default_factory=set)
+    launch_hold: LaunchHold = field(default_factory=LaunchHold, init=False)
     # Instances EC2 refused to terminate (termination protection, say): warned about
     # once each, and the last chosen to scale in, so that the others go instead.
     _refused: set[str] = field(default_factory=set)
@@ -203,24 +234,16 @@ class Controller:
 
     def _launches_held(self, obs: Observation) -> bool:
         """Whether workers gave up recently enough that launching more is held."""
-        failed = {i.id: i for i in obs.instances if i.worker_failed}
-        new = [i for iid, i in failed.items() if iid not in self._failed_seen]
-        self._failed_seen = set(failed)
+        hold = self.launch_hold
+        new = hold.note_failures(obs, self.failure_hold_min_s, self.failure_hold_max_s)
         if new:
-            if obs.at - self._last_failure_at > self.failure_hold_max_s:
-                self._failure_hold_s = self.failure_hold_min_s
-                self._present_at_failure = {i.id for i in obs.instances}
-            elif any(i.id not in self._present_at_failure for i in new):
-                self._failure_hold_s = min(self._failure_hold_s * 2, self.failure_hold_max_s)
-                self._present_at_failure = {i.id for i in obs.instances}
-            self._last_failure_at = obs.at
             log.error(
                 "controller: %d worker(s) gave up: %s; their instances are terminated, and "
                 "launches held for %.0fs (see the worker's log, and ami/README.md)", len(new),
                 ", ".join(f"{instance_name(i.number)} ({i.id}): {i.worker_failed}" for i in new),
-                self._failure_hold_s,
+                hold.hold_s,
             )
-        return obs.at - self._last_failure_at < self._failure_hold_s
+        return hold.holds(obs.at)
 
     def _with_recent_launches(self, obs: Observation) -> Observation:
         recent = self.recent_launches
