@@ -156,6 +156,44 @@ class LaunchHold:
 
 
 @dataclass
+class ReadinessClock:
+    """When this controller first saw each live instance whose worker has not yet said it
+    serves, on its own clock (EC2's launch time would do, but for a controller whose clock
+    is off): one silent for READY_DEADLINE is counted as failed. Lost on restart, it starts
+    again: a restarted controller gives each silent instance a whole READY_DEADLINE again."""
+
+    first_seen: dict[str, float] = field(default_factory=dict)
+
+    def watch(self, silent: list[str], at: float) -> None:
+        """Keeps to the instances silent now, seen first at `at` unless seen before."""
+        self.first_seen = {iid: self.first_seen.get(iid, at) for iid in silent}
+
+    def launched(self, iid: str, at: float) -> None:
+        self.first_seen[iid] = at
+
+    def silent_for(self, iid: str, at: float) -> float:
+        return at - self.first_seen[iid]
+
+
+@dataclass
+class Refusals:
+    """Instances EC2 refused to terminate (termination protection, say): each warned about
+    once, and the last chosen to scale in, so that the others go instead. Lost on restart,
+    each is learnt again at its next refusal, and warned about once more."""
+
+    ids: set[str] = field(default_factory=set)
+
+    def note(self, iid: str) -> bool:
+        """Remembers a refusal; whether it is the first for that instance."""
+        first = iid not in self.ids
+        self.ids.add(iid)
+        return first
+
+    def forget(self, iid: str) -> None:
+        self.ids.discard(iid)
+
+
+@dataclass
 class Controller:
     settings: Settings
     aws: Aws
@@ -175,11 +213,8 @@ class Controller:
     failure_hold_min_s: float = 10.0
     failure_hold_max_s: float = 300.0
     launch_hold: LaunchHold = field(default_factory=LaunchHold, init=False)
-    # Instances EC2 refused to terminate (termination protection, say): warned about
-    # once each, and the last chosen to scale in, so that the others go instead.
-    _refused: set[str] = field(default_factory=set)
-    # When this controller first saw each live instance not yet tagged ready.
-    _first_seen: dict[str, float] = field(default_factory=dict)
+    refusals: Refusals = field(default_factory=Refusals, init=False)
+    readiness: ReadinessClock = field(default_factory=ReadinessClock, init=False)
     _last_summary: tuple | None = None
     # The last rounds, for tests and a look in a debugger; --timeline keeps them all on disk.
     timeline: deque[dict] = field(default_factory=lambda: deque(maxlen=TIMELINE_ROUNDS))
@@ -202,7 +237,7 @@ class Controller:
         launches_held = self._launches_held(obs)
         # Decide, with a pure function of all that; then act.
         decision = decide(obs, self.policy, wanted_recently, launches_held,
-                          keep_last=frozenset(self._refused))
+                          keep_last=frozenset(self.refusals.ids))
         self._record(obs, decision)
         if decision.changes_anything and not self.dry_run:
             self._act(decision, obs.at)
@@ -222,10 +257,10 @@ class Controller:
         worker saying it serves counted as failed: it never will (see common/fleet.py)."""
         deadline = self.settings.ready_deadline_s
         silent = [i for i in obs.live if not i.ready and not i.worker_failed]
-        self._first_seen = {i.id: self._first_seen.get(i.id, obs.at) for i in silent}
+        self.readiness.watch([i.id for i in silent], obs.at)
         if deadline <= 0:
             return obs
-        overdue = {i.id for i in silent if obs.at - self._first_seen[i.id] > deadline}
+        overdue = {i.id for i in silent if self.readiness.silent_for(i.id, obs.at) > deadline}
         if not overdue:
             return obs
         reason = f"not serving {deadline:g}s after it was first seen"
@@ -292,7 +327,7 @@ class Controller:
         for iid in instance_ids:
             if iid not in refused:
                 self.recent_launches.forget(iid)
-                self._refused.discard(iid)
+                self.refusals.forget(iid)
 
     def _terminate_one(self, iid: str, why: str) -> bool:
         try:
@@ -300,8 +335,7 @@ class Controller:
         except ClientError as exc:
             if error_code(exc) not in ONE_INSTANCE_ERRORS:
                 raise
-            if iid not in self._refused:
-                self._refused.add(iid)
+            if self.refusals.note(iid):
                 log.warning("controller: cannot terminate instance %s (%s): %s; it is tried "
                             "again while it is not needed, and warned about once", iid, exc, why)
             return False
@@ -310,7 +344,7 @@ class Controller:
     def _remember(self, launched: dict[int, str], now: float) -> None:
         self.recent_launches.add(launched, now)
         for iid in launched.values():
-            self._first_seen[iid] = now
+            self.readiness.launched(iid, now)
 
     def _record(self, obs: Observation, decision: Decision) -> None:
         pending, running = len(obs.in_state("pending")), len(obs.in_state("running"))
