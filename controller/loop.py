@@ -1,21 +1,28 @@
 """The control loop: observe, decide, act, once a poll interval.
 
-All state that matters lives in EC2 (instances and their Name tags) and SQS
-(queue depths), so a controller that is killed and started again picks up
-exactly where the last one stopped. The only memory kept between polls is
-(1) how many instances each round of the scale-in window wanted,
-(2) instances this process launched in the last few seconds, counted until
-EC2's eventually consistent DescribeInstances lists them, so that a launch is
-never repeated for the same work, and
-(3) when workers last gave up, and for how long launches are held after it,
-(4) when it first saw each instance whose worker has not yet said it serves, on
-its own clock (EC2's launch time would do, but for a controller whose clock is
-off), and
-(5) instances EC2 refused to terminate, kept for last when scaling in.
-Losing any of them on restart is harmless: a restarted controller keeps what
-is live for one window before it scales in, learns of failing workers from
-the next one that gives up, and gives a silent instance a whole READY_DEADLINE
-again.
+What the fleet is and what it has to do lives in EC2 (instances and their tags) and
+SQS (queue depths), observed afresh each round, so a controller that is killed and
+started again adopts the fleet it finds. Between rounds it remembers only this, each
+in a small dataclass below that says what a restart loses:
+
+(1) ScaleInWindow: how many instances each round of the scale-in window wanted, and
+    when this controller began watching;
+(2) RecentLaunches: instances it launched in the last few seconds, counted until EC2's
+    eventually consistent DescribeInstances lists them, so that a launch is not
+    repeated for the same work;
+(3) LaunchHold: when workers last gave up and for how long launches are held after
+    it, with the failed instances already seen and those there were when the hold
+    began (a later wave lengthens the hold, the same one does not);
+(4) ReadinessClock: when it first saw each instance whose worker has not yet said it
+    serves, on its own clock (EC2's launch time would do, but for a controller whose
+    clock is off);
+(5) Refusals: instances EC2 refused to terminate, kept for last when scaling in.
+Losing them on restart costs little: a restarted controller keeps what is live for
+one window before it scales in, takes the failed instances it finds as new failures,
+gives a silent instance a whole READY_DEADLINE again, and learns of a protected
+instance at its next refusal; only a restart within seconds of a launch could launch
+once more. Besides, for people only: the last round's log summary and the last
+TIMELINE_ROUNDS rounds (Controller.timeline).
 """
 
 from __future__ import annotations
@@ -195,28 +202,37 @@ class Refusals:
 
 @dataclass
 class Controller:
+    """Observes, decides and acts, a round each poll interval (`run`, `step`)."""
+
     settings: Settings
     aws: Aws
     dry_run: bool = False
     timeline_path: Path | None = None
-    policy: Policy = field(init=False)
     stopping: threading.Event = field(default_factory=threading.Event)
+
+    # --- tunables (Settings holds the rest) --------------------------------------------
     # After a failed round, wait this long, doubling per further failure up to the max.
     # The max stays short so that the fleet follows the queue soon after AWS recovers.
     backoff_min_s: float = 1.0
     backoff_max_s: float = 10.0
-    scale_in_window: ScaleInWindow = field(default_factory=ScaleInWindow, init=False)
-    recent_launches: RecentLaunches = field(default_factory=RecentLaunches, init=False)
     # When a worker gives up (it cannot load the model), a replacement would most
     # likely do the same: launches wait this long, doubling while workers keep giving
     # up, as Kubernetes backs off a crash-looping container. Quiet for the max: reset.
     failure_hold_min_s: float = 10.0
     failure_hold_max_s: float = 300.0
+
+    policy: Policy = field(init=False)  # from settings
+
+    # --- memory between rounds: all of it may be lost (see the module docstring) -------
+    scale_in_window: ScaleInWindow = field(default_factory=ScaleInWindow, init=False)
+    recent_launches: RecentLaunches = field(default_factory=RecentLaunches, init=False)
     launch_hold: LaunchHold = field(default_factory=LaunchHold, init=False)
-    refusals: Refusals = field(default_factory=Refusals, init=False)
     readiness: ReadinessClock = field(default_factory=ReadinessClock, init=False)
-    _last_summary: tuple | None = None
-    # The last rounds, for tests and a look in a debugger; --timeline keeps them all on disk.
+    refusals: Refusals = field(default_factory=Refusals, init=False)
+    # For people only, never for deciding: the last round's log summary (a round that
+    # changes nothing is not logged again), and the last rounds, for tests and a look
+    # in a debugger (--timeline keeps them all on disk).
+    _last_summary: tuple | None = field(default=None, init=False)
     timeline: deque[dict] = field(default_factory=lambda: deque(maxlen=TIMELINE_ROUNDS))
 
     def __post_init__(self) -> None:
