@@ -73,6 +73,18 @@ def policy_from(settings: Settings) -> Policy:
     )
 
 
+def describe_action(decision: Decision) -> str:
+    """The timeline's and the log's word for what a decision does: "launch 2", or "-"."""
+    action = []
+    if decision.launch:
+        action.append(f"launch {len(decision.launch)}")
+    if decision.terminate:
+        action.append(f"terminate {len(decision.terminate)}")
+    if decision.clean_up:
+        action.append(f"clean up {len(decision.clean_up)}")
+    return " + ".join(action) or "-"
+
+
 @dataclass
 class ScaleInWindow:
     """How many instances each round of the scale-in window wanted, and when this
@@ -363,24 +375,22 @@ class Controller:
             self.readiness.launched(iid, now)
 
     def _record(self, obs: Observation, decision: Decision) -> None:
+        """The round in the timeline (and the --timeline CSV), and in the log if it is news."""
         pending, running = len(obs.in_state("pending")), len(obs.in_state("running"))
-        action = []
-        if decision.launch:
-            action.append(f"launch {len(decision.launch)}")
-        if decision.terminate:
-            action.append(f"terminate {len(decision.terminate)}")
-        if decision.clean_up:
-            action.append(f"clean up {len(decision.clean_up)}")
         row = {
             "time": round(obs.at, 3), "visible": obs.visible, "in_flight": obs.in_flight,
             "delayed": obs.delayed, "pending": pending, "running": running,
-            "desired": decision.desired, "action": " + ".join(action) or "-",
+            "desired": decision.desired, "action": describe_action(decision),
         }
         self.timeline.append(row)
         if self.timeline_path:
             with self.timeline_path.open("a", newline="") as fh:
                 csv.writer(fh).writerow([row[k] for k in TIMELINE_FIELDS])
-        summary = (obs.backlog, pending, running, decision.desired, row["action"])
+        self._log_round(obs, decision, pending, running, row["action"])
+
+    def _log_round(self, obs: Observation, decision: Decision, pending: int, running: int,
+                   action: str) -> None:
+        summary = (obs.backlog, pending, running, decision.desired, action)
         # Every launch and terminate, and each change of the picture; a stopped instance
         # EC2 will not terminate is cleaned up every round, but logged only once.
         if decision.launch or decision.terminate or summary != self._last_summary:
@@ -388,7 +398,7 @@ class Controller:
                 "backlog=%d (visible %d, in flight %d, delayed %d) pending=%d running=%d desired=%d "
                 "action=%s%s [%s]",
                 obs.backlog, obs.visible, obs.in_flight, obs.delayed, pending, running,
-                decision.desired, row["action"], " (dry run)" if self.dry_run else "", decision.reason,
+                decision.desired, action, " (dry run)" if self.dry_run else "", decision.reason,
             )
         self._last_summary = summary
 
