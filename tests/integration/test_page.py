@@ -890,6 +890,32 @@ def test_the_status_line_says_when_its_figures_are_old(stack, browser):
     assert line.text.startswith("queue: ")
 
 
+def test_the_status_line_says_when_the_server_stops_answering_and_asks_once_at_a_time(stack, browser):
+    """A hung server never answered: the line kept its old figures as if current, and
+    a request every 2 s piled up behind the first (explorer)."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    line = browser.find_element(By.ID, "status-line")
+    wait_for(lambda: line.text.startswith("queue: "), 10, "the first figures")
+    browser.execute_script("""
+      document.body.dataset.statusTimeoutMs = "3000";
+      const realFetch = window.fetch;
+      window.statusAsked = 0; window.statusAtOnce = 0; window.mostStatusAtOnce = 0;
+      window.fetch = async (url, options) => {
+        if (url !== "/api/status") return realFetch(url, options);
+        window.statusAsked += 1; window.statusAtOnce += 1;
+        window.mostStatusAtOnce = Math.max(window.mostStatusAtOnce, window.statusAtOnce);
+        try {
+          await new Promise((resolve, reject) => options.signal && options.signal.addEventListener(
+            "abort", () => reject(new DOMException("The operation was aborted.", "AbortError"))));
+        } finally { window.statusAtOnce -= 1; }
+      };""")
+    wait_for(lambda: "the server has not answered since" in line.text, 15, "the line to say so")
+    wait_for(lambda: browser.execute_script("return window.statusAsked") >= 2, 15, "a second request")
+    assert browser.execute_script("return window.mostStatusAtOnce") == 1
+
+
 def test_a_reload_after_a_lost_answer_shows_the_files_the_server_stored(stack, browser, tmp_path):
     """The page put its batch in the address only once an answer said a file was
     stored: reloaded after the first answer was lost, it showed nothing of what the

@@ -619,11 +619,24 @@
   });
 
   // --- live status line -------------------------------------------------------------
+  // A hung server (stopped, restarting) never answered: the line kept its old figures
+  // as if current, and a new request every 2 s piled up behind the first (explorer).
+  let statusAsking = false;
+  let statusAnsweredAt = null;
+  function statusTimeoutMs() {
+    return Number(document.body.dataset.statusTimeoutMs) || 5000;
+  }
   async function refreshStatus() {
+    if (statusAsking) return;
+    statusAsking = true;
     const line = $("status-line");
     try {
-      const response = await fetch("/api/status", { cache: "no-store" });
+      const response = await fetch("/api/status", {
+        cache: "no-store",
+        signal: AbortSignal.timeout ? AbortSignal.timeout(statusTimeoutMs()) : undefined,
+      });
       const s = await response.json();
+      statusAnsweredAt = new Date();
       if (s.api_key_required) keyBox.hidden = false;
       if (s.untrained) banner.hidden = false;
       const parts = [];
@@ -637,13 +650,19 @@
       if (s.totals) {
         // This web tier process's counts: a restarted one starts again from zero.
         const since = s.totals_since ? ` since ${new Date(s.totals_since * 1000).toLocaleTimeString()}` : "";
-        parts.push(`answered here${since}: ${s.totals.answered}, failed: ${s.totals.failed}`);
+        // Failed after upload (by a worker, or every attempt lost): refused uploads are
+        // not counted, and a batch's own summary counts them too.
+        parts.push(`answered here${since}: ${s.totals.answered}, failed after upload: ${s.totals.failed}`);
       }
       // What could not be read, or how old the figures are while AWS does not answer.
       if (Array.isArray(s.errors)) parts.push(...s.errors.map(String));
       line.textContent = parts.join(" · ") || "status unavailable";
     } catch {
-      line.textContent = "status unavailable";
+      line.textContent = statusAnsweredAt
+        ? `status unavailable: the server has not answered since ${statusAnsweredAt.toLocaleTimeString()}`
+        : "status unavailable";
+    } finally {
+      statusAsking = false;
     }
   }
   refreshStatus();
