@@ -211,6 +211,11 @@ class Refusals:
     def forget(self, iid: str) -> None:
         self.ids.discard(iid)
 
+    def keep_listed(self, listed: set[str]) -> None:
+        """Forgets those EC2 no longer lists (terminated another way): what is kept must
+        be what an observation can still confirm."""
+        self.ids &= listed
+
 
 @dataclass
 class Controller:
@@ -259,6 +264,7 @@ class Controller:
         # Observe: what EC2 and SQS show, with what only this controller has seen (its
         # launches EC2 does not list yet, how long an instance has gone unready).
         obs = self._with_readiness(self._with_recent_launches(observe(self.aws, now)))
+        self.refusals.keep_listed({i.id for i in obs.instances})
         # Remember what the next rounds need of this one: the scale-in window's counts,
         # and workers giving up (the launch hold). Both update this controller's memory.
         wanted_recently = self._wanted_recently(obs)
@@ -301,10 +307,10 @@ class Controller:
         new = hold.note_failures(obs, self.failure_hold_min_s, self.failure_hold_max_s)
         if new:
             log.error(
-                "controller: %d worker(s) gave up: %s; their instances are terminated, and "
+                "controller: %d worker(s) gave up: %s; their instances are %s, and "
                 "launches held for %.0fs (see the worker's log, and ami/README.md)", len(new),
                 ", ".join(f"{instance_name(i.number)} ({i.id}): {i.worker_failed}" for i in new),
-                hold.hold_s,
+                "left (dry run)" if self.dry_run else "terminated", hold.hold_s,
             )
         return hold.holds(obs.at)
 

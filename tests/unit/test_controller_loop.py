@@ -397,6 +397,21 @@ def test_one_instance_ec2_will_not_terminate_fails_no_other_scale_in(aws, make_c
     assert instances(aws) == []
 
 
+def test_a_refused_instance_terminated_another_way_is_forgotten(aws, make_controller):
+    send(aws, 2)
+    controller = make_controller()
+    controller.step()
+    protected = instances(aws)[0]["InstanceId"]
+    aws.ec2.modify_instance_attribute(InstanceId=protected, DisableApiTermination={"Value": True})
+    delete(aws, receive_all(aws))
+    controller.step()  # both go, but EC2 refuses one
+    assert controller.refusals.ids == {protected}
+    aws.ec2.modify_instance_attribute(InstanceId=protected, DisableApiTermination={"Value": False})
+    aws.ec2.terminate_instances(InstanceIds=[protected])  # by hand
+    controller.step()
+    assert controller.refusals.ids == set()
+
+
 def test_a_throttled_scale_in_fails_the_round_rather_than_call_once_per_instance(aws, make_controller,
                                                                                  patch):
     send(aws, 3)
