@@ -25,6 +25,11 @@
   const UNCONFIRMED_STORE = "imgclass.unconfirmed.";  // + id of a batch not yet known to hold a file
   const MAX_BATCHES_IN_URL = 20;          // the latest; a reload shows these again
   const FINISHED = new Set(["done", "failed"]);
+  // A file this tab had chosen but not yet heard stored when the page was reloaded or left.
+  const NOT_STORED = "not stored: its upload had not finished when the page was left or reloaded; choose it again";
+  // How long a restored batch with such files is still watched for them: a chunk the
+  // server had received whole may join the batch after the reload.
+  const UNSENT_WATCH_MS = 30000;
   // A file refused with 503 was not stored (a web tier stopping, S3 or SQS failing):
   // sent again after 5, 10, 20 and 40 s, the web tier back by then.
   const RESEND_DELAYS_MS = [5000, 10000, 20000, 40000];
@@ -219,6 +224,7 @@
       this.restored = false;    // rebuilt from the address after a reload, not uploaded here
       this.place = null;        // a restored batch's rows go after this (kept in address order)
       this.resends = [];        // files being sent again (sendLater), awaited at the end of run()
+      this.watchUnsentUntil = 0;  // a restored batch: polled until then for files shown NOT_STORED
     }
 
     async run() {
@@ -228,7 +234,7 @@
       rememberBatch(this.batchId);
       setUnconfirmed(this.batchId, true);
       const tooLarge = this.entries.filter(({ file }) => file.size > maxFileBytes());
-      this.refuse(tooLarge, document.body.dataset.tooLarge || "file is too large");
+      this.refuse(tooLarge, document.body.dataset.tooLarge || "file is too large");  // and saves
       const chunks = chunked(this.entries.filter((entry) => !tooLarge.includes(entry)));
       // Until the batch exists, chunks go one at a time (its event stream can only be
       // followed then); the rest then join it in parallel.
@@ -368,12 +374,13 @@
     }
 
     // What the server cannot tell a reloaded page: the order the files were chosen in
-    // (chunks sent in parallel join the batch in any order) and the files it refused.
+    // (chunks sent in parallel join the batch in any order), the files it refused, and
+    // those not yet stored (a reload that left them out said nothing of them: explorer).
+    // Saved from the start: a reload before the first answer came may find files stored.
     save() {
-      if (!this.created) return;
-      const shown = this.entries
-        .filter((entry) => entry.id || entry.refused)
-        .map((entry) => entry.id ? { id: entry.id } : { name: entry.el.dataset.filename, error: entry.refused });
+      const shown = this.entries.map((entry) => entry.id ? { id: entry.id }
+        : entry.refused ? { name: entry.el.dataset.filename, error: entry.refused }
+          : { name: entry.el.dataset.filename, unsent: true });
       try {
         sessionStorage.setItem(SHOWN_STORE + this.batchId, JSON.stringify(shown));
       } catch { /* storage full or disabled: a reload shows the server's order */ }
@@ -391,13 +398,31 @@
       return makeResult(name, this.entries.length ? this.entries[this.entries.length - 1].el : this.place);
     }
 
-    // An item of a restored batch, after the batch's other rows.
+    // An item of a restored batch, after the batch's other rows; or in the row of a file
+    // by its name shown NOT_STORED, which the server stored after all.
     showNew(item) {
-      const el = this.newRow(item.filename || "upload");
-      this.entries.push({ file: null, el, id: item.id });
+      const unsent = this.entries.find((entry) => entry.unsent && entry.el.dataset.filename === item.filename);
+      let el;
+      if (unsent) {
+        ({ el } = unsent);
+        delete unsent.unsent;
+        unsent.id = item.id;
+        el.querySelector(".error").textContent = "";
+        setState(el, "queued");
+      } else {
+        el = this.newRow(item.filename || "upload");
+        this.entries.push({ file: null, el, id: item.id });
+      }
       this.byId.set(item.id, el);
       showItem(el, item);
       updateSummary();  // a row that joins queued is counted too
+    }
+
+    // A file chosen in this tab that the server did not hold when the batch was restored.
+    showUnsent(name) {
+      const el = this.newRow(name);
+      this.entries.push({ file: null, el, unsent: true });
+      showFailure(el, NOT_STORED);
     }
 
     unfinished() {
@@ -459,7 +484,9 @@
       // rebuilt from S3 after a restart can take many seconds to answer.
       const tick = async () => {
         await this.refresh();
-        this.pollTimer = !this.uploading && !this.unfinished() ? null : setTimeout(tick, POLL_MS);
+        const watching = this.uploading || this.unfinished() ||
+          (Date.now() < this.watchUnsentUntil && this.entries.some((entry) => entry.unsent));
+        this.pollTimer = watching ? setTimeout(tick, POLL_MS) : null;
       };
       this.pollTimer = setTimeout(tick, 0);
     }
@@ -541,8 +568,18 @@
     }
     setUnconfirmed(batchId, false);
     const items = new Map(body.items.map((item) => [item.id, item]));
+    const saved = savedShown(batchId);
+    // The server's items no saved row names, by file name: what this tab had not yet
+    // heard stored (its answer cut off by the reload).
+    const claimed = new Set(saved.map((shown) => shown.id).filter(Boolean));
+    const unclaimed = new Map();
+    for (const item of body.items) {
+      if (claimed.has(item.id)) continue;
+      if (!unclaimed.has(item.filename)) unclaimed.set(item.filename, []);
+      unclaimed.get(item.filename).push(item);
+    }
     // As this tab showed them before, then whatever else the batch holds.
-    for (const shown of savedShown(batchId)) {
+    for (const shown of saved) {
       if (shown.id && items.has(shown.id)) {
         session.showNew(items.get(shown.id));
         items.delete(shown.id);
@@ -550,13 +587,22 @@
         const el = session.newRow(shown.name || "upload");
         session.entries.push({ file: null, el, refused: shown.error });
         showFailure(el, shown.error);
+      } else if (shown.unsent) {
+        const stored = (unclaimed.get(shown.name) || []).shift();
+        if (stored && items.has(stored.id)) {
+          session.showNew(stored);
+          items.delete(stored.id);
+        } else {
+          session.showUnsent(shown.name || "upload");
+        }
       }
     }
     items.forEach((item) => session.showNew(item));
     updateSummary();
     // Polled, not streamed: each event stream holds one of the browser's few
     // connections to this server (six over HTTP/1.1), and a reload may bring back many.
-    if (session.unfinished()) session.poll();
+    session.watchUnsentUntil = Date.now() + UNSENT_WATCH_MS;
+    session.poll();
   }
 
   // Leaving while files are still being sent would lose those not yet sent: ask first.
