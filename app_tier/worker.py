@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
-from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, ParamValidationError
 
 from app_tier import EXIT_STALLED, images
 from app_tier.held import AWS_ERRORS, PRIOR_RECEIVES_ATTRIBUTE, HeldMessages, Job, prior_receives
@@ -240,9 +240,13 @@ class Worker:
                     log.warning("receive failed (%s); retrying in %.0f s", exc, backoff)
                 else:
                     log.exception("fetch failed; retrying in %.0f s", backoff)
-                failing_since = time.monotonic() if failing_since is None else failing_since
-                if time.monotonic() - failing_since >= self.settings.stall_timeout_s:
-                    self._cannot_receive(time.monotonic() - failing_since, exc)
+                if not _fault_of_this_worker(exc):
+                    failing_since = None  # AWS's or the network's: it passes, and is waited out
+                elif failing_since is None:
+                    failing_since = time.monotonic()
+                failing_s = 0.0 if failing_since is None else time.monotonic() - failing_since
+                if failing_s >= self.settings.stall_timeout_s:
+                    self._cannot_receive(failing_s, exc)
                     return
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
@@ -253,10 +257,10 @@ class Worker:
                 self._prefetch_slot.release()
 
     def _cannot_receive(self, failing_s: float, last: Exception) -> None:
-        """Receiving has failed for STALL_TIMEOUT: no right to the queue, no route to
-        it, a fault in this process. Its instance, once tagged ready, would otherwise
-        count as serving for good while requests wait: the controller replaces an
-        instance reported failed, and holds launches if the replacements fail too."""
+        """Receiving has failed for STALL_TIMEOUT, each time for a fault of this worker's
+        (_fault_of_this_worker). Its instance, once tagged ready, would otherwise count
+        as serving for good while requests wait: the controller replaces an instance
+        reported failed, and holds launches if the replacements fail too."""
         log.error("worker %s: every receive has failed for %.0f s (the last: %s); reporting its "
                   "instance failed and stopping", self.instance_id, failing_s, last)
         report_worker_failed(self.aws, self.instance_id, "cannot-receive")
@@ -574,6 +578,24 @@ def warm_up(aws: Aws) -> None:
             aws.queue_url(queue)  # kept by Aws for every later call
     except AWS_ERRORS as exc:
         log.warning("queue URLs not resolved before serving (%s); the worker will retry", exc)
+
+
+# AWS's answers that say it is busy, not that the caller is wrong.
+THROTTLING_CODES = frozenset({"Throttling", "ThrottlingException", "RequestThrottled", "SlowDown",
+                              "RequestLimitExceeded", "TooManyRequestsException"})
+
+
+def _fault_of_this_worker(exc: BaseException) -> bool:
+    """Whether a failed receive is this worker's own doing, which no wait cures: a right,
+    credentials or a queue it lacks (AWS refusing the request), or a fault in its
+    process. Not so a throttle, AWS failing (5xx), a timeout or a lost connection: they
+    pass, and a fleet that gave up on them would be replaced whole after every outage."""
+    if isinstance(exc, NoCredentialsError):
+        return True
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 400
+        return status < 500 and error_code(exc) not in THROTTLING_CODES
+    return not isinstance(exc, BotoCoreError)
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -674,12 +674,21 @@ def instance_tags(aws: Aws, instance_id: str) -> dict[str, str]:
     return {t["Key"]: t["Value"] for t in reply["Tags"]}
 
 
-@pytest.mark.parametrize("failures, gives_up", [(2, False), (None, True)])
+DENIED = {"Error": {"Code": "AccessDenied", "Message": "no"}, "ResponseMetadata": {"HTTPStatusCode": 403}}
+AWS_FAILING = {"Error": {"Code": "InternalError", "Message": "oops"},
+               "ResponseMetadata": {"HTTPStatusCode": 500}}
+
+
+@pytest.mark.parametrize("failures, answer, gives_up", [
+    (2, DENIED, False),  # failing for less than the stall timeout: only retried
+    (None, DENIED, True),
+    (4, AWS_FAILING, False),  # 7 s of AWS failing (SQS down): it passes, and is waited out
+])
 def test_a_worker_that_cannot_receive_for_the_stall_timeout_reports_its_instance_failed(
-        aws_env, monkeypatch, failures, gives_up):
-    """Tagged ready once, an instance whose receives then always fail would count as
-    serving for good while requests wait: it says it has failed, and stops, so that
-    the controller replaces it. Receives failing for less than that are only retried."""
+        aws_env, monkeypatch, failures, answer, gives_up):
+    """Tagged ready once, an instance whose receives then always fail for a fault of its
+    own would count as serving for good while requests wait: it says it has failed,
+    and stops, so that the controller replaces it."""
     settings, aws = aws_env
     settings = dataclasses.replace(settings, stall_timeout_s=5)
     instance_id = aws.ec2.run_instances(ImageId=settings.ami_id, MinCount=1,
@@ -691,7 +700,7 @@ def test_a_worker_that_cannot_receive_for_the_stall_timeout_reports_its_instance
     def denied_for_a_while(**kwargs):
         if kwargs["QueueUrl"] == aws.request_queue_url and (failures is None or len(denied) < failures):
             denied.append(time.monotonic())
-            raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "ReceiveMessage")
+            raise ClientError(answer, "ReceiveMessage")
         return receive(**kwargs)
 
     monkeypatch.setattr(aws.sqs, "receive_message", denied_for_a_while)
@@ -710,6 +719,7 @@ def test_a_worker_that_cannot_receive_for_the_stall_timeout_reports_its_instance
         answered: dict[str, ClassifyResponse] = {}
         run_until(worker, lambda: answered.update(responses(aws)) or "a" in answered)
         assert len(denied) == failures and answered["a"].ok
+        assert denied[-1] - denied[0] >= settings.stall_timeout_s or answer is DENIED
         assert WORKER_FAILED_TAG not in instance_tags(aws, instance_id)
 
 
