@@ -415,7 +415,8 @@ def test_a_bucket_name_taken_by_another_account_is_said_so_naming_app_prefix(mon
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["--dry-run"]])
-def test_provision_takes_no_arguments_and_makes_nothing_when_given_one(argv, capsys):
+def test_provision_takes_no_arguments_and_makes_nothing_when_given_one(argv, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # argparse wraps its help to the terminal's width
     with mock_aws():
         with pytest.raises(SystemExit) as exited:
             provision_main(argv)
