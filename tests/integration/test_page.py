@@ -111,6 +111,7 @@ window.fetch = async (url, options) => {
   if (url === "/api/jobs" && window.fakedPosts < ways.length) {
     const way = ways[window.fakedPosts];
     window.fakedPosts += 1;
+    if (way === "pass") return realFetch(url, options);
     if (way === "unreachable") throw new TypeError("Failed to fetch");
     if (way === "lost") {
       await realFetch(url, options);
@@ -419,6 +420,28 @@ def test_a_reload_that_cuts_uploads_off_shows_each_stored_file_once(stack, brows
     assert sorted(names) == sorted(f"cut_{i}.jpg" for i in range(41))  # every chosen one, once
     assert 0 < len(stored_names) < 41, "the reload came too late or too early to cut anything off"
     assert all("not stored" in text for _, state, text in shown if state == "failed")
+
+
+def test_a_reload_shows_a_file_whose_upload_failed_with_its_own_reason(stack, browser, tmp_path):
+    """Not refused by the server (it may have stored it), a file whose every send found
+    no server is not remembered as refused: a reload said its upload had not finished."""
+    from selenium.webdriver.common.by import By
+
+    files = {"sent.jpg": make_image(980, size=(64, 48)), "unsent.jpg": make_image(981, size=(64, 48))}
+    shown = upload_failing_first(browser, stack, tmp_path, files, ["pass"] + ["unreachable"] * 5,
+                                 per_request=1)
+    assert "could not be reached" in shown["unsent.jpg"].text
+    browser.refresh()
+
+    def rows():
+        return {r.get_attribute("data-filename"): (r.get_attribute("data-state"), r.text)
+                for r in browser.find_elements(By.CSS_SELECTOR, "#results [data-state]")}
+
+    wait_for(lambda: len(rows()) == 2 and all(state in ("done", "failed") for state, _ in rows().values()),
+             60, "both rows after the reload")
+    after = rows()
+    assert after["sent.jpg"][0] == "done"
+    assert after["unsent.jpg"][0] == "failed" and "could not be reached" in after["unsent.jpg"][1]
 
 
 def test_a_restored_batch_shows_files_that_join_it_later(stack, browser, reference_model):

@@ -368,6 +368,7 @@
     refuse(chunk, why, remember = true) {
       for (const entry of chunk) {
         if (remember) entry.refused = why;
+        else entry.unsentWhy = why;  // a reload shows it so, unless the server has it
         showFailure(entry.el, why);
       }
       this.save();
@@ -380,7 +381,7 @@
     save() {
       const shown = this.entries.map((entry) => entry.id ? { id: entry.id }
         : entry.refused ? { name: entry.el.dataset.filename, error: entry.refused }
-          : { name: entry.el.dataset.filename, unsent: true });
+          : { name: entry.el.dataset.filename, unsent: true, why: entry.unsentWhy });
       try {
         sessionStorage.setItem(SHOWN_STORE + this.batchId, JSON.stringify(shown));
       } catch { /* storage full or disabled: a reload shows the server's order */ }
@@ -398,10 +399,11 @@
       return makeResult(name, this.entries.length ? this.entries[this.entries.length - 1].el : this.place);
     }
 
-    // An item of a restored batch, after the batch's other rows; or in the row of a file
-    // by its name shown NOT_STORED, which the server stored after all.
-    showNew(item) {
-      const unsent = this.entries.find((entry) => entry.unsent && entry.el.dataset.filename === item.filename);
+    // An item of a restored batch, after the batch's other rows; or, if `adopt`, in the
+    // row of a file by its name shown not stored, which the server stored after all.
+    showNew(item, adopt = true) {
+      const unsent = adopt && this.entries.find(
+        (entry) => entry.unsent && entry.el.dataset.filename === item.filename);
       let el;
       if (unsent) {
         ({ el } = unsent);
@@ -419,10 +421,10 @@
     }
 
     // A file chosen in this tab that the server did not hold when the batch was restored.
-    showUnsent(name) {
+    showUnsent(name, why) {
       const el = this.newRow(name);
-      this.entries.push({ file: null, el, unsent: true });
-      showFailure(el, NOT_STORED);
+      this.entries.push({ file: null, el, unsent: true, unsentWhy: why });
+      showFailure(el, why || NOT_STORED);
     }
 
     unfinished() {
@@ -581,7 +583,7 @@
     // As this tab showed them before, then whatever else the batch holds.
     for (const shown of saved) {
       if (shown.id && items.has(shown.id)) {
-        session.showNew(items.get(shown.id));
+        session.showNew(items.get(shown.id), false);
         items.delete(shown.id);
       } else if (shown.error) {
         const el = session.newRow(shown.name || "upload");
@@ -590,10 +592,10 @@
       } else if (shown.unsent) {
         const stored = (unclaimed.get(shown.name) || []).shift();
         if (stored && items.has(stored.id)) {
-          session.showNew(stored);
+          session.showNew(stored, false);
           items.delete(stored.id);
         } else {
-          session.showUnsent(shown.name || "upload");
+          session.showUnsent(shown.name || "upload", shown.why);
         }
       }
     }
@@ -669,18 +671,17 @@
   // as if current, and a new request every 2 s piled up behind the first (explorer).
   let statusAsking = false;
   let statusAnsweredAt = null;
-  function statusTimeoutMs() {
-    return Number(document.body.dataset.statusTimeoutMs) || 5000;
+  function statusTimeoutMs() {  // beyond the 10 s a web tier's first read of AWS may take
+    return Number(document.body.dataset.statusTimeoutMs) || 12000;
   }
   async function refreshStatus() {
     if (statusAsking) return;
     statusAsking = true;
     const line = $("status-line");
+    const abort = new AbortController();  // not AbortSignal.timeout: older browsers lack it
+    const timer = setTimeout(() => abort.abort(), statusTimeoutMs());
     try {
-      const response = await fetch("/api/status", {
-        cache: "no-store",
-        signal: AbortSignal.timeout ? AbortSignal.timeout(statusTimeoutMs()) : undefined,
-      });
+      const response = await fetch("/api/status", { cache: "no-store", signal: abort.signal });
       const s = await response.json();
       statusAnsweredAt = new Date();
       if (s.api_key_required) keyBox.hidden = false;
@@ -708,6 +709,7 @@
         ? `status unavailable: the server has not answered since ${statusAnsweredAt.toLocaleTimeString()}`
         : "status unavailable";
     } finally {
+      clearTimeout(timer);
       statusAsking = false;
     }
   }
