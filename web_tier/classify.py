@@ -109,8 +109,8 @@ def _no_result_response(filename: str, item_id: str, batch_id: str) -> Response:
         # No Retry-After: the image is stored and queued, and sending it again
         # would classify it twice.
         endpoint = svc.settings.endpoint_url
-        unless = (f", unless the AWS at {endpoint} stops too: the embedded AWS keeps nothing"
-                  if endpoint else "")
+        unless = (f", unless the AWS at {endpoint} stops too, as make run's embedded AWS, "
+                  "which keeps nothing, does" if endpoint else "")
         response = _text(f"{filename}: the web tier is stopping; the image is still "
                          f"queued, see /api/jobs/{batch_id} (no need to send it again{unless})", 503)
     else:
