@@ -52,7 +52,9 @@ def test_web_tier_process_killed_mid_batch_loses_nothing(stack, reference_model)
 def test_web_tier_killed_mid_upload_queues_every_image_it_stored(stack, reference_model):
     """SIGKILL while a large upload is being stored: some images are stored and not
     yet sent. The next web tier process sends them (web_tier/journal.py)."""
-    images = {f"midupload_{i:03d}.jpg": make_image(5000 + i, size=(64, 48)) for i in range(200)}
+    # Large enough that storing them takes a while (200 at 64x48 were all stored once
+    # before the kill came, in a fresh-clone run).
+    images = {f"midupload_{i:03d}.jpg": make_image(5000 + i) for i in range(200)}
     s3, _, _ = clients(stack)
     bucket = f"{stack.prefix}-in-bucket"
 
@@ -67,11 +69,12 @@ def test_web_tier_killed_mid_upload_queues_every_image_it_stored(stack, referenc
         except requests.ConnectionError:
             pass  # the kill cuts it off
 
+    # Found before the upload: the kill then comes as soon as the first image is stored.
+    master = [p for p in processes(stack, "gunicorn") if p.children()][0]
+    old_worker = master.children()[0]
     uploading = threading.Thread(target=upload, daemon=True)
     uploading.start()
     wait_for(lambda: stored_keys(), 60, "the first images to be stored", interval=0)
-    master = [p for p in processes(stack, "gunicorn") if p.children()][0]
-    old_worker = master.children()[0]
     old_worker.kill()
     uploading.join(timeout=60)
     wait_for(lambda: [c for c in master.children() if c.pid != old_worker.pid], 30, "a new web worker")
