@@ -680,9 +680,9 @@ AWS_FAILING = {"Error": {"Code": "InternalError", "Message": "oops"},
 
 
 @pytest.mark.parametrize("failures, answer, gives_up", [
-    (2, DENIED, False),  # failing for less than the stall timeout: only retried
+    (2, DENIED, False),  # failing for 1 s, less than the stall timeout: only retried
     (None, DENIED, True),
-    (4, AWS_FAILING, False),  # 7 s of AWS failing (SQS down): it passes, and is waited out
+    (3, AWS_FAILING, False),  # 3 s of AWS failing (SQS down): it passes, and is waited out
 ])
 def test_a_worker_that_cannot_receive_for_the_stall_timeout_reports_its_instance_failed(
         aws_env, monkeypatch, failures, answer, gives_up):
@@ -690,7 +690,7 @@ def test_a_worker_that_cannot_receive_for_the_stall_timeout_reports_its_instance
     own would count as serving for good while requests wait: it says it has failed,
     and stops, so that the controller replaces it."""
     settings, aws = aws_env
-    settings = dataclasses.replace(settings, stall_timeout_s=5)
+    settings = dataclasses.replace(settings, stall_timeout_s=2)  # receives retried after 1, 2, 4 s
     instance_id = aws.ec2.run_instances(ImageId=settings.ami_id, MinCount=1,
                                         MaxCount=1)["Instances"][0]["InstanceId"]
     upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
