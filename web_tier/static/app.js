@@ -11,7 +11,15 @@
     return Number(document.body.dataset.pollTimeoutMs) || 60000;
   }
   function pollSignal() {
-    return AbortSignal.timeout ? AbortSignal.timeout(pollTimeoutMs()) : undefined;
+    return timeoutSignal(pollTimeoutMs());
+  }
+  // A signal that aborts a fetch after `ms`: AbortSignal.timeout's, made by hand where an
+  // older browser lacks it (without one, a request to a hung server never ends).
+  function timeoutSignal(ms) {
+    if (AbortSignal.timeout) return AbortSignal.timeout(ms);
+    const abort = new AbortController();
+    setTimeout(() => abort.abort(), ms);
+    return abort.signal;
   }
   const STATUS_MS = 2000;
   const SSE_GIVE_UP = 3;       // consecutive stream errors before polling instead
@@ -678,10 +686,8 @@
     if (statusAsking) return;
     statusAsking = true;
     const line = $("status-line");
-    const abort = new AbortController();  // not AbortSignal.timeout: older browsers lack it
-    const timer = setTimeout(() => abort.abort(), statusTimeoutMs());
     try {
-      const response = await fetch("/api/status", { cache: "no-store", signal: abort.signal });
+      const response = await fetch("/api/status", { cache: "no-store", signal: timeoutSignal(statusTimeoutMs()) });
       const s = await response.json();
       statusAnsweredAt = new Date();
       if (s.api_key_required) keyBox.hidden = false;
@@ -709,7 +715,6 @@
         ? `status unavailable: the server has not answered since ${statusAnsweredAt.toLocaleTimeString()}`
         : "status unavailable";
     } finally {
-      clearTimeout(timer);
       statusAsking = false;
     }
   }
