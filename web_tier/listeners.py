@@ -17,9 +17,10 @@ from collections.abc import Callable
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
 from common.aws import Aws, is_not_found
+from common.failure_tags import DEAD_LETTER_ERROR
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
 from web_tier.rebuild import with_stored_outcome
-from web_tier.results import DEAD_LETTER_ERROR, Item, ResultBook, batch_id_of
+from web_tier.results import Item, ResultBook, batch_id_of
 from web_tier.storage import tag_failed
 
 log = logging.getLogger(__name__)

@@ -11,12 +11,11 @@ import time
 import pytest
 
 from common.aws import Aws
-from common.failure_tags import failure_from_tags
+from common.failure_tags import DEAD_LETTER_ERROR, failure_from_tags
 from common.messages import ClassifyRequest, ClassifyResponse
 from tests.conftest import make_image
 from tests.unit.conftest import FakeWorker, answer_for, services_of, wait_until
 from web_tier import events
-from web_tier.listeners import DEAD_LETTER_ERROR
 from web_tier.submit import UPLOAD_THREADS
 
 pytestmark = pytest.mark.timeout(120)
