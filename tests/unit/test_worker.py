@@ -637,6 +637,11 @@ def test_the_fetch_thread_survives_an_unexpected_error(aws_env, monkeypatch):
     assert raised and answered["a"].ok
 
 
+def instance_tags(aws: Aws, instance_id: str) -> dict[str, str]:
+    reply = aws.ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [instance_id]}])
+    return {t["Key"]: t["Value"] for t in reply["Tags"]}
+
+
 def test_the_instance_is_tagged_ready_only_once_a_receive_has_succeeded(aws_env, monkeypatch):
     """A worker that cannot receive (no credentials, a role without sqs:ReceiveMessage)
     must not say it serves: the controller replaces an instance that never says so."""
@@ -645,8 +650,7 @@ def test_the_instance_is_tagged_ready_only_once_a_receive_has_succeeded(aws_env,
                                         MaxCount=1)["Instances"][0]["InstanceId"]
 
     def tagged_ready() -> bool:
-        reply = aws.ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [instance_id]}])
-        return any(t["Key"] == WORKER_READY_TAG for t in reply["Tags"])
+        return WORKER_READY_TAG in instance_tags(aws, instance_id)
 
     receive = aws.sqs.receive_message
     tagged_before: list[bool] = []
@@ -667,11 +671,6 @@ def test_the_instance_is_tagged_ready_only_once_a_receive_has_succeeded(aws_env,
     threading.Thread(target=report_ready_once_received, args=(settings, worker), daemon=True).start()
     run_until(worker, tagged_ready)
     assert tagged_before[:2] == [False, False]  # not after the denied receive, nor before it
-
-
-def instance_tags(aws: Aws, instance_id: str) -> dict[str, str]:
-    reply = aws.ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [instance_id]}])
-    return {t["Key"]: t["Value"] for t in reply["Tags"]}
 
 
 DENIED = {"Error": {"Code": "AccessDenied", "Message": "no"}, "ResponseMetadata": {"HTTPStatusCode": 403}}
