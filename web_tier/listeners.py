@@ -145,18 +145,13 @@ class Listeners:
         # A worker stores the outcome (a result, or a failure and its reason) before it
         # replies: one that died in between, on the last attempt, left an outcome that
         # stands, and tells the user more than "failed on every attempt".
+        # A worker that finds its copies used up the attempts reads the same (app_tier/worker.py).
         item = Item(request.id, batch_id_of(request.key), request.filename, request.key)
-        try:
-            stored = with_stored_outcome(self.aws, item)
-        except ClientError as exc:
-            # The input object may be gone (expired, deleted): then nothing was marked on it.
-            if not is_not_found(exc):
-                raise
-        else:
-            if stored.is_finished:
-                if self.book.record_item(stored):
-                    log.info("item %s: its outcome was stored but never sent; taken from S3", request.id)
-                return
+        stored = with_stored_outcome(self.aws, item)
+        if stored.is_finished:
+            if self.book.record_item(stored):
+                log.info("item %s: its outcome was stored but never sent; taken from S3", request.id)
+            return
         # The waiting client first: the book is memory, and failing twice changes nothing.
         if self.book.fail(request.id, DEAD_LETTER_ERROR, key=request.key, filename=request.filename):
             log.info("item %s failed on every attempt", request.id)

@@ -12,8 +12,9 @@ import threading
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 from common.aws import Aws
+from common.stored_outcome import stored_outcome
 from web_tier.results import DONE, FAILED, Item, ResultBook, is_batch_id
-from web_tier.storage import read_failure, read_name_and_token, read_output
+from web_tier.storage import read_name_and_token
 
 # Threads reading S3 to rebuild batches: their own, so that a large batch rebuilt
 # (some 3 S3 calls an item) holds up no upload, which the upload pool runs.
@@ -39,17 +40,19 @@ def rebuild_item(aws: Aws, batch_id: str, key: str) -> Item | None:
 
 
 def with_stored_outcome(aws: Aws, item: Item) -> Item:
-    """`item` with the outcome S3 records for its key: done with the result in the
-    output bucket, failed with the reason tagged on the input object, or as it was."""
-    result = read_output(aws, item.key)
-    if result is not None:
+    """`item` with the outcome S3 records for its key (common/stored_outcome.py): done
+    with the result in the output bucket, failed with the reason tagged on the input
+    object, or as it was."""
+    outcome = stored_outcome(aws, aws.settings.input_bucket, item.key, aws.settings.untrained)
+    if outcome is None:
+        return item
+    if outcome.result is not None:
+        result = outcome.result
         item.state = DONE
         item.label, item.score, item.top5 = result["label"], result["score"], result["top5"]
         item.worker, item.untrained = result["worker"], result["untrained"]
-        return item
-    failure = read_failure(aws, item.key)
-    if failure is not None:
-        item.state, (item.error, item.worker) = FAILED, failure
+    else:
+        item.state, item.error, item.worker = FAILED, outcome.error, outcome.worker
     return item
 
 

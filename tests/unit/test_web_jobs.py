@@ -391,16 +391,17 @@ def test_a_stored_result_that_does_not_say_its_model_is_flagged_as_the_configure
     """An output written by something other than this service's workers (the contract's
     bare `<name>,<label>`): its label is kept, and with MODEL_WEIGHTS=random it is
     flagged untrained rather than passed off as trained."""
-    from web_tier.storage import read_output
+    from web_tier.rebuild import with_stored_outcome
+    from web_tier.results import Item
 
     aws = Aws(dataclasses.replace(web_aws.settings, model_weights=weights))
     aws.s3.put_object(Bucket=aws.settings.output_bucket, Key="b/i/cat.jpg", Body=b"cat,tabby")
     aws.s3.put_object(Bucket=aws.settings.output_bucket, Key="b/i/dog.jpg", Body=b"dog,beagle",
                       Metadata={"result": json.dumps({"label": "beagle", "score": 0.5})})
     for key, label in (("b/i/cat.jpg", "tabby"), ("b/i/dog.jpg", "beagle")):
-        result = read_output(aws, key)
-        assert result["label"] == label
-        assert result["untrained"] is (weights == "random")
+        item = with_stored_outcome(aws, Item(key.split("/")[1], "b", "x", key))
+        assert item.label == label
+        assert item.untrained is (weights == "random")
 
 
 def test_answers_after_a_restart_are_kept_for_unknown_ids(make_web_app, web_aws):
