@@ -19,7 +19,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from common.aws import Aws, sqs_batches
 from common.config import Settings
-from common.messages import ClassifyRequest
+from common.messages import ClassifyRequest, ClassifyResponse
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,10 @@ class Job:
     error: str | None = None
     # The name as uploaded, read from the input object: the request carries it cut.
     filename: str | None = None
+    # A request whose attempts are used up: the answer an earlier attempt stored before
+    # it died unanswered (app_tier/stored_answer.py), sent instead of `error`, and not
+    # stored again.
+    stored_answer: ClassifyResponse | None = None
 
 
 class HeldMessages:

@@ -46,6 +46,7 @@ from app_tier import EXIT_STALLED, images
 from app_tier.held import AWS_ERRORS, PRIOR_RECEIVES_ATTRIBUTE, HeldMessages, Job, prior_receives
 from app_tier.images import BadImage, prepare
 from app_tier.model import Classification, Classifier
+from app_tier.stored_answer import stored_answer
 from common import systemd
 from common.aws import Aws, error_code, is_not_found, sqs_batches
 from common.config import Settings
@@ -293,9 +294,9 @@ class Worker:
             if prior and count > self.settings.max_receive_count:
                 # SQS counts a resent copy afresh: without this, every hand-back would
                 # give a request that crashes workers max_receive_count more tries.
-                log.warning("request %s has used its %d attempts; failing it", request.id,
-                            self.settings.max_receive_count)
-                job.error = DEAD_LETTER_ERROR
+                log.warning("request %s has used its %d attempts; answering it with what an earlier "
+                            "one stored, else failing it", request.id, self.settings.max_receive_count)
+                job.error = DEAD_LETTER_ERROR  # unless an earlier attempt stored an answer (_load)
             jobs.append(job)
         jobs = self.held.hold(jobs)
         if self.stopping.is_set():
@@ -323,7 +324,10 @@ class Worker:
         if self.stopping.is_set():
             return  # handed back unread by fetch
         if job.error is not None:
-            return  # failed already (its attempts used up): nothing to read
+            # Failed already, its attempts used up: nothing to read. But an earlier attempt
+            # may have stored its outcome and died before replying: that answer stands.
+            job.stored_answer = stored_answer(self.aws, job.request, self.classifier.untrained)
+            return
         try:
             obj = self.aws.s3.get_object(Bucket=job.request.bucket, Key=job.request.key)
             data = obj["Body"].read()
@@ -379,7 +383,9 @@ class Worker:
             common = {"id": req.id, "filename": req.filename, "key": req.key,
                       "worker": self.instance_id, "untrained": self.classifier.untrained}
             result = by_id.get(job.message_id)
-            if result is not None:
+            if job.stored_answer is not None:
+                responses.append((job, job.stored_answer))
+            elif result is not None:
                 responses.append((job, ClassifyResponse(label=result.label, score=result.score,
                                                          top5=result.top5, **common)))
             else:
@@ -453,6 +459,8 @@ class Worker:
     def _store(self, job: Job, response: ClassifyResponse) -> None:
         req = job.request
         assert req is not None
+        if job.stored_answer is not None:
+            return  # stored by the attempt that made it
         if response.ok:
             self.aws.s3.put_object(
                 Bucket=self.settings.output_bucket,

@@ -154,7 +154,8 @@ class ClassifyResponse:
             payload["error"] = clip_for_json(self.error, _ERROR_BYTES)
         else:
             payload["label"] = self.label
-            payload["score"] = wire_score(self.score)
+            # None: a result stored without its score (not by this service's workers), resent.
+            payload["score"] = None if self.score is None else wire_score(self.score)
             payload["top5"] = [[p.label, wire_score(p.score)] for p in self.top5]
         return _encode(payload)
 

@@ -295,8 +295,9 @@ def test_iam_policy_is_least_privilege_on_our_buckets_and_queues():
             continue
         if actions == ["s3:ListBucket"]:
             # Without it S3 answers a missing key with 403, not 404: the worker could
-            # not tell a deleted upload (fail it) from a passing fault (retry it).
-            assert resources == ["arn:aws:s3:::imgclass-in-bucket"]
+            # not tell a deleted upload (fail it) from a passing fault (retry it), nor a
+            # result never stored from S3 refusing to say.
+            assert resources == ["arn:aws:s3:::imgclass-in-bucket", "arn:aws:s3:::imgclass-out-bucket"]
             allowed_actions.update(actions)
             continue
         assert all(ours.match(r) for r in resources), resources
@@ -305,7 +306,8 @@ def test_iam_policy_is_least_privilege_on_our_buckets_and_queues():
             allowed_actions.update(actions)
             assert not any(r.endswith("imgclass-req-dlq") for r in resources)
     assert allowed_actions == {
-        "s3:GetObject", "s3:PutObject", "s3:PutObjectTagging", "s3:ListBucket", "ec2:CreateTags",
+        "s3:GetObject", "s3:PutObject", "s3:GetObjectTagging", "s3:PutObjectTagging", "s3:ListBucket",
+        "ec2:CreateTags",
         "sqs:GetQueueUrl", "sqs:ReceiveMessage", "sqs:DeleteMessage",
         "sqs:ChangeMessageVisibility", "sqs:SendMessage",
     }

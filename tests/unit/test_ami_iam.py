@@ -71,7 +71,7 @@ UNSCOPED = {"ec2:DescribeInstances"}
 # on its behalf (every running tier resolves its queues through Aws.queue_url).
 TIERS = {
     "worker": ("iam-policy.json", ["app_tier"],
-               {"Aws.queue_url", "report_worker_failed", "report_worker_ready"}),
+               {"Aws.queue_url", "report_worker_failed", "report_worker_ready", "stored_outcome"}),
     "controller": ("iam-controller-policy.json", ["controller", "controller.py"],
                    {"Aws.queue_url", "Aws.queue_depth", "app_tier_instances"}),
     "web": ("iam-web-policy.json", ["web_tier"],
@@ -80,7 +80,8 @@ TIERS = {
     "provision": ("iam-provision-policy.json", ["common/provision.py"], set()),
 }
 # Allowed without a call of its own: with s3:ListBucket a missing upload answers
-# GetObject with 404, not 403 (the worker fails it rather than retrying it).
+# GetObject with 404, not 403 (the worker fails it rather than retrying it), and a
+# missing result HeadObject (the worker looks for one stored before it fails a request).
 EXTRA = {"worker": {"s3:ListBucket"}}
 
 ACCOUNT, REGION = "123456789012", "us-east-1"
@@ -107,8 +108,9 @@ def needs(tier: str, prefix: str) -> set[tuple[str, str]]:
     n = names(prefix)
     pairs = {
         "worker": [
-            ("s3:GetObject", n["in/*"]), ("s3:PutObjectTagging", n["in/*"]), ("s3:ListBucket", n["in"]),
-            ("s3:PutObject", n["out/*"]),
+            *((a, n["in/*"]) for a in ("s3:GetObject", "s3:GetObjectTagging", "s3:PutObjectTagging")),
+            ("s3:ListBucket", n["in"]), ("s3:ListBucket", n["out"]),
+            ("s3:PutObject", n["out/*"]), ("s3:GetObject", n["out/*"]),
             *((a, n["req"]) for a in ("sqs:GetQueueUrl", "sqs:ReceiveMessage", "sqs:DeleteMessage",
                                        "sqs:ChangeMessageVisibility", "sqs:SendMessage")),
             ("sqs:GetQueueUrl", n["resp"]), ("sqs:SendMessage", n["resp"]),

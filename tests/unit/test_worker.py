@@ -27,7 +27,8 @@ from app_tier.held import (
     retry_delay_s,
 )
 from app_tier.model import Classification
-from app_tier.worker import Call, Worker, warm_up
+from app_tier.stored_answer import stored_answer
+from app_tier.worker import Batch, Call, Worker, warm_up
 from common.aws import Aws
 from common.config import Settings
 from common.failure_tags import DEAD_LETTER_ERROR, failed_by, failure_from_tags
@@ -287,6 +288,104 @@ def test_a_request_whose_copies_used_up_its_attempts_fails_and_is_not_tried_agai
     tags = aws.s3.get_object_tagging(Bucket=request.bucket, Key=request.key)["TagSet"]
     assert failure_from_tags(tags) == DEAD_LETTER_ERROR
     assert depth(aws, aws.request_queue_url) == (0, 0)
+
+
+def at_its_last_attempt(settings: Settings, aws: Aws, name: str, data: bytes, item: str
+                        ) -> tuple[ClassifyRequest, Worker, Batch]:
+    """A request received for its last attempt, by the worker returned, with the batch
+    it came in: its other attempts were used by workers that crashed, then a stopping
+    worker handed it back untried (a new copy, which SQS counts afresh)."""
+    request = upload(settings, aws, name, data, item)
+    for attempt in range(settings.max_receive_count - 1):
+        crash(aws, Worker(settings, aws, MeanClassifier(), f"i-{attempt}").fetch())
+    stopping = Worker(settings, aws, MeanClassifier(), "i-stopping")
+    stopping.fetch()
+    stopping.held.hand_back_all()
+    last_try = Worker(settings, aws, MeanClassifier(), "i-last-try")
+    batch = last_try.fetch()
+    assert [j.receive_count for j in batch.jobs] == [settings.max_receive_count]
+    return request, last_try, batch
+
+
+def dies_before_replying(worker: Worker, batch: Batch, monkeypatch) -> None:
+    """The worker stores its answers (a result, or a failure mark), then dies before its
+    reply leaves: the requests are visible again once their visibility timeout ends."""
+    def killed(_responses):
+        raise RuntimeError("killed before replying")
+
+    monkeypatch.setattr(worker, "_reply", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        worker.finish(batch, worker.answer(batch))
+    crash(worker.aws, batch)
+
+
+def test_a_used_up_request_whose_result_an_earlier_attempt_stored_is_answered_with_it(aws_env, monkeypatch):
+    """An attempt wrote the result, then its worker died before replying: the request's
+    answer is that result, as a batch rebuilt from S3 shows it, not a dead letter's
+    failure (the page showed it failed until a reload)."""
+    settings, aws = aws_env
+    request, last_try, batch = at_its_last_attempt(settings, aws, "cat.jpg", make_image(3), "cat")
+    dies_before_replying(last_try, batch, monkeypatch)
+    assert "cat" not in responses(aws)
+    stored = aws.s3.get_object(Bucket=settings.output_bucket, Key=request.key)["Body"].read().decode()
+    model = MeanClassifier()
+    worker = Worker(settings, aws, model, "i-after")
+    worker.process(worker.fetch())
+    assert model.calls == 0
+    answer = responses(aws)["cat"]
+    assert (answer.ok, answer.label, answer.worker) == (True, label_of(stored), "i-last-try")
+    assert answer.score == 0.5 and [p.label for p in answer.top5] == [answer.label] * 5
+    tags = aws.s3.get_object_tagging(Bucket=request.bucket, Key=request.key)["TagSet"]
+    assert failure_from_tags(tags) is None  # not marked failed after all
+    assert depth(aws, aws.request_queue_url) == (0, 0)
+
+
+def test_a_used_up_request_whose_failure_an_earlier_attempt_stored_is_answered_with_it(aws_env, monkeypatch):
+    """An attempt marked the image failed, then its worker died before replying: the
+    answer is that failure, its reason and worker, and the mark stays as it was."""
+    settings, aws = aws_env
+    request, last_try, batch = at_its_last_attempt(settings, aws, "bad.jpg", b"not an image at all", "bad")
+    reason = batch.jobs[0].error
+    assert reason and reason != DEAD_LETTER_ERROR
+    dies_before_replying(last_try, batch, monkeypatch)
+    assert "bad" not in responses(aws)
+    worker = Worker(settings, aws, MeanClassifier(), "i-after")
+    worker.process(worker.fetch())
+    answer = responses(aws)["bad"]
+    assert (answer.ok, answer.error, answer.worker) == (False, reason, "i-last-try")
+    tags = aws.s3.get_object_tagging(Bucket=request.bucket, Key=request.key)["TagSet"]
+    assert (failure_from_tags(tags), failed_by(tags)) == (reason, "i-last-try")
+    assert depth(aws, aws.request_queue_url) == (0, 0)
+
+
+def test_a_used_up_request_is_failed_as_a_dead_letter_when_s3_cannot_say_what_was_stored(
+        aws_env, monkeypatch, caplog):
+    """A lookup S3 fails does not hold the request until S3 answers: it is failed as a
+    dead letter, as when nothing is stored, and the log says why."""
+    settings, aws = aws_env
+    request, last_try, batch = at_its_last_attempt(settings, aws, "cat.jpg", make_image(3), "cat")
+    dies_before_replying(last_try, batch, monkeypatch)
+
+    def s3_down(**kwargs):
+        raise _client_error("InternalError", "HeadObject")
+
+    monkeypatch.setattr(aws.s3, "head_object", s3_down)
+    worker = Worker(settings, aws, MeanClassifier(), "i-after")
+    worker.process(worker.fetch())
+    answer = responses(aws)["cat"]
+    assert (answer.ok, answer.error) == (False, DEAD_LETTER_ERROR)
+    assert "could not look for an outcome an earlier attempt stored" in caplog.text
+    assert depth(aws, aws.request_queue_url) == (0, 0)
+
+
+def test_a_stored_result_without_a_score_is_sent_with_its_label(aws_env):
+    """A bare `<name>,<label>` output (written by something other than this service's
+    workers) holds no score: the answer made from it still leaves as a message."""
+    settings, aws = aws_env
+    request = upload(settings, aws, "cat.jpg", make_image(3), "cat")
+    aws.s3.put_object(Bucket=settings.output_bucket, Key=request.key, Body=b"cat.jpg,tabby")
+    answer = ClassifyResponse.from_json(stored_answer(aws, request, untrained=True).to_json())
+    assert (answer.ok, answer.label, answer.score, answer.untrained) == (True, "tabby", None, True)
 
 
 def test_a_request_handed_back_fits_in_a_message_with_its_attribute(aws_env, monkeypatch):
