@@ -343,10 +343,10 @@ def same_label(a: str, b: str) -> bool:
 # requests (urllib3) writes these three characters percent-encoded in a multipart
 # header's filename="...", as the HTML standard says.
 _MULTIPART_ESCAPES = {ord("\n"): "%0A", ord("\r"): "%0D", ord('"'): "%22"}
-_MAX_DISPLAY_NAME = 1024  # web_tier/uploads.py MAX_FILENAME_CHARS
-_LINE_BREAKING = frozenset({"Cc", "Zl", "Zp"})  # web_tier/uploads.py
+_MAX_DISPLAY_NAME = 1024  # web_tier/filenames.py MAX_FILENAME_CHARS
+_LINE_BREAKING = frozenset({"Cc", "Zl", "Zp"})  # web_tier/filenames.py
 _BIDI_CONTROLS = dict.fromkeys(map(ord, "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
-                                        "\u2066\u2067\u2068\u2069"))  # web_tier/uploads.py
+                                        "\u2066\u2067\u2068\u2069"))  # web_tier/filenames.py
 _MAX_EXTENSION_CHARS = 16  # common/names.py MAX_EXTENSION_CHARS
 _MAX_META_FILENAME = 1800  # common/names.py MAX_META_FILENAME
 _MAX_SAFE_NAME = 100  # common/names.py
@@ -360,7 +360,7 @@ def received_name(filename: str) -> str:
     the next character ('back\\slash.jpg' becomes 'backslash.jpg') and %22 is a
     quote; the web tier then drops bidirectional-text controls, turns control
     characters (tab, ...) and line and paragraph separators into spaces, trims the
-    ends, and cuts a long name before its extension (web_tier/uploads.py clean_name).
+    ends, and cuts a long name before its extension (web_tier/filenames.py clean_name).
     """
     wire = filename.translate(_MULTIPART_ESCAPES)
     parsed = re.sub(r"\\(.)", r"\1", wire, flags=re.ASCII).replace("%22", '"')

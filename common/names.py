@@ -19,7 +19,7 @@ PREFIX_TAG = "imgclass:prefix"
 # metadata per object, names and values together; the other fields take ~180 bytes.
 # A non-ASCII character takes 6 to 12 encoded (up to ~300 two-byte characters fit,
 # ~200 three-byte, 150 four-byte); the web tier cuts every name it keeps to what fits
-# (web_tier/uploads.py clean_name), so the output object names it as the answer did.
+# (web_tier/filenames.py clean_name), so the output object names it as the answer did.
 ORIGINAL_FILENAME_META = "original-filename"
 MAX_META_FILENAME = 1800
 MAX_EXTENSION_CHARS = 16

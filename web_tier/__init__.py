@@ -15,12 +15,12 @@ from flask import Flask, Response
 from common.aws import Aws
 from common.config import Settings
 from web_tier import api, classify, errors, health, pages, unread_body
+from web_tier.form import FORM_SLACK_BYTES
 from web_tier.journal import Journal
 from web_tier.listeners import Listeners
 from web_tier.results import ResultBook
 from web_tier.services import EXTENSION, Services, services
 from web_tier.submit import UPLOAD_THREADS
-from web_tier.uploads import FORM_SLACK_BYTES
 
 log = logging.getLogger(__name__)
 

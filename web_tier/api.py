@@ -9,18 +9,13 @@ from werkzeug.datastructures import FileStorage
 
 from web_tier import events
 from web_tier.auth import require_api_key
+from web_tier.filenames import display_name
+from web_tier.form import check_count, form_files, form_tokens
+from web_tier.image_check import Upload, validate
+from web_tier.refusals import UploadError
 from web_tier.results import DONE, Item, is_batch_id
 from web_tier.services import services
 from web_tier.submit import UPLOAD_THREADS, SentBefore, new_id
-from web_tier.uploads import (
-    Upload,
-    UploadError,
-    check_count,
-    display_name,
-    form_files,
-    form_tokens,
-    validate,
-)
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 

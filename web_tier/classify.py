@@ -24,10 +24,12 @@ from flask import Blueprint, Response, request
 
 from common.names import stem
 from web_tier.auth import require_api_key
+from web_tier.form import FORM_SLACK_BYTES, TOKEN_CHARACTER, form_files
+from web_tier.image_check import validate
+from web_tier.refusals import UploadError
 from web_tier.results import DONE, Item, ResultBook
 from web_tier.services import services
 from web_tier.submit import STILL_STORING, SentBefore, new_id
-from web_tier.uploads import FORM_SLACK_BYTES, TOKEN_CHARACTER, UploadError, form_files, validate
 
 bp = Blueprint("classify", __name__)
 log = logging.getLogger(__name__)

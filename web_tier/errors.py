@@ -11,9 +11,10 @@ from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from common.aws import error_reason
+from web_tier.filenames import clean_name
+from web_tier.refusals import UploadError, too_large
 from web_tier.services import services
 from web_tier.unread_body import reads_bounded_by
-from web_tier.uploads import UploadError, clean_name, too_large
 
 log = logging.getLogger(__name__)
 

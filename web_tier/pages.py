@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, render_template
 
+from web_tier.form import FORM_SLACK_BYTES
+from web_tier.image_check import ACCEPTED
+from web_tier.refusals import readable_size, too_large
 from web_tier.services import services
-from web_tier.uploads import ACCEPTED, FORM_SLACK_BYTES, readable_size, too_large
 
 bp = Blueprint("pages", __name__)
 

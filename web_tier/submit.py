@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from common.aws import Aws, error_reason
 from common.messages import ClassifyRequest, MessageError
 from common.names import object_key
+from web_tier.image_check import Upload
 from web_tier.journal import Journal
+from web_tier.refusals import UploadError
 from web_tier.results import Item, ResultBook
 from web_tier.sender import BatchingSender
 from web_tier.storage import head, put_input
-from web_tier.uploads import Upload, UploadError
 
 log = logging.getLogger(__name__)
 

@@ -83,7 +83,7 @@ def _parse_files_like_the_web_tier(headers, body: bytes) -> list[tuple[str, str,
     from werkzeug.formparser import FormDataParser
     from werkzeug.http import parse_options_header
 
-    from web_tier.uploads import display_name
+    from web_tier.filenames import display_name
 
     mimetype, options = parse_options_header(headers["Content-Type"])
     _, _, files = FormDataParser().parse(io.BytesIO(body), mimetype, len(body), options)
@@ -602,7 +602,7 @@ def test_an_expected_csv_naming_only_some_images_says_so_in_its_pass(tier, tmp_p
 
 
 def test_every_kind_of_image_the_web_tier_takes_is_sent():
-    from web_tier.uploads import FORMATS
+    from web_tier.image_check import FORMATS
 
     suffix = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp",
               "TIFF": ".tif", "AVIF": ".avif"}

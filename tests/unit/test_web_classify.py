@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import make_image
 from tests.unit.conftest import answer_for, services_of, wait_until
-from web_tier.uploads import FORM_SLACK_BYTES
+from web_tier.form import FORM_SLACK_BYTES
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -326,8 +326,8 @@ def test_a_client_still_connected_is_not_taken_for_one_that_left(make_web_app, f
 def test_a_file_still_being_stored_under_its_idempotency_key_is_said_so_in_those_words(
         make_web_app, monkeypatch):
     """The 503 spoke of a "token", which POST / callers never sent (explorer)."""
+    from web_tier.refusals import UploadError
     from web_tier.submit import STILL_STORING
-    from web_tier.uploads import UploadError
 
     app = make_web_app(start_background=False)
     monkeypatch.setattr(services_of(app).submitter, "submit",

@@ -817,8 +817,8 @@ def test_an_event_stream_ends_after_its_time_limit(make_web_app):
 
 def test_long_names_survive_in_s3_metadata_within_its_2kb(web_aws):
     from common.names import decode_filename
+    from web_tier.filenames import MAX_FILENAME_CHARS
     from web_tier.storage import put_input, read_name_and_token
-    from web_tier.uploads import MAX_FILENAME_CHARS
 
     whole = ("\u00e9" * 299 + ".jpg", "x" * (MAX_FILENAME_CHARS - 4) + ".png")  # was cut at 166 and 1000
     for name in (*whole, "\U0001f600" * 600):

@@ -16,7 +16,8 @@ from PIL import Image
 from app_tier.images import BadImage, decode, prepare
 from common.pixels import MAX_IMAGE_SIDE, MAX_JPEG_SCANS, MAX_JPEG_SEGMENTS, MAX_PNG_CHUNKS
 from tests.conftest import jpeg_of_many_scans, make_image
-from web_tier.uploads import ACCEPTED, FORMATS, UploadError, check_image
+from web_tier.image_check import ACCEPTED, FORMATS, check_image
+from web_tier.refusals import UploadError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -486,7 +487,7 @@ def test_a_name_too_long_is_cut_before_its_extension():
     """Cut at 1,024 characters with its extension, POST / answered with the whole
     '.jpg'-less name's first 1,024 characters, where it drops the extension."""
     from common.names import stem
-    from web_tier.uploads import MAX_FILENAME_CHARS, clean_name
+    from web_tier.filenames import MAX_FILENAME_CHARS, clean_name
 
     shown = clean_name("A" * 3000 + ".jpg")
     assert len(shown) == MAX_FILENAME_CHARS and shown.endswith("A.jpg")
@@ -501,7 +502,7 @@ def test_a_name_is_cut_to_what_the_output_object_can_name(name):
     (the worker reads the name from the input object's metadata, 1,800 characters
     percent-encoded). Every name kept fits there whole."""
     from common.names import MAX_META_FILENAME, decode_filename, encode_filename
-    from web_tier.uploads import clean_name
+    from web_tier.filenames import clean_name
 
     kept = clean_name(name)
     assert decode_filename(encode_filename(kept)) == kept  # the worker reads it back whole
@@ -583,7 +584,7 @@ def test_page_tells_its_script_and_its_user_the_server_limits(web_client):
 @pytest.mark.parametrize(("size", "shown"), [(10 * 1024**2, "10 MB"), (20_000, "19.5 KB"),
                                              (500, "500 bytes"), (1536 * 1024**2, "1536 MB")])
 def test_readable_size(size, shown):
-    from web_tier.uploads import readable_size
+    from web_tier.refusals import readable_size
 
     assert readable_size(size) == shown
 

@@ -1,0 +1,43 @@
+"""The name an uploaded file is known by: as sent, made fit to show in one line."""
+
+from __future__ import annotations
+
+import unicodedata
+
+from werkzeug.datastructures import FileStorage
+
+from common.names import decode_filename, encode_filename, kept_extension
+
+# Longer names are cut before their extension (clean_name); storage uses names.safe_filename.
+MAX_FILENAME_CHARS = 1024
+
+# Characters shown as a space: controls, and the line and paragraph separators, which
+# end a line as well (U+2028 split POST /'s one-line answer in two).
+_LINE_BREAKING = frozenset({"Cc", "Zl", "Zp"})
+# Bidirectional-text controls: shown, "photo\u202egpj.exe" reads as "photoexe.jpg".
+_BIDI_CONTROLS = dict.fromkeys(map(ord, "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+                                        "\u2066\u2067\u2068\u2069"))
+
+
+def display_name(storage: FileStorage) -> str:
+    """The name shown for a file: as sent, but with control characters (which would
+    break the one-line answer of POST /) turned into spaces, and without the
+    bidirectional-text controls that make a name read as another."""
+    return clean_name(storage.filename or "")
+
+
+def clean_name(sent: str) -> str:
+    """A file name as sent, made fit to show (see display_name); one too long is cut
+    before its extension, which POST /'s answer drops."""
+    name = "".join(" " if unicodedata.category(c) in _LINE_BREAKING else c
+                   for c in sent.translate(_BIDI_CONTROLS))
+    name = name.strip()
+    if len(name) > MAX_FILENAME_CHARS:
+        kept = kept_extension(name)
+        name = name[:MAX_FILENAME_CHARS - len(kept)] + kept
+    # The output object takes the name from the input object's metadata, which holds
+    # it percent-encoded in MAX_META_FILENAME characters (about 300 two-byte or 200
+    # three-byte characters): cut here as it would be cut there, the answer, the page
+    # and the output object all show one name.
+    name = decode_filename(encode_filename(name))
+    return name or "upload"

@@ -1,0 +1,134 @@
+"""Reading a request's multipart form: its files, their count, the client's tokens,
+and each file's bytes up to the size limit."""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterable
+
+from werkzeug.datastructures import FileStorage
+from werkzeug.wrappers import Request
+
+from common.config import Settings
+from web_tier.filenames import display_name
+from web_tier.refusals import UploadError, too_large
+
+_CHUNK = 1 << 20
+# Room in a request body for the multipart framing and form fields around the files.
+FORM_SLACK_BYTES = 1 << 20
+
+
+def form_files(request: Request, fields: Iterable[str]) -> list[FileStorage]:
+    """The files sent in these form fields, or UploadError for a form that could not be read.
+
+    A multipart body of which nothing could be read is said to be so: Werkzeug
+    drops the whole form when, say, a file name is not UTF-8, and "no file"
+    would then mislead. So are files sent in other fields beside these, which
+    would otherwise be dropped without a word.
+    """
+    fields = tuple(fields)
+    coding = request.headers.get("Content-Encoding", "").strip().lower()
+    if coding not in ("", "identity"):  # Werkzeug reads a body as it comes
+        raise UploadError(415, f"a body in Content-Encoding {coding[:32]!r} is not read: send the form "
+                               "as it is (images are compressed already)")
+    chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    if request.mimetype == "multipart/form-data" and request.content_length is None and not chunked:
+        # (HTTP/1.0 without a length): Werkzeug reads nothing, and "no file" would mislead.
+        raise UploadError(411, "the request has no Content-Length (and is not chunked): its form "
+                               "cannot be read")
+    # (An empty one, as `curl -F files=` sends, carries nothing to lose.)
+    texts = [name for name in fields if any(request.form.getlist(name))]
+    if texts:
+        # A part without a filename is a text field: curl -F 'files=<cat.jpg' sends
+        # the file's bytes so, and Werkzeug keeps it apart from the files.
+        raise UploadError(400, f"form field {texts[0]!r} holds text, not a file: send each image "
+                               f"as a file (curl -F {texts[0]}=@cat.jpg)")
+    files = _real_files(f for name in fields for f in request.files.getlist(name))
+    if (not files and request.mimetype == "multipart/form-data" and (request.content_length or chunked)
+            and not request.files and not request.form):
+        raise UploadError(400, "the multipart form could not be read: is every file name UTF-8, "
+                               "and the body well formed?")
+    # Werkzeug files a part with no name= under None.
+    elsewhere = sorted((name for name in request.files if name not in fields
+                        and _real_files(request.files.getlist(name))), key=lambda name: name or "")
+    if files and elsewhere:
+        raise UploadError(400, f"files in {_field(elsewhere[0])} too: send them all in "
+                               + " or ".join(repr(f) for f in fields))
+    if elsewhere:  # only there: named, as every refusal of a file is
+        stray = _real_files(request.files.getlist(elsewhere[0]))[0]
+        raise UploadError(400, f"sent in {_field(elsewhere[0])}: send it in "
+                               + " or ".join(repr(f) for f in fields)
+                               + f" (curl -F {fields[0]}=@cat.jpg)", display_name(stray))
+    return files
+
+
+def _field(name: str | None) -> str:
+    return f"form field {name[:64]!r}" if name else "a form part with no name"
+
+
+def _real_files(files: Iterable[FileStorage]) -> list[FileStorage]:
+    """Drop the empty part a browser sends for a file input left blank."""
+    out = []
+    for f in files:
+        if not f.filename:
+            empty = not f.stream.read(1)
+            f.stream.seek(0)
+            if empty:
+                continue
+        out.append(f)
+    return out
+
+
+def check_count(files: list[FileStorage], settings: Settings, field: str = "files") -> None:
+    """Refuse a request with no file in `field`, or with more than one request may carry."""
+    if not files:
+        raise UploadError(400, f"no file in the request: send the images as multipart/form-data, "
+                               f"in the field '{field}'")
+    if len(files) > settings.max_files_per_request:
+        raise UploadError(
+            413,
+            f"too many files in one request: {len(files)} "
+            f"(the limit is {settings.max_files_per_request})",
+        )
+
+
+# What a client's token (and POST /'s Idempotency-Key) is made of.
+TOKEN_CHARACTER = r"[A-Za-z0-9._:-]"
+_TOKEN = re.compile(TOKEN_CHARACTER + "{1,64}")
+
+
+def form_tokens(request: Request, count: int, field: str = "tokens") -> list[str] | None:
+    """The client's token for each of `count` files (one per file, in their order), or None.
+
+    A file sent again under a token its batch holds is not stored again, so a client
+    that lost the answer to a request (a connection cut, a web tier restarted) can
+    send it again without having anything classified twice.
+    """
+    tokens = request.form.getlist(field)
+    if not tokens:
+        return None
+    if len(tokens) != count:
+        raise UploadError(400, f"{len(tokens)} tokens for {count} files: send one token per file, "
+                               "in the order of the files")
+    for token in tokens:
+        if not _TOKEN.fullmatch(token):
+            raise UploadError(400, f"a token is 1 to 64 letters, digits or '._:-', not {token[:70]!r}")
+    if len(set(tokens)) != count:
+        raise UploadError(400, "two files have the same token: each file needs its own")
+    return tokens
+
+
+def read_limited(storage: FileStorage, limit: int) -> bytes:
+    """The file's bytes, refusing it as soon as it passes `limit`."""
+    name = display_name(storage)
+    buf = io.BytesIO()
+    while True:
+        chunk = storage.stream.read(_CHUNK)
+        if not chunk:
+            break
+        buf.write(chunk)
+        if buf.tell() > limit:
+            raise UploadError(413, too_large(limit), name)
+    return buf.getvalue()
+

@@ -1,0 +1,160 @@
+"""Checking an uploaded image's bytes before anything is stored.
+
+The type is decided by the bytes (Pillow), never by the name or the client's
+Content-Type, and the pixel count is read from the header only, so a small
+file that would decompress into gigabytes is refused before anyone decodes it.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError, features
+from werkzeug.datastructures import FileStorage
+
+from common.config import Settings
+from common.pillow_errors import plain_reason
+from common.pixels import (
+    JPEG_SIGNATURE,
+    PILLOW_REFUSALS,
+    PNG_SIGNATURE,
+    JpegLayout,
+    parts_refusal,
+    pillow_refusal,
+    size_refusal,
+)
+from web_tier.filenames import display_name
+from web_tier.form import read_limited
+from web_tier.refusals import UploadError
+
+# Pillow format -> Content-Type stored with the object. MPO is what Pillow calls
+# many phone-camera JPEGs. The worker decodes with the same Pillow.
+FORMATS = {
+    "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",
+    "PNG": "image/png",
+    "GIF": "image/gif",
+    "BMP": "image/bmp",
+    "WEBP": "image/webp",
+    "TIFF": "image/tiff",
+}
+if features.check("avif"):  # in Pillow's own wheels from 11.2 on
+    FORMATS["AVIF"] = "image/avif"
+_NAMED = [fmt for fmt in FORMATS if fmt != "MPO"]
+ACCEPTED = ", ".join(_NAMED[:-1]) + " or " + _NAMED[-1]
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An accepted image: its original name, bytes and detected type."""
+
+    filename: str
+    data: bytes
+    content_type: str
+
+
+def validate(storage: FileStorage, settings: Settings) -> Upload:
+    """Read and check one uploaded file; raise UploadError naming it if refused."""
+    name = display_name(storage)
+    data = read_limited(storage, settings.max_upload_bytes)
+    return check_image(name, data, settings)
+
+
+def check_image(name: str, data: bytes, settings: Settings) -> Upload:
+    """Accept `data` only if it is a whole, reasonably sized image of a known type."""
+    if not data:
+        raise UploadError(400, "file is empty", name)
+    # JPEGs and PNGs are walked before Pillow reads them, part by part in Python; a
+    # JPEG once, for this and the truncation check below. The worker applies the same
+    # rules (common/pixels.py).
+    jpeg, too_slow = parts_refusal(data)
+    if too_slow:
+        raise UploadError(415, too_slow, name)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format or ""
+            if fmt not in FORMATS:
+                raise UploadError(415, f"{fmt or 'this'} images are not accepted; send {ACCEPTED}", name)
+            # The worker's decoder applies the same rule (common/pixels.py).
+            too_large = size_refusal(*img.size, settings.max_image_pixels)
+            if too_large:
+                raise UploadError(413, too_large, name)
+            cut_short = _truncation(img, data, jpeg)
+            if cut_short:
+                raise UploadError(415, f"damaged or unreadable image: {cut_short}", name)
+            # Checks PNG's chunks and checksums without decoding pixels; for most
+            # other formats it does little, hence the check above.
+            img.verify()
+    except UploadError:
+        raise
+    except PILLOW_REFUSALS as exc:
+        raise UploadError(413, pillow_refusal(exc, settings.max_image_pixels), name) from exc
+    except UnidentifiedImageError as exc:
+        kind = _signature(data)
+        if kind and kind not in FORMATS:  # an image, in a format this service does not read
+            raise UploadError(415, f"{kind} images are not accepted; send {ACCEPTED}", name) from exc
+        if kind:  # it starts like one, but Pillow could not read even its header
+            raise UploadError(415, f"damaged or unreadable image: not a valid {kind} file", name) from exc
+        raise UploadError(415, f"not an image (the content is not {ACCEPTED})", name) from exc
+    except Exception as exc:  # Pillow raises many kinds of errors on damaged files
+        raise UploadError(415, f"damaged or unreadable image: {plain_reason(exc)}", name) from exc
+    return Upload(name, data, FORMATS[fmt])
+
+
+def _truncation(img: Image.Image, data: bytes, jpeg: JpegLayout | None) -> str | None:
+    """Why `data` is visibly cut short, or None. Cheap checks, no decoding: a full
+    decode here would cost the web tier up to ~50 ms of CPU for a 12-megapixel
+    JPEG, and the worker refuses whatever these miss. `jpeg`: a JPEG's layout."""
+    # Pillow's decoder needs the end-of-image marker (without it the worker refuses
+    # the image as truncated); bytes after it, such as a motion photo's video, do not matter.
+    if jpeg is not None and not jpeg.ends:
+        return "the JPEG data is truncated (it has no end-of-image marker)"
+    if img.format == "TIFF" and _tiff_data_ends(img) > len(data):
+        return "the TIFF image data is truncated"
+    for tile in img.tile:  # uncompressed rows of a known size (BMP)
+        stride = tile.args[1] if isinstance(tile.args, tuple) and len(tile.args) > 1 else 0
+        if tile.codec_name == "raw" and isinstance(stride, int) and stride > 0:
+            rows = tile.extents[3] - tile.extents[1]
+            # The last row's padding (up to 3 bytes) may be missing: the decoder does
+            # not need it. (Up to 3 bytes of its pixels missing pass here, then.)
+            if tile.offset + stride * rows - 3 > len(data):
+                return f"the {img.format} pixel data is truncated"
+    return None
+
+
+def _tiff_data_ends(img: Image.Image) -> int:
+    """Where the first image's last strip or tile ends, as its header says."""
+    tags = getattr(img, "tag_v2", {})
+    offsets = tags.get(273) or tags.get(324) or ()  # strip offsets, or tile offsets
+    counts = tags.get(279) or tags.get(325) or ()  # and their byte counts
+    offsets = offsets if isinstance(offsets, tuple) else (offsets,)
+    counts = counts if isinstance(counts, tuple) else (counts,)
+    return max((int(o) + int(c) for o, c in zip(offsets, counts, strict=False)), default=0)
+
+
+# How each accepted format's files begin (WEBP: "RIFF", a size, then "WEBP").
+_SIGNATURES = (
+    (JPEG_SIGNATURE, "JPEG"), (PNG_SIGNATURE, "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+    (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+)
+
+
+# ISO media files (HEIF, AVIF) say what they hold in an `ftyp` box at byte 4: a main
+# brand, then compatible ones. The most specific brand found names the format.
+_ISO_BRANDS = ((b"avif", "AVIF"), (b"avis", "AVIF"), (b"heic", "HEIC"), (b"heix", "HEIC"),
+               (b"hevc", "HEIC"), (b"heim", "HEIC"), (b"heis", "HEIC"), (b"mif1", "HEIF"), (b"msf1", "HEIF"))
+
+
+def _signature(data: bytes) -> str | None:
+    """The image format whose signature `data` starts with, if any."""
+    head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in head):
+        return "SVG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[4:8] == b"ftyp":
+        box = data[8:min(int.from_bytes(data[:4], "big"), 64)]
+        brands = {box[i:i + 4] for i in range(0, len(box) - 3, 4)}  # main, version, compatible
+        return next((kind for brand, kind in _ISO_BRANDS if brand in brands), None)
+    return next((kind for magic, kind in _SIGNATURES if data.startswith(magic)), None)
