@@ -2,11 +2,13 @@
 
 Every tier builds one `Settings` with `Settings.from_env()` and passes it down;
 no other module reads the service's settings from `os.environ`. The table in
-README.md lists each variable with its default. Read where they are used, as they
-are not the service's to define: variables of other programs' protocols (systemd's
-NOTIFY_SOCKET and WATCHDOG_USEC, Keras's KERAS_HOME), and the worker process's own
-start-up switches (INSTANCE_ID, the default of its --instance-id; LOG_LEVEL;
-IMGCLASS_CACHE, where it keeps the converted model).
+README.md lists each variable with its default; what `make run` gives its
+processes instead is here too (local_run_settings, local_run_defaults). Read
+where they are used, as they are not the service's to define: variables of other
+programs' protocols (systemd's NOTIFY_SOCKET and WATCHDOG_USEC, Keras's
+KERAS_HOME), and the worker process's own start-up switches (INSTANCE_ID, the
+default of its --instance-id; LOG_LEVEL; IMGCLASS_CACHE, where it keeps the
+converted model).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 # Pillow's own limit (Image.MAX_IMAGE_PIXELS, which it refuses past twice over): a
@@ -287,6 +290,45 @@ class Settings:
             local_worker_threads=_int(env, "LOCAL_WORKER_THREADS", cls.local_worker_threads, low=0),
             local_watchdog_s=_float(env, "LOCAL_WATCHDOG", cls.local_watchdog_s, low=0),
         )
+
+
+# --- `make run` ---------------------------------------------------------------------
+# The embedded stack (localaws/stack.py) runs every process on one machine, where
+# some of the defaults above do not fit: these are what it gives the processes it
+# starts instead. (It also picks MODEL_WEIGHTS, and caps LOCAL_MAX_WORKERS, from what
+# this machine holds: localaws/stack.py's local_model_weights and memory_safe_workers.)
+
+
+def local_run_settings(settings: Settings) -> dict[str, str]:
+    """Variables `make run` sets for its processes over whatever the environment says."""
+    return {
+        # Many workers share this machine's cores: one thread each by default.
+        "WORKER_THREADS": str(settings.local_worker_threads),
+    }
+
+
+def local_run_defaults(settings: Settings, run_dir: Path) -> dict[str, str]:
+    """Variables `make run` sets for its processes only where the environment does not
+    set them (one set, even empty, is the user's choice and stands). `run_dir`: the
+    run's folder (make run's --run-dir)."""
+    defaults = {
+        # Shorter long polls than production's 20 s: an idle local worker that is
+        # told to stop then exits within seconds (each poll is free here).
+        "RECEIVE_WAIT": "5",
+    }
+    if settings.local_max_workers < settings.max_instances:
+        # Instances beyond the local cap get no worker and never say they serve: a
+        # limit of this machine, not a failure for the controller to replace them for.
+        defaults["READY_DEADLINE"] = "0"
+    # moto accepts any credentials; set harmless ones only where none are set,
+    # so that a developer's real keys are never sent anywhere by accident.
+    defaults["AWS_ACCESS_KEY_ID"] = "local"
+    defaults["AWS_SECRET_ACCESS_KEY"] = "local"
+    # The web tier's journal with the run's other files, not in the user's state
+    # directory. The embedded AWS starts empty at every run: what a journal from
+    # the last run holds is found not stored, and dropped.
+    defaults["WEB_JOURNAL_DIR"] = str(run_dir / "web-journal")
+    return defaults
 
 
 def region_from_env(env: Mapping[str, str]) -> str:

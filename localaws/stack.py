@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import Settings
+from common.config import Settings, local_run_defaults, local_run_settings
 from common.logs import configure as configure_logging
 from common.provision import provision
 from common.signals import STOP_SIGNALS, on_signals
@@ -109,8 +109,10 @@ def memory_safe_workers(settings: Settings, env: dict[str, str] | os._Environ) -
     return cap, ""
 
 
-def child_env(settings: Settings) -> dict[str, str]:
-    """Environment for every process of the stack: pointed at the embedded AWS."""
+def child_env(settings: Settings, run_dir: Path) -> dict[str, str]:
+    """Environment for every process of the stack: pointed at the embedded AWS, with
+    `make run`'s own settings and defaults (common/config.py local_run_settings and
+    local_run_defaults)."""
     env = dict(os.environ)
     env.update(
         AWS_ENDPOINT_URL=settings.local_aws_url,
@@ -120,21 +122,11 @@ def child_env(settings: Settings) -> dict[str, str]:
         WEB_HOST=settings.web_host,
         WEB_PORT=str(settings.web_port),
         PYTHONUNBUFFERED="1",
-        # Many workers share this machine's cores: one thread each by default.
-        WORKER_THREADS=str(settings.local_worker_threads),
         TF_CPP_MIN_LOG_LEVEL="2",
     )
-    # Shorter long polls than production's 20 s: an idle local worker that is
-    # told to stop then exits within seconds (each poll is free here).
-    env.setdefault("RECEIVE_WAIT", "5")
-    if settings.local_max_workers < settings.max_instances:
-        # Instances beyond the local cap get no worker and never say they serve: a
-        # limit of this machine, not a failure for the controller to replace them for.
-        env.setdefault("READY_DEADLINE", "0")
-    # moto accepts any credentials; set harmless ones only where none are set,
-    # so that a developer's real keys are never sent anywhere by accident.
-    env.setdefault("AWS_ACCESS_KEY_ID", "local")
-    env.setdefault("AWS_SECRET_ACCESS_KEY", "local")
+    env.update(local_run_settings(settings))
+    for name, value in local_run_defaults(settings, run_dir).items():
+        env.setdefault(name, value)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
@@ -174,11 +166,7 @@ class Stack:
         self.settings = settings
         self.run_dir = run_dir
         self.logs = run_dir / "logs"
-        self.env = child_env(settings)
-        # The web tier's journal with the run's other files, not in the user's state
-        # directory. The embedded AWS starts empty at every run: what a journal from
-        # the last run holds is found not stored, and dropped.
-        self.env.setdefault("WEB_JOURNAL_DIR", str(run_dir / "web-journal"))
+        self.env = child_env(settings, run_dir)
         self.children: list[Child] = []
         self.runner: InstanceRunner | None = None
         self.runner_thread: threading.Thread | None = None

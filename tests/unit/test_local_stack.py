@@ -298,13 +298,43 @@ def test_a_stop_while_the_model_is_prepared_is_not_taken_for_a_model_failure(tmp
     assert len(spawned) == 1 and not spawned[0].is_running()
 
 
-def test_instances_beyond_the_local_cap_are_not_taken_for_workers_that_never_serve(monkeypatch):
+def test_instances_beyond_the_local_cap_are_not_taken_for_workers_that_never_serve(monkeypatch, tmp_path):
     """They get no worker process here, so they never tag themselves ready."""
     monkeypatch.delenv("READY_DEADLINE", raising=False)
-    assert child_env(Settings(local_max_workers=2))["READY_DEADLINE"] == "0"
-    assert "READY_DEADLINE" not in child_env(Settings(local_max_workers=15))
+    assert child_env(Settings(local_max_workers=2), tmp_path)["READY_DEADLINE"] == "0"
+    assert "READY_DEADLINE" not in child_env(Settings(local_max_workers=15), tmp_path)
     monkeypatch.setenv("READY_DEADLINE", "600")  # the user's own choice stands
-    assert child_env(Settings(local_max_workers=2))["READY_DEADLINE"] == "600"
+    assert child_env(Settings(local_max_workers=2), tmp_path)["READY_DEADLINE"] == "600"
+
+
+LOCAL_RUN_VARIABLES = ("WORKER_THREADS", "RECEIVE_WAIT", "READY_DEADLINE", "AWS_ACCESS_KEY_ID",
+                       "AWS_SECRET_ACCESS_KEY", "WEB_JOURNAL_DIR")
+
+
+def test_make_runs_processes_get_its_own_settings_and_defaults(monkeypatch, tmp_path):
+    """What common/config.py says make run gives its processes, they get, and read so."""
+    for name in LOCAL_RUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings(local_max_workers=2, local_worker_threads=3)
+    env = child_env(settings, tmp_path)
+    assert {name: env[name] for name in LOCAL_RUN_VARIABLES} == {
+        "WORKER_THREADS": "3", "RECEIVE_WAIT": "5", "READY_DEADLINE": "0", "AWS_ACCESS_KEY_ID": "local",
+        "AWS_SECRET_ACCESS_KEY": "local", "WEB_JOURNAL_DIR": str(tmp_path / "web-journal")}
+    read = Settings.from_env(env)
+    assert (read.worker_threads, read.receive_wait_s, read.ready_deadline_s, read.web_journal_dir) \
+        == (3, 5, 0.0, str(tmp_path / "web-journal"))
+
+
+def test_make_run_keeps_the_users_own_values_except_worker_threads(monkeypatch, tmp_path):
+    """WORKER_THREADS is LOCAL_WORKER_THREADS in make run; every other value set stands,
+    an empty one too (the children read it as production's default)."""
+    mine = {"WORKER_THREADS": "8", "RECEIVE_WAIT": "", "READY_DEADLINE": "600",
+            "AWS_ACCESS_KEY_ID": "AKIAMINE", "AWS_SECRET_ACCESS_KEY": "secret",
+            "WEB_JOURNAL_DIR": str(tmp_path / "mine")}
+    for name, value in mine.items():
+        monkeypatch.setenv(name, value)
+    env = child_env(Settings(local_max_workers=2, local_worker_threads=1), tmp_path)
+    assert {name: env[name] for name in LOCAL_RUN_VARIABLES} == {**mine, "WORKER_THREADS": "1"}
 
 
 def test_a_moto_that_does_not_come_up_in_time_is_not_left_running(tmp_path, monkeypatch):
