@@ -91,6 +91,9 @@ class Item:
             "error": self.error,
             "untrained": self.shows_untrained(model_untrained),
             "worker": self.worker,
+            # The client's token: a page that reloaded before hearing a file stored knows
+            # it by this, not by its name, which the server may have cleaned.
+            "token": self.token,
         }
 
     def _apply(self, other: Item) -> None:
