@@ -671,21 +671,9 @@ def test_files_dropped_anywhere_on_the_page_are_uploaded(stack, browser, referen
     """Dropped beside the drop zone, a file was left to the browser, which opens it in
     the tab: the page and its uploads were gone."""
 
-    from selenium.webdriver.common.by import By
-
     data = make_image(970)
     browser.get(stack.web_url + "/")
-    # The page's script has run (its first status read is in): its listeners are there.
-    status = browser.find_element(By.ID, "status-line")
-    wait_for(lambda: status.text != "Connecting…", 30, "the page's script to run")
-    prevented = browser.execute_script("""
-      const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
-      const files = new DataTransfer();
-      files.items.add(new File([bytes], "dropped.jpg", {type: "image/jpeg"}));
-      const drop = new DragEvent("drop", {dataTransfer: files, bubbles: true, cancelable: true});
-      document.querySelector("h1").dispatchEvent(drop);
-      return drop.defaultPrevented;""", __import__("base64").b64encode(data).decode())
-    assert prevented
+    assert drop_files(browser, {"dropped.jpg": data})
     shown = finished_rows(browser, stack, 1, timeout_s=60)
     assert shown["dropped.jpg"].get_attribute("data-label") == reference(reference_model, data).label
 
@@ -967,17 +955,142 @@ def test_a_reload_after_a_lost_answer_shows_the_files_the_server_stored(stack, b
     assert all(row.get_attribute("data-state") == "done" for row in shown.values())
 
 
-def test_a_reload_before_anything_was_stored_drops_the_batch_without_a_word(stack, browser, tmp_path):
+def rows_shown(browser) -> list[tuple[str, str, str]]:
+    """The page's rows, in order: (file name, state, text)."""
     from selenium.webdriver.common.by import By
 
+    return [(r.get_attribute("data-filename"), r.get_attribute("data-state"), r.text)
+            for r in browser.find_elements(By.CSS_SELECTOR, "#results [data-state]")]
+
+
+def saved_tokens(browser, batch_id: str) -> dict[str, str]:
+    """The token this tab saved for each file of `batch_id` not yet heard stored, by name."""
+    saved = browser.execute_script(f"return JSON.parse(sessionStorage.getItem('imgclass.shown.{batch_id}'))")
+    return {row["name"]: row.get("token") for row in saved if row.get("unsent")}
+
+
+def test_a_reload_before_anything_was_stored_shows_the_files_and_takes_one_that_comes_late(
+        stack, browser, tmp_path):
+    """A reload before the server held any file of the batch dropped it without a word,
+    though the tab had saved its files: they are shown "not stored". A chunk that reaches
+    the server after the reload joins its row, found by its token (the name, with a
+    bidi control, is stored cleaned), at once and at the next reload."""
+    import requests
+    from selenium.webdriver.common.by import By
+
+    late_name = "late\u202e.jpg"  # stored as "late.jpg"
+    files = {"never.jpg": make_image(950, size=(64, 48)), late_name: make_image(951, size=(64, 48))}
     browser.get(stack.web_url + "/")
     browser.execute_script(FAIL_FIRST_POSTS, ["unreachable"])
-    choose(browser, tmp_path, {"never.jpg": make_image(950)})
+    choose(browser, tmp_path, files)
     wait_for(lambda: browser.execute_script("return window.fakedPosts") == 1, 30, "the failed send")
-    assert "#batches=" in browser.current_url
+    batch_id = browser.current_url.split("#batches=")[1]
+    token = saved_tokens(browser, batch_id).get(late_name)
+    browser.refresh()  # before the page sends them again, 5 s on: the server knows no such batch
+    assert requests.get(f"{stack.web_url}/api/jobs/{batch_id}", timeout=10).status_code == 404
+
+    def states() -> list[tuple[str, str]]:
+        return [(name, state) for name, state, _ in rows_shown(browser)]
+
+    wait_for(lambda: len(rows_shown(browser)) == 2, 30, "the saved files")
+    assert states() == [("never.jpg", "failed"), (late_name, "failed")]
+    assert all("not stored" in text for _, _, text in rows_shown(browser))
+    assert browser.find_element(By.ID, "summary").text == "0 of 2 classified, 2 failed"
+    assert browser.current_url.endswith(f"#batches={batch_id}")
+
+    # The chunk as the page sent it, received whole before the reload cut its answer off.
+    late = requests.post(f"{stack.web_url}/api/jobs", files={"files": (late_name, files[late_name])},
+                         data={"batch_id": batch_id, "create": "1", "tokens": token}, timeout=30)
+    assert late.status_code == 202, late.text
+    wait_for(lambda: dict(states()).get("late.jpg") in ("queued", "done"), 30,
+             "the late file to join its row")
+    assert [name for name, _ in states()] == ["never.jpg", "late.jpg"]
+
     browser.refresh()
-    wait_for(lambda: "#batches=" not in browser.current_url, 30, "the unknown batch to be dropped")
-    assert browser.find_element(By.ID, "summary").text == ""
+    wait_for(lambda: rows_shown(browser), 30, "the batch after the second reload")
+    shown = rows_shown(browser)
+    assert [(name, state) for name, state, _ in shown if state == "failed"] == [("never.jpg", "failed")]
+    assert [name for name, _, _ in shown] == ["never.jpg", "late.jpg"]
+
+
+# Before the page's script runs: its first GET /api/jobs/<id> in this tab is answered as
+# for a batch made but still empty (a chunk's files not yet stored), later ones really.
+EMPTY_BATCH_ONCE = """
+const realFetch = window.fetch;
+window.fetch = (url, options) => {
+  if (String(url).startsWith("/api/jobs/") && !sessionStorage.getItem("test.emptyOnce")) {
+    sessionStorage.setItem("test.emptyOnce", "1");
+    const body = {batch_id: String(url).split("/")[3], items: [], untrained: false};
+    return Promise.resolve(new Response(JSON.stringify(body), {status: 200,
+                                        headers: {"Content-Type": "application/json"}}));
+  }
+  return realFetch(url, options);
+};
+"""
+
+
+def test_a_batch_the_server_holds_still_empty_keeps_its_files_for_the_next_reload(stack, browser, tmp_path):
+    """Found empty at a reload, the batch was taken for one that held a file: the next
+    reload, which found no such batch, said it had expired and dropped its files."""
+    browser.get(stack.web_url + "/")
+    browser.execute_script(FAIL_FIRST_POSTS, ["unreachable"])
+    choose(browser, tmp_path, {"empty.jpg": make_image(952, size=(64, 48))})
+    wait_for(lambda: browser.execute_script("return window.fakedPosts") == 1, 30, "the failed send")
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": EMPTY_BATCH_ONCE})
+    for reload in ("found empty", "not found"):
+        browser.refresh()
+        wait_for(lambda: rows_shown(browser), 30, f"the saved file, the batch {reload}")
+        [(name, state, text)] = rows_shown(browser)
+        assert (name, state) == ("empty.jpg", "failed") and "not stored" in text, (reload, text)
+
+
+def drop_files(browser, files: dict[str, bytes]) -> bool:
+    """Drop `files` (any names, even those no file system holds) on the page's heading,
+    once the page's script has run; whether the page took the drop."""
+    import base64
+
+    from selenium.webdriver.common.by import By
+
+    # The page's script has run (its first status read is in): its listeners are there.
+    status = browser.find_element(By.ID, "status-line")
+    wait_for(lambda: status.text != "Connecting…", 30, "the page's script to run")
+    encoded = [[name, base64.b64encode(data).decode()] for name, data in files.items()]
+    return browser.execute_script("""
+      const files = new DataTransfer();
+      for (const [name, data] of arguments[0]) {
+        const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+        files.items.add(new File([bytes], name, {type: "image/jpeg"}));
+      }
+      const drop = new DragEvent("drop", {dataTransfer: files, bubbles: true, cancelable: true});
+      document.querySelector("h1").dispatchEvent(drop);
+      return drop.defaultPrevented;""", encoded)
+
+
+def test_a_reload_finds_the_files_stored_under_names_the_server_cleaned(stack, browser):
+    """Files the tab had not heard stored were matched to the server's items by name: one
+    whose name the server cleans showed twice after a reload, failed "not stored" and
+    with its result. They are matched by token."""
+    import requests
+
+    names = ["  spaced.jpg  ", "tab\there.jpg", "photo\u202egpj.exe.jpg", "x" * 1100 + ".jpg", "plain.jpg"]
+    files = {name: make_image(953 + n, size=(64, 48)) for n, name in enumerate(names)}
+    browser.get(stack.web_url + "/")
+    browser.execute_script(FAIL_FIRST_POSTS, ["lost"])
+    assert drop_files(browser, files)
+    wait_for(lambda: browser.execute_script("return window.fakedPosts") == 1, 30, "the lost answer")
+    batch_id = browser.current_url.split("#batches=")[1]
+
+    def stored() -> list[str]:
+        answer = requests.get(f"{stack.web_url}/api/jobs/{batch_id}", timeout=10)
+        return [item["filename"] for item in answer.json()["items"]] if answer.ok else []
+
+    wait_for(lambda: len(stored()) == len(files), 30, "the server to hold every file")
+    assert "spaced.jpg" in stored()  # cleaned, as the others
+    browser.refresh()  # before the page sends them again
+    wait_for(lambda: rows_shown(browser), 30, "the restored batch")
+    shown = rows_shown(browser)
+    assert sorted(name for name, _, _ in shown) == sorted(stored()), [name[:40] for name, _, _ in shown]
+    assert not [name for name, state, _ in shown if state == "failed"]
 
 
 def test_a_batch_of_refused_files_only_is_not_kept_in_the_address(stack, browser, tmp_path):

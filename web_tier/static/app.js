@@ -238,7 +238,7 @@
     async run() {
       // In the address from the start, so that a reload shows the files the server
       // stored even if no answer came back; until one does, a reload that finds no
-      // such batch drops it without a word (nothing was stored).
+      // such batch shows the files as saved (none stored yet: see restore).
       rememberBatch(this.batchId);
       setUnconfirmed(this.batchId, true);
       const tooLarge = this.entries.filter(({ file }) => file.size > maxFileBytes());
@@ -389,7 +389,7 @@
     save() {
       const shown = this.entries.map((entry) => entry.id ? { id: entry.id }
         : entry.refused ? { name: entry.el.dataset.filename, error: entry.refused }
-          : { name: entry.el.dataset.filename, unsent: true, why: entry.unsentWhy });
+          : { name: entry.el.dataset.filename, unsent: true, why: entry.unsentWhy, token: entry.token });
       try {
         sessionStorage.setItem(SHOWN_STORE + this.batchId, JSON.stringify(shown));
       } catch { /* storage full or disabled: a reload shows the server's order */ }
@@ -408,15 +408,16 @@
     }
 
     // An item of a restored batch, after the batch's other rows; or, if `adopt`, in the
-    // row of a file by its name shown not stored, which the server stored after all.
+    // row of a file shown not stored (see sameFile), which the server stored after all.
     showNew(item, adopt = true) {
-      const unsent = adopt && this.entries.find(
-        (entry) => entry.unsent && entry.el.dataset.filename === item.filename);
+      const unsent = adopt && this.entries.find((entry) => entry.unsent &&
+        sameFile({ token: entry.token, name: entry.el.dataset.filename }, item));
       let el;
       if (unsent) {
         ({ el } = unsent);
         delete unsent.unsent;
         unsent.id = item.id;
+        if (item.filename) setName(el, item.filename);  // as the server keeps it
         el.querySelector(".error").textContent = "";
         setState(el, "queued");
       } else {
@@ -429,9 +430,9 @@
     }
 
     // A file chosen in this tab that the server did not hold when the batch was restored.
-    showUnsent(name, why) {
+    showUnsent(name, why, token) {
       const el = this.newRow(name);
-      this.entries.push({ file: null, el, unsent: true, unsentWhy: why });
+      this.entries.push({ file: null, el, unsent: true, unsentWhy: why, token });
       showFailure(el, why || NOT_STORED);
     }
 
@@ -442,8 +443,10 @@
     async refresh() {
       const { body } = await fetchBatch(this.batchId);
       try {
+        // A file of it is stored: a reload that finds no such batch now finds it expired.
+        if (body.items.length) setUnconfirmed(this.batchId, false);
         body.items.forEach((item) => this.apply(item));
-      } catch { /* no answer in time, or not a batch: the next event or poll fills the gap */ }
+      } catch { /* no answer in time, or no such batch (yet): the next event or poll fills the gap */ }
     }
 
     follow() {
@@ -545,6 +548,16 @@
     }
   }
 
+  // Whether `item` (the server's) is the file of a saved row not heard stored: by the
+  // token the file was sent under, which the server keeps with it and echoes. By name,
+  // a name the server cleans (uploads.py clean_name: spaces around it, a control or
+  // bidi character, one cut for length) was not recognised, and its file was shown
+  // twice, failed and with its result. A row saved without a token (by an older page)
+  // is still matched by name.
+  function sameFile(row, item) {
+    return row.token !== undefined ? item.token === row.token : item.filename === row.name;
+  }
+
   // A batch as the server has it now: {body, unknown}; body null if no answer came in time.
   async function fetchBatch(batchId) {
     try {
@@ -564,9 +577,17 @@
     session.place = place;
     sessions.push(session);
     const { body, unknown } = await fetchBatch(batchId);
-    if (!body || !Array.isArray(body.items)) {
+    const saved = savedShown(batchId);
+    // One this tab was sending when it reloaded, of which the server holds no file yet
+    // (it does not know the batch, or holds it still empty): its files as the tab saved
+    // them, those not stored said so, and watched as any restored batch is, for a chunk
+    // that reaches the server after the reload. Kept in the address (and unconfirmed):
+    // a later reload shows them again, where dropped it lost them without a word.
+    const sending = unknown && isUnconfirmed(batchId) && saved.length > 0;
+    const items = body && Array.isArray(body.items) ? body.items : sending ? [] : null;
+    if (!items) {
       if (unknown) {
-        // One this tab was sending when it reloaded, of which the server stored nothing.
+        // One this tab was sending when it reloaded, of which it saved nothing.
         if (!isUnconfirmed(batchId)) notices.push(`batch ${batchId} could not be loaded (unknown here, or expired)`);
         setUnconfirmed(batchId, false);
         forgetBatch(batchId);
@@ -576,38 +597,32 @@
       updateSummary();
       return;
     }
-    setUnconfirmed(batchId, false);
-    const items = new Map(body.items.map((item) => [item.id, item]));
-    const saved = savedShown(batchId);
-    // The server's items no saved row names, by file name: what this tab had not yet
-    // heard stored (its answer cut off by the reload).
+    if (items.length) setUnconfirmed(batchId, false);  // else a reload may still find none
+    const byId = new Map(items.map((item) => [item.id, item]));
+    // The server's items no saved row names by id: those this tab had not yet heard
+    // stored (its answer cut off by the reload), found by sameFile.
     const claimed = new Set(saved.map((shown) => shown.id).filter(Boolean));
-    const unclaimed = new Map();
-    for (const item of body.items) {
-      if (claimed.has(item.id)) continue;
-      if (!unclaimed.has(item.filename)) unclaimed.set(item.filename, []);
-      unclaimed.get(item.filename).push(item);
-    }
+    const unclaimed = items.filter((item) => !claimed.has(item.id));
     // As this tab showed them before, then whatever else the batch holds.
     for (const shown of saved) {
-      if (shown.id && items.has(shown.id)) {
-        session.showNew(items.get(shown.id), false);
-        items.delete(shown.id);
+      if (shown.id && byId.has(shown.id)) {
+        session.showNew(byId.get(shown.id), false);
+        byId.delete(shown.id);
       } else if (shown.error) {
         const el = session.newRow(shown.name || "upload");
         session.entries.push({ file: null, el, refused: shown.error });
         showFailure(el, shown.error);
       } else if (shown.unsent) {
-        const stored = (unclaimed.get(shown.name) || []).shift();
-        if (stored && items.has(stored.id)) {
+        const stored = unclaimed.find((item) => byId.has(item.id) && sameFile(shown, item));
+        if (stored) {
           session.showNew(stored, false);
-          items.delete(stored.id);
+          byId.delete(stored.id);
         } else {
-          session.showUnsent(shown.name || "upload", shown.why);
+          session.showUnsent(shown.name || "upload", shown.why, shown.token);
         }
       }
     }
-    items.forEach((item) => session.showNew(item));
+    byId.forEach((item) => session.showNew(item));
     updateSummary();
     // Polled, not streamed: each event stream holds one of the browser's few
     // connections to this server (six over HTTP/1.1), and a reload may bring back many.
