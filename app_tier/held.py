@@ -83,10 +83,18 @@ class Job:
     error: str | None = None
     # The name as uploaded, read from the input object: the request carries it cut.
     filename: str | None = None
-    # A request whose attempts are used up: the answer an earlier attempt stored before
-    # it died unanswered (app_tier/stored_answer.py), sent instead of `error`, and not
-    # stored again.
+    # Its copies together used up max_receive_count attempts (app_tier/worker.py fetch):
+    # it is not read again, only answered.
+    attempts_used_up: bool = False
+    # For such a request, the answer an earlier attempt stored before it died unanswered
+    # (app_tier/stored_answer.py): sent as it is, and not stored again.
     stored_answer: ClassifyResponse | None = None
+
+    @property
+    def settled(self) -> bool:
+        """Whether there is something to answer it with: pixels to classify, a reason
+        it failed, or a stored answer. An unsettled job goes back to the queue."""
+        return self.pixels is not None or self.error is not None or self.stored_answer is not None
 
 
 class HeldMessages:

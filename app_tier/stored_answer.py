@@ -10,36 +10,43 @@ through common/stored_outcome.py.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from common.aws import Aws
-from common.messages import ClassifyRequest, ClassifyResponse, Prediction
+from common.messages import ClassifyRequest, ClassifyResponse, Prediction, clip_for_json
 from common.stored_outcome import stored_outcome
 
 log = logging.getLogger(__name__)
 
+# Room for a label in a reply beside the longest id, key and file name a request holds.
+_LABEL_BYTES = 200
+_WORKER_BYTES = 64
+
 
 def stored_answer(aws: Aws, request: ClassifyRequest, untrained: bool) -> ClassifyResponse | None:
     """The reply the attempt that stored `request`'s outcome would have sent; None when
-    nothing is stored, or when S3 cannot say (logged): the request is then failed as a
-    dead letter, not held until S3 answers. `untrained`: this worker's model, taken for
-    a failure, and for a result that does not say which model made it."""
-    try:
-        outcome = stored_outcome(aws, request.bucket, request.key, untrained)
-    except Exception as exc:  # S3 failing, a right missing, anything: today's answer, said why
-        log.warning("request %s: could not look for an outcome an earlier attempt stored (%s); "
-                    "failing it as a dead letter", request.id, exc)
-        return None
+    nothing is stored. S3's errors raise. `untrained`: this worker's model, taken for a
+    failure, and for a result that does not say which model made it."""
+    outcome = stored_outcome(aws, request.bucket, request.key, untrained)
     if outcome is None:
         return None
     common = {"id": request.id, "filename": request.filename, "key": request.key, "worker": outcome.worker}
-    if outcome.result is not None:
-        result = outcome.result
-        log.info("request %s: its attempts used up, answered with the result an earlier one stored",
+    if outcome.result is None:
+        log.info("request %s: its attempts used up, answered with the failure an earlier one stored",
                  request.id)
-        return ClassifyResponse(label=result["label"], score=result["score"],
-                                top5=tuple(Prediction(p["label"], p["score"]) for p in result["top5"]),
-                                untrained=result["untrained"], **common)
-    log.info("request %s: its attempts used up, answered with the failure an earlier one stored",
+        return ClassifyResponse(error=outcome.error, untrained=untrained, **common)
+    result = outcome.result
+    log.info("request %s: its attempts used up, answered with the result an earlier one stored",
              request.id)
-    return ClassifyResponse(error=outcome.error, untrained=untrained, **common)
+    answer = ClassifyResponse(label=result["label"], score=result["score"],
+                              top5=tuple(Prediction(p["label"], p["score"]) for p in result["top5"]),
+                              untrained=result["untrained"], **common)
+    try:
+        answer.to_json()
+    except ValueError:
+        # Too long for a message: not written by this service's workers, whose own reply
+        # held the same result. Its label, cut, and no top 5; the output object has it all.
+        answer = dataclasses.replace(answer, label=clip_for_json(answer.label or "", _LABEL_BYTES),
+                                     worker=clip_for_json(answer.worker, _WORKER_BYTES), top5=())
+    return answer

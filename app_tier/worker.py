@@ -296,7 +296,7 @@ class Worker:
                 # give a request that crashes workers max_receive_count more tries.
                 log.warning("request %s has used its %d attempts; answering it with what an earlier "
                             "one stored, else failing it", request.id, self.settings.max_receive_count)
-                job.error = DEAD_LETTER_ERROR  # unless an earlier attempt stored an answer (_load)
+                job.attempts_used_up = True
             jobs.append(job)
         jobs = self.held.hold(jobs)
         if self.stopping.is_set():
@@ -309,7 +309,7 @@ class Worker:
         except BaseException:
             self.held.release(jobs)  # held, the heartbeat would hide them forever
             raise
-        unreadable = [j for j in jobs if j.pixels is None and j.error is None]
+        unreadable = [j for j in jobs if not j.settled]
         if self.stopping.is_set() and unreadable:
             self.held.hand_back(unreadable)  # not read: the stop came first (see _load)
             return Batch([j for j in jobs if j not in unreadable])
@@ -323,10 +323,8 @@ class Worker:
         assert job.request is not None
         if self.stopping.is_set():
             return  # handed back unread by fetch
-        if job.error is not None:
-            # Failed already, its attempts used up: nothing to read. But an earlier attempt
-            # may have stored its outcome and died before replying: that answer stands.
-            job.stored_answer = stored_answer(self.aws, job.request, self.classifier.untrained)
+        if job.attempts_used_up:
+            self._answer_from_storage(job)
             return
         try:
             obj = self.aws.s3.get_object(Bucket=job.request.bucket, Key=job.request.key)
@@ -356,6 +354,24 @@ class Worker:
             job.error = str(exc)
         except Exception:  # e.g. MemoryError: maybe not the image's fault, so not its answer
             log.exception("could not prepare %s", job.request.key)
+
+    def _answer_from_storage(self, job: Job) -> None:
+        """A request whose attempts are used up is not read again. An earlier attempt
+        may have stored its outcome and died before replying: that answer stands. With
+        nothing stored, it fails as a dead letter."""
+        assert job.request is not None
+        try:
+            job.stored_answer = stored_answer(self.aws, job.request, self.classifier.untrained)
+        except Exception as exc:  # S3 failing, a right missing: unsettled, so released (fetch)
+            # Not failed on a guess: that would contradict (and overwrite) an outcome
+            # stored. Another attempt looks again; once this copy's own receives reach
+            # max_receive_count, SQS moves it to the dead-letter queue, whose reader
+            # (web_tier/listeners.py) looks too.
+            log.warning("request %s: could not look for an outcome an earlier attempt stored (%s); "
+                        "releasing it", job.request.id, exc)
+            return
+        if job.stored_answer is None:
+            job.error = DEAD_LETTER_ERROR
 
     # --- process: classify, write, reply, acknowledge ------------------------------
     def process(self, batch: Batch) -> None:

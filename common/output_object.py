@@ -52,8 +52,11 @@ def read_result_metadata(metadata: Mapping[str, str], untrained: bool) -> dict[s
         return None
     try:
         result = json.loads(raw)
+        label = result.get("label")
+        if not isinstance(label, str) or not label:
+            return None  # no result without its label: the object's text has one
         return {
-            "label": result.get("label"),
+            "label": label,
             # Rounded as the response was: objects written before their writer rounded too.
             "score": None if result.get("score") is None else wire_score(float(result["score"])),
             "top5": [{"label": str(label), "score": wire_score(float(score))}

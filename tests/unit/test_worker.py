@@ -35,7 +35,7 @@ from common.failure_tags import DEAD_LETTER_ERROR, failed_by, failure_from_tags
 from common.fleet import WORKER_FAILED_TAG, WORKER_READY_TAG
 from common.messages import MAX_MESSAGE_BYTES, ClassifyRequest, ClassifyResponse, Prediction
 from common.names import object_key
-from common.output_object import label_of
+from common.output_object import RESULT_KEY, label_of
 from common.provision import provision
 from tests.conftest import make_image
 
@@ -358,24 +358,56 @@ def test_a_used_up_request_whose_failure_an_earlier_attempt_stored_is_answered_w
     assert depth(aws, aws.request_queue_url) == (0, 0)
 
 
-def test_a_used_up_request_is_failed_as_a_dead_letter_when_s3_cannot_say_what_was_stored(
-        aws_env, monkeypatch, caplog):
-    """A lookup S3 fails does not hold the request until S3 answers: it is failed as a
-    dead letter, as when nothing is stored, and the log says why."""
+def test_a_used_up_request_s3_cannot_look_up_is_released_not_failed_on_a_guess(aws_env, monkeypatch, caplog):
+    """A lookup S3 fails (an outage, or a worker role without the rights to look) does
+    not fail the request as a dead letter: that would contradict, and overwrite, an
+    outcome an earlier attempt stored. It goes back for another look; after its copy's
+    own receives, SQS gives it to the dead-letter queue's reader, who looks too."""
     settings, aws = aws_env
-    request, last_try, batch = at_its_last_attempt(settings, aws, "cat.jpg", make_image(3), "cat")
+    settings = dataclasses.replace(settings, retry_delay_s=0)
+    request, last_try, batch = at_its_last_attempt(settings, aws, "bad.jpg", b"not an image at all", "bad")
+    reason = batch.jobs[0].error
     dies_before_replying(last_try, batch, monkeypatch)
 
     def s3_down(**kwargs):
-        raise _client_error("InternalError", "HeadObject")
+        raise _client_error("AccessDenied", "GetObjectTagging")
 
-    monkeypatch.setattr(aws.s3, "head_object", s3_down)
-    worker = Worker(settings, aws, MeanClassifier(), "i-after")
-    worker.process(worker.fetch())
-    answer = responses(aws)["cat"]
-    assert (answer.ok, answer.error) == (False, DEAD_LETTER_ERROR)
+    with monkeypatch.context() as patched:
+        patched.setattr(aws.s3, "get_object_tagging", s3_down)
+        worker = Worker(settings, aws, MeanClassifier(), "i-without-rights")
+        assert worker.fetch().jobs == []  # released, none to answer
     assert "could not look for an outcome an earlier attempt stored" in caplog.text
+    assert "bad" not in responses(aws)
+    tags = aws.s3.get_object_tagging(Bucket=request.bucket, Key=request.key)["TagSet"]
+    assert (failure_from_tags(tags), failed_by(tags)) == (reason, "i-last-try")  # as it was
+    worker = Worker(settings, aws, MeanClassifier(), "i-after")
+    worker.process(worker.fetch())  # S3 back: the stored answer
+    answer = responses(aws)["bad"]
+    assert (answer.ok, answer.error, answer.worker) == (False, reason, "i-last-try")
     assert depth(aws, aws.request_queue_url) == (0, 0)
+
+
+def test_a_stored_result_too_long_for_a_message_is_sent_cut(aws_env):
+    """A result written by something other than this service's workers can hold more
+    than a reply takes (S3 metadata holds 2 KB, a message 1 KB): its label is cut and its
+    top 5 left out, rather than the reply failing and its batch-mates' with it."""
+    settings, aws = aws_env
+    request = upload(settings, aws, "cat.jpg", make_image(3), "cat")
+    result = {"label": "tabby " * 150, "score": 0.5, "top5": [["x" * 100, 0.1]] * 5, "worker": "w" * 200}
+    aws.s3.put_object(Bucket=settings.output_bucket, Key=request.key, Body=b"cat.jpg,tabby",
+                      Metadata={RESULT_KEY: json.dumps(result)})
+    answer = ClassifyResponse.from_json(stored_answer(aws, request, untrained=True).to_json())
+    assert answer.ok and answer.label.startswith("tabby tabby") and answer.label != result["label"]
+    assert answer.top5 == () and answer.score == 0.5
+
+
+def test_a_stored_result_without_its_label_is_read_from_the_object_text(aws_env):
+    settings, aws = aws_env
+    request = upload(settings, aws, "cat.jpg", make_image(3), "cat")
+    aws.s3.put_object(Bucket=settings.output_bucket, Key=request.key, Body=b"cat.jpg,tabby",
+                      Metadata={RESULT_KEY: json.dumps({"score": 0.5, "top5": []})})
+    answer = stored_answer(aws, request, untrained=False)
+    assert (answer.ok, answer.label, answer.score) == (True, "tabby", None)
 
 
 def test_a_stored_result_without_a_score_is_sent_with_its_label(aws_env):
