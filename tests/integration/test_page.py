@@ -981,12 +981,13 @@ def test_a_reload_before_anything_was_stored_shows_the_files_and_takes_one_that_
     late_name = "late\u202e.jpg"  # stored as "late.jpg"
     files = {"never.jpg": make_image(950, size=(64, 48)), late_name: make_image(951, size=(64, 48))}
     browser.get(stack.web_url + "/")
-    browser.execute_script(FAIL_FIRST_POSTS, ["unreachable"])
+    browser.execute_script(FAIL_FIRST_POSTS, ["unreachable"] * 5)  # its resends too
     choose(browser, tmp_path, files)
     wait_for(lambda: browser.execute_script("return window.fakedPosts") == 1, 30, "the failed send")
     batch_id = browser.current_url.split("#batches=")[1]
     token = saved_tokens(browser, batch_id).get(late_name)
-    browser.refresh()  # before the page sends them again, 5 s on: the server knows no such batch
+    assert token
+    browser.refresh()  # the server knows no such batch
     assert requests.get(f"{stack.web_url}/api/jobs/{batch_id}", timeout=10).status_code == 404
 
     def states() -> list[tuple[str, str]]:
@@ -1033,7 +1034,7 @@ def test_a_batch_the_server_holds_still_empty_keeps_its_files_for_the_next_reloa
     """Found empty at a reload, the batch was taken for one that held a file: the next
     reload, which found no such batch, said it had expired and dropped its files."""
     browser.get(stack.web_url + "/")
-    browser.execute_script(FAIL_FIRST_POSTS, ["unreachable"])
+    browser.execute_script(FAIL_FIRST_POSTS, ["unreachable"] * 5)  # its resends too
     choose(browser, tmp_path, {"empty.jpg": make_image(952, size=(64, 48))})
     wait_for(lambda: browser.execute_script("return window.fakedPosts") == 1, 30, "the failed send")
     browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": EMPTY_BATCH_ONCE})
@@ -1075,7 +1076,7 @@ def test_a_reload_finds_the_files_stored_under_names_the_server_cleaned(stack, b
     names = ["  spaced.jpg  ", "tab\there.jpg", "photo\u202egpj.exe.jpg", "x" * 1100 + ".jpg", "plain.jpg"]
     files = {name: make_image(953 + n, size=(64, 48)) for n, name in enumerate(names)}
     browser.get(stack.web_url + "/")
-    browser.execute_script(FAIL_FIRST_POSTS, ["lost"])
+    browser.execute_script(FAIL_FIRST_POSTS, ["lost"] + ["unreachable"] * 4)  # not resent
     assert drop_files(browser, files)
     wait_for(lambda: browser.execute_script("return window.fakedPosts") == 1, 30, "the lost answer")
     batch_id = browser.current_url.split("#batches=")[1]
@@ -1086,7 +1087,8 @@ def test_a_reload_finds_the_files_stored_under_names_the_server_cleaned(stack, b
 
     wait_for(lambda: len(stored()) == len(files), 30, "the server to hold every file")
     assert "spaced.jpg" in stored()  # cleaned, as the others
-    browser.refresh()  # before the page sends them again
+    assert len(saved_tokens(browser, batch_id)) == len(files)  # none heard stored: found by token
+    browser.refresh()
     wait_for(lambda: rows_shown(browser), 30, "the restored batch")
     shown = rows_shown(browser)
     assert sorted(name for name, _, _ in shown) == sorted(stored()), [name[:40] for name, _, _ in shown]

@@ -550,7 +550,7 @@
 
   // Whether `item` (the server's) is the file of a saved row not heard stored: by the
   // token the file was sent under, which the server keeps with it and echoes. By name,
-  // a name the server cleans (uploads.py clean_name: spaces around it, a control or
+  // a name the server cleans (web_tier/filenames.py clean_name: spaces around it, a control or
   // bidi character, one cut for length) was not recognised, and its file was shown
   // twice, failed and with its result. A row saved without a token (by an older page)
   // is still matched by name.
