@@ -421,7 +421,8 @@ class Worker:
         # Committed: these are answered now, so a shutdown must not hand them back too.
         self.held.forget(batch.jobs)
         self._reply([r for _, r in responses])
-        self.processed += sum(1 for _, r in responses if r.ok)
+        # Classified here: not the answers an earlier attempt stored.
+        self.processed += sum(1 for job, r in responses if r.ok and job.stored_answer is None)
         try:
             self.held.delete(batch.jobs)
         except AWS_ERRORS as exc:
