@@ -3,7 +3,7 @@
 Every tier builds one `Settings` with `Settings.from_env()` and passes it down;
 no other module reads the service's settings from `os.environ`. The table in
 README.md lists each variable with its default; what `make run` gives its
-processes instead is here too (local_run_settings, local_run_defaults). Read
+processes instead is here too (local_run_overrides, local_run_defaults). Read
 where they are used, as they are not the service's to define: variables of other
 programs' protocols (systemd's NOTIFY_SOCKET and WATCHDOG_USEC, Keras's
 KERAS_HOME), and the worker process's own start-up switches (INSTANCE_ID, the
@@ -299,7 +299,7 @@ class Settings:
 # this machine holds: localaws/stack.py's local_model_weights and memory_safe_workers.)
 
 
-def local_run_settings(settings: Settings) -> dict[str, str]:
+def local_run_overrides(settings: Settings) -> dict[str, str]:
     """Variables `make run` sets for its processes over whatever the environment says."""
     return {
         # Many workers share this machine's cores: one thread each by default.

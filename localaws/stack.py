@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import Settings, local_run_defaults, local_run_settings
+from common.config import Settings, local_run_defaults, local_run_overrides
 from common.logs import configure as configure_logging
 from common.provision import provision
 from common.signals import STOP_SIGNALS, on_signals
@@ -111,7 +111,7 @@ def memory_safe_workers(settings: Settings, env: dict[str, str] | os._Environ) -
 
 def child_env(settings: Settings, run_dir: Path) -> dict[str, str]:
     """Environment for every process of the stack: pointed at the embedded AWS, with
-    `make run`'s own settings and defaults (common/config.py local_run_settings and
+    `make run`'s own settings and defaults (common/config.py local_run_overrides and
     local_run_defaults)."""
     env = dict(os.environ)
     env.update(
@@ -124,7 +124,7 @@ def child_env(settings: Settings, run_dir: Path) -> dict[str, str]:
         PYTHONUNBUFFERED="1",
         TF_CPP_MIN_LOG_LEVEL="2",
     )
-    env.update(local_run_settings(settings))
+    env.update(local_run_overrides(settings))
     for name, value in local_run_defaults(settings, run_dir).items():
         env.setdefault(name, value)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
