@@ -251,6 +251,36 @@ def test_a_file_deleted_before_its_chunk_is_sent_again_fails_alone(stack, browse
     assert_classified({n: shown[n] for n in files}, files, reference_model)
 
 
+def test_a_file_deleted_after_a_send_that_stored_it_shows_the_servers_result_once(
+        stack, browser, reference_model, tmp_path):
+    """A file deleted while its chunk waited to be sent again, after a send whose answer
+    was lost but which stored it, showed "could not be read", and twice after a reload
+    (with the server's result too). The server's item, found by token, takes its row."""
+    import requests
+
+    files = {f"kept_{i}.jpg": make_image(874 + i, size=(64, 48)) for i in range(2)}
+    files["stored_then_gone.jpg"] = make_image(876, size=(64, 48))
+    browser.get(stack.web_url + "/")
+    browser.execute_script(FAIL_FIRST_POSTS, ["lost"])  # resent 5 s later
+    choose(browser, tmp_path, files)
+    wait_for(lambda: browser.execute_script("return window.fakedPosts") == 1, 30, "the lost answer")
+    batch_id = browser.current_url.split("#batches=")[1]
+
+    def stored() -> int:
+        answer = requests.get(f"{stack.web_url}/api/jobs/{batch_id}", timeout=10)
+        return len(answer.json()["items"]) if answer.ok else 0
+
+    wait_for(lambda: stored() == 3, 30, "the server to hold every file")
+    (tmp_path / "stored_then_gone.jpg").unlink()  # before the resend
+    for moment in ("as sent", "after a reload"):
+        wait_for(lambda: [state for _, state, _ in rows_shown(browser)] == ["done"] * 3, 60,
+                 f"every row done, {moment}")
+        shown = finished_rows(browser, stack, 3, timeout_s=10)
+        assert sorted(shown) == sorted(files), moment
+        assert_classified(shown, files, reference_model)
+        browser.refresh()
+
+
 def test_a_file_over_the_size_limit_is_refused_unsent_and_chunks_keep_under_the_body_limit(
         stack, browser, reference_model, tmp_path):
     """One 2.2 GB file had taken the whole request over the server's body limit: the 8

@@ -266,7 +266,7 @@
     }
 
     async send(chunk, attempt = 0) {
-      chunk = await this.readable(chunk);  // each time: a file may go while a resend waits
+      chunk = await this.readable(chunk, attempt > 0);  // each time: a file may go while a resend waits
       if (!chunk.length) return;
       const form = new FormData();
       for (const { file, token } of chunk) {
@@ -354,14 +354,16 @@
 
     // The entries whose files can still be read; the others failed, each with why.
     // One file moved or deleted since it was chosen made the browser refuse to send its
-    // whole chunk, which was then said to have found no server (explorer).
-    async readable(chunk) {
+    // whole chunk, which was then said to have found no server (explorer). `resending`:
+    // an earlier send may have stored them (its answer lost), so they are failed as not
+    // stored, which the server's item, found by token, replaces (showNew), not refused.
+    async readable(chunk, resending) {
       // Its first byte, or the whole of an empty one: a deleted file's size reads as 0,
       // and only reading it whole fails then.
       const read = await Promise.all(chunk.map(({ file }) =>
         (file.size ? file.slice(0, 1) : file).arrayBuffer().then(() => true, () => false)));
       const unreadable = chunk.filter((_, i) => !read[i]);
-      this.refuse(unreadable, "the file could not be read: moved or deleted since it was chosen?");
+      this.refuse(unreadable, "the file could not be read: moved or deleted since it was chosen?", !resending);
       return chunk.filter((_, i) => read[i]);
     }
 
@@ -398,8 +400,16 @@
     apply(item) {
       const el = this.byId.get(item.id);
       if (el) showItem(el, item);
-      else if (this.restored) this.showNew(item);  // joined the batch after it was loaded
+      // Joined the batch after it was loaded, or stored by a send whose answer was lost.
+      else if (this.restored || this.givenUp(item)) this.showNew(item);
       else this.early.set(item.id, item);
+    }
+
+    // The row of a file this tab gave up sending (failed, not refused by the server)
+    // that is `item`: the server stored it after all, from a send whose answer was lost.
+    givenUp(item) {
+      return this.entries.find((entry) => (entry.unsent || entry.unsentWhy) && !entry.id &&
+        sameFile({ token: entry.token, name: entry.el.dataset.filename }, item));
     }
 
     // A new row of a restored batch, after the batch's other rows (or its place).
@@ -410,12 +420,12 @@
     // An item of a restored batch, after the batch's other rows; or, if `adopt`, in the
     // row of a file shown not stored (see sameFile), which the server stored after all.
     showNew(item, adopt = true) {
-      const unsent = adopt && this.entries.find((entry) => entry.unsent &&
-        sameFile({ token: entry.token, name: entry.el.dataset.filename }, item));
+      const unsent = adopt && this.givenUp(item);
       let el;
       if (unsent) {
         ({ el } = unsent);
         delete unsent.unsent;
+        delete unsent.unsentWhy;
         unsent.id = item.id;
         if (item.filename) setName(el, item.filename);  // as the server keeps it
         el.querySelector(".error").textContent = "";
