@@ -138,6 +138,14 @@ window.fetch = async (url, options) => {
 """
 
 
+def server_items(stack, batch_id: str) -> list[dict]:
+    """The items the server holds for `batch_id`: none while it knows no such batch."""
+    import requests
+
+    answer = requests.get(f"{stack.web_url}/api/jobs/{batch_id}", timeout=10)
+    return answer.json()["items"] if answer.ok else []
+
+
 def choose(browser, tmp_path, files: dict[str, bytes]) -> None:
     """Choose `files` (written to tmp_path) in the page's file input."""
     from selenium.webdriver.common.by import By
@@ -256,7 +264,6 @@ def test_a_file_deleted_after_a_send_that_stored_it_shows_the_servers_result_onc
     """A file deleted while its chunk waited to be sent again, after a send whose answer
     was lost but which stored it, showed "could not be read", and twice after a reload
     (with the server's result too). The server's item, found by token, takes its row."""
-    import requests
 
     files = {f"kept_{i}.jpg": make_image(874 + i, size=(64, 48)) for i in range(2)}
     files["stored_then_gone.jpg"] = make_image(876, size=(64, 48))
@@ -266,11 +273,7 @@ def test_a_file_deleted_after_a_send_that_stored_it_shows_the_servers_result_onc
     wait_for(lambda: browser.execute_script("return window.fakedPosts") == 1, 30, "the lost answer")
     batch_id = browser.current_url.split("#batches=")[1]
 
-    def stored() -> int:
-        answer = requests.get(f"{stack.web_url}/api/jobs/{batch_id}", timeout=10)
-        return len(answer.json()["items"]) if answer.ok else 0
-
-    wait_for(lambda: stored() == 3, 30, "the server to hold every file")
+    wait_for(lambda: len(server_items(stack, batch_id)) == 3, 30, "the server to hold every file")
     (tmp_path / "stored_then_gone.jpg").unlink()  # before the resend
     for moment in ("as sent", "after a reload"):
         wait_for(lambda: [state for _, state, _ in rows_shown(browser)] == ["done"] * 3, 60,
@@ -966,7 +969,6 @@ def test_a_reload_after_a_lost_answer_shows_the_files_the_server_stored(stack, b
     """The page put its batch in the address only once an answer said a file was
     stored: reloaded after the first answer was lost, it showed nothing of what the
     server held and went on classifying."""
-    import requests
 
     browser.get(stack.web_url + "/")
     browser.execute_script(FAIL_FIRST_POSTS, ["lost"])
@@ -974,11 +976,7 @@ def test_a_reload_after_a_lost_answer_shows_the_files_the_server_stored(stack, b
     wait_for(lambda: browser.execute_script("return window.fakedPosts") == 1, 30, "the lost answer")
     batch_id = browser.current_url.split("#batches=")[1]
 
-    def stored() -> int:
-        answer = requests.get(f"{stack.web_url}/api/jobs/{batch_id}", timeout=10)
-        return len(answer.json()["items"]) if answer.ok else 0
-
-    wait_for(lambda: stored() == 2, 30, "the server to hold both files")
+    wait_for(lambda: len(server_items(stack, batch_id)) == 2, 30, "the server to hold both files")
     browser.refresh()  # before the page sends them again
     shown = finished_rows(browser, stack, 2, timeout_s=60)
     assert set(shown) == {"unseen_0.jpg", "unseen_1.jpg"}
@@ -1101,7 +1099,6 @@ def test_a_reload_finds_the_files_stored_under_names_the_server_cleaned(stack, b
     """Files the tab had not heard stored were matched to the server's items by name: one
     whose name the server cleans showed twice after a reload, failed "not stored" and
     with its result. They are matched by token."""
-    import requests
 
     names = ["  spaced.jpg  ", "tab\there.jpg", "photo\u202egpj.exe.jpg", "x" * 1100 + ".jpg", "plain.jpg"]
     files = {name: make_image(953 + n, size=(64, 48)) for n, name in enumerate(names)}
@@ -1112,8 +1109,7 @@ def test_a_reload_finds_the_files_stored_under_names_the_server_cleaned(stack, b
     batch_id = browser.current_url.split("#batches=")[1]
 
     def stored() -> list[str]:
-        answer = requests.get(f"{stack.web_url}/api/jobs/{batch_id}", timeout=10)
-        return [item["filename"] for item in answer.json()["items"]] if answer.ok else []
+        return [item["filename"] for item in server_items(stack, batch_id)]
 
     wait_for(lambda: len(stored()) == len(files), 30, "the server to hold every file")
     assert "spaced.jpg" in stored()  # cleaned, as the others
