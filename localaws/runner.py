@@ -37,7 +37,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from app_tier import EXIT_MODEL_UNAVAILABLE, SPARE_LOADED
 from common.aws import Aws
 from common.config import Settings
-from common.fleet import LIVE_STATES, app_tier_instances, scale_in_order
+from common.fleet import LIVE_STATES, Instance, app_tier_instances, scale_in_order
 from localaws.kill import ends_with_parent, kill_and_wait
 from localaws.notify import NotifySocket, NotifySockets
 
@@ -283,10 +283,27 @@ class InstanceRunner:
         instances = [i for i in app_tier_instances(self.aws) if i.state in LIVE_STATES]
         live = {i.id for i in instances}
         self._live = len(live)
+        self._stop_workers_of_gone_instances(live, now)
+        self._restart_exited_workers(now)
+        self._start_workers_for_new_instances(instances, now)
+        self._first_seen = {k: v for k, v in self._first_seen.items() if k in live}
+        # Spares only in room under the cap: a spare loading beside a full fleet takes
+        # the cores it serves from (kept on top of the cap, spares loaded during every
+        # burst of `make bench`: the workers' CPU per image rose from ~149 to 161 ms).
+        self._top_up_spares(room=self.settings.local_max_workers - len(self.workers), now=now)
+        self._reap_draining(now)
+        self._watch()
+
+    def _stop_workers_of_gone_instances(self, live: set[str], now: float) -> None:
         for iid in list(self.workers):
             if iid not in live:
                 self._stop_worker(self.workers.pop(iid), now)
                 self._first_seen.pop(iid, None)
+
+    def _restart_exited_workers(self, now: float) -> None:
+        """As the worker's systemd unit does (Restart=always, RestartPreventExitStatus
+        for a worker that cannot load its model: restarting it cannot help, and the
+        controller replaces its instance)."""
         for iid, worker in list(self.workers.items()):
             code = worker.process.poll()
             if code is None or worker.given_up:
@@ -300,8 +317,11 @@ class InstanceRunner:
                             worker.restarts + 1)
                 del self.workers[iid]
                 self._start_worker(iid, restarts=worker.restarts + 1)
-        # When LOCAL_MAX_WORKERS leaves some instances without a process, the ones
-        # served are those the controller scales in last.
+
+    def _start_workers_for_new_instances(self, instances: list[Instance], now: float) -> None:
+        """A worker for each instance that has none, once it has "booted", up to the cap.
+        When LOCAL_MAX_WORKERS leaves some without one, those served are the ones the
+        controller scales in last."""
         waiting = sorted((i for i in instances if i.id not in self.workers), key=scale_in_order, reverse=True)
         capped = False
         for iid in [i.id for i in waiting]:
@@ -317,13 +337,6 @@ class InstanceRunner:
             self._start_worker(iid)
         if not capped:
             self._warned_cap = False  # said again the next time the cap holds an instance back
-        self._first_seen = {k: v for k, v in self._first_seen.items() if k in live}
-        # Spares only in room under the cap: a spare loading beside a full fleet takes
-        # the cores it serves from (kept on top of the cap, spares loaded during every
-        # burst of `make bench`: the workers' CPU per image rose from ~149 to 161 ms).
-        self._top_up_spares(room=self.settings.local_max_workers - len(self.workers), now=now)
-        self._reap_draining(now)
-        self._watch()
 
     def run(self) -> None:
         backoff = self.poll_s
