@@ -1001,8 +1001,8 @@ def test_a_reload_before_anything_was_stored_shows_the_files_and_takes_one_that_
         stack, browser, tmp_path):
     """A reload before the server held any file of the batch dropped it without a word,
     though the tab had saved its files: they are shown "not stored". A chunk that reaches
-    the server after the reload joins its row, found by its token (the name, with a
-    bidi control, is stored cleaned), at once and at the next reload."""
+    the server after the reload joins its row, found by its token, at once and at the
+    next reload. (The name, with a bidi control, is shown cleaned as the server stores it.)"""
     import requests
     from selenium.webdriver.common.by import By
 
@@ -1013,7 +1013,7 @@ def test_a_reload_before_anything_was_stored_shows_the_files_and_takes_one_that_
     choose(browser, tmp_path, files)
     wait_for(lambda: browser.execute_script("return window.fakedPosts") == 1, 30, "the failed send")
     batch_id = browser.current_url.split("#batches=")[1]
-    token = saved_tokens(browser, batch_id).get(late_name)
+    token = saved_tokens(browser, batch_id).get("late.jpg")
     assert token
     browser.refresh()  # the server knows no such batch
     assert requests.get(f"{stack.web_url}/api/jobs/{batch_id}", timeout=10).status_code == 404
@@ -1022,7 +1022,7 @@ def test_a_reload_before_anything_was_stored_shows_the_files_and_takes_one_that_
         return [(name, state) for name, state, _ in rows_shown(browser)]
 
     wait_for(lambda: len(rows_shown(browser)) == 2, 30, "the saved files")
-    assert states() == [("never.jpg", "failed"), (late_name, "failed")]
+    assert states() == [("never.jpg", "failed"), ("late.jpg", "failed")]
     assert all("not stored" in text for _, _, text in rows_shown(browser))
     assert browser.find_element(By.ID, "summary").text == "0 of 2 classified, 2 failed"
     assert browser.current_url.endswith(f"#batches={batch_id}")
@@ -1131,3 +1131,31 @@ def test_a_batch_of_refused_files_only_is_not_kept_in_the_address(stack, browser
     wait_for(lambda: "#batches=" not in browser.current_url, 10, "the batch that never was to be dropped")
     browser.refresh()
     assert browser.find_element(By.ID, "summary").text == ""
+
+
+def test_names_are_shown_cleaned_before_the_server_has_them(stack, browser):
+    """Rows still uploading, refused before upload or not stored showed names as chosen,
+    bidi controls included: "photo\\u202eabc.exe.jpg" read as "photogpj.exe.cba"
+    (explorer). They are shown as the server keeps them."""
+    small, big = make_image(998, size=(64, 48)), make_image(999, size=(800, 600))
+    files = {"photo\u202eabc.exe.jpg": small, "line\u2028break\x07.jpg": small, " big\u2066.jpg": big}
+    cleaned = ["photoabc.exe.jpg", "line break .jpg", "big.jpg"]
+    browser.get(stack.web_url + "/")
+    browser.execute_script("""
+      document.body.dataset.maxFileBytes = arguments[0];
+      const realFetch = window.fetch;  // no upload is ever answered
+      window.fetch = (url, options) => url === "/api/jobs" ? new Promise(() => {}) : realFetch(url, options);
+      """, str(len(small)))
+    assert drop_files(browser, files)
+    wait_for(lambda: [s for _, s, _ in rows_shown(browser)] == ["uploading", "uploading", "failed"], 30,
+             "two rows uploading, the large file refused")
+    assert [name for name, _, _ in rows_shown(browser)] == cleaned
+    names = "return [...document.querySelectorAll('#results .name')].map((name) => name.textContent)"
+    assert browser.execute_script(names) == cleaned
+
+    browser.refresh()
+    wait_for(lambda: len(rows_shown(browser)) == 3, 30, "the saved files")
+    shown = rows_shown(browser)
+    assert [name for name, _, _ in shown] == cleaned and browser.execute_script(names) == cleaned
+    assert [state for _, state, _ in shown] == ["failed"] * 3
+    assert all("not stored" in text for _, _, text in shown[:2])

@@ -138,10 +138,22 @@
   }
 
   // The name as the server keeps it once it has one (control and bidi characters
-  // taken out), so that the page shows what a reload and the output bucket show.
+  // taken out), so that the page shows what a reload and the output bucket show; and
+  // cleaned the same way before (uploading, refused unsent, not stored): shown raw,
+  // "photo\u202eabc.exe.jpg" read as "photogpj.exe.cba" (explorer).
   function setName(el, name) {
-    el.dataset.filename = name;
-    el.querySelector(".name").textContent = name;
+    const shown = shownName(name);
+    el.dataset.filename = shown;
+    el.querySelector(".name").textContent = shown;
+  }
+
+  // As web_tier/filenames.py clean_name (its _BIDI_CONTROLS and _LINE_BREAKING), but
+  // not cut for length: bidi controls dropped, controls and line or paragraph
+  // separators shown as spaces, trimmed. Files are still matched by token, not name.
+  const BIDI_CONTROLS = /[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+  const LINE_BREAKING = /[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g;
+  function shownName(name) {
+    return name.replace(BIDI_CONTROLS, "").replace(LINE_BREAKING, " ").trim() || "upload";
   }
 
   function setState(el, state) {
