@@ -1133,6 +1133,120 @@ def test_a_batch_of_refused_files_only_is_not_kept_in_the_address(stack, browser
     assert browser.find_element(By.ID, "summary").text == ""
 
 
+# Files per POST: one. A POST of a file named in window.held waits until its name is
+# taken out; one named in window.unreachable then finds no server, each time.
+HOLD_POSTS = """
+window.held = arguments[0];
+window.unreachable = [];
+document.body.dataset.filesPerRequest = '1';
+document.body.dataset.resendDelayScale = '0.05';
+const realFetch = window.fetch;
+window.fetch = async (url, options) => {
+  const name = url === "/api/jobs" ? options.body.get("files").name : "";
+  while (window.held.includes(name)) await new Promise((resolve) => setTimeout(resolve, 50));
+  if (window.unreachable.includes(name)) throw new TypeError("Failed to fetch");
+  return realFetch(url, options);
+};
+"""
+
+
+def send_holding(browser, stack, tmp_path, files: dict[str, bytes], held: list[str]) -> str:
+    """Choose `files` on a fresh page that holds back the POSTs of those `held`; its
+    batch id once the server holds the others."""
+    browser.get(stack.web_url + "/")
+    browser.execute_script(HOLD_POSTS, held)
+    choose(browser, tmp_path, files)
+    wait_for(lambda: "#batches=" in browser.current_url, 30, "the batch in the address")
+    batch_id = browser.current_url.split("#batches=")[1]
+    wait_for(lambda: len(server_items(stack, batch_id)) == len(files) - len(held), 30,
+             "the server to hold the files not held")
+    return batch_id
+
+
+@contextlib.contextmanager
+def second_tab(browser) -> Iterator[str]:
+    """A tab opened from this one on its address (sessionStorage copied, as in a
+    duplicated tab), switched to; the first tab's handle. Closed at the end."""
+    first = browser.current_window_handle
+    browser.execute_script("window.open(location.href)")
+    browser.switch_to.window(browser.window_handles[-1])
+    try:
+        yield first
+    finally:
+        browser.close()
+        browser.switch_to.window(first)
+
+
+def in_tab(browser, handle: str, script: str) -> None:
+    """Run `script` in the tab `handle`, then come back to this one."""
+    here = browser.current_window_handle
+    browser.switch_to.window(handle)
+    browser.execute_script(script)
+    browser.switch_to.window(here)
+
+
+def test_a_duplicated_tab_shows_files_the_first_tab_is_still_sending_as_being_sent(
+        stack, browser, reference_model, tmp_path):
+    """A duplicated tab (its sessionStorage copied) restored the batch the first tab was
+    still sending: each file not yet stored was shown failed "not stored... choose it
+    again", and the batch was no longer followed (explorer: "80 of 120 classified, 40
+    failed", the server holding 120 done). They are shown being sent in another tab and
+    take their results; one the first tab gives up on fails once it says it is done."""
+    from selenium.webdriver.common.by import By
+
+    files = {f"dup_{i}.jpg": make_image(990 + i, size=(64, 48)) for i in range(3)}
+    send_holding(browser, stack, tmp_path, files, held=["dup_1.jpg", "dup_2.jpg"])
+    with second_tab(browser) as first:
+        wait_for(lambda: len(rows_shown(browser)) == 3, 30, "the restored batch")
+        shown = {name: (state, text) for name, state, text in rows_shown(browser)}
+        for name in ("dup_1.jpg", "dup_2.jpg"):
+            assert shown[name][0] == "uploading" and "uploading in another tab" in shown[name][1], shown
+        assert "failed" not in browser.find_element(By.ID, "summary").text
+        in_tab(browser, first, "window.unreachable = ['dup_2.jpg']; window.held = [];")
+        shown = finished_rows(browser, stack, 3, timeout_s=60)
+        assert_classified(shown, {n: files[n] for n in ("dup_0.jpg", "dup_1.jpg")}, reference_model)
+        assert shown["dup_2.jpg"].get_attribute("data-state") == "failed"
+        assert "not stored by the tab that sent it" in shown["dup_2.jpg"].text
+        assert browser.find_element(By.ID, "summary").text == "2 of 3 classified, 1 failed"
+
+
+def test_a_second_tab_on_the_batch_link_follows_it_while_another_tab_sends_it(
+        stack, browser, reference_model, tmp_path):
+    """A second tab on the batch's link stopped following it once the files it knew of
+    had finished: files stored later never showed (explorer: 100 of 120 missing)."""
+    files = {f"link_{i}.jpg": make_image(995 + i, size=(64, 48)) for i in range(2)}
+    send_holding(browser, stack, tmp_path, files, held=["link_1.jpg"])
+    with second_tab(browser) as first:
+        browser.execute_script("sessionStorage.clear(); location.reload();")  # a tab of its own
+        wait_for(lambda: [(n, s) for n, s, _ in rows_shown(browser)] == [("link_0.jpg", "done")], 60,
+                 "the one file stored so far, done")
+        in_tab(browser, first, "window.held = [];")
+        shown = finished_rows(browser, stack, 2, timeout_s=60)
+        assert_classified(shown, files, reference_model)
+
+
+def test_a_batch_never_stored_is_dropped_from_the_address_once_its_watch_is_over(stack, browser, tmp_path):
+    """Each reload of the tab showed its files "not stored" again, for good, and polled
+    a batch the server did not know for 30 s."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    browser.execute_script(FAIL_FIRST_POSTS, ["unreachable"] * 5)
+    choose(browser, tmp_path, {"never_stored.jpg": make_image(997, size=(64, 48))})
+    wait_for(lambda: browser.execute_script("return window.fakedPosts") == 1, 30, "the failed send")
+    browser.refresh()
+    browser.execute_script("document.body.dataset.unsentWatchMs = '500';")
+    wait_for(lambda: rows_shown(browser), 30, "the saved file")
+    wait_for(lambda: "#batches=" not in browser.current_url, 30, "the batch to be dropped from the address")
+    [(name, state, text)] = rows_shown(browser)  # still shown in this page view
+    assert (name, state) == ("never_stored.jpg", "failed") and "not stored" in text
+
+    browser.refresh()
+    status = browser.find_element(By.ID, "status-line")
+    wait_for(lambda: status.text != "Connecting…", 30, "the page's script to run")
+    assert rows_shown(browser) == [] and browser.find_element(By.ID, "summary").text == ""
+
+
 def test_names_are_shown_cleaned_before_the_server_has_them(stack, browser):
     """Rows still uploading, refused before upload or not stored showed names as chosen,
     bidi controls included: "photo\\u202eabc.exe.jpg" read as "photogpj.exe.cba"

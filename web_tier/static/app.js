@@ -35,9 +35,16 @@
   const FINISHED = new Set(["done", "failed"]);
   // A file this tab had chosen but not yet heard stored when the page was reloaded or left.
   const NOT_STORED = "not stored: its upload had not finished when the page was left or reloaded; choose it again";
+  // A file of a batch another tab was sending, not stored once that tab had ended its
+  // sends (or was closed or reloaded): this page was not left, nor the file cut off here.
+  const NOT_STORED_ELSEWHERE = "not stored by the tab that sent it; choose it again";
   // How long a restored batch with such files is still watched for them: a chunk the
   // server had received whole may join the batch after the reload.
+  // <body data-unsent-watch-ms> shortens it (the browser tests).
   const UNSENT_WATCH_MS = 30000;
+  function unsentWatchMs() {
+    return Number(document.body.dataset.unsentWatchMs) || UNSENT_WATCH_MS;
+  }
   // A file refused with 503 was not stored (a web tier stopping, S3 or SQS failing):
   // sent again after 5, 10, 20 and 40 s, the web tier back by then.
   const RESEND_DELAYS_MS = [5000, 10000, 20000, 40000];
@@ -244,7 +251,16 @@
       this.restored = false;    // rebuilt from the address after a reload, not uploaded here
       this.place = null;        // a restored batch's rows go after this (kept in address order)
       this.resends = [];        // files being sent again (sendLater), awaited at the end of run()
-      this.watchUnsentUntil = 0;  // a restored batch: polled until then for files shown NOT_STORED
+      this.watchFrom = 0;       // a restored batch: watched unsentWatchMs() from then for unsent files
+      this.unknown = false;     // the server's last answer: no such batch
+      // A restored batch that another tab of this browser is still sending (a duplicated
+      // tab starts with a copy of the sender's sessionStorage, so it restores the batch):
+      // its files not yet stored are shown still being sent, and the batch polled, until
+      // that tab says it is done, or answers no more.
+      this.otherTabSends = false;
+      this.otherTabEnded = false;   // ...and has said it is done
+      this.askedSenderAt = 0;       // when this tab last asked who sends the batch
+      this.senderSaidAt = 0;        // when a tab last answered that it does
     }
 
     async run() {
@@ -269,6 +285,7 @@
       // Files sent again later (see sendLater) keep the upload open until they are in.
       while (this.resends.length) await this.resends.shift();
       this.uploading = false;
+      tell({ done: this.batchId });  // a tab that restored this batch stops waiting for it
       if (this.created && !this.stream && !this.pollTimer) this.follow();
       if (!this.created && !this.unanswered) {  // every file refused: there is no such batch
         setUnconfirmed(this.batchId, false);
@@ -438,6 +455,7 @@
         ({ el } = unsent);
         delete unsent.unsent;
         delete unsent.unsentWhy;
+        delete unsent.elsewhere;
         unsent.id = item.id;
         if (item.filename) setName(el, item.filename);  // as the server keeps it
         el.querySelector(".error").textContent = "";
@@ -455,7 +473,34 @@
     showUnsent(name, why, token) {
       const el = this.newRow(name);
       this.entries.push({ file: null, el, unsent: true, unsentWhy: why, token });
-      showFailure(el, why || NOT_STORED);
+      showFailure(el, why || (this.otherTabEnded ? NOT_STORED_ELSEWHERE : NOT_STORED));
+    }
+
+    // A file of the batch another tab is still sending, not stored yet: neither failed
+    // nor counted so (a user told to choose it again sent it twice: explorer). Its item
+    // takes the row when it arrives (showNew, by token), or senderDone fails it.
+    showSentElsewhere(name, token) {
+      const el = this.newRow(name);
+      this.entries.push({ file: null, el, unsent: true, elsewhere: true, token });
+      el.querySelector(".state").textContent = "uploading in another tab";
+    }
+
+    askSender() {
+      this.askedSenderAt = Date.now();
+      tell({ ask: this.batchId });
+    }
+
+    // The tab sending this batch has ended its sends, or is gone: what it did not store
+    // is lost, as after a reload, and the batch watched a while for a late chunk.
+    senderDone() {
+      this.otherTabSends = false;
+      this.otherTabEnded = true;
+      for (const entry of this.entries) {
+        if (!entry.elsewhere || entry.id) continue;
+        delete entry.elsewhere;
+        showFailure(entry.el, NOT_STORED_ELSEWHERE);
+      }
+      this.watchFrom = Date.now();
     }
 
     unfinished() {
@@ -463,7 +508,8 @@
     }
 
     async refresh() {
-      const { body } = await fetchBatch(this.batchId);
+      const { body, unknown } = await fetchBatch(this.batchId);
+      this.unknown = unknown;
       try {
         // A file of it is stored: a reload that finds no such batch now finds it expired.
         if (body.items.length) setUnconfirmed(this.batchId, false);
@@ -519,9 +565,25 @@
       // rebuilt from S3 after a restart can take many seconds to answer.
       const tick = async () => {
         await this.refresh();
-        const watching = this.uploading || this.unfinished() ||
-          (Date.now() < this.watchUnsentUntil && this.entries.some((entry) => entry.unsent));
+        if (this.otherTabSends) {
+          // Asked a poll ago, with no answer since: the sending tab was closed or reloaded
+          // (it could not say it was done). Asked again otherwise.
+          if (this.senderSaidAt < this.askedSenderAt) this.senderDone();
+          else this.askSender();
+        }
+        // A while after a restore (a chunk received whole before the reload, for an
+        // unsent row) and after the sending tab ended (its last chunks).
+        const watched = Date.now() < this.watchFrom + unsentWatchMs() &&
+          (this.otherTabEnded || this.entries.some((entry) => entry.unsent));
+        const watching = this.uploading || this.unfinished() || this.otherTabSends || watched;
         this.pollTimer = watching ? setTimeout(tick, POLL_MS) : null;
+        if (!watching && this.restored && this.unknown) {
+          // Still no such batch once the watch is over: nothing of it will come now, and
+          // each reload showed its files "not stored" again, for good. Their rows stay
+          // for this page view.
+          setUnconfirmed(this.batchId, false);
+          forgetBatch(this.batchId);
+        }
       };
       this.pollTimer = setTimeout(tick, 0);
     }
@@ -598,14 +660,21 @@
     session.restored = true;
     session.place = place;
     sessions.push(session);
-    const { body, unknown } = await fetchBatch(batchId);
+    // Whether its files not heard stored are lost, and how long the batch is followed,
+    // depend on whether another tab still sends it: asked, and answered meanwhile.
+    session.askSender();
+    const [{ body, unknown }] = await Promise.all([
+      fetchBatch(batchId), channel && new Promise((resolve) => setTimeout(resolve, ASK_MS))]);
+    session.unknown = unknown;
+    session.otherTabSends = session.senderSaidAt >= session.askedSenderAt && !session.otherTabEnded;
     const saved = savedShown(batchId);
-    // One this tab was sending when it reloaded, of which the server holds no file yet
-    // (it does not know the batch, or holds it still empty): its files as the tab saved
-    // them, those not stored said so, and watched as any restored batch is, for a chunk
-    // that reaches the server after the reload. Kept in the address (and unconfirmed):
-    // a later reload shows them again, where dropped it lost them without a word.
-    const sending = unknown && isUnconfirmed(batchId) && saved.length > 0;
+    // One this tab was sending when it reloaded (or another tab still sends), of which
+    // the server holds no file yet (it does not know the batch, or holds it still
+    // empty): its files as the tab saved them, those not stored said so, and watched as
+    // any restored batch is, for a chunk that reaches the server after the reload. Kept
+    // in the address (and unconfirmed) until that watch is over: a reload within it
+    // shows them again, where dropped it lost them without a word.
+    const sending = unknown && ((isUnconfirmed(batchId) && saved.length > 0) || session.otherTabSends);
     const items = body && Array.isArray(body.items) ? body.items : sending ? [] : null;
     if (!items) {
       if (unknown) {
@@ -639,6 +708,8 @@
         if (stored) {
           session.showNew(stored, false);
           byId.delete(stored.id);
+        } else if (session.otherTabSends && !shown.why) {
+          session.showSentElsewhere(shown.name || "upload", shown.token);
         } else {
           session.showUnsent(shown.name || "upload", shown.why, shown.token);
         }
@@ -648,8 +719,39 @@
     updateSummary();
     // Polled, not streamed: each event stream holds one of the browser's few
     // connections to this server (six over HTTP/1.1), and a reload may bring back many.
-    session.watchUnsentUntil = Date.now() + UNSENT_WATCH_MS;
+    // (Whether another tab sends it is asked again at each poll.)
+    session.watchFrom = Date.now();
     session.poll();
+  }
+
+  // --- other tabs of this page ----------------------------------------------------------
+  // A duplicated tab (or one opened from this one) starts with a copy of this tab's
+  // sessionStorage, and restores the batches this tab is still sending: their files not
+  // yet stored were shown failed "not stored... choose it again", and the batch no
+  // longer followed, while this tab went on sending them (explorer). So tabs say here
+  // which batches they are sending: asked {ask: id}, a tab sending it answers {sending:
+  // id}; it says {done: id} once its sends end. Without BroadcastChannel, a tab knows
+  // only of its own sends (a restored batch's unstored files are then said lost).
+  const channel = window.BroadcastChannel ? new BroadcastChannel("imgclass.uploads") : null;
+  const ASK_MS = 500;  // how long a restore waits for an answer (tabs answer in milliseconds)
+  function tell(message) {
+    if (channel) channel.postMessage(message);
+  }
+  if (channel) {
+    channel.onmessage = ({ data }) => {
+      if (!data) return;
+      if (data.ask && sessions.some((s) => s.uploading && !s.restored && s.batchId === data.ask)) {
+        tell({ sending: data.ask });
+      }
+      for (const session of sessions) {
+        if (!session.restored) continue;
+        if (session.batchId === data.sending) session.senderSaidAt = Date.now();
+        if (session.batchId === data.done) {
+          if (session.otherTabSends) session.senderDone();
+          else session.otherTabEnded = true;  // while restore() waited: its rows say so
+        }
+      }
+    };
   }
 
   // Leaving while files are still being sent would lose those not yet sent: ask first.
