@@ -35,18 +35,23 @@ def stored_answer(aws: Aws, request: ClassifyRequest, untrained: bool) -> Classi
     if outcome.result is None:
         log.info("request %s: its attempts used up, answered with the failure an earlier one stored",
                  request.id)
-        return ClassifyResponse(error=outcome.error, untrained=untrained, **common)
+        return _sendable(ClassifyResponse(error=outcome.error, untrained=untrained, **common))
     result = outcome.result
     log.info("request %s: its attempts used up, answered with the result an earlier one stored",
              request.id)
-    answer = ClassifyResponse(label=result["label"], score=result["score"],
-                              top5=tuple(Prediction(p["label"], p["score"]) for p in result["top5"]),
-                              untrained=result["untrained"], **common)
+    return _sendable(ClassifyResponse(label=result["label"], score=result["score"],
+                                      top5=tuple(Prediction(p["label"], p["score"]) for p in result["top5"]),
+                                      untrained=result["untrained"], **common))
+
+
+def _sendable(answer: ClassifyResponse) -> ClassifyResponse:
+    """`answer`, or, too long for a message, with its label and worker cut and no top 5:
+    an outcome not written by this service's workers (whose own reply held the same)
+    can hold more than a reply takes (S3 metadata 2 KB, a tag 256 characters, a
+    message 1 KB). The output object, or the failure mark, has it all."""
     try:
         answer.to_json()
     except ValueError:
-        # Too long for a message: not written by this service's workers, whose own reply
-        # held the same result. Its label, cut, and no top 5; the output object has it all.
-        answer = dataclasses.replace(answer, label=clip_for_json(answer.label or "", _LABEL_BYTES),
-                                     worker=clip_for_json(answer.worker, _WORKER_BYTES), top5=())
+        return dataclasses.replace(answer, label=answer.label and clip_for_json(answer.label, _LABEL_BYTES),
+                                   worker=clip_for_json(answer.worker, _WORKER_BYTES), top5=())
     return answer

@@ -295,7 +295,8 @@ class Worker:
                 # SQS counts a resent copy afresh: without this, every hand-back would
                 # give a request that crashes workers max_receive_count more tries.
                 log.warning("request %s has used its %d attempts; answering it with what an earlier "
-                            "one stored, else failing it", request.id, self.settings.max_receive_count)
+                            "one stored, else failing it (released if S3 cannot say)", request.id,
+                            self.settings.max_receive_count)
                 job.attempts_used_up = True
             jobs.append(job)
         jobs = self.held.hold(jobs)
@@ -360,15 +361,19 @@ class Worker:
         may have stored its outcome and died before replying: that answer stands. With
         nothing stored, it fails as a dead letter."""
         assert job.request is not None
+        # Where the lookup fails, the job is left unsettled, so released (fetch), not failed
+        # on a guess, which would contradict (and overwrite) an outcome stored. Another
+        # attempt looks again; once this copy's own receives reach max_receive_count, SQS
+        # moves it to the dead-letter queue, whose reader (web_tier/listeners.py) looks too.
         try:
             job.stored_answer = stored_answer(self.aws, job.request, self.classifier.untrained)
-        except Exception as exc:  # S3 failing, a right missing: unsettled, so released (fetch)
-            # Not failed on a guess: that would contradict (and overwrite) an outcome
-            # stored. Another attempt looks again; once this copy's own receives reach
-            # max_receive_count, SQS moves it to the dead-letter queue, whose reader
-            # (web_tier/listeners.py) looks too.
+        except AWS_ERRORS as exc:  # S3 failing, or a right missing
             log.warning("request %s: could not look for an outcome an earlier attempt stored (%s); "
                         "releasing it", job.request.id, exc)
+            return
+        except Exception:  # not S3's doing: a bug, or a stored outcome this code cannot read
+            log.exception("request %s: could not read the outcome an earlier attempt stored; "
+                          "releasing it", job.request.id)
             return
         if job.stored_answer is None:
             job.error = DEAD_LETTER_ERROR

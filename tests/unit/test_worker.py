@@ -31,7 +31,7 @@ from app_tier.stored_answer import stored_answer
 from app_tier.worker import Batch, Call, Worker, warm_up
 from common.aws import Aws
 from common.config import Settings
-from common.failure_tags import DEAD_LETTER_ERROR, failed_by, failure_from_tags
+from common.failure_tags import DEAD_LETTER_ERROR, failed_by, failure_from_tags, failure_tagging
 from common.fleet import WORKER_FAILED_TAG, WORKER_READY_TAG
 from common.messages import MAX_MESSAGE_BYTES, ClassifyRequest, ClassifyResponse, Prediction
 from common.names import object_key
@@ -399,6 +399,39 @@ def test_a_stored_result_too_long_for_a_message_is_sent_cut(aws_env):
     answer = ClassifyResponse.from_json(stored_answer(aws, request, untrained=True).to_json())
     assert answer.ok and answer.label.startswith("tabby tabby") and answer.label != result["label"]
     assert answer.top5 == () and answer.score == 0.5
+
+
+def test_a_stored_failure_whose_worker_is_too_long_for_a_message_is_sent_cut(aws_env):
+    """A failure mark holds up to 256 characters of worker, ~770 bytes as three-byte
+    characters: beside a long key and file name, more than a reply takes."""
+    settings, aws = aws_env
+    request = upload(settings, aws, "\u00e9" * 80 + ".jpg", make_image(3), "x" * 64)
+    request = dataclasses.replace(request, key=request.key + "k" * (300 - len(request.key)))
+    aws.s3.put_object(Bucket=settings.input_bucket, Key=request.key, Body=b"bad")
+    aws.s3.put_object_tagging(Bucket=settings.input_bucket, Key=request.key,
+                              Tagging=failure_tagging("damaged", "\u8a9e" * 250))
+    answer = ClassifyResponse.from_json(stored_answer(aws, request, untrained=True).to_json())
+    assert (answer.ok, answer.error) == (False, "damaged") and answer.worker.startswith("\u8a9e\u8a9e")
+
+
+def test_a_used_up_request_whose_stored_outcome_cannot_be_read_is_released_and_logged(
+        aws_env, monkeypatch, caplog):
+    """Not S3's doing (a bug, an outcome this code cannot read): released as for S3
+    failing, with the traceback in the log, not a one-line warning."""
+    settings, aws = aws_env
+    settings = dataclasses.replace(settings, retry_delay_s=0)
+    request, last_try, batch = at_its_last_attempt(settings, aws, "cat.jpg", make_image(3), "cat")
+    dies_before_replying(last_try, batch, monkeypatch)
+
+    def unreadable(*args, **kwargs):
+        raise KeyError("label")
+
+    monkeypatch.setattr("app_tier.worker.stored_answer", unreadable)
+    worker = Worker(settings, aws, MeanClassifier(), "i-after")
+    assert worker.fetch().jobs == []
+    [record] = [r for r in caplog.records if "could not read the outcome" in r.getMessage()]
+    assert record.exc_info is not None and "cat" not in responses(aws)
+    assert depth(aws, aws.request_queue_url)[0] == 1  # released: visible again
 
 
 def test_a_stored_result_without_its_label_is_read_from_the_object_text(aws_env):
