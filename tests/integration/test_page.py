@@ -259,6 +259,17 @@ def test_a_file_deleted_before_its_chunk_is_sent_again_fails_alone(stack, browse
     assert_classified({n: shown[n] for n in files}, files, reference_model)
 
 
+# After a first send: the page's later POSTs wait while window.resendsHeld.
+HOLD_RESENDS = """
+window.resendsHeld = true;
+const earlierFetch = window.fetch;
+window.fetch = async (url, options) => {
+  while (url === "/api/jobs" && window.resendsHeld) await new Promise((resolve) => setTimeout(resolve, 50));
+  return earlierFetch(url, options);
+};
+"""
+
+
 def test_a_file_deleted_after_a_send_that_stored_it_shows_the_servers_result_once(
         stack, browser, reference_model, tmp_path):
     """A file deleted while its chunk waited to be sent again, after a send whose answer
@@ -268,13 +279,15 @@ def test_a_file_deleted_after_a_send_that_stored_it_shows_the_servers_result_onc
     files = {f"kept_{i}.jpg": make_image(874 + i, size=(64, 48)) for i in range(2)}
     files["stored_then_gone.jpg"] = make_image(876, size=(64, 48))
     browser.get(stack.web_url + "/")
-    browser.execute_script(FAIL_FIRST_POSTS, ["lost"])  # resent 5 s later
+    browser.execute_script(FAIL_FIRST_POSTS, ["lost"])
     choose(browser, tmp_path, files)
     wait_for(lambda: browser.execute_script("return window.fakedPosts") == 1, 30, "the lost answer")
     batch_id = browser.current_url.split("#batches=")[1]
+    browser.execute_script(HOLD_RESENDS)  # the resend comes 5 s after the loss: held till then
 
     wait_for(lambda: len(server_items(stack, batch_id)) == 3, 30, "the server to hold every file")
-    (tmp_path / "stored_then_gone.jpg").unlink()  # before the resend
+    (tmp_path / "stored_then_gone.jpg").unlink()
+    browser.execute_script("window.resendsHeld = false;")
     for moment in ("as sent", "after a reload"):
         wait_for(lambda: [state for _, state, _ in rows_shown(browser)] == ["done"] * 3, 60,
                  f"every row done, {moment}")
@@ -1208,6 +1221,28 @@ def test_a_duplicated_tab_shows_files_the_first_tab_is_still_sending_as_being_se
         assert shown["dup_2.jpg"].get_attribute("data-state") == "failed"
         assert "not stored by the tab that sent it" in shown["dup_2.jpg"].text
         assert browser.find_element(By.ID, "summary").text == "2 of 3 classified, 1 failed"
+
+
+def test_a_duplicated_tab_takes_a_sending_tab_closed_for_gone(stack, browser, tmp_path):
+    """A sending tab closed cannot say it is done: once it leaves a few asks unanswered,
+    the files it had not stored fail in the tab that was following it."""
+    files = {f"closed_{i}.jpg": make_image(985 + i, size=(64, 48)) for i in range(2)}
+    send_holding(browser, stack, tmp_path, files, held=["closed_1.jpg"])
+    first = browser.current_window_handle
+    browser.execute_script("window.open(location.href)")
+    [second] = [handle for handle in browser.window_handles if handle != first]
+    browser.switch_to.window(second)
+
+    def state_of(name: str) -> str | None:
+        return {n: state for n, state, _ in rows_shown(browser)}.get(name)
+
+    wait_for(lambda: state_of("closed_1.jpg") == "uploading", 30, "the held file shown being sent")
+    browser.switch_to.window(first)
+    browser.close()
+    browser.switch_to.window(second)
+    wait_for(lambda: state_of("closed_1.jpg") == "failed", 30, "the held file failed, its sender gone")
+    [text] = [text for name, _, text in rows_shown(browser) if name == "closed_1.jpg"]
+    assert "not stored by the tab that sent it" in text
 
 
 def test_a_second_tab_on_the_batch_link_follows_it_while_another_tab_sends_it(

@@ -37,7 +37,7 @@
   const NOT_STORED = "not stored: its upload had not finished when the page was left or reloaded; choose it again";
   // A file of a batch another tab was sending, not stored once that tab had ended its
   // sends (or was closed or reloaded): this page was not left, nor the file cut off here.
-  const NOT_STORED_ELSEWHERE = "not stored by the tab that sent it; choose it again";
+  const NOT_STORED_ELSEWHERE = "not stored by the tab that sent it; see that tab for why";
   // How long a restored batch with such files is still watched for them: a chunk the
   // server had received whole may join the batch after the reload.
   // <body data-unsent-watch-ms> shortens it (the browser tests).
@@ -236,6 +236,11 @@
   // a chunk sent again after its answer was lost (a connection cut, a web tier
   // restarted mid-request) then joins the same batch, and the server does not store
   // again the files it already holds under their tokens.
+  // Each entry is one row: `el`; `file` and `token` (its place in the upload) for a file
+  // chosen in this tab, or the token saved by the tab that chose it; `id` once the
+  // server holds it; `refused`: why it was never stored (not sent again); `unsentWhy`:
+  // why this tab gave up sending it (the server may hold it after all); `unsent`: a
+  // restored row of a file the server did not hold (see showPendingRow).
   class Session {
     constructor(files) {
       this.batchId = newBatchId();
@@ -253,14 +258,13 @@
       this.resends = [];        // files being sent again (sendLater), awaited at the end of run()
       this.watchFrom = 0;       // a restored batch: watched unsentWatchMs() from then for unsent files
       this.unknown = false;     // the server's last answer: no such batch
-      // A restored batch that another tab of this browser is still sending (a duplicated
-      // tab starts with a copy of the sender's sessionStorage, so it restores the batch):
-      // its files not yet stored are shown still being sent, and the batch polled, until
-      // that tab says it is done, or answers no more.
+      // A restored batch that another tab of this browser is still sending (see "other
+      // tabs" below): its files not yet stored are shown still being sent there, and the
+      // batch polled, until that tab says it is done or stops answering.
       this.otherTabSends = false;
-      this.otherTabEnded = false;   // ...and has said it is done
-      this.askedSenderAt = 0;       // when this tab last asked who sends the batch
-      this.senderSaidAt = 0;        // when a tab last answered that it does
+      this.otherTabEnded = false;   // ...and has said it is done, or stopped answering
+      this.unansweredAsks = 0;      // asks in a row that no tab answered
+      this.built = false;           // restore() has built the batch's rows, and follows it
     }
 
     async run() {
@@ -430,13 +434,13 @@
       const el = this.byId.get(item.id);
       if (el) showItem(el, item);
       // Joined the batch after it was loaded, or stored by a send whose answer was lost.
-      else if (this.restored || this.givenUp(item)) this.showNew(item);
+      else if (this.restored || this.pendingRowFor(item)) this.showNew(item);
       else this.early.set(item.id, item);
     }
 
-    // The row of a file this tab gave up sending (failed, not refused by the server)
-    // that is `item`: the server stored it after all, from a send whose answer was lost.
-    givenUp(item) {
+    // The row of a file not heard stored that is `item` (sameFile): one this tab gave up
+    // sending, or a restored one; the server stored it after all (a send's answer lost).
+    pendingRowFor(item) {
       return this.entries.find((entry) => (entry.unsent || entry.unsentWhy) && !entry.id &&
         sameFile({ token: entry.token, name: entry.el.dataset.filename }, item));
     }
@@ -449,13 +453,12 @@
     // An item of a restored batch, after the batch's other rows; or, if `adopt`, in the
     // row of a file shown not stored (see sameFile), which the server stored after all.
     showNew(item, adopt = true) {
-      const unsent = adopt && this.givenUp(item);
+      const unsent = adopt && this.pendingRowFor(item);
       let el;
       if (unsent) {
         ({ el } = unsent);
         delete unsent.unsent;
         delete unsent.unsentWhy;
-        delete unsent.elsewhere;
         unsent.id = item.id;
         if (item.filename) setName(el, item.filename);  // as the server keeps it
         el.querySelector(".error").textContent = "";
@@ -469,38 +472,66 @@
       updateSummary();  // a row that joins queued is counted too
     }
 
-    // A file chosen in this tab that the server did not hold when the batch was restored.
+    // A file chosen in this tab (or the one it was copied from) that the server did not
+    // hold when the batch was restored.
     showUnsent(name, why, token) {
-      const el = this.newRow(name);
-      this.entries.push({ file: null, el, unsent: true, unsentWhy: why, token });
-      showFailure(el, why || (this.otherTabEnded ? NOT_STORED_ELSEWHERE : NOT_STORED));
+      const entry = { file: null, el: this.newRow(name), unsent: true, unsentWhy: why, token };
+      this.entries.push(entry);
+      this.showPendingRow(entry);
     }
 
-    // A file of the batch another tab is still sending, not stored yet: neither failed
-    // nor counted so (a user told to choose it again sent it twice: explorer). Its item
-    // takes the row when it arrives (showNew, by token), or senderDone fails it.
-    showSentElsewhere(name, token) {
-      const el = this.newRow(name);
-      this.entries.push({ file: null, el, unsent: true, elsewhere: true, token });
-      el.querySelector(".state").textContent = "uploading in another tab";
+    // A restored row the server does not hold: failed with its own reason if it has one.
+    // Else, while another tab still sends the batch, shown being sent there, neither
+    // failed nor counted so (told to choose it again, a user sent it twice: explorer);
+    // failed as lost once that tab is done. Its item takes the row if it comes (showNew).
+    showPendingRow(entry) {
+      const { el } = entry;
+      if (this.otherTabSends && !entry.unsentWhy) {
+        setState(el, "uploading");
+        el.querySelector(".state").textContent = "uploading in another tab";
+        el.querySelector(".error").textContent = "";
+      } else {
+        showFailure(el, entry.unsentWhy || (this.otherTabEnded ? NOT_STORED_ELSEWHERE : NOT_STORED));
+      }
+    }
+
+    showPending() {
+      for (const entry of this.entries) if (entry.unsent && !entry.id) this.showPendingRow(entry);
+      updateSummary();
     }
 
     askSender() {
-      this.askedSenderAt = Date.now();
+      this.unansweredAsks += 1;
       tell({ ask: this.batchId });
     }
 
-    // The tab sending this batch has ended its sends, or is gone: what it did not store
-    // is lost, as after a reload, and the batch watched a while for a late chunk.
+    // Resolves once another tab has said it sends this batch, or after ASK_MS.
+    async senderAnswer() {
+      const until = Date.now() + (channel ? ASK_MS : 0);
+      while (!this.otherTabSends && Date.now() < until) await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+
+    // Another tab says it sends this batch: its files not yet stored are being sent
+    // (again, if that tab had been taken for gone: busy or frozen a while), and the
+    // batch followed.
+    senderAnswered() {
+      this.unansweredAsks = 0;
+      if (this.otherTabSends) return;
+      this.otherTabSends = true;
+      this.otherTabEnded = false;
+      this.showPending();
+      if (this.built && !this.pollTimer) this.poll();
+    }
+
+    // The tab sending this batch has ended its sends, or answers no more (closed or
+    // reloaded, it could not say so): what it did not store is lost, and the batch
+    // watched a while for a late chunk.
     senderDone() {
       this.otherTabSends = false;
       this.otherTabEnded = true;
-      for (const entry of this.entries) {
-        if (!entry.elsewhere || entry.id) continue;
-        delete entry.elsewhere;
-        showFailure(entry.el, NOT_STORED_ELSEWHERE);
-      }
+      this.showPending();
       this.watchFrom = Date.now();
+      if (this.built && !this.pollTimer) this.poll();
     }
 
     unfinished() {
@@ -565,12 +596,10 @@
       // rebuilt from S3 after a restart can take many seconds to answer.
       const tick = async () => {
         await this.refresh();
-        if (this.otherTabSends) {
-          // Asked a poll ago, with no answer since: the sending tab was closed or reloaded
-          // (it could not say it was done). Asked again otherwise.
-          if (this.senderSaidAt < this.askedSenderAt) this.senderDone();
-          else this.askSender();
-        }
+        // Some asks in a row unanswered: the sending tab was closed or reloaded, or is
+        // frozen (if it answers again, senderAnswered brings its rows back).
+        if (this.otherTabSends && this.unansweredAsks >= SILENT_ASKS) this.senderDone();
+        if (this.restored) this.askSender();
         // A while after a restore (a chunk received whole before the reload, for an
         // unsent row) and after the sending tab ended (its last chunks).
         const watched = Date.now() < this.watchFrom + unsentWatchMs() &&
@@ -661,13 +690,13 @@
     session.place = place;
     sessions.push(session);
     // Whether its files not heard stored are lost, and how long the batch is followed,
-    // depend on whether another tab still sends it: asked, and answered meanwhile.
+    // depend on whether another tab still sends it: asked now; the answer awaited a
+    // moment only where it changes what is shown (else it may come later).
     session.askSender();
-    const [{ body, unknown }] = await Promise.all([
-      fetchBatch(batchId), channel && new Promise((resolve) => setTimeout(resolve, ASK_MS))]);
+    const { body, unknown } = await fetchBatch(batchId);
     session.unknown = unknown;
-    session.otherTabSends = session.senderSaidAt >= session.askedSenderAt && !session.otherTabEnded;
     const saved = savedShown(batchId);
+    if (unknown || saved.some((shown) => shown.unsent)) await session.senderAnswer();
     // One this tab was sending when it reloaded (or another tab still sends), of which
     // the server holds no file yet (it does not know the batch, or holds it still
     // empty): its files as the tab saved them, those not stored said so, and watched as
@@ -708,8 +737,6 @@
         if (stored) {
           session.showNew(stored, false);
           byId.delete(stored.id);
-        } else if (session.otherTabSends && !shown.why) {
-          session.showSentElsewhere(shown.name || "upload", shown.token);
         } else {
           session.showUnsent(shown.name || "upload", shown.why, shown.token);
         }
@@ -721,6 +748,7 @@
     // connections to this server (six over HTTP/1.1), and a reload may bring back many.
     // (Whether another tab sends it is asked again at each poll.)
     session.watchFrom = Date.now();
+    session.built = true;
     session.poll();
   }
 
@@ -733,7 +761,8 @@
   // id}; it says {done: id} once its sends end. Without BroadcastChannel, a tab knows
   // only of its own sends (a restored batch's unstored files are then said lost).
   const channel = window.BroadcastChannel ? new BroadcastChannel("imgclass.uploads") : null;
-  const ASK_MS = 500;  // how long a restore waits for an answer (tabs answer in milliseconds)
+  const ASK_MS = 250;  // how long a restore may wait for an answer (tabs answer in milliseconds)
+  const SILENT_ASKS = 3;  // asks, one a poll, a sending tab leaves unanswered before it is taken for gone
   function tell(message) {
     if (channel) channel.postMessage(message);
   }
@@ -745,11 +774,8 @@
       }
       for (const session of sessions) {
         if (!session.restored) continue;
-        if (session.batchId === data.sending) session.senderSaidAt = Date.now();
-        if (session.batchId === data.done) {
-          if (session.otherTabSends) session.senderDone();
-          else session.otherTabEnded = true;  // while restore() waited: its rows say so
-        }
+        if (session.batchId === data.sending) session.senderAnswered();
+        if (session.batchId === data.done) session.senderDone();
       }
     };
   }
