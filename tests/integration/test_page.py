@@ -1223,6 +1223,39 @@ def test_a_duplicated_tab_shows_files_the_first_tab_is_still_sending_as_being_se
         assert browser.find_element(By.ID, "summary").text == "2 of 3 classified, 1 failed"
 
 
+# Every row that turns failed, by name, in window.failedRows (from now on).
+WATCH_FAILURES = """
+window.failedRows = [];
+new MutationObserver((changes) => {
+  for (const change of changes) {
+    if (change.target.dataset && change.target.dataset.state === "failed") {
+      window.failedRows.push(change.target.dataset.filename);
+    }
+  }
+}).observe(document.getElementById("results"), {subtree: true, attributeFilter: ["data-state"]});
+"""
+
+
+def test_a_file_the_sending_tab_stored_last_is_never_shown_failed_in_its_duplicate(
+        stack, browser, reference_model, tmp_path):
+    """The sending tab says it is done as soon as its last chunk is answered: the
+    duplicate failed that chunk's files, "not stored", until its next poll found them
+    stored (explorer)."""
+    from selenium.webdriver.common.by import By
+
+    files = {f"last_{i}.jpg": make_image(987 + i, size=(64, 48)) for i in range(2)}
+    send_holding(browser, stack, tmp_path, files, held=["last_1.jpg"])
+    with second_tab(browser) as first:
+        wait_for(lambda: [s for _, s, _ in rows_shown(browser)] == ["done", "uploading"], 30,
+                 "the stored file done, the held one being sent")
+        browser.execute_script(WATCH_FAILURES)
+        in_tab(browser, first, "window.held = [];")
+        shown = finished_rows(browser, stack, 2, timeout_s=60)
+        assert_classified(shown, files, reference_model)
+        assert browser.execute_script("return window.failedRows") == []
+        assert browser.find_element(By.ID, "summary").text == "2 of 2 classified"
+
+
 def test_a_duplicated_tab_takes_a_sending_tab_closed_for_gone(stack, browser, tmp_path):
     """A sending tab closed cannot say it is done: once it leaves a few asks unanswered,
     the files it had not stored fail in the tab that was following it."""

@@ -526,11 +526,14 @@
     // The tab sending this batch has ended its sends, or answers no more (closed or
     // reloaded, it could not say so): what it did not store is lost, and the batch
     // watched a while for a late chunk.
-    senderDone() {
+    async senderDone() {
       this.otherTabSends = false;
       this.otherTabEnded = true;
-      this.showPending();
       this.watchFrom = Date.now();
+      // Its last chunks may be stored and not yet seen here: looked for first, so that
+      // no file the server holds is shown failed, even for a poll (explorer).
+      if (this.built) await this.refresh();
+      this.showPending();
       if (this.built && !this.pollTimer) this.poll();
     }
 
