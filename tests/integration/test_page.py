@@ -172,11 +172,9 @@ def upload_failing_first(browser, stack, tmp_path, files: dict[str, bytes], ways
 
 def assert_stored_once(browser, stack, files: dict[str, bytes]) -> None:
     """The page follows one batch, and the server holds each file in it once."""
-    import requests
-
     batches = browser.current_url.split("#batches=")[1].split(",")
     assert len(batches) == 1
-    items = requests.get(f"{stack.web_url}/api/jobs/{batches[0]}", timeout=10).json()["items"]
+    items = server_items(stack, batches[0])
     assert sorted(i["filename"] for i in items) == sorted(files)
 
 
@@ -442,21 +440,17 @@ def test_a_reload_that_cuts_uploads_off_shows_each_stored_file_once(stack, brows
     browser.refresh()  # while the other chunks are still being sent
     browser.delete_network_conditions()
 
-    def rows():
-        return [(r.get_attribute("data-filename"), r.get_attribute("data-state"), r.text)
-                for r in browser.find_elements(By.CSS_SELECTOR, "#results [data-state]")]
-
     def stored():  # a chunk received whole just before the reload may still be joining
         return requests.get(f"{stack.web_url}/api/jobs/{batch_id}", timeout=30).json()["items"]
 
     def settled():  # every row finished, the done ones exactly what the server holds
-        shown = rows()
+        shown = rows_shown(browser)
         done = sorted(name for name, state, _ in shown if state == "done")
         return (all(state in ("done", "failed") for _, state, _ in shown)
                 and done == sorted(item["filename"] for item in stored()))
 
     wait_for(settled, 120, "the rows to match what the server stored")
-    shown, stored = rows(), stored()
+    shown, stored = rows_shown(browser), stored()
     names = [name for name, _, _ in shown]
     stored_names = sorted(item["filename"] for item in stored)
     # Which of the two shows a file twice tells a page that sent it twice (both) from
