@@ -525,14 +525,14 @@
 
     // The tab sending this batch has ended its sends, or answers no more (closed or
     // reloaded, it could not say so): what it did not store is lost, and the batch
-    // watched a while for a late chunk.
-    async senderDone() {
+    // watched a while for a late chunk. `refreshed`: the caller has just read the batch.
+    async senderDone(refreshed = false) {
       this.otherTabSends = false;
       this.otherTabEnded = true;
       this.watchFrom = Date.now();
       // Its last chunks may be stored and not yet seen here: looked for first, so that
       // no file the server holds is shown failed, even for a poll (explorer).
-      if (this.built) await this.refresh();
+      if (this.built && !refreshed) await this.refresh();
       this.showPending();
       if (this.built && !this.pollTimer) this.poll();
     }
@@ -601,7 +601,7 @@
         await this.refresh();
         // Some asks in a row unanswered: the sending tab was closed or reloaded, or is
         // frozen (if it answers again, senderAnswered brings its rows back).
-        if (this.otherTabSends && this.unansweredAsks >= SILENT_ASKS) this.senderDone();
+        if (this.otherTabSends && this.unansweredAsks >= SILENT_ASKS) this.senderDone(true);
         if (this.restored) this.askSender();
         // A while after a restore (a chunk received whole before the reload, for an
         // unsent row) and after the sending tab ended (its last chunks).
