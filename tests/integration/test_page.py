@@ -529,6 +529,34 @@ def test_a_restored_batch_shows_files_that_join_it_later(stack, browser, referen
         s3.delete_object(Bucket=stack.settings().input_bucket, Key=key)
 
 
+def test_a_batch_link_follows_files_sent_after_those_it_showed_are_done(stack, browser, reference_model):
+    """A link opened in another browser while the batch is still being sent: the files it
+    knew of all finished before the next came, and it stopped following the batch."""
+    import uuid
+
+    import requests
+    from selenium.webdriver.common.by import By
+
+    def send(name: str, data: bytes) -> None:
+        answer = requests.post(f"{stack.web_url}/api/jobs", data={"batch_id": batch_id, "create": "1"},
+                               files={"files": (name, data)}, timeout=30)
+        assert answer.status_code == 202, answer.text
+
+    def done_rows() -> list[str]:
+        return [name for name, state, _ in rows_shown(browser) if state == "done"]
+
+    batch_id = uuid.uuid4().hex
+    first, later = make_image(970), make_image(971)
+    send("first.jpg", first)
+    wait_for(lambda: [i["state"] for i in server_items(stack, batch_id)] == ["done"], 60, "first.jpg done")
+    browser.get(f"{stack.web_url}/#batches={batch_id}")
+    wait_for(lambda: done_rows() == ["first.jpg"], 30, "the batch shown, its one file done")
+    send("later.jpg", later)
+    wait_for(lambda: done_rows() == ["first.jpg", "later.jpg"], 60, "the file sent later, done")
+    row = browser.find_element(By.CSS_SELECTOR, '#results [data-filename="later.jpg"]')
+    assert row.get_attribute("data-label") == reference(reference_model, later).label
+
+
 def test_an_unknown_batch_in_the_address_is_said_and_dropped(stack, browser):
     from selenium.webdriver.common.by import By
 

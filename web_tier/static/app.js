@@ -45,6 +45,14 @@
   function unsentWatchMs() {
     return Number(document.body.dataset.unsentWatchMs) || UNSENT_WATCH_MS;
   }
+  // How long a batch opened from its link (not sent from this tab, nor one it copied)
+  // is followed after it last showed a file new here: another browser may still be
+  // sending it, and all it held may finish before its next chunk comes (the link
+  // stopped showing files once those it knew of were done). <body data-follow-idle-ms>.
+  const FOLLOW_IDLE_MS = 60000;
+  function followIdleMs() {
+    return Number(document.body.dataset.followIdleMs) || FOLLOW_IDLE_MS;
+  }
   // A file refused with 503 was not stored (a web tier stopping, S3 or SQS failing):
   // sent again after 5, 10, 20 and 40 s, the web tier back by then.
   const RESEND_DELAYS_MS = [5000, 10000, 20000, 40000];
@@ -258,6 +266,7 @@
       this.resends = [];        // files being sent again (sendLater), awaited at the end of run()
       this.watchFrom = 0;       // a restored batch: watched unsentWatchMs() from then for unsent files
       this.unknown = false;     // the server's last answer: no such batch
+      this.grewAt = 0;          // opened from its link: when it last showed a file new here
       // A restored batch that another tab of this browser is still sending (see "other
       // tabs" below): its files not yet stored are shown still being sent there, and the
       // batch polled, until that tab says it is done or stops answering.
@@ -469,6 +478,7 @@
       }
       this.byId.set(item.id, el);
       showItem(el, item);
+      if (this.built && this.grewAt) this.grewAt = Date.now();
       updateSummary();  // a row that joins queued is counted too
     }
 
@@ -607,7 +617,8 @@
         // unsent row) and after the sending tab ended (its last chunks).
         const watched = Date.now() < this.watchFrom + unsentWatchMs() &&
           (this.otherTabEnded || this.entries.some((entry) => entry.unsent));
-        const watching = this.uploading || this.unfinished() || this.otherTabSends || watched;
+        const growing = Date.now() < this.grewAt + followIdleMs();
+        const watching = this.uploading || this.unfinished() || this.otherTabSends || watched || growing;
         this.pollTimer = watching ? setTimeout(tick, POLL_MS) : null;
         if (!watching && this.restored && this.unknown) {
           // Still no such batch once the watch is over: nothing of it will come now, and
@@ -751,6 +762,9 @@
     // connections to this server (six over HTTP/1.1), and a reload may bring back many.
     // (Whether another tab sends it is asked again at each poll.)
     session.watchFrom = Date.now();
+    // Nothing saved of it in this tab: opened from its link, perhaps while another
+    // browser still sends it (a tab of this browser that sends it answers the asks).
+    if (!saved.length) session.grewAt = Date.now();
     session.built = true;
     session.poll();
   }
