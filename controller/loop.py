@@ -156,12 +156,20 @@ class LaunchHold:
 
     def note_failures(self, obs: Observation, min_s: float, max_s: float) -> list[Instance]:
         """Takes in this round's failed instances; returns those that failed since the last.
-        The hold is min_s after a quiet max_s, else doubled (at most max_s) by a new wave."""
+        The hold is min_s once an instance launched since it began serves, else doubled
+        (at most max_s) by a new wave."""
+        # Reset on evidence of health, not on quiet: an instance that never serves is
+        # given up on only READY_DEADLINE after its launch (a worker that never receives,
+        # STALL_TIMEOUT after), so the waves of a fleet that cannot serve come that far
+        # apart, and any quiet short of it reset the hold for each. A replacement serving
+        # is what shows that launching works again.
+        if any(i.ready and i.id not in self.present_at_failure for i in obs.serving):
+            self.hold_s = 0.0
         failed = {i.id: i for i in obs.instances if i.worker_failed}
         new = [i for iid, i in failed.items() if iid not in self.failed_seen]
         self.failed_seen = set(failed)
         if new:
-            if obs.at - self.last_failure_at > max_s:
+            if not self.hold_s:
                 self.hold_s = min_s
                 self.present_at_failure = {i.id for i in obs.instances}
             elif any(i.id not in self.present_at_failure for i in new):
@@ -234,7 +242,7 @@ class Controller:
     backoff_max_s: float = 10.0
     # When a worker gives up (it cannot load the model), a replacement would most
     # likely do the same: launches wait this long, doubling while workers keep giving
-    # up, as Kubernetes backs off a crash-looping container. Quiet for the max: reset.
+    # up, as Kubernetes backs off a crash-looping container, until a replacement serves.
     failure_hold_min_s: float = 10.0
     failure_hold_max_s: float = 300.0
 

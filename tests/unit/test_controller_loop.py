@@ -298,11 +298,36 @@ def test_a_worker_that_gave_up_is_replaced_after_a_hold_that_doubles(aws, make_c
     assert "launches held for 20s" in caplog.text
     assert controller.step(now=t + 31).launch == ()
     assert len(controller.step(now=t + 32.5).launch) == 1
-    # Quiet for longer than the max: the next failure holds for the min again.
+    # Quiet for 5 minutes is no sign of health (see the next test): doubled again.
     fresh = instances(aws)[-1]
     report_worker_failed(aws, fresh["InstanceId"], "model-unavailable")
     controller.step(now=t + 12 + 301)
-    assert caplog.text.count("launches held for 10s") == 2
+    assert "launches held for 40s" in caplog.text
+
+
+def test_the_hold_doubles_for_replacements_that_never_serve_until_one_does(aws, make_controller, caplog):
+    """An instance that never serves is given up on only READY_DEADLINE (20 min) after it
+    was launched, far apart from the last wave: the hold doubles all the same, or a fleet
+    that cannot serve (no role, a crash loop) would be relaunched every 20 minutes for
+    ever. It is back to the min once a replacement serves."""
+    send(aws, 1)
+    controller = make_controller(failure_hold_min_s=10.0, failure_hold_max_s=300.0)
+    deadline = aws.settings.ready_deadline_s
+    t = 1000.0
+    assert len(controller.step(now=t).launch) == 1
+    for hold in (10, 20, 40):
+        t += deadline + 5
+        assert controller.step(now=t).clean_up  # given up on: never served
+        assert f"launches held for {hold}s" in caplog.text
+        assert controller.step(now=t + hold - 1).launch == ()
+        t += hold + 1
+        assert len(controller.step(now=t).launch) == 1
+    (healthy,) = instances(aws)
+    report_worker_ready(aws, healthy["InstanceId"], threading.Event())
+    controller.step(now=t + 60)
+    report_worker_failed(aws, healthy["InstanceId"], "cannot-receive")
+    controller.step(now=t + 3600)
+    assert caplog.text.count("launches held for 10s") == 2, caplog.text
 
 
 def test_workers_of_one_wave_failing_in_turn_do_not_lengthen_the_hold(aws, make_controller, caplog):
