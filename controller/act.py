@@ -12,11 +12,16 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common.aws import Aws
+from botocore.exceptions import ClientError
+
+from common.aws import Aws, error_code
 from common.config import Settings
 from common.names import PREFIX_TAG, ROLE_APP_TIER, ROLE_TAG, instance_name
 
 log = logging.getLogger(__name__)
+
+# RunInstances' errors that concern one zone or subnet, not the launch: another may take it.
+ZONE_ERRORS = frozenset({"InsufficientInstanceCapacity", "Unsupported", "InsufficientFreeAddressesInSubnet"})
 
 USER_DATA_TEMPLATE = Path(__file__).resolve().parent.parent / "ami" / "user-data.sh"
 
@@ -93,6 +98,24 @@ def launch(aws: Aws, settings: Settings, numbers: tuple[int, ...]) -> dict[int, 
 
 
 def _launch_one(aws: Aws, settings: Settings, n: int, user_data: str) -> str:
+    """Launch number n in its own subnet, spreading the fleet over the zones; where its
+    zone cannot take it, in the next subnet, as an Auto Scaling group does: else the same
+    numbers (the policy picks the lowest free ones) would fail there round after round."""
+    subnets: list[str | None] = list(settings.subnet_ids) or [None]
+    start = n % len(subnets)
+    subnets = subnets[start:] + subnets[:start]
+    for subnet in subnets[:-1]:
+        try:
+            return _run_instance(aws, settings, n, user_data, subnet)
+        except ClientError as exc:
+            if error_code(exc) not in ZONE_ERRORS:
+                raise
+            log.info("controller: %s not launched in %s (%s): trying the next subnet",
+                     instance_name(n), subnet, error_code(exc))
+    return _run_instance(aws, settings, n, user_data, subnets[-1])
+
+
+def _run_instance(aws: Aws, settings: Settings, n: int, user_data: str, subnet: str | None) -> str:
     kwargs: dict = {
         "ImageId": settings.ami_id,
         "InstanceType": settings.instance_type,
@@ -122,8 +145,8 @@ def _launch_one(aws: Aws, settings: Settings, n: int, user_data: str) -> str:
         kwargs["KeyName"] = settings.key_name
     if settings.security_group_ids:
         kwargs["SecurityGroupIds"] = list(settings.security_group_ids)
-    if settings.subnet_ids:
-        kwargs["SubnetId"] = settings.subnet_ids[n % len(settings.subnet_ids)]
+    if subnet:
+        kwargs["SubnetId"] = subnet
     if settings.instance_profile:
         kwargs["IamInstanceProfile"] = {"Name": settings.instance_profile}
     return aws.ec2.run_instances(**kwargs)["Instances"][0]["InstanceId"]

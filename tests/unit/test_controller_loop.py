@@ -690,6 +690,43 @@ def test_partial_launch_failure_in_run_reaches_the_cap(aws, make_controller, pat
     assert "InsufficientInstanceCapacity" in caplog.text
 
 
+def zone_short(aws: Aws, full: set[str], code: str = "InsufficientInstanceCapacity") -> Flaky:
+    """run_instances failing with `code` in the subnets `full`; moto has none of these
+    subnets, so a launch let through goes to its default one."""
+    real = aws.ec2.run_instances
+
+    def launch(**kwargs):
+        kwargs.pop("SubnetId")
+        return real(**kwargs)
+
+    return Flaky(launch, client_error(code, "RunInstances"), lambda n, kwargs: kwargs["SubnetId"] in full)
+
+
+@pytest.mark.parametrize("code", ["InsufficientInstanceCapacity", "Unsupported"])
+def test_a_launch_a_zone_cannot_take_is_tried_in_the_other_subnets(aws, make_controller, patch, code):
+    """As an Auto Scaling group does: else the numbers whose subnet is in that zone would
+    fail round after round (the policy always picks the lowest free numbers)."""
+    controller = make_controller()
+    controller.settings = dataclasses.replace(aws.settings, subnet_ids=("subnet-a", "subnet-b", "subnet-c"))
+    flaky = zone_short(aws, {"subnet-a"}, code)
+    patch.setattr(aws.ec2, "run_instances", flaky)
+    send(aws, 6)
+    assert len(controller.step().launch) == 6
+    assert len(instances(aws)) == 6
+    assert len(flaky.failures) == 2, "the two numbers that start in subnet-a, once each"
+
+
+def test_a_launch_no_subnet_can_take_fails(aws, make_controller, patch):
+    controller = make_controller()
+    controller.settings = dataclasses.replace(aws.settings, subnet_ids=("subnet-a", "subnet-b"))
+    flaky = zone_short(aws, {"subnet-a", "subnet-b"})
+    patch.setattr(aws.ec2, "run_instances", flaky)
+    send(aws, 2)
+    with pytest.raises(LaunchError, match="2 of 2 launch"):
+        controller.step()
+    assert len(flaky.calls) == 4 and instances(aws) == []
+
+
 def test_default_backoff_is_at_least_a_second(aws, patch):
     """With the shipped settings a failing AWS is asked at most once a second, not once a poll."""
     flaky = Flaky(aws.sqs.get_queue_attributes,
