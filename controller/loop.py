@@ -258,6 +258,7 @@ class Controller:
     # changes nothing is not logged again), and the last rounds, for tests and a look
     # in a debugger (--timeline keeps them all on disk).
     _last_summary: tuple | None = field(default=None, init=False)
+    _timeline_failed: bool = field(default=False, init=False)  # warned about once
     timeline: deque[dict] = field(default_factory=lambda: deque(maxlen=TIMELINE_ROUNDS))
 
     def __post_init__(self) -> None:
@@ -398,9 +399,20 @@ class Controller:
         }
         self.timeline.append(row)
         if self.timeline_path:
+            self._write_timeline(row)
+        self._log_round(obs, decision, pending, running, row["action"])
+
+    def _write_timeline(self, row: dict) -> None:
+        """A row on disk, for people only: a disk full or gone is warned about once, and
+        tried again each round, but never fails the round, which would stop the acting."""
+        try:
             with self.timeline_path.open("a", newline="") as fh:
                 csv.writer(fh).writerow([row[k] for k in TIMELINE_FIELDS])
-        self._log_round(obs, decision, pending, running, row["action"])
+        except OSError as exc:
+            if not self._timeline_failed:
+                log.warning("controller: cannot write the timeline (%s); the fleet is managed "
+                            "all the same", exc)
+            self._timeline_failed = True
 
     def _log_round(self, obs: Observation, decision: Decision, pending: int, running: int,
                    action: str) -> None:

@@ -549,6 +549,21 @@ def test_timeline_csv_and_plot(aws, make_controller, tmp_path):
     assert data.startswith(b"\x89PNG") and len(data) > 5000
 
 
+def test_a_timeline_that_cannot_be_written_is_warned_about_once_and_stops_nothing(aws, make_controller,
+                                                                                   tmp_path, caplog):
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    controller = make_controller(timeline_path=folder / "timeline.csv")
+    (folder / "timeline.csv").unlink()
+    folder.rmdir()  # a disk unmounted, a directory cleaned up under it
+    send(aws, 3)
+    assert len(controller.step().launch) == 3
+    assert len(instances(aws)) == 3
+    controller.step()
+    assert caplog.text.count("cannot write the timeline") == 1, caplog.text
+    assert len(controller.timeline) == 2
+
+
 # --- the loop under faults ------------------------------------------------------------
 
 
