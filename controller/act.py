@@ -2,17 +2,21 @@
 
 Terminating is safe to repeat. A launch is safe across botocore's retries of one
 call (its ClientToken), not across rounds: the loop remembers its recent launches
-until EC2 lists them (controller/loop.py), so that a round does not launch again."""
+until EC2 lists them (controller/loop.py), so that a round does not launch again,
+and a call that got no reply, to repeat it as it was (LaunchCall)."""
 
 from __future__ import annotations
 
 import logging
 import re
 import uuid
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from common.aws import Aws, error_code
 from common.config import Settings
@@ -62,68 +66,102 @@ def render_user_data(settings: Settings) -> str:
     return text
 
 
-class LaunchError(RuntimeError):
-    """Some launches failed; `launched` maps each number that did launch to its instance id."""
+@dataclass(frozen=True)
+class LaunchCall:
+    """What makes a RunInstances call of one number the same call again: repeated with
+    the same ClientToken and subnet, EC2 returns the instance it started, if it did."""
 
-    def __init__(self, launched: dict[int, str], errors: list[Exception]) -> None:
+    token: str
+    subnet: str | None
+
+
+class NoReply(Exception):
+    """A RunInstances call that got no answer (botocore's retries spent): it may have
+    started its instance."""
+
+    def __init__(self, call: LaunchCall, cause: Exception) -> None:
+        super().__init__(f"no reply to RunInstances: {cause}")
+        self.call = call
+
+
+class LaunchError(RuntimeError):
+    """Some launches failed; `launched` maps each number that did launch to its instance id,
+    `unanswered` each that got no reply to the call to repeat."""
+
+    def __init__(self, launched: dict[int, str], errors: list[Exception],
+                 unanswered: dict[int, LaunchCall]) -> None:
         super().__init__(
             f"{len(errors)} of {len(errors) + len(launched)} launch(es) failed "
             f"({len(launched)} succeeded): {errors[0]}"
         )
         self.launched = launched
         self.errors = errors
+        self.unanswered = unanswered
 
 
-def launch(aws: Aws, settings: Settings, numbers: tuple[int, ...]) -> dict[int, str]:
+def launch(aws: Aws, settings: Settings, numbers: tuple[int, ...],
+           again: Mapping[int, LaunchCall] | None = None) -> dict[int, str]:
     """Launch one instance per number, named app-tier-instance-<n>; returns number -> id.
+    `again`: calls of some of these numbers that got no reply, repeated as they were.
 
     One RunInstances call per instance, because each needs its own Name tag at
     launch; the calls run in parallel so that 15 take about as long as one.
     """
+    again = again or {}
     # As text: boto3 base64-encodes UserData itself, and a script encoded here too
     # reached the instance still encoded, which cloud-init does not run.
     user_data = render_user_data(settings)
     with ThreadPoolExecutor(max_workers=8) as pool:
-        futures = [pool.submit(_launch_one, aws, settings, n, user_data) for n in numbers]
+        futures = [pool.submit(_launch_one, aws, settings, n, user_data, again.get(n)) for n in numbers]
     ids: dict[int, str] = {}
     errors: list[Exception] = []
+    unanswered: dict[int, LaunchCall] = {}
     for n, future in zip(numbers, futures, strict=True):
         try:
             ids[n] = future.result()
         except Exception as exc:  # reported together below; the loop retries with backoff
             errors.append(exc)
+            if isinstance(exc, NoReply):
+                unanswered[n] = exc.call
     if errors:
-        raise LaunchError(ids, errors)
+        raise LaunchError(ids, errors, unanswered)
     return ids
 
 
-def _launch_one(aws: Aws, settings: Settings, n: int, user_data: str) -> str:
+def _launch_one(aws: Aws, settings: Settings, n: int, user_data: str, again: LaunchCall | None) -> str:
     """Launch number n in its own subnet, spreading the fleet over the zones; where its
     zone cannot take it, in the next subnet, as an Auto Scaling group does: else the same
-    numbers (the policy picks the lowest free ones) would fail there round after round."""
+    numbers (the policy picks the lowest free ones) would fail there round after round.
+    A call that got no reply (`again`) is repeated first, in its subnet with its token."""
     subnets: list[str | None] = list(settings.subnet_ids) or [None]
     start = n % len(subnets)
     subnets = subnets[start:] + subnets[:start]
-    for subnet in subnets[:-1]:
+    if again:
+        subnets = [again.subnet] + [s for s in subnets if s != again.subnet]
+    # A token of its own in each subnet: the same one with other parameters is refused.
+    calls = [again if again and again.subnet == subnet else
+             LaunchCall(f"{settings.prefix}-{n}-{uuid.uuid4().hex}"[:64], subnet) for subnet in subnets]
+    for call in calls[:-1]:
         try:
-            return _run_instance(aws, settings, n, user_data, subnet)
+            return _run_instance(aws, settings, n, user_data, call)
         except ClientError as exc:
             if error_code(exc) not in ZONE_ERRORS:
                 raise
             log.info("controller: %s not launched in %s (%s): trying the next subnet",
-                     instance_name(n), subnet, error_code(exc))
-    return _run_instance(aws, settings, n, user_data, subnets[-1])
+                     instance_name(n), call.subnet, error_code(exc))
+    return _run_instance(aws, settings, n, user_data, calls[-1])
 
 
-def _run_instance(aws: Aws, settings: Settings, n: int, user_data: str, subnet: str | None) -> str:
+def _run_instance(aws: Aws, settings: Settings, n: int, user_data: str, call: LaunchCall) -> str:
     kwargs: dict = {
         "ImageId": settings.ami_id,
         "InstanceType": settings.instance_type,
         "MinCount": 1,
         "MaxCount": 1,
         "UserData": user_data,
-        # The same token on botocore's retries makes a retried launch idempotent.
-        "ClientToken": f"{settings.prefix}-{n}-{uuid.uuid4().hex}"[:64],
+        # The same token on botocore's retries, and on a repeat of a call that got no
+        # reply, makes the launch idempotent.
+        "ClientToken": call.token,
         "TagSpecifications": [
             {
                 "ResourceType": "instance",
@@ -145,11 +183,24 @@ def _run_instance(aws: Aws, settings: Settings, n: int, user_data: str, subnet: 
         kwargs["KeyName"] = settings.key_name
     if settings.security_group_ids:
         kwargs["SecurityGroupIds"] = list(settings.security_group_ids)
-    if subnet:
-        kwargs["SubnetId"] = subnet
+    if call.subnet:
+        kwargs["SubnetId"] = call.subnet
     if settings.instance_profile:
         kwargs["IamInstanceProfile"] = {"Name": settings.instance_profile}
-    return aws.ec2.run_instances(**kwargs)["Instances"][0]["InstanceId"]
+    try:
+        return aws.ec2.run_instances(**kwargs)["Instances"][0]["InstanceId"]
+    except (ClientError, BotoConnectionError, HTTPClientError) as exc:
+        if not _may_have_launched(exc):
+            raise
+        raise NoReply(call, exc) from exc
+
+
+def _may_have_launched(exc: Exception) -> bool:
+    """A timeout, a lost connection, or EC2 failing (5xx), after botocore's retries: any
+    of its attempts may have launched (the last one's error says nothing of the others)."""
+    if isinstance(exc, ClientError):
+        return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
+    return True
 
 
 def terminate(aws: Aws, instance_ids: tuple[str, ...]) -> None:

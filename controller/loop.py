@@ -16,13 +16,15 @@ in a small dataclass below that says what a restart loses:
 (4) ReadinessClock: when it first saw each instance whose worker has not yet said it
     serves, on its own clock (EC2's launch time would do, but for a controller whose
     clock is off);
-(5) Refusals: instances EC2 refused to terminate, kept for last when scaling in.
+(5) Refusals: instances EC2 refused to terminate, kept for last when scaling in;
+(6) UnansweredLaunches: launches that got no reply in the last few minutes, repeated
+    as they were (same ClientToken) so that EC2 returns the instance it may have started.
 Losing them on restart costs little: a restarted controller keeps what is live for
 one window before it scales in, takes the failed instances it finds as new failures,
 gives a silent instance a whole READY_DEADLINE again, and learns of a protected
-instance at its next refusal; only a restart within seconds of a launch could launch
-once more. Besides, for people only: the last round's log summary and the last
-TIMELINE_ROUNDS rounds (Controller.timeline).
+instance at its next refusal; only a restart within seconds of a launch, or minutes
+of a launch that got no reply, could launch once more. Besides, for people only: the
+last round's log summary and the last TIMELINE_ROUNDS rounds (Controller.timeline).
 """
 
 from __future__ import annotations
@@ -42,13 +44,15 @@ from common.aws import Aws, error_code
 from common.config import Settings
 from common.names import instance_name
 from common.signals import on_signals
-from controller.act import LaunchError, launch, render_user_data, terminate
+from controller.act import LaunchCall, LaunchError, launch, render_user_data, terminate
 from controller.observe import Instance, Observation, observe, terminated
 from controller.policy import Decision, Policy, decide, desired_count
 
 log = logging.getLogger(__name__)
 
 RECENT_LAUNCH_MEMORY_S = 30.0
+# Long enough for EC2 to list an instance that a call without a reply started.
+UNANSWERED_LAUNCH_MEMORY_S = 300.0
 # Errors AWS is known to give (LaunchError wraps those of RunInstances): one warning line each.
 EXPECTED_ERRORS = (BotoCoreError, ClientError, LaunchError)
 # EC2's refusals that concern one instance of a TerminateInstances call, not the call.
@@ -136,6 +140,29 @@ class RecentLaunches:
 
     def forget(self, iid: str) -> None:
         self.by_id.pop(iid, None)
+
+
+@dataclass
+class UnansweredLaunches:
+    """Launch calls that got no reply (botocore's retries spent) in the last
+    UNANSWERED_LAUNCH_MEMORY_S: each may have started its instance, which EC2 does not list
+    yet, so its number looks free. The next launch of that number repeats the call, with
+    its ClientToken, so that EC2 returns that instance rather than start a second of the
+    same name. Lost on restart, a restart within those minutes could launch it twice."""
+
+    by_number: dict[int, tuple[LaunchCall, float]] = field(default_factory=dict)
+
+    def calls(self, at: float) -> dict[int, LaunchCall]:
+        """The calls to repeat; forgets those too old."""
+        self.by_number = {n: (call, t) for n, (call, t) in self.by_number.items()
+                          if at - t < UNANSWERED_LAUNCH_MEMORY_S}
+        return {n: call for n, (call, _) in self.by_number.items()}
+
+    def note(self, answered: dict[int, str], unanswered: dict[int, LaunchCall], at: float) -> None:
+        for n in answered:
+            self.by_number.pop(n, None)
+        for n, call in unanswered.items():
+            self.by_number[n] = (call, at)
 
 
 @dataclass
@@ -254,6 +281,7 @@ class Controller:
     launch_hold: LaunchHold = field(default_factory=LaunchHold, init=False)
     readiness: ReadinessClock = field(default_factory=ReadinessClock, init=False)
     refusals: Refusals = field(default_factory=Refusals, init=False)
+    unanswered: UnansweredLaunches = field(default_factory=UnansweredLaunches, init=False)
     # For people only, never for deciding: the last round's log summary (a round that
     # changes nothing is not logged again), and the last rounds, for tests and a look
     # in a debugger (--timeline keeps them all on disk).
@@ -342,11 +370,13 @@ class Controller:
         self._terminate(decision.clean_up, "it serves nobody (stopped, or its worker gave up)")
         if decision.launch:
             try:
-                ids = launch(self.aws, self.settings, decision.launch)
+                ids = launch(self.aws, self.settings, decision.launch, self.unanswered.calls(now))
             except LaunchError as exc:
                 self._remember(exc.launched, now)
+                self.unanswered.note(exc.launched, exc.unanswered, now)
                 raise
             self._remember(ids, now)
+            self.unanswered.note(ids, {}, now)
 
     def _terminate(self, instance_ids: tuple[str, ...], why: str) -> None:
         """Terminate these instances; one that EC2 refuses for a reason of its own fails

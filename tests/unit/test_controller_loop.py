@@ -742,6 +742,43 @@ def test_a_launch_no_subnet_can_take_fails(aws, make_controller, patch):
     assert len(flaky.calls) == 4 and instances(aws) == []
 
 
+def test_a_launch_whose_reply_was_lost_is_repeated_with_its_token_and_subnet(aws, make_controller, patch):
+    """EC2 started the instance, but its reply was lost (botocore's retries exhausted):
+    the next launch of that number repeats the call, so that EC2 returns that instance
+    rather than start a second app-tier-instance-1. (moto ignores ClientToken: the
+    tokens sent are what is checked here.)"""
+    controller = make_controller()
+    controller.settings = dataclasses.replace(aws.settings, subnet_ids=("subnet-a", "subnet-b"))
+    real_run, real_describe = aws.ec2.run_instances, aws.ec2.describe_instances
+    calls: list[tuple[str, str]] = []
+
+    def reply_lost(**kwargs):
+        calls.append((kwargs["ClientToken"], kwargs.pop("SubnetId")))
+        if len(calls) == 1:  # number 1 starts in subnet-b, which is full this once
+            raise client_error("InsufficientInstanceCapacity", "RunInstances")()
+        reply = real_run(**kwargs)
+        if len(calls) == 2:  # started in subnet-a, but nobody heard so
+            raise ReadTimeoutError(endpoint_url="http://ec2.test")
+        return reply
+
+    def lagging(**kwargs):  # EC2 does not list it yet: number 1 looks free
+        if any(f["Name"] == "tag:Name" for f in kwargs.get("Filters", [])):
+            return {"Reservations": []}
+        return real_describe(**kwargs)
+
+    patch.setattr(aws.ec2, "run_instances", reply_lost)
+    patch.setattr(aws.ec2, "describe_instances", lagging)
+    send(aws, 1)
+    with pytest.raises(LaunchError, match="ReadTimeout|Read timeout"):
+        controller.step(now=1000.0)
+    assert controller.step(now=1001.0).launch == (1,)
+    assert calls[2] == calls[1] and calls[1][0] != calls[0][0], calls
+    # Answered, the call is not repeated again.
+    aws.ec2.terminate_instances(InstanceIds=[i["InstanceId"] for i in instances(aws)])
+    assert controller.step(now=1002.0).launch == (1,)
+    assert calls[3][0] not in {token for token, _ in calls[:3]}
+
+
 def test_default_backoff_is_at_least_a_second(aws, patch):
     """With the shipped settings a failing AWS is asked at most once a second, not once a poll."""
     flaky = Flaky(aws.sqs.get_queue_attributes,
