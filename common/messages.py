@@ -9,6 +9,7 @@ the label (or an error) for exactly one request id. File names are cut so that a
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -17,19 +18,38 @@ _FILENAME_BYTES = 160
 _ERROR_BYTES = 200
 
 
+# SQS takes in a body only #x9, #xA, #xD, #x20-#xD7FF, #xE000-#xFFFD and
+# #x10000-#x10FFFF. json escapes control characters and refuses nothing else; the
+# surrogates never reach it (_loads). These two it writes as they are: a request that
+# named its file with one (sent escaped, which SQS takes) got an answer SQS refuses,
+# and its batch-mates' answers failed with it (reviewer).
+_SQS_ESCAPES = {0xFFFE: "\\ufffe", 0xFFFF: "\\uffff"}
+
+
+def _json_text(value: object) -> str:
+    """`value` as JSON that SQS takes, UTF-8 as it is where SQS allows it."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).translate(_SQS_ESCAPES)
+
+
+def _json_bytes(text: str) -> int:
+    """The UTF-8 bytes `text` takes inside a message: a quote takes 2, a control
+    character 6, and so do U+FFFE and U+FFFF (escaped for SQS)."""
+    return len(_json_text(text).encode("utf-8")) - 2
+
+
 def clip_for_json(text: str, limit: int) -> str:
     """`text` cut, without splitting a character, to take at most `limit` UTF-8
-    bytes inside a JSON message, where a quote takes 2 and a control character 6."""
+    bytes inside a JSON message (see _json_bytes)."""
     raw = text.encode("utf-8")
     if len(raw) > limit:
         text = raw[:limit].decode("utf-8", errors="ignore")
-    while len(json.dumps(text, ensure_ascii=False).encode("utf-8")) - 2 > limit:
+    while _json_bytes(text) > limit:
         text = text[:-1]  # rare: names full of quotes, backslashes or control characters
     return text
 
 
 def _encode(payload: dict) -> str:
-    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    body = _json_text(payload)
     size = len(body.encode("utf-8"))
     if size >= MAX_MESSAGE_BYTES:
         raise ValueError(f"message is {size} bytes, the limit is {MAX_MESSAGE_BYTES}")
@@ -42,7 +62,19 @@ class MessageError(ValueError):
 
 # What parsing a body that is not one of ours can raise. RecursionError: deeply
 # nested JSON (1,000 "[" fit in a request message) exhausts json's recursion.
-_NOT_A_MESSAGE = (ValueError, KeyError, TypeError, RecursionError)
+# ArithmeticError: float() of a 400-digit integer overflows (see finite_number).
+_NOT_A_MESSAGE = (ValueError, KeyError, TypeError, RecursionError, ArithmeticError)
+
+
+def finite_number(value: object) -> float:
+    """A finite number. JSON's integers have no bound: one of 400 digits in a request's
+    sent_at raised OverflowError, which was not taken for a foreign message, and failed
+    the receive of the nine requests that came with it, over and over (reviewer). NaN
+    and Infinity load too, and are not numbers any client can read back."""
+    number = float(value)  # type: ignore[arg-type]  # TypeError for what is not a number
+    if not math.isfinite(number):
+        raise ValueError(f"not a finite number: {value!r:.40}")
+    return number
 
 
 def _loads(body: str):
@@ -74,7 +106,7 @@ def _name(data: dict, field_name: str, max_bytes: int) -> str:
     value = data[field_name]
     if not isinstance(value, str) or not value:
         raise ValueError(f"{field_name} must be a non-empty string, not {value!r:.40}")
-    if len(json.dumps(value, ensure_ascii=False).encode("utf-8")) - 2 > max_bytes:
+    if _json_bytes(value) > max_bytes:
         raise ValueError(f"{field_name} is longer than {max_bytes} bytes")
     return value
 
@@ -104,7 +136,7 @@ class ClassifyRequest:
                 bucket=_name(data, "bucket", MAX_BUCKET_BYTES),
                 key=_name(data, "key", MAX_KEY_BYTES),
                 filename=data["filename"],
-                sent_at=float(data["sent_at"]),
+                sent_at=finite_number(data["sent_at"]),
             )
         except _NOT_A_MESSAGE as exc:
             raise MessageError(f"not a classify request: {exc}") from exc
@@ -170,10 +202,10 @@ class ClassifyResponse:
                 worker=str(data.get("worker", "")),
                 untrained=bool(data.get("untrained", False)),
                 label=data.get("label"),
-                score=data.get("score"),
-                top5=tuple(Prediction(str(lbl), float(s)) for lbl, s in data.get("top5", [])),
+                score=None if data.get("score") is None else finite_number(data["score"]),
+                top5=tuple(Prediction(str(lbl), finite_number(s)) for lbl, s in data.get("top5", [])),
                 error=data.get("error"),
-                finished_at=float(data.get("finished_at", 0.0)),
+                finished_at=finite_number(data.get("finished_at", 0.0)),
             )
         except _NOT_A_MESSAGE as exc:
             raise MessageError(f"not a classify response: {exc}") from exc

@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from common.messages import ClassifyResponse, wire_score
+from common.messages import ClassifyResponse, finite_number, wire_score
 
 # The user-metadata key holding the result as JSON, so that a web tier rebuilding a
 # batch from S3 shows the score and top 5 too (S3 allows 2 KB of metadata).
@@ -58,11 +58,11 @@ def read_result_metadata(metadata: Mapping[str, str], untrained: bool) -> dict[s
         return {
             "label": label,
             # Rounded as the response was: objects written before their writer rounded too.
-            "score": None if result.get("score") is None else wire_score(float(result["score"])),
-            "top5": [{"label": str(label), "score": wire_score(float(score))}
+            "score": None if result.get("score") is None else wire_score(finite_number(result["score"])),
+            "top5": [{"label": str(label), "score": wire_score(finite_number(score))}
                      for label, score in result.get("top5", [])],
             "worker": str(result.get("worker", "")),
             "untrained": bool(result.get("untrained", untrained)),
         }
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError, ArithmeticError):
         return None

@@ -18,7 +18,14 @@ from moto import mock_aws
 from common.aws import USER_AGENT, Aws, QueueDepth
 from common.config import Settings
 from common.failure_tags import MAX_ERROR_CHARS, failed_by, failure_from_tags, failure_tagging
-from common.messages import ClassifyRequest, ClassifyResponse, MessageError, Prediction
+from common.messages import (
+    MAX_ID_BYTES,
+    MAX_KEY_BYTES,
+    ClassifyRequest,
+    ClassifyResponse,
+    MessageError,
+    Prediction,
+)
 from common.names import instance_name, instance_number, object_key, safe_filename, stem
 from common.output_object import label_of, pair_text, read_result_metadata, result_metadata
 from common.provision import ProvisionError, provision
@@ -221,7 +228,9 @@ def test_the_result_a_worker_stores_in_metadata_reads_back_whole():
         "top5": [{"label": "tabby", "score": 0.75}, {"label": "tiger_cat", "score": 0.25}]}
 
 
-@pytest.mark.parametrize("raw", ["", "not json", "[1, 2]", '{"top5": [1]}', '{"top5": [["a", "x"]]}'])
+@pytest.mark.parametrize("raw", ["", "not json", "[1, 2]", '{"top5": [1]}', '{"top5": [["a", "x"]]}',
+                                 '{"label": "a", "score": 1' + "0" * 400 + "}",
+                                 '{"label": "a", "score": NaN}', '{"label": "a", "top5": [["a", 1e999]]}'])
 def test_metadata_without_a_readable_result_reads_as_none(raw):
     """The caller then reads the label from the object's text. A JSON list made the web
     tier answer 500 (AttributeError was not caught)."""
@@ -241,6 +250,50 @@ def test_foreign_messages_are_refused(body):
         ClassifyRequest.from_json(body)
     with pytest.raises(MessageError):
         ClassifyResponse.from_json(body)
+
+
+HUGE = int("1" + "0" * 400)  # float() of it overflows
+
+
+@pytest.mark.parametrize("number", [HUGE, float("nan"), float("inf")], ids=["400 digits", "nan", "inf"])
+def test_messages_whose_numbers_are_not_finite_numbers_are_foreign(number):
+    """A 400-digit sent_at raised OverflowError, not MessageError: the worker's receive
+    failed with it, and the nine requests received with it came back and failed again
+    until all were dead letters (reviewer)."""
+    request = json.loads(ClassifyRequest(id="x", bucket="b", key="k", filename="f.jpg").to_json())
+    with pytest.raises(MessageError):
+        ClassifyRequest.from_json(json.dumps({**request, "sent_at": number}))
+    response = json.loads(ClassifyResponse(id="x", filename="f", key="k", worker="w", untrained=True,
+                                           label="cat", score=0.5, top5=(Prediction("cat", 0.5),)).to_json())
+    for change in ({"finished_at": number}, {"score": number}, {"top5": [["cat", number]]}):
+        with pytest.raises(MessageError):
+            ClassifyResponse.from_json(json.dumps({**response, **change}))
+
+
+def sqs_takes(body: str) -> bool:
+    """Whether SQS takes `body`: only these characters may be in a message."""
+    return all(c in "\t\n\r" or 0x20 <= ord(c) <= 0xD7FF or 0xE000 <= ord(c) <= 0xFFFD or ord(c) >= 0x10000
+               for c in body)
+
+
+def test_answers_to_names_with_characters_sqs_refuses_raw_carry_them_escaped():
+    """U+FFFE and U+FFFF, sent escaped in a request (which SQS takes), came back raw in
+    its answer, which SQS refuses: the answers of its batch-mates failed with it (reviewer)."""
+    body = json.dumps({"v": 1, "id": "x", "bucket": "b", "key": "k\uffff", "filename": "f\ufffe.jpg",
+                       "sent_at": 1.0})
+    request = ClassifyRequest.from_json(body)
+    assert sqs_takes(request.to_json())
+    for answer in (ClassifyResponse(id=request.id, filename=request.filename, key=request.key, worker="i-1",
+                                    untrained=True, error="bad \uffff"),
+                   ClassifyResponse(id=request.id, filename=request.filename, key=request.key, worker="i-1",
+                                    untrained=True, label="cat", score=0.5)):
+        assert sqs_takes(answer.to_json())
+        back = ClassifyResponse.from_json(answer.to_json())
+        assert (back.filename, back.key) == ("f\ufffe.jpg", "k\uffff")
+    # Cut as escaped: the longest name, key and error still make an answer under the limit.
+    longest = ClassifyResponse(id="i" * MAX_ID_BYTES, filename="\uffff" * 200, key="k" * MAX_KEY_BYTES,
+                               worker="i-0123456789abcdef0", untrained=True, error="\ufffe" * 200)
+    assert len(longest.to_json().encode()) < 1024 and sqs_takes(longest.to_json())
 
 
 @pytest.mark.parametrize("change", [{"key": ""}, {"bucket": ""}, {"id": ["x5"]}, {"id": 5},

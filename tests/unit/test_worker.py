@@ -1137,10 +1137,12 @@ def test_a_message_that_is_not_a_request_is_dropped_and_its_batch_mates_served(a
     empty_key = json.dumps({**request, "key": ""})
     list_id = json.dumps({**request, "id": ["x"]})
     long_key = json.dumps({**request, "key": "k" * 900})
+    huge_sent_at = json.dumps({**request, "sent_at": int("1" + "0" * 400)})
     # The second exhausts json's recursion; the next two S3 would refuse to read, for ever;
-    # the last one's answer, echoing its key, would not fit in a message, and its batch's
-    # replies, sent together, had all failed.
-    for body in ("not json", "[" * 1000, empty_key, list_id, long_key):
+    # the next one's answer, echoing its key, would not fit in a message, and its batch's
+    # replies, sent together, had all failed; the last one's float() overflowed, which
+    # failed the whole receive, over and over (reviewer).
+    for body in ("not json", "[" * 1000, empty_key, list_id, long_key, huge_sent_at):
         aws.sqs.send_message(QueueUrl=aws.request_queue_url, MessageBody=body)
     worker = Worker(settings, aws, MeanClassifier(), "i-foreign")
     batch = worker.fetch()
