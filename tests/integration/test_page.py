@@ -1300,6 +1300,37 @@ def test_a_duplicated_tab_takes_a_sending_tab_closed_for_gone(stack, browser, tm
     assert "not stored by the tab that sent it" in text
 
 
+# The tab's messages to other tabs dropped while window.muted (a tab frozen or too busy
+# to answer); the page's channel is its own, its prototype's method is shared.
+MUTE_TABS = """
+window.muted = true;
+const realPost = BroadcastChannel.prototype.postMessage;
+BroadcastChannel.prototype.postMessage = function (message) {
+  if (!window.muted) realPost.call(this, message);
+};
+"""
+
+
+def test_a_sending_tab_taken_for_gone_that_answers_again_gets_its_rows_back(
+        stack, browser, reference_model, tmp_path):
+    """A sender silent for three asks has its unstored files failed in the tab following
+    it; when it answers again they are shown being sent again, and take their results."""
+    files = {f"revive_{i}.jpg": make_image(975 + i, size=(64, 48)) for i in range(2)}
+    send_holding(browser, stack, tmp_path, files, held=["revive_1.jpg"])
+    with second_tab(browser) as first:
+        def state_of(name: str) -> str | None:
+            return {n: state for n, state, _ in rows_shown(browser)}.get(name)
+
+        wait_for(lambda: state_of("revive_1.jpg") == "uploading", 30, "the held file shown being sent")
+        in_tab(browser, first, MUTE_TABS)
+        wait_for(lambda: state_of("revive_1.jpg") == "failed", 30, "the held file failed, its sender silent")
+        in_tab(browser, first, "window.muted = false;")
+        wait_for(lambda: state_of("revive_1.jpg") == "uploading", 30, "the held file shown being sent again")
+        in_tab(browser, first, "window.held = [];")
+        shown = finished_rows(browser, stack, 2, timeout_s=60)
+        assert_classified(shown, files, reference_model)
+
+
 def test_a_second_tab_on_the_batch_link_follows_it_while_another_tab_sends_it(
         stack, browser, reference_model, tmp_path):
     """A second tab on the batch's link stopped following it once the files it knew of
