@@ -142,7 +142,11 @@ class Submitter:
         except Exception:
             # An AWS outage must cost this file, not the service.
             log.exception("could not submit item %s", item.id)
-            if stored and not self._unstore(item.key):
+            # Deleted even when the put raised: S3 may have stored it all the same (an
+            # ambiguous 500, a timeout after the write), and a resend under its token
+            # then adopted it from S3, an item no request was ever sent for (reviewer).
+            unstored = self._unstore(item.key)
+            if stored and not unstored:
                 # Stored, with no message, and there to stay: queued later (requeue_unsent,
                 # once SQS answers), as one whose web tier died between the two steps is.
                 # So accepted: refused with "try again" (and Retry-After, which every 503
@@ -150,7 +154,13 @@ class Submitter:
                 self._retry_later(item.id, request)
                 return item
             self.book.discard(item.id)
-            self._end(item.id)
+            if unstored:
+                self._end(item.id)
+            else:
+                # Most likely never stored (S3 down for both): refused. Should it be there,
+                # requeue_unsent, which sends only what S3 has, queues it: classified, at
+                # worst as well as its resend, never left queued for ever.
+                self._retry_later(item.id, request)
             return UploadError(503, "could not be stored or queued; try again", upload.filename)
         self._end(item.id)
         return item
@@ -159,8 +169,8 @@ class Submitter:
         """Queue the images stored with no request sent; the number queued.
 
         They are those that web tiers killed between the two steps left in their
-        journals (adopted here), and those whose request failed and whose image
-        could not be deleted. Each one whose image is in the input bucket, and
+        journals (adopted here), and those whose put or request failed and whose
+        image could not be deleted. Each one whose image is in the input bucket, and
         whose result is not yet in the output bucket, is sent: at worst a second
         time, if its process was killed just after sending it. One that cannot be
         sent now is tried again at the next call.
@@ -208,7 +218,7 @@ class Submitter:
             self.journal.end(item_id)
 
     def _unstore(self, key: str) -> bool:
-        """Delete the object of an upload that was refused; whether it is gone."""
+        """Delete the object of an upload that was refused, if S3 has it; whether it is gone."""
         try:
             self.aws.s3.delete_object(Bucket=self.aws.settings.input_bucket, Key=key)
         except Exception:

@@ -667,6 +667,34 @@ def test_a_token_whose_file_could_not_be_stored_is_free_to_send_again(make_web_a
     assert len(stored_keys(web_aws, batch_id)) == 1
 
 
+def test_a_store_that_fails_after_s3_wrote_the_object_leaves_nothing_to_adopt(
+        make_web_app, web_aws, monkeypatch):
+    """S3 stored the object and the put still failed (an ambiguous 500, a timeout after
+    the write): the 503 said nothing was stored, and the object, left there with its
+    token, was adopted by the resend, answered "again" with an item no request was
+    ever sent for (reviewer): queued for ever."""
+    import web_tier.submit
+
+    client = make_web_app(start_background=False).test_client()
+    batch_id, files = "e" * 32, [(make_image(743), "a.jpg")]
+    real_put = web_tier.submit.put_input
+
+    def store_then_fail(*args, **kwargs):
+        real_put(*args, **kwargs)
+        raise ConnectionError("read timeout after the object was written")
+
+    monkeypatch.setattr(web_tier.submit, "put_input", store_then_fail)
+    refused = send_with_tokens(client, batch_id, files, ["0"])
+    assert refused.status_code == 503 and refused.headers["Retry-After"]
+    assert stored_keys(web_aws, batch_id) == []  # as the 503 says
+    monkeypatch.setattr(web_tier.submit, "put_input", real_put)
+    again = send_with_tokens(client, batch_id, files, ["0"])
+    assert again.status_code == 202 and "again" not in again.get_json()["items"][0]
+    got = web_aws.sqs.receive_message(QueueUrl=web_aws.request_queue_url, MaxNumberOfMessages=10)
+    assert [ClassifyRequest.from_json(m["Body"]).id for m in got["Messages"]] == [
+        again.get_json()["items"][0]["id"]]
+
+
 def test_a_batch_of_which_nothing_was_stored_is_gone_at_once(make_web_app, web_aws, monkeypatch):
     """It answered 200 with no items until the next restart, which the page does not
     drop (it drops a batch on 404), and such batches piled up in an outage (explorer)."""

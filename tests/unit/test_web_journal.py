@@ -179,6 +179,41 @@ def test_a_refused_upload_whose_image_cannot_be_deleted_is_queued_later(make_web
     assert services_of(app).journal.pending() == {}
 
 
+@pytest.mark.parametrize("s3_wrote_it", [True, False])
+def test_a_store_that_failed_and_cannot_be_undone_is_queued_later_if_s3_has_it(
+        make_web_app, web_aws, tmp_path, monkeypatch, s3_wrote_it):
+    """A put that raises may have stored its object (an ambiguous 500, a timeout after
+    the write): deleted, nothing is left; when the deletion fails too, the request is
+    kept unsent, and queued once S3 answers if the object is there (reviewer)."""
+    import web_tier.submit
+
+    app = make_web_app(web_journal_dir=str(tmp_path), start_background=False)
+    submitter, journal = services_of(app).submitter, services_of(app).journal
+    real_put = web_tier.submit.put_input
+
+    def failing_put(*args, **kwargs):
+        if s3_wrote_it:
+            real_put(*args, **kwargs)
+        raise ConnectionError("S3 is down")
+
+    def cannot_delete(**kwargs) -> None:
+        raise ConnectionError("S3 is down")
+
+    monkeypatch.setattr(web_tier.submit, "put_input", failing_put)
+    s3 = submitter.aws.s3
+    s3.delete_object = cannot_delete
+    form = {"files": [(io.BytesIO(make_image(1)), "a.jpg")], "batch_id": "a" * 32, "create": "1"}
+    reply = app.test_client().post("/api/jobs", data=form, content_type="multipart/form-data")
+    assert reply.status_code == 503
+    assert len(journal.pending()) == 1  # on disk, should this process die
+
+    monkeypatch.setattr(web_tier.submit, "put_input", real_put)
+    del s3.delete_object  # the client's own again
+    assert submitter.requeue_unsent() == int(s3_wrote_it)
+    assert [r.filename for r in queued_requests(web_aws)] == (["a.jpg"] if s3_wrote_it else [])
+    assert journal.pending() == {}
+
+
 def test_an_upload_in_flight_when_its_web_tier_dies_is_queued_by_the_next(make_web_app, web_aws, tmp_path):
     # The first web tier stores the image, then dies before its request is sent.
     dying = make_web_app(web_journal_dir=str(tmp_path), start_background=False)
