@@ -8,6 +8,7 @@ response, a client sees exactly one answer.
 
 from __future__ import annotations
 
+import logging
 import queue
 import re
 import threading
@@ -23,6 +24,8 @@ QUEUED, DONE, FAILED = "queued", "done", "failed"
 FINISHED = (DONE, FAILED)
 
 _HEX32 = re.compile(r"[0-9a-f]{32}")
+
+log = logging.getLogger(__name__)
 
 
 def is_batch_id(value: str) -> bool:
@@ -273,14 +276,20 @@ class ResultBook:
     def _finish(self, incoming: Item, untrained: bool | None) -> Item | None:
         with self._lock:
             item = self._items.get(incoming.id)
+            if item is None and incoming.batch_id is None:
+                # No item of this service's: its key names no batch (anyone who may send
+                # to the request queue can make one). Kept, no eviction would ever forget
+                # it, and it would crowd out real batches and swell the totals.
+                log.warning("ignored an outcome for item %s: its key %r names no batch",
+                            incoming.id, incoming.key)
+                return None
             if item is None:
                 # Unknown id (e.g. answered after a restart): keep it so a later
                 # GET shows it; its batch stays incomplete until rebuilt from S3.
                 item = incoming
                 self._number(item)
                 self._items[item.id] = item
-                if item.batch_id:
-                    self._batch(item.batch_id).item_ids.append(item.id)
+                self._batch(incoming.batch_id).item_ids.append(item.id)
             elif item.is_finished:
                 if not item.provisional or incoming.provisional:
                     return None

@@ -185,6 +185,23 @@ def test_eviction_skips_unfinished_batches_and_forgets_only_what_it_must():
     assert [b for b in batches if book.batch(b) is not None] == [batches[0], batches[4], batches[5]]
 
 
+def test_answers_for_keys_outside_any_batch_are_not_kept_or_counted():
+    """Anyone allowed to send to the request queue can make one (a key not starting with
+    a batch id): kept, no eviction ever forgot it, and each crowded out real batches
+    and swelled the totals (reviewer)."""
+    book = ResultBook(max_items=2)
+    book.add(BATCH, [Item("a", BATCH, "a.jpg")])
+    book.fail("a", "x")
+    for n in range(5):
+        foreign = ClassifyResponse(id=f"{n:032x}", filename="x.jpg", key=f"foreign/{n}.jpg",
+                                   worker="w", untrained=False, label="cat", score=0.5)
+        assert book.record(foreign) is None
+        assert book.fail(f"{n + 10:032x}", "dead letter", key=f"foreign/{n}.jpg") is None
+    assert list(book._items) == ["a"]
+    assert book.batch(BATCH) is not None
+    assert book.totals() == {"uploaded": 1, "answered": 0, "failed": 1}
+
+
 def test_a_batch_just_rebuilt_is_not_forgotten_at_once_with_its_tokens():
     """A book full of queued work: the finished batch just rebuilt from S3 was the only
     one it could forget, and was, at once; a resend under a token it held then found no
