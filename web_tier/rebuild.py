@@ -35,7 +35,12 @@ def rebuild_item(aws: Aws, batch_id: str, key: str) -> Item | None:
     if len(parts) != 3:
         return None
     _, item_id, safe_name = parts
-    filename, token = read_name_and_token(aws, key)
+    stored = read_name_and_token(aws, key)
+    if stored is None:
+        # Deleted since it was listed (an upload refused meanwhile, its object removed):
+        # left out, as a batch listed a moment later would leave it, not failing the rebuild.
+        return None
+    filename, token = stored
     return with_stored_outcome(aws, Item(item_id, batch_id, filename or safe_name, key, token=token))
 
 

@@ -45,8 +45,11 @@ def tag_failed(aws: Aws, key: str, reason: str) -> None:
     aws.s3.put_object_tagging(Bucket=aws.settings.input_bucket, Key=key, Tagging=failure_tagging(reason))
 
 
-def read_name_and_token(aws: Aws, key: str) -> tuple[str | None, str]:
-    """An input object's original file name (None if it has none) and client token ("" if none)."""
-    stored = aws.s3.head_object(Bucket=aws.settings.input_bucket, Key=key)  # raises if there is none
+def read_name_and_token(aws: Aws, key: str) -> tuple[str | None, str] | None:
+    """An input object's original file name (None if it has none) and client token ("" if
+    none); None if there is no such object."""
+    stored = head(aws, aws.settings.input_bucket, key)
+    if stored is None:
+        return None
     metadata = stored.get("Metadata", {})
     return original_filename(metadata), metadata.get(CLIENT_TOKEN_META, "")

@@ -335,6 +335,26 @@ def test_fresh_app_rebuilds_a_batch_from_s3(make_web_app, fake_worker, web_aws):
     assert len(fresh.get(f"/api/jobs/{batch_id}").get_json()["items"]) == 4
 
 
+def test_an_object_deleted_while_its_batch_is_rebuilt_is_left_out(make_web_app, web_aws, monkeypatch):
+    """Gone between the listing and its HEAD (an upload refused and its object deleted
+    meanwhile), it failed the whole rebuild: the batch answered 503 (reviewer)."""
+    import web_tier.rebuild as rebuild_module
+
+    files = [(make_image(56), "a.jpg"), (make_image(57), "gone.jpg")]
+    batch_id = upload(make_web_app(start_background=False).test_client(), files).get_json()["batch_id"]
+    real_list = rebuild_module.list_keys
+
+    def list_then_one_is_deleted(aws, batch):
+        keys = real_list(aws, batch)
+        aws.s3.delete_object(Bucket=aws.settings.input_bucket, Key=keys[1])
+        return keys
+
+    monkeypatch.setattr(rebuild_module, "list_keys", list_then_one_is_deleted)
+    rebuilt = make_web_app(start_background=False).test_client().get(f"/api/jobs/{batch_id}")
+    assert rebuilt.status_code == 200, rebuilt.get_json()
+    assert [i["filename"] for i in rebuilt.get_json()["items"]] == ["a.jpg"]
+
+
 def test_a_batch_is_rebuilt_once_however_many_ask_and_holds_up_no_upload(make_web_app, monkeypatch):
     """A page polling a 1,500-item batch across a restart started a whole rebuild every
     2 s on the upload pool: 2-file uploads behind them took a minute (explorer)."""
