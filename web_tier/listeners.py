@@ -6,6 +6,9 @@ where requests land after MAX_RECEIVE_COUNT receives that each ended unanswered
 deleted only after it is recorded, so a crash in between means a redelivery:
 ignored as a duplicate by a book that has it, or kept, after a restart, for the
 GET that rebuilds its batch from S3.
+
+They stop once the book closes (SIGTERM), and leave in the queue what they receive
+then: in a reload, the old process's last polls must not take the new one's answers.
 """
 
 from __future__ import annotations
@@ -65,7 +68,9 @@ class Listeners:
 
     def _run(self, poll: Callable[[], None]) -> None:
         backoff = MIN_BACKOFF_S
-        while not self._stop.is_set():
+        # The book closing (SIGTERM) ends them too: nobody here waits for answers any
+        # more, and during a reload the answers in the shared queues are the new process's.
+        while not (self._stop.is_set() or self.book.closing.is_set()):
             try:
                 poll()
                 backoff = MIN_BACKOFF_S
@@ -80,7 +85,16 @@ class Listeners:
         answer = self.aws.sqs.receive_message(
             QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=self.wait_s
         )
-        return answer.get("Messages", [])
+        messages = answer.get("Messages", [])
+        if messages and self.book.closing.is_set():
+            # Received by a poll in flight when the book closed: recorded here and deleted,
+            # they were lost to the process that serves on (its items queued for ever).
+            # Left, they come back after the queue's visibility timeout. (Handed back at
+            # once, they would need sqs:ChangeMessageVisibility, which the web role lacks.)
+            log.info("left %d messages received while stopping to the process that serves on",
+                     len(messages))
+            return []
+        return messages
 
     def _delete(self, queue_url: str, messages: list[dict]) -> None:
         if not messages:

@@ -214,6 +214,20 @@ def test_a_dead_letter_for_a_deleted_object_is_done_with(web_app, web_aws):
     wait_until(lambda: dead_letters_left(web_aws) == 0)
 
 
+def test_a_stopping_web_tier_leaves_the_answers_to_the_process_that_serves(make_web_app, web_aws):
+    """Its listeners went on after SIGTERM, deleting answers that, during a reload,
+    were the new process's (reviewer)."""
+    old = make_web_app()
+    services_of(old).book.close()  # SIGTERM
+    wait_until(lambda: not services_of(old).listeners.running)
+    answer = ClassifyResponse(id="a" * 32, filename="x.jpg", key=f"{'b' * 32}/{'a' * 32}/x.jpg",
+                              worker="w", untrained=False, label="cat", score=0.5)
+    web_aws.sqs.send_message(QueueUrl=web_aws.response_queue_url, MessageBody=answer.to_json())
+    new = make_web_app()
+    wait_until(lambda: services_of(new).book.get("a" * 32) is not None)
+    assert services_of(old).book.get("a" * 32) is None
+
+
 def test_a_dead_letter_that_names_no_object_is_dropped_not_retried_for_ever(web_app, web_aws):
     """An explorer's hand-made request with an empty key: S3's client refused it before
     sending, and the web tier logged a traceback every 30 s while it stayed queued."""

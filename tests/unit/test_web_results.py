@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from common.config import Settings
-from common.messages import ClassifyResponse
+from common.messages import ClassifyRequest, ClassifyResponse
 from tests.unit.conftest import wait_until
 from web_tier.listeners import Listeners
 from web_tier.results import Item, ResultBook, batch_id_of, is_batch_id
@@ -272,6 +272,31 @@ def test_malformed_responses_are_dropped_not_retried_forever():
     Listeners(aws, book).poll_responses()  # type: ignore[arg-type]
     assert [e["ReceiptHandle"] for e in deleted] == ["r1", "r2"]
     assert book.get("a").state == "done"
+
+
+def test_a_closing_books_listeners_leave_what_they_receive_and_stop():
+    """After SIGTERM they went on taking answers from the shared queues, recording them
+    in the closed book and deleting them: during a reload the new process's answers
+    were lost to it, its items queued for ever (reviewer)."""
+    dead_letter = ClassifyRequest(id="d" * 32, bucket="in", key=f"{BATCH}/{'d' * 32}/d.jpg", filename="d.jpg")
+    bodies = {"responses": response("a").to_json(), "dead": dead_letter.to_json()}
+    deleted = []
+    sqs = SimpleNamespace(
+        receive_message=lambda QueueUrl, **kw: {
+            "Messages": [{"Body": bodies[QueueUrl], "ReceiptHandle": QueueUrl}]},
+        delete_message_batch=lambda QueueUrl, Entries: deleted.extend(Entries) or {},
+    )
+    aws = SimpleNamespace(sqs=sqs, response_queue_url="responses", dead_letter_queue_url="dead")
+    book = book_with("a", "d" * 32)
+    book.close()  # SIGTERM, with a receive in flight
+    listeners = Listeners(aws, book)  # type: ignore[arg-type]
+    listeners.poll_responses()
+    listeners.poll_dead_letters()
+    assert deleted == []
+    assert book.get("a").state == book.get("d" * 32).state == "queued"
+
+    listeners.start()
+    wait_until(lambda: not listeners.running)
 
 
 def test_an_event_id_covers_every_item_that_finished_before_it(monkeypatch):
