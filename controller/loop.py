@@ -14,8 +14,8 @@ in a small dataclass below that says what a restart loses:
     it, with the failed instances already seen and those there were when the hold
     began (a later wave lengthens the hold, the same one does not);
 (4) ReadinessClock: when it first saw each instance whose worker has not yet said it
-    serves, on its own clock (EC2's launch time would do, but for a controller whose
-    clock is off);
+    serves, on its own monotonic clock (EC2's launch time would do, but for a
+    controller whose clock is off);
 (5) Refusals: instances EC2 refused to terminate, kept for last when scaling in;
 (6) UnansweredLaunches: launches that got no reply in the last few minutes, repeated
     as they were (same ClientToken) so that EC2 returns the instance it may have started.
@@ -125,18 +125,22 @@ class RecentLaunches:
     does, so that a launch is not repeated for the same work. Lost on restart, they are
     listed by EC2 within seconds; a restart in those seconds could launch once more."""
 
-    by_id: dict[str, Instance] = field(default_factory=dict)
+    # Each with the monotonic time of its launch; its launched_at is wall time, as EC2's.
+    by_id: dict[str, tuple[Instance, float]] = field(default_factory=dict)
 
-    def add(self, launched: dict[int, str], at: float) -> None:
+    def add(self, launched: dict[int, str], at: float, clock: float) -> None:
         for n, iid in launched.items():
-            self.by_id[iid] = Instance(id=iid, number=n, state="pending", launched_at=at)
+            self.by_id[iid] = (Instance(id=iid, number=n, state="pending", launched_at=at), clock)
 
-    def keep_unlisted(self, listed: set[str], at: float) -> None:
+    def keep_unlisted(self, listed: set[str], clock: float) -> None:
         """Forgets those EC2 lists now, and those launched too long ago."""
         self.by_id = {
-            iid: inst for iid, inst in self.by_id.items()
-            if iid not in listed and at - inst.launched_at < RECENT_LAUNCH_MEMORY_S
+            iid: (inst, t) for iid, (inst, t) in self.by_id.items()
+            if iid not in listed and clock - t < RECENT_LAUNCH_MEMORY_S
         }
+
+    def instances(self) -> tuple[Instance, ...]:
+        return tuple(inst for inst, _ in self.by_id.values())
 
     def forget(self, iid: str) -> None:
         self.by_id.pop(iid, None)
@@ -202,18 +206,19 @@ class LaunchHold:
             elif any(i.id not in self.present_at_failure for i in new):
                 self.hold_s = min(self.hold_s * 2, max_s)
                 self.present_at_failure = {i.id for i in obs.instances}
-            self.last_failure_at = obs.at
+            self.last_failure_at = obs.clock
         return new
 
-    def holds(self, at: float) -> bool:
-        return at - self.last_failure_at < self.hold_s
+    def holds(self, clock: float) -> bool:
+        return clock - self.last_failure_at < self.hold_s
 
 
 @dataclass
 class ReadinessClock:
     """When this controller first saw each live instance whose worker has not yet said it
-    serves, on its own clock (EC2's launch time would do, but for a controller whose clock
-    is off): one silent for READY_DEADLINE is counted as failed. Lost on restart, it starts
+    serves, on its own monotonic clock (EC2's launch time would do, but for a controller
+    whose clock is off, and a step of the wall clock would fail them all at once): one
+    silent for READY_DEADLINE is counted as failed. Lost on restart, it starts
     again: a restarted controller gives each silent instance a whole READY_DEADLINE again."""
 
     first_seen: dict[str, float] = field(default_factory=dict)
@@ -311,7 +316,7 @@ class Controller:
                           keep_last=frozenset(self.refusals.ids))
         self._record(obs, decision)
         if decision.changes_anything and not self.dry_run:
-            self._act(decision, obs.at)
+            self._act(decision, obs)
         return decision
 
     def _wanted_recently(self, obs: Observation) -> int | None:
@@ -321,17 +326,17 @@ class Controller:
         window = self.policy.scale_in_cooldown_s
         if window <= 0:
             return None
-        return self.scale_in_window.peak(obs.at, desired_count(obs, self.policy)[0], len(obs.live), window)
+        return self.scale_in_window.peak(obs.clock, desired_count(obs, self.policy)[0], len(obs.live), window)
 
     def _with_readiness(self, obs: Observation) -> Observation:
         """The observation, with each instance watched for READY_DEADLINE without its
         worker saying it serves counted as failed: it never will (see common/fleet.py)."""
         deadline = self.settings.ready_deadline_s
         silent = [i for i in obs.live if not i.ready and not i.worker_failed]
-        self.readiness.watch([i.id for i in silent], obs.at)
+        self.readiness.watch([i.id for i in silent], obs.clock)
         if deadline <= 0:
             return obs
-        overdue = {i.id for i in silent if self.readiness.silent_for(i.id, obs.at) > deadline}
+        overdue = {i.id for i in silent if self.readiness.silent_for(i.id, obs.clock) > deadline}
         if not overdue:
             return obs
         reason = f"not serving {deadline:g}s after it was first seen"
@@ -349,11 +354,11 @@ class Controller:
                 ", ".join(f"{instance_name(i.number)} ({i.id}): {i.worker_failed}" for i in new),
                 "left (dry run)" if self.dry_run else "terminated", hold.hold_s,
             )
-        return hold.holds(obs.at)
+        return hold.holds(obs.clock)
 
     def _with_recent_launches(self, obs: Observation) -> Observation:
         recent = self.recent_launches
-        recent.keep_unlisted({i.id for i in obs.instances}, obs.at)
+        recent.keep_unlisted({i.id for i in obs.instances}, obs.clock)
         if not recent.by_id:
             return obs
         # One that went straight to terminated (no capacity, a volume it could not
@@ -361,22 +366,22 @@ class Controller:
         # memory ran out, it held up its replacement and stood in for a scale-in victim.
         for iid in terminated(self.aws, list(recent.by_id)):
             recent.forget(iid)
-        return replace(obs, instances=obs.instances + tuple(recent.by_id.values()))
+        return replace(obs, instances=obs.instances + recent.instances())
 
-    def _act(self, decision: Decision, now: float) -> None:
+    def _act(self, decision: Decision, obs: Observation) -> None:
         # Terminations first: a launch that fails ends the round (LaunchError), and
         # the instances no longer needed would wait for the next one.
         self._terminate(decision.terminate, "the fleet no longer needs it")
         self._terminate(decision.clean_up, "it serves nobody (stopped, or its worker gave up)")
         if decision.launch:
             try:
-                ids = launch(self.aws, self.settings, decision.launch, self.unanswered.calls(now))
+                ids = launch(self.aws, self.settings, decision.launch, self.unanswered.calls(obs.clock))
             except LaunchError as exc:
-                self._remember(exc.launched, now)
-                self.unanswered.note(exc.launched, exc.unanswered, now)
+                self._remember(exc.launched, obs)
+                self.unanswered.note(exc.launched, exc.unanswered, obs.clock)
                 raise
-            self._remember(ids, now)
-            self.unanswered.note(ids, {}, now)
+            self._remember(ids, obs)
+            self.unanswered.note(ids, {}, obs.clock)
 
     def _terminate(self, instance_ids: tuple[str, ...], why: str) -> None:
         """Terminate these instances; one that EC2 refuses for a reason of its own fails
@@ -414,10 +419,10 @@ class Controller:
             return False
         return True
 
-    def _remember(self, launched: dict[int, str], now: float) -> None:
-        self.recent_launches.add(launched, now)
+    def _remember(self, launched: dict[int, str], obs: Observation) -> None:
+        self.recent_launches.add(launched, obs.at, obs.clock)
         for iid in launched.values():
-            self.readiness.launched(iid, now)
+            self.readiness.launched(iid, obs.clock)
 
     def _record(self, obs: Observation, decision: Decision) -> None:
         """The round in the timeline (and the --timeline CSV), and in the log if it is news."""

@@ -11,7 +11,12 @@ from common.fleet import LIVE_STATES, Instance, app_tier_instances
 
 @dataclass(frozen=True)
 class Observation:
+    # Wall time (time.time()): the timeline's, and a launch's launched_at, as EC2's LaunchTime.
     at: float
+    # Monotonic time (time.monotonic()): every duration is measured on it, as a step of
+    # the wall clock (NTP correcting a wrong clock, a hand) would fail every booting
+    # instance at once, or end a hold early, or stretch it.
+    clock: float
     visible: int
     in_flight: int
     delayed: int
@@ -42,9 +47,11 @@ class Observation:
 
 
 def observe(aws: Aws, now: float | None = None) -> Observation:
+    """What SQS and EC2 say; `now` (tests) stands for both clocks."""
     depth = aws.queue_depth(aws.request_queue_url)
     return Observation(
         at=time.time() if now is None else now,
+        clock=time.monotonic() if now is None else now,
         visible=depth.visible,
         in_flight=depth.in_flight,
         delayed=depth.delayed,

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from botocore.awsrequest import AWSResponse
@@ -367,6 +368,31 @@ def test_an_instance_that_never_serves_is_replaced_after_the_ready_deadline(aws,
     # A new controller (restarted) gives the replacement, and any silent one, a whole deadline.
     fresh = make_controller()
     assert fresh.step(now=t + 2 * deadline).changes_anything is False
+
+
+def test_a_step_of_the_wall_clock_neither_fails_a_booting_instance_nor_ends_a_hold(
+        aws, make_controller, patch):
+    """Durations run on the monotonic clock: the wall clock stepping forward by more than
+    READY_DEADLINE (NTP correcting a host whose clock was wrong) fails no booting instance
+    and ends no hold; stepping back holds nothing longer. The timeline keeps wall time."""
+    wall, mono = 1_700_000_000.0, 50.0
+    patch.setattr("controller.observe.time", SimpleNamespace(time=lambda: wall, monotonic=lambda: mono))
+    send(aws, 2)
+    controller = make_controller(failure_hold_min_s=10.0)
+    assert len(controller.step().launch) == 2
+    failed, booting = instances(aws)
+    report_worker_failed(aws, failed["InstanceId"], "model-unavailable")
+    wall, mono = wall + 1, mono + 1
+    assert controller.step().clean_up == (failed["InstanceId"],)  # a hold of 10 s begins
+
+    wall, mono = wall + aws.settings.ready_deadline_s + 60, mono + 1
+    decision = controller.step()
+    assert decision.clean_up == () and "launches held" in decision.reason
+    assert booting["InstanceId"] in [i["InstanceId"] for i in instances(aws)]
+    assert controller.timeline[-1]["time"] == wall
+
+    wall, mono = wall - 86400, mono + 9  # the hold is over: 10 s after the failure
+    assert len(controller.step().launch) == 1
 
 
 def test_ready_deadline_0_counts_no_silent_instance_as_failed(aws, make_controller):

@@ -20,7 +20,7 @@ def obs(visible=0, in_flight=0, delayed=0, pending=0, running=0, stopped=0, shut
             n += 1
             instances.append(Instance(id=f"i-{n:04d}", number=n, state=state, launched_at=float(n),
                                       ready=ready))
-    return Observation(at=at, visible=visible, in_flight=in_flight, delayed=delayed,
+    return Observation(at=at, clock=at, visible=visible, in_flight=in_flight, delayed=delayed,
                        instances=tuple(instances))
 
 
@@ -103,14 +103,14 @@ def test_scale_in_never_picks_a_failed_instance_as_a_victim():
 
 
 def test_launch_numbers_fill_gaps_and_never_reuse_a_live_name():
-    observation = Observation(at=0, visible=4, in_flight=0, delayed=0, instances=(
+    observation = Observation(at=0, clock=0, visible=4, in_flight=0, delayed=0, instances=(
         Instance("i-a", 1, "running", 0), Instance("i-b", 3, "pending", 0),
         Instance("i-c", 4, "shutting-down", 0)))
     assert decide(observation, BACKLOG).launch == (2, 5)
 
 
 def test_scale_in_removes_pending_first_then_newest():
-    observation = Observation(at=0, visible=0, in_flight=1, delayed=0, instances=(
+    observation = Observation(at=0, clock=0, visible=0, in_flight=1, delayed=0, instances=(
         Instance("i-old", 1, "running", 10), Instance("i-new", 2, "running", 20),
         Instance("i-pend", 3, "pending", 5)))
     assert decide(observation, BACKLOG).terminate == ("i-pend", "i-new")
@@ -177,7 +177,8 @@ def test_scale_in_takes_an_instance_whose_worker_has_not_received_before_one_tha
     a ready one launched later may hold a batch."""
     booting = Instance(id="i-boot", number=2, state="running", launched_at=100.0)
     serving = Instance(id="i-busy", number=1, state="running", launched_at=200.0, ready=True)
-    observation = Observation(at=1000.0, visible=0, in_flight=1, delayed=0, instances=(booting, serving))
+    observation = Observation(at=1000.0, clock=1000.0, visible=0, in_flight=1, delayed=0,
+                              instances=(booting, serving))
     assert decide(observation, BACKLOG).terminate == ("i-boot",)
 
 

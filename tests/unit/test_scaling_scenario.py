@@ -34,8 +34,8 @@ class World:
 
     def observation(self) -> Observation:
         return Observation(
-            at=self.now, visible=self.visible, in_flight=sum(i.holding for i in self.instances.values()),
-            delayed=0,
+            at=self.now, clock=self.now, visible=self.visible,
+            in_flight=sum(i.holding for i in self.instances.values()), delayed=0,
             instances=tuple(Instance(i.id, i.number, self._state(i), i.launched_at)
                             for i in self.instances.values()))
 
