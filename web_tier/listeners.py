@@ -89,12 +89,23 @@ class Listeners:
         if messages and self.book.closing.is_set():
             # Received by a poll in flight when the book closed: recorded here and deleted,
             # they were lost to the process that serves on (its items queued for ever).
-            # Left, they come back after the queue's visibility timeout. (Handed back at
-            # once, they would need sqs:ChangeMessageVisibility, which the web role lacks.)
-            log.info("left %d messages received while stopping to the process that serves on",
-                     len(messages))
+            # Handed back at once; if that fails, they come back after the queue's
+            # visibility timeout all the same.
+            self._hand_back(queue_url, messages)
             return []
         return messages
+
+    def _hand_back(self, queue_url: str, messages: list[dict]) -> None:
+        entries = [{"Id": str(n), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": 0}
+                   for n, m in enumerate(messages)]
+        try:
+            self.aws.sqs.change_message_visibility_batch(QueueUrl=queue_url, Entries=entries)
+        except (ClientError, BotoCoreError) as exc:
+            log.warning("could not hand back %d messages received while stopping (%s): they "
+                        "come back after the queue's visibility timeout", len(messages), exc)
+            return
+        log.info("handed back %d messages received while stopping, for the process that serves on",
+                 len(messages))
 
     def _delete(self, queue_url: str, messages: list[dict]) -> None:
         if not messages:

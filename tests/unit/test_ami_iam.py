@@ -130,7 +130,8 @@ def needs(tier: str, prefix: str) -> set[tuple[str, str]]:
             *((a, n[q]) for q in ("req", "resp", "dlq")
               for a in ("sqs:GetQueueUrl", "sqs:GetQueueAttributes")),
             ("sqs:SendMessage", n["req"]),
-            *((a, n[q]) for q in ("resp", "dlq") for a in ("sqs:ReceiveMessage", "sqs:DeleteMessage")),
+            *((a, n[q]) for q in ("resp", "dlq") for a in ("sqs:ReceiveMessage", "sqs:DeleteMessage",
+                                                            "sqs:ChangeMessageVisibility")),
             ("ec2:DescribeInstances", "*"),
         ],
         "provision": [

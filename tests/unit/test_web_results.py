@@ -280,11 +280,13 @@ def test_a_closing_books_listeners_leave_what_they_receive_and_stop():
     were lost to it, its items queued for ever (reviewer)."""
     dead_letter = ClassifyRequest(id="d" * 32, bucket="in", key=f"{BATCH}/{'d' * 32}/d.jpg", filename="d.jpg")
     bodies = {"responses": response("a").to_json(), "dead": dead_letter.to_json()}
-    deleted = []
+    deleted, handed_back = [], []
     sqs = SimpleNamespace(
         receive_message=lambda QueueUrl, **kw: {
             "Messages": [{"Body": bodies[QueueUrl], "ReceiptHandle": QueueUrl}]},
         delete_message_batch=lambda QueueUrl, Entries: deleted.extend(Entries) or {},
+        change_message_visibility_batch=lambda QueueUrl, Entries: handed_back.extend(
+            (e["ReceiptHandle"], e["VisibilityTimeout"]) for e in Entries) or {},
     )
     aws = SimpleNamespace(sqs=sqs, response_queue_url="responses", dead_letter_queue_url="dead")
     book = book_with("a", "d" * 32)
@@ -293,6 +295,7 @@ def test_a_closing_books_listeners_leave_what_they_receive_and_stop():
     listeners.poll_responses()
     listeners.poll_dead_letters()
     assert deleted == []
+    assert handed_back == [("responses", 0), ("dead", 0)]  # visible again at once
     assert book.get("a").state == book.get("d" * 32).state == "queued"
 
     listeners.start()
