@@ -17,8 +17,9 @@ every half second to record how many app-tier instances were pending or running.
 
 It only talks to the URL it is given, sends a bounded number of requests, and
 gives each one at most `--timeout` seconds. The exit code is 0 when every
-request was answered and no answer was wrong, 1 otherwise (or when a report
-asked for with --json or --plot could not be written), 2 on bad usage.
+request was answered, no answer was wrong and, with --expected, at least one was
+checked; 1 otherwise (or when a report asked for with --json or --plot could not
+be written); 2 on bad usage (also an --expected CSV naming none of the images sent).
 
 Ctrl-C stops sending and waits for the requests in flight; a second Ctrl-C
 quits at once, still printing what was answered so far.
@@ -533,6 +534,8 @@ class Report:
     interrupted: bool = False
     abandoned: int = 0  # requests in flight at the second Ctrl-C, left unanswered
     idempotency_keys: bool = False  # uploads cut off mid-request were sent again too
+    # Answers were to be checked against an --expected CSV: a run that checked none is no PASS.
+    checked_against_csv: bool = False
 
     def _count(self, verdict: str) -> int:
         return sum(1 for o in self.outcomes if o.verdict == verdict)
@@ -602,12 +605,18 @@ class Report:
         return max((n for _, n in self.instance_samples), default=None)
 
     @property
+    def checked_nothing(self) -> bool:
+        """An --expected CSV was given, and not one answer was checked against it."""
+        return self.checked_against_csv and self.correct + self.wrong == 0
+
+    @property
     def ok(self) -> bool:
         return (
             not self.interrupted
             and self.sent == self.planned
             and self.failed == 0
             and self.wrong == 0
+            and not self.checked_nothing
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -1281,13 +1290,18 @@ def run_load(
         images = list_images(config.images)
     if expected is None:
         expected = read_expected(config.expected) if config.expected else {}
-    if config.expected and not any(image_key(p.name) in expected for p in images):
-        # Every answer would be "unchecked", and the run a PASS that checked nothing.
-        raise LoadTestError(f"{config.expected} names none of the {len(images)} images in "
-                            f"{config.images} (it names {', '.join(sorted(expected)[:3]) or 'none'}"
-                            f"{', ...' if len(expected) > 3 else ''})")
     total = config.num_requests if config.num_requests is not None else len(images)
     plan = [images[i % len(images)] for i in range(total)]
+    sending = {sendable_name(p) for p in plan}  # as judge names them
+    if config.expected and not any(image_key(name) in expected for name in sending):
+        # Every answer would be "unchecked", and the run a PASS that checked nothing. The
+        # images sent, not those in the folder: --num-requests may send only a few of them.
+        which = (f"the {len(images)} images in {config.images}" if len(sending) == len(images) else
+                 f"the {len(sending)} images --num-requests {total} sends of the {len(images)} "
+                 f"in {config.images}")
+        named = ", ".join(sorted(expected)[:3]) or "none"
+        raise LoadTestError(f"{config.expected} names none of {which} (it names {named}"
+                            f"{', ...' if len(expected) > 3 else ''})")
     check_reachable(config.url)
 
     stop = threading.Event()
@@ -1364,6 +1378,7 @@ def run_load(
         interrupted=interrupted,
         abandoned=abandoned,
         idempotency_keys=config.idempotency_keys,
+        checked_against_csv=config.expected is not None,
     )
 
 
@@ -1394,6 +1409,8 @@ def result_line(report: Report) -> str:
         reasons.append(f"{report.planned - report.sent} not sent")
     if report.interrupted:
         reasons.append("interrupted")
+    if report.checked_nothing:
+        reasons.append("none checked: the expected CSV names no image answered")
     return f"RESULT: FAIL ({', '.join(reasons)})"
 
 

@@ -1250,3 +1250,40 @@ def test_expected_results_that_name_none_of_the_images_are_refused_before_anythi
     assert code == 2
     assert f"{csv_path} names none of the 2 images in {images} (it names bar, foo)" in capsys.readouterr().err
     assert not [p for p in tier.paths if p != "/api/status"]  # no image sent
+
+
+def test_expected_results_that_name_none_of_the_images_sent_are_refused_before_anything_is_sent(
+    tier, tmp_path, capsys
+):
+    """The CSV was checked against every image in the folder: with --num-requests 2 of
+    a, b, c and a CSV naming only c, the run sent a and b, checked neither, and PASSED."""
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:x", "b.jpg": b"label:y", "c.jpg": b"label:z"})
+    csv_path = tmp_path / "expected.csv"
+    csv_path.write_text("Image,Results\nc,goldfish\n")
+    code = load_test.main(["--url", tier.url, "--images", str(images), "--num-requests", "2",
+                           "--expected", str(csv_path), "--quiet"])
+    assert code == 2
+    assert (f"{csv_path} names none of the 2 images --num-requests 2 sends of the 3 in {images} "
+            "(it names c)") in capsys.readouterr().err
+    assert not tier.paths["POST /"]
+
+
+def test_a_run_that_checked_no_answer_against_its_expected_csv_is_no_pass(tier, tmp_path):
+    """result_line mentioned unchecked answers only beside a checked one: a run with an
+    --expected CSV that checked none said a plain PASS."""
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:x"})
+    csv_path = tmp_path / "expected.csv"
+    csv_path.write_text("Image,Results\na,x\n")
+    assert run_load(Config(images=images, url=tier.url, expected=csv_path)).checked_against_csv
+    assert not run_load(Config(images=images, url=tier.url)).checked_against_csv
+    answered = [load_test.Outcome(index=i, file=f"{i}.jpg", started_s=0.0, answer_name=str(i), label="cat")
+                for i in range(2)]
+    for outcome in answered:
+        load_test.judge(outcome, {"other": "cat"})
+    report = load_test.Report(url="http://x", api="form", concurrency=1, planned=2, started_at=0.0,
+                              duration_s=1.0, outcomes=answered, checked_against_csv=True)
+    assert not report.ok and not report.to_dict()["ok"]
+    assert load_test.result_line(report) == ("RESULT: FAIL (0 failed, 0 wrong, none checked: the expected "
+                                             "CSV names no image answered)")
+    report.checked_against_csv = False  # no CSV given: nothing was to be checked
+    assert report.ok and load_test.result_line(report) == "RESULT: PASS (2 answered, none failed or wrong)"
