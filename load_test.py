@@ -791,9 +791,11 @@ class Client:
     request it sends, and Sessions are not documented as thread-safe.
     """
 
-    def __init__(self, config: Config, stop: threading.Event) -> None:
+    def __init__(self, config: Config, stop: threading.Event, abandon: threading.Event | None = None) -> None:
         self.config = config
-        self.stop = stop
+        self.stop = stop  # set: send nothing new (the first Ctrl-C); requests in flight go on
+        # Set: stop waiting for the requests in flight (the second Ctrl-C, or the run over).
+        self.abandon = abandon or threading.Event()
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
@@ -1006,8 +1008,8 @@ class Client:
                 if unanswered is not None:
                     raise RequestFailed(f"no answer in time; the last poll: {unanswered}")
                 raise requests.Timeout()
-            if self.stop.wait(delay):
-                raise RequestFailed("interrupted")
+            if self.abandon.wait(delay):
+                raise RequestFailed("abandoned: the run stopped waiting for it")
             delay = min(delay * 1.5, 1.0)
 
     def _wait_sse(self, session: requests.Session, batch_id: str, item_id: str, deadline: float) -> dict:
@@ -1049,8 +1051,8 @@ class Client:
         if item.get("state") in FINAL_STATES:
             return item
         for line in resp.iter_lines(decode_unicode=True):
-            if self.stop.is_set():
-                raise RequestFailed("interrupted")
+            if self.abandon.is_set():
+                raise RequestFailed("abandoned: the run stopped waiting for it")
             if time.monotonic() >= deadline:
                 raise requests.Timeout()
             if not line or not line.startswith("data:"):
@@ -1283,7 +1285,8 @@ def run_load(
     A Ctrl-C (KeyboardInterrupt, also from `on_result`) stops sending; requests
     in flight are waited for (each is bounded by the timeout). A second one stops
     waiting: the report holds what was answered, counts the rest as abandoned,
-    and the threads still waiting for them are left to end with the process.
+    and the threads still waiting for them are left to end with the process
+    (those polling /api/jobs stop at their next poll).
     Either way the report says it was interrupted.
     """
     if images is None:
@@ -1304,8 +1307,8 @@ def run_load(
                             f"{', ...' if len(expected) > 3 else ''})")
     check_reachable(config.url)
 
-    stop = threading.Event()
-    client = Client(config, stop)
+    stop, abandon = threading.Event(), threading.Event()
+    client = Client(config, stop, abandon)
     senders = Senders(client, plan, config.concurrency, stop)
     poller = StatusPoller(config)
     outcomes: list[Outcome] = []
@@ -1359,6 +1362,9 @@ def run_load(
                 print(f"\nquitting: {abandoned} requests in flight left unanswered", file=sys.stderr)
     finally:
         stop.set()
+        # Requests still waiting (a second Ctrl-C) stop polling: each is counted abandoned
+        # already, and would otherwise poll the web tier until its timeout.
+        abandon.set()
         duration = time.monotonic() - t0
         # An interrupted run waits for nothing more, not even a slow /api/status.
         poller.stop(wait=not interrupted)

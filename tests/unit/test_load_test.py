@@ -3,9 +3,10 @@
 The fake answers from the uploaded file's content, so each test knows exactly
 which requests must be answered, wrong or failed: `label:<x>` answers x,
 `fail` answers 500, `mismatch` answers with another image's name, `hang`
-never answers in time, `drop` closes the connection unanswered, and `barrier`
-only answers once as many requests are in flight as the barrier has parties
-(proof of real concurrency, no sleeping).
+never answers in time, `hold` (--api jobs) stays queued until released, `drop`
+closes the connection unanswered, and `barrier` only answers once as many
+requests are in flight as the barrier has parties (proof of real concurrency,
+no sleeping).
 """
 
 from __future__ import annotations
@@ -211,7 +212,8 @@ class Handler(BaseHTTPRequestHandler):
             known = self.tier.tokens.get((batch_id, form.get("tokens", "")))
             if known is None:
                 self.tier.jobs[batch_id] = {
-                    "id": item_id, "filename": filename, "ok": status == 200, "label": label, "gets": 0
+                    "id": item_id, "filename": filename, "ok": status == 200, "label": label, "gets": 0,
+                    "held": content == b"hold",
                 }
                 if "tokens" in form:
                     self.tier.tokens[(batch_id, form["tokens"])] = item_id
@@ -244,6 +246,7 @@ class Handler(BaseHTTPRequestHandler):
                 return None
             job["gets"] += 1
             finished = job["gets"] > self.tier.queued_polls
+            finished = finished and not (job.get("held") and not self.tier.release.is_set())
         return self._item_json(job, finished)
 
     def _item_json(self, job: dict, finished: bool) -> dict:
@@ -293,11 +296,14 @@ class Handler(BaseHTTPRequestHandler):
         if job is None:
             self._send(404, {"error": f"no such batch: {batch_id}", "filename": None})
             return
-        event = self._item_json(job, finished=True)
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Connection", "close")
         self.end_headers()
+        if job.get("held"):  # the stream is open; its event comes once released
+            self.wfile.flush()
+            self.tier.release.wait(10)
+        event = self._item_json(job, finished=True)
         payload = json.dumps(event).encode()
         self.wfile.write(b": keep-alive comment\n\nevent: item\ndata: " + payload + b"\n\n")
         self.close_connection = True
@@ -1287,3 +1293,56 @@ def test_a_run_that_checked_no_answer_against_its_expected_csv_is_no_pass(tier, 
                                              "CSV names no image answered)")
     report.checked_against_csv = False  # no CSV given: nothing was to be checked
     assert report.ok and load_test.result_line(report) == "RESULT: PASS (2 answered, none failed or wrong)"
+
+
+@pytest.mark.parametrize("wait", ["poll", "sse"])
+def test_the_first_ctrl_c_in_jobs_mode_waits_for_the_requests_in_flight(tier, tmp_path, monkeypatch, wait):
+    """The first Ctrl-C ended every poll and event stream at once, failing the requests
+    in flight "interrupted", where POST / waits for them as the docstring says."""
+    clients: list[load_test.Client] = []
+
+    class Kept(load_test.Client):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            clients.append(self)
+
+    monkeypatch.setattr(load_test, "Client", Kept)
+    images = make_images(tmp_path / "images", {"a_fast.jpg": b"label:x", "b_held.jpg": b"hold"})
+
+    def release_once_stopped() -> None:
+        try:
+            wait_until(lambda: clients and clients[0].stop.is_set(), 5)
+            if wait == "poll":  # and the held item still polled after it
+                polls = tier.paths["GET /api/jobs/<id>"]
+                wait_until(lambda: tier.paths["GET /api/jobs/<id>"] >= polls + 2, 5)
+        finally:
+            tier.release.set()
+
+    threading.Thread(target=release_once_stopped, daemon=True).start()
+
+    def ctrl_c(outcome: load_test.Outcome) -> None:
+        raise KeyboardInterrupt
+
+    config = Config(images=images, url=tier.url, api="jobs", wait=wait, concurrency=2, timeout=20)
+    report = finish_within(15, run_load, config, on_result=ctrl_c)
+    assert report.interrupted and report.abandoned == 0
+    assert (report.answered, report.failed) == (2, 0), [(o.file, o.error) for o in report.outcomes]
+
+
+def test_a_second_ctrl_c_in_jobs_mode_abandons_the_requests_still_polled(tier, tmp_path):
+    tier.barrier = threading.Barrier(2, timeout=5)
+    images = make_images(
+        tmp_path / "images", {"0.jpg": b"hold", "1.jpg": b"hold", "2.jpg": b"barrier", "3.jpg": b"barrier"}
+    )
+    before = set(threading.enumerate())
+
+    def ctrl_c(outcome: load_test.Outcome) -> None:
+        raise KeyboardInterrupt
+
+    config = Config(images=images, url=tier.url, api="jobs", concurrency=4, timeout=30)
+    report = finish_within(5, run_load, config, on_result=ctrl_c)
+    assert sorted(o.file for o in report.outcomes) == ["2.jpg", "3.jpg"] and report.abandoned == 2
+    assert load_test.result_line(report) == ABANDONED_TWO
+    # The abandoned stop polling (they polled on until their timeout, flooding the tier).
+    senders = [t for t in set(threading.enumerate()) - before if t.name.startswith("load-")]
+    wait_until(lambda: not any(t.is_alive() for t in senders), 5)
