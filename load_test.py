@@ -858,6 +858,13 @@ class Client:
         mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         return (sendable_name(path), path.read_bytes(), mime)
 
+    def server_answered(self) -> None:
+        """The web tier answered something (any HTTP response, to any request, the status
+        poller's too): it is up, so a refusal from now on starts a new window. Only POST
+        answers counted, and a POST / waits minutes for one under a backlog: a second
+        brief outage 30 s after a first failed its uploads at once, none sent again."""
+        self._refused_for(False)
+
     def _refused_for(self, refused_now: bool) -> float:
         """Note whether the server refused this connection; how long it has refused
         every one since (0 once one was not refused)."""
@@ -897,7 +904,7 @@ class Client:
                 if was_refused:
                     refused_since = time.monotonic() - self._refused_for(True)
             else:
-                self._refused_for(False)
+                self.server_answered()
                 if resp.status_code in RESTARTING_STATUSES:
                     # A web tier stopping closes each connection after its answer: kept for
                     # the next request, it could be closed under it, the request unanswered
@@ -977,6 +984,7 @@ class Client:
         resp = session.get(
             f"{self.config.url}/api/jobs/{batch_id}", timeout=self._timeout(deadline), allow_redirects=False
         )
+        self.server_answered()
         if resp.status_code != 200:
             # The server's reason too: a 404 "no such batch" after the stack was restarted.
             raise RequestFailed(f"GET /api/jobs/{batch_id}: HTTP {resp.status_code}: {_error_text(resp)}",
@@ -1025,6 +1033,7 @@ class Client:
     def _wait_stream(self, session: requests.Session, url: str, batch_id: str, item_id: str,
                      deadline: float) -> dict:
         with session.get(url, stream=True, timeout=self._timeout(deadline), allow_redirects=False) as resp:
+            self.server_answered()
             if resp.status_code == 200:
                 item = self._follow_events(resp, session, batch_id, item_id, deadline)
                 if item is not None:
@@ -1092,8 +1101,9 @@ class StatusPoller:
     not depend on it.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, on_answer: Callable[[], None] | None = None) -> None:
         self.url = f"{config.url}/api/status"
+        self.on_answer = on_answer  # called for each answer, whatever it says: the web tier is up
         self.interval = config.status_interval
         self.t0 = 0.0
         self.samples: list[tuple[float, int]] = []
@@ -1104,6 +1114,8 @@ class StatusPoller:
     def sample(self) -> None:
         try:
             resp = self._session.get(self.url, timeout=2.0, allow_redirects=False)
+            if self.on_answer:
+                self.on_answer()
             count = instance_count(resp.json()) if resp.status_code == 200 else None
         except (requests.RequestException, ValueError):
             return
@@ -1310,7 +1322,7 @@ def run_load(
     stop, abandon = threading.Event(), threading.Event()
     client = Client(config, stop, abandon)
     senders = Senders(client, plan, config.concurrency, stop)
-    poller = StatusPoller(config)
+    poller = StatusPoller(config, on_answer=client.server_answered)
     outcomes: list[Outcome] = []
     # Running counts for the progress line: counting all outcomes again for each
     # result made a 20,000-request run spend seconds of the main thread on it.

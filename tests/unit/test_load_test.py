@@ -1346,3 +1346,64 @@ def test_a_second_ctrl_c_in_jobs_mode_abandons_the_requests_still_polled(tier, t
     # The abandoned stop polling (they polled on until their timeout, flooding the tier).
     senders = [t for t in set(threading.enumerate()) - before if t.name.startswith("load-")]
     wait_until(lambda: not any(t.is_alive() for t in senders), 5)
+
+
+def test_a_second_brief_outage_long_after_a_first_is_waited_out_too(tmp_path, monkeypatch):
+    """The refused window was reset only by an answer to a POST, which under a backlog
+    takes minutes: after one outage, a second more than a window later failed its
+    uploads at once, none sent again. Any answer (a status sample here) now resets it."""
+    window = 1.0
+    monkeypatch.setattr(load_test, "RESEND_WINDOW_S", window)
+    monkeypatch.setattr(load_test, "check_reachable", lambda url: None)
+    refusals: list[float] = []
+    real_post = requests.Session.post
+
+    def noting_refusals(self, *args, **kwargs):
+        try:
+            return real_post(self, *args, **kwargs)
+        except requests.ConnectionError as exc:
+            if load_test.refused(exc):
+                refusals.append(time.monotonic())
+            raise
+
+    monkeypatch.setattr(requests.Session, "post", noting_refusals)
+    port_holder = socket.socket()
+    port_holder.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+    port = port_holder.getsockname()[1]
+    state = FakeTier()
+    state.cut_off_after = 10  # a.jpg's POST / waits (a backlog) until `release`, then is cut off
+    servers: list[ThreadingHTTPServer] = []
+
+    def serve() -> None:
+        server = ThreadingHTTPServer(("127.0.0.1", port), type("H", (Handler,), {"tier": state}))
+        servers.append(server)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def two_outages() -> None:
+        wait_until(lambda: refusals, 5)  # the first outage: a.jpg refused
+        port_holder.close()
+        serve()
+        wait_until(lambda: state.paths["POST /"] and state.paths["GET /api/status"]
+                   and time.monotonic() > refusals[0] + window + 0.2, 5)
+        servers[0].shutdown()
+        servers[0].server_close()  # the second outage
+        seen = len(refusals)
+        state.release.set()  # a.jpg is cut off; b.jpg goes next, and is refused
+        wait_until(lambda: len(refusals) > seen, 5)
+        serve()
+
+    threading.Thread(target=two_outages, daemon=True).start()
+    images = make_images(tmp_path / "images", {"a.jpg": b"drop-once", "b.jpg": b"label:b"})
+    config = Config(images=images, url=f"http://127.0.0.1:{port}", concurrency=1, timeout=20,
+                    status_interval=0.05)
+    try:
+        report = finish_within(15, run_load, config)
+    finally:
+        state.release.set()
+        port_holder.close()
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    outcomes = by_file(report)
+    assert outcomes["a.jpg"].resent >= 1 and not outcomes["a.jpg"].answered  # cut off, without a key
+    assert outcomes["b.jpg"].answered and outcomes["b.jpg"].resent >= 1, outcomes["b.jpg"].error
