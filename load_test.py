@@ -1007,6 +1007,13 @@ class Client:
             except MAYBE_RESTARTING as exc:
                 if not web_tier_restarting(exc):
                     raise
+                if (isinstance(exc, requests.ConnectionError) and refused(exc)
+                        and self._refused_for(True) >= RESEND_WINDOW_S):
+                    # A web tier gone for good, as an upload refused as long finds: each
+                    # request in flight waited out its whole --timeout (330 s) to say so.
+                    why = connection_error(exc, self.config.url)
+                    raise RequestFailed(f"GET /api/jobs/{batch_id}: {why}; "
+                                        f"every connection refused for {RESEND_WINDOW_S:g} s") from exc
                 # The web tier restarting (refused, cut off, a 502, 503 or 504): the item was
                 # accepted and is kept in S3, and a new web tier answers for it.
                 item, delay, unanswered = {}, max(delay, 0.5), exc
@@ -1014,7 +1021,9 @@ class Client:
                 return item
             if time.monotonic() + delay >= deadline:
                 if unanswered is not None:
-                    raise RequestFailed(f"no answer in time; the last poll: {unanswered}")
+                    why = (connection_error(unanswered, self.config.url)
+                           if isinstance(unanswered, requests.ConnectionError) else _short(str(unanswered)))
+                    raise RequestFailed(f"no answer in time; the last poll: {why}")
                 raise requests.Timeout()
             if self.abandon.wait(delay):
                 raise RequestFailed("abandoned: the run stopped waiting for it")

@@ -66,6 +66,7 @@ class FakeTier:
         self.lost = False  # every batch forgotten, as after the stack (and its embedded AWS) restarted
         self.cut_off_after = 0.0  # how long a "drop-once" upload's first coming waits before its cut-off
         self.idempotency_keys: dict[str, int] = {}  # POST /'s keys, and how often each came
+        self.killed = False  # every request's connection closed unanswered, as a killed process's
 
 
 def _parse_files(headers, body: bytes) -> list[tuple[str, str, bytes]]:
@@ -259,6 +260,9 @@ class Handler(BaseHTTPRequestHandler):
         }
 
     def do_GET(self) -> None:
+        if self.tier.killed:  # a kept connection the dead process no longer serves
+            self._hang_up()
+            return
         with self.tier.lock:
             self.tier.paths["GET " + re.sub(r"[0-9a-f]{32}", "<id>", self.path)] += 1
         if not self._authorised():
@@ -1407,3 +1411,40 @@ def test_a_second_brief_outage_long_after_a_first_is_waited_out_too(tmp_path, mo
     outcomes = by_file(report)
     assert outcomes["a.jpg"].resent >= 1 and not outcomes["a.jpg"].answered  # cut off, without a key
     assert outcomes["b.jpg"].answered and outcomes["b.jpg"].resent >= 1, outcomes["b.jpg"].error
+
+
+def test_polls_refused_for_a_whole_window_fail_as_uploads_do(tmp_path, monkeypatch):
+    """A web tier dead after accepting the uploads kept each request in flight polling
+    for its whole --timeout (330 s), where an upload refused as long fails."""
+    monkeypatch.setattr(load_test, "RESEND_WINDOW_S", 1.0)
+    state = FakeTier()
+    state.queued_polls = 10**6  # never finished while the tier lives
+    server = ThreadingHTTPServer(("127.0.0.1", 0), type("H", (Handler,), {"tier": state}))
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+
+    def die_once_polled() -> None:
+        wait_until(lambda: state.paths["GET /api/jobs/<id>"] >= 2, 5)
+        state.killed = True
+        server.shutdown()
+        server.server_close()  # nothing listens there any more: polls are refused
+
+    threading.Thread(target=die_once_polled, daemon=True).start()
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:a", "b.jpg": b"label:b"})
+    try:
+        report = finish_within(10, run_load, Config(images=images, url=url, api="jobs", timeout=30))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert report.failed == 2
+    for outcome in report.outcomes:
+        assert re.fullmatch(rf"GET /api/jobs/[0-9a-f]+: cannot connect to {url}: \[Errno \d+\] Connection "
+                            r"refused; every connection refused for 1 s", outcome.error), outcome.error
+
+
+def test_a_poll_unanswered_until_the_timeout_says_why_in_a_line(tier, tmp_path):
+    tier.failing_polls = ["drop"] * 1000  # each poll's connection closed unanswered
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:a"})
+    report = run_load(Config(images=images, url=tier.url, api="jobs", timeout=1.5))
+    assert report.outcomes[0].error == (f"no answer in time; the last poll: the connection to {tier.url} "
+                                        "closed before the answer came: closed without a response")
