@@ -1097,6 +1097,9 @@ def instance_count(status: Any) -> int | None:
     """App-tier instances pending or running in a `/api/status` answer."""
     instances = status.get("instances") if isinstance(status, dict) else None
     if isinstance(instances, dict):
+        if "pending" not in instances and "running" not in instances:
+            # {} while AWS cannot be read (or before it first is): unknown, not none running.
+            return None
         return sum(int(instances.get(state) or 0) for state in ("pending", "running"))
     if isinstance(instances, int):
         return instances
@@ -1126,7 +1129,9 @@ class StatusPoller:
             if self.on_answer:
                 self.on_answer()
             count = instance_count(resp.json()) if resp.status_code == 200 else None
-        except (requests.RequestException, ValueError):
+        except (requests.RequestException, ValueError, TypeError):
+            # TypeError: a malformed answer ({"pending": []}); raised, it ended this thread
+            # and, from the last sample, the run, in a traceback without a report.
             return
         if count is not None:
             self.samples.append((time.monotonic() - self.t0, count))

@@ -67,6 +67,7 @@ class FakeTier:
         self.cut_off_after = 0.0  # how long a "drop-once" upload's first coming waits before its cut-off
         self.idempotency_keys: dict[str, int] = {}  # POST /'s keys, and how often each came
         self.killed = False  # every request's connection closed unanswered, as a killed process's
+        self.status: object = STATUS  # what GET /api/status answers
 
 
 def _parse_files(headers, body: bytes) -> list[tuple[str, str, bytes]]:
@@ -271,7 +272,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/api/status":
             if self.tier.status_gate is not None:
                 self.tier.status_gate.wait(5)
-            self._send(200, STATUS)
+            self._send(200, self.tier.status)
         elif parts[:2] == ["api", "jobs"] and len(parts) == 4 and parts[3] == "events":
             self._events(parts[2])
         elif parts[:2] == ["api", "jobs"] and len(parts) == 3:
@@ -1448,3 +1449,25 @@ def test_a_poll_unanswered_until_the_timeout_says_why_in_a_line(tier, tmp_path):
     report = run_load(Config(images=images, url=tier.url, api="jobs", timeout=1.5))
     assert report.outcomes[0].error == (f"no answer in time; the last poll: the connection to {tier.url} "
                                         "closed before the answer came: closed without a response")
+
+
+def test_a_status_that_could_not_read_the_instances_is_no_sample(tier, tmp_path):
+    """The web tier's /api/status answers "instances": {} (with "errors") while it
+    cannot read EC2 or before its first read: that was counted 0 instances, plotted
+    and reported as the peak while workers ran."""
+    assert load_test.instance_count({"instances": {}, "instances_total": None,
+                                     "errors": ["instances: AccessDenied"]}) is None
+    assert load_test.instance_count({"instances": {"pending": 0, "running": 0, "stopped": 3}}) == 0
+    tier.status = {"instances": {}, "instances_total": None, "errors": ["instances: AccessDenied"]}
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:x"})
+    report = run_load(Config(images=images, url=tier.url))
+    assert tier.paths["GET /api/status"] >= 2 and report.instance_samples == []
+    assert report.peak_instances is None and "peak app-tier instances" not in load_test.format_report(report)
+
+
+def test_a_malformed_status_does_not_end_the_run_without_its_report(tier, tmp_path):
+    """A TypeError ended the poller's thread, and the last sample's the run, in a traceback."""
+    tier.status = {"instances": {"pending": [1], "running": 2}}
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:x"})
+    report = run_load(Config(images=images, url=tier.url))
+    assert report.ok and report.instance_samples == [] and tier.paths["GET /api/status"] >= 2
