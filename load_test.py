@@ -708,6 +708,8 @@ def connection_error(exc: requests.ConnectionError, url: str) -> str:
     """What went wrong with the connection, in one line: whether it could not be made
     (nothing listening, a wrong address) or was closed before the answer came (the
     web tier stopped or crashed mid-request, the image perhaps already queued)."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return f"cannot connect to {url}: no connection within {CONNECT_TIMEOUT_S:g} s"
     text = str(exc)
     # urllib3's message nests three exceptions; the errno text is the useful part.
     errno_text = re.search(r"\[Errno -?\d+\][^'\")]*", text)
@@ -731,6 +733,13 @@ def refused(exc: BaseException) -> bool:
         links = (error.__cause__, error.__context__, getattr(error, "reason", None), *error.args)
         pending += [link for link in links if isinstance(link, BaseException)]
     return False
+
+
+def never_connected(exc: BaseException) -> bool:
+    """Whether a connection error came before any connection was made, so nothing was
+    sent: refused, or not made within CONNECT_TIMEOUT_S (a ConnectTimeout, which is
+    a Timeout too, was reported as the whole --timeout and never sent again)."""
+    return isinstance(exc, requests.ConnectTimeout) or refused(exc)
 
 
 def not_stored(resp: requests.Response) -> bool:
@@ -799,7 +808,8 @@ class Client:
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
-        # Since when every connection has been refused (None: the last was not): a
+        # Since when every connection has been refused, or not made in time (None: the
+        # last was made, or the web tier answered something since): a
         # refused request is sent again until RESEND_WINDOW_S from then, not for a
         # window of its own (a dead server took 50 minutes to report at -c 10).
         self._refused_since: float | None = None
@@ -830,15 +840,15 @@ class Client:
                 self._via_form(path, deadline, outcome)
         except RequestFailed as exc:
             outcome.error, outcome.status = str(exc), exc.status or outcome.status
-        except requests.Timeout:
-            outcome.error = f"timeout after {self.config.timeout:g} s"
-        except requests.ConnectionError as exc:
+        except requests.ConnectionError as exc:  # before Timeout: a ConnectTimeout is both
             outcome.error = connection_error(exc, self.config.url)
             if outcome.resent:
                 outcome.error += f" (sent {outcome.resent} times more, for up to {RESEND_WINDOW_S:g} s)"
             elif (self.config.api == "form" and not self.config.idempotency_keys
                   and not outcome.error.startswith("cannot connect")):
                 outcome.error += " (the image may be stored; --idempotency-keys sends such uploads again)"
+        except requests.Timeout:
+            outcome.error = f"timeout after {self.config.timeout:g} s"
         except requests.RequestException as exc:
             outcome.error = f"{type(exc).__name__}: {_short(str(exc))}"
         except OSError as exc:  # the image could not be read
@@ -897,7 +907,7 @@ class Client:
                                             headers=headers, timeout=self._timeout(deadline),
                                             allow_redirects=False)
             except requests.ConnectionError as exc:
-                was_refused = refused(exc)
+                was_refused = never_connected(exc)
                 if not was_refused and not stored_once:
                     raise  # cut off mid-request: the image may be stored already
                 failure, wait = exc, delay
@@ -1007,7 +1017,7 @@ class Client:
             except MAYBE_RESTARTING as exc:
                 if not web_tier_restarting(exc):
                     raise
-                if (isinstance(exc, requests.ConnectionError) and refused(exc)
+                if (isinstance(exc, requests.ConnectionError) and never_connected(exc)
                         and self._refused_for(True) >= RESEND_WINDOW_S):
                     # A web tier gone for good, as an upload refused as long finds: each
                     # request in flight waited out its whole --timeout (330 s) to say so.

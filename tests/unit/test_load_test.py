@@ -1471,3 +1471,23 @@ def test_a_malformed_status_does_not_end_the_run_without_its_report(tier, tmp_pa
     images = make_images(tmp_path / "images", {"a.jpg": b"label:x"})
     report = run_load(Config(images=images, url=tier.url))
     assert report.ok and report.instance_samples == [] and tier.paths["GET /api/status"] >= 2
+
+
+@pytest.mark.parametrize("api", ["form", "jobs"])
+def test_a_connection_not_made_in_time_is_sent_again_and_said_so(tmp_path, monkeypatch, api):
+    """A ConnectTimeout (both a ConnectionError and a Timeout) sent nothing, yet was
+    reported "timeout after 330 s" and, with POST /, never sent again."""
+    monkeypatch.setattr(load_test, "RESEND_WINDOW_S", 0.6)
+
+    def no_connection(self, *args, **kwargs):
+        raise requests.ConnectTimeout("HTTPConnectionPool(host='10.255.255.1', port=8000): Max retries "
+                                      "exceeded (Caused by ConnectTimeoutError(..., 'connect timeout=10.0'))")
+
+    monkeypatch.setattr(requests.Session, "post", no_connection)
+    images = make_images(tmp_path / "images", {"b.jpg": b"label:b"})
+    url = "http://10.255.255.1:8000"
+    client = load_test.Client(Config(images=images, url=url, api=api, timeout=330), threading.Event())
+    outcome = finish_within(5, client.send, 0, images / "b.jpg", time.monotonic())
+    assert outcome.resent >= 1
+    assert outcome.error == (f"cannot connect to {url}: no connection within 10 s "
+                             f"(sent {outcome.resent} times more, for up to 0.6 s)")
