@@ -211,6 +211,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     args = parser.parse_args(argv)
     if not re.match(r"^https?://", args.url):
         parser.error(f"--url must start with http:// or https://, got {args.url!r}")
+    try:
+        urlsplit(args.url).port  # noqa: B018 -- raises for a port that is not one (':80a', ':99999')
+    except ValueError as exc:
+        parser.error(f"--url {args.url!r}: {exc}")
+    if not urlsplit(args.url).hostname:
+        parser.error(f"--url {args.url!r} names no host")
     # Checked now, not when the run is over: a long run should not end in a traceback
     # because of a typo in a folder name or a missing matplotlib.
     for option, path in (("--json", args.json_path), ("--plot", args.plot_path)):
@@ -255,9 +261,12 @@ def scan_folder(folder: Path) -> tuple[list[Path], int]:
     listing (two could disagree about a folder that changes meanwhile)."""
     if not folder.is_dir():
         raise LoadTestError(f"{folder} is not a folder")
-    entries = list(folder.iterdir())
-    images = sorted((p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
-                    key=lambda p: p.name)
+    try:
+        entries = list(folder.iterdir())
+        images = sorted((p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+                        key=lambda p: p.name)
+    except OSError as exc:  # a folder that cannot be listed (no permission): a usage error, not a traceback
+        raise LoadTestError(f"cannot list {folder}: {exc.strerror or exc}") from exc
     if not images:
         raise LoadTestError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
     return images, len(entries) - len(images)

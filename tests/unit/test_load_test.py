@@ -1491,3 +1491,21 @@ def test_a_connection_not_made_in_time_is_sent_again_and_said_so(tmp_path, monke
     assert outcome.resent >= 1
     assert outcome.error == (f"cannot connect to {url}: no connection within 10 s "
                              f"(sent {outcome.resent} times more, for up to 0.6 s)")
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:80a", "http://127.0.0.1:99999", "http://"])
+def test_a_url_whose_port_or_host_is_not_one_is_a_usage_error(tmp_path, capsys, url):
+    """Accepted, it ended the run in a ValueError traceback as it checked the address."""
+    with pytest.raises(SystemExit) as exc:
+        load_test.parse_args(["--images", str(tmp_path), "--url", url])
+    assert exc.value.code == 2 and f"--url {url!r}" in capsys.readouterr().err
+
+
+def test_a_folder_that_cannot_be_listed_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    def no_permission(folder):
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    # As a folder without read permission (which root, running the tests, would ignore).
+    monkeypatch.setattr(Path, "iterdir", no_permission)
+    assert load_test.main(["--images", str(tmp_path)]) == 2
+    assert f"load_test.py: cannot list {tmp_path}: Permission denied" in capsys.readouterr().err
