@@ -359,8 +359,6 @@ _BIDI_CONTROLS = dict.fromkeys(map(ord, "\u061c\u200e\u200f\u202a\u202b\u202c\u2
                                         "\u2066\u2067\u2068\u2069"))  # web_tier/filenames.py
 _MAX_EXTENSION_CHARS = 16  # common/names.py MAX_EXTENSION_CHARS
 _MAX_META_FILENAME = 1800  # common/names.py MAX_META_FILENAME
-_MAX_SAFE_NAME = 100  # common/names.py
-_MESSAGE_FILENAME_BYTES = 160  # common/messages.py _FILENAME_BYTES
 
 
 def received_name(filename: str) -> str:
@@ -414,44 +412,18 @@ def name_stem(filename: str) -> str:
     return folder + head if dot and head.strip(".") else filename
 
 
-def _safe_filename(name: str) -> str:
-    # common/names.py safe_filename: the name a stored object carries.
-    base = re.split(r"[\\/]", name)[-1]
-    folded = unicodedata.normalize("NFKD", base).encode("ascii", "ignore").decode("ascii")
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", folded)
-    name, dot, ext = safe.rpartition(".")
-    if dot and ext.strip("_") and not name.strip("._"):
-        safe = f"image.{ext}"
-    safe = safe.strip("._") or "image"
-    if len(safe) > _MAX_SAFE_NAME:
-        stem, dot, ext = safe.rpartition(".")
-        if dot and 0 < len(ext) <= 10:
-            safe = stem[: _MAX_SAFE_NAME - len(ext) - 1] + "." + ext
-        else:
-            safe = safe[:_MAX_SAFE_NAME]
-    return safe
-
-
-def _clip_for_json(text: str, limit: int) -> str:
-    # common/messages.py clip_for_json: the name a result message carries.
-    raw = text.encode("utf-8")
-    if len(raw) > limit:
-        text = raw[:limit].decode("utf-8", errors="ignore")
-    while len(json.dumps(text, ensure_ascii=False).encode("utf-8")) - 2 > limit:
-        text = text[:-1]
-    return text
-
-
 def answer_names(filename: str) -> set[str]:
-    """Every name (without extension) the web tier may answer for a file sent as `filename`.
-
-    The name as it read it; cut to fit a queue message (an item learnt from a
-    result message); the sanitised name it stored (a batch rebuilt from S3); and
+    """Every name (without extension) POST / may answer for a file sent as `filename`:
+    the name as the web tier read it (its answer is always that request's own), and
     the name exactly as sent, for a tier that keeps it.
+
+    An item read from /api/jobs may carry other spellings (cut to fit a queue
+    message, or the cleaned name it was stored under, for a batch rebuilt from S3),
+    but it is fetched by its id, and that is trusted instead (see judge): accepted
+    here, the cleaned name let every all-non-ASCII name ('猫.jpg', '犬.jpg': 'image')
+    pass for any other.
     """
-    shown = received_name(filename)
-    spellings = (filename, shown, _clip_for_json(shown, _MESSAGE_FILENAME_BYTES), _safe_filename(shown))
-    return {name_stem(name) for name in spellings}
+    return {name_stem(filename), name_stem(received_name(filename))}
 
 
 def same_name(answer: str, filename: str) -> bool:
@@ -500,6 +472,7 @@ class Outcome:
     note: str | None = None  # why a verdict is "wrong"
     resent: int = 0  # times sent again (see RESEND_WINDOW_S)
     via: str | None = None  # where its answer was read, when not from its own response
+    by_id: bool = False  # its answer is the item fetched by its id: its name is not checked
 
     @property
     def answered(self) -> bool:
@@ -516,7 +489,8 @@ def judge(outcome: Outcome, expected: dict[str, str]) -> None:
         outcome.verdict = "failed"
         return
     outcome.expected = expected.get(image_key(outcome.file))
-    if outcome.answer_name is not None and not same_name(outcome.answer_name, outcome.file):
+    if (outcome.answer_name is not None and not outcome.by_id
+            and not same_name(outcome.answer_name, outcome.file)):
         # An answer naming another image was handed to the wrong request.
         outcome.verdict = "wrong"
         outcome.note = f"answer is for {outcome.answer_name!r}"
@@ -998,6 +972,7 @@ class Client:
         # backslash, which is part of the name here.
         outcome.answer_name = name_stem(str(item.get("filename") or sendable_name(path)))
         outcome.label = str(item.get("label"))
+        outcome.by_id = True
 
     def _fetch_item(self, session: requests.Session, batch_id: str, item_id: str, deadline: float) -> dict:
         resp = session.get(
