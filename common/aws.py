@@ -11,7 +11,6 @@ from __future__ import annotations
 import platform
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import TypeVar
 
 import boto3
@@ -90,35 +89,52 @@ class Aws:
     max_pool: int = 32
     # Queue URLs by name, looked up once (they never change for a queue).
     _queue_urls: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    # Clients by name, made once they have credentials (see _kept).
+    _clients: dict[str, object] = field(default_factory=dict, init=False, repr=False)
 
-    def _client(self, service: str, config: Config | None = None):
-        return boto3.session.Session().client(
-            service,
-            region_name=self.settings.region,
-            endpoint_url=self.settings.endpoint_url,
-            config=config or client_config(self.max_pool),
-        )
+    def _kept(self, name: str, service: str, config: Config | None = None):
+        """The client `name`, made at its first use and kept, once it has credentials.
 
-    @cached_property
+        botocore looks for credentials once, when it makes a client: one made without
+        them fails every call for good. At boot the instance metadata service may miss
+        its one 1 s try, or the instance profile be attached after the service started
+        (as ami/README suggests for the web instance), and a controller or web tier
+        then failed until restarted by hand (reviewer). Such a client serves its
+        caller (whose call fails, NoCredentialsError), and the next use looks again.
+        """
+        client = self._clients.get(name)
+        if client is None:
+            session = boto3.session.Session()
+            client = session.client(
+                service,
+                region_name=self.settings.region,
+                endpoint_url=self.settings.endpoint_url,
+                config=config or client_config(self.max_pool),
+            )
+            if session.get_credentials() is not None:  # cached by the session: no second look
+                self._clients[name] = client
+        return client
+
+    @property
     def s3(self):
-        return self._client("s3")
+        return self._kept("s3", "s3")
 
-    @cached_property
+    @property
     def sqs(self):
-        return self._client("sqs")
+        return self._kept("sqs", "sqs")
 
-    @cached_property
+    @property
     def ec2(self):
-        return self._client("ec2")
+        return self._kept("ec2", "ec2")
 
-    @cached_property
+    @property
     def probes(self) -> dict[str, object]:
         """S3 and SQS clients for health checks, which must answer within seconds (a
         load balancer waits ~5 s): one attempt with short timeouts, where the other
         clients' retries may take minutes against an AWS that has stopped answering."""
         config = client_config(10, read_timeout=PROBE_READ_TIMEOUT_S,
                                connect_timeout=PROBE_CONNECT_TIMEOUT_S, attempts=1)
-        return {service: self._client(service, config) for service in ("s3", "sqs")}
+        return {service: self._kept(f"probe-{service}", service, config) for service in ("s3", "sqs")}
 
     def open(self, *services: str) -> Aws:
         """Create these clients now rather than at first use (each loads its service model)."""

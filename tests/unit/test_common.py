@@ -494,11 +494,33 @@ def test_provision_applies_changed_settings_to_the_queues_that_exist():
 
 def test_aws_opens_clients_ahead_of_use_and_refuses_unknown_services():
     aws = Aws(Settings(region="us-east-1"))
-    assert "s3" not in vars(aws) and "sqs" not in vars(aws)
+    assert aws._clients == {}
     assert aws.open("s3", "sqs") is aws
-    assert "s3" in vars(aws) and "sqs" in vars(aws) and "ec2" not in vars(aws)
+    assert set(aws._clients) == {"s3", "sqs"}
     with pytest.raises(ValueError, match="lambda"):
         aws.open("lambda")
+
+
+def test_a_client_made_before_there_were_credentials_finds_them_at_its_next_use(monkeypatch, tmp_path):
+    """botocore looks for credentials once, when it makes a client: one made while the
+    instance metadata service missed its one try at boot, or before the instance
+    profile was attached, failed every call until the process was restarted by hand
+    (reviewer)."""
+    from botocore.exceptions import NoCredentialsError
+
+    with mock_aws():
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        aws = Aws(Settings(region="us-east-1"))
+        with pytest.raises(NoCredentialsError):
+            aws.sqs.list_queues()
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "came-later")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "came-later")
+        aws.sqs.list_queues()
+        assert aws.sqs is aws.sqs  # kept, now that it has them
 
 
 def test_aws_clients_send_the_fixed_user_agent():

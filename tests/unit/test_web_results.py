@@ -247,7 +247,7 @@ def test_listeners_back_off_on_errors_and_stop_promptly(monkeypatch):
 
     sqs = BrokenSqs()
     aws = Aws(Settings())
-    aws.__dict__["sqs"] = sqs  # cached_property slot: no real client is made
+    aws._clients["sqs"] = sqs  # as if made and kept: no real client is made
     listeners = Listeners(aws, ResultBook(), wait_s=20)
     listeners.start()
     wait_until(lambda: sqs.calls >= 3)  # one failure per thread
