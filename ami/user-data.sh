@@ -34,6 +34,7 @@ mkdir -p "$etc_dir"
   echo 'RETRY_DELAY={{RETRY_DELAY}}'
   echo 'SHUTDOWN_GRACE={{SHUTDOWN_GRACE}}'
   echo 'STALL_TIMEOUT={{STALL_TIMEOUT}}'
+  echo 'MAX_RECEIVE_COUNT={{MAX_RECEIVE_COUNT}}'
   echo 'MAX_IMAGE_PIXELS={{MAX_IMAGE_PIXELS}}'
   echo "INSTANCE_ID=$instance_id"
   # An empty AWS_ENDPOINT_URL is not the same as none to every AWS SDK: omit it.

@@ -50,6 +50,7 @@ def worker_settings(settings: Settings) -> dict[str, str]:
         "RETRY_DELAY": str(settings.retry_delay_s),
         "SHUTDOWN_GRACE": f"{settings.shutdown_grace_s:g}",
         "STALL_TIMEOUT": f"{settings.stall_timeout_s:g}",
+        "MAX_RECEIVE_COUNT": str(settings.max_receive_count),
         "MAX_IMAGE_PIXELS": str(settings.max_image_pixels),
         "AWS_ENDPOINT_URL": settings.endpoint_url or "",
     }
