@@ -442,6 +442,9 @@ def test_provision_is_idempotent_private_encrypted_and_has_a_dead_letter_queue()
             assert rules[0]["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
             block = aws.s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"]
             assert all(block.values())
+        for url in first.values():
+            encrypted = aws.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["SqsManagedSseEnabled"])
+            assert encrypted["Attributes"]["SqsManagedSseEnabled"] == "true"
         attrs = aws.sqs.get_queue_attributes(QueueUrl=first["request"], AttributeNames=["All"])["Attributes"]
         assert attrs["MaximumMessageSize"] == "1024"
         redrive = json.loads(attrs["RedrivePolicy"])
@@ -483,12 +486,16 @@ def test_provision_applies_changed_settings_to_the_queues_that_exist():
     after VISIBILITY_TIMEOUT, RECEIVE_WAIT or MAX_RECEIVE_COUNT changed must not."""
     with mock_aws():
         first = provision(Settings())
+        # One made before SSE-SQS was the default, or by another tool: encrypted now.
+        Aws(Settings()).sqs.set_queue_attributes(QueueUrl=first["request"],
+                                                 Attributes={"SqsManagedSseEnabled": "false"})
         changed = dataclasses.replace(Settings(), visibility_timeout_s=90, receive_wait_s=5,
                                       max_receive_count=7)
         assert provision(changed) == first
         attrs = Aws(changed).sqs.get_queue_attributes(
             QueueUrl=first["request"], AttributeNames=["All"])["Attributes"]
         assert (attrs["VisibilityTimeout"], attrs["ReceiveMessageWaitTimeSeconds"]) == ("90", "5")
+        assert attrs["SqsManagedSseEnabled"] == "true"
         assert int(json.loads(attrs["RedrivePolicy"])["maxReceiveCount"]) == 7
 
 
