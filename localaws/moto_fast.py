@@ -74,6 +74,7 @@ from pathlib import Path
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.errors import HaltServer
 
 from common.config import region_from_env
 from common.heap import freeze_startup_heap
@@ -369,6 +370,16 @@ def build_app() -> Callable:
     return app
 
 
+def _end_with_the_worker(arbiter, worker) -> None:
+    """gunicorn's child_exit hook: the worker holds every bucket, queue and instance,
+    and one that died (the OOM killer) was replaced by an empty one, the stack running
+    on against an AWS that had forgotten everything (reviewer). So the server ends
+    with it, and `make run`, which watches this process, says so and stops. Not while
+    gunicorn stops (it has closed its sockets then): that worker was told to exit."""
+    if arbiter.LISTENERS:
+        raise HaltServer(f"moto's worker (pid {worker.pid}) died: everything it held is gone", 1)
+
+
 class KeepAliveServer(BaseApplication):
     """moto's application under gunicorn instead of werkzeug's development server.
 
@@ -402,6 +413,7 @@ class KeepAliveServer(BaseApplication):
             # which the web tier's gunicorn would share.
             "control_socket_disable": True,
             "loglevel": "warning",
+            "child_exit": _end_with_the_worker,
         }
         for name, value in settings.items():
             if name in self.cfg.settings:

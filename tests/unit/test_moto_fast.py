@@ -306,3 +306,32 @@ def test_a_body_cut_short_by_a_dead_client_stores_nothing(monkeypatch):
     whole.update({"CONTENT_LENGTH": "100", "wsgi.input": io.BytesIO(b"x" * 100)})
     b"".join(app(whole, lambda status, headers: statuses.append(status)))
     assert statuses[-1] == "200 OK" and called == [b"x" * 100]
+
+
+def test_the_server_ends_when_its_worker_dies():
+    """Its one worker holds everything: killed (the OOM killer), it was replaced by an
+    empty one, and the stack ran on against an AWS that had forgotten it all (reviewer)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import psutil
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "localaws.moto_fast", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not psutil.Process(server.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        [worker] = psutil.Process(server.pid).children()
+        worker.send_signal(signal.SIGKILL)
+        assert server.wait(timeout=30) == 1
+        assert b"died: everything it held is gone" in server.stderr.read()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
