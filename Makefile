@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh machine: `make run` and `make test`.
 # Python 3.11 or newer: python3 if it is one, else the newest python3.1x there is
 # (Amazon Linux 2023's python3 is 3.9: dnf install python3.11).
-PYTHON ?= $(shell for p in python3 python3.13 python3.12 python3.11; do \
+PYTHON ?= $(shell for p in python3 python3.14 python3.13 python3.12 python3.11; do \
 	$$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && { echo $$p; break; }; done)
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -10,10 +10,14 @@ STAMP  := $(VENV)/.installed-$(shell cat $(REQS) | cksum | cut -d' ' -f1)
 
 .PHONY: run test test-quick soak bench lint lock venv clean browser-deps
 
+# A venv whose pip does not run is made again: `python -m venv` makes bin/python
+# before it installs pip, and leaves the folder behind when that fails (Debian
+# without python3-venv, a Ctrl-C), which failed every make after it.
 $(STAMP): $(REQS)
-	@test -x $(PY) || test -n "$(PYTHON)" || { echo "make: needs Python 3.11 or newer (python3 here is" \
-		"$$(python3 --version 2>&1)); install python3.11 (dnf install python3.11)" >&2; exit 1; }
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip --version >/dev/null 2>&1 || test -n "$(PYTHON)" || { echo "make: needs Python 3.11" \
+		"or newer (python3 here is $$(python3 --version 2>&1)); install python3.11 (dnf install python3.11)" >&2; \
+		exit 1; }
+	$(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
 	rm -f $(VENV)/.installed-*
