@@ -75,7 +75,7 @@ def test_a_client_makes_as_many_attempts_as_it_is_given(attempts):
     settings = dataclasses.replace(Settings(), endpoint_url=f"http://127.0.0.1:{silent.getsockname()[1]}")
     config = client_config(1, read_timeout=0.3, connect_timeout=0.3, attempts=attempts)
     with pytest.raises(Exception, match="Read timeout"):
-        Aws(settings)._client("s3", config).head_bucket(Bucket="b")
+        Aws(settings)._kept("s3", "s3", config).head_bucket(Bucket="b")
     silent.close()
     for connection in accepted:
         connection.close()
