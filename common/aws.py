@@ -105,13 +105,16 @@ class Aws:
         client = self._clients.get(name)
         if client is None:
             session = boto3.session.Session()
+            # Looked for first, and the session keeps what it finds for the client: looked
+            # for after, credentials that came in between kept a client made without them.
+            found = session.get_credentials() is not None
             client = session.client(
                 service,
                 region_name=self.settings.region,
                 endpoint_url=self.settings.endpoint_url,
                 config=config or client_config(self.max_pool),
             )
-            if session.get_credentials() is not None:  # cached by the session: no second look
+            if found:
                 self._clients[name] = client
         return client
 

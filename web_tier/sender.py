@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from common.aws import SQS_MAX_BATCH
 
@@ -34,7 +35,9 @@ class _Message:
 class BatchingSender:
     """Sends message bodies to one queue; safe to call from any number of threads."""
 
-    def __init__(self, sqs, queue_url: Callable[[], str]) -> None:
+    def __init__(self, sqs: Callable[[], Any], queue_url: Callable[[], str]) -> None:
+        # Asked for at each send, not kept: Aws.sqs makes a new client until one has
+        # credentials, and one kept from a start without them failed every send.
         self.sqs = sqs
         self.queue_url = queue_url
         self._cond = threading.Condition()
@@ -67,7 +70,7 @@ class BatchingSender:
     def _send_batch(self, batch: list[_Message]) -> None:
         """Send `batch`, marking every message done, with the error of each that failed."""
         try:
-            reply = self.sqs.send_message_batch(
+            reply = self.sqs().send_message_batch(
                 QueueUrl=self.queue_url(),
                 Entries=[{"Id": str(n), "MessageBody": m.body} for n, m in enumerate(batch)],
             )

@@ -46,7 +46,7 @@ def _batch_sizes(sqs) -> list[int]:
 
 def test_a_lone_message_is_sent_at_once(web_aws):
     sizes = _batch_sizes(web_aws.sqs)
-    sender = BatchingSender(web_aws.sqs, lambda: web_aws.request_queue_url)
+    sender = BatchingSender(lambda: web_aws.sqs, lambda: web_aws.request_queue_url)
     sender.send("one")
     assert _queued(web_aws) == ["one"]
     assert sizes == [1]
@@ -63,7 +63,7 @@ def test_messages_arriving_during_a_send_go_out_together(web_aws):
             assert release.wait(10)
 
     web_aws.sqs.meta.events.register("provide-client-params.sqs.SendMessageBatch", hold_first)
-    sender = BatchingSender(web_aws.sqs, lambda: web_aws.request_queue_url)
+    sender = BatchingSender(lambda: web_aws.sqs, lambda: web_aws.request_queue_url)
     first, _ = _in_threads(sender.send, ["m00"])
     assert held.wait(10)
     bodies = [f"m{n:02d}" for n in range(1, 30)]
@@ -95,7 +95,7 @@ class FlakySqs:
 
 def test_a_refused_entry_fails_only_its_own_sender():
     sqs = FlakySqs(refuse={"bad"})
-    sender = BatchingSender(sqs, lambda: "url")
+    sender = BatchingSender(lambda: sqs, lambda: "url")
     with pytest.raises(SendError, match="InvalidMessageContents"):
         sender.send("bad")
     sender.send("good")
@@ -104,8 +104,41 @@ def test_a_refused_entry_fails_only_its_own_sender():
 
 def test_a_failed_call_fails_its_batch_and_the_next_batch_still_goes():
     sqs = FlakySqs(broken=1)
-    sender = BatchingSender(sqs, lambda: "url")
+    sender = BatchingSender(lambda: sqs, lambda: "url")
     with pytest.raises(ConnectionError):
         sender.send("lost")
     sender.send("next")
     assert sqs.accepted == ["next"]
+
+
+def test_a_web_tier_started_without_credentials_sends_once_they_come(web_aws, monkeypatch, tmp_path):
+    """Its sender kept the SQS client of the app's start: made without credentials (the
+    instance profile attached later, IMDS missing its try at boot), it failed every
+    upload's request until a restart by hand, while S3 and /healthz had recovered
+    (reviewer)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from botocore.exceptions import NoCredentialsError
+
+    from common.aws import Aws
+    from web_tier.results import ResultBook
+    from web_tier.services import Services
+
+    url = web_aws.request_queue_url  # made while there were credentials
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    aws = Aws(web_aws.settings)
+    aws._queue_urls[web_aws.settings.request_queue] = url
+    svc = Services(web_aws.settings, aws, ResultBook(), ThreadPoolExecutor(1))
+    try:
+        with pytest.raises(NoCredentialsError):
+            svc.submitter.requests.send("before")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "came-later")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "came-later")
+        svc.submitter.requests.send("after")
+    finally:
+        svc.stop()
+    assert _queued(web_aws) == ["after"]
