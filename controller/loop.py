@@ -162,6 +162,12 @@ class UnansweredLaunches:
                           if at - t < UNANSWERED_LAUNCH_MEMORY_S}
         return {n: call for n, (call, _) in self.by_number.items()}
 
+    def keep_unlisted(self, listed: set[int]) -> None:
+        """Forgets the numbers EC2 lists an instance of: the call started it, or another
+        did. Kept, the call was repeated at that number's next launch, after its instance
+        had gone: EC2 then answers with the terminated one (reviewer)."""
+        self.by_number = {n: entry for n, entry in self.by_number.items() if n not in listed}
+
     def note(self, answered: dict[int, str], unanswered: dict[int, LaunchCall], at: float) -> None:
         for n in answered:
             self.by_number.pop(n, None)
@@ -185,16 +191,19 @@ class LaunchHold:
     # wave, and do not lengthen the hold; only a replacement that fails again does.
     present_at_failure: set[str] = field(default_factory=set)
 
-    def note_failures(self, obs: Observation, min_s: float, max_s: float) -> list[Instance]:
+    def note_failures(self, obs: Observation, min_s: float, max_s: float, quiet_s: float) -> list[Instance]:
         """Takes in this round's failed instances; returns those that failed since the last.
-        The hold is min_s once an instance launched since it began serves, else doubled
-        (at most max_s) by a new wave."""
-        # Reset on evidence of health, not on quiet: an instance that never serves is
-        # given up on only READY_DEADLINE after its launch (a worker that never receives,
-        # STALL_TIMEOUT after), so the waves of a fleet that cannot serve come that far
-        # apart, and any quiet short of it reset the hold for each. A replacement serving
-        # is what shows that launching works again.
-        if any(i.ready and i.id not in self.present_at_failure for i in obs.serving):
+        The hold is min_s once an instance launched since it began serves, or after
+        `quiet_s` without a failure; else doubled (at most max_s) by a new wave."""
+        # Reset on evidence of health: an instance that never serves is given up on only
+        # READY_DEADLINE after its launch (a worker that never receives, STALL_TIMEOUT
+        # after), so the waves of a fleet that cannot serve come that far apart, and a
+        # quiet of max_s reset the hold for each. A replacement serving shows that
+        # launching works again; the quiet, longer than any such wave's gap, is for
+        # workers that never say they serve (no worker-ready tags, READY_DEADLINE=0),
+        # whose hold otherwise only grew, up to max_s for any one failure (reviewer).
+        healthy = any(i.ready and i.id not in self.present_at_failure for i in obs.serving)
+        if healthy or obs.clock - self.last_failure_at > quiet_s:
             self.hold_s = 0.0
         failed = {i.id: i for i in obs.instances if i.worker_failed}
         new = [i for iid, i in failed.items() if iid not in self.failed_seen]
@@ -346,7 +355,10 @@ class Controller:
     def _launches_held(self, obs: Observation) -> bool:
         """Whether workers gave up recently enough that launching more is held."""
         hold = self.launch_hold
-        new = hold.note_failures(obs, self.failure_hold_min_s, self.failure_hold_max_s)
+        # Quiet for longer than a wave of instances that never serve takes to fail again.
+        slowest_wave = max(self.settings.ready_deadline_s, self.settings.stall_timeout_s)
+        quiet_s = 2 * self.failure_hold_max_s + slowest_wave
+        new = hold.note_failures(obs, self.failure_hold_min_s, self.failure_hold_max_s, quiet_s)
         if new:
             log.error(
                 "controller: %d worker(s) gave up: %s; their instances are %s, and "
@@ -357,6 +369,7 @@ class Controller:
         return hold.holds(obs.clock)
 
     def _with_recent_launches(self, obs: Observation) -> Observation:
+        self.unanswered.keep_unlisted({i.number for i in obs.instances})
         recent = self.recent_launches
         recent.keep_unlisted({i.id for i in obs.instances}, obs.clock)
         if not recent.by_id:

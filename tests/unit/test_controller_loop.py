@@ -331,6 +331,31 @@ def test_the_hold_doubles_for_replacements_that_never_serve_until_one_does(aws, 
     assert caplog.text.count("launches held for 10s") == 2, caplog.text
 
 
+def test_without_ready_tags_the_hold_is_back_to_the_min_after_a_long_quiet(aws, make_controller, caplog):
+    """Workers that never say they serve (no worker-ready tags, READY_DEADLINE=0) give no
+    evidence of health: the hold only grew, up to 5 minutes for any one failure, however
+    far apart (reviewer). Past a quiet longer than a never-serving wave's gap, it is back
+    to the min."""
+    send(aws, 1)
+    controller = make_controller(failure_hold_min_s=10.0, failure_hold_max_s=300.0)
+    controller.settings = dataclasses.replace(aws.settings, ready_deadline_s=0)
+    quiet_s = 2 * 300.0 + aws.settings.stall_timeout_s
+
+    def launch_and_fail(at: float, failed_at: float) -> None:
+        (launched,) = controller.step(now=at).launch
+        (instance,) = [i for i in instances(aws) if tags(i)["Name"] == f"app-tier-instance-{launched}"
+                       and i["State"]["Name"] in ("pending", "running")]
+        report_worker_failed(aws, instance["InstanceId"], "cannot-receive")
+        controller.step(now=failed_at)
+
+    launch_and_fail(1000.0, 1100.0)
+    assert caplog.text.count("launches held for 10s") == 1
+    launch_and_fail(1111.0, 1211.0)  # a replacement failing: doubled
+    assert "launches held for 20s" in caplog.text
+    launch_and_fail(1232.0, 1211.0 + quiet_s + 1)  # after a long quiet: the min again
+    assert caplog.text.count("launches held for 10s") == 2, caplog.text
+
+
 def test_workers_of_one_wave_failing_in_turn_do_not_lengthen_the_hold(aws, make_controller, caplog):
     send(aws, 3)
     controller = make_controller(failure_hold_min_s=10.0)
@@ -803,6 +828,31 @@ def test_a_launch_whose_reply_was_lost_is_repeated_with_its_token_and_subnet(aws
     aws.ec2.terminate_instances(InstanceIds=[i["InstanceId"] for i in instances(aws)])
     assert controller.step(now=1002.0).launch == (1,)
     assert calls[3][0] not in {token for token, _ in calls[:3]}
+
+
+def test_a_lost_launch_reply_is_forgotten_once_ec2_lists_its_instance(aws, make_controller, patch):
+    """Remembered until answered or 5 minutes old, the call was repeated at the number's
+    next launch after its instance had gone (terminated, scaled in), and EC2 answers a
+    repeated token with that terminated instance, not a new one (reviewer)."""
+    controller = make_controller()
+    real_run = aws.ec2.run_instances
+    tokens: list[str] = []
+
+    def reply_lost(**kwargs):
+        tokens.append(kwargs["ClientToken"])
+        reply = real_run(**kwargs)
+        if len(tokens) == 1:
+            raise ReadTimeoutError(endpoint_url="http://ec2.test")
+        return reply
+
+    patch.setattr(aws.ec2, "run_instances", reply_lost)
+    send(aws, 1)
+    with pytest.raises(LaunchError):
+        controller.step(now=1000.0)
+    assert controller.step(now=1001.0).launch == ()  # EC2 lists it: number 1 is taken
+    aws.ec2.terminate_instances(InstanceIds=[i["InstanceId"] for i in instances(aws)])
+    assert controller.step(now=1002.0).launch == (1,)
+    assert tokens[1] != tokens[0]
 
 
 def test_default_backoff_is_at_least_a_second(aws, patch):
