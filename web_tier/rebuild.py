@@ -64,9 +64,9 @@ def with_stored_outcome(aws: Aws, item: Item) -> Item:
 def rebuild_batch(aws: Aws, batch_id: str, pool: Executor) -> list[Item] | None:
     """The batch as S3 records it, or None if S3 has no such batch."""
     keys = list_keys(aws, batch_id)
-    if not keys:
-        return None
-    return [i for i in pool.map(lambda k: rebuild_item(aws, batch_id, k), keys) if i is not None]
+    # Every object gone since the listing (rebuild_item) is no batch either, not an empty one.
+    items = [i for i in pool.map(lambda k: rebuild_item(aws, batch_id, k), keys) if i is not None]
+    return items or None
 
 
 class BatchRebuilder:

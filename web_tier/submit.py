@@ -154,12 +154,13 @@ class Submitter:
                 self._retry_later(item.id, request)
                 return item
             self.book.discard(item.id)
-            if unstored:
+            if stored:
                 self._end(item.id)
             else:
-                # Most likely never stored (S3 down for both): refused. Should it be there,
-                # requeue_unsent, which sends only what S3 has, queues it: classified, at
-                # worst as well as its resend, never left queued for ever.
+                # Refused: most likely never stored. Should it be there after all (the delete
+                # failed too, or a put still under way landed after it), requeue_unsent,
+                # which sends only what S3 has, queues it: classified, at worst as well as
+                # its resend, never left queued for ever (reviewer).
                 self._retry_later(item.id, request)
             return UploadError(503, "could not be stored or queued; try again", upload.filename)
         self._end(item.id)

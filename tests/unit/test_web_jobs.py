@@ -368,6 +368,16 @@ def test_an_object_deleted_while_its_batch_is_rebuilt_is_left_out(make_web_app, 
     assert rebuilt.status_code == 200, rebuilt.get_json()
     assert [i["filename"] for i in rebuilt.get_json()["items"]] == ["a.jpg"]
 
+    # Every one gone: no such batch, not an empty one kept in the book (reviewer).
+    def list_then_all_are_deleted(aws, batch):
+        keys = real_list(aws, batch)
+        for key in keys:
+            aws.s3.delete_object(Bucket=aws.settings.input_bucket, Key=key)
+        return keys
+
+    monkeypatch.setattr(rebuild_module, "list_keys", list_then_all_are_deleted)
+    assert make_web_app(start_background=False).test_client().get(f"/api/jobs/{batch_id}").status_code == 404
+
 
 def test_a_batch_is_rebuilt_once_however_many_ask_and_holds_up_no_upload(make_web_app, monkeypatch):
     """A page polling a 1,500-item batch across a restart started a whole rebuild every

@@ -214,6 +214,32 @@ def test_a_store_that_failed_and_cannot_be_undone_is_queued_later_if_s3_has_it(
     assert journal.pending() == {}
 
 
+def test_a_failed_store_that_lands_after_its_deletion_is_queued_later(make_web_app, web_aws, tmp_path,
+                                                                       monkeypatch):
+    """A put that timed out may still be under way at S3, and land after the delete that
+    followed it: the object stayed with its token, and no request was ever sent for it
+    (reviewer)."""
+    import web_tier.submit
+
+    app = make_web_app(web_journal_dir=str(tmp_path), start_background=False)
+    submitter = services_of(app).submitter
+    real_put = web_tier.submit.put_input
+    late: list[tuple] = []
+
+    def timed_out(*args, **kwargs):
+        late.append((args, kwargs))  # S3 writes it, later
+        raise ConnectionError("read timeout")
+
+    monkeypatch.setattr(web_tier.submit, "put_input", timed_out)
+    form = {"files": [(io.BytesIO(make_image(2)), "late.jpg")], "batch_id": "b" * 32, "create": "1"}
+    reply = app.test_client().post("/api/jobs", data=form, content_type="multipart/form-data")
+    assert reply.status_code == 503
+    [(args, kwargs)] = late
+    real_put(*args, **kwargs)  # the write lands, after the delete
+    assert submitter.requeue_unsent() == 1
+    assert [r.filename for r in queued_requests(web_aws)] == ["late.jpg"]
+
+
 def test_an_upload_in_flight_when_its_web_tier_dies_is_queued_by_the_next(make_web_app, web_aws, tmp_path):
     # The first web tier stores the image, then dies before its request is sent.
     dying = make_web_app(web_journal_dir=str(tmp_path), start_background=False)

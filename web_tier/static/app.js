@@ -48,8 +48,10 @@
   // How long a batch opened from its link (not sent from this tab, nor one it copied)
   // is followed after it last showed a file new here: another browser may still be
   // sending it, and all it held may finish before its next chunk comes (the link
-  // stopped showing files once those it knew of were done). <body data-follow-idle-ms>.
-  const FOLLOW_IDLE_MS = 60000;
+  // stopped showing files once those it knew of were done). Longer than the sender's
+  // resends of a refused chunk take (RESEND_DELAYS_MS: 75 s in all), with a chunk's own
+  // upload time besides (reviewer). <body data-follow-idle-ms>.
+  const FOLLOW_IDLE_MS = 120000;
   function followIdleMs() {
     return Number(document.body.dataset.followIdleMs) || FOLLOW_IDLE_MS;
   }
