@@ -390,11 +390,9 @@ class Controller:
             try:
                 ids = launch(self.aws, self.settings, decision.launch, self.unanswered.calls(obs.clock))
             except LaunchError as exc:
-                self._remember(exc.launched, obs)
-                self.unanswered.note(exc.launched, exc.unanswered, obs.clock)
+                self._remember(exc.launched, obs, exc.unanswered)
                 raise
             self._remember(ids, obs)
-            self.unanswered.note(ids, {}, obs.clock)
 
     def _terminate(self, instance_ids: tuple[str, ...], why: str) -> None:
         """Terminate these instances; one that EC2 refuses for a reason of its own fails
@@ -432,7 +430,10 @@ class Controller:
             return False
         return True
 
-    def _remember(self, launched: dict[int, str], obs: Observation) -> None:
+    def _remember(self, launched: dict[int, str], obs: Observation,
+                  unanswered: dict[int, LaunchCall] | None = None) -> None:
+        """The launches that were answered, and the calls that got no reply (to repeat)."""
+        self.unanswered.note(launched, unanswered or {}, obs.clock)
         self.recent_launches.add(launched, obs.at, obs.clock)
         for iid in launched.values():
             self.readiness.launched(iid, obs.clock)
