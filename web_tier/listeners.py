@@ -7,8 +7,9 @@ deleted only after it is recorded, so a crash in between means a redelivery:
 ignored as a duplicate by a book that has it, or kept, after a restart, for the
 GET that rebuilds its batch from S3.
 
-They stop once the book closes (SIGTERM), and leave in the queue what they receive
-then: in a reload, the old process's last polls must not take the new one's answers.
+They stop once the book closes (SIGTERM), and hand back to the queue what they
+receive then: in a reload, the old process's last polls must not take the new one's
+answers.
 """
 
 from __future__ import annotations

@@ -170,8 +170,9 @@ class Submitter:
         """Queue the images stored with no request sent; the number queued.
 
         They are those that web tiers killed between the two steps left in their
-        journals (adopted here), and those whose put or request failed and whose
-        image could not be deleted. Each one whose image is in the input bucket, and
+        journals (adopted here), those whose request failed and whose image could
+        not be deleted, and those whose put raised (S3 may hold the image all the
+        same). Each one whose image is in the input bucket, and
         whose result is not yet in the output bucket, is sent: at worst a second
         time, if its process was killed just after sending it. One that cannot be
         sent now is tried again at the next call.
