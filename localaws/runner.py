@@ -7,9 +7,10 @@ configurable boot delay. When the instance is terminated or disappears, it
 sends the worker SIGTERM, then SIGKILL after a grace period, as EC2's
 shutdown would. A worker that exits while its instance lives is restarted, as
 systemd's Restart=always does on a real instance, unless it exited because it
-cannot load the model (RestartPreventExitStatus there). Like systemd's
-watchdog there (WatchdogSec=), the runner kills a worker that has said it is
-ready and then stops pinging for LOCAL_WATCHDOG seconds, or that has not said
+cannot load the model (RestartPreventExitStatus there). One that keeps failing
+at start waits twice as long before each next start (QUICK_EXIT_S). Like
+systemd's watchdog there (WatchdogSec=), the runner kills a worker that has said
+it is ready and then stops pinging for LOCAL_WATCHDOG seconds, or that has not said
 it is ready within START_TIMEOUT_S (TimeoutStartSec=; a minute for a warm
 spare that has said its model is loaded), with SIGABRT (its stacks go to its
 log), then SIGKILL if that does not end it, and restarts it.
@@ -44,6 +45,24 @@ from localaws.notify import NotifySocket, NotifySockets
 log = logging.getLogger(__name__)
 
 RESTART_BACKOFF_S = 1.0
+# A worker that ends by itself this soon after it was given its instance failed at
+# start (a bad setting, a broken import, a missing dependency), and its next start
+# would most likely fail the same way. With the model prepared (make run does it
+# first), a worker serves within seconds, even beside others loading on 2 cores, and
+# these errors show before that; one that served 20 s did start, and is restarted at
+# once. Each failed start in a row doubles the wait before the next, from
+# RESTART_BACKOFF_S up to MAX_RESTART_DELAY_S: a start costs seconds of CPU (the model
+# runtime's import), so failing workers restarted every second took the cores the
+# rest of the stack serves with, and filled the logs with the same traceback.
+QUICK_EXIT_S = 20.0
+# Once a minute at most: a cause that goes away (a dependency back) is then picked up
+# within a minute; longer would only keep its instance idle for longer.
+MAX_RESTART_DELAY_S = 60.0
+# A worker killed by one of these was stopped from outside (kill, the OOM killer, the
+# soak test's SIGKILLs), which says nothing against its next start: it is restarted at
+# once, as are the runner's own watchdog's victims. Any other signal (SIGSEGV, or
+# SIGILL from a native library built for another CPU) is a failure of its own.
+KILLED_FROM_OUTSIDE = frozenset({-signal.SIGKILL, -signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP})
 # As TimeoutStartSec= in ami/imgclass-worker.service (weights may come from S3 there).
 START_TIMEOUT_S = 15 * 60.0
 # A warm spare that has said its model is loaded is ready within seconds of being
@@ -63,6 +82,8 @@ class WorkerProcess:
     ready: bool = False  # it said READY=1
     start_timeout_s: float = START_TIMEOUT_S  # to say it, from started_at
     restarts: int = 0
+    quick_exits: int = 0  # failed starts in a row, its own if it has exited (see QUICK_EXIT_S)
+    restart_at: float | None = None  # once it has exited: when its successor starts
     given_up: bool = False  # it cannot load the model: not restarted
 
 
@@ -137,7 +158,7 @@ class InstanceRunner:
         self._logs[process] = log_path
         return process
 
-    def _start_worker(self, instance_id: str, restarts: int = 0) -> None:
+    def _start_worker(self, instance_id: str, restarts: int = 0, quick_exits: int = 0) -> None:
         process = None
         while self._spares and process is None:
             spare = self._spares.pop(0)
@@ -158,7 +179,7 @@ class InstanceRunner:
             start_timeout_s = min(self.start_timeout_s, self.adopted_start_timeout_s)
         self.started_total += 1
         self.workers[instance_id] = WorkerProcess(instance_id, process, time.monotonic(), restarts=restarts,
-                                                  start_timeout_s=start_timeout_s)
+                                                  quick_exits=quick_exits, start_timeout_s=start_timeout_s)
         log_path = self._logs.pop(process, None)
         log.info("runner: worker pid %d serves %s (log %s)", process.pid, instance_id,
                  log_path.name if log_path else "-")
@@ -303,7 +324,10 @@ class InstanceRunner:
     def _restart_exited_workers(self, now: float) -> None:
         """As the worker's systemd unit does (Restart=always, RestartPreventExitStatus
         for a worker that cannot load its model: restarting it cannot help, and the
-        controller replaces its instance)."""
+        controller replaces its instance), backing off while it fails at start. A
+        restart that must wait is left to the round in which it is due: the exited
+        worker keeps its instance's place meanwhile (the instance's end drops it, and
+        its restart with it), and this round goes on with the others."""
         for iid, worker in list(self.workers.items()):
             code = worker.process.poll()
             if code is None or worker.given_up:
@@ -312,11 +336,25 @@ class InstanceRunner:
                 log.error("runner: the worker for %s cannot load the model (exit %d); not restarting it "
                           "(see its log)", iid, code)
                 worker.given_up = True
-            elif now - worker.started_at > RESTART_BACKOFF_S:
-                log.warning("runner: worker for %s exited with %s; restarting it (restart %d)", iid, code,
-                            worker.restarts + 1)
+                continue
+            if worker.restart_at is None:
+                failed_at_start = (now - worker.started_at < QUICK_EXIT_S and code not in KILLED_FROM_OUTSIDE
+                                   and worker.abort_sent_at is None)
+                worker.quick_exits = worker.quick_exits + 1 if failed_at_start else 0
+                delay = (min(RESTART_BACKOFF_S * 2 ** (worker.quick_exits - 1), MAX_RESTART_DELAY_S)
+                         if failed_at_start else 0.0)
+                # Whatever ends them, an instance's workers start at most once a backoff.
+                worker.restart_at = max(now + delay, worker.started_at + RESTART_BACKOFF_S)
+                if worker.restart_at > now:
+                    log.warning("runner: worker for %s exited with %s; restarting it in %.0f s (restart %d; "
+                                "%d failed starts in a row)", iid, code, worker.restart_at - now,
+                                worker.restarts + 1, worker.quick_exits)
+                else:
+                    log.warning("runner: worker for %s exited with %s; restarting it (restart %d)", iid, code,
+                                worker.restarts + 1)
+            if now >= worker.restart_at:
                 del self.workers[iid]
-                self._start_worker(iid, restarts=worker.restarts + 1)
+                self._start_worker(iid, restarts=worker.restarts + 1, quick_exits=worker.quick_exits)
 
     def _start_workers_for_new_instances(self, instances: list[Instance], now: float) -> None:
         """A worker for each instance that has none, once it has "booted", up to the cap.

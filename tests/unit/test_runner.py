@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -17,7 +19,7 @@ from app_tier import EXIT_MODEL_UNAVAILABLE
 from common.aws import Aws
 from common.config import Settings
 from controller.act import launch, terminate
-from localaws.runner import RESTART_BACKOFF_S, InstanceRunner
+from localaws.runner import QUICK_EXIT_S, RESTART_BACKOFF_S, InstanceRunner
 
 # Stands in for `python -m app_tier`: records its instance id and waits.
 # "stubborn" ignores SIGTERM, as a hung worker would; "no-model" exits at once as a
@@ -460,3 +462,118 @@ def test_notification_sockets_leave_a_long_tmpdir_for_tmp(tmp_path, monkeypatch)
         notify.close()
         sockets.remove_folder()
     assert not notify.path.parent.exists()
+
+
+class FakeProcess:
+    """A worker process that the test ends by setting its returncode (as Popen's after poll)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        return self.returncode
+
+
+@pytest.fixture
+def clocked(world, monkeypatch, caplog):
+    """A runner serving the one instance of `fleet` with FakeProcesses, on a clock the test
+    moves: (runner, fleet, spawned processes, advance(seconds) stepping every 0.25 s)."""
+    from common.fleet import Instance
+    from localaws import runner as runner_module
+
+    _, _, make, _ = world
+    fleet = [Instance("i-looping", number=1, state="running", launched_at=100.0)]
+    monkeypatch.setattr(runner_module, "app_tier_instances", lambda aws: tuple(fleet))
+    now = [1000.0]
+    # Only monotonic: a round that slept (time.sleep) would fail here, not block.
+    monkeypatch.setattr(runner_module, "time", type("Clock", (), {"monotonic": staticmethod(lambda: now[0])}))
+    runner = make(warm_spares=0)
+    spawned: list[tuple[float, FakeProcess]] = []
+
+    def spawn(instance_id: str) -> FakeProcess:
+        spawned.append((now[0], FakeProcess(pid=100_000 + len(spawned))))
+        return spawned[-1][1]
+
+    monkeypatch.setattr(runner, "_spawn", spawn)
+    monkeypatch.setattr(runner, "_signal", lambda process, sig: None)  # never a real pid
+    caplog.set_level(logging.INFO, logger="localaws.runner")
+
+    def advance(seconds: float, exit_code: int | None = 1, after_s: float = 0.0) -> None:
+        """Step the runner for `seconds`; each worker exits with `exit_code` once `after_s` old."""
+        end = now[0] + seconds
+        while now[0] < end:
+            now[0] += 0.25
+            for born, process in spawned:
+                if process.returncode is None and exit_code is not None and now[0] - born >= after_s:
+                    process.returncode = exit_code
+            runner.step()
+
+    runner.step()
+    assert len(spawned) == 1
+    return runner, fleet, spawned, advance
+
+
+def gaps(spawned: list[tuple[float, FakeProcess]]) -> list[float]:
+    return [b[0] - a[0] for a, b in itertools.pairwise(spawned)]
+
+
+def test_a_worker_that_keeps_failing_at_start_is_restarted_after_a_doubling_delay(clocked, caplog):
+    """A bad setting or a broken import made a worker exit at once, restarted once a
+    second for ever: a core of a 2-core machine, and a flood of tracebacks."""
+    runner, _, spawned, advance = clocked
+    advance(400)
+    delays = [float(d) for d in re.findall(r"exited with 1; restarting it in (\d+) s", caplog.text)]
+    assert delays[:8] == [1, 2, 4, 8, 16, 32, 60, 60], "doubling from a second, up to a minute"
+    assert len(delays) == sum(p.returncode is not None for _, p in spawned), "said once an exit"
+    for gap, delay in zip(gaps(spawned), delays, strict=False):  # the last restart may be due later
+        assert delay <= gap <= delay + 0.5
+    assert runner.workers["i-looping"].restarts == len(spawned) - 1
+
+
+def test_a_worker_waiting_out_its_delay_holds_up_no_other_instance(clocked):
+    from common.fleet import Instance
+
+    runner, fleet, spawned, advance = clocked
+    advance(4)  # restarted after 1 s, then after 2: now 4 s to wait
+    assert len(spawned) == 3
+    fleet.append(Instance("i-other", number=2, state="running", launched_at=200.0))
+    advance(0.25, exit_code=None)
+    assert "i-other" in runner.workers and len(spawned) == 4
+
+
+def test_a_worker_that_ran_for_a_while_is_restarted_at_once_and_its_backoff_reset(clocked, caplog):
+    runner, _, spawned, advance = clocked
+    advance(4)  # restarted after 1 s, then after 2: now 4 s to wait
+    assert len(spawned) == 3
+    advance(40, after_s=QUICK_EXIT_S + 1)  # the next ones each serve a while, then exit
+    assert gaps(spawned)[3] == QUICK_EXIT_S + 1, "restarted in the round that saw it exit"
+    assert "exited with 1; restarting it (restart 4)" in caplog.text
+    caplog.clear()
+    advance(3)
+    assert re.findall(r"restarting it in (\d+) s", caplog.text) == ["1", "2"], "counted from one again"
+
+
+def test_a_worker_killed_from_outside_is_restarted_at_once_however_young(clocked, caplog):
+    """The soak test SIGKILLs workers every few seconds: their replacements must not wait."""
+    runner, _, spawned, advance = clocked
+    for _ in range(5):
+        count = len(spawned)
+        advance(2, exit_code=None)
+        advance(0.25, exit_code=-signal.SIGKILL)
+        assert len(spawned) == count + 1
+    assert "restarting it in" not in caplog.text
+
+
+def test_a_worker_waiting_to_be_restarted_is_not_once_its_instance_is_terminated(clocked, caplog):
+    runner, fleet, spawned, advance = clocked
+    advance(4)  # restarted after 1 s and 2 s; exited again: waits 4 s
+    assert "restarting it in 4 s" in caplog.text
+    advance(3.5, exit_code=None)  # the restart is due in the next round
+    count = len(spawned)
+    fleet.clear()  # terminated: gone from what the runner lists
+    advance(10)
+    assert len(spawned) == count and runner.workers == {}
