@@ -18,13 +18,16 @@ in a small dataclass below that says what a restart loses:
     controller whose clock is off);
 (5) Refusals: instances EC2 refused to terminate, kept for last when scaling in;
 (6) UnansweredLaunches: launches that got no reply in the last few minutes, repeated
-    as they were (same ClientToken) so that EC2 returns the instance it may have started.
+    as they were (same ClientToken) so that EC2 returns the instance it may have started;
+(7) LaunchBackoff: when a launch last failed (no capacity, a quota reached), and how
+    long launches wait after it.
 Losing them on restart costs little: a restarted controller keeps what is live for
 one window before it scales in, takes the failed instances it finds as new failures,
 gives a silent instance a whole READY_DEADLINE again, and learns of a protected
 instance at its next refusal; only a restart within seconds of a launch, or minutes
-of a launch that got no reply, could launch once more. Besides, for people only: the
-last round's log summary and the last TIMELINE_ROUNDS rounds (Controller.timeline).
+of a launch that got no reply, could launch once more, and a failing launch is tried
+again at once. Besides, for people only: the last round's log summary and the last
+TIMELINE_ROUNDS rounds (Controller.timeline).
 """
 
 from __future__ import annotations
@@ -53,8 +56,9 @@ log = logging.getLogger(__name__)
 RECENT_LAUNCH_MEMORY_S = 30.0
 # Long enough for EC2 to list an instance that a call without a reply started.
 UNANSWERED_LAUNCH_MEMORY_S = 300.0
-# Errors AWS is known to give (LaunchError wraps those of RunInstances): one warning line each.
-EXPECTED_ERRORS = (BotoCoreError, ClientError, LaunchError)
+# Errors AWS is known to give: one warning line each. (A failed launch, LaunchError, ends
+# no round: Controller._act backs off launches only.)
+EXPECTED_ERRORS = (BotoCoreError, ClientError)
 # EC2's refusals that concern one instance of a TerminateInstances call, not the call.
 ONE_INSTANCE_ERRORS = frozenset({
     "OperationNotPermitted", "UnauthorizedOperation", "IncorrectInstanceState",
@@ -223,6 +227,32 @@ class LaunchHold:
 
 
 @dataclass
+class LaunchBackoff:
+    """After a launch failed (no capacity in any subnet, a quota reached, throttling), how
+    long launches wait: each would most likely fail too. Only launches wait: the round goes
+    on, so that terminations and clean-ups keep the poll interval (scale-in to zero
+    within seconds) rather than the loop's error backoff. Lost on restart, a restarted
+    controller tries at once, and backs off from the shortest wait again."""
+
+    wait_s: float = 0.0
+    failed_at: float = float("-inf")
+
+    def failed(self, clock: float, min_s: float, max_s: float) -> float:
+        """Notes a failure at `clock`; returns how long launches now wait (doubled, at
+        least min_s, at most max_s)."""
+        self.wait_s = min(max(self.wait_s * 2, min_s), max_s)
+        self.failed_at = clock
+        return self.wait_s
+
+    def succeeded(self) -> None:
+        self.wait_s = 0.0
+
+    def remaining(self, clock: float) -> float:
+        """Seconds until launches may be tried again (0: now)."""
+        return max(0.0, self.failed_at + self.wait_s - clock)
+
+
+@dataclass
 class ReadinessClock:
     """When this controller first saw each live instance whose worker has not yet said it
     serves, on its own monotonic clock (EC2's launch time would do, but for a controller
@@ -286,6 +316,11 @@ class Controller:
     # up, as Kubernetes backs off a crash-looping container, until a replacement serves.
     failure_hold_min_s: float = 10.0
     failure_hold_max_s: float = 300.0
+    # After a launch fails, launches (only) wait this long, doubling per further failure
+    # up to the max, back to none once one succeeds. The max stays short so that the
+    # fleet scales out soon after capacity returns.
+    launch_backoff_min_s: float = 1.0
+    launch_backoff_max_s: float = 30.0
 
     policy: Policy = field(init=False)  # from settings
 
@@ -296,6 +331,7 @@ class Controller:
     readiness: ReadinessClock = field(default_factory=ReadinessClock, init=False)
     refusals: Refusals = field(default_factory=Refusals, init=False)
     unanswered: UnansweredLaunches = field(default_factory=UnansweredLaunches, init=False)
+    launch_backoff: LaunchBackoff = field(default_factory=LaunchBackoff, init=False)
     # For people only, never for deciding: the last round's log summary (a round that
     # changes nothing is not logged again), and the last rounds, for tests and a look
     # in a debugger (--timeline keeps them all on disk).
@@ -323,6 +359,7 @@ class Controller:
         # Decide, with a pure function of all that; then act.
         decision = decide(obs, self.policy, wanted_recently, launches_held,
                           keep_last=frozenset(self.refusals.ids))
+        decision = self._without_launches_backing_off(decision, obs)
         self._record(obs, decision)
         if decision.changes_anything and not self.dry_run:
             self._act(decision, obs)
@@ -368,6 +405,15 @@ class Controller:
             )
         return hold.holds(obs.clock)
 
+    def _without_launches_backing_off(self, decision: Decision, obs: Observation) -> Decision:
+        """The decision, without its launches while they back off after a failure: the
+        rest of it (terminations, clean-ups) is carried out all the same."""
+        wait = self.launch_backoff.remaining(obs.clock)
+        if not decision.launch or not wait:
+            return decision
+        return replace(decision, launch=(),
+                       reason=decision.reason + f"; launches held: the last failed, next try in {wait:.1f}s")
+
     def _with_recent_launches(self, obs: Observation) -> Observation:
         self.unanswered.keep_unlisted({i.number for i in obs.instances})
         recent = self.recent_launches
@@ -382,16 +428,22 @@ class Controller:
         return replace(obs, instances=obs.instances + recent.instances())
 
     def _act(self, decision: Decision, obs: Observation) -> None:
-        # Terminations first: a launch that fails ends the round (LaunchError), and
-        # the instances no longer needed would wait for the next one.
+        # Terminations first: they are what a scale-in waits on, and launches can take
+        # long (botocore retrying RunInstances).
         self._terminate(decision.terminate, "the fleet no longer needs it")
         self._terminate(decision.clean_up, "it serves nobody (stopped, or its worker gave up)")
         if decision.launch:
             try:
                 ids = launch(self.aws, self.settings, decision.launch, self.unanswered.calls(obs.clock))
             except LaunchError as exc:
+                # Not raised: failing the round would slow every round, scale-in too, to
+                # the loop's error backoff for as long as capacity or the quota is short.
                 self._remember(exc.launched, obs, exc.unanswered)
-                raise
+                wait = self.launch_backoff.failed(obs.clock, self.launch_backoff_min_s,
+                                                  self.launch_backoff_max_s)
+                log.warning("controller: %s; launches held, next try in %.1fs", exc, wait)
+                return
+            self.launch_backoff.succeeded()
             self._remember(ids, obs)
 
     def _terminate(self, instance_ids: tuple[str, ...], why: str) -> None:
@@ -481,9 +533,10 @@ class Controller:
     def run(self) -> None:
         """Poll until stopped; any error is logged and the round retried with backoff.
 
-        The controller must outlive AWS trouble (capacity errors, throttling that
-        outlasted botocore's own retries, timeouts, an endpoint that is briefly
-        down): dying would leave the fleet unmanaged, so nothing escapes the loop.
+        The controller must outlive AWS trouble (throttling that outlasted botocore's
+        own retries, timeouts, an endpoint that is briefly down): dying would leave the
+        fleet unmanaged, so nothing escapes the loop. Launches that fail (no capacity,
+        a quota reached) fail no round: only launches back off (Controller._act).
         """
         backoff = 0.0
         log.info("controller: cap %d, mode %s, poll every %.1fs%s", self.policy.max_instances,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
+import re
 import subprocess
 import sys
 import threading
@@ -29,7 +30,6 @@ from common.config import Settings
 from common.fleet import WORKER_READY_TAG, report_worker_failed, report_worker_ready
 from common.names import ROLE_APP_TIER, ROLE_TAG
 from common.provision import provision
-from controller.act import LaunchError
 from controller.loop import TIMELINE_FIELDS, Controller
 from controller.main import build_parser, main, settings_from
 from controller.timeline import plot_timeline
@@ -78,6 +78,7 @@ def make_controller(aws: Aws) -> Iterator[Callable[..., Controller]]:
 
     def make(**kwargs) -> Controller:
         kwargs.setdefault("backoff_min_s", TEST_BACKOFF_MIN_S)
+        kwargs.setdefault("launch_backoff_min_s", TEST_BACKOFF_MIN_S)
         controller = Controller(aws.settings, aws, **kwargs)
         made.append(controller)
         return controller
@@ -684,7 +685,7 @@ def test_run_survives_faults_with_backoff(aws, make_controller, patch, caplog, f
         want = 0
     else:
         # One launch per round for run_instances faults (launches run in parallel), so
-        # that three failed calls are three failed rounds.
+        # that three failed calls are three failed launches (which back off launches only).
         want = 1 if method == "run_instances" else 6
         send(aws, want)
     controller = make_controller()
@@ -694,7 +695,7 @@ def test_run_survives_faults_with_backoff(aws, make_controller, patch, caplog, f
                    f"{want} instances after 3 failures")
     finally:
         stop(controller, thread)
-    # Backed off, doubling: 0.1 s, then 0.2 s between the failed rounds; no spinning at the
+    # Backed off, doubling: 0.1 s, then 0.2 s between the failed calls; no spinning at the
     # 20 ms poll interval (which would have made ~15 calls in the same time).
     gaps = [b - a for a, b in zip(flaky.failures, flaky.failures[1:], strict=False)]
     assert gaps[0] >= TEST_BACKOFF_MIN_S * 0.9 and gaps[1] >= 2 * TEST_BACKOFF_MIN_S * 0.9, gaps
@@ -720,15 +721,15 @@ def test_partial_launch_failure_keeps_the_successes(aws, make_controller, patch,
     caplog.set_level(logging.INFO, logger="controller")
     send(aws, 100)
     controller = make_controller()
-    with pytest.raises(LaunchError, match="3 of 15 launch"):
-        controller.step()
+    assert len(controller.step(now=1000.0).launch) == 15
+    assert "3 of 15 launch(es) failed" in caplog.text
     assert len(instances(aws)) == 12
     # Even if EC2 lags and lists none of the 12 that did start, they are remembered.
     real_describe = aws.ec2.describe_instances
     patch.setattr(aws.ec2, "describe_instances", lambda **kwargs: {"Reservations": []})
-    assert sorted(controller.step().launch) == [3, 7, 11]
+    assert sorted(controller.step(now=1001.0).launch) == [3, 7, 11]  # after the launch backoff
     patch.setattr(aws.ec2, "describe_instances", real_describe)
-    assert controller.step().launch == ()
+    assert controller.step(now=1002.0).launch == ()
     assert names(aws) == sorted(f"app-tier-instance-{n}" for n in range(1, 16))
     assert len(flaky.calls) == 18, "15, then only the 3 that failed"
 
@@ -782,18 +783,19 @@ def test_a_launch_a_zone_cannot_take_is_tried_in_the_other_subnets(aws, make_con
     assert len(flaky.failures) == 2, "the two numbers that start in subnet-a, once each"
 
 
-def test_a_launch_no_subnet_can_take_fails(aws, make_controller, patch):
+def test_a_launch_no_subnet_can_take_fails(aws, make_controller, patch, caplog):
     controller = make_controller()
     controller.settings = dataclasses.replace(aws.settings, subnet_ids=("subnet-a", "subnet-b"))
     flaky = zone_short(aws, {"subnet-a", "subnet-b"})
     patch.setattr(aws.ec2, "run_instances", flaky)
     send(aws, 2)
-    with pytest.raises(LaunchError, match="2 of 2 launch"):
-        controller.step()
+    controller.step()
+    assert "2 of 2 launch(es) failed" in caplog.text
     assert len(flaky.calls) == 4 and instances(aws) == []
 
 
-def test_a_launch_whose_reply_was_lost_is_repeated_with_its_token_and_subnet(aws, make_controller, patch):
+def test_a_launch_whose_reply_was_lost_is_repeated_with_its_token_and_subnet(aws, make_controller, patch,
+                                                                            caplog):
     """EC2 started the instance, but its reply was lost (botocore's retries exhausted):
     the next launch of that number repeats the call, so that EC2 returns that instance
     rather than start a second app-tier-instance-1. (moto ignores ClientToken: the
@@ -820,8 +822,8 @@ def test_a_launch_whose_reply_was_lost_is_repeated_with_its_token_and_subnet(aws
     patch.setattr(aws.ec2, "run_instances", reply_lost)
     patch.setattr(aws.ec2, "describe_instances", lagging)
     send(aws, 1)
-    with pytest.raises(LaunchError, match="ReadTimeout|Read timeout"):
-        controller.step(now=1000.0)
+    controller.step(now=1000.0)
+    assert re.search("ReadTimeout|Read timeout", caplog.text), caplog.text
     assert controller.step(now=1001.0).launch == (1,)
     assert calls[2] == calls[1] and calls[1][0] != calls[0][0], calls
     # Answered, the call is not repeated again.
@@ -830,7 +832,7 @@ def test_a_launch_whose_reply_was_lost_is_repeated_with_its_token_and_subnet(aws
     assert calls[3][0] not in {token for token, _ in calls[:3]}
 
 
-def test_a_lost_launch_reply_is_forgotten_once_ec2_lists_its_instance(aws, make_controller, patch):
+def test_a_lost_launch_reply_is_forgotten_once_ec2_lists_its_instance(aws, make_controller, patch, caplog):
     """Remembered until answered or 5 minutes old, the call was repeated at the number's
     next launch after its instance had gone (terminated, scaled in), and EC2 answers a
     repeated token with that terminated instance, not a new one (reviewer)."""
@@ -847,12 +849,74 @@ def test_a_lost_launch_reply_is_forgotten_once_ec2_lists_its_instance(aws, make_
 
     patch.setattr(aws.ec2, "run_instances", reply_lost)
     send(aws, 1)
-    with pytest.raises(LaunchError):
-        controller.step(now=1000.0)
+    controller.step(now=1000.0)
+    assert "launch(es) failed" in caplog.text
     assert controller.step(now=1001.0).launch == ()  # EC2 lists it: number 1 is taken
     aws.ec2.terminate_instances(InstanceIds=[i["InstanceId"] for i in instances(aws)])
     assert controller.step(now=1002.0).launch == (1,)
     assert tokens[1] != tokens[0]
+
+
+def test_a_failing_launch_backs_off_launches_only(aws, make_controller, patch, caplog):
+    """No capacity, or a quota reached: the round goes on (it raises nothing, its
+    clean-ups are done), and launches wait 1 s, doubling while they keep failing, at
+    most 30 s, back to 1 s once one succeeds; one warning line per failure says when."""
+    send(aws, 1)
+    make_controller().step()
+    stray = instances(aws)[0]["InstanceId"]
+    aws.ec2.stop_instances(InstanceIds=[stray])  # serves nobody: cleaned up, replaced
+    quota = {"reached": True}
+    flaky = Flaky(aws.ec2.run_instances, client_error("VcpuLimitExceeded", "RunInstances"),
+                  lambda n, kwargs: quota["reached"])
+    patch.setattr(aws.ec2, "run_instances", flaky)
+    controller = make_controller(launch_backoff_min_s=1.0, launch_backoff_max_s=30.0)
+
+    t = 1000.0
+    decision = controller.step(now=t)
+    assert decision.clean_up == (stray,) and len(decision.launch) == 1
+    assert instances(aws, ("stopped",)) == [] and len(flaky.calls) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "VcpuLimitExceeded" in warnings[0], warnings
+    assert "launches held, next try in 1.0s" in warnings[0]
+    for wait in (1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0):
+        held = controller.step(now=t + wait - 0.01)
+        assert held.launch == () and "launches held" in held.reason, held
+        t += wait
+        assert len(controller.step(now=t).launch) == 1
+        assert f"next try in {min(2 * wait, 30.0):.1f}s" in caplog.text
+    assert len(flaky.calls) == 8
+    assert sum(r.levelno >= logging.WARNING for r in caplog.records) == 8
+
+    quota["reached"] = False  # a launch that succeeds ends the backoff
+    assert len(controller.step(now=t + 30).launch) == 1 and len(instances(aws)) == 1
+    aws.ec2.terminate_instances(InstanceIds=[i["InstanceId"] for i in instances(aws)])
+    quota["reached"] = True
+    assert len(controller.step(now=t + 31).launch) == 1
+    assert caplog.text.count("next try in 1.0s") == 2
+    assert len(controller.step(now=t + 32).launch) == 1
+
+
+def test_failing_launches_slow_no_scale_in(aws, make_controller, patch):
+    """Every launch failing (InsufficientInstanceCapacity in every zone) does not put the
+    loop into its error backoff: once the work is done, the fleet goes at the next poll."""
+    send(aws, 2)
+    make_controller().step()
+    assert len(instances(aws)) == 2
+    flaky = Flaky(aws.ec2.run_instances, client_error("InsufficientInstanceCapacity", "RunInstances"),
+                  lambda n, kwargs: True)
+    patch.setattr(aws.ec2, "run_instances", flaky)
+    send(aws, 3)  # 5 wanted: 3 launches that fail
+    controller = make_controller(backoff_min_s=5.0, backoff_max_s=5.0)
+    thread = start(controller)
+    try:
+        wait_until(lambda: flaky.calls, 5, "a failed launch")
+        rounds = len(controller.timeline)
+        # Well within the 5 s error backoff the old loop slept after each failed launch.
+        wait_until(lambda: len(controller.timeline) >= rounds + 3, 3, "3 more rounds")
+        delete(aws, receive_all(aws))
+        wait_until(lambda: instances(aws) == [], 3, "scale-in to zero")
+    finally:
+        stop(controller, thread)
 
 
 def test_default_backoff_is_at_least_a_second(aws, patch):
