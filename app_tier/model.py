@@ -4,7 +4,8 @@
   imagenet          the Keras cache (~/.keras/models), downloaded once where the
                     internet is reachable;
   /path/to/file.h5  a local weights file;
-  s3://bucket/key   a weights file in S3, downloaded once to the Keras cache;
+  s3://bucket/key   a weights file in S3, copied to the Keras cache and fetched
+                    again when S3 holds another upload at that key;
   random            untrained weights from a fixed seed, for tests and offline
                     demos. Every answer is then flagged `untrained`.
 
@@ -18,6 +19,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
 import os
 import time
@@ -72,9 +75,29 @@ def _missing_weights_message(detail: str) -> str:
 WEIGHTS_NOT_THERE = NOT_FOUND_CODES | {"403", "AccessDenied", "AllAccessDisabled"}
 
 
+def _s3_identity(head: dict) -> dict:
+    """What tells one upload of an object from another, as recorded beside its copy."""
+    return {"etag": head["ETag"], "size": head["ContentLength"],
+            "last_modified": head["LastModified"].isoformat()}
+
+
+def _recorded_identity(sidecar: Path) -> dict | None:
+    try:
+        return json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return None  # none yet (a copy by an older worker), or unreadable: fetch again
+
+
 def _fetch_s3_weights(uri: str) -> Path:
+    """The local copy of an S3 weights file, fetched again when S3 holds another upload.
+
+    Each start asks S3 (HEAD) for the object's ETag, size and time of upload and
+    compares them with those recorded beside the copy when it was fetched: new
+    weights uploaded at the same key reach every worker at its next start, and
+    the 100 MB file is neither downloaded nor hashed while it is unchanged.
+    """
     import boto3
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import BotoCoreError, ClientError
 
     from common.aws import error_code
 
@@ -82,21 +105,61 @@ def _fetch_s3_weights(uri: str) -> Path:
     if not bucket or not key:
         raise WeightsUnavailable(_missing_weights_message(f"{uri!r} is not s3://bucket/key"))
     target = keras_cache_dir() / f"s3-{bucket}-{key.replace('/', '_')}"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
+    sidecar = target.with_name(f"{target.name}.s3.json")
+    s3 = boto3.client("s3")
+    try:
+        current = _s3_identity(s3.head_object(Bucket=bucket, Key=key))
+    except (BotoCoreError, ClientError) as exc:
+        if target.exists():
+            # A worker that cannot ask S3 (no route, no credentials yet, access taken
+            # away) still serves the weights it fetched before, rather than none.
+            log.warning("using %s, the copy of %s fetched earlier, without knowing whether S3 "
+                        "now holds other weights there: S3 could not be asked (%s)", target, uri, exc)
+            return target
+        if isinstance(exc, ClientError) and error_code(exc) in WEIGHTS_NOT_THERE:
+            raise WeightsUnavailable(_missing_weights_message(f"cannot download {uri}: {exc}")) from exc
+        raise  # S3 failing (throttled, 5xx, unreachable): another start may well succeed
+    if target.exists() and _recorded_identity(sidecar) == current:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Workers starting together on one machine (the local stack) download it once.
+    with open(target.parent / ".s3-fetch.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists() and _recorded_identity(sidecar) == current:
+            return target
         partial = target.with_suffix(".part")
         try:
-            boto3.client("s3").download_file(bucket, key, str(partial))
+            s3.download_file(bucket, key, str(partial))
         except ClientError as exc:
             if error_code(exc) not in WEIGHTS_NOT_THERE:
                 raise  # S3 failing (throttled, 5xx): another start may well succeed
             raise WeightsUnavailable(_missing_weights_message(f"cannot download {uri}: {exc}")) from exc
+        # No record while the copy is replaced: a copy without one is fetched again.
+        # Should the object change between the HEAD and the download, the record
+        # names the older upload, and the next start fetches it once more.
+        sidecar.unlink(missing_ok=True)
         partial.rename(target)
+        record = sidecar.with_suffix(".part")
+        record.write_text(json.dumps(current))
+        record.rename(sidecar)
+    log.info("fetched %s to %s", uri, target)
     return target
 
 
-def build_network(weights: str):
-    """The Keras ResNet-50 with the requested weights loaded (imports TensorFlow)."""
+def weights_file(weights: str) -> Path | None:
+    """The file these weights load from: for s3://, the local copy, brought up to date
+    first; None for imagenet and random (Keras's own cache, and a seed)."""
+    if weights in ("imagenet", RANDOM_WEIGHTS):
+        return None
+    return _fetch_s3_weights(weights) if weights.startswith("s3://") else Path(weights)
+
+
+def build_network(weights: str, file: Path | None = None):
+    """The Keras ResNet-50 with the requested weights loaded (imports TensorFlow).
+
+    `file`: `weights_file(weights)` when the caller has it already, so that an
+    s3:// object is not checked (and perhaps fetched) a second time.
+    """
     import keras
 
     if weights == RANDOM_WEIGHTS:
@@ -112,7 +175,7 @@ def build_network(weights: str):
             detail = (f"{cached} could not be read ({exc}): delete it, and Keras downloads it again"
                       if cached.exists() else f"download failed ({exc})")
             raise WeightsUnavailable(_missing_weights_message(detail)) from exc
-    path = _fetch_s3_weights(weights) if weights.startswith("s3://") else Path(weights)
+    path = file or (_fetch_s3_weights(weights) if weights.startswith("s3://") else Path(weights))
     if not path.is_file():
         raise WeightsUnavailable(_missing_weights_message(f"no file at {path}"))
     model = keras.applications.ResNet50(weights=None)

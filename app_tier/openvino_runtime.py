@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app_tier.model import RANDOM_WEIGHTS_SEED, Classifier, build_network
+from app_tier.model import RANDOM_WEIGHTS_SEED, Classifier, build_network, weights_file
 from common.config import RANDOM_WEIGHTS
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,8 @@ def ir_path(weights: str) -> Path:
     if weights == RANDOM_WEIGHTS:
         tag = f"random-{RANDOM_WEIGHTS_SEED}"
     elif not Path(weights).is_file():
-        # imagenet, s3://..., or a missing file (whose conversion will say so).
+        # imagenet, or a missing file (whose conversion will say so). ensure_ir names
+        # s3:// weights by their local copy, which a new upload replaces.
         tag = hashlib.sha256(weights.encode()).hexdigest()[:16]
     else:
         stat = Path(weights).stat()
@@ -79,7 +80,10 @@ def ensure_ir(weights: str) -> Path:
     each doing their own; the IR is written to a temporary folder and moved
     into place, so a reader never sees half a file.
     """
-    target = ir_path(weights)
+    # For s3:// weights, the copy is brought up to date first, and the IR named after
+    # it: named after the URI, it outlived the upload it was converted from.
+    source = weights_file(weights)
+    target = ir_path(str(source) if source else weights)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -90,7 +94,7 @@ def ensure_ir(weights: str) -> Path:
         ov = import_openvino()
 
         started = time.perf_counter()
-        network = build_network(weights)
+        network = build_network(weights, source)
         with warnings.catch_warnings():
             # Keras notes that the converter passes the input as a tuple; harmless here.
             warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")

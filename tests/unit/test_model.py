@@ -221,6 +221,9 @@ def test_s3_weights_missing_or_forbidden_stop_the_worker_but_s3_failing_does_not
             def __init__(self, error: Exception) -> None:
                 self.error = error
 
+            def head_object(self, **kwargs):
+                raise self.error
+
             def download_file(self, *args, **kwargs):
                 raise self.error
 
@@ -229,3 +232,125 @@ def test_s3_weights_missing_or_forbidden_stop_the_worker_but_s3_failing_does_not
             monkeypatch.setattr(boto3, "client", lambda service, e=error: FailingS3(e))
             with pytest.raises(type(error)):
                 _fetch_s3_weights("s3://models/later.h5")
+
+
+@pytest.fixture
+def s3_weights(tmp_path, monkeypatch):
+    """moto's S3 holding a bucket "models", the Keras cache in tmp_path: an S3 client."""
+    from moto import mock_aws
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with mock_aws():
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="models")
+        yield s3
+
+
+def test_s3_weights_uploaded_again_at_the_same_key_are_fetched_again(s3_weights):
+    """The copy in the Keras cache was used for ever: new weights uploaded at the same key
+    never reached a worker that had fetched the old ones (or an image baked with them)."""
+    from app_tier.model import _fetch_s3_weights
+
+    uri = "s3://models/resnet50.h5"
+    s3_weights.put_object(Bucket="models", Key="resnet50.h5", Body=b"weights, first version")
+    first = _fetch_s3_weights(uri)
+    assert first.read_bytes() == b"weights, first version"
+    s3_weights.put_object(Bucket="models", Key="resnet50.h5", Body=b"weights, second version")
+    again = _fetch_s3_weights(uri)
+    assert again == first and again.read_bytes() == b"weights, second version"
+    assert not [p for p in first.parent.iterdir() if p.name.endswith(".part")]
+
+
+def test_unchanged_s3_weights_are_not_downloaded_again(s3_weights):
+    from app_tier.model import _fetch_s3_weights
+
+    s3_weights.put_object(Bucket="models", Key="resnet50.h5", Body=b"weights")
+    copy = _fetch_s3_weights("s3://models/resnet50.h5")
+    before = copy.stat()
+    # A new download is a new file moved into place: another inode.
+    after = _fetch_s3_weights("s3://models/resnet50.h5").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_a_copy_fetched_without_its_s3_identity_is_fetched_again(s3_weights):
+    """A copy left by an older worker (or baked into an image) says nothing of which
+    upload it is: while S3 answers, it is replaced."""
+    from app_tier.model import _fetch_s3_weights, keras_cache_dir
+
+    s3_weights.put_object(Bucket="models", Key="resnet50.h5", Body=b"current weights")
+    old = keras_cache_dir() / "s3-models-resnet50.h5"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"older weights")
+    assert _fetch_s3_weights("s3://models/resnet50.h5").read_bytes() == b"current weights"
+
+
+@pytest.mark.parametrize("error", ["no-route", "no-credentials", "access-denied"])
+def test_s3_weights_already_copied_are_used_when_s3_cannot_be_asked(error, s3_weights, monkeypatch, caplog):
+    """No network (or no credentials) at start: the copy fetched before still serves, and
+    the log says once that it could not be checked, and why."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    from app_tier.model import _fetch_s3_weights
+
+    s3_weights.put_object(Bucket="models", Key="resnet50.h5", Body=b"weights")
+    copy = _fetch_s3_weights("s3://models/resnet50.h5")
+    failure = {"no-route": EndpointConnectionError(endpoint_url="https://s3.amazonaws.com"),
+               "no-credentials": NoCredentialsError(),
+               "access-denied": ClientError({"Error": {"Code": "403", "Message": "Forbidden"}},
+                                            "HeadObject")}[error]
+
+    class UnreachableS3:
+        def head_object(self, **kwargs):
+            raise failure
+
+        def download_file(self, *args, **kwargs):
+            raise failure
+
+    monkeypatch.setattr(boto3, "client", lambda service, *args, **kwargs: UnreachableS3())
+    caplog.set_level("WARNING", logger="app_tier.model")
+    assert _fetch_s3_weights("s3://models/resnet50.h5") == copy
+    assert copy.read_bytes() == b"weights"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert str(copy) in warnings[0] and "s3://models/resnet50.h5" in warnings[0]
+    assert str(failure) in warnings[0]
+
+
+def test_openvino_ir_of_s3_weights_is_rebuilt_when_the_object_changes(s3_weights, tmp_path, monkeypatch):
+    """The IR was named after the s3:// URI and, once there, never checked against S3:
+    a worker kept serving a network converted from the old weights."""
+    from app_tier import openvino_runtime
+    from app_tier.model import _fetch_s3_weights
+
+    monkeypatch.setenv("IMGCLASS_CACHE", str(tmp_path / "ir"))
+
+    class FakeOpenVino:
+        """Converts a "network" (the weights' bytes) to an IR holding those bytes."""
+
+        @staticmethod
+        def convert_model(network, **kwargs):
+            return network
+
+        @staticmethod
+        def save_model(model, path, **kwargs):
+            Path(path).write_bytes(model)
+            Path(path).with_suffix(".bin").write_bytes(model)
+
+    def network_of(weights: str, file: Path | None = None) -> bytes:
+        return (file or _fetch_s3_weights(weights)).read_bytes()
+
+    monkeypatch.setattr(openvino_runtime, "import_openvino", lambda: FakeOpenVino)
+    monkeypatch.setattr(openvino_runtime, "build_network", network_of)
+    uri = "s3://models/resnet50.h5"
+    s3_weights.put_object(Bucket="models", Key="resnet50.h5", Body=b"weights, first version")
+    first = openvino_runtime.ensure_ir(uri)
+    assert first.read_bytes() == b"weights, first version"
+    assert openvino_runtime.ensure_ir(uri) == first
+    # Another size as well: two downloads within one tick of the file system's clock
+    # can share an mtime, where a real upload comes a start later.
+    s3_weights.put_object(Bucket="models", Key="resnet50.h5", Body=b"weights, second version!")
+    assert openvino_runtime.ensure_ir(uri).read_bytes() == b"weights, second version!"
