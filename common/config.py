@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from botocore.configloader import load_config
+from botocore.exceptions import BotoCoreError
+
 # Pillow's own limit (Image.MAX_IMAGE_PIXELS, which it refuses past twice over): a
 # larger MAX_IMAGE_PIXELS would have no effect, so it is refused, not quietly lowered.
 PILLOW_MAX_IMAGE_PIXELS = 89_478_485
@@ -332,8 +335,23 @@ def local_run_defaults(settings: Settings, run_dir: Path) -> dict[str, str]:
 
 
 def region_from_env(env: Mapping[str, str]) -> str:
-    """The region boto3 would use: AWS_REGION, else AWS_DEFAULT_REGION, else the default."""
-    return env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or Settings.region
+    """The region boto3 would use: AWS_REGION, else AWS_DEFAULT_REGION, else the
+    region of the AWS profile in use (`aws configure` writes it there), else the default."""
+    return env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or _profile_region(env) or Settings.region
+
+
+def _profile_region(env: Mapping[str, str]) -> str | None:
+    """The `region` of AWS_PROFILE (else the default profile) in AWS_CONFIG_FILE (else
+    ~/.aws/config), read from `env` alone: clients are made with Settings.region, so
+    without this a user of a profile in another region talked to us-east-1."""
+    home = env.get("HOME") or os.path.expanduser("~")
+    path = env.get("AWS_CONFIG_FILE") or os.path.join(home, ".aws", "config")
+    profile = env.get("AWS_PROFILE") or env.get("AWS_DEFAULT_PROFILE") or "default"
+    try:
+        profiles = load_config(os.path.expanduser(path)).get("profiles", {})
+    except BotoCoreError:  # no such file, or one botocore cannot parse: boto3 would not use it either
+        return None
+    return profiles.get(profile, {}).get("region") or None
 
 
 def state_dir(env: Mapping[str, str]) -> str:

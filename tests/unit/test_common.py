@@ -579,3 +579,26 @@ def test_tests_run_in_the_fixed_region_whatever_the_shell_says():
 
     assert Settings.from_env().region == "us-east-1"
     assert boto3.session.Session().region_name == "us-east-1"
+
+
+def test_region_comes_from_the_aws_profile_when_no_variable_names_one(tmp_path):
+    """`aws configure` writes the region into the profile, not the environment: boto3
+    uses it, and so must the clients made with Settings.region."""
+    config = tmp_path / "config"
+    config.write_text("[default]\nregion = eu-west-3\n\n[profile work]\nregion = ap-south-1\n")
+    base = {"AWS_CONFIG_FILE": str(config), "HOME": str(tmp_path)}
+    assert Settings.from_env(base).region == "eu-west-3"
+    assert Settings.from_env({**base, "AWS_PROFILE": "work"}).region == "ap-south-1"
+    # The variables still come first, as in boto3.
+    assert Settings.from_env({**base, "AWS_DEFAULT_REGION": "us-west-2"}).region == "us-west-2"
+    # ~/.aws/config when AWS_CONFIG_FILE is unset.
+    (tmp_path / ".aws").mkdir()
+    (tmp_path / ".aws" / "config").write_text("[default]\nregion = sa-east-1\n")
+    assert Settings.from_env({"HOME": str(tmp_path)}).region == "sa-east-1"
+
+
+def test_region_is_the_default_without_a_readable_profile(tmp_path):
+    (tmp_path / "bad").write_text("[default\nregion = eu-west-3\n")  # no closing bracket
+    for env in ({"AWS_CONFIG_FILE": str(tmp_path / "missing")}, {"AWS_CONFIG_FILE": str(tmp_path / "bad")},
+                {"AWS_CONFIG_FILE": str(tmp_path / "bad"), "AWS_PROFILE": "nobody"}):
+        assert Settings.from_env({"HOME": str(tmp_path), **env}).region == Settings.region
