@@ -133,6 +133,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, settings: Se
         except EXPECTED_ERRORS as exc:  # no credentials, AWS unreachable: one line, not a traceback
             print(f"python controller.py: {exc}", file=sys.stderr)
             return 1
+        if controller.launch_backoff.wait_s:  # the round went on (see _act), but a script must know
+            print("python controller.py: a launch failed (see the warning above)", file=sys.stderr)
+            return 1
     else:
         freeze_startup_heap()
         controller.install_signal_handlers()

@@ -1075,3 +1075,21 @@ def test_the_controller_pings_its_watchdog_through_its_rounds_and_waits(aws, pat
         finally:
             stop(controller, thread)
     assert heard[0] == b"READY=1" and set(heard[1:]) == {b"WATCHDOG=1"}
+
+
+def test_once_exits_1_when_a_launch_fails(aws, patch, monkeypatch, capsys, tmp_path):
+    """A failed launch no longer fails the round (launches back off alone), but a
+    script running --once must still learn of it from the exit status."""
+    monkeypatch.setenv("APP_PREFIX", aws.settings.prefix)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))  # its lock, not in the user's state directory
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)  # the mock's AWS, as on AWS:
+    monkeypatch.setenv("INSTANCE_PROFILE", "imgclass-worker")
+    monkeypatch.setenv("AMI_ID", "ami-12345678")
+    send(aws, 1)
+    patch.setattr(aws.ec2, "run_instances", Flaky(aws.ec2.run_instances,
+                                                  client_error("VcpuLimitExceeded", "RunInstances"),
+                                                  lambda n, kwargs: True))
+    patch.setattr("controller.main.Aws.open", lambda self, *services: aws)
+    assert main(["--once"]) == 1
+    assert "a launch failed" in capsys.readouterr().err
+    assert instances(aws) == []
