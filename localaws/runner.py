@@ -18,7 +18,8 @@ log), then SIGKILL if that does not end it, and restarts it.
 Warm spares: the runner can keep a few worker processes that have already
 loaded the model and wait for an instance id on stdin, the local equivalent of
 an EC2 warm pool. A launched instance adopts a spare and starts serving at
-once; LOCAL_BOOT_DELAY still simulates a real boot when asked.
+once; LOCAL_BOOT_DELAY still simulates a real boot when asked. Spares that keep
+dying at start are replaced after the same doubling delay as workers.
 """
 
 from __future__ import annotations
@@ -71,6 +72,18 @@ START_TIMEOUT_S = 15 * 60.0
 ADOPTED_START_TIMEOUT_S = 60.0
 
 
+def _next_start(started_at: float, code: int, now: float, quick_exits: int,
+                stopped: bool = False) -> tuple[int, float]:
+    """For a process started at `started_at` that ended with `code` at `now`, after
+    `quick_exits` failed starts in a row: how many there are in a row now, and when the
+    next start is due. One ended from outside or by the runner (`stopped`) did not fail."""
+    failed_at_start = now - started_at < QUICK_EXIT_S and code not in KILLED_FROM_OUTSIDE and not stopped
+    quick_exits = quick_exits + 1 if failed_at_start else 0
+    delay = min(RESTART_BACKOFF_S * 2 ** (quick_exits - 1), MAX_RESTART_DELAY_S) if failed_at_start else 0.0
+    # Whatever ends them, starts come at most once a backoff.
+    return quick_exits, max(now + delay, started_at + RESTART_BACKOFF_S)
+
+
 @dataclass
 class WorkerProcess:
     instance_id: str
@@ -111,7 +124,12 @@ class InstanceRunner:
     _spares: list[subprocess.Popen] = field(default_factory=list)
     _draining: list[WorkerProcess] = field(default_factory=list)
     _warned_cap: bool = False
-    _spare_died_at: float = float("-inf")
+    # Spares back off as workers do (_next_start), in one row for all: a spare that dies
+    # by itself soon after its spawn adds a failed start to it; one that lived longer,
+    # was killed from outside, or was adopted by an instance ends it.
+    _spare_spawned_at: dict[subprocess.Popen, float] = field(default_factory=dict)
+    _spare_quick_exits: int = 0
+    _spare_due_at: float = float("-inf")  # when the next spare may be spawned
     _spawned: int = 0
     _live: int = 0
     started_total: int = 0
@@ -162,14 +180,16 @@ class InstanceRunner:
         process = None
         while self._spares and process is None:
             spare = self._spares.pop(0)
-            code = spare.poll()
-            if code is not None:
-                self._spare_exited(code, time.monotonic())
+            if spare.poll() is not None:
+                self._spare_exited(spare, time.monotonic())
                 continue
+            self._spare_spawned_at.pop(spare, None)
             try:
                 spare.stdin.write(f"{instance_id}\n".encode())
                 spare.stdin.close()
                 process = spare
+                # It started; if it fails now, it is as its instance's worker that it backs off.
+                self._spare_quick_exits = 0
             except OSError:
                 process = None
         start_timeout_s = self.start_timeout_s
@@ -205,22 +225,39 @@ class InstanceRunner:
     def _top_up_spares(self, room: int, now: float) -> None:
         alive = []
         for spare in self._spares:
-            code = spare.poll()
-            if code is None:
+            if spare.poll() is None:
                 alive.append(spare)
             else:
-                self._spare_exited(code, now)
+                self._spare_exited(spare, now)
         self._spares = alive
-        if now - self._spare_died_at < RESTART_BACKOFF_S:
-            return  # one that dies at start is not replaced at every poll
+        if now < self._spare_due_at:
+            return  # left to the round in which it is due: this one goes on
         while len(self._spares) < min(self.warm_spares, room):
-            self._spares.append(self._spawn("-"))
+            spare = self._spawn("-")
+            self._spare_spawned_at[spare] = now
+            self._spares.append(spare)
 
-    def _spare_exited(self, code: int, now: float) -> None:
-        if code == EXIT_MODEL_UNAVAILABLE and self.warm_spares:
-            log.error("runner: a warm spare cannot load the model (exit %d); keeping no spares", code)
+    def _spare_exited(self, spare: subprocess.Popen, now: float) -> None:
+        """Said with its log (its traceback is there), and the next spare's delay. The
+        runner ends spares only in shutdown(), with signals of KILLED_FROM_OUTSIDE."""
+        code = spare.returncode
+        log_path = self._logs.pop(spare, None)
+        spawned_at = self._spare_spawned_at.pop(spare, now)
+        if code == EXIT_MODEL_UNAVAILABLE:
+            if self.warm_spares:
+                log.error("runner: a warm spare cannot load the model (exit %d); keeping no spares", code)
             self.warm_spares = 0
-        self._spare_died_at = now
+            return
+        self._spare_quick_exits, due_at = _next_start(spawned_at, code, now, self._spare_quick_exits)
+        self._spare_due_at = max(self._spare_due_at, due_at)  # another's delay still holds
+        log_name = log_path.name if log_path else "-"
+        if self._spare_due_at > now:
+            log.warning("runner: warm spare pid %d exited with %s (log %s); replacing it in %.0f s "
+                        "(%d failed starts in a row)", spare.pid, code, log_name, self._spare_due_at - now,
+                        self._spare_quick_exits)
+        else:
+            log.warning("runner: warm spare pid %d exited with %s (log %s); replacing it", spare.pid, code,
+                        log_name)
 
     @staticmethod
     def _signal(process: subprocess.Popen, sig: int) -> None:
@@ -290,7 +327,8 @@ class InstanceRunner:
                 self._signal(worker.process, signal.SIGKILL)
         for process in [p for p in self._notify if p.poll() is not None]:
             self._notify.pop(process).close()
-        for process in [p for p in self._logs if p.poll() is not None]:  # spares that died
+        # Those of spares that died and were not told of yet keep their log, to say it.
+        for process in [p for p in self._logs if p.poll() is not None and p not in self._spares]:
             del self._logs[process]
 
     # --- one round ----------------------------------------------------------------------
@@ -338,13 +376,9 @@ class InstanceRunner:
                 worker.given_up = True
                 continue
             if worker.restart_at is None:
-                failed_at_start = (now - worker.started_at < QUICK_EXIT_S and code not in KILLED_FROM_OUTSIDE
-                                   and worker.abort_sent_at is None)
-                worker.quick_exits = worker.quick_exits + 1 if failed_at_start else 0
-                delay = (min(RESTART_BACKOFF_S * 2 ** (worker.quick_exits - 1), MAX_RESTART_DELAY_S)
-                         if failed_at_start else 0.0)
-                # Whatever ends them, an instance's workers start at most once a backoff.
-                worker.restart_at = max(now + delay, worker.started_at + RESTART_BACKOFF_S)
+                stopped = worker.abort_sent_at is not None  # by the watchdog
+                worker.quick_exits, worker.restart_at = _next_start(worker.started_at, code, now,
+                                                                    worker.quick_exits, stopped)
                 if worker.restart_at > now:
                     log.warning("runner: worker for %s exited with %s; restarting it in %.0f s (restart %d; "
                                 "%d failed starts in a row)", iid, code, worker.restart_at - now,
@@ -406,6 +440,7 @@ class InstanceRunner:
         self.workers.clear()
         self._draining.clear()
         self._spares.clear()
+        self._spare_spawned_at.clear()
         for notify in self._notify.values():
             notify.close()
         self._notify.clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import logging
 import os
@@ -386,8 +387,9 @@ def test_a_worker_that_cannot_load_its_model_is_not_restarted(world, caplog):
     assert caplog.text.count("cannot load the model") == 2  # once for the worker, once for spares
 
 
-def test_a_spare_that_dies_at_start_is_replaced_at_most_once_a_backoff(world):
+def test_a_spare_that_dies_at_start_is_replaced_at_most_once_a_backoff(world, caplog):
     settings, aws, make, out = world
+    caplog.set_level(logging.WARNING, logger="localaws.runner")
     runner = make(warm_spares=1, poll_s=0.01, env={"FAKE_MODE": "crash"})
     runner.step()
     first = runner._spares[0]
@@ -396,6 +398,8 @@ def test_a_spare_that_dies_at_start_is_replaced_at_most_once_a_backoff(world):
     # Each replacement waited a backoff after its predecessor died (not one per 0.01 s poll).
     assert first.returncode == 1
     assert time.monotonic() - started >= 2 * RESTART_BACKOFF_S
+    # Said with the log its traceback is in, even when it died after that round's top-up.
+    assert f"spare pid {first.pid} exited with 1 (log worker-001.log); replacing it in 1 s" in caplog.text
 
 
 def test_an_unexpected_error_does_not_end_the_runner(world, monkeypatch):
@@ -470,6 +474,7 @@ class FakeProcess:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.returncode: int | None = None
+        self.stdin = io.BytesIO()  # a spare's: where its instance id is written
 
     def poll(self) -> int | None:
         return self.returncode
@@ -478,20 +483,17 @@ class FakeProcess:
         return self.returncode
 
 
-@pytest.fixture
-def clocked(world, monkeypatch, caplog):
-    """A runner serving the one instance of `fleet` with FakeProcesses, on a clock the test
-    moves: (runner, fleet, spawned processes, advance(seconds) stepping every 0.25 s)."""
-    from common.fleet import Instance
+def run_on_a_clock(world, monkeypatch, caplog, fleet: list, warm_spares: int):
+    """A runner on a clock the test moves, spawning FakeProcesses: (runner, spawned processes,
+    advance(seconds) stepping every 0.25 s)."""
     from localaws import runner as runner_module
 
     _, _, make, _ = world
-    fleet = [Instance("i-looping", number=1, state="running", launched_at=100.0)]
     monkeypatch.setattr(runner_module, "app_tier_instances", lambda aws: tuple(fleet))
     now = [1000.0]
     # Only monotonic: a round that slept (time.sleep) would fail here, not block.
     monkeypatch.setattr(runner_module, "time", type("Clock", (), {"monotonic": staticmethod(lambda: now[0])}))
-    runner = make(warm_spares=0)
+    runner = make(warm_spares=warm_spares)
     spawned: list[tuple[float, FakeProcess]] = []
 
     def spawn(instance_id: str) -> FakeProcess:
@@ -502,18 +504,42 @@ def clocked(world, monkeypatch, caplog):
     monkeypatch.setattr(runner, "_signal", lambda process, sig: None)  # never a real pid
     caplog.set_level(logging.INFO, logger="localaws.runner")
 
-    def advance(seconds: float, exit_code: int | None = 1, after_s: float = 0.0) -> None:
-        """Step the runner for `seconds`; each worker exits with `exit_code` once `after_s` old."""
+    def advance(seconds: float, exit_code: int | None = 1, after_s: float = 0.0,
+                spares_only: bool = False) -> None:
+        """Step the runner for `seconds`; each process (each spare not yet adopted, if
+        `spares_only`) exits with `exit_code` once `after_s` old."""
         end = now[0] + seconds
         while now[0] < end:
             now[0] += 0.25
+            serving = [w.process for w in runner.workers.values()]
             for born, process in spawned:
-                if process.returncode is None and exit_code is not None and now[0] - born >= after_s:
+                if (process.returncode is None and exit_code is not None and now[0] - born >= after_s
+                        and not (spares_only and process in serving)):
                     process.returncode = exit_code
             runner.step()
 
     runner.step()
     assert len(spawned) == 1
+    return runner, spawned, advance
+
+
+@pytest.fixture
+def clocked(world, monkeypatch, caplog):
+    """A runner serving the one instance of `fleet` with FakeProcesses, on a clock the test
+    moves: (runner, fleet, spawned processes, advance(seconds) stepping every 0.25 s)."""
+    from common.fleet import Instance
+
+    fleet = [Instance("i-looping", number=1, state="running", launched_at=100.0)]
+    runner, spawned, advance = run_on_a_clock(world, monkeypatch, caplog, fleet, warm_spares=0)
+    return runner, fleet, spawned, advance
+
+
+@pytest.fixture
+def spare_clocked(world, monkeypatch, caplog):
+    """As `clocked`, with no instance yet and one warm spare."""
+    fleet: list = []
+    runner, spawned, advance = run_on_a_clock(world, monkeypatch, caplog, fleet, warm_spares=1)
+    assert runner._spares == [spawned[0][1]]
     return runner, fleet, spawned, advance
 
 
@@ -577,3 +603,69 @@ def test_a_worker_waiting_to_be_restarted_is_not_once_its_instance_is_terminated
     fleet.clear()  # terminated: gone from what the runner lists
     advance(10)
     assert len(spawned) == count and runner.workers == {}
+
+
+def spare_delays(text: str) -> list[float]:
+    said = re.findall(r"spare pid \d+ exited with 1 \(log [^)]*\); replacing it in (\d+) s", text)
+    return [float(d) for d in said]
+
+
+def test_a_spare_that_keeps_failing_at_start_is_replaced_after_a_doubling_delay(spare_clocked, caplog):
+    """With a bad setting or a broken import, each new warm spare died at start and was
+    replaced once a second for ever, unsaid but for its traceback in a new log."""
+    runner, _, spawned, advance = spare_clocked
+    advance(400)
+    delays = spare_delays(caplog.text)
+    assert delays[:8] == [1, 2, 4, 8, 16, 32, 60, 60], "doubling from a second, up to a minute"
+    assert len(delays) == sum(p.returncode is not None for _, p in spawned), "said once a death"
+    for gap, delay in zip(gaps(spawned), delays, strict=False):  # the last one may be due later
+        assert delay <= gap <= delay + 0.5
+
+
+def test_an_instance_launched_while_spares_back_off_is_served_at_once(spare_clocked):
+    from common.fleet import Instance
+
+    runner, fleet, spawned, advance = spare_clocked
+    advance(4)  # replaced after 1 s, then after 2: now 4 s to wait
+    assert len(spawned) == 3 and runner._spares == []
+    fleet.append(Instance("i-new", number=1, state="running", launched_at=200.0))
+    advance(0.25, exit_code=None)
+    assert runner.workers["i-new"].process is spawned[-1][1] and len(spawned) == 4
+
+
+def test_a_spare_that_lived_a_while_resets_the_spares_backoff(spare_clocked, caplog):
+    runner, _, spawned, advance = spare_clocked
+    advance(4)  # replaced after 1 s, then after 2: now 4 s to wait
+    assert len(spawned) == 3
+    advance(40, after_s=QUICK_EXIT_S + 1)  # the next ones each live a while, then exit
+    assert gaps(spawned)[3] == QUICK_EXIT_S + 1, "replaced in the round that saw it exit"
+    assert re.search(r"warm spare pid \d+ exited with 1 \(log [^)]*\); replacing it$", caplog.text, re.M)
+    caplog.clear()
+    advance(3)
+    assert spare_delays(caplog.text) == [1, 2], "counted from one again"
+
+
+def test_a_spare_adopted_by_an_instance_resets_the_spares_backoff(spare_clocked, caplog):
+    from common.fleet import Instance
+
+    runner, fleet, spawned, advance = spare_clocked
+    advance(4)  # replaced after 1 s, then after 2: now 4 s to wait
+    advance(4, exit_code=None)  # its replacement lives
+    (spare,) = runner._spares
+    fleet.append(Instance("i-new", number=1, state="running", launched_at=200.0))
+    advance(0.25, exit_code=None)
+    assert runner.workers["i-new"].process is spare and len(runner._spares) == 1, "adopted, and replaced"
+    caplog.clear()
+    advance(3, spares_only=True)
+    assert spare_delays(caplog.text) == [1, 2], "counted from one again"
+    assert runner.workers["i-new"].process is spare
+
+
+def test_a_spare_killed_from_outside_is_replaced_at_once_however_young(spare_clocked, caplog):
+    runner, _, spawned, advance = spare_clocked
+    for _ in range(5):
+        count = len(spawned)
+        advance(2, exit_code=None)
+        advance(0.25, exit_code=-signal.SIGKILL)
+        assert len(spawned) == count + 1 and len(runner._spares) == 1
+    assert "replacing it in" not in caplog.text
