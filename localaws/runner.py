@@ -79,7 +79,10 @@ def _next_start(started_at: float, code: int, now: float, quick_exits: int,
     next start is due. One ended from outside or by the runner (`stopped`) did not fail."""
     failed_at_start = now - started_at < QUICK_EXIT_S and code not in KILLED_FROM_OUTSIDE and not stopped
     quick_exits = quick_exits + 1 if failed_at_start else 0
-    delay = min(RESTART_BACKOFF_S * 2 ** (quick_exits - 1), MAX_RESTART_DELAY_S) if failed_at_start else 0.0
+    # The power capped: 2 ** 1024 (after ~17 hours of failed starts) does not fit in a
+    # float, and 2 ** 63 s is past any MAX_RESTART_DELAY_S.
+    delay = (min(RESTART_BACKOFF_S * 2 ** min(quick_exits - 1, 63), MAX_RESTART_DELAY_S)
+             if failed_at_start else 0.0)
     # Whatever ends them, starts come at most once a backoff.
     return quick_exits, max(now + delay, started_at + RESTART_BACKOFF_S)
 

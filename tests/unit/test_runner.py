@@ -669,3 +669,20 @@ def test_a_spare_killed_from_outside_is_replaced_at_once_however_young(spare_clo
         advance(0.25, exit_code=-signal.SIGKILL)
         assert len(spawned) == count + 1 and len(runner._spares) == 1
     assert "replacing it in" not in caplog.text
+
+
+def test_a_workers_delay_stays_a_minute_however_long_its_starts_keep_failing(clocked, caplog):
+    """2 ** 1024 s does not fit in a float: after ~17 hours of failed starts (60 s apart)
+    every round raised OverflowError, and no instance had its worker started or stopped."""
+    runner, _, spawned, advance = clocked
+    runner.workers["i-looping"].quick_exits = 2000  # as after 2000 failed starts in a row
+    advance(61)
+    assert re.findall(r"restarting it in (\d+) s \(restart \d+; (\d+) failed", caplog.text)[:2] == [
+        ("60", "2001"), ("60", "2002")]
+
+
+def test_the_spares_delay_stays_a_minute_however_long_their_starts_keep_failing(spare_clocked, caplog):
+    runner, _, spawned, advance = spare_clocked
+    runner._spare_quick_exits = 2000  # as after 2000 failed starts in a row
+    advance(61)
+    assert spare_delays(caplog.text)[:2] == [60, 60]
