@@ -34,7 +34,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -72,6 +72,9 @@ HEARTBEAT_SLACK_S = 300.0
 # S3's refusals of a failure mark that no retry changes (the mark is then only missed
 # by a batch rebuilt after a restart): no permission, or a tag it will not take.
 TAGGING_REFUSALS = frozenset({"AccessDenied", "InvalidTag", "MalformedXML", "InvalidArgument"})
+# Pauses before sending again the answers SQS reported failed on its side (a
+# SendMessageBatch entry can fail alone, which botocore does not retry): one a try.
+REPLY_RETRY_PAUSES_S = (0.1, 0.5)
 
 
 @dataclass
@@ -418,23 +421,32 @@ class Worker:
 
         A reply means the result is in the output bucket: whoever gets the
         answer can read the pair at once. If a write fails nothing is sent or
-        deleted, and the request is tried again.
+        deleted, and the request is tried again. A request whose answer could
+        not be sent is released for another attempt, alone: its batch-mates,
+        answered, are deleted as usual.
         """
         stores = [self._io.submit(self._store, job, response) for job, response in responses]
         for store in stores:
             store.result()  # raises if a write failed
         # Committed: these are answered now, so a shutdown must not hand them back too.
         self.held.forget(batch.jobs)
-        self._reply([r for _, r in responses])
+        unsent = self._reply(responses)
+        unsent_ids = {job.message_id for job in unsent}
+        sent = [(job, r) for job, r in responses if job.message_id not in unsent_ids]
+        answered = [job for job, _ in sent]
         # Classified here: not the answers an earlier attempt stored.
-        self.processed += sum(1 for job, r in responses if r.ok and job.stored_answer is None)
+        self.processed += sum(1 for job, r in sent if r.ok and job.stored_answer is None)
+        if unsent:
+            log.warning("could not send the answers to %d of %d request(s); releasing those",
+                        len(unsent), len(responses))
+            self.held.release(unsent)
         try:
-            self.held.delete(batch.jobs)
+            self.held.delete(answered)
         except AWS_ERRORS as exc:
             # Answered: released, each would be answered again at every retry until the
             # dead-letter queue (explorer). Back after their visibility timeout, once.
             log.warning("answered %d request(s) but could not delete them (%s): they will be "
-                        "answered again", len(batch.jobs), exc)
+                        "answered again", len(answered), exc)
 
     def _finish_or_release(self, batch: Batch, responses: list[tuple[Job, ClassifyResponse]]) -> None:
         try:
@@ -506,12 +518,47 @@ class Worker:
             except ParamValidationError as exc:  # not an outage: retrying would not help
                 log.warning("could not tag failed input %s: %s", req.key, exc)
 
-    def _reply(self, responses: list[ClassifyResponse]) -> None:
+    def _reply(self, responses: list[tuple[Job, ClassifyResponse]]) -> list[Job]:
+        """Send the answers; the jobs whose answers could not be sent. Each call's failure
+        is its own: the chunks after a chunk that could not be sent still are."""
+        unsent: list[Job] = []
         for chunk in sqs_batches(responses):
-            entries = [{"Id": str(i), "MessageBody": r.to_json()} for i, r in enumerate(chunk)]
-            reply = self.aws.sqs.send_message_batch(QueueUrl=self.aws.response_queue_url, Entries=entries)
-            if reply.get("Failed"):
-                raise RuntimeError(f"could not send {len(reply['Failed'])} responses: {reply['Failed']}")
+            unsent.extend(self._send_answers(chunk))
+        return unsent
+
+    def _send_answers(self, chunk: Sequence[tuple[Job, ClassifyResponse]]) -> list[Job]:
+        """One SendMessageBatch of answers, the entries SQS failed on its side sent again
+        (REPLY_RETRY_PAUSES_S); the jobs whose answers were not sent. An entry refused as
+        the sender's fault is not sent again: it would be refused again."""
+        pending = {str(i): pair for i, pair in enumerate(chunk)}
+        refused: list[Job] = []
+        for pause_s in (None, *REPLY_RETRY_PAUSES_S):
+            if not pending:
+                break
+            if pause_s is not None:
+                time.sleep(pause_s)
+            try:
+                reply = self.aws.sqs.send_message_batch(
+                    QueueUrl=self.aws.response_queue_url,
+                    Entries=[{"Id": i, "MessageBody": r.to_json()} for i, (_, r) in pending.items()])
+            except Exception as exc:  # the network, or SQS after botocore's retries
+                if isinstance(exc, AWS_ERRORS):
+                    log.warning("could not send %d answer(s): %s", len(pending), exc)
+                else:
+                    log.exception("could not send %d answer(s)", len(pending))
+                break  # what an earlier call of this loop sent stays sent
+            for ok in reply.get("Successful", []):
+                pending.pop(ok["Id"], None)
+            failures = reply.get("Failed", [])
+            if failures:
+                codes = ", ".join(sorted({f.get("Code", "?") for f in failures}))
+                log.warning("SQS did not take %d answer(s): %s", len(failures), codes)
+            for failed in failures:
+                if failed.get("SenderFault") and failed["Id"] in pending:
+                    refused.append(pending.pop(failed["Id"])[0])
+        # Left pending: failed every time, in neither list (unknown, so not deleted), or
+        # its call raised.
+        return refused + [job for job, _ in pending.values()]
 
     def _heartbeat_loop(self) -> None:
         self._last_beat = time.monotonic()

@@ -1534,3 +1534,145 @@ def test_a_message_received_again_while_in_hand_is_worked_on_once(aws_env):
     worker.process(first)
     assert list(responses(aws)) == ["a"] and depth(aws, aws.request_queue_url) == (0, 0)
     assert not len(worker.held)
+
+
+def replies_refused(aws: Aws, monkeypatch, refuse) -> list[list[str]]:
+    """SendMessageBatch on the response queue, as SQS answers it when some entries fail:
+    `refuse(item id, call number)` gives an entry's (error code, sender's fault), or None
+    to send it. The ids each call carried, in order."""
+    send, calls = aws.sqs.send_message_batch, []
+
+    def partly(**kwargs):
+        if kwargs["QueueUrl"] != aws.response_queue_url:
+            return send(**kwargs)
+        entries = kwargs["Entries"]
+        ids = [ClassifyResponse.from_json(e["MessageBody"]).id for e in entries]
+        calls.append(sorted(ids))
+        verdicts = [refuse(item, len(calls)) for item in ids]
+        passed = [e for e, v in zip(entries, verdicts, strict=True) if v is None]
+        reply = send(QueueUrl=kwargs["QueueUrl"], Entries=passed) if passed else {"Successful": []}
+        failed = [{"Id": e["Id"], "SenderFault": v[1], "Code": v[0], "Message": v[0]}
+                  for e, v in zip(entries, verdicts, strict=True) if v is not None]
+        return {**reply, "Failed": failed}
+
+    monkeypatch.setattr(aws.sqs, "send_message_batch", partly)
+    return calls
+
+
+def answers_sent(aws: Aws) -> list[str]:
+    """Every answer on the response queue, duplicates included."""
+    out = []
+    url = aws.response_queue_url
+    while got := aws.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10).get("Messages"):
+        for m in got:
+            out.append(ClassifyResponse.from_json(m["Body"]).id)
+            aws.sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
+    return sorted(out)
+
+
+def fetch_all(worker: Worker, count: int) -> Batch:
+    """One batch of `count` requests, from as many receives as it takes."""
+    from tests.unit.conftest import wait_until
+
+    jobs: list = []
+    wait_until(lambda: jobs.extend(worker.fetch().jobs) or len(jobs) >= count)
+    assert len(jobs) == count
+    return Batch(jobs)
+
+
+def test_an_answer_sqs_failed_to_take_is_sent_again_and_its_batch_mate_answered_once(aws_env, monkeypatch):
+    """One failed entry raised for the whole reply and released the batch: its batch-mate,
+    answered already, was classified and answered a second time."""
+    settings, aws = aws_env
+    for name in ("a", "b"):
+        upload(settings, aws, f"{name}.jpg", make_image(ord(name), size=(64, 64)), name)
+    calls = replies_refused(aws, monkeypatch,
+                            lambda item, call: ("InternalError", False) if (item, call) == ("b", 1) else None)
+    worker = Worker(settings, aws, MeanClassifier(), "i-reply")
+    worker.process(fetch_all(worker, 2))
+    assert calls == [["a", "b"], ["b"]]  # only the failed entry sent again
+    assert answers_sent(aws) == ["a", "b"]
+    assert depth(aws, aws.request_queue_url) == (0, 0)  # both deleted
+    assert worker.processed == 2 and not len(worker.held)
+
+
+def test_an_answer_sqs_refuses_as_the_senders_fault_releases_its_request_alone(aws_env, monkeypatch, caplog):
+    """Not sent again (it would be refused again): its request goes back for another
+    attempt, and its batch-mate, answered, is deleted."""
+    settings, aws = aws_env
+    for name in ("a", "b"):
+        upload(settings, aws, f"{name}.jpg", make_image(ord(name), size=(64, 64)), name)
+    calls = replies_refused(aws, monkeypatch,
+                            lambda item, call: ("InvalidMessageContents", True) if item == "b" else None)
+    worker = Worker(settings, aws, MeanClassifier(), "i-reply")
+    worker.process(fetch_all(worker, 2))
+    assert calls == [["a", "b"]]
+    assert answers_sent(aws) == ["a"]
+    assert depth(aws, aws.request_queue_url) == (1, 0)  # b released (no retry delay here)
+    assert worker.processed == 1 and not len(worker.held)
+    assert "InvalidMessageContents" in caplog.text
+    again = worker.fetch()
+    assert [(j.request.id, j.receive_count) for j in again.jobs] == [("b", 2)]
+
+
+def test_an_answer_sqs_keeps_failing_is_sent_three_times_then_its_request_released(aws_env, monkeypatch):
+    settings, aws = aws_env
+    for name in ("a", "b"):
+        upload(settings, aws, f"{name}.jpg", make_image(ord(name), size=(64, 64)), name)
+    calls = replies_refused(aws, monkeypatch,
+                            lambda item, call: ("ServiceUnavailable", False) if item == "b" else None)
+    worker = Worker(settings, aws, MeanClassifier(), "i-reply")
+    worker.process(fetch_all(worker, 2))
+    assert calls == [["a", "b"], ["b"], ["b"]]
+    assert answers_sent(aws) == ["a"]
+    assert depth(aws, aws.request_queue_url) == (1, 0)
+    assert not len(worker.held)
+
+
+def test_a_reply_call_that_raises_fails_its_own_requests_and_the_next_chunk_still_goes(aws_env, monkeypatch):
+    """A batch larger than one SendMessageBatch: the first call raised (the network), and
+    the whole batch was released, the second chunk never sent."""
+    settings, aws = aws_env
+    names = [f"n{i:02d}" for i in range(12)]
+    for i, name in enumerate(names):
+        upload(settings, aws, f"{name}.jpg", make_image(i, size=(64, 64)), name)
+    worker = Worker(settings, aws, MeanClassifier(), "i-reply")
+    batch = fetch_all(worker, 12)
+    send, calls = aws.sqs.send_message_batch, []
+
+    def first_reply_lost(**kwargs):
+        if kwargs["QueueUrl"] == aws.response_queue_url:
+            calls.append(len(kwargs["Entries"]))
+            if len(calls) == 1:
+                raise _client_error("ServiceUnavailable", "SendMessageBatch")
+        return send(**kwargs)
+
+    monkeypatch.setattr(aws.sqs, "send_message_batch", first_reply_lost)
+    worker.process(batch)
+    assert calls == [10, 2]
+    assert answers_sent(aws) == sorted(j.request.id for j in batch.jobs[10:])
+    assert depth(aws, aws.request_queue_url) == (10, 0)  # the first chunk's requests, released
+    assert worker.processed == 2 and not len(worker.held)
+
+
+def test_a_resend_that_raises_releases_only_what_it_carried(aws_env, monkeypatch):
+    """The first call sent a and failed b; sending b again raised: a stays answered."""
+    settings, aws = aws_env
+    for name in ("a", "b"):
+        upload(settings, aws, f"{name}.jpg", make_image(ord(name), size=(64, 64)), name)
+    calls = replies_refused(aws, monkeypatch,
+                            lambda item, call: ("InternalError", False) if item == "b" else None)
+    refusing = aws.sqs.send_message_batch
+
+    def resend_lost(**kwargs):
+        if kwargs["QueueUrl"] == aws.response_queue_url and calls:
+            raise _client_error("ServiceUnavailable", "SendMessageBatch")
+        return refusing(**kwargs)
+
+    monkeypatch.setattr(aws.sqs, "send_message_batch", resend_lost)
+    worker = Worker(settings, aws, MeanClassifier(), "i-reply")
+    worker.process(fetch_all(worker, 2))
+    assert calls == [["a", "b"]]
+    assert answers_sent(aws) == ["a"]
+    assert depth(aws, aws.request_queue_url) == (1, 0)  # b alone released
+    assert worker.processed == 1 and not len(worker.held)
