@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 from botocore.exceptions import BotoCoreError, ClientError
 
-from common.aws import Aws, sqs_batches
+from common.aws import Aws, change_visibility, sqs_batches
 from common.config import Settings
 from common.messages import ClassifyRequest, ClassifyResponse
 
@@ -251,14 +252,7 @@ class HeldMessages:
 
     def _change_visibility(self, hidden_for: list[tuple[Job, int]]) -> None:
         """Hide each job's message for its number of seconds from now (0: visible)."""
-        for chunk in sqs_batches(hidden_for):
-            entries = [{"Id": str(i), "ReceiptHandle": j.receipt, "VisibilityTimeout": seconds}
-                       for i, (j, seconds) in enumerate(chunk)]
-            try:
-                reply = self.aws.sqs.change_message_visibility_batch(
-                    QueueUrl=self.aws.request_queue_url, Entries=entries)
-            except AWS_ERRORS as exc:
-                log.warning("could not change visibility of %d messages: %s", len(entries), exc)
-                continue
-            for failed in reply.get("Failed", []):
-                log.warning("could not change visibility of a message: %s", failed.get("Message") or failed)
+        failures = change_visibility(self.aws.sqs, self.aws.request_queue_url,
+                                     [(j.receipt, seconds) for j, seconds in hidden_for])
+        for reason, count in Counter(f.reason for f in failures).items():
+            log.warning("could not change visibility of %d message(s): %s", count, reason)

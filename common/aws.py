@@ -11,11 +11,11 @@ from __future__ import annotations
 import platform
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from common.config import Settings
 
@@ -36,6 +36,34 @@ def sqs_batches(items: Sequence[T]) -> Iterator[Sequence[T]]:
     """`items` in runs of at most SQS_MAX_BATCH, in order, for SQS's batch calls."""
     for start in range(0, len(items), SQS_MAX_BATCH):
         yield items[start:start + SQS_MAX_BATCH]
+
+
+class VisibilityFailure(NamedTuple):
+    """A message whose visibility was not changed, and why: SQS's word for it, or the
+    error of the call that carried it."""
+
+    receipt_handle: str
+    reason: str
+
+
+def change_visibility(sqs, queue_url: str, changes: Sequence[tuple[str, int]]) -> list[VisibilityFailure]:
+    """Hide each message (by receipt handle) for its seconds from now (0: visible now),
+    in ChangeMessageVisibilityBatch calls of SQS_MAX_BATCH; the messages not changed.
+    A call that fails (AWS or the network, after botocore's retries) fails its own
+    entries only: the next call is still made."""
+    failures: list[VisibilityFailure] = []
+    for chunk in sqs_batches(changes):
+        entries = [{"Id": str(i), "ReceiptHandle": receipt, "VisibilityTimeout": seconds}
+                   for i, (receipt, seconds) in enumerate(chunk)]
+        try:
+            reply = sqs.change_message_visibility_batch(QueueUrl=queue_url, Entries=entries)
+        except (BotoCoreError, ClientError) as exc:
+            failures.extend(VisibilityFailure(receipt, str(exc)) for receipt, _ in chunk)
+            continue
+        for failed in reply.get("Failed", []):
+            reason = failed.get("Message") or failed.get("Code") or str(failed)
+            failures.append(VisibilityFailure(chunk[int(failed["Id"])][0], reason))
+    return failures
 
 
 # Together under a load balancer's usual 5 s health-check timeout.

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
-from common.aws import Aws, is_not_found
+from common.aws import Aws, change_visibility, is_not_found
 from common.failure_tags import DEAD_LETTER_ERROR
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
 from web_tier.rebuild import with_stored_outcome
@@ -97,16 +97,15 @@ class Listeners:
         return messages
 
     def _hand_back(self, queue_url: str, messages: list[dict]) -> None:
-        entries = [{"Id": str(n), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": 0}
-                   for n, m in enumerate(messages)]
-        try:
-            self.aws.sqs.change_message_visibility_batch(QueueUrl=queue_url, Entries=entries)
-        except (ClientError, BotoCoreError) as exc:
-            log.warning("could not hand back %d messages received while stopping (%s): they "
-                        "come back after the queue's visibility timeout", len(messages), exc)
-            return
-        log.info("handed back %d messages received while stopping, for the process that serves on",
-                 len(messages))
+        failures = change_visibility(self.aws.sqs, queue_url, [(m["ReceiptHandle"], 0) for m in messages])
+        if failures:
+            reasons = "; ".join(sorted({f.reason for f in failures}))
+            log.warning("could not hand back %d of %d messages received while stopping (%s): they "
+                        "come back after the queue's visibility timeout", len(failures), len(messages),
+                        reasons)
+        if len(failures) < len(messages):
+            log.info("handed back %d messages received while stopping, for the process that serves on",
+                     len(messages) - len(failures))
 
     def _delete(self, queue_url: str, messages: list[dict]) -> None:
         if not messages:

@@ -15,7 +15,7 @@ import pytest
 from botocore.exceptions import ClientError
 from moto import mock_aws
 
-from common.aws import USER_AGENT, Aws, QueueDepth
+from common.aws import USER_AGENT, Aws, QueueDepth, VisibilityFailure, change_visibility
 from common.config import Settings
 from common.failure_tags import MAX_ERROR_CHARS, failed_by, failure_from_tags, failure_tagging
 from common.messages import (
@@ -602,3 +602,22 @@ def test_region_is_the_default_without_a_readable_profile(tmp_path):
     for env in ({"AWS_CONFIG_FILE": str(tmp_path / "missing")}, {"AWS_CONFIG_FILE": str(tmp_path / "bad")},
                 {"AWS_CONFIG_FILE": str(tmp_path / "bad"), "AWS_PROFILE": "nobody"}):
         assert Settings.from_env({"HOME": str(tmp_path), **env}).region == Settings.region
+
+
+def test_change_visibility_goes_in_tens_and_a_failed_call_fails_only_its_own():
+    calls = []
+
+    def change_message_visibility_batch(QueueUrl, Entries):
+        calls.append([e["ReceiptHandle"] for e in Entries])
+        if len(calls) == 2:
+            raise ClientError({"Error": {"Code": "ServiceUnavailable", "Message": "down"}},
+                              "ChangeMessageVisibilityBatch")
+        return {"Failed": [{"Id": e["Id"], "SenderFault": True, "Code": "ReceiptHandleIsInvalid"}
+                           for e in Entries if e["ReceiptHandle"] == "r3"]}
+
+    sqs = type("Sqs", (), {"change_message_visibility_batch": staticmethod(change_message_visibility_batch)})
+    failures = change_visibility(sqs, "q", [(f"r{n}", 0) for n in range(23)])
+    assert [len(c) for c in calls] == [10, 10, 3]
+    assert failures[0] == VisibilityFailure("r3", "ReceiptHandleIsInvalid")
+    assert [f.receipt_handle for f in failures[1:]] == [f"r{n}" for n in range(10, 20)]
+    assert "ServiceUnavailable" in failures[1].reason

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from types import SimpleNamespace
@@ -300,6 +301,25 @@ def test_a_closing_books_listeners_leave_what_they_receive_and_stop():
 
     listeners.start()
     wait_until(lambda: not listeners.running)
+
+
+def test_a_hand_back_sqs_partly_refuses_is_said(caplog):
+    """SQS's Failed entries went unread: the log said every message was handed back."""
+    caplog.set_level(logging.INFO, logger="web_tier.listeners")
+    sqs = SimpleNamespace(
+        receive_message=lambda **kw: {"Messages": [{"Body": response(i).to_json(), "ReceiptHandle": f"r-{i}"}
+                                                   for i in ("a", "b")]},
+        change_message_visibility_batch=lambda QueueUrl, Entries: {
+            "Successful": [{"Id": Entries[0]["Id"]}],
+            "Failed": [{"Id": Entries[1]["Id"], "SenderFault": True, "Code": "ReceiptHandleIsInvalid",
+                        "Message": "ReceiptHandleIsInvalid"}]},
+    )
+    book = book_with("a", "b")
+    book.close()
+    Listeners(SimpleNamespace(sqs=sqs, response_queue_url="q"), book).poll_responses()  # type: ignore[arg-type]
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "could not hand back 1 of 2 messages" in warning and "ReceiptHandleIsInvalid" in warning
+    assert "handed back 1 messages received while stopping" in caplog.text
 
 
 def test_an_event_id_covers_every_item_that_finished_before_it(monkeypatch):
