@@ -12,8 +12,11 @@
   (h) moto's SQS call times at several queue depths, against the needed rate.
 
 The model is UNTRAINED (MODEL_WEIGHTS=random) throughout: the figures are
-about speed. Missed targets are reported, never fatal. Use --only to run some
-parts (the others are taken from the last .bench/latest.json when there).
+about speed. Missed targets are reported, never fatal. A part (or a phase of
+one) that raises is recorded with its error, the others still run, what was
+measured is printed and saved, and the command exits with 1. Use --only to run
+some parts (the others are taken from the last .bench/latest.json when there;
+"parts" in the JSON says which figures are this run's, and when each was measured).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any
 import psutil
 
 from bench import report
-from bench.endtoend import EndToEndPlan, run_end_to_end, tuned_env
+from bench.endtoend import EndToEndPlan, error_text, run_end_to_end, tuned_env
 from bench.images import write_expected, write_images
 from bench.inference import BATCH_SIZES, PAUSE_S, InferenceResult, measure, prepare_model
 from bench.noise import NoiseMeter
@@ -41,6 +44,7 @@ from common.config import Settings
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / ".bench"
 PARTS = ("inference", "sqs", "e2e")
+FIGURES = {"inference": "inference", "sqs": "sqs", "e2e": "end_to_end"}  # part -> its key in the JSON
 IMAGES = 300
 
 
@@ -63,19 +67,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_inference(images: Path, skip_tf: bool) -> tuple[dict[str, Any], dict[str, str]]:
+    """The model-alone figures and the labels it gives each image (the answers the stack must give).
+
+    The first measurement is the local limit, which the other parts are compared
+    with: if it raises, so does this. The others are informative: their errors are
+    kept in "errors", beside the figures measured.
+    """
     print("(a) the model alone, each in a fresh process ...", flush=True)
     prepare_model()
     runs: list[InferenceResult] = [measure("openvino", 0, images, labels=True)]
     labels = runs[0].labels
     # What each worker of `make run` runs by default: one thread (LOCAL_WORKER_THREADS=1;
     # the end-to-end runs here give each worker all cores: bench.endtoend.tuned_env).
-    runs.append(measure("openvino", 1, images))
-    if not skip_tf:
-        runs.append(measure("tensorflow", 0, images))
+    informative = [("openvino", 1)] + ([] if skip_tf else [("tensorflow", 0)])
+    errors: dict[str, str] = {}
+    for runtime, threads in informative:
+        try:
+            runs.append(measure(runtime, threads, images))
+        except Exception as exc:
+            logging.exception("the %s measurement failed", runtime)
+            errors[f"{runtime}/threads={threads}"] = error_text(exc)
     by_name = {f"{r.runtime}/threads={r.threads}": r.to_dict() for r in runs}
     limit = runs[0]
     return {
         "runs": by_name,
+        "errors": errors,
         "local_limit": {"runtime": limit.runtime, "threads": limit.threads, "batch": limit.best_batch,
                         "images_per_s": limit.best_throughput},
         "single_image_s": limit.single_image_s,
@@ -108,9 +124,19 @@ def inference_table(inference: dict[str, Any]) -> str:
                      f"{r['peak_rss_mb']:.0f} MB"])
     header = ["runtime", *[f"b={b} img/s" for b in BATCH_SIZES], "best", "1 image", "start-up", "peak RSS"]
     lim = inference["local_limit"]
-    return report.table(
+    text = report.table(
         f"(a) Model alone, in-process (fresh process each). Local limit: {lim['runtime']} threads="
         f"{lim['threads']} batch {lim['batch']} = {lim['images_per_s']:.1f} images/s", header, rows)
+    for name, error in (inference.get("errors") or {}).items():
+        text += f"\n  {name}: FAILED, {_short(error)}"
+    return text
+
+
+def _short(error: str, width: int = 160) -> str:
+    """An error on one line: its first line and, when it has more (a child's stderr), its last."""
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()] or [""]
+    text = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def e2e_table(e2e: dict[str, Any]) -> str:
@@ -126,7 +152,10 @@ def e2e_table(e2e: dict[str, Any]) -> str:
                      *[report.fmt(lat[k], "s", 2) for k in ("p50", "p90", "p99", "max")],
                      report.fmt(r["course_average_latency_s"], "s", 3)])
     header = ["run", "200s", "failed", "wrong", "duration", "img/s", "p50", "p90", "p99", "max", "dur/req"]
-    return report.table("End to end: load_test.run_load -> POST / on the embedded stack", header, rows)
+    text = report.table("End to end: load_test.run_load -> POST / on the embedded stack", header, rows)
+    for phase, error in (e2e.get("errors") or {}).items():
+        text += f"\n  {phase}: FAILED, {_short(error)}"
+    return text
 
 
 def scaling_table(e2e: dict[str, Any]) -> str:
@@ -223,6 +252,16 @@ def _parse_env(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def _carried(part: str, previous: dict[str, Any]) -> dict[str, Any]:
+    """What the previous JSON says of a part this run does not measure."""
+    if previous.get(FIGURES[part]) is None:
+        return {"source": "not measured", "measured_at": None, "error": None}
+    # A JSON from before "parts" does not say when: None.
+    entry = dict((previous.get("parts") or {}).get(part) or {"measured_at": None, "error": None})
+    entry["source"] = "previous run"
+    return entry
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -238,49 +277,93 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict[str, Any] = {
         "inference": previous.get("inference"), "expected_labels": previous.get("expected_labels") or {},
         "end_to_end": previous.get("end_to_end"), "sqs": previous.get("sqs"), "noise": noise,
+        "parts": {part: _carried(part, previous) for part in PARTS},
     }
 
     def save() -> None:
         # After every part, so that an interrupted run keeps what it measured.
-        report.write_json(_document(figures, parts, started), args.json)
+        report.write_json(_document(figures, started), args.json)
 
-    if "inference" in parts:
-        meter = NoiseMeter.start()
-        figures["inference"], figures["expected_labels"] = run_inference(images, args.skip_tensorflow)
-        noise["inference"] = meter.stop()
-        save()
-    limit = _limit(figures["inference"])
-
-    if "e2e" in parts:
+    def e2e() -> dict[str, Any]:
         labels = figures["expected_labels"]
         expected = write_expected(BENCH_DIR / "expected.csv", labels) if labels else None
-        meter = NoiseMeter.start()
         env, spares = ({}, None) if args.untuned else tuned_env()
         env.update(_parse_env(args.env))
         spares = args.warm_spares if args.warm_spares is not None else spares
-        figures["end_to_end"] = run_e2e(images, expected, env, spares)
-        noise["e2e"] = meter.stop()
-        save()
+        return run_e2e(images, expected, env, spares)
 
-    if "sqs" in parts:
+    def inference() -> dict[str, Any]:
+        figures["inference"], figures["expected_labels"] = None, {}  # this run's, or none
+        found, figures["expected_labels"] = run_inference(images, args.skip_tensorflow)
+        return found
+
+    measure_part = {
+        "inference": inference,
+        "e2e": e2e,
+        "sqs": lambda: run_sqs(_limit(figures["inference"]),
+                               receive_batch=float(Settings.from_env().receive_batch)),
+    }
+    for part in ("inference", "e2e", "sqs"):  # e2e checks its answers against inference's labels
+        if part not in parts:
+            continue
+        key = FIGURES[part]
+        entry = {"source": "this run", "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                 "error": None}
         meter = NoiseMeter.start()
-        figures["sqs"] = run_sqs(limit, receive_batch=float(Settings.from_env().receive_batch))
-        noise["sqs"] = meter.stop()
+        at = time.monotonic()
+        try:
+            figures[key] = measure_part[part]()
+            entry["error"] = _inner_errors(figures[key])
+        except Exception as exc:
+            # The figures of a part that failed are not this run's: never carry the last run's on.
+            logging.exception("part %s failed", part)
+            figures[key] = None
+            entry["error"] = error_text(exc)
+            print(f"{part}: FAILED, {_short(entry['error'])}", flush=True)
+        entry["seconds"] = round(time.monotonic() - at, 1)
+        noise[part] = meter.stop()
+        figures["parts"][part] = entry
         save()
 
-    doc = _document(figures, parts, started)
+    doc = _document(figures, started)
     report.write_json(doc, args.json)
     print_figures(doc)
+    failed = [part for part in sorted(parts) if figures["parts"][part]["error"]]
     print(f"\nwritten to {args.json.relative_to(ROOT) if args.json.is_relative_to(ROOT) else args.json}"
           f" in {time.monotonic() - started:.0f} s. {report.UNTRAINED_NOTE}.")
-    return 0
+    if failed:
+        print(f"FAILED: {', '.join(failed)} (see 'parts' above and in the JSON)")
+    return 1 if failed else 0
+
+
+def _inner_errors(figures: dict[str, Any] | None) -> str | None:
+    """The errors a part kept beside its figures (a phase or an informative run), as one string."""
+    errors = (figures or {}).get("errors") or {}
+    return "; ".join(f"{name}: {error}" for name, error in errors.items()) or None
 
 
 def _limit(inference: dict[str, Any] | None) -> float | None:
     return inference["local_limit"]["images_per_s"] if inference else None
 
 
-def _document(figures: dict[str, Any], parts: set[str], started: float) -> dict[str, Any]:
+def _missing(figures: dict[str, Any], part: str, phase: str | None = None) -> str | None:
+    """Why a part's figure (or one phase's) is not there, for a target's N/A; None when it is."""
+    entry = figures["parts"][part]
+    found = figures[FIGURES[part]]
+    if found is None:
+        return f"{part} failed: {_short(entry['error'], 80)}" if entry.get("error") \
+            else f"{part} not measured"
+    if phase is not None and phase not in found:
+        error = (found.get("errors") or {}).get(phase)
+        return f"{part} {phase} failed: {_short(error, 80)}" if error else f"{part} {phase} not measured"
+    return None
+
+
+def _first_reason(*reasons: str | None) -> str | None:
+    return next((r for r in reasons if r), None)
+
+
+def _document(figures: dict[str, Any], started: float) -> dict[str, Any]:
     inference, e2e = figures["inference"], figures["end_to_end"]
     limit = _limit(inference)
     tput = (e2e or {}).get("throughput") or {}
@@ -295,13 +378,20 @@ def _document(figures: dict[str, Any], parts: set[str], started: float) -> dict[
         zero_after_s=None if None in zero_after else max(zero_after),
         low_load_p50_s=(((e2e or {}).get("low_load") or {}).get("latency_s") or {}).get("p50"),
         single_image_s=(inference or {}).get("single_image_s"),
+        missing={
+            "e2e_ratio": _first_reason(_missing(figures, "inference"),
+                                       _missing(figures, "e2e", "throughput")),
+            "course": _missing(figures, "e2e", "course"),
+            "zero": _first_reason(_missing(figures, "e2e", "throughput"), _missing(figures, "e2e", "course")),
+            "low_load": _first_reason(_missing(figures, "e2e", "low_load"), _missing(figures, "inference")),
+        },
     )
     return report.document(
         generated_at=datetime.now(UTC).isoformat(timespec="seconds"),
         machine={"cpus": psutil.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
                  "python": platform.python_version(), "platform": platform.platform()},
         inference=inference, end_to_end=e2e, sqs=figures["sqs"], found=found, noise=figures["noise"],
-        extra={"ratio_e2e_to_limit": e2e_ratio, "cpu_budget": budget, "parts_run": sorted(parts),
+        extra={"ratio_e2e_to_limit": e2e_ratio, "cpu_budget": budget, "parts": figures["parts"],
                "expected_labels": figures["expected_labels"], "bench_seconds": time.monotonic() - started},
     )
 
@@ -326,6 +416,16 @@ def budget_line(budget: dict[str, Any] | None) -> str:
             f"    On these cores that allows at most {ceiling} images/s "
             f"= {report.fmt(budget['ceiling_over_limit'], '%')} of the limit; (b) reached "
             f"{report.fmt(budget['measured_over_ceiling'], '%')} of that ceiling.")
+
+
+def parts_table(parts: dict[str, Any]) -> str:
+    rows = []
+    for part, entry in parts.items():
+        when = "" if entry["source"] == "not measured" else entry.get("measured_at") or "?"
+        error = "FAILED, " + _short(entry["error"], 100) if entry.get("error") else ""
+        rows.append([part, entry["source"], when, error])
+    return report.table("Parts: whose figures these are", ["part", "figures from", "measured at", "error"],
+                        rows)
 
 
 def print_figures(doc: dict[str, Any]) -> None:
@@ -360,8 +460,9 @@ def print_figures(doc: dict[str, Any]) -> None:
         print(sqs_table(sqs), "\n")
     if noise:
         print(noise_table(noise), "\n")
-    print(report.targets_table([report.Target(**{k: v for k, v in t.items() if k != "verdict"})
-                                for t in doc["targets"]]))
+    if doc.get("parts"):
+        print(parts_table(doc["parts"]), "\n")
+    print(report.targets_table([report.Target.from_dict(t) for t in doc["targets"]]))
 
 
 

@@ -153,6 +153,8 @@ def _scaled_run(plan: EndToEndPlan, stack: StackProcess, images: Path, requests:
                 concurrency: int, memory: bool = False) -> dict[str, object]:
     """One load run from zero instances, with the fleet watched until it is back to zero."""
     poller = FleetPoller(stack.settings()).start()
+    sampler: MemorySampler | None = None
+    mem = None
     try:
         if poller.wait_for_zero(time.time(), ZERO_TIMEOUT_S) is None:
             log.warning("the fleet was not at zero before the run")
@@ -178,6 +180,8 @@ def _scaled_run(plan: EndToEndPlan, stack: StackProcess, images: Path, requests:
         zero_at = poller.wait_for_zero(last, ZERO_TIMEOUT_S)
     finally:
         poller.stop()
+        if sampler is not None and mem is None:
+            sampler.stop()  # the run raised: its thread must not sample through the next phase
     out = _summary(report)
     out["scaling"] = scaling_times(poller.samples, report.started_at, last, zero_at,
                                    controller_actions(stack.output[lines_before:]))
@@ -228,8 +232,18 @@ def _low_load(plan: EndToEndPlan, stack: StackProcess) -> dict[str, object]:
     return out
 
 
+def error_text(exc: BaseException) -> str:
+    """An exception as one JSON string: its type and message."""
+    return f"{type(exc).__name__}: {exc}"
+
+
 def run_end_to_end(plan: EndToEndPlan, run_dir: Path) -> dict[str, object]:
-    """Start the stack, run the three phases, stop it; the figures of each phase."""
+    """Start the stack, run the three phases, stop it; the figures of each phase.
+
+    A phase that raises leaves its key out and its error in "errors", and the
+    phases after it still run while the stack is up: one failure does not
+    throw away the figures already measured.
+    """
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
@@ -240,16 +254,35 @@ def run_end_to_end(plan: EndToEndPlan, run_dir: Path) -> dict[str, object]:
     stack.start()
     out: dict[str, object] = {"stack_start_s": time.monotonic() - started, "ready_line": stack.ready_line,
                               "env": dict(plan.env), "warm_spares": stack.warm_spares}
+    errors: dict[str, str] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
             scratch = Path(tmp)
-            out["throughput"] = _scaled_run(plan, stack, plan.images, plan.throughput_requests,
-                                            plan.throughput_concurrency, memory=True)
-            course_images = _subset(plan.images, plan.course_requests, scratch / "course")
-            out["course"] = _scaled_run(plan, stack, course_images, plan.course_requests,
-                                        plan.course_concurrency)
-            out["low_load"] = _low_load(plan, stack)
+            phases = {
+                "throughput": lambda: _scaled_run(plan, stack, plan.images, plan.throughput_requests,
+                                                  plan.throughput_concurrency, memory=True),
+                "course": lambda: _scaled_run(plan, stack,
+                                              _subset(plan.images, plan.course_requests, scratch / "course"),
+                                              plan.course_requests, plan.course_concurrency),
+                "low_load": lambda: _low_load(plan, stack),
+            }
+            for name, phase in phases.items():
+                exited = stack.process.poll() if stack.process else None
+                if exited is not None:
+                    errors[name] = f"not run: the stack exited (code {exited})"
+                    continue
+                try:
+                    out[name] = phase()
+                except Exception as exc:
+                    log.exception("end-to-end phase %s failed", name)
+                    errors[name] = error_text(exc)
     finally:
-        out["stack_stop_s"] = stack.stop()
+        try:
+            out["stack_stop_s"] = stack.stop()
+        except Exception as exc:
+            log.exception("stopping the stack failed")
+            errors["stop"] = error_text(exc)
         out["stack_log_tail"] = [line.rstrip() for line in stack.output[-15:]]
+        if errors:
+            out["errors"] = errors
     return out

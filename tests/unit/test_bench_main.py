@@ -1,0 +1,147 @@
+"""`python -m bench` as a whole: what it keeps, prints and returns when a part fails (no stack started)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import bench.__main__ as bench_main
+from bench import endtoend, inference
+from bench.inference import BATCH_SIZES, InferenceResult
+
+
+def _result(runtime: str, threads: int, images_per_s: float) -> InferenceResult:
+    return InferenceResult(runtime=runtime, threads=threads, startup_s=1.0, load_s=0.5, single_image_s=0.04,
+                           single_image_after_pause_s=0.05, prepare_s=0.001,
+                           throughput=dict.fromkeys(BATCH_SIZES, images_per_s), peak_rss_mb=500.0,
+                           labels={"img-0": "tabby"})
+
+
+@pytest.fixture
+def fake_model(monkeypatch: pytest.MonkeyPatch) -> dict[str, Exception]:
+    """The model-alone measurements without a subprocess; a runtime in the dict raises its exception."""
+    broken: dict[str, Exception] = {}
+
+    def measure(runtime: str, threads: int, images: Path, **_) -> InferenceResult:
+        if runtime in broken:
+            raise broken[runtime]
+        return _result(runtime, threads, 25.0 if threads == 0 else 11.0)
+
+    monkeypatch.setattr(inference, "measure", measure)
+    monkeypatch.setattr(bench_main, "measure", measure)
+    monkeypatch.setattr(bench_main, "prepare_model", lambda: None)
+    return broken
+
+
+class _Meter:
+    @classmethod
+    def start(cls) -> _Meter:
+        return cls()
+
+    def stop(self) -> dict[str, float]:
+        return {"wall_s": 1.0, "bench_cores": 1.0, "others_cores": 0.0, "loadavg_1m_start": 0.0,
+                "loadavg_1m_end": 0.0}
+
+
+@pytest.fixture
+def bench_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    monkeypatch.setattr(bench_main, "BENCH_DIR", tmp_path)
+    monkeypatch.setattr(bench_main, "write_images", lambda folder, count: [])
+    monkeypatch.setattr(bench_main, "write_expected", lambda path, labels: path)
+    monkeypatch.setattr(bench_main, "NoiseMeter", _Meter)
+    return tmp_path
+
+
+def _previous(path: Path) -> None:
+    """A JSON of an earlier run, every part in it."""
+    path.write_text(json.dumps({"generated_at": "2026-01-01T00:00:00+00:00",
+                                "inference": {"old": True}, "end_to_end": {"old": True},
+                                "sqs": {"old": True}, "expected_labels": {}, "noise": {}}))
+
+
+def test_a_failed_part_keeps_and_prints_the_others_and_fails_the_command(
+        fake_model, bench_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    out = bench_dir / "latest.json"
+    _previous(out)
+
+    def broken_e2e(*args, **kwargs):
+        raise RuntimeError("the stack did not start")
+
+    monkeypatch.setattr(bench_main, "run_e2e", broken_e2e)
+
+    code = bench_main.main(["--only", "inference", "--only", "e2e", "--json", str(out)])
+
+    assert code != 0
+    printed = capsys.readouterr().out
+    assert "(a) Model alone" in printed  # the figures measured before the failure
+    assert "the stack did not start" in printed
+    doc = json.loads(out.read_text())
+    assert doc["inference"]["local_limit"]["images_per_s"] == 25.0
+    # The old end-to-end figures are not passed off as this run's.
+    assert doc["end_to_end"] is None
+    parts = doc["parts"]
+    assert parts["inference"]["source"] == "this run" and parts["inference"]["error"] is None
+    assert parts["inference"]["measured_at"]
+    assert parts["e2e"]["source"] == "this run" and "the stack did not start" in parts["e2e"]["error"]
+    assert parts["sqs"]["source"] == "previous run" and doc["sqs"] == {"old": True}
+    names = {t["name"]: t for t in doc["targets"]}
+    course = names["course average latency, 100 requests at concurrency 100"]
+    assert course["verdict"] == "N/A" and "e2e" in course["reason"]
+
+
+def test_a_run_without_failures_exits_zero(fake_model, bench_dir: Path):
+    out = bench_dir / "latest.json"
+    assert bench_main.main(["--only", "inference", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["parts"]["inference"]["source"] == "this run"
+    assert doc["parts"]["e2e"]["source"] == "not measured" and doc["end_to_end"] is None
+
+
+def test_tensorflow_failing_keeps_openvino(fake_model, bench_dir: Path, capsys: pytest.CaptureFixture):
+    fake_model["tensorflow"] = RuntimeError("tensorflow measurement failed (1)")
+    out = bench_dir / "latest.json"
+
+    code = bench_main.main(["--only", "inference", "--json", str(out)])
+
+    assert code != 0  # a measurement failed: say so, even an informative one
+    doc = json.loads(out.read_text())
+    assert set(doc["inference"]["runs"]) == {"openvino/threads=0", "openvino/threads=1"}
+    assert "tensorflow measurement failed" in doc["inference"]["errors"]["tensorflow/threads=0"]
+    assert "tensorflow" in doc["parts"]["inference"]["error"]
+    assert doc["inference"]["local_limit"]["images_per_s"] == 25.0
+    assert "tensorflow measurement failed" in capsys.readouterr().out
+
+
+def test_a_failed_phase_keeps_the_phases_before_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    class Stack:
+        def __init__(self, run_dir, env_overrides, **kwargs) -> None:
+            self.ready_line, self.warm_spares, self.output = "ready", 1, ["line"]
+            self.process = SimpleNamespace(poll=lambda: None)
+
+        def start(self) -> Stack:
+            return self
+
+        def stop(self) -> float:
+            return 0.1
+
+    def scaled_run(plan, stack, images, requests, concurrency, memory=False):
+        if not memory:
+            raise TimeoutError("course: the web tier stopped answering")
+        return {"requests": requests, "failed": 0}
+
+    ran: list[str] = []
+    monkeypatch.setattr(endtoend, "StackProcess", Stack)
+    monkeypatch.setattr(endtoend, "_scaled_run", scaled_run)
+    monkeypatch.setattr(endtoend, "_low_load", lambda plan, stack: ran.append("low") or {"requests": 30})
+    images = tmp_path / "images"
+    images.mkdir()
+
+    out = endtoend.run_end_to_end(endtoend.EndToEndPlan(images=images, expected=None), tmp_path / "run")
+
+    assert out["throughput"] == {"requests": 300, "failed": 0}
+    assert "course" not in out and "stopped answering" in out["errors"]["course"]
+    assert out["low_load"] == {"requests": 30} and ran == ["low"]  # the stack still up: the next phase ran
+    assert out["stack_stop_s"] == 0.1
