@@ -34,7 +34,7 @@ from typing import Any
 import psutil
 
 from bench import report
-from bench.endtoend import EndToEndPlan, error_text, run_end_to_end, tuned_env
+from bench.endtoend import ZERO_TIMEOUT_S, EndToEndPlan, error_text, run_end_to_end, tuned_env
 from bench.images import write_expected, write_images
 from bench.inference import BATCH_SIZES, PAUSE_S, InferenceResult, measure, prepare_model
 from bench.noise import NoiseMeter
@@ -370,12 +370,16 @@ def _document(figures: dict[str, Any], started: float) -> dict[str, Any]:
     e2e_ratio = report.ratio(tput.get("throughput_images_per_s"), limit)
     budget = report.cpu_budget(limit, psutil.cpu_count() or 1, _cpu_by_kind(tput), tput.get("requests") or 0,
                                tput.get("throughput_images_per_s"))
-    zero_after = [((e2e or {}).get(k) or {}).get("scaling", {}).get("last_response_to_zero_s")
-                  for k in ("throughput", "course")]
+    # A run whose fleet never reached zero within ZERO_TIMEOUT_S has None here: a miss,
+    # unlike a run that is not there at all.
+    scaled = [((e2e or {}).get(k) or {}).get("scaling") for k in ("throughput", "course")]
+    zero_after = [s.get("last_response_to_zero_s") for s in scaled if s]
+    never_zero = any(s is None for s in zero_after)
     found = report.targets(
         e2e_ratio=e2e_ratio,
         course_average_s=((e2e or {}).get("course") or {}).get("course_average_latency_s"),
-        zero_after_s=None if None in zero_after else max(zero_after),
+        zero_after_s=None if never_zero or len(zero_after) < len(scaled) else max(zero_after),
+        zero_more_than_s=ZERO_TIMEOUT_S if never_zero else None,
         low_load_p50_s=(((e2e or {}).get("low_load") or {}).get("latency_s") or {}).get("p50"),
         single_image_s=(inference or {}).get("single_image_s"),
         missing={
@@ -385,6 +389,8 @@ def _document(figures: dict[str, Any], started: float) -> dict[str, Any]:
             "zero": _first_reason(_missing(figures, "e2e", "throughput"), _missing(figures, "e2e", "course")),
             "low_load": _first_reason(_missing(figures, "e2e", "low_load"), _missing(figures, "inference")),
         },
+        bad={target: report.bad_requests((e2e or {}).get(phase)) for target, phase in
+             (("e2e_ratio", "throughput"), ("course", "course"), ("low_load", "low_load"))},
     )
     return report.document(
         generated_at=datetime.now(UTC).isoformat(timespec="seconds"),

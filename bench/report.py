@@ -47,10 +47,19 @@ class Target:
     kind: str
     unit: str = ""
     missing: str | None = None  # why there is no figure (a part or phase that failed or did not run)
+    # Requests behind the figure that failed or were answered wrongly ("12 failed"): the
+    # figure is then not of the work asked for (a request refused at once is fast), so no PASS.
+    bad_requests: str | None = None
+    # No figure because it never happened within this many units: a "max" target missed.
+    more_than: float | None = None
 
     @property
     def verdict(self) -> str:
+        if self.bad_requests:
+            return "FAIL"
         if self.measured is None:
+            if self.more_than is not None and self.kind == "max" and self.more_than >= self.limit:
+                return "FAIL"
             return "N/A"
         ok = self.measured >= self.limit if self.kind == "min" else self.measured < self.limit
         return "PASS" if ok else "FAIL"
@@ -58,7 +67,13 @@ class Target:
     @property
     def reason(self) -> str | None:
         """What the verdict rests on when not on the figure alone."""
-        return self.missing if self.measured is None else None
+        if self.bad_requests:
+            return self.bad_requests
+        if self.measured is not None:
+            return None
+        if self.more_than is not None:
+            return f"> {self.more_than:g}{(' ' + self.unit) if self.unit else ''}"
+        return self.missing
 
     @property
     def shown(self) -> str:
@@ -66,12 +81,13 @@ class Target:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "measured": self.measured, "limit": self.limit, "kind": self.kind,
-                "unit": self.unit, "missing": self.missing, "verdict": self.verdict, "reason": self.reason}
+                "unit": self.unit, "missing": self.missing, "bad_requests": self.bad_requests,
+                "more_than": self.more_than, "verdict": self.verdict, "reason": self.reason}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Target:
         """The target to_dict() wrote (its verdict and reason are worked out again)."""
-        fields = ("name", "measured", "limit", "kind", "unit", "missing")
+        fields = ("name", "measured", "limit", "kind", "unit", "missing", "bad_requests", "more_than")
         return cls(**{k: d[k] for k in fields if k in d})
 
 
@@ -100,23 +116,42 @@ def cpu_budget(limit_images_per_s: float | None, cores: int, cpu_s_by_kind: dict
     }
 
 
+def bad_requests(run: Mapping[str, Any] | None) -> str | None:
+    """"12 failed, 3 wrong" for a run's summary (bench.endtoend._summary); None when all went well.
+
+    Requests planned that never ended (abandoned in flight) count as failed.
+    """
+    if not run:
+        return None
+    ended = sum(run.get(k) or 0 for k in ("correct", "unchecked", "wrong", "failed"))
+    failed = (run.get("failed") or 0) + max(0, (run.get("requests") or 0) - ended)
+    wrong = run.get("wrong") or 0
+    counts = [f"{n} {what}" for n, what in ((failed, "failed"), (wrong, "wrong")) if n]
+    return ", ".join(counts) or None
+
+
 def targets(*, e2e_ratio: float | None, course_average_s: float | None, zero_after_s: float | None,
             low_load_p50_s: float | None, single_image_s: float | None,
-            missing: Mapping[str, str | None] | None = None) -> list[Target]:
+            zero_more_than_s: float | None = None, missing: Mapping[str, str | None] | None = None,
+            bad: Mapping[str, str | None] | None = None) -> list[Target]:
     """The four targets the benchmark reports on (a missed target never fails the command).
 
-    `missing` says why a figure is None, by target: "e2e_ratio", "course", "zero", "low_load".
+    By target ("e2e_ratio", "course", "zero", "low_load"): `missing` says why a
+    figure is None, `bad` the requests behind it that failed or were wrong
+    (bad_requests()). `zero_more_than_s`: a fleet was still up this long after
+    the last response, when the measuring gave up (zero_after_s is then None).
     """
-    why = dict(missing or {})
+    why, bad = dict(missing or {}), dict(bad or {})
     over_model = None if low_load_p50_s is None or single_image_s is None else low_load_p50_s - single_image_s
     return [
         Target("end-to-end throughput / in-process limit", e2e_ratio, 0.85, "min", "ratio",
-               missing=why.get("e2e_ratio")),
+               missing=why.get("e2e_ratio"), bad_requests=bad.get("e2e_ratio")),
         Target("course average latency, 100 requests at concurrency 100", course_average_s, 1.2, "max", "s",
-               missing=why.get("course")),
-        Target("last response -> zero instances", zero_after_s, 2.0, "max", "s", missing=why.get("zero")),
+               missing=why.get("course"), bad_requests=bad.get("course")),
+        Target("last response -> zero instances", zero_after_s, 2.0, "max", "s", missing=why.get("zero"),
+               more_than=zero_more_than_s if zero_after_s is None else None),
         Target("low-load p50 minus model single-image time", over_model, 0.050, "max", "s",
-               missing=why.get("low_load")),
+               missing=why.get("low_load"), bad_requests=bad.get("low_load")),
     ]
 
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 import bench.__main__ as bench_main
-from bench import endtoend, inference
+from bench import endtoend, inference, report
 from bench.inference import BATCH_SIZES, InferenceResult
 
 
@@ -145,3 +145,25 @@ def test_a_failed_phase_keeps_the_phases_before_it(monkeypatch: pytest.MonkeyPat
     assert "course" not in out and "stopped answering" in out["errors"]["course"]
     assert out["low_load"] == {"requests": 30} and ran == ["low"]  # the stack still up: the next phase ran
     assert out["stack_stop_s"] == 0.1
+
+
+def _run(failed: int = 0, wrong: int = 0, zero_s: float | None = 1.0) -> dict:
+    """A phase's summary as endtoend._summary writes it, 100 requests."""
+    return {"requests": 100, "answered_200": 100 - failed, "failed": failed, "wrong": wrong,
+            "correct": 0, "unchecked": 100 - failed - wrong, "throughput_images_per_s": 20.0,
+            "duration_s": 1.0, "course_average_latency_s": 0.01, "latency_s": {"p50": 0.08},
+            "scaling": {"last_response_to_zero_s": zero_s}}
+
+
+def test_targets_see_failed_requests_and_a_fleet_never_at_zero():
+    inference_figures = {"local_limit": {"images_per_s": 20.0}, "single_image_s": 0.04}
+    figures = {"inference": inference_figures, "expected_labels": {}, "sqs": None, "noise": {},
+               "end_to_end": {"throughput": _run(zero_s=None), "course": _run(failed=90),
+                              "low_load": _run(wrong=1)},
+               "parts": {part: {"source": "this run", "measured_at": "now", "error": None}
+                         for part in bench_main.PARTS}}
+
+    doc = bench_main._document(figures, 0.0)
+
+    shown = [report_target.shown for report_target in map(report.Target.from_dict, doc["targets"])]
+    assert shown == ["PASS", "FAIL (90 failed)", "FAIL (> 30 s)", "FAIL (1 wrong)"]

@@ -176,3 +176,31 @@ def test_low_load_counts_only_the_requests_after_the_warm_up():
     assert measured.throughput == pytest.approx(2 / 0.3) and measured.failed == 1
     assert run.sent == 5  # the run's own report is left as it was
     assert without_first(run, 5).sent == 0
+
+
+def test_a_fleet_never_at_zero_fails_the_zero_target():
+    """None there is no missing figure: the fleet was still up at the deadline."""
+    zero = report.targets(e2e_ratio=0.9, course_average_s=0.5, zero_after_s=None, zero_more_than_s=30.0,
+                          low_load_p50_s=0.08, single_image_s=0.04)[2]
+    assert zero.verdict == "FAIL" and zero.shown == "FAIL (> 30 s)"
+
+
+def test_failed_or_wrong_answers_never_pass_a_latency_or_throughput_target():
+    # 90 of 100 refused at once: a short duration over all 100 outcomes made a fine average.
+    course = {"requests": 100, "answered_200": 10, "failed": 90, "wrong": 0, "correct": 0, "unchecked": 10}
+    assert report.bad_requests(course) == "90 failed"
+    found = report.targets(e2e_ratio=0.9, course_average_s=0.01, zero_after_s=1.0, low_load_p50_s=0.08,
+                           single_image_s=0.04,
+                           bad={"e2e_ratio": "3 wrong", "course": report.bad_requests(course),
+                                "low_load": "1 failed"})
+    assert [t.shown for t in found] == ["FAIL (3 wrong)", "FAIL (90 failed)", "PASS", "FAIL (1 failed)"]
+    assert "FAIL (90 failed)" in report.targets_table(found)
+    assert found[1].to_dict()["reason"] == "90 failed"
+
+
+def test_bad_requests_counts_failed_wrong_and_never_ended():
+    assert report.bad_requests({"requests": 30, "failed": 0, "wrong": 0, "correct": 0,
+                                "unchecked": 30}) is None
+    assert report.bad_requests({"requests": 30, "failed": 1, "wrong": 2, "correct": 0,
+                                "unchecked": 25}) == "3 failed, 2 wrong"  # 2 never ended
+    assert report.bad_requests(None) is None
