@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import platform
+import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -252,6 +253,22 @@ def _parse_env(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def code_version(root: Path = ROOT) -> dict[str, Any]:
+    """The commit checked out and whether the tree differs from it (None each when git cannot say):
+    figures measured by uncommitted code are not those of any commit."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain") if commit else None
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
 def _carried(part: str, previous: dict[str, Any]) -> dict[str, Any]:
     """What the previous JSON says of a part this run does not measure."""
     if previous.get(FIGURES[part]) is None:
@@ -268,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = set(args.only or PARTS)
     previous = _previous(args.json)
     started = time.monotonic()
+    code = code_version()
     print(f"make bench: {report.UNTRAINED_NOTE}.\n{report.NOISE_NOTE}\n", flush=True)
 
     images = BENCH_DIR / "images"
@@ -277,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict[str, Any] = {
         "inference": previous.get("inference"), "expected_labels": previous.get("expected_labels") or {},
         "end_to_end": previous.get("end_to_end"), "sqs": previous.get("sqs"), "noise": noise,
-        "parts": {part: _carried(part, previous) for part in PARTS},
+        "parts": {part: _carried(part, previous) for part in PARTS}, "code": code,
     }
 
     def save() -> None:
@@ -308,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         key = FIGURES[part]
         entry = {"source": "this run", "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                 "error": None}
+                 "code": code, "error": None}
         meter = NoiseMeter.start()
         at = time.monotonic()
         try:
@@ -397,7 +415,8 @@ def _document(figures: dict[str, Any], started: float) -> dict[str, Any]:
         machine={"cpus": psutil.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
                  "python": platform.python_version(), "platform": platform.platform()},
         inference=inference, end_to_end=e2e, sqs=figures["sqs"], found=found, noise=figures["noise"],
-        extra={"ratio_e2e_to_limit": e2e_ratio, "cpu_budget": budget, "parts": figures["parts"],
+        extra={"ratio_e2e_to_limit": e2e_ratio, "cpu_budget": budget, "code": figures.get("code"),
+               "parts": figures["parts"],
                "expected_labels": figures["expected_labels"], "bench_seconds": time.monotonic() - started},
     )
 
@@ -427,11 +446,22 @@ def budget_line(budget: dict[str, Any] | None) -> str:
 def parts_table(parts: dict[str, Any]) -> str:
     rows = []
     for part, entry in parts.items():
-        when = "" if entry["source"] == "not measured" else entry.get("measured_at") or "?"
-        error = "FAILED, " + _short(entry["error"], 100) if entry.get("error") else ""
-        rows.append([part, entry["source"], when, error])
-    return report.table("Parts: whose figures these are", ["part", "figures from", "measured at", "error"],
+        measured = entry["source"] != "not measured"
+        failed = "FAILED" if entry.get("error") else ""
+        rows.append([part, entry["source"], entry.get("measured_at") or "?" if measured else "",
+                     _code_text(entry.get("code")) if measured else "", failed])
+    text = report.table("Parts: whose figures these are", ["part", "figures from", "measured at", "code", ""],
                         rows)
+    for part, entry in parts.items():
+        if entry.get("error"):
+            text += f"\n  {part}: {_short(entry['error'])}"
+    return text
+
+
+def _code_text(code: dict[str, Any] | None) -> str:
+    if not code or not code.get("commit"):
+        return "?"
+    return code["commit"][:10] + (" + changes" if code.get("dirty") else "")
 
 
 def print_figures(doc: dict[str, Any]) -> None:

@@ -167,3 +167,42 @@ def test_targets_see_failed_requests_and_a_fleet_never_at_zero():
 
     shown = [report_target.shown for report_target in map(report.Target.from_dict, doc["targets"])]
     assert shown == ["PASS", "FAIL (90 failed)", "FAIL (> 30 s)", "FAIL (1 wrong)"]
+
+
+def _git(folder: Path, *args: str) -> str:
+    import subprocess
+
+    return subprocess.run(["git", "-C", str(folder), *args], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def test_code_version_is_the_commit_and_whether_the_tree_differs(tmp_path: Path):
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    _git(tmp_path, "add", "a.py")
+    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "a")
+    head = _git(tmp_path, "rev-parse", "HEAD")
+    assert bench_main.code_version(tmp_path) == {"commit": head, "dirty": False}
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert bench_main.code_version(tmp_path) == {"commit": head, "dirty": True}
+
+
+def test_code_version_without_git_is_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    assert bench_main.code_version(tmp_path) == {"commit": None, "dirty": None}  # not a repository
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git at all
+    assert bench_main.code_version(tmp_path) == {"commit": None, "dirty": None}
+
+
+def test_the_json_says_which_code_measured_each_part(fake_model, bench_dir: Path,
+                                                     monkeypatch: pytest.MonkeyPatch):
+    out = bench_dir / "latest.json"
+    _previous(out)
+    version = {"commit": "abc123", "dirty": True}
+    monkeypatch.setattr(bench_main, "code_version", lambda root=None: version)
+
+    bench_main.main(["--only", "inference", "--json", str(out)])
+
+    doc = json.loads(out.read_text())
+    assert doc["code"] == version
+    assert doc["parts"]["inference"]["code"] == version and doc["parts"]["inference"]["measured_at"]
+    assert "code" not in doc["parts"]["sqs"]  # the previous JSON did not say which code measured it
