@@ -7,7 +7,8 @@
   (c) the ratio (b) / (a);
   (d) the course's average latency: 100 requests at concurrency 100;
   (e) first request -> first launch, last response -> zero instances;
-  (f) peak resident memory of each kind of process during (b);
+  (f) memory of each kind of process during (b): each one's exact peak
+      (VmHWM), the largest RSS and PSS totals (bench/memory.py says which is which);
   (g) p50 latency at low load against the model's single-image time;
   (h) moto's SQS call times at several queue depths, against the needed rate.
 
@@ -175,14 +176,29 @@ def scaling_table(e2e: dict[str, Any]) -> str:
 
 
 def memory_table(mem: dict[str, Any]) -> str:
-    rows = [[kind, str(v["processes"]), str(v["peak_count"]), f"{v['max_rss_mb']:.0f} MB",
-             f"{v['peak_sum_mb']:.0f} MB", f"{v.get('cpu_s', 0):.1f} s"]
+    # A JSON from before the PSS and VmHWM figures has none: "-" for those.
+    def mb(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0f} MB"
+
+    rows = [[kind, str(v["processes"]), str(v["peak_count"]), mb(v["max_rss_mb"]), mb(v["peak_sum_mb"]),
+             mb(v.get("peak_pss_sum_mb")), f"{v.get('cpu_s', 0):.1f} s"]
             for kind, v in mem["by_kind"].items()]
     total_cpu = sum(v.get("cpu_s", 0) for v in mem["by_kind"].values())
-    rows.append(["all", "", "", "", f"{mem['peak_total_mb']:.0f} MB", f"{total_cpu:.1f} s"])
-    title = f"(f) Peak RSS during (b), psutil every {mem['interval_s']:g} s ({mem['samples']} samples)"
-    return report.table(title,
-                        ["process kind", "seen", "max alive", "max one", "max sum", "CPU used"], rows)
+    rows.append(["all", "", "", "", mb(mem["peak_total_mb"]), mb(mem.get("peak_pss_total_mb")),
+                 f"{total_cpu:.1f} s"])
+    title = f"(f) Memory during (b), psutil every {mem['interval_s']:g} s ({mem['samples']} samples)"
+    text = report.table(title, ["process kind", "seen", "max alive", "max one", "max RSS sum", "max PSS sum",
+                                "CPU used"], rows)
+    peak = mem.get("per_process_peak", "sampled RSS")
+    if peak == "VmHWM":
+        one = "each process's own peak over its life (VmHWM; exact if alive at the end of (b))"
+    else:
+        one = f"each process's largest resident set, from {peak}"
+    pss = (f"shared pages split among their processes (memory_full_info, every {mem['pss_interval_s']:g} s):"
+           " their real total" if mem.get("pss_interval_s") else "not measured")
+    return (f"{text}\n  max one      {one}"
+            "\n  max RSS sum  largest total at one sample; shared pages count once per process: overstates"
+            f"\n  max PSS sum  {pss}")
 
 
 def moto_table(by_action: dict[str, Any], images: int) -> str:
