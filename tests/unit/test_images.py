@@ -377,3 +377,207 @@ def test_a_long_thin_image_is_reduced_along_its_length():
     rgba = np.zeros((300, 2 * 6 * 224 + 100, 4), dtype=np.uint8)
     rgba[..., 1:] = 200
     assert decode(saved(Image.fromarray(rgba, "RGBA"), "PNG"), MAX_PIXELS).size == (1394, 300)
+
+
+# Colour profiles. Pillow makes only sRGB and LAB ones, so the others are written here:
+# ICC v2, the few tags a matrix/curve (RGB, grey) or table (CMYK) profile needs.
+_D50 = (0.9642, 1.0, 0.8249)
+# Adobe RGB (1998): its primaries adapted to D50, as its profile stores them, and gamma 563/256.
+_ADOBE_RGB = ((0.6097, 0.3111, 0.0195), (0.2053, 0.6257, 0.0609), (0.1492, 0.0632, 0.7446))
+_ADOBE_GAMMA = 563 / 256
+_SRGB_D50 = ((0.4361, 0.2225, 0.0139), (0.3851, 0.7169, 0.0971), (0.1431, 0.0606, 0.7141))
+
+
+def _xyz(x: float, y: float, z: float) -> bytes:
+    return b"XYZ " + bytes(4) + struct.pack(">3i", *(round(v * 65536) for v in (x, y, z)))
+
+
+def _gamma(gamma: float) -> bytes:
+    return b"curv" + bytes(4) + struct.pack(">IH", 1, round(gamma * 256)) + bytes(2)
+
+
+def _icc(device_class: bytes, space: bytes, pcs: bytes, tags: dict[bytes, bytes]) -> bytes:
+    tags = {b"wtpt": _xyz(*_D50), **tags}
+    offset, table, body = 128 + 4 + 12 * len(tags), b"", b""
+    for signature, data in tags.items():
+        table += struct.pack(">4sII", signature, offset + len(body), len(data))
+        body += data + bytes(-len(data) % 4)
+    header = bytearray(128)
+    struct.pack_into(">I4sI4s4s4s", header, 0, 128 + 4 + len(table) + len(body), b"none", 0x02100000,
+                     device_class, space, pcs)
+    header[36:40] = b"acsp"
+    struct.pack_into(">3i", header, 68, *(round(v * 65536) for v in _D50))
+    return bytes(header) + struct.pack(">I", len(tags)) + table + body
+
+
+def _adobe_rgb_profile(gamma: float = _ADOBE_GAMMA) -> bytes:
+    curve = _gamma(gamma)
+    return _icc(b"mntr", b"RGB ", b"XYZ ", {
+        b"rXYZ": _xyz(*_ADOBE_RGB[0]), b"gXYZ": _xyz(*_ADOBE_RGB[1]), b"bXYZ": _xyz(*_ADOBE_RGB[2]),
+        b"rTRC": curve, b"gTRC": curve, b"bTRC": curve})
+
+
+def _grey_profile() -> bytes:
+    """Grey of gamma 1.8, as Macs once had: its middle greys are sRGB's lighter ones."""
+    return _icc(b"mntr", b"GRAY", b"XYZ ", {b"kTRC": _gamma(1.8)})
+
+
+# The CMYK profile's inks, as sRGB: each corner of its table is the product of the inks
+# laid down there. Pillow's own conversion takes cyan for (0, 255, 255).
+_INKS = np.array([(0, 160, 225), (225, 0, 130), (255, 235, 0), (40, 40, 40)], dtype=np.float64) / 255
+
+
+def _cmyk_profile() -> bytes:
+    """A printer's profile in its simplest form: CMYK to Lab by a 2x2x2x2 table."""
+    from PIL import ImageCms
+
+    corners = np.array([np.prod([_INKS[i] if on else np.ones(3) for i, on in enumerate(ink)], axis=0)
+                        for ink in np.ndindex(2, 2, 2, 2)])  # cyan varies slowest, as ICC's tables
+    srgb = Image.fromarray(np.round(corners * 255).astype(np.uint8)[None], "RGB")
+    lab = np.array(ImageCms.applyTransform(srgb, ImageCms.buildTransform(
+        ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"), "RGB", "LAB")))
+    lab[..., 1:] ^= 0x80  # Pillow's a* and b* are signed; ICC's 8-bit table adds 128
+    identity, unit = bytes(range(256)), struct.pack(">9i", 65536, 0, 0, 0, 65536, 0, 0, 0, 65536)
+    table = b"mft1" + bytes(4) + bytes([4, 3, 2, 0]) + unit + identity * 4 + lab.tobytes() + identity * 3
+    return _icc(b"prtr", b"CMYK", b"Lab ", {b"A2B0": table})
+
+
+def _srgb_from_adobe(rgb: np.ndarray) -> np.ndarray:
+    linear = (rgb / 255.0) ** _ADOBE_GAMMA
+    xyz = linear @ np.array(_ADOBE_RGB)
+    srgb = np.clip(xyz @ np.linalg.inv(np.array(_SRGB_D50)), 0, 1)
+    encoded = np.where(srgb <= 0.0031308, 12.92 * srgb, 1.055 * srgb ** (1 / 2.4) - 0.055)
+    return encoded * 255
+
+
+def _seen(data: bytes) -> np.ndarray:
+    """The RGB pixels in the model's input (prepare's, caffe-style: BGR less the means)."""
+    from app_tier.images import _BGR_MEANS
+
+    return (prepare(data, MAX_PIXELS) + _BGR_MEANS)[..., ::-1].astype(np.float64)
+
+
+def _patches() -> Image.Image:
+    """Four flat colours, their centres far from JPEG's blur at the edges."""
+    rgb = np.zeros((224, 224, 3), dtype=np.uint8)
+    colours = [(40, 170, 50), (200, 70, 40), (50, 90, 190), (128, 128, 128)]
+    for (top, left), colour in zip([(0, 0), (0, 112), (112, 0), (112, 112)], colours, strict=True):
+        rgb[top:top + 112, left:left + 112] = colour
+    return Image.fromarray(rgb)
+
+
+_CENTRES = (slice(40, 72), slice(152, 184))
+_SAVE_OPTIONS = {"JPEG": {"quality": 95, "subsampling": 0}, "PNG": {}, "TIFF": {}, "WEBP": {"lossless": True}}
+
+
+@pytest.fixture
+def fresh_transforms(monkeypatch):
+    """No transform cached by an earlier test, and none left for a later one."""
+    from app_tier import images
+
+    monkeypatch.setattr(images, "_transforms", type(images._transforms)())
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "TIFF", "WEBP"])
+def test_a_wide_gamut_photo_is_shown_in_srgb_colours(fmt, fresh_transforms):
+    """Adobe RGB's (or an iPhone's Display P3) pixels read as if sRGB: greens dulled,
+    every colour shifted. Converted by the profile, they are what a viewer shows."""
+    options = _SAVE_OPTIONS[fmt]
+    naive = _seen(saved(_patches(), fmt, **options))  # the same pixels, no profile
+    assert np.abs(naive - np.asarray(_patches())).max() <= 3  # ... nor any change
+    got = _seen(saved(_patches(), fmt, icc_profile=_adobe_rgb_profile(), **options))
+    want = _srgb_from_adobe(naive)
+    for rows in _CENTRES:
+        for columns in _CENTRES:
+            assert np.abs(got[rows, columns] - want[rows, columns]).max() <= 2.5, (fmt, rows, columns)
+    green = (slice(40, 72), slice(40, 72))
+    assert np.abs(got[green] - naive[green]).max() > 25, "Adobe RGB's green is well outside sRGB's"
+
+
+def test_a_grey_image_is_shown_by_its_grey_profile(fresh_transforms):
+    ramp = np.tile(np.arange(224, dtype=np.uint8), (224, 1))
+    got = _seen(saved(Image.fromarray(ramp, "L"), "PNG", icc_profile=_grey_profile()))
+    linear = (ramp / 255.0) ** 1.8
+    want = 255 * np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
+    assert np.abs(got - want[..., None]).max() <= 2
+    assert got[0, 100, 0] > 115, "grey 100 of gamma 1.8 is sRGB's 119"
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "TIFF"])
+def test_cmyk_is_shown_by_its_profile_not_by_multiplying_channels(fmt, fresh_transforms):
+    cmyk = np.zeros((224, 224, 4), dtype=np.uint8)
+    cmyk[:, 112:, 0] = 255  # cyan beside paper white
+    got = _seen(saved(Image.fromarray(cmyk, "CMYK"), fmt, icc_profile=_cmyk_profile(),
+                      **({"quality": 95} if fmt == "JPEG" else {})))
+    assert np.abs(got[100:124, 20:90] - 255).max() <= 3
+    # Within the 8-bit table's precision (Lab in steps of 0.4-1): not (0, 255, 255).
+    assert np.abs(got[100:124, 134:204] - _INKS[0] * 255).max() <= 10, got[112, 160]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: bytes(600),  # no profile at all
+    lambda: _adobe_rgb_profile()[:200],  # cut short
+    lambda: _adobe_rgb_profile()[:128] + bytes(400),  # a header, then nothing
+    _grey_profile,  # a grey profile for colour pixels
+    _cmyk_profile,  # CMYK's for RGB
+])
+def test_a_profile_that_cannot_be_used_leaves_the_pixels_as_they_are(make, fresh_transforms):
+    profile = make()
+    plain = _seen(saved(_patches(), "PNG"))
+    assert np.array_equal(_seen(saved(_patches(), "PNG", icc_profile=profile)), plain)
+    assert np.array_equal(_seen(saved(_patches(), "JPEG", icc_profile=profile, quality=95)),
+                          _seen(saved(_patches(), "JPEG", quality=95)))
+
+
+def test_a_transform_is_built_once_for_the_images_that_share_a_profile(monkeypatch, fresh_transforms):
+    """Building one takes milliseconds, and every iPhone sends the same profile."""
+    from PIL import ImageCms
+
+    built = []
+    build = ImageCms.buildTransform
+    monkeypatch.setattr(ImageCms, "buildTransform", lambda *args, **kw: built.append(1) or build(*args, **kw))
+    first = _seen(saved(_patches(), "PNG", icc_profile=_adobe_rgb_profile()))
+    again = _seen(saved(_patches(), "JPEG", icc_profile=_adobe_rgb_profile(), quality=95))
+    assert len(built) == 1
+    green = (slice(40, 72), slice(40, 72))
+    assert np.abs(again - _seen(saved(_patches(), "JPEG", quality=95)))[green].max(axis=-1).min() > 25
+    assert np.abs(first - again)[green].max() <= 3  # converted alike
+
+
+def test_only_the_transforms_of_the_last_few_profiles_are_kept(monkeypatch, fresh_transforms):
+    from PIL import ImageCms
+
+    from app_tier import images
+
+    monkeypatch.setattr(images, "_TRANSFORMS_KEPT", 2)
+    built = []
+    build = ImageCms.buildTransform
+    monkeypatch.setattr(ImageCms, "buildTransform", lambda *args, **kw: built.append(1) or build(*args, **kw))
+    gammas = (1.8, 2.0, 2.2, 1.8)  # the first forgotten by the time it comes again
+    for gamma in gammas:
+        _seen(saved(_patches(), "PNG", icc_profile=_adobe_rgb_profile(gamma)))
+    assert len(built) == 4 and len(images._transforms) == 2
+
+
+def test_an_srgb_profile_costs_no_conversion(monkeypatch, fresh_transforms):
+    """Most photos say they are sRGB: converting them would change nothing, for some 1.5 ms each."""
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    tagged = saved(_patches(), "PNG", icc_profile=srgb)
+    plain = _seen(saved(_patches(), "PNG"))
+    assert np.array_equal(_seen(tagged), plain)  # the profile recognised, once
+    monkeypatch.setattr(ImageCms.ImageCmsTransform, "apply", lambda *args: pytest.fail("converted"))
+    assert np.array_equal(_seen(tagged), plain)
+
+
+def test_without_littlecms_profiles_are_ignored_with_one_warning(monkeypatch, fresh_transforms, caplog):
+    from app_tier import images
+
+    monkeypatch.setattr(images, "_HAVE_LCMS", False)
+    monkeypatch.setattr(images, "_said", set())
+    plain = _seen(saved(_patches(), "PNG"))
+    for _ in range(2):
+        assert np.array_equal(_seen(saved(_patches(), "PNG", icc_profile=_adobe_rgb_profile())), plain)
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "littlecms" in r.getMessage()]
+    assert len(warned) == 1
