@@ -38,6 +38,8 @@ _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 # CMYK or YCbCr, whose conversions are not linear (reviewer, explorer): each is
 # reduced once converted.
 _REDUCIBLE_MODES = frozenset({"L", "LA", "La", "RGB", "RGBA", "RGBa"})
+# CMYK that its profile converts, reduced first all the same: see load_rgb.
+CMYK_BY_PROFILE = _REDUCIBLE_MODES | {"CMYK"}
 # A large image is reduced by box averaging until its sides are within this factor of
 # the model's input; `to_input`'s resize does the rest. Pillow's `reducing_gap` says 3
 # is "indistinguishable from" resizing in one go, but on fine periodic textures 3 let
@@ -197,14 +199,17 @@ def _decoded_rgb(img: Image.Image, max_pixels: int, cmyk_profile: bytes | None) 
         if img.mode == "RGB":
             return img
         if img.mode == "CMYK" and cmyk_profile is not None:
-            # At the size drafted (CMYK averaged first would convert to other colours),
-            # into an RGB image of the size Pillow's conversion would have made. Slower:
-            # 12 megapixels of TIFF took 1.2 s against Pillow's 0.09 (a JPEG's drafted).
-            return _reduced(_instead(img, _in_srgb(img, cmyk_profile, "CMYK")))
+            # Reduced first, unlike Pillow's own conversion: a profile's transform costs
+            # ~25 ns a pixel, and a 40-megapixel CMYK TIFF took 4 s of a worker's CPU at
+            # full size (an upload anyone can repeat). Inks averaged in boxes convert to
+            # slightly other colours than averaged conversions only where the box spans an
+            # edge, and the sides stay REDUCING_GAP times the model's input.
+            reduced = _reduced(img, CMYK_BY_PROFILE)
+            return _instead(reduced, _in_srgb(reduced, cmyk_profile, "CMYK"))
         return _reduced(_instead(img, img.convert("RGB")))
 
 
-def _reduced(img: Image.Image) -> Image.Image:
+def _reduced(img: Image.Image, reducible: frozenset[str] = _REDUCIBLE_MODES) -> Image.Image:
     """`img` made smaller, each side by a whole factor of its own (the model's input is
     square whatever the image), its pixels averaged in boxes, while each side stays at
     least REDUCING_GAP times the input's; `img` itself where that would change what
@@ -212,7 +217,7 @@ def _reduced(img: Image.Image) -> Image.Image:
     that averaged pixels would no longer match, are reduced once converted."""
     across = max(1, img.width // (INPUT_SIZE[0] * REDUCING_GAP))
     down = max(1, img.height // (INPUT_SIZE[1] * REDUCING_GAP))
-    if across * down < 2 or img.mode not in _REDUCIBLE_MODES or "transparency" in img.info:
+    if across * down < 2 or img.mode not in reducible or "transparency" in img.info:
         return img
     if img.mode in ("RGBA", "LA") and 2 * img.getextrema()[-1][1] < across * down:
         # Transparent everywhere, or so nearly that every box would average to alpha 0:
