@@ -28,3 +28,26 @@ def test_a_venv_left_half_made_is_made_again(tmp_path):
                    capture_output=True, timeout=300)
     assert subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "--version"],
                           capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_requirements_touched_but_unchanged_install_nothing(tmp_path):
+    """The stamp is named after the requirements' checksum: a checkout that only gave
+    them newer times (git stash, a branch switch) must not call pip, which needs PyPI."""
+    for name in ("Makefile", "requirements.txt", "requirements-runtime.txt", "constraints.txt"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    venv = tmp_path / "venv"
+    checksum = subprocess.run("cat requirements.txt requirements-runtime.txt constraints.txt | cksum",
+                              shell=True, cwd=tmp_path, capture_output=True, text=True,
+                              check=True).stdout.split()[0]
+    (venv / "bin").mkdir(parents=True)
+    stamp = venv / f".installed-{checksum}"
+    stamp.touch()
+    os.utime(stamp, (1_000_000, 1_000_000))  # older than the requirements' copies
+    dry = subprocess.run(["make", "-n", "venv", f"VENV={venv}"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert "pip install" not in dry.stdout, dry.stdout
+    (tmp_path / "constraints.txt").write_text((ROOT / "constraints.txt").read_text() + "\n# changed\n")
+    dry = subprocess.run(["make", "-n", "venv", f"VENV={venv}"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert "pip install" in dry.stdout, dry.stdout
