@@ -8,7 +8,7 @@ from flask import Blueprint, Response, jsonify, request
 from werkzeug.datastructures import FileStorage
 
 from web_tier import events
-from web_tier.auth import require_api_key
+from web_tier.auth import KEY_REQUIRED, require_api_key
 from web_tier.filenames import display_name
 from web_tier.form import check_count, form_files, form_tokens
 from web_tier.image_check import Upload, validate
@@ -34,7 +34,7 @@ BATCH_FORM_FIELDS = ("batch_id", "create", "tokens")
 
 
 def _unauthorized() -> tuple[Response, int]:
-    return jsonify({"error": "a valid API key is required (X-API-Key header)", "filename": None}), 401
+    return jsonify({"error": KEY_REQUIRED, "filename": None}), 401
 
 
 def _no_batch(batch_id: str) -> tuple[Response, int]:

@@ -11,6 +11,9 @@ from flask import current_app, request
 
 from web_tier.services import services
 
+# What a refusal says: both headers a key may come in.
+KEY_REQUIRED = "a valid API key is required (X-API-Key header, or Authorization: Bearer)"
+
 
 def presented_key() -> str:
     key = request.headers.get("X-API-Key", "")

@@ -23,7 +23,7 @@ import time
 from flask import Blueprint, Response, request
 
 from common.names import stem
-from web_tier.auth import require_api_key
+from web_tier.auth import KEY_REQUIRED, require_api_key
 from web_tier.form import FORM_SLACK_BYTES, TOKEN_CHARACTER, form_files
 from web_tier.image_check import validate
 from web_tier.refusals import UploadError
@@ -56,7 +56,7 @@ def _one_file_body_limit() -> None:
 
 
 @bp.post("/")
-@require_api_key(lambda: _text("a valid API key is required (X-API-Key header)", 401))
+@require_api_key(lambda: _text(KEY_REQUIRED, 401))
 def classify() -> Response:
     svc = services()
     files = form_files(request, FIELDS)

@@ -621,6 +621,9 @@ def test_a_401_names_the_scheme_that_would_do(keyed_client):
                                        content_type="multipart/form-data")):
         assert response.status_code == 401
         assert response.headers["WWW-Authenticate"] == 'Bearer realm="imgclass"'
+        # ... and the body both headers a key may come in.
+        assert "X-API-Key" in response.get_data(as_text=True)
+        assert "Authorization: Bearer" in response.get_data(as_text=True)
 
 
 @pytest.mark.parametrize("url, field", [("/api/jobs", "files"), ("/", "inputFile")])
