@@ -791,6 +791,28 @@ def test_an_api_key_a_header_cannot_carry_is_said_to_be_wrong_not_the_server_unr
     assert browser.execute_script("return window.keysSent") == []  # nothing sent
 
 
+def test_a_refused_api_key_is_said_to_be_refused_not_missing(stack, browser, tmp_path):
+    """A wrong key typed above was answered "an API key is required: enter it above",
+    as if none had been sent (reviewer)."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    browser.execute_script("""
+      localStorage.clear();
+      document.getElementById('api-key-box').hidden = false;
+      const realFetch = window.fetch;
+      window.fetch = (url, options) => url !== "/api/jobs" ? realFetch(url, options) :  // as api.py refuses
+        Promise.resolve(new Response(JSON.stringify({error: "a valid API key is required (X-API-Key header)",
+                                                     filename: null}), {status: 401}));""")
+    choose(browser, tmp_path, {"keyless.jpg": make_image(973)})
+    browser.find_element(By.ID, "api-key").send_keys("wrongkey")
+    choose(browser, tmp_path, {"wrong_key.jpg": make_image(974)})
+    shown = finished_rows(browser, stack, 2, timeout_s=20)
+    browser.execute_script("localStorage.clear();")
+    assert "an API key is required: enter it above" in shown["keyless.jpg"].text
+    assert "the API key was refused: check it above" in shown["wrong_key.jpg"].text
+
+
 def test_the_choose_button_shows_keyboard_focus(stack, browser):
     """The focus ring was drawn around the hint below it, not the button."""
     from selenium.webdriver.common.by import By

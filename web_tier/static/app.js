@@ -324,11 +324,12 @@
         this.refuse(chunk, keyProblem());
         return;
       }
+      const headers = authHeaders();  // as sent: the key may be edited while this request goes
       let response, body = null;
       const abort = new AbortController();
       const timer = setTimeout(() => abort.abort(), answerTimeoutMs(chunk));
       try {
-        response = await fetch("/api/jobs", { method: "POST", body: form, headers: authHeaders(),
+        response = await fetch("/api/jobs", { method: "POST", body: form, headers,
                                               signal: abort.signal });
         // The body within the same time: one cut off or stalled after a 202 is an answer
         // lost (the files may be stored), not a refusal (explorer).
@@ -352,7 +353,10 @@
       }
       if (response.status === 401) {
         keyBox.hidden = false;
-        this.refuse(chunk, "an API key is required: enter it above and upload again");
+        // A key was sent and refused: said to be missing, a user who had typed one
+        // looked for another fault (reviewer).
+        this.refuse(chunk, headers["X-API-Key"] ? "the API key was refused: check it above and upload again"
+          : "an API key is required: enter it above and upload again");
         return;
       }
       if (!body || !Array.isArray(body.items)) {
