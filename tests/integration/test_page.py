@@ -95,6 +95,58 @@ def test_many_images_from_the_page(stack, browser, reference_model, tmp_path):
     browser.save_screenshot(str(stack.run_dir / "page.png"))
 
 
+# The page sends its uploads by XMLHttpRequest (for its upload progress); the tests
+# below fake their failures (or watch them) in window.fetch. This makes the page's
+# XMLHttpRequest send by window.fetch as it is at each send (wrappers added later
+# apply), its body taken as sent at once: then only its answer is waited for (within
+# data-answer-timeout-ms), and abort() ends it at once, as a real one's does.
+UPLOADS_BY_FETCH = """
+if (!window.uploadsByFetch) {
+  window.uploadsByFetch = true;
+  window.XMLHttpRequest = class {
+    constructor() {
+      this.upload = {};
+      this.headers = {};
+      this.status = 0;
+      this.responseText = "";
+      this.ended = false;
+      this.abortion = new AbortController();
+    }
+    open(method, url) { this.method = method; this.url = url; }
+    setRequestHeader(name, value) { this.headers[name] = value; }
+    fire(target, type) { if (target["on" + type]) target["on" + type](new ProgressEvent(type)); }
+    end(type) {
+      if (this.ended) return;
+      this.ended = true;
+      this.fire(this, type);
+    }
+    abort() {
+      this.abortion.abort();
+      this.end("abort");
+    }
+    async send(body) {
+      setTimeout(() => {
+        if (this.ended) return;
+        this.fire(this.upload, "progress");
+        this.fire(this.upload, "load");
+      });
+      try {
+        const response = await window.fetch(this.url, {method: this.method, body, headers: this.headers,
+                                                       signal: this.abortion.signal});
+        const text = await response.text();
+        if (this.ended) return;
+        this.status = response.status;
+        this.responseText = text;
+        this.end("load");
+      } catch {
+        this.end("error");
+      }
+    }
+  };
+}
+"""
+
+
 # The page's first POST /api/jobs fail, one way each, as listed in arguments[0]:
 # "503" is answered as a stopping web tier answers one (nothing stored, each file
 # rejected with 503); "unreachable" is not answered at all, as while the next web
@@ -103,7 +155,7 @@ def test_many_images_from_the_page(stack, browser, reference_model, tmp_path):
 # "hang" too, but the answer never comes and the request never fails; "cut-body" too,
 # but the answer's headers come and its body is cut off.
 # Later ones reach the server.
-FAIL_FIRST_POSTS = """
+FAIL_FIRST_POSTS = UPLOADS_BY_FETCH + """
 const ways = arguments[0];
 const realFetch = window.fetch;
 window.fakedPosts = 0;
@@ -222,7 +274,7 @@ def test_a_file_deleted_after_it_was_chosen_fails_alone(stack, browser, referenc
     for name, data in {**files, "deleted.jpg": make_image(862)}.items():
         (tmp_path / name).write_bytes(data)
     browser.get(stack.web_url + "/")
-    browser.execute_script("""
+    browser.execute_script(UPLOADS_BY_FETCH + """
       document.body.dataset.filesPerRequest = '1';
       const realFetch = window.fetch;
       window.held = true;  // the first POST waits until the file is gone
@@ -258,7 +310,7 @@ def test_a_file_deleted_before_its_chunk_is_sent_again_fails_alone(stack, browse
 
 
 # After a first send: the page's later POSTs wait while window.resendsHeld.
-HOLD_RESENDS = """
+HOLD_RESENDS = UPLOADS_BY_FETCH + """
 window.resendsHeld = true;
 const earlierFetch = window.fetch;
 window.fetch = async (url, options) => {
@@ -304,7 +356,7 @@ def test_a_file_over_the_size_limit_is_refused_unsent_and_chunks_keep_under_the_
     limit = max(len(data) for data in files.values())
     assert len(big) > limit
     browser.get(stack.web_url + "/")
-    browser.execute_script("""
+    browser.execute_script(UPLOADS_BY_FETCH + """
       document.body.dataset.maxFileBytes = arguments[0];
       document.body.dataset.maxChunkBytes = arguments[0];  // one small file a request
       window.sent = [];
@@ -571,7 +623,7 @@ def test_an_unknown_batch_in_the_address_is_said_and_dropped(stack, browser):
 
 
 # Counts the files of each POST /api/jobs, then sends it on.
-COUNT_FILES_PER_POST = """
+COUNT_FILES_PER_POST = UPLOADS_BY_FETCH + """
 const realFetch = window.fetch;
 window.filesPerPost = [];
 window.fetch = async (url, options) => {
@@ -748,7 +800,7 @@ def test_files_dropped_anywhere_on_the_page_are_uploaded(stack, browser, referen
 
 def spy_on_uploads(browser) -> None:
     """window.keysSent: the X-API-Key of each POST /api/jobs, "" for none."""
-    browser.execute_script("""
+    browser.execute_script(UPLOADS_BY_FETCH + """
       const realFetch = window.fetch;
       window.keysSent = [];
       window.fetch = (url, options) => {
@@ -797,7 +849,7 @@ def test_a_refused_api_key_is_said_to_be_refused_not_missing(stack, browser, tmp
     from selenium.webdriver.common.by import By
 
     browser.get(stack.web_url + "/")
-    browser.execute_script("""
+    browser.execute_script(UPLOADS_BY_FETCH + """
       localStorage.clear();
       document.getElementById('api-key-box').hidden = false;
       const realFetch = window.fetch;
@@ -835,6 +887,62 @@ def test_files_whose_answer_never_comes_are_sent_again_and_classified_once(stack
                                  setup="document.body.dataset.answerTimeoutMs = '1000';", timeout_s=60)
     assert_classified(shown, files, reference_model)
     assert_stored_once(browser, stack, files)
+
+
+# Counts the page's POSTs (window.posts) and the most in flight at once (window.mostPosts).
+COUNT_POSTS_IN_FLIGHT = """
+const realSend = XMLHttpRequest.prototype.send;
+window.posts = 0; window.postsInFlight = 0; window.mostPosts = 0;
+XMLHttpRequest.prototype.send = function (body) {
+  window.posts += 1; window.postsInFlight += 1;
+  window.mostPosts = Math.max(window.mostPosts, window.postsInFlight);
+  this.addEventListener("loadend", () => { window.postsInFlight -= 1; });
+  return realSend.call(this, body);
+};
+"""
+
+
+def test_a_slow_upload_that_keeps_going_is_not_cut_off(stack, browser, reference_model, tmp_path):
+    """The page gave a send 30 s plus its bytes at 50 KB/s, but three shared the link:
+    at 100 KB/s every chunk after the first was cut off by the page's own timer, sent
+    again four times on top of the others, then said to have found no server: 60 files
+    in 100 failed (reviewer). Here with that time cut to 3 s plus the bytes at 50 KB/s,
+    and a link at 25 KB/s that carries one chunk within it, not three. A send is now
+    given up on only once its upload stalls (here for 3 s)."""
+    files = {f"slow_{i}.jpg": make_image(1000 + i, size=(480, 360)) for i in range(5)}  # ~67 KB each
+    browser.get(stack.web_url + "/")
+    browser.execute_script(COUNT_POSTS_IN_FLIGHT + """
+      document.body.dataset.filesPerRequest = '1';
+      document.body.dataset.answerTimeoutMs = '3000';
+      document.body.dataset.stallTimeoutMs = '3000';
+      document.body.dataset.resendDelayScale = '0.05';""")
+    browser.set_network_conditions(offline=False, latency=5, download_throughput=10_000_000,
+                                   upload_throughput=25_000)  # bytes/s
+    try:
+        choose(browser, tmp_path, files)
+        shown = finished_rows(browser, stack, len(files), timeout_s=50)
+    finally:
+        browser.delete_network_conditions()
+    assert {name: row.text for name, row in shown.items() if row.get_attribute("data-state") != "done"} == {}
+    assert_classified(shown, files, reference_model)
+    assert browser.execute_script("return [window.posts, window.mostPosts]") == [len(files), 3]
+
+
+def test_a_stalled_upload_is_said_to_have_timed_out(stack, browser, tmp_path):
+    """A send the page gave up on was said to have found no server, which sent a user
+    with a slow link to look for a fault in the server (reviewer)."""
+    browser.get(stack.web_url + "/")
+    browser.execute_script("""
+      document.body.dataset.stallTimeoutMs = '1000';
+      document.body.dataset.resendDelayScale = '0.01';""")
+    browser.set_network_conditions(offline=False, latency=5, download_throughput=10_000_000,
+                                   upload_throughput=1)  # bytes/s: nothing gets through
+    try:
+        choose(browser, tmp_path, {"stalled.jpg": make_image(1010)})
+        shown = finished_rows(browser, stack, 1, timeout_s=30)
+    finally:
+        browser.delete_network_conditions()
+    assert "upload timed out: no progress for 1 s (slow or broken connection?)" in shown["stalled.jpg"].text
 
 
 def test_a_page_back_from_the_back_forward_cache_sends_files_again(stack, browser, reference_model, tmp_path):
@@ -903,7 +1011,7 @@ def test_files_that_join_a_batch_after_its_stream_ended_are_followed_while_other
     from selenium.webdriver.common.by import By
 
     browser.get(stack.web_url + "/")
-    browser.execute_script(WATCH_STREAMS + """
+    browser.execute_script(WATCH_STREAMS + UPLOADS_BY_FETCH + """
       window.endsHeld = false;
       document.body.dataset.filesPerRequest = '1';
       const realFetch = window.fetch;
@@ -1192,7 +1300,7 @@ def test_a_batch_of_refused_files_only_is_not_kept_in_the_address(stack, browser
 
 # Files per POST: one. A POST of a file named in window.held waits until its name is
 # taken out; one named in window.unreachable then finds no server, each time.
-HOLD_POSTS = """
+HOLD_POSTS = UPLOADS_BY_FETCH + """
 window.held = arguments[0];
 window.unreachable = [];
 document.body.dataset.filesPerRequest = '1';
@@ -1398,7 +1506,7 @@ def test_names_are_shown_cleaned_before_the_server_has_them(stack, browser):
     files = {"photo\u202eabc.exe.jpg": small, "line\u2028break\x07.jpg": small, " big\u2066.jpg": big}
     cleaned = ["photoabc.exe.jpg", "line break .jpg", "big.jpg"]
     browser.get(stack.web_url + "/")
-    browser.execute_script("""
+    browser.execute_script(UPLOADS_BY_FETCH + """
       document.body.dataset.maxFileBytes = arguments[0];
       const realFetch = window.fetch;  // no upload is ever answered
       window.fetch = (url, options) => url === "/api/jobs" ? new Promise(() => {}) : realFetch(url, options);

@@ -104,12 +104,65 @@
     });
   }
 
-  // An answer that never comes (a connection left half open, a web machine lost) must not
-  // hold an upload for ever: the chunk is sent again (its tokens make that safe) once
-  // its bytes would have gone even at 50 KB/s, and half a minute more.
-  function answerTimeoutMs(chunk) {
-    const bytes = chunk.reduce((sum, { file }) => sum + file.size, 0);
-    return (Number(document.body.dataset.answerTimeoutMs) || 30000) + bytes / 50;
+  // A send that has stopped (a connection stalled or left half open, a web machine lost)
+  // must not hold an upload for ever: it is given up on, and the chunk sent again (its
+  // tokens make that safe), once its upload has made no progress for stallTimeoutMs(),
+  // or no answer has come answerTimeoutMs() after its last byte went. Not on total time:
+  // 30 s plus the bytes at 50 KB/s cut off every chunk but the first at 100 KB/s (three
+  // shared the link), and sent each four times more: 60 files in 100 failed (reviewer).
+  // <body data-stall-timeout-ms> and <body data-answer-timeout-ms> shorten them (the browser tests).
+  function stallTimeoutMs() {
+    return Number(document.body.dataset.stallTimeoutMs) || 30000;
+  }
+  function answerTimeoutMs() {
+    return Number(document.body.dataset.answerTimeoutMs) || 30000;
+  }
+  const seconds = (ms) => Math.round(ms / 1000);
+
+  // Why a send failed: `timedOut`, what this page gave up waiting for ("" if the
+  // browser could not send it or get its answer: no server, a connection cut).
+  class SendFailure extends Error {
+    constructor(timedOut) {
+      super(timedOut || "network error");
+      this.timedOut = timedOut;
+    }
+  }
+
+  // POST `form` to /api/jobs: {status, body} (body null if not JSON), or throws a
+  // SendFailure. By XMLHttpRequest, not fetch: only it tells how far the upload has got.
+  function post(form, headers) {
+    return new Promise((resolve, reject) => {
+      const xhr = new XMLHttpRequest();
+      let timer = null, timedOut = "";
+      const giveUpIn = (ms, why) => {
+        clearTimeout(timer);
+        timer = setTimeout(() => { timedOut = why; xhr.abort(); }, ms);
+      };
+      const stalled = () => giveUpIn(stallTimeoutMs(),
+        `upload timed out: no progress for ${seconds(stallTimeoutMs())} s (slow or broken connection?)`);
+      const fail = () => { clearTimeout(timer); reject(new SendFailure(timedOut)); };
+      xhr.open("POST", "/api/jobs");
+      for (const [name, value] of Object.entries(headers)) xhr.setRequestHeader(name, value);
+      xhr.upload.onprogress = stalled;
+      xhr.upload.onload = () => giveUpIn(answerTimeoutMs(),
+        `upload timed out: no answer ${seconds(answerTimeoutMs())} s after it was sent (server busy or unreachable?)`);
+      xhr.onload = () => {
+        clearTimeout(timer);
+        let body = null;
+        try {
+          body = JSON.parse(xhr.responseText);
+        } catch {
+          // A 2xx whose body is cut off is an answer lost (the files may be stored),
+          // not a refusal (explorer).
+          if (xhr.status >= 200 && xhr.status < 300) { fail(); return; }
+        }
+        resolve({ status: xhr.status, body });
+      };
+      xhr.onerror = fail;
+      xhr.onabort = fail;  // by this page's timer, or the page being left
+      stalled();
+      xhr.send(form);
+    });
   }
 
   // Files per POST /api/jobs: 20, or fewer if the server takes fewer (MAX_FILES_PER_REQUEST).
@@ -122,8 +175,12 @@
   function maxFileBytes() {
     return Number(document.body.dataset.maxFileBytes) || Infinity;
   }
+  // And 8 MB at most whatever the limit: a request carrying 100 MB of photos holds
+  // its files back from classification until the last byte is in, and is all sent
+  // again if the link drops near its end.
+  const CHUNK_BYTES = 8 * 1024 * 1024;
   function maxChunkBytes() {
-    return Number(document.body.dataset.maxChunkBytes) || Infinity;
+    return Math.min(CHUNK_BYTES, Number(document.body.dataset.maxChunkBytes) || Infinity);
   }
 
   // `entries` in chunks of at most chunkFiles() files and maxChunkBytes() bytes (a file
@@ -265,7 +322,10 @@
       this.pollTimer = null;
       this.restored = false;    // rebuilt from the address after a reload, not uploaded here
       this.place = null;        // a restored batch's rows go after this (kept in address order)
-      this.resends = [];        // files being sent again (sendLater), awaited at the end of run()
+      this.queue = [];          // {chunk, attempt}: to be sent, resends first
+      this.waiting = 0;         // chunks waiting their delay to be sent again (sendLater)
+      this.resendReady = null;  // resolves when one of them joins the queue
+      this.wake = () => {};
       this.watchFrom = 0;       // a restored batch: watched unsentWatchMs() from then for unsent files
       this.unknown = false;     // the server's last answer: no such batch
       this.grewAt = 0;          // opened from its link: when it last showed a file new here
@@ -287,18 +347,12 @@
       const tooLarge = this.entries.filter(({ file }) => file.size > maxFileBytes());
       this.refuse(tooLarge, document.body.dataset.tooLarge || "file is too large");  // and saves
       const chunks = chunked(this.entries.filter((entry) => !tooLarge.includes(entry)));
+      this.queue = chunks.map((chunk) => ({ chunk, attempt: 0 }));
       // Until the batch exists, chunks go one at a time (its event stream can only be
-      // followed then); the rest then join it in parallel.
-      while (chunks.length && !this.created) {
-        await this.send(chunks.shift());
-        while (this.resends.length && !this.created) await this.resends.shift();
-      }
-      const worker = async () => {
-        while (chunks.length) await this.send(chunks.shift());
-      };
-      await Promise.all(Array.from({ length: PARALLEL_CHUNKS }, worker));
-      // Files sent again later (see sendLater) keep the upload open until they are in.
-      while (this.resends.length) await this.resends.shift();
+      // followed then); the rest then join it in parallel. Files sent again later (see
+      // sendLater) keep the upload open until they are in.
+      await this.drain(1, () => this.created);
+      await this.drain(PARALLEL_CHUNKS, () => false);
       this.uploading = false;
       tell({ done: this.batchId });  // a tab that restored this batch stops waiting for it
       if (this.created && !this.stream && !this.pollTimer) this.follow();
@@ -307,6 +361,26 @@
         forgetBatch(this.batchId);
       }
       updateSummary();
+    }
+
+    // Sends the queued chunks, `width` at once, until none is left nor waits to be sent
+    // again, or until `enough()`. A resend joins the queue once its delay is over, so
+    // never more than `width` requests are in flight: resends sent beside the pool's
+    // choked a slow link further, and were cut off in turn (reviewer).
+    async drain(width, enough) {
+      const worker = async () => {
+        while (!enough()) {
+          if (this.queue.length) {
+            const { chunk, attempt } = this.queue.shift();
+            await this.send(chunk, attempt);
+          } else if (this.waiting) {
+            await this.resendReady;
+          } else {
+            return;
+          }
+        }
+      };
+      await Promise.all(Array.from({ length: width }, worker));
     }
 
     async send(chunk, attempt = 0) {
@@ -325,19 +399,12 @@
         return;
       }
       const headers = authHeaders();  // as sent: the key may be edited while this request goes
-      let response, body = null;
-      const abort = new AbortController();
-      const timer = setTimeout(() => abort.abort(), answerTimeoutMs(chunk));
+      let status, body;
       try {
-        response = await fetch("/api/jobs", { method: "POST", body: form, headers,
-                                              signal: abort.signal });
-        // The body within the same time: one cut off or stalled after a 202 is an answer
-        // lost (the files may be stored), not a refusal (explorer).
-        if (response.ok) body = await response.json();
-        else body = await response.json().catch(() => null);
-        clearTimeout(timer);
+        // The answer's body within the answer's time: one cut off or stalled after a
+        // 202 is an answer lost (the files may be stored), not a refusal (explorer).
+        ({ status, body } = await post(form, headers));
       } catch (err) {
-        clearTimeout(timer);
         this.unanswered = true;
         if (attempt < RESEND_DELAYS_MS.length) {
           // No server (the next web tier still starting), the answer lost or too long in
@@ -348,10 +415,12 @@
           return;
         }
         // Not remembered for a reload: the server may have stored some, which a reload shows.
-        if (!leaving) this.refuse(chunk, "upload failed: the server could not be reached", false);
+        // A timeout of this page's own is said so: "could not be reached" sent a user
+        // with a slow link to look for a fault in the server (reviewer).
+        if (!leaving) this.refuse(chunk, err.timedOut || "upload failed: the server could not be reached", false);
         return;
       }
-      if (response.status === 401) {
+      if (status === 401) {
         keyBox.hidden = false;
         // A key was sent and refused: said to be missing, a user who had typed one
         // looked for another fault (reviewer).
@@ -361,12 +430,12 @@
       }
       if (!body || !Array.isArray(body.items)) {
         // 503: not stored. 502 and 504 (a proxy in front): the web tier not there yet.
-        const unstored = response.status === 503 || (attempt > 0 && [502, 504].includes(response.status));
+        const unstored = status === 503 || (attempt > 0 && [502, 504].includes(status));
         if (unstored && attempt < RESEND_DELAYS_MS.length) {
           this.sendLater(chunk, attempt);
           return;
         }
-        this.refuse(chunk, (body && body.error) || `upload refused (HTTP ${response.status})`);
+        this.refuse(chunk, (body && body.error) || `upload refused (HTTP ${status})`);
         return;
       }
       if (body.items.length && !this.created) {
@@ -415,12 +484,18 @@
       return chunk.filter((_, i) => read[i]);
     }
 
-    // Send `entries` again after a while, without holding up the other chunks.
+    // Send `entries` again after a while, without holding up the other chunks: they
+    // wait outside the pool, then go first (see drain).
     sendLater(entries, attempt) {
-      this.resends.push((async () => {
-        await new Promise((resolve) => setTimeout(resolve, resendDelayMs(attempt)));
-        await this.send(entries, attempt + 1);
-      })());
+      if (!this.waiting) this.resendReady = new Promise((resolve) => { this.wake = resolve; });
+      this.waiting += 1;
+      setTimeout(() => {
+        this.waiting -= 1;
+        this.queue.unshift({ chunk: entries, attempt: attempt + 1 });
+        const wake = this.wake;
+        this.resendReady = new Promise((resolve) => { this.wake = resolve; });
+        wake();
+      }, resendDelayMs(attempt));
     }
 
     refuse(chunk, why, remember = true) {
