@@ -1260,6 +1260,90 @@ def drop_files(browser, files: dict[str, bytes]) -> bool:
       return drop.defaultPrevented;""", encoded)
 
 
+def test_a_chosen_folder_uploads_its_images_and_tells_files_of_one_name_apart(
+        stack, browser, reference_model, tmp_path):
+    """There was no way to choose a folder; and two "same.jpg" from two subfolders
+    would have been two rows alike (reviewer). What is not an image is skipped, said so."""
+    from selenium.webdriver.common.by import By
+
+    folder = tmp_path / "holiday"
+    files = {"first.jpg": make_image(1020, size=(64, 48)), "day1/same.jpg": make_image(1021, size=(64, 48)),
+             "day2/same.jpg": make_image(1022, size=(64, 48)), "day2/notes.txt": b"not an image"}
+    for path, data in files.items():
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path).write_bytes(data)
+    browser.get(stack.web_url + "/")
+    browser.find_element(By.ID, "folder-input").send_keys(str(folder))
+    wait_for(lambda: [s for _, s, _ in rows_shown(browser)] == ["done"] * 3, 60, "the folder's images done")
+    shown = browser.find_elements(By.CSS_SELECTOR, "#results [data-state]")
+    paths = sorted((row.get_attribute("data-filename"), row.get_attribute("data-path") or "",
+                    row.find_element(By.CSS_SELECTOR, ".path").text) for row in shown)
+    assert paths == [("first.jpg", "", ""), ("same.jpg", "holiday/day1/same.jpg", "in holiday/day1/"),
+                     ("same.jpg", "holiday/day2/same.jpg", "in holiday/day2/")]
+    for row in shown:
+        path = row.get_attribute("data-path") or "holiday/first.jpg"
+        assert row.get_attribute("data-label") == reference(reference_model, files[path[8:]]).label
+    summary = browser.find_element(By.ID, "summary").text
+    assert "1 file in the folder skipped, not images: holiday/day2/notes.txt" in summary
+    browser.refresh()  # the paths are shown again
+    wait_for(lambda: len(rows_shown(browser)) == 3, 30, "the rows after a reload")
+    assert sorted(e.text for e in browser.find_elements(By.CSS_SELECTOR, "#results .path")) == [
+        "", "in holiday/day1/", "in holiday/day2/"]
+
+
+# Drops arguments[0], a tree {name: base64 of an image | null for a file that cannot be
+# read | {tree}}, as its FileSystemEntry tree; each folder gives its entries two at a time.
+DROP_TREE = """
+function entry(name, value, parent) {
+  const fullPath = parent + "/" + name;
+  if (value === null || typeof value === "string") {
+    return {name, fullPath, isFile: true, isDirectory: false, file(done, failed) {
+      if (value === null) { setTimeout(() => failed(new DOMException("gone", "NotFoundError"))); return; }
+      const bytes = Uint8Array.from(atob(value), (c) => c.charCodeAt(0));
+      setTimeout(() => done(new File([bytes], name, {type: name.endsWith(".jpg") ? "image/jpeg" : ""})));
+    }};
+  }
+  const children = Object.entries(value).map(([n, v]) => entry(n, v, fullPath));
+  return {name, fullPath, isFile: false, isDirectory: true, createReader() {
+    let at = 0;
+    return {readEntries(done) { setTimeout(() => { done(children.slice(at, at + 2)); at += 2; }); }};
+  }};
+}
+const items = Object.entries(arguments[0]).map(([name, value]) =>
+  ({kind: "file", webkitGetAsEntry: () => entry(name, value, "")}));
+const drop = new Event("drop", {bubbles: true, cancelable: true});
+Object.defineProperty(drop, "dataTransfer", {value: {items, files: []}});
+document.querySelector("h1").dispatchEvent(drop);
+return drop.defaultPrevented;
+"""
+
+
+def test_a_dropped_folder_uploads_the_images_in_it_and_its_subfolders(stack, browser):
+    """A dropped folder was one failed row, "the file could not be read: moved or
+    deleted since it was chosen?" (reviewer)."""
+    import base64
+
+    from selenium.webdriver.common.by import By
+
+    def image(seed: int) -> str:
+        return base64.b64encode(make_image(seed, size=(64, 48))).decode()
+
+    tree = {"loose.jpg": image(1030),
+            "trip": {"a.jpg": image(1031), "b.jpg": image(1032), "c.txt": image(1033), "gone.jpg": None,
+                     "deeper": {"a.jpg": image(1034), "Thumbs.db": image(1035)}}}
+    browser.get(stack.web_url + "/")
+    status = browser.find_element(By.ID, "status-line")
+    wait_for(lambda: status.text != "Connecting…", 30, "the page's script to run")
+    assert browser.execute_script(DROP_TREE, tree)
+    wait_for(lambda: [s for _, s, _ in rows_shown(browser)] == ["done"] * 4, 60, "the dropped images done")
+    rows = [(row.get_attribute("data-filename"), row.get_attribute("data-path") or "")
+            for row in browser.find_elements(By.CSS_SELECTOR, "#results [data-state]")]
+    assert rows == [("loose.jpg", ""), ("a.jpg", "trip/a.jpg"), ("b.jpg", ""), ("a.jpg", "trip/deeper/a.jpg")]
+    summary = browser.find_element(By.ID, "summary").text
+    assert "2 files in the folder skipped, not images: trip/c.txt, trip/deeper/Thumbs.db" in summary
+    assert "1 in the folder could not be read: trip/gone.jpg" in summary
+
+
 def test_a_reload_finds_the_files_stored_under_names_the_server_cleaned(stack, browser):
     """Files the tab had not heard stored were matched to the server's items by name: one
     whose name the server cleans showed twice after a reload, failed "not stored" and

@@ -230,6 +230,15 @@
     return name.replace(BIDI_CONTROLS, "").replace(LINE_BREAKING, " ").trim() || "upload";
   }
 
+  // Where a file was in the folder it came from, for one whose name another file of
+  // its upload has too: two "same.jpg" from two subfolders were two rows alike (reviewer).
+  function setPath(el, path) {
+    const folder = (path || "").split("/").slice(0, -1).join("/");
+    el.dataset.path = folder ? path : "";
+    el.querySelector(".path").textContent = folder ? `in ${folder}/` : "";
+    el.querySelector(".path").hidden = !folder;
+  }
+
   function setState(el, state) {
     el.dataset.state = state;
     el.querySelector(".state").textContent = state;
@@ -307,16 +316,23 @@
   // chosen in this tab, or the token saved by the tab that chose it; `id` once the
   // server holds it; `refused`: why it was never stored (not sent again); `unsentWhy`:
   // why this tab gave up sending it (the server may hold it after all); `unsent`: a
-  // restored row of a file the server did not hold (see showPendingRow).
+  // restored row of a file the server did not hold (see showPendingRow); `path`: where
+  // it was in a folder chosen or dropped, shown if another file of the upload has its name.
   class Session {
-    constructor(files) {
+    constructor(chosen) {  // [{file, path}]
       this.batchId = newBatchId();
       this.created = false;     // the server holds the batch: a file of it was stored
       this.unanswered = false;  // a send got no answer: the server may hold files it stored
       this.uploading = true;
       this.byId = new Map();    // item id -> element
       this.early = new Map();   // results that beat their upload's answer
-      this.entries = files.map((file, n) => ({ file, token: String(n), el: makeResult(file.name || "upload") }));
+      const named = new Map();
+      for (const { file } of chosen) named.set(file.name, (named.get(file.name) || 0) + 1);
+      this.entries = chosen.map(({ file, path }, n) => {
+        const entry = { file, token: String(n), el: makeResult(file.name || "upload") };
+        if (path && named.get(file.name) > 1) this.setPath(entry, path);
+        return entry;
+      });
       this.stream = null;
       this.sseErrors = 0;
       this.pollTimer = null;
@@ -498,6 +514,11 @@
       }, resendDelayMs(attempt));
     }
 
+    setPath(entry, path) {
+      entry.path = path;
+      setPath(entry.el, path);
+    }
+
     refuse(chunk, why, remember = true) {
       for (const entry of chunk) {
         if (remember) entry.refused = why;
@@ -512,9 +533,12 @@
     // those not yet stored (a reload that left them out said nothing of them: explorer).
     // Saved from the start: a reload before the first answer came may find files stored.
     save() {
-      const shown = this.entries.map((entry) => entry.id ? { id: entry.id }
-        : entry.refused ? { name: entry.el.dataset.filename, error: entry.refused }
-          : { name: entry.el.dataset.filename, unsent: true, why: entry.unsentWhy, token: entry.token });
+      const shown = this.entries.map((entry) => ({
+        ...(entry.id ? { id: entry.id }
+          : entry.refused ? { name: entry.el.dataset.filename, error: entry.refused }
+            : { name: entry.el.dataset.filename, unsent: true, why: entry.unsentWhy, token: entry.token }),
+        ...(entry.path ? { path: entry.path } : {}),
+      }));
       try {
         sessionStorage.setItem(SHOWN_STORE + this.batchId, JSON.stringify(shown));
       } catch { /* storage full or disabled: a reload shows the server's order */ }
@@ -820,6 +844,7 @@
     const unclaimed = items.filter((item) => !claimed.has(item.id));
     // As this tab showed them before, then whatever else the batch holds.
     for (const shown of saved) {
+      const rows = session.entries.length;
       if (shown.id && byId.has(shown.id)) {
         session.showNew(byId.get(shown.id), false);
         byId.delete(shown.id);
@@ -836,6 +861,7 @@
           session.showUnsent(shown.name || "upload", shown.why, shown.token);
         }
       }
+      if (shown.path && session.entries.length > rows) session.setPath(session.entries[rows], shown.path);
     }
     byId.forEach((item) => session.showNew(item));
     updateSummary();
@@ -906,21 +932,94 @@
   // show what it names now. The page's own changes (replaceState) fire no event.
   window.addEventListener("hashchange", () => location.reload());
 
-  function upload(fileList) {
-    const files = Array.from(fileList || []);
-    if (!files.length) return;
-    const session = new Session(files);
+  function upload(chosen) {  // [{file, path}]
+    if (!chosen.length) return;
+    const session = new Session(chosen);
     sessions.push(session);
     updateSummary();
     session.run();
   }
 
   // --- choosing files ------------------------------------------------------------
+  const asChosen = (files) => Array.from(files || [], (file) => ({ file }));
   const input = $("file-input");
   input.addEventListener("change", () => {
-    upload(input.files);
+    upload(asChosen(input.files));
     input.value = "";
   });
+
+  // By type or, where the browser knows none (a .webp on a system without its codec,
+  // say), by extension. Only files from folders are sorted so: a file chosen by name is
+  // sent, and the server says why it refuses it.
+  const IMAGE_EXTENSION = /\.(jpe?g|jpe|jfif|png|gif|bmp|webp|tiff?|avif|heic|heif)$/i;
+  function looksLikeImage(file) {
+    return file.type.startsWith("image/") || IMAGE_EXTENSION.test(file.name);
+  }
+
+  // A few names of `paths`, for the summary line.
+  function someOf(paths) {
+    return paths.slice(0, 3).join(", ") + (paths.length > 3 ? ", …" : "");
+  }
+
+  // `found` ({file, path, inFolder}): files chosen or dropped, some from folders. Those of
+  // folders that are not images are skipped, the summary saying how many and naming a
+  // few, rather than each shown failed: a folder of photos holds files nobody meant to
+  // classify (.xmp sidecars, .DS_Store, Thumbs.db, videos), whose failed rows would bury
+  // the results and count as failures. `unreadable`: paths in them that could not be read.
+  function uploadFound(found, unreadable = []) {
+    const skipped = new Set(found.filter(({ file, inFolder }) => inFolder && !looksLikeImage(file)));
+    if (!found.length && !unreadable.length) notices.push("the folder holds no files");
+    if (skipped.size) {
+      notices.push(`${skipped.size} file${skipped.size === 1 ? "" : "s"} in the folder skipped, ` +
+                   `not images: ${someOf([...skipped].map(({ path }) => path))}`);
+    }
+    if (unreadable.length) {
+      notices.push(`${unreadable.length} in the folder could not be read: ${someOf(unreadable)}`);
+    }
+    updateSummary();
+    upload(found.filter((chosen) => !skipped.has(chosen)));
+  }
+
+  const folderInput = $("folder-input");
+  folderInput.addEventListener("change", () => {
+    const found = Array.from(folderInput.files, (file) =>
+      ({ file, path: file.webkitRelativePath || file.name, inFolder: true }));
+    // In the folder's order by name, as a dropped one (the browser's order is its own).
+    uploadFound(found.sort((a, b) => a.path.localeCompare(b.path, undefined, { numeric: true })));
+    folderInput.value = "";
+  });
+
+  // Every file under the dropped `entries` (FileSystemEntry): {found, unreadable}, each
+  // found with its path from the drop ("Holiday/day 1/same.jpg"); in a folder's order by name.
+  async function walk(entries) {
+    const found = [], unreadable = [];
+    const visit = async (entry) => {
+      const path = entry.fullPath.replace(/^\//, "");
+      try {
+        if (entry.isFile) {
+          const file = await new Promise((resolve, reject) => entry.file(resolve, reject));
+          found.push({ file, path, inFolder: path.includes("/") });
+          return;
+        }
+        if (!entry.isDirectory) return;
+        const reader = entry.createReader();
+        const children = [];
+        // A batch at a time (100 in Chromium): called until it gives none.
+        for (;;) {
+          const batch = await new Promise((resolve, reject) => reader.readEntries(resolve, reject));
+          if (!batch.length) break;
+          children.push(...batch);
+        }
+        children.sort((a, b) => a.name.localeCompare(b.name, undefined, { numeric: true }));
+        for (const child of children) await visit(child);
+      } catch {
+        unreadable.push(path);  // moved or deleted since the drop, or not to be read
+      }
+    };
+    for (const entry of entries) await visit(entry);
+    return { found, unreadable };
+  }
+
   // Files dropped anywhere on the page are uploaded: left to the browser, a drop
   // beside the zone would open the file in this tab, leaving the page.
   const zone = $("drop-zone");
@@ -934,7 +1033,18 @@
   document.addEventListener("drop", (event) => {
     event.preventDefault();
     zone.classList.remove("over");
-    upload(event.dataTransfer && event.dataTransfer.files);
+    const dropped = event.dataTransfer;
+    if (!dropped) return;
+    // A dropped folder is in `files` as one file that cannot be read (it failed "could
+    // not be read": reviewer); its entry can be walked. Taken now: the drop's items
+    // are emptied once this handler returns.
+    const entries = Array.from(dropped.items || [], (item) =>
+      item.kind === "file" && item.webkitGetAsEntry ? item.webkitGetAsEntry() : null);
+    if (!entries.some((entry) => entry && entry.isDirectory)) {
+      upload(asChosen(dropped.files));
+      return;
+    }
+    walk(entries.filter(Boolean)).then(({ found, unreadable }) => uploadFound(found, unreadable));
   });
 
   // --- live status line -------------------------------------------------------------
