@@ -19,7 +19,8 @@ It only talks to the URL it is given, sends a bounded number of requests, and
 gives each one at most `--timeout` seconds. The exit code is 0 when every
 request was answered, no answer was wrong and, with --expected, at least one was
 checked; 1 otherwise (or when a report asked for with --json or --plot could not
-be written); 2 on bad usage (also an --expected CSV naming none of the images sent).
+be written); 2 on bad usage (also an --expected CSV naming none of the images sent,
+or no API key for a web tier whose /api/status says uploads need one).
 
 Ctrl-C stops sending and waits for the requests in flight; a second Ctrl-C
 quits at once, still printing what was answered so far.
@@ -45,7 +46,7 @@ import threading
 import time
 import unicodedata
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,8 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".
 DEFAULT_TIMEOUT_S = 330.0
 CONNECT_TIMEOUT_S = 10.0
 STATUS_INTERVAL_S = 0.5
+# /api/status may take up to 2 s while the web tier first reads AWS.
+STATUS_CHECK_TIMEOUT_S = 2.0
 FINAL_STATES = ("done", "failed")
 
 # Accepted spellings of the expected-results CSV's two columns (compared lower-cased).
@@ -174,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     talk.add_argument(
         "--quiet", "-q", action="store_true",
-        help="no progress bar and no table: only warnings and the final RESULT line",
+        help="no progress bar and no table: only warnings, each reason requests failed for "
+             "(with its count), and the final RESULT line",
     )
     return parser
 
@@ -748,6 +752,19 @@ def check_reachable(url: str) -> None:
     except OSError as exc:
         why = exc.strerror or str(exc)
         raise LoadTestError(f"cannot connect to {url}: {why} (is the web tier running?)") from exc
+
+
+def api_key_required(url: str) -> bool:
+    """Whether the web tier at `url` says (in its /api/status) that uploads need an API
+    key. Unknown (no such page, no answer in time, another server) counts as no:
+    the run's failures then say why."""
+    with new_session() as session:
+        try:
+            resp = session.get(f"{url}/api/status", timeout=STATUS_CHECK_TIMEOUT_S, allow_redirects=False)
+            status = resp.json() if resp.status_code == 200 else None
+        except (requests.RequestException, ValueError):
+            return False
+    return isinstance(status, dict) and status.get("api_key_required") is True
 
 
 # Failures among which web_tier_restarting picks the ones that are no answer yet.
@@ -1326,6 +1343,10 @@ def run_load(
         raise LoadTestError(f"{config.expected} names none of {which} (it names {named}"
                             f"{', ...' if len(expected) > 3 else ''})")
     check_reachable(config.url)
+    if not config.api_key and api_key_required(config.url):
+        # Else every upload is refused with a 401, and a quiet run said only how many failed.
+        raise LoadTestError(f"{config.url} requires an API key (its /api/status says so): "
+                            "give it with --api-key KEY or as $API_KEY")
 
     stop, abandon = threading.Event(), threading.Event()
     client = Client(config, stop, abandon)
@@ -1438,6 +1459,20 @@ def result_line(report: Report) -> str:
     if report.checked_nothing:
         reasons.append("none checked: the expected CSV names no image answered")
     return f"RESULT: FAIL ({', '.join(reasons)})"
+
+
+def failure_lines(report: Report, limit: int = 5) -> list[str]:
+    """Why requests failed, one line per distinct reason with how many it failed,
+    the commonest first: what a quiet run says beside its RESULT line."""
+    failed = sorted((o for o in report.outcomes if o.verdict == "failed"), key=lambda o: o.index)
+    reasons = Counter(o.error or "no reason given" for o in failed)  # ties: the first to fail first
+    common = reasons.most_common()
+    lines = [f"{count} failed: {reason}" for reason, count in common[:limit]]
+    rest = common[limit:]
+    if rest:
+        lines.append(f"... and {sum(count for _, count in rest)} failed for {len(rest)} other reasons "
+                     "(run without -q, or see --json)")
+    return lines
 
 
 def format_report(report: Report, max_problems: int = 10) -> str:
@@ -1568,6 +1603,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.quiet:
         if report.untrained:
             print(UNTRAINED_WARNING)
+        for line in failure_lines(report):
+            print(line)
         print(result_line(report))
     else:
         print(format_report(report))

@@ -135,7 +135,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _authorised(self) -> bool:
         if self.tier.api_key and self.headers.get("X-API-Key") != self.tier.api_key:
-            self._send(401, {"error": "a valid API key is required"})
+            # As the web tier: POST / answers in text, the JSON API in JSON.
+            self._send(401, "a valid API key is required" if self.path == "/" else
+                       {"error": "a valid API key is required"})
             return False
         return True
 
@@ -268,14 +270,17 @@ class Handler(BaseHTTPRequestHandler):
             return
         with self.tier.lock:
             self.tier.paths["GET " + re.sub(r"[0-9a-f]{32}", "<id>", self.path)] += 1
+        if self.path == "/api/status":  # open to all, as the web tier's, and says whether uploads need a key
+            if self.tier.status_gate is not None:
+                self.tier.status_gate.wait(5)
+            status = self.tier.status
+            self._send(200, {**status, "api_key_required": bool(self.tier.api_key)}
+                       if isinstance(status, dict) else status)
+            return
         if not self._authorised():
             return
         parts = self.path.strip("/").split("/")
-        if self.path == "/api/status":
-            if self.tier.status_gate is not None:
-                self.tier.status_gate.wait(5)
-            self._send(200, self.tier.status)
-        elif parts[:2] == ["api", "jobs"] and len(parts) == 4 and parts[3] == "events":
+        if parts[:2] == ["api", "jobs"] and len(parts) == 4 and parts[3] == "events":
             self._events(parts[2])
         elif parts[:2] == ["api", "jobs"] and len(parts) == 3:
             with self.tier.lock:
@@ -731,12 +736,67 @@ def test_jobs_api_by_polling_with_api_key_and_untrained_model(tier, mixed):
     assert "RESULT: FAIL (1 failed, 1 wrong)" in text
 
 
-def test_without_the_api_key_every_request_fails_with_401(tier, mixed):
+def test_a_wrong_api_key_fails_every_request_with_401(tier, mixed):
     images, _ = mixed
     tier.api_key = "s3cret"
-    report = run_load(Config(images=images, url=tier.url))
+    report = run_load(Config(images=images, url=tier.url, api_key="guess"))
     assert report.failed == report.sent == 7
     assert {o.status for o in report.outcomes} == {401}
+
+
+@pytest.mark.parametrize("api", ["form", "jobs"])
+def test_no_api_key_for_a_web_tier_that_requires_one_is_a_usage_error_before_anything_is_sent(
+    tier, tmp_path, capsys, api
+):
+    """Every upload got a 401, and a quiet run printed only "RESULT: FAIL (2 failed, 0 wrong)"."""
+    tier.api_key = "s3cret"
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:x"})
+    code = load_test.main(["--url", tier.url, "--images", str(images), "--num-requests", "2", "--api", api,
+                           "-q"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "RESULT" not in out
+    assert err == (f"load_test.py: {tier.url} requires an API key (its /api/status says so): "
+                   "give it with --api-key KEY or as $API_KEY\n")
+    assert not [p for p in tier.paths if not p.startswith("GET /api/status")]  # no image sent
+
+
+def test_the_api_key_from_the_environment_is_enough(tier, tmp_path, capsys, monkeypatch):
+    tier.api_key = "s3cret"
+    monkeypatch.setenv("API_KEY", "s3cret")
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:x"})
+    assert load_test.main(["--url", tier.url, "--images", str(images), "-q"]) == 0
+    assert "RESULT: PASS" in capsys.readouterr().out
+
+
+def test_a_quiet_run_says_each_distinct_reason_it_failed_with_its_count(tier, tmp_path, capsys):
+    """With -q a run refused with 401s printed only "RESULT: FAIL (2 failed, 0 wrong)"."""
+    tier.api_key = "s3cret"
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:x", "b.jpg": b"label:y"})
+    code = load_test.main(["--url", tier.url, "--images", str(images), "--num-requests", "2",
+                           "--api-key", "guess", "-q"])
+    assert code == 1
+    assert capsys.readouterr().out == ("2 failed: HTTP 401: a valid API key is required\n"
+                                       "RESULT: FAIL (2 failed, 0 wrong)\n")
+
+    tier.api_key = ""
+    images = make_images(tmp_path / "mixed", {"a.jpg": b"status:500", "b.jpg": b"status:500",
+                                              "c.jpg": b"fail", "d.jpg": b"status:502", "e.jpg": b"label:e"})
+    assert load_test.main(["--url", tier.url, "--images", str(images), "-q"]) == 1
+    assert capsys.readouterr().out == ("3 failed: HTTP 500: boom\n"
+                                       "1 failed: HTTP 502: boom\n"
+                                       "RESULT: FAIL (4 failed, 0 wrong)\n")
+
+
+def test_a_quiet_run_lists_only_the_commonest_reasons(monkeypatch, capsys):
+    outcomes = [load_test.Outcome(index=i, file=f"{i}.jpg", started_s=0.0) for i in range(12)]
+    for o in outcomes:
+        o.error, o.verdict = f"reason {o.index % 7}", "failed"
+    report = load_test.Report(url="u", api="form", concurrency=1, planned=12, started_at=0.0,
+                              duration_s=1.0, outcomes=outcomes)
+    assert load_test.failure_lines(report, limit=3) == [
+        "2 failed: reason 0", "2 failed: reason 1", "2 failed: reason 2",
+        "... and 6 failed for 4 other reasons (run without -q, or see --json)",
+    ]
 
 
 def test_jobs_api_following_server_sent_events(tier, mixed):
@@ -999,7 +1059,7 @@ def test_json_report_holds_the_right_numbers(tier, mixed, tmp_path, capsys):
          "--num_request", "14", "--json", str(out), "--quiet"]
     )
     assert code == 1
-    assert capsys.readouterr().out.strip() == "RESULT: FAIL (2 failed, 4 wrong)"
+    assert capsys.readouterr().out.strip() == "2 failed: HTTP 500: boom\nRESULT: FAIL (2 failed, 4 wrong)"
 
     data = json.loads(out.read_text())
     assert (data["sent"], data["answered"], data["failed"], data["wrong"]) == (14, 12, 2, 4)
