@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
 import socket
 import sys
 import threading
-from typing import TYPE_CHECKING
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from app_tier import EXIT_MODEL_UNAVAILABLE, SPARE_LOADED
 from common import systemd
@@ -16,9 +19,47 @@ from common.config import Settings
 from common.fleet import report_worker_failed, report_worker_ready
 from common.heap import freeze_startup_heap
 from common.logs import configure as configure_logging
+from common.signals import STOP_SIGNALS
 
 if TYPE_CHECKING:  # imported in main(): the model runtime takes a while to import
     from app_tier.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+class StopBeforeServing:
+    """SIGTERM or SIGINT before the worker serves (while it loads its model, or waits as
+    a warm spare): one line saying so, then the end the signal itself gives.
+
+    Without it the signal's default action killed the worker mid-load without a word,
+    leaving its log empty. It ends by the signal, not by an exit status: to systemd
+    that is a clean stop (SIGTERM and SIGINT are among its clean ends, an exit 143 is
+    not), and to the local runner one stopped from outside (KILLED_FROM_OUTSIDE), so
+    neither counts it as a failed start. It holds no message yet: nothing to hand back.
+    Worker.install_signal_handlers replaces it once the worker serves."""
+
+    def __init__(self) -> None:
+        self.doing = "loading the model"
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._stop)
+
+    def remove(self) -> None:
+        """The handlers from before install(), where they are still this one's: for a
+        caller of main() that goes on (a test) once it returns without serving."""
+        for signum, previous in self._previous.items():
+            if signal.getsignal(signum) == self._stop:
+                signal.signal(signum, previous)
+
+    def _stop(self, signum: int, _frame: FrameType | None = None) -> None:
+        try:
+            log.warning("stopped before serving: signal %d while %s", signum, self.doing)
+        finally:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+            os._exit(128 + signum)  # not reached: the default action ends the process
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,6 +81,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First: loading the model takes from seconds to minutes, all of it stoppable.
+    before_serving = StopBeforeServing()
+    before_serving.install()
+    try:
+        return run(argv, before_serving)
+    finally:
+        before_serving.remove()
+
+
+def run(argv: list[str] | None, before_serving: StopBeforeServing) -> int:
+    """main(), with `before_serving` told what the worker does until it serves."""
     args = parse_args(argv)
     systemd.report_stacks_on_abort()
     configure_logging("%(asctime)s %(levelname)s worker[%(process)d] %(message)s",
@@ -59,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             # controller would count it as serving.
             report_worker_failed(Aws(settings), args.instance_id, "model-unavailable")
         return EXIT_MODEL_UNAVAILABLE
+    before_serving.doing = "getting ready to serve (the model loaded)"
     if args.prepare_only:
         print(f"model ready: {settings.model_runtime}, weights {settings.model_weights}, "
               f"loaded in {classifier.load_seconds:.1f}s")
@@ -69,11 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     freeze_startup_heap()
     instance_id = args.instance_id
     if instance_id == "-":
+        before_serving.doing = "waiting for an instance (a warm spare)"
         # To the local runner: given an instance now, this spare serves within seconds.
         systemd.notify(f"STATUS={SPARE_LOADED}")
         instance_id = sys.stdin.readline().strip()
         if not instance_id:
             return 0  # the runner closed our stdin: never needed
+    before_serving.doing = "starting to serve"
     worker = Worker(settings, aws, classifier, instance_id)
     worker.install_signal_handlers()
     threading.Thread(target=report_ready_once_received, args=(settings, worker), name="report-ready",

@@ -87,6 +87,16 @@ def _next_start(started_at: float, code: int, now: float, quick_exits: int,
     return quick_exits, max(now + delay, started_at + RESTART_BACKOFF_S)
 
 
+def exit_status(code: int) -> str:
+    """A process's returncode in words: "exit 0", "killed by SIGTERM"."""
+    if code >= 0:
+        return f"exit {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
+
+
 @dataclass
 class WorkerProcess:
     instance_id: str
@@ -281,7 +291,12 @@ class InstanceRunner:
     def _reap_draining(self, now: float) -> None:
         still = []
         for worker in self._draining:
-            if worker.process.poll() is not None:
+            code = worker.process.poll()
+            if code is not None:
+                # Said here, or the log would hold only the SIGTERM: a worker stopped while
+                # loading its model ends by the signal, one that served exits after its warm shutdown.
+                log.info("runner: worker pid %d of %s ended: %s, %.1f s after SIGTERM", worker.process.pid,
+                         worker.instance_id, exit_status(code), now - (worker.term_sent_at or now))
                 continue
             if worker.kill_sent_at is None and now - (worker.term_sent_at or now) > self.grace_s:
                 log.warning("runner: pid %d ignored SIGTERM for %.0fs, SIGKILL",

@@ -23,7 +23,8 @@ from controller.act import launch, terminate
 from localaws.runner import QUICK_EXIT_S, RESTART_BACKOFF_S, InstanceRunner
 
 # Stands in for `python -m app_tier`: records its instance id and waits.
-# "stubborn" ignores SIGTERM, as a hung worker would; "no-model" exits at once as a
+# "stubborn" ignores SIGTERM, as a hung worker would; "drains" exits 0 on SIGTERM, as a
+# serving worker does after its warm shutdown; "no-model" exits at once as a
 # worker that cannot load its weights does; "crash" dies at start; a spare says its
 # model is loaded, unless "still-loading"; "pings" says
 # READY=1 and pings its watchdog through the worker's own module (common.systemd)
@@ -47,6 +48,8 @@ if iid == "-":
         sys.exit(0)
 if os.environ.get("FAKE_MODE") == "stubborn":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if os.environ.get("FAKE_MODE") == "drains":  # as a serving worker's warm shutdown ends
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
 out = os.environ["FAKE_OUT"]
 open(os.path.join(out, f"{iid}.{os.getpid()}"), "w").close()
 if os.environ.get("FAKE_MODE") == "pings":
@@ -168,6 +171,26 @@ def test_a_terminated_instance_gets_sigterm_then_sigkill(world):
     assert process.poll() is None, "SIGTERM ignored: still alive during the grace period"
     wait_until(lambda: (runner.step(), process.poll() is not None)[1], what="SIGKILL after the grace period")
     assert process.returncode == -9
+
+
+@pytest.mark.parametrize("mode, ended", [("", "killed by SIGTERM"), ("drains", "exit 0"),
+                                         ("stubborn", "killed by SIGKILL")])
+def test_a_stopped_worker_is_said_how_it_ended_once_reaped(world, caplog, mode, ended):
+    """The runner said "SIGTERM to pid N" and never how the worker ended: one stopped
+    while loading its model left an empty log and nothing here either."""
+    settings, aws, make, out = world
+    caplog.set_level(logging.INFO, logger="localaws.runner")
+    runner = make(warm_spares=0, grace_s=0.5, env={"FAKE_MODE": mode})
+    iid = launch(aws, settings, (1,))[1]
+    runner.step()
+    wait_until(lambda: started(out) == [iid], what="the worker to start")
+    pid = runner.workers[iid].process.pid
+    terminate(aws, (iid,))
+    said = re.compile(rf"runner: worker pid {pid} of {iid} ended: {ended}, [0-9.]+ s after SIGTERM$", re.M)
+    wait_until(lambda: (runner.step(), said.search(caplog.text))[1], what="how the worker ended")
+    runner.step()
+    runner.step()
+    assert len(said.findall(caplog.text)) == 1  # once, not every round after
 
 
 def test_a_worker_that_outlives_sigkill_does_not_hold_up_the_rounds(world, monkeypatch):

@@ -10,8 +10,11 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,6 +41,7 @@ from common.names import object_key
 from common.output_object import RESULT_KEY, label_of
 from common.provision import provision
 from tests.conftest import make_image
+from tests.unit.conftest import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -1676,3 +1680,79 @@ def test_a_resend_that_raises_releases_only_what_it_carried(aws_env, monkeypatch
     assert answers_sent(aws) == ["a"]
     assert depth(aws, aws.request_queue_url) == (1, 0)  # b alone released
     assert worker.processed == 1 and not len(worker.held)
+
+
+# --- stopped before it serves -----------------------------------------------------------
+
+# `python -m app_tier`'s main, its model load and AWS clients stood in for: "loading"
+# loads for ever, "spare" (--instance-id -) loads at once and waits for an instance
+# id on stdin. "MARK ..." says where it is.
+STOPPED_EARLY_WORKER = """
+import sys, time
+import app_tier.__main__ as worker_main
+import app_tier.model, app_tier.worker, common.systemd
+
+def load_classifier(*args, **kwargs):
+    if sys.argv[1] == "loading":
+        print("MARK loading", flush=True)
+        while True:
+            time.sleep(1)
+    return object()
+
+class NoAws:
+    def __init__(self, settings):
+        pass
+
+    def open(self, *services):
+        return self
+
+def notify(state, env=None):
+    print("MARK " + state, flush=True)
+    return False
+
+app_tier.model.load_classifier = load_classifier
+app_tier.worker.warm_up = lambda aws: None
+worker_main.Aws = NoAws
+common.systemd.notify = notify
+sys.exit(worker_main.main(["--instance-id", "i-early" if sys.argv[1] == "loading" else "-"]))
+"""
+
+
+@pytest.mark.parametrize("phase, sig, doing", [
+    ("loading", signal.SIGTERM, "loading the model"),
+    ("loading", signal.SIGINT, "loading the model"),
+    ("spare", signal.SIGTERM, "waiting for an instance (a warm spare)"),
+])
+def test_a_worker_stopped_before_it_serves_says_so_and_ends_as_one_stopped_from_outside(
+    tmp_path, phase, sig, doing
+):
+    """Its stop handlers came only once it served: SIGTERM while it loaded its model
+    killed it without a line, and left its log empty."""
+    from localaws.runner import KILLED_FROM_OUTSIDE, _next_start
+
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "worker.py"
+    script.write_text(STOPPED_EARLY_WORKER)
+    log_path = tmp_path / "worker.log"
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    with open(log_path, "wb") as out:
+        process = subprocess.Popen([sys.executable, str(script), phase], cwd=root, stdin=subprocess.PIPE,
+                                   stdout=out, stderr=subprocess.STDOUT, env={**env, "PYTHONPATH": str(root)})
+    try:
+        mark = "MARK loading" if phase == "loading" else "MARK STATUS="
+        wait_until(lambda: mark in log_path.read_text() or process.poll() is not None, timeout=60)
+        assert process.poll() is None, log_path.read_text()
+        process.send_signal(sig)
+        code = process.wait(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdin.close()
+    text = log_path.read_text()
+    assert f"stopped before serving: signal {int(sig)} while {doing}" in text, text
+    assert "Traceback" not in text
+    # Ended by the signal itself: to systemd a clean stop (SIGTERM, SIGINT), to the runner
+    # one stopped from outside, which is no failed start.
+    assert code == -sig and code in KILLED_FROM_OUTSIDE
+    assert _next_start(0.0, code, 1.0, quick_exits=0)[0] == 0
