@@ -165,6 +165,8 @@ def load_rgb(img: Image.Image, max_pixels: int) -> Image.Image:
     it has one: Pillow's own conversion, which multiplies channels, is the only other
     way to RGB."""
     icc = img.info.get("icc_profile")
+    if not isinstance(icc, bytes | bytearray):
+        icc = None  # a TIFF's ICC tag written as text or numbers: no profile to apply
     kind = _PROFILE_KINDS.get(img.mode) if icc else None
     rgb = _decoded_rgb(img, max_pixels, icc if kind == "CMYK" else None)
     if kind in ("RGB", "L"):

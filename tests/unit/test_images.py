@@ -599,3 +599,22 @@ def test_a_large_cmyk_image_is_reduced_before_its_profile_converts_it(fresh_tran
     assert sizes == [(side // 2, side // 2)]
     assert np.abs(got[100:124, 20:90] - 255).max() <= 3
     assert np.abs(got[100:124, 134:204] - _INKS[0] * 255).max() <= 10, got[112, 160]
+
+
+@pytest.mark.filterwarnings("ignore:Metadata Warning")  # Pillow, writing the odd tag
+@pytest.mark.parametrize("tag_type, value", [(2, "not a profile at all"), (3, (1, 2, 3, 4)), (4, 5)])
+@pytest.mark.parametrize("mode", ["RGB", "CMYK"])
+def test_a_tiff_icc_tag_that_is_not_bytes_is_no_profile(tag_type, value, mode, fresh_transforms):
+    """Pillow gives a TIFF's ICC tag written as text or numbers as str or int: hashing
+    it raised TypeError, and the image was released until it was a dead letter."""
+    from PIL import TiffImagePlugin
+
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tags[34675] = value
+    tags.tagtype[34675] = tag_type
+    pixels = Image.fromarray(np.full((64, 64, len(mode)), 100, np.uint8), mode)
+    buffer = io.BytesIO()
+    pixels.save(buffer, "TIFF", tiffinfo=tags)
+    plain = io.BytesIO()
+    pixels.save(plain, "TIFF")
+    assert np.array_equal(prepare(buffer.getvalue(), MAX_PIXELS), prepare(plain.getvalue(), MAX_PIXELS))
