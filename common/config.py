@@ -346,7 +346,7 @@ def _profile_region(env: Mapping[str, str]) -> str | None:
     without this a user of a profile in another region talked to us-east-1."""
     home = env.get("HOME") or os.path.expanduser("~")
     path = env.get("AWS_CONFIG_FILE") or os.path.join(home, ".aws", "config")
-    profile = env.get("AWS_PROFILE") or env.get("AWS_DEFAULT_PROFILE") or "default"
+    profile = env.get("AWS_DEFAULT_PROFILE") or env.get("AWS_PROFILE") or "default"  # botocore's order
     try:
         profiles = load_config(os.path.expanduser(path)).get("profiles", {})
     except BotoCoreError:  # no such file, or one botocore cannot parse: boto3 would not use it either

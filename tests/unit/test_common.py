@@ -589,6 +589,9 @@ def test_region_comes_from_the_aws_profile_when_no_variable_names_one(tmp_path):
     base = {"AWS_CONFIG_FILE": str(config), "HOME": str(tmp_path)}
     assert Settings.from_env(base).region == "eu-west-3"
     assert Settings.from_env({**base, "AWS_PROFILE": "work"}).region == "ap-south-1"
+    # botocore reads AWS_DEFAULT_PROFILE first.
+    both = {**base, "AWS_PROFILE": "nobody", "AWS_DEFAULT_PROFILE": "work"}
+    assert Settings.from_env(both).region == "ap-south-1"
     # The variables still come first, as in boto3.
     assert Settings.from_env({**base, "AWS_DEFAULT_REGION": "us-west-2"}).region == "us-west-2"
     # ~/.aws/config when AWS_CONFIG_FILE is unset.
