@@ -194,44 +194,35 @@ def test_a_damaged_weights_file_is_a_model_that_cannot_load_not_a_crash(runtime,
     assert "MODEL_WEIGHTS=random" in message
 
 
-def test_s3_weights_missing_or_forbidden_stop_the_worker_but_s3_failing_does_not(tmp_path, monkeypatch):
+def test_s3_weights_missing_or_forbidden_stop_the_worker_but_s3_failing_does_not(s3_weights, monkeypatch):
     """Exit 78 (WeightsUnavailable) is never restarted: an S3 hiccup at first boot made
     a worker give its instance up for good (explorer). Only an answer no later start
     can change does that; anything else raises as it is, for systemd to restart."""
     from botocore.exceptions import ClientError, EndpointConnectionError
-    from moto import mock_aws
 
     from app_tier.model import _fetch_s3_weights
 
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                        ("AWS_DEFAULT_REGION", "us-east-1")):
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    with mock_aws():
-        s3 = boto3.client("s3")
-        s3.create_bucket(Bucket="models")
-        s3.put_object(Bucket="models", Key="resnet50.h5", Body=b"weights")
-        assert _fetch_s3_weights("s3://models/resnet50.h5").read_bytes() == b"weights"
-        for uri in ("s3://models/other.h5", "s3://no-such-bucket/resnet50.h5", "s3://models"):
-            with pytest.raises(WeightsUnavailable, match="MODEL_WEIGHTS"):
-                _fetch_s3_weights(uri)
+    s3_weights.put_object(Bucket="models", Key="resnet50.h5", Body=b"weights")
+    assert _fetch_s3_weights("s3://models/resnet50.h5").read_bytes() == b"weights"
+    for uri in ("s3://models/other.h5", "s3://no-such-bucket/resnet50.h5", "s3://models"):
+        with pytest.raises(WeightsUnavailable, match="MODEL_WEIGHTS"):
+            _fetch_s3_weights(uri)
 
-        class FailingS3:
-            def __init__(self, error: Exception) -> None:
-                self.error = error
+    class FailingS3:
+        def __init__(self, error: Exception) -> None:
+            self.error = error
 
-            def head_object(self, **kwargs):
-                raise self.error
+        def head_object(self, **kwargs):
+            raise self.error
 
-            def download_file(self, *args, **kwargs):
-                raise self.error
+        def download_file(self, *args, **kwargs):
+            raise self.error
 
-        for error in (EndpointConnectionError(endpoint_url="https://s3.amazonaws.com"),
-                      ClientError({"Error": {"Code": "SlowDown", "Message": "slow down"}}, "GetObject")):
-            monkeypatch.setattr(boto3, "client", lambda service, e=error: FailingS3(e))
-            with pytest.raises(type(error)):
-                _fetch_s3_weights("s3://models/later.h5")
+    for error in (EndpointConnectionError(endpoint_url="https://s3.amazonaws.com"),
+                  ClientError({"Error": {"Code": "SlowDown", "Message": "slow down"}}, "GetObject")):
+        monkeypatch.setattr(boto3, "client", lambda service, e=error: FailingS3(e))
+        with pytest.raises(type(error)):
+            _fetch_s3_weights("s3://models/later.h5")
 
 
 @pytest.fixture
