@@ -760,6 +760,18 @@ def test_no_api_key_for_a_web_tier_that_requires_one_is_a_usage_error_before_any
     assert not [p for p in tier.paths if not p.startswith("GET /api/status")]  # no image sent
 
 
+def test_a_web_tier_slow_to_give_its_first_status_is_still_asked_whether_it_needs_a_key(tier):
+    """A fresh web tier's first /api/status waits up to FIRST_READ_WAIT_S (10 s) on AWS;
+    the check gave up after 2 s and took the silence for "no key needed"."""
+    from web_tier.status import FIRST_READ_WAIT_S
+
+    tier.api_key = "s3cret"
+    tier.status_gate = threading.Event()
+    threading.Timer(3.0, tier.status_gate.set).start()  # answers after 3 s
+    assert load_test.api_key_required(tier.url)
+    assert load_test.STATUS_CHECK_TIMEOUT_S > FIRST_READ_WAIT_S
+
+
 def test_the_api_key_from_the_environment_is_enough(tier, tmp_path, capsys, monkeypatch):
     tier.api_key = "s3cret"
     monkeypatch.setenv("API_KEY", "s3cret")
