@@ -928,6 +928,52 @@ def test_a_slow_upload_that_keeps_going_is_not_cut_off(stack, browser, reference
     assert browser.execute_script("return [window.posts, window.mostPosts]") == [len(files), 3]
 
 
+# Logs each POST the page sends (window.sends: {loaded, aborted}: the bytes its upload
+# had sent, whether it was aborted) and counts them in flight (window.mostPosts).
+LOG_SENDS = COUNT_POSTS_IN_FLIGHT + """
+window.sends = [];
+const countedSend = XMLHttpRequest.prototype.send;
+XMLHttpRequest.prototype.send = function (body) {
+  const sent = {loaded: 0, aborted: false};
+  window.sends.push(sent);
+  this.upload.addEventListener("progress", (event) => { sent.loaded = Math.max(sent.loaded, event.loaded); });
+  this.addEventListener("abort", () => { sent.aborted = true; });
+  return countedSend.call(this, body);
+};
+"""
+
+
+def test_uploads_on_one_page_share_its_requests_and_none_waiting_for_a_connection_is_cut_off(
+        stack, browser, reference_model, tmp_path):
+    """Each upload had 3 requests in flight: three uploads asked for 9 of the browser's 6
+    connections to the server, and those it held back were given up on as stalled, having
+    sent nothing, then sent again (reviewer); on a longer busy link a chunk could use
+    all its resends so. Now the page has 3 in flight across its uploads, and a request
+    not yet started is given far longer than one whose upload stalls (here 3 s)."""
+    files = [{f"shared_{n}_{i}.jpg": make_image(1040 + 10 * n + i, size=(320, 240)) for i in range(3)}
+             for n in range(3)]  # ~27 KB each
+    browser.get(stack.web_url + "/")
+    browser.execute_script(LOG_SENDS + """
+      document.body.dataset.filesPerRequest = '1';
+      document.body.dataset.answerTimeoutMs = '3000';
+      document.body.dataset.stallTimeoutMs = '3000';
+      document.body.dataset.resendDelayScale = '0.05';""")
+    browser.set_network_conditions(offline=False, latency=5, download_throughput=10_000_000,
+                                   upload_throughput=20_000)  # bytes/s: 4 s a file, three at a time
+    try:
+        for upload in files:
+            choose(browser, tmp_path, upload)
+        shown = finished_rows(browser, stack, 9, timeout_s=55)
+    finally:
+        browser.delete_network_conditions()
+    everything = {name: data for upload in files for name, data in upload.items()}
+    assert {name: row.text for name, row in shown.items() if row.get_attribute("data-state") != "done"} == {}
+    assert_classified(shown, everything, reference_model)
+    sends = browser.execute_script("return window.sends")
+    assert [send for send in sends if send["aborted"]] == []
+    assert browser.execute_script("return [window.posts, window.mostPosts]") == [9, 3]
+
+
 def test_a_stalled_upload_is_said_to_have_timed_out(stack, browser, tmp_path):
     """A send the page gave up on was said to have found no server, which sent a user
     with a slow link to look for a fault in the server (reviewer)."""

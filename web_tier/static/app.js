@@ -3,7 +3,7 @@
 "use strict";
 
 (() => {
-  const PARALLEL_CHUNKS = 3;   // chunks in flight at once
+  const PARALLEL_CHUNKS = 3;   // chunks in flight at once, across all the page's uploads
   const POLL_MS = 2000;        // fallback polling when EventSource fails
   // A poll given up on, so that the next one is asked (a batch rebuilt from S3 after a
   // restart answers in seconds: 17 s for 1,500 items).
@@ -117,6 +117,13 @@
   function answerTimeoutMs() {
     return Number(document.body.dataset.answerTimeoutMs) || 30000;
   }
+  // Until its first byte goes, a request may be held by the browser for a connection
+  // to the server (six per host, shared with event streams, polls and other tabs):
+  // no stall, yet cut off after 30 s and sent again, a chunk could use all its resends
+  // so (reviewer). It is given far longer to start. <body data-first-progress-timeout-ms>.
+  function firstProgressTimeoutMs() {
+    return Number(document.body.dataset.firstProgressTimeoutMs) || 120000;
+  }
   const seconds = (ms) => Math.round(ms / 1000);
 
   // Why a send failed: `timedOut`, what this page gave up waiting for ("" if the
@@ -140,10 +147,11 @@
       };
       const stalled = () => giveUpIn(stallTimeoutMs(),
         `upload timed out: no progress for ${seconds(stallTimeoutMs())} s (slow or broken connection?)`);
+      const started = (event) => { if (event.loaded > 0) stalled(); };
       const fail = () => { clearTimeout(timer); reject(new SendFailure(timedOut)); };
       xhr.open("POST", "/api/jobs");
       for (const [name, value] of Object.entries(headers)) xhr.setRequestHeader(name, value);
-      xhr.upload.onprogress = stalled;
+      xhr.upload.onprogress = started;
       xhr.upload.onload = () => giveUpIn(answerTimeoutMs(),
         `upload timed out: no answer ${seconds(answerTimeoutMs())} s after it was sent (server busy or unreachable?)`);
       xhr.onload = () => {
@@ -160,9 +168,25 @@
       };
       xhr.onerror = fail;
       xhr.onabort = fail;  // by this page's timer, or the page being left
-      stalled();
+      giveUpIn(firstProgressTimeoutMs(),
+        `upload timed out: nothing sent in ${seconds(firstProgressTimeoutMs())} s (slow or broken connection?)`);
       xhr.send(form);
     });
+  }
+
+  // Upload requests in flight on the page, across all its uploads: PARALLEL_CHUNKS at
+  // most. Each upload had its own: three asked for 9 of the browser's 6 connections to
+  // the server, and those it held back were cut off as stalled (reviewer).
+  let sendsInFlight = 0;
+  const sendsWaiting = [];  // each send waiting for a place: its resolve, first come first served
+  async function takeSendPlace() {
+    if (sendsInFlight < PARALLEL_CHUNKS) sendsInFlight += 1;
+    else await new Promise((resolve) => sendsWaiting.push(resolve));
+  }
+  function freeSendPlace() {
+    const next = sendsWaiting.shift();
+    if (next) next();  // the place passes to it
+    else sendsInFlight -= 1;
   }
 
   // Files per POST /api/jobs: 20, or fewer if the server takes fewer (MAX_FILES_PER_REQUEST).
@@ -379,16 +403,23 @@
       updateSummary();
     }
 
-    // Sends the queued chunks, `width` at once, until none is left nor waits to be sent
-    // again, or until `enough()`. A resend joins the queue once its delay is over, so
-    // never more than `width` requests are in flight: resends sent beside the pool's
-    // choked a slow link further, and were cut off in turn (reviewer).
+    // Sends the queued chunks, `width` at once (and within the page's places: see
+    // takeSendPlace), until none is left nor waits to be sent again, or until
+    // `enough()`. A resend joins the queue once its delay is over, so never more than
+    // `width` requests are in flight: resends sent beside the pool's choked a slow link
+    // further, and were cut off in turn (reviewer).
     async drain(width, enough) {
       const worker = async () => {
         while (!enough()) {
           if (this.queue.length) {
-            const { chunk, attempt } = this.queue.shift();
-            await this.send(chunk, attempt);
+            await takeSendPlace();
+            // Another of this upload's workers may have taken the last chunk meanwhile.
+            const next = enough() ? null : this.queue.shift();
+            try {
+              if (next) await this.send(next.chunk, next.attempt);
+            } finally {
+              freeSendPlace();
+            }
           } else if (this.waiting) {
             await this.resendReady;
           } else {
