@@ -1337,6 +1337,29 @@ def test_a_chosen_folder_uploads_its_images_and_tells_files_of_one_name_apart(
         "", "in holiday/day1/", "in holiday/day2/"]
 
 
+def test_hidden_files_and_folders_in_a_folder_are_skipped_and_counted(stack, browser, tmp_path):
+    """Hidden files of a folder were uploaded: .hidden.jpg, .thumbs/x.jpg, and the
+    "._a.jpg" twin macOS writes beside each photo on a USB stick, which failed "not an
+    image", one failed row per photo (reviewer)."""
+    from selenium.webdriver.common.by import By
+
+    folder = tmp_path / "stick"
+    files = {"a.jpg": make_image(1070, size=(64, 48)), "sub/b.jpg": make_image(1071, size=(64, 48)),
+             ".hidden.jpg": make_image(1072, size=(64, 48)), ".thumbs/x.jpg": make_image(1073, size=(64, 48)),
+             "._a.jpg": b"\0\x05\x16\x07" + b"\0" * 100}
+    for path, data in files.items():
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path).write_bytes(data)
+    browser.get(stack.web_url + "/")
+    browser.find_element(By.ID, "folder-input").send_keys(str(folder))
+    wait_for(lambda: [s for _, s, _ in rows_shown(browser)] == ["done"] * 2, 60, "the folder's images done")
+    assert sorted(name for name, _, _ in rows_shown(browser)) == ["a.jpg", "b.jpg"]
+    summary = browser.find_element(By.ID, "summary").text
+    assert "3 files and folders in the folder skipped, hidden: " in summary, summary
+    for hidden in ("stick/._a.jpg", "stick/.hidden.jpg", "stick/.thumbs/"):
+        assert hidden in summary, summary
+
+
 # Drops arguments[0], a tree {name: base64 of an image | null for a file that cannot be
 # read | {tree}}, as its FileSystemEntry tree; each folder gives its entries two at a time.
 DROP_TREE = """
@@ -1376,6 +1399,7 @@ def test_a_dropped_folder_uploads_the_images_in_it_and_its_subfolders(stack, bro
 
     tree = {"loose.jpg": image(1030),
             "trip": {"a.jpg": image(1031), "b.jpg": image(1032), "c.txt": image(1033), "gone.jpg": None,
+                     ".thumbs": {"x.jpg": image(1036)},  # hidden: skipped, not even read
                      "deeper": {"a.jpg": image(1034), "Thumbs.db": image(1035)}}}
     browser.get(stack.web_url + "/")
     status = browser.find_element(By.ID, "status-line")
@@ -1386,7 +1410,8 @@ def test_a_dropped_folder_uploads_the_images_in_it_and_its_subfolders(stack, bro
             for row in browser.find_elements(By.CSS_SELECTOR, "#results [data-state]")]
     assert rows == [("loose.jpg", ""), ("a.jpg", "trip/a.jpg"), ("b.jpg", ""), ("a.jpg", "trip/deeper/a.jpg")]
     summary = browser.find_element(By.ID, "summary").text
-    assert "2 files in the folder skipped, not images: trip/c.txt, trip/deeper/Thumbs.db" in summary
+    assert ("3 files and folders in the folder skipped, hidden or not images: "
+            "trip/.thumbs/, trip/c.txt, trip/deeper/Thumbs.db") in summary
     assert "1 in the folder could not be read: trip/gone.jpg" in summary
 
 

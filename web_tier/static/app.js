@@ -992,17 +992,44 @@
     return paths.slice(0, 3).join(", ") + (paths.length > 3 ? ", …" : "");
   }
 
+  // Hidden files and folders of a folder (names starting with "."): thumbnail caches,
+  // and the "._name.jpg" twin macOS writes beside each file on a USB stick, which
+  // failed "not an image", one failed row per photo (reviewer). The path of the first
+  // such part of `path` below the folder chosen or dropped ("Photos/.thumbnails/"), or "".
+  function hiddenPart(path) {
+    const parts = path.split("/");
+    const at = parts.findIndex((part, i) => i > 0 && part.startsWith("."));
+    if (at < 0) return "";
+    return parts.slice(0, at + 1).join("/") + (at < parts.length - 1 ? "/" : "");
+  }
+
   // `found` ({file, path, inFolder}): files chosen or dropped, some from folders. Those of
-  // folders that are not images are skipped, the summary saying how many and naming a
-  // few, rather than each shown failed: a folder of photos holds files nobody meant to
-  // classify (.xmp sidecars, .DS_Store, Thumbs.db, videos), whose failed rows would bury
-  // the results and count as failures. `unreadable`: paths in them that could not be read.
-  function uploadFound(found, unreadable = []) {
-    const skipped = new Set(found.filter(({ file, inFolder }) => inFolder && !looksLikeImage(file)));
-    if (!found.length && !unreadable.length) notices.push("the folder holds no files");
-    if (skipped.size) {
-      notices.push(`${skipped.size} file${skipped.size === 1 ? "" : "s"} in the folder skipped, ` +
-                   `not images: ${someOf([...skipped].map(({ path }) => path))}`);
+  // folders that are hidden or not images are skipped, the summary saying how many and
+  // naming a few, rather than each shown failed: a folder of photos holds files nobody
+  // meant to classify (.xmp sidecars, .DS_Store, Thumbs.db, videos), whose failed rows
+  // would bury the results and count as failures. `unreadable`: paths in them that could
+  // not be read; `hidden`: paths of hidden files and folders already left out (a folder's end in "/").
+  function uploadFound(found, unreadable = [], hidden = []) {
+    hidden = [...hidden];
+    const notImages = [];
+    const skipped = new Set(found.filter(({ file, path, inFolder }) => {
+      if (!inFolder) return false;
+      const part = hiddenPart(path);
+      if (part) {
+        if (!hidden.includes(part)) hidden.push(part);
+      } else if (!looksLikeImage(file)) {
+        notImages.push(path);
+      }
+      return Boolean(part) || !looksLikeImage(file);
+    }));
+    if (!found.length && !unreadable.length && !hidden.length) notices.push("the folder holds no files");
+    const paths = [...hidden, ...notImages];
+    if (paths.length) {
+      const folders = hidden.filter((path) => path.endsWith("/")).length;
+      const what = !folders ? (paths.length === 1 ? "file" : "files")
+        : folders === paths.length ? (folders === 1 ? "folder" : "folders") : "files and folders";
+      const why = hidden.length && notImages.length ? "hidden or not images" : hidden.length ? "hidden" : "not images";
+      notices.push(`${paths.length} ${what} in the folder skipped, ${why}: ${someOf(paths)}`);
     }
     if (unreadable.length) {
       notices.push(`${unreadable.length} in the folder could not be read: ${someOf(unreadable)}`);
@@ -1023,7 +1050,7 @@
   // Every file under the dropped `entries` (FileSystemEntry): {found, unreadable}, each
   // found with its path from the drop ("Holiday/day 1/same.jpg"); in a folder's order by name.
   async function walk(entries) {
-    const found = [], unreadable = [];
+    const found = [], unreadable = [], hidden = [];
     const visit = async (entry) => {
       const path = entry.fullPath.replace(/^\//, "");
       try {
@@ -1042,13 +1069,16 @@
           children.push(...batch);
         }
         children.sort((a, b) => a.name.localeCompare(b.name, undefined, { numeric: true }));
-        for (const child of children) await visit(child);
+        for (const child of children) {
+          if (child.name.startsWith(".")) hidden.push(child.fullPath.replace(/^\//, "") + (child.isDirectory ? "/" : ""));
+          else await visit(child);
+        }
       } catch {
         unreadable.push(path);  // moved or deleted since the drop, or not to be read
       }
     };
     for (const entry of entries) await visit(entry);
-    return { found, unreadable };
+    return { found, unreadable, hidden };
   }
 
   // Files dropped anywhere on the page are uploaded: left to the browser, a drop
@@ -1075,7 +1105,7 @@
       upload(asChosen(dropped.files));
       return;
     }
-    walk(entries.filter(Boolean)).then(({ found, unreadable }) => uploadFound(found, unreadable));
+    walk(entries.filter(Boolean)).then(({ found, unreadable, hidden }) => uploadFound(found, unreadable, hidden));
   });
 
   // --- live status line -------------------------------------------------------------
