@@ -1038,12 +1038,16 @@
     upload(found.filter((chosen) => !skipped.has(chosen)));
   }
 
+  // Names in a folder's order ("img_2" before "img_10"), by one collator: localeCompare
+  // with options builds one at each comparison, 0.85 s to sort 10,000 paths (reviewer).
+  const byName = new Intl.Collator(undefined, { numeric: true }).compare;
+
   const folderInput = $("folder-input");
   folderInput.addEventListener("change", () => {
     const found = Array.from(folderInput.files, (file) =>
       ({ file, path: file.webkitRelativePath || file.name, inFolder: true }));
     // In the folder's order by name, as a dropped one (the browser's order is its own).
-    uploadFound(found.sort((a, b) => a.path.localeCompare(b.path, undefined, { numeric: true })));
+    uploadFound(found.sort((a, b) => byName(a.path, b.path)));
     folderInput.value = "";
   });
 
@@ -1068,7 +1072,7 @@
           if (!batch.length) break;
           children.push(...batch);
         }
-        children.sort((a, b) => a.name.localeCompare(b.name, undefined, { numeric: true }));
+        children.sort((a, b) => byName(a.name, b.name));
         for (const child of children) {
           if (child.name.startsWith(".")) hidden.push(child.fullPath.replace(/^\//, "") + (child.isDirectory ? "/" : ""));
           else await visit(child);
