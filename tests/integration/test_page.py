@@ -1360,6 +1360,27 @@ def test_hidden_files_and_folders_in_a_folder_are_skipped_and_counted(stack, bro
         assert hidden in summary, summary
 
 
+def test_a_folders_skipped_files_are_said_until_the_next_upload(stack, browser, tmp_path):
+    """Each folder's "files in the folder skipped" stayed in the summary line: they piled
+    up across uploads (reviewer)."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    for name in ("first", "second"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / f"{name}.jpg").write_bytes(make_image(1080 + len(name), size=(64, 48)))
+        (folder / f"{name}.txt").write_bytes(b"not an image")
+        browser.find_element(By.ID, "folder-input").send_keys(str(folder))
+        notice = f"skipped, not images: {name}/{name}.txt"
+        wait_for(lambda notice=notice: notice in browser.find_element(By.ID, "summary").text,
+                 30, f"the {name} folder's notice")
+    summary = browser.find_element(By.ID, "summary").text
+    assert "first/first.txt" not in summary and summary.count("skipped") == 1, summary
+    choose(browser, tmp_path, {"loose.jpg": make_image(1090, size=(64, 48))})  # files, not a folder
+    wait_for(lambda: "skipped" not in browser.find_element(By.ID, "summary").text, 30, "the notice gone")
+
+
 # Drops arguments[0], a tree {name: base64 of an image | null for a file that cannot be
 # read | {tree}}, as its FileSystemEntry tree; each folder gives its entries two at a time.
 DROP_TREE = """

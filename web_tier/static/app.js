@@ -72,6 +72,9 @@
   const keyInput = $("api-key");
   const sessions = [];
   const notices = [];      // said in the summary line, e.g. a batch that could not be loaded
+  // What the last upload's folders held that was not sent (or that they are still being
+  // read): replaced at each upload, where kept they piled up across uploads (reviewer).
+  let folderNotices = [];
   let leaving = false;     // the page is being unloaded: its uploads are cut off, not refused
   let openStreams = 0;
   let announced = "";
@@ -317,7 +320,7 @@
       else if (el.dataset.state === "failed") failed += 1;
     }
     const counts = all.length ? `${done} of ${all.length} classified${failed ? `, ${failed} failed` : ""}` : "";
-    $("summary").textContent = [counts, ...notices].filter(Boolean).join(" · ");
+    $("summary").textContent = [counts, ...notices, ...folderNotices].filter(Boolean).join(" · ");
     // Said to screen readers once every file is finished, not at each result.
     if (counts && done + failed === all.length && counts !== announced) {
       announced = counts;
@@ -975,6 +978,7 @@
   const asChosen = (files) => Array.from(files || [], (file) => ({ file }));
   const input = $("file-input");
   input.addEventListener("change", () => {
+    folderNotices = [];
     upload(asChosen(input.files));
     input.value = "";
   });
@@ -1022,17 +1026,18 @@
       }
       return Boolean(part) || !looksLikeImage(file);
     }));
-    if (!found.length && !unreadable.length && !hidden.length) notices.push("the folder holds no files");
+    folderNotices = [];
+    if (!found.length && !unreadable.length && !hidden.length) folderNotices.push("the folder holds no files");
     const paths = [...hidden, ...notImages];
     if (paths.length) {
       const folders = hidden.filter((path) => path.endsWith("/")).length;
       const what = !folders ? (paths.length === 1 ? "file" : "files")
         : folders === paths.length ? (folders === 1 ? "folder" : "folders") : "files and folders";
       const why = hidden.length && notImages.length ? "hidden or not images" : hidden.length ? "hidden" : "not images";
-      notices.push(`${paths.length} ${what} in the folder skipped, ${why}: ${someOf(paths)}`);
+      folderNotices.push(`${paths.length} ${what} in the folder skipped, ${why}: ${someOf(paths)}`);
     }
     if (unreadable.length) {
-      notices.push(`${unreadable.length} in the folder could not be read: ${someOf(unreadable)}`);
+      folderNotices.push(`${unreadable.length} in the folder could not be read: ${someOf(unreadable)}`);
     }
     updateSummary();
     upload(found.filter((chosen) => !skipped.has(chosen)));
@@ -1106,6 +1111,7 @@
     const entries = Array.from(dropped.items || [], (item) =>
       item.kind === "file" && item.webkitGetAsEntry ? item.webkitGetAsEntry() : null);
     if (!entries.some((entry) => entry && entry.isDirectory)) {
+      folderNotices = [];
       upload(asChosen(dropped.files));
       return;
     }
