@@ -1056,37 +1056,53 @@
     folderInput.value = "";
   });
 
-  // Every file under the dropped `entries` (FileSystemEntry): {found, unreadable}, each
-  // found with its path from the drop ("Holiday/day 1/same.jpg"); in a folder's order by name.
-  async function walk(entries) {
+  // Every file under the dropped `entries` (FileSystemEntry): {found, unreadable, hidden},
+  // each found with its path from the drop ("Holiday/day 1/same.jpg"); in a folder's order
+  // by name. The files of each batch a folder gives are read together, and `onFound`
+  // told how many files were found so far: read one at a time, a folder of 10,000
+  // showed nothing for 20 s (reviewer).
+  async function walk(entries, onFound) {
     const found = [], unreadable = [], hidden = [];
-    const visit = async (entry) => {
-      const path = entry.fullPath.replace(/^\//, "");
+    let count = 0;
+    const pathOf = (entry) => entry.fullPath.replace(/^\//, "");
+    // Its File, or null if it cannot be read (moved or deleted since the drop).
+    const read = (entry) => (entry.isFile ? new Promise((resolve, reject) => entry.file(resolve, reject))
+      .catch(() => null) : Promise.resolve(null));
+    const take = async (entry, file) => {
+      const path = pathOf(entry);
+      if (entry.isFile) {
+        if (file) found.push({ file, path, inFolder: path.includes("/") });
+        else unreadable.push(path);
+      } else if (entry.isDirectory) {
+        await visit(entry);
+      }
+    };
+    const visit = async (folder) => {
+      const children = [];  // [entry, its File or null]
       try {
-        if (entry.isFile) {
-          const file = await new Promise((resolve, reject) => entry.file(resolve, reject));
-          found.push({ file, path, inFolder: path.includes("/") });
-          return;
-        }
-        if (!entry.isDirectory) return;
-        const reader = entry.createReader();
-        const children = [];
+        const reader = folder.createReader();
         // A batch at a time (100 in Chromium): called until it gives none.
         for (;;) {
           const batch = await new Promise((resolve, reject) => reader.readEntries(resolve, reject));
           if (!batch.length) break;
-          children.push(...batch);
-        }
-        children.sort((a, b) => byName(a.name, b.name));
-        for (const child of children) {
-          if (child.name.startsWith(".")) hidden.push(child.fullPath.replace(/^\//, "") + (child.isDirectory ? "/" : ""));
-          else await visit(child);
+          const shown = batch.filter((child) => !child.name.startsWith("."));
+          for (const child of batch) {
+            if (!shown.includes(child)) hidden.push(pathOf(child) + (child.isDirectory ? "/" : ""));
+          }
+          const files = await Promise.all(shown.map(read));
+          shown.forEach((child, i) => children.push([child, files[i]]));
+          count += files.filter(Boolean).length;
+          onFound(count);
         }
       } catch {
-        unreadable.push(path);  // moved or deleted since the drop, or not to be read
+        unreadable.push(pathOf(folder));  // moved or deleted since the drop, or not to be read
+        return;
       }
+      children.sort(([a], [b]) => byName(a.name, b.name));
+      for (const [child, file] of children) await take(child, file);
     };
-    for (const entry of entries) await visit(entry);
+    const files = await Promise.all(entries.map(read));
+    for (const [i, entry] of entries.entries()) await take(entry, files[i]);
     return { found, unreadable, hidden };
   }
 
@@ -1115,7 +1131,13 @@
       upload(asChosen(dropped.files));
       return;
     }
-    walk(entries.filter(Boolean)).then(({ found, unreadable, hidden }) => uploadFound(found, unreadable, hidden));
+    const reading = (count) => {
+      folderNotices = [`reading the folder… ${count} file${count === 1 ? "" : "s"} found`];
+      updateSummary();
+    };
+    reading(0);
+    walk(entries.filter(Boolean), reading)
+      .then(({ found, unreadable, hidden }) => uploadFound(found, unreadable, hidden));
   });
 
   // --- live status line -------------------------------------------------------------
