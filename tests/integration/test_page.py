@@ -902,6 +902,26 @@ XMLHttpRequest.prototype.send = function (body) {
 """
 
 
+@contextlib.contextmanager
+def upload_throttled(browser, bytes_per_s: int) -> Iterator[None]:
+    """Chrome's own network throttling of the page's uploads (downloads left fast)."""
+    browser.set_network_conditions(offline=False, latency=5, download_throughput=10_000_000,
+                                   upload_throughput=bytes_per_s)
+    try:
+        yield
+    finally:
+        browser.delete_network_conditions()
+
+
+# One file a request, a send given up on after 3 s without progress or answer, and
+# resends soon after: a throttled upload's timeouts, short enough for a test.
+SHORT_SEND_TIMEOUTS = """
+  document.body.dataset.filesPerRequest = '1';
+  document.body.dataset.answerTimeoutMs = '3000';
+  document.body.dataset.stallTimeoutMs = '3000';
+  document.body.dataset.resendDelayScale = '0.05';"""
+
+
 def test_a_slow_upload_that_keeps_going_is_not_cut_off(stack, browser, reference_model, tmp_path):
     """The page gave a send 30 s plus its bytes at 50 KB/s, but three shared the link:
     at 100 KB/s every chunk after the first was cut off by the page's own timer, sent
@@ -911,18 +931,10 @@ def test_a_slow_upload_that_keeps_going_is_not_cut_off(stack, browser, reference
     given up on only once its upload stalls (here for 3 s)."""
     files = {f"slow_{i}.jpg": make_image(1000 + i, size=(480, 360)) for i in range(5)}  # ~67 KB each
     browser.get(stack.web_url + "/")
-    browser.execute_script(COUNT_POSTS_IN_FLIGHT + """
-      document.body.dataset.filesPerRequest = '1';
-      document.body.dataset.answerTimeoutMs = '3000';
-      document.body.dataset.stallTimeoutMs = '3000';
-      document.body.dataset.resendDelayScale = '0.05';""")
-    browser.set_network_conditions(offline=False, latency=5, download_throughput=10_000_000,
-                                   upload_throughput=25_000)  # bytes/s
-    try:
+    browser.execute_script(COUNT_POSTS_IN_FLIGHT + SHORT_SEND_TIMEOUTS)
+    with upload_throttled(browser, 25_000):
         choose(browser, tmp_path, files)
         shown = finished_rows(browser, stack, len(files), timeout_s=50)
-    finally:
-        browser.delete_network_conditions()
     assert {name: row.text for name, row in shown.items() if row.get_attribute("data-state") != "done"} == {}
     assert_classified(shown, files, reference_model)
     assert browser.execute_script("return [window.posts, window.mostPosts]") == [len(files), 3]
@@ -953,19 +965,11 @@ def test_uploads_on_one_page_share_its_requests_and_none_waiting_for_a_connectio
     files = [{f"shared_{n}_{i}.jpg": make_image(1040 + 10 * n + i, size=(320, 240)) for i in range(3)}
              for n in range(3)]  # ~27 KB each
     browser.get(stack.web_url + "/")
-    browser.execute_script(LOG_SENDS + """
-      document.body.dataset.filesPerRequest = '1';
-      document.body.dataset.answerTimeoutMs = '3000';
-      document.body.dataset.stallTimeoutMs = '3000';
-      document.body.dataset.resendDelayScale = '0.05';""")
-    browser.set_network_conditions(offline=False, latency=5, download_throughput=10_000_000,
-                                   upload_throughput=20_000)  # bytes/s: 4 s a file, three at a time
-    try:
+    browser.execute_script(LOG_SENDS + SHORT_SEND_TIMEOUTS)
+    with upload_throttled(browser, 20_000):  # bytes/s: 4 s a file, three at a time
         for upload in files:
             choose(browser, tmp_path, upload)
         shown = finished_rows(browser, stack, 9, timeout_s=55)
-    finally:
-        browser.delete_network_conditions()
     everything = {name: data for upload in files for name, data in upload.items()}
     assert {name: row.text for name, row in shown.items() if row.get_attribute("data-state") != "done"} == {}
     assert_classified(shown, everything, reference_model)
@@ -981,13 +985,9 @@ def test_a_stalled_upload_is_said_to_have_timed_out(stack, browser, tmp_path):
     browser.execute_script("""
       document.body.dataset.stallTimeoutMs = '1000';
       document.body.dataset.resendDelayScale = '0.01';""")
-    browser.set_network_conditions(offline=False, latency=5, download_throughput=10_000_000,
-                                   upload_throughput=1)  # bytes/s: nothing gets through
-    try:
+    with upload_throttled(browser, 1):  # byte/s: nothing gets through
         choose(browser, tmp_path, {"stalled.jpg": make_image(1010)})
         shown = finished_rows(browser, stack, 1, timeout_s=30)
-    finally:
-        browser.delete_network_conditions()
     assert "upload timed out: no progress for 1 s (slow or broken connection?)" in shown["stalled.jpg"].text
 
 
