@@ -207,6 +207,16 @@ def choose(browser, tmp_path, files: dict[str, bytes]) -> None:
     browser.find_element(By.ID, "file-input").send_keys("\n".join(str(tmp_path / n) for n in files))
 
 
+def choose_folder(browser, folder, files: dict[str, bytes]) -> None:
+    """Choose `folder`, holding `files` (by path within it), in the page's folder input."""
+    from selenium.webdriver.common.by import By
+
+    for path, data in files.items():
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path).write_bytes(data)
+    browser.find_element(By.ID, "folder-input").send_keys(str(folder))
+
+
 def upload_failing_first(browser, stack, tmp_path, files: dict[str, bytes], ways: list[str],
                          per_request: int = 20, setup: str = "", timeout_s: float = 120) -> dict:
     """Choose `files` on a fresh page (after the script `setup`) whose first POSTs fail as
@@ -1315,11 +1325,8 @@ def test_a_chosen_folder_uploads_its_images_and_tells_files_of_one_name_apart(
     folder = tmp_path / "holiday"
     files = {"first.jpg": make_image(1020, size=(64, 48)), "day1/same.jpg": make_image(1021, size=(64, 48)),
              "day2/same.jpg": make_image(1022, size=(64, 48)), "day2/notes.txt": b"not an image"}
-    for path, data in files.items():
-        (folder / path).parent.mkdir(parents=True, exist_ok=True)
-        (folder / path).write_bytes(data)
     browser.get(stack.web_url + "/")
-    browser.find_element(By.ID, "folder-input").send_keys(str(folder))
+    choose_folder(browser, folder, files)
     wait_for(lambda: [s for _, s, _ in rows_shown(browser)] == ["done"] * 3, 60, "the folder's images done")
     shown = browser.find_elements(By.CSS_SELECTOR, "#results [data-state]")
     paths = sorted((row.get_attribute("data-filename"), row.get_attribute("data-path") or "",
@@ -1347,11 +1354,8 @@ def test_hidden_files_and_folders_in_a_folder_are_skipped_and_counted(stack, bro
     files = {"a.jpg": make_image(1070, size=(64, 48)), "sub/b.jpg": make_image(1071, size=(64, 48)),
              ".hidden.jpg": make_image(1072, size=(64, 48)), ".thumbs/x.jpg": make_image(1073, size=(64, 48)),
              "._a.jpg": b"\0\x05\x16\x07" + b"\0" * 100}
-    for path, data in files.items():
-        (folder / path).parent.mkdir(parents=True, exist_ok=True)
-        (folder / path).write_bytes(data)
     browser.get(stack.web_url + "/")
-    browser.find_element(By.ID, "folder-input").send_keys(str(folder))
+    choose_folder(browser, folder, files)
     wait_for(lambda: [s for _, s, _ in rows_shown(browser)] == ["done"] * 2, 60, "the folder's images done")
     assert sorted(name for name, _, _ in rows_shown(browser)) == ["a.jpg", "b.jpg"]
     summary = browser.find_element(By.ID, "summary").text
@@ -1367,11 +1371,8 @@ def test_a_folders_skipped_files_are_said_until_the_next_upload(stack, browser, 
 
     browser.get(stack.web_url + "/")
     for name in ("first", "second"):
-        folder = tmp_path / name
-        folder.mkdir()
-        (folder / f"{name}.jpg").write_bytes(make_image(1080 + len(name), size=(64, 48)))
-        (folder / f"{name}.txt").write_bytes(b"not an image")
-        browser.find_element(By.ID, "folder-input").send_keys(str(folder))
+        choose_folder(browser, tmp_path / name, {f"{name}.jpg": make_image(1080 + len(name), size=(64, 48)),
+                                                 f"{name}.txt": b"not an image"})
         notice = f"skipped, not images: {name}/{name}.txt"
         wait_for(lambda notice=notice: notice in browser.find_element(By.ID, "summary").text,
                  30, f"the {name} folder's notice")
