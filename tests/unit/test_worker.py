@@ -910,8 +910,7 @@ def test_a_delete_sqs_refuses_is_said(aws_env, monkeypatch, caplog):
 def test_two_hand_backs_at_once_send_each_message_back_once(aws_env, monkeypatch):
     """The grace-period timer and the main loop can both hand back what is held."""
     settings, aws = aws_env
-    for name in ("a", "b"):
-        upload(settings, aws, f"{name}.jpg", make_image(ord(name), size=(64, 64)), name)
+    upload_a_and_b(settings, aws)
     worker = Worker(settings, aws, MeanClassifier(), "i-stopping")
     assert len(worker.fetch().jobs) == 2
     send = aws.sqs.send_message_batch
@@ -936,8 +935,7 @@ def test_the_grace_timer_waits_for_the_main_loops_hand_back(aws_env, monkeypatch
     """The main loop hands back a prepared batch when the grace period ends: the timer
     must neither send the batch again nor exit the process in the middle of it."""
     settings, aws = aws_env
-    for name in ("a", "b"):
-        upload(settings, aws, f"{name}.jpg", make_image(ord(name), size=(64, 64)), name)
+    upload_a_and_b(settings, aws)
     worker = Worker(settings, aws, MeanClassifier(), "i-stopping")
     batch = worker.fetch()
     send = aws.sqs.send_message_batch
@@ -1514,8 +1512,7 @@ def test_a_hand_back_whose_old_copies_cannot_be_deleted_does_not_show_them_too(a
     """The old copies were made visible beside the new ones sent back: each queued twice
     at once, and the log said the hand-back had failed (explorer)."""
     settings, aws = aws_env
-    for name in ("a", "b"):
-        upload(settings, aws, f"{name}.jpg", make_image(ord(name), size=(64, 64)), name)
+    upload_a_and_b(settings, aws)
     worker = Worker(settings, aws, MeanClassifier(), "i-handing")
     batch = worker.fetch()
     throttled = _client_error("Throttling", "DeleteMessageBatch")
@@ -1584,16 +1581,28 @@ def fetch_all(worker: Worker, count: int) -> Batch:
     return Batch(jobs)
 
 
+def upload_a_and_b(settings: Settings, aws: Aws) -> None:
+    """Two images uploaded and queued, as the web tier does: requests "a" and "b"."""
+    for name in ("a", "b"):
+        upload(settings, aws, f"{name}.jpg", make_image(ord(name), size=(64, 64)), name)
+
+
+def answered_a_and_b(settings: Settings, aws: Aws) -> Worker:
+    """A worker that has received both of upload_a_and_b's requests as one batch and
+    processed it (classified, stored, replied, acknowledged)."""
+    worker = Worker(settings, aws, MeanClassifier(), "i-reply")
+    worker.process(fetch_all(worker, 2))
+    return worker
+
+
 def test_an_answer_sqs_failed_to_take_is_sent_again_and_its_batch_mate_answered_once(aws_env, monkeypatch):
     """One failed entry raised for the whole reply and released the batch: its batch-mate,
     answered already, was classified and answered a second time."""
     settings, aws = aws_env
-    for name in ("a", "b"):
-        upload(settings, aws, f"{name}.jpg", make_image(ord(name), size=(64, 64)), name)
+    upload_a_and_b(settings, aws)
     calls = replies_refused(aws, monkeypatch,
                             lambda item, call: ("InternalError", False) if (item, call) == ("b", 1) else None)
-    worker = Worker(settings, aws, MeanClassifier(), "i-reply")
-    worker.process(fetch_all(worker, 2))
+    worker = answered_a_and_b(settings, aws)
     assert calls == [["a", "b"], ["b"]]  # only the failed entry sent again
     assert answers_sent(aws) == ["a", "b"]
     assert depth(aws, aws.request_queue_url) == (0, 0)  # both deleted
@@ -1604,12 +1613,10 @@ def test_an_answer_sqs_refuses_as_the_senders_fault_releases_its_request_alone(a
     """Not sent again (it would be refused again): its request goes back for another
     attempt, and its batch-mate, answered, is deleted."""
     settings, aws = aws_env
-    for name in ("a", "b"):
-        upload(settings, aws, f"{name}.jpg", make_image(ord(name), size=(64, 64)), name)
+    upload_a_and_b(settings, aws)
     calls = replies_refused(aws, monkeypatch,
                             lambda item, call: ("InvalidMessageContents", True) if item == "b" else None)
-    worker = Worker(settings, aws, MeanClassifier(), "i-reply")
-    worker.process(fetch_all(worker, 2))
+    worker = answered_a_and_b(settings, aws)
     assert calls == [["a", "b"]]
     assert answers_sent(aws) == ["a"]
     assert depth(aws, aws.request_queue_url) == (1, 0)  # b released (no retry delay here)
@@ -1621,12 +1628,10 @@ def test_an_answer_sqs_refuses_as_the_senders_fault_releases_its_request_alone(a
 
 def test_an_answer_sqs_keeps_failing_is_sent_three_times_then_its_request_released(aws_env, monkeypatch):
     settings, aws = aws_env
-    for name in ("a", "b"):
-        upload(settings, aws, f"{name}.jpg", make_image(ord(name), size=(64, 64)), name)
+    upload_a_and_b(settings, aws)
     calls = replies_refused(aws, monkeypatch,
                             lambda item, call: ("ServiceUnavailable", False) if item == "b" else None)
-    worker = Worker(settings, aws, MeanClassifier(), "i-reply")
-    worker.process(fetch_all(worker, 2))
+    worker = answered_a_and_b(settings, aws)
     assert calls == [["a", "b"], ["b"], ["b"]]
     assert answers_sent(aws) == ["a"]
     assert depth(aws, aws.request_queue_url) == (1, 0)
@@ -1662,8 +1667,7 @@ def test_a_reply_call_that_raises_fails_its_own_requests_and_the_next_chunk_stil
 def test_a_resend_that_raises_releases_only_what_it_carried(aws_env, monkeypatch):
     """The first call sent a and failed b; sending b again raised: a stays answered."""
     settings, aws = aws_env
-    for name in ("a", "b"):
-        upload(settings, aws, f"{name}.jpg", make_image(ord(name), size=(64, 64)), name)
+    upload_a_and_b(settings, aws)
     calls = replies_refused(aws, monkeypatch,
                             lambda item, call: ("InternalError", False) if item == "b" else None)
     refusing = aws.sqs.send_message_batch
@@ -1674,8 +1678,7 @@ def test_a_resend_that_raises_releases_only_what_it_carried(aws_env, monkeypatch
         return refusing(**kwargs)
 
     monkeypatch.setattr(aws.sqs, "send_message_batch", resend_lost)
-    worker = Worker(settings, aws, MeanClassifier(), "i-reply")
-    worker.process(fetch_all(worker, 2))
+    worker = answered_a_and_b(settings, aws)
     assert calls == [["a", "b"]]
     assert answers_sent(aws) == ["a"]
     assert depth(aws, aws.request_queue_url) == (1, 0)  # b alone released
