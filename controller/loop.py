@@ -350,6 +350,7 @@ class Controller:
     def step(self, now: float | None = None) -> Decision:
         # Observe: what EC2 and SQS show, with what only this controller has seen (its
         # launches EC2 does not list yet, how long an instance has gone unready).
+        began = time.monotonic()
         obs = self._with_readiness(self._with_recent_launches(observe(self.aws, now)))
         self.refusals.keep_listed({i.id for i in obs.instances})
         # Remember what the next rounds need of this one: the scale-in window's counts,
@@ -362,7 +363,7 @@ class Controller:
         decision = self._without_launches_backing_off(decision, obs)
         self._record(obs, decision)
         if decision.changes_anything and not self.dry_run:
-            self._act(decision, obs)
+            self._act(decision, obs, began)
         return decision
 
     def _wanted_recently(self, obs: Observation) -> int | None:
@@ -427,7 +428,8 @@ class Controller:
             recent.forget(iid)
         return replace(obs, instances=obs.instances + recent.instances())
 
-    def _act(self, decision: Decision, obs: Observation) -> None:
+    def _act(self, decision: Decision, obs: Observation, began: float) -> None:
+        """Carries the decision out; `began` is the monotonic time the round began."""
         # Terminations first: they are what a scale-in waits on, and launches can take
         # long (botocore retrying RunInstances).
         self._terminate(decision.terminate, "the fleet no longer needs it")
@@ -439,7 +441,11 @@ class Controller:
                 # Not raised: failing the round would slow every round, scale-in too, to
                 # the loop's error backoff for as long as capacity or the quota is short.
                 self._remember(exc.launched, obs, exc.unanswered)
-                wait = self.launch_backoff.failed(obs.clock, self.launch_backoff_min_s,
+                # Timed from now, on the round's clock: a launch can fail slowly (botocore
+                # retrying RunInstances for seconds), and timed from the observation, the
+                # wait had passed before the call returned.
+                failed_at = obs.clock + (time.monotonic() - began)
+                wait = self.launch_backoff.failed(failed_at, self.launch_backoff_min_s,
                                                   self.launch_backoff_max_s)
                 log.warning("controller: %s; launches held, next try in %.1fs", exc, wait)
                 return

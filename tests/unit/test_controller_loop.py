@@ -707,6 +707,37 @@ def test_run_survives_faults_with_backoff(aws, make_controller, patch, caplog, f
     assert len(set(names(aws))) == len(names(aws)) == want
 
 
+def test_launch_backoff_is_timed_from_when_the_failed_launch_returned(aws, make_controller, patch):
+    """A launch that fails slowly (botocore retrying a throttled RunInstances for seconds)
+    holds the next launch for the backoff after it returned, not after the round began:
+    timed from the round, the backoff had passed before the call returned."""
+    real = aws.ec2.run_instances
+    calls: list[tuple[float, float]] = []  # (started, returned), monotonic
+
+    def slow_then_fails(**kwargs):
+        started = time.monotonic()
+        try:
+            if not calls:
+                time.sleep(3 * TEST_BACKOFF_MIN_S)
+            if len(calls) < 2:
+                raise client_error("RequestLimitExceeded", "RunInstances")()
+            return real(**kwargs)
+        finally:
+            calls.append((started, time.monotonic()))
+
+    patch.setattr(aws.ec2, "run_instances", slow_then_fails)
+    send(aws, 1)
+    controller = make_controller()
+    thread = start(controller)
+    try:
+        wait_until(lambda: len(instances(aws)) == 1, 10, "an instance after 2 failed launches")
+    finally:
+        stop(controller, thread)
+    (_, first_returned), (second_started, second_returned), (third_started, _) = calls[:3]
+    assert second_started - first_returned >= TEST_BACKOFF_MIN_S, calls
+    assert third_started - second_returned >= 2 * TEST_BACKOFF_MIN_S, calls
+
+
 def test_partial_launch_failure_keeps_the_successes(aws, make_controller, patch, caplog):
     """InsufficientInstanceCapacity on some launches: the rest count, the next round adds the remainder."""
     failing = {"app-tier-instance-3", "app-tier-instance-7", "app-tier-instance-11"}
@@ -871,6 +902,8 @@ def test_a_failing_launch_backs_off_launches_only(aws, make_controller, patch, c
     patch.setattr(aws.ec2, "run_instances", flaky)
     controller = make_controller(launch_backoff_min_s=1.0, launch_backoff_max_s=30.0)
 
+    # A failure is timed when the launch call returned: the round's own (real) time is
+    # added to its `now`, so each step below that expects launches again comes 1 s after.
     t = 1000.0
     decision = controller.step(now=t)
     assert decision.clean_up == (stray,) and len(decision.launch) == 1
@@ -881,19 +914,19 @@ def test_a_failing_launch_backs_off_launches_only(aws, make_controller, patch, c
     for wait in (1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0):
         held = controller.step(now=t + wait - 0.01)
         assert held.launch == () and "launches held" in held.reason, held
-        t += wait
+        t += wait + 1
         assert len(controller.step(now=t).launch) == 1
         assert f"next try in {min(2 * wait, 30.0):.1f}s" in caplog.text
     assert len(flaky.calls) == 8
     assert sum(r.levelno >= logging.WARNING for r in caplog.records) == 8
 
     quota["reached"] = False  # a launch that succeeds ends the backoff
-    assert len(controller.step(now=t + 30).launch) == 1 and len(instances(aws)) == 1
+    assert len(controller.step(now=t + 31).launch) == 1 and len(instances(aws)) == 1
     aws.ec2.terminate_instances(InstanceIds=[i["InstanceId"] for i in instances(aws)])
     quota["reached"] = True
-    assert len(controller.step(now=t + 31).launch) == 1
-    assert caplog.text.count("next try in 1.0s") == 2
     assert len(controller.step(now=t + 32).launch) == 1
+    assert caplog.text.count("next try in 1.0s") == 2
+    assert len(controller.step(now=t + 34).launch) == 1
 
 
 def test_failing_launches_slow_no_scale_in(aws, make_controller, patch):
