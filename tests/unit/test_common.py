@@ -530,6 +530,29 @@ def test_a_client_made_before_there_were_credentials_finds_them_at_its_next_use(
         assert aws.sqs is aws.sqs  # kept, now that it has them
 
 
+def test_clients_of_later_sessions_parse_no_service_model_again(monkeypatch):
+    """Each client has a session of its own (its own credentials lookup); the service
+    models and endpoint rules parsed for the first are not parsed again for the next."""
+    import botocore.loaders
+
+    from common.aws import new_session
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    Aws(Settings(region="us-east-1")).open("s3", "sqs")  # whatever this process had not parsed yet
+    parsed: list[str] = []
+    real = botocore.loaders.JSONFileLoader.load_file
+    monkeypatch.setattr(botocore.loaders.JSONFileLoader, "load_file",
+                        lambda self, path: parsed.append(path) or real(self, path))
+    aws = Aws(Settings(region="us-east-1")).open("s3", "sqs")
+    assert aws.s3 is not aws.sqs and parsed == []
+    # boto3 adds its data folder to the loader at each session: once is kept.
+    paths = new_session()._session.get_component("data_loader").search_paths
+    for _ in range(3):
+        new_session()
+    assert paths == list(dict.fromkeys(paths)) and len(paths) == len(set(paths))
+
+
 def test_aws_clients_send_the_fixed_user_agent():
     # The fixed string spares botocore rebuilding its structured one on every call.
     sent: list[str] = []
