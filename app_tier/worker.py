@@ -49,7 +49,7 @@ from app_tier.model import Classification, Classifier
 from app_tier.stored_answer import stored_answer
 from common import systemd
 from common.aws import Aws, error_code, is_not_found, sqs_batches
-from common.config import Settings
+from common.config import SHORT_POLL_PAUSE_S, Settings
 from common.failure_tags import DEAD_LETTER_ERROR, failure_tagging
 from common.fleet import report_worker_failed
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
@@ -259,6 +259,8 @@ class Worker:
                 self._prefetched.put(batch)
             else:
                 self._prefetch_slot.release()
+                if not self.settings.receive_wait_s:
+                    self.stopping.wait(SHORT_POLL_PAUSE_S)
 
     def _cannot_receive(self, failing_s: float, last: Exception) -> None:
         """Receiving has failed for STALL_TIMEOUT, each time for a fault of this worker's

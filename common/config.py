@@ -108,6 +108,10 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
 AWS_SCALE_IN_COOLDOWN_S = 60.0
 SCALING_MODES = ("backlog", "latency")
 MODEL_RUNTIMES = ("openvino", "tensorflow")
+# After a receive that found nothing with RECEIVE_WAIT=0 (short polling): without it,
+# an idle worker or listener asked SQS again as fast as it answered, a core's worth
+# of CPU and of paid requests.
+SHORT_POLL_PAUSE_S = 0.05
 # MODEL_WEIGHTS for ResNet-50 untrained (tests, offline demos): flagged wherever a label shows.
 RANDOM_WEIGHTS = "random"
 

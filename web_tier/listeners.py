@@ -21,6 +21,7 @@ from collections.abc import Callable
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
 from common.aws import Aws, change_visibility, is_not_found
+from common.config import SHORT_POLL_PAUSE_S
 from common.failure_tags import DEAD_LETTER_ERROR
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
 from web_tier.rebuild import with_stored_outcome
@@ -87,6 +88,8 @@ class Listeners:
             QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=self.wait_s
         )
         messages = answer.get("Messages", [])
+        if not messages and not self.wait_s:
+            self._stop.wait(SHORT_POLL_PAUSE_S)
         if messages and self.book.closing.is_set():
             # Received by a poll in flight when the book closed: recorded here and deleted,
             # they were lost to the process that serves on (its items queued for ever).

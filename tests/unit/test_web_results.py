@@ -261,6 +261,26 @@ def test_listeners_back_off_on_errors_and_stop_promptly(monkeypatch):
     assert time.monotonic() - started < 1.0
 
 
+def test_idle_listeners_short_polling_pause_between_empty_receives_and_stop_at_once():
+    """wait_s=0 (RECEIVE_WAIT=0): idle listeners asked SQS again as fast as it answered."""
+    from web_tier.listeners import SHORT_POLL_PAUSE_S
+
+    calls = []
+    sqs = SimpleNamespace(receive_message=lambda **kw: calls.append(kw["WaitTimeSeconds"]) or {})
+    aws = SimpleNamespace(sqs=sqs, response_queue_url="responses", dead_letter_queue_url="dead")
+    listeners = Listeners(aws, ResultBook(), wait_s=0)  # type: ignore[arg-type]
+    listeners.start()
+    try:
+        wait_until(lambda: len(calls) >= 3)
+        time.sleep(0.5)  # a window to count receives in: spinning made thousands
+        assert set(calls) == {0}
+        assert len(calls) <= 3 * (0.5 / SHORT_POLL_PAUSE_S + 3), len(calls)
+    finally:
+        started = time.monotonic()
+        listeners.stop(timeout=5)
+    assert not listeners.running and time.monotonic() - started < 1.0
+
+
 def test_malformed_responses_are_dropped_not_retried_forever():
     deleted = []
     sqs = SimpleNamespace(

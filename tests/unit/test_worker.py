@@ -33,7 +33,7 @@ from app_tier.model import Classification
 from app_tier.stored_answer import stored_answer
 from app_tier.worker import Batch, Call, Worker, warm_up
 from common.aws import Aws
-from common.config import Settings
+from common.config import SHORT_POLL_PAUSE_S, Settings
 from common.failure_tags import DEAD_LETTER_ERROR, failed_by, failure_from_tags, failure_tagging
 from common.fleet import WORKER_FAILED_TAG, WORKER_READY_TAG
 from common.messages import MAX_MESSAGE_BYTES, ClassifyRequest, ClassifyResponse, Prediction
@@ -694,6 +694,27 @@ def test_results_are_written_while_the_next_batch_is_classified(aws_env):
     assert overlapped == [True]
     assert sorted(responses(aws)) == ["0", "1", "2", "3"]
     assert depth(aws, aws.request_queue_url) == (0, 0)
+
+
+def test_an_idle_worker_short_polling_pauses_between_empty_receives(aws_env, monkeypatch):
+    """RECEIVE_WAIT=0 (short polls, as these tests use): an idle worker asked SQS again
+    as fast as it answered, a core's worth of CPU and of paid requests."""
+    settings, aws = aws_env
+    assert settings.receive_wait_s == 0
+    received = []
+    real = aws.sqs.receive_message
+    monkeypatch.setattr(aws.sqs, "receive_message", lambda **kw: received.append(1) or real(**kw))
+    worker = Worker(settings, aws, MeanClassifier(), "i-idle")
+    runner = threading.Thread(target=worker.run)
+    runner.start()
+    try:
+        wait_until(lambda: received, 10)
+        time.sleep(0.5)  # a window to count receives in: spinning made hundreds
+        assert len(received) <= 0.5 / SHORT_POLL_PAUSE_S + 3, len(received)
+    finally:
+        worker.stopping.set()
+        runner.join(timeout=15)
+    assert not runner.is_alive()
 
 
 def test_a_failed_result_write_acknowledges_nothing(aws_env, monkeypatch):
