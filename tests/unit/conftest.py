@@ -109,7 +109,8 @@ class FakeWorker:
 def web_settings() -> Settings:
     return Settings(
         region="us-east-1",
-        receive_wait_s=1,  # short long-polls: listener threads stop quickly after a test
+        # Short polls: a listener's long poll (1 s at least) held up each test's end by ~1 s.
+        receive_wait_s=0,
         result_timeout_s=20.0,
         max_upload_bytes=300_000,
         max_files_per_request=25,
