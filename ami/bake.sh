@@ -12,9 +12,25 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
 weights_name=resnet50_weights_tf_dim_ordering_tf_kernels.h5
 
+# The region of the AWS profile in use (`aws configure` writes it there), read as
+# botocore does, with Python's standard library alone: this runs on the operator's
+# machine, not in the project's venv.
+profile_region() {
+  python3 - 2>/dev/null <<'PY' || true
+import configparser, os
+path = os.path.expanduser(os.environ.get("AWS_CONFIG_FILE") or "~/.aws/config")
+name = os.environ.get("AWS_DEFAULT_PROFILE") or os.environ.get("AWS_PROFILE") or "default"
+config = configparser.RawConfigParser()
+config.read(path)
+sections = ["profile default", "default"] if name == "default" else [f"profile {name}"]
+print(next((config.get(s, "region") for s in sections if config.has_option(s, "region")), ""))
+PY
+}
+
 # The controller picks its region the same way (common/config.py region_from_env):
 # an AMI can be launched only in the region it was baked in.
-region="${AWS_REGION:-${AWS_DEFAULT_REGION:-us-east-1}}"
+region="${AWS_REGION:-${AWS_DEFAULT_REGION:-$(profile_region)}}"
+region="${region:-us-east-1}"
 weights_file=""
 weights_source=imagenet
 build_instance_profile=""

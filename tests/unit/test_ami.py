@@ -383,6 +383,35 @@ fi
     assert not any(n.startswith((".venv", ".git/", "tests")) or "__pycache__" in n for n in names)
 
 
+@pytest.mark.parametrize(("extra", "want"), [
+    ({}, "eu-west-3"),
+    ({"AWS_PROFILE": "work"}, "ap-south-1"),
+    ({"AWS_PROFILE": "nobody", "AWS_DEFAULT_PROFILE": "work"}, "ap-south-1"),
+    ({"AWS_DEFAULT_REGION": "us-west-2"}, "us-west-2"),
+    ({"AWS_PROFILE": "regionless"}, "us-east-1"),
+])
+def test_bake_bakes_in_the_region_the_controller_would_use(tmp_path, extra, want):
+    """A region set by `aws configure` lives in the profile: bake.sh read only the
+    variables, baked in us-east-1, and every launch in the profile's region failed
+    with InvalidAMIID.NotFound (explorer)."""
+    from common.config import region_from_env
+
+    bin_dir, log = tmp_path / "bin", tmp_path / "packer.log"
+    bin_dir.mkdir()
+    write_stub(bin_dir, "packer", f'echo "$@" >> "{log}"\n')
+    (tmp_path / ".aws").mkdir()
+    (tmp_path / ".aws" / "config").write_text(
+        "[default]\nregion = eu-west-3\n\n[profile work]\nregion = ap-south-1\n\n[profile regionless]\n")
+    unset = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CONFIG_FILE")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    env = {**env, "PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path), **extra}
+    result = subprocess.run(["bash", str(AMI / "bake.sh"), "--validate-only"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"region={want}" in log.read_text().split()
+    assert region_from_env(env) == want
+
+
 def test_bake_refuses_a_bad_weights_source(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
