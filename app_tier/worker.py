@@ -65,10 +65,13 @@ log = logging.getLogger(__name__)
 # worst (six attempts of 5 s to connect and 30 s to read, with backoff): an
 # iteration longer than the stall timeout plus this is a deadlock, not slowness.
 LOOP_SLACK_S = 1800.0
-# A heartbeat round extends visibility with one SQS call, up to ~4 minutes at
-# botocore's worst: a round that has not ended this long after it was due is
-# blocked (on a lock a deadlocked thread holds), and the watchdog pings stop.
-HEARTBEAT_SLACK_S = 300.0
+# A heartbeat round extends the visibility of every message held: up to three
+# batches of 10 (one being finished, one classified, one fetched ahead), so three SQS
+# calls one after another, each up to ~4 minutes at botocore's worst. A round that
+# has not ended this long after it was due is blocked (on a lock a deadlocked thread
+# holds), and the watchdog pings stop. (At 300 s, a worker waiting out an SQS
+# slowdown was restarted by systemd as hung: explorer.)
+HEARTBEAT_SLACK_S = 900.0
 # S3's refusals of a failure mark that no retry changes (the mark is then only missed
 # by a batch rebuilt after a restart): no permission, or a tag it will not take.
 TAGGING_REFUSALS = frozenset({"AccessDenied", "InvalidTag", "MalformedXML", "InvalidArgument"})

@@ -1414,6 +1414,22 @@ def systemd_listening(tmp_path, monkeypatch, watchdog_usec: int):
         yield heard
 
 
+def test_a_heartbeat_round_is_given_the_time_its_sqs_calls_can_take():
+    """A round extends up to three batches of 10, one SQS call each; botocore may take
+    up to its attempts x (connect + read timeouts) plus its backoff on each. A slack
+    shorter than that had systemd restart a worker waiting out an SQS slowdown."""
+    import app_tier.worker
+    from common.aws import SQS_MAX_BATCH, client_config
+
+    config = client_config()
+    attempts = config.retries["total_max_attempts"]
+    backoff_s = sum(min(20, 2 ** n) for n in range(attempts - 1))  # botocore's standard mode, at most
+    worst_call_s = attempts * (config.connect_timeout + config.read_timeout) + backoff_s
+    batches_held = 3  # finishing, classified, fetched ahead
+    calls = batches_held * -(-Settings().receive_batch // SQS_MAX_BATCH)
+    assert calls * worst_call_s <= app_tier.worker.HEARTBEAT_SLACK_S
+
+
 def test_watchdog_pings_stop_when_a_heartbeat_round_is_blocked(aws_env, monkeypatch, tmp_path):
     """A deadlock on one of the worker's locks blocks the heartbeat (and its give-up)
     without killing it: the pings must stop all the same, so that systemd restarts it."""
