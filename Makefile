@@ -39,7 +39,7 @@ test: $(STAMP)
 	$(PY) -m pytest -m "not soak" -n $(TEST_PROCESSES) --dist loadscope --no-loadscope-reorder \
 		--max-worker-restart 1
 
-## Unit tests only: no browser and no stack (~11 minutes in two processes here)
+## Unit tests only: no browser and no stack (~5 minutes in two processes here)
 test-quick: $(STAMP)
 	$(PY) -m pytest -m "not soak and not integration" -n $(TEST_PROCESSES) --dist loadscope --no-loadscope-reorder
 
