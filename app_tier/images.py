@@ -264,7 +264,8 @@ def _to_8_bits(img: Image.Image) -> Image.Image:
     def samples_of(top: int, bottom: int) -> np.ndarray:
         return np.asarray(img.crop((0, top, width, bottom)))
 
-    if img.mode.startswith("I;16"):
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PPM"):
+        # (Pillow reads a PGM of more than 8 bits as "I", scaled to 0-65535 from its maxval.)
         full_scale = 65535.0
     else:
         # The range from finite samples: one +inf made the full scale 3.4e38 (nan_to_num's

@@ -40,6 +40,17 @@ def test_16_bit_samples_are_scaled_not_clipped(grey8):
         assert np.array_equal(pixels(saved(deep, fmt)), as_8), fmt
 
 
+@pytest.mark.parametrize("maxval", [65535, 1023])
+def test_a_16_bit_pgm_is_scaled_from_its_maxval_not_stretched(grey8, maxval):
+    """Pillow reads a PGM of more than 8 bits as "I" (scaled to 0-65535), like a 32-bit
+    TIFF: a dark one (here a quarter of full scale) came out stretched to white."""
+    dark = grey8 // 4
+    samples = np.round(dark.astype(np.float64) * maxval / 255).astype(">u2")
+    pgm = b"P5\n%d %d\n%d\n" % (dark.shape[1], dark.shape[0], maxval) + samples.tobytes()
+    assert Image.open(io.BytesIO(pgm)).mode == "I"
+    assert np.abs(pixels(pgm) - dark[..., None]).max() <= 1
+
+
 @pytest.mark.parametrize("full_scale", [1.0, 255.0])
 def test_floating_point_samples_are_scaled_from_their_range(grey8, full_scale):
     floats = Image.fromarray(grey8.astype(np.float32) * (full_scale / 255), "F")
