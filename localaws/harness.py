@@ -6,6 +6,7 @@ with its own name prefix and run directory, and waits for its READY line.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -27,9 +28,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` different free ports on loopback. All are bound before any is let go:
+    one after the other, the system could hand out the same port twice."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(count):
+            sock = held.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+        return ports
 
 
 @dataclass
@@ -42,8 +53,7 @@ class StackProcess:
     ready_line: str = ""
 
     def __post_init__(self) -> None:
-        self.web_port = free_port()
-        self.aws_port = free_port()
+        self.web_port, self.aws_port = free_ports(2)
         self.prefix = f"t{uuid.uuid4().hex[:8]}"
         self.env = dict(os.environ)
         self.env.update(

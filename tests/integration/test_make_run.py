@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from localaws.harness import StackProcess, free_port
+from localaws.harness import StackProcess, free_ports
 from tests.conftest import make_image
 from tests.integration.conftest import serving_workers, still_running, wait_for
 
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_make_run_serves_and_ctrl_c_stops_everything_within_10s(tmp_path):
-    web, aws = free_port(), free_port()
+    web, aws = free_ports(2)
     env = dict(os.environ, WEB_PORT=str(web), LOCAL_AWS_PORT=str(aws), APP_PREFIX="makerun",
                MODEL_WEIGHTS="random", TMPDIR=str(tmp_path), XDG_STATE_HOME=str(tmp_path / "state"))
     env.pop("AWS_ENDPOINT_URL", None)

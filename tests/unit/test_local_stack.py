@@ -382,3 +382,33 @@ def test_the_stack_stops_on_a_hangup_unless_run_under_nohup():
         assert set(stop_signals()) == {signal.SIGINT, signal.SIGTERM}
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+def test_the_harness_picks_different_ports_even_where_the_system_reuses_a_released_one(monkeypatch):
+    """The integration harness picked its web and moto ports one after the other: the
+    system may give a port let go to the next bind, and both servers then got one."""
+    from localaws import harness
+
+    bound: set[int] = set()
+
+    class ReusingSocket:
+        """Hands out the lowest port not bound now, as a system may."""
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            bound.discard(self.port)
+
+        def bind(self, address) -> None:
+            self.port = min(set(range(40000, 40010)) - bound)
+            bound.add(self.port)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(harness.socket, "socket", ReusingSocket)
+    web, aws = harness.free_ports(2)
+    assert web != aws
+    process = harness.StackProcess(run_dir=None)  # type: ignore[arg-type]
+    assert process.web_port != process.aws_port
