@@ -20,12 +20,13 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
-from bench.memory import MemorySampler
+from bench.memory import MemorySampler, kind_of
 from bench.report import latency_summary
 from bench.scaling import FleetPoller, controller_actions, scaling_times
 from load_test import Config, Report, run_load
@@ -149,6 +150,42 @@ def _own_cpu_s() -> float:
     return times.user + times.system
 
 
+def workers_alive(stack: StackProcess) -> int:
+    """The stack's worker processes now: those of instances, and the warm spares."""
+    if stack.process is None:
+        return 0
+    try:
+        children = psutil.Process(stack.process.pid).children(recursive=True)
+    except psutil.Error:
+        return 0
+    alive = 0
+    for child in children:
+        try:
+            alive += kind_of(child.cmdline(), is_root=False) == "worker"
+        except psutil.Error:
+            continue  # ended while being looked at
+    return alive
+
+
+def wait_for_the_last_fleets_workers(count: Callable[[], int], spares: int, timeout_s: float) -> bool:
+    """Wait until no more workers than the warm spares are alive: the last phase's
+    fleet is terminated in EC2 1-2 s before its workers end (the runner's poll,
+    then their warm shutdown), and meanwhile they answered the next phase's first
+    requests, which then waited for a new instance's worker in its measured ones
+    (a low-load p99 of 1.4 s). False if they outlive `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while count() > spares:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _settle(stack: StackProcess) -> None:
+    if not wait_for_the_last_fleets_workers(lambda: workers_alive(stack), stack.warm_spares, ZERO_TIMEOUT_S):
+        log.warning("the last phase's workers were still running %.0f s after it", ZERO_TIMEOUT_S)
+
+
 def _scaled_run(plan: EndToEndPlan, stack: StackProcess, images: Path, requests: int,
                 concurrency: int, memory: bool = False) -> dict[str, object]:
     """One load run from zero instances, with the fleet watched until it is back to zero."""
@@ -158,6 +195,7 @@ def _scaled_run(plan: EndToEndPlan, stack: StackProcess, images: Path, requests:
     try:
         if poller.wait_for_zero(time.time(), ZERO_TIMEOUT_S) is None:
             log.warning("the fleet was not at zero before the run")
+        _settle(stack)
         moto_before = _moto_stats(stack.run_dir / MOTO_STATS)
         sampler = MemorySampler(stack.process.pid).start() if memory and stack.process else None
         lines_before = len(stack.output)
@@ -226,6 +264,7 @@ def _low_load(plan: EndToEndPlan, stack: StackProcess) -> dict[str, object]:
     can outlast the scale-in cooldown (0.5 s here), and the measured requests
     then waited for a launch (seen once: p99 0.88 s against 0.09 s).
     """
+    _settle(stack)
     report = _load(plan, stack.web_url, plan.images, plan.low_load_warmup + plan.low_load_requests, 1)
     out = _summary(without_first(report, plan.low_load_warmup))
     out["warmup_requests"] = plan.low_load_warmup
