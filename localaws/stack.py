@@ -33,7 +33,7 @@ from common.signals import STOP_SIGNALS, on_signals
 from controller.lock import EXIT_ANOTHER_CONTROLLER
 from localaws.kill import ends_with_parent, kill_and_wait
 from localaws.notify import NotifySocket, NotifySockets
-from localaws.runner import InstanceRunner
+from localaws.runner import InstanceRunner, exit_status
 from localaws.server import PortInUse, StartInterrupted, ensure_port_free, start_moto, wait_until_up
 
 log = logging.getLogger("stack")
@@ -154,10 +154,7 @@ def how_it_ended(code: int) -> str:
     if code == 0:
         return "stopped (exit 0)"
     if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
+        return f"was {exit_status(code)}"
     return f"exited with {code}"
 
 
