@@ -1085,9 +1085,10 @@
         for (;;) {
           const batch = await new Promise((resolve, reject) => reader.readEntries(resolve, reject));
           if (!batch.length) break;
-          const shown = batch.filter((child) => !child.name.startsWith("."));
+          const shown = [];
           for (const child of batch) {
-            if (!shown.includes(child)) hidden.push(pathOf(child) + (child.isDirectory ? "/" : ""));
+            if (child.name.startsWith(".")) hidden.push(pathOf(child) + (child.isDirectory ? "/" : ""));
+            else shown.push(child);
           }
           const files = await Promise.all(shown.map(read));
           shown.forEach((child, i) => children.push([child, files[i]]));
