@@ -152,14 +152,8 @@ def _own_cpu_s() -> float:
 
 def workers_alive(stack: StackProcess) -> int:
     """The stack's worker processes now: those of instances, and the warm spares."""
-    if stack.process is None:
-        return 0
-    try:
-        children = psutil.Process(stack.process.pid).children(recursive=True)
-    except psutil.Error:
-        return 0
     alive = 0
-    for child in children:
+    for child in stack.descendants():
         try:
             alive += kind_of(child.cmdline(), is_root=False) == "worker"
         except psutil.Error:

@@ -12,6 +12,7 @@ import pytest
 
 from bench import endtoend
 from load_test import Outcome, Report
+from localaws.harness import StackProcess
 from tests.unit.conftest import wait_until
 
 
@@ -68,7 +69,7 @@ def test_moto_figures_stop_at_the_last_response(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(endtoend, "_load", load)
     monkeypatch.setattr(endtoend, "_moto_stats", moto.snapshot)
     stack = SimpleNamespace(settings=lambda: None, run_dir=tmp_path, process=None, output=[],
-                            web_url="http://127.0.0.1:1", warm_spares=1)
+                            web_url="http://127.0.0.1:1", warm_spares=1, descendants=list)
     plan = endtoend.EndToEndPlan(images=tmp_path, expected=None)
 
     out = endtoend._scaled_run(plan, stack, tmp_path, requests=10, concurrency=10)
@@ -93,7 +94,7 @@ def test_a_phase_waits_for_the_last_fleets_workers_to_end():
     assert not endtoend.wait_for_the_last_fleets_workers(lambda: 3, spares=2, timeout_s=0.3)
 
 
-def test_workers_alive_counts_the_stacks_workers_only():
+def test_workers_alive_counts_the_stacks_workers_only(tmp_path: Path):
     """Worker processes (spares too) under the stack's process, not its other children."""
     sleeper = "import time; time.sleep(60)"
     spawn = ("import subprocess, sys, time; "
@@ -103,10 +104,12 @@ def test_workers_alive_counts_the_stacks_workers_only():
     root = psutil.Process(stack_like.pid)
     try:
         wait_until(lambda: len(root.children(recursive=True)) == 3)
-        assert endtoend.workers_alive(SimpleNamespace(process=stack_like)) == 2  # type: ignore[arg-type]
+        stack = StackProcess(run_dir=tmp_path)
+        stack.process = stack_like
+        assert endtoend.workers_alive(stack) == 2
     finally:
         for child in root.children(recursive=True):
             child.kill()
         stack_like.kill()
         stack_like.wait()
-    assert endtoend.workers_alive(SimpleNamespace(process=None)) == 0  # type: ignore[arg-type]
+    assert endtoend.workers_alive(StackProcess(run_dir=tmp_path)) == 0  # not started
