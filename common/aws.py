@@ -9,15 +9,19 @@ timeouts and 5xx answers with backoff.
 from __future__ import annotations
 
 import platform
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import NamedTuple, TypeVar
 
 import boto3
 import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.utils import parse_timestamp
+from dateutil.tz import tzutc
 
 from common.config import Settings
 
@@ -37,11 +41,36 @@ _loader_lock = threading.Lock()
 _shared_loader = None
 
 
+# An ISO 8601 time in UTC as AWS writes them in XML and JSON answers
+# ("2026-12-02T11:36:54.000Z"), with at most the microseconds datetime holds.
+_AWS_UTC_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z", re.ASCII)
+
+
+def parse_aws_timestamp(value: object) -> datetime:
+    """botocore's timestamp parser, with AWS's usual form read by datetime itself.
+
+    botocore hands every timestamp to dateutil's general parser: 4.8 % of the web
+    tier's CPU in `make bench`, which reads the fleet each second, and ~35 % of the
+    client's CPU for a DescribeInstances of 15 instances (measured here: 19 -> 12 ms
+    a call); the controller, the web tier and the runner each list the fleet every
+    second or more often. The same instant, in tzutc (which dateutil gives too,
+    except where the local zone is UTC: tzlocal); anything else (RFC 822 headers,
+    epoch seconds, other zones) goes to botocore's parser.
+    """
+    if isinstance(value, str) and _AWS_UTC_TIME.fullmatch(value):
+        try:
+            return datetime.fromisoformat(value[:-1]).replace(tzinfo=tzutc())
+        except ValueError:  # a leap second, a 30th of February: botocore's answer, or its error
+            pass
+    return parse_timestamp(value)
+
+
 def new_session() -> boto3.session.Session:
     """A boto3 session of its own (it looks for credentials afresh), which shares the
-    service models this process has parsed already."""
+    service models this process has parsed already, and reads timestamps fast."""
     global _shared_loader
     core = botocore.session.get_session()
+    core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=parse_aws_timestamp)
     with _loader_lock:
         if _shared_loader is None:
             _shared_loader = core.get_component("data_loader")

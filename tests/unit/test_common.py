@@ -553,6 +553,61 @@ def test_clients_of_later_sessions_parse_no_service_model_again(monkeypatch):
     assert paths == list(dict.fromkeys(paths)) and len(paths) == len(set(paths))
 
 
+AWS_TIMES = [
+    "2026-12-02T11:36:54.000Z", "2026-12-02T11:36:54Z", "2026-12-02T11:36:54.1Z",
+    "2026-12-02T11:36:54.123456Z", "2024-02-29T00:00:00Z",
+    # botocore's parser reads these: nanoseconds, RFC 822 (S3's headers), epoch seconds,
+    # another zone, a lower-case z, other digits.
+    "2026-12-02T11:36:54.1234567Z", "Wed, 02 Dec 2026 11:36:54 GMT", "1700000000", 1700000000,
+    "2026-12-02T11:36:54+02:00", "2026-12-02T11:36:54.000z", "٢٠٢٦-12-02T11:36:54Z",
+]
+
+
+@pytest.mark.parametrize("value", AWS_TIMES)
+def test_timestamps_read_as_botocore_reads_them(value):
+    from botocore.utils import parse_timestamp
+
+    from common.aws import parse_aws_timestamp
+
+    ours, theirs = parse_aws_timestamp(value), parse_timestamp(value)
+    assert ours == theirs and ours.utcoffset() == theirs.utcoffset()
+
+
+@pytest.mark.parametrize("value", ["2026-02-30T00:00:00Z", "2026-12-02T25:00:00Z", "garbage"])
+def test_timestamps_botocore_refuses_are_refused(value):
+    from botocore.utils import parse_timestamp
+
+    from common.aws import parse_aws_timestamp
+
+    with pytest.raises(ValueError):
+        parse_timestamp(value)
+    with pytest.raises(ValueError):
+        parse_aws_timestamp(value)
+
+
+def test_clients_read_aws_timestamps_without_dateutil(monkeypatch):
+    """The fleet listing, each second in the controller, the web tier and the runner,
+    spent a third of its client CPU in dateutil's general parser."""
+    import boto3
+    import dateutil.parser
+
+    calls: list[str] = []
+    real = dateutil.parser.parse
+    monkeypatch.setattr(dateutil.parser, "parse",
+                        lambda text, *a, **k: calls.append(text) or real(text, *a, **k))
+    with mock_aws():
+        aws = Aws(Settings(region="us-east-1"))
+        image = aws.ec2.describe_images()["Images"][0]["ImageId"]
+        aws.ec2.run_instances(ImageId=image, MinCount=3, MaxCount=3)
+        calls.clear()
+        ours = aws.ec2.describe_instances()["Reservations"][0]["Instances"]
+        assert calls == []
+        plain_ec2 = boto3.client("ec2", region_name="us-east-1")
+        plain = plain_ec2.describe_instances()["Reservations"][0]["Instances"]
+        assert calls  # the same answer, through botocore's own parser
+    assert [i["LaunchTime"] for i in ours] == [i["LaunchTime"] for i in plain]
+
+
 def test_aws_clients_send_the_fixed_user_agent():
     # The fixed string spares botocore rebuilding its structured one on every call.
     sent: list[str] = []
