@@ -88,6 +88,14 @@ def _recorded_identity(sidecar: Path) -> dict | None:
         return None  # none yet (a copy by an older worker), or unreadable: fetch again
 
 
+def weights_s3_client():
+    """The S3 client weights are fetched with: the service's own session and retries
+    (common.aws), endpoint and credentials from boto3's defaults, as for every client."""
+    from common.aws import client_config, new_session
+
+    return new_session().client("s3", config=client_config())
+
+
 def _fetch_s3_weights(uri: str) -> Path:
     """The local copy of an S3 weights file, fetched again when S3 holds another upload.
 
@@ -96,7 +104,6 @@ def _fetch_s3_weights(uri: str) -> Path:
     weights uploaded at the same key reach every worker at its next start, and
     the 100 MB file is neither downloaded nor hashed while it is unchanged.
     """
-    import boto3
     from botocore.exceptions import BotoCoreError, ClientError
 
     from common.aws import error_code
@@ -106,7 +113,7 @@ def _fetch_s3_weights(uri: str) -> Path:
         raise WeightsUnavailable(_missing_weights_message(f"{uri!r} is not s3://bucket/key"))
     target = keras_cache_dir() / f"s3-{bucket}-{key.replace('/', '_')}"
     sidecar = target.with_name(f"{target.name}.s3.json")
-    s3 = boto3.client("s3")
+    s3 = weights_s3_client()
     try:
         current = _s3_identity(s3.head_object(Bucket=bucket, Key=key))
     except (BotoCoreError, ClientError) as exc:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from app_tier import model
 from app_tier.images import INPUT_SIZE, decode, prepare, to_input
 from app_tier.labels import imagenet_labels
 from app_tier.model import WeightsUnavailable, load_classifier
@@ -220,7 +221,7 @@ def test_s3_weights_missing_or_forbidden_stop_the_worker_but_s3_failing_does_not
 
     for error in (EndpointConnectionError(endpoint_url="https://s3.amazonaws.com"),
                   ClientError({"Error": {"Code": "SlowDown", "Message": "slow down"}}, "GetObject")):
-        monkeypatch.setattr(boto3, "client", lambda service, e=error: FailingS3(e))
+        monkeypatch.setattr(model, "weights_s3_client", lambda e=error: FailingS3(e))
         with pytest.raises(type(error)):
             _fetch_s3_weights("s3://models/later.h5")
 
@@ -239,6 +240,16 @@ def s3_weights(tmp_path, monkeypatch):
         s3 = boto3.client("s3")
         s3.create_bucket(Bucket="models")
         yield s3
+
+
+def test_weights_come_through_a_client_with_the_services_retries(monkeypatch):
+    """boto3.client's defaults were legacy retries and botocore's user agent; every other
+    client of the service has standard retries (throttling, 5xx) and its own."""
+    from common.aws import USER_AGENT
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    config = model.weights_s3_client().meta.config
+    assert config.retries["mode"] == "standard" and config.user_agent.startswith(USER_AGENT)
 
 
 def test_s3_weights_uploaded_again_at_the_same_key_are_fetched_again(s3_weights):
@@ -301,7 +312,7 @@ def test_s3_weights_already_copied_are_used_when_s3_cannot_be_asked(error, s3_we
         def download_file(self, *args, **kwargs):
             raise failure
 
-    monkeypatch.setattr(boto3, "client", lambda service, *args, **kwargs: UnreachableS3())
+    monkeypatch.setattr(model, "weights_s3_client", UnreachableS3)
     caplog.set_level("WARNING", logger="app_tier.model")
     assert _fetch_s3_weights("s3://models/resnet50.h5") == copy
     assert copy.read_bytes() == b"weights"
