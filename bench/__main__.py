@@ -108,9 +108,16 @@ def run_sqs(needed: float | None, receive_batch: float) -> dict[str, Any]:
 
 
 def run_e2e(images: Path, expected: Path | None, env: dict[str, str],
-            warm_spares: int | None) -> dict[str, Any]:
+            warm_spares: int | None, limit: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The stack's phases; with `limit` ((a)'s local limit: runtime, threads, batch), the
+    model measured so again once (b) is over."""
     print("(b, d-g) the whole stack: 300 @ 100, 100 @ 100, then one at a time ...", flush=True)
-    plan = EndToEndPlan(images=images, expected=expected, env=env, warm_spares=warm_spares)
+    probe = None
+    if limit is not None:
+        def probe() -> InferenceResult:
+            return measure(limit["runtime"], limit["threads"], images, batch_sizes=(limit["batch"],))
+    plan = EndToEndPlan(images=images, expected=expected, env=env, warm_spares=warm_spares,
+                        model_probe=probe)
     return run_end_to_end(plan, BENCH_DIR / "run")
 
 
@@ -324,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         env, spares = ({}, None) if args.untuned else tuned_env()
         env.update(_parse_env(args.env))
         spares = args.warm_spares if args.warm_spares is not None else spares
-        return run_e2e(images, expected, env, spares)
+        return run_e2e(images, expected, env, spares, limit=(figures["inference"] or {}).get("local_limit"))
 
     def inference() -> dict[str, Any]:
         figures["inference"], figures["expected_labels"] = None, {}  # this run's, or none
@@ -402,6 +409,7 @@ def _document(figures: dict[str, Any], started: float) -> dict[str, Any]:
     limit = _limit(inference)
     tput = (e2e or {}).get("throughput") or {}
     e2e_ratio = report.ratio(tput.get("throughput_images_per_s"), limit)
+    limit_now = ((e2e or {}).get("model_now") or {}).get("images_per_s")
     budget = report.cpu_budget(limit, psutil.cpu_count() or 1, _cpu_by_kind(tput), tput.get("requests") or 0,
                                tput.get("throughput_images_per_s"))
     # A run whose fleet never reached zero within ZERO_TIMEOUT_S has None here: a miss,
@@ -431,7 +439,9 @@ def _document(figures: dict[str, Any], started: float) -> dict[str, Any]:
         machine={"cpus": psutil.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
                  "python": platform.python_version(), "platform": platform.platform()},
         inference=inference, end_to_end=e2e, sqs=figures["sqs"], found=found, noise=figures["noise"],
-        extra={"ratio_e2e_to_limit": e2e_ratio, "cpu_budget": budget, "code": figures.get("code"),
+        extra={"ratio_e2e_to_limit": e2e_ratio,
+               "ratio_e2e_to_limit_now": report.ratio(tput.get("throughput_images_per_s"), limit_now),
+               "cpu_budget": budget, "code": figures.get("code"),
                "parts": figures["parts"],
                "expected_labels": figures["expected_labels"], "bench_seconds": time.monotonic() - started},
     )
@@ -457,6 +467,19 @@ def budget_line(budget: dict[str, Any] | None) -> str:
             f"    On these cores that allows at most {ceiling} images/s "
             f"= {report.fmt(budget['ceiling_over_limit'], '%')} of the limit; (b) reached "
             f"{report.fmt(budget['measured_over_ceiling'], '%')} of that ceiling.")
+
+
+def model_now_line(now: dict[str, Any], limit: float | None, ratio_now: float | None) -> str:
+    """(c) against the model measured again just after (b): the machine's speed then."""
+    drift = report.fmt(report.ratio(now["images_per_s"], limit), "%")
+    return (f"    The model alone again just after (b), the stack idle: {now['images_per_s']:.1f} "
+            f"images/s at batch {now['batch']} ({drift} of its speed in (a)); (b) was "
+            f"{report.fmt(ratio_now, '%')} of that.")
+
+
+def model_now_single_line(now: dict[str, Any]) -> str:
+    return (f"    The model's single image just after (b): {report.fmt(now['single_image_s'], 'ms')} "
+            f"back-to-back, {report.fmt(now['single_image_after_pause_s'], 'ms')} after the pause")
 
 
 def parts_table(parts: dict[str, Any]) -> str:
@@ -493,6 +516,9 @@ def print_figures(doc: dict[str, Any]) -> None:
         print(e2e_table(e2e), "\n")
         print(f"(c) end-to-end / in-process limit: {report.fmt(e2e_ratio, '%')} "
               f"({tput.get('throughput_images_per_s', 0):.1f} / {limit or 0:.1f} images/s)")
+        now = e2e.get("model_now")
+        if now:
+            print(model_now_line(now, limit, doc.get("ratio_e2e_to_limit_now")))
         print(budget_line(doc.get("cpu_budget")))
         low = ((e2e.get("low_load") or {}).get("latency_s") or {}).get("p50")
         single = (inference or {}).get("single_image_s")
@@ -501,7 +527,10 @@ def print_figures(doc: dict[str, Any]) -> None:
               f"{report.fmt(single, 'ms')} back-to-back (the target's), {report.fmt(paused, 'ms')} "
               f"after a pause of {PAUSE_S * 1000:.0f} ms as between one-at-a-time requests "
               f"(one thread, make run's default a worker: "
-              f"{report.fmt(_one_thread_single(inference), 'ms')}; here each worker uses all cores)\n")
+              f"{report.fmt(_one_thread_single(inference), 'ms')}; here each worker uses all cores)")
+        if now:
+            print(model_now_single_line(now))
+        print()
         print(scaling_table(e2e), "\n")
         if tput.get("memory"):
             print(memory_table(tput["memory"]), "\n")

@@ -6,6 +6,8 @@ starts) serves every phase in turn, starting each from zero instances:
   throughput  300 distinct images at concurrency 100 through POST /, with the
               fleet (EC2 polled every ~50 ms) and memory (psutil) sampled,
               and the embedded AWS's CPU counted per API action;
+  model now   the model alone again, as (a) measured the limit, the stack idle:
+              the machine's speed then, for (c) (when the plan has a probe);
   course      100 requests at concurrency 100: the course's average latency
               (total duration / requests);
   low load    one request at a time, after a warm-up: the p50 latency.
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import psutil
 
+from bench.inference import InferenceResult
 from bench.memory import MemorySampler, kind_of
 from bench.report import latency_summary
 from bench.scaling import FleetPoller, controller_actions, scaling_times
@@ -75,6 +78,10 @@ class EndToEndPlan:
     low_load_warmup: int = 5
     env: dict[str, str] = field(default_factory=dict)
     warm_spares: int | None = None  # None: the stack's own default
+    # The model alone again, as (a) measured the limit, once (b) is over and its fleet
+    # gone: the machine's speed drifts by tens of percent within minutes here (its
+    # other tenants), so (b) is also compared with the model's speed at that time.
+    model_probe: Callable[[], InferenceResult] | None = None
 
 
 def _load(plan: EndToEndPlan, url: str, images: Path, requests: int, concurrency: int) -> Report:
@@ -251,6 +258,16 @@ def _subset(images: Path, count: int, into: Path) -> Path:
     return into
 
 
+def _model_now(plan: EndToEndPlan, stack: StackProcess) -> dict[str, object]:
+    """The model alone, in a fresh process, with the stack idle (no fleet, no workers)."""
+    assert plan.model_probe is not None
+    _settle(stack)
+    found = plan.model_probe()
+    return {"runtime": found.runtime, "threads": found.threads, "batch": found.best_batch,
+            "images_per_s": found.best_throughput, "single_image_s": found.single_image_s,
+            "single_image_after_pause_s": found.single_image_after_pause_s}
+
+
 def _low_load(plan: EndToEndPlan, stack: StackProcess) -> dict[str, object]:
     """One request at a time; the first `low_load_warmup` (the fleet's scale-out) not counted.
 
@@ -294,11 +311,14 @@ def run_end_to_end(plan: EndToEndPlan, run_dir: Path) -> dict[str, object]:
             phases = {
                 "throughput": lambda: _scaled_run(plan, stack, plan.images, plan.throughput_requests,
                                                   plan.throughput_concurrency, memory=True),
+                "model_now": lambda: _model_now(plan, stack),
                 "course": lambda: _scaled_run(plan, stack,
                                               _subset(plan.images, plan.course_requests, scratch / "course"),
                                               plan.course_requests, plan.course_concurrency),
                 "low_load": lambda: _low_load(plan, stack),
             }
+            if plan.model_probe is None:
+                del phases["model_now"]
             for name, phase in phases.items():
                 exited = stack.process.poll() if stack.process else None
                 if exited is not None:

@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -76,11 +77,14 @@ class InferenceResult:
 
 
 def measure(runtime: str, threads: int, images: Path, *, labels: bool = False,
-            min_seconds: float = 2.5, timeout_s: float = 240.0) -> InferenceResult:
-    """Run one measurement in a fresh `python -m bench.inference` process."""
+            min_seconds: float = 2.5, timeout_s: float = 240.0,
+            batch_sizes: Sequence[int] = BATCH_SIZES) -> InferenceResult:
+    """Run one measurement in a fresh `python -m bench.inference` process; its
+    throughput at each of `batch_sizes`."""
     env = dict(os.environ, MODEL_WEIGHTS="random", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
     argv = [sys.executable, "-m", "bench.inference", "--runtime", runtime, "--threads", str(threads),
-            "--images", str(images), "--min-seconds", str(min_seconds)]
+            "--images", str(images), "--min-seconds", str(min_seconds),
+            "--batches", ",".join(str(b) for b in batch_sizes)]
     if labels:
         argv.append("--labels")
     argv += ["--t0", repr(time.time())]
@@ -160,7 +164,7 @@ def _child(args: argparse.Namespace) -> dict:
 
     # Batch sizes interleaved over two rounds, the better round kept: on a shared
     # machine a burst of someone else's work then spoils one round, not a batch size.
-    batches = {size: np.ascontiguousarray(np.resize(pool, (size, *pool.shape[1:]))) for size in BATCH_SIZES}
+    batches = {size: np.ascontiguousarray(np.resize(pool, (size, *pool.shape[1:]))) for size in args.batches}
     throughput: dict[int, float] = {}
     for _round in range(ROUNDS):
         for size, batch in batches.items():
@@ -188,12 +192,21 @@ def _child(args: argparse.Namespace) -> dict:
     ))
 
 
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    sizes = tuple(int(part) for part in text.split(","))
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive: {text!r}")
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.inference")
     parser.add_argument("--runtime", choices=("openvino", "tensorflow"), required=True)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--images", type=Path, required=True)
     parser.add_argument("--min-seconds", type=float, default=2.5)
+    parser.add_argument("--batches", type=_batch_sizes, default=BATCH_SIZES,
+                        help="the batch sizes to measure, comma-separated (default: all)")
     parser.add_argument("--labels", action="store_true", help="also print the top-1 label of every image")
     parser.add_argument("--t0", type=float, required=True, help="wall-clock time the parent started us")
     args = parser.parse_args(argv)

@@ -206,3 +206,111 @@ def test_the_json_says_which_code_measured_each_part(fake_model, bench_dir: Path
     assert doc["code"] == version
     assert doc["parts"]["inference"]["code"] == version and doc["parts"]["inference"]["measured_at"]
     assert "code" not in doc["parts"]["sqs"]  # the previous JSON did not say which code measured it
+
+
+def test_the_model_is_measured_again_after_the_throughput_run(monkeypatch: pytest.MonkeyPatch,
+                                                             tmp_path: Path):
+    """The machine's speed drifts by tens of percent within minutes: (c) also compares
+    (b) with the model measured right after it, with the stack idle."""
+    ran: list[str] = []
+
+    class Stack:
+        def __init__(self, run_dir, env_overrides, **kwargs) -> None:
+            self.ready_line, self.warm_spares, self.output = "ready", 1, []
+            self.process = SimpleNamespace(poll=lambda: None)
+
+        def start(self) -> Stack:
+            return self
+
+        def stop(self) -> float:
+            return 0.1
+
+    def scaled_run(plan, stack, images, requests, concurrency, memory=False):
+        ran.append("throughput" if memory else "course")
+        return {"requests": requests, "failed": 0}
+
+    def probe() -> InferenceResult:
+        ran.append("model")
+        return _result("openvino", 0, 16.0)
+
+    monkeypatch.setattr(endtoend, "StackProcess", Stack)
+    monkeypatch.setattr(endtoend, "_scaled_run", scaled_run)
+    monkeypatch.setattr(endtoend, "_settle", lambda stack: ran.append("settle"))
+    monkeypatch.setattr(endtoend, "_low_load", lambda plan, stack: ran.append("low") or {"requests": 30})
+    images = tmp_path / "images"
+    images.mkdir()
+
+    out = endtoend.run_end_to_end(endtoend.EndToEndPlan(images=images, expected=None, model_probe=probe),
+                                  tmp_path / "run")
+
+    assert ran == ["throughput", "settle", "model", "course", "low"]  # its workers gone first
+    assert out["model_now"]["images_per_s"] == 16.0 and out["model_now"]["single_image_s"] == 0.04
+    ran.clear()
+    out = endtoend.run_end_to_end(endtoend.EndToEndPlan(images=images, expected=None), tmp_path / "run")
+    assert ran == ["throughput", "course", "low"] and "model_now" not in out and "errors" not in out
+
+
+def test_c_is_also_given_against_the_model_measured_just_after_b():
+    throughput = {**_run(), "throughput_images_per_s": 12.0}
+    figures = {"inference": {"local_limit": {"images_per_s": 20.0, "runtime": "openvino", "threads": 0,
+                                             "batch": 8},
+                             "single_image_s": 0.04, "runs": {}},
+               "expected_labels": {}, "sqs": None, "noise": {},
+               "end_to_end": {"throughput": throughput, "course": _run(), "low_load": _run(),
+                              "model_now": {"runtime": "openvino", "threads": 0, "batch": 8,
+                                            "images_per_s": 15.0, "single_image_s": 0.061,
+                                            "single_image_after_pause_s": 0.07}},
+               "parts": {part: {"source": "this run", "measured_at": "now", "error": None}
+                         for part in bench_main.PARTS}}
+
+    doc = bench_main._document(figures, 0.0)
+
+    assert doc["ratio_e2e_to_limit"] == pytest.approx(0.6)  # the target's, against (a)
+    assert doc["ratio_e2e_to_limit_now"] == pytest.approx(0.8)
+    now = figures["end_to_end"]["model_now"]
+    assert "15.0 images/s at batch 8 (75 % of its speed in (a)); (b) was 80 % of that" in \
+        bench_main.model_now_line(now, 20.0, doc["ratio_e2e_to_limit_now"])
+    assert "single image just after (b): 61 ms back-to-back, 70 ms after the pause" in \
+        bench_main.model_now_single_line(now)
+
+
+def test_the_e2e_part_measures_the_model_at_the_limits_settings(fake_model, bench_dir: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch):
+    asked: list[tuple] = []
+
+    def measure(runtime, threads, images, **kwargs) -> InferenceResult:
+        asked.append((runtime, threads, kwargs.get("batch_sizes")))
+        return _result(runtime, threads, 25.0)
+
+    def run_end_to_end(plan, run_dir):
+        plan.model_probe()
+        return {"throughput": _run()}
+
+    monkeypatch.setattr(bench_main, "measure", measure)
+    monkeypatch.setattr(bench_main, "run_end_to_end", run_end_to_end)
+    monkeypatch.setattr(bench_main, "print_figures", lambda doc: None)
+    out = bench_dir / "latest.json"
+    out.write_text(json.dumps({"inference": {"local_limit": {"runtime": "openvino", "threads": 0, "batch": 8,
+                                                              "images_per_s": 20.0}}}))
+
+    bench_main.main(["--only", "e2e", "--json", str(out)])
+
+    assert asked == [("openvino", 0, (8,))]
+
+
+def test_a_measurement_can_be_asked_for_some_batch_sizes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    ran: list[list[str]] = []
+
+    def run(argv, **kwargs):
+        ran.append(argv)
+        result = _result("openvino", 0, 20.0)
+        raw = {**result.__dict__, "throughput": {"8": 20.0}}
+        return SimpleNamespace(returncode=0, stdout=json.dumps(raw), stderr="")
+
+    monkeypatch.setattr(inference.subprocess, "run", run)
+    found = inference.measure("openvino", 0, tmp_path, batch_sizes=(8,))
+    assert found.throughput == {8: 20.0} and ran[0][ran[0].index("--batches") + 1] == "8"
+    inference.measure("openvino", 0, tmp_path)
+    assert ran[1][ran[1].index("--batches") + 1] == ",".join(map(str, BATCH_SIZES))
+    with pytest.raises(SystemExit):
+        inference.main(["--runtime", "openvino", "--images", str(tmp_path), "--t0", "0", "--batches", "0"])
