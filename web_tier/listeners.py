@@ -31,8 +31,12 @@ from web_tier.storage import tag_failed
 log = logging.getLogger(__name__)
 
 RESPONSE_THREADS = 2
+# Between failed polls. At most 5 s, so that once SQS is back the answers waiting
+# there reach their clients within seconds (at 30 s, after an outage of half a
+# minute, every waiting request waited up to 30 s more); each failed poll has
+# already been retried by botocore (standard mode: six attempts, with backoff).
 MIN_BACKOFF_S = 1.0
-MAX_BACKOFF_S = 30.0
+MAX_BACKOFF_S = 5.0
 
 
 class Listeners:

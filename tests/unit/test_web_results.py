@@ -261,6 +261,26 @@ def test_listeners_back_off_on_errors_and_stop_promptly(monkeypatch):
     assert time.monotonic() - started < 1.0
 
 
+def test_failing_listeners_wait_at_most_5_s_between_polls():
+    """At 30 s, answers waiting when SQS came back reached their clients up to 30 s late."""
+    waits: list[float] = []
+
+    class Stop(threading.Event):
+        def wait(self, timeout=None) -> bool:
+            waits.append(timeout)
+            if len(waits) == 7:
+                self.set()
+            return self.is_set()
+
+    def poll() -> None:
+        raise ConnectionError("endpoint down")
+
+    listeners = Listeners(SimpleNamespace(), ResultBook(), wait_s=20)  # type: ignore[arg-type]
+    listeners._stop = Stop()
+    listeners._run(poll)
+    assert waits == [1.0, 2.0, 4.0, 5.0, 5.0, 5.0, 5.0]
+
+
 def test_idle_listeners_short_polling_pause_between_empty_receives_and_stop_at_once():
     """wait_s=0 (RECEIVE_WAIT=0): idle listeners asked SQS again as fast as it answered."""
     from web_tier.listeners import SHORT_POLL_PAUSE_S
