@@ -115,25 +115,28 @@ def test_tensorflow_failing_keeps_openvino(fake_model, bench_dir: Path, capsys: 
     assert "tensorflow measurement failed" in capsys.readouterr().out
 
 
+class _IdleStack:
+    """A stack that starts, stays up and stops, for run_end_to_end's phases (faked)."""
+
+    def __init__(self, run_dir, env_overrides, **kwargs) -> None:
+        self.ready_line, self.warm_spares, self.output = "ready", 1, ["line"]
+        self.process = SimpleNamespace(poll=lambda: None)
+
+    def start(self) -> _IdleStack:
+        return self
+
+    def stop(self) -> float:
+        return 0.1
+
+
 def test_a_failed_phase_keeps_the_phases_before_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    class Stack:
-        def __init__(self, run_dir, env_overrides, **kwargs) -> None:
-            self.ready_line, self.warm_spares, self.output = "ready", 1, ["line"]
-            self.process = SimpleNamespace(poll=lambda: None)
-
-        def start(self) -> Stack:
-            return self
-
-        def stop(self) -> float:
-            return 0.1
-
     def scaled_run(plan, stack, images, requests, concurrency, memory=False):
         if not memory:
             raise TimeoutError("course: the web tier stopped answering")
         return {"requests": requests, "failed": 0}
 
     ran: list[str] = []
-    monkeypatch.setattr(endtoend, "StackProcess", Stack)
+    monkeypatch.setattr(endtoend, "StackProcess", _IdleStack)
     monkeypatch.setattr(endtoend, "_scaled_run", scaled_run)
     monkeypatch.setattr(endtoend, "_low_load", lambda plan, stack: ran.append("low") or {"requests": 30})
     images = tmp_path / "images"
@@ -214,17 +217,6 @@ def test_the_model_is_measured_again_after_the_throughput_run(monkeypatch: pytes
     (b) with the model measured right after it, with the stack idle."""
     ran: list[str] = []
 
-    class Stack:
-        def __init__(self, run_dir, env_overrides, **kwargs) -> None:
-            self.ready_line, self.warm_spares, self.output = "ready", 1, []
-            self.process = SimpleNamespace(poll=lambda: None)
-
-        def start(self) -> Stack:
-            return self
-
-        def stop(self) -> float:
-            return 0.1
-
     def scaled_run(plan, stack, images, requests, concurrency, memory=False):
         ran.append("throughput" if memory else "course")
         return {"requests": requests, "failed": 0}
@@ -233,7 +225,7 @@ def test_the_model_is_measured_again_after_the_throughput_run(monkeypatch: pytes
         ran.append("model")
         return _result("openvino", 0, 16.0)
 
-    monkeypatch.setattr(endtoend, "StackProcess", Stack)
+    monkeypatch.setattr(endtoend, "StackProcess", _IdleStack)
     monkeypatch.setattr(endtoend, "_scaled_run", scaled_run)
     monkeypatch.setattr(endtoend, "_settle", lambda stack: ran.append("settle"))
     monkeypatch.setattr(endtoend, "_low_load", lambda plan, stack: ran.append("low") or {"requests": 30})
