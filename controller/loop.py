@@ -37,6 +37,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -351,6 +352,11 @@ class Controller:
         # Observe: what EC2 and SQS show, with what only this controller has seen (its
         # launches EC2 does not list yet, how long an instance has gone unready).
         began = time.monotonic()
+
+        def clock() -> float:
+            """The round's clock now: monotonic time, or a test's `now` moved on since then."""
+            return time.monotonic() if now is None else now + (time.monotonic() - began)
+
         obs = self._with_readiness(self._with_recent_launches(observe(self.aws, now)))
         self.refusals.keep_listed({i.id for i in obs.instances})
         # Remember what the next rounds need of this one: the scale-in window's counts,
@@ -363,7 +369,7 @@ class Controller:
         decision = self._without_launches_backing_off(decision, obs)
         self._record(obs, decision)
         if decision.changes_anything and not self.dry_run:
-            self._act(decision, obs, began)
+            self._act(decision, obs, clock)
         return decision
 
     def _wanted_recently(self, obs: Observation) -> int | None:
@@ -428,8 +434,8 @@ class Controller:
             recent.forget(iid)
         return replace(obs, instances=obs.instances + recent.instances())
 
-    def _act(self, decision: Decision, obs: Observation, began: float) -> None:
-        """Carries the decision out; `began` is the monotonic time the round began."""
+    def _act(self, decision: Decision, obs: Observation, clock: Callable[[], float]) -> None:
+        """Carries the decision out; `clock()` is the round's clock (obs.clock's) now."""
         # Terminations first: they are what a scale-in waits on, and launches can take
         # long (botocore retrying RunInstances).
         self._terminate(decision.terminate, "the fleet no longer needs it")
@@ -441,10 +447,10 @@ class Controller:
                 # Not raised: failing the round would slow every round, scale-in too, to
                 # the loop's error backoff for as long as capacity or the quota is short.
                 self._remember(exc.launched, obs, exc.unanswered)
-                # Timed from now, on the round's clock: a launch can fail slowly (botocore
-                # retrying RunInstances for seconds), and timed from the observation, the
-                # wait had passed before the call returned.
-                failed_at = obs.clock + (time.monotonic() - began)
+                # Timed from now: a launch can fail slowly (botocore retrying RunInstances
+                # for seconds), and timed from the observation, the wait had passed before
+                # the call returned; timed from before it, a slow SQS lengthened it.
+                failed_at = clock()
                 wait = self.launch_backoff.failed(failed_at, self.launch_backoff_min_s,
                                                   self.launch_backoff_max_s)
                 log.warning("controller: %s; launches held, next try in %.1fs", exc, wait)

@@ -738,6 +738,28 @@ def test_launch_backoff_is_timed_from_when_the_failed_launch_returned(aws, make_
     assert third_started - second_returned >= 2 * TEST_BACKOFF_MIN_S, calls
 
 
+def test_launch_backoff_is_not_lengthened_by_a_slow_observation(aws, make_controller, patch):
+    """Timed from before the round's observation, a failed launch's backoff was longer
+    by as long as SQS took to give the queue's depth: seconds, when it is slow (reviewer)."""
+    real_depth = aws.queue_depth
+
+    def slow_depth(url):
+        time.sleep(0.5)
+        return real_depth(url)
+
+    def fails(**kwargs):
+        raise client_error("RequestLimitExceeded", "RunInstances")()
+
+    patch.setattr(aws, "queue_depth", slow_depth)
+    patch.setattr(aws.ec2, "run_instances", fails)
+    send(aws, 1)
+    controller = make_controller()
+    controller.step()
+    returned = time.monotonic()
+    assert 0 <= returned - controller.launch_backoff.failed_at < 0.25, \
+        (controller.launch_backoff.failed_at, returned)
+
+
 def test_partial_launch_failure_keeps_the_successes(aws, make_controller, patch, caplog):
     """InsufficientInstanceCapacity on some launches: the rest count, the next round adds the remainder."""
     failing = {"app-tier-instance-3", "app-tier-instance-7", "app-tier-instance-11"}
