@@ -68,6 +68,21 @@ def ensure_port_free(host: str, port: int, variable: str) -> None:
                             f"listens there, or set {variable} to another port")
 
 
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def ensure_ports_differ(first: tuple[str, int, str], second: tuple[str, int, str]) -> None:
+    """Refuse two of the stack's servers one address: each (host, port, variable). The
+    first to start took it, the other could not bind, and the stack said READY while
+    the web tier failed its starts, checked through the embedded AWS's answers (reviewer)."""
+    (host_a, port_a, var_a), (host_b, port_b, var_b) = first, second
+    if port_a == 0 or port_a != port_b:
+        return
+    if host_a == host_b or host_a in WILDCARD_HOSTS or host_b in WILDCARD_HOSTS:
+        raise PortInUse(f"{var_a} and {var_b} are both {port_a}: give the embedded AWS and the web "
+                        f"tier ports of their own")
+
+
 def wait_until_up(url: str, process: subprocess.Popen | None, timeout_s: float,
                   stopping: threading.Event | None = None) -> None:
     """Wait for `url` to answer; raise if `process` exits, the time is up, or `stopping` is set."""

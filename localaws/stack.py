@@ -34,7 +34,14 @@ from controller.lock import EXIT_ANOTHER_CONTROLLER
 from localaws.kill import ends_with_parent, kill_and_wait
 from localaws.notify import NotifySocket, NotifySockets
 from localaws.runner import InstanceRunner, exit_status
-from localaws.server import PortInUse, StartInterrupted, ensure_port_free, start_moto, wait_until_up
+from localaws.server import (
+    PortInUse,
+    StartInterrupted,
+    ensure_port_free,
+    ensure_ports_differ,
+    start_moto,
+    wait_until_up,
+)
 
 log = logging.getLogger("stack")
 ROOT = Path(__file__).resolve().parent.parent
@@ -176,6 +183,8 @@ class Stack:
 
     def start(self) -> None:
         s = self.settings
+        ensure_ports_differ((s.local_aws_host, s.local_aws_port, "LOCAL_AWS_PORT"),
+                            (s.web_host, s.web_port, "WEB_PORT"))
         ensure_port_free(s.local_aws_host, s.local_aws_port, "LOCAL_AWS_PORT")
         ensure_port_free(s.web_host, s.web_port, "WEB_PORT")
         # Only now: a run refused for a port in use (a second `make run` here, say)

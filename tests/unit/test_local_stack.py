@@ -17,6 +17,7 @@ import pytest
 
 from common.config import Settings
 from controller.lock import EXIT_ANOTHER_CONTROLLER
+from localaws.harness import free_port
 from localaws.server import PortInUse
 from localaws.stack import (
     LOCK_RETRY_S,
@@ -249,6 +250,24 @@ def test_a_port_already_in_use_stops_the_stack_before_it_starts_anything(tmp_pat
             stack.start()
         assert stack.children == []
         assert (tmp_path / "logs" / "moto.log").read_text() == "the running stack's"  # left alone
+
+
+@pytest.mark.parametrize("web_host", ["127.0.0.1", "0.0.0.0"])
+def test_one_port_for_both_servers_stops_the_stack_before_it_starts_anything(tmp_path, web_host):
+    """moto took the port, gunicorn could not bind, and READY was said all the same:
+    the web tier's health check was answered by the embedded AWS (reviewer)."""
+    port = free_port()
+    stack = Stack(Settings(local_aws_port=port, web_port=port, web_host=web_host), tmp_path, warm_spares=0)
+    with pytest.raises(PortInUse, match=f"LOCAL_AWS_PORT and WEB_PORT are both {port}"):
+        stack.start()
+    assert stack.children == []
+
+
+def test_servers_on_one_port_of_different_addresses_are_allowed():
+    from localaws.server import ensure_ports_differ
+
+    ensure_ports_differ(("127.0.0.1", 8000, "LOCAL_AWS_PORT"), ("127.0.0.2", 8000, "WEB_PORT"))
+    ensure_ports_differ(("127.0.0.1", 0, "LOCAL_AWS_PORT"), ("127.0.0.1", 0, "WEB_PORT"))  # any free ones
 
 
 def test_bad_settings_stop_make_run_with_a_message_naming_the_variable(capsys, monkeypatch):
