@@ -75,6 +75,26 @@ def hold_fleet_lock(settings: Settings) -> FleetLock:
     return FleetLock(path, fd)
 
 
+def held_by_another(settings: Settings) -> bool:
+    """Whether the fleet's lock file names a live process other than this one.
+
+    For whoever restarts a controller refused for the lock (the local stack): a
+    question that takes no lock, so it never refuses a controller starting at that
+    moment. A pid reused since is taken for a holder, and one that names nobody
+    for none; either way the controller's own flock decides when it starts.
+    """
+    holder = _holder(lock_path(settings))
+    if not holder.isdigit() or int(holder) == os.getpid():
+        return False
+    try:
+        os.kill(int(holder), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
+
+
 def _holder(path: Path) -> str:
     """The pid the lock's holder wrote in it."""
     try:

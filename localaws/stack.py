@@ -30,7 +30,7 @@ from common.config import Settings, local_run_defaults, local_run_overrides
 from common.logs import configure as configure_logging
 from common.provision import provision
 from common.signals import STOP_SIGNALS, on_signals
-from controller.lock import EXIT_ANOTHER_CONTROLLER
+from controller.lock import EXIT_ANOTHER_CONTROLLER, held_by_another
 from localaws.kill import ends_with_parent, kill_and_wait
 from localaws.notify import NotifySocket, NotifySockets
 from localaws.runner import InstanceRunner, exit_status
@@ -295,6 +295,11 @@ class Stack:
                 log.log(logging.WARNING if code == 0 else logging.ERROR, "%s %s; restarting it in %.0f s",
                         child.name, how_it_ended(code), child.restart_at - now)
             elif now >= child.restart_at:
+                if child.waiting_for_lock and held_by_another(self.settings):
+                    # Restarted only to be refused again: two lines on the terminal every
+                    # LOCK_RETRY_S for as long as the other runs (reviewer).
+                    child.restart_at = now + LOCK_RETRY_S
+                    continue
                 self._restart(child, now)
                 log.info("%s restarted (pid %d)", child.name, child.process.pid)
         if self.runner_thread is not None and not self.runner_thread.is_alive():

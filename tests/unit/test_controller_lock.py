@@ -104,3 +104,25 @@ def test_controller_py_refuses_to_run_beside_another(settings, monkeypatch, caps
         running.release()
     err = capsys.readouterr().err
     assert "another controller" in err and "Run exactly one" in err
+
+
+def test_held_by_another_names_a_live_other_process_only(settings):
+    from controller.lock import held_by_another, lock_path
+
+    assert not held_by_another(settings)  # no lock file
+    lock = hold_fleet_lock(settings)
+    try:
+        assert not held_by_another(settings)  # this process's own
+    finally:
+        lock.release()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    path = lock_path(settings)
+    path.write_text(f"{other.pid}\n")
+    try:
+        assert held_by_another(settings)
+    finally:
+        other.kill()
+        other.wait()
+    assert not held_by_another(settings)  # its holder gone
+    path.write_text("garbage\n")
+    assert not held_by_another(settings)

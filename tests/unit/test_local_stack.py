@@ -199,6 +199,39 @@ def test_a_controller_refused_for_another_one_running_is_retried_for_as_long(tmp
     stack.sockets.remove_folder()
 
 
+def test_a_controller_refused_for_another_one_is_not_restarted_while_that_one_lives(tmp_path, caplog):
+    """Restarted every 5 s only to be refused, it printed its refusal and the stack its
+    restart, two lines every 5 s for as long as the other ran (reviewer)."""
+    from controller.lock import lock_path
+
+    settings = Settings(state_dir=str(tmp_path / "state"))
+    stack = Stack(settings, tmp_path, warm_spares=0)
+    other = subprocess.Popen(SLEEPER)
+    lock = lock_path(settings)
+    lock.parent.mkdir(parents=True)
+    lock.write_text(f"{other.pid}\n")
+    refused = exited(code=EXIT_ANOTHER_CONTROLLER)
+    child = Child("controller", [sys.executable, "-c", "pass"], refused, started=time.monotonic())
+    stack.children = [child]
+    now = time.monotonic()
+    try:
+        with caplog.at_level("INFO"):
+            assert stack.supervise(now=now) is None
+            for _ in range(3):
+                now = child.restart_at
+                assert stack.supervise(now=now) is None
+                assert child.process is refused and child.restart_at == now + LOCK_RETRY_S
+            assert "restarted" not in caplog.text
+            other.kill()
+            other.wait()
+            assert stack.supervise(now=child.restart_at) is None
+            assert child.process is not refused and "controller restarted" in caplog.text
+    finally:
+        other.kill()
+        child.process.wait(timeout=30)
+        stack.sockets.remove_folder()
+
+
 def test_moto_dying_stops_the_stack(tmp_path):
     # moto holds every queue and object: nothing can take over from it.
     stack = Stack(Settings(), tmp_path, warm_spares=0)
