@@ -74,14 +74,24 @@ class Listeners:
 
     def _run(self, poll: Callable[[], None]) -> None:
         backoff = MIN_BACKOFF_S
+        failures = 0  # in a row
         # The book closing (SIGTERM) ends them too: nobody here waits for answers any
         # more, and during a reload the answers in the shared queues are the new process's.
         while not (self._stop.is_set() or self.book.closing.is_set()):
             try:
                 poll()
-                backoff = MIN_BACKOFF_S
-            except Exception:
-                log.exception("listener failed; retrying in %.0f s", backoff)
+                if failures:
+                    log.info("listener polling again after %d failed polls", failures)
+                failures, backoff = 0, MIN_BACKOFF_S
+            except Exception as exc:
+                failures += 1
+                # The traceback once: at every retry, with botocore's chained errors, it
+                # was 2,246 log lines in 35 s of an unreachable AWS (reviewer).
+                if failures == 1:
+                    log.exception("listener failed; retrying in %.0f s", backoff)
+                else:
+                    log.warning("listener failed again (%d in a row): %s: %s; retrying in %.0f s",
+                                failures, type(exc).__name__, exc, backoff)
                 # Waiting on the event, not sleeping, so stop() ends the wait at once.
                 if self._stop.wait(backoff):
                     break

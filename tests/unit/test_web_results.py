@@ -261,8 +261,9 @@ def test_listeners_back_off_on_errors_and_stop_promptly(monkeypatch):
     assert time.monotonic() - started < 1.0
 
 
-def test_failing_listeners_wait_at_most_5_s_between_polls():
-    """At 30 s, answers waiting when SQS came back reached their clients up to 30 s late."""
+def test_failing_listeners_wait_at_most_5_s_between_polls_and_log_one_traceback(caplog):
+    """At 30 s, answers waiting when SQS came back reached their clients up to 30 s late.
+    A traceback at every failure (with botocore's chained errors) flooded the log."""
     waits: list[float] = []
 
     class Stop(threading.Event):
@@ -277,8 +278,27 @@ def test_failing_listeners_wait_at_most_5_s_between_polls():
 
     listeners = Listeners(SimpleNamespace(), ResultBook(), wait_s=20)  # type: ignore[arg-type]
     listeners._stop = Stop()
-    listeners._run(poll)
+    with caplog.at_level("INFO", logger="web_tier.listeners"):
+        listeners._run(poll)
     assert waits == [1.0, 2.0, 4.0, 5.0, 5.0, 5.0, 5.0]
+    records = [r for r in caplog.records if r.name == "web_tier.listeners"]
+    assert len(records) == 7 and [bool(r.exc_info) for r in records] == [True] + [False] * 6
+    assert "failed again (7 in a row): ConnectionError: endpoint down" in records[-1].getMessage()
+
+
+def test_a_listener_says_when_it_polls_again_after_failures(caplog):
+    outcomes = [ConnectionError("down"), ConnectionError("down"), None]
+    listeners = Listeners(SimpleNamespace(), ResultBook(), wait_s=20)  # type: ignore[arg-type]
+    listeners._stop = SimpleNamespace(is_set=lambda: not outcomes, wait=lambda timeout: False)
+
+    def poll() -> None:
+        outcome = outcomes.pop(0)
+        if outcome is not None:
+            raise outcome
+
+    with caplog.at_level("INFO", logger="web_tier.listeners"):
+        listeners._run(poll)
+    assert "polling again after 2 failed polls" in caplog.text
 
 
 def test_idle_listeners_short_polling_pause_between_empty_receives_and_stop_at_once():
