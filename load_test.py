@@ -286,7 +286,8 @@ def say_what_is_left_out(config: Config, images: list[Path], skipped: int, expec
     if skipped:
         print(f"load_test.py: {skipped} entries of {config.images} left out: not image files "
               f"({', '.join(sorted(IMAGE_SUFFIXES))}) directly in it", file=sys.stderr)
-    unused = len(set(expected) - {image_key(p.name) for p in images})
+    # The names as sent and judged: a name that is not UTF-8 is sent with U+FFFD.
+    unused = len(set(expected) - {image_key(sendable_name(p)) for p in images})
     if unused:
         print(f"load_test.py: {unused} rows of {config.expected} name no image in {config.images}",
               file=sys.stderr)
@@ -1450,7 +1451,10 @@ def result_line(report: Report) -> str:
         if checked and report.unchecked:  # an --expected CSV that names only some images
             return (f"RESULT: PASS ({report.answered} answered, none failed or wrong; "
                     f"{report.unchecked} not in the expected CSV, so unchecked)")
-        return f"RESULT: PASS ({report.answered} answered, none failed or wrong)"
+        followed = sum(1 for o in report.outcomes if o.via and o.answered)
+        late = (f"; {followed} of them read from /api/jobs after a 503 or 504 said "
+                "the image was queued") if followed else ""
+        return f"RESULT: PASS ({report.answered} answered, none failed or wrong{late})"
     reasons = [f"{report.failed} failed", f"{report.wrong} wrong"]
     if report.abandoned:
         reasons.append(f"{report.abandoned} abandoned in flight")

@@ -482,6 +482,19 @@ def test_what_a_run_leaves_out_is_said(tier, tmp_path, capsys):
     assert f"2 rows of {expected} name no image in {images}" in err
 
 
+def test_a_csv_row_for_a_name_that_is_not_utf8_is_not_said_to_name_no_image(tier, tmp_path, capsys):
+    """Its name is sent, and judged, with U+FFFD: compared as it is on disk, the row
+    was said to name no image, though it was checked and right (reviewer)."""
+    images = make_images(tmp_path / "images", {"cat.jpg": b"label:cat"})
+    with open(os.path.join(os.fsencode(images), b"caf\xe9.jpg"), "wb") as fh:
+        fh.write(b"label:coffee")
+    expected = tmp_path / "expected.csv"
+    expected.write_text("Image,Results\ncat,cat\ncaf\ufffd,coffee\n", encoding="utf-8")
+    assert load_test.main(["--url", tier.url, "--images", str(images), "--expected", str(expected),
+                           "--quiet"]) == 0
+    assert "name no image" not in capsys.readouterr().err
+
+
 def test_the_command_reads_the_folder_and_the_csv_once_so_its_plan_is_what_it_counts(
         tier, tmp_path, monkeypatch, capsys):
     """main listed the folder and read --expected for its progress bar (and listed the
@@ -705,6 +718,10 @@ def test_an_image_a_503_says_is_queued_is_answered_from_where_it_says(tier, tmp_
     assert outcome.resent == 0 and tier.paths["POST /"] == 1  # followed, not sent again
     assert re.search(r"answered later +1  \(a 503 or 504", load_test.format_report(report))
     assert report.to_dict()["requests"][0]["via"] == outcome.via
+    # A script reading only the RESULT line sees it too (reviewer: 23 of 30 POST / had timed out).
+    assert load_test.result_line(report) == (
+        "RESULT: PASS (1 answered, none failed or wrong; 1 of them read from /api/jobs after a 503 or 504 "
+        "said the image was queued)")
 
 
 def test_a_page_that_holds_a_colon_is_not_an_answer(tier, tmp_path):
