@@ -42,6 +42,11 @@ FORMATS = {
 if features.check("avif"):  # in Pillow's own wheels from 11.2 on
     FORMATS["AVIF"] = "image/avif"
 _NAMED = [fmt for fmt in FORMATS if fmt != "MPO"]
+# A file of an accepted type that cannot be read (cut short, damaged, or built to be
+# slow to read) is 422, as the worker's answer for an image it cannot decode; 415 is
+# for what is not an image of an accepted type. (The web tier said 415 for these,
+# and the worker 422 for the same reasons: reviewer.)
+DAMAGED = 422
 ACCEPTED = ", ".join(_NAMED[:-1]) + " or " + _NAMED[-1]
 
 
@@ -70,7 +75,7 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
     # rules (common/pixels.py).
     jpeg, too_slow = parts_refusal(data)
     if too_slow:
-        raise UploadError(415, too_slow, name)
+        raise UploadError(DAMAGED, too_slow, name)
     try:
         with Image.open(io.BytesIO(data)) as img:
             fmt = img.format or ""
@@ -82,7 +87,7 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
                 raise UploadError(413, too_large, name)
             cut_short = _truncation(img, data, jpeg)
             if cut_short:
-                raise UploadError(415, f"damaged or unreadable image: {cut_short}", name)
+                raise UploadError(DAMAGED, f"damaged or unreadable image: {cut_short}", name)
             # Checks PNG's chunks and checksums without decoding pixels; for most
             # other formats it does little, hence the check above.
             img.verify()
@@ -95,10 +100,10 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
         if kind and kind not in FORMATS:  # an image, in a format this service does not read
             raise UploadError(415, f"{kind} images are not accepted; send {ACCEPTED}", name) from exc
         if kind:  # it starts like one, but Pillow could not read even its header
-            raise UploadError(415, f"damaged or unreadable image: not a valid {kind} file", name) from exc
+            raise UploadError(DAMAGED, f"damaged or unreadable image: not a valid {kind} file", name) from exc
         raise UploadError(415, f"not an image (the content is not {ACCEPTED})", name) from exc
     except Exception as exc:  # Pillow raises many kinds of errors on damaged files
-        raise UploadError(415, f"damaged or unreadable image: {plain_reason(exc)}", name) from exc
+        raise UploadError(DAMAGED, f"damaged or unreadable image: {plain_reason(exc)}", name) from exc
     return Upload(name, data, FORMATS[fmt])
 
 

@@ -82,18 +82,18 @@ BAD = [
                  id="pdf-named-png"),
     pytest.param(encode(Image.new("RGB", (8, 8)), "PPM"), "x.ppm", 415, "PPM images are not accepted",
                  id="unaccepted-format"),
-    pytest.param(make_image(1, fmt="PNG")[:200], "cut.png", 415,
+    pytest.param(make_image(1, fmt="PNG")[:200], "cut.png", 422,
                  "damaged or unreadable image: the file ends before its image data does (cut short)",
                  id="truncated"),  # Pillow says "Truncated File Read"
     pytest.param(b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>', "logo.svg", 415,
                  "SVG images are not accepted", id="svg"),
-    pytest.param(png_with_bad_header_crc(), "crc.png", 415,
+    pytest.param(png_with_bad_header_crc(), "crc.png", 422,
                  "damaged or unreadable image: not a valid PNG file", id="bad-header-checksum"),
-    pytest.param(b"\xff\xd8\xff\xe0" + b"\x00" * 40, "stub.jpg", 415, "not a valid JPEG file",
+    pytest.param(b"\xff\xd8\xff\xe0" + b"\x00" * 40, "stub.jpg", 422, "not a valid JPEG file",
                  id="jpeg-stub"),
-    pytest.param(make_image(1)[:3000], "half.jpg", 415, "JPEG data is truncated", id="truncated-jpeg"),
-    pytest.param(make_image(1)[:-2], "no-end.jpg", 415, "no end-of-image marker", id="jpeg-without-end"),
-    pytest.param(make_image(1, fmt="BMP")[:-1000], "cut.bmp", 415, "BMP pixel data is truncated",
+    pytest.param(make_image(1)[:3000], "half.jpg", 422, "JPEG data is truncated", id="truncated-jpeg"),
+    pytest.param(make_image(1)[:-2], "no-end.jpg", 422, "no end-of-image marker", id="jpeg-without-end"),
+    pytest.param(make_image(1, fmt="BMP")[:-1000], "cut.bmp", 422, "BMP pixel data is truncated",
                  id="truncated-bmp"),
     pytest.param(b"", "empty.jpg", 400, "empty", id="empty"),
     pytest.param(noise_png(400), "huge.png", 413, "larger than the limit", id="too-many-bytes"),
@@ -172,7 +172,7 @@ def test_a_jpeg_of_too_many_scans_is_refused_as_the_worker_would(web_settings):
     prepare(within, web_settings.max_image_pixels)
     with pytest.raises(UploadError) as refused:
         check_image("slow.jpg", beyond, web_settings)
-    assert refused.value.status == 415 and f"drawn in {MAX_JPEG_SCANS + 1} scans" in refused.value.reason
+    assert refused.value.status == 422 and f"drawn in {MAX_JPEG_SCANS + 1} scans" in refused.value.reason
     with pytest.raises(BadImage, match=f"drawn in {MAX_JPEG_SCANS + 1} scans"):
         prepare(beyond, web_settings.max_image_pixels)
 
@@ -196,7 +196,7 @@ def test_a_jpeg_of_too_many_segments_is_refused_before_pillow_reads_it(web_setti
     for n in (MAX_JPEG_SEGMENTS + 1, 2_600_000):
         with pytest.raises(UploadError) as refused:
             check_image("padded.jpg", padded[n], web_settings)
-        assert refused.value.status == 415
+        assert refused.value.status == 422
         assert f"more than {MAX_JPEG_SEGMENTS} segments" in refused.value.reason
         with pytest.raises(BadImage, match=f"more than {MAX_JPEG_SEGMENTS} segments"):
             prepare(padded[n], web_settings.max_image_pixels)
@@ -222,7 +222,7 @@ def test_a_png_of_too_many_chunks_is_refused_before_pillow_reads_it(web_settings
     for chunks in (MAX_PNG_CHUNKS, 800_000):
         with pytest.raises(UploadError) as refused:
             check_image("padded.png", padded(chunks), web_settings)
-        assert refused.value.status == 415
+        assert refused.value.status == 422
         assert f"more than {MAX_PNG_CHUNKS} chunks" in refused.value.reason
         with pytest.raises(BadImage, match=f"more than {MAX_PNG_CHUNKS} chunks"):
             prepare(padded(chunks), web_settings.max_image_pixels)
