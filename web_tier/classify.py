@@ -24,6 +24,7 @@ from flask import Blueprint, Response, request
 
 from common.names import stem
 from web_tier.auth import KEY_REQUIRED, require_api_key
+from web_tier.filenames import display_name
 from web_tier.form import FORM_SLACK_BYTES, TOKEN_CHARACTER, form_files
 from web_tier.image_check import validate
 from web_tier.refusals import UploadError
@@ -65,7 +66,9 @@ def classify() -> Response:
         raise UploadError(400, f"no file: send the image{how} in form field 'inputFile' (or 'myfile'), "
                                "as curl -F inputFile=@cat.jpg does")
     if len(files) > 1:
-        raise UploadError(400, "one file per request here; POST several to /api/jobs")
+        names = ", ".join(display_name(f) or "(no name)" for f in files)
+        raise UploadError(400, f"one file per request here, got {len(files)} ({names}); POST several "
+                               "to /api/jobs")
     upload = validate(files[0], svc.settings)
     if svc.book.closing.is_set():
         # Nobody would wait for its answer here: store nothing (as /api/jobs does then).

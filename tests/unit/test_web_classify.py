@@ -181,6 +181,15 @@ def test_a_waiting_request_answers_503_at_once_when_the_web_tier_stops(make_web_
     assert book.get(item_id).state == "queued"
 
 
+def test_two_files_to_post_slash_are_refused_naming_them(web_client):
+    response = web_client.post("/", data={"inputFile": [(io.BytesIO(make_image(1)), "a.jpg"),
+                                                        (io.BytesIO(make_image(2)), "b.jpg")]},
+                               content_type="multipart/form-data")
+    assert response.status_code == 400
+    assert response.text.strip() == ("one file per request here, got 2 (a.jpg, b.jpg); POST several "
+                                     "to /api/jobs")
+
+
 def test_bad_upload_is_text_naming_the_file(web_client):
     response = post_image(web_client, b"not an image at all", "notes.jpg")
     assert response.status_code == 415
