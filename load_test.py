@@ -700,6 +700,10 @@ def connection_error(exc: requests.ConnectionError, url: str) -> str:
     web tier stopped or crashed mid-request, the image perhaps already queued)."""
     if isinstance(exc, requests.ConnectTimeout):
         return f"cannot connect to {url}: no connection within {CONNECT_TIMEOUT_S:g} s"
+    if isinstance(exc, requests.exceptions.SSLError):
+        # Said to be closed, with "the image may be stored", it sent nothing (reviewer).
+        return (f"cannot connect to {url}: the TLS handshake failed (https:// to a plain HTTP port, "
+                "or a certificate not trusted)")
     text = str(exc)
     # urllib3's message nests three exceptions; the errno text is the useful part.
     errno_text = re.search(r"\[Errno -?\d+\][^'\")]*", text)

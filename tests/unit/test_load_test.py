@@ -542,6 +542,17 @@ def test_a_connection_closed_before_the_answer_is_not_called_a_failure_to_connec
     assert outcomes["fine.jpg"].answered
 
 
+def test_https_to_a_plain_http_port_is_said_to_be_a_failed_handshake(tier, tmp_path):
+    """It was said to be a connection closed before the answer, 'the image may be
+    stored', though nothing was sent (reviewer)."""
+    images = make_images(tmp_path / "images", {"fine.jpg": b"label:ok"})
+    url = tier.url.replace("http://", "https://")
+    (outcome,) = run_load(Config(images=images, url=url, timeout=5)).outcomes
+    assert outcome.verdict == "failed"
+    assert outcome.error.startswith(f"cannot connect to {url}: the TLS handshake failed"), outcome.error
+    assert "may be stored" not in outcome.error
+
+
 def test_nothing_listening_at_the_url_is_said_before_anything_is_sent(tmp_path):
     """Else each request would be sent again for RESEND_WINDOW_S, as to a web tier restarting."""
     images = make_images(tmp_path / "images", {"fine.jpg": b"label:ok"})
