@@ -322,6 +322,12 @@ def local_run_defaults(settings: Settings, run_dir: Path) -> dict[str, str]:
         # Shorter long polls than production's 20 s: an idle local worker that is
         # told to stop then exits within seconds (each poll is free here).
         "RECEIVE_WAIT": "5",
+        # A short scale-in window: without one, a request every 2 s launched and ended
+        # an instance for each (p50 1.43 s, every one waiting for a launch), and a burst
+        # 1.5 s after the fleet reached zero started it all again from cold (reviewer;
+        # with 10 s: p50 0.23 s). The fleet still reaches zero ~5 s after the last
+        # answer. `make bench` sets its own 0.5 s, for its 2-second target.
+        "SCALE_IN_COOLDOWN": "5",
     }
     if settings.local_max_workers < settings.max_instances:
         # Instances beyond the local cap get no worker and never say they serve: a

@@ -360,7 +360,7 @@ def test_instances_beyond_the_local_cap_are_not_taken_for_workers_that_never_ser
 
 
 LOCAL_RUN_VARIABLES = ("WORKER_THREADS", "RECEIVE_WAIT", "READY_DEADLINE", "AWS_ACCESS_KEY_ID",
-                       "AWS_SECRET_ACCESS_KEY", "WEB_JOURNAL_DIR")
+                       "AWS_SECRET_ACCESS_KEY", "WEB_JOURNAL_DIR", "SCALE_IN_COOLDOWN")
 
 
 def test_make_runs_processes_get_its_own_settings_and_defaults(monkeypatch, tmp_path):
@@ -371,10 +371,11 @@ def test_make_runs_processes_get_its_own_settings_and_defaults(monkeypatch, tmp_
     env = child_env(settings, tmp_path)
     assert {name: env[name] for name in LOCAL_RUN_VARIABLES} == {
         "WORKER_THREADS": "3", "RECEIVE_WAIT": "5", "READY_DEADLINE": "0", "AWS_ACCESS_KEY_ID": "local",
-        "AWS_SECRET_ACCESS_KEY": "local", "WEB_JOURNAL_DIR": str(tmp_path / "web-journal")}
+        "AWS_SECRET_ACCESS_KEY": "local", "WEB_JOURNAL_DIR": str(tmp_path / "web-journal"),
+        "SCALE_IN_COOLDOWN": "5"}
     read = Settings.from_env(env)
-    assert (read.worker_threads, read.receive_wait_s, read.ready_deadline_s, read.web_journal_dir) \
-        == (3, 5, 0.0, str(tmp_path / "web-journal"))
+    assert (read.worker_threads, read.receive_wait_s, read.ready_deadline_s, read.web_journal_dir,
+            read.scale_in_cooldown_s) == (3, 5, 0.0, str(tmp_path / "web-journal"), 5.0)
 
 
 def test_make_run_keeps_the_users_own_values_except_worker_threads(monkeypatch, tmp_path):
@@ -382,7 +383,7 @@ def test_make_run_keeps_the_users_own_values_except_worker_threads(monkeypatch, 
     an empty one too (the children read it as production's default)."""
     mine = {"WORKER_THREADS": "8", "RECEIVE_WAIT": "", "READY_DEADLINE": "600",
             "AWS_ACCESS_KEY_ID": "AKIAMINE", "AWS_SECRET_ACCESS_KEY": "secret",
-            "WEB_JOURNAL_DIR": str(tmp_path / "mine")}
+            "WEB_JOURNAL_DIR": str(tmp_path / "mine"), "SCALE_IN_COOLDOWN": "0"}
     for name, value in mine.items():
         monkeypatch.setenv(name, value)
     env = child_env(Settings(local_max_workers=2, local_worker_threads=1), tmp_path)
