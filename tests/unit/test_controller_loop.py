@@ -925,9 +925,14 @@ def test_a_failing_launch_backs_off_launches_only(aws, make_controller, patch, c
     controller = make_controller(launch_backoff_min_s=1.0, launch_backoff_max_s=30.0)
 
     # A failure is timed when the launch call returned: the round's own (real) time is
-    # added to its `now`, so each step below that expects launches again comes 1 s after.
+    # added to its `now`. So each step below that expects launches again comes that
+    # long after the hold (a fixed second was too little on a busy machine).
+    def step(now: float):
+        began = time.monotonic()
+        return controller.step(now=now), time.monotonic() - began
+
     t = 1000.0
-    decision = controller.step(now=t)
+    decision, took = step(t)
     assert decision.clean_up == (stray,) and len(decision.launch) == 1
     assert instances(aws, ("stopped",)) == [] and len(flaky.calls) == 1
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -936,19 +941,23 @@ def test_a_failing_launch_backs_off_launches_only(aws, make_controller, patch, c
     for wait in (1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0):
         held = controller.step(now=t + wait - 0.01)
         assert held.launch == () and "launches held" in held.reason, held
-        t += wait + 1
-        assert len(controller.step(now=t).launch) == 1
+        t += wait + took + 0.01
+        decision, took = step(t)
+        assert len(decision.launch) == 1
         assert f"next try in {min(2 * wait, 30.0):.1f}s" in caplog.text
     assert len(flaky.calls) == 8
     assert sum(r.levelno >= logging.WARNING for r in caplog.records) == 8
 
     quota["reached"] = False  # a launch that succeeds ends the backoff
-    assert len(controller.step(now=t + 31).launch) == 1 and len(instances(aws)) == 1
+    t += 30.0 + took + 0.01
+    assert len(controller.step(now=t).launch) == 1 and len(instances(aws)) == 1
     aws.ec2.terminate_instances(InstanceIds=[i["InstanceId"] for i in instances(aws)])
     quota["reached"] = True
-    assert len(controller.step(now=t + 32).launch) == 1
+    t += 1.0
+    decision, took = step(t)
+    assert len(decision.launch) == 1
     assert caplog.text.count("next try in 1.0s") == 2
-    assert len(controller.step(now=t + 34).launch) == 1
+    assert len(controller.step(now=t + 1.0 + took + 0.01).launch) == 1
 
 
 def test_failing_launches_slow_no_scale_in(aws, make_controller, patch):
