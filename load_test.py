@@ -564,6 +564,11 @@ class Report:
         return sum(o.resent for o in self.outcomes)
 
     @property
+    def answered_later(self) -> int:
+        """Answered from /api/jobs, after a 503 or 504 said the image was queued."""
+        return sum(1 for o in self.outcomes if o.via and o.answered)
+
+    @property
     def latencies(self) -> list[float]:
         # Failures are left out: a timeout's "latency" is only how long we waited.
         return [o.latency_s for o in self.outcomes if o.answered]
@@ -1455,9 +1460,8 @@ def result_line(report: Report) -> str:
         if checked and report.unchecked:  # an --expected CSV that names only some images
             return (f"RESULT: PASS ({report.answered} answered, none failed or wrong; "
                     f"{report.unchecked} not in the expected CSV, so unchecked)")
-        followed = sum(1 for o in report.outcomes if o.via and o.answered)
-        late = (f"; {followed} of them read from /api/jobs after a 503 or 504 said "
-                "the image was queued") if followed else ""
+        late = (f"; {report.answered_later} of them read from /api/jobs after a 503 or 504 said "
+                "the image was queued") if report.answered_later else ""
         return f"RESULT: PASS ({report.answered} answered, none failed or wrong{late})"
     reasons = [f"{report.failed} failed", f"{report.wrong} wrong"]
     if report.abandoned:
@@ -1506,10 +1510,9 @@ def format_report(report: Report, max_problems: int = 10) -> str:
     ]
     if report.abandoned:
         rows.insert(3, ("abandoned", f"{report.abandoned}  (in flight at the second Ctrl-C)"))
-    followed = sum(1 for o in report.outcomes if o.via and o.answered)
-    if followed:
-        rows.insert(2, ("answered later", f"{followed}  (a 503 or 504 said the image was queued: its "
-                                          "result was read from /api/jobs)"))
+    if report.answered_later:
+        rows.insert(2, ("answered later", f"{report.answered_later}  (a 503 or 504 said the image was "
+                                          "queued: its result was read from /api/jobs)"))
     if report.resent:
         resent_requests = sum(1 for o in report.outcomes if o.resent)
         cut_off_too = report.api == "jobs" or report.idempotency_keys
