@@ -23,6 +23,7 @@ some parts (the others are taken from the last .bench/latest.json when there;
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import platform
@@ -112,10 +113,8 @@ def run_e2e(images: Path, expected: Path | None, env: dict[str, str],
     """The stack's phases; with `limit` ((a)'s local limit: runtime, threads, batch), the
     model measured so again once (b) is over."""
     print("(b, d-g) the whole stack: 300 @ 100, 100 @ 100, then one at a time ...", flush=True)
-    probe = None
-    if limit is not None:
-        def probe() -> InferenceResult:
-            return measure(limit["runtime"], limit["threads"], images, batch_sizes=(limit["batch"],))
+    probe = None if limit is None else functools.partial(
+        measure, limit["runtime"], limit["threads"], images, batch_sizes=(limit["batch"],))
     plan = EndToEndPlan(images=images, expected=expected, env=env, warm_spares=warm_spares,
                         model_probe=probe)
     return run_end_to_end(plan, BENCH_DIR / "run")
