@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 from botocore.exceptions import BotoCoreError, ClientError
 
+from app_tier.held_journal import HeldJournal
 from common.aws import Aws, change_visibility, sqs_batches
 from common.config import Settings
 from common.messages import ClassifyRequest, ClassifyResponse
@@ -90,6 +92,8 @@ class Job:
     # For such a request, the answer an earlier attempt stored before it died unanswered
     # (app_tier/stored_answer.py): sent as it is, and not stored again.
     stored_answer: ClassifyResponse | None = None
+    # Until when (time.time()) its message is hidden at the latest, for the journal.
+    hidden_until: float = 0.0
 
     @property
     def settled(self) -> bool:
@@ -101,10 +105,13 @@ class Job:
 class HeldMessages:
     """The request-queue messages one worker holds, by message id; thread-safe."""
 
-    def __init__(self, aws: Aws, settings: Settings, worker_name: str) -> None:
+    def __init__(self, aws: Aws, settings: Settings, worker_name: str,
+                 journal: HeldJournal | None = None) -> None:
         self.aws = aws
         self.settings = settings
         self.worker_name = worker_name
+        # Written at each change, under _lock, so that the file follows the changes in order.
+        self._journal = journal
         self._held: dict[str, Job] = {}
         self._lock = threading.Lock()
         # Orders the heartbeat's extensions against releases (see hide).
@@ -124,14 +131,19 @@ class HeldMessages:
         the old one being void, and this copy is not worked on twice. Held over it,
         the copy had been forgotten when the first finished (explorer)."""
         fresh = []
+        # Taken after the receive returned, so a few ms late: the journal's MARGIN_S covers it.
+        hidden_until = time.time() + self.settings.visibility_timeout_s
         with self._lock:
             for job in jobs:
                 in_hand = self._held.get(job.message_id)
                 if in_hand is None:
                     self._held[job.message_id] = job
                     fresh.append(job)
+                    in_hand = job
                 else:
                     in_hand.receipt = job.receipt
+                in_hand.hidden_until = hidden_until
+            self._record()
         return fresh
 
     def forget(self, jobs: list[Job]) -> None:
@@ -139,6 +151,27 @@ class HeldMessages:
         with self._lock:
             for j in jobs:
                 self._held.pop(j.message_id, None)
+            self._record()
+
+    def _record(self) -> None:
+        """Write what is held to the journal (hold _lock)."""
+        if self._journal is not None:
+            self._journal.record((j.receipt, j.hidden_until) for j in self._held.values())
+
+    def show_what_the_last_worker_held(self) -> None:
+        """Make visible at once the messages the worker before this one here held when it
+        died, as used attempts (app_tier/held_journal.py). Call before receiving."""
+        if self._journal is None:
+            return
+        receipts = self._journal.take()
+        if not receipts:
+            return
+        failures = change_visibility(self.aws.sqs, self.aws.request_queue_url, [(r, 0) for r in receipts])
+        log.info("worker %s: made %d request(s) visible again that the worker before it here held "
+                 "when it ended", self.worker_name, len(receipts) - len(failures))
+        for reason, count in Counter(f.reason for f in failures).items():
+            # Answered and deleted since, or received again by another worker: nothing to do.
+            log.info("worker %s: %d of them could not be: %s", self.worker_name, count, reason)
 
     def delete(self, jobs: list[Job], why: str = "answered request(s), which will be answered again") -> None:
         """Delete answered requests from the queue, and stop holding them; `why` says
@@ -179,6 +212,12 @@ class HeldMessages:
         with self._visibility_lock:
             with self._lock:
                 held = list(self._held.values())
+                # Taken before the call, so a little early: the safe side.
+                hidden_until = time.time() + self.settings.visibility_timeout_s
+                for job in held:
+                    job.hidden_until = hidden_until
+                if held:
+                    self._record()
             if held:
                 self._change_visibility([(j, self.settings.visibility_timeout_s) for j in held])
 

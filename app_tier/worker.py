@@ -44,6 +44,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, 
 
 from app_tier import EXIT_STALLED, images
 from app_tier.held import AWS_ERRORS, PRIOR_RECEIVES_ATTRIBUTE, HeldMessages, Job, prior_receives
+from app_tier.held_journal import HeldJournal, held_journal_path
 from app_tier.images import BadImage, prepare
 from app_tier.model import Classification, Classifier
 from app_tier.stored_answer import stored_answer
@@ -111,7 +112,9 @@ class Worker:
         self.received = threading.Event()
         self._finished = threading.Event()
         # What the heartbeat keeps hidden, and what a stop hands back.
-        self.held = HeldMessages(aws, settings, instance_id)
+        journal_path = held_journal_path(settings, instance_id)
+        self.held = HeldMessages(aws, settings, instance_id,
+                                 HeldJournal(journal_path) if journal_path else None)
         self._prefetched: queue.Queue[Batch] = queue.Queue()
         # Taken by the fetch thread before it receives, given back when the main
         # thread picks the batch up: at most one batch waits while one is classified.
@@ -190,6 +193,7 @@ class Worker:
     def run(self) -> None:
         """Serve until told to stop; returns after a clean, warm shutdown."""
         log.info("worker %s: serving %s", self.instance_id, self.settings.request_queue)
+        self.held.show_what_the_last_worker_held()
         fetcher = self._fetcher = threading.Thread(target=self._fetch_loop, name="fetch", daemon=True)
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         fetcher.start()

@@ -37,6 +37,7 @@ from pathlib import Path
 from botocore.exceptions import BotoCoreError, ClientError
 
 from app_tier import EXIT_MODEL_UNAVAILABLE, SPARE_LOADED
+from app_tier.held_journal import held_journal_path
 from common.aws import Aws
 from common.config import Settings
 from common.fleet import LIVE_STATES, Instance, app_tier_instances, scale_in_order
@@ -297,6 +298,7 @@ class InstanceRunner:
                 # loading its model ends by the signal, one that served exits after its warm shutdown.
                 log.info("runner: worker pid %d of %s ended: %s, %.1f s after SIGTERM", worker.process.pid,
                          worker.instance_id, exit_status(code), now - (worker.term_sent_at or now))
+                self._remove_held_journal(worker.instance_id)
                 continue
             if worker.kill_sent_at is None and now - (worker.term_sent_at or now) > self.grace_s:
                 log.warning("runner: pid %d ignored SIGTERM for %.0fs, SIGKILL",
@@ -307,6 +309,17 @@ class InstanceRunner:
             # holds outlives SIGKILL, and the round must go on (the watchdog comes after).
             still.append(worker)
         self._draining = still
+
+    def _remove_held_journal(self, instance_id: str) -> None:
+        """A worker killed before it handed back left what it held written down for its
+        successor on the instance (app_tier/held_journal.py). The instance has ended, so
+        none will come: on EC2 its disk goes with it; here the file would stay for ever."""
+        path = held_journal_path(self.settings, instance_id)
+        if path is not None:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("runner: cannot remove %s: %s", path, exc)
 
     def _hear(self) -> None:
         """Take in what every process has sent, so that no socket's queue fills up (a

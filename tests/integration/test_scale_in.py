@@ -1,11 +1,13 @@
-"""Scale-in in the middle of a load loses nothing and strands nothing.
+"""Scale-in in the middle of a load, and workers killed outright, lose nothing and
+strand nothing.
 
-The visibility timeout here is 300 s: a message left in flight by a removed
-worker would hold its answer back for five minutes, far past the deadline.
+The visibility timeout here is 300 s: a message left in flight by a removed or
+killed worker would hold its answer back for five minutes, far past the deadline.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -13,7 +15,7 @@ import pytest
 import requests
 
 from tests.conftest import make_image
-from tests.integration.conftest import clients, live_instances, running_stack, wait_for
+from tests.integration.conftest import clients, live_instances, running_stack, serving_workers, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +66,41 @@ def test_instances_removed_mid_load_finish_or_hand_back_their_work(slow_redelive
     handed_back = sum(p.read_text().count("handing back") for p in logs.glob("worker-*.log"))
     print(f"\nscale-in mid-load: 40 images in {took:.1f}s, 2 instances removed, "
           f"{handed_back} hand-backs logged")
+
+
+def test_workers_killed_outright_have_their_requests_shown_again_by_their_successors(slow_redelivery_stack):
+    """SIGKILL: no hand-back. The worker restarted on each instance makes what the
+    killed one held visible again at once (app_tier/held_journal.py), instead of
+    leaving it to the visibility timeout."""
+    stack = slow_redelivery_stack
+    _, sqs, _ = clients(stack)
+    queue_url = sqs.get_queue_url(QueueName=f"{stack.prefix}-req-queue")["QueueUrl"]
+    images = {f"killed_{i:02d}.jpg": make_image(6100 + i) for i in range(12)}
+    reply = requests.post(f"{stack.web_url}/api/jobs", timeout=60,
+                          files=[("files", (n, d)) for n, d in images.items()])
+    assert reply.status_code == 202
+    batch_id = reply.json()["batch_id"]
+
+    def workers_holding_messages():
+        held = int(sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=[
+            "ApproximateNumberOfMessagesNotVisible"])["Attributes"]["ApproximateNumberOfMessagesNotVisible"])
+        serving = serving_workers(stack)
+        return serving if held and serving else None
+
+    victims = wait_for(workers_holding_messages, 60, "workers holding messages", interval=0.02)
+    for victim in victims:
+        victim.kill()
+    killed_at = time.monotonic()
+
+    def finished():
+        got = requests.get(f"{stack.web_url}/api/jobs/{batch_id}", timeout=10).json()["items"]
+        return got if all(i["state"] != "queued" for i in got) else None
+
+    items = wait_for(finished, 120, "every image answered, none left to its visibility timeout", interval=0.5)
+    took = time.monotonic() - killed_at
+    assert len(items) == 12 and all(i["state"] == "done" for i in items), items
+    logs = "".join(p.read_text() for p in (stack.run_dir / "logs").glob("worker-*.log"))
+    shown = [int(n) for n in re.findall(r"made (\d+) request\(s\) visible again", logs)]
+    assert sum(shown) >= 1, "the kill came when no worker held anything: nothing tested"
+    print(f"\n{len(victims)} workers killed holding messages: {sum(shown)} shown again by their "
+          f"successors, every image answered {took:.1f}s after the kill")

@@ -17,6 +17,7 @@ import pytest
 from moto import mock_aws
 
 from app_tier import EXIT_MODEL_UNAVAILABLE
+from app_tier.held_journal import held_journal_path
 from common.aws import Aws
 from common.config import Settings
 from controller.act import launch, terminate
@@ -191,6 +192,26 @@ def test_a_stopped_worker_is_said_how_it_ended_once_reaped(world, caplog, mode, 
     runner.step()
     runner.step()
     assert len(said.findall(caplog.text)) == 1  # once, not every round after
+
+
+def test_a_killed_workers_journal_of_held_messages_goes_with_its_instance(world, tmp_path):
+    """Read only by the next worker on the same instance, which a terminated one never
+    has: the file would stay in the user's state directory for ever."""
+    settings, aws, make, out = world
+    runner = make(warm_spares=0, grace_s=0.2, env={"FAKE_MODE": "stubborn"},
+                  state_dir=str(tmp_path / "state"))
+    iid, other = launch(aws, settings, (1, 2)).values()
+    runner.step()
+    wait_until(lambda: started(out) == sorted([iid, other]), what="the workers to start")
+    journals = {i: held_journal_path(runner.settings, i) for i in (iid, other)}
+    for path in journals.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text('{"held": []}')
+    process = runner.workers[iid].process
+    terminate(aws, (iid,))
+    wait_until(lambda: (runner.step(), process.poll() is not None)[1], what="SIGKILL after the grace period")
+    wait_until(lambda: (runner.step(), not journals[iid].exists())[1], what="its journal to be removed")
+    assert journals[other].exists(), "a live instance's journal is its next worker's"
 
 
 def test_a_worker_that_outlives_sigkill_does_not_hold_up_the_rounds(world, monkeypatch):
