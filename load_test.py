@@ -1315,6 +1315,25 @@ class Senders:
             return self.started - self.answered
 
 
+def plan_requests(config: Config, images: list[Path], expected: dict[str, str]) -> list[Path]:
+    """The image each request sends, in order: the folder's images over and over, up to
+    --num-requests (all of them once without it). Raises LoadTestError when an
+    --expected CSV names none of the images sent."""
+    total = config.num_requests if config.num_requests is not None else len(images)
+    plan = [images[i % len(images)] for i in range(total)]
+    sending = {sendable_name(p) for p in plan}  # as judge names them
+    if config.expected and not any(image_key(name) in expected for name in sending):
+        # Every answer would be "unchecked", and the run a PASS that checked nothing. The
+        # images sent, not those in the folder: --num-requests may send only a few of them.
+        which = (f"the {len(images)} images in {config.images}" if len(sending) == len(images) else
+                 f"the {len(sending)} images --num-requests {total} sends of the {len(images)} "
+                 f"in {config.images}")
+        named = ", ".join(sorted(expected)[:3]) or "none"
+        raise LoadTestError(f"{config.expected} names none of {which} (it names {named}"
+                            f"{', ...' if len(expected) > 3 else ''})")
+    return plan
+
+
 def run_load(
     config: Config,
     progress: Progress | None = None,
@@ -1342,18 +1361,8 @@ def run_load(
         images = list_images(config.images)
     if expected is None:
         expected = read_expected(config.expected) if config.expected else {}
-    total = config.num_requests if config.num_requests is not None else len(images)
-    plan = [images[i % len(images)] for i in range(total)]
-    sending = {sendable_name(p) for p in plan}  # as judge names them
-    if config.expected and not any(image_key(name) in expected for name in sending):
-        # Every answer would be "unchecked", and the run a PASS that checked nothing. The
-        # images sent, not those in the folder: --num-requests may send only a few of them.
-        which = (f"the {len(images)} images in {config.images}" if len(sending) == len(images) else
-                 f"the {len(sending)} images --num-requests {total} sends of the {len(images)} "
-                 f"in {config.images}")
-        named = ", ".join(sorted(expected)[:3]) or "none"
-        raise LoadTestError(f"{config.expected} names none of {which} (it names {named}"
-                            f"{', ...' if len(expected) > 3 else ''})")
+    plan = plan_requests(config, images, expected)
+    total = len(plan)
     check_reachable(config.url)
     if not config.api_key and api_key_required(config.url):
         # Else every upload is refused with a 401, and a quiet run said only how many failed.
@@ -1456,13 +1465,12 @@ def _seconds(value: float | None) -> str:
 
 def result_line(report: Report) -> str:
     if report.ok:
-        checked = report.correct + report.wrong
-        if checked and report.unchecked:  # an --expected CSV that names only some images
-            return (f"RESULT: PASS ({report.answered} answered, none failed or wrong; "
-                    f"{report.unchecked} not in the expected CSV, so unchecked)")
         late = (f"; {report.answered_later} of them read from /api/jobs after a 503 or 504 said "
                 "the image was queued") if report.answered_later else ""
-        return f"RESULT: PASS ({report.answered} answered, none failed or wrong{late})"
+        checked = report.correct + report.wrong
+        unchecked = (f"; {report.unchecked} not in the expected CSV, so unchecked"
+                     if checked and report.unchecked else "")  # a CSV that names only some images
+        return f"RESULT: PASS ({report.answered} answered, none failed or wrong{late}{unchecked})"
     reasons = [f"{report.failed} failed", f"{report.wrong} wrong"]
     if report.abandoned:
         reasons.append(f"{report.abandoned} abandoned in flight")

@@ -735,6 +735,19 @@ def test_an_image_a_503_says_is_queued_is_answered_from_where_it_says(tier, tmp_
         "said the image was queued)")
 
 
+def test_the_result_line_says_what_was_read_later_when_the_csv_names_only_some_images(tier, tmp_path):
+    """The line's branch for a partial CSV had left the answers read from /api/jobs out."""
+    images = make_images(tmp_path / "images", {"cat.jpg": b"queued:cat", "dog.jpg": b"label:dog"})
+    expected = tmp_path / "expected.csv"
+    expected.write_text("Image,Results\ncat,cat\n")
+    tier.queued_polls = 1
+    report = run_load(Config(images=images, url=tier.url, expected=expected))
+    assert report.answered_later == 1 and report.unchecked == 1 and report.correct == 1
+    assert load_test.result_line(report) == (
+        "RESULT: PASS (2 answered, none failed or wrong; 1 of them read from /api/jobs after a 503 or 504 "
+        "said the image was queued; 1 not in the expected CSV, so unchecked)")
+
+
 def test_a_page_that_holds_a_colon_is_not_an_answer(tier, tmp_path):
     """An explorer pointed the script at the embedded AWS: its XML, which holds
     "http:", counted as answered (and wrong) at 79 images/s."""
