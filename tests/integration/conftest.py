@@ -117,6 +117,21 @@ def serving_workers(stack: StackProcess) -> list[psutil.Process]:
     return [proc for proc in processes(stack, "app_tier") if proc.pid in pids]
 
 
+def serving_workers_once_some_hold_messages(stack: StackProcess) -> list[psutil.Process]:
+    """The serving workers, as soon as the request queue has messages in flight (held by
+    them), polled as often as SQS answers: for a kill that must come mid-batch."""
+    _, sqs, _ = clients(stack)
+    queue_url = sqs.get_queue_url(QueueName=f"{stack.prefix}-req-queue")["QueueUrl"]
+
+    def held_and_serving():
+        held = int(sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=[
+            "ApproximateNumberOfMessagesNotVisible"])["Attributes"]["ApproximateNumberOfMessagesNotVisible"])
+        serving = serving_workers(stack)
+        return serving if held and serving else None
+
+    return wait_for(held_and_serving, 60, "workers holding messages", interval=0.02)
+
+
 def live_instances(ec2) -> list[dict]:
     reply = ec2.describe_instances(Filters=[
         {"Name": "tag:Name", "Values": ["app-tier-instance-*"]},

@@ -14,7 +14,7 @@ from tests.integration.conftest import (
     live_instances,
     processes,
     reference,
-    serving_workers,
+    serving_workers_once_some_hold_messages,
     wait_for,
 )
 
@@ -102,17 +102,7 @@ def test_worker_killed_mid_batch_its_images_are_answered_by_another(stack, refer
                           files=[("files", (n, d)) for n, d in images.items()])
     batch_id = reply.json()["batch_id"]
 
-    _, sqs, _ = clients(stack)
-    queue_url = sqs.get_queue_url(QueueName=f"{stack.prefix}-req-queue")["QueueUrl"]
-
-    def workers_holding_messages():
-        held = int(sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=[
-            "ApproximateNumberOfMessagesNotVisible"])["Attributes"]["ApproximateNumberOfMessagesNotVisible"])
-        serving = serving_workers(stack)
-        return serving if held and serving else None
-
-    victims = wait_for(workers_holding_messages, 60, "workers holding messages", interval=0.02)
-    for victim in victims:
+    for victim in serving_workers_once_some_hold_messages(stack):
         victim.kill()  # SIGKILL mid-batch: no warm shutdown, no hand-back
 
     def finished():
