@@ -19,14 +19,16 @@ from dataclasses import dataclass
 import numpy as np
 from botocore.exceptions import BotoCoreError, ClientError
 
-from app_tier.held_journal import HeldJournal
-from common.aws import Aws, change_visibility, sqs_batches
+from app_tier.held_journal import HeldJournal, still_hidden
+from common.aws import Aws, VisibilityFailure, change_visibility, sqs_batches
 from common.config import Settings
 from common.messages import ClassifyRequest, ClassifyResponse
 
 log = logging.getLogger(__name__)
 
 AWS_ERRORS = (BotoCoreError, ClientError)
+# Seconds since the epoch, as the journal keeps them (tests put a clock of their own here).
+wall_clock = time.time
 # SQS allows a message 12 h of invisibility from its receive, all extensions
 # included; an hour leaves room for everything before and after a retry delay.
 MAX_RETRY_DELAY_S = 3600
@@ -132,7 +134,7 @@ class HeldMessages:
         the copy had been forgotten when the first finished (explorer)."""
         fresh = []
         # Taken after the receive returned, so a few ms late: the journal's MARGIN_S covers it.
-        hidden_until = time.time() + self.settings.visibility_timeout_s
+        hidden_until = wall_clock() + self.settings.visibility_timeout_s
         with self._lock:
             for job in jobs:
                 in_hand = self._held.get(job.message_id)
@@ -160,15 +162,26 @@ class HeldMessages:
 
     def show_what_the_last_worker_held(self) -> None:
         """Make visible at once the messages the worker before this one here held when it
-        died, as used attempts (app_tier/held_journal.py). Call before receiving."""
+        died, as used attempts (app_tier/held_journal.py). Call before receiving: the
+        journal is this worker's own from its first receive."""
         if self._journal is None:
             return
-        receipts = self._journal.take()
-        if not receipts:
+        left = self._journal.read(now=wall_clock())
+        shown, failures = 0, []
+        for chunk in sqs_batches(left):
+            # Looked at again before each call: botocore's retries of the one before may
+            # have taken long enough for a message to be visible, or another worker's, by now.
+            now = wall_clock()
+            receipts = [receipt for receipt, until in chunk if still_hidden(until, now)]
+            failures += change_visibility(self.aws.sqs, self.aws.request_queue_url,
+                                          [(r, 0) for r in receipts])
+            shown += len(receipts)
+        # Only now: a worker stopped before this point leaves them to its successor.
+        self._journal.remove()
+        if not left:
             return
-        failures = change_visibility(self.aws.sqs, self.aws.request_queue_url, [(r, 0) for r in receipts])
         log.info("worker %s: made %d request(s) visible again that the worker before it here held "
-                 "when it ended", self.worker_name, len(receipts) - len(failures))
+                 "when it ended", self.worker_name, shown - len(failures))
         for reason, count in Counter(f.reason for f in failures).items():
             # Answered and deleted since, or received again by another worker: nothing to do.
             log.info("worker %s: %d of them could not be: %s", self.worker_name, count, reason)
@@ -211,15 +224,20 @@ class HeldMessages:
         """Keep every held message hidden for another visibility timeout."""
         with self._visibility_lock:
             with self._lock:
+                receipts = {j.message_id: j.receipt for j in self._held.values()}
                 held = list(self._held.values())
-                # Taken before the call, so a little early: the safe side.
-                hidden_until = time.time() + self.settings.visibility_timeout_s
+            if not held:
+                return
+            asked_at = wall_clock()  # before the call, so a little early: the safe side
+            failed = {f.receipt_handle for f in self._change_visibility(
+                [(j, self.settings.visibility_timeout_s) for j in held])}
+            with self._lock:
+                # Only what was extended: a message whose extension failed may be visible,
+                # or another worker's, by the time a successor reads the journal.
                 for job in held:
-                    job.hidden_until = hidden_until
-                if held:
-                    self._record()
-            if held:
-                self._change_visibility([(j, self.settings.visibility_timeout_s) for j in held])
+                    if job.receipt == receipts[job.message_id] and job.receipt not in failed:
+                        job.hidden_until = asked_at + self.settings.visibility_timeout_s
+                self._record()
 
     def hand_back(self, jobs: list[Job]) -> None:
         """Give messages we will not process back to the queue without using up an attempt.
@@ -289,9 +307,11 @@ class HeldMessages:
                             "each is queued twice, and will be answered twice", len(sent), exc)
                 self.forget(sent)
 
-    def _change_visibility(self, hidden_for: list[tuple[Job, int]]) -> None:
-        """Hide each job's message for its number of seconds from now (0: visible)."""
+    def _change_visibility(self, hidden_for: list[tuple[Job, int]]) -> list[VisibilityFailure]:
+        """Hide each job's message for its number of seconds from now (0: visible); the
+        changes that failed (logged)."""
         failures = change_visibility(self.aws.sqs, self.aws.request_queue_url,
                                      [(j.receipt, seconds) for j, seconds in hidden_for])
         for reason, count in Counter(f.reason for f in failures).items():
             log.warning("could not change visibility of %d message(s): %s", count, reason)
+        return failures

@@ -24,6 +24,7 @@ with it).
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -76,13 +77,17 @@ class HeldJournal:
                 log.warning("cannot write %s (%s): a worker killed outright here will leave its "
                             "requests to their visibility timeout", self.path, exc)
             self._failing = True
+            # The last version names what is no longer held (answered, or hidden for a
+            # retry delay): a successor would show those. Removing works on a full disk.
+            self._remove_quietly()
             return
         if self._failing:
             log.info("writing %s again", self.path)
         self._failing = False
 
-    def take(self, now: float | None = None) -> list[str]:
-        """The receipts a dead worker left that are still hidden; the file is removed."""
+    def read(self, now: float | None = None) -> list[tuple[str, float]]:
+        """What a dead worker left: (receipt, hidden until) for each message still hidden
+        by more than MARGIN_S at `now`. A damaged file is removed."""
         now = time.time() if now is None else now
         try:
             text = self.path.read_text(encoding="utf-8")
@@ -93,11 +98,28 @@ class HeldJournal:
                         "visibility timeout", self.path, exc)
             return []
         try:
-            held = json.loads(text)["held"]
-            receipts = [(str(h["receipt"]), float(h["hidden_until"])) for h in held]
+            held = [(str(h["receipt"]), float(h["hidden_until"])) for h in json.loads(text)["held"]]
         except (ValueError, TypeError, KeyError) as exc:
             log.warning("%s is not a journal of held messages (%s): ignored; the requests it "
                         "may name come back after their visibility timeout", self.path, exc)
-            receipts = []
-        self.path.unlink(missing_ok=True)
-        return [receipt for receipt, until in receipts if until - MARGIN_S > now]
+            self.remove()
+            return []
+        return [(receipt, until) for receipt, until in held if still_hidden(until, now)]
+
+    def remove(self) -> None:
+        """Remove the file, and any new version a kill left unfinished."""
+        self._remove_quietly()
+        for tmp in self.path.parent.glob(f"{glob.escape(self.path.name)}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+    def _remove_quietly(self) -> None:
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", self.path, exc)
+
+
+def still_hidden(until: float, now: float) -> bool:
+    """Whether a message hidden until `until` is, at `now`, still hidden by a dead
+    worker's receive, safely: not visible again, nor taken by another worker since."""
+    return until - MARGIN_S > now

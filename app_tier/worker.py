@@ -193,15 +193,17 @@ class Worker:
     def run(self) -> None:
         """Serve until told to stop; returns after a clean, warm shutdown."""
         log.info("worker %s: serving %s", self.instance_id, self.settings.request_queue)
-        self.held.show_what_the_last_worker_held()
         fetcher = self._fetcher = threading.Thread(target=self._fetch_loop, name="fetch", daemon=True)
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
-        fetcher.start()
         self._heartbeat.start()
         systemd.notify("READY=1")  # a no-op when not run by systemd
         if self._watchdog_s:
             self._watchdog = threading.Thread(target=self._watchdog_loop, name="watchdog", daemon=True)
             self._watchdog.start()
+        # Ready and watched first: SQS slow to answer (botocore retrying) must not look
+        # like a worker that never started. Before the first receive: see the method.
+        self.held.show_what_the_last_worker_held()
+        fetcher.start()
         while not (self.stopping.is_set() and self._prefetched.empty() and not fetcher.is_alive()):
             self._loop_ticks["main"] = time.monotonic()
             try:

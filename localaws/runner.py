@@ -37,7 +37,7 @@ from pathlib import Path
 from botocore.exceptions import BotoCoreError, ClientError
 
 from app_tier import EXIT_MODEL_UNAVAILABLE, SPARE_LOADED
-from app_tier.held_journal import held_journal_path
+from app_tier.held_journal import HeldJournal, held_journal_path
 from common.aws import Aws
 from common.config import Settings
 from common.fleet import LIVE_STATES, Instance, app_tier_instances, scale_in_order
@@ -316,10 +316,7 @@ class InstanceRunner:
         none will come: on EC2 its disk goes with it; here the file would stay for ever."""
         path = held_journal_path(self.settings, instance_id)
         if path is not None:
-            try:
-                path.unlink(missing_ok=True)
-            except OSError as exc:
-                log.warning("runner: cannot remove %s: %s", path, exc)
+            HeldJournal(path).remove()
 
     def _hear(self) -> None:
         """Take in what every process has sent, so that no socket's queue fills up (a
@@ -468,6 +465,9 @@ class InstanceRunner:
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 kill_and_wait(p)
+        # The embedded AWS ends with the runner, and its instances with it.
+        for worker in [*self.workers.values(), *self._draining]:
+            self._remove_held_journal(worker.instance_id)
         self.workers.clear()
         self._draining.clear()
         self._spares.clear()

@@ -11,7 +11,7 @@ from moto import mock_aws
 
 from app_tier.held_journal import HeldJournal, held_journal_path
 from app_tier.worker import Worker
-from common.aws import Aws
+from common.aws import Aws, VisibilityFailure
 from common.config import Settings
 from common.provision import provision
 from tests.conftest import make_image
@@ -91,13 +91,14 @@ def test_answered_since_is_left_alone(aws_env, caplog):
     assert not path.exists()
 
 
-def test_take_skips_what_is_visible_again_by_now(tmp_path):
+def test_read_skips_what_is_visible_again_by_now(tmp_path):
     path = tmp_path / "held.json"
     journal = HeldJournal(path)
     journal.record([("past", 1000.0), ("at-the-margin", 1000.5), ("future", 1100.0)])
-    assert journal.take(now=1000.0) == ["future"]
+    assert journal.read(now=1000.0) == [("future", 1100.0)]
+    journal.remove()
     assert not path.exists()
-    assert journal.take(now=1000.0) == []
+    assert journal.read(now=1000.0) == []
 
 
 @pytest.mark.parametrize("text", ["{not json", '{"held": 3}', '{"other": []}',
@@ -105,9 +106,97 @@ def test_take_skips_what_is_visible_again_by_now(tmp_path):
 def test_a_damaged_journal_is_ignored_and_removed(tmp_path, caplog, text):
     path = tmp_path / "held.json"
     path.write_text(text)
-    assert HeldJournal(path).take(now=0) == []
+    assert HeldJournal(path).read(now=0) == []
     assert "is not a journal of held messages" in caplog.text
     assert not path.exists()
+
+
+def test_remove_takes_a_version_a_kill_left_unfinished_too(tmp_path):
+    path = tmp_path / "held.json"
+    path.write_text('{"held": []}')
+    unfinished = tmp_path / "held.json.4242.tmp"
+    unfinished.write_text('{"he')
+    other = tmp_path / "held2.json.4242.tmp"
+    other.write_text("")
+    HeldJournal(path).remove()
+    assert not path.exists() and not unfinished.exists()
+    assert other.exists(), "another journal's"
+
+
+def test_a_failed_write_leaves_no_older_version_behind(tmp_path, caplog):
+    """The older version names messages answered or hidden for a retry delay since:
+    a successor would show them (reviewer)."""
+    path = tmp_path / "held.json"
+    journal = HeldJournal(path)
+    journal.record([("answered-since", 2e9)])
+    journal._tmp.mkdir()  # the next write cannot make its new version
+    journal.record([("held-now", 2e9)])
+    assert "cannot write" in caplog.text
+    assert not path.exists()
+
+
+def test_an_extension_that_failed_is_not_written_as_one(aws_env, monkeypatch):
+    """The message may be visible, or another worker's, by the time a successor reads
+    the journal: it must not show it by a receipt that is stale (reviewer: moto takes
+    any receipt a message ever had)."""
+    settings, aws = aws_env
+    upload(settings, aws, "x.jpg", make_image(400), "x")
+    worker = Worker(settings, aws, MeanClassifier(), "i-ext")
+    worker.fetch()
+    path = held_journal_path(settings, "i-ext")
+    (before,) = json.loads(path.read_text())["held"]
+    from app_tier import held as held_module
+
+    monkeypatch.setattr(held_module, "change_visibility", lambda _sqs, _url, changes: [
+        VisibilityFailure(receipt, "network down") for receipt, _ in changes])
+    monkeypatch.setattr(held_module, "wall_clock", lambda: before["hidden_until"] + 100)
+    worker.held.extend()
+    assert json.loads(path.read_text())["held"] == [before]
+    monkeypatch.undo()
+    worker.held.extend()
+    (after,) = json.loads(path.read_text())["held"]
+    assert after["hidden_until"] > before["hidden_until"]
+
+
+def test_the_successor_looks_at_the_clock_again_before_each_call(aws_env, monkeypatch):
+    """botocore's retries of one call may take long enough for the next ones'
+    messages to be visible again, or another worker's (reviewer)."""
+    settings, aws = aws_env
+    HeldJournal(held_journal_path(settings, "i-slow")).record([(f"r{i}", 1005.0) for i in range(15)])
+    from app_tier import held as held_module
+
+    clock = {"now": 1000.0}
+    calls = []
+
+    def slow_change(_sqs, _url, changes):
+        calls.append(len(changes))
+        clock["now"] += 10  # the first call's retries outlast every message's time
+        return []
+
+    monkeypatch.setattr(held_module, "change_visibility", slow_change)
+    monkeypatch.setattr(held_module, "wall_clock", lambda: clock["now"])
+    Worker(settings, aws, MeanClassifier(), "i-slow").held.show_what_the_last_worker_held()
+    assert calls[0] == 10 and sum(calls) == 10
+    assert not held_journal_path(settings, "i-slow").exists()
+
+
+def test_the_successor_shows_them_once_ready_and_before_its_first_receive(aws_env, monkeypatch):
+    """Ready first: SQS slow to answer must not look like a worker that never started
+    (the runner aborts one not ready in time). Before the first receive: after it, the
+    journal is this worker's own."""
+    settings, aws = aws_env
+    worker = Worker(settings, aws, MeanClassifier(), "i-order")
+    said = []
+    monkeypatch.setattr("app_tier.worker.systemd.notify", lambda state: said.append(state))
+    monkeypatch.setattr(worker, "fetch", lambda: said.append("receive"))
+
+    def show():
+        said.append("show")
+        worker.stopping.set()
+
+    monkeypatch.setattr(worker.held, "show_what_the_last_worker_held", show)
+    worker.run()
+    assert said == ["READY=1", "show"]
 
 
 def test_a_journal_that_cannot_write_warns_once_and_goes_on(tmp_path, caplog):

@@ -212,6 +212,12 @@ def test_a_killed_workers_journal_of_held_messages_goes_with_its_instance(world,
     wait_until(lambda: (runner.step(), process.poll() is not None)[1], what="SIGKILL after the grace period")
     wait_until(lambda: (runner.step(), not journals[iid].exists())[1], what="its journal to be removed")
     assert journals[other].exists(), "a live instance's journal is its next worker's"
+    # A kill mid-write leaves a new version unfinished beside it.
+    unfinished = journals[other].with_name(journals[other].name + ".999.tmp")
+    unfinished.write_text("")
+    # Shut down with the embedded AWS, every instance ends: nothing will read them.
+    runner.shutdown(timeout_s=0.5)
+    assert not journals[other].exists() and not unfinished.exists()
 
 
 def test_a_worker_that_outlives_sigkill_does_not_hold_up_the_rounds(world, monkeypatch):
