@@ -15,7 +15,7 @@ from flask import Flask, Response
 from common.aws import Aws
 from common.config import Settings
 from web_tier import api, classify, errors, health, pages, unread_body
-from web_tier.form import FORM_SLACK_BYTES
+from web_tier.form import FORM_SLACK_BYTES, MAX_TEXT_FIELD_BYTES, UploadRequest
 from web_tier.journal import Journal
 from web_tier.listeners import Listeners
 from web_tier.results import ResultBook
@@ -48,7 +48,10 @@ def create_app(settings: Settings | None = None, *, aws: Aws | None = None,
         # Werkzeug refuses more parts than this: each file is one part, and its token
         # (POST /api/jobs `tokens`) another; room besides for the other fields.
         MAX_FORM_PARTS=2 * settings.max_files_per_request + 100,
+        MAX_FORM_MEMORY_SIZE=MAX_TEXT_FIELD_BYTES,
+        MAX_FILE_BYTES=settings.max_upload_bytes,  # spooled per file (form.CappedSpool)
     )
+    app.request_class = UploadRequest
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
     # Until a worker's answer says which model it runs, the configured weights are

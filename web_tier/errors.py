@@ -12,6 +12,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from common.aws import error_reason
 from web_tier.filenames import clean_name
+from web_tier.form import MAX_TEXT_FIELD_BYTES
 from web_tier.refusals import UploadError, too_large
 from web_tier.services import services
 from web_tier.unread_body import reads_bounded_by
@@ -45,7 +46,8 @@ def _too_large(exc: RequestEntityTooLarge) -> Response:
         files = services().settings.max_files_per_request
         return error_response(UploadError(
             413, f"the form has too many parts (at most {files} files to /api/jobs, each with at most "
-                 "one token; one file to POST /) or a field too large"))
+                 f"one token; one file to POST /) or a text field over {MAX_TEXT_FIELD_BYTES} bytes "
+                 "(send each image as a file: curl -F files=@cat.jpg)"))
     if wants_text():
         # POST / takes one file, so its limit is the file's: say so, naming the file.
         max_bytes = services().settings.max_upload_bytes

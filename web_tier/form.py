@@ -7,8 +7,8 @@ import io
 import re
 from collections.abc import Iterable
 
+from flask import Request, current_app
 from werkzeug.datastructures import FileStorage
-from werkzeug.wrappers import Request
 
 from common.config import Settings
 from web_tier.filenames import display_name
@@ -17,6 +17,41 @@ from web_tier.refusals import UploadError, too_large
 _CHUNK = 1 << 20
 # Room in a request body for the multipart framing and form fields around the files.
 FORM_SLACK_BYTES = 1 << 20
+# The largest text field Werkzeug keeps (MAX_FORM_MEMORY_SIZE). At Werkzeug's default of
+# 500 KB, two requests of 2,090 unknown fields each took a web worker to 2.1 GB (reviewer).
+# The form's own fields (a batch id, a token, "create") are 64 characters at most, but
+# the limit bounds the parser's buffer too, which takes the body 64 KB at a time.
+MAX_TEXT_FIELD_BYTES = 128 * 1024
+
+
+class UploadRequest(Request):
+    """A request whose uploaded files are spooled only up to the size limit (CappedSpool)."""
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        spool = super()._get_file_stream(total_content_length, content_type, filename, content_length)
+        return CappedSpool(spool, current_app.config["MAX_FILE_BYTES"])
+
+
+class CappedSpool:
+    """Where Werkzeug writes one uploaded file as it parses the form. It keeps the file's
+    first `limit` + 1 bytes and drops the rest: enough for read_limited to refuse the file
+    as too large, as before, while a file past the limit costs no more memory or disk
+    than one at it. (Werkzeug had spooled a 2 GB file to disk whole before its 413:
+    reviewer.) The rest of its methods are the spool's."""
+
+    def __init__(self, spool, limit: int) -> None:
+        self._spool = spool
+        self._room = limit + 1
+
+    def write(self, data: bytes) -> int:
+        if self._room > 0:
+            kept = data[:self._room]
+            self._spool.write(kept)
+            self._room -= len(kept)
+        return len(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self._spool, name)
 
 
 def form_files(request: Request, fields: Iterable[str]) -> list[FileStorage]:
@@ -32,8 +67,12 @@ def form_files(request: Request, fields: Iterable[str]) -> list[FileStorage]:
     if coding not in ("", "identity"):  # Werkzeug reads a body as it comes
         raise UploadError(415, f"a body in Content-Encoding {coding[:32]!r} is not read: send the form "
                                "as it is (images are compressed already)")
+    if request.mimetype != "multipart/form-data":
+        # No file can be in it, and Werkzeug would read a urlencoded body whole into
+        # memory to parse it, up to the 2 GB request limit (reviewer).
+        return []
     chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
-    if request.mimetype == "multipart/form-data" and request.content_length is None and not chunked:
+    if request.content_length is None and not chunked:
         # (HTTP/1.0 without a length): Werkzeug reads nothing, and "no file" would mislead.
         raise UploadError(411, "the request has no Content-Length (and is not chunked): its form "
                                "cannot be read")
@@ -45,8 +84,7 @@ def form_files(request: Request, fields: Iterable[str]) -> list[FileStorage]:
         raise UploadError(400, f"form field {texts[0]!r} holds text, not a file: send each image "
                                f"as a file (curl -F {texts[0]}=@cat.jpg)")
     files = _real_files(f for name in fields for f in request.files.getlist(name))
-    if (not files and request.mimetype == "multipart/form-data" and (request.content_length or chunked)
-            and not request.files and not request.form):
+    if not files and (request.content_length or chunked) and not request.files and not request.form:
         raise UploadError(400, "the multipart form could not be read: is every file name UTF-8, "
                                "and the body well formed?")
     # Werkzeug files a part with no name= under None.

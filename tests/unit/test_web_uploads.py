@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import re
 import struct
 import zlib
@@ -516,6 +517,60 @@ def test_a_name_cannot_use_bidirectional_controls_to_read_as_another(web_client)
                                    (make_image(311), "\u2067a\u2069\u200f.jpg")])
     assert response.status_code == 202, response.get_json()
     assert [i["filename"] for i in response.get_json()["items"]] == ["invoicegpj.exe.jpg", "a.jpg"]
+
+
+def test_a_file_past_the_limit_is_spooled_only_to_the_limit_and_refused_alone(web_client, web_settings,
+                                                                                monkeypatch):
+    """Werkzeug spooled each file whole before the size check: one 2 GB file went to
+    disk before its 413 (reviewer). Now no more than the limit is kept of any file."""
+    from web_tier import form
+
+    spools = []
+    real_init = form.CappedSpool.__init__
+
+    def recording_init(self, spool, limit):
+        real_init(self, spool, limit)
+        spools.append(self)
+
+    monkeypatch.setattr(form.CappedSpool, "__init__", recording_init)
+    huge = os.urandom(3 * web_settings.max_upload_bytes)
+    response = upload(web_client, [(make_image(3), "good.jpg"), (huge, "huge.jpg")])
+    assert response.status_code == 202
+    body = response.get_json()
+    assert [i["filename"] for i in body["items"]] == ["good.jpg"]
+    assert [(r["filename"], r["status"]) for r in body["rejected"]] == [("huge.jpg", 413)]
+    assert "larger than the limit" in body["rejected"][0]["error"]
+    kept = sorted(web_settings.max_upload_bytes + 1 - s._room for s in spools)
+    assert kept == [len(make_image(3)), web_settings.max_upload_bytes + 1]
+
+
+@pytest.mark.parametrize("path", ["/api/jobs", "/"])
+def test_a_form_that_is_not_multipart_is_not_read(web_client, monkeypatch, path):
+    """Werkzeug reads a urlencoded body whole into memory to parse it, up to the 2 GB
+    request limit (reviewer); no file can be in one anyway."""
+    from werkzeug.formparser import FormDataParser
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("a urlencoded body was parsed")
+
+    monkeypatch.setattr(FormDataParser, "_parse_urlencoded", never)
+    response = web_client.post(path, data="files=" + "x" * 100_000,
+                               content_type="application/x-www-form-urlencoded")
+    assert response.status_code == 400
+    assert "multipart/form-data" in response.get_data(as_text=True)
+
+
+def test_a_text_field_past_its_limit_is_refused(web_client):
+    """Werkzeug kept text fields of up to 500 KB each in memory, up to the parts limit:
+    two requests of 2,090 such fields took a web worker to 2.1 GB (reviewer)."""
+    from web_tier.form import MAX_TEXT_FIELD_BYTES
+
+    assert MAX_TEXT_FIELD_BYTES < 500_000 // 3
+    response = upload(web_client, [(make_image(3), "good.jpg")], padding="x" * (MAX_TEXT_FIELD_BYTES + 1))
+    assert response.status_code == 413
+    assert f"or a text field over {MAX_TEXT_FIELD_BYTES} bytes" in response.get_json()["error"]
+    # The form's own fields fit with room to spare.
+    assert upload(web_client, [(make_image(3), "good.jpg")], tokens="t" * 64).status_code == 202
 
 
 # Pillow warns past its own limit; the service refuses such images all the same.
