@@ -179,6 +179,9 @@ class Settings:
     max_files_per_request: int = 1000
     max_image_pixels: int = 40_000_000
     result_timeout_s: float = 300.0
+    # An answer whose sending makes no progress this long ends its connection
+    # (web_tier/slow_readers.py).
+    send_timeout_s: float = 30.0
     api_key: str = field(default="", repr=False)  # a secret: never in a log line
     # This machine's own files for the service: the controller's lock (controller/lock.py)
     # and, unless WEB_JOURNAL_DIR says otherwise, the web tier's journal. "": none
@@ -284,6 +287,7 @@ class Settings:
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels, low=1,
                                   high=PILLOW_MAX_IMAGE_PIXELS),
             result_timeout_s=_float(env, "RESULT_TIMEOUT", cls.result_timeout_s, low=0.1, high=3600),
+            send_timeout_s=_float(env, "WEB_SEND_TIMEOUT", cls.send_timeout_s, low=1, high=3600),
             api_key=env.get("API_KEY", "").strip(),
             state_dir=state,
             web_journal_dir=_str(env, "WEB_JOURNAL_DIR", os.path.join(

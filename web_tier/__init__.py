@@ -14,7 +14,7 @@ from flask import Flask, Response
 
 from common.aws import Aws
 from common.config import Settings
-from web_tier import api, classify, errors, health, pages, unread_body
+from web_tier import api, classify, errors, health, pages, slow_readers, unread_body
 from web_tier.form import FORM_SLACK_BYTES, MAX_TEXT_FIELD_BYTES, UploadRequest
 from web_tier.journal import Journal
 from web_tier.listeners import Listeners
@@ -78,6 +78,7 @@ def create_app(settings: Settings | None = None, *, aws: Aws | None = None,
     app.register_blueprint(classify.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
+    app.before_request(slow_readers.limit_send_time)
     app.after_request(_security_headers)
     app.after_request(_untrained_header)
     app.after_request(unread_body.drop_after_answer)

@@ -66,6 +66,11 @@ preload_app = False
 
 # gthread heartbeats from the main thread, so a request may wait longer than this.
 timeout = 60
+# Static files are written with send() like every other answer, not sendfile(): Python
+# waits without limit for a socket sendfile() cannot write to, past the send timeout
+# that frees a thread from a client that reads nothing (web_tier/slow_readers.py).
+# They are two small files.
+sendfile = False
 graceful_timeout = 5
 keepalive = 5
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -243,22 +248,18 @@ def test_a_body_badly_chunked_is_refused_as_malformed_and_its_connection_closed(
             assert closed
 
 
-def test_a_web_tier_told_to_stop_answers_its_waiting_requests_at_once(stack, tmp_path):
-    """gunicorn gives requests `graceful_timeout` (5 s) after SIGTERM, then cuts them
-    off: a POST / still waiting then got no answer at all. It now gets a 503 at
-    once, saying where the result of its still-queued image will be."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
+@contextlib.contextmanager
+def second_web_tier(stack, tmp_path, prefix: str, **env_overrides: str):
+    """A web tier of its own under gunicorn, on the stack's AWS with queues and buckets
+    named by `prefix` (which no worker reads); yields its URL and process, whose group
+    is killed on the way out. Its log is tmp_path / "web.log"."""
     from localaws.harness import ROOT, free_port
 
     port = free_port()
     env = {**os.environ, "AWS_ENDPOINT_URL": stack.aws_url, "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "APP_PREFIX": "unserved", "WEB_PORT": str(port), "RESULT_TIMEOUT": "60",  # no worker reads it
-           "WEB_JOURNAL_DIR": str(tmp_path / "journal")}
+           "APP_PREFIX": prefix, "WEB_PORT": str(port), "WEB_JOURNAL_DIR": str(tmp_path / "journal"),
+           **env_overrides}
     subprocess.run([sys.executable, "-m", "common.provision"], env=env, cwd=ROOT, check=True,
                    capture_output=True)
     with open(tmp_path / "web.log", "wb") as log:
@@ -269,6 +270,18 @@ def test_a_web_tier_told_to_stop_answers_its_waiting_requests_at_once(stack, tmp
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: answers(f"{url}/healthz"), 60, "the second web tier")
+        yield url, web
+    finally:
+        if web.poll() is None:
+            os.killpg(web.pid, signal.SIGKILL)
+        web.wait(timeout=30)
+
+
+def test_a_web_tier_told_to_stop_answers_its_waiting_requests_at_once(stack, tmp_path):
+    """gunicorn gives requests `graceful_timeout` (5 s) after SIGTERM, then cuts them
+    off: a POST / still waiting then got no answer at all. It now gets a 503 at
+    once, saying where the result of its still-queued image will be."""
+    with second_web_tier(stack, tmp_path, "unserved", RESULT_TIMEOUT="60") as (url, web):
         replies: list[requests.Response] = []
         waiting = threading.Thread(target=lambda: replies.append(requests.post(
             f"{url}/", files={"inputFile": ("waits.jpg", make_image(60))}, timeout=30)))
@@ -279,10 +292,6 @@ def test_a_web_tier_told_to_stop_answers_its_waiting_requests_at_once(stack, tmp
         os.killpg(web.pid, signal.SIGTERM)  # as `make run` stops it: the whole group
         waiting.join(timeout=30)
         took = time.monotonic() - told
-    finally:
-        if web.poll() is None:
-            os.killpg(web.pid, signal.SIGKILL)
-        web.wait(timeout=30)
     assert replies, (tmp_path / "web.log").read_text()
     reply = replies[0]
     assert reply.status_code == 503, reply.text
@@ -290,3 +299,27 @@ def test_a_web_tier_told_to_stop_answers_its_waiting_requests_at_once(stack, tmp
     assert reply.text.startswith("waits.jpg: the web tier is stopping; the image is still queued")
     assert "Retry-After" not in reply.headers  # stored and queued: sent again, classified twice
     assert f"/api/jobs/{reply.headers['X-Batch-Id']}" in reply.text and reply.headers["X-Item-Id"]
+
+
+def test_a_client_that_reads_nothing_has_its_connection_closed(stack, tmp_path):
+    """gunicorn's threads send with no time limit: a client asking for answers and
+    never reading them held a thread for as long as it liked (reviewer: 100 such
+    connections left /healthz unanswered). A send that makes no progress for
+    WEB_SEND_TIMEOUT now ends the connection."""
+    with second_web_tier(stack, tmp_path, "slowreader", WEB_SEND_TIMEOUT="1") as (url, _web):
+        port = int(url.rsplit(":", 1)[1])
+        reader = socket.socket()
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.connect(("127.0.0.1", port))
+        asked = 200  # ~11 MB of answers: far past what both sockets' buffers hold
+        reader.sendall(b"GET /static/app.js HTTP/1.1\r\nHost: test\r\n\r\n" * asked)
+        log = tmp_path / "web.log"
+        wait_for(lambda: "Socket error processing request" in log.read_text(), 30,
+                 "the web tier to give up on the reader")
+        reader.settimeout(10)
+        received = b""
+        while chunk := reader.recv(1 << 16):  # to the end: the server closed the connection
+            received += chunk
+        reader.close()
+        assert 0 < received.count(b"HTTP/1.1 200") < asked
+        assert answers(f"{url}/healthz")
