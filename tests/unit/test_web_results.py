@@ -451,3 +451,26 @@ def test_an_item_that_joins_the_batch_finished_is_sent_in_its_place():
 
     events = [e for e in stream(book, BATCH, items, keepalive_s=5) if e.startswith("id:")]
     assert [int(e.split("\n")[0].split(".")[1]) for e in events] == [1, 2]
+
+
+def test_under_a_backlog_past_the_cap_eviction_looks_only_at_finished_batches(monkeypatch):
+    """With more items queued than the cap nothing can be forgotten, and eviction walked
+    every batch at each upload and each result: ~130 ms apiece under the book's lock at
+    100,000 (reviewer). It looks only at batches that may have finished now."""
+    book = ResultBook(max_items=1_000)
+    ids = [f"{n:032x}" for n in range(3_000)]
+    for batch_id in ids:
+        book.add(batch_id, [Item(f"i{batch_id}", batch_id, "x")])
+    looked = []
+    finished = Item.is_finished
+
+    monkeypatch.setattr(Item, "is_finished",
+                        property(lambda item: looked.append(item) or finished.fget(item)))
+    for batch_id in ids[::-30]:  # 100 results, newest first
+        book.fail(f"i{batch_id}", "x")
+    for batch_id in ids[-50:]:  # and uploads to new batches
+        book.add(batch_id[::-1], [Item(f"j{batch_id}", batch_id[::-1], "x")])
+    assert len(looked) < 2_000, len(looked)  # a walk of the book is 3,000 a time
+    # The finished batches were forgotten, as far as the cap asked; the queued ones kept.
+    assert all(book.batch(b) is None for b in ids[::-30])
+    assert all(book.get(f"i{b}") is not None for b in ids if b not in ids[::-30])
