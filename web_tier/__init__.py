@@ -118,7 +118,9 @@ def _security_headers(response: Response) -> Response:
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     # The page loads only its own script and style: injected markup cannot run.
     response.headers.setdefault(
-        "Content-Security-Policy", "default-src 'self'; img-src 'self' blob: data:; object-src 'none'"
+        "Content-Security-Policy",
+        # Framed by another site, the page (and its API key box) could be clicked under cover.
+        "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; frame-ancestors 'none'",
     )
     response.headers.setdefault("Referrer-Policy", "no-referrer")
     return response

@@ -626,6 +626,7 @@ def test_page_inserts_user_text_only_as_text(web_client):
     assert "textContent" in script
     assert web_client.get("/static/app.js").status_code == 200
     assert "default-src 'self'" in page.headers["Content-Security-Policy"]
+    assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]  # no framing (reviewer)
 
 
 def test_page_tells_its_script_and_its_user_the_server_limits(web_client):
