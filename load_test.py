@@ -805,6 +805,83 @@ def _short(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# No answer of the web tier's is near this: POST / answers one line, GET /api/jobs/<id>
+# a batch of at most MAX_FILES_PER_REQUEST items (1,000, ~500 KB), an event one item.
+MAX_ANSWER_BYTES = 16 * 1024**2
+MAX_EVENT_LINE_BYTES = 1024**2
+_READ_BYTES = 64 * 1024
+
+
+def _chunks_within(resp: requests.Response, deadline: float) -> Iterator[bytes]:
+    """A streamed answer's bytes as they come, raising requests.Timeout once `deadline`
+    passes. requests' read timeout bounds each read, not the answer: a server sending a
+    byte a second held a request for ever, past --timeout (reviewer). urllib3's errors
+    are raised as requests' (as requests itself does)."""
+    from urllib3.exceptions import DecodeError, ProtocolError, ReadTimeoutError
+
+    while True:
+        if time.monotonic() >= deadline:
+            raise requests.Timeout()
+        try:
+            chunk = resp.raw.read1(_READ_BYTES, decode_content=True)
+        except ReadTimeoutError as exc:
+            raise requests.ReadTimeout(exc) from exc
+        except DecodeError as exc:
+            raise requests.exceptions.ContentDecodingError(exc) from exc
+        except (ProtocolError, OSError) as exc:
+            raise requests.exceptions.ChunkedEncodingError(exc) from exc
+        if not chunk:
+            return
+        yield chunk
+
+
+def read_within(resp: requests.Response, deadline: float) -> requests.Response:
+    """`resp` (sent with stream=True), its body read whole by `deadline` (else
+    requests.Timeout, and the connection dropped), as requests would have read it."""
+    body = bytearray()
+    try:
+        for chunk in _chunks_within(resp, deadline):
+            body += chunk
+            if len(body) > MAX_ANSWER_BYTES:
+                raise RequestFailed(f"an answer of more than {MAX_ANSWER_BYTES} bytes: not the web tier's",
+                                    resp.status_code)
+    except BaseException:
+        resp.close()
+        raise
+    resp._content = bytes(body)  # what .content, .text and .json() read
+    return resp
+
+
+def lines_within(resp: requests.Response, deadline: float) -> Iterator[str]:
+    """An event stream's lines as they come, by `deadline` (see _chunks_within). A line
+    past MAX_EVENT_LINE_BYTES is no event of the web tier's: a line that never ended kept
+    a whole core busy re-splitting it (reviewer)."""
+    pending = b""
+    for chunk in _chunks_within(resp, deadline):
+        *lines, pending = (pending + chunk).split(b"\n")
+        if len(pending) > MAX_EVENT_LINE_BYTES:
+            raise RequestFailed(f"an event line of more than {MAX_EVENT_LINE_BYTES} bytes: "
+                                "not the web tier's")
+        for line in lines:
+            yield line.rstrip(b"\r").decode("utf-8", errors="replace")
+    if pending:
+        yield pending.rstrip(b"\r").decode("utf-8", errors="replace")
+
+
+# Terminal controls (ESC starts every escape sequence) and the characters that make
+# text read in another order: a broken or hostile server's answer printed raw could
+# clear the screen or retitle the window (reviewer).
+_TERMINAL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7f, *range(0x80, 0xa0))
+                     if chr(c) not in "\n\t"}
+_TERMINAL_ESCAPES.update({ord(c): f"\\u{ord(c):04x}" for c in
+                          "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"})
+
+
+def for_terminal(text: str) -> str:
+    """`text` with control characters written as escapes (newlines and tabs kept)."""
+    return text.translate(_TERMINAL_ESCAPES)
+
+
 class Client:
     """Sends one image per call; each worker thread keeps its own Session.
 
@@ -915,9 +992,9 @@ class Client:
             refused_since: float | None = None  # since when every connection has been refused
             try:
                 # Only ever talk to the URL we were given: no redirects.
-                resp = self._session().post(f"{self.config.url}{endpoint}", files=files, data=form,
-                                            headers=headers, timeout=self._timeout(deadline),
-                                            allow_redirects=False)
+                resp = read_within(self._session().post(
+                    f"{self.config.url}{endpoint}", files=files, data=form, headers=headers,
+                    timeout=self._timeout(deadline), allow_redirects=False, stream=True), deadline)
             except requests.ConnectionError as exc:
                 was_refused = never_connected(exc)
                 if not was_refused and not stored_once:
@@ -1004,9 +1081,8 @@ class Client:
         outcome.by_id = True
 
     def _fetch_item(self, session: requests.Session, batch_id: str, item_id: str, deadline: float) -> dict:
-        resp = session.get(
-            f"{self.config.url}/api/jobs/{batch_id}", timeout=self._timeout(deadline), allow_redirects=False
-        )
+        resp = read_within(session.get(f"{self.config.url}/api/jobs/{batch_id}", stream=True,
+                                       timeout=self._timeout(deadline), allow_redirects=False), deadline)
         self.server_answered()
         if resp.status_code != 200:
             # The server's reason too: a 404 "no such batch" after the stack was restarted.
@@ -1075,7 +1151,7 @@ class Client:
                 # 503 "poll GET /api/jobs/<id> instead" (and one restarting, 502 to 504):
                 # the item itself is fine. The short body is read so the connection is
                 # kept for the polls.
-                resp.content  # noqa: B018
+                read_within(resp, deadline)
             else:
                 raise RequestFailed(f"GET /api/jobs/{batch_id}/events: HTTP {resp.status_code}: "
                                     f"{_error_text(resp)}", resp.status_code)
@@ -1091,7 +1167,7 @@ class Client:
         item = self._fetch_item(session, batch_id, item_id, deadline)
         if item.get("state") in FINAL_STATES:
             return item
-        for line in resp.iter_lines(decode_unicode=True):
+        for line in lines_within(resp, deadline):
             if self.abandon.is_set():
                 raise RequestFailed("abandoned: the run stopped waiting for it")
             if time.monotonic() >= deadline:
@@ -1611,8 +1687,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def print_result(outcome: Outcome) -> None:
         # The course's client printed these two lines per image.
         progress.clear()
-        print(f"{outcome.file} uploaded!")
-        print(f"Classification result: {outcome.body}", flush=True)
+        print(for_terminal(f"{outcome.file} uploaded!"))
+        print(for_terminal(f"Classification result: {outcome.body}"), flush=True)
 
     try:
         report = run_load(config, progress=progress, on_result=print_result if config.verbose else None,
@@ -1625,10 +1701,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if report.untrained:
             print(UNTRAINED_WARNING)
         for line in failure_lines(report):
-            print(line)
+            print(for_terminal(line))
         print(result_line(report))
     else:
-        print(format_report(report))
+        print(for_terminal(format_report(report)))
     # The summary is out already: a report that cannot be written (its folder
     # removed during the run, a full disk) is said so, not a traceback.
     written = True

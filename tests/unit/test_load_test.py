@@ -172,6 +172,9 @@ class Handler(BaseHTTPRequestHandler):
         if content == b"drop":  # as a web tier killed mid-request: the connection closes unanswered
             self._hang_up()
             return
+        if content == b"drip":  # a broken server or proxy: a byte at a time, never all of it
+            self._drip(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n", b"x")
+            return
         key = self.headers.get("Idempotency-Key")
         if key:
             with self.tier.lock:
@@ -219,7 +222,7 @@ class Handler(BaseHTTPRequestHandler):
             if known is None:
                 self.tier.jobs[batch_id] = {
                     "id": item_id, "filename": filename, "ok": status == 200, "label": label, "gets": 0,
-                    "held": content == b"hold",
+                    "held": content == b"hold", "endless": content == b"endless",
                 }
                 if "tokens" in form:
                     self.tier.tokens[(batch_id, form["tokens"])] = item_id
@@ -240,6 +243,19 @@ class Handler(BaseHTTPRequestHandler):
             self.tier.release.wait(self.tier.cut_off_after)
             self._hang_up()
         return first
+
+    def _drip(self, head: bytes, byte: bytes) -> None:
+        """Send `head`, then `byte` every 0.05 s until the fixture's teardown (30 s at most)."""
+        self.close_connection = True
+        self.wfile.write(head)
+        self.wfile.flush()
+        deadline = time.monotonic() + 30
+        while not self.tier.release.wait(0.05) and time.monotonic() < deadline:
+            try:
+                self.wfile.write(byte)
+                self.wfile.flush()
+            except OSError:
+                return  # the client gave up
 
     def _hang_up(self) -> None:
         self.close_connection = True
@@ -307,6 +323,9 @@ class Handler(BaseHTTPRequestHandler):
         job = None if self.tier.lost else self.tier.jobs.get(batch_id)
         if job is None:
             self._send(404, {"error": f"no such batch: {batch_id}", "filename": None})
+            return
+        if job.get("endless"):  # an event line that never ends
+            self._drip(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: ", b"x" * 4096)
             return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -1231,6 +1250,34 @@ def test_verbose_prints_the_course_lines(tier, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "test_00.JPEG uploaded!\nClassification result: test_00:tabby\n" in out
     assert "latency p99" in out
+
+
+def test_a_server_that_drips_its_answer_is_given_up_on_at_the_timeout(tier, tmp_path):
+    """requests' read timeout bounds each read: a byte a second held a request past
+    --timeout for ever (reviewer)."""
+    images = make_images(tmp_path / "images", {"slow.jpg": b"drip"})
+    report = run_load(Config(images=images, url=tier.url, timeout=1.0))
+    (outcome,) = report.outcomes
+    assert outcome.error == "timeout after 1 s" and outcome.latency_s < 5, outcome
+
+
+def test_an_event_line_that_never_ends_is_given_up_on_at_the_timeout(tier, tmp_path):
+    """It kept a core busy re-splitting a growing line, past --timeout (reviewer)."""
+    images = make_images(tmp_path / "images", {"endless.jpg": b"endless"})
+    tier.queued_polls = 100  # only the stream could say it finished
+    report = run_load(Config(images=images, url=tier.url, api="jobs", wait="sse", timeout=1.0))
+    (outcome,) = report.outcomes
+    assert outcome.error == "timeout after 1 s" and outcome.latency_s < 5, outcome
+
+
+def test_what_the_server_says_is_printed_with_its_control_characters_escaped(tier, tmp_path, capsys):
+    """A broken or hostile server's ESC sequences reached the terminal raw: a window
+    retitled, the screen cleared (reviewer)."""
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:\x1b]0;PWNED\x07\x1b[2Jcat"})
+    assert load_test.main(["--url", tier.url, "--images", str(images), "--verbose"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert "Classification result: a:\\x1b]0;PWNED\\x07\\x1b[2Jcat" in out
 
 
 def test_summary_shows_the_untrained_warning(tier, tmp_path, capsys):
