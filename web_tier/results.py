@@ -134,6 +134,9 @@ class _Batch:
     # False while the batch holds only items learnt from stray responses (e.g.
     # after a restart): a GET must then rebuild it from S3 to see all of it.
     complete: bool = False
+    # Its items still queued, as far as the book has counted: eviction's quick answer
+    # to "may it be forgotten?" (a batch it counts as finished is still looked at whole).
+    unfinished: int = 0
 
 
 class ResultBook:
@@ -203,6 +206,7 @@ class ResultBook:
                 if item.id not in self._items:
                     self._items[item.id] = item
                     batch.item_ids.append(item.id)
+                    batch.unfinished += not item.is_finished
                     self.uploaded += 1
                     if item.token:
                         batch.tokens[item.token] = item.id
@@ -220,6 +224,7 @@ class ResultBook:
             batch = self._batches.get(item.batch_id or "")
             if batch is not None and item_id in batch.item_ids:
                 batch.item_ids.remove(item_id)
+                batch.unfinished = max(0, batch.unfinished - (not item.is_finished))
             if batch is not None and item.token and batch.tokens.get(item.token) == item_id:
                 del batch.tokens[item.token]
             if batch is not None and not batch.item_ids and not batch.tokens:
@@ -256,6 +261,7 @@ class ResultBook:
                         self._number(item)
                     self._items[item.id] = item
                     batch.item_ids.append(item.id)
+                    batch.unfinished += not item.is_finished
                 else:
                     # S3 holds the whole name; an answer learnt before this rebuild
                     # carries at most a message's share of it, its start (common/
@@ -266,6 +272,7 @@ class ResultBook:
                     known.token = known.token or item.token
                     if not known.is_finished and item.is_finished:
                         self._number(known)
+                        self._count_finished(known)
                         known._apply(item)
                         _wake(known)
                         finished.append(known)
@@ -306,6 +313,7 @@ class ResultBook:
                 item = self._replace(item, incoming)
             else:
                 self._number(item)
+                self._count_finished(item)
                 item._apply(incoming)
                 if not item.key:
                     item.key = incoming.key
@@ -314,7 +322,7 @@ class ResultBook:
                 self.untrained = untrained
             _wake(item)
             self._publish([item])
-            self._may_be_finished(incoming.batch_id or item.batch_id or "")
+            self._may_be_finished(item.batch_id or "")
             self._evict()
             return item
 
@@ -421,6 +429,12 @@ class ResultBook:
             for inbox in self._subscribers.get(item.batch_id or "", ()):
                 inbox.put(item)
 
+    def _count_finished(self, item: Item) -> None:
+        """A queued item of the book's is about to finish: one fewer queued in its batch."""
+        batch = self._batches.get(item.batch_id or "")
+        if batch is not None and item.id in self._items:
+            batch.unfinished = max(0, batch.unfinished - 1)
+
     def _may_be_finished(self, batch_id: str) -> None:
         """Let eviction look at this batch (it may be finished whole now), as the most
         recently touched."""
@@ -439,17 +453,20 @@ class ResultBook:
                 return
             batch_id = next(iter(self._maybe_finished))
             batch = self._batches.get(batch_id)
-            items = [self._items[i] for i in batch.item_ids if i in self._items] if batch else []
-            if batch is None or any(not i.is_finished for i in items):
+            if batch is None or batch.unfinished > 0:
                 # Gone, or someone may still be waiting on it: back once an item of it finishes.
                 del self._maybe_finished[batch_id]
-            elif batch_id == keep or batch_id in self._subscribers:
+                continue
+            if batch_id == keep or batch_id in self._subscribers:
                 self._maybe_finished.move_to_end(batch_id)  # in use: kept, looked at last
-            else:
-                del self._maybe_finished[batch_id]
-                for item_id in self._batches.pop(batch_id).item_ids:
-                    self._items.pop(item_id, None)
-                excess -= len(items)
+                continue
+            items = [self._items[i] for i in batch.item_ids if i in self._items]
+            del self._maybe_finished[batch_id]
+            if any(not i.is_finished for i in items):
+                continue  # the count is a hint: never forget an item someone may wait on
+            for item_id in self._batches.pop(batch_id).item_ids:
+                self._items.pop(item_id, None)
+            excess -= len(items)
 
 
 def _wake(item: Item) -> None:
