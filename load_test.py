@@ -1153,6 +1153,7 @@ class Client:
                 # kept for the polls.
                 read_within(resp, deadline)
             else:
+                read_within(resp, deadline)  # an error's body too: by the deadline
                 raise RequestFailed(f"GET /api/jobs/{batch_id}/events: HTTP {resp.status_code}: "
                                     f"{_error_text(resp)}", resp.status_code)
         # No stream to spare, or the server closed it early: poll instead.
@@ -1439,6 +1440,9 @@ def run_load(
         expected = read_expected(config.expected) if config.expected else {}
     plan = plan_requests(config, images, expected)
     total = len(plan)
+    if not hasattr(requests.packages.urllib3.response.HTTPResponse, "read1"):
+        # Every request would fail with an AttributeError (a reviewer: distributions ship 1.26).
+        raise LoadTestError("this script needs urllib3 2.2 or later: pip install 'urllib3>=2.2'")
     check_reachable(config.url)
     if not config.api_key and api_key_required(config.url):
         # Else every upload is refused with a 401, and a quiet run said only how many failed.

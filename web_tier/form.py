@@ -53,6 +53,16 @@ class CappedSpool:
     def __getattr__(self, name: str):
         return getattr(self._spool, name)
 
+    # Looked up on the type, not through __getattr__ (FileStorage iterates its stream).
+    def __iter__(self):
+        return iter(self._spool)
+
+    def __enter__(self) -> CappedSpool:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._spool.close()
+
 
 def form_files(request: Request, fields: Iterable[str]) -> list[FileStorage]:
     """The files sent in these form fields, or UploadError for a form that could not be read.

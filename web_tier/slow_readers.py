@@ -9,7 +9,8 @@ needed, left /healthz unanswered. So each request's socket gets a send timeout
 gunicorn closes the connection (logging "Socket error processing request").
 An event stream whose browser reads goes on as before: the timeout is per send.
 (gunicorn's sendfile() is off, in gunicorn.conf.py: Python's sendfile waits for the
-socket without limit.)
+socket without limit.) Under TLS terminated by gunicorn this does nothing: Python's
+SSL socket takes the timed-out send for "try again" and retries (reviewer; README).
 """
 
 from __future__ import annotations

@@ -1683,3 +1683,14 @@ def test_a_folder_that_cannot_be_listed_is_a_usage_error(tmp_path, capsys, monke
     monkeypatch.setattr(Path, "iterdir", no_permission)
     assert load_test.main(["--images", str(tmp_path)]) == 2
     assert f"load_test.py: cannot list {tmp_path}: Permission denied" in capsys.readouterr().err
+
+
+def test_an_old_urllib3_is_said_at_once_not_in_every_request(tier, tmp_path, monkeypatch):
+    """urllib3 1.26 has no read1: every request failed with an AttributeError (reviewer)."""
+    from urllib3.response import BaseHTTPResponse, HTTPResponse
+
+    monkeypatch.delattr(HTTPResponse, "read1")  # as urllib3 1.26's, on io.IOBase alone
+    monkeypatch.delattr(BaseHTTPResponse, "read1")
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:cat"})
+    with pytest.raises(load_test.LoadTestError, match=r"urllib3 2.2 or later"):
+        run_load(Config(images=images, url=tier.url))

@@ -560,6 +560,22 @@ def test_a_form_that_is_not_multipart_is_not_read(web_client, monkeypatch, path)
     assert "multipart/form-data" in response.get_data(as_text=True)
 
 
+def test_a_capped_spool_is_a_stream_in_every_way_filestorage_uses_one(tmp_path):
+    from werkzeug.datastructures import FileStorage
+
+    from web_tier.form import CappedSpool
+
+    spool = CappedSpool(io.BytesIO(), limit=10)
+    assert spool.write(b"line one\nline two\n") == 18  # taken whole, kept to the limit
+    spool.seek(0)
+    storage = FileStorage(spool, "a.txt")
+    assert list(storage) == [b"line one\n", b"li"]
+    storage.save(tmp_path / "a.txt")
+    with spool as stream:
+        assert stream is spool
+    assert spool.closed
+
+
 def test_a_text_field_past_its_limit_is_refused(web_client):
     """Werkzeug kept text fields of up to 500 KB each in memory, up to the parts limit:
     two requests of 2,090 such fields took a web worker to 2.1 GB (reviewer)."""
