@@ -151,9 +151,10 @@ class HeldMessages:
     def forget(self, jobs: list[Job]) -> None:
         """Stop holding these: answered, or visible again."""
         with self._lock:
-            for j in jobs:
-                self._held.pop(j.message_id, None)
-            self._record()
+            # Written only on a change: a stop that comes while this worker shows what the
+            # last one held (holding nothing yet) must leave that to the next.
+            if [j for j in jobs if self._held.pop(j.message_id, None) is not None]:
+                self._record()
 
     def _record(self) -> None:
         """Write what is held to the journal (hold _lock)."""

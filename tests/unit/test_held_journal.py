@@ -219,3 +219,15 @@ def test_journal_path_is_per_fleet_and_instance_and_safe(tmp_path):
     assert hostile == tmp_path / f"{settings.fleet_name}-held-.._.._etc_passwd.json"
     other_fleet = dataclasses.replace(settings, prefix="other")
     assert held_journal_path(settings, "i-1") != held_journal_path(other_fleet, "i-1")
+
+
+def test_a_stop_while_the_successor_shows_them_leaves_the_journal_to_the_next(aws_env):
+    """The grace period's give-up forgets nothing held (nothing is yet): the file it
+    would have rewritten empty, and so removed, names what the next worker must show."""
+    settings, aws = aws_env
+    path = held_journal_path(settings, "i-stop")
+    HeldJournal(path).record([("r", 2e9)])
+    worker = Worker(settings, aws, MeanClassifier(), "i-stop")
+    worker.held.forget([])
+    worker.held.hand_back_all()
+    assert path.exists()
