@@ -10,7 +10,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from flask import Flask, Response
+from flask import Flask, Response, request
 
 from common.aws import Aws
 from common.config import Settings
@@ -116,6 +116,10 @@ def _requeue_unsent(svc: Services) -> None:
 
 def _security_headers(response: Response) -> Response:
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    if request.path.startswith("/api/"):
+        # The API blueprint's own answers say so already; its 404s and 405s, which no
+        # route of it makes, too (README: every /api/ answer).
+        response.headers.setdefault("Cache-Control", "no-store")
     # The page loads only its own script and style: injected markup cannot run.
     response.headers.setdefault(
         "Content-Security-Policy",

@@ -54,10 +54,21 @@ def create_job() -> tuple[Response, int]:
         # Read from the form only: ignored in the URL, they would put the files in a
         # new batch, where the client would never look for them.
         raise UploadError(400, f"send {', '.join(in_url)} as form fields, not in the URL")
+    if "Idempotency-Key" in request.headers:
+        # POST /'s: ignored here, the files sent again would be stored and classified
+        # twice, in two batches (reviewer).
+        raise UploadError(400, "Idempotency-Key is for POST /; to send files again safely here, "
+                               "name the batch (batch_id=<32 hex digits>&create=1) and give each "
+                               "file a token")
     files = form_files(request, ("files",))
     check_count(files, svc.settings)
     tokens = form_tokens(request, len(files))
     form_batch_id = request.form.get("batch_id", "").strip()
+    if tokens and not form_batch_id:
+        # A token protects a resend within its batch: a client whose first answer was
+        # lost never learnt the new batch's id, and its resend made a second (reviewer).
+        raise UploadError(400, "tokens protect a resend only within a named batch: send "
+                               "batch_id=<32 hex digits>&create=1 with them")
     target = _target_batch(form_batch_id)
     if target is None:
         return _no_batch(form_batch_id)

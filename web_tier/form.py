@@ -157,7 +157,8 @@ def form_tokens(request: Request, count: int, field: str = "tokens") -> list[str
     if not tokens:
         return None
     if len(tokens) != count:
-        raise UploadError(400, f"{len(tokens)} tokens for {count} files: send one token per file, "
+        raise UploadError(400, f"{len(tokens)} token{'s' * (len(tokens) != 1)} for {count} "
+                               f"file{'s' * (count != 1)}: send one token per file, "
                                "in the order of the files")
     for token in tokens:
         if not _TOKEN.fullmatch(token):

@@ -591,7 +591,7 @@ def test_a_token_used_again_for_another_file_is_refused_not_taken_for_a_resend(w
 
 
 @pytest.mark.parametrize(("form", "says"), [
-    ({"tokens": ["0"]}, "1 tokens for 2 files"),
+    ({"tokens": ["0"]}, "1 token for 2 files"),
     ({"tokens": ["0", "0"]}, "the same token"),
     ({"tokens": ["0", "a b"]}, "a token is 1 to 64"),
     ({"tokens": ["0", "x" * 65]}, "a token is 1 to 64"),

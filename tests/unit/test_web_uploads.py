@@ -576,6 +576,30 @@ def test_a_capped_spool_is_a_stream_in_every_way_filestorage_uses_one(tmp_path):
     assert spool.closed
 
 
+@pytest.mark.parametrize("method, path", [("GET", "/api/nothing"), ("PUT", "/api/jobs")])
+def test_api_refusals_no_route_makes_are_not_cached_either(web_client, method, path):
+    response = web_client.open(path, method=method)
+    assert response.status_code in (404, 405)
+    assert response.headers["Cache-Control"] == "no-store"
+
+
+def test_tokens_without_a_named_batch_are_refused(web_client, web_aws):
+    """A client whose first answer was lost never learnt the new batch's id: its resend
+    made a second batch, the image stored and classified twice (reviewer)."""
+    response = upload(web_client, [(make_image(3), "a.jpg")], tokens="a")
+    assert response.status_code == 400
+    assert "batch_id=<32 hex digits>&create=1" in response.get_json()["error"]
+    assert "Contents" not in web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket)
+
+
+def test_an_idempotency_key_on_the_jobs_api_is_refused_not_ignored(web_client, web_aws):
+    """POST /'s header, ignored here: the same key twice stored the image twice (reviewer)."""
+    response = upload(web_client, [(make_image(3), "a.jpg")], headers={"Idempotency-Key": "k1"})
+    assert response.status_code == 400
+    assert response.get_json()["error"].startswith("Idempotency-Key is for POST /")
+    assert "Contents" not in web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket)
+
+
 def test_a_text_field_past_its_limit_is_refused(web_client):
     """Werkzeug kept text fields of up to 500 KB each in memory, up to the parts limit:
     two requests of 2,090 such fields took a web worker to 2.1 GB (reviewer)."""
@@ -586,7 +610,8 @@ def test_a_text_field_past_its_limit_is_refused(web_client):
     assert response.status_code == 413
     assert f"or a text field over {MAX_TEXT_FIELD_BYTES} bytes" in response.get_json()["error"]
     # The form's own fields fit with room to spare.
-    assert upload(web_client, [(make_image(3), "good.jpg")], tokens="t" * 64).status_code == 202
+    assert upload(web_client, [(make_image(3), "good.jpg")], tokens="t" * 64, batch_id="b" * 32,
+                  create="1").status_code == 202
 
 
 # Pillow warns past its own limit; the service refuses such images all the same.
