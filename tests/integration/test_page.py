@@ -1637,7 +1637,8 @@ def test_a_duplicated_tab_takes_a_sending_tab_closed_for_gone(stack, browser, tm
     browser.switch_to.window(second)
     wait_for(lambda: state_of("closed_1.jpg") == "failed", 30, "the held file failed, its sender gone")
     [text] = [text for name, _, text in rows_shown(browser) if name == "closed_1.jpg"]
-    assert "not stored by the tab that sent it" in text
+    # Not "see that tab for why": it is gone (reviewer).
+    assert "not stored: the tab sending it was closed or reloaded; choose it again" in text
 
 
 # The tab's messages to other tabs dropped while window.muted (a tab frozen or too busy

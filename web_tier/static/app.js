@@ -38,6 +38,8 @@
   // A file of a batch another tab was sending, not stored once that tab had ended its
   // sends (or was closed or reloaded): this page was not left, nor the file cut off here.
   const NOT_STORED_ELSEWHERE = "not stored by the tab that sent it; see that tab for why";
+  // Its sender answers no more: closed or reloaded, it has no reason left to show (reviewer).
+  const NOT_STORED_SENDER_GONE = "not stored: the tab sending it was closed or reloaded; choose it again";
   // How long a restored batch with such files is still watched for them: a chunk the
   // server had received whole may join the batch after the reload.
   // <body data-unsent-watch-ms> shortens it (the browser tests).
@@ -377,6 +379,7 @@
       // batch polled, until that tab says it is done or stops answering.
       this.otherTabSends = false;
       this.otherTabEnded = false;   // ...and has said it is done, or stopped answering
+      this.otherTabGone = false;    // ...the latter: closed or reloaded, it has no reasons to show
       this.unansweredAsks = 0;      // asks in a row that no tab answered
       this.built = false;           // restore() has built the batch's rows, and follows it
     }
@@ -640,7 +643,8 @@
         el.querySelector(".state").textContent = "uploading in another tab";
         el.querySelector(".error").textContent = "";
       } else {
-        showFailure(el, entry.unsentWhy || (this.otherTabEnded ? NOT_STORED_ELSEWHERE : NOT_STORED));
+        const ended = this.otherTabGone ? NOT_STORED_SENDER_GONE : NOT_STORED_ELSEWHERE;
+        showFailure(el, entry.unsentWhy || (this.otherTabEnded ? ended : NOT_STORED));
       }
     }
 
@@ -672,12 +676,13 @@
       if (this.built && !this.pollTimer) this.poll();
     }
 
-    // The tab sending this batch has ended its sends, or answers no more (closed or
-    // reloaded, it could not say so): what it did not store is lost, and the batch
+    // The tab sending this batch has ended its sends, or answers no more (`gone`: closed
+    // or reloaded, it could not say so): what it did not store is lost, and the batch
     // watched a while for a late chunk. `refreshed`: the caller has just read the batch.
-    async senderDone(refreshed = false) {
+    async senderDone(refreshed = false, gone = false) {
       this.otherTabSends = false;
       this.otherTabEnded = true;
+      this.otherTabGone = gone;
       this.watchFrom = Date.now();
       // Its last chunks may be stored and not yet seen here: looked for first, so that
       // no file the server holds is shown failed, even for a poll (explorer).
@@ -750,7 +755,7 @@
         await this.refresh();
         // Some asks in a row unanswered: the sending tab was closed or reloaded, or is
         // frozen (if it answers again, senderAnswered brings its rows back).
-        if (this.otherTabSends && this.unansweredAsks >= SILENT_ASKS) this.senderDone(true);
+        if (this.otherTabSends && this.unansweredAsks >= SILENT_ASKS) this.senderDone(true, true);
         if (this.restored) this.askSender();
         // A while after a restore (a chunk received whole before the reload, for an
         // unsent row) and after the sending tab ended (its last chunks).
