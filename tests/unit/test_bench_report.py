@@ -178,6 +178,18 @@ def test_low_load_counts_only_the_requests_after_the_warm_up():
     assert without_first(run, 5).sent == 0
 
 
+def test_the_json_keeps_each_low_load_request_in_the_order_they_started():
+    from bench.endtoend import each_request
+    from load_test import Outcome, Report
+
+    outcomes = [Outcome(1, "b.jpg", 0.25, 1.2), Outcome(0, "a.jpg", 0.1, 0.05),
+                Outcome(2, "c.jpg", 1.5, 0.0, error="HTTP 500", verdict="failed")]
+    run = Report("http://x", "form", 1, 3, started_at=1000.0, duration_s=2.0, outcomes=outcomes)
+    assert each_request(run) == [{"started_s": 0.1, "latency_s": 0.05, "error": None},
+                                 {"started_s": 0.25, "latency_s": 1.2, "error": None},
+                                 {"started_s": 1.5, "latency_s": 0.0, "error": "HTTP 500"}]
+
+
 def test_a_fleet_never_at_zero_fails_the_zero_target():
     """None there is no missing figure: the fleet was still up at the deadline."""
     zero = report.targets(e2e_ratio=0.9, course_average_s=0.5, zero_after_s=None, zero_more_than_s=30.0,
