@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -157,25 +158,34 @@ def _own_cpu_s() -> float:
     return times.user + times.system
 
 
-def workers_alive(stack: StackProcess) -> int:
-    """The stack's worker processes now: those of instances, and the warm spares."""
+# The runner's word that a worker process serves an instance (a warm spare it gives one
+# keeps `--instance-id -` on its command line: only this line tells).
+SERVES = re.compile(r"runner: worker pid (\d+) serves i-")
+
+
+def serving_workers_alive(stack: StackProcess) -> int:
+    """The stack's worker processes alive that have served an instance: not the spares."""
+    serving = {int(m.group(1)) for line in list(stack.output) if (m := SERVES.search(line))}
     alive = 0
     for child in stack.descendants():
         try:
-            alive += kind_of(child.cmdline(), is_root=False) == "worker"
+            alive += (child.pid in serving and child.status() != psutil.STATUS_ZOMBIE
+                      and kind_of(child.cmdline(), is_root=False) == "worker")
         except psutil.Error:
             continue  # ended while being looked at
     return alive
 
 
-def wait_for_the_last_fleets_workers(count: Callable[[], int], spares: int, timeout_s: float) -> bool:
-    """Wait until no more workers than the warm spares are alive: the last phase's
-    fleet is terminated in EC2 1-2 s before its workers end (the runner's poll,
-    then their warm shutdown), and meanwhile they answered the next phase's first
-    requests, which then waited for a new instance's worker in its measured ones
-    (a low-load p99 of 1.4 s). False if they outlive `timeout_s`."""
+def wait_for_the_last_fleets_workers(count: Callable[[], int], timeout_s: float) -> bool:
+    """Wait until no worker that served the last phase is alive: its fleet is
+    terminated in EC2 1-2 s before its workers end (the runner's poll, then their warm
+    shutdown), and meanwhile they took the next phase's first requests and handed them
+    back, which then waited for a new instance's worker (a low-load p99 of 1.4 s).
+    Counting all workers against the warm spares missed it when the fleet's workers
+    were as many as the spares (2 and 2: a p99 of 1.2-1.3 s). False if they outlive
+    `timeout_s`."""
     deadline = time.monotonic() + timeout_s
-    while count() > spares:
+    while count() > 0:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.1)
@@ -183,7 +193,7 @@ def wait_for_the_last_fleets_workers(count: Callable[[], int], spares: int, time
 
 
 def _settle(stack: StackProcess) -> None:
-    if not wait_for_the_last_fleets_workers(lambda: workers_alive(stack), stack.warm_spares, ZERO_TIMEOUT_S):
+    if not wait_for_the_last_fleets_workers(lambda: serving_workers_alive(stack), ZERO_TIMEOUT_S):
         log.warning("the last phase's workers were still running %.0f s after it", ZERO_TIMEOUT_S)
 
 

@@ -80,22 +80,24 @@ def test_moto_figures_stop_at_the_last_response(monkeypatch: pytest.MonkeyPatch,
 
 def test_a_phase_waits_for_the_last_fleets_workers_to_end():
     """The last phase's fleet was terminated in EC2 1-2 s before its workers ended;
-    meanwhile they answered the next phase's first (warm-up) requests, and the wait for
-    a new instance's worker fell into its measured ones (a low-load p99 of 1.4 s)."""
-    alive = iter([5, 4, 2, 2])
+    meanwhile they took the next phase's first requests, and handed them back: the wait
+    for a new instance's worker fell into its measured ones (a low-load p99 of 1.4 s)."""
+    alive = iter([2, 1, 0, 0])
     seen: list[int] = []
 
     def count() -> int:
         seen.append(next(alive))
         return seen[-1]
 
-    assert endtoend.wait_for_the_last_fleets_workers(count, spares=2, timeout_s=10)
-    assert seen == [5, 4, 2]
-    assert not endtoend.wait_for_the_last_fleets_workers(lambda: 3, spares=2, timeout_s=0.3)
+    assert endtoend.wait_for_the_last_fleets_workers(count, timeout_s=10)
+    assert seen == [2, 1, 0]
+    assert not endtoend.wait_for_the_last_fleets_workers(lambda: 1, timeout_s=0.3)
 
 
-def test_workers_alive_counts_the_stacks_workers_only(tmp_path: Path):
-    """Worker processes (spares too) under the stack's process, not its other children."""
+def test_the_workers_waited_for_are_those_that_served_not_the_spares(tmp_path: Path):
+    """Workers were counted against the warm spares: with as many serving as there are
+    spares (2 and 2), the wait ended at once, and the next phase's requests went to
+    workers about to stop (a low-load p99 of 1.2-1.3 s)."""
     sleeper = "import time; time.sleep(60)"
     spawn = ("import subprocess, sys, time; "
              f"[subprocess.Popen([sys.executable, '-c', {sleeper!r}, a]) for a in sys.argv[1:]]; "
@@ -106,10 +108,17 @@ def test_workers_alive_counts_the_stacks_workers_only(tmp_path: Path):
         wait_until(lambda: len(root.children(recursive=True)) == 3)
         stack = StackProcess(run_dir=tmp_path)
         stack.process = stack_like
-        assert endtoend.workers_alive(stack) == 2
+        workers = [c for c in root.children(recursive=True) if "app_tier" in " ".join(c.cmdline())]
+        gunicorn = [c for c in root.children(recursive=True) if "gunicorn" in " ".join(c.cmdline())]
+        assert endtoend.serving_workers_alive(stack) == 0  # spares, as far as the runner said
+        stack.output.append(f"INFO localaws.runner runner: worker pid {workers[0].pid} serves i-0abc\n")
+        stack.output.append(f"INFO localaws.runner runner: worker pid {gunicorn[0].pid} serves i-0def\n")
+        assert endtoend.serving_workers_alive(stack) == 1  # a worker's pid only
+        workers[0].kill()
+        wait_until(lambda: endtoend.serving_workers_alive(stack) == 0)
     finally:
         for child in root.children(recursive=True):
             child.kill()
         stack_like.kill()
         stack_like.wait()
-    assert endtoend.workers_alive(StackProcess(run_dir=tmp_path)) == 0  # not started
+    assert endtoend.serving_workers_alive(StackProcess(run_dir=tmp_path)) == 0  # not started
