@@ -54,6 +54,7 @@ from typing import Any, TextIO
 from urllib.parse import quote, urlsplit
 
 import requests
+import urllib3.response
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # What the web tier accepts: JPEG (also as .jpe and .jfif), PNG, GIF, BMP, WebP, TIFF, AVIF.
@@ -1440,7 +1441,7 @@ def run_load(
         expected = read_expected(config.expected) if config.expected else {}
     plan = plan_requests(config, images, expected)
     total = len(plan)
-    if not hasattr(requests.packages.urllib3.response.HTTPResponse, "read1"):
+    if not hasattr(urllib3.response.HTTPResponse, "read1"):
         # Every request would fail with an AttributeError (a reviewer: distributions ship 1.26).
         raise LoadTestError("this script needs urllib3 2.2 or later: pip install 'urllib3>=2.2'")
     check_reachable(config.url)
