@@ -31,6 +31,11 @@ def slow_redelivery_stack(tmp_path_factory):
         "MAX_INSTANCES": "4", "VISIBILITY_TIMEOUT": "300", "RECEIVE_BATCH": "4"})
 
 
+def finished_items_or_all(stack, batch_id: str) -> list[dict]:
+    """The batch's items as they are now."""
+    return requests.get(f"{stack.web_url}/api/jobs/{batch_id}", timeout=10).json()["items"]
+
+
 def finished_items(stack, batch_id: str) -> list[dict] | None:
     """The batch's items once none is still queued."""
     got = requests.get(f"{stack.web_url}/api/jobs/{batch_id}", timeout=10).json()["items"]
@@ -92,12 +97,15 @@ def journaled_receipts(stack) -> int:
 def test_workers_killed_outright_have_their_requests_shown_again_by_their_successors(slow_redelivery_stack):
     """SIGKILL: no hand-back. The worker restarted on each instance makes what the
     killed one held visible again at once (app_tier/held_journal.py), instead of
-    leaving it to the visibility timeout.
+    leaving it to the visibility timeout (300 s here).
 
-    The kill comes once every request is received and written down: a request that
-    SQS has handed to a receive the worker has not read yet is in no journal, and
-    waits out its timeout whatever the worker does (the last run of this test had
-    killed at the first message in flight, and two of them were)."""
+    Up to one receive's worth (RECEIVE_BATCH=4) for each worker killed may still wait
+    out the timeout, whatever the successors do: a receive SQS answered and the worker
+    never read, or, likelier here, the killed worker's long poll, which the embedded
+    AWS goes on serving after the kill, and which takes requests as they are shown
+    again (4 were left in half of the runs here). The kill comes once the queue is
+    empty and the journals hold as many receipts as are in flight; a first version,
+    which waited for every image, failed in a fresh-clone run."""
     stack = slow_redelivery_stack
     _, sqs, _ = clients(stack)
     queue_url = sqs.get_queue_url(QueueName=f"{stack.prefix}-req-queue")["QueueUrl"]
@@ -122,12 +130,27 @@ def test_workers_killed_outright_have_their_requests_shown_again_by_their_succes
     for victim in victims:
         victim.kill()
     killed_at = time.monotonic()
-    items = wait_for(lambda: finished_items(stack, batch_id), 120,
-                     "every image answered, none left to its visibility timeout", interval=0.5)
+    unread_at_most = 4 * len(victims)  # one receive each, read by no worker
+
+    def only_the_unread_left():
+        """Every image answered but at most the unread: those left are in flight,
+        held by no worker (no journal names them), and the queue holds nothing else."""
+        items = finished_items_or_all(stack, batch_id)
+        left = len([i for i in items if i["state"] == "queued"])
+        attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["All"])["Attributes"]
+        settled = (int(attributes["ApproximateNumberOfMessages"]) == 0
+                   and int(attributes["ApproximateNumberOfMessagesNotVisible"]) == left
+                   and journaled_receipts(stack) == 0)
+        return items if left == 0 or (left <= unread_at_most and settled) else None
+
+    # Well within the 300 s timeout: without the journals every request in flight waits it out.
+    items = wait_for(only_the_unread_left, 60, "every journaled request answered", interval=0.5)
     took = time.monotonic() - killed_at
-    assert len(items) == 40 and all(i["state"] == "done" for i in items), items
+    done = [i for i in items if i["state"] != "queued"]
+    assert all(i["state"] == "done" for i in done), done
     logs = "".join(p.read_text() for p in (stack.run_dir / "logs").glob("worker-*.log"))
     shown = [int(n) for n in re.findall(r"made (\d+) request\(s\) visible again", logs)]
     assert sum(shown) >= 1, "no successor made anything visible: nothing tested"
     print(f"\n{len(victims)} workers killed holding messages: {sum(shown)} shown again by their "
-          f"successors, every image answered {took:.1f}s after the kill")
+          f"successors; {len(done)} of {len(images)} answered {took:.1f}s after the kill, "
+          f"{len(images) - len(done)} left to the timeout (unread at the kill)")
