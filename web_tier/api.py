@@ -37,8 +37,8 @@ def _unauthorized() -> tuple[Response, int]:
     return jsonify({"error": KEY_REQUIRED, "filename": None}), 401
 
 
-def _no_batch(batch_id: str) -> tuple[Response, int]:
-    return jsonify({"error": f"no such batch: {batch_id[:64]}", "filename": None}), 404
+def _no_batch(batch_id: str, hint: str = "") -> tuple[Response, int]:
+    return jsonify({"error": f"no such batch: {batch_id[:64]}{hint}", "filename": None}), 404
 
 
 def _rejection(index: int, error: UploadError) -> dict[str, Any]:
@@ -62,7 +62,7 @@ def create_job() -> tuple[Response, int]:
                                "file a token")
     files = form_files(request, ("files",))
     check_count(files, svc.settings)
-    tokens = form_tokens(request, len(files))
+    tokens = form_tokens(request, files)
     form_batch_id = request.form.get("batch_id", "").strip()
     if tokens and not form_batch_id:
         # A token protects a resend within its batch: a client whose first answer was
@@ -71,7 +71,8 @@ def create_job() -> tuple[Response, int]:
                                "batch_id=<32 hex digits>&create=1 with them")
     target = _target_batch(form_batch_id)
     if target is None:
-        return _no_batch(form_batch_id)
+        # A client making a batch of its own id sends `create` too: say so (reviewer).
+        return _no_batch(form_batch_id, hint=" (send create=1 to make it)")
     batch_id, adding = target
 
     items: list[dict[str, Any]] = []

@@ -146,7 +146,7 @@ TOKEN_CHARACTER = r"[A-Za-z0-9._:-]"
 _TOKEN = re.compile(TOKEN_CHARACTER + "{1,64}")
 
 
-def form_tokens(request: Request, count: int, field: str = "tokens") -> list[str] | None:
+def form_tokens(request: Request, files: list[FileStorage], field: str = "tokens") -> list[str] | None:
     """The client's token for each of `count` files (one per file, in their order), or None.
 
     A file sent again under a token its batch holds is not stored again, so a client
@@ -156,6 +156,7 @@ def form_tokens(request: Request, count: int, field: str = "tokens") -> list[str
     tokens = request.form.getlist(field)
     if not tokens:
         return None
+    count = len(files)
     if len(tokens) != count:
         raise UploadError(400, f"{len(tokens)} token{'s' * (len(tokens) != 1)} for {count} "
                                f"file{'s' * (count != 1)}: send one token per file, "
@@ -164,7 +165,12 @@ def form_tokens(request: Request, count: int, field: str = "tokens") -> list[str
         if not _TOKEN.fullmatch(token):
             raise UploadError(400, f"a token is 1 to 64 letters, digits or '._:-', not {token[:70]!r}")
     if len(set(tokens)) != count:
-        raise UploadError(400, "two files have the same token: each file needs its own")
+        first = {}
+        for token, storage in zip(tokens, files, strict=True):
+            if token in first:  # named, as every refusal of a file is (reviewer)
+                raise UploadError(400, f"two files have the same token ({first[token]} and this one): "
+                                       "each file needs its own", display_name(storage))
+            first[token] = display_name(storage)
     return tokens
 
 

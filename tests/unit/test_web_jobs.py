@@ -478,6 +478,8 @@ def test_chunks_can_join_an_existing_batch(web_client):
     assert set(items_by_name(web_client, first["batch_id"])) == {"a.jpg", "b.jpg"}
     unknown = upload(web_client, [(make_image(72), "c.jpg")], batch_id="f" * 32)
     assert unknown.status_code == 404
+    # A client making a batch of its own id needs `create` too: said (reviewer).
+    assert unknown.get_json()["error"] == f"no such batch: {'f' * 32} (send create=1 to make it)"
 
 
 
@@ -592,7 +594,7 @@ def test_a_token_used_again_for_another_file_is_refused_not_taken_for_a_resend(w
 
 @pytest.mark.parametrize(("form", "says"), [
     ({"tokens": ["0"]}, "1 token for 2 files"),
-    ({"tokens": ["0", "0"]}, "the same token"),
+    ({"tokens": ["0", "0"]}, "two files have the same token (a.jpg and this one)"),
     ({"tokens": ["0", "a b"]}, "a token is 1 to 64"),
     ({"tokens": ["0", "x" * 65]}, "a token is 1 to 64"),
     ({"batch_id": "not-hex", "create": "1"}, "32 lowercase hexadecimal"),
@@ -601,6 +603,8 @@ def test_bad_tokens_and_batch_ids_are_refused_and_nothing_is_stored(web_client, 
     response = upload(web_client, [(make_image(720), "a.jpg"), (make_image(721), "b.jpg")], **form)
     assert response.status_code == 400
     assert says in response.get_json()["error"]
+    if "same token" in says:  # named, as every refusal of a file is (reviewer)
+        assert response.get_json()["filename"] == "b.jpg"
     assert web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket).get("KeyCount", 0) == 0
 
 
