@@ -300,7 +300,7 @@ def test_a_file_deleted_after_it_was_chosen_fails_alone(stack, browser, referenc
     browser.execute_script("window.held = false;")
     shown = finished_rows(browser, stack, 3, timeout_s=120)
     assert shown["deleted.jpg"].get_attribute("data-state") == "failed"
-    assert "the file could not be read" in shown["deleted.jpg"].text
+    assert "the file could not be read: changed, moved or deleted" in shown["deleted.jpg"].text
     assert_classified({n: shown[n] for n in files}, files, reference_model)
 
 

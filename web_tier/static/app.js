@@ -533,7 +533,9 @@
       const read = await Promise.all(chunk.map(({ file }) =>
         (file.size ? file.slice(0, 1) : file).arrayBuffer().then(() => true, () => false)));
       const unreadable = chunk.filter((_, i) => !read[i]);
-      this.refuse(unreadable, "the file could not be read: moved or deleted since it was chosen?", !resending);
+      // Changed too: the browser refuses a file whose size or date moved since (reviewer).
+      this.refuse(unreadable, "the file could not be read: changed, moved or deleted since it was chosen?",
+                  !resending);
       return chunk.filter((_, i) => read[i]);
     }
 
