@@ -19,7 +19,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -158,14 +157,9 @@ def _own_cpu_s() -> float:
     return times.user + times.system
 
 
-# The runner's word that a worker process serves an instance (a warm spare it gives one
-# keeps `--instance-id -` on its command line: only this line tells).
-SERVES = re.compile(r"runner: worker pid (\d+) serves i-")
-
-
 def serving_workers_alive(stack: StackProcess) -> int:
     """The stack's worker processes alive that have served an instance: not the spares."""
-    serving = {int(m.group(1)) for line in list(stack.output) if (m := SERVES.search(line))}
+    serving = stack.serving_worker_pids()
     alive = 0
     for child in stack.descendants():
         try:

@@ -23,6 +23,7 @@ import psutil
 
 from common.config import Settings
 from localaws.kill import ends_with_parent
+from localaws.runner import serving_pids
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,6 +129,10 @@ class StackProcess:
             return open(self.run_dir / "stack.log", "a", encoding="utf-8")  # noqa: SIM115 (the pump's)
         except OSError:
             return None
+
+    def serving_worker_pids(self) -> set[int]:
+        """The worker processes that have served an instance, by the runner's word."""
+        return serving_pids(list(self.output))
 
     def descendants(self) -> list[psutil.Process]:
         if not self.process:

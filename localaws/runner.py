@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +47,15 @@ from localaws.kill import ends_with_parent, kill_and_wait
 from localaws.notify import NotifySocket, NotifySockets
 
 log = logging.getLogger(__name__)
+
+# The line the runner logs when a worker process is given an instance (a spare it
+# adopts keeps `--instance-id -` on its command line: only this says which serve).
+SERVES = re.compile(r"runner: worker pid (\d+) serves (i-\w+)")
+
+
+def serving_pids(lines: Iterable[str]) -> set[int]:
+    """The pids of the worker processes that, by the runner's log `lines`, have served an instance."""
+    return {int(m.group(1)) for line in lines if (m := SERVES.search(line))}
 
 RESTART_BACKOFF_S = 1.0
 # A worker that ends by itself this soon after it was given its instance failed at

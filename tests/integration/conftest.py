@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import time
 
 import boto3
@@ -92,7 +91,6 @@ def answers(url: str) -> bool:
         return False
 
 
-SERVES = re.compile(r"runner: worker pid (\d+) serves (i-\w+)")
 
 
 def processes(stack: StackProcess, marker: str) -> list[psutil.Process]:
@@ -113,7 +111,7 @@ def serving_workers(stack: StackProcess) -> list[psutil.Process]:
     An adopted warm spare still has `--instance-id -` on its command line, so the
     command line cannot say which workers serve; the runner's log line can.
     """
-    pids = {int(m.group(1)) for line in list(stack.output) if (m := SERVES.search(line))}
+    pids = stack.serving_worker_pids()
     return [proc for proc in processes(stack, "app_tier") if proc.pid in pids]
 
 

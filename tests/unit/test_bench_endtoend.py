@@ -69,7 +69,8 @@ def test_moto_figures_stop_at_the_last_response(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(endtoend, "_load", load)
     monkeypatch.setattr(endtoend, "_moto_stats", moto.snapshot)
     stack = SimpleNamespace(settings=lambda: None, run_dir=tmp_path, process=None, output=[],
-                            web_url="http://127.0.0.1:1", warm_spares=1, descendants=list)
+                            web_url="http://127.0.0.1:1", warm_spares=1, descendants=list,
+                            serving_worker_pids=set)
     plan = endtoend.EndToEndPlan(images=tmp_path, expected=None)
 
     out = endtoend._scaled_run(plan, stack, tmp_path, requests=10, concurrency=10)
