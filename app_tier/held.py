@@ -153,7 +153,8 @@ class HeldMessages:
         with self._lock:
             # Written only on a change: a stop that comes while this worker shows what the
             # last one held (holding nothing yet) must leave that to the next.
-            if [j for j in jobs if self._held.pop(j.message_id, None) is not None]:
+            removed = [j for j in jobs if self._held.pop(j.message_id, None) is not None]
+            if removed:
                 self._record()
 
     def _record(self) -> None:
