@@ -207,9 +207,11 @@ def form_tokens(request: Request, files: list[FileStorage], field: str = "tokens
         return None
     count = len(files)
     if len(tokens) != count:
+        # Named, as every refusal of a file is: the first file without a token of its own.
+        first_without = display_name(files[len(tokens)]) if len(tokens) < count else None
         raise UploadError(400, f"{len(tokens)} token{'s' * (len(tokens) != 1)} for {count} "
                                f"file{'s' * (count != 1)}: send one token per file, "
-                               "in the order of the files")
+                               "in the order of the files", first_without)
     for token in tokens:
         if not _TOKEN.fullmatch(token):
             raise UploadError(400, f"a token is 1 to 64 letters, digits or '._:-', not {token[:70]!r}")
