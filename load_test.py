@@ -259,7 +259,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files directly inside `folder`, in name order (so runs are repeatable)."""
+    """Image files directly inside `folder`, not hidden, in name order (so runs are repeatable)."""
     return scan_folder(folder)[0]
 
 
@@ -270,8 +270,10 @@ def scan_folder(folder: Path) -> tuple[list[Path], int]:
         raise LoadTestError(f"{folder} is not a folder")
     try:
         entries = list(folder.iterdir())
-        images = sorted((p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
-                        key=lambda p: p.name)
+        # Hidden files are skipped, as the upload page skips them: macOS's "._cat.jpg"
+        # beside cat.jpg holds the file's metadata, not an image.
+        images = sorted((p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                         and not p.name.startswith(".")), key=lambda p: p.name)
     except OSError as exc:  # a folder that cannot be listed (no permission): a usage error, not a traceback
         raise LoadTestError(f"cannot list {folder}: {exc.strerror or exc}") from exc
     if not images:
@@ -286,7 +288,8 @@ def say_what_is_left_out(config: Config, images: list[Path], skipped: int, expec
     than it sends)."""
     if skipped:
         print(f"load_test.py: {skipped} entries of {config.images} left out: not image files "
-              f"({', '.join(sorted(IMAGE_SUFFIXES))}) directly in it", file=sys.stderr)
+              f"({', '.join(sorted(IMAGE_SUFFIXES))}) directly in it, or hidden (named .*)",
+              file=sys.stderr)
     # The names as sent and judged: a name that is not UTF-8 is sent with U+FFFD.
     unused = len(set(expected) - {image_key(sendable_name(p)) for p in images})
     if unused:
@@ -481,6 +484,9 @@ class Outcome:
     resent: int = 0  # times sent again (see RESEND_WINDOW_S)
     via: str | None = None  # where its answer was read, when not from its own response
     by_id: bool = False  # its answer is the item fetched by its id: its name is not checked
+    # It reached the web tier: answered, or cut off once connected (never, if every
+    # attempt was refused, timed out connecting or failed its TLS handshake).
+    reached: bool = False
 
     @property
     def answered(self) -> bool:
@@ -533,8 +539,9 @@ class Report:
 
     @property
     def sent(self) -> int:
-        """Requests sent: those answered or failed, and those abandoned in flight."""
-        return len(self.outcomes) + self.abandoned
+        """Requests sent: those that reached the web tier (answered or not), and those
+        abandoned in flight. One that never connected sent nothing (reviewer)."""
+        return sum(1 for o in self.outcomes if o.reached) + self.abandoned
 
     @property
     def answered(self) -> int:
@@ -656,6 +663,7 @@ class Report:
                     "untrained": o.untrained,
                     "resent": o.resent,
                     "via": o.via,
+                    "reached": o.reached,
                 }
                 for o in sorted(self.outcomes, key=lambda o: o.index)
             ],
@@ -998,12 +1006,18 @@ class Client:
                     timeout=self._timeout(deadline), allow_redirects=False, stream=True), deadline)
             except requests.ConnectionError as exc:
                 was_refused = never_connected(exc)
+                if not was_refused and not isinstance(exc, requests.exceptions.SSLError):
+                    outcome.reached = True
                 if not was_refused and not stored_once:
                     raise  # cut off mid-request: the image may be stored already
                 failure, wait = exc, delay
                 if was_refused:
                     refused_since = time.monotonic() - self._refused_for(True)
+            except Exception:
+                outcome.reached = True  # connected: its answer timed out, or was not the web tier's
+                raise
             else:
+                outcome.reached = True
                 self.server_answered()
                 if resp.status_code in RESTARTING_STATUSES:
                     # A web tier stopping closes each connection after its answer: kept for

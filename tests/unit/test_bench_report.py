@@ -164,9 +164,9 @@ def test_low_load_counts_only_the_requests_after_the_warm_up():
     from load_test import Outcome, Report
 
     # Two warm-up requests (the first waits for a launch), then three of 0.1 s back to back.
-    outcomes = [Outcome(0, "a.jpg", 0.0, 1.5), Outcome(1, "b.jpg", 1.5, 0.2),
-                Outcome(2, "c.jpg", 1.7, 0.1), Outcome(3, "d.jpg", 1.8, 0.1),
-                Outcome(4, "e.jpg", 1.9, 0.1, error="HTTP 500", verdict="failed")]
+    outcomes = [Outcome(0, "a.jpg", 0.0, 1.5, reached=True), Outcome(1, "b.jpg", 1.5, 0.2, reached=True),
+                Outcome(2, "c.jpg", 1.7, 0.1, reached=True), Outcome(3, "d.jpg", 1.8, 0.1, reached=True),
+                Outcome(4, "e.jpg", 1.9, 0.1, error="HTTP 500", verdict="failed", reached=True)]
     run = Report("http://x", "form", 1, 5, started_at=1000.0, duration_s=2.0, outcomes=outcomes)
 
     measured = without_first(run, 2)

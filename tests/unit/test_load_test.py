@@ -492,12 +492,14 @@ def test_what_a_run_leaves_out_is_said(tier, tmp_path, capsys):
     (images / "notes.txt").write_text("not an image")
     (images / "more").mkdir()
     (images / "more" / "dog.jpg").write_bytes(b"label:dog")
+    (images / "._cat.jpg").write_bytes(b"\x00\x05\x16\x07")  # macOS's metadata of cat.jpg
     expected = tmp_path / "expected.csv"
     expected.write_text("Image,Results\ncat,cat\ndog,dog\nbird,bird\n")
     assert load_test.main(["--url", tier.url, "--images", str(images), "--expected", str(expected),
                            "--quiet"]) == 0
     err = capsys.readouterr().err
-    assert f"2 entries of {images} left out: not image files" in err
+    assert f"3 entries of {images} left out: not image files" in err
+    assert tier.paths["POST /"] == 1  # cat.jpg alone
     assert f"2 rows of {expected} name no image in {images}" in err
 
 
@@ -570,6 +572,7 @@ def test_https_to_a_plain_http_port_is_said_to_be_a_failed_handshake(tier, tmp_p
     assert outcome.verdict == "failed"
     assert outcome.error.startswith(f"cannot connect to {url}: the TLS handshake failed"), outcome.error
     assert "may be stored" not in outcome.error
+    assert not outcome.reached
 
 
 def test_nothing_listening_at_the_url_is_said_before_anything_is_sent(tmp_path):
@@ -631,6 +634,8 @@ def test_once_refused_for_a_whole_window_later_requests_fail_at_once(tmp_path, m
     finally:
         dead.close()
     assert report.failed == 6
+    # None reached the web tier: "sent" counted them all (reviewer).
+    assert report.sent == 0 and "6 not sent" in load_test.result_line(report)
     # Sent again (after 0.25, 0.5, 1 s...) within one window from the first refusal:
     # each request in a window of its own was sent again twice, 12 in all.
     resent = [o.resent for o in sorted(report.outcomes, key=lambda o: o.index)]
@@ -1461,7 +1466,8 @@ def test_a_run_that_checked_no_answer_against_its_expected_csv_is_no_pass(tier, 
     csv_path.write_text("Image,Results\na,x\n")
     assert run_load(Config(images=images, url=tier.url, expected=csv_path)).checked_against_csv
     assert not run_load(Config(images=images, url=tier.url)).checked_against_csv
-    answered = [load_test.Outcome(index=i, file=f"{i}.jpg", started_s=0.0, answer_name=str(i), label="cat")
+    answered = [load_test.Outcome(index=i, file=f"{i}.jpg", started_s=0.0, answer_name=str(i), label="cat",
+                                 reached=True)
                 for i in range(2)]
     for outcome in answered:
         load_test.judge(outcome, {"other": "cat"})
