@@ -14,6 +14,7 @@ from web_tier.form import check_count, form_files, form_tokens
 from web_tier.image_check import Upload, validate
 from web_tier.refusals import UploadError
 from web_tier.results import DONE, Item, is_batch_id
+from web_tier.results_csv import results_csv
 from web_tier.services import services
 from web_tier.submit import UPLOAD_THREADS, SentBefore, new_id
 
@@ -186,6 +187,18 @@ def get_job(batch_id: str) -> tuple[Response, int]:
     if items is None:
         return _no_batch(batch_id)
     return jsonify(_batch_json(batch_id, items)), 200
+
+
+@bp.get("/jobs/<batch_id>/results.csv")
+def job_results_csv(batch_id: str) -> Response | tuple[Response, int]:
+    svc = services()
+    items = svc.rebuilder.find_batch(batch_id)
+    if items is None:
+        return _no_batch(batch_id)
+    response = Response(results_csv(items, bool(svc.book.untrained)), mimetype="text/csv")
+    # (The id is the batch's: found, so only the hex digits this service hands out.)
+    response.headers["Content-Disposition"] = f'attachment; filename="results-{batch_id}.csv"'
+    return response
 
 
 @bp.get("/jobs/<batch_id>/events")

@@ -1735,3 +1735,37 @@ def test_names_are_shown_cleaned_before_the_server_has_them(stack, browser):
     assert [name for name, _, _ in shown] == cleaned and browser.execute_script(names) == cleaned
     assert [state for _, state, _ in shown] == ["failed"] * 3
     assert all("not stored" in text for _, _, text in shown[:2])
+
+
+def test_failed_rows_can_be_shown_alone_and_the_results_downloaded_as_csv(stack, browser, tmp_path):
+    """Among hundreds of rows, the few that failed were found only by scrolling, and
+    the results could not be taken away but through the JSON API."""
+    import csv
+    import io
+
+    import requests
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    tools, only_failed = browser.find_element(By.ID, "tools"), browser.find_element(By.ID, "only-failed")
+    assert not tools.is_displayed()
+    choose(browser, tmp_path, {"good_1.jpg": make_image(1090, size=(64, 48)), "notes.jpg": b"not an image",
+                               "good_2.jpg": make_image(1091, size=(64, 48))})
+    finished_rows(browser, stack, 3, timeout_s=60)
+    assert only_failed.is_displayed()
+    only_failed.click()
+    shown = [row.get_attribute("data-filename")
+             for row in browser.find_elements(By.CSS_SELECTOR, "#results .result") if row.is_displayed()]
+    assert shown == ["notes.jpg"]
+    only_failed.click()
+    rows = browser.find_elements(By.CSS_SELECTOR, "#results .result")
+    wait_for(lambda: all(row.is_displayed() for row in rows), 5, "every row shown again")
+
+    (batch_id,) = browser.current_url.split("#batches=")[1].split(",")
+    link = browser.find_element(By.CSS_SELECTOR, "#downloads a")
+    assert link.text == "Download the results (CSV)"
+    assert link.get_attribute("href") == f"{stack.web_url}/api/jobs/{batch_id}/results.csv"
+    answer = requests.get(link.get_attribute("href"), timeout=10)
+    rows = list(csv.DictReader(io.StringIO(answer.text)))
+    assert sorted((r["filename"], r["state"], r["untrained"]) for r in rows) == [
+        ("good_1.jpg", "done", "true"), ("good_2.jpg", "done", "true")]  # the refused file was never stored

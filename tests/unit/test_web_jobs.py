@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import io
 import json
@@ -988,3 +989,44 @@ def test_a_finished_batch_says_what_its_own_results_say(web_app, fake_worker):
     wait_until(lambda: all_finished(client, batch_id))
     services_of(web_app).book.untrained = True  # another batch's answer, from an untrained model
     assert client.get(f"/api/jobs/{batch_id}").get_json()["untrained"] is False
+
+
+def test_a_batchs_results_download_as_csv_each_row_as_the_api_says(web_app, web_aws):
+    client = web_app.test_client()
+    files = [(make_image(910), "cat, with comma.jpg"), (make_image(911), "=HYPERLINK(1).jpg"),
+             (make_image(912), "fails.jpg"), (make_image(913), "queued.jpg")]
+    batch_id = upload(client, files).get_json()["batch_id"]
+    worker = FakeWorker(web_aws, untrained=True)
+    worker.policy = lambda request: {"fails.jpg": "fail", "queued.jpg": "ignore"}.get(request.filename, "ok")
+    worker.start()
+    try:
+        wait_until(lambda: worker.handled == 4 and sum(
+            i["state"] != "queued" for i in items_by_name(client, batch_id).values()) == 3)
+    finally:
+        worker.stop()
+
+    response = client.get(f"/api/jobs/{batch_id}/results.csv")
+    assert response.status_code == 200
+    assert response.mimetype == "text/csv"
+    assert response.headers["Content-Disposition"] == f'attachment; filename="results-{batch_id}.csv"'
+    rows = list(csv.reader(io.StringIO(response.get_data(as_text=True))))
+    assert rows[0] == ["filename", "state", "label", "score", "error", "untrained"]
+    api = client.get(f"/api/jobs/{batch_id}").get_json()["items"]
+    assert len(rows) == 1 + len(api)
+    for row, item in zip(rows[1:], api, strict=True):
+        shown = item["filename"] if not item["filename"].startswith("=") else "'" + item["filename"]
+        assert row[:3] == [shown, item["state"], item["label"] or ""]
+        assert row[3] == ("" if item["score"] is None else f"{item['score']:.6f}")
+        assert row[4] == (item["error"] or "") and row[5] == "true"  # the labels are meaningless
+    by_name = {row[0]: row for row in rows[1:]}
+    # A name a spreadsheet would run as a formula is shown as text.
+    assert by_name["'=HYPERLINK(1).jpg"][1] == "done"
+    assert by_name["fails.jpg"][1:3] == ["failed", ""] and by_name["fails.jpg"][4] == "cannot decode"
+    assert by_name["queued.jpg"][1:4] == ["queued", "", ""]
+    assert by_name["cat, with comma.jpg"][1] == "done"
+
+
+def test_the_csv_of_an_unknown_batch_is_a_404(web_client):
+    response = web_client.get(f"/api/jobs/{'0' * 32}/results.csv")
+    assert response.status_code == 404
+    assert response.get_json()["error"].startswith("no such batch")

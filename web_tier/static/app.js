@@ -323,12 +323,39 @@
     }
     const counts = all.length ? `${done} of ${all.length} classified${failed ? `, ${failed} failed` : ""}` : "";
     $("summary").textContent = [counts, ...notices, ...folderNotices].filter(Boolean).join(" · ");
+    // Among hundreds of rows, the few that failed are the ones to act on.
+    $("only-failed-box").hidden = !failed;
+    resultsEl.classList.toggle("only-failed", Boolean(failed) && $("only-failed").checked);
+    showDownloads();
     // Said to screen readers once every file is finished, not at each result.
     if (counts && done + failed === all.length && counts !== announced) {
       announced = counts;
       $("announce").textContent = counts;
     }
   }
+
+  // A link to each batch's results as CSV (GET /api/jobs/<id>/results.csv), for the
+  // batches in the address the server has confirmed; rebuilt only when they change.
+  let downloadsShown = null;
+  function showDownloads() {
+    const ids = batchesInUrl().filter((id) => !isUnconfirmed(id));
+    const key = ids.join(",");
+    if (key !== downloadsShown) {
+      downloadsShown = key;
+      const box = $("downloads");
+      box.replaceChildren();
+      ids.forEach((id, i) => {
+        const link = document.createElement("a");
+        link.href = `/api/jobs/${id}/results.csv`;
+        link.download = `results-${id}.csv`;
+        link.textContent = ids.length === 1 ? "Download the results (CSV)" : `batch ${i + 1}`;
+        if (ids.length > 1) box.append(i ? " · " : "Download the results (CSV): ");
+        box.append(link);
+      });
+    }
+    $("tools").hidden = $("only-failed-box").hidden && !key;
+  }
+  $("only-failed").addEventListener("change", updateSummary);
 
   // 32 hex digits, as the server's ids (crypto.randomUUID needs HTTPS, this may not be).
   function newBatchId() {
@@ -790,6 +817,7 @@
 
   function writeBatches(ids) {
     history.replaceState(null, "", ids.length ? `#batches=${ids.join(",")}` : location.pathname);
+    showDownloads();
   }
 
   function rememberBatch(batchId) {
@@ -806,6 +834,7 @@
       if (unconfirmed) sessionStorage.setItem(UNCONFIRMED_STORE + batchId, "1");
       else sessionStorage.removeItem(UNCONFIRMED_STORE + batchId);
     } catch { /* storage disabled: a reload then says the batch could not be loaded */ }
+    showDownloads();
   }
 
   function isUnconfirmed(batchId) {
