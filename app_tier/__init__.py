@@ -1,9 +1,9 @@
 """App tier: the worker that classifies images with ResNet-50."""
 
-# The worker's exit status when its model's weights cannot be loaded (EX_CONFIG).
-# Its supervisor (systemd on an instance, the local runner) does not restart it:
-# it would only fail again the same way.
-EXIT_MODEL_UNAVAILABLE = 78
+# The worker's exit status when it cannot start as configured (EX_CONFIG): a setting
+# is wrong, or its model's weights cannot be loaded. Its supervisor (systemd on an
+# instance, the local runner) does not restart it: it would only fail again the same way.
+EXIT_CANNOT_START = 78
 
 # The worker's exit status when a model call, an image's decoding or one of its
 # loops stalled (EX_SOFTWARE): it has given its messages back, and its supervisor

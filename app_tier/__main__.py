@@ -12,7 +12,7 @@ import threading
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from app_tier import EXIT_MODEL_UNAVAILABLE, SPARE_LOADED
+from app_tier import EXIT_CANNOT_START, SPARE_LOADED
 from common import systemd
 from common.aws import Aws
 from common.config import Settings
@@ -96,7 +96,13 @@ def run(argv: list[str] | None, before_serving: StopBeforeServing) -> int:
     systemd.report_stacks_on_abort()
     configure_logging("%(asctime)s %(levelname)s worker[%(process)d] %(message)s",
                       level=os.environ.get("LOG_LEVEL", "INFO"))
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:  # names the variable
+        # One line, and not restarted (RestartPreventExitStatus): it would only fail
+        # again, a traceback each time (reviewer).
+        print(f"worker: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
 
     # Imported here: the model runtime takes a while to import, and --help should not.
     from app_tier.model import WeightsUnavailable, load_classifier
@@ -110,7 +116,7 @@ def run(argv: list[str] | None, before_serving: StopBeforeServing) -> int:
             # Not restarted, this worker leaves its instance idle: say so, or the
             # controller would count it as serving.
             report_worker_failed(Aws(settings), args.instance_id, "model-unavailable")
-        return EXIT_MODEL_UNAVAILABLE
+        return EXIT_CANNOT_START
     before_serving.doing = "getting ready to serve (the model loaded)"
     if args.prepare_only:
         print(f"model ready: {settings.model_runtime}, weights {settings.model_weights}, "

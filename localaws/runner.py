@@ -38,7 +38,7 @@ from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from app_tier import EXIT_MODEL_UNAVAILABLE, SPARE_LOADED
+from app_tier import EXIT_CANNOT_START, SPARE_LOADED
 from app_tier.held_journal import HeldJournal, held_journal_path
 from common.aws import Aws
 from common.config import Settings
@@ -268,9 +268,10 @@ class InstanceRunner:
         code = spare.returncode
         log_path = self._logs.pop(spare, None)
         spawned_at = self._spare_spawned_at.pop(spare, now)
-        if code == EXIT_MODEL_UNAVAILABLE:
+        if code == EXIT_CANNOT_START:
             if self.warm_spares:
-                log.error("runner: a warm spare cannot load the model (exit %d); keeping no spares", code)
+                log.error("runner: a warm spare cannot start: a setting is wrong or the model cannot be "
+                          "loaded (exit %d, see its log); keeping no spares", code)
             self.warm_spares = 0
             return
         self._spare_quick_exits, due_at = _next_start(spawned_at, code, now, self._spare_quick_exits)
@@ -409,9 +410,9 @@ class InstanceRunner:
             code = worker.process.poll()
             if code is None or worker.given_up:
                 continue
-            if code == EXIT_MODEL_UNAVAILABLE:
-                log.error("runner: the worker for %s cannot load the model (exit %d); not restarting it "
-                          "(see its log)", iid, code)
+            if code == EXIT_CANNOT_START:
+                log.error("runner: the worker for %s cannot start: a setting is wrong or the model cannot "
+                          "be loaded (exit %d); not restarting it (see its log)", iid, code)
                 worker.given_up = True
                 continue
             if worker.restart_at is None:

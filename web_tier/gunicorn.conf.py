@@ -21,6 +21,8 @@ from common.config import Settings  # noqa: E402
 # sockets and the listeners' long polls: gthread's accept() dies on EMFILE, and
 # with it the process, its result book and every POST / waiting in it.
 WANTED_OPEN_FILES = 4096
+# The exit status for a setting that is wrong (as the controller's, argparse's usage error).
+BAD_SETTING_EXIT = 2
 FILES_KEPT_FOR_OTHER_USES = 512
 
 
@@ -41,9 +43,17 @@ def connection_limits(open_files: int) -> tuple[int, int]:
     return connections, min(1024, connections)
 
 
-_settings = Settings.from_env()
+try:
+    _settings = Settings.from_env()
+except ValueError as exc:  # names the variable
+    # One line, and a status the web unit does not restart on (RestartPreventExitStatus):
+    # a wrong setting would only fail again, with a traceback a second, for ever (reviewer).
+    print(f"web tier: {exc}", file=sys.stderr)
+    raise SystemExit(BAD_SETTING_EXIT) from None
 
-bind = f"{_settings.web_host}:{_settings.web_port}"
+# An IPv6 address is bracketed: "::" gave "'' is not a valid port number" (reviewer).
+_host = f"[{_settings.web_host}]" if ":" in _settings.web_host else _settings.web_host
+bind = f"{_host}:{_settings.web_port}"
 
 # One process: the response listeners and the in-memory result book live in
 # it, and a POST / must wait in the same process that receives its answer.

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from app_tier import EXIT_MODEL_UNAVAILABLE
+from app_tier import EXIT_CANNOT_START
 from common.config import Settings
 from common.fleet import WORKER_FAILED_TAG, WORKER_READY_TAG
 from common.names import PREFIX_TAG, ROLE_APP_TIER, ROLE_TAG
@@ -224,7 +224,7 @@ def test_systemd_unit_restarts_and_stops_gracefully():
     assert unit["KillSignal"] == ["SIGTERM"]
     assert unit["TimeoutStopSec"] == ["30"]
     # A worker that cannot load its weights exits with this, and is not restarted into it again.
-    assert unit["RestartPreventExitStatus"] == [str(EXIT_MODEL_UNAVAILABLE)]
+    assert unit["RestartPreventExitStatus"] == [str(EXIT_CANNOT_START)]
     assert unit["EnvironmentFile"] == ["/etc/imgclass/worker.env"]
     assert unit["User"] == ["imgclass"]
     (exec_start,) = unit["ExecStart"]

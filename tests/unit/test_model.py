@@ -136,7 +136,7 @@ def test_the_worker_exits_with_its_no_model_status_when_the_weights_are_missing(
     status; the worker tags its instance so that the controller stops counting it."""
     from moto import mock_aws
 
-    from app_tier import EXIT_MODEL_UNAVAILABLE
+    from app_tier import EXIT_CANNOT_START
     from app_tier.__main__ import main
     from common.fleet import WORKER_FAILED_TAG
 
@@ -146,9 +146,20 @@ def test_the_worker_exits_with_its_no_model_status_when_the_weights_are_missing(
     with mock_aws():
         ec2 = boto3.client("ec2", region_name="us-east-1")
         iid = ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
-        assert main(["--instance-id", iid]) == EXIT_MODEL_UNAVAILABLE
+        assert main(["--instance-id", iid]) == EXIT_CANNOT_START
         tags = ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [iid]}])["Tags"]
     assert {t["Key"]: t["Value"] for t in tags} == {WORKER_FAILED_TAG: "model-unavailable"}
+
+
+def test_a_worker_with_a_wrong_setting_says_which_in_one_line_and_is_not_restarted(monkeypatch, capfd):
+    """It printed a 20-line traceback, and exited 1, which systemd restarts (reviewer)."""
+    from app_tier import EXIT_CANNOT_START
+    from app_tier.__main__ import main
+
+    monkeypatch.setenv("RECEIVE_WAIT", "21")
+    assert main(["--instance-id", "i-0"]) == EXIT_CANNOT_START
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("worker: RECEIVE_WAIT ") and "\n" not in err, err
 
 
 def test_imagenet_weights_unreachable_offline_says_what_to_set(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from moto import mock_aws
 
-from app_tier import EXIT_MODEL_UNAVAILABLE
+from app_tier import EXIT_CANNOT_START
 from app_tier.held_journal import held_journal_path
 from common.aws import Aws
 from common.config import Settings
@@ -427,14 +427,15 @@ def test_a_worker_that_cannot_load_its_model_is_not_restarted(world, caplog):
     runner.step()
     worker = runner.workers[iid]
     wait_until(lambda: worker.process.poll() is not None, what="the worker to exit")
-    assert worker.process.returncode == EXIT_MODEL_UNAVAILABLE
+    assert worker.process.returncode == EXIT_CANNOT_START
     deadline = time.monotonic() + 3 * RESTART_BACKOFF_S
     while time.monotonic() < deadline:
         runner.step()
         time.sleep(0.05)
     assert runner.workers[iid] is worker and runner.started_total == 1
     assert runner.warm_spares == 0 and runner._spares == []  # spares would fail the same way
-    assert caplog.text.count("cannot load the model") == 2  # once for the worker, once for spares
+    # Once for the worker, once for spares.
+    assert caplog.text.count("cannot start: a setting is wrong or the model cannot") == 2
 
 
 def test_a_spare_that_dies_at_start_is_replaced_at_most_once_a_backoff(world, caplog):

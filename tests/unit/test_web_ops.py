@@ -301,3 +301,32 @@ def test_gunicorn_admits_no_more_connections_than_it_has_files_for():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert soft >= min(conf["WANTED_OPEN_FILES"], hard)
     assert conf["worker_connections"] == connection_limits(conf["raise_open_files_limit"]())[0]
+
+
+def test_a_wrong_setting_stops_the_web_tier_in_one_line_with_a_status_its_unit_does_not_restart_on():
+    """A 17-line traceback and exit 1, which the unit restarted every second (reviewer)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.unit.test_ami import unit_settings
+
+    root = Path(__file__).parents[2]
+    env = {**os.environ, "RESULT_TIMEOUT": "0", "WEB_PORT": "0"}
+    refused = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "web_tier/gunicorn.conf.py",
+                              "web_tier:create_app()"], cwd=root, env=env, capture_output=True, text=True,
+                             timeout=60)
+    assert refused.stderr.strip().startswith("web tier: RESULT_TIMEOUT must be"), refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert unit_settings("imgclass-web.service")["RestartPreventExitStatus"] == [str(refused.returncode)]
+    assert refused.returncode == 2
+
+
+def test_an_ipv6_web_host_is_bound_as_one(monkeypatch):
+    import runpy
+    from pathlib import Path
+
+    monkeypatch.setenv("WEB_HOST", "::")
+    conf = runpy.run_path(str(Path(__file__).parents[2] / "web_tier" / "gunicorn.conf.py"))
+    assert conf["bind"] == "[::]:8000"
