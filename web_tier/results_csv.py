@@ -23,8 +23,11 @@ def results_csv(items: Iterable[Item], model_untrained: bool) -> str:
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow(COLUMNS)
     for item in items:
+        # The state first: a result's listener sets it last, once the other fields are
+        # final (Item._apply), and nothing here takes the book's lock.
+        state = item.state
         score = "" if item.score is None else f"{item.score:.6f}"
-        writer.writerow([_as_text(item.filename), item.state, _as_text(item.label or ""), score,
+        writer.writerow([_as_text(item.filename), state, _as_text(item.label or ""), score,
                          _as_text(item.error or ""),
                          "true" if item.shows_untrained(model_untrained) else "false"])
     return out.getvalue()
