@@ -124,7 +124,7 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise BadImage(too_slow)
     with _bad_image_errors(max_pixels):
         img = Image.open(io.BytesIO(data))
-        too_large = size_refusal(*img.size, max_pixels)
+        too_large = size_refusal(*img.size, max_pixels, img.format)
         if too_large:
             raise BadImage(too_large)
         width, height = img.size

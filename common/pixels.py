@@ -34,10 +34,21 @@ def pixel_limit(configured: int) -> int:
 MAX_IMAGE_SIDE = 65535
 
 
-def size_refusal(width: int, height: int, configured: int) -> str | None:
-    """Why an image of this size is refused, or None if it is not."""
-    limit = pixel_limit(configured)
+# Formats whose decoding holds several times the image, and what their pixel limit is
+# divided by. Pillow copies a WebP frame that libwebp decoded into bytes, then into the
+# image: ~15 bytes a pixel, +600 MB at 40 megapixels where an RGB PNG takes +165
+# (app_tier.images.prepare, measured; reviewer). At half the limit, +300 MB.
+HEAVY_DECODE_DIVISORS = {"WEBP": 2}
+
+
+def size_refusal(width: int, height: int, configured: int, fmt: str | None = None) -> str | None:
+    """Why an image of this size (and Pillow's format name) is refused, or None if it is not."""
+    divisor = HEAVY_DECODE_DIVISORS.get(fmt or "", 1)
+    limit = pixel_limit(configured) // divisor
     if width * height > limit:
+        if divisor > 1:
+            return (f"image is {width}x{height} pixels, more than the limit of {limit} for a {fmt} "
+                    f"image (1/{divisor} of other formats': decoding one takes several times the memory)")
         return f"image is {width}x{height} pixels, more than the limit of {limit}"
     if max(width, height) > MAX_IMAGE_SIDE:
         return f"image is {width}x{height} pixels: a side longer than {MAX_IMAGE_SIDE} pixels is refused"
@@ -142,9 +153,49 @@ def png_refusal(data: bytes) -> str | None:
     return None
 
 
+# Strips or tiles of a TIFF's first image. Pillow makes a Python object of each when it
+# opens the file, and the web tier's truncation check walks them: a 10 MB TIFF of 2.56
+# million 1x1 tiles took 4.5 s and ~800 MB to open, 9.7 s in the web tier's check and
+# 14.6 s in a worker (reviewer). Encoders write a strip or tile per 8-64 KB, or a strip
+# per row at most: MAX_IMAGE_SIDE rows.
+MAX_TIFF_PARTS = 65_536
+TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
+_STRIP_OFFSETS, _TILE_OFFSETS = 273, 324
+
+
+def tiff_parts(data: bytes) -> int:
+    """The strips or tiles of a TIFF's first image, as its first directory counts their
+    offsets (the larger of the two, if both); 0 where that cannot be read."""
+    order = "little" if data[:2] == b"II" else "big"
+    if data[2:4] in (b"+\x00", b"\x00+"):  # BigTIFF: 8-byte offsets and counts
+        directory, entries_size, count_size, entry_size = int.from_bytes(data[8:16], order), 8, 8, 20
+    else:
+        directory, entries_size, count_size, entry_size = int.from_bytes(data[4:8], order), 2, 4, 12
+    entries = int.from_bytes(data[directory:directory + entries_size], order)
+    first = directory + entries_size
+    parts = 0
+    # An entry past the file's end ends the walk: as many as the file can hold, at most.
+    for at in range(first, min(first + entries * entry_size, len(data) - entry_size + 1), entry_size):
+        if int.from_bytes(data[at:at + 2], order) in (_STRIP_OFFSETS, _TILE_OFFSETS):
+            parts = max(parts, int.from_bytes(data[at + 4:at + 4 + count_size], order))
+    return parts
+
+
+def tiff_refusal(data: bytes) -> str | None:
+    """Why a TIFF of too many strips or tiles is refused, or None (for anything else too).
+    Meant to run before Pillow opens it."""
+    if data.startswith(TIFF_SIGNATURES) and (parts := tiff_parts(data)) > MAX_TIFF_PARTS:
+        return (f"the TIFF is made of {parts} strips or tiles, more than the limit of {MAX_TIFF_PARTS} "
+                "(encoders write one per 8-64 KB), more than this service reads")
+    return None
+
+
 def parts_refusal(data: bytes) -> tuple[JpegLayout | None, str | None]:
     """A JPEG's layout (None for any other image), and why an image of too many parts
-    for its format (JPEG segments or scans, PNG chunks) is refused, or None. Cheap,
-    and meant to run before Pillow opens it: Pillow reads those parts in Python."""
+    for its format (JPEG segments or scans, PNG chunks, TIFF strips or tiles) is
+    refused, or None. Cheap, and meant to run before Pillow opens it: Pillow reads
+    those parts in Python."""
     jpeg = jpeg_layout(data) if data.startswith(JPEG_SIGNATURE) else None
-    return jpeg, jpeg_refusal(jpeg) if jpeg is not None else png_refusal(data)
+    if jpeg is not None:
+        return jpeg, jpeg_refusal(jpeg)
+    return None, png_refusal(data) or tiff_refusal(data)

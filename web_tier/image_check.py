@@ -82,7 +82,7 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
             if fmt not in FORMATS:
                 raise UploadError(415, f"{fmt or 'this'} images are not accepted; send {ACCEPTED}", name)
             # The worker's decoder applies the same rule (common/pixels.py).
-            too_large = size_refusal(*img.size, settings.max_image_pixels)
+            too_large = size_refusal(*img.size, settings.max_image_pixels, fmt)
             if too_large:
                 raise UploadError(413, too_large, name)
             cut_short = _truncation(img, data, jpeg)

@@ -229,6 +229,88 @@ def test_a_png_of_too_many_chunks_is_refused_before_pillow_reads_it(web_settings
             prepare(padded(chunks), web_settings.max_image_pixels)
 
 
+def tiff_of_tiles(width: int, height: int, order: str = "<") -> bytes:
+    """An uncompressed greyscale TIFF of 1x1 tiles, their offsets and sizes as SHORTs:
+    2.56 million of them fit in 10 MB (reviewer)."""
+    tiles, entries = width * height, 10
+    offsets_at = 10 + 2 + entries * 12 + 4
+    sizes_at = offsets_at + 2 * tiles
+
+    def entry(tag: int, kind: int, count: int, value: bytes) -> bytes:
+        return struct.pack(f"{order}HHI", tag, kind, count) + value
+
+    def short(value: int) -> bytes:
+        return struct.pack(f"{order}HH", value, 0)
+
+    def long(value: int) -> bytes:
+        return struct.pack(f"{order}I", value)
+
+    directory = struct.pack(f"{order}H", entries) + b"".join([
+        entry(256, 4, 1, long(width)), entry(257, 4, 1, long(height)), entry(258, 3, 1, short(8)),
+        entry(259, 3, 1, short(1)), entry(262, 3, 1, short(1)), entry(277, 3, 1, short(1)),
+        entry(322, 4, 1, long(1)), entry(323, 4, 1, long(1)),
+        entry(324, 3, tiles, long(offsets_at)), entry(325, 3, tiles, long(sizes_at))]) + long(0)
+    header = (b"II*\x00" if order == "<" else b"MM\x00*") + long(10)
+    return (header + b"\x80\x00" + directory + struct.pack(f"{order}{tiles}H", *[8] * tiles)
+            + struct.pack(f"{order}{tiles}H", *[1] * tiles))
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_a_tiff_of_too_many_tiles_is_refused_before_pillow_reads_it(web_settings, monkeypatch, order):
+    """Pillow makes an object of each strip or tile as it opens a TIFF: 2.56 million 1x1
+    tiles in 10 MB took 4.5 s and ~800 MB to open, 9.7 s in the web tier and 14.6 s in a
+    worker (reviewer)."""
+    from common.pixels import MAX_TIFF_PARTS, tiff_parts
+
+    fits = tiff_of_tiles(250, 250, order)  # 62,500 tiles
+    assert tiff_parts(fits) == 62_500
+    assert check_image("ok.tif", fits, web_settings).content_type == "image/tiff"
+    assert prepare(fits, web_settings.max_image_pixels).shape == (224, 224, 3)
+    forbid_pillow(monkeypatch)
+    for side in (257, 1600):
+        with pytest.raises(UploadError) as refused:
+            check_image("tiles.tif", tiff_of_tiles(side, side, order), web_settings)
+        assert refused.value.status == 422
+        reason = refused.value.reason
+        assert f"{side * side} strips or tiles, more than the limit of {MAX_TIFF_PARTS}" in reason
+        with pytest.raises(BadImage, match="strips or tiles"):
+            prepare(tiff_of_tiles(side, side, order), web_settings.max_image_pixels)
+
+
+def test_tiff_parts_reads_bigtiff_and_stops_at_the_files_end():
+    from common.pixels import tiff_parts
+
+    lzw, big = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (640, 4800)).save(lzw, "TIFF", compression="tiff_lzw")  # libtiff: ~64 KB strips
+    Image.new("RGB", (640, 4800)).save(big, "TIFF", big_tiff=True)  # one strip
+    assert tiff_parts(lzw.getvalue()) == 142
+    assert big.getvalue().startswith(b"II+\x00") and tiff_parts(big.getvalue()) == 1
+    cut = tiff_of_tiles(300, 300)[:200]  # its directory whole, its offsets gone
+    assert tiff_parts(cut) == 90_000
+    assert tiff_parts(b"II*\x00\xff\xff\xff\x7f") == 0  # a directory past the end
+
+
+def test_a_webp_is_held_to_half_the_pixel_limit_as_its_decoding_takes_several_times_the_memory(
+        web_settings):
+    """A 1.6 KB lossless WebP of 40 megapixels took a worker +600 MB to decode, where a
+    PNG of the same size takes +165 (reviewer)."""
+    limited = dataclasses.replace(web_settings, max_image_pixels=1_000_000)
+    image = Image.new("RGB", (1000, 600), (9, 9, 9))  # 600,000 pixels
+    for fmt, refused in (("PNG", False), ("WEBP", True)):
+        data = encode(image, fmt)
+        if not refused:
+            assert check_image("ok.png", data, limited).content_type == "image/png"
+            prepare(data, limited.max_image_pixels)
+            continue
+        with pytest.raises(UploadError) as refusal:
+            check_image("big.webp", data, limited)
+        assert refusal.value.status == 413
+        assert "more than the limit of 500000 for a WEBP image" in refusal.value.reason
+        with pytest.raises(BadImage, match="limit of 500000 for a WEBP image"):
+            prepare(data, limited.max_image_pixels)
+    assert check_image("ok.webp", encode(Image.new("RGB", (700, 700)), "WEBP"), limited)  # 490,000
+
+
 def test_an_image_with_a_side_over_65535_pixels_is_refused_in_both_tiers(web_settings):
     """Within the pixel limit, a PNG of 1x40,000,000 (151 KB) took a worker 1.5 GB and
     5 s: Pillow keeps a pointer and an allocation per row (explorer)."""
