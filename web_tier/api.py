@@ -62,12 +62,12 @@ def create_job() -> tuple[Response, int]:
                                "name the batch (batch_id=<32 hex digits>&create=1) and give each "
                                "file a token")
     files = form_files(request, ("files",))
+    check_count(files, svc.settings)  # first: a form that is not multipart is read no further
     repeated = [name for name in ("batch_id", "create") if len(request.form.getlist(name)) > 1]
     if repeated:
         # Only the first would count: files meant for the second batch went to the first.
         raise UploadError(400, f"one {repeated[0]} per request: this one has "
                                f"{len(request.form.getlist(repeated[0]))}")
-    check_count(files, svc.settings)
     tokens = form_tokens(request, files)
     form_batch_id = request.form.get("batch_id", "").strip()
     if tokens and not form_batch_id:
