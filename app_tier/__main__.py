@@ -77,6 +77,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="load (and for OpenVINO, convert and cache) the model, then exit: for AMI baking "
         "and for the local stack, so that workers start in about a second",
     )
+    parser.add_argument(
+        "--show-held-only",
+        action="store_true",
+        help="make visible again the requests the last worker for --instance-id held when it "
+        "ended (its journal), then exit, loading no model: the worker's unit runs it after "
+        "each stop (ExecStopPost), so that a worker killed as its instance ends leaves none "
+        "waiting for their visibility timeout",
+    )
     return parser.parse_args(argv)
 
 
@@ -103,6 +111,9 @@ def run(argv: list[str] | None, before_serving: StopBeforeServing) -> int:
         # again, a traceback each time (reviewer).
         print(f"worker: {exc}", file=sys.stderr)
         return EXIT_CANNOT_START
+
+    if args.show_held_only:
+        return show_held_only(settings, args.instance_id)
 
     # Imported here: the model runtime takes a while to import, and --help should not.
     from app_tier.model import WeightsUnavailable, load_classifier
@@ -140,6 +151,21 @@ def run(argv: list[str] | None, before_serving: StopBeforeServing) -> int:
     threading.Thread(target=report_ready_once_received, args=(settings, worker), name="report-ready",
                      daemon=True).start()
     worker.serve()
+    return 0
+
+
+def show_held_only(settings: Settings, instance_id: str) -> int:
+    """--show-held-only: 0, whatever AWS said (each failure is logged)."""
+    from app_tier.held import show_held
+    from app_tier.held_journal import HeldJournal, held_journal_path
+
+    path = held_journal_path(settings, instance_id)
+    if path is None or not path.exists():
+        return 0  # a worker that ended cleanly held nothing
+    try:
+        show_held(HeldJournal(path), Aws(settings), f"stopped worker {instance_id}", "the worker")
+    except Exception:  # resolving the queue's URL: left to the timeout, as before
+        log.exception("could not make visible again what the worker held")
     return 0
 
 

@@ -166,27 +166,8 @@ class HeldMessages:
         """Make visible at once the messages the worker before this one here held when it
         died, as used attempts (app_tier/held_journal.py). Call before receiving: the
         journal is this worker's own from its first receive."""
-        if self._journal is None:
-            return
-        left = self._journal.read(now=wall_clock())
-        shown, failures = 0, []
-        for chunk in sqs_batches(left):
-            # Looked at again before each call: botocore's retries of the one before may
-            # have taken long enough for a message to be visible, or another worker's, by now.
-            now = wall_clock()
-            receipts = [receipt for receipt, until in chunk if still_hidden(until, now)]
-            failures += change_visibility(self.aws.sqs, self.aws.request_queue_url,
-                                          [(r, 0) for r in receipts])
-            shown += len(receipts)
-        # Only now: a worker stopped before this point leaves them to its successor.
-        self._journal.remove()
-        if not left:
-            return
-        log.info("worker %s: made %d request(s) visible again that the worker before it here held "
-                 "when it ended", self.worker_name, shown - len(failures))
-        for reason, count in Counter(f.reason for f in failures).items():
-            # Answered and deleted since, or received again by another worker: nothing to do.
-            log.info("worker %s: %d of them could not be: %s", self.worker_name, count, reason)
+        if self._journal is not None:
+            show_held(self._journal, self.aws, f"worker {self.worker_name}", "the worker before it here")
 
     def delete(self, jobs: list[Job], why: str = "answered request(s), which will be answered again") -> None:
         """Delete answered requests from the queue, and stop holding them; `why` says
@@ -317,3 +298,28 @@ class HeldMessages:
         for reason, count in Counter(f.reason for f in failures).items():
             log.warning("could not change visibility of %d message(s): %s", count, reason)
         return failures
+
+
+def show_held(journal: HeldJournal, aws: Aws, who: str, whose: str) -> None:
+    """Make visible at once the messages `journal` names as still hidden, as used
+    attempts, then remove it; logged as `who` making visible what `whose` held. The next
+    worker on the instance does it, and the local runner for a worker whose instance has
+    ended (none will follow it)."""
+    left = journal.read(now=wall_clock())
+    shown, failures = 0, []
+    for chunk in sqs_batches(left):
+        # Looked at again before each call: botocore's retries of the one before may
+        # have taken long enough for a message to be visible, or another worker's, by now.
+        now = wall_clock()
+        receipts = [receipt for receipt, until in chunk if still_hidden(until, now)]
+        failures += change_visibility(aws.sqs, aws.request_queue_url, [(r, 0) for r in receipts])
+        shown += len(receipts)
+    # Only now: a worker stopped before this point leaves them to its successor.
+    journal.remove()
+    if not left:
+        return
+    log.info("%s: made %d request(s) visible again that %s held when it ended", who,
+             shown - len(failures), whose)
+    for reason, count in Counter(f.reason for f in failures).items():
+        # Answered and deleted since, or received again by another worker: nothing to do.
+        log.info("%s: %d of them could not be: %s", who, count, reason)

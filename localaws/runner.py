@@ -39,6 +39,7 @@ from pathlib import Path
 from botocore.exceptions import BotoCoreError, ClientError
 
 from app_tier import EXIT_CANNOT_START, SPARE_LOADED
+from app_tier.held import show_held
 from app_tier.held_journal import HeldJournal, held_journal_path
 from common.aws import Aws
 from common.config import Settings
@@ -310,7 +311,7 @@ class InstanceRunner:
                 # loading its model ends by the signal, one that served exits after its warm shutdown.
                 log.info("runner: worker pid %d of %s ended: %s, %.1f s after SIGTERM", worker.process.pid,
                          worker.instance_id, exit_status(code), now - (worker.term_sent_at or now))
-                self._remove_held_journal(worker.instance_id)
+                self._show_held_journal(worker.instance_id)
                 continue
             if worker.kill_sent_at is None and now - (worker.term_sent_at or now) > self.grace_s:
                 log.warning("runner: pid %d ignored SIGTERM for %.0fs, SIGKILL",
@@ -321,6 +322,21 @@ class InstanceRunner:
             # holds outlives SIGKILL, and the round must go on (the watchdog comes after).
             still.append(worker)
         self._draining = still
+
+    def _show_held_journal(self, instance_id: str) -> None:
+        """A worker killed before it handed back (during its warm shutdown, or while it
+        waited for a restart) left what it held written down for a successor on its
+        instance, which has ended: none will come. Its requests are made visible here,
+        as the worker's unit does on an instance (ExecStopPost), rather than left to
+        their visibility timeout (reviewer: a minute, and the fleet held for it)."""
+        path = held_journal_path(self.settings, instance_id)
+        if path is None:
+            return
+        try:
+            show_held(HeldJournal(path), self.aws, "runner", f"the worker of {instance_id}")
+        except Exception:  # the runner's loop must go on: those are left to their timeout
+            log.exception("runner: could not make visible again what the worker of %s held", instance_id)
+            HeldJournal(path).remove()
 
     def _remove_held_journal(self, instance_id: str) -> None:
         """A worker killed before it handed back left what it held written down for its

@@ -230,6 +230,8 @@ def test_systemd_unit_restarts_and_stops_gracefully():
     (exec_start,) = unit["ExecStart"]
     assert exec_start.startswith("/opt/imgclass/.venv/bin/python -m app_tier --instance-id ")
     assert "${INSTANCE_ID}" in exec_start  # written from IMDSv2 by the user-data
+    # After every stop: what a worker killed before it handed back held is made visible.
+    assert unit["ExecStopPost"] == [exec_start + " --show-held-only"]
 
 
 def test_systemd_unit_restarts_a_worker_whose_watchdog_pings_stop():

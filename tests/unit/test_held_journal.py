@@ -231,3 +231,24 @@ def test_a_stop_while_the_successor_shows_them_leaves_the_journal_to_the_next(aw
     worker.held.forget([])
     worker.held.hand_back_all()
     assert path.exists()
+
+
+def test_a_stopped_workers_unit_shows_what_it_held_without_loading_a_model(aws_env, monkeypatch, caplog):
+    """ExecStopPost: a worker SIGKILLed as its instance shuts down has no successor there
+    to read its journal, and its requests waited for their visibility timeout."""
+    from app_tier import __main__ as worker_main
+
+    settings, aws = aws_env
+    upload(settings, aws, "held.jpg", make_image(300), "held-0")
+    killed = Worker(settings, aws, MeanClassifier(), "i-0456")
+    assert len(killed.fetch().jobs) == 1 and depth(aws, aws.request_queue_url) == (0, 1)
+    monkeypatch.setattr(worker_main.Settings, "from_env", classmethod(lambda cls: settings))
+    monkeypatch.setattr("app_tier.model.load_classifier", lambda *a, **k: pytest.fail("a model was loaded"))
+    with caplog.at_level(logging.INFO, logger="app_tier.held"):
+        assert worker_main.main(["--instance-id", "i-0456", "--show-held-only"]) == 0
+    assert depth(aws, aws.request_queue_url) == (1, 0)
+    assert "made 1 request(s) visible again" in caplog.text
+    assert not held_journal_path(settings, "i-0456").exists()
+    # After a clean stop there is no journal: nothing to do, and nothing asked of AWS.
+    monkeypatch.setattr(worker_main, "Aws", lambda *a: pytest.fail("AWS was asked"))
+    assert worker_main.main(["--instance-id", "i-0456", "--show-held-only"]) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import itertools
+import json
 import logging
 import os
 import re
@@ -194,23 +195,34 @@ def test_a_stopped_worker_is_said_how_it_ended_once_reaped(world, caplog, mode, 
     assert len(said.findall(caplog.text)) == 1  # once, not every round after
 
 
-def test_a_killed_workers_journal_of_held_messages_goes_with_its_instance(world, tmp_path):
+def test_a_worker_killed_as_its_instance_ends_has_what_it_held_shown_and_its_journal_removed(
+        world, tmp_path):
     """Read only by the next worker on the same instance, which a terminated one never
-    has: the file would stay in the user's state directory for ever."""
+    has: its requests waited for their visibility timeout, a minute, the fleet held
+    meanwhile (reviewer), and the file stayed in the user's state directory for ever."""
+    from common.provision import provision
+
     settings, aws, make, out = world
     runner = make(warm_spares=0, grace_s=0.2, env={"FAKE_MODE": "stubborn"},
                   state_dir=str(tmp_path / "state"))
+    provision(runner.settings)
+    queue = Aws(runner.settings).request_queue_url
+    aws.sqs.send_message(QueueUrl=queue, MessageBody="held by the killed worker")
+    (held,) = aws.sqs.receive_message(QueueUrl=queue, VisibilityTimeout=600)["Messages"]
     iid, other = launch(aws, settings, (1, 2)).values()
     runner.step()
     wait_until(lambda: started(out) == sorted([iid, other]), what="the workers to start")
     journals = {i: held_journal_path(runner.settings, i) for i in (iid, other)}
-    for path in journals.values():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text('{"held": []}')
+    journals[iid].parent.mkdir(parents=True, exist_ok=True)
+    journals[iid].write_text(json.dumps({"held": [{"receipt": held["ReceiptHandle"],
+                                                   "hidden_until": time.time() + 600}]}))
+    journals[other].write_text('{"held": []}')
     process = runner.workers[iid].process
     terminate(aws, (iid,))
     wait_until(lambda: (runner.step(), process.poll() is not None)[1], what="SIGKILL after the grace period")
     wait_until(lambda: (runner.step(), not journals[iid].exists())[1], what="its journal to be removed")
+    attributes = aws.sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["ApproximateNumberOfMessages"])
+    assert attributes["Attributes"]["ApproximateNumberOfMessages"] == "1"  # visible again, at once
     assert journals[other].exists(), "a live instance's journal is its next worker's"
     # A kill mid-write leaves a new version unfinished beside it.
     unfinished = journals[other].with_name(journals[other].name + ".999.tmp")
