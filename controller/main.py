@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.plot and not args.timeline:
         parser.error("--plot needs --timeline")
+    if args.plot and not args.plot.parent.is_dir():
+        # Found at exit, after a run of hours, it was a traceback (reviewer).
+        parser.error(f"--plot {args.plot}: no folder {args.plot.parent} to write it in")
     try:
         settings = settings_from(args, dict(os.environ))
     except ValueError as exc:  # names the variable: name the option too
@@ -127,6 +130,11 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, settings: Se
                                 timeline_path=args.timeline)
     except ValueError as exc:  # a setting that cannot be passed to instances: names it
         parser.error(str(exc))
+    except OSError as exc:  # the timeline's header, written at start (a traceback before: reviewer)
+        parser.error(f"--timeline {args.timeline}: cannot write it ({exc.strerror or exc})")
+    if settings.max_instances == 0:
+        log.warning("controller: MAX_INSTANCES is 0: no instance will be launched, and requests "
+                    "wait until their RESULT_TIMEOUT")
     if args.once:
         try:
             controller.step()
@@ -143,5 +151,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, settings: Se
     if args.plot:
         from controller.timeline import plot_timeline
 
-        plot_timeline(args.timeline, args.plot)
+        try:
+            plot_timeline(args.timeline, args.plot)
+        except (OSError, ValueError) as exc:  # the fleet was managed all the same
+            print(f"python controller.py: could not draw {args.plot}: {exc}", file=sys.stderr)
+            return 1
     return 0

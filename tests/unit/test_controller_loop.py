@@ -1159,3 +1159,41 @@ def test_once_exits_1_when_a_launch_fails(aws, patch, monkeypatch, capsys, tmp_p
     assert main(["--once"]) == 1
     assert "a launch failed" in capsys.readouterr().err
     assert instances(aws) == []
+
+
+def test_timeline_and_plot_paths_that_cannot_be_written_are_usage_errors_not_tracebacks(
+        capsys, monkeypatch, tmp_path):
+    """--timeline's header is written at start: a traceback; --plot was found unwritable
+    only at exit, after a run of hours (reviewer)."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # never reached
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    for argv, says in ((["--timeline", str(tmp_path / "none" / "t.csv")], "--timeline"),
+                       (["--timeline", str(tmp_path)], "--timeline"),
+                       (["--timeline", str(tmp_path / "t.csv"), "--plot", str(tmp_path / "none" / "p.png")],
+                        f"--plot {tmp_path / 'none' / 'p.png'}: no folder")):
+        with pytest.raises(SystemExit) as stopped:
+            main(["--dry-run", "--once", *argv])
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err
+        assert f"error: {says}" in err and "Traceback" not in err, err
+
+
+def test_a_plot_that_cannot_be_drawn_at_exit_says_so_in_one_line(aws, capsys, monkeypatch, tmp_path):
+    import controller.timeline
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    monkeypatch.setenv("APP_PREFIX", aws.settings.prefix)  # the shared mock AWS's queues
+    monkeypatch.setattr(controller.timeline, "plot_timeline",
+                        lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    code = main(["--dry-run", "--once", "--timeline", str(tmp_path / "t.csv"),
+                 "--plot", str(tmp_path / "p.png")])
+    assert code == 1
+    assert "could not draw" in capsys.readouterr().err
+
+
+def test_no_instance_to_launch_is_warned_about(aws, caplog, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    monkeypatch.setenv("APP_PREFIX", aws.settings.prefix)
+    with caplog.at_level(logging.WARNING):
+        assert main(["--dry-run", "--once", "--max-instances", "0"]) == 0
+    assert "MAX_INSTANCES is 0: no instance will be launched" in caplog.text
