@@ -7,7 +7,9 @@ backlog (default)
     backlog = visible + in-flight + delayed messages. Counting in-flight
     messages keeps the fleet from shrinking while requests are still being
     worked on; an instance that is removed finishes its batch in hand (warm
-    shutdown) and hands the rest back.
+    shutdown) and hands the rest back. They do not launch instances, though: a
+    new one can only take messages no worker holds, so launches are for the
+    visible and delayed ones (each mode's target backlog per instance).
     With the default target of 1, 100 queued requests give exactly 15.
 
 latency
@@ -128,6 +130,15 @@ def decide(
     if desired > len(serving):
         # Failed instances keep their place under the cap until they are gone.
         count = min(desired - len(serving), policy.max_instances - len(obs.live))
+        # A new instance can only take messages no worker holds. Those in flight are
+        # being worked on, or will be handed back, visible by a later round. Launched for
+        # them alone, as instances ended with their workers still answering, a fleet
+        # found nothing to do and was kept for the cooldown (reviewer).
+        untaken = obs.visible + obs.delayed
+        for_untaken = math.ceil(untaken / target_backlog(policy))
+        if count > for_untaken:
+            count = for_untaken
+            reason += f"; launching only for the {untaken} not taken ({obs.in_flight} in flight)"
         if hold_launches:
             reason += "; launches held: workers gave up recently"
         elif count > 0:

@@ -46,6 +46,11 @@ BACKLOG = Policy()
         ("all done: terminate all", obs(running=15), 0, 15, 0),
         ("stopped strays are not counted", obs(visible=1, running=1, stopped=2), 0, 0, 1),
         ("shutting-down ones are not capacity", obs(visible=2, shutting=2), 2, 0, 2),
+        # A new instance cannot take what a worker holds (reviewer: 7 launched as the fleet
+        # ended, its workers still answering what they had taken; kept for the cooldown).
+        ("in flight alone launches nothing", obs(in_flight=7, shutting=7), 0, 0, 7),
+        ("launches are for what no worker took", obs(visible=5, in_flight=20, running=1), 5, 0, 15),
+        ("delayed ones are not taken", obs(delayed=2, in_flight=9, running=1), 2, 0, 11),
     ],
 )
 def test_backlog_policy(name, observation, launches, terminates, desired):
