@@ -1769,3 +1769,21 @@ def test_failed_rows_can_be_shown_alone_and_the_results_downloaded_as_csv(stack,
     rows = list(csv.DictReader(io.StringIO(answer.text)))
     assert sorted((r["filename"], r["state"], r["untrained"]) for r in rows) == [
         ("good_1.jpg", "done", "true"), ("good_2.jpg", "done", "true")]  # the refused file was never stored
+
+
+def test_a_batch_pushed_out_of_the_address_is_said_to_be(stack, browser, tmp_path):
+    """The 21st batch dropped the oldest from the address without a word: a reload then
+    showed fewer batches than the page had."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    browser.execute_script("document.body.dataset.maxBatchesInUrl = '2';")
+    for i in range(3):
+        choose(browser, tmp_path, {f"batch_{i}.jpg": make_image(1100 + i, size=(64, 48))})
+        wait_for(lambda i=i: len(browser.find_elements(By.CSS_SELECTOR, "#results .result")) == i + 1, 30,
+                 f"upload {i}'s row")
+        finished_rows(browser, stack, i + 1, timeout_s=60)
+    assert len(browser.current_url.split("#batches=")[1].split(",")) == 2
+    summary = browser.find_element(By.ID, "summary").text
+    assert "the address keeps the latest 2 batches: older ones left it" in summary, summary
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#downloads a")) == 2

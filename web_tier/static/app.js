@@ -31,7 +31,8 @@
   const BATCH_ID = /^[0-9a-f]{32}$/;
   const SHOWN_STORE = "imgclass.shown.";  // + batch id, in this tab's sessionStorage
   const UNCONFIRMED_STORE = "imgclass.unconfirmed.";  // + id of a batch not yet known to hold a file
-  const MAX_BATCHES_IN_URL = 20;          // the latest; a reload shows these again
+  // The latest batches kept in the address, which a reload shows again (fewer in tests).
+  const maxBatchesInUrl = () => Number(document.body.dataset.maxBatchesInUrl) || 20;
   const FINISHED = new Set(["done", "failed"]);
   // A file this tab had chosen but not yet heard stored when the page was reloaded or left.
   const NOT_STORED = "not stored: its upload had not finished when the page was left or reloaded; choose it again";
@@ -74,6 +75,7 @@
   const keyInput = $("api-key");
   const sessions = [];
   const notices = [];      // said in the summary line, e.g. a batch that could not be loaded
+  let droppedSaid = false; // a batch left the address (maxBatchesInUrl): said once
   // What the last upload's folders held that was not sent (or that they are still being
   // read): replaced at each upload, where kept they piled up across uploads (reviewer).
   let folderNotices = [];
@@ -822,7 +824,16 @@
 
   function rememberBatch(batchId) {
     const ids = batchesInUrl().filter((id) => id !== batchId);
-    writeBatches([...ids, batchId].slice(-MAX_BATCHES_IN_URL));
+    const most = maxBatchesInUrl();
+    const kept = [...ids, batchId].slice(-most);
+    if (kept.length < ids.length + 1 && !droppedSaid) {
+      // Their rows stay on the page, but a reload or the link would not show them: say so.
+      droppedSaid = true;
+      notices.push(`the address keeps the latest ${most} batches: older ones left it, and the CSV ` +
+                   "links; a reload will not show them");
+      updateSummary();
+    }
+    writeBatches(kept);
   }
 
   function forgetBatch(batchId) {
