@@ -298,6 +298,7 @@
       return;
     }
     el.dataset.label = item.label ?? "";
+    el.dataset.score = typeof item.score === "number" ? item.score.toFixed(6) : "";
     el.querySelector(".label").textContent = item.label ?? "";
     el.querySelector(".score").textContent = formatScore(item.score);
     const top5 = el.querySelector(".top5");
@@ -327,8 +328,11 @@
     $("summary").textContent = [counts, ...notices, ...folderNotices].filter(Boolean).join(" · ");
     // Among hundreds of rows, the few that failed are the ones to act on.
     $("only-failed-box").hidden = !failed;
+    $("only-failed-count").textContent = failed ? ` (${failed})` : "";
     resultsEl.classList.toggle("only-failed", Boolean(failed) && $("only-failed").checked);
-    showDownloads();
+    $("download-csv").textContent = done + failed < all.length ? "Download the results so far (CSV)"
+                                                               : "Download the results (CSV)";
+    $("tools").hidden = !all.length;
     // Said to screen readers once every file is finished, not at each result.
     if (counts && done + failed === all.length && counts !== announced) {
       announced = counts;
@@ -336,27 +340,42 @@
     }
   }
 
-  // A link to each batch's results as CSV (GET /api/jobs/<id>/results.csv), for the
-  // batches in the address the server has confirmed; rebuilt only when they change.
-  let downloadsShown = null;
-  function showDownloads() {
-    const ids = batchesInUrl().filter((id) => !isUnconfirmed(id));
-    const key = ids.join(",");
-    if (key !== downloadsShown) {
-      downloadsShown = key;
-      const box = $("downloads");
-      box.replaceChildren();
-      ids.forEach((id, i) => {
-        const link = document.createElement("a");
-        link.href = `/api/jobs/${id}/results.csv`;
-        link.download = `results-${id}.csv`;
-        link.textContent = ids.length === 1 ? "Download the results (CSV)" : `batch ${i + 1}`;
-        if (ids.length > 1) box.append(i ? " · " : "Download the results (CSV): ");
-        box.append(link);
-      });
-    }
-    $("tools").hidden = $("only-failed-box").hidden && !key;
+  // The rows on the page as a CSV file, in their order: with the files the server
+  // refused, which a batch's GET /api/jobs/<id>/results.csv cannot hold (they were never
+  // stored: a reviewer's CSV of 1,500 files had none of its 38 failed), and the folder
+  // of each file chosen in one. A byte-order mark first, for Excel to read the names as UTF-8.
+  const CSV_COLUMNS = ["filename", "path", "state", "label", "score", "error", "untrained"];
+  const FORMULA_START = /^[=+\-@\t\r]/;
+  function csvCell(value) {
+    // A cell a spreadsheet would run as a formula is shown as text (web_tier/results_csv.py).
+    const text = FORMULA_START.test(value) ? `'${value}` : value;
+    return /[",\r\n]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
   }
+  function resultsCsv() {
+    const lines = [CSV_COLUMNS.join(",")];
+    for (const el of resultsEl.querySelectorAll(".result")) {
+      const row = el.dataset;
+      const done = row.state === "done";
+      // A label's own model says; for a row without one, the model the page knows of.
+      const untrained = done ? el.classList.contains("untrained") : !banner.hidden;
+      const error = row.state === "failed" ? el.querySelector(".error").textContent : "";
+      lines.push([row.filename, row.path || "", row.state, done ? row.label : "", done ? row.score : "",
+                  error, String(untrained)].map(csvCell).join(","));
+    }
+    return "\ufeff" + lines.join("\r\n") + "\r\n";
+  }
+  $("download-csv").addEventListener("click", () => {
+    const url = URL.createObjectURL(new Blob([resultsCsv()], { type: "text/csv;charset=utf-8" }));
+    const link = document.createElement("a");
+    link.href = url;
+    const now = new Date();
+    const stamp = new Date(now - now.getTimezoneOffset() * 60000).toISOString().slice(0, 19).replace(/:/g, "-");
+    link.download = `results-${stamp}.csv`;
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60000);
+  });
   $("only-failed").addEventListener("change", updateSummary);
 
   // 32 hex digits, as the server's ids (crypto.randomUUID needs HTTPS, this may not be).
@@ -819,7 +838,6 @@
 
   function writeBatches(ids) {
     history.replaceState(null, "", ids.length ? `#batches=${ids.join(",")}` : location.pathname);
-    showDownloads();
   }
 
   function rememberBatch(batchId) {
@@ -829,8 +847,8 @@
     if (kept.length < ids.length + 1 && !droppedSaid) {
       // Their rows stay on the page, but a reload or the link would not show them: say so.
       droppedSaid = true;
-      notices.push(`the address keeps the latest ${most} batches: older ones left it, and the CSV ` +
-                   "links; a reload will not show them");
+      notices.push(`the address keeps the latest ${most} batches: older ones left it, and a ` +
+                   "reload will not show them");
       updateSummary();
     }
     writeBatches(kept);
@@ -845,7 +863,6 @@
       if (unconfirmed) sessionStorage.setItem(UNCONFIRMED_STORE + batchId, "1");
       else sessionStorage.removeItem(UNCONFIRMED_STORE + batchId);
     } catch { /* storage disabled: a reload then says the batch could not be loaded */ }
-    showDownloads();
   }
 
   function isUnconfirmed(batchId) {
