@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 
 from PIL import Image
+from PIL.TiffImagePlugin import PREFIXES as TIFF_PREFIXES
 
 # Pillow's refusals read "Image size (<n> pixels) exceeds limit of <m> pixels, ...".
 _PILLOW_SIZE = re.compile(r"\((\d+) pixels\)")
@@ -159,7 +160,10 @@ def png_refusal(data: bytes) -> str | None:
 # 14.6 s in a worker (reviewer). Encoders write a strip or tile per 8-64 KB, or a strip
 # per row at most: MAX_IMAGE_SIDE rows.
 MAX_TIFF_PARTS = 65_536
-TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
+# Every header Pillow opens as a TIFF: classic, BigTIFF, and two it calls invalid but
+# reads all the same (their first two bytes say the byte order), which skipped the
+# check when they were left out (reviewer).
+TIFF_SIGNATURES = tuple(TIFF_PREFIXES)
 _STRIP_OFFSETS, _TILE_OFFSETS = 273, 324
 
 

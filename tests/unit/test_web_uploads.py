@@ -267,6 +267,10 @@ def test_a_tiff_of_too_many_tiles_is_refused_before_pillow_reads_it(web_settings
     assert check_image("ok.tif", fits, web_settings).content_type == "image/tiff"
     assert prepare(fits, web_settings.max_image_pixels).shape == (224, 224, 3)
     forbid_pillow(monkeypatch)
+    # Pillow also opens two headers it calls invalid, the magic number's bytes swapped.
+    swapped = b"II\x00*" if order == "<" else b"MM*\x00"
+    with pytest.raises(UploadError, match="strips or tiles"):
+        check_image("odd.tif", swapped + tiff_of_tiles(257, 257, order)[4:], web_settings)
     for side in (257, 1600):
         with pytest.raises(UploadError) as refused:
             check_image("tiles.tif", tiff_of_tiles(side, side, order), web_settings)
