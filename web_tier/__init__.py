@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None, *, aws: Aws | None = None,
         # (POST /api/jobs `tokens`) another; room besides for the other fields.
         MAX_FORM_PARTS=2 * settings.max_files_per_request + 100,
         MAX_FORM_MEMORY_SIZE=MAX_TEXT_FIELD_BYTES,
-        MAX_FILE_BYTES=settings.max_upload_bytes,  # spooled per file (form.CappedSpool)
+        MAX_FILE_BYTES=settings.max_upload_bytes,  # spooled per file (spool.CappedSpool)
     )
     app.request_class = UploadRequest
     app.json.sort_keys = False  # type: ignore[attr-defined]

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import io
 import re
-import tempfile
 from collections.abc import Iterable
-from typing import IO
 
 from flask import Request, current_app
 from werkzeug.datastructures import FileStorage
@@ -15,6 +13,7 @@ from werkzeug.datastructures import FileStorage
 from common.config import Settings
 from web_tier.filenames import display_name
 from web_tier.refusals import UploadError, too_large
+from web_tier.spool import CappedSpool, RequestSpool
 
 _CHUNK = 1 << 20
 # Room in a request body for the multipart framing and form fields around the files.
@@ -26,91 +25,16 @@ FORM_SLACK_BYTES = 1 << 20
 MAX_TEXT_FIELD_BYTES = 128 * 1024
 
 
-# Werkzeug's own threshold: a file larger than this is written to disk as it comes.
-IN_MEMORY_FILE_BYTES = 500 * 1024
-# What the files of one request may hold in memory together; the rest go to disk. Under
-# Werkzeug's per-file threshold alone, parsing 40 files of 400 KB peaked at 18 MB
-# (tracemalloc), so a request of 1,000 such files held ~400 MB until it ended; now 9.8 MB.
-# The page sends 8 MB at most per request, so its requests stay in memory.
-IN_MEMORY_REQUEST_BYTES = 8 * 1024 * 1024
-
-
 class UploadRequest(Request):
     """A request whose uploaded files are spooled only up to the size limit, in memory
-    only up to a budget shared by all its files (CappedSpool)."""
+    only up to a budget shared by all its files (web_tier/spool.py)."""
 
-    _memory: MemoryBudget | None = None
+    _spool: RequestSpool | None = None
 
     def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
-        if self._memory is None:
-            self._memory = MemoryBudget(IN_MEMORY_REQUEST_BYTES)
-        return CappedSpool(current_app.config["MAX_FILE_BYTES"], self._memory)
-
-
-class MemoryBudget:
-    """Bytes the files of one request may still hold in memory."""
-
-    def __init__(self, limit: int) -> None:
-        self.left = limit
-
-
-class CappedSpool:
-    """Where Werkzeug writes one uploaded file as it parses the form.
-
-    It keeps the file's first `limit` + 1 bytes and drops the rest: enough for
-    read_limited to refuse the file as too large, as before, while a file past the
-    limit costs no more memory or disk than one at it. (Werkzeug had spooled a 2 GB
-    file to disk whole before its 413: reviewer.) It holds them in memory while the
-    file is at most IN_MEMORY_FILE_BYTES and its request's `memory` allows, and
-    otherwise in a temporary file. The rest of its methods are its current stream's.
-    """
-
-    def __init__(self, limit: int, memory: MemoryBudget) -> None:
-        self._stream: IO[bytes] = io.BytesIO()
-        self._memory = memory
-        self._room = limit + 1
-        self.in_memory = 0  # bytes held in memory, taken from `memory`
-
-    def write(self, data: bytes) -> int:
-        kept = data[:self._room]
-        if not kept:
-            return len(data)
-        self._room -= len(kept)
-        if isinstance(self._stream, io.BytesIO):
-            held = self.in_memory + len(kept)
-            if held <= IN_MEMORY_FILE_BYTES and len(kept) <= self._memory.left:
-                self._memory.left -= len(kept)
-                self.in_memory = held
-            else:
-                self._to_disk()
-        self._stream.write(kept)
-        return len(data)
-
-    def _to_disk(self) -> None:
-        on_disk = tempfile.TemporaryFile("w+b")  # noqa: SIM115 - closed with the spool
-        on_disk.write(self._stream.getvalue())
-        self._stream.close()
-        self._stream = on_disk
-        self._memory.left += self.in_memory
-        self.in_memory = 0
-
-    def __getattr__(self, name: str):
-        return getattr(self._stream, name)
-
-    # Looked up on the type, not through __getattr__ (FileStorage iterates its stream).
-    def __iter__(self):
-        return iter(self._stream)
-
-    def __enter__(self) -> CappedSpool:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._stream.close()
-        self._memory.left += self.in_memory
-        self.in_memory = 0
+        if self._spool is None:
+            self._spool = RequestSpool()
+        return CappedSpool(current_app.config["MAX_FILE_BYTES"], self._spool)
 
 
 def form_files(request: Request, fields: Iterable[str]) -> list[FileStorage]:
