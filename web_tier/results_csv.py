@@ -6,7 +6,7 @@ import csv
 import io
 from collections.abc import Iterable
 
-from web_tier.results import Item
+from web_tier.results import DONE, FAILED, Item
 
 COLUMNS = ("filename", "state", "label", "score", "error", "untrained")
 
@@ -23,13 +23,17 @@ def results_csv(items: Iterable[Item], model_untrained: bool) -> str:
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow(COLUMNS)
     for item in items:
-        # The state first: a result's listener sets it last, once the other fields are
-        # final (Item._apply), and nothing here takes the book's lock.
+        # The state first, and only the fields it says are final: a result's listener
+        # sets the state last (Item._apply), and nothing here takes the book's lock. A
+        # dead letter's failure a late answer turns into a result goes through both.
         state = item.state
-        score = "" if item.score is None else f"{item.score:.6f}"
-        writer.writerow([_as_text(item.filename), state, _as_text(item.label or ""), score,
-                         _as_text(item.error or ""),
-                         "true" if item.shows_untrained(model_untrained) else "false"])
+        done, failed = state == DONE, state == FAILED
+        label = (item.label or "") if done else ""
+        score = f"{item.score:.6f}" if done and item.score is not None else ""
+        error = (item.error or "") if failed else ""
+        untrained = item.untrained if done else item.untrained or model_untrained  # as shows_untrained
+        writer.writerow([_as_text(item.filename), state, _as_text(label), score, _as_text(error),
+                         "true" if untrained else "false"])
     return out.getvalue()
 
 

@@ -1030,3 +1030,16 @@ def test_the_csv_of_an_unknown_batch_is_a_404(web_client):
     response = web_client.get(f"/api/jobs/{'0' * 32}/results.csv")
     assert response.status_code == 404
     assert response.get_json()["error"].startswith("no such batch")
+
+
+def test_a_csv_row_shows_only_what_its_state_says_is_final():
+    """Read without the book's lock while a listener fills an item in: its state is set
+    last, so a row read in between must not mix a result into a queued or failed row."""
+    from web_tier.results import Item
+    from web_tier.results_csv import results_csv
+
+    filling = Item(id="a", batch_id=None, filename="a.jpg", label="cat", score=0.5)  # still queued
+    turning = Item(id="b", batch_id=None, filename="b.jpg", state="failed", error=None, label="dog",
+                   score=0.25)  # a dead letter, its late result half applied
+    rows = list(csv.reader(io.StringIO(results_csv([filling, turning], model_untrained=True))))
+    assert rows[1:] == [["a.jpg", "queued", "", "", "", "true"], ["b.jpg", "failed", "", "", "", "true"]]
