@@ -55,6 +55,7 @@ from urllib.parse import quote, urlsplit
 
 import requests
 import urllib3.response
+from urllib3.exceptions import NewConnectionError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # What the web tier accepts: JPEG (also as .jpe and .jfif), PNG, GIF, BMP, WebP, TIFF, AVIF.
@@ -730,13 +731,18 @@ def connection_error(exc: requests.ConnectionError, url: str) -> str:
 def refused(exc: BaseException) -> bool:
     """Whether a connection error is a refused connection (nothing listening), which
     sent nothing; urllib3 keeps the OS's error a few causes down."""
+    return _in_chain(exc, ConnectionRefusedError)
+
+
+def _in_chain(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether `exc`, or an error it was raised from or wraps, is a `kind`."""
     pending, seen = [exc], set()
     while pending:
         error = pending.pop()
         if id(error) in seen:
             continue
         seen.add(id(error))
-        if isinstance(error, ConnectionRefusedError):
+        if isinstance(error, kind):
             return True
         links = (error.__cause__, error.__context__, getattr(error, "reason", None), *error.args)
         pending += [link for link in links if isinstance(link, BaseException)]
@@ -745,9 +751,10 @@ def refused(exc: BaseException) -> bool:
 
 def never_connected(exc: BaseException) -> bool:
     """Whether a connection error came before any connection was made, so nothing was
-    sent: refused, or not made within CONNECT_TIMEOUT_S (a ConnectTimeout, which is
-    a Timeout too, was reported as the whole --timeout and never sent again)."""
-    return isinstance(exc, requests.ConnectTimeout) or refused(exc)
+    sent: refused, not made within CONNECT_TIMEOUT_S (a ConnectTimeout, which is a
+    Timeout too, was reported as the whole --timeout and never sent again), or a name
+    that did not resolve (counted sent: reviewer)."""
+    return isinstance(exc, requests.ConnectTimeout) or refused(exc) or _in_chain(exc, NewConnectionError)
 
 
 def not_stored(resp: requests.Response) -> bool:

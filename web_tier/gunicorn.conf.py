@@ -51,8 +51,10 @@ except ValueError as exc:  # names the variable
     print(f"web tier: {exc}", file=sys.stderr)
     raise SystemExit(BAD_SETTING_EXIT) from None
 
-# An IPv6 address is bracketed: "::" gave "'' is not a valid port number" (reviewer).
-_host = f"[{_settings.web_host}]" if ":" in _settings.web_host else _settings.web_host
+# An IPv6 address is bracketed, whether given bare or so: "::" gave "'' is not a valid
+# port number", and "[::]" was bracketed twice (reviewers).
+_bare_host = _settings.web_host.removeprefix("[").removesuffix("]")
+_host = f"[{_bare_host}]" if ":" in _bare_host else _bare_host
 bind = f"{_host}:{_settings.web_port}"
 
 # One process: the response listeners and the in-memory result book live in

@@ -1700,3 +1700,14 @@ def test_an_old_urllib3_is_said_at_once_not_in_every_request(tier, tmp_path, mon
     images = make_images(tmp_path / "images", {"a.jpg": b"label:cat"})
     with pytest.raises(load_test.LoadTestError, match=r"urllib3 2.2 or later"):
         run_load(Config(images=images, url=tier.url))
+
+
+def test_a_name_that_does_not_resolve_sent_nothing(tmp_path, monkeypatch):
+    """A DNS failure was counted as sent (reviewer)."""
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:cat"})
+    monkeypatch.setattr(load_test, "check_reachable", lambda url: None)
+    monkeypatch.setattr(load_test, "RESEND_WINDOW_S", 0.5)
+    report = finish_within(30, run_load, Config(images=images, url="http://no-such-host.invalid:8000"))
+    (outcome,) = report.outcomes
+    assert outcome.verdict == "failed" and outcome.error.startswith("cannot connect to")
+    assert not outcome.reached and report.sent == 0

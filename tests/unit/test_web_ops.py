@@ -327,6 +327,7 @@ def test_an_ipv6_web_host_is_bound_as_one(monkeypatch):
     import runpy
     from pathlib import Path
 
-    monkeypatch.setenv("WEB_HOST", "::")
-    conf = runpy.run_path(str(Path(__file__).parents[2] / "web_tier" / "gunicorn.conf.py"))
-    assert conf["bind"] == "[::]:8000"
+    for host in ("::", "[::]"):
+        monkeypatch.setenv("WEB_HOST", host)
+        conf = runpy.run_path(str(Path(__file__).parents[2] / "web_tier" / "gunicorn.conf.py"))
+        assert conf["bind"] == "[::]:8000"
