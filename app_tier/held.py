@@ -125,8 +125,9 @@ class HeldMessages:
         with self._lock:
             return len(self._held)
 
-    def hold(self, jobs: list[Job]) -> list[Job]:
-        """Start holding just-received messages: the heartbeat keeps them hidden from now.
+    def hold(self, jobs: list[Job], hidden_s: int) -> list[Job]:
+        """Start holding just-received messages, which their receive hid for `hidden_s`:
+        the heartbeat keeps them hidden from now.
 
         The jobs newly held. One already held was received again while in hand (its
         visibility lapsed: extensions failed): the job in hand takes the new receipt,
@@ -134,7 +135,7 @@ class HeldMessages:
         the copy had been forgotten when the first finished (explorer)."""
         fresh = []
         # Taken after the receive returned, so a few ms late: the journal's MARGIN_S covers it.
-        hidden_until = wall_clock() + self.settings.visibility_timeout_s
+        hidden_until = wall_clock() + hidden_s
         with self._lock:
             for job in jobs:
                 in_hand = self._held.get(job.message_id)

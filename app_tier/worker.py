@@ -73,6 +73,13 @@ LOOP_SLACK_S = 1800.0
 # holds), and the watchdog pings stop. (At 300 s, a worker waiting out an SQS
 # slowdown was restarted by systemd as hung: explorer.)
 HEARTBEAT_SLACK_S = 900.0
+# How long a receive hides what it takes; the heartbeat, every third of it, extends what
+# the worker holds to VISIBILITY_TIMEOUT. A worker killed with a long poll open never
+# sees what that poll takes (SQS, and moto, go on serving it): up to RECEIVE_BATCH
+# requests sent after its death waited the whole timeout, 60 s (reviewer). They wait
+# this long now; the cost is an extension call a worker holding messages makes every
+# 5 s rather than every 20.
+RECEIVE_LEASE_S = 15
 # S3's refusals of a failure mark that no retry changes (the mark is then only missed
 # by a batch rebuilt after a restart): no permission, or a tag it will not take.
 TAGGING_REFUSALS = frozenset({"AccessDenied", "InvalidTag", "MalformedXML", "InvalidArgument"})
@@ -135,7 +142,9 @@ class Worker:
         self._grace_timer: threading.Timer | None = None
         # How often to ping systemd's watchdog; None when not run by one.
         self._watchdog_s = systemd.watchdog_interval_s()
-        self._heartbeat_period_s = max(1.0, min(settings.visibility_timeout_s, settings.stall_timeout_s) / 3)
+        self._receive_lease_s = min(settings.visibility_timeout_s, RECEIVE_LEASE_S)
+        # A third of the lease: a beat late by two thirds of it still keeps what is held.
+        self._heartbeat_period_s = max(1.0, min(self._receive_lease_s, settings.stall_timeout_s) / 3)
         self._last_beat = time.monotonic()  # when the heartbeat last ended a round
         self._watchdog: threading.Thread | None = None
         self._heartbeat: threading.Thread | None = None
@@ -287,7 +296,7 @@ class Worker:
             QueueUrl=self.aws.request_queue_url,
             MaxNumberOfMessages=self.settings.receive_batch,
             WaitTimeSeconds=self.settings.receive_wait_s,
-            VisibilityTimeout=self.settings.visibility_timeout_s,
+            VisibilityTimeout=self._receive_lease_s,
             MessageSystemAttributeNames=["ApproximateReceiveCount"],
             MessageAttributeNames=[PRIOR_RECEIVES_ATTRIBUTE],
         )
@@ -313,7 +322,7 @@ class Worker:
                             self.settings.max_receive_count)
                 job.attempts_used_up = True
             jobs.append(job)
-        jobs = self.held.hold(jobs)
+        jobs = self.held.hold(jobs, self._receive_lease_s)
         if self.stopping.is_set():
             # Received as the stop came (a long poll outlives it): another worker's to
             # serve, at once, not after this one has read and decoded them for nobody.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 
 import pytest
 from moto import mock_aws
@@ -252,3 +253,37 @@ def test_a_stopped_workers_unit_shows_what_it_held_without_loading_a_model(aws_e
     # After a clean stop there is no journal: nothing to do, and nothing asked of AWS.
     monkeypatch.setattr(worker_main, "Aws", lambda *a: pytest.fail("AWS was asked"))
     assert worker_main.main(["--instance-id", "i-0456", "--show-held-only"]) == 0
+
+
+def test_a_receive_hides_what_it_takes_only_for_a_lease_which_the_heartbeat_extends(aws_env, monkeypatch):
+    """A worker killed with a long poll open never sees what that poll takes, nor can its
+    journal name it: requests sent after its death waited the whole visibility timeout
+    (reviewer). Now they wait the receive's lease; what a worker holds, the heartbeat
+    keeps hidden for the timeout."""
+    from app_tier import worker as worker_module
+
+    settings, aws = aws_env  # a visibility timeout of 600 s
+    monkeypatch.setattr(worker_module, "RECEIVE_LEASE_S", 1)
+    for i in range(2):
+        upload(settings, aws, f"lease_{i}.jpg", make_image(400 + i), f"lease-{i}")
+    killed = Worker(settings, aws, MeanClassifier(), "i-0789")
+
+    def dies(jobs, hidden_s):  # killed as its receive returned: nothing held, nothing journaled
+        raise SystemExit
+
+    monkeypatch.setattr(killed.held, "hold", dies)
+    with pytest.raises(SystemExit):
+        killed.fetch()
+    assert depth(aws, aws.request_queue_url) == (0, 2)
+    deadline = time.monotonic() + 10
+    while depth(aws, aws.request_queue_url) != (2, 0):
+        assert time.monotonic() < deadline, "the receive hid them for longer than its lease"
+        time.sleep(0.1)
+
+    serving = Worker(settings, aws, MeanClassifier(), "i-0790")
+    batch = serving.fetch()
+    assert len(batch.jobs) == 2
+    serving.held.extend()  # the heartbeat's round
+    time.sleep(1.5)  # past the lease: hidden by the extension, for the timeout
+    assert depth(aws, aws.request_queue_url) == (0, 2)
+    assert all(j.hidden_until > time.time() + 500 for j in batch.jobs)
