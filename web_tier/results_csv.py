@@ -1,4 +1,6 @@
-"""A batch's results as a CSV file: what a person takes away from a batch of hundreds."""
+"""A batch's results as a CSV file, as the server holds them (GET /api/jobs/<id>/results.csv):
+for programs and links. The upload page builds its own from its rows, which also show
+the files the server refused."""
 
 from __future__ import annotations
 
