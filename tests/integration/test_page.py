@@ -1782,19 +1782,21 @@ def test_failed_rows_can_be_shown_alone_and_the_results_downloaded_as_csv(stack,
     assert data.startswith(b"\xef\xbb\xbffilename,path,state,label,score,error,untrained\r\n")  # BOM: Excel
     assert browser.execute_script("return window.savedAs").startswith("results-")
     table = list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
-    def key(row) -> str:
-        return row.get_attribute("data-path") or row.get_attribute("data-filename")
-    labels = {key(row): row.get_attribute("data-label") for row in rows}
     def as_text(cell: str) -> str:  # as a spreadsheet must show it: not a formula
         return "'" + cell if cell[:1] in ("=", "+", "-", "@") else cell
+    # Every file's path within the folder chosen, not only those of a name shown twice.
+    paths = [row.get_attribute("data-chosen-path") for row in rows]
+    assert sorted(paths) == ["trip/=notes.jpg", "trip/caf\u00e9.jpg", "trip/day 1/same.jpg",
+                             "trip/day 2/same.jpg"]
     assert [(r["filename"], r["path"], r["state"], r["untrained"]) for r in table] == [
-        (as_text(row.get_attribute("data-filename")), row.get_attribute("data-path") or "",
-         row.get_attribute("data-state"), "true") for row in rows]
-    by_name = {r["path"] or r["filename"]: r for r in table}
-    assert by_name["'=notes.jpg"]["state"] == "failed" and by_name["'=notes.jpg"]["error"]
-    for path in ("trip/day 1/same.jpg", "trip/day 2/same.jpg"):
-        assert by_name[path]["label"] == labels[path] and float(by_name[path]["score"]) > 0
-    assert by_name["caf\u00e9.jpg"]["state"] == "done"
+        (as_text(row.get_attribute("data-filename")), path, row.get_attribute("data-state"), "true")
+        for row, path in zip(rows, paths, strict=True)]
+    labels = dict(zip(paths, (row.get_attribute("data-label") for row in rows), strict=True))
+    by_path = {r["path"]: r for r in table}
+    assert by_path["trip/=notes.jpg"]["state"] == "failed" and by_path["trip/=notes.jpg"]["error"]
+    for path in ("trip/day 1/same.jpg", "trip/day 2/same.jpg", "trip/caf\u00e9.jpg"):
+        assert by_path[path]["state"] == "done" and by_path[path]["label"] == labels[path]
+        assert float(by_path[path]["score"]) > 0
 
 
 def test_a_batch_pushed_out_of_the_address_is_said_to_be(stack, browser, tmp_path):

@@ -342,8 +342,8 @@
 
   // The rows on the page as a CSV file, in their order: with the files the server
   // refused, which a batch's GET /api/jobs/<id>/results.csv cannot hold (they were never
-  // stored: a reviewer's CSV of 1,500 files had none of its 38 failed), and the folder
-  // of each file chosen in one. A byte-order mark first, for Excel to read the names as UTF-8.
+  // stored: a reviewer's CSV of 1,500 files had none of its 38 failed), and the path of
+  // each file chosen in a folder. A byte-order mark first, for Excel to read the names as UTF-8.
   const CSV_COLUMNS = ["filename", "path", "state", "label", "score", "error", "untrained"];
   const FORMULA_START = /^[=+\-@\t\r]/;
   function csvCell(value) {
@@ -359,7 +359,8 @@
       // A label's own model says; for a row without one, the model the page knows of.
       const untrained = done ? el.classList.contains("untrained") : !banner.hidden;
       const error = row.state === "failed" ? el.querySelector(".error").textContent : "";
-      lines.push([row.filename, row.path || "", row.state, done ? row.label : "", done ? row.score : "",
+      const path = row.chosenPath || row.path || "";  // a restored row knows it only if shown
+      lines.push([row.filename, path, row.state, done ? row.label : "", done ? row.score : "",
                   error, String(untrained)].map(csvCell).join(","));
     }
     return "\ufeff" + lines.join("\r\n") + "\r\n";
@@ -407,6 +408,7 @@
       for (const { file } of chosen) named.set(file.name, (named.get(file.name) || 0) + 1);
       this.entries = chosen.map(({ file, path }, n) => {
         const entry = { file, token: String(n), el: makeResult(file.name || "upload") };
+        if (path) entry.el.dataset.chosenPath = path;  // for the CSV, whose rows are not seen side by side
         if (path && named.get(file.name) > 1) this.setPath(entry, path);
         return entry;
       });
