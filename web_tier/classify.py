@@ -70,6 +70,9 @@ def classify() -> Response:
         raise UploadError(400, f"one file per request here, got {len(files)} ({names}); POST several "
                                "to /api/jobs")
     upload = validate(files[0], svc.settings)
+    # Read: its spool (memory, or a descriptor of the request's temporary file) is not
+    # kept while this request waits for the answer, up to RESULT_TIMEOUT (reviewer).
+    files[0].close()
     if svc.book.closing.is_set():
         # Nobody would wait for its answer here: store nothing (as /api/jobs does then).
         response = _text(f"{upload.filename}: not stored: the web tier is stopping; send it again", 503)
@@ -77,21 +80,25 @@ def classify() -> Response:
         return response
 
     batch_id, tokens = _batch_for(request.headers.get("Idempotency-Key"))
+    filename = upload.filename
     outcome = svc.submitter.submit(batch_id, [upload], tokens)[0]
+    # Stored: its bytes (up to MAX_UPLOAD_BYTES) are not held through the wait either.
+    # 100 waiting 9 MB uploads had held 1 GB (reviewer).
+    del upload
     if isinstance(outcome, UploadError):
-        raise _refusal_of(outcome, upload.filename)
+        raise _refusal_of(outcome, filename)
     if isinstance(outcome, SentBefore):  # stored by an earlier request under this key
         outcome = outcome.item
     item, client_left = _wait_while_connected(svc.book, outcome.id, svc.settings.result_timeout_s)
     if client_left:
         log.info("POST / for item %s: the client left before its result; it is still queued", outcome.id)
-        response = _text(f"{upload.filename}: the client left; the image is still queued, "
+        response = _text(f"{filename}: the client left; the image is still queued, "
                          f"see /api/jobs/{batch_id}", CLIENT_CLOSED)
         response.headers["X-Batch-Id"] = batch_id
         return response
     if item is None:
-        return _no_result_response(upload.filename, outcome.id, batch_id)
-    return _result_response(upload.filename, item, batch_id)
+        return _no_result_response(filename, outcome.id, batch_id)
+    return _result_response(filename, item, batch_id)
 
 
 def _refusal_of(outcome: UploadError, filename: str) -> UploadError:

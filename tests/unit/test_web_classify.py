@@ -346,3 +346,37 @@ def test_a_file_still_being_stored_under_its_idempotency_key_is_said_so_in_those
                                       headers={"Idempotency-Key": "a-key-of-sixteen-or-more"})
     assert response.status_code == 503
     assert "an earlier request with the same Idempotency-Key is storing this file" in response.text
+
+
+def test_a_waiting_request_holds_neither_its_image_nor_its_spool(make_web_app, web_aws, monkeypatch):
+    """Both stayed referenced while POST / waited for its answer, up to RESULT_TIMEOUT:
+    100 waiting 9 MB uploads held 1 GB, and a descriptor each for those over 500 KB
+    (reviewer)."""
+    import gc
+    import weakref
+
+    from tests.unit.conftest import FakeWorker
+    from web_tier import classify as classify_module
+
+    seen: dict = {}
+    real_validate = classify_module.validate
+
+    def recording(storage, settings):
+        upload = real_validate(storage, settings)
+        seen["upload"], seen["storage"] = weakref.ref(upload), storage
+        return upload
+
+    monkeypatch.setattr(classify_module, "validate", recording)
+    client = make_web_app(result_timeout_s=30).test_client()
+    image = make_image(9)
+    waiting = threading.Thread(target=lambda: seen.setdefault("answer", post_image(client, image, "a.jpg")))
+    waiting.start()
+    # The upload's bytes let go while the request waits (its answer 30 s away).
+    wait_until(lambda: "upload" in seen and gc.collect() >= 0 and seen["upload"]() is None, 5)
+    assert seen["storage"].stream.closed and "answer" not in seen
+    worker = FakeWorker(web_aws).start()
+    try:
+        waiting.join(20)
+    finally:
+        worker.stop()
+    assert seen["answer"].status_code == 200
