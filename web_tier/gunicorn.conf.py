@@ -38,9 +38,13 @@ def raise_open_files_limit(wanted: int = WANTED_OPEN_FILES) -> int:
 
 
 def connection_limits(open_files: int) -> tuple[int, int]:
-    """Connections admitted at once, and threads serving them, within `open_files`."""
-    connections = max(64, min(2000, open_files - FILES_KEPT_FOR_OTHER_USES))
-    return connections, min(1024, connections)
+    """Connections admitted at once, and threads serving them, within `open_files`: a
+    connection takes a descriptor, and a thread serving an upload one more, for the
+    request's temporary file (web_tier/spool.py). Counted one each, 512 threads under a
+    hard limit of 1,024 ran out, and accept() killed the process (reviewer)."""
+    room = max(128, open_files - FILES_KEPT_FOR_OTHER_USES)
+    threads = min(1024, room // 2)
+    return min(2000, room - threads), threads
 
 
 try:
