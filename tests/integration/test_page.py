@@ -1797,6 +1797,15 @@ def test_failed_rows_can_be_shown_alone_and_the_results_downloaded_as_csv(stack,
     for path in ("trip/day 1/same.jpg", "trip/day 2/same.jpg", "trip/caf\u00e9.jpg"):
         assert by_path[path]["state"] == "done" and by_path[path]["label"] == labels[path]
         assert float(by_path[path]["score"]) > 0
+    # What is shown is what is downloaded: with the filter on, the failed files alone.
+    only_failed.click()
+    assert button.text == "Download the failed files (CSV)"
+    browser.execute_script("window.saved = null;")
+    button.click()
+    wait_for(lambda: browser.execute_script("return window.saved") is not None, 5, "the failed files' CSV")
+    failed_only = list(csv.DictReader(io.StringIO(bytes(browser.execute_script("return window.saved"))
+                                                  .decode("utf-8-sig"))))
+    assert [(r["path"], r["state"]) for r in failed_only] == [("trip/=notes.jpg", "failed")]
 
 
 def test_a_batch_pushed_out_of_the_address_is_said_to_be(stack, browser, tmp_path):

@@ -330,8 +330,8 @@
     $("only-failed-box").hidden = !failed;
     $("only-failed-count").textContent = failed ? ` (${failed})` : "";
     resultsEl.classList.toggle("only-failed", Boolean(failed) && $("only-failed").checked);
-    $("download-csv").textContent = done + failed < all.length ? "Download the results so far (CSV)"
-                                                               : "Download the results (CSV)";
+    $("download-csv").textContent = onlyFailed() ? "Download the failed files (CSV)"
+      : done + failed < all.length ? "Download the results so far (CSV)" : "Download the results (CSV)";
     $("tools").hidden = !all.length;
     // Said to screen readers once every file is finished, not at each result.
     if (counts && done + failed === all.length && counts !== announced) {
@@ -353,7 +353,7 @@
   }
   function resultsCsv() {
     const lines = [CSV_COLUMNS.join(",")];
-    for (const el of resultsEl.querySelectorAll(".result")) {
+    for (const el of resultsEl.querySelectorAll(onlyFailed() ? '.result[data-state="failed"]' : ".result")) {
       const row = el.dataset;
       const done = row.state === "done";
       // A label's own model says; for a row without one, the model the page knows of.
@@ -364,6 +364,10 @@
                   error, String(untrained)].map(csvCell).join(","));
     }
     return "\ufeff" + lines.join("\r\n") + "\r\n";
+  }
+  // What is shown is what is downloaded: with the filter on, the failed files alone.
+  function onlyFailed() {
+    return resultsEl.classList.contains("only-failed");
   }
   $("download-csv").addEventListener("click", () => {
     const url = URL.createObjectURL(new Blob([resultsCsv()], { type: "text/csv;charset=utf-8" }));
