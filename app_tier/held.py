@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 AWS_ERRORS = (BotoCoreError, ClientError)
 # Seconds since the epoch, as the journal keeps them (tests put a clock of their own here).
 wall_clock = time.time
+# SQS's word for a receipt that no longer holds its message: deleted (answered), or
+# received since by another receive, which got a receipt of its own.
+STALE_RECEIPT_CODES = frozenset({"ReceiptHandleIsInvalid"})
 # SQS allows a message 12 h of invisibility from its receive, all extensions
 # included; an hour leaves room for everything before and after a retry delay.
 MAX_RETRY_DELAY_S = 3600
@@ -204,24 +207,42 @@ class HeldMessages:
             self.forget([j for j, _ in hidden_for])
             self._change_visibility(hidden_for)
 
-    def extend(self) -> None:
-        """Keep every held message hidden for another visibility timeout."""
+    def extend(self, jobs: list[Job] | None = None) -> None:
+        """Keep every held message (or only `jobs`, just received) hidden for another
+        visibility timeout."""
         with self._visibility_lock:
             with self._lock:
-                receipts = {j.message_id: j.receipt for j in self._held.values()}
-                held = list(self._held.values())
+                held = [j for j in (self._held.values() if jobs is None else jobs)
+                        if self._held.get(j.message_id) is j]
+                receipts = {j.message_id: j.receipt for j in held}
             if not held:
                 return
             asked_at = wall_clock()  # before the call, so a little early: the safe side
-            failed = {f.receipt_handle for f in self._change_visibility(
-                [(j, self.settings.visibility_timeout_s) for j in held])}
+            lapsed = sum(1 for j in held if j.hidden_until <= asked_at)
+            if lapsed:
+                # Their lease ran out before this extension: another worker may have them.
+                log.warning("%d request(s) held here were visible again before they were extended "
+                            "(this worker or SQS stalled): they may be classified twice", lapsed)
+            failures = self._change_visibility([(j, self.settings.visibility_timeout_s) for j in held])
+            failed = {f.receipt_handle for f in failures}
+            gone = {f.receipt_handle for f in failures if f.code in STALE_RECEIPT_CODES}
             with self._lock:
-                # Only what was extended: a message whose extension failed may be visible,
-                # or another worker's, by the time a successor reads the journal.
+                taken = []
                 for job in held:
-                    if job.receipt == receipts[job.message_id] and job.receipt not in failed:
+                    if job.receipt != receipts[job.message_id]:
+                        continue  # received again meanwhile: its new receipt is the one that counts
+                    if job.receipt in gone and self._held.pop(job.message_id, None) is not None:
+                        taken.append(job)
+                    elif job.receipt not in failed:
+                        # Only what was extended: a message whose extension failed may be visible,
+                        # or another worker's, by the time a successor reads the journal.
                         job.hidden_until = asked_at + self.settings.visibility_timeout_s
                 self._record()
+            if taken:
+                # Answered by another worker, or received by one: handed back, each would be
+                # classified once more (reviewer). Still answered here if finished.
+                log.warning("%d request(s) held here are another worker's now (their receipt is no "
+                            "longer valid): not handed back", len(taken))
 
     def hand_back(self, jobs: list[Job]) -> None:
         """Give messages we will not process back to the queue without using up an attempt.

@@ -73,13 +73,14 @@ LOOP_SLACK_S = 1800.0
 # holds), and the watchdog pings stop. (At 300 s, a worker waiting out an SQS
 # slowdown was restarted by systemd as hung: explorer.)
 HEARTBEAT_SLACK_S = 900.0
-# How long a receive hides what it takes; the heartbeat, every third of it, extends what
-# the worker holds to VISIBILITY_TIMEOUT. A worker killed with a long poll open never
-# sees what that poll takes (SQS, and moto, go on serving it): up to RECEIVE_BATCH
-# requests sent after its death waited the whole timeout, 60 s (reviewer). They wait
-# this long now; the cost is an extension call a worker holding messages makes every
-# 5 s rather than every 20.
-RECEIVE_LEASE_S = 15
+# How long a receive hides what it takes. The worker extends what it received to
+# VISIBILITY_TIMEOUT at once, beside the downloads, and its heartbeat, every third of
+# this, extends all it holds. A worker killed with a long poll open never sees what
+# that poll takes (SQS, and moto, go on serving it): up to RECEIVE_BATCH requests sent
+# after its death waited the whole timeout, 60 s (reviewer). They wait this long now.
+# The costs: an extension call per receive, and a stall of SQS longer than this between
+# a receive and its extension hands those requests to another worker too.
+RECEIVE_LEASE_S = 30
 # S3's refusals of a failure mark that no retry changes (the mark is then only missed
 # by a batch rebuilt after a restart): no permission, or a tag it will not take.
 TAGGING_REFUSALS = frozenset({"AccessDenied", "InvalidTag", "MalformedXML", "InvalidArgument"})
@@ -328,11 +329,21 @@ class Worker:
             # serve, at once, not after this one has read and decoded them for nobody.
             self.held.hand_back(jobs)
             return Batch([])
+        # Hidden for the receive's lease only: extended now, beside their downloads, so
+        # that a stall of this worker or of SQS before the next heartbeat does not hand
+        # them to another worker too (reviewer: a 16 s pause, a quarter of a batch twice).
+        extending = self._io.submit(self.held.extend, jobs) if jobs else None
         try:
             list(self._io.map(self._load, jobs))
         except BaseException:
             self.held.release(jobs)  # held, the heartbeat would hide them forever
             raise
+        finally:
+            if extending is not None:
+                try:
+                    extending.result()
+                except Exception:  # a bug, not SQS (whose failures extend() logs): the heartbeat extends
+                    log.exception("could not extend the requests just received")
         unreadable = [j for j in jobs if not j.settled]
         if self.stopping.is_set() and unreadable:
             self.held.hand_back(unreadable)  # not read: the stop came first (see _load)

@@ -105,6 +105,7 @@ class VisibilityFailure(NamedTuple):
 
     receipt_handle: str
     reason: str
+    code: str = ""  # SQS's error code, where it gave one ("ReceiptHandleIsInvalid")
 
 
 def change_visibility(sqs, queue_url: str, changes: Sequence[tuple[str, int]]) -> list[VisibilityFailure]:
@@ -119,11 +120,12 @@ def change_visibility(sqs, queue_url: str, changes: Sequence[tuple[str, int]]) -
         try:
             reply = sqs.change_message_visibility_batch(QueueUrl=queue_url, Entries=entries)
         except (BotoCoreError, ClientError) as exc:
-            failures.extend(VisibilityFailure(receipt, str(exc)) for receipt, _ in chunk)
+            code = error_code(exc) if isinstance(exc, ClientError) else ""
+            failures.extend(VisibilityFailure(receipt, str(exc), code) for receipt, _ in chunk)
             continue
         for failed in reply.get("Failed", []):
             reason = failed.get("Message") or failed.get("Code") or str(failed)
-            failures.append(VisibilityFailure(chunk[int(failed["Id"])][0], reason))
+            failures.append(VisibilityFailure(chunk[int(failed["Id"])][0], reason, failed.get("Code", "")))
     return failures
 
 

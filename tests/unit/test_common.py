@@ -699,6 +699,7 @@ def test_change_visibility_goes_in_tens_and_a_failed_call_fails_only_its_own():
     sqs = type("Sqs", (), {"change_message_visibility_batch": staticmethod(change_message_visibility_batch)})
     failures = change_visibility(sqs, "q", [(f"r{n}", 0) for n in range(23)])
     assert [len(c) for c in calls] == [10, 10, 3]
-    assert failures[0] == VisibilityFailure("r3", "ReceiptHandleIsInvalid")
+    assert failures[0] == VisibilityFailure("r3", "ReceiptHandleIsInvalid", "ReceiptHandleIsInvalid")
     assert [f.receipt_handle for f in failures[1:]] == [f"r{n}" for n in range(10, 20)]
     assert "ServiceUnavailable" in failures[1].reason
+    assert failures[1].code == "ServiceUnavailable"  # the call's own error, for each of its entries

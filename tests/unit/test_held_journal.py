@@ -281,9 +281,29 @@ def test_a_receive_hides_what_it_takes_only_for_a_lease_which_the_heartbeat_exte
         time.sleep(0.1)
 
     serving = Worker(settings, aws, MeanClassifier(), "i-0790")
-    batch = serving.fetch()
+    batch = serving.fetch()  # extended at once, beside the downloads: no heartbeat needed
     assert len(batch.jobs) == 2
-    serving.held.extend()  # the heartbeat's round
+    assert all(j.hidden_until > time.time() + 500 for j in batch.jobs)
     time.sleep(1.5)  # past the lease: hidden by the extension, for the timeout
     assert depth(aws, aws.request_queue_url) == (0, 2)
-    assert all(j.hidden_until > time.time() + 500 for j in batch.jobs)
+
+
+def test_requests_another_worker_took_are_not_handed_back(aws_env, caplog):
+    """A worker paused past its messages' visibility found them answered by another on
+    its return: it handed them back as new messages, and they were classified again
+    (reviewer)."""
+    settings, aws = aws_env
+    upload(settings, aws, "taken.jpg", make_image(500), "taken-0")
+    paused = Worker(settings, aws, MeanClassifier(), "i-0800")
+    (job,) = paused.fetch().jobs
+    # Its visibility lapses while it is paused, and another worker answers the request.
+    aws.sqs.change_message_visibility(QueueUrl=aws.request_queue_url, ReceiptHandle=job.receipt,
+                                      VisibilityTimeout=0)
+    other = Worker(settings, aws, MeanClassifier(), "i-0801")
+    other.process(other.fetch())
+    assert set(responses(aws)) == {"taken-0"} and depth(aws, aws.request_queue_url) == (0, 0)
+    with caplog.at_level(logging.WARNING, logger="app_tier.held"):
+        paused.held.extend()  # its heartbeat, once it runs again
+    assert "1 request(s) held here are another worker's now" in caplog.text
+    paused.held.hand_back_all()  # told to stop
+    assert depth(aws, aws.request_queue_url) == (0, 0)

@@ -1129,7 +1129,8 @@ def test_an_image_s3_cannot_serve_is_tried_again_later_not_at_once(aws_env, monk
     assert depth(aws, aws.request_queue_url) == (0, 1)  # hidden, not handed straight back
     wait_until(lambda: depth(aws, aws.request_queue_url) == (1, 0), timeout=10)
     assert worker.fetch().jobs == []  # the second attempt fails too
-    assert hidden_for == [3, 6]
+    # (Each receive's own extension comes too, unless the release came first.)
+    assert [s for s in hidden_for if s != settings.visibility_timeout_s] == [3, 6]
     assert not len(worker.held)
 
 
