@@ -76,11 +76,13 @@ class Item:
         delete) may yet be answered, and its outcome then replaces this one."""
         return self.state == FAILED and self.error == DEAD_LETTER_ERROR
 
-    def shows_untrained(self, model_untrained: bool) -> bool:
+    def shows_untrained(self, model_untrained: bool, state: str | None = None) -> bool:
         """Whether to flag this item as untrained: a label's own model, which may differ
         from the latest during a rollout; for an item without one (queued, failed, a dead
-        letter), what its worker said or the model is known to be."""
-        return self.untrained if self.state == DONE else self.untrained or model_untrained
+        letter), what its worker said or the model is known to be. `state`: the item's
+        state as its caller read it (default: now)."""
+        done = (self.state if state is None else state) == DONE
+        return self.untrained if done else self.untrained or model_untrained
 
     def to_json(self, model_untrained: bool = False) -> dict[str, Any]:
         """The item as the API shows it (`untrained` as shows_untrained says)."""

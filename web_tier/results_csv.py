@@ -33,9 +33,8 @@ def results_csv(items: Iterable[Item], model_untrained: bool) -> str:
         label = (item.label or "") if done else ""
         score = f"{item.score:.6f}" if done and item.score is not None else ""
         error = (item.error or "") if failed else ""
-        untrained = item.untrained if done else item.untrained or model_untrained  # as shows_untrained
         writer.writerow([_as_text(item.filename), state, _as_text(label), score, _as_text(error),
-                         "true" if untrained else "false"])
+                         "true" if item.shows_untrained(model_untrained, state) else "false"])
     return out.getvalue()
 
 
