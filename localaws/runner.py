@@ -336,7 +336,7 @@ class InstanceRunner:
             show_held(HeldJournal(path), self.aws, "runner", f"the worker of {instance_id}")
         except Exception:  # the runner's loop must go on: those are left to their timeout
             log.exception("runner: could not make visible again what the worker of %s held", instance_id)
-            HeldJournal(path).remove()
+            self._remove_held_journal(instance_id)
 
     def _remove_held_journal(self, instance_id: str) -> None:
         """A worker killed before it handed back left what it held written down for its
