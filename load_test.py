@@ -55,7 +55,7 @@ from urllib.parse import quote, urlsplit
 
 import requests
 import urllib3.response
-from urllib3.exceptions import NewConnectionError
+from urllib3.exceptions import DecodeError, NewConnectionError, ProtocolError, ReadTimeoutError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # What the web tier accepts: JPEG (also as .jpe and .jfif), PNG, GIF, BMP, WebP, TIFF, AVIF.
@@ -833,8 +833,6 @@ def _chunks_within(resp: requests.Response, deadline: float) -> Iterator[bytes]:
     passes. requests' read timeout bounds each read, not the answer: a server sending a
     byte a second held a request for ever, past --timeout (reviewer). urllib3's errors
     are raised as requests' (as requests itself does)."""
-    from urllib3.exceptions import DecodeError, ProtocolError, ReadTimeoutError
-
     while True:
         if time.monotonic() >= deadline:
             raise requests.Timeout()
