@@ -47,10 +47,9 @@ def size_refusal(width: int, height: int, configured: int, fmt: str | None = Non
     divisor = HEAVY_DECODE_DIVISORS.get(fmt or "", 1)
     limit = pixel_limit(configured) // divisor
     if width * height > limit:
-        if divisor > 1:
-            return (f"image is {width}x{height} pixels, more than the limit of {limit} for a {fmt} "
-                    f"image (1/{divisor} of other formats': decoding one takes several times the memory)")
-        return f"image is {width}x{height} pixels, more than the limit of {limit}"
+        whose = (f" for a {fmt} image (1/{divisor} of other formats': decoding one takes several "
+                 "times the memory)") if divisor > 1 else ""
+        return f"image is {width}x{height} pixels, more than the limit of {limit}{whose}"
     if max(width, height) > MAX_IMAGE_SIDE:
         return f"image is {width}x{height} pixels: a side longer than {MAX_IMAGE_SIDE} pixels is refused"
     return None

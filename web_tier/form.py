@@ -120,7 +120,7 @@ _TOKEN = re.compile(TOKEN_CHARACTER + "{1,64}")
 
 
 def form_tokens(request: Request, files: list[FileStorage], field: str = "tokens") -> list[str] | None:
-    """The client's token for each of `count` files (one per file, in their order), or None.
+    """The client's token for each of `files` (one per file, in their order), or None.
 
     A file sent again under a token its batch holds is not stored again, so a client
     that lost the answer to a request (a connection cut, a web tier restarted) can

@@ -21,9 +21,9 @@ from common.config import Settings  # noqa: E402
 # sockets and the listeners' long polls: gthread's accept() dies on EMFILE, and
 # with it the process, its result book and every POST / waiting in it.
 WANTED_OPEN_FILES = 4096
+FILES_KEPT_FOR_OTHER_USES = 512
 # The exit status for a setting that is wrong (as the controller's, argparse's usage error).
 BAD_SETTING_EXIT = 2
-FILES_KEPT_FOR_OTHER_USES = 512
 
 
 def raise_open_files_limit(wanted: int = WANTED_OPEN_FILES) -> int:
