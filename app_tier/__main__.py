@@ -102,8 +102,7 @@ def run(argv: list[str] | None, before_serving: StopBeforeServing) -> int:
     """main(), with `before_serving` told what the worker does until it serves."""
     args = parse_args(argv)
     systemd.report_stacks_on_abort()
-    configure_logging("%(asctime)s %(levelname)s worker[%(process)d] %(message)s",
-                      level=os.environ.get("LOG_LEVEL", "INFO"))
+    configure_logging("%(asctime)s %(levelname)s worker[%(process)d] %(message)s")
     try:
         settings = Settings.from_env()
     except ValueError as exc:  # names the variable

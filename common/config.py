@@ -6,8 +6,9 @@ README.md lists each variable with its default; what `make run` gives its
 processes instead is here too (local_run_overrides, local_run_defaults). Read
 where they are used, as they are not the service's to define: variables of other
 programs' protocols (systemd's NOTIFY_SOCKET and WATCHDOG_USEC, Keras's
-KERAS_HOME), and the worker process's own start-up switches (INSTANCE_ID, the
-default of its --instance-id; LOG_LEVEL; IMGCLASS_CACHE, where it keeps the
+KERAS_HOME), LOG_LEVEL (read by common/logs.py, before settings can be, so that
+their errors are logged), and the worker process's own start-up switches
+(INSTANCE_ID, the default of its --instance-id; IMGCLASS_CACHE, where it keeps the
 converted model).
 """
 

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import logging
+import os
 
 
-def configure(log_format: str, level: str = "INFO") -> None:
-    """Log to stderr at `level`, a level's name in any case (LOG_LEVEL=debug); at INFO,
-    saying so, if it names none: a misspelt log level is no reason not to serve."""
+def configure(log_format: str, level: str | None = None) -> None:
+    """Log to stderr at `level` (by default LOG_LEVEL's, else INFO), a level's name in
+    any case (LOG_LEVEL=debug); at INFO, saying so, if it names none: a misspelt log
+    level is no reason not to serve."""
+    level = os.environ.get("LOG_LEVEL", "INFO") if level is None else level
     levels = logging.getLevelNamesMapping()
     name = level.strip().upper()
     logging.basicConfig(level=levels.get(name, logging.INFO), format=log_format)
     if name not in levels:
         logging.getLogger(__name__).warning("LOG_LEVEL %r names no level (DEBUG, INFO, WARNING, ERROR, "
                                             "CRITICAL): logging at INFO", level)
+    # Library warnings (Pillow's on odd images) as log lines, with the time and process
+    # the operator reads everywhere else, not bare lines on stderr.
+    logging.captureWarnings(True)
     # botocore says where it found credentials, at INFO, for every client made: noise.
     logging.getLogger("botocore.credentials").setLevel(logging.WARNING)

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import subprocess
 import sys
 import unicodedata
@@ -648,6 +649,20 @@ def test_a_log_level_is_taken_in_any_case_and_a_wrong_one_does_not_stop_the_proc
                           cwd=Path(__file__).resolve().parents[2], check=True)
     assert done.stdout.strip() == effective
     assert ("names no level" in done.stderr) == warned, done.stderr
+
+
+def test_every_process_takes_its_log_level_from_LOG_LEVEL_and_logs_library_warnings():
+    """The web tier and the controller had logged at INFO whatever LOG_LEVEL said, and
+    Pillow's warnings reached the web tier's stderr as bare lines (reviewer)."""
+    code = ("import logging, warnings; from common.logs import configure; configure('LOG %(levelname)s "
+            "%(message)s'); print(logging.getLevelName(logging.getLogger().level)); "
+            "warnings.warn('odd image')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2], check=True,
+                          env={**os.environ, "LOG_LEVEL": "warning"})
+    assert done.stdout.strip() == "WARNING"
+    assert done.stderr.startswith("LOG WARNING "), done.stderr
+    assert "UserWarning: odd image" in done.stderr
 
 
 def test_tests_run_in_the_fixed_region_whatever_the_shell_says():
