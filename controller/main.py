@@ -19,34 +19,38 @@ log = logging.getLogger(__name__)
 
 
 def build_parser(defaults: Settings) -> argparse.ArgumentParser:
+    """The command line; `defaults` are only shown in --help: an option not given is None,
+    and leaves its variable's value (settings_from)."""
     p = argparse.ArgumentParser(
         prog="python controller.py",
         description="Scale app-tier EC2 instances from 0 to the cap on request-queue depth, and back "
         "to 0 when the work is done. Reads AWS from the environment (AWS_ENDPOINT_URL for the "
         "embedded AWS); every option below also has an environment variable (see README).",
     )
-    p.add_argument("--max-instances", type=int, default=defaults.max_instances,
-                   help="never more live instances than this (MAX_INSTANCES, default %(default)s)")
-    p.add_argument("--poll-interval", type=float, default=defaults.poll_interval_s,
-                   help="seconds between observations (POLL_INTERVAL, default %(default)s)")
+    d = defaults
+    p.add_argument("--max-instances", type=int,
+                   help=f"never more live instances than this (MAX_INSTANCES, default {d.max_instances})")
+    p.add_argument("--poll-interval", type=float,
+                   help=f"seconds between observations (POLL_INTERVAL, default {d.poll_interval_s})")
     # Checked by Settings, as SCALING_MODE is (case-insensitive), not by argparse's choices.
-    p.add_argument("--mode", metavar="{" + ",".join(SCALING_MODES) + "}", default=defaults.scaling_mode,
+    p.add_argument("--mode", metavar="{" + ",".join(SCALING_MODES) + "}",
                    help="backlog: one instance per TARGET messages; latency: target from acceptable "
-                   "latency and processing time (SCALING_MODE, default %(default)s)")
-    p.add_argument("--target-backlog", type=float, default=defaults.target_backlog_per_instance,
+                   f"latency and processing time (SCALING_MODE, default {d.scaling_mode})")
+    p.add_argument("--target-backlog", type=float,
                    help="messages per instance in backlog mode (TARGET_BACKLOG_PER_INSTANCE, "
-                   "default %(default)s)")
-    p.add_argument("--acceptable-latency", type=float, default=defaults.acceptable_latency_s,
-                   help="seconds a request may wait, latency mode (ACCEPTABLE_LATENCY, default %(default)s)")
-    p.add_argument("--seconds-per-image", type=float, default=defaults.seconds_per_image,
+                   f"default {d.target_backlog_per_instance})")
+    p.add_argument("--acceptable-latency", type=float,
+                   help=f"seconds a request may wait, latency mode (ACCEPTABLE_LATENCY, default "
+                   f"{d.acceptable_latency_s})")
+    p.add_argument("--seconds-per-image", type=float,
                    help="processing time per image on one instance, latency mode (SECONDS_PER_IMAGE, "
-                   "default %(default)s)")
-    p.add_argument("--boot-time", type=float, default=defaults.boot_time_s,
-                   help="seconds from launch to serving, latency mode (BOOT_TIME, default %(default)s)")
-    p.add_argument("--scale-in-cooldown", type=float, default=defaults.scale_in_cooldown_s,
+                   f"default {d.seconds_per_image})")
+    p.add_argument("--boot-time", type=float,
+                   help=f"seconds from launch to serving, latency mode (BOOT_TIME, default {d.boot_time_s})")
+    p.add_argument("--scale-in-cooldown", type=float,
                    help="scale-in window: the fleet shrinks only to the most instances wanted in the "
-                   "last this many seconds (SCALE_IN_COOLDOWN, default here %(default)s: 60 on AWS, "
-                   "0 against AWS_ENDPOINT_URL)")
+                   f"last this many seconds (SCALE_IN_COOLDOWN, default here {d.scale_in_cooldown_s}: "
+                   "60 on AWS, 0 against AWS_ENDPOINT_URL)")
     p.add_argument("--dry-run", action="store_true", help="decide and log, but launch or terminate nothing")
     p.add_argument("--once", action="store_true", help="one observe-decide-act round, then exit")
     p.add_argument("--timeline", type=Path,
@@ -70,8 +74,11 @@ OPTION_VARIABLES = {
 
 
 def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
-    """The environment's settings with the command line's options on top, all checked alike."""
-    options = {var: str(getattr(args, name)) for name, var in OPTION_VARIABLES.items()}
+    """The environment's settings with the options given on top, all checked alike: a
+    variable an option replaces is not read (a wrong MAX_INSTANCES had stopped a
+    controller started with --max-instances: reviewer)."""
+    options = {var: str(value) for name, var in OPTION_VARIABLES.items()
+               if (value := getattr(args, name)) is not None}
     return Settings.from_env({**env, **options})
 
 
@@ -79,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("%(asctime)s %(levelname)s controller %(message)s")
     try:
         defaults = Settings.from_env()
-    except ValueError as exc:  # names the variable
-        build_parser(Settings()).error(str(exc))
+    except ValueError:  # said below, unless an option replaces the wrong variable
+        defaults = Settings()
     parser = build_parser(defaults)
     args = parser.parse_args(argv)
     if args.plot and not args.timeline:
@@ -90,10 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--plot {args.plot}: no folder {args.plot.parent} to write it in")
     try:
         settings = settings_from(args, dict(os.environ))
-    except ValueError as exc:  # names the variable: name the option too
+    except ValueError as exc:  # names the variable: name the option too, if it was given
         message = str(exc)
         for name, variable in OPTION_VARIABLES.items():
-            if message.startswith(variable + " "):
+            if message.startswith(variable + " ") and getattr(args, name) is not None:
                 message = f"--{name.replace('_', '-')} ({variable}){message[len(variable):]}"
         parser.error(message)
     if settings.endpoint_url is None and not settings.instance_profile and not args.dry_run:

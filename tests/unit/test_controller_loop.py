@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -1106,6 +1107,26 @@ def test_options_override_the_environment_and_are_checked_like_it():
     for option, value in (("--poll-interval", "0"), ("--poll-interval", "inf"), ("--max-instances", "-1")):
         with pytest.raises(ValueError):
             settings_from(build_parser(Settings()).parse_args([option, value]), {})
+
+
+def test_an_option_replaces_a_wrong_variable_and_a_wrong_variable_is_named_as_such(capsys, monkeypatch):
+    """MAX_INSTANCES=many in the environment had stopped a controller started with
+    --max-instances 3, which replaces it (reviewer)."""
+    env = {"MAX_INSTANCES": "many", "POLL_INTERVAL": "2"}
+    settings = settings_from(build_parser(Settings()).parse_args(["--max-instances", "3"]), env)
+    assert (settings.max_instances, settings.poll_interval_s) == (3, 2.0)
+    monkeypatch.setenv("POLL_INTERVAL", "0")  # not given as an option: its variable is named alone
+    with pytest.raises(SystemExit) as stopped:
+        main(["--once", "--max-instances", "2"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: POLL_INTERVAL must be from 0.01" in err and "--poll-interval" not in err.split("error:")[1]
+
+
+def test_help_shows_the_environments_values_as_defaults():
+    out = subprocess.run([sys.executable, "controller.py", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=30, check=True, env={**os.environ, "MAX_INSTANCES": "9"}).stdout
+    assert "(MAX_INSTANCES, default 9)" in " ".join(out.split())
 
 
 def test_a_bad_option_stops_the_controller_with_a_usage_error(capsys, monkeypatch):
