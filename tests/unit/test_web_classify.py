@@ -292,15 +292,29 @@ def test_an_idempotency_key_sent_again_with_another_file_is_a_409(web_client, we
     assert len(stored_inputs(web_aws)) == 1
 
 
-def test_a_request_whose_client_left_stops_waiting_and_gives_its_thread_back(make_web_app):
+@pytest.mark.parametrize("descriptor", [None, 1500], ids=["low", "past-select's-1024"])
+def test_a_request_whose_client_left_stops_waiting_and_gives_its_thread_back(make_web_app, descriptor):
     """A client that gave up (its own timeout, a proxy's) held a thread until
     RESULT_TIMEOUT: clients sending again on a 5 s timeout took all 1,024 threads and
-    /healthz with them (explorer). No worker answers here."""
+    /healthz with them (explorer). No worker answers here. A socket numbered 1,024 or
+    more, as a busy web tier's are, had looked connected for ever (reviewer)."""
+    import os
+    import resource
     import socket
     import time
 
     client = make_web_app(start_background=False, result_timeout_s=60).test_client()
     server_side, client_side = socket.socketpair()  # as gunicorn gives the request's socket
+    if descriptor is not None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard <= descriptor:
+            pytest.skip(f"the hard limit on open files ({hard}) is below {descriptor}")
+        if soft != resource.RLIM_INFINITY and soft <= descriptor:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (descriptor + 1, hard))
+        low = server_side.detach()
+        os.dup2(low, descriptor)
+        os.close(low)
+        server_side = socket.socket(fileno=descriptor)
     with server_side:
         answers: list = []
         waiting = threading.Thread(target=lambda: answers.append(client.post(
