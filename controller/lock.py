@@ -55,9 +55,11 @@ def hold_fleet_lock(settings: Settings) -> FleetLock:
     Raises AnotherController, naming its process, if one already holds it.
     """
     path = lock_path(settings)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = None
     while fd is None:  # None: a controller ending deleted the file meanwhile; try the new one
+        # In the loop: a folder deleted meanwhile (a temporary-file cleaner) made every
+        # try fail alike, for ever, at full speed (reviewer).
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             fd = lock_file(path, os.O_RDWR | os.O_CREAT)
         except LockHeld:

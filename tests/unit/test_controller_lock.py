@@ -83,6 +83,33 @@ def test_a_lock_on_a_file_deleted_meanwhile_is_not_taken_for_the_fleets(settings
         starting.release()
 
 
+def test_a_lock_folder_deleted_meanwhile_is_made_again_not_tried_for_ever(settings, monkeypatch):
+    """A folder removed between its mkdir and the open (a temporary-file cleaner) made
+    every try fail alike: the controller spun at full speed for ever (reviewer)."""
+    import shutil
+    import threading
+
+    from controller import lock
+
+    real_lock_file = lock.lock_file
+    calls = []
+
+    def folder_gone_first(path, flags):
+        calls.append(path)
+        if len(calls) == 1:
+            shutil.rmtree(path.parent)
+        return real_lock_file(path, flags)
+
+    monkeypatch.setattr(lock, "lock_file", folder_gone_first)
+    held = []
+    taking = threading.Thread(target=lambda: held.append(hold_fleet_lock(settings)), daemon=True)
+    taking.start()
+    taking.join(10)
+    assert held, f"still trying after {len(calls)} tries"
+    held[0].release()
+    assert len(calls) == 2
+
+
 def test_a_killed_controllers_lock_is_free_for_the_next(settings):
     script = ("import os, signal, sys; from common.config import Settings; "
               "from controller.lock import hold_fleet_lock; "
