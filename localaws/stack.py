@@ -78,7 +78,7 @@ def local_model_weights(env: dict[str, str] | os._Environ) -> tuple[str, str]:
     downloaded them (and may not be able to), the demo runs the untrained
     network instead, and says so on every page and answer.
     """
-    if env.get("MODEL_WEIGHTS"):
+    if env.get("MODEL_WEIGHTS", "").strip():  # blank is unset, as Settings reads it
         return env["MODEL_WEIGHTS"], ""
     from app_tier.model import WEIGHTS_FILE, keras_cache_dir
 
@@ -103,7 +103,7 @@ def memory_safe_workers(settings: Settings, env: dict[str, str] | os._Environ) -
     only caps how many of them get a process here. Workers that are draining
     after a scale-in and the warm spares overlap with new ones, hence the margin.
     """
-    if env.get("LOCAL_MAX_WORKERS"):
+    if env.get("LOCAL_MAX_WORKERS", "").strip():
         return settings.local_max_workers, ""
     import psutil
 

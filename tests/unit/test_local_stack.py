@@ -40,8 +40,9 @@ def test_explicit_weights_always_win(tmp_path, monkeypatch):
 
 def test_without_cached_weights_the_demo_runs_untrained_and_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    weights, note = local_model_weights({})
-    assert weights == "random" and "UNTRAINED" in note and str(tmp_path) in note
+    for unset in ({}, {"MODEL_WEIGHTS": " "}):  # blank is unset, as Settings reads it (reviewer)
+        weights, note = local_model_weights(unset)
+        assert weights == "random" and "UNTRAINED" in note and str(tmp_path) in note
 
 
 def test_with_cached_weights_the_demo_uses_them(tmp_path, monkeypatch):
@@ -57,6 +58,7 @@ def test_local_workers_are_capped_by_memory(monkeypatch):
     cap, note = memory_safe_workers(tf, {})
     assert cap == 3 and "LOCAL_MAX_WORKERS=3" in note  # 8 GB * 0.6 / 1.3 GB
     assert memory_safe_workers(Settings(), {})[0] == 8  # OpenVINO: 8 GiB * 0.6 / 0.6 GiB
+    assert memory_safe_workers(Settings(), {"LOCAL_MAX_WORKERS": " "})[0] == 8  # blank is unset
     explicit = dataclasses.replace(tf, local_max_workers=12)
     assert memory_safe_workers(explicit, {"LOCAL_MAX_WORKERS": "12"}) == (12, "")  # the operator's call
 
