@@ -14,7 +14,7 @@ from flask import Flask, Response, request
 
 from common.aws import Aws
 from common.config import Settings
-from web_tier import api, classify, errors, health, pages, slow_readers, unread_body
+from web_tier import api, auth, classify, errors, health, pages, slow_readers, unread_body
 from web_tier.form import FORM_SLACK_BYTES, MAX_TEXT_FIELD_BYTES, UploadRequest
 from web_tier.journal import Journal
 from web_tier.listeners import Listeners
@@ -79,6 +79,7 @@ def create_app(settings: Settings | None = None, *, aws: Aws | None = None,
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
     app.before_request(slow_readers.limit_send_time)
+    app.before_request(auth.refuse_cross_site_writes)
     app.after_request(_security_headers)
     app.after_request(_untrained_header)
     app.after_request(unread_body.drop_after_answer)
@@ -124,7 +125,9 @@ def _security_headers(response: Response) -> Response:
     response.headers.setdefault(
         "Content-Security-Policy",
         # Framed by another site, the page (and its API key box) could be clicked under cover.
-        "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; frame-ancestors 'none'",
+        # (base-uri and form-action: default-src does not cover them.)
+        "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; frame-ancestors 'none'; "
+        "base-uri 'none'; form-action 'self'",
     )
     response.headers.setdefault("Referrer-Policy", "no-referrer")
     return response

@@ -842,6 +842,22 @@ def test_page_inserts_user_text_only_as_text(web_client):
     assert web_client.get("/static/app.js").status_code == 200
     assert "default-src 'self'" in page.headers["Content-Security-Policy"]
     assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]  # no framing (reviewer)
+    assert "base-uri 'none'" in page.headers["Content-Security-Policy"]  # not in default-src (reviewer)
+
+
+@pytest.mark.parametrize("site", ["cross-site", "same-site", "Cross-Site"])
+def test_a_browsers_upload_sent_from_another_sites_page_is_refused(web_client, web_aws, site):
+    """Without an API key, any page a user visited could upload through their browser,
+    to a `make run` on their own machine too (reviewer). Programs send no Sec-Fetch-Site."""
+    image = make_image(41)
+    refused = upload(web_client, [(image, "a.jpg")], headers={"Sec-Fetch-Site": site})
+    assert refused.status_code == 403 and "from another site" in refused.json["error"]
+    text = web_client.post("/", data={"inputFile": (io.BytesIO(image), "a.jpg")},
+                           content_type="multipart/form-data", headers={"Sec-Fetch-Site": site})
+    assert text.status_code == 403 and "from another site" in text.text
+    assert web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket).get("KeyCount") == 0
+    for own in ({"Sec-Fetch-Site": "same-origin"}, {"Sec-Fetch-Site": "none"}, {}):
+        assert upload(web_client, [(image, "a.jpg")], headers=own).status_code == 202
 
 
 def test_page_tells_its_script_and_its_user_the_server_limits(web_client):
