@@ -14,7 +14,7 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from common.aws import Aws
 from common.stored_outcome import stored_outcome
 from web_tier.results import DONE, FAILED, Item, ResultBook, is_batch_id
-from web_tier.storage import read_name_and_token
+from web_tier.storage import read_stored_upload
 
 # Threads reading S3 to rebuild batches: their own, so that a large batch rebuilt
 # (some 3 S3 calls an item) holds up no upload, which the upload pool runs.
@@ -35,13 +35,13 @@ def rebuild_item(aws: Aws, batch_id: str, key: str) -> Item | None:
     if len(parts) != 3:
         return None
     _, item_id, safe_name = parts
-    stored = read_name_and_token(aws, key)
+    stored = read_stored_upload(aws, key)
     if stored is None:
         # Deleted since it was listed (an upload refused meanwhile, its object removed):
         # left out, as a batch listed a moment later would leave it, not failing the rebuild.
         return None
-    filename, token = stored
-    return with_stored_outcome(aws, Item(item_id, batch_id, filename or safe_name, key, token=token))
+    return with_stored_outcome(aws, Item(item_id, batch_id, stored.filename or safe_name, key,
+                                         token=stored.token, digest=stored.digest))
 
 
 def with_stored_outcome(aws: Aws, item: Item) -> Item:

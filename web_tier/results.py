@@ -56,6 +56,9 @@ class Item:
     # The client's name for the file within its batch (POST /api/jobs `tokens`): a file
     # sent again under it is not stored again.
     token: str = ""
+    # The SHA-256 of the file's bytes (hex): a file sent again under its token must be
+    # the same file, not another of the same name. "" if not known (stored without it).
+    digest: str = field(default="", repr=False)
     # When it finished, in this book's order (ResultBook._number): event streams
     # resume after the last one a client saw. 0 while queued.
     finished_seq: int = field(default=0, compare=False)

@@ -9,7 +9,7 @@ outcome back is common/stored_outcome.py's, which workers do too.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from botocore.exceptions import ClientError
 
@@ -18,13 +18,16 @@ from common.failure_tags import failure_tagging
 from common.names import ORIGINAL_FILENAME_META, encode_filename, original_filename
 
 CLIENT_TOKEN_META = "client-token"
+DIGEST_META = "sha256"
 
 
 def put_input(aws: Aws, key: str, data: bytes, content_type: str, *, filename: str,
-              batch_id: str, item_id: str, token: str = "") -> None:
+              batch_id: str, item_id: str, token: str = "", digest: str = "") -> None:
     metadata = {ORIGINAL_FILENAME_META: encode_filename(filename), "batch-id": batch_id, "item-id": item_id}
     if token:
         metadata[CLIENT_TOKEN_META] = token
+    if digest:
+        metadata[DIGEST_META] = digest
     aws.s3.put_object(
         Bucket=aws.settings.input_bucket, Key=key, Body=data, ContentType=content_type, Metadata=metadata,
     )
@@ -45,11 +48,19 @@ def tag_failed(aws: Aws, key: str, reason: str) -> None:
     aws.s3.put_object_tagging(Bucket=aws.settings.input_bucket, Key=key, Tagging=failure_tagging(reason))
 
 
-def read_name_and_token(aws: Aws, key: str) -> tuple[str | None, str] | None:
-    """An input object's original file name (None if it has none) and client token ("" if
-    none); None if there is no such object."""
+class StoredUpload(NamedTuple):
+    """What an input object's metadata says of the upload it holds."""
+
+    filename: str | None  # the original file name; None if it has none
+    token: str  # the client's token; "" if none
+    digest: str  # the SHA-256 of its bytes; "" if stored without it
+
+
+def read_stored_upload(aws: Aws, key: str) -> StoredUpload | None:
+    """What the input object under `key` says of its upload; None if there is no such object."""
     stored = head(aws, aws.settings.input_bucket, key)
     if stored is None:
         return None
     metadata = stored.get("Metadata", {})
-    return original_filename(metadata), metadata.get(CLIENT_TOKEN_META, "")
+    return StoredUpload(original_filename(metadata), metadata.get(CLIENT_TOKEN_META, ""),
+                        metadata.get(DIGEST_META, ""))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -87,7 +88,8 @@ class Submitter:
         for n, upload in enumerate(uploads):
             item_id = self.ids.next()
             key = object_key(batch_id, item_id, upload.filename)
-            items.append(Item(item_id, batch_id, upload.filename, key, token=tokens[n] if tokens else ""))
+            items.append(Item(item_id, batch_id, upload.filename, key, token=tokens[n] if tokens else "",
+                              digest=hashlib.sha256(upload.data).hexdigest()))
         # Marked before they join the book, so that a request sending the same tokens
         # never takes one of them for stored while it may still fail.
         with self._storing_lock:
@@ -115,6 +117,12 @@ class Submitter:
         if holder.filename != upload.filename:  # not this file sent again: another, under a used token
             return UploadError(409, f"token {item.token!r} already names another file in this batch "
                                     f"({holder.filename}): give each file its own token", upload.filename)
+        if holder.digest and holder.digest != item.digest:
+            # Same name, other bytes (a file edited and sent again, or another's upload
+            # planted under a guessable token): it had the first file's answer (reviewer).
+            return UploadError(409, f"token {item.token!r} already names another file of this name, "
+                                    "with other contents, in this batch: give each file its own token",
+                               upload.filename)
         if not stored:
             return UploadError(503, STILL_STORING, upload.filename)
         return SentBefore(holder)
@@ -136,6 +144,7 @@ class Submitter:
             put_input(
                 self.aws, item.key, upload.data, upload.content_type,
                 filename=upload.filename, batch_id=item.batch_id or "", item_id=item.id, token=item.token,
+                digest=item.digest,
             )
             stored = True
             self.requests.send(request)

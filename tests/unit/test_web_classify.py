@@ -289,6 +289,9 @@ def test_an_idempotency_key_sent_again_with_another_file_is_a_409(web_client, we
     assert post_with_key(web_client, make_image(34), "first.jpg", key).status_code == 200
     clash = post_with_key(web_client, make_image(35), "second.jpg", key)
     assert clash.status_code == 409 and clash.text.startswith("second.jpg: this Idempotency-Key came before")
+    # The same name with other bytes is another file too: it had the first one's answer (reviewer).
+    clash = post_with_key(web_client, make_image(35), "first.jpg", key)
+    assert clash.status_code == 409 and clash.text.startswith("first.jpg: this Idempotency-Key came before")
     assert len(stored_inputs(web_aws)) == 1
 
 

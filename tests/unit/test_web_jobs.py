@@ -593,6 +593,22 @@ def test_a_token_used_again_for_another_file_is_refused_not_taken_for_a_resend(w
     assert len(stored_keys(web_aws, batch_id)) == 1
 
 
+def test_a_token_used_again_for_other_contents_under_the_same_name_is_refused(make_web_app, web_aws):
+    """A file edited and sent again, or another's upload planted under a guessable token,
+    was answered with the first file's item, and dropped (reviewer). Also when the batch
+    is rebuilt from S3 by a web tier started since."""
+    batch_id = "7" * 32
+    client = make_web_app(start_background=False).test_client()
+    send_with_tokens(client, batch_id, [(make_image(772), "same.jpg")], ["x"])
+    fresh = make_web_app(start_background=False).test_client()
+    for web in (client, fresh):
+        other = send_with_tokens(web, batch_id, [(make_image(773), "same.jpg")], ["x"])
+        assert other.status_code == 409, other.get_json()
+        assert "already names another file of this name, with other contents" in other.get_json()["error"]
+        assert send_with_tokens(web, batch_id, [(make_image(772), "same.jpg")], ["x"]).status_code == 202
+    assert len(stored_keys(web_aws, batch_id)) == 1
+
+
 @pytest.mark.parametrize(("form", "says"), [
     ({"tokens": ["0"]}, "1 token for 2 files"),
     ({"tokens": ["0", "0"]}, "two files have the same token (a.jpg and this one)"),
@@ -912,17 +928,17 @@ def test_an_event_stream_ends_after_its_time_limit(make_web_app):
 def test_long_names_survive_in_s3_metadata_within_its_2kb(web_aws):
     from common.names import decode_filename
     from web_tier.filenames import MAX_FILENAME_CHARS
-    from web_tier.storage import put_input, read_name_and_token
+    from web_tier.storage import put_input, read_stored_upload
 
     whole = ("\u00e9" * 299 + ".jpg", "x" * (MAX_FILENAME_CHARS - 4) + ".png")  # was cut at 166 and 1000
     for name in (*whole, "\U0001f600" * 600):
         key = f"{'a' * 32}/{'b' * 32}/x.jpg"
         put_input(web_aws, key, b"data", "image/jpeg", filename=name, batch_id="a" * 32, item_id="b" * 32,
-                  token="t" * 64)  # the longest token a client may send
+                  token="t" * 64, digest="d" * 64)  # the longest token a client may send
         meta = web_aws.s3.head_object(Bucket=web_aws.settings.input_bucket, Key=key)["Metadata"]
         assert sum(len(k.encode()) + len(v.encode()) for k, v in meta.items()) <= 2048
-        kept, token = read_name_and_token(web_aws, key)
-        assert token == "t" * 64
+        kept, token, digest = read_stored_upload(web_aws, key)
+        assert (token, digest) == ("t" * 64, "d" * 64)
         assert name.startswith(kept) and decode_filename(meta["original-filename"]) == kept
         if name in whole:
             assert kept == name
