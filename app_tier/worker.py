@@ -451,16 +451,25 @@ class Worker:
         """Write each result, then reply, then delete the requests.
 
         A reply means the result is in the output bucket: whoever gets the
-        answer can read the pair at once. If a write fails nothing is sent or
-        deleted, and the request is tried again. A request whose answer could
-        not be sent is released for another attempt, alone: its batch-mates,
-        answered, are deleted as usual.
+        answer can read the pair at once. A request whose result could not be
+        written, or whose answer could not be sent, is released for another
+        attempt, alone: its batch-mates are answered and deleted as usual.
         """
-        stores = [self._io.submit(self._store, job, response) for job, response in responses]
-        for store in stores:
-            store.result()  # raises if a write failed
+        stores = [(job, response, self._io.submit(self._store, job, response)) for job, response in responses]
+        unstored = []
+        for job, _, store in stores:
+            try:
+                store.result()
+            except Exception as exc:  # S3, after botocore's retries: tried again later
+                log.warning("could not write the result of %s: %s", job.request.key, exc)
+                unstored.append(job)
+        if unstored:
+            # Alone: the whole batch had gone back, each request spending an attempt
+            # towards the dead-letter queue for one S3 failure (reviewer).
+            self.held.release(unstored)
+            responses = [(job, r) for job, r in responses if job not in unstored]
         # Committed: these are answered now, so a shutdown must not hand them back too.
-        self.held.forget(batch.jobs)
+        self.held.forget([job for job, _ in responses])
         unsent = self._reply(responses)
         unsent_ids = {job.message_id for job in unsent}
         sent = [(job, r) for job, r in responses if job.message_id not in unsent_ids]

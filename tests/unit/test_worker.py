@@ -748,6 +748,32 @@ def test_a_failed_result_write_acknowledges_nothing(aws_env, monkeypatch):
     assert aws.s3.get_object(Bucket=settings.output_bucket, Key=batch.jobs[0].request.key)["Body"].read()
 
 
+def test_a_failed_result_write_releases_its_request_alone(aws_env, monkeypatch):
+    """The whole batch went back for one write S3 refused: each batch-mate, its result
+    written, spent an attempt towards the dead-letter queue and waited (reviewer)."""
+    from botocore.exceptions import ClientError
+
+    settings, aws = aws_env
+    upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
+    upload(settings, aws, "b.jpg", make_image(2, size=(64, 64)), "b")
+    worker = Worker(settings, aws, MeanClassifier(), "i-s3-flaky")
+    batch = worker.fetch()
+    assert len(batch.jobs) == 2
+    put_object = aws.s3.put_object
+
+    def one_write_fails(**kwargs):
+        if kwargs["Bucket"] == settings.output_bucket and kwargs["Key"].endswith("b.jpg"):
+            raise ClientError({"Error": {"Code": "InternalError", "Message": "S3 is down"}}, "PutObject")
+        return put_object(**kwargs)
+
+    monkeypatch.setattr(aws.s3, "put_object", one_write_fails)
+    worker.process(batch)
+    assert list(responses(aws)) == ["a"]
+    assert depth(aws, aws.request_queue_url) == (1, 0) and not len(worker.held)
+    again = worker.fetch()
+    assert [(j.request.id, j.receive_count) for j in again.jobs] == [("b", 2)]
+
+
 def test_warm_up_resolves_the_queues_before_the_first_request(aws_env, monkeypatch):
     settings, aws = aws_env
     fresh = Aws(settings)
