@@ -365,8 +365,8 @@ class Controller:
         launches_held = self._launches_held(obs)
         # Decide, with a pure function of all that; then act.
         decision = decide(obs, self.policy, wanted_recently, launches_held,
-                          keep_last=frozenset(self.refusals.ids))
-        decision = self._without_launches_backing_off(decision, obs)
+                          keep_last=frozenset(self.refusals.ids),
+                          launch_wait_s=self.launch_backoff.remaining(obs.clock))
         self._record(obs, decision)
         if decision.changes_anything and not self.dry_run:
             self._act(decision, obs, clock)
@@ -411,15 +411,6 @@ class Controller:
                 "left (dry run)" if self.dry_run else "terminated", hold.hold_s,
             )
         return hold.holds(obs.clock)
-
-    def _without_launches_backing_off(self, decision: Decision, obs: Observation) -> Decision:
-        """The decision, without its launches while they back off after a failure: the
-        rest of it (terminations, clean-ups) is carried out all the same."""
-        wait = self.launch_backoff.remaining(obs.clock)
-        if not decision.launch or not wait:
-            return decision
-        return replace(decision, launch=(),
-                       reason=decision.reason + f"; launches held: the last failed, next try in {wait:.1f}s")
 
     def _with_recent_launches(self, obs: Observation) -> Observation:
         self.unanswered.keep_unlisted({i.number for i in obs.instances})

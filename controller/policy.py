@@ -114,12 +114,14 @@ def _free_numbers(taken: set[int], count: int) -> tuple[int, ...]:
 
 def decide(
     obs: Observation, policy: Policy, wanted_recently: int | None = None, hold_launches: bool = False,
-    keep_last: frozenset[str] = frozenset(),
+    keep_last: frozenset[str] = frozenset(), launch_wait_s: float = 0.0,
 ) -> Decision:
     """What to do now. `wanted_recently` is the most instances wanted at any round of
     the last scale_in_cooldown_s (None: no window); the fleet shrinks no lower.
     `hold_launches`: launch nothing this round (workers have been giving up).
-    `keep_last`: ids chosen to scale in only after every other (EC2 refused them)."""
+    `keep_last`: ids chosen to scale in only after every other (EC2 refused them).
+    `launch_wait_s`: launch nothing for this long yet (the last launch failed). Held
+    launches leave the rest of the decision (terminations, clean-ups) as it is."""
     desired, reason = desired_count(obs, policy)
     serving = obs.serving
     if wanted_recently is not None and desired < len(serving) and wanted_recently > desired:
@@ -141,6 +143,8 @@ def decide(
             reason += f"; launching only for the {untaken} not taken ({obs.in_flight} in flight)"
         if hold_launches:
             reason += "; launches held: workers gave up recently"
+        elif count > 0 and launch_wait_s > 0:
+            reason += f"; launches held: the last failed, next try in {launch_wait_s:.1f}s"
         elif count > 0:
             launch = _free_numbers({i.number for i in obs.instances}, count)
     elif desired < len(serving):

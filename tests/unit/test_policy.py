@@ -99,6 +99,12 @@ def test_held_launches_launch_nothing_but_still_clean_up_and_scale_in():
     assert held.launch == () and set(held.clean_up) == {"i-0001", "i-0002"}
     assert "launches held" in held.reason
     assert len(decide(obs(visible=1, running=3), BACKLOG, hold_launches=True).terminate) == 2
+    # Launches backing off after a failed one: the same, said with the wait (once decided
+    # outside decide(), which a test of it could not see).
+    backing_off = decide(failed(obs(visible=5, running=2), 2), BACKLOG, launch_wait_s=2.5)
+    assert backing_off.launch == () and set(backing_off.clean_up) == {"i-0001", "i-0002"}
+    assert "launches held: the last failed, next try in 2.5s" in backing_off.reason
+    assert len(decide(obs(visible=5, running=2), BACKLOG, launch_wait_s=0).launch) == 3
 
 
 def test_scale_in_never_picks_a_failed_instance_as_a_victim():
