@@ -9,7 +9,8 @@ programs' protocols (systemd's NOTIFY_SOCKET and WATCHDOG_USEC, Keras's
 KERAS_HOME), LOG_LEVEL (read by common/logs.py, before settings can be, so that
 their errors are logged), and the worker process's own start-up switches
 (INSTANCE_ID, the default of its --instance-id; IMGCLASS_CACHE, where it keeps the
-converted model).
+converted model); and IMGCLASS_MOTO_STATS, `make bench`'s request to the embedded
+AWS for its CPU time per action (localaws/moto_fast.py).
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ class Listeners:
                  response_threads: int = RESPONSE_THREADS) -> None:
         self.aws = aws
         self.book = book
-        self.wait_s = max(0, min(20, wait_s))
+        self.wait_s = wait_s  # 0-20, as Settings checks RECEIVE_WAIT
         self.response_threads = response_threads
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
