@@ -50,6 +50,7 @@ from app_tier.model import Classification, Classifier
 from app_tier.stored_answer import stored_answer
 from common import systemd
 from common.aws import Aws, error_code, is_not_found, sqs_batches
+from common.backoff import next_wait
 from common.config import SHORT_POLL_PAUSE_S, Settings
 from common.failure_tags import DEAD_LETTER_ERROR, failure_tagging
 from common.fleet import report_worker_failed
@@ -87,6 +88,8 @@ TAGGING_REFUSALS = frozenset({"AccessDenied", "InvalidTag", "MalformedXML", "Inv
 # Pauses before sending again the answers SQS reported failed on its side (a
 # SendMessageBatch entry can fail alone, which botocore does not retry): one a try.
 REPLY_RETRY_PAUSES_S = (0.1, 0.5)
+# The longest wait between receives that fail (1 s, doubled each time, up to this).
+RECEIVE_BACKOFF_MAX_S = 30.0
 
 
 @dataclass
@@ -246,7 +249,7 @@ class Worker:
             self._loop_ticks.pop("fetch", None)
 
     def _fetch_until_stopped(self) -> None:
-        backoff = 1.0
+        backoff = 0.0
         failing_since: float | None = None
         while not self.stopping.is_set():
             self._loop_ticks["fetch"] = time.monotonic()
@@ -254,11 +257,12 @@ class Worker:
                 continue
             try:
                 batch = self.fetch()
-                backoff = 1.0
+                backoff = 0.0
                 failing_since = None
                 self.received.set()
             except Exception as exc:  # this thread must outlive anything, or the worker stalls
                 self._prefetch_slot.release()
+                backoff = next_wait(backoff, 1.0, RECEIVE_BACKOFF_MAX_S)
                 if isinstance(exc, AWS_ERRORS):
                     log.warning("receive failed (%s); retrying in %.0f s", exc, backoff)
                 else:
@@ -272,7 +276,6 @@ class Worker:
                     self._cannot_receive(failing_s, exc)
                     return
                 self.stopping.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
                 continue
             if batch.jobs:
                 self._prefetched.put(batch)

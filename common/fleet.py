@@ -7,6 +7,7 @@ import threading
 from dataclasses import dataclass
 
 from common.aws import Aws
+from common.backoff import next_wait
 from common.names import APP_TIER_NAME_PREFIX, PREFIX_TAG, instance_number
 
 log = logging.getLogger(__name__)
@@ -104,13 +105,13 @@ def report_worker_ready(aws: Aws, instance_id: str, stopping: threading.Event,
     """
     if not instance_id.startswith("i-"):
         return  # run by hand, outside any instance: nothing to tag
-    delay = 1.0
+    delay = 0.0
     while not stopping.is_set():
         try:
             aws.ec2.create_tags(Resources=[instance_id], Tags=[{"Key": WORKER_READY_TAG, "Value": "1"}])
             return
         except Exception as exc:  # whatever it is, trying again later is all there is to do
+            delay = next_wait(delay, 1.0, max_delay_s)
             log.warning("cannot tag instance %s %s (%s); trying again in %.0f s",
                         instance_id, WORKER_READY_TAG, exc, delay)
         stopping.wait(delay)
-        delay = min(delay * 2, max_delay_s)

@@ -45,6 +45,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from common import systemd
 from common.aws import Aws, error_code
+from common.backoff import next_wait
 from common.config import Settings
 from common.names import instance_name
 from common.signals import on_signals
@@ -241,7 +242,7 @@ class LaunchBackoff:
     def failed(self, clock: float, min_s: float, max_s: float) -> float:
         """Notes a failure at `clock`; returns how long launches now wait (doubled, at
         least min_s, at most max_s)."""
-        self.wait_s = min(max(self.wait_s * 2, min_s), max_s)
+        self.wait_s = next_wait(self.wait_s, min_s, max_s)
         self.failed_at = clock
         return self.wait_s
 
@@ -557,8 +558,8 @@ class Controller:
             except Exception as exc:
                 # Doubling from at least backoff_min_s: never faster than that while
                 # AWS is failing, however short the poll interval.
-                backoff = min(max(backoff * 2, self.backoff_min_s, self.settings.poll_interval_s),
-                              self.backoff_max_s)
+                backoff = next_wait(backoff, max(self.backoff_min_s, self.settings.poll_interval_s),
+                                    self.backoff_max_s)
                 if isinstance(exc, EXPECTED_ERRORS):
                     log.warning("controller: %s; next try in %.1fs", exc, backoff)
                 else:  # a surprise: keep the traceback, but keep running too

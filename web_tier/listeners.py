@@ -21,6 +21,7 @@ from collections.abc import Callable
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
 from common.aws import Aws, change_visibility, is_not_found
+from common.backoff import next_wait
 from common.config import SHORT_POLL_PAUSE_S
 from common.failure_tags import DEAD_LETTER_ERROR
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
@@ -73,7 +74,7 @@ class Listeners:
         return any(t.is_alive() for t in self._threads)
 
     def _run(self, poll: Callable[[], None]) -> None:
-        backoff = MIN_BACKOFF_S
+        backoff = 0.0
         failures = 0  # in a row
         # The book closing (SIGTERM) ends them too: nobody here waits for answers any
         # more, and during a reload the answers in the shared queues are the new process's.
@@ -82,9 +83,10 @@ class Listeners:
                 poll()
                 if failures:
                     log.info("listener polling again after %d failed polls", failures)
-                failures, backoff = 0, MIN_BACKOFF_S
+                failures, backoff = 0, 0.0
             except Exception as exc:
                 failures += 1
+                backoff = next_wait(backoff, MIN_BACKOFF_S, MAX_BACKOFF_S)
                 # The traceback once: at every retry, with botocore's chained errors, it
                 # was 2,246 log lines in 35 s of an unreachable AWS (reviewer).
                 if failures == 1:
@@ -95,7 +97,6 @@ class Listeners:
                 # Waiting on the event, not sleeping, so stop() ends the wait at once.
                 if self._stop.wait(backoff):
                     break
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     def _receive(self, queue_url: str) -> list[dict]:
         answer = self.aws.sqs.receive_message(

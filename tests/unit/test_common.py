@@ -718,3 +718,14 @@ def test_change_visibility_goes_in_tens_and_a_failed_call_fails_only_its_own():
     assert [f.receipt_handle for f in failures[1:]] == [f"r{n}" for n in range(10, 20)]
     assert "ServiceUnavailable" in failures[1].reason
     assert failures[1].code == "ServiceUnavailable"  # the call's own error, for each of its entries
+
+
+def test_waits_between_failed_tries_start_at_the_first_double_and_stop_at_the_most():
+    from common.backoff import next_wait
+
+    waits, wait = [], 0.0
+    for _ in range(6):
+        wait = next_wait(wait, 1.0, 10.0)
+        waits.append(wait)
+    assert waits == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    assert next_wait(0.0, 20.0, 10.0) == 10.0  # a first wait over the most is held to it
