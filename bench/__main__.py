@@ -59,11 +59,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-tensorflow", action="store_true", help="measure OpenVINO only in (a)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment for the stack under test (tuning experiments)")
-    p.add_argument("--warm-spares", type=int, default=None, help="LOCAL_WARM_SPARES for the stack")
+    p.add_argument("--warm-spares", type=int, default=None, choices=range(16), metavar="0-15",
+                   help="LOCAL_WARM_SPARES for the stack")
     p.add_argument("--untuned", action="store_true",
                    help="run the stack with make run's own defaults, not the benchmark's tuned knobs")
     p.add_argument("--json", type=Path, default=BENCH_DIR / "latest.json", help="where to write the figures")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # Checked now: found when the end-to-end part starts, after minutes of the others,
+    # a mistyped --env lost every figure measured so far (reviewer).
+    try:
+        args.env = _parse_env(args.env)
+    except ValueError as exc:
+        p.error(str(exc))
+    return args
 
 
 # --- the parts ------------------------------------------------------------------------
@@ -269,8 +277,8 @@ def _parse_env(pairs: list[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
         name, eq, value = pair.partition("=")
-        if not eq:
-            raise SystemExit(f"--env wants NAME=VALUE, got {pair!r}")
+        if not eq or not name:
+            raise ValueError(f"--env wants NAME=VALUE, got {pair!r}")
         out[name] = value
     return out
 
@@ -287,7 +295,8 @@ def code_version(root: Path = ROOT) -> dict[str, Any]:
         return done.stdout.strip() if done.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain") if commit else None
+    # Untracked files (a scratch script, a reviewer's notes) change no figure.
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
@@ -328,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         labels = figures["expected_labels"]
         expected = write_expected(BENCH_DIR / "expected.csv", labels) if labels else None
         env, spares = ({}, None) if args.untuned else tuned_env()
-        env.update(_parse_env(args.env))
+        env.update(args.env)
         spares = args.warm_spares if args.warm_spares is not None else spares
         return run_e2e(images, expected, env, spares, limit=(figures["inference"] or {}).get("local_limit"))
 

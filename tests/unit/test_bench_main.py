@@ -186,6 +186,8 @@ def test_code_version_is_the_commit_and_whether_the_tree_differs(tmp_path: Path)
     _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "a")
     head = _git(tmp_path, "rev-parse", "HEAD")
     assert bench_main.code_version(tmp_path) == {"commit": head, "dirty": False}
+    (tmp_path / "notes.txt").write_text("untracked: changes no figure\n")
+    assert bench_main.code_version(tmp_path) == {"commit": head, "dirty": False}
     (tmp_path / "a.py").write_text("x = 2\n")
     assert bench_main.code_version(tmp_path) == {"commit": head, "dirty": True}
 
@@ -306,3 +308,15 @@ def test_a_measurement_can_be_asked_for_some_batch_sizes(monkeypatch: pytest.Mon
     assert ran[1][ran[1].index("--batches") + 1] == ",".join(map(str, BATCH_SIZES))
     with pytest.raises(SystemExit):
         inference.main(["--runtime", "openvino", "--images", str(tmp_path), "--t0", "0", "--batches", "0"])
+
+
+@pytest.mark.parametrize("argv", [["--env", "FOO"], ["--env", "=1"], ["--warm-spares", "-1"],
+                                  ["--warm-spares", "16"]])
+def test_bad_options_are_usage_errors_before_anything_is_measured(argv, capsys: pytest.CaptureFixture):
+    """A wrong --env was found only when the end-to-end part started, minutes in, and
+    lost the figures measured before it; --warm-spares -1 was taken (reviewer)."""
+    with pytest.raises(SystemExit) as stopped:
+        bench_main.parse_args(argv)
+    assert stopped.value.code == 2
+    assert "error:" in capsys.readouterr().err
+    assert bench_main.parse_args(["--env", "A=b=c", "--warm-spares", "0"]).env == {"A": "b=c"}
