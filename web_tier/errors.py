@@ -46,7 +46,8 @@ def _too_large(exc: RequestEntityTooLarge) -> Response:
         files = services().settings.max_files_per_request
         return error_response(UploadError(
             413, f"the form has too many parts (at most {files} files to /api/jobs, each with at most "
-                 f"one token; one file to POST /) or a text field over {MAX_TEXT_FIELD_BYTES} bytes "
+                 f"one token; one file to POST /), or a text field or a part's headers (its file "
+                 f"name) over {MAX_TEXT_FIELD_BYTES} bytes "
                  "(send each image as a file: curl -F files=@cat.jpg)"))
     if wants_text():
         # POST / takes one file, so its limit is the file's: say so, naming the file.

@@ -430,6 +430,16 @@ def test_past_the_form_parts_limit_the_answer_says_too_many_parts(web_client, we
         f"the form has too many parts (at most {web_settings.max_files_per_request} files")
 
 
+def test_a_file_name_of_megabytes_is_said_to_be_one(web_client):
+    """Werkzeug refuses a part's headers over the text field limit as it does a field:
+    the answer spoke only of parts and text fields (reviewer)."""
+    from web_tier.form import MAX_TEXT_FIELD_BYTES
+
+    response = upload(web_client, [(make_image(3), "a" * (MAX_TEXT_FIELD_BYTES + 10) + ".jpg")])
+    assert response.status_code == 413
+    assert "a part's headers (its file name) over" in response.get_json()["error"]
+
+
 @pytest.mark.parametrize(("path", "field"), [("/", b"inputFile"), ("/api/jobs", b"files")])
 def test_a_file_name_that_is_not_utf8_gets_a_clear_error(web_client, path, field):
     """Werkzeug drops the whole form then: "no file" would send the user looking elsewhere."""
