@@ -157,6 +157,10 @@ class Settings:
     # included) plus a boot. 0: off (workers from an AMI older than the tag).
     ready_deadline_s: float = 1200.0
 
+    # Days S3 keeps uploads and results (a lifecycle rule, set by common/provision.py);
+    # 0: for ever. A batch whose objects expired is gone: its link answers 404.
+    retention_days: int = 0
+
     # --- app tier (worker) -------------------------------------------------
     model_weights: str = "imagenet"
     model_runtime: str = "openvino"  # or "tensorflow"
@@ -266,6 +270,7 @@ class Settings:
             boot_time_s=_float(env, "BOOT_TIME", cls.boot_time_s, low=0),
             scale_in_cooldown_s=_float(env, "SCALE_IN_COOLDOWN", cooldown, low=0),
             ready_deadline_s=_float(env, "READY_DEADLINE", cls.ready_deadline_s, low=0),
+            retention_days=_int(env, "RETENTION_DAYS", cls.retention_days, low=0, high=36500),
             model_weights=_str(env, "MODEL_WEIGHTS", cls.model_weights),
             model_runtime=_choice(env, "MODEL_RUNTIME", cls.model_runtime, MODEL_RUNTIMES),
             # SQS's own limits.

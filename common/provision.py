@@ -64,6 +64,36 @@ def _ensure_bucket(aws: Aws, name: str) -> None:
     )
 
 
+# The one lifecycle rule provisioning owns in each bucket; the bucket's other rules,
+# an operator's own, are kept as they are.
+RETENTION_RULE_ID = "imgclass-retention"
+
+
+def _apply_retention(aws: Aws, name: str, days: int) -> None:
+    """Expire the bucket's objects `days` after they were written (0: keep them)."""
+    try:
+        rules = aws.s3.get_bucket_lifecycle_configuration(Bucket=name)["Rules"]
+    except ClientError as exc:
+        if error_code(exc) != "NoSuchLifecycleConfiguration":
+            raise
+        rules = []
+    others = [rule for rule in rules if rule.get("ID") != RETENTION_RULE_ID]
+    if days:
+        ours = {"ID": RETENTION_RULE_ID, "Status": "Enabled", "Filter": {"Prefix": ""},
+                "Expiration": {"Days": days},
+                # Uploads are single PUTs; a multipart one cut off would be billed for ever.
+                "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}}
+        aws.s3.put_bucket_lifecycle_configuration(Bucket=name,
+                                                  LifecycleConfiguration={"Rules": [*others, ours]})
+        log.info("bucket %s: objects expire %d days after they are written", name, days)
+    elif len(others) < len(rules):  # ours was there: removed, the others kept
+        if others:
+            aws.s3.put_bucket_lifecycle_configuration(Bucket=name, LifecycleConfiguration={"Rules": others})
+        else:
+            aws.s3.delete_bucket_lifecycle(Bucket=name)
+        log.info("bucket %s: objects are kept (RETENTION_DAYS=0)", name)
+
+
 # Every queue is encrypted at rest with SQS's own keys (SSE-SQS): new queues are by
 # default now, but not those made before that default, or by other tools (reviewer).
 ENCRYPTED_QUEUE = {"SqsManagedSseEnabled": "true"}
@@ -84,8 +114,9 @@ def _ensure_queue(aws: Aws, name: str, attributes: dict[str, str]) -> str:
 def provision(settings: Settings, aws: Aws | None = None) -> dict[str, str]:
     """Make sure every bucket and queue exists with the right settings."""
     aws = aws or Aws(settings)
-    _ensure_bucket(aws, settings.input_bucket)
-    _ensure_bucket(aws, settings.output_bucket)
+    for bucket in (settings.input_bucket, settings.output_bucket):
+        _ensure_bucket(aws, bucket)
+        _apply_retention(aws, bucket, settings.retention_days)
 
     dlq_url = _ensure_queue(aws, settings.dead_letter_queue, {"MessageRetentionPeriod": "1209600"})
     dlq_arn = aws.sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])[
@@ -116,7 +147,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the AWS the environment points at (the default credential chain; AWS_ENDPOINT_URL for "
         "the embedded AWS). Safe to run again: what exists is kept, and the queues take the "
         "current settings. Names from APP_PREFIX, region from AWS_REGION; the request queue's "
-        "VISIBILITY_TIMEOUT, RECEIVE_WAIT and MAX_RECEIVE_COUNT from the environment too. "
+        "VISIBILITY_TIMEOUT, RECEIVE_WAIT and MAX_RECEIVE_COUNT, and the buckets' "
+        "RETENTION_DAYS, from the environment too. "
         "Prints the queues' URLs as JSON.")
     return parser.parse_args(argv)
 

@@ -47,6 +47,9 @@ ACTIONS = {
     "create_bucket": {"s3:CreateBucket"},
     "put_public_access_block": {"s3:PutBucketPublicAccessBlock"},
     "put_bucket_encryption": {"s3:PutEncryptionConfiguration"},
+    "get_bucket_lifecycle_configuration": {"s3:GetLifecycleConfiguration"},
+    "put_bucket_lifecycle_configuration": {"s3:PutLifecycleConfiguration"},
+    "delete_bucket_lifecycle": {"s3:PutLifecycleConfiguration"},  # S3 has no action of its own for it
     "get_queue_url": {"sqs:GetQueueUrl"},
     "get_queue_attributes": {"sqs:GetQueueAttributes"},
     "set_queue_attributes": {"sqs:SetQueueAttributes"},
@@ -139,7 +142,9 @@ def needs(tier: str, prefix: str) -> set[tuple[str, str]]:
         "provision": [
             *((a, n[b]) for b in ("in", "out") for a in ("s3:ListBucket", "s3:CreateBucket",
                                                           "s3:PutBucketPublicAccessBlock",
-                                                          "s3:PutEncryptionConfiguration")),
+                                                          "s3:PutEncryptionConfiguration",
+                                                          "s3:GetLifecycleConfiguration",
+                                                          "s3:PutLifecycleConfiguration")),
             *((a, n[q]) for q in ("req", "resp", "dlq") for a in ("sqs:GetQueueUrl", "sqs:CreateQueue",
                                                                     "sqs:GetQueueAttributes",
                                                                     "sqs:SetQueueAttributes")),

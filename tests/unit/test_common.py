@@ -482,6 +482,38 @@ def test_provision_takes_no_arguments_and_makes_nothing_when_given_one(argv, cap
     assert "two buckets and three queues" in capsys.readouterr().out or argv != ["--help"]
 
 
+def test_provision_expires_objects_after_retention_days_keeping_the_buckets_other_rules():
+    """Uploads and results were kept for ever: anyone with a batch's link could read them
+    back years later (reviewer). RETENTION_DAYS sets one rule of ours; 0 removes it."""
+    from common.provision import RETENTION_RULE_ID
+
+    def rules(aws, bucket):
+        try:
+            return {r["ID"]: r for r in aws.s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]}
+        except ClientError:
+            return {}
+
+    with mock_aws():
+        settings = dataclasses.replace(Settings(), retention_days=30)
+        provision(settings)
+        aws = Aws(settings)
+        theirs = {"ID": "operators-own", "Status": "Enabled", "Filter": {"Prefix": "old/"},
+                  "Expiration": {"Days": 1}}
+        mine = rules(aws, settings.input_bucket)[RETENTION_RULE_ID]
+        aws.s3.put_bucket_lifecycle_configuration(Bucket=settings.input_bucket,
+                                                  LifecycleConfiguration={"Rules": [theirs, mine]})
+        provision(dataclasses.replace(settings, retention_days=7))
+        for bucket in (settings.input_bucket, settings.output_bucket):
+            assert rules(aws, bucket)[RETENTION_RULE_ID]["Expiration"] == {"Days": 7}
+        assert "operators-own" in rules(aws, settings.input_bucket)
+        provision(Settings())  # 0: kept for ever; the operator's rule stays
+        assert set(rules(aws, settings.input_bucket)) == {"operators-own"}
+        assert rules(aws, settings.output_bucket) == {}
+        assert Settings.from_env({"RETENTION_DAYS": "30"}).retention_days == 30
+        with pytest.raises(ValueError, match="RETENTION_DAYS"):
+            Settings.from_env({"RETENTION_DAYS": "-1"})
+
+
 def test_provision_applies_changed_settings_to_the_queues_that_exist():
     """CreateQueue refuses an existing queue with other attributes; provisioning again
     after VISIBILITY_TIMEOUT, RECEIVE_WAIT or MAX_RECEIVE_COUNT changed must not."""
