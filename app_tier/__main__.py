@@ -132,7 +132,7 @@ def run(argv: list[str] | None, before_serving: StopBeforeServing) -> int:
         print(f"model ready: {settings.model_runtime}, weights {settings.model_weights}, "
               f"loaded in {classifier.load_seconds:.1f}s")
         return 0
-    aws = Aws(settings).open("s3", "sqs")
+    aws = Aws(settings).open("s3", "sqs", "sqs_receive")
     # Before waiting for an instance id: a warm spare pays these while idle.
     warm_up(aws)
     freeze_startup_heap()

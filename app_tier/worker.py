@@ -296,7 +296,7 @@ class Worker:
 
     def fetch(self) -> Batch:
         """Receive up to `receive_batch` requests and prepare their pixels."""
-        reply = self.aws.sqs.receive_message(
+        reply = self.aws.sqs_receive.receive_message(
             QueueUrl=self.aws.request_queue_url,
             MaxNumberOfMessages=self.settings.receive_batch,
             WaitTimeSeconds=self.settings.receive_wait_s,

@@ -129,6 +129,12 @@ def change_visibility(sqs, queue_url: str, changes: Sequence[tuple[str, int]]) -
     return failures
 
 
+# How long a long poll's read may last past the poll's own wait. SQS (and moto) still
+# answer a poll its client gave up on, and what it takes stays hidden for the receive's
+# lease, with nobody to extend or show it: after a 35 s stall of the embedded AWS, with
+# the 30 s read timeout of the other calls, 10 requests waited 30 s more (reviewer).
+LONG_POLL_READ_SLACK_S = 60.0
+
 # Together under a load balancer's usual 5 s health-check timeout.
 PROBE_CONNECT_TIMEOUT_S = 1.0
 PROBE_READ_TIMEOUT_S = 2.5
@@ -222,6 +228,15 @@ class Aws:
         return self._kept("ec2", "ec2")
 
     @property
+    def sqs_receive(self):
+        """The SQS client for long polls (ReceiveMessage): a stall of SQS is waited out,
+        not the poll given up on. Its own, so that the other calls still give up after
+        the usual read timeout (the heartbeat's slack counts on it)."""
+        config = client_config(self.max_pool,
+                               read_timeout=self.settings.receive_wait_s + LONG_POLL_READ_SLACK_S)
+        return self._kept("sqs-receive", "sqs", config)
+
+    @property
     def probes(self) -> dict[str, object]:
         """S3 and SQS clients for health checks, which must answer within seconds (a
         load balancer waits ~5 s): one attempt with short timeouts, where the other
@@ -233,7 +248,7 @@ class Aws:
     def open(self, *services: str) -> Aws:
         """Create these clients now rather than at first use (each loads its service model)."""
         for service in services:
-            if service not in ("s3", "sqs", "ec2"):
+            if service not in ("s3", "sqs", "ec2", "sqs_receive"):
                 raise ValueError(f"no client for {service!r}")
             getattr(self, service)
         return self

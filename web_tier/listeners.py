@@ -99,7 +99,7 @@ class Listeners:
                     break
 
     def _receive(self, queue_url: str) -> list[dict]:
-        answer = self.aws.sqs.receive_message(
+        answer = self.aws.sqs_receive.receive_message(
             QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=self.wait_s
         )
         messages = answer.get("Messages", [])

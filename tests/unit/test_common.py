@@ -85,6 +85,18 @@ def test_a_client_makes_as_many_attempts_as_it_is_given(attempts):
     assert probe.retries["total_max_attempts"] == 1
 
 
+def test_long_polls_wait_out_a_stall_that_other_calls_give_up_on():
+    """A receive given up on after 30 s still took messages when SQS (or moto) came
+    back, hidden for the lease with nobody to extend them: 10 requests waited 30 s more
+    (reviewer). The other calls keep the usual read timeout (the heartbeat's slack)."""
+    from common.aws import LONG_POLL_READ_SLACK_S
+
+    aws = Aws(dataclasses.replace(Settings(), receive_wait_s=20)).open("sqs", "sqs_receive")
+    assert aws.sqs_receive.meta.config.read_timeout == 20 + LONG_POLL_READ_SLACK_S >= 60
+    assert aws.sqs.meta.config.read_timeout == 30.0
+    assert aws.sqs_receive is aws.sqs_receive and aws.sqs_receive is not aws.sqs
+
+
 def test_safe_filename_keeps_extension_of_long_names():
     name = safe_filename("x" * 300 + ".jpeg")
     assert len(name) == 100 and name.endswith(".jpeg")

@@ -248,7 +248,7 @@ def test_listeners_back_off_on_errors_and_stop_promptly(monkeypatch):
 
     sqs = BrokenSqs()
     aws = Aws(Settings())
-    aws._clients["sqs"] = sqs  # as if made and kept: no real client is made
+    aws._clients["sqs"] = aws._clients["sqs-receive"] = sqs  # as if made and kept: no real client is made
     listeners = Listeners(aws, ResultBook(), wait_s=20)
     listeners.start()
     wait_until(lambda: sqs.calls >= 3)  # one failure per thread
@@ -307,7 +307,8 @@ def test_idle_listeners_short_polling_pause_between_empty_receives_and_stop_at_o
 
     calls = []
     sqs = SimpleNamespace(receive_message=lambda **kw: calls.append(kw["WaitTimeSeconds"]) or {})
-    aws = SimpleNamespace(sqs=sqs, response_queue_url="responses", dead_letter_queue_url="dead")
+    aws = SimpleNamespace(sqs=sqs, sqs_receive=sqs, response_queue_url="responses",
+                          dead_letter_queue_url="dead")
     listeners = Listeners(aws, ResultBook(), wait_s=0)  # type: ignore[arg-type]
     began = time.monotonic()
     listeners.start()
@@ -330,7 +331,7 @@ def test_malformed_responses_are_dropped_not_retried_forever():
                                                    {"Body": response("a").to_json(), "ReceiptHandle": "r2"}]},
         delete_message_batch=lambda QueueUrl, Entries: deleted.extend(Entries) or {"Successful": []},
     )
-    aws = SimpleNamespace(sqs=sqs, response_queue_url="q")
+    aws = SimpleNamespace(sqs=sqs, sqs_receive=sqs, response_queue_url="q")
     book = book_with("a")
     Listeners(aws, book).poll_responses()  # type: ignore[arg-type]
     assert [e["ReceiptHandle"] for e in deleted] == ["r1", "r2"]
@@ -351,7 +352,8 @@ def test_a_closing_books_listeners_leave_what_they_receive_and_stop():
         change_message_visibility_batch=lambda QueueUrl, Entries: handed_back.extend(
             (e["ReceiptHandle"], e["VisibilityTimeout"]) for e in Entries) or {},
     )
-    aws = SimpleNamespace(sqs=sqs, response_queue_url="responses", dead_letter_queue_url="dead")
+    aws = SimpleNamespace(sqs=sqs, sqs_receive=sqs, response_queue_url="responses",
+                          dead_letter_queue_url="dead")
     book = book_with("a", "d" * 32)
     book.close()  # SIGTERM, with a receive in flight
     listeners = Listeners(aws, book)  # type: ignore[arg-type]
@@ -378,7 +380,7 @@ def test_a_hand_back_sqs_partly_refuses_is_said(caplog):
     )
     book = book_with("a", "b")
     book.close()
-    Listeners(SimpleNamespace(sqs=sqs, response_queue_url="q"), book).poll_responses()  # type: ignore[arg-type]
+    Listeners(SimpleNamespace(sqs=sqs, sqs_receive=sqs, response_queue_url="q"), book).poll_responses()  # type: ignore[arg-type]
     [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert "could not hand back 1 of 2 messages" in warning and "ReceiptHandleIsInvalid" in warning
     assert "handed back 1 messages received while stopping" in caplog.text

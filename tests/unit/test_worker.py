@@ -524,14 +524,14 @@ def test_what_a_receive_brings_as_the_stop_comes_is_handed_back_unread(aws_env, 
     for i in range(3):
         upload(settings, aws, f"{i}.jpg", make_image(i), str(i))
     worker = Worker(settings, aws, MeanClassifier(), "i-stopping")
-    receive, reads = aws.sqs.receive_message, []
+    receive, reads = aws.sqs_receive.receive_message, []
 
     def receive_as_the_stop_comes(**kwargs):
         reply = receive(**kwargs)
         worker.stopping.set()
         return reply
 
-    monkeypatch.setattr(aws.sqs, "receive_message", receive_as_the_stop_comes)
+    monkeypatch.setattr(aws.sqs_receive, "receive_message", receive_as_the_stop_comes)
     monkeypatch.setattr(aws.s3, "get_object", lambda **kw: reads.append(kw))
     assert worker.fetch().jobs == []
     assert reads == [] and len(worker.held) == 0
@@ -702,8 +702,8 @@ def test_an_idle_worker_short_polling_pauses_between_empty_receives(aws_env, mon
     settings, aws = aws_env
     assert settings.receive_wait_s == 0
     received = []
-    real = aws.sqs.receive_message
-    monkeypatch.setattr(aws.sqs, "receive_message", lambda **kw: received.append(1) or real(**kw))
+    real = aws.sqs_receive.receive_message
+    monkeypatch.setattr(aws.sqs_receive, "receive_message", lambda **kw: received.append(1) or real(**kw))
     worker = Worker(settings, aws, MeanClassifier(), "i-idle")
     runner = threading.Thread(target=worker.run)
     began = time.monotonic()
@@ -869,7 +869,7 @@ def test_the_instance_is_tagged_ready_only_once_a_receive_has_succeeded(aws_env,
     def tagged_ready() -> bool:
         return WORKER_READY_TAG in instance_tags(aws, instance_id)
 
-    receive = aws.sqs.receive_message
+    receive = aws.sqs_receive.receive_message
     tagged_before: list[bool] = []
 
     def denied_once(**kwargs):
@@ -883,7 +883,7 @@ def test_the_instance_is_tagged_ready_only_once_a_receive_has_succeeded(aws_env,
         time.sleep(0.05)
         return receive(**kwargs)
 
-    monkeypatch.setattr(aws.sqs, "receive_message", denied_once)
+    monkeypatch.setattr(aws.sqs_receive, "receive_message", denied_once)
     worker = Worker(settings, aws, MeanClassifier(), instance_id)
     threading.Thread(target=report_ready_once_received, args=(settings, worker), daemon=True).start()
     run_until(worker, tagged_ready)
@@ -910,7 +910,7 @@ def test_a_worker_that_cannot_receive_for_the_stall_timeout_reports_its_instance
     instance_id = aws.ec2.run_instances(ImageId=settings.ami_id, MinCount=1,
                                         MaxCount=1)["Instances"][0]["InstanceId"]
     upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
-    receive = aws.sqs.receive_message
+    receive = aws.sqs_receive.receive_message
     denied: list[float] = []
 
     def denied_for_a_while(**kwargs):
@@ -919,7 +919,7 @@ def test_a_worker_that_cannot_receive_for_the_stall_timeout_reports_its_instance
             raise ClientError(answer, "ReceiveMessage")
         return receive(**kwargs)
 
-    monkeypatch.setattr(aws.sqs, "receive_message", denied_for_a_while)
+    monkeypatch.setattr(aws.sqs_receive, "receive_message", denied_for_a_while)
     worker = Worker(settings, aws, MeanClassifier(), instance_id)
     if gives_up:
         runner = threading.Thread(target=worker.run, daemon=True)
