@@ -118,6 +118,9 @@ class HeldMessages:
         # Written at each change, under _lock, so that the file follows the changes in order.
         self._journal = journal
         self._held: dict[str, Job] = {}
+        # Of those, the ones whose results are stored, being answered and deleted: never
+        # handed back, but held (journal, heartbeat) until deleted or made visible.
+        self._committed: set[str] = set()
         self._lock = threading.Lock()
         # Orders the heartbeat's extensions against releases (see hide).
         self._visibility_lock = threading.Lock()
@@ -152,9 +155,17 @@ class HeldMessages:
             self._record()
         return fresh
 
+    def commit(self, jobs: list[Job]) -> None:
+        """These are being answered (their results stored): a stop must not hand them
+        back too. Still held, so that a worker killed before their deletes leaves them in
+        its journal, made visible within seconds, not after the visibility timeout."""
+        with self._lock:
+            self._committed.update(j.message_id for j in jobs if j.message_id in self._held)
+
     def forget(self, jobs: list[Job]) -> None:
         """Stop holding these: answered, or visible again."""
         with self._lock:
+            self._committed.difference_update(j.message_id for j in jobs)
             # Written only on a change: a stop that comes while this worker shows what the
             # last one held (holding nothing yet) must leave that to the next.
             removed = [j for j in jobs if self._held.pop(j.message_id, None) is not None]
@@ -263,7 +274,7 @@ class HeldMessages:
         """
         with self._handing_back:
             with self._lock:
-                mine = [j for j in jobs if j.message_id in self._held]
+                mine = [j for j in jobs if j.message_id in self._held and j.message_id not in self._committed]
             self._send_back(mine)
 
     def hand_back_all(self) -> None:

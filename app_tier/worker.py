@@ -472,7 +472,7 @@ class Worker:
             self.held.release(unstored)
             responses = [(job, r) for job, r in responses if job not in unstored]
         # Committed: these are answered now, so a shutdown must not hand them back too.
-        self.held.forget([job for job, _ in responses])
+        self.held.commit([job for job, _ in responses])
         unsent = self._reply(responses)
         unsent_ids = {job.message_id for job in unsent}
         sent = [(job, r) for job, r in responses if job.message_id not in unsent_ids]
@@ -488,6 +488,7 @@ class Worker:
         except AWS_ERRORS as exc:
             # Answered: released, each would be answered again at every retry until the
             # dead-letter queue (explorer). Back after their visibility timeout, once.
+            self.held.forget(answered)
             log.warning("answered %d request(s) but could not delete them (%s): they will be "
                         "answered again", len(answered), exc)
 

@@ -307,3 +307,28 @@ def test_requests_another_worker_took_are_not_handed_back(aws_env, caplog):
     assert "1 request(s) held here are another worker's now" in caplog.text
     paused.held.hand_back_all()  # told to stop
     assert depth(aws, aws.request_queue_url) == (0, 0)
+
+
+def test_requests_being_answered_stay_in_the_journal_and_are_not_handed_back(aws_env, monkeypatch):
+    """Forgotten once their results were stored, a worker killed before its deletes left
+    them to the visibility timeout, and classified again after it (reviewer). Held until
+    deleted now; and a stop meanwhile (the grace timer) must still not hand them back."""
+    settings, aws = aws_env
+    upload(settings, aws, "answering.jpg", make_image(320), "answering")
+    worker = Worker(settings, aws, MeanClassifier(), "i-answering")
+    batch = worker.fetch()
+    path = held_journal_path(settings, "i-answering")
+    seen = {}
+    reply = worker._reply
+
+    def reply_as_the_stop_comes(answers):
+        seen["journal"] = [h["receipt"] for h in json.loads(path.read_text())["held"]]
+        worker.held.hand_back_all()
+        seen["queue"] = depth(aws, aws.request_queue_url)
+        return reply(answers)
+
+    monkeypatch.setattr(worker, "_reply", reply_as_the_stop_comes)
+    worker.process(batch)
+    assert seen == {"journal": [batch.jobs[0].receipt], "queue": (0, 1)}
+    assert list(responses(aws)) == ["answering"]
+    assert depth(aws, aws.request_queue_url) == (0, 0) and not len(worker.held) and not path.exists()

@@ -1572,6 +1572,7 @@ def test_requests_answered_but_not_deleted_are_not_released_to_be_answered_again
     assert list(responses(aws)) == ["a"] and worker.processed == 1
     assert depth(aws, aws.request_queue_url) == (0, 1)  # hidden until its visibility timeout
     assert "answered 1 request(s) but could not delete them" in caplog.text
+    assert not len(worker.held)  # held, the heartbeat would hide it for ever
 
 
 def test_a_hand_back_whose_old_copies_cannot_be_deleted_does_not_show_them_too(aws_env, monkeypatch, caplog):
