@@ -113,6 +113,10 @@ def run(argv: list[str] | None, before_serving: StopBeforeServing) -> int:
 
     if args.show_held_only:
         return show_held_only(settings, args.instance_id)
+    if args.instance_id != "-" and not args.prepare_only:
+        # What a worker killed here held, visible before the model loads, not after: the
+        # load (ImageNet weights on a small instance) would add to their wait (reviewer).
+        show_held_only(settings, args.instance_id)
 
     # Imported here: the model runtime takes a while to import, and --help should not.
     from app_tier.model import WeightsUnavailable, load_classifier

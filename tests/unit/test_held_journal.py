@@ -255,6 +255,29 @@ def test_a_stopped_workers_unit_shows_what_it_held_without_loading_a_model(aws_e
     assert worker_main.main(["--instance-id", "i-0456", "--show-held-only"]) == 0
 
 
+def test_a_restarted_worker_shows_what_its_predecessor_held_before_loading_its_model(
+        aws_env, monkeypatch, caplog):
+    """Shown by Worker.run, they waited for the model to load too (reviewer)."""
+    from app_tier import __main__ as worker_main
+
+    settings, aws = aws_env
+    upload(settings, aws, "held.jpg", make_image(301), "held-1")
+    killed = Worker(settings, aws, MeanClassifier(), "i-0789")
+    assert len(killed.fetch().jobs) == 1 and depth(aws, aws.request_queue_url) == (0, 1)
+    monkeypatch.setattr(worker_main.Settings, "from_env", classmethod(lambda cls: settings))
+    seen_at_load = []
+
+    def load_classifier(*args, **kwargs):
+        seen_at_load.append(depth(aws, aws.request_queue_url))
+        raise SystemExit(9)  # enough: what came before the load is the question
+
+    monkeypatch.setattr("app_tier.model.load_classifier", load_classifier)
+    with pytest.raises(SystemExit):
+        worker_main.main(["--instance-id", "i-0789"])
+    assert seen_at_load == [(1, 0)]
+    assert not held_journal_path(settings, "i-0789").exists()
+
+
 def test_a_receive_hides_what_it_takes_only_for_a_lease_which_the_heartbeat_extends(aws_env, monkeypatch):
     """A worker killed with a long poll open never sees what that poll takes, nor can its
     journal name it: requests sent after its death waited the whole visibility timeout
