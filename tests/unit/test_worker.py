@@ -719,23 +719,29 @@ def test_an_idle_worker_short_polling_pauses_between_empty_receives(aws_env, mon
     assert not runner.is_alive()
 
 
-def test_a_failed_result_write_acknowledges_nothing(aws_env, monkeypatch):
-    """No reply and no delete until the result is in S3: an answer means the pair can be read."""
+def refuse_output_writes(monkeypatch, settings, aws, of=lambda key: True):
+    """Have S3 refuse the output bucket's writes (of the keys `of` picks); the real put_object."""
     from botocore.exceptions import ClientError
 
+    put_object = aws.s3.put_object
+
+    def refusing(**kwargs):
+        if kwargs["Bucket"] == settings.output_bucket and of(kwargs["Key"]):
+            raise ClientError({"Error": {"Code": "InternalError", "Message": "S3 is down"}}, "PutObject")
+        return put_object(**kwargs)
+
+    monkeypatch.setattr(aws.s3, "put_object", refusing)
+    return put_object
+
+
+def test_a_failed_result_write_acknowledges_nothing(aws_env, monkeypatch):
+    """No reply and no delete until the result is in S3: an answer means the pair can be read."""
     settings, aws = aws_env
     upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
     worker = Worker(settings, aws, MeanClassifier(), "i-s3-down")
     batch = worker.fetch()
     assert len(batch.jobs) == 1
-    put_object = aws.s3.put_object
-
-    def output_bucket_down(**kwargs):
-        if kwargs["Bucket"] == settings.output_bucket:
-            raise ClientError({"Error": {"Code": "InternalError", "Message": "S3 is down"}}, "PutObject")
-        return put_object(**kwargs)
-
-    monkeypatch.setattr(aws.s3, "put_object", output_bucket_down)
+    put_object = refuse_output_writes(monkeypatch, settings, aws)
     worker.process(batch)
     assert depth(aws, aws.request_queue_url) == (1, 0)  # released for another attempt, not deleted
     assert not responses(aws) and not len(worker.held)
@@ -751,22 +757,13 @@ def test_a_failed_result_write_acknowledges_nothing(aws_env, monkeypatch):
 def test_a_failed_result_write_releases_its_request_alone(aws_env, monkeypatch):
     """The whole batch went back for one write S3 refused: each batch-mate, its result
     written, spent an attempt towards the dead-letter queue and waited (reviewer)."""
-    from botocore.exceptions import ClientError
-
     settings, aws = aws_env
     upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
     upload(settings, aws, "b.jpg", make_image(2, size=(64, 64)), "b")
     worker = Worker(settings, aws, MeanClassifier(), "i-s3-flaky")
     batch = worker.fetch()
     assert len(batch.jobs) == 2
-    put_object = aws.s3.put_object
-
-    def one_write_fails(**kwargs):
-        if kwargs["Bucket"] == settings.output_bucket and kwargs["Key"].endswith("b.jpg"):
-            raise ClientError({"Error": {"Code": "InternalError", "Message": "S3 is down"}}, "PutObject")
-        return put_object(**kwargs)
-
-    monkeypatch.setattr(aws.s3, "put_object", one_write_fails)
+    refuse_output_writes(monkeypatch, settings, aws, of=lambda key: key.endswith("b.jpg"))
     worker.process(batch)
     assert list(responses(aws)) == ["a"]
     assert depth(aws, aws.request_queue_url) == (1, 0) and not len(worker.held)
