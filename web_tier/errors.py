@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
+import tempfile
 
 from botocore.exceptions import BotoCoreError, ClientError
 from flask import Flask, Response, jsonify, request
@@ -109,6 +111,14 @@ def _malformed_body(exc: ParseException) -> Response:
 
 
 def _unexpected(exc: Exception) -> Response:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        # The upload's temporary file (web_tier/spool.py) found no room, as the form was
+        # read: nothing is stored yet, and the same request may be sent again once there
+        # is room (a bare 500 said neither: reviewer).
+        log.error("no room to spool %s %s: %s (TMPDIR=%s)", request.method, request.path, exc,
+                  tempfile.gettempdir())
+        return error_response(UploadError(503, "the server has no room to hold this upload now; nothing "
+                                               "was stored: send it again later, or in smaller requests"))
     log.exception("unhandled error on %s %s", request.method, request.path)
     return error_response(UploadError(500, "internal error"))
 

@@ -760,6 +760,28 @@ def test_the_files_past_the_budget_share_one_temporary_file_read_from_any_thread
     assert open_descriptors() == before - 1  # closed with the last of its files
 
 
+@pytest.mark.parametrize("path", ["/api/jobs", "/"])
+def test_an_upload_with_no_room_to_spool_it_is_a_503_to_send_again(make_web_app, web_aws, monkeypatch, path):
+    """A full temporary folder (the web unit's /tmp is a tmpfs of half the RAM on Amazon
+    Linux 2023) gave a bare 500 that said neither that nothing was stored nor to retry
+    (reviewer)."""
+    import errno
+
+    from web_tier import spool
+
+    def disk_full(*_args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool.os, "pwrite", disk_full)
+    client = make_web_app(start_background=False, max_upload_bytes=2_000_000).test_client()
+    field = "files" if path == "/api/jobs" else "inputFile"
+    response = client.post(path, data={field: (io.BytesIO(os.urandom(600_000)), "big.jpg")},
+                           content_type="multipart/form-data")
+    assert response.status_code == 503 and response.headers["Retry-After"]
+    assert "no room to hold this upload now; nothing was stored" in response.get_data(as_text=True)
+    assert web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket).get("KeyCount") == 0
+
+
 @pytest.mark.parametrize("method, path", [("GET", "/api/nothing"), ("PUT", "/api/jobs")])
 def test_api_refusals_no_route_makes_are_not_cached_either(web_client, method, path):
     response = web_client.open(path, method=method)
