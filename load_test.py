@@ -1696,8 +1696,37 @@ def write_plot(report: Report, path: Path) -> None:
     fig.savefig(path, dpi=100, format=None if Path(path).suffix else "png")
 
 
+class Stdout:
+    """The run's lines on standard output, until whoever reads them stops (`| head -3`):
+    from then on they are dropped, and the run goes on to its report files and exit
+    status. A BrokenPipeError from a print ended the run with a traceback, sending
+    stopped and no JSON written (reviewer)."""
+
+    def __init__(self) -> None:
+        self.gone = False
+
+    def print(self, text: str = "") -> None:
+        if self.gone:
+            return
+        try:
+            # Flushed at once: a pipe's buffer flushed only at exit would break there,
+            # past any handler.
+            print(text, flush=True)
+        except BrokenPipeError:
+            self.gone = True
+            try:
+                # Python flushes stdout again at exit, and would report that broken pipe
+                # too: what is left in its buffer goes nowhere instead.
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+            except (OSError, ValueError):  # a stdout with no file behind it (a test's capture)
+                pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
+    out = Stdout()
     try:
         # Read once, here: run_load is given them, so its plan is what the progress bar counts.
         images, skipped = scan_folder(config.images)
@@ -1711,8 +1740,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def print_result(outcome: Outcome) -> None:
         # The course's client printed these two lines per image.
         progress.clear()
-        print(for_terminal(f"{outcome.file} uploaded!"))
-        print(for_terminal(f"Classification result: {outcome.body}"), flush=True)
+        out.print(for_terminal(f"{outcome.file} uploaded!"))
+        out.print(for_terminal(f"Classification result: {outcome.body}"))
 
     try:
         report = run_load(config, progress=progress, on_result=print_result if config.verbose else None,
@@ -1723,12 +1752,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if config.quiet:
         if report.untrained:
-            print(UNTRAINED_WARNING)
+            out.print(UNTRAINED_WARNING)
         for line in failure_lines(report):
-            print(for_terminal(line))
-        print(result_line(report))
+            out.print(for_terminal(line))
+        out.print(result_line(report))
     else:
-        print(for_terminal(format_report(report)))
+        out.print(for_terminal(format_report(report)))
     # The summary is out already: a report that cannot be written (its folder
     # removed during the run, a full disk) is said so, not a traceback.
     written = True

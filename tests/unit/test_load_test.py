@@ -954,6 +954,34 @@ def test_a_second_ctrl_c_quits_the_command_at_once(tier, tmp_path):
         proc.stdout.close()
 
 
+@pytest.mark.parametrize("talk", ["--verbose", "--quiet", None])
+def test_a_closed_stdout_stops_the_printing_not_the_run(tier, tmp_path, talk):
+    """`load_test.py -v --json out.json | head -3` ended in a BrokenPipeError traceback,
+    sending stopped, exit 1 and no JSON (reviewer)."""
+    images = make_images(tmp_path / "images", {"0.jpg": b"label:a", "1.jpg": b"hang", "2.jpg": b"label:c"})
+    report = tmp_path / "out.json"
+    command = [sys.executable, load_test.__file__, "--url", tier.url, "--images", str(images),
+               "-c", "1", "--json", str(report), *([talk] if talk else [])]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        if talk == "--verbose":
+            # Read what 0.jpg printed, then leave, as `head` does, while 1.jpg is held.
+            assert proc.stdout.readline() == "0.jpg uploaded!\n"
+            wait_until(lambda: tier.paths["POST /"] == 2, timeout=10)
+        proc.stdout.close()
+        tier.release.set()  # 1.jpg answers: its lines, and the table, go to no reader
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    data = json.loads(report.read_text())
+    assert (data["sent"], data["answered"], data["ok"]) == (3, 3, True)
+    assert tier.paths["POST /"] == 3
+
+
 def test_a_ctrl_c_the_kernel_hands_to_another_thread_still_stops_the_wait():
     """SIGINT goes to any thread of the process; one handed to a sending thread must
     still reach the main thread waiting for outcomes, not when a request ends."""
