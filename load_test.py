@@ -22,8 +22,9 @@ checked; 1 otherwise (or when a report asked for with --json or --plot could not
 be written); 2 on bad usage (also an --expected CSV naming none of the images sent,
 or no API key for a web tier whose /api/status says uploads need one).
 
-Ctrl-C stops sending and waits for the requests in flight; a second Ctrl-C
-quits at once, still printing what was answered so far.
+Ctrl-C (or SIGTERM) stops sending and waits for the requests in flight; a second
+one quits at once, still printing what was answered so far (and writing --json
+and --plot).
 
 The core (`run_load`, `percentile`, `read_expected`, `format_report`) is
 importable; `main` is the command line.
@@ -32,6 +33,7 @@ importable; `main` is the command line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import importlib
 import json
@@ -40,6 +42,7 @@ import mimetypes
 import os
 import queue
 import re
+import signal
 import socket
 import sys
 import threading
@@ -1696,6 +1699,27 @@ def write_plot(report: Report, path: Path) -> None:
     fig.savefig(path, dpi=100, format=None if Path(path).suffix else "png")
 
 
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """While inside, SIGTERM (`timeout`, `kill`, a CI job cancelled) acts as Ctrl-C does:
+    sending stops and what was done is reported and written. Unhandled, it killed the
+    run with no report and no JSON (reviewer)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set a handler (a caller running main in a thread)
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        # Python runs handlers in the main thread: run_load hears it as a KeyboardInterrupt.
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        # None: a handler not set from Python, which cannot be given back; the default then.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 class Stdout:
     """The run's lines on standard output, until whoever reads them stops (`| head -3`):
     from then on they are dropped, and the run goes on to its report files and exit
@@ -1744,8 +1768,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.print(for_terminal(f"Classification result: {outcome.body}"))
 
     try:
-        report = run_load(config, progress=progress, on_result=print_result if config.verbose else None,
-                          images=images, expected=expected)
+        with sigterm_as_ctrl_c():
+            report = run_load(config, progress=progress, on_result=print_result if config.verbose else None,
+                              images=images, expected=expected)
     except LoadTestError as exc:
         print(f"load_test.py: {exc}", file=sys.stderr)
         return 2

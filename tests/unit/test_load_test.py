@@ -982,6 +982,46 @@ def test_a_closed_stdout_stops_the_printing_not_the_run(tier, tmp_path, talk):
     assert tier.paths["POST /"] == 3
 
 
+def test_sigterm_reports_what_was_done_as_ctrl_c_does(tier, tmp_path):
+    """`timeout 4 load_test.py ... --json t.json` exited 124 with no output and no JSON:
+    SIGTERM killed it unhandled (reviewer)."""
+    images = make_images(tmp_path / "images", {"0.jpg": b"label:a", "1.jpg": b"hang", "2.jpg": b"label:c"})
+    report = tmp_path / "t.json"
+    command = [sys.executable, load_test.__file__, "--url", tier.url, "--images", str(images),
+               "-c", "1", "--json", str(report), "-q"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        errors: queue.SimpleQueue[str] = queue.SimpleQueue()
+        threading.Thread(target=lambda: [errors.put(line) for line in proc.stderr], daemon=True).start()
+        wait_until(lambda: tier.paths["POST /"] == 2, timeout=10)  # 1.jpg is held in flight
+        proc.send_signal(signal.SIGTERM)
+        while "interrupted: waiting for 1 requests in flight" not in errors.get(timeout=5):
+            pass
+        tier.release.set()
+        assert proc.wait(timeout=10) == 1
+        assert proc.stdout.read().strip() == "RESULT: FAIL (0 failed, 0 wrong, 1 not sent, interrupted)"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    data = json.loads(report.read_text())
+    assert (data["planned"], data["sent"], data["answered"], data["interrupted"]) == (3, 2, 2, True)
+
+
+def test_the_command_gives_back_the_sigterm_handler_it_found(tier, tmp_path):
+    def mine(signum, frame) -> None:
+        pass
+
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:x"})
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        assert load_test.main(["--url", tier.url, "--images", str(images), "-q"]) == 0
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_a_ctrl_c_the_kernel_hands_to_another_thread_still_stops_the_wait():
     """SIGINT goes to any thread of the process; one handed to a sending thread must
     still reach the main thread waiting for outcomes, not when a request ends."""
