@@ -309,8 +309,12 @@ def sendable_name(path: Path) -> str:
 
 
 def image_key(name: str) -> str:
-    """'test_00.JPEG', 'dir/test_00' and 'test_00' all become 'test_00'."""
-    base = re.split(r"[\\/]", name.strip())[-1]
+    """'test_00.JPEG', 'dir/test_00' and 'test_00' all become 'test_00'.
+
+    In NFC: a name copied from a Mac spells 'é' as 'e' and a combining accent (NFD),
+    which a CSV typed elsewhere spells as one character, and the row went unmatched
+    (reviewer)."""
+    base = re.split(r"[\\/]", unicodedata.normalize("NFC", name.strip()))[-1]
     stem, dot, suffix = base.rpartition(".")
     if dot and stem and f".{suffix.lower()}" in IMAGE_SUFFIXES:
         return stem

@@ -657,6 +657,20 @@ def test_a_file_name_that_is_not_utf8_fails_nothing_and_is_reported(tier, tmp_pa
                                                                                         "good.jpg"]
 
 
+@pytest.mark.parametrize(("on_disk", "in_csv"), [("cafe\u0301", "caf\u00e9"), ("caf\u00e9", "cafe\u0301")],
+                         ids=["nfd-file-nfc-csv", "nfc-file-nfd-csv"])
+def test_an_accented_name_matches_its_row_in_either_unicode_form(tier, tmp_path, capsys, on_disk, in_csv):
+    """café.png copied from a Mac (NFD) went unchecked against a CSV row café (NFC) (reviewer)."""
+    images = make_images(tmp_path / "images", {f"{on_disk}.png": b"label:shield", "cat.jpg": b"label:cat"})
+    expected = tmp_path / "expected.csv"
+    expected.write_text(f"Image,Results\n{in_csv},shield\ncat,cat\n", encoding="utf-8")
+    report = run_load(Config(images=images, url=tier.url, expected=expected))
+    assert (report.correct, report.unchecked) == (2, 0), [(o.file, o.verdict) for o in report.outcomes]
+    assert load_test.main(["--url", tier.url, "--images", str(images), "--expected", str(expected),
+                           "-q"]) == 0
+    assert "name no image" not in capsys.readouterr().err
+
+
 def test_an_expected_csv_naming_only_some_images_says_so_in_its_pass(tier, tmp_path, capsys):
     images = make_images(tmp_path / "images", {"a.jpg": b"label:x", "b.jpg": b"label:y"})
     csv_path = tmp_path / "expected.csv"
