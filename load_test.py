@@ -184,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     talk.add_argument(
         "--quiet", "-q", action="store_true",
-        help="no progress bar and no table: only warnings, each reason requests failed for "
-             "(with its count), and the final RESULT line",
+        help="no progress bar and no table: only warnings, each reason requests failed or were "
+             "not sent for (with its count), and the final RESULT line",
     )
     return parser
 
@@ -486,7 +486,8 @@ class Outcome:
     label: str | None = None
     error: str | None = None  # set: the request failed (HTTP error, timeout, bad answer)
     untrained: bool = False
-    verdict: str = "unchecked"  # "correct", "wrong", "unchecked" or "failed"
+    # "correct", "wrong", "unchecked", "failed" (it reached the web tier) or "not sent" (it never did)
+    verdict: str = "unchecked"
     expected: str | None = None
     note: str | None = None  # why a verdict is "wrong"
     resent: int = 0  # times sent again (see RESEND_WINDOW_S)
@@ -508,7 +509,9 @@ class Outcome:
 def judge(outcome: Outcome, expected: dict[str, str]) -> None:
     """Set the outcome's verdict against the expected labels."""
     if not outcome.answered:
-        outcome.verdict = "failed"
+        # One that never reached the web tier is counted not sent, not also failed: a
+        # server gone for good made "failed" count requests no server ever saw (reviewer).
+        outcome.verdict = "failed" if outcome.reached else "not sent"
         return
     outcome.expected = expected.get(image_key(outcome.file))
     if (outcome.answer_name is not None and not outcome.by_id
@@ -552,11 +555,23 @@ class Report:
         return sum(1 for o in self.outcomes if o.reached) + self.abandoned
 
     @property
+    def not_sent(self) -> int:
+        """Requests that never reached the web tier: never connected (see `unreached`),
+        or never started (the run interrupted first)."""
+        return self.planned - self.sent
+
+    @property
+    def unreached(self) -> int:
+        """Requests tried that never connected (refused, unreachable, failed TLS)."""
+        return self._count("not sent")
+
+    @property
     def answered(self) -> int:
         return sum(1 for o in self.outcomes if o.answered)
 
     @property
     def failed(self) -> int:
+        """Requests that reached the web tier and got no usable answer (never more than `sent`)."""
         return self._count("failed")
 
     @property
@@ -640,6 +655,7 @@ class Report:
             "duration_s": self.duration_s,
             "planned": self.planned,
             "sent": self.sent,
+            "not_sent": self.not_sent,
             "answered": self.answered,
             "failed": self.failed,
             "wrong": self.wrong,
@@ -1301,14 +1317,15 @@ class Progress:
         self._last_tenth = 0
         self._t0 = time.monotonic()
 
-    def update(self, done: int, failed: int, wrong: int) -> None:
+    def update(self, done: int, failed: int, wrong: int, not_sent: int = 0) -> None:
         if not self.enabled:
             return
         filled = self.WIDTH * done // self.total
         rate = done / max(time.monotonic() - self._t0, 1e-9)
         line = (
             f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] {done}/{self.total}"
-            f"  failed {failed}  wrong {wrong}  {rate:.1f}/s"
+            f"  failed {failed}  wrong {wrong}" + (f"  not sent {not_sent}" if not_sent else "")
+            + f"  {rate:.1f}/s"
         )
         if self.tty:
             self.stream.write("\r" + line)
@@ -1483,7 +1500,7 @@ def run_load(
     outcomes: list[Outcome] = []
     # Running counts for the progress line: counting all outcomes again for each
     # result made a 20,000-request run spend seconds of the main thread on it.
-    problems = {"failed": 0, "wrong": 0}
+    problems = {"failed": 0, "wrong": 0, "not sent": 0}
 
     def record(outcome: Outcome, notify: bool = True) -> None:
         judge(outcome, expected)
@@ -1493,7 +1510,8 @@ def run_load(
         if notify and on_result:
             on_result(outcome)
         if notify and progress:
-            progress.update(len(outcomes), problems["failed"], problems["wrong"])
+            progress.update(len(outcomes), problems["failed"], problems["wrong"],
+                            not_sent=problems["not sent"])
 
     interrupted = False
     abandoned = 0
@@ -1581,8 +1599,8 @@ def result_line(report: Report) -> str:
     reasons = [f"{report.failed} failed", f"{report.wrong} wrong"]
     if report.abandoned:
         reasons.append(f"{report.abandoned} abandoned in flight")
-    if report.sent < report.planned:
-        reasons.append(f"{report.planned - report.sent} not sent")
+    if report.not_sent:
+        reasons.append(f"{report.not_sent} not sent")
     if report.interrupted:
         reasons.append("interrupted")
     if report.checked_nothing:
@@ -1591,16 +1609,18 @@ def result_line(report: Report) -> str:
 
 
 def failure_lines(report: Report, limit: int = 5) -> list[str]:
-    """Why requests failed, one line per distinct reason with how many it failed,
-    the commonest first: what a quiet run says beside its RESULT line."""
-    failed = sorted((o for o in report.outcomes if o.verdict == "failed"), key=lambda o: o.index)
-    reasons = Counter(o.error or "no reason given" for o in failed)  # ties: the first to fail first
-    common = reasons.most_common()
-    lines = [f"{count} failed: {reason}" for reason, count in common[:limit]]
-    rest = common[limit:]
-    if rest:
-        lines.append(f"... and {sum(count for _, count in rest)} failed for {len(rest)} other reasons "
-                     "(run without -q, or see --json)")
+    """Why requests failed, or were not sent, one line per distinct reason with how
+    many it stopped, the commonest first: what a quiet run says beside its RESULT line."""
+    lines = []
+    for verdict in ("failed", "not sent"):
+        stopped = sorted((o for o in report.outcomes if o.verdict == verdict), key=lambda o: o.index)
+        reasons = Counter(o.error or "no reason given" for o in stopped)  # ties: the first to fail first
+        common = reasons.most_common()
+        lines += [f"{count} {verdict}: {reason}" for reason, count in common[:limit]]
+        rest = common[limit:]
+        if rest:
+            lines.append(f"... and {sum(count for _, count in rest)} {verdict} for {len(rest)} other "
+                         "reasons (run without -q, or see --json)")
     return lines
 
 
@@ -1623,17 +1643,25 @@ def format_report(report: Report, max_problems: int = 10) -> str:
         ("latency mean", _seconds(stats["mean"])),
         ("average latency (course)", _seconds(report.course_average_latency) + "  (duration / requests)"),
     ]
+    if report.not_sent:
+        never_started = report.not_sent - report.unreached
+        why = [f"{report.unreached} never connected: refused or unreachable"] if report.unreached else []
+        why += [f"{never_started} not started: the run was interrupted"] if never_started else []
+        rows.insert(3, ("not sent", f"{report.not_sent}  ({'; '.join(why)})"))
     if report.abandoned:
         rows.insert(3, ("abandoned", f"{report.abandoned}  (in flight at the second Ctrl-C)"))
     if report.answered_later:
         rows.insert(2, ("answered later", f"{report.answered_later}  (a 503 or 504 said the image was "
                                           "queued: its result was read from /api/jobs)"))
     if report.resent:
-        resent_requests = sum(1 for o in report.outcomes if o.resent)
+        resent = [o for o in report.outcomes if o.resent]
         cut_off_too = report.api == "jobs" or report.idempotency_keys
         why = "refused or cut-off connections" if cut_off_too else "refused connections"
-        rows.insert(1, ("sent again", f"{resent_requests} requests, {report.resent} times in all  ({why}, "
-                                      "503 'not stored': a web tier restarting)"))
+        why = f"{why}, 503 'not stored': a web tier restarting"
+        if all(o.verdict == "not sent" for o in resent):
+            # Not one of them ever reached a web tier: none restarted, it stayed away.
+            why = "connections refused or not made: refused or unreachable to the end"
+        rows.insert(1, ("sent again", f"{len(resent)} requests, {report.resent} times in all  ({why})"))
     if report.peak_instances is not None:
         rows.append(("peak app-tier instances", f"{report.peak_instances}"))
     width = max(len(name) for name, _ in rows)
@@ -1644,11 +1672,12 @@ def format_report(report: Report, max_problems: int = 10) -> str:
     lines = [f"Load test: {endpoint} on {report.url}, {concurrency}", ""]
     lines += [f"  {name:<{width}}  {value}" for name, value in rows]
 
-    problems = sorted((o for o in report.outcomes if o.verdict in ("failed", "wrong")), key=lambda o: o.index)
+    problems = sorted((o for o in report.outcomes if o.verdict in ("failed", "wrong", "not sent")),
+                      key=lambda o: o.index)
     if problems:
         lines += ["", "Problems:"]
         for o in problems[:max_problems]:
-            detail = o.error if o.verdict == "failed" else f"answered {o.body!r}, {o.note or 'wrong'}"
+            detail = o.error if o.verdict != "wrong" else f"answered {o.body!r}, {o.note or 'wrong'}"
             lines.append(f"  {o.file}: {o.verdict}: {detail}")
         if len(problems) > max_problems:
             lines.append(f"  ... and {len(problems) - max_problems} more (see --json)")
@@ -1673,7 +1702,7 @@ def write_plot(report: Report, path: Path) -> None:
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
     # Okabe-Ito colours and a marker each: told apart without colour vision too.
     styles = {"correct": ("#009E73", "o"), "unchecked": ("#0072B2", "o"),
-              "wrong": ("#E69F00", "^"), "failed": ("#D55E00", "x")}
+              "wrong": ("#E69F00", "^"), "failed": ("#D55E00", "x"), "not sent": ("#000000", "s")}
     for verdict, (colour, marker) in styles.items():
         points = [(o.started_s, o.latency_s) for o in report.outcomes if o.verdict == verdict]
         if points:

@@ -569,7 +569,7 @@ def test_https_to_a_plain_http_port_is_said_to_be_a_failed_handshake(tier, tmp_p
     images = make_images(tmp_path / "images", {"fine.jpg": b"label:ok"})
     url = tier.url.replace("http://", "https://")
     (outcome,) = run_load(Config(images=images, url=url, timeout=5)).outcomes
-    assert outcome.verdict == "failed"
+    assert outcome.verdict == "not sent"  # nothing reached the web tier
     assert outcome.error.startswith(f"cannot connect to {url}: the TLS handshake failed"), outcome.error
     assert "may be stored" not in outcome.error
     assert not outcome.reached
@@ -633,9 +633,10 @@ def test_once_refused_for_a_whole_window_later_requests_fail_at_once(tmp_path, m
         report = finish_within(20, run_load, Config(images=images, url=url, concurrency=1))
     finally:
         dead.close()
-    assert report.failed == 6
-    # None reached the web tier: "sent" counted them all (reviewer).
-    assert report.sent == 0 and "6 not sent" in load_test.result_line(report)
+    # None reached the web tier: "sent" counted them all, then "failed" did too (reviewer).
+    assert (report.sent, report.failed, report.not_sent) == (0, 0, 6)
+    assert load_test.result_line(report) == "RESULT: FAIL (0 failed, 0 wrong, 6 not sent)"
+    assert {o.verdict for o in report.outcomes} == {"not sent"}
     # Sent again (after 0.25, 0.5, 1 s...) within one window from the first refusal:
     # each request in a window of its own was sent again twice, 12 in all.
     resent = [o.resent for o in sorted(report.outcomes, key=lambda o: o.index)]
@@ -890,6 +891,43 @@ def test_a_quiet_run_lists_only_the_commonest_reasons(monkeypatch, capsys):
     ]
 
 
+def test_requests_never_sent_are_not_counted_failed_too(tmp_path):
+    """A server that died after 10 answers, 40 requests at -c 4: 'sent 16 of 40,
+    answered 12, failed 28' and 'FAIL (28 failed, 0 wrong, 24 not sent)' (reviewer)."""
+    outcomes = [load_test.Outcome(index=i, file=f"{i}.jpg", started_s=0.0, reached=True, label="cat",
+                                  answer_name=f"{i}") for i in range(12)]
+    cut = "the connection closed before the answer came"
+    outcomes += [load_test.Outcome(index=i, file=f"{i}.jpg", started_s=0.0, reached=True, error=cut)
+                 for i in range(12, 16)]
+    refused = "cannot connect to http://x: [Errno 111] Connection refused"
+    outcomes += [load_test.Outcome(index=i, file=f"{i}.jpg", started_s=0.0, error=refused, resent=3)
+                 for i in range(16, 38)]  # two more never started: interrupted
+    for outcome in outcomes:
+        load_test.judge(outcome, {})
+    report = load_test.Report(url="http://x", api="form", concurrency=4, planned=40, started_at=0.0,
+                              duration_s=1.0, outcomes=outcomes, interrupted=True)
+
+    counts = (report.sent, report.answered, report.failed, report.not_sent, report.unreached)
+    assert counts == (16, 12, 4, 24, 22)
+    assert load_test.result_line(report) == "RESULT: FAIL (4 failed, 0 wrong, 24 not sent, interrupted)"
+    table = load_test.format_report(report)
+    assert re.search(r"\n  sent +16 of 40\n", table) and re.search(r"\n  failed +4  ", table)
+    assert re.search(r"\n  not sent +24  \(22 never connected: refused or unreachable; 2 not started", table)
+    assert "restarting" not in table and "refused or unreachable to the end" in table
+    assert f"  16.jpg: not sent: {refused}" in table
+    assert load_test.failure_lines(report) == [f"4 failed: {cut}", f"22 not sent: {refused}"]
+    data = report.to_dict()
+    assert (data["planned"], data["sent"], data["not_sent"], data["answered"], data["failed"]) == (
+        40, 16, 24, 12, 4)
+    verdicts = Counter(r["verdict"] for r in data["requests"])
+    assert verdicts == {"unchecked": 12, "failed": 4, "not sent": 22}
+    assert data["sent"] + data["not_sent"] == data["planned"] and data["failed"] == verdicts["failed"]
+
+    # A web tier that came back is one restarting.
+    outcomes[0].resent = 1
+    assert "503 'not stored': a web tier restarting)" in load_test.format_report(report)
+
+
 def test_jobs_api_following_server_sent_events(tier, mixed):
     images, csv_path = mixed
     tier.queued_polls = 10**6  # polling alone would never see an item finish
@@ -1097,7 +1135,7 @@ def test_progress_keeps_running_counts_rather_than_counting_all_results_again(ti
     updates: list[tuple[int, int, int]] = []
 
     class Recorder(load_test.Progress):
-        def update(self, done: int, failed: int, wrong: int) -> None:
+        def update(self, done: int, failed: int, wrong: int, not_sent: int = 0) -> None:
             updates.append((done, failed, wrong))
 
     images, csv_path = mixed
@@ -1791,5 +1829,5 @@ def test_a_name_that_does_not_resolve_sent_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(load_test, "RESEND_WINDOW_S", 0.5)
     report = finish_within(30, run_load, Config(images=images, url="http://no-such-host.invalid:8000"))
     (outcome,) = report.outcomes
-    assert outcome.verdict == "failed" and outcome.error.startswith("cannot connect to")
+    assert outcome.verdict == "not sent" and outcome.error.startswith("cannot connect to")
     assert not outcome.reached and report.sent == 0
