@@ -975,6 +975,12 @@ class Client:
                 outcome.error += " (the image may be stored; --idempotency-keys sends such uploads again)"
         except requests.Timeout:
             outcome.error = f"timeout after {self.config.timeout:g} s"
+            if outcome.reached and outcome.status is None:
+                # Given up on while the upload waited for its answer: the web tier may have
+                # stored it and may still classify it, as with a connection cut at that point
+                # (a paused web tier stored and answered all 8 said only "timeout": reviewer).
+                # Not "--idempotency-keys sends it again": no upload is sent again past --timeout.
+                outcome.error += " (the image may be stored)"
         except requests.RequestException as exc:
             outcome.error = f"{type(exc).__name__}: {_short(str(exc))}"
         except OSError as exc:  # the image could not be read

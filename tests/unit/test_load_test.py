@@ -487,6 +487,16 @@ def test_a_request_past_its_timeout_counts_as_failed(tier, tmp_path):
     assert (report.answered, report.failed) == (1, 1)
 
 
+@pytest.mark.parametrize("api", ["form", "jobs"])
+def test_an_upload_given_up_on_while_it_waits_says_the_image_may_be_stored(tier, tmp_path, api):
+    """A web tier paused past --timeout stored and answered every upload, said only to
+    have timed out (reviewer)."""
+    images = make_images(tmp_path / "images", {"slow.jpg": b"hang"})  # the upload's answer waits
+    (outcome,) = run_load(Config(images=images, url=tier.url, api=api, timeout=0.5)).outcomes
+    assert outcome.verdict == "failed" and outcome.reached
+    assert outcome.error == "timeout after 0.5 s (the image may be stored)"
+
+
 def test_what_a_run_leaves_out_is_said(tier, tmp_path, capsys):
     images = make_images(tmp_path / "images", {"cat.jpg": b"label:cat"})
     (images / "notes.txt").write_text("not an image")
@@ -1383,7 +1393,7 @@ def test_a_server_that_drips_its_answer_is_given_up_on_at_the_timeout(tier, tmp_
     images = make_images(tmp_path / "images", {"slow.jpg": b"drip"})
     report = run_load(Config(images=images, url=tier.url, timeout=1.0))
     (outcome,) = report.outcomes
-    assert outcome.error == "timeout after 1 s" and outcome.latency_s < 5, outcome
+    assert outcome.error == "timeout after 1 s (the image may be stored)" and outcome.latency_s < 5, outcome
 
 
 def test_an_event_line_that_never_ends_is_given_up_on_at_the_timeout(tier, tmp_path):
