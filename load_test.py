@@ -233,6 +233,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     for option, path in (("--json", args.json_path), ("--plot", args.plot_path)):
         if path is not None and (problem := _output_problem(path)):
             parser.error(f"cannot write {option} {path}: {problem}")
+    if (args.json_path is not None and args.plot_path is not None
+            and args.json_path.resolve() == args.plot_path.resolve()):
+        # The plot would be written over the JSON report, the run's figures lost.
+        parser.error(f"--json and --plot name the same file ({args.json_path}): give each its own")
     if args.plot_path is not None and (problem := _plot_problem(args.plot_path)):
         parser.error(f"cannot draw --plot {args.plot_path}: {problem}")
     if args.wait is not None and args.api != "jobs":

@@ -1248,6 +1248,17 @@ def test_bad_options_are_refused(argv, tmp_path):
     assert exc.value.code == 2
 
 
+def test_json_and_plot_to_one_file_are_refused(tmp_path, capsys, monkeypatch):
+    """The plot was written over the JSON report (reviewer)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        # One path written two ways: the same file all the same.
+        load_test.parse_args(["--images", str(tmp_path), "--json", "run.png",
+                              "--plot", str(tmp_path / "run.png")])
+    assert exc.value.code == 2
+    assert "--json and --plot name the same file (run.png)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("api", [["--jobs"], ["--api", "jobs"]])
 def test_idempotency_keys_with_the_jobs_api_are_refused_saying_why(tmp_path, capsys, api):
     """Accepted, they changed nothing: a batch names itself and its token instead."""
