@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     talk.add_argument(
         "--quiet", "-q", action="store_true",
         help="no progress bar and no table: only warnings, each reason requests failed or were "
-             "not sent for (with its count), and the final RESULT line",
+             "not sent for (with its count), the wrong answers (with their files), and the final RESULT line",
     )
     return parser
 
@@ -1620,7 +1620,8 @@ def result_line(report: Report) -> str:
 
 def failure_lines(report: Report, limit: int = 5) -> list[str]:
     """Why requests failed, or were not sent, one line per distinct reason with how
-    many it stopped, the commonest first: what a quiet run says beside its RESULT line."""
+    many it stopped, the commonest first, then the wrong answers, one line each with
+    its file: what a quiet run says beside its RESULT line."""
     lines = []
     for verdict in ("failed", "not sent"):
         stopped = sorted((o for o in report.outcomes if o.verdict == verdict), key=lambda o: o.index)
@@ -1631,6 +1632,12 @@ def failure_lines(report: Report, limit: int = 5) -> list[str]:
         if rest:
             lines.append(f"... and {sum(count for _, count in rest)} {verdict} for {len(rest)} other "
                          "reasons (run without -q, or see --json)")
+    # Each wrong answer with its file, as the table shows it: "4 wrong" alone left a quiet
+    # run's user no way to find which images, short of --json (reviewer).
+    wrong = sorted((o for o in report.outcomes if o.verdict == "wrong"), key=lambda o: o.index)
+    lines += [f"{o.file}: wrong: answered {o.body!r}, {o.note or 'wrong'}" for o in wrong[:limit]]
+    if len(wrong) > limit:
+        lines.append(f"... and {len(wrong) - limit} more wrong (run without -q, or see --json)")
     return lines
 
 

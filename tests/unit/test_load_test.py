@@ -938,6 +938,25 @@ def test_requests_never_sent_are_not_counted_failed_too(tmp_path):
     assert "503 'not stored': a web tier restarting)" in load_test.format_report(report)
 
 
+def test_a_quiet_run_names_the_file_of_each_wrong_answer(tier, mixed, capsys):
+    """-q said only "2 wrong": which images, it did not say (reviewer)."""
+    images, csv_path = mixed
+    code = load_test.main(["--url", tier.url, "--images", str(images), "--expected", str(csv_path), "-q"])
+    assert code == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert "fish.jpg: wrong: answered 'fish:fish', expected 'bird'" in lines
+    assert "other.jpg: wrong: answered 'someone_else:cat', answer is for 'someone_else'" in lines
+
+    outcomes = [load_test.Outcome(index=i, file=f"{i}.jpg", started_s=0.0, answer_name=str(i), label="dog",
+                                  verdict="wrong", note="expected 'cat'") for i in range(4)]
+    report = load_test.Report(url="u", api="form", concurrency=1, planned=4, started_at=0.0,
+                              duration_s=1.0, outcomes=outcomes)
+    assert load_test.failure_lines(report, limit=2) == [
+        "0.jpg: wrong: answered '0:dog', expected 'cat'", "1.jpg: wrong: answered '1:dog', expected 'cat'",
+        "... and 2 more wrong (run without -q, or see --json)",
+    ]
+
+
 def test_jobs_api_following_server_sent_events(tier, mixed):
     images, csv_path = mixed
     tier.queued_polls = 10**6  # polling alone would never see an item finish
@@ -1277,7 +1296,13 @@ def test_json_report_holds_the_right_numbers(tier, mixed, tmp_path, capsys):
          "--num_request", "14", "--json", str(out), "--quiet"]
     )
     assert code == 1
-    assert capsys.readouterr().out.strip() == "2 failed: HTTP 500: boom\nRESULT: FAIL (2 failed, 4 wrong)"
+    assert capsys.readouterr().out.strip() == (
+        "2 failed: HTTP 500: boom\n"
+        "fish.jpg: wrong: answered 'fish:fish', expected 'bird'\n"
+        "other.jpg: wrong: answered 'someone_else:cat', answer is for 'someone_else'\n"
+        "fish.jpg: wrong: answered 'fish:fish', expected 'bird'\n"
+        "other.jpg: wrong: answered 'someone_else:cat', answer is for 'someone_else'\n"
+        "RESULT: FAIL (2 failed, 4 wrong)")
 
     data = json.loads(out.read_text())
     assert (data["sent"], data["answered"], data["failed"], data["wrong"]) == (14, 12, 2, 4)
