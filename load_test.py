@@ -835,12 +835,20 @@ def web_tier_restarting(exc: Exception) -> bool:
 
 
 def _error_text(resp: requests.Response) -> str:
-    """The reason a JSON error answer gives (its "error"), else its text, shortened."""
+    """The reason a JSON error answer gives (its "error", after the "filename" it names,
+    as POST / words its errors), else its text, shortened."""
     try:
-        reason = resp.json().get("error")
+        answer = resp.json()
+        reason, filename = answer.get("error"), answer.get("filename")
     except (ValueError, AttributeError):
-        reason = None
-    return _short(reason if isinstance(reason, str) and reason else resp.text)
+        reason = filename = None
+    if not (isinstance(reason, str) and reason):
+        return _short(resp.text)
+    if isinstance(filename, str) and filename and not reason.startswith(f"{filename}: "):
+        # POST / names the file in its errors; --jobs failures did not, and said
+        # nothing of which images failed (reviewer).
+        reason = f"{filename}: {reason}"
+    return _short(reason)
 
 
 def _short(text: str, limit: int = 200) -> str:
@@ -1126,7 +1134,10 @@ class Client:
         """The outcome of an item read from /api/jobs, once finished."""
         outcome.untrained = bool(item.get("untrained"))
         if item.get("state") != "done":
-            raise RequestFailed(f"item failed: {_short(str(item.get('error')))}", outcome.status)
+            # Named as POST / names the file of an image the worker could not classify.
+            name = str(item.get("filename") or sendable_name(path))
+            why = _short(f"{name}: {item.get('error')}")
+            raise RequestFailed(f"item failed: {why}", outcome.status)
         # The web tier's own stem, as POST / answers: image_key would also cut at a
         # backslash, which is part of the name here.
         outcome.answer_name = name_stem(str(item.get("filename") or sendable_name(path)))

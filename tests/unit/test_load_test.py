@@ -1209,7 +1209,14 @@ def test_names_the_web_tier_respells_are_still_the_right_answer(tier, tmp_path, 
 def test_a_refused_upload_says_why_not_the_raw_json(tier, tmp_path):
     images = make_images(tmp_path / "images", {"bad.jpg": b"refuse"})
     report = run_load(Config(images=images, url=tier.url, api="jobs", timeout=10))
-    assert by_file(report)["bad.jpg"].error == "HTTP 415: damaged or unreadable image"
+    assert by_file(report)["bad.jpg"].error == "HTTP 415: bad.jpg: damaged or unreadable image"
+
+
+def test_jobs_failures_name_their_file_as_post_ones_do(tier, tmp_path):
+    """POST / words its errors '<file>: <reason>'; --jobs said only the reason (reviewer)."""
+    images = make_images(tmp_path / "images", {"boom.jpg": b"fail"})
+    (outcome,) = run_load(Config(images=images, url=tier.url, api="jobs", timeout=10)).outcomes
+    assert outcome.error == "item failed: boom.jpg: worker failed"
 
 
 def test_a_web_tier_restarting_while_a_job_is_polled_fails_nothing(tier, tmp_path):
