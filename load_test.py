@@ -1045,11 +1045,14 @@ class Client:
         while True:
             failure: requests.ConnectionError | None = None
             refused_since: float | None = None  # since when every connection has been refused
+            # Outside the try: its Timeout, the deadline past before sending, sent nothing, and was
+            # counted as reached by `except Exception` below (--timeout 0.001: reviewer).
+            timeout = self._timeout(deadline)
             try:
                 # Only ever talk to the URL we were given: no redirects.
                 resp = read_within(self._session().post(
                     f"{self.config.url}{endpoint}", files=files, data=form, headers=headers,
-                    timeout=self._timeout(deadline), allow_redirects=False, stream=True), deadline)
+                    timeout=timeout, allow_redirects=False, stream=True), deadline)
             except requests.ConnectionError as exc:
                 was_refused = never_connected(exc)
                 if not was_refused and not isinstance(exc, requests.exceptions.SSLError):

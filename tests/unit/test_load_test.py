@@ -497,6 +497,15 @@ def test_an_upload_given_up_on_while_it_waits_says_the_image_may_be_stored(tier,
     assert outcome.error == "timeout after 0.5 s (the image may be stored)"
 
 
+def test_a_request_whose_deadline_passed_before_it_was_sent_is_not_sent(tier, tmp_path):
+    """With --timeout 0.001 requests never sent were counted as sent (reviewer)."""
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:x"})
+    # Past before the upload goes out: the file is read after the request's clock starts.
+    (outcome,) = run_load(Config(images=images, url=tier.url, timeout=1e-9)).outcomes
+    assert outcome.error == "timeout after 1e-09 s" and not outcome.reached
+    assert outcome.verdict == "not sent" and tier.paths["POST /"] == 0
+
+
 def test_what_a_run_leaves_out_is_said(tier, tmp_path, capsys):
     images = make_images(tmp_path / "images", {"cat.jpg": b"label:cat"})
     (images / "notes.txt").write_text("not an image")
