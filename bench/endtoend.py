@@ -113,7 +113,7 @@ def _summary(report: Report) -> dict[str, object]:
         "latency_s": latency_summary(report.latencies),
         "course_average_latency_s": report.course_average_latency,
         "problems": [f"{o.file}: {o.verdict}: {o.error or o.note}" for o in report.outcomes
-                     if o.verdict in ("failed", "wrong")][:5],
+                     if o.verdict in ("failed", "wrong", "not sent")][:5],
     }
 
 

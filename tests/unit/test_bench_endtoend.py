@@ -123,3 +123,17 @@ def test_the_workers_waited_for_are_those_that_served_not_the_spares(tmp_path: P
         stack_like.kill()
         stack_like.wait()
     assert endtoend.serving_workers_alive(StackProcess(run_dir=tmp_path)) == 0  # not started
+
+
+def test_a_phases_problems_name_requests_never_sent_too():
+    """The load test counts them apart from the failed: the bench's
+    examples of what went wrong had left them out."""
+    from load_test import judge
+
+    outcomes = [Outcome(index=0, file="a.jpg", started_s=0.0, reached=True, label="cat", answer_name="a"),
+                Outcome(index=1, file="b.jpg", started_s=0.0, error="cannot connect: refused")]
+    for outcome in outcomes:
+        judge(outcome, {})
+    report = Report(url="http://x", api="form", concurrency=1, planned=2, started_at=0.0, duration_s=1.0,
+                    outcomes=outcomes)
+    assert endtoend._summary(report)["problems"] == ["b.jpg: not sent: cannot connect: refused"]
