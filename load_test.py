@@ -22,9 +22,9 @@ checked; 1 otherwise (or when a report asked for with --json or --plot could not
 be written); 2 on bad usage (also an --expected CSV naming none of the images sent,
 or no API key for a web tier whose /api/status says uploads need one).
 
-Ctrl-C (or SIGTERM) stops sending and waits for the requests in flight; a second
-one quits at once, still printing what was answered so far (and writing --json
-and --plot).
+Ctrl-C stops sending and waits for the requests in flight; a second one quits at
+once, still printing what was answered so far (and writing --json and --plot).
+SIGTERM (`timeout`, a CI job cancelled) quits at once so.
 
 The core (`run_load`, `percentile`, `read_expected`, `format_report`) is
 importable; `main` is the command line.
@@ -1548,7 +1548,7 @@ def run_load(
             senders.start(t0)
             for outcome in senders.outcomes():
                 record(outcome)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as first:
             # All of the handling is inside the next try: a second Ctrl-C may come
             # at any moment, even before the message below is out.
             try:
@@ -1556,6 +1556,8 @@ def run_load(
                 stop.set()
                 if progress:
                     progress.clear()
+                if isinstance(first, Terminated):
+                    raise KeyboardInterrupt  # waits for nothing: as a second Ctrl-C
                 print(
                     f"\ninterrupted: waiting for {senders.in_flight()} requests in flight "
                     "(Ctrl-C again to quit)",
@@ -1763,18 +1765,23 @@ def write_plot(report: Report, path: Path) -> None:
     fig.savefig(path, dpi=100, format=None if Path(path).suffix else "png")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, heard as a Ctrl-C that waits for nothing (see sigterm_as_ctrl_c)."""
+
+
 @contextlib.contextmanager
 def sigterm_as_ctrl_c() -> Iterator[None]:
-    """While inside, SIGTERM (`timeout`, `kill`, a CI job cancelled) acts as Ctrl-C does:
-    sending stops and what was done is reported and written. Unhandled, it killed the
-    run with no report and no JSON (reviewer)."""
+    """While inside, SIGTERM (`timeout`, `kill`, a CI job cancelled) acts as two Ctrl-Cs
+    do: sending stops, the requests in flight are left unanswered, and what was done is
+    reported and written at once, as the grace period before a SIGKILL is short.
+    Unhandled, it killed the run with no report and no JSON (reviewer)."""
     if threading.current_thread() is not threading.main_thread():
         yield  # only the main thread may set a handler (a caller running main in a thread)
         return
 
     def interrupt(signum: int, frame: Any) -> None:
         # Python runs handlers in the main thread: run_load hears it as a KeyboardInterrupt.
-        raise KeyboardInterrupt
+        raise Terminated
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:

@@ -1072,9 +1072,10 @@ def test_a_closed_stdout_stops_the_printing_not_the_run(tier, tmp_path, talk):
     assert tier.paths["POST /"] == 3
 
 
-def test_sigterm_reports_what_was_done_as_ctrl_c_does(tier, tmp_path):
+def test_sigterm_reports_what_was_done_at_once(tier, tmp_path):
     """`timeout 4 load_test.py ... --json t.json` exited 124 with no output and no JSON:
-    SIGTERM killed it unhandled (reviewer)."""
+    SIGTERM killed it unhandled (reviewer). It waits for no request in flight: a process
+    manager's SIGKILL may follow within seconds."""
     images = make_images(tmp_path / "images", {"0.jpg": b"label:a", "1.jpg": b"hang", "2.jpg": b"label:c"})
     report = tmp_path / "t.json"
     command = [sys.executable, load_test.__file__, "--url", tier.url, "--images", str(images),
@@ -1085,18 +1086,20 @@ def test_sigterm_reports_what_was_done_as_ctrl_c_does(tier, tmp_path):
         threading.Thread(target=lambda: [errors.put(line) for line in proc.stderr], daemon=True).start()
         wait_until(lambda: tier.paths["POST /"] == 2, timeout=10)  # 1.jpg is held in flight
         proc.send_signal(signal.SIGTERM)
-        while "interrupted: waiting for 1 requests in flight" not in errors.get(timeout=5):
+        while "quitting: 1 requests in flight left unanswered" not in errors.get(timeout=5):
             pass
+        assert proc.wait(timeout=10) == 1  # the held request never answered
+        assert proc.stdout.read().strip() == (
+            "RESULT: FAIL (0 failed, 0 wrong, 1 abandoned in flight, 1 not sent, interrupted)")
         tier.release.set()
-        assert proc.wait(timeout=10) == 1
-        assert proc.stdout.read().strip() == "RESULT: FAIL (0 failed, 0 wrong, 1 not sent, interrupted)"
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         proc.stdout.close()
     data = json.loads(report.read_text())
-    assert (data["planned"], data["sent"], data["answered"], data["interrupted"]) == (3, 2, 2, True)
+    assert (data["planned"], data["sent"], data["answered"], data["abandoned"], data["interrupted"]) == (
+        3, 2, 1, 1, True)
 
 
 def test_the_command_gives_back_the_sigterm_handler_it_found(tier, tmp_path):
