@@ -61,6 +61,20 @@ esac
 if [[ -n $weights_file && ! -f $weights_file ]]; then
   die "no weights file at $weights_file"
 fi
+# Checked here, in seconds, not on the build instance minutes in, after TensorFlow's
+# install (provision.sh checks again what it installs).
+if [[ -n $weights_file ]]; then
+  weights_md5="$(sed -n 's/^WEIGHTS_MD5=//p' "$here/provision.sh")"
+  if command -v md5sum >/dev/null; then got="$(md5sum <"$weights_file" | cut -d' ' -f1)"
+  else got="$(md5 -q "$weights_file")"; fi  # macOS
+  [[ $got == "$weights_md5" ]] \
+    || die "$weights_file is not the Keras ResNet-50 ImageNet weights file (MD5 $got, not $weights_md5)"
+fi
+# The build instance reads an S3 object with its instance profile: without one it has no
+# credentials, and the bake failed ~8 minutes in (reviewer).
+if [[ -z $weights_file && $weights_source == s3://* && -z $build_instance_profile ]]; then
+  die "--weights-source $weights_source needs --build-instance-profile NAME (an instance profile that may read it), or give the file with --weights"
+fi
 
 stage="$(mktemp -d)"
 trap 'rm -rf "$stage"' EXIT

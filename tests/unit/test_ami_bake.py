@@ -1,5 +1,5 @@
-"""What bake.sh packs into the image: the files git tracks but the tests, never what
-else lies in the checkout (bake.sh packs the folder above its own)."""
+"""What bake.sh packs into the image (the files git tracks but the tests, never what
+else lies in the checkout: bake.sh packs the folder above its own), and what it refuses at start."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import stat
 import subprocess
 import tarfile
 from pathlib import Path
+
+import pytest
 
 AMI = Path(__file__).resolve().parents[2] / "ami"
 
@@ -23,7 +25,7 @@ TRACKED = ["app_tier/worker.py", "requirements.txt", "web_tier/static/app.js"]
 TRACKED_LEFT_OUT = ["tests/test_x.py"]
 
 
-def bake(repo: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+def bake(repo: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     """bake.sh --validate-only under a stub packer that keeps the tarball it is given."""
     bin_dir, kept = tmp_path / "bin", tmp_path / "src.tar.gz"
     bin_dir.mkdir(exist_ok=True)
@@ -37,7 +39,7 @@ done
 """)
     packer.chmod(packer.stat().st_mode | stat.S_IXUSR)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    return subprocess.run(["bash", str(repo / "ami" / "bake.sh"), "--validate-only"],
+    return subprocess.run(["bash", str(repo / "ami" / "bake.sh"), "--validate-only", *args],
                           env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -68,3 +70,16 @@ def test_bake_refuses_a_folder_that_is_not_a_git_checkout(tmp_path):
     shutil.copytree(AMI, repo / "ami")
     result = bake(repo, tmp_path)
     assert result.returncode == 2 and "not a git checkout" in result.stderr
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--weights", "{file}"], "is not the Keras ResNet-50 ImageNet weights file (MD5 "),
+    (["--weights-source", "s3://models/resnet50.h5"], "needs --build-instance-profile NAME"),
+])
+def test_bake_refuses_at_once_what_would_fail_minutes_into_the_build(tmp_path, args, says):
+    """A wrong weights file, or weights from S3 with no instance profile to read them,
+    failed on the build instance after TensorFlow's install (reviewer)."""
+    wrong = tmp_path / "weights.h5"
+    wrong.write_bytes(b"not the weights")
+    result = bake(AMI.parent, tmp_path, *(a.format(file=wrong) for a in args))
+    assert result.returncode == 1 and says in result.stderr, result.stderr
