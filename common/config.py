@@ -88,6 +88,8 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
 # What a bucket name allows, with room for the longest suffix ("-out-bucket") in its
 # 63 characters: found out at start, not when provisioning fails half-way.
 _PREFIX = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,50}[a-z0-9])?")
+# Starts S3 keeps for itself: such a bucket name is refused (InvalidBucketName).
+RESERVED_BUCKET_STARTS = ("xn--", "sthree-", "amzn-s3-demo-")
 
 
 def _prefix(env: Mapping[str, str]) -> str:
@@ -95,6 +97,9 @@ def _prefix(env: Mapping[str, str]) -> str:
     if not _PREFIX.fullmatch(prefix):
         raise ValueError(f"APP_PREFIX must be 1 to 52 lowercase letters, digits and hyphens, neither "
                          f"first nor last (it names the buckets), got {prefix!r}")
+    if prefix.startswith(RESERVED_BUCKET_STARTS):
+        raise ValueError(f"APP_PREFIX must not start with {', '.join(RESERVED_BUCKET_STARTS)} (S3 keeps "
+                         f"those bucket names for itself), got {prefix!r}")
     return prefix
 
 

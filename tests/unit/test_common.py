@@ -348,6 +348,13 @@ def test_a_prefix_no_bucket_name_can_carry_is_refused_at_start(prefix):
         Settings.from_env({"APP_PREFIX": prefix})
 
 
+@pytest.mark.parametrize("prefix", ["xn--app", "sthree-app", "amzn-s3-demo-app"])
+def test_a_prefix_s3_keeps_for_itself_is_refused_at_start(prefix):
+    """Taken, it failed at provisioning with S3's bare InvalidBucketName (reviewer)."""
+    with pytest.raises(ValueError, match="APP_PREFIX must not start with xn--, sthree-"):
+        Settings.from_env({"APP_PREFIX": prefix})
+
+
 def test_a_prefix_any_bucket_name_can_carry_is_taken():
     for prefix in ("a", "my-app-2", "a" * 52):
         assert Settings.from_env({"APP_PREFIX": prefix}).output_bucket == f"{prefix}-out-bucket"
