@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 REQS   := requirements.txt requirements-runtime.txt constraints.txt
 STAMP  := $(VENV)/.installed-$(shell cat $(REQS) | cksum | cut -d' ' -f1)
 
-.PHONY: run test test-quick soak bench lint lock venv clean browser-deps
+.PHONY: run test test-quick soak bench lint lock venv runtime-venv clean browser-deps
 
 # A venv whose pip does not run is made again: `python -m venv` makes bin/python
 # before it installs pip, and leaves the folder behind when that fails (Debian
@@ -27,6 +27,14 @@ $(STAMP):
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+## The tiers alone, for the web or controller instance (README, On real AWS): no embedded
+## AWS, browser driver or test tools there
+runtime-venv:
+	@test -n "$(PYTHON)" || { echo "make: needs Python 3.11 or newer" >&2; exit 1; }
+	$(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-runtime.txt -c constraints.txt
 
 ## Run the whole system on the embedded AWS; the page is at http://127.0.0.1:8000
 run: $(STAMP)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -92,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.plot and not args.timeline:
         parser.error("--plot needs --timeline")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        # Found at exit, after a run of hours, the plot would be lost.
+        parser.error("--plot needs matplotlib, which `make runtime-venv` leaves out: `make venv` has it")
     if args.plot and not args.plot.parent.is_dir():
         # Found at exit, after a run of hours, it was a traceback (reviewer).
         parser.error(f"--plot {args.plot}: no folder {args.plot.parent} to write it in")

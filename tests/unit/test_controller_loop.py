@@ -1197,6 +1197,16 @@ def test_timeline_and_plot_paths_that_cannot_be_written_are_usage_errors_not_tra
         assert stopped.value.code == 2
         err = capsys.readouterr().err
         assert f"error: {says}" in err and "Traceback" not in err, err
+    # A venv of the tiers' packages alone (make runtime-venv) has no matplotlib.
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    with pytest.raises(SystemExit) as stopped:
+        main(["--dry-run", "--once", "--timeline", str(tmp_path / "t.csv"),
+              "--plot", str(tmp_path / "p.png")])
+    assert stopped.value.code == 2 and "--plot needs matplotlib" in capsys.readouterr().err
 
 
 def test_a_plot_that_cannot_be_drawn_at_exit_says_so_in_one_line(aws, capsys, monkeypatch, tmp_path):
