@@ -274,7 +274,10 @@ class ResultBook:
                     # then the answer's is the better.)
                     if item.filename.startswith(known.filename):
                         known.filename = item.filename
+                    # What only S3 knows: an item learnt from an answer has neither,
+                    # and a file sent again would be checked against nothing (reviewer).
                     known.token = known.token or item.token
+                    known.digest = known.digest or item.digest
                     if not known.is_finished and item.is_finished:
                         self._number(known)
                         self._count_finished(known)

@@ -601,7 +601,14 @@ def test_a_token_used_again_for_other_contents_under_the_same_name_is_refused(ma
     client = make_web_app(start_background=False).test_client()
     send_with_tokens(client, batch_id, [(make_image(772), "same.jpg")], ["x"])
     fresh = make_web_app(start_background=False).test_client()
-    for web in (client, fresh):
+    # One restarted since, that heard the item's answer before it rebuilt the batch: the
+    # item it learnt from the answer had no digest, and the check let anything through.
+    answered_first = make_web_app(start_background=False)
+    item_id = items_by_name(client, batch_id)["same.jpg"]["id"]
+    answer = ClassifyResponse(id=item_id, filename="same.jpg", key=stored_keys(web_aws, batch_id)[0],
+                              worker="w", untrained=True, label="cat", score=0.5)
+    services_of(answered_first).book.record(ClassifyResponse.from_json(answer.to_json()))
+    for web in (client, fresh, answered_first.test_client()):
         other = send_with_tokens(web, batch_id, [(make_image(773), "same.jpg")], ["x"])
         assert other.status_code == 409, other.get_json()
         assert "already names another file of this name, with other contents" in other.get_json()["error"]
