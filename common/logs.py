@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
+AWS_LIBRARIES = ("botocore", "boto3", "s3transfer", "urllib3")
+
 
 def configure(log_format: str, level: str | None = None) -> None:
     """Log to stderr at `level` (by default LOG_LEVEL's, else INFO), a level's name in
@@ -22,3 +24,8 @@ def configure(log_format: str, level: str | None = None) -> None:
     logging.captureWarnings(True)
     # botocore says where it found credentials, at INFO, for every client made: noise.
     logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
+    # DEBUG is the service's own: at DEBUG the AWS libraries log every request's headers,
+    # a live session token among them, megabytes a minute (reviewer).
+    for library in AWS_LIBRARIES:
+        if logging.getLogger(library).getEffectiveLevel() < logging.INFO:
+            logging.getLogger(library).setLevel(logging.INFO)

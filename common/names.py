@@ -16,7 +16,8 @@ PREFIX_TAG = "imgclass:prefix"
 # The name as uploaded, in the input object's metadata (percent-encoded: S3 metadata
 # is ASCII). A request message carries it cut to 160 bytes to fit SQS's 1 KB; the
 # worker takes it whole from here for the output object. S3 allows 2 KB of user
-# metadata per object, names and values together; the other fields take up to 242 bytes.
+# metadata per object, names and values together; this field's name and the others
+# take up to 242 bytes.
 # A non-ASCII character takes 6 to 12 encoded (up to ~300 two-byte characters fit,
 # ~200 three-byte, 150 four-byte); the web tier cuts every name it keeps to what fits
 # (web_tier/filenames.py clean_name), so the output object names it as the answer did.

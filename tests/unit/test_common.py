@@ -716,6 +716,15 @@ def test_every_process_takes_its_log_level_from_LOG_LEVEL_and_logs_library_warni
     assert "UserWarning: odd image" in done.stderr
 
 
+def test_at_debug_the_aws_libraries_stay_at_info_as_they_would_log_session_tokens():
+    code = ("import logging; from common.logs import configure; configure('%(message)s', 'debug'); "
+            "print(logging.getLogger('botocore.endpoint').isEnabledFor(logging.DEBUG), "
+            "logging.getLogger('web_tier').isEnabledFor(logging.DEBUG))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2], check=True)
+    assert done.stdout.split() == ["False", "True"]
+
+
 def test_tests_run_in_the_fixed_region_whatever_the_shell_says():
     """tests/conftest.py: a developer's AWS_REGION (read before AWS_DEFAULT_REGION)
     must not move the tests to another region."""
