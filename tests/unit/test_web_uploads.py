@@ -892,6 +892,14 @@ def test_a_browsers_upload_sent_from_another_sites_page_is_refused(web_client, w
         assert upload(web_client, [(image, "a.jpg")], headers=own).status_code == 202
 
 
+def test_page_names_its_results_for_screen_readers_and_keeps_its_password_field_in_a_form(web_client):
+    """The list had no accessible name, and Chromium warned at every load of a password
+    field outside a form (reviewer). The form is never submitted: see app.js."""
+    page = web_client.get("/").text
+    assert '<ol id="results" class="results" aria-label="Results">' in page
+    assert re.search(r'<form id="api-key-box"[^>]*>\s*<label for="api-key">', page)
+
+
 def test_page_tells_its_script_and_its_user_the_server_limits(web_client):
     """The script sends at most this many files a request (an explorer's page sent 20
     to a server taking 5); the hint read "up to 0.0190735 MB each" for 20,000 bytes."""

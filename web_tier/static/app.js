@@ -110,6 +110,8 @@
       try { localStorage.setItem(KEY_STORE, keyInput.value.trim()); } catch { /* private mode */ }
     });
   }
+  // Enter in the box would submit its form, reloading the page and cutting off uploads.
+  keyBox.addEventListener("submit", (event) => event.preventDefault());
 
   // A send that has stopped (a connection stalled or left half open, a web machine lost)
   // must not hold an upload for ever: it is given up on, and the chunk sent again (its
