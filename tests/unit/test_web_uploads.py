@@ -814,7 +814,8 @@ def test_a_text_field_past_its_limit_is_refused(web_client):
     assert MAX_TEXT_FIELD_BYTES < 500_000 // 3
     response = upload(web_client, [(make_image(3), "good.jpg")], padding="x" * (MAX_TEXT_FIELD_BYTES + 1))
     assert response.status_code == 413
-    assert f"or a text field over {MAX_TEXT_FIELD_BYTES} bytes" in response.get_json()["error"]
+    assert f"or a text field or a part's headers (its file name) over {MAX_TEXT_FIELD_BYTES} bytes" in (
+        response.get_json()["error"])
     # The form's own fields fit with room to spare.
     assert upload(web_client, [(make_image(3), "good.jpg")], tokens="t" * 64, batch_id="b" * 32,
                   create="1").status_code == 202
