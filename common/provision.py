@@ -72,23 +72,38 @@ RETENTION_RULE_ID = "imgclass-retention"
 def _apply_retention(aws: Aws, name: str, days: int) -> None:
     """Expire the bucket's objects `days` after they were written (0: keep them)."""
     try:
-        rules = aws.s3.get_bucket_lifecycle_configuration(Bucket=name)["Rules"]
+        current = aws.s3.get_bucket_lifecycle_configuration(Bucket=name)
     except ClientError as exc:
-        if error_code(exc) != "NoSuchLifecycleConfiguration":
+        code = error_code(exc)
+        if code == "AccessDenied" and not days:
+            # A role made from the policy before RETENTION_DAYS: it never set a rule, and
+            # keeping objects asks nothing of it. A re-run for a queue setting had failed.
+            log.warning("bucket %s: cannot read its lifecycle rules (AccessDenied); leaving them as "
+                        "they are (ami/iam-provision-policy.json has the rights now)", name)
+            return
+        if code == "AccessDenied":
+            raise ProvisionError(f"RETENTION_DAYS={days} needs s3:GetLifecycleConfiguration and "
+                                 f"s3:PutLifecycleConfiguration on {name} (ami/iam-provision-policy.json)"
+                                 ) from exc
+        if code != "NoSuchLifecycleConfiguration":
             raise
-        rules = []
+        current = {}
+    rules = current.get("Rules", [])
     others = [rule for rule in rules if rule.get("ID") != RETENTION_RULE_ID]
+    # Put back as it was: left out, S3 would reset this bucket-wide setting to its default.
+    kept = {key: current[key] for key in ("TransitionDefaultMinimumObjectSize",) if key in current}
     if days:
         ours = {"ID": RETENTION_RULE_ID, "Status": "Enabled", "Filter": {"Prefix": ""},
                 "Expiration": {"Days": days},
                 # Uploads are single PUTs; a multipart one cut off would be billed for ever.
                 "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}}
-        aws.s3.put_bucket_lifecycle_configuration(Bucket=name,
-                                                  LifecycleConfiguration={"Rules": [*others, ours]})
+        aws.s3.put_bucket_lifecycle_configuration(
+            Bucket=name, LifecycleConfiguration={"Rules": [*others, ours]}, **kept)
         log.info("bucket %s: objects expire %d days after they are written", name, days)
     elif len(others) < len(rules):  # ours was there: removed, the others kept
         if others:
-            aws.s3.put_bucket_lifecycle_configuration(Bucket=name, LifecycleConfiguration={"Rules": others})
+            aws.s3.put_bucket_lifecycle_configuration(Bucket=name, LifecycleConfiguration={"Rules": others},
+                                                      **kept)
         else:
             aws.s3.delete_bucket_lifecycle(Bucket=name)
         log.info("bucket %s: objects are kept (RETENTION_DAYS=0)", name)

@@ -525,12 +525,39 @@ def test_provision_expires_objects_after_retention_days_keeping_the_buckets_othe
         for bucket in (settings.input_bucket, settings.output_bucket):
             assert rules(aws, bucket)[RETENTION_RULE_ID]["Expiration"] == {"Days": 7}
         assert "operators-own" in rules(aws, settings.input_bucket)
+        # The bucket-wide setting an operator chose is put back with the rules, not reset.
+        get, put = aws.s3.get_bucket_lifecycle_configuration, aws.s3.put_bucket_lifecycle_configuration
+        puts = []
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(aws.s3, "get_bucket_lifecycle_configuration", lambda **kw: {
+                **get(**kw), "TransitionDefaultMinimumObjectSize": "varies_by_storage_class"})
+            patch.setattr(aws.s3, "put_bucket_lifecycle_configuration", lambda **kw: puts.append(kw) or put(
+                **{k: v for k, v in kw.items() if k != "TransitionDefaultMinimumObjectSize"}))
+            provision(dataclasses.replace(settings, retention_days=7), aws)
+        assert puts and {p["TransitionDefaultMinimumObjectSize"] for p in puts} == {"varies_by_storage_class"}
         provision(Settings())  # 0: kept for ever; the operator's rule stays
         assert set(rules(aws, settings.input_bucket)) == {"operators-own"}
         assert rules(aws, settings.output_bucket) == {}
         assert Settings.from_env({"RETENTION_DAYS": "30"}).retention_days == 30
         with pytest.raises(ValueError, match="RETENTION_DAYS"):
             Settings.from_env({"RETENTION_DAYS": "-1"})
+
+
+def test_provision_under_a_role_without_the_lifecycle_rights_still_works_unless_asked_to_expire(monkeypatch):
+    """A provision role made before RETENTION_DAYS cannot read lifecycle rules: a re-run
+    to change a queue setting failed with a traceback, before the queues (reviewer)."""
+    from common.provision import ProvisionError
+
+    def denied(**_kwargs):
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "not authorized"}},
+                          "GetBucketLifecycleConfiguration")
+
+    with mock_aws():
+        aws = Aws(Settings())
+        monkeypatch.setattr(aws.s3, "get_bucket_lifecycle_configuration", denied)
+        assert set(provision(Settings(), aws)) == {"request", "response", "dead_letter"}
+        with pytest.raises(ProvisionError, match="RETENTION_DAYS=7 needs s3:GetLifecycleConfiguration"):
+            provision(dataclasses.replace(Settings(), retention_days=7), aws)
 
 
 def test_provision_applies_changed_settings_to_the_queues_that_exist():
