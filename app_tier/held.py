@@ -181,8 +181,16 @@ class HeldMessages:
         """Make visible at once the messages the worker before this one here held when it
         died, as used attempts (app_tier/held_journal.py). Call before receiving: the
         journal is this worker's own from its first receive."""
-        if self._journal is not None:
+        if self._journal is None:
+            return
+        try:
             show_held(self._journal, self.aws, f"worker {self.worker_name}", "the worker before it here")
+        except AWS_ERRORS as exc:
+            # AWS out of reach: the worker waits for it in its receive loop, as without a
+            # journal; raised here, it exited 1, to be restarted and fail alike (reviewer).
+            # What the journal names then waits for its visibility timeout.
+            log.warning("worker %s: could not make visible again what the worker before it held (%s): "
+                        "left to their visibility timeout", self.worker_name, exc)
 
     def delete(self, jobs: list[Job], why: str = "answered request(s), which will be answered again") -> None:
         """Delete answered requests from the queue, and stop holding them; `why` says

@@ -200,6 +200,24 @@ def test_the_successor_shows_them_once_ready_and_before_its_first_receive(aws_en
     assert said == ["READY=1", "show"]
 
 
+def test_a_successor_that_cannot_reach_aws_to_show_them_says_so_and_serves_on(aws_env, monkeypatch, caplog):
+    """It exited 1 with a traceback, restarted to fail alike while the journal lasted (reviewer)."""
+    from botocore.exceptions import EndpointConnectionError
+
+    settings, aws = aws_env
+    upload(settings, aws, "held.jpg", make_image(330), "held-2")
+    assert len(Worker(settings, aws, MeanClassifier(), "i-0999").fetch().jobs) == 1
+
+    def unreachable(*_args, **_kwargs):
+        raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+
+    monkeypatch.setattr("app_tier.held.show_held", unreachable)
+    successor = Worker(settings, aws, MeanClassifier(), "i-0999")
+    with caplog.at_level(logging.WARNING, logger="app_tier.held"):
+        successor.held.show_what_the_last_worker_held()
+    assert "could not make visible again what the worker before it held" in caplog.text
+
+
 def test_a_journal_that_cannot_write_warns_once_and_goes_on(tmp_path, caplog):
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
