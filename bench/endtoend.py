@@ -30,9 +30,10 @@ import psutil
 
 from bench.inference import InferenceResult
 from bench.memory import MemorySampler, kind_of
+from bench.report import latency_summary
 from bench.scaling import FleetPoller, controller_actions, scaling_times
 from loadtest.config import Config
-from loadtest.outcomes import Report, latency_summary
+from loadtest.outcomes import Report
 from loadtest.run import run_load
 from localaws.harness import StackProcess
 from localaws.moto_fast import STATS_ENV, STATS_EVERY_S
