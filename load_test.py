@@ -27,33 +27,86 @@ once, still printing what was answered so far (and writing --json and --plot).
 SIGTERM (`timeout`, a CI job cancelled) quits at once so.
 
 The core (`run_load`, `percentile`, `read_expected`, `format_report`) is
-importable, from here or from the package `loadtest` (one module per idea);
-`main` is the command line.
+importable; `main` is the command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import importlib
+import json
+import math
+import mimetypes
 import os
+import queue
 import re
 import signal
+import socket
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+import time
+import unicodedata
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, TextIO
+from urllib.parse import quote, urlsplit
 
-from loadtest.config import DEFAULT_TIMEOUT_S, DEFAULT_URL, Config, LoadTestError
-from loadtest.names import IMAGE_SUFFIXES, image_key, read_expected, scan_folder, sendable_name
-from loadtest.outcomes import Outcome, percentile  # noqa: F401 -- percentile: importable here (see above)
-from loadtest.plot import write_plot
-from loadtest.report import UNTRAINED_WARNING, failure_lines, format_report, result_line, write_json
-from loadtest.run import Progress, Terminated, run_load
+import requests
+import urllib3.response
+from urllib3.exceptions import DecodeError, NewConnectionError, ProtocolError, ReadTimeoutError
 
-# --- the command line ---------------------------------------------------------------
+DEFAULT_URL = "http://127.0.0.1:8000"
+# What the web tier accepts: JPEG (also as .jpe and .jfif), PNG, GIF, BMP, WebP, TIFF, AVIF.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif",
+                            ".tiff", ".avif"})
+# The web tier answers 504 after RESULT_TIMEOUT (300 s by default); waiting a little
+# longer lets the report show the server's own answer rather than our give-up.
+DEFAULT_TIMEOUT_S = 330.0
+CONNECT_TIMEOUT_S = 10.0
+STATUS_INTERVAL_S = 0.5
+# A fresh web tier's first /api/status waits up to 10 s on AWS (web_tier/status.py
+# FIRST_READ_WAIT_S): given 2 s, the key check took that silence for "no key needed",
+# and every upload was then refused with 401.
+STATUS_CHECK_TIMEOUT_S = 12.0
+FINAL_STATES = ("done", "failed")
+
+# Accepted spellings of the expected-results CSV's two columns (compared lower-cased).
+IMAGE_COLUMNS = ("image", "images", "image_name", "filename", "file", "name")
+RESULT_COLUMNS = ("results", "result", "label", "labels", "prediction", "class")
+
+
+class LoadTestError(Exception):
+    """A problem with the inputs (no images, unreadable CSV): nothing was sent."""
+
+
+# --- configuration ------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    images: Path
+    url: str = DEFAULT_URL
+    num_requests: int | None = None  # None: one request per image
+    concurrency: int = 10
+    expected: Path | None = None
+    api: str = "form"  # "form": POST / ; "jobs": POST /api/jobs
+    wait: str = "poll"  # jobs only: "poll" GET /api/jobs/<id>, or "sse" its event stream
+    # POST / only: an Idempotency-Key per image, so that one whose connection was cut
+    # is sent again without being classified twice (off by default: the web tier then
+    # looks for the key in S3, a cost the benchmark does not want to measure)
+    idempotency_keys: bool = False
+    api_key: str = ""
+    timeout: float = DEFAULT_TIMEOUT_S
+    json_path: Path | None = None
+    plot_path: Path | None = None
+    verbose: bool = False
+    quiet: bool = False
+    status_interval: float = STATUS_INTERVAL_S
 
 
 def _positive_int(text: str) -> int:
@@ -213,6 +266,29 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
 # --- inputs -------------------------------------------------------------------------
 
 
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly inside `folder`, not hidden, in name order (so runs are repeatable)."""
+    return scan_folder(folder)[0]
+
+
+def scan_folder(folder: Path) -> tuple[list[Path], int]:
+    """list_images's images, and how many other entries the folder holds, from one
+    listing (two could disagree about a folder that changes meanwhile)."""
+    if not folder.is_dir():
+        raise LoadTestError(f"{folder} is not a folder")
+    try:
+        entries = list(folder.iterdir())
+        # Hidden files are skipped, as the upload page skips them: macOS's "._cat.jpg"
+        # beside cat.jpg holds the file's metadata, not an image.
+        images = sorted((p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                         and not p.name.startswith(".")), key=lambda p: p.name)
+    except OSError as exc:  # a folder that cannot be listed (no permission): a usage error, not a traceback
+        raise LoadTestError(f"cannot list {folder}: {exc.strerror or exc}") from exc
+    if not images:
+        raise LoadTestError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+    return images, len(entries) - len(images)
+
+
 def say_what_is_left_out(config: Config, images: list[Path], skipped: int, expected: dict[str, str]) -> None:
     """On stderr: the `skipped` entries of the folder that are not sent, and rows of
     `expected` that name none of `images`, each of which a run would otherwise leave out
@@ -229,7 +305,616 @@ def say_what_is_left_out(config: Config, images: list[Path], skipped: int, expec
               file=sys.stderr)
 
 
-# --- output -------------------------------------------------------------------------
+def sendable_name(path: Path) -> str:
+    """The file's name as it is sent and reported: a name that is not UTF-8 (bytes
+    Python keeps as surrogates) has them as U+FFFD. Sent as they were, they stopped
+    the whole run with a UnicodeEncodeError, no report written (explorer)."""
+    return path.name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def image_key(name: str) -> str:
+    """'test_00.JPEG', 'dir/test_00' and 'test_00' all become 'test_00'.
+
+    In NFC: a name copied from a Mac spells 'é' as 'e' and a combining accent (NFD),
+    which a CSV typed elsewhere spells as one character, and the row went unmatched
+    (reviewer)."""
+    base = re.split(r"[\\/]", unicodedata.normalize("NFC", name.strip()))[-1]
+    stem, dot, suffix = base.rpartition(".")
+    if dot and stem and f".{suffix.lower()}" in IMAGE_SUFFIXES:
+        return stem
+    return base
+
+
+def read_expected(path: Path) -> dict[str, str]:
+    """Expected label per image key from a CSV with a header row.
+
+    The course's file has columns `Image,Results`; other spellings
+    (`image,result`, `filename,label`, ...) and a UTF-8 byte-order mark are
+    accepted too, and Image may carry an extension. A row without an image or a
+    label, or naming an image again with another label, is refused with its line
+    number: skipped, it would leave that image "unchecked" and the run a PASS.
+    """
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise LoadTestError(f"cannot read {path} as a UTF-8 CSV: {exc}") from exc
+    if not rows:
+        raise LoadTestError(f"{path} is empty")
+    header = [cell.strip().lower() for cell in rows[0][1]]
+    image_col = next((header.index(c) for c in IMAGE_COLUMNS if c in header), None)
+    result_col = next((header.index(c) for c in RESULT_COLUMNS if c in header), None)
+    if image_col is None or result_col is None:
+        raise LoadTestError(f"{path}: expected a header with columns Image,Results, found {rows[0][1]}")
+    expected: dict[str, str] = {}
+    for line, row in rows[1:]:
+        cells = [row[col].strip() if col < len(row) else "" for col in (image_col, result_col)]
+        if not all(cells):
+            raise LoadTestError(f"{path}, line {line}: no {'image' if not cells[0] else 'label'} in {row}")
+        key, label = image_key(cells[0]), cells[1]
+        if key in expected and not same_label(expected[key], label):
+            raise LoadTestError(f"{path}, line {line}: {key} is expected as {expected[key]!r} "
+                                f"above and as {label!r} here")
+        expected[key] = label
+    return expected
+
+
+def same_label(a: str, b: str) -> bool:
+    """Keras writes 'great_white_shark', other lists 'great white shark': both are one label."""
+
+    def norm(label: str) -> str:
+        return " ".join(label.replace("_", " ").split()).casefold()
+
+    return norm(a) == norm(b)
+
+
+# How the web tier spells a file's name back. Copied from the project (this script
+# is one file that imports nothing of it); tests/unit/test_load_test.py checks each
+# copy against the original.
+
+# requests (urllib3) writes these three characters percent-encoded in a multipart
+# header's filename="...", as the HTML standard says.
+_MULTIPART_ESCAPES = {ord("\n"): "%0A", ord("\r"): "%0D", ord('"'): "%22"}
+_MAX_DISPLAY_NAME = 1024  # web_tier/filenames.py MAX_FILENAME_CHARS
+_LINE_BREAKING = frozenset({"Cc", "Zl", "Zp"})  # web_tier/filenames.py
+_BIDI_CONTROLS = dict.fromkeys(map(ord, "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+                                        "\u2066\u2067\u2068\u2069"))  # web_tier/filenames.py
+_MAX_EXTENSION_CHARS = 16  # common/names.py MAX_EXTENSION_CHARS
+_MAX_META_FILENAME = 1800  # common/names.py MAX_META_FILENAME
+
+
+def received_name(filename: str) -> str:
+    """The name the web tier reads for a file uploaded as `filename`.
+
+    Werkzeug reads filename="..." as an HTTP quoted string, so a backslash escapes
+    the next character ('back\\slash.jpg' becomes 'backslash.jpg') and %22 is a
+    quote; the web tier then drops bidirectional-text controls, turns control
+    characters (tab, ...) and line and paragraph separators into spaces, trims the
+    ends, and cuts a long name before its extension (web_tier/filenames.py clean_name).
+    """
+    wire = filename.translate(_MULTIPART_ESCAPES)
+    parsed = re.sub(r"\\(.)", r"\1", wire, flags=re.ASCII).replace("%22", '"')
+    shown = "".join(" " if unicodedata.category(c) in _LINE_BREAKING else c
+                    for c in parsed.translate(_BIDI_CONTROLS))
+    shown = shown.strip()
+    if len(shown) > _MAX_DISPLAY_NAME:
+        kept = _kept_extension(shown)
+        shown = shown[:_MAX_DISPLAY_NAME - len(kept)] + kept
+    return _fit_metadata(shown) or "upload"
+
+
+def _kept_extension(name: str) -> str:
+    # common/names.py kept_extension
+    head, dot, extension = name.rpartition(".")
+    return dot + extension if head and len(extension) <= _MAX_EXTENSION_CHARS else ""
+
+
+def _fit_metadata(name: str) -> str:
+    # common/names.py encode_filename, decoded: the name cut, in whole characters and
+    # before its extension, to what S3 metadata holds percent-encoded.
+    if len(quote(name, safe="")) <= _MAX_META_FILENAME:
+        return name
+    kept = _kept_extension(name)
+    room, body = _MAX_META_FILENAME - len(quote(kept, safe="")), []
+    for char in name[:len(name) - len(kept)]:
+        size = len(quote(char, safe=""))
+        if size > room:
+            break
+        body.append(char)
+        room -= size
+    return "".join(body) + kept
+
+
+def name_stem(filename: str) -> str:
+    """The web tier's stem (common/names.py): 'a.b.JPEG' -> 'a.b', '.jpg' -> '.jpg',
+    'photos.v2/cat' -> 'photos.v2/cat'."""
+    cut = max(filename.rfind("/"), filename.rfind("\\")) + 1
+    folder, name = filename[:cut], filename[cut:]
+    head, dot, _ = name.rpartition(".")
+    return folder + head if dot and head.strip(".") else filename
+
+
+def answer_names(filename: str) -> set[str]:
+    """Every name (without extension) POST / may answer for a file sent as `filename`:
+    the name as the web tier read it (its answer is always that request's own), and
+    the name exactly as sent, for a tier that keeps it.
+
+    An item read from /api/jobs may carry other spellings (cut to fit a queue
+    message, or the cleaned name it was stored under, for a batch rebuilt from S3),
+    but it is fetched by its id, and that is trusted instead (see judge): accepted
+    here, the cleaned name let every all-non-ASCII name ('猫.jpg', '犬.jpg': 'image')
+    pass for any other.
+    """
+    return {name_stem(filename), name_stem(received_name(filename))}
+
+
+def same_name(answer: str, filename: str) -> bool:
+    """Whether `answer` names the file sent as `filename` (an answer for another file
+    means the web tier handed one request's result to another)."""
+    return answer in answer_names(filename)
+
+
+# --- statistics ---------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], p: float) -> float | None:
+    """The p-th percentile (0..100), interpolating linearly between ranks.
+
+    Same definition as numpy's default: for [1, 2, 3, 4] the 50th is 2.5.
+    None for no values.
+    """
+    if not 0 <= p <= 100:
+        raise ValueError(f"percentile must be within 0..100, got {p}")
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * p / 100
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+# --- results ------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """What happened to one request."""
+
+    index: int
+    file: str
+    started_s: float  # since the run began
+    latency_s: float = 0.0
+    status: int | None = None
+    answer_name: str | None = None
+    label: str | None = None
+    error: str | None = None  # set: the request failed (HTTP error, timeout, bad answer)
+    untrained: bool = False
+    # "correct", "wrong", "unchecked", "failed" (it reached the web tier) or "not sent" (it never did)
+    verdict: str = "unchecked"
+    expected: str | None = None
+    note: str | None = None  # why a verdict is "wrong"
+    resent: int = 0  # times sent again (see RESEND_WINDOW_S)
+    via: str | None = None  # where its answer was read, when not from its own response
+    by_id: bool = False  # its answer is the item fetched by its id: its name is not checked
+    # It reached the web tier: answered, or cut off once connected (never, if every
+    # attempt was refused, timed out connecting or failed its TLS handshake).
+    reached: bool = False
+
+    @property
+    def answered(self) -> bool:
+        return self.error is None
+
+    @property
+    def body(self) -> str:
+        return f"{self.answer_name}:{self.label}" if self.answered else f"ERROR {self.error}"
+
+
+def judge(outcome: Outcome, expected: dict[str, str]) -> None:
+    """Set the outcome's verdict against the expected labels."""
+    if not outcome.answered:
+        # One that never reached the web tier is counted not sent, not also failed: a
+        # server gone for good made "failed" count requests no server ever saw (reviewer).
+        outcome.verdict = "failed" if outcome.reached else "not sent"
+        return
+    outcome.expected = expected.get(image_key(outcome.file))
+    if (outcome.answer_name is not None and not outcome.by_id
+            and not same_name(outcome.answer_name, outcome.file)):
+        # An answer naming another image was handed to the wrong request.
+        outcome.verdict = "wrong"
+        outcome.note = f"answer is for {outcome.answer_name!r}"
+    elif outcome.expected is None:
+        outcome.verdict = "unchecked"
+    elif same_label(outcome.label or "", outcome.expected):
+        outcome.verdict = "correct"
+    else:
+        outcome.verdict = "wrong"
+        outcome.note = f"expected {outcome.expected!r}"
+
+
+@dataclass
+class Report:
+    url: str
+    api: str
+    concurrency: int
+    planned: int
+    started_at: float  # wall clock, seconds since the epoch
+    duration_s: float
+    outcomes: list[Outcome]
+    # (seconds since the run began, app-tier instances pending or running)
+    instance_samples: list[tuple[float, int]] = field(default_factory=list)
+    interrupted: bool = False
+    abandoned: int = 0  # requests in flight at the second Ctrl-C, left unanswered
+    idempotency_keys: bool = False  # uploads cut off mid-request were sent again too
+    # Answers were to be checked against an --expected CSV: a run that checked none is no PASS.
+    checked_against_csv: bool = False
+
+    def _count(self, verdict: str) -> int:
+        return sum(1 for o in self.outcomes if o.verdict == verdict)
+
+    @property
+    def sent(self) -> int:
+        """Requests sent: those that reached the web tier (answered or not), and those
+        abandoned in flight. One that never connected sent nothing (reviewer)."""
+        return sum(1 for o in self.outcomes if o.reached) + self.abandoned
+
+    @property
+    def not_sent(self) -> int:
+        """Requests that never reached the web tier: never connected (see `unreached`),
+        or never started (the run interrupted first)."""
+        return self.planned - self.sent
+
+    @property
+    def unreached(self) -> int:
+        """Requests tried that never connected (refused, unreachable, failed TLS)."""
+        return self._count("not sent")
+
+    @property
+    def answered(self) -> int:
+        return sum(1 for o in self.outcomes if o.answered)
+
+    @property
+    def failed(self) -> int:
+        """Requests that reached the web tier and got no usable answer (never more than `sent`)."""
+        return self._count("failed")
+
+    @property
+    def wrong(self) -> int:
+        return self._count("wrong")
+
+    @property
+    def correct(self) -> int:
+        return self._count("correct")
+
+    @property
+    def unchecked(self) -> int:
+        return self._count("unchecked")
+
+    @property
+    def untrained(self) -> bool:
+        return any(o.untrained for o in self.outcomes)
+
+    @property
+    def resent(self) -> int:
+        return sum(o.resent for o in self.outcomes)
+
+    @property
+    def answered_later(self) -> int:
+        """Answered from /api/jobs, after a 503 or 504 said the image was queued."""
+        return sum(1 for o in self.outcomes if o.via and o.answered)
+
+    @property
+    def latencies(self) -> list[float]:
+        # Failures are left out: a timeout's "latency" is only how long we waited.
+        return [o.latency_s for o in self.outcomes if o.answered]
+
+    def latency_stats(self) -> dict[str, float | None]:
+        values = self.latencies
+        return {
+            "p50": percentile(values, 50),
+            "p90": percentile(values, 90),
+            "p99": percentile(values, 99),
+            "max": max(values) if values else None,
+            "mean": sum(values) / len(values) if values else None,
+        }
+
+    @property
+    def throughput(self) -> float:
+        """Answered images per second of wall-clock time."""
+        return self.answered / self.duration_s if self.duration_s > 0 else 0.0
+
+    @property
+    def course_average_latency(self) -> float | None:
+        """The course's figure: total duration divided by the number of requests that
+        ended (None when nothing was answered: it would measure only how fast they
+        failed; abandoned ones did not end within the duration)."""
+        return self.duration_s / len(self.outcomes) if self.answered else None
+
+    @property
+    def peak_instances(self) -> int | None:
+        return max((n for _, n in self.instance_samples), default=None)
+
+    @property
+    def checked_nothing(self) -> bool:
+        """An --expected CSV was given, and not one answer was checked against it."""
+        return self.checked_against_csv and self.correct + self.wrong == 0
+
+    @property
+    def ok(self) -> bool:
+        return (
+            not self.interrupted
+            and self.sent == self.planned
+            and self.failed == 0
+            and self.wrong == 0
+            and not self.checked_nothing
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "api": self.api,
+            "idempotency_keys": self.idempotency_keys,
+            "concurrency": self.concurrency,
+            "started_at": self.started_at,
+            "duration_s": self.duration_s,
+            "planned": self.planned,
+            "sent": self.sent,
+            "not_sent": self.not_sent,
+            "answered": self.answered,
+            "failed": self.failed,
+            "wrong": self.wrong,
+            "correct": self.correct,
+            "unchecked": self.unchecked,
+            "throughput_images_per_s": self.throughput,
+            "latency_s": self.latency_stats(),
+            "course_average_latency_s": self.course_average_latency,
+            "untrained": self.untrained,
+            "peak_instances": self.peak_instances,
+            "interrupted": self.interrupted,
+            "abandoned": self.abandoned,
+            "resent": self.resent,
+            "ok": self.ok,
+            "instances": [{"t_s": t, "pending_running": n} for t, n in self.instance_samples],
+            "requests": [
+                {
+                    "index": o.index,
+                    "file": o.file,
+                    "started_s": o.started_s,
+                    "latency_s": o.latency_s,
+                    "status": o.status,
+                    "answer": o.answer_name,
+                    "label": o.label,
+                    "expected": o.expected,
+                    "verdict": o.verdict,
+                    "error": o.error,
+                    "note": o.note,
+                    "untrained": o.untrained,
+                    "resent": o.resent,
+                    "via": o.via,
+                    "reached": o.reached,
+                }
+                for o in sorted(self.outcomes, key=lambda o: o.index)
+            ],
+        }
+
+
+# --- talking to the web tier ----------------------------------------------------------
+
+
+# What a web tier starting or stopping (or a proxy in front of it) answers meanwhile.
+RESTARTING_STATUSES = (502, 503, 504)
+# A web tier restarting refuses connections for a moment, and one stopping answers
+# an upload it did not store with 503 and Retry-After: nothing was stored either way,
+# so the upload is sent again (with --api jobs, or --idempotency-keys, also one cut
+# off mid-request: its batch id and token, or its key, keep it from being stored
+# twice), for up to this long (`make run` restarts a web tier within about a second,
+# systemd after its RestartSec).
+RESEND_WINDOW_S = 30.0
+FIRST_RESEND_DELAY_S = 0.25
+
+
+class RequestFailed(Exception):
+    """One request did not get a usable answer; the message says why."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def new_session(api_key: str = "") -> requests.Session:
+    """A Session that talks straight to the URL it is given.
+
+    No proxy from the environment (the run would measure the proxy) and no
+    ~/.netrc credentials: `trust_env` off. It also spares requests reading the
+    whole environment on every call, measured at 0.35 ms of the load test's
+    ~1.45 ms CPU per upload (300 uploads at concurrency 100, 2 cores).
+    """
+    session = requests.Session()
+    session.trust_env = False
+    if api_key:
+        session.headers["X-API-Key"] = api_key
+    return session
+
+
+def connection_error(exc: requests.ConnectionError, url: str) -> str:
+    """What went wrong with the connection, in one line: whether it could not be made
+    (nothing listening, a wrong address) or was closed before the answer came (the
+    web tier stopped or crashed mid-request, the image perhaps already queued)."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return f"cannot connect to {url}: no connection within {CONNECT_TIMEOUT_S:g} s"
+    if isinstance(exc, requests.exceptions.SSLError):
+        # Said to be closed, with "the image may be stored", it sent nothing (reviewer).
+        return (f"cannot connect to {url}: the TLS handshake failed (https:// to a plain HTTP port, "
+                "or a certificate not trusted)")
+    text = str(exc)
+    # urllib3's message nests three exceptions; the errno text is the useful part.
+    errno_text = re.search(r"\[Errno -?\d+\][^'\")]*", text)
+    if any(sign in text for sign in ("NewConnectionError", "Failed to establish", "Failed to resolve")):
+        return f"cannot connect to {url}" + (f": {errno_text[0]}" if errno_text else "")
+    why = errno_text[0] if errno_text else "closed without a response"
+    return f"the connection to {url} closed before the answer came: {why}"
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether a connection error is a refused connection (nothing listening), which
+    sent nothing; urllib3 keeps the OS's error a few causes down."""
+    return _in_chain(exc, ConnectionRefusedError)
+
+
+def _in_chain(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether `exc`, or an error it was raised from or wraps, is a `kind`."""
+    pending, seen = [exc], set()
+    while pending:
+        error = pending.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, kind):
+            return True
+        links = (error.__cause__, error.__context__, getattr(error, "reason", None), *error.args)
+        pending += [link for link in links if isinstance(link, BaseException)]
+    return False
+
+
+def never_connected(exc: BaseException) -> bool:
+    """Whether a connection error came before any connection was made, so nothing was
+    sent: refused, not made within CONNECT_TIMEOUT_S (a ConnectTimeout, which is a
+    Timeout too, was reported as the whole --timeout and never sent again), or a name
+    that did not resolve (counted sent: reviewer)."""
+    return isinstance(exc, requests.ConnectTimeout) or refused(exc) or _in_chain(exc, NewConnectionError)
+
+
+def not_stored(resp: requests.Response) -> bool:
+    """A 503 with Retry-After: the web tier stored nothing and says to send again
+    (without it, a 503 may mean the image is queued: sent again, it would be classified twice)."""
+    return resp.status_code == 503 and "Retry-After" in resp.headers
+
+
+def retry_after_s(resp: requests.Response, default: float) -> float:
+    try:
+        return max(0.0, float(resp.headers.get("Retry-After", "")))
+    except ValueError:  # an HTTP date: not what the web tier sends
+        return default
+
+
+def check_reachable(url: str) -> None:
+    """Fail at once when nothing listens at `url` (a typo, a stack not started), rather
+    than send every request into the resend window."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname or "", port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise LoadTestError(f"cannot connect to {url}: {why} (is the web tier running?)") from exc
+
+
+def api_key_required(url: str) -> bool:
+    """Whether the web tier at `url` says (in its /api/status) that uploads need an API
+    key. Unknown (no such page, no answer in time, another server) counts as no:
+    the run's failures then say why."""
+    with new_session() as session:
+        try:
+            resp = session.get(f"{url}/api/status", timeout=STATUS_CHECK_TIMEOUT_S, allow_redirects=False)
+            status = resp.json() if resp.status_code == 200 else None
+        except (requests.RequestException, ValueError):
+            return False
+    return isinstance(status, dict) and status.get("api_key_required") is True
+
+
+# Failures among which web_tier_restarting picks the ones that are no answer yet.
+MAYBE_RESTARTING = (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, RequestFailed)
+
+
+def web_tier_restarting(exc: Exception) -> bool:
+    """Whether a failed GET of an accepted item means only that the web tier is
+    restarting (refused, cut off, 502-504): the item is kept, and the next one answers."""
+    if isinstance(exc, RequestFailed):
+        return exc.status in RESTARTING_STATUSES
+    return isinstance(exc, MAYBE_RESTARTING)
+
+
+def _error_text(resp: requests.Response) -> str:
+    """The reason a JSON error answer gives (its "error", after the "filename" it names,
+    as POST / words its errors), else its text, shortened."""
+    try:
+        answer = resp.json()
+        reason, filename = answer.get("error"), answer.get("filename")
+    except (ValueError, AttributeError):
+        reason = filename = None
+    if not (isinstance(reason, str) and reason):
+        return _short(resp.text)
+    if isinstance(filename, str) and filename and not reason.startswith(f"{filename}: "):
+        # POST / names the file in its errors; --jobs failures did not, and said
+        # nothing of which images failed (reviewer).
+        reason = f"{filename}: {reason}"
+    return _short(reason)
+
+
+def _short(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# No answer of the web tier's is near this: POST / answers one line, GET /api/jobs/<id>
+# a batch of at most MAX_FILES_PER_REQUEST items (1,000, ~500 KB), an event one item.
+MAX_ANSWER_BYTES = 16 * 1024**2
+MAX_EVENT_LINE_BYTES = 1024**2
+_READ_BYTES = 64 * 1024
+
+
+def _chunks_within(resp: requests.Response, deadline: float) -> Iterator[bytes]:
+    """A streamed answer's bytes as they come, raising requests.Timeout once `deadline`
+    passes. requests' read timeout bounds each read, not the answer: a server sending a
+    byte a second held a request for ever, past --timeout (reviewer). urllib3's errors
+    are raised as requests' (as requests itself does)."""
+    while True:
+        if time.monotonic() >= deadline:
+            raise requests.Timeout()
+        try:
+            chunk = resp.raw.read1(_READ_BYTES, decode_content=True)
+        except ReadTimeoutError as exc:
+            raise requests.ReadTimeout(exc) from exc
+        except DecodeError as exc:
+            raise requests.exceptions.ContentDecodingError(exc) from exc
+        except (ProtocolError, OSError) as exc:
+            raise requests.exceptions.ChunkedEncodingError(exc) from exc
+        if not chunk:
+            return
+        yield chunk
+
+
+def read_within(resp: requests.Response, deadline: float) -> requests.Response:
+    """`resp` (sent with stream=True), its body read whole by `deadline` (else
+    requests.Timeout, and the connection dropped), as requests would have read it."""
+    body = bytearray()
+    try:
+        for chunk in _chunks_within(resp, deadline):
+            body += chunk
+            if len(body) > MAX_ANSWER_BYTES:
+                raise RequestFailed(f"an answer of more than {MAX_ANSWER_BYTES} bytes: not the web tier's",
+                                    resp.status_code)
+    except BaseException:
+        resp.close()
+        raise
+    resp._content = bytes(body)  # what .content, .text and .json() read
+    return resp
+
+
+def lines_within(resp: requests.Response, deadline: float) -> Iterator[str]:
+    """An event stream's lines as they come, by `deadline` (see _chunks_within). A line
+    past MAX_EVENT_LINE_BYTES is no event of the web tier's: a line that never ended kept
+    a whole core busy re-splitting it (reviewer)."""
+    pending = b""
+    for chunk in _chunks_within(resp, deadline):
+        *lines, pending = (pending + chunk).split(b"\n")
+        if len(pending) > MAX_EVENT_LINE_BYTES:
+            raise RequestFailed(f"an event line of more than {MAX_EVENT_LINE_BYTES} bytes: "
+                                "not the web tier's")
+        for line in lines:
+            yield line.rstrip(b"\r").decode("utf-8", errors="replace")
+    if pending:
+        yield pending.rstrip(b"\r").decode("utf-8", errors="replace")
 
 
 # Terminal controls (ESC starts every escape sequence) and the characters that make
@@ -244,6 +929,844 @@ _TERMINAL_ESCAPES.update({ord(c): f"\\u{ord(c):04x}" for c in
 def for_terminal(text: str) -> str:
     """`text` with control characters written as escapes (newlines and tabs kept)."""
     return text.translate(_TERMINAL_ESCAPES)
+
+
+class Client:
+    """Sends one image per call; each worker thread keeps its own Session.
+
+    A Session per thread reuses that thread's keep-alive connection for every
+    request it sends, and Sessions are not documented as thread-safe.
+    """
+
+    def __init__(self, config: Config, stop: threading.Event, abandon: threading.Event | None = None) -> None:
+        self.config = config
+        self.stop = stop  # set: send nothing new (the first Ctrl-C); requests in flight go on
+        # Set: stop waiting for the requests in flight (the second Ctrl-C, or the run over).
+        self.abandon = abandon or threading.Event()
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._lock = threading.Lock()
+        # Since when every connection has been refused, or not made in time (None: the
+        # last was made, or the web tier answered something since): a
+        # refused request is sent again until RESEND_WINDOW_S from then, not for a
+        # window of its own (a dead server took 50 minutes to report at -c 10).
+        self._refused_since: float | None = None
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = new_session(self.config.api_key)
+            with self._lock:
+                self._sessions.append(session)
+        return session
+
+    def close(self) -> None:
+        with self._lock:
+            for session in self._sessions:
+                session.close()
+            self._sessions.clear()
+
+    def send(self, index: int, path: Path, t0: float) -> Outcome:
+        """Send `path` once and wait for its answer; never raises for a failed request."""
+        start = time.monotonic()
+        outcome = Outcome(index=index, file=sendable_name(path), started_s=start - t0)
+        deadline = start + self.config.timeout
+        try:
+            if self.config.api == "jobs":
+                self._via_jobs(path, deadline, outcome)
+            else:
+                self._via_form(path, deadline, outcome)
+        except RequestFailed as exc:
+            outcome.error, outcome.status = str(exc), exc.status or outcome.status
+        except requests.ConnectionError as exc:  # before Timeout: a ConnectTimeout is both
+            outcome.error = connection_error(exc, self.config.url)
+            if outcome.resent:
+                outcome.error += f" (sent {outcome.resent} times more, for up to {RESEND_WINDOW_S:g} s)"
+            elif (self.config.api == "form" and not self.config.idempotency_keys
+                  and not outcome.error.startswith("cannot connect")):
+                outcome.error += " (the image may be stored; --idempotency-keys sends such uploads again)"
+        except requests.Timeout:
+            outcome.error = f"timeout after {self.config.timeout:g} s"
+            if outcome.reached and outcome.status is None:
+                # Given up on while the upload waited for its answer: the web tier may have
+                # stored it and may still classify it, as with a connection cut at that point
+                # (a paused web tier stored and answered all 8 said only "timeout": reviewer).
+                # Not "--idempotency-keys sends it again": no upload is sent again past --timeout.
+                outcome.error += " (the image may be stored)"
+        except requests.RequestException as exc:
+            outcome.error = f"{type(exc).__name__}: {_short(str(exc))}"
+        except OSError as exc:  # the image could not be read
+            outcome.error = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # a failed request, whatever it was: never the whole run
+            outcome.error = f"{type(exc).__name__}: {_short(str(exc))}"
+        outcome.latency_s = time.monotonic() - start
+        return outcome
+
+    def _timeout(self, deadline: float) -> tuple[float, float]:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise requests.Timeout()
+        return (min(CONNECT_TIMEOUT_S, remaining), remaining)
+
+    def _upload(self, path: Path) -> tuple[str, bytes, str]:
+        mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return (sendable_name(path), path.read_bytes(), mime)
+
+    def server_answered(self) -> None:
+        """The web tier answered something (any HTTP response, to any request, the status
+        poller's too): it is up, so a refusal from now on starts a new window. Only POST
+        answers counted, and a POST / waits minutes for one under a backlog: a second
+        brief outage 30 s after a first failed its uploads at once, none sent again."""
+        self._refused_for(False)
+
+    def _refused_for(self, refused_now: bool) -> float:
+        """Note whether the server refused this connection; how long it has refused
+        every one since (0 once one was not refused)."""
+        now = time.monotonic()
+        with self._lock:
+            if not refused_now:
+                self._refused_since = None
+                return 0.0
+            if self._refused_since is None:
+                self._refused_since = now
+            return now - self._refused_since
+
+    def _post(self, endpoint: str, files: dict, deadline: float, outcome: Outcome,
+              form: dict[str, str] | None = None, headers: dict[str, str] | None = None) -> requests.Response:
+        """POST an upload; sent again while nothing was stored, or, with a `form` naming a
+        batch and a token or an Idempotency-Key in `headers`, after any connection
+        failure (see RESEND_WINDOW_S)."""
+        stored_once = form is not None or headers is not None
+        # The window runs from the first failed attempt, not from the first send: a POST /
+        # waits for its classification, which under a backlog takes longer than the
+        # window, and one cut off after that was never sent again (explorer).
+        give_up: float | None = None
+        delay = FIRST_RESEND_DELAY_S
+        while True:
+            failure: requests.ConnectionError | None = None
+            refused_since: float | None = None  # since when every connection has been refused
+            # Outside the try: its Timeout, the deadline past before sending, sent nothing, and was
+            # counted as reached by `except Exception` below (--timeout 0.001: reviewer).
+            timeout = self._timeout(deadline)
+            try:
+                # Only ever talk to the URL we were given: no redirects.
+                resp = read_within(self._session().post(
+                    f"{self.config.url}{endpoint}", files=files, data=form, headers=headers,
+                    timeout=timeout, allow_redirects=False, stream=True), deadline)
+            except requests.ConnectionError as exc:
+                was_refused = never_connected(exc)
+                if not was_refused and not isinstance(exc, requests.exceptions.SSLError):
+                    outcome.reached = True
+                if not was_refused and not stored_once:
+                    raise  # cut off mid-request: the image may be stored already
+                failure, wait = exc, delay
+                if was_refused:
+                    refused_since = time.monotonic() - self._refused_for(True)
+            except Exception:
+                outcome.reached = True  # connected: its answer timed out, or was not the web tier's
+                raise
+            else:
+                outcome.reached = True
+                self.server_answered()
+                if resp.status_code in RESTARTING_STATUSES:
+                    # A web tier stopping closes each connection after its answer: kept for
+                    # the next request, it could be closed under it, the request unanswered
+                    # and, without a key, not sent again (explorer).
+                    self._session().close()
+                if not not_stored(resp):
+                    return resp
+                wait = retry_after_s(resp, delay)
+            now = time.monotonic()
+            if give_up is None:  # the first failed attempt
+                give_up = min(deadline, now + RESEND_WINDOW_S)
+            if refused_since is not None:
+                # One window for all: since the server began refusing every connection.
+                give_up = min(give_up, refused_since + RESEND_WINDOW_S)
+            if self.stop.is_set() or now + wait >= give_up:
+                if failure is not None:
+                    raise failure
+                return resp
+            outcome.resent += 1
+            self.stop.wait(wait)
+            delay = min(2 * delay, 2.0)
+
+    def _via_form(self, path: Path, deadline: float, outcome: Outcome) -> None:
+        key = {"Idempotency-Key": str(uuid.uuid4())} if self.config.idempotency_keys else None
+        resp = self._post("/", {"inputFile": self._upload(path)}, deadline, outcome, headers=key)
+        outcome.status = resp.status_code
+        body = resp.text.strip()
+        outcome.untrained = resp.headers.get("X-Model-Untrained", "").strip().lower() == "true"
+        batch_id, item_id = resp.headers.get("X-Batch-Id"), resp.headers.get("X-Item-Id")
+        if resp.status_code in (503, 504) and batch_id and item_id:
+            # Stored and queued, its answer not waited for (a web tier stopping, or past
+            # RESULT_TIMEOUT): the answer says where its result will be, so follow it there.
+            outcome.via = f"/api/jobs/{batch_id}, after HTTP {resp.status_code}"
+            self._take_item(self._wait_poll(self._session(), batch_id, item_id, deadline), path, outcome)
+            return
+        if resp.status_code != 200:
+            raise RequestFailed(f"HTTP {resp.status_code}: {_short(body)}", resp.status_code)
+        # Labels never hold ':', file names might: split at the last one. The answer is
+        # one line: a page, or another server's XML, that happens to hold a colon is not one.
+        name, colon, label = body.rpartition(":")
+        if not colon or not label or "\n" in body or "\r" in body:
+            raise RequestFailed(f"not a classification answer: {_short(body)!r} "
+                                "(expected one line, <name>:<label>)", 200)
+        outcome.answer_name, outcome.label = name, label
+
+    def _via_jobs(self, path: Path, deadline: float, outcome: Outcome) -> None:
+        session = self._session()
+        once = {"batch_id": uuid.uuid4().hex, "create": "1", "tokens": "0"}  # stored once, however often sent
+        resp = self._post("/api/jobs", {"files": self._upload(path)}, deadline, outcome, once)
+        outcome.status = resp.status_code
+        if resp.status_code not in (200, 201, 202):
+            raise RequestFailed(f"HTTP {resp.status_code}: {_error_text(resp)}", resp.status_code)
+        try:
+            batch = resp.json()
+            batch_id, item_id = batch["batch_id"], batch["items"][0]["id"]
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise RequestFailed(f"malformed job answer {_short(resp.text)!r}", resp.status_code) from exc
+
+        if self.config.wait == "sse":
+            item = self._wait_sse(session, batch_id, item_id, deadline)
+        else:
+            item = self._wait_poll(session, batch_id, item_id, deadline)
+        self._take_item(item, path, outcome)
+
+    @staticmethod
+    def _take_item(item: dict, path: Path, outcome: Outcome) -> None:
+        """The outcome of an item read from /api/jobs, once finished."""
+        outcome.untrained = bool(item.get("untrained"))
+        if item.get("state") != "done":
+            # Named as POST / names the file of an image the worker could not classify.
+            name = str(item.get("filename") or sendable_name(path))
+            why = _short(f"{name}: {item.get('error')}")
+            raise RequestFailed(f"item failed: {why}", outcome.status)
+        # The web tier's own stem, as POST / answers: image_key would also cut at a
+        # backslash, which is part of the name here.
+        outcome.answer_name = name_stem(str(item.get("filename") or sendable_name(path)))
+        outcome.label = str(item.get("label"))
+        outcome.by_id = True
+
+    def _fetch_item(self, session: requests.Session, batch_id: str, item_id: str, deadline: float) -> dict:
+        resp = read_within(session.get(f"{self.config.url}/api/jobs/{batch_id}", stream=True,
+                                       timeout=self._timeout(deadline), allow_redirects=False), deadline)
+        self.server_answered()
+        if resp.status_code != 200:
+            # The server's reason too: a 404 "no such batch" after the stack was restarted.
+            raise RequestFailed(f"GET /api/jobs/{batch_id}: HTTP {resp.status_code}: {_error_text(resp)}",
+                                resp.status_code)
+        try:
+            items = resp.json()["items"]
+            return next(i for i in items if i.get("id") == item_id)
+        except (ValueError, KeyError, TypeError, StopIteration) as exc:
+            raise RequestFailed(f"GET /api/jobs/{batch_id}: item {item_id} missing") from exc
+
+    def _wait_poll(self, session: requests.Session, batch_id: str, item_id: str, deadline: float) -> dict:
+        # Start quick (a warm fleet answers in well under a second), then back off
+        # so a thousand waiting requests do not flood the web tier.
+        delay = 0.05
+        unanswered: Exception | None = None  # the last poll the web tier did not answer
+        while True:
+            try:
+                item = self._fetch_item(session, batch_id, item_id, deadline)
+                unanswered = None
+            except MAYBE_RESTARTING as exc:
+                if not web_tier_restarting(exc):
+                    raise
+                if (isinstance(exc, requests.ConnectionError) and never_connected(exc)
+                        and self._refused_for(True) >= RESEND_WINDOW_S):
+                    # A web tier gone for good, as an upload refused as long finds: each
+                    # request in flight waited out its whole --timeout (330 s) to say so.
+                    why = connection_error(exc, self.config.url)
+                    raise RequestFailed(f"GET /api/jobs/{batch_id}: {why}; "
+                                        f"every connection refused for {RESEND_WINDOW_S:g} s") from exc
+                # The web tier restarting (refused, cut off, a 502, 503 or 504): the item was
+                # accepted and is kept in S3, and a new web tier answers for it.
+                item, delay, unanswered = {}, max(delay, 0.5), exc
+            if item.get("state") in FINAL_STATES:
+                return item
+            if time.monotonic() + delay >= deadline:
+                if unanswered is not None:
+                    why = (connection_error(unanswered, self.config.url)
+                           if isinstance(unanswered, requests.ConnectionError) else _short(str(unanswered)))
+                    raise RequestFailed(f"no answer in time; the last poll: {why}")
+                raise requests.Timeout()
+            if self.abandon.wait(delay):
+                raise RequestFailed("abandoned: the run stopped waiting for it")
+            delay = min(delay * 1.5, 1.0)
+
+    def _wait_sse(self, session: requests.Session, batch_id: str, item_id: str, deadline: float) -> dict:
+        url = f"{self.config.url}/api/jobs/{batch_id}/events"
+        try:
+            return self._wait_stream(session, url, batch_id, item_id, deadline)
+        except MAYBE_RESTARTING as exc:
+            if not web_tier_restarting(exc):
+                raise
+            # The web tier restarting: polling waits for the next one (see _wait_poll).
+            return self._wait_poll(session, batch_id, item_id, deadline)
+
+    def _wait_stream(self, session: requests.Session, url: str, batch_id: str, item_id: str,
+                     deadline: float) -> dict:
+        with session.get(url, stream=True, timeout=self._timeout(deadline), allow_redirects=False) as resp:
+            self.server_answered()
+            if resp.status_code == 200:
+                item = self._follow_events(resp, session, batch_id, item_id, deadline)
+                if item is not None:
+                    return item
+            elif resp.status_code in RESTARTING_STATUSES:
+                # The web tier caps the event streams open at once and answers the rest
+                # 503 "poll GET /api/jobs/<id> instead" (and one restarting, 502 to 504):
+                # the item itself is fine. The short body is read so the connection is
+                # kept for the polls.
+                read_within(resp, deadline)
+            else:
+                read_within(resp, deadline)  # an error's body too: by the deadline
+                raise RequestFailed(f"GET /api/jobs/{batch_id}/events: HTTP {resp.status_code}: "
+                                    f"{_error_text(resp)}", resp.status_code)
+        # No stream to spare, or the server closed it early: poll instead.
+        return self._wait_poll(session, batch_id, item_id, deadline)
+
+    def _follow_events(
+        self, resp: requests.Response, session: requests.Session, batch_id: str, item_id: str, deadline: float
+    ) -> dict | None:
+        """The item once an event says it finished; None if the stream ends first."""
+        # The stream is open, so no event can be missed from here on; the item
+        # may already have finished before it opened, though.
+        item = self._fetch_item(session, batch_id, item_id, deadline)
+        if item.get("state") in FINAL_STATES:
+            return item
+        for line in lines_within(resp, deadline):
+            if self.abandon.is_set():
+                raise RequestFailed("abandoned: the run stopped waiting for it")
+            if time.monotonic() >= deadline:
+                raise requests.Timeout()
+            if not line or not line.startswith("data:"):
+                continue
+            event = _parse_event(line[5:])
+            if event.get("id") == item_id and event.get("state") in FINAL_STATES:
+                return event
+            # An event we cannot read on its own is still a sign to look again.
+            item = self._fetch_item(session, batch_id, item_id, deadline)
+            if item.get("state") in FINAL_STATES:
+                return item
+        return None
+
+
+def _parse_event(data: str) -> dict:
+    try:
+        event = json.loads(data)
+    except ValueError:
+        return {}
+    return event if isinstance(event, dict) else {}
+
+
+def instance_count(status: Any) -> int | None:
+    """App-tier instances pending or running in a `/api/status` answer."""
+    instances = status.get("instances") if isinstance(status, dict) else None
+    if isinstance(instances, dict):
+        if "pending" not in instances and "running" not in instances:
+            # {} while AWS cannot be read (or before it first is): unknown, not none running.
+            return None
+        return sum(int(instances.get(state) or 0) for state in ("pending", "running"))
+    if isinstance(instances, int):
+        return instances
+    return None
+
+
+class StatusPoller:
+    """Reads GET /api/status every `interval` seconds while the run goes on.
+
+    A web tier without /api/status just yields no samples; the load test does
+    not depend on it.
+    """
+
+    def __init__(self, config: Config, on_answer: Callable[[], None] | None = None) -> None:
+        self.url = f"{config.url}/api/status"
+        self.on_answer = on_answer  # called for each answer, whatever it says: the web tier is up
+        self.interval = config.status_interval
+        self.t0 = 0.0
+        self.samples: list[tuple[float, int]] = []
+        self._session = new_session(config.api_key)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="status-poller", daemon=True)
+
+    def sample(self) -> None:
+        try:
+            resp = self._session.get(self.url, timeout=2.0, allow_redirects=False)
+            if self.on_answer:
+                self.on_answer()
+            count = instance_count(resp.json()) if resp.status_code == 200 else None
+        except (requests.RequestException, ValueError, TypeError):
+            # TypeError: a malformed answer ({"pending": []}); raised, it ended this thread
+            # and, from the last sample, the run, in a traceback without a report.
+            return
+        if count is not None:
+            self.samples.append((time.monotonic() - self.t0, count))
+
+    def _loop(self) -> None:
+        # The first sample at once, so even a short run has a starting point; taken
+        # here rather than before the run, as /api/status may take up to 2 s.
+        self.sample()
+        while not self._done.wait(self.interval):
+            self.sample()
+
+    def start(self, t0: float) -> None:
+        """Sample from now on; times are seconds since `t0` (time.monotonic)."""
+        self.t0 = t0
+        self._thread.start()
+
+    def stop(self, wait: bool = True) -> None:
+        """Stop sampling; with `wait`, take one last sample, so the run's end has one."""
+        self._done.set()
+        if not wait:
+            return  # the thread ends after the sample it may be taking
+        self._thread.join(timeout=5.0)
+        self.sample()
+        self._session.close()
+
+
+# --- running ------------------------------------------------------------------------
+
+
+class Progress:
+    """A one-line progress bar on stderr; on a non-terminal, a line per 10 %."""
+
+    WIDTH = 30
+
+    def __init__(self, total: int, stream: TextIO | None = None, enabled: bool = True) -> None:
+        self.total = total
+        self.stream = stream or sys.stderr
+        self.enabled = enabled and total > 0
+        self.tty = self.stream.isatty()
+        self._last_tenth = 0
+        self._t0 = time.monotonic()
+
+    def update(self, done: int, failed: int, wrong: int, not_sent: int = 0) -> None:
+        if not self.enabled:
+            return
+        filled = self.WIDTH * done // self.total
+        rate = done / max(time.monotonic() - self._t0, 1e-9)
+        line = (
+            f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] {done}/{self.total}"
+            f"  failed {failed}  wrong {wrong}" + (f"  not sent {not_sent}" if not_sent else "")
+            + f"  {rate:.1f}/s"
+        )
+        if self.tty:
+            self.stream.write("\r" + line)
+        else:
+            tenth = 10 * done // self.total
+            if tenth == self._last_tenth:
+                return
+            self._last_tenth = tenth
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class Senders:
+    """`concurrency` threads working through the plan, each outcome put on a queue.
+
+    Not a ThreadPoolExecutor: Python joins its threads when the interpreter exits,
+    so after a second Ctrl-C the process would still wait for every request in
+    flight (up to --timeout). These threads are daemons; once the report is
+    printed nothing waits for them.
+    """
+
+    def __init__(self, client: Client, plan: Sequence[Path], concurrency: int, stop: threading.Event) -> None:
+        self._client = client
+        self._stop = stop
+        self._todo = deque(enumerate(plan))
+        self._lock = threading.Lock()
+        # Each request taken from the plan puts one Outcome here, or the exception
+        # that ended its thread.
+        self._done: queue.SimpleQueue[Outcome | BaseException] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"load-{n}", daemon=True)
+            for n in range(min(concurrency, len(plan)))
+        ]
+        self._t0 = 0.0
+        self.started = 0  # requests taken from the plan (changed under the lock)
+        self.received = 0  # outcomes handed out (changed by the caller's thread only)
+        self.answered = 0  # requests whose outcome is in (changed under the lock)
+
+    def start(self, t0: float) -> None:
+        self._t0 = t0
+        for thread in self._threads:
+            thread.start()
+
+    def _next(self) -> tuple[int, Path] | None:
+        # Checked and counted under the lock: once the stop event is set and the
+        # lock taken, `started` is final.
+        with self._lock:
+            if self._stop.is_set() or not self._todo:
+                return None
+            self.started += 1
+            return self._todo.popleft()
+
+    def _work(self) -> None:
+        try:
+            while (job := self._next()) is not None:
+                outcome = self._client.send(job[0], job[1], self._t0)
+                with self._lock:
+                    self.answered += 1
+                self._done.put(outcome)
+        except BaseException as exc:  # send handles failed requests: this is a bug, shown by the caller
+            self._done.put(exc)
+
+    def _finished(self) -> bool:
+        with self._lock:
+            no_more = self._stop.is_set() or not self._todo
+            return no_more and self.received == self.started
+
+    def outcomes(self) -> Iterator[Outcome]:
+        """Each outcome as it comes, until the plan is sent and answered or, once
+        the stop event is set, until the requests in flight are answered."""
+        while not self._finished():
+            try:
+                # Timed: Ctrl-C interrupts a wait only if the kernel hands SIGINT to
+                # this thread; handed to a sender, it is acted on at the next timeout.
+                item = self._done.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            self.received += 1
+            yield item
+
+    def ready(self) -> Iterator[Outcome]:
+        """The outcomes already there, without waiting for more."""
+        while True:
+            try:
+                item = self._done.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, Outcome):
+                self.received += 1
+                yield item
+
+    def in_flight(self) -> int:
+        """Requests taken from the plan whose outcome is not in yet (one in but not yet
+        handed out is not in flight: the first Ctrl-C's count had them too)."""
+        with self._lock:
+            return self.started - self.answered
+
+
+def plan_requests(config: Config, images: list[Path], expected: dict[str, str]) -> list[Path]:
+    """The image each request sends, in order: the folder's images over and over, up to
+    --num-requests (all of them once without it). Raises LoadTestError when an
+    --expected CSV names none of the images sent."""
+    total = config.num_requests if config.num_requests is not None else len(images)
+    plan = [images[i % len(images)] for i in range(total)]
+    sending = {sendable_name(p) for p in plan}  # as judge names them
+    if config.expected and not any(image_key(name) in expected for name in sending):
+        # Every answer would be "unchecked", and the run a PASS that checked nothing. The
+        # images sent, not those in the folder: --num-requests may send only a few of them.
+        which = (f"the {len(images)} images in {config.images}" if len(sending) == len(images) else
+                 f"the {len(sending)} images --num-requests {total} sends of the {len(images)} "
+                 f"in {config.images}")
+        named = ", ".join(sorted(expected)[:3]) or "none"
+        raise LoadTestError(f"{config.expected} names none of {which} (it names {named}"
+                            f"{', ...' if len(expected) > 3 else ''})")
+    return plan
+
+
+def run_load(
+    config: Config,
+    progress: Progress | None = None,
+    on_result: Callable[[Outcome], None] | None = None,
+    *,
+    images: list[Path] | None = None,
+    expected: dict[str, str] | None = None,
+) -> Report:
+    """Send the planned requests with `config.concurrency` in flight; return the report.
+
+    `images` and `expected`: what list_images and read_expected gave for `config.images`
+    and `config.expected`, if the caller has read them already (main, for its progress
+    bar): read again, a folder changed in between would make the plan disagree with
+    the progress total. Left out, they are read here.
+
+    `on_result` is called in the calling thread for each finished request.
+    A Ctrl-C (KeyboardInterrupt, also from `on_result`) stops sending; requests
+    in flight are waited for (each is bounded by the timeout). A second one stops
+    waiting: the report holds what was answered, counts the rest as abandoned,
+    and the threads still waiting for them are left to end with the process
+    (those polling /api/jobs stop at their next poll).
+    Either way the report says it was interrupted.
+    """
+    if images is None:
+        images = list_images(config.images)
+    if expected is None:
+        expected = read_expected(config.expected) if config.expected else {}
+    plan = plan_requests(config, images, expected)
+    total = len(plan)
+    if not hasattr(urllib3.response.HTTPResponse, "read1"):
+        # Every request would fail with an AttributeError (a reviewer: distributions ship 1.26).
+        raise LoadTestError("this script needs urllib3 2.2 or later: pip install 'urllib3>=2.2'")
+    check_reachable(config.url)
+    if not config.api_key and api_key_required(config.url):
+        # Else every upload is refused with a 401, and a quiet run said only how many failed.
+        raise LoadTestError(f"{config.url} requires an API key (its /api/status says so): "
+                            "give it with --api-key KEY or as $API_KEY")
+
+    stop, abandon = threading.Event(), threading.Event()
+    client = Client(config, stop, abandon)
+    senders = Senders(client, plan, config.concurrency, stop)
+    poller = StatusPoller(config, on_answer=client.server_answered)
+    outcomes: list[Outcome] = []
+    # Running counts for the progress line: counting all outcomes again for each
+    # result made a 20,000-request run spend seconds of the main thread on it.
+    problems = {"failed": 0, "wrong": 0, "not sent": 0}
+
+    def record(outcome: Outcome, notify: bool = True) -> None:
+        judge(outcome, expected)
+        outcomes.append(outcome)
+        if outcome.verdict in problems:
+            problems[outcome.verdict] += 1
+        if notify and on_result:
+            on_result(outcome)
+        if notify and progress:
+            progress.update(len(outcomes), problems["failed"], problems["wrong"],
+                            not_sent=problems["not sent"])
+
+    interrupted = False
+    abandoned = 0
+    # The clock starts as the first requests go: nothing slow comes in between.
+    started_at = time.time()
+    t0 = time.monotonic()
+    try:
+        try:
+            poller.start(t0)
+            senders.start(t0)
+            for outcome in senders.outcomes():
+                record(outcome)
+        except KeyboardInterrupt as first:
+            # All of the handling is inside the next try: a second Ctrl-C may come
+            # at any moment, even before the message below is out.
+            try:
+                interrupted = True
+                stop.set()
+                if progress:
+                    progress.clear()
+                if isinstance(first, Terminated):
+                    raise KeyboardInterrupt  # waits for nothing: as a second Ctrl-C
+                print(
+                    f"\ninterrupted: waiting for {senders.in_flight()} requests in flight "
+                    "(Ctrl-C again to quit)",
+                    file=sys.stderr,
+                )
+                for outcome in senders.outcomes():
+                    record(outcome)
+            except KeyboardInterrupt:
+                for outcome in senders.ready():
+                    record(outcome, notify=False)
+                # Every request taken from the plan is either recorded or abandoned: one
+                # whose outcome came a moment too late for the report (or was handed out
+                # as this Ctrl-C came) is abandoned, not lost from both (explorer).
+                abandoned = senders.started - len(outcomes)
+                print(f"\nquitting: {abandoned} requests in flight left unanswered", file=sys.stderr)
+    finally:
+        stop.set()
+        # Requests still waiting (a second Ctrl-C) stop polling: each is counted abandoned
+        # already, and would otherwise poll the web tier until its timeout.
+        abandon.set()
+        duration = time.monotonic() - t0
+        # An interrupted run waits for nothing more, not even a slow /api/status.
+        poller.stop(wait=not interrupted)
+        client.close()
+        if progress:
+            progress.close()
+
+    return Report(
+        url=config.url,
+        api=config.api,
+        concurrency=config.concurrency,
+        planned=total,
+        started_at=started_at,
+        duration_s=duration,
+        outcomes=outcomes,
+        instance_samples=list(poller.samples),
+        interrupted=interrupted,
+        abandoned=abandoned,
+        idempotency_keys=config.idempotency_keys,
+        checked_against_csv=config.expected is not None,
+    )
+
+
+# --- output -------------------------------------------------------------------------
+
+
+UNTRAINED_WARNING = (
+    "WARNING: the service said its model is UNTRAINED (MODEL_WEIGHTS=random): "
+    "its labels are meaningless, and 'wrong' counts say nothing about accuracy."
+)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} s"
+
+
+def result_line(report: Report) -> str:
+    if report.ok:
+        late = (f"; {report.answered_later} of them read from /api/jobs after a 503 or 504 said "
+                "the image was queued") if report.answered_later else ""
+        checked = report.correct + report.wrong
+        unchecked = (f"; {report.unchecked} not in the expected CSV, so unchecked"
+                     if checked and report.unchecked else "")  # a CSV that names only some images
+        return f"RESULT: PASS ({report.answered} answered, none failed or wrong{late}{unchecked})"
+    reasons = [f"{report.failed} failed", f"{report.wrong} wrong"]
+    if report.abandoned:
+        reasons.append(f"{report.abandoned} abandoned in flight")
+    if report.not_sent:
+        reasons.append(f"{report.not_sent} not sent")
+    if report.interrupted:
+        reasons.append("interrupted")
+    if report.checked_nothing:
+        reasons.append("none checked: the expected CSV names no image answered")
+    return f"RESULT: FAIL ({', '.join(reasons)})"
+
+
+def failure_lines(report: Report, limit: int = 5) -> list[str]:
+    """Why requests failed, or were not sent, one line per distinct reason with how
+    many it stopped, the commonest first, then the wrong answers, one line each with
+    its file: what a quiet run says beside its RESULT line."""
+    lines = []
+    for verdict in ("failed", "not sent"):
+        stopped = sorted((o for o in report.outcomes if o.verdict == verdict), key=lambda o: o.index)
+        reasons = Counter(o.error or "no reason given" for o in stopped)  # ties: the first to fail first
+        common = reasons.most_common()
+        lines += [f"{count} {verdict}: {reason}" for reason, count in common[:limit]]
+        rest = common[limit:]
+        if rest:
+            lines.append(f"... and {sum(count for _, count in rest)} {verdict} for {len(rest)} other "
+                         "reasons (run without -q, or see --json)")
+    # Each wrong answer with its file, as the table shows it: "4 wrong" alone left a quiet
+    # run's user no way to find which images, short of --json (reviewer).
+    wrong = sorted((o for o in report.outcomes if o.verdict == "wrong"), key=lambda o: o.index)
+    lines += [f"{o.file}: wrong: answered {o.body!r}, {o.note or 'wrong'}" for o in wrong[:limit]]
+    if len(wrong) > limit:
+        lines.append(f"... and {len(wrong) - limit} more wrong (run without -q, or see --json)")
+    return lines
+
+
+def format_report(report: Report, max_problems: int = 10) -> str:
+    """The summary table printed at the end of a run."""
+    stats = report.latency_stats()
+    endpoint = "POST /" if report.api == "form" else "POST /api/jobs"
+    checked = report.correct + report.wrong
+    rows = [
+        ("sent", f"{report.sent}" + (f" of {report.planned}" if report.sent != report.planned else "")),
+        ("answered", f"{report.answered}"),
+        ("failed", f"{report.failed}  (HTTP errors, timeouts)"),
+        ("wrong", f"{report.wrong}  (of {checked} checked; {report.unchecked} unchecked)"),
+        ("total duration", _seconds(report.duration_s)),
+        ("throughput", f"{report.throughput:.2f} images/s"),
+        ("latency p50", _seconds(stats["p50"])),
+        ("latency p90", _seconds(stats["p90"])),
+        ("latency p99", _seconds(stats["p99"])),
+        ("latency max", _seconds(stats["max"])),
+        ("latency mean", _seconds(stats["mean"])),
+        ("average latency (course)", _seconds(report.course_average_latency) + "  (duration / requests)"),
+    ]
+    if report.not_sent:
+        never_started = report.not_sent - report.unreached
+        why = [f"{report.unreached} never connected: refused or unreachable"] if report.unreached else []
+        why += [f"{never_started} not started: the run was interrupted"] if never_started else []
+        rows.insert(3, ("not sent", f"{report.not_sent}  ({'; '.join(why)})"))
+    if report.abandoned:
+        rows.insert(3, ("abandoned", f"{report.abandoned}  (in flight at the second Ctrl-C)"))
+    if report.answered_later:
+        rows.insert(2, ("answered later", f"{report.answered_later}  (a 503 or 504 said the image was "
+                                          "queued: its result was read from /api/jobs)"))
+    if report.resent:
+        resent = [o for o in report.outcomes if o.resent]
+        cut_off_too = report.api == "jobs" or report.idempotency_keys
+        why = "refused or cut-off connections" if cut_off_too else "refused connections"
+        why = f"{why}, 503 'not stored': a web tier restarting"
+        if all(o.verdict == "not sent" for o in resent):
+            # Not one of them ever reached a web tier: none restarted, it stayed away.
+            why = "connections refused or not made: refused or unreachable to the end"
+        rows.insert(1, ("sent again", f"{len(resent)} requests, {report.resent} times in all  ({why})"))
+    if report.peak_instances is not None:
+        rows.append(("peak app-tier instances", f"{report.peak_instances}"))
+    width = max(len(name) for name, _ in rows)
+    in_flight = min(report.concurrency, report.planned)
+    concurrency = f"concurrency {report.concurrency}"
+    if in_flight < report.concurrency:
+        concurrency += f" (at most {in_flight} in flight: {report.planned} requests)"
+    lines = [f"Load test: {endpoint} on {report.url}, {concurrency}", ""]
+    lines += [f"  {name:<{width}}  {value}" for name, value in rows]
+
+    problems = sorted((o for o in report.outcomes if o.verdict in ("failed", "wrong", "not sent")),
+                      key=lambda o: o.index)
+    if problems:
+        lines += ["", "Problems:"]
+        for o in problems[:max_problems]:
+            detail = o.error if o.verdict != "wrong" else f"answered {o.body!r}, {o.note or 'wrong'}"
+            lines.append(f"  {o.file}: {o.verdict}: {detail}")
+        if len(problems) > max_problems:
+            lines.append(f"  ... and {len(problems) - max_problems} more (see --json)")
+    lines.append("")
+    if report.untrained:
+        lines.append(UNTRAINED_WARNING)
+    lines.append(result_line(report))
+    return "\n".join(lines)
+
+
+def write_json(report: Report, path: Path) -> None:
+    path.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def write_plot(report: Report, path: Path) -> None:
+    """Latency of each request against its send time, above instances over time."""
+    # Imported here so the rest of the script works where matplotlib is missing;
+    # Figure without pyplot draws with the Agg canvas and needs no display.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 6.5), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
+    # Okabe-Ito colours and a marker each: told apart without colour vision too.
+    styles = {"correct": ("#009E73", "o"), "unchecked": ("#0072B2", "o"),
+              "wrong": ("#E69F00", "^"), "failed": ("#D55E00", "x"), "not sent": ("#000000", "s")}
+    for verdict, (colour, marker) in styles.items():
+        points = [(o.started_s, o.latency_s) for o in report.outcomes if o.verdict == verdict]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            top.scatter(xs, ys, s=12, color=colour, marker=marker, alpha=0.7,
+                        label=f"{verdict} ({len(points)})")
+    top.set_ylabel("latency (s)")
+    top.set_title(
+        f"{report.sent} requests, concurrency {report.concurrency}, "
+        f"{report.throughput:.2f} images/s" + ("  [UNTRAINED MODEL]" if report.untrained else "")
+    )
+    if report.outcomes:
+        # Beside the plot, not on it: the slowest requests tend to sit in its top left.
+        top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    top.grid(alpha=0.3)
+
+    if report.instance_samples:
+        ts, counts = zip(*report.instance_samples, strict=True)
+        bottom.step(ts, counts, where="post", color="tab:purple")
+        bottom.set_ylim(bottom=0, top=max(counts) + 1)
+    else:
+        bottom.text(0.5, 0.5, "no /api/status data", ha="center", va="center", transform=bottom.transAxes)
+    bottom.set_ylabel("app-tier instances\n(pending + running)")
+    bottom.set_xlabel("seconds since the run began (a request's point: when it was sent)")
+    bottom.grid(alpha=0.3)
+    # A path without a suffix is written as a PNG at that path (matplotlib would add ".png").
+    fig.savefig(path, dpi=100, format=None if Path(path).suffix else "png")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, heard as a Ctrl-C that waits for nothing (see sigterm_as_ctrl_c)."""
 
 
 @contextlib.contextmanager

@@ -168,7 +168,7 @@ def e2e_table(e2e: dict[str, Any]) -> str:
                      *[report.fmt(lat[k], "s", 2) for k in ("p50", "p90", "p99", "max")],
                      report.fmt(r["course_average_latency_s"], "s", 3)])
     header = ["run", "200s", "failed", "wrong", "duration", "img/s", "p50", "p90", "p99", "max", "dur/req"]
-    text = report.table("End to end: loadtest.run.run_load -> POST / on the embedded stack", header, rows)
+    text = report.table("End to end: load_test.run_load -> POST / on the embedded stack", header, rows)
     for phase, error in (e2e.get("errors") or {}).items():
         text += f"\n  {phase}: FAILED, {_short(error)}"
     return text

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loadtest.outcomes import percentile
+from load_test import percentile
 
 UNTRAINED_NOTE = ("MODEL_WEIGHTS=random: an UNTRAINED ResNet-50 (labels meaningless; the figures are "
                   "about speed, which does not depend on the weights)")

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from bench import endtoend
-from loadtest.outcomes import Outcome, Report
+from load_test import Outcome, Report
 from localaws.harness import StackProcess
 from tests.unit.conftest import wait_until
 
@@ -128,7 +128,7 @@ def test_the_workers_waited_for_are_those_that_served_not_the_spares(tmp_path: P
 def test_a_phases_problems_name_requests_never_sent_too():
     """The load test counts them apart from the failed: the bench's
     examples of what went wrong had left them out."""
-    from loadtest.outcomes import judge
+    from load_test import judge
 
     outcomes = [Outcome(index=0, file="a.jpg", started_s=0.0, reached=True, label="cat", answer_name="a"),
                 Outcome(index=1, file="b.jpg", started_s=0.0, error="cannot connect: refused")]

@@ -161,7 +161,7 @@ def test_moto_statistics_are_read_from_a_write_after_the_question(tmp_path):
 
 def test_low_load_counts_only_the_requests_after_the_warm_up():
     from bench.endtoend import without_first
-    from loadtest.outcomes import Outcome, Report
+    from load_test import Outcome, Report
 
     # Two warm-up requests (the first waits for a launch), then three of 0.1 s back to back.
     outcomes = [Outcome(0, "a.jpg", 0.0, 1.5, reached=True), Outcome(1, "b.jpg", 1.5, 0.2, reached=True),
@@ -180,7 +180,7 @@ def test_low_load_counts_only_the_requests_after_the_warm_up():
 
 def test_the_json_keeps_each_low_load_request_in_the_order_they_started():
     from bench.endtoend import each_request
-    from loadtest.outcomes import Outcome, Report
+    from load_test import Outcome, Report
 
     outcomes = [Outcome(1, "b.jpg", 0.25, 1.2), Outcome(0, "a.jpg", 0.1, 0.05),
                 Outcome(2, "c.jpg", 1.5, 0.0, error="HTTP 500", verdict="failed")]

@@ -17,7 +17,7 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
 TIERS = ("app_tier", "web_tier", "controller", "common")
-OWN = {"app_tier", "web_tier", "controller", "common", "localaws", "bench", "load_test", "loadtest", "tests"}
+OWN = {"app_tier", "web_tier", "controller", "common", "localaws", "bench", "load_test", "tests"}
 # Imported only by a diagnostic an instance does not need (controller --plot).
 TOOLS_ONLY = {"controller/timeline.py": {"matplotlib"}}
 
