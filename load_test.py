@@ -474,6 +474,17 @@ def percentile(values: Sequence[float], p: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
+def latency_summary(values: Sequence[float]) -> dict[str, float | None]:
+    """p50, p90, p99 (numpy's linear definition), max and mean, in the units given; None when empty."""
+    return {
+        "p50": percentile(values, 50),
+        "p90": percentile(values, 90),
+        "p99": percentile(values, 99),
+        "max": max(values) if values else None,
+        "mean": sum(values) / len(values) if values else None,
+    }
+
+
 # --- results ------------------------------------------------------------------------
 
 
@@ -609,14 +620,7 @@ class Report:
         return [o.latency_s for o in self.outcomes if o.answered]
 
     def latency_stats(self) -> dict[str, float | None]:
-        values = self.latencies
-        return {
-            "p50": percentile(values, 50),
-            "p90": percentile(values, 90),
-            "p99": percentile(values, 99),
-            "max": max(values) if values else None,
-            "mean": sum(values) / len(values) if values else None,
-        }
+        return latency_summary(self.latencies)
 
     @property
     def throughput(self) -> float:

@@ -30,9 +30,8 @@ import psutil
 
 from bench.inference import InferenceResult
 from bench.memory import MemorySampler, kind_of
-from bench.report import latency_summary
 from bench.scaling import FleetPoller, controller_actions, scaling_times
-from load_test import Config, Report, run_load
+from load_test import Config, Report, latency_summary, run_load
 from localaws.harness import StackProcess
 from localaws.moto_fast import STATS_ENV, STATS_EVERY_S
 

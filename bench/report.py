@@ -12,23 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from load_test import percentile
-
 UNTRAINED_NOTE = ("MODEL_WEIGHTS=random: an UNTRAINED ResNet-50 (labels meaningless; the figures are "
                   "about speed, which does not depend on the weights)")
 NOISE_NOTE = ("This machine is shared (2 cores): other engineers' tests may run at the same time, so "
               "every figure is noisy; 'others used' shows how much of the machine they took per phase.")
-
-
-def latency_summary(values: Sequence[float]) -> dict[str, float | None]:
-    """p50, p90, p99 (numpy's linear definition), max and mean, in the units given; None when empty."""
-    return {
-        "p50": percentile(values, 50),
-        "p90": percentile(values, 90),
-        "p99": percentile(values, 99),
-        "max": max(values) if values else None,
-        "mean": sum(values) / len(values) if values else None,
-    }
 
 
 def ratio(part: float | None, whole: float | None) -> float | None:

@@ -10,10 +10,11 @@ from bench import report
 from bench.inference import single_image_time
 from bench.memory import kind_of
 from bench.scaling import controller_actions, first_at, scaling_times
+from load_test import latency_summary
 
 
 def test_latency_summary_uses_linear_percentiles():
-    stats = report.latency_summary([1.0, 2.0, 3.0, 4.0])
+    stats = latency_summary([1.0, 2.0, 3.0, 4.0])
     assert stats["p50"] == 2.5
     assert stats["p90"] == pytest.approx(3.7)
     assert stats["p99"] == pytest.approx(3.97)
@@ -21,7 +22,7 @@ def test_latency_summary_uses_linear_percentiles():
 
 
 def test_latency_summary_of_nothing_is_none():
-    assert set(report.latency_summary([]).values()) == {None}
+    assert set(latency_summary([]).values()) == {None}
 
 
 def test_single_image_time_is_the_best_of_the_rounds_and_the_batch_1_run():
