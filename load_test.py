@@ -629,10 +629,12 @@ class Report:
 
     @property
     def course_average_latency(self) -> float | None:
-        """The course's figure: total duration divided by the number of requests that
-        ended (None when nothing was answered: it would measure only how fast they
-        failed; abandoned ones did not end within the duration)."""
-        return self.duration_s / len(self.outcomes) if self.answered else None
+        """The course's figure: total duration divided by the number of requests sent
+        that ended (None when nothing was answered: it would measure only how fast they
+        failed; abandoned ones did not end within the duration, and those never sent
+        were not requests the web tier saw: counted, a dead web tier made it look fast)."""
+        ended = self.sent - self.abandoned
+        return self.duration_s / ended if self.answered and ended else None
 
     @property
     def peak_instances(self) -> int | None:
@@ -1811,7 +1813,7 @@ class Stdout:
             # Flushed at once: a pipe's buffer flushed only at exit would break there,
             # past any handler.
             print(text, flush=True)
-        except BrokenPipeError:
+        except OSError:  # a broken pipe; a full disk (> /dev/full): the report files matter more
             self.gone = True
             try:
                 # Python flushes stdout again at exit, and would report that broken pipe
@@ -1849,6 +1851,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LoadTestError as exc:
         print(f"load_test.py: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # during the checks before the first request: nothing to report
+        print("\nload_test.py: interrupted before any request was sent", file=sys.stderr)
+        return 1
 
     if config.quiet:
         if report.untrained:

@@ -941,6 +941,9 @@ def test_requests_never_sent_are_not_counted_failed_too(tmp_path):
     verdicts = Counter(r["verdict"] for r in data["requests"])
     assert verdicts == {"unchecked": 12, "failed": 4, "not sent": 22}
     assert data["sent"] + data["not_sent"] == data["planned"] and data["failed"] == verdicts["failed"]
+    # The course's average is over the requests the web tier saw: the 22 never sent had
+    # made a dead web tier look fast (reviewer).
+    assert report.course_average_latency == pytest.approx(1.0 / 16)
 
     # A web tier that came back is one restarting.
     outcomes[0].resent = 1
@@ -1070,6 +1073,33 @@ def test_a_closed_stdout_stops_the_printing_not_the_run(tier, tmp_path, talk):
     data = json.loads(report.read_text())
     assert (data["sent"], data["answered"], data["ok"]) == (3, 3, True)
     assert tier.paths["POST /"] == 3
+
+
+def test_a_full_disk_under_stdout_stops_the_printing_not_the_report(tier, tmp_path):
+    """`> /dev/full` ended the run in an OSError traceback, and no JSON (reviewer)."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    images = make_images(tmp_path / "images", {"0.jpg": b"label:a", "1.jpg": b"label:b"})
+    report = tmp_path / "out.json"
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, load_test.__file__, "--url", tier.url, "--images", str(images),
+                               "--json", str(report), "-v"], stdout=full, stderr=subprocess.PIPE, text=True,
+                              timeout=60)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert json.loads(report.read_text())["answered"] == 2
+
+
+def test_an_interrupt_before_the_first_request_is_one_line(tier, tmp_path, monkeypatch, capsys):
+    """Ctrl-C or SIGTERM during the checks before sending (up to 22 s against a web tier
+    that does not answer) gave a raw traceback (reviewer)."""
+    images = make_images(tmp_path / "images", {"0.jpg": b"label:a"})
+
+    def interrupted(_url, *_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(load_test, "check_reachable", interrupted)
+    assert load_test.main(["--url", tier.url, "--images", str(images)]) == 1
+    assert "interrupted before any request was sent" in capsys.readouterr().err
 
 
 def test_sigterm_reports_what_was_done_at_once(tier, tmp_path):
