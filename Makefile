@@ -29,10 +29,10 @@ $(STAMP):
 venv: $(STAMP)
 
 ## The tiers alone, for the web or controller instance (README, On real AWS): no embedded
-## AWS, browser driver or test tools there
+## AWS, browser driver or test tools there. A new .venv, whatever one held before.
 runtime-venv:
 	@test -n "$(PYTHON)" || { echo "make: needs Python 3.11 or newer" >&2; exit 1; }
-	$(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
+	rm -rf $(VENV) && $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-runtime.txt -c constraints.txt
 
