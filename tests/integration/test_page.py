@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -944,7 +945,11 @@ def test_a_slow_upload_that_keeps_going_is_not_cut_off(stack, browser, reference
     browser.execute_script(COUNT_POSTS_IN_FLIGHT + SHORT_SEND_TIMEOUTS)
     with upload_throttled(browser, 25_000):
         choose(browser, tmp_path, files)
+        # How far the sends have got, while they go (nothing moved for 75 s: reviewer).
+        summary = browser.execute_script("return document.getElementById('summary')")
+        wait_for(lambda: re.search(r"sending \d+\.\d of \d+\.\d MB", summary.text), 20, "the bytes sent")
         shown = finished_rows(browser, stack, len(files), timeout_s=50)
+    assert "sending" not in summary.text
     assert {name: row.text for name, row in shown.items() if row.get_attribute("data-state") != "done"} == {}
     assert_classified(shown, files, reference_model)
     assert browser.execute_script("return [window.posts, window.mostPosts]") == [len(files), 3]

@@ -144,6 +144,17 @@
     }
   }
 
+  // How far the upload requests under way have got, [sent, size] in bytes by request:
+  // on a slow link the page said "0 of 24 classified" for 75 s, no sign of progress (reviewer).
+  const sendProgress = new Map();
+  function sendingText() {
+    if (!sendProgress.size) return "";
+    let sent = 0, size = 0;
+    for (const [loaded, total] of sendProgress.values()) { sent += loaded; size += total; }
+    const mb = (bytes) => (bytes / 1048576).toFixed(1);
+    return `sending ${mb(sent)} of ${mb(size)} MB`;
+  }
+
   // POST `form` to /api/jobs: {status, body} (body null if not JSON), or throws a
   // SendFailure. By XMLHttpRequest, not fetch: only it tells how far the upload has got.
   function post(form, headers) {
@@ -157,14 +168,23 @@
       const stalled = () => giveUpIn(stallTimeoutMs(),
         `upload timed out: no progress for ${seconds(stallTimeoutMs())} s (slow or broken connection?)`);
       const started = (event) => { if (event.loaded > 0) stalled(); };
-      const fail = () => { clearTimeout(timer); reject(new SendFailure(timedOut)); };
+      const progressed = (event) => {
+        started(event);
+        if (event.lengthComputable) {
+          sendProgress.set(xhr, [event.loaded, event.total]);
+          updateSummary();
+        }
+      };
+      const settled = () => { if (sendProgress.delete(xhr)) updateSummary(); };
+      const fail = () => { clearTimeout(timer); settled(); reject(new SendFailure(timedOut)); };
       xhr.open("POST", "/api/jobs");
       for (const [name, value] of Object.entries(headers)) xhr.setRequestHeader(name, value);
-      xhr.upload.onprogress = started;
+      xhr.upload.onprogress = progressed;
       xhr.upload.onload = () => giveUpIn(answerTimeoutMs(),
         `upload timed out: no answer ${seconds(answerTimeoutMs())} s after it was sent (server busy or unreachable?)`);
       xhr.onload = () => {
         clearTimeout(timer);
+        settled();
         let body = null;
         try {
           body = JSON.parse(xhr.responseText);
@@ -327,7 +347,7 @@
       else if (el.dataset.state === "failed") failed += 1;
     }
     const counts = all.length ? `${done} of ${all.length} classified${failed ? `, ${failed} failed` : ""}` : "";
-    $("summary").textContent = [counts, ...notices, ...folderNotices].filter(Boolean).join(" · ");
+    $("summary").textContent = [counts, sendingText(), ...notices, ...folderNotices].filter(Boolean).join(" · ");
     // Among hundreds of rows, the few that failed are the ones to act on.
     $("only-failed-box").hidden = !failed;
     $("only-failed-count").textContent = failed ? ` (${failed})` : "";
