@@ -999,6 +999,9 @@ class Client:
                 # (a paused web tier stored and answered all 8 said only "timeout": reviewer).
                 # Not "--idempotency-keys sends it again": no upload is sent again past --timeout.
                 outcome.error += " (the image may be stored)"
+            elif self.config.api == "jobs" and outcome.status in (200, 201, 202):
+                # Accepted, then waited for: the web tier holds it, and classifies it still.
+                outcome.error += " (the image is stored, and queued: its result will be at /api/jobs)"
         except requests.RequestException as exc:
             outcome.error = f"{type(exc).__name__}: {_short(str(exc))}"
         except OSError as exc:  # the image could not be read
