@@ -987,7 +987,11 @@ class Client:
         except requests.ConnectionError as exc:  # before Timeout: a ConnectTimeout is both
             outcome.error = connection_error(exc, self.config.url)
             if outcome.resent:
-                outcome.error += f" (sent {outcome.resent} times more, for up to {RESEND_WINDOW_S:g} s)"
+                # Tried, not "sent": one never connected sent nothing (a "not sent" line read
+                # "sent 17 times more": reviewer).
+                tries = (f"sent {outcome.resent} times more" if outcome.reached
+                         else f"tried {outcome.resent + 1} times")
+                outcome.error += f" ({tries}, for up to {RESEND_WINDOW_S:g} s)"
             elif (self.config.api == "form" and not self.config.idempotency_keys
                   and not outcome.error.startswith("cannot connect")):
                 outcome.error += " (the image may be stored; --idempotency-keys sends such uploads again)"

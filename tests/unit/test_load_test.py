@@ -1897,7 +1897,7 @@ def test_a_connection_not_made_in_time_is_sent_again_and_said_so(tmp_path, monke
     outcome = finish_within(5, client.send, 0, images / "b.jpg", time.monotonic())
     assert outcome.resent >= 1
     assert outcome.error == (f"cannot connect to {url}: no connection within 10 s "
-                             f"(sent {outcome.resent} times more, for up to 0.6 s)")
+                             f"(tried {outcome.resent + 1} times, for up to 0.6 s)")
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:80a", "http://127.0.0.1:99999", "http://"])
