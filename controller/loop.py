@@ -345,8 +345,17 @@ class Controller:
         self.policy = policy_from(self.settings)
         render_user_data(self.settings)  # fail at start, not at the first launch
         if self.timeline_path:
-            with self.timeline_path.open("w", newline="") as fh:
-                csv.writer(fh).writerow(TIMELINE_FIELDS)
+            # Added to, not written over: a controller restarted (systemd, its watchdog)
+            # had erased the rounds before it, those an operator wants after a crash
+            # (reviewer). A file of other columns is started afresh.
+            try:
+                with self.timeline_path.open(newline="") as fh:
+                    first = next(csv.reader(fh), None)
+            except FileNotFoundError:
+                first = None
+            if first != list(TIMELINE_FIELDS):
+                with self.timeline_path.open("w", newline="") as fh:
+                    csv.writer(fh).writerow(TIMELINE_FIELDS)
 
     # --- one round -----------------------------------------------------------------
     def step(self, now: float | None = None) -> Decision:

@@ -600,6 +600,14 @@ def test_timeline_csv_and_plot(aws, make_controller, tmp_path):
     plot_timeline(csv_path, png_path)
     data = png_path.read_bytes()
     assert data.startswith(b"\x89PNG") and len(data) > 5000
+    # A controller started again adds to it: restarted, one had erased what came before.
+    make_controller(timeline_path=csv_path).step()
+    with csv_path.open() as fh:
+        assert [r["action"] for r in csv.DictReader(fh)] == ["launch 3", "-", "terminate 3", "-"]
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n")  # another program's columns: started afresh
+    make_controller(timeline_path=other)
+    assert other.read_text().splitlines() == [",".join(TIMELINE_FIELDS)]
 
 
 def test_a_timeline_that_cannot_be_written_is_warned_about_once_and_stops_nothing(aws, make_controller,

@@ -203,3 +203,12 @@ def test_policy_rejects_nonsense():
         Policy(mode="vibes")
     with pytest.raises(ValueError):
         Policy(target_backlog_per_instance=0)
+
+
+def test_a_latency_target_that_floats_just_under_a_whole_number_is_that_number():
+    """3.3 / 1.1 is 2.9999999999999996: a backlog of 3 wanted 2 instances (reviewer)."""
+    from dataclasses import replace
+
+    policy = replace(BACKLOG, mode="latency", acceptable_latency_s=3.3, seconds_per_image=1.1)
+    decision = decide(obs(visible=3), policy)
+    assert decision.desired == 1 and "target 3" in decision.reason
