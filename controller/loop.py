@@ -106,6 +106,10 @@ class ScaleInWindow:
     # (time, instances wanted) of each round within the window.
     rounds: deque[tuple[float, int]] = field(default_factory=deque)
 
+    def watched(self, at: float, window: float) -> bool:
+        """Whether this controller has watched a whole window by `at`."""
+        return self.started_at is not None and at - self.started_at >= window
+
     def peak(self, at: float, wanted: int, live: int, window: float) -> int:
         """Records that the round at `at` wanted `wanted` instances; returns the most wanted
         at any round of the last `window` seconds, or `live` if more, before a whole window."""
@@ -119,7 +123,7 @@ class ScaleInWindow:
         while len(self.rounds) > 1 and self.rounds[1][0] <= cutoff:
             self.rounds.popleft()
         peak = max(count for _, count in self.rounds)
-        if at - self.started_at < window:
+        if not self.watched(at, window):
             peak = max(peak, live)
         return peak
 
@@ -374,9 +378,10 @@ class Controller:
         wanted_recently = self._wanted_recently(obs)
         launches_held = self._launches_held(obs)
         # Decide, with a pure function of all that; then act.
+        watched = self.scale_in_window.watched(obs.clock, self.policy.scale_in_cooldown_s)
         decision = decide(obs, self.policy, wanted_recently, launches_held,
                           keep_last=frozenset(self.refusals.ids),
-                          launch_wait_s=self.launch_backoff.remaining(obs.clock))
+                          launch_wait_s=self.launch_backoff.remaining(obs.clock), window_watched=watched)
         self._record(obs, decision)
         if decision.changes_anything and not self.dry_run:
             self._act(decision, obs, clock)

@@ -116,19 +116,26 @@ def _free_numbers(taken: set[int], count: int) -> tuple[int, ...]:
 
 def decide(
     obs: Observation, policy: Policy, wanted_recently: int | None = None, hold_launches: bool = False,
-    keep_last: frozenset[str] = frozenset(), launch_wait_s: float = 0.0,
+    keep_last: frozenset[str] = frozenset(), launch_wait_s: float = 0.0, window_watched: bool = True,
 ) -> Decision:
     """What to do now. `wanted_recently` is the most instances wanted at any round of
     the last scale_in_cooldown_s (None: no window); the fleet shrinks no lower.
     `hold_launches`: launch nothing this round (workers have been giving up).
     `keep_last`: ids chosen to scale in only after every other (EC2 refused them).
     `launch_wait_s`: launch nothing for this long yet (the last launch failed). Held
-    launches leave the rest of the decision (terminations, clean-ups) as it is."""
+    launches leave the rest of the decision (terminations, clean-ups) as it is.
+    `window_watched`: whether `wanted_recently` comes from a whole window of rounds, or
+    counts what is live as wanted (a controller started less than a window ago)."""
     desired, reason = desired_count(obs, policy)
     serving = obs.serving
     if wanted_recently is not None and desired < len(serving) and wanted_recently > desired:
         desired = min(len(serving), wanted_recently, policy.max_instances)
-        reason += f"; holding {desired}, wanted within the last {policy.scale_in_cooldown_s:g}s"
+        if window_watched:
+            reason += f"; holding {desired}, wanted within the last {policy.scale_in_cooldown_s:g}s"
+        else:
+            # Not "wanted within the last ...": nothing said so (reviewer: --dry-run --once).
+            reason += (f"; holding {desired}: this controller has watched for less than the "
+                       f"{policy.scale_in_cooldown_s:g}s scale-in window, and scales in only after")
     launch: tuple[int, ...] = ()
     victims: tuple[str, ...] = ()
     if desired > len(serving):

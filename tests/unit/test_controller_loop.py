@@ -584,6 +584,19 @@ def test_one_log_line_per_change(aws, make_controller, caplog):
     assert sum("action=launch 3" in r.getMessage() for r in decisions) == 1
 
 
+def test_a_controller_started_less_than_a_window_ago_says_why_it_holds_the_fleet(aws):
+    controller = Controller(dataclasses.replace(aws.settings, scale_in_cooldown_s=60.0), aws)
+    launched = controller.step(now=1000.0)
+    assert not launched.launch  # an empty queue, an empty fleet
+    send(aws, 2)
+    controller.step(now=1001.0)
+    delete(aws, receive_all(aws))
+    held = controller.step(now=1002.0)
+    assert held.terminate == () and "watched for less than the 60s scale-in window" in held.reason
+    later = controller.step(now=1061.0)  # a whole window watched: the rounds decide
+    assert "watched for less" not in later.reason
+
+
 def test_timeline_csv_and_plot(aws, make_controller, tmp_path):
     csv_path, png_path = tmp_path / "timeline.csv", tmp_path / "timeline.png"
     controller = make_controller(timeline_path=csv_path)

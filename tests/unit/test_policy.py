@@ -138,6 +138,11 @@ def test_the_fleet_shrinks_only_to_the_most_wanted_within_the_window():
     held = decide(obs(visible=2, running=8), policy, wanted_recently=6)
     assert held.desired == 6 and len(held.terminate) == 2 and "holding 6" in held.reason
     assert decide(obs(visible=2, running=8), policy, wanted_recently=9).terminate == ()
+    # A controller started less than a window ago says so, not "wanted within the last 60s"
+    # (reviewer: --dry-run --once gave that reason for what was only live).
+    young = decide(obs(running=8), policy, wanted_recently=8, window_watched=False)
+    assert young.terminate == () and "watched for less than the 60s scale-in window" in young.reason
+    assert "wanted within" not in young.reason
     # Scaling out never waits, and the cap still trims.
     assert len(decide(obs(visible=12, running=8), policy, wanted_recently=8).launch) == 4
     assert len(decide(obs(visible=100, running=17), policy, wanted_recently=17).terminate) == 2
