@@ -1647,6 +1647,9 @@ def result_line(report: Report) -> str:
     return f"RESULT: FAIL ({', '.join(reasons)})"
 
 
+BATCH_IN_URL = re.compile(r"/api/jobs/[0-9a-f]{32}")
+
+
 def failure_lines(report: Report, limit: int = 5) -> list[str]:
     """Why requests failed, or were not sent, one line per distinct reason with how
     many it stopped, the commonest first, then the wrong answers, one line each with
@@ -1654,7 +1657,10 @@ def failure_lines(report: Report, limit: int = 5) -> list[str]:
     lines = []
     for verdict in ("failed", "not sent"):
         stopped = sorted((o for o in report.outcomes if o.verdict == verdict), key=lambda o: o.index)
-        reasons = Counter(o.error or "no reason given" for o in stopped)  # ties: the first to fail first
+        # One cause, one line: each error names its own batch, which made as many "reasons"
+        # as requests (reviewer). Ties: the first to fail first.
+        reasons = Counter(BATCH_IN_URL.sub("/api/jobs/<batch>", o.error or "no reason given")
+                          for o in stopped)
         common = reasons.most_common()
         lines += [f"{count} {verdict}: {reason}" for reason, count in common[:limit]]
         rest = common[limit:]

@@ -1087,6 +1087,20 @@ def test_a_closed_stdout_stops_the_printing_not_the_run(tier, tmp_path, talk):
     assert tier.paths["POST /"] == 3
 
 
+def test_one_cause_is_one_reason_whatever_batch_each_request_named():
+    """Each --jobs error names its batch: a quiet run listed one cause as "51 other
+    reasons" (reviewer)."""
+    outcomes = [load_test.Outcome(index=i, file=f"{i}.jpg", started_s=0.0, reached=True,
+                                  error=f"GET /api/jobs/{i:032x}: cannot connect; every connection refused")
+                for i in range(8)]
+    for outcome in outcomes:
+        load_test.judge(outcome, {})
+    report = load_test.Report(url="http://x", api="jobs", concurrency=8, planned=8, started_at=0.0,
+                              duration_s=1.0, outcomes=outcomes)
+    assert load_test.failure_lines(report) == [
+        "8 failed: GET /api/jobs/<batch>: cannot connect; every connection refused"]
+
+
 def test_a_full_disk_under_stdout_stops_the_printing_not_the_report(tier, tmp_path):
     """`> /dev/full` ended the run in an OSError traceback, and no JSON (reviewer)."""
     if not Path("/dev/full").exists():
