@@ -581,7 +581,8 @@ class Controller:
                 self._wait(backoff)
                 continue
             self._wait(max(0.0, self.settings.poll_interval_s - (time.monotonic() - started)))
-        log.info("controller: stopped (instances are left as they are; a new controller adopts them)")
+        log.info("controller: stopped (instances are left as they are, for the next controller to adopt; "
+                 "make run's stack ends its own)")
 
     def _wait(self, seconds: float) -> None:
         """Wait until the next round or a stop, pinging the watchdog meanwhile if there is one."""

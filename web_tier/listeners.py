@@ -122,8 +122,9 @@ class Listeners:
                         "come back after the queue's visibility timeout", len(failures), len(messages),
                         reasons)
         if len(failures) < len(messages):
-            log.info("handed back %d messages received while stopping, for the process that serves on",
-                     len(messages) - len(failures))
+            # Not "for the process that serves on": under make run none does (reviewer).
+            log.info("handed back %d messages received while stopping, for whichever process reads the "
+                     "queue next", len(messages) - len(failures))
 
     def _delete(self, queue_url: str, messages: list[dict]) -> None:
         if not messages:
