@@ -168,7 +168,8 @@ def how_it_ended(code: int) -> str:
 class Stack:
     def __init__(self, settings: Settings, run_dir: Path, warm_spares: int) -> None:
         self.settings = settings
-        self.run_dir = run_dir
+        # Absolute: the READY line says where the logs are, wherever it is read from.
+        self.run_dir = run_dir = run_dir.resolve()
         self.logs = run_dir / "logs"
         self.env = child_env(settings, run_dir)
         self.children: list[Child] = []

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import psutil
@@ -467,3 +468,10 @@ def test_the_harness_picks_different_ports_even_where_the_system_reuses_a_releas
     assert web != aws
     process = harness.StackProcess(run_dir=None)  # type: ignore[arg-type]
     assert process.web_port != process.aws_port
+
+
+def test_a_relative_run_dir_is_shown_and_used_as_an_absolute_path(tmp_path, monkeypatch):
+    """`--run-dir rd2` printed logs=rd2/logs in the READY line (reviewer)."""
+    monkeypatch.chdir(tmp_path)
+    stack = Stack(Settings(), Path("rd2"), 0)
+    assert stack.logs == tmp_path / "rd2" / "logs" and stack.logs.is_absolute()
