@@ -557,8 +557,7 @@ class Controller:
         a quota reached) fail no round: only launches back off (Controller._act).
         """
         backoff = 0.0
-        log.info("controller: cap %d, mode %s, poll every %.1fs%s", self.policy.max_instances,
-                 self.policy.mode, self.settings.poll_interval_s, " (dry run)" if self.dry_run else "")
+        self.log_settings()
         # Run by systemd with WatchdogSec= (or by make run): started now, and alive for as
         # long as its rounds end. One that hangs (a deadlock, a call that never returns)
         # stops pinging and is restarted; a new controller adopts the fleet.
@@ -583,6 +582,12 @@ class Controller:
             self._wait(max(0.0, self.settings.poll_interval_s - (time.monotonic() - started)))
         log.info("controller: stopped (instances are left as they are, for the next controller to adopt; "
                  "make run's stack ends its own)")
+
+    def log_settings(self) -> None:
+        """The settings every decision is made with (a --once round's too: reviewer)."""
+        log.info("controller: cap %d, mode %s, poll every %.1fs, scale-in window %gs%s",
+                 self.policy.max_instances, self.policy.mode, self.settings.poll_interval_s,
+                 self.policy.scale_in_cooldown_s, " (dry run)" if self.dry_run else "")
 
     def _wait(self, seconds: float) -> None:
         """Wait until the next round or a stop, pinging the watchdog meanwhile if there is one."""

@@ -54,9 +54,10 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
                    "60 on AWS, 0 against AWS_ENDPOINT_URL)")
     p.add_argument("--dry-run", action="store_true", help="decide and log, but launch or terminate nothing")
     p.add_argument("--once", action="store_true", help="one observe-decide-act round, then exit")
-    p.add_argument("--timeline", type=Path,
+    p.add_argument("--timeline", type=Path, metavar="CSV",
                    help=f"write each round's {', '.join(TIMELINE_FIELDS)} to this CSV file")
-    p.add_argument("--plot", type=Path, help="on exit, draw the timeline CSV as a PNG (needs --timeline)")
+    p.add_argument("--plot", type=Path, metavar="PNG",
+                   help="on exit, draw the timeline CSV as a PNG (needs --timeline)")
     return p
 
 
@@ -147,6 +148,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, settings: Se
         log.warning("controller: MAX_INSTANCES is 0: no instance will be launched, and requests "
                     "wait until their RESULT_TIMEOUT")
     if args.once:
+        controller.log_settings()
         try:
             controller.step()
         except EXPECTED_ERRORS as exc:  # no credentials, AWS unreachable: one line, not a traceback

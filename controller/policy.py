@@ -92,7 +92,7 @@ def desired_count(obs: Observation, policy: Policy) -> tuple[int, str]:
     if obs.backlog == 0:
         return 0, "no work outstanding"
     wanted = math.ceil(obs.backlog / target_backlog(policy))
-    reason = f"backlog {obs.backlog} / target {target_backlog(policy):g}"
+    reason = f"backlog {obs.backlog}, target {target_backlog(policy):g} per instance"
     # Serving: a running instance whose worker is still starting drains nothing (EC2
     # says running some 10-15 s after a launch, the worker serves after BOOT_TIME).
     running = sum(1 for i in serving if i.state == "running" and i.ready)

@@ -1185,7 +1185,7 @@ def test_the_controller_pings_its_watchdog_through_its_rounds_and_waits(aws, pat
     assert heard[0] == b"READY=1" and set(heard[1:]) == {b"WATCHDOG=1"}
 
 
-def test_once_exits_1_when_a_launch_fails(aws, patch, monkeypatch, capsys, tmp_path):
+def test_once_exits_1_when_a_launch_fails(aws, patch, monkeypatch, capsys, tmp_path, caplog):
     """A failed launch no longer fails the round (launches back off alone), but a
     script running --once must still learn of it from the exit status."""
     monkeypatch.setenv("APP_PREFIX", aws.settings.prefix)
@@ -1198,8 +1198,11 @@ def test_once_exits_1_when_a_launch_fails(aws, patch, monkeypatch, capsys, tmp_p
                                                   client_error("VcpuLimitExceeded", "RunInstances"),
                                                   lambda n, kwargs: True))
     patch.setattr("controller.main.Aws.open", lambda self, *services: aws)
-    assert main(["--once"]) == 1
+    with caplog.at_level(logging.INFO, logger="controller.loop"):
+        assert main(["--once"]) == 1
     assert "a launch failed" in capsys.readouterr().err
+    # The settings it decided with, as a running controller logs them (reviewer).
+    assert "controller: cap 15, mode backlog, poll every 1.0s, scale-in window 60s" in caplog.text
     assert instances(aws) == []
 
 
