@@ -68,7 +68,10 @@ ONE_INSTANCE_ERRORS = frozenset({
 })
 # Rounds kept in memory (a day at a 1 s poll would be 86,400 of them).
 TIMELINE_ROUNDS = 1000
-TIMELINE_FIELDS = ("time", "visible", "in_flight", "delayed", "pending", "running", "desired", "action")
+# `reason`: why, as the log says it: `desired` alone can read as under-provisioning
+# (15 desired, none launched, for requests all in flight: reviewer).
+TIMELINE_FIELDS = ("time", "visible", "in_flight", "delayed", "pending", "running", "desired", "action",
+                   "reason")
 
 
 def policy_from(settings: Settings) -> Policy:
@@ -514,7 +517,7 @@ class Controller:
         row = {
             "time": round(obs.at, 3), "visible": obs.visible, "in_flight": obs.in_flight,
             "delayed": obs.delayed, "pending": pending, "running": running,
-            "desired": decision.desired, "action": describe_action(decision),
+            "desired": decision.desired, "action": describe_action(decision), "reason": decision.reason,
         }
         self.timeline.append(row)
         if self.timeline_path:

@@ -610,6 +610,7 @@ def test_timeline_csv_and_plot(aws, make_controller, tmp_path):
     assert tuple(rows[0]) == TIMELINE_FIELDS
     assert [r["action"] for r in rows] == ["launch 3", "-", "terminate 3"]
     assert [int(r["visible"]) for r in rows] == [3, 3, 0]
+    assert rows[0]["reason"].startswith("backlog 3, target 1 per instance")
     plot_timeline(csv_path, png_path)
     data = png_path.read_bytes()
     assert data.startswith(b"\x89PNG") and len(data) > 5000
