@@ -1744,6 +1744,14 @@ def write_json(report: Report, path: Path) -> None:
     path.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
 
 
+def plot_title(report: Report) -> str:
+    """What the plot says of its run: an interrupted one's plot looked like a whole run's (reviewer)."""
+    title = f"{report.sent} requests, concurrency {report.concurrency}, {report.throughput:.2f} images/s"
+    if report.interrupted:
+        title += f"  [interrupted: {report.not_sent} not sent, {report.abandoned} abandoned]"
+    return title + ("  [UNTRAINED MODEL]" if report.untrained else "")
+
+
 def write_plot(report: Report, path: Path) -> None:
     """Latency of each request against its send time, above instances over time."""
     # Imported here so the rest of the script works where matplotlib is missing;
@@ -1762,10 +1770,7 @@ def write_plot(report: Report, path: Path) -> None:
             top.scatter(xs, ys, s=12, color=colour, marker=marker, alpha=0.7,
                         label=f"{verdict} ({len(points)})")
     top.set_ylabel("latency (s)")
-    top.set_title(
-        f"{report.sent} requests, concurrency {report.concurrency}, "
-        f"{report.throughput:.2f} images/s" + ("  [UNTRAINED MODEL]" if report.untrained else "")
-    )
+    top.set_title(plot_title(report))
     if report.outcomes:
         # Beside the plot, not on it: the slowest requests tend to sit in its top left.
         top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")

@@ -937,6 +937,9 @@ def test_requests_never_sent_are_not_counted_failed_too(tmp_path):
         load_test.judge(outcome, {})
     report = load_test.Report(url="http://x", api="form", concurrency=4, planned=40, started_at=0.0,
                               duration_s=1.0, outcomes=outcomes, interrupted=True)
+    # Its plot says so too: an interrupted run's looked like a whole one's (reviewer).
+    assert load_test.plot_title(report) == ("16 requests, concurrency 4, 12.00 images/s  "
+                                            "[interrupted: 24 not sent, 0 abandoned]")
 
     counts = (report.sent, report.answered, report.failed, report.not_sent, report.unreached)
     assert counts == (16, 12, 4, 24, 22)
