@@ -603,7 +603,9 @@ class Report:
 
     @property
     def untrained(self) -> bool:
-        return any(o.untrained for o in self.outcomes)
+        """Labels came from an untrained model. Every answer of such a service says so, its
+        refusals too: a run with no label (all 401s) warned of labels it never had (reviewer)."""
+        return any(o.untrained and o.answered for o in self.outcomes)
 
     @property
     def resent(self) -> int:
@@ -1666,13 +1668,13 @@ def failure_lines(report: Report, limit: int = 5) -> list[str]:
         rest = common[limit:]
         if rest:
             lines.append(f"... and {sum(count for _, count in rest)} {verdict} for {len(rest)} other "
-                         "reasons (run without -q, or see --json)")
+                         "reasons (see --json for each request)")
     # Each wrong answer with its file, as the table shows it: "4 wrong" alone left a quiet
     # run's user no way to find which images, short of --json (reviewer).
     wrong = sorted((o for o in report.outcomes if o.verdict == "wrong"), key=lambda o: o.index)
     lines += [f"{o.file}: wrong: answered {o.body!r}, {o.note or 'wrong'}" for o in wrong[:limit]]
     if len(wrong) > limit:
-        lines.append(f"... and {len(wrong) - limit} more wrong (run without -q, or see --json)")
+        lines.append(f"... and {len(wrong) - limit} more wrong (see --json for each request)")
     return lines
 
 

@@ -128,7 +128,10 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json" if isinstance(body, dict) else content_type)
         self.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
+        headers = dict(headers or {})
+        if self.tier.untrained:  # as the web tier: on every answer, its refusals too
+            headers.setdefault("X-Model-Untrained", "true")
+        for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
@@ -918,7 +921,7 @@ def test_a_quiet_run_lists_only_the_commonest_reasons(monkeypatch, capsys):
                               duration_s=1.0, outcomes=outcomes)
     assert load_test.failure_lines(report, limit=3) == [
         "2 failed: reason 0", "2 failed: reason 1", "2 failed: reason 2",
-        "... and 6 failed for 4 other reasons (run without -q, or see --json)",
+        "... and 6 failed for 4 other reasons (see --json for each request)",
     ]
 
 
@@ -980,7 +983,7 @@ def test_a_quiet_run_names_the_file_of_each_wrong_answer(tier, mixed, capsys):
                               duration_s=1.0, outcomes=outcomes)
     assert load_test.failure_lines(report, limit=2) == [
         "0.jpg: wrong: answered '0:dog', expected 'cat'", "1.jpg: wrong: answered '1:dog', expected 'cat'",
-        "... and 2 more wrong (run without -q, or see --json)",
+        "... and 2 more wrong (see --json for each request)",
     ]
 
 
@@ -1955,3 +1958,13 @@ def test_a_name_that_does_not_resolve_sent_nothing(tmp_path, monkeypatch):
     (outcome,) = report.outcomes
     assert outcome.verdict == "not sent" and outcome.error.startswith("cannot connect to")
     assert not outcome.reached and report.sent == 0
+
+
+def test_no_untrained_warning_for_a_run_that_got_no_label(tier, tmp_path, capsys):
+    # The service says it is untrained on its refusals too; with no label to warn of,
+    # the warning would only hide the real failure.
+    tier.untrained = True
+    images = make_images(tmp_path / "images", {"a.jpg": b"fail"})
+    assert load_test.main(["--url", tier.url, "--images", str(images)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and load_test.UNTRAINED_WARNING not in out
