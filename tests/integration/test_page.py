@@ -1501,16 +1501,31 @@ def test_a_reload_finds_the_files_stored_under_names_the_server_cleaned(stack, b
     assert not [name for name, state, _ in shown if state == "failed"]
 
 
-def test_a_batch_of_refused_files_only_is_not_kept_in_the_address(stack, browser, tmp_path):
+def test_a_reload_shows_an_upload_whose_every_file_was_refused_with_its_reasons(stack, browser, tmp_path):
+    """No batch was made of it, so only this tab knows the reasons: a reload had dropped
+    them with the upload (reviewer). Not followed either: it stays for the next reload."""
     from selenium.webdriver.common.by import By
 
     browser.get(stack.web_url + "/")
-    choose(browser, tmp_path, {"not_an_image.jpg": b"plain text"})
-    shown = finished_rows(browser, stack, 1, timeout_s=30)
-    assert shown["not_an_image.jpg"].get_attribute("data-state") == "failed"
-    wait_for(lambda: "#batches=" not in browser.current_url, 10, "the batch that never was to be dropped")
-    browser.refresh()
-    assert browser.find_element(By.ID, "summary").text == ""
+    choose(browser, tmp_path, {"not_an_image.jpg": b"plain text", "empty.jpg": b""})
+    shown = finished_rows(browser, stack, 2, timeout_s=30)
+    reasons = {name: row.text for name, row in shown.items()}
+    assert all(row.get_attribute("data-state") == "failed" for row in shown.values())
+    batch_id = browser.current_url.split("#batches=")[1]
+    import requests
+    # No such batch: this tab alone holds the reasons.
+    assert requests.get(f"{stack.web_url}/api/jobs/{batch_id}", timeout=10).status_code == 404
+
+    def rows():
+        return {r.get_attribute("data-filename"): (r.get_attribute("data-state"), r.text)
+                for r in browser.find_elements(By.CSS_SELECTOR, "#results [data-state]")}
+
+    for _ in range(2):  # the first reload kept it for the second
+        browser.refresh()
+        wait_for(lambda: len(rows()) == 2, 30, "the refused files after the reload")
+        assert rows() == {name: ("failed", text) for name, text in reasons.items()}
+        assert "could not be loaded" not in browser.find_element(By.ID, "summary").text
+        assert browser.current_url.endswith("#batches=" + batch_id)
 
 
 # Files per POST: one. A POST of a file named in window.held waits until its name is

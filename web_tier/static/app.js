@@ -480,7 +480,9 @@
       if (this.created && !this.stream && !this.pollTimer) this.follow();
       if (!this.created && !this.unanswered) {  // every file refused: there is no such batch
         setUnconfirmed(this.batchId, false);
-        forgetBatch(this.batchId);
+        // Kept in the address while this tab holds the refusals, which a reload shows
+        // (restore): dropped, the reasons went with a reload (reviewer).
+        if (!refusedOnly(savedShown(this.batchId))) forgetBatch(this.batchId);
       }
       updateSummary();
     }
@@ -906,6 +908,11 @@
     }
   }
 
+  // Whether saved rows are of an upload whose every file was refused.
+  function refusedOnly(saved) {
+    return saved.length > 0 && saved.every((shown) => shown.error);
+  }
+
   // Whether `item` (the server's) is the file of a saved row not heard stored: by the
   // token the file was sent under, which the server keeps with it and echoes. By name,
   // a name the server cleans (web_tier/filenames.py clean_name: spaces around it, a control or
@@ -949,7 +956,10 @@
     // in the address (and unconfirmed) until that watch is over: a reload within it
     // shows them again, where dropped it lost them without a word.
     const sending = unknown && ((isUnconfirmed(batchId) && saved.length > 0) || session.otherTabSends);
-    const items = body && Array.isArray(body.items) ? body.items : sending ? [] : null;
+    // An upload whose every file was refused: no batch was made, and the server has
+    // nothing to add to the reasons this tab saved.
+    const refusals = unknown && refusedOnly(saved);
+    const items = body && Array.isArray(body.items) ? body.items : sending || refusals ? [] : null;
     if (!items) {
       if (unknown) {
         // One this tab was sending when it reloaded, of which it saved nothing.
@@ -991,6 +1001,7 @@
     }
     byId.forEach((item) => session.showNew(item));
     updateSummary();
+    if (refusals) return;  // nothing will come of it: not followed (which would drop it)
     // Polled, not streamed: each event stream holds one of the browser's few
     // connections to this server (six over HTTP/1.1), and a reload may bring back many.
     // (Whether another tab sends it is asked again at each poll.)
