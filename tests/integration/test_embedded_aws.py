@@ -50,8 +50,20 @@ def test_connections_are_kept_between_requests(moto):
     conn.close()
 
 
+def accepted(server: psutil.Process, port: int) -> int:
+    """Connections to `port` the server's processes have accepted (and hold open)."""
+    count = 0
+    for process in [server, *server.children(recursive=True)]:
+        try:
+            count += sum(1 for c in process.net_connections(kind="tcp")
+                         if c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED)
+        except psutil.NoSuchProcess:
+            pass
+    return count
+
+
 def test_long_polls_do_not_hold_up_other_calls(moto):
-    port, _ = moto
+    port, server = moto
     sqs = client("sqs", port)
     queue = sqs.create_queue(QueueName="long-polls")["QueueUrl"]
     idle = sqs.create_queue(QueueName="nothing-here")["QueueUrl"]
@@ -63,9 +75,12 @@ def test_long_polls_do_not_hold_up_other_calls(moto):
         answered.append(time.monotonic())
 
     threads = [threading.Thread(target=long_poll) for _ in range(LONG_POLLS)]
+    before = accepted(server, port)  # this test's own client keeps one
     for thread in threads:
         thread.start()
-    time.sleep(0.5)  # let them all reach the server and wait there
+    # All of them waiting in the server, which a fixed pause only hoped for (reviewer).
+    wait_for(lambda: accepted(server, port) >= before + LONG_POLLS, timeout_s=30,
+             what="the long polls to reach the server")
     started = time.monotonic()
     sqs.send_message(QueueUrl=queue, MessageBody="hello")
     got = sqs.receive_message(QueueUrl=queue, WaitTimeSeconds=1)["Messages"]
@@ -84,10 +99,13 @@ def test_sigterm_stops_every_server_process_quickly(moto):
     idle = sqs.create_queue(QueueName="stop-while-polling")["QueueUrl"]
     family = [server, *server.children(recursive=True)]
     assert family, "no server process"
-    poller = threading.Thread(target=lambda: _quietly(sqs.receive_message, QueueUrl=idle, WaitTimeSeconds=20),
+    own = client("sqs", port)  # a connection of its own, which the server is seen to take
+    poller = threading.Thread(target=lambda: _quietly(own.receive_message, QueueUrl=idle, WaitTimeSeconds=20),
                               daemon=True)
+    before = accepted(server, port)
     poller.start()
-    time.sleep(0.3)
+    wait_for(lambda: accepted(server, port) >= before + 1, timeout_s=30,
+             what="the long poll to reach the server")
     sent = time.monotonic()
     os.killpg(server.pid, signal.SIGTERM)
     wait_for(lambda: not any(_alive(p) for p in family), timeout_s=5, what="the embedded AWS to stop")

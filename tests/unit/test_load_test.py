@@ -633,9 +633,15 @@ def test_an_upload_refused_while_the_web_tier_restarts_is_sent_again(tmp_path, m
     monkeypatch.setattr(load_test, "check_reachable", lambda url: None)  # it was up when the run began
     state = FakeTier()
     server_box = []
+    # Back once both requests were refused: after a fixed pause, a slow start of the run
+    # found the server up, and nothing was sent again.
+    refused_on = set()  # the threads, one per request in flight, that were refused
+    real_refused = load_test.refused
+    monkeypatch.setattr(load_test, "refused", lambda exc: real_refused(exc)
+                        and not refused_on.add(threading.get_ident()))
 
     def come_back() -> None:
-        time.sleep(0.6)
+        wait_until(lambda: len(refused_on) >= 2, 30)
         port_holder.close()
         server = ThreadingHTTPServer(("127.0.0.1", port), type("H", (Handler,), {"tier": state}))
         server_box.append(server)
@@ -1968,3 +1974,30 @@ def test_no_untrained_warning_for_a_run_that_got_no_label(tier, tmp_path, capsys
     assert load_test.main(["--url", tier.url, "--images", str(images)]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and load_test.UNTRAINED_WARNING not in out
+
+
+def test_wrong_answers_alone_fail_the_run(tier, tmp_path, capsys):
+    # The run other tests check FAIL with a wrong answer also has a failed request,
+    # which fails it anyway (reviewer).
+    images = make_images(tmp_path / "images", {"cat.jpg": b"label:cat", "dog.jpg": b"label:cat"})
+    csv_path = tmp_path / "expected.csv"
+    csv_path.write_text("Image,Results\ncat,cat\ndog,dog\n")
+    assert load_test.main(["--url", tier.url, "--images", str(images), "--expected", str(csv_path)]) == 1
+    assert "RESULT: FAIL (0 failed, 1 wrong)" in capsys.readouterr().out
+
+
+def test_latency_mean_is_over_every_latency():
+    assert load_test.latency_summary([1.0, 2.0, 3.0, 4.0])["mean"] == pytest.approx(2.5)
+    assert load_test.latency_summary([])["mean"] is None
+
+
+def test_the_course_average_leaves_out_requests_abandoned_in_flight():
+    """They did not end within the run's duration: counted, they made it look faster."""
+    outcomes = [load_test.Outcome(index=i, file=f"{i}.jpg", started_s=0.0, reached=True, label="cat",
+                                  answer_name=f"{i}") for i in range(6)]
+    for outcome in outcomes:
+        load_test.judge(outcome, {})
+    report = load_test.Report(url="http://x", api="form", concurrency=8, planned=8, started_at=0.0,
+                              duration_s=3.0, outcomes=outcomes, interrupted=True, abandoned=2)
+    assert report.sent == 8
+    assert report.course_average_latency == pytest.approx(3.0 / 6)

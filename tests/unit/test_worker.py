@@ -602,11 +602,22 @@ def test_scaled_in_again_and_again_a_request_never_reaches_the_dead_letter_queue
     assert depth(aws, aws.dead_letter_queue_url) == (0, 0)
 
 
-def test_heartbeat_keeps_a_slow_batch_from_being_redelivered(aws_env):
+def test_heartbeat_keeps_a_slow_batch_from_being_redelivered(aws_env, monkeypatch):
     settings, aws = aws_env
     # Extended every 5/3 s; the batch takes 7 s, more than the timeout itself.
     settings = dataclasses.replace(settings, visibility_timeout_s=5)
     upload(settings, aws, "slow.jpg", make_image(5), "slow")
+    # Every delivery counted: one visible again is taken back by this worker's own fetcher
+    # within milliseconds, which a look at the queue's depth mostly missed (reviewer).
+    deliveries = []
+    real = aws.sqs_receive.receive_message
+
+    def counted(**kwargs):
+        answer = real(**kwargs)
+        deliveries.extend(m["MessageId"] for m in answer.get("Messages", []))
+        return answer
+
+    monkeypatch.setattr(aws.sqs_receive, "receive_message", counted)
     worker = Worker(settings, aws, MeanClassifier(delay_s=7.0), "i-slow")
     runner = threading.Thread(target=worker.run)
     runner.start()
@@ -623,6 +634,8 @@ def test_heartbeat_keeps_a_slow_batch_from_being_redelivered(aws_env):
     finally:
         worker.stopping.set()
         runner.join(timeout=10)
+    assert responses_seen(aws)
+    assert len(deliveries) == 1, deliveries
     assert depth(aws, aws.request_queue_url) == (0, 0)
 
 
