@@ -68,14 +68,19 @@ class StatusReader:
             cached, began = self._cached, self._refresh_began
         read_mono, snapshot = cached if cached is not None else (None, {**_nothing_read(), "read_at": None})
         snapshot = dict(snapshot)
-        if began is not None and time.monotonic() - began > STALE_AFTER_S:
+        now = time.monotonic()
+        old = read_mono is None or now - read_mono > STALE_AFTER_S
+        if began is not None and (now - began > STALE_AFTER_S or old):
             # Answered from the last snapshot while the refresh waits on AWS: an
-            # explorer's page showed minutes-old figures as if they were current.
-            waited = time.monotonic() - began
-            age = f"these figures are {time.monotonic() - read_mono:.0f} s old" if read_mono is not None \
+            # explorer's page showed minutes-old figures as if they were current. Said
+            # also when AWS was asked only a moment ago but the snapshot is old (a
+            # reader after an idle spell): its figures were shown as current (reviewer).
+            # How long AWS was asked is said apart, not blamed for the whole age.
+            waited = now - began
+            age = f"these figures are {now - read_mono:.0f} s old" if read_mono is not None \
                 else "there are no figures yet"
-            snapshot["errors"] = [*snapshot.get("errors", []), f"AWS has not answered for {waited:.0f} s: "
-                                                               + age]
+            snapshot["errors"] = [*snapshot.get("errors", []),
+                                  f"AWS has not answered for {waited:.{0 if waited >= 10 else 1}f} s: {age}"]
         snapshot["totals"] = self.book.totals()
         snapshot["totals_since"] = self.counting_since
         snapshot["untrained"] = self.book.untrained
