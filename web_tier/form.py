@@ -50,11 +50,17 @@ def form_files(request: Request, fields: Iterable[str]) -> list[FileStorage]:
     if coding not in ("", "identity"):  # Werkzeug reads a body as it comes
         raise UploadError(415, f"a body in Content-Encoding {coding[:32]!r} is not read: send the form "
                                "as it is (images are compressed already)")
+    transfer = request.headers.get("Transfer-Encoding", "")
+    codings = [c.strip().lower() for c in transfer.split(",") if c.strip()]
+    unread = [c for c in codings if c not in ("chunked", "identity")]
+    if unread:  # gunicorn undoes only chunked: the rest came through as garbled bytes (reviewer)
+        raise UploadError(501, f"a body in Transfer-Encoding {unread[0][:32]!r} is not read: send it "
+                               "chunked or with a Content-Length")
     if request.mimetype != "multipart/form-data":
         # No file can be in it, and Werkzeug would read a urlencoded body whole into
         # memory to parse it, up to the 2 GB request limit (reviewer).
         return []
-    chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    chunked = "chunked" in codings
     if request.content_length is None and not chunked:
         # (HTTP/1.0 without a length): Werkzeug reads nothing, and "no file" would mislead.
         raise UploadError(411, "the request has no Content-Length (and is not chunked): its form "
