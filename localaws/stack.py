@@ -49,6 +49,11 @@ ROOT = Path(__file__).resolve().parent.parent
 # Children that rebuild their state from what AWS holds, so a new one can take over.
 RESTARTED = ("controller", "web")
 RESTART_DELAY_S = 1.0
+# How long what outlives a dead child in its process group (gunicorn's workers, when
+# their master was killed) has to stop on SIGTERM before it is killed, as systemd stops
+# a unit whose main process died (web_tier's own graceful timeout is 5 s). Killed at
+# once, the web tier's waiting clients got no answer at all (reviewer).
+GROUP_STOP_S = 5.0
 # Children that ping a watchdog, as under systemd with WatchdogSec=, and for how
 # long they may be silent: one whose pings stop is hung, and is aborted (SIGABRT:
 # its stacks go to make run's output), killed if that does not end it within
@@ -147,6 +152,7 @@ class Child:
     quick_exits: int = 0  # error exits in a row, each soon after its start
     waiting_for_lock: bool = False  # a controller refused, another running for its fleet
     restart_at: float | None = None  # set while it waits to be restarted
+    group_kill_at: float | None = None  # what is left of its group is killed then (GROUP_STOP_S)
     # systemd's watchdog, for a child that pings one (see WATCHED).
     notify: NotifySocket | None = None
     abort_sent_at: float | None = None
@@ -285,8 +291,10 @@ class Stack:
                 child.restart_at = now + LOCK_RETRY_S
             elif child.restart_at is None:
                 child.waiting_for_lock = False
-                # Its process group may outlive it (gunicorn's workers, still holding the port).
-                _kill_group(child.process.pid)
+                # Its process group may outlive it (gunicorn's workers, still holding the
+                # port): asked to stop, as systemd would, and killed before the restart.
+                _signal_group(child.process.pid, signal.SIGTERM)
+                child.group_kill_at = now + GROUP_STOP_S
                 failed_at_start = code > 0 and now - child.started < QUICK_EXIT_S
                 child.quick_exits = child.quick_exits + 1 if failed_at_start else 0
                 if child.quick_exits >= MAX_QUICK_EXITS:
@@ -296,6 +304,11 @@ class Stack:
                 log.log(logging.WARNING if code == 0 else logging.ERROR, "%s %s; restarting it in %.0f s",
                         child.name, how_it_ended(code), child.restart_at - now)
             elif now >= child.restart_at:
+                if child.group_kill_at is not None:
+                    if _group_alive(child.process.pid) and now < child.group_kill_at:
+                        continue  # still stopping (answering its waiting clients)
+                    _kill_group(child.process.pid)
+                    child.group_kill_at = None
                 if child.waiting_for_lock and held_by_another(self.settings):
                     # Restarted only to be refused again: two lines on the terminal every
                     # LOCK_RETRY_S for as long as the other runs (reviewer).
@@ -347,6 +360,17 @@ def keep_previous_logs(logs: Path) -> None:
 
 def _kill_group(pgid: int) -> None:
     _signal_group(pgid, signal.SIGKILL)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process is left in the group `pgid`."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # its id reused by another user's group: none of ours left
+        return False
+    return True
 
 
 def _signal_group(pgid: int, signum: int) -> None:

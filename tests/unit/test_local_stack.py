@@ -3,7 +3,9 @@ which of its processes are restarted when they die."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import signal
 import socket
 import subprocess
@@ -21,6 +23,7 @@ from controller.lock import EXIT_ANOTHER_CONTROLLER
 from localaws.harness import free_port
 from localaws.server import PortInUse
 from localaws.stack import (
+    GROUP_STOP_S,
     LOCK_RETRY_S,
     MAX_QUICK_EXITS,
     QUICK_EXIT_S,
@@ -32,6 +35,7 @@ from localaws.stack import (
     local_model_weights,
     memory_safe_workers,
 )
+from tests.unit.conftest import wait_until
 
 
 def test_explicit_weights_always_win(tmp_path, monkeypatch):
@@ -88,6 +92,69 @@ def test_a_dead_controller_or_web_tier_is_restarted_after_a_delay(tmp_path):
         child.process.kill()
         child.process.wait()
         stack.sockets.remove_folder()
+
+
+# Stands in for gunicorn's master: starts a worker in its process group that answers
+# SIGTERM by writing down that it was asked (as the web tier then answers its waiting
+# clients), and stops if its argument says so; then waits to be killed.
+WORKER_OF_A_MASTER = """
+import signal, sys, time
+def stop(signum, frame):
+    open(sys.argv[1], "w").write("asked")
+    if sys.argv[2] == "obeys":
+        sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+open(sys.argv[1] + ".up", "w").write("up")
+time.sleep(120)
+"""
+MASTER_WITH_A_WORKER = f"""
+import subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", {WORKER_OF_A_MASTER!r}, sys.argv[1], sys.argv[2]])
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("worker", ["obeys", "ignores"])
+def test_what_outlives_a_dead_web_tier_is_asked_to_stop_before_it_is_killed(tmp_path, worker):
+    """gunicorn's worker outlived its killed master and was SIGKILLed at once, its
+    waiting clients left with no answer at all (reviewer). As systemd stops a unit
+    whose main process died: SIGTERM, and SIGKILL only GROUP_STOP_S later."""
+    stack = Stack(Settings(), tmp_path, warm_spares=0)
+    asked = tmp_path / "asked"
+    stack._spawn("web", [sys.executable, "-c", MASTER_WITH_A_WORKER, str(asked), worker])
+    (child,) = stack.children
+    master = child.process
+    try:
+        wait_until(lambda: (tmp_path / "asked.up").exists(), 30)
+        master.kill()
+        master.wait(10)
+        t0 = time.monotonic()
+        assert stack.supervise(now=t0) is None
+        wait_until(lambda: asked.exists(), 10)  # asked, not killed
+        if worker == "ignores":
+            # Not restarted while it may still be stopping; then killed, and restarted.
+            assert stack.supervise(now=t0 + RESTART_DELAY_S) is None
+            assert child.process is master and group_alive(master.pid)
+            assert stack.supervise(now=t0 + GROUP_STOP_S) is None
+        else:
+            wait_until(lambda: not group_alive(master.pid), 10)
+            assert stack.supervise(now=t0 + RESTART_DELAY_S) is None
+        assert child.process is not master and child.process.poll() is None
+        wait_until(lambda: not group_alive(master.pid), 10)  # killed, and reaped by init
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(master.pid, signal.SIGKILL)
+        child.process.kill()
+        child.process.wait()
+        stack.sockets.remove_folder()
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 # Stands in for the controller: pings its watchdog for a while, then hangs.
