@@ -110,6 +110,17 @@ def exit_status(code: int) -> str:
         return f"killed by signal {-code}"
 
 
+def is_stopped(pid: int) -> bool:
+    """Whether the process is stopped (SIGSTOP, a debugger): it then acts on no signal
+    but SIGKILL, and a log that said it "ignored" one misled (reviewer)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            # pid (comm) state ...: comm may hold spaces and parentheses, so after the last ')'.
+            return stat.read().rpartition(")")[2].split()[0] in ("T", "t")
+    except (OSError, IndexError):  # gone, or no /proc (not Linux): not known to be stopped
+        return False
+
+
 @dataclass
 class WorkerProcess:
     instance_id: str
@@ -314,8 +325,9 @@ class InstanceRunner:
                 self._show_held_journal(worker.instance_id)
                 continue
             if worker.kill_sent_at is None and now - (worker.term_sent_at or now) > self.grace_s:
-                log.warning("runner: pid %d ignored SIGTERM for %.0fs, SIGKILL",
-                            worker.process.pid, self.grace_s)
+                log.warning("runner: pid %d %s SIGTERM for %.0fs, SIGKILL", worker.process.pid,
+                            "is stopped (SIGSTOP?) and could not act on" if is_stopped(worker.process.pid)
+                            else "ignored", self.grace_s)
                 self._signal(worker.process, signal.SIGKILL)
                 worker.kill_sent_at = now
             # Reaped by a later round's poll, not waited for here: a process a debugger
@@ -373,9 +385,15 @@ class InstanceRunner:
             if worker.abort_sent_at is None and (silent or late):
                 why = (f"has not pinged its watchdog for {now - (notify.last_heard or now):.0f} s" if silent
                        else f"has not said it is ready in {now - worker.started_at:.0f} s")
-                log.error("runner: the worker for %s (pid %d) %s; SIGABRT (its stacks go to its log), "
-                          "then a restart", worker.instance_id, worker.process.pid, why)
-                self._signal(worker.process, signal.SIGABRT)
+                if is_stopped(worker.process.pid):
+                    # It would act on SIGABRT only once continued, and write no stacks meanwhile.
+                    log.error("runner: the worker for %s (pid %d) %s: it is stopped (SIGSTOP?), SIGKILL, "
+                              "then a restart", worker.instance_id, worker.process.pid, why)
+                    self._signal(worker.process, signal.SIGKILL)
+                else:
+                    log.error("runner: the worker for %s (pid %d) %s; SIGABRT (its stacks go to its log), "
+                              "then a restart", worker.instance_id, worker.process.pid, why)
+                    self._signal(worker.process, signal.SIGABRT)
                 worker.abort_sent_at = now
             elif worker.abort_sent_at is not None and now - worker.abort_sent_at > self.grace_s:
                 log.warning("runner: pid %d outlived SIGABRT for %.0fs, SIGKILL",
@@ -436,11 +454,12 @@ class InstanceRunner:
                 worker.quick_exits, worker.restart_at = _next_start(worker.started_at, code, now,
                                                                     worker.quick_exits, stopped)
                 if worker.restart_at > now:
-                    log.warning("runner: worker for %s exited with %s; restarting it in %.0f s (restart %d; "
-                                "%d failed starts in a row)", iid, code, worker.restart_at - now,
+                    log.warning("runner: worker for %s ended: %s; restarting it in %.0f s (restart %d; "
+                                "%d failed starts in a row)", iid, exit_status(code), worker.restart_at - now,
                                 worker.restarts + 1, worker.quick_exits)
                 else:
-                    log.warning("runner: worker for %s exited with %s; restarting it (restart %d)", iid, code,
+                    log.warning("runner: worker for %s ended: %s; restarting it (restart %d)", iid,
+                                exit_status(code),
                                 worker.restarts + 1)
             if now >= worker.restart_at:
                 del self.workers[iid]

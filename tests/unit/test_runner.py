@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from app_tier.held_journal import held_journal_path
 from common.aws import Aws
 from common.config import Settings
 from controller.act import launch, terminate
-from localaws.runner import QUICK_EXIT_S, RESTART_BACKOFF_S, InstanceRunner
+from localaws.runner import QUICK_EXIT_S, RESTART_BACKOFF_S, InstanceRunner, is_stopped
 
 # Stands in for `python -m app_tier`: records its instance id and waits.
 # "stubborn" ignores SIGTERM, as a hung worker would; "drains" exits 0 on SIGTERM, as a
@@ -323,6 +324,9 @@ def test_a_worker_that_stops_pinging_its_watchdog_is_aborted_and_restarted(world
         first.send_signal(signal.SIGSTOP)
     wait_until(lambda: (runner.step(), first.poll() is not None)[1], what="the watchdog to end it")
     assert first.returncode == ended_by
+    if how == "stopped":  # killed at once: a stopped process acts on SIGABRT only once continued
+        assert f"(pid {first.pid}) has not pinged its watchdog" in caplog.text
+        assert "it is stopped (SIGSTOP?), SIGKILL" in caplog.text and "outlived SIGABRT" not in caplog.text
     wait_until(lambda: (runner.step(), runner.workers[iid].process is not first)[1], timeout_s=5,
                what="a restart")
     assert runner.workers[iid].restarts == 1
@@ -615,7 +619,7 @@ def test_a_worker_that_keeps_failing_at_start_is_restarted_after_a_doubling_dela
     second for ever: a core of a 2-core machine, and a flood of tracebacks."""
     runner, _, spawned, advance = clocked
     advance(400)
-    delays = [float(d) for d in re.findall(r"exited with 1; restarting it in (\d+) s", caplog.text)]
+    delays = [float(d) for d in re.findall(r"ended: exit 1; restarting it in (\d+) s", caplog.text)]
     assert delays[:8] == [1, 2, 4, 8, 16, 32, 60, 60], "doubling from a second, up to a minute"
     assert len(delays) == sum(p.returncode is not None for _, p in spawned), "said once an exit"
     for gap, delay in zip(gaps(spawned), delays, strict=False):  # the last restart may be due later
@@ -640,7 +644,7 @@ def test_a_worker_that_ran_for_a_while_is_restarted_at_once_and_its_backoff_rese
     assert len(spawned) == 3
     advance(40, after_s=QUICK_EXIT_S + 1)  # the next ones each serve a while, then exit
     assert gaps(spawned)[3] == QUICK_EXIT_S + 1, "restarted in the round that saw it exit"
-    assert "exited with 1; restarting it (restart 4)" in caplog.text
+    assert "ended: exit 1; restarting it (restart 4)" in caplog.text
     caplog.clear()
     advance(3)
     assert re.findall(r"restarting it in (\d+) s", caplog.text) == ["1", "2"], "counted from one again"
@@ -749,3 +753,17 @@ def test_the_spares_delay_stays_a_minute_however_long_their_starts_keep_failing(
     runner._spare_quick_exits = 2000  # as after 2000 failed starts in a row
     advance(61)
     assert spare_delays(caplog.text)[:2] == [60, 60]
+
+
+def test_a_stopped_process_is_told_apart():
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert not is_stopped(sleeper.pid)
+        sleeper.send_signal(signal.SIGSTOP)
+        wait_until(lambda: is_stopped(sleeper.pid), what="the process to stop")
+        sleeper.send_signal(signal.SIGCONT)
+        wait_until(lambda: not is_stopped(sleeper.pid), what="the process to go on")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert not is_stopped(sleeper.pid)  # gone
