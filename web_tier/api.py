@@ -98,7 +98,9 @@ def create_job() -> tuple[Response, int]:
     rejected.sort(key=lambda r: r["index"])
 
     if items:
-        return jsonify({"batch_id": batch_id, "items": items, "rejected": rejected}), 202
+        # Where its results will be, as a 202 may say (RFC 9110).
+        return jsonify({"batch_id": batch_id, "items": items, "rejected": rejected}), 202, \
+            {"Location": f"/api/jobs/{batch_id}"}
     # Nothing was stored under a new batch's id: there is no such batch to name.
     return _all_refused_answer(batch_id if adding else None, rejected)
 

@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 
 
 def wants_text() -> bool:
-    """POST / speaks plain text to programs; everything else that fails speaks JSON."""
-    return request.path == "/" and request.method == "POST"
+    """POST / speaks plain text to programs, and so does `/` to any method but a
+    browser's GET (a PUT / had the page's HTML 405: reviewer); the API speaks JSON."""
+    return request.path == "/" and request.method not in ("GET", "HEAD")
 
 
 def error_response(error: UploadError) -> Response:

@@ -133,6 +133,11 @@ def test_a_method_not_allowed_names_the_allowed_ones(web_client):
         response = web_client.put(path)
         assert response.status_code == 405 and response.is_json
         assert set(response.headers["Allow"].replace(" ", "").split(",")) >= allowed
+    # A program's other method on POST /'s path: text, as POST / speaks, not the page's HTML.
+    for method in ("PUT", "DELETE", "PATCH"):
+        response = web_client.open("/", method=method)
+        assert response.status_code == 405 and response.mimetype == "text/plain", method
+        assert "POST" in response.headers["Allow"]
 
 
 def test_no_answer_is_504_and_the_service_keeps_answering(make_web_app, fake_worker):

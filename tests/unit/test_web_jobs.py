@@ -46,6 +46,7 @@ def test_batch_is_queued_then_done(web_app, web_aws):
     assert [i["filename"] for i in body["items"]] == ["photo_0.jpg", "photo_1.jpg", "photo_2.jpg"]
     assert body["rejected"] == []
     batch_id = body["batch_id"]
+    assert response.headers["Location"] == f"/api/jobs/{batch_id}"
 
     before = client.get(f"/api/jobs/{batch_id}").get_json()
     assert [i["state"] for i in before["items"]] == ["queued"] * 3
