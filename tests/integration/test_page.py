@@ -1127,6 +1127,26 @@ def test_a_narrow_screen_shows_the_untrained_warning_whole(stack, browser):
     assert banner == {"shown": True, "fits": True, "pageFits": True}
 
 
+def test_a_touch_screen_is_offered_images_only(stack, browser):
+    """A phone has no folder picker (iOS) or one that ignores webkitdirectory (Android),
+    and nothing to drop: "Choose a folder" there picked files one at a time (reviewer)."""
+    from selenium.webdriver.common.by import By
+
+    def shown() -> dict:
+        browser.get(stack.web_url + "/")
+        labels = browser.find_elements(By.CSS_SELECTOR, "#drop-zone label")
+        return {label.get_attribute("textContent"): label.is_displayed() for label in labels}
+
+    with_mouse = shown()
+    assert with_mouse == {"Choose images…": True, "Choose a folder…": True}
+    browser.execute_cdp_cmd("Emulation.setTouchEmulationEnabled", {"enabled": True, "maxTouchPoints": 5})
+    try:
+        assert shown() == {"Choose images…": True, "Choose a folder…": False}
+        assert "Drop images" not in browser.find_element(By.ID, "drop-zone").text
+    finally:
+        browser.execute_cdp_cmd("Emulation.setTouchEmulationEnabled", {"enabled": False})
+
+
 def test_screen_readers_hear_the_summary_once_all_files_are_finished(stack, browser, tmp_path):
     """The summary was a live region rewritten at each result: 150 files, 150 announcements."""
     from selenium.webdriver.common.by import By
