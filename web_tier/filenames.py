@@ -36,7 +36,7 @@ def clean_name(sent: str) -> str:
         kept = kept_extension(name)
         name = name[:MAX_FILENAME_CHARS - len(kept)] + kept
     # The output object takes the name from the input object's metadata, which holds
-    # it percent-encoded in MAX_META_FILENAME characters (about 300 two-byte or 200
+    # it percent-encoded in MAX_META_FILENAME characters (about 290 two-byte or 190
     # three-byte characters): cut here as it would be cut there, the answer, the page
     # and the output object all show one name.
     name = decode_filename(encode_filename(name))
