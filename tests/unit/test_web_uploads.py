@@ -718,7 +718,8 @@ def parsed(make_web_app, files: list[bytes], max_file: int = 450 * 1024) -> tupl
 
     environ = EnvironBuilder(path="/api/jobs", method="POST", data={
         "files": [(io.BytesIO(data), f"{i}.jpg") for i, data in enumerate(files)]}).get_environ()
-    app = make_web_app(max_upload_bytes=max_file, max_files_per_request=len(files))
+    # No listeners: their connections to the embedded AWS open and close descriptors too.
+    app = make_web_app(start_background=False, max_upload_bytes=max_file, max_files_per_request=len(files))
     with app.app_context():
         request = form.UploadRequest(environ)
         before = open_descriptors()
