@@ -58,6 +58,39 @@ def test_input_is_keras_resnet50_preprocessing():
     assert np.array_equal(ours, preprocess_input(resized.copy()))
 
 
+@pytest.mark.parametrize(("size", "fmt"), [((300, 200), "PNG"), ((400, 300), "JPEG"), ((1000, 12), "PNG"),
+                                           ((100, 150), "BMP"), ((2400, 1800), "PNG")])
+def test_the_whole_input_path_is_keras_load_img_with_bilinear_resizing(size, fmt):
+    """What the worker feeds the model from an upload's bytes, against Keras' own path:
+    load_img (squashed to 224x224, as the worker does) with interpolation="bilinear", then
+    preprocess_input. load_img's default, nearest, aliases photos: the worker chose bilinear
+    (a reviewer measured it as close to a Lanczos resize as Keras' bilinear). Only the
+    tests of to_input above compared anything with Keras, and only after decoding."""
+    import io
+
+    from keras.applications.resnet50 import preprocess_input
+    from keras.utils import img_to_array, load_img
+
+    rng = np.random.default_rng(size[0])
+    # Smooth content with some detail, as photos have: noise alone would make any two
+    # resizes differ, flat colour none.
+    y, x = np.mgrid[0:size[1], 0:size[0]]
+    picture = np.stack([(x * 255 // size[0]), (y * 255 // size[1]), ((x + y) % 64) * 4], axis=-1)
+    picture = np.clip(picture + rng.integers(-8, 9, picture.shape), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(picture).save(out, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    data = out.getvalue()
+
+    ours = prepare(data, 40_000_000)
+    theirs = preprocess_input(img_to_array(load_img(io.BytesIO(data), target_size=INPUT_SIZE[::-1],
+                                                    interpolation="bilinear")))
+    difference = np.abs(ours - theirs)
+    # Up to a rounding for most; the large PNG is box-averaged first (as Keras is not):
+    # close, not equal. (A JPEG this small is decoded whole: draft() would take it under 224.)
+    assert difference.mean() < 1.0 and np.percentile(difference, 99) < 6, (difference.mean(),
+                                                                           difference.max())
+
+
 @pytest.mark.parametrize("ov_threads", [1, 2], ids=["one-stream", "stream-per-image"])
 def test_openvino_agrees_with_tensorflow(batch, ir_cache, monkeypatch, ov_threads, tensorflow_model):
     monkeypatch.setenv("IMGCLASS_CACHE", str(ir_cache))
