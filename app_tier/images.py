@@ -306,9 +306,14 @@ def to_input(img: Image.Image) -> np.ndarray:
     if profiled is not None:
         resized = _in_srgb(resized, *profiled)
     rgb = np.asarray(resized)
-    # One pass from uint8 to the float result, the same values as converting
-    # first and subtracting after: measured 0.45 against 1.0 ms per image.
-    return np.subtract(rgb[..., ::-1], _BGR_MEANS, dtype=np.float32)
+    # From uint8 to the float result in one pass per channel, into the BGR order the
+    # weights want: the same values as converting first and subtracting after, at
+    # 0.12 ms an image, against 0.35 for one strided subtraction of all three
+    # (reviewer's measure, confirmed) and 1.0 converting first.
+    out = np.empty(rgb.shape, dtype=np.float32)
+    for bgr in range(3):
+        np.subtract(rgb[..., 2 - bgr], _BGR_MEANS[bgr], out=out[..., bgr], dtype=np.float32)
+    return out
 
 
 def _in_srgb(img: Image.Image, icc: bytes, kind: str) -> Image.Image:
