@@ -197,11 +197,13 @@ def test_a_stopped_worker_is_said_how_it_ended_once_reaped(world, caplog, mode, 
 
 
 def test_a_worker_killed_as_its_instance_ends_has_what_it_held_shown_and_its_journal_removed(
-        world, tmp_path):
+        world, tmp_path, caplog):
     """Read only by the next worker on the same instance, which a terminated one never
     has: its requests waited for their visibility timeout, a minute, the fleet held
     meanwhile (reviewer), and the file stayed in the user's state directory for ever."""
     from common.provision import provision
+
+    caplog.set_level(logging.INFO, logger="localaws.runner")
 
     settings, aws, make, out = world
     runner = make(warm_spares=0, grace_s=0.2, env={"FAKE_MODE": "stubborn"},
@@ -229,8 +231,10 @@ def test_a_worker_killed_as_its_instance_ends_has_what_it_held_shown_and_its_jou
     unfinished = journals[other].with_name(journals[other].name + ".999.tmp")
     unfinished.write_text("")
     # Shut down with the embedded AWS, every instance ends: nothing will read them.
+    other_pid = runner.workers[other].process.pid
     runner.shutdown(timeout_s=0.5)
     assert not journals[other].exists() and not unfinished.exists()
+    assert re.search(rf"worker pid {other_pid} of {other} ended: [^,]+, with the runner", caplog.text)
 
 
 def test_a_worker_that_outlives_sigkill_does_not_hold_up_the_rounds(world, monkeypatch):
