@@ -221,7 +221,7 @@ def moto_table(by_action: dict[str, Any], images: int) -> str:
     total = sum(v["cpu_s"] for v in by_action.values())
     rows.append(["all", str(sum(v["requests"] for v in by_action.values())), f"{total:.2f} s", "",
                  f"{1000 * total / max(images, 1):.1f} ms"])
-    return report.table("(f) The embedded AWS's own CPU during (b), to its last response, by API action",
+    return report.table("(b) The embedded AWS's own CPU during (b), to its last response, by API action",
                         ["action", "requests", "CPU", "per request", "per image"], rows)
 
 
@@ -417,7 +417,13 @@ def _document(figures: dict[str, Any], started: float) -> dict[str, Any]:
     limit = _limit(inference)
     tput = (e2e or {}).get("throughput") or {}
     e2e_ratio = report.ratio(tput.get("throughput_images_per_s"), limit)
-    limit_now = ((e2e or {}).get("model_now") or {}).get("images_per_s")
+    now = (e2e or {}).get("model_now") or {}
+    limit_now = now.get("images_per_s")
+    # The targets are judged against the model at its best of the two measurements:
+    # against (a) alone, an (a) slowed by others' work flattered (c) (59 % shown, 50 %
+    # against the model measured again: reviewer), and the low-load target likewise.
+    judged_ratio = _lower(e2e_ratio, report.ratio(tput.get("throughput_images_per_s"), limit_now))
+    single_image_s = _lower((inference or {}).get("single_image_s"), now.get("single_image_s"))
     budget = report.cpu_budget(limit, psutil.cpu_count() or 1, _cpu_by_kind(tput), tput.get("requests") or 0,
                                tput.get("throughput_images_per_s"))
     # A run whose fleet never reached zero within ZERO_TIMEOUT_S has None here: a miss,
@@ -426,12 +432,12 @@ def _document(figures: dict[str, Any], started: float) -> dict[str, Any]:
     zero_after = [s.get("last_response_to_zero_s") for s in scaled if s]
     never_zero = any(s is None for s in zero_after)
     found = report.targets(
-        e2e_ratio=e2e_ratio,
+        e2e_ratio=judged_ratio,
         course_average_s=((e2e or {}).get("course") or {}).get("course_average_latency_s"),
         zero_after_s=None if never_zero or len(zero_after) < len(scaled) else max(zero_after),
         zero_more_than_s=ZERO_TIMEOUT_S if never_zero else None,
         low_load_p50_s=(((e2e or {}).get("low_load") or {}).get("latency_s") or {}).get("p50"),
-        single_image_s=(inference or {}).get("single_image_s"),
+        single_image_s=single_image_s,
         missing={
             "e2e_ratio": _first_reason(_missing(figures, "inference"),
                                        _missing(figures, "e2e", "throughput")),
@@ -447,7 +453,8 @@ def _document(figures: dict[str, Any], started: float) -> dict[str, Any]:
         machine={"cpus": psutil.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
                  "python": platform.python_version(), "platform": platform.platform()},
         inference=inference, end_to_end=e2e, sqs=figures["sqs"], found=found, noise=figures["noise"],
-        extra={"ratio_e2e_to_limit": e2e_ratio,
+        extra={"ratio_e2e_to_limit": e2e_ratio, "ratio_e2e_judged": judged_ratio,
+               "single_image_judged_s": single_image_s,
                "ratio_e2e_to_limit_now": report.ratio(tput.get("throughput_images_per_s"), limit_now),
                "cpu_budget": budget, "code": figures.get("code"),
                "parts": figures["parts"],
@@ -455,11 +462,16 @@ def _document(figures: dict[str, Any], started: float) -> dict[str, Any]:
     )
 
 
+def _lower(*values: float | None) -> float | None:
+    """The lowest of the figures measured (None if none was)."""
+    return min((v for v in values if v is not None), default=None)
+
+
 def _cpu_by_kind(run: dict[str, Any]) -> dict[str, float]:
     """CPU seconds per process kind during a run, the load generator included."""
     kinds = {kind: v["cpu_s"] for kind, v in ((run.get("memory") or {}).get("by_kind") or {}).items()}
     if kinds and run.get("load_test_cpu_s") is not None:
-        kinds["load test"] = run["load_test_cpu_s"]
+        kinds["load test and bench"] = run["load_test_cpu_s"]  # its samplers run in that process
     return kinds
 
 
@@ -527,6 +539,9 @@ def print_figures(doc: dict[str, Any]) -> None:
         now = e2e.get("model_now")
         if now:
             print(model_now_line(now, limit, doc.get("ratio_e2e_to_limit_now")))
+        judged, single_judged = doc.get("ratio_e2e_judged"), doc.get("single_image_judged_s")
+        print(f"    The target is judged against the faster of the two: {report.fmt(judged, '%')}; the "
+              f"low-load one against the shorter single-image time: {report.fmt(single_judged, 'ms')}.")
         print(budget_line(doc.get("cpu_budget")))
         low = ((e2e.get("low_load") or {}).get("latency_s") or {}).get("p50")
         single = (inference or {}).get("single_image_s")

@@ -168,16 +168,24 @@ def table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> s
     return "\n".join([title, line(header), rule, *[line(r) for r in rows]])
 
 
+def shown_beside(measured: float, limit: float, digits: int) -> str:
+    """`measured` with `digits` decimals, or more where that would show the limit itself:
+    84.96 % was shown "85 %" beside "FAIL" against ">= 85 %" (reviewer)."""
+    for more in range(digits, digits + 6):
+        if round(measured, more) != round(limit, more) or measured == limit:
+            return f"{measured:.{more}f}"
+    return repr(measured)
+
+
 def targets_table(found: Sequence[Target]) -> str:
     rows = []
     for t in found:
         sign = ">=" if t.kind == "min" else "<"
-        if t.unit == "ratio":
-            measured, limit = fmt(t.measured, "%"), f"{sign} {t.limit * 100:.0f} %"
-        elif t.unit == "s" and t.limit < 0.5:
-            measured, limit = fmt(t.measured, "ms"), f"{sign} {t.limit * 1000:.0f} ms"
-        else:
-            measured, limit = fmt(t.measured, t.unit), f"{sign} {t.limit:g} {t.unit}"
+        scale, unit, digits = ((100, "%", 0) if t.unit == "ratio" else (1000, "ms", 0) if t.unit == "s"
+                               and t.limit < 0.5 else (1, t.unit, 3))
+        limit = f"{sign} {t.limit * scale:g} {unit}"
+        measured = "-" if t.measured is None else \
+            f"{shown_beside(t.measured * scale, t.limit * scale, digits)} {unit}"
         rows.append([t.name, measured, limit, t.shown])
     return table("Targets (a missed target is reported, never fatal)",
                  ["target", "measured", "target", "verdict"], rows)

@@ -268,6 +268,31 @@ def test_c_is_also_given_against_the_model_measured_just_after_b():
         bench_main.model_now_single_line(now)
 
 
+def test_the_targets_are_judged_against_the_faster_of_the_two_model_measurements():
+    """An (a) slowed by others' work made (c) read 59 % where the model measured again
+    gave 50 % (reviewer): the target takes the harder of the two, as the low-load one."""
+    throughput = {**_run(), "throughput_images_per_s": 12.0}
+    figures = {"inference": {"local_limit": {"images_per_s": 20.0, "runtime": "openvino", "threads": 0,
+                                             "batch": 1},
+                             "single_image_s": 0.05, "runs": {}},
+               "expected_labels": {}, "sqs": None, "noise": {},
+               "end_to_end": {"throughput": throughput, "course": _run(), "low_load": _run(),
+                              "model_now": {"runtime": "openvino", "threads": 0, "batch": 1,
+                                            "images_per_s": 24.0, "single_image_s": 0.03,
+                                            "single_image_after_pause_s": 0.04}},
+               "parts": {part: {"source": "this run", "measured_at": "now", "error": None}
+                         for part in bench_main.PARTS}}
+
+    doc = bench_main._document(figures, 0.0)
+
+    assert doc["ratio_e2e_to_limit"] == pytest.approx(0.6)  # against (a), as printed beside it
+    assert doc["ratio_e2e_judged"] == pytest.approx(0.5)
+    targets = {t["name"]: t for t in doc["targets"]}
+    assert targets["end-to-end throughput / in-process limit"]["measured"] == pytest.approx(0.5)
+    # Low-load p50 80 ms: 50 over the 30 ms measured after (b), not 30 over (a)'s 50 ms.
+    assert targets["low-load p50 minus model single-image time"]["measured"] == pytest.approx(0.05)
+
+
 def test_the_e2e_part_measures_the_model_at_the_limits_settings(fake_model, bench_dir: Path,
                                                                  monkeypatch: pytest.MonkeyPatch):
     asked: list[tuple] = []

@@ -217,3 +217,16 @@ def test_bad_requests_counts_failed_wrong_and_never_ended():
     assert report.bad_requests({"requests": 30, "failed": 1, "wrong": 2, "correct": 0,
                                 "unchecked": 25}) == "3 failed, 2 wrong"  # 2 never ended
     assert report.bad_requests(None) is None
+
+
+def test_a_figure_beside_its_target_is_never_shown_as_the_target_itself():
+    """84.96 % was shown "85 %" beside FAIL against ">= 85 %" (reviewer)."""
+    text = report.targets_table(report.targets(e2e_ratio=0.8496, course_average_s=1.1996, zero_after_s=2.0,
+                                               low_load_p50_s=0.0904, single_image_s=0.0405))
+    lines = {line.split("  ")[0]: line for line in text.splitlines()}
+    assert "84.96 %" in lines["end-to-end throughput / in-process limit"]
+    assert "FAIL" in lines["end-to-end throughput / in-process limit"]
+    assert "1.1996 s" in lines["course average latency, 100 requests at concurrency 100"]
+    assert "2.000 s" in lines["last response -> zero instances"]  # equal: shown as it is, and a miss
+    assert "FAIL" in lines["last response -> zero instances"]
+    assert "49.9 ms" in lines["low-load p50 minus model single-image time"]
