@@ -381,7 +381,7 @@ _LINE_BREAKING = frozenset({"Cc", "Zl", "Zp"})  # web_tier/filenames.py
 _BIDI_CONTROLS = dict.fromkeys(map(ord, "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
                                         "\u2066\u2067\u2068\u2069"))  # web_tier/filenames.py
 _MAX_EXTENSION_CHARS = 16  # common/names.py MAX_EXTENSION_CHARS
-_MAX_META_FILENAME = 1800  # common/names.py MAX_META_FILENAME
+_MAX_META_FILENAME = 1740  # common/names.py MAX_META_FILENAME
 
 
 def received_name(filename: str) -> str:
