@@ -332,6 +332,8 @@ class Stack:
                 if child.name == "moto":
                     continue  # last: the runner and workers still talk to it while stopping
                 _terminate(child.process, deadline)
+                if child.group_kill_at is not None:  # what outlived it, asked to stop: waited for
+                    _end_group(child.process.pid, min(deadline, child.group_kill_at))
             if self.runner is not None:
                 # A round in progress may still start a worker: let it end, so that
                 # shutdown() sees every process there is.
@@ -360,6 +362,13 @@ def keep_previous_logs(logs: Path) -> None:
 
 def _kill_group(pgid: int) -> None:
     _signal_group(pgid, signal.SIGKILL)
+
+
+def _end_group(pgid: int, deadline: float) -> None:
+    """Wait until the group `pgid` has no process left, or `deadline`; then kill what is."""
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _kill_group(pgid)
 
 
 def _group_alive(pgid: int) -> bool:

@@ -149,6 +149,29 @@ def test_what_outlives_a_dead_web_tier_is_asked_to_stop_before_it_is_killed(tmp_
         stack.sockets.remove_folder()
 
 
+def test_what_outlives_a_dead_web_tier_does_not_outlive_the_stack(tmp_path):
+    """A stop (Ctrl-C) within the wait found the group's leader gone and left the rest
+    running, the web port held for the next make run (reviewer)."""
+    stack = Stack(Settings(), tmp_path, warm_spares=0)
+    asked = tmp_path / "asked"
+    stack._spawn("web", [sys.executable, "-c", MASTER_WITH_A_WORKER, str(asked), "ignores"])
+    (child,) = stack.children
+    master = child.process
+    try:
+        wait_until(lambda: (tmp_path / "asked.up").exists(), 30)
+        master.kill()
+        master.wait(10)
+        assert stack.supervise() is None
+        wait_until(lambda: asked.exists(), 10)
+        began = time.monotonic()
+        stack.stop(timeout_s=1.0)
+        assert time.monotonic() - began < GROUP_STOP_S  # within the stop's own timeout
+        wait_until(lambda: not group_alive(master.pid), 10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(master.pid, signal.SIGKILL)
+
+
 def group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
