@@ -290,12 +290,12 @@ class InstanceRunner:
         self._spare_due_at = max(self._spare_due_at, due_at)  # another's delay still holds
         log_name = log_path.name if log_path else "-"
         if self._spare_due_at > now:
-            log.warning("runner: warm spare pid %d exited with %s (log %s); replacing it in %.0f s "
-                        "(%d failed starts in a row)", spare.pid, code, log_name, self._spare_due_at - now,
-                        self._spare_quick_exits)
+            log.warning("runner: warm spare pid %d ended: %s (log %s); replacing it in %.0f s "
+                        "(%d failed starts in a row)", spare.pid, exit_status(code), log_name,
+                        self._spare_due_at - now, self._spare_quick_exits)
         else:
-            log.warning("runner: warm spare pid %d exited with %s (log %s); replacing it", spare.pid, code,
-                        log_name)
+            log.warning("runner: warm spare pid %d ended: %s (log %s); replacing it", spare.pid,
+                        exit_status(code), log_name)
 
     @staticmethod
     def _signal(process: subprocess.Popen, sig: int) -> None:
@@ -303,6 +303,10 @@ class InstanceRunner:
             return  # reaped: its pid (and process group id) may belong to another process now
         try:
             os.killpg(process.pid, sig)
+            if sig in (signal.SIGTERM, signal.SIGABRT):
+                # As systemd follows its stop signals: a stopped process (SIGSTOP, a
+                # debugger) acts on them only once continued (reviewer).
+                os.killpg(process.pid, signal.SIGCONT)
         except ProcessLookupError:
             pass
 
@@ -385,15 +389,10 @@ class InstanceRunner:
             if worker.abort_sent_at is None and (silent or late):
                 why = (f"has not pinged its watchdog for {now - (notify.last_heard or now):.0f} s" if silent
                        else f"has not said it is ready in {now - worker.started_at:.0f} s")
-                if is_stopped(worker.process.pid):
-                    # It would act on SIGABRT only once continued, and write no stacks meanwhile.
-                    log.error("runner: the worker for %s (pid %d) %s: it is stopped (SIGSTOP?), SIGKILL, "
-                              "then a restart", worker.instance_id, worker.process.pid, why)
-                    self._signal(worker.process, signal.SIGKILL)
-                else:
-                    log.error("runner: the worker for %s (pid %d) %s; SIGABRT (its stacks go to its log), "
-                              "then a restart", worker.instance_id, worker.process.pid, why)
-                    self._signal(worker.process, signal.SIGABRT)
+                stopped = ", as it is stopped (SIGSTOP?)" if is_stopped(worker.process.pid) else ""
+                log.error("runner: the worker for %s (pid %d) %s%s; SIGABRT (its stacks go to its log), "
+                          "then a restart", worker.instance_id, worker.process.pid, why, stopped)
+                self._signal(worker.process, signal.SIGABRT)
                 worker.abort_sent_at = now
             elif worker.abort_sent_at is not None and now - worker.abort_sent_at > self.grace_s:
                 log.warning("runner: pid %d outlived SIGABRT for %.0fs, SIGKILL",
