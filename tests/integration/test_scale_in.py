@@ -45,11 +45,13 @@ def finished_items(stack, batch_id: str) -> list[dict] | None:
 
 def test_instances_removed_mid_load_finish_or_hand_back_their_work(slow_redelivery_stack):
     """Each instance is removed while it holds requests; every image is still answered,
-    once, well within the visibility timeout (300 s): none was stranded with it."""
+    its result stored once, well within the visibility timeout (300 s): none was
+    stranded with it. (A request delivered again after its result was stored finds it
+    and stores no second one: the versions count stores, not model calls.)"""
     stack = slow_redelivery_stack
     s3, _, ec2 = clients(stack)
     out_bucket = f"{stack.prefix}-out-bucket"
-    # Each write of a result kept: an image classified twice leaves two versions.
+    # Each write of a result kept: an image whose result was stored twice leaves two versions.
     s3.put_bucket_versioning(Bucket=out_bucket, VersioningConfiguration={"Status": "Enabled"})
     images = {f"scalein_{i:02d}.jpg": make_image(6000 + i) for i in range(60)}
     reply = requests.post(f"{stack.web_url}/api/jobs", timeout=60,
