@@ -114,6 +114,22 @@ time.sleep(120)
 """
 
 
+def web_whose_master_was_killed(stack: Stack, asked: Path, worker: str) -> tuple[Child, subprocess.Popen]:
+    """A "web" child of `stack` whose master was SIGKILLed once its worker was up (the
+    worker writes `asked` when it gets SIGTERM; `worker`: "obeys" it or "ignores" it)."""
+    stack._spawn("web", [sys.executable, "-c", MASTER_WITH_A_WORKER, str(asked), worker])
+    (child,) = stack.children
+    master = child.process
+    try:
+        wait_until(lambda: asked.with_name(asked.name + ".up").exists(), 30)
+    except BaseException:
+        os.killpg(master.pid, signal.SIGKILL)
+        raise
+    master.kill()
+    master.wait(10)
+    return child, master
+
+
 @pytest.mark.parametrize("worker", ["obeys", "ignores"])
 def test_what_outlives_a_dead_web_tier_is_asked_to_stop_before_it_is_killed(tmp_path, worker):
     """gunicorn's worker outlived its killed master and was SIGKILLed at once, its
@@ -121,13 +137,8 @@ def test_what_outlives_a_dead_web_tier_is_asked_to_stop_before_it_is_killed(tmp_
     whose main process died: SIGTERM, and SIGKILL only GROUP_STOP_S later."""
     stack = Stack(Settings(), tmp_path, warm_spares=0)
     asked = tmp_path / "asked"
-    stack._spawn("web", [sys.executable, "-c", MASTER_WITH_A_WORKER, str(asked), worker])
-    (child,) = stack.children
-    master = child.process
+    child, master = web_whose_master_was_killed(stack, asked, worker)
     try:
-        wait_until(lambda: (tmp_path / "asked.up").exists(), 30)
-        master.kill()
-        master.wait(10)
         t0 = time.monotonic()
         assert stack.supervise(now=t0) is None
         wait_until(lambda: asked.exists(), 10)  # asked, not killed
@@ -154,13 +165,8 @@ def test_what_outlives_a_dead_web_tier_does_not_outlive_the_stack(tmp_path):
     running, the web port held for the next make run (reviewer)."""
     stack = Stack(Settings(), tmp_path, warm_spares=0)
     asked = tmp_path / "asked"
-    stack._spawn("web", [sys.executable, "-c", MASTER_WITH_A_WORKER, str(asked), "ignores"])
-    (child,) = stack.children
-    master = child.process
+    _, master = web_whose_master_was_killed(stack, asked, "ignores")
     try:
-        wait_until(lambda: (tmp_path / "asked.up").exists(), 30)
-        master.kill()
-        master.wait(10)
         assert stack.supervise() is None
         wait_until(lambda: asked.exists(), 10)
         began = time.monotonic()
