@@ -244,22 +244,27 @@ def test_the_model_is_measured_again_after_the_throughput_run(monkeypatch: pytes
     assert ran == ["throughput", "course", "low"] and "model_now" not in out and "errors" not in out
 
 
+def figures_with_the_model_twice(batch: int, limit: float, single_s: float, now: dict) -> dict:
+    """A run's figures: (b) at 12 images/s, the model at `limit` images/s and `single_s`
+    in (a), then as `now` says ("images_per_s", "single_image_s"...) just after (b)."""
+    return {"inference": {"local_limit": {"images_per_s": limit, "runtime": "openvino", "threads": 0,
+                                          "batch": batch},
+                          "single_image_s": single_s, "runs": {}},
+            "expected_labels": {}, "sqs": None, "noise": {},
+            "end_to_end": {"throughput": {**_run(), "throughput_images_per_s": 12.0}, "course": _run(),
+                           "low_load": _run(),
+                           "model_now": {"runtime": "openvino", "threads": 0, "batch": batch, **now}},
+            "parts": {part: {"source": "this run", "measured_at": "now", "error": None}
+                      for part in bench_main.PARTS}}
+
+
 def test_c_is_also_given_against_the_model_measured_just_after_b():
-    throughput = {**_run(), "throughput_images_per_s": 12.0}
-    figures = {"inference": {"local_limit": {"images_per_s": 20.0, "runtime": "openvino", "threads": 0,
-                                             "batch": 8},
-                             "single_image_s": 0.04, "runs": {}},
-               "expected_labels": {}, "sqs": None, "noise": {},
-               "end_to_end": {"throughput": throughput, "course": _run(), "low_load": _run(),
-                              "model_now": {"runtime": "openvino", "threads": 0, "batch": 8,
-                                            "images_per_s": 15.0, "single_image_s": 0.061,
-                                            "single_image_after_pause_s": 0.07}},
-               "parts": {part: {"source": "this run", "measured_at": "now", "error": None}
-                         for part in bench_main.PARTS}}
+    figures = figures_with_the_model_twice(8, 20.0, 0.04, {
+        "images_per_s": 15.0, "single_image_s": 0.061, "single_image_after_pause_s": 0.07})
 
     doc = bench_main._document(figures, 0.0)
 
-    assert doc["ratio_e2e_to_limit"] == pytest.approx(0.6)  # the target's, against (a)
+    assert doc["ratio_e2e_to_limit"] == pytest.approx(0.6)  # against (a)
     assert doc["ratio_e2e_to_limit_now"] == pytest.approx(0.8)
     now = figures["end_to_end"]["model_now"]
     assert "15.0 images/s at batch 8 (75 % of its speed in (a)); (b) was 80 % of that" in \
@@ -271,17 +276,8 @@ def test_c_is_also_given_against_the_model_measured_just_after_b():
 def test_the_targets_are_judged_against_the_faster_of_the_two_model_measurements():
     """An (a) slowed by others' work made (c) read 59 % where the model measured again
     gave 50 % (reviewer): the target takes the harder of the two, as the low-load one."""
-    throughput = {**_run(), "throughput_images_per_s": 12.0}
-    figures = {"inference": {"local_limit": {"images_per_s": 20.0, "runtime": "openvino", "threads": 0,
-                                             "batch": 1},
-                             "single_image_s": 0.05, "runs": {}},
-               "expected_labels": {}, "sqs": None, "noise": {},
-               "end_to_end": {"throughput": throughput, "course": _run(), "low_load": _run(),
-                              "model_now": {"runtime": "openvino", "threads": 0, "batch": 1,
-                                            "images_per_s": 24.0, "single_image_s": 0.03,
-                                            "single_image_after_pause_s": 0.04}},
-               "parts": {part: {"source": "this run", "measured_at": "now", "error": None}
-                         for part in bench_main.PARTS}}
+    figures = figures_with_the_model_twice(1, 20.0, 0.05, {
+        "images_per_s": 24.0, "single_image_s": 0.03, "single_image_after_pause_s": 0.04})
 
     doc = bench_main._document(figures, 0.0)
 
