@@ -111,8 +111,8 @@ def exit_status(code: int) -> str:
 
 
 def is_stopped(pid: int) -> bool:
-    """Whether the process is stopped (SIGSTOP, a debugger): it then acts on no signal
-    but SIGKILL, and a log that said it "ignored" one misled (reviewer)."""
+    """Whether the process is stopped (SIGSTOP, a debugger): it acts on no signal but
+    SIGKILL until continued, and a log that said it "ignored" one misled (reviewer)."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
             # pid (comm) state ...: comm may hold spaces and parentheses, so after the last ')'.
@@ -458,8 +458,7 @@ class InstanceRunner:
                                 worker.restarts + 1, worker.quick_exits)
                 else:
                     log.warning("runner: worker for %s ended: %s; restarting it (restart %d)", iid,
-                                exit_status(code),
-                                worker.restarts + 1)
+                                exit_status(code), worker.restarts + 1)
             if now >= worker.restart_at:
                 del self.workers[iid]
                 self._start_worker(iid, restarts=worker.restarts + 1, quick_exits=worker.quick_exits)
