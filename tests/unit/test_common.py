@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import unicodedata
@@ -816,3 +817,19 @@ def test_waits_between_failed_tries_start_at_the_first_double_and_stop_at_the_mo
         waits.append(wait)
     assert waits == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
     assert next_wait(0.0, 20.0, 10.0) == 10.0  # a first wait over the most is held to it
+
+
+def test_every_setting_read_from_the_environment_is_in_the_readme_table():
+    """config.py's docstring promises the README lists each variable; nothing checked it
+    (a newcomer's review)."""
+    root = Path(__file__).resolve().parents[2]
+    source = (root / "common" / "config.py").read_text(encoding="utf-8")
+    read = set(re.findall(r'env(?:\.get\(|\[|, )"([A-Z][A-Z0-9_]+)"', source))
+    # Other programs' variables, read to find what they point at, not the service's settings.
+    others = {"AWS_CONFIG_FILE", "AWS_DEFAULT_PROFILE", "AWS_PROFILE", "HOME", "XDG_STATE_HOME"}
+    assert len(read) > 40, "the pattern no longer finds how config.py reads the environment"
+    # A table row's first cell names its variables ("| `WEB_HOST`, `WEB_PORT` | ...").
+    named = [line.split("|")[1] for line in (root / "README.md").read_text(encoding="utf-8").splitlines()
+             if line.startswith("| `")]
+    missing = sorted(name for name in read - others if not any(f"`{name}`" in cell for cell in named))
+    assert not missing, f"settings not in README's table: {missing}"
