@@ -131,11 +131,13 @@ def _child(args: argparse.Namespace) -> dict:
 
     from app_tier.images import prepare
     from app_tier.model import load_classifier
+    from common.config import Settings
 
+    max_pixels = Settings.max_image_pixels  # the default, as the workers measured against have it
     files = sorted(p for p in args.images.iterdir() if p.is_file())
     classifier = load_classifier("random", args.runtime, args.threads)
     raw = files[0].read_bytes()
-    first = prepare(raw, 40_000_000)[None]
+    first = prepare(raw, max_pixels)[None]
     classifier.classify(first)
     startup = time.time() - args.t0
 
@@ -144,7 +146,7 @@ def _child(args: argparse.Namespace) -> dict:
     for path in files[:max(BATCH_SIZES)]:
         data = path.read_bytes()
         t = time.perf_counter()
-        pixels.append(prepare(data, 40_000_000))
+        pixels.append(prepare(data, max_pixels))
         prepare_times.append(time.perf_counter() - t)
     pool = np.stack(pixels)
 
@@ -178,7 +180,7 @@ def _child(args: argparse.Namespace) -> dict:
     if args.labels:
         for start in range(0, len(files), 10):
             chunk = files[start:start + 10]
-            batch = np.stack([prepare(p.read_bytes(), 40_000_000) for p in chunk])
+            batch = np.stack([prepare(p.read_bytes(), max_pixels) for p in chunk])
             for path, result in zip(chunk, classifier.classify(batch), strict=True):
                 labels[path.stem] = result.label
                 scores[path.stem] = result.score

@@ -11,6 +11,11 @@ their errors are logged), and the worker process's own start-up switches
 (INSTANCE_ID, the default of its --instance-id; IMGCLASS_CACHE, where it keeps the
 converted model); and IMGCLASS_MOTO_STATS, `make bench`'s request to the embedded
 AWS for its CPU time per action (localaws/moto_fast.py).
+
+A default that follows another setting is worked out in from_env (as SCALE_IN_COOLDOWN's
+follows AWS_ENDPOINT_URL); tests that build Settings with dataclasses.replace skip
+from_env, so such a default does not follow there: where that matters, keep None and
+read it through a property.
 """
 
 from __future__ import annotations
@@ -188,6 +193,8 @@ class Settings:
     web_port: int = 8000
     max_upload_bytes: int = 10 * 1024 * 1024
     max_files_per_request: int = 1000
+    # The workers' limit as much as the web tier's: each process reads its own, so give
+    # both tiers one value (the controller hands its own to the workers: controller/act.py).
     max_image_pixels: int = 40_000_000
     result_timeout_s: float = 300.0
     # An answer whose sending makes no progress this long ends its connection

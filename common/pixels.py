@@ -24,9 +24,11 @@ _PILLOW_SIZE = re.compile(r"\((\d+) pixels\)")
 PILLOW_REFUSALS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
-def pixel_limit(configured: int) -> int:
-    """The most pixels an image may have here: MAX_IMAGE_PIXELS, or Pillow's lower limit."""
-    return min(configured, Image.MAX_IMAGE_PIXELS or configured)
+def pixel_limit(max_pixels: int) -> int:
+    """The most pixels an image may have here: MAX_IMAGE_PIXELS, or Pillow's lower limit
+    (Settings.from_env refuses a higher MAX_IMAGE_PIXELS; this is for Settings built
+    otherwise, as tests do)."""
+    return min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
 
 
 # The longest side an image may have (JPEG's own limit). Pillow keeps a pointer and an
@@ -42,10 +44,10 @@ MAX_IMAGE_SIDE = 65535
 HEAVY_DECODE_DIVISORS = {"WEBP": 2}
 
 
-def size_refusal(width: int, height: int, configured: int, fmt: str | None = None) -> str | None:
+def size_refusal(width: int, height: int, max_pixels: int, fmt: str | None = None) -> str | None:
     """Why an image of this size (and Pillow's format name) is refused, or None if it is not."""
     divisor = HEAVY_DECODE_DIVISORS.get(fmt or "", 1)
-    limit = pixel_limit(configured) // divisor
+    limit = pixel_limit(max_pixels) // divisor
     if width * height > limit:
         whose = (f" for a {fmt} image (1/{divisor} of other formats': decoding one takes several "
                  "times the memory)") if divisor > 1 else ""
@@ -55,12 +57,12 @@ def size_refusal(width: int, height: int, configured: int, fmt: str | None = Non
     return None
 
 
-def pillow_refusal(exc: Exception, configured: int) -> str:
+def pillow_refusal(exc: Exception, max_pixels: int) -> str:
     """Pillow's own refusal of a decompression bomb, said in terms of the limit that
     applies (its message quotes its internal threshold, not what this service allows)."""
     size = _PILLOW_SIZE.search(str(exc))
     what = f"{int(size.group(1))} pixels" if size else "too many pixels"
-    return f"image has {what}, more than the limit of {pixel_limit(configured)}"
+    return f"image has {what}, more than the limit of {pixel_limit(max_pixels)}"
 
 
 # A progressive JPEG is drawn in scans, each a pass of the decoder over the whole

@@ -82,9 +82,9 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
             if fmt not in FORMATS:
                 raise UploadError(415, f"{fmt or 'this'} images are not accepted; send {ACCEPTED}", name)
             # The worker's decoder applies the same rule (common/pixels.py).
-            too_large = size_refusal(*img.size, settings.max_image_pixels, fmt)
-            if too_large:
-                raise UploadError(413, too_large, name)
+            pixel_refusal = size_refusal(*img.size, settings.max_image_pixels, fmt)
+            if pixel_refusal:
+                raise UploadError(413, pixel_refusal, name)
             cut_short = _truncation(img, data, jpeg)
             if cut_short:
                 raise UploadError(DAMAGED, f"damaged or unreadable image: {cut_short}", name)
