@@ -425,3 +425,15 @@ def test_bake_refuses_a_bad_weights_source(tmp_path):
     result = subprocess.run(["bash", str(AMI / "bake.sh"), "--weights-source", "http://x"],
                             env=env, capture_output=True, text=True)
     assert result.returncode != 0 and "--weights-source" in result.stderr
+
+
+def test_the_readme_names_the_settings_workers_get_as_the_controller_gives_them():
+    """Two lists in README.md copy worker_settings() by hand, and nothing kept them in
+    step (a newcomer's review)."""
+    readme = (AMI.parent / "README.md").read_text(encoding="utf-8")
+    given = set(worker_settings(Settings()))
+    rendered = readme.split("`controller/act.py` renders its", 1)[1].split("into each", 1)[0]
+    assert set(re.findall(r"`([A-Z_]+)`", rendered)) == given
+    # The deployment's config file: all but the endpoint, which real AWS does not take.
+    config = readme.split("# the workers get this file's", 1)[1].split(": set", 1)[0]
+    assert set(re.findall(r"\b[A-Z][A-Z_]{3,}\b", config)) == given - {"AWS_ENDPOINT_URL"}
