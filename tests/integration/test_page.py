@@ -1848,6 +1848,28 @@ def test_failed_rows_can_be_shown_alone_and_the_results_downloaded_as_csv(stack,
     assert [(r["path"], r["state"]) for r in failed_only] == [("trip/=notes.jpg", "failed")]
 
 
+def test_an_upload_of_refused_files_only_leaves_the_address_before_a_batch(stack, browser, tmp_path):
+    """Kept for its reasons (a reload shows them), it took one of the address's places:
+    real batches were pushed out before it (reviewer)."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    browser.execute_script("document.body.dataset.maxBatchesInUrl = '2';")
+
+    def upload(i: int, files: dict[str, bytes]) -> str:
+        choose(browser, tmp_path, files)
+        wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#results .result")) == i + 1, 30,
+                 f"upload {i}'s row")
+        finished_rows(browser, stack, i + 1, timeout_s=60)
+        return browser.current_url.split("#batches=")[1].split(",")[-1]
+
+    batches = [upload(0, {"batch_0.jpg": make_image(1200, size=(64, 48))})]
+    refused = upload(1, {"refused.jpg": b"plain text"})
+    batches.append(upload(2, {"batch_2.jpg": make_image(1202, size=(64, 48))}))
+    assert refused not in batches
+    assert browser.current_url.split("#batches=")[1].split(",") == batches
+
+
 def test_a_batch_pushed_out_of_the_address_is_said_to_be(stack, browser, tmp_path):
     """The 21st batch dropped the oldest from the address without a word: a reload then
     showed fewer batches than the page had."""

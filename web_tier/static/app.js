@@ -873,7 +873,13 @@
   function rememberBatch(batchId) {
     const ids = batchesInUrl().filter((id) => id !== batchId);
     const most = maxBatchesInUrl();
-    const kept = [...ids, batchId].slice(-most);
+    const kept = [...ids, batchId];
+    while (kept.length > most) {
+      // The oldest upload whose every file was refused leaves first (only this tab has
+      // its reasons, and nothing of it is on the server), then the oldest batch.
+      const refused = kept.findIndex((id) => id !== batchId && refusedOnly(savedShown(id)));
+      kept.splice(Math.max(refused, 0), 1);
+    }
     if (kept.length < ids.length + 1 && !droppedSaid) {
       // Their rows stay on the page, but a reload or the link would not show them: say so.
       droppedSaid = true;
