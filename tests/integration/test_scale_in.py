@@ -65,7 +65,7 @@ def test_instances_removed_mid_load_finish_or_hand_back_their_work(slow_redelive
     def holding_instance() -> str | None:
         running = [i["InstanceId"] for i in live_instances(ec2)
                    if i["State"]["Name"] == "running" and i["InstanceId"] not in removed]
-        return next((i for i in running if held_by(stack, i)), None)
+        return next((i for i in running if journaled_receipts(stack, i)), None)
 
     def scale_in_twice():
         for _ in range(2):
@@ -101,20 +101,11 @@ def logs_now(stack) -> str:
     return "".join(p.read_text() for p in (stack.run_dir / "logs").glob("worker-*.log"))
 
 
-def held_by(stack, instance_id: str) -> int:
-    """Receipts the worker of `instance_id` has written down as held (app_tier/held_journal.py)."""
-    for path in (stack.run_dir / "state" / "imgclass").glob(f"*-held-{instance_id}.json"):
-        try:
-            return len(json.loads(path.read_text())["held"])
-        except (FileNotFoundError, json.JSONDecodeError):
-            return 0
-    return 0
-
-
-def journaled_receipts(stack) -> int:
-    """Receipts the stack's workers have written down as held (app_tier/held_journal.py)."""
+def journaled_receipts(stack, instance_id: str = "*") -> int:
+    """Receipts the stack's workers (or the worker of `instance_id`) have written down
+    as held (app_tier/held_journal.py)."""
     count = 0
-    for path in (stack.run_dir / "state" / "imgclass").glob("*-held-*.json"):
+    for path in (stack.run_dir / "state" / "imgclass").glob(f"*-held-{instance_id}.json"):
         try:
             count += len(json.loads(path.read_text())["held"])
         except FileNotFoundError:
@@ -176,7 +167,7 @@ def test_workers_killed_outright_have_their_requests_shown_again_by_their_succes
     took = time.monotonic() - killed_at
     done = [i for i in items if i["state"] != "queued"]
     assert all(i["state"] == "done" for i in done), done
-    logs = "".join(p.read_text() for p in (stack.run_dir / "logs").glob("worker-*.log"))
+    logs = logs_now(stack)
     shown = [int(n) for n in re.findall(r"made (\d+) request\(s\) visible again", logs)]
     assert sum(shown) >= 1, "no successor made anything visible: nothing tested"
     print(f"\n{len(victims)} workers killed holding messages: {sum(shown)} shown again by their "
