@@ -375,9 +375,7 @@ def _group_alive(pgid: int) -> bool:
     """Whether any process is left in the group `pgid`."""
     try:
         os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # its id reused by another user's group: none of ours left
+    except (ProcessLookupError, PermissionError):  # none, or its id reused by another user's
         return False
     return True
 
