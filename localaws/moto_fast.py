@@ -78,6 +78,7 @@ from gunicorn.errors import HaltServer
 
 from common.config import region_from_env
 from common.heap import freeze_startup_heap
+from localaws.lifeline import stop_when_unheld
 
 # When set, the server writes its CPU time per API action to this JSON file
 # every STATS_EVERY_S seconds (`make bench` reads it).
@@ -428,7 +429,11 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-H", "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("-p", "--port", type=int, default=5000, help="port (default 5000)")
+    parser.add_argument("--lifeline", type=int, metavar="FD",
+                        help="stop once no process holds this pipe's write end (localaws.lifeline)")
     args = parser.parse_args(argv)
+    if args.lifeline is not None:
+        stop_when_unheld(args.lifeline)
     # moto builds some URLs (SQS queue URLs among them) from this.
     os.environ.setdefault("MOTO_PORT", str(args.port))
     KeepAliveServer(args.host, args.port).run()

@@ -155,6 +155,8 @@ class InstanceRunner:
     warm_spares: int = 1
     # What an instance runs; tests put a small stand-in here.
     worker_argv: list[str] = field(default_factory=lambda: [sys.executable, "-m", "app_tier"])
+    # Descriptors each worker keeps open: the embedded AWS's lifeline (localaws.lifeline).
+    pass_fds: tuple[int, ...] = ()
     workers: dict[str, WorkerProcess] = field(default_factory=dict)
     stopping: threading.Event = field(default_factory=threading.Event)
     _first_seen: dict[str, float] = field(default_factory=dict)
@@ -202,6 +204,7 @@ class InstanceRunner:
                     # Own process group: Ctrl-C in the terminal must not reach workers
                     # directly; the runner stops them in order.
                     start_new_session=True,
+                    pass_fds=self.pass_fds,
                     preexec_fn=ends_with_parent(),
                 )
         except BaseException:

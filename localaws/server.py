@@ -20,20 +20,26 @@ class StartInterrupted(Exception):
     """A stop was asked for while a server was starting."""
 
 
-def start_moto(host: str, port: int, log_path: Path,
-               stopping: threading.Event | None = None) -> subprocess.Popen:
+def start_moto(host: str, port: int, log_path: Path, stopping: threading.Event | None = None,
+               lifeline_fd: int | None = None) -> subprocess.Popen:
     """Start moto's server (S3, SQS, EC2 and the rest) and wait until it answers.
 
     It runs as `localaws.moto_fast`: moto's own server with patches that remove
-    costs growing with traffic and queue depth (listed in that module).
+    costs growing with traffic and queue depth (listed in that module). With
+    `lifeline_fd` it ends after the last holder of that pipe (localaws.lifeline),
+    otherwise with the thread that started it.
     """
+    argv = [sys.executable, "-m", "localaws.moto_fast", "-H", host, "-p", str(port)]
+    if lifeline_fd is not None:
+        argv += ["--lifeline", str(lifeline_fd)]
     with open(log_path, "ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "localaws.moto_fast", "-H", host, "-p", str(port)],
+            argv,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=ends_with_parent(),
+            pass_fds=() if lifeline_fd is None else (lifeline_fd,),
+            preexec_fn=ends_with_parent() if lifeline_fd is None else None,
             cwd=str(Path(__file__).resolve().parent.parent),
         )
     try:

@@ -32,6 +32,7 @@ from common.provision import provision
 from common.signals import STOP_SIGNALS, on_signals
 from controller.lock import EXIT_ANOTHER_CONTROLLER, held_by_another
 from localaws.kill import ends_with_parent, kill_and_wait
+from localaws.lifeline import Lifeline
 from localaws.notify import NotifySocket, NotifySockets
 from localaws.runner import InstanceRunner, exit_status
 from localaws.server import (
@@ -187,6 +188,8 @@ class Stack:
         # Off with LOCAL_WATCHDOG=0, as the workers' watchdog is.
         self.sockets = NotifySockets(settings.local_watchdog_s) if settings.local_watchdog_s > 0 else None
         self.watchdog_s = dict(WATCHED)  # tests shorten it
+        # Held by every child that uses AWS, for the embedded AWS to outlive them all.
+        self.lifeline = Lifeline()
 
     def start(self) -> None:
         s = self.settings
@@ -198,13 +201,16 @@ class Stack:
         # must leave the running one's logs where they are.
         self.open_logs()
         log.info("starting the embedded AWS on %s", s.local_aws_url)
-        moto = start_moto(s.local_aws_host, s.local_aws_port, self.logs / "moto.log", self.stopping)
+        moto = start_moto(s.local_aws_host, s.local_aws_port, self.logs / "moto.log", self.stopping,
+                          lifeline_fd=self.lifeline.server_fd)
+        self.lifeline.close_server_end()
         self.children.append(Child("moto", [], moto, time.monotonic()))
         os.environ.update({k: self.env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
                                                       "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
         provision(s)
         self._prepare_model()
-        self.runner = InstanceRunner(s, env=self.env, log_dir=self.logs, warm_spares=self.warm_spares)
+        self.runner = InstanceRunner(s, env=self.env, log_dir=self.logs, warm_spares=self.warm_spares,
+                                     pass_fds=(self.lifeline.holder_fd,))
         self.runner_thread = threading.Thread(target=self.runner.run, name="runner", daemon=True)
         self.runner_thread.start()
         self._spawn("controller", [sys.executable, str(ROOT / "controller.py")])
@@ -253,7 +259,7 @@ class Stack:
         notify = self.sockets.new(self.watchdog_s[name]) if watched else None
         env = {**self.env, **notify.env()} if notify is not None else self.env
         return subprocess.Popen(argv, env=env, cwd=str(ROOT), start_new_session=True,
-                                preexec_fn=ends_with_parent()), notify
+                                pass_fds=(self.lifeline.holder_fd,), preexec_fn=ends_with_parent()), notify
 
     def _watch(self, child: Child, now: float) -> None:
         """systemd's watchdog for a live child: abort it once its pings have stopped for
@@ -349,6 +355,7 @@ class Stack:
                 child.notify.close()
         if self.sockets is not None:
             self.sockets.remove_folder()
+        self.lifeline.close()
 
 
 def keep_previous_logs(logs: Path) -> None:

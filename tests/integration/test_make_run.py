@@ -85,6 +85,8 @@ def test_a_stack_killed_outright_takes_every_process_it_started_with_it():
         for part in ("localaws.moto_fast", "controller.py", "gunicorn"):
             assert part in names, f"{part} not running: {names}"
         assert {p.pid for p in serving} <= {p.pid for p in everything}
+        killed_at = len(stack.output)
+        moto_pid = next(p.pid for p in everything if "localaws.moto_fast" in " ".join(p.cmdline()))
     finally:
         stack.process.kill()
         stack.process.wait()
@@ -96,12 +98,24 @@ def test_a_stack_killed_outright_takes_every_process_it_started_with_it():
                 names.append(" ".join(p.cmdline()[:4]))
         return names
 
-    # Each stops as on Ctrl-C (a worker ends its batch first, moto gone beneath it).
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and left():
-        time.sleep(0.1)
+    # Each stops as on Ctrl-C (a worker ends its batch first), and the embedded AWS
+    # after the last of them: their last calls reach it.
+    ended_at: dict[int, float] = {}
+    deadline = time.monotonic() + 45
+    while time.monotonic() < deadline:
+        alive = {p.pid for p in still_running(everything)}
+        ended_at.update({p.pid: time.monotonic() for p in everything if p.pid not in alive | set(ended_at)})
+        if not alive:
+            break
+        time.sleep(0.05)
     try:
         assert not left(), f"left behind by a stack killed outright: {left()}"
+        others = [at for pid, at in ended_at.items() if pid != moto_pid]
+        assert moto_pid in ended_at and max(others) < ended_at[moto_pid], "the embedded AWS ended first"
+        after_kill = "".join(stack.output[killed_at:])
+        assert "Traceback" not in after_kill and "Could not connect" not in after_kill, after_kill[-3000:]
+        worker_logs = "".join(log.read_text() for log in (run_dir / "logs").glob("worker-*.log"))
+        assert "Could not connect" not in worker_logs, worker_logs[-3000:]
     finally:
         for p in still_running(everything):
             with contextlib.suppress(psutil.NoSuchProcess):

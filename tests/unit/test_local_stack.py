@@ -21,6 +21,7 @@ import pytest
 from common.config import Settings
 from controller.lock import EXIT_ANOTHER_CONTROLLER
 from localaws.harness import free_port
+from localaws.lifeline import Lifeline
 from localaws.server import PortInUse
 from localaws.stack import (
     GROUP_STOP_S,
@@ -571,3 +572,65 @@ def test_a_relative_run_dir_is_shown_and_used_as_an_absolute_path(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     stack = Stack(Settings(), Path("rd2"), 0)
     assert stack.logs == tmp_path / "rd2" / "logs" and stack.logs.is_absolute()
+
+
+# A stand-in for the embedded AWS: it waits on its lifeline and says how it ended.
+LIFELINE_SERVER = """
+import signal, sys, time
+from localaws.lifeline import stop_when_unheld
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
+stop_when_unheld(int(sys.argv[1]), outlive_s=float(sys.argv[2]), poll_s=0.05)
+print("watching", flush=True)
+time.sleep(60)
+"""
+
+
+def _lifeline_server(fd: int, outlive_s: float) -> list[str]:
+    return [sys.executable, "-c", LIFELINE_SERVER, str(fd), str(outlive_s)]
+
+
+def test_the_embedded_aws_stops_once_the_last_holder_of_its_lifeline_is_gone():
+    lifeline = Lifeline()
+    root = str(Path(__file__).resolve().parents[2])
+    server = subprocess.Popen(_lifeline_server(lifeline.server_fd, 60), pass_fds=(lifeline.server_fd,),
+                              cwd=root)
+    holder = subprocess.Popen(["sleep", "60"], pass_fds=(lifeline.holder_fd,))
+    try:
+        lifeline.close()  # the stack gone: the holder keeps the server
+        with pytest.raises(subprocess.TimeoutExpired):
+            server.wait(timeout=1.0)
+        holder.kill()
+        holder.wait()
+        assert server.wait(timeout=10) == 7  # stopped by its SIGTERM, gracefully
+    finally:
+        for process in (server, holder):
+            process.kill()
+            process.wait()
+
+
+def test_the_embedded_aws_does_not_wait_for_ever_on_a_holder_that_never_ends(tmp_path):
+    """A worker stopped with SIGSTOP holds the lifeline for ever: the server stops
+    `outlive_s` after its parent, the stack, died."""
+    lifeline = Lifeline()
+    root = str(Path(__file__).resolve().parents[2])
+    pid_file = tmp_path / "server.pid"
+    # The stack: starts the server, waits until it watches (as the stack waits for
+    # the embedded AWS to answer), says its pid, and dies.
+    stack = [sys.executable, "-c",
+             "import subprocess, sys; p = subprocess.Popen(sys.argv[2:], pass_fds=(int(sys.argv[5]),), "
+             "stdout=subprocess.PIPE); p.stdout.readline(); open(sys.argv[1], 'w').write(str(p.pid))",
+             str(pid_file), *_lifeline_server(lifeline.server_fd, 0.5)]
+    try:
+        subprocess.run(stack, pass_fds=(lifeline.server_fd,), cwd=root, check=True, timeout=30)
+        server = psutil.Process(int(pid_file.read_text()))
+
+        def ended() -> bool:
+            try:
+                return server.status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        wait_until(ended, timeout=10)
+        assert lifeline.holder_fd >= 0  # held by us all along
+    finally:
+        lifeline.close()
