@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from common.aws import Aws, error_code
 from common.config import Settings
@@ -90,6 +90,8 @@ def _apply_retention(aws: Aws, name: str, days: int) -> None:
         current = {}
     rules = current.get("Rules", [])
     others = [rule for rule in rules if rule.get("ID") != RETENTION_RULE_ID]
+    # Days in our rule as it was, if there was one.
+    was = next((rule.get("Expiration", {}).get("Days") for rule in rules if rule not in others), None)
     # Put back as it was: left out, S3 would reset this bucket-wide setting to its default.
     kept = {key: current[key] for key in ("TransitionDefaultMinimumObjectSize",) if key in current}
     if days:
@@ -99,14 +101,19 @@ def _apply_retention(aws: Aws, name: str, days: int) -> None:
                 "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}}
         aws.s3.put_bucket_lifecycle_configuration(
             Bucket=name, LifecycleConfiguration={"Rules": [*others, ours]}, **kept)
-        log.info("bucket %s: objects expire %d days after they are written", name, days)
+        if was is not None and was != days:
+            log.warning("bucket %s: objects expire %d days after they are written, no longer %d "
+                        "(RETENTION_DAYS)", name, days, was)
+        else:
+            log.info("bucket %s: objects expire %d days after they are written", name, days)
     elif len(others) < len(rules):  # ours was there: removed, the others kept
         if others:
             aws.s3.put_bucket_lifecycle_configuration(Bucket=name, LifecycleConfiguration={"Rules": others},
                                                       **kept)
         else:
             aws.s3.delete_bucket_lifecycle(Bucket=name)
-        log.info("bucket %s: objects are kept (RETENTION_DAYS=0)", name)
+        log.warning("bucket %s: objects are now kept for ever, no longer expired after %s days "
+                    "(RETENTION_DAYS is 0 or unset)", name, was)
 
 
 # Every queue is encrypted at rest with SQS's own keys (SSE-SQS): new queues are by
@@ -122,8 +129,23 @@ def _ensure_queue(aws: Aws, name: str, attributes: dict[str, str]) -> str:
         url = aws.sqs.get_queue_url(QueueName=name)["QueueUrl"]
     except aws.sqs.exceptions.QueueDoesNotExist:
         return aws.sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+    current = aws.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=list(attributes))["Attributes"]
+    # Said, not done silently: a re-run from a shell without the controller's settings
+    # put a MAX_RECEIVE_COUNT of 5 back to 3, the workers still told 5 (reviewer).
+    for key, value in attributes.items():
+        if key in current and _comparable(current[key]) != _comparable(value):
+            log.warning("queue %s: %s changed from %s to %s", name, key, current[key], value)
     aws.sqs.set_queue_attributes(QueueUrl=url, Attributes=attributes)
     return url
+
+
+def _comparable(value: str) -> object:
+    """An attribute's value, a JSON policy's key order and number types aside."""
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        return value
+    return {k: str(v) for k, v in parsed.items()} if isinstance(parsed, dict) else str(parsed)
 
 
 def provision(settings: Settings, aws: Aws | None = None) -> dict[str, str]:
@@ -176,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ProvisionError) as exc:
         print(f"python -m common.provision: {exc}", file=sys.stderr)
         return 2
+    except (BotoCoreError, ClientError) as exc:  # no credentials, a region AWS does not know...
+        print(f"python -m common.provision: AWS refused or could not be reached: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps(urls, indent=2))
     return 0
 

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import os
 import re
 import subprocess
@@ -491,6 +492,20 @@ def test_a_bucket_name_taken_by_another_account_is_said_so_naming_app_prefix(mon
     assert "MAX_RECEIVE_COUNT must be from 1" in capsys.readouterr().err
 
 
+def test_provision_without_credentials_says_so_in_one_line(monkeypatch, capsys, tmp_path):
+    """It gave botocore's traceback (reviewer)."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    assert provision_main([]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("python -m common.provision: AWS refused or could not be reached: ") and \
+        "Unable to locate credentials" in err and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["--dry-run"]])
 def test_provision_takes_no_arguments_and_makes_nothing_when_given_one(argv, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # argparse wraps its help to the terminal's width
@@ -502,7 +517,7 @@ def test_provision_takes_no_arguments_and_makes_nothing_when_given_one(argv, cap
     assert "two buckets and three queues" in capsys.readouterr().out or argv != ["--help"]
 
 
-def test_provision_expires_objects_after_retention_days_keeping_the_buckets_other_rules():
+def test_provision_expires_objects_after_retention_days_keeping_the_buckets_other_rules(caplog):
     """Uploads and results were kept for ever: anyone with a batch's link could read them
     back years later (reviewer). RETENTION_DAYS sets one rule of ours; 0 removes it."""
     from common.provision import RETENTION_RULE_ID
@@ -522,7 +537,10 @@ def test_provision_expires_objects_after_retention_days_keeping_the_buckets_othe
         mine = rules(aws, settings.input_bucket)[RETENTION_RULE_ID]
         aws.s3.put_bucket_lifecycle_configuration(Bucket=settings.input_bucket,
                                                   LifecycleConfiguration={"Rules": [theirs, mine]})
+        caplog.clear()
         provision(dataclasses.replace(settings, retention_days=7))
+        assert f"bucket {settings.input_bucket}: objects expire 7 days after they are written, no longer 30" \
+            in caplog.text
         for bucket in (settings.input_bucket, settings.output_bucket):
             assert rules(aws, bucket)[RETENTION_RULE_ID]["Expiration"] == {"Days": 7}
         assert "operators-own" in rules(aws, settings.input_bucket)
@@ -536,7 +554,11 @@ def test_provision_expires_objects_after_retention_days_keeping_the_buckets_othe
                 **{k: v for k, v in kw.items() if k != "TransitionDefaultMinimumObjectSize"}))
             provision(dataclasses.replace(settings, retention_days=7), aws)
         assert puts and {p["TransitionDefaultMinimumObjectSize"] for p in puts} == {"varies_by_storage_class"}
+        caplog.clear()
         provision(Settings())  # 0: kept for ever; the operator's rule stays
+        said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert f"bucket {settings.input_bucket}: objects are now kept for ever, no longer expired after 7 " \
+            "days" in said[0], said
         assert set(rules(aws, settings.input_bucket)) == {"operators-own"}
         assert rules(aws, settings.output_bucket) == {}
         assert Settings.from_env({"RETENTION_DAYS": "30"}).retention_days == 30
@@ -561,11 +583,16 @@ def test_provision_under_a_role_without_the_lifecycle_rights_still_works_unless_
             provision(dataclasses.replace(Settings(), retention_days=7), aws)
 
 
-def test_provision_applies_changed_settings_to_the_queues_that_exist():
+def test_provision_applies_changed_settings_to_the_queues_that_exist(caplog):
     """CreateQueue refuses an existing queue with other attributes; provisioning again
-    after VISIBILITY_TIMEOUT, RECEIVE_WAIT or MAX_RECEIVE_COUNT changed must not."""
+    after VISIBILITY_TIMEOUT, RECEIVE_WAIT or MAX_RECEIVE_COUNT changed must not. Each
+    change is said: a re-run without the controller's settings silently put a
+    MAX_RECEIVE_COUNT of 5 back to 3 (reviewer)."""
     with mock_aws():
         first = provision(Settings())
+        caplog.clear()
+        assert provision(Settings()) == first
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # nothing changed
         # One made before SSE-SQS was the default, or by another tool: encrypted now.
         Aws(Settings()).sqs.set_queue_attributes(QueueUrl=first["request"],
                                                  Attributes={"SqsManagedSseEnabled": "false"})
@@ -577,6 +604,13 @@ def test_provision_applies_changed_settings_to_the_queues_that_exist():
         assert (attrs["VisibilityTimeout"], attrs["ReceiveMessageWaitTimeSeconds"]) == ("90", "5")
         assert attrs["SqsManagedSseEnabled"] == "true"
         assert int(json.loads(attrs["RedrivePolicy"])["maxReceiveCount"]) == 7
+        said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        request = Settings().request_queue
+        for change in ("VisibilityTimeout changed from 60 to 90", "ReceiveMessageWaitTimeSeconds changed "
+                       "from 20 to 5", "SqsManagedSseEnabled changed from false to true", "RedrivePolicy"):
+            assert any(f"queue {request}: {change}" in line for line in said), (change, said)
+        assert any('"maxReceiveCount": "7"' in line for line in said), said
+        assert len(said) == 4, said
 
 
 def test_aws_opens_clients_ahead_of_use_and_refuses_unknown_services():
