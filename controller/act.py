@@ -187,7 +187,9 @@ def _run_instance(aws: Aws, settings: Settings, n: int, user_data: str, call: La
     if call.subnet:
         kwargs["SubnetId"] = call.subnet
     if settings.instance_profile:
-        kwargs["IamInstanceProfile"] = {"Name": settings.instance_profile}
+        # As the console and the CLI show it, either: an ARN given as a Name failed every launch.
+        key = "Arn" if settings.instance_profile.startswith("arn:") else "Name"
+        kwargs["IamInstanceProfile"] = {key: settings.instance_profile}
     try:
         return aws.ec2.run_instances(**kwargs)["Instances"][0]["InstanceId"]
     except (ClientError, BotoConnectionError, HTTPClientError) as exc:

@@ -114,6 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("INSTANCE_PROFILE is not set: on AWS, workers get their credentials from "
                      "their instance profile (ami/README.md, IAM). Set it, or set "
                      "AWS_ENDPOINT_URL to use the embedded AWS.")
+    local_weights = settings.model_weights not in ("imagenet", "random") \
+        and not settings.model_weights.startswith("s3://")
+    if settings.endpoint_url is None and local_weights and not args.dry_run:
+        # Rendered into each instance's user-data, a path on this host names nothing there:
+        # every worker would exit, and be replaced, round after round (reviewer).
+        parser.error(f"MODEL_WEIGHTS={settings.model_weights} is a file on this host, which the "
+                     "instances do not have: on AWS use imagenet (baked into the AMI) or an "
+                     "s3://bucket/key the workers' role can read.")
     if settings.endpoint_url is None and settings.ami_id == Settings.ami_id and not args.dry_run:
         # The placeholder names no image: every launch would fail, round after round.
         parser.error(f"AMI_ID is not set (the default {settings.ami_id} is a placeholder): on AWS, set "

@@ -369,6 +369,18 @@ def launch_request(prefix: str) -> dict:
     return request
 
 
+def test_an_instance_profile_given_by_its_arn_is_launched_by_its_arn():
+    """The console and the CLI show a profile's ARN: given as a Name, EC2 refused every
+    launch, and the controller retried them for ever (reviewer)."""
+    arn = f"arn:aws:iam::{ACCOUNT}:instance-profile/myapp-worker"
+    for profile, expected in ((arn, {"Arn": arn}), ("myapp-worker", {"Name": "myapp-worker"})):
+        settings = Settings(instance_profile=profile)
+        aws = StubAws(settings)
+        launch(aws, settings, (1,))
+        [(_, request)] = aws.ec2.calls
+        assert request["IamInstanceProfile"] == expected
+
+
 def test_launches_are_spread_over_the_subnets_given_by_instance_number():
     """Without SUBNET_IDS a launch needs a default VPC, which many accounts and regions
     do not have: every launch failed there (explorer)."""

@@ -1063,6 +1063,19 @@ def test_on_aws_the_controller_will_not_launch_workers_without_credentials(capsy
     assert "INSTANCE_PROFILE is not set" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("weights", ["/home/me/resnet50.h5", "weights.h5"])
+def test_on_aws_the_controller_will_not_send_its_workers_a_path_on_this_host(weights, capsys, monkeypatch):
+    """The instances have no such file: every worker would exit, round after round (reviewer)."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setenv("INSTANCE_PROFILE", "imgclass-worker")
+    monkeypatch.setenv("AMI_ID", "ami-0123456789abcdef0")
+    monkeypatch.setenv("MODEL_WEIGHTS", weights)
+    with pytest.raises(SystemExit) as stopped:
+        main(["--once"])
+    assert stopped.value.code == 2
+    assert f"MODEL_WEIGHTS={weights} is a file on this host" in capsys.readouterr().err
+
+
 def test_on_aws_the_controller_will_not_launch_the_placeholder_image(capsys, monkeypatch):
     """Every launch of it would fail, round after round (explorer)."""
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
