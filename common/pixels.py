@@ -13,6 +13,7 @@ it undo each other's filters: one bomb in 6,000 got through 8 threads that way.)
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 
 from PIL import Image
@@ -137,20 +138,23 @@ MAX_PNG_CHUNKS = 10_000
 # apiece: a colour profile (iCCP) and text (zTXt, and iTXt when packed). 9,000 profiles
 # of 1 MB of zeros, a 9.5 MB upload, took 22 s of CPU to open; 24 uploads of 60 packed
 # texts, 63 KB each, took the web tier from 190 MB to 1.4 GB (reviewer). The format
-# allows one profile; encoders pack a few texts (ImageMagick: EXIF, XMP, IPTC).
+# allows one profile (a few KB; a printer's, up to ~0.5 MB); encoders pack a few texts
+# of some KB (ImageMagick: EXIF, XMP, IPTC). Unpacked here to count, 64 KB at a time.
 MAX_PNG_PROFILES = 1
-MAX_PNG_PACKED_TEXTS = 16
+MAX_PNG_UNPACKED_BYTES = 4 * 1024**2
+_UNPACK_STEP = 64 * 1024
+_PACKED_KINDS = (b"iCCP", b"zTXt", b"iTXt")
 
 
 @dataclass
 class PngLayout:
     chunks: int = 0  # counted up to MAX_PNG_CHUNKS + 1, where the walk stops
     profiles: int = 0
-    packed_texts: int = 0
+    unpacked_bytes: int = 0  # of its packed metadata, counted up to MAX_PNG_UNPACKED_BYTES + 1
 
 
 def png_layout(data: bytes) -> PngLayout:
-    """The chunks of a PNG up to its end chunk, and those of them Pillow unpacks."""
+    """The chunks of a PNG up to its end chunk, and what Pillow would unpack of them."""
     layout, pos = PngLayout(), len(PNG_SIGNATURE)
     while pos + 8 <= len(data) and layout.chunks <= MAX_PNG_CHUNKS:
         layout.chunks += 1
@@ -159,17 +163,40 @@ def png_layout(data: bytes) -> PngLayout:
             break
         if kind == b"iCCP":
             layout.profiles += 1
-        elif kind == b"zTXt" or (kind == b"iTXt" and _itxt_packed(data[pos + 8:pos + 8 + min(length, 81)])):
-            layout.packed_texts += 1
+        budget = MAX_PNG_UNPACKED_BYTES + 1 - layout.unpacked_bytes
+        if kind in _PACKED_KINDS and budget > 0:
+            body = data[pos + 8:pos + 8 + length]
+            layout.unpacked_bytes += _unpacked_size(_packed_part(kind, body), budget)
         pos += 12 + length  # length, type, data, CRC
     return layout
 
 
-def _itxt_packed(start: bytes) -> bool:
-    """Whether an iTXt chunk, from its start (a keyword of 1-79 bytes, a zero byte, then
-    its compression flag), says its text is packed."""
-    end = start.find(b"\0")
-    return 0 <= end < len(start) - 1 and start[end + 1] == 1
+def _packed_part(kind: bytes, body: bytes) -> bytes:
+    """The zlib stream in a chunk Pillow unpacks, or b"". Each starts with a keyword
+    and a zero byte; then iCCP and zTXt have a method byte, iTXt a flag (1: packed),
+    a method byte, and two texts each ended by a zero byte."""
+    start = body.find(b"\0") + 1
+    if not start:
+        return b""
+    if kind in (b"iCCP", b"zTXt"):
+        return body[start + 1:]
+    if kind == b"iTXt" and body[start:start + 1] == b"\1":
+        language_end = body.find(b"\0", start + 2)
+        translated_end = body.find(b"\0", language_end + 1) if language_end >= 0 else -1
+        return body[translated_end + 1:] if translated_end >= 0 else b""
+    return b""
+
+
+def _unpacked_size(packed: bytes, at_most: int) -> int:
+    """How many bytes `packed` unpacks to, counted up to `at_most` (0 if it is not zlib)."""
+    unpacker, size = zlib.decompressobj(), 0
+    try:
+        while packed and size < at_most:
+            size += len(unpacker.decompress(packed, _UNPACK_STEP))
+            packed = unpacker.unconsumed_tail
+    except zlib.error:  # Pillow refuses it, or skips it
+        pass
+    return min(size, at_most)
 
 
 def png_refusal(data: bytes) -> str | None:
@@ -183,9 +210,9 @@ def png_refusal(data: bytes) -> str | None:
                 "more than this service reads")
     if layout.profiles > MAX_PNG_PROFILES:
         return f"the PNG has {layout.profiles} colour profiles (iCCP chunks): the format allows one"
-    if layout.packed_texts > MAX_PNG_PACKED_TEXTS:
-        return (f"the PNG has {layout.packed_texts} compressed text chunks, more than the limit of "
-                f"{MAX_PNG_PACKED_TEXTS} (encoders write a few, for EXIF or XMP)")
+    if layout.unpacked_bytes > MAX_PNG_UNPACKED_BYTES:
+        return (f"the PNG's compressed metadata (colour profile and texts) unpacks to more than "
+                f"{MAX_PNG_UNPACKED_BYTES // 1024**2} MB (photos carry some KB)")
     return None
 
 
