@@ -264,6 +264,7 @@ class ResultBook:
                 if known is None:
                     if item.is_finished:
                         self._number(item)
+                        finished.append(item)  # for event streams: every number is published
                     self._items[item.id] = item
                     batch.item_ids.append(item.id)
                     batch.unfinished += not item.is_finished
@@ -376,6 +377,13 @@ class ResultBook:
             if batch_id in self._maybe_finished:
                 self._maybe_finished.move_to_end(batch_id)  # read: the last to forget
             return [self._items[i] for i in batch.item_ids if i in self._items]
+
+    def unfinished(self, batch_id: str) -> int:
+        """How many of the batch's items the book counts still queued (0 for a batch it
+        does not hold): a cheap hint that it may be finished, for a look at it whole."""
+        with self._lock:
+            batch = self._batches.get(batch_id)
+            return batch.unfinished if batch is not None else 0
 
     def finished_in_order(self, batch_id: str, leaving_out: set[str]) -> list[Item]:
         """The batch's finished items but those in `leaving_out`, in the order they

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -537,3 +538,47 @@ def test_eviction_never_forgets_an_item_still_queued_whatever_the_order():
         assert not forgettable, (step, forgettable)
         evictions += 1
     assert evictions > 100  # the cap was passed often enough to test something
+
+
+def test_a_stream_looks_at_its_whole_batch_only_when_it_may_be_done(monkeypatch):
+    """It looked at the whole batch after each item that finished: 64 streams of a
+    4,000-item batch took most of a core, and slowed every other request (reviewer).
+    In between, each item comes from the book's publication alone."""
+    from web_tier.events import stream
+
+    ids = [f"i{n:04d}" for n in range(1_000)]
+    book = book_with(*ids)
+    looks = []
+
+    def items():
+        looks.append(1)
+        return book.batch(BATCH)
+
+    events = stream(book, BATCH, items, keepalive_s=30)
+    assert next(events).startswith("retry:")
+    sent: list[str] = []
+
+    def finish_all() -> None:
+        for item_id in ids:
+            book.record(response(item_id))
+
+    finisher = threading.Thread(target=finish_all)
+    finisher.start()
+    for event in events:
+        sent.append(event)
+    finisher.join(10)
+    data = [json.loads(e.split("data: ", 1)[1]) for e in sent if e.startswith("id:")]
+    assert [d["id"] for d in data] == ids and sent[-1].startswith("event: end")
+    assert len(looks) <= 4, f"{len(looks)} looks at the whole batch for {len(ids)} items"
+
+
+def test_an_item_a_rebuild_adds_finished_is_published_to_streams_in_its_place():
+    """A rebuild from S3 numbers the finished items it adds; unpublished, a stream sent
+    them only at its next look at the whole batch, after items that finished later."""
+    book = book_with("a")
+    inbox = book.subscribe(BATCH)
+    book.merge(BATCH, [Item("a", BATCH, "a.jpg", f"{BATCH}/a/a.jpg"),
+                       Item("s3", BATCH, "s3.jpg", f"{BATCH}/s3/s3.jpg", state="done", label="cat")])
+    book.record(response("a"))
+    published = [inbox.get(timeout=1), inbox.get(timeout=1)]
+    assert [(i.id, i.finished_seq) for i in published] == [("s3", 1), ("a", 2)]
