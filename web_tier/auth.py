@@ -7,6 +7,7 @@ import functools
 import hmac
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import current_app, request
 
@@ -20,6 +21,9 @@ KEY_REQUIRED = "a valid API key is required (X-API-Key header, or Authorization:
 # What browsers say of a request's origin (Fetch Metadata): from the page itself, or
 # typed in by the user. Programs send no such header.
 SAME_SITE_ORIGINS = ("same-origin", "none")
+DEFAULT_PORTS = {"http": 80, "https": 443}
+# Names a browser reaches this machine's loopback by, with or without a port.
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
 
 def refuse_cross_site_writes() -> None:
@@ -29,10 +33,47 @@ def refuse_cross_site_writes() -> None:
     but its upload is made. Run before every request (create_app)."""
     if request.method in ("GET", "HEAD", "OPTIONS"):
         return
-    site = request.headers.get("Sec-Fetch-Site", "none").strip().lower()
+    site = request.headers.get("Sec-Fetch-Site")
+    site = site_by_origin() if site is None else site.strip().lower()
     if site not in SAME_SITE_ORIGINS:
         raise UploadError(403, f"a browser request from another site ({site}) is refused: upload "
                                "from this service's own page, or from a program")
+    web_host = services().settings.web_host
+    if _on_loopback(web_host) and not _on_loopback(_hostname(request.host)):
+        # A page of another site whose name was made to point at 127.0.0.1 (DNS
+        # rebinding) is same-origin with it: its Host header gives it away.
+        raise UploadError(403, f"this web tier listens on {web_host} only, and the request names "
+                               f"{request.host}: reach it as localhost or 127.0.0.1 (or set WEB_HOST)")
+
+
+def site_by_origin() -> str:
+    """What Sec-Fetch-Site would say, judged by Origin: browsers send Sec-Fetch-Site only
+    to origins they trust (HTTPS, localhost), and a page elsewhere over plain HTTP,
+    on a LAN address or a name, uploaded through a visitor's browser (reviewer). A
+    request without Origin, a program's, is "none"."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return "none"
+    parts = urlsplit(origin.strip().lower())
+    if parts.scheme not in DEFAULT_PORTS or not parts.netloc:
+        return "cross-site"  # "null": a sandboxed frame, a file, a redirect
+    ours = {request.host.lower()}
+    # A proxy in front keeps the name the browser used here (a cross-site page cannot
+    # set it: the header would need a preflight, which this service does not answer).
+    ours.update(h.strip().lower() for h in request.headers.get("X-Forwarded-Host", "").split(","))
+    theirs = {parts.netloc} if parts.port else {parts.netloc, f"{parts.netloc}:{DEFAULT_PORTS[parts.scheme]}"}
+    return "same-origin" if ours & theirs else "cross-site"
+
+
+def _hostname(host: str) -> str:
+    """A Host header's name: "name:port", "[v6]:port", or either without the port."""
+    if host.startswith("["):
+        return host[:host.find("]") + 1]
+    return host.rsplit(":", 1)[0]
+
+
+def _on_loopback(host: str) -> bool:
+    return host.lower() in (*LOOPBACK_NAMES, "::1") or host.startswith("127.")
 
 
 def presented_key() -> str:

@@ -25,9 +25,11 @@ pytestmark = pytest.mark.timeout(120)
 SAFE_KEY = re.compile(r"[0-9a-f]{32}/[0-9a-f]{32}/[A-Za-z0-9._-]{1,100}")
 
 
-def upload(client, files, headers=None, **form):
+def upload(client, files, headers=None, base_url=None, **form):
     data = {"files": [(io.BytesIO(b), name) for b, name in files], **form}
-    return client.post("/api/jobs", data=data, content_type="multipart/form-data", headers=headers or {})
+    where = {"base_url": base_url} if base_url else {}
+    return client.post("/api/jobs", data=data, content_type="multipart/form-data", headers=headers or {},
+                       **where)
 
 
 def encode(img: Image.Image, fmt: str) -> bytes:
@@ -945,6 +947,48 @@ def test_a_browsers_upload_sent_from_another_sites_page_is_refused(web_client, w
     assert web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket).get("KeyCount") == 0
     for own in ({"Sec-Fetch-Site": "same-origin"}, {"Sec-Fetch-Site": "none"}, {}):
         assert upload(web_client, [(image, "a.jpg")], headers=own).status_code == 202
+
+
+@pytest.mark.parametrize("origin", ["http://attacker.test:8000", "null", "https://localhost:8443",
+                                    "http://localhost:8001", "ftp://localhost"])
+def test_a_browsers_upload_without_fetch_metadata_is_judged_by_its_origin(web_client, web_aws, origin):
+    """Browsers send Sec-Fetch-Site only to origins they trust: a page on another site
+    uploaded through a visitor's browser to a web tier reached over plain HTTP by a
+    name or a LAN address (reviewer). Its Origin names the other site."""
+    image = make_image(42)
+    refused = upload(web_client, [(image, "a.jpg")], headers={"Origin": origin})
+    assert refused.status_code == 403 and "from another site (cross-site)" in refused.json["error"]
+    assert web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket).get("KeyCount") == 0
+
+
+def test_a_browsers_upload_from_its_own_origin_is_taken_without_fetch_metadata(make_web_app):
+    app = make_web_app(start_background=False, web_host="0.0.0.0")
+    client = app.test_client()
+    image = make_image(43)
+    for host, origin, forwarded in (("10.0.0.5:8000", "http://10.0.0.5:8000", None),
+                                    ("Shop.Example", "http://shop.example", None),
+                                    ("shop.example:443", "https://shop.example", None),
+                                    ("[fd00::5]:8000", "http://[fd00::5]:8000", None),
+                                    # behind a proxy that rewrote Host, and said which it was
+                                    ("10.0.0.5:8000", "https://shop.example", "shop.example")):
+        headers = {"Origin": origin, **({"X-Forwarded-Host": forwarded} if forwarded else {})}
+        taken = upload(client, [(image, "a.jpg")], headers=headers, base_url=f"http://{host}")
+        assert taken.status_code == 202, (host, origin, taken.json)
+    refused = upload(client, [(image, "a.jpg")], headers={"Origin": "http://10.0.0.6:8000"},
+                     base_url="http://10.0.0.5:8000")
+    assert refused.status_code == 403
+
+
+@pytest.mark.parametrize("host", ["attacker.test:8000", "10.0.0.5", "localhost.attacker.test"])
+def test_an_upload_naming_another_host_is_refused_where_the_web_tier_listens_on_loopback(
+        web_client, web_aws, host):
+    """A page of another site whose name was made to point at 127.0.0.1 (DNS rebinding)
+    is same-origin with it: only the Host header it sends gives it away (reviewer)."""
+    refused = upload(web_client, [(make_image(44), "a.jpg")], base_url=f"http://{host}",
+                     headers={"Origin": f"http://{host}", "Sec-Fetch-Site": "same-origin"})
+    assert refused.status_code == 403 and "listens on 127.0.0.1 only" in refused.json["error"]
+    for own in ("localhost:8000", "127.0.0.1:8000", "[::1]:8000", "localhost"):
+        assert upload(web_client, [(make_image(44), "a.jpg")], base_url=f"http://{own}").status_code == 202
 
 
 def test_page_names_its_results_for_screen_readers_and_keeps_its_password_field_in_a_form(web_client):
