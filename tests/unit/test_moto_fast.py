@@ -10,6 +10,9 @@ import boto3
 import pytest
 from moto import backends, mock_aws
 from moto.core import responses, utils
+from moto.ec2.models.core import TaggedEC2Resource
+from moto.ec2.models.instances import Instance, InstanceBackend
+from moto.s3 import models as s3_models
 from moto.sqs import models
 
 from localaws import moto_fast
@@ -26,7 +29,9 @@ def patched(monkeypatch):
         (models.Queue, "messages"),
         (backends, "list_of_moto_modules"),
         (utils, "camelcase_to_underscores"), (responses, "camelcase_to_underscores"),
-        (models, "camelcase_to_underscores"),
+        (models, "camelcase_to_underscores"), (TaggedEC2Resource, "get_tags"),
+        (Instance, "terminate"), (InstanceBackend, "all_reservations"),
+        (s3_models, "get_s3_default_key_buffer_size"),
     ]
     for owner, name in everything_patched:
         monkeypatch.setattr(owner, name, getattr(owner, name))
@@ -118,6 +123,93 @@ def test_service_lookup_and_names_are_unchanged(monkeypatch):
     assert sorted(backends.list_of_moto_modules()) == modules
     assert {"s3", "sqs", "ec2"} <= set(modules)
     assert [responses.camelcase_to_underscores(n) for n in names] == converted
+
+
+def fleet_described(monkeypatch) -> tuple[list, list, int]:
+    """A fleet as the controller leaves it after many scale-ins: instances live and
+    terminated, tagged, and an image tagged too. What tag-filtered describes return,
+    every tag, and how many searches of every tag the describes made."""
+    from moto.ec2.models.tags import TagBackend
+
+    searches = []
+    search = TagBackend.describe_tags
+    monkeypatch.setattr(TagBackend, "describe_tags", lambda *a, **k: searches.append(1) or search(*a, **k))
+    with mock_aws():
+        ec2 = boto3.client("ec2", region_name="us-east-1")
+        image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+        ec2.create_tags(Resources=[image], Tags=[{"Key": "Name", "Value": "app-tier-instance-1"}])
+        ids = []
+        for n in range(30):
+            tags = [{"Key": "Name", "Value": f"app-tier-instance-{n % 3 + 1}"},
+                    {"Key": "imgclass:prefix", "Value": "p" if n % 2 else "q"}]
+            ids += [i["InstanceId"] for i in ec2.run_instances(
+                ImageId=image, MinCount=1, MaxCount=1,
+                TagSpecifications=[{"ResourceType": "instance", "Tags": tags}])["Instances"]]
+        ec2.terminate_instances(InstanceIds=ids[:20])
+        described = []
+        searches.clear()
+        for filters in ([{"Name": "tag:Name", "Values": ["app-tier-instance-*"]},
+                         {"Name": "tag:imgclass:prefix", "Values": ["p"]}],
+                        [{"Name": "tag-key", "Values": ["imgclass:prefix"]},
+                         {"Name": "instance-state-name", "Values": ["running"]}]):
+            found = ec2.describe_instances(Filters=filters)["Reservations"]
+            described.append(sorted((i["InstanceId"], i["State"]["Name"], sorted(map(str, i["Tags"])))
+                                    for r in found for i in r["Instances"]))
+        made = len(searches)
+        return described, ec2.describe_tags()["Tags"], made
+
+
+def test_tag_filters_find_the_same_instances_looked_up_by_id(monkeypatch):
+    """A search of every tag of every resource for each instance and filter made each
+    describe slower, quadratically, as terminated instances piled up (reviewer)."""
+    *before, searches_before = fleet_described(monkeypatch)
+    patched(monkeypatch)
+    *after, searches_after = fleet_described(monkeypatch)
+    assert len(before[0][0]) == 15 and len(before[0][1]) == 10  # all "p"; those running
+    assert [[i[0] for i in d] for d in after[0]] != [[i[0] for i in d] for d in before[0]]  # new ids
+    assert [sorted(i[1:] for i in d) for d in after[0]] == [sorted(i[1:] for i in d) for d in before[0]]
+    assert len(after[1]) == len(before[1])
+    assert searches_before > 30 and searches_after == 0
+
+
+def test_a_terminated_instance_is_shown_for_an_hour_then_forgotten_with_its_tags(monkeypatch):
+    """moto kept every one, and each made every call that finds instances slower."""
+    patched(monkeypatch)
+    with mock_aws():
+        ec2 = boto3.client("ec2", region_name="us-east-1")
+        image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+        tagged = [{"ResourceType": "instance", "Tags": [{"Key": "Name", "Value": "app-tier-instance-1"}]}]
+        ended, live = (ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1, TagSpecifications=tagged)
+                       ["Instances"][0]["InstanceId"] for _ in range(2))
+        ec2.terminate_instances(InstanceIds=[ended])
+
+        def shown() -> dict[str, str]:
+            found = ec2.describe_instances()["Reservations"]
+            return {i["InstanceId"]: i["State"]["Name"] for r in found for i in r["Instances"]}
+
+        assert shown() == {ended: "terminated", live: "running"}
+        monkeypatch.setattr(moto_fast, "TERMINATED_KEPT_S", -1.0)  # as if an hour had passed
+        assert shown() == {live: "running"}
+        tags = {t["ResourceId"] for t in ec2.describe_tags()["Tags"]}
+        assert live in tags and ended not in tags
+
+
+def test_an_object_as_large_as_an_upload_is_kept_in_memory_not_in_a_hidden_file(monkeypatch):
+    """moto kept each object over ~5 MB in a deleted temporary file, open for good."""
+    monkeypatch.delenv("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", raising=False)
+
+    def spilled(size: int) -> bool:
+        with mock_aws():
+            s3 = boto3.client("s3", region_name="us-east-1")
+            s3.create_bucket(Bucket="bucket")
+            s3.put_object(Bucket="bucket", Key="k", Body=b"x" * size)
+            key = s3_models.s3_backends["123456789012"]["aws"].buckets["bucket"].keys["k"]
+            return key._value_buffer._rolled
+
+    assert spilled(8 * 1024**2)  # moto's own
+    patched(monkeypatch)
+    assert not spilled(8 * 1024**2)
+    assert spilled(moto_fast.S3_OBJECT_IN_MEMORY_BYTES + 1)
 
 
 # --- the WSGI layer in front of moto's server ---------------------------------------------
