@@ -33,15 +33,19 @@ def refuse_cross_site_writes() -> None:
     but its upload is made. Run before every request (create_app)."""
     if request.method in ("GET", "HEAD", "OPTIONS"):
         return
-    site = request.headers.get("Sec-Fetch-Site")
-    site = site_by_origin() if site is None else site.strip().lower()
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    site = site_by_origin() if fetch_site is None else fetch_site.strip().lower()
     if site not in SAME_SITE_ORIGINS:
         raise UploadError(403, f"a browser request from another site ({site}) is refused: upload "
                                "from this service's own page, or from a program")
     web_host = services().settings.web_host
-    if _on_loopback(web_host) and not _on_loopback(_hostname(request.host)):
-        # A page of another site whose name was made to point at 127.0.0.1 (DNS
-        # rebinding) is same-origin with it: its Host header gives it away.
+    # A page of another site whose name was made to point at 127.0.0.1 (DNS rebinding)
+    # is same-origin with it, and over plain HTTP sends no Sec-Fetch-Site: its Host
+    # header gives it away. Nor can it send a proxy's headers (they need a preflight):
+    # a proxy on this machine passing the browser's Host says it is one.
+    proxied = any(h in request.headers for h in ("X-Forwarded-Host", "X-Forwarded-For", "Forwarded"))
+    if fetch_site is None and not proxied and _on_loopback(web_host) \
+            and not _on_loopback(_hostname(request.host)):
         raise UploadError(403, f"this web tier listens on {web_host} only, and the request names "
                                f"{request.host}: reach it as localhost or 127.0.0.1 (or set WEB_HOST)")
 

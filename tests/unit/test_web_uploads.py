@@ -985,10 +985,17 @@ def test_an_upload_naming_another_host_is_refused_where_the_web_tier_listens_on_
     """A page of another site whose name was made to point at 127.0.0.1 (DNS rebinding)
     is same-origin with it: only the Host header it sends gives it away (reviewer)."""
     refused = upload(web_client, [(make_image(44), "a.jpg")], base_url=f"http://{host}",
-                     headers={"Origin": f"http://{host}", "Sec-Fetch-Site": "same-origin"})
+                     headers={"Origin": f"http://{host}"})
     assert refused.status_code == 403 and "listens on 127.0.0.1 only" in refused.json["error"]
     for own in ("localhost:8000", "127.0.0.1:8000", "[::1]:8000", "localhost"):
         assert upload(web_client, [(make_image(44), "a.jpg")], base_url=f"http://{own}").status_code == 202
+    # A proxy on this machine passing the browser's Host (over HTTPS, which browsers
+    # send Sec-Fetch-Site to; or saying it is a proxy): a page cannot send either.
+    for proxied in ({"Sec-Fetch-Site": "same-origin"}, {"X-Forwarded-For": "203.0.113.9"},
+                    {"X-Forwarded-Host": host}):
+        taken = upload(web_client, [(make_image(44), "a.jpg")], base_url=f"http://{host}",
+                       headers={"Origin": f"http://{host}", **proxied})
+        assert taken.status_code == 202, (proxied, taken.json)
 
 
 def test_page_names_its_results_for_screen_readers_and_keeps_its_password_field_in_a_form(web_client):
