@@ -173,14 +173,15 @@ def png_layout(data: bytes) -> PngLayout:
 
 def _packed_part(kind: bytes, body: bytes) -> bytes:
     """The zlib stream in a chunk Pillow unpacks, or b"". Each starts with a keyword
-    and a zero byte; then iCCP and zTXt have a method byte, iTXt a flag (1: packed),
-    a method byte, and two texts each ended by a zero byte."""
+    and a zero byte; then iCCP and zTXt have a method byte, iTXt a flag, a method
+    byte, and two texts each ended by a zero byte. Pillow unpacks an iTXt whose flag
+    is not 0 (the format says 1; a bomb with 2 had passed: reviewer) and method 0."""
     start = body.find(b"\0") + 1
     if not start:
         return b""
     if kind in (b"iCCP", b"zTXt"):
         return body[start + 1:]
-    if kind == b"iTXt" and body[start:start + 1] == b"\1":
+    if kind == b"iTXt" and body[start:start + 1] not in (b"", b"\0") and body[start + 1:start + 2] == b"\0":
         language_end = body.find(b"\0", start + 2)
         translated_end = body.find(b"\0", language_end + 1) if language_end >= 0 else -1
         return body[translated_end + 1:] if translated_end >= 0 else b""

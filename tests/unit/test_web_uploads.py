@@ -250,8 +250,8 @@ def test_a_png_of_too_much_packed_metadata_is_refused_before_pillow_unpacks_it(w
     def ztxt(kib: int) -> bytes:
         return png_chunk(b"zTXt", b"Comment\0\0" + packed(kib))
 
-    def itxt(kib: int) -> bytes:  # packed, with a language and a translated keyword
-        return png_chunk(b"iTXt", b"XML:com.adobe.xmp\0\1\0en\0XMP\0" + packed(kib))
+    def itxt(kib: int, flag: bytes = b"\1") -> bytes:  # packed, with a language and a translated keyword
+        return png_chunk(b"iTXt", b"XML:com.adobe.xmp\0" + flag + b"\0en\0XMP\0" + packed(kib))
 
     plain_itxt = png_chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + b"<x/>" * 100_000)
 
@@ -267,6 +267,7 @@ def test_a_png_of_too_much_packed_metadata_is_refused_before_pillow_unpacks_it(w
     for chunks, reason in (((profile(1), profile(1)), "the PNG has 2 colour profiles"),
                            ((profile(1024), *[ztxt(512)] * 3, *[itxt(512)] * 3, ztxt(1)), too_much),
                            ((profile(1024), *[itxt(1024)] * 3, itxt(1)), too_much),
+                           ([itxt(1024, flag=b"\2")] * 5, too_much),  # Pillow unpacks any flag but 0
                            ([ztxt(1024)] * 60, too_much)):
         with pytest.raises(UploadError) as refused:
             check_image("packed.png", with_chunks(*chunks), web_settings)
@@ -979,7 +980,8 @@ def test_a_browsers_upload_from_its_own_origin_is_taken_without_fetch_metadata(m
     assert refused.status_code == 403
 
 
-@pytest.mark.parametrize("host", ["attacker.test:8000", "10.0.0.5", "localhost.attacker.test"])
+@pytest.mark.parametrize("host", ["attacker.test:8000", "10.0.0.5", "localhost.attacker.test",
+                                  "127.attacker.test:8000", "127.0.0.1.nip.io"])
 def test_an_upload_naming_another_host_is_refused_where_the_web_tier_listens_on_loopback(
         web_client, web_aws, host):
     """A page of another site whose name was made to point at 127.0.0.1 (DNS rebinding)
@@ -987,15 +989,24 @@ def test_an_upload_naming_another_host_is_refused_where_the_web_tier_listens_on_
     refused = upload(web_client, [(make_image(44), "a.jpg")], base_url=f"http://{host}",
                      headers={"Origin": f"http://{host}"})
     assert refused.status_code == 403 and "listens on 127.0.0.1 only" in refused.json["error"]
-    for own in ("localhost:8000", "127.0.0.1:8000", "[::1]:8000", "localhost"):
-        assert upload(web_client, [(make_image(44), "a.jpg")], base_url=f"http://{own}").status_code == 202
-    # A proxy on this machine passing the browser's Host (over HTTPS, which browsers
-    # send Sec-Fetch-Site to; or saying it is a proxy): a page cannot send either.
-    for proxied in ({"Sec-Fetch-Site": "same-origin"}, {"X-Forwarded-For": "203.0.113.9"},
-                    {"X-Forwarded-Host": host}):
-        taken = upload(web_client, [(make_image(44), "a.jpg")], base_url=f"http://{host}",
-                       headers={"Origin": f"http://{host}", **proxied})
+    # The page can send a proxy's headers too, once its name points here.
+    forged = upload(web_client, [(make_image(44), "a.jpg")], base_url=f"http://{host}",
+                    headers={"Origin": f"http://{host}", "X-Forwarded-Host": "localhost",
+                             "X-Forwarded-For": "127.0.0.1"})
+    assert forged.status_code == 403
+    for own in ("localhost:8000", "127.0.0.1:8000", "[::1]:8000", "localhost", "127.0.0.2:8000"):
+        assert upload(web_client, [(make_image(44), "a.jpg")], base_url=f"http://{own}",
+                      headers={"Origin": f"http://{own}"}).status_code == 202
+    # A proxy on this machine passing the browser's Host: over HTTPS browsers say
+    # where a request comes from (a page cannot forge that header); a program sends
+    # no Origin.
+    for proxied in ({"Origin": f"https://{host}", "Sec-Fetch-Site": "same-origin"}, {}):
+        taken = upload(web_client, [(make_image(44), "a.jpg")], base_url=f"http://{host}", headers=proxied)
         assert taken.status_code == 202, (proxied, taken.json)
+    # Over plain HTTP it keeps its own Host (nginx's default) and says the browser's.
+    behind = upload(web_client, [(make_image(44), "a.jpg")], base_url="http://127.0.0.1:8000",
+                    headers={"Origin": f"http://{host}", "X-Forwarded-Host": host})
+    assert behind.status_code == 202, behind.json
 
 
 def test_page_names_its_results_for_screen_readers_and_keeps_its_password_field_in_a_form(web_client):
