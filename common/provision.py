@@ -112,8 +112,8 @@ def _apply_retention(aws: Aws, name: str, days: int) -> None:
                                                       **kept)
         else:
             aws.s3.delete_bucket_lifecycle(Bucket=name)
-        log.warning("bucket %s: objects are now kept for ever, no longer expired after %s days "
-                    "(RETENTION_DAYS is 0 or unset)", name, was)
+        log.warning("bucket %s: objects are now kept for ever, no longer expired%s (RETENTION_DAYS "
+                    "is 0 or unset)", name, f" after {was} days" if was is not None else "")
 
 
 # Every queue is encrypted at rest with SQS's own keys (SSE-SQS): new queues are by

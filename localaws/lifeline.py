@@ -23,9 +23,10 @@ import signal
 import threading
 import time
 
-# Past the longest stop of a tier: a worker's batch and hand-back, the web tier's
-# answers to its waiting clients (gunicorn's graceful timeout).
-OUTLIVE_S = 30.0
+# Past the longest stop of a tier: a worker's batch and hand-back (SHUTDOWN_GRACE, at
+# most 25 s, with many workers sharing the cores), the web tier's answers to its
+# waiting clients (gunicorn's graceful timeout).
+OUTLIVE_S = 60.0
 
 
 class Lifeline:
