@@ -80,6 +80,15 @@ def _no_real_aws(monkeypatch):
         monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
 
 
+def without_credentials(monkeypatch, tmp_path) -> None:
+    """No AWS credentials anywhere boto3 looks: environment, files, instance metadata."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
 def make_image(seed: int, size: tuple[int, int] = (320, 240), fmt: str = "JPEG") -> bytes:
     """A distinct, photo-like test image: noise, a gradient and shapes, all from `seed`."""
     rng = np.random.default_rng(seed)

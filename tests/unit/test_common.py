@@ -33,6 +33,7 @@ from common.names import instance_name, instance_number, object_key, safe_filena
 from common.output_object import label_of, pair_text, read_result_metadata, result_metadata
 from common.provision import ProvisionError, provision
 from common.provision import main as provision_main
+from tests.conftest import without_credentials
 
 
 @pytest.mark.parametrize("original, safe", [
@@ -494,11 +495,7 @@ def test_a_bucket_name_taken_by_another_account_is_said_so_naming_app_prefix(mon
 
 def test_provision_without_credentials_says_so_in_one_line(monkeypatch, capsys, tmp_path):
     """It gave botocore's traceback (reviewer)."""
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    without_credentials(monkeypatch, tmp_path)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     assert provision_main([]) == 1
     err = capsys.readouterr().err
@@ -630,11 +627,7 @@ def test_a_client_made_before_there_were_credentials_finds_them_at_its_next_use(
     from botocore.exceptions import NoCredentialsError
 
     with mock_aws():
-        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        without_credentials(monkeypatch, tmp_path)
         aws = Aws(Settings(region="us-east-1"))
         with pytest.raises(NoCredentialsError):
             aws.sqs.list_queues()

@@ -34,6 +34,7 @@ from common.provision import provision
 from controller.loop import TIMELINE_FIELDS, Controller
 from controller.main import build_parser, main, settings_from
 from controller.timeline import plot_timeline
+from tests.conftest import without_credentials
 
 ROOT = Path(__file__).resolve().parents[2]
 POLL_S = 0.02
@@ -1088,11 +1089,7 @@ def test_on_aws_the_controller_will_not_launch_the_placeholder_image(capsys, mon
 
 
 def test_once_without_credentials_says_so_in_one_line(capsys, monkeypatch, tmp_path):
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    without_credentials(monkeypatch, tmp_path)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # never reached: no credentials
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))  # its lock, not in the user's state directory
     assert main(["--once"]) == 1

@@ -7,6 +7,7 @@ import threading
 import pytest
 
 from common.aws import SQS_MAX_BATCH
+from tests.conftest import without_credentials
 from tests.unit.conftest import wait_until
 from web_tier.sender import BatchingSender, SendError
 
@@ -125,11 +126,7 @@ def test_a_web_tier_started_without_credentials_sends_once_they_come(web_aws, mo
     from web_tier.services import Services
 
     url = web_aws.request_queue_url  # made while there were credentials
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    without_credentials(monkeypatch, tmp_path)
     aws = Aws(web_aws.settings)
     aws._queue_urls[web_aws.settings.request_queue] = url
     svc = Services(web_aws.settings, aws, ResultBook(), ThreadPoolExecutor(1))
