@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageCms, UnidentifiedImageError, features
 
 from common.pillow_errors import plain_reason
-from common.pixels import PILLOW_REFUSALS, parts_refusal, pillow_refusal, size_refusal
+from common.pixels import PILLOW_REFUSALS, READ_FORMATS, parts_refusal, pillow_refusal, size_refusal
 
 INPUT_SIZE = (224, 224)
 # Above this, after `draft`, decoding takes some 30 MB or more (RGB, 3 bytes a pixel,
@@ -123,7 +123,7 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     if too_slow:
         raise BadImage(too_slow)
     with _bad_image_errors(max_pixels):
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=READ_FORMATS)
         too_large = size_refusal(*img.size, max_pixels, img.format)
         if too_large:
             raise BadImage(too_large)
@@ -264,8 +264,7 @@ def _to_8_bits(img: Image.Image) -> Image.Image:
     def samples_of(top: int, bottom: int) -> np.ndarray:
         return np.asarray(img.crop((0, top, width, bottom)))
 
-    if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PPM"):
-        # (Pillow reads a PGM of more than 8 bits as "I", scaled to 0-65535 from its maxval.)
+    if img.mode.startswith("I;16"):
         full_scale = 65535.0
     else:
         # The range from finite samples: one +inf made the full scale 3.4e38 (nan_to_num's

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError, features
+from PIL import Image, UnidentifiedImageError
 from werkzeug.datastructures import FileStorage
 
 from common.config import Settings
@@ -19,7 +19,9 @@ from common.pixels import (
     JPEG_SIGNATURE,
     PILLOW_REFUSALS,
     PNG_SIGNATURE,
+    READ_FORMATS,
     JpegLayout,
+    format_by_prefix,
     parts_refusal,
     pillow_refusal,
     size_refusal,
@@ -28,9 +30,10 @@ from web_tier.filenames import display_name
 from web_tier.form import read_limited
 from web_tier.refusals import UploadError
 
-# Pillow format -> Content-Type stored with the object. MPO is what Pillow calls
-# many phone-camera JPEGs. The worker decodes with the same Pillow.
-FORMATS = {
+# Pillow format -> Content-Type stored with the object. FORMATS: those both tiers read
+# (common/pixels.py), and MPO, the JPEG of many phone cameras, which Pillow's JPEG
+# reader gives. The worker decodes with the same Pillow.
+CONTENT_TYPES = {
     "JPEG": "image/jpeg",
     "MPO": "image/jpeg",
     "PNG": "image/png",
@@ -38,16 +41,15 @@ FORMATS = {
     "BMP": "image/bmp",
     "WEBP": "image/webp",
     "TIFF": "image/tiff",
+    "AVIF": "image/avif",
 }
-if features.check("avif"):  # in Pillow's own wheels from 11.2 on
-    FORMATS["AVIF"] = "image/avif"
-_NAMED = [fmt for fmt in FORMATS if fmt != "MPO"]
+FORMATS = {fmt: CONTENT_TYPES[fmt] for fmt in ("MPO", *READ_FORMATS)}
 # A file of an accepted type that cannot be read (cut short, damaged, or built to be
 # slow to read) is 422, as the worker's answer for an image it cannot decode; 415 is
 # for what is not an image of an accepted type. (The web tier said 415 for these,
 # and the worker 422 for the same reasons: reviewer.)
 DAMAGED = 422
-ACCEPTED = ", ".join(_NAMED[:-1]) + " or " + _NAMED[-1]
+ACCEPTED = ", ".join(READ_FORMATS[:-1]) + " or " + READ_FORMATS[-1]
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
     if too_slow:
         raise UploadError(DAMAGED, too_slow, name)
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=READ_FORMATS) as img:
             fmt = img.format or ""
             if fmt not in FORMATS:
                 raise UploadError(415, f"{fmt or 'this'} images are not accepted; send {ACCEPTED}", name)
@@ -96,7 +98,7 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
     except PILLOW_REFUSALS as exc:
         raise UploadError(413, pillow_refusal(exc, settings.max_image_pixels), name) from exc
     except UnidentifiedImageError as exc:
-        kind = _signature(data)
+        kind = _signature(data) or format_by_prefix(data)
         if kind and kind not in FORMATS:  # an image, in a format this service does not read
             raise UploadError(415, f"{kind} images are not accepted; send {ACCEPTED}", name) from exc
         if kind:  # it starts like one, but Pillow could not read even its header

@@ -276,6 +276,32 @@ def test_a_png_of_too_much_packed_metadata_is_refused_before_pillow_unpacks_it(w
             prepare(with_chunks(*chunks), web_settings.max_image_pixels)
 
 
+def test_an_image_of_another_format_holding_one_of_ours_is_refused_unread(web_settings, monkeypatch):
+    """Pillow's ICO reader decoded the PNG inside an icon while opening it, past every
+    check of ours: a 0.7 MB icon of 178 megapixels took 2 s and 700 MB, before the web
+    tier saw an icon and refused it (six at once: 3.8 GB; reviewer). Only the
+    formats this service reads are opened; others are named by their first bytes."""
+    from PIL import IcoImagePlugin
+
+    inner = encode(Image.new("L", (1000, 1000)), "PNG")
+    icon = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(inner), 22) + inner
+    assert Image.open(io.BytesIO(icon)).format == "ICO"  # what Pillow makes of it
+    monkeypatch.setattr(IcoImagePlugin.IcoImageFile, "_open", lambda self: pytest.fail("opened as an icon"))
+    with pytest.raises(UploadError) as refused:
+        check_image("icon.png", icon, web_settings)
+    assert refused.value.status == 415 and "ICO images are not accepted" in refused.value.reason
+    with pytest.raises(BadImage, match="not an image format this service reads"):
+        prepare(icon, web_settings.max_image_pixels)
+
+
+def test_the_formats_read_are_the_formats_accepted():
+    from common.pixels import READ_FORMATS
+    from web_tier.image_check import FORMATS
+
+    assert set(FORMATS) == {"MPO", *READ_FORMATS}
+    assert {"JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF"} <= set(READ_FORMATS)
+
+
 def tiff_of_tiles(width: int, height: int, order: str = "<") -> bytes:
     """An uncompressed greyscale TIFF of 1x1 tiles, their offsets and sizes as SHORTs:
     2.56 million of them fit in 10 MB (reviewer)."""
