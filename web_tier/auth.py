@@ -58,13 +58,17 @@ def site_by_origin() -> str:
     if origin is None:
         return "none"
     parts = urlsplit(origin.strip().lower())
+    try:
+        port = parts.port
+    except ValueError:  # not a port: no origin a browser sends
+        return "cross-site"
     if parts.scheme not in DEFAULT_PORTS or not parts.netloc:
         return "cross-site"  # "null": a sandboxed frame, a file, a redirect
     ours = {request.host.lower()}
     # A proxy in front keeps the name the browser used here (a cross-site page cannot
     # set it: the header would need a preflight, which this service does not answer).
     ours.update(h.strip().lower() for h in request.headers.get("X-Forwarded-Host", "").split(","))
-    theirs = {parts.netloc} if parts.port else {parts.netloc, f"{parts.netloc}:{DEFAULT_PORTS[parts.scheme]}"}
+    theirs = {parts.netloc} if port else {parts.netloc, f"{parts.netloc}:{DEFAULT_PORTS[parts.scheme]}"}
     return "same-origin" if ours & theirs else "cross-site"
 
 

@@ -977,7 +977,8 @@ def test_a_browsers_upload_sent_from_another_sites_page_is_refused(web_client, w
 
 
 @pytest.mark.parametrize("origin", ["http://attacker.test:8000", "null", "https://localhost:8443",
-                                    "http://localhost:8001", "ftp://localhost"])
+                                    "http://localhost:8001", "ftp://localhost", "http://localhost:port",
+                                    "http://localhost:99999"])
 def test_a_browsers_upload_without_fetch_metadata_is_judged_by_its_origin(web_client, web_aws, origin):
     """Browsers send Sec-Fetch-Site only to origins they trust: a page on another site
     uploaded through a visitor's browser to a web tier reached over plain HTTP by a
