@@ -283,7 +283,7 @@ def test_an_image_of_another_format_holding_one_of_ours_is_refused_unread(web_se
     formats this service reads are opened; others are named by their first bytes."""
     from PIL import IcoImagePlugin
 
-    inner = encode(Image.new("L", (1000, 1000)), "PNG")
+    inner = encode(Image.new("L", (256, 256)), "PNG")  # a size of 0 in the directory says 256
     icon = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(inner), 22) + inner
     assert Image.open(io.BytesIO(icon)).format == "ICO"  # what Pillow makes of it
     monkeypatch.setattr(IcoImagePlugin.IcoImageFile, "_open", lambda self: pytest.fail("opened as an icon"))
