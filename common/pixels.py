@@ -142,6 +142,10 @@ MAX_PNG_CHUNKS = 10_000
 # of some KB (ImageMagick: EXIF, XMP, IPTC). Unpacked here to count, 64 KB at a time.
 MAX_PNG_PROFILES = 1
 MAX_PNG_UNPACKED_BYTES = 4 * 1024**2
+# Pillow refuses one such chunk past this (PngImagePlugin.MAX_TEXT_CHUNK), but only when
+# it reads it: one after the image data passed the web tier's check, which does not
+# decode, and failed in the worker (reviewer).
+MAX_PNG_CHUNK_UNPACKED_BYTES = 1024**2
 _UNPACK_STEP = 64 * 1024
 _PACKED_KINDS = (b"iCCP", b"zTXt", b"iTXt")
 
@@ -151,6 +155,7 @@ class PngLayout:
     chunks: int = 0  # counted up to MAX_PNG_CHUNKS + 1, where the walk stops
     profiles: int = 0
     unpacked_bytes: int = 0  # of its packed metadata, counted up to MAX_PNG_UNPACKED_BYTES + 1
+    largest_unpacked: int = 0  # of one chunk, counted up to MAX_PNG_CHUNK_UNPACKED_BYTES + 1
 
 
 def png_layout(data: bytes) -> PngLayout:
@@ -166,7 +171,9 @@ def png_layout(data: bytes) -> PngLayout:
         budget = MAX_PNG_UNPACKED_BYTES + 1 - layout.unpacked_bytes
         if kind in _PACKED_KINDS and budget > 0:
             body = data[pos + 8:pos + 8 + length]
-            layout.unpacked_bytes += _unpacked_size(_packed_part(kind, body), budget)
+            size = _unpacked_size(_packed_part(kind, body), min(budget, MAX_PNG_CHUNK_UNPACKED_BYTES + 1))
+            layout.unpacked_bytes += size
+            layout.largest_unpacked = max(layout.largest_unpacked, size)
         pos += 12 + length  # length, type, data, CRC
     return layout
 
@@ -211,6 +218,9 @@ def png_refusal(data: bytes) -> str | None:
                 "more than this service reads")
     if layout.profiles > MAX_PNG_PROFILES:
         return f"the PNG has {layout.profiles} colour profiles (iCCP chunks): the format allows one"
+    if layout.largest_unpacked > MAX_PNG_CHUNK_UNPACKED_BYTES:
+        return (f"the PNG holds a text or colour-profile chunk that unpacks to more than "
+                f"{MAX_PNG_CHUNK_UNPACKED_BYTES // 1024**2} MB, more than this service reads")
     if layout.unpacked_bytes > MAX_PNG_UNPACKED_BYTES:
         return (f"the PNG's compressed metadata (colour profile and texts) unpacks to more than "
                 f"{MAX_PNG_UNPACKED_BYTES // 1024**2} MB (photos carry some KB)")

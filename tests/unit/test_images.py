@@ -170,6 +170,11 @@ def _png_with_huge_text() -> bytes:
     return out.getvalue()
 
 
+def test_a_png_text_over_pillows_limit_is_refused_before_pillow_reads_it():
+    with pytest.raises(BadImage, match="a text or colour-profile chunk that unpacks to more than 1 MB"):
+        prepare(_png_with_huge_text(), 40_000_000)
+
+
 def _jpeg_with_damaged_data() -> bytes:
     from tests.conftest import make_image
 
@@ -198,7 +203,6 @@ def _png_with_damaged_data() -> bytes:
 
 
 @pytest.mark.parametrize(("make", "says"), [
-    (_png_with_huge_text, "it holds a text or colour-profile chunk too large to read (over 1 MB unpacked)"),
     (_jpeg_with_damaged_data, "the compressed image data is damaged"),
     (_png_with_damaged_data, "the compressed image data is damaged"),
 ])
@@ -214,6 +218,9 @@ def test_only_the_pillow_errors_known_are_reworded():
     from common.pillow_errors import plain_reason
 
     assert plain_reason(OSError("decoder error -2")) == "the compressed image data is damaged"
+    # (common/pixels.py refuses a PNG of such a chunk first: test_web_uploads.py)
+    assert plain_reason(ValueError("Decompressed data too large for PngImagePlugin.MAX_TEXT_CHUNK")) == \
+        "it holds a text or colour-profile chunk too large to read (over 1 MB unpacked)"
     assert plain_reason(OSError("decoder error -10")) == "decoder error -10"  # not -1
     assert plain_reason(ValueError("something new")) == "something new"
 

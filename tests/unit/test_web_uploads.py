@@ -274,6 +274,14 @@ def test_a_png_of_too_much_packed_metadata_is_refused_before_pillow_unpacks_it(w
         assert refused.value.status == 422 and reason in refused.value.reason, refused.value.reason
         with pytest.raises(BadImage, match=re.escape(reason)):
             prepare(with_chunks(*chunks), web_settings.max_image_pixels)
+    # One chunk over Pillow's 1 MB, after the image data: the web tier, which does not
+    # decode, took it, and the worker failed it (reviewer). Refused by both now.
+    late = photo[:-12] + ztxt(1536) + photo[-12:]  # before the end chunk
+    too_large = "a text or colour-profile chunk that unpacks to more than 1 MB"
+    with pytest.raises(UploadError, match=too_large):
+        check_image("late.png", late, web_settings)
+    with pytest.raises(BadImage, match=too_large):
+        prepare(late, web_settings.max_image_pixels)
 
 
 def test_an_image_of_another_format_holding_one_of_ours_is_refused_unread(web_settings, monkeypatch):
