@@ -61,9 +61,10 @@ import urllib3.response
 from urllib3.exceptions import DecodeError, NewConnectionError, ProtocolError, ReadTimeoutError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-# What the web tier accepts: JPEG (also as .jpe and .jfif), PNG, GIF, BMP, WebP, TIFF, AVIF.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif",
-                            ".tiff", ".avif"})
+# What the web tier accepts: JPEG (also as .jpe and .jfif, and MPO, the JPEG of 3D
+# cameras), PNG, GIF, BMP, WebP, TIFF, AVIF.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".png", ".gif", ".bmp", ".webp",
+                            ".tif", ".tiff", ".avif"})
 # The web tier answers 504 after RESULT_TIMEOUT (300 s by default); waiting a little
 # longer lets the report show the server's own answer rather than our give-up.
 DEFAULT_TIMEOUT_S = 330.0

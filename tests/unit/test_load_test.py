@@ -725,10 +725,18 @@ def test_an_expected_csv_naming_only_some_images_says_so_in_its_pass(tier, tmp_p
 def test_every_kind_of_image_the_web_tier_takes_is_sent():
     from web_tier.image_check import FORMATS
 
-    suffix = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp",
+    suffix = {"JPEG": ".jpg", "MPO": ".mpo", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp",
               "TIFF": ".tif", "AVIF": ".avif"}
     assert {suffix[kind] for kind in FORMATS} <= load_test.IMAGE_SUFFIXES  # a KeyError: a new kind
     assert {".jpe", ".jfif", ".jpeg", ".tiff"} <= load_test.IMAGE_SUFFIXES
+
+
+def test_the_page_takes_from_a_folder_every_kind_the_load_test_sends():
+    """.mpo (3D cameras' JPEGs) was left out of both: browsers give it no type (reviewer)."""
+    script = (Path(__file__).parents[2] / "web_tier" / "static" / "app.js").read_text()
+    pattern = re.search(r"const IMAGE_EXTENSION = /(.+)/i;", script)[1]
+    left_out = [s for s in load_test.IMAGE_SUFFIXES if not re.search(pattern, f"photo{s.upper()}", re.I)]
+    assert not left_out
 
 
 def test_a_batch_whose_answer_was_cut_off_is_sent_again_and_stored_once(tier, tmp_path):

@@ -1095,7 +1095,7 @@
   // By type or, where the browser knows none (a .webp on a system without its codec,
   // say), by extension. Only files from folders are sorted so: a file chosen by name is
   // sent, and the server says why it refuses it.
-  const IMAGE_EXTENSION = /\.(jpe?g|jpe|jfif|png|gif|bmp|webp|tiff?|avif|heic|heif)$/i;
+  const IMAGE_EXTENSION = /\.(jpe?g|jpe|jfif|mpo|png|gif|bmp|webp|tiff?|avif|heic|heif)$/i;
   function looksLikeImage(file) {
     return file.type.startsWith("image/") || IMAGE_EXTENSION.test(file.name);
   }
