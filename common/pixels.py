@@ -287,9 +287,15 @@ def parts_refusal(data: bytes) -> tuple[JpegLayout | None, str | None]:
 READ_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", *(("AVIF",) if features.check("avif") else ()))
 
 
+# Readers whose test of a file's first bytes takes others' files too: CUR's four bytes
+# are the header of an uncompressed TGA, which was named a CUR (reviewer).
+_LOOSE_PREFIX_TESTS = ("CUR",)
+
+
 def format_by_prefix(data: bytes) -> str | None:
     """The Pillow format whose reader would take `data` by its first bytes (as
-    Image.open asks its readers), without opening it; None if none would."""
+    Image.open asks its readers), without opening it; None if none would surely."""
     Image.init()
     prefix = data[:16]
-    return next((fmt for fmt, (_, accepts) in Image.OPEN.items() if accepts and accepts(prefix)), None)
+    return next((fmt for fmt, (_, accepts) in Image.OPEN.items()
+                 if accepts and fmt not in _LOOSE_PREFIX_TESTS and accepts(prefix)), None)

@@ -85,6 +85,9 @@ BAD = [
                  id="pdf-named-png"),
     pytest.param(encode(Image.new("RGB", (8, 8)), "PPM"), "x.ppm", 415, "PPM images are not accepted",
                  id="unaccepted-format"),
+    # Its first bytes are also a CUR's: not named at all rather than misnamed (reviewer).
+    pytest.param(encode(Image.new("RGB", (8, 8)), "TGA"), "x.tga", 415, "not an image (the content is not",
+                 id="tga"),
     pytest.param(make_image(1, fmt="PNG")[:200], "cut.png", 422,
                  "damaged or unreadable image: the file ends before its image data does (cut short)",
                  id="truncated"),  # Pillow says "Truncated File Read"
