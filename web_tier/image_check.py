@@ -101,6 +101,10 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
         kind = _signature(data) or format_by_prefix(data)
         if kind and kind not in FORMATS:  # an image, in a format this service does not read
             raise UploadError(415, f"{kind} images are not accepted; send {ACCEPTED}", name) from exc
+        if kind == "TIFF":  # many layouts: valid ones too that Pillow does not read (reviewer)
+            raise UploadError(DAMAGED, "damaged or unreadable image: not a TIFF this service reads (damaged, "
+                                       "or of samples Pillow does not read, such as colour in floating point "
+                                       "or 32-bit integers)", name) from exc
         if kind:  # it starts like one, but Pillow could not read even its header
             raise UploadError(DAMAGED, f"damaged or unreadable image: not a valid {kind} file", name) from exc
         raise UploadError(415, f"not an image (the content is not {ACCEPTED})", name) from exc

@@ -313,6 +313,33 @@ def test_the_formats_read_are_the_formats_accepted():
     assert {"JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF"} <= set(READ_FORMATS)
 
 
+def float_rgb_tiff(width: int = 2, height: int = 2) -> bytes:
+    """An uncompressed TIFF of colour in 32-bit floating point (HDR and scientific
+    exports), which Pillow does not read; written here, as Pillow cannot either."""
+    pixels = struct.pack(f"<{width * height * 3}f", *[0.5] * (width * height * 3))
+    entries, first_extra = 10, 8 + 2 + 10 * 12 + 4
+    bits_at, formats_at, data_at = first_extra, first_extra + 6, first_extra + 12
+
+    def entry(tag: int, kind: int, count: int, value: int) -> bytes:  # a SHORT, or a LONG or offset
+        inline = struct.pack("<HH", value, 0) if kind == 3 and count == 1 else struct.pack("<I", value)
+        return struct.pack("<HHI", tag, kind, count) + inline
+
+    directory = b"".join([
+        entry(256, 3, 1, width), entry(257, 3, 1, height), entry(258, 3, 3, bits_at), entry(259, 3, 1, 1),
+        entry(262, 3, 1, 2), entry(273, 4, 1, data_at), entry(277, 3, 1, 3), entry(278, 3, 1, height),
+        entry(279, 4, 1, len(pixels)), entry(339, 3, 3, formats_at)])
+    return (b"II*\x00" + struct.pack("<IH", 8, entries) + directory + b"\0\0\0\0"
+            + struct.pack("<3H", 32, 32, 32) + struct.pack("<3H", 3, 3, 3) + pixels)
+
+
+def test_a_valid_tiff_pillow_cannot_read_is_not_called_damaged_alone(web_settings):
+    """Floating-point colour was "not a valid TIFF file" (reviewer): it is valid."""
+    with pytest.raises(UploadError) as refused:
+        check_image("hdr.tif", float_rgb_tiff(), web_settings)
+    assert refused.value.status == 422
+    assert "or of samples Pillow does not read, such as colour in floating point" in refused.value.reason
+
+
 def tiff_of_tiles(width: int, height: int, order: str = "<") -> bytes:
     """An uncompressed greyscale TIFF of 1x1 tiles, their offsets and sizes as SHORTs:
     2.56 million of them fit in 10 MB (reviewer)."""
