@@ -12,11 +12,13 @@ it undo each other's filters: one bomb in 6,000 got through 8 threads that way.)
 
 from __future__ import annotations
 
+import io
 import re
 import zlib
 from dataclasses import dataclass
 
 from PIL import Image, features
+from PIL.PngImagePlugin import MAX_TEXT_CHUNK
 from PIL.TiffImagePlugin import PREFIXES as TIFF_PREFIXES
 
 # Pillow's refusals read "Image size (<n> pixels) exceeds limit of <m> pixels, ...".
@@ -145,7 +147,7 @@ MAX_PNG_UNPACKED_BYTES = 4 * 1024**2
 # Pillow refuses one such chunk past this (PngImagePlugin.MAX_TEXT_CHUNK), but only when
 # it reads it: one after the image data passed the web tier's check, which does not
 # decode, and failed in the worker (reviewer).
-MAX_PNG_CHUNK_UNPACKED_BYTES = 1024**2
+MAX_PNG_CHUNK_UNPACKED_BYTES = MAX_TEXT_CHUNK
 _UNPACK_STEP = 64 * 1024
 _PACKED_KINDS = (b"iCCP", b"zTXt", b"iTXt")
 
@@ -287,15 +289,16 @@ def parts_refusal(data: bytes) -> tuple[JpegLayout | None, str | None]:
 READ_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", *(("AVIF",) if features.check("avif") else ()))
 
 
-# Readers whose test of a file's first bytes takes others' files too: CUR's four bytes
-# are the header of an uncompressed TGA, which was named a CUR (reviewer).
-_LOOSE_PREFIX_TESTS = ("CUR",)
-
-
-def format_by_prefix(data: bytes) -> str | None:
-    """The Pillow format whose reader would take `data` by its first bytes (as
-    Image.open asks its readers), without opening it; None if none would surely."""
+def format_not_read(data: bytes) -> str | None:
+    """The format of `data` if Pillow reads it and this service does not, by a look at
+    its header alone; None otherwise. Not with ICO's reader, which decodes the image
+    inside an icon as it opens it: an icon is named by its first bytes."""
+    if data[:4] == b"\0\0\1\0":
+        return "ICO"
     Image.init()
-    prefix = data[:16]
-    return next((fmt for fmt, (_, accepts) in Image.OPEN.items()
-                 if accepts and fmt not in _LOOSE_PREFIX_TESTS and accepts(prefix)), None)
+    others = [fmt for fmt in Image.OPEN if fmt not in ("ICO", *READ_FORMATS)]
+    try:
+        with Image.open(io.BytesIO(data), formats=others) as img:
+            return img.format
+    except Exception:  # noqa: BLE001 (any reader's failure: no format it can name)
+        return None

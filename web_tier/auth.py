@@ -57,10 +57,10 @@ def site_by_origin() -> str:
     origin = request.headers.get("Origin")
     if origin is None:
         return "none"
-    parts = urlsplit(origin.strip().lower())
     try:
+        parts = urlsplit(origin.strip().lower())
         port = parts.port
-    except ValueError:  # not a port: no origin a browser sends
+    except ValueError:  # a bracketed host or a port that is none: no origin a browser sends
         return "cross-site"
     if parts.scheme not in DEFAULT_PORTS or not parts.netloc:
         return "cross-site"  # "null": a sandboxed frame, a file, a redirect

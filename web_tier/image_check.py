@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, TiffImagePlugin, UnidentifiedImageError
 from werkzeug.datastructures import FileStorage
 
 from common.config import Settings
@@ -21,7 +21,7 @@ from common.pixels import (
     PNG_SIGNATURE,
     READ_FORMATS,
     JpegLayout,
-    format_by_prefix,
+    format_not_read,
     parts_refusal,
     pillow_refusal,
     size_refusal,
@@ -98,13 +98,12 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
     except PILLOW_REFUSALS as exc:
         raise UploadError(413, pillow_refusal(exc, settings.max_image_pixels), name) from exc
     except UnidentifiedImageError as exc:
-        kind = _signature(data) or format_by_prefix(data)
+        kind = _signature(data) or format_not_read(data)
         if kind and kind not in FORMATS:  # an image, in a format this service does not read
             raise UploadError(415, f"{kind} images are not accepted; send {ACCEPTED}", name) from exc
-        if kind == "TIFF":  # many layouts: valid ones too that Pillow does not read (reviewer)
-            raise UploadError(DAMAGED, "damaged or unreadable image: not a TIFF this service reads (damaged, "
-                                       "or of samples Pillow does not read, such as colour in floating point "
-                                       "or 32-bit integers)", name) from exc
+        if kind == "TIFF" and _samples_not_read(data):  # valid, and not "not a valid TIFF" (reviewer)
+            raise UploadError(DAMAGED, "unreadable image: a TIFF of samples this service does not read (such "
+                                       "as colour in floating point or 32-bit integers)", name) from exc
         if kind:  # it starts like one, but Pillow could not read even its header
             raise UploadError(DAMAGED, f"damaged or unreadable image: not a valid {kind} file", name) from exc
         raise UploadError(415, f"not an image (the content is not {ACCEPTED})", name) from exc
@@ -155,6 +154,18 @@ _SIGNATURES = (
 # brand, then compatible ones. The most specific brand found names the format.
 _ISO_BRANDS = ((b"avif", "AVIF"), (b"avis", "AVIF"), (b"heic", "HEIC"), (b"heix", "HEIC"),
                (b"hevc", "HEIC"), (b"heim", "HEIC"), (b"heis", "HEIC"), (b"mif1", "HEIF"), (b"msf1", "HEIF"))
+
+
+def _samples_not_read(tiff: bytes) -> bool:
+    """Whether Pillow refuses this TIFF for the layout of its samples (floating-point
+    colour, say), which it says apart from damage."""
+    try:
+        TiffImagePlugin.TiffImageFile(io.BytesIO(tiff)).close()
+    except SyntaxError as exc:
+        return "unknown pixel mode" in str(exc)
+    except Exception:  # noqa: BLE001 (damage of any other kind)
+        return False
+    return False
 
 
 def _signature(data: bytes) -> str | None:

@@ -85,9 +85,11 @@ BAD = [
                  id="pdf-named-png"),
     pytest.param(encode(Image.new("RGB", (8, 8)), "PPM"), "x.ppm", 415, "PPM images are not accepted",
                  id="unaccepted-format"),
-    # Its first bytes are also a CUR's: not named at all rather than misnamed (reviewer).
-    pytest.param(encode(Image.new("RGB", (8, 8)), "TGA"), "x.tga", 415, "not an image (the content is not",
+    # Its first bytes are also a CUR's: it was named a CUR (reviewer).
+    pytest.param(encode(Image.new("RGB", (8, 8)), "TGA"), "x.tga", 415, "TGA images are not accepted",
                  id="tga"),
+    # Text whose first bytes PPM's reader would look at ("P" and a digit).
+    pytest.param(b"P3 notes: install Python 3.11\n", "notes.png", 415, "not an image", id="text-like-ppm"),
     pytest.param(make_image(1, fmt="PNG")[:200], "cut.png", 422,
                  "damaged or unreadable image: the file ends before its image data does (cut short)",
                  id="truncated"),  # Pillow says "Truncated File Read"
@@ -337,7 +339,11 @@ def test_a_valid_tiff_pillow_cannot_read_is_not_called_damaged_alone(web_setting
     with pytest.raises(UploadError) as refused:
         check_image("hdr.tif", float_rgb_tiff(), web_settings)
     assert refused.value.status == 422
-    assert "or of samples Pillow does not read, such as colour in floating point" in refused.value.reason
+    assert "a TIFF of samples this service does not read (such as colour in floating point" \
+        in refused.value.reason
+    with pytest.raises(UploadError) as damaged:  # a directory of no entries: no size
+        check_image("empty.tif", b"II*\x00" + struct.pack("<IHI", 8, 0, 0), web_settings)
+    assert damaged.value.reason.endswith("not a valid TIFF file"), damaged.value.reason
 
 
 def tiff_of_tiles(width: int, height: int, order: str = "<") -> bytes:
@@ -1016,7 +1022,7 @@ def test_a_browsers_upload_sent_from_another_sites_page_is_refused(web_client, w
 
 @pytest.mark.parametrize("origin", ["http://attacker.test:8000", "null", "https://localhost:8443",
                                     "http://localhost:8001", "ftp://localhost", "http://localhost:port",
-                                    "http://localhost:99999"])
+                                    "http://localhost:99999", "http://[::1", "http://[zz]:80"])
 def test_a_browsers_upload_without_fetch_metadata_is_judged_by_its_origin(web_client, web_aws, origin):
     """Browsers send Sec-Fetch-Site only to origins they trust: a page on another site
     uploaded through a visitor's browser to a web tier reached over plain HTTP by a
