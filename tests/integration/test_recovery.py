@@ -52,9 +52,10 @@ def test_web_tier_process_killed_mid_batch_loses_nothing(stack, reference_model)
 def test_web_tier_killed_mid_upload_queues_every_image_it_stored(stack, reference_model):
     """SIGKILL while a large upload is being stored: some images are stored and not
     yet sent. The next web tier process sends them (web_tier/journal.py)."""
-    # Large enough that storing them takes a while (200 at 64x48 were all stored once
-    # before the kill came, in a fresh-clone run).
-    images = {f"midupload_{i:03d}.jpg": make_image(5000 + i) for i in range(200)}
+    # Many enough that storing them takes a while: 200 at 64x48 were all stored once
+    # before the kill came, in a fresh-clone run, and 200 at 320x240 once on a machine
+    # busy with other work.
+    images = {f"midupload_{i:03d}.jpg": make_image(5000 + i) for i in range(400)}
     s3, _, _ = clients(stack)
     bucket = f"{stack.prefix}-in-bucket"
 
