@@ -31,7 +31,7 @@ import numpy as np
 
 from app_tier.labels import imagenet_labels
 from common.aws import NOT_FOUND_CODES
-from common.config import MODEL_RUNTIMES, RANDOM_WEIGHTS
+from common.config import MODEL_RUNTIMES, RANDOM_WEIGHTS, weights_on_this_host
 from common.messages import Prediction
 
 log = logging.getLogger(__name__)
@@ -156,9 +156,9 @@ def _fetch_s3_weights(uri: str) -> Path:
 def weights_file(weights: str) -> Path | None:
     """The file these weights load from: for s3://, the local copy, brought up to date
     first; None for imagenet and random (Keras's own cache, and a seed)."""
-    if weights in ("imagenet", RANDOM_WEIGHTS):
-        return None
-    return _fetch_s3_weights(weights) if weights.startswith("s3://") else Path(weights)
+    if weights.startswith("s3://"):
+        return _fetch_s3_weights(weights)
+    return Path(weights) if weights_on_this_host(weights) else None
 
 
 def build_network(weights: str, file: Path | None = None):
@@ -182,7 +182,7 @@ def build_network(weights: str, file: Path | None = None):
             detail = (f"{cached} could not be read ({exc}): delete it, and Keras downloads it again"
                       if cached.exists() else f"download failed ({exc})")
             raise WeightsUnavailable(_missing_weights_message(detail)) from exc
-    path = file or (_fetch_s3_weights(weights) if weights.startswith("s3://") else Path(weights))
+    path = file or weights_file(weights)
     if not path.is_file():
         raise WeightsUnavailable(_missing_weights_message(f"no file at {path}"))
     model = keras.applications.ResNet50(weights=None)

@@ -128,6 +128,12 @@ SHORT_POLL_PAUSE_S = 0.05
 RANDOM_WEIGHTS = "random"
 
 
+def weights_on_this_host(weights: str) -> bool:
+    """Whether MODEL_WEIGHTS names a file of this host's: not `imagenet` (Keras's cache),
+    `random`, or an s3:// object."""
+    return weights not in ("imagenet", RANDOM_WEIGHTS) and not weights.startswith("s3://")
+
+
 @dataclass(frozen=True)
 class Settings:
     # --- where AWS is -----------------------------------------------------

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from common.aws import Aws
-from common.config import SCALING_MODES, Settings
+from common.config import SCALING_MODES, Settings, weights_on_this_host
 from common.heap import freeze_startup_heap
 from common.logs import configure as configure_logging
 from controller.lock import EXIT_ANOTHER_CONTROLLER, AnotherController, hold_fleet_lock
@@ -114,9 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("INSTANCE_PROFILE is not set: on AWS, workers get their credentials from "
                      "their instance profile (ami/README.md, IAM). Set it, or set "
                      "AWS_ENDPOINT_URL to use the embedded AWS.")
-    local_weights = settings.model_weights not in ("imagenet", "random") \
-        and not settings.model_weights.startswith("s3://")
-    if settings.endpoint_url is None and local_weights and not args.dry_run:
+    if settings.endpoint_url is None and weights_on_this_host(settings.model_weights) and not args.dry_run:
         # Rendered into each instance's user-data, a path on this host names nothing there:
         # every worker would exit, and be replaced, round after round (reviewer).
         parser.error(f"MODEL_WEIGHTS={settings.model_weights} is a file on this host, which the "
