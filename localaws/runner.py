@@ -513,13 +513,12 @@ class InstanceRunner:
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 kill_and_wait(p)
-        # As a scale-in's stop is logged: one stopped with the stack said nothing (reviewer).
         for worker in [*self.workers.values(), *self._draining]:
+            # As a scale-in's stop is logged: one stopped with the stack said nothing (reviewer).
             code = worker.process.poll()
             log.info("runner: worker pid %d of %s ended: %s, with the runner", worker.process.pid,
                      worker.instance_id, "still running" if code is None else exit_status(code))
-        # The embedded AWS ends with the runner, and its instances with it.
-        for worker in [*self.workers.values(), *self._draining]:
+            # The embedded AWS ends with the runner, and its instances with it.
             self._remove_held_journal(worker.instance_id)
         self.workers.clear()
         self._draining.clear()
