@@ -97,7 +97,9 @@ def test_web_tier_killed_mid_upload_queues_every_image_it_stored(stack, referenc
 
 
 def test_worker_killed_mid_batch_its_images_are_answered_by_another(stack, reference_model):
-    images = {f"crash_{i:02d}.jpg": make_image(4000 + i) for i in range(8)}
+    # Enough to be held for a while: 8 were once all answered between two looks at the
+    # queue, by workers warm from the test before (a fresh-clone run).
+    images = {f"crash_{i:02d}.jpg": make_image(4000 + i) for i in range(30)}
     started = time.monotonic()
     reply = requests.post(f"{stack.web_url}/api/jobs", timeout=60,
                           files=[("files", (n, d)) for n, d in images.items()])
@@ -108,7 +110,8 @@ def test_worker_killed_mid_batch_its_images_are_answered_by_another(stack, refer
 
     def finished():
         items = batch_states(stack, batch_id)
-        return items if len(items) == 8 and all(i["state"] != "queued" for i in items.values()) else None
+        done = len(items) == len(images) and all(i["state"] != "queued" for i in items.values())
+        return items if done else None
 
     items = wait_for(finished, 120, "the batch to be answered after its worker died", interval=0.5)
     took = time.monotonic() - started
