@@ -19,15 +19,17 @@ from common.output_object import pair_text, result_metadata
 from common.provision import provision
 
 
-def wait_until(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> object:
-    """Poll `condition` until it is truthy; fail the test at the deadline."""
+def wait_until(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02,
+               why: Callable[[], str] | None = None) -> object:
+    """Poll `condition` until it is truthy; fail the test at the deadline (saying `why()`)."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
+            said = f": {why()}" if why is not None else ""
+            raise AssertionError(f"condition not met within {timeout} s{said}")
         time.sleep(interval)
 
 
