@@ -1,9 +1,10 @@
 """The messages a worker holds: hidden from other workers while it works on them,
 deleted once answered, and given back when it cannot finish them.
 
-A received message stays invisible for the queue's visibility timeout. The
-worker's heartbeat extends that for every message held (`extend`), so a slow
-batch is never redelivered by mistake. A failed attempt is made visible again
+A receive hides a message for the worker's receive lease (`worker.RECEIVE_LEASE_S`,
+shorter than the queue's visibility timeout); the worker extends that to
+VISIBILITY_TIMEOUT at once, and its heartbeat keeps every message held hidden
+(`extend`), so a slow batch is never redelivered by mistake. A failed attempt is made visible again
 after a delay that grows with each attempt (`release`); a stopping worker hands
 the messages it never tried back without using up an attempt (`hand_back`).
 """

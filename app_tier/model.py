@@ -26,6 +26,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,6 +34,10 @@ from app_tier.labels import imagenet_labels
 from common.aws import NOT_FOUND_CODES
 from common.config import MODEL_RUNTIMES, RANDOM_WEIGHTS, weights_on_this_host
 from common.messages import Prediction
+
+if TYPE_CHECKING:  # each imported only where it is used: TensorFlow takes seconds
+    import keras
+    from botocore.client import BaseClient
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +93,7 @@ def _recorded_identity(sidecar: Path) -> dict | None:
         return None  # none yet (a copy by an older worker), or unreadable: fetch again
 
 
-def weights_s3_client():
+def weights_s3_client() -> BaseClient:
     """The S3 client weights are fetched with: the service's own session and retries
     (common.aws), endpoint and credentials from boto3's defaults, as for every client."""
     from common.aws import client_config, new_session
@@ -161,7 +166,7 @@ def weights_file(weights: str) -> Path | None:
     return Path(weights) if weights_on_this_host(weights) else None
 
 
-def build_network(weights: str, file: Path | None = None):
+def build_network(weights: str, file: Path | None = None) -> keras.Model:
     """The Keras ResNet-50 with the requested weights loaded (imports TensorFlow).
 
     `file`: `weights_file(weights)` when the caller has it already, so that an

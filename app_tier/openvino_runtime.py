@@ -22,6 +22,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -31,7 +32,7 @@ from common.config import RANDOM_WEIGHTS
 log = logging.getLogger(__name__)
 
 
-def import_openvino():
+def import_openvino() -> ModuleType:
     """OpenVINO, without its usage telemetry.
 
     Its converter, imported with it, sends usage events to Google Analytics

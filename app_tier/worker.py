@@ -2,7 +2,7 @@
 
 One loop, in the spirit of rq's worker:
 
-    receive up to 10 requests  ->  download + decode them (in parallel)
+    receive up to RECEIVE_BATCH (10) requests  ->  download + decode them (in parallel)
     ->  classify them as one batch  ->  write each result to S3, then reply
     ->  delete each request, only after both of its writes succeeded.
 

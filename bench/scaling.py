@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import SimpleNamespace
@@ -123,7 +124,7 @@ class FleetPoller:
             return self._cond.wait_for(lambda: first_at(self.samples, after, lambda n: n == 0), timeout_s)
 
 
-def first_at(samples: list[tuple[float, int]], after: float, test) -> float | None:
+def first_at(samples: list[tuple[float, int]], after: float, test: Callable[[int], bool]) -> float | None:
     """Time of the first sample at or after `after` whose count passes `test`."""
     for at, live in list(samples):
         if at >= after and test(live):

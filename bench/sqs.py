@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import boto3
+from botocore.client import BaseClient
 from botocore.config import Config
 
 from localaws.harness import free_port
@@ -101,7 +102,7 @@ def _median_ms(fn: Callable[[], int], restore: Callable[[int], None] | None = No
     return statistics.median(times) * 1000
 
 
-def measure_depth(sqs, url: str, depth: int) -> dict[str, float]:
+def measure_depth(sqs: BaseClient, url: str, depth: int) -> dict[str, float]:
     """Median ms of each call the pipeline makes, on a queue kept at `depth` messages."""
     out = {"depth": depth, "fill_s": _fill(sqs, url, depth)}
 

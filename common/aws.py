@@ -18,6 +18,7 @@ from typing import NamedTuple, TypeVar
 
 import boto3
 import botocore.session
+from botocore.client import BaseClient
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.utils import parse_timestamp
@@ -108,7 +109,8 @@ class VisibilityFailure(NamedTuple):
     code: str = ""  # SQS's error code, where it gave one ("ReceiptHandleIsInvalid")
 
 
-def change_visibility(sqs, queue_url: str, changes: Sequence[tuple[str, int]]) -> list[VisibilityFailure]:
+def change_visibility(sqs: BaseClient, queue_url: str,
+                      changes: Sequence[tuple[str, int]]) -> list[VisibilityFailure]:
     """Hide each message (by receipt handle) for its seconds from now (0: visible now),
     in ChangeMessageVisibilityBatch calls of SQS_MAX_BATCH; the messages not changed.
     A call that fails (AWS or the network, after botocore's retries) fails its own
@@ -189,7 +191,7 @@ class Aws:
     # Clients by name, made once they have credentials (see _kept).
     _clients: dict[str, object] = field(default_factory=dict, init=False, repr=False)
 
-    def _kept(self, name: str, service: str, config: Config | None = None):
+    def _kept(self, name: str, service: str, config: Config | None = None) -> BaseClient:
         """The client `name`, made at its first use and kept, once it has credentials.
 
         botocore looks for credentials once, when it makes a client: one made without
@@ -216,19 +218,19 @@ class Aws:
         return client
 
     @property
-    def s3(self):
+    def s3(self) -> BaseClient:
         return self._kept("s3", "s3")
 
     @property
-    def sqs(self):
+    def sqs(self) -> BaseClient:
         return self._kept("sqs", "sqs")
 
     @property
-    def ec2(self):
+    def ec2(self) -> BaseClient:
         return self._kept("ec2", "ec2")
 
     @property
-    def sqs_receive(self):
+    def sqs_receive(self) -> BaseClient:
         """The SQS client for long polls (ReceiveMessage): a stall of SQS is waited out,
         not the poll given up on. Its own, so that the other calls still give up after
         the usual read timeout (the heartbeat's slack counts on it)."""

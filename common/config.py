@@ -294,8 +294,9 @@ class Settings:
             # SQS's own limits.
             receive_batch=_int(env, "RECEIVE_BATCH", cls.receive_batch, low=1, high=10),
             receive_wait_s=_int(env, "RECEIVE_WAIT", cls.receive_wait_s, low=0, high=20),
-            # The heartbeat extends it every third of it (at most once a second): shorter,
-            # and a message being worked on would show up again for another worker.
+            # What the worker extends each message it holds to, again every third of its
+            # receive lease (app_tier.worker.RECEIVE_LEASE_S, or this if less): shorter
+            # than a batch takes, and a message being worked on shows up for another worker.
             visibility_timeout_s=_int(env, "VISIBILITY_TIMEOUT", cls.visibility_timeout_s, low=5, high=43200),
             max_receive_count=_int(env, "MAX_RECEIVE_COUNT", cls.max_receive_count, low=1, high=1000),
             # The worker caps every retry delay at an hour (app_tier.held.MAX_RETRY_DELAY_S).

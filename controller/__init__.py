@@ -1,1 +1,1 @@
-"""The controller: scales app-tier instances 0..15 on request-queue depth."""
+"""The controller: scales app-tier instances from 0 to MAX_INSTANCES (15) on request-queue depth."""

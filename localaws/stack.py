@@ -1,8 +1,9 @@
 """`make run`: the whole system on the embedded AWS, stopped cleanly by Ctrl-C.
 
 Starts, in order: moto's server (S3, SQS, EC2 on loopback); provisioning of
-the buckets and queues; the local instance runner; the controller; the web
-tier under gunicorn. Prints a READY line (both addresses, the logs folder) and
+the buckets and queues; the model's preparation for workers (often the longest
+wait: a first conversion to OpenVINO); the local instance runner; the controller;
+the web tier under gunicorn. Prints a READY line (both addresses, the logs folder) and
 how to reach the embedded AWS from another shell. A controller
 or web tier that dies is restarted, as systemd would on an instance (both
 rebuild their state from AWS), and so is a controller that hangs (its watchdog);

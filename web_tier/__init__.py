@@ -118,8 +118,10 @@ def _requeue_unsent(svc: Services) -> None:
 def _security_headers(response: Response) -> Response:
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     if request.path.startswith("/api/"):
-        # The API blueprint's own answers say so already; its 404s and 405s, which no
-        # route of it makes, too (README: every /api/ answer).
+        # Every /api/ answer, its 404s and 405s too (README). Answers change from one
+        # second to the next. And a browser holds a second GET of a URL behind one still
+        # in flight, for up to 20 s, to share a cached answer: a page polling /api/status
+        # while AWS was slow showed old figures that long (explorer).
         response.headers.setdefault("Cache-Control", "no-store")
     # The page loads only its own script and style: injected markup cannot run.
     response.headers.setdefault(

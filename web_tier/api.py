@@ -21,15 +21,6 @@ from web_tier.submit import UPLOAD_THREADS, SentBefore, new_id
 bp = Blueprint("api", __name__, url_prefix="/api")
 
 
-@bp.after_request
-def _not_cached(response: Response) -> Response:
-    # Answers change from one second to the next. And a browser holds a second GET of
-    # a URL behind one still in flight, for up to 20 s, to share a cached answer: a
-    # page polling /api/status while AWS was slow showed old figures that long (explorer).
-    response.headers.setdefault("Cache-Control", "no-store")
-    return response
-
-
 # The form fields that place a request's files in a batch (see create_job).
 BATCH_FORM_FIELDS = ("batch_id", "create", "tokens")
 

@@ -47,10 +47,27 @@ class StatusReader:
         self.counting_since = time.time()
 
     def read(self) -> dict[str, Any]:
-        # While a refresh waits on AWS, reads answer from the last snapshot rather
-        # than queue up behind it, each holding a thread (every open page asks every
-        # 2 s). A read waits a moment for the refresh it began, or, when its snapshot
-        # is long out of date, for the one under way; the very first, a little longer.
+        cached, began = self._snapshot_after_waiting()
+        read_mono, snapshot = cached if cached is not None else (None, {**_nothing_read(), "read_at": None})
+        snapshot = dict(snapshot)
+        said = staleness(read_mono, began, time.monotonic())
+        if said:
+            snapshot["errors"] = [*snapshot.get("errors", []), said]
+        snapshot["totals"] = self.book.totals()
+        snapshot["totals_since"] = self.counting_since
+        snapshot["untrained"] = self.book.untrained
+        snapshot["api_key_required"] = bool(self.aws.settings.api_key)
+        snapshot["time"] = time.time()
+        return snapshot
+
+    def _snapshot_after_waiting(self) -> tuple[tuple[float, dict[str, Any]] | None, float | None]:
+        """The last snapshot, and when the refresh still under way began (or None).
+
+        While a refresh waits on AWS, reads answer from the last snapshot rather
+        than queue up behind it, each holding a thread (every open page asks every
+        2 s). A read waits a moment for the refresh it began, or, when its snapshot
+        is long out of date, for the one under way; the very first, a little longer.
+        """
         with self._refreshed:
             now = time.monotonic()
             due = self._cached is None or now - self._cached[0] >= self.cache_s
@@ -65,28 +82,7 @@ class StatusReader:
                                          max(0.0, self._refresh_began + FIRST_READ_WAIT_S - now))
             elif self._refresh_began is not None and (began_now or now - self._cached[0] > STALE_AFTER_S):
                 self._refreshed.wait_for(lambda: self._refresh_began is None, REFRESH_WAIT_S)
-            cached, began = self._cached, self._refresh_began
-        read_mono, snapshot = cached if cached is not None else (None, {**_nothing_read(), "read_at": None})
-        snapshot = dict(snapshot)
-        now = time.monotonic()
-        old = read_mono is None or now - read_mono > STALE_AFTER_S
-        if began is not None and (now - began > STALE_AFTER_S or old):
-            # Answered from the last snapshot while the refresh waits on AWS: an
-            # explorer's page showed minutes-old figures as if they were current. Said
-            # also when AWS was asked only a moment ago but the snapshot is old (a
-            # reader after an idle spell): its figures were shown as current (reviewer).
-            # How long AWS was asked is said apart, not blamed for the whole age.
-            waited = now - began
-            age = f"these figures are {now - read_mono:.0f} s old" if read_mono is not None \
-                else "there are no figures yet"
-            snapshot["errors"] = [*snapshot.get("errors", []),
-                                  f"AWS has not answered for {waited:.{0 if waited >= 10 else 1}f} s: {age}"]
-        snapshot["totals"] = self.book.totals()
-        snapshot["totals_since"] = self.counting_since
-        snapshot["untrained"] = self.book.untrained
-        snapshot["api_key_required"] = bool(self.aws.settings.api_key)
-        snapshot["time"] = time.time()
-        return snapshot
+            return self._cached, self._refresh_began
 
     def _refresh(self) -> None:
         """Read AWS (on a thread of its own) and keep the snapshot; wake the readers."""
@@ -129,6 +125,24 @@ class StatusReader:
         if errors:
             out["errors"] = errors
         return out
+
+
+def staleness(read_mono: float | None, began: float | None, now: float) -> str:
+    """What a snapshot read at `read_mono` must say of its age, while a refresh that
+    began at `began` waits on AWS ("" when nothing; times are monotonic).
+
+    An explorer's page showed minutes-old figures as if they were current. Said also
+    when AWS was asked only a moment ago but the snapshot is old (a reader after an
+    idle spell): its figures were shown as current (reviewer). How long AWS was asked
+    is said apart, not blamed for the whole age.
+    """
+    old = read_mono is None or now - read_mono > STALE_AFTER_S
+    if began is None or not (now - began > STALE_AFTER_S or old):
+        return ""
+    waited = now - began
+    age = ("there are no figures yet" if read_mono is None
+           else f"these figures are {now - read_mono:.0f} s old")
+    return f"AWS has not answered for {waited:.{0 if waited >= 10 else 1}f} s: {age}"
 
 
 def _nothing_read() -> dict[str, Any]:

@@ -204,6 +204,16 @@ def test_status_after_an_idle_spell_says_its_figures_are_old_without_blaming_aws
     assert re.fullmatch(stale, errors[0]), errors
 
 
+def test_what_a_snapshot_says_of_its_age_while_aws_is_asked():
+    from web_tier.status import STALE_AFTER_S, staleness
+    fresh, stale = 100.0 - STALE_AFTER_S / 2, 100.0 - STALE_AFTER_S - 1
+    assert staleness(fresh, None, 100.0) == "" and staleness(stale, None, 100.0) == ""  # AWS not asked
+    assert staleness(fresh, 99.0, 100.0) == ""  # fresh, and asked a moment ago
+    assert staleness(fresh, 80.0, 100.0) == "AWS has not answered for 20 s: these figures are 2 s old"
+    assert staleness(40.0, 99.5, 100.0) == "AWS has not answered for 0.5 s: these figures are 60 s old"
+    assert staleness(None, 99.5, 100.0) == "AWS has not answered for 0.5 s: there are no figures yet"
+
+
 @contextmanager
 def aws_hanging(reader, monkeypatch) -> Iterator[tuple[threading.Event, threading.Event]]:
     """`reader`'s AWS reads hang until the block ends; yields (entered, left)."""
