@@ -23,6 +23,7 @@ from flask import Blueprint, Response, request
 
 from common.names import stem
 from web_tier.auth import KEY_REQUIRED, require_api_key
+from web_tier.errors import answer_page, wants_page
 from web_tier.filenames import display_name
 from web_tier.form import FORM_SLACK_BYTES, TOKEN_CHARACTER, form_files
 from web_tier.image_check import validate
@@ -43,7 +44,16 @@ CLIENT_CHECK_S = 1.0
 CLIENT_CLOSED = 499
 
 
-def _text(body: str, status: int) -> Response:
+def _answer(status: int, message: str, filename: str | None = None, *, label: str | None = None,
+            untrained: bool | None = None) -> Response:
+    """`<name without extension>:<label>` given a label, else `<file name>: <message>`;
+    as a page to the page's own form (see errors.wants_page)."""
+    if wants_page():
+        return answer_page(status, message, filename, label, untrained)
+    if label is not None:
+        body = f"{stem(filename or '')}:{label}"
+    else:
+        body = f"{filename}: {message}" if filename else message
     # Exactly "<name>:<label>", no trailing newline: programs compare the body as is.
     return Response(body, status=status, mimetype="text/plain")
 
@@ -56,7 +66,7 @@ def _one_file_body_limit() -> None:
 
 
 @bp.post("/")
-@require_api_key(lambda: _text(KEY_REQUIRED, 401))
+@require_api_key(lambda: _answer(401, KEY_REQUIRED))
 def classify() -> Response:
     svc = services()
     files = form_files(request, FIELDS)
@@ -74,7 +84,7 @@ def classify() -> Response:
     files[0].close()
     if svc.book.closing.is_set():
         # Nobody would wait for its answer here: store nothing (as /api/jobs does then).
-        response = _text(f"{upload.filename}: not stored: the web tier is stopping; send it again", 503)
+        response = _answer(503, "not stored: the web tier is stopping; send it again", upload.filename)
         response.headers["Retry-After"] = "5"
         return response
 
@@ -91,8 +101,8 @@ def classify() -> Response:
     item, client_left = _wait_while_connected(svc.book, outcome.id, svc.settings.result_timeout_s)
     if client_left:
         log.info("POST / for item %s: the client left before its result; it is still queued", outcome.id)
-        response = _text(f"{filename}: the client left; the image is still queued, "
-                         f"see /api/jobs/{batch_id}", CLIENT_CLOSED)
+        response = _answer(CLIENT_CLOSED, f"the client left; the image is still queued, "
+                                          f"see /api/jobs/{batch_id}", filename)
         response.headers["X-Batch-Id"] = batch_id
         return response
     if item is None:
@@ -122,11 +132,11 @@ def _no_result_response(filename: str, item_id: str, batch_id: str) -> Response:
         endpoint = svc.settings.endpoint_url
         unless = (f", unless the AWS at {endpoint} stops too, as make run's embedded AWS, "
                   "which keeps nothing, does" if endpoint else "")
-        response = _text(f"{filename}: the web tier is stopping; the image is still "
-                         f"queued, see /api/jobs/{batch_id} (no need to send it again{unless})", 503)
+        response = _answer(503, f"the web tier is stopping; the image is still queued, see "
+                                f"/api/jobs/{batch_id} (no need to send it again{unless})", filename)
     else:
-        response = _text(f"{filename}: no result within {svc.settings.result_timeout_s:g} s; "
-                         f"it is still queued, see /api/jobs/{batch_id}", 504)
+        response = _answer(504, f"no result within {svc.settings.result_timeout_s:g} s; it is still queued, "
+                                f"see /api/jobs/{batch_id}", filename)
     response.headers["X-Item-Id"] = item_id
     response.headers["X-Batch-Id"] = batch_id
     return response
@@ -134,14 +144,14 @@ def _no_result_response(filename: str, item_id: str, batch_id: str) -> Response:
 
 def _result_response(filename: str, item: Item, batch_id: str) -> Response:
     """The answer for a finished item: `<name>:<label>`, or its error."""
+    untrained = item.shows_untrained(bool(services().book.untrained))  # as GET /api/jobs/<id> says
     if item.state != DONE:
-        response = _text(f"{filename}: {item.error}", 422)
+        response = _answer(422, item.error or "failed", filename, untrained=untrained)
     else:
-        response = _text(f"{stem(filename)}:{item.label}", 200)
+        response = _answer(200, "", filename, label=item.label, untrained=untrained)
     # Where the item's score, top 5 and worker are: GET /api/jobs/<X-Batch-Id>.
     response.headers["X-Item-Id"] = item.id
     response.headers["X-Batch-Id"] = batch_id
-    untrained = item.shows_untrained(bool(services().book.untrained))  # as GET /api/jobs/<id> says
     response.headers["X-Model-Untrained"] = "true" if untrained else "false"
     return response
 

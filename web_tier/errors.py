@@ -1,4 +1,5 @@
-"""Error answers: JSON for the API, plain text for the program-facing POST /."""
+"""Error answers: JSON for the API, plain text for the program-facing POST /, a page
+for the page's own form without JavaScript (POST /?answer=page)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import re
 import tempfile
 
 from botocore.exceptions import BotoCoreError, ClientError
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, jsonify, render_template, request
 from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -28,8 +29,26 @@ def wants_text() -> bool:
     return request.path == "/" and request.method not in ("GET", "HEAD")
 
 
+def wants_page() -> bool:
+    """POST /?answer=page: the upload page's form for browsers without JavaScript, whose
+    users read the answer as a page (with the untrained model said), not a line of text."""
+    return wants_text() and request.args.get("answer") == "page"
+
+
+def answer_page(status: int, message: str, filename: str | None = None, label: str | None = None,
+                untrained: bool | None = None) -> Response:
+    """POST /'s answer as a page: the label, or why there is none (`message`)."""
+    if untrained is None:
+        untrained = bool(services().book.untrained)
+    html = render_template("answer.html", filename=filename, label=label, message=message,
+                           untrained=untrained)
+    return Response(html, status=status, mimetype="text/html")
+
+
 def error_response(error: UploadError) -> Response:
-    if wants_text():
+    if wants_page():
+        response = answer_page(error.status, error.reason, error.filename)
+    elif wants_text():
         response = Response(error.to_text() + "\n", status=error.status, mimetype="text/plain")
     else:
         response = jsonify(error.to_json())

@@ -21,4 +21,5 @@ def index() -> str:
     return render_template("index.html", max_file_size=readable_size(limit), max_file_bytes=limit,
                            too_large=too_large(limit), max_files=svc.settings.max_files_per_request,
                            max_chunk_bytes=current_app.config["MAX_CONTENT_LENGTH"] - FORM_SLACK_BYTES,
-                           accepted=ACCEPTED, untrained=svc.book.untrained)
+                           accepted=ACCEPTED, untrained=svc.book.untrained,
+                           api_key_required=bool(svc.settings.api_key))

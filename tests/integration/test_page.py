@@ -21,8 +21,9 @@ pytestmark = pytest.mark.skipif(
 HOSTILE = '<img src=x onerror="document.title=\'pwned\'">.png'
 
 
-@pytest.fixture
-def browser(tmp_path):
+@contextlib.contextmanager
+def chromium(profile: str, javascript: bool = True) -> Iterator:
+    """Headless Chromium driven by selenium, its profile in the folder `profile`."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -30,8 +31,10 @@ def browser(tmp_path):
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                  "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"):
+                 "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}"):
         options.add_argument(flag)
+    if not javascript:
+        options.add_experimental_option("prefs", {"profile.managed_default_content_settings.javascript": 2})
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for errors
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     driver.set_window_size(1200, 1400)
@@ -39,6 +42,12 @@ def browser(tmp_path):
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    with chromium(str(tmp_path / "profile")) as driver:
+        yield driver
 
 
 def finished_rows(browser, stack, count: int, timeout_s: float) -> dict:
@@ -94,6 +103,27 @@ def test_many_images_from_the_page(stack, browser, reference_model, tmp_path):
     # Nothing went wrong in the page's console (a script error, a missing resource).
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
     browser.save_screenshot(str(stack.run_dir / "page.png"))
+
+
+def test_without_javascript_one_image_is_classified_by_the_plain_form(stack, reference_model, tmp_path):
+    """With JavaScript off the page showed "Connecting…" for ever, and its controls did
+    nothing (reviewer): they are hidden, and a plain form answers with a page."""
+    from selenium.webdriver.common.by import By
+
+    data = make_image(530)
+    path = tmp_path / "plain.jpg"
+    path.write_bytes(data)
+    with chromium(str(tmp_path / "profile"), javascript=False) as page:
+        page.get(stack.web_url + "/")
+        assert not page.find_element(By.ID, "drop-zone").is_displayed()
+        assert not page.find_element(By.ID, "status-line").is_displayed()
+        page.find_element(By.ID, "plain-file").send_keys(str(path))
+        page.find_element(By.CSS_SELECTOR, ".plain-form button[type=submit]").click()
+        label = wait_for(lambda: page.find_elements(By.CSS_SELECTOR, ".plain-answer .label"), 120,
+                         "the answer page")[0]
+        assert label.text == reference(reference_model, data).label
+        assert page.find_element(By.CSS_SELECTOR, ".plain-answer .name").text == "plain.jpg"
+        assert "UNTRAINED" in page.find_element(By.CLASS_NAME, "banner").text
 
 
 # The page sends its uploads by XMLHttpRequest (for its upload progress); the tests
@@ -874,6 +904,11 @@ def test_a_refused_api_key_is_said_to_be_refused_not_missing(stack, browser, tmp
     browser.execute_script("localStorage.clear();")
     assert "an API key is required: enter it above" in shown["keyless.jpg"].text
     assert "the API key was refused: check it above" in shown["wrong_key.jpg"].text
+    # The box is where the fix goes: focused, and marked invalid until typed in (reviewer).
+    key = browser.find_element(By.ID, "api-key")
+    assert browser.switch_to.active_element == key and key.get_attribute("aria-invalid") == "true"
+    key.send_keys("x")
+    assert key.get_attribute("aria-invalid") is None
 
 
 def test_the_choose_button_shows_keyboard_focus(stack, browser):
@@ -1147,8 +1182,10 @@ def test_a_touch_screen_is_offered_images_only(stack, browser):
         browser.execute_cdp_cmd("Emulation.setTouchEmulationEnabled", {"enabled": False})
 
 
-def test_screen_readers_hear_the_summary_once_all_files_are_finished(stack, browser, tmp_path):
-    """The summary was a live region rewritten at each result: 150 files, 150 announcements."""
+def test_screen_readers_hear_the_first_failure_at_once_and_the_summary_at_the_end(stack, browser, tmp_path):
+    """The summary was a live region rewritten at each result: 150 files, 150 announcements.
+    Then said only at the end: 500 files gave 24 s of silence, a refused API key none
+    (reviewer). Now: the first failure with its reason, the count every 15 s, the end."""
     from selenium.webdriver.common.by import By
 
     browser.get(stack.web_url + "/")
@@ -1158,11 +1195,20 @@ def test_screen_readers_hear_the_summary_once_all_files_are_finished(stack, brow
       window.announced = [];
       new MutationObserver(() => window.announced.push(arguments[0].textContent))
         .observe(arguments[0], {childList: true, characterData: true, subtree: true});""", announce)
-    choose(browser, tmp_path, {f"said_{i}.jpg": make_image(920 + i, size=(64, 48)) for i in range(3)})
-    finished_rows(browser, stack, 3, timeout_s=60)
-    wait_for(lambda: browser.execute_script("return window.announced.length") >= 1, 10, "the announcement")
-    assert browser.execute_script("return window.announced") == ["3 of 3 classified"]
+    files = {f"said_{i}.jpg": make_image(920 + i, size=(64, 48)) for i in range(3)}
+    began = time.monotonic()
+    choose(browser, tmp_path, {**files, "bad.jpg": b"not an image at all"})
+    finished_rows(browser, stack, 4, timeout_s=60)
+    final = "3 of 4 classified, 1 failed"
+    wait_for(lambda: browser.execute_script("return window.announced").count(final) == 1, 10, "the end")
+    said = browser.execute_script("return window.announced")
+    assert re.fullmatch(r"\d of 4 classified, 1 failed\. bad\.jpg: .*(JPEG|image).*", said[0]), said
+    assert said[-1] == final
+    # Between them, only counts, at most one each 15 s.
+    assert all(re.fullmatch(r"\d of 4 classified(, 1 failed)?", s) for s in said[1:-1]), said
+    assert len(said) <= 2 + (time.monotonic() - began) // 15, said
     assert announce.get_attribute("aria-live") == "polite"
+    assert browser.title == "Image classification"  # "(2/4) Image classification" while under way
 
 
 def test_the_status_line_says_when_its_figures_are_old(stack, browser):

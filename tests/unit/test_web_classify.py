@@ -402,3 +402,53 @@ def test_a_waiting_request_holds_neither_its_image_nor_its_spool(make_web_app, w
     finally:
         worker.stop()
     assert seen["answer"].status_code == 200
+
+
+# --- the page's form without JavaScript ----------------------------------------------
+
+
+def test_without_javascript_the_page_offers_a_plain_form_whose_answer_is_a_page(web_client, fake_worker):
+    """With JavaScript off the page showed "Connecting…" for ever and its controls did
+    nothing when used (reviewer): it now hides them, and offers a form for one image."""
+    page = web_client.get("/").text
+    assert 'href="/static/noscript.css"' in page and 'class="status needs-js"' in page
+    assert 'id="drop-zone" class="drop-zone needs-js"' in page
+    assert '<form method="post" action="/?answer=page" enctype="multipart/form-data">' in page
+    assert 'name="inputFile"' in page
+    assert web_client.get("/static/noscript.css").text.count(".needs-js { display: none") == 1
+
+    fake_worker.untrained = True
+    data = make_image(7)
+    response = web_client.post("/?answer=page", data={"inputFile": (io.BytesIO(data), "<b>cat</b>.jpg")},
+                               content_type="multipart/form-data")
+    assert response.status_code == 200 and response.mimetype == "text/html"
+    body = response.text
+    assert f'<span class="label">{answer_for(data)[0]}</span>' in body
+    assert "&lt;b&gt;cat&lt;/b&gt;.jpg" in body and "<b>cat" not in body  # its name, escaped
+    # Untrained, said on the page, not only in a header a person never sees.
+    assert "UNTRAINED model" in body and '<span class="untrained-mark">untrained</span>' in body
+    assert response.headers["X-Model-Untrained"] == "true"
+    assert 'href="/">Classify another image</a>' in body
+
+
+def test_the_plain_forms_refusals_are_pages_and_say_why(web_client):
+    response = web_client.post("/?answer=page", data={"inputFile": (io.BytesIO(b"not an image"), "a.jpg")},
+                               content_type="multipart/form-data")
+    assert response.status_code in (400, 415) and response.mimetype == "text/html"
+    assert '<p class="error">' in response.text and "a.jpg" in response.text
+    empty = web_client.post("/?answer=page", data={}, content_type="multipart/form-data")
+    assert empty.status_code == 400 and empty.mimetype == "text/html" and '<p class="error">' in empty.text
+    # Programs still get their line of text.
+    plain = web_client.post("/", data={"inputFile": (io.BytesIO(b"not an image"), "a.jpg")},
+                            content_type="multipart/form-data")
+    assert plain.mimetype == "text/plain" and plain.text.startswith("a.jpg: ")
+
+
+def test_without_javascript_a_server_needing_a_key_says_the_form_cannot_send_it(make_web_app):
+    client = make_web_app(start_background=False, api_key="s3cret-key").test_client()
+    page = client.get("/").text
+    assert "requires an API key, which a plain form cannot send" in page
+    assert "answer=page" not in page  # no form that could only be refused
+    refused = client.post("/?answer=page", data={"inputFile": (io.BytesIO(make_image(1)), "a.jpg")},
+                          content_type="multipart/form-data")
+    assert refused.status_code == 401 and refused.mimetype == "text/html"

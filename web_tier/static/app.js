@@ -82,6 +82,7 @@
   let leaving = false;     // the page is being unloaded: its uploads are cut off, not refused
   let openStreams = 0;
   let announced = "";
+  const TITLE = document.title;
   window.addEventListener("pagehide", () => { leaving = true; });
   // Back in view from the back/forward cache: live again, its uploads go on (they
   // were left "uploading" for good, none sent again).
@@ -107,6 +108,7 @@
   // without it (explorer).
   for (const type of ["input", "change"]) {
     keyInput.addEventListener(type, () => {
+      keyInput.removeAttribute("aria-invalid");
       try { localStorage.setItem(KEY_STORE, keyInput.value.trim()); } catch { /* private mode */ }
     });
   }
@@ -355,11 +357,35 @@
     $("download-csv").textContent = onlyFailed() ? "Download the failed files (CSV)"
       : done + failed < all.length ? "Download the results so far (CSV)" : "Download the results (CSV)";
     $("tools").hidden = !all.length;
-    // Said to screen readers once every file is finished, not at each result.
-    if (counts && done + failed === all.length && counts !== announced) {
-      announced = counts;
-      $("announce").textContent = counts;
+    const finished = done + failed === all.length;
+    // The tab's title follows too: a user waiting in another tab could not.
+    document.title = counts && !finished ? `(${done + failed}/${all.length}) ${TITLE}` : TITLE;
+    announceProgress(counts, failed, finished);
+  }
+
+  // What screen readers hear: not each result (hundreds would flood them), but the
+  // first failure at once with its reason, the count every ANNOUNCE_EVERY_MS while
+  // files are under way, and the count once all are finished. Said only at the end,
+  // 500 files gave 24 s of silence, a refused API key none at all (reviewer).
+  const ANNOUNCE_EVERY_MS = 15000;
+  let announcedAt = 0;
+  let failuresHeard = 0;
+  function announceProgress(counts, failed, finished) {
+    if (!counts) return;
+    if (!announcedAt) announcedAt = Date.now();  // the first files chosen start the clock
+    let text = null;
+    if (failed && !failuresHeard) {
+      const first = resultsEl.querySelector('.result[data-state="failed"]');
+      const why = first ? first.querySelector(".error").textContent : "";
+      text = `${counts}. ${first ? first.dataset.filename : ""}: ${why}`;
+    } else if (finished || Date.now() - announcedAt >= ANNOUNCE_EVERY_MS) {
+      text = counts;
     }
+    failuresHeard = failed;  // a later batch's first failure is said again
+    if (text === null || text === announced) return;
+    announced = text;
+    announcedAt = Date.now();
+    $("announce").textContent = text;
   }
 
   // The rows on the page as a CSV file, in their order: with the files the server
@@ -553,6 +579,8 @@
       }
       if (status === 401) {
         keyBox.hidden = false;
+        keyInput.setAttribute("aria-invalid", "true");
+        keyInput.focus();  // where the fix is typed: a screen reader user hears the box
         // A key was sent and refused: said to be missing, a user who had typed one
         // looked for another fault (reviewer).
         this.refuse(chunk, headers["X-API-Key"] ? "the API key was refused: check it above and upload again"
