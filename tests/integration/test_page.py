@@ -335,6 +335,53 @@ def test_a_file_deleted_after_it_was_chosen_fails_alone(stack, browser, referenc
     assert_classified({n: shown[n] for n in files}, files, reference_model)
 
 
+def test_stop_sending_ends_an_upload_leaving_what_was_sent(stack, browser, reference_model, tmp_path):
+    """A wrong folder of thousands of files on a slow link could only be stopped by
+    leaving the page (reviewer). The chunk in flight ends as it would; no other is sent."""
+    from selenium.webdriver.common.by import By
+
+    files = {f"stop_{i}.jpg": make_image(880 + i, size=(64, 48)) for i in range(6)}
+    browser.get(stack.web_url + "/")
+    browser.execute_script(UPLOADS_BY_FETCH + """
+      document.body.dataset.filesPerRequest = '1';
+      const realFetch = window.fetch;
+      window.held = true;  // the first POST waits until the stop
+      window.posts = 0;
+      window.fetch = async (url, options) => {
+        if (url === "/api/jobs") window.posts += 1;
+        while (url === "/api/jobs" && window.held) await new Promise((r) => setTimeout(r, 50));
+        return realFetch(url, options);
+      };""")
+    choose(browser, tmp_path, files)
+    stop = browser.find_element(By.ID, "stop-sending")
+    wait_for(lambda: stop.is_displayed() and browser.execute_script("return window.posts") == 1, 30,
+             "the first send, and the button")
+    stop.click()
+    browser.execute_script("window.held = false;")
+    shown = finished_rows(browser, stack, 6, timeout_s=60)
+    first = "stop_0.jpg"
+    assert_classified({first: shown[first]}, {first: files[first]}, reference_model)
+    for name in list(files)[1:]:
+        assert shown[name].get_attribute("data-state") == "failed"
+        assert "not sent: you stopped the upload" in shown[name].text
+    assert browser.execute_script("return window.posts") == 1
+    batch_id = browser.current_url.split("#batches=")[1]
+    assert [i["filename"] for i in server_items(stack, batch_id)] == [first]
+    wait_for(lambda: not stop.is_displayed(), 10, "the button to go")
+
+
+def test_stop_sending_cancels_a_resend_waiting_its_turn(stack, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    browser.execute_script(FAIL_FIRST_POSTS, ["unreachable"])  # sent again 5 s later
+    choose(browser, tmp_path, {"waiting.jpg": make_image(890)})
+    wait_for(lambda: browser.execute_script("return window.fakedPosts") == 1, 30, "the first send")
+    browser.find_element(By.ID, "stop-sending").click()
+    shown = finished_rows(browser, stack, 1, timeout_s=3)  # at once, not after the resend's delay
+    assert "not sent again: you stopped the upload (the server may hold it" in shown["waiting.jpg"].text
+
+
 def test_a_file_deleted_before_its_chunk_is_sent_again_fails_alone(stack, browser, reference_model, tmp_path):
     """Resends did not look at the files again: all five rows of an explorer's chunk,
     one file deleted while the web tier restarted, failed as "could not be reached"."""

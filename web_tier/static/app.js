@@ -357,6 +357,7 @@
     $("download-csv").textContent = onlyFailed() ? "Download the failed files (CSV)"
       : done + failed < all.length ? "Download the results so far (CSV)" : "Download the results (CSV)";
     $("tools").hidden = !all.length;
+    $("stop-sending").hidden = !sessions.some((session) => session.uploading && !session.stopped);
     const finished = done + failed === all.length;
     // The tab's title follows too: a user waiting in another tab could not.
     document.title = counts && !finished ? `(${done + failed}/${all.length}) ${TITLE}` : TITLE;
@@ -430,6 +431,10 @@
     setTimeout(() => URL.revokeObjectURL(url), 60000);
   });
   $("only-failed").addEventListener("change", updateSummary);
+  const STOPPED_AGAIN = "not sent again: you stopped the upload (the server may hold it: reload to see)";
+  $("stop-sending").addEventListener("click", () => {
+    for (const session of sessions) session.stop();
+  });
 
   // 32 hex digits, as the server's ids (crypto.randomUUID needs HTTPS, this may not be).
   function newBatchId() {
@@ -471,6 +476,8 @@
       this.place = null;        // a restored batch's rows go after this (kept in address order)
       this.queue = [];          // {chunk, attempt}: to be sent, resends first
       this.waiting = 0;         // chunks waiting their delay to be sent again (sendLater)
+      this.resends = new Map(); // their timers -> their entries (see stop)
+      this.stopped = false;     // the user stopped it: nothing more is sent
       this.resendReady = null;  // resolves when one of them joins the queue
       this.wake = () => {};
       this.watchFrom = 0;       // a restored batch: watched unsentWatchMs() from then for unsent files
@@ -520,7 +527,7 @@
     // further, and were cut off in turn (reviewer).
     async drain(width, enough) {
       const worker = async () => {
-        while (!enough()) {
+        while (!enough() && !this.stopped) {
           if (this.queue.length) {
             await takeSendPlace();
             // Another of this upload's workers may have taken the last chunk meanwhile.
@@ -648,15 +655,48 @@
     // Send `entries` again after a while, without holding up the other chunks: they
     // wait outside the pool, then go first (see drain).
     sendLater(entries, attempt) {
+      if (this.stopped) {
+        this.refuse(entries, STOPPED_AGAIN, false);
+        return;
+      }
       if (!this.waiting) this.resendReady = new Promise((resolve) => { this.wake = resolve; });
       this.waiting += 1;
-      setTimeout(() => {
+      const timer = setTimeout(() => {
+        this.resends.delete(timer);
         this.waiting -= 1;
         this.queue.unshift({ chunk: entries, attempt: attempt + 1 });
-        const wake = this.wake;
-        this.resendReady = new Promise((resolve) => { this.wake = resolve; });
-        wake();
+        this.wakeDrain();
       }, resendDelayMs(attempt));
+      this.resends.set(timer, entries);
+    }
+
+    wakeDrain() {
+      const wake = this.wake;
+      this.resendReady = new Promise((resolve) => { this.wake = resolve; });
+      wake();
+    }
+
+    // The user's "Stop sending": the chunks in flight end as they would (the server
+    // may be storing them), and nothing else is sent. A wrong folder of thousands of
+    // files on a slow link could only be stopped by leaving the page (reviewer).
+    stop() {
+      if (!this.uploading || this.stopped) return;
+      this.stopped = true;
+      // Resends first: the server may hold those files (their answers were lost), as a
+      // reload then shows; the rest were never sent.
+      for (const [timer, entries] of this.resends) {
+        clearTimeout(timer);
+        this.refuse(entries, STOPPED_AGAIN, false);
+      }
+      this.resends.clear();
+      this.waiting = 0;
+      const unsent = this.queue.flatMap(({ chunk, attempt }) => (attempt ? [] : chunk));
+      const again = this.queue.flatMap(({ chunk, attempt }) => (attempt ? chunk : []));
+      this.queue = [];
+      this.refuse(again, STOPPED_AGAIN, false);
+      this.refuse(unsent, "not sent: you stopped the upload", false);
+      this.wakeDrain();
+      updateSummary();
     }
 
     setPath(entry, path) {
