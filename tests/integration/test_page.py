@@ -91,6 +91,11 @@ def test_many_images_from_the_page(stack, browser, reference_model, tmp_path):
             continue
         assert item.get_attribute("data-state") == "done", (name, item.text)
         assert item.get_attribute("data-label") == reference(reference_model, data).label
+        # The top 5, folded (open, 500 rows made a page of 76,000 px: reviewer).
+        guesses = item.find_element(By.CSS_SELECTOR, "details.guesses")
+        assert guesses.is_displayed() and guesses.get_attribute("open") is None
+        assert len(item.find_elements(By.CSS_SELECTOR, ".top5 li")) == 5
+    assert not shown["not-an-image.jpg"].find_element(By.CSS_SELECTOR, "details.guesses").is_displayed()
     # The hostile name is shown as text, never parsed as HTML.
     assert HOSTILE in shown[HOSTILE].text
     assert browser.find_elements(By.CSS_SELECTOR, "#results img") == []

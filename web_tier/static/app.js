@@ -332,6 +332,7 @@
       li.textContent = `${guess.label} ${formatScore(guess.score)}`;
       top5.append(li);
     }
+    el.querySelector(".guesses").hidden = !top5.children.length;
     if (item.untrained) {
       el.classList.add("untrained");
       el.querySelector(".untrained-mark").hidden = false;
