@@ -720,6 +720,9 @@ RESTARTING_STATUSES = (502, 503, 504)
 # systemd after its RestartSec).
 RESEND_WINDOW_S = 30.0
 FIRST_RESEND_DELAY_S = 0.25
+# How long before its request's deadline the last poll of /api/jobs goes out: time for
+# one GET of a batch to be answered by a web tier that is not overloaded.
+POLL_MARGIN_S = 0.05
 
 
 class RequestFailed(Exception):
@@ -1201,13 +1204,17 @@ class Client:
                 item, delay, unanswered = {}, max(delay, 0.5), exc
             if item.get("state") in FINAL_STATES:
                 return item
-            if time.monotonic() + delay >= deadline:
+            # The next poll waits at most until just before the deadline: skipped whenever
+            # the backed-off delay (up to 1 s) went past it, a result that came in the
+            # request's last moments counted failed ("timeout after 0.3 s": reviewer).
+            left = deadline - time.monotonic() - POLL_MARGIN_S
+            if left <= 0:
                 if unanswered is not None:
                     why = (connection_error(unanswered, self.config.url)
                            if isinstance(unanswered, requests.ConnectionError) else _short(str(unanswered)))
                     raise RequestFailed(f"no answer in time; the last poll: {why}")
                 raise requests.Timeout()
-            if self.abandon.wait(delay):
+            if self.abandon.wait(min(delay, left)):
                 raise RequestFailed("abandoned: the run stopped waiting for it")
             delay = min(delay * 1.5, 1.0)
 

@@ -2009,3 +2009,35 @@ def test_the_course_average_leaves_out_requests_abandoned_in_flight():
                               duration_s=3.0, outcomes=outcomes, interrupted=True, abandoned=2)
     assert report.sent == 8
     assert report.course_average_latency == pytest.approx(3.0 / 6)
+
+
+def test_a_job_is_polled_once_more_just_before_its_deadline(monkeypatch):
+    """The poll was skipped whenever the backed-off delay went past the deadline: a result
+    that came in the request's last moments counted failed ("timeout after 0.3 s": reviewer)."""
+    now = [100.0]  # a clock that moves only as the client waits: no test timing
+
+    class Waiting:  # the abandon event, never set
+        def wait(self, seconds: float) -> bool:
+            now[0] += seconds
+            return False
+
+    monkeypatch.setattr(load_test, "time", type("Clock", (), {"monotonic": staticmethod(lambda: now[0])}))
+    client = load_test.Client(Config(images=Path("."), api="jobs", timeout=2.0), threading.Event(), Waiting())
+    deadline = now[0] + 2.0
+    polls = []
+
+    def fetch(session, batch_id, item_id, deadline):
+        polls.append(now[0])
+        return {"state": "done" if now[0] >= deadline - 0.1 else "queued"}
+
+    monkeypatch.setattr(client, "_fetch_item", fetch)
+    assert client._wait_poll(None, "b", "i", deadline)["state"] == "done"
+    assert polls[-1] == pytest.approx(deadline - load_test.POLL_MARGIN_S)
+
+    # Never finished: given up on only once no poll fits before the deadline.
+    polls.clear()
+    deadline = now[0] + 2.0
+    monkeypatch.setattr(client, "_fetch_item", lambda *args: polls.append(now[0]) or {"state": "queued"})
+    with pytest.raises(requests.Timeout):
+        client._wait_poll(None, "b", "i", deadline)
+    assert polls[-1] == pytest.approx(deadline - load_test.POLL_MARGIN_S)
