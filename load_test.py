@@ -272,9 +272,9 @@ def list_images(folder: Path) -> list[Path]:
     return scan_folder(folder)[0]
 
 
-def scan_folder(folder: Path) -> tuple[list[Path], int]:
-    """list_images's images, and how many other entries the folder holds, from one
-    listing (two could disagree about a folder that changes meanwhile)."""
+def scan_folder(folder: Path) -> tuple[list[Path], list[str]]:
+    """list_images's images, and the names of the folder's other entries (sorted), from
+    one listing (two could disagree about a folder that changes meanwhile)."""
     if not folder.is_dir():
         raise LoadTestError(f"{folder} is not a folder")
     try:
@@ -287,17 +287,21 @@ def scan_folder(folder: Path) -> tuple[list[Path], int]:
         raise LoadTestError(f"cannot list {folder}: {exc.strerror or exc}") from exc
     if not images:
         raise LoadTestError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
-    return images, len(entries) - len(images)
+    sent = set(images)
+    return images, sorted(sendable_name(p) for p in entries if p not in sent)
 
 
-def say_what_is_left_out(config: Config, images: list[Path], skipped: int, expected: dict[str, str]) -> None:
-    """On stderr: the `skipped` entries of the folder that are not sent, and rows of
+def say_what_is_left_out(config: Config, images: list[Path], skipped: list[str],
+                         expected: dict[str, str]) -> None:
+    """On stderr: the `skipped` entries of the folder, which are not sent, and rows of
     `expected` that name none of `images`, each of which a run would otherwise leave out
     without a word (the command's; `make bench` gives run_load a CSV for more images
     than it sends)."""
     if skipped:
-        print(f"load_test.py: {skipped} entries of {config.images} left out: not image files "
-              f"({', '.join(sorted(IMAGE_SUFFIXES))}) directly in it, or hidden (named .*)",
+        # A few named: the count alone left the user to guess which (reviewer).
+        named = ", ".join(for_terminal(name) for name in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        print(f"load_test.py: {len(skipped)} entries of {config.images} left out ({named}): not image "
+              f"files ({', '.join(sorted(IMAGE_SUFFIXES))}) directly in it, or hidden (named .*)",
               file=sys.stderr)
     # The names as sent and judged: a name that is not UTF-8 is sent with U+FFFD.
     unused = len(set(expected) - {image_key(sendable_name(p)) for p in images})

@@ -527,12 +527,14 @@ def test_what_a_run_leaves_out_is_said(tier, tmp_path, capsys):
     (images / "more").mkdir()
     (images / "more" / "dog.jpg").write_bytes(b"label:dog")
     (images / "._cat.jpg").write_bytes(b"\x00\x05\x16\x07")  # macOS's metadata of cat.jpg
+    (images / "a\x1b[2J.txt").write_text("a name that would clear the screen")
     expected = tmp_path / "expected.csv"
     expected.write_text("Image,Results\ncat,cat\ndog,dog\nbird,bird\n")
     assert load_test.main(["--url", tier.url, "--images", str(images), "--expected", str(expected),
                            "--quiet"]) == 0
     err = capsys.readouterr().err
-    assert f"3 entries of {images} left out: not image files" in err
+    # Which ones, a few of them (in name order, escaped): "4 entries" alone left the user guessing.
+    assert f"4 entries of {images} left out (._cat.jpg, a\\x1b[2J.txt, more, ...): not image files" in err
     assert tier.paths["POST /"] == 1  # cat.jpg alone
     assert f"2 rows of {expected} name no image in {images}" in err
 
