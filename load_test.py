@@ -648,6 +648,12 @@ class Report:
         return max((n for _, n in self.instance_samples), default=None)
 
     @property
+    def instances_at_start(self) -> int | None:
+        """The first sample's count: the fleet a run before this one left may be the peak
+        (a 1-request run after a bigger one said 7: reviewer)."""
+        return self.instance_samples[0][1] if self.instance_samples else None
+
+    @property
     def checked_nothing(self) -> bool:
         """An --expected CSV was given, and not one answer was checked against it."""
         return self.checked_against_csv and self.correct + self.wrong == 0
@@ -683,6 +689,7 @@ class Report:
             "course_average_latency_s": self.course_average_latency,
             "untrained": self.untrained,
             "peak_instances": self.peak_instances,
+            "instances_at_start": self.instances_at_start,
             "interrupted": self.interrupted,
             "abandoned": self.abandoned,
             "resent": self.resent,
@@ -1729,7 +1736,8 @@ def format_report(report: Report, max_problems: int = 10) -> str:
             why = "connections refused or not made: refused or unreachable to the end"
         rows.insert(1, ("sent again", f"{len(resent)} requests, {report.resent} times in all  ({why})"))
     if report.peak_instances is not None:
-        rows.append(("peak app-tier instances", f"{report.peak_instances}"))
+        rows.append(("peak app-tier instances",
+                     f"{report.peak_instances} ({report.instances_at_start} at start)"))
     width = max(len(name) for name, _ in rows)
     in_flight = min(report.concurrency, report.planned)
     concurrency = f"concurrency {report.concurrency}"

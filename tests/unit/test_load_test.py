@@ -1415,7 +1415,7 @@ def test_json_report_holds_the_right_numbers(tier, mixed, tmp_path, capsys):
     # /api/status is read at the start and the end at least; pending + running = 3.
     assert len(data["instances"]) >= 2
     assert {s["pending_running"] for s in data["instances"]} == {3}
-    assert data["peak_instances"] == 3
+    assert data["peak_instances"] == data["instances_at_start"] == 3
 
 
 def test_plot_writes_a_png(tier, mixed, tmp_path):
@@ -2043,3 +2043,14 @@ def test_a_job_is_polled_once_more_just_before_its_deadline(monkeypatch):
     with pytest.raises(requests.Timeout):
         client._wait_poll(None, "b", "i", deadline)
     assert polls[-1] == pytest.approx(deadline - load_test.POLL_MARGIN_S)
+
+
+def test_the_peak_of_instances_is_shown_beside_the_count_at_the_start():
+    """A 1-request run right after a bigger one said "peak app-tier instances 7": the
+    previous run's fleet, not this one's doing (reviewer)."""
+    report = load_test.Report(url="u", api="form", concurrency=1, planned=1, started_at=0.0, duration_s=1.0,
+                              outcomes=[], instance_samples=[(0.0, 7), (0.5, 5), (1.0, 4)])
+    assert re.search(r"\n  peak app-tier instances +7 \(7 at start\)\n", load_test.format_report(report))
+    assert (report.to_dict()["peak_instances"], report.to_dict()["instances_at_start"]) == (7, 7)
+    report.instance_samples = [(0.0, 1), (0.5, 3)]
+    assert re.search(r"\n  peak app-tier instances +3 \(1 at start\)\n", load_test.format_report(report))
