@@ -692,6 +692,7 @@ class Report:
             "instances_at_start": self.instances_at_start,
             "interrupted": self.interrupted,
             "abandoned": self.abandoned,
+            "answered_later": self.answered_later,  # the table's "answered later"
             "resent": self.resent,
             "ok": self.ok,
             "instances": [{"t_s": t, "pending_running": n} for t, n in self.instance_samples],
@@ -1722,7 +1723,8 @@ def format_report(report: Report, max_problems: int = 10) -> str:
         why += [f"{never_started} not started: the run was interrupted"] if never_started else []
         rows.insert(3, ("not sent", f"{report.not_sent}  ({'; '.join(why)})"))
     if report.abandoned:
-        rows.insert(3, ("abandoned", f"{report.abandoned}  (in flight at the second Ctrl-C)"))
+        # SIGTERM quits at once too: "at the second Ctrl-C" said what never happened (reviewer).
+        rows.insert(3, ("abandoned", f"{report.abandoned}  (in flight when the run quit)"))
     if report.answered_later:
         rows.insert(2, ("answered later", f"{report.answered_later}  (a 503 or 504 said the image was "
                                           "queued: its result was read from /api/jobs)"))
@@ -1742,7 +1744,8 @@ def format_report(report: Report, max_problems: int = 10) -> str:
     in_flight = min(report.concurrency, report.planned)
     concurrency = f"concurrency {report.concurrency}"
     if in_flight < report.concurrency:
-        concurrency += f" (at most {in_flight} in flight: {report.planned} requests)"
+        requests_planned = f"{report.planned} request" + ("s" if report.planned > 1 else "")
+        concurrency += f" (at most {in_flight} in flight: {requests_planned})"
     lines = [f"Load test: {endpoint} on {report.url}, {concurrency}", ""]
     lines += [f"  {name:<{width}}  {value}" for name, value in rows]
 

@@ -818,6 +818,7 @@ def test_an_image_a_503_says_is_queued_is_answered_from_where_it_says(tier, tmp_
     assert outcome.resent == 0 and tier.paths["POST /"] == 1  # followed, not sent again
     assert re.search(r"answered later +1  \(a 503 or 504", load_test.format_report(report))
     assert report.to_dict()["requests"][0]["via"] == outcome.via
+    assert report.to_dict()["answered_later"] == 1  # the table's row is in the JSON too (reviewer)
     # A script reading only the RESULT line sees it too (reviewer: 23 of 30 POST / had timed out).
     assert load_test.result_line(report) == (
         "RESULT: PASS (1 answered, none failed or wrong; 1 of them read from /api/jobs after a 503 or 504 "
@@ -1050,6 +1051,8 @@ def test_a_second_ctrl_c_stops_waiting_for_the_requests_in_flight(tier, tmp_path
     assert sorted(o.file for o in report.outcomes) == ["2.jpg", "3.jpg"] and report.answered == 2
     assert report.abandoned == 2 and report.sent == 4  # the abandoned were sent too
     assert load_test.result_line(report) == ABANDONED_TWO
+    # Said so whatever made the run quit: "at the second Ctrl-C" was wrong after a SIGTERM (reviewer).
+    assert re.search(r"\n  abandoned +2  \(in flight when the run quit\)\n", load_test.format_report(report))
     err = capsys.readouterr().err
     assert "(Ctrl-C again to quit)" in err and "2 requests in flight left unanswered" in err
 
@@ -1631,6 +1634,8 @@ def test_the_header_says_when_fewer_requests_than_the_concurrency_were_planned(t
     images = make_images(tmp_path / "images", {"cat.jpg": b"label:cat"})
     report = run_load(Config(images=images, url=tier.url, num_requests=3, concurrency=50))
     assert "concurrency 50 (at most 3 in flight: 3 requests)" in load_test.format_report(report)
+    report = run_load(Config(images=images, url=tier.url, num_requests=1, concurrency=50))
+    assert "concurrency 50 (at most 1 in flight: 1 request)\n" in load_test.format_report(report)
     report = run_load(Config(images=images, url=tier.url, num_requests=3, concurrency=3))
     assert load_test.format_report(report).splitlines()[0].endswith("concurrency 3")
 
