@@ -1815,15 +1815,16 @@ def write_plot(report: Report, path: Path) -> None:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, heard as a Ctrl-C that waits for nothing (see sigterm_as_ctrl_c)."""
+    """SIGTERM, heard as a Ctrl-C that waits for nothing (see interrupts_heard)."""
 
 
 @contextlib.contextmanager
-def sigterm_as_ctrl_c() -> Iterator[None]:
-    """While inside, SIGTERM (`timeout`, `kill`, a CI job cancelled) acts as two Ctrl-Cs
-    do: sending stops, the requests in flight are left unanswered, and what was done is
-    reported and written at once, as the grace period before a SIGKILL is short.
-    Unhandled, it killed the run with no report and no JSON (reviewer)."""
+def interrupts_heard() -> Iterator[None]:
+    """While inside, SIGINT is a KeyboardInterrupt, and SIGTERM (`timeout`, `kill`, a CI
+    job cancelled) acts as two Ctrl-Cs do: sending stops, the requests in flight are left
+    unanswered, and what was done is reported and written at once, as the grace period
+    before a SIGKILL is short. Unhandled, SIGTERM killed the run with no report and no
+    JSON (reviewer). Both handlers found are given back after."""
     if threading.current_thread() is not threading.main_thread():
         yield  # only the main thread may set a handler (a caller running main in a thread)
         return
@@ -1832,12 +1833,16 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
         # Python runs handlers in the main thread: run_load hears it as a KeyboardInterrupt.
         raise Terminated
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, interrupt),
+                # A shell starting a background job without job control (a script's `&`)
+                # makes it ignore SIGINT, and Python keeps that: `kill -INT` did nothing (reviewer).
+                signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
     try:
         yield
     finally:
-        # None: a handler not set from Python, which cannot be given back; the default then.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        for signum, handler in previous.items():
+            # None: a handler not set from Python, which cannot be given back; the default then.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 class Stdout:
@@ -1888,7 +1893,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.print(for_terminal(f"Classification result: {outcome.body}"))
 
     try:
-        with sigterm_as_ctrl_c():
+        with interrupts_heard():
             report = run_load(config, progress=progress, on_result=print_result if config.verbose else None,
                               images=images, expected=expected)
     except LoadTestError as exc:

@@ -1057,16 +1057,17 @@ def test_a_second_ctrl_c_stops_waiting_for_the_requests_in_flight(tier, tmp_path
     assert "(Ctrl-C again to quit)" in err and "2 requests in flight left unanswered" in err
 
 
-def test_a_second_ctrl_c_quits_the_command_at_once(tier, tmp_path):
+@pytest.mark.parametrize("found", [signal.SIG_DFL, signal.SIG_IGN], ids=["default", "ignored"])
+def test_a_second_ctrl_c_quits_the_command_at_once(tier, tmp_path, found):
     """Nothing may keep the process alive for the abandoned requests (a
-    ThreadPoolExecutor's threads are joined at exit): checked on a real process."""
+    ThreadPoolExecutor's threads are joined at exit): checked on a real process.
+    Started with SIGINT ignored, as a script's background job is (`load_test.py ... &`),
+    `kill -INT` did nothing (reviewer)."""
     images = make_images(tmp_path / "images", {"0.jpg": b"hang", "1.jpg": b"hang"})
     command = [sys.executable, load_test.__file__, "--url", tier.url, "--images", str(images),
                "-c", "2", "--timeout", "60", "-q"]
-    # Started from a shell's background job, this process (and so the command) would
-    # ignore SIGINT: the command is given Python's usual handling back.
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, found))
     try:
         errors: queue.SimpleQueue[str] = queue.SimpleQueue()
         threading.Thread(target=lambda: [errors.put(line) for line in proc.stderr], daemon=True).start()
@@ -1183,17 +1184,29 @@ def test_sigterm_reports_what_was_done_at_once(tier, tmp_path):
         3, 2, 1, 1, True)
 
 
-def test_the_command_gives_back_the_sigterm_handler_it_found(tier, tmp_path):
+def test_the_command_hears_sigint_while_it_runs_and_gives_back_the_handlers_it_found(
+        tier, tmp_path, monkeypatch):
     def mine(signum, frame) -> None:
         pass
 
+    heard = []
+    real_run_load = load_test.run_load
+
+    def noting_the_handlers(*args, **kwargs):
+        heard.append(signal.getsignal(signal.SIGINT))
+        return real_run_load(*args, **kwargs)
+
+    monkeypatch.setattr(load_test, "run_load", noting_the_handlers)
     images = make_images(tmp_path / "images", {"a.jpg": b"label:x"})
-    before = signal.signal(signal.SIGTERM, mine)
+    before = signal.signal(signal.SIGTERM, mine), signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         assert load_test.main(["--url", tier.url, "--images", str(images), "-q"]) == 0
-        assert signal.getsignal(signal.SIGTERM) is mine
+        # Ignored, as a background job's: heard while the run goes on, ignored again after.
+        assert heard == [signal.default_int_handler]
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
-        signal.signal(signal.SIGTERM, before)
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGINT, before[1])
 
 
 def test_a_ctrl_c_the_kernel_hands_to_another_thread_still_stops_the_wait():
