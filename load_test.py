@@ -614,7 +614,9 @@ class Report:
 
     @property
     def resent(self) -> int:
-        return sum(o.resent for o in self.outcomes)
+        """Times requests that reached the web tier were sent again. One that never connected
+        was only tried again: its tries made "sent again" count requests never sent (reviewer)."""
+        return sum(o.resent for o in self.outcomes if o.reached)
 
     @property
     def answered_later(self) -> int:
@@ -1719,7 +1721,9 @@ def format_report(report: Report, max_problems: int = 10) -> str:
     ]
     if report.not_sent:
         never_started = report.not_sent - report.unreached
-        why = [f"{report.unreached} never connected: refused or unreachable"] if report.unreached else []
+        tries = sum(o.resent for o in report.outcomes if o.verdict == "not sent")
+        why = [f"{report.unreached} never connected: refused or unreachable"
+               + (f", tried again {tries} times in all" if tries else "")] if report.unreached else []
         why += [f"{never_started} not started: the run was interrupted"] if never_started else []
         rows.insert(3, ("not sent", f"{report.not_sent}  ({'; '.join(why)})"))
     if report.abandoned:
@@ -1729,13 +1733,10 @@ def format_report(report: Report, max_problems: int = 10) -> str:
         rows.insert(2, ("answered later", f"{report.answered_later}  (a 503 or 504 said the image was "
                                           "queued: its result was read from /api/jobs)"))
     if report.resent:
-        resent = [o for o in report.outcomes if o.resent]
+        resent = [o for o in report.outcomes if o.reached and o.resent]
         cut_off_too = report.api == "jobs" or report.idempotency_keys
         why = "refused or cut-off connections" if cut_off_too else "refused connections"
         why = f"{why}, 503 'not stored': a web tier restarting"
-        if all(o.verdict == "not sent" for o in resent):
-            # Not one of them ever reached a web tier: none restarted, it stayed away.
-            why = "connections refused or not made: refused or unreachable to the end"
         rows.insert(1, ("sent again", f"{len(resent)} requests, {report.resent} times in all  ({why})"))
     if report.peak_instances is not None:
         rows.append(("peak app-tier instances",
