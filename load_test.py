@@ -848,6 +848,21 @@ def api_key_required(url: str) -> bool:
     return isinstance(status, dict) and status.get("api_key_required") is True
 
 
+def api_key_refused(url: str, api_key: str) -> bool:
+    """Whether the web tier at `url` refuses `api_key`, asked with a POST /api/jobs of an
+    empty form: the web tier checks the key before it reads anything (create_job's
+    require_api_key), answering 401 for a wrong one, else 400 (no file), storing nothing.
+    Unknown (no answer in time) counts as no, as in api_key_required."""
+    empty_form = {"Content-Type": "multipart/form-data; boundary=none"}
+    with new_session(api_key) as session:
+        try:
+            resp = session.post(f"{url}/api/jobs", data=b"", headers=empty_form,
+                                timeout=STATUS_CHECK_TIMEOUT_S, allow_redirects=False)
+        except requests.RequestException:
+            return False
+    return resp.status_code == 401
+
+
 # Failures among which web_tier_restarting picks the ones that are no answer yet.
 MAYBE_RESTARTING = (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, RequestFailed)
 
@@ -1549,10 +1564,14 @@ def run_load(
         # Every request would fail with an AttributeError (a reviewer: distributions ship 1.26).
         raise LoadTestError("this script needs urllib3 2.2 or later: pip install 'urllib3>=2.2'")
     check_reachable(config.url)
-    if not config.api_key and api_key_required(config.url):
-        # Else every upload is refused with a 401, and a quiet run said only how many failed.
-        raise LoadTestError(f"{config.url} requires an API key (its /api/status says so): "
-                            "give it with --api-key KEY or as $API_KEY")
+    # Else every upload is refused with a 401, and a quiet run said only how many failed.
+    if api_key_required(config.url):
+        if not config.api_key:
+            raise LoadTestError(f"{config.url} requires an API key (its /api/status says so): "
+                                "give it with --api-key KEY or as $API_KEY")
+        if api_key_refused(config.url, config.api_key):
+            raise LoadTestError(f"the API key was refused by {config.url} (HTTP 401 to an empty POST "
+                                "/api/jobs): check --api-key or $API_KEY")
 
     stop, abandon = threading.Event(), threading.Event()
     client = Client(config, stop, abandon)

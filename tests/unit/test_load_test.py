@@ -160,6 +160,9 @@ class Handler(BaseHTTPRequestHandler):
             return
         parse = _parse_files_like_the_web_tier if self.tier.web_tier_names else _parse_files
         files = parse(self.headers, body)
+        if not files:  # as the web tier (load_test.api_key_refused sends such a form)
+            self._send(400, {"error": "no file in the request"})
+            return
         if self.path == "/":
             self._post_form(files)
         elif self.path == "/api/jobs":
@@ -867,12 +870,39 @@ def test_jobs_api_by_polling_with_api_key_and_untrained_model(tier, mixed):
     assert "RESULT: FAIL (1 failed, 1 wrong)" in text
 
 
-def test_a_wrong_api_key_fails_every_request_with_401(tier, mixed):
-    images, _ = mixed
+@pytest.mark.parametrize("api", ["form", "jobs"])
+def test_a_wrong_api_key_is_a_usage_error_before_anything_is_sent(tier, tmp_path, capsys, api):
+    """All N uploads were sent, and each refused with 401: only whether a key was needed
+    was asked (reviewer)."""
     tier.api_key = "s3cret"
-    report = run_load(Config(images=images, url=tier.url, api_key="guess"))
-    assert report.failed == report.sent == 7
-    assert {o.status for o in report.outcomes} == {401}
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:x"})
+    code = load_test.main(["--url", tier.url, "--images", str(images), "--num-requests", "2", "--api", api,
+                           "--api-key", "guess", "-q"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "RESULT" not in out
+    assert err.startswith(f"load_test.py: the API key was refused by {tier.url} "), err
+    assert tier.paths["POST /"] == 0 and tier.paths["POST /api/jobs"] == 1  # the empty form that asked
+
+    # The right key: the run goes on, its empty form's 400 taken for yes.
+    assert load_test.main(["--url", tier.url, "--images", str(images), "--api-key", "s3cret", "-q"]) == 0
+    assert tier.paths["POST /"] == 1
+
+
+def test_the_web_tier_refuses_a_wrong_key_before_it_reads_the_form(make_web_app):
+    """The key check sends an empty form: the real web tier must answer it 401 for a wrong
+    key (not 400 for the missing files), and anything else for the right one."""
+    from werkzeug.serving import make_server
+
+    app = make_web_app(start_background=False, api_key="s3cret-key")
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        assert load_test.api_key_refused(url, "guess")
+        assert not load_test.api_key_refused(url, "s3cret-key")
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.mark.parametrize("api", ["form", "jobs"])
@@ -914,6 +944,7 @@ def test_the_api_key_from_the_environment_is_enough(tier, tmp_path, capsys, monk
 def test_a_quiet_run_says_each_distinct_reason_it_failed_with_its_count(tier, tmp_path, capsys):
     """With -q a run refused with 401s printed only "RESULT: FAIL (2 failed, 0 wrong)"."""
     tier.api_key = "s3cret"
+    tier.status = "no status here"  # a web tier that does not say it needs a key: its uploads say so
     images = make_images(tmp_path / "images", {"a.jpg": b"label:x", "b.jpg": b"label:y"})
     code = load_test.main(["--url", tier.url, "--images", str(images), "--num-requests", "2",
                            "--api-key", "guess", "-q"])
