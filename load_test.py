@@ -499,14 +499,15 @@ class Outcome:
 
     index: int
     file: str
-    started_s: float  # since the run began
+    started_s: float | None  # since the run began (None: never started, the run interrupted first)
     latency_s: float = 0.0
     status: int | None = None
     answer_name: str | None = None
     label: str | None = None
     error: str | None = None  # set: the request failed (HTTP error, timeout, bad answer)
     untrained: bool = False
-    # "correct", "wrong", "unchecked", "failed" (it reached the web tier) or "not sent" (it never did)
+    # "correct", "wrong", "unchecked", "failed" (it reached the web tier), "not sent" (it never
+    # did), or, in an interrupted run, "abandoned" (in flight when it quit) or "not started"
     verdict: str = "unchecked"
     expected: str | None = None
     note: str | None = None  # why a verdict is "wrong"
@@ -560,7 +561,6 @@ class Report:
     # (seconds since the run began, app-tier instances pending or running)
     instance_samples: list[tuple[float, int]] = field(default_factory=list)
     interrupted: bool = False
-    abandoned: int = 0  # requests in flight at the second Ctrl-C, left unanswered
     idempotency_keys: bool = False  # uploads cut off mid-request were sent again too
     # Answers were to be checked against an --expected CSV: a run that checked none is no PASS.
     checked_against_csv: bool = False
@@ -573,6 +573,11 @@ class Report:
         """Requests sent: those that reached the web tier (answered or not), and those
         abandoned in flight. One that never connected sent nothing (reviewer)."""
         return sum(1 for o in self.outcomes if o.reached) + self.abandoned
+
+    @property
+    def abandoned(self) -> int:
+        """Requests in flight when the run quit (a second Ctrl-C, SIGTERM), left unanswered."""
+        return self._count("abandoned")
 
     @property
     def not_sent(self) -> int:
@@ -1446,7 +1451,9 @@ class Senders:
             for n in range(min(concurrency, len(plan)))
         ]
         self._t0 = 0.0
-        self.started = 0  # requests taken from the plan (changed under the lock)
+        # When each request taken from the plan was taken (time.monotonic), by index: the
+        # plan is taken in order (changed under the lock).
+        self._taken_at: list[float] = []
         self.received = 0  # outcomes handed out (changed by the caller's thread only)
         self.answered = 0  # requests whose outcome is in (changed under the lock)
 
@@ -1461,7 +1468,7 @@ class Senders:
         with self._lock:
             if self._stop.is_set() or not self._todo:
                 return None
-            self.started += 1
+            self._taken_at.append(time.monotonic())
             return self._todo.popleft()
 
     def _work(self) -> None:
@@ -1477,7 +1484,7 @@ class Senders:
     def _finished(self) -> bool:
         with self._lock:
             no_more = self._stop.is_set() or not self._todo
-            return no_more and self.received == self.started
+            return no_more and self.received == len(self._taken_at)
 
     def outcomes(self) -> Iterator[Outcome]:
         """Each outcome as it comes, until the plan is sent and answered or, once
@@ -1509,7 +1516,13 @@ class Senders:
         """Requests taken from the plan whose outcome is not in yet (one in but not yet
         handed out is not in flight: the first Ctrl-C's count had them too)."""
         with self._lock:
-            return self.started - self.answered
+            return len(self._taken_at) - self.answered
+
+    def taken_at(self) -> list[float]:
+        """When each request taken from the plan was taken, by index (final once the
+        stop event is set)."""
+        with self._lock:
+            return list(self._taken_at)
 
 
 def plan_requests(config: Config, images: list[Path], expected: dict[str, str]) -> list[Path]:
@@ -1531,6 +1544,26 @@ def plan_requests(config: Config, images: list[Path], expected: dict[str, str]) 
     return plan
 
 
+def unfinished_outcomes(plan: Sequence[Path], taken_at: Sequence[float], t0: float,
+                        recorded: set[int]) -> list[Outcome]:
+    """An outcome for each request of `plan` an interrupted run has none for, so that its
+    report holds every one ("requests" lacked 26 abandoned, and those never started:
+    reviewer): one taken from the plan (at `taken_at[index]`) was in flight when the
+    run quit, the others were never started."""
+    rest = []
+    for index, path in enumerate(plan):
+        if index in recorded:
+            continue
+        if index < len(taken_at):
+            rest.append(Outcome(index=index, file=sendable_name(path), started_s=taken_at[index] - t0,
+                                error="in flight when the run quit (the image may be stored)",
+                                verdict="abandoned"))
+        else:
+            rest.append(Outcome(index=index, file=sendable_name(path), started_s=None,
+                                error="not started: the run was interrupted first", verdict="not started"))
+    return rest
+
+
 def run_load(
     config: Config,
     progress: Progress | None = None,
@@ -1549,10 +1582,11 @@ def run_load(
     `on_result` is called in the calling thread for each finished request.
     A Ctrl-C (KeyboardInterrupt, also from `on_result`) stops sending; requests
     in flight are waited for (each is bounded by the timeout). A second one stops
-    waiting: the report holds what was answered, counts the rest as abandoned,
+    waiting: the report holds what was answered, the rest in flight as abandoned,
     and the threads still waiting for them are left to end with the process
     (those polling /api/jobs stop at their next poll).
-    Either way the report says it was interrupted.
+    Either way the report says it was interrupted, and holds the requests never
+    started as "not started".
     """
     if images is None:
         images = list_images(config.images)
@@ -1594,7 +1628,6 @@ def run_load(
                             not_sent=problems["not sent"])
 
     interrupted = False
-    abandoned = 0
     # The clock starts as the first requests go: nothing slow comes in between.
     started_at = time.time()
     t0 = time.monotonic()
@@ -1627,7 +1660,7 @@ def run_load(
                 # Every request taken from the plan is either recorded or abandoned: one
                 # whose outcome came a moment too late for the report (or was handed out
                 # as this Ctrl-C came) is abandoned, not lost from both (explorer).
-                abandoned = senders.started - len(outcomes)
+                abandoned = len(senders.taken_at()) - len(outcomes)
                 print(f"\nquitting: {abandoned} requests in flight left unanswered", file=sys.stderr)
     finally:
         stop.set()
@@ -1640,6 +1673,8 @@ def run_load(
         client.close()
         if progress:
             progress.close()
+    if interrupted:
+        outcomes += unfinished_outcomes(plan, senders.taken_at(), t0, {o.index for o in outcomes})
 
     return Report(
         url=config.url,
@@ -1651,7 +1686,6 @@ def run_load(
         outcomes=outcomes,
         instance_samples=list(poller.samples),
         interrupted=interrupted,
-        abandoned=abandoned,
         idempotency_keys=config.idempotency_keys,
         checked_against_csv=config.expected is not None,
     )

@@ -89,7 +89,8 @@ def _load(plan: EndToEndPlan, url: str, images: Path, requests: int, concurrency
 
 
 def _last_response(report: Report) -> float:
-    return report.started_at + max((o.started_s + o.latency_s for o in report.outcomes), default=0.0)
+    return report.started_at + max((o.started_s + o.latency_s for o in report.outcomes
+                                    if o.started_s is not None), default=0.0)  # None: never started
 
 
 def _summary(report: Report) -> dict[str, object]:
@@ -242,7 +243,8 @@ def _scaled_run(plan: EndToEndPlan, stack: StackProcess, images: Path, requests:
 def without_first(report: Report, count: int) -> Report:
     """The report of the same run as if its first `count` requests had not been sent:
     duration from the first kept request's start to the last one's answer."""
-    kept = [o for o in report.outcomes if o.index >= count]
+    # An interrupted run's report holds the requests it never started, which have no time.
+    kept = [o for o in report.outcomes if o.index >= count and o.started_s is not None]
     if not kept:
         return dataclasses.replace(report, outcomes=[], planned=0, duration_s=0.0)
     first = min(o.started_s for o in kept)

@@ -178,6 +178,10 @@ def test_low_load_counts_only_the_requests_after_the_warm_up():
     assert run.sent == 5  # the run's own report is left as it was
     assert without_first(run, 5).sent == 0
 
+    # Interrupted: the requests it never started are in its report, without a start time.
+    run.outcomes.append(Outcome(5, "f.jpg", None, error="not started", verdict="not started"))
+    assert [o.index for o in without_first(run, 2).outcomes] == [2, 3, 4]
+
 
 def test_the_json_keeps_each_low_load_request_in_the_order_they_started():
     from bench.endtoend import each_request

@@ -1083,8 +1083,10 @@ def test_a_second_ctrl_c_stops_waiting_for_the_requests_in_flight(tier, tmp_path
     report = finish_within(3, run_load, config, on_result=ctrl_c)
 
     assert report.interrupted and not report.ok
-    assert sorted(o.file for o in report.outcomes) == ["2.jpg", "3.jpg"] and report.answered == 2
-    assert report.abandoned == 2 and report.sent == 4  # the abandoned were sent too
+    verdicts = {o.file: o.verdict for o in report.outcomes}
+    assert verdicts == {"0.jpg": "abandoned", "1.jpg": "abandoned",
+                        "2.jpg": "unchecked", "3.jpg": "unchecked"}
+    assert report.answered == 2 and report.abandoned == 2 and report.sent == 4  # the abandoned were sent too
     assert load_test.result_line(report) == ABANDONED_TWO
     # Said so whatever made the run quit: "at the second Ctrl-C" was wrong after a SIGTERM (reviewer).
     assert re.search(r"\n  abandoned +2  \(in flight when the run quit\)\n", load_test.format_report(report))
@@ -1217,6 +1219,9 @@ def test_sigterm_reports_what_was_done_at_once(tier, tmp_path):
     data = json.loads(report.read_text())
     assert (data["planned"], data["sent"], data["answered"], data["abandoned"], data["interrupted"]) == (
         3, 2, 1, 1, True)
+    # Each planned request once: the abandoned and the never started were missing (reviewer).
+    assert [(r["index"], r["file"], r["verdict"]) for r in data["requests"]] == [
+        (0, "0.jpg", "unchecked"), (1, "1.jpg", "abandoned"), (2, "2.jpg", "not started")]
 
 
 def test_the_command_hears_sigint_while_it_runs_and_gives_back_the_handlers_it_found(
@@ -1842,7 +1847,8 @@ def test_a_second_ctrl_c_in_jobs_mode_abandons_the_requests_still_polled(tier, t
 
     config = Config(images=images, url=tier.url, api="jobs", concurrency=4, timeout=30)
     report = finish_within(5, run_load, config, on_result=ctrl_c)
-    assert sorted(o.file for o in report.outcomes) == ["2.jpg", "3.jpg"] and report.abandoned == 2
+    assert sorted(o.file for o in report.outcomes if o.answered) == ["2.jpg", "3.jpg"]
+    assert report.abandoned == 2
     assert load_test.result_line(report) == ABANDONED_TWO
     # The abandoned stop polling (they polled on until their timeout, flooding the tier).
     senders = [t for t in set(threading.enumerate()) - before if t.name.startswith("load-")]
@@ -2060,8 +2066,11 @@ def test_the_course_average_leaves_out_requests_abandoned_in_flight():
                                   answer_name=f"{i}") for i in range(6)]
     for outcome in outcomes:
         load_test.judge(outcome, {})
+    outcomes += load_test.unfinished_outcomes([Path(f"{i}.jpg") for i in range(8)], [0.0] * 8, 0.0,
+                                              set(range(6)))
     report = load_test.Report(url="http://x", api="form", concurrency=8, planned=8, started_at=0.0,
-                              duration_s=3.0, outcomes=outcomes, interrupted=True, abandoned=2)
+                              duration_s=3.0, outcomes=outcomes, interrupted=True)
+    assert report.abandoned == 2
     assert report.sent == 8
     assert report.course_average_latency == pytest.approx(3.0 / 6)
 
@@ -2107,3 +2116,57 @@ def test_the_peak_of_instances_is_shown_beside_the_count_at_the_start():
     assert (report.to_dict()["peak_instances"], report.to_dict()["instances_at_start"]) == (7, 7)
     report.instance_samples = [(0.0, 1), (0.5, 3)]
     assert re.search(r"\n  peak app-tier instances +3 \(1 at start\)\n", load_test.format_report(report))
+
+
+def test_a_run_that_quit_holds_every_planned_request_once(tier, tmp_path):
+    """"sent 61, abandoned 26", and 35 requests in the JSON: those in flight when the run
+    quit, and those never started, were left out (reviewer)."""
+    images = make_images(tmp_path / "images", {"0.jpg": b"label:a", "1.jpg": b"hang", "2.jpg": b"label:c"})
+
+    def sigterm(outcome: load_test.Outcome) -> None:
+        wait_until(lambda: tier.paths["POST /"] == 2, 5)  # 1.jpg in flight; 2.jpg waits for the thread
+        raise load_test.Terminated
+
+    report = finish_within(5, run_load, Config(images=images, url=tier.url, concurrency=1, timeout=30),
+                           on_result=sigterm)
+    rows = report.to_dict()["requests"]
+    assert [(r["index"], r["file"], r["verdict"]) for r in rows] == [
+        (0, "0.jpg", "unchecked"), (1, "1.jpg", "abandoned"), (2, "2.jpg", "not started")]
+    assert rows[1]["started_s"] >= rows[0]["started_s"] and rows[2]["started_s"] is None
+    assert rows[1]["error"] == "in flight when the run quit (the image may be stored)"
+    assert rows[2]["error"] == "not started: the run was interrupted first"
+    # The counts mean what they meant.
+    assert (report.sent, report.not_sent, report.abandoned, report.answered, report.failed) == (2, 1, 1, 1, 0)
+    assert load_test.result_line(report) == (
+        "RESULT: FAIL (0 failed, 0 wrong, 1 abandoned in flight, 1 not sent, interrupted)")
+
+
+def test_a_run_stopped_by_one_ctrl_c_holds_the_requests_it_never_started(tier, tmp_path, monkeypatch):
+    clients: list[load_test.Client] = []
+
+    class Kept(load_test.Client):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            clients.append(self)
+
+    monkeypatch.setattr(load_test, "Client", Kept)
+    images = make_images(tmp_path / "images", {"0.jpg": b"label:a", "1.jpg": b"hang", "2.jpg": b"label:c"})
+
+    def release_once_stopped() -> None:
+        try:
+            wait_until(lambda: clients[0].stop.is_set(), 5)
+        finally:
+            tier.release.set()  # 1.jpg, in flight, answers: waited for
+
+    def ctrl_c(outcome: load_test.Outcome) -> None:
+        if outcome.file == "0.jpg":
+            wait_until(lambda: tier.paths["POST /"] == 2, 5)  # 1.jpg in flight; 2.jpg waits for the thread
+            threading.Thread(target=release_once_stopped, daemon=True).start()
+            raise KeyboardInterrupt
+
+    report = finish_within(10, run_load, Config(images=images, url=tier.url, concurrency=1, timeout=30),
+                           on_result=ctrl_c)
+    rows = report.to_dict()["requests"]
+    assert [(r["index"], r["file"], r["verdict"]) for r in rows] == [
+        (0, "0.jpg", "unchecked"), (1, "1.jpg", "unchecked"), (2, "2.jpg", "not started")]
+    assert (report.sent, report.not_sent, report.abandoned, report.answered) == (2, 1, 0, 2)
