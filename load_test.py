@@ -16,15 +16,21 @@ twice. Meanwhile `GET /api/status` is read
 every half second to record how many app-tier instances were pending or running.
 
 It only talks to the URL it is given, sends a bounded number of requests, and
-gives each one at most `--timeout` seconds. The exit code is 0 when every
-request was answered, no answer was wrong and, with --expected, at least one was
-checked; 1 otherwise (or when a report asked for with --json or --plot could not
-be written); 2 on bad usage (also an --expected CSV naming none of the images sent,
-or no API key for a web tier whose /api/status says uploads need one).
+gives each one at most `--timeout` seconds.
 
 Ctrl-C stops sending and waits for the requests in flight; a second one quits at
 once, still printing what was answered so far (and writing --json and --plot).
 SIGTERM (`timeout`, a CI job cancelled) quits at once so.
+
+Exit codes (also in --help):
+
+    0    PASS: every request answered, none wrong (with --expected, at least one checked)
+    1    a request failed, was wrong or was not sent; or --json or --plot could not be written
+    2    bad usage (also an --expected CSV naming none of the images sent), or the run could
+         not start: nothing listening at --url, an API key needed and none given, or the
+         key refused
+    130  interrupted by Ctrl-C (SIGINT), 143 by SIGTERM: what was done is still reported,
+         and written to --json and --plot
 
 The core (`run_load`, `percentile`, `read_expected`, `format_report`) is
 importable; `main` is the command line.
@@ -110,6 +116,19 @@ class Config:
     status_interval: float = STATUS_INTERVAL_S
 
 
+# What --help ends with; the module's docstring says the same (one changed, change both).
+EXIT_CODES = """\
+exit codes:
+  0    PASS: every request answered, none wrong (with --expected, at least one checked)
+  1    a request failed, was wrong or was not sent; or --json or --plot could not be written
+  2    bad usage (also an --expected CSV naming none of the images sent), or the run could
+       not start: nothing listening at --url, an API key needed and none given, or the
+       key refused
+  130  interrupted by Ctrl-C (SIGINT), 143 by SIGTERM: what was done is still reported,
+       and written to --json and --plot
+"""
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -129,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="load_test.py",
         description="Send concurrent uploads to the web tier and report latency, throughput "
         "and correctness.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the epilog's lines kept as they are
         # Abbreviations would make '--num' ambiguous between the spellings below.
         allow_abbrev=False,
     )
@@ -560,10 +581,14 @@ class Report:
     outcomes: list[Outcome]
     # (seconds since the run began, app-tier instances pending or running)
     instance_samples: list[tuple[float, int]] = field(default_factory=list)
-    interrupted: bool = False
+    interrupted_by: str | None = None  # "SIGINT" (Ctrl-C), "SIGTERM", or None: not interrupted
     idempotency_keys: bool = False  # uploads cut off mid-request were sent again too
     # Answers were to be checked against an --expected CSV: a run that checked none is no PASS.
     checked_against_csv: bool = False
+
+    @property
+    def interrupted(self) -> bool:
+        return self.interrupted_by is not None
 
     def _count(self, verdict: str) -> int:
         return sum(1 for o in self.outcomes if o.verdict == verdict)
@@ -698,6 +723,7 @@ class Report:
             "peak_instances": self.peak_instances,
             "instances_at_start": self.instances_at_start,
             "interrupted": self.interrupted,
+            "interrupted_by": self.interrupted_by,
             "abandoned": self.abandoned,
             "answered_later": self.answered_later,  # the table's "answered later"
             "resent": self.resent,
@@ -1627,7 +1653,7 @@ def run_load(
             progress.update(len(outcomes), problems["failed"], problems["wrong"],
                             not_sent=problems["not sent"])
 
-    interrupted = False
+    interrupted_by: str | None = None
     # The clock starts as the first requests go: nothing slow comes in between.
     started_at = time.time()
     t0 = time.monotonic()
@@ -1641,7 +1667,7 @@ def run_load(
             # All of the handling is inside the next try: a second Ctrl-C may come
             # at any moment, even before the message below is out.
             try:
-                interrupted = True
+                interrupted_by = "SIGTERM" if isinstance(first, Terminated) else "SIGINT"
                 stop.set()
                 if progress:
                     progress.clear()
@@ -1654,7 +1680,9 @@ def run_load(
                 )
                 for outcome in senders.outcomes():
                     record(outcome)
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as second:
+                if isinstance(second, Terminated):
+                    interrupted_by = "SIGTERM"  # a Ctrl-C, then SIGTERM: the latter made it quit
                 for outcome in senders.ready():
                     record(outcome, notify=False)
                 # Every request taken from the plan is either recorded or abandoned: one
@@ -1669,11 +1697,11 @@ def run_load(
         abandon.set()
         duration = time.monotonic() - t0
         # An interrupted run waits for nothing more, not even a slow /api/status.
-        poller.stop(wait=not interrupted)
+        poller.stop(wait=interrupted_by is None)
         client.close()
         if progress:
             progress.close()
-    if interrupted:
+    if interrupted_by is not None:
         outcomes += unfinished_outcomes(plan, senders.taken_at(), t0, {o.index for o in outcomes})
 
     return Report(
@@ -1685,7 +1713,7 @@ def run_load(
         duration_s=duration,
         outcomes=outcomes,
         instance_samples=list(poller.samples),
-        interrupted=interrupted,
+        interrupted_by=interrupted_by,
         idempotency_keys=config.idempotency_keys,
         checked_against_csv=config.expected is not None,
     )
@@ -1868,6 +1896,12 @@ def write_plot(report: Report, path: Path) -> None:
     fig.savefig(path, dpi=100, format=None if Path(path).suffix else "png")
 
 
+def signal_exit_code(signal_name: str) -> int:
+    """What a shell says of a command the signal ended: 128 + its number (130 for SIGINT,
+    143 for SIGTERM). An interrupted run exited 1, as a failed one does (reviewer)."""
+    return 128 + signal.Signals[signal_name]
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, heard as a Ctrl-C that waits for nothing (see interrupts_heard)."""
 
@@ -1953,9 +1987,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LoadTestError as exc:
         print(f"load_test.py: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # during the checks before the first request: nothing to report
+    except KeyboardInterrupt as exc:  # during the checks before the first request: nothing to report
         print("\nload_test.py: interrupted before any request was sent", file=sys.stderr)
-        return 1
+        return signal_exit_code("SIGTERM" if isinstance(exc, Terminated) else "SIGINT")
 
     if config.quiet:
         if report.untrained:
@@ -1978,6 +2012,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             print(f"load_test.py: cannot write the {what} to {path}: {reason}", file=sys.stderr)
             written = False
+    if report.interrupted_by is not None:
+        return signal_exit_code(report.interrupted_by)
     return 0 if report.ok and written else 1
 
 

@@ -987,7 +987,7 @@ def test_requests_never_sent_are_not_counted_failed_too(tmp_path):
     for outcome in outcomes:
         load_test.judge(outcome, {})
     report = load_test.Report(url="http://x", api="form", concurrency=4, planned=40, started_at=0.0,
-                              duration_s=1.0, outcomes=outcomes, interrupted=True)
+                              duration_s=1.0, outcomes=outcomes, interrupted_by="SIGINT")
     # Its plot says so too: an interrupted run's looked like a whole one's (reviewer).
     assert load_test.plot_title(report) == ("16 requests, concurrency 4, 12.00 images/s  "
                                             "[interrupted: 24 not sent, 0 abandoned]")
@@ -1067,17 +1067,21 @@ def test_event_streams_refused_with_503_fall_back_to_polling(tier, mixed):
 ABANDONED_TWO = "RESULT: FAIL (0 failed, 0 wrong, 2 abandoned in flight, interrupted)"
 
 
-def test_a_second_ctrl_c_stops_waiting_for_the_requests_in_flight(tier, tmp_path, capsys):
+@pytest.mark.parametrize(("second", "by"), [(KeyboardInterrupt, "SIGINT"), (load_test.Terminated, "SIGTERM")])
+def test_a_second_ctrl_c_stops_waiting_for_the_requests_in_flight(tier, tmp_path, capsys, second, by):
     # 0 and 1 never answer while the test runs; 2 and 3 answer together once both
     # are in flight, so after 0 and 1 were sent (the plan goes in name order).
-    # Each answer is taken as a Ctrl-C: the first stops sending, the second quits.
+    # Each answer is taken as a Ctrl-C: the first stops sending, the second (or a
+    # SIGTERM, which then made the run quit) quits.
     tier.barrier = threading.Barrier(2, timeout=5)
     images = make_images(
         tmp_path / "images", {"0.jpg": b"hang", "1.jpg": b"hang", "2.jpg": b"barrier", "3.jpg": b"barrier"}
     )
 
+    interrupts = iter([KeyboardInterrupt, second])
+
     def ctrl_c(outcome: load_test.Outcome) -> None:
-        raise KeyboardInterrupt
+        raise next(interrupts)
 
     config = Config(images=images, url=tier.url, concurrency=4, timeout=30)
     report = finish_within(3, run_load, config, on_result=ctrl_c)
@@ -1087,6 +1091,7 @@ def test_a_second_ctrl_c_stops_waiting_for_the_requests_in_flight(tier, tmp_path
     assert verdicts == {"0.jpg": "abandoned", "1.jpg": "abandoned",
                         "2.jpg": "unchecked", "3.jpg": "unchecked"}
     assert report.answered == 2 and report.abandoned == 2 and report.sent == 4  # the abandoned were sent too
+    assert report.interrupted_by == by and report.to_dict()["interrupted_by"] == by
     assert load_test.result_line(report) == ABANDONED_TWO
     # Said so whatever made the run quit: "at the second Ctrl-C" was wrong after a SIGTERM (reviewer).
     assert re.search(r"\n  abandoned +2  \(in flight when the run quit\)\n", load_test.format_report(report))
@@ -1113,7 +1118,7 @@ def test_a_second_ctrl_c_quits_the_command_at_once(tier, tmp_path, found):
         while "Ctrl-C again to quit" not in errors.get(timeout=5):
             pass
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=3) == 1
+        assert proc.wait(timeout=3) == 130  # as a shell says of a command Ctrl-C ended (it said 1)
         assert proc.stdout.read().strip() == ABANDONED_TWO
     finally:
         if proc.poll() is None:
@@ -1178,16 +1183,19 @@ def test_a_full_disk_under_stdout_stops_the_printing_not_the_report(tier, tmp_pa
     assert json.loads(report.read_text())["answered"] == 2
 
 
-def test_an_interrupt_before_the_first_request_is_one_line(tier, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(("interrupt", "code"), [(KeyboardInterrupt, 130), (load_test.Terminated, 143)])
+def test_an_interrupt_before_the_first_request_is_one_line(tier, tmp_path, monkeypatch, capsys, interrupt,
+                                                           code):
     """Ctrl-C or SIGTERM during the checks before sending (up to 22 s against a web tier
-    that does not answer) gave a raw traceback (reviewer)."""
+    that does not answer) gave a raw traceback (reviewer); it exits as a shell says of a
+    command that signal ended."""
     images = make_images(tmp_path / "images", {"0.jpg": b"label:a"})
 
     def interrupted(_url, *_args, **_kwargs):
-        raise KeyboardInterrupt
+        raise interrupt
 
     monkeypatch.setattr(load_test, "check_reachable", interrupted)
-    assert load_test.main(["--url", tier.url, "--images", str(images)]) == 1
+    assert load_test.main(["--url", tier.url, "--images", str(images)]) == code
     assert "interrupted before any request was sent" in capsys.readouterr().err
 
 
@@ -1207,7 +1215,7 @@ def test_sigterm_reports_what_was_done_at_once(tier, tmp_path):
         proc.send_signal(signal.SIGTERM)
         while "quitting: 1 requests in flight left unanswered" not in errors.get(timeout=5):
             pass
-        assert proc.wait(timeout=10) == 1  # the held request never answered
+        assert proc.wait(timeout=10) == 143  # as a shell says of a command SIGTERM ended (it said 1)
         assert proc.stdout.read().strip() == (
             "RESULT: FAIL (0 failed, 0 wrong, 1 abandoned in flight, 1 not sent, interrupted)")
         tier.release.set()
@@ -1219,6 +1227,7 @@ def test_sigterm_reports_what_was_done_at_once(tier, tmp_path):
     data = json.loads(report.read_text())
     assert (data["planned"], data["sent"], data["answered"], data["abandoned"], data["interrupted"]) == (
         3, 2, 1, 1, True)
+    assert data["interrupted_by"] == "SIGTERM"
     # Each planned request once: the abandoned and the never started were missing (reviewer).
     assert [(r["index"], r["file"], r["verdict"]) for r in data["requests"]] == [
         (0, "0.jpg", "unchecked"), (1, "1.jpg", "abandoned"), (2, "2.jpg", "not started")]
@@ -2069,7 +2078,7 @@ def test_the_course_average_leaves_out_requests_abandoned_in_flight():
     outcomes += load_test.unfinished_outcomes([Path(f"{i}.jpg") for i in range(8)], [0.0] * 8, 0.0,
                                               set(range(6)))
     report = load_test.Report(url="http://x", api="form", concurrency=8, planned=8, started_at=0.0,
-                              duration_s=3.0, outcomes=outcomes, interrupted=True)
+                              duration_s=3.0, outcomes=outcomes, interrupted_by="SIGINT")
     assert report.abandoned == 2
     assert report.sent == 8
     assert report.course_average_latency == pytest.approx(3.0 / 6)
@@ -2137,6 +2146,7 @@ def test_a_run_that_quit_holds_every_planned_request_once(tier, tmp_path):
     assert rows[2]["error"] == "not started: the run was interrupted first"
     # The counts mean what they meant.
     assert (report.sent, report.not_sent, report.abandoned, report.answered, report.failed) == (2, 1, 1, 1, 0)
+    assert report.to_dict()["interrupted_by"] == "SIGTERM"
     assert load_test.result_line(report) == (
         "RESULT: FAIL (0 failed, 0 wrong, 1 abandoned in flight, 1 not sent, interrupted)")
 
@@ -2170,3 +2180,15 @@ def test_a_run_stopped_by_one_ctrl_c_holds_the_requests_it_never_started(tier, t
     assert [(r["index"], r["file"], r["verdict"]) for r in rows] == [
         (0, "0.jpg", "unchecked"), (1, "1.jpg", "unchecked"), (2, "2.jpg", "not started")]
     assert (report.sent, report.not_sent, report.abandoned, report.answered) == (2, 1, 0, 2)
+
+
+def test_the_help_says_what_each_exit_code_means(capsys):
+    with pytest.raises(SystemExit):
+        load_test.parse_args(["--help"])
+    out = capsys.readouterr().out
+    for line in ("\nexit codes:\n", "\n  0    PASS", "\n  1    a request failed", "\n  2    bad usage",
+                 "key refused", "\n  130  interrupted by Ctrl-C (SIGINT), 143 by SIGTERM"):
+        assert line in out, line
+    # The module's docstring says the same.
+    in_doc = load_test.__doc__.split("Exit codes (also in --help):\n\n")[1].split("\n\n")[0]
+    assert in_doc.splitlines() == ["  " + line for line in load_test.EXIT_CODES.splitlines()[1:]]
