@@ -22,15 +22,8 @@ Ctrl-C stops sending and waits for the requests in flight; a second one quits at
 once, still printing what was answered so far (and writing --json and --plot).
 SIGTERM (`timeout`, a CI job cancelled) quits at once so.
 
-Exit codes (also in --help):
-
-    0    PASS: every request answered, none wrong (with --expected, at least one checked)
-    1    a request failed, was wrong or was not sent; or --json or --plot could not be written
-    2    bad usage (also an --expected CSV naming none of the images sent), or the run could
-         not start: nothing listening at --url, an API key needed and none given, or the
-         key refused
-    130  interrupted by Ctrl-C (SIGINT), 143 by SIGTERM: what was done is still reported,
-         and written to --json and --plot
+Exit codes: 0 PASS, 1 FAIL, 2 bad usage or the run could not start, 130 and 143
+interrupted by Ctrl-C and SIGTERM; EXIT_CODES below (the end of --help) says each.
 
 The core (`run_load`, `percentile`, `read_expected`, `format_report`) is
 importable; `main` is the command line.
@@ -116,7 +109,7 @@ class Config:
     status_interval: float = STATUS_INTERVAL_S
 
 
-# What --help ends with; the module's docstring says the same (one changed, change both).
+# What --help ends with.
 EXIT_CODES = """\
 exit codes:
   0    PASS: every request answered, none wrong (with --expected, at least one checked)
