@@ -1810,10 +1810,8 @@ def test_a_run_that_checked_no_answer_against_its_expected_csv_is_no_pass(tier, 
     assert report.ok and load_test.result_line(report) == "RESULT: PASS (2 answered, none failed or wrong)"
 
 
-@pytest.mark.parametrize("wait", ["poll", "sse"])
-def test_the_first_ctrl_c_in_jobs_mode_waits_for_the_requests_in_flight(tier, tmp_path, monkeypatch, wait):
-    """The first Ctrl-C ended every poll and event stream at once, failing the requests
-    in flight "interrupted", where POST / waits for them as the docstring says."""
+def kept_clients(monkeypatch) -> list[load_test.Client]:
+    """The Clients run_load makes from now on, kept for the test to watch."""
     clients: list[load_test.Client] = []
 
     class Kept(load_test.Client):
@@ -1822,6 +1820,14 @@ def test_the_first_ctrl_c_in_jobs_mode_waits_for_the_requests_in_flight(tier, tm
             clients.append(self)
 
     monkeypatch.setattr(load_test, "Client", Kept)
+    return clients
+
+
+@pytest.mark.parametrize("wait", ["poll", "sse"])
+def test_the_first_ctrl_c_in_jobs_mode_waits_for_the_requests_in_flight(tier, tmp_path, monkeypatch, wait):
+    """The first Ctrl-C ended every poll and event stream at once, failing the requests
+    in flight "interrupted", where POST / waits for them as the docstring says."""
+    clients = kept_clients(monkeypatch)
     images = make_images(tmp_path / "images", {"a_fast.jpg": b"label:x", "b_held.jpg": b"hold"})
 
     def release_once_stopped() -> None:
@@ -2152,14 +2158,7 @@ def test_a_run_that_quit_holds_every_planned_request_once(tier, tmp_path):
 
 
 def test_a_run_stopped_by_one_ctrl_c_holds_the_requests_it_never_started(tier, tmp_path, monkeypatch):
-    clients: list[load_test.Client] = []
-
-    class Kept(load_test.Client):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            clients.append(self)
-
-    monkeypatch.setattr(load_test, "Client", Kept)
+    clients = kept_clients(monkeypatch)
     images = make_images(tmp_path / "images", {"0.jpg": b"label:a", "1.jpg": b"hang", "2.jpg": b"label:c"})
 
     def release_once_stopped() -> None:
