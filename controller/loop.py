@@ -70,6 +70,9 @@ ONE_INSTANCE_ERRORS = frozenset({
 TIMELINE_ROUNDS = 1000
 # `reason`: why, as the log says it: `desired` alone can read as under-provisioning
 # (15 desired, none launched, for requests all in flight: reviewer).
+# A round that begins, or takes, this much later than planned is said so: the fleet
+# follows the queue that much later, and the log's silence did not say why (reviewer).
+LATE_ROUND_S = 5.0
 TIMELINE_FIELDS = ("time", "visible", "in_flight", "delayed", "pending", "running", "desired", "action",
                    "reason")
 
@@ -345,6 +348,9 @@ class Controller:
     # changes nothing is not logged again), and the last rounds, for tests and a look
     # in a debugger (--timeline keeps them all on disk).
     _last_summary: tuple | None = field(default=None, init=False)
+    # Live after the last round, less what it terminated: one gone by the next was ended
+    # by someone else, said so (a hand, EC2 itself), where the log only launched again.
+    _live_after_last_round: frozenset[str] = field(default=frozenset(), init=False)
     _timeline_failed: bool = field(default=False, init=False)  # warned about once
     timeline: deque[dict] = field(default_factory=lambda: deque(maxlen=TIMELINE_ROUNDS))
 
@@ -375,6 +381,7 @@ class Controller:
             return time.monotonic() if now is None else now + (time.monotonic() - began)
 
         obs = self._with_readiness(self._with_recent_launches(observe(self.aws, now)))
+        self._say_what_others_ended(obs)
         self.refusals.keep_listed({i.id for i in obs.instances})
         # Remember what the next rounds need of this one: the scale-in window's counts,
         # and workers giving up (the launch hold). Both update this controller's memory.
@@ -386,9 +393,20 @@ class Controller:
                           keep_last=frozenset(self.refusals.ids),
                           launch_wait_s=self.launch_backoff.remaining(obs.clock), window_watched=watched)
         self._record(obs, decision)
+        ended_here: set[str] = set()
         if decision.changes_anything and not self.dry_run:
+            ended_here = {*decision.terminate, *decision.clean_up}
             self._act(decision, obs, clock)
+        launched = set(self.recent_launches.by_id)  # this round's among them
+        self._live_after_last_round = frozenset({i.id for i in obs.live} | launched) - ended_here
         return decision
+
+    def _say_what_others_ended(self, obs: Observation) -> None:
+        gone = sorted(self._live_after_last_round - {i.id for i in obs.live})
+        if gone:
+            log.warning("controller: %d instance(s) ended since the last round, not by this controller: %s "
+                        "(terminated by hand or another program, or by EC2: no capacity, a failed host); "
+                        "replaced if the queue needs them", len(gone), ", ".join(gone))
 
     def _wanted_recently(self, obs: Observation) -> int | None:
         """The most instances wanted at any round of the last scale_in_cooldown_s (None
@@ -565,11 +583,19 @@ class Controller:
         # long as its rounds end. One that hangs (a deadlock, a call that never returns)
         # stops pinging and is restarted; a new controller adopts the fleet.
         systemd.notify("READY=1")
+        due = time.monotonic()  # when this round was meant to begin
         while not self.stopping.is_set():
             started = time.monotonic()
+            if started - due > LATE_ROUND_S:
+                log.warning("controller: this round began %.0fs late (this process was stopped, or "
+                            "starved of CPU): the fleet followed the queue that much later", started - due)
             self._ping_watchdog()
             try:
                 self.step()
+                took = time.monotonic() - started
+                if took > LATE_ROUND_S:
+                    log.warning("controller: this round took %.0fs (AWS slow to answer): the fleet "
+                                "followed the queue that much later", took)
                 backoff = 0.0
             except Exception as exc:
                 # Doubling from at least backoff_min_s: never faster than that while
@@ -580,9 +606,11 @@ class Controller:
                     log.warning("controller: %s; next try in %.1fs", exc, backoff)
                 else:  # a surprise: keep the traceback, but keep running too
                     log.exception("controller: unexpected error; next try in %.1fs", backoff)
+                due = time.monotonic() + backoff
                 self._wait(backoff)
                 continue
-            self._wait(max(0.0, self.settings.poll_interval_s - (time.monotonic() - started)))
+            due = max(time.monotonic(), started + self.settings.poll_interval_s)
+            self._wait(due - time.monotonic())
         log.info("controller: stopped (instances are left as they are, for the next controller to adopt; "
                  "make run's stack ends its own)")
 

@@ -31,7 +31,7 @@ from common.config import Settings
 from common.fleet import WORKER_READY_TAG, report_worker_failed, report_worker_ready
 from common.names import ROLE_APP_TIER, ROLE_TAG
 from common.provision import provision
-from controller.loop import TIMELINE_FIELDS, Controller
+from controller.loop import LATE_ROUND_S, TIMELINE_FIELDS, Controller
 from controller.main import build_parser, main, settings_from
 from controller.timeline import plot_timeline
 from tests.conftest import without_credentials
@@ -1049,6 +1049,58 @@ def test_botocore_retries_throttling_by_itself(aws, make_controller):
         aws.ec2.meta.events.unregister(event, throttle_first)
     assert attempts["n"] == 2
     assert len(instances(aws)) == 1
+
+
+def test_a_round_that_begins_late_or_takes_long_is_said(make_controller, monkeypatch, caplog):
+    """A controller stopped for 40 s, or AWS stalled for 18 s: its log had a gap and no
+    word of why the fleet did not follow the queue meanwhile (reviewer)."""
+    controller = make_controller()
+    clock = [1000.0]
+    monkeypatch.setattr("controller.loop.time.monotonic", lambda: clock[0])
+    # Each round's own time, and how much longer than asked its wait before the next lasts.
+    rounds = iter([(0.1, 0.0), (LATE_ROUND_S + 1, 0.0), (0.1, LATE_ROUND_S + 3), (0.1, 0.0)])
+    overslept = 0.0
+
+    def step(now=None):
+        nonlocal overslept
+        took, overslept = next(rounds, (0.0, 0.0))
+        if not took:
+            controller.stopping.set()
+        clock[0] += took
+
+    def wait(seconds):
+        clock[0] += seconds + overslept
+
+    monkeypatch.setattr(controller, "step", step)
+    monkeypatch.setattr(controller, "_wait", wait)
+    with caplog.at_level(logging.WARNING, logger="controller.loop"):
+        controller.run()
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    later = "the fleet followed the queue that much later"
+    assert said == [f"controller: this round took {LATE_ROUND_S + 1:.0f}s (AWS slow to answer): {later}",
+                    f"controller: this round began {LATE_ROUND_S + 3:.0f}s late (this process was stopped, "
+                    f"or starved of CPU): {later}"]
+
+
+def test_instances_ended_by_someone_else_are_said(aws, make_controller, caplog):
+    """15 instances terminated behind its back: the log said only "launch 15" (reviewer)."""
+    send(aws, 3)
+    controller = make_controller()
+    controller.step()
+    mine = sorted(i["InstanceId"] for i in instances(aws))
+    aws.ec2.terminate_instances(InstanceIds=mine[:2])
+    with caplog.at_level(logging.WARNING, logger="controller.loop"):
+        controller.step()
+    said = [r.getMessage() for r in caplog.records if "not by this controller" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("controller: 2 instance(s) ended since the last round, "
+                                                 f"not by this controller: {', '.join(mine[:2])} ")
+    # What it terminates itself is not said so.
+    caplog.clear()
+    delete(aws, receive_all(aws))
+    assert len(controller.step().terminate) == 3  # the third, and the two launched again
+    with caplog.at_level(logging.WARNING, logger="controller.loop"):
+        controller.step()
+    assert "not by this controller" not in caplog.text and instances(aws) == []
 
 
 # --- the command line ---------------------------------------------------------------------
