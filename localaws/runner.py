@@ -110,6 +110,18 @@ def exit_status(code: int) -> str:
         return f"killed by signal {-code}"
 
 
+def ended_after_abort(code: int) -> str:
+    """How a worker the watchdog sent SIGABRT to ended, in words. Killed by SIGSEGV
+    instead was said plainly, as if it had crashed by itself: faulthandler writing the
+    stacks of threads that SIGCONT had woken can crash (seen after a SIGSTOP: reviewer)."""
+    if code == -signal.SIGABRT:
+        return "killed by the watchdog's SIGABRT"
+    said = f"{exit_status(code)} after the watchdog's SIGABRT"
+    if code < 0 and code != -signal.SIGKILL:
+        said += " (a crash while it wrote its threads' stacks: its log may hold only part of them)"
+    return said
+
+
 def is_stopped(pid: int) -> bool:
     """Whether the process is stopped (SIGSTOP, a debugger): it acts on no signal but
     SIGKILL until continued, and a log that said it "ignored" one misled (reviewer)."""
@@ -455,13 +467,14 @@ class InstanceRunner:
                 stopped = worker.abort_sent_at is not None  # by the watchdog
                 worker.quick_exits, worker.restart_at = _next_start(worker.started_at, code, now,
                                                                     worker.quick_exits, stopped)
+                how = ended_after_abort(code) if stopped else exit_status(code)
                 if worker.restart_at > now:
                     log.warning("runner: worker for %s ended: %s; restarting it in %.0f s (restart %d; "
-                                "%d failed starts in a row)", iid, exit_status(code), worker.restart_at - now,
+                                "%d failed starts in a row)", iid, how, worker.restart_at - now,
                                 worker.restarts + 1, worker.quick_exits)
                 else:
                     log.warning("runner: worker for %s ended: %s; restarting it (restart %d)", iid,
-                                exit_status(code), worker.restarts + 1)
+                                how, worker.restarts + 1)
             if now >= worker.restart_at:
                 del self.workers[iid]
                 self._start_worker(iid, restarts=worker.restarts + 1, quick_exits=worker.quick_exits)

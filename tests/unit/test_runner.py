@@ -23,7 +23,7 @@ from app_tier.held_journal import held_journal_path
 from common.aws import Aws
 from common.config import Settings
 from controller.act import launch, terminate
-from localaws.runner import QUICK_EXIT_S, RESTART_BACKOFF_S, InstanceRunner, is_stopped
+from localaws.runner import QUICK_EXIT_S, RESTART_BACKOFF_S, InstanceRunner, ended_after_abort, is_stopped
 
 # Stands in for `python -m app_tier`: records its instance id and waits.
 # "stubborn" ignores SIGTERM, as a hung worker would; "drains" exits 0 on SIGTERM, as a
@@ -328,6 +328,8 @@ def test_a_worker_that_stops_pinging_its_watchdog_is_aborted_and_restarted(world
         first.send_signal(signal.SIGSTOP)
     wait_until(lambda: (runner.step(), first.poll() is not None)[1], what="the watchdog to end it")
     assert first.returncode == ended_by
+    said = "ended: killed by the watchdog's SIGABRT; restarting"
+    wait_until(lambda: (runner.step(), said in caplog.text)[1], what="its end said")
     if how == "stopped":  # continued, it acts on SIGABRT at once: not left to the SIGKILL
         assert re.search(rf"\(pid {first.pid}\) has not pinged its watchdog for \d+ s, as it is stopped "
                          r"\(SIGSTOP\?\); SIGABRT", caplog.text)
@@ -338,6 +340,15 @@ def test_a_worker_that_stops_pinging_its_watchdog_is_aborted_and_restarted(world
     wait_until(lambda: started(out) == [iid, iid], what="the restarted worker to start")
     runner.shutdown(timeout_s=2)
     assert not sockets.exists()
+
+
+def test_how_a_worker_the_watchdog_aborted_ended_is_said_so():
+    """Killed by SIGSEGV after the watchdog's SIGABRT was said as a crash of its own."""
+    assert ended_after_abort(-signal.SIGSEGV) == (
+        "killed by SIGSEGV after the watchdog's SIGABRT (a crash while it wrote its threads' stacks: "
+        "its log may hold only part of them)")
+    assert ended_after_abort(-signal.SIGKILL) == "killed by SIGKILL after the watchdog's SIGABRT"
+    assert ended_after_abort(1) == "exit 1 after the watchdog's SIGABRT"
 
 
 def test_a_worker_that_never_says_it_is_ready_is_aborted_and_restarted(world, caplog):
