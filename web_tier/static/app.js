@@ -366,7 +366,7 @@
   }
 
   // What screen readers hear: not each result (hundreds would flood them), but the
-  // first failure at once with its reason, the count every ANNOUNCE_EVERY_MS while
+  // page's first failure at once with its reason, the count every ANNOUNCE_EVERY_MS while
   // files are under way, and the count once all are finished. Said only at the end,
   // 500 files gave 24 s of silence, a refused API key none at all (reviewer).
   const ANNOUNCE_EVERY_MS = 15000;
@@ -383,7 +383,7 @@
     } else if (finished || Date.now() - announcedAt >= ANNOUNCE_EVERY_MS) {
       text = counts;
     }
-    failuresHeard = failed;  // a later batch's first failure is said again
+    failuresHeard = failed;  // later ones are in the counts said every ANNOUNCE_EVERY_MS
     if (text === null || text === announced) return;
     announced = text;
     announcedAt = Date.now();
