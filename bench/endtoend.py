@@ -293,8 +293,9 @@ def each_request(report: Report) -> list[dict[str, object]]:
     """Each request's start (since the run's), latency and error, in the order they
     started: for a p99 one slow request makes, the JSON says which (a run's 1.18 s
     could not be traced to any)."""
+    started = [o for o in report.outcomes if o.started_s is not None]  # None: an interrupted run's unsent
     return [{"started_s": round(o.started_s, 4), "latency_s": round(o.latency_s, 4), "error": o.error}
-            for o in sorted(report.outcomes, key=lambda o: o.started_s)]
+            for o in sorted(started, key=lambda o: o.started_s)]
 
 
 def error_text(exc: BaseException) -> str:

@@ -188,8 +188,12 @@ def test_the_json_keeps_each_low_load_request_in_the_order_they_started():
     from load_test import Outcome, Report
 
     outcomes = [Outcome(1, "b.jpg", 0.25, 1.2), Outcome(0, "a.jpg", 0.1, 0.05),
-                Outcome(2, "c.jpg", 1.5, 0.0, error="HTTP 500", verdict="failed")]
-    run = Report("http://x", "form", 1, 3, started_at=1000.0, duration_s=2.0, outcomes=outcomes)
+                Outcome(2, "c.jpg", 1.5, 0.0, error="HTTP 500", verdict="failed"),
+                # An interrupted run's request never started: no time, left out.
+                Outcome(3, "d.jpg", None, error="not started: the run was interrupted first",
+                        verdict="not started")]
+    run = Report("http://x", "form", 1, 4, started_at=1000.0, duration_s=2.0, outcomes=outcomes,
+                 interrupted_by="SIGINT")
     assert each_request(run) == [{"started_s": 0.1, "latency_s": 0.05, "error": None},
                                  {"started_s": 0.25, "latency_s": 1.2, "error": None},
                                  {"started_s": 1.5, "latency_s": 0.0, "error": "HTTP 500"}]
