@@ -393,12 +393,16 @@ class Controller:
                           keep_last=frozenset(self.refusals.ids),
                           launch_wait_s=self.launch_backoff.remaining(obs.clock), window_watched=watched)
         self._record(obs, decision)
-        ended_here: set[str] = set()
-        if decision.changes_anything and not self.dry_run:
-            ended_here = {*decision.terminate, *decision.clean_up}
-            self._act(decision, obs, clock)
-        launched = set(self.recent_launches.by_id)  # this round's among them
-        self._live_after_last_round = frozenset({i.id for i in obs.live} | launched) - ended_here
+        acting = decision.changes_anything and not self.dry_run
+        try:
+            if acting:
+                self._act(decision, obs, clock)
+        finally:
+            # Those it asked to end are its own doing, whether or not the answer came (a
+            # round failed after its terminations took effect blamed "someone": reviewer).
+            asked_to_end = {*decision.terminate, *decision.clean_up} if acting else set()
+            launched = set(self.recent_launches.by_id)  # this round's among them
+            self._live_after_last_round = frozenset({i.id for i in obs.live} | launched) - asked_to_end
         return decision
 
     def _say_what_others_ended(self, obs: Observation) -> None:

@@ -117,7 +117,7 @@ def ended_after_abort(code: int) -> str:
     if code == -signal.SIGABRT:
         return "killed by the watchdog's SIGABRT"
     said = f"{exit_status(code)} after the watchdog's SIGABRT"
-    if code < 0 and code != -signal.SIGKILL:
+    if code < 0 and code not in KILLED_FROM_OUTSIDE:
         said += " (a crash while it wrote its threads' stacks: its log may hold only part of them)"
     return said
 

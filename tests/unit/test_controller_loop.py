@@ -1103,6 +1103,29 @@ def test_instances_ended_by_someone_else_are_said(aws, make_controller, caplog):
     assert "not by this controller" not in caplog.text and instances(aws) == []
 
 
+def test_instances_it_terminated_in_a_round_that_then_failed_are_not_blamed_on_others(
+        aws, make_controller, patch, caplog):
+    """Its terminations took effect, their answer was lost: the next round blamed
+    "someone else" for them (reviewer)."""
+    send(aws, 3)
+    controller = make_controller()
+    controller.step()
+    delete(aws, receive_all(aws))
+    real = aws.ec2.terminate_instances
+
+    def answer_lost(**kwargs):
+        real(**kwargs)
+        raise ReadTimeoutError(endpoint_url="http://ec2.test")
+
+    patch.setattr(aws.ec2, "terminate_instances", answer_lost)
+    with pytest.raises(ReadTimeoutError):
+        controller.step()
+    patch.setattr(aws.ec2, "terminate_instances", real)
+    with caplog.at_level(logging.WARNING, logger="controller.loop"):
+        controller.step()
+    assert instances(aws) == [] and "not by this controller" not in caplog.text
+
+
 # --- the command line ---------------------------------------------------------------------
 
 

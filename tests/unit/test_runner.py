@@ -348,6 +348,7 @@ def test_how_a_worker_the_watchdog_aborted_ended_is_said_so():
         "killed by SIGSEGV after the watchdog's SIGABRT (a crash while it wrote its threads' stacks: "
         "its log may hold only part of them)")
     assert ended_after_abort(-signal.SIGKILL) == "killed by SIGKILL after the watchdog's SIGABRT"
+    assert ended_after_abort(-signal.SIGTERM) == "killed by SIGTERM after the watchdog's SIGABRT"  # outside
     assert ended_after_abort(1) == "exit 1 after the watchdog's SIGABRT"
 
 
