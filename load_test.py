@@ -260,6 +260,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         # Accepted, it changed nothing: a batch sends no key, and needs none.
         parser.error("--idempotency-keys applies to POST / (--api jobs names each upload's batch and "
                      "token, so one cut off is always sent again without being stored twice)")
+    if not re.fullmatch(r"[\x20-\x7e]*", args.api_key):
+        # An HTTP header carries printable ASCII: a key pasted with a curly quote or a
+        # non-breaking space crashed the key check with a traceback (reviewer).
+        parser.error("the API key (--api-key or $API_KEY) holds a character an HTTP header cannot carry "
+                     "(printable ASCII only): type it again")
     return Config(
         images=args.images,
         url=args.url.rstrip("/"),
@@ -530,7 +535,8 @@ class Outcome:
     by_id: bool = False  # its answer is the item fetched by its id: its name is not checked
     # It reached the web tier: answered, or cut off once connected (never, if every
     # attempt was refused, timed out connecting or failed its TLS handshake).
-    reached: bool = False
+    # None: not known (abandoned in flight, the report cannot tell how far it had got).
+    reached: bool | None = False
 
     @property
     def answered(self) -> bool:
@@ -1576,7 +1582,7 @@ def unfinished_outcomes(plan: Sequence[Path], taken_at: Sequence[float], t0: flo
         if index < len(taken_at):
             rest.append(Outcome(index=index, file=sendable_name(path), started_s=taken_at[index] - t0,
                                 error="in flight when the run quit (the image may be stored)",
-                                verdict="abandoned"))
+                                verdict="abandoned", reached=None))
         else:
             rest.append(Outcome(index=index, file=sendable_name(path), started_s=None,
                                 error="not started: the run was interrupted first", verdict="not started"))
@@ -1813,8 +1819,12 @@ def format_report(report: Report, max_problems: int = 10) -> str:
         why = f"{why}, 503 'not stored': a web tier restarting"
         rows.insert(1, ("sent again", f"{len(resent)} requests, {report.resent} times in all  ({why})"))
     if report.peak_instances is not None:
-        rows.append(("peak app-tier instances",
-                     f"{report.peak_instances} ({report.instances_at_start} at start)"))
+        # The first reading may come seconds in (a fresh web tier has no figures yet).
+        first_at = report.instance_samples[0][0]
+        late = first_at > 2 * STATUS_INTERVAL_S
+        when = f"at the first reading, {first_at:.0f} s in" if late else "at start"
+        at_first = f"{report.instances_at_start} {when}"
+        rows.append(("peak app-tier instances", f"{report.peak_instances} ({at_first})"))
     width = max(len(name) for name, _ in rows)
     in_flight = min(report.concurrency, report.planned)
     concurrency = f"concurrency {report.concurrency}"

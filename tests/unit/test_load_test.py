@@ -883,6 +883,12 @@ def test_a_wrong_api_key_is_a_usage_error_before_anything_is_sent(tier, tmp_path
     assert err.startswith(f"load_test.py: the API key was refused by {tier.url} "), err
     assert tier.paths["POST /"] == 0 and tier.paths["POST /api/jobs"] == 1  # the empty form that asked
 
+    # A key no HTTP header can carry: said so, not a traceback (reviewer).
+    with pytest.raises(SystemExit) as usage:
+        load_test.main(["--url", tier.url, "--images", str(images), "--api-key", "key\u00a0\u201cx\u201d"])
+    assert usage.value.code == 2
+    assert "holds a character an HTTP header cannot carry" in capsys.readouterr().err
+
     # The right key: the run goes on, its empty form's 400 taken for yes.
     assert load_test.main(["--url", tier.url, "--images", str(images), "--api-key", "s3cret", "-q"]) == 0
     assert tier.paths["POST /"] == 1
@@ -2131,6 +2137,10 @@ def test_the_peak_of_instances_is_shown_beside_the_count_at_the_start():
     assert (report.to_dict()["peak_instances"], report.to_dict()["instances_at_start"]) == (7, 7)
     report.instance_samples = [(0.0, 1), (0.5, 3)]
     assert re.search(r"\n  peak app-tier instances +3 \(1 at start\)\n", load_test.format_report(report))
+    # A fresh web tier has no figures for its first seconds: the first reading is not "at start".
+    report.instance_samples = [(4.2, 2), (4.7, 3)]
+    assert re.search(r"\n  peak app-tier instances +3 \(2 at the first reading, 4 s in\)\n",
+                     load_test.format_report(report))
 
 
 def test_a_run_that_quit_holds_every_planned_request_once(tier, tmp_path):
@@ -2149,6 +2159,7 @@ def test_a_run_that_quit_holds_every_planned_request_once(tier, tmp_path):
         (0, "0.jpg", "unchecked"), (1, "1.jpg", "abandoned"), (2, "2.jpg", "not started")]
     assert rows[1]["started_s"] >= rows[0]["started_s"] and rows[2]["started_s"] is None
     assert rows[1]["error"] == "in flight when the run quit (the image may be stored)"
+    assert rows[1]["reached"] is None and rows[0]["reached"] is True  # not known, for one in flight
     assert rows[2]["error"] == "not started: the run was interrupted first"
     # The counts mean what they meant.
     assert (report.sent, report.not_sent, report.abandoned, report.answered, report.failed) == (2, 1, 1, 1, 0)
