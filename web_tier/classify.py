@@ -27,7 +27,7 @@ from web_tier.errors import answer_page, wants_page
 from web_tier.filenames import display_name
 from web_tier.form import FORM_SLACK_BYTES, TOKEN_CHARACTER, form_files
 from web_tier.image_check import validate
-from web_tier.refusals import UploadError
+from web_tier.refusals import UploadError, about
 from web_tier.results import DONE, Item, ResultBook
 from web_tier.services import services
 from web_tier.submit import STILL_STORING, SentBefore, new_id
@@ -45,15 +45,14 @@ CLIENT_CLOSED = 499
 
 
 def _answer(status: int, message: str, filename: str | None = None, *, label: str | None = None,
-            untrained: bool | None = None) -> Response:
+            untrained: bool | None = None, batch_id: str | None = None) -> Response:
     """`<name without extension>:<label>` given a label, else `<file name>: <message>`;
-    as a page to the page's own form (see errors.wants_page)."""
+    as a page to the page's own form (see errors.wants_page), linking to `batch_id`'s
+    results when the image is queued still."""
     if wants_page():
-        return answer_page(status, message, filename, label, untrained)
-    if label is not None:
-        body = f"{stem(filename or '')}:{label}"
-    else:
-        body = f"{filename}: {message}" if filename else message
+        link = f"/api/jobs/{batch_id}" if batch_id else None
+        return answer_page(status, message, filename, label, untrained, link=link)
+    body = f"{stem(filename or '')}:{label}" if label is not None else about(filename, message)
     # Exactly "<name>:<label>", no trailing newline: programs compare the body as is.
     return Response(body, status=status, mimetype="text/plain")
 
@@ -133,10 +132,11 @@ def _no_result_response(filename: str, item_id: str, batch_id: str) -> Response:
         unless = (f", unless the AWS at {endpoint} stops too, as make run's embedded AWS, "
                   "which keeps nothing, does" if endpoint else "")
         response = _answer(503, f"the web tier is stopping; the image is still queued, see "
-                                f"/api/jobs/{batch_id} (no need to send it again{unless})", filename)
+                                f"/api/jobs/{batch_id} (no need to send it again{unless})", filename,
+                           batch_id=batch_id)
     else:
         response = _answer(504, f"no result within {svc.settings.result_timeout_s:g} s; it is still queued, "
-                                f"see /api/jobs/{batch_id}", filename)
+                                f"see /api/jobs/{batch_id}", filename, batch_id=batch_id)
     response.headers["X-Item-Id"] = item_id
     response.headers["X-Batch-Id"] = batch_id
     return response

@@ -36,12 +36,13 @@ def wants_page() -> bool:
 
 
 def answer_page(status: int, message: str, filename: str | None = None, label: str | None = None,
-                untrained: bool | None = None) -> Response:
-    """POST /'s answer as a page: the label, or why there is none (`message`)."""
+                untrained: bool | None = None, link: str | None = None) -> Response:
+    """POST /'s answer as a page: the label, or why there is none (`message`), with a
+    `link` to where its result will be if it is still queued."""
     if untrained is None:
         untrained = bool(services().book.untrained)
     html = render_template("answer.html", filename=filename, label=label, message=message,
-                           untrained=untrained)
+                           untrained=untrained, link=link)
     return Response(html, status=status, mimetype="text/html")
 
 

@@ -16,7 +16,12 @@ class UploadError(Exception):
         return {"error": self.reason, "filename": self.filename}
 
     def to_text(self) -> str:
-        return f"{self.filename}: {self.reason}" if self.filename else self.reason
+        return about(self.filename, self.reason)
+
+
+def about(filename: str | None, text: str) -> str:
+    """`<file name>: <text>`, or the text alone for no file: how POST / says a refusal."""
+    return f"{filename}: {text}" if filename else text
 
 
 def readable_size(n: int) -> str:

@@ -152,6 +152,12 @@ def test_no_answer_is_504_and_the_service_keeps_answering(make_web_app, fake_wor
     assert f"/api/jobs/{batch_id}" in response.text
     batch = client.get(f"/api/jobs/{batch_id}").get_json()
     assert [(i["id"], i["filename"], i["state"]) for i in batch["items"]] == [(item_id, "lost.jpg", "queued")]
+    # The page's form without JavaScript: where the result will be is a link (reviewer).
+    page = client.post("/?answer=page", data={"inputFile": (io.BytesIO(make_image(6)), "lost.jpg")},
+                       content_type="multipart/form-data")
+    assert page.status_code == 504 and page.mimetype == "text/html"
+    link = f'<a href="/api/jobs/{page.headers["X-Batch-Id"]}">Its result, once it is classified</a>'
+    assert link in page.text
     # The service still answers; a patient app takes over the response queue.
     services_of(app).stop(timeout=5)
     patient = make_web_app(result_timeout_s=20).test_client()
