@@ -131,7 +131,11 @@ def _security_headers(response: Response) -> Response:
         "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; frame-ancestors 'none'; "
         "base-uri 'none'; form-action 'self'",
     )
-    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    # Nothing to other sites. same-origin, not no-referrer: under no-referrer Chromium
+    # sends "Origin: null" with a form's POST to its own site, which a web tier reached
+    # over plain HTTP by name or LAN address (no Sec-Fetch-Site) must take for
+    # cross-site: the no-JavaScript form was refused 403 there (reviewer).
+    response.headers.setdefault("Referrer-Policy", "same-origin")
     return response
 
 

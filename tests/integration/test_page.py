@@ -1263,6 +1263,23 @@ def test_screen_readers_hear_the_first_failure_at_once_and_the_summary_at_the_en
     assert browser.title == "Image classification"  # "(2/4) Image classification" while under way
 
 
+def test_files_refused_together_are_heard_with_the_first_ones_reason(stack, browser, tmp_path):
+    """Each row refused updated the summary: the first one's reason was replaced at once
+    by the last one's bare count, and never heard (reviewer)."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    announce = browser.find_element(By.ID, "announce")
+    browser.execute_script("""
+      window.announced = [];
+      new MutationObserver(() => window.announced.push(arguments[0].textContent))
+        .observe(arguments[0], {childList: true, characterData: true, subtree: true});""", announce)
+    choose(browser, tmp_path, {f"junk_{i}.jpg": b"not an image %d" % i for i in range(3)})
+    finished_rows(browser, stack, 3, timeout_s=60)
+    said = wait_for(lambda: browser.execute_script("return window.announced"), 10, "an announcement")
+    assert re.fullmatch(r"0 of 3 classified, 3 failed\. junk_0\.jpg: .+", said[-1]), said
+
+
 def test_the_status_line_says_when_its_figures_are_old(stack, browser):
     """/api/status says so while AWS does not answer its refresh; the page showed the old
     figures as if they were current."""

@@ -1003,6 +1003,9 @@ def test_page_inserts_user_text_only_as_text(web_client):
     assert "default-src 'self'" in page.headers["Content-Security-Policy"]
     assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]  # no framing (reviewer)
     assert "base-uri 'none'" in page.headers["Content-Security-Policy"]  # not in default-src (reviewer)
+    # Not no-referrer, under which Chromium's form POSTs say "Origin: null", taken for
+    # cross-site over plain HTTP: the no-JavaScript form was refused there (reviewer).
+    assert page.headers["Referrer-Policy"] == "same-origin"
 
 
 @pytest.mark.parametrize("site", ["cross-site", "same-site", "Cross-Site"])

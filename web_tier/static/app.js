@@ -303,11 +303,11 @@
     return typeof score === "number" ? `${(score * 100).toFixed(1)}%` : "";
   }
 
-  function showFailure(el, message) {
+  function showFailure(el, message, update = true) {
     if (FINISHED.has(el.dataset.state)) return;
     setState(el, "failed");
     el.querySelector(".error").textContent = message;
-    updateSummary();
+    if (update) updateSummary();
   }
 
   function showItem(el, item) {
@@ -384,7 +384,8 @@
       text = counts;
     }
     failuresHeard = failed;  // later ones are in the counts said every ANNOUNCE_EVERY_MS
-    if (text === null || text === announced) return;
+    // Said already, with a failure's reason: said again bare, it cut the reason off.
+    if (text === null || text === announced || announced.startsWith(`${text}. `)) return;
     announced = text;
     announcedAt = Date.now();
     $("announce").textContent = text;
@@ -627,8 +628,9 @@
           continue;
         }
         entry.refused = rejection.error;
-        showFailure(entry.el, rejection.error);
+        showFailure(entry.el, rejection.error, false);
       }
+      updateSummary();  // once for all (see refuse)
       this.save();
       if (again.length) this.sendLater(again, attempt);
       // Followed from the first stored file on, and again after a stream that ended
@@ -709,8 +711,11 @@
       for (const entry of chunk) {
         if (remember) entry.refused = why;
         else entry.unsentWhy = why;  // a reload shows it so, unless the server has it
-        showFailure(entry.el, why);
+        showFailure(entry.el, why, false);
       }
+      // Once for all: a summary per row had screen readers hear the first row's reason
+      // replaced, within the same moment, by the last row's bare count (reviewer).
+      if (chunk.length) updateSummary();
       this.save();
     }
 
