@@ -260,6 +260,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         # Accepted, it changed nothing: a batch sends no key, and needs none.
         parser.error("--idempotency-keys applies to POST / (--api jobs names each upload's batch and "
                      "token, so one cut off is always sent again without being stored twice)")
+    # Stripped, as the web tier strips its own (common/config.py): " s3cret" could not be
+    # sent, and each upload failed naming the key in the report (reviewer).
+    args.api_key = args.api_key.strip()
     if not re.fullmatch(r"[\x20-\x7e]*", args.api_key):
         # An HTTP header carries printable ASCII: a key pasted with a curly quote or a
         # non-breaking space crashed the key check with a traceback (reviewer).
@@ -1373,6 +1376,7 @@ class StatusPoller:
         self._thread = threading.Thread(target=self._loop, name="status-poller", daemon=True)
 
     def sample(self) -> None:
+        asked_at = time.monotonic() - self.t0  # the answer may take seconds under load
         try:
             resp = self._session.get(self.url, timeout=2.0, allow_redirects=False)
             if self.on_answer:
@@ -1383,7 +1387,7 @@ class StatusPoller:
             # and, from the last sample, the run, in a traceback without a report.
             return
         if count is not None:
-            self.samples.append((time.monotonic() - self.t0, count))
+            self.samples.append((asked_at, count))
 
     def _loop(self) -> None:
         # The first sample at once, so even a short run has a starting point; taken

@@ -889,6 +889,9 @@ def test_a_wrong_api_key_is_a_usage_error_before_anything_is_sent(tier, tmp_path
     assert usage.value.code == 2
     assert "holds a character an HTTP header cannot carry" in capsys.readouterr().err
 
+    # One with spaces around it, as the web tier strips its own (reviewer).
+    assert load_test.parse_args(["--images", str(images), "--api-key", " s3cret\r"]).api_key == "s3cret"
+
     # The right key: the run goes on, its empty form's 400 taken for yes.
     assert load_test.main(["--url", tier.url, "--images", str(images), "--api-key", "s3cret", "-q"]) == 0
     assert tier.paths["POST /"] == 1

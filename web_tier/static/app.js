@@ -303,11 +303,11 @@
     return typeof score === "number" ? `${(score * 100).toFixed(1)}%` : "";
   }
 
-  function showFailure(el, message, update = true) {
+  function showFailure(el, message) {
     if (FINISHED.has(el.dataset.state)) return;
     setState(el, "failed");
     el.querySelector(".error").textContent = message;
-    if (update) updateSummary();
+    updateSummary();
   }
 
   function showItem(el, item) {
@@ -342,7 +342,20 @@
     updateSummary();
   }
 
+  // Once for all the rows changed in one go (a chunk refused, a poll's items): a summary
+  // per row had screen readers hear the first row's reason replaced, within the same
+  // moment, by the last row's bare count (reviewer); and rescanned every row per row.
+  let summaryDue = false;
   function updateSummary() {
+    if (summaryDue) return;
+    summaryDue = true;
+    queueMicrotask(() => {
+      summaryDue = false;
+      refreshSummary();
+    });
+  }
+
+  function refreshSummary() {
     const all = resultsEl.querySelectorAll(".result");
     let done = 0, failed = 0;
     for (const el of all) {
@@ -628,9 +641,8 @@
           continue;
         }
         entry.refused = rejection.error;
-        showFailure(entry.el, rejection.error, false);
+        showFailure(entry.el, rejection.error);
       }
-      updateSummary();  // once for all (see refuse)
       this.save();
       if (again.length) this.sendLater(again, attempt);
       // Followed from the first stored file on, and again after a stream that ended
@@ -711,11 +723,8 @@
       for (const entry of chunk) {
         if (remember) entry.refused = why;
         else entry.unsentWhy = why;  // a reload shows it so, unless the server has it
-        showFailure(entry.el, why, false);
+        showFailure(entry.el, why);
       }
-      // Once for all: a summary per row had screen readers hear the first row's reason
-      // replaced, within the same moment, by the last row's bare count (reviewer).
-      if (chunk.length) updateSummary();
       this.save();
     }
 
