@@ -42,7 +42,8 @@ def refuse_cross_site_writes() -> None:
     # is same-origin with it, sends no Sec-Fetch-Site over plain HTTP, and may send any
     # header but Host, which gives it away. A browser's POST always carries Origin;
     # a program's, or a proxy's over HTTPS, passes.
-    if fetch_site is None and "Origin" in request.headers and _on_loopback(web_host) \
+    # (WEB_HOST may bracket an IPv6 address: "[::1]" read as a name turned this off: reviewer.)
+    if fetch_site is None and "Origin" in request.headers and _on_loopback(web_host.strip("[]")) \
             and not _on_loopback(_hostname(request.host)):
         raise UploadError(403, f"this web tier listens on {web_host} only, and the browser's request "
                                f"names {request.host}: open the page as localhost or 127.0.0.1 (a proxy "

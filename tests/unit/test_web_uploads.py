@@ -1083,6 +1083,17 @@ def test_an_upload_naming_another_host_is_refused_where_the_web_tier_listens_on_
     assert behind.status_code == 202, behind.json
 
 
+@pytest.mark.parametrize("web_host", ["::1", "[::1]"])
+def test_a_web_tier_on_ipv6_loopback_refuses_a_rebinding_page_however_its_address_is_written(
+        make_web_app, web_host):
+    """WEB_HOST may bracket an IPv6 address (README): "[::1]" was not taken for loopback,
+    and the check was off (reviewer)."""
+    client = make_web_app(start_background=False, web_host=web_host).test_client()
+    refused = upload(client, [(make_image(45), "a.jpg")], base_url="http://evil.example:8000",
+                     headers={"Origin": "http://evil.example:8000"})
+    assert refused.status_code == 403 and "listens on" in refused.json["error"]
+
+
 def test_page_names_its_results_for_screen_readers_and_keeps_its_password_field_in_a_form(web_client):
     """The list had no accessible name, and Chromium warned at every load of a password
     field outside a form (reviewer). The form is never submitted: see app.js."""
