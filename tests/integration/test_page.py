@@ -387,6 +387,24 @@ def test_stop_sending_cancels_a_resend_waiting_its_turn(stack, browser, tmp_path
     assert "not sent again: you stopped the upload (the server may hold it" in shown["waiting.jpg"].text
 
 
+def test_stop_sending_after_a_503_keeps_the_reasons_for_a_reload(stack, browser, tmp_path):
+    """A 503 said nothing was stored; stopped during the wait to send again, the rows said
+    "the server may hold it: reload to see", and the reload showed nothing (reviewer)."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    browser.execute_script(FAIL_FIRST_POSTS, ["503"])  # sent again 5 s later
+    choose(browser, tmp_path, {"refused_once.jpg": make_image(891)})
+    wait_for(lambda: browser.execute_script("return window.fakedPosts") == 1, 30, "the first send")
+    browser.find_element(By.ID, "stop-sending").click()
+    shown = finished_rows(browser, stack, 1, timeout_s=3)
+    assert "not sent: you stopped the upload" in shown["refused_once.jpg"].text
+    assert "#batches=" in browser.current_url
+    browser.refresh()
+    shown = finished_rows(browser, stack, 1, timeout_s=30)
+    assert "not sent: you stopped the upload" in shown["refused_once.jpg"].text
+
+
 def test_a_file_deleted_before_its_chunk_is_sent_again_fails_alone(stack, browser, reference_model, tmp_path):
     """Resends did not look at the files again: all five rows of an explorer's chunk,
     one file deleted while the web tier restarted, failed as "could not be reached"."""
@@ -1263,7 +1281,7 @@ def test_screen_readers_hear_the_first_failure_at_once_and_the_summary_at_the_en
     assert browser.title == "Image classification"  # "(2/4) Image classification" while under way
 
 
-def test_files_refused_together_are_heard_with_the_first_ones_reason(stack, browser, tmp_path):
+def test_files_refused_together_are_heard_with_a_reason_and_so_is_a_later_failure(stack, browser, tmp_path):
     """Each row refused updated the summary: the first one's reason was replaced at once
     by the last one's bare count, and never heard (reviewer)."""
     from selenium.webdriver.common.by import By
@@ -1277,7 +1295,13 @@ def test_files_refused_together_are_heard_with_the_first_ones_reason(stack, brow
     choose(browser, tmp_path, {f"junk_{i}.jpg": b"not an image %d" % i for i in range(3)})
     finished_rows(browser, stack, 3, timeout_s=60)
     said = wait_for(lambda: browser.execute_script("return window.announced"), 10, "an announcement")
-    assert re.fullmatch(r"0 of 3 classified, 3 failed\. junk_0\.jpg: .+", said[-1]), said
+    assert re.fullmatch(r"0 of 3 classified, 3 failed\. junk_\d\.jpg: .+", said[-1]), said
+    # A later upload's first failure is said too, with its own reason (it was not: reviewer).
+    choose(browser, tmp_path, {"later.jpg": b"not an image either"})
+    finished_rows(browser, stack, 4, timeout_s=60)
+    said = wait_for(lambda: [text for text in browser.execute_script("return window.announced")
+                             if "later.jpg" in text], 10, "the later failure")
+    assert re.fullmatch(r"0 of 4 classified, 4 failed\. later\.jpg: .+", said[-1]), said
 
 
 def test_the_status_line_says_when_its_figures_are_old(stack, browser):

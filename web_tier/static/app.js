@@ -333,6 +333,8 @@
       top5.append(li);
     }
     el.querySelector(".guesses").hidden = !top5.children.length;
+    // Named for its row: 200 disclosures all read "top 5" (reviewer).
+    el.querySelector(".guesses summary").setAttribute("aria-label", `top 5 for ${el.dataset.filename}`);
     if (item.untrained) {
       el.classList.add("untrained");
       el.querySelector(".untrained-mark").hidden = false;
@@ -378,25 +380,32 @@
     announceProgress(counts, failed, finished);
   }
 
-  // What screen readers hear: not each result (hundreds would flood them), but the
-  // page's first failure at once with its reason, the count every ANNOUNCE_EVERY_MS while
-  // files are under way, and the count once all are finished. Said only at the end,
-  // 500 files gave 24 s of silence, a refused API key none at all (reviewer).
+  // What screen readers hear: not each result (hundreds would flood them), but each
+  // upload's first failure at once with its reason, the count every ANNOUNCE_EVERY_MS
+  // while files are under way, and the count once all are finished. Said only at the
+  // end, 500 files gave 24 s of silence, a refused API key none at all; said for the
+  // page's first failure only, a later upload's refused key never was (reviewers).
   const ANNOUNCE_EVERY_MS = 15000;
   let announcedAt = 0;
-  let failuresHeard = 0;
+  let failedAtUpload = 0;   // the page's failed rows when the latest upload began
+  let failureSaid = false;  // ...and whether one of its failures has been said
+  function uploadBegins() {
+    failedAtUpload = resultsEl.querySelectorAll('.result[data-state="failed"]').length;
+    failureSaid = false;
+  }
   function announceProgress(counts, failed, finished) {
     if (!counts) return;
     if (!announcedAt) announcedAt = Date.now();  // the first files chosen start the clock
     let text = null;
-    if (failed && !failuresHeard) {
-      const first = resultsEl.querySelector('.result[data-state="failed"]');
-      const why = first ? first.querySelector(".error").textContent : "";
-      text = `${counts}. ${first ? first.dataset.filename : ""}: ${why}`;
+    if (failed > failedAtUpload && !failureSaid) {
+      failureSaid = true;  // later ones are in the counts said every ANNOUNCE_EVERY_MS
+      // The newest rows are last: the latest upload's.
+      const rows = resultsEl.querySelectorAll('.result[data-state="failed"]');
+      const newest = rows[rows.length - 1];
+      text = `${counts}. ${newest.dataset.filename}: ${newest.querySelector(".error").textContent}`;
     } else if (finished || Date.now() - announcedAt >= ANNOUNCE_EVERY_MS) {
       text = counts;
     }
-    failuresHeard = failed;  // later ones are in the counts said every ANNOUNCE_EVERY_MS
     // Said already, with a failure's reason: said again bare, it cut the reason off.
     if (text === null || text === announced || announced.startsWith(`${text}. `)) return;
     announced = text;
@@ -449,6 +458,7 @@
   const STOPPED_AGAIN = "not sent again: you stopped the upload (the server may hold it: reload to see)";
   $("stop-sending").addEventListener("click", () => {
     for (const session of sessions) session.stop();
+    $("download-csv").focus();  // the button goes: focus left on nothing (reviewer)
   });
 
   // 32 hex digits, as the server's ids (crypto.randomUUID needs HTTPS, this may not be).
@@ -526,11 +536,11 @@
       this.uploading = false;
       tell({ done: this.batchId });  // a tab that restored this batch stops waiting for it
       if (this.created && !this.stream && !this.pollTimer) this.follow();
-      if (!this.created && !this.unanswered) {  // every file refused: there is no such batch
+      if (!this.created && !this.unanswered) {  // every file refused or stopped: no such batch
         setUnconfirmed(this.batchId, false);
         // Kept in the address while this tab holds the refusals, which a reload shows
         // (restore): dropped, the reasons went with a reload (reviewer).
-        if (!refusedOnly(savedShown(this.batchId))) forgetBatch(this.batchId);
+        if (!explainedOnly(savedShown(this.batchId))) forgetBatch(this.batchId);
       }
       updateSummary();
     }
@@ -585,6 +595,7 @@
         ({ status, body } = await post(form, headers));
       } catch (err) {
         this.unanswered = true;
+        for (const entry of chunk) entry.maybeStored = true;  // see stop
         if (attempt < RESEND_DELAYS_MS.length) {
           // No server (the next web tier still starting), the answer lost or too long in
           // coming, or cut off by leaving the page: the files' tokens keep those it stored from being stored
@@ -671,7 +682,7 @@
     // wait outside the pool, then go first (see drain).
     sendLater(entries, attempt) {
       if (this.stopped) {
-        this.refuse(entries, STOPPED_AGAIN, false);
+        this.refuseStopped(entries);
         return;
       }
       if (!this.waiting) this.resendReady = new Promise((resolve) => { this.wake = resolve; });
@@ -701,17 +712,22 @@
       // reload then shows; the rest were never sent.
       for (const [timer, entries] of this.resends) {
         clearTimeout(timer);
-        this.refuse(entries, STOPPED_AGAIN, false);
+        this.refuseStopped(entries);
       }
       this.resends.clear();
       this.waiting = 0;
-      const unsent = this.queue.flatMap(({ chunk, attempt }) => (attempt ? [] : chunk));
-      const again = this.queue.flatMap(({ chunk, attempt }) => (attempt ? chunk : []));
+      const queued = this.queue.flatMap(({ chunk }) => chunk);
       this.queue = [];
-      this.refuse(again, STOPPED_AGAIN, false);
-      this.refuse(unsent, "not sent: you stopped the upload", false);
+      this.refuseStopped(queued);
       this.wakeDrain();
       updateSummary();
+    }
+
+    // Files the stop left unsent, each said as what the server may hold of it: those
+    // whose answer was lost may be stored; those it answered 503 (or never got) are not.
+    refuseStopped(entries) {
+      this.refuse(entries.filter((entry) => entry.maybeStored), STOPPED_AGAIN, false);
+      this.refuse(entries.filter((entry) => !entry.maybeStored), "not sent: you stopped the upload", false);
     }
 
     setPath(entry, path) {
@@ -960,7 +976,7 @@
     while (kept.length > most) {
       // The oldest upload whose every file was refused leaves first (only this tab has
       // its reasons, and nothing of it is on the server), then the oldest batch.
-      const refused = kept.findIndex((id) => id !== batchId && refusedOnly(savedShown(id)));
+      const refused = kept.findIndex((id) => id !== batchId && explainedOnly(savedShown(id)));
       kept.splice(Math.max(refused, 0), 1);
     }
     if (kept.length < ids.length + 1 && !droppedSaid) {
@@ -997,9 +1013,11 @@
     }
   }
 
-  // Whether saved rows are of an upload whose every file was refused.
-  function refusedOnly(saved) {
-    return saved.length > 0 && saved.every((shown) => shown.error);
+  // Whether saved rows are of an upload whose every file was refused, or not sent, each
+  // with its reason: nothing of it is on the server. Refused only, a batch stopped after
+  // a 503 was dropped from the address, and the reload it told of showed nothing (reviewer).
+  function explainedOnly(saved) {
+    return saved.length > 0 && saved.every((shown) => shown.error || shown.why);
   }
 
   // Whether `item` (the server's) is the file of a saved row not heard stored: by the
@@ -1047,7 +1065,7 @@
     const sending = unknown && ((isUnconfirmed(batchId) && saved.length > 0) || session.otherTabSends);
     // An upload whose every file was refused: no batch was made, and the server has
     // nothing to add to the reasons this tab saved.
-    const refusals = unknown && refusedOnly(saved);
+    const refusals = unknown && explainedOnly(saved);
     const items = body && Array.isArray(body.items) ? body.items : sending || refusals ? [] : null;
     if (!items) {
       if (unknown) {
@@ -1160,6 +1178,7 @@
 
   function upload(chosen) {  // [{file, path}]
     if (!chosen.length) return;
+    uploadBegins();
     const session = new Session(chosen);
     sessions.push(session);
     updateSummary();
