@@ -68,11 +68,11 @@ ONE_INSTANCE_ERRORS = frozenset({
 })
 # Rounds kept in memory (a day at a 1 s poll would be 86,400 of them).
 TIMELINE_ROUNDS = 1000
-# `reason`: why, as the log says it: `desired` alone can read as under-provisioning
-# (15 desired, none launched, for requests all in flight: reviewer).
 # A round that begins, or takes, this much later than planned is said so: the fleet
 # follows the queue that much later, and the log's silence did not say why (reviewer).
 LATE_ROUND_S = 5.0
+# `reason`: why, as the log says it: `desired` alone can read as under-provisioning
+# (15 desired, none launched, for requests all in flight: reviewer).
 TIMELINE_FIELDS = ("time", "visible", "in_flight", "delayed", "pending", "running", "desired", "action",
                    "reason")
 
