@@ -31,7 +31,7 @@ import psutil
 from bench.inference import InferenceResult
 from bench.memory import MemorySampler, kind_of
 from bench.scaling import FleetPoller, controller_actions, scaling_times
-from load_test import Config, Report, latency_summary, run_load
+from load_test import Config, Outcome, Report, latency_summary, run_load
 from localaws.harness import StackProcess
 from localaws.moto_fast import STATS_ENV, STATS_EVERY_S
 
@@ -88,9 +88,14 @@ def _load(plan: EndToEndPlan, url: str, images: Path, requests: int, concurrency
                            expected=plan.expected, timeout=REQUEST_TIMEOUT_S, quiet=True))
 
 
+def started_requests(report: Report) -> list[Outcome]:
+    """The requests the run started: an interrupted run's report also holds those it
+    never started, which have no start time."""
+    return [o for o in report.outcomes if o.started_s is not None]
+
+
 def _last_response(report: Report) -> float:
-    return report.started_at + max((o.started_s + o.latency_s for o in report.outcomes
-                                    if o.started_s is not None), default=0.0)  # None: never started
+    return report.started_at + max((o.started_s + o.latency_s for o in started_requests(report)), default=0.0)
 
 
 def _summary(report: Report) -> dict[str, object]:
@@ -243,8 +248,7 @@ def _scaled_run(plan: EndToEndPlan, stack: StackProcess, images: Path, requests:
 def without_first(report: Report, count: int) -> Report:
     """The report of the same run as if its first `count` requests had not been sent:
     duration from the first kept request's start to the last one's answer."""
-    # An interrupted run's report holds the requests it never started, which have no time.
-    kept = [o for o in report.outcomes if o.index >= count and o.started_s is not None]
+    kept = [o for o in started_requests(report) if o.index >= count]
     if not kept:
         return dataclasses.replace(report, outcomes=[], planned=0, duration_s=0.0)
     first = min(o.started_s for o in kept)
@@ -293,9 +297,8 @@ def each_request(report: Report) -> list[dict[str, object]]:
     """Each request's start (since the run's), latency and error, in the order they
     started: for a p99 one slow request makes, the JSON says which (a run's 1.18 s
     could not be traced to any)."""
-    started = [o for o in report.outcomes if o.started_s is not None]  # None: an interrupted run's unsent
     return [{"started_s": round(o.started_s, 4), "latency_s": round(o.latency_s, 4), "error": o.error}
-            for o in sorted(started, key=lambda o: o.started_s)]
+            for o in sorted(started_requests(report), key=lambda o: o.started_s)]
 
 
 def error_text(exc: BaseException) -> str:
