@@ -225,6 +225,11 @@ class Settings:
     # As WatchdogSec= in ami/imgclass-worker.service; 0: no watchdog.
     local_watchdog_s: float = 60.0
 
+    @property
+    def web_host_bare(self) -> str:
+        """WEB_HOST without the brackets an IPv6 address may be written in ("[::1]")."""
+        return self.web_host.removeprefix("[").removesuffix("]")
+
     # Names ----------------------------------------------------------------------
     @property
     def input_bucket(self) -> str:

@@ -37,17 +37,17 @@ def refuse_cross_site_writes() -> None:
     if site not in SAME_SITE_ORIGINS:
         raise UploadError(403, f"a browser request from another site ({site}) is refused: upload "
                                "from this service's own page, or from a program")
-    web_host = services().settings.web_host
+    settings = services().settings
     # A page of another site whose name was made to point at 127.0.0.1 (DNS rebinding)
     # is same-origin with it, sends no Sec-Fetch-Site over plain HTTP, and may send any
     # header but Host, which gives it away. A browser's POST always carries Origin;
     # a program's, or a proxy's over HTTPS, passes.
-    # (WEB_HOST may bracket an IPv6 address: "[::1]" read as a name turned this off: reviewer.)
-    if fetch_site is None and "Origin" in request.headers and _on_loopback(web_host.strip("[]")) \
+    # (Bracketed, "[::1]" read as a name turned this off: reviewer.)
+    if fetch_site is None and "Origin" in request.headers and _on_loopback(settings.web_host_bare) \
             and not _on_loopback(_hostname(request.host)):
-        raise UploadError(403, f"this web tier listens on {web_host} only, and the browser's request "
-                               f"names {request.host}: open the page as localhost or 127.0.0.1 (a proxy "
-                               "in front over plain HTTP: README, Who may upload)")
+        raise UploadError(403, f"this web tier listens on {settings.web_host} only, and the browser's "
+                               f"request names {request.host}: open the page as localhost or 127.0.0.1 (a "
+                               "proxy in front over plain HTTP: README, Who may upload)")
 
 
 def site_by_origin() -> str:

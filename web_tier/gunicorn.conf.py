@@ -57,7 +57,7 @@ except ValueError as exc:  # names the variable
 
 # An IPv6 address is bracketed, whether given bare or so: "::" gave "'' is not a valid
 # port number", and "[::]" was bracketed twice (reviewers).
-_bare_host = _settings.web_host.removeprefix("[").removesuffix("]")
+_bare_host = _settings.web_host_bare
 _host = f"[{_bare_host}]" if ":" in _bare_host else _bare_host
 bind = f"{_host}:{_settings.web_port}"
 
