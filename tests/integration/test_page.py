@@ -1252,6 +1252,19 @@ def test_a_touch_screen_is_offered_images_only(stack, browser):
         browser.execute_cdp_cmd("Emulation.setTouchEmulationEnabled", {"enabled": False})
 
 
+def record_announcements(browser):
+    """The live region screen readers hear; each text it is given from now on is kept in
+    `window.announced`."""
+    from selenium.webdriver.common.by import By
+
+    announce = browser.find_element(By.ID, "announce")
+    browser.execute_script("""
+      window.announced = [];
+      new MutationObserver(() => window.announced.push(arguments[0].textContent))
+        .observe(arguments[0], {childList: true, characterData: true, subtree: true});""", announce)
+    return announce
+
+
 def test_screen_readers_hear_the_first_failure_at_once_and_the_summary_at_the_end(stack, browser, tmp_path):
     """The summary was a live region rewritten at each result: 150 files, 150 announcements.
     Then said only at the end: 500 files gave 24 s of silence, a refused API key none
@@ -1260,11 +1273,7 @@ def test_screen_readers_hear_the_first_failure_at_once_and_the_summary_at_the_en
 
     browser.get(stack.web_url + "/")
     assert browser.find_element(By.ID, "summary").get_attribute("aria-live") is None
-    announce = browser.find_element(By.ID, "announce")
-    browser.execute_script("""
-      window.announced = [];
-      new MutationObserver(() => window.announced.push(arguments[0].textContent))
-        .observe(arguments[0], {childList: true, characterData: true, subtree: true});""", announce)
+    announce = record_announcements(browser)
     files = {f"said_{i}.jpg": make_image(920 + i, size=(64, 48)) for i in range(3)}
     began = time.monotonic()
     choose(browser, tmp_path, {**files, "bad.jpg": b"not an image at all"})
@@ -1284,14 +1293,8 @@ def test_screen_readers_hear_the_first_failure_at_once_and_the_summary_at_the_en
 def test_files_refused_together_are_heard_with_a_reason_and_so_is_a_later_failure(stack, browser, tmp_path):
     """Each row refused updated the summary: the first one's reason was replaced at once
     by the last one's bare count, and never heard (reviewer)."""
-    from selenium.webdriver.common.by import By
-
     browser.get(stack.web_url + "/")
-    announce = browser.find_element(By.ID, "announce")
-    browser.execute_script("""
-      window.announced = [];
-      new MutationObserver(() => window.announced.push(arguments[0].textContent))
-        .observe(arguments[0], {childList: true, characterData: true, subtree: true});""", announce)
+    record_announcements(browser)
     choose(browser, tmp_path, {f"junk_{i}.jpg": b"not an image %d" % i for i in range(3)})
     finished_rows(browser, stack, 3, timeout_s=60)
     said = wait_for(lambda: browser.execute_script("return window.announced"), 10, "an announcement")
