@@ -230,6 +230,17 @@ class Settings:
         """WEB_HOST without the brackets an IPv6 address may be written in ("[::1]")."""
         return self.web_host.removeprefix("[").removesuffix("]")
 
+    @property
+    def web_address(self) -> str:
+        """WEB_HOST:WEB_PORT as a bind address or in a URL: an IPv6 address bracketed,
+        whether given bare or so ("::" gave gunicorn "'' is not a valid port number")."""
+        host = self.web_host_bare
+        return f"[{host}]:{self.web_port}" if ":" in host else f"{host}:{self.web_port}"
+
+    @property
+    def web_url(self) -> str:
+        return f"http://{self.web_address}"
+
     # Names ----------------------------------------------------------------------
     @property
     def input_bucket(self) -> str:

@@ -195,9 +195,9 @@ class Stack:
     def start(self) -> None:
         s = self.settings
         ensure_ports_differ((s.local_aws_host, s.local_aws_port, "LOCAL_AWS_PORT"),
-                            (s.web_host, s.web_port, "WEB_PORT"))
+                            (s.web_host_bare, s.web_port, "WEB_PORT"))
         ensure_port_free(s.local_aws_host, s.local_aws_port, "LOCAL_AWS_PORT")
-        ensure_port_free(s.web_host, s.web_port, "WEB_PORT")
+        ensure_port_free(s.web_host_bare, s.web_port, "WEB_PORT")
         # Only now: a run refused for a port in use (a second `make run` here, say)
         # must leave the running one's logs where they are.
         self.open_logs()
@@ -217,7 +217,7 @@ class Stack:
         self._spawn("controller", [sys.executable, str(ROOT / "controller.py")])
         gunicorn_conf = str(ROOT / "web_tier" / "gunicorn.conf.py")
         self._spawn("web", [sys.executable, "-m", "gunicorn", "-c", gunicorn_conf, "web_tier:create_app()"])
-        wait_until_up(f"http://{s.web_host}:{s.web_port}/healthz", self.children[-1].process, timeout_s=60,
+        wait_until_up(f"{s.web_url}/healthz", self.children[-1].process, timeout_s=60,
                       stopping=self.stopping)
 
     def open_logs(self) -> None:
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.start()
         untrained = " (MODEL_WEIGHTS=random: labels come from an UNTRAINED model)" \
             if settings.untrained else ""
-        print(f"READY web=http://{settings.web_host}:{settings.web_port} aws={settings.local_aws_url}"
+        print(f"READY web={settings.web_url} aws={settings.local_aws_url}"
               f" logs={stack.logs}{untrained}", flush=True)
         # boto3 and the AWS CLI need a region and some credentials besides the address.
         print(f"to reach the embedded AWS from another shell: export AWS_ENDPOINT_URL="

@@ -55,11 +55,7 @@ except ValueError as exc:  # names the variable
     print(f"web tier: {exc}", file=sys.stderr)
     raise SystemExit(BAD_SETTING_EXIT) from None
 
-# An IPv6 address is bracketed, whether given bare or so: "::" gave "'' is not a valid
-# port number", and "[::]" was bracketed twice (reviewers).
-_bare_host = _settings.web_host_bare
-_host = f"[{_bare_host}]" if ":" in _bare_host else _bare_host
-bind = f"{_host}:{_settings.web_port}"
+bind = _settings.web_address
 
 # One process: the response listeners and the in-memory result book live in
 # it, and a POST / must wait in the same process that receives its answer.

@@ -407,6 +407,23 @@ def test_one_port_for_both_servers_stops_the_stack_before_it_starts_anything(tmp
     assert stack.children == []
 
 
+@pytest.mark.parametrize("web_host", ["::1", "[::1]"])
+def test_an_ipv6_web_host_is_checked_and_named_as_one_address(tmp_path, web_host):
+    """WEB_HOST=[::1] stopped make run with "Name or service not known", and ::1 made
+    the URL of its readiness check and READY line http://::1:port."""
+    with socket.socket(socket.AF_INET6) as taken:
+        taken.bind(("::1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = Settings(local_aws_port=free_port(), web_port=port, web_host=web_host)
+        assert settings.web_url == f"http://[::1]:{port}"
+        stack = Stack(settings, tmp_path, warm_spares=0)
+        with pytest.raises(PortInUse, match=f"::1:{port} is already in use"):
+            stack.start()
+    assert stack.children == []
+    assert Settings(web_host="0.0.0.0", web_port=8000).web_url == "http://0.0.0.0:8000"
+
+
 def test_servers_on_one_port_of_different_addresses_are_allowed():
     from localaws.server import ensure_ports_differ
 
