@@ -19,11 +19,11 @@ import re
 import socket
 import time
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response, redirect, request, url_for
 
 from common.names import stem
 from web_tier.auth import KEY_REQUIRED, require_api_key
-from web_tier.errors import answer_page, wants_page
+from web_tier.errors import ANSWERS_PATH, answer_page, wants_page
 from web_tier.filenames import display_name
 from web_tier.form import FORM_SLACK_BYTES, TOKEN_CHARACTER, form_files
 from web_tier.image_check import validate
@@ -45,13 +45,11 @@ CLIENT_CLOSED = 499
 
 
 def _answer(status: int, message: str, filename: str | None = None, *, label: str | None = None,
-            untrained: bool | None = None, batch_id: str | None = None) -> Response:
+            untrained: bool | None = None) -> Response:
     """`<name without extension>:<label>` given a label, else `<file name>: <message>`;
-    as a page to the page's own form (see errors.wants_page), linking to `batch_id`'s
-    results when the image is queued still."""
+    as a page to the page's own form (see errors.wants_page)."""
     if wants_page():
-        link = f"/api/jobs/{batch_id}" if batch_id else None
-        return answer_page(status, message, filename, label, untrained, link=link)
+        return answer_page(status, message, filename, label, untrained)
     body = f"{stem(filename or '')}:{label}" if label is not None else about(filename, message)
     # Exactly "<name>:<label>", no trailing newline: programs compare the body as is.
     return Response(body, status=status, mimetype="text/plain")
@@ -97,6 +95,10 @@ def classify() -> Response:
         raise _refusal_of(outcome, filename)
     if isinstance(outcome, SentBefore):  # stored by an earlier request under this key
         outcome = outcome.item
+    if wants_page():
+        # The answer is a page of its own: reloading it asks again, where reloading
+        # this POST's answer sent the image again (reviewer).
+        return redirect(url_for("classify.answer", batch_id=batch_id), code=303)
     item, client_left = _wait_while_connected(svc.book, outcome.id, svc.settings.result_timeout_s)
     if client_left:
         log.info("POST / for item %s: the client left before its result; it is still queued", outcome.id)
@@ -107,6 +109,28 @@ def classify() -> Response:
     if item is None:
         return _no_result_response(filename, outcome.id, batch_id)
     return _result_response(filename, item, batch_id)
+
+
+@bp.get(ANSWERS_PATH + "<batch_id>")
+def answer(batch_id: str) -> Response:
+    """The plain form's answer for the image it stored in `batch_id`, as a page: its
+    label, waited for up to RESULT_TIMEOUT as POST / waits; or that it is queued still."""
+    svc = services()
+    items = svc.rebuilder.find_batch(batch_id)
+    if not items:
+        return answer_page(404, "no such upload here: classify the image again")
+    first = items[0]
+    item, _client_left = _wait_while_connected(svc.book, first.id, svc.settings.result_timeout_s)
+    if item is None:
+        if svc.book.closing.is_set():
+            why = "the server is restarting; the image is still queued: reload this page in a minute"
+            return answer_page(503, why, first.filename)
+        return answer_page(504, f"no result within {svc.settings.result_timeout_s:g} s; the image is still "
+                                "queued: reload this page to see it", first.filename)
+    untrained = item.shows_untrained(bool(svc.book.untrained))
+    if item.state != DONE:
+        return answer_page(422, item.error or "failed", item.filename, untrained=untrained)
+    return answer_page(200, "", item.filename, label=item.label, untrained=untrained)
 
 
 def _refusal_of(outcome: UploadError, filename: str) -> UploadError:
@@ -132,11 +156,10 @@ def _no_result_response(filename: str, item_id: str, batch_id: str) -> Response:
         unless = (f", unless the AWS at {endpoint} stops too, as make run's embedded AWS, "
                   "which keeps nothing, does" if endpoint else "")
         response = _answer(503, f"the web tier is stopping; the image is still queued, see "
-                                f"/api/jobs/{batch_id} (no need to send it again{unless})", filename,
-                           batch_id=batch_id)
+                                f"/api/jobs/{batch_id} (no need to send it again{unless})", filename)
     else:
         response = _answer(504, f"no result within {svc.settings.result_timeout_s:g} s; it is still queued, "
-                                f"see /api/jobs/{batch_id}", filename, batch_id=batch_id)
+                                f"see /api/jobs/{batch_id}", filename)
     response.headers["X-Item-Id"] = item_id
     response.headers["X-Batch-Id"] = batch_id
     return response

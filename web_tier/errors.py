@@ -29,20 +29,24 @@ def wants_text() -> bool:
     return request.path == "/" and request.method not in ("GET", "HEAD")
 
 
+# Where the plain form's answer is (web_tier/classify.py, `answer`).
+ANSWERS_PATH = "/answers/"
+
+
 def wants_page() -> bool:
-    """POST /?answer=page: the upload page's form for browsers without JavaScript, whose
-    users read the answer as a page (with the untrained model said), not a line of text."""
-    return wants_text() and request.args.get("answer") == "page"
+    """The upload page's form for browsers without JavaScript, whose users read the
+    answer as a page (with the untrained model said), not a line of text: its
+    POST /?answer=page, and the answer page that leads to."""
+    return (wants_text() and request.args.get("answer") == "page") or request.path.startswith(ANSWERS_PATH)
 
 
 def answer_page(status: int, message: str, filename: str | None = None, label: str | None = None,
-                untrained: bool | None = None, link: str | None = None) -> Response:
-    """POST /'s answer as a page: the label, or why there is none (`message`), with a
-    `link` to where its result will be if it is still queued."""
+                untrained: bool | None = None) -> Response:
+    """The plain form's answer: the label, or why there is none (`message`)."""
     if untrained is None:
         untrained = bool(services().book.untrained)
     html = render_template("answer.html", filename=filename, label=label, message=message,
-                           untrained=untrained, link=link)
+                           untrained=untrained)
     return Response(html, status=status, mimetype="text/html")
 
 
@@ -107,7 +111,7 @@ def _first_file_name() -> str | None:
 
 def _http_error(exc: HTTPException) -> Response:
     # Pages keep Flask's HTML errors; API callers and programs get their format.
-    if request.path.startswith(("/api/", "/healthz")) or wants_text():
+    if request.path.startswith(("/api/", "/healthz")) or wants_text() or wants_page():
         response = error_response(UploadError(exc.code or 500, exc.description or exc.name))
         # Werkzeug's own headers: a 405's Allow names the methods that are.
         for name, value in exc.get_headers():

@@ -129,6 +129,11 @@ def test_without_javascript_one_image_is_classified_by_the_plain_form(stack, ref
         assert label.text == reference(reference_model, data).label
         assert page.find_element(By.CSS_SELECTOR, ".plain-answer .name").text == "plain.jpg"
         assert "UNTRAINED" in page.find_element(By.CLASS_NAME, "banner").text
+        # A page of its own, which a reload asks for again, sending nothing (reviewer).
+        assert "/answers/" in page.current_url
+        shown = label.text
+        page.refresh()
+        assert page.find_element(By.CSS_SELECTOR, ".plain-answer .label").text == shown
 
 
 # The page sends its uploads by XMLHttpRequest (for its upload progress); the tests
