@@ -124,6 +124,10 @@ MODEL_RUNTIMES = ("openvino", "tensorflow")
 # an idle worker or listener asked SQS again as fast as it answered, a core's worth
 # of CPU and of paid requests.
 SHORT_POLL_PAUSE_S = 0.05
+# SQS hides a message for at most 12 hours from its receive, extensions included: a
+# worker extending by 43,200 s a second after the receive was refused, and every message
+# it held came back for another worker (reviewer). An hour is left for holding them.
+MAX_VISIBILITY_TIMEOUT_S = 12 * 3600 - 3600
 # MODEL_WEIGHTS for ResNet-50 untrained (tests, offline demos): flagged wherever a label shows.
 RANDOM_WEIGHTS = "random"
 
@@ -182,7 +186,7 @@ class Settings:
     model_runtime: str = "openvino"  # or "tensorflow"
     receive_batch: int = 10
     receive_wait_s: int = 20
-    visibility_timeout_s: int = 60
+    visibility_timeout_s: int = 60  # at most MAX_VISIBILITY_TIMEOUT_S
     max_receive_count: int = 3
     # A failed attempt is tried again after this, doubled at each further attempt.
     retry_delay_s: int = 5
@@ -313,7 +317,8 @@ class Settings:
             # What the worker extends each message it holds to, again every third of its
             # receive lease (app_tier.worker.RECEIVE_LEASE_S, or this if less): shorter
             # than a batch takes, and a message being worked on shows up for another worker.
-            visibility_timeout_s=_int(env, "VISIBILITY_TIMEOUT", cls.visibility_timeout_s, low=5, high=43200),
+            visibility_timeout_s=_int(env, "VISIBILITY_TIMEOUT", cls.visibility_timeout_s, low=5,
+                                      high=MAX_VISIBILITY_TIMEOUT_S),
             max_receive_count=_int(env, "MAX_RECEIVE_COUNT", cls.max_receive_count, low=1, high=1000),
             # The worker caps every retry delay at an hour (app_tier.held.MAX_RETRY_DELAY_S).
             retry_delay_s=_int(env, "RETRY_DELAY", cls.retry_delay_s, low=0, high=3600),
