@@ -106,12 +106,15 @@ def _target_batch(form_batch_id: str) -> tuple[str, bool] | None:
     it lost must not make a second."""
     if not form_batch_id:
         return new_id(), False
+    if not is_batch_id(form_batch_id):
+        # No batch has such an id: a 404 told the client to send create=1, which was
+        # then refused for the id's form (reviewer).
+        raise UploadError(400, "a batch's id is 32 lowercase hexadecimal digits (a UUID4's, without "
+                               "hyphens)")
     if services().rebuilder.find_batch(form_batch_id) is not None:
         return form_batch_id, True
     if request.form.get("create", "").lower() not in ("1", "true"):
         return None
-    if not is_batch_id(form_batch_id):
-        raise UploadError(400, "a new batch's id is 32 lowercase hexadecimal digits")
     return form_batch_id, False
 
 
@@ -145,7 +148,8 @@ def _stored_and_refused(batch_id: str, files: list[FileStorage], first_index: in
             items.append({"index": index, "id": outcome.item.id, "filename": outcome.item.filename,
                           "again": True})
         else:
-            items.append({"index": index, "id": outcome.id, "filename": outcome.filename})
+            # `again` always: a client reading item["again"] failed on a new file (reviewer).
+            items.append({"index": index, "id": outcome.id, "filename": outcome.filename, "again": False})
     return items, rejected
 
 
@@ -209,7 +213,9 @@ def job_events(batch_id: str) -> Response | tuple[Response, int]:
         return busy
     book = svc.book
     response = Response(
-        events.stream(book, batch_id, lambda: book.batch(batch_id),
+        # Through the rebuilder: a batch evicted from the book meanwhile read as no
+        # items, so the stream ended at once, as if the batch were empty (reviewer).
+        events.stream(book, batch_id, lambda: svc.rebuilder.find_batch(batch_id),
                       last_event_id=request.headers.get("Last-Event-ID")),
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
