@@ -56,14 +56,17 @@ def stream(book: ResultBook, batch_id: str, items: Callable[[], list[Item] | Non
     inbox = book.subscribe(batch_id)
     try:
         yield f"retry: {RETRY_MS}\n\n"
-        sent = {item.id for item in items() or [] if item.is_finished and item.finished_seq <= seen}
+        # Each item sent, with the number it was sent with: a provisional failure (a dead
+        # letter) replaced by a late answer is sent again, its row had stayed "failed".
+        sent = {item.id: item.finished_seq for item in items() or []
+                if item.is_finished and item.finished_seq <= seen}
         while True:
             # A look at the whole batch: first, once the book counts none of it queued,
             # and after each quiet interval. It sends what finished, in the order it did,
             # and whether that is all of it (more uploads may have joined meanwhile).
             current = items() or []
-            for item in book.finished_in_order(batch_id, leaving_out=sent):
-                sent.add(item.id)
+            for item in book.finished_in_order(batch_id, seen=sent):
+                sent[item.id] = item.finished_seq
                 yield _event(item, book)
             if all(i.id in sent for i in current):
                 yield "event: end\ndata: {}\n\n"
@@ -82,8 +85,8 @@ def stream(book: ResultBook, batch_id: str, items: Callable[[], list[Item] | Non
                     break
                 if item is None:
                     return  # this process is stopping; without `end`, the browser reconnects
-                if item.id not in sent and item.is_finished:
-                    sent.add(item.id)
+                if item.is_finished and item.finished_seq > sent.get(item.id, 0):
+                    sent[item.id] = item.finished_seq
                     yield _event(item, book)
                 if not book.unfinished(batch_id):
                     break

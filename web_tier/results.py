@@ -14,6 +14,7 @@ import re
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -387,17 +388,20 @@ class ResultBook:
             batch = self._batches.get(batch_id)
             return batch.unfinished if batch is not None else 0
 
-    def finished_in_order(self, batch_id: str, leaving_out: set[str]) -> list[Item]:
-        """The batch's finished items but those in `leaving_out`, in the order they
-        finished. Read under the lock, as items join batches, are numbered and finish
-        under it: one that finished before any of these is among them (read one by
-        one without it, an item could finish between two reads, after a later one had
-        been seen finished; one could join the batch finished in between too)."""
+    def finished_in_order(self, batch_id: str, seen: Mapping[str, int]) -> list[Item]:
+        """The batch's finished items not `seen` (item id: the finished_seq it was seen
+        with), in the order they finished. One seen with an older number is not: a
+        provisional failure replaced by a late answer. Read under the lock, as items
+        join batches, are numbered and finish under it: one that finished before any
+        of these is among them (read one by one without it, an item could finish
+        between two reads, after a later one had been seen finished; one could join the
+        batch finished in between too)."""
         with self._lock:
             batch = self._batches.get(batch_id)
             ids = batch.item_ids if batch is not None else []
-            finished = (self._items[i] for i in ids if i in self._items and i not in leaving_out)
-            return sorted((i for i in finished if i.is_finished), key=lambda i: i.finished_seq)
+            finished = (self._items[i] for i in ids if i in self._items)
+            return sorted((i for i in finished if i.is_finished and i.finished_seq > seen.get(i.id, 0)),
+                          key=lambda i: i.finished_seq)
 
     def wait(self, item_id: str, timeout: float) -> Item | None:
         """Block until the item has a result; the item, or None on timeout or unknown id."""

@@ -810,6 +810,12 @@ def test_a_batch_all_refused_by_an_untrained_worker_says_untrained(make_web_app)
 
 def parse_events(chunks) -> list[dict]:
     """Read SSE blocks from a streamed response until `end`."""
+    return parse_events_until(chunks, lambda event: event.get("event") == "end")
+
+
+def parse_events_until(chunks, last) -> list[dict]:
+    """Read SSE blocks from a streamed response until one that is `last(block)`; the
+    stream can be read on after it (a block is read whole, and the chunks are its own)."""
     out, buffer = [], ""
     for chunk in chunks:
         buffer += chunk.decode() if isinstance(chunk, bytes) else chunk
@@ -817,7 +823,7 @@ def parse_events(chunks) -> list[dict]:
             block, buffer = buffer.split("\n\n", 1)
             fields = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
             out.append({**fields, "raw": block})
-            if fields.get("event") == "end":
+            if last(fields):
                 return out
     return out
 
@@ -867,6 +873,33 @@ def test_a_batch_forgotten_as_its_stream_starts_is_read_again_not_ended_empty(ma
     assert sorted(json.loads(e["data"])["filename"] for e in got if "id" in e) == ["one.jpg", "two.jpg"]
     assert got[-1]["event"] == "end"
     response.close()
+
+
+def test_a_stream_sends_the_late_answer_that_replaces_a_dead_letter(make_web_app):
+    """An item failed by a dead letter is replaced if a copy of its request is answered
+    later: the stream knew the item sent, and the page's row stayed "failed" while
+    GET /api/jobs said "done" (reviewer). A client reconnecting after the failure
+    (its Last-Event-ID) is sent the answer too."""
+    app = make_web_app(start_background=False)
+    client = app.test_client()
+    body = upload(client, [(make_image(84), "a.jpg"), (make_image(85), "b.jpg")]).get_json()
+    (a, b), batch_id = [i["id"] for i in body["items"]], body["batch_id"]
+    book = services_of(app).book
+    chunks = client.get(f"/api/jobs/{batch_id}/events", buffered=False).response
+    book.fail(a, DEAD_LETTER_ERROR)
+    failed = parse_events_until(chunks, lambda event: "id" in event)
+    assert json.loads(failed[-1]["data"])["state"] == "failed"
+    finish(app, a, "cat")
+    finish(app, b, "dog")
+    rest = parse_events(chunks)
+    assert sorted((json.loads(e["data"])["id"], json.loads(e["data"])["label"]) for e in rest if "id" in e) \
+        == sorted([(a, "cat"), (b, "dog")])
+    assert rest[-1]["event"] == "end"
+    resumed = client.get(f"/api/jobs/{batch_id}/events", headers={"Last-Event-ID": failed[-1]["id"]},
+                         buffered=False)
+    again = [json.loads(e["data"]) for e in parse_events(resumed.response) if "id" in e]
+    assert sorted((i["id"], i["state"]) for i in again) == sorted([(a, "done"), (b, "done")])
+    resumed.close()
 
 
 def test_a_stream_resumed_with_last_event_id_sends_only_what_finished_after_it(make_web_app):
