@@ -74,7 +74,13 @@ class StatusReader:
             began_now = False
             if due and self._refresh_began is None:
                 self._refresh_began, began_now = now, True
-                threading.Thread(target=self._refresh, name="status-refresh", daemon=True).start()
+                try:
+                    threading.Thread(target=self._refresh, name="status-refresh", daemon=True).start()
+                except BaseException:
+                    # No thread now (a process or memory limit): the next read tries again.
+                    # Left set, no refresh would ever run again (reviewer).
+                    self._refresh_began = None
+                    raise
             if self._cached is None and self._refresh_began is not None:
                 # What is left of FIRST_READ_WAIT_S since the refresh began: every read
                 # of an AWS that never answered the first waited all of it (explorer).

@@ -204,6 +204,25 @@ def test_status_after_an_idle_spell_says_its_figures_are_old_without_blaming_aws
     assert re.fullmatch(stale, errors[0]), errors
 
 
+def test_a_refresh_whose_thread_could_not_start_is_tried_again_at_the_next_read(quiet_client, monkeypatch):
+    """Under a process or memory limit a thread may not start: the refresh was then
+    taken for under way for good, and every later read waited, then blamed AWS (reviewer)."""
+    reader = services_of(quiet_client.application).status
+    reader.cache_s = 0.0  # every read wants a refresh
+    start = threading.Thread.start
+
+    def refused(thread):
+        if thread.name == "status-refresh":
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    assert quiet_client.get("/api/status").status_code == 500
+    monkeypatch.setattr(threading.Thread, "start", start)
+    answer = quiet_client.get("/api/status").get_json()
+    assert "queue" in answer and "errors" not in answer, answer
+
+
 def test_what_a_snapshot_says_of_its_age_while_aws_is_asked():
     from web_tier.status import STALE_AFTER_S, staleness
     fresh, stale = 100.0 - STALE_AFTER_S / 2, 100.0 - STALE_AFTER_S - 1
