@@ -90,6 +90,8 @@ TAGGING_REFUSALS = frozenset({"AccessDenied", "InvalidTag", "MalformedXML", "Inv
 REPLY_RETRY_PAUSES_S = (0.1, 0.5)
 # The longest wait between receives that fail (1 s, doubled each time, up to this).
 RECEIVE_BACKOFF_MAX_S = 30.0
+# How long the grace period's end waits for a receive under way (see _give_up).
+GRACE_RECEIVE_WAIT_S = 2.0
 
 
 @dataclass
@@ -173,7 +175,12 @@ class Worker:
         try:
             # A model call or decode under way was tried and did not finish: that costs an
             # attempt, or an image that hangs either would start afresh at every scale-in.
-            self._give_back([job for call in self._calls_under_way() for job in call.jobs])
+            # A long poll begun before the signal ends within RECEIVE_WAIT of it, so by
+            # now at the default grace, but only just: what it brings at the last moment
+            # is handed back too, not left hidden for its lease (reviewer). Systemd's
+            # kill (TimeoutStopSec=30) leaves room over SHUTDOWN_GRACE's 25 s at most.
+            self._give_back([job for call in self._calls_under_way() for job in call.jobs],
+                            wait_for_receive_s=GRACE_RECEIVE_WAIT_S)
         finally:
             self._exit(0)
 

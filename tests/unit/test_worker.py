@@ -1022,6 +1022,30 @@ def test_the_grace_timer_waits_for_the_main_loops_hand_back(aws_env, monkeypatch
     assert not len(worker.held)
 
 
+def test_the_grace_timer_hands_back_what_a_receive_under_way_brings(aws_env):
+    """A long poll begun before SIGTERM ends within RECEIVE_WAIT of it, as the default
+    grace period does: what it brought at the last moment was left hidden for its
+    lease by the exit, not handed back (reviewer)."""
+    settings, aws = aws_env
+    upload_a_and_b(settings, aws)
+    worker = Worker(settings, aws, MeanClassifier(), "i-stopping")
+    worker.stopping.set()
+    receiving = threading.Event()
+
+    def receive_at_the_last_moment():
+        receiving.set()
+        time.sleep(0.5)
+        worker.fetch()
+
+    worker._fetcher = threading.Thread(target=receive_at_the_last_moment)
+    worker._fetcher.start()
+    assert receiving.wait(5)
+    exits = record_exits(worker)
+    worker._give_up()  # the grace timer
+    assert exits == [0] and not worker._fetcher.is_alive()
+    assert not len(worker.held) and depth(aws, aws.request_queue_url) == (2, 0)
+
+
 def test_a_release_is_not_overtaken_by_a_heartbeat_already_under_way(aws_env, monkeypatch):
     """The heartbeat read the held messages, then a release made them visible: the
     heartbeat's extension must not land last and hide them for a visibility timeout."""
