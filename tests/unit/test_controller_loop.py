@@ -217,6 +217,20 @@ def test_scale_in_waits_out_the_window_and_a_restart_does_not_shorten_it(aws, ma
     assert instances(aws) == []
 
 
+def test_the_scale_in_window_holds_a_peak_its_whole_length_and_no_longer():
+    """SCALE_IN_COOLDOWN's length: a tenth of it had passed every other test, whose
+    checks all fell within a controller's first window (mutation audit)."""
+    from controller.loop import ScaleInWindow
+
+    window, fleet = 60.0, ScaleInWindow()
+    assert fleet.peak(0.0, 5, live=5, window=window) == 5
+    assert not fleet.watched(59.9, window) and fleet.watched(60.0, window)
+    assert fleet.peak(60.0, 5, live=5, window=window) == 5
+    assert fleet.peak(100.0, 1, live=5, window=window) == 5  # the dip
+    assert fleet.peak(159.9, 1, live=5, window=window) == 5  # 5 was wanted until 100
+    assert fleet.peak(160.0, 1, live=5, window=window) == 1  # a whole window since
+
+
 def test_polls_further_apart_than_the_window_do_not_shorten_it(aws, make_controller):
     """`make bench` polls every 0.5 s with a 0.5 s window: a round a little late must not
     see an empty window, or one quiet poll between two requests ends the fleet."""

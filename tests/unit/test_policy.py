@@ -145,6 +145,10 @@ def test_the_fleet_shrinks_only_to_the_most_wanted_within_the_window():
     assert "wanted within" not in young.reason
     # Scaling out never waits, and the cap still trims.
     assert len(decide(obs(visible=12, running=8), policy, wanted_recently=8).launch) == 4
+    # Not even for a peak above what is wanted now: a recent burst of 10 does not hold
+    # the fleet at 2 while 5 are wanted.
+    grow = decide(obs(visible=5, running=2), policy, wanted_recently=10)
+    assert grow.desired == 5 and grow.launch == (3, 4, 5)
     assert len(decide(obs(visible=100, running=17), policy, wanted_recently=17).terminate) == 2
 
 
@@ -164,6 +168,10 @@ def test_latency_mode_does_not_launch_what_could_not_boot_in_time():
     policy = Policy(mode="latency", acceptable_latency_s=5, seconds_per_image=0.5, boot_time_s=40)
     small = decide(obs(visible=30, running=2), policy)
     assert small.launch == ()
+    # Drained just as a boot would end (160*0.5/2 = 40 s): no launch either; a moment
+    # longer, and instances are launched.
+    assert decide(obs(visible=160, running=2), policy).launch == ()
+    assert len(decide(obs(visible=162, running=2), policy).launch) > 0
     # A burst they could not clear before a boot does launch more.
     large = decide(obs(visible=400, running=2), policy)
     assert len(large.launch) > 0
