@@ -290,6 +290,13 @@ def test_sent_again_under_its_idempotency_key_an_image_is_stored_and_classified_
     assert other.status_code == 200 and other.headers["X-Item-Id"] != first.headers["X-Item-Id"]
 
 
+def test_idempotency_keys_of_16_and_of_64_characters_are_taken(web_client, fake_worker):
+    """The README's 16 to 64, both ends (mutation audit)."""
+    for n, key in enumerate(("k" * 16, "k" * 64)):
+        response = post_with_key(web_client, make_image(40 + n), f"k{n}.jpg", key)
+        assert response.status_code == 200, response.text
+
+
 @pytest.mark.parametrize("key, status, says", [
     ("short", 400, "an Idempotency-Key is 16 to 64 letters"),
     ("k" * 65, 400, "an Idempotency-Key is 16 to 64 letters"),

@@ -766,6 +766,30 @@ def test_a_file_past_the_limit_is_spooled_only_to_the_limit_and_refused_alone(we
     assert kept == [len(make_image(3)), web_settings.max_upload_bytes + 1]
 
 
+def test_a_file_of_exactly_the_size_limit_is_taken_and_one_byte_more_is_not(make_web_app):
+    """MAX_UPLOAD_BYTES: "413 beyond" it (README), not at it (mutation audit)."""
+    data = make_image(4)
+    for limit, status in ((len(data), 202), (len(data) - 1, 413)):
+        client = make_web_app(start_background=False, max_upload_bytes=limit).test_client()
+        response = upload(client, [(data, "edge.jpg")])
+        assert response.status_code == status, (limit, response.get_json())
+
+
+def test_an_image_of_exactly_the_pixel_limit_is_taken_by_both_tiers(web_settings):
+    """MAX_IMAGE_PIXELS is the most allowed (mutation audit): at it, both tiers take the
+    image; a row more, both refuse it."""
+    limited = dataclasses.replace(web_settings, max_image_pixels=1_000_000)
+    at_limit = encode(Image.new("RGB", (1000, 1000), (9, 9, 9)), "PNG")
+    assert check_image("at.png", at_limit, limited).content_type == "image/png"
+    prepare(at_limit, limited.max_image_pixels)
+    over = encode(Image.new("RGB", (1000, 1001), (9, 9, 9)), "PNG")
+    with pytest.raises(UploadError) as refusal:
+        check_image("over.png", over, limited)
+    assert refusal.value.status == 413
+    with pytest.raises(BadImage):
+        prepare(over, limited.max_image_pixels)
+
+
 @pytest.mark.parametrize("path", ["/api/jobs", "/"])
 def test_a_form_that_is_not_multipart_is_not_read(web_client, monkeypatch, path):
     """Werkzeug reads a urlencoded body whole into memory to parse it, up to the 2 GB

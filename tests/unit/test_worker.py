@@ -1156,7 +1156,8 @@ def test_a_decode_is_watched_while_it_decodes_not_while_it_waits_its_turn(monkey
 def test_a_failed_attempt_waits_longer_each_time_before_the_next():
     assert [retry_delay_s(n, 5) for n in (1, 2, 3, 4)] == [5, 10, 20, 40]
     assert retry_delay_s(1, 0) == retry_delay_s(3, 0) == 0
-    assert retry_delay_s(30, 5) == MAX_RETRY_DELAY_S  # SQS allows 12 h from the receive, in all
+    # SQS allows 12 h from the receive, in all; an hour keeps a retry within it.
+    assert retry_delay_s(30, 5) == MAX_RETRY_DELAY_S == 3600
     assert retry_delay_s(10 ** 12, 5) == MAX_RETRY_DELAY_S  # a count a sender made up: no 2 ** 10 ** 12
 
 
