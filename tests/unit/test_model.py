@@ -107,6 +107,31 @@ def test_openvino_agrees_with_tensorflow(batch, ir_cache, monkeypatch, ov_thread
     assert ov_model.untrained and tf_model.untrained
 
 
+@pytest.fixture(scope="module")
+def weights_of_class_7(tmp_path_factory) -> Path:
+    """A weights file (MODEL_WEIGHTS=<path>) of a ResNet-50 whose every answer is class 7:
+    its last layer's bias for it far above the others."""
+    network = model.build_network("random")
+    predictions = network.get_layer("predictions")
+    kernel, bias = predictions.get_weights()
+    bias[7] = 1000.0
+    predictions.set_weights([kernel, bias])
+    path = tmp_path_factory.mktemp("weights") / "resnet50.weights.h5"
+    network.save_weights(str(path))
+    return path
+
+
+@pytest.mark.parametrize("runtime", ["tensorflow", "openvino"])
+def test_weights_from_a_file_are_the_ones_used_and_not_called_untrained(runtime, weights_of_class_7, batch,
+                                                                         tmp_path, monkeypatch):
+    """Only "random" weights are untrained: the flag hard-wired to true had passed every
+    test, which loaded no other weights (mutation audit)."""
+    monkeypatch.setenv("IMGCLASS_CACHE", str(tmp_path))
+    loaded = load_classifier(str(weights_of_class_7), runtime)  # threads: TensorFlow has started
+    assert loaded.untrained is False
+    assert [result.label for result in loaded.classify(batch)] == [imagenet_labels()[7]] * len(batch)
+
+
 def test_openvino_runs_in_fp32_without_cpu_pinning(ir_cache, monkeypatch):
     """bf16 (the default on AVX512_BF16 CPUs) is 3e-3 off TensorFlow; pinned, one-thread
     workers on one machine all pin to the first core and share it."""
