@@ -103,6 +103,9 @@ def test_long_polls_wait_out_a_stall_that_other_calls_give_up_on():
 def test_safe_filename_keeps_extension_of_long_names():
     name = safe_filename("x" * 300 + ".jpeg")
     assert len(name) == 100 and name.endswith(".jpeg")
+    # Up to 10 characters is an extension; more is part of the name, cut with it.
+    assert safe_filename("x" * 300 + "." + "e" * 10).endswith("x." + "e" * 10)
+    assert safe_filename("x" * 300 + "." + "e" * 11) == "x" * 100
 
 
 def test_object_key_has_no_path_tricks():

@@ -716,6 +716,16 @@ def test_a_name_too_long_is_cut_before_its_extension():
     assert len(shown) == MAX_FILENAME_CHARS and shown.endswith("A.jpg")
     assert stem(shown) == "A" * (MAX_FILENAME_CHARS - 4)
     assert clean_name("B" * 3000) == "B" * MAX_FILENAME_CHARS  # no extension to keep
+    # Up to 16 characters is an extension, kept; more is part of the name.
+    assert clean_name("C" * 3000 + "." + "e" * 16).endswith("C." + "e" * 16)
+    assert clean_name("D" * 3000 + "." + "e" * 17) == "D" * MAX_FILENAME_CHARS
+
+
+def test_a_name_of_nothing_to_show_is_called_upload():
+    from web_tier.filenames import clean_name
+
+    for sent in ("", "   ", "\u202e\u2066", "\n\t"):
+        assert clean_name(sent) == "upload", repr(sent)
 
 
 @pytest.mark.parametrize("name", ["\u00e9" * 1100 + ".jpg", "\U0001f600" * 500 + ".jpg",
