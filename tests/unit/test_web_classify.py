@@ -412,8 +412,10 @@ def test_a_waiting_request_holds_neither_its_image_nor_its_spool(make_web_app, w
     image = make_image(9)
     waiting = threading.Thread(target=lambda: seen.setdefault("answer", post_image(client, image, "a.jpg")))
     waiting.start()
-    # The upload's bytes let go while the request waits (its answer 30 s away).
-    wait_until(lambda: "upload" in seen and gc.collect() >= 0 and seen["upload"]() is None, 5)
+    # The upload's bytes let go while the request waits (its answer 30 s away, no worker
+    # running yet). 5 s was too short once in a full run on a loaded machine, where
+    # each gc.collect() walks TensorFlow's heap too.
+    wait_until(lambda: "upload" in seen and gc.collect() >= 0 and seen["upload"]() is None, 20)
     assert seen["storage"].stream.closed and "answer" not in seen
     worker = FakeWorker(web_aws).start()
     try:
