@@ -180,6 +180,14 @@ def error_reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _naming_the_queue(response: dict, name: str, settings: Settings) -> dict:
+    """A missing queue's error response, its message saying which queue, where, and why."""
+    where = f"{settings.region}" + (f" at {settings.endpoint_url}" if settings.endpoint_url else "")
+    message = (f"no queue {name} in {where}: are APP_PREFIX ({settings.prefix}) and the region those "
+               "it was made with? (python -m common.provision makes the queues and buckets)")
+    return {**response, "Error": {**response.get("Error", {}), "Message": message}}
+
+
 @dataclass
 class Aws:
     """The three clients a tier needs, and the queue URLs it resolves once."""
@@ -260,7 +268,13 @@ class Aws:
         that a health check gets an answer within seconds even for its first lookup."""
         if name not in self._queue_urls:
             sqs = self.probes["sqs"] if probe else self.sqs
-            self._queue_urls[name] = sqs.get_queue_url(QueueName=name)["QueueUrl"]
+            try:
+                self._queue_urls[name] = sqs.get_queue_url(QueueName=name)["QueueUrl"]
+            except sqs.exceptions.QueueDoesNotExist as exc:
+                # SQS's "The specified queue does not exist" names no queue: an operator
+                # with a wrong APP_PREFIX or region could not tell which was looked for.
+                raise type(exc)(_naming_the_queue(exc.response, name, self.settings),
+                                exc.operation_name) from None
         return self._queue_urls[name]
 
     @property

@@ -407,7 +407,11 @@ class Controller:
 
     def _say_what_others_ended(self, obs: Observation) -> None:
         gone = sorted(self._live_after_last_round - {i.id for i in obs.live})
-        if gone:
+        if gone and self.dry_run:
+            # Beside a live fleet, another controller does the acting: no cause for alarm.
+            log.info("controller: %d instance(s) ended since the last round (dry run: by whoever acts): %s",
+                     len(gone), ", ".join(gone))
+        elif gone:
             log.warning("controller: %d instance(s) ended since the last round, not by this controller: %s "
                         "(terminated by hand or another program, or by EC2: no capacity, a failed host); "
                         "replaced if the queue needs them", len(gone), ", ".join(gone))
@@ -620,8 +624,11 @@ class Controller:
 
     def log_settings(self) -> None:
         """The settings every decision is made with (a --once round's too: reviewer)."""
-        log.info("controller: cap %d, mode %s, poll every %.1fs, scale-in window %gs%s",
-                 self.policy.max_instances, self.policy.mode, self.settings.poll_interval_s,
+        s = self.settings
+        # Which queue and fleet, where: a wrong APP_PREFIX or region showed in nothing here.
+        where = s.region + (f" at {s.endpoint_url}" if s.endpoint_url else "")
+        log.info("controller: prefix %s in %s, cap %d, mode %s, poll every %.1fs, scale-in window %gs%s",
+                 s.prefix, where, self.policy.max_instances, self.policy.mode, s.poll_interval_s,
                  self.policy.scale_in_cooldown_s, " (dry run)" if self.dry_run else "")
 
     def _wait(self, seconds: float) -> None:

@@ -101,7 +101,9 @@ def desired_count(obs: Observation, policy: Policy) -> tuple[int, str]:
         if drain_s <= policy.boot_time_s and len(serving) < wanted:
             # Launch nothing (pending ones are kept: they boot as the backlog drains).
             wanted = len(serving)
-            reason += f"; running instances drain it in {drain_s:.1f}s < boot {policy.boot_time_s:g}s"
+            reason += f"; running instances drain it in {drain_s:.1f}s, within a {policy.boot_time_s:g}s boot"
+    if wanted > policy.max_instances:
+        reason += f"; capped at {policy.max_instances}"
     return min(policy.max_instances, wanted), reason
 
 

@@ -484,20 +484,21 @@ class InstanceRunner:
         When LOCAL_MAX_WORKERS leaves some without one, those served are the ones the
         controller scales in last."""
         waiting = sorted((i for i in instances if i.id not in self.workers), key=scale_in_order, reverse=True)
-        capped = False
+        held_back = []
         for iid in [i.id for i in waiting]:
             first = self._first_seen.setdefault(iid, now)
             if now - first < self.settings.local_boot_delay_s:
                 continue
             if len(self.workers) >= self.settings.local_max_workers:
-                if not self._warned_cap:
-                    log.warning("runner: LOCAL_MAX_WORKERS=%d reached; %s waits for a free slot",
-                                self.settings.local_max_workers, iid)
-                capped = self._warned_cap = True
+                held_back.append(iid)
                 continue
             self._start_worker(iid)
-        if not capped:
-            self._warned_cap = False  # said again the next time the cap holds an instance back
+        if held_back and not self._warned_cap:
+            # How many, not one id: 12 waiting read as one (reviewer).
+            log.warning("runner: LOCAL_MAX_WORKERS=%d reached; %d instance(s) wait for a free slot: %s",
+                        self.settings.local_max_workers, len(held_back),
+                        ", ".join(held_back[:3]) + (", ..." if len(held_back) > 3 else ""))
+        self._warned_cap = bool(held_back)  # said again the next time the cap holds one back
 
     def run(self) -> None:
         backoff = self.poll_s

@@ -18,12 +18,14 @@ import argparse
 import dataclasses
 import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,6 +145,22 @@ def child_env(settings: Settings, run_dir: Path) -> dict[str, str]:
         env.setdefault(name, value)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+# What a program in another shell needs besides the address to act on this stack as its
+# own processes do: a dry-run controller without the prefix looked for queues that did
+# not exist, and without make run's scale-in window decided otherwise (reviewer).
+SHARED_WITH_OTHER_SHELLS = ("APP_PREFIX", "SCALE_IN_COOLDOWN", "READY_DEADLINE")
+
+
+def other_shell_line(settings: Settings, env: Mapping[str, str]) -> str:
+    """The line `make run` prints for other shells: what to export there."""
+    # boto3 and the AWS CLI need a region and some credentials besides the address.
+    exports = {"AWS_ENDPOINT_URL": settings.local_aws_url, "AWS_DEFAULT_REGION": settings.region,
+               "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local",
+               **{name: env[name] for name in SHARED_WITH_OTHER_SHELLS if name in env}}
+    return ("to reach the embedded AWS from another shell (or run controller.py there as this one "
+            "runs): export " + " ".join(f"{name}={shlex.quote(value)}" for name, value in exports.items()))
 
 
 @dataclass
@@ -458,10 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             if settings.untrained else ""
         print(f"READY web={settings.web_url} aws={settings.local_aws_url}"
               f" logs={stack.logs}{untrained}", flush=True)
-        # boto3 and the AWS CLI need a region and some credentials besides the address.
-        print(f"to reach the embedded AWS from another shell: export AWS_ENDPOINT_URL="
-              f"{settings.local_aws_url} AWS_DEFAULT_REGION={settings.region} "
-              "AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local", flush=True)
+        print(other_shell_line(settings, stack.env), flush=True)
         while not stop.wait(0.5):
             problem = stack.supervise()
             if problem:

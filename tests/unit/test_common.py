@@ -459,6 +459,20 @@ def test_queue_depth_tells_waiting_in_flight_and_delayed_apart():
         assert aws.queue_depth(aws.response_queue_url) == QueueDepth(0, 0, 0)
 
 
+def test_a_missing_queue_is_named_with_the_prefix_and_region_it_was_looked_for_with():
+    """SQS's "The specified queue does not exist" named nothing: a controller started
+    with a wrong APP_PREFIX retried it for ever, and its operator could not tell why."""
+    with mock_aws():
+        provision(Settings())
+        aws = Aws(Settings(prefix="wrongpfx"))
+        with pytest.raises(ClientError) as missing:
+            aws.queue_url(aws.settings.request_queue)
+        assert missing.value.response["Error"]["Code"] == "AWS.SimpleQueueService.NonExistentQueue"
+        assert isinstance(missing.value, aws.sqs.exceptions.QueueDoesNotExist)  # still caught as it was
+        assert ("no queue wrongpfx-req-queue in us-east-1: are APP_PREFIX (wrongpfx) and the region those "
+                "it was made with?") in str(missing.value)
+
+
 def test_provision_is_idempotent_private_encrypted_and_has_a_dead_letter_queue():
     with mock_aws():
         settings = Settings()

@@ -1117,6 +1117,21 @@ def test_instances_ended_by_someone_else_are_said(aws, make_controller, caplog):
     assert "not by this controller" not in caplog.text and instances(aws) == []
 
 
+def test_a_dry_run_beside_a_live_fleet_says_what_ended_without_alarm(aws, make_controller, caplog):
+    """In a dry run another controller does the acting: its scale-ins were warned of as
+    instances ended behind this one's back (reviewer)."""
+    send(aws, 2)
+    make_controller().step()  # the live controller launches
+    watching = make_controller(dry_run=True)
+    watching.step()
+    aws.ec2.terminate_instances(InstanceIds=[i["InstanceId"] for i in instances(aws)])
+    with caplog.at_level(logging.INFO, logger="controller.loop"):
+        watching.step()
+    said = [r for r in caplog.records if "ended since the last round" in r.getMessage()]
+    assert [(r.levelno, "(dry run: by whoever acts)" in r.getMessage()) for r in said] == \
+        [(logging.INFO, True)]
+
+
 def test_instances_it_terminated_in_a_round_that_then_failed_are_not_blamed_on_others(
         aws, make_controller, patch, caplog):
     """Its terminations took effect, their answer was lost: the next round blamed
@@ -1302,7 +1317,8 @@ def test_once_exits_1_when_a_launch_fails(aws, patch, monkeypatch, capsys, tmp_p
         assert main(["--once"]) == 1
     assert "a launch failed" in capsys.readouterr().err
     # The settings it decided with, as a running controller logs them (reviewer).
-    assert "controller: cap 15, mode backlog, poll every 1.0s, scale-in window 60s" in caplog.text
+    said = "controller: prefix unit in us-east-1, cap 15, mode backlog, poll every 1.0s, scale-in window 60s"
+    assert said in caplog.text
     assert instances(aws) == []
 
 

@@ -424,6 +424,22 @@ def test_an_ipv6_web_host_is_checked_and_named_as_one_address(tmp_path, web_host
     assert Settings(web_host="0.0.0.0", web_port=8000).web_url == "http://0.0.0.0:8000"
 
 
+def test_the_line_for_other_shells_carries_what_a_controller_there_needs(tmp_path, monkeypatch):
+    """A dry-run controller from the exported line looked for imgclass-req-queue, not this
+    stack's prefix's, and decided with no scale-in window where make run's has 5 s (reviewer)."""
+    from localaws.stack import other_shell_line
+
+    for name in ("SCALE_IN_COOLDOWN", "READY_DEADLINE"):
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings(prefix="mine", local_aws_port=5123, local_max_workers=2)
+    line = other_shell_line(settings, child_env(settings, tmp_path))
+    assert line.endswith(": export AWS_ENDPOINT_URL=http://127.0.0.1:5123 AWS_DEFAULT_REGION=us-east-1 "
+                         "AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local APP_PREFIX=mine "
+                         "SCALE_IN_COOLDOWN=5 READY_DEADLINE=0"), line
+    monkeypatch.setenv("SCALE_IN_COOLDOWN", "a b")  # the user's, quoted for the shell
+    assert "SCALE_IN_COOLDOWN='a b'" in other_shell_line(settings, child_env(settings, tmp_path))
+
+
 def test_servers_on_one_port_of_different_addresses_are_allowed():
     from localaws.server import ensure_ports_differ
 

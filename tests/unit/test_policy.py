@@ -154,6 +154,10 @@ def test_the_fleet_shrinks_only_to_the_most_wanted_within_the_window():
 
 def test_target_backlog_per_instance():
     assert desired_count(obs(visible=25), Policy(target_backlog_per_instance=10))[0] == 3
+    # The cap, when it limits, is in the reason: "backlog 17, target 1" read as 17 wanted (reviewer).
+    assert desired_count(obs(visible=17), Policy(target_backlog_per_instance=1)) == \
+        (15, "backlog 17, target 1 per instance; capped at 15")
+    assert "capped" not in desired_count(obs(visible=15), Policy(target_backlog_per_instance=1))[1]
 
 
 def test_latency_mode_target_follows_from_acceptable_latency():

@@ -148,6 +148,8 @@ def test_the_cap_is_said_once_each_time_it_holds_an_instance_back(world, monkeyp
     runner.step()
     runner.step()
     assert list(runner.workers) == ["i-served"] and said() == 1
+    # How many wait, not one id of them (reviewer: 12 waiting read as one).
+    assert "LOCAL_MAX_WORKERS=1 reached; 1 instance(s) wait for a free slot: i-waiting" in caplog.text
     fleet.remove(waiting)
     runner.step()
     fleet.append(waiting)
