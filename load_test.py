@@ -682,6 +682,12 @@ class Report:
         return max((n for _, n in self.instance_samples), default=None)
 
     @property
+    def lowest_instances(self) -> int | None:
+        """The fewest seen: a fleet that scaled in to 0 and out again mid-run peaked where
+        it began, and its table said nothing of the gap (reviewer)."""
+        return min((n for _, n in self.instance_samples), default=None)
+
+    @property
     def instances_at_start(self) -> int | None:
         """The first sample's count: the fleet a run before this one left may be the peak
         (a 1-request run after a bigger one said 7: reviewer)."""
@@ -724,6 +730,7 @@ class Report:
             "untrained": self.untrained,
             "peak_instances": self.peak_instances,
             "instances_at_start": self.instances_at_start,
+            "lowest_instances": self.lowest_instances,
             "interrupted": self.interrupted,
             "interrupted_by": self.interrupted_by,
             "abandoned": self.abandoned,
@@ -1828,6 +1835,8 @@ def format_report(report: Report, max_problems: int = 10) -> str:
         late = first_at > 2 * STATUS_INTERVAL_S
         when = f"at the first reading, {first_at:.0f} s in" if late else "at start"
         at_first = f"{report.instances_at_start} {when}"
+        if report.lowest_instances < report.instances_at_start:
+            at_first += f", {report.lowest_instances} at the lowest"
         rows.append(("peak app-tier instances", f"{report.peak_instances} ({at_first})"))
     width = max(len(name) for name, _ in rows)
     in_flight = min(report.concurrency, report.planned)
