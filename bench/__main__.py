@@ -104,7 +104,8 @@ def run_inference(images: Path, skip_tf: bool) -> tuple[dict[str, Any], dict[str
         "runs": by_name,
         "errors": errors,
         "local_limit": {"runtime": limit.runtime, "threads": limit.threads, "batch": limit.best_batch,
-                        "images_per_s": limit.best_throughput},
+                        "images_per_s": limit.best_throughput,
+                        "core_ms_per_image": limit.core_ms_per_image.get(limit.best_batch)},
         "single_image_s": limit.single_image_s,
         "single_image_after_pause_s": limit.single_image_after_pause_s,
         "distinct_labels": len(set(labels.values())),
@@ -426,7 +427,9 @@ def _document(figures: dict[str, Any], started: float) -> dict[str, Any]:
     judged_ratio = _lower(e2e_ratio, e2e_ratio_now)
     single_image_s = _lower((inference or {}).get("single_image_s"), now.get("single_image_s"))
     budget = report.cpu_budget(limit, psutil.cpu_count() or 1, _cpu_by_kind(tput), tput.get("requests") or 0,
-                               tput.get("throughput_images_per_s"))
+                               tput.get("throughput_images_per_s"),
+                               model_core_ms_per_image=((inference or {}).get("local_limit") or {}).get(
+                                   "core_ms_per_image"))
     # A run whose fleet never reached zero within ZERO_TIMEOUT_S has None here: a miss,
     # unlike a run that is not there at all.
     scaled = [((e2e or {}).get(k) or {}).get("scaling") for k in ("throughput", "course")]
@@ -483,9 +486,13 @@ def budget_line(budget: dict[str, Any] | None) -> str:
     parts = ", ".join(f"{kind} {ms:.1f}" for kind, ms in
                       sorted(budget["core_ms_per_image"].items(), key=lambda kv: -kv[1]))
     ceiling = report.fmt(budget["ceiling_images_per_s"], digits=1)
+    # A JSON from before the model's CPU was measured has no flag: it was assumed then.
+    how = "measured in (a)" if budget.get("model_core_ms_measured") else "assumed: all cores busy"
+    cores = budget.get("model_cores")
+    had = "" if cores is None else f" ({cores:.2f} cores)"
     return (f"    CPU per image during (b), core-ms: {parts} = {budget['total_core_ms_per_image']:.1f} "
-            f"(the model alone at its limit: {budget['model_core_ms_per_image']:.1f}).\n"
-            f"    On these cores that allows at most {ceiling} images/s "
+            f"(the model alone at its limit: {budget['model_core_ms_per_image']:.1f}, {how}).\n"
+            f"    With the CPU the model had at its limit{had}, that allows at most {ceiling} images/s "
             f"= {report.fmt(budget['ceiling_over_limit'], '%')} of the limit; (b) reached "
             f"{report.fmt(budget['measured_over_ceiling'], '%')} of that ceiling.")
 

@@ -274,7 +274,8 @@ def _model_now(plan: EndToEndPlan, stack: StackProcess) -> dict[str, object]:
     found = plan.model_probe()
     return {"runtime": found.runtime, "threads": found.threads, "batch": found.best_batch,
             "images_per_s": found.best_throughput, "single_image_s": found.single_image_s,
-            "single_image_after_pause_s": found.single_image_after_pause_s}
+            "single_image_after_pause_s": found.single_image_after_pause_s,
+            "core_ms_per_image": found.core_ms_per_image.get(found.best_batch)}
 
 
 def _low_load(plan: EndToEndPlan, stack: StackProcess) -> dict[str, object]:

@@ -79,26 +79,34 @@ class Target:
 
 
 def cpu_budget(limit_images_per_s: float | None, cores: int, cpu_s_by_kind: dict[str, float],
-               images: int, measured_images_per_s: float | None) -> dict[str, Any] | None:
-    """Core-milliseconds per image, by process kind, and the throughput they allow on `cores`.
+               images: int, measured_images_per_s: float | None,
+               model_core_ms_per_image: float | None = None) -> dict[str, Any] | None:
+    """Core-milliseconds per image, by process kind, and the throughput they allow.
 
-    The model alone at its limit needs cores / limit seconds of CPU per image;
-    everything else on the machine (the embedded AWS, the web tier, the load
-    generator, the workers' own I/O) is paid from the same cores. When the
-    machine is saturated, cores / (all of it) is the ceiling of end-to-end
-    throughput, whatever the code around the model does.
+    `model_core_ms_per_image` is the model alone's CPU per image at its limit, as
+    measured in (a); without it, it is assumed that the model kept all `cores` busy
+    (1000 * cores / limit), which on a shared machine overstates it. Everything
+    else on the machine (the embedded AWS, the web tier, the load generator, the
+    workers' own I/O) is paid from the same CPU. The model reached the limit with
+    the CPU it had; given as much, the stack's CPU per image allows model / total
+    of that speed, whatever the code around the model does.
     """
     if not limit_images_per_s or images <= 0 or not cpu_s_by_kind:
         return None
     by_kind = {kind: 1000 * cpu / images for kind, cpu in cpu_s_by_kind.items()}
     total_ms = sum(by_kind.values())
-    ceiling = 1000 * cores / total_ms if total_ms > 0 else None
+    measured_model = bool(model_core_ms_per_image and model_core_ms_per_image > 0)
+    model_ms = model_core_ms_per_image if measured_model else 1000 * cores / limit_images_per_s
+    share = ratio(model_ms, total_ms)
+    ceiling = None if share is None else limit_images_per_s * share
     return {
-        "model_core_ms_per_image": 1000 * cores / limit_images_per_s,
+        "model_core_ms_per_image": model_ms,
+        "model_core_ms_measured": measured_model,
+        "model_cores": limit_images_per_s * model_ms / 1000,  # the CPU the model had at its limit
         "core_ms_per_image": by_kind,
         "total_core_ms_per_image": total_ms,
         "ceiling_images_per_s": ceiling,
-        "ceiling_over_limit": ratio(ceiling, limit_images_per_s),
+        "ceiling_over_limit": share,
         "measured_over_ceiling": ratio(measured_images_per_s, ceiling),
     }
 

@@ -289,6 +289,42 @@ def test_the_targets_are_judged_against_the_faster_of_the_two_model_measurements
     assert targets["low-load p50 minus model single-image time"]["measured"] == pytest.approx(0.05)
 
 
+def test_the_budget_takes_the_models_cpu_per_image_measured_in_a():
+    figures = figures_with_the_model_twice(8, 20.0, 0.04, {
+        "images_per_s": 15.0, "single_image_s": 0.061, "single_image_after_pause_s": 0.07})
+    figures["inference"]["local_limit"]["core_ms_per_image"] = 50.0
+    # 100 images, 10 s of CPU in all: 100 core-ms per image.
+    figures["end_to_end"]["throughput"].update(
+        memory={"by_kind": {"worker": {"cpu_s": 8.0}, "moto": {"cpu_s": 1.5}}}, load_test_cpu_s=0.5)
+
+    budget = bench_main._document(figures, 0.0)["cpu_budget"]
+
+    assert budget["model_core_ms_measured"] is True and budget["model_core_ms_per_image"] == 50.0
+    assert budget["total_core_ms_per_image"] == pytest.approx(100.0)
+    assert budget["ceiling_over_limit"] == pytest.approx(0.5)
+    assert budget["ceiling_images_per_s"] == pytest.approx(10.0)
+
+    del figures["inference"]["local_limit"]["core_ms_per_image"]  # an older JSON's (a)
+    assert bench_main._document(figures, 0.0)["cpu_budget"]["model_core_ms_measured"] is False
+
+
+def test_the_limit_and_the_model_measured_again_keep_their_cpu_per_image(
+        fake_model, bench_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    def measure(runtime: str, threads: int, images: Path, **_) -> InferenceResult:
+        found = _result(runtime, threads, 25.0)
+        found.core_ms_per_image = dict.fromkeys(BATCH_SIZES, 70.0) | {found.best_batch: 60.0}
+        return found
+
+    monkeypatch.setattr(bench_main, "measure", measure)
+    limit = bench_main.run_inference(tmp_path, skip_tf=True)[0]["local_limit"]
+    assert limit["core_ms_per_image"] == 60.0  # at the limit's batch size
+
+    monkeypatch.setattr(endtoend, "_settle", lambda stack: None)
+    plan = endtoend.EndToEndPlan(images=tmp_path, expected=None,
+                                 model_probe=lambda: measure("openvino", 0, tmp_path))
+    assert endtoend._model_now(plan, None)["core_ms_per_image"] == 60.0
+
+
 def test_the_e2e_part_measures_the_model_at_the_limits_settings(fake_model, bench_dir: Path,
                                                                  monkeypatch: pytest.MonkeyPatch):
     asked: list[tuple] = []
