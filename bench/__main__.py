@@ -435,22 +435,31 @@ def _document(figures: dict[str, Any], started: float) -> dict[str, Any]:
     scaled = [((e2e or {}).get(k) or {}).get("scaling") for k in ("throughput", "course")]
     zero_after = [s.get("last_response_to_zero_s") for s in scaled if s]
     never_zero = any(s is None for s in zero_after)
+    # A fleet that never left zero is "at zero" at once: that passed the target without
+    # scaling anything. (A JSON without the figure is taken to have launched.)
+    idle = [name for name, s in zip(("(b)", "(d)"), scaled, strict=True)
+            if s and s.get("peak_instances") == 0]
+    zero_missing = _first_reason(_missing(figures, "e2e", "throughput"), _missing(figures, "e2e", "course"),
+                                 f"no instance launched in {' and '.join(idle)}" if idle else None)
     found = report.targets(
         e2e_ratio=judged_ratio,
         course_average_s=((e2e or {}).get("course") or {}).get("course_average_latency_s"),
-        zero_after_s=None if never_zero or len(zero_after) < len(scaled) else max(zero_after),
-        zero_more_than_s=ZERO_TIMEOUT_S if never_zero else None,
+        zero_after_s=None if idle or never_zero or len(zero_after) < len(scaled) else max(zero_after),
+        zero_more_than_s=ZERO_TIMEOUT_S if never_zero and not idle else None,
         low_load_p50_s=(((e2e or {}).get("low_load") or {}).get("latency_s") or {}).get("p50"),
         single_image_s=single_image_s,
         missing={
             "e2e_ratio": _first_reason(_missing(figures, "inference"),
                                        _missing(figures, "e2e", "throughput")),
             "course": _missing(figures, "e2e", "course"),
-            "zero": _first_reason(_missing(figures, "e2e", "throughput"), _missing(figures, "e2e", "course")),
+            "zero": zero_missing,
             "low_load": _first_reason(_missing(figures, "e2e", "low_load"), _missing(figures, "inference")),
         },
-        bad={target: report.bad_requests((e2e or {}).get(phase)) for target, phase in
-             (("e2e_ratio", "throughput"), ("course", "course"), ("low_load", "low_load"))},
+        bad={**{target: report.bad_requests((e2e or {}).get(phase)) for target, phase in
+                (("e2e_ratio", "throughput"), ("course", "course"), ("low_load", "low_load"))},
+             # The fleet's time to zero after requests that failed is not that after the work.
+             "zero": _first_reason(report.bad_requests((e2e or {}).get("throughput")),
+                                   report.bad_requests((e2e or {}).get("course")))},
     )
     return report.document(
         generated_at=datetime.now(UTC).isoformat(timespec="seconds"),

@@ -144,7 +144,7 @@ def targets(*, e2e_ratio: float | None, course_average_s: float | None, zero_aft
         Target("course average latency, 100 requests at concurrency 100", course_average_s, 1.2, "max", "s",
                missing=why.get("course"), bad_requests=bad.get("course")),
         Target("last response -> zero instances", zero_after_s, 2.0, "max", "s", missing=why.get("zero"),
-               more_than=zero_more_than_s if zero_after_s is None else None),
+               bad_requests=bad.get("zero"), more_than=zero_more_than_s if zero_after_s is None else None),
         Target("low-load p50 minus model single-image time", over_model, 0.050, "max", "s",
                missing=why.get("low_load"), bad_requests=bad.get("low_load")),
     ]

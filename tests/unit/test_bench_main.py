@@ -169,7 +169,38 @@ def test_targets_see_failed_requests_and_a_fleet_never_at_zero():
     doc = bench_main._document(figures, 0.0)
 
     shown = [report_target.shown for report_target in map(report.Target.from_dict, doc["targets"])]
-    assert shown == ["PASS", "FAIL (90 failed)", "FAIL (> 30 s)", "FAIL (1 wrong)"]
+    # The fleet's time to zero after (d)'s 90 failures is not that after its work.
+    assert shown == ["PASS", "FAIL (90 failed)", "FAIL (90 failed)", "FAIL (1 wrong)"]
+    figures["end_to_end"]["course"] = _run()
+    doc = bench_main._document(figures, 0.0)
+    assert report.Target.from_dict(doc["targets"][2]).shown == "FAIL (> 30 s)"
+
+
+def _zero_target(figures: dict) -> report.Target:
+    targets = {t["name"]: t for t in bench_main._document(figures, 0.0)["targets"]}
+    return report.Target.from_dict(targets["last response -> zero instances"])
+
+
+def test_the_zero_target_needs_instances_launched_and_requests_answered():
+    """Nothing checked that a fleet had launched: a run that never left zero, or whose
+    requests failed, passed "last response -> zero" at once (auditor)."""
+    figures = figures_with_the_model_twice(8, 20.0, 0.04, {"images_per_s": 15.0, "single_image_s": 0.04,
+                                                           "single_image_after_pause_s": 0.05})
+    e2e = figures["end_to_end"]
+    for phase in ("throughput", "course"):
+        e2e[phase]["scaling"] = {"last_response_to_zero_s": 1.2, "peak_instances": 2}
+    assert _zero_target(figures).shown == "PASS"
+
+    e2e["course"]["scaling"] = {"last_response_to_zero_s": 0.05, "peak_instances": 0}
+    zero = _zero_target(figures)
+    assert zero.shown == "N/A (no instance launched in (d))" and zero.measured is None
+
+    e2e["course"]["scaling"]["peak_instances"] = 2
+    e2e["throughput"].update(failed=3, answered_200=97, unchecked=97)
+    assert _zero_target(figures).shown == "FAIL (3 failed)"
+    e2e["throughput"].update(failed=0, answered_200=100, unchecked=100)
+    e2e["course"].update(wrong=1, unchecked=99)
+    assert _zero_target(figures).shown == "FAIL (1 wrong)"
 
 
 def _git(folder: Path, *args: str) -> str:

@@ -240,6 +240,9 @@ def test_failed_or_wrong_answers_never_pass_a_latency_or_throughput_target():
                            bad={"e2e_ratio": "3 wrong", "course": report.bad_requests(course),
                                 "low_load": "1 failed"})
     assert [t.shown for t in found] == ["FAIL (3 wrong)", "FAIL (90 failed)", "PASS", "FAIL (1 failed)"]
+    zero = report.targets(e2e_ratio=0.9, course_average_s=0.5, zero_after_s=0.05, low_load_p50_s=0.08,
+                          single_image_s=0.04, bad={"zero": "90 failed"})[2]
+    assert zero.shown == "FAIL (90 failed)"
     assert "FAIL (90 failed)" in report.targets_table(found)
     assert found[1].to_dict()["reason"] == "90 failed"
 
