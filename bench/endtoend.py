@@ -1,7 +1,9 @@
 """(b), (d), (e), (f), (g): the whole stack, driven by the load-test script's core.
 
 One stack (`StackProcess`, the same `python -m localaws.stack` that `make run`
-starts) serves every phase in turn, starting each from zero instances:
+starts) serves every phase in turn, starting each from zero instances. Each
+phase's JSON keeps every request's start and latency, and the scaled runs the
+fleet's samples too, so that its percentiles and (e) can be checked from it:
 
   throughput  300 distinct images at concurrency 100 through POST /, with the
               fleet (EC2 polled every ~50 ms) and memory (psutil) sampled,
@@ -237,12 +239,23 @@ def _scaled_run(plan: EndToEndPlan, stack: StackProcess, images: Path, requests:
     out["scaling"]["fast_polling_after_last_response_s"] = round(fast_at - last, 3)
     out["scaling"]["fleet_poll_errors"] = poller.errors
     out["scaling"]["fleet_samples"] = len(poller.samples)
+    out["scaling"]["samples"] = samples_since(poller.samples, report.started_at)
     if mem is not None:
         out["memory"] = mem
     # The load generator shares the cores with the stack, so its CPU is part of the budget.
     out["load_test_cpu_s"] = round(own_cpu, 3)
     out["moto_by_action"] = moto
+    out["each_request"] = each_request(report)
     return out
+
+
+def samples_since(samples: list[tuple[float, int]], start: float) -> list[tuple[float, int]]:
+    """The fleet's samples as (seconds since `start`, live instances), from the last one
+    before it (the fleet the run found): with each request's times, (e) can be checked
+    from the JSON. The fast polls while the fleet settled before the run are left out."""
+    before = [i for i, (at, _) in enumerate(samples) if at < start]
+    kept = samples[before[-1] if before else 0:]
+    return [(round(at - start, 3), live) for at, live in kept]
 
 
 def without_first(report: Report, count: int) -> Report:
