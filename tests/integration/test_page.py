@@ -316,6 +316,47 @@ def test_files_whose_answer_was_cut_off_after_its_headers_are_sent_again_and_cla
     assert_stored_once(browser, stack, files)
 
 
+def test_a_late_answer_replaces_a_rows_dead_letter_failure(stack, browser, reference_model, tmp_path):
+    """A request no worker answered in its attempts is failed by its dead letter, and
+    replaced if a copy of it is answered later, as GET /api/jobs then says: the page
+    kept the failure, the first outcome it had shown (reviewer). Faked in the page's
+    polls (its event stream off): "late.jpg" failed, "other.jpg" queued, then the truth."""
+    from selenium.webdriver.common.by import By
+
+    files = {"late.jpg": make_image(890), "other.jpg": make_image(891)}
+    browser.get(stack.web_url + "/")
+    browser.execute_script(r"""
+      window.EventSource = undefined;  // the page polls GET /api/jobs/<id> instead
+      window.deadLetter = true;
+      const realFetch = window.fetch;
+      window.fetch = async (url, options) => {
+        const response = await realFetch(url, options);
+        if (!window.deadLetter || !/^\/api\/jobs\/[0-9a-f]{32}$/.test(String(url))) return response;
+        const body = await response.json();
+        for (const item of body.items) {
+          Object.assign(item, item.filename === "late.jpg"
+            ? { state: "failed", label: null, score: null, top5: [],
+                error: "no worker answered it in 3 attempts" }
+            : { state: "queued", label: null, score: null, top5: [] });
+        }
+        return new Response(JSON.stringify(body),
+                            { status: 200, headers: { "Content-Type": "application/json" } });
+      };
+    """)
+    choose(browser, tmp_path, files)
+
+    def states() -> dict:
+        rows = browser.find_elements(By.CSS_SELECTOR, "#results [data-state]")
+        return {row.get_attribute("data-filename"): row.get_attribute("data-state") for row in rows}
+
+    wait_for(lambda: states() == {"late.jpg": "failed", "other.jpg": "queued"}, 60, "the dead letter shown")
+    browser.execute_script("window.deadLetter = false;")
+    shown = finished_rows(browser, stack, len(files), timeout_s=60)
+    wait_for(lambda: states() == {"late.jpg": "done", "other.jpg": "done"}, 30, "the late answer shown")
+    assert_classified(shown, files, reference_model)
+    assert shown["late.jpg"].find_element(By.CLASS_NAME, "error").text == ""
+
+
 def test_a_file_deleted_after_it_was_chosen_fails_alone(stack, browser, reference_model, tmp_path):
     """The browser refuses to send a chunk with a file it cannot read: all 20 of an
     explorer's chunk were sent again for 75 s, then said to have found no server."""

@@ -311,8 +311,12 @@
   }
 
   function showItem(el, item) {
-    // The first answer wins, as on the server: a replayed event changes nothing.
-    if (FINISHED.has(el.dataset.state)) return;
+    // The first answer wins, as on the server: a replayed event changes nothing. But a
+    // late answer does replace a failure (a dead letter's, which the server replaces
+    // too): the row stayed "failed" while the batch said "done" (reviewer).
+    const lateAnswer = el.dataset.state === "failed" && item.state === "done";
+    if (FINISHED.has(el.dataset.state) && !lateAnswer) return;
+    if (lateAnswer) el.querySelector(".error").textContent = "";
     if (item.state === "queued") {
       setState(el, "queued");
       return;
