@@ -148,9 +148,13 @@ def child_env(settings: Settings, run_dir: Path) -> dict[str, str]:
 
 
 # What a program in another shell needs besides the address to act on this stack as its
-# own processes do: a dry-run controller without the prefix looked for queues that did
-# not exist, and without make run's scale-in window decided otherwise (reviewer).
-SHARED_WITH_OTHER_SHELLS = ("APP_PREFIX", "SCALE_IN_COOLDOWN", "READY_DEADLINE")
+# own processes do, where set: a dry-run controller without the prefix looked for queues
+# that did not exist, without make run's scale-in window (or the user's scaling settings)
+# decided otherwise, and without the state directory was not refused as a second
+# controller (reviewers).
+SHARED_WITH_OTHER_SHELLS = ("APP_PREFIX", "SCALE_IN_COOLDOWN", "READY_DEADLINE", "XDG_STATE_HOME",
+                            "MAX_INSTANCES", "SCALING_MODE", "TARGET_BACKLOG_PER_INSTANCE", "POLL_INTERVAL",
+                            "ACCEPTABLE_LATENCY", "SECONDS_PER_IMAGE", "BOOT_TIME")
 
 
 def other_shell_line(settings: Settings, env: Mapping[str, str]) -> str:
@@ -161,6 +165,10 @@ def other_shell_line(settings: Settings, env: Mapping[str, str]) -> str:
                **{name: env[name] for name in SHARED_WITH_OTHER_SHELLS if name in env}}
     return ("to reach the embedded AWS from another shell (or run controller.py there as this one "
             "runs): export " + " ".join(f"{name}={shlex.quote(value)}" for name, value in exports.items()))
+
+
+class ModelUnavailable(RuntimeError):
+    """The model could not be prepared: the weights missing or unreadable, say."""
 
 
 @dataclass
@@ -259,8 +267,8 @@ class Stack:
                     raise StartInterrupted("stopped while the model was being prepared")
             code = process.returncode
         if code != 0:
-            raise RuntimeError(f"the model could not be loaded: see {self.logs / 'prepare-model.log'}\n"
-                               + (self.logs / "prepare-model.log").read_text()[-2000:])
+            raise ModelUnavailable(f"the model could not be loaded: see {self.logs / 'prepare-model.log'}\n"
+                                   + (self.logs / "prepare-model.log").read_text()[-2000:])
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         process, notify = self._popen(name, argv)
@@ -441,20 +449,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, default=ROOT / ".run",
                         help="logs go here, and the web tier's journal unless WEB_JOURNAL_DIR says "
                         "otherwise (default .run/)")
-    try:
-        settings = Settings.from_env()
-    except ValueError as exc:  # names the variable
-        parser.error(str(exc))
     parser.add_argument("--warm-spares", metavar="N",
                         help="worker processes kept with the model loaded, ready to serve a new "
-                        f"instance at once (LOCAL_WARM_SPARES, default {settings.local_warm_spares})")
+                        "instance at once (default: LOCAL_WARM_SPARES, else "
+                        f"{Settings.local_warm_spares})")
+    # Every argument first: a bad setting's usage line named them all, and --help gave the
+    # setting's error, not the help (reviewer).
     args = parser.parse_args(argv)
+    env = dict(os.environ)
     if args.warm_spares is not None:
-        # Checked as the variable is, with the same bounds.
-        try:
-            settings = Settings.from_env({**os.environ, "LOCAL_WARM_SPARES": args.warm_spares})
-        except ValueError as exc:
-            parser.error(str(exc).replace("LOCAL_WARM_SPARES", "--warm-spares (LOCAL_WARM_SPARES)", 1))
+        env["LOCAL_WARM_SPARES"] = args.warm_spares  # checked as the variable is, with its bounds
+    try:
+        settings = Settings.from_env(env)
+    except ValueError as exc:  # names the variable
+        said = str(exc)
+        if args.warm_spares is not None:
+            said = said.replace("LOCAL_WARM_SPARES", "--warm-spares (LOCAL_WARM_SPARES)", 1)
+        parser.error(said)
     configure_logging("%(asctime)s %(levelname)s %(name)s %(message)s")
     weights, note = local_model_weights(os.environ)
     os.environ["MODEL_WEIGHTS"] = weights
@@ -488,6 +499,11 @@ def main(argv: list[str] | None = None) -> int:
         code = 1
     except StartInterrupted as exc:
         log.info("%s", exc)
+    except ModelUnavailable as exc:
+        # Its log's end says what to do (weights to fetch, or MODEL_WEIGHTS=random): a
+        # traceback of the stack before it only hid that (reviewer).
+        log.error("%s", exc)
+        code = 1
     except Exception:
         log.exception("could not start the stack")
         code = 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import signal
 import socket
@@ -427,9 +428,9 @@ def test_an_ipv6_web_host_is_checked_and_named_as_one_address(tmp_path, web_host
 def test_the_line_for_other_shells_carries_what_a_controller_there_needs(tmp_path, monkeypatch):
     """A dry-run controller from the exported line looked for imgclass-req-queue, not this
     stack's prefix's, and decided with no scale-in window where make run's has 5 s (reviewer)."""
-    from localaws.stack import other_shell_line
+    from localaws.stack import SHARED_WITH_OTHER_SHELLS, other_shell_line
 
-    for name in ("SCALE_IN_COOLDOWN", "READY_DEADLINE"):
+    for name in SHARED_WITH_OTHER_SHELLS:
         monkeypatch.delenv(name, raising=False)
     settings = Settings(prefix="mine", local_aws_port=5123, local_max_workers=2)
     line = other_shell_line(settings, child_env(settings, tmp_path))
@@ -437,7 +438,28 @@ def test_the_line_for_other_shells_carries_what_a_controller_there_needs(tmp_pat
                          "AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local APP_PREFIX=mine "
                          "SCALE_IN_COOLDOWN=5 READY_DEADLINE=0"), line
     monkeypatch.setenv("SCALE_IN_COOLDOWN", "a b")  # the user's, quoted for the shell
-    assert "SCALE_IN_COOLDOWN='a b'" in other_shell_line(settings, child_env(settings, tmp_path))
+    # The state directory (a second controller there is refused) and the user's scaling settings.
+    monkeypatch.setenv("XDG_STATE_HOME", "/tmp/state")
+    monkeypatch.setenv("MAX_INSTANCES", "4")
+    line = other_shell_line(settings, child_env(settings, tmp_path))
+    assert "SCALE_IN_COOLDOWN='a b'" in line and "XDG_STATE_HOME=/tmp/state MAX_INSTANCES=4" in line
+    monkeypatch.setenv("API_KEY", "s3cret")  # a secret the controller does not need: never printed
+    assert "s3cret" not in other_shell_line(settings, child_env(settings, tmp_path))
+
+
+def test_make_runs_help_and_usage_name_every_option_whatever_the_settings(monkeypatch, capsys):
+    """A bad setting's usage line left --warm-spares out, and --help gave the setting's
+    error instead of the help (reviewer)."""
+    from localaws.stack import main
+
+    monkeypatch.setenv("RECEIVE_WAIT", "21")
+    with pytest.raises(SystemExit) as helped:
+        main(["--help"])
+    assert helped.value.code == 0 and "--warm-spares N" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:
+        main([])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and "[--warm-spares N]" in err and "RECEIVE_WAIT must be" in err
 
 
 def test_servers_on_one_port_of_different_addresses_are_allowed():
@@ -492,6 +514,26 @@ def test_a_stop_while_the_model_is_prepared_is_not_taken_for_a_model_failure(tmp
     with pytest.raises(stack_module.StartInterrupted, match="stopped while the model was being prepared"):
         stack._prepare_model()
     assert len(spawned) == 1 and not spawned[0].is_running()
+
+
+def test_a_model_that_cannot_load_stops_make_run_with_what_to_do_not_a_traceback(tmp_path, monkeypatch,
+                                                                                   caplog):
+    """MODEL_WEIGHTS=imagenet offline: the stack's own traceback came before the list of
+    what to do (reviewer)."""
+    from localaws import stack as stack_module
+
+    say = "print('Do one of these: set MODEL_WEIGHTS=random'); raise SystemExit(3)"
+    monkeypatch.setattr(stack_module, "PREPARE_MODEL", [sys.executable, "-c", say])
+    for name, port in (("LOCAL_AWS_PORT", free_port()), ("WEB_PORT", free_port())):
+        monkeypatch.setenv(name, str(port))
+    monkeypatch.setenv("APP_PREFIX", "nomodel")
+    monkeypatch.setattr(stack_module, "configure_logging", lambda *args: None)  # caplog's handler
+    with caplog.at_level(logging.INFO):
+        assert stack_module.main(["--run-dir", str(tmp_path)]) == 1
+    failed = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(failed) == 1 and failed[0].exc_info is None
+    assert "the model could not be loaded" in failed[0].getMessage()
+    assert "Do one of these: set MODEL_WEIGHTS=random" in failed[0].getMessage()
 
 
 def test_instances_beyond_the_local_cap_are_not_taken_for_workers_that_never_serve(monkeypatch, tmp_path):
