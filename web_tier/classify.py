@@ -44,12 +44,12 @@ CLIENT_CHECK_S = 1.0
 CLIENT_CLOSED = 499
 
 
-def _answer(status: int, message: str, filename: str | None = None, *, label: str | None = None,
-            untrained: bool | None = None) -> Response:
+def _answer(status: int, message: str, filename: str | None = None, *, label: str | None = None) -> Response:
     """`<name without extension>:<label>` given a label, else `<file name>: <message>`;
-    as a page to the page's own form (see errors.wants_page)."""
+    as a page to the page's own form (see errors.wants_page), whose POST answers only
+    refusals itself (the stored image's answer is GET /answers/<batch_id>)."""
     if wants_page():
-        return answer_page(status, message, filename, label, untrained)
+        return answer_page(status, message, filename, label)
     body = f"{stem(filename or '')}:{label}" if label is not None else about(filename, message)
     # Exactly "<name>:<label>", no trailing newline: programs compare the body as is.
     return Response(body, status=status, mimetype="text/plain")
@@ -119,18 +119,28 @@ def answer(batch_id: str) -> Response:
     items = svc.rebuilder.find_batch(batch_id)
     if not items:
         return answer_page(404, "no such upload here: classify the image again")
-    first = items[0]
-    item, _client_left = _wait_while_connected(svc.book, first.id, svc.settings.result_timeout_s)
+    if len(items) > 1:
+        # A batch of POST /api/jobs: one of its images shown as its answer would hide the rest.
+        return answer_page(404, f"this is a batch of {len(items)} images, not one upload: its results "
+                                f"are at /api/jobs/{batch_id}")
+    item, _client_left = _wait_while_connected(svc.book, items[0].id, svc.settings.result_timeout_s)
     if item is None:
         if svc.book.closing.is_set():
             why = "the server is restarting; the image is still queued: reload this page in a minute"
-            return answer_page(503, why, first.filename)
+            return answer_page(503, why, items[0].filename)
         return answer_page(504, f"no result within {svc.settings.result_timeout_s:g} s; the image is still "
-                                "queued: reload this page to see it", first.filename)
-    untrained = item.shows_untrained(bool(svc.book.untrained))
+                                "queued: reload this page to see it", items[0].filename)
+    status, message, label, untrained = _outcome(item)
+    return answer_page(status, message, item.filename, label, untrained)
+
+
+def _outcome(item: Item) -> tuple[int, str, str | None, bool]:
+    """A finished item's answer: its status, its error, its label, and whether to say
+    the label is untrained (as GET /api/jobs/<id> says)."""
+    untrained = item.shows_untrained(bool(services().book.untrained))
     if item.state != DONE:
-        return answer_page(422, item.error or "failed", item.filename, untrained=untrained)
-    return answer_page(200, "", item.filename, label=item.label, untrained=untrained)
+        return 422, item.error or "failed", None, untrained
+    return 200, "", item.label, untrained
 
 
 def _refusal_of(outcome: UploadError, filename: str) -> UploadError:
@@ -167,11 +177,8 @@ def _no_result_response(filename: str, item_id: str, batch_id: str) -> Response:
 
 def _result_response(filename: str, item: Item, batch_id: str) -> Response:
     """The answer for a finished item: `<name>:<label>`, or its error."""
-    untrained = item.shows_untrained(bool(services().book.untrained))  # as GET /api/jobs/<id> says
-    if item.state != DONE:
-        response = _answer(422, item.error or "failed", filename, untrained=untrained)
-    else:
-        response = _answer(200, "", filename, label=item.label, untrained=untrained)
+    status, message, label, untrained = _outcome(item)
+    response = _answer(status, message, filename, label=label)
     # Where the item's score, top 5 and worker are: GET /api/jobs/<X-Batch-Id>.
     response.headers["X-Item-Id"] = item.id
     response.headers["X-Batch-Id"] = batch_id

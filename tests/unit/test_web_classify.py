@@ -459,6 +459,11 @@ def test_without_javascript_the_page_offers_a_plain_form_whose_answer_is_a_page(
 
     unknown = web_client.get("/answers/" + "0" * 32)
     assert unknown.status_code == 404 and "no such upload here" in unknown.text
+    # A batch of POST /api/jobs is no one upload: one of its images is not its answer.
+    files = [(io.BytesIO(make_image(n)), f"{n}.jpg") for n in (8, 9)]
+    batch = web_client.post("/api/jobs", data={"files": files}, content_type="multipart/form-data")
+    several = web_client.get(f"/answers/{batch.get_json()['batch_id']}")
+    assert several.status_code == 404 and "this is a batch of 2 images, not one upload" in several.text
     assert web_client.get("/answers/nope").status_code == 404
 
 

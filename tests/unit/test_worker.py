@@ -1022,11 +1022,14 @@ def test_the_grace_timer_waits_for_the_main_loops_hand_back(aws_env, monkeypatch
     assert not len(worker.held)
 
 
-def test_the_grace_timer_hands_back_what_a_receive_under_way_brings(aws_env):
+def test_the_grace_timer_hands_back_what_a_receive_under_way_brings(aws_env, monkeypatch):
     """A long poll begun before SIGTERM ends within RECEIVE_WAIT of it, as the default
     grace period does: what it brought at the last moment was left hidden for its
     lease by the exit, not handed back (reviewer)."""
     settings, aws = aws_env
+    # Time enough for the receive, its download and decode on a loaded machine: the
+    # wait ends as soon as the fetch thread does.
+    monkeypatch.setattr("app_tier.worker.GRACE_RECEIVE_WAIT_S", 30.0)
     upload_a_and_b(settings, aws)
     worker = Worker(settings, aws, MeanClassifier(), "i-stopping")
     worker.stopping.set()
