@@ -31,27 +31,32 @@ class _Moto:
         return {action: dict(entry) for action, entry in self.totals.items()}
 
 
+
+class StubPoller:
+    """What the scaled runs use of FleetPoller, polling nothing: a test's subclass says
+    what it saw, and when the fleet was at zero."""
+
+    def __init__(self, settings) -> None:
+        self.samples: list[tuple[float, int]] = []
+        self.errors = 0
+
+    def start(self) -> StubPoller:
+        return self
+
+    def fast(self, until_launch: bool = False) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
 def test_moto_figures_stop_at_the_last_response(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """They are per image of the run: the scale-in to zero (and the polls that
     watch for it) after the last response are not part of it."""
     moto = _Moto()
 
-    class Poller:
+    class Poller(StubPoller):
         """Sees the fleet reach zero a second after it is asked, the controller
         having terminated the instances meanwhile."""
-
-        def __init__(self, settings) -> None:
-            self.samples: list[tuple[float, int]] = []
-            self.errors = 0
-
-        def start(self) -> Poller:
-            return self
-
-        def fast(self, until_launch: bool = False) -> None:
-            pass
-
-        def stop(self) -> None:
-            pass
 
         def wait_for_zero(self, after: float, timeout_s: float) -> float:
             moto.serve("TerminateInstances", 1)
@@ -144,21 +149,12 @@ def test_a_scaled_run_keeps_each_request_and_the_fleets_samples(monkeypatch: pyt
     """(b)'s and (d)'s p50, p99 and (e) could not be checked from the JSON: it kept
     neither the requests' times nor the fleet's."""
 
-    class Poller:
+    class Poller(StubPoller):
         def __init__(self, settings) -> None:
+            super().__init__(settings)
             # Fast polls while the last fleet settled, then the run from 1000.0: a launch, zero again.
             self.samples = [(990.0 + i * 0.05, 0) for i in range(100)]
             self.samples += [(999.98, 0), (1000.3, 1), (1001.3, 2), (1002.0, 0)]
-            self.errors = 0
-
-        def start(self) -> Poller:
-            return self
-
-        def fast(self, until_launch: bool = False) -> None:
-            pass
-
-        def stop(self) -> None:
-            pass
 
         def wait_for_zero(self, after: float, timeout_s: float) -> float:
             return 1002.0
