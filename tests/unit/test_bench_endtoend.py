@@ -31,7 +31,6 @@ class _Moto:
         return {action: dict(entry) for action, entry in self.totals.items()}
 
 
-
 class StubPoller:
     """What the scaled runs use of FleetPoller, polling nothing: a test's subclass says
     what it saw, and when the fleet was at zero."""
