@@ -453,8 +453,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="worker processes kept with the model loaded, ready to serve a new "
                         "instance at once (default: LOCAL_WARM_SPARES, else "
                         f"{Settings.local_warm_spares})")
-    # Every argument first: a bad setting's usage line named them all, and --help gave the
-    # setting's error, not the help (reviewer).
+    # Every argument first: a bad setting's usage line left --warm-spares out, and --help
+    # gave the setting's error, not the help (reviewer).
     args = parser.parse_args(argv)
     env = dict(os.environ)
     if args.warm_spares is not None:
