@@ -222,10 +222,12 @@ class HeldMessages:
 
         Ordered against the heartbeat: an extension it had read before the jobs
         were forgotten must not land after this change and hide them for a whole
-        visibility timeout."""
+        visibility timeout. Forgotten after the change: a worker killed in between
+        (systemd's kill, at the end of a stop's grace) left them out of its journal,
+        hidden for the rest of their timeout (reviewer); now its successor shows them."""
         with self._visibility_lock:
-            self.forget([j for j, _ in hidden_for])
             self._change_visibility(hidden_for)
+            self.forget([j for j, _ in hidden_for])
 
     def extend(self, jobs: list[Job] | None = None) -> None:
         """Keep every held message (or only `jobs`, just received) hidden for another

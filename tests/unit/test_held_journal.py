@@ -92,6 +92,31 @@ def test_answered_since_is_left_alone(aws_env, caplog):
     assert not path.exists()
 
 
+def test_a_worker_killed_as_it_gives_requests_back_leaves_them_in_its_journal(aws_env, monkeypatch):
+    """Forgotten first, then made visible: killed in between (systemd's kill at the end
+    of a stop's grace), the journal no longer named them, and they stayed hidden for
+    the rest of their timeout (reviewer)."""
+    settings, aws = aws_env
+    upload(settings, aws, "tried.jpg", make_image(310), "tried")
+    worker = Worker(settings, aws, MeanClassifier(), "i-killed")
+    batch = worker.fetch()
+    path = held_journal_path(settings, "i-killed")
+
+    class Killed(BaseException):
+        pass
+
+    def killed_at_the_change(**kwargs):
+        raise Killed
+
+    monkeypatch.setattr(aws.sqs, "change_message_visibility_batch", killed_at_the_change)
+    with pytest.raises(Killed):
+        worker.held.show_tried(batch.jobs)  # a give-up's first step
+    monkeypatch.undo()
+    assert [h["receipt"] for h in json.loads(path.read_text())["held"]] == [batch.jobs[0].receipt]
+    Worker(settings, aws, MeanClassifier(), "i-killed").held.show_what_the_last_worker_held()
+    assert depth(aws, aws.request_queue_url) == (1, 0)
+
+
 def test_read_skips_what_is_visible_again_by_now(tmp_path):
     path = tmp_path / "held.json"
     journal = HeldJournal(path)
