@@ -42,6 +42,10 @@ IDEMPOTENCY_KEY = re.compile(TOKEN_CHARACTER + "{16,64}")
 CLIENT_CHECK_S = 1.0
 # nginx's word for a request whose client closed the connection before the answer.
 CLIENT_CLOSED = 499
+# The plain form's answer page waits this long for the label, then answers that the
+# image is queued, and reloads itself this often.
+ANSWER_PAGE_WAIT_S = 10.0
+ANSWER_PAGE_REFRESH_S = 5
 
 
 def _answer(status: int, message: str, filename: str | None = None, *, label: str | None = None) -> Response:
@@ -114,7 +118,7 @@ def classify() -> Response:
 @bp.get(ANSWERS_PATH + "<batch_id>")
 def answer(batch_id: str) -> Response:
     """The plain form's answer for the image it stored in `batch_id`, as a page: its
-    label, waited for up to RESULT_TIMEOUT as POST / waits; or that it is queued still."""
+    label, waited for a few seconds; or that it is queued still, reloading itself."""
     svc = services()
     items = svc.rebuilder.find_batch(batch_id)
     if not items:
@@ -123,13 +127,17 @@ def answer(batch_id: str) -> Response:
         # A batch of POST /api/jobs: one of its images shown as its answer would hide the rest.
         return answer_page(404, f"this is a batch of {len(items)} images, not one upload: its results "
                                 f"are at /api/jobs/{batch_id}")
-    item, _client_left = _wait_while_connected(svc.book, items[0].id, svc.settings.result_timeout_s)
+    wait_s = min(ANSWER_PAGE_WAIT_S, svc.settings.result_timeout_s)
+    item, _client_left = _wait_while_connected(svc.book, items[0].id, wait_s)
     if item is None:
+        # Answered now, reloading itself: waited for up to RESULT_TIMEOUT, the browser
+        # showed the form's address meanwhile, and a user who stopped or reloaded it
+        # lost the only way to the answer (reviewer).
         if svc.book.closing.is_set():
-            why = "the server is restarting; the image is still queued: reload this page in a minute"
-            return answer_page(503, why, items[0].filename)
-        return answer_page(504, f"no result within {svc.settings.result_timeout_s:g} s; the image is still "
-                                "queued: reload this page to see it", items[0].filename)
+            why = "the server is restarting; the image is still queued: this page reloads itself"
+            return answer_page(503, why, items[0].filename, refresh_s=ANSWER_PAGE_REFRESH_S * 3)
+        return answer_page(202, "not classified yet: the image is queued, and this page reloads itself "
+                                "until it is", items[0].filename, refresh_s=ANSWER_PAGE_REFRESH_S)
     status, message, label, untrained = _outcome(item)
     return answer_page(status, message, item.filename, label, untrained)
 

@@ -41,12 +41,13 @@ def wants_page() -> bool:
 
 
 def answer_page(status: int, message: str, filename: str | None = None, label: str | None = None,
-                untrained: bool | None = None) -> Response:
-    """The plain form's answer: the label, or why there is none (`message`)."""
+                untrained: bool | None = None, refresh_s: int | None = None) -> Response:
+    """The plain form's answer: the label, or why there is none (`message`); reloading
+    itself every `refresh_s` seconds if given."""
     if untrained is None:
         untrained = bool(services().book.untrained)
     html = render_template("answer.html", filename=filename, label=label, message=message,
-                           untrained=untrained)
+                           untrained=untrained, refresh_s=refresh_s)
     return Response(html, status=status, mimetype="text/html")
 
 

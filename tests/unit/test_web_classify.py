@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 
 import pytest
 
@@ -153,11 +154,13 @@ def test_no_answer_is_504_and_the_service_keeps_answering(make_web_app, fake_wor
     batch = client.get(f"/api/jobs/{batch_id}").get_json()
     assert [(i["id"], i["filename"], i["state"]) for i in batch["items"]] == [(item_id, "lost.jpg", "queued")]
     # The page's form without JavaScript: its answer page says the image is queued still,
-    # and that page (not a JSON document) is where its result will be (reviewer).
+    # at once, and reloads itself: that page (not a JSON document) is where its result
+    # will be (reviewers).
     page = client.post("/?answer=page", data={"inputFile": (io.BytesIO(make_image(6)), "lost.jpg")},
                        content_type="multipart/form-data", follow_redirects=True)
-    assert page.status_code == 504 and page.mimetype == "text/html"
-    assert "no result within 0.5 s; the image is still queued: reload this page to see it" in page.text
+    assert page.status_code == 202 and page.mimetype == "text/html"
+    assert "not classified yet: the image is queued, and this page reloads itself" in page.text
+    assert '<meta http-equiv="refresh" content="5">' in page.text
     assert page.request.path.startswith("/answers/")
     # The service still answers; a patient app takes over the response queue.
     services_of(app).stop(timeout=5)
@@ -194,8 +197,8 @@ def test_a_waiting_request_answers_503_at_once_when_the_web_tier_stops(make_web_
     # The plain form's answer page says so in a user's words, not an operator's.
     page = client.get(f"/answers/{batch_id}")
     assert page.status_code == 503 and page.mimetype == "text/html"
-    assert "the server is restarting; the image is still queued: reload this page in a minute" in page.text
-    assert "AWS" not in page.text
+    assert "the server is restarting; the image is still queued: this page reloads itself" in page.text
+    assert '<meta http-equiv="refresh" content="15">' in page.text and "AWS" not in page.text
 
 
 def test_two_files_to_post_slash_are_refused_naming_them(web_client):
@@ -426,6 +429,19 @@ def test_a_waiting_request_holds_neither_its_image_nor_its_spool(make_web_app, w
 
 
 # --- the page's form without JavaScript ----------------------------------------------
+
+
+def test_the_plain_forms_answer_page_waits_seconds_not_the_result_timeout(make_web_app, monkeypatch):
+    """Waited for up to RESULT_TIMEOUT, the answer page left the browser on the form's
+    address: a user who stopped or reloaded it lost the way to the answer (reviewer)."""
+    monkeypatch.setattr("web_tier.classify.ANSWER_PAGE_WAIT_S", 0.3, raising=False)
+    client = make_web_app(result_timeout_s=20).test_client()  # no worker: it stays queued
+    stored = client.post("/?answer=page", data={"inputFile": (io.BytesIO(make_image(5)), "q.jpg")},
+                         content_type="multipart/form-data")
+    started = time.monotonic()
+    page = client.get(stored.location)
+    assert time.monotonic() - started < 10 and page.status_code == 202
+    assert '<meta http-equiv="refresh"' in page.text
 
 
 def test_without_javascript_the_page_offers_a_plain_form_whose_answer_is_a_page(web_client, fake_worker):
