@@ -1336,6 +1336,30 @@ def test_screen_readers_hear_the_first_failure_at_once_and_the_summary_at_the_en
     assert browser.title == "Image classification"  # "(2/4) Image classification" while under way
 
 
+def test_screen_readers_hear_the_count_while_files_wait_for_a_worker(stack, browser, tmp_path):
+    """The count was said only when a row changed: files waiting for a worker gave 24 s
+    of silence from a cold start (reviewer). Their waiting is faked in the page's polls
+    (its event stream off), and the count is due every second here."""
+    browser.get(stack.web_url + "/")
+    browser.execute_script(r"""
+      document.body.dataset.announceEveryMs = '1000';
+      window.EventSource = undefined;  // the page polls GET /api/jobs/<id> instead
+      const realFetch = window.fetch;
+      window.fetch = async (url, options) => {
+        const response = await realFetch(url, options);
+        if (!/^\/api\/jobs\/[0-9a-f]{32}$/.test(String(url))) return response;
+        const body = await response.json();
+        for (const item of body.items) Object.assign(item, { state: "queued", label: null, top5: [] });
+        return new Response(JSON.stringify(body),
+                            { status: 200, headers: { "Content-Type": "application/json" } });
+      };
+    """)
+    record_announcements(browser)
+    choose(browser, tmp_path, {f"waits_{i}.jpg": make_image(930 + i) for i in range(2)})
+    said = wait_for(lambda: browser.execute_script("return window.announced"), 20, "the count")
+    assert said[0] == "0 of 2 classified", said
+
+
 def test_files_refused_together_are_heard_with_a_reason_and_so_is_a_later_failure(stack, browser, tmp_path):
     """Each row refused updated the summary: the first one's reason was replaced at once
     by the last one's bare count, and never heard (reviewer)."""

@@ -385,12 +385,15 @@
   }
 
   // What screen readers hear: not each result (hundreds would flood them), but each
-  // upload's first failure at once with its reason, the count every ANNOUNCE_EVERY_MS
+  // upload's first failure at once with its reason, the count every announceEveryMs()
   // while files are under way, and the count once all are finished. Said only at the
   // end, 500 files gave 24 s of silence, a refused API key none at all; said for the
   // page's first failure only, a later upload's refused key never was (reviewers).
-  const ANNOUNCE_EVERY_MS = 15000;
+  function announceEveryMs() {
+    return Number(document.body.dataset.announceEveryMs) || 15000;  // the attribute: tests only
+  }
   let announcedAt = 0;
+  let announceTimer = null;
   let failedAtUpload = 0;   // the page's failed rows when the latest upload began
   let failureSaid = false;  // ...and whether one of its failures has been said
   function uploadBegins() {
@@ -400,14 +403,23 @@
   function announceProgress(counts, failed, finished) {
     if (!counts) return;
     if (!announcedAt) announcedAt = Date.now();  // the first files chosen start the clock
+    if (!finished && !announceTimer) {
+      // Nothing changes while files wait for a worker: the count due every
+      // announceEveryMs() was not said (24 s of silence from a cold start: reviewer).
+      const due = announcedAt + announceEveryMs() - Date.now();
+      announceTimer = setTimeout(() => {
+        announceTimer = null;
+        refreshSummary();
+      }, due > 0 ? due : announceEveryMs());
+    }
     let text = null;
     if (failed > failedAtUpload && !failureSaid) {
-      failureSaid = true;  // later ones are in the counts said every ANNOUNCE_EVERY_MS
+      failureSaid = true;  // later ones are in the counts said every announceEveryMs()
       // The newest rows are last: the latest upload's.
       const rows = resultsEl.querySelectorAll('.result[data-state="failed"]');
       const newest = rows[rows.length - 1];
       text = `${counts}. ${newest.dataset.filename}: ${newest.querySelector(".error").textContent}`;
-    } else if (finished || Date.now() - announcedAt >= ANNOUNCE_EVERY_MS) {
+    } else if (finished || Date.now() - announcedAt >= announceEveryMs()) {
       text = counts;
     }
     // Said already, with a failure's reason: said again bare, it cut the reason off.
