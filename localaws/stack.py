@@ -163,6 +163,8 @@ def other_shell_line(settings: Settings, env: Mapping[str, str]) -> str:
     exports = {"AWS_ENDPOINT_URL": settings.local_aws_url, "AWS_DEFAULT_REGION": settings.region,
                "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local",
                **{name: env[name] for name in SHARED_WITH_OTHER_SHELLS if name in env}}
+    if "XDG_STATE_HOME" in exports:  # as a path from anywhere: the controller's lock is in it
+        exports["XDG_STATE_HOME"] = os.path.abspath(exports["XDG_STATE_HOME"])
     return ("to reach the embedded AWS from another shell (or run controller.py there as this one "
             "runs): export " + " ".join(f"{name}={shlex.quote(value)}" for name, value in exports.items()))
 

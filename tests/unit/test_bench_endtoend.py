@@ -48,6 +48,7 @@ class StubPoller:
     def stop(self) -> None:
         pass
 
+
 def test_moto_figures_stop_at_the_last_response(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """They are per image of the run: the scale-in to zero (and the polls that
     watch for it) after the last response are not part of it."""

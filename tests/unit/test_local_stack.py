@@ -439,10 +439,11 @@ def test_the_line_for_other_shells_carries_what_a_controller_there_needs(tmp_pat
                          "SCALE_IN_COOLDOWN=5 READY_DEADLINE=0"), line
     monkeypatch.setenv("SCALE_IN_COOLDOWN", "a b")  # the user's, quoted for the shell
     # The state directory (a second controller there is refused) and the user's scaling settings.
-    monkeypatch.setenv("XDG_STATE_HOME", "/tmp/state")
+    monkeypatch.setenv("XDG_STATE_HOME", "state")  # relative: said as a path from anywhere
     monkeypatch.setenv("MAX_INSTANCES", "4")
     line = other_shell_line(settings, child_env(settings, tmp_path))
-    assert "SCALE_IN_COOLDOWN='a b'" in line and "XDG_STATE_HOME=/tmp/state MAX_INSTANCES=4" in line
+    assert "SCALE_IN_COOLDOWN='a b'" in line
+    assert f"XDG_STATE_HOME={os.path.abspath('state')} MAX_INSTANCES=4" in line
     monkeypatch.setenv("API_KEY", "s3cret")  # a secret the controller does not need: never printed
     assert "s3cret" not in other_shell_line(settings, child_env(settings, tmp_path))
 

@@ -409,6 +409,7 @@
       const due = announcedAt + announceEveryMs() - Date.now();
       announceTimer = setTimeout(() => {
         announceTimer = null;
+        announced = "";  // the same count is said again: the files are still waiting
         refreshSummary();
       }, due > 0 ? due : announceEveryMs());
     }
