@@ -1344,7 +1344,7 @@ def test_screen_readers_hear_the_count_while_files_wait_for_a_worker(stack, brow
     browser.execute_script(r"""
       document.body.dataset.announceEveryMs = '1000';
       window.EventSource = undefined;  // the page polls GET /api/jobs/<id> instead
-      const realFetch = window.fetch;
+      const realFetch = window.realFetchForTest = window.fetch;
       window.fetch = async (url, options) => {
         const response = await realFetch(url, options);
         if (!/^\/api\/jobs\/[0-9a-f]{32}$/.test(String(url))) return response;
@@ -1360,6 +1360,12 @@ def test_screen_readers_hear_the_count_while_files_wait_for_a_worker(stack, brow
     said = wait_for(lambda: len(browser.execute_script("return window.announced")) >= 2 and
                     browser.execute_script("return window.announced"), 20, "the count, twice")
     assert said[:2] == ["0 of 2 classified"] * 2, said
+    # Once they are classified, the end is said once: no timer left says it again.
+    browser.execute_script("window.fetch = window.realFetchForTest;")
+    final = "2 of 2 classified"
+    wait_for(lambda: final in browser.execute_script("return window.announced"), 30, "the end")
+    time.sleep(2.5)  # over two periods: a timer left over would have said it again by now
+    assert browser.execute_script("return window.announced").count(final) == 1
 
 
 def test_files_refused_together_are_heard_with_a_reason_and_so_is_a_later_failure(stack, browser, tmp_path):

@@ -403,6 +403,11 @@
   function announceProgress(counts, failed, finished) {
     if (!counts) return;
     if (!announcedAt) announcedAt = Date.now();  // the first files chosen start the clock
+    if (finished && announceTimer) {
+      // Its count said: a timer left to fire said it a second time.
+      clearTimeout(announceTimer);
+      announceTimer = null;
+    }
     if (!finished && !announceTimer) {
       // Nothing changes while files wait for a worker: the count due every
       // announceEveryMs() was not said (24 s of silence from a cold start: reviewer).
