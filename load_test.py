@@ -1677,7 +1677,7 @@ def run_load(
             # All of the handling is inside the next try: a second Ctrl-C may come
             # at any moment, even before the message below is out.
             try:
-                interrupted_by = "SIGTERM" if isinstance(first, Terminated) else "SIGINT"
+                interrupted_by = signal_of(first)
                 stop.set()
                 if progress:
                     progress.clear()
@@ -1922,6 +1922,11 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, heard as a Ctrl-C that waits for nothing (see interrupts_heard)."""
 
 
+def signal_of(interrupt: KeyboardInterrupt) -> str:
+    """The signal an interrupt came by: "SIGTERM" (a Terminated) or "SIGINT" (Ctrl-C)."""
+    return "SIGTERM" if isinstance(interrupt, Terminated) else "SIGINT"
+
+
 @contextlib.contextmanager
 def interrupts_heard() -> Iterator[None]:
     """While inside, SIGINT is a KeyboardInterrupt, and SIGTERM (`timeout`, `kill`, a CI
@@ -2005,7 +2010,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:  # during the checks before the first request: nothing to report
         print("\nload_test.py: interrupted before any request was sent", file=sys.stderr)
-        return signal_exit_code("SIGTERM" if isinstance(exc, Terminated) else "SIGINT")
+        return signal_exit_code(signal_of(exc))
 
     if config.quiet:
         if report.untrained:
