@@ -436,6 +436,14 @@ def _first_reason(*reasons: str | None) -> str | None:
     return next((r for r in reasons if r), None)
 
 
+def _bad_in_phases(e2e: dict[str, Any] | None, phases: tuple[tuple[str, str], ...]) -> str | None:
+    """"3 failed in (b); 1 wrong in (d)": each phase's bad requests, named by its part
+    (the first phase's alone had hidden the other's)."""
+    named = [f"{bad} in {name}" for name, phase in phases
+             if (bad := report.bad_requests((e2e or {}).get(phase)))]
+    return "; ".join(named) or None
+
+
 def _document(figures: dict[str, Any], started: float) -> dict[str, Any]:
     inference, e2e = figures["inference"], figures["end_to_end"]
     limit = _limit(inference)
@@ -481,8 +489,7 @@ def _document(figures: dict[str, Any], started: float) -> dict[str, Any]:
         bad={**{target: report.bad_requests((e2e or {}).get(phase)) for target, phase in
                 (("e2e_ratio", "throughput"), ("course", "course"), ("low_load", "low_load"))},
              # The fleet's time to zero after requests that failed is not that after the work.
-             "zero": _first_reason(report.bad_requests((e2e or {}).get("throughput")),
-                                   report.bad_requests((e2e or {}).get("course")))},
+             "zero": _bad_in_phases(e2e, (("(b)", "throughput"), ("(d)", "course")))},
     )
     return report.document(
         generated_at=datetime.now(UTC).isoformat(timespec="seconds"),

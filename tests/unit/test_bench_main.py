@@ -170,7 +170,7 @@ def test_targets_see_failed_requests_and_a_fleet_never_at_zero():
 
     shown = [report_target.shown for report_target in map(report.Target.from_dict, doc["targets"])]
     # The fleet's time to zero after (d)'s 90 failures is not that after its work.
-    assert shown == ["PASS", "FAIL (90 failed)", "FAIL (90 failed)", "FAIL (1 wrong)"]
+    assert shown == ["PASS", "FAIL (90 failed)", "FAIL (90 failed in (d))", "FAIL (1 wrong)"]
     figures["end_to_end"]["course"] = _run()
     doc = bench_main._document(figures, 0.0)
     assert report.Target.from_dict(doc["targets"][2]).shown == "FAIL (> 30 s)"
@@ -197,10 +197,12 @@ def test_the_zero_target_needs_instances_launched_and_requests_answered():
 
     e2e["course"]["scaling"]["peak_instances"] = 2
     e2e["throughput"].update(failed=3, answered_200=97, unchecked=97)
-    assert _zero_target(figures).shown == "FAIL (3 failed)"
-    e2e["throughput"].update(failed=0, answered_200=100, unchecked=100)
+    assert _zero_target(figures).shown == "FAIL (3 failed in (b))"
     e2e["course"].update(wrong=1, unchecked=99)
-    assert _zero_target(figures).shown == "FAIL (1 wrong)"
+    # Both phases' are named: the first's alone had hidden the second's.
+    assert _zero_target(figures).shown == "FAIL (3 failed in (b); 1 wrong in (d))"
+    e2e["throughput"].update(failed=0, answered_200=100, unchecked=100)
+    assert _zero_target(figures).shown == "FAIL (1 wrong in (d))"
 
 
 def _git(folder: Path, *args: str) -> str:
