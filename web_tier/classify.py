@@ -115,6 +115,8 @@ def classify() -> Response:
     return _result_response(filename, item, batch_id)
 
 
+# No id at all is an upload not found too, said in the page's words, not Werkzeug's.
+@bp.get(ANSWERS_PATH, defaults={"batch_id": ""})
 @bp.get(ANSWERS_PATH + "<batch_id>")
 def answer(batch_id: str) -> Response:
     """The plain form's answer for the image it stored in `batch_id`, as a page: its

@@ -486,6 +486,8 @@ def test_without_javascript_the_page_offers_a_plain_form_whose_answer_is_a_page(
     assert several.status_code == 404 and "this is a batch of 2 images, not one upload" in several.text
     assert f"/#batches={batch.get_json()['batch_id']}" in several.text
     assert web_client.get("/answers/nope").status_code == 404
+    no_id = web_client.get("/answers/")
+    assert no_id.status_code == 404 and "no such upload here" in no_id.text
 
 
 def test_the_plain_forms_refusals_are_pages_and_say_why(web_client):
