@@ -1278,6 +1278,63 @@ def test_a_narrow_screen_shows_the_untrained_warning_whole(stack, browser):
     assert banner == {"shown": True, "fits": True, "pageFits": True}
 
 
+# Each visible text's contrast against the first opaque background behind it
+# (WCAG's relative luminance), and the page's own background's luminance.
+CONTRASTS = """
+  const luminance = (colour) => {
+    const [r, g, b] = colour.match(/[\\d.]+/g).slice(0, 3).map((v) => {
+      const c = Number(v) / 255;
+      return c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4;
+    });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  };
+  const opaque = (colour) => {
+    const parts = colour.match(/[\\d.]+/g);
+    return parts.length < 4 || Number(parts[3]) > 0;
+  };
+  const behind = (element) => {
+    for (let e = element; e; e = e.parentElement) {
+      const colour = getComputedStyle(e).backgroundColor;
+      if (opaque(colour)) return colour;
+    }
+    return "rgb(255, 255, 255)";  // the canvas
+  };
+  const ratios = {};
+  for (const selector of arguments[0]) {
+    for (const element of document.querySelectorAll(selector)) {
+      if (!element.checkVisibility() || !element.textContent.trim()) continue;
+      const [a, b] = [luminance(getComputedStyle(element).color), luminance(behind(element))];
+      ratios[selector] = Math.min(ratios[selector] ?? 99, (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05));
+    }
+  }
+  return {ratios, page: luminance(behind(document.body))};
+"""
+TEXTS = ["h1", "#status-line", "#untrained-banner", ".hint", ".button", ".tools .link", ".summary",
+         ".result .name", ".result .state", ".result .label", ".result .score", ".untrained-mark",
+         ".result .error", ".guesses summary"]
+
+
+def test_text_keeps_its_contrast_in_the_light_and_the_dark_theme(stack, browser, tmp_path):
+    """The page was light whatever the system asked for (reviewer); dark, each text
+    must still read at 4.5:1 (WCAG 1.4.3), as in the light theme."""
+    from selenium.webdriver.common.by import By
+
+    paths = [tmp_path / "contrast.jpg", tmp_path / "broken.jpg"]
+    paths[0].write_bytes(make_image(560))
+    paths[1].write_bytes(b"not an image")
+    browser.get(stack.web_url + "/")
+    browser.find_element(By.ID, "file-input").send_keys("\n".join(map(str, paths)))
+    finished_rows(browser, stack, 2, timeout_s=120)
+    for scheme, page_is_dark in (("light", False), ("dark", True)):
+        browser.execute_cdp_cmd("Emulation.setEmulatedMedia",
+                                {"features": [{"name": "prefers-color-scheme", "value": scheme}]})
+        seen = browser.execute_script(CONTRASTS, TEXTS)
+        assert (seen["page"] < 0.05) == page_is_dark, (scheme, seen["page"])
+        assert set(seen["ratios"]) == set(TEXTS), (scheme, set(TEXTS) - set(seen["ratios"]))
+        weak = {selector: round(r, 2) for selector, r in seen["ratios"].items() if r < 4.5}
+        assert weak == {}, scheme
+
+
 def test_a_touch_screen_is_offered_images_only(stack, browser):
     """A phone has no folder picker (iOS) or one that ignores webkitdirectory (Android),
     and nothing to drop: "Choose a folder" there picked files one at a time (reviewer)."""
