@@ -1425,6 +1425,22 @@ def test_screen_readers_hear_the_count_while_files_wait_for_a_worker(stack, brow
     assert browser.execute_script("return window.announced").count(final) == 1
 
 
+def test_screen_readers_hear_how_far_a_slow_upload_has_got(stack, browser, tmp_path):
+    """"sending x of y MB" was in the summary alone: on a slow link, screen readers heard
+    "0 of 1 classified" and nothing of the bytes going out (reviewer)."""
+    browser.get(stack.web_url + "/")
+    browser.execute_script("document.body.dataset.announceEveryMs = '1000';")
+    record_announcements(browser)
+    big = make_image(1070, size=(1200, 900))
+    with upload_throttled(browser, len(big) // 4):  # about 4 s
+        choose(browser, tmp_path, {"slow.jpg": big})
+        said = wait_for(lambda: [text for text in browser.execute_script("return window.announced")
+                                 if "sending" in text], 20, "the MB sent, said")
+    mb = f"{len(big) / 1048576:.1f}"
+    assert re.fullmatch(rf"0 of 1 classified, sending \d+\.\d of {re.escape(mb)} MB", said[0]), said
+    finished_rows(browser, stack, 1, timeout_s=60)
+
+
 def test_files_refused_together_are_heard_with_a_reason_and_so_is_a_later_failure(stack, browser, tmp_path):
     """Each row refused updated the summary: the first one's reason was replaced at once
     by the last one's bare count, and never heard (reviewer)."""

@@ -385,8 +385,9 @@
   }
 
   // What screen readers hear: not each result (hundreds would flood them), but each
-  // upload's first failure at once with its reason, the count every announceEveryMs()
-  // while files are under way, and the count once all are finished. Said only at the
+  // upload's first failure at once with its reason, the count (and the MB sent, while
+  // sending) every announceEveryMs() while files are under way, and the count once all
+  // are finished. Said only at the
   // end, 500 files gave 24 s of silence, a refused API key none at all; said for the
   // page's first failure only, a later upload's refused key never was (reviewers).
   function announceEveryMs() {
@@ -426,7 +427,9 @@
       const newest = rows[rows.length - 1];
       text = `${counts}. ${newest.dataset.filename}: ${newest.querySelector(".error").textContent}`;
     } else if (finished || Date.now() - announcedAt >= announceEveryMs()) {
-      text = counts;
+      // With how far the sending has got: on a slow link the count alone stayed
+      // "0 of 24 classified" for minutes, where the summary showed the MB (reviewer).
+      text = [counts, sendingText()].filter(Boolean).join(", ");
     }
     // Said already, with a failure's reason: said again bare, it cut the reason off.
     if (text === null || text === announced || announced.startsWith(`${text}. `)) return;
