@@ -198,10 +198,19 @@ def _run_instance(aws: Aws, settings: Settings, n: int, user_data: str, call: La
         raise NoReply(call, exc) from exc
 
 
+# Errors EC2 sends with a 5xx status that say it started nothing: a zone out of capacity
+# (a 500) and throttling (a 503). Taken for "no reply", a zone's shortage was never
+# tried in the next subnet, and was logged as no reply (reviewer). Every attempt
+# carried the same ClientToken, so one that had launched would have been returned.
+STARTED_NOTHING = ZONE_ERRORS | {"RequestLimitExceeded"}
+
+
 def _may_have_launched(exc: Exception) -> bool:
     """A timeout, a lost connection, or EC2 failing (5xx), after botocore's retries: any
     of its attempts may have launched (the last one's error says nothing of the others)."""
     if isinstance(exc, ClientError):
+        if error_code(exc) in STARTED_NOTHING:
+            return False
         return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
     return True
 

@@ -848,30 +848,54 @@ def test_partial_launch_failure_in_run_reaches_the_cap(aws, make_controller, pat
     assert "InsufficientInstanceCapacity" in caplog.text
 
 
-def zone_short(aws: Aws, full: set[str], code: str = "InsufficientInstanceCapacity") -> Flaky:
-    """run_instances failing with `code` in the subnets `full`; moto has none of these
-    subnets, so a launch let through goes to its default one."""
+def zone_short(aws: Aws, full: set[str], code: str = "InsufficientInstanceCapacity",
+               status: int = 400) -> Flaky:
+    """run_instances failing with `code` (and HTTP `status`) in the subnets `full`; moto
+    has none of these subnets, so a launch let through goes to its default one."""
     real = aws.ec2.run_instances
 
     def launch(**kwargs):
         kwargs.pop("SubnetId")
         return real(**kwargs)
 
-    return Flaky(launch, client_error(code, "RunInstances"), lambda n, kwargs: kwargs["SubnetId"] in full)
+    def refusal() -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": "not in this zone now"},
+                            "ResponseMetadata": {"HTTPStatusCode": status}}, "RunInstances")
+
+    return Flaky(launch, refusal, lambda n, kwargs: kwargs["SubnetId"] in full)
 
 
-@pytest.mark.parametrize("code", ["InsufficientInstanceCapacity", "Unsupported"])
-def test_a_launch_a_zone_cannot_take_is_tried_in_the_other_subnets(aws, make_controller, patch, code):
+# EC2 sends InsufficientInstanceCapacity as a 500: taken for "no reply", it was repeated
+# in its full subnet round after round, the next never tried (reviewer).
+@pytest.mark.parametrize(("code", "status"), [("InsufficientInstanceCapacity", 500),
+                                              ("InsufficientInstanceCapacity", 400), ("Unsupported", 400)])
+def test_a_launch_a_zone_cannot_take_is_tried_in_the_other_subnets(aws, make_controller, patch, code, status):
     """As an Auto Scaling group does: else the numbers whose subnet is in that zone would
     fail round after round (the policy always picks the lowest free numbers)."""
     controller = make_controller()
     controller.settings = dataclasses.replace(aws.settings, subnet_ids=("subnet-a", "subnet-b", "subnet-c"))
-    flaky = zone_short(aws, {"subnet-a"}, code)
+    flaky = zone_short(aws, {"subnet-a"}, code, status)
     patch.setattr(aws.ec2, "run_instances", flaky)
     send(aws, 6)
     assert len(controller.step().launch) == 6
     assert len(instances(aws)) == 6
     assert len(flaky.failures) == 2, "the two numbers that start in subnet-a, once each"
+
+
+def test_a_throttled_launch_failed_and_is_not_repeated_as_a_lost_reply(aws, make_controller, patch, caplog):
+    """EC2 throttles RunInstances with a 503, having started nothing: not a call that
+    may have launched, whose token is to be sent again."""
+    controller = make_controller()
+
+    def throttled() -> ClientError:
+        return ClientError({"Error": {"Code": "RequestLimitExceeded", "Message": "Request limit exceeded."},
+                            "ResponseMetadata": {"HTTPStatusCode": 503}}, "RunInstances")
+
+    patch.setattr(aws.ec2, "run_instances", Flaky(aws.ec2.run_instances, throttled, lambda n, kwargs: True))
+    send(aws, 2)
+    controller.step()
+    assert "2 of 2 launch(es) failed" in caplog.text and "no reply" not in caplog.text
+    assert controller.unanswered.by_number == {}
 
 
 def test_a_launch_no_subnet_can_take_fails(aws, make_controller, patch, caplog):
