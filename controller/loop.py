@@ -7,9 +7,9 @@ in a small dataclass below that says what a restart loses:
 
 (1) ScaleInWindow: how many instances each round of the scale-in window wanted, and
     when this controller began watching;
-(2) RecentLaunches: instances it launched in the last few seconds, counted until EC2's
-    eventually consistent DescribeInstances lists them, so that a launch is not
-    repeated for the same work;
+(2) RecentLaunches: instances it launched in the last few minutes, counted as EC2 last
+    listed them whenever its eventually consistent DescribeInstances leaves them out,
+    so that a launch is not repeated for the same work;
 (3) LaunchHold: when workers last gave up and for how long launches are held after
     it, with the failed instances already seen and those there were when the hold
     began (a later wave lengthens the hold, the same one does not);
@@ -24,8 +24,8 @@ in a small dataclass below that says what a restart loses:
 Losing them on restart costs little: a restarted controller keeps what is live for
 one window before it scales in, takes the failed instances it finds as new failures,
 gives a silent instance a whole READY_DEADLINE again, and learns of a protected
-instance at its next refusal; only a restart within seconds of a launch, or minutes
-of a launch that got no reply, could launch once more, and a failing launch is tried
+instance at its next refusal; only a restart while EC2 does not yet list a launch, or
+within minutes of a launch that got no reply, could launch once more, and a failing launch is tried
 again at once. Besides, for people only: the last round's log summary and the last
 TIMELINE_ROUNDS rounds (Controller.timeline).
 """
@@ -37,7 +37,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -47,6 +47,7 @@ from common import systemd
 from common.aws import Aws, error_code
 from common.backoff import next_wait
 from common.config import Settings
+from common.fleet import LIVE_STATES
 from common.names import instance_name
 from common.signals import on_signals
 from controller.act import LaunchCall, LaunchError, launch, render_user_data, terminate
@@ -55,7 +56,9 @@ from controller.policy import Decision, Policy, decide, desired_count
 
 log = logging.getLogger(__name__)
 
-RECENT_LAUNCH_MEMORY_S = 30.0
+# As long as EC2's DescribeInstances may lag behind a launch: AWS says minutes, even after
+# a read that listed it (https://docs.aws.amazon.com/ec2/latest/devguide/eventual-consistency.html).
+RECENT_LAUNCH_MEMORY_S = 300.0
 # Long enough for EC2 to list an instance that a call without a reply started.
 UNANSWERED_LAUNCH_MEMORY_S = 300.0
 # Errors AWS is known to give: one warning line each. (A failed launch, LaunchError, ends
@@ -136,10 +139,12 @@ class ScaleInWindow:
 
 @dataclass
 class RecentLaunches:
-    """Instances this controller launched in the last RECENT_LAUNCH_MEMORY_S that EC2's
-    eventually consistent DescribeInstances does not list yet: counted as pending until it
-    does, so that a launch is not repeated for the same work. Lost on restart, they are
-    listed by EC2 within seconds; a restart in those seconds could launch once more."""
+    """Instances this controller launched in the last RECENT_LAUNCH_MEMORY_S, each as EC2
+    last listed it (pending until it does): one that a round's eventually consistent
+    DescribeInstances leaves out is counted as last seen, so that a launch is not repeated
+    for the same work. Kept after EC2 lists it: forgotten then, a read from a replica
+    still behind launched the whole fleet again, up to twice the cap (reviewer). Lost on
+    restart; a restart while EC2 lags could launch once more."""
 
     # Each with the monotonic time of its launch; its launched_at is wall time, as EC2's.
     by_id: dict[str, tuple[Instance, float]] = field(default_factory=dict)
@@ -148,12 +153,12 @@ class RecentLaunches:
         for n, iid in launched.items():
             self.by_id[iid] = (Instance(id=iid, number=n, state="pending", launched_at=at), clock)
 
-    def keep_unlisted(self, listed: set[str], clock: float) -> None:
-        """Forgets those EC2 lists now, and those launched too long ago."""
-        self.by_id = {
-            iid: (inst, t) for iid, (inst, t) in self.by_id.items()
-            if iid not in listed and clock - t < RECENT_LAUNCH_MEMORY_S
-        }
+    def unlisted(self, listed: Mapping[str, Instance], clock: float) -> tuple[Instance, ...]:
+        """Those EC2 does not list now, as it last did; takes in how it lists the others,
+        and forgets those launched too long ago."""
+        self.by_id = {iid: (listed.get(iid, inst), t) for iid, (inst, t) in self.by_id.items()
+                      if clock - t < RECENT_LAUNCH_MEMORY_S}
+        return tuple(inst for iid, (inst, _) in self.by_id.items() if iid not in listed)
 
     def instances(self) -> tuple[Instance, ...]:
         return tuple(inst for inst, _ in self.by_id.values())
@@ -401,7 +406,8 @@ class Controller:
             # Those it asked to end are its own doing, whether or not the answer came (a
             # round failed after its terminations took effect blamed "someone": reviewer).
             asked_to_end = {*decision.terminate, *decision.clean_up} if acting else set()
-            launched = set(self.recent_launches.by_id)  # this round's among them
+            # This round's launches among them (EC2 listed none of them yet).
+            launched = {i.id for i in self.recent_launches.instances() if i.state in LIVE_STATES}
             self._live_after_last_round = frozenset({i.id for i in obs.live} | launched) - asked_to_end
         return decision
 
@@ -459,15 +465,17 @@ class Controller:
     def _with_recent_launches(self, obs: Observation) -> Observation:
         self.unanswered.keep_unlisted({i.number for i in obs.instances})
         recent = self.recent_launches
-        recent.keep_unlisted({i.id for i in obs.instances}, obs.clock)
-        if not recent.by_id:
+        unlisted = recent.unlisted({i.id: i for i in obs.instances}, obs.clock)
+        if not unlisted:
             return obs
         # One that went straight to terminated (no capacity, a volume it could not
-        # encrypt, a hand) is never listed in a watched state: counted until the
-        # memory ran out, it held up its replacement and stood in for a scale-in victim.
-        for iid in terminated(self.aws, list(recent.by_id)):
+        # encrypt, a hand), or has ended since, is not listed in a watched state: counted
+        # until the memory ran out, it held up its replacement and stood in for a
+        # scale-in victim.
+        ended = terminated(self.aws, [i.id for i in unlisted])
+        for iid in ended:
             recent.forget(iid)
-        return replace(obs, instances=obs.instances + recent.instances())
+        return replace(obs, instances=obs.instances + tuple(i for i in unlisted if i.id not in ended))
 
     def _act(self, decision: Decision, obs: Observation, clock: Callable[[], float]) -> None:
         """Carries the decision out; `clock()` is the round's clock (obs.clock's) now."""

@@ -169,6 +169,55 @@ def test_launches_are_counted_before_ec2_lists_them(aws, make_controller, patch)
     assert len(instances(aws)) == 5
 
 
+def hidden_from_listings(aws: Aws, patch: pytest.MonkeyPatch) -> set[str]:
+    """The ids the fleet's DescribeInstances leaves out (add to the set returned), as an
+    EC2 replica still behind does."""
+    hidden: set[str] = set()
+    real = aws.ec2.describe_instances
+
+    def lagging(**kwargs):
+        reply = real(**kwargs)
+        if any(f["Name"] == "tag:Name" for f in kwargs.get("Filters", [])):
+            for reservation in reply["Reservations"]:
+                reservation["Instances"] = [i for i in reservation["Instances"]
+                                            if i["InstanceId"] not in hidden]
+        return reply
+
+    patch.setattr(aws.ec2, "describe_instances", lagging)
+    return hidden
+
+
+def test_a_stale_read_after_ec2_listed_the_launches_launches_nothing_again(aws, make_controller, patch):
+    """EC2's reads may lag even after one that listed an instance: forgotten once listed,
+    the next stale read launched all 15 again, 30 billed (reviewer)."""
+    hidden = hidden_from_listings(aws, patch)
+    send(aws, 15)
+    controller = make_controller()
+    assert len(controller.step(now=1000.0).launch) == 15
+    mine = {i["InstanceId"] for i in instances(aws)}
+    hidden |= mine
+    assert controller.step(now=1001.0).launch == ()  # not listed yet
+    hidden.clear()
+    assert controller.step(now=1002.0).launch == ()  # listed
+    hidden |= mine
+    assert controller.step(now=1003.0).launch == ()  # a replica still behind
+    hidden.clear()
+    assert len(instances(aws)) == 15
+
+
+def test_a_launch_ec2_lists_only_after_minutes_is_not_launched_again(aws, make_controller, patch):
+    """AWS says its reads may lag by minutes: after 30 s (the memory there was), the
+    whole fleet was launched again."""
+    hidden = hidden_from_listings(aws, patch)
+    send(aws, 3)
+    controller = make_controller()
+    controller.step(now=1000.0)
+    hidden |= {i["InstanceId"] for i in instances(aws)}
+    for t in range(5, 295, 5):
+        assert controller.step(now=1000.0 + t).launch == (), t
+    assert len(instances(aws)) == 3
+
+
 def test_cap_holds_for_100_messages(aws, make_controller):
     send(aws, 100)
     controller = make_controller()
