@@ -20,14 +20,17 @@ in a small dataclass below that says what a restart loses:
 (6) UnansweredLaunches: launches that got no reply in the last few minutes, repeated
     as they were (same ClientToken) so that EC2 returns the instance it may have started;
 (7) LaunchBackoff: when a launch last failed (no capacity, a quota reached), and how
-    long launches wait after it.
+    long launches wait after it;
+(8) RecentTerminations: instances it terminated in the last few minutes, taken as
+    shutting down while a lagging DescribeInstances still lists them running.
 Losing them on restart costs little: a restarted controller keeps what is live for
 one window before it scales in, takes the failed instances it finds as new failures,
-gives a silent instance a whole READY_DEADLINE again, and learns of a protected
-instance at its next refusal; only a restart while EC2 does not yet list a launch, or
-within minutes of a launch that got no reply, could launch once more, and a failing launch is tried
-again at once. Besides, for people only: the last round's log summary and the last
-TIMELINE_ROUNDS rounds (Controller.timeline).
+gives a silent instance a whole READY_DEADLINE again, learns of a protected instance
+at its next refusal, and counts an instance it terminated while EC2 still lists it;
+only a restart while EC2 does not yet list a launch, or within minutes of a launch
+that got no reply, could launch once more, and a failing launch is tried again at once.
+Besides, for people only: the last round's log summary and the last TIMELINE_ROUNDS
+rounds (Controller.timeline).
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ log = logging.getLogger(__name__)
 
 # As long as EC2's DescribeInstances may lag behind a launch: AWS says minutes, even after
 # a read that listed it (https://docs.aws.amazon.com/ec2/latest/devguide/eventual-consistency.html).
-RECENT_LAUNCH_MEMORY_S = 300.0
+EC2_LAG_S = 300.0
 # Long enough for EC2 to list an instance that a call without a reply started.
 UNANSWERED_LAUNCH_MEMORY_S = 300.0
 # Errors AWS is known to give: one warning line each. (A failed launch, LaunchError, ends
@@ -139,7 +142,7 @@ class ScaleInWindow:
 
 @dataclass
 class RecentLaunches:
-    """Instances this controller launched in the last RECENT_LAUNCH_MEMORY_S, each as EC2
+    """Instances this controller launched in the last EC2_LAG_S, each as EC2
     last listed it (pending until it does): one that a round's eventually consistent
     DescribeInstances leaves out is counted as last seen, so that a launch is not repeated
     for the same work. Kept after EC2 lists it: forgotten then, a read from a replica
@@ -157,7 +160,7 @@ class RecentLaunches:
         """Those EC2 does not list now, as it last did; takes in how it lists the others,
         and forgets those launched too long ago."""
         self.by_id = {iid: (listed.get(iid, inst), t) for iid, (inst, t) in self.by_id.items()
-                      if clock - t < RECENT_LAUNCH_MEMORY_S}
+                      if clock - t < EC2_LAG_S}
         return tuple(inst for iid, (inst, _) in self.by_id.items() if iid not in listed)
 
     def instances(self) -> tuple[Instance, ...]:
@@ -291,6 +294,30 @@ class ReadinessClock:
 
 
 @dataclass
+class RecentTerminations:
+    """Instances this controller had terminated in the last EC2_LAG_S: one that a lagging
+    DescribeInstances still lists as pending or running is taken as shutting down, as it
+    is. Counted as live, it held back a round's launches, and the next round blamed
+    "someone else" for its end (reviewer). Lost on restart, such an instance may be
+    counted for a round or two."""
+
+    by_id: dict[str, float] = field(default_factory=dict)  # the monotonic time of the call
+
+    def note(self, iid: str, clock: float) -> None:
+        self.by_id[iid] = clock
+
+    def applied(self, obs: Observation) -> Observation:
+        """The observation with those still listed live shown shutting down; forgets
+        those terminated too long ago."""
+        self.by_id = {iid: t for iid, t in self.by_id.items() if obs.clock - t < EC2_LAG_S}
+        if not any(i.id in self.by_id for i in obs.live):
+            return obs
+        return replace(obs, instances=tuple(
+            replace(i, state="shutting-down") if i.id in self.by_id and i.state in LIVE_STATES else i
+            for i in obs.instances))
+
+
+@dataclass
 class Refusals:
     """Instances EC2 refused to terminate (termination protection, say): each warned about
     once, and the last chosen to scale in, so that the others go instead. Lost on restart,
@@ -347,6 +374,7 @@ class Controller:
     launch_hold: LaunchHold = field(default_factory=LaunchHold, init=False)
     readiness: ReadinessClock = field(default_factory=ReadinessClock, init=False)
     refusals: Refusals = field(default_factory=Refusals, init=False)
+    recent_terminations: RecentTerminations = field(default_factory=RecentTerminations, init=False)
     unanswered: UnansweredLaunches = field(default_factory=UnansweredLaunches, init=False)
     launch_backoff: LaunchBackoff = field(default_factory=LaunchBackoff, init=False)
     # For people only, never for deciding: the last round's log summary (a round that
@@ -385,7 +413,8 @@ class Controller:
             """The round's clock now: monotonic time, or a test's `now` moved on since then."""
             return time.monotonic() if now is None else now + (time.monotonic() - began)
 
-        obs = self._with_readiness(self._with_recent_launches(observe(self.aws, now)))
+        obs = self._with_readiness(self.recent_terminations.applied(
+            self._with_recent_launches(observe(self.aws, now))))
         self._say_what_others_ended(obs)
         self.refusals.keep_listed({i.id for i in obs.instances})
         # Remember what the next rounds need of this one: the scale-in window's counts,
@@ -481,8 +510,8 @@ class Controller:
         """Carries the decision out; `clock()` is the round's clock (obs.clock's) now."""
         # Terminations first: they are what a scale-in waits on, and launches can take
         # long (botocore retrying RunInstances).
-        self._terminate(decision.terminate, "the fleet no longer needs it")
-        self._terminate(decision.clean_up, "it serves nobody (stopped, or its worker gave up)")
+        self._terminate(decision.terminate, "the fleet no longer needs it", obs.clock)
+        self._terminate(decision.clean_up, "it serves nobody (stopped, or its worker gave up)", obs.clock)
         if decision.launch:
             try:
                 ids = launch(self.aws, self.settings, decision.launch, self.unanswered.calls(obs.clock))
@@ -501,7 +530,7 @@ class Controller:
             self.launch_backoff.succeeded()
             self._remember(ids, obs)
 
-    def _terminate(self, instance_ids: tuple[str, ...], why: str) -> None:
+    def _terminate(self, instance_ids: tuple[str, ...], why: str, clock: float) -> None:
         """Terminate these instances; one that EC2 refuses for a reason of its own fails
         nothing else.
 
@@ -524,6 +553,7 @@ class Controller:
             if iid not in refused:
                 self.recent_launches.forget(iid)
                 self.refusals.forget(iid)
+                self.recent_terminations.note(iid, clock)
 
     def _terminate_one(self, iid: str, why: str) -> bool:
         try:

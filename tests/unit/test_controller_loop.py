@@ -1190,6 +1190,30 @@ def test_instances_ended_by_someone_else_are_said(aws, make_controller, caplog):
     assert "not by this controller" not in caplog.text and instances(aws) == []
 
 
+def test_instances_it_terminated_that_ec2_still_lists_running_are_not_counted(aws, make_controller, patch,
+                                                                             caplog):
+    """EC2's reads lag after a TerminateInstances too: counted as serving, they held back
+    the launches a new burst needed, and once gone were blamed on someone else (reviewer)."""
+    send(aws, 4)
+    controller = make_controller()
+    controller.step(now=1000.0)
+    real = aws.ec2.describe_instances
+    before = real(InstanceIds=[i["InstanceId"] for i in instances(aws)])
+    delete(aws, receive_all(aws))
+    assert len(controller.step(now=1001.0).terminate) == 4
+
+    def stale(**kwargs):  # the fleet as it was before the scale-in
+        return before if any(f["Name"] == "tag:Name" for f in kwargs.get("Filters", [])) else real(**kwargs)
+
+    patch.setattr(aws.ec2, "describe_instances", stale)
+    send(aws, 4)
+    assert len(controller.step(now=1002.0).launch) == 4
+    patch.undo()
+    with caplog.at_level(logging.WARNING, logger="controller.loop"):
+        assert controller.step(now=1003.0).launch == ()
+    assert "not by this controller" not in caplog.text and len(instances(aws)) == 4
+
+
 def test_a_dry_run_beside_a_live_fleet_says_what_ended_without_alarm(aws, make_controller, caplog):
     """In a dry run another controller does the acting: its scale-ins were warned of as
     instances ended behind this one's back (reviewer)."""
