@@ -66,6 +66,15 @@ class MessageError(ValueError):
 _NOT_A_MESSAGE = (ValueError, KeyError, TypeError, RecursionError, ArithmeticError)
 
 
+def _text_or_none(data: dict, key: str) -> str | None:
+    """A text field that may be missing. A label of 123 had been taken as it was, and
+    failed every download of its batch's CSV (reviewer)."""
+    value = data.get(key)
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{key} is not a string: {value!r:.40}")
+    return value
+
+
 def finite_number(value: object) -> float:
     """A finite number. JSON's integers have no bound: one of 400 digits in a request's
     sent_at raised OverflowError, which was not taken for a foreign message, and failed
@@ -201,11 +210,17 @@ class ClassifyResponse:
                 key=str(data.get("key", "")),
                 worker=str(data.get("worker", "")),
                 untrained=bool(data.get("untrained", False)),
-                label=data.get("label"),
+                label=_text_or_none(data, "label"),
                 score=None if data.get("score") is None else finite_number(data["score"]),
                 top5=tuple(Prediction(str(lbl), finite_number(s)) for lbl, s in data.get("top5", [])),
-                error=data.get("error"),
+                error=_text_or_none(data, "error"),
                 finished_at=finite_number(data.get("finished_at", 0.0)),
-            )
+            )._with_one_outcome()
         except _NOT_A_MESSAGE as exc:
             raise MessageError(f"not a classify response: {exc}") from exc
+
+    def _with_one_outcome(self) -> ClassifyResponse:
+        # Neither, the item was recorded done without a label; both, done with an error.
+        if (self.label is None) == (self.error is None):
+            raise ValueError("a response carries either a label or an error")
+        return self

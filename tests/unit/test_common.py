@@ -289,6 +289,20 @@ def test_messages_whose_numbers_are_not_finite_numbers_are_foreign(number):
             ClassifyResponse.from_json(json.dumps({**response, **change}))
 
 
+def test_a_response_whose_label_or_error_is_not_one_string_is_foreign():
+    """A label of 123 was taken as it was: the batch's CSV then failed with a 500, every
+    time (reviewer). Neither had been recorded as done without a label."""
+    response = json.loads(ClassifyResponse(id="x", filename="f", key="k", worker="w", untrained=True,
+                                           label="cat", score=0.5, top5=(Prediction("cat", 0.5),)).to_json())
+    assert ClassifyResponse.from_json(json.dumps(response)).label == "cat"
+    for change in ({"label": 123}, {"label": ["cat"]}, {"label": None}, {"error": "bad"}, {"error": {}}):
+        with pytest.raises(MessageError):
+            ClassifyResponse.from_json(json.dumps({**response, **change}))
+    failed = {**response, "error": "bad"}
+    del failed["label"]
+    assert ClassifyResponse.from_json(json.dumps(failed)).error == "bad"
+
+
 def sqs_takes(body: str) -> bool:
     """Whether SQS takes `body`: only these characters may be in a message."""
     return all(c in "\t\n\r" or 0x20 <= ord(c) <= 0xD7FF or 0xE000 <= ord(c) <= 0xFFFD or ord(c) >= 0x10000
