@@ -83,18 +83,6 @@ TIMELINE_FIELDS = ("time", "visible", "in_flight", "delayed", "pending", "runnin
                    "reason")
 
 
-def policy_from(settings: Settings) -> Policy:
-    return Policy(
-        max_instances=settings.max_instances,
-        mode=settings.scaling_mode,
-        target_backlog_per_instance=settings.target_backlog_per_instance,
-        acceptable_latency_s=settings.acceptable_latency_s,
-        seconds_per_image=settings.seconds_per_image,
-        boot_time_s=settings.boot_time_s,
-        scale_in_cooldown_s=settings.scale_in_cooldown_s,
-    )
-
-
 def describe_action(decision: Decision) -> str:
     """The timeline's and the log's word for what a decision does: "launch 2", or "-"."""
     action = []
@@ -388,7 +376,7 @@ class Controller:
     timeline: deque[dict] = field(default_factory=lambda: deque(maxlen=TIMELINE_ROUNDS))
 
     def __post_init__(self) -> None:
-        self.policy = policy_from(self.settings)
+        self.policy = Policy.from_settings(self.settings)
         render_user_data(self.settings)  # fail at start, not at the first launch
         if self.timeline_path:
             # Added to, not written over: a controller restarted (systemd, its watchdog)
@@ -665,9 +653,14 @@ class Controller:
         s = self.settings
         # Which queue and fleet, where: a wrong APP_PREFIX or region showed in nothing here.
         where = s.region + (f" at {s.endpoint_url}" if s.endpoint_url else "")
-        log.info("controller: prefix %s in %s, cap %d, mode %s, poll every %.1fs, scale-in window %gs%s",
-                 s.prefix, where, self.policy.max_instances, self.policy.mode, s.poll_interval_s,
-                 self.policy.scale_in_cooldown_s, " (dry run)" if self.dry_run else "")
+        p = self.policy
+        # The mode's own inputs too: the latency mode's were in nothing logged (reviewer).
+        mode = (f"backlog, {p.target_backlog_per_instance:g} message(s) per instance" if p.mode == "backlog"
+                else f"latency, {p.acceptable_latency_s:g}s acceptable, {p.seconds_per_image:g}s an image, "
+                     f"{p.boot_time_s:g}s to boot")
+        log.info("controller: prefix %s in %s, cap %d, mode %s, poll every %.1fs, scale-in window %gs, "
+                 "ready deadline %gs%s", s.prefix, where, p.max_instances, mode, s.poll_interval_s,
+                 p.scale_in_cooldown_s, s.ready_deadline_s, " (dry run)" if self.dry_run else "")
 
     def _wait(self, seconds: float) -> None:
         """Wait until the next round or a stop, pinging the watchdog meanwhile if there is one."""

@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.aws import Aws
@@ -19,6 +20,48 @@ from controller.loop import EXPECTED_ERRORS, TIMELINE_FIELDS, Controller
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class SettingOption:
+    """An option that sets the environment variable it is named after in --help, so that
+    options and the environment are checked by one parser (Settings.from_env)."""
+
+    flag: str
+    variable: str
+    setting: str  # the Settings field, whose value --help shows as the default
+    kind: type
+    help: str
+    metavar: str | None = None
+    default_note: str = ""  # after the default in --help
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+
+SETTING_OPTIONS = (
+    SettingOption("--max-instances", "MAX_INSTANCES", "max_instances", int,
+                  "never more live instances than this"),
+    SettingOption("--poll-interval", "POLL_INTERVAL", "poll_interval_s", float,
+                  "seconds between observations"),
+    # Checked by Settings, as SCALING_MODE is (case-insensitive), not by argparse's choices.
+    SettingOption("--mode", "SCALING_MODE", "scaling_mode", str,
+                  "backlog: one instance per TARGET messages; latency: target from acceptable latency "
+                  "and processing time", metavar="{" + ",".join(SCALING_MODES) + "}"),
+    SettingOption("--target-backlog", "TARGET_BACKLOG_PER_INSTANCE", "target_backlog_per_instance", float,
+                  "messages per instance in backlog mode"),
+    SettingOption("--acceptable-latency", "ACCEPTABLE_LATENCY", "acceptable_latency_s", float,
+                  "seconds a request may wait, latency mode"),
+    SettingOption("--seconds-per-image", "SECONDS_PER_IMAGE", "seconds_per_image", float,
+                  "processing time per image on one instance, latency mode"),
+    SettingOption("--boot-time", "BOOT_TIME", "boot_time_s", float,
+                  "seconds from launch to serving, latency mode"),
+    SettingOption("--scale-in-cooldown", "SCALE_IN_COOLDOWN", "scale_in_cooldown_s", float,
+                  "scale-in window: the fleet shrinks only to the most instances wanted in the last this "
+                  "many seconds", default_note=" here: 60 on AWS, 0 against AWS_ENDPOINT_URL"),
+)
+OPTION_VARIABLES = {option.dest: option.variable for option in SETTING_OPTIONS}
+
+
 def build_parser(defaults: Settings) -> argparse.ArgumentParser:
     """The command line; `defaults` are only shown in --help: an option not given is None,
     and leaves its variable's value (settings_from)."""
@@ -28,30 +71,10 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
         "to 0 when the work is done. Reads AWS from the environment (AWS_ENDPOINT_URL for the "
         "embedded AWS); every option below also has an environment variable (see README).",
     )
-    d = defaults
-    p.add_argument("--max-instances", type=int,
-                   help=f"never more live instances than this (MAX_INSTANCES, default {d.max_instances})")
-    p.add_argument("--poll-interval", type=float,
-                   help=f"seconds between observations (POLL_INTERVAL, default {d.poll_interval_s})")
-    # Checked by Settings, as SCALING_MODE is (case-insensitive), not by argparse's choices.
-    p.add_argument("--mode", metavar="{" + ",".join(SCALING_MODES) + "}",
-                   help="backlog: one instance per TARGET messages; latency: target from acceptable "
-                   f"latency and processing time (SCALING_MODE, default {d.scaling_mode})")
-    p.add_argument("--target-backlog", type=float,
-                   help="messages per instance in backlog mode (TARGET_BACKLOG_PER_INSTANCE, "
-                   f"default {d.target_backlog_per_instance})")
-    p.add_argument("--acceptable-latency", type=float,
-                   help=f"seconds a request may wait, latency mode (ACCEPTABLE_LATENCY, default "
-                   f"{d.acceptable_latency_s})")
-    p.add_argument("--seconds-per-image", type=float,
-                   help="processing time per image on one instance, latency mode (SECONDS_PER_IMAGE, "
-                   f"default {d.seconds_per_image})")
-    p.add_argument("--boot-time", type=float,
-                   help=f"seconds from launch to serving, latency mode (BOOT_TIME, default {d.boot_time_s})")
-    p.add_argument("--scale-in-cooldown", type=float,
-                   help="scale-in window: the fleet shrinks only to the most instances wanted in the "
-                   f"last this many seconds (SCALE_IN_COOLDOWN, default here {d.scale_in_cooldown_s}: "
-                   "60 on AWS, 0 against AWS_ENDPOINT_URL)")
+    for option in SETTING_OPTIONS:
+        default = getattr(defaults, option.setting)
+        p.add_argument(option.flag, type=option.kind, metavar=option.metavar,
+                       help=f"{option.help} ({option.variable}, default {default}{option.default_note})")
     p.add_argument("--dry-run", action="store_true", help="decide and log, but launch or terminate nothing")
     p.add_argument("--once", action="store_true", help="one observe-decide-act round, then exit")
     p.add_argument("--timeline", type=Path, metavar="CSV",
@@ -59,20 +82,6 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, metavar="PNG",
                    help="on exit, draw the timeline CSV as a PNG (needs --timeline)")
     return p
-
-
-# Each option sets the environment variable it is named after in --help, so that
-# options and the environment are checked by one parser (Settings.from_env).
-OPTION_VARIABLES = {
-    "max_instances": "MAX_INSTANCES",
-    "poll_interval": "POLL_INTERVAL",
-    "mode": "SCALING_MODE",
-    "target_backlog": "TARGET_BACKLOG_PER_INSTANCE",
-    "acceptable_latency": "ACCEPTABLE_LATENCY",
-    "seconds_per_image": "SECONDS_PER_IMAGE",
-    "boot_time": "BOOT_TIME",
-    "scale_in_cooldown": "SCALE_IN_COOLDOWN",
-}
 
 
 def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:

@@ -42,10 +42,22 @@ from common.config import SCALING_MODES, Settings
 from common.fleet import scale_in_order
 from controller.observe import Observation
 
+# Each Policy field and the Settings field it comes from (Policy.from_settings). A new
+# field missing here fails a test, where it had kept its default whatever was set.
+POLICY_SETTINGS = {
+    "max_instances": "max_instances",
+    "mode": "scaling_mode",
+    "target_backlog_per_instance": "target_backlog_per_instance",
+    "acceptable_latency_s": "acceptable_latency_s",
+    "seconds_per_image": "seconds_per_image",
+    "boot_time_s": "boot_time_s",
+    "scale_in_cooldown_s": "scale_in_cooldown_s",
+}
+
 
 @dataclass(frozen=True)
 class Policy:
-    """The settings decide() reads; defaults as Settings' (controller.loop.policy_from)."""
+    """The settings decide() reads; defaults as Settings'."""
 
     max_instances: int = Settings.max_instances
     mode: str = Settings.scaling_mode
@@ -54,6 +66,10 @@ class Policy:
     seconds_per_image: float = Settings.seconds_per_image
     boot_time_s: float = Settings.boot_time_s
     scale_in_cooldown_s: float = Settings.scale_in_cooldown_s
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Policy:
+        return cls(**{name: getattr(settings, setting) for name, setting in POLICY_SETTINGS.items()})
 
     def __post_init__(self) -> None:
         if self.mode not in SCALING_MODES:

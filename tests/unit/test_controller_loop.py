@@ -861,15 +861,19 @@ def test_partial_launch_failure_keeps_the_successes(aws, make_controller, patch,
     caplog.set_level(logging.INFO, logger="controller")
     send(aws, 100)
     controller = make_controller()
+    began = time.monotonic()
     assert len(controller.step(now=1000.0).launch) == 15
+    # The launch backoff is timed from when the failed launch returned: 15 launches took
+    # over a second on a loaded machine, and a fixed second after was still in it.
+    after_backoff = 1000.0 + (time.monotonic() - began) + 1.0
     assert "3 of 15 launch(es) failed" in caplog.text
     assert len(instances(aws)) == 12
     # Even if EC2 lags and lists none of the 12 that did start, they are remembered.
     real_describe = aws.ec2.describe_instances
     patch.setattr(aws.ec2, "describe_instances", lambda **kwargs: {"Reservations": []})
-    assert sorted(controller.step(now=1001.0).launch) == [3, 7, 11]  # after the launch backoff
+    assert sorted(controller.step(now=after_backoff).launch) == [3, 7, 11]
     patch.setattr(aws.ec2, "describe_instances", real_describe)
-    assert controller.step(now=1002.0).launch == ()
+    assert controller.step(now=after_backoff + 1.0).launch == ()
     assert names(aws) == sorted(f"app-tier-instance-{n}" for n in range(1, 16))
     assert len(flaky.calls) == 18, "15, then only the 3 that failed"
 
@@ -1332,6 +1336,26 @@ def test_help_documents_every_option():
             assert option in out, f"{option} missing from --help"
 
 
+def test_each_setting_option_sets_its_variable_and_the_policy_reads_every_setting_it_names():
+    """An option missing from the table of variables was parsed and dropped, and a Policy
+    field left out of policy_from kept its default whatever was set: no test saw either
+    (a newcomer adding a setting)."""
+    from controller.main import SETTING_OPTIONS
+    from controller.policy import POLICY_SETTINGS, Policy
+
+    given = {"--max-instances": "7", "--poll-interval": "2.5", "--mode": "latency", "--target-backlog": "3",
+             "--acceptable-latency": "11", "--seconds-per-image": "0.7", "--boot-time": "33",
+             "--scale-in-cooldown": "9"}
+    assert {option.flag for option in SETTING_OPTIONS} == set(given)
+    args = build_parser(Settings()).parse_args([word for pair in given.items() for word in pair])
+    settings = settings_from(args, {})
+    for option in SETTING_OPTIONS:
+        assert getattr(settings, option.setting) == option.kind(given[option.flag]), option.flag
+    assert set(POLICY_SETTINGS) == {f.name for f in dataclasses.fields(Policy)}
+    policy = Policy.from_settings(settings)
+    assert dataclasses.astuple(policy) == (7, "latency", 3.0, 11.0, 0.7, 33.0, 9.0)
+
+
 def test_options_override_the_environment_and_are_checked_like_it():
     env = {"POLL_INTERVAL": "3", "MAX_INSTANCES": "4", "APP_PREFIX": "demo"}
     args = build_parser(Settings.from_env(env)).parse_args(["--max-instances", "7"])
@@ -1414,7 +1438,8 @@ def test_once_exits_1_when_a_launch_fails(aws, patch, monkeypatch, capsys, tmp_p
         assert main(["--once"]) == 1
     assert "a launch failed" in capsys.readouterr().err
     # The settings it decided with, as a running controller logs them (reviewer).
-    said = "controller: prefix unit in us-east-1, cap 15, mode backlog, poll every 1.0s, scale-in window 60s"
+    said = ("controller: prefix unit in us-east-1, cap 15, mode backlog, 1 message(s) per instance, "
+            "poll every 1.0s, scale-in window 60s, ready deadline 1200s")
     assert said in caplog.text
     assert instances(aws) == []
 
