@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageCms, UnidentifiedImageError, features
 
 from common.pillow_errors import plain_reason
-from common.pixels import PILLOW_REFUSALS, READ_FORMATS, parts_refusal, pillow_refusal, size_refusal
+from common.pixels import PILLOW_REFUSALS, READ_FORMATS, oversize_refusal, parts_refusal, pillow_refusal
 
 INPUT_SIZE = (224, 224)
 # Above this, after `draft`, decoding takes some 30 MB or more (RGB, 3 bytes a pixel,
@@ -124,7 +124,7 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise BadImage(too_slow)
     with _bad_image_errors(max_pixels):
         img = Image.open(io.BytesIO(data), formats=READ_FORMATS)
-        too_large = size_refusal(*img.size, max_pixels, img.format)
+        too_large = oversize_refusal(*img.size, max_pixels, img.format)
         if too_large:
             raise BadImage(too_large)
         width, height = img.size

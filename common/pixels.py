@@ -47,7 +47,7 @@ MAX_IMAGE_SIDE = 65535
 HEAVY_DECODE_DIVISORS = {"WEBP": 2}
 
 
-def size_refusal(width: int, height: int, max_pixels: int, fmt: str | None = None) -> str | None:
+def oversize_refusal(width: int, height: int, max_pixels: int, fmt: str | None = None) -> str | None:
     """Why an image of this size (and Pillow's format name) is refused, or None if it is not."""
     divisor = HEAVY_DECODE_DIVISORS.get(fmt or "", 1)
     limit = pixel_limit(max_pixels) // divisor

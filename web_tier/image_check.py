@@ -22,9 +22,9 @@ from common.pixels import (
     READ_FORMATS,
     JpegLayout,
     format_not_read,
+    oversize_refusal,
     parts_refusal,
     pillow_refusal,
-    size_refusal,
 )
 from web_tier.filenames import display_name
 from web_tier.form import read_limited
@@ -45,10 +45,10 @@ CONTENT_TYPES = {
 }
 FORMATS = {fmt: CONTENT_TYPES[fmt] for fmt in ("MPO", *READ_FORMATS)}
 # A file of an accepted type that cannot be read (cut short, damaged, or built to be
-# slow to read) is 422, as the worker's answer for an image it cannot decode; 415 is
+# slow to read) is 422 (Unprocessable Content), as the worker's answer for an image it cannot decode; 415 is
 # for what is not an image of an accepted type. (The web tier said 415 for these,
 # and the worker 422 for the same reasons: reviewer.)
-DAMAGED = 422
+UNREADABLE = 422
 ACCEPTED = ", ".join(READ_FORMATS[:-1]) + " or " + READ_FORMATS[-1]
 
 
@@ -77,19 +77,19 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
     # rules (common/pixels.py).
     jpeg, too_slow = parts_refusal(data)
     if too_slow:
-        raise UploadError(DAMAGED, too_slow, name)
+        raise UploadError(UNREADABLE, too_slow, name)
     try:
         with Image.open(io.BytesIO(data), formats=READ_FORMATS) as img:
             fmt = img.format or ""
             if fmt not in FORMATS:
                 raise UploadError(415, f"{fmt or 'this'} images are not accepted; send {ACCEPTED}", name)
             # The worker's decoder applies the same rule (common/pixels.py).
-            pixel_refusal = size_refusal(*img.size, settings.max_image_pixels, fmt)
+            pixel_refusal = oversize_refusal(*img.size, settings.max_image_pixels, fmt)
             if pixel_refusal:
                 raise UploadError(413, pixel_refusal, name)
             cut_short = _truncation(img, data, jpeg)
             if cut_short:
-                raise UploadError(DAMAGED, f"damaged or unreadable image: {cut_short}", name)
+                raise UploadError(UNREADABLE, f"damaged or unreadable image: {cut_short}", name)
             # Checks PNG's chunks and checksums without decoding pixels; for most
             # other formats it does little, hence the check above.
             img.verify()
@@ -102,13 +102,15 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
         if kind and kind not in FORMATS:  # an image, in a format this service does not read
             raise UploadError(415, f"{kind} images are not accepted; send {ACCEPTED}", name) from exc
         if kind == "TIFF" and _samples_not_read(data):  # valid, and not "not a valid TIFF" (reviewer)
-            raise UploadError(DAMAGED, "unreadable image: a TIFF of samples this service does not read (such "
-                                       "as colour in floating point or 32-bit integers)", name) from exc
+            raise UploadError(UNREADABLE, "unreadable image: a TIFF of samples this service does not read "
+                                          "(such as colour in floating point or 32-bit integers)",
+                              name) from exc
         if kind:  # it starts like one, but Pillow could not read even its header
-            raise UploadError(DAMAGED, f"damaged or unreadable image: not a valid {kind} file", name) from exc
+            raise UploadError(UNREADABLE, f"damaged or unreadable image: not a valid {kind} file",
+                              name) from exc
         raise UploadError(415, f"not an image (the content is not {ACCEPTED})", name) from exc
     except Exception as exc:  # Pillow raises many kinds of errors on damaged files
-        raise UploadError(DAMAGED, f"damaged or unreadable image: {plain_reason(exc)}", name) from exc
+        raise UploadError(UNREADABLE, f"damaged or unreadable image: {plain_reason(exc)}", name) from exc
     return Upload(name, data, FORMATS[fmt])
 
 
