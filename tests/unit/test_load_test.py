@@ -849,7 +849,7 @@ def test_a_page_that_holds_a_colon_is_not_an_answer(tier, tmp_path):
     (outcome,) = report.outcomes
     assert outcome.verdict == "failed" and outcome.error.startswith("not a classification answer"), outcome
     assert report.course_average_latency is None  # nothing answered: no latency to speak of
-    assert "average latency (course)  -" in load_test.format_report(report)
+    assert re.search(r"\n  average latency \(course\) +-  ", load_test.format_report(report))
 
 
 def test_jobs_api_by_polling_with_api_key_and_untrained_model(tier, mixed):
@@ -2239,3 +2239,28 @@ def test_the_help_says_what_each_exit_code_means(capsys):
     for line in ("\nexit codes:\n", "\n  0    PASS", "\n  1    a request failed", "\n  2    bad usage",
                  "key refused", "\n  130  interrupted by Ctrl-C (SIGINT), 143 by SIGTERM"):
         assert line in out, line
+
+
+def test_the_latency_rows_say_they_are_of_the_answered_alone():
+    """131 of 150 timed out, and the table said "latency max 0.888 s" as if of the run."""
+    def outcome(index: int, answered: bool) -> load_test.Outcome:
+        made = load_test.Outcome(index=index, file=f"{index}.jpg", started_s=0.0, reached=True,
+                                 latency_s=0.5 if answered else 30.0, label="cat", answer_name=str(index),
+                                 error=None if answered else "timeout after 30 s")
+        load_test.judge(made, {})
+        return made
+
+    some_failed = load_test.Report(url="http://x", api="form", concurrency=5, planned=5, started_at=0.0,
+                                   duration_s=30.0, outcomes=[outcome(i, i < 2) for i in range(5)])
+    text = load_test.format_report(some_failed)
+    for row in ("p50", "p90", "p99", "max", "mean"):
+        assert re.search(rf"\n  latency {row} \(2 answered\) +0\.500 s\n", text), row
+    # The course's figure keeps its formula, duration / requests, and says the failed are in it.
+    assert re.search(r"\n  average latency \(course\) +6\.000 s  \(duration / requests, the 3 failed "
+                     r"included\)\n", text)
+
+    all_answered = load_test.Report(url="http://x", api="form", concurrency=5, planned=5, started_at=0.0,
+                                    duration_s=1.0, outcomes=[outcome(i, True) for i in range(5)])
+    text = load_test.format_report(all_answered)
+    assert re.search(r"\n  latency p50 +0\.500 s\n", text)
+    assert re.search(r"\n  average latency \(course\) +0\.200 s  \(duration / requests\)\n", text)
