@@ -85,6 +85,11 @@ class LoadTestError(Exception):
     """A problem with the inputs (no images, unreadable CSV): nothing was sent."""
 
 
+class UnreadableImage(Exception):
+    """One request's image file could not be read (deleted or made unreadable mid-run):
+    that request sent nothing; the message is the system's reason."""
+
+
 # --- configuration ------------------------------------------------------------------
 
 
@@ -197,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     talk = parser.add_mutually_exclusive_group()
     talk.add_argument(
         "--verbose", "-v", action="store_true",
-        help="print '<file> uploaded!' and 'Classification result: ...' for each request, "
-             "both once its answer is in (as the course's client printed them)",
+        help="print '<file> uploaded!' and 'Classification result: ...' for each request sent, "
+             "both once its answer is in (as the course's client printed them), and '<file> not sent: "
+             "<why>' for one that was not",
     )
     talk.add_argument(
         "--quiet", "-q", action="store_true",
@@ -542,6 +548,7 @@ class Outcome:
     # "poll" (GET /api/jobs/<id>, up to 1 s between polls: its latency that much late).
     awaited: str | None = None
     by_id: bool = False  # its answer is the item fetched by its id: its name is not checked
+    unreadable: bool = False  # not sent as its file could not be read, not for want of a connection
     # It reached the web tier: answered, or cut off once connected (never, if every
     # attempt was refused, timed out connecting or failed its TLS handshake).
     # None: not known (abandoned in flight, the report cannot tell how far it had got).
@@ -622,7 +629,12 @@ class Report:
     @property
     def unreached(self) -> int:
         """Requests tried that never connected (refused, unreachable, failed TLS)."""
-        return self._count("not sent")
+        return self._count("not sent") - self.unreadable
+
+    @property
+    def unreadable(self) -> int:
+        """Requests not sent as their file could not be read (deleted mid-run)."""
+        return sum(1 for o in self.outcomes if o.verdict == "not sent" and o.unreadable)
 
     @property
     def answered(self) -> int:
@@ -1098,8 +1110,10 @@ class Client:
                 outcome.error += " (the image is stored, and queued: its result will be at /api/jobs)"
         except requests.RequestException as exc:
             outcome.error = f"{type(exc).__name__}: {_short(str(exc))}"
-        except OSError as exc:  # the image could not be read
-            outcome.error = f"{type(exc).__name__}: {exc}"
+        except UnreadableImage as exc:
+            # Said as such: counted with those that never connected, a file deleted mid-run
+            # read "refused or unreachable" (reviewer).
+            outcome.error, outcome.unreadable = f"could not read the file: {exc}", True
         except Exception as exc:  # a failed request, whatever it was: never the whole run
             outcome.error = f"{type(exc).__name__}: {_short(str(exc))}"
         outcome.latency_s = time.monotonic() - start
@@ -1113,7 +1127,11 @@ class Client:
 
     def _upload(self, path: Path) -> tuple[str, bytes, str]:
         mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        return (sendable_name(path), path.read_bytes(), mime)
+        try:
+            content = path.read_bytes()
+        except OSError as exc:
+            raise UnreadableImage(exc.strerror or str(exc)) from exc
+        return (sendable_name(path), content, mime)
 
     def server_answered(self) -> None:
         """The web tier answered something (any HTTP response, to any request, the status
@@ -1851,10 +1869,11 @@ def format_report(report: Report, max_problems: int = 10) -> str:
         rows.insert(len(rows) - 1, ("awaited by polling", f"{report.polled} of {report.answered} answered  "
                                     f"(their latencies may be up to 1 s late: {how})"))
     if report.not_sent:
-        never_started = report.not_sent - report.unreached
+        never_started = report.not_sent - report.unreached - report.unreadable
         tries = sum(o.resent for o in report.outcomes if o.verdict == "not sent")
         why = [f"{report.unreached} never connected: refused or unreachable"
                + (f", tried again {tries} times in all" if tries else "")] if report.unreached else []
+        why += [f"{report.unreadable} whose file could not be read"] if report.unreadable else []
         why += [f"{never_started} not started: the run was interrupted"] if never_started else []
         rows.insert(3, ("not sent", f"{report.not_sent}  ({'; '.join(why)})"))
     if report.abandoned:
@@ -2036,8 +2055,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = Progress(config.num_requests or len(images), enabled=not config.quiet)
 
     def print_result(outcome: Outcome) -> None:
-        # The course's client printed these two lines per image.
         progress.clear()
+        if not outcome.reached:
+            # Never connected, or its file unreadable: "uploaded!" would say what never happened.
+            out.print(for_terminal(f"{outcome.file} not sent: {outcome.error}"))
+            return
+        # The course's client printed these two lines per image.
         out.print(for_terminal(f"{outcome.file} uploaded!"))
         out.print(for_terminal(f"Classification result: {outcome.body}"))
 

@@ -2264,3 +2264,26 @@ def test_the_latency_rows_say_they_are_of_the_answered_alone():
     text = load_test.format_report(all_answered)
     assert re.search(r"\n  latency p50 +0\.500 s\n", text)
     assert re.search(r"\n  average latency \(course\) +0\.200 s  \(duration / requests\)\n", text)
+
+
+def test_a_file_deleted_mid_run_is_said_to_be_unreadable_not_uploaded(tier, tmp_path, capsys, monkeypatch):
+    """It was counted with those that never connected ("refused or unreachable"), and
+    --verbose printed "<file> uploaded!" for it."""
+    images = make_images(tmp_path / "images", {"gone.jpg": b"label:cat", "kept.jpg": b"label:dog"})
+    check_reachable = load_test.check_reachable
+
+    def delete_then_check(url: str) -> None:
+        (images / "gone.jpg").unlink()  # after the folder was read, before anything is sent
+        check_reachable(url)
+
+    monkeypatch.setattr(load_test, "check_reachable", delete_then_check)
+    json_path = tmp_path / "run.json"
+    code = load_test.main(["--url", tier.url, "--images", str(images), "--verbose", "--json", str(json_path)])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "gone.jpg uploaded!" not in out and "kept.jpg uploaded!" in out
+    assert "gone.jpg not sent: could not read the file: No such file or directory" in out
+    assert re.search(r"\n  not sent +1  \(1 whose file could not be read\)\n", out)
+    assert "never connected" not in out
+    (gone,) = [r for r in json.loads(json_path.read_text())["requests"] if r["file"] == "gone.jpg"]
+    assert gone["verdict"] == "not sent" and gone["error"].startswith("could not read the file")
