@@ -1475,6 +1475,11 @@ class Progress:
         self._last_tenth = 0
         self._t0 = time.monotonic()
 
+    def start(self, t0: float) -> None:
+        """Count the rate from `t0` (time.monotonic), when the requests begin: counted from
+        the bar's making, it took in the checks before them (the key check waits up to 12 s)."""
+        self._t0 = t0
+
     def update(self, done: int, failed: int, wrong: int, not_sent: int = 0) -> None:
         if not self.enabled:
             return
@@ -1710,6 +1715,8 @@ def run_load(
     t0 = time.monotonic()
     try:
         try:
+            if progress:
+                progress.start(t0)
             poller.start(t0)
             senders.start(t0)
             for outcome in senders.outcomes():

@@ -2287,3 +2287,30 @@ def test_a_file_deleted_mid_run_is_said_to_be_unreadable_not_uploaded(tier, tmp_
     assert "never connected" not in out
     (gone,) = [r for r in json.loads(json_path.read_text())["requests"] if r["file"] == "gone.jpg"]
     assert gone["verdict"] == "not sent" and gone["error"].startswith("could not read the file")
+
+
+def test_the_progress_rate_is_counted_from_the_first_request_not_from_the_checks(tier, tmp_path, monkeypatch):
+    """The bar was made before the checks (the key check waits up to 12 s for a fresh web
+    tier), and its rate counted that wait as time spent sending."""
+    events: list[str] = []
+    key_check = load_test.api_key_required
+
+    def checked(url: str) -> bool:
+        events.append("checked")
+        return key_check(url)
+
+    class Recorded(load_test.Progress):
+        def start(self, t0: float) -> None:
+            events.append("started")
+            super().start(t0)
+
+    monkeypatch.setattr(load_test, "api_key_required", checked)
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:a"})
+    run_load(Config(images=images, url=tier.url), progress=Recorded(1, stream=io.StringIO()))
+    assert events == ["checked", "started"]
+
+    stream = io.StringIO()
+    progress = load_test.Progress(10, stream=stream)
+    progress.start(time.monotonic() - 100)  # as if made long before, its requests began 100 s ago
+    progress.update(10, 0, 0)
+    assert stream.getvalue().endswith("  0.1/s\n")
