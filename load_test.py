@@ -1491,7 +1491,9 @@ class Progress:
             + f"  {rate:.1f}/s"
         )
         if self.tty:
-            self.stream.write("\r" + line)
+            # Cleared to the end: a shorter line (a rate of "9.9/s" after "10.0/s") left the
+            # old line's last characters behind it.
+            self.stream.write("\r" + line + "\033[K")
         else:
             tenth = 10 * done // self.total
             if tenth == self._last_tenth:

@@ -2314,3 +2314,16 @@ def test_the_progress_rate_is_counted_from_the_first_request_not_from_the_checks
     progress.start(time.monotonic() - 100)  # as if made long before, its requests began 100 s ago
     progress.update(10, 0, 0)
     assert stream.getvalue().endswith("  0.1/s\n")
+
+
+def test_the_progress_bar_on_a_terminal_clears_what_a_longer_line_left():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    progress = load_test.Progress(2, stream=stream)
+    progress.update(1, 0, 0, not_sent=1)
+    progress.update(2, 0, 0)  # shorter: no "not sent"
+    redrawn = stream.getvalue().split("\r")[1:]
+    assert len(redrawn) == 2 and all(line.endswith("/s\033[K") for line in redrawn), redrawn
