@@ -1954,15 +1954,19 @@ def write_plot(report: Report, path: Path) -> None:
     # Okabe-Ito colours and a marker each: told apart without colour vision too.
     styles = {"correct": ("#009E73", "o"), "unchecked": ("#0072B2", "o"),
               "wrong": ("#E69F00", "^"), "failed": ("#D55E00", "x"), "not sent": ("#000000", "s")}
+    plotted = False
     for verdict, (colour, marker) in styles.items():
         points = [(o.started_s, o.latency_s) for o in report.outcomes if o.verdict == verdict]
         if points:
             xs, ys = zip(*points, strict=True)
             top.scatter(xs, ys, s=12, color=colour, marker=marker, alpha=0.7,
                         label=f"{verdict} ({len(points)})")
+            plotted = True
     top.set_ylabel("latency (s)")
     top.set_title(plot_title(report))
-    if report.outcomes:
+    # Only with a point drawn: a run of abandoned and unstarted requests alone plots none,
+    # and matplotlib then printed "No artists with labels found to put in legend".
+    if plotted:
         # Beside the plot, not on it: the slowest requests tend to sit in its top left.
         top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     top.grid(alpha=0.3)

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from collections import Counter
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -2327,3 +2328,17 @@ def test_the_progress_bar_on_a_terminal_clears_what_a_longer_line_left():
     progress.update(2, 0, 0)  # shorter: no "not sent"
     redrawn = stream.getvalue().split("\r")[1:]
     assert len(redrawn) == 2 and all(line.endswith("/s\033[K") for line in redrawn), redrawn
+
+
+def test_a_plot_with_no_point_to_draw_has_no_legend_and_no_warning(tmp_path):
+    """A run interrupted before any request ended plots none; matplotlib printed "No
+    artists with labels found to put in legend" for the legend asked of it."""
+    plan = [Path("a.jpg"), Path("b.jpg")]
+    outcomes = load_test.unfinished_outcomes(plan, [0.0], 0.0, set())  # one abandoned, one never started
+    report = load_test.Report(url="http://x", api="form", concurrency=2, planned=2, started_at=0.0,
+                              duration_s=1.0, outcomes=outcomes, interrupted_by="SIGTERM")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_test.write_plot(report, tmp_path / "run.png")
+    assert not [str(w.message) for w in caught]
+    assert (tmp_path / "run.png").read_bytes().startswith(b"\x89PNG")
