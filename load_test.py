@@ -335,10 +335,12 @@ def say_what_is_left_out(config: Config, images: list[Path], skipped: list[str],
               f"files ({', '.join(sorted(IMAGE_SUFFIXES))}) directly in it, or hidden (named .*)",
               file=sys.stderr)
     # The names as sent and judged: a name that is not UTF-8 is sent with U+FFFD.
-    unused = len(set(expected) - {image_key(sendable_name(p)) for p in images})
+    unused = sorted(set(expected) - {image_key(sendable_name(p)) for p in images})
     if unused:
-        print(f"load_test.py: {unused} rows of {config.expected} name no image in {config.images}",
-              file=sys.stderr)
+        # A few named, as the entries left out are: the count alone left the user to search the CSV.
+        named = ", ".join(for_terminal(key) for key in unused[:3]) + (", ..." if len(unused) > 3 else "")
+        print(f"load_test.py: {len(unused)} rows of {config.expected} name no image in {config.images} "
+              f"({named})", file=sys.stderr)
 
 
 def sendable_name(path: Path) -> str:

@@ -533,14 +533,15 @@ def test_what_a_run_leaves_out_is_said(tier, tmp_path, capsys):
     (images / "._cat.jpg").write_bytes(b"\x00\x05\x16\x07")  # macOS's metadata of cat.jpg
     (images / "a\x1b[2J.txt").write_text("a name that would clear the screen")
     expected = tmp_path / "expected.csv"
-    expected.write_text("Image,Results\ncat,cat\ndog,dog\nbird,bird\n")
+    expected.write_text("Image,Results\ncat,cat\ndog,dog\nbird,bird\nfox,fox\neel,eel\n")
     assert load_test.main(["--url", tier.url, "--images", str(images), "--expected", str(expected),
                            "--quiet"]) == 0
     err = capsys.readouterr().err
     # Which ones, a few of them (in name order, escaped): "4 entries" alone left the user guessing.
     assert f"4 entries of {images} left out (._cat.jpg, a\\x1b[2J.txt, more, ...): not image files" in err
     assert tier.paths["POST /"] == 1  # cat.jpg alone
-    assert f"2 rows of {expected} name no image in {images}" in err
+    # Which rows, a few of them, as for the entries left out.
+    assert f"4 rows of {expected} name no image in {images} (bird, dog, eel, ...)\n" in err
 
 
 def test_a_csv_row_for_a_name_that_is_not_utf8_is_not_said_to_name_no_image(tier, tmp_path, capsys):
