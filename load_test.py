@@ -771,7 +771,9 @@ class Report:
                     "index": o.index,
                     "file": o.file,
                     "started_s": o.started_s,
-                    "latency_s": o.latency_s,
+                    # None for one that never ended: its 0.0 read as an instant answer. The
+                    # Outcome keeps 0.0, which bench/endtoend.py adds to started_s.
+                    "latency_s": None if o.verdict in ("abandoned", "not started") else o.latency_s,
                     "status": o.status,
                     "answer": o.answer_name,
                     "label": o.label,

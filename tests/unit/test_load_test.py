@@ -2203,6 +2203,8 @@ def test_a_run_that_quit_holds_every_planned_request_once(tier, tmp_path):
     assert rows[1]["error"] == "in flight when the run quit (the image may be stored)"
     assert rows[1]["reached"] is None and rows[0]["reached"] is True  # not known, for one in flight
     assert rows[2]["error"] == "not started: the run was interrupted first"
+    # Neither ended: a latency of 0.0 read as an instant answer.
+    assert rows[1]["latency_s"] is None and rows[2]["latency_s"] is None and rows[0]["latency_s"] > 0
     # The counts mean what they meant.
     assert (report.sent, report.not_sent, report.abandoned, report.answered, report.failed) == (2, 1, 1, 1, 0)
     assert report.to_dict()["interrupted_by"] == "SIGTERM"
