@@ -17,7 +17,10 @@ again without being stored twice. Meanwhile `GET /api/status` is read
 every half second to record how many app-tier instances were pending or running.
 
 It only talks to the URL it is given, sends a bounded number of requests, and
-gives each one at most `--timeout` seconds.
+gives each one at most `--timeout` seconds. The load is a closed loop: each of the
+`--concurrency` senders sends its next request once its last is answered, so the
+rate is what the service answers. The run's duration includes the fleet scaling out
+from the instances running at its start.
 
 Ctrl-C stops sending and waits for the requests in flight; a second one quits at
 once, still printing what was answered so far (and writing --json and --plot).
@@ -115,6 +118,17 @@ class Config:
     status_interval: float = STATUS_INTERVAL_S
 
 
+# What --help says after its first line; its lines are kept as they are, as the epilog's.
+HOW_IT_LOADS = """\
+Send concurrent uploads to the web tier and report latency, throughput and correctness.
+
+The load is a closed loop: each of --concurrency senders sends its next request once
+its last is answered, so at most C are in flight and the rate is what the service
+answers, not one asked of it. The total duration (and so the throughput and the
+course's average) includes the fleet scaling out from the app-tier instances running
+at the start (the table says how many those were).
+"""
+
 # What --help ends with.
 EXIT_CODES = """\
 exit codes:
@@ -145,10 +159,9 @@ def _positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="load_test.py",
-        description="Send concurrent uploads to the web tier and report latency, throughput "
-        "and correctness.",
+        description=HOW_IT_LOADS,
         epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,  # the epilog's lines kept as they are
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the description's and epilog's lines kept
         # Abbreviations would make '--num' ambiguous between the spellings below.
         allow_abbrev=False,
     )
@@ -164,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--concurrency", "-c", type=_positive_int, default=10, metavar="C",
-        help="requests in flight at once (default 10)",
+        help="requests in flight at once (default 10); each sender sends its next once its last is answered",
     )
     parser.add_argument(
         "--expected", type=Path, metavar="CSV",

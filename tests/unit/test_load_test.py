@@ -2243,6 +2243,9 @@ def test_the_help_says_what_each_exit_code_means(capsys):
     for line in ("\nexit codes:\n", "\n  0    PASS", "\n  1    a request failed", "\n  2    bad usage",
                  "key refused", "\n  130  interrupted by Ctrl-C (SIGINT), 143 by SIGTERM"):
         assert line in out, line
+    # What the figures measure: a closed loop, and a duration with the fleet's scaling out in it.
+    assert "\nThe load is a closed loop: each of --concurrency senders sends its next request once\n" in out
+    assert "includes the fleet scaling out from the app-tier instances running\nat the start" in out
 
 
 def test_the_latency_rows_say_they_are_of_the_answered_alone():
