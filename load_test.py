@@ -1868,7 +1868,8 @@ def format_report(report: Report, max_problems: int = 10) -> str:
     # "latency max 0.888 s", read as the run's worst (reviewer).
     of = f" ({report.answered} answered)" if report.answered < report.planned else ""
     # The course's figure divides by every request that ended, failed or not.
-    course = "duration / requests" + (f", the {report.failed} failed included" if report.failed else "")
+    failed_in_it = report.failed and report.course_average_latency is not None
+    course = "duration / requests" + (f", the {report.failed} failed included" if failed_in_it else "")
     rows = [
         ("sent", f"{report.sent}" + (f" of {report.planned}" if report.sent != report.planned else "")),
         ("answered", f"{report.answered}"),
