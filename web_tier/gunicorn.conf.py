@@ -5,8 +5,15 @@ Run from the project root:
 Access logs are off; turn them on with GUNICORN_CMD_ARGS="--access-logfile -".
 """
 
+from __future__ import annotations
+
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # gunicorn's own classes, for the hooks' signatures only
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.workers.base import Worker
 
 # Gunicorn reads this file before the app's directory is on sys.path.
 _ROOT = str(Path(__file__).resolve().parent.parent)
@@ -96,14 +103,14 @@ errorlog = "-"
 loglevel = "info"
 
 
-def post_fork(server, worker) -> None:
+def post_fork(server: Arbiter, worker: Worker) -> None:
     """Send the app's own loggers to stderr, before the worker builds the app."""
     from common.logs import configure as configure_logging
 
     configure_logging("%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
 
 
-def post_worker_init(worker) -> None:
+def post_worker_init(worker: Worker) -> None:
     """The app is built: keep its start-up heap out of later garbage collections,
     and answer the waiting requests when told to stop."""
     import signal

@@ -72,7 +72,7 @@ class DiskRegion(io.RawIOBase):
     def seekable(self) -> bool:
         return True
 
-    def write(self, data) -> int:
+    def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")
         written = 0
         while written < len(view):
@@ -82,7 +82,7 @@ class DiskRegion(io.RawIOBase):
         self._spool.grew(self._start + self._size)
         return written
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: bytearray | memoryview) -> int:
         want = min(len(buffer), self._size - self._pos)
         if want <= 0:
             return 0
