@@ -43,7 +43,7 @@ CLIENT_CHECK_S = 1.0
 # nginx's word for a request whose client closed the connection before the answer.
 CLIENT_CLOSED = 499
 # The plain form's answer page waits this long for the label, then answers that the
-# image is queued, and reloads itself this often.
+# image is queued, and offers to reload itself this often.
 ANSWER_PAGE_WAIT_S = 10.0
 ANSWER_PAGE_REFRESH_S = 5
 
@@ -132,17 +132,20 @@ def answer(batch_id: str) -> Response:
     # HEAD (a link checker, a chat's preview) is answered at once: it reads no label.
     wait_s = 0.0 if request.method == "HEAD" else min(ANSWER_PAGE_WAIT_S, svc.settings.result_timeout_s)
     item, _client_left = _wait_while_connected(svc.book, items[0].id, wait_s)
+    # Reloading itself only if the user chose to (the page offers it).
+    reloading = request.args.get("reload") == "1"
     if item is None:
-        # Answered now, reloading itself: waited for up to RESULT_TIMEOUT, the browser
-        # showed the form's address meanwhile, and a user who stopped or reloaded it
-        # lost the only way to the answer (reviewer).
+        # Answered now: waited for up to RESULT_TIMEOUT, the browser showed the form's
+        # address meanwhile, and a user who stopped or reloaded it lost the only way to
+        # the answer (reviewer).
         if svc.book.closing.is_set():
-            why = "the server is restarting; the image is still queued: this page reloads itself"
-            return answer_page(503, why, items[0].filename, refresh_s=ANSWER_PAGE_REFRESH_S * 3)
-        return answer_page(202, "not classified yet: the image is queued, and this page reloads itself "
-                                "until it is", items[0].filename, refresh_s=ANSWER_PAGE_REFRESH_S)
+            why = "the server is restarting; the image is still queued"
+            return answer_page(503, why, items[0].filename, waiting_s=ANSWER_PAGE_REFRESH_S * 3,
+                               reloading=reloading)
+        return answer_page(202, "not classified yet: the image is queued", items[0].filename,
+                           waiting_s=ANSWER_PAGE_REFRESH_S, reloading=reloading)
     status, message, label, untrained = _outcome(item)
-    return answer_page(status, message, item.filename, label, untrained)
+    return answer_page(status, message, item.filename, label, untrained, score=item.score)
 
 
 def _outcome(item: Item) -> tuple[int, str, str | None, bool]:

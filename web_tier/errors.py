@@ -41,13 +41,20 @@ def wants_page() -> bool:
 
 
 def answer_page(status: int, message: str, filename: str | None = None, label: str | None = None,
-                untrained: bool | None = None, refresh_s: int | None = None) -> Response:
-    """The plain form's answer: the label, or why there is none (`message`); reloading
-    itself every `refresh_s` seconds if given."""
+                untrained: bool | None = None, *, score: float | None = None, waiting_s: int | None = None,
+                reloading: bool = False) -> Response:
+    """The plain form's answer: the label and its score, or why there is none (`message`).
+    `waiting_s`: the image is still queued, and the page offers to look again, or to
+    reload itself that often; `reloading`: the user chose that. Never unasked: each
+    reload took a keyboard's focus and a screen reader back to the top (reviewer)."""
     if untrained is None:
         untrained = bool(services().book.untrained)
-    html = render_template("answer.html", filename=filename, label=label, message=message,
-                           untrained=untrained, refresh_s=refresh_s)
+    # The tab's title says the state too: after a reload it was the same, answered or not.
+    state = label if label is not None else "queued" if waiting_s else "no label"
+    title = f"{state} · {filename}" if filename else "Upload"
+    html = render_template("answer.html", filename=filename, label=label, score=score, message=message,
+                           untrained=untrained, waiting_s=waiting_s, reloading=reloading and bool(waiting_s),
+                           title=title)
     return Response(html, status=status, mimetype="text/html")
 
 

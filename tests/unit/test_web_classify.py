@@ -154,14 +154,20 @@ def test_no_answer_is_504_and_the_service_keeps_answering(make_web_app, fake_wor
     batch = client.get(f"/api/jobs/{batch_id}").get_json()
     assert [(i["id"], i["filename"], i["state"]) for i in batch["items"]] == [(item_id, "lost.jpg", "queued")]
     # The page's form without JavaScript: its answer page says the image is queued still,
-    # at once, and reloads itself: that page (not a JSON document) is where its result
-    # will be (reviewers).
+    # at once: that page (not a JSON document) is where its result will be (reviewers).
     page = client.post("/?answer=page", data={"inputFile": (io.BytesIO(make_image(6)), "lost.jpg")},
                        content_type="multipart/form-data", follow_redirects=True)
-    assert page.status_code == 202 and page.mimetype == "text/html"
-    assert "not classified yet: the image is queued, and this page reloads itself" in page.text
-    assert '<meta http-equiv="refresh" content="5">' in page.text
-    assert page.request.path.startswith("/answers/")
+    path = page.request.path
+    assert page.status_code == 202 and page.mimetype == "text/html" and path.startswith("/answers/")
+    assert '<p class="waiting">not classified yet: the image is queued</p>' in page.text
+    assert "<title>queued · lost.jpg · Image classification</title>" in page.text
+    # It reloads itself only when asked to: each reload took a keyboard's focus and a
+    # screen reader back to the top (reviewer).
+    assert "http-equiv" not in page.text and f'<a href="{path}">Check again</a>' in page.text
+    assert f'<a href="{path}?reload=1">reload this page by itself every 5 s</a>' in page.text
+    reloading = client.get(path + "?reload=1")
+    assert reloading.status_code == 202 and '<meta http-equiv="refresh" content="5">' in reloading.text
+    assert f'<a href="{path}">Stop reloading</a>' in reloading.text
     # The service still answers; a patient app takes over the response queue.
     services_of(app).stop(timeout=5)
     patient = make_web_app(result_timeout_s=20).test_client()
@@ -197,8 +203,9 @@ def test_a_waiting_request_answers_503_at_once_when_the_web_tier_stops(make_web_
     # The plain form's answer page says so in a user's words, not an operator's.
     page = client.get(f"/answers/{batch_id}")
     assert page.status_code == 503 and page.mimetype == "text/html"
-    assert "the server is restarting; the image is still queued: this page reloads itself" in page.text
-    assert '<meta http-equiv="refresh" content="15">' in page.text and "AWS" not in page.text
+    assert "the server is restarting; the image is still queued" in page.text and "AWS" not in page.text
+    assert "reload this page by itself every 15 s" in page.text
+    assert '<meta http-equiv="refresh" content="15">' in client.get(f"/answers/{batch_id}?reload=1").text
 
 
 def test_two_files_to_post_slash_are_refused_naming_them(web_client):
@@ -441,7 +448,7 @@ def test_the_plain_forms_answer_page_waits_seconds_not_the_result_timeout(make_w
     started = time.monotonic()
     page = client.get(stored.location)
     assert time.monotonic() - started < 15 and page.status_code == 202
-    assert '<meta http-equiv="refresh"' in page.text
+    assert "Check again" in page.text
     # HEAD (a link checker, a chat's preview) reads no label: answered at once.
     started = time.monotonic()
     assert client.head(stored.location).status_code == 202 and time.monotonic() - started < 2
@@ -467,7 +474,9 @@ def test_without_javascript_the_page_offers_a_plain_form_whose_answer_is_a_page(
     response = web_client.get(stored.location)
     assert response.status_code == 200 and response.mimetype == "text/html"
     body = response.text
-    assert f'<span class="label">{answer_for(data)[0]}</span>' in body
+    label, score = answer_for(data)[:2]
+    assert f'Label: <span class="label">{label}</span> <span class="score">{score * 100:.1f}%</span>' in body
+    assert f"<title>{label} · &lt;b&gt;cat&lt;/b&gt;.jpg · Image classification</title>" in body
     assert "&lt;b&gt;cat&lt;/b&gt;.jpg" in body and "<b>cat" not in body  # its name, escaped
     # Untrained, said on the page, not only in a header a person never sees.
     assert "UNTRAINED model" in body and '<span class="untrained-mark">untrained</span>' in body
