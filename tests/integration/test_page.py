@@ -421,6 +421,20 @@ def test_stop_sending_ends_an_upload_leaving_what_was_sent(stack, browser, refer
     wait_for(lambda: not stop.is_displayed(), 10, "the button to go")
 
 
+def test_the_focus_on_stop_sending_moves_on_when_the_upload_ends_by_itself(stack, browser, tmp_path):
+    """The button hides once nothing is being sent: with the focus on it, the focus fell
+    to the page's body, and a screen reader's place was lost (reviewer)."""
+    browser.get(stack.web_url + "/")
+    with upload_throttled(browser, 100_000):
+        choose(browser, tmp_path, {"focused.jpg": make_image(1080, size=(800, 600))})
+        wait_for(lambda: browser.execute_script(
+            "const b = document.getElementById('stop-sending'); if (b.hidden) return false; b.focus(); "
+            "return document.activeElement === b;"), 10, "Stop sending, shown and focused")
+        wait_for(lambda: browser.execute_script("return document.getElementById('stop-sending').hidden"),
+                 30, "the upload's end")
+    assert browser.execute_script("return document.activeElement.id") == "download-csv"
+
+
 def test_stop_sending_cancels_a_resend_waiting_its_turn(stack, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -1000,6 +1014,21 @@ def test_an_api_key_a_header_cannot_carry_is_said_to_be_wrong_not_the_server_unr
     assert browser.execute_script("return window.keysSent") == []  # nothing sent
 
 
+# The contrast of a field's placeholder against the field (WCAG's relative luminance).
+CONTRAST_OF_PLACEHOLDER = """
+  const luminance = (colour) => {
+    const [r, g, b] = colour.match(/[\\d.]+/g).slice(0, 3).map((v) => {
+      const c = Number(v) / 255;
+      return c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4;
+    });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  };
+  const a = luminance(getComputedStyle(arguments[0], "::placeholder").color);
+  const b = luminance(getComputedStyle(arguments[0]).backgroundColor);
+  return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+"""
+
+
 def test_a_refused_api_key_is_said_to_be_refused_not_missing(stack, browser, tmp_path):
     """A wrong key typed above was answered "an API key is required: enter it above",
     as if none had been sent (reviewer)."""
@@ -1023,8 +1052,17 @@ def test_a_refused_api_key_is_said_to_be_refused_not_missing(stack, browser, tmp
     # The box is where the fix goes: focused, and marked invalid until typed in (reviewer).
     key = browser.find_element(By.ID, "api-key")
     assert browser.switch_to.active_element == key and key.get_attribute("aria-invalid") == "true"
+    # Why, beside the box and read with it, not only in the rows (reviewer).
+    problem = browser.find_element(By.ID, "api-key-problem")
+    assert problem.is_displayed() and problem.text.startswith("the API key was refused")
+    assert "api-key-problem" in key.get_attribute("aria-describedby").split()
+    # Its placeholder, the only sign a key is needed, reads in the dark theme too (it was 2.4:1).
+    browser.execute_cdp_cmd("Emulation.setEmulatedMedia",
+                            {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+    placeholder = browser.execute_script(CONTRAST_OF_PLACEHOLDER, key)
+    assert placeholder >= 4.5, placeholder
     key.send_keys("x")
-    assert key.get_attribute("aria-invalid") is None
+    assert key.get_attribute("aria-invalid") is None and not problem.is_displayed()
 
 
 def test_the_choose_button_shows_keyboard_focus(stack, browser):

@@ -1242,3 +1242,7 @@ def test_status_reports_whether_a_key_is_required(keyed_client, web_client):
     assert web_client.get("/api/status").get_json()["api_key_required"] is False
     # Reading results and the page needs no key.
     assert keyed_client.get("/").status_code == 200
+    # The page shows its box at once: shown after the first status answer, it pushed
+    # the page down as it loaded (reviewer).
+    assert '<form id="api-key-box" class="api-key">' in keyed_client.get("/").text
+    assert '<form id="api-key-box" class="api-key" hidden>' in web_client.get("/").text

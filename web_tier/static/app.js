@@ -106,9 +106,17 @@
   keyInput.value = storedKey();
   // As typed, not only on leaving the box: files dropped straight after typing were sent
   // without it (explorer).
+  // Why the key did not do, beside the box (and read with it), not only in the rows.
+  function sayKeyProblem(text) {
+    keyBox.hidden = false;
+    $("api-key-problem").textContent = text;
+    $("api-key-problem").hidden = !text;
+    if (text) keyInput.setAttribute("aria-invalid", "true");
+    else keyInput.removeAttribute("aria-invalid");
+  }
   for (const type of ["input", "change"]) {
     keyInput.addEventListener(type, () => {
-      keyInput.removeAttribute("aria-invalid");
+      sayKeyProblem("");
       try { localStorage.setItem(KEY_STORE, keyInput.value.trim()); } catch { /* private mode */ }
     });
   }
@@ -377,7 +385,11 @@
     $("download-csv").textContent = onlyFailed() ? "Download the failed files (CSV)"
       : done + failed < all.length ? "Download the results so far (CSV)" : "Download the results (CSV)";
     $("tools").hidden = !all.length;
-    $("stop-sending").hidden = !sessions.some((session) => session.uploading && !session.stopped);
+    const stopSending = $("stop-sending");
+    const sending = sessions.some((session) => session.uploading && !session.stopped);
+    // Hidden with the focus on it (the uploads ended), it left the focus on nothing.
+    if (!sending && document.activeElement === stopSending) $("download-csv").focus();
+    stopSending.hidden = !sending;
     const finished = done + failed === all.length;
     // The tab's title follows too: a user waiting in another tab could not.
     document.title = counts && !finished ? `(${done + failed}/${all.length}) ${TITLE}` : TITLE;
@@ -425,7 +437,10 @@
       // The newest rows are last: the latest upload's.
       const rows = resultsEl.querySelectorAll('.result[data-state="failed"]');
       const newest = rows[rows.length - 1];
-      text = `${counts}. ${newest.dataset.filename}: ${newest.querySelector(".error").textContent}`;
+      // A long name said whole took a screen reader half a minute (reviewer).
+      const name = newest.dataset.filename;
+      const said = name.length > 60 ? `${name.slice(0, 40)}…${name.slice(-15)}` : name;
+      text = `${counts}. ${said}: ${newest.querySelector(".error").textContent}`;
     } else if (finished || Date.now() - announcedAt >= announceEveryMs()) {
       // With how far the sending has got: on a slow link the count alone stayed
       // "0 of 24 classified" for minutes, where the summary showed the MB (reviewer).
@@ -484,6 +499,9 @@
   $("stop-sending").addEventListener("click", () => {
     for (const session of sessions) session.stop();
     $("download-csv").focus();  // the button goes: focus left on nothing (reviewer)
+    // Rows being sent stay "uploading" until their request ends: said, or the press
+    // seemed to do nothing (reviewer).
+    $("announce").textContent = announced = "Stopped: files already on their way finish sending, the rest are not sent";
   });
 
   // 32 hex digits, as the server's ids (crypto.randomUUID needs HTTPS, this may not be).
@@ -608,7 +626,7 @@
       form.append("batch_id", this.batchId);
       form.append("create", "1");
       if (keyProblem()) {
-        keyBox.hidden = false;
+        sayKeyProblem(keyProblem());
         this.refuse(chunk, keyProblem());
         return;
       }
@@ -636,13 +654,13 @@
         return;
       }
       if (status === 401) {
-        keyBox.hidden = false;
-        keyInput.setAttribute("aria-invalid", "true");
-        keyInput.focus();  // where the fix is typed: a screen reader user hears the box
         // A key was sent and refused: said to be missing, a user who had typed one
         // looked for another fault (reviewer).
-        this.refuse(chunk, headers["X-API-Key"] ? "the API key was refused: check it above and upload again"
-          : "an API key is required: enter it above and upload again");
+        const why = headers["X-API-Key"] ? "the API key was refused: check it above and upload again"
+          : "an API key is required: enter it above and upload again";
+        sayKeyProblem(why);
+        keyInput.focus();  // where the fix is typed: a screen reader user hears the box, and why
+        this.refuse(chunk, why);
         return;
       }
       if (!body || !Array.isArray(body.items)) {
