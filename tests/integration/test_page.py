@@ -407,7 +407,11 @@ def test_stop_sending_ends_an_upload_leaving_what_was_sent(stack, browser, refer
     stop = browser.find_element(By.ID, "stop-sending")
     wait_for(lambda: stop.is_displayed() and browser.execute_script("return window.posts") == 1, 30,
              "the first send, and the button")
+    record_announcements(browser)
     stop.click()
+    # Said: the rows on their way stay "uploading", and the press seemed to do nothing (reviewer).
+    assert browser.execute_script("return window.announced")[:1] == [
+        "Stopped: files already on their way finish sending, the rest are not sent"]
     browser.execute_script("window.held = false;")
     shown = finished_rows(browser, stack, 6, timeout_s=60)
     first = "stop_0.jpg"
@@ -1429,6 +1433,17 @@ def test_screen_readers_hear_the_first_failure_at_once_and_the_summary_at_the_en
     assert len(said) <= 2 + (time.monotonic() - began) // 15, said
     assert announce.get_attribute("aria-live") == "polite"
     assert browser.title == "Image classification"  # "(2/4) Image classification" while under way
+
+
+def test_screen_readers_hear_a_long_name_cut(stack, browser, tmp_path):
+    """A failure's file name was said whole: 180 characters (reviewer)."""
+    browser.get(stack.web_url + "/")
+    record_announcements(browser)
+    name = "a" * 150 + "_the_end.jpg"
+    choose(browser, tmp_path, {name: b"not an image at all"})
+    said = wait_for(lambda: browser.execute_script("return window.announced"), 30, "the failure, said")
+    assert said[0].startswith("0 of 1 classified, 1 failed. " + "a" * 40 + "…"), said
+    assert "_the_end.jpg: " in said[0] and name not in said[0]
 
 
 def test_screen_readers_hear_the_count_while_files_wait_for_a_worker(stack, browser, tmp_path):

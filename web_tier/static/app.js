@@ -497,11 +497,12 @@
   $("only-failed").addEventListener("change", updateSummary);
   const STOPPED_AGAIN = "not sent again: you stopped the upload (the server may hold it: reload to see)";
   $("stop-sending").addEventListener("click", () => {
+    // Rows being sent stay "uploading" until their request ends: said, or the press
+    // seemed to do nothing (reviewer). Before the stop, whose files not sent, if any,
+    // are then said as the upload's first failure.
+    $("announce").textContent = announced = "Stopped: files already on their way finish sending, the rest are not sent";
     for (const session of sessions) session.stop();
     $("download-csv").focus();  // the button goes: focus left on nothing (reviewer)
-    // Rows being sent stay "uploading" until their request ends: said, or the press
-    // seemed to do nothing (reviewer).
-    $("announce").textContent = announced = "Stopped: files already on their way finish sending, the rest are not sent";
   });
 
   // 32 hex digits, as the server's ids (crypto.randomUUID needs HTTPS, this may not be).
