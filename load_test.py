@@ -43,7 +43,6 @@ import json
 import math
 import mimetypes
 import os
-import queue
 import re
 import signal
 import socket
@@ -1531,12 +1530,17 @@ class Progress:
 
 
 class Senders:
-    """`concurrency` threads working through the plan, each outcome put on a queue.
+    """`concurrency` threads working through the plan, each outcome added to a list.
 
     Not a ThreadPoolExecutor: Python joins its threads when the interpreter exits,
     so after a second Ctrl-C the process would still wait for every request in
     flight (up to --timeout). These threads are daemons; once the report is
     printed nothing waits for them.
+
+    The outcomes are read, never taken: the caller says how many it has recorded
+    (`results_from`). A Ctrl-C lands between any two steps of the main thread; one
+    that came after an outcome was taken from a queue and before it was counted lost
+    it, and the wait for the requests in flight never ended (reviewer).
     """
 
     def __init__(self, client: Client, plan: Sequence[Path], concurrency: int, stop: threading.Event) -> None:
@@ -1544,9 +1548,10 @@ class Senders:
         self._stop = stop
         self._todo = deque(enumerate(plan))
         self._lock = threading.Lock()
-        # Each request taken from the plan puts one Outcome here, or the exception
-        # that ended its thread.
-        self._done: queue.SimpleQueue[Outcome | BaseException] = queue.SimpleQueue()
+        self._arrived = threading.Condition(self._lock)
+        # Each request taken from the plan adds one Outcome here, or the exception that
+        # ended its thread (changed under the lock).
+        self._results: list[Outcome | BaseException] = []
         self._threads = [
             threading.Thread(target=self._work, name=f"load-{n}", daemon=True)
             for n in range(min(concurrency, len(plan)))
@@ -1555,8 +1560,6 @@ class Senders:
         # When each request taken from the plan was taken (time.monotonic), by index: the
         # plan is taken in order (changed under the lock).
         self._taken_at: list[float] = []
-        self.received = 0  # outcomes handed out (changed by the caller's thread only)
-        self.answered = 0  # requests whose outcome is in (changed under the lock)
 
     def start(self, t0: float) -> None:
         self._t0 = t0
@@ -1575,49 +1578,40 @@ class Senders:
     def _work(self) -> None:
         try:
             while (job := self._next()) is not None:
-                outcome = self._client.send(job[0], job[1], self._t0)
-                with self._lock:
-                    self.answered += 1
-                self._done.put(outcome)
+                self._add(self._client.send(job[0], job[1], self._t0))
         except BaseException as exc:  # send handles failed requests: this is a bug, shown by the caller
-            self._done.put(exc)
+            self._add(exc)
 
-    def _finished(self) -> bool:
+    def _add(self, result: Outcome | BaseException) -> None:
+        with self._arrived:
+            self._results.append(result)
+            self._arrived.notify_all()
+
+    def finished(self, recorded: int) -> bool:
+        """Whether the caller, having recorded `recorded` outcomes, has them all: the plan
+        sent and answered or, once the stop event is set, the requests in flight."""
         with self._lock:
             no_more = self._stop.is_set() or not self._todo
-            return no_more and self.received == len(self._taken_at)
+            return no_more and recorded == len(self._taken_at)
 
-    def outcomes(self) -> Iterator[Outcome]:
-        """Each outcome as it comes, until the plan is sent and answered or, once
-        the stop event is set, until the requests in flight are answered."""
-        while not self._finished():
-            try:
-                # Timed: Ctrl-C interrupts a wait only if the kernel hands SIGINT to
-                # this thread; handed to a sender, it is acted on at the next timeout.
-                item = self._done.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if isinstance(item, BaseException):
-                raise item
-            self.received += 1
-            yield item
-
-    def ready(self) -> Iterator[Outcome]:
-        """The outcomes already there, without waiting for more."""
-        while True:
-            try:
-                item = self._done.get_nowait()
-            except queue.Empty:
-                return
-            if isinstance(item, Outcome):
-                self.received += 1
-                yield item
+    def results_from(self, recorded: int, timeout_s: float = 0.0) -> list[Outcome]:
+        """The outcomes after the first `recorded`, waiting up to `timeout_s` for one if
+        there is none yet. Timed: Ctrl-C interrupts a wait only if the kernel hands SIGINT
+        to this thread; handed to a sender, it is acted on at the next timeout."""
+        with self._arrived:
+            if len(self._results) <= recorded and timeout_s > 0:
+                self._arrived.wait(timeout_s)
+            new = self._results[recorded:]
+        for result in new:
+            if isinstance(result, BaseException):
+                raise result
+        return new  # type: ignore[return-value]  # no exception among them
 
     def in_flight(self) -> int:
         """Requests taken from the plan whose outcome is not in yet (one in but not yet
-        handed out is not in flight: the first Ctrl-C's count had them too)."""
+        recorded is not in flight: the first Ctrl-C's count had them too)."""
         with self._lock:
-            return len(self._taken_at) - self.answered
+            return len(self._taken_at) - len(self._results)
 
     def taken_at(self) -> list[float]:
         """When each request taken from the plan was taken, by index (final once the
@@ -1718,8 +1712,8 @@ def run_load(
     problems = {"failed": 0, "wrong": 0, "not sent": 0}
 
     def record(outcome: Outcome, notify: bool = True) -> None:
-        judge(outcome, expected)
-        outcomes.append(outcome)
+        judge(outcome, expected)  # again, harmlessly, if a Ctrl-C came before the append
+        outcomes.append(outcome)  # the count of those recorded: see Senders.results_from
         if outcome.verdict in problems:
             problems[outcome.verdict] += 1
         if notify and on_result:
@@ -1727,6 +1721,15 @@ def run_load(
         if notify and progress:
             progress.update(len(outcomes), problems["failed"], problems["wrong"],
                             not_sent=problems["not sent"])
+
+    def record_all(wait: bool = True) -> None:
+        """Records the outcomes not yet recorded; with `wait`, until every request taken
+        from the plan has one (or, once stopped, those in flight)."""
+        while True:
+            for outcome in senders.results_from(len(outcomes), timeout_s=0.2 if wait else 0):
+                record(outcome, notify=wait)
+            if not wait or senders.finished(len(outcomes)):
+                return
 
     interrupted_by: str | None = None
     # The clock starts as the first requests go: nothing slow comes in between.
@@ -1738,8 +1741,7 @@ def run_load(
                 progress.start(t0)
             poller.start(t0)
             senders.start(t0)
-            for outcome in senders.outcomes():
-                record(outcome)
+            record_all()
         except KeyboardInterrupt as first:
             # All of the handling is inside the next try: a second Ctrl-C may come
             # at any moment, even before the message below is out.
@@ -1755,13 +1757,11 @@ def run_load(
                     "(Ctrl-C again to quit)",
                     file=sys.stderr,
                 )
-                for outcome in senders.outcomes():
-                    record(outcome)
+                record_all()
             except KeyboardInterrupt as second:
                 if isinstance(second, Terminated):
                     interrupted_by = "SIGTERM"  # a Ctrl-C, then SIGTERM: the latter made it quit
-                for outcome in senders.ready():
-                    record(outcome, notify=False)
+                record_all(wait=False)
                 # Every request taken from the plan is either recorded or abandoned: one
                 # whose outcome came a moment too late for the report (or was handed out
                 # as this Ctrl-C came) is abandoned, not lost from both (explorer).
