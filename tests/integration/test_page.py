@@ -20,6 +20,17 @@ pytestmark = pytest.mark.skipif(
 
 HOSTILE = '<img src=x onerror="document.title=\'pwned\'">.png'
 
+# WCAG's relative luminance of a CSS colour, in JavaScript, for the contrast tests.
+LUMINANCE = """
+  const luminance = (colour) => {
+    const [r, g, b] = colour.match(/[\\d.]+/g).slice(0, 3).map((v) => {
+      const c = Number(v) / 255;
+      return c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4;
+    });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  };
+"""
+
 
 @contextlib.contextmanager
 def chromium(profile: str, javascript: bool = True) -> Iterator:
@@ -1018,15 +1029,8 @@ def test_an_api_key_a_header_cannot_carry_is_said_to_be_wrong_not_the_server_unr
     assert browser.execute_script("return window.keysSent") == []  # nothing sent
 
 
-# The contrast of a field's placeholder against the field (WCAG's relative luminance).
-CONTRAST_OF_PLACEHOLDER = """
-  const luminance = (colour) => {
-    const [r, g, b] = colour.match(/[\\d.]+/g).slice(0, 3).map((v) => {
-      const c = Number(v) / 255;
-      return c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4;
-    });
-    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
-  };
+# The contrast of a field's placeholder against the field.
+CONTRAST_OF_PLACEHOLDER = LUMINANCE + """
   const a = luminance(getComputedStyle(arguments[0], "::placeholder").color);
   const b = luminance(getComputedStyle(arguments[0]).backgroundColor);
   return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
@@ -1320,16 +1324,9 @@ def test_a_narrow_screen_shows_the_untrained_warning_whole(stack, browser):
     assert banner == {"shown": True, "fits": True, "pageFits": True}
 
 
-# Each visible text's contrast against the first opaque background behind it
-# (WCAG's relative luminance), and the page's own background's luminance.
-CONTRASTS = """
-  const luminance = (colour) => {
-    const [r, g, b] = colour.match(/[\\d.]+/g).slice(0, 3).map((v) => {
-      const c = Number(v) / 255;
-      return c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4;
-    });
-    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
-  };
+# Each visible text's contrast against the first opaque background behind it, and the
+# page's own background's luminance.
+CONTRASTS = LUMINANCE + """
   const opaque = (colour) => {
     const parts = colour.match(/[\\d.]+/g);
     return parts.length < 4 || Number(parts[3]) > 0;
