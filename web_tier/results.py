@@ -492,6 +492,10 @@ class ResultBook:
 
 
 def _wake(item: Item) -> None:
+    """Wakes whoever waits on the item (under the book's lock). The Event goes with it:
+    kept, each answered POST / held ~1.2 KB until evicted, a third of the book at its
+    cap (reviewer); a waiter holds its own reference."""
     if item.waiter is not None:
         item.waiter.set()
+        item.waiter = None
 

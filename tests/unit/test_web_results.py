@@ -87,6 +87,8 @@ def test_wait_wakes_on_the_result_and_times_out_otherwise():
     assert time.monotonic() - started < 5
     assert book.get("b").state == "queued"
     assert book.get("b").waiter is None, "only an item someone waits on carries an Event"
+    # ...until it is woken: kept, each answered POST / held ~1.2 KB (reviewer).
+    assert book.get("a").waiter is None
 
 
 def test_a_result_rebuilt_from_s3_wakes_the_waiter_too():
