@@ -152,8 +152,9 @@ class ResultBook:
     always be rebuilt from S3). A finished item holds ~1.8 KB (measured with
     tracemalloc), so the default cap is ~180 MB; with the longest names (1,024
     characters, not ASCII) and tokens, ~5.8 KB: ~580 MB (reviewer). The process's
-    RSS grew by ~3.4 KB an item over 5,000 (allocator overhead; a reviewer's long
-    run), so count nearer 350 MB at the cap for short names. A batch with an
+    RSS grows by ~2.6 KB an item (allocator overhead; 100,000 one-image batches of
+    short names, each waited on as POST / does, measured on 2026-12-03), so count
+    nearer 250 MB at the cap for short names. A batch with an
     item still queued is never forgotten (someone may be waiting on it, or still
     adding to it), so under a backlog the book holds the cap plus the backlog.
     """
