@@ -218,7 +218,7 @@ def test_only_the_pillow_errors_known_are_reworded():
     from common.pillow_errors import plain_reason
 
     assert plain_reason(OSError("decoder error -2")) == "the compressed image data is damaged"
-    # (common/pixels.py refuses a PNG of such a chunk first: test_web_uploads.py)
+    # (common/pixels.py refuses a PNG of such a chunk first: test_image_rules.py)
     assert plain_reason(ValueError("Decompressed data too large for PngImagePlugin.MAX_TEXT_CHUNK")) == \
         "it holds a text or colour-profile chunk too large to read (over 1 MB unpacked)"
     assert plain_reason(OSError("decoder error -10")) == "decoder error -10"  # not -1
