@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,15 @@ def wait_until(condition: Callable[[], object], timeout: float = 10.0, interval:
             said = f": {why()}" if why is not None else ""
             raise AssertionError(f"condition not met within {timeout} s{said}")
         time.sleep(interval)
+
+
+def upload(client, files: list[tuple[bytes, str]], headers: dict | None = None, base_url: str | None = None,
+           **form):
+    """POST /api/jobs of `files` (bytes, name) through a Flask test client."""
+    data = {"files": [(io.BytesIO(b), name) for b, name in files], **form}
+    where = {"base_url": base_url} if base_url else {}
+    return client.post("/api/jobs", data=data, content_type="multipart/form-data", headers=headers or {},
+                       **where)
 
 
 def answer_for(data: bytes) -> tuple[str, float]:

@@ -16,17 +16,11 @@ from PIL import Image
 from app_tier.images import BadImage, decode, prepare
 from common.pixels import MAX_IMAGE_SIDE, MAX_JPEG_SCANS, MAX_JPEG_SEGMENTS, MAX_PNG_CHUNKS
 from tests.conftest import jpeg_of_many_scans, make_image
+from tests.unit.conftest import upload
 from web_tier.image_check import ACCEPTED, FORMATS, check_image
 from web_tier.refusals import UploadError
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def upload(client, files, headers=None, base_url=None, **form):
-    data = {"files": [(io.BytesIO(b), name) for b, name in files], **form}
-    where = {"base_url": base_url} if base_url else {}
-    return client.post("/api/jobs", data=data, content_type="multipart/form-data", headers=headers or {},
-                       **where)
 
 
 def encode(img: Image.Image, fmt: str) -> bytes:

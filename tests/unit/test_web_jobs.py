@@ -15,16 +15,11 @@ from common.aws import Aws
 from common.failure_tags import DEAD_LETTER_ERROR, failure_from_tags
 from common.messages import ClassifyRequest, ClassifyResponse
 from tests.conftest import make_image
-from tests.unit.conftest import FakeWorker, answer_for, services_of, wait_until
+from tests.unit.conftest import FakeWorker, answer_for, services_of, upload, wait_until
 from web_tier import events
 from web_tier.submit import UPLOAD_THREADS
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def upload(client, files: list[tuple[bytes, str]], **form):
-    data = {"files": [(io.BytesIO(b), name) for b, name in files], **form}
-    return client.post("/api/jobs", data=data, content_type="multipart/form-data")
 
 
 def items_by_name(client, batch_id: str) -> dict[str, dict]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_image
-from tests.unit.test_image_rules import upload
+from tests.unit.conftest import upload
 
 pytestmark = pytest.mark.timeout(120)
 
