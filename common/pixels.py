@@ -279,13 +279,21 @@ GIF_SIGNATURES = (b"GIF87a", b"GIF89a")
 _GIF_EXTENSION, _GIF_IMAGE = 0x21, 0x2C
 
 
+_GIF_TRAILER = 0x3B
+
+
 def gif_blocks(data: bytes) -> int:
-    """The extension blocks and sub-blocks before a GIF's first image, as Pillow walks
-    them, counted up to MAX_GIF_BLOCKS + 1, where the walk stops."""
+    """The extension blocks and sub-blocks before a GIF's first image, and the stray
+    bytes between them, as Pillow walks them (a step in Python each: it skips a byte
+    that starts nothing, and a walk that stopped there let 10 MB of them through:
+    reviewer); counted up to MAX_GIF_BLOCKS + 1, where the walk stops."""
     flags = data[10] if len(data) > 10 else 0
     pos = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # past the global colour table
     blocks = 0
-    while pos < len(data) and data[pos] == _GIF_EXTENSION and blocks <= MAX_GIF_BLOCKS:
+    while pos < len(data) and data[pos] not in (_GIF_IMAGE, _GIF_TRAILER) and blocks <= MAX_GIF_BLOCKS:
+        if data[pos] != _GIF_EXTENSION:
+            blocks, pos = blocks + 1, pos + 1
+            continue
         pos += 2  # the introducer and the extension's label
         while pos < len(data) and blocks <= MAX_GIF_BLOCKS:
             blocks += 1
@@ -300,8 +308,8 @@ def gif_refusal(data: bytes) -> str | None:
     """Why a GIF of too many blocks before its image is refused, or None (for anything
     else too). Meant to run before Pillow opens it."""
     if data.startswith(GIF_SIGNATURES) and gif_blocks(data) > MAX_GIF_BLOCKS:
-        return (f"the GIF has more than {MAX_GIF_BLOCKS} blocks before its image (encoders write a "
-                "few), more than this service reads")
+        return (f"the GIF has more than {MAX_GIF_BLOCKS} blocks or stray bytes before its image "
+                "(encoders write a few), more than this service reads")
     return None
 
 
