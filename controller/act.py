@@ -2,8 +2,8 @@
 
 Terminating is safe to repeat. A launch is safe across botocore's retries of one
 call (its ClientToken), not across rounds: the loop remembers its recent launches
-until EC2 lists them (controller/loop.py), so that a round does not launch again,
-and a call that got no reply, to repeat it as it was (LaunchCall)."""
+for minutes, as EC2 last listed them (controller/loop.py), so that a round does not
+launch again, and a call that got no reply, to repeat it as it was (LaunchCall)."""
 
 from __future__ import annotations
 
@@ -198,11 +198,12 @@ def _run_instance(aws: Aws, settings: Settings, n: int, user_data: str, call: La
         raise NoReply(call, exc) from exc
 
 
-# Errors EC2 sends with a 5xx status that say it started nothing: a zone out of capacity
-# (a 500) and throttling (a 503). Taken for "no reply", a zone's shortage was never
-# tried in the next subnet, and was logged as no reply (reviewer). Every attempt
-# carried the same ClientToken, so one that had launched would have been returned.
-STARTED_NOTHING = ZONE_ERRORS | {"RequestLimitExceeded"}
+# A zone's errors say it started nothing, though EC2 sends InsufficientInstanceCapacity
+# as a 500: taken for "no reply", a zone's shortage was never tried in the next subnet
+# (reviewer). Every attempt carried the same ClientToken, which EC2 answers with the
+# instance it started before it looks for capacity. Not so throttling (a 503), which
+# comes before the token is looked at: an earlier attempt, timed out, may have launched.
+STARTED_NOTHING = ZONE_ERRORS
 
 
 def _may_have_launched(exc: Exception) -> bool:
