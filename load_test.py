@@ -1549,9 +1549,10 @@ class Senders:
         self._todo = deque(enumerate(plan))
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
-        # Each request taken from the plan adds one Outcome here, or the exception that
-        # ended its thread (changed under the lock).
-        self._results: list[Outcome | BaseException] = []
+        # Each request taken from the plan adds one Outcome here (changed under the lock),
+        # or the exception that ended its thread there.
+        self._results: list[Outcome] = []
+        self._errors: list[BaseException] = []
         self._threads = [
             threading.Thread(target=self._work, name=f"load-{n}", daemon=True)
             for n in range(min(concurrency, len(plan)))
@@ -1584,7 +1585,7 @@ class Senders:
 
     def _add(self, result: Outcome | BaseException) -> None:
         with self._arrived:
-            self._results.append(result)
+            (self._errors if isinstance(result, BaseException) else self._results).append(result)
             self._arrived.notify_all()
 
     def finished(self, recorded: int) -> bool:
@@ -1594,24 +1595,24 @@ class Senders:
             no_more = self._stop.is_set() or not self._todo
             return no_more and recorded == len(self._taken_at)
 
-    def results_from(self, recorded: int, timeout_s: float = 0.0) -> list[Outcome]:
+    def results_from(self, recorded: int, timeout_s: float = 0.0, *, raising: bool = True) -> list[Outcome]:
         """The outcomes after the first `recorded`, waiting up to `timeout_s` for one if
-        there is none yet. Timed: Ctrl-C interrupts a wait only if the kernel hands SIGINT
-        to this thread; handed to a sender, it is acted on at the next timeout."""
+        there is none yet; with `raising`, first the exception that ended a sender (a bug:
+        send handles failed requests), if one did. Timed: Ctrl-C interrupts a wait only if
+        the kernel hands SIGINT to this thread; handed to a sender, it is acted on at the
+        next timeout."""
         with self._arrived:
-            if len(self._results) <= recorded and timeout_s > 0:
+            if len(self._results) <= recorded and not self._errors and timeout_s > 0:
                 self._arrived.wait(timeout_s)
-            new = self._results[recorded:]
-        for result in new:
-            if isinstance(result, BaseException):
-                raise result
-        return new  # type: ignore[return-value]  # no exception among them
+            if raising and self._errors:
+                raise self._errors[0]
+            return self._results[recorded:]
 
     def in_flight(self) -> int:
         """Requests taken from the plan whose outcome is not in yet (one in but not yet
         recorded is not in flight: the first Ctrl-C's count had them too)."""
         with self._lock:
-            return len(self._taken_at) - len(self._results)
+            return len(self._taken_at) - len(self._results) - len(self._errors)
 
     def taken_at(self) -> list[float]:
         """When each request taken from the plan was taken, by index (final once the
@@ -1726,7 +1727,8 @@ def run_load(
         """Records the outcomes not yet recorded; with `wait`, until every request taken
         from the plan has one (or, once stopped, those in flight)."""
         while True:
-            for outcome in senders.results_from(len(outcomes), timeout_s=0.2 if wait else 0):
+            # Quitting (not `wait`), the report is printed even after a sender's bug.
+            for outcome in senders.results_from(len(outcomes), timeout_s=0.2 if wait else 0, raising=wait):
                 record(outcome, notify=wait)
             if not wait or senders.finished(len(outcomes)):
                 return

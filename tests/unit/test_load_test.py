@@ -1342,6 +1342,24 @@ def test_a_ctrl_c_the_kernel_hands_to_another_thread_still_stops_the_wait():
         release.set()
 
 
+def test_a_senders_bug_is_raised_while_waiting_and_left_out_when_quitting():
+    """A sender thread's exception stayed among the outcomes: every later read raised it,
+    and after a second Ctrl-C the report was lost with it (reviewer)."""
+
+    class Buggy:
+        def send(self, index, path, t0):
+            if index == 1:
+                raise RuntimeError("a bug in send")
+            return load_test.Outcome(index=index, file=path.name, started_s=0.0)
+
+    senders = load_test.Senders(Buggy(), [Path(f"{n}.jpg") for n in range(3)], 2, threading.Event())
+    senders.start(time.monotonic())
+    wait_until(lambda: len(senders.results_from(0, raising=False)) == 2, 5)
+    with pytest.raises(RuntimeError, match="a bug in send"):
+        senders.results_from(0, timeout_s=0.2)
+    assert [o.index for o in senders.results_from(0, raising=False)] == [0, 2]
+
+
 def test_a_ctrl_c_between_an_outcome_in_and_its_recording_loses_nothing(tier, tmp_path, monkeypatch):
     """An outcome taken from its queue and not yet counted when the Ctrl-C came was lost:
     the wait for the requests in flight never ended (3 runs in 6 hung), or the request

@@ -438,8 +438,8 @@
       const rows = resultsEl.querySelectorAll('.result[data-state="failed"]');
       const newest = rows[rows.length - 1];
       // A long name said whole took a screen reader half a minute (reviewer).
-      const name = newest.dataset.filename;
-      const said = name.length > 60 ? `${name.slice(0, 40)}…${name.slice(-15)}` : name;
+      const name = Array.from(newest.dataset.filename);  // by characters, not UTF-16 halves
+      const said = name.length > 60 ? `${name.slice(0, 40).join("")}…${name.slice(-15).join("")}` : name.join("");
       text = `${counts}. ${said}: ${newest.querySelector(".error").textContent}`;
     } else if (finished || Date.now() - announcedAt >= announceEveryMs()) {
       // With how far the sending has got: on a slow link the count alone stayed
