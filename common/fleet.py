@@ -35,6 +35,7 @@ class Instance:
     launched_at: float
     worker_failed: str = ""  # its WORKER_FAILED_TAG: why its worker gave up, "" if it has not
     ready: bool = False  # its worker has received from the request queue (WORKER_READY_TAG)
+    image_id: str = ""  # the AMI it runs ("" if not known: one this controller just launched)
 
 
 def scale_in_order(instance: Instance) -> tuple[int, int, float, int]:
@@ -74,6 +75,7 @@ def app_tier_instances(aws: Aws, states: tuple[str, ...] = WATCHED_STATES) -> tu
                         launched_at=raw["LaunchTime"].timestamp(),
                         worker_failed=tags.get(WORKER_FAILED_TAG, ""),
                         ready=WORKER_READY_TAG in tags,
+                        image_id=raw.get("ImageId", ""),
                     )
                 )
     return tuple(sorted(found, key=lambda i: (i.number, i.id)))

@@ -39,7 +39,7 @@ import math
 from dataclasses import dataclass
 
 from common.config import SCALING_MODES, Settings
-from common.fleet import scale_in_order
+from common.fleet import Instance, scale_in_order
 from controller.observe import Observation
 
 # Each Policy field and the Settings field it comes from (Policy.from_settings). A new
@@ -52,6 +52,7 @@ POLICY_SETTINGS = {
     "seconds_per_image": "seconds_per_image",
     "boot_time_s": "boot_time_s",
     "scale_in_cooldown_s": "scale_in_cooldown_s",
+    "image_id": "ami_id",
 }
 
 
@@ -66,6 +67,7 @@ class Policy:
     seconds_per_image: float = Settings.seconds_per_image
     boot_time_s: float = Settings.boot_time_s
     scale_in_cooldown_s: float = Settings.scale_in_cooldown_s
+    image_id: str = Settings.ami_id  # what launches run: instances of another go first at scale-in
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Policy:
@@ -78,6 +80,11 @@ class Policy:
             raise ValueError("max_instances must be 0 or more")
         if self.target_backlog_per_instance <= 0:
             raise ValueError("target backlog per instance must be positive")
+
+
+def _outdated(instance: Instance, policy: Policy) -> bool:
+    """Whether it runs another image than launches do (not known: not outdated)."""
+    return bool(instance.image_id) and instance.image_id != policy.image_id
 
 
 @dataclass(frozen=True)
@@ -175,7 +182,12 @@ def decide(
         elif count > 0:
             launch = _free_numbers({i.number for i in obs.instances}, count)
     elif desired < len(serving):
-        order = sorted(serving, key=lambda i: (i.id in keep_last, *scale_in_order(i)))
+        # Those running another image than launches do first, once they serve (a pending
+        # one holds no work): else, the newest going first, a new AMI never replaced the
+        # old fleet without a hand (reviewer).
+        order = sorted(serving, key=lambda i: (i.id in keep_last,
+                                               i.state != "pending" and not _outdated(i, policy),
+                                               *scale_in_order(i)))
         victims = tuple(i.id for i in order[: len(serving) - desired])
     # Stopped, or live with a worker that gave up: ours, serving nobody; always cleaned up.
     useless = tuple(i.id for i in obs.in_state("stopped") + obs.failed)

@@ -1354,7 +1354,7 @@ def test_each_setting_option_sets_its_variable_and_the_policy_reads_every_settin
         assert getattr(settings, option.setting) == option.kind(given[option.flag]), option.flag
     assert set(POLICY_SETTINGS) == {f.name for f in dataclasses.fields(Policy)}
     policy = Policy.from_settings(settings)
-    assert dataclasses.astuple(policy) == (7, "latency", 3.0, 11.0, 0.7, 33.0, 9.0)
+    assert dataclasses.astuple(policy) == (7, "latency", 3.0, 11.0, 0.7, 33.0, 9.0, settings.ami_id)
 
 
 def test_options_override_the_environment_and_are_checked_like_it():

@@ -210,6 +210,29 @@ def test_scale_in_takes_an_instance_whose_worker_has_not_received_before_one_tha
     assert decide(observation, BACKLOG).terminate == ("i-boot",)
 
 
+def test_scale_in_takes_instances_of_an_older_image_first_once_they_serve():
+    """The newest went first: a fleet half on a new AMI lost its new instances at each
+    scale-in, and the old ones ran on for good without a hand (reviewer)."""
+    new = Policy(image_id="ami-new")
+    old_ready = Instance("i-old", 1, "running", 10.0, ready=True, image_id="ami-old")
+    new_ready = Instance("i-new", 2, "running", 20.0, ready=True, image_id="ami-new")
+    new_booting = Instance("i-boot", 3, "running", 30.0, image_id="ami-new")
+    pending = Instance("i-pend", 4, "pending", 40.0, image_id="ami-new")
+    unknown = Instance("i-just", 5, "running", 50.0, ready=True)  # just launched: its image not listed yet
+
+    def victims(*instances: Instance, wanted: int) -> tuple[str, ...]:
+        observation = Observation(at=1000.0, clock=1000.0, visible=0, in_flight=wanted, delayed=0,
+                                  instances=instances)
+        return decide(observation, new).terminate
+
+    assert victims(old_ready, new_ready, wanted=1) == ("i-old",)
+    # A pending instance holds nothing yet: it still goes first; then the old image.
+    assert victims(old_ready, new_booting, pending, wanted=1) == ("i-pend", "i-old")
+    assert victims(old_ready, unknown, new_ready, wanted=2) == ("i-old",)
+    # All on one image: as before, the newest first.
+    assert victims(new_ready, unknown, wanted=1) == ("i-just",)
+
+
 def test_latency_mode_launches_from_zero():
     policy = Policy(mode="latency", boot_time_s=1000)
     assert len(decide(obs(visible=1), policy).launch) == 1
