@@ -30,11 +30,17 @@ venv: $(STAMP)
 
 ## The tiers alone, for the web or controller instance (README, On real AWS): no embedded
 ## AWS, browser driver or test tools there. A new .venv, whatever one held before.
+# Made beside the one in use and put in its place only once installed: an update does
+# not stop the services for pip's minutes (TensorFlow is 1.3 GB), and a failed install
+# leaves the old .venv as it was. Its console scripts name .venv.new: run them with
+# `python -m` (gunicorn, pip), as the services do.
 runtime-venv:
 	@test -n "$(PYTHON)" || { echo "make: needs Python 3.11 or newer" >&2; exit 1; }
-	rm -rf $(VENV) && $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-runtime.txt -c constraints.txt
+	rm -rf $(VENV).new && $(PYTHON) -m venv $(VENV).new
+	$(VENV).new/bin/python -m pip install --quiet --upgrade pip
+	$(VENV).new/bin/python -m pip install --quiet -r requirements-runtime.txt -c constraints.txt
+	rm -rf $(VENV).old && { test ! -e $(VENV) || mv $(VENV) $(VENV).old; } && mv $(VENV).new $(VENV)
+	rm -rf $(VENV).old
 
 ## Run the whole system on the embedded AWS; the page is at http://127.0.0.1:8000
 run: $(STAMP)

@@ -4,6 +4,11 @@ A request names an image already stored in the input bucket; a response carries
 the label (or an error) for exactly one request id. File names are cut so that a
 300-character Unicode name cannot push a message over the request queue's
 1024-byte limit.
+
+While a rollout runs old and new code side by side, each reads the other's
+messages: a reader ignores fields it does not know and gives those it needs not
+a default when they are missing; only the fields every version needs are required.
+A change that breaks that gives "v" a new number.
 """
 
 from __future__ import annotations
@@ -145,7 +150,7 @@ class ClassifyRequest:
                 bucket=_name(data, "bucket", MAX_BUCKET_BYTES),
                 key=_name(data, "key", MAX_KEY_BYTES),
                 filename=data["filename"],
-                sent_at=finite_number(data["sent_at"]),
+                sent_at=finite_number(data.get("sent_at", 0.0)),  # read by nothing: not required
             )
         except _NOT_A_MESSAGE as exc:
             raise MessageError(f"not a classify request: {exc}") from exc

@@ -289,6 +289,18 @@ def test_messages_whose_numbers_are_not_finite_numbers_are_foreign(number):
             ClassifyResponse.from_json(json.dumps({**response, **change}))
 
 
+def test_messages_of_another_version_are_read_while_a_rollout_mixes_them():
+    """Fields a reader does not know are ignored, and sent_at, which nothing reads, may be
+    missing: required, a version without it would have every request deleted by the
+    workers of the one before (reviewer)."""
+    request = json.loads(ClassifyRequest(id="x", bucket="b", key="k", filename="f.jpg").to_json())
+    del request["sent_at"]
+    assert ClassifyRequest.from_json(json.dumps({**request, "v": 2, "priority": 5})).key == "k"
+    response = json.loads(ClassifyResponse(id="x", filename="f", key="k", worker="w", untrained=True,
+                                           label="cat", score=0.5).to_json())
+    assert ClassifyResponse.from_json(json.dumps({**response, "v": 2, "model": "resnet50"})).label == "cat"
+
+
 def test_a_response_whose_label_or_error_is_not_one_string_is_foreign():
     """A label of 123 was taken as it was: the batch's CSV then failed with a 500, every
     time (reviewer). Neither had been recorded as done without a label."""

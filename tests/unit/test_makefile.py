@@ -51,3 +51,27 @@ def test_requirements_touched_but_unchanged_install_nothing(tmp_path):
     dry = subprocess.run(["make", "-n", "venv", f"VENV={venv}"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=60)
     assert "pip install" in dry.stdout, dry.stdout
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_runtime_venv_replaces_the_one_in_use_only_once_installed(tmp_path):
+    """It removed .venv first: an update stopped the services for pip's minutes, and a
+    failed install left neither tier able to start (reviewer)."""
+    shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
+    (tmp_path / "constraints.txt").write_text("")
+    venv = tmp_path / ".venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "in-use").touch()
+    # No index: a requirement fails to install, as PyPI out of reach would.
+    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "1",
+           "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    make = ["make", "-s", "runtime-venv", f"PYTHON={sys.executable}"]
+    (tmp_path / "requirements-runtime.txt").write_text("surely-not-a-package-imgclass==1.0\n")
+    failed = subprocess.run(make, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0 and (venv / "in-use").exists()
+    (tmp_path / "requirements-runtime.txt").write_text("")
+    made = subprocess.run(make, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr
+    assert not (venv / "in-use").exists() and sorted(p.name for p in tmp_path.glob(".venv*")) == [".venv"]
+    assert subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "--version"],
+                          capture_output=True).returncode == 0
