@@ -109,6 +109,8 @@ def launch(aws: Aws, settings: Settings, numbers: tuple[int, ...],
     launch; the calls run in parallel so that 15 take about as long as one.
     """
     again = again or {}
+    aws.ec2.meta.events.register_first("needs-retry.ec2.RunInstances", _zone_errors_are_answers,
+                                       unique_id="imgclass-zone-errors-are-answers")
     # As text: boto3 base64-encodes UserData itself, and a script encoded here too
     # reached the instance still encoded, which cloud-init does not run.
     user_data = render_user_data(settings)
@@ -127,6 +129,21 @@ def launch(aws: Aws, settings: Settings, numbers: tuple[int, ...],
     if errors:
         raise LaunchError(ids, errors, unanswered)
     return ids
+
+
+def _zone_errors_are_answers(response: tuple | None = None, **_kwargs: object) -> None:
+    """botocore's needs-retry hook, run before its retry handler: a zone's refusal is
+    EC2's answer, not a fault, whatever its status. InsufficientInstanceCapacity comes
+    as a 500, which botocore retried 5 times in the same full subnet, each retry taking
+    5 of the EC2 client's 500 retry tokens: a shortage drained them, and a blip of any
+    other call then failed its round (reviewer). Seen as a 400, it is not retried, and
+    the launch goes on to the next subnet at once."""
+    if response is None:
+        return
+    http_response, parsed = response
+    error = (parsed or {}).get("Error")
+    if isinstance(error, dict) and error.get("Code") in ZONE_ERRORS:
+        http_response.status_code = 400
 
 
 def _launch_one(aws: Aws, settings: Settings, n: int, user_data: str, again: LaunchCall | None) -> str:

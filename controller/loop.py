@@ -430,6 +430,13 @@ class Controller:
 
     def _say_what_others_ended(self, obs: Observation) -> None:
         gone = sorted(self._live_after_last_round - {i.id for i in obs.live})
+        if gone:
+            # Those EC2 says ended are remembered as this controller's own terminations
+            # are: a later read still listing one running had it stand in for its
+            # replacement, which was scaled in (reviewer). Only those it says ended: one
+            # a lagging read merely left out is still running.
+            for iid in terminated(self.aws, gone):
+                self.recent_terminations.note(iid, obs.clock)
         if gone and self.dry_run:
             # Beside a live fleet, another controller does the acting: no cause for alarm.
             log.info("controller: %d instance(s) ended since the last round (dry run: by whoever acts): %s",

@@ -935,6 +935,36 @@ def test_a_launch_a_zone_cannot_take_is_tried_in_the_other_subnets(aws, make_con
     assert len(flaky.failures) == 2, "the two numbers that start in subnet-a, once each"
 
 
+def test_a_zones_refusal_is_not_retried_by_botocore(aws, make_controller):
+    """EC2's InsufficientInstanceCapacity, a 500, was retried 5 times in the same full
+    subnet, each retry taking 5 of the EC2 client's retry tokens: a shortage drained
+    them, and a blip of DescribeInstances then failed its round (reviewer)."""
+    from botocore.awsrequest import AWSResponse
+
+    body = (b'<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error><Code>'
+            b"InsufficientInstanceCapacity</Code><Message>none in this zone</Message></Error></Errors>"
+            b"<RequestID>r</RequestID></Response>")
+
+    class Raw:
+        def stream(self, **_kwargs):
+            yield body
+
+    sent = []
+
+    def no_capacity(request, **_kwargs):
+        sent.append(request)
+        return AWSResponse(request.url, 500, {}, Raw())
+
+    aws.ec2.meta.events.register_first("before-send.ec2.RunInstances", no_capacity)
+    try:
+        send(aws, 1)
+        make_controller().step()
+    finally:
+        aws.ec2.meta.events.unregister("before-send.ec2.RunInstances", no_capacity)
+    # Once (moto, which botocore asks too, launched one behind the answer given here).
+    assert [r.headers["amz-sdk-request"] for r in sent] == [b"attempt=1; max=6"]
+
+
 def test_a_throttled_launch_is_repeated_with_its_token(aws, make_controller, patch, caplog):
     """EC2 throttles RunInstances (a 503) before it looks at the token: an earlier
     attempt of botocore's, timed out, may have launched, so the call is repeated as it
@@ -1217,6 +1247,29 @@ def test_instances_it_terminated_that_ec2_still_lists_running_are_not_counted(aw
     with caplog.at_level(logging.WARNING, logger="controller.loop"):
         assert controller.step(now=1003.0).launch == ()
     assert "not by this controller" not in caplog.text and len(instances(aws)) == 4
+
+
+def test_an_instance_ended_by_someone_else_that_ec2_still_lists_running_is_not_counted(
+        aws, make_controller, patch):
+    """Ended by a hand, then listed running by a read still behind: it stood in for its
+    replacement, which the controller scaled in, then launched again (reviewer)."""
+    send(aws, 3)
+    controller = make_controller()
+    controller.step(now=1000.0)
+    real = aws.ec2.describe_instances
+    before = real(InstanceIds=[i["InstanceId"] for i in instances(aws)])
+    ended = sorted(i["InstanceId"] for i in instances(aws))[0]
+    aws.ec2.terminate_instances(InstanceIds=[ended])
+    assert len(controller.step(now=1001.0).launch) == 1  # its replacement
+
+    def stale(**kwargs):  # the fleet as it was before the hand ended one
+        return before if any(f["Name"] == "tag:Name" for f in kwargs.get("Filters", [])) else real(**kwargs)
+
+    patch.setattr(aws.ec2, "describe_instances", stale)
+    decision = controller.step(now=1002.0)
+    assert (decision.launch, decision.terminate) == ((), ())
+    patch.undo()
+    assert len(instances(aws)) == 3
 
 
 def test_a_dry_run_beside_a_live_fleet_says_what_ended_without_alarm(aws, make_controller, caplog):
