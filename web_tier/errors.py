@@ -51,7 +51,8 @@ def answer_page(status: int, message: str, filename: str | None = None, label: s
         untrained = bool(services().book.untrained)
     # The tab's title says the state too: after a reload it was the same, answered or not.
     state = label if label is not None else "queued" if waiting_s else "no label"
-    title = f"{state} · {filename}" if filename else "Upload"
+    # Without a file ("no such upload here: ..."), what the page says, up to its colon.
+    title = f"{state} · {filename}" if filename else message.split(":")[0]
     html = render_template("answer.html", filename=filename, label=label, score=score, message=message,
                            untrained=untrained, waiting_s=waiting_s, reloading=reloading and bool(waiting_s),
                            title=title)

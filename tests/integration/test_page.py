@@ -420,9 +420,11 @@ def test_stop_sending_ends_an_upload_leaving_what_was_sent(stack, browser, refer
              "the first send, and the button")
     record_announcements(browser)
     stop.click()
-    # Said: the rows on their way stay "uploading", and the press seemed to do nothing (reviewer).
-    assert browser.execute_script("return window.announced")[:1] == [
-        "Stopped: files already on their way finish sending, the rest are not sent"]
+    # Said: the rows on their way stay "uploading", and the press seemed to do nothing;
+    # in one text with the files left unsent, where said apart the first went unheard (reviewers).
+    assert browser.execute_script("return window.announced")[-1].startswith(
+        "Stopped: files already on their way finish sending, the rest are not sent. 0 of 6 classified, "
+        "5 failed. stop_5.jpg: not sent: you stopped the upload")
     browser.execute_script("window.held = false;")
     shown = finished_rows(browser, stack, 6, timeout_s=60)
     first = "stop_0.jpg"
@@ -1432,14 +1434,15 @@ def test_screen_readers_hear_the_first_failure_at_once_and_the_summary_at_the_en
     assert browser.title == "Image classification"  # "(2/4) Image classification" while under way
 
 
-def test_screen_readers_hear_a_long_name_cut(stack, browser, tmp_path):
-    """A failure's file name was said whole: 180 characters (reviewer)."""
+def test_screen_readers_hear_a_long_name_cut_between_characters_as_seen(stack, browser):
+    """A failure's file name was said whole: 180 characters; then cut through a flag,
+    read as "regional indicator symbol letter F" (reviewers)."""
     browser.get(stack.web_url + "/")
     record_announcements(browser)
-    name = "a" * 150 + "_the_end.jpg"
-    choose(browser, tmp_path, {name: b"not an image at all"})
+    name = "a" * 39 + "\U0001f1eb\U0001f1f7" + "b" * 150 + "_the_end.jpg"  # a flag, as the 40th
+    assert drop_files(browser, {name: b"not an image at all"})
     said = wait_for(lambda: browser.execute_script("return window.announced"), 30, "the failure, said")
-    assert said[0].startswith("0 of 1 classified, 1 failed. " + "a" * 40 + "…"), said
+    assert said[0].startswith("0 of 1 classified, 1 failed. " + "a" * 39 + "\U0001f1eb\U0001f1f7…"), said
     assert "_the_end.jpg: " in said[0] and name not in said[0]
 
 
@@ -1489,6 +1492,30 @@ def test_screen_readers_hear_how_far_a_slow_upload_has_got(stack, browser, tmp_p
     mb = f"{len(big) / 1048576:.1f}"
     assert re.fullmatch(rf"0 of 1 classified, sending \d+\.\d of {re.escape(mb)} MB", said[0]), said
     finished_rows(browser, stack, 1, timeout_s=60)
+
+
+def test_the_mb_sent_only_grow_out_of_the_uploads_whole_size(stack, browser, tmp_path):
+    """Of the requests in flight alone, "sending x of y MB" went backwards as each ended
+    ("3.9 of 9.3", then "2.1 of 7.2") and never said the upload's 17 MB (reviewer)."""
+    browser.get(stack.web_url + "/")
+    browser.execute_script("""
+      document.body.dataset.filesPerRequest = '1';
+      window.sendings = [];
+      const summary = document.getElementById('summary');
+      new MutationObserver(() => {
+        const found = summary.textContent.match(/sending ([\\d.]+) of ([\\d.]+) MB/);
+        if (found) window.sendings.push([Number(found[1]), Number(found[2])]);
+      }).observe(summary, {childList: true, characterData: true, subtree: true});""")
+    files = {f"part_{i}.jpg": make_image(1090 + i, size=(1200, 900)) for i in range(4)}
+    with upload_throttled(browser, 600_000):
+        choose(browser, tmp_path, files)
+        finished_rows(browser, stack, 4, timeout_s=90)
+    seen = browser.execute_script("return window.sendings")
+    assert len(seen) > 3, seen
+    whole = sum(map(len, files.values())) / 1048576
+    assert {size for _, size in seen} == {round(whole, 1)}, seen
+    sent = [x for x, _ in seen]
+    assert sent == sorted(sent), repr(seen)[:3000]
 
 
 def test_files_refused_together_are_heard_with_a_reason_and_so_is_a_later_failure(stack, browser, tmp_path):

@@ -154,20 +154,34 @@
     }
   }
 
-  // How far the upload requests under way have got, [sent, size] in bytes by request:
-  // on a slow link the page said "0 of 24 classified" for 75 s, no sign of progress (reviewer).
+  // How far the upload requests under way have got, by request: the bytes of its files
+  // sent so far (its share of the form's). On a slow link the page said "0 of 24
+  // classified" for 75 s, no sign of progress (reviewer).
   const sendProgress = new Map();
+  const bytesOf = (entries) => entries.reduce((bytes, { file }) => bytes + (file ? file.size : 0), 0);
+  // Of the uploads under way, all of them: the files answered, in hand and still to go.
+  // Of the requests in flight alone, the figures went backwards as each ended, and
+  // never said the upload's size (reviewer).
   function sendingText() {
-    if (!sendProgress.size) return "";
     let sent = 0, size = 0;
-    for (const [loaded, total] of sendProgress.values()) { sent += loaded; size += total; }
+    for (const session of sessions) {
+      if (!session.uploading) continue;
+      const toGo = [...session.inHand, ...session.queue.map(({ chunk }) => chunk), ...session.resends.values()];
+      sent += session.answeredBytes;
+      size += session.answeredBytes + bytesOf(toGo.flat());
+    }
+    for (const bytes of sendProgress.values()) sent += bytes;
+    if (!size) return "";
     const mb = (bytes) => (bytes / 1048576).toFixed(1);
-    return `sending ${mb(sent)} of ${mb(size)} MB`;
+    return `sending ${mb(Math.min(sent, size))} of ${mb(size)} MB`;
   }
 
-  // POST `form` to /api/jobs: {status, body} (body null if not JSON), or throws a
-  // SendFailure. By XMLHttpRequest, not fetch: only it tells how far the upload has got.
-  function post(form, headers) {
+  // POST `form`, holding `bytes` of files, to /api/jobs: {status, body, settle} (body
+  // null if not JSON), or throws a SendFailure. By XMLHttpRequest, not fetch: only it
+  // tells how far the upload has got. `settle()` drops the request from sendingText once
+  // its caller has counted its files as answered: dropped first, the MB sent went
+  // backwards for a moment at each answer (reviewer).
+  function post(form, headers, bytes) {
     return new Promise((resolve, reject) => {
       const xhr = new XMLHttpRequest();
       let timer = null, timedOut = "";
@@ -180,8 +194,8 @@
       const started = (event) => { if (event.loaded > 0) stalled(); };
       const progressed = (event) => {
         started(event);
-        if (event.lengthComputable) {
-          sendProgress.set(xhr, [event.loaded, event.total]);
+        if (event.lengthComputable && event.total) {
+          sendProgress.set(xhr, bytes * event.loaded / event.total);
           updateSummary();
         }
       };
@@ -194,7 +208,6 @@
         `upload timed out: no answer ${seconds(answerTimeoutMs())} s after it was sent (server busy or unreachable?)`);
       xhr.onload = () => {
         clearTimeout(timer);
-        settled();
         let body = null;
         try {
           body = JSON.parse(xhr.responseText);
@@ -203,7 +216,7 @@
           // not a refusal (explorer).
           if (xhr.status >= 200 && xhr.status < 300) { fail(); return; }
         }
-        resolve({ status: xhr.status, body });
+        resolve({ status: xhr.status, body, settle: settled });
       };
       xhr.onerror = fail;
       xhr.onabort = fail;  // by this page's timer, or the page being left
@@ -413,6 +426,16 @@
     failedAtUpload = resultsEl.querySelectorAll('.result[data-state="failed"]').length;
     failureSaid = false;
   }
+  // A long name said whole took a screen reader half a minute (reviewer): its start and
+  // end, cut between characters as seen (a flag or a family emoji kept whole).
+  const graphemes = typeof Intl !== "undefined" && Intl.Segmenter
+    ? (text) => Array.from(new Intl.Segmenter(undefined, { granularity: "grapheme" }).segment(text),
+                           ({ segment }) => segment)
+    : (text) => Array.from(text);
+  function shortened(name) {
+    const parts = graphemes(name);
+    return parts.length > 60 ? `${parts.slice(0, 40).join("")}…${parts.slice(-15).join("")}` : name;
+  }
   function announceProgress(counts, failed, finished) {
     if (!counts) return;
     if (!announcedAt) announcedAt = Date.now();  // the first files chosen start the clock
@@ -437,9 +460,7 @@
       // The newest rows are last: the latest upload's.
       const rows = resultsEl.querySelectorAll('.result[data-state="failed"]');
       const newest = rows[rows.length - 1];
-      // A long name said whole took a screen reader half a minute (reviewer).
-      const name = Array.from(newest.dataset.filename);  // by characters, not UTF-16 halves
-      const said = name.length > 60 ? `${name.slice(0, 40).join("")}…${name.slice(-15).join("")}` : name.join("");
+      const said = shortened(newest.dataset.filename);
       text = `${counts}. ${said}: ${newest.querySelector(".error").textContent}`;
     } else if (finished || Date.now() - announcedAt >= announceEveryMs()) {
       // With how far the sending has got: on a slow link the count alone stayed
@@ -497,12 +518,15 @@
   $("only-failed").addEventListener("change", updateSummary);
   const STOPPED_AGAIN = "not sent again: you stopped the upload (the server may hold it: reload to see)";
   $("stop-sending").addEventListener("click", () => {
-    // Rows being sent stay "uploading" until their request ends: said, or the press
-    // seemed to do nothing (reviewer). Before the stop, whose files not sent, if any,
-    // are then said as the upload's first failure.
-    $("announce").textContent = announced = "Stopped: files already on their way finish sending, the rest are not sent";
+    const before = announced;
     for (const session of sessions) session.stop();
+    refreshSummary();  // now, not at the end of this task: the files left unsent said first
     $("download-csv").focus();  // the button goes: focus left on nothing (reviewer)
+    // Rows being sent stay "uploading" until their request ends: said, or the press
+    // seemed to do nothing (reviewer). In one text with the files the stop left unsent,
+    // if it said them: said apart, 6 ms after, the first was not heard.
+    const stopped = "Stopped: files already on their way finish sending, the rest are not sent";
+    $("announce").textContent = announced = announced === before ? stopped : `${stopped}. ${announced}`;
   });
 
   // 32 hex digits, as the server's ids (crypto.randomUUID needs HTTPS, this may not be).
@@ -546,6 +570,8 @@
       this.queue = [];          // {chunk, attempt}: to be sent, resends first
       this.waiting = 0;         // chunks waiting their delay to be sent again (sendLater)
       this.resends = new Map(); // their timers -> their entries (see stop)
+      this.inHand = new Set();  // chunks taken from the queue, their answer not in yet
+      this.answeredBytes = 0;   // of the files whose request was answered (sendingText)
       this.stopped = false;     // the user stopped it: nothing more is sent
       this.resendReady = null;  // resolves when one of them joins the queue
       this.wake = () => {};
@@ -601,9 +627,11 @@
             await takeSendPlace();
             // Another of this upload's workers may have taken the last chunk meanwhile.
             const next = enough() ? null : this.queue.shift();
+            if (next) this.inHand.add(next.chunk);
             try {
               if (next) await this.send(next.chunk, next.attempt);
             } finally {
+              if (next) this.inHand.delete(next.chunk);
               freeSendPlace();
             }
           } else if (this.waiting) {
@@ -617,6 +645,7 @@
     }
 
     async send(chunk, attempt = 0) {
+      const taken = chunk;  // as in this.inHand
       chunk = await this.readable(chunk, attempt > 0);  // each time: a file may go while a resend waits
       if (!chunk.length) return;
       const form = new FormData();
@@ -636,7 +665,12 @@
       try {
         // The answer's body within the answer's time: one cut off or stalled after a
         // 202 is an answer lost (the files may be stored), not a refusal (explorer).
-        ({ status, body } = await post(form, headers));
+        let settle;
+        ({ status, body, settle } = await post(form, headers, bytesOf(chunk)));
+        // Counted once: answered, no longer in hand, nor in flight.
+        this.inHand.delete(taken);
+        this.answeredBytes += bytesOf(chunk);
+        settle();
       } catch (err) {
         this.unanswered = true;
         for (const entry of chunk) entry.maybeStored = true;  // see stop
