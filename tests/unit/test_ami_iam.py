@@ -18,7 +18,9 @@ import subprocess
 import threading
 from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 
+import botocore.hooks
 import botocore.session
 import pytest
 from botocore import xform_name
@@ -345,6 +347,8 @@ def test_the_readmes_recipe_for_another_prefix_makes_the_policies_the_tests_chec
 class RecordingEc2:
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict]] = []
+        # A botocore client's events, where launch() registers its retry hook.
+        self.meta = SimpleNamespace(events=botocore.hooks.HierarchicalEmitter())
 
     def run_instances(self, **kwargs):
         self.calls.append(("RunInstances", kwargs))
