@@ -431,11 +431,15 @@ class Controller:
     def _say_what_others_ended(self, obs: Observation) -> None:
         gone = sorted(self._live_after_last_round - {i.id for i in obs.live})
         if gone:
-            # Those EC2 says ended are remembered as this controller's own terminations
-            # are: a later read still listing one running had it stand in for its
-            # replacement, which was scaled in (reviewer). Only those it says ended: one
-            # a lagging read merely left out is still running.
-            for iid in terminated(self.aws, gone):
+            # Those ending are remembered as this controller's own terminations are: a
+            # later read still listing one running had it stand in for its replacement,
+            # which was scaled in (reviewer). Only those EC2 lists ending (shutting down,
+            # as a hand's termination is for a while) or ended: one a lagging read merely
+            # left out is still running.
+            listed = {i.id for i in obs.instances}
+            ending = {i.id for i in obs.in_state("shutting-down")} & set(gone)
+            unlisted = [iid for iid in gone if iid not in listed]
+            for iid in ending | (terminated(self.aws, unlisted) if unlisted else set()):
                 self.recent_terminations.note(iid, obs.clock)
         if gone and self.dry_run:
             # Beside a live fleet, another controller does the acting: no cause for alarm.

@@ -7,6 +7,7 @@ by wrapping single client methods, so the rest of the AWS stays real.
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import logging
@@ -1270,6 +1271,39 @@ def test_an_instance_ended_by_someone_else_that_ec2_still_lists_running_is_not_c
     assert (decision.launch, decision.terminate) == ((), ())
     patch.undo()
     assert len(instances(aws)) == 3
+
+
+def test_an_instance_someone_else_ended_seen_shutting_down_is_not_counted_when_listed_running_again(
+        aws, make_controller, patch):
+    """On EC2 a hand's termination is first listed shutting-down, for tens of seconds
+    (moto ends it at once): remembered only once listed terminated, it was forgotten
+    before a read still behind listed it running (reviewer)."""
+    send(aws, 3)
+    controller = make_controller()
+    controller.step(now=1000.0)
+    real = aws.ec2.describe_instances
+    before = real(InstanceIds=[i["InstanceId"] for i in instances(aws)])
+    ended = sorted(i["InstanceId"] for i in instances(aws))[0]
+    aws.ec2.terminate_instances(InstanceIds=[ended])
+    shutting = copy.deepcopy(before)
+    for reservation in shutting["Reservations"]:
+        for instance in reservation["Instances"]:
+            if instance["InstanceId"] == ended:
+                instance["State"] = {"Code": 32, "Name": "shutting-down"}
+    replies = iter([shutting, before])  # shutting down, then a read still behind
+
+    def lagging(**kwargs):
+        if any(f["Name"] == "tag:Name" for f in kwargs.get("Filters", [])):
+            return next(replies)
+        return {"Reservations": []}  # nor listed terminated yet
+
+    patch.setattr(aws.ec2, "describe_instances", lagging)
+    assert len(controller.step(now=1001.0).launch) == 1  # its replacement
+    patch.setattr(aws.ec2, "describe_instances", lambda **kwargs: (
+        lagging(**kwargs) if any(f["Name"] == "tag:Name" for f in kwargs.get("Filters", []))
+        else real(**kwargs)))
+    decision = controller.step(now=1002.0)
+    assert (decision.launch, decision.terminate) == ((), ())
 
 
 def test_a_dry_run_beside_a_live_fleet_says_what_ended_without_alarm(aws, make_controller, caplog):
