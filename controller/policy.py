@@ -182,12 +182,15 @@ def decide(
         elif count > 0:
             launch = _free_numbers({i.number for i in obs.instances}, count)
     elif desired < len(serving):
-        # Those running another image than launches do first, once they serve (a pending
-        # one holds no work): else, the newest going first, a new AMI never replaced the
-        # old fleet without a hand (reviewer).
-        order = sorted(serving, key=lambda i: (i.id in keep_last,
-                                               i.state != "pending" and not _outdated(i, policy),
-                                               *scale_in_order(i)))
+        # Among those that serve, those running another image than launches do first:
+        # else, the newest going first, a new AMI never replaced the old fleet without a
+        # hand (reviewer). Not before one pending or not ready, which holds no work (a
+        # new image whose workers never serve would have had the old fleet go first).
+        def victim_order(i: Instance) -> tuple:
+            pending, unready, newest, highest = scale_in_order(i)
+            return (i.id in keep_last, pending, unready, not _outdated(i, policy), newest, highest)
+
+        order = sorted(serving, key=victim_order)
         victims = tuple(i.id for i in order[: len(serving) - desired])
     # Stopped, or live with a worker that gave up: ours, serving nobody; always cleaned up.
     useless = tuple(i.id for i in obs.in_state("stopped") + obs.failed)

@@ -226,8 +226,9 @@ def test_scale_in_takes_instances_of_an_older_image_first_once_they_serve():
         return decide(observation, new).terminate
 
     assert victims(old_ready, new_ready, wanted=1) == ("i-old",)
-    # A pending instance holds nothing yet: it still goes first; then the old image.
-    assert victims(old_ready, new_booting, pending, wanted=1) == ("i-pend", "i-old")
+    # A pending or booting one holds nothing yet: it still goes first; then the old
+    # image (a new image whose workers never serve kept the old fleet going: reviewer).
+    assert victims(old_ready, new_booting, pending, wanted=0) == ("i-pend", "i-boot", "i-old")
     assert victims(old_ready, unknown, new_ready, wanted=2) == ("i-old",)
     # All on one image: as before, the newest first.
     assert victims(new_ready, unknown, wanted=1) == ("i-just",)
