@@ -32,15 +32,18 @@ venv: $(STAMP)
 ## AWS, browser driver or test tools there. A new .venv, whatever one held before.
 # Made beside the one in use and put in its place only once installed: an update does
 # not stop the services for pip's minutes (TensorFlow is 1.3 GB), and a failed install
-# leaves the old .venv as it was. Its console scripts name .venv.new: run them with
-# `python -m` (gunicorn, pip), as the services do.
+# leaves the old .venv as it was. The scripts the venv wrote name the folder it was made
+# in (activate, pip's and gunicorn's first lines): they are made to name .venv. The old
+# one is kept as .venv.old until the next time, as the services run from it until they
+# are restarted.
 runtime-venv:
 	@test -n "$(PYTHON)" || { echo "make: needs Python 3.11 or newer" >&2; exit 1; }
 	rm -rf $(VENV).new && $(PYTHON) -m venv $(VENV).new
 	$(VENV).new/bin/python -m pip install --quiet --upgrade pip
 	$(VENV).new/bin/python -m pip install --quiet -r requirements-runtime.txt -c constraints.txt
+	for f in $(VENV).new/bin/*; do test -L "$$f" || ! grep -qI . "$$f" || \
+		sed -i 's|$(subst .,\.,$(notdir $(VENV)))\.new|$(notdir $(VENV))|g' "$$f" || exit 1; done
 	rm -rf $(VENV).old && { test ! -e $(VENV) || mv $(VENV) $(VENV).old; } && mv $(VENV).new $(VENV)
-	rm -rf $(VENV).old
 
 ## Run the whole system on the embedded AWS; the page is at http://127.0.0.1:8000
 run: $(STAMP)
@@ -79,7 +82,7 @@ lock:
 	mv constraints.txt.new constraints.txt && rm -rf .lock-venv
 
 clean:
-	rm -rf $(VENV) .lock-venv .run .bench .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV).new $(VENV).old .lock-venv .run .bench .pytest_cache .ruff_cache
 
 ## Debian's headless Chromium for the page test, and bsdtar for bake.sh's (needs root; .ci/run does this)
 browser-deps:

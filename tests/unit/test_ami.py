@@ -268,7 +268,6 @@ def test_the_controllers_unit_does_not_restart_a_controller_refusing_its_setting
 def test_the_web_tiers_unit_runs_gunicorn_with_a_journal_that_outlives_it():
     unit = unit_settings("imgclass-web.service")
     assert unit["Restart"] == ["always"] and unit["StartLimitIntervalSec"] == ["0"]
-    # `python -m`: make runtime-venv's console scripts name the folder it was made in (.venv.new).
     assert unit["ExecStart"] == ['/opt/imgclass/.venv/bin/python -m gunicorn -c web_tier/gunicorn.conf.py '
                                  '"web_tier:create_app()"']
     assert unit["EnvironmentFile"] == ["/etc/imgclass/web.env"] and unit["User"] == ["imgclass"]

@@ -72,6 +72,13 @@ def test_runtime_venv_replaces_the_one_in_use_only_once_installed(tmp_path):
     (tmp_path / "requirements-runtime.txt").write_text("")
     made = subprocess.run(make, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stderr
-    assert not (venv / "in-use").exists() and sorted(p.name for p in tmp_path.glob(".venv*")) == [".venv"]
-    assert subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "--version"],
-                          capture_output=True).returncode == 0
+    # The one in use kept until the next time: the services run from it until restarted.
+    assert not (venv / "in-use").exists() and (tmp_path / ".venv.old" / "in-use").exists()
+    assert not (tmp_path / ".venv.new").exists()
+    # Its scripts name .venv, not the folder it was made in: `. .venv/bin/activate` ran
+    # the system's Python, and .venv/bin/pip nothing (reviewer).
+    assert subprocess.run([str(venv / "bin" / "pip"), "--version"], capture_output=True).returncode == 0
+    assert f'VIRTUAL_ENV="{venv}"' in (venv / "bin" / "activate").read_text() or \
+        f"VIRTUAL_ENV='{venv}'" in (venv / "bin" / "activate").read_text()
+    assert ".venv.new" not in "".join(p.read_text(errors="replace") for p in (venv / "bin").iterdir()
+                                      if not p.is_symlink())
