@@ -162,10 +162,15 @@
   // Of the uploads under way, all of them: the files answered, in hand and still to go.
   // Of the requests in flight alone, the figures went backwards as each ended, and
   // never said the upload's size (reviewer).
+  // The uploads since none was under way: one that ended while another goes on stays
+  // in the figures, which went back ("75 of 100" to "25 of 50") as it left (reviewer).
+  const sendingNow = new Set();
   function sendingText() {
+    const uploading = sessions.filter((session) => session.uploading);
+    if (!uploading.length) sendingNow.clear();
+    for (const session of uploading) sendingNow.add(session);
     let sent = 0, size = 0;
-    for (const session of sessions) {
-      if (!session.uploading) continue;
+    for (const session of sendingNow) {
       const toGo = [...session.inHand, ...session.queue.map(({ chunk }) => chunk), ...session.resends.values()];
       sent += session.answeredBytes;
       size += session.answeredBytes + bytesOf(toGo.flat());
@@ -420,6 +425,7 @@
   }
   let announcedAt = 0;
   let announceTimer = null;
+  let noteForNext = "";     // said first in the next announcement, whatever it is (stopping)
   let failedAtUpload = 0;   // the page's failed rows when the latest upload began
   let failureSaid = false;  // ...and whether one of its failures has been said
   function uploadBegins() {
@@ -466,6 +472,10 @@
       // With how far the sending has got: on a slow link the count alone stayed
       // "0 of 24 classified" for minutes, where the summary showed the MB (reviewer).
       text = [counts, sendingText()].filter(Boolean).join(", ");
+    }
+    if (noteForNext) {
+      text = text === null ? noteForNext : `${noteForNext}. ${text}`;
+      noteForNext = "";
     }
     // Said already, with a failure's reason: said again bare, it cut the reason off.
     if (text === null || text === announced || announced.startsWith(`${text}. `)) return;
@@ -518,15 +528,13 @@
   $("only-failed").addEventListener("change", updateSummary);
   const STOPPED_AGAIN = "not sent again: you stopped the upload (the server may hold it: reload to see)";
   $("stop-sending").addEventListener("click", () => {
-    const before = announced;
-    for (const session of sessions) session.stop();
-    refreshSummary();  // now, not at the end of this task: the files left unsent said first
-    $("download-csv").focus();  // the button goes: focus left on nothing (reviewer)
     // Rows being sent stay "uploading" until their request ends: said, or the press
-    // seemed to do nothing (reviewer). In one text with the files the stop left unsent,
-    // if it said them: said apart, 6 ms after, the first was not heard.
-    const stopped = "Stopped: files already on their way finish sending, the rest are not sent";
-    $("announce").textContent = announced = announced === before ? stopped : `${stopped}. ${announced}`;
+    // seemed to do nothing (reviewer). In the one text the summary's next refresh says,
+    // with the files the stop left unsent if any: said apart, ms apart, one went unheard.
+    noteForNext = "Stopped: files already on their way finish sending, the rest are not sent";
+    for (const session of sessions) session.stop();
+    updateSummary();
+    $("download-csv").focus();  // the button goes: focus left on nothing (reviewer)
   });
 
   // 32 hex digits, as the server's ids (crypto.randomUUID needs HTTPS, this may not be).
@@ -702,6 +710,7 @@
         // 503: not stored. 502 and 504 (a proxy in front): the web tier not there yet.
         const unstored = status === 503 || (attempt > 0 && [502, 504].includes(status));
         if (unstored && attempt < RESEND_DELAYS_MS.length) {
+          this.answeredBytes -= bytesOf(chunk);  // to go again: counted once, not twice (reviewer)
           this.sendLater(chunk, attempt);
           return;
         }
@@ -733,7 +742,10 @@
         showFailure(entry.el, rejection.error);
       }
       this.save();
-      if (again.length) this.sendLater(again, attempt);
+      if (again.length) {
+        this.answeredBytes -= bytesOf(again);  // to go again, as above
+        this.sendLater(again, attempt);
+      }
       // Followed from the first stored file on, and again after a stream that ended
       // because all that had joined the batch were done (more chunks join it later).
       if (this.created && !this.stream && !this.pollTimer) this.follow();
