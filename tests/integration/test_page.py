@@ -1518,23 +1518,6 @@ def test_the_mb_sent_only_grow_out_of_the_uploads_whole_size(stack, browser, tmp
     assert sent == sorted(sent), repr(seen)[:3000]
 
 
-def test_files_answered_503_are_counted_once_in_the_mb_to_send(stack, browser, reference_model, tmp_path):
-    """Answered 503 and sent again, a file counted as answered and as still to go: the
-    upload's size grew at each resend (reviewer)."""
-    watch = """
-      window.sizes = [];
-      const summary = document.getElementById('summary');
-      new MutationObserver(() => {
-        const found = summary.textContent.match(/sending [\\d.]+ of ([\\d.]+) MB/);
-        if (found) window.sizes.push(Number(found[1]));
-      }).observe(summary, {childList: true, characterData: true, subtree: true});"""
-    files = {f"again_{i}.jpg": make_image(1100 + i, size=(1200, 900)) for i in range(2)}
-    shown = upload_failing_first(browser, stack, tmp_path, files, ["503", "503"], per_request=1, setup=watch)
-    assert_classified(shown, files, reference_model)
-    sizes = browser.execute_script("return window.sizes")
-    assert sizes and set(sizes) == {round(sum(map(len, files.values())) / 1048576, 1)}, sizes
-
-
 def test_files_refused_together_are_heard_with_a_reason_and_so_is_a_later_failure(stack, browser, tmp_path):
     """Each row refused updated the summary: the first one's reason was replaced at once
     by the last one's bare count, and never heard (reviewer)."""
