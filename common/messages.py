@@ -8,7 +8,7 @@ the label (or an error) for exactly one request id. File names are cut so that a
 While a rollout runs old and new code side by side, each reads the other's
 messages: a reader ignores fields it does not know and gives those it needs not
 a default when they are missing; only the fields every version needs are required.
-A change that breaks that gives "v" a new number.
+("v" is written for a reader that will need it; none reads it yet.)
 """
 
 from __future__ import annotations

@@ -81,7 +81,9 @@ class NoReply(Exception):
     started its instance."""
 
     def __init__(self, call: LaunchCall, cause: Exception) -> None:
-        super().__init__(f"no reply to RunInstances: {cause}")
+        # "may have launched": a throttled call (a 503) was answered, but an earlier
+        # attempt of botocore's may have launched all the same.
+        super().__init__(f"RunInstances may have launched (repeated with its token): {cause}")
         self.call = call
 
 
@@ -135,7 +137,7 @@ def _zone_errors_are_answers(response: tuple | None = None, **_kwargs: object) -
     """botocore's needs-retry hook, run before its retry handler: a zone's refusal is
     EC2's answer, not a fault, whatever its status. InsufficientInstanceCapacity comes
     as a 500, which botocore retried 5 times in the same full subnet, each retry taking
-    5 of the EC2 client's 500 retry tokens: a shortage drained them, and a blip of any
+    14 of the EC2 client's 500 retry tokens: a shortage drained them, and a blip of any
     other call then failed its round (reviewer). Seen as a 400, it is not retried, and
     the launch goes on to the next subnet at once."""
     if response is None:

@@ -938,7 +938,7 @@ def test_a_launch_a_zone_cannot_take_is_tried_in_the_other_subnets(aws, make_con
 
 def test_a_zones_refusal_is_not_retried_by_botocore(aws, make_controller):
     """EC2's InsufficientInstanceCapacity, a 500, was retried 5 times in the same full
-    subnet, each retry taking 5 of the EC2 client's retry tokens: a shortage drained
+    subnet, each retry taking 14 of the EC2 client's 500 retry tokens: a shortage drained
     them, and a blip of DescribeInstances then failed its round (reviewer)."""
     from botocore.awsrequest import AWSResponse
 
