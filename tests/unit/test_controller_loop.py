@@ -1250,10 +1250,9 @@ def test_instances_it_terminated_that_ec2_still_lists_running_are_not_counted(aw
     assert "not by this controller" not in caplog.text and len(instances(aws)) == 4
 
 
-def test_an_instance_ended_by_someone_else_that_ec2_still_lists_running_is_not_counted(
-        aws, make_controller, patch):
-    """Ended by a hand, then listed running by a read still behind: it stood in for its
-    replacement, which the controller scaled in, then launched again (reviewer)."""
+def three_launched_one_ended_by_hand(aws: Aws, make_controller: Callable[..., Controller]) -> tuple:
+    """A controller that launched 3, one of them since terminated by hand: the controller,
+    the real describe_instances, its listing from before, and the ended instance's id."""
     send(aws, 3)
     controller = make_controller()
     controller.step(now=1000.0)
@@ -1261,6 +1260,14 @@ def test_an_instance_ended_by_someone_else_that_ec2_still_lists_running_is_not_c
     before = real(InstanceIds=[i["InstanceId"] for i in instances(aws)])
     ended = sorted(i["InstanceId"] for i in instances(aws))[0]
     aws.ec2.terminate_instances(InstanceIds=[ended])
+    return controller, real, before, ended
+
+
+def test_an_instance_ended_by_someone_else_that_ec2_still_lists_running_is_not_counted(
+        aws, make_controller, patch):
+    """Ended by a hand, then listed running by a read still behind: it stood in for its
+    replacement, which the controller scaled in, then launched again (reviewer)."""
+    controller, real, before, ended = three_launched_one_ended_by_hand(aws, make_controller)
     assert len(controller.step(now=1001.0).launch) == 1  # its replacement
 
     def stale(**kwargs):  # the fleet as it was before the hand ended one
@@ -1278,13 +1285,7 @@ def test_an_instance_someone_else_ended_seen_shutting_down_is_not_counted_when_l
     """On EC2 a hand's termination is first listed shutting-down, for tens of seconds
     (moto ends it at once): remembered only once listed terminated, it was forgotten
     before a read still behind listed it running (reviewer)."""
-    send(aws, 3)
-    controller = make_controller()
-    controller.step(now=1000.0)
-    real = aws.ec2.describe_instances
-    before = real(InstanceIds=[i["InstanceId"] for i in instances(aws)])
-    ended = sorted(i["InstanceId"] for i in instances(aws))[0]
-    aws.ec2.terminate_instances(InstanceIds=[ended])
+    controller, real, before, ended = three_launched_one_ended_by_hand(aws, make_controller)
     shutting = copy.deepcopy(before)
     for reservation in shutting["Reservations"]:
         for instance in reservation["Instances"]:
