@@ -52,10 +52,11 @@ def test_web_tier_process_killed_mid_batch_loses_nothing(stack, reference_model)
 def test_web_tier_killed_mid_upload_queues_every_image_it_stored(stack, reference_model):
     """SIGKILL while a large upload is being stored: some images are stored and not
     yet sent. The next web tier process sends them (web_tier/journal.py)."""
-    # Many enough that storing them takes a while: 200 at 64x48 were all stored once
-    # before the kill came, in a fresh-clone run, and 200 at 320x240 once on a machine
-    # busy with other work.
-    images = {f"midupload_{i:03d}.jpg": make_image(5000 + i) for i in range(400)}
+    # Many and large enough that storing them takes a while: 200 at 64x48 were all
+    # stored once before the kill came, in a fresh-clone run, 200 at 320x240 once on a
+    # machine busy with other work, and 400 at 320x240 once on a quiet one (the first
+    # listing waits behind the embedded S3's puts).
+    images = {f"midupload_{i:03d}.jpg": make_image(5000 + i, size=(640, 480)) for i in range(400)}
     s3, _, _ = clients(stack)
     bucket = f"{stack.prefix}-in-bucket"
 
