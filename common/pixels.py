@@ -276,10 +276,7 @@ def tiff_refusal(data: bytes) -> str | None:
 # 255 bytes, an XMP packet one per ~60, so a 0.5 MB profile makes ~2,000.
 MAX_GIF_BLOCKS = 10_000
 GIF_SIGNATURES = (b"GIF87a", b"GIF89a")
-_GIF_EXTENSION, _GIF_IMAGE = 0x21, 0x2C
-
-
-_GIF_TRAILER = 0x3B
+_GIF_EXTENSION, _GIF_IMAGE, _GIF_TRAILER = 0x21, 0x2C, 0x3B
 
 
 def gif_blocks(data: bytes) -> int:
