@@ -403,7 +403,7 @@ class Controller:
 
         obs = self._with_readiness(self.recent_terminations.applied(
             self._with_recent_launches(observe(self.aws, now))))
-        self._say_what_others_ended(obs)
+        self._take_in_what_others_ended(obs)
         self.refusals.keep_listed({i.id for i in obs.instances})
         # Remember what the next rounds need of this one: the scale-in window's counts,
         # and workers giving up (the launch hold). Both update this controller's memory.
@@ -428,7 +428,9 @@ class Controller:
             self._live_after_last_round = frozenset({i.id for i in obs.live} | launched) - asked_to_end
         return decision
 
-    def _say_what_others_ended(self, obs: Observation) -> None:
+    def _take_in_what_others_ended(self, obs: Observation) -> None:
+        """Instances live after the last round and not now, ended by someone else: said,
+        and those ending remembered (RecentTerminations)."""
         gone = sorted(self._live_after_last_round - {i.id for i in obs.live})
         if gone:
             # Those ending are remembered as this controller's own terminations are: a
