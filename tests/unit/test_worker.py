@@ -808,10 +808,16 @@ def run_until(worker: Worker, condition, timeout: float = 20.0) -> None:
     """Run the worker's loop in a thread until `condition()` holds; then stop it."""
     from tests.unit.conftest import wait_until
 
+    def queues() -> str:  # where the requests are when the condition is not met in time
+        aws = worker.aws
+        return (f"requests (visible, in flight) {depth(aws, aws.request_queue_url)}, "
+                f"dead letters {depth(aws, aws.dead_letter_queue_url)}, "
+                f"responses {depth(aws, aws.response_queue_url)}")
+
     runner = threading.Thread(target=worker.run)
     runner.start()
     try:
-        wait_until(condition, timeout=timeout)
+        wait_until(condition, timeout=timeout, why=queues)
     finally:
         worker.stopping.set()
         runner.join(timeout=15)
