@@ -52,7 +52,7 @@ from common import systemd
 from common.aws import Aws, error_code, is_not_found, sqs_batches
 from common.backoff import next_wait
 from common.config import SHORT_POLL_PAUSE_S, Settings
-from common.failure_tags import DEAD_LETTER_ERROR, failure_tagging
+from common.failure_tags import DEAD_LETTER_ERROR, mark_failed
 from common.fleet import report_worker_failed
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
 from common.names import original_filename, stored_name
@@ -82,9 +82,6 @@ HEARTBEAT_SLACK_S = 900.0
 # The costs: an extension call per receive, and a stall of SQS longer than this between
 # a receive and its extension hands those requests to another worker too.
 RECEIVE_LEASE_S = 30
-# S3's refusals of a failure mark that no retry changes (the mark is then only missed
-# by a batch rebuilt after a restart): no permission, or a tag it will not take.
-TAGGING_REFUSALS = frozenset({"AccessDenied", "InvalidTag", "MalformedXML", "InvalidArgument"})
 # Pauses before sending again the answers SQS reported failed on its side (a
 # SendMessageBatch entry can fail alone, which botocore does not retry): one a try.
 REPLY_RETRY_PAUSES_S = (0.1, 0.5)
@@ -555,19 +552,13 @@ class Worker:
                 Metadata=result_metadata(response),
             )
         else:
-            # The failure is kept on the input object so the web tier can rebuild it.
-            try:
-                tagging = failure_tagging(response.error or "", self.instance_id)
-                self.aws.s3.put_object_tagging(Bucket=req.bucket, Key=req.key, Tagging=tagging)
-            except ClientError as exc:
-                if not (is_not_found(exc) or error_code(exc) in TAGGING_REFUSALS):
-                    # S3 failing or throttling after botocore's retries: as for a result
-                    # written, nothing is sent, and the request is tried again. Answered
-                    # untagged, a batch rebuilt after a restart showed it queued for ever.
-                    raise
-                log.warning("could not tag failed input %s: %s", req.key, exc)
-            except ParamValidationError as exc:  # not an outage: retrying would not help
-                log.warning("could not tag failed input %s: %s", req.key, exc)
+            # The failure is kept on the input object so the web tier can rebuild it. If
+            # S3 is failing or throttling, this raises: as for a result not written,
+            # nothing is sent and the request is tried again. Answered untagged, a batch
+            # rebuilt after a restart showed it queued for ever.
+            why_not = mark_failed(self.aws.s3, req.bucket, req.key, response.error or "", self.instance_id)
+            if why_not:
+                log.warning("could not tag failed input %s: %s", req.key, why_not)
 
     def _reply(self, responses: list[tuple[Job, ClassifyResponse]]) -> list[Job]:
         """Send the answers; the jobs whose answers could not be sent. Each call's failure

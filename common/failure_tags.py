@@ -8,6 +8,11 @@ batch. Both write through here, so both write what S3 accepts.
 from __future__ import annotations
 
 import re
+from typing import Any
+
+from botocore.exceptions import ClientError, ParamValidationError
+
+from common.aws import error_code, is_not_found
 
 # S3 tag values: up to 256 Unicode letters, numbers, spaces and `_ . : / = + - @`.
 # One character outside that set makes the whole tagging call fail.
@@ -30,6 +35,26 @@ _ESCAPES = re.compile(r"(?:=[0-9A-F]{2})+")
 DEAD_LETTER_ERROR = ("could not be processed: no worker answered for it in the attempts allowed - each "
                      "worker holding it crashed or stalled or was stopped. Send it again and check "
                      "the image if it fails again")
+
+
+# S3's refusals of a failure mark that no retry changes (the mark is then only missed
+# by a batch rebuilt after a restart): no permission, or a tag it will not take.
+TAGGING_REFUSALS = frozenset({"AccessDenied", "InvalidTag", "MalformedXML", "InvalidArgument"})
+
+
+def mark_failed(s3: Any, bucket: str, key: str, reason: str, worker: str = "") -> str | None:
+    """Mark the input object failed (see failure_tagging); None once marked, else why it
+    will never be: the object is gone, or S3 refuses this mark whatever the retries.
+    Raises what trying again may mend (S3 failing or throttling), for the caller to retry."""
+    try:
+        s3.put_object_tagging(Bucket=bucket, Key=key, Tagging=failure_tagging(reason, worker))
+    except ClientError as exc:
+        if is_not_found(exc) or error_code(exc) in TAGGING_REFUSALS:
+            return str(exc)
+        raise
+    except ParamValidationError as exc:  # botocore's refusal, not an outage
+        return str(exc)
+    return None
 
 
 def failure_tagging(reason: str, worker: str = "") -> dict[str, list[dict[str, str]]]:

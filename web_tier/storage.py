@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 from botocore.exceptions import ClientError
 
 from common.aws import Aws, is_not_found
-from common.failure_tags import failure_tagging
+from common.failure_tags import mark_failed
 from common.names import ORIGINAL_FILENAME_META, encode_filename, original_filename
 
 CLIENT_TOKEN_META = "client-token"
@@ -43,9 +43,10 @@ def head(aws: Aws, bucket: str, key: str) -> dict[str, Any] | None:
         raise
 
 
-def tag_failed(aws: Aws, key: str, reason: str) -> None:
-    """Mark the input object failed so a rebuilt batch shows the error."""
-    aws.s3.put_object_tagging(Bucket=aws.settings.input_bucket, Key=key, Tagging=failure_tagging(reason))
+def tag_failed(aws: Aws, key: str, reason: str) -> str | None:
+    """Mark the input object failed so a rebuilt batch shows the error; None once marked,
+    else why it never will be (common.failure_tags.mark_failed, which raises what a retry may mend)."""
+    return mark_failed(aws.s3, aws.settings.input_bucket, key, reason)
 
 
 class StoredUpload(NamedTuple):

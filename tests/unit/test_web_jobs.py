@@ -175,6 +175,27 @@ def test_a_dead_letter_whose_object_cannot_be_marked_still_answers_the_client(we
     assert failure_from_tags(tags) == DEAD_LETTER_ERROR
 
 
+def test_a_dead_letter_whose_mark_s3_refuses_for_good_is_dropped(web_app, web_aws, monkeypatch):
+    """A refusal no retry changes (no permission to tag) kept the message, to come back
+    every visibility timeout for the queue's 14 days, each time a traceback (reviewer)."""
+    from botocore.exceptions import ClientError
+
+    client = web_app.test_client()
+    batch_id = upload(client, [(make_image(42), "poison.jpg")]).get_json()["batch_id"]
+    attempts = []
+
+    def s3_refuses(**kwargs):
+        attempts.append(kwargs["Key"])
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "PutObjectTagging")
+
+    monkeypatch.setattr(web_aws.s3, "put_object_tagging", s3_refuses)
+    dead_letter(web_aws)
+    wait_until(lambda: all_finished(client, batch_id))
+    assert items_by_name(client, batch_id)["poison.jpg"]["error"] == DEAD_LETTER_ERROR
+    wait_until(lambda: dead_letters_left(web_aws) == 0, why=lambda: f"tagging tried {len(attempts)} times")
+    assert len(attempts) == 1
+
+
 def test_a_dead_letter_that_fails_other_than_by_aws_is_failed_and_dropped(web_app, web_aws, monkeypatch):
     """Handled again, it fails the same way: such a dead letter came back every 30 s
     for the queue's 14 days, its item queued all along (explorer)."""
