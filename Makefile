@@ -35,15 +35,16 @@ venv: $(STAMP)
 # leaves the old .venv as it was. The scripts the venv wrote name the folder it was made
 # in (activate, pip's and gunicorn's first lines): they are made to name .venv. The old
 # one is kept as .venv.old until the next time, as the services run from it until they
-# are restarted.
+# are restarted. It goes before the next one is built: each is ~1.75 GB (TensorFlow), and
+# three at once, with pip's cache, filled a default 8 GiB root disk (reviewer).
 runtime-venv:
 	@test -n "$(PYTHON)" || { echo "make: needs Python 3.11 or newer" >&2; exit 1; }
-	rm -rf $(VENV).new && $(PYTHON) -m venv $(VENV).new
-	$(VENV).new/bin/python -m pip install --quiet --upgrade pip
-	$(VENV).new/bin/python -m pip install --quiet -r requirements-runtime.txt -c constraints.txt
+	rm -rf $(VENV).old $(VENV).new && $(PYTHON) -m venv $(VENV).new
+	$(VENV).new/bin/python -m pip install --quiet --no-cache-dir --upgrade pip
+	$(VENV).new/bin/python -m pip install --quiet --no-cache-dir -r requirements-runtime.txt -c constraints.txt
 	for f in $(VENV).new/bin/*; do test -L "$$f" || ! grep -qI . "$$f" || \
 		sed -i 's|$(subst .,\.,$(notdir $(VENV)))\.new|$(notdir $(VENV))|g' "$$f" || exit 1; done
-	rm -rf $(VENV).old && { test ! -e $(VENV) || mv $(VENV) $(VENV).old; } && mv $(VENV).new $(VENV)
+	{ test ! -e $(VENV) || mv $(VENV) $(VENV).old; } && mv $(VENV).new $(VENV)
 
 ## Run the whole system on the embedded AWS; the page is at http://127.0.0.1:8000
 run: $(STAMP)

@@ -62,6 +62,7 @@ def test_runtime_venv_replaces_the_one_in_use_only_once_installed(tmp_path):
     venv = tmp_path / ".venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "in-use").touch()
+    (tmp_path / ".venv.old").mkdir()  # the update before's
     # No index: a requirement fails to install, as PyPI out of reach would.
     env = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "1",
            "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
@@ -69,6 +70,8 @@ def test_runtime_venv_replaces_the_one_in_use_only_once_installed(tmp_path):
     (tmp_path / "requirements-runtime.txt").write_text("surely-not-a-package-imgclass==1.0\n")
     failed = subprocess.run(make, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert failed.returncode != 0 and (venv / "in-use").exists()
+    # Gone before the new one is built: three venvs of ~1.75 GB filled an 8 GiB disk (reviewer).
+    assert not (tmp_path / ".venv.old").exists()
     (tmp_path / "requirements-runtime.txt").write_text("")
     made = subprocess.run(make, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stderr
