@@ -88,6 +88,10 @@ if ! git -C "$repo" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
   echo "bake.sh: $repo is not a git checkout: the image is made of the files git tracks" >&2
   exit 2
 fi
+# macOS's tar adds a "._name" file of extended attributes beside each file that has
+# any (on macOS 13 and later, often every file of a checkout): provision.sh's compileall
+# then failed on their null bytes, minutes into the bake (reviewer). GNU tar ignores this.
+export COPYFILE_DISABLE=1
 # (Less those deleted from the checkout and not yet `git rm`ed: tar stopped at them.)
 git -C "$repo" ls-files -z -- . ':(exclude)tests' \
   | while IFS= read -r -d '' path; do

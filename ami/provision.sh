@@ -66,6 +66,9 @@ install_code() {
   rm -rf "$APP_DIR"
   install -d -m 0755 "$APP_DIR"
   tar -xzf "$SRC_TARBALL" -C "$APP_DIR" --no-same-owner
+  # A tarball made by macOS's tar without COPYFILE_DISABLE=1 (by hand, not bake.sh)
+  # holds a "._name" of extended attributes beside each file: compileall fails on them.
+  find "$APP_DIR" -type f -name '._*' -delete
   # Root owns the code: a compromised worker cannot change what it runs.
   chown -R root:root "$APP_DIR"
   chmod -R u+rwX,go+rX,go-w "$APP_DIR"

@@ -65,6 +65,25 @@ def test_bake_packs_the_files_git_tracks_and_nothing_else(tmp_path):
     assert edited == b"edited, not committed"
 
 
+def test_bake_tells_macos_tar_to_pack_no_extended_attributes(tmp_path):
+    """macOS's tar adds a "._name" file beside each file with extended attributes (on
+    macOS 13 and later, often every file): compileall failed on them minutes into the
+    bake (reviewer). Each tar bake.sh runs must see COPYFILE_DISABLE=1."""
+    repo = tmp_path / "repo"
+    shutil.copytree(AMI, repo / "ami")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "add", "ami"], check=True)
+    bin_dir, seen = tmp_path / "bin", tmp_path / "tar-env"
+    bin_dir.mkdir()
+    tar = bin_dir / "tar"
+    tar.write_text(f'#!/bin/bash\necho "${{COPYFILE_DISABLE:-unset}}" >> "{seen}"\n'
+                   f'exec {shutil.which("tar")} "$@"\n')
+    tar.chmod(tar.stat().st_mode | stat.S_IXUSR)
+    result = bake(repo, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert seen.read_text().split() == ["1"]
+
+
 def test_bake_refuses_a_folder_that_is_not_a_git_checkout(tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(AMI, repo / "ami")
