@@ -42,8 +42,12 @@ install_packages() {
     dnf clean all
   elif command -v apt-get >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
-    apt-get install -y -q --no-install-recommends python3.11 python3.11-venv ca-certificates curl
+    # A fresh Ubuntu instance runs cloud-init and unattended-upgrades at first boot,
+    # which hold apt's lock: apt-get would fail at once on it.
+    if command -v cloud-init >/dev/null; then cloud-init status --wait >/dev/null || true; fi
+    apt-get -o DPkg::Lock::Timeout=600 update -q
+    apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends \
+      python3.11 python3.11-venv ca-certificates curl
     apt-get clean
     rm -rf /var/lib/apt/lists/*
   else
