@@ -224,7 +224,7 @@ class Classifier:
         return out
 
 
-class ResNet50Classifier(Classifier):
+class TensorFlowResNet50(Classifier):
     """Batch classification with one traced graph, reused for every call.
 
     Calling the model through `tf.function` avoids `model.predict`'s per-call
@@ -261,7 +261,7 @@ class ResNet50Classifier(Classifier):
 def load_classifier(weights: str, runtime: str = "openvino", threads: int = 0) -> Classifier:
     """The classifier a worker (or a test, or the benchmark) should use."""
     if runtime == "tensorflow":
-        return ResNet50Classifier(weights, threads=threads)
+        return TensorFlowResNet50(weights, threads=threads)
     if runtime == "openvino":
         from app_tier.openvino_runtime import OpenVinoResNet50
 

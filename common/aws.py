@@ -190,7 +190,8 @@ def _naming_the_queue(response: dict, name: str, settings: Settings) -> dict:
 
 @dataclass
 class Aws:
-    """The three clients a tier needs, and the queue URLs it resolves once."""
+    """A tier's AWS clients (S3, SQS, EC2, a separate SQS client for long polls, and
+    probes for health checks), made at first use, and the queue URLs it resolves once."""
 
     settings: Settings
     max_pool: int = 32

@@ -116,7 +116,8 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
 # The scale-in window on real AWS (no AWS_ENDPOINT_URL), where a boot takes ~40 s
 # and SQS's approximate counts can read low once: a trickle of requests must not
 # end the fleet between two of them. The embedded AWS starts an "instance" in a
-# second, and the local target is zero instances within 2 s: none there.
+# second: none there by default, 5 s under `make run` (local_run_defaults), 0.5 s
+# under `make bench`, whose target is zero instances within 2 s.
 AWS_SCALE_IN_COOLDOWN_S = 60.0
 SCALING_MODES = ("backlog", "latency")
 MODEL_RUNTIMES = ("openvino", "tensorflow")
@@ -185,7 +186,7 @@ class Settings:
     model_weights: str = "imagenet"
     model_runtime: str = "openvino"  # or "tensorflow"
     receive_batch: int = 10
-    receive_wait_s: int = 20
+    receive_wait_s: int = 20  # each long poll's wait: the workers', and the web tier's listeners' too
     visibility_timeout_s: int = 60  # at most MAX_VISIBILITY_TIMEOUT_S
     max_receive_count: int = 3
     # A failed attempt is tried again after this, doubled at each further attempt.

@@ -7,8 +7,9 @@ import unicodedata
 from urllib.parse import quote, unquote
 
 APP_TIER_NAME_PREFIX = "app-tier-instance-"
-# Tags every app-tier instance also carries, so that a query never confuses ours
-# with another deployment's (another APP_PREFIX) that shares the Name pattern.
+# Tags every app-tier instance also carries: the fleet's queries select by the prefix,
+# so that they never confuse ours with another deployment's (another APP_PREFIX) that
+# shares the Name pattern, and the IAM policies (ami/) by both.
 ROLE_TAG = "imgclass:role"
 ROLE_APP_TIER = "app-tier"
 PREFIX_TAG = "imgclass:prefix"

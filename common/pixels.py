@@ -1,5 +1,6 @@
-"""How many pixels an image may have, and how many segments and scans a JPEG: one
-rule for the web tier's check and the worker's decoder.
+"""How large an image may be, and how many pieces its file may hold (a JPEG's
+segments and scans, a PNG's chunks, a TIFF's pages, a GIF's blocks), and which formats
+are read: one rule for the web tier's check and the worker's decoder.
 
 Pillow has a limit of its own (`Image.MAX_IMAGE_PIXELS`, ~89 megapixels): past it
 Pillow only warns, past twice it refuses to open the file. The limit that applies

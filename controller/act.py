@@ -217,19 +217,17 @@ def _run_instance(aws: Aws, settings: Settings, n: int, user_data: str, call: La
         raise NoReply(call, exc) from exc
 
 
-# A zone's errors say it started nothing, though EC2 sends InsufficientInstanceCapacity
-# as a 500: taken for "no reply", a zone's shortage was never tried in the next subnet
-# (reviewer). Every attempt carried the same ClientToken, which EC2 answers with the
-# instance it started before it looks for capacity. Not so throttling (a 503), which
-# comes before the token is looked at: an earlier attempt, timed out, may have launched.
-STARTED_NOTHING = ZONE_ERRORS
-
-
 def _may_have_launched(exc: Exception) -> bool:
     """A timeout, a lost connection, or EC2 failing (5xx), after botocore's retries: any
     of its attempts may have launched (the last one's error says nothing of the others)."""
     if isinstance(exc, ClientError):
-        if error_code(exc) in STARTED_NOTHING:
+        # A zone's errors say it started nothing, though EC2 sends InsufficientInstanceCapacity
+        # as a 500: taken for "no reply", a zone's shortage was never tried in the next
+        # subnet (reviewer). Every attempt carried the same ClientToken, which EC2 answers
+        # with the instance it started before it looks for capacity. Not so throttling (a
+        # 503), which comes before the token is looked at: an earlier attempt, timed out,
+        # may have launched.
+        if error_code(exc) in ZONE_ERRORS:
             return False
         return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
     return True

@@ -46,9 +46,9 @@ from tests.unit.conftest import wait_until
 
 @pytest.fixture(scope="module")
 def model():
-    from app_tier.model import ResNet50Classifier
+    from app_tier.model import TensorFlowResNet50
 
-    return ResNet50Classifier("random", threads=1)
+    return TensorFlowResNet50("random", threads=1)
 
 
 class MeanClassifier:
