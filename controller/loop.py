@@ -110,9 +110,9 @@ class ScaleInWindow:
         """Whether this controller has watched a whole window by `at`."""
         return self.started_at is not None and at - self.started_at >= window
 
-    def peak(self, at: float, wanted: int, live: int, window: float) -> int:
-        """Records that the round at `at` wanted `wanted` instances; returns the most wanted
-        at any round of the last `window` seconds, or `live` if more, before a whole window."""
+    def record(self, at: float, wanted: int, window: float) -> None:
+        """Remembers that the round at `at` wanted `wanted` instances; forgets the rounds
+        the `window` no longer needs."""
         if self.started_at is None:
             self.started_at = at
         self.rounds.append((at, wanted))
@@ -122,10 +122,12 @@ class ScaleInWindow:
         cutoff = at - window
         while len(self.rounds) > 1 and self.rounds[1][0] <= cutoff:
             self.rounds.popleft()
-        peak = max(count for _, count in self.rounds)
-        if not self.watched(at, window):
-            peak = max(peak, live)
-        return peak
+
+    def peak(self, at: float, live: int, window: float) -> int:
+        """The most instances wanted at any round recorded in the last `window` seconds,
+        or `live` if more, before a whole window has been watched."""
+        peak = max((count for _, count in self.rounds), default=0)
+        return peak if self.watched(at, window) else max(peak, live)
 
 
 @dataclass
@@ -144,11 +146,13 @@ class RecentLaunches:
         for n, iid in launched.items():
             self.by_id[iid] = (Instance(id=iid, number=n, state="pending", launched_at=at), clock)
 
-    def unlisted(self, listed: Mapping[str, Instance], clock: float) -> tuple[Instance, ...]:
-        """Those EC2 does not list now, as it last did; takes in how it lists the others,
-        and forgets those launched too long ago."""
+    def take_in(self, listed: Mapping[str, Instance], clock: float) -> None:
+        """Remembers each as EC2 lists it now; forgets those launched too long ago."""
         self.by_id = {iid: (listed.get(iid, inst), t) for iid, (inst, t) in self.by_id.items()
                       if clock - t < EC2_LAG_S}
+
+    def unlisted(self, listed: Mapping[str, Instance]) -> tuple[Instance, ...]:
+        """Those EC2 does not list now, as it last did."""
         return tuple(inst for iid, (inst, _) in self.by_id.items() if iid not in listed)
 
     def instances(self) -> tuple[Instance, ...]:
@@ -168,17 +172,17 @@ class UnansweredLaunches:
 
     by_number: dict[int, tuple[LaunchCall, float]] = field(default_factory=dict)
 
-    def calls(self, at: float) -> dict[int, LaunchCall]:
-        """The calls to repeat; forgets those too old."""
-        self.by_number = {n: (call, t) for n, (call, t) in self.by_number.items()
-                          if at - t < UNANSWERED_LAUNCH_MEMORY_S}
+    def calls(self) -> dict[int, LaunchCall]:
+        """The calls to repeat, by instance number."""
         return {n: call for n, (call, _) in self.by_number.items()}
 
-    def keep_unlisted(self, listed: set[int]) -> None:
-        """Forgets the numbers EC2 lists an instance of: the call started it, or another
-        did. Kept, the call was repeated at that number's next launch, after its instance
-        had gone: EC2 then answers with the terminated one (reviewer)."""
-        self.by_number = {n: entry for n, entry in self.by_number.items() if n not in listed}
+    def keep_unlisted(self, listed: set[int], at: float) -> None:
+        """Forgets the calls made too long before `at`, and the numbers EC2 lists an
+        instance of: the call started it, or another did. Kept, the call was repeated at
+        that number's next launch, after its instance had gone: EC2 then answers with the
+        terminated one (reviewer)."""
+        self.by_number = {n: (call, t) for n, (call, t) in self.by_number.items()
+                          if n not in listed and at - t < UNANSWERED_LAUNCH_MEMORY_S}
 
     def note(self, answered: dict[int, str], unanswered: dict[int, LaunchCall], at: float) -> None:
         for n in answered:
@@ -294,10 +298,12 @@ class RecentTerminations:
     def note(self, iid: str, clock: float) -> None:
         self.by_id[iid] = clock
 
+    def forget_old(self, clock: float) -> None:
+        """Forgets those terminated too long before `clock` for a read to lag behind."""
+        self.by_id = {iid: t for iid, t in self.by_id.items() if clock - t < EC2_LAG_S}
+
     def applied(self, obs: Observation) -> Observation:
-        """The observation with those still listed live shown shutting down; forgets
-        those terminated too long ago."""
-        self.by_id = {iid: t for iid, t in self.by_id.items() if obs.clock - t < EC2_LAG_S}
+        """The observation with those still listed live shown shutting down."""
         if not any(i.id in self.by_id for i in obs.live):
             return obs
         return replace(obs, instances=tuple(
@@ -401,8 +407,9 @@ class Controller:
             """The round's clock now: monotonic time, or a test's `now` moved on since then."""
             return time.monotonic() if now is None else now + (time.monotonic() - began)
 
-        obs = self._with_readiness(self.recent_terminations.applied(
-            self._with_recent_launches(observe(self.aws, now))))
+        obs = self._with_recent_launches(observe(self.aws, now))
+        self.recent_terminations.forget_old(obs.clock)
+        obs = self._with_readiness(self.recent_terminations.applied(obs))
         self._take_in_what_others_ended(obs)
         self.refusals.keep_listed({i.id for i in obs.instances})
         # Remember what the next rounds need of this one: the scale-in window's counts,
@@ -453,13 +460,15 @@ class Controller:
                         "replaced if the queue needs them", len(gone), ", ".join(gone))
 
     def _wanted_recently(self, obs: Observation) -> int | None:
-        """The most instances wanted at any round of the last scale_in_cooldown_s (None
-        without a window). A controller that has not yet watched for a whole window (it
-        has just been restarted) counts what is live as wanted: it scales out, not in."""
+        """Records what this round wants; returns the most instances wanted at any round
+        of the last scale_in_cooldown_s (None without a window). A controller that has not
+        yet watched for a whole window (it has just been restarted) counts what is live as
+        wanted: it scales out, not in."""
         window = self.policy.scale_in_cooldown_s
         if window <= 0:
             return None
-        return self.scale_in_window.peak(obs.clock, desired_count(obs, self.policy)[0], len(obs.live), window)
+        self.scale_in_window.record(obs.clock, desired_count(obs, self.policy)[0], window)
+        return self.scale_in_window.peak(obs.clock, len(obs.live), window)
 
     def _with_readiness(self, obs: Observation) -> Observation:
         """The observation, with each instance watched for READY_DEADLINE without its
@@ -493,9 +502,10 @@ class Controller:
         return hold.holds(obs.clock)
 
     def _with_recent_launches(self, obs: Observation) -> Observation:
-        self.unanswered.keep_unlisted({i.number for i in obs.instances})
-        recent = self.recent_launches
-        unlisted = recent.unlisted({i.id: i for i in obs.instances}, obs.clock)
+        self.unanswered.keep_unlisted({i.number for i in obs.instances}, obs.clock)
+        recent, listed = self.recent_launches, {i.id: i for i in obs.instances}
+        recent.take_in(listed, obs.clock)
+        unlisted = recent.unlisted(listed)
         if not unlisted:
             return obs
         # One that went straight to terminated (no capacity, a volume it could not
@@ -515,7 +525,7 @@ class Controller:
         self._terminate(decision.clean_up, "it serves nobody (stopped, or its worker gave up)", obs.clock)
         if decision.launch:
             try:
-                ids = launch(self.aws, self.settings, decision.launch, self.unanswered.calls(obs.clock))
+                ids = launch(self.aws, self.settings, decision.launch, self.unanswered.calls())
             except LaunchError as exc:
                 # Not raised: failing the round would slow every round, scale-in too, to
                 # the loop's error backoff for as long as capacity or the quota is short.

@@ -273,12 +273,17 @@ def test_the_scale_in_window_holds_a_peak_its_whole_length_and_no_longer():
     from controller.loop import ScaleInWindow
 
     window, fleet = 60.0, ScaleInWindow()
-    assert fleet.peak(0.0, 5, live=5, window=window) == 5
+
+    def peak(window_of: ScaleInWindow, at: float, wanted: int) -> int:  # one round's, with 5 live
+        window_of.record(at, wanted, window)
+        return window_of.peak(at, live=5, window=window)
+
+    assert peak(fleet, 0.0, 5) == 5
     assert not fleet.watched(59.9, window) and fleet.watched(60.0, window)
-    assert fleet.peak(60.0, 5, live=5, window=window) == 5
-    assert fleet.peak(100.0, 1, live=5, window=window) == 5  # the dip
-    assert fleet.peak(159.9, 1, live=5, window=window) == 5  # 5 was wanted until 100
-    assert fleet.peak(160.0, 1, live=5, window=window) == 1  # a whole window since
+    assert peak(fleet, 60.0, 5) == 5
+    assert peak(fleet, 100.0, 1) == 5  # the dip
+    assert peak(fleet, 159.9, 1) == 5  # 5 was wanted until 100
+    assert peak(fleet, 160.0, 1) == 1  # a whole window since
 
 
 def test_polls_further_apart_than_the_window_do_not_shorten_it(aws, make_controller):
