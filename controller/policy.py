@@ -169,12 +169,17 @@ def decide(
         # A new instance can only take messages no worker holds. Those in flight are
         # being worked on, or will be handed back, visible by a later round. Launched for
         # them alone, as instances ended with their workers still answering, a fleet
-        # found nothing to do and was kept for the cooldown (reviewer).
+        # found nothing to do and was kept for the cooldown (reviewer). Those launched for
+        # the others and not yet receiving will take them: counted again each round while
+        # they boot, one waiting message launched an instance a round, up to the cap
+        # (randomized properties, tests/unit/test_decide_properties.py).
         untaken = obs.visible + obs.delayed
-        for_untaken = math.ceil(untaken / target_backlog(policy))
+        not_yet_receiving = sum(1 for i in serving if not i.ready)
+        for_untaken = max(0, math.ceil(untaken / target_backlog(policy)) - not_yet_receiving)
         if count > for_untaken:
             count = for_untaken
-            reason += f"; launching only for the {untaken} not taken ({obs.in_flight} in flight)"
+            reason += (f"; launching only for the {untaken} not taken ({obs.in_flight} in flight"
+                       + (f", {not_yet_receiving} not yet receiving)" if not_yet_receiving else ")"))
         if hold_launches:
             reason += "; launches held: workers gave up recently"
         elif count > 0 and launch_wait_s > 0:

@@ -20,8 +20,6 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-import pytest
-
 from controller.observe import Instance, Observation
 from controller.policy import Decision, Policy, decide, desired_count, target_backlog
 
@@ -460,10 +458,6 @@ def test_deciding_again_on_its_own_effects_asks_for_nothing_more_when_nothing_is
     for_all("no-flap", check, in_flight=0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known: the launch limit for messages no worker holds is per round, and ignores the "
-    "instances launched for them that have not taken them yet (report: minimal case in "
-    "test_one_waiting_message_beside_busy_workers_launches_one_instance_not_one_a_round)"))
 def test_deciding_again_on_its_own_effects_asks_for_nothing_more():
     """As above, with messages in flight."""
     def check(case: Case) -> None:
@@ -476,7 +470,6 @@ def test_deciding_again_on_its_own_effects_asks_for_nothing_more():
     for_all("no-flap-in-flight", check)
 
 
-@pytest.mark.xfail(strict=True, reason="known: see the xfail above")
 def test_one_waiting_message_beside_busy_workers_launches_one_instance_not_one_a_round():
     """One visible message beside 20 in flight on one busy ready worker: one instance is
     launched for it. The next rounds, while it boots (40 s on AWS, a round a second), that
