@@ -10,7 +10,7 @@ from werkzeug.datastructures import FileStorage
 from web_tier import events
 from web_tier.auth import KEY_REQUIRED, require_api_key
 from web_tier.filenames import display_name
-from web_tier.form import check_count, form_files, form_tokens
+from web_tier.form import JOBS_FIELDS, check_count, form_files, form_tokens
 from web_tier.image_check import Upload, validate
 from web_tier.refusals import UploadError
 from web_tier.results import DONE, Item, is_batch_id
@@ -52,7 +52,7 @@ def create_job() -> tuple[Response, int]:
         raise UploadError(400, "Idempotency-Key is for POST /; to send files again safely here, "
                                "name the batch (batch_id=<32 hex digits>&create=1) and give each "
                                "file a token")
-    files = form_files(request, ("files",))
+    files = form_files(request, JOBS_FIELDS)
     check_count(files, svc.settings)  # first: a form that is not multipart is read no further
     repeated = [name for name in ("batch_id", "create") if len(request.form.getlist(name)) > 1]
     if repeated:

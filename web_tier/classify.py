@@ -25,7 +25,7 @@ from common.names import stem
 from web_tier.auth import KEY_REQUIRED, require_api_key
 from web_tier.errors import ANSWERS_PATH, answer_page, wants_page
 from web_tier.filenames import display_name
-from web_tier.form import FORM_SLACK_BYTES, TOKEN_CHARACTER, form_files
+from web_tier.form import CLASSIFY_FIELDS, FORM_SLACK_BYTES, TOKEN_CHARACTER, form_files
 from web_tier.image_check import validate
 from web_tier.refusals import UploadError, about
 from web_tier.results import DONE, Item, ResultBook
@@ -35,7 +35,6 @@ from web_tier.submit import STILL_STORING, SentBefore, new_id
 bp = Blueprint("classify", __name__)
 log = logging.getLogger(__name__)
 
-FIELDS = ("inputFile", "myfile")
 # Unique enough to name a batch of its own: at least 16 characters (a UUID has 36).
 IDEMPOTENCY_KEY = re.compile(TOKEN_CHARACTER + "{16,64}")
 # How often a request waiting for its result looks whether its client is still there.
@@ -70,7 +69,7 @@ def _one_file_body_limit() -> None:
 @require_api_key(lambda: _answer(401, KEY_REQUIRED))
 def classify() -> Response:
     svc = services()
-    files = form_files(request, FIELDS)
+    files = form_files(request, CLASSIFY_FIELDS)
     if not files:
         how = "" if request.mimetype == "multipart/form-data" else " as multipart/form-data"
         raise UploadError(400, f"no file: send the image{how} in form field 'inputFile' (or 'myfile'), "
