@@ -9,6 +9,7 @@ from werkzeug.datastructures import FileStorage
 
 from web_tier import events
 from web_tier.auth import KEY_REQUIRED, require_api_key
+from web_tier.errors import error_response
 from web_tier.filenames import display_name
 from web_tier.form import JOBS_FIELDS, check_count, form_files, form_tokens
 from web_tier.image_check import Upload, validate
@@ -25,12 +26,12 @@ bp = Blueprint("api", __name__, url_prefix="/api")
 BATCH_FORM_FIELDS = ("batch_id", "create", "tokens")
 
 
-def _unauthorized() -> tuple[Response, int]:
-    return jsonify({"error": KEY_REQUIRED, "filename": None}), 401
+def _unauthorized() -> Response:
+    return error_response(UploadError(401, KEY_REQUIRED))
 
 
-def _no_batch(batch_id: str, hint: str = "") -> tuple[Response, int]:
-    return jsonify({"error": f"no such batch: {batch_id[:64]}{hint}", "filename": None}), 404
+def _no_batch(batch_id: str, hint: str = "") -> Response:
+    return error_response(UploadError(404, f"no such batch: {batch_id[:64]}{hint}"))
 
 
 def _rejection(index: int, error: UploadError) -> dict[str, Any]:
@@ -179,7 +180,7 @@ def _batch_json(batch_id: str, items: list[Item]) -> dict[str, Any]:
 
 
 @bp.get("/jobs/<batch_id>")
-def get_job(batch_id: str) -> tuple[Response, int]:
+def get_job(batch_id: str) -> Response | tuple[Response, int]:
     items = services().rebuilder.find_batch(batch_id)
     if items is None:
         return _no_batch(batch_id)

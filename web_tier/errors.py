@@ -65,13 +65,27 @@ def answer_page(status: int, message: str, filename: str | None = None, label: s
     return Response(html, status=status, mimetype="text/html")
 
 
+# Where files are sent to the API, whose answers all list the files stored and refused.
+JOBS_PATH = "/api/jobs"
+
+
+def error_json(error: UploadError) -> dict[str, object]:
+    """An error's JSON; at POST /api/jobs with `items` and `rejected` as its 202 and its
+    refusal of every file have them: a client reading body["rejected"] failed with a
+    KeyError on a refusal of the whole request (reviewer). Empty: no file was stored,
+    and none was refused on its own."""
+    if request.path == JOBS_PATH:
+        return {"items": [], "rejected": [], **error.to_json()}
+    return error.to_json()
+
+
 def error_response(error: UploadError) -> Response:
     if wants_page():
         response = answer_page(error.status, error.reason, error.filename)
     elif wants_text():
         response = Response(error.to_text() + "\n", status=error.status, mimetype="text/plain")
     else:
-        response = jsonify(error.to_json())
+        response = jsonify(error_json(error))
         response.status_code = error.status
     if error.status == 503:
         # Every 503 refusal here stored nothing: say that sending again is safe (the

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
+import shutil
+import subprocess
 import zlib
 from pathlib import Path
 
@@ -147,7 +150,8 @@ def test_no_files_or_a_wrong_field_is_refused_naming_the_field(web_client):
     response = web_client.post("/api/jobs", data={"file": (io.BytesIO(make_image(1)), "a.jpg")},
                                content_type="multipart/form-data")
     assert response.status_code == 400
-    assert response.get_json() == {"error": "sent in form field 'file': send it in 'files' "
+    assert response.get_json() == {"items": [], "rejected": [],
+                                   "error": "sent in form field 'file': send it in 'files' "
                                             "(curl -F files=@cat.jpg)", "filename": "a.jpg"}
 
 
@@ -720,6 +724,58 @@ def test_an_empty_text_part_beside_the_files_is_no_reason_to_refuse_them(web_cli
     response = web_client.post("/api/jobs", data={"files": [(io.BytesIO(make_image(12)), "a.jpg"), ""]},
                                content_type="multipart/form-data")
     assert response.status_code == 202 and len(response.get_json()["items"]) == 1
+
+
+def test_every_error_answer_of_post_api_jobs_has_items_and_rejected(make_web_app, web_settings):
+    """A refusal of a file listed it in `rejected`; a refusal of the whole request had only
+    `error` and `filename`, and a client reading body["rejected"] failed with a KeyError
+    (reviewer)."""
+    client = make_web_app(start_background=False).test_client()
+    keyed = make_web_app(start_background=False, api_key="s3cret-key").test_client()
+    image = [(make_image(13), "a.jpg")]
+    answers = {
+        "too many files": upload(client, image * (web_settings.max_files_per_request + 1)),
+        "no file": client.post("/api/jobs", data={}, content_type="multipart/form-data"),
+        "a wrong field": client.post("/api/jobs", data={"file": (io.BytesIO(make_image(13)), "a.jpg")},
+                                     content_type="multipart/form-data"),
+        "a bad batch id": upload(client, image, batch_id="nope"),
+        "no such batch": upload(client, image, batch_id="ab" * 16),
+        "no key": upload(keyed, image),
+        "another site": upload(client, image, headers={"Sec-Fetch-Site": "cross-site"}),
+        "another method": client.get("/api/jobs"),
+        "a form past its limits": post_parts(client, "/api/jobs", [
+            ('Content-Disposition: form-data; name="files"', b"x" * 200_000)]),
+    }
+    for why, response in answers.items():
+        assert response.status_code >= 400 and response.is_json, why
+        body = response.get_json()
+        assert body["items"] == [] and body["rejected"] == [], (why, body)
+        assert body["error"] and "filename" in body, (why, body)
+    # Other endpoints keep their shape.
+    assert client.get(f"/api/jobs/{'ab' * 16}").get_json() == {"error": f"no such batch: {'ab' * 16}",
+                                                              "filename": None}
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the page's script")
+def test_the_page_takes_an_error_answer_with_empty_lists_for_a_refusal_of_the_whole_request(web_client):
+    """The page told a refusal of the whole request (to show its error, or send a 503's
+    chunk again) by its having no `items`: with `items: []` it showed nothing, and the
+    chunk's files stayed "uploading" for good."""
+    script = (Path(__file__).parents[2] / "web_tier" / "static" / "app.js").read_text()
+    found = re.search(r"\n  function refusedWhole\(body\) \{\n.*?\n  \}\n", script, re.S)
+    assert found, "app.js has no refusedWhole(body)"
+    image = [(make_image(14), "a.jpg")]
+    answers = {
+        "no file": web_client.post("/api/jobs", data={}, content_type="multipart/form-data"),
+        "a bad batch id": upload(web_client, image, batch_id="nope"),
+        "every file refused": upload(web_client, [(b"not an image", "a.jpg")]),
+        "stored": upload(web_client, image),
+    }
+    bodies = {why: response.get_json() for why, response in answers.items()}
+    run = subprocess.run(["node", "-e", found[0] + f"console.log(JSON.stringify(Object.values("
+                          f"{json.dumps(bodies)}).concat([null]).map(refusedWhole)))"],
+                         capture_output=True, text=True, timeout=30, check=True)
+    assert json.loads(run.stdout) == [True, True, False, False, True], (bodies, run.stderr)
 
 
 def test_status_reports_whether_a_key_is_required(keyed_client, web_client):

@@ -181,6 +181,12 @@
     return `sending ${mb(Math.min(sent, size))} of ${mb(size)} MB`;
   }
 
+  // Whether POST /api/jobs's answer `body` refused the whole request: neither a file
+  // stored nor one refused on its own. Every error answer of it lists both, empty then.
+  function refusedWhole(body) {
+    return !body || !Array.isArray(body.items) || (!body.items.length && !(body.rejected || []).length);
+  }
+
   // POST `form`, holding `bytes` of files, to /api/jobs: {status, body, settle} (body
   // null if not JSON), or throws a SendFailure. By XMLHttpRequest, not fetch: only it
   // tells how far the upload has got. `settle()` drops the request from sendingText once
@@ -706,7 +712,7 @@
         this.refuse(chunk, why);
         return;
       }
-      if (!body || !Array.isArray(body.items)) {
+      if (refusedWhole(body)) {
         // 503: not stored. 502 and 504 (a proxy in front): the web tier not there yet.
         const unstored = status === 503 || (attempt > 0 && [502, 504].includes(status));
         if (unstored && attempt < RESEND_DELAYS_MS.length) {
