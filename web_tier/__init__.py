@@ -15,7 +15,7 @@ from flask import Flask, Response, request
 from common.aws import Aws
 from common.config import Settings
 from web_tier import api, auth, classify, errors, health, pages, slow_readers, unread_body
-from web_tier.form import FORM_SLACK_BYTES, MAX_TEXT_FIELD_BYTES, UploadRequest
+from web_tier.form import MAX_TEXT_FIELD_BYTES, UploadRequest, jobs_body_limit
 from web_tier.journal import Journal
 from web_tier.listeners import Listeners
 from web_tier.results import ResultBook
@@ -24,8 +24,6 @@ from web_tier.submit import UPLOAD_THREADS
 
 log = logging.getLogger(__name__)
 
-# Cap on one request body, whatever the per-file limits multiply to.
-MAX_REQUEST_BYTES = 2 * 1024**3
 # Connections per boto3 client: request threads, listeners and the upload pool share them.
 AWS_POOL = 128
 # How often the web tier looks for uploads stored with no request (web_tier/journal.py).
@@ -41,10 +39,9 @@ def create_app(settings: Settings | None = None, *, aws: Aws | None = None,
     aws = aws or Aws(settings, max_pool=AWS_POOL)
 
     app = Flask(__name__)
-    # The largest request /api/jobs takes; POST / lowers it for its one file.
-    body_limit = settings.max_upload_bytes * max(1, settings.max_files_per_request)
     app.config.update(
-        MAX_CONTENT_LENGTH=min(body_limit + FORM_SLACK_BYTES, MAX_REQUEST_BYTES),
+        # The largest request /api/jobs takes; POST / lowers it for its one file.
+        MAX_CONTENT_LENGTH=jobs_body_limit(settings),
         # Werkzeug refuses more parts than this: each file is one part, and its token
         # (POST /api/jobs `tokens`) another; room besides for the other fields.
         MAX_FORM_PARTS=2 * settings.max_files_per_request + 100,

@@ -25,6 +25,8 @@ from web_tier.spool import CappedSpool, RequestSpool
 _CHUNK = 1 << 20
 # Room in a request body for the multipart framing and form fields around the files.
 FORM_SLACK_BYTES = 1 << 20
+# Cap on one request body, whatever the per-file limits multiply to.
+MAX_REQUEST_BYTES = 2 * 1024**3
 # The largest text field Werkzeug keeps (MAX_FORM_MEMORY_SIZE). At Werkzeug's default of
 # 500 KB, two requests of 2,090 unknown fields each took a web worker to 2.1 GB (reviewer).
 # The form's own fields (a batch id, a token, "create") are 64 characters at most, but
@@ -139,6 +141,22 @@ class _FormDataParser(FormDataParser):
             raise ValueError("Missing boundary")
         form, files = parser.parse(stream, boundary, content_length)
         return stream, form, files
+
+
+def jobs_body_limit(settings: Settings) -> int:
+    """The largest body POST /api/jobs takes (the app's MAX_CONTENT_LENGTH): as many files
+    as a request may carry, each at its limit, with room for the form around them."""
+    files_bytes = settings.max_upload_bytes * max(1, settings.max_files_per_request)
+    return min(files_bytes + FORM_SLACK_BYTES, MAX_REQUEST_BYTES)
+
+
+def upload_limits(settings: Settings) -> dict[str, int]:
+    """What a client must keep to for its uploads to be taken (GET /api/status `limits`):
+    with the defaults a request of the most files, each at its limit, is larger than
+    the largest request, which a client could not otherwise know before its 413."""
+    return {"max_upload_bytes": settings.max_upload_bytes,
+            "max_files_per_request": settings.max_files_per_request,
+            "max_request_bytes": jobs_body_limit(settings)}
 
 
 class UploadRequest(Request):

@@ -20,6 +20,7 @@ from typing import Any
 
 from common.aws import Aws, error_reason
 from common.fleet import LIVE_STATES, WATCHED_STATES, app_tier_instances
+from web_tier.form import upload_limits
 from web_tier.results import ResultBook
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class StatusReader:
         snapshot["totals_since"] = self.counting_since
         snapshot["untrained"] = self.book.untrained
         snapshot["api_key_required"] = bool(self.aws.settings.api_key)
+        snapshot["limits"] = upload_limits(self.aws.settings)
         snapshot["time"] = time.time()
         return snapshot
 

@@ -78,6 +78,19 @@ def run_instance(ec2, name: str, prefix: str = "") -> str:
     return reply["Instances"][0]["InstanceId"]
 
 
+@pytest.mark.parametrize("files, file_bytes, request_bytes", [
+    (25, 300_000, 25 * 300_000 + 2**20),  # web_settings: the files at their limit, and the form's room
+    (1000, 10 * 2**20, 2 * 2**30),  # the defaults: capped at 2 GiB, less than 1,000 files of 10 MB
+])
+def test_status_says_the_upload_limits(make_web_app, files, file_bytes, request_bytes):
+    """A client could learn them only from a 413 (reviewer)."""
+    app = make_web_app(start_background=False, max_files_per_request=files, max_upload_bytes=file_bytes)
+    limits = app.test_client().get("/api/status").get_json()["limits"]
+    assert limits == {"max_upload_bytes": file_bytes, "max_files_per_request": files,
+                      "max_request_bytes": request_bytes}
+    assert app.config["MAX_CONTENT_LENGTH"] == request_bytes  # what the web tier enforces
+
+
 def test_status_shape_and_counts(quiet_client, web_aws):
     ours = web_aws.settings.prefix
     run_instance(web_aws.ec2, "app-tier-instance-1", ours)
