@@ -667,7 +667,7 @@ def post_parts(client, path: str, parts: list[tuple[str, bytes]]):
 
 
 def error_of(response) -> str:
-    return response.get_json()["error"] if response.is_json else response.get_data(as_text=True).rstrip("\n")
+    return response.get_json()["error"] if response.is_json else response.get_data(as_text=True)
 
 
 # POST / and /api/jobs each with the field it takes its files from.
