@@ -150,6 +150,7 @@ def test_no_answer_is_504_and_the_service_keeps_answering(make_web_app, fake_wor
     assert response.text.startswith("lost.jpg: no result")
     # The caller can still find its image, which stays queued.
     batch_id, item_id = response.headers["X-Batch-Id"], response.headers["X-Item-Id"]
+    assert "Retry-After" not in response.headers  # stored: sent again, it would be classified twice (README)
     assert f"/api/jobs/{batch_id}" in response.text
     batch = client.get(f"/api/jobs/{batch_id}").get_json()
     assert [(i["id"], i["filename"], i["state"]) for i in batch["items"]] == [(item_id, "lost.jpg", "queued")]
@@ -246,6 +247,7 @@ def test_a_request_queue_that_refuses_the_message_is_a_503(web_app, web_aws):
     assert response.status_code == 503
     assert "could not be stored or queued" in response.text
     assert response.headers["Retry-After"] == "5"  # nothing stored: safe to send again
+    assert "X-Batch-Id" not in response.headers and "X-Item-Id" not in response.headers  # (README)
     assert services_of(web_app).book.totals()["uploaded"] == 0  # forgotten: no answer can come
     # Nor is its image left behind, where a batch rebuilt from S3 would show it queued for ever.
     assert web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket).get("KeyCount") == 0
@@ -287,6 +289,7 @@ def test_a_stopping_web_tier_stores_no_new_image(web_app, web_aws):
     web_app.extensions["imgclass"].book.close()  # SIGTERM
     response = post_image(web_app.test_client(), make_image(6), "late.jpg")
     assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+    assert "X-Batch-Id" not in response.headers  # nothing stored (README)
     assert response.text == "late.jpg: not stored: the web tier is stopping; send it again"
     assert web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket).get("KeyCount", 0) == 0
 
