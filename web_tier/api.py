@@ -14,16 +14,21 @@ from web_tier.filenames import display_name
 from web_tier.form import JOBS_FIELDS, check_count, form_files, form_tokens
 from web_tier.image_check import Upload, validate
 from web_tier.refusals import UploadError
-from web_tier.results import DONE, Item, is_batch_id
+from web_tier.results import DONE, Item, is_service_id
 from web_tier.results_csv import results_csv
 from web_tier.services import services
-from web_tier.submit import UPLOAD_THREADS, SentBefore, new_id
+from web_tier.submit import SentBefore, new_id
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
 
 # The form fields that place a request's files in a batch (see create_job).
 BATCH_FORM_FIELDS = ("batch_id", "create", "tokens")
+# A request's files are validated and stored this many at a time, each chunk's bytes
+# held in memory only while it is stored: a request of a thousand 10 MB files never
+# holds them all at once. As many as the upload pool stores at once (submit.UPLOAD_THREADS),
+# which a chunk then keeps busy; a constant of its own, as it bounds memory, not threads.
+FILES_PER_CHUNK = 16
 
 
 def _unauthorized() -> Response:
@@ -40,7 +45,7 @@ def _rejection(index: int, error: UploadError) -> dict[str, Any]:
 
 @bp.post("/jobs")
 @require_api_key(_unauthorized)
-def create_job() -> tuple[Response, int]:
+def create_job() -> Response:
     svc = services()
     in_url = [name for name in BATCH_FORM_FIELDS if name in request.args]
     if in_url:
@@ -75,24 +80,24 @@ def create_job() -> tuple[Response, int]:
 
     items: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
-    # A few files at a time, so that a request of a thousand large files never
-    # holds all their bytes in memory at once.
-    for start in range(0, len(files), UPLOAD_THREADS):
+    for start in range(0, len(files), FILES_PER_CHUNK):
         if svc.book.closing.is_set():
             # Told to stop: gunicorn kills this process a few seconds from now. Store no
             # more (one killed between its S3 put and its message would stay queued for
             # ever), and answer now with what was stored, the rest refused.
             rejected.extend(_refusals_while_stopping(files[start:], start))
             break
-        stored, refused = _stored_and_refused(batch_id, files[start:start + UPLOAD_THREADS], start, tokens)
+        stored, refused = _stored_and_refused(batch_id, files[start:start + FILES_PER_CHUNK], start, tokens)
         items.extend(stored)
         rejected.extend(refused)
     rejected.sort(key=lambda r: r["index"])
 
     if items:
         # Where its results will be, as a 202 may say (RFC 9110).
-        return jsonify({"batch_id": batch_id, "items": items, "rejected": rejected}), 202, \
-            {"Location": f"/api/jobs/{batch_id}"}
+        accepted = jsonify({"batch_id": batch_id, "items": items, "rejected": rejected})
+        accepted.status_code = 202
+        accepted.headers["Location"] = f"/api/jobs/{batch_id}"
+        return accepted
     # Nothing was stored under a new batch's id: there is no such batch to name.
     return _all_refused_answer(batch_id if adding else None, rejected)
 
@@ -107,7 +112,7 @@ def _target_batch(form_batch_id: str) -> tuple[str, bool] | None:
     it lost must not make a second."""
     if not form_batch_id:
         return new_id(), False
-    if not is_batch_id(form_batch_id):
+    if not is_service_id(form_batch_id):
         # No batch has such an id: a 404 told the client to send create=1, which was
         # then refused for the id's form (reviewer).
         raise UploadError(400, "a batch's id is 32 lowercase hexadecimal digits (a UUID4's, without "
@@ -154,7 +159,7 @@ def _stored_and_refused(batch_id: str, files: list[FileStorage], first_index: in
     return items, rejected
 
 
-def _all_refused_answer(batch_id: str | None, rejected: list[dict[str, Any]]) -> tuple[Response, int]:
+def _all_refused_answer(batch_id: str | None, rejected: list[dict[str, Any]]) -> Response:
     """The answer when no file was stored: the first refusal's error and status, with
     every refusal listed (and `batch_id` unless None)."""
     first = rejected[0]
@@ -163,9 +168,10 @@ def _all_refused_answer(batch_id: str | None, rejected: list[dict[str, Any]]) ->
     if batch_id is not None:
         body = {"batch_id": batch_id, **body}
     response = jsonify(body)
+    response.status_code = first["status"]
     if first["status"] == 503:
         response.headers["Retry-After"] = "5"
-    return response, first["status"]
+    return response
 
 
 def _batch_json(batch_id: str, items: list[Item]) -> dict[str, Any]:

@@ -242,5 +242,5 @@ def _batch_for(key: str | None) -> tuple[str, list[str] | None]:
         raise UploadError(400, "an Idempotency-Key is 16 to 64 letters, digits or '._:-' (a UUID, say), "
                                f"not {key[:70]!r}")
     batch_id = hashlib.sha256(f"POST / {key}".encode()).hexdigest()[:32]
-    services().rebuilder.find_batch(batch_id)  # known here, or rebuilt from S3, or nothing yet
+    services().rebuilder.load_batch(batch_id)
     return batch_id, [key]

@@ -13,7 +13,7 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 from common.aws import Aws
 from common.stored_outcome import stored_outcome
-from web_tier.results import DONE, FAILED, Item, ResultBook, is_batch_id
+from web_tier.results import DONE, FAILED, Item, ResultBook, is_service_id
 from web_tier.storage import read_stored_upload
 
 # Threads reading S3 to rebuild batches: their own, so that a large batch rebuilt
@@ -83,9 +83,15 @@ class BatchRebuilder:
         self._rebuilding: dict[str, Future] = {}
         self._rebuilding_lock = threading.Lock()
 
+    def load_batch(self, batch_id: str) -> None:
+        """Have the book hold the batch, rebuilt from S3 if this process does not and S3
+        has it: before files are added to it, so that the tokens an earlier process
+        stored in it are found, and a file sent again under one is not stored twice."""
+        self.find_batch(batch_id)
+
     def find_batch(self, batch_id: str) -> list[Item] | None:
         """A batch's items from memory, else rebuilt from S3 and kept; None if unknown."""
-        if not is_batch_id(batch_id):
+        if not is_service_id(batch_id):
             return None
         items = self.book.batch(batch_id)
         if items is not None:

@@ -29,16 +29,16 @@ _HEX32 = re.compile(r"[0-9a-f]{32}")
 log = logging.getLogger(__name__)
 
 
-def is_batch_id(value: str) -> bool:
-    """True for the ids this service hands out (32 hex digits: uuid4().hex for a batch,
-    submit.OrderedIds for an item)."""
+def is_service_id(value: str) -> bool:
+    """True for an id of the form this service hands out, a batch's or an item's alike
+    (32 lowercase hex digits: uuid4().hex for a batch, submit.OrderedIds for an item)."""
     return bool(_HEX32.fullmatch(value))
 
 
 def batch_id_of(key: str) -> str | None:
     """The batch id at the start of an object key `<batch>/<item>/<name>`."""
     head = key.split("/", 1)[0]
-    return head if is_batch_id(head) else None
+    return head if is_service_id(head) else None
 
 
 @dataclass(slots=True)

@@ -17,7 +17,7 @@ from common.messages import ClassifyRequest, ClassifyResponse
 from tests.conftest import make_image
 from tests.unit.conftest import FakeWorker, answer_for, services_of, upload, wait_until
 from web_tier import events
-from web_tier.submit import UPLOAD_THREADS
+from web_tier.api import FILES_PER_CHUNK
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -431,9 +431,9 @@ def test_a_batch_is_rebuilt_once_however_many_ask_and_holds_up_no_upload(make_we
 
 
 def test_a_batch_rebuilt_from_s3_keeps_the_upload_order(make_web_app):
-    # Stored concurrently (so in any order), in more than one chunk of UPLOAD_THREADS,
+    # Stored concurrently (so in any order), in more than one chunk of FILES_PER_CHUNK,
     # then more added to the batch by a second request.
-    names = [f"{n:02d}_{chr(ord('z') - n)}.jpg" for n in range(UPLOAD_THREADS + 6)]
+    names = [f"{n:02d}_{chr(ord('z') - n)}.jpg" for n in range(FILES_PER_CHUNK + 6)]
     first, then = names[:-3], names[-3:]
     client = make_web_app(start_background=False).test_client()
     sent = upload(client, [(make_image(60 + n), name) for n, name in enumerate(first)]).get_json()
@@ -1049,7 +1049,7 @@ def test_a_stop_during_a_large_upload_stores_no_more_and_answers_at_once(make_we
     """gunicorn kills the process `graceful_timeout` after SIGTERM: an upload still storing
     files then got no answer, and a file killed between its S3 put and its message stayed
     queued for ever. Now the files not yet stored are refused with the request's answer."""
-    app = make_web_app(start_background=False, max_files_per_request=UPLOAD_THREADS * 3)
+    app = make_web_app(start_background=False, max_files_per_request=FILES_PER_CHUNK * 3)
     svc = services_of(app)
     real_submit = svc.submitter.submit
 
@@ -1059,18 +1059,18 @@ def test_a_stop_during_a_large_upload_stores_no_more_and_answers_at_once(make_we
         return outcomes
 
     svc.submitter.submit = submit_then_told_to_stop
-    files = [(make_image(70 + n), f"f{n:02d}.jpg") for n in range(UPLOAD_THREADS * 2 + 1)]
+    files = [(make_image(70 + n), f"f{n:02d}.jpg") for n in range(FILES_PER_CHUNK * 2 + 1)]
     response = upload(app.test_client(), files)
     assert response.status_code == 202
     body = response.get_json()
-    assert [i["filename"] for i in body["items"]] == [name for _, name in files[:UPLOAD_THREADS]]
-    assert [r["filename"] for r in body["rejected"]] == [name for _, name in files[UPLOAD_THREADS:]]
+    assert [i["filename"] for i in body["items"]] == [name for _, name in files[:FILES_PER_CHUNK]]
+    assert [r["filename"] for r in body["rejected"]] == [name for _, name in files[FILES_PER_CHUNK:]]
     assert {(r["status"], r["error"]) for r in body["rejected"]} == {
         (503, "not stored: the web tier is stopping; send this file again")}
     stored = web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket).get("KeyCount", 0)
     queued = web_aws.sqs.get_queue_attributes(QueueUrl=web_aws.request_queue_url,
                                               AttributeNames=["ApproximateNumberOfMessages"])
-    assert stored == int(queued["Attributes"]["ApproximateNumberOfMessages"]) == UPLOAD_THREADS
+    assert stored == int(queued["Attributes"]["ApproximateNumberOfMessages"]) == FILES_PER_CHUNK
 
     # Told to stop before anything was stored: a 503 for the whole request.
     refused = upload(app.test_client(), files[:2])

@@ -14,7 +14,7 @@ from common.config import Settings
 from common.messages import ClassifyRequest, ClassifyResponse
 from tests.unit.conftest import wait_until
 from web_tier.listeners import Listeners
-from web_tier.results import Item, ResultBook, batch_id_of, is_batch_id
+from web_tier.results import Item, ResultBook, batch_id_of, is_service_id
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -221,9 +221,9 @@ def test_a_batch_just_rebuilt_is_not_forgotten_at_once_with_its_tokens():
 
 
 def test_ids():
-    assert is_batch_id("0123456789abcdef" * 2)
-    assert not is_batch_id("0123456789ABCDEF" * 2)
-    assert not is_batch_id("../" + "a" * 29)
+    assert is_service_id("0123456789abcdef" * 2)
+    assert not is_service_id("0123456789ABCDEF" * 2)
+    assert not is_service_id("../" + "a" * 29)
     assert batch_id_of(f"{BATCH}/i/n.jpg") == BATCH
     assert batch_id_of("elsewhere/n.jpg") is None
 

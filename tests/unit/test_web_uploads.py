@@ -118,7 +118,7 @@ def test_a_form_without_length_or_in_a_content_coding_is_refused_as_such(web_app
 def test_a_bulk_request_is_read_and_stored_a_few_files_at_a_time(web_app, web_settings, monkeypatch):
     """A thousand 10 MB files must not sit in memory together: at most one chunk does."""
     from tests.unit.conftest import services_of
-    from web_tier.submit import UPLOAD_THREADS
+    from web_tier.api import FILES_PER_CHUNK
 
     submitter = services_of(web_app).submitter
     submit, chunks = submitter.submit, []
@@ -128,7 +128,7 @@ def test_a_bulk_request_is_read_and_stored_a_few_files_at_a_time(web_app, web_se
     files = [(make_image(400 + n, size=(48, 48)), f"f{n}.jpg") for n in range(count)]
     files[3] = (b"not an image", "f3.jpg")
     body = upload(web_app.test_client(), files).get_json()
-    assert count > UPLOAD_THREADS and max(chunks) <= UPLOAD_THREADS and sum(chunks) == count - 1
+    assert count > FILES_PER_CHUNK and max(chunks) <= FILES_PER_CHUNK and sum(chunks) == count - 1
     assert [i["index"] for i in body["items"]] == [n for n in range(count) if n != 3]
     assert [r["index"] for r in body["rejected"]] == [3]
 
