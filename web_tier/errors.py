@@ -15,13 +15,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from common.aws import error_reason
 from web_tier.filenames import clean_name
-from web_tier.form import (
-    CLASSIFY_FIELDS,
-    JOBS_FIELDS,
-    MAX_TEXT_FIELD_BYTES,
-    FormLimitPassed,
-    text_part_refusal,
-)
+from web_tier.form import CLASSIFY_FIELDS, JOBS_FIELDS, MAX_TEXT_FIELD_BYTES, send_as_files
 from web_tier.refusals import UploadError, too_large
 from web_tier.services import services
 from web_tier.unread_body import reads_bounded_by
@@ -99,14 +93,15 @@ def error_response(error: UploadError) -> Response:
 
 def _too_large(exc: RequestEntityTooLarge) -> Response:
     limit, length = request.max_content_length, request.content_length
-    if isinstance(exc, FormLimitPassed):
-        return error_response(_form_limit_refusal(exc))
     if limit is not None and length is not None and length <= limit:
-        # Within the size limit, yet a limit of the form's that Werkzeug did not say.
-        field = _file_fields()[0]
+        # Within the size limit: Werkzeug counted more form parts than MAX_FORM_PARTS, or
+        # found a text field (most often an image sent as text) or a part's headers over
+        # MAX_FORM_MEMORY_SIZE. It raises the same bare 413 for each.
+        files = services().settings.max_files_per_request
         return error_response(UploadError(
-            413, f"{_too_many_parts()}, or a text field or a part's headers (its file name) over "
-                 f"{MAX_TEXT_FIELD_BYTES} bytes (send each image as a file: curl -F {field}=@cat.jpg)"))
+            413, f"the form has too many parts (at most {files} files to /api/jobs, each with at most "
+                 f"one token; one file to POST /), or a text field or a part's headers (its file name) "
+                 f"over {MAX_TEXT_FIELD_BYTES} bytes: " + send_as_files(_file_fields()[0])))
     if wants_text():
         # POST / takes one file, so its limit is the file's: say so, naming the file.
         max_bytes = services().settings.max_upload_bytes
@@ -119,21 +114,6 @@ def _too_large(exc: RequestEntityTooLarge) -> Response:
 def _file_fields() -> tuple[str, ...]:
     """The form fields this request's path takes its files from."""
     return CLASSIFY_FIELDS if request.path == "/" else JOBS_FIELDS
-
-
-def _too_many_parts() -> str:
-    files = services().settings.max_files_per_request
-    return (f"the form has too many parts (at most {files} files to /api/jobs, each with at most one "
-            "token; one file to POST /)")
-
-
-def _form_limit_refusal(exc: FormLimitPassed) -> UploadError:
-    if exc.limit == "parts":
-        return UploadError(413, _too_many_parts())
-    if exc.limit == "headers":
-        return UploadError(413, f"a part's headers (its file name) are over {MAX_TEXT_FIELD_BYTES} bytes")
-    assert exc.part is not None
-    return text_part_refusal(exc.part, _file_fields(), over_limit=True)
 
 
 _FILENAME = re.compile(rb'filename="([^"\r\n]*)"')

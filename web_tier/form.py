@@ -6,16 +6,9 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
-from types import TracebackType
-from typing import IO, Any
 
 from flask import Request, current_app
-from werkzeug.datastructures import FileStorage, Headers, MultiDict
-from werkzeug.exceptions import RequestEntityTooLarge
-from werkzeug.formparser import FormDataParser, MultiPartParser
-from werkzeug.http import parse_options_header
-from werkzeug.sansio.multipart import MultipartDecoder, State
+from werkzeug.datastructures import FileStorage
 
 from common.config import Settings
 from web_tier.filenames import display_name
@@ -37,112 +30,6 @@ CLASSIFY_FIELDS = ("inputFile", "myfile")
 JOBS_FIELDS = ("files",)
 
 
-@dataclass(frozen=True)
-class TextPart:
-    """A form part without a filename, as its headers describe it: Werkzeug keeps only
-    its field's name and its value, and the headers tell a client's mistakes apart."""
-
-    field: str | None
-    content_type: str  # its mimetype, lowercase; "" for none (as browsers send a text field)
-
-    @classmethod
-    def of(cls, field: str | None, headers: Headers) -> TextPart:
-        return cls(field, parse_options_header(headers.get("Content-Type", ""))[0].lower())
-
-    @property
-    def nests_files(self) -> bool:
-        # What curl -F 'files=@a.jpg,b.jpg' sends: the files in one part, nested.
-        return self.content_type == "multipart/mixed"
-
-    @property
-    def is_file(self) -> bool:
-        """Whether it is a file sent without a filename= (curl's `<` sends one so, typed
-        by its extension; Python requests' `(None, data, "image/jpeg")` too)."""
-        return self.content_type not in ("", "text/plain")
-
-
-class FormLimitPassed(RequestEntityTooLarge):
-    """Werkzeug's refusal of a form at one of its limits, saying which: "parts" (more than
-    MAX_FORM_PARTS), "headers" (a part's headers, its file name, over MAX_TEXT_FIELD_BYTES)
-    or "text" (`part`, a text part, over MAX_TEXT_FIELD_BYTES)."""
-
-    def __init__(self, limit: str, part: TextPart | None = None) -> None:
-        super().__init__()
-        self.limit = limit
-        self.part = part
-
-
-class _PartParser(MultiPartParser):
-    """Werkzeug's multipart parser, keeping what it drops that a refusal needs: each text
-    part's headers, and, when it stops at a limit, which limit and in which part."""
-
-    def __init__(self, text_parts: list[TextPart], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.text_parts = text_parts
-
-    def get_part_charset(self, headers: Headers) -> str:
-        # Called once for each text part, at its end: the one place its headers are seen.
-        self.text_parts.append(TextPart.of(_disposition_name(headers), headers))
-        return super().get_part_charset(headers)
-
-    def parse(self, stream: IO[bytes], boundary: bytes, content_length: int | None,
-              ) -> tuple[MultiDict, MultiDict]:
-        try:
-            return super().parse(stream, boundary, content_length)
-        except RequestEntityTooLarge as exc:
-            passed = _limit_passed(exc.__traceback__)
-            if passed is None:  # the body's own limit (MAX_CONTENT_LENGTH), read as it came
-                raise
-            raise passed from exc
-
-
-def _limit_passed(tb: TracebackType | None) -> FormLimitPassed | None:
-    """Which of Werkzeug's form limits raised, told by where it raised: Werkzeug raises
-    the same bare 413 for each, and one answer naming all three told a client nothing
-    (reviewer). None when not one of them; a Werkzeug that raises elsewhere then gets
-    the answer that names them all (web_tier/errors.py)."""
-    parse_frame = innermost = None
-    while tb is not None:
-        if tb.tb_frame.f_code is MultiPartParser.parse.__code__:
-            parse_frame = tb.tb_frame
-        innermost = tb.tb_frame
-        tb = tb.tb_next
-    if parse_frame is None or innermost is None:
-        return None
-    if innermost.f_code is MultipartDecoder.next_event.__code__:
-        return FormLimitPassed("parts")
-    if innermost.f_code is MultipartDecoder.receive_data.__code__:
-        # Its buffer past the limit: a part's headers not yet ended (data is passed on as it comes).
-        decoder = innermost.f_locals.get("self")
-        return FormLimitPassed("headers") if getattr(decoder, "state", None) == State.PART else None
-    part = parse_frame.f_locals.get("current_part")
-    if innermost is parse_frame and part is not None and parse_frame.f_locals.get("field_size") is not None:
-        return FormLimitPassed("text", TextPart.of(part.name, part.headers))
-    return None
-
-
-def _disposition_name(headers: Headers) -> str | None:
-    return parse_options_header(headers.get("Content-Disposition", ""))[1].get("name")
-
-
-class _FormDataParser(FormDataParser):
-    """Werkzeug's form parser, with _PartParser for multipart forms."""
-
-    text_parts: list[TextPart]
-
-    def _parse_multipart(self, stream: IO[bytes], mimetype: str, content_length: int | None,
-                         options: dict[str, str]) -> tuple[IO[bytes], MultiDict, MultiDict]:
-        # As Werkzeug's own (3.1), but for the parser's class.
-        parser = _PartParser(self.text_parts, stream_factory=self.stream_factory,
-                             max_form_memory_size=self.max_form_memory_size,
-                             max_form_parts=self.max_form_parts, cls=self.cls)
-        boundary = options.get("boundary", "").encode("ascii")
-        if not boundary:
-            raise ValueError("Missing boundary")
-        form, files = parser.parse(stream, boundary, content_length)
-        return stream, form, files
-
-
 def jobs_body_limit(settings: Settings) -> int:
     """The largest body POST /api/jobs takes (the app's MAX_CONTENT_LENGTH): as many files
     as a request may carry, each at its limit, with room for the form around them."""
@@ -161,18 +48,9 @@ def upload_limits(settings: Settings) -> dict[str, int]:
 
 class UploadRequest(Request):
     """A request whose uploaded files are spooled only up to the size limit, in memory
-    only up to a budget shared by all its files (web_tier/spool.py), and whose text
-    parts' headers are kept (`text_parts`)."""
+    only up to a budget shared by all its files (web_tier/spool.py)."""
 
-    form_data_parser_class = _FormDataParser
     _spool: RequestSpool | None = None
-    text_parts: tuple[TextPart, ...] | list[TextPart] = ()
-
-    def make_form_data_parser(self) -> FormDataParser:
-        parser = super().make_form_data_parser()
-        if isinstance(parser, _FormDataParser):
-            parser.text_parts = self.text_parts = []
-        return parser
 
     def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
         if self._spool is None:
@@ -212,10 +90,8 @@ def form_files(request: Request, fields: Iterable[str]) -> list[FileStorage]:
     texts = [name for name in fields if any(request.form.getlist(name))]
     if texts:
         # A part without a filename, which Werkzeug keeps apart from the files.
-        parts = [p for p in getattr(request, "text_parts", ()) if p.field == texts[0]]
-        part = next((p for p in parts if p.nests_files), None) or next((p for p in parts if p.is_file),
-                                                                       TextPart(texts[0], ""))
-        raise text_part_refusal(part, fields)
+        raise UploadError(400, f"form field {texts[0][:64]!r} holds text, not a file: "
+                               + send_as_files(fields[0]))
     files = _real_files(f for name in fields for f in request.files.getlist(name))
     if not files and (request.content_length or chunked) and not request.files and not request.form:
         raise UploadError(400, "the multipart form could not be read: is every file name UTF-8, "
@@ -234,29 +110,13 @@ def form_files(request: Request, fields: Iterable[str]) -> list[FileStorage]:
     return files
 
 
-def text_part_refusal(part: TextPart, fields: tuple[str, ...], over_limit: bool = False) -> UploadError:
-    """The refusal of a text part (no filename=) in a form whose files go in `fields`:
-    files nested in it, a file without its name, or text (`over_limit`: more than a
-    text field may hold)."""
-    field = fields[0]
-    if part.nests_files:
-        if field == JOBS_FIELDS[0]:
-            how = f"send one part per file: -F {field}=@a.jpg -F {field}=@b.jpg"
-        else:
-            how = f"POST / takes one (curl -F {field}=@cat.jpg); to send several, POST them to " \
-                  "/api/jobs, one part per file: -F files=@a.jpg -F files=@b.jpg"
-        return UploadError(400, f"{_field(part.field)} holds files nested in one part (multipart/mixed, "
-                                f"as curl -F '{field}=@a.jpg,b.jpg' sends): {how}")
-    if part.is_file:
-        return UploadError(400, f"{_field(part.field)} holds a file ({part.content_type[:64]}) sent "
-                                f"without a file name (its part has no filename=): send each image as a "
-                                f"file, with its name (curl -F {field}=@cat.jpg, with @, not <)")
-    if over_limit:
-        return UploadError(413, f"{_field(part.field)} holds more than {MAX_TEXT_FIELD_BYTES} bytes of "
-                                f"text, more than a text field may: send each image as a file "
-                                f"(curl -F {field}=@cat.jpg)")
-    return UploadError(400, f"{_field(part.field)} holds text, not a file: send each image "
-                            f"as a file (curl -F {field}=@cat.jpg)")
+def send_as_files(field: str) -> str:
+    """How to send images as files in `field`, against the mistakes that send them as
+    text instead: curl's `<` (the file's bytes as a text field), curl's comma list
+    (files nested in one multipart/mixed part), and a part without a filename= (Python
+    requests' `(None, data, "image/jpeg")`): Werkzeug keeps each as text."""
+    return (f"send each image as a file, with its name (curl -F {field}=@cat.jpg: @, not <; "
+            f"several files: one -F each, not a comma list)")
 
 
 def _field(name: str | None) -> str:
