@@ -110,6 +110,19 @@ def post_fork(server: Arbiter, worker: Worker) -> None:
     configure_logging("%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
 
 
+def worker_exit(server: Arbiter, worker: Worker) -> None:
+    """In the worker process, once it has stopped serving: let the listeners end their
+    polls, handing back what those receive, before the process ends (see the listeners'
+    MAX_WAIT_S). Bounded, within the graceful_timeout gunicorn gives before it kills."""
+    from web_tier.listeners import MAX_WAIT_S
+    from web_tier.services import EXTENSION
+
+    app = getattr(worker, "wsgi", None)  # not there if the app failed to load
+    svc = app.extensions.get(EXTENSION) if app is not None and hasattr(app, "extensions") else None
+    if svc is not None and svc.listeners is not None:
+        svc.listeners.stop(timeout=MAX_WAIT_S + 0.5)
+
+
 def post_worker_init(worker: Worker) -> None:
     """The app is built: keep its start-up heap out of later garbage collections,
     and answer the waiting requests when told to stop."""

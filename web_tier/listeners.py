@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
@@ -32,6 +33,12 @@ from web_tier.storage import tag_failed
 log = logging.getLogger(__name__)
 
 RESPONSE_THREADS = 2
+# Each poll's wait, shorter than the workers' RECEIVE_WAIT: a stopping process waits for
+# its polls to end (gunicorn.conf.py, worker_exit), within gunicorn's 5 s of grace. A
+# poll cut off by its process's exit is still open on SQS's side, which hands it the
+# messages that arrive in the rest of its wait, hidden then for the queue's visibility
+# timeout: after a restart, the answers of its first 20 s came 30 s late (reviewer).
+MAX_WAIT_S = 4
 # Between failed polls. At most 5 s, so that once SQS is back the answers waiting
 # there reach their clients within seconds (at 30 s, after an outage of half a
 # minute, every waiting request waited up to 30 s more); each failed poll has
@@ -64,10 +71,12 @@ class Listeners:
             self._threads.append(thread)
 
     def stop(self, timeout: float | None = None) -> None:
-        """Ask every thread to stop; wait up to `timeout` for them (a poll may finish first)."""
+        """Ask every thread to stop; wait up to `timeout` in all for them to end (each
+        ends its poll in flight first)."""
         self._stop.set()
+        deadline = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     @property
     def running(self) -> bool:

@@ -301,6 +301,21 @@ def test_a_web_tier_told_to_stop_answers_its_waiting_requests_at_once(stack, tmp
     assert f"/api/jobs/{reply.headers['X-Batch-Id']}" in reply.text and reply.headers["X-Item-Id"]
 
 
+def test_a_stopped_web_tier_leaves_no_poll_to_take_the_next_answers(stack, tmp_path):
+    """A long poll cut off by its process's exit is still open on SQS's side, which hands
+    it what arrives in the rest of its wait, hidden then for the visibility timeout: after
+    a restart, the answers of the next 20 s came 30 s late (reviewer). The web tier now
+    ends its polls before it exits."""
+    with second_web_tier(stack, tmp_path, "leftpolls") as (_url, web):
+        _, sqs, _ = clients(stack)
+        responses = sqs.get_queue_url(QueueName="leftpolls-resp-queue")["QueueUrl"]
+        os.killpg(web.pid, signal.SIGTERM)  # its listeners' first polls just begun
+        web.wait(timeout=30)
+    sqs.send_message(QueueUrl=responses, MessageBody="sent once the web tier has gone")
+    got = sqs.receive_message(QueueUrl=responses, WaitTimeSeconds=10).get("Messages", [])
+    assert [m["Body"] for m in got] == ["sent once the web tier has gone"], (tmp_path / "web.log").read_text()
+
+
 def test_a_client_that_reads_nothing_has_its_connection_closed(stack, tmp_path):
     """gunicorn's threads send with no time limit: a client asking for answers and
     never reading them held a thread for as long as it liked (reviewer: 100 such
