@@ -2,10 +2,11 @@
 
 Every upload needs one message on the request queue. One SendMessage per
 image costs a round trip, a billed request and ~2 ms of CPU (client and
-server) each. Here, a caller that finds no send in flight sends at once, so a
-lone request waits for nothing; callers that arrive while a send is in flight
-wait for it and then go out together in one SendMessageBatch of up to ten.
-The batch size follows the load by itself, with no timer to tune.
+server) each. Here, a caller that finds fewer than MAX_SENDS_IN_FLIGHT sends
+under way sends at once, so a lone request waits for nothing; callers that
+arrive while those are in flight wait for one to end, and then go out together
+in one SendMessageBatch of up to ten. The batch size follows the load by
+itself, with no timer to tune.
 
 `send` returns only once SQS has accepted the message, and raises if it did
 not, so the caller still decides what a failure costs (the upload's 503).
@@ -19,6 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.aws import SQS_MAX_BATCH
+
+# Two, not one: a send that stalls (a dead pooled connection waits out botocore's read
+# timeout, 30 s a try) held up every upload of the process behind it (reviewer). More
+# would split the batches further under load, each call costing its own CPU.
+MAX_SENDS_IN_FLIGHT = 2
 
 
 class SendError(Exception):
@@ -42,7 +48,7 @@ class BatchingSender:
         self.queue_url = queue_url
         self._cond = threading.Condition()
         self._waiting: list[_Message] = []
-        self._sending = False
+        self._sends_in_flight = 0
 
     def send(self, body: str) -> None:
         """Put one message on the queue; raise SendError (or botocore's error) if it is not there."""
@@ -50,19 +56,20 @@ class BatchingSender:
         with self._cond:
             self._waiting.append(message)
             while not message.done:
-                if self._sending:
+                if self._sends_in_flight >= MAX_SENDS_IN_FLIGHT or not self._waiting:
+                    # (None waiting: its own is in a send under way.)
                     self._cond.wait()
                     continue
-                # Nobody is sending: this caller sends the oldest waiting messages,
-                # its own among them or ahead of it, and loops until its own is out.
+                # Room for a send: this caller sends the oldest waiting messages, its
+                # own among them or ahead of it, and loops until its own is out.
                 batch, self._waiting = self._waiting[:SQS_MAX_BATCH], self._waiting[SQS_MAX_BATCH:]
-                self._sending = True
+                self._sends_in_flight += 1
                 self._cond.release()
                 try:
                     self._send_batch(batch)
                 finally:
                     self._cond.acquire()
-                    self._sending = False
+                    self._sends_in_flight -= 1
                     self._cond.notify_all()
         if message.error is not None:
             raise message.error

@@ -9,7 +9,7 @@ import pytest
 from common.aws import SQS_MAX_BATCH
 from tests.conftest import without_credentials
 from tests.unit.conftest import wait_until
-from web_tier.sender import BatchingSender, SendError
+from web_tier.sender import MAX_SENDS_IN_FLIGHT, BatchingSender, SendError
 
 
 def _queued(aws) -> list[str]:
@@ -53,29 +53,62 @@ def test_a_lone_message_is_sent_at_once(web_aws):
     assert sizes == [1]
 
 
-def test_messages_arriving_during_a_send_go_out_together(web_aws):
-    """While the first send is held, 29 more callers queue; they go out in batches of ten."""
-    release, held = threading.Event(), threading.Event()
+def test_messages_arriving_during_sends_go_out_together(web_aws):
+    """While the sends in flight are held, 28 more callers queue; they go out in batches of ten."""
+    release, held = threading.Event(), threading.Semaphore(0)
     sizes = _batch_sizes(web_aws.sqs)
 
-    def hold_first(**_):
-        if len(sizes) == 1:
-            held.set()
+    def hold_the_first_sends(**_):
+        if len(sizes) <= MAX_SENDS_IN_FLIGHT:
+            held.release()
             assert release.wait(10)
 
-    web_aws.sqs.meta.events.register("provide-client-params.sqs.SendMessageBatch", hold_first)
+    web_aws.sqs.meta.events.register("provide-client-params.sqs.SendMessageBatch", hold_the_first_sends)
     sender = BatchingSender(lambda: web_aws.sqs, lambda: web_aws.request_queue_url)
-    first, _ = _in_threads(sender.send, ["m00"])
-    assert held.wait(10)
-    bodies = [f"m{n:02d}" for n in range(1, 30)]
+    first = [f"m{n:02d}" for n in range(MAX_SENDS_IN_FLIGHT)]
+    first_threads = []
+    for body in first:  # one at a time: each its own send
+        first_threads += _in_threads(sender.send, [body])[0]
+        assert held.acquire(timeout=10)
+    bodies = [f"m{n:02d}" for n in range(MAX_SENDS_IN_FLIGHT, 30)]
     rest, errors = _in_threads(sender.send, bodies)
     wait_until(lambda: len(sender._waiting) == len(bodies))
     release.set()
-    for t in first + rest:
+    for t in first_threads + rest:
         t.join(10)
     assert not errors
-    assert sizes == [1, SQS_MAX_BATCH, SQS_MAX_BATCH, 9]
-    assert _queued(web_aws) == ["m00", *bodies]
+    assert sizes[:MAX_SENDS_IN_FLIGHT] == [1] * MAX_SENDS_IN_FLIGHT
+    assert sorted(sizes[MAX_SENDS_IN_FLIGHT:]) == [8, SQS_MAX_BATCH, SQS_MAX_BATCH]
+    assert _queued(web_aws) == [*first, *bodies]
+
+
+def test_a_send_that_stalls_holds_up_no_other_upload():
+    """One send in flight at a time: a call stuck in botocore's read timeout (30 s a try)
+    held every upload of the process behind it (reviewer: 10 POST / of ~0.2 s took 3-4 s
+    behind one call slowed by 4 s)."""
+    class StallingSqs(FlakySqs):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stalled, self.unstall = threading.Event(), threading.Event()
+
+        def send_message_batch(self, QueueUrl: str, Entries: list[dict]) -> dict:  # noqa: N803
+            if Entries[0]["MessageBody"] == "stalls":
+                self.stalled.set()
+                assert self.unstall.wait(10)
+            return super().send_message_batch(QueueUrl, Entries)
+
+    sqs = StallingSqs()
+    sender = BatchingSender(lambda: sqs, lambda: "url")
+    stalled, _ = _in_threads(sender.send, ["stalls"])
+    assert sqs.stalled.wait(10)
+    try:
+        later, errors = _in_threads(sender.send, ["later"])
+        wait_until(lambda: "later" in sqs.accepted, timeout=5, why=lambda: "sent behind the stalled call")
+    finally:
+        sqs.unstall.set()
+        for t in stalled + later:
+            t.join(10)
+    assert not errors and sorted(sqs.accepted) == ["later", "stalls"]
 
 
 class FlakySqs:
