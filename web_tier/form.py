@@ -116,7 +116,7 @@ def send_as_files(field: str) -> str:
     (files nested in one multipart/mixed part), and a part without a filename= (Python
     requests' `(None, data, "image/jpeg")`): Werkzeug keeps each as text."""
     return (f"send each image as a file, with its name (curl -F {field}=@cat.jpg: @, not <; "
-            f"several files: one -F each, not a comma list)")
+            "several files: one -F each, not a comma list)")
 
 
 def _field(name: str | None) -> str:
