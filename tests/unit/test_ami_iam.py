@@ -77,12 +77,12 @@ UNSCOPED = {"ec2:DescribeInstances"}
 TIERS = {
     "worker": ("iam-policy.json", ["app_tier"],
                {"Aws.queue_url", "report_worker_failed", "report_worker_ready", "stored_outcome",
-                "change_visibility"}),
+                "change_visibility", "mark_failed"}),
     "controller": ("iam-controller-policy.json", ["controller", "controller.py"],
                    {"Aws.queue_url", "Aws.queue_depth", "app_tier_instances"}),
     "web": ("iam-web-policy.json", ["web_tier"],
             {"Aws.queue_url", "Aws.queue_depth", "app_tier_instances", "stored_outcome",
-             "change_visibility"}),
+             "change_visibility", "mark_failed"}),
     # Run once by a person or a deploy pipeline, never by a running tier.
     "provision": ("iam-provision-policy.json", ["common/provision.py"], set()),
 }
