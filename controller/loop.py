@@ -155,6 +155,10 @@ class RecentLaunches:
         """Those EC2 does not list now, as it last did."""
         return tuple(inst for iid, (inst, _) in self.by_id.items() if iid not in listed)
 
+    def take_listed(self, instance: Instance, clock: float) -> None:
+        """Remembers a launch whose call got no reply, as EC2 now lists it."""
+        self.by_id[instance.id] = (instance, clock)
+
     def instances(self) -> tuple[Instance, ...]:
         return tuple(inst for inst, _ in self.by_id.values())
 
@@ -420,7 +424,8 @@ class Controller:
         watched = self.scale_in_window.watched(obs.clock, self.policy.scale_in_cooldown_s)
         decision = decide(obs, self.policy, wanted_recently, launches_held,
                           keep_last=frozenset(self.refusals.ids),
-                          launch_wait_s=self.launch_backoff.remaining(obs.clock), window_watched=watched)
+                          launch_wait_s=self.launch_backoff.remaining(obs.clock), window_watched=watched,
+                          unanswered=frozenset(self.unanswered.calls()))
         self._record(obs, decision)
         acting = decision.changes_anything and not self.dry_run
         try:
@@ -502,6 +507,13 @@ class Controller:
         return hold.holds(obs.clock)
 
     def _with_recent_launches(self, obs: Observation) -> Observation:
+        # A launch that got no reply, now listed, is remembered as answered ones are:
+        # forgotten once listed, a later read lagging behind left it out, and its number
+        # was launched again, a second instance of one name (simulated).
+        unanswered = self.unanswered.calls()
+        for instance in obs.instances:
+            if instance.number in unanswered:
+                self.recent_launches.take_listed(instance, obs.clock)
         self.unanswered.keep_unlisted({i.number for i in obs.instances}, obs.clock)
         recent, listed = self.recent_launches, {i.id: i for i in obs.instances}
         recent.take_in(listed, obs.clock)

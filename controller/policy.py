@@ -130,10 +130,12 @@ def desired_count(obs: Observation, policy: Policy) -> tuple[int, str]:
     return min(policy.max_instances, wanted), reason
 
 
-def _free_numbers(taken: set[int], count: int) -> tuple[int, ...]:
-    numbers, n = [], 1
+def _free_numbers(taken: set[int], count: int, first: frozenset[int] = frozenset()) -> tuple[int, ...]:
+    """`count` numbers no instance listed has, those in `first` first, then the lowest."""
+    numbers = sorted(first - taken)[:count]
+    n = 1
     while len(numbers) < count:
-        if n not in taken:
+        if n not in taken and n not in numbers:
             numbers.append(n)
         n += 1
     return tuple(numbers)
@@ -142,6 +144,7 @@ def _free_numbers(taken: set[int], count: int) -> tuple[int, ...]:
 def decide(
     obs: Observation, policy: Policy, wanted_recently: int | None = None, hold_launches: bool = False,
     keep_last: frozenset[str] = frozenset(), launch_wait_s: float = 0.0, window_watched: bool = True,
+    unanswered: frozenset[int] = frozenset(),
 ) -> Decision:
     """What to do now. `wanted_recently` is the most instances wanted at any round of
     the last scale_in_cooldown_s (None: no window); the fleet shrinks no lower.
@@ -150,7 +153,11 @@ def decide(
     `launch_wait_s`: launch nothing for this long yet (the last launch failed). Held
     launches leave the rest of the decision (terminations, clean-ups) as it is.
     `window_watched`: whether `wanted_recently` comes from a whole window of rounds, or
-    counts what is live as wanted (a controller started less than a window ago)."""
+    counts what is live as wanted (a controller started less than a window ago).
+    `unanswered`: numbers whose launch got no reply, launched first when launching (the
+    call is then repeated, and EC2 answers with the instance it may have started): a
+    new number beside one that had started went over the cap (simulated, see
+    tests/unit/test_controller_simulation.py)."""
     desired, reason = desired_count(obs, policy)
     serving = obs.serving
     if wanted_recently is not None and desired < len(serving) and wanted_recently > desired:
@@ -185,7 +192,7 @@ def decide(
         elif count > 0 and launch_wait_s > 0:
             reason += f"; launches held: the last failed, next try in {launch_wait_s:.1f}s"
         elif count > 0:
-            launch = _free_numbers({i.number for i in obs.instances}, count)
+            launch = _free_numbers({i.number for i in obs.instances}, count, first=unanswered)
     elif desired < len(serving):
         # Among those that serve, those running another image than launches do first:
         # else, the newest going first, a new AMI never replaced the old fleet without a
