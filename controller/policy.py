@@ -130,6 +130,11 @@ def desired_count(obs: Observation, policy: Policy) -> tuple[int, str]:
     return min(policy.max_instances, wanted), reason
 
 
+# How long after its launch a running instance whose worker has not said it serves is
+# taken for one still booting, in BOOT_TIMEs (see decide).
+BOOTING_FOR_BOOT_TIMES = 2
+
+
 def _free_numbers(taken: set[int], count: int, first: frozenset[int] = frozenset()) -> tuple[int, ...]:
     """`count` numbers no instance listed has, those in `first` first, then the lowest."""
     numbers = sorted(first - taken)[:count]
@@ -179,9 +184,14 @@ def decide(
         # found nothing to do and was kept for the cooldown (reviewer). Those launched for
         # the others and not yet receiving will take them: counted again each round while
         # they boot, one waiting message launched an instance a round, up to the cap
-        # (randomized properties, tests/unit/test_decide_properties.py).
+        # (randomized properties, tests/unit/test_decide_properties.py). Running ones only
+        # for a while after their launch: workers that never say they serve (an older
+        # AMI's, with READY_DEADLINE=0; a role without ec2:CreateTags) held back every
+        # launch for good (diff review).
         untaken = obs.visible + obs.delayed
-        not_yet_receiving = sum(1 for i in serving if not i.ready)
+        booting_since = obs.at - BOOTING_FOR_BOOT_TIMES * policy.boot_time_s
+        not_yet_receiving = sum(1 for i in serving if i.state == "pending"
+                                or (not i.ready and i.launched_at > booting_since))
         for_untaken = max(0, math.ceil(untaken / target_backlog(policy)) - not_yet_receiving)
         if count > for_untaken:
             count = for_untaken

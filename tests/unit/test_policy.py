@@ -234,6 +234,17 @@ def test_scale_in_takes_instances_of_an_older_image_first_once_they_serve():
     assert victims(new_ready, unknown, wanted=1) == ("i-just",)
 
 
+def test_workers_that_never_say_they_serve_hold_back_launches_only_while_they_could_be_booting():
+    """Launches for the messages no worker holds count those launched and not yet
+    receiving; counted for good, the workers of an older AMI (READY_DEADLINE=0), which
+    never say they serve, held back every launch (diff review)."""
+    silent = obs(visible=5, in_flight=100, booting=5, at=1000.0)  # launched at 1-5 s
+    assert len(decide(silent, BACKLOG).launch) == 5
+    just_launched = obs(visible=5, in_flight=100, booting=5, at=10.0)  # within two BOOT_TIMEs
+    assert decide(just_launched, BACKLOG).launch == ()
+    assert len(decide(obs(visible=5, in_flight=100, pending=5, at=1000.0), BACKLOG).launch) == 0
+
+
 def test_latency_mode_launches_from_zero():
     policy = Policy(mode="latency", boot_time_s=1000)
     assert len(decide(obs(visible=1), policy).launch) == 1
