@@ -355,7 +355,7 @@ class Stack:
             return "the instance runner stopped"
         return None
 
-    def stop(self, timeout_s: float = 8.0) -> None:
+    def stop(self, timeout_s: float = 12.0) -> None:
         """Stop everything, newest first; whatever outlives the timeout is killed."""
         deadline = time.monotonic() + timeout_s
         if self.runner is not None:

@@ -111,9 +111,11 @@ def post_fork(server: Arbiter, worker: Worker) -> None:
 
 
 def worker_exit(server: Arbiter, worker: Worker) -> None:
-    """In the worker process, once it has stopped serving: let the listeners end their
-    polls, handing back what those receive, before the process ends (see the listeners'
-    MAX_WAIT_S). Bounded, within the graceful_timeout gunicorn gives before it kills."""
+    """In the worker process, once it has stopped serving, whatever stopped it: let the
+    listeners end their polls, handing back what those receive, before the process ends
+    (see the listeners' MAX_WAIT_S). Each poll ends within MAX_WAIT_S of the signal, so
+    this is within the graceful_timeout after which gunicorn kills, unless requests took
+    most of it."""
     from web_tier.listeners import MAX_WAIT_S
     from web_tier.services import EXTENSION
 

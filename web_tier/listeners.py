@@ -114,11 +114,12 @@ class Listeners:
         messages = answer.get("Messages", [])
         if not messages and not self.wait_s:
             self._stop.wait(SHORT_POLL_PAUSE_S)
-        if messages and self.book.closing.is_set():
-            # Received by a poll in flight when the book closed: recorded here and deleted,
-            # they were lost to the process that serves on (its items queued for ever).
-            # Handed back at once; if that fails, they come back after the queue's
-            # visibility timeout all the same.
+        if messages and (self.book.closing.is_set() or self._stop.is_set()):
+            # Received by a poll in flight when the book closed, or the listeners were
+            # told to stop (any stop of the process: gunicorn's worker_exit waits for these
+            # polls): recorded here and deleted, they were lost to the process that serves
+            # on (its items queued for ever). Handed back at once; if that fails, they come
+            # back after the queue's visibility timeout all the same.
             self._hand_back(queue_url, messages)
             return []
         return messages

@@ -370,6 +370,25 @@ def test_a_closing_books_listeners_leave_what_they_receive_and_stop():
     wait_until(lambda: not listeners.running)
 
 
+def test_listeners_told_to_stop_leave_what_their_last_polls_receive():
+    """gunicorn's worker_exit waits for the last polls whatever stopped the process; a
+    stop other than SIGTERM (Ctrl-C, a worker timeout) does not close the book, and those
+    polls' answers were recorded in a dying process and deleted (diff review)."""
+    deleted, handed_back = [], []
+    sqs = SimpleNamespace(
+        receive_message=lambda **kw: {"Messages": [{"Body": response("a").to_json(), "ReceiptHandle": "r"}]},
+        delete_message_batch=lambda QueueUrl, Entries: deleted.extend(Entries) or {},
+        change_message_visibility_batch=lambda QueueUrl, Entries: handed_back.extend(
+            (e["ReceiptHandle"], e["VisibilityTimeout"]) for e in Entries) or {},
+    )
+    book = book_with("a")
+    listeners = Listeners(SimpleNamespace(sqs=sqs, sqs_receive=sqs, response_queue_url="q"), book)  # type: ignore[arg-type]
+    listeners.stop()  # the book left open
+    listeners.poll_responses()  # the poll in flight when told
+    assert deleted == [] and handed_back == [("r", 0)]
+    assert book.get("a").state == "queued"
+
+
 def test_a_hand_back_sqs_partly_refuses_is_said(caplog):
     """SQS's Failed entries went unread: the log said every message was handed back."""
     caplog.set_level(logging.INFO, logger="web_tier.listeners")
