@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from flask import Request, current_app
 from werkzeug.datastructures import FileStorage
@@ -58,7 +58,7 @@ class UploadRequest(Request):
         return CappedSpool(current_app.config["MAX_FILE_BYTES"], self._spool)
 
 
-def form_files(request: Request, fields: Iterable[str]) -> list[FileStorage]:
+def form_files(request: Request, fields: Sequence[str]) -> list[FileStorage]:
     """The files sent in these form fields, or UploadError for a form that could not be read.
 
     A multipart body of which nothing could be read is said to be so: Werkzeug

@@ -34,6 +34,7 @@ class SendError(Exception):
 @dataclass
 class _Message:
     body: str
+    taken: bool = False  # into a send under way
     done: bool = False
     error: Exception | None = None
 
@@ -56,13 +57,16 @@ class BatchingSender:
         with self._cond:
             self._waiting.append(message)
             while not message.done:
-                if self._sends_in_flight >= MAX_SENDS_IN_FLIGHT or not self._waiting:
-                    # (None waiting: its own is in a send under way.)
+                if message.taken or self._sends_in_flight >= MAX_SENDS_IN_FLIGHT:
+                    # (Taken: another caller sends it. Not this caller's to send others'
+                    # after it, a send that could stall while its own is long done.)
                     self._cond.wait()
                     continue
                 # Room for a send: this caller sends the oldest waiting messages, its
                 # own among them or ahead of it, and loops until its own is out.
                 batch, self._waiting = self._waiting[:SQS_MAX_BATCH], self._waiting[SQS_MAX_BATCH:]
+                for taken in batch:
+                    taken.taken = True
                 self._sends_in_flight += 1
                 self._cond.release()
                 try:

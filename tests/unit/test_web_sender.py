@@ -83,8 +83,8 @@ def test_messages_arriving_during_sends_go_out_together(web_aws):
 
 
 def test_a_send_that_stalls_holds_up_no_other_upload():
-    """One send in flight at a time: a call stuck in botocore's read timeout (30 s a try)
-    held every upload of the process behind it (reviewer: 10 POST / of ~0.2 s took 3-4 s
+    """With one send in flight at a time, a call stuck in botocore's read timeout (30 s a
+    try) held every upload of the process behind it (reviewer: 10 POST / of ~0.2 s took 3-4 s
     behind one call slowed by 4 s)."""
     class StallingSqs(FlakySqs):
         def __init__(self) -> None:
