@@ -39,6 +39,7 @@ class Case:
     keep_last: frozenset[str] = frozenset()
     launch_wait_s: float = 0.0
     window_watched: bool = True
+    unanswered: frozenset[int] = frozenset()  # numbers whose launch got no reply
     # Whether the loop's memory could have produced these arguments (wanted_recently is at
     # least what this round wants, and at least what is live before a whole window).
     consistent: bool = True
@@ -48,7 +49,7 @@ class Case:
     def kwargs(self) -> dict:
         return {"wanted_recently": self.wanted_recently, "hold_launches": self.hold_launches,
                 "keep_last": self.keep_last, "launch_wait_s": self.launch_wait_s,
-                "window_watched": self.window_watched}
+                "window_watched": self.window_watched, "unanswered": self.unanswered}
 
     def decide(self, obs: Observation | None = None, **changes) -> Decision:
         """decide() on this case, with `obs` or any of decide's arguments changed."""
@@ -135,6 +136,9 @@ def gen_case(seed: object, **force) -> Case:
         "wanted_recently": wanted, "window_watched": watched, "keep_last": frozenset(keep_last),
         "hold_launches": rng.random() < 0.15,
         "launch_wait_s": rng.choice((0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 30.0)),
+        # Listed numbers too: the loop forgets those, but decide must never launch one.
+        "unanswered": frozenset(rng.sample(range(1, top + 1), rng.randint(1, 3)))
+        if rng.random() < 0.25 else frozenset(),
     }
     args |= {k: v for k, v in force.items() if k in args}
     return Case(obs=obs, policy=policy, consistent=consistent, seed=seed, **args)
@@ -485,3 +489,17 @@ def test_one_waiting_message_beside_busy_workers_launches_one_instance_not_one_a
         instances += tuple(Instance(id=f"i-{n}", number=n, state="pending", launched_at=1.0)
                            for n in d.launch)
     assert launched == 1, f"{launched} instances launched for one waiting message"
+
+
+def test_the_numbers_of_launches_without_reply_are_launched_first():
+    """Their calls are repeated (EC2 answers with the instance each may have started):
+    a lower free number launched beside one went over the cap (simulated)."""
+    def check(case: Case) -> bool | None:
+        d = case.decide()
+        listed = {i.number for i in case.obs.instances}
+        repeatable = sorted(case.unanswered - listed)
+        if not d.launch or not repeatable:
+            return False
+        assert d.launch[:len(repeatable)] == tuple(repeatable[:len(d.launch)]), (d, case.unanswered)
+        assert not set(d.launch) & listed and len(set(d.launch)) == len(d.launch), d
+    for_all("unanswered-first", check, least=0.01)
