@@ -17,7 +17,6 @@ from common.config import Settings
 from web_tier import api, auth, classify, errors, health, pages, slow_readers, unread_body
 from web_tier.form import MAX_TEXT_FIELD_BYTES, UploadRequest, jobs_body_limit
 from web_tier.journal import Journal
-from web_tier.listeners import MAX_WAIT_S as MAX_LISTENER_WAIT_S
 from web_tier.listeners import Listeners
 from web_tier.results import ResultBook
 from web_tier.services import EXTENSION, Services, services
@@ -64,7 +63,7 @@ def create_app(settings: Settings | None = None, *, aws: Aws | None = None,
         journal=_open_journal(settings.web_journal_dir),
     )
     if start_background:
-        svc.listeners = Listeners(aws, book, wait_s=min(settings.receive_wait_s, MAX_LISTENER_WAIT_S))
+        svc.listeners = Listeners(aws, book, wait_s=settings.receive_wait_s)
         svc.listeners.start()
         log.info("listening for results on %s", settings.response_queue)
         # In the background: S3 and SQS may be slow to answer, and the page must not wait.

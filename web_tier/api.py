@@ -17,7 +17,7 @@ from web_tier.refusals import UploadError
 from web_tier.results import DONE, Item, is_service_id
 from web_tier.results_csv import results_csv
 from web_tier.services import services
-from web_tier.submit import SentBefore, new_id
+from web_tier.submit import UPLOAD_THREADS, SentBefore, new_id
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -26,9 +26,9 @@ bp = Blueprint("api", __name__, url_prefix="/api")
 BATCH_FORM_FIELDS = ("batch_id", "create", "tokens")
 # A request's files are validated and stored this many at a time, each chunk's bytes
 # held in memory only while it is stored: a request of a thousand 10 MB files never
-# holds them all at once. As many as the upload pool stores at once (submit.UPLOAD_THREADS),
-# which a chunk then keeps busy; a constant of its own, as it bounds memory, not threads.
-FILES_PER_CHUNK = 16
+# holds them all at once. As many as the upload pool stores at once, which a chunk then
+# keeps busy; named apart, as here it bounds memory, not threads.
+FILES_PER_CHUNK = UPLOAD_THREADS
 
 
 def _unauthorized() -> Response:

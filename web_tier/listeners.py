@@ -54,7 +54,7 @@ class Listeners:
                  response_threads: int = RESPONSE_THREADS) -> None:
         self.aws = aws
         self.book = book
-        self.wait_s = wait_s  # 0-20, as Settings checks RECEIVE_WAIT
+        self.wait_s = min(wait_s, MAX_WAIT_S)  # RECEIVE_WAIT (0-20), capped: see MAX_WAIT_S
         self.response_threads = response_threads
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
