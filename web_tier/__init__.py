@@ -15,6 +15,7 @@ from flask import Flask, Response, request
 from common.aws import Aws
 from common.config import Settings
 from web_tier import api, auth, classify, errors, health, pages, slow_readers, unread_body
+from web_tier.errors import is_api_path
 from web_tier.form import MAX_TEXT_FIELD_BYTES, UploadRequest, jobs_body_limit
 from web_tier.journal import Journal
 from web_tier.listeners import Listeners
@@ -114,8 +115,8 @@ def _requeue_unsent(svc: Services) -> None:
 
 def _security_headers(response: Response) -> Response:
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    if request.path.startswith("/api/"):
-        # Every /api/ answer, its 404s and 405s too (README). Answers change from one
+    if is_api_path(request.path):
+        # Every /api answer, its 404s and 405s too (README). Answers change from one
         # second to the next. And a browser holds a second GET of a URL behind one still
         # in flight, for up to 20 s, to share a cached answer: a page polling /api/status
         # while AWS was slow showed old figures that long (explorer).

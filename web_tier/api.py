@@ -13,7 +13,7 @@ from web_tier.errors import error_response
 from web_tier.filenames import display_name
 from web_tier.form import JOBS_FIELDS, check_count, form_files, form_tokens
 from web_tier.image_check import Upload, validate
-from web_tier.refusals import UploadError
+from web_tier.refusals import SEND_AGAIN, Code, UploadError
 from web_tier.results import DONE, Item, is_service_id
 from web_tier.results_csv import results_csv
 from web_tier.services import services
@@ -32,15 +32,16 @@ FILES_PER_CHUNK = UPLOAD_THREADS
 
 
 def _unauthorized() -> Response:
-    return error_response(UploadError(401, KEY_REQUIRED))
+    return error_response(UploadError(401, KEY_REQUIRED, code=Code.UNAUTHORIZED))
 
 
 def _no_batch(batch_id: str, hint: str = "") -> Response:
-    return error_response(UploadError(404, f"no such batch: {batch_id[:64]}{hint}"))
+    return error_response(UploadError(404, f"no such batch: {batch_id[:64]}{hint}", code=Code.UNKNOWN_BATCH))
 
 
 def _rejection(index: int, error: UploadError) -> dict[str, Any]:
-    return {"index": index, "filename": error.filename, "error": error.reason, "status": error.status}
+    return {"index": index, "filename": error.filename, "error": error.reason, "code": error.code,
+            "status": error.status}
 
 
 @bp.post("/jobs")
@@ -51,27 +52,28 @@ def create_job() -> Response:
     if in_url:
         # Read from the form only: ignored in the URL, they would put the files in a
         # new batch, where the client would never look for them.
-        raise UploadError(400, f"send {', '.join(in_url)} as form fields, not in the URL")
+        raise UploadError(400, f"send {', '.join(in_url)} as form fields, not in the URL",
+                          code=Code.BAD_REQUEST)
     if "Idempotency-Key" in request.headers:
         # POST /'s: ignored here, the files sent again would be stored and classified
         # twice, in two batches (reviewer).
         raise UploadError(400, "Idempotency-Key is for POST /; to send files again safely here, "
                                "name the batch (batch_id=<32 hex digits>&create=1) and give each "
-                               "file a token")
+                               "file a token", code=Code.BAD_REQUEST)
     files = form_files(request, JOBS_FIELDS)
     check_count(files, svc.settings)  # first: a form that is not multipart is read no further
     repeated = [name for name in ("batch_id", "create") if len(request.form.getlist(name)) > 1]
     if repeated:
         # Only the first would count: files meant for the second batch went to the first.
         raise UploadError(400, f"one {repeated[0]} per request: this one has "
-                               f"{len(request.form.getlist(repeated[0]))}")
+                               f"{len(request.form.getlist(repeated[0]))}", code=Code.BAD_REQUEST)
     tokens = form_tokens(request, files)
     form_batch_id = request.form.get("batch_id", "").strip()
     if tokens and not form_batch_id:
         # A token protects a resend within its batch: a client whose first answer was
         # lost never learnt the new batch's id, and its resend made a second (reviewer).
         raise UploadError(400, "tokens protect a resend only within a named batch: send "
-                               "batch_id=<32 hex digits>&create=1 with them")
+                               "batch_id=<32 hex digits>&create=1 with them", code=Code.BAD_REQUEST)
     target = _target_batch(form_batch_id)
     if target is None:
         # A client making a batch of its own id sends `create` too: say so (reviewer).
@@ -116,7 +118,7 @@ def _target_batch(form_batch_id: str) -> tuple[str, bool] | None:
         # No batch has such an id: a 404 told the client to send create=1, which was
         # then refused for the id's form (reviewer).
         raise UploadError(400, "a batch's id is 32 lowercase hexadecimal digits (a UUID4's, without "
-                               "hyphens)")
+                               "hyphens)", code=Code.BAD_REQUEST)
     if services().rebuilder.find_batch(form_batch_id) is not None:
         return form_batch_id, True
     if request.form.get("create", "").lower() not in ("1", "true"):
@@ -127,7 +129,7 @@ def _target_batch(form_batch_id: str) -> tuple[str, bool] | None:
 def _refusals_while_stopping(files: list[FileStorage], first_index: int) -> list[dict[str, Any]]:
     """A refusal for each of `files` (numbered from `first_index`), as a stopping web tier stores none."""
     return [_rejection(index, UploadError(503, "not stored: the web tier is stopping; send this file again",
-                                          display_name(storage)))
+                                          display_name(storage), code=Code.BUSY))
             for index, storage in enumerate(files, first_index)]
 
 
@@ -163,13 +165,13 @@ def _all_refused_answer(batch_id: str | None, rejected: list[dict[str, Any]]) ->
     """The answer when no file was stored: the first refusal's error and status, with
     every refusal listed (and `batch_id` unless None)."""
     first = rejected[0]
-    body: dict[str, Any] = {"items": [], "rejected": rejected, "error": first["error"],
+    body: dict[str, Any] = {"items": [], "rejected": rejected, "error": first["error"], "code": first["code"],
                             "filename": first["filename"]}
     if batch_id is not None:
         body = {"batch_id": batch_id, **body}
     response = jsonify(body)
     response.status_code = first["status"]
-    if first["status"] == 503:
+    if first["code"] in SEND_AGAIN:  # as error_response says it
         response.headers["Retry-After"] = "5"
     return response
 
@@ -213,9 +215,8 @@ def job_events(batch_id: str) -> Response | tuple[Response, int]:
     # Each stream holds a thread until its batch is done: past the cap, the page
     # falls back to polling GET /api/jobs/<id>, which holds none.
     if not svc.event_streams.acquire(blocking=False):
-        busy = jsonify({"error": "too many event streams open; poll GET /api/jobs/<id> instead",
-                        "filename": None})
-        busy.status_code = 503
+        busy = error_response(UploadError(503, "too many event streams open; poll GET /api/jobs/<id> instead",
+                                          code=Code.BUSY))
         busy.headers["Retry-After"] = "10"
         return busy
     book = svc.book

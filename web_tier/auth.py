@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from flask import current_app, request
 
-from web_tier.refusals import UploadError
+from web_tier.refusals import Code, UploadError
 from web_tier.services import services
 
 # What a refusal says: both headers a key may come in.
@@ -36,7 +36,7 @@ def refuse_cross_site_writes() -> None:
     site = site_by_origin() if fetch_site is None else fetch_site.strip().lower()
     if site not in SAME_SITE_ORIGINS:
         raise UploadError(403, f"a browser request from another site ({site}) is refused: upload "
-                               "from this service's own page, or from a program")
+                               "from this service's own page, or from a program", code=Code.FORBIDDEN)
     settings = services().settings
     # A page of another site whose name was made to point at 127.0.0.1 (DNS rebinding)
     # is same-origin with it, sends no Sec-Fetch-Site over plain HTTP, and may send any
@@ -47,7 +47,8 @@ def refuse_cross_site_writes() -> None:
             and not _on_loopback(_hostname(request.host)):
         raise UploadError(403, f"this web tier listens on {settings.web_host} only, and the browser's "
                                f"request names {request.host}: open the page as localhost or 127.0.0.1 (a "
-                               "proxy in front over plain HTTP: README, Who may upload)")
+                               "proxy in front over plain HTTP: README, Who may upload)",
+                          code=Code.FORBIDDEN)
 
 
 def site_by_origin() -> str:

@@ -1,8 +1,10 @@
 """POST /: the synchronous endpoint for programs.
 
 One image in, one line out (`<name without extension>:<label>`), after waiting
-for the worker's answer. Each request waits on its own item id, so any number
-of concurrent requests each get their own image's answer.
+for the worker's answer; to a client that asks for JSON (Accept), the item as
+GET /api/jobs/<batch_id> shows it, and its refusals as the API's. Each request
+waits on its own item id, so any number of concurrent requests each get their
+own image's answer.
 
 A program whose connection was cut before the answer came cannot tell whether
 its image was stored: with an `Idempotency-Key` header, sent again under the
@@ -19,15 +21,15 @@ import re
 import socket
 import time
 
-from flask import Blueprint, Response, redirect, request, url_for
+from flask import Blueprint, Response, jsonify, redirect, request, url_for
 
 from common.names import stem
 from web_tier.auth import KEY_REQUIRED, require_api_key
-from web_tier.errors import ANSWERS_PATH, answer_page, wants_page
+from web_tier.errors import ANSWERS_PATH, answer_page, error_response, wants_json, wants_page
 from web_tier.filenames import display_name
 from web_tier.form import CLASSIFY_FIELDS, FORM_SLACK_BYTES, TOKEN_CHARACTER, form_files
 from web_tier.image_check import validate
-from web_tier.refusals import UploadError, about
+from web_tier.refusals import Code, UploadError
 from web_tier.results import DONE, Item, ResultBook
 from web_tier.services import services
 from web_tier.submit import STILL_STORING, SentBefore, new_id
@@ -47,15 +49,19 @@ ANSWER_PAGE_WAIT_S = 10.0
 ANSWER_PAGE_REFRESH_S = 5
 
 
-def _answer(status: int, message: str, filename: str | None = None, *, label: str | None = None) -> Response:
-    """`<name without extension>:<label>` given a label, else `<file name>: <message>`;
-    as a page to the page's own form (see errors.wants_page), whose POST answers only
-    refusals itself (the stored image's answer is GET /answers/<batch_id>)."""
-    if wants_page():
-        return answer_page(status, message, filename, label)
-    body = f"{stem(filename or '')}:{label}" if label is not None else about(filename, message)
+def _refusal(status: int, message: str, filename: str | None, code: Code) -> Response:
+    """A refusal, or an image stored with no label to give: as every refusal is answered
+    (errors.error_response: text, JSON or the plain form's page)."""
+    return error_response(UploadError(status, message, filename, code=code))
+
+
+def _label_answer(filename: str, item: Item, batch_id: str) -> Response:
+    """`<name without extension>:<label>`; in JSON, the item as GET /api/jobs/<batch_id>
+    shows it. (The page's own form never gets here: its answer is GET /answers/<batch_id>.)"""
+    if wants_json():
+        return jsonify({"batch_id": batch_id, **item.to_json(bool(services().book.untrained))})
     # Exactly "<name>:<label>", no trailing newline: programs compare the body as is.
-    return Response(body, status=status, mimetype="text/plain")
+    return Response(f"{stem(filename)}:{item.label}", mimetype="text/plain")
 
 
 @bp.before_request
@@ -66,27 +72,26 @@ def _one_file_body_limit() -> None:
 
 
 @bp.post("/")
-@require_api_key(lambda: _answer(401, KEY_REQUIRED))
+@require_api_key(lambda: _refusal(401, KEY_REQUIRED, None, Code.UNAUTHORIZED))
 def classify() -> Response:
     svc = services()
     files = form_files(request, CLASSIFY_FIELDS)
     if not files:
         how = "" if request.mimetype == "multipart/form-data" else " as multipart/form-data"
         raise UploadError(400, f"no file: send the image{how} in form field 'inputFile' (or 'myfile'), "
-                               "as curl -F inputFile=@cat.jpg does")
+                               "as curl -F inputFile=@cat.jpg does", code=Code.NO_FILE)
     if len(files) > 1:
         names = ", ".join(display_name(f) or "(no name)" for f in files)
         raise UploadError(400, f"one file per request here, got {len(files)} ({names}); POST several "
-                               "to /api/jobs")
+                               "to /api/jobs", code=Code.TOO_MANY_FILES)
     upload = validate(files[0], svc.settings)
     # Read: its spool (memory, or a descriptor of the request's temporary file) is not
     # kept while this request waits for the answer, up to RESULT_TIMEOUT (reviewer).
     files[0].close()
     if svc.book.closing.is_set():
         # Nobody would wait for its answer here: store nothing (as /api/jobs does then).
-        response = _answer(503, "not stored: the web tier is stopping; send it again", upload.filename)
-        response.headers["Retry-After"] = "5"
-        return response
+        raise UploadError(503, "not stored: the web tier is stopping; send it again", upload.filename,
+                          code=Code.BUSY)
 
     batch_id, tokens = _batch_for(request.headers.get("Idempotency-Key"))
     filename = upload.filename
@@ -105,8 +110,8 @@ def classify() -> Response:
     item, client_left = _wait_while_connected(svc.book, outcome.id, svc.settings.result_timeout_s)
     if client_left:
         log.info("POST / for item %s: the client left before its result; it is still queued", outcome.id)
-        response = _answer(CLIENT_CLOSED, f"the client left; the image is still queued, "
-                                          f"see /api/jobs/{batch_id}", filename)
+        response = _refusal(CLIENT_CLOSED, f"the client left; the image is still queued, "
+                                           f"see /api/jobs/{batch_id}", filename, Code.STILL_QUEUED)
         response.headers["X-Batch-Id"] = batch_id
         return response
     if item is None:
@@ -161,10 +166,10 @@ def _refusal_of(outcome: UploadError, filename: str) -> UploadError:
     in terms of the Idempotency-Key for a clash or a copy still being stored."""
     if outcome.status == 409:
         return UploadError(409, "this Idempotency-Key came before with another file: give each upload "
-                                "a key of its own", filename)
+                                "a key of its own", filename, code=Code.TOKEN_CONFLICT)
     if outcome.reason == STILL_STORING:
         return UploadError(503, "an earlier request with the same Idempotency-Key is storing this file; "
-                                "send it again", filename)
+                                "send it again", filename, code=Code.BUSY)
     return outcome
 
 
@@ -178,11 +183,12 @@ def _no_result_response(filename: str, item_id: str, batch_id: str) -> Response:
         endpoint = svc.settings.endpoint_url
         unless = (f", unless the AWS at {endpoint} stops too, as make run's embedded AWS, "
                   "which keeps nothing, does" if endpoint else "")
-        response = _answer(503, f"the web tier is stopping; the image is still queued, see "
-                                f"/api/jobs/{batch_id} (no need to send it again{unless})", filename)
+        response = _refusal(503, f"the web tier is stopping; the image is still queued, see "
+                                 f"/api/jobs/{batch_id} (no need to send it again{unless})", filename,
+                            Code.STILL_QUEUED)
     else:
-        response = _answer(504, f"no result within {svc.settings.result_timeout_s:g} s; it is still queued, "
-                                f"see /api/jobs/{batch_id}", filename)
+        response = _refusal(504, f"no result within {svc.settings.result_timeout_s:g} s; it is still queued, "
+                                 f"see /api/jobs/{batch_id}", filename, Code.TIMEOUT)
     response.headers["X-Item-Id"] = item_id
     response.headers["X-Batch-Id"] = batch_id
     return response
@@ -191,7 +197,10 @@ def _no_result_response(filename: str, item_id: str, batch_id: str) -> Response:
 def _result_response(filename: str, item: Item, batch_id: str) -> Response:
     """The answer for a finished item: `<name>:<label>`, or its error."""
     status, message, label, untrained = _outcome(item)
-    response = _answer(status, message, filename, label=label)
+    if label is None:
+        response = _refusal(status, message, filename, Code.CLASSIFICATION_FAILED)
+    else:
+        response = _label_answer(filename, item, batch_id)
     # Where the item's score, top 5 and worker are: GET /api/jobs/<X-Batch-Id>.
     response.headers["X-Item-Id"] = item.id
     response.headers["X-Batch-Id"] = batch_id
@@ -240,7 +249,7 @@ def _batch_for(key: str | None) -> tuple[str, list[str] | None]:
         return new_id(), None
     if not IDEMPOTENCY_KEY.fullmatch(key):
         raise UploadError(400, "an Idempotency-Key is 16 to 64 letters, digits or '._:-' (a UUID, say), "
-                               f"not {key[:70]!r}")
+                               f"not {key[:70]!r}", code=Code.BAD_REQUEST)
     batch_id = hashlib.sha256(f"POST / {key}".encode()).hexdigest()[:32]
     services().rebuilder.load_batch(batch_id)
     return batch_id, [key]

@@ -1,5 +1,6 @@
-"""Error answers: JSON for the API, plain text for the program-facing POST /, a page
-for the page's own form without JavaScript (POST /?answer=page)."""
+"""Error answers: JSON for the API, plain text for the program-facing POST / (JSON to
+a client that asks for it), a page for the page's own form without JavaScript
+(POST /?answer=page). Every JSON error carries a `code` (web_tier/refusals.py)."""
 
 from __future__ import annotations
 
@@ -16,17 +17,38 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from common.aws import error_reason
 from web_tier.filenames import clean_name
 from web_tier.form import CLASSIFY_FIELDS, JOBS_FIELDS, MAX_TEXT_FIELD_BYTES, send_as_files
-from web_tier.refusals import UploadError, too_large
+from web_tier.refusals import SEND_AGAIN, Code, UploadError, code_of_status, too_large
 from web_tier.services import services
 from web_tier.unread_body import reads_bounded_by
 
 log = logging.getLogger(__name__)
 
 
-def wants_text() -> bool:
-    """POST / speaks plain text to programs, and so does `/` to any method but a
-    browser's GET (a PUT / had the page's HTML 405: reviewer); the API speaks JSON."""
+def at_post_root() -> bool:
+    """POST /, the endpoint for programs, or `/` with any method but a browser's GET (a
+    PUT / had the page's HTML 405: reviewer): answered as POST / answers, not as a page."""
     return request.path == "/" and request.method not in ("GET", "HEAD")
+
+
+# What POST / answers in, its contract's text first: a client that accepts both as much
+# (curl's and requests' "*/*", or no Accept at all) gets text.
+_POST_ROOT_TYPES = ("text/plain", "text/html", "application/json")
+
+
+def wants_json() -> bool:
+    """A POST / whose client asks for JSON (Accept: application/json), and prefers no
+    text to it: a program would otherwise read its 200 as text and each error as prose."""
+    return at_post_root() and request.accept_mimetypes.best_match(_POST_ROOT_TYPES) == "application/json"
+
+
+def wants_text() -> bool:
+    """POST / speaks plain text to programs, unless they ask for JSON; the API speaks JSON."""
+    return at_post_root() and not wants_json()
+
+
+def is_api_path(path: str) -> bool:
+    """`/api` and everything under it: answered in JSON, its unknown paths too."""
+    return path == "/api" or path.startswith("/api/")
 
 
 # Where the plain form's answer is (web_tier/classify.py, `answer`).
@@ -36,8 +58,8 @@ ANSWERS_PATH = "/answers/"
 def wants_page() -> bool:
     """The upload page's form for browsers without JavaScript, whose users read the
     answer as a page (with the untrained model said), not a line of text: its
-    POST /?answer=page, and the answer page that leads to."""
-    return (wants_text() and request.args.get("answer") == "page") or request.path.startswith(ANSWERS_PATH)
+    POST /?answer=page (whatever it accepts), and the answer page that leads to."""
+    return (at_post_root() and request.args.get("answer") == "page") or request.path.startswith(ANSWERS_PATH)
 
 
 def answer_page(status: int, message: str, filename: str | None = None, label: str | None = None,
@@ -84,9 +106,11 @@ def error_response(error: UploadError) -> Response:
     else:
         response = jsonify(error_json(error))
         response.status_code = error.status
-    if error.status == 503:
-        # Every 503 refusal here stored nothing: say that sending again is safe (the
-        # load test, like other clients, sends again only a 503 with Retry-After).
+    if error.code in SEND_AGAIN:
+        # These refusals stored nothing: say that sending again is safe (the load
+        # test, like other clients, sends again only a 503 with Retry-After). Not a
+        # 503 of an image stored and queued (STILL_QUEUED): sent again, it would be
+        # classified twice.
         response.headers["Retry-After"] = "5"
     return response
 
@@ -101,14 +125,16 @@ def _too_large(exc: RequestEntityTooLarge) -> Response:
         return error_response(UploadError(
             413, f"the form has too many parts (at most {files} files to /api/jobs, each with at most "
                  f"one token; one file to POST /), or a text field or a part's headers (its file name) "
-                 f"over {MAX_TEXT_FIELD_BYTES} bytes: " + send_as_files(_file_fields()[0])))
-    if wants_text():
+                 f"over {MAX_TEXT_FIELD_BYTES} bytes: " + send_as_files(_file_fields()[0]),
+            code=Code.REQUEST_TOO_LARGE))
+    if at_post_root():
         # POST / takes one file, so its limit is the file's: say so, naming the file.
         max_bytes = services().settings.max_upload_bytes
         return error_response(UploadError(
-            413, too_large(max_bytes), _first_file_name()))
+            413, too_large(max_bytes), _first_file_name(), code=Code.TOO_LARGE))
     return error_response(UploadError(
-        413, "the request is larger than the server accepts" + (f" ({limit} bytes)" if limit else "")))
+        413, "the request is larger than the server accepts" + (f" ({limit} bytes)" if limit else ""),
+        code=Code.REQUEST_TOO_LARGE))
 
 
 def _file_fields() -> tuple[str, ...]:
@@ -142,8 +168,10 @@ def _first_file_name() -> str | None:
 
 def _http_error(exc: HTTPException) -> Response:
     # Pages keep Flask's HTML errors; API callers and programs get their format.
-    if request.path.startswith(("/api/", "/healthz")) or wants_text() or wants_page():
-        response = error_response(UploadError(exc.code or 500, exc.description or exc.name))
+    if is_api_path(request.path) or request.path.startswith("/healthz") or at_post_root() or wants_page():
+        status = exc.code or 500
+        response = error_response(UploadError(status, exc.description or exc.name,
+                                              code=code_of_status(status)))
         # Werkzeug's own headers: a 405's Allow names the methods that are.
         for name, value in exc.get_headers():
             if name.lower() != "content-type":
@@ -155,7 +183,8 @@ def _http_error(exc: HTTPException) -> Response:
 def _aws_unavailable(exc: Exception) -> Response:
     # S3 or SQS failing after botocore's own retries: the caller may try again.
     log.warning("AWS failed on %s %s: %s", request.method, request.path, exc)
-    return error_response(UploadError(503, f"storage unavailable ({error_reason(exc)}); try again"))
+    return error_response(UploadError(503, f"storage unavailable ({error_reason(exc)}); try again",
+                                      code=Code.AWS_UNAVAILABLE))
 
 
 def _malformed_body(exc: ParseException) -> Response:
@@ -163,7 +192,7 @@ def _malformed_body(exc: ParseException) -> Response:
     # the client's mistake. Nothing after it on the connection can be read, so gunicorn
     # closes it after this answer (whose "Connection: keep-alive" is gunicorn's own: it
     # drops a Connection header set here).
-    return error_response(UploadError(400, f"the request body is malformed ({exc})"))
+    return error_response(UploadError(400, f"the request body is malformed ({exc})", code=Code.BAD_REQUEST))
 
 
 def _unexpected(exc: Exception) -> Response:
@@ -174,9 +203,10 @@ def _unexpected(exc: Exception) -> Response:
         log.error("no room to spool %s %s: %s (TMPDIR=%s)", request.method, request.path, exc,
                   tempfile.gettempdir())
         return error_response(UploadError(503, "the server has no room to hold this upload now; nothing "
-                                               "was stored: send it again later, or in smaller requests"))
+                                               "was stored: send it again later, or in smaller requests",
+                                          code=Code.BUSY))
     log.exception("unhandled error on %s %s", request.method, request.path)
-    return error_response(UploadError(500, "internal error"))
+    return error_response(UploadError(500, "internal error", code=Code.INTERNAL))
 
 
 def register(app: Flask) -> None:

@@ -7,6 +7,7 @@ import logging
 from flask import Blueprint, Response, jsonify
 
 from common.aws import error_reason
+from web_tier.refusals import Code
 from web_tier.services import services
 
 bp = Blueprint("health", __name__)
@@ -32,5 +33,6 @@ def healthz() -> tuple[Response, int]:
             check()
         except Exception as exc:
             log.warning("healthz: %s unreachable: %s", name, exc)
-            return jsonify({"ok": False, "error": f"{name} unreachable: {error_reason(exc)}"}), 503
+            return jsonify({"ok": False, "error": f"{name} unreachable: {error_reason(exc)}",
+                            "code": Code.AWS_UNAVAILABLE}), 503
     return jsonify({"ok": True}), 200

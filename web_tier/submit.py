@@ -15,7 +15,7 @@ from common.messages import ClassifyRequest, MessageError
 from common.names import object_key
 from web_tier.image_check import Upload
 from web_tier.journal import Journal
-from web_tier.refusals import UploadError
+from web_tier.refusals import Code, UploadError
 from web_tier.results import Item, ResultBook
 from web_tier.sender import BatchingSender
 from web_tier.storage import head, put_input
@@ -116,15 +116,16 @@ class Submitter:
             stored = holder.id not in self._storing and self.book.get(holder.id) is not None
         if holder.filename != upload.filename:  # not this file sent again: another, under a used token
             return UploadError(409, f"token {item.token!r} already names another file in this batch "
-                                    f"({holder.filename}): give each file its own token", upload.filename)
+                                    f"({holder.filename}): give each file its own token", upload.filename,
+                               code=Code.TOKEN_CONFLICT)
         if holder.digest and holder.digest != item.digest:
             # Same name, other bytes (a file edited and sent again, or another's upload
             # planted under a guessable token): it had the first file's answer (reviewer).
             return UploadError(409, f"token {item.token!r} already names another file of this name, "
                                     "with other contents, in this batch: give each file its own token",
-                               upload.filename)
+                               upload.filename, code=Code.TOKEN_CONFLICT)
         if not stored:
-            return UploadError(503, STILL_STORING, upload.filename)
+            return UploadError(503, STILL_STORING, upload.filename, code=Code.BUSY)
         return SentBefore(holder)
 
     def _submit_one(self, item: Item, upload: Upload) -> Item | UploadError:
@@ -171,7 +172,8 @@ class Submitter:
                 # which sends only what S3 has, queues it: classified, at worst as well as
                 # its resend, never left queued for ever (reviewer).
                 self._retry_later(item.id, request)
-            return UploadError(503, "could not be stored or queued; try again", upload.filename)
+            return UploadError(503, "could not be stored or queued; try again", upload.filename,
+                               code=Code.AWS_UNAVAILABLE)
         self._end(item.id)
         return item
 

@@ -71,47 +71,53 @@ def noise_png(side: int) -> bytes:
 
 
 BAD = [
-    pytest.param(b"just some text, not an image", "notes.jpg", 415, "not an image", id="text-named-jpg"),
-    pytest.param(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n", "doc.png", 415, "not an image",
+    pytest.param(b"just some text, not an image", "notes.jpg", 415, "not_an_image", "not an image",
+                 id="text-named-jpg"),
+    pytest.param(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n", "doc.png", 415, "not_an_image", "not an image",
                  id="pdf-named-png"),
-    pytest.param(encode(Image.new("RGB", (8, 8)), "PPM"), "x.ppm", 415, "PPM images are not accepted",
-                 id="unaccepted-format"),
+    pytest.param(encode(Image.new("RGB", (8, 8)), "PPM"), "x.ppm", 415, "unsupported_type",
+                 "PPM images are not accepted", id="unaccepted-format"),
     # Its first bytes are also a CUR's: it was named a CUR (reviewer).
-    pytest.param(encode(Image.new("RGB", (8, 8)), "TGA"), "x.tga", 415, "TGA images are not accepted",
-                 id="tga"),
+    pytest.param(encode(Image.new("RGB", (8, 8)), "TGA"), "x.tga", 415, "unsupported_type",
+                 "TGA images are not accepted", id="tga"),
     # Text whose first bytes PPM's reader would look at ("P" and a digit).
-    pytest.param(b"P3 notes: install Python 3.11\n", "notes.png", 415, "not an image", id="text-like-ppm"),
-    pytest.param(make_image(1, fmt="PNG")[:200], "cut.png", 422,
+    pytest.param(b"P3 notes: install Python 3.11\n", "notes.png", 415, "not_an_image", "not an image",
+                 id="text-like-ppm"),
+    pytest.param(make_image(1, fmt="PNG")[:200], "cut.png", 422, "unreadable_image",
                  "damaged or unreadable image: the file ends before its image data does (cut short)",
                  id="truncated"),  # Pillow says "Truncated File Read"
     pytest.param(b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>', "logo.svg", 415,
-                 "SVG images are not accepted", id="svg"),
-    pytest.param(png_with_bad_header_crc(), "crc.png", 422,
+                 "unsupported_type", "SVG images are not accepted", id="svg"),
+    pytest.param(png_with_bad_header_crc(), "crc.png", 422, "unreadable_image",
                  "damaged or unreadable image: not a valid PNG file", id="bad-header-checksum"),
-    pytest.param(b"\xff\xd8\xff\xe0" + b"\x00" * 40, "stub.jpg", 422, "not a valid JPEG file",
-                 id="jpeg-stub"),
-    pytest.param(make_image(1)[:3000], "half.jpg", 422, "JPEG data is truncated", id="truncated-jpeg"),
-    pytest.param(make_image(1)[:-2], "no-end.jpg", 422, "no end-of-image marker", id="jpeg-without-end"),
-    pytest.param(make_image(1, fmt="BMP")[:-1000], "cut.bmp", 422, "BMP pixel data is truncated",
-                 id="truncated-bmp"),
-    pytest.param(b"", "empty.jpg", 400, "empty", id="empty"),
-    pytest.param(noise_png(400), "huge.png", 413, "larger than the limit", id="too-many-bytes"),
-    pytest.param(png_claiming(7000, 7000), "bomb.png", 413, "7000x7000", id="too-many-pixels"),
+    pytest.param(b"\xff\xd8\xff\xe0" + b"\x00" * 40, "stub.jpg", 422, "unreadable_image",
+                 "not a valid JPEG file", id="jpeg-stub"),
+    pytest.param(make_image(1)[:3000], "half.jpg", 422, "unreadable_image", "JPEG data is truncated",
+                 id="truncated-jpeg"),
+    pytest.param(make_image(1)[:-2], "no-end.jpg", 422, "unreadable_image", "no end-of-image marker",
+                 id="jpeg-without-end"),
+    pytest.param(make_image(1, fmt="BMP")[:-1000], "cut.bmp", 422, "unreadable_image",
+                 "BMP pixel data is truncated", id="truncated-bmp"),
+    pytest.param(b"", "empty.jpg", 400, "empty_file", "empty", id="empty"),
+    pytest.param(noise_png(400), "huge.png", 413, "too_large", "larger than the limit", id="too-many-bytes"),
+    pytest.param(png_claiming(7000, 7000), "bomb.png", 413, "too_large", "7000x7000", id="too-many-pixels"),
     # Past twice Pillow's own limit, Pillow refuses it; said against the configured limit.
-    pytest.param(png_claiming(100_000, 100_000), "megabomb.png", 413,
+    pytest.param(png_claiming(100_000, 100_000), "megabomb.png", 413, "too_large",
                  "image has 10000000000 pixels, more than the limit of 40000000",
                  id="pillow-bomb-error"),
 ]
 
 
-@pytest.mark.parametrize(("data", "name", "status", "reason"), BAD)
-def test_bad_upload_is_refused_naming_the_file(web_client, data, name, status, reason):
+@pytest.mark.parametrize(("data", "name", "status", "code", "reason"), BAD)
+def test_bad_upload_is_refused_naming_the_file(web_client, data, name, status, code, reason):
     response = upload(web_client, [(data, name)])
     assert response.status_code == status
     body = response.get_json()
     assert body["filename"] == name
     assert reason in body["error"]
-    assert body["rejected"] == [{"index": 0, "filename": name, "error": body["error"], "status": status}]
+    assert body["code"] == code
+    assert body["rejected"] == [{"index": 0, "filename": name, "error": body["error"], "code": code,
+                                 "status": status}]
     assert "batch_id" not in body  # nothing stored: no batch to follow
     # The service still answers the next request.
     assert upload(web_client, [(make_image(2), "fine.jpg")]).status_code == 202

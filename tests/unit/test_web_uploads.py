@@ -147,12 +147,16 @@ def test_no_files_or_a_wrong_field_is_refused_naming_the_field(web_client):
     response = web_client.post("/api/jobs", data={}, content_type="multipart/form-data")
     assert response.status_code == 400
     assert response.get_json()["error"]
+    # A form of text fields alone: no file in it.
+    response = web_client.post("/api/jobs", data={"note": "x"}, content_type="multipart/form-data")
+    assert response.status_code == 400 and response.get_json()["code"] == "no_file"
     response = web_client.post("/api/jobs", data={"file": (io.BytesIO(make_image(1)), "a.jpg")},
                                content_type="multipart/form-data")
     assert response.status_code == 400
     assert response.get_json() == {"items": [], "rejected": [],
                                    "error": "sent in form field 'file': send it in 'files' "
-                                            "(curl -F files=@cat.jpg)", "filename": "a.jpg"}
+                                            "(curl -F files=@cat.jpg)", "code": "bad_request",
+                                   "filename": "a.jpg"}
 
 
 @pytest.mark.parametrize(("path", "with_named"), [("/api/jobs", False), ("/api/jobs", True), ("/", True)])
@@ -712,27 +716,34 @@ def test_every_error_answer_of_post_api_jobs_has_items_and_rejected(make_web_app
     client = make_web_app(start_background=False).test_client()
     keyed = make_web_app(start_background=False, api_key="s3cret-key").test_client()
     image = [(make_image(13), "a.jpg")]
+    # Each with its code, which a program reads rather than the prose (reviewer).
+    too_many = image * (web_settings.max_files_per_request + 1)
     answers = {
-        "too many files": upload(client, image * (web_settings.max_files_per_request + 1)),
-        "no file": client.post("/api/jobs", data={}, content_type="multipart/form-data"),
-        "a wrong field": client.post("/api/jobs", data={"file": (io.BytesIO(make_image(13)), "a.jpg")},
-                                     content_type="multipart/form-data"),
-        "a bad batch id": upload(client, image, batch_id="nope"),
-        "no such batch": upload(client, image, batch_id="ab" * 16),
-        "no key": upload(keyed, image),
-        "another site": upload(client, image, headers={"Sec-Fetch-Site": "cross-site"}),
-        "another method": client.get("/api/jobs"),
-        "a form past its limits": post_parts(client, "/api/jobs", [
-            ('Content-Disposition: form-data; name="files"', b"x" * 200_000)]),
+        "too many files": ("too_many_files", upload(client, too_many)),
+        "an empty form": ("bad_request", client.post("/api/jobs", data={},
+                                                     content_type="multipart/form-data")),
+        "no file": ("no_file", client.post("/api/jobs", data={"note": "x"},
+                                           content_type="multipart/form-data")),
+        "a wrong field": ("bad_request", client.post(
+            "/api/jobs", data={"file": (io.BytesIO(make_image(13)), "a.jpg")},
+            content_type="multipart/form-data")),
+        "a bad batch id": ("bad_request", upload(client, image, batch_id="nope")),
+        "no such batch": ("unknown_batch", upload(client, image, batch_id="ab" * 16)),
+        "no key": ("unauthorized", upload(keyed, image)),
+        "another site": ("forbidden", upload(client, image, headers={"Sec-Fetch-Site": "cross-site"})),
+        "another method": ("method_not_allowed", client.get("/api/jobs")),
+        "a form past its limits": ("request_too_large", post_parts(client, "/api/jobs", [
+            ('Content-Disposition: form-data; name="files"', b"x" * 200_000)])),
     }
-    for why, response in answers.items():
+    for why, (code, response) in answers.items():
         assert response.status_code >= 400 and response.is_json, why
         body = response.get_json()
         assert body["items"] == [] and body["rejected"] == [], (why, body)
         assert body["error"] and "filename" in body, (why, body)
+        assert body["code"] == code, (why, body)
     # Other endpoints keep their shape.
     assert client.get(f"/api/jobs/{'ab' * 16}").get_json() == {"error": f"no such batch: {'ab' * 16}",
-                                                              "filename": None}
+                                                              "code": "unknown_batch", "filename": None}
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the page's script")
