@@ -100,6 +100,9 @@ class Job:
     stored_answer: ClassifyResponse | None = None
     # Until when (time.time()) its message is hidden at the latest, for the journal.
     hidden_until: float = 0.0
+    # When SQS says this copy of the request was first received (seconds since the
+    # epoch); None if it did not say. Bounds the retries of a failure mark S3 denies.
+    first_received: float | None = None
 
     @property
     def settled(self) -> bool:
@@ -208,14 +211,15 @@ class HeldMessages:
                 log.warning("could not delete %d %s: %s", len(reply["Failed"]), why, codes)
         self.forget(jobs)
 
-    def release(self, jobs: list[Job]) -> None:
+    def release(self, jobs: list[Job], at_least_s: int = 0) -> None:
         """This attempt failed: let the next one (here or elsewhere) have the messages,
-        after a delay that grows with each attempt (see `retry_delay_s`).
+        after a delay that grows with each attempt (see `retry_delay_s`), and is
+        `at_least_s` long.
 
         Counts as a receive: after max_receive_count of them SQS moves a message
         to the dead-letter queue."""
         first = self.settings.retry_delay_s
-        self.hide([(j, retry_delay_s(j.receive_count, first)) for j in jobs])
+        self.hide([(j, max(retry_delay_s(j.receive_count, first), at_least_s)) for j in jobs])
 
     def hide(self, hidden_for: list[tuple[Job, int]]) -> None:
         """Stop holding these jobs and hide each message for its seconds (0: visible now).

@@ -49,10 +49,16 @@ from app_tier.images import BadImage, prepare
 from app_tier.model import Classification, Classifier
 from app_tier.stored_answer import stored_answer
 from common import systemd
-from common.aws import Aws, error_code, is_not_found, sqs_batches
+from common.aws import FIRST_RECEIVED_ATTRIBUTE, Aws, error_code, first_received_s, is_not_found, sqs_batches
 from common.backoff import next_wait
-from common.config import SHORT_POLL_PAUSE_S, Settings
-from common.failure_tags import DEAD_LETTER_ERROR, mark_failed
+from common.config import MARK_DENIED_RETRY_DELAY_S, SHORT_POLL_PAUSE_S, Settings
+from common.failure_tags import (
+    DEAD_LETTER_ERROR,
+    MarkDenied,
+    denied_long_enough,
+    mark_failed,
+    since_first_receive,
+)
 from common.fleet import report_worker_failed
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
 from common.names import original_filename, stored_name
@@ -305,7 +311,7 @@ class Worker:
             MaxNumberOfMessages=self.settings.receive_batch,
             WaitTimeSeconds=self.settings.receive_wait_s,
             VisibilityTimeout=self._receive_lease_s,
-            MessageSystemAttributeNames=["ApproximateReceiveCount"],
+            MessageSystemAttributeNames=["ApproximateReceiveCount", FIRST_RECEIVED_ATTRIBUTE],
             MessageAttributeNames=[PRIOR_RECEIVES_ATTRIBUTE],
         )
         jobs = []
@@ -321,7 +327,8 @@ class Worker:
                 continue
             prior = prior_receives(msg)
             count = int(msg.get("Attributes", {}).get("ApproximateReceiveCount", 1)) + prior
-            job = Job(msg["MessageId"], msg["ReceiptHandle"], request, receive_count=count)
+            job = Job(msg["MessageId"], msg["ReceiptHandle"], request, receive_count=count,
+                      first_received=first_received_s(msg))
             if prior and count > self.settings.max_receive_count:
                 # SQS counts a resent copy afresh: without this, every hand-back would
                 # give a request that crashes workers max_receive_count more tries.
@@ -463,18 +470,23 @@ class Worker:
         attempt, alone: its batch-mates are answered and deleted as usual.
         """
         stores = [(job, response, self._io.submit(self._store, job, response)) for job, response in responses]
-        unstored = []
+        unstored, denied = [], []
         for job, _, store in stores:
             try:
                 store.result()
+            except MarkDenied as exc:  # not given up yet (_store): tried again, later than most
+                log.warning("could not mark %s failed; tried again in %d s or more: %s", job.request.key,
+                            MARK_DENIED_RETRY_DELAY_S, exc)
+                denied.append(job)
             except Exception as exc:  # S3, after botocore's retries: tried again later
                 log.warning("could not write the result of %s: %s", job.request.key, exc)
                 unstored.append(job)
-        if unstored:
+        if unstored or denied:
             # Alone: the whole batch had gone back, each request spending an attempt
             # towards the dead-letter queue for one S3 failure (reviewer).
             self.held.release(unstored)
-            responses = [(job, r) for job, r in responses if job not in unstored]
+            self.held.release(denied, at_least_s=MARK_DENIED_RETRY_DELAY_S)
+            responses = [(job, r) for job, r in responses if job not in unstored and job not in denied]
         # Committed: these are answered now, so a shutdown must not hand them back too.
         self.held.commit([job for job, _ in responses])
         unsent = self._reply(responses)
@@ -556,7 +568,21 @@ class Worker:
             # S3 is failing or throttling, this raises: as for a result not written,
             # nothing is sent and the request is tried again. Answered untagged, a batch
             # rebuilt after a restart showed it queued for ever.
-            why_not = mark_failed(self.aws.s3, req.bucket, req.key, response.error or "", self.instance_id)
+            reason = response.error or ""
+            try:
+                why_not = mark_failed(self.aws.s3, req.bucket, req.key, reason, self.instance_id)
+            except MarkDenied as exc:
+                # Denied: tried again as S3 failing is (a role just given the right may
+                # not have it everywhere yet), until the request's last attempt, whose
+                # release would send it to the dead-letter queue, and the reason with it.
+                now = time.time()  # against SQS's timestamps
+                if job.receive_count < self.settings.max_receive_count and not denied_long_enough(
+                        job.first_received, now):
+                    raise
+                log.error("gave up marking %s failed, still denied at attempt %d, %s: %s. A batch rebuilt "
+                          "from S3 after a web-tier restart will show it queued", req.key, job.receive_count,
+                          since_first_receive(job.first_received, now), exc)
+                return
             if why_not:
                 log.warning("could not tag failed input %s: %s", req.key, why_not)
 

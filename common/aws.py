@@ -171,6 +171,23 @@ def is_not_found(exc: ClientError) -> bool:
     return error_code(exc) in NOT_FOUND_CODES
 
 
+# The SQS attribute that says when a message was first received (milliseconds since the
+# epoch). moto keeps it as it moves a message to the dead-letter queue: it then dates
+# from the request's first attempt. Were SQS to start it again there, a dead letter's
+# retries (common/failure_tags.py) would last longer: the whole bound in that queue.
+FIRST_RECEIVED_ATTRIBUTE = "ApproximateFirstReceiveTimestamp"
+
+
+def first_received_s(message: dict) -> float | None:
+    """When SQS says a received message was first received, in seconds since the epoch;
+    None if the receive did not ask for it (FIRST_RECEIVED_ATTRIBUTE) or it is not a number."""
+    value = message.get("Attributes", {}).get(FIRST_RECEIVED_ATTRIBUTE)
+    try:
+        return int(value) / 1000
+    except (TypeError, ValueError):
+        return None
+
+
 def error_reason(exc: BaseException) -> str:
     """A short reason for an AWS failure, fit to show an unauthenticated caller: AWS's
     error code or the kind of failure, never its message, which can name accounts,

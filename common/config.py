@@ -129,6 +129,21 @@ SHORT_POLL_PAUSE_S = 0.05
 # worker extending by 43,200 s a second after the receive was refused, and every message
 # it held came back for another worker (reviewer). An hour is left for holding them.
 MAX_VISIBILITY_TIMEOUT_S = 12 * 3600 - 3600
+# How long a failure mark S3 refuses with AccessDenied is tried again before it is given
+# up (common/failure_tags.py), from the first receive of the message that asks for it.
+# IAM is eventually consistent: a role or policy just attached is denied for seconds, at
+# times a minute or two, so such a refusal is not for ever. Many times that, so that a
+# deploy that attaches the policy as the tiers start loses no mark; short enough that a
+# role truly without s3:PutObjectTagging costs a dead letter some 30 retries (one warning
+# each, at the dead-letter queue's 30 s visibility timeout), not the queue's 14 days.
+# (A dead letter whose attempts took longer than this, e.g. three stalls of STALL_TIMEOUT,
+# is tried once: its first receive was the request's first attempt.)
+MARK_DENIED_RETRY_S = 15 * 60
+# The least a worker hides a request whose failure mark was denied before its next
+# attempt (its retry delay, if longer). At RETRY_DELAY's 5 s, the three attempts of
+# MAX_RECEIVE_COUNT were over within 15 s, before many IAM changes arrive; 60 s apart,
+# they span two minutes, the client waiting that long for the failure (RESULT_TIMEOUT: 300 s).
+MARK_DENIED_RETRY_DELAY_S = 60
 # MODEL_WEIGHTS for ResNet-50 untrained (tests, offline demos): flagged wherever a label shows.
 RANDOM_WEIGHTS = "random"
 

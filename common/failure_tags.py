@@ -13,6 +13,7 @@ from typing import Any
 from botocore.exceptions import ClientError, ParamValidationError
 
 from common.aws import error_code, is_not_found
+from common.config import MARK_DENIED_RETRY_S
 
 # S3 tag values: up to 256 Unicode letters, numbers, spaces and `_ . : / = + - @`.
 # One character outside that set makes the whole tagging call fail.
@@ -38,23 +39,54 @@ DEAD_LETTER_ERROR = ("could not be processed: no worker answered for it in the a
 
 
 # S3's refusals of a failure mark that no retry changes (the mark is then only missed
-# by a batch rebuilt after a restart): no permission, or a tag it will not take.
-TAGGING_REFUSALS = frozenset({"AccessDenied", "InvalidTag", "MalformedXML", "InvalidArgument"})
+# by a batch rebuilt after a restart): a tag it will not take.
+TAGGING_REFUSALS = frozenset({"InvalidTag", "MalformedXML", "InvalidArgument"})
+# Not among them: AccessDenied. A role or policy just attached takes a while to reach
+# every AWS endpoint, and refuses meanwhile; each caller tries again for a while
+# (MARK_DENIED_RETRY_S), then gives up (MarkDenied).
+DENIED_CODES = frozenset({"AccessDenied"})
+
+
+class MarkDenied(Exception):
+    """S3 refused a failure mark with AccessDenied: the role lacks s3:PutObjectTagging on
+    the input bucket, or was given it too recently to have it everywhere yet. The
+    caller decides how long that may last before it gives the mark up."""
+
+    def __init__(self, bucket: str, key: str, exc: ClientError) -> None:
+        super().__init__(f"S3 denied tagging {key}: this role needs s3:PutObjectTagging on "
+                         f"arn:aws:s3:::{bucket}/* ({exc})")
 
 
 def mark_failed(s3: Any, bucket: str, key: str, reason: str, worker: str = "") -> str | None:
     """Mark the input object failed (see failure_tagging); None once marked, else why it
     will never be: the object is gone, or S3 refuses this mark whatever the retries.
-    Raises what trying again may mend (S3 failing or throttling), for the caller to retry."""
+    Raises MarkDenied for AccessDenied, and what trying again may mend (S3 failing or
+    throttling), for the caller to retry."""
     try:
         s3.put_object_tagging(Bucket=bucket, Key=key, Tagging=failure_tagging(reason, worker))
     except ClientError as exc:
         if is_not_found(exc) or error_code(exc) in TAGGING_REFUSALS:
             return str(exc)
+        if error_code(exc) in DENIED_CODES:
+            raise MarkDenied(bucket, key, exc) from exc
         raise
     except ParamValidationError as exc:  # botocore's refusal, not an outage
         return str(exc)
     return None
+
+
+def denied_long_enough(first_received_s: float | None, now_s: float) -> bool:
+    """Whether a mark S3 denies (MarkDenied) is given up, for a message first received
+    at `first_received_s` (seconds since the epoch, SQS's clock): once MARK_DENIED_RETRY_S
+    have passed since. Unknown (None): at once, as nothing else would end the retries."""
+    return first_received_s is None or now_s - first_received_s >= MARK_DENIED_RETRY_S
+
+
+def since_first_receive(first_received_s: float | None, now_s: float) -> str:
+    """How long after its message's first receive a denied mark is given up, for the log."""
+    if first_received_s is None:
+        return "(the message's first receive unknown)"
+    return f"{(now_s - first_received_s) / 60:.0f} min after its message was first received"
 
 
 def failure_tagging(reason: str, worker: str = "") -> dict[str, list[dict[str, str]]]:

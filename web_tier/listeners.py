@@ -21,10 +21,10 @@ from collections.abc import Callable
 
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
-from common.aws import Aws, change_visibility
+from common.aws import FIRST_RECEIVED_ATTRIBUTE, Aws, change_visibility, first_received_s
 from common.backoff import next_wait
-from common.config import SHORT_POLL_PAUSE_S
-from common.failure_tags import DEAD_LETTER_ERROR
+from common.config import MARK_DENIED_RETRY_S, SHORT_POLL_PAUSE_S
+from common.failure_tags import DEAD_LETTER_ERROR, MarkDenied, denied_long_enough, since_first_receive
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
 from web_tier.rebuild import with_stored_outcome
 from web_tier.results import Item, ResultBook, batch_id_of
@@ -107,9 +107,10 @@ class Listeners:
                 if self._stop.wait(backoff):
                     break
 
-    def _receive(self, queue_url: str) -> list[dict]:
+    def _receive(self, queue_url: str, attributes: tuple[str, ...] = ()) -> list[dict]:
         answer = self.aws.sqs_receive.receive_message(
-            QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=self.wait_s
+            QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=self.wait_s,
+            **({"MessageSystemAttributeNames": list(attributes)} if attributes else {}),
         )
         messages = answer.get("Messages", [])
         if not messages and not self.wait_s:
@@ -161,7 +162,7 @@ class Listeners:
 
     def poll_dead_letters(self) -> None:
         url = self.aws.dead_letter_queue_url
-        messages = self._receive(url)
+        messages = self._receive(url, (FIRST_RECEIVED_ATTRIBUTE,))
         done = []
         for message in messages:
             try:
@@ -171,7 +172,14 @@ class Listeners:
                 done.append(message)
                 continue
             try:
-                self._dead_letter(request)
+                self._dead_letter(request, first_received_s(message))
+            except MarkDenied as exc:
+                # Perhaps a role or policy still reaching every endpoint: left in the queue,
+                # tried again after its visibility timeout (a warning each time, no traceback).
+                log.warning("item %s: its input not marked failed yet; tried again when the dead letter "
+                            "comes back, until %.0f min after its first receive: %s", request.id,
+                            MARK_DENIED_RETRY_S / 60, exc)
+                continue
             except ParamValidationError:  # botocore refused to send it: it would, every time
                 self._drop_dead_letter(request)
             except (ClientError, BotoCoreError):
@@ -192,7 +200,9 @@ class Listeners:
         except Exception:  # the other dead letters received with it are still to be deleted
             log.exception("could not fail item %s", request.id)
 
-    def _dead_letter(self, request: ClassifyRequest) -> None:
+    def _dead_letter(self, request: ClassifyRequest, first_received: float | None) -> None:
+        """Answer a dead letter; `first_received`: when SQS says its message was first
+        received (seconds since the epoch), which bounds the retries of a mark S3 denies."""
         known = self.book.get(request.id)
         if known is not None and known.is_finished and not known.provisional:
             return  # answered, or failed by a worker (which marked the object itself)
@@ -210,8 +220,18 @@ class Listeners:
         if self.book.fail(request.id, DEAD_LETTER_ERROR, key=request.key, filename=request.filename):
             log.info("item %s failed on every attempt", request.id)
         # Then the lasting record, for a batch rebuilt from S3. If this raises, the
-        # message stays and comes back. A mark S3 will never take (the object gone, no
-        # permission) is given up: kept, the message came back every 30 s for 14 days.
-        why_not = tag_failed(self.aws, request.key, DEAD_LETTER_ERROR)
+        # message stays and comes back. A mark S3 will never take (the object gone, a
+        # tag refused) is given up: kept, the message came back every 30 s for 14 days.
+        # So is one S3 has denied for MARK_DENIED_RETRY_S: a role without the right.
+        try:
+            why_not = tag_failed(self.aws, request.key, DEAD_LETTER_ERROR)
+        except MarkDenied as exc:
+            now = time.time()  # against SQS's timestamps
+            if not denied_long_enough(first_received, now):
+                raise
+            log.error("item %s: gave up marking its input failed, still denied %s: %s. A batch rebuilt "
+                      "from S3 after a restart will show it queued", request.id,
+                      since_first_receive(first_received, now), exc)
+            return
         if why_not:
             log.warning("item %s: its input not marked failed: %s", request.id, why_not)

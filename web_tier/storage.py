@@ -45,7 +45,8 @@ def head(aws: Aws, bucket: str, key: str) -> dict[str, Any] | None:
 
 def tag_failed(aws: Aws, key: str, reason: str) -> str | None:
     """Mark the input object failed so a rebuilt batch shows the error; None once marked,
-    else why it never will be (common.failure_tags.mark_failed, which raises what a retry may mend)."""
+    else why it never will be (common.failure_tags.mark_failed, which raises what a retry may
+    mend, and MarkDenied for AccessDenied)."""
     return mark_failed(aws.s3, aws.settings.input_bucket, key, reason)
 
 

@@ -170,13 +170,14 @@ def test_a_dead_letter_whose_object_cannot_be_marked_still_answers_the_client(we
     wait_until(lambda: attempts)
     assert dead_letters_left(web_aws) == 1  # kept: the lasting record is not written yet
     # SQS hands the message back after its visibility timeout: handled again, it is marked.
-    services_of(web_app).listeners._dead_letter(request)
+    services_of(web_app).listeners._dead_letter(request, first_received=time.time())
     tags = web_aws.s3.get_object_tagging(Bucket=web_aws.settings.input_bucket, Key=request.key)["TagSet"]
     assert failure_from_tags(tags) == DEAD_LETTER_ERROR
 
 
-def test_a_dead_letter_whose_mark_s3_refuses_for_good_is_dropped(web_app, web_aws, monkeypatch):
-    """A refusal no retry changes (no permission to tag) kept the message, to come back
+@pytest.mark.parametrize("code", ["InvalidTag", "MalformedXML", "InvalidArgument"])
+def test_a_dead_letter_whose_mark_s3_refuses_for_good_is_dropped(web_app, web_aws, monkeypatch, code):
+    """A refusal no retry changes (a tag S3 will not take) kept the message, to come back
     every visibility timeout for the queue's 14 days, each time a traceback (reviewer)."""
     from botocore.exceptions import ClientError
 
@@ -186,7 +187,7 @@ def test_a_dead_letter_whose_mark_s3_refuses_for_good_is_dropped(web_app, web_aw
 
     def s3_refuses(**kwargs):
         attempts.append(kwargs["Key"])
-        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "PutObjectTagging")
+        raise ClientError({"Error": {"Code": code, "Message": "no"}}, "PutObjectTagging")
 
     monkeypatch.setattr(web_aws.s3, "put_object_tagging", s3_refuses)
     dead_letter(web_aws)
@@ -194,6 +195,71 @@ def test_a_dead_letter_whose_mark_s3_refuses_for_good_is_dropped(web_app, web_aw
     assert items_by_name(client, batch_id)["poison.jpg"]["error"] == DEAD_LETTER_ERROR
     wait_until(lambda: dead_letters_left(web_aws) == 0, why=lambda: f"tagging tried {len(attempts)} times")
     assert len(attempts) == 1
+
+
+def deny_tagging(web_aws, monkeypatch, times: int | None) -> list[str]:
+    """S3 answers the web tier's PutObjectTagging with AccessDenied `times` times (None:
+    always), as while a role's new policy is still reaching every endpoint; the keys it
+    was asked to tag, in order. The dead-letter queue hands a message back after 1 s."""
+    from botocore.exceptions import ClientError
+
+    web_aws.sqs.set_queue_attributes(QueueUrl=web_aws.dead_letter_queue_url,
+                                     Attributes={"VisibilityTimeout": "1"})
+    tag, attempts = web_aws.s3.put_object_tagging, []
+
+    def denied(**kwargs):
+        attempts.append(kwargs["Key"])
+        if times is None or len(attempts) <= times:
+            raise ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}},
+                              "PutObjectTagging")
+        return tag(**kwargs)
+
+    monkeypatch.setattr(web_aws.s3, "put_object_tagging", denied)
+    return attempts
+
+
+def test_a_dead_letter_whose_mark_is_denied_for_a_while_is_marked_once_allowed(web_app, web_aws,
+                                                                               monkeypatch, caplog):
+    """AccessDenied was taken as for ever: on real AWS a policy just attached is denied
+    for a while, and the dead letter's item, left unmarked, showed queued for ever in a
+    batch rebuilt after a restart."""
+    client = web_app.test_client()
+    batch_id = upload(client, [(make_image(46), "poison.jpg")]).get_json()["batch_id"]
+    attempts = deny_tagging(web_aws, monkeypatch, times=2)
+    request = dead_letter(web_aws)
+    wait_until(lambda: all_finished(client, batch_id))  # the client is told at once
+    assert items_by_name(client, batch_id)["poison.jpg"]["error"] == DEAD_LETTER_ERROR
+    wait_until(lambda: dead_letters_left(web_aws) == 0, why=lambda: f"tagging tried {len(attempts)} times")
+    tags = web_aws.s3.get_object_tagging(Bucket=web_aws.settings.input_bucket, Key=request.key)["TagSet"]
+    assert failure_from_tags(tags) == DEAD_LETTER_ERROR
+    assert attempts == [request.key] * 3
+    denials = [r for r in caplog.records if "s3:PutObjectTagging" in r.getMessage()]
+    assert [r.levelname for r in denials] == ["WARNING", "WARNING"]  # one a retry
+    assert not [r for r in caplog.records if r.exc_info or r.levelname == "ERROR"]
+
+
+def test_a_dead_letter_whose_mark_is_denied_past_the_bound_is_given_up(web_app, web_aws, monkeypatch, caplog):
+    """A role that truly lacks s3:PutObjectTagging: tried again until MARK_DENIED_RETRY_S
+    after the message's first receive, then given up, the message deleted and the item
+    failed as ever, the log saying which right is missing."""
+    import common.failure_tags
+
+    client = web_app.test_client()
+    batch_id = upload(client, [(make_image(47), "poison.jpg")]).get_json()["batch_id"]
+    attempts = deny_tagging(web_aws, monkeypatch, times=None)
+    request = dead_letter(web_aws)
+    wait_until(lambda: len(attempts) >= 2)  # within the bound: the message came back
+    assert dead_letters_left(web_aws) == 1
+    assert items_by_name(client, batch_id)["poison.jpg"]["error"] == DEAD_LETTER_ERROR
+    monkeypatch.setattr(common.failure_tags, "MARK_DENIED_RETRY_S", 0)  # the bound has passed
+    wait_until(lambda: dead_letters_left(web_aws) == 0, why=lambda: f"tagging tried {len(attempts)} times")
+    tags = web_aws.s3.get_object_tagging(Bucket=web_aws.settings.input_bucket, Key=request.key)["TagSet"]
+    assert failure_from_tags(tags) is None
+    assert items_by_name(client, batch_id)["poison.jpg"]["error"] == DEAD_LETTER_ERROR
+    [given_up] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "gave up marking its input failed" in given_up
+    assert f"s3:PutObjectTagging on arn:aws:s3:::{web_aws.settings.input_bucket}/*" in given_up
+    assert not [r for r in caplog.records if r.exc_info]
 
 
 def test_a_dead_letter_that_fails_other_than_by_aws_is_failed_and_dropped(web_app, web_aws, monkeypatch):

@@ -1603,6 +1603,97 @@ def test_a_failure_mark_s3_throttles_is_tried_again_not_answered_unmarked(aws_en
     assert len(calls) == 2  # the second attempt marked it
 
 
+def deny_tagging(aws: Aws, monkeypatch, times: int | None) -> list[str]:
+    """S3 answers the worker's PutObjectTagging with AccessDenied `times` times (None:
+    always), as while a role's new policy is still reaching every endpoint; the keys
+    it was asked to tag."""
+    tag, calls = aws.s3.put_object_tagging, []
+
+    def denied(**kwargs):
+        calls.append(kwargs["Key"])
+        if times is None or len(calls) <= times:
+            raise _client_error("AccessDenied", "PutObjectTagging")
+        return tag(**kwargs)
+
+    monkeypatch.setattr(aws.s3, "put_object_tagging", denied)
+    return calls
+
+
+def hides_asked(aws: Aws, monkeypatch) -> list[int]:
+    """The visibility timeouts the worker asks SQS for, in order."""
+    change, asked = aws.sqs.change_message_visibility_batch, []
+
+    def recorded(**kwargs):
+        asked.extend(e["VisibilityTimeout"] for e in kwargs["Entries"])
+        return change(**kwargs)
+
+    monkeypatch.setattr(aws.sqs, "change_message_visibility_batch", recorded)
+    return asked
+
+
+def test_a_failure_mark_denied_for_a_while_is_tried_again_and_lands(aws_env, monkeypatch, caplog):
+    """AccessDenied was taken as for ever: on real AWS a policy just attached is denied
+    for a while, and the failed image, answered unmarked, showed queued for ever in a
+    batch rebuilt after a restart. Its request waits MARK_DENIED_RETRY_DELAY_S at least
+    between attempts (here 1 s): RETRY_DELAY's 5 s, then 10 s, ended the attempts before
+    most IAM changes arrive."""
+    import app_tier.worker
+
+    settings, aws = aws_env
+    monkeypatch.setattr(app_tier.worker, "MARK_DENIED_RETRY_DELAY_S", 1)
+    upload(settings, aws, "bad.jpg", b"not an image at all", "bad")
+    calls, hidden_for = deny_tagging(aws, monkeypatch, times=1), hides_asked(aws, monkeypatch)
+    worker = Worker(settings, aws, MeanClassifier(), "i-tag")
+    answered: dict[str, ClassifyResponse] = {}
+    run_until(worker, lambda: answered.update(responses(aws)) or "bad" in answered)
+    key = object_key("b" * 32, "bad", "bad.jpg")
+    tags = aws.s3.get_object_tagging(Bucket=settings.input_bucket, Key=key)["TagSet"]
+    assert failure_from_tags(tags) == answered["bad"].error != DEAD_LETTER_ERROR
+    assert calls == [key, key]  # the second attempt marked it
+    assert 1 in hidden_for  # released for the floor, not RETRY_DELAY's 0 s
+    assert depth(aws, aws.request_queue_url) == depth(aws, aws.dead_letter_queue_url) == (0, 0)
+    denials = [r for r in caplog.records if "s3:PutObjectTagging" in r.getMessage()]
+    assert [r.levelname for r in denials] == ["WARNING"]
+
+
+def test_a_failure_mark_always_denied_is_given_up_at_the_requests_last_attempt(aws_env, monkeypatch, caplog):
+    """Released once more there, the request would go to the dead-letter queue, and its
+    answer say no worker answered, not why the image failed. Given up, it is answered
+    and deleted as before, the log saying which right the role lacks."""
+    import app_tier.worker
+
+    settings, aws = aws_env
+    monkeypatch.setattr(app_tier.worker, "MARK_DENIED_RETRY_DELAY_S", 0)
+    upload(settings, aws, "bad.jpg", b"not an image at all", "bad")
+    calls = deny_tagging(aws, monkeypatch, times=None)
+    worker = Worker(settings, aws, MeanClassifier(), "i-tag")
+    answered: dict[str, ClassifyResponse] = {}
+    run_until(worker, lambda: answered.update(responses(aws)) or "bad" in answered)
+    assert not answered["bad"].ok and answered["bad"].error != DEAD_LETTER_ERROR
+    assert len(calls) == settings.max_receive_count
+    wait_until(lambda: depth(aws, aws.request_queue_url) == (0, 0))
+    assert depth(aws, aws.dead_letter_queue_url) == (0, 0)
+    [given_up] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert f"still denied at attempt {settings.max_receive_count}" in given_up
+    assert f"s3:PutObjectTagging on arn:aws:s3:::{settings.input_bucket}/*" in given_up
+
+
+def test_a_failure_mark_denied_past_the_bound_is_given_up_before_the_last_attempt(aws_env, monkeypatch):
+    """With a MAX_RECEIVE_COUNT of many attempts, each an hour apart at most, the
+    retries stop MARK_DENIED_RETRY_S after the request's first receive (here at once)."""
+    import common.failure_tags
+
+    settings, aws = aws_env
+    settings = dataclasses.replace(settings, max_receive_count=1000)
+    monkeypatch.setattr(common.failure_tags, "MARK_DENIED_RETRY_S", 0)
+    upload(settings, aws, "bad.jpg", b"not an image at all", "bad")
+    calls = deny_tagging(aws, monkeypatch, times=None)
+    worker = Worker(settings, aws, MeanClassifier(), "i-tag")
+    answered: dict[str, ClassifyResponse] = {}
+    run_until(worker, lambda: answered.update(responses(aws)) or "bad" in answered)
+    assert not answered["bad"].ok and len(calls) == 1
+
+
 def test_requests_answered_but_not_deleted_are_not_released_to_be_answered_again_at_once(
         aws_env, monkeypatch, caplog):
     """A delete that raised after the reply released the batch: answered again at each

@@ -697,6 +697,9 @@ def fault_env(tmp_path, monkeypatch):
         return next_wait(previous, 0.1, 1.0)
 
     monkeypatch.setattr(worker_module, "next_wait", quick)
+    # A failure mark denied (an injected AccessDenied) is tried again at once too, as with
+    # RETRY_DELAY 0, not a minute later: an episode waited that minute out.
+    monkeypatch.setattr(worker_module, "MARK_DENIED_RETRY_DELAY_S", 0)
     with mock_aws():
         base = dataclasses.replace(Settings(), receive_wait_s=0, visibility_timeout_s=2, retry_delay_s=0,
                                    max_image_pixels=MAX_PIXELS)
