@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import random
 import threading
+import time
+import types
+from collections import deque
 
 import pytest
 
 from common.aws import SQS_MAX_BATCH
 from tests.conftest import without_credentials
 from tests.unit.conftest import wait_until
+from web_tier import sender as sender_module
 from web_tier.sender import MAX_SENDS_IN_FLIGHT, BatchingSender, SendError
 
 
@@ -22,16 +27,17 @@ def _queued(aws) -> list[str]:
         bodies += [m["Body"] for m in got]
 
 
-def _in_threads(send, bodies: list[str]) -> tuple[list[threading.Thread], dict[str, Exception]]:
-    errors: dict[str, Exception] = {}
+def _in_threads(send, bodies: list[str]) -> tuple[list[threading.Thread], dict[str, BaseException]]:
+    """A thread sending each body, named after it; what each that raised raised."""
+    errors: dict[str, BaseException] = {}
 
     def one(body: str) -> None:
         try:
             send(body)
-        except Exception as exc:
+        except BaseException as exc:  # an Interrupted too
             errors[body] = exc
 
-    threads = [threading.Thread(target=one, args=(b,)) for b in bodies]
+    threads = [threading.Thread(target=one, args=(b,), name=b) for b in bodies]
     for t in threads:
         t.start()
     return threads, errors
@@ -172,3 +178,221 @@ def test_a_web_tier_started_without_credentials_sends_once_they_come(web_aws, mo
     finally:
         svc.stop()
     assert _queued(web_aws) == ["after"]
+
+
+
+class HeldSqs(FlakySqs):
+    """Accepts all; each of its first `held` calls waits for its turn (`let_go`), and
+    its next one raises `then` if given."""
+
+    def __init__(self, held: int = MAX_SENDS_IN_FLIGHT, then: BaseException | None = None) -> None:
+        super().__init__()
+        self.held, self.then = held, then
+        self.turns, self.holding = threading.Semaphore(0), threading.Semaphore(0)
+        self.calls, self._lock = 0, threading.Lock()  # calls: begun
+
+    def let_go(self, calls: int | None = None) -> None:
+        """Let that many held calls go on (all by default)."""
+        self.turns.release(self.held if calls is None else calls)
+
+    def send_message_batch(self, QueueUrl: str, Entries: list[dict]) -> dict:  # noqa: N803
+        with self._lock:
+            self.calls += 1
+            call = self.calls
+        if call <= self.held:
+            self.holding.release()
+            assert self.turns.acquire(timeout=10)
+        elif call == self.held + 1 and self.then is not None:
+            raise self.then
+        with self._lock:
+            return super().send_message_batch(QueueUrl, Entries)
+
+
+def _holding_both_slots(sender: BatchingSender, sqs: HeldSqs) -> list[threading.Thread]:
+    """The callers whose sends `sqs` holds, one a slot."""
+    threads = []
+    for n in range(MAX_SENDS_IN_FLIGHT):
+        threads += _in_threads(sender.send, [f"first{n}"])[0]
+        assert sqs.holding.acquire(timeout=10)
+    return threads
+
+
+def _counting_wakeups(monkeypatch, interrupt: str = "") -> dict[str, list]:
+    """Counts the sender's waits begun and ended (its conditions' wait calls), and keeps
+    its conditions; the caller of body `interrupt` is interrupted as it starts to wait."""
+    counts: dict[str, list] = {"waits": [], "wakeups": [], "conditions": []}
+
+    class CountingCondition(threading.Condition):
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            counts["conditions"].append(self)
+
+        def wait(self, timeout=None):
+            if threading.current_thread().name == interrupt:
+                raise Interrupted
+            counts["waits"].append(1)
+            try:
+                return super().wait(timeout)
+            finally:
+                counts["wakeups"].append(1)
+
+    monkeypatch.setattr(sender_module, "threading",
+                        types.SimpleNamespace(Lock=threading.Lock, Condition=CountingCondition))
+    return counts
+
+
+def test_a_finished_send_wakes_only_its_own_callers_and_the_next_sender(monkeypatch):
+    """One condition for all woke every waiting caller at the end of every send: with
+    800 waiting (a big upload), ~1 ms of CPU a message (review). Each caller is now woken
+    when its message is done, or when it is the next to send."""
+    counts = _counting_wakeups(monkeypatch)
+    sqs = HeldSqs(held=1000)
+    sender = BatchingSender(lambda: sqs, lambda: "url")
+    first = _holding_both_slots(sender, sqs)
+    bodies = [f"m{n:02d}" for n in range(40)]
+    rest, errors = _in_threads(sender.send, bodies)
+    wait_until(lambda: len(counts["waits"]) == len(bodies), why=lambda: f"{len(counts['waits'])} waiting")
+
+    def settled() -> bool:
+        """Every caller woken has looked, and waits again, sends or has returned. (A
+        condition's _waiters are those not yet notified.)"""
+        in_wait = len(counts["waits"]) - len(counts["wakeups"])
+        return in_wait == sum(len(c._waiters) for c in counts["conditions"])
+
+    # The calls go on one at a time, each once the wake-ups of the last have played out.
+    threads, let_go = first + rest, 0
+    while True:
+        wait_until(lambda n=let_go: sqs.calls > n or not any(t.is_alive() for t in threads))
+        if sqs.calls == let_go:
+            break  # every caller has returned
+        wait_until(settled)
+        sqs.let_go(1)
+        let_go += 1
+    assert not errors and sorted(sqs.accepted) == sorted([*bodies, "first0", "first1"])
+    # Once when its message is done, and at most twice a send to start the next (the
+    # old code, each caller then waiting at each send's end: 96 for 6 sends).
+    assert len(counts["wakeups"]) <= len(bodies) + 2 * sqs.calls, (len(counts["wakeups"]), sqs.calls)
+
+
+class Interrupted(BaseException):
+    """As a signal's exception, or SystemExit, raised in a caller's thread."""
+
+
+def test_an_interrupted_send_fails_its_batch_mates():
+    """Interrupted, the sending caller left its batch-mates returning as if SQS had
+    taken their messages."""
+    sqs = HeldSqs(then=Interrupted())
+    sender = BatchingSender(lambda: sqs, lambda: "url")
+    first = _holding_both_slots(sender, sqs)
+    bodies = ["a", "b", "c"]
+    rest, errors = _in_threads(sender.send, bodies)
+    wait_until(lambda: len(sender._waiting) == len(bodies))
+    sqs.let_go()  # the next send, of all three, is interrupted
+    for t in first + rest:
+        t.join(10)
+    assert sorted(sqs.accepted) == ["first0", "first1"]
+    assert sorted(errors) == bodies
+    interrupted = [b for b in bodies if isinstance(errors[b], Interrupted)]
+    assert len(interrupted) == 1  # the caller that sent them; its batch-mates hear why:
+    assert all(isinstance(errors[b], SendError) for b in bodies if b not in interrupted)
+
+
+def test_a_caller_interrupted_while_waiting_takes_its_message_back(monkeypatch):
+    """Left waiting, the message of a caller who heard an error was sent by the next."""
+    _counting_wakeups(monkeypatch, interrupt="gone")
+    sqs = HeldSqs()
+    sender = BatchingSender(lambda: sqs, lambda: "url")
+    first = _holding_both_slots(sender, sqs)
+    gone, errors = _in_threads(sender.send, ["gone"])
+    gone[0].join(10)
+    stays, more_errors = _in_threads(sender.send, ["stays"])
+    wait_until(lambda: len(sender._waiting) == 1)
+    sqs.let_go()
+    for t in first + stays:
+        t.join(10)
+    assert isinstance(errors["gone"], Interrupted) and not more_errors
+    assert sorted(sqs.accepted) == ["first0", "first1", "stays"]
+
+
+class ChaosSqs:
+    """Accepts, refuses some entries, fails whole calls or is interrupted in them, at
+    random; records what it did with each body, and checks the sender's rules as it goes."""
+
+    REFUSE, FAIL, INTERRUPT = 0.05, 0.08, 0.02  # of entries; of calls; of calls
+
+    def __init__(self, seed: int) -> None:
+        self.rng, self.lock = random.Random(seed), threading.Lock()
+        self.outcome: dict[str, str] = {}  # body -> accepted, refused, call failed, interrupted
+        self.in_flight = self.most_in_flight = 0
+        self.broken: list[str] = []  # the rules seen broken
+        self.sending = threading.local()  # the body each caller is sending (its thread)
+
+    def send_message_batch(self, QueueUrl: str, Entries: list[dict]) -> dict:  # noqa: N803
+        bodies = [e["MessageBody"] for e in Entries]
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            draw, pause = self.rng.random(), self.rng.choice([0, 0, 0, 0.0005, 0.002])
+            refused = {b for b in bodies if self.rng.random() < self.REFUSE}
+            if not 1 <= len(bodies) <= SQS_MAX_BATCH:
+                self.broken.append(f"a batch of {len(bodies)}")
+            if self.sending.body in self.outcome:
+                self.broken.append(f"{self.sending.body}'s caller sent {bodies} after its own was sent")
+            for b in bodies:
+                if b in self.outcome:
+                    self.broken.append(f"{b} sent twice")
+        time.sleep(pause)  # a call's own latency, to mix the callers' turns
+        with self.lock:
+            self.in_flight -= 1
+            outcome = ("call failed" if draw < self.FAIL else
+                       "interrupted" if draw < self.FAIL + self.INTERRUPT else None)
+            for b in bodies:
+                self.outcome[b] = outcome or ("refused" if b in refused else "accepted")
+        if outcome == "call failed":
+            raise ConnectionError("SQS is down")
+        if outcome == "interrupted":
+            raise Interrupted
+        return {"Successful": [], "Failed": [{"Id": e["Id"], "Code": "InvalidMessageContents"}
+                                            for e in Entries if e["MessageBody"] in refused]}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_many_callers_and_failures_lose_duplicate_and_strand_nothing(seed):
+    """48 threads each send 25 messages while SQS fails at random: every message is
+    sent at most once, its caller hears its outcome, and every caller is done by the
+    deadline; at most MAX_SENDS_IN_FLIGHT calls at a time, each of 1-10 messages, and
+    none from a caller whose own message had gone out already."""
+    sqs = ChaosSqs(seed)
+    sender = BatchingSender(lambda: sqs, lambda: "url")
+    heard: dict[str, str] = {}
+
+    def caller(n: int) -> None:
+        for m in range(25):
+            body = sqs.sending.body = f"t{n:02d}-{m:02d}"
+            try:
+                sender.send(body)
+                heard[body] = "accepted"
+            except SendError as exc:
+                heard[body] = "interrupted" if "interrupted" in str(exc) else "refused"
+            except ConnectionError:
+                heard[body] = "call failed"
+            except Interrupted:
+                heard[body] = "interrupted"
+
+    threads = [threading.Thread(target=caller, args=(n,), daemon=True) for n in range(48)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in threads if t.is_alive()]
+    assert not stuck, f"{len(stuck)} callers still waiting, {len(sender._waiting)} messages untaken"
+    assert not sqs.broken, sqs.broken[:5]
+    assert sqs.most_in_flight <= MAX_SENDS_IN_FLIGHT
+    assert len(heard) == 48 * 25
+    # Each caller heard what SQS did with its message, unless it was interrupted (in its
+    # own send of others', its own in another's: not known), and only then was one not sent.
+    told = {b: o for b, o in heard.items() if o != "interrupted"}
+    assert told == {b: o for b, o in sqs.outcome.items() if b in told}
+    assert set(heard) - set(sqs.outcome) <= set(heard) - set(told)
+    assert sender._waiting == deque() and sender._sends_in_flight == 0
