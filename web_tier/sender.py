@@ -23,8 +23,8 @@ from typing import Any
 from common.aws import SQS_MAX_BATCH
 
 # Two, not one: a send that stalls (a dead pooled connection waits out botocore's read
-# timeout, 30 s a try) held up every upload of the process behind it (reviewer). More
-# would split the batches further under load, each call costing its own CPU.
+# timeout, SEND_READ_TIMEOUT_S a try) held up every upload of the process behind it
+# (reviewer). More would split the batches further under load, each call costing its own CPU.
 MAX_SENDS_IN_FLIGHT = 2
 
 

@@ -41,7 +41,7 @@ class Services:
     rebuilder: BatchRebuilder = field(init=False)
 
     def __post_init__(self) -> None:
-        requests = BatchingSender(lambda: self.aws.sqs, lambda: self.aws.request_queue_url)
+        requests = BatchingSender(lambda: self.aws.sqs_send, lambda: self.aws.request_queue_url)
         self.submitter = Submitter(self.aws, self.book, self.pool, requests, self.journal)
         self.status = StatusReader(self.aws, self.book)
         self.rebuilder = BatchRebuilder(self.aws, self.book)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import http.server
+import json
 import random
 import threading
 import time
@@ -396,3 +400,74 @@ def test_many_callers_and_failures_lose_duplicate_and_strand_nothing(seed):
     assert told == {b: o for b, o in sqs.outcome.items() if b in told}
     assert set(heard) - set(sqs.outcome) <= set(heard) - set(told)
     assert sender._waiting == deque() and sender._sends_in_flight == 0
+
+
+class StallingSqsEndpoint:
+    """SQS on loopback whose first call is never answered, as on a dead pooled connection
+    (until `stop`); it accepts every message of the later ones."""
+
+    def __init__(self) -> None:
+        self.calls, self.accepted, self.stopping = 0, [], threading.Event()
+        endpoint = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                entries = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["Entries"]
+                endpoint.calls += 1  # (one handler at a time but the stalled one)
+                if endpoint.calls == 1:
+                    endpoint.stopping.wait(60)
+                    return  # closes the connection, unanswered
+                endpoint.accepted += [e["MessageBody"] for e in entries]
+                answer = json.dumps({"Successful": [
+                    {"Id": e["Id"], "MessageId": f"m{n}", "MD5OfMessageBody": hashlib.md5(
+                        e["MessageBody"].encode()).hexdigest()} for n, e in enumerate(entries)]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-amz-json-1.0")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_stalled_send_is_tried_again_within_seconds(web_settings, monkeypatch):
+    """A dead pooled connection held its send for botocore's read timeout, 30 s a try:
+    two of them held every upload of the process (review). The web tier's sender gives
+    up on a call unanswered after SEND_READ_TIMEOUT_S, and botocore tries it again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from common.aws import SEND_READ_TIMEOUT_S, Aws
+    from web_tier.results import ResultBook
+    from web_tier.services import Services
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    endpoint = StallingSqsEndpoint()
+    settings = dataclasses.replace(web_settings, endpoint_url=endpoint.url)
+    aws = Aws(settings)
+    aws._queue_urls[settings.request_queue] = f"{endpoint.url}/123456789012/requests"
+    svc = Services(settings, aws, ResultBook(), ThreadPoolExecutor(1))
+    started = time.monotonic()
+    sending, errors = _in_threads(svc.submitter.requests.send, ["stalled"])
+    try:
+        sending[0].join(SEND_READ_TIMEOUT_S + 10)  # the first try, the second's backoff (<= 1 s)
+        took = time.monotonic() - started
+        assert not sending[0].is_alive(), f"still waiting after {took:.1f} s"
+    finally:
+        endpoint.stop()
+        svc.stop()
+        sending[0].join(60)
+    assert not errors and endpoint.accepted == ["stalled"] and endpoint.calls == 2
+    assert SEND_READ_TIMEOUT_S <= took < 30
