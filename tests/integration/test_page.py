@@ -808,6 +808,9 @@ def test_an_unknown_batch_in_the_address_is_said_and_dropped(stack, browser):
         time.sleep(0.05)
     assert summary.text == f"batch {unknown} could not be loaded (unknown here, or expired)"
     assert "#batches=" not in browser.current_url
+    # Said too, once, without the id's 32 digits (only the summary line showed it: reviewer).
+    said = browser.find_element(By.ID, "announce").get_property("textContent")
+    assert said == "a batch in the address could not be loaded (unknown here, or expired)"
 
 
 # Counts the files of each POST /api/jobs, then sends it on.
@@ -1431,7 +1434,8 @@ def test_screen_readers_hear_the_first_failure_at_once_and_the_summary_at_the_en
     assert all(re.fullmatch(r"\d of 4 classified(, 1 failed)?", s) for s in said[1:-1]), said
     assert len(said) <= 2 + (time.monotonic() - began) // 15, said
     assert announce.get_attribute("aria-live") == "polite"
-    assert browser.title == "Image classification"  # "(2/4) Image classification" while under way
+    # "(2/4) Image classification" while under way, then how it ended.
+    assert browser.title == "Done: 3 classified, 1 failed · Image classification"
 
 
 def test_screen_readers_hear_a_long_name_cut_between_characters_as_seen(stack, browser):
@@ -2255,3 +2259,160 @@ def test_a_batch_pushed_out_of_the_address_is_said_to_be(stack, browser, tmp_pat
     assert len(browser.current_url.split("#batches=")[1].split(",")) == 2
     summary = browser.find_element(By.ID, "summary").text
     assert "the address keeps the latest 2 batches: older ones left it" in summary, summary
+
+
+def test_a_folder_of_no_images_is_said_to_screen_readers_once(stack, browser, tmp_path):
+    """The summary said a folder's files were skipped, but the live region stayed empty:
+    a folder of no images was chosen in silence, and a dropped one read unsaid (reviewer)."""
+    import base64
+
+    browser.get(stack.web_url + "/")
+    record_announcements(browser)
+    choose_folder(browser, tmp_path / "notes", {"a.txt": b"not an image", "b.txt": b"nor this"})
+    skipped = "2 files in the folder skipped, not images: notes/a.txt, notes/b.txt"
+    wait_for(lambda: browser.execute_script("return window.announced"), 30, "the folder's notice, said")
+    assert browser.execute_script("return window.announced") == [skipped]
+    # Dropped, the folder is said to be read, once, not at each batch of files read.
+    browser.execute_script("window.announced.length = 0;")
+    text = base64.b64encode(b"not an image").decode()
+    assert browser.execute_script(DROP_TREE, {"notes": {f"{n}.txt": text for n in "abcde"}})
+    wait_for(lambda: len(browser.execute_script("return window.announced")) == 2, 30, "the drop, said")
+    assert browser.execute_script("return window.announced") == [
+        "reading the folder…",
+        "5 files in the folder skipped, not images: notes/a.txt, notes/b.txt, notes/c.txt, …"]
+    assert rows_shown(browser) == []
+
+
+def test_a_refused_api_key_takes_the_focus_once_and_the_rest_of_the_upload_is_not_sent(
+        stack, browser, tmp_path):
+    """Chunks go one at a time until the batch exists: each was refused 401 in turn, and
+    each pulled the focus back to the key's box, from wherever the user had gone (reviewer)."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    browser.execute_script(UPLOADS_BY_FETCH + """
+      localStorage.clear();
+      document.body.dataset.filesPerRequest = '1';
+      window.keyFocused = 0;
+      document.getElementById('api-key').addEventListener('focus', () => { window.keyFocused += 1; });
+      window.posts = 0;
+      const realFetch = window.fetch;
+      window.fetch = (url, options) => {
+        if (url !== "/api/jobs") return realFetch(url, options);
+        window.posts += 1;
+        document.activeElement.blur();  // the user has moved on
+        return Promise.resolve(new Response(JSON.stringify(
+          {error: "a valid API key is required (X-API-Key header)", filename: null}), {status: 401}));
+      };""")
+    choose(browser, tmp_path, {f"keyless_{i}.jpg": make_image(1300 + i, size=(64, 48)) for i in range(3)})
+    shown = finished_rows(browser, stack, 3, timeout_s=20)
+    for row in shown.values():
+        assert row.get_attribute("data-state") == "failed"
+        assert "an API key is required: enter it above and upload again" in row.text
+    assert browser.execute_script("return window.posts") == 1  # each later chunk would be refused so
+    assert browser.execute_script("return window.keyFocused") == 1
+    assert browser.switch_to.active_element == browser.find_element(By.ID, "api-key")
+
+
+def test_screen_readers_hear_a_count_that_does_not_change_less_and_less_often(stack, browser, tmp_path):
+    """A stalled run said "0 of 500 classified" every 15 s for ever (reviewer): the same
+    count is said again after 1, 2, 4 periods, then every 8; a new count starts again at
+    one. The files' waiting is faked in the page's polls; a period is 0.5 s here."""
+    browser.get(stack.web_url + "/")
+    browser.execute_script(r"""
+      document.body.dataset.announceEveryMs = '500';
+      window.EventSource = undefined;  // the page polls GET /api/jobs/<id> instead
+      window.released = [];
+      const realFetch = window.fetch;
+      window.fetch = async (url, options) => {
+        const response = await realFetch(url, options);
+        if (!/^\/api\/jobs\/[0-9a-f]{32}$/.test(String(url))) return response;
+        const body = await response.json();
+        for (const item of body.items) {
+          if (!window.released.includes(item.filename)) {
+            Object.assign(item, { state: "queued", label: null, top5: [] });
+          }
+        }
+        return new Response(JSON.stringify(body),
+                            { status: 200, headers: { "Content-Type": "application/json" } });
+      };
+      window.heard = [];  // [text, when in ms]
+      const announce = document.getElementById("announce");
+      new MutationObserver(() => window.heard.push([announce.textContent, performance.now()]))
+        .observe(announce, {childList: true, characterData: true, subtree: true});""")
+    choose(browser, tmp_path, {f"stalled_{i}.jpg": make_image(1310 + i, size=(64, 48)) for i in range(2)})
+
+    def times_said(text: str) -> list[float]:
+        heard = browser.execute_script("return window.heard")
+        return [when for said, when in heard if said == text]
+
+    waiting = wait_for(lambda: len(times_said("0 of 2 classified")) >= 6 and times_said("0 of 2 classified"),
+                       30, "the waiting count, said six times")
+    gaps = [later - earlier for earlier, later in zip(waiting[:5], waiting[1:6], strict=True)]
+    for gap, expected in zip(gaps, [500, 1000, 2000, 4000, 4000], strict=True):
+        assert expected - 50 <= gap <= expected + 900, gaps
+    browser.execute_script("window.released.push('stalled_0.jpg');")
+    changed = wait_for(lambda: len(times_said("1 of 2 classified")) >= 2 and times_said("1 of 2 classified"),
+                       30, "the new count, said twice")
+    assert changed[1] - changed[0] <= 1500, changed  # one period again, not eight
+
+
+def test_the_title_says_how_the_run_ended_until_the_next_upload(stack, browser, tmp_path):
+    """Once all were finished the title went back to "Image classification": a user
+    coming back to the tab could not tell how the run had ended (reviewer)."""
+    browser.get(stack.web_url + "/")
+    choose(browser, tmp_path, {"good.jpg": make_image(1330, size=(64, 48)), "bad.jpg": b"not an image"})
+    finished_rows(browser, stack, 2, timeout_s=60)
+    wait_for(lambda: browser.title == "Done: 1 classified, 1 failed · Image classification", 10, "the title")
+    browser.execute_script("""
+      window.titles = [];
+      new MutationObserver(() => window.titles.push(document.title))
+        .observe(document.querySelector("title"), {childList: true, characterData: true, subtree: true});""")
+    choose(browser, tmp_path, {"next.jpg": make_image(1331, size=(64, 48))})
+    finished_rows(browser, stack, 3, timeout_s=60)
+    wait_for(lambda: browser.title == "Done: 2 classified, 1 failed · Image classification", 10,
+             "the new title")
+    # Kept until the next upload (a refresh may set it again first), then its progress.
+    titles = [t for t in browser.execute_script("return window.titles") if not t.startswith("Done: 1 ")]
+    assert titles[0] == "(2/3) Image classification", titles
+
+
+def test_the_only_failed_filter_that_hides_gives_its_focus_to_the_csv_button(stack, browser, tmp_path):
+    """Its last failure replaced by a late answer, the checkbox hid with the focus on it:
+    the focus fell to the page's body (reviewer). Faked in the page's polls, as in
+    test_a_late_answer_replaces_a_rows_dead_letter_failure: "late.jpg" failed, "other.jpg"
+    queued (the batch followed on), then the truth."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    browser.execute_script(r"""
+      window.EventSource = undefined;
+      window.deadLetter = true;
+      const realFetch = window.fetch;
+      window.fetch = async (url, options) => {
+        const response = await realFetch(url, options);
+        if (!window.deadLetter || !/^\/api\/jobs\/[0-9a-f]{32}$/.test(String(url))) return response;
+        const body = await response.json();
+        for (const item of body.items) {
+          Object.assign(item, item.filename === "late.jpg"
+            ? { state: "failed", label: null, score: null, top5: [],
+                error: "no worker answered it in 3 attempts" }
+            : { state: "queued", label: null, score: null, top5: [] });
+        }
+        return new Response(JSON.stringify(body),
+                            { status: 200, headers: { "Content-Type": "application/json" } });
+      };""")
+    choose(browser, tmp_path, {"late.jpg": make_image(1340, size=(64, 48)),
+                               "other.jpg": make_image(1341, size=(64, 48))})
+    wait_for(lambda: [state for _, state, _ in rows_shown(browser)] == ["failed", "queued"], 60,
+             "the dead letter shown")
+    only_failed = browser.find_element(By.ID, "only-failed")
+    wait_for(only_failed.is_displayed, 10, "the filter")
+    only_failed.click()
+    assert only_failed.is_selected() and browser.switch_to.active_element == only_failed
+    browser.execute_script("window.deadLetter = false;")
+    wait_for(lambda: rows_shown(browser)[0][1] == "done", 30, "the late answer")
+    wait_for(lambda: not browser.find_element(By.ID, "only-failed-box").is_displayed(), 10,
+             "the filter hidden")
+    assert browser.execute_script("return document.activeElement.id") == "download-csv"
+    assert not only_failed.is_selected()

@@ -81,7 +81,6 @@
   let folderNotices = [];
   let leaving = false;     // the page is being unloaded: its uploads are cut off, not refused
   let openStreams = 0;
-  let announced = "";
   const TITLE = document.title;
   window.addEventListener("pagehide", () => { leaving = true; });
   // Back in view from the back/forward cache: live again, its uploads go on (they
@@ -403,7 +402,15 @@
     const counts = all.length ? `${done} of ${all.length} classified${failed ? `, ${failed} failed` : ""}` : "";
     $("summary").textContent = [counts, sendingText(), ...notices, ...folderNotices].filter(Boolean).join(" · ");
     // Among hundreds of rows, the few that failed are the ones to act on.
-    $("only-failed-box").hidden = !failed;
+    const onlyFailedBox = $("only-failed-box");
+    if (!failed && !onlyFailedBox.hidden) {
+      // No row failed any more (a late answer replaced a failure): hidden with the focus
+      // on it, the focus fell to the page's body; and left checked, it filtered the
+      // rows at once when a failure brought it back (reviewer).
+      if (document.activeElement === $("only-failed")) $("download-csv").focus();
+      $("only-failed").checked = false;
+    }
+    onlyFailedBox.hidden = !failed;
     $("only-failed-count").textContent = failed ? ` (${failed})` : "";
     resultsEl.classList.toggle("only-failed", Boolean(failed) && $("only-failed").checked);
     $("download-csv").textContent = onlyFailed() ? "Download the failed files (CSV)"
@@ -415,28 +422,48 @@
     if (!sending && document.activeElement === stopSending) $("download-csv").focus();
     stopSending.hidden = !sending;
     const finished = done + failed === all.length;
-    // The tab's title follows too: a user waiting in another tab could not.
-    document.title = counts && !finished ? `(${done + failed}/${all.length}) ${TITLE}` : TITLE;
+    // The tab's title follows too: a user waiting in another tab could not. Once all
+    // are finished it says how they ended, until the next upload: it went back to the
+    // bare title, and a user coming back to the tab could not tell (reviewer).
+    const ended = `Done: ${done} classified${failed ? `, ${failed} failed` : ""}`;
+    document.title = !counts ? TITLE : finished ? `${ended} · ${TITLE}` : `(${done + failed}/${all.length}) ${TITLE}`;
     announceProgress(counts, failed, finished);
   }
 
   // What screen readers hear: not each result (hundreds would flood them), but each
   // upload's first failure at once with its reason, the count (and the MB sent, while
-  // sending) every announceEveryMs() while files are under way, and the count once all
-  // are finished. Said only at the
-  // end, 500 files gave 24 s of silence, a refused API key none at all; said for the
-  // page's first failure only, a later upload's refused key never was (reviewers).
+  // sending) every announceEveryMs() while it changes, and the count once all are
+  // finished. Said only at the end, 500 files gave 24 s of silence, a refused API key
+  // none at all; said for the page's first failure only, a later upload's refused key
+  // never was (reviewers). A count that does not change is said again less and less
+  // often (15 s, 30, 60, then every 120 s): a stalled run said "0 of 500 classified"
+  // every 15 s for ever (reviewer). The summary's notices are said once each (sayOnce).
   function announceEveryMs() {
     return Number(document.body.dataset.announceEveryMs) || 15000;  // the attribute: tests only
   }
-  let announcedAt = 0;
-  let announceTimer = null;
-  let noteForNext = "";     // said first in the next announcement, whatever it is (stopping)
+  const REPEAT_BACK_OFF_MAX = 8;  // the same count waits at most 8 periods: 120 s
+  let announcedAt = 0;      // when the live region was last given a text
+  let announceTimer = null; // the next time a count may be due
+  let progressSaid = "";    // the count (with the MB sent) said last
+  let repeatMs = 0;         // how long after it the same count is said again
+  const notesForNext = [];  // said once, first in the next announcement, whatever it is
   let failedAtUpload = 0;   // the page's failed rows when the latest upload began
   let failureSaid = false;  // ...and whether one of its failures has been said
   function uploadBegins() {
     failedAtUpload = resultsEl.querySelectorAll('.result[data-state="failed"]').length;
     failureSaid = false;
+  }
+  // `text` is said once, with the summary's next refresh: only the summary line showed
+  // its notices, and a folder of no images was chosen in silence (reviewer).
+  function sayOnce(text) {
+    notesForNext.push(text);
+    updateSummary();
+  }
+  // A notice kept in the summary line, and said once (`spoken`, where the shown text
+  // is no good read aloud).
+  function addNotice(text, spoken = text) {
+    notices.push(text);
+    sayOnce(spoken);
   }
   // A long name said whole took a screen reader half a minute (reviewer): its start and
   // end, cut between characters as seen (a flag or a family emoji kept whole).
@@ -449,45 +476,48 @@
     return parts.length > 60 ? `${parts.slice(0, 40).join("")}…${parts.slice(-15).join("")}` : name;
   }
   function announceProgress(counts, failed, finished) {
-    if (!counts) return;
-    if (!announcedAt) announcedAt = Date.now();  // the first files chosen start the clock
-    if (finished && announceTimer) {
-      // Its count said: a timer left to fire said it a second time.
-      clearTimeout(announceTimer);
-      announceTimer = null;
-    }
-    if (!finished && !announceTimer) {
-      // Nothing changes while files wait for a worker: the count due every
-      // announceEveryMs() was not said (24 s of silence from a cold start: reviewer).
-      const due = announcedAt + announceEveryMs() - Date.now();
-      announceTimer = setTimeout(() => {
-        announceTimer = null;
-        announced = "";  // the same count is said again: the files are still waiting
-        refreshSummary();
-      }, due > 0 ? due : announceEveryMs());
-    }
+    clearTimeout(announceTimer);
+    announceTimer = null;
+    const every = announceEveryMs();
+    // With how far the sending has got: on a slow link the count alone stayed
+    // "0 of 24 classified" for minutes, where the summary showed the MB (reviewer).
+    const progress = [counts, sendingText()].filter(Boolean).join(", ");
+    const heard = (said) => {  // the count in `said` is the one to say again, later
+      if (said !== progressSaid) repeatMs = every;
+      progressSaid = said;
+    };
     let text = null;
-    if (failed > failedAtUpload && !failureSaid) {
-      failureSaid = true;  // later ones are in the counts said every announceEveryMs()
-      // The newest rows are last: the latest upload's.
-      const rows = resultsEl.querySelectorAll('.result[data-state="failed"]');
-      const newest = rows[rows.length - 1];
-      const said = shortened(newest.dataset.filename);
-      text = `${counts}. ${said}: ${newest.querySelector(".error").textContent}`;
-    } else if (finished || Date.now() - announcedAt >= announceEveryMs()) {
-      // With how far the sending has got: on a slow link the count alone stayed
-      // "0 of 24 classified" for minutes, where the summary showed the MB (reviewer).
-      text = [counts, sendingText()].filter(Boolean).join(", ");
+    if (counts) {
+      if (!announcedAt) announcedAt = Date.now();  // the first files chosen start the clock
+      const changed = progress !== progressSaid;
+      const due = Date.now() >= announcedAt + (changed ? every : repeatMs);
+      if (failed > failedAtUpload && !failureSaid) {
+        failureSaid = true;  // later ones are in the counts said every announceEveryMs()
+        // The newest rows are last: the latest upload's.
+        const rows = resultsEl.querySelectorAll('.result[data-state="failed"]');
+        const newest = rows[rows.length - 1];
+        const said = shortened(newest.dataset.filename);
+        text = `${counts}. ${said}: ${newest.querySelector(".error").textContent}`;
+        heard(counts);  // said again bare, it would cut the reason off
+      } else if (changed ? finished || due : !finished && due) {
+        text = progress;
+        if (!changed) repeatMs = Math.min(2 * repeatMs, REPEAT_BACK_OFF_MAX * every);
+        heard(progress);
+      }
     }
-    if (noteForNext) {
-      text = text === null ? noteForNext : `${noteForNext}. ${text}`;
-      noteForNext = "";
+    const notes = notesForNext.splice(0);
+    if (notes.length) text = [...notes, text].filter(Boolean).join(". ");
+    if (text !== null) {
+      announcedAt = Date.now();
+      $("announce").textContent = text;
     }
-    // Said already, with a failure's reason: said again bare, it cut the reason off.
-    if (text === null || text === announced || announced.startsWith(`${text}. `)) return;
-    announced = text;
-    announcedAt = Date.now();
-    $("announce").textContent = text;
+    if (counts && !finished) {
+      // Nothing changes while files wait for a worker: without a timer, the count due
+      // was not said (24 s of silence from a cold start: reviewer). Once all are
+      // finished, none is left: the count said again, it said it a second time.
+      const next = announcedAt + (progress === progressSaid ? repeatMs : every);
+      announceTimer = setTimeout(refreshSummary, Math.max(next - Date.now(), 0));
+    }
   }
 
   // The rows on the page as a CSV file, in their order: with the files the server
@@ -537,7 +567,7 @@
     // Rows being sent stay "uploading" until their request ends: said, or the press
     // seemed to do nothing (reviewer). In the one text the summary's next refresh says,
     // with the files the stop left unsent if any: said apart, ms apart, one went unheard.
-    noteForNext = "Stopped: files already on their way finish sending, the rest are not sent";
+    notesForNext.push("Stopped: files already on their way finish sending, the rest are not sent");
     for (const session of sessions) session.stop();
     updateSummary();
     $("download-csv").focus();  // the button goes: focus left on nothing (reviewer)
@@ -587,6 +617,7 @@
       this.inHand = new Set();  // chunks taken from the queue, their answer not in yet
       this.answeredBytes = 0;   // of the files whose request was answered (sendingText)
       this.stopped = false;     // the user stopped it: nothing more is sent
+      this.keyRefused = false;  // the server refused its API key (refuseKey)
       this.resendReady = null;  // resolves when one of them joins the queue
       this.wake = () => {};
       this.watchFrom = 0;       // a restored batch: watched unsentWatchMs() from then for unsent files
@@ -707,9 +738,8 @@
         // looked for another fault (reviewer).
         const why = headers["X-API-Key"] ? "the API key was refused: check it above and upload again"
           : "an API key is required: enter it above and upload again";
-        sayKeyProblem(why);
-        keyInput.focus();  // where the fix is typed: a screen reader user hears the box, and why
         this.refuse(chunk, why);
+        if (!this.keyRefused) this.refuseKey(why);
         return;
       }
       if (refusedWhole(body)) {
@@ -755,6 +785,21 @@
       // Followed from the first stored file on, and again after a stream that ended
       // because all that had joined the batch were done (more chunks join it later).
       if (this.created && !this.stream && !this.pollTimer) this.follow();
+    }
+
+    // The server refused the API key (401): the chunks not yet sent are refused with the
+    // same reason (sent, each would be refused so), and the focus moved to the key's box
+    // once, where the fix is typed: a screen reader user hears the box, and why. It was
+    // moved there at each chunk's 401, pulling the focus back from wherever the user had
+    // gone, once per chunk (reviewer). Resends waiting their turn go as they would: their
+    // files may be stored already (an answer lost), which a 401 could not tell.
+    refuseKey(why) {
+      this.keyRefused = true;
+      sayKeyProblem(why);
+      keyInput.focus();
+      const unsent = this.queue.flatMap(({ chunk }) => chunk);
+      this.queue = [];
+      this.refuse(unsent, why);
     }
 
     // The entries whose files can still be read; the others failed, each with why.
@@ -1078,9 +1123,8 @@
     if (kept.length < ids.length + 1 && !droppedSaid) {
       // Their rows stay on the page, but a reload or the link would not show them: say so.
       droppedSaid = true;
-      notices.push(`the address keeps the latest ${most} batches: older ones left it, and a ` +
-                   "reload will not show them");
-      updateSummary();
+      addNotice(`the address keeps the latest ${most} batches: older ones left it, and a ` +
+                "reload will not show them");
     }
     writeBatches(kept);
   }
@@ -1166,11 +1210,16 @@
     if (!items) {
       if (unknown) {
         // One this tab was sending when it reloaded, of which it saved nothing.
-        if (!isUnconfirmed(batchId)) notices.push(`batch ${batchId} could not be loaded (unknown here, or expired)`);
+        // Said without its id: 32 hex digits read out one by one (the summary shows it).
+        if (!isUnconfirmed(batchId)) {
+          addNotice(`batch ${batchId} could not be loaded (unknown here, or expired)`,
+                    "a batch in the address could not be loaded (unknown here, or expired)");
+        }
         setUnconfirmed(batchId, false);
         forgetBatch(batchId);
       } else {  // the server is unreachable or failing for now: keep the batch for a reload
-        notices.push(`batch ${batchId} could not be loaded now: reload to try again`);
+        addNotice(`batch ${batchId} could not be loaded now: reload to try again`,
+                  "a batch in the address could not be loaded now: reload to try again");
       }
       updateSummary();
       return;
@@ -1255,8 +1304,7 @@
   // An address edited by hand may name what is not a batch id: say so, not nothing.
   const malformed = idsInUrl().filter((id) => !BATCH_ID.test(id));
   if (malformed.length) {
-    notices.push(`not a batch id, ignored: ${malformed.map((id) => id.slice(0, 40)).join(", ")}`);
-    updateSummary();
+    addNotice(`not a batch id, ignored: ${malformed.map((id) => id.slice(0, 40)).join(", ")}`);
   }
   if (malformed.length || batchesInUrl().length !== idsInUrl().length) writeBatches(batchesInUrl());
   // All at once (a batch rebuilt after a restart may take seconds, and one that never
@@ -1346,6 +1394,7 @@
     if (unreadable.length) {
       folderNotices.push(`${unreadable.length} in the folder could not be read: ${someOf(unreadable)}`);
     }
+    for (const notice of folderNotices) sayOnce(notice);
     updateSummary();
     upload(kept);
   }
@@ -1443,6 +1492,7 @@
       folderNotices = [`reading the folder… ${count} file${count === 1 ? "" : "s"} found`];
       updateSummary();
     };
+    sayOnce("reading the folder…");  // once: its count, said at each batch of files read, was chatter
     reading(0);
     walk(entries.filter(Boolean), reading)
       .then(({ found, unreadable, hidden }) => uploadFound(found, unreadable, hidden));
