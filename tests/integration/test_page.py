@@ -2357,6 +2357,29 @@ def test_screen_readers_hear_a_count_that_does_not_change_less_and_less_often(st
     assert changed[1] - changed[0] <= 1500, changed  # one period again, not eight
 
 
+def test_the_page_has_headings_and_a_result_says_what_each_figure_is(stack, browser, tmp_path):
+    """No heading below the h1, and a row read "img0.jpg done shield 19.4% untrained":
+    which figure is what was left to guess (reviewer). The contract's data-* stay."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    headings = browser.find_elements(By.CSS_SELECTOR, "main h2")
+    assert [h.get_property("textContent") for h in headings] == ["Choose images", "Results"]
+    assert browser.find_element(By.ID, "drop-zone").accessible_name == "Choose images"
+    results = browser.find_element(By.ID, "results")
+    assert results.get_attribute("aria-labelledby") == headings[1].get_attribute("id")
+    assert results.accessible_name == "Results"
+    choose(browser, tmp_path, {"named.jpg": make_image(1320, size=(64, 48)), "junk.jpg": b"not an image"})
+    shown = finished_rows(browser, stack, 2, timeout_s=60)
+    done = shown["named.jpg"]
+    label, score = done.get_attribute("data-label"), float(done.get_attribute("data-score"))
+    read = " ".join(browser.execute_script("return arguments[0].innerText", done).split())  # as styled
+    assert read == f"named.jpg done label: {label} confidence {score * 100:.1f}% UNTRAINED top 5", read
+    assert done.find_element(By.CLASS_NAME, "label").text == label  # shown as before
+    read = " ".join(browser.execute_script("return arguments[0].innerText", shown["junk.jpg"]).split())
+    assert read.startswith("junk.jpg failed ") and "label:" not in read and "confidence" not in read, read
+
+
 def test_the_title_says_how_the_run_ended_until_the_next_upload(stack, browser, tmp_path):
     """Once all were finished the title went back to "Image classification": a user
     coming back to the tab could not tell how the run had ended (reviewer)."""
