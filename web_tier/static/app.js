@@ -498,7 +498,7 @@
         const newest = rows[rows.length - 1];
         const said = shortened(newest.dataset.filename);
         text = `${counts}. ${said}: ${newest.querySelector(".error").textContent}`;
-        heard(counts);  // said again bare, it would cut the reason off
+        heard(counts);  // with it: not said again bare at once, which cut the reason off
       } else if (changed ? finished || due : !finished && due) {
         text = progress;
         if (!changed) repeatMs = Math.min(2 * repeatMs, REPEAT_BACK_OFF_MAX * every);
@@ -513,8 +513,8 @@
     }
     if (counts && !finished) {
       // Nothing changes while files wait for a worker: without a timer, the count due
-      // was not said (24 s of silence from a cold start: reviewer). Once all are
-      // finished, none is left: the count said again, it said it a second time.
+      // was not said (24 s of silence from a cold start: reviewer). None once all are
+      // finished: left to fire, it said the final count a second time.
       const next = announcedAt + (progress === progressSaid ? repeatMs : every);
       announceTimer = setTimeout(refreshSummary, Math.max(next - Date.now(), 0));
     }
