@@ -32,6 +32,7 @@ from localaws.stack import (
     RESTART_DELAY_S,
     Child,
     Stack,
+    _group_alive,
     child_env,
     how_it_ended,
     local_model_weights,
@@ -211,6 +212,24 @@ def group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_a_group_whose_processes_have_all_exited_is_not_waited_for():
+    """A process that has exited, but that its parent (or, for an orphan, a slow init)
+    has not reaped yet, runs no more: a stop or a web restart waiting for its group does
+    not wait for the reaping (a container's init took 1-2 s each time)."""
+    running = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    exited = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    try:
+        # Not reaped: this test is its parent and has not waited for it yet.
+        wait_until(lambda: "Z" in worker_state(exited.pid), 30, why=lambda: worker_state(exited.pid))
+        assert group_alive(exited.pid)  # the kernel still lists it in its group...
+        assert not _group_alive(exited.pid)  # ...but nothing there is left to stop
+        assert _group_alive(running.pid)
+    finally:
+        running.kill()
+        running.wait()
+        exited.wait()
 
 
 # Stands in for the controller: pings its watchdog for a while, then hangs.
