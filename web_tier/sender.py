@@ -39,6 +39,9 @@ class _Message:
     # or when its caller may start a send (see _wake_next_sender).
     wake: threading.Condition
     taken: bool = False  # into a send under way
+    # Its caller is sending others' messages (older ones, ten of them), its own still
+    # waiting: woken now, it could not act on it (see _wake_next_sender).
+    sending: bool = False
     done: bool = False
     error: BaseException | None = None
 
@@ -76,6 +79,7 @@ class BatchingSender:
                     for taken in batch:
                         taken.taken = True
                     self._sends_in_flight += 1
+                    message.sending = True
                     self._wake_next_sender()  # a slot may still be free, for those left
                     self._lock.release()
                     try:
@@ -83,26 +87,36 @@ class BatchingSender:
                     finally:
                         self._lock.acquire()
                         self._sends_in_flight -= 1
+                        message.sending = False
                         for sent in batch:
                             sent.done = True
                             sent.wake.notify()
                         self._wake_next_sender()
             finally:
                 if not message.taken:
-                    # This caller was interrupted (a signal's exception) with its message
-                    # still waiting: sent later, it would be queued while its caller heard
-                    # it was not.
+                    # This caller was interrupted (a KeyboardInterrupt in a main thread, a
+                    # SystemExit; not so gunicorn's request threads, which get no signals)
+                    # with its message still waiting: sent later, it would be queued while
+                    # its caller heard it was not.
                     self._waiting.remove(message)
                     self._wake_next_sender()
         if message.error is not None:
             raise message.error
 
     def _wake_next_sender(self) -> None:
-        """With a send slot free, wake the caller of the oldest untaken message: it sends
-        the next batch. (Holding the lock.) Should a caller just arrived take the slot
-        first, its batch, the oldest messages, holds the woken caller's too."""
-        if self._waiting and self._sends_in_flight < MAX_SENDS_IN_FLIGHT:
-            self._waiting[0].wake.notify()
+        """With a send slot free, wake the caller of the oldest untaken message that is
+        not busy sending others' (at most MAX_SENDS_IN_FLIGHT are): it sends the next
+        batch, the oldest messages. (Holding the lock.) Notified while in its own send,
+        the oldest's caller would have let the slot sit idle, every upload after it
+        waiting for that send, however long it stalls (reviewer). Should a caller just
+        arrived take the slot first, its batch holds the woken caller's message too,
+        unless ten or more are ahead of it."""
+        if self._sends_in_flight >= MAX_SENDS_IN_FLIGHT:
+            return
+        for waiting in self._waiting:
+            if not waiting.sending:
+                waiting.wake.notify()
+                return
 
     def _send_batch(self, batch: list[_Message]) -> None:
         """Send `batch`, setting the error of each message that failed."""
@@ -118,7 +132,7 @@ class BatchingSender:
             for message in batch:
                 message.error = exc
         except BaseException as exc:
-            # An interruption of this thread (a signal's exception, a SystemExit): it is
+            # An interruption of this thread (KeyboardInterrupt, SystemExit): it is
             # not known whether SQS took the batch, so no caller may return as if it had.
             for message in batch:
                 message.error = SendError(f"the send was interrupted: {exc!r}")

@@ -159,8 +159,8 @@ class Submitter:
             if stored and not unstored:
                 # Stored, with no message, and there to stay: queued later (requeue_unsent,
                 # once SQS answers), as one whose web tier died between the two steps is.
-                # So accepted: refused with "try again" (and Retry-After, which every 503
-                # refusal says: it stored nothing), it was sent again and classified twice.
+                # So accepted: refused with "try again" (and Retry-After, which a refusal
+                # that stored nothing says), it was sent again and classified twice.
                 self._retry_later(item.id, request)
                 return item
             self.book.discard(item.id)

@@ -471,3 +471,86 @@ def test_a_stalled_send_is_tried_again_within_seconds(web_settings, monkeypatch)
         sending[0].join(60)
     assert not errors and endpoint.accepted == ["stalled"] and endpoint.calls == 2
     assert SEND_READ_TIMEOUT_S <= took < 30
+
+
+class GatedLock:
+    """A lock whose acquire, by the threads named in `gates`, first waits for the gate:
+    to let another caller take the lock ahead of a woken one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.gates: dict[str, threading.Event] = {}
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        gate = self.gates.get(threading.current_thread().name)
+        if gate is not None and blocking:
+            assert gate.wait(10)
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *_exc) -> None:
+        self.release()
+
+
+class GatedSqs:
+    """Accepts all; a call whose first body has an event in `holds` waits for it."""
+
+    def __init__(self) -> None:
+        self.holds: dict[str, threading.Event] = {}
+        self.calls: list[list[str]] = []
+
+    def send_message_batch(self, QueueUrl: str, Entries: list[dict]) -> dict:  # noqa: N803
+        bodies = [e["MessageBody"] for e in Entries]
+        self.calls.append(bodies)
+        hold = self.holds.get(bodies[0])
+        if hold is not None:
+            assert hold.wait(30)
+        return {"Successful": [{"Id": e["Id"]} for e in Entries], "Failed": []}
+
+
+def test_a_free_slot_is_used_while_the_oldest_callers_own_send_is_under_way():
+    """A caller may send the ten oldest messages, not its own: its message can then be
+    the oldest waiting while it sends. Woken as the oldest's caller when a slot came
+    free, it could not act on it, and the slot sat idle behind its send, however long
+    that stalled (reviewer)."""
+    sqs = GatedSqs()
+    sender = BatchingSender(lambda: sqs, lambda: "queue")
+    sender._lock = GatedLock()
+    holds = {body: threading.Event() for body in ("x1", "x2", "w01", "w11")}
+    sqs.holds.update(holds)
+    _in_threads(sender.send, ["x1"])
+    wait_until(lambda: len(sqs.calls) == 1)
+    _in_threads(sender.send, ["x2"])
+    wait_until(lambda: len(sqs.calls) == 2)  # both slots held
+    for n in range(1, 21):
+        _in_threads(sender.send, [f"w{n:02d}"])
+        wait_until(lambda n=n: len(sender._waiting) == n)
+    # x1's send ends and wakes w01, which is slow to take the lock: A, just arrived,
+    # takes the slot and sends w01-w10, ahead of its own message.
+    sender._lock.gates["w01"] = w01_late = threading.Event()
+    holds["x1"].set()
+    wait_until(lambda: len(sender._waiting) == 20 and sender._sends_in_flight == 1)
+    _in_threads(sender.send, ["A"])
+    wait_until(lambda: len(sqs.calls) == 3)
+    assert sqs.calls[2] == [f"w{n:02d}" for n in range(1, 11)]
+    w01_late.set()
+    holds["x2"].set()  # w11 sends w11-w20: A's own message is the oldest waiting
+    wait_until(lambda: len(sqs.calls) == 4)
+    assert sqs.calls[3][0] == "w11" and [m.body for m in sender._waiting] == ["A"]
+    threads, errors = _in_threads(sender.send, ["B", "C"])
+    wait_until(lambda: len(sender._waiting) == 3)
+    holds["w11"].set()  # a slot is free while A's send (w01-w10) still stalls
+    try:
+        wait_until(lambda: len(sqs.calls) == 5, 10,
+                   why=lambda: f"a slot free for 10 s, waiting {[m.body for m in sender._waiting]}")
+        assert sqs.calls[4] == ["A", "B", "C"]
+        for t in threads:
+            t.join(10)
+        assert not errors and not any(t.is_alive() for t in threads)
+    finally:
+        holds["w01"].set()
