@@ -2314,6 +2314,38 @@ def test_a_refused_api_key_takes_the_focus_once_and_the_rest_of_the_upload_is_no
     assert browser.switch_to.active_element == browser.find_element(By.ID, "api-key")
 
 
+def test_a_refused_api_key_does_not_fail_for_good_a_file_an_earlier_send_may_have_stored(
+        stack, browser, tmp_path):
+    """A resend refused 401 was kept as refused, though its first send, whose answer was
+    lost, had stored it: a reload showed the file twice, failed and done, and the advice
+    to send it again had it classified twice (reviewer)."""
+    browser.get(stack.web_url + "/")
+    browser.execute_script(FAIL_FIRST_POSTS + """
+      document.body.dataset.filesPerRequest = '1';
+      document.body.dataset.resendDelayScale = '0.05';
+      const failingFirst = window.fetch;
+      window.fetch = (url, options) => {
+        if (url !== "/api/jobs" || window.fakedPosts < 1) return failingFirst(url, options);
+        return Promise.resolve(new Response(JSON.stringify(
+          {error: "a valid API key is required (X-API-Key header)", code: "unauthorized", filename: null}),
+          {status: 401}));
+      };""", ["lost"])
+    choose(browser, tmp_path, {f"keyed_{i}.jpg": make_image(1320 + i, size=(64, 48)) for i in range(2)})
+    shown = finished_rows(browser, stack, 2, timeout_s=30)
+    assert "an earlier send may have stored it" in shown["keyed_0.jpg"].text  # the lost answer's
+    assert "an API key is required" in shown["keyed_1.jpg"].text
+    assert "may have stored" not in shown["keyed_1.jpg"].text  # never sent
+    batch_id = browser.current_url.split("#batches=")[1]
+    wait_for(lambda: [i["filename"] for i in server_items(stack, batch_id)] == ["keyed_0.jpg"], 30,
+             "the server to hold the file whose answer was lost")
+
+    browser.refresh()
+    wait_for(lambda: {name: state for name, state, _ in rows_shown(browser)}.get("keyed_0.jpg") == "done",
+             60, "the stored file, classified, after the reload")
+    assert [(name, state) for name, state, _ in rows_shown(browser)] == [
+        ("keyed_0.jpg", "done"), ("keyed_1.jpg", "failed")]
+
+
 def test_screen_readers_hear_a_count_that_does_not_change_less_and_less_often(stack, browser, tmp_path):
     """A stalled run said "0 of 500 classified" every 15 s for ever (reviewer): the same
     count is said again after 1, 2, 4 periods, then every 8; a new count starts again at
@@ -2349,12 +2381,14 @@ def test_screen_readers_hear_a_count_that_does_not_change_less_and_less_often(st
     waiting = wait_for(lambda: len(times_said("0 of 2 classified")) >= 6 and times_said("0 of 2 classified"),
                        30, "the waiting count, said six times")
     gaps = [later - earlier for earlier, later in zip(waiting[:5], waiting[1:6], strict=True)]
+    # Never early; late by up to 2.5 s on a loaded machine (a timer waits for a busy
+    # page), which still tells the cap (4 s) from another doubling (8 s).
     for gap, expected in zip(gaps, [500, 1000, 2000, 4000, 4000], strict=True):
-        assert expected - 50 <= gap <= expected + 900, gaps
+        assert expected - 50 <= gap <= expected + 2500, gaps
     browser.execute_script("window.released.push('stalled_0.jpg');")
     changed = wait_for(lambda: len(times_said("1 of 2 classified")) >= 2 and times_said("1 of 2 classified"),
                        30, "the new count, said twice")
-    assert changed[1] - changed[0] <= 1500, changed  # one period again, not eight
+    assert changed[1] - changed[0] <= 3000, changed  # one period again (0.5 s), not eight (4 s)
 
 
 def test_the_page_has_headings_and_a_result_says_what_each_figure_is(stack, browser, tmp_path):

@@ -738,7 +738,7 @@
         // looked for another fault (reviewer).
         const why = headers["X-API-Key"] ? "the API key was refused: check it above and upload again"
           : "an API key is required: enter it above and upload again";
-        this.refuse(chunk, why);
+        this.refuseForKey(chunk, why);
         if (!this.keyRefused) this.refuseKey(why);
         return;
       }
@@ -791,15 +791,25 @@
     // same reason (sent, each would be refused so), and the focus moved to the key's box
     // once, where the fix is typed: a screen reader user hears the box, and why. It was
     // moved there at each chunk's 401, pulling the focus back from wherever the user had
-    // gone, once per chunk (reviewer). Resends waiting their turn go as they would: their
-    // files may be stored already (an answer lost), which a 401 could not tell.
+    // gone, once per chunk (reviewer). Resends still waiting out their delay go as they
+    // would, and are refused as their answers come.
     refuseKey(why) {
       this.keyRefused = true;
       sayKeyProblem(why);
       keyInput.focus();
       const unsent = this.queue.flatMap(({ chunk }) => chunk);
       this.queue = [];
-      this.refuse(unsent, why);
+      this.refuseForKey(unsent, why);
+    }
+
+    // Refused for the key: files an earlier send may have stored (its answer lost) are
+    // said so, and not kept as refused for a reload, where the server's item shows
+    // instead. Kept, a reload showed such a file twice, failed and done, and the advice
+    // to send it again had it classified twice (reviewer).
+    refuseForKey(entries, why) {
+      const mayBeStored = `${why} (an earlier send may have stored it: reload to see)`;
+      this.refuse(entries.filter((entry) => entry.maybeStored), mayBeStored, false);
+      this.refuse(entries.filter((entry) => !entry.maybeStored), why);
     }
 
     // The entries whose files can still be read; the others failed, each with why.
@@ -1394,7 +1404,9 @@
     if (unreadable.length) {
       folderNotices.push(`${unreadable.length} in the folder could not be read: ${someOf(unreadable)}`);
     }
-    for (const notice of folderNotices) sayOnce(notice);
+    // Together, in one text: said one by one in the same moment, each replaced the one
+    // before it in the live region, and a screen reader heard only the last (reviewer).
+    if (folderNotices.length) sayOnce(folderNotices.join(". "));
     updateSummary();
     upload(kept);
   }
