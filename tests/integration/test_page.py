@@ -327,6 +327,27 @@ def test_files_whose_answer_was_cut_off_after_its_headers_are_sent_again_and_cla
     assert_stored_once(browser, stack, files)
 
 
+# The page polls GET /api/jobs/<id> (no event stream), and while window.deadLetter is
+# set, sees "late.jpg" failed as a dead letter and every other file queued.
+LATE_JPG_DEAD_LETTERED = r"""
+  window.EventSource = undefined;
+  window.deadLetter = true;
+  const realFetch = window.fetch;
+  window.fetch = async (url, options) => {
+    const response = await realFetch(url, options);
+    if (!window.deadLetter || !/^\/api\/jobs\/[0-9a-f]{32}$/.test(String(url))) return response;
+    const body = await response.json();
+    for (const item of body.items) {
+      Object.assign(item, item.filename === "late.jpg"
+        ? { state: "failed", label: null, score: null, top5: [],
+            error: "no worker answered it in 3 attempts" }
+        : { state: "queued", label: null, score: null, top5: [] });
+    }
+    return new Response(JSON.stringify(body),
+                        { status: 200, headers: { "Content-Type": "application/json" } });
+  };"""
+
+
 def test_a_late_answer_replaces_a_rows_dead_letter_failure(stack, browser, reference_model, tmp_path):
     """A request no worker answered in its attempts is failed by its dead letter, and
     replaced if a copy of it is answered later, as GET /api/jobs then says: the page
@@ -336,24 +357,7 @@ def test_a_late_answer_replaces_a_rows_dead_letter_failure(stack, browser, refer
 
     files = {"late.jpg": make_image(890), "other.jpg": make_image(891)}
     browser.get(stack.web_url + "/")
-    browser.execute_script(r"""
-      window.EventSource = undefined;  // the page polls GET /api/jobs/<id> instead
-      window.deadLetter = true;
-      const realFetch = window.fetch;
-      window.fetch = async (url, options) => {
-        const response = await realFetch(url, options);
-        if (!window.deadLetter || !/^\/api\/jobs\/[0-9a-f]{32}$/.test(String(url))) return response;
-        const body = await response.json();
-        for (const item of body.items) {
-          Object.assign(item, item.filename === "late.jpg"
-            ? { state: "failed", label: null, score: null, top5: [],
-                error: "no worker answered it in 3 attempts" }
-            : { state: "queued", label: null, score: null, top5: [] });
-        }
-        return new Response(JSON.stringify(body),
-                            { status: 200, headers: { "Content-Type": "application/json" } });
-      };
-    """)
+    browser.execute_script(LATE_JPG_DEAD_LETTERED)
     choose(browser, tmp_path, files)
 
     def states() -> dict:
@@ -2442,23 +2446,7 @@ def test_the_only_failed_filter_that_hides_gives_its_focus_to_the_csv_button(sta
     from selenium.webdriver.common.by import By
 
     browser.get(stack.web_url + "/")
-    browser.execute_script(r"""
-      window.EventSource = undefined;
-      window.deadLetter = true;
-      const realFetch = window.fetch;
-      window.fetch = async (url, options) => {
-        const response = await realFetch(url, options);
-        if (!window.deadLetter || !/^\/api\/jobs\/[0-9a-f]{32}$/.test(String(url))) return response;
-        const body = await response.json();
-        for (const item of body.items) {
-          Object.assign(item, item.filename === "late.jpg"
-            ? { state: "failed", label: null, score: null, top5: [],
-                error: "no worker answered it in 3 attempts" }
-            : { state: "queued", label: null, score: null, top5: [] });
-        }
-        return new Response(JSON.stringify(body),
-                            { status: 200, headers: { "Content-Type": "application/json" } });
-      };""")
+    browser.execute_script(LATE_JPG_DEAD_LETTERED)
     choose(browser, tmp_path, {"late.jpg": make_image(1340, size=(64, 48)),
                                "other.jpg": make_image(1341, size=(64, 48))})
     wait_for(lambda: [state for _, state, _ in rows_shown(browser)] == ["failed", "queued"], 60,
