@@ -50,9 +50,20 @@ ANSWER_PAGE_REFRESH_S = 5
 
 
 def _refusal(status: int, message: str, filename: str | None, code: Code) -> Response:
-    """A refusal, or an image stored with no label to give: as every refusal is answered
-    (errors.error_response: text, JSON or the plain form's page)."""
+    """A refusal, as every refusal is answered (errors.error_response: text, JSON or the
+    plain form's page)."""
     return error_response(UploadError(status, message, filename, code=code))
+
+
+def _stored_refusal(status: int, message: str, filename: str, code: Code, item_id: str,
+                    batch_id: str) -> Response:
+    """An image stored and queued, with no label to give: where its result will be, in
+    headers and, in JSON, in the body too, as the JSON 200 has them."""
+    response = error_response(UploadError(status, message, filename, code=code,
+                                          stored_as={"batch_id": batch_id, "id": item_id}))
+    response.headers["X-Item-Id"] = item_id
+    response.headers["X-Batch-Id"] = batch_id
+    return response
 
 
 def _label_answer(filename: str, item: Item, batch_id: str) -> Response:
@@ -110,10 +121,9 @@ def classify() -> Response:
     item, client_left = _wait_while_connected(svc.book, outcome.id, svc.settings.result_timeout_s)
     if client_left:
         log.info("POST / for item %s: the client left before its result; it is still queued", outcome.id)
-        response = _refusal(CLIENT_CLOSED, f"the client left; the image is still queued, "
-                                           f"see /api/jobs/{batch_id}", filename, Code.STILL_QUEUED)
-        response.headers["X-Batch-Id"] = batch_id
-        return response
+        return _stored_refusal(CLIENT_CLOSED, f"the client left; the image is still queued, "
+                                              f"see /api/jobs/{batch_id}", filename, Code.STILL_QUEUED,
+                               outcome.id, batch_id)
     if item is None:
         return _no_result_response(filename, outcome.id, batch_id)
     return _result_response(filename, item, batch_id)
@@ -183,27 +193,23 @@ def _no_result_response(filename: str, item_id: str, batch_id: str) -> Response:
         endpoint = svc.settings.endpoint_url
         unless = (f", unless the AWS at {endpoint} stops too, as make run's embedded AWS, "
                   "which keeps nothing, does" if endpoint else "")
-        response = _refusal(503, f"the web tier is stopping; the image is still queued, see "
-                                 f"/api/jobs/{batch_id} (no need to send it again{unless})", filename,
-                            Code.STILL_QUEUED)
-    else:
-        response = _refusal(504, f"no result within {svc.settings.result_timeout_s:g} s; it is still queued, "
-                                 f"see /api/jobs/{batch_id}", filename, Code.TIMEOUT)
-    response.headers["X-Item-Id"] = item_id
-    response.headers["X-Batch-Id"] = batch_id
-    return response
+        return _stored_refusal(503, f"the web tier is stopping; the image is still queued, see "
+                                    f"/api/jobs/{batch_id} (no need to send it again{unless})", filename,
+                               Code.STILL_QUEUED, item_id, batch_id)
+    return _stored_refusal(504, f"no result within {svc.settings.result_timeout_s:g} s; it is still queued, "
+                                f"see /api/jobs/{batch_id}", filename, Code.TIMEOUT, item_id, batch_id)
 
 
 def _result_response(filename: str, item: Item, batch_id: str) -> Response:
     """The answer for a finished item: `<name>:<label>`, or its error."""
     status, message, label, untrained = _outcome(item)
     if label is None:
-        response = _refusal(status, message, filename, Code.CLASSIFICATION_FAILED)
+        response = _stored_refusal(status, message, filename, Code.CLASSIFICATION_FAILED, item.id, batch_id)
     else:
         response = _label_answer(filename, item, batch_id)
-    # Where the item's score, top 5 and worker are: GET /api/jobs/<X-Batch-Id>.
-    response.headers["X-Item-Id"] = item.id
-    response.headers["X-Batch-Id"] = batch_id
+        # Where the item's score, top 5 and worker are: GET /api/jobs/<X-Batch-Id>.
+        response.headers["X-Item-Id"] = item.id
+        response.headers["X-Batch-Id"] = batch_id
     response.headers["X-Model-Untrained"] = "true" if untrained else "false"
     return response
 

@@ -60,15 +60,19 @@ class UploadError(Exception):
     """A refused request or file: HTTP status, the reason, the file it concerns, and
     its code (required: every refusal says what it is)."""
 
-    def __init__(self, status: int, reason: str, filename: str | None = None, *, code: Code) -> None:
+    def __init__(self, status: int, reason: str, filename: str | None = None, *, code: Code,
+                 stored_as: dict[str, str] | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.filename = filename
         self.code = code
+        # An image stored and queued all the same (POST /'s timeout, say): its
+        # `batch_id` and `id`, where its result will be.
+        self.stored_as = stored_as or {}
 
     def to_json(self) -> dict[str, object]:
-        return {"error": self.reason, "code": self.code, "filename": self.filename}
+        return {"error": self.reason, "code": self.code, "filename": self.filename, **self.stored_as}
 
     def to_text(self) -> str:
         return about(self.filename, self.reason)

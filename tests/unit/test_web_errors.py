@@ -169,7 +169,10 @@ def test_post_slash_in_json_answers_each_refusal_with_its_code(make_web_app, fak
     for (status, code), response in answers.items():
         assert str(response.status_code) == status, (code, response.text)
         assert error_of(response)["code"] == code, response.text
-    assert answers["422", "classification_failed"].headers["X-Batch-Id"]
+    failed = answers["422", "classification_failed"]
+    assert (failed.get_json()["batch_id"], failed.get_json()["id"]) == (
+        failed.headers["X-Batch-Id"], failed.headers["X-Item-Id"])  # stored: where it is
+    assert "batch_id" not in answers["415", "not_an_image"].get_json()  # nothing stored
     assert answers["413", "too_large"].get_json()["filename"] == "huge.jpg"
     assert answers["401", "unauthorized"].headers["WWW-Authenticate"]
 
@@ -199,6 +202,8 @@ def test_post_slash_in_json_says_what_was_stored_and_what_to_send_again(make_web
     timeout = post_image(client, make_image(8), "lost.jpg", JSON)
     assert timeout.status_code == 504 and error_of(timeout)["code"] == "timeout"
     assert "Retry-After" not in timeout.headers and timeout.headers["X-Batch-Id"]
+    assert (error_of(timeout)["batch_id"], error_of(timeout)["id"]) == (
+        timeout.headers["X-Batch-Id"], timeout.headers["X-Item-Id"])
 
     patient = make_web_app(result_timeout_s=30)
     book = services_of(patient).book
@@ -212,6 +217,7 @@ def test_post_slash_in_json_says_what_was_stored_and_what_to_send_again(make_web
     assert replies, "still waiting"
     assert replies[0].status_code == 503 and error_of(replies[0])["code"] == "still_queued"
     assert "Retry-After" not in replies[0].headers and replies[0].headers["X-Batch-Id"]
+    assert error_of(replies[0])["batch_id"] == replies[0].headers["X-Batch-Id"]
 
     stopping = post_image(patient.test_client(), make_image(10), "late.jpg", JSON)
     assert stopping.status_code == 503 and error_of(stopping)["code"] == "busy"
