@@ -1631,6 +1631,15 @@ def hides_asked(aws: Aws, monkeypatch) -> list[int]:
     return asked
 
 
+def answer_to_an_image_no_model_takes(settings, aws: Aws) -> ClassifyResponse:
+    """Upload bad.jpg, which is no image, and run a worker until it answers for it."""
+    upload(settings, aws, "bad.jpg", b"not an image at all", "bad")
+    worker = Worker(settings, aws, MeanClassifier(), "i-tag")
+    answered: dict[str, ClassifyResponse] = {}
+    run_until(worker, lambda: answered.update(responses(aws)) or "bad" in answered)
+    return answered["bad"]
+
+
 def test_a_failure_mark_denied_for_a_while_is_tried_again_and_lands(aws_env, monkeypatch, caplog):
     """AccessDenied was taken as for ever: on real AWS a policy just attached is denied
     for a while, and the failed image, answered unmarked, showed queued for ever in a
@@ -1641,14 +1650,11 @@ def test_a_failure_mark_denied_for_a_while_is_tried_again_and_lands(aws_env, mon
 
     settings, aws = aws_env
     monkeypatch.setattr(app_tier.worker, "MARK_DENIED_RETRY_DELAY_S", 1)
-    upload(settings, aws, "bad.jpg", b"not an image at all", "bad")
     calls, hidden_for = deny_tagging(aws, monkeypatch, times=1), hides_asked(aws, monkeypatch)
-    worker = Worker(settings, aws, MeanClassifier(), "i-tag")
-    answered: dict[str, ClassifyResponse] = {}
-    run_until(worker, lambda: answered.update(responses(aws)) or "bad" in answered)
+    answer = answer_to_an_image_no_model_takes(settings, aws)
     key = object_key("b" * 32, "bad", "bad.jpg")
     tags = aws.s3.get_object_tagging(Bucket=settings.input_bucket, Key=key)["TagSet"]
-    assert failure_from_tags(tags) == answered["bad"].error != DEAD_LETTER_ERROR
+    assert failure_from_tags(tags) == answer.error != DEAD_LETTER_ERROR
     assert calls == [key, key]  # the second attempt marked it
     assert 1 in hidden_for  # released for the floor, not RETRY_DELAY's 0 s
     assert depth(aws, aws.request_queue_url) == depth(aws, aws.dead_letter_queue_url) == (0, 0)
@@ -1664,12 +1670,9 @@ def test_a_failure_mark_always_denied_is_given_up_at_the_requests_last_attempt(a
 
     settings, aws = aws_env
     monkeypatch.setattr(app_tier.worker, "MARK_DENIED_RETRY_DELAY_S", 0)
-    upload(settings, aws, "bad.jpg", b"not an image at all", "bad")
     calls = deny_tagging(aws, monkeypatch, times=None)
-    worker = Worker(settings, aws, MeanClassifier(), "i-tag")
-    answered: dict[str, ClassifyResponse] = {}
-    run_until(worker, lambda: answered.update(responses(aws)) or "bad" in answered)
-    assert not answered["bad"].ok and answered["bad"].error != DEAD_LETTER_ERROR
+    answer = answer_to_an_image_no_model_takes(settings, aws)
+    assert not answer.ok and answer.error != DEAD_LETTER_ERROR
     assert len(calls) == settings.max_receive_count
     wait_until(lambda: depth(aws, aws.request_queue_url) == (0, 0))
     assert depth(aws, aws.dead_letter_queue_url) == (0, 0)
@@ -1686,12 +1689,8 @@ def test_a_failure_mark_denied_past_the_bound_is_given_up_before_the_last_attemp
     settings, aws = aws_env
     settings = dataclasses.replace(settings, max_receive_count=1000)
     monkeypatch.setattr(common.failure_tags, "MARK_DENIED_RETRY_S", 0)
-    upload(settings, aws, "bad.jpg", b"not an image at all", "bad")
     calls = deny_tagging(aws, monkeypatch, times=None)
-    worker = Worker(settings, aws, MeanClassifier(), "i-tag")
-    answered: dict[str, ClassifyResponse] = {}
-    run_until(worker, lambda: answered.update(responses(aws)) or "bad" in answered)
-    assert not answered["bad"].ok and len(calls) == 1
+    assert not answer_to_an_image_no_model_takes(settings, aws).ok and len(calls) == 1
 
 
 def test_requests_answered_but_not_deleted_are_not_released_to_be_answered_again_at_once(
