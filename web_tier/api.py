@@ -9,11 +9,11 @@ from werkzeug.datastructures import FileStorage
 
 from web_tier import events
 from web_tier.auth import KEY_REQUIRED, require_api_key
-from web_tier.errors import error_response
+from web_tier.errors import error_response, with_retry_after
 from web_tier.filenames import display_name
 from web_tier.form import JOBS_FIELDS, check_count, form_files, form_tokens
 from web_tier.image_check import Upload, validate
-from web_tier.refusals import SEND_AGAIN, Code, UploadError
+from web_tier.refusals import Code, UploadError
 from web_tier.results import DONE, Item, is_service_id
 from web_tier.results_csv import results_csv
 from web_tier.services import services
@@ -171,9 +171,7 @@ def _all_refused_answer(batch_id: str | None, rejected: list[dict[str, Any]]) ->
         body = {"batch_id": batch_id, **body}
     response = jsonify(body)
     response.status_code = first["status"]
-    if first["code"] in SEND_AGAIN:  # as error_response says it
-        response.headers["Retry-After"] = "5"
-    return response
+    return with_retry_after(response, first["code"])
 
 
 def _batch_json(batch_id: str, items: list[Item]) -> dict[str, Any]:

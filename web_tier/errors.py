@@ -106,7 +106,12 @@ def error_response(error: UploadError) -> Response:
     else:
         response = jsonify(error_json(error))
         response.status_code = error.status
-    if error.code in SEND_AGAIN:
+    return with_retry_after(response, error.code)
+
+
+def with_retry_after(response: Response, code: str) -> Response:
+    """`response`, with Retry-After if its refusal (`code`) is worth sending again."""
+    if code in SEND_AGAIN:
         # These refusals stored nothing: say that sending again is safe (the load
         # test, like other clients, sends again only a 503 with Retry-After). Not a
         # 503 of an image stored and queued (STILL_QUEUED): sent again, it would be
