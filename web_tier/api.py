@@ -13,7 +13,7 @@ from web_tier.errors import error_response, with_retry_after
 from web_tier.filenames import display_name
 from web_tier.form import JOBS_FIELDS, check_count, form_files, form_tokens
 from web_tier.image_check import Upload, validate
-from web_tier.refusals import Code, UploadError
+from web_tier.refusals import Code, Refusal
 from web_tier.results import DONE, Item, is_service_id
 from web_tier.results_csv import results_csv
 from web_tier.services import services
@@ -32,14 +32,14 @@ FILES_PER_CHUNK = UPLOAD_THREADS
 
 
 def _unauthorized() -> Response:
-    return error_response(UploadError(401, KEY_REQUIRED, code=Code.UNAUTHORIZED))
+    return error_response(Refusal(401, KEY_REQUIRED, code=Code.UNAUTHORIZED))
 
 
 def _no_batch(batch_id: str, hint: str = "") -> Response:
-    return error_response(UploadError(404, f"no such batch: {batch_id[:64]}{hint}", code=Code.UNKNOWN_BATCH))
+    return error_response(Refusal(404, f"no such batch: {batch_id[:64]}{hint}", code=Code.UNKNOWN_BATCH))
 
 
-def _rejection(index: int, error: UploadError) -> dict[str, Any]:
+def _rejection(index: int, error: Refusal) -> dict[str, Any]:
     return {"index": index, "filename": error.filename, "error": error.reason, "code": error.code,
             "status": error.status}
 
@@ -52,12 +52,12 @@ def create_job() -> Response:
     if in_url:
         # Read from the form only: ignored in the URL, they would put the files in a
         # new batch, where the client would never look for them.
-        raise UploadError(400, f"send {', '.join(in_url)} as form fields, not in the URL",
+        raise Refusal(400, f"send {', '.join(in_url)} as form fields, not in the URL",
                           code=Code.BAD_REQUEST)
     if "Idempotency-Key" in request.headers:
         # POST /'s: ignored here, the files sent again would be stored and classified
         # twice, in two batches (reviewer).
-        raise UploadError(400, "Idempotency-Key is for POST /; to send files again safely here, "
+        raise Refusal(400, "Idempotency-Key is for POST /; to send files again safely here, "
                                "name the batch (batch_id=<32 hex digits>&create=1) and give each "
                                "file a token", code=Code.BAD_REQUEST)
     files = form_files(request, JOBS_FIELDS)
@@ -65,14 +65,14 @@ def create_job() -> Response:
     repeated = [name for name in ("batch_id", "create") if len(request.form.getlist(name)) > 1]
     if repeated:
         # Only the first would count: files meant for the second batch went to the first.
-        raise UploadError(400, f"one {repeated[0]} per request: this one has "
+        raise Refusal(400, f"one {repeated[0]} per request: this one has "
                                f"{len(request.form.getlist(repeated[0]))}", code=Code.BAD_REQUEST)
     tokens = form_tokens(request, files)
     form_batch_id = request.form.get("batch_id", "").strip()
     if tokens and not form_batch_id:
         # A token protects a resend within its batch: a client whose first answer was
         # lost never learnt the new batch's id, and its resend made a second (reviewer).
-        raise UploadError(400, "tokens protect a resend only within a named batch: send "
+        raise Refusal(400, "tokens protect a resend only within a named batch: send "
                                "batch_id=<32 hex digits>&create=1 with them", code=Code.BAD_REQUEST)
     target = _target_batch(form_batch_id)
     if target is None:
@@ -117,7 +117,7 @@ def _target_batch(form_batch_id: str) -> tuple[str, bool] | None:
     if not is_service_id(form_batch_id):
         # No batch has such an id: a 404 told the client to send create=1, which was
         # then refused for the id's form (reviewer).
-        raise UploadError(400, "a batch's id is 32 lowercase hexadecimal digits (a UUID4's, without "
+        raise Refusal(400, "a batch's id is 32 lowercase hexadecimal digits (a UUID4's, without "
                                "hyphens)", code=Code.BAD_REQUEST)
     if services().rebuilder.find_batch(form_batch_id) is not None:
         return form_batch_id, True
@@ -128,7 +128,7 @@ def _target_batch(form_batch_id: str) -> tuple[str, bool] | None:
 
 def _refusals_while_stopping(files: list[FileStorage], first_index: int) -> list[dict[str, Any]]:
     """A refusal for each of `files` (numbered from `first_index`), as a stopping web tier stores none."""
-    return [_rejection(index, UploadError(503, "not stored: the web tier is stopping; send this file again",
+    return [_rejection(index, Refusal(503, "not stored: the web tier is stopping; send this file again",
                                           display_name(storage), code=Code.BUSY))
             for index, storage in enumerate(files, first_index)]
 
@@ -144,13 +144,13 @@ def _stored_and_refused(batch_id: str, files: list[FileStorage], first_index: in
     for index, storage in enumerate(files, first_index):
         try:
             accepted.append((index, validate(storage, svc.settings)))
-        except UploadError as exc:
+        except Refusal as exc:
             rejected.append(_rejection(index, exc))
     outcomes = svc.submitter.submit(
         batch_id, [u for _, u in accepted], [tokens[i] for i, _ in accepted] if tokens else None,
     ) if accepted else []
     for (index, _), outcome in zip(accepted, outcomes, strict=True):
-        if isinstance(outcome, UploadError):
+        if isinstance(outcome, Refusal):
             rejected.append(_rejection(index, outcome))
         elif isinstance(outcome, SentBefore):  # stored by an earlier request: not again
             items.append({"index": index, "id": outcome.item.id, "filename": outcome.item.filename,
@@ -213,7 +213,7 @@ def job_events(batch_id: str) -> Response | tuple[Response, int]:
     # Each stream holds a thread until its batch is done: past the cap, the page
     # falls back to polling GET /api/jobs/<id>, which holds none.
     if not svc.event_streams.acquire(blocking=False):
-        busy = error_response(UploadError(503, "too many event streams open; poll GET /api/jobs/<id> instead",
+        busy = error_response(Refusal(503, "too many event streams open; poll GET /api/jobs/<id> instead",
                                           code=Code.BUSY))
         busy.headers["Retry-After"] = "10"
         return busy

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from flask import current_app, request
 
-from web_tier.refusals import Code, UploadError
+from web_tier.refusals import Code, Refusal
 from web_tier.services import services
 
 # What a refusal says: both headers a key may come in.
@@ -35,7 +35,7 @@ def refuse_cross_site_writes() -> None:
     fetch_site = request.headers.get("Sec-Fetch-Site")
     site = site_by_origin() if fetch_site is None else fetch_site.strip().lower()
     if site not in SAME_SITE_ORIGINS:
-        raise UploadError(403, f"a browser request from another site ({site}) is refused: upload "
+        raise Refusal(403, f"a browser request from another site ({site}) is refused: upload "
                                "from this service's own page, or from a program", code=Code.FORBIDDEN)
     settings = services().settings
     # A page of another site whose name was made to point at 127.0.0.1 (DNS rebinding)
@@ -45,7 +45,7 @@ def refuse_cross_site_writes() -> None:
     # (Bracketed, "[::1]" read as a name turned this off: reviewer.)
     if fetch_site is None and "Origin" in request.headers and _on_loopback(settings.web_host_bare) \
             and not _on_loopback(_hostname(request.host)):
-        raise UploadError(403, f"this web tier listens on {settings.web_host} only, and the browser's "
+        raise Refusal(403, f"this web tier listens on {settings.web_host} only, and the browser's "
                                f"request names {request.host}: open the page as localhost or 127.0.0.1 (a "
                                "proxy in front over plain HTTP: README, Who may upload)",
                           code=Code.FORBIDDEN)

@@ -29,7 +29,7 @@ from web_tier.errors import ANSWERS_PATH, answer_page, error_response, wants_jso
 from web_tier.filenames import display_name
 from web_tier.form import CLASSIFY_FIELDS, FORM_SLACK_BYTES, TOKEN_CHARACTER, form_files
 from web_tier.image_check import validate
-from web_tier.refusals import Code, UploadError
+from web_tier.refusals import Code, Refusal
 from web_tier.results import DONE, Item, ResultBook
 from web_tier.services import services
 from web_tier.submit import STILL_STORING, SentBefore, new_id
@@ -52,14 +52,14 @@ ANSWER_PAGE_REFRESH_S = 5
 def _refusal(status: int, message: str, filename: str | None, code: Code) -> Response:
     """A refusal, as every refusal is answered (errors.error_response: text, JSON or the
     plain form's page)."""
-    return error_response(UploadError(status, message, filename, code=code))
+    return error_response(Refusal(status, message, filename, code=code))
 
 
 def _stored_refusal(status: int, message: str, filename: str, code: Code, item_id: str,
                     batch_id: str) -> Response:
     """An image stored and queued, with no label to give: where its result will be, in
     headers and, in JSON, in the body too, as the JSON 200 has them."""
-    response = error_response(UploadError(status, message, filename, code=code,
+    response = error_response(Refusal(status, message, filename, code=code,
                                           stored_as={"batch_id": batch_id, "id": item_id}))
     response.headers["X-Item-Id"] = item_id
     response.headers["X-Batch-Id"] = batch_id
@@ -89,11 +89,11 @@ def classify() -> Response:
     files = form_files(request, CLASSIFY_FIELDS)
     if not files:
         how = "" if request.mimetype == "multipart/form-data" else " as multipart/form-data"
-        raise UploadError(400, f"no file: send the image{how} in form field 'inputFile' (or 'myfile'), "
+        raise Refusal(400, f"no file: send the image{how} in form field 'inputFile' (or 'myfile'), "
                                "as curl -F inputFile=@cat.jpg does", code=Code.NO_FILE)
     if len(files) > 1:
         names = ", ".join(display_name(f) or "(no name)" for f in files)
-        raise UploadError(400, f"one file per request here, got {len(files)} ({names}); POST several "
+        raise Refusal(400, f"one file per request here, got {len(files)} ({names}); POST several "
                                "to /api/jobs", code=Code.TOO_MANY_FILES)
     upload = validate(files[0], svc.settings)
     # Read: its spool (memory, or a descriptor of the request's temporary file) is not
@@ -101,7 +101,7 @@ def classify() -> Response:
     files[0].close()
     if svc.book.closing.is_set():
         # Nobody would wait for its answer here: store nothing (as /api/jobs does then).
-        raise UploadError(503, "not stored: the web tier is stopping; send it again", upload.filename,
+        raise Refusal(503, "not stored: the web tier is stopping; send it again", upload.filename,
                           code=Code.BUSY)
 
     batch_id, tokens = _batch_for(request.headers.get("Idempotency-Key"))
@@ -110,7 +110,7 @@ def classify() -> Response:
     # Stored: its bytes (up to MAX_UPLOAD_BYTES) are not held through the wait either.
     # 100 waiting 9 MB uploads had held 1 GB (reviewer).
     del upload
-    if isinstance(outcome, UploadError):
+    if isinstance(outcome, Refusal):
         raise _refusal_of(outcome, filename)
     if isinstance(outcome, SentBefore):  # stored by an earlier request under this key
         outcome = outcome.item
@@ -171,14 +171,14 @@ def _outcome(item: Item) -> tuple[int, str, str | None, bool]:
     return 200, "", item.label, untrained
 
 
-def _refusal_of(outcome: UploadError, filename: str) -> UploadError:
+def _refusal_of(outcome: Refusal, filename: str) -> Refusal:
     """The refusal POST / answers for an upload the submitter refused: its own, but said
     in terms of the Idempotency-Key for a clash or a copy still being stored."""
     if outcome.status == 409:
-        return UploadError(409, "this Idempotency-Key came before with another file: give each upload "
+        return Refusal(409, "this Idempotency-Key came before with another file: give each upload "
                                 "a key of its own", filename, code=Code.TOKEN_CONFLICT)
     if outcome.reason == STILL_STORING:
-        return UploadError(503, "an earlier request with the same Idempotency-Key is storing this file; "
+        return Refusal(503, "an earlier request with the same Idempotency-Key is storing this file; "
                                 "send it again", filename, code=Code.BUSY)
     return outcome
 
@@ -254,7 +254,7 @@ def _batch_for(key: str | None) -> tuple[str, list[str] | None]:
     if key is None:
         return new_id(), None
     if not IDEMPOTENCY_KEY.fullmatch(key):
-        raise UploadError(400, "an Idempotency-Key is 16 to 64 letters, digits or '._:-' (a UUID, say), "
+        raise Refusal(400, "an Idempotency-Key is 16 to 64 letters, digits or '._:-' (a UUID, say), "
                                f"not {key[:70]!r}", code=Code.BAD_REQUEST)
     batch_id = hashlib.sha256(f"POST / {key}".encode()).hexdigest()[:32]
     services().rebuilder.load_batch(batch_id)

@@ -17,7 +17,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from common.aws import error_reason
 from web_tier.filenames import clean_name
 from web_tier.form import CLASSIFY_FIELDS, JOBS_FIELDS, MAX_TEXT_FIELD_BYTES, send_as_files
-from web_tier.refusals import SEND_AGAIN, Code, UploadError, code_of_status, too_large
+from web_tier.refusals import SEND_AGAIN, Code, Refusal, code_of_status, too_large
 from web_tier.services import services
 from web_tier.unread_body import reads_bounded_by
 
@@ -85,7 +85,7 @@ def answer_page(status: int, message: str, filename: str | None = None, label: s
 JOBS_PATH = "/api/jobs"
 
 
-def error_json(error: UploadError) -> dict[str, object]:
+def error_json(error: Refusal) -> dict[str, object]:
     """An error's JSON; at POST /api/jobs with `items` and `rejected` as its 202 and its
     refusal of every file have them: a client reading body["rejected"] failed with a
     KeyError on a refusal of the whole request (reviewer). Empty: no file was stored,
@@ -95,7 +95,7 @@ def error_json(error: UploadError) -> dict[str, object]:
     return error.to_json()
 
 
-def error_response(error: UploadError) -> Response:
+def error_response(error: Refusal) -> Response:
     if wants_page():
         response = answer_page(error.status, error.reason, error.filename)
     elif wants_text():
@@ -127,7 +127,7 @@ def _too_large(exc: RequestEntityTooLarge) -> Response:
         # found a text field (most often an image sent as text) or a part's headers over
         # MAX_FORM_MEMORY_SIZE. It raises the same bare 413 for each.
         files = services().settings.max_files_per_request
-        return error_response(UploadError(
+        return error_response(Refusal(
             413, f"the form has too many parts (at most {files} files to /api/jobs, each with at most "
                  f"one token; one file to POST /), or a text field or a part's headers (its file name) "
                  f"over {MAX_TEXT_FIELD_BYTES} bytes: " + send_as_files(_file_fields()[0]),
@@ -135,9 +135,9 @@ def _too_large(exc: RequestEntityTooLarge) -> Response:
     if at_post_root():
         # POST / takes one file, so its limit is the file's: say so, naming the file.
         max_bytes = services().settings.max_upload_bytes
-        return error_response(UploadError(
+        return error_response(Refusal(
             413, too_large(max_bytes), _first_file_name(), code=Code.TOO_LARGE))
-    return error_response(UploadError(
+    return error_response(Refusal(
         413, "the request is larger than the server accepts" + (f" ({limit} bytes)" if limit else ""),
         code=Code.REQUEST_TOO_LARGE))
 
@@ -175,7 +175,7 @@ def _http_error(exc: HTTPException) -> Response:
     # Pages keep Flask's HTML errors; API callers and programs get their format.
     if is_api_path(request.path) or request.path.startswith("/healthz") or at_post_root() or wants_page():
         status = exc.code or 500
-        response = error_response(UploadError(status, exc.description or exc.name,
+        response = error_response(Refusal(status, exc.description or exc.name,
                                               code=code_of_status(status)))
         # Werkzeug's own headers: a 405's Allow names the methods that are.
         for name, value in exc.get_headers():
@@ -188,7 +188,7 @@ def _http_error(exc: HTTPException) -> Response:
 def _aws_unavailable(exc: Exception) -> Response:
     # S3 or SQS failing after botocore's own retries: the caller may try again.
     log.warning("AWS failed on %s %s: %s", request.method, request.path, exc)
-    return error_response(UploadError(503, f"storage unavailable ({error_reason(exc)}); try again",
+    return error_response(Refusal(503, f"storage unavailable ({error_reason(exc)}); try again",
                                       code=Code.AWS_UNAVAILABLE))
 
 
@@ -197,7 +197,7 @@ def _malformed_body(exc: ParseException) -> Response:
     # the client's mistake. Nothing after it on the connection can be read, so gunicorn
     # closes it after this answer (whose "Connection: keep-alive" is gunicorn's own: it
     # drops a Connection header set here).
-    return error_response(UploadError(400, f"the request body is malformed ({exc})", code=Code.BAD_REQUEST))
+    return error_response(Refusal(400, f"the request body is malformed ({exc})", code=Code.BAD_REQUEST))
 
 
 def _unexpected(exc: Exception) -> Response:
@@ -207,15 +207,15 @@ def _unexpected(exc: Exception) -> Response:
         # is room (a bare 500 said neither: reviewer).
         log.error("no room to spool %s %s: %s (TMPDIR=%s)", request.method, request.path, exc,
                   tempfile.gettempdir())
-        return error_response(UploadError(503, "the server has no room to hold this upload now; nothing "
+        return error_response(Refusal(503, "the server has no room to hold this upload now; nothing "
                                                "was stored: send it again later, or in smaller requests",
                                           code=Code.BUSY))
     log.exception("unhandled error on %s %s", request.method, request.path)
-    return error_response(UploadError(500, "internal error", code=Code.INTERNAL))
+    return error_response(Refusal(500, "internal error", code=Code.INTERNAL))
 
 
 def register(app: Flask) -> None:
-    app.register_error_handler(UploadError, error_response)
+    app.register_error_handler(Refusal, error_response)
     app.register_error_handler(RequestEntityTooLarge, _too_large)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(ParseException, _malformed_body)

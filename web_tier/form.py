@@ -12,7 +12,7 @@ from werkzeug.datastructures import FileStorage
 
 from common.config import Settings
 from web_tier.filenames import display_name
-from web_tier.refusals import Code, UploadError, too_large
+from web_tier.refusals import Code, Refusal, too_large
 from web_tier.spool import CappedSpool, RequestSpool
 
 _CHUNK = 1 << 20
@@ -59,7 +59,7 @@ class UploadRequest(Request):
 
 
 def form_files(request: Request, fields: Sequence[str]) -> list[FileStorage]:
-    """The files sent in these form fields, or UploadError for a form that could not be read.
+    """The files sent in these form fields, or Refusal for a form that could not be read.
 
     A multipart body of which nothing could be read is said to be so: Werkzeug
     drops the whole form when, say, a file name is not UTF-8, and "no file"
@@ -69,13 +69,13 @@ def form_files(request: Request, fields: Sequence[str]) -> list[FileStorage]:
     fields = tuple(fields)
     coding = request.headers.get("Content-Encoding", "").strip().lower()
     if coding not in ("", "identity"):  # Werkzeug reads a body as it comes
-        raise UploadError(415, f"a body in Content-Encoding {coding[:32]!r} is not read: send the form "
+        raise Refusal(415, f"a body in Content-Encoding {coding[:32]!r} is not read: send the form "
                                "as it is (images are compressed already)", code=Code.UNSUPPORTED_ENCODING)
     transfer = request.headers.get("Transfer-Encoding", "")
     codings = [c.strip().lower() for c in transfer.split(",") if c.strip()]
     unread = [c for c in codings if c not in ("chunked", "identity")]
     if unread:  # gunicorn undoes only chunked: the rest came through as garbled bytes (reviewer)
-        raise UploadError(501, f"a body in Transfer-Encoding {unread[0][:32]!r} is not read: send it "
+        raise Refusal(501, f"a body in Transfer-Encoding {unread[0][:32]!r} is not read: send it "
                                "chunked or with a Content-Length", code=Code.UNSUPPORTED_ENCODING)
     if request.mimetype != "multipart/form-data":
         # No file can be in it, and Werkzeug would read a urlencoded body whole into
@@ -84,27 +84,27 @@ def form_files(request: Request, fields: Sequence[str]) -> list[FileStorage]:
     chunked = "chunked" in codings
     if request.content_length is None and not chunked:
         # (HTTP/1.0 without a length): Werkzeug reads nothing, and "no file" would mislead.
-        raise UploadError(411, "the request has no Content-Length (and is not chunked): its form "
+        raise Refusal(411, "the request has no Content-Length (and is not chunked): its form "
                                "cannot be read", code=Code.LENGTH_REQUIRED)
     # (An empty one, as `curl -F files=` sends, carries nothing to lose.)
     texts = [name for name in fields if any(request.form.getlist(name))]
     if texts:
         # A part without a filename, which Werkzeug keeps apart from the files.
-        raise UploadError(400, f"form field {texts[0][:64]!r} holds text, not a file: "
+        raise Refusal(400, f"form field {texts[0][:64]!r} holds text, not a file: "
                                + send_as_files(fields[0]), code=Code.BAD_REQUEST)
     files = _real_files(f for name in fields for f in request.files.getlist(name))
     if not files and (request.content_length or chunked) and not request.files and not request.form:
-        raise UploadError(400, "the multipart form could not be read: is every file name UTF-8, "
+        raise Refusal(400, "the multipart form could not be read: is every file name UTF-8, "
                                "and the body well formed?", code=Code.BAD_REQUEST)
     # Werkzeug files a part with no name= under None.
     elsewhere = sorted((name for name in request.files if name not in fields
                         and _real_files(request.files.getlist(name))), key=lambda name: name or "")
     if files and elsewhere:
-        raise UploadError(400, f"files in {_field(elsewhere[0])} too: send them all in "
+        raise Refusal(400, f"files in {_field(elsewhere[0])} too: send them all in "
                                + " or ".join(repr(f) for f in fields), code=Code.BAD_REQUEST)
     if elsewhere:  # only there: named, as every refusal of a file is
         stray = _real_files(request.files.getlist(elsewhere[0]))[0]
-        raise UploadError(400, f"sent in {_field(elsewhere[0])}: send it in "
+        raise Refusal(400, f"sent in {_field(elsewhere[0])}: send it in "
                                + " or ".join(repr(f) for f in fields)
                                + f" (curl -F {fields[0]}=@cat.jpg)", display_name(stray),
                           code=Code.BAD_REQUEST)
@@ -140,10 +140,10 @@ def _real_files(files: Iterable[FileStorage]) -> list[FileStorage]:
 def check_count(files: list[FileStorage], settings: Settings, field: str = "files") -> None:
     """Refuse a request with no file in `field`, or with more than one request may carry."""
     if not files:
-        raise UploadError(400, f"no file in the request: send the images as multipart/form-data, "
+        raise Refusal(400, f"no file in the request: send the images as multipart/form-data, "
                                f"in the field '{field}'", code=Code.NO_FILE)
     if len(files) > settings.max_files_per_request:
-        raise UploadError(
+        raise Refusal(
             413,
             f"too many files in one request: {len(files)} "
             f"(the limit is {settings.max_files_per_request})",
@@ -170,18 +170,18 @@ def form_tokens(request: Request, files: list[FileStorage], field: str = "tokens
     if len(tokens) != count:
         # Named, as every refusal of a file is: the first file without a token of its own.
         first_without = display_name(files[len(tokens)]) if len(tokens) < count else None
-        raise UploadError(400, f"{len(tokens)} token{'s' * (len(tokens) != 1)} for {count} "
+        raise Refusal(400, f"{len(tokens)} token{'s' * (len(tokens) != 1)} for {count} "
                                f"file{'s' * (count != 1)}: send one token per file, "
                                "in the order of the files", first_without, code=Code.BAD_REQUEST)
     for token in tokens:
         if not _TOKEN.fullmatch(token):
-            raise UploadError(400, f"a token is 1 to 64 letters, digits or '._:-', not {token[:70]!r}",
+            raise Refusal(400, f"a token is 1 to 64 letters, digits or '._:-', not {token[:70]!r}",
                               code=Code.BAD_REQUEST)
     if len(set(tokens)) != count:
         first = {}
         for token, storage in zip(tokens, files, strict=True):
             if token in first:  # named, as every refusal of a file is (reviewer)
-                raise UploadError(400, f"two files have the same token ({first[token]} and this one): "
+                raise Refusal(400, f"two files have the same token ({first[token]} and this one): "
                                        "each file needs its own", display_name(storage),
                                   code=Code.BAD_REQUEST)
             first[token] = display_name(storage)
@@ -198,6 +198,6 @@ def read_limited(storage: FileStorage, limit: int) -> bytes:
             break
         buf.write(chunk)
         if buf.tell() > limit:
-            raise UploadError(413, too_large(limit), name, code=Code.TOO_LARGE)
+            raise Refusal(413, too_large(limit), name, code=Code.TOO_LARGE)
     return buf.getvalue()
 

@@ -28,7 +28,7 @@ from common.pixels import (
 )
 from web_tier.filenames import display_name
 from web_tier.form import read_limited
-from web_tier.refusals import Code, UploadError
+from web_tier.refusals import Code, Refusal
 
 # Pillow format -> Content-Type stored with the object. FORMATS: those both tiers read
 # (common/pixels.py), and MPO, the JPEG of many phone cameras, which Pillow's JPEG
@@ -62,7 +62,7 @@ class Upload:
 
 
 def validate(storage: FileStorage, settings: Settings) -> Upload:
-    """Read and check one uploaded file; raise UploadError naming it if refused."""
+    """Read and check one uploaded file; raise Refusal naming it if refused."""
     name = display_name(storage)
     data = read_limited(storage, settings.max_upload_bytes)
     return check_image(name, data, settings)
@@ -71,51 +71,51 @@ def validate(storage: FileStorage, settings: Settings) -> Upload:
 def check_image(name: str, data: bytes, settings: Settings) -> Upload:
     """Accept `data` only if it is a whole, reasonably sized image of a known type."""
     if not data:
-        raise UploadError(400, "file is empty", name, code=Code.EMPTY_FILE)
+        raise Refusal(400, "file is empty", name, code=Code.EMPTY_FILE)
     # JPEGs and PNGs are walked before Pillow reads them, part by part in Python; a
     # JPEG once, for this and the truncation check below. The worker applies the same
     # rules (common/pixels.py).
     jpeg, too_slow = parts_refusal(data)
     if too_slow:
-        raise UploadError(UNREADABLE, too_slow, name, code=Code.UNREADABLE_IMAGE)
+        raise Refusal(UNREADABLE, too_slow, name, code=Code.UNREADABLE_IMAGE)
     try:
         with Image.open(io.BytesIO(data), formats=READ_FORMATS) as img:
             fmt = img.format or ""
             if fmt not in FORMATS:
-                raise UploadError(415, f"{fmt or 'this'} images are not accepted; send {ACCEPTED}", name,
+                raise Refusal(415, f"{fmt or 'this'} images are not accepted; send {ACCEPTED}", name,
                                   code=Code.UNSUPPORTED_TYPE)
             # The worker's decoder applies the same rule (common/pixels.py).
             pixel_refusal = oversize_refusal(*img.size, settings.max_image_pixels, fmt)
             if pixel_refusal:
-                raise UploadError(413, pixel_refusal, name, code=Code.TOO_LARGE)
+                raise Refusal(413, pixel_refusal, name, code=Code.TOO_LARGE)
             cut_short = _truncation(img, data, jpeg)
             if cut_short:
-                raise UploadError(UNREADABLE, f"damaged or unreadable image: {cut_short}", name,
+                raise Refusal(UNREADABLE, f"damaged or unreadable image: {cut_short}", name,
                                   code=Code.UNREADABLE_IMAGE)
             # Checks PNG's chunks and checksums without decoding pixels; for most
             # other formats it does little, hence the check above.
             img.verify()
-    except UploadError:
+    except Refusal:
         raise
     except PILLOW_REFUSALS as exc:
-        raise UploadError(413, pillow_refusal(exc, settings.max_image_pixels), name,
+        raise Refusal(413, pillow_refusal(exc, settings.max_image_pixels), name,
                           code=Code.TOO_LARGE) from exc
     except UnidentifiedImageError as exc:
         kind = _signature(data) or format_not_read(data)
         if kind and kind not in FORMATS:  # an image, in a format this service does not read
-            raise UploadError(415, f"{kind} images are not accepted; send {ACCEPTED}", name,
+            raise Refusal(415, f"{kind} images are not accepted; send {ACCEPTED}", name,
                               code=Code.UNSUPPORTED_TYPE) from exc
         if kind == "TIFF" and _samples_not_read(data):  # valid, and not "not a valid TIFF" (reviewer)
-            raise UploadError(UNREADABLE, "unreadable image: a TIFF of samples this service does not read "
+            raise Refusal(UNREADABLE, "unreadable image: a TIFF of samples this service does not read "
                                           "(such as colour in floating point or 32-bit integers)",
                               name, code=Code.UNREADABLE_IMAGE) from exc
         if kind:  # it starts like one, but Pillow could not read even its header
-            raise UploadError(UNREADABLE, f"damaged or unreadable image: not a valid {kind} file",
+            raise Refusal(UNREADABLE, f"damaged or unreadable image: not a valid {kind} file",
                               name, code=Code.UNREADABLE_IMAGE) from exc
-        raise UploadError(415, f"not an image (the content is not {ACCEPTED})", name,
+        raise Refusal(415, f"not an image (the content is not {ACCEPTED})", name,
                           code=Code.NOT_AN_IMAGE) from exc
     except Exception as exc:  # Pillow raises many kinds of errors on damaged files
-        raise UploadError(UNREADABLE, f"damaged or unreadable image: {plain_reason(exc)}", name,
+        raise Refusal(UNREADABLE, f"damaged or unreadable image: {plain_reason(exc)}", name,
                           code=Code.UNREADABLE_IMAGE) from exc
     return Upload(name, data, FORMATS[fmt])
 

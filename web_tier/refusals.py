@@ -56,7 +56,7 @@ def code_of_status(status: int) -> Code:
     return _HTTP_CODES.get(status, Code.BAD_REQUEST if status < 500 else Code.INTERNAL)
 
 
-class UploadError(Exception):
+class Refusal(Exception):
     """A refused request or file: HTTP status, the reason, the file it concerns, and
     its code (required: every refusal says what it is)."""
 

@@ -15,7 +15,7 @@ from common.messages import ClassifyRequest, MessageError
 from common.names import object_key
 from web_tier.image_check import Upload
 from web_tier.journal import Journal
-from web_tier.refusals import Code, UploadError
+from web_tier.refusals import Code, Refusal
 from web_tier.results import Item, ResultBook
 from web_tier.sender import BatchingSender
 from web_tier.storage import head, put_input
@@ -76,7 +76,7 @@ class Submitter:
     _storing_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def submit(self, batch_id: str, uploads: list[Upload], tokens: list[str] | None = None,
-               ) -> list[Item | SentBefore | UploadError]:
+               ) -> list[Item | SentBefore | Refusal]:
         """Submit every upload of one request, concurrently; results in upload order.
 
         Items are in the book before their request is sent, so even the fastest
@@ -96,7 +96,7 @@ class Submitter:
             self._storing.update(i.id for i in items)
         held = self.book.add(batch_id, items)
         new = [n for n, holder in enumerate(held) if holder is items[n]]
-        outcomes: dict[int, Item | SentBefore | UploadError] = {
+        outcomes: dict[int, Item | SentBefore | Refusal] = {
             n: self._sent_again(items[n], holder, uploads[n]) for n, holder in enumerate(held) if n not in new
         }
         if len(new) == 1:
@@ -107,7 +107,7 @@ class Submitter:
                 outcomes[n] = future.result()
         return [outcomes[n] for n in range(len(items))]
 
-    def _sent_again(self, item: Item, holder: Item, upload: Upload) -> SentBefore | UploadError:
+    def _sent_again(self, item: Item, holder: Item, upload: Upload) -> SentBefore | Refusal:
         """What an upload whose token the batch holds (in `holder`) is answered."""
         with self._storing_lock:
             self._storing.discard(item.id)  # never joined the book: nothing to store
@@ -115,27 +115,27 @@ class Submitter:
             # before leaving _storing): either way not stored now, so not "sent before".
             stored = holder.id not in self._storing and self.book.get(holder.id) is not None
         if holder.filename != upload.filename:  # not this file sent again: another, under a used token
-            return UploadError(409, f"token {item.token!r} already names another file in this batch "
+            return Refusal(409, f"token {item.token!r} already names another file in this batch "
                                     f"({holder.filename}): give each file its own token", upload.filename,
                                code=Code.TOKEN_CONFLICT)
         if holder.digest and holder.digest != item.digest:
             # Same name, other bytes (a file edited and sent again, or another's upload
             # planted under a guessable token): it had the first file's answer (reviewer).
-            return UploadError(409, f"token {item.token!r} already names another file of this name, "
+            return Refusal(409, f"token {item.token!r} already names another file of this name, "
                                     "with other contents, in this batch: give each file its own token",
                                upload.filename, code=Code.TOKEN_CONFLICT)
         if not stored:
-            return UploadError(503, STILL_STORING, upload.filename, code=Code.BUSY)
+            return Refusal(503, STILL_STORING, upload.filename, code=Code.BUSY)
         return SentBefore(holder)
 
-    def _submit_one(self, item: Item, upload: Upload) -> Item | UploadError:
+    def _submit_one(self, item: Item, upload: Upload) -> Item | Refusal:
         try:
             return self._store_and_queue(item, upload)
         finally:
             with self._storing_lock:
                 self._storing.discard(item.id)
 
-    def _store_and_queue(self, item: Item, upload: Upload) -> Item | UploadError:
+    def _store_and_queue(self, item: Item, upload: Upload) -> Item | Refusal:
         stored = False
         request = ClassifyRequest(
             id=item.id, bucket=self.aws.settings.input_bucket, key=item.key, filename=upload.filename
@@ -172,7 +172,7 @@ class Submitter:
                 # which sends only what S3 has, queues it: classified, at worst as well as
                 # its resend, never left queued for ever (reviewer).
                 self._retry_later(item.id, request)
-            return UploadError(503, "could not be stored or queued; try again", upload.filename,
+            return Refusal(503, "could not be stored or queued; try again", upload.filename,
                                code=Code.AWS_UNAVAILABLE)
         self._end(item.id)
         return item

@@ -18,7 +18,7 @@ from common.pixels import MAX_IMAGE_SIDE, MAX_JPEG_SCANS, MAX_JPEG_SEGMENTS, MAX
 from tests.conftest import jpeg_of_many_scans, make_image
 from tests.unit.conftest import upload
 from web_tier.image_check import ACCEPTED, FORMATS, check_image
-from web_tier.refusals import UploadError
+from web_tier.refusals import Refusal
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -131,7 +131,7 @@ def test_the_upload_check_refuses_a_cut_jpeg_exactly_when_the_decoder_would(web_
         try:
             check_image("cut.jpg", data, web_settings)
             accepted = True
-        except UploadError:
+        except Refusal:
             accepted = False
         assert accepted == decodes(data), f"cut at {cut} of {len(whole)} bytes"
 
@@ -150,7 +150,7 @@ def test_the_upload_check_refuses_a_cut_tiff_or_bmp_as_the_decoder_would(web_set
         try:
             check_image(f"cut.{fmt.lower()}", data, web_settings)
             accepted = True
-        except UploadError:
+        except Refusal:
             accepted = False
         if not accepted:
             assert not decodes(data), f"refused at {cut} of {len(whole)} bytes, yet it decodes"
@@ -175,7 +175,7 @@ def test_a_jpeg_of_too_many_scans_is_refused_as_the_worker_would(web_settings):
     assert decodes(within) and decodes(beyond)  # valid JPEGs, only slow to decode at scale
     assert check_image("ok.jpg", within, web_settings).content_type == "image/jpeg"
     prepare(within, web_settings.max_image_pixels)
-    with pytest.raises(UploadError) as refused:
+    with pytest.raises(Refusal) as refused:
         check_image("slow.jpg", beyond, web_settings)
     assert refused.value.status == 422 and f"drawn in {MAX_JPEG_SCANS + 1} scans" in refused.value.reason
     with pytest.raises(BadImage, match=f"drawn in {MAX_JPEG_SCANS + 1} scans"):
@@ -199,7 +199,7 @@ def test_a_jpeg_of_too_many_segments_is_refused_before_pillow_reads_it(web_setti
 
     forbid_pillow(monkeypatch)
     for n in (MAX_JPEG_SEGMENTS + 1, 2_600_000):
-        with pytest.raises(UploadError) as refused:
+        with pytest.raises(Refusal) as refused:
             check_image("padded.jpg", padded[n], web_settings)
         assert refused.value.status == 422
         assert f"more than {MAX_JPEG_SEGMENTS} segments" in refused.value.reason
@@ -225,7 +225,7 @@ def test_a_png_of_too_many_chunks_is_refused_before_pillow_reads_it(web_settings
     prepare(fits, web_settings.max_image_pixels)
     forbid_pillow(monkeypatch)
     for chunks in (MAX_PNG_CHUNKS, 800_000):
-        with pytest.raises(UploadError) as refused:
+        with pytest.raises(Refusal) as refused:
             check_image("padded.png", padded(chunks), web_settings)
         assert refused.value.status == 422
         assert f"more than {MAX_PNG_CHUNKS} chunks" in refused.value.reason
@@ -254,7 +254,7 @@ def test_a_gif_of_too_many_blocks_before_its_image_is_refused_before_pillow_read
     assert gif_blocks(padded(1, b"\x21\xfe" + b"\x01x" * 5_001 + b"\x00")) == 5_002 + gif_blocks(photo)
     forbid_pillow(monkeypatch)
     for blocks in (MAX_GIF_BLOCKS + 1, 3_500_000):
-        with pytest.raises(UploadError) as refused:
+        with pytest.raises(Refusal) as refused:
             check_image("padded.gif", padded(blocks), web_settings)
         assert refused.value.status == 422
         assert f"more than {MAX_GIF_BLOCKS} blocks or stray bytes before its image" in refused.value.reason
@@ -265,7 +265,7 @@ def test_a_gif_of_too_many_blocks_before_its_image_is_refused_before_pillow_read
     # Pillow skips a byte that starts nothing, one step each: a stray byte in front of
     # the comments, or bytes alone, had stopped the count at 0 (reviewer).
     for stray in (padded(1, b"\x00" + b"\x21\xfe\x00" * 3_500_000), padded(10 * 1024**2, b"\x00")):
-        with pytest.raises(UploadError, match=f"more than {MAX_GIF_BLOCKS} blocks"):
+        with pytest.raises(Refusal, match=f"more than {MAX_GIF_BLOCKS} blocks"):
             check_image("stray.gif", stray, web_settings)
         with pytest.raises(BadImage, match=f"more than {MAX_GIF_BLOCKS} blocks"):
             prepare(stray, web_settings.max_image_pixels)
@@ -309,7 +309,7 @@ def test_a_png_of_too_much_packed_metadata_is_refused_before_pillow_unpacks_it(w
                            ((profile(1024), *[itxt(1024)] * 3, itxt(1)), too_much),
                            ([itxt(1024, flag=b"\2")] * 5, too_much),  # Pillow unpacks any flag but 0
                            ([ztxt(1024)] * 60, too_much)):
-        with pytest.raises(UploadError) as refused:
+        with pytest.raises(Refusal) as refused:
             check_image("packed.png", with_chunks(*chunks), web_settings)
         assert refused.value.status == 422 and reason in refused.value.reason, refused.value.reason
         with pytest.raises(BadImage, match=re.escape(reason)):
@@ -318,7 +318,7 @@ def test_a_png_of_too_much_packed_metadata_is_refused_before_pillow_unpacks_it(w
     # decode, took it, and the worker failed it (reviewer). Refused by both now.
     late = photo[:-12] + ztxt(1536) + photo[-12:]  # before the end chunk
     too_large = "a text or colour-profile chunk that unpacks to more than 1 MB"
-    with pytest.raises(UploadError, match=too_large):
+    with pytest.raises(Refusal, match=too_large):
         check_image("late.png", late, web_settings)
     with pytest.raises(BadImage, match=too_large):
         prepare(late, web_settings.max_image_pixels)
@@ -335,7 +335,7 @@ def test_an_image_of_another_format_holding_one_of_ours_is_refused_unread(web_se
     icon = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(inner), 22) + inner
     assert Image.open(io.BytesIO(icon)).format == "ICO"  # what Pillow makes of it
     monkeypatch.setattr(IcoImagePlugin.IcoImageFile, "_open", lambda self: pytest.fail("opened as an icon"))
-    with pytest.raises(UploadError) as refused:
+    with pytest.raises(Refusal) as refused:
         check_image("icon.png", icon, web_settings)
     assert refused.value.status == 415 and "ICO images are not accepted" in refused.value.reason
     with pytest.raises(BadImage, match="not an image format this service reads"):
@@ -371,12 +371,12 @@ def float_rgb_tiff(width: int = 2, height: int = 2) -> bytes:
 
 def test_a_valid_tiff_pillow_cannot_read_is_not_called_damaged_alone(web_settings):
     """Floating-point colour was "not a valid TIFF file" (reviewer): it is valid."""
-    with pytest.raises(UploadError) as refused:
+    with pytest.raises(Refusal) as refused:
         check_image("hdr.tif", float_rgb_tiff(), web_settings)
     assert refused.value.status == 422
     assert "a TIFF of samples this service does not read (such as colour in floating point" \
         in refused.value.reason
-    with pytest.raises(UploadError) as damaged:  # a directory of no entries: no size
+    with pytest.raises(Refusal) as damaged:  # a directory of no entries: no size
         check_image("empty.tif", b"II*\x00" + struct.pack("<IHI", 8, 0, 0), web_settings)
     assert damaged.value.reason.endswith("not a valid TIFF file"), damaged.value.reason
 
@@ -421,10 +421,10 @@ def test_a_tiff_of_too_many_tiles_is_refused_before_pillow_reads_it(web_settings
     forbid_pillow(monkeypatch)
     # Pillow also opens two headers it calls invalid, the magic number's bytes swapped.
     swapped = b"II\x00*" if order == "<" else b"MM*\x00"
-    with pytest.raises(UploadError, match="strips or tiles"):
+    with pytest.raises(Refusal, match="strips or tiles"):
         check_image("odd.tif", swapped + tiff_of_tiles(257, 257, order)[4:], web_settings)
     for side in (257, 1600):
-        with pytest.raises(UploadError) as refused:
+        with pytest.raises(Refusal) as refused:
             check_image("tiles.tif", tiff_of_tiles(side, side, order), web_settings)
         assert refused.value.status == 422
         reason = refused.value.reason
@@ -458,7 +458,7 @@ def test_a_webp_is_held_to_half_the_pixel_limit_as_its_decoding_takes_several_ti
             assert check_image("ok.png", data, limited).content_type == "image/png"
             prepare(data, limited.max_image_pixels)
             continue
-        with pytest.raises(UploadError) as refusal:
+        with pytest.raises(Refusal) as refusal:
             check_image("big.webp", data, limited)
         assert refusal.value.status == 413
         assert "more than the limit of 500000 for a WEBP image" in refusal.value.reason
@@ -476,7 +476,7 @@ def test_an_image_with_a_side_over_65535_pixels_is_refused_in_both_tiers(web_set
     assert check_image("tall.png", one_pixel_wide(MAX_IMAGE_SIDE), web_settings).content_type == "image/png"
     prepare(one_pixel_wide(MAX_IMAGE_SIDE), web_settings.max_image_pixels)
     taller = one_pixel_wide(MAX_IMAGE_SIDE + 1)
-    with pytest.raises(UploadError) as refused:
+    with pytest.raises(Refusal) as refused:
         check_image("taller.png", taller, web_settings)
     assert refused.value.status == 413
     assert refused.value.reason == (f"image is 1x{MAX_IMAGE_SIDE + 1} pixels: "
@@ -506,7 +506,7 @@ def test_scans_are_counted_as_the_decoder_reads_them(web_settings):
     for how, data in hidden.items():
         assert decodes(data), how
         assert jpeg_scan_count(data) == MAX_JPEG_SCANS + 1, how
-        with pytest.raises(UploadError, match="scans"):
+        with pytest.raises(Refusal, match="scans"):
             check_image("slow.jpg", data, web_settings)
 
 
@@ -552,7 +552,7 @@ def test_an_image_of_exactly_the_pixel_limit_is_taken_by_both_tiers(web_settings
     assert check_image("at.png", at_limit, limited).content_type == "image/png"
     prepare(at_limit, limited.max_image_pixels)
     over = encode(Image.new("RGB", (1000, 1001), (9, 9, 9)), "PNG")
-    with pytest.raises(UploadError) as refusal:
+    with pytest.raises(Refusal) as refusal:
         check_image("over.png", over, limited)
     assert refusal.value.status == 413
     with pytest.raises(BadImage):
@@ -594,7 +594,7 @@ def test_the_pixel_limit_holds_in_every_thread_at_once(web_settings):
     def refused(_: int) -> bool:
         try:
             check_image("bomb.png", bomb, settings)
-        except UploadError as exc:
+        except Refusal as exc:
             return exc.status == 413
         return False
 

@@ -409,11 +409,11 @@ def test_a_client_still_connected_is_not_taken_for_one_that_left(make_web_app, f
 def test_a_file_still_being_stored_under_its_idempotency_key_is_said_so_in_those_words(
         make_web_app, monkeypatch):
     """The 503 spoke of a "token", which POST / callers never sent (explorer)."""
-    from web_tier.refusals import Code, UploadError
+    from web_tier.refusals import Code, Refusal
     from web_tier.submit import STILL_STORING
 
     app = make_web_app(start_background=False)
-    still_storing = UploadError(503, STILL_STORING, "k.jpg", code=Code.BUSY)
+    still_storing = Refusal(503, STILL_STORING, "k.jpg", code=Code.BUSY)
     monkeypatch.setattr(services_of(app).submitter, "submit",
                         lambda batch_id, uploads, tokens: [still_storing])
     response = app.test_client().post("/", data={"inputFile": (io.BytesIO(make_image(8)), "k.jpg")},

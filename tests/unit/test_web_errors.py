@@ -242,7 +242,7 @@ def test_every_refusal_the_web_tier_makes_names_its_code():
     missing = []
     for source in sorted((ROOT / "web_tier").glob("*.py")):
         for node in ast.walk(ast.parse(source.read_text())):
-            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "UploadError" \
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Refusal" \
                     and not any(k.arg == "code" for k in node.keywords):
                 missing.append(f"{source.name}:{node.lineno}")
     assert not missing
