@@ -481,3 +481,51 @@ def test_a_worker_may_put_its_two_tags_on_its_own_deployments_app_tier_instances
     assert not allows(policy, "ec2:CreateTags", INSTANCE, {**ours, **tag_request({"imgclass:role": "web"})})
     theirs = {**ours, **tagged({"imgclass:prefix": "other"})}
     assert not allows(policy, "ec2:CreateTags", INSTANCE, {**theirs, **tag_request({WORKER_READY_TAG: "1"})})
+
+
+# --- the baker's policy, against the build worker.pkr.hcl asks Packer for ----------
+
+BAKER = "imgclass-baker"  # ami/README.md's --build-instance-profile, and its role
+
+
+def test_the_bakers_policy_allows_what_packers_build_of_the_template_calls():
+    """The EC2 calls Packer's amazon-ebs builder makes for what the template asks (a
+    source AMI found by filter, a temporary key pair and security group since it names
+    neither, a subnet, an instance profile for the weights), each allowed."""
+    template = (AMI / "worker.pkr.hcl").read_text()
+    policy = json.loads((AMI / "iam-bake-policy.json").read_text())
+    needed = {"ec2:RunInstances", "ec2:DescribeInstances", "ec2:DescribeInstanceStatus", "ec2:CreateTags",
+              "ec2:StopInstances", "ec2:CreateImage", "ec2:DescribeImages", "ec2:TerminateInstances"}
+    if "source_ami_filter" in template:
+        needed |= {"ec2:DescribeImages"}
+    if "ssh_keypair_name" not in template:
+        needed |= {"ec2:CreateKeyPair", "ec2:DeleteKeyPair"}
+    if "security_group_id" not in template:
+        needed |= {"ec2:CreateSecurityGroup", "ec2:AuthorizeSecurityGroupIngress",
+                   "ec2:DeleteSecurityGroup", "ec2:DescribeSecurityGroups"}
+    if "subnet_id" in template:
+        needed |= {"ec2:DescribeSubnets", "ec2:DescribeVpcs"}
+    builder = tagged({"Name": re.search(r'run_tags = \{\s*Name = "([^"]+)"', template)[1]})
+    for action in needed:
+        assert allows(policy, action, INSTANCE, builder), action
+    assert "iam_instance_profile" in template
+    assert allows(policy, "iam:GetInstanceProfile", f"arn:aws:iam::{ACCOUNT}:instance-profile/{BAKER}")
+    assert allows(policy, "iam:PassRole", f"arn:aws:iam::{ACCOUNT}:role/{BAKER}",
+                  {"iam:PassedToService": "ec2.amazonaws.com"})
+
+
+def test_the_baker_may_end_only_its_build_instance_and_pass_only_its_own_role():
+    policy = json.loads((AMI / "iam-bake-policy.json").read_text())
+    for action in ("ec2:StopInstances", "ec2:TerminateInstances"):
+        assert not allows(policy, action, INSTANCE, tagged({"Name": "web-instance"})), action
+        assert not allows(policy, action, INSTANCE, {}), action
+    role = f"arn:aws:iam::{ACCOUNT}:role/{BAKER}"
+    assert not allows(policy, "iam:PassRole", role, {"iam:PassedToService": "lambda.amazonaws.com"})
+    for other in ("admin", "imgclass-worker"):
+        assert not allows(policy, "iam:PassRole", f"arn:aws:iam::{ACCOUNT}:role/{other}",
+                          {"iam:PassedToService": "ec2.amazonaws.com"})
+    # Nothing of S3, SQS or IAM beyond those two: the weights are read by the build
+    # instance's own role, not by whoever bakes.
+    assert {a.split(":")[0] for a in allowed_actions(policy)} == {"ec2", "iam"}
+    assert {a for a in allowed_actions(policy) if a.startswith("iam:")} == {"iam:GetInstanceProfile",
+                                                                            "iam:PassRole"}
