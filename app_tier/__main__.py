@@ -119,7 +119,8 @@ def run(argv: list[str] | None, before_serving: StopBeforeServing) -> int:
         show_held_only(settings, args.instance_id)
 
     # Imported here: the model runtime takes a while to import, and --help should not.
-    from app_tier.model import WeightsUnavailable, load_classifier
+    from app_tier.model import load_classifier
+    from app_tier.weights import WeightsUnavailable
     from app_tier.worker import Worker, warm_up
 
     try:

@@ -26,7 +26,8 @@ from types import ModuleType
 
 import numpy as np
 
-from app_tier.model import RANDOM_WEIGHTS_SEED, Classifier, build_network, weights_file
+from app_tier.model import RANDOM_WEIGHTS_SEED, Classifier, build_network
+from app_tier.weights import weights_file
 from common.config import RANDOM_WEIGHTS
 
 log = logging.getLogger(__name__)

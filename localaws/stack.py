@@ -92,7 +92,7 @@ def local_model_weights(env: dict[str, str] | os._Environ) -> tuple[str, str]:
     """
     if env.get("MODEL_WEIGHTS", "").strip():  # blank is unset, as Settings reads it
         return env["MODEL_WEIGHTS"], ""
-    from app_tier.model import WEIGHTS_FILE, keras_cache_dir
+    from app_tier.weights import WEIGHTS_FILE, keras_cache_dir
 
     if (keras_cache_dir() / WEIGHTS_FILE).is_file():
         return "imagenet", ""

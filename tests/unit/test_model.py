@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app_tier import model
+from app_tier import model, weights
 from app_tier.images import INPUT_SIZE, decode, prepare, to_input
 from app_tier.labels import imagenet_labels
-from app_tier.model import WeightsUnavailable, load_classifier
+from app_tier.model import load_classifier
+from app_tier.weights import WeightsUnavailable
 from tests.conftest import make_image
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -270,7 +271,7 @@ def test_s3_weights_missing_or_forbidden_stop_the_worker_but_s3_failing_does_not
     can change does that; anything else raises as it is, for systemd to restart."""
     from botocore.exceptions import ClientError, EndpointConnectionError
 
-    from app_tier.model import _fetch_s3_weights
+    from app_tier.weights import _fetch_s3_weights
 
     s3_weights.put_object(Bucket="models", Key="resnet50.h5", Body=b"weights")
     assert _fetch_s3_weights("s3://models/resnet50.h5").read_bytes() == b"weights"
@@ -290,7 +291,7 @@ def test_s3_weights_missing_or_forbidden_stop_the_worker_but_s3_failing_does_not
 
     for error in (EndpointConnectionError(endpoint_url="https://s3.amazonaws.com"),
                   ClientError({"Error": {"Code": "SlowDown", "Message": "slow down"}}, "GetObject")):
-        monkeypatch.setattr(model, "weights_s3_client", lambda e=error: FailingS3(e))
+        monkeypatch.setattr(weights, "weights_s3_client", lambda e=error: FailingS3(e))
         with pytest.raises(type(error)):
             _fetch_s3_weights("s3://models/later.h5")
 
@@ -317,14 +318,14 @@ def test_weights_come_through_a_client_with_the_services_retries(monkeypatch):
     from common.aws import USER_AGENT
 
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    config = model.weights_s3_client().meta.config
+    config = weights.weights_s3_client().meta.config
     assert config.retries["mode"] == "standard" and config.user_agent.startswith(USER_AGENT)
 
 
 def test_s3_weights_uploaded_again_at_the_same_key_are_fetched_again(s3_weights):
     """The copy in the Keras cache was used for ever: new weights uploaded at the same key
     never reached a worker that had fetched the old ones (or an image baked with them)."""
-    from app_tier.model import _fetch_s3_weights
+    from app_tier.weights import _fetch_s3_weights
 
     uri = "s3://models/resnet50.h5"
     s3_weights.put_object(Bucket="models", Key="resnet50.h5", Body=b"weights, first version")
@@ -337,7 +338,7 @@ def test_s3_weights_uploaded_again_at_the_same_key_are_fetched_again(s3_weights)
 
 
 def test_unchanged_s3_weights_are_not_downloaded_again(s3_weights):
-    from app_tier.model import _fetch_s3_weights
+    from app_tier.weights import _fetch_s3_weights
 
     s3_weights.put_object(Bucket="models", Key="resnet50.h5", Body=b"weights")
     copy = _fetch_s3_weights("s3://models/resnet50.h5")
@@ -350,7 +351,7 @@ def test_unchanged_s3_weights_are_not_downloaded_again(s3_weights):
 def test_a_copy_fetched_without_its_s3_identity_is_fetched_again(s3_weights):
     """A copy left by an older worker (or baked into an image) says nothing of which
     upload it is: while S3 answers, it is replaced."""
-    from app_tier.model import _fetch_s3_weights, keras_cache_dir
+    from app_tier.weights import _fetch_s3_weights, keras_cache_dir
 
     s3_weights.put_object(Bucket="models", Key="resnet50.h5", Body=b"current weights")
     old = keras_cache_dir() / "s3-models-resnet50.h5"
@@ -365,7 +366,7 @@ def test_s3_weights_already_copied_are_used_when_s3_cannot_be_asked(error, s3_we
     the log says once that it could not be checked, and why."""
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
-    from app_tier.model import _fetch_s3_weights
+    from app_tier.weights import _fetch_s3_weights
 
     s3_weights.put_object(Bucket="models", Key="resnet50.h5", Body=b"weights")
     copy = _fetch_s3_weights("s3://models/resnet50.h5")
@@ -381,8 +382,8 @@ def test_s3_weights_already_copied_are_used_when_s3_cannot_be_asked(error, s3_we
         def download_file(self, *args, **kwargs):
             raise failure
 
-    monkeypatch.setattr(model, "weights_s3_client", UnreachableS3)
-    caplog.set_level("WARNING", logger="app_tier.model")
+    monkeypatch.setattr(weights, "weights_s3_client", UnreachableS3)
+    caplog.set_level("WARNING", logger="app_tier.weights")
     assert _fetch_s3_weights("s3://models/resnet50.h5") == copy
     assert copy.read_bytes() == b"weights"
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -395,7 +396,7 @@ def test_openvino_ir_of_s3_weights_is_rebuilt_when_the_object_changes(s3_weights
     """The IR was named after the s3:// URI and, once there, never checked against S3:
     a worker kept serving a network converted from the old weights."""
     from app_tier import openvino_runtime
-    from app_tier.model import _fetch_s3_weights
+    from app_tier.weights import _fetch_s3_weights
 
     monkeypatch.setenv("IMGCLASS_CACHE", str(tmp_path / "ir"))
 
