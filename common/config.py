@@ -1,16 +1,18 @@
 """All configuration, in one place, read from the environment.
 
 Every tier builds one `Settings` with `Settings.from_env()` and passes it down;
-no other module reads the service's settings from `os.environ`. The table in
-README.md lists each variable with its default; what `make run` gives its
-processes instead is here too (local_run_overrides, local_run_defaults). Read
-where they are used, as they are not the service's to define: variables of other
-programs' protocols (systemd's NOTIFY_SOCKET and WATCHDOG_USEC, Keras's
-KERAS_HOME), LOG_LEVEL (read by common/logs.py, before settings can be, so that
-their errors are logged), and the worker process's own start-up switches
-(INSTANCE_ID, the default of its --instance-id; IMGCLASS_CACHE, where it keeps the
-converted model); and IMGCLASS_MOTO_STATS, `make bench`'s request to the embedded
-AWS for its CPU time per action (localaws/moto_fast.py).
+no other module reads the service's settings from `os.environ`. VARIABLES names
+each variable, the field it sets, its bounds, and whether workers (worker_environment)
+and other shells (`make run`) are given it; the table in README.md lists each with
+its default. What `make run` gives its processes instead is here too
+(local_run_overrides, local_run_defaults). Read where they are used, as they are
+not the service's to define: variables of other programs' protocols (systemd's
+NOTIFY_SOCKET and WATCHDOG_USEC, Keras's KERAS_HOME), LOG_LEVEL (read by
+common/logs.py, before settings can be, so that their errors are logged), and the
+worker process's own start-up switches (INSTANCE_ID, the default of its
+--instance-id; IMGCLASS_CACHE, where it keeps the converted model); and
+IMGCLASS_MOTO_STATS, `make bench`'s request to the embedded AWS for its CPU time
+per action (localaws/moto_fast.py).
 
 A default that follows another setting is worked out in from_env (as SCALE_IN_COOLDOWN's
 follows AWS_ENDPOINT_URL); tests that build Settings with dataclasses.replace skip
@@ -20,6 +22,7 @@ read it through a property.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import math
@@ -220,7 +223,7 @@ class Settings:
     max_upload_bytes: int = 10 * 1024 * 1024
     max_files_per_request: int = 1000
     # The workers' limit as much as the web tier's: each process reads its own, so give
-    # both tiers one value (the controller hands its own to the workers: controller/act.py).
+    # both tiers one value (the controller hands its own to the workers: worker_environment).
     max_image_pixels: int = 40_000_000
     result_timeout_s: float = 300.0
     # An answer whose sending makes no progress this long ends its connection
@@ -297,73 +300,169 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Every setting of VARIABLES from `env` (os.environ if None), checked."""
         env = os.environ if env is None else env
+        # The variables VARIABLES marks by_hand, each read from more than its own text.
         endpoint_url = env.get("AWS_ENDPOINT_URL") or None
-        cooldown = cls.scale_in_cooldown_s if endpoint_url else AWS_SCALE_IN_COOLDOWN_S
         prefix = _prefix(env)
         region = region_from_env(env)
         state = state_dir(env)
-        return cls(
-            region=region,
-            endpoint_url=endpoint_url,
-            prefix=prefix,
-            max_instances=_int(env, "MAX_INSTANCES", cls.max_instances, low=0),
-            ami_id=_str(env, "AMI_ID", cls.ami_id),
-            instance_type=_str(env, "INSTANCE_TYPE", cls.instance_type),
-            key_name=_str(env, "KEY_NAME", ""),
-            security_group_ids=_list(env, "SECURITY_GROUP_IDS"),
-            subnet_ids=_list(env, "SUBNET_IDS"),
-            instance_profile=_str(env, "INSTANCE_PROFILE", ""),
-            poll_interval_s=_float(env, "POLL_INTERVAL", cls.poll_interval_s, low=0.01, high=3600),
-            target_backlog_per_instance=_float(
-                env, "TARGET_BACKLOG_PER_INSTANCE", cls.target_backlog_per_instance, low=0.01
-            ),
-            scaling_mode=_choice(env, "SCALING_MODE", cls.scaling_mode, SCALING_MODES),
-            acceptable_latency_s=_float(env, "ACCEPTABLE_LATENCY", cls.acceptable_latency_s, low=0),
-            seconds_per_image=_float(env, "SECONDS_PER_IMAGE", cls.seconds_per_image, low=0.001),
-            boot_time_s=_float(env, "BOOT_TIME", cls.boot_time_s, low=0),
-            scale_in_cooldown_s=_float(env, "SCALE_IN_COOLDOWN", cooldown, low=0),
-            ready_deadline_s=_float(env, "READY_DEADLINE", cls.ready_deadline_s, low=0),
-            retention_days=_int(env, "RETENTION_DAYS", cls.retention_days, low=0, high=36500),
-            model_weights=_str(env, "MODEL_WEIGHTS", cls.model_weights),
-            model_runtime=_choice(env, "MODEL_RUNTIME", cls.model_runtime, MODEL_RUNTIMES),
-            # SQS's own limits.
-            receive_batch=_int(env, "RECEIVE_BATCH", cls.receive_batch, low=1, high=10),
-            receive_wait_s=_int(env, "RECEIVE_WAIT", cls.receive_wait_s, low=0, high=20),
-            # What the worker extends each message it holds to, again every third of its
-            # receive lease (app_tier.worker.RECEIVE_LEASE_S, or this if less): shorter
-            # than a batch takes, and a message being worked on shows up for another worker.
-            visibility_timeout_s=_int(env, "VISIBILITY_TIMEOUT", cls.visibility_timeout_s, low=5,
-                                      high=MAX_VISIBILITY_TIMEOUT_S),
-            max_receive_count=_int(env, "MAX_RECEIVE_COUNT", cls.max_receive_count, low=1, high=1000),
-            # The worker caps every retry delay at an hour (app_tier.held.MAX_RETRY_DELAY_S).
-            retry_delay_s=_int(env, "RETRY_DELAY", cls.retry_delay_s, low=0, high=3600),
-            # Below systemd's TimeoutStopSec (30 s, ami/imgclass-worker.service), which
-            # kills the worker: the hand-back after the grace period needs the rest.
-            shutdown_grace_s=_float(env, "SHUTDOWN_GRACE", cls.shutdown_grace_s, low=0, high=25),
-            stall_timeout_s=_float(env, "STALL_TIMEOUT", cls.stall_timeout_s, low=1, high=43200),
-            worker_threads=_int(env, "WORKER_THREADS", cls.worker_threads, low=0),
-            web_host=_str(env, "WEB_HOST", cls.web_host),
-            web_port=_int(env, "WEB_PORT", cls.web_port, low=0, high=65535),
-            max_upload_bytes=_int(env, "MAX_UPLOAD_BYTES", cls.max_upload_bytes, low=1),
-            max_files_per_request=_int(env, "MAX_FILES_PER_REQUEST", cls.max_files_per_request, low=1),
-            max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels, low=1,
-                                  high=PILLOW_MAX_IMAGE_PIXELS),
-            result_timeout_s=_float(env, "RESULT_TIMEOUT", cls.result_timeout_s, low=0.1, high=3600),
-            send_timeout_s=_float(env, "WEB_SEND_TIMEOUT", cls.send_timeout_s, low=1, high=3600),
-            api_key=env.get("API_KEY", "").strip(),
-            state_dir=state,
-            web_journal_dir=_str(env, "WEB_JOURNAL_DIR", os.path.join(
-                state, f"{fleet_name(prefix, endpoint_url, region)}-web-journal")),
-            local_aws_host=_str(env, "LOCAL_AWS_HOST", cls.local_aws_host),
-            local_aws_port=_int(env, "LOCAL_AWS_PORT", cls.local_aws_port, low=0, high=65535),
-            local_boot_delay_s=_float(env, "LOCAL_BOOT_DELAY", cls.local_boot_delay_s, low=0),
-            # 0 would serve nothing: every upload would stay queued.
-            local_max_workers=_int(env, "LOCAL_MAX_WORKERS", cls.local_max_workers, low=1),
-            local_warm_spares=_int(env, "LOCAL_WARM_SPARES", cls.local_warm_spares, low=0, high=15),
-            local_worker_threads=_int(env, "LOCAL_WORKER_THREADS", cls.local_worker_threads, low=0),
-            local_watchdog_s=_float(env, "LOCAL_WATCHDOG", cls.local_watchdog_s, low=0),
-        )
+        # Defaults that follow other settings (see the module's docstring).
+        follow = {
+            "scale_in_cooldown_s": cls.scale_in_cooldown_s if endpoint_url else AWS_SCALE_IN_COOLDOWN_S,
+            "web_journal_dir": os.path.join(state, f"{fleet_name(prefix, endpoint_url, region)}-web-journal"),
+        }
+        read = {variable.setting: variable.read(env, follow.get(variable.setting,
+                                                                getattr(cls, variable.setting)))
+                for variable in VARIABLES if not variable.by_hand}
+        return cls(region=region, endpoint_url=endpoint_url, prefix=prefix, state_dir=state, **read)
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One environment variable of the service's: the Settings field it sets, how its
+    text is read (kind, and the bounds or choices it must keep to), and who else is
+    given it."""
+
+    setting: str  # the Settings field
+    name: str
+    kind: type  # int, float, str, or tuple (a comma-separated list)
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()  # a str kind: one of these, any case
+    # Given to every worker instance (worker_environment): a setting the app tier reads,
+    # so that workers on EC2 run as the controller is configured.
+    worker: bool = False
+    # Printed by `make run` for other shells to export, where set (localaws/stack.py).
+    shared: bool = False
+    # Read by from_env itself, from more than this variable's text; the table says
+    # only its name and who is given it.
+    by_hand: bool = False
+
+    def read(self, env: Mapping[str, str], default: object) -> object:
+        """This variable's value in `env`, else `default`; ValueError, naming it, if out of bounds."""
+        if self.kind is int:
+            return _int(env, self.name, default, self.low, self.high)
+        if self.kind is float:
+            return _float(env, self.name, default, self.low, self.high)
+        if self.kind is tuple:
+            return _list(env, self.name)
+        if self.choices:
+            return _choice(env, self.name, default, self.choices)
+        return _str(env, self.name, default)
+
+    def text(self, settings: Settings) -> str:
+        """The setting's value in `settings`, written as this variable's text (a worker's
+        environment): a float to 6 significant digits, as the user-data always had it."""
+        value = getattr(settings, self.setting)
+        if value is None:  # AWS_ENDPOINT_URL unset
+            return ""
+        if isinstance(value, float):
+            return f"{value:g}"  # 20, not 20.0
+        if isinstance(value, tuple):
+            return ",".join(value)
+        return str(value)
+
+
+def _checked(variables: tuple[Variable, ...]) -> tuple[Variable, ...]:
+    """`variables`, if each names a Settings field, and no two the same field or variable."""
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    for attribute in ("setting", "name"):
+        seen = [getattr(variable, attribute) for variable in variables]
+        twice = sorted({value for value in seen if seen.count(value) > 1})
+        if twice:
+            raise ValueError(f"VARIABLES: more than one entry for {attribute} {', '.join(twice)}")
+    unknown = [variable.setting for variable in variables if variable.setting not in fields]
+    if unknown:
+        raise ValueError(f"VARIABLES: no Settings field {', '.join(unknown)}")
+    return variables
+
+
+# Every environment variable the service reads into Settings, in one place: a new setting
+# is a Settings field and a line here. The README's Configuration table lists each (a
+# test keeps them in step). Not here: the variables the module's docstring names, read
+# where they are used, and AWS_DEFAULT_REGION, which stands in for AWS_REGION (region_from_env).
+VARIABLES = _checked((
+    # --- read by hand in from_env --------------------------------------------------
+    Variable("endpoint_url", "AWS_ENDPOINT_URL", str, by_hand=True, worker=True),
+    # Also AWS_DEFAULT_REGION, and the AWS profile's region: region_from_env.
+    Variable("region", "AWS_REGION", str, by_hand=True, worker=True),
+    # Checked as the bucket names it makes allow: _prefix.
+    Variable("prefix", "APP_PREFIX", str, by_hand=True, worker=True, shared=True),
+    # The directory is imgclass/ in it, or in ~/.local/state: state_dir.
+    Variable("state_dir", "XDG_STATE_HOME", str, by_hand=True, shared=True),
+
+    # --- controller ---------------------------------------------------------------
+    Variable("max_instances", "MAX_INSTANCES", int, low=0, shared=True),
+    Variable("ami_id", "AMI_ID", str),
+    Variable("instance_type", "INSTANCE_TYPE", str),
+    Variable("key_name", "KEY_NAME", str),
+    Variable("security_group_ids", "SECURITY_GROUP_IDS", tuple),
+    Variable("subnet_ids", "SUBNET_IDS", tuple),
+    Variable("instance_profile", "INSTANCE_PROFILE", str),
+    Variable("poll_interval_s", "POLL_INTERVAL", float, low=0.01, high=3600, shared=True),
+    Variable("target_backlog_per_instance", "TARGET_BACKLOG_PER_INSTANCE", float, low=0.01, shared=True),
+    Variable("scaling_mode", "SCALING_MODE", str, choices=SCALING_MODES, shared=True),
+    Variable("acceptable_latency_s", "ACCEPTABLE_LATENCY", float, low=0, shared=True),
+    Variable("seconds_per_image", "SECONDS_PER_IMAGE", float, low=0.001, shared=True),
+    Variable("boot_time_s", "BOOT_TIME", float, low=0, shared=True),
+    # Its default follows AWS_ENDPOINT_URL (from_env).
+    Variable("scale_in_cooldown_s", "SCALE_IN_COOLDOWN", float, low=0, shared=True),
+    Variable("ready_deadline_s", "READY_DEADLINE", float, low=0, shared=True),
+    Variable("retention_days", "RETENTION_DAYS", int, low=0, high=36500),
+
+    # --- app tier (worker) --------------------------------------------------------
+    Variable("model_weights", "MODEL_WEIGHTS", str, worker=True),
+    Variable("model_runtime", "MODEL_RUNTIME", str, choices=MODEL_RUNTIMES, worker=True),
+    # SQS's own limits.
+    Variable("receive_batch", "RECEIVE_BATCH", int, low=1, high=10, worker=True),
+    Variable("receive_wait_s", "RECEIVE_WAIT", int, low=0, high=20, worker=True),
+    # What the worker extends each message it holds to, again every third of its
+    # receive lease (app_tier.worker.RECEIVE_LEASE_S, or this if less): shorter
+    # than a batch takes, and a message being worked on shows up for another worker.
+    Variable("visibility_timeout_s", "VISIBILITY_TIMEOUT", int, low=5, high=MAX_VISIBILITY_TIMEOUT_S,
+             worker=True),
+    # The worker's count of a handed-back copy's attempts must be the queue's redrive limit.
+    Variable("max_receive_count", "MAX_RECEIVE_COUNT", int, low=1, high=1000, worker=True),
+    # The worker caps every retry delay at an hour (app_tier.held.MAX_RETRY_DELAY_S).
+    Variable("retry_delay_s", "RETRY_DELAY", int, low=0, high=3600, worker=True),
+    # Below systemd's TimeoutStopSec (30 s, ami/imgclass-worker.service), which
+    # kills the worker: the hand-back after the grace period needs the rest.
+    Variable("shutdown_grace_s", "SHUTDOWN_GRACE", float, low=0, high=25, worker=True),
+    Variable("stall_timeout_s", "STALL_TIMEOUT", float, low=1, high=43200, worker=True),
+    Variable("worker_threads", "WORKER_THREADS", int, low=0, worker=True),
+
+    # --- web tier -----------------------------------------------------------------
+    Variable("web_host", "WEB_HOST", str),
+    Variable("web_port", "WEB_PORT", int, low=0, high=65535),
+    Variable("max_upload_bytes", "MAX_UPLOAD_BYTES", int, low=1),
+    Variable("max_files_per_request", "MAX_FILES_PER_REQUEST", int, low=1),
+    # The workers' limit as much as the web tier's.
+    Variable("max_image_pixels", "MAX_IMAGE_PIXELS", int, low=1, high=PILLOW_MAX_IMAGE_PIXELS, worker=True),
+    Variable("result_timeout_s", "RESULT_TIMEOUT", float, low=0.1, high=3600),
+    Variable("send_timeout_s", "WEB_SEND_TIMEOUT", float, low=1, high=3600),
+    Variable("api_key", "API_KEY", str),
+    # Its default follows XDG_STATE_HOME and the fleet (from_env).
+    Variable("web_journal_dir", "WEB_JOURNAL_DIR", str),
+
+    # --- embedded AWS ---------------------------------------------------------------
+    Variable("local_aws_host", "LOCAL_AWS_HOST", str),
+    Variable("local_aws_port", "LOCAL_AWS_PORT", int, low=0, high=65535),
+    Variable("local_boot_delay_s", "LOCAL_BOOT_DELAY", float, low=0),
+    # 0 would serve nothing: every upload would stay queued.
+    Variable("local_max_workers", "LOCAL_MAX_WORKERS", int, low=1),
+    Variable("local_warm_spares", "LOCAL_WARM_SPARES", int, low=0, high=15),
+    Variable("local_worker_threads", "LOCAL_WORKER_THREADS", int, low=0),
+    Variable("local_watchdog_s", "LOCAL_WATCHDOG", float, low=0),
+))
+VARIABLE_OF_SETTING = {variable.setting: variable for variable in VARIABLES}
+
+
+def worker_environment(settings: Settings) -> dict[str, str]:
+    """The settings a worker reads, as the environment its instance is given (the
+    user-data's {{NAME}}s, controller/act.py): the controller's own, so that workers
+    on EC2 run as configured here."""
+    return {variable.name: variable.text(settings) for variable in VARIABLES if variable.worker}
 
 
 # --- `make run` ---------------------------------------------------------------------

@@ -19,7 +19,7 @@ from botocore.exceptions import ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from common.aws import Aws, error_code
-from common.config import Settings
+from common.config import Settings, worker_environment
 from common.names import PREFIX_TAG, ROLE_APP_TIER, ROLE_TAG, instance_name
 
 log = logging.getLogger(__name__)
@@ -35,31 +35,10 @@ USER_DATA_TEMPLATE = Path(__file__).resolve().parent.parent / "ami" / "user-data
 _PLAIN_VALUE = re.compile(r"[A-Za-z0-9._:/@+,=-]*")
 
 
-def worker_settings(settings: Settings) -> dict[str, str]:
-    """The settings a worker reads, as the environment its instance is given: the
-    controller's own, so that workers on EC2 run as configured here."""
-    return {
-        "AWS_REGION": settings.region,
-        "APP_PREFIX": settings.prefix,
-        "MODEL_WEIGHTS": settings.model_weights,
-        "MODEL_RUNTIME": settings.model_runtime,
-        "WORKER_THREADS": str(settings.worker_threads),
-        "RECEIVE_BATCH": str(settings.receive_batch),
-        "RECEIVE_WAIT": str(settings.receive_wait_s),
-        "VISIBILITY_TIMEOUT": str(settings.visibility_timeout_s),
-        "RETRY_DELAY": str(settings.retry_delay_s),
-        "SHUTDOWN_GRACE": f"{settings.shutdown_grace_s:g}",
-        "STALL_TIMEOUT": f"{settings.stall_timeout_s:g}",
-        "MAX_RECEIVE_COUNT": str(settings.max_receive_count),
-        "MAX_IMAGE_PIXELS": str(settings.max_image_pixels),
-        "AWS_ENDPOINT_URL": settings.endpoint_url or "",
-    }
-
-
 def render_user_data(settings: Settings) -> str:
     """The boot script that starts the worker service on a real instance (see ami/)."""
     text = USER_DATA_TEMPLATE.read_text(encoding="utf-8")
-    for name, value in worker_settings(settings).items():
+    for name, value in worker_environment(settings).items():
         if not _PLAIN_VALUE.fullmatch(value):
             raise ValueError(f"{name}={value!r} cannot be passed to instances: use only letters, "
                              f"digits and . _ : / @ + , = -")

@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 
 from app_tier import EXIT_CANNOT_START
-from common.config import Settings
+from common.config import Settings, worker_environment
 from common.fleet import WORKER_FAILED_TAG, WORKER_READY_TAG
 from common.names import PREFIX_TAG, ROLE_APP_TIER, ROLE_TAG
-from controller.act import render_user_data, worker_settings
+from controller.act import render_user_data
 
 AMI = Path(__file__).resolve().parents[2] / "ami"
-PLACEHOLDERS = tuple("{{" + name + "}}" for name in worker_settings(Settings()))
+PLACEHOLDERS = tuple("{{" + name + "}}" for name in worker_environment(Settings()))
 BUCKETS = ("imgclass-in-bucket", "imgclass-out-bucket")
 QUEUES = ("imgclass-req-queue", "imgclass-resp-queue", "imgclass-req-dlq")
 
@@ -449,10 +449,10 @@ def test_bake_refuses_a_bad_weights_source(tmp_path):
 
 
 def test_the_readme_names_the_settings_workers_get_as_the_controller_gives_them():
-    """Two lists in README.md copy worker_settings() by hand, and nothing kept them in
+    """Two lists in README.md copy worker_environment() by hand, and nothing kept them in
     step (a newcomer's review)."""
     readme = (AMI.parent / "README.md").read_text(encoding="utf-8")
-    given = set(worker_settings(Settings()))
+    given = set(worker_environment(Settings()))
     rendered = readme.split("`controller/act.py` renders its", 1)[1].split("into each", 1)[0]
     assert set(re.findall(r"`([A-Z_]+)`", rendered)) == given
     # The deployment's config file: all but the endpoint, which real AWS does not take.

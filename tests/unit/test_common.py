@@ -891,17 +891,91 @@ def test_waits_between_failed_tries_start_at_the_first_double_and_stop_at_the_mo
     assert next_wait(0.0, 20.0, 10.0) == 10.0  # a first wait over the most is held to it
 
 
-def test_every_setting_read_from_the_environment_is_in_the_readme_table():
+def test_the_readme_table_names_every_variable_of_the_settings_table_and_no_other():
     """config.py's docstring promises the README lists each variable; nothing checked it
-    (a newcomer's review)."""
+    (a newcomer's review). Both ways: a row for a variable no longer read misleads as much."""
+    from common.config import VARIABLES
+
     root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    # A table row's first cell names its variables ("| `WEB_HOST`, `WEB_PORT` | ...").
+    cells = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    named = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", " ".join(cells)))
+    # AWS_REGION's other name (region_from_env), and the variables read where they are
+    # used, not into Settings (config.py's docstring): the README's last five rows.
+    elsewhere = {"AWS_DEFAULT_REGION", "INSTANCE_ID", "IMGCLASS_CACHE", "LOG_LEVEL", "KERAS_HOME",
+                 "GUNICORN_CMD_ARGS"}
+    table = {variable.name for variable in VARIABLES}
+    assert sorted(table - named) == [], "in VARIABLES, not in README's table"
+    assert sorted(named - elsewhere - table) == [], "in README's table, not in VARIABLES"
+    # What from_env reads by hand is in the table too: a variable read past it is in neither.
     source = (root / "common" / "config.py").read_text(encoding="utf-8")
     read = set(re.findall(r'env(?:\.get\(|\[|, )"([A-Z][A-Z0-9_]+)"', source))
+    assert "AWS_ENDPOINT_URL" in read, "the pattern no longer finds how config.py reads the environment"
     # Other programs' variables, read to find what they point at, not the service's settings.
-    others = {"AWS_CONFIG_FILE", "AWS_DEFAULT_PROFILE", "AWS_PROFILE", "HOME", "XDG_STATE_HOME"}
-    assert len(read) > 40, "the pattern no longer finds how config.py reads the environment"
-    # A table row's first cell names its variables ("| `WEB_HOST`, `WEB_PORT` | ...").
-    named = [line.split("|")[1] for line in (root / "README.md").read_text(encoding="utf-8").splitlines()
-             if line.startswith("| `")]
-    missing = sorted(name for name in read - others if not any(f"`{name}`" in cell for cell in named))
-    assert not missing, f"settings not in README's table: {missing}"
+    others = {"AWS_CONFIG_FILE", "AWS_DEFAULT_PROFILE", "AWS_PROFILE", "HOME", "AWS_DEFAULT_REGION"}
+    assert sorted(read - others - table) == []
+
+
+# The variables from_env reads by hand: text in the environment, and the setting it makes.
+BY_HAND = {"AWS_ENDPOINT_URL": ("http://10.0.0.5:5000", "http://10.0.0.5:5000"),
+           "AWS_REGION": ("ap-southeast-2", "ap-southeast-2"),
+           "APP_PREFIX": ("myapp", "myapp"),
+           "XDG_STATE_HOME": ("/srv/state", "/srv/state/imgclass")}
+
+
+def other_than_the_default(variable, default) -> str:
+    """Text for `variable` that it reads as a value other than `default`, within its bounds,
+    written as Variable.text writes it."""
+    if variable.choices:
+        return next(choice for choice in variable.choices if choice != default)
+    if variable.kind is tuple:
+        return "sg-1,sg-2"
+    if variable.kind is str:
+        return f"{default}-other" if default else "other"
+    step = 1 if variable.kind is int else 0.5
+    value = default + step if variable.high is None or default + step <= variable.high else default - step
+    return str(value) if variable.kind is int else f"{value:g}"
+
+
+def test_every_variable_sets_its_setting_and_a_workers_comes_back_to_the_worker_as_it_was(tmp_path):
+    """A setting added to Settings but not read, or given to workers under another name or
+    in a form their parser reads otherwise, kept its default where it was meant to change."""
+    from common.config import VARIABLES, worker_environment
+
+    home = {"HOME": str(tmp_path)}  # no ~/.aws/config of this machine's to pick a region from
+    defaults = Settings.from_env(home)
+    assert {variable.name for variable in VARIABLES if variable.by_hand} == set(BY_HAND)
+    # Each setting has its variable: a field without one is never set outside tests.
+    assert {variable.setting for variable in VARIABLES} == {f.name for f in dataclasses.fields(Settings)}
+    env = {variable.name: BY_HAND[variable.name][0] if variable.by_hand
+           else other_than_the_default(variable, getattr(defaults, variable.setting))
+           for variable in VARIABLES}
+    settings = Settings.from_env({**home, **env})
+    for variable in VARIABLES:
+        value = getattr(settings, variable.setting)
+        assert value != getattr(defaults, variable.setting), variable.name
+        wanted = BY_HAND[variable.name][1] if variable.by_hand else env[variable.name]
+        assert variable.text(settings) == wanted, variable.name
+
+    given = worker_environment(settings)
+    assert set(given) == {variable.name for variable in VARIABLES if variable.worker}
+    worker = Settings.from_env({**home, **given})
+    for variable in VARIABLES:
+        if variable.worker:
+            assert given[variable.name] == env[variable.name], variable.name
+            assert getattr(worker, variable.setting) == getattr(settings, variable.setting), variable.name
+
+
+@pytest.mark.parametrize("entry, said", [
+    (("max_instances", "MAX_WORKERS", int), "setting max_instances"),  # a second entry for a field
+    (("instances", "MAX_INSTANCES", int), "name MAX_INSTANCES"),  # one variable for two fields
+    (("max_instance", "MAX_INSTANCE", int), "no Settings field max_instance"),  # a misspelt field
+])
+def test_the_table_of_variables_refuses_a_duplicate_or_a_field_settings_has_not(entry, said):
+    from common.config import VARIABLES, Variable, _checked
+
+    with pytest.raises(ValueError, match=said):
+        _checked((*VARIABLES, Variable(*entry)))
+    assert _checked(VARIABLES) == VARIABLES
