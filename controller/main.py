@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.aws import Aws
-from common.config import SCALING_MODES, Settings, weights_on_this_host
+from common.config import SCALING_MODES, VARIABLE_OF_SETTING, Settings, weights_on_this_host
 from common.heap import freeze_startup_heap
 from common.logs import configure as configure_logging
 from controller.lock import EXIT_ANOTHER_CONTROLLER, AnotherController, hold_fleet_lock
@@ -22,16 +22,23 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SettingOption:
-    """An option that sets the environment variable it is named after in --help, so that
-    options and the environment are checked by one parser (Settings.from_env)."""
+    """An option that sets its setting's environment variable (common/config.py's
+    VARIABLES), named in --help, so that options and the environment are checked by one
+    parser (Settings.from_env)."""
 
     flag: str
-    variable: str
     setting: str  # the Settings field, whose value --help shows as the default
-    kind: type
     help: str
     metavar: str | None = None
     default_note: str = ""  # after the default in --help
+
+    @property
+    def variable(self) -> str:
+        return VARIABLE_OF_SETTING[self.setting].name
+
+    @property
+    def kind(self) -> type:
+        return VARIABLE_OF_SETTING[self.setting].kind
 
     @property
     def dest(self) -> str:
@@ -39,23 +46,18 @@ class SettingOption:
 
 
 SETTING_OPTIONS = (
-    SettingOption("--max-instances", "MAX_INSTANCES", "max_instances", int,
-                  "never more live instances than this"),
-    SettingOption("--poll-interval", "POLL_INTERVAL", "poll_interval_s", float,
-                  "seconds between observations"),
+    SettingOption("--max-instances", "max_instances", "never more live instances than this"),
+    SettingOption("--poll-interval", "poll_interval_s", "seconds between observations"),
     # Checked by Settings, as SCALING_MODE is (case-insensitive), not by argparse's choices.
-    SettingOption("--mode", "SCALING_MODE", "scaling_mode", str,
+    SettingOption("--mode", "scaling_mode",
                   "backlog: one instance per TARGET messages; latency: target from acceptable latency "
                   "and processing time", metavar="{" + ",".join(SCALING_MODES) + "}"),
-    SettingOption("--target-backlog", "TARGET_BACKLOG_PER_INSTANCE", "target_backlog_per_instance", float,
-                  "messages per instance in backlog mode"),
-    SettingOption("--acceptable-latency", "ACCEPTABLE_LATENCY", "acceptable_latency_s", float,
-                  "seconds a request may wait, latency mode"),
-    SettingOption("--seconds-per-image", "SECONDS_PER_IMAGE", "seconds_per_image", float,
+    SettingOption("--target-backlog", "target_backlog_per_instance", "messages per instance in backlog mode"),
+    SettingOption("--acceptable-latency", "acceptable_latency_s", "seconds a request may wait, latency mode"),
+    SettingOption("--seconds-per-image", "seconds_per_image",
                   "processing time per image on one instance, latency mode"),
-    SettingOption("--boot-time", "BOOT_TIME", "boot_time_s", float,
-                  "seconds from launch to serving, latency mode"),
-    SettingOption("--scale-in-cooldown", "SCALE_IN_COOLDOWN", "scale_in_cooldown_s", float,
+    SettingOption("--boot-time", "boot_time_s", "seconds from launch to serving, latency mode"),
+    SettingOption("--scale-in-cooldown", "scale_in_cooldown_s",
                   "scale-in window: the fleet shrinks only to the most instances wanted in the last this "
                   "many seconds", default_note=" here: 60 on AWS, 0 against AWS_ENDPOINT_URL"),
 )

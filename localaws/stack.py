@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import Settings, local_run_defaults, local_run_overrides
+from common.config import VARIABLES, Settings, local_run_defaults, local_run_overrides
 from common.logs import configure as configure_logging
 from common.provision import provision
 from common.signals import STOP_SIGNALS, on_signals
@@ -154,10 +154,8 @@ def child_env(settings: Settings, run_dir: Path) -> dict[str, str]:
 # own processes do, where set: a dry-run controller without the prefix looked for queues
 # that did not exist, without make run's scale-in window (or the user's scaling settings)
 # decided otherwise, and without the state directory was not refused as a second
-# controller (reviewers).
-SHARED_WITH_OTHER_SHELLS = ("APP_PREFIX", "SCALE_IN_COOLDOWN", "READY_DEADLINE", "XDG_STATE_HOME",
-                            "MAX_INSTANCES", "SCALING_MODE", "TARGET_BACKLOG_PER_INSTANCE", "POLL_INTERVAL",
-                            "ACCEPTABLE_LATENCY", "SECONDS_PER_IMAGE", "BOOT_TIME")
+# controller (reviewers). The variables common/config.py's VARIABLES marks shared.
+SHARED_WITH_OTHER_SHELLS = tuple(variable.name for variable in VARIABLES if variable.shared)
 
 
 def other_shell_line(settings: Settings, env: Mapping[str, str]) -> str:

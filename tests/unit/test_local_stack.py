@@ -481,6 +481,16 @@ def test_the_line_for_other_shells_carries_what_a_controller_there_needs(tmp_pat
     assert "s3cret" not in other_shell_line(settings, child_env(settings, tmp_path))
 
 
+def test_a_controller_in_another_shell_is_given_every_setting_its_options_set():
+    """Each of the controller's options is a setting it decides with: one the line for other
+    shells left out, a controller there decided otherwise than make run's. Both lists now
+    come from common/config.py's VARIABLES; this keeps their flags in step."""
+    from controller.main import SETTING_OPTIONS
+    from localaws.stack import SHARED_WITH_OTHER_SHELLS
+
+    assert {option.variable for option in SETTING_OPTIONS} <= set(SHARED_WITH_OTHER_SHELLS)
+
+
 def test_make_runs_help_and_usage_name_every_option_whatever_the_settings(monkeypatch, capsys):
     """A bad setting's usage line left --warm-spares out, and --help gave the setting's
     error instead of the help (reviewer)."""
