@@ -55,9 +55,8 @@ from common.config import MARK_DENIED_RETRY_DELAY_S, SHORT_POLL_PAUSE_S, Setting
 from common.failure_tags import (
     DEAD_LETTER_ERROR,
     MarkDenied,
-    denied_long_enough,
+    give_up_denied_mark,
     mark_failed,
-    since_first_receive,
 )
 from common.fleet import report_worker_failed
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
@@ -575,13 +574,10 @@ class Worker:
                 # Denied: tried again as S3 failing is (a role just given the right may
                 # not have it everywhere yet), until the request's last attempt, whose
                 # release would send it to the dead-letter queue, and the reason with it.
-                now = time.time()  # against SQS's timestamps
-                if job.receive_count < self.settings.max_receive_count and not denied_long_enough(
-                        job.first_received, now):
+                if not give_up_denied_mark(req.id, exc, job.first_received, time.time(),  # SQS's clock
+                                           attempt=job.receive_count,
+                                           last_attempt=job.receive_count >= self.settings.max_receive_count):
                     raise
-                log.error("gave up marking %s failed, still denied at attempt %d, %s: %s. A batch rebuilt "
-                          "from S3 after a web-tier restart will show it queued", req.key, job.receive_count,
-                          since_first_receive(job.first_received, now), exc)
                 return
             if why_not:
                 log.warning("could not tag failed input %s: %s", req.key, why_not)

@@ -7,6 +7,7 @@ batch. Both write through here, so both write what S3 accepts.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -14,6 +15,8 @@ from botocore.exceptions import ClientError, ParamValidationError
 
 from common.aws import error_code, is_not_found
 from common.config import MARK_DENIED_RETRY_S
+
+log = logging.getLogger(__name__)
 
 # S3 tag values: up to 256 Unicode letters, numbers, spaces and `_ . : / = + - @`.
 # One character outside that set makes the whole tagging call fail.
@@ -42,8 +45,8 @@ DEAD_LETTER_ERROR = ("could not be processed: no worker answered for it in the a
 # by a batch rebuilt after a restart): a tag it will not take.
 TAGGING_REFUSALS = frozenset({"InvalidTag", "MalformedXML", "InvalidArgument"})
 # Not among them: AccessDenied. A role or policy just attached takes a while to reach
-# every AWS endpoint, and refuses meanwhile; each caller tries again for a while
-# (MARK_DENIED_RETRY_S), then gives up (MarkDenied).
+# every AWS endpoint, and refuses meanwhile: mark_failed raises MarkDenied, and each
+# caller tries again until give_up_denied_mark says to stop.
 DENIED_CODES = frozenset({"AccessDenied"})
 
 
@@ -75,15 +78,27 @@ def mark_failed(s3: Any, bucket: str, key: str, reason: str, worker: str = "") -
     return None
 
 
-def denied_long_enough(first_received_s: float | None, now_s: float) -> bool:
-    """Whether a mark S3 denies (MarkDenied) is given up, for a message first received
-    at `first_received_s` (seconds since the epoch, SQS's clock): once MARK_DENIED_RETRY_S
-    have passed since. Unknown (None): at once, as nothing else would end the retries."""
-    return first_received_s is None or now_s - first_received_s >= MARK_DENIED_RETRY_S
+def give_up_denied_mark(item_id: str, exc: MarkDenied, first_received_s: float | None, now_s: float, *,
+                        attempt: int | None = None, last_attempt: bool = False) -> bool:
+    """Whether a failure mark S3 denied (MarkDenied) is given up now, rather than tried
+    again; if so, logs an error naming the right the role lacks (exc says it).
+
+    Given up MARK_DENIED_RETRY_S after `first_received_s`, the first receive of the
+    message that asks for the mark (seconds since the epoch, SQS's clock, as `now_s`
+    must be); at once if that is unknown (None), as nothing else would end the retries;
+    and at the request's `last_attempt` (a worker's: one more release would send it to
+    the dead-letter queue, the reason lost with it). `attempt` is only for the log."""
+    long_enough = first_received_s is None or now_s - first_received_s >= MARK_DENIED_RETRY_S
+    if not (long_enough or last_attempt):
+        return False
+    at = f" at attempt {attempt}," if attempt is not None else ""
+    log.error("item %s: gave up marking its input failed, still denied%s %s: %s. A batch rebuilt from S3 "
+              "after a web-tier restart will show it queued", item_id, at,
+              _since_first_receive(first_received_s, now_s), exc)
+    return True
 
 
-def since_first_receive(first_received_s: float | None, now_s: float) -> str:
-    """How long after its message's first receive a denied mark is given up, for the log."""
+def _since_first_receive(first_received_s: float | None, now_s: float) -> str:
     if first_received_s is None:
         return "(the message's first receive unknown)"
     return f"{(now_s - first_received_s) / 60:.0f} min after its message was first received"

@@ -24,7 +24,7 @@ from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 from common.aws import FIRST_RECEIVED_ATTRIBUTE, Aws, change_visibility, first_received_s
 from common.backoff import next_wait
 from common.config import MARK_DENIED_RETRY_S, SHORT_POLL_PAUSE_S
-from common.failure_tags import DEAD_LETTER_ERROR, MarkDenied, denied_long_enough, since_first_receive
+from common.failure_tags import DEAD_LETTER_ERROR, MarkDenied, give_up_denied_mark
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
 from web_tier.rebuild import with_stored_outcome
 from web_tier.results import Item, ResultBook, batch_id_of
@@ -226,12 +226,8 @@ class Listeners:
         try:
             why_not = tag_failed(self.aws, request.key, DEAD_LETTER_ERROR)
         except MarkDenied as exc:
-            now = time.time()  # against SQS's timestamps
-            if not denied_long_enough(first_received, now):
+            if not give_up_denied_mark(request.id, exc, first_received, time.time()):  # SQS's clock
                 raise
-            log.error("item %s: gave up marking its input failed, still denied %s: %s. A batch rebuilt "
-                      "from S3 after a restart will show it queued", request.id,
-                      since_first_receive(first_received, now), exc)
             return
         if why_not:
             log.warning("item %s: its input not marked failed: %s", request.id, why_not)

@@ -19,8 +19,15 @@ from botocore.exceptions import ClientError
 from moto import mock_aws
 
 from common.aws import USER_AGENT, Aws, QueueDepth, VisibilityFailure, change_visibility
-from common.config import Settings
-from common.failure_tags import MAX_ERROR_CHARS, failed_by, failure_from_tags, failure_tagging
+from common.config import MARK_DENIED_RETRY_S, Settings
+from common.failure_tags import (
+    MAX_ERROR_CHARS,
+    MarkDenied,
+    failed_by,
+    failure_from_tags,
+    failure_tagging,
+    give_up_denied_mark,
+)
 from common.messages import (
     MAX_ID_BYTES,
     MAX_KEY_BYTES,
@@ -221,6 +228,34 @@ def test_tags_without_a_failure_mark_say_nothing():
     assert failure_from_tags([]) is None
     assert failed_by([{"Key": "status", "Value": "ok"}, {"Key": "worker", "Value": "w"}]) == ""
     assert failure_from_tags([{"Key": "status", "Value": "ok"}, {"Key": "error", "Value": "x"}]) is None
+
+
+FIRST = 1_700_000_000.0  # a first receive, seconds since the epoch
+
+
+@pytest.mark.parametrize("first_received, now, last_attempt, given_up", [
+    (FIRST, FIRST, False, False),  # just denied: IAM may not have reached every endpoint
+    (FIRST, FIRST + MARK_DENIED_RETRY_S - 1, False, False),
+    (FIRST, FIRST + MARK_DENIED_RETRY_S, False, True),  # the bound reached
+    (FIRST, FIRST + 10 * MARK_DENIED_RETRY_S, False, True),
+    (FIRST, FIRST - 60, False, False),  # this host's clock behind SQS's: not yet
+    (FIRST, FIRST, True, True),  # a worker's last attempt: released, it would be a dead letter
+    (None, FIRST, False, True),  # no first receive: nothing else would end the retries
+    (None, FIRST, True, True),
+])
+def test_when_a_denied_failure_mark_is_given_up(caplog, first_received, now, last_attempt, given_up):
+    """The one policy both tiers follow; giving up is an error log naming the right the role lacks."""
+    denied = MarkDenied("in-bucket", "b/k.jpg", ClientError({"Error": {"Code": "AccessDenied"}},
+                                                            "PutObjectTagging"))
+    with caplog.at_level(logging.ERROR):
+        verdict = give_up_denied_mark("item-1", denied, first_received, now,
+                                      attempt=2, last_attempt=last_attempt)
+    assert verdict is given_up
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(logged) == given_up
+    for message in logged:
+        assert message.startswith("item item-1: gave up marking its input failed, still denied at attempt 2,")
+        assert "s3:PutObjectTagging on arn:aws:s3:::in-bucket/*" in message
 
 
 @pytest.mark.parametrize("filename, text", [
