@@ -49,11 +49,16 @@ class _Message:
 class BatchingSender:
     """Sends message bodies to one queue; safe to call from any number of threads."""
 
-    def __init__(self, sqs: Callable[[], Any], queue_url: Callable[[], str]) -> None:
+    def __init__(self, sqs: Callable[[], Any], queue_url: Callable[[], str],
+                 condition: Callable[[Any], threading.Condition] = threading.Condition) -> None:
+        """`condition` makes each caller's wake-up on the sender's lock: a test's, to
+        watch the wake-ups through Condition's public wait and notify
+        (tests/unit/test_web_sender.py); threading.Condition otherwise."""
         # Asked for at each send, not kept: Aws.sqs makes a new client until one has
         # credentials, and one kept from a start without them failed every send.
         self.sqs = sqs
         self.queue_url = queue_url
+        self._condition = condition
         self._lock = threading.Lock()
         self._waiting: deque[_Message] = deque()  # untaken, oldest first
         self._sends_in_flight = 0
@@ -63,7 +68,7 @@ class BatchingSender:
         # Wake-ups are each caller's own, not one condition for all: with 800 callers
         # waiting (a big upload), every send that ended woke all 800 to look and sleep
         # again, ~1 ms of CPU a message, half what batching saves (bench/sender.py).
-        message = _Message(body, threading.Condition(self._lock))
+        message = _Message(body, self._condition(self._lock))
         with self._lock:
             self._waiting.append(message)
             try:

@@ -9,7 +9,6 @@ import json
 import random
 import threading
 import time
-import types
 from collections import deque
 
 import pytest
@@ -17,7 +16,6 @@ import pytest
 from common.aws import SQS_MAX_BATCH
 from tests.conftest import without_credentials
 from tests.unit.conftest import wait_until
-from web_tier import sender as sender_module
 from web_tier.sender import MAX_SENDS_IN_FLIGHT, BatchingSender, SendError
 
 
@@ -221,47 +219,65 @@ def _holding_both_slots(sender: BatchingSender, sqs: HeldSqs) -> list[threading.
     return threads
 
 
-def _counting_wakeups(monkeypatch, interrupt: str = "") -> dict[str, list]:
-    """Counts the sender's waits begun and ended (its conditions' wait calls), and keeps
-    its conditions; the caller of body `interrupt` is interrupted as it starts to wait."""
-    counts: dict[str, list] = {"waits": [], "wakeups": [], "conditions": []}
+class Wakeups:
+    """Watches the sender's wake-ups through the conditions it makes (`condition`, its
+    condition factory): the waits begun and ended, and the callers notified that have
+    not yet come back from their wait. The caller of body `interrupt` is interrupted as
+    it starts to wait. Counted on the sender's lock, which wait and notify hold."""
 
-    class CountingCondition(threading.Condition):
-        def __init__(self, *args) -> None:
-            super().__init__(*args)
-            counts["conditions"].append(self)
+    def __init__(self, interrupt: str = "") -> None:
+        self.interrupt = interrupt
+        self.waits = self.wakeups = 0
+        self.woken_not_back = 0
 
-        def wait(self, timeout=None):
-            if threading.current_thread().name == interrupt:
-                raise Interrupted
-            counts["waits"].append(1)
-            try:
-                return super().wait(timeout)
-            finally:
-                counts["wakeups"].append(1)
-
-    monkeypatch.setattr(sender_module, "threading",
-                        types.SimpleNamespace(Lock=threading.Lock, Condition=CountingCondition))
-    return counts
+    def condition(self, lock) -> threading.Condition:
+        return _CountingCondition(lock, self)
 
 
-def test_a_finished_send_wakes_only_its_own_callers_and_the_next_sender(monkeypatch):
+class _CountingCondition(threading.Condition):
+    def __init__(self, lock, counts: Wakeups) -> None:
+        super().__init__(lock)
+        self.counts = counts
+        self.not_notified = 0  # of its callers in wait(): those notify() would wake
+
+    def wait(self, timeout=None):
+        if threading.current_thread().name == self.counts.interrupt:
+            raise Interrupted
+        self.counts.waits += 1
+        self.not_notified += 1
+        notified = False
+        try:
+            notified = super().wait(timeout)
+            return notified
+        finally:
+            self.counts.wakeups += 1
+            if notified:
+                self.counts.woken_not_back -= 1
+            else:  # timed out, or interrupted in the wait: never notified
+                self.not_notified -= 1
+
+    def notify(self, n=1):
+        woken = min(n, self.not_notified)
+        self.not_notified -= woken
+        self.counts.woken_not_back += woken
+        super().notify(n)
+
+
+def test_a_finished_send_wakes_only_its_own_callers_and_the_next_sender():
     """One condition for all woke every waiting caller at the end of every send: with
     800 waiting (a big upload), ~1 ms of CPU a message (review). Each caller is now woken
     when its message is done, or when it is the next to send."""
-    counts = _counting_wakeups(monkeypatch)
+    wakeups = Wakeups()
     sqs = HeldSqs(held=1000)
-    sender = BatchingSender(lambda: sqs, lambda: "url")
+    sender = BatchingSender(lambda: sqs, lambda: "url", condition=wakeups.condition)
     first = _holding_both_slots(sender, sqs)
     bodies = [f"m{n:02d}" for n in range(40)]
     rest, errors = _in_threads(sender.send, bodies)
-    wait_until(lambda: len(counts["waits"]) == len(bodies), why=lambda: f"{len(counts['waits'])} waiting")
+    wait_until(lambda: wakeups.waits == len(bodies), why=lambda: f"{wakeups.waits} waiting")
 
     def settled() -> bool:
-        """Every caller woken has looked, and waits again, sends or has returned. (A
-        condition's _waiters are those not yet notified.)"""
-        in_wait = len(counts["waits"]) - len(counts["wakeups"])
-        return in_wait == sum(len(c._waiters) for c in counts["conditions"])
+        """Every caller woken has looked, and waits again, sends or has returned."""
+        return wakeups.woken_not_back == 0
 
     # The calls go on one at a time, each once the wake-ups of the last have played out.
     threads, let_go = first + rest, 0
@@ -275,7 +291,7 @@ def test_a_finished_send_wakes_only_its_own_callers_and_the_next_sender(monkeypa
     assert not errors and sorted(sqs.accepted) == sorted([*bodies, "first0", "first1"])
     # Once when its message is done, and at most twice a send to start the next (the
     # old code, each caller then waiting at each send's end: 96 for 6 sends).
-    assert len(counts["wakeups"]) <= len(bodies) + 2 * sqs.calls, (len(counts["wakeups"]), sqs.calls)
+    assert wakeups.wakeups <= len(bodies) + 2 * sqs.calls, (wakeups.wakeups, sqs.calls)
 
 
 class Interrupted(BaseException):
@@ -301,11 +317,10 @@ def test_an_interrupted_send_fails_its_batch_mates():
     assert all(isinstance(errors[b], SendError) for b in bodies if b not in interrupted)
 
 
-def test_a_caller_interrupted_while_waiting_takes_its_message_back(monkeypatch):
+def test_a_caller_interrupted_while_waiting_takes_its_message_back():
     """Left waiting, the message of a caller who heard an error was sent by the next."""
-    _counting_wakeups(monkeypatch, interrupt="gone")
     sqs = HeldSqs()
-    sender = BatchingSender(lambda: sqs, lambda: "url")
+    sender = BatchingSender(lambda: sqs, lambda: "url", condition=Wakeups(interrupt="gone").condition)
     first = _holding_both_slots(sender, sqs)
     gone, errors = _in_threads(sender.send, ["gone"])
     gone[0].join(10)
