@@ -494,7 +494,7 @@ def test_the_bakers_policy_allows_what_packers_build_of_the_template_calls():
     neither, a subnet, an instance profile for the weights), each allowed."""
     template = (AMI / "worker.pkr.hcl").read_text()
     policy = json.loads((AMI / "iam-bake-policy.json").read_text())
-    needed = {"ec2:RunInstances", "ec2:DescribeInstances", "ec2:DescribeInstanceStatus", "ec2:CreateTags",
+    needed = {"ec2:RunInstances", "ec2:DescribeInstances", "ec2:DescribeInstanceStatus",
               "ec2:StopInstances", "ec2:CreateImage", "ec2:DescribeImages", "ec2:TerminateInstances"}
     if "source_ami_filter" in template:
         needed |= {"ec2:DescribeImages"}
@@ -508,6 +508,9 @@ def test_the_bakers_policy_allows_what_packers_build_of_the_template_calls():
     builder = tagged({"Name": re.search(r'run_tags = \{\s*Name = "([^"]+)"', template)[1]})
     for action in needed:
         assert allows(policy, action, INSTANCE, builder), action
+    # The run tags go with the launch; the AMI's tags (and its snapshot's) after it is made.
+    assert allows(policy, "ec2:CreateTags", INSTANCE, {"ec2:CreateAction": "RunInstances"})
+    assert allows(policy, "ec2:CreateTags", IMAGE, {})
     assert "iam_instance_profile" in template
     assert allows(policy, "iam:GetInstanceProfile", f"arn:aws:iam::{ACCOUNT}:instance-profile/{BAKER}")
     assert allows(policy, "iam:PassRole", f"arn:aws:iam::{ACCOUNT}:role/{BAKER}",
@@ -516,6 +519,9 @@ def test_the_bakers_policy_allows_what_packers_build_of_the_template_calls():
 
 def test_the_baker_may_end_only_its_build_instance_and_pass_only_its_own_role():
     policy = json.loads((AMI / "iam-bake-policy.json").read_text())
+    # Nor tag another instance as the build instance, to end it so (an auditor).
+    assert not allows(policy, "ec2:CreateTags", INSTANCE, {})
+    assert not allows(policy, "ec2:CreateTags", INSTANCE, {"ec2:CreateAction": "CreateImage"})
     for action in ("ec2:StopInstances", "ec2:TerminateInstances"):
         assert not allows(policy, action, INSTANCE, tagged({"Name": "web-instance"})), action
         assert not allows(policy, action, INSTANCE, {}), action
