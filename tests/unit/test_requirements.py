@@ -107,3 +107,14 @@ def test_the_tiers_import_only_what_an_instance_installs():
 def test_the_runtime_leaves_out_what_only_a_laptop_needs():
     runtime = closure({r.name for r in requirements(ROOT / "requirements-runtime.txt")})
     assert {"moto", "pytest", "selenium", "ruff", "matplotlib"} & runtime == set()
+
+
+def test_the_load_test_runs_where_an_instance_installs_and_only_plotting_needs_more():
+    """README runs load_test.py on the web instance: its imports were there only because
+    TensorFlow happened to bring requests (an auditor)."""
+    named = {canonicalize_name(r.name) for r in requirements(ROOT / "requirements-runtime.txt")}
+    providers = metadata.packages_distributions()
+    needed = imported_top_levels(ROOT / "load_test.py") - {"matplotlib"} - set(sys.stdlib_module_names)
+    for module in sorted(needed):
+        dists = {canonicalize_name(d) for d in providers.get(module, [])}
+        assert dists & named, f"load_test.py imports {module}, not named in requirements-runtime.txt"
