@@ -1414,6 +1414,16 @@ def test_the_mode_option_is_checked_as_its_variable_is(capsys, monkeypatch):
     assert "--mode (SCALING_MODE) must be one of backlog, latency, got 'fastest'" in capsys.readouterr().err
 
 
+def test_the_controller_runs_from_its_own_folder_as_from_the_root():
+    """DESIGN.md: `python controller.py` from `controller/` or the root; from the folder
+    it was "can't open file" (an auditor)."""
+    from_root, from_folder = (
+        subprocess.run([sys.executable, "controller.py", "--help"], cwd=cwd, capture_output=True,
+                       text=True, timeout=30, check=True).stdout
+        for cwd in (ROOT, ROOT / "controller"))
+    assert from_folder == from_root and "--max-instances" in from_folder
+
+
 def test_help_documents_every_option():
     out = subprocess.run([sys.executable, "controller.py", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=30, check=True).stdout
