@@ -2,7 +2,7 @@
 
 Terminating is safe to repeat. A launch is safe across botocore's retries of one
 call (its ClientToken), not across rounds: the loop remembers its recent launches
-for minutes, as EC2 last listed them (controller/loop.py), so that a round does not
+for minutes, as EC2 last listed them (controller/memory.py), so that a round does not
 launch again, and a call that got no reply, to repeat it as it was (LaunchCall)."""
 
 from __future__ import annotations

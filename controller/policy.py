@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 from common.config import SCALING_MODES, Settings
 from common.fleet import Instance, scale_in_order
+from controller.memory import NOTHING_REMEMBERED, RoundMemory
 from controller.observe import Observation
 
 # Each Policy field and the Settings field it comes from (Policy.from_settings). A new
@@ -146,28 +147,21 @@ def _free_numbers(taken: set[int], count: int, first: frozenset[int] = frozenset
     return tuple(numbers)
 
 
-def decide(
-    obs: Observation, policy: Policy, wanted_recently: int | None = None, hold_launches: bool = False,
-    keep_last: frozenset[str] = frozenset(), launch_wait_s: float = 0.0, window_watched: bool = True,
-    unanswered: frozenset[int] = frozenset(),
-) -> Decision:
-    """What to do now. `wanted_recently` is the most instances wanted at any round of
-    the last scale_in_cooldown_s (None: no window); the fleet shrinks no lower.
-    `hold_launches`: launch nothing this round (workers have been giving up).
-    `keep_last`: ids chosen to scale in only after every other (EC2 refused them).
-    `launch_wait_s`: launch nothing for this long yet (the last launch failed). Held
-    launches leave the rest of the decision (terminations, clean-ups) as it is.
-    `window_watched`: whether `wanted_recently` comes from a whole window of rounds, or
-    counts what is live as wanted (a controller started less than a window ago).
-    `unanswered`: numbers whose launch got no reply, launched first when launching (the
-    call is then repeated, and EC2 answers with the instance it may have started): a
-    new number beside one that had started went over the cap (simulated, see
-    tests/unit/test_controller_simulation.py)."""
+def decide(obs: Observation, policy: Policy, memory: RoundMemory = NOTHING_REMEMBERED) -> Decision:
+    """What to do now, from what is observed, the policy, and what the loop remembers of
+    the rounds before (`memory`; none given, nothing is held back). The fleet shrinks no
+    lower than `memory.wanted_recently`; `memory.keep_last` are scaled in only after
+    every other. Held launches (`memory.hold_launches`, `memory.launch_wait_s`) leave the
+    rest of the decision (terminations, clean-ups) as it is. The numbers of
+    `memory.unanswered` are launched first when launching (the call is then repeated,
+    and EC2 answers with the instance it may have started): a new number beside one that
+    had started went over the cap (simulated, see tests/unit/test_controller_simulation.py)."""
     desired, reason = desired_count(obs, policy)
     serving = obs.serving
+    wanted_recently = memory.wanted_recently
     if wanted_recently is not None and desired < len(serving) and wanted_recently > desired:
         desired = min(len(serving), wanted_recently, policy.max_instances)
-        if window_watched:
+        if memory.window_watched:
             reason += f"; holding {desired}, wanted within the last {policy.scale_in_cooldown_s:g}s"
         else:
             # Not "wanted within the last ...": nothing said so (reviewer: --dry-run --once).
@@ -197,12 +191,12 @@ def decide(
             count = for_untaken
             reason += (f"; launching only for the {untaken} not taken ({obs.in_flight} in flight"
                        + (f", {not_yet_receiving} not yet receiving)" if not_yet_receiving else ")"))
-        if hold_launches:
+        if memory.hold_launches:
             reason += "; launches held: workers gave up recently"
-        elif count > 0 and launch_wait_s > 0:
-            reason += f"; launches held: the last failed, next try in {launch_wait_s:.1f}s"
+        elif count > 0 and memory.launch_wait_s > 0:
+            reason += f"; launches held: the last failed, next try in {memory.launch_wait_s:.1f}s"
         elif count > 0:
-            launch = _free_numbers({i.number for i in obs.instances}, count, first=unanswered)
+            launch = _free_numbers({i.number for i in obs.instances}, count, first=memory.unanswered)
     elif desired < len(serving):
         # Among those that serve, those running another image than launches do first:
         # else, the newest going first, a new AMI never replaced the old fleet without a
@@ -210,7 +204,7 @@ def decide(
         # new image whose workers never serve would have had the old fleet go first).
         def victim_order(i: Instance) -> tuple:
             pending, unready, newest, highest = scale_in_order(i)
-            return (i.id in keep_last, pending, unready, not _outdated(i, policy), newest, highest)
+            return (i.id in memory.keep_last, pending, unready, not _outdated(i, policy), newest, highest)
 
         order = sorted(serving, key=victim_order)
         victims = tuple(i.id for i in order[: len(serving) - desired])

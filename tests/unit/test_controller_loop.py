@@ -270,7 +270,7 @@ def test_scale_in_waits_out_the_window_and_a_restart_does_not_shorten_it(aws, ma
 def test_the_scale_in_window_holds_a_peak_its_whole_length_and_no_longer():
     """SCALE_IN_COOLDOWN's length: a tenth of it had passed every other test, whose
     checks all fell within a controller's first window (mutation audit)."""
-    from controller.loop import ScaleInWindow
+    from controller.memory import ScaleInWindow
 
     window, fleet = 60.0, ScaleInWindow()
 

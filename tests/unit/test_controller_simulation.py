@@ -681,7 +681,7 @@ def test_the_episodes_inject_what_they_say():
 #
 # A RunInstances call that timed out after EC2 started the instance is remembered only to
 # be repeated with its ClientToken (UnansweredLaunches). Its instance is never put among
-# RecentLaunches (controller/loop.py, Controller._remember adds only `launched`, the
+# RecentLaunches (controller/memory.py; Controller._remember adds only `launched`, the
 # answered ones), and:
 # (A) once a read lists it, UnansweredLaunches.keep_unlisted forgets the call; a later read
 #     from a replica still behind leaves the instance out, and nothing counts it: its

@@ -1,10 +1,11 @@
 """The controller's decision, property by property, over thousands of generated rounds.
 
-decide() (controller/policy.py) is a pure function of an observation, the policy and the
-loop's memory (controller/loop.py, Controller.step). Each test below draws a few thousand
-observations with random.Random(seed): queue depths from 0 to thousands, instances in every
-EC2 state, ready or not, failed or not, of this AMI, another or none known, numbers with
-gaps and duplicates, launched at tied times; with launch holds, launch backoff, refusals
+decide() (controller/policy.py) is a pure function of an observation, the policy and a
+snapshot of the loop's memory (a RoundMemory, controller/memory.py, taken by
+Controller.step). Each test below draws a few thousand observations with
+random.Random(seed): queue depths from 0 to thousands, instances in every EC2 state,
+ready or not, failed or not, of this AMI, another or none known, numbers with gaps and
+duplicates, launched at tied times; with launch holds, launch backoff, refusals
 (keep_last), scale-in windows watched or not, both modes, caps from 0 to 20. Each checks
 one promise of the policy's docstrings or README.md's "Controller" section.
 
@@ -20,6 +21,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from controller.memory import RoundMemory
 from controller.observe import Instance, Observation
 from controller.policy import Decision, Policy, decide, desired_count, target_backlog
 
@@ -46,14 +48,14 @@ class Case:
     seed: object = None
     notes: dict = field(default_factory=dict)
 
-    def kwargs(self) -> dict:
-        return {"wanted_recently": self.wanted_recently, "hold_launches": self.hold_launches,
-                "keep_last": self.keep_last, "launch_wait_s": self.launch_wait_s,
-                "window_watched": self.window_watched, "unanswered": self.unanswered}
+    def memory(self) -> RoundMemory:
+        return RoundMemory(wanted_recently=self.wanted_recently, hold_launches=self.hold_launches,
+                           keep_last=self.keep_last, launch_wait_s=self.launch_wait_s,
+                           window_watched=self.window_watched, unanswered=self.unanswered)
 
     def decide(self, obs: Observation | None = None, **changes) -> Decision:
-        """decide() on this case, with `obs` or any of decide's arguments changed."""
-        return decide(self.obs if obs is None else obs, self.policy, **(self.kwargs() | changes))
+        """decide() on this case, with `obs` or any field of its memory changed."""
+        return decide(self.obs if obs is None else obs, self.policy, replace(self.memory(), **changes))
 
     def describe(self) -> str:
         p, o = self.policy, self.obs
@@ -64,7 +66,7 @@ class Case:
             f"boot_time_s={p.boot_time_s}, "
             f"scale_in_cooldown_s={p.scale_in_cooldown_s}, image_id={p.image_id!r})",
             f"  queue: visible={o.visible} in_flight={o.in_flight} delayed={o.delayed}",
-            f"  memory: {self.kwargs()} (loop-consistent: {self.consistent})",
+            f"  memory: {self.memory()} (loop-consistent: {self.consistent})",
         ]
         lines += [f"  {i}" for i in o.instances]
         return "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from controller.memory import RoundMemory
 from controller.observe import Instance, Observation
 from controller.policy import Policy, decide, desired_count
 
@@ -95,16 +96,16 @@ def test_failed_instances_keep_their_place_under_the_cap_until_gone():
 
 
 def test_held_launches_launch_nothing_but_still_clean_up_and_scale_in():
-    held = decide(failed(obs(visible=5, running=2), 2), BACKLOG, hold_launches=True)
+    held = decide(failed(obs(visible=5, running=2), 2), BACKLOG, RoundMemory(hold_launches=True))
     assert held.launch == () and set(held.clean_up) == {"i-0001", "i-0002"}
     assert "launches held" in held.reason
-    assert len(decide(obs(visible=1, running=3), BACKLOG, hold_launches=True).terminate) == 2
+    assert len(decide(obs(visible=1, running=3), BACKLOG, RoundMemory(hold_launches=True)).terminate) == 2
     # Launches backing off after a failed one: the same, said with the wait (once decided
     # outside decide(), which a test of it could not see).
-    backing_off = decide(failed(obs(visible=5, running=2), 2), BACKLOG, launch_wait_s=2.5)
+    backing_off = decide(failed(obs(visible=5, running=2), 2), BACKLOG, RoundMemory(launch_wait_s=2.5))
     assert backing_off.launch == () and set(backing_off.clean_up) == {"i-0001", "i-0002"}
     assert "launches held: the last failed, next try in 2.5s" in backing_off.reason
-    assert len(decide(obs(visible=5, running=2), BACKLOG, launch_wait_s=0).launch) == 3
+    assert len(decide(obs(visible=5, running=2), BACKLOG, RoundMemory(launch_wait_s=0)).launch) == 3
 
 
 def test_scale_in_never_picks_a_failed_instance_as_a_victim():
@@ -129,27 +130,27 @@ def test_scale_in_removes_pending_first_then_newest():
 
 def test_cooldown_holds_instances_until_it_has_passed():
     policy = Policy(scale_in_cooldown_s=5)
-    assert decide(obs(running=3), policy, wanted_recently=3).terminate == ()
-    assert len(decide(obs(running=3), policy, wanted_recently=0).terminate) == 3
+    assert decide(obs(running=3), policy, RoundMemory(wanted_recently=3)).terminate == ()
+    assert len(decide(obs(running=3), policy, RoundMemory(wanted_recently=0)).terminate) == 3
 
 
 def test_the_fleet_shrinks_only_to_the_most_wanted_within_the_window():
     policy = Policy(scale_in_cooldown_s=60)
-    held = decide(obs(visible=2, running=8), policy, wanted_recently=6)
+    held = decide(obs(visible=2, running=8), policy, RoundMemory(wanted_recently=6))
     assert held.desired == 6 and len(held.terminate) == 2 and "holding 6" in held.reason
-    assert decide(obs(visible=2, running=8), policy, wanted_recently=9).terminate == ()
+    assert decide(obs(visible=2, running=8), policy, RoundMemory(wanted_recently=9)).terminate == ()
     # A controller started less than a window ago says so, not "wanted within the last 60s"
     # (reviewer: --dry-run --once gave that reason for what was only live).
-    young = decide(obs(running=8), policy, wanted_recently=8, window_watched=False)
+    young = decide(obs(running=8), policy, RoundMemory(wanted_recently=8, window_watched=False))
     assert young.terminate == () and "watched for less than the 60s scale-in window" in young.reason
     assert "wanted within" not in young.reason
     # Scaling out never waits, and the cap still trims.
-    assert len(decide(obs(visible=12, running=8), policy, wanted_recently=8).launch) == 4
+    assert len(decide(obs(visible=12, running=8), policy, RoundMemory(wanted_recently=8)).launch) == 4
     # Not even for a peak above what is wanted now: a recent burst of 10 does not hold
     # the fleet at 2 while 5 are wanted.
-    grow = decide(obs(visible=5, running=2), policy, wanted_recently=10)
+    grow = decide(obs(visible=5, running=2), policy, RoundMemory(wanted_recently=10))
     assert grow.desired == 5 and grow.launch == (3, 4, 5)
-    assert len(decide(obs(visible=100, running=17), policy, wanted_recently=17).terminate) == 2
+    assert len(decide(obs(visible=100, running=17), policy, RoundMemory(wanted_recently=17)).terminate) == 2
 
 
 def test_target_backlog_per_instance():
