@@ -5,13 +5,13 @@ is killed and started again adopts the fleet it finds. To that it adds what only
 controller has seen: its memory between rounds (controller/memory.py, which says what
 a restart loses). It decides with a pure function of the observation, the policy and
 a snapshot of that memory (controller/policy.py), then acts (controller/act.py).
-Besides, for people only: the last round's log summary and the last TIMELINE_ROUNDS
-rounds (Controller.timeline).
+Besides, for people only: the last round's log summary, the last TIMELINE_ROUNDS
+rounds (Controller.timeline), and with --timeline every round on disk
+(controller/timeline.py).
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import threading
 import time
@@ -43,6 +43,7 @@ from controller.memory import (
 )
 from controller.observe import Observation, observe, terminated
 from controller.policy import Decision, Policy, decide, desired_count
+from controller.timeline import TimelineFile
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +60,6 @@ TIMELINE_ROUNDS = 1000
 # A round that begins, or takes, this much later than planned is said so: the fleet
 # follows the queue that much later, and the log's silence did not say why (reviewer).
 LATE_ROUND_S = 5.0
-# `reason`: why, as the log says it: `desired` alone can read as under-provisioning
-# (15 desired, none launched, for requests all in flight: reviewer).
-TIMELINE_FIELDS = ("time", "visible", "in_flight", "delayed", "pending", "running", "desired", "action",
-                   "reason")
 
 
 def describe_action(decision: Decision) -> str:
@@ -114,31 +111,21 @@ class Controller:
     recent_terminations: RecentTerminations = field(default_factory=RecentTerminations, init=False)
     unanswered: UnansweredLaunches = field(default_factory=UnansweredLaunches, init=False)
     launch_backoff: LaunchBackoff = field(default_factory=LaunchBackoff, init=False)
-    # For people only, never for deciding: the last round's log summary (a round that
-    # changes nothing is not logged again), and the last rounds, for tests and a look
-    # in a debugger (--timeline keeps them all on disk).
-    _last_summary: tuple | None = field(default=None, init=False)
     # Live after the last round, less what it terminated: one gone by the next was ended
     # by someone else, said so (a hand, EC2 itself), where the log only launched again.
     _live_after_last_round: frozenset[str] = field(default=frozenset(), init=False)
-    _timeline_failed: bool = field(default=False, init=False)  # warned about once
+    # For people only, never for deciding: the last round's log summary (a round that
+    # changes nothing is not logged again), and the last rounds, for tests and a look
+    # in a debugger (--timeline keeps them all on disk, in _timeline_file).
+    _last_summary: tuple | None = field(default=None, init=False)
     timeline: deque[dict] = field(default_factory=lambda: deque(maxlen=TIMELINE_ROUNDS))
+    _timeline_file: TimelineFile | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.policy = Policy.from_settings(self.settings)
         render_user_data(self.settings)  # fail at start, not at the first launch
         if self.timeline_path:
-            # Added to, not written over: a controller restarted (systemd, its watchdog)
-            # had erased the rounds before it, those an operator wants after a crash
-            # (reviewer). A file of other columns is started afresh.
-            try:
-                with self.timeline_path.open(newline="") as fh:
-                    first = next(csv.reader(fh), None)
-            except FileNotFoundError:
-                first = None
-            if first != list(TIMELINE_FIELDS):
-                with self.timeline_path.open("w", newline="") as fh:
-                    csv.writer(fh).writerow(TIMELINE_FIELDS)
+            self._timeline_file = TimelineFile(self.timeline_path)
 
     # --- one round -----------------------------------------------------------------
     def step(self, now: float | None = None) -> Decision:
@@ -350,21 +337,9 @@ class Controller:
             "desired": decision.desired, "action": describe_action(decision), "reason": decision.reason,
         }
         self.timeline.append(row)
-        if self.timeline_path:
-            self._write_timeline(row)
+        if self._timeline_file:
+            self._timeline_file.write(row)
         self._log_round(obs, decision, pending, running, row["action"])
-
-    def _write_timeline(self, row: dict) -> None:
-        """A row on disk, for people only: a disk full or gone is warned about once, and
-        tried again each round, but never fails the round, which would stop the acting."""
-        try:
-            with self.timeline_path.open("a", newline="") as fh:
-                csv.writer(fh).writerow([row[k] for k in TIMELINE_FIELDS])
-        except OSError as exc:
-            if not self._timeline_failed:
-                log.warning("controller: cannot write the timeline (%s); the fleet is managed "
-                            "all the same", exc)
-            self._timeline_failed = True
 
     def _log_round(self, obs: Observation, decision: Decision, pending: int, running: int,
                    action: str) -> None:

@@ -15,7 +15,8 @@ from common.config import SCALING_MODES, VARIABLE_OF_SETTING, Settings, weights_
 from common.heap import freeze_startup_heap
 from common.logs import configure as configure_logging
 from controller.lock import EXIT_ANOTHER_CONTROLLER, AnotherController, hold_fleet_lock
-from controller.loop import EXPECTED_ERRORS, TIMELINE_FIELDS, Controller
+from controller.loop import EXPECTED_ERRORS, Controller
+from controller.timeline import TIMELINE_FIELDS
 
 log = logging.getLogger(__name__)
 

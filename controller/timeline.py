@@ -1,9 +1,55 @@
-"""Draw a controller timeline CSV (see `--timeline`) as a PNG."""
+"""The controller's timeline CSV (`--timeline`): a row a round (TimelineFile), and drawn
+as a PNG (plot_timeline, for `--plot`). For people only: nothing decides on it."""
 
 from __future__ import annotations
 
 import csv
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# `reason`: why, as the log says it: `desired` alone can read as under-provisioning
+# (15 desired, none launched, for requests all in flight: reviewer).
+TIMELINE_FIELDS = ("time", "visible", "in_flight", "delayed", "pending", "running", "desired", "action",
+                   "reason")
+
+
+@dataclass
+class TimelineFile:
+    """The CSV a controller adds a row to each round. A file it cannot start is an
+    OSError at once (the command line's usage error); a row it cannot add later is
+    warned about once, and tried again each round."""
+
+    path: Path
+    _failed: bool = field(default=False, init=False)  # warned about once
+
+    def __post_init__(self) -> None:
+        # Added to, not written over: a controller restarted (systemd, its watchdog)
+        # had erased the rounds before it, those an operator wants after a crash
+        # (reviewer). A file of other columns is started afresh.
+        try:
+            with self.path.open(newline="") as fh:
+                first = next(csv.reader(fh), None)
+        except FileNotFoundError:
+            first = None
+        if first != list(TIMELINE_FIELDS):
+            with self.path.open("w", newline="") as fh:
+                csv.writer(fh).writerow(TIMELINE_FIELDS)
+
+    def write(self, row: Mapping[str, object]) -> None:
+        """A row on disk, for people only: a disk full or gone is warned about once, and
+        tried again each round, but never fails the round, which would stop the acting."""
+        try:
+            with self.path.open("a", newline="") as fh:
+                csv.writer(fh).writerow([row[k] for k in TIMELINE_FIELDS])
+        except OSError as exc:
+            if not self._failed:
+                log.warning("controller: cannot write the timeline (%s); the fleet is managed "
+                            "all the same", exc)
+            self._failed = True
 
 
 def plot_timeline(csv_path: Path, png_path: Path) -> None:

@@ -32,9 +32,9 @@ from common.config import Settings
 from common.fleet import WORKER_READY_TAG, report_worker_failed, report_worker_ready
 from common.names import ROLE_APP_TIER, ROLE_TAG
 from common.provision import provision
-from controller.loop import LATE_ROUND_S, TIMELINE_FIELDS, Controller
+from controller.loop import LATE_ROUND_S, Controller
 from controller.main import build_parser, main, settings_from
-from controller.timeline import plot_timeline
+from controller.timeline import TIMELINE_FIELDS, plot_timeline
 from tests.conftest import without_credentials
 
 ROOT = Path(__file__).resolve().parents[2]
