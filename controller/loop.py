@@ -74,17 +74,10 @@ def describe_action(decision: Decision) -> str:
     return " + ".join(action) or "-"
 
 
-@dataclass
-class Controller:
-    """Observes, decides and acts, a round each poll interval (`run`, `step`)."""
+@dataclass(frozen=True)
+class Timings:
+    """How long the controller waits after something fails (Settings holds the rest)."""
 
-    settings: Settings
-    aws: Aws
-    dry_run: bool = False
-    timeline_path: Path | None = None
-    stopping: threading.Event = field(default_factory=threading.Event)
-
-    # --- tunables (Settings holds the rest) --------------------------------------------
     # After a failed round, wait this long, doubling per further failure up to the max.
     # The max stays short so that the fleet follows the queue soon after AWS recovers.
     backoff_min_s: float = 1.0
@@ -99,6 +92,18 @@ class Controller:
     # fleet scales out soon after capacity returns.
     launch_backoff_min_s: float = 1.0
     launch_backoff_max_s: float = 30.0
+
+
+@dataclass
+class Controller:
+    """Observes, decides and acts, a round each poll interval (`run`, `step`)."""
+
+    settings: Settings
+    aws: Aws
+    dry_run: bool = False
+    timeline_path: Path | None = None
+    stopping: threading.Event = field(default_factory=threading.Event)
+    timings: Timings = Timings()
 
     policy: Policy = field(init=False)  # from settings
 
@@ -222,11 +227,11 @@ class Controller:
 
     def _launches_held(self, obs: Observation) -> bool:
         """Whether workers gave up recently enough that launching more is held."""
-        hold = self.launch_hold
+        hold, timings = self.launch_hold, self.timings
         # Quiet for longer than a wave of instances that never serve takes to fail again.
         slowest_wave = max(self.settings.ready_deadline_s, self.settings.stall_timeout_s)
-        quiet_s = 2 * self.failure_hold_max_s + slowest_wave
-        new = hold.note_failures(obs, self.failure_hold_min_s, self.failure_hold_max_s, quiet_s)
+        quiet_s = 2 * timings.failure_hold_max_s + slowest_wave
+        new = hold.note_failures(obs, timings.failure_hold_min_s, timings.failure_hold_max_s, quiet_s)
         if new:
             log.error(
                 "controller: %d worker(s) gave up: %s; their instances are %s, and "
@@ -276,8 +281,8 @@ class Controller:
                 # for seconds), and timed from the observation, the wait had passed before
                 # the call returned; timed from before it, a slow SQS lengthened it.
                 failed_at = clock()
-                wait = self.launch_backoff.failed(failed_at, self.launch_backoff_min_s,
-                                                  self.launch_backoff_max_s)
+                wait = self.launch_backoff.failed(failed_at, self.timings.launch_backoff_min_s,
+                                                  self.timings.launch_backoff_max_s)
                 log.warning("controller: %s; launches held, next try in %.1fs", exc, wait)
                 return
             self.launch_backoff.succeeded()
@@ -387,8 +392,8 @@ class Controller:
             except Exception as exc:
                 # Doubling from at least backoff_min_s: never faster than that while
                 # AWS is failing, however short the poll interval.
-                backoff = next_wait(backoff, max(self.backoff_min_s, self.settings.poll_interval_s),
-                                    self.backoff_max_s)
+                backoff = next_wait(backoff, max(self.timings.backoff_min_s, self.settings.poll_interval_s),
+                                    self.timings.backoff_max_s)
                 if isinstance(exc, EXPECTED_ERRORS):
                     log.warning("controller: %s; next try in %.1fs", exc, backoff)
                 else:  # a surprise: keep the traceback, but keep running too

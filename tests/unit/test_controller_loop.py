@@ -32,7 +32,7 @@ from common.config import Settings
 from common.fleet import WORKER_READY_TAG, report_worker_failed, report_worker_ready
 from common.names import ROLE_APP_TIER, ROLE_TAG
 from common.provision import provision
-from controller.loop import LATE_ROUND_S, Controller
+from controller.loop import LATE_ROUND_S, Controller, Timings
 from controller.main import build_parser, main, settings_from
 from controller.timeline import TIMELINE_FIELDS, plot_timeline
 from tests.conftest import without_credentials
@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[2]
 POLL_S = 0.02
 # Short in tests so a few failed rounds take well under a second; the default is 1 s.
 TEST_BACKOFF_MIN_S = 0.1
+TEST_TIMINGS = Timings(backoff_min_s=TEST_BACKOFF_MIN_S, launch_backoff_min_s=TEST_BACKOFF_MIN_S)
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +77,15 @@ def patch(aws: Aws) -> Iterator[pytest.MonkeyPatch]:
 
 @pytest.fixture
 def make_controller(aws: Aws) -> Iterator[Callable[..., Controller]]:
-    """Controllers on the shared mock AWS; any still running is stopped afterwards."""
+    """Controllers on the shared mock AWS; any still running is stopped afterwards. Keywords
+    named as Timings' fields change TEST_TIMINGS; the others are the Controller's."""
     made: list[Controller] = []
+    timing_names = {f.name for f in dataclasses.fields(Timings)}
 
     def make(**kwargs) -> Controller:
-        kwargs.setdefault("backoff_min_s", TEST_BACKOFF_MIN_S)
-        kwargs.setdefault("launch_backoff_min_s", TEST_BACKOFF_MIN_S)
-        controller = Controller(aws.settings, aws, **kwargs)
+        timings = {name: kwargs.pop(name) for name in timing_names & kwargs.keys()}
+        controller = Controller(aws.settings, aws, timings=dataclasses.replace(TEST_TIMINGS, **timings),
+                                **kwargs)
         made.append(controller)
         return controller
 
