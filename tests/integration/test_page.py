@@ -1526,6 +1526,54 @@ def test_the_mb_sent_only_grow_out_of_the_uploads_whole_size(stack, browser, tmp
     assert sent == sorted(sent), repr(seen)[:3000]
 
 
+# The page's first POST /api/jobs is sent for real (its files stored), and its answer
+# taken for a 503 that stored nothing, to send again: by a real XMLHttpRequest, whose
+# upload progress the MB sent are made of.
+FIRST_POST_ANSWERED_BUSY = """
+  window.busyPosts = 1;
+  window.XMLHttpRequest = class extends window.XMLHttpRequest {
+    open(method, url) {
+      this.busy = url === "/api/jobs" && window.busyPosts > 0;
+      if (this.busy) window.busyPosts -= 1;
+      return super.open(method, url);
+    }
+    get status() { return this.busy ? 503 : super.status; }
+    get responseText() {
+      return this.busy ? JSON.stringify({error: "not stored: the web tier is stopping; send this file again",
+                                         code: "busy", filename: null, items: [], rejected: []})
+        : super.responseText;
+    }
+  };"""
+
+
+def test_the_mb_sent_never_go_back_when_a_chunk_is_sent_again(stack, browser, tmp_path):
+    """A chunk answered 503 was counted answered, then taken back: the MB sent went back
+    by its size ("0.4 of 0.8 MB", then "0.0 of 0.8") at each resend. What went stays
+    sent, and the size grows by the bytes to send again."""
+    browser.get(stack.web_url + "/")
+    browser.execute_script(FIRST_POST_ANSWERED_BUSY + """
+      document.body.dataset.filesPerRequest = '1';
+      document.body.dataset.resendDelayScale = '0.05';
+      window.sendings = [];
+      const summary = document.getElementById('summary');
+      new MutationObserver(() => {
+        const found = summary.textContent.match(/sending ([\\d.]+) of ([\\d.]+) MB/);
+        if (found) window.sendings.push([Number(found[1]), Number(found[2])]);
+      }).observe(summary, {childList: true, characterData: true, subtree: true});""")
+    files = {f"again_{i}.jpg": make_image(1095 + i, size=(1200, 900)) for i in range(2)}
+    with upload_throttled(browser, 400_000):  # about a second a file
+        choose(browser, tmp_path, files)
+        shown = finished_rows(browser, stack, 2, timeout_s=90)
+    assert browser.execute_script("return window.busyPosts") == 0
+    assert all(row.get_attribute("data-state") == "done" for row in shown.values())
+    seen = browser.execute_script("return window.sendings")
+    sent = [x for x, _ in seen]
+    assert sent == sorted(sent), repr(seen)[:3000]
+    whole = sum(map(len, files.values()))
+    assert {size for _, size in seen} == {round(whole / 1048576, 1),
+                                          round((whole + len(files["again_0.jpg"])) / 1048576, 1)}, seen
+
+
 def test_files_refused_together_are_heard_with_a_reason_and_so_is_a_later_failure(stack, browser, tmp_path):
     """Each row refused updated the summary: the first one's reason was replaced at once
     by the last one's bare count, and never heard (reviewer)."""

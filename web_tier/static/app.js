@@ -146,10 +146,13 @@
 
   // Why a send failed: `timedOut`, what this page gave up waiting for ("" if the
   // browser could not send it or get its answer: no server, a connection cut).
+  // `sentBytes`: how far its upload had got; `settle()` as post()'s (see there).
   class SendFailure extends Error {
-    constructor(timedOut) {
+    constructor(timedOut, sentBytes, settle) {
       super(timedOut || "network error");
       this.timedOut = timedOut;
+      this.sentBytes = sentBytes;
+      this.settle = settle;
     }
   }
 
@@ -163,6 +166,9 @@
   // never said the upload's size (reviewer).
   // The uploads since none was under way: one that ended while another goes on stays
   // in the figures, which went back ("75 of 100" to "25 of 50") as it left (reviewer).
+  // What went counts as sent, a request answered 503 or cut off included: its files to
+  // go again add their bytes to the size instead. Taken back from the bytes sent, the
+  // figure went backwards at each resend ("1.0 of 2.0 MB" after "2.0 of 2.0").
   const sendingNow = new Set();
   function sendingText() {
     const uploading = sessions.filter((session) => session.uploading);
@@ -171,8 +177,8 @@
     let sent = 0, size = 0;
     for (const session of sendingNow) {
       const toGo = [...session.inHand, ...session.queue.map(({ chunk }) => chunk), ...session.resends.values()];
-      sent += session.answeredBytes;
-      size += session.answeredBytes + bytesOf(toGo.flat());
+      sent += session.sentBytes;
+      size += session.sentBytes + bytesOf(toGo.flat());
     }
     for (const bytes of sendProgress.values()) sent += bytes;
     if (!size) return "";
@@ -189,8 +195,8 @@
   // POST `form`, holding `bytes` of files, to /api/jobs: {status, body, settle} (body
   // null if not JSON), or throws a SendFailure. By XMLHttpRequest, not fetch: only it
   // tells how far the upload has got. `settle()` drops the request from sendingText once
-  // its caller has counted its files as answered: dropped first, the MB sent went
-  // backwards for a moment at each answer (reviewer).
+  // its caller has counted the bytes it sent: dropped first, the MB sent went
+  // backwards for a moment at each answer (reviewer), and at each failure.
   function post(form, headers, bytes) {
     return new Promise((resolve, reject) => {
       const xhr = new XMLHttpRequest();
@@ -210,7 +216,10 @@
         }
       };
       const settled = () => { if (sendProgress.delete(xhr)) updateSummary(); };
-      const fail = () => { clearTimeout(timer); settled(); reject(new SendFailure(timedOut)); };
+      const fail = () => {
+        clearTimeout(timer);
+        reject(new SendFailure(timedOut, sendProgress.get(xhr) || 0, settled));
+      };
       xhr.open("POST", "/api/jobs");
       for (const [name, value] of Object.entries(headers)) xhr.setRequestHeader(name, value);
       xhr.upload.onprogress = progressed;
@@ -615,7 +624,7 @@
       this.waiting = 0;         // chunks waiting their delay to be sent again (sendLater)
       this.resends = new Map(); // their timers -> their entries (see stop)
       this.inHand = new Set();  // chunks taken from the queue, their answer not in yet
-      this.answeredBytes = 0;   // of the files whose request was answered (sendingText)
+      this.sentBytes = 0;       // of the requests answered or given up, as far as each got (sendingText)
       this.stopped = false;     // the user stopped it: nothing more is sent
       this.keyRefused = false;  // the server refused its API key (refuseKey)
       this.resendReady = null;  // resolves when one of them joins the queue
@@ -714,9 +723,13 @@
         ({ status, body, settle } = await post(form, headers, bytesOf(chunk)));
         // Counted once: answered, no longer in hand, nor in flight.
         this.inHand.delete(taken);
-        this.answeredBytes += bytesOf(chunk);
+        this.sentBytes += bytesOf(chunk);
         settle();
       } catch (err) {
+        // As far as it got, once: no longer in hand (its files go again), nor in flight.
+        this.inHand.delete(taken);
+        this.sentBytes += err.sentBytes;
+        err.settle();
         this.unanswered = true;
         for (const entry of chunk) entry.maybeStored = true;  // see stop
         if (attempt < RESEND_DELAYS_MS.length) {
@@ -746,7 +759,6 @@
         // 503: not stored. 502 and 504 (a proxy in front): the web tier not there yet.
         const unstored = status === 503 || (attempt > 0 && [502, 504].includes(status));
         if (unstored && attempt < RESEND_DELAYS_MS.length) {
-          this.answeredBytes -= bytesOf(chunk);  // to go again: counted once, not twice (reviewer)
           this.sendLater(chunk, attempt);
           return;
         }
@@ -778,10 +790,7 @@
         showFailure(entry.el, rejection.error);
       }
       this.save();
-      if (again.length) {
-        this.answeredBytes -= bytesOf(again);  // to go again, as above
-        this.sendLater(again, attempt);
-      }
+      if (again.length) this.sendLater(again, attempt);
       // Followed from the first stored file on, and again after a stream that ended
       // because all that had joined the batch were done (more chunks join it later).
       if (this.created && !this.stream && !this.pollTimer) this.follow();
