@@ -2509,3 +2509,179 @@ def test_the_only_failed_filter_that_hides_gives_its_focus_to_the_csv_button(sta
              "the filter hidden")
     assert browser.execute_script("return document.activeElement.id") == "download-csv"
     assert not only_failed.is_selected()
+
+
+# POST /api/jobs refused 401 (as api.py refuses it) unless its X-API-Key is "right": the
+# stack every page test shares needs no key. Its box shown, the key cleared.
+KEY_IS_RIGHT = UPLOADS_BY_FETCH + """
+  localStorage.clear();
+  document.getElementById('api-key-box').hidden = false;
+  const realFetch = window.fetch;
+  window.fetch = (url, options) => {
+    const key = (options.headers || {})["X-API-Key"];
+    if (url !== "/api/jobs" || key === "right") return realFetch(url, options);
+    return Promise.resolve(new Response(JSON.stringify(
+      {error: "a valid API key is required (X-API-Key header)", code: "unauthorized", filename: null,
+       items: [], rejected: []}), {status: 401, headers: {"Content-Type": "application/json"}}));
+  };"""
+
+
+def send_again_button(browser):
+    from selenium.webdriver.common.by import By
+
+    return browser.find_element(By.ID, "send-again")
+
+
+def states_shown(browser) -> dict[str, str]:
+    return {name: state for name, state, _ in rows_shown(browser)}
+
+
+def test_files_refused_for_a_wrong_api_key_are_sent_again_once_it_is_changed(stack, browser, tmp_path):
+    """300 images, 12 refused: each had to be chosen again by hand. Refused for the key,
+    they are offered again once the key is changed (not before: they would be refused
+    so), sent by the keyboard into the same batch, each row one file, counted once."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(stack.web_url + "/")
+    browser.execute_script(KEY_IS_RIGHT + "document.body.dataset.filesPerRequest = '2';")
+    key = browser.find_element(By.ID, "api-key")
+    key.send_keys("wrong")
+    good = {f"keyed_again_{i}.jpg": make_image(1400 + i, size=(64, 48)) for i in range(3)}
+    choose(browser, tmp_path, {**good, "half.jpg": make_image(1403)[:3000]})
+    shown = finished_rows(browser, stack, 4, timeout_s=30)
+    assert all("the API key was refused" in row.text for row in shown.values())
+    button = send_again_button(browser)
+    assert not button.is_displayed()  # the same key would be refused again
+    announce = record_announcements(browser)
+
+    key.clear()
+    key.send_keys("right")
+    # The file the server will find unreadable has not been judged yet: offered too.
+    wait_for(button.is_displayed, 10, "the button")
+    assert button.text == "Send 4 failed files again" and button.tag_name == "button"
+    assert not browser.find_element(By.ID, "send-again-note").is_displayed()  # none left out
+    browser.execute_script("arguments[0].focus();", button)
+    browser.switch_to.active_element.send_keys(Keys.ENTER)
+    expected = {**dict.fromkeys(good, "done"), "half.jpg": "failed"}
+    wait_for(lambda: states_shown(browser) == expected, 60, "the files sent again, classified")
+    rows = {name: text for name, _, text in rows_shown(browser)}
+    assert all("sent again" in text for text in rows.values()), rows
+    assert "JPEG data is truncated" in rows["half.jpg"]
+    # Each file once in the batch the page follows, which the address still names alone.
+    assert_stored_once(browser, stack, good)
+    # The counts hold: one row a file, the failure sent again not counted twice.
+    assert browser.find_element(By.ID, "summary").text.startswith("3 of 4 classified, 1 failed")
+    wait_for(lambda: browser.title == "Done: 3 classified, 1 failed · Image classification", 10, "the title")
+    assert browser.find_element(By.ID, "only-failed-count").text == "(1)"
+    # Nothing left worth sending again (an unreadable image is not): the button goes,
+    # its focus passed on, not left on nothing.
+    assert not button.is_displayed()
+    assert browser.execute_script("return document.activeElement.id") == "download-csv"
+    said = wait_for(lambda: [text for text in browser.execute_script("return window.announced")
+                             if text.startswith("Of the ")], 10, "the outcome, said")
+    heard = browser.execute_script("return window.announced")
+    assert heard[0].startswith("Sending 4 files again"), heard
+    assert said[0].startswith("Of the 4 files sent again, 3 classified, 1 failed again"), heard
+    assert announce.get_attribute("aria-live") == "polite"
+
+    # A reload shows each file once, said to have been sent again; nothing to send now.
+    browser.refresh()
+    wait_for(lambda: states_shown(browser) == expected, 60, "the batch after a reload")
+    assert len(rows_shown(browser)) == 4
+    assert all("sent again" in text for _, _, text in rows_shown(browser))
+    assert not send_again_button(browser).is_displayed()  # no File to send after a reload
+    browser.execute_script("localStorage.clear();")
+
+
+def test_a_file_that_found_no_server_is_offered_again_and_an_unreadable_image_is_not(
+        stack, browser, reference_model, tmp_path):
+    """Sending again can help a file no server answered, not one the server refused for
+    what it is (here an image cut short): the button offers the first alone, and says
+    why the other is left out."""
+    from selenium.webdriver.common.by import By
+
+    files = {"no_server.jpg": make_image(1410, size=(64, 48)), "half.jpg": make_image(1411)[:3000],
+             "fine.jpg": make_image(1412, size=(64, 48))}
+    browser.get(stack.web_url + "/")
+    # One file a request; "no_server.jpg"'s find no server, through all their resends.
+    browser.execute_script(UPLOADS_BY_FETCH + """
+      document.body.dataset.filesPerRequest = '1';
+      document.body.dataset.resendDelayScale = '0.05';
+      window.unreachable = "no_server.jpg";
+      const realFetch = window.fetch;
+      window.fetch = (url, options) =>
+        url === "/api/jobs" && options.body.getAll("files").some((file) => file.name === window.unreachable)
+          ? Promise.reject(new TypeError("Failed to fetch")) : realFetch(url, options);""")
+    choose(browser, tmp_path, files)
+    shown = finished_rows(browser, stack, 3, timeout_s=60)
+    assert "the server could not be reached" in shown["no_server.jpg"].text
+    assert "JPEG data is truncated" in shown["half.jpg"].text
+    button = send_again_button(browser)
+    wait_for(button.is_displayed, 10, "the button")
+    assert button.text == "Send 1 failed file again"
+    note = browser.find_element(By.ID, "send-again-note")
+    assert note.text == "(not offered: 1 refused by the server for the file itself)"
+    assert button.get_attribute("aria-describedby") == "send-again-note"
+    browser.execute_script("window.unreachable = '';")  # the network is back
+    button.click()
+    expected = {"no_server.jpg": "done", "half.jpg": "failed", "fine.jpg": "done"}
+    wait_for(lambda: states_shown(browser) == expected, 60, "the file sent again, classified")
+    good = {name: data for name, data in files.items() if name != "half.jpg"}
+    assert_classified(finished_rows(browser, stack, 3, 10), good, reference_model)
+    assert_stored_once(browser, stack, good)
+    assert not button.is_displayed() and not note.is_displayed()
+
+
+# As LATE_JPG_DEAD_LETTERED, for good and by item: the first item of "late.jpg" is seen
+# failed as a dead letter (arguments[0], the server's text for one), whatever becomes of
+# it; any other item as it is.
+FIRST_LATE_JPG_DEAD_LETTERED = r"""
+  window.EventSource = undefined;
+  const deadLetter = arguments[0];
+  const realFetch = window.fetch;
+  window.fetch = async (url, options) => {
+    const response = await realFetch(url, options);
+    if (!/^\/api\/jobs\/[0-9a-f]{32}$/.test(String(url))) return response;
+    const body = await response.json();
+    for (const item of body.items) {
+      if (item.filename === "late.jpg" && (window.deadId ??= item.id) === item.id) {
+        Object.assign(item, { state: "failed", label: null, score: null, top5: [], error: deadLetter });
+      }
+    }
+    return new Response(JSON.stringify(body),
+                        { status: 200, headers: { "Content-Type": "application/json" } });
+  };"""
+
+
+def test_a_dead_letter_is_sent_again_under_a_new_token_and_shown_once_after_a_reload(
+        stack, browser, reference_model, tmp_path):
+    """A dead letter (its workers crashed) may pass when sent again; under its own token
+    the batch would only give its failure back. It goes under a new one, and the row
+    shows the new item, the failed one kept off the page, after a reload in the tab too."""
+    from common.failure_tags import DEAD_LETTER_ERROR
+
+    files = {"late.jpg": make_image(1420, size=(64, 48)), "other.jpg": make_image(1421, size=(64, 48))}
+    browser.get(stack.web_url + "/")
+    browser.execute_script(FIRST_LATE_JPG_DEAD_LETTERED, DEAD_LETTER_ERROR)
+    choose(browser, tmp_path, files)
+    wait_for(lambda: states_shown(browser) == {"late.jpg": "failed", "other.jpg": "done"}, 60,
+             "the dead letter shown")
+    button = send_again_button(browser)
+    wait_for(button.is_displayed, 10, "the button")
+    assert button.text == "Send 1 failed file again"
+    button.click()
+    wait_for(lambda: states_shown(browser) == {"late.jpg": "done", "other.jpg": "done"}, 60,
+             "the file sent again, classified")
+    assert_classified(finished_rows(browser, stack, 2, 10), files, reference_model)
+    batch_id = browser.current_url.split("#batches=")[1]
+    items = server_items(stack, batch_id)
+    assert sorted((i["filename"], i["token"]) for i in items) == [
+        ("late.jpg", "0"), ("late.jpg", "0.1"), ("other.jpg", "1")]
+
+    browser.refresh()
+    wait_for(lambda: states_shown(browser) == {"late.jpg": "done", "other.jpg": "done"}, 60,
+             "the batch after a reload")
+    assert [(name, state) for name, state, _ in rows_shown(browser)] == [("late.jpg", "done"),
+                                                                       ("other.jpg", "done")]
+    assert "sent again" in rows_shown(browser)[0][2]

@@ -782,3 +782,18 @@ def test_status_reports_whether_a_key_is_required(keyed_client, web_client):
     assert '<form id="api-key-box" class="api-key needs-js">' in keyed_client.get("/").text
     assert '<form id="api-key-box" class="api-key needs-js" hidden>' in web_client.get("/").text
     assert ".needs-js { display: none !important; }" in keyed_client.get("/static/noscript.css").text
+
+
+def test_the_page_knows_the_worker_failures_worth_sending_again_by_the_servers_words():
+    """The page offers a dead letter (and an image gone from the input bucket) again by
+    how its error begins: reworded on the server alone, the page would leave them out
+    without a word."""
+    from common.failure_tags import DEAD_LETTER_ERROR
+
+    root = Path(__file__).parents[2]
+    script = (root / "web_tier" / "static" / "app.js").read_text()
+    found = re.search(r"const WORKER_MAY_DO_BETTER = (\[.*?\]);", script, re.S)
+    assert found, "app.js has no WORKER_MAY_DO_BETTER"
+    dead_letter, missing = json.loads(found[1])
+    assert DEAD_LETTER_ERROR.startswith(dead_letter)
+    assert f'job.error = "{missing}"' in (root / "app_tier" / "worker.py").read_text()

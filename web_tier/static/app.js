@@ -117,6 +117,7 @@
     keyInput.addEventListener(type, () => {
       sayKeyProblem("");
       try { localStorage.setItem(KEY_STORE, keyInput.value.trim()); } catch { /* private mode */ }
+      updateSummary();  // files refused for the old key may now be sent again (notWorthAgain)
     });
   }
   // Enter in the box would submit its form, reloading the page and cutting off uploads.
@@ -339,6 +340,16 @@
     el.querySelector(".state").textContent = state;
   }
 
+  // A row whose file was sent again (`times`: how many times) says so, beside its
+  // state: its failure gone, the row would otherwise read as if all had gone well the
+  // first time, and a reload in this tab says it too (save).
+  function showSentAgain(entry, times) {
+    entry.again = times;
+    const mark = entry.el.querySelector(".again");
+    mark.textContent = times > 1 ? `sent again (${times} times)` : "sent again";
+    mark.hidden = false;
+  }
+
   function formatScore(score) {
     return typeof score === "number" ? `${(score * 100).toFixed(1)}%` : "";
   }
@@ -430,6 +441,8 @@
     // Hidden with the focus on it (the uploads ended), it left the focus on nothing.
     if (!sending && document.activeElement === stopSending) $("download-csv").focus();
     stopSending.hidden = !sending;
+    showSendAgain();
+    sayAgainDone();
     const finished = done + failed === all.length;
     // The tab's title follows too: a user waiting in another tab could not. Once all
     // are finished it says how they ended, until the next upload: it went back to the
@@ -582,6 +595,107 @@
     $("download-csv").focus();  // the button goes: focus left on nothing (reviewer)
   });
 
+  // --- sending failed files again ---------------------------------------------------
+  // The one rule of which failed files "Send N failed files again" offers (README's
+  // page section says it too): "" for a file that sending again as it is could help,
+  // else why not, a key of LEFT_OUT. Worth it: a file not stored for the service's
+  // sake (no answer through the page's resends; `busy`, `aws_unavailable`, or a 502-504
+  // with no code, past them) or refused for an API key since changed in its box; and, of
+  // those a worker failed, a dead letter (the workers holding it crashed, stalled or were
+  // stopped: not known to be the image's doing) or an image gone from the input bucket
+  // (this page still has it). Not worth it: a file the server refuses for what it is
+  // (too large, empty, not an image, unreadable, a token conflict...: refusals.py Code,
+  // README "Error codes"), which it would refuse again; a worker's failure on the image
+  // itself (it could not decode or classify it, and the same bytes fail the same way);
+  // a file the browser can no longer read; and one whose upload the user stopped.
+  const SEND_AGAIN_CODES = new Set(["busy", "aws_unavailable"]);  // refusals.py SEND_AGAIN
+  const NOT_THERE_YET = new Set([502, 503, 504]);  // a proxy's, or a web tier's answer without JSON
+  // How the worker failures worth another try begin: common/failure_tags.py
+  // DEAD_LETTER_ERROR, and app_tier/worker.py's missing input (test_web_uploads checks both).
+  const WORKER_MAY_DO_BETTER = ["could not be processed: no worker answered for it",
+                                "the uploaded image is missing from the input bucket"];
+  const LEFT_OUT = {  // as the page says them, after a count
+    refused: "refused by the server for the file itself",
+    worker: "failed by a worker on the image itself",
+    key: "refused for an API key not changed since",
+    unreadable: "no longer readable by the browser",
+    stopped: "stopped by you",
+  };
+  function notWorthAgain(entry) {
+    if (entry.id) {  // stored, then failed by a worker or a dead letter
+      const error = entry.el.querySelector(".error").textContent;
+      return WORKER_MAY_DO_BETTER.some((start) => error.startsWith(start)) ? "" : "worker";
+    }
+    const failure = entry.failure || {};
+    if (failure.unanswered) return "";
+    if ("key" in failure) return failure.key === storedKey() ? "key" : "";
+    if (failure.unreadable) return "unreadable";
+    if (failure.stopped) return "stopped";
+    const serviceFailed = failure.code ? SEND_AGAIN_CODES.has(failure.code) : NOT_THERE_YET.has(failure.status);
+    return serviceFailed ? "" : "refused";
+  }
+
+  // The failed files the page could send again, by upload: {offered: Map(session ->
+  // entries), count, leftOut: "" or why the others it holds are not offered}. Only
+  // files whose File this page view holds: a reloaded page has none, and no button.
+  // An upload still sending is left to end first (its own resends are under way):
+  // its failures join the offer then.
+  function failedFiles() {
+    const offered = new Map(), leftOut = new Map();
+    let count = 0;
+    for (const session of sessions) {
+      if (session.uploading) continue;
+      for (const entry of session.entries) {
+        if (!entry.file || entry.el.dataset.state !== "failed") continue;
+        const why = notWorthAgain(entry);
+        if (why) {
+          leftOut.set(why, (leftOut.get(why) || 0) + 1);
+        } else {
+          offered.set(session, [...(offered.get(session) || []), entry]);
+          count += 1;
+        }
+      }
+    }
+    const reasons = [...leftOut].map(([why, n]) => `${n} ${LEFT_OUT[why]}`);
+    return { offered, count, leftOut: reasons.length ? `not offered: ${reasons.join(", ")}` : "" };
+  }
+  const someFiles = (n) => `${n} file${n === 1 ? "" : "s"}`;
+
+  function showSendAgain() {
+    const { count, leftOut } = failedFiles();
+    const button = $("send-again");
+    // Hidden with the focus on it (its files went), it left the focus on nothing.
+    if (!count && document.activeElement === button) $("download-csv").focus();
+    button.hidden = !count;
+    button.textContent = `Send ${count} failed file${count === 1 ? "" : "s"} again`;
+    const note = $("send-again-note");
+    note.textContent = count && leftOut ? `(${leftOut})` : "";
+    note.hidden = !note.textContent;
+  }
+
+  // The rows sent again whose outcome is still to be said (sayAgainDone).
+  let sentAgain = [];
+  $("send-again").addEventListener("click", () => {
+    const { offered, count, leftOut } = failedFiles();
+    if (!count) return;
+    for (const [session, entries] of offered) {
+      sentAgain.push(...entries);
+      session.sendAgain(entries);  // its rows are "uploading" once this returns
+    }
+    uploadBegins();  // its first failure is said as an upload's is
+    sayOnce(`Sending ${someFiles(count)} again${leftOut ? `; ${leftOut}` : ""}`);
+  });
+
+  // Once every row sent again has finished, how they ended is said, once: the counts
+  // said at the end are the page's, the first upload's files among them.
+  function sayAgainDone() {
+    if (!sentAgain.length || !sentAgain.every(({ el }) => FINISHED.has(el.dataset.state))) return;
+    const failed = sentAgain.filter(({ el }) => el.dataset.state === "failed").length;
+    notesForNext.push(`Of the ${someFiles(sentAgain.length)} sent again, ` +
+                      `${sentAgain.length - failed} classified${failed ? `, ${failed} failed again` : ""}`);
+    sentAgain = [];
+  }
+
   // 32 hex digits, as the server's ids (crypto.randomUUID needs HTTPS, this may not be).
   function newBatchId() {
     return Array.from(crypto.getRandomValues(new Uint8Array(16)),
@@ -598,7 +712,9 @@
   // server holds it; `refused`: why it was never stored (not sent again); `unsentWhy`:
   // why this tab gave up sending it (the server may hold it after all); `unsent`: a
   // restored row of a file the server did not hold (see showPendingRow); `path`: where
-  // it was in a folder chosen or dropped, shown if another file of the upload has its name.
+  // it was in a folder chosen or dropped, shown if another file of the upload has its name;
+  // `failure`: how a file not stored failed, for notWorthAgain; `again`: how many times
+  // it was sent again (sendAgain), `replaced`: the ids of its items failed by a worker.
   class Session {
     constructor(chosen) {  // [{file, path}]
       this.batchId = newBatchId();
@@ -640,6 +756,7 @@
       this.otherTabGone = false;    // ...the latter: closed or reloaded, it has no reasons to show
       this.unansweredAsks = 0;      // asks in a row that no tab answered
       this.built = false;           // restore() has built the batch's rows, and follows it
+      this.replaced = new Set();    // ids of items a file sent again replaces: not shown (sendAgain)
     }
 
     async run() {
@@ -649,9 +766,55 @@
       rememberBatch(this.batchId);
       setUnconfirmed(this.batchId, true);
       const tooLarge = this.entries.filter(({ file }) => file.size > maxFileBytes());
-      this.refuse(tooLarge, document.body.dataset.tooLarge || "file is too large");  // and saves
-      const chunks = chunked(this.entries.filter((entry) => !tooLarge.includes(entry)));
-      this.queue = chunks.map((chunk) => ({ chunk, attempt: 0 }));
+      this.refuse(tooLarge, document.body.dataset.tooLarge || "file is too large", true,
+                  { code: "too_large" });  // and saves
+      await this.sendAll(this.entries.filter((entry) => !tooLarge.includes(entry)));
+    }
+
+    // "Send N failed files again": `entries`, failed files of this upload that
+    // notWorthAgain lets go, go again by the upload's own path (chunks, tokens, resends,
+    // "Stop sending"), into this batch, not a new one. A file whose answer was lost may
+    // be stored already, and only its batch and token keep it from being stored twice
+    // (the server answers `again` with its item); the batch stays the one the address
+    // names; and a row stays one row, counted once, on this page and after a reload.
+    // A file a worker failed (a dead letter) is another matter: the batch holds it
+    // under its token, which would only give the failure back. It goes under a new token,
+    // and the failed item it replaces is kept off the page (`replaced`, saved for a
+    // reload in this tab too; a browser with nothing saved shows both: README).
+    async sendAgain(entries) {
+      for (const entry of entries) {
+        if (entry.id) {
+          this.byId.delete(entry.id);
+          this.replaced.add(entry.id);
+          entry.replaced = [...(entry.replaced || []), entry.id];
+          delete entry.id;
+          entry.token = `${entry.token.split(".")[0]}.${entry.replaced.length}`;
+          entry.maybeStored = false;  // under its new token, never sent
+        }
+        delete entry.refused;
+        delete entry.unsentWhy;
+        delete entry.failure;
+        entry.el.querySelector(".error").textContent = "";
+        setState(entry.el, "uploading");
+        showSentAgain(entry, (entry.again || 0) + 1);
+      }
+      // Figures of their own (sendingText), unless the summary still counts this
+      // upload's first sends beside others going on: taken out, its figures went back.
+      if (!sendingNow.has(this)) this.sentBytes = 0;
+      this.uploading = true;
+      this.stopped = false;
+      this.keyRefused = false;
+      // Back in the address if it had left it (an upload whose every file was refused
+      // is dropped once nothing of it is saved); where it is, kept in its place.
+      if (!batchesInUrl().includes(this.batchId)) rememberBatch(this.batchId);
+      if (!this.created) setUnconfirmed(this.batchId, true);
+      this.save();
+      await this.sendAll(entries);
+    }
+
+    // Sends `entries` (in the upload's chunks), then follows the batch.
+    async sendAll(entries) {
+      this.queue = chunked(entries).map((chunk) => ({ chunk, attempt: 0 }));
       // Until the batch exists, chunks go one at a time (its event stream can only be
       // followed then); the rest then join it in parallel. Files sent again later (see
       // sendLater) keep the upload open until they are in.
@@ -711,7 +874,7 @@
       form.append("create", "1");
       if (keyProblem()) {
         sayKeyProblem(keyProblem());
-        this.refuse(chunk, keyProblem());
+        this.refuse(chunk, keyProblem(), true, { key: storedKey() });
         return;
       }
       const headers = authHeaders();  // as sent: the key may be edited while this request goes
@@ -743,7 +906,10 @@
         // Not remembered for a reload: the server may have stored some, which a reload shows.
         // A timeout of this page's own is said so: "could not be reached" sent a user
         // with a slow link to look for a fault in the server (reviewer).
-        if (!leaving) this.refuse(chunk, err.timedOut || "upload failed: the server could not be reached", false);
+        if (!leaving) {
+          this.refuse(chunk, err.timedOut || "upload failed: the server could not be reached", false,
+                      { unanswered: true });
+        }
         return;
       }
       if (status === 401) {
@@ -751,8 +917,9 @@
         // looked for another fault (reviewer).
         const why = headers["X-API-Key"] ? "the API key was refused: check it above and upload again"
           : "an API key is required: enter it above and upload again";
-        this.refuseForKey(chunk, why);
-        if (!this.keyRefused) this.refuseKey(why);
+        const key = headers["X-API-Key"] || "";
+        this.refuseForKey(chunk, why, key);
+        if (!this.keyRefused) this.refuseKey(why, key);
         return;
       }
       if (refusedWhole(body)) {
@@ -762,7 +929,8 @@
           this.sendLater(chunk, attempt);
           return;
         }
-        this.refuse(chunk, (body && body.error) || `upload refused (HTTP ${status})`);
+        this.refuse(chunk, (body && body.error) || `upload refused (HTTP ${status})`, true,
+                    { code: body && body.code, status });
         return;
       }
       if (body.items.length && !this.created) {
@@ -773,6 +941,7 @@
         const entry = chunk[item.index];
         if (!entry) continue;
         entry.id = item.id;
+        delete entry.failure;
         if (item.filename) setName(entry.el, item.filename);
         this.byId.set(item.id, entry.el);
         setState(entry.el, "queued");
@@ -787,6 +956,7 @@
           continue;
         }
         entry.refused = rejection.error;
+        entry.failure = { code: rejection.code, status: rejection.status };
         showFailure(entry.el, rejection.error);
       }
       this.save();
@@ -802,23 +972,24 @@
     // moved there at each chunk's 401, pulling the focus back from wherever the user had
     // gone, once per chunk (reviewer). Resends still waiting out their delay go as they
     // would, and are refused as their answers come.
-    refuseKey(why) {
+    refuseKey(why, key) {
       this.keyRefused = true;
       sayKeyProblem(why);
       keyInput.focus();
       const unsent = this.queue.flatMap(({ chunk }) => chunk);
       this.queue = [];
-      this.refuseForKey(unsent, why);
+      this.refuseForKey(unsent, why, key);
     }
 
     // Refused for the key: files an earlier send may have stored (its answer lost) are
     // said so, and not kept as refused for a reload, where the server's item shows
     // instead. Kept, a reload showed such a file twice, failed and done, and the advice
     // to send it again had it classified twice (reviewer).
-    refuseForKey(entries, why) {
+    // `key`: the key refused ("" for none), which the files wait to see changed (notWorthAgain).
+    refuseForKey(entries, why, key) {
       const mayBeStored = `${why} (an earlier send may have stored it: reload to see)`;
-      this.refuse(entries.filter((entry) => entry.maybeStored), mayBeStored, false);
-      this.refuse(entries.filter((entry) => !entry.maybeStored), why);
+      this.refuse(entries.filter((entry) => entry.maybeStored), mayBeStored, false, { key });
+      this.refuse(entries.filter((entry) => !entry.maybeStored), why, true, { key });
     }
 
     // The entries whose files can still be read; the others failed, each with why.
@@ -834,7 +1005,7 @@
       const unreadable = chunk.filter((_, i) => !read[i]);
       // Changed too: the browser refuses a file whose size or date moved since (reviewer).
       this.refuse(unreadable, "the file could not be read: changed, moved or deleted since it was chosen?",
-                  !resending);
+                  !resending, { unreadable: true });
       return chunk.filter((_, i) => read[i]);
     }
 
@@ -886,8 +1057,10 @@
     // Files the stop left unsent, each said as what the server may hold of it: those
     // whose answer was lost may be stored; those it answered 503 (or never got) are not.
     refuseStopped(entries) {
-      this.refuse(entries.filter((entry) => entry.maybeStored), STOPPED_AGAIN, false);
-      this.refuse(entries.filter((entry) => !entry.maybeStored), "not sent: you stopped the upload", false);
+      const stopped = { stopped: true };
+      this.refuse(entries.filter((entry) => entry.maybeStored), STOPPED_AGAIN, false, stopped);
+      this.refuse(entries.filter((entry) => !entry.maybeStored), "not sent: you stopped the upload", false,
+                  stopped);
     }
 
     setPath(entry, path) {
@@ -895,10 +1068,13 @@
       setPath(entry.el, path);
     }
 
-    refuse(chunk, why, remember = true) {
+    // `failure`: how it failed, for notWorthAgain ({code, status} of a refusal, or
+    // {unanswered}, {key}, {unreadable}, {stopped}).
+    refuse(chunk, why, remember = true, failure = {}) {
       for (const entry of chunk) {
         if (remember) entry.refused = why;
         else entry.unsentWhy = why;  // a reload shows it so, unless the server has it
+        entry.failure = failure;
         showFailure(entry.el, why);
       }
       this.save();
@@ -914,6 +1090,8 @@
           : entry.refused ? { name: entry.el.dataset.filename, error: entry.refused }
             : { name: entry.el.dataset.filename, unsent: true, why: entry.unsentWhy, token: entry.token }),
         ...(entry.path ? { path: entry.path } : {}),
+        ...(entry.again ? { again: entry.again } : {}),
+        ...(entry.replaced ? { replaced: entry.replaced } : {}),
       }));
       try {
         sessionStorage.setItem(SHOWN_STORE + this.batchId, JSON.stringify(shown));
@@ -921,6 +1099,7 @@
     }
 
     apply(item) {
+      if (this.replaced.has(item.id)) return;  // its file was sent again: its new item stands
       const el = this.byId.get(item.id);
       if (el) showItem(el, item);
       // Joined the batch after it was loaded, or stored by a send whose answer was lost.
@@ -949,6 +1128,7 @@
         ({ el } = unsent);
         delete unsent.unsent;
         delete unsent.unsentWhy;
+        delete unsent.failure;
         unsent.id = item.id;
         if (item.filename) setName(el, item.filename);  // as the server keeps it
         el.querySelector(".error").textContent = "";
@@ -1248,6 +1428,13 @@
     // The server's items no saved row names by id: those this tab had not yet heard
     // stored (its answer cut off by the reload), found by sameFile.
     const claimed = new Set(saved.map((shown) => shown.id).filter(Boolean));
+    // Items a file sent again replaced (a worker's failure, sendAgain): its row shows
+    // the file once, as this tab did.
+    for (const id of saved.flatMap((shown) => shown.replaced || [])) {
+      claimed.add(id);
+      session.replaced.add(id);
+      byId.delete(id);
+    }
     const unclaimed = items.filter((item) => !claimed.has(item.id));
     // As this tab showed them before, then whatever else the batch holds.
     for (const shown of saved) {
@@ -1269,6 +1456,7 @@
         }
       }
       if (shown.path && session.entries.length > rows) session.setPath(session.entries[rows], shown.path);
+      if (shown.again && session.entries.length > rows) showSentAgain(session.entries[rows], shown.again);
     }
     byId.forEach((item) => session.showNew(item));
     updateSummary();
