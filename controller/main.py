@@ -96,6 +96,52 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
     return Settings.from_env({**env, **options})
 
 
+def naming_the_option(message: str, args: argparse.Namespace) -> str:
+    """A setting's error, which names its variable, naming the option too if it was given."""
+    for name, variable in OPTION_VARIABLES.items():
+        if message.startswith(variable + " ") and getattr(args, name) is not None:
+            return f"--{name.replace('_', '-')} ({variable}){message[len(variable):]}"
+    return message
+
+
+def plot_problem(plot: Path, timeline: Path | None) -> str | None:
+    """Why --plot could not be drawn at exit, found now: after a run of hours the plot
+    would be lost (a missing folder was a traceback then: reviewer)."""
+    if not timeline:
+        return "--plot needs --timeline"
+    if importlib.util.find_spec("matplotlib") is None:
+        return "--plot needs matplotlib, which `make runtime-venv` leaves out: `make venv` has it"
+    if not plot.parent.is_dir():
+        return f"--plot {plot}: no folder {plot.parent} to write it in"
+    return None
+
+
+def problems_on_aws(settings: Settings) -> list[str]:
+    """What stops a controller that would launch on real AWS (not the embedded one)
+    before it starts: each would fail every launch, or every worker, round after round."""
+    if settings.endpoint_url is not None:
+        return []
+    problems = []
+    if not settings.instance_profile:
+        # Launched without one, a worker has no credentials: it never serves, and its
+        # instance is billed until READY_DEADLINE gives up on it.
+        problems.append("INSTANCE_PROFILE is not set: on AWS, workers get their credentials from "
+                        "their instance profile (ami/README.md, IAM). Set it, or set "
+                        "AWS_ENDPOINT_URL to use the embedded AWS.")
+    if weights_on_this_host(settings.model_weights):
+        # Rendered into each instance's user-data, a path on this host names nothing there:
+        # every worker would exit, and be replaced, round after round (reviewer).
+        problems.append(f"MODEL_WEIGHTS={settings.model_weights} is a file on this host, which the "
+                        "instances do not have: on AWS use imagenet (baked into the AMI) or an "
+                        "s3://bucket/key the workers' role can read.")
+    if settings.ami_id == Settings.ami_id:
+        # The placeholder names no image: every launch would fail, round after round.
+        problems.append(f"AMI_ID is not set (the default {settings.ami_id} is a placeholder): on AWS, "
+                        "set it to the image ami/bake.sh printed. Or set AWS_ENDPOINT_URL to use the "
+                        "embedded AWS.")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     configure_logging("%(asctime)s %(levelname)s controller %(message)s")
     try:
@@ -104,39 +150,15 @@ def main(argv: list[str] | None = None) -> int:
         defaults = Settings()
     parser = build_parser(defaults)
     args = parser.parse_args(argv)
-    if args.plot and not args.timeline:
-        parser.error("--plot needs --timeline")
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        # Found at exit, after a run of hours, the plot would be lost.
-        parser.error("--plot needs matplotlib, which `make runtime-venv` leaves out: `make venv` has it")
-    if args.plot and not args.plot.parent.is_dir():
-        # Found at exit, after a run of hours, it was a traceback (reviewer).
-        parser.error(f"--plot {args.plot}: no folder {args.plot.parent} to write it in")
+    if args.plot and (problem := plot_problem(args.plot, args.timeline)):
+        parser.error(problem)
     try:
         settings = settings_from(args, dict(os.environ))
-    except ValueError as exc:  # names the variable: name the option too, if it was given
-        message = str(exc)
-        for name, variable in OPTION_VARIABLES.items():
-            if message.startswith(variable + " ") and getattr(args, name) is not None:
-                message = f"--{name.replace('_', '-')} ({variable}){message[len(variable):]}"
-        parser.error(message)
-    if settings.endpoint_url is None and not settings.instance_profile and not args.dry_run:
-        # Launched without one, a worker has no credentials: it never serves, and its
-        # instance is billed until READY_DEADLINE gives up on it.
-        parser.error("INSTANCE_PROFILE is not set: on AWS, workers get their credentials from "
-                     "their instance profile (ami/README.md, IAM). Set it, or set "
-                     "AWS_ENDPOINT_URL to use the embedded AWS.")
-    if settings.endpoint_url is None and weights_on_this_host(settings.model_weights) and not args.dry_run:
-        # Rendered into each instance's user-data, a path on this host names nothing there:
-        # every worker would exit, and be replaced, round after round (reviewer).
-        parser.error(f"MODEL_WEIGHTS={settings.model_weights} is a file on this host, which the "
-                     "instances do not have: on AWS use imagenet (baked into the AMI) or an "
-                     "s3://bucket/key the workers' role can read.")
-    if settings.endpoint_url is None and settings.ami_id == Settings.ami_id and not args.dry_run:
-        # The placeholder names no image: every launch would fail, round after round.
-        parser.error(f"AMI_ID is not set (the default {settings.ami_id} is a placeholder): on AWS, set "
-                     "it to the image ami/bake.sh printed. Or set AWS_ENDPOINT_URL to use the "
-                     "embedded AWS.")
+    except ValueError as exc:
+        parser.error(naming_the_option(str(exc), args))
+    if not args.dry_run:
+        for problem in problems_on_aws(settings):
+            parser.error(problem)  # the first: each is enough to stop
     lock = None
     if not args.dry_run and settings.state_dir:
         try:

@@ -1417,6 +1417,20 @@ def test_the_mode_option_is_checked_as_its_variable_is(capsys, monkeypatch):
     assert "--mode (SCALING_MODE) must be one of backlog, latency, got 'fastest'" in capsys.readouterr().err
 
 
+def test_what_stops_a_controller_on_aws_is_said_all_at_once_and_nothing_on_the_embedded_one(tmp_path):
+    from controller.main import problems_on_aws
+
+    weights = tmp_path / "resnet50.h5"
+    weights.write_bytes(b"w")
+    bare = Settings(model_weights=str(weights))
+    assert [p.split(" ")[0] for p in problems_on_aws(bare)] == [
+        "INSTANCE_PROFILE", f"MODEL_WEIGHTS={weights}", "AMI_ID"]
+    assert problems_on_aws(dataclasses.replace(bare, endpoint_url="http://127.0.0.1:5000")) == []
+    ready = dataclasses.replace(bare, instance_profile="imgclass-worker", model_weights="imagenet",
+                    ami_id="ami-0123456789abcdef1")
+    assert problems_on_aws(ready) == []
+
+
 def test_the_controller_runs_from_its_own_folder_as_from_the_root():
     """DESIGN.md: `python controller.py` from `controller/` or the root; from the folder
     it was "can't open file" (an auditor)."""
