@@ -67,48 +67,63 @@ def form_files(request: Request, fields: Sequence[str]) -> list[FileStorage]:
     would otherwise be dropped without a word.
     """
     fields = tuple(fields)
+    chunked = _chunked_body_werkzeug_reads(request)
+    if request.mimetype != "multipart/form-data":
+        # No file can be in it, and Werkzeug would read a urlencoded body whole into
+        # memory to parse it, up to the 2 GB request limit (reviewer).
+        return []
+    if request.content_length is None and not chunked:
+        # (HTTP/1.0 without a length): Werkzeug reads nothing, and "no file" would mislead.
+        raise Refusal(411, "the request has no Content-Length (and is not chunked): its form "
+                           "cannot be read", code=Code.LENGTH_REQUIRED)
+    _refuse_text_in_file_fields(request, fields)
+    files = _real_files(f for name in fields for f in request.files.getlist(name))
+    if not files and (request.content_length or chunked) and not request.files and not request.form:
+        raise Refusal(400, "the multipart form could not be read: is every file name UTF-8, "
+                           "and the body well formed?", code=Code.BAD_REQUEST)
+    _refuse_files_elsewhere(request, fields, bool(files))
+    return files
+
+
+def _chunked_body_werkzeug_reads(request: Request) -> bool:
+    """Whether the body comes chunked; Refusal for a coding Werkzeug would not undo."""
     coding = request.headers.get("Content-Encoding", "").strip().lower()
     if coding not in ("", "identity"):  # Werkzeug reads a body as it comes
         raise Refusal(415, f"a body in Content-Encoding {coding[:32]!r} is not read: send the form "
-                               "as it is (images are compressed already)", code=Code.UNSUPPORTED_ENCODING)
+                           "as it is (images are compressed already)", code=Code.UNSUPPORTED_ENCODING)
     transfer = request.headers.get("Transfer-Encoding", "")
     codings = [c.strip().lower() for c in transfer.split(",") if c.strip()]
     unread = [c for c in codings if c not in ("chunked", "identity")]
     if unread:  # gunicorn undoes only chunked: the rest came through as garbled bytes (reviewer)
         raise Refusal(501, f"a body in Transfer-Encoding {unread[0][:32]!r} is not read: send it "
-                               "chunked or with a Content-Length", code=Code.UNSUPPORTED_ENCODING)
-    if request.mimetype != "multipart/form-data":
-        # No file can be in it, and Werkzeug would read a urlencoded body whole into
-        # memory to parse it, up to the 2 GB request limit (reviewer).
-        return []
-    chunked = "chunked" in codings
-    if request.content_length is None and not chunked:
-        # (HTTP/1.0 without a length): Werkzeug reads nothing, and "no file" would mislead.
-        raise Refusal(411, "the request has no Content-Length (and is not chunked): its form "
-                               "cannot be read", code=Code.LENGTH_REQUIRED)
-    # (An empty one, as `curl -F files=` sends, carries nothing to lose.)
+                           "chunked or with a Content-Length", code=Code.UNSUPPORTED_ENCODING)
+    return "chunked" in codings
+
+
+def _refuse_text_in_file_fields(request: Request, fields: tuple[str, ...]) -> None:
+    """A part without a filename, which Werkzeug keeps apart from the files. (An empty
+    one, as `curl -F files=` sends, carries nothing to lose.)"""
     texts = [name for name in fields if any(request.form.getlist(name))]
     if texts:
-        # A part without a filename, which Werkzeug keeps apart from the files.
         raise Refusal(400, f"form field {texts[0][:64]!r} holds text, not a file: "
-                               + send_as_files(fields[0]), code=Code.BAD_REQUEST)
-    files = _real_files(f for name in fields for f in request.files.getlist(name))
-    if not files and (request.content_length or chunked) and not request.files and not request.form:
-        raise Refusal(400, "the multipart form could not be read: is every file name UTF-8, "
-                               "and the body well formed?", code=Code.BAD_REQUEST)
+                           + send_as_files(fields[0]), code=Code.BAD_REQUEST)
+
+
+def _refuse_files_elsewhere(request: Request, fields: tuple[str, ...], files_in_fields: bool) -> None:
+    """Files in other form fields, beside or instead of these, which would otherwise be
+    dropped without a word."""
     # Werkzeug files a part with no name= under None.
     elsewhere = sorted((name for name in request.files if name not in fields
                         and _real_files(request.files.getlist(name))), key=lambda name: name or "")
-    if files and elsewhere:
+    if files_in_fields and elsewhere:
         raise Refusal(400, f"files in {_field(elsewhere[0])} too: send them all in "
-                               + " or ".join(repr(f) for f in fields), code=Code.BAD_REQUEST)
+                           + " or ".join(repr(f) for f in fields), code=Code.BAD_REQUEST)
     if elsewhere:  # only there: named, as every refusal of a file is
         stray = _real_files(request.files.getlist(elsewhere[0]))[0]
         raise Refusal(400, f"sent in {_field(elsewhere[0])}: send it in "
-                               + " or ".join(repr(f) for f in fields)
-                               + f" (curl -F {fields[0]}=@cat.jpg)", display_name(stray),
-                          code=Code.BAD_REQUEST)
-    return files
+                           + " or ".join(repr(f) for f in fields)
+                           + f" (curl -F {fields[0]}=@cat.jpg)", display_name(stray),
+                      code=Code.BAD_REQUEST)
 
 
 def send_as_files(field: str) -> str:
