@@ -53,27 +53,27 @@ def create_job() -> Response:
         # Read from the form only: ignored in the URL, they would put the files in a
         # new batch, where the client would never look for them.
         raise Refusal(400, f"send {', '.join(in_url)} as form fields, not in the URL",
-                          code=Code.BAD_REQUEST)
+                      code=Code.BAD_REQUEST)
     if "Idempotency-Key" in request.headers:
         # POST /'s: ignored here, the files sent again would be stored and classified
         # twice, in two batches (reviewer).
         raise Refusal(400, "Idempotency-Key is for POST /; to send files again safely here, "
-                               "name the batch (batch_id=<32 hex digits>&create=1) and give each "
-                               "file a token", code=Code.BAD_REQUEST)
+                           "name the batch (batch_id=<32 hex digits>&create=1) and give each "
+                           "file a token", code=Code.BAD_REQUEST)
     files = form_files(request, JOBS_FIELDS)
     check_count(files, svc.settings)  # first: a form that is not multipart is read no further
     repeated = [name for name in ("batch_id", "create") if len(request.form.getlist(name)) > 1]
     if repeated:
         # Only the first would count: files meant for the second batch went to the first.
         raise Refusal(400, f"one {repeated[0]} per request: this one has "
-                               f"{len(request.form.getlist(repeated[0]))}", code=Code.BAD_REQUEST)
+                           f"{len(request.form.getlist(repeated[0]))}", code=Code.BAD_REQUEST)
     tokens = form_tokens(request, files)
     form_batch_id = request.form.get("batch_id", "").strip()
     if tokens and not form_batch_id:
         # A token protects a resend within its batch: a client whose first answer was
         # lost never learnt the new batch's id, and its resend made a second (reviewer).
         raise Refusal(400, "tokens protect a resend only within a named batch: send "
-                               "batch_id=<32 hex digits>&create=1 with them", code=Code.BAD_REQUEST)
+                           "batch_id=<32 hex digits>&create=1 with them", code=Code.BAD_REQUEST)
     target = _target_batch(form_batch_id)
     if target is None:
         # A client making a batch of its own id sends `create` too: say so (reviewer).
@@ -118,7 +118,7 @@ def _target_batch(form_batch_id: str) -> tuple[str, bool] | None:
         # No batch has such an id: a 404 told the client to send create=1, which was
         # then refused for the id's form (reviewer).
         raise Refusal(400, "a batch's id is 32 lowercase hexadecimal digits (a UUID4's, without "
-                               "hyphens)", code=Code.BAD_REQUEST)
+                           "hyphens)", code=Code.BAD_REQUEST)
     if services().rebuilder.find_batch(form_batch_id) is not None:
         return form_batch_id, True
     if request.form.get("create", "").lower() not in ("1", "true"):
@@ -129,7 +129,7 @@ def _target_batch(form_batch_id: str) -> tuple[str, bool] | None:
 def _refusals_while_stopping(files: list[FileStorage], first_index: int) -> list[dict[str, Any]]:
     """A refusal for each of `files` (numbered from `first_index`), as a stopping web tier stores none."""
     return [_rejection(index, Refusal(503, "not stored: the web tier is stopping; send this file again",
-                                          display_name(storage), code=Code.BUSY))
+                                      display_name(storage), code=Code.BUSY))
             for index, storage in enumerate(files, first_index)]
 
 
@@ -214,7 +214,7 @@ def job_events(batch_id: str) -> Response | tuple[Response, int]:
     # falls back to polling GET /api/jobs/<id>, which holds none.
     if not svc.event_streams.acquire(blocking=False):
         busy = error_response(Refusal(503, "too many event streams open; poll GET /api/jobs/<id> instead",
-                                          code=Code.BUSY))
+                                      code=Code.BUSY))
         busy.headers["Retry-After"] = "10"
         return busy
     book = svc.book

@@ -36,7 +36,7 @@ def refuse_cross_site_writes() -> None:
     site = site_by_origin() if fetch_site is None else fetch_site.strip().lower()
     if site not in SAME_SITE_ORIGINS:
         raise Refusal(403, f"a browser request from another site ({site}) is refused: upload "
-                               "from this service's own page, or from a program", code=Code.FORBIDDEN)
+                           "from this service's own page, or from a program", code=Code.FORBIDDEN)
     settings = services().settings
     # A page of another site whose name was made to point at 127.0.0.1 (DNS rebinding)
     # is same-origin with it, sends no Sec-Fetch-Site over plain HTTP, and may send any
@@ -46,9 +46,9 @@ def refuse_cross_site_writes() -> None:
     if fetch_site is None and "Origin" in request.headers and _on_loopback(settings.web_host_bare) \
             and not _on_loopback(_hostname(request.host)):
         raise Refusal(403, f"this web tier listens on {settings.web_host} only, and the browser's "
-                               f"request names {request.host}: open the page as localhost or 127.0.0.1 (a "
-                               "proxy in front over plain HTTP: README, Who may upload)",
-                          code=Code.FORBIDDEN)
+                           f"request names {request.host}: open the page as localhost or 127.0.0.1 (a "
+                           "proxy in front over plain HTTP: README, Who may upload)",
+                      code=Code.FORBIDDEN)
 
 
 def site_by_origin() -> str:

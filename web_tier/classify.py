@@ -60,7 +60,7 @@ def _stored_refusal(status: int, message: str, filename: str, code: Code, item_i
     """An image stored and queued, with no label to give: where its result will be, in
     headers and, in JSON, in the body too, as the JSON 200 has them."""
     response = error_response(Refusal(status, message, filename, code=code,
-                                          stored_as={"batch_id": batch_id, "id": item_id}))
+                                      stored_as={"batch_id": batch_id, "id": item_id}))
     response.headers["X-Item-Id"] = item_id
     response.headers["X-Batch-Id"] = batch_id
     return response
@@ -90,11 +90,11 @@ def classify() -> Response:
     if not files:
         how = "" if request.mimetype == "multipart/form-data" else " as multipart/form-data"
         raise Refusal(400, f"no file: send the image{how} in form field 'inputFile' (or 'myfile'), "
-                               "as curl -F inputFile=@cat.jpg does", code=Code.NO_FILE)
+                           "as curl -F inputFile=@cat.jpg does", code=Code.NO_FILE)
     if len(files) > 1:
         names = ", ".join(display_name(f) or "(no name)" for f in files)
         raise Refusal(400, f"one file per request here, got {len(files)} ({names}); POST several "
-                               "to /api/jobs", code=Code.TOO_MANY_FILES)
+                           "to /api/jobs", code=Code.TOO_MANY_FILES)
     upload = validate(files[0], svc.settings)
     # Read: its spool (memory, or a descriptor of the request's temporary file) is not
     # kept while this request waits for the answer, up to RESULT_TIMEOUT (reviewer).
@@ -102,7 +102,7 @@ def classify() -> Response:
     if svc.book.closing.is_set():
         # Nobody would wait for its answer here: store nothing (as /api/jobs does then).
         raise Refusal(503, "not stored: the web tier is stopping; send it again", upload.filename,
-                          code=Code.BUSY)
+                      code=Code.BUSY)
 
     batch_id, tokens = _batch_for(request.headers.get("Idempotency-Key"))
     filename = upload.filename
@@ -176,10 +176,10 @@ def _refusal_of(outcome: Refusal, filename: str) -> Refusal:
     in terms of the Idempotency-Key for a clash or a copy still being stored."""
     if outcome.status == 409:
         return Refusal(409, "this Idempotency-Key came before with another file: give each upload "
-                                "a key of its own", filename, code=Code.TOKEN_CONFLICT)
+                            "a key of its own", filename, code=Code.TOKEN_CONFLICT)
     if outcome.reason == STILL_STORING:
         return Refusal(503, "an earlier request with the same Idempotency-Key is storing this file; "
-                                "send it again", filename, code=Code.BUSY)
+                            "send it again", filename, code=Code.BUSY)
     return outcome
 
 
@@ -255,7 +255,7 @@ def _batch_for(key: str | None) -> tuple[str, list[str] | None]:
         return new_id(), None
     if not IDEMPOTENCY_KEY.fullmatch(key):
         raise Refusal(400, "an Idempotency-Key is 16 to 64 letters, digits or '._:-' (a UUID, say), "
-                               f"not {key[:70]!r}", code=Code.BAD_REQUEST)
+                           f"not {key[:70]!r}", code=Code.BAD_REQUEST)
     batch_id = hashlib.sha256(f"POST / {key}".encode()).hexdigest()[:32]
     services().rebuilder.load_batch(batch_id)
     return batch_id, [key]

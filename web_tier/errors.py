@@ -176,7 +176,7 @@ def _http_error(exc: HTTPException) -> Response:
     if is_api_path(request.path) or request.path.startswith("/healthz") or at_post_root() or wants_page():
         status = exc.code or 500
         response = error_response(Refusal(status, exc.description or exc.name,
-                                              code=code_of_status(status)))
+                                          code=code_of_status(status)))
         # Werkzeug's own headers: a 405's Allow names the methods that are.
         for name, value in exc.get_headers():
             if name.lower() != "content-type":
@@ -189,7 +189,7 @@ def _aws_unavailable(exc: Exception) -> Response:
     # S3 or SQS failing after botocore's own retries: the caller may try again.
     log.warning("AWS failed on %s %s: %s", request.method, request.path, exc)
     return error_response(Refusal(503, f"storage unavailable ({error_reason(exc)}); try again",
-                                      code=Code.AWS_UNAVAILABLE))
+                                  code=Code.AWS_UNAVAILABLE))
 
 
 def _malformed_body(exc: ParseException) -> Response:
@@ -208,8 +208,8 @@ def _unexpected(exc: Exception) -> Response:
         log.error("no room to spool %s %s: %s (TMPDIR=%s)", request.method, request.path, exc,
                   tempfile.gettempdir())
         return error_response(Refusal(503, "the server has no room to hold this upload now; nothing "
-                                               "was stored: send it again later, or in smaller requests",
-                                          code=Code.BUSY))
+                                           "was stored: send it again later, or in smaller requests",
+                                      code=Code.BUSY))
     log.exception("unhandled error on %s %s", request.method, request.path)
     return error_response(Refusal(500, "internal error", code=Code.INTERNAL))
 

@@ -156,7 +156,7 @@ def check_count(files: list[FileStorage], settings: Settings, field: str = "file
     """Refuse a request with no file in `field`, or with more than one request may carry."""
     if not files:
         raise Refusal(400, f"no file in the request: send the images as multipart/form-data, "
-                               f"in the field '{field}'", code=Code.NO_FILE)
+                           f"in the field '{field}'", code=Code.NO_FILE)
     if len(files) > settings.max_files_per_request:
         raise Refusal(
             413,
@@ -186,19 +186,19 @@ def form_tokens(request: Request, files: list[FileStorage], field: str = "tokens
         # Named, as every refusal of a file is: the first file without a token of its own.
         first_without = display_name(files[len(tokens)]) if len(tokens) < count else None
         raise Refusal(400, f"{len(tokens)} token{'s' * (len(tokens) != 1)} for {count} "
-                               f"file{'s' * (count != 1)}: send one token per file, "
-                               "in the order of the files", first_without, code=Code.BAD_REQUEST)
+                           f"file{'s' * (count != 1)}: send one token per file, "
+                           "in the order of the files", first_without, code=Code.BAD_REQUEST)
     for token in tokens:
         if not _TOKEN.fullmatch(token):
             raise Refusal(400, f"a token is 1 to 64 letters, digits or '._:-', not {token[:70]!r}",
-                              code=Code.BAD_REQUEST)
+                          code=Code.BAD_REQUEST)
     if len(set(tokens)) != count:
         first = {}
         for token, storage in zip(tokens, files, strict=True):
             if token in first:  # named, as every refusal of a file is (reviewer)
                 raise Refusal(400, f"two files have the same token ({first[token]} and this one): "
-                                       "each file needs its own", display_name(storage),
-                                  code=Code.BAD_REQUEST)
+                                   "each file needs its own", display_name(storage),
+                              code=Code.BAD_REQUEST)
             first[token] = display_name(storage)
     return tokens
 

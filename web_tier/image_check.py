@@ -83,7 +83,7 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
             fmt = img.format or ""
             if fmt not in FORMATS:
                 raise Refusal(415, f"{fmt or 'this'} images are not accepted; send {ACCEPTED}", name,
-                                  code=Code.UNSUPPORTED_TYPE)
+                              code=Code.UNSUPPORTED_TYPE)
             # The worker's decoder applies the same rule (common/pixels.py).
             pixel_refusal = oversize_refusal(*img.size, settings.max_image_pixels, fmt)
             if pixel_refusal:
@@ -91,7 +91,7 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
             cut_short = _truncation(img, data, jpeg)
             if cut_short:
                 raise Refusal(UNREADABLE, f"damaged or unreadable image: {cut_short}", name,
-                                  code=Code.UNREADABLE_IMAGE)
+                              code=Code.UNREADABLE_IMAGE)
             # Checks PNG's chunks and checksums without decoding pixels; for most
             # other formats it does little, hence the check above.
             img.verify()
@@ -99,24 +99,24 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
         raise
     except PILLOW_REFUSALS as exc:
         raise Refusal(413, pillow_refusal(exc, settings.max_image_pixels), name,
-                          code=Code.TOO_LARGE) from exc
+                      code=Code.TOO_LARGE) from exc
     except UnidentifiedImageError as exc:
         kind = _signature(data) or format_not_read(data)
         if kind and kind not in FORMATS:  # an image, in a format this service does not read
             raise Refusal(415, f"{kind} images are not accepted; send {ACCEPTED}", name,
-                              code=Code.UNSUPPORTED_TYPE) from exc
+                          code=Code.UNSUPPORTED_TYPE) from exc
         if kind == "TIFF" and _samples_not_read(data):  # valid, and not "not a valid TIFF" (reviewer)
             raise Refusal(UNREADABLE, "unreadable image: a TIFF of samples this service does not read "
-                                          "(such as colour in floating point or 32-bit integers)",
-                              name, code=Code.UNREADABLE_IMAGE) from exc
+                                      "(such as colour in floating point or 32-bit integers)",
+                          name, code=Code.UNREADABLE_IMAGE) from exc
         if kind:  # it starts like one, but Pillow could not read even its header
             raise Refusal(UNREADABLE, f"damaged or unreadable image: not a valid {kind} file",
-                              name, code=Code.UNREADABLE_IMAGE) from exc
+                          name, code=Code.UNREADABLE_IMAGE) from exc
         raise Refusal(415, f"not an image (the content is not {ACCEPTED})", name,
-                          code=Code.NOT_AN_IMAGE) from exc
+                      code=Code.NOT_AN_IMAGE) from exc
     except Exception as exc:  # Pillow raises many kinds of errors on damaged files
         raise Refusal(UNREADABLE, f"damaged or unreadable image: {plain_reason(exc)}", name,
-                          code=Code.UNREADABLE_IMAGE) from exc
+                      code=Code.UNREADABLE_IMAGE) from exc
     return Upload(name, data, FORMATS[fmt])
 
 

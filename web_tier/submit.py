@@ -116,14 +116,14 @@ class Submitter:
             stored = holder.id not in self._storing and self.book.get(holder.id) is not None
         if holder.filename != upload.filename:  # not this file sent again: another, under a used token
             return Refusal(409, f"token {item.token!r} already names another file in this batch "
-                                    f"({holder.filename}): give each file its own token", upload.filename,
-                               code=Code.TOKEN_CONFLICT)
+                                f"({holder.filename}): give each file its own token", upload.filename,
+                           code=Code.TOKEN_CONFLICT)
         if holder.digest and holder.digest != item.digest:
             # Same name, other bytes (a file edited and sent again, or another's upload
             # planted under a guessable token): it had the first file's answer (reviewer).
             return Refusal(409, f"token {item.token!r} already names another file of this name, "
-                                    "with other contents, in this batch: give each file its own token",
-                               upload.filename, code=Code.TOKEN_CONFLICT)
+                                "with other contents, in this batch: give each file its own token",
+                           upload.filename, code=Code.TOKEN_CONFLICT)
         if not stored:
             return Refusal(503, STILL_STORING, upload.filename, code=Code.BUSY)
         return SentBefore(holder)
@@ -173,7 +173,7 @@ class Submitter:
                 # its resend, never left queued for ever (reviewer).
                 self._retry_later(item.id, request)
             return Refusal(503, "could not be stored or queued; try again", upload.filename,
-                               code=Code.AWS_UNAVAILABLE)
+                           code=Code.AWS_UNAVAILABLE)
         self._end(item.id)
         return item
 
