@@ -102,8 +102,18 @@ _CREDENTIAL_SCOPE = re.compile(r"Credential=([^,\s]+)")
 
 
 def apply() -> None:
-    from moto import backends
-    from moto.core import responses, utils
+    """The changes of the module's docstring made to moto's own code, in this process;
+    build_app and KeepAliveServer make the others (6-8, the locks, the body check)."""
+    for patch in (_sqs_reads_the_clock_once, _sqs_long_polls_let_sends_in, _services_listed_once,
+                  _names_converted_once, _ec2_tags_found_by_id, _ec2_forgets_terminated_instances,
+                  _s3_objects_stay_in_memory):
+        patch()
+
+
+def _sqs_reads_the_clock_once() -> None:
+    """Changes 1-3: the clock read as time.time(), once per count, and a receive's
+    retention check reading the queue's one attribute."""
+    from moto.core import utils
     from moto.sqs import models
 
     original_unix_time = utils.unix_time
@@ -141,8 +151,12 @@ def apply() -> None:
     models.Queue.approximate_number_of_messages_not_visible = property(count_not_visible)
     models.Queue.messages = property(visible_messages)
 
-    # A long poll waits on its queue's condition variable: built on the lock that
-    # serialises SQS requests, the wait lets the sends it waits for in.
+
+def _sqs_long_polls_let_sends_in() -> None:
+    """A long poll waits on its queue's condition variable: built on the lock that
+    serialises SQS requests (ServiceLocks), the wait lets the sends it waits for in."""
+    from moto.sqs import models
+
     original_queue_init = models.Queue.__init__
 
     def queue_init(self, *args: Any, **kwargs: Any) -> None:
@@ -151,19 +165,32 @@ def apply() -> None:
 
     models.Queue.__init__ = queue_init
 
+
+def _services_listed_once() -> None:
+    """Change 4."""
+    from moto import backends
+
     modules = tuple(backends.list_of_moto_modules())
     backends.list_of_moto_modules = lambda: modules
+
+
+def _names_converted_once() -> None:
+    """Change 5."""
+    from moto.core import responses, utils
+    from moto.sqs import models
 
     fast_camel = functools.lru_cache(maxsize=4096)(utils.camelcase_to_underscores)
     for module in (utils, responses, models):
         module.camelcase_to_underscores = fast_camel
 
+
+def _ec2_tags_found_by_id() -> None:
+    """Change 9: describe_tags(resource-id=[id]) matched a pattern made of the id against
+    every tag of every resource, for each instance and each tag filter."""
     from moto.ec2.models.core import TaggedEC2Resource
     from moto.ec2.utils import EC2_PREFIX_TO_RESOURCE, get_prefix
 
     def get_tags(self) -> list[dict[str, str]]:
-        # describe_tags(resource-id=[id]) matched a pattern made of the id against
-        # every tag of every resource, for each instance and each tag filter.
         if not self.id:
             return []
         kind = EC2_PREFIX_TO_RESOURCE.get(get_prefix(self.id), "")
@@ -172,6 +199,9 @@ def apply() -> None:
 
     TaggedEC2Resource.get_tags = get_tags
 
+
+def _ec2_forgets_terminated_instances() -> None:
+    """Change 9, as EC2: a terminated instance is gone TERMINATED_KEPT_S after its end."""
     from moto.ec2.models.instances import Instance, InstanceBackend
 
     original_terminate = Instance.terminate
@@ -190,6 +220,9 @@ def apply() -> None:
     Instance.terminate = terminate
     InstanceBackend.all_reservations = all_reservations
 
+
+def _s3_objects_stay_in_memory() -> None:
+    """Change 10."""
     from moto.s3 import models as s3_models
 
     def key_buffer_size() -> int:
