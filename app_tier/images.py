@@ -15,8 +15,8 @@ from functools import cache
 import numpy as np
 from PIL import Image, ImageCms, UnidentifiedImageError, features
 
+from common.image_limits import PILLOW_REFUSALS, READ_FORMATS, oversize_refusal, parts_refusal, pillow_refusal
 from common.pillow_errors import plain_reason
-from common.pixels import PILLOW_REFUSALS, READ_FORMATS, oversize_refusal, parts_refusal, pillow_refusal
 
 INPUT_SIZE = (224, 224)
 # Above this, after `draft`, decoding takes some 30 MB or more (RGB, 3 bytes a pixel,

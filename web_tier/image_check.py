@@ -14,8 +14,7 @@ from PIL import Image, TiffImagePlugin, UnidentifiedImageError
 from werkzeug.datastructures import FileStorage
 
 from common.config import Settings
-from common.pillow_errors import plain_reason
-from common.pixels import (
+from common.image_limits import (
     JPEG_SIGNATURE,
     PILLOW_REFUSALS,
     PNG_SIGNATURE,
@@ -26,12 +25,13 @@ from common.pixels import (
     parts_refusal,
     pillow_refusal,
 )
+from common.pillow_errors import plain_reason
 from web_tier.filenames import display_name
 from web_tier.form import read_limited
 from web_tier.refusals import Code, Refusal
 
 # Pillow format -> Content-Type stored with the object. FORMATS: those both tiers read
-# (common/pixels.py), and MPO, the JPEG of many phone cameras, which Pillow's JPEG
+# (common/image_limits.py), and MPO, the JPEG of many phone cameras, which Pillow's JPEG
 # reader gives. The worker decodes with the same Pillow.
 CONTENT_TYPES = {
     "JPEG": "image/jpeg",
@@ -74,7 +74,7 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
         raise Refusal(400, "file is empty", name, code=Code.EMPTY_FILE)
     # JPEGs and PNGs are walked before Pillow reads them, part by part in Python; a
     # JPEG once, for this and the truncation check below. The worker applies the same
-    # rules (common/pixels.py).
+    # rules (common/image_limits.py).
     jpeg, too_slow = parts_refusal(data)
     if too_slow:
         raise Refusal(UNREADABLE, too_slow, name, code=Code.UNREADABLE_IMAGE)
@@ -84,7 +84,7 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
             if fmt not in FORMATS:
                 raise Refusal(415, f"{fmt or 'this'} images are not accepted; send {ACCEPTED}", name,
                               code=Code.UNSUPPORTED_TYPE)
-            # The worker's decoder applies the same rule (common/pixels.py).
+            # The worker's decoder applies the same rule (common/image_limits.py).
             pixel_refusal = oversize_refusal(*img.size, settings.max_image_pixels, fmt)
             if pixel_refusal:
                 raise Refusal(413, pixel_refusal, name, code=Code.TOO_LARGE)

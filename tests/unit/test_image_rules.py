@@ -1,4 +1,4 @@
-"""The rules both tiers apply to an image's bytes (common/pixels.py), checked through the
+"""The rules both tiers apply to an image's bytes (common/image_limits.py), checked through the
 web tier's check_image and the worker's prepare."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from app_tier.images import BadImage, decode, prepare
-from common.pixels import MAX_IMAGE_SIDE, MAX_JPEG_SCANS, MAX_JPEG_SEGMENTS, MAX_PNG_CHUNKS
+from common.image_limits import MAX_IMAGE_SIDE, MAX_JPEG_SCANS, MAX_JPEG_SEGMENTS, MAX_PNG_CHUNKS
 from tests.conftest import jpeg_of_many_scans, make_image
 from tests.unit.conftest import upload
 from web_tier.image_check import ACCEPTED, FORMATS, check_image
@@ -206,7 +206,7 @@ def test_a_jpeg_of_too_many_segments_is_refused_before_pillow_reads_it(web_setti
         with pytest.raises(BadImage, match=f"more than {MAX_JPEG_SEGMENTS} segments"):
             prepare(padded[n], web_settings.max_image_pixels)
     # The walk itself stops there, whatever the file's size.
-    from common.pixels import jpeg_layout
+    from common.image_limits import jpeg_layout
 
     assert jpeg_layout(padded[2_600_000]).segments == MAX_JPEG_SEGMENTS + 1
 
@@ -238,7 +238,7 @@ def test_a_gif_of_too_many_blocks_before_its_image_is_refused_before_pillow_read
     """Pillow reads a GIF's extension blocks one by one, in Python: 3.5 million empty
     comments in 10 MB took 0.9 s to open in each tier, and twenty in one request held
     the web tier for 27 s (reviewer)."""
-    from common.pixels import MAX_GIF_BLOCKS, gif_blocks
+    from common.image_limits import MAX_GIF_BLOCKS, gif_blocks
 
     photo = encode(Image.new("RGB", (16, 16), (9, 99, 199)), "GIF")
     colour_table = 3 << ((photo[10] & 7) + 1)
@@ -343,7 +343,7 @@ def test_an_image_of_another_format_holding_one_of_ours_is_refused_unread(web_se
 
 
 def test_the_formats_read_are_the_formats_accepted():
-    from common.pixels import READ_FORMATS
+    from common.image_limits import READ_FORMATS
     from web_tier.image_check import FORMATS
 
     assert set(FORMATS) == {"MPO", *READ_FORMATS}
@@ -412,7 +412,7 @@ def test_a_tiff_of_too_many_tiles_is_refused_before_pillow_reads_it(web_settings
     """Pillow makes an object of each strip or tile as it opens a TIFF: 2.56 million 1x1
     tiles in 10 MB took 4.5 s and ~800 MB to open, 9.7 s in the web tier and 14.6 s in a
     worker (reviewer)."""
-    from common.pixels import MAX_TIFF_PARTS, tiff_parts
+    from common.image_limits import MAX_TIFF_PARTS, tiff_parts
 
     fits = tiff_of_tiles(250, 250, order)  # 62,500 tiles
     assert tiff_parts(fits) == 62_500
@@ -434,7 +434,7 @@ def test_a_tiff_of_too_many_tiles_is_refused_before_pillow_reads_it(web_settings
 
 
 def test_tiff_parts_reads_bigtiff_and_stops_at_the_files_end():
-    from common.pixels import tiff_parts
+    from common.image_limits import tiff_parts
 
     lzw, big = io.BytesIO(), io.BytesIO()
     Image.new("RGB", (640, 4800)).save(lzw, "TIFF", compression="tiff_lzw")  # libtiff: ~64 KB strips
@@ -488,7 +488,7 @@ def test_an_image_with_a_side_over_65535_pixels_is_refused_in_both_tiers(web_set
 def test_scans_are_counted_as_the_decoder_reads_them(web_settings):
     """An FF D9 in a comment, or a stray byte between segments, hid 3,000 scans from a
     count that stopped at either; the worker took 16 s on such a file (reviewer)."""
-    from common.pixels import jpeg_layout
+    from common.image_limits import jpeg_layout
 
     def jpeg_scan_count(data: bytes) -> int:
         return jpeg_layout(data).scans

@@ -218,7 +218,7 @@ def test_only_the_pillow_errors_known_are_reworded():
     from common.pillow_errors import plain_reason
 
     assert plain_reason(OSError("decoder error -2")) == "the compressed image data is damaged"
-    # (common/pixels.py refuses a PNG of such a chunk first: test_image_rules.py)
+    # (common/image_limits.py refuses a PNG of such a chunk first: test_image_rules.py)
     assert plain_reason(ValueError("Decompressed data too large for PngImagePlugin.MAX_TEXT_CHUNK")) == \
         "it holds a text or colour-profile chunk too large to read (over 1 MB unpacked)"
     assert plain_reason(OSError("decoder error -10")) == "decoder error -10"  # not -1
@@ -230,14 +230,15 @@ def test_a_jpeg_of_several_scans_counts_as_decoded_whole(monkeypatch):
     draft: a baseline one in 3 scans of 24 megapixels took +73 MB where one scan took
     +5 MB (reviewer). Such a JPEG must wait its turn as a large image does."""
     from app_tier import images
-    from common.pixels import JpegLayout
+    from common.image_limits import JpegLayout
 
     photo = Image.new("RGB", (3000, 2000), (10, 200, 30))
     baseline, progressive = saved(photo, "JPEG"), saved(photo, "JPEG", progressive=True)
     assert images.decoding_pixels(images.open_image(baseline, MAX_PIXELS)) == 375 * 250  # drafted to 1/8
     assert images.decoding_pixels(images.open_image(progressive, MAX_PIXELS)) == 3000 * 2000
     # jpegtran -scans writes a baseline JPEG in several scans; Pillow cannot.
-    monkeypatch.setattr("common.pixels.jpeg_layout", lambda data: JpegLayout(scans=3, ends=True, segments=12))
+    monkeypatch.setattr("common.image_limits.jpeg_layout",
+                        lambda data: JpegLayout(scans=3, ends=True, segments=12))
     assert images.decoding_pixels(images.open_image(baseline, MAX_PIXELS)) == 3000 * 2000
 
 
