@@ -172,16 +172,15 @@ def decide(obs: Observation, policy: Policy, memory: RoundMemory = NOTHING_REMEM
     if desired > len(serving):
         # Failed instances keep their place under the cap until they are gone.
         count = min(desired - len(serving), policy.max_instances - len(obs.live))
-        # A new instance can only take messages no worker holds. Those in flight are
-        # being worked on, or will be handed back, visible by a later round. Launched for
-        # them alone, as instances ended with their workers still answering, a fleet
-        # found nothing to do and was kept for the cooldown (reviewer). Those launched for
-        # the others and not yet receiving will take them: counted again each round while
-        # they boot, one waiting message launched an instance a round, up to the cap
-        # (randomized properties, tests/unit/test_decide_properties.py). Running ones only
-        # for a while after their launch: workers that never say they serve (an older
-        # AMI's, with READY_DEADLINE=0; a role without ec2:CreateTags) held back every
-        # launch for good (diff review).
+        # Launch only for the messages no worker holds (visible or delayed), less what
+        # the instances not yet receiving will take. Messages in flight are being worked
+        # on, or will be handed back visible to a later round: a fleet launched for them
+        # finds nothing to do. An instance not yet receiving is pending, or running
+        # unready within BOOTING_FOR_BOOT_TIMES boot times of its launch: not counted
+        # so, one waiting message would launch an instance a round while they boot
+        # (tests/unit/test_decide_properties.py); counted for ever, a worker that never
+        # says it serves (an older AMI's with READY_DEADLINE=0, a role without
+        # ec2:CreateTags) would hold back every launch.
         untaken = obs.visible + obs.delayed
         booting_since = obs.at - BOOTING_FOR_BOOT_TIMES * policy.boot_time_s
         not_yet_receiving = sum(1 for i in serving if i.state == "pending"
