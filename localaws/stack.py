@@ -46,6 +46,7 @@ from localaws.server import (
     start_moto,
     wait_until_up,
 )
+from localaws.supervision import Backoff, Watchdog, next_start, watchdog_action
 
 log = logging.getLogger("stack")
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,13 +67,23 @@ GROUP_STOP_S = 5.0
 # retries (ami/imgclass-controller.service allows 10 minutes): 5 here, where AWS is
 # local and a hang is all that keeps a round this long.
 WATCHED = {"controller": 300.0}
+# Shorter than the runner's grace (its grace_s, 30 s by default, which is also a
+# worker's time to drain on SIGTERM, as EC2's stop gives): the controller has no
+# requests in hand to finish, only its few threads' stacks to write.
 ABORT_GRACE_S = 5.0
 # A child that exits with an error this soon after starting, this many times in a
 # row, cannot start (a bad setting, a port in use): restarting it again would only
 # repeat the error. One killed by a signal was stopped from outside (kill -9, the
 # OOM killer), which says nothing against the next start: it is always restarted.
+# The runner's workers differ (localaws/runner.py): they back off up to a minute for as
+# long as their instance lives, as the controller replaces an instance whose worker
+# cannot serve, and have 20 s to fail in, with a model runtime to import first; a
+# controller or web tier that cannot start leaves the whole stack useless, which
+# stopping says better than waiting.
 QUICK_EXIT_S = 10.0
 MAX_QUICK_EXITS = 3
+# A second after any exit, doubling from two after each failed start in a row.
+BACKOFF = Backoff(quick_exit_s=QUICK_EXIT_S, first_delay_s=2 * RESTART_DELAY_S, after_run_s=RESTART_DELAY_S)
 # A controller that finds another one running for this fleet (controller/lock.py)
 # cannot start yet, through nobody's fault here: it is tried again at this pace for
 # as long as the other runs, as systemd's Restart=always does on AWS.
@@ -297,13 +308,16 @@ class Stack:
         if child.notify is None:
             return
         child.notify.read(now)
-        if child.abort_sent_at is None and child.notify.overdue(now):
+        action = watchdog_action(now, started_at=child.started, last_heard=child.notify.last_heard,
+                                 watchdog_s=child.notify.watchdog_s, abort_sent_at=child.abort_sent_at,
+                                 abort_grace_s=ABORT_GRACE_S)
+        if action is Watchdog.ABORT:
             log.error("%s (pid %d) has not pinged its watchdog for %.0f s: hung; SIGABRT (its threads' "
                       "stacks follow, unless it is stopped), then a restart", child.name, child.process.pid,
                       now - (child.notify.last_heard or now))
             _signal_group(child.process.pid, signal.SIGABRT)
             child.abort_sent_at = now
-        elif child.abort_sent_at is not None and now - child.abort_sent_at > ABORT_GRACE_S:
+        elif action is Watchdog.KILL:
             _signal_group(child.process.pid, signal.SIGKILL)
 
     def supervise(self, now: float | None = None) -> str | None:
@@ -314,47 +328,60 @@ class Stack:
             code = child.process.poll()
             if code is None:
                 self._watch(child, now)
-                continue
-            if child.name not in RESTARTED:
+            elif child.name not in RESTARTED:
                 return f"{child.name} {how_it_ended(code)}"
-            if child.restart_at is None and child.name == "controller" and code == EXIT_ANOTHER_CONTROLLER:
-                # Said once, not at every retry (the controller's own line names the other).
-                if not child.waiting_for_lock:
-                    log.warning("controller: another controller runs for this fleet (named above); "
-                                "trying again every %.0f s for as long as that one runs", LOCK_RETRY_S)
-                child.waiting_for_lock = True
-                child.quick_exits = 0  # not a failed start
-                child.restart_at = now + LOCK_RETRY_S
             elif child.restart_at is None:
-                child.waiting_for_lock = False
-                # Its process group may outlive it (gunicorn's workers, still holding the
-                # port): asked to stop, as systemd would, and killed before the restart.
-                _signal_group(child.process.pid, signal.SIGTERM)
-                child.group_kill_at = now + GROUP_STOP_S
-                failed_at_start = code > 0 and now - child.started < QUICK_EXIT_S
-                child.quick_exits = child.quick_exits + 1 if failed_at_start else 0
-                if child.quick_exits >= MAX_QUICK_EXITS:
-                    return f"{child.name} {how_it_ended(code)}, {child.quick_exits} times in a row at start"
-                child.restart_at = now + RESTART_DELAY_S * 2 ** child.quick_exits
-                # Exit 0 is a clean stop someone else asked for (a SIGTERM sent to it alone).
-                log.log(logging.WARNING if code == 0 else logging.ERROR, "%s %s; restarting it in %.0f s",
-                        child.name, how_it_ended(code), child.restart_at - now)
+                problem = self._ended(child, code, now)
+                if problem:
+                    return problem
             elif now >= child.restart_at:
-                if child.group_kill_at is not None:
-                    if _group_alive(child.process.pid) and now < child.group_kill_at:
-                        continue  # still stopping (answering its waiting clients)
-                    _kill_group(child.process.pid)
-                    child.group_kill_at = None
-                if child.waiting_for_lock and held_by_another(self.settings):
-                    # Restarted only to be refused again: two lines on the terminal every
-                    # LOCK_RETRY_S for as long as the other runs (reviewer).
-                    child.restart_at = now + LOCK_RETRY_S
-                    continue
-                self._restart(child, now)
-                log.info("%s restarted (pid %d)", child.name, child.process.pid)
+                self._restart_when_ready(child, now)
         if self.runner_thread is not None and not self.runner_thread.is_alive():
             return "the instance runner stopped"
         return None
+
+    def _ended(self, child: Child, code: int, now: float) -> str | None:
+        """When a restarted child that just ended is started again; what forces a stop
+        instead, if it keeps failing at start."""
+        if child.name == "controller" and code == EXIT_ANOTHER_CONTROLLER:
+            # Said once, not at every retry (the controller's own line names the other).
+            if not child.waiting_for_lock:
+                log.warning("controller: another controller runs for this fleet (named above); "
+                            "trying again every %.0f s for as long as that one runs", LOCK_RETRY_S)
+            child.waiting_for_lock = True
+            child.quick_exits = 0  # not a failed start
+            child.restart_at = now + LOCK_RETRY_S
+            return None
+        child.waiting_for_lock = False
+        # Its process group may outlive it (gunicorn's workers, still holding the
+        # port): asked to stop, as systemd would, and killed before the restart.
+        _signal_group(child.process.pid, signal.SIGTERM)
+        child.group_kill_at = now + GROUP_STOP_S
+        # Only an error exit counts against the next start: exit 0 is a clean stop
+        # someone else asked for (a SIGTERM sent to it alone), a signal came from outside.
+        child.quick_exits, restart_at = next_start(BACKOFF, child.started, now, code > 0, child.quick_exits)
+        if child.quick_exits >= MAX_QUICK_EXITS:
+            return f"{child.name} {how_it_ended(code)}, {child.quick_exits} times in a row at start"
+        child.restart_at = restart_at
+        log.log(logging.WARNING if code == 0 else logging.ERROR, "%s %s; restarting it in %.0f s",
+                child.name, how_it_ended(code), child.restart_at - now)
+        return None
+
+    def _restart_when_ready(self, child: Child, now: float) -> None:
+        """Restart a child whose delay is over, once what is left of its process group
+        has stopped, and, for a controller refused for another one, once that one is gone."""
+        if child.group_kill_at is not None:
+            if _group_alive(child.process.pid) and now < child.group_kill_at:
+                return  # still stopping (answering its waiting clients)
+            _kill_group(child.process.pid)
+            child.group_kill_at = None
+        if child.waiting_for_lock and held_by_another(self.settings):
+            # Restarted only to be refused again: two lines on the terminal every
+            # LOCK_RETRY_S for as long as the other runs (reviewer).
+            child.restart_at = now + LOCK_RETRY_S
+            return
+        self._restart(child, now)
+        log.info("%s restarted (pid %d)", child.name, child.process.pid)
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """Stop everything, newest first; whatever outlives the timeout is killed."""
