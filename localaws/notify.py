@@ -7,7 +7,8 @@ worker's faulthandler writes its threads' stacks to its log) before restarting
 it. The runner does the same for its worker processes, so that a worker that
 hangs holding Python's lock is replaced locally too, and the worker's side of
 the protocol (common/systemd.py) runs in every local stack. `make run` watches
-its controller the same way (localaws/stack.py).
+its controller the same way (localaws/stack.py). When a silent process is aborted,
+then killed, is decided by localaws/supervision.py.
 
 One datagram socket per process, so the runner knows who sent a message
 without SO_PASSCRED (Linux only). They live in a temporary folder, in /tmp
@@ -60,10 +61,6 @@ class NotifySocket:
             for state in states:
                 if state.startswith("STATUS="):
                     self.status = state.removeprefix("STATUS=")
-
-    def overdue(self, now: float) -> bool:
-        """Ready, then silent for longer than the watchdog allows."""
-        return self.last_heard is not None and now - self.last_heard > self.watchdog_s
 
     def close(self) -> None:
         self._sock.close()

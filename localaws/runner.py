@@ -46,6 +46,7 @@ from common.config import Settings
 from common.fleet import LIVE_STATES, Instance, app_tier_instances, scale_in_order
 from localaws.kill import ends_with_parent, kill_and_wait
 from localaws.notify import NotifySocket, NotifySockets
+from localaws.supervision import Backoff, Watchdog, next_start, watchdog_action
 
 log = logging.getLogger(__name__)
 
@@ -85,19 +86,23 @@ START_TIMEOUT_S = 15 * 60.0
 ADOPTED_START_TIMEOUT_S = 60.0
 
 
+# The stack's controller and web tier differ (localaws/stack.py): they wait a second
+# after any exit and stop the whole stack after three failed starts, as without them
+# there is no service. A worker is one of many, and the controller replaces an
+# instance whose worker cannot serve: it backs off instead, for as long as its
+# instance lives (EXIT_CANNOT_START aside).
+BACKOFF = Backoff(quick_exit_s=QUICK_EXIT_S, first_delay_s=RESTART_BACKOFF_S, max_delay_s=MAX_RESTART_DELAY_S,
+                  # Whatever ends them, starts come at most once a backoff.
+                  min_interval_s=RESTART_BACKOFF_S)
+
+
 def _next_start(started_at: float, code: int, now: float, quick_exits: int,
                 stopped: bool = False) -> tuple[int, float]:
     """For a process started at `started_at` that ended with `code` at `now`, after
     `quick_exits` failed starts in a row: how many there are in a row now, and when the
     next start is due. One ended from outside or by the runner (`stopped`) did not fail."""
-    failed_at_start = now - started_at < QUICK_EXIT_S and code not in KILLED_FROM_OUTSIDE and not stopped
-    quick_exits = quick_exits + 1 if failed_at_start else 0
-    # The power capped: 2 ** 1024 (after ~17 hours of failed starts) does not fit in a
-    # float, and 2 ** 63 s is past any MAX_RESTART_DELAY_S.
-    delay = (min(RESTART_BACKOFF_S * 2 ** min(quick_exits - 1, 63), MAX_RESTART_DELAY_S)
-             if failed_at_start else 0.0)
-    # Whatever ends them, starts come at most once a backoff.
-    return quick_exits, max(now + delay, started_at + RESTART_BACKOFF_S)
+    failed = code not in KILLED_FROM_OUTSIDE and not stopped
+    return next_start(BACKOFF, started_at, now, failed, quick_exits)
 
 
 def exit_status(code: int) -> str:
@@ -399,17 +404,20 @@ class InstanceRunner:
                 worker.ready = True
                 log.info("runner: worker pid %d for %s is ready (%.1f s after it was given the instance)",
                          worker.process.pid, worker.instance_id, now - worker.started_at)
-            silent = notify.overdue(now)
-            late = notify.last_heard is None and now - worker.started_at > worker.start_timeout_s
-            if worker.abort_sent_at is None and (silent or late):
-                why = (f"has not pinged its watchdog for {now - (notify.last_heard or now):.0f} s" if silent
+            action = watchdog_action(now, started_at=worker.started_at, last_heard=notify.last_heard,
+                                     watchdog_s=notify.watchdog_s, abort_sent_at=worker.abort_sent_at,
+                                     abort_grace_s=self.grace_s, start_timeout_s=worker.start_timeout_s)
+            if action is Watchdog.ABORT:
+                # Silent once ready, or late never having said it: one or the other.
+                why = (f"has not pinged its watchdog for {now - notify.last_heard:.0f} s"
+                       if notify.last_heard is not None
                        else f"has not said it is ready in {now - worker.started_at:.0f} s")
                 stopped = ", as it is stopped (SIGSTOP?)" if is_stopped(worker.process.pid) else ""
                 log.error("runner: the worker for %s (pid %d) %s%s; SIGABRT (its stacks go to its log), "
                           "then a restart", worker.instance_id, worker.process.pid, why, stopped)
                 self._signal(worker.process, signal.SIGABRT)
                 worker.abort_sent_at = now
-            elif worker.abort_sent_at is not None and now - worker.abort_sent_at > self.grace_s:
+            elif action is Watchdog.KILL:
                 log.warning("runner: pid %d outlived SIGABRT for %.0fs, SIGKILL",
                             worker.process.pid, self.grace_s)
                 self._signal(worker.process, signal.SIGKILL)
