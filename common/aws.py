@@ -1,6 +1,6 @@
 """boto3 clients configured once, and queue-URL lookups.
 
-Credentials come from boto3's default chain; the endpoint from
+Credentials come from boto3's default chain (or keys given to Aws); the endpoint from
 `Settings.endpoint_url` or, when that is unset, from boto3 itself (which
 honours AWS_ENDPOINT_URL). botocore's "standard" retry mode retries throttling,
 timeouts and 5xx answers with backoff.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import platform
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple, TypeVar
@@ -215,6 +215,12 @@ def _naming_the_queue(response: dict, name: str, settings: Settings) -> dict:
     return {**response, "Error": {**response.get("Error", {}), "Message": message}}
 
 
+def keys_in(env: Mapping[str, str]) -> tuple[str, str] | None:
+    """The access key pair `env` sets (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), if both."""
+    key, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
+    return (key, secret) if key and secret else None
+
+
 @dataclass
 class Aws:
     """A tier's AWS clients (S3, SQS, EC2, separate SQS clients for long polls and for the
@@ -223,6 +229,9 @@ class Aws:
 
     settings: Settings
     max_pool: int = 32
+    # An access key pair to sign with instead of boto3's default chain: for `make run`'s
+    # own clients, which use the keys of its processes' environment (keys_in), not of its own.
+    keys: tuple[str, str] | None = None
     # Queue URLs by name, looked up once (they never change for a queue).
     _queue_urls: dict[str, str] = field(default_factory=dict, init=False, repr=False)
     # Clients by name, made once they have credentials (see _kept).
@@ -243,12 +252,15 @@ class Aws:
             session = new_session()
             # Looked for first, and the session keeps what it finds for the client: looked
             # for after, credentials that came in between kept a client made without them.
-            found = session.get_credentials() is not None
+            found = self.keys is not None or session.get_credentials() is not None
+            keys = {} if self.keys is None else {"aws_access_key_id": self.keys[0],
+                                                 "aws_secret_access_key": self.keys[1]}
             client = session.client(
                 service,
                 region_name=self.settings.region,
                 endpoint_url=self.settings.endpoint_url,
                 config=config or client_config(self.max_pool),
+                **keys,
             )
             if found:
                 self._clients[name] = client

@@ -41,7 +41,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from app_tier import EXIT_CANNOT_START, SPARE_LOADED
 from app_tier.held import show_held
 from app_tier.held_journal import HeldJournal, held_journal_path
-from common.aws import Aws
+from common.aws import Aws, keys_in
 from common.config import Settings
 from common.fleet import LIVE_STATES, Instance, app_tier_instances, scale_in_order
 from localaws.kill import ends_with_parent, kill_and_wait
@@ -195,7 +195,9 @@ class InstanceRunner:
     _logs: dict[subprocess.Popen, Path] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.aws = Aws(self.settings)
+        # Signed with the keys it gives its workers, where it gives some: make run does
+        # not put them in its own environment (localaws/stack.py).
+        self.aws = Aws(self.settings, keys=keys_in(self.env))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._sockets = NotifySockets(self.settings.local_watchdog_s)
 

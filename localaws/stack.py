@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.aws import Aws, keys_in
 from common.config import VARIABLES, Settings, local_run_defaults, local_run_overrides
 from common.logs import configure as configure_logging
 from common.provision import provision
@@ -139,11 +140,11 @@ def memory_safe_workers(settings: Settings, env: dict[str, str] | os._Environ) -
     return cap, ""
 
 
-def child_env(settings: Settings, run_dir: Path) -> dict[str, str]:
-    """Environment for every process of the stack: pointed at the embedded AWS, with
-    `make run`'s own settings and defaults (common/config.py local_run_overrides and
-    local_run_defaults)."""
-    env = dict(os.environ)
+def child_env(settings: Settings, run_dir: Path, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for every process of the stack: `environ` (default: this process's)
+    pointed at the embedded AWS, with `make run`'s own settings and defaults
+    (common/config.py local_run_overrides and local_run_defaults)."""
+    env = dict(os.environ if environ is None else environ)
     env.update(
         AWS_ENDPOINT_URL=settings.local_aws_url,
         AWS_DEFAULT_REGION=settings.region,
@@ -214,12 +215,15 @@ def how_it_ended(code: int) -> str:
 
 
 class Stack:
-    def __init__(self, settings: Settings, run_dir: Path, warm_spares: int) -> None:
+    def __init__(self, settings: Settings, run_dir: Path, warm_spares: int,
+                 environ: Mapping[str, str] | None = None) -> None:
         self.settings = settings
         # Absolute: the READY line says where the logs are, wherever it is read from.
         self.run_dir = run_dir = run_dir.resolve()
         self.logs = run_dir / "logs"
-        self.env = child_env(settings, run_dir)
+        # What every child is given (see child_env). This process's own environment is
+        # left as it was: the stack's own AWS clients are given the keys from here too.
+        self.env = child_env(settings, run_dir, environ)
         self.children: list[Child] = []
         self.runner: InstanceRunner | None = None
         self.runner_thread: threading.Thread | None = None
@@ -246,9 +250,9 @@ class Stack:
                           lifeline_fd=self.lifeline.server_fd)
         self.lifeline.close_server_end()
         self.children.append(Child("moto", [], moto, time.monotonic()))
-        os.environ.update({k: self.env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                                                      "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
-        provision(s)
+        # Into the embedded AWS whatever the settings say (main points them there; the
+        # runner's clients rely on that), with the keys the children are given.
+        provision(s, Aws(dataclasses.replace(s, endpoint_url=s.local_aws_url), keys=keys_in(self.env)))
         self._prepare_model()
         self.runner = InstanceRunner(s, env=self.env, log_dir=self.logs, warm_spares=self.warm_spares,
                                      pass_fds=(self.lifeline.holder_fd,))
@@ -519,7 +523,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(said)
     configure_logging("%(asctime)s %(levelname)s %(name)s %(message)s")
     weights, note = local_model_weights(os.environ)
-    os.environ["MODEL_WEIGHTS"] = weights
     settings = dataclasses.replace(settings, endpoint_url=settings.local_aws_url, model_weights=weights)
     if note:
         log.warning(note)
@@ -528,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     if note:
         log.warning(note)
 
-    stack = Stack(settings, args.run_dir, settings.local_warm_spares)
+    stack = Stack(settings, args.run_dir, settings.local_warm_spares,
+                  environ={**os.environ, "MODEL_WEIGHTS": weights})
     stop = stack.stopping
     on_signals(lambda _signum: stop.set(), stop_signals())
     code = 0

@@ -580,6 +580,28 @@ def test_a_model_that_cannot_load_stops_make_run_with_what_to_do_not_a_traceback
     assert "Do one of these: set MODEL_WEIGHTS=random" in failed[0].getMessage()
 
 
+def test_make_run_leaves_its_own_environment_as_it_found_it(tmp_path, monkeypatch, caplog):
+    """It wrote its children's MODEL_WEIGHTS and AWS keys into its own environment too, two
+    sources of truth (and a main() called in a test changed the environment of the tests
+    after it). Its own AWS clients are given the children's keys instead: provisioning
+    here, before the model's preparation fails, needs them."""
+    from localaws import stack as stack_module
+    from tests.conftest import without_credentials
+
+    monkeypatch.setattr(stack_module, "PREPARE_MODEL", [sys.executable, "-c", "raise SystemExit(3)"])
+    for name, port in (("LOCAL_AWS_PORT", free_port()), ("WEB_PORT", free_port())):
+        monkeypatch.setenv(name, str(port))
+    monkeypatch.setenv("APP_PREFIX", "ownenv")
+    monkeypatch.delenv("MODEL_WEIGHTS", raising=False)
+    without_credentials(monkeypatch, tmp_path)
+    monkeypatch.setattr(stack_module, "configure_logging", lambda *args: None)  # caplog's handler
+    before = dict(os.environ)
+    with caplog.at_level(logging.ERROR):
+        assert stack_module.main(["--run-dir", str(tmp_path / "run")]) == 1
+    assert "the model could not be loaded" in caplog.text, caplog.text  # provisioned first
+    assert dict(os.environ) == before
+
+
 def test_instances_beyond_the_local_cap_are_not_taken_for_workers_that_never_serve(monkeypatch, tmp_path):
     """They get no worker process here, so they never tag themselves ready."""
     monkeypatch.delenv("READY_DEADLINE", raising=False)

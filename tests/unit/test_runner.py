@@ -454,6 +454,19 @@ def test_the_runner_asks_ec2_what_the_controller_asks(world):
     assert len(runner.workers) == 1
 
 
+def test_the_runner_reads_ec2_with_the_keys_it_gives_its_workers(world, monkeypatch, tmp_path):
+    """make run gives its keys to its children, not to its own environment (localaws/stack.py):
+    the runner, in make run's process, signs with those of the environment it is given."""
+    from tests.conftest import without_credentials
+
+    settings, aws, make, out = world
+    iid = launch(aws, settings, (1,))[1]
+    without_credentials(monkeypatch, tmp_path)
+    runner = make(warm_spares=0, env={"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local"})
+    runner.step()  # raised NoCredentialsError
+    assert list(runner.workers) == [iid]
+
+
 def test_a_worker_that_cannot_load_its_model_is_not_restarted(world, caplog):
     """As systemd's RestartPreventExitStatus on an instance: it would only fail again."""
     settings, aws, make, out = world
