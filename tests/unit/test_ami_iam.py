@@ -486,6 +486,7 @@ def test_a_worker_may_put_its_two_tags_on_its_own_deployments_app_tier_instances
 # --- the baker's policy, against the build worker.pkr.hcl asks Packer for ----------
 
 BAKER = "imgclass-baker"  # ami/README.md's --build-instance-profile, and its role
+BUILD_GROUP = f"arn:aws:ec2:{REGION}:{ACCOUNT}:security-group/sg-0packer"
 
 
 def test_the_bakers_policy_allows_what_packers_build_of_the_template_calls():
@@ -500,16 +501,23 @@ def test_the_bakers_policy_allows_what_packers_build_of_the_template_calls():
         needed |= {"ec2:DescribeImages"}
     if "ssh_keypair_name" not in template:
         needed |= {"ec2:CreateKeyPair", "ec2:DeleteKeyPair"}
+    group_needs = set()
     if "security_group_id" not in template:
-        needed |= {"ec2:CreateSecurityGroup", "ec2:AuthorizeSecurityGroupIngress",
-                   "ec2:DeleteSecurityGroup", "ec2:DescribeSecurityGroups"}
+        needed |= {"ec2:CreateSecurityGroup", "ec2:DescribeSecurityGroups"}
+        group_needs = {"ec2:AuthorizeSecurityGroupIngress", "ec2:DeleteSecurityGroup"}
     if "subnet_id" in template:
         needed |= {"ec2:DescribeSubnets", "ec2:DescribeVpcs"}
     builder = tagged({"Name": re.search(r'run_tags = \{\s*Name = "([^"]+)"', template)[1]})
     for action in needed:
         assert allows(policy, action, INSTANCE, builder), action
-    # The run tags go with the launch; the AMI's tags (and its snapshot's) after it is made.
+    for action in group_needs:  # the temporary group, tagged as the instance is
+        assert allows(policy, action, BUILD_GROUP, builder), action
+    # The run tags go with the launch, and with the temporary key pair and group (the
+    # plugin tags them as it makes them); the AMI's tags (and its snapshot's) after it is made.
     assert allows(policy, "ec2:CreateTags", INSTANCE, {"ec2:CreateAction": "RunInstances"})
+    assert allows(policy, "ec2:CreateTags", f"arn:aws:ec2:{REGION}:{ACCOUNT}:key-pair/packer_1",
+                  {"ec2:CreateAction": "CreateKeyPair"})
+    assert allows(policy, "ec2:CreateTags", BUILD_GROUP, {"ec2:CreateAction": "CreateSecurityGroup"})
     assert allows(policy, "ec2:CreateTags", IMAGE, {})
     assert "iam_instance_profile" in template
     assert allows(policy, "iam:GetInstanceProfile", f"arn:aws:iam::{ACCOUNT}:instance-profile/{BAKER}")
@@ -519,9 +527,13 @@ def test_the_bakers_policy_allows_what_packers_build_of_the_template_calls():
 
 def test_the_baker_may_end_only_its_build_instance_and_pass_only_its_own_role():
     policy = json.loads((AMI / "iam-bake-policy.json").read_text())
-    # Nor tag another instance as the build instance, to end it so (an auditor).
+    # Nor tag another instance, or group, as the build's, to end or open it so (an auditor).
     assert not allows(policy, "ec2:CreateTags", INSTANCE, {})
     assert not allows(policy, "ec2:CreateTags", INSTANCE, {"ec2:CreateAction": "CreateImage"})
+    assert not allows(policy, "ec2:CreateTags", BUILD_GROUP, {})
+    for action in ("ec2:AuthorizeSecurityGroupIngress", "ec2:DeleteSecurityGroup"):  # the web tier's, say
+        assert not allows(policy, action, BUILD_GROUP, tagged({"Name": "web-instance"})), action
+    assert not allows(policy, "ec2:ModifyInstanceAttribute", INSTANCE, tagged({"Name": "web-instance"}))
     for action in ("ec2:StopInstances", "ec2:TerminateInstances"):
         assert not allows(policy, action, INSTANCE, tagged({"Name": "web-instance"})), action
         assert not allows(policy, action, INSTANCE, {}), action
