@@ -18,6 +18,11 @@ NOISE_NOTE = ("This machine is shared (2 cores): other engineers' tests may run 
               "every figure is noisy; 'others used' shows how much of the machine they took per phase.")
 
 
+def local_limit(inference: dict[str, Any] | None) -> float | None:
+    """The model's images per second at its best batch size: (a)'s limit, if measured."""
+    return inference["local_limit"]["images_per_s"] if inference else None
+
+
 def ratio(part: float | None, whole: float | None) -> float | None:
     """part / whole, or None when either is unknown or the whole is not positive."""
     if part is None or whole is None or whole <= 0:

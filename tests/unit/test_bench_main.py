@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 import bench.__main__ as bench_main
-from bench import endtoend, inference, report
+from bench import endtoend, inference, printed, report
 from bench.inference import BATCH_SIZES, InferenceResult
 
 
@@ -301,9 +301,9 @@ def test_c_is_also_given_against_the_model_measured_just_after_b():
     assert doc["ratio_e2e_to_limit_now"] == pytest.approx(0.8)
     now = figures["end_to_end"]["model_now"]
     assert "15.0 images/s at batch 8 (75 % of its speed in (a)); (b) was 80 % of that" in \
-        bench_main.model_now_line(now, 20.0, doc["ratio_e2e_to_limit_now"])
+        printed.model_now_line(now, 20.0, doc["ratio_e2e_to_limit_now"])
     assert "single image just after (b): 61 ms back-to-back, 70 ms after the pause" in \
-        bench_main.model_now_single_line(now)
+        printed.model_now_single_line(now)
 
 
 def test_the_targets_are_judged_against_the_faster_of_the_two_model_measurements():
@@ -372,7 +372,7 @@ def test_the_e2e_part_measures_the_model_at_the_limits_settings(fake_model, benc
 
     monkeypatch.setattr(bench_main, "measure", measure)
     monkeypatch.setattr(bench_main, "run_end_to_end", run_end_to_end)
-    monkeypatch.setattr(bench_main, "print_figures", lambda doc: None)
+    monkeypatch.setattr(printed, "print_figures", lambda doc: None)
     out = bench_dir / "latest.json"
     out.write_text(json.dumps({"inference": {"local_limit": {"runtime": "openvino", "threads": 0, "batch": 8,
                                                               "images_per_s": 20.0}}}))

@@ -50,7 +50,7 @@ def test_peak_rss_of_no_process_is_none():
 
 
 def test_the_memory_table_says_what_its_columns_are():
-    from bench.__main__ import memory_table
+    from bench.printed import memory_table
 
     mem = {"samples": 10, "interval_s": 0.2, "pss_interval_s": 1.0, "per_process_peak": "VmHWM",
            "peak_total_mb": 900.0, "peak_pss_total_mb": 700.0,

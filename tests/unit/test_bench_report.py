@@ -106,8 +106,8 @@ def test_process_kinds():
 
 
 def test_moto_cpu_by_action_is_the_difference_between_snapshots():
-    from bench.__main__ import moto_table
     from bench.endtoend import moto_delta
+    from bench.printed import moto_table
 
     idle = {"requests": 3, "cpu_s": 0.3}
     before = {"SendMessage": {"requests": 10, "cpu_s": 0.02}, "DescribeInstances": idle}
@@ -125,7 +125,7 @@ def test_moto_cpu_by_action_is_the_difference_between_snapshots():
 def test_the_moto_table_is_of_its_handlers_and_shows_the_rest_of_motos_cpu():
     """The handlers' thread time was a third less than the moto processes' CPU in (f),
     and the table read as the embedded AWS's whole cost (auditor)."""
-    from bench.__main__ import moto_table
+    from bench.printed import moto_table
 
     delta = {"S3 PUT object": {"requests": 600, "cpu_s": 1.2}, "SendMessage": {"requests": 300, "cpu_s": 0.6}}
     text = moto_table(delta, images=300, moto_process_cpu_s=2.7)
@@ -138,7 +138,7 @@ def test_the_moto_table_is_of_its_handlers_and_shows_the_rest_of_motos_cpu():
 
 
 def test_cpu_budget_turns_cpu_per_kind_into_a_ceiling():
-    from bench.__main__ import budget_line
+    from bench.printed import budget_line
     from bench.report import cpu_budget
 
     # 300 images; the limit is 50 images/s on 2 cores, i.e. 40 core-ms per image for the model.
@@ -160,7 +160,7 @@ def test_the_ceiling_rests_on_the_models_measured_cpu_per_image():
     """On a shared machine the model did not keep both cores busy at its limit: taking
     1000 * cores / limit for its cost (71.5 core-ms, where the whole stack's workers
     took 53.3) printed 86 % of the limit as reachable where ~50 % was (auditor)."""
-    from bench.__main__ import budget_line
+    from bench.printed import budget_line
     from bench.report import cpu_budget
 
     # The limit 50 images/s on 2 cores, at 35 core-ms per image: the model had 1.75 cores.

@@ -79,7 +79,7 @@ def test_the_web_tier_send_is_charged_as_its_group_commit_sends():
 
 
 def test_sqs_table_says_what_was_measured_and_reads_an_older_json():
-    from bench.__main__ import sqs_table
+    from bench.printed import sqs_table
 
     depth = {"depth": 100, "send_batch1_ms": 5.0, "send_batch10_ms": 8.0, "receive10_ms": 4.0,
              "receive10_and_delete_ms": 9.0, "receive10_and_delete_messages": 10.0}
