@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,3 +126,11 @@ def jpeg_of_many_scans(scans: int, side: int = 64) -> bytes:
         at = data.find(b"\xff\xda", at + 2)
     second = data[starts[1]:starts[2]]
     return data[:starts[2]] + second * (scans - len(starts)) + data[starts[2]:]
+
+
+PAGE_SCRIPTS = Path(__file__).parents[1] / "web_tier" / "static" / "js"
+
+
+def page_script_source() -> str:
+    """The upload page's scripts (its ES modules, web_tier/static/js), one after the other."""
+    return "\n".join(path.read_text() for path in sorted(PAGE_SCRIPTS.glob("*.js")))

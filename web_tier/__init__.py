@@ -79,6 +79,7 @@ def create_app(settings: Settings | None = None, *, aws: Aws | None = None,
     app.before_request(slow_readers.limit_send_time)
     app.before_request(auth.refuse_cross_site_writes)
     app.after_request(_security_headers)
+    app.after_request(_scripts_as_javascript)
     app.after_request(_untrained_header)
     app.after_request(unread_body.drop_after_answer)
     return app
@@ -134,6 +135,16 @@ def _security_headers(response: Response) -> Response:
     # over plain HTTP by name or LAN address (no Sec-Fetch-Site) must take for
     # cross-site: the no-JavaScript form was refused 403 there (reviewer).
     response.headers.setdefault("Referrer-Policy", "same-origin")
+    return response
+
+
+def _scripts_as_javascript(response: Response) -> Response:
+    """The page's scripts are ES modules, which browsers refuse to run unless served with
+    a JavaScript type (nosniff aside). Flask takes a file's type from the system's table
+    (mimetypes), which some systems get wrong for .js (text/plain on Windows, from its
+    registry): said here, the page does not depend on the machine it runs on."""
+    if request.path.startswith("/static/") and request.path.endswith(".js") and response.status_code == 200:
+        response.mimetype = "text/javascript"
     return response
 
 

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from common.fleet import WORKER_READY_TAG
-from tests.conftest import make_image
+from tests.conftest import PAGE_SCRIPTS, make_image
 from tests.integration.conftest import (
     answers,
     clients,
@@ -326,8 +326,11 @@ def test_a_client_that_reads_nothing_has_its_connection_closed(stack, tmp_path):
         reader = socket.socket()
         reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         reader.connect(("127.0.0.1", port))
-        asked = 200  # ~11 MB of answers: far past what both sockets' buffers hold
-        reader.sendall(b"GET /static/app.js HTTP/1.1\r\nHost: test\r\n\r\n" * asked)
+        # The page's largest script, asked for enough times to make ~11 MB of answers: far
+        # past what both sockets' buffers hold.
+        script = max(PAGE_SCRIPTS.glob("*.js"), key=lambda path: path.stat().st_size)
+        asked = -(-11_000_000 // script.stat().st_size)
+        reader.sendall(f"GET /static/js/{script.name} HTTP/1.1\r\nHost: test\r\n\r\n".encode() * asked)
         log = tmp_path / "web.log"
         wait_for(lambda: "Socket error processing request" in log.read_text(), 30,
                  "the web tier to give up on the reader")

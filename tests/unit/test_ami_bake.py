@@ -21,7 +21,7 @@ UNTRACKED = [
     "app_tier/__pycache__/worker.cpython-311.pyc", "stray.pyc", "packer-manifest.json",
     ".env", ".aws/credentials", "notes/keys.txt",  # an explorer's .env and credentials were packed
 ]
-TRACKED = ["app_tier/worker.py", "requirements.txt", "web_tier/static/app.js"]
+TRACKED = ["app_tier/worker.py", "requirements.txt", "web_tier/static/js/main.js"]
 TRACKED_LEFT_OUT = ["tests/test_x.py"]
 
 

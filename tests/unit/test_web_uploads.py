@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import mimetypes
 import os
 import re
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_image
+from tests.conftest import PAGE_SCRIPTS, make_image, page_script_source
 from tests.unit.conftest import upload
 
 pytestmark = pytest.mark.timeout(120)
@@ -489,11 +490,11 @@ def test_page_inserts_user_text_only_as_text(web_client):
     page = web_client.get("/")
     assert page.status_code == 200
     assert 'id="results"' in page.text
-    assert "app.js" in page.text
-    script = (Path(__file__).parents[2] / "web_tier" / "static" / "app.js").read_text()
+    assert '<script type="module" src="/static/js/main.js"></script>' in page.text
+    script = page_script_source()
     assert "innerHTML" not in script and "insertAdjacentHTML" not in script
     assert "textContent" in script
-    assert web_client.get("/static/app.js").status_code == 200
+    assert web_client.get("/static/js/main.js").status_code == 200
     assert "default-src 'self'" in page.headers["Content-Security-Policy"]
     assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]  # no framing (reviewer)
     assert "base-uri 'none'" in page.headers["Content-Security-Policy"]  # not in default-src (reviewer)
@@ -753,9 +754,8 @@ def test_the_page_takes_an_error_answer_with_empty_lists_for_a_refusal_of_the_wh
     """The page told a refusal of the whole request (to show its error, or send a 503's
     chunk again) by its having no `items`: with `items: []` it showed nothing, and the
     chunk's files stayed "uploading" for good."""
-    script = (Path(__file__).parents[2] / "web_tier" / "static" / "app.js").read_text()
-    found = re.search(r"\n  function refusedWhole\(body\) \{\n.*?\n  \}\n", script, re.S)
-    assert found, "app.js has no refusedWhole(body)"
+    found = re.search(r"\nexport (function refusedWhole\(body\) \{\n.*?\n\}\n)", page_script_source(), re.S)
+    assert found, "the page's scripts have no refusedWhole(body)"
     image = [(make_image(14), "a.jpg")]
     answers = {
         "no file": web_client.post("/api/jobs", data={}, content_type="multipart/form-data"),
@@ -764,11 +764,45 @@ def test_the_page_takes_an_error_answer_with_empty_lists_for_a_refusal_of_the_wh
         "stored": upload(web_client, image),
     }
     bodies = {why: response.get_json() for why, response in answers.items()}
-    run = subprocess.run(["node", "-e", found[0] + f"console.log(JSON.stringify(Object.values("
+    run = subprocess.run(["node", "-e", found[1] + f"console.log(JSON.stringify(Object.values("
                           f"{json.dumps(bodies)}).concat([null]).map(refusedWhole)))"],
                          capture_output=True, text=True, timeout=30, check=True)
     assert json.loads(run.stdout) == [True, True, False, False, True], (bodies, run.stderr)
 
+
+# A module's imports, as the page's scripts write them: `import { a, b } from "./x.js";`.
+IMPORT = re.compile(r'^import \{[^}]*\} from "\./([\w-]+\.js)";$', re.M)
+
+
+def test_every_module_the_page_imports_is_served_as_javascript(web_client):
+    """The page's script is an ES module importing others: one that 404s, or comes with a
+    type other than JavaScript's, and the browser runs none of them (the page dead)."""
+    page = web_client.get("/")
+    first = re.search(r'<script type="module" src="(/static/js/[\w-]+\.js)"></script>', page.text)
+    assert first, "the page loads no module"
+    seen, to_fetch = set(), [first[1]]
+    while to_fetch:
+        path = to_fetch.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        response = web_client.get(path)
+        assert response.status_code == 200, path
+        assert response.mimetype == "text/javascript", (path, response.mimetype)
+        folder = path.rsplit("/", 1)[0]
+        to_fetch += [f"{folder}/{name}" for name in IMPORT.findall(response.text)]
+    # Every module in the folder is one the page loads: none forgotten, none left over.
+    assert {f"/static/js/{path.name}" for path in PAGE_SCRIPTS.glob("*.js")} == seen
+
+
+def test_scripts_are_served_as_javascript_whatever_the_systems_table_says(web_client, monkeypatch):
+    """Flask takes a file's type from the system's table: one that says text/plain for
+    .js (Windows' registry may) would have browsers refuse the page's modules."""
+    monkeypatch.setattr(mimetypes, "guess_type", lambda *args, **kwargs: ("text/plain", None))
+    response = web_client.get("/static/js/main.js")
+    assert response.status_code == 200
+    assert response.mimetype == "text/javascript"
+    assert web_client.get("/static/style.css").mimetype == "text/plain"  # others as the table says
 
 def test_status_reports_whether_a_key_is_required(keyed_client, web_client):
     assert keyed_client.get("/api/status").get_json()["api_key_required"] is True
@@ -791,9 +825,8 @@ def test_the_page_knows_the_worker_failures_worth_sending_again_by_the_servers_w
     from common.failure_tags import DEAD_LETTER_ERROR
 
     root = Path(__file__).parents[2]
-    script = (root / "web_tier" / "static" / "app.js").read_text()
-    found = re.search(r"const WORKER_MAY_DO_BETTER = (\[.*?\]);", script, re.S)
-    assert found, "app.js has no WORKER_MAY_DO_BETTER"
+    found = re.search(r"const WORKER_MAY_DO_BETTER = (\[.*?\]);", page_script_source(), re.S)
+    assert found, "the page's scripts have no WORKER_MAY_DO_BETTER"
     dead_letter, missing = json.loads(found[1])
     assert DEAD_LETTER_ERROR.startswith(dead_letter)
     assert f'job.error = "{missing}"' in (root / "app_tier" / "worker.py").read_text()

@@ -1,0 +1,117 @@
+// The page's requests to the server: uploads (POST /api/jobs, with timeouts of their
+// own and a limit on how many go at once) and reading a batch.
+import { PARALLEL_CHUNKS, setting } from "./settings.js";
+import { page } from "./state.js";
+import { updateSummary } from "./refresh.js";
+
+// A signal that aborts a fetch after `ms`: AbortSignal.timeout's, made by hand where an
+// older browser lacks it (without one, a request to a hung server never ends).
+export function timeoutSignal(ms) {
+  if (AbortSignal.timeout) return AbortSignal.timeout(ms);
+  const abort = new AbortController();
+  setTimeout(() => abort.abort(), ms);
+  return abort.signal;
+}
+
+const seconds = (ms) => Math.round(ms / 1000);
+
+// Why a send failed: `timedOut`, what this page gave up waiting for ("" if the
+// browser could not send it or get its answer: no server, a connection cut).
+// `sentBytes`: how far its upload had got; `settle()` as post()'s (see there).
+export class SendFailure extends Error {
+  constructor(timedOut, sentBytes, settle) {
+    super(timedOut || "network error");
+    this.timedOut = timedOut;
+    this.sentBytes = sentBytes;
+    this.settle = settle;
+  }
+}
+
+// Whether POST /api/jobs's answer `body` refused the whole request: neither a file
+// stored nor one refused on its own. Every error answer of it lists both, empty then.
+export function refusedWhole(body) {
+  return !body || !Array.isArray(body.items) || (!body.items.length && !(body.rejected || []).length);
+}
+
+// POST `form`, holding `bytes` of files, to /api/jobs: {status, body, settle} (body
+// null if not JSON), or throws a SendFailure. By XMLHttpRequest, not fetch: only it
+// tells how far the upload has got (page.sendProgress). `settle()` drops the request
+// from sendingText once its caller has counted the bytes it sent: dropped first, the MB
+// sent went backwards for a moment at each answer (reviewer), and at each failure.
+export function post(form, headers, bytes) {
+  const { sendProgress } = page;
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    let timer = null, timedOut = "";
+    const giveUpIn = (ms, why) => {
+      clearTimeout(timer);
+      timer = setTimeout(() => { timedOut = why; xhr.abort(); }, ms);
+    };
+    const stalled = () => giveUpIn(setting("stallTimeoutMs"),
+      `upload timed out: no progress for ${seconds(setting("stallTimeoutMs"))} s (slow or broken connection?)`);
+    const started = (event) => { if (event.loaded > 0) stalled(); };
+    const progressed = (event) => {
+      started(event);
+      if (event.lengthComputable && event.total) {
+        sendProgress.set(xhr, bytes * event.loaded / event.total);
+        updateSummary();
+      }
+    };
+    const settled = () => { if (sendProgress.delete(xhr)) updateSummary(); };
+    const fail = () => {
+      clearTimeout(timer);
+      reject(new SendFailure(timedOut, sendProgress.get(xhr) || 0, settled));
+    };
+    xhr.open("POST", "/api/jobs");
+    for (const [name, value] of Object.entries(headers)) xhr.setRequestHeader(name, value);
+    xhr.upload.onprogress = progressed;
+    xhr.upload.onload = () => giveUpIn(setting("answerTimeoutMs"),
+      `upload timed out: no answer ${seconds(setting("answerTimeoutMs"))} s after it was sent ` +
+      "(server busy or unreachable?)");
+    xhr.onload = () => {
+      clearTimeout(timer);
+      let body = null;
+      try {
+        body = JSON.parse(xhr.responseText);
+      } catch {
+        // A 2xx whose body is cut off is an answer lost (the files may be stored),
+        // not a refusal (explorer).
+        if (xhr.status >= 200 && xhr.status < 300) { fail(); return; }
+      }
+      resolve({ status: xhr.status, body, settle: settled });
+    };
+    xhr.onerror = fail;
+    xhr.onabort = fail;  // by this page's timer, or the page being left
+    giveUpIn(setting("firstProgressTimeoutMs"),
+      `upload timed out: nothing sent in ${seconds(setting("firstProgressTimeoutMs"))} s ` +
+      "(slow or broken connection?)");
+    xhr.send(form);
+  });
+}
+
+// Upload requests in flight on the page, across all its uploads: PARALLEL_CHUNKS at
+// most. Each upload had its own: three asked for 9 of the browser's 6 connections to
+// the server, and those it held back were cut off as stalled (reviewer).
+let sendsInFlight = 0;
+const sendsWaiting = [];  // each send waiting for a place: its resolve, first come first served
+export async function takeSendPlace() {
+  if (sendsInFlight < PARALLEL_CHUNKS) sendsInFlight += 1;
+  else await new Promise((resolve) => sendsWaiting.push(resolve));
+}
+export function freeSendPlace() {
+  const next = sendsWaiting.shift();
+  if (next) next();  // the place passes to it
+  else sendsInFlight -= 1;
+}
+
+// A batch as the server has it now: {body, unknown}; body null if no answer came in
+// time (pollTimeoutMs).
+export async function fetchBatch(batchId) {
+  try {
+    const signal = timeoutSignal(setting("pollTimeoutMs"));
+    const response = await fetch(`/api/jobs/${batchId}`, { cache: "no-store", signal });
+    return { body: response.ok ? await response.json() : null, unknown: response.status === 404 };
+  } catch {
+    return { body: null, unknown: false };
+  }
+}
