@@ -1,0 +1,111 @@
+// "Send N failed files again": which failed files it offers (notWorthAgain), and
+// sending them, each by its own upload (session.js sendAgain).
+import { sayNext, sayOnce, uploadBegins } from "./announce.js";
+import { $ } from "./dom.js";
+import { storedKey } from "./key.js";
+import { FINISHED } from "./rows.js";
+import { page } from "./state.js";
+
+// The one rule of which failed files "Send N failed files again" offers (README's
+// page section says it too): "" for a file that sending again as it is could help,
+// else why not, a key of LEFT_OUT. Worth it: a file not stored for the service's
+// sake (no answer through the page's resends; `busy`, `aws_unavailable`, or a 502-504
+// with no code, past them) or refused for an API key since changed in its box; and, of
+// those a worker failed, a dead letter (the workers holding it crashed, stalled or were
+// stopped: not known to be the image's doing) or an image gone from the input bucket
+// (this page still has it). Not worth it: a file the server refuses for what it is
+// (too large, empty, not an image, unreadable, a token conflict...: refusals.py Code,
+// README "Error codes"), which it would refuse again; a worker's failure on the image
+// itself (it could not decode or classify it, and the same bytes fail the same way);
+// a file the browser can no longer read; and one whose upload the user stopped.
+const SEND_AGAIN_CODES = new Set(["busy", "aws_unavailable"]);  // refusals.py SEND_AGAIN
+const NOT_THERE_YET = new Set([502, 503, 504]);  // a proxy's, or a web tier's answer without JSON
+// How the worker failures worth another try begin: common/failure_tags.py
+// DEAD_LETTER_ERROR, and app_tier/worker.py's missing input (test_web_uploads checks both).
+const WORKER_MAY_DO_BETTER = ["could not be processed: no worker answered for it",
+                              "the uploaded image is missing from the input bucket"];
+const LEFT_OUT = {  // as the page says them, after a count
+  refused: "refused by the server for the file itself",
+  worker: "failed by a worker on the image itself",
+  key: "refused for an API key not changed since",
+  unreadable: "no longer readable by the browser",
+  stopped: "stopped by you",
+};
+function notWorthAgain(entry) {
+  if (entry.id) {  // stored, then failed by a worker or a dead letter
+    const error = entry.el.querySelector(".error").textContent;
+    return WORKER_MAY_DO_BETTER.some((start) => error.startsWith(start)) ? "" : "worker";
+  }
+  const failure = entry.failure || {};
+  if (failure.unanswered) return "";
+  if ("key" in failure) return failure.key === storedKey() ? "key" : "";
+  if (failure.unreadable) return "unreadable";
+  if (failure.stopped) return "stopped";
+  const serviceFailed = failure.code ? SEND_AGAIN_CODES.has(failure.code) : NOT_THERE_YET.has(failure.status);
+  return serviceFailed ? "" : "refused";
+}
+
+// The failed files the page could send again, by upload: {offered: Map(session ->
+// entries), count, leftOut: "" or why the others it holds are not offered}. Only
+// files whose File this page view holds: a reloaded page has none, and no button.
+// An upload still sending is left to end first (its own resends are under way):
+// its failures join the offer then.
+function failedFiles() {
+  const offered = new Map(), leftOut = new Map();
+  let count = 0;
+  for (const session of page.sessions) {
+    if (session.uploading) continue;
+    for (const entry of session.entries) {
+      if (!entry.file || entry.el.dataset.state !== "failed") continue;
+      const why = notWorthAgain(entry);
+      if (why) {
+        leftOut.set(why, (leftOut.get(why) || 0) + 1);
+      } else {
+        offered.set(session, [...(offered.get(session) || []), entry]);
+        count += 1;
+      }
+    }
+  }
+  const reasons = [...leftOut].map(([why, n]) => `${n} ${LEFT_OUT[why]}`);
+  return { offered, count, leftOut: reasons.length ? `not offered: ${reasons.join(", ")}` : "" };
+}
+const someFiles = (n) => `${n} file${n === 1 ? "" : "s"}`;
+
+export function showSendAgain() {
+  const { count, leftOut } = failedFiles();
+  const button = $("send-again");
+  // Hidden with the focus on it (its files went), it left the focus on nothing.
+  if (!count && document.activeElement === button) $("download-csv").focus();
+  button.hidden = !count;
+  button.textContent = `Send ${count} failed file${count === 1 ? "" : "s"} again`;
+  const note = $("send-again-note");
+  note.textContent = count && leftOut ? `(${leftOut})` : "";
+  note.hidden = !note.textContent;
+}
+
+// The rows sent again whose outcome is still to be said (sayAgainDone).
+let sentAgain = [];
+export function wireSendAgain() {
+  $("send-again").addEventListener("click", sendFailedAgain);
+}
+
+function sendFailedAgain() {
+  const { offered, count, leftOut } = failedFiles();
+  if (!count) return;
+  for (const [session, entries] of offered) {
+    sentAgain.push(...entries);
+    session.sendAgain(entries);  // its rows are "uploading" once this returns
+  }
+  uploadBegins();  // its first failure is said as an upload's is
+  sayOnce(`Sending ${someFiles(count)} again${leftOut ? `; ${leftOut}` : ""}`);
+}
+
+// Once every row sent again has finished, how they ended is said, once: the counts
+// said at the end are the page's, the first upload's files among them.
+export function sayAgainDone() {
+  if (!sentAgain.length || !sentAgain.every(({ el }) => FINISHED.has(el.dataset.state))) return;
+  const failed = sentAgain.filter(({ el }) => el.dataset.state === "failed").length;
+  sayNext(`Of the ${someFiles(sentAgain.length)} sent again, ` +
+          `${sentAgain.length - failed} classified${failed ? `, ${failed} failed again` : ""}`);
+  sentAgain = [];
+}

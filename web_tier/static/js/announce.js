@@ -1,0 +1,98 @@
+// What screen readers hear, in the live region #announce.
+import { $, resultsEl } from "./dom.js";
+import { refreshSummaryNow, updateSummary } from "./refresh.js";
+import { setting } from "./settings.js";
+import { page } from "./state.js";
+
+// What screen readers hear: not each result (hundreds would flood them), but each
+// upload's first failure at once with its reason, the count (and the MB sent, while
+// sending) every announceEveryMs (settings.js) while it changes, and the count once all are
+// finished. Said only at the end, 500 files gave 24 s of silence, a refused API key
+// none at all; said for the page's first failure only, a later upload's refused key
+// never was (reviewers). A count that does not change is said again less and less
+// often (15 s, 30, 60, then every 120 s): a stalled run said "0 of 500 classified"
+// every 15 s for ever (reviewer). The summary's notices are said once each (sayOnce).
+const REPEAT_BACK_OFF_MAX = 8;  // the same count waits at most 8 periods: 120 s
+let announcedAt = 0;      // when the live region was last given a text
+let announceTimer = null; // the next time a count may be due
+let progressSaid = "";    // the count (with the MB sent) said last
+let repeatMs = 0;         // how long after it the same count is said again
+const notesForNext = [];  // said once, first in the next announcement, whatever it is (sayNext)
+let failedAtUpload = 0;   // the page's failed rows when the latest upload began
+let failureSaid = false;  // ...and whether one of its failures has been said
+export function uploadBegins() {
+  failedAtUpload = resultsEl.querySelectorAll('.result[data-state="failed"]').length;
+  failureSaid = false;
+}
+// `text` is said first in the next announcement, whatever it is, without asking for one:
+// for a text to go with what the caller is about to change.
+export function sayNext(text) {
+  notesForNext.push(text);
+}
+// `text` is said once, with the summary's next refresh: only the summary line showed
+// its notices, and a folder of no images was chosen in silence (reviewer).
+export function sayOnce(text) {
+  notesForNext.push(text);
+  updateSummary();
+}
+// A notice kept in the summary line, and said once (`spoken`, where the shown text
+// is no good read aloud).
+export function addNotice(text, spoken = text) {
+  page.notices.push(text);
+  sayOnce(spoken);
+}
+// A long name said whole took a screen reader half a minute (reviewer): its start and
+// end, cut between characters as seen (a flag or a family emoji kept whole).
+const graphemes = typeof Intl !== "undefined" && Intl.Segmenter
+  ? (text) => Array.from(new Intl.Segmenter(undefined, { granularity: "grapheme" }).segment(text),
+                         ({ segment }) => segment)
+  : (text) => Array.from(text);
+function shortened(name) {
+  const parts = graphemes(name);
+  return parts.length > 60 ? `${parts.slice(0, 40).join("")}…${parts.slice(-15).join("")}` : name;
+}
+// `counts` and `sending` as the summary line shows them (summary.js).
+export function announceProgress(counts, sending, failed, finished) {
+  clearTimeout(announceTimer);
+  announceTimer = null;
+  const every = setting("announceEveryMs");
+  // With how far the sending has got: on a slow link the count alone stayed
+  // "0 of 24 classified" for minutes, where the summary showed the MB (reviewer).
+  const progress = [counts, sending].filter(Boolean).join(", ");
+  const heard = (said) => {  // the count in `said` is the one to say again, later
+    if (said !== progressSaid) repeatMs = every;
+    progressSaid = said;
+  };
+  let text = null;
+  if (counts) {
+    if (!announcedAt) announcedAt = Date.now();  // the first files chosen start the clock
+    const changed = progress !== progressSaid;
+    const due = Date.now() >= announcedAt + (changed ? every : repeatMs);
+    if (failed > failedAtUpload && !failureSaid) {
+      failureSaid = true;  // later ones are in the counts said every announceEveryMs
+      // The newest rows are last: the latest upload's.
+      const rows = resultsEl.querySelectorAll('.result[data-state="failed"]');
+      const newest = rows[rows.length - 1];
+      const said = shortened(newest.dataset.filename);
+      text = `${counts}. ${said}: ${newest.querySelector(".error").textContent}`;
+      heard(counts);  // with it: not said again bare at once, which cut the reason off
+    } else if (changed ? finished || due : !finished && due) {
+      text = progress;
+      if (!changed) repeatMs = Math.min(2 * repeatMs, REPEAT_BACK_OFF_MAX * every);
+      heard(progress);
+    }
+  }
+  const notes = notesForNext.splice(0);
+  if (notes.length) text = [...notes, text].filter(Boolean).join(". ");
+  if (text !== null) {
+    announcedAt = Date.now();
+    $("announce").textContent = text;
+  }
+  if (counts && !finished) {
+    // Nothing changes while files wait for a worker: without a timer, the count due
+    // was not said (24 s of silence from a cold start: reviewer). None once all are
+    // finished: left to fire, it said the final count a second time.
+    const next = announcedAt + (progress === progressSaid ? repeatMs : every);
+    announceTimer = setTimeout(refreshSummaryNow, Math.max(next - Date.now(), 0));
+  }
+}

@@ -1,0 +1,106 @@
+// The batches kept in the address (#batches=id,id...), so that a reload (or a shared
+// link) shows them again, and what this tab keeps of each in sessionStorage.
+import { addNotice } from "./announce.js";
+import { setting } from "./settings.js";
+
+const BATCH_ID = /^[0-9a-f]{32}$/;
+const SHOWN_STORE = "imgclass.shown.";  // + batch id, in this tab's sessionStorage
+const UNCONFIRMED_STORE = "imgclass.unconfirmed.";  // + id of a batch not yet known to hold a file
+let droppedSaid = false;  // a batch left the address (maxBatchesInUrl): said once
+
+// 32 hex digits, as the server's ids (crypto.randomUUID needs HTTPS, this may not be).
+export function newBatchId() {
+  return Array.from(crypto.getRandomValues(new Uint8Array(16)),
+                    (byte) => byte.toString(16).padStart(2, "0")).join("");
+}
+
+function idsInUrl() {
+  const match = /(?:^#|&)batches=([^&]*)/.exec(location.hash);
+  return match ? match[1].split(",").filter(Boolean) : [];
+}
+
+export function batchesInUrl() {  // each once: a batch named twice was shown twice
+  return [...new Set(idsInUrl().filter((id) => BATCH_ID.test(id)))];
+}
+
+function writeBatches(ids) {
+  history.replaceState(null, "", ids.length ? `#batches=${ids.join(",")}` : location.pathname);
+}
+
+export function rememberBatch(batchId) {
+  const ids = batchesInUrl().filter((id) => id !== batchId);
+  const most = setting("maxBatchesInUrl");
+  const kept = [...ids, batchId];
+  while (kept.length > most) {
+    // The oldest upload whose every file was refused leaves first (only this tab has
+    // its reasons, and nothing of it is on the server), then the oldest batch.
+    const refused = kept.findIndex((id) => id !== batchId && explainedOnly(savedShown(id)));
+    kept.splice(Math.max(refused, 0), 1);
+  }
+  if (kept.length < ids.length + 1 && !droppedSaid) {
+    // Their rows stay on the page, but a reload or the link would not show them: say so.
+    droppedSaid = true;
+    addNotice(`the address keeps the latest ${most} batches: older ones left it, and a ` +
+              "reload will not show them");
+  }
+  writeBatches(kept);
+}
+
+export function forgetBatch(batchId) {
+  writeBatches(batchesInUrl().filter((id) => id !== batchId));
+}
+
+export function setUnconfirmed(batchId, unconfirmed) {
+  try {
+    if (unconfirmed) sessionStorage.setItem(UNCONFIRMED_STORE + batchId, "1");
+    else sessionStorage.removeItem(UNCONFIRMED_STORE + batchId);
+  } catch { /* storage disabled: a reload then says the batch could not be loaded */ }
+}
+
+export function isUnconfirmed(batchId) {
+  try { return sessionStorage.getItem(UNCONFIRMED_STORE + batchId) === "1"; } catch { return false; }
+}
+
+// The rows this tab showed of the batch (Session.save): [] if none.
+export function savedShown(batchId) {
+  try {
+    const shown = JSON.parse(sessionStorage.getItem(SHOWN_STORE + batchId) || "[]");
+    return Array.isArray(shown) ? shown : [];
+  } catch {
+    return [];
+  }
+}
+
+// Keeps `shown`, the batch's rows as this tab shows them, for a reload (savedShown).
+export function saveShown(batchId, shown) {
+  try {
+    sessionStorage.setItem(SHOWN_STORE + batchId, JSON.stringify(shown));
+  } catch { /* storage full or disabled: a reload shows the server's order */ }
+}
+
+// Whether saved rows are of an upload whose every file was refused, or not sent, each
+// with its reason: nothing of it is on the server. Refused only, a batch stopped after
+// a 503 was dropped from the address, and the reload it told of showed nothing (reviewer).
+export function explainedOnly(saved) {
+  return saved.length > 0 && saved.every((shown) => shown.error || shown.why);
+}
+
+// Whether `item` (the server's) is the file of a saved row not heard stored: by the
+// token the file was sent under, which the server keeps with it and echoes. By name,
+// a name the server cleans (web_tier/filenames.py clean_name: spaces around it, a control or
+// bidi character, one cut for length) was not recognised, and its file was shown
+// twice, failed and with its result. A row saved without a token (by an older page)
+// is still matched by name.
+export function sameFile(row, item) {
+  return row.token !== undefined ? item.token === row.token : item.filename === row.name;
+}
+
+// An address edited by hand may name what is not a batch id: said, not nothing, and
+// left out of the address, as is a batch named twice.
+export function tidyAddress() {
+  const malformed = idsInUrl().filter((id) => !BATCH_ID.test(id));
+  if (malformed.length) {
+    addNotice(`not a batch id, ignored: ${malformed.map((id) => id.slice(0, 40)).join(", ")}`);
+  }
+  if (malformed.length || batchesInUrl().length !== idsInUrl().length) writeBatches(batchesInUrl());
+}

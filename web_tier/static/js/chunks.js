@@ -1,0 +1,36 @@
+// An upload's files in chunks, one POST /api/jobs each.
+import { setting } from "./settings.js";
+
+// The bytes of files `entries` ({file}) hold; a restored row has no file.
+export const bytesOf = (entries) => entries.reduce((bytes, { file }) => bytes + (file ? file.size : 0), 0);
+
+// Files per POST /api/jobs: filesPerRequest, 20 at most.
+function chunkFiles() {
+  return Math.max(1, Math.min(20, setting("filesPerRequest")));
+}
+
+// And 8 MB at most whatever the limit (maxChunkBytes): a request carrying 100 MB of
+// photos holds its files back from classification until the last byte is in, and is
+// all sent again if the link drops near its end.
+const CHUNK_BYTES = 8 * 1024 * 1024;
+function maxChunkBytes() {
+  return Math.min(CHUNK_BYTES, setting("maxChunkBytes"));
+}
+
+// `entries` in chunks of at most chunkFiles() files and maxChunkBytes() bytes (a file
+// alone may be larger: the server then says why).
+export function chunked(entries) {
+  const chunks = [];
+  let bytes = 0;
+  for (const entry of entries) {
+    const last = chunks[chunks.length - 1];
+    if (last && last.length < chunkFiles() && bytes + entry.file.size <= maxChunkBytes()) {
+      last.push(entry);
+      bytes += entry.file.size;
+    } else {
+      chunks.push([entry]);
+      bytes = entry.file.size;
+    }
+  }
+  return chunks;
+}

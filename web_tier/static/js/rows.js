@@ -1,0 +1,108 @@
+// The result rows: one <li> per file, made from #result-template. User data (file
+// names, labels, errors) is only ever set with textContent.
+import { banner, resultsEl, template } from "./dom.js";
+import { updateSummary } from "./refresh.js";
+
+// The states a row ends in.
+export const FINISHED = new Set(["done", "failed"]);
+
+export function makeResult(name, after = null) {
+  const el = template.content.firstElementChild.cloneNode(true);
+  setName(el, name);
+  setState(el, "uploading");
+  if (after) after.after(el);
+  else resultsEl.append(el);
+  return el;
+}
+
+// The name as the server keeps it once it has one (control and bidi characters
+// taken out), so that the page shows what a reload and the output bucket show; and
+// cleaned the same way before (uploading, refused unsent, not stored): shown raw,
+// "photo\u202eabc.exe.jpg" read as "photogpj.exe.cba" (explorer).
+export function setName(el, name) {
+  const shown = shownName(name);
+  el.dataset.filename = shown;
+  el.querySelector(".name").textContent = shown;
+}
+
+// As web_tier/filenames.py clean_name (its _BIDI_CONTROLS and _LINE_BREAKING), but
+// not cut for length: bidi controls dropped, controls and line or paragraph
+// separators shown as spaces, trimmed. Files are still matched by token, not name.
+const BIDI_CONTROLS = /[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+const LINE_BREAKING = /[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g;
+function shownName(name) {
+  return name.replace(BIDI_CONTROLS, "").replace(LINE_BREAKING, " ").trim() || "upload";
+}
+
+// Where a file was in the folder it came from, for one whose name another file of
+// its upload has too: two "same.jpg" from two subfolders were two rows alike (reviewer).
+export function setPath(el, path) {
+  const folder = (path || "").split("/").slice(0, -1).join("/");
+  el.dataset.path = folder ? path : "";
+  el.querySelector(".path").textContent = folder ? `in ${folder}/` : "";
+  el.querySelector(".path").hidden = !folder;
+}
+
+export function setState(el, state) {
+  el.dataset.state = state;
+  el.querySelector(".state").textContent = state;
+}
+
+// A row whose file was sent again (`times`: how many times) says so, beside its
+// state: its failure gone, the row would otherwise read as if all had gone well the
+// first time, and a reload in this tab says it too (save).
+export function showSentAgain(entry, times) {
+  entry.again = times;
+  const mark = entry.el.querySelector(".again");
+  mark.textContent = times > 1 ? `sent again (${times} times)` : "sent again";
+  mark.hidden = false;
+}
+
+function formatScore(score) {
+  return typeof score === "number" ? `${(score * 100).toFixed(1)}%` : "";
+}
+
+export function showFailure(el, message) {
+  if (FINISHED.has(el.dataset.state)) return;
+  setState(el, "failed");
+  el.querySelector(".error").textContent = message;
+  updateSummary();
+}
+
+export function showItem(el, item) {
+  // The first answer wins, as on the server: a replayed event changes nothing. But a
+  // late answer does replace a failure (a dead letter's, which the server replaces
+  // too): the row stayed "failed" while the batch said "done" (reviewer).
+  const lateAnswer = el.dataset.state === "failed" && item.state === "done";
+  if (FINISHED.has(el.dataset.state) && !lateAnswer) return;
+  if (lateAnswer) el.querySelector(".error").textContent = "";
+  if (item.state === "queued") {
+    setState(el, "queued");
+    return;
+  }
+  if (item.state === "failed") {
+    showFailure(el, item.error || "failed");
+    return;
+  }
+  el.dataset.label = item.label ?? "";
+  el.dataset.score = typeof item.score === "number" ? item.score.toFixed(6) : "";
+  el.querySelector(".label").textContent = item.label ?? "";
+  el.querySelector(".score").textContent = formatScore(item.score);
+  const top5 = el.querySelector(".top5");
+  top5.replaceChildren();
+  for (const guess of item.top5 || []) {
+    const li = document.createElement("li");
+    li.textContent = `${guess.label} ${formatScore(guess.score)}`;
+    top5.append(li);
+  }
+  el.querySelector(".guesses").hidden = !top5.children.length;
+  // Named for its row: 200 disclosures all read "top 5" (reviewer).
+  el.querySelector(".guesses summary").setAttribute("aria-label", `top 5 for ${el.dataset.filename}`);
+  if (item.untrained) {
+    el.classList.add("untrained");
+    el.querySelector(".untrained-mark").hidden = false;
+    banner.hidden = false;
+  }
+  setState(el, "done");
+  updateSummary();
+}

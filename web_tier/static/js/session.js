@@ -1,0 +1,656 @@
+// One upload, and one batch: its sends and resends, following the batch's results,
+// and (restore.js) a batch shown again after a reload.
+import { uploadBegins } from "./announce.js";
+import {
+  batchesInUrl, explainedOnly, forgetBatch, newBatchId, rememberBatch, sameFile, saveShown, savedShown,
+  setUnconfirmed,
+} from "./batches.js";
+import { bytesOf, chunked } from "./chunks.js";
+import { keyInput } from "./dom.js";
+import { fetchBatch, freeSendPlace, post, refusedWhole, takeSendPlace } from "./http.js";
+import { authHeaders, keyProblem, sayKeyProblem, storedKey } from "./key.js";
+import { updateSummary } from "./refresh.js";
+import { FINISHED, makeResult, setName, setPath, setState, showFailure, showItem, showSentAgain } from "./rows.js";
+import { PARALLEL_CHUNKS, RESEND_DELAYS_MS, resendDelayMs, setting, tooLargeText } from "./settings.js";
+import { page } from "./state.js";
+import { ASK_WAIT_MS, SILENT_ASKS, tell } from "./tabs.js";
+
+const POLL_MS = 2000;        // fallback polling when EventSource fails
+const SSE_GIVE_UP = 3;       // consecutive stream errors before polling instead
+// Event streams open at once; other batches are polled. Each holds one of the
+// browser's six connections to the server until its batch is done: one per upload
+// left later uploads, the status line and other tabs waiting (explorer).
+const MAX_STREAMS = 2;
+// A file this tab had chosen but not yet heard stored when the page was reloaded or left.
+const NOT_STORED = "not stored: its upload had not finished when the page was left or reloaded; choose it again";
+// A file of a batch another tab was sending, not stored once that tab had ended its
+// sends (or was closed or reloaded): this page was not left, nor the file cut off here.
+const NOT_STORED_ELSEWHERE = "not stored by the tab that sent it; see that tab for why";
+// Its sender answers no more: closed or reloaded, it has no reason left to show (reviewer).
+const NOT_STORED_SENDER_GONE = "not stored: the tab sending it was closed or reloaded; choose it again";
+const STOPPED_AGAIN = "not sent again: you stopped the upload (the server may hold it: reload to see)";
+
+// One upload session = one batch.
+// The page names the batch and gives each file a token (its place in the upload):
+// a chunk sent again after its answer was lost (a connection cut, a web tier
+// restarted mid-request) then joins the same batch, and the server does not store
+// again the files it already holds under their tokens.
+// Each entry is one row: `el`; `file` and `token` (its place in the upload) for a file
+// chosen in this tab, or the token saved by the tab that chose it; `id` once the
+// server holds it; `refused`: why it was never stored (not sent again); `unsentWhy`:
+// why this tab gave up sending it (the server may hold it after all); `unsent`: a
+// restored row of a file the server did not hold (see showPendingRow); `path`: where
+// it was in a folder chosen or dropped, shown if another file of the upload has its name;
+// `failure`: how a file not stored failed, for notWorthAgain; `again`: how many times
+// it was sent again (sendAgain), `replaced`: the ids of its items failed by a worker.
+export class Session {
+  constructor(chosen) {  // [{file, path}]
+    this.batchId = newBatchId();
+    this.created = false;     // the server holds the batch: a file of it was stored
+    this.unanswered = false;  // a send got no answer: the server may hold files it stored
+    this.uploading = true;
+    this.byId = new Map();    // item id -> element
+    this.early = new Map();   // results that beat their upload's answer
+    const named = new Map();
+    for (const { file } of chosen) named.set(file.name, (named.get(file.name) || 0) + 1);
+    this.entries = chosen.map(({ file, path }, n) => {
+      const entry = { file, token: String(n), el: makeResult(file.name || "upload") };
+      if (path) entry.el.dataset.chosenPath = path;  // for the CSV, whose rows are not seen side by side
+      if (path && named.get(file.name) > 1) this.setPath(entry, path);
+      return entry;
+    });
+    this.stream = null;
+    this.sseErrors = 0;
+    this.pollTimer = null;
+    this.restored = false;    // rebuilt from the address after a reload, not uploaded here
+    this.place = null;        // a restored batch's rows go after this (kept in address order)
+    this.queue = [];          // {chunk, attempt}: to be sent, resends first
+    this.waiting = 0;         // chunks waiting their delay to be sent again (sendLater)
+    this.resends = new Map(); // their timers -> their entries (see stop)
+    this.inHand = new Set();  // chunks taken from the queue, their answer not in yet
+    this.sentBytes = 0;       // of the requests answered or given up, as far as each got (sendingText)
+    this.stopped = false;     // the user stopped it: nothing more is sent
+    this.keyRefused = false;  // the server refused its API key (refuseKey)
+    this.resendReady = null;  // resolves when one of them joins the queue
+    this.wake = () => {};
+    this.watchFrom = 0;       // a restored batch: watched setting("unsentWatchMs") from then for unsent files
+    this.unknown = false;     // the server's last answer: no such batch
+    this.grewAt = 0;          // opened from its link: when it last showed a file new here
+    // A restored batch that another tab of this browser is still sending (see "other
+    // tabs" below): its files not yet stored are shown still being sent there, and the
+    // batch polled, until that tab says it is done or stops answering.
+    this.otherTabSends = false;
+    this.otherTabEnded = false;   // ...and has said it is done, or stopped answering
+    this.otherTabGone = false;    // ...the latter: closed or reloaded, it has no reasons to show
+    this.unansweredAsks = 0;      // asks in a row that no tab answered
+    this.built = false;           // restore() has built the batch's rows, and follows it
+    this.replaced = new Set();    // ids of items a file sent again replaces: not shown (sendAgain)
+  }
+
+  async run() {
+    // In the address from the start, so that a reload shows the files the server
+    // stored even if no answer came back; until one does, a reload that finds no
+    // such batch shows the files as saved (none stored yet: see restore).
+    rememberBatch(this.batchId);
+    setUnconfirmed(this.batchId, true);
+    const tooLarge = this.entries.filter(({ file }) => file.size > setting("maxFileBytes"));
+    this.refuse(tooLarge, tooLargeText(), true,
+                { code: "too_large" });  // and saves
+    await this.sendAll(this.entries.filter((entry) => !tooLarge.includes(entry)));
+  }
+
+  // "Send N failed files again": `entries`, failed files of this upload that
+  // notWorthAgain lets go, go again by the upload's own path (chunks, tokens, resends,
+  // "Stop sending"), into this batch, not a new one. A file whose answer was lost may
+  // be stored already, and only its batch and token keep it from being stored twice
+  // (the server answers `again` with its item); the batch stays the one the address
+  // names; and a row stays one row, counted once, on this page and after a reload.
+  // A file a worker failed (a dead letter) is another matter: the batch holds it
+  // under its token, which would only give the failure back. It goes under a new token,
+  // and the failed item it replaces is kept off the page (`replaced`, saved for a
+  // reload in this tab too; a browser with nothing saved shows both: README).
+  async sendAgain(entries) {
+    for (const entry of entries) {
+      if (entry.id) {
+        this.byId.delete(entry.id);
+        this.replaced.add(entry.id);
+        entry.replaced = [...(entry.replaced || []), entry.id];
+        delete entry.id;
+        entry.token = `${entry.token.split(".")[0]}.${entry.replaced.length}`;
+        entry.maybeStored = false;  // under its new token, never sent
+      }
+      delete entry.refused;
+      delete entry.unsentWhy;
+      delete entry.failure;
+      entry.el.querySelector(".error").textContent = "";
+      setState(entry.el, "uploading");
+      showSentAgain(entry, (entry.again || 0) + 1);
+    }
+    // Figures of their own (sendingText), unless the summary still counts this
+    // upload's first sends beside others going on: taken out, its figures went back.
+    if (!page.sendingNow.has(this)) this.sentBytes = 0;
+    this.uploading = true;
+    this.stopped = false;
+    this.keyRefused = false;
+    // Back in the address if it had left it (an upload whose every file was refused
+    // is dropped once nothing of it is saved); where it is, kept in its place.
+    if (!batchesInUrl().includes(this.batchId)) rememberBatch(this.batchId);
+    if (!this.created) setUnconfirmed(this.batchId, true);
+    this.save();
+    await this.sendAll(entries);
+  }
+
+  // Sends `entries` (in the upload's chunks), then follows the batch.
+  async sendAll(entries) {
+    this.queue = chunked(entries).map((chunk) => ({ chunk, attempt: 0 }));
+    // Until the batch exists, chunks go one at a time (its event stream can only be
+    // followed then); the rest then join it in parallel. Files sent again later (see
+    // sendLater) keep the upload open until they are in.
+    await this.drain(1, () => this.created);
+    await this.drain(PARALLEL_CHUNKS, () => false);
+    this.uploading = false;
+    tell({ done: this.batchId });  // a tab that restored this batch stops waiting for it
+    if (this.created && !this.stream && !this.pollTimer) this.follow();
+    if (!this.created && !this.unanswered) {  // every file refused or stopped: no such batch
+      setUnconfirmed(this.batchId, false);
+      // Kept in the address while this tab holds the refusals, which a reload shows
+      // (restore): dropped, the reasons went with a reload (reviewer).
+      if (!explainedOnly(savedShown(this.batchId))) forgetBatch(this.batchId);
+    }
+    updateSummary();
+  }
+
+  // Sends the queued chunks, `width` at once (and within the page's places: see
+  // takeSendPlace), until none is left nor waits to be sent again, or until
+  // `enough()`. A resend joins the queue once its delay is over, so never more than
+  // `width` requests are in flight: resends sent beside the pool's choked a slow link
+  // further, and were cut off in turn (reviewer).
+  async drain(width, enough) {
+    const worker = async () => {
+      while (!enough() && !this.stopped) {
+        if (this.queue.length) {
+          await takeSendPlace();
+          // Another of this upload's workers may have taken the last chunk meanwhile.
+          const next = enough() ? null : this.queue.shift();
+          if (next) this.inHand.add(next.chunk);
+          try {
+            if (next) await this.send(next.chunk, next.attempt);
+          } finally {
+            if (next) this.inHand.delete(next.chunk);
+            freeSendPlace();
+          }
+        } else if (this.waiting) {
+          await this.resendReady;
+        } else {
+          return;
+        }
+      }
+    };
+    await Promise.all(Array.from({ length: width }, worker));
+  }
+
+  // Sends `chunk` (its `attempt`-th time), and takes the answer: each step below.
+  async send(chunk, attempt = 0) {
+    const taken = chunk;  // as in this.inHand
+    chunk = await this.readable(chunk, attempt > 0);  // each time: a file may go while a resend waits
+    if (!chunk.length) return;
+    const form = this.formFor(chunk);
+    if (keyProblem()) {
+      sayKeyProblem(keyProblem());
+      this.refuse(chunk, keyProblem(), true, { key: storedKey() });
+      return;
+    }
+    const headers = authHeaders();  // as sent: the key may be edited while this request goes
+    let answer;
+    try {
+      // The answer's body within the answer's time: one cut off or stalled after a
+      // 202 is an answer lost (the files may be stored), not a refusal (explorer).
+      answer = await post(form, headers, bytesOf(chunk));
+      this.counted(taken, bytesOf(chunk), answer.settle);
+    } catch (err) {
+      this.counted(taken, err.sentBytes, err.settle);  // as far as it got
+      this.unanswered = true;
+      for (const entry of chunk) entry.maybeStored = true;  // see stop
+      this.noAnswer(chunk, attempt, err);
+      return;
+    }
+    const { status, body } = answer;
+    if (status === 401) this.keyRefusedBy(headers, chunk);
+    else if (refusedWhole(body)) this.allRefused(chunk, attempt, status, body);
+    else this.stored(chunk, attempt, body);
+  }
+
+  formFor(chunk) {
+    const form = new FormData();
+    for (const { file, token } of chunk) {
+      form.append("files", file, file.name);
+      form.append("tokens", token);
+    }
+    form.append("batch_id", this.batchId);
+    form.append("create", "1");
+    return form;
+  }
+
+  // A request ended, answered or not: counted once, `sentBytes` of it sent, no longer
+  // in hand (its files go again if they must), nor in flight (`settle`, post's).
+  counted(taken, sentBytes, settle) {
+    this.inHand.delete(taken);
+    this.sentBytes += sentBytes;
+    settle();
+  }
+
+  // No answer came (`err`, post's SendFailure): no server (the next web tier still
+  // starting), the answer lost or too long in coming, or cut off by leaving the page.
+  // The chunk goes again: the files' tokens keep those it stored from being stored
+  // twice. (A page left for good runs no timer; one kept in the back/forward cache
+  // sends them when it is shown again.)
+  noAnswer(chunk, attempt, err) {
+    if (attempt < RESEND_DELAYS_MS.length) {
+      this.sendLater(chunk, attempt);
+      return;
+    }
+    // Not remembered for a reload: the server may have stored some, which a reload shows.
+    // A timeout of this page's own is said so: "could not be reached" sent a user
+    // with a slow link to look for a fault in the server (reviewer).
+    if (!page.leaving) {
+      this.refuse(chunk, err.timedOut || "upload failed: the server could not be reached", false,
+                  { unanswered: true });
+    }
+  }
+
+  // 401: the key sent with the chunk (`headers`) was refused, or none was sent.
+  keyRefusedBy(headers, chunk) {
+    // A key was sent and refused: said to be missing, a user who had typed one
+    // looked for another fault (reviewer).
+    const why = headers["X-API-Key"] ? "the API key was refused: check it above and upload again"
+      : "an API key is required: enter it above and upload again";
+    const key = headers["X-API-Key"] || "";
+    this.refuseForKey(chunk, why, key);
+    if (!this.keyRefused) this.refuseKey(why, key);
+  }
+
+  // The request was refused whole (refusedWhole): sent again if the web tier was not
+  // there to store it, else each file failed with the server's reason.
+  allRefused(chunk, attempt, status, body) {
+    // 503: not stored. 502 and 504 (a proxy in front): the web tier not there yet.
+    const unstored = status === 503 || (attempt > 0 && [502, 504].includes(status));
+    if (unstored && attempt < RESEND_DELAYS_MS.length) {
+      this.sendLater(chunk, attempt);
+      return;
+    }
+    this.refuse(chunk, (body && body.error) || `upload refused (HTTP ${status})`, true,
+                { code: body && body.code, status });
+  }
+
+  // The answer's `items` (stored) and `rejected` (refused one by one; those refused
+  // 503, not stored, go again).
+  stored(chunk, attempt, body) {
+    if (body.items.length && !this.created) {
+      this.created = true;
+      setUnconfirmed(this.batchId, false);
+    }
+    for (const item of body.items) {
+      const entry = chunk[item.index];
+      if (!entry) continue;
+      entry.id = item.id;
+      delete entry.failure;
+      if (item.filename) setName(entry.el, item.filename);
+      this.byId.set(item.id, entry.el);
+      setState(entry.el, "queued");
+      if (this.early.has(item.id)) showItem(entry.el, this.early.get(item.id));
+    }
+    const again = [];
+    for (const rejection of body.rejected || []) {
+      const entry = chunk[rejection.index];
+      if (!entry) continue;
+      if (rejection.status === 503 && attempt < RESEND_DELAYS_MS.length) {
+        again.push(entry);  // still "uploading"
+        continue;
+      }
+      entry.refused = rejection.error;
+      entry.failure = { code: rejection.code, status: rejection.status };
+      showFailure(entry.el, rejection.error);
+    }
+    this.save();
+    if (again.length) this.sendLater(again, attempt);
+    // Followed from the first stored file on, and again after a stream that ended
+    // because all that had joined the batch were done (more chunks join it later).
+    if (this.created && !this.stream && !this.pollTimer) this.follow();
+  }
+
+  // The server refused the API key (401): the chunks not yet sent are refused with the
+  // same reason (sent, each would be refused so), and the focus moved to the key's box
+  // once, where the fix is typed: a screen reader user hears the box, and why. It was
+  // moved there at each chunk's 401, pulling the focus back from wherever the user had
+  // gone, once per chunk (reviewer). Resends still waiting out their delay go as they
+  // would, and are refused as their answers come.
+  refuseKey(why, key) {
+    this.keyRefused = true;
+    sayKeyProblem(why);
+    keyInput.focus();
+    const unsent = this.queue.flatMap(({ chunk }) => chunk);
+    this.queue = [];
+    this.refuseForKey(unsent, why, key);
+  }
+
+  // Refused for the key: files an earlier send may have stored (its answer lost) are
+  // said so, and not kept as refused for a reload, where the server's item shows
+  // instead. Kept, a reload showed such a file twice, failed and done, and the advice
+  // to send it again had it classified twice (reviewer).
+  // `key`: the key refused ("" for none), which the files wait to see changed (notWorthAgain).
+  refuseForKey(entries, why, key) {
+    const mayBeStored = `${why} (an earlier send may have stored it: reload to see)`;
+    this.refuse(entries.filter((entry) => entry.maybeStored), mayBeStored, false, { key });
+    this.refuse(entries.filter((entry) => !entry.maybeStored), why, true, { key });
+  }
+
+  // The entries whose files can still be read; the others failed, each with why.
+  // One file moved or deleted since it was chosen made the browser refuse to send its
+  // whole chunk, which was then said to have found no server (explorer). `resending`:
+  // an earlier send may have stored them (its answer lost), so they are failed as not
+  // stored, which the server's item, found by token, replaces (showNew), not refused.
+  async readable(chunk, resending) {
+    // Its first byte, or the whole of an empty one: a deleted file's size reads as 0,
+    // and only reading it whole fails then.
+    const read = await Promise.all(chunk.map(({ file }) =>
+      (file.size ? file.slice(0, 1) : file).arrayBuffer().then(() => true, () => false)));
+    const unreadable = chunk.filter((_, i) => !read[i]);
+    // Changed too: the browser refuses a file whose size or date moved since (reviewer).
+    this.refuse(unreadable, "the file could not be read: changed, moved or deleted since it was chosen?",
+                !resending, { unreadable: true });
+    return chunk.filter((_, i) => read[i]);
+  }
+
+  // Send `entries` again after a while, without holding up the other chunks: they
+  // wait outside the pool, then go first (see drain).
+  sendLater(entries, attempt) {
+    if (this.stopped) {
+      this.refuseStopped(entries);
+      return;
+    }
+    if (!this.waiting) this.resendReady = new Promise((resolve) => { this.wake = resolve; });
+    this.waiting += 1;
+    const timer = setTimeout(() => {
+      this.resends.delete(timer);
+      this.waiting -= 1;
+      this.queue.unshift({ chunk: entries, attempt: attempt + 1 });
+      this.wakeDrain();
+    }, resendDelayMs(attempt));
+    this.resends.set(timer, entries);
+  }
+
+  wakeDrain() {
+    const wake = this.wake;
+    this.resendReady = new Promise((resolve) => { this.wake = resolve; });
+    wake();
+  }
+
+  // The user's "Stop sending": the chunks in flight end as they would (the server
+  // may be storing them), and nothing else is sent. A wrong folder of thousands of
+  // files on a slow link could only be stopped by leaving the page (reviewer).
+  stop() {
+    if (!this.uploading || this.stopped) return;
+    this.stopped = true;
+    // Resends first: the server may hold those files (their answers were lost), as a
+    // reload then shows; the rest were never sent.
+    for (const [timer, entries] of this.resends) {
+      clearTimeout(timer);
+      this.refuseStopped(entries);
+    }
+    this.resends.clear();
+    this.waiting = 0;
+    const queued = this.queue.flatMap(({ chunk }) => chunk);
+    this.queue = [];
+    this.refuseStopped(queued);
+    this.wakeDrain();
+    updateSummary();
+  }
+
+  // Files the stop left unsent, each said as what the server may hold of it: those
+  // whose answer was lost may be stored; those it answered 503 (or never got) are not.
+  refuseStopped(entries) {
+    const stopped = { stopped: true };
+    this.refuse(entries.filter((entry) => entry.maybeStored), STOPPED_AGAIN, false, stopped);
+    this.refuse(entries.filter((entry) => !entry.maybeStored), "not sent: you stopped the upload", false,
+                stopped);
+  }
+
+  setPath(entry, path) {
+    entry.path = path;
+    setPath(entry.el, path);
+  }
+
+  // `failure`: how it failed, for notWorthAgain ({code, status} of a refusal, or
+  // {unanswered}, {key}, {unreadable}, {stopped}).
+  refuse(chunk, why, remember = true, failure = {}) {
+    for (const entry of chunk) {
+      if (remember) entry.refused = why;
+      else entry.unsentWhy = why;  // a reload shows it so, unless the server has it
+      entry.failure = failure;
+      showFailure(entry.el, why);
+    }
+    this.save();
+  }
+
+  // What the server cannot tell a reloaded page: the order the files were chosen in
+  // (chunks sent in parallel join the batch in any order), the files it refused, and
+  // those not yet stored (a reload that left them out said nothing of them: explorer).
+  // Saved from the start: a reload before the first answer came may find files stored.
+  save() {
+    const shown = this.entries.map((entry) => ({
+      ...(entry.id ? { id: entry.id }
+        : entry.refused ? { name: entry.el.dataset.filename, error: entry.refused }
+          : { name: entry.el.dataset.filename, unsent: true, why: entry.unsentWhy, token: entry.token }),
+      ...(entry.path ? { path: entry.path } : {}),
+      ...(entry.again ? { again: entry.again } : {}),
+      ...(entry.replaced ? { replaced: entry.replaced } : {}),
+    }));
+    saveShown(this.batchId, shown);
+  }
+
+  apply(item) {
+    if (this.replaced.has(item.id)) return;  // its file was sent again: its new item stands
+    const el = this.byId.get(item.id);
+    if (el) showItem(el, item);
+    // Joined the batch after it was loaded, or stored by a send whose answer was lost.
+    else if (this.restored || this.pendingRowFor(item)) this.showNew(item);
+    else this.early.set(item.id, item);
+  }
+
+  // The row of a file not heard stored that is `item` (sameFile): one this tab gave up
+  // sending, or a restored one; the server stored it after all (a send's answer lost).
+  pendingRowFor(item) {
+    return this.entries.find((entry) => (entry.unsent || entry.unsentWhy) && !entry.id &&
+      sameFile({ token: entry.token, name: entry.el.dataset.filename }, item));
+  }
+
+  // A new row of a restored batch, after the batch's other rows (or its place).
+  newRow(name) {
+    return makeResult(name, this.entries.length ? this.entries[this.entries.length - 1].el : this.place);
+  }
+
+  // An item of a restored batch, after the batch's other rows; or, if `adopt`, in the
+  // row of a file shown not stored (see sameFile), which the server stored after all.
+  showNew(item, adopt = true) {
+    const unsent = adopt && this.pendingRowFor(item);
+    let el;
+    if (unsent) {
+      ({ el } = unsent);
+      delete unsent.unsent;
+      delete unsent.unsentWhy;
+      delete unsent.failure;
+      unsent.id = item.id;
+      if (item.filename) setName(el, item.filename);  // as the server keeps it
+      el.querySelector(".error").textContent = "";
+      setState(el, "queued");
+    } else {
+      el = this.newRow(item.filename || "upload");
+      this.entries.push({ file: null, el, id: item.id });
+    }
+    this.byId.set(item.id, el);
+    showItem(el, item);
+    if (this.built && this.grewAt) this.grewAt = Date.now();
+    updateSummary();  // a row that joins queued is counted too
+  }
+
+  // A file chosen in this tab (or the one it was copied from) that the server did not
+  // hold when the batch was restored.
+  showUnsent(name, why, token) {
+    const entry = { file: null, el: this.newRow(name), unsent: true, unsentWhy: why, token };
+    this.entries.push(entry);
+    this.showPendingRow(entry);
+  }
+
+  // A restored row the server does not hold: failed with its own reason if it has one.
+  // Else, while another tab still sends the batch, shown being sent there, neither
+  // failed nor counted so (told to choose it again, a user sent it twice: explorer);
+  // failed as lost once that tab is done. Its item takes the row if it comes (showNew).
+  showPendingRow(entry) {
+    const { el } = entry;
+    if (this.otherTabSends && !entry.unsentWhy) {
+      setState(el, "uploading");
+      el.querySelector(".state").textContent = "uploading in another tab";
+      el.querySelector(".error").textContent = "";
+    } else {
+      const ended = this.otherTabGone ? NOT_STORED_SENDER_GONE : NOT_STORED_ELSEWHERE;
+      showFailure(el, entry.unsentWhy || (this.otherTabEnded ? ended : NOT_STORED));
+    }
+  }
+
+  showPending() {
+    for (const entry of this.entries) if (entry.unsent && !entry.id) this.showPendingRow(entry);
+    updateSummary();
+  }
+
+  askSender() {
+    this.unansweredAsks += 1;
+    tell({ ask: this.batchId });
+  }
+
+  // Resolves once another tab has said it sends this batch, or after ASK_WAIT_MS.
+  async senderAnswer() {
+    const until = Date.now() + ASK_WAIT_MS;
+    while (!this.otherTabSends && Date.now() < until) await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+
+  // Another tab says it sends this batch: its files not yet stored are being sent
+  // (again, if that tab had been taken for gone: busy or frozen a while), and the
+  // batch followed.
+  senderAnswered() {
+    this.unansweredAsks = 0;
+    if (this.otherTabSends) return;
+    this.otherTabSends = true;
+    this.otherTabEnded = false;
+    this.showPending();
+    if (this.built && !this.pollTimer) this.poll();
+  }
+
+  // The tab sending this batch has ended its sends, or answers no more (`gone`: closed
+  // or reloaded, it could not say so): what it did not store is lost, and the batch
+  // watched a while for a late chunk. `refreshed`: the caller has just read the batch.
+  async senderDone(refreshed = false, gone = false) {
+    this.otherTabSends = false;
+    this.otherTabEnded = true;
+    this.otherTabGone = gone;
+    this.watchFrom = Date.now();
+    // Its last chunks may be stored and not yet seen here: looked for first, so that
+    // no file the server holds is shown failed, even for a poll (explorer).
+    if (this.built && !refreshed) await this.refresh();
+    this.showPending();
+    if (this.built && !this.pollTimer) this.poll();
+  }
+
+  unfinished() {
+    return this.entries.some(({ el }) => !FINISHED.has(el.dataset.state));
+  }
+
+  async refresh() {
+    const { body, unknown } = await fetchBatch(this.batchId);
+    this.unknown = unknown;
+    try {
+      // A file of it is stored: a reload that finds no such batch now finds it expired.
+      if (body.items.length) setUnconfirmed(this.batchId, false);
+      body.items.forEach((item) => this.apply(item));
+    } catch { /* no answer in time, or no such batch (yet): the next event or poll fills the gap */ }
+  }
+
+  follow() {
+    if (!window.EventSource || this.sseErrors >= SSE_GIVE_UP || page.openStreams >= MAX_STREAMS) {
+      this.poll();
+      return;
+    }
+    const stream = new EventSource(`/api/jobs/${this.batchId}/events`);
+    this.stream = stream;
+    page.openStreams += 1;
+    let reconnecting = false;
+    stream.onopen = () => {
+      // Whatever finished while we were away: fetch it once.
+      if (reconnecting) this.refresh();
+      reconnecting = false;
+    };
+    stream.onmessage = (event) => {
+      this.sseErrors = 0;
+      try { this.apply(JSON.parse(event.data)); } catch { /* ignore a damaged event */ }
+    };
+    stream.addEventListener("end", () => {
+      this.closeStream();
+      // More chunks may still be uploading: send() follows again when one is in.
+      // If they are all in and some still wait, this `end` was sent before the last
+      // chunk joined the batch: poll until they finish (a single refresh could miss them).
+      if (!this.uploading && this.unfinished()) this.poll();
+    });
+    stream.onerror = () => {
+      reconnecting = true;
+      this.sseErrors += 1;
+      if (stream.readyState === EventSource.CLOSED || this.sseErrors >= SSE_GIVE_UP) {
+        this.closeStream();
+        this.poll();
+      }
+    };
+  }
+
+  closeStream() {
+    if (!this.stream) return;
+    this.stream.close();
+    this.stream = null;
+    page.openStreams -= 1;
+  }
+
+  poll() {
+    if (this.pollTimer) return;
+    // The next poll POLL_MS after this one answers, not every POLL_MS: a batch
+    // rebuilt from S3 after a restart can take many seconds to answer.
+    const tick = async () => {
+      await this.refresh();
+      // Some asks in a row unanswered: the sending tab was closed or reloaded, or is
+      // frozen (if it answers again, senderAnswered brings its rows back).
+      if (this.otherTabSends && this.unansweredAsks >= SILENT_ASKS) this.senderDone(true, true);
+      if (this.restored) this.askSender();
+      // A while after a restore (a chunk received whole before the reload, for an
+      // unsent row) and after the sending tab ended (its last chunks).
+      const watched = Date.now() < this.watchFrom + setting("unsentWatchMs") &&
+        (this.otherTabEnded || this.entries.some((entry) => entry.unsent));
+      const growing = Date.now() < this.grewAt + setting("followIdleMs");
+      const watching = this.uploading || this.unfinished() || this.otherTabSends || watched || growing;
+      this.pollTimer = watching ? setTimeout(tick, POLL_MS) : null;
+      if (!watching && this.restored && this.unknown) {
+        // Still no such batch once the watch is over: nothing of it will come now, and
+        // each reload showed its files "not stored" again, for good. Their rows stay
+        // for this page view.
+        setUnconfirmed(this.batchId, false);
+        forgetBatch(this.batchId);
+      }
+    };
+    this.pollTimer = setTimeout(tick, 0);
+  }
+}
+
+// A new upload of the files `chosen` ([{file, path}]), as one batch.
+export function upload(chosen) {
+  if (!chosen.length) return;
+  uploadBegins();
+  const session = new Session(chosen);
+  page.sessions.push(session);
+  updateSummary();
+  session.run();
+}

@@ -1,0 +1,53 @@
+// The status line at the top: the queue, the instances and this web tier's counts,
+// from GET /api/status every STATUS_MS.
+import { $, banner, keyBox } from "./dom.js";
+import { timeoutSignal } from "./http.js";
+import { setting } from "./settings.js";
+
+const STATUS_MS = 2000;
+
+// A hung server (stopped, restarting) never answered: the line kept its old figures
+// as if current, and a new request every 2 s piled up behind the first (explorer).
+let statusAsking = false;
+let statusAnsweredAt = null;
+async function refreshStatus() {
+  if (statusAsking) return;
+  statusAsking = true;
+  const line = $("status-line");
+  try {
+    const response = await fetch("/api/status", { cache: "no-store", signal: timeoutSignal(setting("statusTimeoutMs")) });
+    const s = await response.json();
+    statusAnsweredAt = new Date();
+    if (s.api_key_required) keyBox.hidden = false;
+    if (s.untrained) banner.hidden = false;
+    const parts = [];
+    if (s.queue) parts.push(`queue: ${s.queue.visible} waiting, ${s.queue.in_flight} in progress`);
+    if (s.instances_total !== null && s.instances_total !== undefined) {
+      const i = s.instances || {};
+      parts.push(`instances: ${i.running || 0} running, ${i.pending || 0} starting, ` +
+                 `${(i.stopping || 0) + (i["shutting-down"] || 0)} stopping` +
+                 (s.workers_failed ? `, ${s.workers_failed} whose worker failed` : ""));
+    }
+    if (s.totals) {
+      // This web tier process's counts: a restarted one starts again from zero.
+      const since = s.totals_since ? ` since ${new Date(s.totals_since * 1000).toLocaleTimeString()}` : "";
+      // Failed after upload (by a worker, or every attempt lost): refused uploads are
+      // not counted, and a batch's own summary counts them too.
+      parts.push(`answered here${since}: ${s.totals.answered}, failed after upload: ${s.totals.failed}`);
+    }
+    // What could not be read, or how old the figures are while AWS does not answer.
+    if (Array.isArray(s.errors)) parts.push(...s.errors.map(String));
+    line.textContent = parts.join(" · ") || "status unavailable";
+  } catch {
+    line.textContent = statusAnsweredAt
+      ? `status unavailable: the server has not answered since ${statusAnsweredAt.toLocaleTimeString()}`
+      : "status unavailable";
+  } finally {
+    statusAsking = false;
+  }
+}
+
+export function startStatus() {
+  refreshStatus();
+  setInterval(refreshStatus, STATUS_MS);
+}

@@ -1,0 +1,95 @@
+// The summary line under the rows, and all that follows them at each refresh: the
+// tools shown (filter, CSV, "Stop sending", "Send again"), the tab's title, and what
+// screen readers hear. Refreshed through refresh.js's updateSummary.
+import { announceProgress, sayNext } from "./announce.js";
+import { sayAgainDone, showSendAgain } from "./again.js";
+import { bytesOf } from "./chunks.js";
+import { onlyFailed } from "./csv.js";
+import { $, resultsEl } from "./dom.js";
+import { updateSummary } from "./refresh.js";
+import { page } from "./state.js";
+
+const TITLE = document.title;
+
+// Of the uploads under way, all of them: the files answered, in hand and still to go.
+// Of the requests in flight alone, the figures went backwards as each ended, and
+// never said the upload's size (reviewer).
+// The uploads since none was under way: one that ended while another goes on stays
+// in the figures, which went back ("75 of 100" to "25 of 50") as it left (reviewer).
+// What went counts as sent, a request answered 503 or cut off included: its files to
+// go again add their bytes to the size instead. Taken back from the bytes sent, the
+// figure went backwards at each resend ("1.0 of 2.0 MB" after "2.0 of 2.0").
+// (page.sendingNow: those uploads.)
+function sendingText() {
+  const { sendingNow } = page;
+  const uploading = page.sessions.filter((session) => session.uploading);
+  if (!uploading.length) sendingNow.clear();
+  for (const session of uploading) sendingNow.add(session);
+  let sent = 0, size = 0;
+  for (const session of sendingNow) {
+    const toGo = [...session.inHand, ...session.queue.map(({ chunk }) => chunk), ...session.resends.values()];
+    sent += session.sentBytes;
+    size += session.sentBytes + bytesOf(toGo.flat());
+  }
+  for (const bytes of page.sendProgress.values()) sent += bytes;
+  if (!size) return "";
+  const mb = (bytes) => (bytes / 1048576).toFixed(1);
+  return `sending ${mb(Math.min(sent, size))} of ${mb(size)} MB`;
+}
+
+
+export function refreshSummary() {
+  const all = resultsEl.querySelectorAll(".result");
+  let done = 0, failed = 0;
+  for (const el of all) {
+    if (el.dataset.state === "done") done += 1;
+    else if (el.dataset.state === "failed") failed += 1;
+  }
+  const counts = all.length ? `${done} of ${all.length} classified${failed ? `, ${failed} failed` : ""}` : "";
+  const sending = sendingText();
+  $("summary").textContent = [counts, sending, ...page.notices, ...page.folderNotices].filter(Boolean)
+    .join(" · ");
+  // Among hundreds of rows, the few that failed are the ones to act on.
+  const onlyFailedBox = $("only-failed-box");
+  if (!failed && !onlyFailedBox.hidden) {
+    // No row failed any more (a late answer replaced a failure): hidden with the focus
+    // on it, the focus fell to the page's body; and left checked, it filtered the
+    // rows at once when a failure brought it back (reviewer).
+    if (document.activeElement === $("only-failed")) $("download-csv").focus();
+    $("only-failed").checked = false;
+  }
+  onlyFailedBox.hidden = !failed;
+  $("only-failed-count").textContent = failed ? ` (${failed})` : "";
+  resultsEl.classList.toggle("only-failed", Boolean(failed) && $("only-failed").checked);
+  $("download-csv").textContent = onlyFailed() ? "Download the failed files (CSV)"
+    : done + failed < all.length ? "Download the results so far (CSV)" : "Download the results (CSV)";
+  $("tools").hidden = !all.length;
+  const stopSending = $("stop-sending");
+  const stoppable = page.sessions.some((session) => session.uploading && !session.stopped);
+  // Hidden with the focus on it (the uploads ended), it left the focus on nothing.
+  if (!stoppable && document.activeElement === stopSending) $("download-csv").focus();
+  stopSending.hidden = !stoppable;
+  showSendAgain();
+  sayAgainDone();
+  const finished = done + failed === all.length;
+  // The tab's title follows too: a user waiting in another tab could not. Once all
+  // are finished it says how they ended, until the next upload: it went back to the
+  // bare title, and a user coming back to the tab could not tell (reviewer).
+  const ended = `Done: ${done} classified${failed ? `, ${failed} failed` : ""}`;
+  document.title = !counts ? TITLE : finished ? `${ended} · ${TITLE}` : `(${done + failed}/${all.length}) ${TITLE}`;
+  announceProgress(counts, sending, failed, finished);
+}
+
+// The filter and "Stop sending", which the summary shows or hides.
+export function wireTools() {
+  $("only-failed").addEventListener("change", updateSummary);
+  $("stop-sending").addEventListener("click", () => {
+    // Rows being sent stay "uploading" until their request ends: said, or the press
+    // seemed to do nothing (reviewer). In the one text the summary's next refresh says,
+    // with the files the stop left unsent if any: said apart, ms apart, one went unheard.
+    sayNext("Stopped: files already on their way finish sending, the rest are not sent");
+    for (const session of page.sessions) session.stop();
+    updateSummary();
+    $("download-csv").focus();  // the button goes: focus left on nothing (reviewer)
+  });
+}
