@@ -13,7 +13,8 @@ inference and the model never waits for S3 or SQS. A heartbeat thread extends
 the visibility timeout of every message the worker holds (`app_tier/held.py`), so a slow batch is
 never redelivered by mistake, unless a model call or an image's decoding has
 not ended within STALL_TIMEOUT (or an iteration of the main or fetch loop
-within 30 minutes more: a deadlock): a worker stuck there gives its messages
+within 30 minutes more: a deadlock; `app_tier/stall_watch.py` tells, and pings
+systemd's watchdog while the heartbeat beats): a worker stuck there gives its messages
 back and exits to be restarted. On SIGTERM the worker stops receiving,
 finishes the batch in hand if it can within the grace period, and hands
 everything else back to the queue at once, so no request waits out a
@@ -34,9 +35,8 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,6 +47,7 @@ from app_tier.held import AWS_ERRORS, PRIOR_RECEIVES_ATTRIBUTE, HeldMessages, Jo
 from app_tier.held_journal import HeldJournal, held_journal_path
 from app_tier.images import BadImage, prepare
 from app_tier.model import Classification, Classifier
+from app_tier.stall_watch import Call, StallWatch
 from app_tier.stored_answer import stored_answer
 from common import systemd
 from common.aws import FIRST_RECEIVED_ATTRIBUTE, Aws, error_code, first_received_s, is_not_found, sqs_batches
@@ -66,19 +67,6 @@ from common.signals import on_signals
 
 log = logging.getLogger(__name__)
 
-# Besides a model call or decodes, which STALL_TIMEOUT bounds, an iteration of the
-# main or fetch loop waits for a few AWS calls one after another (the main loop for
-# the previous batch's writes, reply and delete), each up to ~4 minutes at botocore's
-# worst (six attempts of 5 s to connect and 30 s to read, with backoff): an
-# iteration longer than the stall timeout plus this is a deadlock, not slowness.
-LOOP_SLACK_S = 1800.0
-# A heartbeat round extends the visibility of every message held: up to three
-# batches of 10 (one being finished, one classified, one fetched ahead), so three SQS
-# calls one after another, each up to ~4 minutes at botocore's worst. A round that
-# has not ended this long after it was due is blocked (on a lock a deadlocked thread
-# holds), and the watchdog pings stop. (At 300 s, a worker waiting out an SQS
-# slowdown was restarted by systemd as hung: explorer.)
-HEARTBEAT_SLACK_S = 900.0
 # How long a receive hides what it takes. The worker extends what it received to
 # VISIBILITY_TIMEOUT at once, beside the downloads, and its heartbeat, every third of
 # this, extends all it holds. A worker killed with a long poll open never sees what
@@ -94,15 +82,6 @@ REPLY_RETRY_PAUSES_S = (0.1, 0.5)
 RECEIVE_BACKOFF_MAX_S = 30.0
 # How long the grace period's end waits for a receive under way (see _give_up).
 GRACE_RECEIVE_WAIT_S = 2.0
-
-
-@dataclass
-class Call:
-    """A call that must end for the worker to go on: a model call, or one image's decoding."""
-
-    kind: str
-    started: float  # time.monotonic()
-    jobs: list[Job]
 
 
 @dataclass
@@ -140,20 +119,12 @@ class Worker:
         # One batch at a time is written while the next is classified.
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
         self._finishing: Future | None = None
-        # The model call and the decodes under way, by thread: the heartbeat's
-        # evidence that the worker is stuck rather than slow.
-        self._calls: dict[int, Call] = {}
-        self._calls_lock = threading.Lock()
-        # When the main and fetch loops last began an iteration, while they run.
-        self._loop_ticks: dict[str, float] = {}
         self._exit = os._exit  # tests put a recorder here
         self._grace_timer: threading.Timer | None = None
-        # How often to ping systemd's watchdog; None when not run by one.
-        self._watchdog_s = systemd.watchdog_interval_s()
         self._receive_lease_s = min(settings.visibility_timeout_s, RECEIVE_LEASE_S)
         # A third of the lease: a beat late by two thirds of it still keeps what is held.
-        self._heartbeat_period_s = max(1.0, min(self._receive_lease_s, settings.stall_timeout_s) / 3)
-        self._last_beat = time.monotonic()  # when the heartbeat last ended a round
+        heartbeat_period_s = max(1.0, min(self._receive_lease_s, settings.stall_timeout_s) / 3)
+        self.stall_watch = StallWatch(settings.stall_timeout_s, heartbeat_period_s)
         self._watchdog: threading.Thread | None = None
         self._heartbeat: threading.Thread | None = None
         self._fetcher: threading.Thread | None = None
@@ -181,7 +152,7 @@ class Worker:
             # now at the default grace, but only just: what it brings at the last moment
             # is handed back too, not left hidden for its lease (reviewer). Systemd's
             # kill (TimeoutStopSec=30) leaves room over SHUTDOWN_GRACE's 25 s at most.
-            self._give_back([job for call in self._calls_under_way() for job in call.jobs],
+            self._give_back([job for call in self.stall_watch.calls_under_way() for job in call.jobs],
                             wait_for_receive_s=GRACE_RECEIVE_WAIT_S)
         finally:
             self._exit(0)
@@ -219,15 +190,16 @@ class Worker:
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._heartbeat.start()
         systemd.notify("READY=1")  # a no-op when not run by systemd
-        if self._watchdog_s:
-            self._watchdog = threading.Thread(target=self._watchdog_loop, name="watchdog", daemon=True)
+        if self.stall_watch.watchdog_s:
+            self._watchdog = threading.Thread(target=self.stall_watch.ping_watchdog, name="watchdog",
+                                              args=(self._heartbeat, self._finished), daemon=True)
             self._watchdog.start()
         # Ready and watched first: SQS slow to answer (botocore retrying) must not look
         # like a worker that never started. Before the first receive: see the method.
         self.held.show_what_the_last_worker_held()
         fetcher.start()
         while not (self.stopping.is_set() and self._prefetched.empty() and not fetcher.is_alive()):
-            self._loop_ticks["main"] = time.monotonic()
+            self.stall_watch.tick("main")
             try:
                 batch = self._prefetched.get(timeout=0.5)
             except queue.Empty:
@@ -242,7 +214,7 @@ class Worker:
                 continue
             self._wait_for_finishing()
             self._finishing = self._finisher.submit(self._finish_or_release, batch, responses)
-        self._loop_ticks.pop("main", None)
+        self.stall_watch.loop_ended("main")
         self._wait_for_finishing()
         self._finished.set()
         self.held.hand_back_all()
@@ -255,13 +227,13 @@ class Worker:
         try:
             self._fetch_until_stopped()
         finally:
-            self._loop_ticks.pop("fetch", None)
+            self.stall_watch.loop_ended("fetch")
 
     def _fetch_until_stopped(self) -> None:
         backoff = 0.0
         failing_since: float | None = None
         while not self.stopping.is_set():
-            self._loop_ticks["fetch"] = time.monotonic()
+            self.stall_watch.tick("fetch")
             if not self._prefetch_slot.acquire(timeout=0.5):
                 continue
             try:
@@ -397,7 +369,7 @@ class Worker:
         try:
             # Watched while decoding, not while waiting its turn for a large decode.
             job.pixels = prepare(data, self.settings.max_image_pixels, self._large_decodes,
-                                 watch=lambda: self._must_end("decode", [job]))
+                                 watch=lambda: self.stall_watch.must_end("decode", [job]))
         except BadImage as exc:
             job.error = str(exc)
         except Exception:  # e.g. MemoryError: maybe not the image's fault, so not its answer
@@ -535,7 +507,7 @@ class Worker:
         while pending:
             group = pending.popleft()
             try:
-                with self._must_end("model call", group):
+                with self.stall_watch.must_end("model call", group):
                     out = self.classifier.classify(np.stack([j.pixels for j in group]))
             except Exception as exc:  # a model error on this input, not a worker fault...
                 if _out_of_memory(exc):
@@ -625,58 +597,15 @@ class Worker:
         return refused + [job for job, _ in pending.values()]
 
     def _heartbeat_loop(self) -> None:
-        self._last_beat = time.monotonic()
-        while not self._finished.wait(self._heartbeat_period_s):
-            stuck = self._stuck(time.monotonic())
+        watch = self.stall_watch
+        watch.beat()
+        while not self._finished.wait(watch.heartbeat_period_s):
+            stuck = watch.stuck(time.monotonic())
             if stuck is not None:
                 self._give_up_stuck(stuck)
                 return
             self.held.extend()
-            self._last_beat = time.monotonic()
-
-    def _watchdog_loop(self) -> None:
-        """Tell systemd the worker is alive for as long as its heartbeat beats. The pings
-        stop when this thread cannot run (a hang that holds Python's lock stops every
-        thread, the heartbeat too), when the heartbeat has died, or when its round is
-        blocked (a deadlock on one of the worker's locks, which would also block its
-        give-up): systemd then restarts the worker."""
-        assert self._watchdog_s
-        while not self._finished.wait(self._watchdog_s) and self._heartbeat_beats():
-            systemd.notify("WATCHDOG=1")
-
-    def _heartbeat_beats(self) -> bool:
-        late_s = time.monotonic() - self._last_beat - self._heartbeat_period_s
-        return self._heartbeat is not None and self._heartbeat.is_alive() and late_s < HEARTBEAT_SLACK_S
-
-    @contextmanager
-    def _must_end(self, kind: str, jobs: list[Job]) -> Iterator[None]:
-        """Mark a call the heartbeat watches: if it has not ended within the stall
-        timeout, the worker is stuck (a wedged runtime, or an image that hangs the
-        decoder: Pillow has had such bugs), not slow."""
-        thread = threading.get_ident()
-        with self._calls_lock:
-            self._calls[thread] = Call(kind, time.monotonic(), jobs)
-        try:
-            yield
-        finally:
-            with self._calls_lock:
-                del self._calls[thread]
-
-    def _calls_under_way(self) -> list[Call]:
-        with self._calls_lock:
-            return list(self._calls.values())
-
-    def _stuck(self, now: float) -> Call | None:
-        """The oldest call under way for longer than the stall timeout, if there is one;
-        else a loop iteration that has outlasted every bound on what it waits for (a
-        deadlock: no image to blame, so a Call without jobs)."""
-        limit = self.settings.stall_timeout_s
-        late = [c for c in self._calls_under_way() if now - c.started >= limit]
-        if not late:
-            ticks = dict(self._loop_ticks)
-            late = [Call(f"{loop} loop iteration", began, []) for loop, began in ticks.items()
-                    if now - began >= limit + LOOP_SLACK_S]
-        return min(late, key=lambda c: c.started, default=None)
+            watch.beat()
 
     def _give_up_stuck(self, stuck: Call) -> None:
         """A call that never returns would keep its messages hidden for good (this

@@ -30,8 +30,9 @@ from app_tier.held import (
     retry_delay_s,
 )
 from app_tier.model import Classification
+from app_tier.stall_watch import Call
 from app_tier.stored_answer import stored_answer
-from app_tier.worker import Batch, Call, Worker, warm_up
+from app_tier.worker import Batch, Worker, warm_up
 from common.aws import Aws
 from common.config import SHORT_POLL_PAUSE_S, Settings
 from common.failure_tags import DEAD_LETTER_ERROR, failed_by, failure_from_tags, failure_tagging
@@ -1394,12 +1395,12 @@ def test_a_deadlocked_fetch_loop_hands_its_messages_back_and_the_worker_exits(aw
     """A deadlock outside any model call or decode (a bug of ours): the loop's iteration
     outlasts every bound on what it waits for. Its messages go back untried, as no
     image is to blame, and the worker exits to be restarted."""
-    import app_tier.worker
+    import app_tier.stall_watch
     from tests.unit.conftest import wait_until
 
     settings, aws = aws_env
     settings = dataclasses.replace(settings, visibility_timeout_s=30, stall_timeout_s=1)
-    monkeypatch.setattr(app_tier.worker, "LOOP_SLACK_S", 0.5)
+    monkeypatch.setattr(app_tier.stall_watch, "LOOP_SLACK_S", 0.5)
     upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
     model = MeanClassifier()
     worker = Worker(settings, aws, model, "i-deadlocked")
@@ -1491,7 +1492,7 @@ def test_a_heartbeat_round_is_given_the_time_its_sqs_calls_can_take():
     """A round extends up to three batches of 10, one SQS call each; botocore may take
     up to its attempts x (connect + read timeouts) plus its backoff on each. A slack
     shorter than that had systemd restart a worker waiting out an SQS slowdown."""
-    import app_tier.worker
+    import app_tier.stall_watch
     from common.aws import SQS_MAX_BATCH, client_config
 
     config = client_config()
@@ -1500,20 +1501,20 @@ def test_a_heartbeat_round_is_given_the_time_its_sqs_calls_can_take():
     worst_call_s = attempts * (config.connect_timeout + config.read_timeout) + backoff_s
     batches_held = 3  # finishing, classified, fetched ahead
     calls = batches_held * -(-Settings().receive_batch // SQS_MAX_BATCH)
-    assert calls * worst_call_s <= app_tier.worker.HEARTBEAT_SLACK_S
+    assert calls * worst_call_s <= app_tier.stall_watch.HEARTBEAT_SLACK_S
 
 
 def test_watchdog_pings_stop_when_a_heartbeat_round_is_blocked(aws_env, monkeypatch, tmp_path):
     """A deadlock on one of the worker's locks blocks the heartbeat (and its give-up)
     without killing it: the pings must stop all the same, so that systemd restarts it."""
-    import app_tier.worker
+    import app_tier.stall_watch
     from tests.unit.conftest import wait_until
 
     settings, aws = aws_env
     settings = dataclasses.replace(settings, visibility_timeout_s=5, stall_timeout_s=3)  # a beat a second
     # Pings stop once a beat is 2 s late: a busy machine can hold a thread back for a
     # second (with 0.5 s this test failed once in a full run, most likely so).
-    monkeypatch.setattr(app_tier.worker, "HEARTBEAT_SLACK_S", 2.0)
+    monkeypatch.setattr(app_tier.stall_watch, "HEARTBEAT_SLACK_S", 2.0)
     with systemd_listening(tmp_path, monkeypatch, watchdog_usec=100_000) as heard:  # a ping every 50 ms
         worker = Worker(settings, aws, MeanClassifier(), "i-blocked")
         beats, blocked, unblock = [], threading.Event(), threading.Event()
