@@ -35,7 +35,6 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -47,10 +46,11 @@ from app_tier.held import AWS_ERRORS, PRIOR_RECEIVES_ATTRIBUTE, HeldMessages, Jo
 from app_tier.held_journal import HeldJournal, held_journal_path
 from app_tier.images import BadImage, prepare
 from app_tier.model import Classification, Classifier
+from app_tier.replies import Replies
 from app_tier.stall_watch import Call, StallWatch
 from app_tier.stored_answer import stored_answer
 from common import systemd
-from common.aws import FIRST_RECEIVED_ATTRIBUTE, Aws, error_code, first_received_s, is_not_found, sqs_batches
+from common.aws import FIRST_RECEIVED_ATTRIBUTE, Aws, error_code, first_received_s, is_not_found
 from common.backoff import next_wait
 from common.config import MARK_DENIED_RETRY_DELAY_S, SHORT_POLL_PAUSE_S, Settings
 from common.failure_tags import (
@@ -75,9 +75,6 @@ log = logging.getLogger(__name__)
 # The costs: an extension call per receive, and a stall of SQS longer than this between
 # a receive and its extension hands those requests to another worker too.
 RECEIVE_LEASE_S = 30
-# Pauses before sending again the answers SQS reported failed on its side (a
-# SendMessageBatch entry can fail alone, which botocore does not retry): one a try.
-REPLY_RETRY_PAUSES_S = (0.1, 0.5)
 # The longest wait between receives that fail (1 s, doubled each time, up to this).
 RECEIVE_BACKOFF_MAX_S = 30.0
 # How long the grace period's end waits for a receive under way (see _give_up).
@@ -109,6 +106,7 @@ class Worker:
         journal_path = held_journal_path(settings, instance_id)
         self.held = HeldMessages(aws, settings, instance_id,
                                  HeldJournal(journal_path) if journal_path else None)
+        self.replies = Replies(aws)
         self._prefetched: queue.Queue[Batch] = queue.Queue()
         # Taken by the fetch thread before it receives, given back when the main
         # thread picks the batch up: at most one batch waits while one is classified.
@@ -460,7 +458,7 @@ class Worker:
             responses = [(job, r) for job, r in responses if job not in unstored and job not in denied]
         # Committed: these are answered now, so a shutdown must not hand them back too.
         self.held.commit([job for job, _ in responses])
-        unsent = self._reply(responses)
+        unsent = self.replies.send(responses)
         unsent_ids = {job.message_id for job in unsent}
         sent = [(job, r) for job, r in responses if job.message_id not in unsent_ids]
         answered = [job for job, _ in sent]
@@ -553,48 +551,6 @@ class Worker:
                 return
             if why_not:
                 log.warning("could not tag failed input %s: %s", req.key, why_not)
-
-    def _reply(self, responses: list[tuple[Job, ClassifyResponse]]) -> list[Job]:
-        """Send the answers; the jobs whose answers could not be sent. Each call's failure
-        is its own: the chunks after a chunk that could not be sent still are."""
-        unsent: list[Job] = []
-        for chunk in sqs_batches(responses):
-            unsent.extend(self._send_answers(chunk))
-        return unsent
-
-    def _send_answers(self, chunk: Sequence[tuple[Job, ClassifyResponse]]) -> list[Job]:
-        """One SendMessageBatch of answers, the entries SQS failed on its side sent again
-        (REPLY_RETRY_PAUSES_S); the jobs whose answers were not sent. An entry refused as
-        the sender's fault is not sent again: it would be refused again."""
-        pending = {str(i): pair for i, pair in enumerate(chunk)}
-        refused: list[Job] = []
-        for pause_s in (None, *REPLY_RETRY_PAUSES_S):
-            if not pending:
-                break
-            if pause_s is not None:
-                time.sleep(pause_s)
-            try:
-                reply = self.aws.sqs.send_message_batch(
-                    QueueUrl=self.aws.response_queue_url,
-                    Entries=[{"Id": i, "MessageBody": r.to_json()} for i, (_, r) in pending.items()])
-            except Exception as exc:  # the network, or SQS after botocore's retries
-                if isinstance(exc, AWS_ERRORS):
-                    log.warning("could not send %d answer(s): %s", len(pending), exc)
-                else:
-                    log.exception("could not send %d answer(s)", len(pending))
-                break  # what an earlier call of this loop sent stays sent
-            for ok in reply.get("Successful", []):
-                pending.pop(ok["Id"], None)
-            failures = reply.get("Failed", [])
-            if failures:
-                codes = ", ".join(sorted({f.get("Code", "?") for f in failures}))
-                log.warning("SQS did not take %d answer(s): %s", len(failures), codes)
-            for failed in failures:
-                if failed.get("SenderFault") and failed["Id"] in pending:
-                    refused.append(pending.pop(failed["Id"])[0])
-        # Left pending: failed every time, in neither list (unknown, so not deleted), or
-        # its call raised.
-        return refused + [job for job, _ in pending.values()]
 
     def _heartbeat_loop(self) -> None:
         watch = self.stall_watch

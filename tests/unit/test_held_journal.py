@@ -385,7 +385,7 @@ def test_requests_being_answered_stay_in_the_journal_and_are_not_handed_back(aws
     batch = worker.fetch()
     path = held_journal_path(settings, "i-answering")
     seen = {}
-    reply = worker._reply
+    reply = worker.replies.send
 
     def reply_as_the_stop_comes(answers):
         seen["journal"] = [h["receipt"] for h in json.loads(path.read_text())["held"]]
@@ -393,7 +393,7 @@ def test_requests_being_answered_stay_in_the_journal_and_are_not_handed_back(aws
         seen["queue"] = depth(aws, aws.request_queue_url)
         return reply(answers)
 
-    monkeypatch.setattr(worker, "_reply", reply_as_the_stop_comes)
+    monkeypatch.setattr(worker.replies, "send", reply_as_the_stop_comes)
     worker.process(batch)
     assert seen == {"journal": [batch.jobs[0].receipt], "queue": (0, 1)}
     assert list(responses(aws)) == ["answering"]

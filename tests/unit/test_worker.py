@@ -318,7 +318,7 @@ def dies_before_replying(worker: Worker, batch: Batch, monkeypatch) -> None:
     def killed(_responses):
         raise RuntimeError("killed before replying")
 
-    monkeypatch.setattr(worker, "_reply", killed)
+    monkeypatch.setattr(worker.replies, "send", killed)
     with pytest.raises(RuntimeError, match="killed"):
         worker.finish(batch, worker.answer(batch))
     crash(worker.aws, batch)

@@ -1,0 +1,69 @@
+"""The worker's answers, sent on the response queue.
+
+Sent after the results are stored and before the requests are deleted (see
+`Worker.finish`). What could not be sent is the caller's to release, so that
+another attempt answers it: nothing here deletes or releases a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from app_tier.held import AWS_ERRORS, Job
+from common.aws import Aws, sqs_batches
+from common.messages import ClassifyResponse
+
+log = logging.getLogger(__name__)
+
+# Pauses before sending again the answers SQS reported failed on its side (a
+# SendMessageBatch entry can fail alone, which botocore does not retry): one a try.
+REPLY_RETRY_PAUSES_S = (0.1, 0.5)
+
+
+class Replies:
+    def __init__(self, aws: Aws) -> None:
+        self.aws = aws
+
+    def send(self, responses: Sequence[tuple[Job, ClassifyResponse]]) -> list[Job]:
+        """Send the answers; the jobs whose answers could not be sent. Each call's failure
+        is its own: the chunks after a chunk that could not be sent still are."""
+        unsent: list[Job] = []
+        for chunk in sqs_batches(responses):
+            unsent.extend(self._send_chunk(chunk))
+        return unsent
+
+    def _send_chunk(self, chunk: Sequence[tuple[Job, ClassifyResponse]]) -> list[Job]:
+        """One SendMessageBatch of answers, the entries SQS failed on its side sent again
+        (REPLY_RETRY_PAUSES_S); the jobs whose answers were not sent. An entry refused as
+        the sender's fault is not sent again: it would be refused again."""
+        pending = {str(i): pair for i, pair in enumerate(chunk)}
+        refused: list[Job] = []
+        for pause_s in (None, *REPLY_RETRY_PAUSES_S):
+            if not pending:
+                break
+            if pause_s is not None:
+                time.sleep(pause_s)
+            try:
+                reply = self.aws.sqs.send_message_batch(
+                    QueueUrl=self.aws.response_queue_url,
+                    Entries=[{"Id": i, "MessageBody": r.to_json()} for i, (_, r) in pending.items()])
+            except Exception as exc:  # the network, or SQS after botocore's retries
+                if isinstance(exc, AWS_ERRORS):
+                    log.warning("could not send %d answer(s): %s", len(pending), exc)
+                else:
+                    log.exception("could not send %d answer(s)", len(pending))
+                break  # what an earlier call of this loop sent stays sent
+            for ok in reply.get("Successful", []):
+                pending.pop(ok["Id"], None)
+            failures = reply.get("Failed", [])
+            if failures:
+                codes = ", ".join(sorted({f.get("Code", "?") for f in failures}))
+                log.warning("SQS did not take %d answer(s): %s", len(failures), codes)
+            for failed in failures:
+                if failed.get("SenderFault") and failed["Id"] in pending:
+                    refused.append(pending.pop(failed["Id"])[0])
+        # Left pending: failed every time, in neither list (unknown, so not deleted), or
+        # its call raised.
+        return refused + [job for job, _ in pending.values()]
