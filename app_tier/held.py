@@ -18,16 +18,14 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
-from botocore.exceptions import BotoCoreError, ClientError
 
 from app_tier.held_journal import HeldJournal, still_hidden
-from common.aws import Aws, VisibilityFailure, change_visibility, sqs_batches
+from common.aws import AWS_ERRORS, Aws, VisibilityFailure, change_visibility, sqs_batches
 from common.config import Settings
 from common.messages import ClassifyRequest, ClassifyResponse
 
 log = logging.getLogger(__name__)
 
-AWS_ERRORS = (BotoCoreError, ClientError)
 # Seconds since the epoch, as the journal keeps them (tests put a clock of their own here).
 wall_clock = time.time
 # SQS's word for a receipt that no longer holds its message: deleted (answered), or

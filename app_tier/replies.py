@@ -11,8 +11,8 @@ import logging
 import time
 from collections.abc import Sequence
 
-from app_tier.held import AWS_ERRORS, Job
-from common.aws import Aws, sqs_batches
+from app_tier.held import Job
+from common.aws import AWS_ERRORS, Aws, sqs_batches
 from common.messages import ClassifyResponse
 
 log = logging.getLogger(__name__)

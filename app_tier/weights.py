@@ -82,9 +82,9 @@ def _fetch_s3_weights(uri: str) -> Path:
     weights uploaded at the same key reach every worker at its next start, and
     the 100 MB file is neither downloaded nor hashed while it is unchanged.
     """
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import ClientError
 
-    from common.aws import error_code
+    from common.aws import AWS_ERRORS, error_code
 
     bucket, _, key = uri[len("s3://"):].partition("/")
     if not bucket or not key:
@@ -94,7 +94,7 @@ def _fetch_s3_weights(uri: str) -> Path:
     s3 = weights_s3_client()
     try:
         current = _s3_identity(s3.head_object(Bucket=bucket, Key=key))
-    except (BotoCoreError, ClientError) as exc:
+    except AWS_ERRORS as exc:
         if target.exists():
             # A worker that cannot ask S3 (no route, no credentials yet, access taken
             # away) still serves the weights it fetched before, rather than none.

@@ -39,10 +39,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, ParamValidationError
+from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
 from app_tier import EXIT_STALLED, images
-from app_tier.held import AWS_ERRORS, PRIOR_RECEIVES_ATTRIBUTE, HeldMessages, Job, prior_receives
+from app_tier.held import PRIOR_RECEIVES_ATTRIBUTE, HeldMessages, Job, prior_receives
 from app_tier.held_journal import HeldJournal, held_journal_path
 from app_tier.images import BadImage, prepare
 from app_tier.model import Classification, Classifier
@@ -50,7 +50,14 @@ from app_tier.replies import Replies
 from app_tier.stall_watch import Call, StallWatch
 from app_tier.stored_answer import stored_answer
 from common import systemd
-from common.aws import FIRST_RECEIVED_ATTRIBUTE, Aws, error_code, first_received_s, is_not_found
+from common.aws import (
+    AWS_ERRORS,
+    FIRST_RECEIVED_ATTRIBUTE,
+    Aws,
+    first_received_s,
+    is_callers_fault,
+    is_not_found,
+)
 from common.backoff import next_wait
 from common.config import MARK_DENIED_RETRY_DELAY_S, SHORT_POLL_PAUSE_S, Settings
 from common.failure_tags import (
@@ -246,7 +253,9 @@ class Worker:
                     log.warning("receive failed (%s); retrying in %.0f s", exc, backoff)
                 else:
                     log.exception("fetch failed; retrying in %.0f s", backoff)
-                if not _fault_of_this_worker(exc):
+                # Not this worker's own fault: a fleet that gave up on AWS's or the network's
+                # would be replaced whole after every outage.
+                if not is_callers_fault(exc):
                     failing_since = None  # AWS's or the network's: it passes, and is waited out
                 elif failing_since is None:
                     failing_since = time.monotonic()
@@ -265,9 +274,10 @@ class Worker:
 
     def _cannot_receive(self, failing_s: float, last: Exception) -> None:
         """Receiving has failed for STALL_TIMEOUT, each time for a fault of this worker's
-        (_fault_of_this_worker). Its instance, once tagged ready, would otherwise count
-        as serving for good while requests wait: the controller replaces an instance
-        reported failed, and holds launches if the replacements fail too."""
+        (is_callers_fault: a right, credentials or a queue it lacks). Its instance, once
+        tagged ready, would otherwise count as serving for good while requests wait: the
+        controller replaces an instance reported failed, and holds launches if the
+        replacements fail too."""
         log.error("worker %s: every receive has failed for %.0f s (the last: %s); reporting its "
                   "instance failed and stopping", self.instance_id, failing_s, last)
         report_worker_failed(self.aws, self.instance_id, "cannot-receive")
@@ -604,24 +614,6 @@ def warm_up(aws: Aws) -> None:
             aws.queue_url(queue)  # kept by Aws for every later call
     except AWS_ERRORS as exc:
         log.warning("queue URLs not resolved before serving (%s); the worker will retry", exc)
-
-
-# AWS's answers that say it is busy, not that the caller is wrong.
-THROTTLING_CODES = frozenset({"Throttling", "ThrottlingException", "RequestThrottled", "SlowDown",
-                              "RequestLimitExceeded", "TooManyRequestsException"})
-
-
-def _fault_of_this_worker(exc: BaseException) -> bool:
-    """Whether a failed receive is this worker's own doing, which no wait cures: a right,
-    credentials or a queue it lacks (AWS refusing the request), or a fault in its
-    process. Not so a throttle, AWS failing (5xx), a timeout or a lost connection: they
-    pass, and a fleet that gave up on them would be replaced whole after every outage."""
-    if isinstance(exc, NoCredentialsError):
-        return True
-    if isinstance(exc, ClientError):
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 400
-        return status < 500 and error_code(exc) not in THROTTLING_CODES
-    return not isinstance(exc, BotoCoreError)
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -31,9 +31,8 @@ from datetime import datetime
 from types import SimpleNamespace
 
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
 
-from common.aws import new_session
+from common.aws import AWS_ERRORS, new_session
 from common.config import Settings
 from common.fleet import LIVE_STATES, app_tier_instances
 
@@ -76,7 +75,7 @@ class FleetPoller:
             started = time.time()
             try:
                 live: int | None = self.count()
-            except (BotoCoreError, ClientError):
+            except AWS_ERRORS:
                 live = None
             with self._cond:
                 if live is None:

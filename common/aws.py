@@ -20,11 +20,16 @@ import boto3
 import botocore.session
 from botocore.client import BaseClient
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from botocore.utils import parse_timestamp
 from dateutil.tz import tzutc
 
 from common.config import Settings
+
+# What a call to AWS raises when it fails, after botocore's retries: AWS's refusal
+# (ClientError), or no answer at all (no credentials, a timeout, a lost connection:
+# BotoCoreError).
+AWS_ERRORS = (BotoCoreError, ClientError)
 
 # A fixed User-Agent: botocore otherwise rebuilds its structured one (some thirty
 # sanitised parts) twice per call, ~0.3 ms of CPU, about 15 % of a small call's
@@ -121,7 +126,7 @@ def change_visibility(sqs: BaseClient, queue_url: str,
                    for i, (receipt, seconds) in enumerate(chunk)]
         try:
             reply = sqs.change_message_visibility_batch(QueueUrl=queue_url, Entries=entries)
-        except (BotoCoreError, ClientError) as exc:
+        except AWS_ERRORS as exc:
             code = error_code(exc) if isinstance(exc, ClientError) else ""
             failures.extend(VisibilityFailure(receipt, str(exc), code) for receipt, _ in chunk)
             continue
@@ -170,6 +175,24 @@ def client_config(max_pool: int = 32, read_timeout: float = 30.0,
 def error_code(exc: ClientError) -> str:
     """AWS's error code ("NoSuchKey", "Throttling"...), or "" if the answer had none."""
     return str(exc.response.get("Error", {}).get("Code") or "")
+
+
+# AWS's answers that say it is busy, not that the caller is wrong.
+THROTTLING_CODES = frozenset({"Throttling", "ThrottlingException", "RequestThrottled", "SlowDown",
+                              "RequestLimitExceeded", "TooManyRequestsException"})
+
+
+def is_callers_fault(exc: BaseException) -> bool:
+    """Whether a failed call is the caller's own doing, which no wait cures: a right,
+    credentials or a resource it lacks (AWS refusing the request), or a fault in its
+    process. Not so a throttle, AWS failing (5xx), a timeout or a lost connection: they
+    pass."""
+    if isinstance(exc, NoCredentialsError):
+        return True
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 400
+        return status < 500 and error_code(exc) not in THROTTLING_CODES
+    return not isinstance(exc, BotoCoreError)
 
 
 # S3 saying an object (or its bucket) is not there: GetObject says NoSuchKey, HeadObject

@@ -11,9 +11,9 @@ import json
 import logging
 import sys
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError
 
-from common.aws import Aws, error_code
+from common.aws import AWS_ERRORS, Aws, error_code
 from common.config import Settings
 from common.logs import configure as configure_logging
 from common.messages import MAX_MESSAGE_BYTES
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ProvisionError) as exc:
         print(f"python -m common.provision: {exc}", file=sys.stderr)
         return 2
-    except (BotoCoreError, ClientError) as exc:  # no credentials, a region AWS does not know...
+    except AWS_ERRORS as exc:  # no credentials, a region AWS does not know...
         print(f"python -m common.provision: AWS refused or could not be reached: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(urls, indent=2))

@@ -20,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError
 
 from common import systemd
-from common.aws import Aws, error_code
+from common.aws import AWS_ERRORS, Aws, error_code
 from common.backoff import next_wait
 from common.config import Settings
 from common.fleet import LIVE_STATES
@@ -47,9 +47,6 @@ from controller.timeline import TimelineFile
 
 log = logging.getLogger(__name__)
 
-# Errors AWS is known to give: one warning line each. (A failed launch, LaunchError, ends
-# no round: Controller._act backs off launches only.)
-EXPECTED_ERRORS = (BotoCoreError, ClientError)
 # EC2's refusals that concern one instance of a TerminateInstances call, not the call.
 ONE_INSTANCE_ERRORS = frozenset({
     "OperationNotPermitted", "UnauthorizedOperation", "IncorrectInstanceState",
@@ -394,7 +391,9 @@ class Controller:
                 # AWS is failing, however short the poll interval.
                 backoff = next_wait(backoff, max(self.timings.backoff_min_s, self.settings.poll_interval_s),
                                     self.timings.backoff_max_s)
-                if isinstance(exc, EXPECTED_ERRORS):
+                # AWS's errors: one warning line each. (A failed launch, LaunchError, ends
+                # no round: Controller._act backs off launches only.)
+                if isinstance(exc, AWS_ERRORS):
                     log.warning("controller: %s; next try in %.1fs", exc, backoff)
                 else:  # a surprise: keep the traceback, but keep running too
                     log.exception("controller: unexpected error; next try in %.1fs", backoff)

@@ -10,12 +10,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.aws import Aws
+from common.aws import AWS_ERRORS, Aws
 from common.config import SCALING_MODES, VARIABLE_OF_SETTING, Settings, weights_on_this_host
 from common.heap import freeze_startup_heap
 from common.logs import configure as configure_logging
 from controller.lock import EXIT_ANOTHER_CONTROLLER, AnotherController, hold_fleet_lock
-from controller.loop import EXPECTED_ERRORS, Controller
+from controller.loop import Controller
 from controller.timeline import TIMELINE_FIELDS
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, settings: Se
         controller.log_settings()
         try:
             controller.step()
-        except EXPECTED_ERRORS as exc:  # no credentials, AWS unreachable: one line, not a traceback
+        except AWS_ERRORS as exc:  # no credentials, AWS unreachable: one line, not a traceback
             print(f"python controller.py: {exc}", file=sys.stderr)
             return 1
         if controller.launch_backoff.wait_s:  # the round went on (see _act), but a script must know

@@ -36,12 +36,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from botocore.exceptions import BotoCoreError, ClientError
-
 from app_tier import EXIT_CANNOT_START, SPARE_LOADED
 from app_tier.held import show_held
 from app_tier.held_journal import HeldJournal, held_journal_path
-from common.aws import Aws, keys_in
+from common.aws import AWS_ERRORS, Aws, keys_in
 from common.config import Settings
 from common.fleet import LIVE_STATES, Instance, app_tier_instances, scale_in_order
 from localaws.kill import ends_with_parent, kill_and_wait
@@ -518,7 +516,7 @@ class InstanceRunner:
                 backoff = max(self.poll_s, self.busy_poll_s) if self._live else self.poll_s
             except Exception as exc:  # the runner must outlive anything: the stack ends with it
                 backoff = min(max(backoff * 2, 1.0), 10.0)
-                if isinstance(exc, (BotoCoreError, ClientError)):
+                if isinstance(exc, AWS_ERRORS):
                     log.warning("runner: cannot read EC2 (%s); retrying in %.0fs", exc, backoff)
                 else:
                     log.exception("runner: round failed; retrying in %.0fs", backoff)

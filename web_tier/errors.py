@@ -9,12 +9,11 @@ import logging
 import re
 import tempfile
 
-from botocore.exceptions import BotoCoreError, ClientError
 from flask import Flask, Response, jsonify, render_template, request
 from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from common.aws import error_reason
+from common.aws import AWS_ERRORS, error_reason
 from web_tier.filenames import clean_name
 from web_tier.form import CLASSIFY_FIELDS, JOBS_FIELDS, MAX_TEXT_FIELD_BYTES, send_as_files
 from web_tier.refusals import SEND_AGAIN, Code, Refusal, code_of_status, too_large
@@ -219,6 +218,6 @@ def register(app: Flask) -> None:
     app.register_error_handler(RequestEntityTooLarge, _too_large)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(ParseException, _malformed_body)
-    for aws_error in (BotoCoreError, ClientError):
+    for aws_error in AWS_ERRORS:
         app.register_error_handler(aws_error, _aws_unavailable)
     app.register_error_handler(Exception, _unexpected)

@@ -19,9 +19,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
+from botocore.exceptions import ParamValidationError
 
-from common.aws import FIRST_RECEIVED_ATTRIBUTE, Aws, change_visibility, first_received_s
+from common.aws import AWS_ERRORS, FIRST_RECEIVED_ATTRIBUTE, Aws, change_visibility, first_received_s
 from common.backoff import next_wait
 from common.config import MARK_DENIED_RETRY_S, SHORT_POLL_PAUSE_S
 from common.failure_tags import DEAD_LETTER_ERROR, MarkDenied, give_up_denied_mark
@@ -182,7 +182,7 @@ class Listeners:
                 continue
             except ParamValidationError:  # botocore refused to send it: it would, every time
                 self._drop_dead_letter(request)
-            except (ClientError, BotoCoreError):
+            except AWS_ERRORS:
                 # AWS failing: left in the queue, it comes back after its visibility timeout.
                 log.exception("could not handle dead letter for %s", request.id)
                 continue

@@ -15,10 +15,10 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, ReadTimeoutError
 from moto import mock_aws
 
-from common.aws import USER_AGENT, Aws, QueueDepth, VisibilityFailure, change_visibility
+from common.aws import USER_AGENT, Aws, QueueDepth, VisibilityFailure, change_visibility, is_callers_fault
 from common.config import MARK_DENIED_RETRY_S, Settings
 from common.failure_tags import (
     MAX_ERROR_CHARS,
@@ -105,6 +105,26 @@ def test_long_polls_wait_out_a_stall_that_other_calls_give_up_on():
     assert aws.sqs_receive.meta.config.read_timeout == 20 + LONG_POLL_READ_SLACK_S >= 60
     assert aws.sqs.meta.config.read_timeout == 30.0
     assert aws.sqs_receive is aws.sqs_receive and aws.sqs_receive is not aws.sqs
+
+
+def _answered(code: str, status: int) -> ClientError:
+    answer = {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+    return ClientError(answer, "ReceiveMessage")
+
+
+@pytest.mark.parametrize("exc, callers", [
+    (_answered("AccessDenied", 403), True),  # a right it lacks: no wait cures it
+    (_answered("AWS.SimpleQueueService.NonExistentQueue", 400), True),
+    (NoCredentialsError(), True),
+    (RuntimeError("a bug"), True),
+    (_answered("ThrottlingException", 400), False),  # AWS busy: it passes
+    (_answered("SlowDown", 503), False),
+    (_answered("InternalError", 500), False),
+    (EndpointConnectionError(endpoint_url="https://aws.test"), False),
+    (ReadTimeoutError(endpoint_url="https://aws.test"), False),
+])
+def test_a_failed_call_is_the_callers_fault_only_where_no_wait_cures_it(exc, callers):
+    assert is_callers_fault(exc) is callers
 
 
 def test_safe_filename_keeps_extension_of_long_names():

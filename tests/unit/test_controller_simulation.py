@@ -55,11 +55,11 @@ from datetime import UTC, datetime
 import pytest
 from botocore.exceptions import BotoCoreError, ClientError, ReadTimeoutError
 
-from common.aws import QueueDepth
+from common.aws import AWS_ERRORS, QueueDepth
 from common.config import Settings
 from common.fleet import WORKER_FAILED_TAG, WORKER_READY_TAG
 from common.names import PREFIX_TAG
-from controller.loop import EXPECTED_ERRORS, Controller
+from controller.loop import Controller
 from controller.policy import target_backlog
 
 EPISODES = int(os.environ.get("SIM_EPISODES", "120"))
@@ -547,7 +547,7 @@ def run_episode(ep: Episode, script: Script | None = None) -> tuple[World, list[
         error = ""
         try:
             controller.step(now=world.now)
-        except EXPECTED_ERRORS as exc:
+        except AWS_ERRORS as exc:
             error = f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, (BotoCoreError, ClientError)):  # pragma: no cover
                 raise
