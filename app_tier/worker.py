@@ -139,7 +139,7 @@ class Worker:
     def install_signal_handlers(self) -> None:
         on_signals(self._on_signal)
 
-    def _on_signal(self, signum: int, _frame=None) -> None:
+    def _on_signal(self, signum: int) -> None:
         log.info("worker %s: signal %d, stopping after the batch in hand", self.instance_id, signum)
         self.stopping.set()
         # If the batch in hand cannot finish in time, give its messages back now.
@@ -440,7 +440,7 @@ class Worker:
                 responses.append((job, ClassifyResponse(error=job.error or "not classified", **common)))
         return responses
 
-    def finish(self, batch: Batch, responses: list[tuple[Job, ClassifyResponse]]) -> None:
+    def finish(self, responses: list[tuple[Job, ClassifyResponse]]) -> None:
         """Write each result, then reply, then delete the requests.
 
         A reply means the result is in the output bucket: whoever gets the
@@ -489,7 +489,7 @@ class Worker:
 
     def _finish_or_release(self, batch: Batch, responses: list[tuple[Job, ClassifyResponse]]) -> None:
         try:
-            self.finish(batch, responses)
+            self.finish(responses)
         except Exception:
             self._failed(batch)
 

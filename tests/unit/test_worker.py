@@ -320,7 +320,7 @@ def dies_before_replying(worker: Worker, batch: Batch, monkeypatch) -> None:
 
     monkeypatch.setattr(worker.replies, "send", killed)
     with pytest.raises(RuntimeError, match="killed"):
-        worker.finish(batch, worker.answer(batch))
+        worker.finish(worker.answer(batch))
     crash(worker.aws, batch)
 
 
@@ -690,10 +690,10 @@ def test_results_are_written_while_the_next_batch_is_classified(aws_env):
     worker = Worker(settings, aws, Recording(), "i-pipelined")
     finish = worker.finish
 
-    def finish_after_the_next_batch_starts(batch, answers):
+    def finish_after_the_next_batch_starts(answers):
         if not overlapped:  # the first batch: hold its writes until the model moves on
             overlapped.append(second_started.wait(timeout=10))
-        finish(batch, answers)
+        finish(answers)
 
     worker.finish = finish_after_the_next_batch_starts
     runner = threading.Thread(target=worker.run)
@@ -1325,7 +1325,7 @@ def test_a_worker_stuck_in_the_model_gives_its_messages_back_and_exits(aws_env, 
             time.sleep(0.02)
         assert model.calls == 1 and len(worker.held) == 2, "one image in the model, one prepared"
         if how == "sigterm":
-            worker._on_signal(15, None)
+            worker._on_signal(15)
         while not exits and time.monotonic() < deadline:
             time.sleep(0.05)
         assert exits == [exit_code]
