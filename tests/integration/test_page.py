@@ -1502,18 +1502,22 @@ def test_screen_readers_hear_how_far_a_slow_upload_has_got(stack, browser, tmp_p
     finished_rows(browser, stack, 1, timeout_s=60)
 
 
+# Each "sending x of y MB" the summary says, as [x, y], in window.sendings.
+RECORD_SENDINGS = """
+  window.sendings = [];
+  const summary = document.getElementById('summary');
+  new MutationObserver(() => {
+    const found = summary.textContent.match(/sending ([\\d.]+) of ([\\d.]+) MB/);
+    if (found) window.sendings.push([Number(found[1]), Number(found[2])]);
+  }).observe(summary, {childList: true, characterData: true, subtree: true});"""
+
+
 def test_the_mb_sent_only_grow_out_of_the_uploads_whole_size(stack, browser, tmp_path):
     """Of the requests in flight alone, "sending x of y MB" went backwards as each ended
     ("3.9 of 9.3", then "2.1 of 7.2") and never said the upload's 17 MB (reviewer)."""
     browser.get(stack.web_url + "/")
     browser.execute_script("""
-      document.body.dataset.filesPerRequest = '1';
-      window.sendings = [];
-      const summary = document.getElementById('summary');
-      new MutationObserver(() => {
-        const found = summary.textContent.match(/sending ([\\d.]+) of ([\\d.]+) MB/);
-        if (found) window.sendings.push([Number(found[1]), Number(found[2])]);
-      }).observe(summary, {childList: true, characterData: true, subtree: true});""")
+      document.body.dataset.filesPerRequest = '1';""" + RECORD_SENDINGS)
     files = {f"part_{i}.jpg": make_image(1090 + i, size=(1200, 900)) for i in range(4)}
     with upload_throttled(browser, 600_000):
         choose(browser, tmp_path, files)
@@ -1553,13 +1557,7 @@ def test_the_mb_sent_never_go_back_when_a_chunk_is_sent_again(stack, browser, tm
     browser.get(stack.web_url + "/")
     browser.execute_script(FIRST_POST_ANSWERED_BUSY + """
       document.body.dataset.filesPerRequest = '1';
-      document.body.dataset.resendDelayScale = '0.05';
-      window.sendings = [];
-      const summary = document.getElementById('summary');
-      new MutationObserver(() => {
-        const found = summary.textContent.match(/sending ([\\d.]+) of ([\\d.]+) MB/);
-        if (found) window.sendings.push([Number(found[1]), Number(found[2])]);
-      }).observe(summary, {childList: true, characterData: true, subtree: true});""")
+      document.body.dataset.resendDelayScale = '0.05';""" + RECORD_SENDINGS)
     files = {f"again_{i}.jpg": make_image(1095 + i, size=(1200, 900)) for i in range(2)}
     with upload_throttled(browser, 400_000):  # about a second a file
         choose(browser, tmp_path, files)
