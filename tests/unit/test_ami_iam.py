@@ -499,8 +499,10 @@ def test_the_bakers_policy_allows_what_packers_build_of_the_template_calls():
               "ec2:StopInstances", "ec2:CreateImage", "ec2:DescribeImages", "ec2:TerminateInstances"}
     if "source_ami_filter" in template:
         needed |= {"ec2:DescribeImages"}
+    key_pair_needs = set()
     if "ssh_keypair_name" not in template:
-        needed |= {"ec2:CreateKeyPair", "ec2:DeleteKeyPair"}
+        needed |= {"ec2:CreateKeyPair"}
+        key_pair_needs = {"ec2:DeleteKeyPair"}
     group_needs = set()
     if "security_group_id" not in template:
         needed |= {"ec2:CreateSecurityGroup", "ec2:DescribeSecurityGroups"}
@@ -512,6 +514,8 @@ def test_the_bakers_policy_allows_what_packers_build_of_the_template_calls():
         assert allows(policy, action, INSTANCE, builder), action
     for action in group_needs:  # the temporary group, tagged as the instance is
         assert allows(policy, action, BUILD_GROUP, builder), action
+    for action in key_pair_needs:  # and the temporary key pair
+        assert allows(policy, action, f"arn:aws:ec2:{REGION}:{ACCOUNT}:key-pair/packer_1", builder), action
     # The run tags go with the launch, and with the temporary key pair and group (the
     # plugin tags them as it makes them); the AMI's tags (and its snapshot's) after it is made.
     assert allows(policy, "ec2:CreateTags", INSTANCE, {"ec2:CreateAction": "RunInstances"})
@@ -534,6 +538,9 @@ def test_the_baker_may_end_only_its_build_instance_and_pass_only_its_own_role():
     for action in ("ec2:AuthorizeSecurityGroupIngress", "ec2:DeleteSecurityGroup"):  # the web tier's, say
         assert not allows(policy, action, BUILD_GROUP, tagged({"Name": "web-instance"})), action
     assert not allows(policy, "ec2:ModifyInstanceAttribute", INSTANCE, tagged({"Name": "web-instance"}))
+    key_pair = f"arn:aws:ec2:{REGION}:{ACCOUNT}:key-pair/my-key"
+    assert not allows(policy, "ec2:DeleteKeyPair", key_pair, {})
+    assert allows(policy, "ec2:DeleteKeyPair", key_pair, tagged({"Name": "imgclass-ami-builder"}))
     for action in ("ec2:StopInstances", "ec2:TerminateInstances"):
         assert not allows(policy, action, INSTANCE, tagged({"Name": "web-instance"})), action
         assert not allows(policy, action, INSTANCE, {}), action

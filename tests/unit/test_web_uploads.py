@@ -591,7 +591,7 @@ def test_a_web_tier_on_ipv6_loopback_refuses_a_rebinding_page_however_its_addres
 
 def test_page_names_its_results_for_screen_readers_and_keeps_its_password_field_in_a_form(web_client):
     """The list had no accessible name, and Chromium warned at every load of a password
-    field outside a form (reviewer). The form is never submitted: see app.js."""
+    field outside a form (reviewer). The form is never submitted: see js/key.js."""
     page = web_client.get("/").text
     # Named by a heading, which screen reader users move by (the page had none: reviewer).
     assert '<ol id="results" class="results" aria-labelledby="results-heading">' in page
