@@ -15,14 +15,11 @@ import logging
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
-
-import numpy as np
 
 from app_tier.held_journal import HeldJournal, still_hidden
+from app_tier.job import Job
 from common.aws import AWS_ERRORS, Aws, VisibilityFailure, change_visibility, sqs_batches
 from common.config import Settings
-from common.messages import ClassifyRequest, ClassifyResponse
 
 log = logging.getLogger(__name__)
 
@@ -77,38 +74,6 @@ def prior_receives(message: dict) -> int:
     return min(int(value), MAX_PRIOR_RECEIVES)
 
 
-@dataclass
-class Job:
-    """One received request and what became of it so far."""
-
-    message_id: str
-    receipt: str
-    request: ClassifyRequest | None
-    # Receives of this request so far, this one included, by earlier copies too.
-    receive_count: int = 1
-    pixels: np.ndarray | None = None
-    error: str | None = None
-    # The name as uploaded, read from the input object: the request carries it cut.
-    filename: str | None = None
-    # Its copies together used up max_receive_count attempts (app_tier/worker.py fetch):
-    # it is not read again, only answered.
-    attempts_used_up: bool = False
-    # For such a request, the answer an earlier attempt stored before it died unanswered
-    # (app_tier/stored_answer.py): sent as it is, and not stored again.
-    stored_answer: ClassifyResponse | None = None
-    # Until when (time.time()) its message is hidden at the latest, for the journal.
-    hidden_until: float = 0.0
-    # When SQS says this copy of the request was first received (seconds since the
-    # epoch); None if it did not say. Bounds the retries of a failure mark S3 denies.
-    first_received: float | None = None
-
-    @property
-    def settled(self) -> bool:
-        """Whether there is something to answer it with: pixels to classify, a reason
-        it failed, or a stored answer. An unsettled job goes back to the queue."""
-        return self.pixels is not None or self.error is not None or self.stored_answer is not None
-
-
 class HeldMessages:
     """The request-queue messages one worker holds, by message id; thread-safe."""
 
@@ -122,7 +87,7 @@ class HeldMessages:
         self._held: dict[str, Job] = {}
         # Of those, the ones whose results are stored, being answered and deleted: never
         # handed back, but held (journal, heartbeat) until deleted or made visible.
-        self._committed: set[str] = set()
+        self._being_answered: set[str] = set()
         self._lock = threading.Lock()
         # Orders the heartbeat's extensions against releases (see hide).
         self._visibility_lock = threading.Lock()
@@ -157,17 +122,17 @@ class HeldMessages:
             self._record()
         return fresh
 
-    def commit(self, jobs: list[Job]) -> None:
+    def mark_answering(self, jobs: list[Job]) -> None:
         """These are being answered (their results stored): a stop must not hand them
         back too. Still held, so that a worker killed before their deletes leaves them in
         its journal, made visible within seconds, not after the visibility timeout."""
         with self._lock:
-            self._committed.update(j.message_id for j in jobs if j.message_id in self._held)
+            self._being_answered.update(j.message_id for j in jobs if j.message_id in self._held)
 
     def forget(self, jobs: list[Job]) -> None:
         """Stop holding these: answered, or visible again."""
         with self._lock:
-            self._committed.difference_update(j.message_id for j in jobs)
+            self._being_answered.difference_update(j.message_id for j in jobs)
             # Written only on a change: a stop that comes while this worker shows what the
             # last one held (holding nothing yet) must leave that to the next.
             removed = [j for j in jobs if self._held.pop(j.message_id, None) is not None]
@@ -287,7 +252,8 @@ class HeldMessages:
         """
         with self._handing_back:
             with self._lock:
-                mine = [j for j in jobs if j.message_id in self._held and j.message_id not in self._committed]
+                mine = [j for j in jobs
+                        if j.message_id in self._held and j.message_id not in self._being_answered]
             self._send_back(mine)
 
     def hand_back_all(self) -> None:
@@ -297,7 +263,7 @@ class HeldMessages:
             held = list(self._held.values())
         self.hand_back(held)
 
-    def show_tried(self, tried: list[Job]) -> None:
+    def make_visible_as_tried(self, tried: list[Job]) -> None:
         """Make `tried` visible at once, each as a used attempt, after any hand-back
         under way (of what it left held)."""
         with self._handing_back:

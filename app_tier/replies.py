@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Sequence
 
-from app_tier.held import Job
+from app_tier.job import Job
 from common.aws import AWS_ERRORS, Aws, sqs_batches
 from common.messages import ClassifyResponse
 

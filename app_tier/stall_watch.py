@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from app_tier.held import Job
+from app_tier.job import Job
 from common import systemd
 
 # Besides a model call or decodes, which STALL_TIMEOUT bounds, an iteration of the

@@ -42,9 +42,10 @@ import numpy as np
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
 from app_tier import EXIT_STALLED, images
-from app_tier.held import PRIOR_RECEIVES_ATTRIBUTE, HeldMessages, Job, prior_receives
+from app_tier.held import PRIOR_RECEIVES_ATTRIBUTE, HeldMessages, prior_receives
 from app_tier.held_journal import HeldJournal, held_journal_path
 from app_tier.images import BadImage, prepare
+from app_tier.job import Job
 from app_tier.model import Classification, Classifier
 from app_tier.replies import Replies
 from app_tier.stall_watch import Call, StallWatch
@@ -467,7 +468,7 @@ class Worker:
             self.held.release(denied, at_least_s=MARK_DENIED_RETRY_DELAY_S)
             responses = [(job, r) for job, r in responses if job not in unstored and job not in denied]
         # Committed: these are answered now, so a shutdown must not hand them back too.
-        self.held.commit([job for job, _ in responses])
+        self.held.mark_answering([job for job, _ in responses])
         unsent = self.replies.send(responses)
         unsent_ids = {job.message_id for job in unsent}
         sent = [(job, r) for job, r in responses if job.message_id not in unsent_ids]
@@ -597,7 +598,7 @@ class Worker:
         model is classified alone next time, see _classify, and one that hangs either
         goes to the dead-letter queue after max_receive_count attempts); the rest
         handed back untried."""
-        self.held.show_tried(tried)
+        self.held.make_visible_as_tried(tried)
         if self._fetcher is not None and wait_for_receive_s > 0:
             self._fetcher.join(wait_for_receive_s)
         self.held.hand_back_all()

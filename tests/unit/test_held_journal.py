@@ -110,7 +110,7 @@ def test_a_worker_killed_as_it_gives_requests_back_leaves_them_in_its_journal(aw
 
     monkeypatch.setattr(aws.sqs, "change_message_visibility_batch", killed_at_the_change)
     with pytest.raises(Killed):
-        worker.held.show_tried(batch.jobs)  # a give-up's first step
+        worker.held.make_visible_as_tried(batch.jobs)  # a give-up's first step
     monkeypatch.undo()
     assert [h["receipt"] for h in json.loads(path.read_text())["held"]] == [batch.jobs[0].receipt]
     Worker(settings, aws, MeanClassifier(), "i-killed").held.show_what_the_last_worker_held()

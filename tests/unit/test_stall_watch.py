@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from app_tier.held import Job
+from app_tier.job import Job
 from app_tier.stall_watch import HEARTBEAT_SLACK_S, LOOP_SLACK_S, StallWatch
 
 

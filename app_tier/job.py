@@ -1,0 +1,43 @@
+"""One received request, as a worker carries it from its receive to its answer: what
+was received, and what became of it so far (its pixels, or why it failed, or the
+answer an earlier attempt stored)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.messages import ClassifyRequest, ClassifyResponse
+
+
+@dataclass
+class Job:
+    """One received request and what became of it so far."""
+
+    message_id: str
+    receipt: str
+    request: ClassifyRequest | None
+    # Receives of this request so far, this one included, by earlier copies too.
+    receive_count: int = 1
+    pixels: np.ndarray | None = None
+    error: str | None = None
+    # The name as uploaded, read from the input object: the request carries it cut.
+    filename: str | None = None
+    # Its copies together used up max_receive_count attempts (app_tier/worker.py fetch):
+    # it is not read again, only answered.
+    attempts_used_up: bool = False
+    # For such a request, the answer an earlier attempt stored before it died unanswered
+    # (app_tier/stored_answer.py): sent as it is, and not stored again.
+    stored_answer: ClassifyResponse | None = None
+    # Until when (time.time()) its message is hidden at the latest, for the journal.
+    hidden_until: float = 0.0
+    # When SQS says this copy of the request was first received (seconds since the
+    # epoch); None if it did not say. Bounds the retries of a failure mark S3 denies.
+    first_received: float | None = None
+
+    @property
+    def settled(self) -> bool:
+        """Whether there is something to answer it with: pixels to classify, a reason
+        it failed, or a stored answer. An unsettled job goes back to the queue."""
+        return self.pixels is not None or self.error is not None or self.stored_answer is not None
