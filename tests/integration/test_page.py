@@ -327,25 +327,30 @@ def test_files_whose_answer_was_cut_off_after_its_headers_are_sent_again_and_cla
     assert_stored_once(browser, stack, files)
 
 
-# The page polls GET /api/jobs/<id> (no event stream), and while window.deadLetter is
-# set, sees "late.jpg" failed as a dead letter and every other file queued.
-LATE_JPG_DEAD_LETTERED = r"""
+def polls_answered_as(each_item: str, only_while: str = "true") -> str:
+    """A script after which the page polls GET /api/jobs/<id> (its event stream off) and
+    sees each item of each answer as `each_item` (JavaScript, `item` in scope) leaves it,
+    while `only_while` (JavaScript) holds. The page's own fetch is window.realFetchForTest."""
+    return (r"""
   window.EventSource = undefined;
-  window.deadLetter = true;
-  const realFetch = window.fetch;
+  const realFetch = window.realFetchForTest = window.fetch;
   window.fetch = async (url, options) => {
     const response = await realFetch(url, options);
-    if (!window.deadLetter || !/^\/api\/jobs\/[0-9a-f]{32}$/.test(String(url))) return response;
+    if (!(""" + only_while + r""") || !/^\/api\/jobs\/[0-9a-f]{32}$/.test(String(url))) return response;
     const body = await response.json();
-    for (const item of body.items) {
+    for (const item of body.items) { """ + each_item + r""" }
+    return new Response(JSON.stringify(body),
+                        { status: 200, headers: { "Content-Type": "application/json" } });
+  };""")
+
+
+# The page polls GET /api/jobs/<id> (no event stream), and while window.deadLetter is
+# set, sees "late.jpg" failed as a dead letter and every other file queued.
+LATE_JPG_DEAD_LETTERED = "window.deadLetter = true;" + polls_answered_as("""
       Object.assign(item, item.filename === "late.jpg"
         ? { state: "failed", label: null, score: null, top5: [],
             error: "no worker answered it in 3 attempts" }
-        : { state: "queued", label: null, score: null, top5: [] });
-    }
-    return new Response(JSON.stringify(body),
-                        { status: 200, headers: { "Content-Type": "application/json" } });
-  };"""
+        : { state: "queued", label: null, score: null, top5: [] });""", only_while="window.deadLetter")
 
 
 def test_a_late_answer_replaces_a_rows_dead_letter_failure(stack, browser, reference_model, tmp_path):
@@ -1461,17 +1466,7 @@ def test_screen_readers_hear_the_count_while_files_wait_for_a_worker(stack, brow
     browser.get(stack.web_url + "/")
     browser.execute_script(r"""
       document.body.dataset.announceEveryMs = '1000';
-      window.EventSource = undefined;  // the page polls GET /api/jobs/<id> instead
-      const realFetch = window.realFetchForTest = window.fetch;
-      window.fetch = async (url, options) => {
-        const response = await realFetch(url, options);
-        if (!/^\/api\/jobs\/[0-9a-f]{32}$/.test(String(url))) return response;
-        const body = await response.json();
-        for (const item of body.items) Object.assign(item, { state: "queued", label: null, top5: [] });
-        return new Response(JSON.stringify(body),
-                            { status: 200, headers: { "Content-Type": "application/json" } });
-      };
-    """)
+""" + polls_answered_as('Object.assign(item, { state: "queued", label: null, top5: [] });'))
     record_announcements(browser)
     choose(browser, tmp_path, {f"waits_{i}.jpg": make_image(930 + i) for i in range(2)})
     # Said, and said again while they still wait (once only, at first: reviewer).
@@ -2403,21 +2398,10 @@ def test_screen_readers_hear_a_count_that_does_not_change_less_and_less_often(st
     browser.get(stack.web_url + "/")
     browser.execute_script(r"""
       document.body.dataset.announceEveryMs = '500';
-      window.EventSource = undefined;  // the page polls GET /api/jobs/<id> instead
-      window.released = [];
-      const realFetch = window.fetch;
-      window.fetch = async (url, options) => {
-        const response = await realFetch(url, options);
-        if (!/^\/api\/jobs\/[0-9a-f]{32}$/.test(String(url))) return response;
-        const body = await response.json();
-        for (const item of body.items) {
-          if (!window.released.includes(item.filename)) {
-            Object.assign(item, { state: "queued", label: null, top5: [] });
-          }
-        }
-        return new Response(JSON.stringify(body),
-                            { status: 200, headers: { "Content-Type": "application/json" } });
-      };
+      window.released = [];""" + polls_answered_as("""
+        if (!window.released.includes(item.filename)) {
+          Object.assign(item, { state: "queued", label: null, top5: [] });
+        }""") + r"""
       window.heard = [];  // [text, when in ms]
       const announce = document.getElementById("announce");
       new MutationObserver(() => window.heard.push([announce.textContent, performance.now()]))
@@ -2634,22 +2618,10 @@ def test_a_file_that_found_no_server_is_offered_again_and_an_unreadable_image_is
 # As LATE_JPG_DEAD_LETTERED, for good and by item: the first item of "late.jpg" is seen
 # failed as a dead letter (arguments[0], the server's text for one), whatever becomes of
 # it; any other item as it is.
-FIRST_LATE_JPG_DEAD_LETTERED = r"""
-  window.EventSource = undefined;
-  const deadLetter = arguments[0];
-  const realFetch = window.fetch;
-  window.fetch = async (url, options) => {
-    const response = await realFetch(url, options);
-    if (!/^\/api\/jobs\/[0-9a-f]{32}$/.test(String(url))) return response;
-    const body = await response.json();
-    for (const item of body.items) {
+FIRST_LATE_JPG_DEAD_LETTERED = "const deadLetter = arguments[0];" + polls_answered_as("""
       if (item.filename === "late.jpg" && (window.deadId ??= item.id) === item.id) {
         Object.assign(item, { state: "failed", label: null, score: null, top5: [], error: deadLetter });
-      }
-    }
-    return new Response(JSON.stringify(body),
-                        { status: 200, headers: { "Content-Type": "application/json" } });
-  };"""
+      }""")
 
 
 def test_a_dead_letter_is_sent_again_under_a_new_token_and_shown_once_after_a_reload(
