@@ -446,10 +446,25 @@ def test_a_waiting_request_holds_neither_its_image_nor_its_spool(make_web_app, w
     image = make_image(9)
     waiting = threading.Thread(target=lambda: seen.setdefault("answer", post_image(client, image, "a.jpg")))
     waiting.start()
-    # The upload's bytes let go while the request waits (its answer 30 s away, no worker
-    # running yet). 5 s was too short once in a full run on a loaded machine, where
-    # each gc.collect() walks TensorFlow's heap too.
-    wait_until(lambda: "upload" in seen and gc.collect() >= 0 and seen["upload"]() is None, 20)
+    # Stored and queued first: the request now waits (its answer 30 s away, no worker
+    # running yet). Only then collect, twice a second: collecting every 20 ms from the
+    # start walked TensorFlow's heap too, holding the GIL from the very request it
+    # waited for, which CI once saw not let go in 20 s.
+    def queued() -> int:
+        attributes = web_aws.sqs.get_queue_attributes(QueueUrl=web_aws.request_queue_url,
+                                                      AttributeNames=["ApproximateNumberOfMessages"])
+        return int(attributes["Attributes"]["ApproximateNumberOfMessages"])
+
+    wait_until(lambda: queued() == 1, 20)
+
+    def holders() -> str:
+        upload = seen["upload"]()
+        if upload is None:
+            return ""
+        # A running function's local is no referrer gc sees.
+        return "held by " + (", ".join(type(r).__name__ for r in gc.get_referrers(upload)) or "a local")
+
+    wait_until(lambda: gc.collect() >= 0 and seen["upload"]() is None, 20, interval=0.5, why=holders)
     assert seen["storage"].stream.closed and "answer" not in seen
     worker = FakeWorker(web_aws).start()
     try:
