@@ -3,7 +3,7 @@
 The stream subscribes before it looks at the batch, so an item finishing in
 between is seen twice at worst (and sent once), never missed.
 
-Each event's id is `<book epoch>.<finished_seq>`, and items are sent in the
+Each event's id is `<book epoch>.<event_seq>`, and items are sent in the
 order they finished, so an id says "every item that finished up to this one
 has been sent". A browser reconnecting (every MAX_STREAM_S, or after a drop)
 sends the last id it saw as Last-Event-ID, and is sent only what finished
@@ -33,11 +33,11 @@ MAX_STREAM_S = 600.0
 
 def _event(item: Item, book: ResultBook) -> str:
     body = item.to_json(bool(book.untrained))
-    return f"id: {book.epoch}.{item.finished_seq}\ndata: {json.dumps(body, separators=(',', ':'))}\n\n"
+    return f"id: {book.epoch}.{item.event_seq}\ndata: {json.dumps(body, separators=(',', ':'))}\n\n"
 
 
 def seen_up_to(book: ResultBook, last_event_id: str | None) -> int:
-    """The finished_seq a client's Last-Event-ID says it has seen up to; 0 for none,
+    """The event_seq a client's Last-Event-ID says it has seen up to; 0 for none,
     or for an id of another process's (or not one of ours at all)."""
     epoch, _, seq = (last_event_id or "").strip().partition(".")
     # ASCII digits only, and not too many: int() refuses "²" and numbers past 4300 digits.
@@ -58,15 +58,15 @@ def stream(book: ResultBook, batch_id: str, items: Callable[[], list[Item] | Non
         yield f"retry: {RETRY_MS}\n\n"
         # Each item sent, with the number it was sent with: a provisional failure (a dead
         # letter) replaced by a late answer is sent again, its row had stayed "failed".
-        sent = {item.id: item.finished_seq for item in items() or []
-                if item.is_finished and item.finished_seq <= seen}
+        sent = {item.id: item.event_seq for item in items() or []
+                if item.is_finished and item.event_seq <= seen}
         while True:
             # A look at the whole batch: first, once the book counts none of it queued,
             # and after each quiet interval. It sends what finished, in the order it did,
             # and whether that is all of it (more uploads may have joined meanwhile).
             current = items() or []
             for item in book.finished_in_order(batch_id, seen=sent):
-                sent[item.id] = item.finished_seq
+                sent[item.id] = item.event_seq
                 yield _event(item, book)
             if all(i.id in sent for i in current):
                 yield "event: end\ndata: {}\n\n"
@@ -85,8 +85,8 @@ def stream(book: ResultBook, batch_id: str, items: Callable[[], list[Item] | Non
                     break
                 if item is None:
                     return  # this process is stopping; without `end`, the browser reconnects
-                if item.is_finished and item.finished_seq > sent.get(item.id, 0):
-                    sent[item.id] = item.finished_seq
+                if item.is_finished and item.event_seq > sent.get(item.id, 0):
+                    sent[item.id] = item.event_seq
                     yield _event(item, book)
                 if not book.unfinished(batch_id):
                     break

@@ -62,7 +62,7 @@ class Item:
     digest: str = field(default="", repr=False)
     # When it finished, in this book's order (ResultBook._number): event streams
     # resume after the last one a client saw. 0 while queued.
-    finished_seq: int = field(default=0, compare=False)
+    event_seq: int = field(default=0, compare=False)
     # Counted in the book's totals (answered or failed): an outcome learnt from S3 is not.
     counted: bool = field(default=False, compare=False)
     # Made only for an item someone waits on (POST /), set when it finishes: an Event
@@ -179,10 +179,10 @@ class ResultBook:
         self.untrained: bool | None = untrained
         # Set when this process is stopping: nobody waits for answers any more.
         self.closing = threading.Event()
-        # Items are numbered as they finish (Item.finished_seq); the epoch tells this
+        # Items are numbered as they finish (Item.event_seq); the epoch tells this
         # book's numbers from another process's.
         self.epoch = uuid.uuid4().hex[:8]
-        self._finished_count = 0
+        self._event_count = 0
 
     def close(self) -> None:
         """Stop every wait at once: waiting requests answer that their image is still
@@ -363,8 +363,8 @@ class ResultBook:
         finish in, and the order they are published to event streams. Before its state
         changes, as event streams read items without the lock: one that sees it
         finished sees its number too."""
-        self._finished_count += 1
-        item.finished_seq = self._finished_count
+        self._event_count += 1
+        item.event_seq = self._event_count
 
     # --- reading ---------------------------------------------------------------
     def get(self, item_id: str) -> Item | None:
@@ -390,7 +390,7 @@ class ResultBook:
             return batch.unfinished if batch is not None else 0
 
     def finished_in_order(self, batch_id: str, seen: Mapping[str, int]) -> list[Item]:
-        """The batch's finished items not `seen` (item id: the finished_seq it was seen
+        """The batch's finished items not `seen` (item id: the event_seq it was seen
         with), in the order they finished. One seen with an older number is not: a
         provisional failure replaced by a late answer. Read under the lock, as items
         join batches, are numbered and finish under it: one that finished before any
@@ -401,8 +401,8 @@ class ResultBook:
             batch = self._batches.get(batch_id)
             ids = batch.item_ids if batch is not None else []
             finished = (self._items[i] for i in ids if i in self._items)
-            return sorted((i for i in finished if i.is_finished and i.finished_seq > seen.get(i.id, 0)),
-                          key=lambda i: i.finished_seq)
+            return sorted((i for i in finished if i.is_finished and i.event_seq > seen.get(i.id, 0)),
+                          key=lambda i: i.event_seq)
 
     def wait(self, item_id: str, timeout: float) -> Item | None:
         """Block until the item has a result; the item, or None on timeout or unknown id."""

@@ -596,4 +596,4 @@ def test_an_item_a_rebuild_adds_finished_is_published_to_streams_in_its_place():
                        Item("s3", BATCH, "s3.jpg", f"{BATCH}/s3/s3.jpg", state="done", label="cat")])
     book.record(response("a"))
     published = [inbox.get(timeout=1), inbox.get(timeout=1)]
-    assert [(i.id, i.finished_seq) for i in published] == [("s3", 1), ("a", 2)]
+    assert [(i.id, i.event_seq) for i in published] == [("s3", 1), ("a", 2)]
