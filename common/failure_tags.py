@@ -115,6 +115,12 @@ def failure_tagging(reason: str, worker: str = "") -> dict[str, list[dict[str, s
     return {"TagSet": tags}
 
 
+# What replaces a failure mark when the web tier sends its request again (web_tier/
+# storage.py clear_failed): a mark of no failure, so a batch rebuilt from S3 shows it
+# queued. Not an empty tag set, which S3 takes but moto (the embedded AWS) refuses.
+SENT_AGAIN_TAGGING = {"TagSet": [{"Key": "status", "Value": "sent-again"}]}
+
+
 def failure_from_tags(tag_set: list[dict[str, str]]) -> str | None:
     """The error a failure mark holds, or None if these tags do not mark a failure."""
     found = _failure_mark(tag_set)

@@ -9,7 +9,7 @@ from werkzeug.datastructures import FileStorage
 
 from web_tier import events
 from web_tier.auth import KEY_REQUIRED, require_api_key
-from web_tier.errors import error_response, with_retry_after
+from web_tier.errors import error_json, error_response, with_retry_after
 from web_tier.filenames import display_name
 from web_tier.form import JOBS_FIELDS, check_count, form_files, form_tokens
 from web_tier.image_check import Upload, validate
@@ -230,6 +230,38 @@ def job_events(batch_id: str) -> Response | tuple[Response, int]:
     # would not run for a body never started (HEAD), and each HEAD kept a slot for good.
     response.call_on_close(svc.event_streams.release)
     return response
+
+
+@bp.post("/jobs/<batch_id>/items/<item_id>/again")
+@require_api_key(_unauthorized)
+def send_item_again(batch_id: str, item_id: str) -> Response | tuple[Response, int]:
+    """Queue again, in place, an item a dead letter failed (Submitter.send_again): the
+    same item, id and key, not a second item of its batch. Any other item is refused
+    409, with the item as it is, and nothing changes."""
+    svc = services()
+    items = svc.rebuilder.find_batch(batch_id)
+    if items is None:
+        return _no_batch(batch_id)
+    item = next((i for i in items if i.id == item_id), None)
+    if item is None:
+        return error_response(Refusal(404, f"no such item in batch {batch_id}: {item_id[:64]}",
+                                      code=Code.UNKNOWN_ITEM))
+    if svc.book.closing.is_set():
+        # As an upload: a process about to be killed must not take the item off its failure.
+        raise Refusal(503, "not sent again: the web tier is stopping; send it again", item.filename,
+                      code=Code.BUSY)
+    outcome = svc.submitter.send_again(item_id)
+    model_untrained = bool(svc.book.untrained)
+    if isinstance(outcome, Refusal):
+        # With the item as it is now, for a client to show (queued by another request, say).
+        now = svc.book.get(item_id) or item
+        refused = jsonify({**error_json(outcome), "item": now.to_json(model_untrained)})
+        refused.status_code = outcome.status
+        return with_retry_after(refused, outcome.code)
+    accepted = jsonify({"batch_id": batch_id, "item": outcome.to_json(model_untrained)})
+    accepted.status_code = 202
+    accepted.headers["Location"] = f"/api/jobs/{batch_id}"
+    return accepted
 
 
 @bp.get("/status")

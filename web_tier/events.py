@@ -1,11 +1,12 @@
-"""Server-Sent Events for one batch: each item once, as it finishes.
+"""Server-Sent Events for one batch: each item once, as it finishes (and as it is
+queued again after a dead letter, POST /api/jobs/<id>/items/<id>/again).
 
 The stream subscribes before it looks at the batch, so an item finishing in
 between is seen twice at worst (and sent once), never missed.
 
 Each event's id is `<book epoch>.<event_seq>`, and items are sent in the
-order they finished, so an id says "every item that finished up to this one
-has been sent". A browser reconnecting (every MAX_STREAM_S, or after a drop)
+order they changed, so an id says "every change up to this one has been
+sent". A browser reconnecting (every MAX_STREAM_S, or after a drop)
 sends the last id it saw as Last-Event-ID, and is sent only what finished
 after it; an id from another process (a restarted web tier numbers anew), or
 none, gets everything.
@@ -57,18 +58,20 @@ def stream(book: ResultBook, batch_id: str, items: Callable[[], list[Item] | Non
     try:
         yield f"retry: {RETRY_MS}\n\n"
         # Each item sent, with the number it was sent with: a provisional failure (a dead
-        # letter) replaced by a late answer is sent again, its row had stayed "failed".
-        sent = {item.id: item.event_seq for item in items() or []
-                if item.is_finished and item.event_seq <= seen}
+        # letter) replaced by a late answer is sent again, its row had stayed "failed";
+        # so is one queued again, and then its outcome.
+        sent = {item.id: item.event_seq for item in items() or [] if 0 < item.event_seq <= seen}
         while True:
             # A look at the whole batch: first, once the book counts none of it queued,
-            # and after each quiet interval. It sends what finished, in the order it did,
+            # and after each quiet interval. It sends what changed, in the order it did,
             # and whether that is all of it (more uploads may have joined meanwhile).
-            current = items() or []
-            for item in book.finished_in_order(batch_id, seen=sent):
+            for item in book.changed_in_order(batch_id, seen=sent):
                 sent[item.id] = item.event_seq
                 yield _event(item, book)
-            if all(i.id in sent for i in current):
+            # Read after the changes sent: an item queued again since is then seen queued
+            # (read before, its failure, already sent, ended the stream).
+            current = items() or []
+            if all(i.is_finished and sent.get(i.id) == i.event_seq for i in current):
                 yield "event: end\ndata: {}\n\n"
                 return
             # In between, each item as the book publishes it, in the order it finished:
@@ -85,7 +88,7 @@ def stream(book: ResultBook, batch_id: str, items: Callable[[], list[Item] | Non
                     break
                 if item is None:
                     return  # this process is stopping; without `end`, the browser reconnects
-                if item.is_finished and item.event_seq > sent.get(item.id, 0):
+                if item.event_seq > sent.get(item.id, 0):
                     sent[item.id] = item.event_seq
                     yield _event(item, book)
                 if not book.unfinished(batch_id):

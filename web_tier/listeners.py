@@ -206,6 +206,12 @@ class Listeners:
         known = self.book.get(request.id)
         if known is not None and known.is_finished and not known.provisional:
             return  # answered, or failed by a worker (which marked the object itself)
+        if known is not None and request.sent_at < known.requeued_at:
+            # A copy sent before the item was queued again (POST .../again): that one,
+            # sent since, may yet be answered. Failed and tagged now, the item showed
+            # failed while queued, and a batch rebuilt from S3 failed for good.
+            log.info("item %s: a dead letter of a copy sent before it was queued again; ignored", request.id)
+            return
         # A worker stores the outcome (a result, or a failure and its reason) before it
         # replies: one that died in between, on the last attempt, left an outcome that
         # stands, and tells the user more than "failed on every attempt".

@@ -24,6 +24,10 @@ class Code(StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     UNKNOWN_BATCH = "unknown_batch"
     TOKEN_CONFLICT = "token_conflict"  # a token (or Idempotency-Key) names another file
+    UNKNOWN_ITEM = "unknown_item"  # no such item in the batch named
+    # An item sent again (POST .../again) that is not a dead letter's failure: queued,
+    # classified, failed by a worker on the image, or its image gone.
+    NOT_SENT_AGAIN = "not_sent_again"
     # One file: the others of a request are not concerned.
     TOO_LARGE = "too_large"  # its bytes, or its image's pixels
     EMPTY_FILE = "empty_file"

@@ -60,9 +60,15 @@ class Item:
     # The SHA-256 of the file's bytes (hex): a file sent again under its token must be
     # the same file, not another of the same name. "" if not known (stored without it).
     digest: str = field(default="", repr=False)
-    # When it finished, in this book's order (ResultBook._number): event streams
-    # resume after the last one a client saw. 0 while queued.
+    # Its latest event's number, in this book's order (ResultBook._number): when it
+    # finished, or was queued again (ResultBook.queue_again). Event streams resume after
+    # the last one a client saw. 0 while queued as uploaded.
     event_seq: int = field(default=0, compare=False)
+    # How many times it was queued again after a dead letter (POST .../again), and
+    # when the latest was (time.time()): a copy of its request sent before then that
+    # comes back dead says nothing of the new one (listeners.py). In memory only.
+    sent_again: int = 0
+    requeued_at: float = field(default=0.0, repr=False, compare=False)
     # Counted in the book's totals (answered or failed): an outcome learnt from S3 is not.
     counted: bool = field(default=False, compare=False)
     # Made only for an item someone waits on (POST /), set when it finishes: an Event
@@ -103,6 +109,7 @@ class Item:
             # The client's token: a page that reloaded before hearing a file stored knows
             # it by this, not by its name, which the server may have cleaned.
             "token": self.token,
+            "sent_again": self.sent_again,
         }
 
     def _apply(self, other: Item) -> None:
@@ -179,8 +186,8 @@ class ResultBook:
         self.untrained: bool | None = untrained
         # Set when this process is stopping: nobody waits for answers any more.
         self.closing = threading.Event()
-        # Items are numbered as they finish (Item.event_seq); the epoch tells this
-        # book's numbers from another process's.
+        # Items are numbered as they finish or are queued again (Item.event_seq); the
+        # epoch tells this book's numbers from another process's.
         self.epoch = uuid.uuid4().hex[:8]
         self._event_count = 0
 
@@ -254,6 +261,30 @@ class ResultBook:
         item = Item(id=item_id, batch_id=batch_id_of(key), filename=filename, key=key)
         item.state, item.error = FAILED, error
         return self._finish(item, None)
+
+    def queue_again(self, item_id: str, at: float) -> Item | None:
+        """Put an item a dead letter failed back to queued, for its request to be sent
+        again (`at`: now, time.time()); the item queued, or None if it is no such
+        failure (any more): unknown, queued, answered, or failed by a worker.
+
+        A compare-and-set under the lock: of two requests at once, one gets the item
+        and sends its request, the other None. A new item in its place, as _replace
+        makes: readers take no lock, and a failed item's fields must never change
+        under them. Numbered and published, so that event streams send it queued."""
+        with self._lock:
+            item = self._items.get(item_id)
+            if item is None or not item.provisional or not item.key:
+                return None
+            self.failed -= item.counted
+            again = replace(item, state=QUEUED, error=None, worker="", waiter=None, counted=False,
+                            sent_again=item.sent_again + 1, requeued_at=at)
+            self._number(again)
+            self._items[item_id] = again
+            batch = self._batches.get(again.batch_id or "")
+            if batch is not None and item_id in batch.item_ids:
+                batch.unfinished += 1
+            self._publish([again])
+            return again
 
     def merge(self, batch_id: str, rebuilt: list[Item]) -> None:
         """Adopt a batch rebuilt from S3; results already in memory win."""
@@ -359,10 +390,10 @@ class ResultBook:
         item.counted = True
 
     def _number(self, item: Item) -> None:
-        """Number an item about to finish (the lock held): numbers follow the order items
-        finish in, and the order they are published to event streams. Before its state
-        changes, as event streams read items without the lock: one that sees it
-        finished sees its number too."""
+        """Number an item about to finish, or to be queued again (the lock held): numbers
+        follow the order items change in, and the order they are published to event
+        streams. Before its state changes, as event streams read items without the
+        lock: one that sees it finished sees its number too."""
         self._event_count += 1
         item.event_seq = self._event_count
 
@@ -389,10 +420,11 @@ class ResultBook:
             batch = self._batches.get(batch_id)
             return batch.unfinished if batch is not None else 0
 
-    def finished_in_order(self, batch_id: str, seen: Mapping[str, int]) -> list[Item]:
-        """The batch's finished items not `seen` (item id: the event_seq it was seen
-        with), in the order they finished. One seen with an older number is not: a
-        provisional failure replaced by a late answer. Read under the lock, as items
+    def changed_in_order(self, batch_id: str, seen: Mapping[str, int]) -> list[Item]:
+        """The batch's items that finished or were queued again (numbered) and are not
+        `seen` (item id: the event_seq it was seen with), in the order they changed.
+        One seen with an older number is not: a provisional failure replaced by a late
+        answer, or queued again. Read under the lock, as items
         join batches, are numbered and finish under it: one that finished before any
         of these is among them (read one by one without it, an item could finish
         between two reads, after a later one had been seen finished; one could join the
@@ -400,9 +432,8 @@ class ResultBook:
         with self._lock:
             batch = self._batches.get(batch_id)
             ids = batch.item_ids if batch is not None else []
-            finished = (self._items[i] for i in ids if i in self._items)
-            return sorted((i for i in finished if i.is_finished and i.event_seq > seen.get(i.id, 0)),
-                          key=lambda i: i.event_seq)
+            held = (self._items[i] for i in ids if i in self._items)
+            return sorted((i for i in held if i.event_seq > seen.get(i.id, 0)), key=lambda i: i.event_seq)
 
     def wait(self, item_id: str, timeout: float) -> Item | None:
         """Block until the item has a result; the item, or None on timeout or unknown id."""

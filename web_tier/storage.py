@@ -3,7 +3,8 @@
 The original file name travels in the input object's metadata (common/names.py).
 A failed item is marked with object tags on its input object
 (`status=failed`, `error=<reason>`, and `reason`, the reason escaped so it reads
-back whole: common/failure_tags.py), which workers write too. Reading an item's
+back whole: common/failure_tags.py), which workers write too, and which the web
+tier takes off a dead letter it sends again. Reading an item's
 outcome back is common/stored_outcome.py's, which workers do too.
 """
 
@@ -14,7 +15,7 @@ from typing import Any, NamedTuple
 from botocore.exceptions import ClientError
 
 from common.aws import Aws, is_not_found
-from common.failure_tags import mark_failed
+from common.failure_tags import SENT_AGAIN_TAGGING, mark_failed
 from common.names import ORIGINAL_FILENAME_META, encode_filename, original_filename
 
 CLIENT_TOKEN_META = "client-token"
@@ -48,6 +49,21 @@ def tag_failed(aws: Aws, key: str, reason: str) -> str | None:
     else why it never will be (common.failure_tags.mark_failed, which raises what a retry may
     mend, and MarkDenied for AccessDenied)."""
     return mark_failed(aws.s3, aws.settings.input_bucket, key, reason)
+
+
+def clear_failed(aws: Aws, key: str) -> bool:
+    """Take the failure mark off the input object (its request is sent again), so that
+    a batch rebuilt from S3 shows it queued; False if there is no such object.
+
+    By writing tags that mark no failure: the web role may already put tags
+    (tag_failed), and needs no right to delete them."""
+    try:
+        aws.s3.put_object_tagging(Bucket=aws.settings.input_bucket, Key=key, Tagging=SENT_AGAIN_TAGGING)
+    except ClientError as exc:
+        if is_not_found(exc):
+            return False
+        raise
+    return True
 
 
 class StoredUpload(NamedTuple):

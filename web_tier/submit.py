@@ -11,14 +11,15 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from common.aws import Aws, error_reason
+from common.failure_tags import DEAD_LETTER_ERROR
 from common.messages import ClassifyRequest, MessageError
 from common.names import object_key
 from web_tier.image_check import Upload
 from web_tier.journal import Journal
 from web_tier.refusals import Code, Refusal
-from web_tier.results import Item, ResultBook
+from web_tier.results import DONE, QUEUED, Item, ResultBook
 from web_tier.sender import BatchingSender
-from web_tier.storage import head, put_input
+from web_tier.storage import clear_failed, head, put_input, tag_failed
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,64 @@ class Submitter:
         self._end(item.id)
         return item
 
+    def send_again(self, item_id: str) -> Item | Refusal:
+        """Queue again, under its own id and key, an item a dead letter failed: the item
+        queued, or why not.
+
+        The item is queued in the book first, which only one of two requests at once
+        does (the other is refused: one message, not two); its failure mark comes off
+        the input object, so that a batch rebuilt from S3 shows it queued; then its new
+        request is sent, journaled as an upload's is, so that a web tier killed after
+        the mark came off still has it sent (requeue_unsent). Its answer reaches it as
+        any answer does; so does a late answer of the first copy, the first to come
+        winning. A copy of the old request dead-lettered later is ignored (listeners.py).
+        """
+        again = self.book.queue_again(item_id, time.time())
+        if again is None:
+            return Refusal(409, _why_not_again(self.book.get(item_id)), code=Code.NOT_SENT_AGAIN)
+        # Sent at the moment it was queued again: any copy sent before is older.
+        request = ClassifyRequest(id=again.id, bucket=self.aws.settings.input_bucket, key=again.key,
+                                  filename=again.filename, sent_at=again.requeued_at).to_json()
+        self._begin(again.id, request)
+        try:
+            stored = clear_failed(self.aws, again.key)
+        except Exception:
+            log.exception("could not take the failure mark off %s to send it again", again.key)
+            self._undo_again(again)
+            # S3 may have taken it off all the same (an error after the write): a batch
+            # rebuilt after a restart would show it queued, with nothing sent.
+            self._mark_failed_again(again)
+            return Refusal(503, "not sent again: the input bucket could not be reached; try again",
+                           again.filename, code=Code.AWS_UNAVAILABLE)
+        if not stored:
+            self._undo_again(again)
+            return Refusal(409, "not sent again: its image is no longer in the input bucket; upload it again",
+                           again.filename, code=Code.NOT_SENT_AGAIN)
+        try:
+            self.requests.send(request)
+        except Exception:
+            # Its mark is off, the item queued: sent by requeue_unsent once SQS takes it,
+            # as an upload stored with no request is (at worst twice: the first answer wins).
+            log.exception("could not send item %s again; trying again later", again.id)
+            self._retry_later(again.id, request)
+            return again
+        self._end(again.id)
+        log.info("item %s sent again (%d)", again.id, again.sent_again)
+        return again
+
+    def _undo_again(self, again: Item) -> None:
+        """Back to the failure it had, nothing sent (unless an answer came meanwhile,
+        which then stands)."""
+        self._end(again.id)
+        self.book.fail(again.id, DEAD_LETTER_ERROR, key=again.key, filename=again.filename)
+
+    def _mark_failed_again(self, again: Item) -> None:
+        try:
+            tag_failed(self.aws, again.key, DEAD_LETTER_ERROR)
+        except Exception as exc:
+            log.warning("item %s: its failure mark may be off with no request sent (%s): a batch rebuilt "
+                        "after a restart shows it queued until it is sent again", again.id, error_reason(exc))
+
     def requeue_unsent(self) -> int:
         """Queue the images stored with no request sent; the number queued.
 
@@ -238,3 +297,15 @@ class Submitter:
             log.exception("could not delete %s, stored for an upload that was refused", key)
             return False
         return True
+
+
+def _why_not_again(item: Item | None) -> str:
+    """Why `item` is not sent again: it is no dead letter's failure (Submitter.send_again)."""
+    if item is None:
+        return "no such item"  # forgotten since its batch was found: evicted
+    if item.state == QUEUED:
+        return "not sent again: it is queued (sent again already, or not yet answered)"
+    if item.state == DONE:
+        return "not sent again: it is classified"
+    return ("not sent again: a worker failed it on the image itself, which the same bytes would fail "
+            "again; only a failure no worker answered (a dead letter) is sent again")

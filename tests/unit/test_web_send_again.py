@@ -1,0 +1,237 @@
+"""POST /api/jobs/<batch>/items/<item>/again: a dead letter queued again in place, once."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from common.failure_tags import DEAD_LETTER_ERROR, failure_from_tags
+from common.messages import ClassifyRequest
+from tests.conftest import make_image
+from tests.unit.conftest import FakeWorker, answer_for, services_of, upload, wait_until
+from tests.unit.test_web_jobs import dead_letter, dead_letters_left, finish, items_by_name, parse_events_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def again_url(batch_id: str, item_id: str) -> str:
+    return f"/api/jobs/{batch_id}/items/{item_id}/again"
+
+
+def requests_queued(web_aws) -> list[ClassifyRequest]:
+    """The requests in the request queue, read (and left there: visible again at once)."""
+    got = web_aws.sqs.receive_message(QueueUrl=web_aws.request_queue_url, MaxNumberOfMessages=10,
+                                      VisibilityTimeout=0)
+    return [ClassifyRequest.from_json(m["Body"]) for m in got.get("Messages", [])]
+
+
+def failure_mark(web_aws, key: str) -> str | None:
+    tags = web_aws.s3.get_object_tagging(Bucket=web_aws.settings.input_bucket, Key=key)["TagSet"]
+    return failure_from_tags(tags)
+
+
+def uploaded_and_failed(app, name: str = "dead.jpg", seed: int = 300) -> tuple[str, dict]:
+    """An upload whose request the book has failed as a dead letter (nothing in the
+    queues, no mark on its input): its batch id and the item as uploaded."""
+    body = upload(app.test_client(), [(make_image(seed), name)]).get_json()
+    item = body["items"][0]
+    book = services_of(app).book
+    key = book.get(item["id"]).key
+    book.fail(item["id"], DEAD_LETTER_ERROR, key=key, filename=name)
+    return body["batch_id"], item
+
+
+def test_a_dead_letter_sent_again_is_the_same_item_queued_then_answered(web_app, web_aws):
+    client = web_app.test_client()
+    data = make_image(301)
+    batch_id = upload(client, [(data, "dead.jpg")]).get_json()["batch_id"]
+    request = dead_letter(web_aws)
+    wait_until(lambda: failure_mark(web_aws, request.key) == DEAD_LETTER_ERROR)
+    wait_until(lambda: dead_letters_left(web_aws) == 0)
+    assert services_of(web_app).book.totals() == {"uploaded": 1, "answered": 0, "failed": 1}
+
+    response = client.post(again_url(batch_id, request.id))
+    assert response.status_code == 202, response.get_json()
+    assert response.headers["Location"] == f"/api/jobs/{batch_id}"
+    item = response.get_json()["item"]
+    assert (item["id"], item["state"], item["error"], item["sent_again"]) == (request.id, "queued", None, 1)
+    # The batch holds the one item, queued again, counted queued; its mark is off.
+    listed = client.get(f"/api/jobs/{batch_id}").get_json()["items"]
+    assert [(i["id"], i["state"]) for i in listed] == [(request.id, "queued")]
+    assert services_of(web_app).book.totals() == {"uploaded": 1, "answered": 0, "failed": 0}
+    assert failure_mark(web_aws, request.key) is None
+    # One new request, for the same id and key.
+    assert [(r.id, r.key) for r in requests_queued(web_aws)] == [(request.id, request.key)]
+
+    worker = FakeWorker(web_aws).start()
+    try:
+        wait_until(lambda: items_by_name(client, batch_id)["dead.jpg"]["state"] == "done")
+    finally:
+        worker.stop()
+    assert items_by_name(client, batch_id)["dead.jpg"]["label"] == answer_for(data)[0]
+    assert len(client.get(f"/api/jobs/{batch_id}").get_json()["items"]) == 1
+    assert services_of(web_app).book.totals() == {"uploaded": 1, "answered": 1, "failed": 0}
+
+
+def test_a_second_request_to_send_it_again_sends_nothing(make_web_app, web_aws):
+    """Two clicks (two tabs): the first queues it again; the second finds it queued."""
+    app = make_web_app(start_background=False)
+    client = app.test_client()
+    batch_id, item = uploaded_and_failed(app)
+    web_aws.sqs.purge_queue(QueueUrl=web_aws.request_queue_url)  # the upload's own request
+    assert client.post(again_url(batch_id, item["id"])).status_code == 202
+    second = client.post(again_url(batch_id, item["id"]))
+    assert second.status_code == 409
+    body = second.get_json()
+    assert body["code"] == "not_sent_again" and "queued" in body["error"]
+    assert (body["item"]["state"], body["item"]["sent_again"]) == ("queued", 1)
+    assert len(requests_queued(web_aws)) == 1
+
+
+def test_only_a_dead_letters_failure_is_sent_again(make_web_app, web_aws):
+    app = make_web_app(start_background=False)
+    client = app.test_client()
+    body = upload(client, [(make_image(302), "queued.jpg"), (make_image(303), "bad.jpg"),
+                           (make_image(304), "done.jpg")]).get_json()
+    batch_id = body["batch_id"]
+    queued, bad, done = (i["id"] for i in body["items"])
+    book = services_of(app).book
+    book.fail(bad, "cannot decode")  # a worker's failure on the image itself
+    finish(app, done, "cat")
+    before = client.get(f"/api/jobs/{batch_id}").get_json()
+    messages = len(requests_queued(web_aws))
+    for item_id, state in ((queued, "queued"), (bad, "failed"), (done, "done")):
+        refused = client.post(again_url(batch_id, item_id))
+        assert refused.status_code == 409, item_id
+        assert (refused.get_json()["code"], refused.get_json()["item"]["state"]) == ("not_sent_again", state)
+    assert client.get(f"/api/jobs/{batch_id}").get_json() == before
+    assert len(requests_queued(web_aws)) == messages
+
+    unknown_item = client.post(again_url(batch_id, "f" * 32))
+    assert (unknown_item.status_code, unknown_item.get_json()["code"]) == (404, "unknown_item")
+    unknown_batch = client.post(again_url("e" * 32, bad))
+    assert (unknown_batch.status_code, unknown_batch.get_json()["code"]) == (404, "unknown_batch")
+
+
+def test_sending_again_is_a_write_behind_the_api_key(make_web_app):
+    app = make_web_app(start_background=False, api_key="s3cret-key")
+    client = app.test_client()
+    headers = {"X-API-Key": "s3cret-key"}
+    body = upload(client, [(make_image(305), "dead.jpg")], headers=headers).get_json()
+    item_id = body["items"][0]["id"]
+    book = services_of(app).book
+    book.fail(item_id, DEAD_LETTER_ERROR, key=book.get(item_id).key)
+    refused = client.post(again_url(body["batch_id"], item_id))
+    assert (refused.status_code, refused.get_json()["code"]) == (401, "unauthorized")
+    assert book.get(item_id).state == "failed"
+    assert client.post(again_url(body["batch_id"], item_id), headers=headers).status_code == 202
+
+
+def test_a_batch_rebuilt_after_a_restart_shows_the_item_queued_again(make_web_app, web_aws):
+    """The mark came off the input object: a restarted web tier does not show it failed."""
+    old = make_web_app()
+    client = old.test_client()
+    batch_id = upload(client, [(make_image(306), "dead.jpg")]).get_json()["batch_id"]
+    request = dead_letter(web_aws)
+    wait_until(lambda: failure_mark(web_aws, request.key) == DEAD_LETTER_ERROR)
+    assert client.post(again_url(batch_id, request.id)).status_code == 202
+    services_of(old).stop(timeout=5)
+
+    fresh = make_web_app(start_background=False).test_client()
+    assert items_by_name(fresh, batch_id)["dead.jpg"]["state"] == "queued"
+
+
+def test_a_dead_letter_of_a_copy_sent_before_leaves_the_item_queued(web_app, web_aws):
+    """The first request's copy dead-lettered again (its message back after a failed
+    delete, another copy of it) after the item was sent again: it said nothing of the
+    new request, and failed the item, and marked it, while the new one was queued."""
+    client = web_app.test_client()
+    data = make_image(307)
+    batch_id = upload(client, [(data, "dead.jpg")]).get_json()["batch_id"]
+    request = dead_letter(web_aws)
+    wait_until(lambda: dead_letters_left(web_aws) == 0 and failure_mark(web_aws, request.key))
+    assert client.post(again_url(batch_id, request.id)).status_code == 202
+
+    web_aws.sqs.send_message(QueueUrl=web_aws.dead_letter_queue_url, MessageBody=request.to_json())
+    wait_until(lambda: dead_letters_left(web_aws) == 0)
+    assert items_by_name(client, batch_id)["dead.jpg"]["state"] == "queued"
+    assert failure_mark(web_aws, request.key) is None
+    # The new request's own dead letter does fail it.
+    dead_letter(web_aws)
+    wait_until(lambda: items_by_name(client, batch_id)["dead.jpg"]["state"] == "failed")
+
+
+def test_an_event_stream_sends_the_item_queued_again_then_its_answer(make_web_app, monkeypatch):
+    """An open page hears the item queued again: its stream had sent the failure, and
+    with nothing else queued it would have ended."""
+    monkeypatch.setattr("web_tier.events.KEEPALIVE_S", 0.5)
+    app = make_web_app(start_background=False)
+    client = app.test_client()
+    batch_id, item = uploaded_and_failed(app)
+    chunks = client.get(f"/api/jobs/{batch_id}/events", buffered=False).response
+    failed = parse_events_until(chunks, lambda event: "id" in event)
+    assert json.loads(failed[-1]["data"])["state"] == "failed"
+    assert client.post(again_url(batch_id, item["id"])).status_code == 202
+    queued = parse_events_until(chunks, lambda event: "id" in event or "event" in event)
+    assert "id" in queued[-1], queued[-1]["raw"]  # not `end`
+    assert (json.loads(queued[-1]["data"])["state"], json.loads(queued[-1]["data"])["sent_again"]) == (
+        "queued", 1)
+    finish(app, item["id"], "cat")
+    rest = parse_events_until(chunks, lambda event: event.get("event") == "end")
+    assert [json.loads(e["data"])["label"] for e in rest if "id" in e] == ["cat"]
+    # A client resuming after the failure's event is sent the item as it is now.
+    resumed = client.get(f"/api/jobs/{batch_id}/events", headers={"Last-Event-ID": failed[-1]["id"]},
+                         buffered=False)
+    sent = parse_events_until(resumed.response, lambda event: event.get("event") == "end")
+    assert [json.loads(e["data"])["state"] for e in sent if "id" in e] == ["done"]
+    resumed.close()
+
+
+def test_a_request_sqs_does_not_take_is_sent_by_the_requeue(make_web_app, web_aws, monkeypatch):
+    """The mark is off and the item queued when the send fails: as an upload stored with
+    no request, its request is journaled and sent by requeue_unsent (at start, each
+    minute, and by the next process if this one is killed)."""
+    app = make_web_app(start_background=False)
+    batch_id, item = uploaded_and_failed(app)
+    web_aws.sqs.purge_queue(QueueUrl=web_aws.request_queue_url)
+    submitter = services_of(app).submitter
+    monkeypatch.setattr(submitter.requests, "send", lambda body: (_ for _ in ()).throw(OSError("down")))
+    assert app.test_client().post(again_url(batch_id, item["id"])).status_code == 202
+    assert requests_queued(web_aws) == []
+    monkeypatch.undo()
+    assert submitter.requeue_unsent() == 1
+    assert [r.id for r in requests_queued(web_aws)] == [item["id"]]
+
+
+def test_a_mark_s3_will_not_take_off_leaves_it_failed_and_sends_nothing(make_web_app, web_aws, monkeypatch):
+    from botocore.exceptions import ClientError
+
+    app = make_web_app(start_background=False)
+    client = app.test_client()
+    batch_id, item = uploaded_and_failed(app)
+    web_aws.sqs.purge_queue(QueueUrl=web_aws.request_queue_url)
+
+    def s3_fails(**kwargs):
+        raise ClientError({"Error": {"Code": "InternalError", "Message": "down"}}, "PutObjectTagging")
+
+    monkeypatch.setattr(web_aws.s3, "put_object_tagging", s3_fails)
+    refused = client.post(again_url(batch_id, item["id"]))
+    assert (refused.status_code, refused.get_json()["code"]) == (503, "aws_unavailable")
+    assert refused.headers["Retry-After"]
+    assert refused.get_json()["item"]["state"] == "failed"
+    assert services_of(app).book.totals()["failed"] == 1
+    assert services_of(app).submitter.requeue_unsent() == 0
+    assert requests_queued(web_aws) == []
+
+
+def test_an_image_gone_from_the_input_bucket_is_not_sent_again(make_web_app, web_aws):
+    app = make_web_app(start_background=False)
+    client = app.test_client()
+    batch_id, item = uploaded_and_failed(app)
+    key = services_of(app).book.get(item["id"]).key
+    web_aws.s3.delete_object(Bucket=web_aws.settings.input_bucket, Key=key)
+    refused = client.post(again_url(batch_id, item["id"]))
+    assert (refused.status_code, refused.get_json()["code"]) == (409, "not_sent_again")
+    assert "no longer in the input bucket" in refused.get_json()["error"]
+    assert items_by_name(client, batch_id)["dead.jpg"]["state"] == "failed"
