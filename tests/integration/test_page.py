@@ -2615,25 +2615,44 @@ def test_a_file_that_found_no_server_is_offered_again_and_an_unreadable_image_is
     assert not button.is_displayed() and not note.is_displayed()
 
 
-# As LATE_JPG_DEAD_LETTERED, for good and by item: the first item of "late.jpg" is seen
-# failed as a dead letter (arguments[0], the server's text for one), whatever becomes of
-# it; any other item as it is.
-FIRST_LATE_JPG_DEAD_LETTERED = "const deadLetter = arguments[0];" + polls_answered_as("""
-      if (item.filename === "late.jpg" && (window.deadId ??= item.id) === item.id) {
+# As LATE_JPG_DEAD_LETTERED, until the page asks for it to be sent again: "late.jpg" is
+# seen failed as a dead letter (arguments[0], the server's text for one). The page's
+# asks (POST .../again) are kept in window.againAsked; as the server really classified
+# it (409, done), the ask is answered as for a real dead letter: 202, queued again.
+LATE_JPG_DEAD_LETTERED_UNTIL_SENT_AGAIN = "const deadLetter = arguments[0]; window.deadLetter = true;" + \
+    polls_answered_as("""
+      if (item.filename === "late.jpg") {
         Object.assign(item, { state: "failed", label: null, score: null, top5: [], error: deadLetter });
-      }""")
+      }""", only_while="window.deadLetter") + r"""
+  const pollingFetch = window.fetch;
+  window.againAsked = [];
+  window.fetch = async (url, options) => {
+    if (!/\/again$/.test(String(url))) return pollingFetch(url, options);
+    window.againAsked.push(String(url));
+    window.deadLetter = false;
+    const response = await window.realFetchForTest(url, options);
+    let body = await response.json(), status = response.status;
+    if (status === 409 && body.item.state === "done") {
+      body = { batch_id: url.split("/")[3], item: { ...body.item, state: "queued", label: null, score: null,
+                                                    top5: [], sent_again: 1 } };
+      status = 202;
+    }
+    return new Response(JSON.stringify(body), { status, headers: { "Content-Type": "application/json" } });
+  };"""
 
 
-def test_a_dead_letter_is_sent_again_under_a_new_token_and_shown_once_after_a_reload(
+def test_a_dead_letter_is_sent_again_in_place_and_shown_once_after_a_reload(
         stack, browser, reference_model, tmp_path):
-    """A dead letter (its workers crashed) may pass when sent again; under its own token
-    the batch would only give its failure back. It goes under a new one, and the row
-    shows the new item, the failed one kept off the page, after a reload in the tab too."""
+    """A dead letter (its workers crashed) may pass when sent again. The page asks the
+    server to queue the same item again (POST .../again), no new upload: the batch
+    keeps one item a file, its row one row, marked "sent again", after a reload too."""
+    from selenium.webdriver.common.by import By
+
     from common.failure_tags import DEAD_LETTER_ERROR
 
     files = {"late.jpg": make_image(1420, size=(64, 48)), "other.jpg": make_image(1421, size=(64, 48))}
     browser.get(stack.web_url + "/")
-    browser.execute_script(FIRST_LATE_JPG_DEAD_LETTERED, DEAD_LETTER_ERROR)
+    browser.execute_script(LATE_JPG_DEAD_LETTERED_UNTIL_SENT_AGAIN, DEAD_LETTER_ERROR)
     choose(browser, tmp_path, files)
     wait_for(lambda: states_shown(browser) == {"late.jpg": "failed", "other.jpg": "done"}, 60,
              "the dead letter shown")
@@ -2646,8 +2665,13 @@ def test_a_dead_letter_is_sent_again_under_a_new_token_and_shown_once_after_a_re
     assert_classified(finished_rows(browser, stack, 2, 10), files, reference_model)
     batch_id = browser.current_url.split("#batches=")[1]
     items = server_items(stack, batch_id)
-    assert sorted((i["filename"], i["token"]) for i in items) == [
-        ("late.jpg", "0"), ("late.jpg", "0.1"), ("other.jpg", "1")]
+    assert sorted((i["filename"], i["token"]) for i in items) == [("late.jpg", "0"), ("other.jpg", "1")]
+    late_id = next(i["id"] for i in items if i["filename"] == "late.jpg")
+    assert browser.execute_script("return window.againAsked") == [
+        f"/api/jobs/{batch_id}/items/{late_id}/again"]
+    assert "sent again" in rows_shown(browser)[0][2]
+    assert browser.find_element(By.ID, "summary").text.startswith("2 of 2 classified")
+    assert not button.is_displayed()
 
     browser.refresh()
     wait_for(lambda: states_shown(browser) == {"late.jpg": "done", "other.jpg": "done"}, 60,

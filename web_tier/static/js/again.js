@@ -1,5 +1,6 @@
 // "Send N failed files again": which failed files it offers (notWorthAgain), and
-// sending them, each by its own upload (session.js sendAgain).
+// sending them, each by its own upload (session.js sendAgain): a dead letter queued
+// again in place, any other file uploaded again.
 import { sayNext, sayOnce, uploadBegins } from "./announce.js";
 import { $ } from "./dom.js";
 import { storedKey } from "./key.js";
@@ -31,6 +32,12 @@ const LEFT_OUT = {  // as the page says them, after a count
   unreadable: "no longer readable by the browser",
   stopped: "stopped by you",
 };
+// A row of a dead letter: the server queues it again in place, the same item (session.js
+// queueAgain), with no need of its File.
+export function isDeadLetter(entry) {
+  const error = entry.el.querySelector(".error").textContent;
+  return Boolean(entry.id) && error.startsWith(WORKER_MAY_DO_BETTER[0]);
+}
 function notWorthAgain(entry) {
   if (entry.id) {  // stored, then failed by a worker or a dead letter
     const error = entry.el.querySelector(".error").textContent;
@@ -47,16 +54,16 @@ function notWorthAgain(entry) {
 
 // The failed files the page could send again, by upload: {offered: Map(session ->
 // entries), count, leftOut: "" or why the others it holds are not offered}. Only
-// files whose File this page view holds: a reloaded page has none, and no button.
-// An upload still sending is left to end first (its own resends are under way):
-// its failures join the offer then.
+// files whose File this page view holds (a reloaded page has none), but dead letters,
+// which the server holds. An upload still sending is left to end first (its own
+// resends are under way): its failures join the offer then.
 function failedFiles() {
   const offered = new Map(), leftOut = new Map();
   let count = 0;
   for (const session of page.sessions) {
     if (session.uploading) continue;
     for (const entry of session.entries) {
-      if (!entry.file || entry.el.dataset.state !== "failed") continue;
+      if (entry.el.dataset.state !== "failed" || !(entry.file || isDeadLetter(entry))) continue;
       const why = notWorthAgain(entry);
       if (why) {
         leftOut.set(why, (leftOut.get(why) || 0) + 1);

@@ -115,3 +115,18 @@ export async function fetchBatch(batchId) {
     return { body: null, unknown: false };
   }
 }
+
+// Asks the server to queue a dead letter again in place (POST /api/jobs/<batch>/items/
+// <item>/again): {status, body}; status 0 and body null if no answer came in time.
+export async function sendItemAgain(batchId, itemId, headers) {
+  try {
+    const signal = timeoutSignal(setting("pollTimeoutMs"));
+    const response = await fetch(`/api/jobs/${batchId}/items/${itemId}/again`,
+                                 { method: "POST", headers, cache: "no-store", signal });
+    let body = null;
+    try { body = await response.json(); } catch { /* not JSON: a proxy's page */ }
+    return { status: response.status, body };
+  } catch {
+    return { status: 0, body: null };
+  }
+}

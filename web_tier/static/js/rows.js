@@ -72,12 +72,19 @@ export function showFailure(el, message) {
 export function showItem(el, item) {
   // The first answer wins, as on the server: a replayed event changes nothing. But a
   // late answer does replace a failure (a dead letter's, which the server replaces
-  // too): the row stayed "failed" while the batch said "done" (reviewer).
+  // too): the row stayed "failed" while the batch said "done" (reviewer). So does the
+  // item queued again (sent_again) as many times as the row knows of, or more: its
+  // failure is over (an answer from before it, come late, is put right by the next).
   const lateAnswer = el.dataset.state === "failed" && item.state === "done";
-  if (FINISHED.has(el.dataset.state) && !lateAnswer) return;
-  if (lateAnswer) el.querySelector(".error").textContent = "";
+  const sentAgain = item.sent_again || 0;
+  const queuedAgain = el.dataset.state === "failed" && item.state === "queued" && sentAgain > 0 &&
+    sentAgain >= Number(el.dataset.sentAgain || 0);
+  if (FINISHED.has(el.dataset.state) && !lateAnswer && !queuedAgain) return;
+  if (lateAnswer || queuedAgain) el.querySelector(".error").textContent = "";
+  if (sentAgain) el.dataset.sentAgain = String(sentAgain);
   if (item.state === "queued") {
     setState(el, "queued");
+    if (queuedAgain) updateSummary();  // one fewer failed
     return;
   }
   if (item.state === "failed") {

@@ -1,5 +1,6 @@
 // One upload, and one batch: its sends and resends, following the batch's results,
 // and (restore.js) a batch shown again after a reload.
+import { isDeadLetter } from "./again.js";
 import { uploadBegins } from "./announce.js";
 import {
   batchesInUrl, explainedOnly, forgetBatch, newBatchId, rememberBatch, sameFile, saveShown, savedShown,
@@ -7,7 +8,7 @@ import {
 } from "./batches.js";
 import { bytesOf, chunked } from "./chunks.js";
 import { keyInput } from "./dom.js";
-import { fetchBatch, freeSendPlace, post, refusedWhole, takeSendPlace } from "./http.js";
+import { fetchBatch, freeSendPlace, post, refusedWhole, sendItemAgain, takeSendPlace } from "./http.js";
 import { authHeaders, keyProblem, sayKeyProblem, storedKey } from "./key.js";
 import { updateSummary } from "./refresh.js";
 import { FINISHED, makeResult, setName, setPath, setState, showFailure, showItem, showSentAgain } from "./rows.js";
@@ -100,17 +101,70 @@ export class Session {
   }
 
   // "Send N failed files again": `entries`, failed files of this upload that
-  // notWorthAgain lets go, go again by the upload's own path (chunks, tokens, resends,
-  // "Stop sending"), into this batch, not a new one. A file whose answer was lost may
-  // be stored already, and only its batch and token keep it from being stored twice
-  // (the server answers `again` with its item); the batch stays the one the address
-  // names; and a row stays one row, counted once, on this page and after a reload.
-  // A file a worker failed (a dead letter) is another matter: the batch holds it
-  // under its token, which would only give the failure back. It goes under a new token,
-  // and the failed item it replaces is kept off the page (`replaced`, saved for a
-  // reload in this tab too; a browser with nothing saved shows both: README).
+  // notWorthAgain lets go. A dead letter is queued again in place (queueAgain). The
+  // others go again by the upload's own path (chunks, tokens, resends, "Stop sending"),
+  // into this batch, not a new one. A file whose answer was lost may be stored
+  // already, and only its batch and token keep it from being stored twice (the server
+  // answers `again` with its item); the batch stays the one the address names; and a
+  // row stays one row, counted once, on this page and after a reload.
   async sendAgain(entries) {
+    const inPlace = entries.filter(isDeadLetter);
+    this.queueAgain(inPlace);
+    const uploads = entries.filter((entry) => !inPlace.includes(entry));
+    if (uploads.length) await this.uploadAgain(uploads);
+  }
+
+  // A dead letter (no worker answered it: the workers holding it crashed, stalled or
+  // were stopped) goes again as the same item: the server queues it again under its
+  // id (POST .../again), and its row shows it queued, then its outcome. Not sent
+  // again, it is failed as before, with why, and still offered.
+  queueAgain(entries) {
     for (const entry of entries) {
+      const error = entry.el.querySelector(".error").textContent;
+      entry.el.querySelector(".error").textContent = "";
+      setState(entry.el, "uploading");
+      showSentAgain(entry, (entry.again || 0) + 1);
+      this.askToQueueAgain(entry, error);
+    }
+    if (entries.length) {
+      this.save();
+      updateSummary();
+    }
+  }
+
+  async askToQueueAgain(entry, error) {
+    const { el } = entry;
+    const problem = keyProblem();
+    const { status, body } = problem ? { status: 0, body: { error: problem } }
+      : await sendItemAgain(this.batchId, entry.id, authHeaders());
+    const item = body && body.item;
+    // Queued again; or, refused 409, as it is now if no longer failed (another tab sent
+    // it again, or a late answer came).
+    if (item && (status === 202 || (status === 409 && item.state !== "failed"))) {
+      if (status === 202) el.dataset.sentAgain = String(item.sent_again || 1);
+      showItem(el, item);
+      updateSummary();
+      if (!FINISHED.has(el.dataset.state) && !this.stream && !this.pollTimer) {
+        if (this.restored) this.poll();  // as restore follows it: no stream held
+        else this.follow();
+      }
+      return;
+    }
+    if (status === 409) {  // not a dead letter's any more: its image gone, say
+      showFailure(el, body.error);
+      return;
+    }
+    const why = ((body && body.error) || "the server could not be reached").replace(/^not sent again: /, "");
+    showFailure(el, `${error} (not sent again: ${why})`);
+  }
+
+  // Files not stored, or gone from the input bucket (a new item, under a new token).
+  async uploadAgain(entries) {
+    for (const entry of entries) {
+      // A file a worker could not find in the input bucket: its batch holds it under its
+      // token, which would only give the failure back. It goes under a new token, and the
+      // failed item it replaces is kept off the page (`replaced`, saved for a reload in
+      // this tab too; a browser with nothing saved shows both: README).
       if (entry.id) {
         this.byId.delete(entry.id);
         this.replaced.add(entry.id);
@@ -455,6 +509,16 @@ export class Session {
     // Joined the batch after it was loaded, or stored by a send whose answer was lost.
     else if (this.restored || this.pendingRowFor(item)) this.showNew(item);
     else this.early.set(item.id, item);
+    if (el && item.sent_again) this.saySentAgain(item);
+  }
+
+  // An item queued again from elsewhere (another tab, a script): its row says so here too.
+  saySentAgain(item) {
+    const entry = this.entries.find((shown) => shown.id === item.id);
+    if (entry && (entry.again || 0) < item.sent_again) {
+      showSentAgain(entry, item.sent_again);
+      this.save();
+    }
   }
 
   // The row of a file not heard stored that is `item` (sameFile): one this tab gave up
@@ -489,6 +553,7 @@ export class Session {
     }
     this.byId.set(item.id, el);
     showItem(el, item);
+    if (item.sent_again) this.saySentAgain(item);
     if (this.built && this.grewAt) this.grewAt = Date.now();
     updateSummary();  // a row that joins queued is counted too
   }
