@@ -150,7 +150,9 @@ class ClassifyRequest:
                 bucket=_name(data, "bucket", MAX_BUCKET_BYTES),
                 key=_name(data, "key", MAX_KEY_BYTES),
                 filename=data["filename"],
-                sent_at=finite_number(data.get("sent_at", 0.0)),  # read by nothing: not required
+                # Not required. Read only to tell a dead letter of a copy sent before its item was
+                # queued again (web_tier/listeners.py); copies (a hand-back) keep the first's.
+                sent_at=finite_number(data.get("sent_at", 0.0)),
             )
         except _NOT_A_MESSAGE as exc:
             raise MessageError(f"not a classify request: {exc}") from exc

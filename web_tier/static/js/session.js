@@ -150,7 +150,7 @@ export class Session {
       }
       return;
     }
-    if (status === 409) {  // not a dead letter's any more: its image gone, say
+    if (status === 409 && body && body.error) {  // not a dead letter's any more: its image gone, say
       showFailure(el, body.error);
       return;
     }
