@@ -88,6 +88,8 @@ class HeldMessages:
         # Of those, the ones whose results are stored, being answered and deleted: never
         # handed back, but held (journal, heartbeat) until deleted or made visible.
         self._being_answered: set[str] = set()
+        # Of those, the ones being let go (hide): visible again before they are forgotten.
+        self._letting_go: set[str] = set()
         self._lock = threading.Lock()
         # Orders the heartbeat's extensions against releases (see hide).
         self._visibility_lock = threading.Lock()
@@ -112,6 +114,12 @@ class HeldMessages:
         with self._lock:
             for job in jobs:
                 in_hand = self._held.get(job.message_id)
+                if in_hand is not None and job.message_id in self._letting_go:
+                    # Made visible by hide, which has yet to forget it: this receive is
+                    # the next attempt. Taken for the copy in hand, nobody worked on it or
+                    # kept it hidden, and it waited out its lease (a loaded CI machine).
+                    self._letting_go.discard(job.message_id)
+                    in_hand = None
                 if in_hand is None:
                     self._held[job.message_id] = job
                     fresh.append(job)
@@ -132,10 +140,14 @@ class HeldMessages:
     def forget(self, jobs: list[Job]) -> None:
         """Stop holding these: answered, or visible again."""
         with self._lock:
-            self._being_answered.difference_update(j.message_id for j in jobs)
+            # Only the very jobs: one received again since hide let it go is the next attempt's.
+            removed = [j for j in jobs if self._held.get(j.message_id) is j]
+            for job in removed:
+                del self._held[job.message_id]
+                self._being_answered.discard(job.message_id)
+                self._letting_go.discard(job.message_id)
             # Written only on a change: a stop that comes while this worker shows what the
             # last one held (holding nothing yet) must leave that to the next.
-            removed = [j for j in jobs if self._held.pop(j.message_id, None) is not None]
             if removed:
                 self._record()
 
@@ -191,8 +203,11 @@ class HeldMessages:
         were forgotten must not land after this change and hide them for a whole
         visibility timeout. Forgotten after the change: a worker killed in between
         (systemd's kill, at the end of a stop's grace) left them out of its journal,
-        hidden for the rest of their timeout (reviewer); now its successor shows them."""
+        hidden for the rest of their timeout (reviewer); now its successor shows them.
+        A receive in between (the fetch thread's) gets them as the next attempt (hold)."""
         with self._visibility_lock:
+            with self._lock:
+                self._letting_go.update(j.message_id for j, _ in hidden_for)
             self._change_visibility(hidden_for)
             self.forget([j for j, _ in hidden_for])
 

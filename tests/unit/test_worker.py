@@ -1739,6 +1739,41 @@ def test_a_message_received_again_while_in_hand_is_worked_on_once(aws_env):
     assert not len(worker.held)
 
 
+def test_a_message_received_again_while_being_let_go_is_the_next_attempt(aws_env, monkeypatch):
+    """A release makes the messages visible, then forgets them: the fetch thread's receive
+    in between was taken for the copy in hand, returned nothing, and the requests waited
+    out their 30 s lease unheld (a CI run on a loaded machine)."""
+    settings, aws = aws_env
+    upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
+    worker = Worker(settings, aws, MeanClassifier(), "i-between")
+    first = worker.fetch()
+    change = aws.sqs.change_message_visibility_batch
+    received_between: list = []
+
+    fetching: list[threading.Thread] = []
+
+    def then_receive(**kwargs):
+        reply = change(**kwargs)
+        if kwargs["Entries"][0]["VisibilityTimeout"] == 0:  # the release's
+            # The fetch thread receives them before the release forgets them (its
+            # extension then waits for the release to end).
+            fetching.append(threading.Thread(target=lambda: received_between.append(worker.fetch())))
+            fetching[0].start()
+            wait_until(lambda: depth(aws, aws.request_queue_url) == (0, 1), timeout=30)
+        return reply
+
+    monkeypatch.setattr(aws.sqs, "change_message_visibility_batch", then_receive)
+    worker.held.release(first.jobs)
+    fetching[0].join(30)
+    monkeypatch.setattr(aws.sqs, "change_message_visibility_batch", change)
+    [again] = received_between
+    assert [j.request.id for j in again.jobs] == ["a"] and again.jobs[0].receive_count == 2
+    assert len(worker.held) == 1  # held, so kept hidden by the heartbeat and its journal
+    worker.process(again)
+    assert list(responses(aws)) == ["a"] and depth(aws, aws.request_queue_url) == (0, 0)
+    assert not len(worker.held)
+
+
 def replies_refused(aws: Aws, monkeypatch, refuse) -> list[list[str]]:
     """SendMessageBatch on the response queue, as SQS answers it when some entries fail:
     `refuse(item id, call number)` gives an entry's (error code, sender's fault), or None
