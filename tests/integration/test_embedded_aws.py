@@ -86,7 +86,8 @@ def test_long_polls_do_not_hold_up_other_calls(moto):
     got = sqs.receive_message(QueueUrl=queue, WaitTimeSeconds=1)["Messages"]
     took = time.monotonic() - started
     assert [m["Body"] for m in got] == ["hello"]
-    assert took < 2.0, f"a send and a receive took {took:.1f} s behind {LONG_POLLS} long polls"
+    # Stuck behind the long polls, it would take their 5 s; 2 s was tight under load.
+    assert took < 4.0, f"a send and a receive took {took:.1f} s behind {LONG_POLLS} long polls"
     assert not answered, "a 5 s long poll on an empty queue came back early"
     for thread in threads:
         thread.join(15)
@@ -108,8 +109,9 @@ def test_sigterm_stops_every_server_process_quickly(moto):
              what="the long poll to reach the server")
     sent = time.monotonic()
     os.killpg(server.pid, signal.SIGTERM)
-    wait_for(lambda: not any(_alive(p) for p in family), timeout_s=5, what="the embedded AWS to stop")
-    assert time.monotonic() - sent < 5
+    # Not after the 20 s long poll; 5 s was tight on a loaded machine.
+    wait_for(lambda: not any(_alive(p) for p in family), timeout_s=10, what="the embedded AWS to stop")
+    assert time.monotonic() - sent < 10
 
 
 def _alive(process: psutil.Process) -> bool:

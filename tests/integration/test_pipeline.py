@@ -295,7 +295,9 @@ def test_a_web_tier_told_to_stop_answers_its_waiting_requests_at_once(stack, tmp
     assert replies, (tmp_path / "web.log").read_text()
     reply = replies[0]
     assert reply.status_code == 503, reply.text
-    assert took < 3, took
+    # gunicorn's cut-off is at 5 s, and gives no body (asserted below); 3 s was tight
+    # for a loaded CI machine.
+    assert took < 4.5, took
     assert reply.text.startswith("waits.jpg: the web tier is stopping; the image is still queued")
     assert "Retry-After" not in reply.headers  # stored and queued: sent again, classified twice
     assert f"/api/jobs/{reply.headers['X-Batch-Id']}" in reply.text and reply.headers["X-Item-Id"]

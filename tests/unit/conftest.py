@@ -20,9 +20,13 @@ from common.output_object import pair_text, result_metadata
 from common.provision import provision
 
 
-def wait_until(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02,
+def wait_until(condition: Callable[[], object], timeout: float = 30.0, interval: float = 0.05,
                why: Callable[[], str] | None = None) -> object:
-    """Poll `condition` until it is truthy; fail the test at the deadline (saying `why()`)."""
+    """Poll `condition` until it is truthy; fail the test at the deadline (saying `why()`).
+
+    The deadline only bounds a failure's wait: generous, for a loaded CI machine. The
+    interval leaves the GIL to the code under test, which many conditions share it with
+    (they call the in-process moto that code calls)."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -160,7 +164,11 @@ def make_web_app(web_aws: Aws) -> Iterator[Callable]:
 
     yield make
     for app in made:
-        services_of(app).stop(timeout=5)
+        # A listener left polling would take the next test's answers (the moto state is
+        # shared): waited for generously, and checked.
+        services = services_of(app)
+        services.stop(timeout=30)
+        assert services.listeners is None or not services.listeners.running, "a listener did not stop"
 
 
 @pytest.fixture
