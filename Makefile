@@ -55,7 +55,7 @@ TEST_PROCESSES ?= 2
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -m "not soak" -n $(TEST_PROCESSES) --dist loadscope --no-loadscope-reorder \
-		--max-worker-restart 1
+		--max-worker-restart 1 --durations 15
 
 ## Unit tests only: no browser and no stack (~5 minutes in two processes here)
 test-quick: $(STAMP)
