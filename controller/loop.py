@@ -152,7 +152,7 @@ class Controller:
         memory = RoundMemory(
             wanted_recently=wanted_recently,
             window_watched=self.scale_in_window.watched(obs.clock, self.policy.scale_in_cooldown_s),
-            hold_launches=launches_held,
+            launches_held=launches_held,
             launch_wait_s=self.launch_backoff.remaining(obs.clock),
             keep_last=frozenset(self.refusals.ids),
             unanswered=frozenset(self.unanswered.calls()),

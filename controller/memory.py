@@ -309,7 +309,7 @@ class RoundMemory:
     # as wanted (a controller started less than a window ago: ScaleInWindow.watched).
     window_watched: bool = True
     # Launch nothing this round: workers have been giving up (LaunchHold).
-    hold_launches: bool = False
+    launches_held: bool = False
     # Launch nothing for this long yet: the last launch failed (LaunchBackoff).
     launch_wait_s: float = 0.0
     # Ids chosen to scale in only after every other: EC2 refused to terminate them (Refusals).

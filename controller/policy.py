@@ -151,7 +151,7 @@ def decide(obs: Observation, policy: Policy, memory: RoundMemory = NOTHING_REMEM
     """What to do now, from what is observed, the policy, and what the loop remembers of
     the rounds before (`memory`; none given, nothing is held back). The fleet shrinks no
     lower than `memory.wanted_recently`; `memory.keep_last` are scaled in only after
-    every other. Held launches (`memory.hold_launches`, `memory.launch_wait_s`) leave the
+    every other. Held launches (`memory.launches_held`, `memory.launch_wait_s`) leave the
     rest of the decision (terminations, clean-ups) as it is. The numbers of
     `memory.unanswered` are launched first when launching (the call is then repeated,
     and EC2 answers with the instance it may have started): a new number beside one that
@@ -190,7 +190,7 @@ def decide(obs: Observation, policy: Policy, memory: RoundMemory = NOTHING_REMEM
             count = for_untaken
             reason += (f"; launching only for the {untaken} not taken ({obs.in_flight} in flight"
                        + (f", {not_yet_receiving} not yet receiving)" if not_yet_receiving else ")"))
-        if memory.hold_launches:
+        if memory.launches_held:
             reason += "; launches held: workers gave up recently"
         elif count > 0 and memory.launch_wait_s > 0:
             reason += f"; launches held: the last failed, next try in {memory.launch_wait_s:.1f}s"

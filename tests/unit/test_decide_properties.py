@@ -37,7 +37,7 @@ class Case:
     obs: Observation
     policy: Policy
     wanted_recently: int | None = None
-    hold_launches: bool = False
+    launches_held: bool = False
     keep_last: frozenset[str] = frozenset()
     launch_wait_s: float = 0.0
     window_watched: bool = True
@@ -49,7 +49,7 @@ class Case:
     notes: dict = field(default_factory=dict)
 
     def memory(self) -> RoundMemory:
-        return RoundMemory(wanted_recently=self.wanted_recently, hold_launches=self.hold_launches,
+        return RoundMemory(wanted_recently=self.wanted_recently, launches_held=self.launches_held,
                            keep_last=self.keep_last, launch_wait_s=self.launch_wait_s,
                            window_watched=self.window_watched, unanswered=self.unanswered)
 
@@ -136,7 +136,7 @@ def gen_case(seed: object, **force) -> Case:
         watched = rng.random() < 0.5
     args = {
         "wanted_recently": wanted, "window_watched": watched, "keep_last": frozenset(keep_last),
-        "hold_launches": rng.random() < 0.15,
+        "launches_held": rng.random() < 0.15,
         "launch_wait_s": rng.choice((0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 30.0)),
         # Listed numbers too: the loop forgets those, but decide must never launch one.
         "unanswered": frozenset(rng.sample(range(1, top + 1), rng.randint(1, 3)))
@@ -271,13 +271,13 @@ def test_the_cap_is_never_exceeded():
 
 
 def test_held_or_backing_off_launches_launch_nothing_and_change_nothing_else():
-    """`hold_launches`: launch nothing this round; `launch_wait_s`: launch nothing for this long
+    """`launches_held`: launch nothing this round; `launch_wait_s`: launch nothing for this long
     yet. "Held launches leave the rest of the decision (terminations, clean-ups) as it is."""
     def check(case: Case) -> None:
-        free = case.decide(hold_launches=False, launch_wait_s=0.0)
-        for held in (case.decide(hold_launches=True, launch_wait_s=0.0),
-                     case.decide(hold_launches=False, launch_wait_s=case.launch_wait_s or 0.25),
-                     case.decide(hold_launches=True, launch_wait_s=3.0)):
+        free = case.decide(launches_held=False, launch_wait_s=0.0)
+        for held in (case.decide(launches_held=True, launch_wait_s=0.0),
+                     case.decide(launches_held=False, launch_wait_s=case.launch_wait_s or 0.25),
+                     case.decide(launches_held=True, launch_wait_s=3.0)):
             assert held.launch == ()
             assert (held.desired, held.terminate, held.clean_up) == (
                 free.desired, free.terminate, free.clean_up)
@@ -307,7 +307,7 @@ def test_scaling_out_is_immediate():
     the ready instances drain the backlog before a boot)."""
     def check(case: Case) -> None:
         obs, policy = case.obs, case.policy
-        if case.hold_launches or case.launch_wait_s > 0 or obs.visible + obs.delayed == 0:
+        if case.launches_held or case.launch_wait_s > 0 or obs.visible + obs.delayed == 0:
             return False
         if len(obs.live) >= policy.max_instances or len(obs.serving) >= needed(case):
             return False

@@ -96,10 +96,10 @@ def test_failed_instances_keep_their_place_under_the_cap_until_gone():
 
 
 def test_held_launches_launch_nothing_but_still_clean_up_and_scale_in():
-    held = decide(failed(obs(visible=5, running=2), 2), BACKLOG, RoundMemory(hold_launches=True))
+    held = decide(failed(obs(visible=5, running=2), 2), BACKLOG, RoundMemory(launches_held=True))
     assert held.launch == () and set(held.clean_up) == {"i-0001", "i-0002"}
     assert "launches held" in held.reason
-    assert len(decide(obs(visible=1, running=3), BACKLOG, RoundMemory(hold_launches=True)).terminate) == 2
+    assert len(decide(obs(visible=1, running=3), BACKLOG, RoundMemory(launches_held=True)).terminate) == 2
     # Launches backing off after a failed one: the same, said with the wait (once decided
     # outside decide(), which a test of it could not see).
     backing_off = decide(failed(obs(visible=5, running=2), 2), BACKLOG, RoundMemory(launch_wait_s=2.5))
