@@ -119,6 +119,7 @@ class HeldMessages:
                     # the next attempt. Taken for the copy in hand, nobody worked on it or
                     # kept it hidden, and it waited out its lease (a loaded CI machine).
                     self._letting_go.discard(job.message_id)
+                    self._being_answered.discard(job.message_id)  # the old attempt's word
                     in_hand = None
                 if in_hand is None:
                     self._held[job.message_id] = job
@@ -207,7 +208,10 @@ class HeldMessages:
         A receive in between (the fetch thread's) gets them as the next attempt (hold)."""
         with self._visibility_lock:
             with self._lock:
-                self._letting_go.update(j.message_id for j, _ in hidden_for)
+                # Only those held, as these very jobs: an id left here would make a later
+                # copy received again while in hand a second job (see hold).
+                self._letting_go.update(j.message_id for j, _ in hidden_for
+                                        if self._held.get(j.message_id) is j)
             self._change_visibility(hidden_for)
             self.forget([j for j, _ in hidden_for])
 

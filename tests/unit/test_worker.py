@@ -1774,6 +1774,50 @@ def test_a_message_received_again_while_being_let_go_is_the_next_attempt(aws_env
     assert not len(worker.held)
 
 
+def test_letting_go_a_message_no_longer_held_leaves_no_mark_on_a_later_copy(aws_env):
+    """A release of a job already forgotten (extend dropped it as gone; a batch partly
+    deleted) had marked its id as being let go for good: a later copy received again while
+    in hand was then taken for a second job, worked on twice (explorer)."""
+    settings, aws = aws_env
+    upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
+    worker = Worker(settings, aws, MeanClassifier(), "i-mark")
+    first = worker.fetch()
+    worker.held.forget(first.jobs)
+    worker.held.release(first.jobs)
+    second = worker.fetch()
+    assert [j.request.id for j in second.jobs] == ["a"]
+    crash(aws, second)  # visible again while in hand, as after failed extensions
+    assert worker.fetch().jobs == []  # the job in hand takes its receipt: one job, not two
+    assert len(worker.held) == 1
+
+
+def test_a_copy_received_while_being_let_go_is_not_taken_for_one_being_answered(aws_env, monkeypatch):
+    """The old attempt's "being answered" mark stayed on the next attempt's job: a stop
+    then kept it from its hand-back (explorer)."""
+    settings, aws = aws_env
+    upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
+    worker = Worker(settings, aws, MeanClassifier(), "i-marked")
+    first = worker.fetch()
+    worker.held.mark_answering(first.jobs)  # say its reply failed after the result was stored
+    change = aws.sqs.change_message_visibility_batch
+    fetching: list[threading.Thread] = []
+
+    def then_receive(**kwargs):
+        reply = change(**kwargs)
+        if kwargs["Entries"][0]["VisibilityTimeout"] == 0:
+            fetching.append(threading.Thread(target=worker.fetch))
+            fetching[0].start()
+            wait_until(lambda: depth(aws, aws.request_queue_url) == (0, 1), timeout=30)
+        return reply
+
+    monkeypatch.setattr(aws.sqs, "change_message_visibility_batch", then_receive)
+    worker.held.release(first.jobs)
+    fetching[0].join(30)
+    monkeypatch.setattr(aws.sqs, "change_message_visibility_batch", change)
+    worker.held.hand_back_all()  # a stop: the new attempt, never tried, goes back
+    assert not len(worker.held) and depth(aws, aws.request_queue_url) == (1, 0)
+
+
 def replies_refused(aws: Aws, monkeypatch, refuse) -> list[list[str]]:
     """SendMessageBatch on the response queue, as SQS answers it when some entries fail:
     `refuse(item id, call number)` gives an entry's (error code, sender's fault), or None
