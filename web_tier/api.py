@@ -252,6 +252,8 @@ def send_item_again(batch_id: str, item_id: str) -> Response | tuple[Response, i
                       code=Code.BUSY)
     outcome = svc.submitter.send_again(item_id)
     model_untrained = bool(svc.book.untrained)
+    if isinstance(outcome, Refusal) and outcome.code == Code.UNKNOWN_ITEM:
+        return error_response(outcome)  # forgotten since (evicted): no item to show
     if isinstance(outcome, Refusal):
         # With the item as it is now, for a client to show (queued by another request, say).
         now = svc.book.get(item_id) or item

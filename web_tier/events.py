@@ -34,7 +34,10 @@ MAX_STREAM_S = 600.0
 
 def _event(item: Item, book: ResultBook) -> str:
     body = item.to_json(bool(book.untrained))
-    return f"id: {book.epoch}.{item.event_seq}\ndata: {json.dumps(body, separators=(',', ':'))}\n\n"
+    # An item queued again is a `queued` event: a client's plain `message` events stay
+    # one per finished item (DESIGN.md), the page listens for both.
+    kind = "" if item.is_finished else "event: queued\n"
+    return f"{kind}id: {book.epoch}.{item.event_seq}\ndata: {json.dumps(body, separators=(',', ':'))}\n\n"
 
 
 def seen_up_to(book: ResultBook, last_event_id: str | None) -> int:

@@ -356,6 +356,12 @@ class ResultBook:
                     return None
                 item = self._replace(item, incoming)
             else:
+                if item.event_seq:
+                    # Published while queued (queued again after a dead letter): finished in
+                    # place, a stream that read it queued would send its outcome under the
+                    # read's number, out of order, or skip it (explorer). A new one then.
+                    item = replace(item)
+                    self._items[item.id] = item
                 self._number(item)
                 self._count_finished(item)
                 item._apply(incoming)
@@ -446,7 +452,11 @@ class ResultBook:
             if item.waiter is None:
                 item.waiter = threading.Event()
             waiter = item.waiter
-        return item if waiter.wait(timeout) and item.is_finished else None
+        if not waiter.wait(timeout):
+            return None
+        with self._lock:  # finished in a new item, if it had been queued again (_finish)
+            item = self._items.get(item_id) or item
+        return item if item.is_finished else None
 
     def totals(self) -> dict[str, int]:
         with self._lock:

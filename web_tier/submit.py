@@ -192,7 +192,10 @@ class Submitter:
         """
         again = self.book.queue_again(item_id, time.time())
         if again is None:
-            return Refusal(409, _why_not_again(self.book.get(item_id)), code=Code.NOT_SENT_AGAIN)
+            now = self.book.get(item_id)
+            if now is None:  # forgotten since its batch was found: evicted
+                return Refusal(404, f"no such item: {item_id[:64]}", code=Code.UNKNOWN_ITEM)
+            return Refusal(409, _why_not_again(now), code=Code.NOT_SENT_AGAIN)
         # Sent at the moment it was queued again: any copy sent before is older.
         request = ClassifyRequest(id=again.id, bucket=self.aws.settings.input_bucket, key=again.key,
                                   filename=again.filename, sent_at=again.requeued_at).to_json()
@@ -299,10 +302,8 @@ class Submitter:
         return True
 
 
-def _why_not_again(item: Item | None) -> str:
+def _why_not_again(item: Item) -> str:
     """Why `item` is not sent again: it is no dead letter's failure (Submitter.send_again)."""
-    if item is None:
-        return "no such item"  # forgotten since its batch was found: evicted
     if item.state == QUEUED:
         return "not sent again: it is queued (sent again already, or not yet answered)"
     if item.state == DONE:

@@ -2680,3 +2680,56 @@ def test_a_dead_letter_is_sent_again_in_place_and_shown_once_after_a_reload(
     assert [(name, state) for name, state, _ in rows_shown(browser)] == [("late.jpg", "done"),
                                                                        ("other.jpg", "done")]
     assert "sent again" in rows_shown(browser)[0][2]
+
+
+# "late.jpg" as uploaded (token "0") a dead letter in the page's polls, and the server
+# refusing to queue it again in place as for an image gone from the input bucket.
+LATE_JPG_DEAD_LETTER_NOT_IN_PLACE = "const deadLetter = arguments[0];" + polls_answered_as("""
+      if (item.filename === "late.jpg" && item.token === "0") {
+        Object.assign(item, { state: "failed", label: null, score: null, top5: [], error: deadLetter });
+      }""") + r"""
+  const pollingFetch = window.fetch;
+  window.againAsked = [];
+  window.fetch = async (url, options) => {
+    if (!/\/again$/.test(String(url))) return pollingFetch(url, options);
+    window.againAsked.push(String(url));
+    const id = String(url).split("/")[5];
+    const body = { error: "not sent again: its image is no longer in the input bucket; upload it again",
+                   code: "not_sent_again",
+                   item: { id, filename: "late.jpg", state: "failed", error: deadLetter, token: "0",
+                           label: null, score: null, top5: [], sent_again: 0 } };
+    return new Response(JSON.stringify(body),
+                        { status: 409, headers: { "Content-Type": "application/json" } });
+  };"""
+
+
+def test_a_dead_letter_the_server_cannot_queue_again_in_place_is_uploaded_anew(
+        stack, browser, reference_model, tmp_path):
+    """Refused in place (its image gone from the input bucket), the row was failed with
+    the server's words, which the page then took for a worker's failure on the image:
+    never offered again, though the page held the File (explorer). Now the next "send
+    again" uploads it as a new item."""
+    from common.failure_tags import DEAD_LETTER_ERROR
+
+    files = {"late.jpg": make_image(1430, size=(64, 48)), "other.jpg": make_image(1431, size=(64, 48))}
+    browser.get(stack.web_url + "/")
+    browser.execute_script(LATE_JPG_DEAD_LETTER_NOT_IN_PLACE, DEAD_LETTER_ERROR)
+    choose(browser, tmp_path, files)
+    wait_for(lambda: states_shown(browser) == {"late.jpg": "failed", "other.jpg": "done"}, 60,
+             "the dead letter shown")
+    button = send_again_button(browser)
+    wait_for(button.is_displayed, 10, "the button")
+    button.click()
+    wait_for(lambda: "not sent again in place" in rows_shown(browser)[0][2], 30, "the refusal shown")
+    assert states_shown(browser)["late.jpg"] == "failed"
+    assert len(browser.execute_script("return window.againAsked")) == 1
+    wait_for(button.is_displayed, 10, "the button again")
+    assert button.text == "Send 1 failed file again"
+    button.click()
+    wait_for(lambda: states_shown(browser) == {"late.jpg": "done", "other.jpg": "done"}, 60,
+             "the file uploaded anew, classified")
+    assert len(browser.execute_script("return window.againAsked")) == 1  # not in place again
+    batch_id = browser.current_url.split("#batches=")[1]
+    tokens = sorted((i["filename"], i["token"]) for i in server_items(stack, batch_id))
+    assert tokens == [("late.jpg", "0"), ("late.jpg", "0.1"), ("other.jpg", "1")]
+    assert_classified(finished_rows(browser, stack, 2, 10), files, reference_model)

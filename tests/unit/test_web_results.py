@@ -597,3 +597,63 @@ def test_an_item_a_rebuild_adds_finished_is_published_to_streams_in_its_place():
     book.record(response("a"))
     published = [inbox.get(timeout=1), inbox.get(timeout=1)]
     assert [(i.id, i.event_seq) for i in published] == [("s3", 1), ("a", 2)]
+
+
+def _events_of(stream, until_id: str | None = None) -> list[tuple[str, str, str]]:
+    """(event id, item id, state) of each item event `stream` sends, up to the one for
+    item `until_id`, or to `end`."""
+    got = []
+    for chunk in stream:
+        fields = dict(line.split(": ", 1) for line in chunk.strip().splitlines() if ": " in line)
+        if fields.get("event") == "end":
+            return got
+        if "data" in fields and "id" in fields:
+            body = json.loads(fields["data"])
+            got.append((fields["id"], body["id"], body["state"]))
+            if body["id"] == until_id:
+                return got
+    return got
+
+
+def test_a_stream_resumed_after_an_item_queued_again_misses_no_outcome():
+    """An item queued again was finished in place: a stream that had read it queued sent
+    its outcome under the later number, and a client resuming from it never heard of an
+    item finished in between (explorer)."""
+    from common.failure_tags import DEAD_LETTER_ERROR
+    from web_tier import events
+
+    book = book_with("a", "x", "y")
+    book.record(response("a"))
+    book.fail("x", DEAD_LETTER_ERROR, key=f"{BATCH}/x/x.jpg", filename="x.jpg")
+    assert book.queue_again("x", time.time()) is not None
+    first = events.stream(book, BATCH, lambda: book.batch(BATCH), keepalive_s=0.2, max_s=30)
+    heard = _events_of(first, until_id="a")
+    # Paused there (a slow socket), while y and then x are answered.
+    book.record(response("y"))
+    book.record(response("x"))
+    heard += _events_of(first, until_id="x")
+    first.close()
+    resumed = events.stream(book, BATCH, lambda: book.batch(BATCH), keepalive_s=0.2, max_s=30,
+                            last_event_id=heard[-1][0])
+    heard += _events_of(resumed)
+    finals = {(item, state) for _, item, state in heard if state == "done"}
+    assert finals == {("a", "done"), ("x", "done"), ("y", "done")}, heard
+    numbers = [int(event_id.split(".")[1]) for event_id, _, _ in heard]
+    assert numbers == sorted(numbers), heard  # each id: every change up to it was sent
+
+
+def test_a_wait_on_an_item_queued_again_gets_its_answer():
+    """Answered, an item queued again is a new item (see the test above): a wait on it
+    (the no-JavaScript answer page's) must get that one, not the one it waited on."""
+    from common.failure_tags import DEAD_LETTER_ERROR
+
+    book = book_with("x")
+    book.fail("x", DEAD_LETTER_ERROR, key=f"{BATCH}/x/x.jpg", filename="x.jpg")
+    assert book.queue_again("x", time.time()) is not None
+    got: list = []
+    waiting = threading.Thread(target=lambda: got.append(book.wait("x", 20)))
+    waiting.start()
+    wait_until(lambda: book.get("x").waiter is not None, 10)
+    book.record(response("x", "cat"))
+    waiting.join(20)
+    assert got and got[0] is not None and (got[0].state, got[0].label) == ("done", "cat")

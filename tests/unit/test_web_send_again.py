@@ -175,6 +175,8 @@ def test_an_event_stream_sends_the_item_queued_again_then_its_answer(make_web_ap
     assert client.post(again_url(batch_id, item["id"])).status_code == 202
     queued = parse_events_until(chunks, lambda event: "id" in event or "event" in event)
     assert "id" in queued[-1], queued[-1]["raw"]  # not `end`
+    # A `queued` event: a client's plain events stay one per finished item (DESIGN.md).
+    assert queued[-1].get("event") == "queued", queued[-1]["raw"]
     assert (json.loads(queued[-1]["data"])["state"], json.loads(queued[-1]["data"])["sent_again"]) == (
         "queued", 1)
     finish(app, item["id"], "cat")
@@ -235,3 +237,20 @@ def test_an_image_gone_from_the_input_bucket_is_not_sent_again(make_web_app, web
     assert (refused.status_code, refused.get_json()["code"]) == (409, "not_sent_again")
     assert "no longer in the input bucket" in refused.get_json()["error"]
     assert items_by_name(client, batch_id)["dead.jpg"]["state"] == "failed"
+
+
+def test_an_item_forgotten_meanwhile_is_unknown_not_a_conflict(make_web_app, web_aws, monkeypatch):
+    """Evicted between the batch's lookup and its queuing again, it was refused 409 "no
+    such item", where the README says 404 `unknown_item` (explorer)."""
+    app = make_web_app(start_background=False)
+    batch_id, item = uploaded_and_failed(app)
+    book = services_of(app).book
+
+    def evicted_first(item_id, at):
+        book.discard(item_id)
+        return None
+
+    monkeypatch.setattr(book, "queue_again", evicted_first)
+    answer = app.test_client().post(again_url(batch_id, item["id"]))
+    assert answer.status_code == 404 and answer.get_json()["code"] == "unknown_item", answer.get_json()
+    assert len(requests_queued(web_aws)) == 1  # the upload's own: nothing sent again

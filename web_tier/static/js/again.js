@@ -33,10 +33,12 @@ const LEFT_OUT = {  // as the page says them, after a count
   stopped: "stopped by you",
 };
 // A row of a dead letter: the server queues it again in place, the same item (session.js
-// queueAgain), with no need of its File.
+// queueAgain), with no need of its File. Unless the server could not (`notInPlace`: its
+// image gone from the input bucket, or the item from the server): then it goes as a new
+// upload, as a file no worker found does, if this page holds the File.
 export function isDeadLetter(entry) {
   const error = entry.el.querySelector(".error").textContent;
-  return Boolean(entry.id) && error.startsWith(WORKER_MAY_DO_BETTER[0]);
+  return Boolean(entry.id) && !entry.notInPlace && error.startsWith(WORKER_MAY_DO_BETTER[0]);
 }
 function notWorthAgain(entry) {
   if (entry.id) {  // stored, then failed by a worker or a dead letter

@@ -150,11 +150,15 @@ export class Session {
       }
       return;
     }
-    if (status === 409 && body && body.error) {  // not a dead letter's any more: its image gone, say
-      showFailure(el, body.error);
+    const why = ((body && body.error) || "the server could not be reached").replace(/^not sent again: /, "");
+    if (status === 404 || (status === 409 && item && item.state === "failed")) {
+      // Not to be queued in place (its image gone from the input bucket, say): the next
+      // "send again" uploads the File as a new item, if this page holds it.
+      entry.notInPlace = true;
+      const next = entry.file ? "; send it again to upload it anew" : "";
+      showFailure(el, `${error} (not sent again in place: ${why}${next})`);
       return;
     }
-    const why = ((body && body.error) || "the server could not be reached").replace(/^not sent again: /, "");
     showFailure(el, `${error} (not sent again: ${why})`);
   }
 
@@ -653,10 +657,12 @@ export class Session {
       if (reconnecting) this.refresh();
       reconnecting = false;
     };
-    stream.onmessage = (event) => {
+    const applyEvent = (event) => {
       this.sseErrors = 0;
       try { this.apply(JSON.parse(event.data)); } catch { /* ignore a damaged event */ }
     };
+    stream.onmessage = applyEvent;  // an item finished
+    stream.addEventListener("queued", applyEvent);  // an item queued again (send again)
     stream.addEventListener("end", () => {
       this.closeStream();
       // More chunks may still be uploading: send() follows again when one is in.
