@@ -1739,6 +1739,30 @@ def test_a_message_received_again_while_in_hand_is_worked_on_once(aws_env):
     assert not len(worker.held)
 
 
+def release_with_a_receive_between(worker: Worker, batch, monkeypatch):
+    """Release `batch`, the fetch thread receiving its messages again after the release
+    made them visible and before it forgets them (the receive's extension then waits for
+    the release to end, in its own thread); the batch that receive fetched."""
+    aws = worker.aws
+    change = aws.sqs.change_message_visibility_batch
+    fetched: list = []
+    fetching = threading.Thread(target=lambda: fetched.append(worker.fetch()))
+
+    def then_receive(**kwargs):
+        reply = change(**kwargs)
+        if kwargs["Entries"][0]["VisibilityTimeout"] == 0:  # the release's
+            fetching.start()
+            wait_until(lambda: depth(aws, aws.request_queue_url) == (0, len(batch.jobs)), timeout=30)
+        return reply
+
+    monkeypatch.setattr(aws.sqs, "change_message_visibility_batch", then_receive)
+    worker.held.release(batch.jobs)
+    fetching.join(30)
+    monkeypatch.setattr(aws.sqs, "change_message_visibility_batch", change)
+    [again] = fetched
+    return again
+
+
 def test_a_message_received_again_while_being_let_go_is_the_next_attempt(aws_env, monkeypatch):
     """A release makes the messages visible, then forgets them: the fetch thread's receive
     in between was taken for the copy in hand, returned nothing, and the requests waited
@@ -1747,26 +1771,7 @@ def test_a_message_received_again_while_being_let_go_is_the_next_attempt(aws_env
     upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
     worker = Worker(settings, aws, MeanClassifier(), "i-between")
     first = worker.fetch()
-    change = aws.sqs.change_message_visibility_batch
-    received_between: list = []
-
-    fetching: list[threading.Thread] = []
-
-    def then_receive(**kwargs):
-        reply = change(**kwargs)
-        if kwargs["Entries"][0]["VisibilityTimeout"] == 0:  # the release's
-            # The fetch thread receives them before the release forgets them (its
-            # extension then waits for the release to end).
-            fetching.append(threading.Thread(target=lambda: received_between.append(worker.fetch())))
-            fetching[0].start()
-            wait_until(lambda: depth(aws, aws.request_queue_url) == (0, 1), timeout=30)
-        return reply
-
-    monkeypatch.setattr(aws.sqs, "change_message_visibility_batch", then_receive)
-    worker.held.release(first.jobs)
-    fetching[0].join(30)
-    monkeypatch.setattr(aws.sqs, "change_message_visibility_batch", change)
-    [again] = received_between
+    again = release_with_a_receive_between(worker, first, monkeypatch)
     assert [j.request.id for j in again.jobs] == ["a"] and again.jobs[0].receive_count == 2
     assert len(worker.held) == 1  # held, so kept hidden by the heartbeat and its journal
     worker.process(again)
@@ -1799,21 +1804,7 @@ def test_a_copy_received_while_being_let_go_is_not_taken_for_one_being_answered(
     worker = Worker(settings, aws, MeanClassifier(), "i-marked")
     first = worker.fetch()
     worker.held.mark_answering(first.jobs)  # say its reply failed after the result was stored
-    change = aws.sqs.change_message_visibility_batch
-    fetching: list[threading.Thread] = []
-
-    def then_receive(**kwargs):
-        reply = change(**kwargs)
-        if kwargs["Entries"][0]["VisibilityTimeout"] == 0:
-            fetching.append(threading.Thread(target=worker.fetch))
-            fetching[0].start()
-            wait_until(lambda: depth(aws, aws.request_queue_url) == (0, 1), timeout=30)
-        return reply
-
-    monkeypatch.setattr(aws.sqs, "change_message_visibility_batch", then_receive)
-    worker.held.release(first.jobs)
-    fetching[0].join(30)
-    monkeypatch.setattr(aws.sqs, "change_message_visibility_batch", change)
+    release_with_a_receive_between(worker, first, monkeypatch)
     worker.held.hand_back_all()  # a stop: the new attempt, never tried, goes back
     assert not len(worker.held) and depth(aws, aws.request_queue_url) == (1, 0)
 
