@@ -136,7 +136,8 @@ class HeldMessages:
         back too. Still held, so that a worker killed before their deletes leaves them in
         its journal, made visible within seconds, not after the visibility timeout."""
         with self._lock:
-            self._being_answered.update(j.message_id for j in jobs if j.message_id in self._held)
+            # These very jobs: a copy received again since a release let one go is another attempt.
+            self._being_answered.update(j.message_id for j in jobs if self._held.get(j.message_id) is j)
 
     def forget(self, jobs: list[Job]) -> None:
         """Stop holding these: answered, or visible again."""
@@ -272,7 +273,7 @@ class HeldMessages:
         with self._handing_back:
             with self._lock:
                 mine = [j for j in jobs
-                        if j.message_id in self._held and j.message_id not in self._being_answered]
+                        if self._held.get(j.message_id) is j and j.message_id not in self._being_answered]
             self._send_back(mine)
 
     def hand_back_all(self) -> None:
@@ -287,7 +288,7 @@ class HeldMessages:
         under way (of what it left held)."""
         with self._handing_back:
             with self._lock:
-                tried = [j for j in tried if j.message_id in self._held]
+                tried = [j for j in tried if self._held.get(j.message_id) is j]
             self.hide([(j, 0) for j in tried])
 
     def _send_back(self, jobs: list[Job]) -> None:

@@ -2684,8 +2684,9 @@ def test_a_dead_letter_is_sent_again_in_place_and_shown_once_after_a_reload(
 
 # "late.jpg" as uploaded (token "0") a dead letter in the page's polls, and the server
 # refusing to queue it again in place as for an image gone from the input bucket.
-LATE_JPG_DEAD_LETTER_NOT_IN_PLACE = "const deadLetter = arguments[0];" + polls_answered_as("""
-      if (item.filename === "late.jpg" && item.token === "0") {
+LATE_JPG_DEAD_LETTER_NOT_IN_PLACE = "const deadLetter = arguments[0], nowFailed = arguments[1];" + \
+    polls_answered_as("""
+      if (item.filename === "late.jpg" && (item.token === "0" || window.newOneDeadToo)) {
         Object.assign(item, { state: "failed", label: null, score: null, top5: [], error: deadLetter });
       }""") + r"""
   const pollingFetch = window.fetch;
@@ -2696,7 +2697,7 @@ LATE_JPG_DEAD_LETTER_NOT_IN_PLACE = "const deadLetter = arguments[0];" + polls_a
     const id = String(url).split("/")[5];
     const body = { error: "not sent again: its image is no longer in the input bucket; upload it again",
                    code: "not_sent_again",
-                   item: { id, filename: "late.jpg", state: "failed", error: deadLetter, token: "0",
+                   item: { id, filename: "late.jpg", state: "failed", error: nowFailed, token: "0",
                            label: null, score: null, top5: [], sent_again: 0 } };
     return new Response(JSON.stringify(body),
                         { status: 409, headers: { "Content-Type": "application/json" } });
@@ -2704,7 +2705,7 @@ LATE_JPG_DEAD_LETTER_NOT_IN_PLACE = "const deadLetter = arguments[0];" + polls_a
 
 
 def test_a_dead_letter_the_server_cannot_queue_again_in_place_is_uploaded_anew(
-        stack, browser, reference_model, tmp_path):
+        stack, browser, tmp_path):
     """Refused in place (its image gone from the input bucket), the row was failed with
     the server's words, which the page then took for a worker's failure on the image:
     never offered again, though the page held the File (explorer). Now the next "send
@@ -2713,7 +2714,7 @@ def test_a_dead_letter_the_server_cannot_queue_again_in_place_is_uploaded_anew(
 
     files = {"late.jpg": make_image(1430, size=(64, 48)), "other.jpg": make_image(1431, size=(64, 48))}
     browser.get(stack.web_url + "/")
-    browser.execute_script(LATE_JPG_DEAD_LETTER_NOT_IN_PLACE, DEAD_LETTER_ERROR)
+    browser.execute_script(LATE_JPG_DEAD_LETTER_NOT_IN_PLACE, DEAD_LETTER_ERROR, DEAD_LETTER_ERROR)
     choose(browser, tmp_path, files)
     wait_for(lambda: states_shown(browser) == {"late.jpg": "failed", "other.jpg": "done"}, 60,
              "the dead letter shown")
@@ -2725,11 +2726,39 @@ def test_a_dead_letter_the_server_cannot_queue_again_in_place_is_uploaded_anew(
     assert len(browser.execute_script("return window.againAsked")) == 1
     wait_for(button.is_displayed, 10, "the button again")
     assert button.text == "Send 1 failed file again"
+    # The new item a dead letter too: the press after next queues it in place.
+    browser.execute_script("window.newOneDeadToo = true")
     button.click()
-    wait_for(lambda: states_shown(browser) == {"late.jpg": "done", "other.jpg": "done"}, 60,
-             "the file uploaded anew, classified")
-    assert len(browser.execute_script("return window.againAsked")) == 1  # not in place again
     batch_id = browser.current_url.split("#batches=")[1]
+    wait_for(lambda: len(server_items(stack, batch_id)) == 3, 60, "the file uploaded anew")
+    assert len(browser.execute_script("return window.againAsked")) == 1  # not in place again
     tokens = sorted((i["filename"], i["token"]) for i in server_items(stack, batch_id))
     assert tokens == [("late.jpg", "0"), ("late.jpg", "0.1"), ("other.jpg", "1")]
-    assert_classified(finished_rows(browser, stack, 2, 10), files, reference_model)
+    new_id = next(i["id"] for i in server_items(stack, batch_id) if i["token"] == "0.1")
+    wait_for(lambda: states_shown(browser)["late.jpg"] == "failed", 60, "the new item's dead letter")
+    wait_for(button.is_displayed, 10, "the button once more")
+    button.click()
+    wait_for(lambda: len(browser.execute_script("return window.againAsked")) == 2, 30, "in place")
+    asked = browser.execute_script("return window.againAsked")
+    assert asked[1] == f"/api/jobs/{batch_id}/items/{new_id}/again"
+
+
+def test_a_dead_letter_failed_by_a_worker_meanwhile_is_shown_so_and_not_offered(stack, browser, tmp_path):
+    """Refused in place because a late answer had failed it on the image itself, the row
+    kept the dead letter's words and was offered again, to be uploaded anew: bytes a
+    worker had already failed (explorer). It shows the worker's failure now."""
+    from common.failure_tags import DEAD_LETTER_ERROR
+
+    failed = "classification failed: the model could not read this image"
+    files = {"late.jpg": make_image(1440, size=(64, 48)), "other.jpg": make_image(1441, size=(64, 48))}
+    browser.get(stack.web_url + "/")
+    browser.execute_script(LATE_JPG_DEAD_LETTER_NOT_IN_PLACE, DEAD_LETTER_ERROR, failed)
+    choose(browser, tmp_path, files)
+    wait_for(lambda: states_shown(browser) == {"late.jpg": "failed", "other.jpg": "done"}, 60,
+             "the dead letter shown")
+    button = send_again_button(browser)
+    wait_for(button.is_displayed, 10, "the button")
+    button.click()
+    wait_for(lambda: failed in rows_shown(browser)[0][2], 30, "the worker's failure shown")
+    assert "sent again in place" not in rows_shown(browser)[0][2]
+    wait_for(lambda: not button.is_displayed(), 10, "the button gone")

@@ -1809,6 +1809,20 @@ def test_a_copy_received_while_being_let_go_is_not_taken_for_one_being_answered(
     assert not len(worker.held) and depth(aws, aws.request_queue_url) == (1, 0)
 
 
+def test_an_old_attempts_job_marks_nothing_on_the_next_attempts(aws_env, monkeypatch):
+    """The job a release let go, still in its caller's hands, was matched by message id:
+    marked as being answered, it kept the next attempt's job (received meanwhile) from a
+    stop's hand-back, hidden until its timeout (explorer)."""
+    settings, aws = aws_env
+    upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
+    worker = Worker(settings, aws, MeanClassifier(), "i-stale")
+    first = worker.fetch()
+    release_with_a_receive_between(worker, first, monkeypatch)
+    worker.held.mark_answering(first.jobs)  # the old attempt's caller, unaware
+    worker.held.hand_back_all()  # a stop: the new attempt, never tried, goes back
+    assert not len(worker.held) and depth(aws, aws.request_queue_url) == (1, 0)
+
+
 def replies_refused(aws: Aws, monkeypatch, refuse) -> list[list[str]]:
     """SendMessageBatch on the response queue, as SQS answers it when some entries fail:
     `refuse(item id, call number)` gives an entry's (error code, sender's fault), or None

@@ -38,7 +38,10 @@ const LEFT_OUT = {  // as the page says them, after a count
 // upload, as a file no worker found does, if this page holds the File.
 export function isDeadLetter(entry) {
   const error = entry.el.querySelector(".error").textContent;
-  return Boolean(entry.id) && !entry.notInPlace && error.startsWith(WORKER_MAY_DO_BETTER[0]);
+  return Boolean(entry.id) && !entry.notInPlace && isDeadLetterError(error);
+}
+export function isDeadLetterError(error) {
+  return (error || "").startsWith(WORKER_MAY_DO_BETTER[0]);
 }
 function notWorthAgain(entry) {
   if (entry.id) {  // stored, then failed by a worker or a dead letter

@@ -1,6 +1,6 @@
 // One upload, and one batch: its sends and resends, following the batch's results,
 // and (restore.js) a batch shown again after a reload.
-import { isDeadLetter } from "./again.js";
+import { isDeadLetter, isDeadLetterError } from "./again.js";
 import { uploadBegins } from "./announce.js";
 import {
   batchesInUrl, explainedOnly, forgetBatch, newBatchId, rememberBatch, sameFile, saveShown, savedShown,
@@ -151,9 +151,14 @@ export class Session {
       return;
     }
     const why = ((body && body.error) || "the server could not be reached").replace(/^not sent again: /, "");
-    if (status === 404 || (status === 409 && item && item.state === "failed")) {
-      // Not to be queued in place (its image gone from the input bucket, say): the next
-      // "send again" uploads the File as a new item, if this page holds it.
+    if (status === 409 && item && item.state === "failed" && !isDeadLetterError(item.error)) {
+      showFailure(el, item.error);  // failed otherwise since (by a worker, on the image): as it is
+      return;
+    }
+    if ((status === 404 && body && body.code === "unknown_item") || (status === 409 && item)) {
+      // Not to be queued in place (its image gone from the input bucket, or the item from
+      // the server): the next "send again" uploads the File as a new item, if this page
+      // holds it.
       entry.notInPlace = true;
       const next = entry.file ? "; send it again to upload it anew" : "";
       showFailure(el, `${error} (not sent again in place: ${why}${next})`);
@@ -174,6 +179,7 @@ export class Session {
         this.replaced.add(entry.id);
         entry.replaced = [...(entry.replaced || []), entry.id];
         delete entry.id;
+        delete entry.notInPlace;  // the old item's: a new one that fails as a dead letter may go in place
         entry.token = `${entry.token.split(".")[0]}.${entry.replaced.length}`;
         entry.maybeStored = false;  // under its new token, never sent
       }
