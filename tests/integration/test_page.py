@@ -2704,6 +2704,24 @@ LATE_JPG_DEAD_LETTER_NOT_IN_PLACE = "const deadLetter = arguments[0], nowFailed 
   };"""
 
 
+def dead_letter_refused_in_place(browser, stack, tmp_path, seed: int, now_failed: str):
+    """The page with "late.jpg" shown as a dead letter (LATE_JPG_DEAD_LETTER_NOT_IN_PLACE,
+    the server's refusal to queue it again carrying it failed with `now_failed`), and its
+    "Send again" button pressed once; the button."""
+    from common.failure_tags import DEAD_LETTER_ERROR
+
+    files = {"late.jpg": make_image(seed, size=(64, 48)), "other.jpg": make_image(seed + 1, size=(64, 48))}
+    browser.get(stack.web_url + "/")
+    browser.execute_script(LATE_JPG_DEAD_LETTER_NOT_IN_PLACE, DEAD_LETTER_ERROR, now_failed)
+    choose(browser, tmp_path, files)
+    wait_for(lambda: states_shown(browser) == {"late.jpg": "failed", "other.jpg": "done"}, 60,
+             "the dead letter shown")
+    button = send_again_button(browser)
+    wait_for(button.is_displayed, 10, "the button")
+    button.click()
+    return button
+
+
 def test_a_dead_letter_the_server_cannot_queue_again_in_place_is_uploaded_anew(
         stack, browser, tmp_path):
     """Refused in place (its image gone from the input bucket), the row was failed with
@@ -2712,15 +2730,7 @@ def test_a_dead_letter_the_server_cannot_queue_again_in_place_is_uploaded_anew(
     again" uploads it as a new item."""
     from common.failure_tags import DEAD_LETTER_ERROR
 
-    files = {"late.jpg": make_image(1430, size=(64, 48)), "other.jpg": make_image(1431, size=(64, 48))}
-    browser.get(stack.web_url + "/")
-    browser.execute_script(LATE_JPG_DEAD_LETTER_NOT_IN_PLACE, DEAD_LETTER_ERROR, DEAD_LETTER_ERROR)
-    choose(browser, tmp_path, files)
-    wait_for(lambda: states_shown(browser) == {"late.jpg": "failed", "other.jpg": "done"}, 60,
-             "the dead letter shown")
-    button = send_again_button(browser)
-    wait_for(button.is_displayed, 10, "the button")
-    button.click()
+    button = dead_letter_refused_in_place(browser, stack, tmp_path, 1430, DEAD_LETTER_ERROR)
     wait_for(lambda: "not sent again in place" in rows_shown(browser)[0][2], 30, "the refusal shown")
     assert states_shown(browser)["late.jpg"] == "failed"
     assert len(browser.execute_script("return window.againAsked")) == 1
@@ -2747,18 +2757,8 @@ def test_a_dead_letter_failed_by_a_worker_meanwhile_is_shown_so_and_not_offered(
     """Refused in place because a late answer had failed it on the image itself, the row
     kept the dead letter's words and was offered again, to be uploaded anew: bytes a
     worker had already failed (explorer). It shows the worker's failure now."""
-    from common.failure_tags import DEAD_LETTER_ERROR
-
     failed = "classification failed: the model could not read this image"
-    files = {"late.jpg": make_image(1440, size=(64, 48)), "other.jpg": make_image(1441, size=(64, 48))}
-    browser.get(stack.web_url + "/")
-    browser.execute_script(LATE_JPG_DEAD_LETTER_NOT_IN_PLACE, DEAD_LETTER_ERROR, failed)
-    choose(browser, tmp_path, files)
-    wait_for(lambda: states_shown(browser) == {"late.jpg": "failed", "other.jpg": "done"}, 60,
-             "the dead letter shown")
-    button = send_again_button(browser)
-    wait_for(button.is_displayed, 10, "the button")
-    button.click()
+    button = dead_letter_refused_in_place(browser, stack, tmp_path, 1440, failed)
     wait_for(lambda: failed in rows_shown(browser)[0][2], 30, "the worker's failure shown")
     assert "sent again in place" not in rows_shown(browser)[0][2]
     wait_for(lambda: not button.is_displayed(), 10, "the button gone")
