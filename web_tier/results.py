@@ -315,6 +315,7 @@ class ResultBook:
                     known.token = known.token or item.token
                     known.digest = known.digest or item.digest
                     if not known.is_finished and item.is_finished:
+                        known = self._to_finish(known)
                         self._number(known)
                         self._count_finished(known)
                         known._apply(item)
@@ -356,12 +357,7 @@ class ResultBook:
                     return None
                 item = self._replace(item, incoming)
             else:
-                if item.event_seq:
-                    # Published while queued (queued again after a dead letter): finished in
-                    # place, a stream that read it queued would send its outcome under the
-                    # read's number, out of order, or skip it (explorer). A new one then.
-                    item = replace(item)
-                    self._items[item.id] = item
+                item = self._to_finish(item)
                 self._number(item)
                 self._count_finished(item)
                 item._apply(incoming)
@@ -375,6 +371,17 @@ class ResultBook:
             self._may_be_finished(item.batch_id or "")
             self._evict()
             return item
+
+    def _to_finish(self, item: Item) -> Item:
+        """The queued item to finish in `item`'s place (the lock held): itself, or a new one
+        if event streams were sent it queued (queued again after a dead letter). Finished in
+        place, a stream that had read it queued sent its outcome under the read's number,
+        out of order, or skipped it (explorer)."""
+        if not item.event_seq:
+            return item
+        fresh = replace(item)
+        self._items[fresh.id] = fresh
+        return fresh
 
     def _replace(self, item: Item, outcome: Item) -> Item:
         """A new item in `item`'s place (the lock held), with `outcome`'s outcome, and
