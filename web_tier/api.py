@@ -9,7 +9,7 @@ from werkzeug.datastructures import FileStorage
 
 from web_tier import events
 from web_tier.auth import KEY_REQUIRED, require_api_key
-from web_tier.errors import error_json, error_response, with_retry_after
+from web_tier.errors import error_response, with_retry_after
 from web_tier.filenames import display_name
 from web_tier.form import JOBS_FIELDS, check_count, form_files, form_tokens
 from web_tier.image_check import Upload, validate
@@ -257,9 +257,7 @@ def send_item_again(batch_id: str, item_id: str) -> Response | tuple[Response, i
     if isinstance(outcome, Refusal):
         # With the item as it is now, for a client to show (queued by another request, say).
         now = svc.book.get(item_id) or item
-        refused = jsonify({**error_json(outcome), "item": now.to_json(model_untrained)})
-        refused.status_code = outcome.status
-        return with_retry_after(refused, outcome.code)
+        return error_response(outcome, item=now.to_json(model_untrained))
     accepted = jsonify({"batch_id": batch_id, "item": outcome.to_json(model_untrained)})
     accepted.status_code = 202
     accepted.headers["Location"] = f"/api/jobs/{batch_id}"

@@ -94,7 +94,9 @@ def error_json(error: Refusal) -> dict[str, object]:
     return error.to_json()
 
 
-def error_response(error: Refusal) -> Response:
+def error_response(error: Refusal, **more: object) -> Response:
+    """The answer to a refusal, as the client asked for it; `more`: fields its JSON
+    carries besides (an API answer's own)."""
     if wants_page():
         response = answer_page(error.status, error.reason, error.filename)
     elif wants_text():
@@ -103,7 +105,7 @@ def error_response(error: Refusal) -> Response:
         # body had one more character to strip on some answers only (reviewer).
         response = Response(error.to_text(), status=error.status, mimetype="text/plain")
     else:
-        response = jsonify(error_json(error))
+        response = jsonify({**error_json(error), **more})
         response.status_code = error.status
     return with_retry_after(response, error.code)
 
