@@ -381,6 +381,9 @@ class Episode:
                     trace.receipts[m["ReceiptHandle"]] = request
                 count = m.get("Attributes", {}).get("ApproximateReceiveCount", "?")
                 trace.add(worker, "receive", request, f"count {count} {m['ReceiptHandle'][-6:]}")
+                holders = self.holding(request)
+                if holders:  # its visibility lapsed: a heartbeat held back on a loaded machine
+                    trace.add(worker, "lapse", request, f"still held by {','.join(holders)}")
         elif op == "SendMessageBatch":
             ok = {s["Id"] for s in reply.get("Successful", [])}
             for entry in kwargs["Entries"]:
@@ -408,6 +411,11 @@ class Episode:
         elif op == "PutObjectTagging":
             trace.add(worker, "tag", trace.keys.get(kwargs["Key"], "?"),
                       failure_from_tags(kwargs["Tagging"]["TagSet"]) or "")
+
+    def holding(self, request: str) -> list[str]:
+        """The live workers that hold `request` (a copy of their held jobs: they change meanwhile)."""
+        return [r.name for r in self.live()
+                if any(j.request and j.request.id == request for j in list(r.worker.held._held.values()))]
 
     # the work
     def make_images(self) -> None:
@@ -583,7 +591,8 @@ class Episode:
             problems.append(f"{image.id}: LOST - no answer and not in the dead-letter queue")
             if not any(e.kind in ("fault", "crash", "died") for e in self.trace.of(image.id)):
                 problems.append(f"{image.id}: ... and no fault ever touched it")
-        if dead_lettered and not any(e.kind in ("fault", "crash", "died") for e in self.trace.of(image.id)):
+        if dead_lettered and not any(e.kind in ("fault", "crash", "died", "lapse")
+                                     for e in self.trace.of(image.id)):
             problems.append(f"{image.id}: dead-lettered though no fault touched it")
         for r in answers:
             if r.error == DEAD_LETTER_ERROR:
@@ -670,6 +679,8 @@ class Episode:
                     reasons.add("a receive's answer lost")
                 elif e.kind == "handback":
                     reasons.add("handed back")
+                elif e.kind == "lapse":
+                    reasons.add("visibility lapsed while held (a late heartbeat)")
             why[" + ".join(sorted(reasons)) or "UNEXPLAINED"] += 1
         return why
 
