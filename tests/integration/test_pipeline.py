@@ -281,7 +281,11 @@ def test_a_web_tier_told_to_stop_answers_its_waiting_requests_at_once(stack, tmp
     """gunicorn gives requests `graceful_timeout` (5 s) after SIGTERM, then cuts them
     off: a POST / still waiting then got no answer at all. It now gets a 503 at
     once, saying where the result of its still-queued image will be."""
-    with second_web_tier(stack, tmp_path, "unserved", RESULT_TIMEOUT="60") as (url, web):
+    # gunicorn's cut-off moved to 30 s: "at once" is then judged with room for a loaded
+    # machine (4.5 s against a 5 s cut-off was tight), and a request cut off still gets
+    # no body, which the assertions below would see.
+    with second_web_tier(stack, tmp_path, "unserved", RESULT_TIMEOUT="60",
+                         GUNICORN_CMD_ARGS="--graceful-timeout 30") as (url, web):
         replies: list[requests.Response] = []
         waiting = threading.Thread(target=lambda: replies.append(requests.post(
             f"{url}/", files={"inputFile": ("waits.jpg", make_image(60))}, timeout=30)))
@@ -295,9 +299,7 @@ def test_a_web_tier_told_to_stop_answers_its_waiting_requests_at_once(stack, tmp
     assert replies, (tmp_path / "web.log").read_text()
     reply = replies[0]
     assert reply.status_code == 503, reply.text
-    # gunicorn's cut-off is at 5 s, and gives no body (asserted below); 3 s was tight
-    # for a loaded CI machine.
-    assert took < 4.5, took
+    assert took < 15, took
     assert reply.text.startswith("waits.jpg: the web tier is stopping; the image is still queued")
     assert "Retry-After" not in reply.headers  # stored and queued: sent again, classified twice
     assert f"/api/jobs/{reply.headers['X-Batch-Id']}" in reply.text and reply.headers["X-Item-Id"]

@@ -487,7 +487,7 @@ def test_requests_really_run_concurrently_and_reuse_connections(tier, tmp_path):
 
 def test_a_request_past_its_timeout_counts_as_failed(tier, tmp_path):
     images = make_images(tmp_path / "images", {"slow.jpg": b"hang", "fast.jpg": b"label:ok"})
-    report = run_load(Config(images=images, url=tier.url, concurrency=2, timeout=0.5))
+    report = run_load(Config(images=images, url=tier.url, concurrency=2, timeout=2))
 
     outcomes = by_file(report)
     assert outcomes["slow.jpg"].verdict == "failed" and "timeout" in outcomes["slow.jpg"].error
@@ -500,9 +500,9 @@ def test_an_upload_given_up_on_while_it_waits_says_the_image_may_be_stored(tier,
     """A web tier paused past --timeout stored and answered every upload, said only to
     have timed out (reviewer)."""
     images = make_images(tmp_path / "images", {"slow.jpg": b"hang"})  # the upload's answer waits
-    (outcome,) = run_load(Config(images=images, url=tier.url, api=api, timeout=0.5)).outcomes
+    (outcome,) = run_load(Config(images=images, url=tier.url, api=api, timeout=2)).outcomes
     assert outcome.verdict == "failed" and outcome.reached
-    assert outcome.error == "timeout after 0.5 s (the image may be stored)"
+    assert outcome.error == "timeout after 2 s (the image may be stored)"
 
 
 @pytest.mark.parametrize("wait", [None, "sse"])
@@ -510,10 +510,10 @@ def test_a_job_accepted_then_waited_for_past_the_timeout_says_the_image_is_store
     """--jobs said only "timeout" for an image the web tier had accepted (202) and would
     still classify (reviewer)."""
     images = make_images(tmp_path / "images", {"held.jpg": b"hold"})  # accepted, never finished
-    (outcome,) = run_load(Config(images=images, url=tier.url, api="jobs", wait=wait, timeout=0.5)).outcomes
+    (outcome,) = run_load(Config(images=images, url=tier.url, api="jobs", wait=wait, timeout=2)).outcomes
     tier.release.set()
     assert outcome.verdict == "failed" and outcome.status == 202
-    assert outcome.error == ("timeout after 0.5 s (the image is stored, and queued: its result will be at "
+    assert outcome.error == ("timeout after 2 s (the image is stored, and queued: its result will be at "
                              "/api/jobs)")
 
 
@@ -1128,7 +1128,7 @@ def test_a_second_ctrl_c_stops_waiting_for_the_requests_in_flight(tier, tmp_path
         raise next(interrupts)
 
     config = Config(images=images, url=tier.url, concurrency=4, timeout=30)
-    report = finish_within(3, run_load, config, on_result=ctrl_c)
+    report = finish_within(15, run_load, config, on_result=ctrl_c)
 
     assert report.interrupted and not report.ok
     verdicts = {o.file: o.verdict for o in report.outcomes}
@@ -1391,7 +1391,7 @@ def test_the_run_is_timed_from_its_first_request_not_from_a_slow_status_check(ti
     report = run_load(Config(images=images, url=tier.url), on_result=lambda outcome: tier.status_gate.set())
 
     assert report.ok
-    assert report.outcomes[0].started_s < 1.0 and report.duration_s < 1.0
+    assert report.outcomes[0].started_s < 1.5 and report.duration_s < 1.5  # the give-up: 2 s
     assert report.peak_instances == 3  # the instances were still sampled
 
 

@@ -313,7 +313,8 @@ def test_a_worker_that_stops_pinging_its_watchdog_is_aborted_and_restarted(world
     continued), SIGKILL if that does not end it, then a restart."""
     caplog.set_level(logging.INFO, logger="localaws.runner")
     settings, aws, make, out = world
-    runner = make(warm_spares=0, local_watchdog_s=2.0, grace_s=0.5, env={"FAKE_MODE": "pings"})
+    # A 3 s watchdog over pings every 0.5 s: a loaded machine may hold the pinger back 2 s.
+    runner = make(warm_spares=0, local_watchdog_s=3.0, grace_s=0.5, env={"FAKE_MODE": "pings"})
     iid = launch(aws, settings, (1,))[1]
     runner.step()
     first = runner.workers[iid].process

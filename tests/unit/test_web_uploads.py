@@ -412,7 +412,9 @@ def test_the_files_of_one_request_hold_no_more_than_their_budget_in_memory(make_
     payload = os.urandom(400 * 1024)
     request, files, peak, _ = parsed(make_web_app, [payload] * 40)
     assert len(files) == 40 and all(f.stream.read() == payload for f in files)
-    assert peak < 12 * 1024 * 1024, peak  # the budget (8 MB) and the parser's buffers: 9.8 MB
+    # The budget (8 MB) and the parser's buffers: 9.8 MB. tracemalloc counts every thread's
+    # allocations, an earlier test's leftovers too: room for them, short of the old 18 MB.
+    assert peak < 16 * 1024 * 1024, peak
     held = sum(f.stream.in_memory for f in files)
     assert 0 < held <= IN_MEMORY_REQUEST_BYTES
     request.close()

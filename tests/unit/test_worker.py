@@ -923,7 +923,10 @@ def test_a_worker_that_cannot_receive_for_the_stall_timeout_reports_its_instance
     own would count as serving for good while requests wait: it says it has failed,
     and stops, so that the controller replaces it."""
     settings, aws = aws_env
-    settings = dataclasses.replace(settings, stall_timeout_s=2)  # receives retried after 1, 2, 4 s
+    # Receives are retried after 1, 2, 4 s. A denied receive retried once must stay short of
+    # the stall timeout even if its retry is late on a loaded machine: 5 s, not 2.
+    stall_s = 5 if answer is DENIED and not gives_up else 2
+    settings = dataclasses.replace(settings, stall_timeout_s=stall_s)
     instance_id = aws.ec2.run_instances(ImageId=settings.ami_id, MinCount=1,
                                         MaxCount=1)["Instances"][0]["InstanceId"]
     upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
