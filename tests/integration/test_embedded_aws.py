@@ -67,12 +67,13 @@ def test_long_polls_do_not_hold_up_other_calls(moto):
     sqs = client("sqs", port)
     queue = sqs.create_queue(QueueName="long-polls")["QueueUrl"]
     idle = sqs.create_queue(QueueName="nothing-here")["QueueUrl"]
-    answered = []
+    polls: list[float] = []  # how long each long poll took
 
     def long_poll() -> None:
         own = client("sqs", port)
+        began = time.monotonic()
         own.receive_message(QueueUrl=idle, WaitTimeSeconds=5)
-        answered.append(time.monotonic())
+        polls.append(time.monotonic() - began)
 
     threads = [threading.Thread(target=long_poll) for _ in range(LONG_POLLS)]
     before = accepted(server, port)  # this test's own client keeps one
@@ -88,10 +89,12 @@ def test_long_polls_do_not_hold_up_other_calls(moto):
     assert [m["Body"] for m in got] == ["hello"]
     # Stuck behind the long polls, it would take their 5 s; 2 s was tight under load.
     assert took < 4.0, f"a send and a receive took {took:.1f} s behind {LONG_POLLS} long polls"
-    assert not answered, "a 5 s long poll on an empty queue came back early"
     for thread in threads:
         thread.join(15)
-    assert len(answered) == LONG_POLLS
+    assert len(polls) == LONG_POLLS
+    # Each timed from its own start: on a loaded machine the first may be seconds old by
+    # the time the last has connected ("none answered yet" then could fail).
+    assert min(polls) >= 4.5, f"a 5 s long poll on an empty queue came back after {min(polls):.1f} s"
 
 
 def test_sigterm_stops_every_server_process_quickly(moto):
