@@ -11,6 +11,7 @@ no sleeping).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -135,8 +136,10 @@ class Handler(BaseHTTPRequestHandler):
             headers.setdefault("X-Model-Untrained", "true")
         for name, value in headers.items():
             self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
+        # A client past its timeout has gone: a held answer then finds nobody to take it.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.end_headers()
+            self.wfile.write(data)
 
     def _authorised(self) -> bool:
         if self.tier.api_key and self.headers.get("X-API-Key") != self.tier.api_key:
