@@ -317,10 +317,13 @@ class Running:
         self.exits.append(code)
         self.life.die(f"exited {code}")
 
+    def held_requests(self) -> set[str]:
+        """The ids of the requests its worker holds (from a copy: its threads change them meanwhile)."""
+        return {j.request.id for j in list(self.worker.held._held.values()) if j.request}
+
     def _dead(self) -> None:
         # What the worker held when it died: a successor's journal, or their timeout, must cover them.
-        held = sorted(j.request.id for j in list(self.worker.held._held.values()) if j.request)
-        self.episode.trace.add(self.name, "died", ",".join(held), self.life.why)
+        self.episode.trace.add(self.name, "died", ",".join(sorted(self.held_requests())), self.life.why)
 
     def sigterm(self) -> None:
         self.stopped_by_test = True
@@ -413,9 +416,8 @@ class Episode:
                       failure_from_tags(kwargs["Tagging"]["TagSet"]) or "")
 
     def holding(self, request: str) -> list[str]:
-        """The live workers that hold `request` (a copy of their held jobs: they change meanwhile)."""
-        return [r.name for r in self.live()
-                if any(j.request and j.request.id == request for j in list(r.worker.held._held.values()))]
+        """The live workers that hold `request`."""
+        return [r.name for r in self.live() if request in r.held_requests()]
 
     # the work
     def make_images(self) -> None:
