@@ -32,9 +32,7 @@ from tests.integration.conftest import aws_client, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CAP = 15
-POLL_S = 1.0  # the controller's default poll interval, which these tests run with
 SAMPLE_S = 0.05
-SCALE_TO_ZERO_LIMIT_S = 2.0
 # Variables that would change the controller's defaults if the caller's shell set them.
 CONTROLLER_VARS = ("MAX_INSTANCES", "POLL_INTERVAL", "SCALING_MODE", "TARGET_BACKLOG_PER_INSTANCE",
                    "SCALE_IN_COOLDOWN", "AWS_PROFILE", "AWS_SESSION_TOKEN")
@@ -230,6 +228,11 @@ class ControllerProcess:
         with self.timeline.open() as fh:
             return next(csv.DictReader(fh))
 
+    def rows_since(self, wall: float) -> list[dict[str, str]]:
+        """Its rounds that read the queue after `wall` (time.time()), in order."""
+        with self.timeline.open() as fh:
+            return [row for row in csv.DictReader(fh) if float(row["time"]) >= wall]
+
     def wait_rounds(self, count: int, timeout_s: float = 15.0) -> None:
         target = self.rounds() + count
         wait_for(lambda: self.rounds() >= target or self.process.poll() is not None,
@@ -283,6 +286,23 @@ def time_to_zero(watcher: Watcher, since: float) -> float:
     return watcher.first(lambda s: s.live == 0, since, 10, "0 live instances").at - since
 
 
+# Speed is judged in rounds here, not seconds: a shared machine (CI) may stretch a
+# round, not change what a round decides. `make bench` measures the seconds (its (e)).
+def first_round_that_saw(controller: ControllerProcess, since_wall: float,
+                         seen: Callable[[dict[str, str]], bool]) -> dict[str, str]:
+    """The first round after `since_wall` that saw `seen`, which must be the first or the
+    second round then: one that read the queue as the test's calls went out may not."""
+    rows = controller.rows_since(since_wall)
+    found = next((row for row in rows if seen(row)), None)
+    assert found is not None, f"no round saw it: {rows}"
+    assert rows.index(found) <= 1, f"{rows.index(found) + 1} rounds to see it: {rows}"
+    return found
+
+
+def idle(row: dict[str, str]) -> bool:
+    return row["visible"] == row["in_flight"] == row["delayed"] == "0"
+
+
 # --- the tests -----------------------------------------------------------------------------------
 
 
@@ -290,18 +310,20 @@ def test_scale_out_reaches_the_cap_fast_and_never_passes_it(world, controllers):
     controller = controllers()
     controller.wait_rounds(1)  # up and polling: its EC2 and SQS connections are warm
     with Watcher(world) as watcher:
+        sent_wall = time.time()
         latency = scale_out(world, watcher, 100, CAP)
         controller.wait_rounds(3)  # it holds at the cap with 100 still queued
         watcher.check()
         assert watcher.samples[-1].live == CAP
     print(f"\nfirst launch {latency:.2f} s after the first request")
-    assert latency <= POLL_S + 1.0
+    first = first_round_that_saw(controller, sent_wall, lambda row: row["visible"] != "0")
+    assert first["action"].startswith("launch "), first
     assert world.ever_launched() == CAP, "nothing launched beyond the 15"
     assert controller.output.count("action=launch") >= 1
     assert controller.stop() == 0
 
 
-def test_scale_to_zero_within_two_seconds(world, controllers):
+def test_scale_to_zero_in_the_first_round_that_sees_the_work_done(world, controllers):
     png = world.run_dir / "timeline.png"
     controller = controllers("--plot", str(png))
     controller.wait_rounds(1)
@@ -310,11 +332,12 @@ def test_scale_to_zero_within_two_seconds(world, controllers):
         handles = world.receive_all()
         assert len(handles) == 100
         world.delete(handles)
-        last_delete = time.monotonic()
+        last_delete, last_delete_wall = time.monotonic(), time.time()
         took = time_to_zero(watcher, last_delete)
         watcher.check()
     print(f"\n0 live instances {took:.2f} s after the last delete")
-    assert took <= SCALE_TO_ZERO_LIMIT_S
+    scaled_in = first_round_that_saw(controller, last_delete_wall, idle)
+    assert (scaled_in["desired"], scaled_in["action"]) == ("0", f"terminate {CAP}"), scaled_in
     assert controller.stop() == 0
     assert png.read_bytes().startswith(b"\x89PNG"), "--plot draws the timeline on exit"
 
@@ -329,11 +352,12 @@ def test_in_flight_requests_keep_their_instances(world, controllers):
         controller.wait_rounds(3)
         assert min(s.live for s in watcher.since(taken)) == 10, "scaled in while work was in flight"
         world.delete(handles)
-        last_delete = time.monotonic()
+        last_delete, last_delete_wall = time.monotonic(), time.time()
         took = time_to_zero(watcher, last_delete)
         watcher.check()
     print(f"\n0 live instances {took:.2f} s after the last in-flight request was deleted")
-    assert took <= SCALE_TO_ZERO_LIMIT_S
+    scaled_in = first_round_that_saw(controller, last_delete_wall, idle)
+    assert (scaled_in["desired"], scaled_in["action"]) == ("0", "terminate 10"), scaled_in
     assert world.ever_launched() == 10
 
 
@@ -360,7 +384,6 @@ def test_sigkill_and_restart_neither_duplicates_nor_orphans(world, controllers):
         took = time_to_zero(watcher, ready)
         print(f"\nfresh controller: 0 live instances {took:.2f} s after it was up "
               f"({time_to_zero(watcher, third.started):.2f} s after it was started)")
-        assert took <= SCALE_TO_ZERO_LIMIT_S
         assert third.first_row()["action"] == f"terminate {CAP}", "its very first round scales in"
 
         # Killed the instant it has decided to scale in: the next one finishes the job.
