@@ -73,7 +73,7 @@ class Item:
     counted: bool = field(default=False, compare=False)
     # Made only for an item someone waits on (POST /), set when it finishes: an Event
     # for each of the book's many items cost ~1 KB apiece.
-    waiter: threading.Event | None = field(default=None, repr=False, compare=False)
+    waiter: Waiter | None = field(default=None, repr=False, compare=False)
 
     @property
     def is_finished(self) -> bool:
@@ -457,13 +457,14 @@ class ResultBook:
             if self.closing.is_set():
                 return None
             if item.waiter is None:
-                item.waiter = threading.Event()
+                item.waiter = Waiter()
             waiter = item.waiter
         if not waiter.wait(timeout):
             return None
-        with self._lock:  # finished in a new item, if it had been queued again (_finish)
-            item = self._items.get(item_id) or item
-        return item if item.is_finished else None
+        # The item it was woken with, not the book's: finished in a new item if it had
+        # been queued again (_to_finish), and its batch may be forgotten meanwhile.
+        woken = waiter.item
+        return woken if woken is not None and woken.is_finished else None
 
     def totals(self) -> dict[str, int]:
         with self._lock:
@@ -540,11 +541,18 @@ class ResultBook:
             excess -= len(items)
 
 
+class Waiter(threading.Event):
+    """What a wait on an item blocks on; it holds the item it was woken with."""
+
+    item: Item | None = None
+
+
 def _wake(item: Item) -> None:
-    """Wakes whoever waits on the item (under the book's lock). The Event goes with it:
-    kept, each answered POST / held ~1.2 KB until evicted, a third of the book at its
-    cap (reviewer); a waiter holds its own reference."""
+    """Wakes whoever waits on the item (under the book's lock), handing them `item`. The
+    Waiter goes with it: kept, each answered POST / held ~1.2 KB until evicted, a third
+    of the book at its cap (reviewer); a waiter holds its own reference."""
     if item.waiter is not None:
+        item.waiter.item = item
         item.waiter.set()
         item.waiter = None
 

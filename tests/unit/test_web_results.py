@@ -657,3 +657,26 @@ def test_a_wait_on_an_item_queued_again_gets_its_answer():
     book.record(response("x", "cat"))
     waiting.join(20)
     assert got and got[0] is not None and (got[0].state, got[0].label) == ("done", "cat")
+
+
+def test_a_wait_gets_the_answer_that_woke_it_even_if_its_batch_is_forgotten_at_once():
+    """The answer that finishes an item queued again is a new item; if it also finishes
+    the oldest batch past the cap, eviction forgets it under the same lock. The wait
+    then found no item in the book and fell back to the one it had waited on, still
+    queued: "not answered yet" for an image that was answered."""
+    from common.failure_tags import DEAD_LETTER_ERROR
+
+    book = ResultBook(max_items=1)
+    book.add(BATCH, [Item("x", BATCH, "x.jpg", f"{BATCH}/x/x.jpg")])
+    book.fail("x", DEAD_LETTER_ERROR, key=f"{BATCH}/x/x.jpg", filename="x.jpg")
+    assert book.queue_again("x", time.time()) is not None
+    other = "c" * 32  # a newer batch, still queued: the book is past its cap of 1
+    book.add(other, [Item("y", other, "y.jpg", f"{other}/y/y.jpg")])
+    got: list = []
+    waiting = threading.Thread(target=lambda: got.append(book.wait("x", 20)))
+    waiting.start()
+    wait_until(lambda: book.get("x").waiter is not None, 10)
+    book.record(response("x", "cat"))
+    waiting.join(20)
+    assert book.get("x") is None, "forgotten as it finished: what this test is about"
+    assert got and got[0] is not None and (got[0].state, got[0].label) == ("done", "cat")
