@@ -2,14 +2,16 @@
 
 The worker marks an image the model could not take; the web tier marks one whose
 request went to the dead-letter queue, and reads the marks back when it rebuilds a
-batch. Both write through here, so both write what S3 accepts.
+batch. Both write through here, so both write what S3 accepts. So is the mark that
+replaces a failure's when the web tier sends the request again, which says how often.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 from botocore.exceptions import ClientError, ParamValidationError
 
@@ -41,6 +43,49 @@ DEAD_LETTER_ERROR = ("could not be processed: no worker answered for it in the a
                      "the image if it fails again")
 
 
+# What replaces a failure mark when the web tier sends its request again (web_tier/
+# storage.py clear_failed): a mark of no failure, so a batch rebuilt from S3 shows it
+# queued. Not an empty tag set, which S3 takes but moto (the embedded AWS) refuses.
+# Its `status` is what readers written before it held the count and time look at.
+SENT_AGAIN_STATUS = "sent-again"
+SENT_AGAIN_COUNT_TAG = "sent-again"
+REQUEUED_AT_TAG = "requeued-at"
+
+
+class SentAgain(NamedTuple):
+    """How many times the web tier queued an item again after a dead letter, and when
+    the latest was (time.time(); 0.0 if never): a restarted web tier shows the count, and
+    still tells a dead letter of a copy sent before then (web_tier/listeners.py)."""
+
+    count: int = 0
+    at: float = 0.0
+
+
+NEVER_SENT_AGAIN = SentAgain()
+
+
+def sent_again_tagging(sent: SentAgain) -> dict[str, list[dict[str, str]]]:
+    """The `Tagging` argument of put_object_tagging that marks an input sent again."""
+    # repr: the time exactly, as the request sent again carries it (JSON keeps a float's
+    # repr). Rounded up, that request's own dead letter read as an older copy's, ignored.
+    return {"TagSet": [{"Key": "status", "Value": SENT_AGAIN_STATUS},
+                       {"Key": SENT_AGAIN_COUNT_TAG, "Value": str(sent.count)},
+                       {"Key": REQUEUED_AT_TAG, "Value": repr(sent.at)}]}
+
+
+def sent_again_from_tags(tag_set: list[dict[str, str]]) -> SentAgain:
+    """What a sent-again mark says, or a dead letter's failure mark written after one
+    (which carries it on); SentAgain() for tags that hold none (no tags, a worker's
+    failure mark, a mark written before marks held these) or an unreadable value."""
+    found = {tag["Key"]: tag["Value"] for tag in tag_set}
+    try:
+        count = max(0, int(found.get(SENT_AGAIN_COUNT_TAG, "0")))
+        at = float(found.get(REQUEUED_AT_TAG, "0"))
+    except ValueError:
+        return SentAgain()
+    return SentAgain(count, at if math.isfinite(at) and at > 0 else 0.0)
+
+
 # S3's refusals of a failure mark that no retry changes (the mark is then only missed
 # by a batch rebuilt after a restart): a tag it will not take.
 TAGGING_REFUSALS = frozenset({"InvalidTag", "MalformedXML", "InvalidArgument"})
@@ -60,13 +105,14 @@ class MarkDenied(Exception):
                          f"arn:aws:s3:::{bucket}/* ({exc})")
 
 
-def mark_failed(s3: Any, bucket: str, key: str, reason: str, worker: str = "") -> str | None:
+def mark_failed(s3: Any, bucket: str, key: str, reason: str, worker: str = "",
+                sent: SentAgain = NEVER_SENT_AGAIN) -> str | None:
     """Mark the input object failed (see failure_tagging); None once marked, else why it
     will never be: the object is gone, or S3 refuses this mark whatever the retries.
     Raises MarkDenied for AccessDenied, and what trying again may mend (S3 failing or
     throttling), for the caller to retry."""
     try:
-        s3.put_object_tagging(Bucket=bucket, Key=key, Tagging=failure_tagging(reason, worker))
+        s3.put_object_tagging(Bucket=bucket, Key=key, Tagging=failure_tagging(reason, worker, sent))
     except ClientError as exc:
         if is_not_found(exc) or error_code(exc) in TAGGING_REFUSALS:
             return str(exc)
@@ -104,21 +150,20 @@ def _since_first_receive(first_received_s: float | None, now_s: float) -> str:
     return f"{(now_s - first_received_s) / 60:.0f} min after its message was first received"
 
 
-def failure_tagging(reason: str, worker: str = "") -> dict[str, list[dict[str, str]]]:
+def failure_tagging(reason: str, worker: str = "",
+                    sent: SentAgain = NEVER_SENT_AGAIN) -> dict[str, list[dict[str, str]]]:
     """The `Tagging` argument of put_object_tagging that marks an input failed, by
-    `worker` (the instance that refused it; none for a dead letter)."""
+    `worker` (the instance that refused it; none for a dead letter), after it was
+    `sent` again (a dead letter's: the mark replaces the sent-again mark, whose count a
+    batch rebuilt from S3 would lose)."""
     error = _OUTSIDE_TAG_SET.sub(" ", reason).strip()[:MAX_ERROR_CHARS]
     tags = [{"Key": "status", "Value": "failed"}, {"Key": "error", "Value": error},
             {"Key": "reason", "Value": _escape(reason)}]
     if worker:
         tags.append({"Key": "worker", "Value": _escape(worker)})
+    if sent.count:
+        tags.extend(sent_again_tagging(sent)["TagSet"][1:])  # its count and time, not its status
     return {"TagSet": tags}
-
-
-# What replaces a failure mark when the web tier sends its request again (web_tier/
-# storage.py clear_failed): a mark of no failure, so a batch rebuilt from S3 shows it
-# queued. Not an empty tag set, which S3 takes but moto (the embedded AWS) refuses.
-SENT_AGAIN_TAGGING = {"TagSet": [{"Key": "status", "Value": "sent-again"}]}
 
 
 def failure_from_tags(tag_set: list[dict[str, str]]) -> str | None:

@@ -31,7 +31,8 @@ class StoredOutcome:
     worker: str = ""
 
 
-def stored_outcome(aws: Aws, bucket: str, key: str, untrained: bool) -> StoredOutcome | None:
+def stored_outcome(aws: Aws, bucket: str, key: str, untrained: bool,
+                   tag_set: list[dict[str, str]] | None = None) -> StoredOutcome | None:
     """What S3 records for the request for `key` (its upload in `bucket`): the result
     if there is one (it wins over a failure marked too: a dead letter's mark, then a
     late answer), else the failure; None when neither is stored, the input object gone
@@ -41,6 +42,8 @@ def stored_outcome(aws: Aws, bucket: str, key: str, untrained: bool) -> StoredOu
     workers') is taken to come from the model `untrained` says: with
     MODEL_WEIGHTS=random it is flagged untrained, never passed off as trained. Needs
     s3:ListBucket on the output bucket, or a missing result answers 403, not 404.
+    `tag_set`: the input object's tags, if the caller has read them already (none for
+    an object gone), not to read them twice.
     """
     output_bucket = aws.settings.output_bucket
     try:
@@ -56,11 +59,12 @@ def stored_outcome(aws: Aws, bucket: str, key: str, untrained: bool) -> StoredOu
             result = {"label": label_of(body.decode("utf-8", errors="replace")), "score": None,
                       "top5": [], "worker": "", "untrained": untrained}
         return StoredOutcome(result=result, worker=result["worker"])
-    try:
-        tag_set = aws.s3.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]
-    except ClientError as exc:
-        if is_not_found(exc):
-            return None
-        raise
+    if tag_set is None:
+        try:
+            tag_set = aws.s3.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]
+        except ClientError as exc:
+            if is_not_found(exc):
+                return None
+            raise
     error = failure_from_tags(tag_set)
     return None if error is None else StoredOutcome(error=error, worker=failed_by(tag_set))

@@ -24,11 +24,17 @@ from botocore.exceptions import ParamValidationError
 from common.aws import AWS_ERRORS, FIRST_RECEIVED_ATTRIBUTE, Aws, change_visibility, first_received_s
 from common.backoff import next_wait
 from common.config import MARK_DENIED_RETRY_S, SHORT_POLL_PAUSE_S
-from common.failure_tags import DEAD_LETTER_ERROR, MarkDenied, give_up_denied_mark
+from common.failure_tags import (
+    DEAD_LETTER_ERROR,
+    MarkDenied,
+    SentAgain,
+    give_up_denied_mark,
+    sent_again_from_tags,
+)
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
 from web_tier.rebuild import with_stored_outcome
 from web_tier.results import Item, ResultBook, batch_id_of
-from web_tier.storage import tag_failed
+from web_tier.storage import input_tags, tag_failed
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +199,18 @@ class Listeners:
             done.append(message)
         self._delete(url, done)
 
+    def _input_tags(self, request: ClassifyRequest) -> list[dict[str, str]] | None:
+        """The tags of the dead letter's input object; None if they cannot be read (the
+        object gone, S3 failing or refusing), and the dead letter is then handled as it
+        was before marks said when an item was sent again: a copy sent before that
+        fails the item, and marks it failed."""
+        try:
+            return input_tags(self.aws, request.key)
+        except AWS_ERRORS as exc:
+            log.warning("item %s: could not read its input's tags, to tell a dead letter of a copy "
+                        "sent before it was queued again: %s", request.id, exc)
+            return None
+
     def _drop_dead_letter(self, request: ClassifyRequest) -> None:
         log.exception("cannot handle dead letter for %s; failed unmarked, and dropped", request.id)
         try:
@@ -216,11 +234,22 @@ class Listeners:
         # replies: one that died in between, on the last attempt, left an outcome that
         # stands, and tells the user more than "failed on every attempt".
         # A worker that finds its copies used up the attempts reads the same (app_tier/worker.py).
+        # Read here, once, for an item the book does not hold: its failure mark, and when
+        # it was sent again (below).
+        tag_set = self._input_tags(request) if known is None else None
         item = Item(request.id, batch_id_of(request.key), request.filename, request.key)
-        stored = with_stored_outcome(self.aws, item)
+        stored = with_stored_outcome(self.aws, item, tag_set)
         if stored.is_finished:
             if self.book.record_item(stored):
                 log.info("item %s: its outcome was stored but never sent; taken from S3", request.id)
+            return
+        sent = _sent_again(known, tag_set)
+        if known is None and request.sent_at < sent.at:
+            # As above, for an item queued again by a process before this one: its input
+            # object's mark says when. Failed and tagged, the item showed failed in a batch
+            # rebuilt from S3 while the request sent since was under way.
+            log.info("item %s: a dead letter of a copy sent before it was queued again (before a "
+                     "restart); ignored", request.id)
             return
         # The waiting client first: the book is memory, and failing twice changes nothing.
         if self.book.fail(request.id, DEAD_LETTER_ERROR, key=request.key, filename=request.filename):
@@ -230,10 +259,18 @@ class Listeners:
         # tag refused) is given up: kept, the message came back every 30 s for 14 days.
         # So is one S3 has denied for MARK_DENIED_RETRY_S: a role without the right.
         try:
-            why_not = tag_failed(self.aws, request.key, DEAD_LETTER_ERROR)
+            why_not = tag_failed(self.aws, request.key, DEAD_LETTER_ERROR, sent)
         except MarkDenied as exc:
             if not give_up_denied_mark(request.id, exc, first_received, time.time()):  # SQS's clock
                 raise
             return
         if why_not:
             log.warning("item %s: its input not marked failed: %s", request.id, why_not)
+
+
+def _sent_again(known: Item | None, tag_set: list[dict[str, str]] | None) -> SentAgain:
+    """How often, and when last, the item of a dead letter was sent again: as the book
+    holds it, else as its input object's tags say (none if they could not be read)."""
+    if known is not None:
+        return SentAgain(known.sent_again, known.requeued_at)
+    return sent_again_from_tags(tag_set or [])

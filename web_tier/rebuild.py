@@ -12,9 +12,10 @@ import threading
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 from common.aws import Aws
+from common.failure_tags import sent_again_from_tags
 from common.stored_outcome import stored_outcome
 from web_tier.results import DONE, FAILED, Item, ResultBook, is_service_id
-from web_tier.storage import read_stored_upload
+from web_tier.storage import input_tags, read_stored_upload
 
 # Threads reading S3 to rebuild batches: their own, so that a large batch rebuilt
 # (some 3 S3 calls an item) holds up no upload, which the upload pool runs.
@@ -40,15 +41,20 @@ def rebuild_item(aws: Aws, batch_id: str, key: str) -> Item | None:
         # Deleted since it was listed (an upload refused meanwhile, its object removed):
         # left out, as a batch listed a moment later would leave it, not failing the rebuild.
         return None
-    return with_stored_outcome(aws, Item(item_id, batch_id, stored.filename or safe_name, key,
-                                         token=stored.token, digest=stored.digest))
+    # Read for every item, answered too: a sent-again mark stays when the answer comes.
+    # None: deleted since its HEAD, and then as it was (no outcome, never sent again).
+    tag_set = input_tags(aws, key) or []
+    sent = sent_again_from_tags(tag_set)
+    item = Item(item_id, batch_id, stored.filename or safe_name, key, token=stored.token,
+                digest=stored.digest, sent_again=sent.count, requeued_at=sent.at)
+    return with_stored_outcome(aws, item, tag_set)
 
 
-def with_stored_outcome(aws: Aws, item: Item) -> Item:
+def with_stored_outcome(aws: Aws, item: Item, tag_set: list[dict[str, str]] | None = None) -> Item:
     """`item` with the outcome S3 records for its key (common/stored_outcome.py): done
     with the result in the output bucket, failed with the reason tagged on the input
-    object, or as it was."""
-    outcome = stored_outcome(aws, aws.settings.input_bucket, item.key, aws.settings.untrained)
+    object, or as it was. `tag_set`: that object's tags, if read already."""
+    outcome = stored_outcome(aws, aws.settings.input_bucket, item.key, aws.settings.untrained, tag_set)
     if outcome is None:
         return item
     if outcome.result is not None:

@@ -66,7 +66,8 @@ class Item:
     event_seq: int = field(default=0, compare=False)
     # How many times it was queued again after a dead letter (POST .../again), and
     # when the latest was (time.time()): a copy of its request sent before then that
-    # comes back dead says nothing of the new one (listeners.py). In memory only.
+    # comes back dead says nothing of the new one (listeners.py). Written to the input
+    # object's tags too (storage.py clear_failed), which a batch rebuilt from S3 reads.
     sent_again: int = 0
     requeued_at: float = field(default=0.0, repr=False, compare=False)
     # Counted in the book's totals (answered or failed): an outcome learnt from S3 is not.
@@ -314,6 +315,10 @@ class ResultBook:
                     # and a file sent again would be checked against nothing (reviewer).
                     known.token = known.token or item.token
                     known.digest = known.digest or item.digest
+                    # Sent again before a restart, as S3 records: an item learnt since from
+                    # an answer or a dead letter does not know. Else memory is the newer.
+                    known.sent_again = max(known.sent_again, item.sent_again)
+                    known.requeued_at = max(known.requeued_at, item.requeued_at)
                     if not known.is_finished and item.is_finished:
                         known = self._to_finish(known)
                         self._number(known)

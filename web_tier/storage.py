@@ -4,7 +4,8 @@ The original file name travels in the input object's metadata (common/names.py).
 A failed item is marked with object tags on its input object
 (`status=failed`, `error=<reason>`, and `reason`, the reason escaped so it reads
 back whole: common/failure_tags.py), which workers write too, and which the web
-tier takes off a dead letter it sends again. Reading an item's
+tier takes off a dead letter it sends again, for `status=sent-again` with how many
+times it was and when last (`sent-again`, `requeued-at`). Reading an item's
 outcome back is common/stored_outcome.py's, which workers do too.
 """
 
@@ -15,7 +16,7 @@ from typing import Any, NamedTuple
 from botocore.exceptions import ClientError
 
 from common.aws import Aws, is_not_found
-from common.failure_tags import SENT_AGAIN_TAGGING, mark_failed
+from common.failure_tags import NEVER_SENT_AGAIN, SentAgain, mark_failed, sent_again_tagging
 from common.names import ORIGINAL_FILENAME_META, encode_filename, original_filename
 
 CLIENT_TOKEN_META = "client-token"
@@ -44,26 +45,38 @@ def head(aws: Aws, bucket: str, key: str) -> dict[str, Any] | None:
         raise
 
 
-def tag_failed(aws: Aws, key: str, reason: str) -> str | None:
-    """Mark the input object failed so a rebuilt batch shows the error; None once marked,
-    else why it never will be (common.failure_tags.mark_failed, which raises what a retry may
-    mend, and MarkDenied for AccessDenied)."""
-    return mark_failed(aws.s3, aws.settings.input_bucket, key, reason)
+def tag_failed(aws: Aws, key: str, reason: str, sent: SentAgain = NEVER_SENT_AGAIN) -> str | None:
+    """Mark the input object failed so a rebuilt batch shows the error (and how often it
+    was `sent` again before); None once marked, else why it never will be
+    (common.failure_tags.mark_failed, which raises what a retry may mend, and MarkDenied
+    for AccessDenied)."""
+    return mark_failed(aws.s3, aws.settings.input_bucket, key, reason, sent=sent)
 
 
-def clear_failed(aws: Aws, key: str) -> bool:
+def clear_failed(aws: Aws, key: str, sent: SentAgain) -> bool:
     """Take the failure mark off the input object (its request is sent again), so that
-    a batch rebuilt from S3 shows it queued; False if there is no such object.
+    a batch rebuilt from S3 shows it queued, `sent` again as often and when; False if
+    there is no such object.
 
     By writing tags that mark no failure: the web role may already put tags
     (tag_failed), and needs no right to delete them."""
     try:
-        aws.s3.put_object_tagging(Bucket=aws.settings.input_bucket, Key=key, Tagging=SENT_AGAIN_TAGGING)
+        aws.s3.put_object_tagging(Bucket=aws.settings.input_bucket, Key=key, Tagging=sent_again_tagging(sent))
     except ClientError as exc:
         if is_not_found(exc):
             return False
         raise
     return True
+
+
+def input_tags(aws: Aws, key: str) -> list[dict[str, str]] | None:
+    """The input object's tag set; None if there is no such object."""
+    try:
+        return aws.s3.get_object_tagging(Bucket=aws.settings.input_bucket, Key=key)["TagSet"]
+    except ClientError as exc:
+        if is_not_found(exc):
+            return None
+        raise
 
 
 class StoredUpload(NamedTuple):

@@ -11,7 +11,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from common.aws import Aws, error_reason
-from common.failure_tags import DEAD_LETTER_ERROR
+from common.failure_tags import DEAD_LETTER_ERROR, SentAgain
 from common.messages import ClassifyRequest, MessageError
 from common.names import object_key
 from web_tier.image_check import Upload
@@ -201,7 +201,7 @@ class Submitter:
                                   filename=again.filename, sent_at=again.requeued_at).to_json()
         self._begin(again.id, request)
         try:
-            stored = clear_failed(self.aws, again.key)
+            stored = clear_failed(self.aws, again.key, SentAgain(again.sent_again, again.requeued_at))
         except Exception:
             log.exception("could not take the failure mark off %s to send it again", again.key)
             self._undo_again(again)

@@ -21,12 +21,16 @@ from moto import mock_aws
 from common.aws import USER_AGENT, Aws, QueueDepth, VisibilityFailure, change_visibility, is_callers_fault
 from common.config import MARK_DENIED_RETRY_S, Settings
 from common.failure_tags import (
+    DEAD_LETTER_ERROR,
     MAX_ERROR_CHARS,
     MarkDenied,
+    SentAgain,
     failed_by,
     failure_from_tags,
     failure_tagging,
     give_up_denied_mark,
+    sent_again_from_tags,
+    sent_again_tagging,
 )
 from common.messages import (
     MAX_ID_BYTES,
@@ -242,6 +246,41 @@ def test_a_failure_mark_names_the_worker_that_wrote_it(worker):
     for tag in tag_set:
         assert len(tag["Value"]) <= 256 and all(_in_s3_tag_set(c) for c in tag["Value"]), tag
     assert failure_from_tags(tag_set) == "cannot decode"
+
+
+@pytest.mark.parametrize("sent", [SentAgain(1, 1767225600.1234567), SentAgain(12, 1767225600.0),
+                                  SentAgain(3, 1767225600.0009999)])
+def test_a_sent_again_mark_reads_back_its_count_and_its_time_exactly(sent):
+    """Exactly: the request sent again carries the same time (sent_at), and one read
+    back later than it made that request's own dead letter an older copy's, ignored."""
+    tag_set = sent_again_tagging(sent)["TagSet"]
+    assert sent_again_from_tags(tag_set) == sent
+    assert {"Key": "status", "Value": "sent-again"} in tag_set  # all that older readers look at
+    assert failure_from_tags(tag_set) is None
+    for tag in tag_set:
+        assert len(tag["Value"]) <= 256 and all(_in_s3_tag_set(c) for c in tag["Value"]), tag
+
+
+def test_a_dead_letters_failure_mark_carries_on_how_often_it_was_sent_again():
+    sent = SentAgain(2, 1767225600.5)
+    tag_set = failure_tagging(DEAD_LETTER_ERROR, sent=sent)["TagSet"]
+    assert failure_from_tags(tag_set) == DEAD_LETTER_ERROR
+    assert sent_again_from_tags(tag_set) == sent
+    assert len(tag_set) <= 10  # S3's limit an object
+    # Never sent again: the mark as it was.
+    never = failure_tagging(DEAD_LETTER_ERROR)["TagSet"]
+    assert [tag["Key"] for tag in never] == ["status", "error", "reason"]
+
+
+@pytest.mark.parametrize("tag_set, sent", [
+    ([], SentAgain()),
+    ([{"Key": "status", "Value": "sent-again"}], SentAgain()),  # written before it held the count
+    (failure_tagging("cannot decode", "w1")["TagSet"], SentAgain()),
+    ([{"Key": "sent-again", "Value": "twice"}, {"Key": "requeued-at", "Value": "1767225600.5"}], SentAgain()),
+    ([{"Key": "sent-again", "Value": "2"}, {"Key": "requeued-at", "Value": "nan"}], SentAgain(2, 0.0)),
+])
+def test_tags_say_an_item_was_sent_again_only_as_far_as_they_can_be_read(tag_set, sent):
+    assert sent_again_from_tags(tag_set) == sent
 
 
 def test_tags_without_a_failure_mark_say_nothing():

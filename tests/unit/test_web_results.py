@@ -132,6 +132,21 @@ def test_merge_keeps_results_already_in_memory_and_adopts_new_ones():
     assert inbox.get_nowait().id == "b"
 
 
+def test_a_merge_keeps_the_larger_count_and_the_later_time_of_sending_again():
+    """After a restart, an item learnt from an answer knows nothing of being sent again,
+    which S3 records; one queued again since the rebuild read S3 knows more than S3."""
+    from common.failure_tags import DEAD_LETTER_ERROR
+
+    book = ResultBook()
+    book.record(response("a"))
+    book.fail("b", DEAD_LETTER_ERROR, key=f"{BATCH}/b/b.jpg", filename="b.jpg")
+    book.queue_again("b", 200.0)
+    book.merge(BATCH, [Item("a", BATCH, "a.jpg", sent_again=2, requeued_at=150.0),
+                       Item("b", BATCH, "b.jpg", sent_again=0, requeued_at=0.0)])
+    assert (book.get("a").state, book.get("a").sent_again, book.get("a").requeued_at) == ("done", 2, 150.0)
+    assert (book.get("b").state, book.get("b").sent_again, book.get("b").requeued_at) == ("queued", 1, 200.0)
+
+
 def test_closing_the_book_ends_every_wait_and_stream_at_once():
     from web_tier.events import stream
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from common.failure_tags import DEAD_LETTER_ERROR, failure_from_tags
+from common.failure_tags import DEAD_LETTER_ERROR, SentAgain, failure_from_tags, sent_again_from_tags
 from common.messages import ClassifyRequest
 from tests.conftest import make_image
 from tests.unit.conftest import FakeWorker, answer_for, services_of, upload, wait_until
@@ -128,18 +128,81 @@ def test_sending_again_is_a_write_behind_the_api_key(make_web_app):
     assert client.post(again_url(body["batch_id"], item_id), headers=headers).status_code == 202
 
 
-def test_a_batch_rebuilt_after_a_restart_shows_the_item_queued_again(make_web_app, web_aws):
-    """The mark came off the input object: a restarted web tier does not show it failed."""
+def sent_again_then_restarted(make_web_app, web_aws, seed: int) -> tuple[str, ClassifyRequest, float]:
+    """An upload failed by a dead letter and sent again by a web tier that then stopped:
+    its batch id, its first request (a copy of which may still come back dead), and when
+    it was sent again. The request sent again waits in the request queue."""
     old = make_web_app()
     client = old.test_client()
-    batch_id = upload(client, [(make_image(306), "dead.jpg")]).get_json()["batch_id"]
+    batch_id = upload(client, [(make_image(seed), "dead.jpg")]).get_json()["batch_id"]
     request = dead_letter(web_aws)
-    wait_until(lambda: failure_mark(web_aws, request.key) == DEAD_LETTER_ERROR)
+    wait_until(lambda: dead_letters_left(web_aws) == 0 and failure_mark(web_aws, request.key))
     assert client.post(again_url(batch_id, request.id)).status_code == 202
+    requeued_at = services_of(old).book.get(request.id).requeued_at
     services_of(old).stop(timeout=5)
+    return batch_id, request, requeued_at
 
-    fresh = make_web_app(start_background=False).test_client()
-    assert items_by_name(fresh, batch_id)["dead.jpg"]["state"] == "queued"
+
+def input_tags(web_aws, key: str) -> list[dict[str, str]]:
+    return web_aws.s3.get_object_tagging(Bucket=web_aws.settings.input_bucket, Key=key)["TagSet"]
+
+
+def test_a_batch_rebuilt_after_a_restart_shows_the_item_queued_again(make_web_app, web_aws):
+    """The mark came off the input object: a restarted web tier does not show it failed.
+    Nor sent again 0 times, answered or not: its new mark says how often, and when."""
+    batch_id, request, requeued_at = sent_again_then_restarted(make_web_app, web_aws, 306)
+
+    fresh = make_web_app(start_background=False)
+    item = items_by_name(fresh.test_client(), batch_id)["dead.jpg"]
+    assert (item["state"], item["sent_again"]) == ("queued", 1)
+    assert services_of(fresh).book.get(request.id).requeued_at == requeued_at
+
+    worker = FakeWorker(web_aws).start()  # the request sent again; its answer is left unread
+    try:
+        wait_until(lambda: worker.handled == 1)
+    finally:
+        worker.stop()
+    answered = items_by_name(make_web_app(start_background=False).test_client(), batch_id)["dead.jpg"]
+    assert (answered["state"], answered["sent_again"]) == ("done", 1)
+
+
+def test_a_dead_letter_of_a_copy_sent_before_a_restart_leaves_the_item_queued(make_web_app, web_aws):
+    """A web tier restarted since the item was sent again does not hold it: the copy's
+    dead letter failed it, and marked its input failed, over the mark that said it was
+    sent again, while the new request was under way."""
+    batch_id, request, requeued_at = sent_again_then_restarted(make_web_app, web_aws, 308)
+    fresh = make_web_app()  # its listeners read the dead letters; nothing rebuilds the batch yet
+    web_aws.sqs.send_message(QueueUrl=web_aws.dead_letter_queue_url, MessageBody=request.to_json())
+    wait_until(lambda: dead_letters_left(web_aws) == 0)
+    assert failure_mark(web_aws, request.key) is None
+    assert services_of(fresh).book.get(request.id) is None
+
+    # The new request's own dead letter does fail it, and its mark keeps the count.
+    again = dead_letter(web_aws)
+    assert (again.id, again.sent_at) == (request.id, requeued_at)
+    wait_until(lambda: failure_mark(web_aws, request.key) == DEAD_LETTER_ERROR)
+    assert sent_again_from_tags(input_tags(web_aws, request.key)) == SentAgain(1, requeued_at)
+    item = items_by_name(fresh.test_client(), batch_id)["dead.jpg"]
+    assert (item["state"], item["sent_again"]) == ("failed", 1)
+
+
+def test_a_dead_letter_whose_input_tags_cannot_be_read_fails_the_item_as_before(make_web_app, web_aws,
+                                                                               monkeypatch):
+    """Not knowing when the item was sent again, the listener cannot tell a copy sent
+    before: it fails the item, and marks it, as it did before the mark said when."""
+    from botocore.exceptions import ClientError
+
+    batch_id, request, _ = sent_again_then_restarted(make_web_app, web_aws, 309)
+
+    def s3_fails(aws, key):
+        raise ClientError({"Error": {"Code": "InternalError", "Message": "down"}}, "GetObjectTagging")
+
+    monkeypatch.setattr("web_tier.listeners.input_tags", s3_fails)
+    fresh = make_web_app()
+    web_aws.sqs.send_message(QueueUrl=web_aws.dead_letter_queue_url, MessageBody=request.to_json())
+    wait_until(lambda: failure_mark(web_aws, request.key) == DEAD_LETTER_ERROR)
+    wait_until(lambda: dead_letters_left(web_aws) == 0)
+    assert items_by_name(fresh.test_client(), batch_id)["dead.jpg"]["state"] == "failed"
 
 
 def test_a_dead_letter_of_a_copy_sent_before_leaves_the_item_queued(web_app, web_aws):
@@ -157,9 +220,12 @@ def test_a_dead_letter_of_a_copy_sent_before_leaves_the_item_queued(web_app, web
     wait_until(lambda: dead_letters_left(web_aws) == 0)
     assert items_by_name(client, batch_id)["dead.jpg"]["state"] == "queued"
     assert failure_mark(web_aws, request.key) is None
-    # The new request's own dead letter does fail it.
+    # The new request's own dead letter does fail it; its mark keeps the count, for a
+    # batch rebuilt from S3.
     dead_letter(web_aws)
     wait_until(lambda: items_by_name(client, batch_id)["dead.jpg"]["state"] == "failed")
+    requeued_at = services_of(web_app).book.get(request.id).requeued_at
+    wait_until(lambda: sent_again_from_tags(input_tags(web_aws, request.key)) == SentAgain(1, requeued_at))
 
 
 def test_an_event_stream_sends_the_item_queued_again_then_its_answer(make_web_app, monkeypatch):
