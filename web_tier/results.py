@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from common.failure_tags import DEAD_LETTER_ERROR
+from common.failure_tags import DEAD_LETTER_ERROR, NEVER_SENT_AGAIN, SentAgain
 from common.messages import ClassifyResponse
 
 QUEUED, DONE, FAILED = "queued", "done", "failed"
@@ -257,9 +257,13 @@ class ResultBook:
         """Record an outcome found another way (in S3); the item if this was its first result."""
         return self._finish(item, item.untrained if item.state == DONE else None)
 
-    def fail(self, item_id: str, error: str, *, key: str = "", filename: str = "") -> Item | None:
-        """Mark an item failed unless it already has an outcome; the item if it changed."""
-        item = Item(id=item_id, batch_id=batch_id_of(key), filename=filename, key=key)
+    def fail(self, item_id: str, error: str, *, key: str = "", filename: str = "",
+             sent: SentAgain = NEVER_SENT_AGAIN) -> Item | None:
+        """Mark an item failed unless it already has an outcome; the item if it changed.
+        `sent`: how often it was sent again, for an item the book learns of here (a dead
+        letter's, after a restart: its input object's tags say)."""
+        item = Item(id=item_id, batch_id=batch_id_of(key), filename=filename, key=key,
+                    sent_again=sent.count, requeued_at=sent.at)
         item.state, item.error = FAILED, error
         return self._finish(item, None)
 

@@ -182,6 +182,10 @@ def test_a_dead_letter_of_a_copy_sent_before_a_restart_leaves_the_item_queued(ma
     assert (again.id, again.sent_at) == (request.id, requeued_at)
     wait_until(lambda: failure_mark(web_aws, request.key) == DEAD_LETTER_ERROR)
     assert sent_again_from_tags(input_tags(web_aws, request.key)) == SentAgain(1, requeued_at)
+    # Before any GET rebuilds the batch: the item the dead letter failed says so too, and
+    # a later dead letter's mark, written from it, would keep the count.
+    learnt = services_of(fresh).book.get(request.id)
+    assert (learnt.sent_again, learnt.requeued_at) == (1, requeued_at)
     item = items_by_name(fresh.test_client(), batch_id)["dead.jpg"]
     assert (item["state"], item["sent_again"]) == ("failed", 1)
 
