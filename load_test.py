@@ -256,6 +256,11 @@ def _plot_problem(path: Path) -> str | None:
 def parse_args(argv: Sequence[str] | None = None) -> Config:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for action in parser._actions:
+        # Python 3.11's argparse gives an option whose value is `--` (`--num-requests=--`)
+        # [] without calling its type: a traceback later (as common/cli.py checks).
+        if action.option_strings and action.nargs is None and getattr(args, action.dest, None) == []:
+            parser.error(f"argument {'/'.join(action.option_strings)}: expected one argument")
     if not re.match(r"^https?://", args.url):
         parser.error(f"--url must start with http:// or https://, got {args.url!r}")
     try:

@@ -13,7 +13,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from app_tier import EXIT_CANNOT_START, SPARE_LOADED
-from common import systemd
+from common import cli, systemd
 from common.aws import Aws
 from common.config import Settings
 from common.fleet import report_worker_failed, report_worker_ready
@@ -63,7 +63,7 @@ class StopBeforeServing:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m app_tier", description=__doc__)
+    parser = cli.ArgumentParser(prog="python -m app_tier", description=__doc__)
     parser.add_argument(
         "--instance-id",
         default=os.environ.get("INSTANCE_ID") or socket.gethostname(),

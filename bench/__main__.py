@@ -42,6 +42,7 @@ from bench.images import write_expected, write_images
 from bench.inference import InferenceResult, measure, prepare_model
 from bench.noise import NoiseMeter
 from bench.sqs import measure_sqs
+from common import cli
 from common.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,8 +53,8 @@ IMAGES = 300
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m bench", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", action="append", choices=PARTS,
                    help="run only this part (repeatable); others come from the last JSON")
     p.add_argument("--skip-tensorflow", action="store_true", help="measure OpenVINO only in (a)")

@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import cli
+
 ROOT = Path(__file__).resolve().parent.parent
 BATCH_SIZES = (1, 2, 4, 8, 10)
 # Between two calls when one request at a time comes through the stack (its ~110 ms
@@ -236,7 +238,7 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.inference")
+    parser = cli.ArgumentParser(prog="python -m bench.inference")
     parser.add_argument("--runtime", choices=("openvino", "tensorflow"), required=True)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--images", type=Path, required=True)

@@ -14,6 +14,7 @@ import argparse
 import threading
 import time
 
+from common import cli
 from web_tier.sender import BatchingSender
 
 
@@ -57,8 +58,8 @@ def run(threads: int, messages: int, call_ms: float) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.sender", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m bench.sender", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=800, help="callers at once (default 800)")
     p.add_argument("--messages", type=int, default=5, help="messages each caller sends (default 5)")
     p.add_argument("--call-ms", type=float, default=5.0, help="wall time of one SendMessageBatch (default 5)")

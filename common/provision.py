@@ -13,6 +13,7 @@ import sys
 
 from botocore.exceptions import ClientError
 
+from common import cli
 from common.aws import AWS_ERRORS, Aws, error_code
 from common.config import Settings
 from common.logs import configure as configure_logging
@@ -178,7 +179,7 @@ def provision(settings: Settings, aws: Aws | None = None) -> dict[str, str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Arguments are refused, not ignored: `--help` made buckets and queues.
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m common.provision",
         description="Create (or bring up to date) the service's two buckets and three queues, in "
         "the AWS the environment points at (the default credential chain; AWS_ENDPOINT_URL for "

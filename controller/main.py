@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import cli
 from common.aws import AWS_ERRORS, Aws
 from common.config import SCALING_MODES, VARIABLE_OF_SETTING, Settings, weights_on_this_host
 from common.heap import freeze_startup_heap
@@ -68,7 +69,7 @@ OPTION_VARIABLES = {option.dest: option.variable for option in SETTING_OPTIONS}
 def build_parser(defaults: Settings) -> argparse.ArgumentParser:
     """The command line; `defaults` are only shown in --help: an option not given is None,
     and leaves its variable's value (settings_from)."""
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python controller.py",
         description="Scale app-tier EC2 instances from 0 to the cap on request-queue depth, and back "
         "to 0 when the work is done. Reads AWS from the environment (AWS_ENDPOINT_URL for the "

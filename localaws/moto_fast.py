@@ -87,6 +87,7 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 from gunicorn.errors import HaltServer
 
+from common import cli
 from common.config import region_from_env
 from common.heap import freeze_startup_heap
 from localaws.lifeline import stop_when_unheld
@@ -531,8 +532,8 @@ class KeepAliveServer(BaseApplication):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m localaws.moto_fast", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m localaws.moto_fast", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-H", "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("-p", "--port", type=int, default=5000, help="port (default 5000)")
     parser.add_argument("--lifeline", type=int, metavar="FD",

@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import cli
 from common.aws import Aws, keys_in
 from common.config import VARIABLES, Settings, local_run_defaults, local_run_overrides
 from common.logs import configure as configure_logging
@@ -499,8 +500,8 @@ def stop_signals() -> tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m localaws.stack", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python -m localaws.stack", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, default=ROOT / ".run",
                         help="logs go here, and the web tier's journal unless WEB_JOURNAL_DIR says "
                         "otherwise (default .run/)")

@@ -1073,3 +1073,18 @@ def test_the_table_of_variables_refuses_a_duplicate_or_a_field_settings_has_not(
     with pytest.raises(ValueError, match=said):
         _checked((*VARIABLES, Variable(*entry)))
     assert _checked(VARIABLES) == VARIABLES
+
+
+@pytest.mark.parametrize("main, argv", [
+    ("localaws.stack", ["--warm-spares=--"]),  # an AttributeError's traceback (explorer)
+    ("controller.main", ["--poll-interval=--"]),  # "got '[]'"
+    ("bench.__main__", ["--warm-spares=--"]),
+])
+def test_an_option_given_double_dash_as_its_value_is_a_usage_error(main, argv, capsys):
+    """Python 3.11's argparse gives `--option=--` [] without calling the option's type."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exc:
+        importlib.import_module(main).main(argv)
+    assert exc.value.code == 2
+    assert f"argument {argv[0].split('=')[0]}" in capsys.readouterr().err

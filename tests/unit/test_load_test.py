@@ -1516,7 +1516,8 @@ def test_alias_options_parse_the_same(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["--num-requests", "0"], ["--url", "ftp://x"], ["--api", "soap"], [],
-                                  ["--wait", "sse"]])  # POST / has nothing to wait for: was ignored
+                                  ["--wait", "sse"],  # POST / has nothing to wait for: was ignored
+                                  ["--num-requests=--"], ["--url=--"]])  # a TypeError later (explorer)
 def test_bad_options_are_refused(argv, tmp_path):
     with pytest.raises(SystemExit) as exc:
         load_test.parse_args(["--images", str(tmp_path), *argv] if argv else argv)
