@@ -40,6 +40,9 @@ def create_app(settings: Settings | None = None, *, aws: Aws | None = None,
     aws = aws or Aws(settings, max_pool=AWS_POOL)
 
     app = Flask(__name__)
+    # A path with a doubled slash is not found, in JSON under /api, rather than redirected
+    # with Werkzeug's HTML to one that may not exist either (/api/jobs//results.csv).
+    app.url_map.merge_slashes = False
     app.config.update(
         # The largest request /api/jobs takes; POST / lowers it for its one file.
         MAX_CONTENT_LENGTH=jobs_body_limit(settings),

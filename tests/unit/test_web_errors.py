@@ -38,7 +38,10 @@ def error_of(response) -> dict:
 
 @pytest.mark.parametrize(("method", "path"), [
     ("GET", "/api"), ("POST", "/api"), ("GET", "/api/"), ("GET", "/api/nope"), ("GET", "/api/job"),
-    ("GET", f"/api/jobs/{'ab' * 16}/nope"), ("HEAD", "/api")])
+    ("GET", f"/api/jobs/{'ab' * 16}/nope"), ("HEAD", "/api"),
+    # Doubled slashes had Werkzeug's HTML redirect to the path with one (explorer).
+    ("GET", "/api//status"), ("GET", "/api/jobs//results.csv"), ("GET", "/api/jobs//events"),
+    ("POST", f"/api/jobs/{'ab' * 16}//items/x/again")])
 def test_every_unknown_path_under_api_is_a_json_404_with_its_code(web_client, method, path):
     """`GET /api` (no slash) had Flask's HTML 404, where /api/... had JSON (reviewer)."""
     response = web_client.open(path, method=method)
