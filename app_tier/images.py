@@ -106,7 +106,9 @@ def _bad_image_errors(max_pixels: int) -> Iterator[None]:
         # Decoding the same bytes fails the same way every time: retrying such an
         # image (struct.error, ZeroDivisionError... from a damaged file's fields)
         # would only walk it to the dead-letter queue.
-        raise BadImage(f"image data is corrupt: {type(exc).__name__}: {exc}") from exc
+        # Said as other damaged images are, without Python's name for the error (a
+        # damaged AVIF's RuntimeError: explorer).
+        raise BadImage(f"damaged or unreadable image: {plain_reason(exc)}") from exc
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
