@@ -35,6 +35,9 @@ class Code(StrEnum):
     UNSUPPORTED_TYPE = "unsupported_type"  # an image, of a type this service does not read
     UNREADABLE_IMAGE = "unreadable_image"  # damaged, cut short, or built to be slow to read
     CLASSIFICATION_FAILED = "classification_failed"  # stored; the worker gave no label
+    # Stored; no worker answered it in the attempts allowed (each one holding it crashed,
+    # stalled or was stopped): POST .../items/<id>/again queues the same item again.
+    DEAD_LETTER = "dead_letter"
     # The service: nothing was stored, send the same request again after Retry-After.
     BUSY = "busy"
     AWS_UNAVAILABLE = "aws_unavailable"

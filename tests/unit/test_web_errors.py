@@ -258,3 +258,26 @@ def test_the_readme_lists_every_code_and_which_to_send_again():
     rows = dict(re.findall(r"^\| `([a-z_]+)` \|[^|]*\|[^|]*\| (yes|no)[^|]*\|$", section, re.M))
     assert set(rows) == {c.value for c in Code}
     assert {code for code, again in rows.items() if again == "yes"} == {c.value for c in SEND_AGAIN}
+
+
+def test_post_slash_says_a_dead_letter_is_one_to_send_again_by_its_code(web_app, web_aws):
+    """A dead letter (no worker answered it in the attempts allowed) was answered with
+    `classification_failed`, the code README says not to send again, which an image the
+    model cannot read gets: a program could tell the two apart only by the prose
+    (explorer). It has a code of its own, with where the item is, to queue it again."""
+    from common.failure_tags import DEAD_LETTER_ERROR
+    from tests.unit.test_web_jobs import dead_letter
+
+    answers: list = []
+    waiting = threading.Thread(target=lambda: answers.append(
+        post_image(web_app.test_client(), make_image(8), "dead.jpg", JSON)))
+    waiting.start()
+    request = dead_letter(web_aws)
+    waiting.join(30)
+    response = answers[0]
+    assert response.status_code == 422 and error_of(response)["code"] == "dead_letter"
+    body = response.get_json()
+    assert body["error"] == DEAD_LETTER_ERROR
+    assert (body["id"], response.headers["X-Item-Id"]) == (request.id, request.id)
+    assert body["batch_id"] == response.headers["X-Batch-Id"]
+    assert Code.DEAD_LETTER not in SEND_AGAIN  # not as it is: queued again in place, by its item
