@@ -204,7 +204,7 @@ def _result_response(filename: str, item: Item, batch_id: str) -> Response:
     """The answer for a finished item: `<name>:<label>`, or its error."""
     status, message, label, untrained = _outcome(item)
     if label is None:
-        code = Code.DEAD_LETTER if item.provisional else Code.CLASSIFICATION_FAILED
+        code = item.failure_code or Code.CLASSIFICATION_FAILED
         response = _stored_refusal(status, message, filename, code, item.id, batch_id)
     else:
         response = _label_answer(filename, item, batch_id)

@@ -20,6 +20,7 @@ from typing import Any
 
 from common.failure_tags import DEAD_LETTER_ERROR, NEVER_SENT_AGAIN, SentAgain
 from common.messages import ClassifyResponse
+from web_tier.refusals import Code
 
 QUEUED, DONE, FAILED = "queued", "done", "failed"
 FINISHED = (DONE, FAILED)
@@ -111,7 +112,16 @@ class Item:
             # it by this, not by its name, which the server may have cleaned.
             "token": self.token,
             "sent_again": self.sent_again,
+            "code": self.failure_code,
         }
+
+    @property
+    def failure_code(self) -> Code | None:
+        """A failed item's code, for programs, as POST / answers it: a dead letter, which
+        POST .../again queues again in place, or the worker's failure on the image."""
+        if self.state != FAILED:
+            return None
+        return Code.DEAD_LETTER if self.provisional else Code.CLASSIFICATION_FAILED
 
     def _apply(self, other: Item) -> None:
         """Take `other`'s outcome (used when a result arrives by another route)."""

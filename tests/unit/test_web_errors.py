@@ -175,6 +175,11 @@ def test_post_slash_in_json_answers_each_refusal_with_its_code(make_web_app, fak
     failed = answers["422", "classification_failed"]
     assert (failed.get_json()["batch_id"], failed.get_json()["id"]) == (
         failed.headers["X-Batch-Id"], failed.headers["X-Item-Id"])  # stored: where it is
+    # Its item says the code too; an item not failed has none.
+    items = client.get(f"/api/jobs/{failed.get_json()['batch_id']}").get_json()["items"]
+    assert [(item["state"], item["code"]) for item in items] == [("failed", "classification_failed")]
+    answered = post_image(client, make_image(9), "fine.jpg", JSON)
+    assert answered.status_code == 200 and answered.get_json()["code"] is None
     assert "batch_id" not in answers["415", "not_an_image"].get_json()  # nothing stored
     assert answers["413", "too_large"].get_json()["filename"] == "huge.jpg"
     assert answers["401", "unauthorized"].headers["WWW-Authenticate"]
@@ -281,3 +286,6 @@ def test_post_slash_says_a_dead_letter_is_one_to_send_again_by_its_code(web_app,
     assert (body["id"], response.headers["X-Item-Id"]) == (request.id, request.id)
     assert body["batch_id"] == response.headers["X-Batch-Id"]
     assert Code.DEAD_LETTER not in SEND_AGAIN  # not as it is: queued again in place, by its item
+    # The batch's item says so too, for a program that follows GET /api/jobs.
+    items = web_app.test_client().get(f"/api/jobs/{body['batch_id']}").get_json()["items"]
+    assert [(item["state"], item["code"]) for item in items] == [("failed", "dead_letter")]
