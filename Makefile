@@ -5,7 +5,7 @@ PYTHON ?= $(shell for p in python3 python3.14 python3.13 python3.12 python3.11; 
 	$$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && { echo $$p; break; }; done)
 VENV   := .venv
 PY     := $(VENV)/bin/python
-REQS   := requirements.txt requirements-runtime.txt constraints.txt
+REQS   := requirements.txt requirements-runtime.txt requirements-web.txt constraints.txt
 STAMP  := $(VENV)/.installed-$(shell cat $(REQS) | cksum | cut -d' ' -f1)
 
 .PHONY: run test test-quick soak bench lint lock venv runtime-venv clean browser-deps
@@ -30,6 +30,9 @@ venv: $(STAMP)
 
 ## The tiers alone, for the web or controller instance (README, On real AWS): no embedded
 ## AWS, browser driver or test tools there. A new .venv, whatever one held before.
+## RUNTIME=web leaves out the model's packages too (TensorFlow, OpenVINO: ~1.6 GB), which
+## only workers need: requirements-web.txt instead of requirements-runtime.txt.
+RUNTIME ?= runtime
 # Made beside the one in use and put in its place only once installed: an update does
 # not stop the services for pip's minutes (TensorFlow is 1.3 GB), and a failed install
 # leaves the old .venv as it was. The scripts the venv wrote name the folder it was made
@@ -41,7 +44,7 @@ runtime-venv:
 	@test -n "$(PYTHON)" || { echo "make: needs Python 3.11 or newer" >&2; exit 1; }
 	rm -rf $(VENV).old $(VENV).new && $(PYTHON) -m venv $(VENV).new
 	$(VENV).new/bin/python -m pip install --quiet --no-cache-dir --upgrade pip
-	$(VENV).new/bin/python -m pip install --quiet --no-cache-dir -r requirements-runtime.txt -c constraints.txt
+	$(VENV).new/bin/python -m pip install --quiet --no-cache-dir -r requirements-$(RUNTIME).txt -c constraints.txt
 	for f in $(VENV).new/bin/*; do test -L "$$f" || ! grep -qI . "$$f" || \
 		sed -i 's|$(subst .,\.,$(notdir $(VENV)))\.new|$(notdir $(VENV))|g' "$$f" || exit 1; done
 	{ test ! -e $(VENV) || mv $(VENV) $(VENV).old; } && mv $(VENV).new $(VENV)

@@ -34,10 +34,12 @@ def test_a_venv_left_half_made_is_made_again(tmp_path):
 def test_requirements_touched_but_unchanged_install_nothing(tmp_path):
     """The stamp is named after the requirements' checksum: a checkout that only gave
     them newer times (git stash, a branch switch) must not call pip, which needs PyPI."""
-    for name in ("Makefile", "requirements.txt", "requirements-runtime.txt", "constraints.txt"):
+    for name in ("Makefile", "requirements.txt", "requirements-runtime.txt", "requirements-web.txt",
+                 "constraints.txt"):
         shutil.copy(ROOT / name, tmp_path / name)
     venv = tmp_path / "venv"
-    checksum = subprocess.run("cat requirements.txt requirements-runtime.txt constraints.txt | cksum",
+    checksum = subprocess.run("cat requirements.txt requirements-runtime.txt requirements-web.txt "
+                              "constraints.txt | cksum",
                               shell=True, cwd=tmp_path, capture_output=True, text=True,
                               check=True).stdout.split()[0]
     (venv / "bin").mkdir(parents=True)
@@ -85,3 +87,17 @@ def test_runtime_venv_replaces_the_one_in_use_only_once_installed(tmp_path):
         f"VIRTUAL_ENV='{venv}'" in (venv / "bin" / "activate").read_text()
     assert ".venv.new" not in "".join(p.read_text(errors="replace") for p in (venv / "bin").iterdir()
                                       if not p.is_symlink())
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.parametrize(("runtime", "installed"), [(None, "requirements-runtime.txt"),
+                                                     ("web", "requirements-web.txt")])
+def test_runtime_venv_installs_the_model_only_where_asked(runtime, installed):
+    """The web and controller host installed TensorFlow and OpenVINO for nothing: README's
+    steps 5 and 6 ask for RUNTIME=web; the AMI (provision.sh) installs the whole runtime."""
+    make = ["make", "-n", "runtime-venv", "PYTHON=python3", *([f"RUNTIME={runtime}"] if runtime else [])]
+    dry = subprocess.run(make, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    assert f"-r {installed} -c constraints.txt" in dry.stdout, dry.stdout
+    readme = (ROOT / "README.md").read_text()
+    assert readme.count("make runtime-venv RUNTIME=web") >= 3  # made, made again on update, the controller's

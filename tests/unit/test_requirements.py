@@ -1,8 +1,8 @@
 """The requirement files: what an instance installs is enough, and every version is pinned.
 
-ami/provision.sh installs requirements-runtime.txt only, so a tier importing a
-package that only requirements.txt brings (moto, requests, ...) would pass every
-test here and die at start on AWS.
+ami/provision.sh installs requirements-runtime.txt only, and the web and controller
+host requirements-web.txt, so a tier importing a package that only requirements.txt
+brings (moto, requests, ...) would pass every test here and die at start on AWS.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -87,11 +88,15 @@ def test_everything_the_runtime_needs_is_pinned():
     assert runtime - set(pins()) == set(), "make lock"
 
 
-def test_the_tiers_import_only_what_an_instance_installs():
-    runtime = closure({r.name for r in requirements(ROOT / "requirements-runtime.txt")})
+@pytest.mark.parametrize(("installed", "tiers"), [
+    ("requirements-runtime.txt", TIERS),  # the AMI's
+    ("requirements-web.txt", ("web_tier", "controller", "common")),  # make runtime-venv RUNTIME=web
+])
+def test_the_tiers_import_only_what_an_instance_installs(installed, tiers):
+    runtime = closure({r.name for r in requirements(ROOT / installed)})
     providers = metadata.packages_distributions()
     missing = []
-    for tier in TIERS:
+    for tier in tiers:
         for path in sorted((ROOT / tier).rglob("*.py")):
             relative = path.relative_to(ROOT).as_posix()
             for module in imported_top_levels(path) - OWN - set(sys.stdlib_module_names):
@@ -101,7 +106,7 @@ def test_the_tiers_import_only_what_an_instance_installs():
                 if not dists & runtime:
                     found_in = ", ".join(sorted(dists)) or "not installed"
                     missing.append(f"{relative} imports {module} ({found_in})")
-    assert missing == [], "not in requirements-runtime.txt: " + "; ".join(missing)
+    assert missing == [], f"not in {installed}: " + "; ".join(missing)
 
 
 def test_the_runtime_leaves_out_what_only_a_laptop_needs():
@@ -109,12 +114,21 @@ def test_the_runtime_leaves_out_what_only_a_laptop_needs():
     assert {"moto", "pytest", "selenium", "ruff", "matplotlib"} & runtime == set()
 
 
+def test_the_web_host_leaves_out_the_model():
+    """The web and controller host installed TensorFlow and OpenVINO (~1.6 GB, two venvs
+    of them during an update) for the workers' sake."""
+    web = closure({r.name for r in requirements(ROOT / "requirements-web.txt")})
+    assert {"tensorflow", "tensorflow-cpu", "openvino", "numpy", "keras"} & web == set()
+    assert {r.name for r in requirements(ROOT / "requirements-web.txt")} <= {
+        r.name for r in requirements(ROOT / "requirements-runtime.txt")}, "the AMI's holds the web host's"
+
+
 def test_the_load_test_runs_where_an_instance_installs_and_only_plotting_needs_more():
     """README runs load_test.py on the web instance: its imports were there only because
     TensorFlow happened to bring requests (an auditor)."""
-    named = {canonicalize_name(r.name) for r in requirements(ROOT / "requirements-runtime.txt")}
+    named = {canonicalize_name(r.name) for r in requirements(ROOT / "requirements-web.txt")}
     providers = metadata.packages_distributions()
     needed = imported_top_levels(ROOT / "load_test.py") - {"matplotlib"} - set(sys.stdlib_module_names)
     for module in sorted(needed):
         dists = {canonicalize_name(d) for d in providers.get(module, [])}
-        assert dists & named, f"load_test.py imports {module}, not named in requirements-runtime.txt"
+        assert dists & named, f"load_test.py imports {module}, not named in requirements-web.txt"
