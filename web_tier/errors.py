@@ -72,6 +72,10 @@ def answer_page(status: int, message: str, filename: str | None = None, label: s
         untrained = bool(services().book.untrained)
     # The tab's title says the state too: after a reload it was the same, answered or not.
     state = label if label is not None else "queued" if waiting_s else "no label"
+    if label is not None and untrained:
+        # The tab, history and bookmarks show the title alone: the label there is said
+        # untrained too, as everywhere else one is shown (explorer).
+        state += " (untrained)"
     # Without a file ("no such upload here: ..."), what the page says, up to its colon.
     title = f"{state} · {filename}" if filename else message.split(":")[0]
     html = render_template("answer.html", filename=filename, label=label, score=score, message=message,

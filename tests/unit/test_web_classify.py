@@ -515,7 +515,7 @@ def test_without_javascript_the_page_offers_a_plain_form_whose_answer_is_a_page(
     body = response.text
     label, score = answer_for(data)[:2]
     assert f'Label: <span class="label">{label}</span> <span class="score">{score * 100:.1f}%</span>' in body
-    assert f"<title>{label} · &lt;b&gt;cat&lt;/b&gt;.jpg · Image classification</title>" in body
+    assert f"<title>{label} (untrained) · &lt;b&gt;cat&lt;/b&gt;.jpg · Image classification</title>" in body
     assert "&lt;b&gt;cat&lt;/b&gt;.jpg" in body and "<b>cat" not in body  # its name, escaped
     # Untrained, said on the page, not only in a header a person never sees.
     assert "UNTRAINED model" in body and '<span class="untrained-mark">untrained</span>' in body
@@ -561,3 +561,15 @@ def test_without_javascript_a_server_needing_a_key_says_the_form_cannot_send_it(
     refused = client.post("/?answer=page", data={"inputFile": (io.BytesIO(make_image(1)), "a.jpg")},
                           content_type="multipart/form-data")
     assert refused.status_code == 401 and refused.mimetype == "text/html"
+
+
+@pytest.mark.parametrize(("untrained", "title"), [(True, "tabby (untrained) · cat.jpg"),
+                                                  (False, "tabby · cat.jpg")])
+def test_the_answer_pages_title_says_a_label_is_untrained_as_the_page_does(web_app, untrained, title):
+    """The tab, history and bookmarks show the title alone: it read "tabby · cat.jpg"
+    under an untrained model, where the page said UNTRAINED (explorer)."""
+    from web_tier.errors import answer_page
+
+    with web_app.test_request_context("/answers/" + "0" * 32):
+        page = answer_page(200, "", "cat.jpg", "tabby", untrained, score=0.5).get_data(as_text=True)
+    assert f"<title>{title} · Image classification</title>" in page
