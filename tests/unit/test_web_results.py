@@ -665,13 +665,20 @@ def test_a_wait_on_an_item_queued_again_gets_its_answer():
     book = book_with("x")
     book.fail("x", DEAD_LETTER_ERROR, key=f"{BATCH}/x/x.jpg", filename="x.jpg")
     assert book.queue_again("x", time.time()) is not None
+    got = _waited_while_answered(book, "x", "cat")
+    assert got is not None and (got.state, got.label) == ("done", "cat")
+
+
+def _waited_while_answered(book: ResultBook, item_id: str, label: str) -> Item | None:
+    """What a wait on the item gets when a worker answers it with `label` meanwhile."""
     got: list = []
-    waiting = threading.Thread(target=lambda: got.append(book.wait("x", 20)))
+    waiting = threading.Thread(target=lambda: got.append(book.wait(item_id, 20)))
     waiting.start()
-    wait_until(lambda: book.get("x").waiter is not None, 10)
-    book.record(response("x", "cat"))
+    wait_until(lambda: book.get(item_id).waiter is not None, 10)
+    book.record(response(item_id, label))
     waiting.join(20)
-    assert got and got[0] is not None and (got[0].state, got[0].label) == ("done", "cat")
+    assert got, "the wait did not end"
+    return got[0]
 
 
 def test_a_wait_gets_the_answer_that_woke_it_even_if_its_batch_is_forgotten_at_once():
@@ -687,11 +694,6 @@ def test_a_wait_gets_the_answer_that_woke_it_even_if_its_batch_is_forgotten_at_o
     assert book.queue_again("x", time.time()) is not None
     other = "c" * 32  # a newer batch, still queued: the book is past its cap of 1
     book.add(other, [Item("y", other, "y.jpg", f"{other}/y/y.jpg")])
-    got: list = []
-    waiting = threading.Thread(target=lambda: got.append(book.wait("x", 20)))
-    waiting.start()
-    wait_until(lambda: book.get("x").waiter is not None, 10)
-    book.record(response("x", "cat"))
-    waiting.join(20)
+    got = _waited_while_answered(book, "x", "cat")
     assert book.get("x") is None, "forgotten as it finished: what this test is about"
-    assert got and got[0] is not None and (got[0].state, got[0].label) == ("done", "cat")
+    assert got is not None and (got.state, got.label) == ("done", "cat")
