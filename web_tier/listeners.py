@@ -252,8 +252,9 @@ class Listeners:
                      "restart); ignored", request.id)
             return
         # The waiting client first: the book is memory, and failing twice changes nothing.
+        # The count and time for an item the book learns of here; one it holds has its own.
         if self.book.fail(request.id, DEAD_LETTER_ERROR, key=request.key, filename=request.filename,
-                          sent=sent):
+                          sent=sent if known is None else None):
             log.info("item %s failed on every attempt", request.id)
         # Then the lasting record, for a batch rebuilt from S3. If this raises, the
         # message stays and comes back. A mark S3 will never take (the object gone, a

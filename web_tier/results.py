@@ -268,14 +268,16 @@ class ResultBook:
         return self._finish(item, item.untrained if item.state == DONE else None)
 
     def fail(self, item_id: str, error: str, *, key: str = "", filename: str = "",
-             sent: SentAgain = NEVER_SENT_AGAIN) -> Item | None:
+             sent: SentAgain | None = None) -> Item | None:
         """Mark an item failed unless it already has an outcome; the item if it changed.
-        `sent`: how often it was sent again, for an item the book learns of here (a dead
-        letter's, after a restart: its input object's tags say)."""
+        `sent`: how often it was sent again, and when last, if the caller knows better
+        than the book: for an item the book learns of here (a dead letter's, after a
+        restart: its input object's tags say), or a send again undone (nothing sent)."""
+        sent_again = sent or NEVER_SENT_AGAIN
         item = Item(id=item_id, batch_id=batch_id_of(key), filename=filename, key=key,
-                    sent_again=sent.count, requeued_at=sent.at)
+                    sent_again=sent_again.count, requeued_at=sent_again.at)
         item.state, item.error = FAILED, error
-        return self._finish(item, None)
+        return self._finish(item, None, sent)
 
     def queue_again(self, item_id: str, at: float) -> Item | None:
         """Put an item a dead letter failed back to queued, for its request to be sent
@@ -354,7 +356,10 @@ class ResultBook:
             self._evict(keep=batch_id)
             self._publish(finished)
 
-    def _finish(self, incoming: Item, untrained: bool | None) -> Item | None:
+    def _finish(self, incoming: Item, untrained: bool | None, sent: SentAgain | None = None) -> Item | None:
+        """Finish the item `incoming` names with its outcome, unless it has one (a late
+        answer replaces a dead letter's failure); the item if this finished it. `sent`:
+        its count and time of sending again, for one still queued (ResultBook.fail)."""
         with self._lock:
             item = self._items.get(incoming.id)
             if item is None and incoming.batch_id is None:
@@ -377,6 +382,8 @@ class ResultBook:
                 item = self._replace(item, incoming)
             else:
                 item = self._to_finish(item)
+                if sent is not None:
+                    item.sent_again, item.requeued_at = sent
                 self._number(item)
                 self._count_finished(item)
                 item._apply(incoming)

@@ -190,6 +190,7 @@ class Submitter:
         any answer does; so does a late answer of the first copy, the first to come
         winning. A copy of the old request dead-lettered later is ignored (listeners.py).
         """
+        before = self.book.get(item_id)  # as a send undone puts it back (_undo_again)
         again = self.book.queue_again(item_id, time.time())
         if again is None:
             now = self.book.get(item_id)
@@ -204,14 +205,14 @@ class Submitter:
             stored = clear_failed(self.aws, again.key, SentAgain(again.sent_again, again.requeued_at))
         except Exception:
             log.exception("could not take the failure mark off %s to send it again", again.key)
-            self._undo_again(again)
+            self._undo_again(again, before)
             # S3 may have taken it off all the same (an error after the write): a batch
             # rebuilt after a restart would show it queued, with nothing sent.
-            self._mark_failed_again(again)
+            self._mark_failed_again(again, before)
             return Refusal(503, "not sent again: the input bucket could not be reached; try again",
                            again.filename, code=Code.AWS_UNAVAILABLE)
         if not stored:
-            self._undo_again(again)
+            self._undo_again(again, before)
             return Refusal(409, "not sent again: its image is no longer in the input bucket; upload it again",
                            again.filename, code=Code.NOT_SENT_AGAIN)
         try:
@@ -226,15 +227,16 @@ class Submitter:
         log.info("item %s sent again (%d)", again.id, again.sent_again)
         return again
 
-    def _undo_again(self, again: Item) -> None:
-        """Back to the failure it had, nothing sent (unless an answer came meanwhile,
-        which then stands)."""
+    def _undo_again(self, again: Item, before: Item | None) -> None:
+        """Back to the failure it had `before`, nothing sent, so not counted as sent
+        again (unless an answer came meanwhile, which then stands)."""
         self._end(again.id)
-        self.book.fail(again.id, DEAD_LETTER_ERROR, key=again.key, filename=again.filename)
+        self.book.fail(again.id, DEAD_LETTER_ERROR, key=again.key, filename=again.filename,
+                       sent=_sent_again_as(before))
 
-    def _mark_failed_again(self, again: Item) -> None:
+    def _mark_failed_again(self, again: Item, before: Item | None) -> None:
         try:
-            tag_failed(self.aws, again.key, DEAD_LETTER_ERROR)
+            tag_failed(self.aws, again.key, DEAD_LETTER_ERROR, _sent_again_as(before))
         except Exception as exc:
             log.warning("item %s: its failure mark may be off with no request sent (%s): a batch rebuilt "
                         "after a restart shows it queued until it is sent again", again.id, error_reason(exc))
@@ -310,3 +312,8 @@ def _why_not_again(item: Item) -> str:
         return "not sent again: it is classified"
     return ("not sent again: a worker failed it on the image itself, which the same bytes would fail "
             "again; only a failure no worker answered (a dead letter) is sent again")
+
+
+def _sent_again_as(item: Item | None) -> SentAgain:
+    """How often, and when last, `item` had been sent again (none for no item)."""
+    return SentAgain(item.sent_again, item.requeued_at) if item is not None else SentAgain()

@@ -292,6 +292,8 @@ def test_a_mark_s3_will_not_take_off_leaves_it_failed_and_sends_nothing(make_web
     assert (refused.status_code, refused.get_json()["code"]) == (503, "aws_unavailable")
     assert refused.headers["Retry-After"]
     assert refused.get_json()["item"]["state"] == "failed"
+    # Nothing sent: not counted as sent again (it said 1, the count of a send undone).
+    assert refused.get_json()["item"]["sent_again"] == 0
     assert services_of(app).book.totals()["failed"] == 1
     assert services_of(app).submitter.requeue_unsent() == 0
     assert requests_queued(web_aws) == []
@@ -306,7 +308,8 @@ def test_an_image_gone_from_the_input_bucket_is_not_sent_again(make_web_app, web
     refused = client.post(again_url(batch_id, item["id"]))
     assert (refused.status_code, refused.get_json()["code"]) == (409, "not_sent_again")
     assert "no longer in the input bucket" in refused.get_json()["error"]
-    assert items_by_name(client, batch_id)["dead.jpg"]["state"] == "failed"
+    assert (items_by_name(client, batch_id)["dead.jpg"]["state"],
+            items_by_name(client, batch_id)["dead.jpg"]["sent_again"]) == ("failed", 0)
 
 
 def test_an_item_forgotten_meanwhile_is_unknown_not_a_conflict(make_web_app, web_aws, monkeypatch):
