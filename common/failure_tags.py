@@ -66,11 +66,14 @@ NEVER_SENT_AGAIN = SentAgain()
 
 def sent_again_tagging(sent: SentAgain) -> dict[str, list[dict[str, str]]]:
     """The `Tagging` argument of put_object_tagging that marks an input sent again."""
+    return {"TagSet": [{"Key": "status", "Value": SENT_AGAIN_STATUS}, *_sent_again_tags(sent)]}
+
+
+def _sent_again_tags(sent: SentAgain) -> list[dict[str, str]]:
     # repr: the time exactly, as the request sent again carries it (JSON keeps a float's
     # repr). Rounded up, that request's own dead letter read as an older copy's, ignored.
-    return {"TagSet": [{"Key": "status", "Value": SENT_AGAIN_STATUS},
-                       {"Key": SENT_AGAIN_COUNT_TAG, "Value": str(sent.count)},
-                       {"Key": REQUEUED_AT_TAG, "Value": repr(sent.at)}]}
+    return [{"Key": SENT_AGAIN_COUNT_TAG, "Value": str(sent.count)},
+            {"Key": REQUEUED_AT_TAG, "Value": repr(sent.at)}]
 
 
 def sent_again_from_tags(tag_set: list[dict[str, str]]) -> SentAgain:
@@ -162,7 +165,7 @@ def failure_tagging(reason: str, worker: str = "",
     if worker:
         tags.append({"Key": "worker", "Value": _escape(worker)})
     if sent.count:
-        tags.extend(sent_again_tagging(sent)["TagSet"][1:])  # its count and time, not its status
+        tags.extend(_sent_again_tags(sent))
     return {"TagSet": tags}
 
 

@@ -274,5 +274,5 @@ def _sent_again(known: Item | None, tag_set: list[dict[str, str]] | None) -> Sen
     """How often, and when last, the item of a dead letter was sent again: as the book
     holds it, else as its input object's tags say (none if they could not be read)."""
     if known is not None:
-        return SentAgain(known.sent_again, known.requeued_at)
+        return known.sent_again_record
     return sent_again_from_tags(tag_set or [])

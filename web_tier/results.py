@@ -116,6 +116,11 @@ class Item:
         }
 
     @property
+    def sent_again_record(self) -> SentAgain:
+        """How often it was sent again, and when last: what its input object's tags keep."""
+        return SentAgain(self.sent_again, self.requeued_at)
+
+    @property
     def failure_code(self) -> Code | None:
         """A failed item's code, for programs, as POST / answers it: a dead letter, which
         POST .../again queues again in place, or the worker's failure on the image."""

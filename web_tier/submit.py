@@ -11,7 +11,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from common.aws import Aws, error_reason
-from common.failure_tags import DEAD_LETTER_ERROR, SentAgain
+from common.failure_tags import DEAD_LETTER_ERROR, NEVER_SENT_AGAIN, SentAgain
 from common.messages import ClassifyRequest, MessageError
 from common.names import object_key
 from web_tier.image_check import Upload
@@ -192,6 +192,7 @@ class Submitter:
         """
         before = self.book.get(item_id)  # as a send undone puts it back (_undo_again)
         again = self.book.queue_again(item_id, time.time())
+        previous = before.sent_again_record if before is not None else NEVER_SENT_AGAIN
         if again is None:
             now = self.book.get(item_id)
             if now is None:  # forgotten since its batch was found: evicted
@@ -202,17 +203,17 @@ class Submitter:
                                   filename=again.filename, sent_at=again.requeued_at).to_json()
         self._begin(again.id, request)
         try:
-            stored = clear_failed(self.aws, again.key, SentAgain(again.sent_again, again.requeued_at))
+            stored = clear_failed(self.aws, again.key, again.sent_again_record)
         except Exception:
             log.exception("could not take the failure mark off %s to send it again", again.key)
-            self._undo_again(again, before)
+            self._undo_again(again, previous)
             # S3 may have taken it off all the same (an error after the write): a batch
             # rebuilt after a restart would show it queued, with nothing sent.
-            self._mark_failed_again(again, before)
+            self._mark_failed_again(again, previous)
             return Refusal(503, "not sent again: the input bucket could not be reached; try again",
                            again.filename, code=Code.AWS_UNAVAILABLE)
         if not stored:
-            self._undo_again(again, before)
+            self._undo_again(again, previous)
             return Refusal(409, "not sent again: its image is no longer in the input bucket; upload it again",
                            again.filename, code=Code.NOT_SENT_AGAIN)
         try:
@@ -227,16 +228,15 @@ class Submitter:
         log.info("item %s sent again (%d)", again.id, again.sent_again)
         return again
 
-    def _undo_again(self, again: Item, before: Item | None) -> None:
-        """Back to the failure it had `before`, nothing sent, so not counted as sent
-        again (unless an answer came meanwhile, which then stands)."""
+    def _undo_again(self, again: Item, previous: SentAgain) -> None:
+        """Back to the failure it had, sent again as often as before (`previous`), as
+        nothing was sent (unless an answer came meanwhile, which then stands)."""
         self._end(again.id)
-        self.book.fail(again.id, DEAD_LETTER_ERROR, key=again.key, filename=again.filename,
-                       sent=_sent_again_as(before))
+        self.book.fail(again.id, DEAD_LETTER_ERROR, key=again.key, filename=again.filename, sent=previous)
 
-    def _mark_failed_again(self, again: Item, before: Item | None) -> None:
+    def _mark_failed_again(self, again: Item, previous: SentAgain) -> None:
         try:
-            tag_failed(self.aws, again.key, DEAD_LETTER_ERROR, _sent_again_as(before))
+            tag_failed(self.aws, again.key, DEAD_LETTER_ERROR, previous)
         except Exception as exc:
             log.warning("item %s: its failure mark may be off with no request sent (%s): a batch rebuilt "
                         "after a restart shows it queued until it is sent again", again.id, error_reason(exc))
@@ -312,8 +312,3 @@ def _why_not_again(item: Item) -> str:
         return "not sent again: it is classified"
     return ("not sent again: a worker failed it on the image itself, which the same bytes would fail "
             "again; only a failure no worker answered (a dead letter) is sent again")
-
-
-def _sent_again_as(item: Item | None) -> SentAgain:
-    """How often, and when last, `item` had been sent again (none for no item)."""
-    return SentAgain(item.sent_again, item.requeued_at) if item is not None else SentAgain()
