@@ -348,7 +348,7 @@ def polls_answered_as(each_item: str, only_while: str = "true") -> str:
 # set, sees "late.jpg" failed as a dead letter and every other file queued.
 LATE_JPG_DEAD_LETTERED = "window.deadLetter = true;" + polls_answered_as("""
       Object.assign(item, item.filename === "late.jpg"
-        ? { state: "failed", label: null, score: null, top5: [],
+        ? { state: "failed", label: null, score: null, top5: [], code: "dead_letter",
             error: "no worker answered it in 3 attempts" }
         : { state: "queued", label: null, score: null, top5: [] });""", only_while="window.deadLetter")
 
@@ -2623,7 +2623,8 @@ def test_a_file_that_found_no_server_is_offered_again_and_an_unreadable_image_is
 LATE_JPG_DEAD_LETTERED_UNTIL_SENT_AGAIN = "const deadLetter = arguments[0]; window.deadLetter = true;" + \
     polls_answered_as("""
       if (item.filename === "late.jpg") {
-        Object.assign(item, { state: "failed", label: null, score: null, top5: [], error: deadLetter });
+        Object.assign(item, { state: "failed", label: null, score: null, top5: [], error: deadLetter,
+                              code: "dead_letter" });
       }""", only_while="window.deadLetter") + r"""
   const pollingFetch = window.fetch;
   window.againAsked = [];
@@ -2646,14 +2647,13 @@ def test_a_dead_letter_is_sent_again_in_place_and_shown_once_after_a_reload(
         stack, browser, reference_model, tmp_path):
     """A dead letter (its workers crashed) may pass when sent again. The page asks the
     server to queue the same item again (POST .../again), no new upload: the batch
-    keeps one item a file, its row one row, marked "sent again", after a reload too."""
+    keeps one item a file, its row one row, marked "sent again", after a reload too.
+    The page knows it by its code, `dead_letter`, whatever its words say."""
     from selenium.webdriver.common.by import By
-
-    from common.failure_tags import DEAD_LETTER_ERROR
 
     files = {"late.jpg": make_image(1420, size=(64, 48)), "other.jpg": make_image(1421, size=(64, 48))}
     browser.get(stack.web_url + "/")
-    browser.execute_script(LATE_JPG_DEAD_LETTERED_UNTIL_SENT_AGAIN, DEAD_LETTER_ERROR)
+    browser.execute_script(LATE_JPG_DEAD_LETTERED_UNTIL_SENT_AGAIN, "no worker answered it, in other words")
     choose(browser, tmp_path, files)
     wait_for(lambda: states_shown(browser) == {"late.jpg": "failed", "other.jpg": "done"}, 60,
              "the dead letter shown")
@@ -2684,10 +2684,12 @@ def test_a_dead_letter_is_sent_again_in_place_and_shown_once_after_a_reload(
 
 # "late.jpg" as uploaded (token "0") a dead letter in the page's polls, and the server
 # refusing to queue it again in place as for an image gone from the input bucket.
-LATE_JPG_DEAD_LETTER_NOT_IN_PLACE = "const deadLetter = arguments[0], nowFailed = arguments[1];" + \
+LATE_JPG_DEAD_LETTER_NOT_IN_PLACE = \
+    "const deadLetter = arguments[0], nowFailed = arguments[1], nowCode = arguments[2];" + \
     polls_answered_as("""
       if (item.filename === "late.jpg" && (item.token === "0" || window.newOneDeadToo)) {
-        Object.assign(item, { state: "failed", label: null, score: null, top5: [], error: deadLetter });
+        Object.assign(item, { state: "failed", label: null, score: null, top5: [], error: deadLetter,
+                              code: "dead_letter" });
       }""") + r"""
   const pollingFetch = window.fetch;
   window.againAsked = [];
@@ -2697,22 +2699,22 @@ LATE_JPG_DEAD_LETTER_NOT_IN_PLACE = "const deadLetter = arguments[0], nowFailed 
     const id = String(url).split("/")[5];
     const body = { error: "not sent again: its image is no longer in the input bucket; upload it again",
                    code: "not_sent_again",
-                   item: { id, filename: "late.jpg", state: "failed", error: nowFailed, token: "0",
-                           label: null, score: null, top5: [], sent_again: 0 } };
+                   item: { id, filename: "late.jpg", state: "failed", error: nowFailed, code: nowCode,
+                           token: "0", label: null, score: null, top5: [], sent_again: 0 } };
     return new Response(JSON.stringify(body),
                         { status: 409, headers: { "Content-Type": "application/json" } });
   };"""
 
 
-def dead_letter_refused_in_place(browser, stack, tmp_path, seed: int, now_failed: str):
+def dead_letter_refused_in_place(browser, stack, tmp_path, seed: int, now_failed: str, now_code: str):
     """The page with "late.jpg" shown as a dead letter (LATE_JPG_DEAD_LETTER_NOT_IN_PLACE,
-    the server's refusal to queue it again carrying it failed with `now_failed`), and its
-    "Send again" button pressed once; the button."""
+    the server's refusal to queue it again carrying it failed with `now_failed` and
+    `now_code`), and its "Send again" button pressed once; the button."""
     from common.failure_tags import DEAD_LETTER_ERROR
 
     files = {"late.jpg": make_image(seed, size=(64, 48)), "other.jpg": make_image(seed + 1, size=(64, 48))}
     browser.get(stack.web_url + "/")
-    browser.execute_script(LATE_JPG_DEAD_LETTER_NOT_IN_PLACE, DEAD_LETTER_ERROR, now_failed)
+    browser.execute_script(LATE_JPG_DEAD_LETTER_NOT_IN_PLACE, DEAD_LETTER_ERROR, now_failed, now_code)
     choose(browser, tmp_path, files)
     wait_for(lambda: states_shown(browser) == {"late.jpg": "failed", "other.jpg": "done"}, 60,
              "the dead letter shown")
@@ -2730,7 +2732,7 @@ def test_a_dead_letter_the_server_cannot_queue_again_in_place_is_uploaded_anew(
     again" uploads it as a new item."""
     from common.failure_tags import DEAD_LETTER_ERROR
 
-    button = dead_letter_refused_in_place(browser, stack, tmp_path, 1430, DEAD_LETTER_ERROR)
+    button = dead_letter_refused_in_place(browser, stack, tmp_path, 1430, DEAD_LETTER_ERROR, "dead_letter")
     wait_for(lambda: "not sent again in place" in rows_shown(browser)[0][2], 30, "the refusal shown")
     assert states_shown(browser)["late.jpg"] == "failed"
     assert len(browser.execute_script("return window.againAsked")) == 1
@@ -2758,7 +2760,7 @@ def test_a_dead_letter_failed_by_a_worker_meanwhile_is_shown_so_and_not_offered(
     kept the dead letter's words and was offered again, to be uploaded anew: bytes a
     worker had already failed (explorer). It shows the worker's failure now."""
     failed = "classification failed: the model could not read this image"
-    button = dead_letter_refused_in_place(browser, stack, tmp_path, 1440, failed)
+    button = dead_letter_refused_in_place(browser, stack, tmp_path, 1440, failed, "classification_failed")
     wait_for(lambda: failed in rows_shown(browser)[0][2], 30, "the worker's failure shown")
     assert "sent again in place" not in rows_shown(browser)[0][2]
     wait_for(lambda: not button.is_displayed(), 10, "the button gone")

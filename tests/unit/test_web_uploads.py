@@ -837,14 +837,15 @@ def test_status_reports_whether_a_key_is_required(keyed_client, web_client):
 
 
 def test_the_page_knows_the_worker_failures_worth_sending_again_by_the_servers_words():
-    """The page offers a dead letter (and an image gone from the input bucket) again by
-    how its error begins: reworded on the server alone, the page would leave them out
-    without a word."""
-    from common.failure_tags import DEAD_LETTER_ERROR
+    """The page offers a dead letter again by its code, and an image gone from the input
+    bucket by how its error begins: renamed or reworded on the server alone, the page
+    would leave them out without a word."""
+    from web_tier.refusals import Code
 
     root = Path(__file__).parents[2]
-    found = re.search(r"const WORKER_MAY_DO_BETTER = (\[.*?\]);", page_script_source(), re.S)
-    assert found, "the page's scripts have no WORKER_MAY_DO_BETTER"
-    dead_letter, missing = json.loads(found[1])
-    assert DEAD_LETTER_ERROR.startswith(dead_letter)
-    assert f'job.error = "{missing}"' in (root / "app_tier" / "worker.py").read_text()
+    source = page_script_source()
+    dead_letter = re.search(r'export const DEAD_LETTER = "(.*?)";', source)
+    missing = re.search(r'const INPUT_MISSING = "(.*?)";', source)
+    assert dead_letter and missing, "the page's scripts have no DEAD_LETTER or INPUT_MISSING"
+    assert dead_letter[1] == Code.DEAD_LETTER
+    assert f'job.error = "{missing[1]}"' in (root / "app_tier" / "worker.py").read_text()

@@ -21,10 +21,11 @@ import { page } from "./state.js";
 // a file the browser can no longer read; and one whose upload the user stopped.
 const SEND_AGAIN_CODES = new Set(["busy", "aws_unavailable"]);  // refusals.py SEND_AGAIN
 const NOT_THERE_YET = new Set([502, 503, 504]);  // a proxy's, or a web tier's answer without JSON
-// How the worker failures worth another try begin: common/failure_tags.py
-// DEAD_LETTER_ERROR, and app_tier/worker.py's missing input (test_web_uploads checks both).
-const WORKER_MAY_DO_BETTER = ["could not be processed: no worker answered for it",
-                              "the uploaded image is missing from the input bucket"];
+// A stored item's failure worth another try: a dead letter (its `code`, refusals.py
+// DEAD_LETTER), or a worker's failure that begins as app_tier/worker.py's missing input
+// (test_web_uploads checks it), whose code is the worker's failure on the image.
+export const DEAD_LETTER = "dead_letter";
+const INPUT_MISSING = "the uploaded image is missing from the input bucket";
 const LEFT_OUT = {  // as the page says them, after a count
   refused: "refused by the server for the file itself",
   worker: "failed by a worker on the image itself",
@@ -37,16 +38,12 @@ const LEFT_OUT = {  // as the page says them, after a count
 // image gone from the input bucket, or the item from the server): then it goes as a new
 // upload, as a file no worker found does, if this page holds the File.
 export function isDeadLetter(entry) {
-  const error = entry.el.querySelector(".error").textContent;
-  return Boolean(entry.id) && !entry.notInPlace && isDeadLetterError(error);
-}
-export function isDeadLetterError(error) {
-  return (error || "").startsWith(WORKER_MAY_DO_BETTER[0]);
+  return Boolean(entry.id) && !entry.notInPlace && entry.el.dataset.code === DEAD_LETTER;
 }
 function notWorthAgain(entry) {
   if (entry.id) {  // stored, then failed by a worker or a dead letter
     const error = entry.el.querySelector(".error").textContent;
-    return WORKER_MAY_DO_BETTER.some((start) => error.startsWith(start)) ? "" : "worker";
+    return entry.el.dataset.code === DEAD_LETTER || error.startsWith(INPUT_MISSING) ? "" : "worker";
   }
   const failure = entry.failure || {};
   if (failure.unanswered) return "";

@@ -69,6 +69,14 @@ export function showFailure(el, message) {
   updateSummary();
 }
 
+// A stored item failed, with its `code` kept for "send again" (again.js): a dead letter
+// is told by it, not by its error's words.
+export function showItemFailure(el, item) {
+  if (FINISHED.has(el.dataset.state)) return;
+  el.dataset.code = item.code || "";
+  showFailure(el, item.error || "failed");
+}
+
 export function showItem(el, item) {
   // The first answer wins, as on the server: a replayed event changes nothing. But a
   // late answer does replace a failure (a dead letter's, which the server replaces
@@ -80,7 +88,10 @@ export function showItem(el, item) {
   const queuedAgain = el.dataset.state === "failed" && item.state === "queued" && sentAgain > 0 &&
     sentAgain >= Number(el.dataset.sentAgain || 0);
   if (FINISHED.has(el.dataset.state) && !lateAnswer && !queuedAgain) return;
-  if (lateAnswer || queuedAgain) el.querySelector(".error").textContent = "";
+  if (lateAnswer || queuedAgain) {
+    el.querySelector(".error").textContent = "";
+    delete el.dataset.code;
+  }
   if (sentAgain) el.dataset.sentAgain = String(sentAgain);
   if (item.state === "queued") {
     setState(el, "queued");
@@ -88,7 +99,7 @@ export function showItem(el, item) {
     return;
   }
   if (item.state === "failed") {
-    showFailure(el, item.error || "failed");
+    showItemFailure(el, item);
     return;
   }
   el.dataset.label = item.label ?? "";

@@ -1,6 +1,6 @@
 // One upload, and one batch: its sends and resends, following the batch's results,
 // and (restore.js) a batch shown again after a reload.
-import { isDeadLetter, isDeadLetterError } from "./again.js";
+import { DEAD_LETTER, isDeadLetter } from "./again.js";
 import { uploadBegins } from "./announce.js";
 import {
   batchesInUrl, explainedOnly, forgetBatch, newBatchId, rememberBatch, sameFile, saveShown, savedShown,
@@ -11,7 +11,7 @@ import { keyInput } from "./dom.js";
 import { fetchBatch, freeSendPlace, post, refusedWhole, sendItemAgain, takeSendPlace } from "./http.js";
 import { authHeaders, keyProblem, sayKeyProblem, storedKey } from "./key.js";
 import { updateSummary } from "./refresh.js";
-import { FINISHED, makeResult, setName, setPath, setState, showFailure, showItem, showSentAgain } from "./rows.js";
+import { FINISHED, makeResult, setName, setPath, setState, showFailure, showItem, showItemFailure, showSentAgain } from "./rows.js";
 import { PARALLEL_CHUNKS, RESEND_DELAYS_MS, resendDelayMs, setting, tooLargeText } from "./settings.js";
 import { page } from "./state.js";
 import { ASK_WAIT_MS, SILENT_ASKS, tell } from "./tabs.js";
@@ -151,8 +151,8 @@ export class Session {
       return;
     }
     const why = ((body && body.error) || "the server could not be reached").replace(/^not sent again: /, "");
-    if (status === 409 && item && item.state === "failed" && !isDeadLetterError(item.error)) {
-      showFailure(el, item.error);  // failed otherwise since (by a worker, on the image): as it is
+    if (status === 409 && item && item.state === "failed" && item.code !== DEAD_LETTER) {
+      showItemFailure(el, item);  // failed otherwise since (by a worker, on the image): as it is
       return;
     }
     if ((status === 404 && body && body.code === "unknown_item") || (status === 409 && item)) {
