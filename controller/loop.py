@@ -208,14 +208,16 @@ class Controller:
         return self.scale_in_window.peak(obs.clock, len(obs.live), window)
 
     def _with_readiness(self, obs: Observation) -> Observation:
-        """The observation, with each instance watched for READY_DEADLINE without its
-        worker saying it serves counted as failed: it never will (see common/fleet.py)."""
+        """The observation, with how long each instance whose worker has not said it
+        serves has been silent (obs.silent_for), and each silent for READY_DEADLINE
+        counted as failed: it never will (see common/fleet.py)."""
         deadline = self.settings.ready_deadline_s
         silent = [i for i in obs.live if not i.ready and not i.worker_failed]
         self.readiness.watch([i.id for i in silent], obs.clock)
+        obs = replace(obs, silent_for={i.id: self.readiness.silent_for(i.id, obs.clock) for i in silent})
         if deadline <= 0:
             return obs
-        overdue = {i.id for i in silent if self.readiness.silent_for(i.id, obs.clock) > deadline}
+        overdue = {iid for iid, silent_s in obs.silent_for.items() if silent_s > deadline}
         if not overdue:
             return obs
         reason = f"not serving {deadline:g}s after it was first seen"

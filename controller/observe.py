@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from common.aws import Aws
 from common.fleet import LIVE_STATES, Instance, app_tier_instances
@@ -21,6 +23,14 @@ class Observation:
     in_flight: int
     delayed: int
     instances: tuple[Instance, ...]
+    # Seconds each live instance whose worker has not said it serves has been silent, on
+    # this controller's monotonic clock since it first saw (or launched) it: the loop's
+    # (ReadinessClock), not EC2's LaunchTime, which a controller whose clock is off
+    # would misjudge. An instance it does not name has been silent for longer than anyone knows.
+    silent_for: Mapping[str, float] = field(default_factory=dict)
+
+    def silent_s(self, instance: Instance) -> float:
+        return self.silent_for.get(instance.id, math.inf)
 
     @property
     def backlog(self) -> int:

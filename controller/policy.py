@@ -131,8 +131,8 @@ def desired_count(obs: Observation, policy: Policy) -> tuple[int, str]:
     return min(policy.max_instances, wanted), reason
 
 
-# How long after its launch a running instance whose worker has not said it serves is
-# taken for one still booting, in BOOT_TIMEs (see decide).
+# How long after it was first seen a running instance whose worker has not said it
+# serves is taken for one still booting, in BOOT_TIMEs (see decide).
 BOOTING_FOR_BOOT_TIMES = 2
 
 
@@ -176,15 +176,16 @@ def decide(obs: Observation, policy: Policy, memory: RoundMemory = NOTHING_REMEM
         # the instances not yet receiving will take. Messages in flight are being worked
         # on, or will be handed back visible to a later round: a fleet launched for them
         # finds nothing to do. An instance not yet receiving is pending, or running
-        # unready within BOOTING_FOR_BOOT_TIMES boot times of its launch: not counted
+        # unready within BOOTING_FOR_BOOT_TIMES boot times of its launch (as this
+        # controller's own clock measures it: obs.silent_for): not counted
         # so, one waiting message would launch an instance a round while they boot
         # (tests/unit/test_decide_properties.py); counted for ever, a worker that never
         # says it serves (an older AMI's with READY_DEADLINE=0, a role without
         # ec2:CreateTags) would hold back every launch.
         untaken = obs.visible + obs.delayed
-        booting_since = obs.at - BOOTING_FOR_BOOT_TIMES * policy.boot_time_s
+        booting_for_s = BOOTING_FOR_BOOT_TIMES * policy.boot_time_s
         not_yet_receiving = sum(1 for i in serving if i.state == "pending"
-                                or (not i.ready and i.launched_at > booting_since))
+                                or (not i.ready and obs.silent_s(i) < booting_for_s))
         for_untaken = max(0, math.ceil(untaken / target_backlog(policy)) - not_yet_receiving)
         if count > for_untaken:
             count = for_untaken

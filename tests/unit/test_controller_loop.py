@@ -497,6 +497,30 @@ def test_a_step_of_the_wall_clock_neither_fails_a_booting_instance_nor_ends_a_ho
     assert len(controller.step().launch) == 1
 
 
+def test_a_controller_whose_clock_is_ahead_of_ec2s_does_not_launch_a_round_for_one_message(
+        aws, make_controller, patch):
+    """An instance launched for one waiting message beside a busy worker counts as
+    booting, and launches no other, for two BOOT_TIMEs of the controller's own clock.
+    Measured against EC2's LaunchTime, a controller whose clock ran a minute ahead took
+    it for an old instance that never serves, and launched one a round (reviewer)."""
+    wall, mono = time.time() + 3600, 50.0
+    patch.setattr("controller.observe.time", SimpleNamespace(time=lambda: wall, monotonic=lambda: mono))
+    send(aws, 1)
+    controller = make_controller()
+    assert len(controller.step().launch) == 1
+    report_worker_ready(aws, instances(aws)[0]["InstanceId"], threading.Event())
+    send(aws, 10)
+    receive_all(aws)  # 11 in flight: the busy worker's
+    send(aws, 1)
+    wall, mono = wall + 1, mono + 1
+    assert len(controller.step().launch) == 1  # for the one no worker holds
+    for _ in range(5):
+        wall, mono = wall + 1, mono + 1
+        decision = controller.step()
+        assert decision.launch == (), decision.reason
+        assert "1 not yet receiving" in decision.reason
+
+
 def test_ready_deadline_0_counts_no_silent_instance_as_failed(aws, make_controller):
     """Workers from an AMI older than the ready tag never set it: READY_DEADLINE=0."""
     send(aws, 1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from controller.memory import RoundMemory
@@ -239,10 +241,14 @@ def test_workers_that_never_say_they_serve_hold_back_launches_only_while_they_co
     """Launches for the messages no worker holds count those launched and not yet
     receiving; counted for good, the workers of an older AMI (READY_DEADLINE=0), which
     never say they serve, held back every launch (diff review)."""
-    silent = obs(visible=5, in_flight=100, booting=5, at=1000.0)  # launched at 1-5 s
-    assert len(decide(silent, BACKLOG).launch) == 5
-    just_launched = obs(visible=5, in_flight=100, booting=5, at=10.0)  # within two BOOT_TIMEs
-    assert decide(just_launched, BACKLOG).launch == ()
+    silent = obs(visible=5, in_flight=100, booting=5)
+    assert len(decide(silent, BACKLOG).launch) == 5  # silent for longer than anyone knows
+    seen_for = {i.id: BACKLOG.boot_time_s * 2 + 1 for i in silent.instances}
+    assert len(decide(replace(silent, silent_for=seen_for), BACKLOG).launch) == 5
+    # Within two BOOT_TIMEs of when the controller first saw them, on its own clock,
+    # whatever EC2's LaunchTime says (a controller's clock may be off).
+    just_seen = replace(silent, silent_for={i.id: BACKLOG.boot_time_s * 2 - 1 for i in silent.instances})
+    assert decide(just_seen, BACKLOG).launch == ()
     assert len(decide(obs(visible=5, in_flight=100, pending=5, at=1000.0), BACKLOG).launch) == 0
 
 
