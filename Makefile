@@ -88,7 +88,8 @@ lock:
 clean:
 	rm -rf $(VENV) $(VENV).new $(VENV).old .lock-venv .run .bench .pytest_cache .ruff_cache
 
-## Debian's headless Chromium for the page test, and bsdtar for bake.sh's (needs root; .ci/run does this)
+## Debian's headless Chromium for the page test, node for a page-script test, and bsdtar for bake.sh's
+## (needs root; .ci/run does this)
 browser-deps:
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-		chromium chromium-driver libarchive-tools
+		chromium chromium-driver nodejs libarchive-tools
