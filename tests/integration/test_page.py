@@ -1666,9 +1666,11 @@ def saved_tokens(browser, batch_id: str) -> dict[str, str]:
 def test_a_reload_before_anything_was_stored_shows_the_files_and_takes_one_that_comes_late(
         stack, browser, tmp_path):
     """A reload before the server held any file of the batch dropped it without a word,
-    though the tab had saved its files: they are shown "not stored". A chunk that reaches
-    the server after the reload joins its row, found by its token, at once and at the
-    next reload. (The name, with a bidi control, is shown cleaned as the server stores it.)"""
+    though the tab had saved its files: they are shown waiting while the batch is watched
+    for them, then "not stored" (shown failed at once, "choose it again", a file that then
+    came had been sent twice: explorer). A chunk that reaches the server after the reload
+    joins its row, found by its token, at once and at the next reload. (The name, with a
+    bidi control, is shown cleaned as the server stores it.)"""
     import requests
     from selenium.webdriver.common.by import By
 
@@ -1688,9 +1690,9 @@ def test_a_reload_before_anything_was_stored_shows_the_files_and_takes_one_that_
         return [(name, state) for name, state, _ in rows_shown(browser)]
 
     wait_for(lambda: len(rows_shown(browser)) == 2, 30, "the saved files")
-    assert states() == [("never.jpg", "failed"), ("late.jpg", "failed")]
-    assert all("not stored" in text for _, _, text in rows_shown(browser))
-    assert browser.find_element(By.ID, "summary").text == "0 of 2 classified, 2 failed"
+    assert states() == [("never.jpg", "uploading"), ("late.jpg", "uploading")]
+    assert all("waiting to see whether the server got it" in text for _, _, text in rows_shown(browser))
+    assert "failed" not in browser.find_element(By.ID, "summary").text
     assert browser.current_url.endswith(f"#batches={batch_id}")
 
     # The chunk as the page sent it, received whole before the reload cut its answer off.
@@ -1700,9 +1702,13 @@ def test_a_reload_before_anything_was_stored_shows_the_files_and_takes_one_that_
     wait_for(lambda: dict(states()).get("late.jpg") in ("queued", "done"), 30,
              "the late file to join its row")
     assert [name for name, _ in states()] == ["never.jpg", "late.jpg"]
+    browser.execute_script("document.body.dataset.unsentWatchMs = '500';")  # the watch over
+    wait_for(lambda: dict(states())["never.jpg"] == "failed", 30, "the file never stored failed")
+    assert "not stored" in rows_shown(browser)[0][2]
 
     browser.refresh()
-    wait_for(lambda: rows_shown(browser), 30, "the batch after the second reload")
+    browser.execute_script("document.body.dataset.unsentWatchMs = '500';")
+    wait_for(lambda: ("never.jpg", "failed") in states(), 30, "the batch after the second reload")
     shown = rows_shown(browser)
     assert [(name, state) for name, state, _ in shown if state == "failed"] == [("never.jpg", "failed")]
     assert [name for name, _, _ in shown] == ["never.jpg", "late.jpg"]
@@ -1732,11 +1738,16 @@ def test_a_batch_the_server_holds_still_empty_keeps_its_files_for_the_next_reloa
     choose(browser, tmp_path, {"empty.jpg": make_image(952, size=(64, 48))})
     wait_for(lambda: browser.execute_script("return window.fakedPosts") == 1, 30, "the failed send")
     browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": EMPTY_BATCH_ONCE})
-    for reload in ("found empty", "not found"):
-        browser.refresh()
-        wait_for(lambda: rows_shown(browser), 30, f"the saved file, the batch {reload}")
-        [(name, state, text)] = rows_shown(browser)
-        assert (name, state) == ("empty.jpg", "failed") and "not stored" in text, (reload, text)
+    browser.refresh()
+    wait_for(lambda: rows_shown(browser), 30, "the saved file, the batch found empty")
+    [(name, state, text)] = rows_shown(browser)  # waiting, while the batch is watched for it
+    assert (name, state) == ("empty.jpg", "uploading") and "waiting to see whether the server got it" in text
+    browser.refresh()
+    browser.execute_script("document.body.dataset.unsentWatchMs = '500';")
+    wait_for(lambda: [s for _, s, _ in rows_shown(browser)] == ["failed"], 30,
+             "the saved file, the batch not found")
+    [(name, state, text)] = rows_shown(browser)
+    assert (name, state) == ("empty.jpg", "failed") and "not stored" in text, text
 
 
 def drop_files(browser, files: dict[str, bytes]) -> bool:
@@ -2190,7 +2201,8 @@ def test_names_are_shown_cleaned_before_the_server_has_them(stack, browser):
     assert browser.execute_script(names) == cleaned
 
     browser.refresh()
-    wait_for(lambda: len(rows_shown(browser)) == 3, 30, "the saved files")
+    browser.execute_script("document.body.dataset.unsentWatchMs = '500';")
+    wait_for(lambda: [s for _, s, _ in rows_shown(browser)] == ["failed"] * 3, 30, "the saved files")
     shown = rows_shown(browser)
     assert [name for name, _, _ in shown] == cleaned and browser.execute_script(names) == cleaned
     assert [state for _, state, _ in shown] == ["failed"] * 3

@@ -49,13 +49,14 @@ async function restore(batchId, place) {
     return;
   }
   if (items.length) setUnconfirmed(batchId, false);  // else a reload may still find none
+  // Watched from now, before its rows are shown: those not stored wait for the watch.
+  session.watchFrom = Date.now();
   showRows(session, saved, items);
   updateSummary();
   if (refusals) return;  // nothing will come of it: not followed (which would drop it)
   // Polled, not streamed: each event stream holds one of the browser's few
   // connections to this server (six over HTTP/1.1), and a reload may bring back many.
   // (Whether another tab sends it is asked again at each poll.)
-  session.watchFrom = Date.now();
   // Nothing saved of it in this tab: opened from its link, perhaps while another
   // browser still sends it (a tab of this browser that sends it answers the asks).
   if (!saved.length) session.grewAt = Date.now();

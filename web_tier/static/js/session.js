@@ -24,6 +24,9 @@ const SSE_GIVE_UP = 3;       // consecutive stream errors before polling instead
 const MAX_STREAMS = 2;
 // A file this tab had chosen but not yet heard stored when the page was reloaded or left.
 const NOT_STORED = "not stored: its upload had not finished when the page was left or reloaded; choose it again";
+// The same, while the restored batch is still watched for it (unsentWatchMs): a chunk
+// the server had received whole as the page left may yet be stored.
+const CUT_OFF = "upload cut off by the reload: waiting to see whether the server got it";
 // A file of a batch another tab was sending, not stored once that tab had ended its
 // sends (or was closed or reloaded): this page was not left, nor the file cut off here.
 const NOT_STORED_ELSEWHERE = "not stored by the tab that sent it; see that tab for why";
@@ -577,14 +580,17 @@ export class Session {
   }
 
   // A restored row the server does not hold: failed with its own reason if it has one.
-  // Else, while another tab still sends the batch, shown being sent there, neither
-  // failed nor counted so (told to choose it again, a user sent it twice: explorer);
-  // failed as lost once that tab is done. Its item takes the row if it comes (showNew).
+  // Else, while another tab still sends the batch, shown being sent there, and while
+  // this tab's own reload cut its upload off, shown waiting for the watch of the
+  // restored batch: neither failed nor counted so (told to choose it again, a user sent
+  // it twice, and the file then came: explorer). Failed as lost once that tab is done,
+  // or the watch over. Its item takes the row if it comes (showNew).
   showPendingRow(entry) {
     const { el } = entry;
-    if (this.otherTabSends && !entry.unsentWhy) {
+    const cutOffHere = !this.otherTabSends && !this.otherTabEnded && this.watchingForUnsent();
+    if (!entry.unsentWhy && (this.otherTabSends || cutOffHere)) {
       setState(el, "uploading");
-      el.querySelector(".state").textContent = "uploading in another tab";
+      el.querySelector(".state").textContent = cutOffHere ? CUT_OFF : "uploading in another tab";
       el.querySelector(".error").textContent = "";
     } else {
       const ended = this.otherTabGone ? NOT_STORED_SENDER_GONE : NOT_STORED_ELSEWHERE;
@@ -595,6 +601,10 @@ export class Session {
   showPending() {
     for (const entry of this.entries) if (entry.unsent && !entry.id) this.showPendingRow(entry);
     updateSummary();
+  }
+
+  watchingForUnsent() {
+    return Date.now() < this.watchFrom + setting("unsentWatchMs");
   }
 
   askSender() {
@@ -705,8 +715,11 @@ export class Session {
       if (this.restored) this.askSender();
       // A while after a restore (a chunk received whole before the reload, for an
       // unsent row) and after the sending tab ended (its last chunks).
-      const watched = Date.now() < this.watchFrom + setting("unsentWatchMs") &&
+      const watched = this.watchingForUnsent() &&
         (this.otherTabEnded || this.entries.some((entry) => entry.unsent));
+      // The watch over: rows this tab's reload cut off, still waiting, are lost.
+      const waiting = (entry) => entry.unsent && !entry.id && !FINISHED.has(entry.el.dataset.state);
+      if (!this.watchingForUnsent() && !this.otherTabSends && this.entries.some(waiting)) this.showPending();
       const growing = Date.now() < this.grewAt + setting("followIdleMs");
       const watching = this.uploading || this.unfinished() || this.otherTabSends || watched || growing;
       this.pollTimer = watching ? setTimeout(tick, POLL_MS) : null;
