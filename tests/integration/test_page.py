@@ -2531,6 +2531,34 @@ def states_shown(browser) -> dict[str, str]:
     return {name: state for name, state, _ in rows_shown(browser)}
 
 
+def test_screen_readers_hear_the_first_failure_of_a_send_again_not_an_older_one(stack, browser, tmp_path):
+    """After "send again", whose rows keep their places, the last failed row in the page's
+    order was named: an older failure, not sent again, where the new one was never said
+    (explorer)."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    browser.execute_script(KEY_IS_RIGHT + "document.body.dataset.maxFileBytes = '20000';")
+    big = make_image(1405, size=(800, 600))
+    assert len(big) > 20000
+    key = browser.find_element(By.ID, "api-key")
+    key.send_keys("wrong")
+    choose(browser, tmp_path, {"half.jpg": make_image(1404)[:3000], "zz_big.jpg": big})
+    wait_for(lambda: states_shown(browser) == {"half.jpg": "failed", "zz_big.jpg": "failed"}, 30,
+             "both refused: one for the key, one too large")
+    record_announcements(browser)
+    key.clear()
+    key.send_keys("right")
+    button = send_again_button(browser)
+    wait_for(button.is_displayed, 10, "the button")
+    button.click()
+    wait_for(lambda: "JPEG data is truncated" in {n: t for n, _, t in rows_shown(browser)}["half.jpg"],
+             60, "the file sent again, failed by the server")
+    said = wait_for(lambda: [t for t in browser.execute_script("return window.announced") if "failed." in t],
+                    10, "a failure said")
+    assert "half.jpg: " in said[0] and "zz_big.jpg" not in said[0], said
+
+
 def test_files_refused_for_a_wrong_api_key_are_sent_again_once_it_is_changed(stack, browser, tmp_path):
     """300 images, 12 refused: each had to be chosen again by hand. Refused for the key,
     they are offered again once the key is changed (not before: they would be refused

@@ -23,6 +23,7 @@ let failureSaid = false;  // ...and whether one of its failures has been said
 export function uploadBegins() {
   failedAtUpload = resultsEl.querySelectorAll('.result[data-state="failed"]').length;
   failureSaid = false;
+  page.firstFailure = null;
 }
 // `text` is said first in the next announcement, whatever it is, without asking for one:
 // for a text to go with what the caller is about to change.
@@ -70,11 +71,12 @@ export function announceProgress(counts, sending, failed, finished) {
     const due = Date.now() >= announcedAt + (changed ? every : repeatMs);
     if (failed > failedAtUpload && !failureSaid) {
       failureSaid = true;  // later ones are in the counts said every announceEveryMs
-      // The newest rows are last: the latest upload's.
+      // Still failed (a late answer may have replaced it), else the last failed row.
+      const first = page.firstFailure;
       const rows = resultsEl.querySelectorAll('.result[data-state="failed"]');
-      const newest = rows[rows.length - 1];
-      const said = shortened(newest.dataset.filename);
-      text = `${counts}. ${said}: ${newest.querySelector(".error").textContent}`;
+      const failure = first && first.dataset.state === "failed" ? first : rows[rows.length - 1];
+      const said = shortened(failure.dataset.filename);
+      text = `${counts}. ${said}: ${failure.querySelector(".error").textContent}`;
       heard(counts);  // with it: not said again bare at once, which cut the reason off
     } else if (changed ? finished || due : !finished && due) {
       text = progress;

@@ -2,6 +2,7 @@
 // names, labels, errors) is only ever set with textContent.
 import { banner, resultsEl, template } from "./dom.js";
 import { updateSummary } from "./refresh.js";
+import { page } from "./state.js";
 
 // The states a row ends in.
 export const FINISHED = new Set(["done", "failed"]);
@@ -66,6 +67,7 @@ export function showFailure(el, message) {
   if (FINISHED.has(el.dataset.state)) return;
   setState(el, "failed");
   el.querySelector(".error").textContent = message;
+  if (!page.firstFailure) page.firstFailure = el;
   updateSummary();
 }
 

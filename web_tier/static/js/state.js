@@ -15,4 +15,8 @@ export const page = {
   sendProgress: new Map(),
   // The uploads counted in the MB sent (summary.js sendingText).
   sendingNow: new Set(),
+  // The first row failed since the latest upload began (rows.js showFailure), which
+  // screen readers hear named (announce.js). The last failed row in the page's order
+  // was named: after a "send again", whose rows keep their places, an old failure.
+  firstFailure: null,
 };
