@@ -2644,7 +2644,7 @@ def test_a_file_that_found_no_server_is_offered_again_and_an_unreadable_image_is
     wait_for(button.is_displayed, 10, "the button")
     assert button.text == "Send 1 failed file again"
     note = browser.find_element(By.ID, "send-again-note")
-    assert note.text == "(not offered: 1 refused by the server for the file itself)"
+    assert note.text == "(not offered: 1 refused for the file itself)"
     assert button.get_attribute("aria-describedby") == "send-again-note"
     browser.execute_script("window.unreachable = '';")  # the network is back
     button.click()

@@ -27,7 +27,7 @@ const NOT_THERE_YET = new Set([502, 503, 504]);  // a proxy's, or a web tier's a
 export const DEAD_LETTER = "dead_letter";
 const INPUT_MISSING = "the uploaded image is missing from the input bucket";
 const LEFT_OUT = {  // as the page says them, after a count
-  refused: "refused by the server for the file itself",
+  refused: "refused for the file itself",
   worker: "failed by a worker on the image itself",
   key: "refused for an API key not changed since",
   unreadable: "no longer readable by the browser",
