@@ -433,7 +433,7 @@ def test_stop_sending_ends_an_upload_leaving_what_was_sent(stack, browser, refer
     # in one text with the files left unsent, where said apart the first went unheard (reviewers).
     assert browser.execute_script("return window.announced")[-1].startswith(
         "Stopped: files already on their way finish sending, the rest are not sent. 0 of 6 classified, "
-        "5 failed. stop_5.jpg: not sent: you stopped the upload")
+        "5 failed. stop_1.jpg: not sent: you stopped the upload")
     browser.execute_script("window.held = false;")
     shown = finished_rows(browser, stack, 6, timeout_s=60)
     first = "stop_0.jpg"
