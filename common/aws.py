@@ -152,6 +152,14 @@ LONG_POLL_READ_SLACK_S = 60.0
 # would then be sent each batch again, and each try adds a copy.
 SEND_READ_TIMEOUT_S = 5.0
 
+# What an upload's own S3 calls may take (the image's put, and its delete when the
+# upload is refused), which its answer waits for: with the usual 30 s read timeout and
+# 6 attempts, an S3 that stopped answering held each upload 6 minutes before its 503,
+# long after the page (30 s) and most clients had given up (explorer). Three tries of
+# 10 s each: S3 answers a 10 MB put from EC2 in well under a second.
+UPLOAD_READ_TIMEOUT_S = 10.0
+UPLOAD_ATTEMPTS = 3
+
 # Together under a load balancer's usual 5 s health-check timeout.
 PROBE_CONNECT_TIMEOUT_S = 1.0
 PROBE_READ_TIMEOUT_S = 2.5
@@ -317,6 +325,13 @@ class Aws:
         return self._kept("sqs-send", "sqs", client_config(self.max_pool, read_timeout=SEND_READ_TIMEOUT_S))
 
     @property
+    def s3_upload(self) -> BaseClient:
+        """The S3 client for an upload's image, which its answer waits for: given up on
+        within ~35 s (UPLOAD_READ_TIMEOUT_S, UPLOAD_ATTEMPTS), not minutes."""
+        config = client_config(self.max_pool, read_timeout=UPLOAD_READ_TIMEOUT_S, attempts=UPLOAD_ATTEMPTS)
+        return self._kept("s3-upload", "s3", config)
+
+    @property
     def probes(self) -> dict[str, object]:
         """S3 and SQS clients for health checks, which must answer within seconds (a
         load balancer waits ~5 s): one attempt with short timeouts, where the other
@@ -328,7 +343,7 @@ class Aws:
     def open(self, *services: str) -> Aws:
         """Create these clients now rather than at first use (each loads its service model)."""
         for service in services:
-            if service not in ("s3", "sqs", "ec2", "sqs_receive", "sqs_send"):
+            if service not in ("s3", "sqs", "ec2", "sqs_receive", "sqs_send", "s3_upload"):
                 raise ValueError(f"no client for {service!r}")
             getattr(self, service)
         return self

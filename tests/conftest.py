@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -134,3 +138,28 @@ PAGE_SCRIPTS = Path(__file__).parents[1] / "web_tier" / "static" / "js"
 def page_script_source() -> str:
     """The upload page's scripts (its ES modules, web_tier/static/js), one after the other."""
     return "\n".join(path.read_text() for path in sorted(PAGE_SCRIPTS.glob("*.js")))
+
+
+@contextmanager
+def silent_endpoint() -> Iterator[tuple[str, list[socket.socket]]]:
+    """An endpoint that takes connections and never answers, as an AWS that has stopped
+    answering: its URL, and the connections it has taken (one per attempt of a call)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(silent.accept()[0])  # and never answered
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{silent.getsockname()[1]}", accepted
+    finally:
+        silent.close()
+        for connection in accepted:
+            connection.close()

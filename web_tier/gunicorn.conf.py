@@ -135,7 +135,7 @@ def post_worker_init(worker: Worker) -> None:
     from web_tier.services import EXTENSION
 
     svc = worker.wsgi.extensions[EXTENSION]
-    svc.aws.open("s3", "sqs", "sqs_receive", "sqs_send")
+    svc.aws.open("s3", "s3_upload", "sqs", "sqs_receive", "sqs_send")
     svc.aws.probes  # noqa: B018  (made now, not at the first health check)
 
     # On SIGTERM gunicorn stops accepting and gives requests `graceful_timeout` to

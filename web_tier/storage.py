@@ -30,7 +30,7 @@ def put_input(aws: Aws, key: str, data: bytes, content_type: str, *, filename: s
         metadata[CLIENT_TOKEN_META] = token
     if digest:
         metadata[DIGEST_META] = digest
-    aws.s3.put_object(
+    aws.s3_upload.put_object(
         Bucket=aws.settings.input_bucket, Key=key, Body=data, ContentType=content_type, Metadata=metadata,
     )
 

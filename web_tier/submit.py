@@ -295,9 +295,12 @@ class Submitter:
             self.journal.end(item_id)
 
     def _unstore(self, key: str) -> bool:
-        """Delete the object of an upload that was refused, if S3 has it; whether it is gone."""
+        """Delete the object of an upload that was refused, if S3 has it; whether it is gone.
+        One try, with the health checks' short timeouts: the answer waits for it, after
+        the put's or the send's own tries, and a delete that fails is provided for (the
+        upload queued later, by requeue_unsent)."""
         try:
-            self.aws.s3.delete_object(Bucket=self.aws.settings.input_bucket, Key=key)
+            self.aws.probes["s3"].delete_object(Bucket=self.aws.settings.input_bucket, Key=key)
         except Exception:
             log.exception("could not delete %s, stored for an upload that was refused", key)
             return False

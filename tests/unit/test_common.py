@@ -44,7 +44,7 @@ from common.names import instance_name, instance_number, object_key, safe_filena
 from common.output_object import label_of, pair_text, read_result_metadata, result_metadata
 from common.provision import ProvisionError, provision
 from common.provision import main as provision_main
-from tests.conftest import without_credentials
+from tests.conftest import silent_endpoint, without_credentials
 
 
 @pytest.mark.parametrize("original, safe", [
@@ -69,32 +69,14 @@ def test_safe_filename(original, safe):
 def test_a_client_makes_as_many_attempts_as_it_is_given(attempts):
     """The health checks' clients must give up after one attempt, within a load
     balancer's 5 s; botocore's max_attempts counts retries only, and they made two."""
-    import socket
-    import threading
-
     from common.aws import client_config
 
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(8)
-    accepted = []
-
-    def accept() -> None:
-        while True:
-            try:
-                accepted.append(silent.accept()[0])  # and never answered
-            except OSError:
-                return
-
-    threading.Thread(target=accept, daemon=True).start()
-    settings = dataclasses.replace(Settings(), endpoint_url=f"http://127.0.0.1:{silent.getsockname()[1]}")
-    config = client_config(1, read_timeout=0.3, connect_timeout=0.3, attempts=attempts)
-    with pytest.raises(Exception, match="Read timeout"):
-        Aws(settings)._kept("s3", "s3", config).head_bucket(Bucket="b")
-    silent.close()
-    for connection in accepted:
-        connection.close()
-    assert len(accepted) == attempts
+    with silent_endpoint() as (url, accepted):
+        settings = dataclasses.replace(Settings(), endpoint_url=url)
+        config = client_config(1, read_timeout=0.3, connect_timeout=0.3, attempts=attempts)
+        with pytest.raises(Exception, match="Read timeout"):
+            Aws(settings)._kept("s3", "s3", config).head_bucket(Bucket="b")
+        assert len(accepted) == attempts
     probe = Aws(settings).probes["sqs"].meta.config
     assert probe.retries["total_max_attempts"] == 1
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.conftest import make_image
+from tests.conftest import make_image, silent_endpoint
 from tests.unit.conftest import answer_for, services_of, upload, wait_until
 from web_tier.refusals import SEND_AGAIN, Code, code_of_status
 
@@ -116,6 +116,32 @@ def test_aws_failing_and_an_unexpected_error_have_their_codes(make_web_app, monk
     response = client.get(f"/api/jobs/{'ab' * 16}")
     assert response.status_code == 500 and error_of(response)["code"] == "internal"
     assert "Retry-After" not in response.headers
+
+
+def test_an_s3_that_stopped_answering_refuses_an_upload_after_a_few_tries_not_minutes(monkeypatch):
+    """An upload's put had the usual 6 tries of 30 s, then its delete as many: an S3
+    that stopped answering held each upload 6 minutes before its 503, long after the
+    page (30 s) and most clients had given up (explorer). Now UPLOAD_ATTEMPTS tries of
+    the put, and one of the delete."""
+    import dataclasses
+    from concurrent.futures import ThreadPoolExecutor
+
+    import common.aws
+    from common.aws import UPLOAD_ATTEMPTS, Aws
+    from common.config import Settings
+    from web_tier.image_check import Upload
+    from web_tier.refusals import Refusal
+    from web_tier.results import ResultBook
+    from web_tier.submit import Submitter
+
+    monkeypatch.setattr(common.aws, "UPLOAD_READ_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(common.aws, "PROBE_READ_TIMEOUT_S", 0.3)
+    with silent_endpoint() as (url, accepted), ThreadPoolExecutor(2) as pool:
+        aws = Aws(dataclasses.replace(Settings(), endpoint_url=url), keys=("testing", "testing"))
+        submitter = Submitter(aws, ResultBook(), pool, requests=None)
+        [outcome] = submitter.submit("ab" * 16, [Upload("cat.jpg", make_image(1), "image/jpeg")])
+        assert isinstance(outcome, Refusal) and outcome.code == Code.AWS_UNAVAILABLE
+        assert len(accepted) == UPLOAD_ATTEMPTS + 1 < 6
 
 
 def test_healthz_says_aws_unavailable(web_client, web_aws):
