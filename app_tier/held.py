@@ -6,7 +6,10 @@ shorter than the queue's visibility timeout); the worker extends that to
 VISIBILITY_TIMEOUT at once, and its heartbeat keeps every message held hidden
 (`extend`), so a slow batch is never redelivered by mistake. A failed attempt is made visible again
 after a delay that grows with each attempt (`release`); a stopping worker hands
-the messages it never tried back without using up an attempt (`hand_back`).
+the messages it never tried back without using up an attempt (`hand_back`). Which
+are at risk, inside a decode or a model call (`at_risk`), is written down with them,
+so that the next worker on the instance, should this one be killed outright, makes
+visible as a used attempt only those, and hands the others back untried (`show_held`).
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from app_tier.held_journal import HeldJournal, still_hidden
+from app_tier.held_journal import HeldEntry, HeldJournal, still_hidden
 from app_tier.job import Job
 from common.aws import AWS_ERRORS, Aws, VisibilityFailure, change_visibility, sqs_batches
 from common.config import Settings
+from common.messages import ClassifyRequest
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +84,11 @@ class HeldMessages:
     """The request-queue messages one worker holds, by message id; thread-safe."""
 
     def __init__(self, aws: Aws, settings: Settings, worker_name: str,
-                 journal: HeldJournal | None = None) -> None:
+                 journal: HeldJournal | None = None, who: str | None = None) -> None:
         self.aws = aws
         self.settings = settings
         self.worker_name = worker_name
+        self.who = who or f"worker {worker_name}"  # in the logs
         # Written at each change, under _lock, so that the file follows the changes in order.
         self._journal = journal
         self._held: dict[str, Job] = {}
@@ -90,6 +97,8 @@ class HeldMessages:
         self._being_answered: set[str] = set()
         # Of those, the ones being let go (hide): visible again before they are forgotten.
         self._letting_go: set[str] = set()
+        # Of those, the ones inside a decode or a model call (at_risk).
+        self._at_risk: set[str] = set()
         self._lock = threading.Lock()
         # Orders the heartbeat's extensions against releases (see hide).
         self._visibility_lock = threading.Lock()
@@ -148,20 +157,45 @@ class HeldMessages:
                 del self._held[job.message_id]
                 self._being_answered.discard(job.message_id)
                 self._letting_go.discard(job.message_id)
+                self._at_risk.discard(job.message_id)
             # Written only on a change: a stop that comes while this worker shows what the
             # last one held (holding nothing yet) must leave that to the next.
             if removed:
                 self._record()
 
+    @contextmanager
+    def at_risk(self, jobs: list[Job]) -> Iterator[None]:
+        """Mark `jobs` as inside a decode or a model call: a worker killed now may have
+        been killed by one of them, and its successor counts the attempt against each
+        (show_held); the others it holds it hands back untried. One journal write as
+        the call begins, one as it ends, for all of `jobs`: mark a batch together."""
+        with self._lock:
+            marked = {j.message_id for j in jobs if self._held.get(j.message_id) is j} - self._at_risk
+            if marked:
+                self._at_risk |= marked
+                self._record()
+        try:
+            yield
+        finally:
+            with self._lock:
+                # Only what is still held as marked here (released meanwhile, it was forgotten).
+                still = marked & self._at_risk
+                if still:
+                    self._at_risk -= still
+                    self._record()
+
     def _record(self) -> None:
         """Write what is held to the journal (hold _lock)."""
         if self._journal is not None:
-            self._journal.record((j.receipt, j.hidden_until) for j in self._held.values())
+            self._journal.record(HeldEntry(j.receipt, j.hidden_until, at_risk=j.message_id in self._at_risk,
+                                           request=j.request_body, receive_count=j.receive_count)
+                                 for j in self._held.values())
 
     def show_what_the_last_worker_held(self) -> None:
         """Make visible at once the messages the worker before this one here held when it
-        died, as used attempts (app_tier/held_journal.py). Call before receiving: the
-        journal is this worker's own from its first receive."""
+        died: as used attempts those it was decoding or classifying, the others handed
+        back untried (show_held). Call before receiving: the journal is this worker's own
+        from its first receive."""
         if self._journal is None:
             return
         try:
@@ -292,9 +326,12 @@ class HeldMessages:
             self.hide([(j, 0) for j in tried])
 
     def _send_back(self, jobs: list[Job]) -> None:
+        """Send each job's request again as a new message that carries the receives its
+        earlier copies used, then delete its old copy; one that cannot be sent is made
+        visible instead (a used attempt)."""
         if not jobs:
             return
-        log.info("worker %s: handing back %d messages", self.worker_name, len(jobs))
+        log.info("%s: handing back %d messages", self.who, len(jobs))
         for chunk in sqs_batches(jobs):
             try:
                 reply = self.aws.sqs.send_message_batch(
@@ -302,7 +339,7 @@ class HeldMessages:
                     # The request as this worker writes it, not the body received, which a
                     # sender may have padded to the queue's limit: SQS counts the attribute
                     # towards it too. (Only requests are held: each job has one.)
-                    Entries=[{"Id": str(i), "MessageBody": j.request.to_json(),
+                    Entries=[{"Id": str(i), "MessageBody": j.request_body,
                               # this receive was not an attempt: only the earlier ones count
                               "MessageAttributes": prior_receives_attribute(j.receive_count - 1)}
                              for i, j in enumerate(chunk)])
@@ -333,25 +370,64 @@ class HeldMessages:
 
 
 def show_held(journal: HeldJournal, aws: Aws, who: str, whose: str) -> None:
-    """Make visible at once the messages `journal` names as still hidden, as used
-    attempts, then remove it; logged as `who` making visible what `whose` held. The next
-    worker on the instance does it, and the local runner for a worker whose instance has
-    ended (none will follow it)."""
+    """Make visible at once the messages `journal` names as still hidden, then remove it;
+    logged as `who` making visible what `whose` held. The next worker on the instance
+    does it, and the local runner for a worker whose instance has ended (none will
+    follow it).
+
+    Those at risk when the worker ended (in a decode or a model call) are made visible,
+    each as a used attempt: one of them may have killed it. The others are handed back
+    untried (as HeldMessages.hand_back does), so that a request that kills workers
+    reaches the dead-letter queue alone, not with every batch-mate held beside it."""
     left = journal.read(now=wall_clock())
     shown, failures = 0, []
-    for chunk in sqs_batches(left):
+    for chunk in sqs_batches([e for e in left if not e.untried]):
         # Looked at again before each call: botocore's retries of the one before may
         # have taken long enough for a message to be visible, or another worker's, by now.
         now = wall_clock()
-        receipts = [receipt for receipt, until in chunk if still_hidden(until, now)]
+        receipts = [e.receipt for e in chunk if still_hidden(e.hidden_until, now)]
         failures += change_visibility(aws.sqs, aws.request_queue_url, [(r, 0) for r in receipts])
         shown += len(receipts)
+    shown -= len(failures)
+    handed_back, not_handed_back = _hand_back_untried([e for e in left if e.untried], aws, who)
+    failures += not_handed_back
     # Only now: a worker stopped before this point leaves them to its successor.
     journal.remove()
     if not left:
         return
-    log.info("%s: made %d request(s) visible again that %s held when it ended", who,
-             shown - len(failures), whose)
+    log.info("%s: made %d request(s) visible again that %s held when it ended: %d in a decode or a "
+             "model call, as used attempts, %d handed back untried", who, shown + handed_back, whose,
+             shown, handed_back)
     for reason, count in Counter(f.reason for f in failures).items():
         # Answered and deleted since, or received again by another worker: nothing to do.
         log.info("%s: %d of them could not be: %s", who, count, reason)
+
+
+# How long a message a dead worker held stays hidden while it is handed back: should the
+# one handing it back be killed meanwhile, the message comes back after this.
+HANDING_BACK_S = 30
+
+
+def _hand_back_untried(entries: list[HeldEntry], aws: Aws, who: str) -> tuple[int, list[VisibilityFailure]]:
+    """Hand back these requests a dead worker held, untried: how many were, and those
+    left alone.
+
+    Each is hidden a little longer first, which tells that it is still the dead
+    worker's to give: one answered and deleted (the kill came between the delete and
+    the journal's write), or handed back already, would otherwise be queued again and
+    classified again. One that cannot be is left alone, as one made visible is."""
+    sender = HeldMessages(aws, aws.settings, who, who=who)
+    handed_back, failures = 0, []
+    for chunk in sqs_batches(entries):
+        now = wall_clock()  # as in show_held
+        chunk = [e for e in chunk if still_hidden(e.hidden_until, now)]
+        failed = change_visibility(aws.sqs, aws.request_queue_url,
+                                   [(e.receipt, HANDING_BACK_S) for e in chunk])
+        failures += failed
+        gone = {f.receipt_handle for f in failed}
+        # An id matters only to what a HeldMessages holds, and this one holds nothing.
+        jobs = [Job(e.receipt, e.receipt, ClassifyRequest.from_json(e.request), receive_count=e.receive_count)
+                for e in chunk if e.receipt not in gone]
+        sender._send_back(jobs)
+        handed_back += len(jobs)
+    return handed_back, failures

@@ -6,9 +6,16 @@ runs out (a minute by default), and their senders wait that long. Its instance l
 on, and systemd (or the local runner) starts a new worker there within seconds. That
 worker reads this file first and makes those messages visible again at once.
 
-Made visible, not handed back as new messages: one of them may be the image that
-killed the worker, and its attempt must count (so that it is classified alone next
-time, and dead-lettered after MAX_RECEIVE_COUNT), as it would after its timeout.
+Each receipt is written with whether its request was at risk: inside a decode or a
+model call at that moment. One that was may be the image that killed the worker: it is
+made visible, and its attempt counts (so that it is decoded and classified alone next
+time, and dead-lettered after MAX_RECEIVE_COUNT), as it would after its timeout. The
+others (received and waiting, decoded and waiting for the model, classified and being
+answered) cannot have killed it: they are handed back untried, sent again as new
+messages with the receives their earlier copies used, so that an image that kills
+workers does not take its batch-mates to the dead-letter queue with it. For that each
+entry carries the request as the worker would send it, and its receive count. An entry
+written before these were (no flag) is taken for at risk.
 
 Each receipt is written with the time until which it is hidden at the latest. One
 whose time has passed is left alone: its message is visible again anyway, and another
@@ -31,9 +38,11 @@ import os
 import re
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import Settings
+from common.messages import ClassifyRequest, MessageError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +60,26 @@ def held_journal_path(settings: Settings, instance_id: str) -> Path | None:
     return Path(settings.state_dir) / f"{settings.fleet_name}-held-{_UNSAFE.sub('_', instance_id)}.json"
 
 
+@dataclass(frozen=True)
+class HeldEntry:
+    """One message held, as the journal keeps it."""
+
+    receipt: str
+    # Until when (time.time()) its message is hidden at the latest.
+    hidden_until: float
+    # Inside a decode or a model call: a death now may be its doing.
+    at_risk: bool = True
+    # What a hand-back sends (ClassifyRequest.to_json()); None: it can only be made visible.
+    request: str | None = None
+    # Receives of the request so far, this one and its earlier copies' included.
+    receive_count: int = 1
+
+    @property
+    def untried(self) -> bool:
+        """Whether its successor hands it back untried, rather than make it visible."""
+        return not self.at_risk and self.request is not None
+
+
 class HeldJournal:
     """The file at `path`. A journal that cannot write (a full disk, a read-only
     directory) says so once and goes on without it: the work matters more than its
@@ -61,10 +90,10 @@ class HeldJournal:
         self._tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         self._failing = False
 
-    def record(self, hidden_until: Iterable[tuple[str, float]]) -> None:
-        """Write what is held now: (receipt, until when it is hidden, in time.time()'s
-        seconds). Nothing held: the file is removed."""
-        held = [{"receipt": receipt, "hidden_until": round(until, 3)} for receipt, until in hidden_until]
+    def record(self, entries: Iterable[HeldEntry]) -> None:
+        """Write what is held now. Nothing held: the file is removed."""
+        held = [{"receipt": e.receipt, "hidden_until": round(e.hidden_until, 3), "at_risk": e.at_risk,
+                 "request": e.request, "receive_count": e.receive_count} for e in entries]
         try:
             if not held:
                 self.path.unlink(missing_ok=True)
@@ -85,9 +114,9 @@ class HeldJournal:
             log.info("writing %s again", self.path)
         self._failing = False
 
-    def read(self, now: float | None = None) -> list[tuple[str, float]]:
-        """What a dead worker left: (receipt, hidden until) for each message still hidden
-        by more than MARGIN_S at `now`. A damaged file is removed."""
+    def read(self, now: float | None = None) -> list[HeldEntry]:
+        """What a dead worker left: each message still hidden by more than MARGIN_S at
+        `now`. A damaged file is removed."""
         now = time.time() if now is None else now
         try:
             text = self.path.read_text(encoding="utf-8")
@@ -98,13 +127,13 @@ class HeldJournal:
                         "visibility timeout", self.path, exc)
             return []
         try:
-            held = [(str(h["receipt"]), float(h["hidden_until"])) for h in json.loads(text)["held"]]
-        except (ValueError, TypeError, KeyError) as exc:
+            held = [_entry(h) for h in json.loads(text)["held"]]
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
             log.warning("%s is not a journal of held messages (%s): ignored; the requests it "
                         "may name come back after their visibility timeout", self.path, exc)
             self.remove()
             return []
-        return [(receipt, until) for receipt, until in held if still_hidden(until, now)]
+        return [e for e in held if still_hidden(e.hidden_until, now)]
 
     def remove(self) -> None:
         """Remove the file, and any new version a kill left unfinished."""
@@ -117,6 +146,28 @@ class HeldJournal:
             self.path.unlink(missing_ok=True)
         except OSError as exc:
             log.warning("cannot remove %s: %s", self.path, exc)
+
+
+def _entry(written: dict) -> HeldEntry:
+    """An entry as read back. One without the flag or a request to send (an older
+    worker's), or whose request or count cannot be read, is at risk: made visible, as
+    every entry was before."""
+    request = written.get("request")
+    count = written.get("receive_count")
+    untried = (written.get("at_risk") is False and _is_request(request)
+               and isinstance(count, int) and count >= 1)
+    return HeldEntry(str(written["receipt"]), float(written["hidden_until"]), at_risk=not untried,
+                     request=request if untried else None, receive_count=count if untried else 1)
+
+
+def _is_request(body: object) -> bool:
+    if not isinstance(body, str):
+        return False
+    try:
+        ClassifyRequest.from_json(body)
+    except MessageError:
+        return False
+    return True
 
 
 def still_hidden(until: float, now: float) -> bool:

@@ -5,6 +5,7 @@ answer an earlier attempt stored)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -35,6 +36,13 @@ class Job:
     # When SQS says this copy of the request was first received (seconds since the
     # epoch); None if it did not say. Bounds the retries of a failure mark S3 denies.
     first_received: float | None = None
+
+    @cached_property
+    def request_body(self) -> str:
+        """The request as this worker sends it again (a hand-back), and writes it in its
+        journal (app_tier/held_journal.py): made once, as the journal is written often."""
+        assert self.request is not None
+        return self.request.to_json()
 
     @property
     def settled(self) -> bool:

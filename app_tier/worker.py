@@ -21,6 +21,13 @@ everything else back to the queue at once, so no request waits out a
 visibility timeout because of it. (The process's main thread only waits, so
 that it hears the signal even while the model runs: see `serve`.)
 
+A request received before (a suspect: it may have killed a worker) is decoded alone
+and classified alone, with nothing else decoded or classified meanwhile
+(`app_tier/risk_gate.py`), and the journal of what the worker holds says which requests
+are in a decode or a model call: a worker killed outright then costs an attempt to
+those only, and an image that kills workers reaches the dead-letter queue without its
+batch-mates.
+
 A worker holds at most two unclassified batches (one being classified, one
 prepared), so that a worker that starts early does not hoard messages that
 instances started a moment later could be working on; a third, already
@@ -35,7 +42,9 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +57,7 @@ from app_tier.images import BadImage, prepare
 from app_tier.job import Job
 from app_tier.model import Classification, Classifier
 from app_tier.replies import Replies
+from app_tier.risk_gate import RiskGate, suspect
 from app_tier.stall_watch import Call, StallWatch
 from app_tier.stored_answer import stored_answer
 from common import systemd
@@ -122,6 +132,8 @@ class Worker:
         self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="io")
         # The io threads download and decode in parallel, but large images one at a time.
         self._large_decodes = threading.Semaphore(1)
+        # Which decodes and model calls may run at once (a suspect's, nothing beside it).
+        self._risk = RiskGate()
         # One batch at a time is written while the next is classified.
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
         self._finishing: Future | None = None
@@ -328,7 +340,7 @@ class Worker:
         # them to another worker too (reviewer: a 16 s pause, a quarter of a batch twice).
         extending = self._io.submit(self.held.extend, jobs) if jobs else None
         try:
-            list(self._io.map(self._load, jobs))
+            self._load(jobs)
         except BaseException:
             self.held.release(jobs)  # held, the heartbeat would hide them forever
             raise
@@ -348,13 +360,28 @@ class Worker:
             self.held.release(unreadable)
         return Batch([j for j in jobs if j not in unreadable])
 
-    def _load(self, job: Job) -> None:
+    def _load(self, jobs: list[Job]) -> None:
+        """Download the jobs' images, all at once, then decode them: the fresh ones
+        together (at risk together: one journal write before, one after, see _at_risk),
+        then each suspect alone."""
+        data = list(self._io.map(self._download, jobs))
+        fresh = [(job, d) for job, d in zip(jobs, data, strict=True) if d is not None and not suspect(job)]
+        if fresh:
+            with self._at_risk([job for job, _ in fresh]):
+                list(self._io.map(self._decode, *zip(*fresh, strict=True)))
+        for job, d in zip(jobs, data, strict=True):
+            if d is not None and suspect(job):
+                with self._at_risk([job]):
+                    self._decode(job, d)
+
+    def _download(self, job: Job) -> bytes | None:
+        """The job's image; None if there is none to decode (the job may be settled)."""
         assert job.request is not None
         if self.stopping.is_set():
-            return  # handed back unread by fetch
+            return None  # handed back unread by fetch
         if job.attempts_used_up:
             self._answer_from_storage(job)
-            return
+            return None
         try:
             obj = self.aws.s3.get_object(Bucket=job.request.bucket, Key=job.request.key)
             data = obj["Body"].read()
@@ -364,17 +391,23 @@ class Worker:
                 job.error = "the uploaded image is missing from the input bucket"
             else:
                 log.warning("cannot read %s: %s", job.request.key, exc)
-            return
+            return None
         except ParamValidationError as exc:
             # A bucket name boto3 refuses to send: no later attempt can do better.
             job.error = f"the request names no object S3 can read: {exc}"
-            return
+            return None
         except BotoCoreError as exc:
             log.warning("cannot read %s: %s", job.request.key, exc)
-            return
+            return None
         except Exception:  # whatever it is, this job's alone: not its batch-mates' (fetch)
             log.exception("cannot read %s", job.request.key)
-            return
+            return None
+        return data
+
+    def _decode(self, job: Job, data: bytes) -> None:
+        assert job.request is not None
+        if self.stopping.is_set():
+            return  # handed back undecoded by fetch (a suspect may have waited its turn)
         try:
             # Watched while decoding, not while waiting its turn for a large decode.
             job.pixels = prepare(data, self.settings.max_image_pixels, self._large_decodes,
@@ -509,14 +542,14 @@ class Worker:
         """Results by message id. A message seen before may have crashed a worker:
         it is classified alone, so that it cannot take its batch-mates down again
         (and with them into the dead-letter queue)."""
-        fresh = [j for j in jobs if j.receive_count <= 1]
+        fresh = [j for j in jobs if not suspect(j)]
         pending = deque([fresh] if fresh else [])
-        pending.extend([j] for j in jobs if j.receive_count > 1)
+        pending.extend([j] for j in jobs if suspect(j))
         results: dict[str, Classification] = {}
         while pending:
             group = pending.popleft()
             try:
-                with self.stall_watch.must_end("model call", group):
+                with self._at_risk(group), self.stall_watch.must_end("model call", group):
                     out = self.classifier.classify(np.stack([j.pixels for j in group]))
             except Exception as exc:  # a model error on this input, not a worker fault...
                 if _out_of_memory(exc):
@@ -529,6 +562,15 @@ class Worker:
                 continue
             results.update({j.message_id: r for j, r in zip(group, out, strict=True)})
         return results
+
+    @contextmanager
+    def _at_risk(self, jobs: list[Job]) -> Iterator[None]:
+        """Around the decode or the model call of `jobs`: the journal marks them at risk,
+        for a successor should this worker be killed meanwhile (HeldMessages.at_risk).
+        A suspect's waits for every other decode and model call under way to end, and
+        holds back the others until it ends (app_tier/risk_gate.py)."""
+        with self._risk.enter(jobs), self.held.at_risk(jobs):
+            yield
 
     def _store(self, job: Job, response: ClassifyResponse) -> None:
         req = job.request

@@ -10,13 +10,13 @@ import time
 import pytest
 from moto import mock_aws
 
-from app_tier.held_journal import HeldJournal, held_journal_path
+from app_tier.held_journal import HeldEntry, HeldJournal, held_journal_path
 from app_tier.worker import Worker
 from common.aws import Aws, VisibilityFailure
 from common.config import Settings
 from common.provision import provision
 from tests.conftest import make_image
-from tests.unit.test_worker import MeanClassifier, depth, responses, upload
+from tests.unit.test_worker import MeanClassifier, crash, depth, responses, upload
 
 
 @pytest.fixture
@@ -29,12 +29,21 @@ def aws_env(tmp_path):
         yield settings, Aws(settings)
 
 
+def killed_in(worker: Worker, jobs: list) -> None:
+    """The worker is killed in a decode or a model call of `jobs`: it never ends (kept
+    with the worker: a context collected would end)."""
+    worker.never_ended = worker.held.at_risk(jobs)
+    worker.never_ended.__enter__()
+
+
 def test_the_next_worker_on_an_instance_shows_what_a_killed_one_held(aws_env, caplog):
     settings, aws = aws_env
     for i in range(3):
         upload(settings, aws, f"held_{i}.jpg", make_image(100 + i), f"held-{i}")
     killed = Worker(settings, aws, MeanClassifier(), "i-0123")
-    assert len(killed.fetch().jobs) == 3
+    held = killed.fetch().jobs
+    assert len(held) == 3
+    killed_in(killed, held[:1])
     assert depth(aws, aws.request_queue_url) == (0, 3)
     # Dropped without a word, as SIGKILL would. A worker on another instance has no claim.
     Worker(settings, aws, MeanClassifier(), "i-other").held.show_what_the_last_worker_held()
@@ -44,15 +53,68 @@ def test_the_next_worker_on_an_instance_shows_what_a_killed_one_held(aws_env, ca
     with caplog.at_level(logging.INFO, logger="app_tier.held"):
         successor.held.show_what_the_last_worker_held()
     assert depth(aws, aws.request_queue_url) == (3, 0)
-    assert "made 3 request(s) visible again" in caplog.text
+    assert ("made 3 request(s) visible again that the worker before it here held when it ended: 1 in a "
+            "decode or a model call, as used attempts, 2 handed back untried") in caplog.text
     batch = successor.fetch()
-    # Each receive counted as an attempt: one that killed the worker is known as such.
-    assert sorted(j.receive_count for j in batch.jobs) == [2, 2, 2]
+    # The receive of the one being classified counted as an attempt: if it killed the
+    # worker, it is known as such. The others could not have: theirs did not count.
+    assert {j.request.id: j.receive_count for j in batch.jobs} == {held[0].request.id: 2,
+                                                                   held[1].request.id: 1,
+                                                                   held[2].request.id: 1}
     successor.process(batch)
     assert set(responses(aws)) == {"held-0", "held-1", "held-2"}
     assert depth(aws, aws.request_queue_url) == (0, 0)
     # Nothing held: no file left to mislead a later worker.
     assert not held_journal_path(settings, "i-0123").exists()
+
+
+def test_the_successor_hands_back_what_was_not_at_risk_with_the_receives_it_used(aws_env, caplog):
+    """Both were received before (a worker died with them). The one in the model call
+    when this worker was killed is made visible, its receive counted; its batch-mate
+    waiting for its turn is sent again untried, as a new message that carries the
+    receives its earlier copies used (PriorReceives), and its old copy deleted."""
+    settings, aws = aws_env
+    upload(settings, aws, "a.jpg", make_image(110), "a")
+    upload(settings, aws, "b.jpg", make_image(111), "b")
+    crash(aws, Worker(settings, aws, MeanClassifier(), "i-crashed").fetch())
+    killed = Worker(settings, aws, MeanClassifier(), "i-risk")
+    held = {j.request.id: j for j in killed.fetch().jobs}
+    assert {i: j.receive_count for i, j in held.items()} == {"a": 2, "b": 2}
+    killed_in(killed, [held["a"]])
+    Worker(settings, aws, MeanClassifier(), "i-risk").held.show_what_the_last_worker_held()
+    assert depth(aws, aws.request_queue_url) == (2, 0)  # b's old copy is gone
+    got = aws.sqs.receive_message(QueueUrl=aws.request_queue_url, MaxNumberOfMessages=10,
+                                  MessageSystemAttributeNames=["ApproximateReceiveCount"],
+                                  MessageAttributeNames=["All"])["Messages"]
+    seen = {json.loads(m["Body"])["id"]: m for m in got}
+    assert seen["a"]["MessageId"] == held["a"].message_id
+    assert seen["a"]["Attributes"]["ApproximateReceiveCount"] == "3"
+    assert "MessageAttributes" not in seen["a"]
+    assert seen["b"]["MessageId"] != held["b"].message_id
+    assert seen["b"]["Attributes"]["ApproximateReceiveCount"] == "1"
+    assert seen["b"]["MessageAttributes"]["PriorReceives"]["StringValue"] == "1"
+    assert json.loads(seen["b"]["Body"]) == json.loads(held["b"].request.to_json())
+
+
+def test_an_entry_an_older_worker_wrote_is_taken_for_at_risk(aws_env, tmp_path):
+    """Written without the flag (and the request to send): made visible, its receive
+    counted, as every entry was before."""
+    settings, aws = aws_env
+    upload(settings, aws, "old.jpg", make_image(120), "old")
+    (job,) = Worker(settings, aws, MeanClassifier(), "i-old").fetch().jobs
+    path = held_journal_path(settings, "i-old")
+    path.write_text(json.dumps({"held": [{"receipt": job.receipt, "hidden_until": job.hidden_until}]}))
+    assert HeldJournal(path).read(now=0) == [HeldEntry(job.receipt, job.hidden_until, at_risk=True)]
+    successor = Worker(settings, aws, MeanClassifier(), "i-old")
+    successor.held.show_what_the_last_worker_held()
+    assert [(j.message_id, j.receive_count) for j in successor.fetch().jobs] == [(job.message_id, 2)]
+    # Without the flag, a request to send is not enough; nor is a request that cannot be read.
+    journal = HeldJournal(tmp_path / "other.json")
+    journal.path.write_text(json.dumps({"held": [{"receipt": "r", "hidden_until": 2e9, "receive_count": 1,
+                                                  "request": job.request_body}]}))
+    assert journal.read(now=0) == [HeldEntry("r", 2e9, at_risk=True)]
+    journal.record([HeldEntry("r", 2e9, at_risk=False, request='{"id": 3}', receive_count=1)])
+    assert journal.read(now=0) == [HeldEntry("r", 2e9, at_risk=True)]
 
 
 def test_the_journal_follows_what_is_held(aws_env):
@@ -120,8 +182,10 @@ def test_a_worker_killed_as_it_gives_requests_back_leaves_them_in_its_journal(aw
 def test_read_skips_what_is_visible_again_by_now(tmp_path):
     path = tmp_path / "held.json"
     journal = HeldJournal(path)
-    journal.record([("past", 1000.0), ("at-the-margin", 1000.5), ("future", 1100.0)])
-    assert journal.read(now=1000.0) == [("future", 1100.0)]
+    future = HeldEntry("future", 1100.0, at_risk=False, receive_count=2,
+                       request='{"id": "i", "bucket": "b", "key": "k", "filename": "f"}')
+    journal.record([HeldEntry("past", 1000.0), HeldEntry("at-the-margin", 1000.5), future])
+    assert journal.read(now=1000.0) == [future]
     journal.remove()
     assert not path.exists()
     assert journal.read(now=1000.0) == []
@@ -154,9 +218,9 @@ def test_a_failed_write_leaves_no_older_version_behind(tmp_path, caplog):
     a successor would show them (reviewer)."""
     path = tmp_path / "held.json"
     journal = HeldJournal(path)
-    journal.record([("answered-since", 2e9)])
+    journal.record([HeldEntry("answered-since", 2e9)])
     journal._tmp.mkdir()  # the next write cannot make its new version
-    journal.record([("held-now", 2e9)])
+    journal.record([HeldEntry("held-now", 2e9)])
     assert "cannot write" in caplog.text
     assert not path.exists()
 
@@ -188,7 +252,7 @@ def test_the_successor_looks_at_the_clock_again_before_each_call(aws_env, monkey
     """botocore's retries of one call may take long enough for the next ones'
     messages to be visible again, or another worker's (reviewer)."""
     settings, aws = aws_env
-    HeldJournal(held_journal_path(settings, "i-slow")).record([(f"r{i}", 1005.0) for i in range(15)])
+    HeldJournal(held_journal_path(settings, "i-slow")).record([HeldEntry(f"r{i}", 1005.0) for i in range(15)])
     from app_tier import held as held_module
 
     clock = {"now": 1000.0}
@@ -247,12 +311,12 @@ def test_a_journal_that_cannot_write_warns_once_and_goes_on(tmp_path, caplog):
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
     journal = HeldJournal(blocker / "held.json")
-    journal.record([("r", 1.0)])
-    journal.record([("r", 2.0)])
+    journal.record([HeldEntry("r", 1.0)])
+    journal.record([HeldEntry("r", 2.0)])
     assert caplog.text.count("cannot write") == 1
     blocker.unlink()
     with caplog.at_level(logging.INFO):
-        journal.record([("r", 3.0)])
+        journal.record([HeldEntry("r", 3.0)])
     assert "writing" in caplog.text and (blocker / "held.json").exists()
 
 
@@ -270,7 +334,7 @@ def test_a_stop_while_the_successor_shows_them_leaves_the_journal_to_the_next(aw
     would have rewritten empty, and so removed, names what the next worker must show."""
     settings, aws = aws_env
     path = held_journal_path(settings, "i-stop")
-    HeldJournal(path).record([("r", 2e9)])
+    HeldJournal(path).record([HeldEntry("r", 2e9)])
     worker = Worker(settings, aws, MeanClassifier(), "i-stop")
     worker.held.forget([])
     worker.held.hand_back_all()
@@ -398,3 +462,70 @@ def test_requests_being_answered_stay_in_the_journal_and_are_not_handed_back(aws
     assert seen == {"journal": [batch.jobs[0].receipt], "queue": (0, 1)}
     assert list(responses(aws)) == ["answering"]
     assert depth(aws, aws.request_queue_url) == (0, 0) and not len(worker.held) and not path.exists()
+
+
+class Killed(BaseException):
+    """A worker's death, as far as a test can have one (see kill)."""
+
+
+class Gone:
+    def __getattr__(self, name):
+        raise Killed  # a dead worker calls nothing
+
+
+def kill(worker: Worker) -> None:
+    """What SIGKILL (the OOM killer, a crash in native code) leaves of a worker: its
+    journal as it is now, and nothing done after. The unwinding that follows here
+    neither writes the journal nor calls AWS."""
+    worker.held._journal = None
+    worker.held.aws = Gone()
+    raise Killed
+
+
+@pytest.mark.parametrize("where", ["model call", "decode"])
+def test_an_image_that_kills_workers_is_dead_lettered_alone(aws_env, monkeypatch, where):
+    """Its batch-mates are answered. They were made visible with it after each death, each
+    receive an attempt, and dead-lettered with it after MAX_RECEIVE_COUNT deaths: a
+    suspect classified alone still killed its worker before a batch-mate's answer went
+    out, and decodes of suspects ran beside each other (reviewer)."""
+    from app_tier import worker as worker_module
+    from app_tier.images import prepare
+
+    settings, aws = aws_env
+    images = {str(i): make_image(500 + i) for i in range(4)}
+    for item, data in images.items():
+        upload(settings, aws, f"{item}.jpg", data, item)
+    poison = images["0"]
+    poison_mean = float(prepare(poison, settings.max_image_pixels).mean())
+    serving: list[Worker] = []
+
+    class KillingClassifier(MeanClassifier):
+        def classify(self, batch):
+            if where == "model call" and any(abs(float(row.mean()) - poison_mean) < 1e-6 for row in batch):
+                kill(serving[-1])
+            return super().classify(batch)
+
+    def killing_prepare(data, *args, **kwargs):
+        if where == "decode" and data == poison:
+            kill(serving[-1])
+        return prepare(data, *args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "prepare", killing_prepare)
+    kills = 0
+    for _restart in range(10):
+        worker = Worker(settings, Aws(settings), KillingClassifier(), "i-poison")
+        serving.append(worker)
+        worker.held.show_what_the_last_worker_held()  # the restarted worker's first step
+        try:
+            batch = worker.fetch()
+            if not batch.jobs:
+                break
+            worker.process(batch)
+        except Killed:
+            kills += 1
+    assert kills == settings.max_receive_count
+    dead = aws.sqs.receive_message(QueueUrl=aws.dead_letter_queue_url, MaxNumberOfMessages=10)["Messages"]
+    assert [json.loads(m["Body"])["id"] for m in dead] == ["0"]
+    answers = responses(aws)
+    assert set(answers) == {"1", "2", "3"} and all(a.ok for a in answers.values())
+    assert depth(aws, aws.request_queue_url) == (0, 0)

@@ -242,6 +242,52 @@ def test_a_message_seen_before_is_classified_alone(aws_env):
     assert len(responses(aws)) == 3
 
 
+def test_nothing_is_decoded_or_classified_beside_a_message_seen_before(aws_env, monkeypatch):
+    """So that a worker killed meanwhile is one it killed: only its attempt is counted
+    (app_tier/risk_gate.py). Fresh ones still overlap: the next batch is decoded while
+    this one is classified."""
+    import app_tier.worker
+
+    settings, aws = aws_env
+    settings = dataclasses.replace(settings, receive_batch=1)  # one batch decoded, one classified
+    for i in range(2):
+        upload(settings, aws, f"seen_{i}.jpg", make_image(600 + i, size=(64, 64)), f"seen-{i}")
+    crash(aws, Worker(settings, aws, MeanClassifier(), "i-crashed").fetch())
+    for i in range(4):
+        upload(settings, aws, f"new_{i}.jpg", make_image(610 + i, size=(64, 64)), f"new-{i}")
+    real_prepare = app_tier.worker.prepare
+
+    def slow_prepare(data, max_pixels, large=None, watch=contextlib.nullcontext):
+        with watch():
+            time.sleep(0.15)
+        return real_prepare(data, max_pixels, large, watch)
+
+    monkeypatch.setattr(app_tier.worker, "prepare", slow_prepare)
+    worker = Worker(settings, aws, MeanClassifier(delay_s=0.15), "i-alone")
+    beside_a_suspect, fresh_together = [], []
+    done = threading.Event()
+
+    def watch_the_calls():
+        while not done.wait(0.002):
+            calls = worker.stall_watch.calls_under_way()
+            if len(calls) > 1:
+                seen = sorted((c.kind, j.request.id) for c in calls for j in c.jobs)
+                suspects = any(j.receive_count > 1 for c in calls for j in c.jobs)
+                (beside_a_suspect if suspects else fresh_together).append(seen)
+
+    watcher = threading.Thread(target=watch_the_calls)
+    watcher.start()
+    answered: dict[str, ClassifyResponse] = {}
+    try:
+        run_until(worker, lambda: answered.update(responses(aws)) or len(answered) == 6)
+    finally:
+        done.set()
+        watcher.join()
+    assert all(r.ok for r in answered.values())
+    assert beside_a_suspect == []
+    assert fresh_together, "fresh batches no longer overlap: the common path is slower"
+
+
 def test_a_hand_back_keeps_the_receives_a_request_used_before(aws_env):
     """Sent back as a new message, a request's SQS receive count starts again: one that
     had crashed a worker must still be classified alone after a scale-in hands it back,
