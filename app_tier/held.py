@@ -7,7 +7,7 @@ VISIBILITY_TIMEOUT at once, and its heartbeat keeps every message held hidden
 (`extend`), so a slow batch is never redelivered by mistake. A failed attempt is made visible again
 after a delay that grows with each attempt (`release`); a stopping worker hands
 the messages it never tried back without using up an attempt (`hand_back`). Which
-are at risk, inside a decode or a model call (`at_risk`), is written down with them,
+are at risk, being loaded or in a model call (`at_risk`), is written down with them,
 so that the next worker on the instance, should this one be killed outright, makes
 visible as a used attempt only those, and hands the others back untried (`show_held`).
 """
@@ -97,7 +97,7 @@ class HeldMessages:
         self._being_answered: set[str] = set()
         # Of those, the ones being let go (hide): visible again before they are forgotten.
         self._letting_go: set[str] = set()
-        # Of those, the ones inside a decode or a model call (at_risk).
+        # Of those, the ones being loaded or in a model call (at_risk).
         self._at_risk: set[str] = set()
         self._lock = threading.Lock()
         # Orders the heartbeat's extensions against releases (see hide).
@@ -165,7 +165,7 @@ class HeldMessages:
 
     @contextmanager
     def at_risk(self, jobs: list[Job]) -> Iterator[None]:
-        """Mark `jobs` as inside a decode or a model call: a worker killed now may have
+        """Mark `jobs` as being loaded or in a model call: a worker killed now may have
         been killed by one of them, and its successor counts the attempt against each
         (show_held); the others it holds it hands back untried. One journal write as
         the call begins, one as it ends, for all of `jobs`: mark a batch together."""
@@ -375,7 +375,7 @@ def show_held(journal: HeldJournal, aws: Aws, who: str, whose: str) -> None:
     does it, and the local runner for a worker whose instance has ended (none will
     follow it).
 
-    Those at risk when the worker ended (in a decode or a model call) are made visible,
+    Those at risk when the worker ended (being loaded or in a model call) are made visible,
     each as a used attempt: one of them may have killed it. The others are handed back
     untried (as HeldMessages.hand_back does), so that a request that kills workers
     reaches the dead-letter queue alone, not with every batch-mate held beside it."""
@@ -395,7 +395,7 @@ def show_held(journal: HeldJournal, aws: Aws, who: str, whose: str) -> None:
     journal.remove()
     if not left:
         return
-    log.info("%s: made %d request(s) visible again that %s held when it ended: %d in a decode or a "
+    log.info("%s: made %d request(s) visible again that %s held when it ended: %d being loaded or in a "
              "model call, as used attempts, %d handed back untried", who, shown + handed_back, whose,
              shown, handed_back)
     for reason, count in Counter(f.reason for f in failures).items():

@@ -6,14 +6,15 @@ runs out (a minute by default), and their senders wait that long. Its instance l
 on, and systemd (or the local runner) starts a new worker there within seconds. That
 worker reads this file first and makes those messages visible again at once.
 
-Each receipt is written with whether its request was at risk: inside a decode or a
-model call at that moment. One that was may be the image that killed the worker: it is
-made visible, and its attempt counts (so that it is decoded and classified alone next
-time, and dead-lettered after MAX_RECEIVE_COUNT), as it would after its timeout. The
-others (received and waiting, decoded and waiting for the model, classified and being
-answered) cannot have killed it: they are handed back untried, sent again as new
-messages with the receives their earlier copies used, so that an image that kills
-workers does not take its batch-mates to the dead-letter queue with it. For that each
+Each receipt is written with whether its request was at risk: being loaded (its image
+downloaded and decoded) or in a model call at that moment. One that was may be the
+image that killed the worker: it is made visible, and its attempt counts (so that it
+is loaded and classified alone next time, and dead-lettered after MAX_RECEIVE_COUNT),
+as it would after its timeout. The others (received and waiting, decoded and waiting
+for the model, classified and being answered) cannot have killed it: they are handed
+back untried, sent again as new messages with the receives their earlier copies used,
+so that an image that kills workers does not take its batch-mates to the dead-letter
+queue with it. For that each
 entry carries the request as the worker would send it, and its receive count. An entry
 written before these were (no flag) is taken for at risk.
 
@@ -67,7 +68,7 @@ class HeldEntry:
     receipt: str
     # Until when (time.time()) its message is hidden at the latest.
     hidden_until: float
-    # Inside a decode or a model call: a death now may be its doing.
+    # Being loaded or in a model call: a death now may be its doing.
     at_risk: bool = True
     # What a hand-back sends (ClassifyRequest.to_json()); None: it can only be made visible.
     request: str | None = None

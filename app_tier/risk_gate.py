@@ -1,14 +1,15 @@
-"""Which decodes and model calls may run at once, so that a worker's death can be blamed.
+"""Which loads (download and decode) and model calls may run at once, so that a worker's
+death can be blamed.
 
-A worker killed outright in a decode or a model call (the OOM killer, a crash in native
-code) may have been killed by an image in it. Its journal names those at risk then
-(`HeldMessages.at_risk`), and its successor counts an attempt against each of them only,
-handing the others back untried (`held.show_held`).
+A worker killed outright while loading an image or in a model call (the OOM killer, a
+crash in native code) may have been killed by a request in it. Its journal names those
+at risk then (`HeldMessages.at_risk`), and its successor counts an attempt against each
+of them only, handing the others back untried (`held.show_held`).
 
-Fresh requests (received once) share their risk: they are decoded together, classified
-as one batch, and the next batch is decoded while this one is classified. A suspect
-(received before: it may have killed a worker already) is decoded alone and classified
-alone, and nothing else is decoded or classified meanwhile: a death then is charged to
+Fresh requests (received once) share their risk: they are loaded together, classified
+as one batch, and the next batch is loaded while this one is classified. A suspect
+(received before: it may have killed a worker already) is loaded alone and classified
+alone, and nothing else is loaded or classified meanwhile: a death then is charged to
 it alone. So an image that kills workers reaches the dead-letter queue after
 MAX_RECEIVE_COUNT deaths, and the requests held beside it are answered.
 """
@@ -29,7 +30,7 @@ def suspect(job: Job) -> bool:
 
 
 class RiskGate:
-    """Shared by the decodes and model calls of fresh requests, taken alone by a
+    """Shared by the loads and model calls of fresh requests, taken alone by a
     suspect's. A suspect waiting goes before fresh work that comes after it: a busy
     worker, always decoding one batch or classifying another, would otherwise keep it
     waiting for ever. A thread must not take it again while it holds it."""
@@ -42,10 +43,10 @@ class RiskGate:
 
     @contextmanager
     def enter(self, jobs: list[Job]) -> Iterator[None]:
-        """Hold the gate while `jobs` are decoded or classified: alone for a suspect
+        """Hold the gate while `jobs` are loaded or classified: alone for a suspect
         (which must then be the only job), shared otherwise."""
         alone = any(suspect(j) for j in jobs)
-        assert not alone or len(jobs) == 1, "a suspect is decoded and classified alone"
+        assert not alone or len(jobs) == 1, "a suspect is loaded and classified alone"
         with self._changed:
             if alone:
                 self._waiting_alone += 1

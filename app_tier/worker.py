@@ -21,12 +21,12 @@ everything else back to the queue at once, so no request waits out a
 visibility timeout because of it. (The process's main thread only waits, so
 that it hears the signal even while the model runs: see `serve`.)
 
-A request received before (a suspect: it may have killed a worker) is decoded alone
-and classified alone, with nothing else decoded or classified meanwhile
-(`app_tier/risk_gate.py`), and the journal of what the worker holds says which requests
-are in a decode or a model call: a worker killed outright then costs an attempt to
-those only, and an image that kills workers reaches the dead-letter queue without its
-batch-mates.
+A request received before (a suspect: it may have killed a worker) is loaded (its
+image downloaded and decoded) alone and classified alone, with nothing else loaded or
+classified meanwhile (`app_tier/risk_gate.py`), and the journal of what the worker
+holds says which requests are being loaded or in a model call: a worker killed
+outright then costs an attempt to those only, and an image that kills workers reaches
+the dead-letter queue without its batch-mates.
 
 A worker holds at most two unclassified batches (one being classified, one
 prepared), so that a worker that starts early does not hoard messages that
@@ -361,18 +361,23 @@ class Worker:
         return Batch([j for j in jobs if j not in unreadable])
 
     def _load(self, jobs: list[Job]) -> None:
-        """Download the jobs' images, all at once, then decode them: the fresh ones
-        together (at risk together: one journal write before, one after, see _at_risk),
-        then each suspect alone."""
-        data = list(self._io.map(self._download, jobs))
-        fresh = [(job, d) for job, d in zip(jobs, data, strict=True) if d is not None and not suspect(job)]
+        """Download and decode the jobs' images: the fresh ones together, each on an io
+        thread (at risk together: one journal write before, one after, see _at_risk),
+        then each suspect alone. Downloads are at risk too: a request may name an object
+        too large to hold, and a kill then must cost it an attempt, or it came back for ever."""
+        fresh = [job for job in jobs if not suspect(job)]
         if fresh:
-            with self._at_risk([job for job, _ in fresh]):
-                list(self._io.map(self._decode, *zip(*fresh, strict=True)))
-        for job, d in zip(jobs, data, strict=True):
-            if d is not None and suspect(job):
+            with self._at_risk(fresh):
+                list(self._io.map(self._load_one, fresh))
+        for job in jobs:
+            if suspect(job):
                 with self._at_risk([job]):
-                    self._decode(job, d)
+                    self._load_one(job)
+
+    def _load_one(self, job: Job) -> None:
+        data = self._download(job)
+        if data is not None:
+            self._decode(job, data)
 
     def _download(self, job: Job) -> bytes | None:
         """The job's image; None if there is none to decode (the job may be settled)."""

@@ -53,8 +53,8 @@ def test_the_next_worker_on_an_instance_shows_what_a_killed_one_held(aws_env, ca
     with caplog.at_level(logging.INFO, logger="app_tier.held"):
         successor.held.show_what_the_last_worker_held()
     assert depth(aws, aws.request_queue_url) == (3, 0)
-    assert ("made 3 request(s) visible again that the worker before it here held when it ended: 1 in a "
-            "decode or a model call, as used attempts, 2 handed back untried") in caplog.text
+    assert ("made 3 request(s) visible again that the worker before it here held when it ended: 1 being "
+            "loaded or in a model call, as used attempts, 2 handed back untried") in caplog.text
     batch = successor.fetch()
     # The receive of the one being classified counted as an attempt: if it killed the
     # worker, it is known as such. The others could not have: theirs did not count.
@@ -482,7 +482,7 @@ def kill(worker: Worker) -> None:
     raise Killed
 
 
-@pytest.mark.parametrize("where", ["model call", "decode"])
+@pytest.mark.parametrize("where", ["model call", "decode", "download"])
 def test_an_image_that_kills_workers_is_dead_lettered_alone(aws_env, monkeypatch, where):
     """Its batch-mates are answered. They were made visible with it after each death, each
     receive an attempt, and dead-lettered with it after MAX_RECEIVE_COUNT deaths: a
@@ -510,7 +510,15 @@ def test_an_image_that_kills_workers_is_dead_lettered_alone(aws_env, monkeypatch
             kill(serving[-1])
         return prepare(data, *args, **kwargs)
 
+    real_download = worker_module.Worker._download
+
+    def killing_download(self, job):  # a request may name an object too large to hold
+        if where == "download" and job.request.id == "0":
+            kill(serving[-1])
+        return real_download(self, job)
+
     monkeypatch.setattr(worker_module, "prepare", killing_prepare)
+    monkeypatch.setattr(worker_module.Worker, "_download", killing_download)
     kills = 0
     for _restart in range(10):
         worker = Worker(settings, Aws(settings), KillingClassifier(), "i-poison")
