@@ -14,9 +14,9 @@ as it would after its timeout. The others (received and waiting, decoded and wai
 for the model, classified and being answered) cannot have killed it: they are handed
 back untried, sent again as new messages with the receives their earlier copies used,
 so that an image that kills workers does not take its batch-mates to the dead-letter
-queue with it. For that each
-entry carries the request as the worker would send it, and its receive count. An entry
-written before these were (no flag) is taken for at risk.
+queue with it. For that each entry carries the request as the worker would send it,
+and its receive count. An entry written before these were (no flag) is taken for at
+risk.
 
 Each receipt is written with the time until which it is hidden at the latest. One
 whose time has passed is left alone: its message is visible again anyway, and another
