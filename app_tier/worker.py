@@ -258,7 +258,6 @@ class Worker:
                 batch = self.fetch()
                 backoff = 0.0
                 failing_since = None
-                self.received.set()
             except Exception as exc:  # this thread must outlive anything, or the worker stalls
                 self._prefetch_slot.release()
                 backoff = next_wait(backoff, 1.0, RECEIVE_BACKOFF_MAX_S)
@@ -306,6 +305,10 @@ class Worker:
             MessageSystemAttributeNames=["ApproximateReceiveCount", FIRST_RECEIVED_ATTRIBUTE],
             MessageAttributeNames=[PRIOR_RECEIVES_ATTRIBUTE],
         )
+        # Ready (its instance tagged so): as soon as it can receive, not once what it
+        # received is downloaded and decoded. Untagged meanwhile, its instance was taken
+        # for one holding no work, and scaled in before idle ones (reviewer).
+        self.received.set()
         jobs = []
         for msg in reply.get("Messages", []):
             try:

@@ -953,6 +953,32 @@ def test_the_instance_is_tagged_ready_only_once_a_receive_has_succeeded(aws_env,
     assert tagged_before[:2] == [False, False]  # not after the denied receive, nor before it
 
 
+def test_a_worker_is_ready_once_its_receive_returns_not_once_what_it_took_is_loaded(aws_env, monkeypatch):
+    """Set after the downloads and decodes, the ready mark left an instance holding a
+    batch looking like one holding no work, which the controller scales in first
+    (reviewer)."""
+    settings, aws = aws_env
+    upload(settings, aws, "slow.jpg", make_image(700), "slow")
+    worker = Worker(settings, aws, MeanClassifier(), "i-ready")
+    downloading, downloaded = threading.Event(), threading.Event()
+    real_download = Worker._download
+
+    def held_download(self, job):
+        downloading.set()
+        assert downloaded.wait(30)
+        return real_download(self, job)
+
+    monkeypatch.setattr(Worker, "_download", held_download)
+    fetching = threading.Thread(target=worker.fetch)
+    fetching.start()
+    try:
+        assert downloading.wait(30)
+        assert worker.received.is_set()
+    finally:
+        downloaded.set()
+        fetching.join(30)
+
+
 DENIED = {"Error": {"Code": "AccessDenied", "Message": "no"}, "ResponseMetadata": {"HTTPStatusCode": 403}}
 AWS_FAILING = {"Error": {"Code": "InternalError", "Message": "oops"},
                "ResponseMetadata": {"HTTPStatusCode": 500}}
