@@ -2080,6 +2080,19 @@ class Stdout:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Heard from the start: a run started in the background ignores SIGINT, and SIGTERM
+    # kills it without a word, until the handlers are set, and reading a large folder or
+    # CSV on a busy machine took seconds (explorer: a `kill -INT` then did nothing).
+    with interrupts_heard():
+        try:
+            return run(argv)
+        except KeyboardInterrupt as exc:  # during the checks before the first request: nothing to report
+            print("\nload_test.py: interrupted before any request was sent", file=sys.stderr)
+            return signal_exit_code(signal_of(exc))
+
+
+def run(argv: Sequence[str] | None) -> int:
+    """The load test, once the signals are heard (main)."""
     config = parse_args(argv)
     out = Stdout()
     try:
@@ -2103,15 +2116,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.print(for_terminal(f"Classification result: {outcome.body}"))
 
     try:
-        with interrupts_heard():
-            report = run_load(config, progress=progress, on_result=print_result if config.verbose else None,
-                              images=images, expected=expected)
+        report = run_load(config, progress=progress, on_result=print_result if config.verbose else None,
+                          images=images, expected=expected)
     except LoadTestError as exc:
         print(f"load_test.py: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:  # during the checks before the first request: nothing to report
-        print("\nload_test.py: interrupted before any request was sent", file=sys.stderr)
-        return signal_exit_code(signal_of(exc))
 
     if config.quiet:
         if report.untrained:

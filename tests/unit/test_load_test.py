@@ -1174,6 +1174,42 @@ def test_a_second_ctrl_c_quits_the_command_at_once(tier, tmp_path, found):
         proc.stdout.close()
 
 
+def test_an_interrupt_while_it_reads_its_inputs_is_heard(tier, tmp_path):
+    """The handlers were set only once the folder and the CSV were read: started in the
+    background (SIGINT ignored) on a busy machine, a `kill -INT` in those seconds did
+    nothing, and the run went on to its end (explorer). Here the CSV is a FIFO that
+    nobody writes: the command waits reading it."""
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:x"})
+    expected = tmp_path / "expected.csv"
+    os.mkfifo(expected)
+    command = [sys.executable, load_test.__file__, "--url", tier.url, "--images", str(images),
+               "--expected", str(expected), "-q"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    writer = None
+    try:
+        def reading() -> bool:  # the FIFO opened by the command: a writer may open it too
+            nonlocal writer
+            try:
+                writer = os.open(expected, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                return False
+            return True
+
+        wait_until(reading, timeout=30)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 130
+        assert "interrupted before any request was sent" in proc.stderr.read()
+    finally:
+        if writer is not None:
+            os.close(writer)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
 @pytest.mark.parametrize("talk", ["--verbose", "--quiet", None])
 def test_a_closed_stdout_stops_the_printing_not_the_run(tier, tmp_path, talk):
     """`load_test.py -v --json out.json | head -3` ended in a BrokenPipeError traceback,
