@@ -14,15 +14,21 @@ MAX_FILENAME_CHARS = 1024
 # Characters shown as a space: controls, and the line and paragraph separators, which
 # end a line as well (U+2028 split POST /'s one-line answer in two).
 _LINE_BREAKING = frozenset({"Cc", "Zl", "Zp"})
-# Bidirectional-text controls: shown, "photo\u202egpj.exe" reads as "photoexe.jpg".
-_BIDI_CONTROLS = dict.fromkeys(map(ord, "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
-                                        "\u2066\u2067\u2068\u2069"))
+# Dropped: bidirectional-text controls (shown, "photo\u202egpj.exe" reads as
+# "photoexe.jpg"), and characters that show nothing at all (a byte-order mark, zero-width
+# spaces, a soft hyphen), with which two names that look alike differ (explorer: a BOM
+# kept in the middle of results.csv). Not the zero-width joiners, which emoji and some
+# scripts are written with.
+DROPPED_CHARACTERS = ("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+                      "\u00ad\u180e\u200b\u2060\u2061\u2062\u2063\u2064\ufeff")
+_DROPPED = dict.fromkeys(map(ord, DROPPED_CHARACTERS))
 
 
 def display_name(storage: FileStorage) -> str:
     """The name shown for a file: as sent, but with control characters (which would
     break the one-line answer of POST /) turned into spaces, and without the
-    bidirectional-text controls that make a name read as another."""
+    bidirectional-text controls that make a name read as another, or characters that
+    show nothing (DROPPED_CHARACTERS)."""
     return clean_name(storage.filename or "")
 
 
@@ -30,7 +36,7 @@ def clean_name(sent: str) -> str:
     """A file name as sent, made fit to show (see display_name); one too long is cut
     before its extension, which POST /'s answer drops."""
     name = "".join(" " if unicodedata.category(c) in _LINE_BREAKING else c
-                   for c in sent.translate(_BIDI_CONTROLS))
+                   for c in sent.translate(_DROPPED))
     name = name.strip()
     if len(name) > MAX_FILENAME_CHARS:
         kept = kept_extension(name)

@@ -272,6 +272,26 @@ def test_a_name_cannot_use_bidirectional_controls_to_read_as_another(web_client)
     assert [i["filename"] for i in response.get_json()["items"]] == ["invoicegpj.exe.jpg", "a.jpg"]
 
 
+def test_characters_that_show_nothing_are_dropped_from_names_here_and_on_the_page(web_client):
+    """A byte-order mark or a zero-width space kept made two names that look alike
+    differ, and put a BOM in the middle of results.csv (explorer). The joiners emoji are
+    written with stay. The page drops the same characters before the server has a name."""
+    from web_tier.filenames import DROPPED_CHARACTERS
+
+    response = upload(web_client, [(make_image(312), "\ufeffbom\u200b.jpg"),
+                                   (make_image(313), "soft\u00adhy\u2060phen.jpg"),
+                                   (make_image(314), "family\U0001F468\u200d\U0001F469.jpg")])
+    assert response.status_code == 202, response.get_json()
+    assert [i["filename"] for i in response.get_json()["items"]] == [
+        "bom.jpg", "softhyphen.jpg", "family\U0001F468\u200d\U0001F469.jpg"]
+    found = re.search(r"const DROPPED = /\[(.*?)\]/g;", page_script_source())
+    assert found, "the page's scripts have no DROPPED"
+    ranges = re.findall(r"\\u([0-9a-f]{4})(?:-\\u([0-9a-f]{4}))?", found[1])
+    on_the_page = {chr(c) for first, last in ranges
+                   for c in range(int(first, 16), int(last or first, 16) + 1)}
+    assert on_the_page == set(DROPPED_CHARACTERS)
+
+
 def test_a_file_past_the_limit_is_spooled_only_to_the_limit_and_refused_alone(web_client, web_settings,
                                                                                 monkeypatch):
     """Werkzeug spooled each file whole before the size check: one 2 GB file went to

@@ -26,13 +26,14 @@ export function setName(el, name) {
   el.querySelector(".name").textContent = shown;
 }
 
-// As web_tier/filenames.py clean_name (its _BIDI_CONTROLS and _LINE_BREAKING), but
-// not cut for length: bidi controls dropped, controls and line or paragraph
-// separators shown as spaces, trimmed. Files are still matched by token, not name.
-const BIDI_CONTROLS = /[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+// As web_tier/filenames.py clean_name (its DROPPED_CHARACTERS and _LINE_BREAKING), but
+// not cut for length: bidi controls and characters that show nothing dropped, controls
+// and line or paragraph separators shown as spaces, trimmed. Files are still matched by
+// token, not name.
+const DROPPED = /[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u00ad\u180e\u200b\u2060-\u2064\ufeff]/g;
 const LINE_BREAKING = /[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g;
 function shownName(name) {
-  return name.replace(BIDI_CONTROLS, "").replace(LINE_BREAKING, " ").trim() || "upload";
+  return name.replace(DROPPED, "").replace(LINE_BREAKING, " ").trim() || "upload";
 }
 
 // Where a file was in the folder it came from, for one whose name another file of
