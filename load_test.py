@@ -2104,9 +2104,16 @@ def run(argv: Sequence[str] | None) -> int:
         print(f"load_test.py: {exc}", file=sys.stderr)
         return 2
     progress = Progress(config.num_requests or len(images), enabled=not config.quiet)
+    untrained_said = False
 
     def print_result(outcome: Outcome) -> None:
+        nonlocal untrained_said
         progress.clear()
+        if outcome.untrained and not untrained_said:
+            # Before the first such label, not only in the summary: the course's lines
+            # carry no mark, and output cut short (`| head`) never reached it (explorer).
+            untrained_said = True
+            out.print(UNTRAINED_WARNING)
         if not outcome.reached:
             # Never connected, or its file unreadable: "uploaded!" would say what never happened.
             out.print(for_terminal(f"{outcome.file} not sent: {outcome.error}"))

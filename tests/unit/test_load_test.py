@@ -1751,6 +1751,18 @@ def test_summary_shows_the_untrained_warning(tier, tmp_path, capsys):
     assert load_test.UNTRAINED_WARNING in capsys.readouterr().out
 
 
+def test_verbose_says_the_model_is_untrained_before_the_first_of_its_labels(tier, tmp_path, capsys):
+    """The course's lines carry no mark, and output cut short (`| head`) never reached
+    the summary's warning (explorer)."""
+    tier.untrained = True
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:fox", "b.jpg": b"label:fox"})
+    assert load_test.main(["--url", tier.url, "--images", str(images), "--verbose", "-c", "1"]) == 0
+    out = capsys.readouterr().out
+    first_label = out.index("Classification result:")
+    assert out.index(load_test.UNTRAINED_WARNING) < first_label
+    assert out.count(load_test.UNTRAINED_WARNING) == 2  # once before the lines, once in the summary
+
+
 def test_a_folder_without_images_is_a_usage_error(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("no images here")
     assert load_test.main(["--images", str(tmp_path)]) == 2
