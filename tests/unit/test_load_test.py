@@ -945,7 +945,7 @@ def test_a_web_tier_slow_to_give_its_first_status_is_still_asked_whether_it_need
     tier.api_key = "s3cret"
     tier.status_gate = threading.Event()
     threading.Timer(3.0, tier.status_gate.set).start()  # answers after 3 s
-    assert load_test.api_key_required(tier.url)
+    assert load_test.api_key_required(load_test.web_tier_status(tier.url))
     assert load_test.STATUS_CHECK_TIMEOUT_S > FIRST_READ_WAIT_S
 
 
@@ -1763,6 +1763,20 @@ def test_verbose_says_the_model_is_untrained_before_the_first_of_its_labels(tier
     assert out.count(load_test.UNTRAINED_WARNING) == 2  # once before the lines, once in the summary
 
 
+@pytest.mark.parametrize("status", ["no status here", {"ListAllMyBucketsResult": {}}])
+def test_a_url_that_is_not_the_web_tiers_is_warned_about(tier, tmp_path, capsys, status):
+    """The page's address with a path (`/api/status`), or the embedded AWS's, had every
+    request fail, or uploaded the images to S3, without a word on why (explorer). It runs
+    all the same: another server of the course's POST / may be driven on purpose."""
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:x"})
+    assert load_test.main(["--url", tier.url, "--images", str(images), "-q"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    tier.status = status
+    assert load_test.main(["--url", tier.url, "--images", str(images), "-q"]) == 0
+    assert "does not answer as this service's web tier does: is --url the web tier's address?" in \
+        capsys.readouterr().err
+
+
 def test_a_folder_without_images_is_a_usage_error(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("no images here")
     assert load_test.main(["--images", str(tmp_path)]) == 2
@@ -2402,18 +2416,18 @@ def test_the_progress_rate_is_counted_from_the_first_request_not_from_the_checks
     """The bar was made before the checks (the key check waits up to 12 s for a fresh web
     tier), and its rate counted that wait as time spent sending."""
     events: list[str] = []
-    key_check = load_test.api_key_required
+    status_check = load_test.web_tier_status
 
-    def checked(url: str) -> bool:
+    def checked(url: str) -> dict | None:
         events.append("checked")
-        return key_check(url)
+        return status_check(url)
 
     class Recorded(load_test.Progress):
         def start(self, t0: float) -> None:
             events.append("started")
             super().start(t0)
 
-    monkeypatch.setattr(load_test, "api_key_required", checked)
+    monkeypatch.setattr(load_test, "web_tier_status", checked)
     images = make_images(tmp_path / "images", {"a.jpg": b"label:a"})
     run_load(Config(images=images, url=tier.url), progress=Recorded(1, stream=io.StringIO()))
     assert events == ["checked", "started"]
