@@ -193,7 +193,7 @@ class HeldMessages:
 
     def show_what_the_last_worker_held(self) -> None:
         """Make visible at once the messages the worker before this one here held when it
-        died: as used attempts those it was decoding or classifying, the others handed
+        died: as used attempts those it was loading or classifying, the others handed
         back untried (show_held). Call before receiving: the journal is this worker's own
         from its first receive."""
         if self._journal is None:
