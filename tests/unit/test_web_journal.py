@@ -154,7 +154,7 @@ def test_a_refused_upload_whose_image_cannot_be_deleted_is_queued_later(make_web
         raise ConnectionError("S3 is down")
 
     submitter.requests.send = refuse
-    s3 = submitter.aws.s3
+    s3 = submitter.aws.probes["s3"]  # the client a refused upload's image is deleted with
     s3.delete_object = cannot_delete
 
     def upload():
@@ -200,7 +200,7 @@ def test_a_store_that_failed_and_cannot_be_undone_is_queued_later_if_s3_has_it(
         raise ConnectionError("S3 is down")
 
     monkeypatch.setattr(web_tier.submit, "put_input", failing_put)
-    s3 = submitter.aws.s3
+    s3 = submitter.aws.probes["s3"]  # the client a refused upload's image is deleted with
     s3.delete_object = cannot_delete
     form = {"files": [(io.BytesIO(make_image(1)), "a.jpg")], "batch_id": "a" * 32, "create": "1"}
     reply = app.test_client().post("/api/jobs", data=form, content_type="multipart/form-data")
