@@ -154,14 +154,18 @@ class HeldMessages:
             # Only the very jobs: one received again since hide let it go is the next attempt's.
             removed = [j for j in jobs if self._held.get(j.message_id) is j]
             for job in removed:
-                del self._held[job.message_id]
-                self._being_answered.discard(job.message_id)
-                self._letting_go.discard(job.message_id)
-                self._at_risk.discard(job.message_id)
+                self._drop(job)
             # Written only on a change: a stop that comes while this worker shows what the
             # last one held (holding nothing yet) must leave that to the next.
             if removed:
                 self._record()
+
+    def _drop(self, job: Job) -> None:
+        """Hold `job` no more, nor remember anything of it (hold _lock)."""
+        del self._held[job.message_id]
+        self._being_answered.discard(job.message_id)
+        self._letting_go.discard(job.message_id)
+        self._at_risk.discard(job.message_id)
 
     @contextmanager
     def at_risk(self, jobs: list[Job]) -> Iterator[None]:
@@ -274,7 +278,10 @@ class HeldMessages:
                 for job in held:
                     if job.receipt != receipts[job.message_id]:
                         continue  # received again meanwhile: its new receipt is the one that counts
-                    if job.receipt in gone and self._held.pop(job.message_id, None) is not None:
+                    if job.receipt in gone and self._held.get(job.message_id) is job:
+                        # Its id forgotten too: received here again later, it was taken for
+                        # one being answered, and not handed back at a stop (reviewer).
+                        self._drop(job)
                         taken.append(job)
                     elif job.receipt not in failed:
                         # Only what was extended: a message whose extension failed may be visible,

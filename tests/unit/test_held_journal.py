@@ -439,6 +439,31 @@ def test_requests_another_worker_took_are_not_handed_back(aws_env, caplog):
     assert depth(aws, aws.request_queue_url) == (0, 0)
 
 
+def test_a_request_another_worker_took_is_handed_back_when_received_here_again(aws_env, monkeypatch):
+    """Dropped as another worker's, its id stayed among those being answered here: this
+    worker, receiving it again later, took it for one being answered, and a stop did
+    not hand it back (reviewer): it waited out its visibility timeout."""
+    from common.aws import VisibilityFailure
+
+    settings, aws = aws_env
+    upload(settings, aws, "again.jpg", make_image(501), "again-0")
+    paused = Worker(settings, aws, MeanClassifier(), "i-0810")
+    (job,) = paused.fetch().jobs
+    paused.held.mark_answering([job])  # paused as it answered it
+    with monkeypatch.context() as patched:  # received by another worker since: SQS refuses the receipt
+        patched.setattr(paused.held, "_change_visibility", lambda hidden_for: [
+            VisibilityFailure(j.receipt, "gone", "ReceiptHandleIsInvalid") for j, _ in hidden_for])
+        paused.held.extend()
+    assert not len(paused.held)
+    # Let go by the other worker: visible, and received here again.
+    aws.sqs.change_message_visibility(QueueUrl=aws.request_queue_url, ReceiptHandle=job.receipt,
+                                      VisibilityTimeout=0)
+    (again,) = paused.fetch().jobs
+    assert again.message_id == job.message_id
+    paused.held.hand_back_all()  # told to stop
+    assert depth(aws, aws.request_queue_url) == (1, 0)
+
+
 def test_requests_being_answered_stay_in_the_journal_and_are_not_handed_back(aws_env, monkeypatch):
     """Forgotten once their results were stored, a worker killed before its deletes left
     them to the visibility timeout, and classified again after it (reviewer). Held until
