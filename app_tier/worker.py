@@ -132,7 +132,7 @@ class Worker:
         self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="io")
         # The io threads download and decode in parallel, but large images one at a time.
         self._large_decodes = threading.Semaphore(1)
-        # Which decodes and model calls may run at once (a suspect's, nothing beside it).
+        # Which loads and model calls may run at once (a suspect's, nothing beside it).
         self._risk = RiskGate()
         # One batch at a time is written while the next is classified.
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
@@ -573,9 +573,9 @@ class Worker:
 
     @contextmanager
     def _at_risk(self, jobs: list[Job]) -> Iterator[None]:
-        """Around the decode or the model call of `jobs`: the journal marks them at risk,
+        """Around the loading or the model call of `jobs`: the journal marks them at risk,
         for a successor should this worker be killed meanwhile (HeldMessages.at_risk).
-        A suspect's waits for every other decode and model call under way to end, and
+        A suspect's waits for every other load and model call under way to end, and
         holds back the others until it ends (app_tier/risk_gate.py)."""
         with self._risk.enter(jobs), self.held.at_risk(jobs):
             yield
