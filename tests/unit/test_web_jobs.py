@@ -129,9 +129,12 @@ def test_dead_letter_marks_the_item_failed(web_app, web_aws):
 
 def dead_letter(web_aws, last_attempt=None) -> ClassifyRequest:
     """Move the next request to the dead-letter queue, as SQS does after max_receive_count
-    (after `last_attempt(request)`, what the last worker to receive it did)."""
-    got = web_aws.sqs.receive_message(QueueUrl=web_aws.request_queue_url, WaitTimeSeconds=1)
-    message = got["Messages"][0]
+    (after `last_attempt(request)`, what the last worker to receive it did). Waited for:
+    an upload in another thread (a `POST /` waiting for its answer) may not have sent it
+    yet on a loaded machine, where one receive of a second missed it (CI)."""
+    messages = wait_until(lambda: web_aws.sqs.receive_message(
+        QueueUrl=web_aws.request_queue_url, WaitTimeSeconds=1).get("Messages"))
+    message = messages[0]
     if last_attempt is not None:
         last_attempt(ClassifyRequest.from_json(message["Body"]))
     web_aws.sqs.send_message(QueueUrl=web_aws.dead_letter_queue_url, MessageBody=message["Body"])
