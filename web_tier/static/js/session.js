@@ -11,7 +11,9 @@ import { keyInput } from "./dom.js";
 import { fetchBatch, freeSendPlace, post, refusedWhole, sendItemAgain, takeSendPlace } from "./http.js";
 import { authHeaders, keyProblem, sayKeyProblem, storedKey } from "./key.js";
 import { updateSummary } from "./refresh.js";
-import { FINISHED, makeResult, setName, setPath, setState, showFailure, showItem, showItemFailure, showSentAgain } from "./rows.js";
+import {
+  FINISHED, makeResult, setName, setPath, setState, showFailure, showItem, showItemFailure, showSentAgain,
+} from "./rows.js";
 import { PARALLEL_CHUNKS, RESEND_DELAYS_MS, resendDelayMs, setting, tooLargeText } from "./settings.js";
 import { page } from "./state.js";
 import { ASK_WAIT_MS, SILENT_ASKS, tell } from "./tabs.js";
@@ -715,11 +717,11 @@ export class Session {
       if (this.restored) this.askSender();
       // A while after a restore (a chunk received whole before the reload, for an
       // unsent row) and after the sending tab ended (its last chunks).
-      const watched = this.watchingForUnsent() &&
-        (this.otherTabEnded || this.entries.some((entry) => entry.unsent));
+      const watchOver = !this.watchingForUnsent();
+      const watched = !watchOver && (this.otherTabEnded || this.entries.some((entry) => entry.unsent));
       // The watch over: rows this tab's reload cut off, still waiting, are lost.
       const waiting = (entry) => entry.unsent && !entry.id && !FINISHED.has(entry.el.dataset.state);
-      if (!this.watchingForUnsent() && !this.otherTabSends && this.entries.some(waiting)) this.showPending();
+      if (watchOver && !this.otherTabSends && this.entries.some(waiting)) this.showPending();
       const growing = Date.now() < this.grewAt + setting("followIdleMs");
       const watching = this.uploading || this.unfinished() || this.otherTabSends || watched || growing;
       this.pollTimer = watching ? setTimeout(tick, POLL_MS) : null;
