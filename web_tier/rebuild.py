@@ -12,26 +12,39 @@ import threading
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 from common.aws import Aws
-from common.failure_tags import sent_again_from_tags
+from common.failure_tags import failed_by, failure_from_tags, sent_again_from_tags
 from common.stored_outcome import stored_outcome
 from web_tier.results import DONE, FAILED, Item, ResultBook, is_service_id
 from web_tier.storage import input_tags, read_stored_upload
 
 # Threads reading S3 to rebuild batches: their own, so that a large batch rebuilt
-# (some 3 S3 calls an item) holds up no upload, which the upload pool runs.
+# (two S3 calls an answered item) holds up no upload, which the upload pool runs.
 REBUILD_THREADS = 8
 
 
 def list_keys(aws: Aws, batch_id: str) -> list[str]:
+    """The keys of the batch's uploads, in upload order."""
+    return _batch_keys(aws, aws.settings.input_bucket, batch_id)
+
+
+def answered_keys(aws: Aws, batch_id: str) -> set[str]:
+    """The keys of the batch's uploads a result is stored for."""
+    return set(_batch_keys(aws, aws.settings.output_bucket, batch_id))
+
+
+def _batch_keys(aws: Aws, bucket: str, batch_id: str) -> list[str]:
     paginator = aws.s3.get_paginator("list_objects_v2")
     objects = []
-    for page in paginator.paginate(Bucket=aws.settings.input_bucket, Prefix=f"{batch_id}/"):
+    for page in paginator.paginate(Bucket=bucket, Prefix=f"{batch_id}/"):
         objects.extend(page.get("Contents", []))
     # S3 lists keys in order, and item ids are made in upload order (submit.OrderedIds).
     return [o["Key"] for o in objects]
 
 
-def rebuild_item(aws: Aws, batch_id: str, key: str) -> Item | None:
+def rebuild_item(aws: Aws, batch_id: str, key: str, answered: bool = True) -> Item | None:
+    """The item S3 records under `key`, or None for none. `answered`: False when a
+    listing of the output bucket, made after the input bucket's, has no result for it,
+    so none is looked for: one written since then comes as its reply does."""
     parts = key.split("/")
     if len(parts) != 3:
         return None
@@ -41,12 +54,18 @@ def rebuild_item(aws: Aws, batch_id: str, key: str) -> Item | None:
         # Deleted since it was listed (an upload refused meanwhile, its object removed):
         # left out, as a batch listed a moment later would leave it, not failing the rebuild.
         return None
-    # Read for every item, answered too: a sent-again mark stays when the answer comes.
-    # None: deleted since its HEAD, and then as it was (no outcome, never sent again).
-    tag_set = input_tags(aws, key) or []
+    # Read for every item with tags, answered too: a sent-again mark stays when the
+    # answer comes. None: deleted since its HEAD, and then as it was (no outcome, never
+    # sent again).
+    tag_set = (input_tags(aws, key) or []) if stored.tagged else []
     sent = sent_again_from_tags(tag_set)
     item = Item(item_id, batch_id, stored.filename or safe_name, key, token=stored.token,
                 digest=stored.digest, sent_again=sent.count, requeued_at=sent.at)
+    if not answered:
+        error = failure_from_tags(tag_set)
+        if error is not None:
+            item.state, item.error, item.worker = FAILED, error, failed_by(tag_set)
+        return item
     return with_stored_outcome(aws, item, tag_set)
 
 
@@ -70,8 +89,11 @@ def with_stored_outcome(aws: Aws, item: Item, tag_set: list[dict[str, str]] | No
 def rebuild_batch(aws: Aws, batch_id: str, pool: Executor) -> list[Item] | None:
     """The batch as S3 records it, or None if S3 has no such batch."""
     keys = list_keys(aws, batch_id)
+    # Listed second: a result stored between the two listings is read, not missed.
+    answered = answered_keys(aws, batch_id) if keys else set()
     # Every object gone since the listing (rebuild_item) is no batch either, not an empty one.
-    items = [i for i in pool.map(lambda k: rebuild_item(aws, batch_id, k), keys) if i is not None]
+    items = [i for i in pool.map(lambda k: rebuild_item(aws, batch_id, k, k in answered), keys)
+             if i is not None]
     return items or None
 
 

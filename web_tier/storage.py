@@ -85,6 +85,7 @@ class StoredUpload(NamedTuple):
     filename: str | None  # the original file name; None if it has none
     token: str  # the client's token; "" if none
     digest: str  # the SHA-256 of its bytes; "" if stored without it
+    tagged: bool  # False when its HEAD counted no tags (an upload puts none)
 
 
 def read_stored_upload(aws: Aws, key: str) -> StoredUpload | None:
@@ -93,5 +94,8 @@ def read_stored_upload(aws: Aws, key: str) -> StoredUpload | None:
     if stored is None:
         return None
     metadata = stored.get("Metadata", {})
+    # S3's HEAD counts an object's tags (x-amz-tagging-count) when it has some and the
+    # caller may read them, as the web role may: a rebuild reads tags only where there are.
+    tagged = bool(stored.get("TagCount"))
     return StoredUpload(original_filename(metadata), metadata.get(CLIENT_TOKEN_META, ""),
-                        metadata.get(DIGEST_META, ""))
+                        metadata.get(DIGEST_META, ""), tagged)

@@ -436,6 +436,46 @@ def test_fresh_app_rebuilds_a_batch_from_s3(make_web_app, fake_worker, web_aws):
     assert len(fresh.get(f"/api/jobs/{batch_id}").get_json()["items"]) == 4
 
 
+def test_a_rebuild_reads_tags_and_results_only_where_s3_has_them(make_web_app, fake_worker, web_aws):
+    """Three S3 calls an item made a 150-item batch slow to show after a restart
+    (explorer): an input object's HEAD counts its tags, and a listing of the output
+    bucket says which items have a result, so an item answered (never failed or sent
+    again) costs two calls, and one still queued one."""
+    from common.failure_tags import SentAgain
+    from web_tier.storage import clear_failed
+
+    client = make_web_app().test_client()
+    fake_worker.policy = lambda r: {"bad.jpg": "fail", "pending.jpg": "ignore"}.get(r.filename, "ok")
+    files = [(make_image(60), "ok.jpg"), (make_image(61), "bad.jpg"), (make_image(62), "pending.jpg"),
+             (make_image(63), "again.jpg")]
+    batch_id = upload(client, files).get_json()["batch_id"]
+    wait_until(lambda: sum(i["state"] != "queued" for i in items_by_name(client, batch_id).values()) == 3)
+    again = items_by_name(client, batch_id)["again.jpg"]
+    # As a dead letter sent again, then answered, leaves it: tagged and with a result.
+    clear_failed(web_aws, f"{batch_id}/{again['id']}/again.jpg", SentAgain(2, 1700000000.0))
+
+    calls: list[tuple[str, str]] = []
+
+    def count(model, params, **_):
+        calls.append((model.name, params.get("Bucket", "")))
+
+    web_aws.s3.meta.events.register("before-parameter-build.s3", count)
+    try:
+        after = {i["filename"]: i for i in make_web_app(start_background=False).test_client()
+                 .get(f"/api/jobs/{batch_id}").get_json()["items"]}
+    finally:
+        web_aws.s3.meta.events.unregister("before-parameter-build.s3", count)
+    assert {name: item["state"] for name, item in after.items()} == {
+        "ok.jpg": "done", "bad.jpg": "failed", "pending.jpg": "queued", "again.jpg": "done"}
+    assert after["bad.jpg"]["error"] == "cannot decode" and after["bad.jpg"]["worker"] == "fake-1"
+    assert (after["again.jpg"]["sent_again"], after["again.jpg"]["label"]) == (2, again["label"])
+    inputs, outputs = web_aws.settings.input_bucket, web_aws.settings.output_bucket
+    assert sorted(calls) == sorted([("ListObjectsV2", inputs), ("ListObjectsV2", outputs)]
+                                   + [("HeadObject", inputs)] * 4
+                                   + [("GetObjectTagging", inputs)] * 2  # bad.jpg and again.jpg
+                                   + [("HeadObject", outputs)] * 2)  # ok.jpg and again.jpg
+
+
 def test_an_object_deleted_while_its_batch_is_rebuilt_is_left_out(make_web_app, web_aws, monkeypatch):
     """Gone between the listing and its HEAD (an upload refused and its object deleted
     meanwhile), it failed the whole rebuild: the batch answered 503 (reviewer)."""
@@ -1097,8 +1137,8 @@ def test_long_names_survive_in_s3_metadata_within_its_2kb(web_aws):
         meta = web_aws.s3.head_object(Bucket=web_aws.settings.input_bucket, Key=key)["Metadata"]
         # Within 2 KB even counting each name's "x-amz-meta-", which S3 does not.
         assert sum(len(f"x-amz-meta-{k}".encode()) + len(v.encode()) for k, v in meta.items()) <= 2048
-        kept, token, digest = read_stored_upload(web_aws, key)
-        assert (token, digest) == ("t" * 64, "d" * 64)
+        kept, token, digest, tagged = read_stored_upload(web_aws, key)
+        assert (token, digest, tagged) == ("t" * 64, "d" * 64, False)
         assert name.startswith(kept) and decode_filename(meta["original-filename"]) == kept
         if name in whole:
             assert kept == name
