@@ -20,7 +20,13 @@ import boto3
 import botocore.session
 from botocore.client import BaseClient
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+)
 from botocore.utils import parse_timestamp
 from dateutil.tz import tzutc
 
@@ -148,8 +154,9 @@ LONG_POLL_READ_SLACK_S = 60.0
 # with fifteen workers on 2 cores loaded beyond their count (measured). With the usual 30 s,
 # a dead pooled connection held its send slot for 30 s a try, and two of them every upload
 # of the process. The cost of a try that SQS did take: the request queued twice, classified
-# twice, the first answer kept (as a journal's requeue). Not shorter: moto under such a load
-# would then be sent each batch again, and each try adds a copy.
+# twice, the first answer kept (as a journal's requeue); should every try fail, the sender
+# still knows it may be queued (UNTOLD_TRIES). Not shorter: moto under such a load would
+# then be sent each batch again, and each try adds a copy.
 SEND_READ_TIMEOUT_S = 5.0
 
 # What an upload's own S3 calls may take (the image's put, and its delete when the
@@ -227,6 +234,39 @@ def first_received_s(message: dict) -> float | None:
         return int(value) / 1000
     except (TypeError, ValueError):
         return None
+
+
+class _UntoldTries(threading.local):
+    """This thread's count of tries, of the calls watch_untold_tries watches, that ended
+    with no word of whether AWS did the work: no answer came (a read timeout, a
+    connection lost once the request was out), or AWS failed (a 5xx). A call that then
+    fails whole may still have been done by one of them: botocore raises only its last
+    try's error."""
+
+    count = 0
+
+
+UNTOLD_TRIES = _UntoldTries()
+
+# A try that failed so cannot have reached AWS: no connection was made.
+_NEVER_SENT = (EndpointConnectionError, ConnectTimeoutError)
+
+
+def _count_untold(response_dict: dict | None = None, exception: BaseException | None = None, **_) -> None:
+    if exception is not None:
+        if not isinstance(exception, _NEVER_SENT):
+            UNTOLD_TRIES.count += 1
+    elif response_dict is not None and response_dict.get("status_code", 0) >= 500:
+        UNTOLD_TRIES.count += 1
+
+
+def watch_untold_tries(client: BaseClient, operation: str) -> BaseClient:
+    """Have each try of `operation` through `client` that leaves unknown whether AWS did
+    it counted in UNTOLD_TRIES (in the calling thread: botocore tries in the caller's)."""
+    service = client.meta.service_model.service_id.hyphenize()
+    client.meta.events.register(f"response-received.{service}.{operation}", _count_untold,
+                                unique_id=f"imgclass-untold-{service}-{operation}")
+    return client
 
 
 def error_reason(exc: BaseException) -> str:
@@ -321,8 +361,11 @@ class Aws:
     @property
     def sqs_send(self) -> BaseClient:
         """The SQS client for the web tier's request messages, which uploads wait for:
-        a call that has had no answer in SEND_READ_TIMEOUT_S is tried again."""
-        return self._kept("sqs-send", "sqs", client_config(self.max_pool, read_timeout=SEND_READ_TIMEOUT_S))
+        a call that has had no answer in SEND_READ_TIMEOUT_S is tried again, and its
+        tries that leave unknown whether SQS took it are counted (UNTOLD_TRIES)."""
+        made_now = "sqs-send" not in self._clients
+        client = self._kept("sqs-send", "sqs", client_config(self.max_pool, read_timeout=SEND_READ_TIMEOUT_S))
+        return watch_untold_tries(client, "SendMessageBatch") if made_now else client
 
     @property
     def s3_upload(self) -> BaseClient:

@@ -8,8 +8,9 @@ arrive while those are in flight wait for one to end, and then go out together
 in one SendMessageBatch of up to ten. The batch size follows the load by
 itself, with no timer to tune.
 
-`send` returns only once SQS has accepted the message, and raises if it did
-not, so the caller still decides what a failure costs (the upload's 503).
+`send` returns only once SQS has accepted the message, and raises SendError if
+it did not, or if no answer said (`maybe_taken`), so the caller still decides
+what a failure costs (the upload's 503, or its being queued again later).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from common.aws import SQS_MAX_BATCH
+from common.aws import SQS_MAX_BATCH, UNTOLD_TRIES, error_reason
 
 # Two, not one: a send that stalls (a dead pooled connection waits out botocore's read
 # timeout, SEND_READ_TIMEOUT_S a try) held up every upload of the process behind it
@@ -29,7 +30,13 @@ MAX_SENDS_IN_FLIGHT = 2
 
 
 class SendError(Exception):
-    """SQS did not accept a message."""
+    """SQS did not accept a message, or (`maybe_taken`) no answer said whether it did:
+    a try of its call had none, or SQS failed it (botocore raises only the last try's
+    error, which may be a refusal after a try SQS took)."""
+
+    def __init__(self, reason: str, maybe_taken: bool = False) -> None:
+        super().__init__(reason)
+        self.maybe_taken = maybe_taken
 
 
 @dataclass
@@ -64,7 +71,7 @@ class BatchingSender:
         self._sends_in_flight = 0
 
     def send(self, body: str) -> None:
-        """Put one message on the queue; raise SendError (or botocore's error) if it is not there."""
+        """Put one message on the queue; raise SendError if it is not there, or may not be."""
         # Wake-ups are each caller's own, not one condition for all: with 800 callers
         # waiting (a big upload), every send that ended woke all 800 to look and sleep
         # again, ~1 ms of CPU a message, half what batching saves (bench/sender.py).
@@ -125,6 +132,7 @@ class BatchingSender:
 
     def _send_batch(self, batch: list[_Message]) -> None:
         """Send `batch`, setting the error of each message that failed."""
+        UNTOLD_TRIES.count = 0  # this thread's, counted from here (common/aws.py)
         try:
             reply = self.sqs().send_message_batch(
                 QueueUrl=self.queue_url(),
@@ -134,8 +142,13 @@ class BatchingSender:
                 reason = failed.get("Message") or failed.get("Code") or "refused"
                 batch[int(failed["Id"])].error = SendError(f"SQS did not accept the message: {reason}")
         except Exception as exc:  # botocore's, or anything else: each caller hears it
+            # A try that had no answer may have been taken, however the last one failed: a
+            # caller that deleted its image and answered "not stored" then had its request
+            # answered "image missing", or answered after its 503, and sent twice (reviewer).
+            maybe_taken = UNTOLD_TRIES.count > 0
             for message in batch:
-                message.error = exc
+                message.error = SendError(f"the send failed ({error_reason(exc)})", maybe_taken)
+                message.error.__cause__ = exc
         except BaseException as exc:
             # An interruption of this thread (KeyboardInterrupt, SystemExit): it is
             # not known whether SQS took the batch, so no caller may return as if it had.

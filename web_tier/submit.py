@@ -18,7 +18,7 @@ from web_tier.image_check import Upload
 from web_tier.journal import Journal
 from web_tier.refusals import Code, Refusal
 from web_tier.results import DONE, QUEUED, Item, ResultBook
-from web_tier.sender import BatchingSender
+from web_tier.sender import BatchingSender, SendError
 from web_tier.storage import clear_failed, head, put_input, tag_failed
 
 log = logging.getLogger(__name__)
@@ -150,33 +150,49 @@ class Submitter:
             )
             stored = True
             self.requests.send(request)
+        except SendError as exc:
+            if not exc.maybe_taken:
+                return self._refuse(item, upload, request, stored=True)
+            # SQS may hold it: refused, its image deleted, it was answered "image missing"
+            # or classified after its 503 and again when sent again (reviewer). So kept,
+            # and accepted: requeue_unsent sends it unless its result is stored by then
+            # (at worst twice, the first answer kept), as a journal's requeue does.
+            log.warning("item %s: its request may or may not be queued (%s): queued again later",
+                        item.id, exc)
+            self._retry_later(item.id, request)
+            return item
         except Exception:
-            # An AWS outage must cost this file, not the service.
-            log.exception("could not submit item %s", item.id)
-            # Deleted even when the put raised: S3 may have stored it all the same (an
-            # ambiguous 500, a timeout after the write), and a resend under its token
-            # then adopted it from S3, an item no request was ever sent for (reviewer).
-            unstored = self._unstore(item.key)
-            if stored and not unstored:
-                # Stored, with no message, and there to stay: queued later (requeue_unsent,
-                # once SQS answers), as one whose web tier died between the two steps is.
-                # So accepted: refused with "try again" (and Retry-After, which a refusal
-                # that stored nothing says), it was sent again and classified twice.
-                self._retry_later(item.id, request)
-                return item
-            self.book.discard(item.id)
-            if stored:
-                self._end(item.id)
-            else:
-                # Refused: most likely never stored. Should it be there after all (the delete
-                # failed too, or a put still under way landed after it), requeue_unsent,
-                # which sends only what S3 has, queues it: classified, at worst as well as
-                # its resend, never left queued for ever (reviewer).
-                self._retry_later(item.id, request)
-            return Refusal(503, "could not be stored or queued; try again", upload.filename,
-                           code=Code.AWS_UNAVAILABLE)
+            return self._refuse(item, upload, request, stored)
         self._end(item.id)
         return item
+
+    def _refuse(self, item: Item, upload: Upload, request: str, stored: bool) -> Item | Refusal:
+        """What an upload whose put, or request, failed is answered: refused, its image
+        deleted; or, if that delete fails, accepted, to be queued later."""
+        # An AWS outage must cost this file, not the service.
+        log.exception("could not submit item %s", item.id)
+        # Deleted even when the put raised: S3 may have stored it all the same (an
+        # ambiguous 500, a timeout after the write), and a resend under its token
+        # then adopted it from S3, an item no request was ever sent for (reviewer).
+        unstored = self._unstore(item.key)
+        if stored and not unstored:
+            # Stored, with no message, and there to stay: queued later (requeue_unsent,
+            # once SQS answers), as one whose web tier died between the two steps is.
+            # So accepted: refused with "try again" (and Retry-After, which a refusal
+            # that stored nothing says), it was sent again and classified twice.
+            self._retry_later(item.id, request)
+            return item
+        self.book.discard(item.id)
+        if stored:
+            self._end(item.id)
+        else:
+            # Refused: most likely never stored. Should it be there after all (the delete
+            # failed too, or a put still under way landed after it), requeue_unsent,
+            # which sends only what S3 has, queues it: classified, at worst as well as
+            # its resend, never left queued for ever (reviewer).
+            self._retry_later(item.id, request)
+        return Refusal(503, "could not be stored or queued; try again", upload.filename,
+                       code=Code.AWS_UNAVAILABLE)
 
     def send_again(self, item_id: str) -> Item | Refusal:
         """Queue again, under its own id and key, an item a dead letter failed: the item

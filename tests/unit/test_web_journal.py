@@ -15,7 +15,7 @@ import pytest
 from common.aws import Aws
 from common.messages import ClassifyRequest
 from tests.conftest import make_image
-from tests.unit.conftest import services_of, wait_until
+from tests.unit.conftest import FakeWorker, services_of, wait_until
 from web_tier.journal import Journal, read_pending
 
 pytestmark = pytest.mark.timeout(120)
@@ -177,6 +177,59 @@ def test_a_refused_upload_whose_image_cannot_be_deleted_is_queued_later(make_web
     assert submitter.requeue_unsent() == 1
     assert [r.filename for r in queued_requests(web_aws)] == ["a.jpg"]
     assert services_of(app).journal.pending() == {}
+
+
+def _sends_then_says_maybe(submitter) -> None:
+    """Its request messages go out, and their sends then fail as one whose first try had
+    no answer does: SendError, maybe taken."""
+    from web_tier.sender import SendError
+
+    send = submitter.requests.send
+
+    def sent_but_unanswered(body: str) -> None:
+        send(body)
+        raise SendError("the send failed (ReadTimeoutError)", maybe_taken=True)
+
+    submitter.requests.send = sent_but_unanswered
+
+
+def test_an_upload_whose_request_sqs_may_hold_is_accepted_and_kept(make_web_app, web_aws, tmp_path,
+                                                                   fake_worker):
+    """Refused with its image deleted when a send failed after a try SQS had taken, it
+    was answered "image missing" by the worker, a failed item the client had been told
+    was never stored (reviewer)."""
+    fake_worker.stop()  # its message waits in the queue
+    app = make_web_app(web_journal_dir=str(tmp_path))
+    submitter = services_of(app).submitter
+    _sends_then_says_maybe(submitter)
+    form = {"files": [(io.BytesIO(make_image(3)), "a.jpg")], "create": "1"}
+    reply = app.test_client().post("/api/jobs", data=form, content_type="multipart/form-data")
+    assert reply.status_code == 202, reply.get_json()
+    batch_id, item = reply.get_json()["batch_id"], reply.get_json()["items"][0]
+    key = f"{batch_id}/{item['id']}/a.jpg"
+    web_aws.s3.head_object(Bucket=web_aws.settings.input_bucket, Key=key)  # kept
+    assert list(services_of(app).journal.pending()) == [item["id"]]  # to be sent again later
+    worker = FakeWorker(web_aws).start()
+    try:
+        wait_until(lambda: app.test_client().get(f"/api/jobs/{batch_id}").get_json()["items"][0]["state"]
+                   == "done")
+    finally:
+        worker.stop()
+    assert worker.handled == 1  # the message SQS took
+    assert submitter.requeue_unsent() == 0  # answered: not sent again
+    assert services_of(app).journal.pending() == {}
+
+
+def test_a_post_whose_request_sqs_may_hold_gets_its_label(make_web_app, tmp_path, fake_worker):
+    """Answered by a worker while its send still failed, the upload was answered 503
+    "try again" and classified twice when sent again (reviewer)."""
+    app = make_web_app(web_journal_dir=str(tmp_path))
+    _sends_then_says_maybe(services_of(app).submitter)
+    reply = app.test_client().post("/", data={"myfile": (io.BytesIO(make_image(4)), "b.jpg")},
+                                   content_type="multipart/form-data")
+    assert reply.status_code == 200, reply.get_data(as_text=True)
+    assert reply.get_data(as_text=True).startswith("b:label-")
+    assert fake_worker.handled == 1
 
 
 @pytest.mark.parametrize("s3_wrote_it", [True, False])

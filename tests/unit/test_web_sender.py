@@ -147,10 +147,70 @@ def test_a_refused_entry_fails_only_its_own_sender():
 def test_a_failed_call_fails_its_batch_and_the_next_batch_still_goes():
     sqs = FlakySqs(broken=1)
     sender = BatchingSender(lambda: sqs, lambda: "url")
-    with pytest.raises(ConnectionError):
+    with pytest.raises(SendError) as failed:
         sender.send("lost")
+    assert isinstance(failed.value.__cause__, ConnectionError)
     sender.send("next")
     assert sqs.accepted == ["next"]
+
+
+def _sqs_whose_tries_end(outcomes: list):
+    """A real SQS client (two tries a call, as botocore's standard mode retries) whose
+    each try ends as the next of `outcomes` says, with no network: an exception it
+    raises, or an HTTP status it answers."""
+    import boto3
+    from botocore.awsrequest import AWSResponse
+
+    from common.aws import client_config, watch_untold_tries
+
+    sqs = boto3.session.Session().client("sqs", region_name="us-east-1", endpoint_url="http://127.0.0.1:9",
+                                         config=client_config(attempts=len(outcomes)))
+    left = deque(outcomes)
+
+    class Raw:
+        def stream(self, **_):
+            yield b'{"__type": "InternalError", "message": "we failed"}'
+
+    def try_ends(request, **_):
+        outcome = left.popleft()
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return AWSResponse(request.url, outcome, {"Content-Type": "application/x-amz-json-1.0"}, Raw())
+
+    sqs.meta.events.register("before-send.sqs.SendMessageBatch", try_ends)
+    return watch_untold_tries(sqs, "SendMessageBatch")
+
+
+@pytest.mark.parametrize(("tries", "maybe_taken"), [
+    # No answer to the first try: SQS may have taken it, whatever the last try says.
+    (["read timeout", "refused"], True),
+    (["closed", "refused"], True),
+    ([500, "refused"], True),
+    # No try reached SQS, or SQS refused each: not taken.
+    (["refused", "connect timeout"], False),
+    ([400], False),
+])
+def test_a_failed_send_says_whether_sqs_may_have_taken_it(tries, maybe_taken):
+    """Told "not queued" after a try SQS had taken, the upload was refused and its image
+    deleted: the worker then answered "image missing", or answered it after its 503
+    (reviewer). botocore raises only the last try's error."""
+    from botocore.exceptions import (
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+    )
+
+    url = "http://127.0.0.1:9/"
+    made = {"read timeout": ReadTimeoutError(endpoint_url=url),
+            "closed": ConnectionClosedError(endpoint_url=url),
+            "refused": EndpointConnectionError(endpoint_url=url),
+            "connect timeout": ConnectTimeoutError(endpoint_url=url)}
+    sqs = _sqs_whose_tries_end([made.get(t, t) for t in tries])
+    sender = BatchingSender(lambda: sqs, lambda: "http://127.0.0.1:9/123456789012/requests")
+    with pytest.raises(SendError) as failed:
+        sender.send("body")
+    assert failed.value.maybe_taken is maybe_taken
 
 
 def test_a_web_tier_started_without_credentials_sends_once_they_come(web_aws, monkeypatch, tmp_path):
@@ -172,8 +232,9 @@ def test_a_web_tier_started_without_credentials_sends_once_they_come(web_aws, mo
     aws._queue_urls[web_aws.settings.request_queue] = url
     svc = Services(web_aws.settings, aws, ResultBook(), ThreadPoolExecutor(1))
     try:
-        with pytest.raises(NoCredentialsError):
+        with pytest.raises(SendError) as refused:
             svc.submitter.requests.send("before")
+        assert isinstance(refused.value.__cause__, NoCredentialsError) and not refused.value.maybe_taken
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "came-later")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "came-later")
         svc.submitter.requests.send("after")
@@ -392,9 +453,8 @@ def test_many_callers_and_failures_lose_duplicate_and_strand_nothing(seed):
                 sender.send(body)
                 heard[body] = "accepted"
             except SendError as exc:
-                heard[body] = "interrupted" if "interrupted" in str(exc) else "refused"
-            except ConnectionError:
-                heard[body] = "call failed"
+                heard[body] = ("interrupted" if "interrupted" in str(exc) else
+                               "call failed" if isinstance(exc.__cause__, ConnectionError) else "refused")
             except Interrupted:
                 heard[body] = "interrupted"
 
