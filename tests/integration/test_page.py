@@ -2806,6 +2806,102 @@ def test_a_dead_letter_failed_by_a_worker_meanwhile_is_shown_so_and_not_offered(
     wait_for(lambda: not button.is_displayed(), 10, "the button gone")
 
 
+@contextlib.contextmanager
+def requests_held(stack, seconds: int) -> Iterator[None]:
+    """Every classify request sent meanwhile waits `seconds` in the request queue before
+    a worker can receive it (the queue's DelaySeconds, put back to 0 after): its item
+    stays queued that long, for a dead letter to fail it first."""
+    from tests.integration.conftest import clients
+
+    _, sqs, _ = clients(stack)
+    url = sqs.get_queue_url(QueueName=stack.settings().request_queue)["QueueUrl"]
+    sqs.set_queue_attributes(QueueUrl=url, Attributes={"DelaySeconds": str(seconds)})
+    try:
+        yield
+    finally:
+        sqs.set_queue_attributes(QueueUrl=url, Attributes={"DelaySeconds": "0"})
+
+
+def request_queue_empty(stack) -> bool:
+    """Nothing in the request queue: none waiting, held by a worker or delayed."""
+    from tests.integration.conftest import clients
+
+    _, sqs, _ = clients(stack)
+    url = sqs.get_queue_url(QueueName=stack.settings().request_queue)["QueueUrl"]
+    counts = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+    return all(counts[name] == "0" for name in ("ApproximateNumberOfMessages",
+                                                "ApproximateNumberOfMessagesNotVisible",
+                                                "ApproximateNumberOfMessagesDelayed"))
+
+
+# The page's fetches of GET /api/jobs/<id> (polls and refreshes), counted in window.batchReads.
+COUNT_BATCH_READS = r"""
+  window.batchReads = 0;
+  const countedFetch = window.fetch;
+  window.fetch = (url, options) => {
+    if (/^\/api\/jobs\/[0-9a-f]{32}$/.test(String(url))) window.batchReads += 1;
+    return countedFetch(url, options);
+  };"""
+
+
+def test_a_dead_letter_queued_again_from_elsewhere_is_shown_queued_then_done(
+        stack, browser, reference_model, tmp_path):
+    """A dead letter queued again by another client (a script calling POST .../again, not
+    this page's button) is sent to the page's event stream as a `queued` event: its row,
+    failed, shows it queued again, then its answer, with no reload and no poll. The
+    requests are held in the queue (requests_held) so that the dead letter comes first,
+    and "other.jpg" stays queued meanwhile: a batch all finished ends its stream."""
+    import requests
+    from selenium.webdriver.common.by import By
+
+    from common.failure_tags import DEAD_LETTER_ERROR
+    from common.messages import ClassifyRequest
+    from common.names import object_key
+    from tests.integration.conftest import clients
+
+    files = {"late.jpg": make_image(1450, size=(64, 48)), "other.jpg": make_image(1451, size=(64, 48))}
+    _, sqs, _ = clients(stack)
+    settings = stack.settings()
+    with requests_held(stack, 10):
+        browser.get(stack.web_url + "/")
+        browser.execute_script("window.notReloaded = true;" + COUNT_BATCH_READS)
+        choose(browser, tmp_path, files)
+        wait_for(lambda: states_shown(browser) == {"late.jpg": "queued", "other.jpg": "queued"}, 30,
+                 "both files stored")
+        batch_id = browser.current_url.split("#batches=")[1]
+        late_id = next(i["id"] for i in server_items(stack, batch_id) if i["filename"] == "late.jpg")
+        # As SQS moves a request no worker answered in its attempts.
+        dead = ClassifyRequest(id=late_id, bucket=settings.input_bucket, filename="late.jpg",
+                               key=object_key(batch_id, late_id, "late.jpg"))
+        sqs.send_message(QueueUrl=sqs.get_queue_url(QueueName=settings.dead_letter_queue)["QueueUrl"],
+                         MessageBody=dead.to_json())
+        wait_for(lambda: states_shown(browser) == {"late.jpg": "failed", "other.jpg": "queued"}, 10,
+                 "the dead letter shown")
+        assert DEAD_LETTER_ERROR in rows_shown(browser)[0][2]
+        reads = browser.execute_script("return window.batchReads")
+
+        # Another client queues it again: the page hears it by its stream alone.
+        answer = requests.post(f"{stack.web_url}/api/jobs/{batch_id}/items/{late_id}/again", timeout=10)
+        assert answer.status_code == 202, answer.text
+        assert answer.json()["item"]["state"] == "queued"
+        wait_for(lambda: states_shown(browser) == {"late.jpg": "queued", "other.jpg": "queued"}, 5,
+                 "the dead letter shown queued again")
+    _, _, text = rows_shown(browser)[0]
+    assert "sent again" in text and DEAD_LETTER_ERROR not in text, text
+    assert "failed" not in browser.find_element(By.ID, "summary").text
+    assert browser.execute_script("return window.batchReads") == reads  # not polled: the event
+
+    # The held requests come out: the row shows its answer, still not reloaded.
+    wait_for(lambda: states_shown(browser) == {"late.jpg": "done", "other.jpg": "done"}, 60,
+             "the file queued again, classified")
+    assert_classified(finished_rows(browser, stack, 2, 10), files, reference_model)
+    assert "sent again" in rows_shown(browser)[0][2]
+    assert browser.execute_script("return window.notReloaded")
+    # Its request sent again is answered too (ignored, the first answer won): no request
+    # is left for the tests after this one.
+    wait_for(lambda: request_queue_empty(stack), 60, "the request queue empty")
+
+
 # A refresh of the summary made to cost 10 ms, asked for by 200 changes, each in a task of
 # its own (as results from an event stream and upload progress events come): what it
 # cost, and whether the last change was refreshed.
