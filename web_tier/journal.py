@@ -19,6 +19,7 @@ is all a killed process needs; a lost machine loses the file with the process.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -74,6 +75,7 @@ class Journal:
         self._path, self._fd = self._new_file()
         self._lines = 0
         self._failing = False
+        self._torn = False  # the last write ended mid-line
 
     @property
     def path(self) -> Path:
@@ -91,7 +93,10 @@ class Journal:
             if self._pending.pop(item_id, None) is None:
                 return
             self._write(_line(_END, item_id))
-            if self._lines >= self.max_lines:
+            # Also not before the file holds twice what a new one would: with more pending
+            # than max_lines (an S3 outage's uploads), every end rewrote them all, under the
+            # lock every upload takes (20,000 pending: 168 ms an end, reviewer).
+            if self._lines >= max(self.max_lines, 2 * len(self._pending)):
                 self._compact()
 
     def pending(self) -> dict[str, str]:
@@ -144,13 +149,22 @@ class Journal:
                 os.close(self._fd)
                 self._fd = -1
 
-    def _write(self, line: bytes) -> bool:
-        """Append `line`; whether it was written."""
+    def _write(self, lines: bytes, count: int = 1) -> bool:
+        """Append `lines` (`count` of them); whether they were written whole."""
         if self._fd < 0:
             return False
+        # After a line cut short (a full disk), a line break first: appended to it, the
+        # next line would be lost with it (read_pending skips a line it cannot read).
+        data = memoryview(b"\n" + lines if self._torn else lines)
         try:
-            os.write(self._fd, line)
+            while data:  # os.write may write only part of it, as on a disk filling up
+                written = os.write(self._fd, data)
+                if not written:
+                    raise OSError(errno.ENOSPC, "the journal took nothing")
+                self._torn = data[written - 1:written] != b"\n"
+                data = data[written:]
         except OSError as exc:
+            self._torn = True  # perhaps: an empty line costs nothing
             if not self._failing:
                 log.error("cannot write the journal %s (%s): uploads stored until it can are lost if "
                           "this process is killed before they are queued", self._path, exc)
@@ -159,7 +173,7 @@ class Journal:
         if self._failing:
             log.warning("writing the journal %s again", self._path)
             self._failing = False
-        self._lines += 1
+        self._lines += count
         return True
 
     def _new_file(self) -> tuple[Path, int]:
@@ -189,11 +203,12 @@ class Journal:
         except OSError as exc:
             log.error("cannot start a new journal in %s (%s): %s grows on", self.directory, exc, self._path)
             return
-        old_path, old_fd = self._path, self._fd
-        self._path, self._fd = path, fd
-        written = all(self._write(_line(_BEGIN, i, body)) for i, body in self._pending.items())
+        old_path, old_fd, old_torn = self._path, self._fd, self._torn
+        self._path, self._fd, self._torn = path, fd, False
+        written = self._write(b"".join(_line(_BEGIN, i, body) for i, body in self._pending.items()),
+                              len(self._pending))
         if not written:  # the new file lacks some: the old one, which has them all, stays
-            self._path, self._fd = old_path, old_fd
+            self._path, self._fd, self._torn = old_path, old_fd, old_torn
             path.unlink(missing_ok=True)
             os.close(fd)
             return
