@@ -33,8 +33,8 @@ from common.failure_tags import (
 )
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
 from web_tier.rebuild import with_stored_outcome
-from web_tier.results import Item, ResultBook, batch_id_of
-from web_tier.storage import input_tags, tag_failed
+from web_tier.results import DONE, Item, ResultBook, batch_id_of
+from web_tier.storage import clear_failed, input_tags, tag_failed
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,10 @@ class Listeners:
         item = Item(request.id, batch_id_of(request.key), request.filename, request.key)
         stored = with_stored_outcome(self.aws, item, tag_set)
         if stored.is_finished:
-            if self.book.record_item(stored):
+            # A stored failure may be the mark this copy's earlier dead letter left, on an
+            # item queued again since: no failure of it then. A result stands whatever copy
+            # made it.
+            if self.book.record_item(stored, None if stored.state == DONE else request.sent_at):
                 log.info("item %s: its outcome was stored but never sent; taken from S3", request.id)
             return
         sent = _sent_again(known, tag_set)
@@ -254,8 +257,10 @@ class Listeners:
         # The waiting client first: the book is memory, and failing twice changes nothing.
         # The count and time for an item the book learns of here; one it holds has its own.
         if self.book.fail(request.id, DEAD_LETTER_ERROR, key=request.key, filename=request.filename,
-                          sent=sent if known is None else None):
+                          sent=sent if known is None else None, sent_before=request.sent_at):
             log.info("item %s failed on every attempt", request.id)
+        if self._queued_again_since(request):
+            return
         # Then the lasting record, for a batch rebuilt from S3. If this raises, the
         # message stays and comes back. A mark S3 will never take (the object gone, a
         # tag refused) is given up: kept, the message came back every 30 s for 14 days.
@@ -268,6 +273,21 @@ class Listeners:
             return
         if why_not:
             log.warning("item %s: its input not marked failed: %s", request.id, why_not)
+        elif self._queued_again_since(request):
+            # Queued again while this marked it, the mark may have landed after the one
+            # POST .../again wrote: put that one back, or a batch rebuilt after a restart
+            # showed it failed, with the count of times sent again lost (reviewer).
+            again = self.book.get(request.id)
+            if again is not None:
+                clear_failed(self.aws, request.key, again.sent_again_record)
+
+    def _queued_again_since(self, request: ClassifyRequest) -> bool:
+        """Whether the book has the dead letter's item queued again since its request was sent."""
+        known = self.book.get(request.id)
+        if known is None or request.sent_at >= known.requeued_at:
+            return False
+        log.info("item %s: queued again while its dead letter was read; left queued", request.id)
+        return True
 
 
 def _sent_again(known: Item | None, tag_set: list[dict[str, str]] | None) -> SentAgain:

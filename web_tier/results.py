@@ -268,21 +268,26 @@ class ResultBook:
         """Record a worker's answer; the item if this was its first result, else None."""
         return self._finish(item_from_response(response), response.untrained)
 
-    def record_item(self, item: Item) -> Item | None:
-        """Record an outcome found another way (in S3); the item if this was its first result."""
-        return self._finish(item, item.untrained if item.state == DONE else None)
+    def record_item(self, item: Item, sent_before: float | None = None) -> Item | None:
+        """Record an outcome found another way (in S3); the item if this was its first
+        result. `sent_before`: as for fail."""
+        return self._finish(item, item.untrained if item.state == DONE else None, sent_before=sent_before)
 
     def fail(self, item_id: str, error: str, *, key: str = "", filename: str = "",
-             sent: SentAgain | None = None) -> Item | None:
+             sent: SentAgain | None = None, sent_before: float | None = None) -> Item | None:
         """Mark an item failed unless it already has an outcome; the item if it changed.
         `sent`: how often it was sent again, and when last, if the caller knows better
         than the book: for an item the book learns of here (a dead letter's, after a
-        restart: its input object's tags say), or a send again undone (nothing sent)."""
+        restart: its input object's tags say), or a send again undone (nothing sent).
+        `sent_before`: when the request that failed was sent, for a dead letter: an item
+        queued again since then is left queued, its new request under way (decided
+        under the book's lock: a dead letter's reader looks, reads S3, then fails it,
+        and a POST .../again in between had its item failed while its request was out)."""
         sent_again = sent or NEVER_SENT_AGAIN
         item = Item(id=item_id, batch_id=batch_id_of(key), filename=filename, key=key,
                     sent_again=sent_again.count, requeued_at=sent_again.at)
         item.state, item.error = FAILED, error
-        return self._finish(item, None, sent)
+        return self._finish(item, None, sent, sent_before)
 
     def queue_again(self, item_id: str, at: float) -> Item | None:
         """Put an item a dead letter failed back to queued, for its request to be sent
@@ -361,12 +366,16 @@ class ResultBook:
             self._evict(keep=batch_id)
             self._publish(finished)
 
-    def _finish(self, incoming: Item, untrained: bool | None, sent: SentAgain | None = None) -> Item | None:
+    def _finish(self, incoming: Item, untrained: bool | None, sent: SentAgain | None = None,
+                sent_before: float | None = None) -> Item | None:
         """Finish the item `incoming` names with its outcome, unless it has one (a late
         answer replaces a dead letter's failure); the item if this finished it. `sent`:
-        its count and time of sending again, for one still queued (ResultBook.fail)."""
+        its count and time of sending again, for one still queued (ResultBook.fail);
+        `sent_before`: see ResultBook.fail."""
         with self._lock:
             item = self._items.get(incoming.id)
+            if item is not None and sent_before is not None and sent_before < item.requeued_at:
+                return None
             if item is None and incoming.batch_id is None:
                 # No item of this service's: its key names no batch (anyone who may send
                 # to the request queue can make one). Kept, no eviction would ever forget

@@ -232,6 +232,38 @@ def test_a_dead_letter_of_a_copy_sent_before_leaves_the_item_queued(web_app, web
     wait_until(lambda: sent_again_from_tags(input_tags(web_aws, request.key)) == SentAgain(1, requeued_at))
 
 
+@pytest.mark.parametrize("while_", ["reading its outcome", "marking it failed"])
+def test_an_item_queued_again_while_a_dead_letter_is_read_stays_queued(web_app, web_aws, monkeypatch, while_):
+    """A copy's dead letter read (its S3 reads, then its mark) while POST .../again
+    queued the item: the look before them said "not queued again", and the item was
+    failed while its new request was out, its mark rewritten without the count (reviewer)."""
+    import web_tier.listeners as listeners
+
+    client = web_app.test_client()
+    # Failed by a first dead letter whose mark S3 has not taken (denied, and retried).
+    batch_id, uploaded = uploaded_and_failed(web_app, seed=312)
+    request = requests_queued(web_aws)[0]
+    assert request.id == uploaded["id"]
+    sent_again = []
+
+    def queue_it_again_first(real):
+        def meanwhile(*args, **kwargs):
+            if not sent_again:
+                sent_again.append(client.post(again_url(batch_id, request.id)).status_code)
+            return real(*args, **kwargs)
+        return meanwhile
+
+    name = "with_stored_outcome" if while_ == "reading its outcome" else "tag_failed"
+    monkeypatch.setattr(listeners, name, queue_it_again_first(getattr(listeners, name)))
+    web_aws.sqs.send_message(QueueUrl=web_aws.dead_letter_queue_url, MessageBody=request.to_json())
+    wait_until(lambda: dead_letters_left(web_aws) == 0 and sent_again)
+    assert sent_again == [202]
+    item = items_by_name(client, batch_id)["dead.jpg"]
+    assert (item["state"], item["sent_again"]) == ("queued", 1)
+    assert failure_mark(web_aws, request.key) is None
+    assert sent_again_from_tags(input_tags(web_aws, request.key)).count == 1
+
+
 def test_an_event_stream_sends_the_item_queued_again_then_its_answer(make_web_app, monkeypatch):
     """An open page hears the item queued again: its stream had sent the failure, and
     with nothing else queued it would have ended."""
