@@ -89,7 +89,16 @@ def create_job() -> Response:
             # ever), and answer now with what was stored, the rest refused.
             rejected.extend(_refusals_while_stopping(files[start:], start))
             break
-        stored, refused = _stored_and_refused(batch_id, files[start:start + FILES_PER_CHUNK], start, tokens)
+        # Made by this request while nothing of it is stored yet. Else the book may have
+        # let it go since (a full book, between chunks): read back from S3 first, with
+        # the tokens of the files stored, and, should it go again meanwhile, made again
+        # incomplete (ResultBook.add). Made again complete, it showed only the later
+        # chunks' files, and a resend of the earlier ones stored them twice (reviewer).
+        made_here = not adding and not items
+        if not made_here:
+            svc.rebuilder.load_batch(batch_id)
+        stored, refused = _stored_and_refused(batch_id, files[start:start + FILES_PER_CHUNK], start, tokens,
+                                              made_here)
         items.extend(stored)
         rejected.extend(refused)
     rejected.sort(key=lambda r: r["index"])
@@ -134,9 +143,9 @@ def _refusals_while_stopping(files: list[FileStorage], first_index: int) -> list
 
 
 def _stored_and_refused(batch_id: str, files: list[FileStorage], first_index: int, tokens: list[str] | None,
-                        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+                        made_here: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Store and queue `files` (numbered from `first_index`) in `batch_id`: the items
-    stored, and the refusals of the files that were not."""
+    stored, and the refusals of the files that were not. `made_here`: see ResultBook.add."""
     svc = services()
     items: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
@@ -147,7 +156,7 @@ def _stored_and_refused(batch_id: str, files: list[FileStorage], first_index: in
         except Refusal as exc:
             rejected.append(_rejection(index, exc))
     outcomes = svc.submitter.submit(
-        batch_id, [u for _, u in accepted], [tokens[i] for i, _ in accepted] if tokens else None,
+        batch_id, [u for _, u in accepted], [tokens[i] for i, _ in accepted] if tokens else None, made_here,
     ) if accepted else []
     for (index, _), outcome in zip(accepted, outcomes, strict=True):
         if isinstance(outcome, Refusal):

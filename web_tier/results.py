@@ -221,15 +221,20 @@ class ResultBook:
                     inbox.put(None)
 
     # --- writing ---------------------------------------------------------------
-    def add(self, batch_id: str, items: list[Item]) -> list[Item]:
+    def add(self, batch_id: str, items: list[Item], made_here: bool = True) -> list[Item]:
         """Register new uploads (in order) under `batch_id`, creating the batch if needed.
 
         Returns, for each, the item the batch holds: itself, or the one it already
-        holds under the same token, which this one then does not join."""
+        holds under the same token, which this one then does not join. `made_here`:
+        whether the caller made the batch and stored nothing in it before; if not, a
+        batch the book does not hold (let go between two chunks of one request) is
+        made again incomplete, for a GET to rebuild from S3 with its stored items:
+        made complete, it showed only the later chunks' (reviewer)."""
         held = []
         with self._lock:
+            if batch_id not in self._batches:
+                self._batch(batch_id).complete = made_here
             batch = self._batch(batch_id)
-            batch.complete = True
             for item in items:
                 holder = self._items.get(batch.tokens.get(item.token, "")) if item.token else None
                 if holder is not None:

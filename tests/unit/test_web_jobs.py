@@ -837,8 +837,8 @@ def test_a_file_sent_again_while_its_first_storing_fails_is_not_taken_as_stored(
     assert put.storing.wait(30)
     real_add = svc.book.add
 
-    def add_then_let_the_first_fail(batch, items):
-        held = real_add(batch, items)  # finds the first request's item under the token
+    def add_then_let_the_first_fail(batch, items, *rest):
+        held = real_add(batch, items, *rest)  # finds the first request's item under the token
         put.release.set()
         sender.join(30)  # which has now failed, and left the book
         return held
@@ -918,6 +918,45 @@ def test_a_batch_of_which_nothing_was_stored_is_gone_at_once(make_web_app, web_a
 def finish(app, item_id: str, label: str, key: str = "", name: str = "x.jpg") -> None:
     services_of(app).book.record(ClassifyResponse(
         id=item_id, filename=name, key=key, worker="w", untrained=True, label=label, score=0.5))
+
+
+def test_a_batch_the_book_lets_go_between_chunks_keeps_its_earlier_files(make_web_app, web_aws):
+    """A full book forgot a batch between two chunks of one request (its first chunk all
+    answered): the second chunk made it again, complete, with only its own file, and the
+    first chunk's tokens forgotten: a GET showed 1 file of 17, and a resend of the
+    others stored them twice (reviewer)."""
+    app = make_web_app(start_background=False, max_files_per_request=FILES_PER_CHUNK + 1)
+    svc = services_of(app)
+    real_submit, calls = svc.submitter.submit, []
+
+    def submit_then_forget_it(batch_id, uploads, *rest):
+        outcomes = real_submit(batch_id, uploads, *rest)
+        if not calls:
+            for item in outcomes:  # answered, as a worker does: stored, then replied
+                web_aws.s3.put_object(Bucket=web_aws.settings.output_bucket, Key=item.key,
+                                      Body=f"{item.filename},cat".encode())
+                finish(app, item.id, "cat", key=item.key)
+            with svc.book._lock:  # as a full book does, once its items are all finished
+                limit, svc.book._max_items = svc.book._max_items, 0
+                svc.book._evict()
+                svc.book._max_items = limit
+            assert svc.book.batch(batch_id) is None
+        calls.append(len(uploads))
+        return outcomes
+
+    svc.submitter.submit = submit_then_forget_it
+    batch_id = "c" * 32
+    files = [(make_image(90 + n), f"f{n:02d}.jpg") for n in range(FILES_PER_CHUNK + 1)]
+    tokens = [f"t{n}" for n in range(len(files))]
+    sent = upload(app.test_client(), files, batch_id=batch_id, create="1", tokens=tokens)
+    assert sent.status_code == 202 and calls == [FILES_PER_CHUNK, 1]
+    listed = app.test_client().get(f"/api/jobs/{batch_id}").get_json()["items"]
+    assert [i["filename"] for i in listed] == [name for _, name in files]
+    assert [i["state"] for i in listed] == ["done"] * FILES_PER_CHUNK + ["queued"]
+    # The first file sent again under its token: the one stored, not a second.
+    again = upload(app.test_client(), files[:1], batch_id=batch_id, tokens="t0").get_json()
+    assert again["items"][0]["again"] is True
+    assert len(app.test_client().get(f"/api/jobs/{batch_id}").get_json()["items"]) == len(files)
 
 
 def test_a_batch_all_refused_by_an_untrained_worker_says_untrained(make_web_app):
@@ -1162,8 +1201,8 @@ def test_a_stop_during_a_large_upload_stores_no_more_and_answers_at_once(make_we
     svc = services_of(app)
     real_submit = svc.submitter.submit
 
-    def submit_then_told_to_stop(batch_id, uploads, tokens=None):
-        outcomes = real_submit(batch_id, uploads, tokens)
+    def submit_then_told_to_stop(batch_id, uploads, *rest):
+        outcomes = real_submit(batch_id, uploads, *rest)
         svc.book.close()  # SIGTERM, while the first chunk was being stored
         return outcomes
 

@@ -42,6 +42,20 @@ def test_first_result_wins():
     assert book.totals() == {"uploaded": 1, "answered": 1, "failed": 0}
 
 
+def test_a_batch_made_again_by_a_later_add_is_known_only_once_rebuilt():
+    """Not made by its caller (who stored files in it before), a batch the book does not
+    hold is made incomplete: its GET rebuilds it from S3 rather than showing only the
+    files added last."""
+    book = ResultBook()
+    book.add(BATCH, [Item("late", BATCH, "late.jpg", f"{BATCH}/late/late.jpg")], made_here=False)
+    assert book.batch(BATCH) is None
+    book.merge(BATCH, [Item("early", BATCH, "early.jpg", f"{BATCH}/early/early.jpg")])
+    assert sorted(i.id for i in book.batch(BATCH)) == ["early", "late"]
+    fresh = book_with("a")  # made here: known at once, and an add to it keeps it so
+    fresh.add(BATCH, [Item("b", BATCH, "b.jpg", f"{BATCH}/b/b.jpg")], made_here=False)
+    assert [i.id for i in fresh.batch(BATCH)] == ["a", "b"]
+
+
 def test_a_reader_sees_finished_only_once_every_field_is_written():
     """Readers take no lock: a thread switch in the middle of an update must not
     show a done item without its top 5 or worker (SSE sends each item once)."""

@@ -125,8 +125,8 @@ def test_a_bulk_request_is_read_and_stored_a_few_files_at_a_time(web_app, web_se
 
     submitter = services_of(web_app).submitter
     submit, chunks = submitter.submit, []
-    monkeypatch.setattr(submitter, "submit", lambda batch, uploads, tokens=None: chunks.append(len(uploads))
-                        or submit(batch, uploads, tokens))
+    monkeypatch.setattr(submitter, "submit", lambda batch, uploads, *rest: chunks.append(len(uploads))
+                        or submit(batch, uploads, *rest))
     count = web_settings.max_files_per_request
     files = [(make_image(400 + n, size=(48, 48)), f"f{n}.jpg") for n in range(count)]
     files[3] = (b"not an image", "f3.jpg")
