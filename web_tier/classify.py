@@ -85,6 +85,10 @@ def _one_file_body_limit() -> None:
 @bp.post("/")
 @require_api_key(lambda: _refusal(401, KEY_REQUIRED, None, Code.UNAUTHORIZED))
 def classify() -> Response:
+    # RESULT_TIMEOUT counts from here, not from the image being queued: storing it may
+    # take minutes with S3 or SQS failing (retried), and proxies set to wait a little
+    # over RESULT_TIMEOUT cut such requests off, their answers lost (reviewer).
+    arrived = time.monotonic()
     svc = services()
     files = form_files(request, CLASSIFY_FIELDS)
     if not files:
@@ -118,7 +122,8 @@ def classify() -> Response:
         # The answer is a page of its own: reloading it asks again, where reloading
         # this POST's answer sent the image again (reviewer).
         return redirect(url_for("classify.answer", batch_id=batch_id), code=303)
-    item, client_left = _wait_while_connected(svc.book, outcome.id, svc.settings.result_timeout_s)
+    waited = time.monotonic() - arrived
+    item, client_left = _wait_while_connected(svc.book, outcome.id, svc.settings.result_timeout_s - waited)
     if client_left:
         log.info("POST / for item %s: the client left before its result; it is still queued", outcome.id)
         return _stored_refusal(CLIENT_CLOSED, f"the client left; the image is still queued, "

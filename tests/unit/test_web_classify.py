@@ -141,6 +141,28 @@ def test_a_method_not_allowed_names_the_allowed_ones(web_client):
         assert "POST" in response.headers["Allow"]
 
 
+def test_result_timeout_counts_from_the_requests_arrival(make_web_app, monkeypatch):
+    """Counted from the image being queued, a POST / whose storing took long (S3 or SQS
+    failing, retried) waited RESULT_TIMEOUT more: past a proxy set a little above it,
+    its answer was cut off (reviewer). Here S3 takes 2.5 s of a 3 s RESULT_TIMEOUT."""
+    import web_tier.submit as submit_module
+
+    app = make_web_app(result_timeout_s=3.0, start_background=False)
+    put = submit_module.put_input
+    slow = threading.Event()
+
+    def slow_put(*args, **kwargs):
+        slow.wait(2.5)  # S3 answering late: nothing sets it
+        return put(*args, **kwargs)
+
+    monkeypatch.setattr(submit_module, "put_input", slow_put)
+    began = time.monotonic()
+    response = post_image(app.test_client(), make_image(7), "slow.jpg")
+    took = time.monotonic() - began
+    assert response.status_code == 504 and "X-Item-Id" in response.headers
+    assert 2.9 < took < 4.5, took  # was 5.5: 2.5 s storing, then 3 s waiting
+
+
 def test_no_answer_is_504_and_the_service_keeps_answering(make_web_app, fake_worker):
     app = make_web_app(result_timeout_s=0.5)
     fake_worker.policy = lambda request: "ignore" if request.filename == "lost.jpg" else "ok"
