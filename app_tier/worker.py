@@ -65,6 +65,7 @@ from common.aws import (
     AWS_ERRORS,
     FIRST_RECEIVED_ATTRIBUTE,
     Aws,
+    error_code,
     first_received_s,
     is_callers_fault,
     is_not_found,
@@ -491,10 +492,10 @@ class Worker:
         attempt, alone: its batch-mates are answered and deleted as usual.
         """
         stores = [(job, response, self._io.submit(self._store, job, response)) for job, response in responses]
-        unstored, denied = [], []
+        unstored, denied, stored = [], [], {}
         for job, _, store in stores:
             try:
-                store.result()
+                stored[job.message_id] = store.result()
             except MarkDenied as exc:  # not given up yet (_store): tried again, later than most
                 log.warning("could not mark %s failed; tried again in %d s or more: %s", job.request.key,
                             MARK_DENIED_RETRY_DELAY_S, exc)
@@ -507,7 +508,7 @@ class Worker:
             # towards the dead-letter queue for one S3 failure (reviewer).
             self.held.release(unstored)
             self.held.release(denied, at_least_s=MARK_DENIED_RETRY_DELAY_S)
-            responses = [(job, r) for job, r in responses if job not in unstored and job not in denied]
+        responses = [(job, stored[job.message_id]) for job, _ in responses if job.message_id in stored]
         # Committed: these are answered now, so a shutdown must not hand them back too.
         self.held.mark_answering([job for job, _ in responses])
         unsent = self.replies.send(responses)
@@ -580,19 +581,33 @@ class Worker:
         with self._risk.enter(jobs), self.held.at_risk(jobs):
             yield
 
-    def _store(self, job: Job, response: ClassifyResponse) -> None:
+    def _store(self, job: Job, response: ClassifyResponse) -> ClassifyResponse:
+        """Store the outcome of `job`; the answer to send: `response`, or the result
+        another copy of the request stored first."""
         req = job.request
         assert req is not None
         if job.stored_answer is not None:
-            return  # stored by the attempt that made it
+            return response  # stored by the attempt that made it
         if response.ok:
-            self.aws.s3.put_object(
-                Bucket=self.settings.output_bucket,
-                Key=req.key,
-                Body=pair_text(job.filename or req.filename or stored_name(req.key), response.label).encode(),
-                ContentType="text/plain",
-                Metadata=result_metadata(response),
-            )
+            try:
+                self.aws.s3.put_object(
+                    Bucket=self.settings.output_bucket,
+                    Key=req.key,
+                    Body=pair_text(job.filename or req.filename or stored_name(req.key),
+                                   response.label).encode(),
+                    ContentType="text/plain",
+                    Metadata=result_metadata(response),
+                    # Only the first result is stored, as the web tier keeps only the first
+                    # answer: a second copy overwriting it, classified by another model
+                    # (a rollout, the other runtime), left S3 and the answer given differing.
+                    IfNoneMatch="*",
+                )
+            except ClientError as exc:
+                if error_code(exc) != "PreconditionFailed":
+                    raise
+                stored = stored_answer(self.aws, req, self.classifier.untrained)
+                log.info("request %s: another copy's result was stored first; answering with it", req.id)
+                return stored or response
         else:
             # The failure is kept on the input object so the web tier can rebuild it. If
             # S3 is failing or throttling, this raises: as for a result not written,
@@ -609,9 +624,10 @@ class Worker:
                                            attempt=job.receive_count,
                                            last_attempt=job.receive_count >= self.settings.max_receive_count):
                     raise
-                return
+                return response
             if why_not:
                 log.warning("could not tag failed input %s: %s", req.key, why_not)
+        return response
 
     def _heartbeat_loop(self) -> None:
         watch = self.stall_watch

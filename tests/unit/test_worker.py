@@ -391,6 +391,34 @@ def test_a_used_up_request_whose_result_an_earlier_attempt_stored_is_answered_wi
     assert depth(aws, aws.request_queue_url) == (0, 0)
 
 
+class OtherModel(MeanClassifier):
+    """Another model (a rollout, the other runtime): its labels differ from MeanClassifier's."""
+
+    def classify(self, batch: np.ndarray) -> list[Classification]:
+        return [Classification("other-" + c.label, c.score, c.top5) for c in super().classify(batch)]
+
+
+def test_a_second_copys_result_never_replaces_the_first_stored(aws_env, monkeypatch):
+    """A copy answered again (its first worker died after storing) by another model
+    overwrote the output object: the web tier kept the first answer to reach it, S3 the
+    last, and a batch rebuilt after a restart showed another label (reviewer). The
+    second worker answers with what was stored first."""
+    settings, aws = aws_env
+    request = upload(settings, aws, "cat.jpg", make_image(3), "cat")
+    first = Worker(settings, aws, MeanClassifier(), "i-first")
+    dies_before_replying(first, first.fetch(), monkeypatch)
+    monkeypatch.undo()
+    stored = aws.s3.get_object(Bucket=settings.output_bucket, Key=request.key)["Body"].read().decode()
+    second = Worker(settings, aws, OtherModel(), "i-second")
+    second.process(second.fetch())
+    answer = responses(aws)["cat"]
+    assert (answer.label, answer.worker) == (label_of(stored), "i-first")
+    assert not answer.label.startswith("other-")
+    after = aws.s3.get_object(Bucket=settings.output_bucket, Key=request.key)["Body"].read().decode()
+    assert after == stored
+    assert depth(aws, aws.request_queue_url) == (0, 0)
+
+
 def test_a_used_up_request_whose_failure_an_earlier_attempt_stored_is_answered_with_it(aws_env, monkeypatch):
     """An attempt marked the image failed, then its worker died before replying: the
     answer is that failure, its reason and worker, and the mark stays as it was."""
