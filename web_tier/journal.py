@@ -24,6 +24,7 @@ import fcntl
 import logging
 import os
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -36,6 +37,8 @@ SUFFIX = ".journal"
 # is replaced by one that holds only those not yet ended.
 MAX_LINES = 20_000
 _BEGIN, _END = "+", "-"
+# How old a file left unnamed by a killed process must be before it is deleted.
+UNNAMED_AGE_S = 60.0
 
 
 def _line(mark: str, item_id: str, body: str = "") -> bytes:
@@ -110,6 +113,7 @@ class Journal:
         A file that cannot be read, or copied here whole (a full disk), is left
         for a later call: deleted, what this journal lacks of it would be lost
         with this process."""
+        self._remove_unnamed()
         adopted: dict[str, str] = {}
         for path in sorted(self.directory.glob(f"*{SUFFIX}")):
             if path == self._path:
@@ -119,6 +123,21 @@ class Journal:
             except OSError as exc:  # e.g. a file another user's web tier left
                 log.error("cannot take over the journal %s (%s); trying again later", path, exc)
         return adopted
+
+    def _remove_unnamed(self) -> None:
+        """Delete the files a process killed while making a new journal left unnamed
+        (_new_file): empty, or a compaction's copy the old file still has whole. Only
+        once a minute old: a process that has just made one locks it a moment later."""
+        for path in self.directory.glob(".*.new"):
+            try:
+                if time.time() - path.stat().st_mtime < UNNAMED_AGE_S:
+                    continue
+                fd = _lock_if_dead(path)
+            except OSError:
+                continue
+            if fd is not None:
+                path.unlink(missing_ok=True)
+                os.close(fd)
 
     def _adopt(self, path: Path) -> dict[str, str]:
         fd = _lock_if_dead(path)

@@ -266,6 +266,7 @@ class ResultBook:
                 del batch.tokens[item.token]
             if batch is not None and not batch.item_ids and not batch.tokens:
                 del self._batches[batch.id]  # nothing of it was stored: as if never sent
+                self._maybe_finished.pop(batch.id, None)  # nor is it to be forgotten later
             elif batch is not None:
                 self._may_be_finished(batch.id)
 

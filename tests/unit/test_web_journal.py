@@ -100,6 +100,20 @@ def test_a_write_cut_short_loses_no_other_line(tmp_path, monkeypatch):
                                                        "c": request_body("c", "b/c/3.jpg")}
 
 
+def test_a_file_a_killed_process_left_unnamed_is_deleted_once_a_minute_old(tmp_path):
+    """Killed between making a new journal and naming it, a process left a hidden
+    `.<name>.new` file that nothing ever deleted (reviewer)."""
+    left = tmp_path / ".123-abcdef01.new"
+    left.write_bytes(b"")
+    fresh = tmp_path / ".124-abcdef02.new"  # one a live process is making right now
+    fresh.write_bytes(b"")
+    os.utime(left, (1_000_000, 1_000_000))
+    journal = Journal(tmp_path)
+    assert journal.adopt_orphans() == {}
+    assert not left.exists() and fresh.exists()
+    assert journal.path.exists()
+
+
 def test_a_live_processs_journal_is_never_taken_and_a_dead_ones_is_taken_once(tmp_path):
     live = Journal(tmp_path)
     live.begin("a", request_body("a", "b/a/1.jpg"))

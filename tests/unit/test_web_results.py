@@ -56,6 +56,16 @@ def test_a_batch_made_again_by_a_later_add_is_known_only_once_rebuilt():
     assert [i.id for i in fresh.batch(BATCH)] == ["a", "b"]
 
 
+def test_a_batch_all_discarded_leaves_nothing_behind():
+    """A request whose every file was refused after joining the book left its batch's
+    id among those to forget, for good below the cap (reviewer)."""
+    book = book_with("a", "b")
+    book.discard("a")
+    book.discard("b")
+    assert book.batch(BATCH) is None and book.totals()["uploaded"] == 0
+    assert BATCH not in book._batches and BATCH not in book._maybe_finished
+
+
 def test_a_reader_sees_finished_only_once_every_field_is_written():
     """Readers take no lock: a thread switch in the middle of an update must not
     show a done item without its top 5 or worker (SSE sends each item once)."""
