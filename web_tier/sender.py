@@ -138,9 +138,12 @@ class BatchingSender:
                 QueueUrl=self.queue_url(),
                 Entries=[{"Id": str(n), "MessageBody": m.body} for n, m in enumerate(batch)],
             )
+            # Refused now, perhaps after a try that had no answer and that SQS took.
+            maybe_taken = UNTOLD_TRIES.count > 0
             for failed in reply.get("Failed", []):
                 reason = failed.get("Message") or failed.get("Code") or "refused"
-                batch[int(failed["Id"])].error = SendError(f"SQS did not accept the message: {reason}")
+                batch[int(failed["Id"])].error = SendError(f"SQS did not accept the message: {reason}",
+                                                           maybe_taken)
         except Exception as exc:  # botocore's, or anything else: each caller hears it
             # A try that had no answer may have been taken, however the last one failed: a
             # caller that deleted its image and answered "not stored" then had its request

@@ -154,31 +154,47 @@ def test_a_failed_call_fails_its_batch_and_the_next_batch_still_goes():
     assert sqs.accepted == ["next"]
 
 
-def _sqs_whose_tries_end(outcomes: list):
-    """A real SQS client (two tries a call, as botocore's standard mode retries) whose
-    each try ends as the next of `outcomes` says, with no network: an exception it
-    raises, or an HTTP status it answers."""
-    import boto3
+# SQS's answers a try may end with, by HTTP status.
+ANSWERS = {500: b'{"__type": "InternalError", "message": "we failed"}',
+           400: b'{"__type": "InvalidParameterValue", "message": "no"}',
+           200: b'{"Successful": [], "Failed": [{"Id": "0", "SenderFault": false, "Code": "InternalError"}]}'}
+
+
+def _tries_end(sqs, outcomes: list):
+    """Each try of `sqs`'s SendMessageBatch ends as the next of `outcomes` says, with no
+    network: an exception it raises, or an HTTP status it answers (ANSWERS)."""
     from botocore.awsrequest import AWSResponse
 
-    from common.aws import client_config, watch_untold_tries
-
-    sqs = boto3.session.Session().client("sqs", region_name="us-east-1", endpoint_url="http://127.0.0.1:9",
-                                         config=client_config(attempts=len(outcomes)))
     left = deque(outcomes)
 
     class Raw:
+        def __init__(self, body: bytes) -> None:
+            self.body = body
+
         def stream(self, **_):
-            yield b'{"__type": "InternalError", "message": "we failed"}'
+            yield self.body
 
     def try_ends(request, **_):
         outcome = left.popleft()
         if isinstance(outcome, BaseException):
             raise outcome
-        return AWSResponse(request.url, outcome, {"Content-Type": "application/x-amz-json-1.0"}, Raw())
+        return AWSResponse(request.url, outcome, {"Content-Type": "application/x-amz-json-1.0"},
+                           Raw(ANSWERS[outcome]))
 
     sqs.meta.events.register("before-send.sqs.SendMessageBatch", try_ends)
-    return watch_untold_tries(sqs, "SendMessageBatch")
+    return sqs
+
+
+def _sqs_whose_tries_end(outcomes: list):
+    """A real SQS client (as many tries a call as `outcomes`, botocore's standard mode
+    retrying) whose tries end as _tries_end says."""
+    import boto3
+
+    from common.aws import client_config, watch_untold_tries
+
+    sqs = boto3.session.Session().client("sqs", region_name="us-east-1", endpoint_url="http://127.0.0.1:9",
+                                         config=client_config(attempts=len(outcomes)))
+    return watch_untold_tries(_tries_end(sqs, outcomes), "SendMessageBatch")
 
 
 @pytest.mark.parametrize(("tries", "maybe_taken"), [
@@ -186,9 +202,11 @@ def _sqs_whose_tries_end(outcomes: list):
     (["read timeout", "refused"], True),
     (["closed", "refused"], True),
     ([500, "refused"], True),
+    (["read timeout", 200], True),  # a later try answered, the entry refused
     # No try reached SQS, or SQS refused each: not taken.
     (["refused", "connect timeout"], False),
     ([400], False),
+    ([200], False),
 ])
 def test_a_failed_send_says_whether_sqs_may_have_taken_it(tries, maybe_taken):
     """Told "not queued" after a try SQS had taken, the upload was refused and its image
@@ -211,6 +229,22 @@ def test_a_failed_send_says_whether_sqs_may_have_taken_it(tries, maybe_taken):
     with pytest.raises(SendError) as failed:
         sender.send("body")
     assert failed.value.maybe_taken is maybe_taken
+
+
+def test_the_web_tiers_send_client_counts_the_tries_that_had_no_answer(web_aws):
+    """Aws.sqs_send is the client the sender is given (services.py): without its watch,
+    every failed send read as "not taken"."""
+    from botocore.exceptions import ReadTimeoutError
+
+    from common.aws import Aws
+
+    aws = Aws(dataclasses.replace(web_aws.settings, endpoint_url="http://127.0.0.1:9"))
+    sqs = _tries_end(aws.sqs_send, [ReadTimeoutError(endpoint_url="http://127.0.0.1:9/"), 400])
+    sender = BatchingSender(lambda: sqs, lambda: "http://127.0.0.1:9/123456789012/requests")
+    with pytest.raises(SendError) as failed:
+        sender.send("body")
+    assert failed.value.maybe_taken
+    assert aws.sqs_send is sqs  # kept, watched once
 
 
 def test_a_web_tier_started_without_credentials_sends_once_they_come(web_aws, monkeypatch, tmp_path):
