@@ -603,11 +603,17 @@ class Worker:
                     IfNoneMatch="*",
                 )
             except ClientError as exc:
-                if error_code(exc) != "PreconditionFailed":
+                # 412: a result is stored (another copy's, or this put's own, tried again
+                # after a timeout). 409: another put of it is under way (real S3).
+                if error_code(exc) not in ("PreconditionFailed", "ConditionalRequestConflict"):
                     raise
                 stored = stored_answer(self.aws, req, self.classifier.untrained)
-                log.info("request %s: another copy's result was stored first; answering with it", req.id)
-                return stored or response
+                if stored is None or not stored.ok:
+                    # Not there (yet, or any more): no answer without a stored result. Raised,
+                    # the request is released and tried again.
+                    raise RuntimeError(f"a result for {req.key} was being stored, and none is") from exc
+                log.info("request %s: a result was stored first; answering with it", req.id)
+                return stored
         else:
             # The failure is kept on the input object so the web tier can rebuild it. If
             # S3 is failing or throttling, this raises: as for a result not written,

@@ -419,6 +419,41 @@ def test_a_second_copys_result_never_replaces_the_first_stored(aws_env, monkeypa
     assert depth(aws, aws.request_queue_url) == (0, 0)
 
 
+@pytest.mark.parametrize("first_stored", [True, False])
+def test_a_put_racing_another_copys_answers_only_with_a_stored_result(aws_env, monkeypatch, first_stored):
+    """Real S3 answers 409 to a conditional put while another copy's is under way: the
+    answer is the result stored, once there is one; with none stored yet, the request
+    is released to be tried again, never answered with a result S3 does not hold."""
+    from botocore.exceptions import ClientError
+
+    settings, aws = aws_env
+    request = upload(settings, aws, "cat.jpg", make_image(3), "cat")
+    if first_stored:
+        first = Worker(settings, aws, MeanClassifier(), "i-first")
+        dies_before_replying(first, first.fetch(), monkeypatch)
+        monkeypatch.undo()
+    second = Worker(settings, aws, OtherModel(), "i-second")
+    real_put = aws.s3.put_object
+
+    def conflict(**kwargs):
+        if kwargs.get("Bucket") == settings.output_bucket:
+            raise ClientError({"Error": {"Code": "ConditionalRequestConflict", "Message": "racing"},
+                               "ResponseMetadata": {"HTTPStatusCode": 409}}, "PutObject")
+        return real_put(**kwargs)
+
+    monkeypatch.setattr(aws.s3, "put_object", conflict)
+    second.process(second.fetch())
+    answers = responses(aws)
+    if first_stored:
+        assert (answers["cat"].worker, answers["cat"].label.startswith("other-")) == ("i-first", False)
+        assert depth(aws, aws.request_queue_url) == (0, 0)
+    else:
+        assert answers == {}
+        assert depth(aws, aws.request_queue_url)[0] + depth(aws, aws.request_queue_url)[1] == 1
+        assert not aws.s3.list_objects_v2(Bucket=settings.output_bucket).get("Contents")
+    assert request.key
+
+
 def test_a_used_up_request_whose_failure_an_earlier_attempt_stored_is_answered_with_it(aws_env, monkeypatch):
     """An attempt marked the image failed, then its worker died before replying: the
     answer is that failure, its reason and worker, and the mark stays as it was."""
