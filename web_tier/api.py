@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
@@ -18,6 +19,8 @@ from web_tier.results import DONE, Item, is_service_id
 from web_tier.results_csv import results_csv
 from web_tier.services import services
 from web_tier.submit import UPLOAD_THREADS, SentBefore, new_id
+
+log = logging.getLogger(__name__)
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -96,7 +99,13 @@ def create_job() -> Response:
         # chunks' files, and a resend of the earlier ones stored them twice (reviewer).
         made_here = not adding and not items
         if not made_here:
-            svc.rebuilder.load_batch(batch_id)
+            try:
+                svc.rebuilder.load_batch(batch_id)
+            except Exception:
+                # Not the request's failure: its earlier chunks are stored and queued, and a
+                # 503 "try again" had them sent again, classified twice (reviewer). Made
+                # again incomplete (add), a GET reads it from S3 later.
+                log.exception("batch %s: could not read it back from S3 between chunks", batch_id)
         stored, refused = _stored_and_refused(batch_id, files[start:start + FILES_PER_CHUNK], start, tokens,
                                               made_here)
         items.extend(stored)

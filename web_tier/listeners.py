@@ -214,7 +214,8 @@ class Listeners:
     def _drop_dead_letter(self, request: ClassifyRequest) -> None:
         log.exception("cannot handle dead letter for %s; failed unmarked, and dropped", request.id)
         try:
-            self.book.fail(request.id, DEAD_LETTER_ERROR, key=request.key, filename=request.filename)
+            self.book.fail(request.id, DEAD_LETTER_ERROR, key=request.key, filename=request.filename,
+                           sent_before=request.sent_at)
         except Exception:  # the other dead letters received with it are still to be deleted
             log.exception("could not fail item %s", request.id)
 

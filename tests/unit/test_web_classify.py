@@ -437,7 +437,7 @@ def test_a_file_still_being_stored_under_its_idempotency_key_is_said_so_in_those
     app = make_web_app(start_background=False)
     still_storing = Refusal(503, STILL_STORING, "k.jpg", code=Code.BUSY)
     monkeypatch.setattr(services_of(app).submitter, "submit",
-                        lambda batch_id, uploads, tokens: [still_storing])
+                        lambda batch_id, uploads, *rest: [still_storing])
     response = app.test_client().post("/", data={"inputFile": (io.BytesIO(make_image(8)), "k.jpg")},
                                       content_type="multipart/form-data",
                                       headers={"Idempotency-Key": "a-key-of-sixteen-or-more"})
