@@ -157,7 +157,8 @@ class Submitter:
             # SQS may hold it: refused, its image deleted, it was answered "image missing"
             # or classified after its 503 and again when sent again (reviewer). So kept,
             # and accepted: requeue_unsent sends it unless its result is stored by then
-            # (at worst twice, the first answer kept), as a journal's requeue does.
+            # (classified once a copy, the first result stored kept), as a journal's
+            # requeue does.
             log.warning("item %s: its request may or may not be queued (%s): queued again later",
                         item.id, exc)
             self._retry_later(item.id, request)
