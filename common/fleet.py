@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 
 from common.aws import Aws
 from common.backoff import next_wait
@@ -36,6 +39,10 @@ class Instance:
     worker_failed: str = ""  # its WORKER_FAILED_TAG: why its worker gave up, "" if it has not
     ready: bool = False  # its worker has received from the request queue (WORKER_READY_TAG)
     image_id: str = ""  # the AMI it runs ("" if not known: one this controller just launched)
+    # Seconds since its launch when EC2 listed it, on EC2's own clock (the reply's Date less
+    # its LaunchTime), so that a reader's clock being off does not matter; 0 when not
+    # known (EC2 sent no Date, or this controller just launched it).
+    age_s: float = 0.0
 
 
 def scale_in_order(instance: Instance) -> tuple[int, int, float, int]:
@@ -51,6 +58,20 @@ def scale_in_order(instance: Instance) -> tuple[int, int, float, int]:
             -instance.launched_at, -instance.number)
 
 
+def ec2_time(reply: Mapping) -> float | None:
+    """When EC2 answered `reply`, on EC2's own clock: its HTTP Date header (to the second),
+    as a Unix time; None without one (a fake EC2, a proxy that drops it) or if unreadable."""
+    date = reply.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    if not date:
+        return None
+    try:
+        when = parsedate_to_datetime(date)
+    except (TypeError, ValueError):
+        return None
+    # RFC 5322's "-0000" zone gives a naive time, still meant as UTC.
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
 def app_tier_instances(aws: Aws, states: tuple[str, ...] = WATCHED_STATES) -> tuple[Instance, ...]:
     """This deployment's app-tier instances in the given states, ordered by their number."""
     found = []
@@ -61,21 +82,25 @@ def app_tier_instances(aws: Aws, states: tuple[str, ...] = WATCHED_STATES) -> tu
         {"Name": "instance-state-name", "Values": list(states)},
     ]
     for page in paginator.paginate(Filters=filters):
+        answered_at = ec2_time(page)
         for reservation in page["Reservations"]:
             for raw in reservation["Instances"]:
                 tags = {t["Key"]: t["Value"] for t in raw.get("Tags", [])}
                 number = instance_number(tags.get("Name", ""))
                 if number is None:
                     continue
+                launched_at = raw["LaunchTime"].timestamp()
                 found.append(
                     Instance(
                         id=raw["InstanceId"],
                         number=number,
                         state=raw["State"]["Name"],
-                        launched_at=raw["LaunchTime"].timestamp(),
+                        launched_at=launched_at,
                         worker_failed=tags.get(WORKER_FAILED_TAG, ""),
                         ready=WORKER_READY_TAG in tags,
                         image_id=raw.get("ImageId", ""),
+                        # Never negative: the Date is truncated to the second.
+                        age_s=0.0 if answered_at is None else max(0.0, answered_at - launched_at),
                     )
                 )
     return tuple(sorted(found, key=lambda i: (i.number, i.id)))

@@ -213,14 +213,14 @@ class Controller:
         counted as failed: it never will (see common/fleet.py)."""
         deadline = self.settings.ready_deadline_s
         silent = [i for i in obs.live if not i.ready and not i.worker_failed]
-        self.readiness.watch([i.id for i in silent], obs.clock)
+        self.readiness.watch({i.id: i.age_s for i in silent}, obs.clock)
         obs = replace(obs, silent_for={i.id: self.readiness.silent_for(i.id, obs.clock) for i in silent})
         if deadline <= 0:
             return obs
         overdue = {iid for iid, silent_s in obs.silent_for.items() if silent_s > deadline}
         if not overdue:
             return obs
-        reason = f"not serving {deadline:g}s after it was first seen"
+        reason = f"not serving {deadline:g}s after its launch"
         return replace(obs, instances=tuple(replace(i, worker_failed=reason) if i.id in overdue else i
                                             for i in obs.instances))
 

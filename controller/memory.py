@@ -17,16 +17,18 @@ in a small dataclass below that says what a restart loses:
     began (a later wave lengthens the hold, the same one does not);
 (5) LaunchBackoff: when a launch last failed (no capacity, a quota reached), and how
     long launches wait after it;
-(6) ReadinessClock: when it first saw each instance whose worker has not yet said it
-    serves, on its own monotonic clock (EC2's launch time would do, but for a
-    controller whose clock is off);
+(6) ReadinessClock: since when each instance whose worker has not yet said it serves
+    has been silent, on its own monotonic clock, from its launch call or from EC2's
+    age of the instance when it first saw it (not EC2's launch time against its own
+    wall clock, which may be off);
 (7) RecentTerminations: instances it terminated in the last few minutes, taken as
     shutting down while a lagging DescribeInstances still lists them running;
 (8) Refusals: instances EC2 refused to terminate, kept for last when scaling in.
 Losing them on restart costs little: a restarted controller keeps what is live for
 one window before it scales in, takes the failed instances it finds as new failures,
-gives a silent instance a whole READY_DEADLINE again, learns of a protected instance
-at its next refusal, and counts an instance it terminated while EC2 still lists it;
+times a silent instance from its launch by EC2's clock (from when it first sees it if
+EC2's reply gives no time), learns of a protected instance at its next refusal, and
+counts an instance it terminated while EC2 still lists it;
 only a restart while EC2 does not yet list a launch, or within minutes of a launch
 that got no reply, could launch once more, and a failing launch is tried again at once.
 
@@ -228,17 +230,21 @@ class LaunchBackoff:
 
 @dataclass
 class ReadinessClock:
-    """When this controller first saw each live instance whose worker has not yet said it
-    serves, on its own monotonic clock (EC2's launch time would do, but for a controller
-    whose clock is off, and a step of the wall clock would fail them all at once): one
-    silent for READY_DEADLINE is counted as failed. Lost on restart, it starts
-    again: a restarted controller gives each silent instance a whole READY_DEADLINE again."""
+    """Since when each live instance whose worker has not yet said it serves has been
+    silent, on this controller's monotonic clock: from its launch call for one it launched;
+    for one it first sees launched (after a restart, or by another), from its age on EC2's
+    own clock then (Instance.age_s). Not EC2's LaunchTime against the controller's wall
+    clock: a controller whose clock is off would misjudge every age, and a step of the wall
+    clock would fail them all at once. One silent for READY_DEADLINE is counted as failed.
+    Lost on restart, it is rebuilt from EC2's ages; without them (EC2 sent no Date), a
+    restarted controller gives each silent instance a whole READY_DEADLINE again."""
 
     first_seen: dict[str, float] = field(default_factory=dict)
 
-    def watch(self, silent: list[str], at: float) -> None:
-        """Keeps to the instances silent now, seen first at `at` unless seen before."""
-        self.first_seen = {iid: self.first_seen.get(iid, at) for iid in silent}
+    def watch(self, silent: Mapping[str, float], at: float) -> None:
+        """Keeps to the instances silent now (id: age on EC2's clock, see Instance.age_s);
+        one not seen before is taken as launched `age` before `at`."""
+        self.first_seen = {iid: self.first_seen.get(iid, at - age) for iid, age in silent.items()}
 
     def launched(self, iid: str, at: float) -> None:
         self.first_seen[iid] = at

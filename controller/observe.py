@@ -24,9 +24,10 @@ class Observation:
     delayed: int
     instances: tuple[Instance, ...]
     # Seconds each live instance whose worker has not said it serves has been silent, on
-    # this controller's monotonic clock since it first saw (or launched) it: the loop's
-    # (ReadinessClock), not EC2's LaunchTime, which a controller whose clock is off
-    # would misjudge. An instance it does not name has been silent for longer than anyone knows.
+    # this controller's monotonic clock since it launched it, or since its launch as EC2's
+    # own clock gave its age when the controller first saw it (the loop's ReadinessClock):
+    # not EC2's LaunchTime against the controller's wall clock, which may be off. An
+    # instance it does not name has been silent for longer than anyone knows.
     silent_for: Mapping[str, float] = field(default_factory=dict)
 
     def silent_s(self, instance: Instance) -> float:

@@ -131,8 +131,8 @@ def desired_count(obs: Observation, policy: Policy) -> tuple[int, str]:
     return min(policy.max_instances, wanted), reason
 
 
-# How long after it was first seen a running instance whose worker has not said it
-# serves is taken for one still booting, in BOOT_TIMEs (see decide).
+# How long after its launch a running instance whose worker has not said it serves is
+# taken for one still booting, in BOOT_TIMEs (see decide).
 BOOTING_FOR_BOOT_TIMES = 2
 
 
@@ -176,8 +176,9 @@ def decide(obs: Observation, policy: Policy, memory: RoundMemory = NOTHING_REMEM
         # the instances not yet receiving will take. Messages in flight are being worked
         # on, or will be handed back visible to a later round: a fleet launched for them
         # finds nothing to do. An instance not yet receiving is pending, or running
-        # unready within BOOTING_FOR_BOOT_TIMES boot times of when this controller
-        # launched or first saw it (on its own clock: obs.silent_for): not counted
+        # unready within BOOTING_FOR_BOOT_TIMES boot times of its launch (obs.silent_for:
+        # timed on this controller's own clock, from EC2's age of it if another launched
+        # it, so that neither a restart nor a clock that is off misjudges it): not counted
         # so, one waiting message would launch an instance a round while they boot
         # (tests/unit/test_decide_properties.py); counted for ever, a worker that never
         # says it serves (an older AMI's with READY_DEADLINE=0, a role without

@@ -836,6 +836,44 @@ def test_clients_read_aws_timestamps_without_dateutil(monkeypatch):
     assert [i["LaunchTime"] for i in ours] == [i["LaunchTime"] for i in plain]
 
 
+
+@pytest.mark.parametrize(("headers", "at"), [
+    ({"date": "Wed, 02 Dec 2026 11:36:54 GMT"}, 1796211414.0),
+    ({"date": "Wed, 02 Dec 2026 11:36:54 -0000"}, 1796211414.0),  # naive, still UTC
+    ({"date": "Wed, 02 Dec 2026 12:36:54 +0100"}, 1796211414.0),
+    ({"date": "garbage"}, None), ({"date": ""}, None), ({}, None),
+])
+def test_ec2s_time_is_its_replys_date_or_none(headers, at):
+    from common.fleet import ec2_time
+
+    assert ec2_time({"ResponseMetadata": {"HTTPHeaders": headers}}) == at
+    assert ec2_time({"Reservations": []}) is None  # a fake EC2 without any metadata
+
+
+def test_instances_are_listed_with_their_age_on_ec2s_clock(monkeypatch):
+    """moto's in-process EC2 sends a Date, as AWS does: a new instance is a few seconds
+    old, never less than none (the Date is truncated to the second), and 0 without a Date."""
+    from common.fleet import app_tier_instances
+    from common.names import PREFIX_TAG, instance_name
+
+    with mock_aws():
+        aws = Aws(Settings(region="us-east-1", prefix="age"))
+        image = aws.ec2.describe_images()["Images"][0]["ImageId"]
+        tags = [{"Key": "Name", "Value": instance_name(1)}, {"Key": PREFIX_TAG, "Value": "age"}]
+        aws.ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1,
+                              TagSpecifications=[{"ResourceType": "instance", "Tags": tags}])
+        [instance] = app_tier_instances(aws)
+        assert 0 <= instance.age_s < 5
+        real = aws.ec2.describe_instances
+
+        def without_date(**kwargs):
+            reply = real(**kwargs)
+            del reply["ResponseMetadata"]["HTTPHeaders"]["date"]
+            return reply
+
+        monkeypatch.setattr(aws.ec2, "describe_instances", without_date)
+        assert app_tier_instances(aws)[0].age_s == 0.0
+
 def test_aws_clients_send_the_fixed_user_agent():
     # The fixed string spares botocore rebuilding its structured one on every call.
     sent: list[str] = []

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,6 +35,7 @@ from common.names import ROLE_APP_TIER, ROLE_TAG
 from common.provision import provision
 from controller.loop import LATE_ROUND_S, Controller, Timings
 from controller.main import build_parser, main, settings_from
+from controller.policy import BOOTING_FOR_BOOT_TIMES
 from controller.timeline import TIMELINE_FIELDS, plot_timeline
 from tests.conftest import without_credentials
 
@@ -450,7 +452,7 @@ def test_an_instance_that_never_serves_is_replaced_after_the_ready_deadline(aws,
     a right, a crash loop): an instance watched for READY_DEADLINE without its worker's
     ready tag is counted as failed, terminated, and replaced after the launch hold.
     One whose worker said it serves stays, however old. The deadline runs on the
-    controller's own clock from when it first saw the instance."""
+    controller's own clock from its launch."""
     send(aws, 2)
     controller = make_controller(failure_hold_min_s=10.0)
     t = 1000.0
@@ -463,11 +465,12 @@ def test_an_instance_that_never_serves_is_replaced_after_the_ready_deadline(aws,
 
     decision = controller.step(now=t + deadline + 5)
     assert decision.clean_up == (silent["InstanceId"],) and decision.launch == ()
-    assert f"not serving {deadline:g}s after it was first seen" in caplog.text
+    assert f"not serving {deadline:g}s after its launch" in caplog.text
     assert [i["InstanceId"] for i in instances(aws)] == [serving["InstanceId"]]
     assert len(controller.step(now=t + deadline + 16).launch) == 1  # after the hold
 
-    # A new controller (restarted) gives the replacement, and any silent one, a whole deadline.
+    # A new controller (restarted) times the replacement from its launch by EC2's clock, not
+    # its own: launched just now, it has its whole deadline still.
     fresh = make_controller()
     assert fresh.step(now=t + 2 * deadline).changes_anything is False
 
@@ -519,6 +522,78 @@ def test_a_controller_whose_clock_is_ahead_of_ec2s_does_not_launch_a_round_for_o
         decision = controller.step()
         assert decision.launch == (), decision.reason
         assert "1 not yet receiving" in decision.reason
+
+
+def ec2_answering_later(aws: Aws, patch: pytest.MonkeyPatch, seconds: float) -> None:
+    """DescribeInstances answering as EC2 would `seconds` later by its own clock (the Date
+    of its reply), as after a controller's downtime: every instance listed is that much older."""
+    real = aws.ec2.describe_instances
+
+    def later(**kwargs):
+        reply = real(**kwargs)
+        headers = reply["ResponseMetadata"]["HTTPHeaders"]
+        answered_at = parsedate_to_datetime(headers["date"]).timestamp()
+        headers["date"] = formatdate(answered_at + seconds, usegmt=True)
+        return reply
+
+    patch.setattr(aws.ec2, "describe_instances", later)
+
+
+def launch_one_beside_a_busy_worker(aws: Aws, controller: Controller) -> str:
+    """A worker serving, busy with 11 messages, and an instance launched for a 12th: its id.
+    The new one stays silent (no worker says it serves) and the 12th waits untaken."""
+    send(aws, 1)
+    assert len(controller.step(now=1000.0).launch) == 1
+    busy = instances(aws)[0]["InstanceId"]
+    report_worker_ready(aws, busy, threading.Event())
+    send(aws, 10)
+    receive_all(aws)
+    send(aws, 1)
+    assert len(controller.step(now=1001.0).launch) == 1
+    return next(i["InstanceId"] for i in instances(aws) if i["InstanceId"] != busy)
+
+
+def test_a_restarted_controller_times_a_silent_instance_from_its_launch_by_ec2s_clock(
+        aws, make_controller, patch):
+    """A restarted controller has forgotten when it saw each instance: it takes how long
+    ago EC2 launched one by EC2's own clock (its reply's Date less LaunchTime). Timed from
+    its own first sight, one silent since long before held back launches for the messages
+    no worker holds for two more BOOT_TIMEs (a restart a round held them back for good)."""
+    launch_one_beside_a_busy_worker(aws, make_controller())
+    booting_for_s = BOOTING_FOR_BOOT_TIMES * aws.settings.boot_time_s
+    ec2_answering_later(aws, patch, booting_for_s + 60)
+    # Its clock decades behind EC2's (now=5000.0): only EC2's own is read.
+    decision = make_controller().step(now=5000.0)
+    assert len(decision.launch) == 1, decision.reason
+
+
+def test_a_restarted_controller_counts_a_recent_launch_as_booting_for_what_is_left_of_its_boot(
+        aws, make_controller, patch):
+    """An instance a previous controller launched a BOOT_TIME ago is still booting after a
+    restart, and not for two BOOT_TIMEs more: only until two have passed since its launch."""
+    launch_one_beside_a_busy_worker(aws, make_controller())
+    boot_s = aws.settings.boot_time_s
+    ec2_answering_later(aws, patch, boot_s)
+    restarted = make_controller()
+    for now in (5000.0, 5000.0 + boot_s - 5):
+        decision = restarted.step(now=now)
+        assert decision.launch == () and "1 not yet receiving" in decision.reason, decision.reason
+    decision = restarted.step(now=5000.0 + boot_s + 5)
+    assert len(decision.launch) == 1, decision.reason
+
+
+def test_a_restarted_controller_fails_an_instance_silent_past_the_ready_deadline_at_once(
+        aws, make_controller, patch, caplog):
+    """An instance silent for longer than READY_DEADLINE since EC2 launched it is counted
+    as failed by a restarted controller at once, not given a whole deadline again."""
+    send(aws, 1)
+    assert len(make_controller().step(now=1000.0).launch) == 1
+    silent = instances(aws)[0]["InstanceId"]
+    deadline = aws.settings.ready_deadline_s
+    ec2_answering_later(aws, patch, deadline + 60)
+    decision = make_controller().step(now=5000.0)
+    assert decision.clean_up == (silent,), decision.reason
+    assert f"not serving {deadline:g}s after its launch" in caplog.text
 
 
 def test_ready_deadline_0_counts_no_silent_instance_as_failed(aws, make_controller):

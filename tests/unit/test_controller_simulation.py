@@ -51,6 +51,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from email.utils import formatdate
 
 import pytest
 from botocore.exceptions import BotoCoreError, ClientError, ReadTimeoutError
@@ -277,7 +278,10 @@ class FakeEc2:
             found.append(inst.raw(seen_at, w.settings.prefix))
         if fleet:
             w.listed = {i["InstanceId"] for i in found}
-        return {"Reservations": [{"Instances": found}] if found else []}
+        # Its own time, as AWS's reply's Date header (to the second): what an instance's age is read against.
+        date = formatdate(EPOCH + w.now, usegmt=True)
+        return {"Reservations": [{"Instances": found}] if found else [],
+                "ResponseMetadata": {"HTTPHeaders": {"date": date}}}
 
     def run_instances(self, **kw) -> dict:
         w = self.world

@@ -245,8 +245,8 @@ def test_workers_that_never_say_they_serve_hold_back_launches_only_while_they_co
     assert len(decide(silent, BACKLOG).launch) == 5  # silent for longer than anyone knows
     seen_for = {i.id: BACKLOG.boot_time_s * 2 + 1 for i in silent.instances}
     assert len(decide(replace(silent, silent_for=seen_for), BACKLOG).launch) == 5
-    # Within two BOOT_TIMEs of when the controller first saw them, on its own clock,
-    # whatever EC2's LaunchTime says (a controller's clock may be off).
+    # Within two BOOT_TIMEs of their launch as the loop times it (silent_for, on the
+    # controller's own clock), whatever EC2's LaunchTime says (a controller's clock may be off).
     just_seen = replace(silent, silent_for={i.id: BACKLOG.boot_time_s * 2 - 1 for i in silent.instances})
     assert decide(just_seen, BACKLOG).launch == ()
     assert len(decide(obs(visible=5, in_flight=100, pending=5, at=1000.0), BACKLOG).launch) == 0
