@@ -43,6 +43,9 @@ class Instance:
     # its LaunchTime), so that a reader's clock being off does not matter; 0 when not
     # known (EC2 sent no Date, or this controller just launched it).
     age_s: float = 0.0
+    # The ClientToken of the RunInstances call that started it ("" if none, or EC2 does not
+    # say: moto does not), by which a launch that got no reply finds its instance.
+    client_token: str = ""
 
 
 def scale_in_order(instance: Instance) -> tuple[int, int, float, int]:
@@ -99,6 +102,7 @@ def app_tier_instances(aws: Aws, states: tuple[str, ...] = WATCHED_STATES) -> tu
                         worker_failed=tags.get(WORKER_FAILED_TAG, ""),
                         ready=WORKER_READY_TAG in tags,
                         image_id=raw.get("ImageId", ""),
+                        client_token=raw.get("ClientToken", ""),
                         # Never negative: the Date is truncated to the second.
                         age_s=0.0 if answered_at is None else max(0.0, answered_at - launched_at),
                     )

@@ -40,6 +40,7 @@ from controller.memory import (
     RoundMemory,
     ScaleInWindow,
     UnansweredLaunches,
+    started_by,
 )
 from controller.observe import Observation, observe, terminated
 from controller.policy import Decision, Policy, decide, desired_count
@@ -246,9 +247,10 @@ class Controller:
         # was launched again, a second instance of one name (simulated).
         unanswered = self.unanswered.calls()
         for instance in obs.instances:
-            if instance.number in unanswered:
+            call = unanswered.get(instance.number)
+            if call is not None and started_by(call, instance.number, instance):
                 self.recent_launches.take_listed(instance, obs.clock)
-        self.unanswered.keep_unlisted({i.number for i in obs.instances}, obs.clock)
+        self.unanswered.keep_unlisted(obs.instances, obs.clock)
         recent, listed = self.recent_launches, {i.id: i for i in obs.instances}
         recent.take_in(listed, obs.clock)
         unlisted = recent.unlisted(listed)

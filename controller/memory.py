@@ -40,7 +40,7 @@ frozen snapshot of what they say, so that it stays a pure function of its inputs
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from common.backoff import next_wait
@@ -140,19 +140,31 @@ class UnansweredLaunches:
         """The calls to repeat, by instance number."""
         return {n: call for n, (call, _) in self.by_number.items()}
 
-    def keep_unlisted(self, listed: set[int], at: float) -> None:
-        """Forgets the calls made too long before `at`, and the numbers EC2 lists an
-        instance of: the call started it, or another did. Kept, the call was repeated at
-        that number's next launch, after its instance had gone: EC2 then answers with the
-        terminated one (reviewer)."""
+    def keep_unlisted(self, listed: Iterable[Instance], at: float) -> None:
+        """Forgets the calls made too long before `at`, and those whose instance EC2
+        lists (started_by). Kept, the call was repeated at that number's next launch,
+        after its instance had gone: EC2 then answers with the terminated one (reviewer)."""
+        listed = list(listed)
         self.by_number = {n: (call, t) for n, (call, t) in self.by_number.items()
-                          if n not in listed and at - t < UNANSWERED_LAUNCH_MEMORY_S}
+                          if at - t < UNANSWERED_LAUNCH_MEMORY_S
+                          and not any(started_by(call, n, i) for i in listed)}
 
     def note(self, answered: dict[int, str], unanswered: dict[int, LaunchCall], at: float) -> None:
         for n in answered:
             self.by_number.pop(n, None)
         for n, call in unanswered.items():
             self.by_number[n] = (call, at)
+
+
+def started_by(call: LaunchCall, number: int, instance: Instance) -> bool:
+    """Whether `instance` is the one the launch `call` of `number` started: its ClientToken
+    says so; where EC2 gives none (moto), any instance of that number is taken for it. Any
+    of the number was: a lagging read listing an earlier one, shutting down, had the call
+    forgotten, and its instance, unlisted, was launched beside: over the cap, and later a
+    second of its name (simulated)."""
+    if instance.number != number:
+        return False
+    return not instance.client_token or instance.client_token == call.token
 
 
 @dataclass

@@ -170,8 +170,14 @@ def decide(obs: Observation, policy: Policy, memory: RoundMemory = NOTHING_REMEM
     launch: tuple[int, ...] = ()
     victims: tuple[str, ...] = ()
     if desired > len(serving):
-        # Failed instances keep their place under the cap until they are gone.
-        count = min(desired - len(serving), policy.max_instances - len(obs.live))
+        # Failed instances keep their place under the cap until they are gone. So does a
+        # launch that got no reply whose number another instance EC2 lists holds (one
+        # shutting down, say): it cannot be repeated to find out, and may have started an
+        # instance EC2 does not list yet (launched beside, over the cap: simulated). Another:
+        # one with a ClientToken, which the loop found not the call's (memory.started_by);
+        # where EC2 gives none, the loop takes the one listed for the call's, and forgets it.
+        unrepeatable = len(memory.unanswered & {i.number for i in obs.instances if i.client_token})
+        count = min(desired - len(serving), policy.max_instances - len(obs.live) - unrepeatable)
         # Launch only for the messages no worker holds (visible or delayed), less what
         # the instances not yet receiving will take. Messages in flight are being worked
         # on, or will be handed back visible to a later round: a fleet launched for them
