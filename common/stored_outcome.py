@@ -32,7 +32,8 @@ class StoredOutcome:
 
 
 def stored_outcome(aws: Aws, bucket: str, key: str, untrained: bool,
-                   tag_set: list[dict[str, str]] | None = None) -> StoredOutcome | None:
+                   tag_set: list[dict[str, str]] | None = None,
+                   result_stored: bool = True) -> StoredOutcome | None:
     """What S3 records for the request for `key` (its upload in `bucket`): the result
     if there is one (it wins over a failure marked too: a dead letter's mark, then a
     late answer), else the failure; None when neither is stored, the input object gone
@@ -43,15 +44,17 @@ def stored_outcome(aws: Aws, bucket: str, key: str, untrained: bool,
     MODEL_WEIGHTS=random it is flagged untrained, never passed off as trained. Needs
     s3:ListBucket on the output bucket, or a missing result answers 403, not 404.
     `tag_set`: the input object's tags, if the caller has read them already (none for
-    an object gone), not to read them twice.
+    an object gone), not to read them twice. `result_stored`: False when the caller
+    knows no result is stored (a listing of the output bucket), not to look for one.
     """
     output_bucket = aws.settings.output_bucket
     try:
-        stored = aws.s3.head_object(Bucket=output_bucket, Key=key)
+        stored = aws.s3.head_object(Bucket=output_bucket, Key=key) if result_stored else None
     except ClientError as exc:
         if not is_not_found(exc):
             raise
-    else:
+        stored = None
+    if stored is not None:
         result = read_result_metadata(stored.get("Metadata", {}), untrained)
         if result is None:
             # No usable metadata: the body `<name>,<label>` still holds the label.

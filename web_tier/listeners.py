@@ -225,11 +225,10 @@ class Listeners:
         known = self.book.get(request.id)
         if known is not None and known.is_finished and not known.provisional:
             return  # answered, or failed by a worker (which marked the object itself)
-        if known is not None and request.sent_at < known.requeued_at:
+        if self._queued_again_since(request) is not None:
             # A copy sent before the item was queued again (POST .../again): that one,
             # sent since, may yet be answered. Failed and tagged now, the item showed
             # failed while queued, and a batch rebuilt from S3 failed for good.
-            log.info("item %s: a dead letter of a copy sent before it was queued again; ignored", request.id)
             return
         # A worker stores the outcome (a result, or a failure and its reason) before it
         # replies: one that died in between, on the last attempt, left an outcome that
@@ -260,7 +259,7 @@ class Listeners:
         if self.book.fail(request.id, DEAD_LETTER_ERROR, key=request.key, filename=request.filename,
                           sent=sent if known is None else None, sent_before=request.sent_at):
             log.info("item %s failed on every attempt", request.id)
-        if self._queued_again_since(request):
+        if self._queued_again_since(request) is not None:
             return
         # Then the lasting record, for a batch rebuilt from S3. If this raises, the
         # message stays and comes back. A mark S3 will never take (the object gone, a
@@ -274,21 +273,20 @@ class Listeners:
             return
         if why_not:
             log.warning("item %s: its input not marked failed: %s", request.id, why_not)
-        elif self._queued_again_since(request):
+        elif (again := self._queued_again_since(request)) is not None:
             # Queued again while this marked it, the mark may have landed after the one
             # POST .../again wrote: put that one back, or a batch rebuilt after a restart
             # showed it failed, with the count of times sent again lost (reviewer).
-            again = self.book.get(request.id)
-            if again is not None:
-                clear_failed(self.aws, request.key, again.sent_again_record)
+            clear_failed(self.aws, request.key, again.sent_again_record)
 
-    def _queued_again_since(self, request: ClassifyRequest) -> bool:
-        """Whether the book has the dead letter's item queued again since its request was sent."""
+    def _queued_again_since(self, request: ClassifyRequest) -> Item | None:
+        """The dead letter's item if the book has it queued again since the request was
+        sent (then the dead letter is of an older copy, and leaves it as it is)."""
         known = self.book.get(request.id)
         if known is None or request.sent_at >= known.requeued_at:
-            return False
-        log.info("item %s: queued again while its dead letter was read; left queued", request.id)
-        return True
+            return None
+        log.info("item %s: a dead letter of a copy sent before it was queued again; ignored", request.id)
+        return known
 
 
 def _sent_again(known: Item | None, tag_set: list[dict[str, str]] | None) -> SentAgain:

@@ -12,7 +12,7 @@ import threading
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 from common.aws import Aws
-from common.failure_tags import failed_by, failure_from_tags, sent_again_from_tags
+from common.failure_tags import sent_again_from_tags
 from common.stored_outcome import stored_outcome
 from web_tier.results import DONE, FAILED, Item, ResultBook, is_service_id
 from web_tier.storage import input_tags, read_stored_upload
@@ -61,19 +61,17 @@ def rebuild_item(aws: Aws, batch_id: str, key: str, answered: bool = True) -> It
     sent = sent_again_from_tags(tag_set)
     item = Item(item_id, batch_id, stored.filename or safe_name, key, token=stored.token,
                 digest=stored.digest, sent_again=sent.count, requeued_at=sent.at)
-    if not answered:
-        error = failure_from_tags(tag_set)
-        if error is not None:
-            item.state, item.error, item.worker = FAILED, error, failed_by(tag_set)
-        return item
-    return with_stored_outcome(aws, item, tag_set)
+    return with_stored_outcome(aws, item, tag_set, result_stored=answered)
 
 
-def with_stored_outcome(aws: Aws, item: Item, tag_set: list[dict[str, str]] | None = None) -> Item:
+def with_stored_outcome(aws: Aws, item: Item, tag_set: list[dict[str, str]] | None = None,
+                        result_stored: bool = True) -> Item:
     """`item` with the outcome S3 records for its key (common/stored_outcome.py): done
     with the result in the output bucket, failed with the reason tagged on the input
-    object, or as it was. `tag_set`: that object's tags, if read already."""
-    outcome = stored_outcome(aws, aws.settings.input_bucket, item.key, aws.settings.untrained, tag_set)
+    object, or as it was. `tag_set`: that object's tags, if read already;
+    `result_stored`: False when a listing says no result is stored."""
+    outcome = stored_outcome(aws, aws.settings.input_bucket, item.key, aws.settings.untrained, tag_set,
+                             result_stored)
     if outcome is None:
         return item
     if outcome.result is not None:

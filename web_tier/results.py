@@ -232,9 +232,10 @@ class ResultBook:
         made complete, it showed only the later chunks' (reviewer)."""
         held = []
         with self._lock:
-            if batch_id not in self._batches:
-                self._batch(batch_id).complete = made_here
+            known = batch_id in self._batches
             batch = self._batch(batch_id)
+            if not known:
+                batch.complete = made_here
             for item in items:
                 holder = self._items.get(batch.tokens.get(item.token, "")) if item.token else None
                 if holder is not None:
