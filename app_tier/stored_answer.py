@@ -1,9 +1,10 @@
-"""The answer an earlier attempt stored for a request whose attempts are used up.
+"""The answer an earlier attempt stored for a request answered again.
 
 A worker stores each outcome (the result in the output bucket, or a failure tagged
 on the input object) before it replies. One that died in between left an outcome
-that stands: a worker failing a request whose copies used up MAX_RECEIVE_COUNT
-attempts (app_tier/worker.py) sends that instead, as the web tier does for a dead
+that stands: a worker sends that instead of failing a request whose copies used up
+MAX_RECEIVE_COUNT attempts, or a request another copy of which stored a result
+(app_tier/worker.py: a second result is not stored either), as the web tier does for a dead
 letter (web_tier/listeners.py) and a batch rebuilt from S3 shows it; both read it
 through common/stored_outcome.py.
 """
@@ -24,21 +25,22 @@ _LABEL_BYTES = 200
 _WORKER_BYTES = 64
 
 
-def stored_answer(aws: Aws, request: ClassifyRequest, untrained: bool) -> ClassifyResponse | None:
+def stored_answer(aws: Aws, request: ClassifyRequest, untrained: bool,
+                  result_only: bool = False) -> ClassifyResponse | None:
     """The reply the attempt that stored `request`'s outcome would have sent; None when
     nothing is stored. S3's errors raise. `untrained`: this worker's model, taken for a
-    failure, and for a result that does not say which model made it."""
-    outcome = stored_outcome(aws, request.bucket, request.key, untrained)
+    failure, and for a result that does not say which model made it. `result_only`:
+    a failure marked is not looked for (one call fewer; None then)."""
+    # No tags given for the input object is read as no failure marked on it.
+    outcome = stored_outcome(aws, request.bucket, request.key, untrained, tag_set=[] if result_only else None)
     if outcome is None:
         return None
     common = {"id": request.id, "filename": request.filename, "key": request.key, "worker": outcome.worker}
     if outcome.result is None:
-        log.info("request %s: its attempts used up, answered with the failure an earlier one stored",
-                 request.id)
+        log.info("request %s: found the failure an earlier attempt stored", request.id)
         return _sendable(ClassifyResponse(error=outcome.error, untrained=untrained, **common))
     result = outcome.result
-    log.info("request %s: its attempts used up, answered with the result an earlier one stored",
-             request.id)
+    log.info("request %s: found the result an earlier attempt stored", request.id)
     return _sendable(ClassifyResponse(label=result["label"], score=result["score"],
                                       top5=tuple(Prediction(p["label"], p["score"]) for p in result["top5"]),
                                       untrained=result["untrained"], **common))

@@ -615,6 +615,13 @@ class Worker:
                 log.info("request %s: a result was stored first; answering with it", req.id)
                 return stored
         else:
+            # A copy whose worker stored a result and died before replying: its result
+            # stands, not this attempt's failure (the model ran short of something, the
+            # upload deleted since), as it would against a result of this attempt's.
+            stored = stored_answer(self.aws, req, self.classifier.untrained, result_only=True)
+            if stored is not None:
+                log.info("request %s: failed here, answered with the result stored first", req.id)
+                return stored
             # The failure is kept on the input object so the web tier can rebuild it. If
             # S3 is failing or throttling, this raises: as for a result not written,
             # nothing is sent and the request is tried again. Answered untagged, a batch

@@ -419,6 +419,27 @@ def test_a_second_copys_result_never_replaces_the_first_stored(aws_env, monkeypa
     assert depth(aws, aws.request_queue_url) == (0, 0)
 
 
+def test_a_copy_failing_after_another_stored_a_result_answers_with_that_result(aws_env, monkeypatch):
+    """A first copy stored a result and died before replying; a second failed on the same
+    image (its model raised): the answer is the stored result, and no failure is marked
+    beside it. Before, the second answered its failure while S3 held a result."""
+    settings, aws = aws_env
+    request = upload(settings, aws, "cat.jpg", make_image(3), "cat")
+    first = Worker(settings, aws, MeanClassifier(), "i-first")
+    batch = first.fetch()
+    mean = float(batch.jobs[0].pixels.mean())
+    dies_before_replying(first, batch, monkeypatch)
+    monkeypatch.undo()
+    stored = aws.s3.get_object(Bucket=settings.output_bucket, Key=request.key)["Body"].read().decode()
+    second = Worker(settings, aws, MeanClassifier(explode_on=mean), "i-second")
+    second.process(second.fetch())
+    answer = responses(aws)["cat"]
+    assert (answer.ok, answer.label, answer.worker) == (True, label_of(stored), "i-first")
+    tags = aws.s3.get_object_tagging(Bucket=request.bucket, Key=request.key)["TagSet"]
+    assert failure_from_tags(tags) is None
+    assert depth(aws, aws.request_queue_url) == (0, 0)
+
+
 @pytest.mark.parametrize("first_stored", [True, False])
 def test_a_put_racing_another_copys_answers_only_with_a_stored_result(aws_env, monkeypatch, first_stored):
     """Real S3 answers 409 to a conditional put while another copy's is under way: the
