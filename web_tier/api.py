@@ -77,12 +77,43 @@ def create_job() -> Response:
         # lost never learnt the new batch's id, and its resend made a second (reviewer).
         raise Refusal(400, "tokens protect a resend only within a named batch: send "
                            "batch_id=<32 hex digits>&create=1 with them", code=Code.BAD_REQUEST)
-    target = _target_batch(form_batch_id)
-    if target is None:
-        # A client making a batch of its own id sends `create` too: say so (reviewer).
-        return _no_batch(form_batch_id, hint=" (send create=1 to make it)")
-    batch_id, adding = target
+    batch_id = form_batch_id or new_id()
+    # Kept in the book from the look for it until its files are added: let go between
+    # them (a full book), it was made again without the tokens of the files stored in
+    # it, and a file sent again under one was stored twice (ResultBook.in_use).
+    with svc.book.in_use(batch_id):
+        adding = _named_batch_exists(form_batch_id) if form_batch_id else False
+        if adding is None:
+            # A client making a batch of its own id sends `create` too: say so (reviewer).
+            return _no_batch(form_batch_id, hint=" (send create=1 to make it)")
+        return _store_files(batch_id, adding, files, tokens)
 
+
+def _named_batch_exists(form_batch_id: str) -> bool | None:
+    """Whether the batch the form names exists (in memory, or stored in S3 by an earlier
+    process); None if it does not and the form does not say `create`.
+
+    Adding files to an existing batch lets a page sending many chunks follow one batch
+    (and one event stream) rather than dozens. With `create`, the batch of that id is
+    made if it does not exist yet: a client sending again a first request whose answer
+    it lost must not make a second."""
+    if not is_service_id(form_batch_id):
+        # No batch has such an id: a 404 told the client to send create=1, which was
+        # then refused for the id's form (reviewer).
+        raise Refusal(400, "a batch's id is 32 lowercase hexadecimal digits (a UUID4's, without "
+                           "hyphens)", code=Code.BAD_REQUEST)
+    if services().rebuilder.find_batch(form_batch_id) is not None:
+        return True
+    if request.form.get("create", "").lower() not in ("1", "true"):
+        return None
+    return False
+
+
+def _store_files(batch_id: str, adding: bool, files: list[FileStorage], tokens: list[str] | None) -> Response:
+    """Store and queue `files` in `batch_id` (`adding`: to a batch that existed before),
+    a chunk at a time; the answer: 202 with the items stored and the files refused, or
+    the refusals alone if none was stored."""
+    svc = services()
     items: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     for start in range(0, len(files), FILES_PER_CHUNK):
@@ -92,22 +123,7 @@ def create_job() -> Response:
             # ever), and answer now with what was stored, the rest refused.
             rejected.extend(_refusals_while_stopping(files[start:], start))
             break
-        # Made by this request while nothing of it is stored yet. Else the book may have
-        # let it go since (a full book, between chunks): read back from S3 first, with
-        # the tokens of the files stored, and, should it go again meanwhile, made again
-        # incomplete (ResultBook.add). Made again complete, it showed only the later
-        # chunks' files, and a resend of the earlier ones stored them twice (reviewer).
-        made_here = not adding and not items
-        if not made_here:
-            try:
-                svc.rebuilder.load_batch(batch_id)
-            except Exception:
-                # Not the request's failure: its earlier chunks are stored and queued, and a
-                # 503 "try again" had them sent again, classified twice (reviewer). Made
-                # again incomplete (add), a GET reads it from S3 later.
-                log.exception("batch %s: could not read it back from S3 between chunks", batch_id)
-        stored, refused = _stored_and_refused(batch_id, files[start:start + FILES_PER_CHUNK], start, tokens,
-                                              made_here)
+        stored, refused = _stored_and_refused(batch_id, files[start:start + FILES_PER_CHUNK], start, tokens)
         items.extend(stored)
         rejected.extend(refused)
     rejected.sort(key=lambda r: r["index"])
@@ -122,28 +138,6 @@ def create_job() -> Response:
     return _all_refused_answer(batch_id if adding else None, rejected)
 
 
-def _target_batch(form_batch_id: str) -> tuple[str, bool] | None:
-    """The batch these files go to, and whether it exists already; None for a batch
-    the form names that does not exist, without `create`.
-
-    Adding files to an existing batch lets a page sending many chunks follow one batch
-    (and one event stream) rather than dozens. With `create`, the batch of that id is
-    made if it does not exist yet: a client sending again a first request whose answer
-    it lost must not make a second."""
-    if not form_batch_id:
-        return new_id(), False
-    if not is_service_id(form_batch_id):
-        # No batch has such an id: a 404 told the client to send create=1, which was
-        # then refused for the id's form (reviewer).
-        raise Refusal(400, "a batch's id is 32 lowercase hexadecimal digits (a UUID4's, without "
-                           "hyphens)", code=Code.BAD_REQUEST)
-    if services().rebuilder.find_batch(form_batch_id) is not None:
-        return form_batch_id, True
-    if request.form.get("create", "").lower() not in ("1", "true"):
-        return None
-    return form_batch_id, False
-
-
 def _refusals_while_stopping(files: list[FileStorage], first_index: int) -> list[dict[str, Any]]:
     """A refusal for each of `files` (numbered from `first_index`), as a stopping web tier stores none."""
     return [_rejection(index, Refusal(503, "not stored: the web tier is stopping; send this file again",
@@ -151,10 +145,10 @@ def _refusals_while_stopping(files: list[FileStorage], first_index: int) -> list
             for index, storage in enumerate(files, first_index)]
 
 
-def _stored_and_refused(batch_id: str, files: list[FileStorage], first_index: int, tokens: list[str] | None,
-                        made_here: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _stored_and_refused(batch_id: str, files: list[FileStorage], first_index: int, tokens: list[str] | None
+                        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Store and queue `files` (numbered from `first_index`) in `batch_id`: the items
-    stored, and the refusals of the files that were not. `made_here`: see ResultBook.add."""
+    stored, and the refusals of the files that were not."""
     svc = services()
     items: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
@@ -165,7 +159,7 @@ def _stored_and_refused(batch_id: str, files: list[FileStorage], first_index: in
         except Refusal as exc:
             rejected.append(_rejection(index, exc))
     outcomes = svc.submitter.submit(
-        batch_id, [u for _, u in accepted], [tokens[i] for i, _ in accepted] if tokens else None, made_here,
+        batch_id, [u for _, u in accepted], [tokens[i] for i, _ in accepted] if tokens else None,
     ) if accepted else []
     for (index, _), outcome in zip(accepted, outcomes, strict=True):
         if isinstance(outcome, Refusal):

@@ -108,9 +108,14 @@ def classify() -> Response:
         raise Refusal(503, "not stored: the web tier is stopping; send it again", upload.filename,
                       code=Code.BUSY)
 
-    batch_id, tokens, made_here = _batch_for(request.headers.get("Idempotency-Key"))
+    batch_id, tokens = _batch_for(request.headers.get("Idempotency-Key"))
     filename = upload.filename
-    outcome = svc.submitter.submit(batch_id, [upload], tokens, made_here)[0]
+    with svc.book.in_use(batch_id):  # as /api/jobs: the key's batch kept from its look-up on
+        if tokens:
+            # The key's own batch, rebuilt from S3 if an earlier process stored it: its
+            # token is then found, and the image not stored again.
+            svc.rebuilder.find_batch(batch_id)
+        outcome = svc.submitter.submit(batch_id, [upload], tokens)[0]
     # Stored: its bytes (up to MAX_UPLOAD_BYTES) are not held through the wait either.
     # 100 waiting 9 MB uploads had held 1 GB (reviewer).
     del upload
@@ -254,15 +259,12 @@ def _client_left() -> bool:
         return True
 
 
-def _batch_for(key: str | None) -> tuple[str, list[str] | None, bool]:
-    """The batch and tokens for this upload, and whether the batch is new (made here:
-    see ResultBook.add): a new batch, or with an Idempotency-Key the key's own (rebuilt
-    from S3 if an earlier process stored it)."""
+def _batch_for(key: str | None) -> tuple[str, list[str] | None]:
+    """The batch and tokens for this upload: a new batch, or with an Idempotency-Key
+    the key's own, the key its token."""
     if key is None:
-        return new_id(), None, True
+        return new_id(), None
     if not IDEMPOTENCY_KEY.fullmatch(key):
         raise Refusal(400, "an Idempotency-Key is 16 to 64 letters, digits or '._:-' (a UUID, say), "
                            f"not {key[:70]!r}", code=Code.BAD_REQUEST)
-    batch_id = hashlib.sha256(f"POST / {key}".encode()).hexdigest()[:32]
-    known = services().rebuilder.find_batch(batch_id) is not None
-    return batch_id, [key], not known
+    return hashlib.sha256(f"POST / {key}".encode()).hexdigest()[:32], [key]

@@ -109,14 +109,11 @@ class BatchRebuilder:
         self._rebuilding: dict[str, Future] = {}
         self._rebuilding_lock = threading.Lock()
 
-    def load_batch(self, batch_id: str) -> None:
-        """Have the book hold the batch, rebuilt from S3 if this process does not and S3
-        has it: before files are added to it, so that the tokens an earlier process
-        stored in it are found, and a file sent again under one is not stored twice."""
-        self.find_batch(batch_id)
-
     def find_batch(self, batch_id: str) -> list[Item] | None:
-        """A batch's items from memory, else rebuilt from S3 and kept; None if unknown."""
+        """A batch's items from memory, else rebuilt from S3 and kept; None if unknown.
+        Looked up before files are added to a batch (under ResultBook.in_use), so that
+        the tokens an earlier process stored in it are found, and a file sent again
+        under one is not stored twice."""
         if not is_service_id(batch_id):
             return None
         items = self.book.batch(batch_id)

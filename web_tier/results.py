@@ -13,8 +13,9 @@ import queue
 import re
 import threading
 import uuid
-from collections import OrderedDict
-from collections.abc import Mapping
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -193,6 +194,8 @@ class ResultBook:
         # and each result took ~130 ms under the lock at 100,000 (reviewer).
         self._maybe_finished: OrderedDict[str, None] = OrderedDict()
         self._subscribers: dict[str, set[queue.SimpleQueue]] = {}
+        # Batches a request is finding and adding to (in_use): never let go meanwhile.
+        self._in_use: Counter[str] = Counter()
         self._max_items = max_items
         self.uploaded = 0
         self.answered = 0
@@ -221,21 +224,17 @@ class ResultBook:
                     inbox.put(None)
 
     # --- writing ---------------------------------------------------------------
-    def add(self, batch_id: str, items: list[Item], made_here: bool = True) -> list[Item]:
-        """Register new uploads (in order) under `batch_id`, creating the batch if needed.
+    def add(self, batch_id: str, items: list[Item]) -> list[Item]:
+        """Register new uploads (in order) under `batch_id`, creating the batch if needed
+        (the caller has looked for it, under in_use).
 
         Returns, for each, the item the batch holds: itself, or the one it already
-        holds under the same token, which this one then does not join. `made_here`:
-        whether the caller made the batch and stored nothing in it before; if not, a
-        batch the book does not hold (let go between two chunks of one request) is
-        made again incomplete, for a GET to rebuild from S3 with its stored items:
-        made complete, it showed only the later chunks' (reviewer)."""
+        holds under the same token, which this one then does not join."""
         held = []
         with self._lock:
-            known = batch_id in self._batches
-            batch = self._batch(batch_id)
-            if not known:
-                batch.complete = made_here
+            if batch_id not in self._batches:
+                self._batch(batch_id).complete = True
+            batch = self._batches[batch_id]
             for item in items:
                 holder = self._items.get(batch.tokens.get(item.token, "")) if item.token else None
                 if holder is not None:
@@ -517,6 +516,22 @@ class ResultBook:
         with self._lock:
             return {"uploaded": self.uploaded, "answered": self.answered, "failed": self.failed}
 
+    @contextmanager
+    def in_use(self, batch_id: str) -> Iterator[None]:
+        """Keep `batch_id` while a request finds it and adds files to it, even at the
+        cap. Let go in between (finished whole, a full book), the files were added to a
+        batch made again without the tokens stored in it: a file sent again under one
+        was stored twice, and a GET showed only the later files (reviewer)."""
+        with self._lock:
+            self._in_use[batch_id] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_use[batch_id] -= 1
+                if not self._in_use[batch_id]:
+                    del self._in_use[batch_id]
+
     # --- subscribers (SSE) -----------------------------------------------------
     def subscribe(self, batch_id: str) -> queue.SimpleQueue:
         """A queue that receives every item of `batch_id` as it finishes, and None
@@ -576,7 +591,7 @@ class ResultBook:
                 # Gone, or someone may still be waiting on it: back once an item of it finishes.
                 del self._maybe_finished[batch_id]
                 continue
-            if batch_id == keep or batch_id in self._subscribers:
+            if batch_id == keep or batch_id in self._subscribers or batch_id in self._in_use:
                 self._maybe_finished.move_to_end(batch_id)  # in use: kept, looked at last
                 continue
             items = [self._items[i] for i in batch.item_ids if i in self._items]

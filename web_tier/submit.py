@@ -76,15 +76,15 @@ class Submitter:
     _storing: set[str] = field(default_factory=set)
     _storing_lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def submit(self, batch_id: str, uploads: list[Upload], tokens: list[str] | None = None,
-               made_here: bool = True) -> list[Item | SentBefore | Refusal]:
+    def submit(self, batch_id: str, uploads: list[Upload], tokens: list[str] | None = None
+               ) -> list[Item | SentBefore | Refusal]:
         """Submit every upload of one request, concurrently; results in upload order.
 
         Items are in the book before their request is sent, so even the fastest
         answer finds its waiter. An upload whose token (`tokens`, one per upload)
         the batch already holds is not stored again: its result is SentBefore the
-        item that holds it, once that is stored and queued. `made_here`: see
-        ResultBook.add.
+        item that holds it, once that is stored and queued. The caller has looked for
+        the batch (in memory, else in S3) under ResultBook.in_use.
         """
         items = []
         for n, upload in enumerate(uploads):
@@ -96,7 +96,7 @@ class Submitter:
         # never takes one of them for stored while it may still fail.
         with self._storing_lock:
             self._storing.update(i.id for i in items)
-        held = self.book.add(batch_id, items, made_here)
+        held = self.book.add(batch_id, items)
         new = [n for n, holder in enumerate(held) if holder is items[n]]
         outcomes: dict[int, Item | SentBefore | Refusal] = {
             n: self._sent_again(items[n], holder, uploads[n]) for n, holder in enumerate(held) if n not in new

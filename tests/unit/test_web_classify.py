@@ -345,6 +345,30 @@ def test_sent_again_under_its_idempotency_key_an_image_is_stored_and_classified_
     assert other.status_code == 200 and other.headers["X-Item-Id"] != first.headers["X-Item-Id"]
 
 
+def test_a_full_book_keeps_a_keys_batch_from_its_look_up_to_its_upload(make_web_app, web_aws, fake_worker):
+    """A full book let the key's batch go between the look for it and the image's
+    adding (its one image answered): the resend was stored and classified again."""
+    data, key = make_image(36), "5d0c8f7e-2222-4333-8444-555566667777"
+    app = make_web_app()
+    first = post_with_key(app.test_client(), data, "cut.jpg", key)
+    assert first.status_code == 200, first.text
+    svc = services_of(app)
+    real_find = svc.rebuilder.find_batch
+
+    def find_then_evict(batch_id):
+        found = real_find(batch_id)
+        with svc.book._lock:  # as a full book does, the batch finished whole
+            limit, svc.book._max_items = svc.book._max_items, 0
+            svc.book._evict()
+            svc.book._max_items = limit
+        return found
+
+    svc.rebuilder.find_batch = find_then_evict
+    again = post_with_key(app.test_client(), data, "cut.jpg", key)
+    assert again.status_code == 200 and again.headers["X-Item-Id"] == first.headers["X-Item-Id"]
+    assert len(stored_inputs(web_aws)) == 1 and fake_worker.handled == 1
+
+
 def test_idempotency_keys_of_16_and_of_64_characters_are_taken(web_client, fake_worker):
     """The README's 16 to 64, both ends (mutation audit)."""
     for n, key in enumerate(("k" * 16, "k" * 64)):

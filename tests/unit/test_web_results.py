@@ -42,18 +42,22 @@ def test_first_result_wins():
     assert book.totals() == {"uploaded": 1, "answered": 1, "failed": 0}
 
 
-def test_a_batch_made_again_by_a_later_add_is_known_only_once_rebuilt():
-    """Not made by its caller (who stored files in it before), a batch the book does not
-    hold is made incomplete: its GET rebuilds it from S3 rather than showing only the
-    files added last."""
-    book = ResultBook()
-    book.add(BATCH, [Item("late", BATCH, "late.jpg", f"{BATCH}/late/late.jpg")], made_here=False)
-    assert book.batch(BATCH) is None
-    book.merge(BATCH, [Item("early", BATCH, "early.jpg", f"{BATCH}/early/early.jpg")])
-    assert sorted(i.id for i in book.batch(BATCH)) == ["early", "late"]
-    fresh = book_with("a")  # made here: known at once, and an add to it keeps it so
-    fresh.add(BATCH, [Item("b", BATCH, "b.jpg", f"{BATCH}/b/b.jpg")], made_here=False)
-    assert [i.id for i in fresh.batch(BATCH)] == ["a", "b"]
+def test_a_batch_in_use_is_kept_at_the_cap_and_let_go_after():
+    """A request finding a batch, then adding to it, must find it still there: let go in
+    between (a full book), it was made again without its tokens, and a file sent again
+    under one stored twice (reviewer)."""
+    book = ResultBook(max_items=1)
+    book.add(BATCH, [Item("a", BATCH, "a.jpg", f"{BATCH}/a/a.jpg", token="t-a")])
+    book.record(response("a", "cat", 0.9))  # finished whole: the first to forget
+    other = "f" * 32
+    with book.in_use(BATCH):
+        book.add(other, [Item("o", other, "o.jpg", f"{other}/o/o.jpg")])  # over the cap
+        assert [i.id for i in book.batch(BATCH)] == ["a"]
+        held = book.add(BATCH, [Item("a2", BATCH, "a.jpg", f"{BATCH}/a2/a.jpg", token="t-a")])
+        assert [i.id for i in held] == ["a"]  # its token found: not a second item
+    book.record(response("o", "dog", 0.9))
+    book.add("e" * 32, [Item("e", "e" * 32, "e.jpg", f"{'e' * 32}/e/e.jpg")])
+    assert book.batch(BATCH) is None  # no longer in use: forgotten at the cap
 
 
 def test_a_batch_all_discarded_leaves_nothing_behind():
