@@ -15,7 +15,14 @@ from functools import cache
 import numpy as np
 from PIL import Image, ImageCms, UnidentifiedImageError, features
 
-from common.image_limits import PILLOW_REFUSALS, READ_FORMATS, oversize_refusal, parts_refusal, pillow_refusal
+from common.image_limits import (
+    HEAVY_DECODE_DIVISORS,
+    PILLOW_REFUSALS,
+    READ_FORMATS,
+    oversize_refusal,
+    parts_refusal,
+    pillow_refusal,
+)
 from common.pillow_errors import plain_reason
 
 INPUT_SIZE = (224, 224)
@@ -144,8 +151,10 @@ def decoding_pixels(img: Image.Image) -> int:
     after `draft`, but the whole image's for a JPEG of several scans (40 megapixels,
     progressive: +230-307 MB where a baseline JPEG drafted to the same size took
     +3 MB, and eight decoded side by side took a worker from 0.5 to 3 GB: explorer;
-    24 megapixels in 3 baseline scans: +73 MB against +5: reviewer)."""
-    return img.info.get(_HELD_WHOLE, img.width * img.height)
+    24 megapixels in 3 baseline scans: +73 MB against +5: reviewer). Counted as an
+    RGB PNG's: a WebP's twice (HEAVY_DECODE_DIVISORS), as decoding one holds ~15
+    bytes a pixel (eight of 3.9 megapixels side by side: +424 MB; reviewer)."""
+    return img.info.get(_HELD_WHOLE, img.width * img.height) * HEAVY_DECODE_DIVISORS.get(img.format or "", 1)
 
 
 def load_rgb(img: Image.Image, max_pixels: int) -> Image.Image:
