@@ -98,6 +98,15 @@ RECEIVE_LEASE_S = 30
 RECEIVE_BACKOFF_MAX_S = 30.0
 # How long the grace period's end waits for a receive under way (see _give_up).
 GRACE_RECEIVE_WAIT_S = 2.0
+# Batches in a row the model failed on, a plain input too, before the worker reports
+# its instance failed and stops: one may be a passing fault (a thread the runtime
+# could not start under memory pressure), each costs its requests an attempt.
+MODEL_FAULTS_BEFORE_GIVING_UP = 2
+
+
+class ModelFault(RuntimeError):
+    """The model failed on an image and on a plain input made to check it: the worker's
+    fault, not the image's. Its batch is released, to be tried again."""
 
 
 @dataclass
@@ -148,6 +157,7 @@ class Worker:
         self._heartbeat: threading.Thread | None = None
         self._fetcher: threading.Thread | None = None
         self.processed = 0
+        self._model_faults = 0  # batches in a row released for a ModelFault
 
     # --- lifecycle ---------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -459,10 +469,31 @@ class Worker:
 
     def _answer_or_release(self, batch: Batch) -> list[tuple[Job, ClassifyResponse]] | None:
         try:
-            return self.answer(batch)
+            responses = self.answer(batch)
+        except ModelFault as exc:
+            self._failed(batch)
+            self._model_failed(exc)
+            return None
         except Exception:  # whatever it was, the loop must go on
             self._failed(batch)
             return None
+        self._model_faults = 0
+        return responses
+
+    def _model_failed(self, fault: ModelFault) -> None:
+        """A batch was released for a model that fails whatever its input: after
+        MODEL_FAULTS_BEFORE_GIVING_UP in a row, the worker reports its instance failed
+        and stops, for the controller to replace it. Serving on, it would answer
+        nothing while counting as serving, and send each request it received towards
+        the dead-letter queue."""
+        self._model_faults += 1
+        if self._model_faults < MODEL_FAULTS_BEFORE_GIVING_UP:
+            return
+        log.error("worker %s: the model failed on %d batches in a row, a plain input too (the last: "
+                  "%s); reporting its instance failed and stopping", self.instance_id,
+                  self._model_faults, fault.__cause__ or fault)
+        report_worker_failed(self.aws, self.instance_id, "model-fault")
+        self.stopping.set()
 
     def answer(self, batch: Batch) -> list[tuple[Job, ClassifyResponse]]:
         """Every job's response: its classification, or why it has none."""
@@ -555,6 +586,7 @@ class Worker:
         pending = deque([fresh] if fresh else [])
         pending.extend([j] for j in jobs if suspect(j))
         results: dict[str, Classification] = {}
+        model_works = False  # the model answered an input of this batch
         while pending:
             group = pending.popleft()
             try:
@@ -566,11 +598,30 @@ class Worker:
                 if len(group) > 1:
                     pending.extend([j] for j in group)  # one at a time, to find the image at fault
                     continue
+                # ...nor one that fails whatever its input (a runtime fault): every image
+                # of the batch was answered "classification failed", for good (reviewer).
+                model_works = model_works or self._model_answers_a_plain_input(group)
+                if not model_works:
+                    raise ModelFault(f"the model failed on {group[0].request.key} and on a plain "
+                                     "input") from exc
                 log.error("classification of %s failed: %s", group[0].request.key, exc)
                 group[0].error = f"classification failed: {exc}"
                 continue
+            model_works = True
             results.update({j.message_id: r for j, r in zip(group, out, strict=True)})
         return results
+
+    def _model_answers_a_plain_input(self, failed: list[Job]) -> bool:
+        """Whether the model classifies a plain grey input, after it failed on `failed`'s
+        image: if it does, that image is at fault. Watched, but for no job: a hang here
+        is the model's, and charges no image an attempt."""
+        try:
+            with self.stall_watch.must_end("model call", []):
+                self.classifier.classify(np.zeros((1, *failed[0].pixels.shape), np.float32))
+        except Exception:
+            log.exception("the model fails on a plain input too")
+            return False
+        return True
 
     @contextmanager
     def _at_risk(self, jobs: list[Job]) -> Iterator[None]:

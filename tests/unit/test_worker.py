@@ -189,6 +189,65 @@ def test_model_error_fails_only_that_image(aws_env):
     assert got["a"].ok and got["b"].error.startswith("classification failed")
 
 
+class FaultyModel(MeanClassifier):
+    """A model that fails whatever its input for its first `faults` calls (a runtime
+    fault: a thread it could not start), then works."""
+
+    def __init__(self, faults: int) -> None:
+        super().__init__()
+        self.faults = faults
+
+    def classify(self, batch: np.ndarray) -> list[Classification]:
+        if self.faults:
+            self.faults -= 1
+            self.calls += 1
+            raise RuntimeError("Resource temporarily unavailable")
+        return super().classify(batch)
+
+
+def test_a_model_failing_whatever_its_input_releases_the_batch_and_then_gives_up(aws_env):
+    """A runtime fault past the memory check (OpenVINO unable to start a thread) was
+    blamed on each image in turn: the whole batch answered "classification failed",
+    for good (reviewer). Failing on a plain input too, it is the worker's fault: the
+    batch goes back unanswered; two such batches in a row, and the worker reports its
+    instance failed and stops, for the controller to replace it."""
+    settings, aws = aws_env
+    instance_id = aws.ec2.run_instances(ImageId=settings.ami_id, MinCount=1,
+                                        MaxCount=1)["Instances"][0]["InstanceId"]
+    for name in ("a", "b"):
+        upload(settings, aws, f"{name}.jpg", make_image(ord(name), size=(64, 64)), name)
+    worker = Worker(settings, aws, FaultyModel(faults=10_000), instance_id)
+    worker.process(worker.fetch())
+    assert responses(aws) == {} and depth(aws, aws.request_queue_url) == (2, 0)
+    for name in ("a", "b"):
+        key = object_key("b" * 32, name, f"{name}.jpg")
+        tags = aws.s3.get_object_tagging(Bucket=settings.input_bucket, Key=key)["TagSet"]
+        assert failure_from_tags(tags) is None
+    assert not worker.stopping.is_set() and WORKER_FAILED_TAG not in instance_tags(aws, instance_id)
+    worker.process(worker.fetch())
+    assert worker.stopping.is_set() and instance_tags(aws, instance_id)[WORKER_FAILED_TAG] == "model-fault"
+    assert responses(aws) == {} and depth(aws, aws.request_queue_url) == (2, 0)
+
+
+def test_a_passing_model_fault_costs_one_attempt_and_is_forgotten(aws_env):
+    """One batch released for a fault that passes: the next is answered, and the count
+    of faults in a row starts again (two apart do not stop the worker)."""
+    settings, aws = aws_env
+    upload(settings, aws, "a.jpg", make_image(3, size=(64, 64)), "a")
+    model = FaultyModel(faults=2)  # the image's call, then the plain input's
+    worker = Worker(settings, aws, model, "i-test")
+    worker.process(worker.fetch())
+    assert responses(aws) == {}
+    worker.process(worker.fetch())
+    assert responses(aws)["a"].ok
+    upload(settings, aws, "b.jpg", make_image(4, size=(64, 64)), "b")
+    model.faults = 2
+    worker.process(worker.fetch())
+    assert not worker.stopping.is_set()
+    worker.process(worker.fetch())
+    assert responses(aws)["b"].ok and not worker.stopping.is_set()
+
+
 @pytest.mark.parametrize("shortage", [MemoryError("std::bad_alloc"), RuntimeError("Exception from "
                                       "src/inference/src/infer_request.cpp: std::bad_alloc")])
 def test_a_model_call_short_of_memory_is_tried_again_not_answered_failed(aws_env, shortage):
