@@ -358,7 +358,7 @@ class ResultBook:
                         known._apply(item)
                         _wake(known)
                         finished.append(known)
-                    elif known.provisional and item.is_finished and not item.provisional:
+                    elif _replaces(item, known):
                         replaced = self._replace(known, item)
                         if known.counted:  # the totals follow what they counted
                             self._count(replaced)
@@ -375,7 +375,7 @@ class ResultBook:
     def _finish(self, incoming: Item, untrained: bool | None, sent: SentAgain | None = None,
                 sent_before: float | None = None) -> Item | None:
         """Finish the item `incoming` names with its outcome, unless it has one (a late
-        answer replaces a dead letter's failure); the item if this finished it. `sent`:
+        answer replaces a failure: _replaces); the item if this finished it. `sent`:
         its count and time of sending again, for one still queued (ResultBook.fail);
         `sent_before`: see ResultBook.fail."""
         with self._lock:
@@ -397,7 +397,7 @@ class ResultBook:
                 self._items[item.id] = item
                 self._batch(incoming.batch_id).item_ids.append(item.id)
             elif item.is_finished:
-                if not item.provisional or incoming.provisional:
+                if not _replaces(incoming, item):
                     return None
                 item = self._replace(item, incoming)
             else:
@@ -601,6 +601,17 @@ class ResultBook:
             for item_id in self._batches.pop(batch_id).item_ids:
                 self._items.pop(item_id, None)
             excess -= len(items)
+
+
+def _replaces(outcome: Item, known: Item) -> bool:
+    """Whether `outcome` replaces the outcome the finished item `known` has: a result
+    replaces any failure, as it does in S3 (common/stored_outcome.py), and a worker's
+    failure a dead letter's. Two copies of a request, the first to answer failing on a
+    fault that passed, the second classifying it, left the page showing it failed and
+    a batch rebuilt from S3 done (reviewer)."""
+    if outcome.state == DONE:
+        return known.state == FAILED
+    return known.provisional and outcome.is_finished and not outcome.provisional
 
 
 class Waiter(threading.Event):

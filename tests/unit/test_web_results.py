@@ -42,6 +42,35 @@ def test_first_result_wins():
     assert book.totals() == {"uploaded": 1, "answered": 1, "failed": 0}
 
 
+def test_a_result_replaces_a_workers_failure_as_in_s3_and_a_failure_never_a_result():
+    """Two copies of one request: the first to answer failed (a fault that passed), the
+    second classified it. S3 keeps both, and the result wins there (a rebuild shows it
+    done): the book showed failed for good (reviewer). A failure after a result changes
+    nothing, and the totals follow."""
+    book = book_with("a", "b")
+    inbox = book.subscribe(BATCH)
+    failed = book.record(response("a", error="classification failed: glitch", label=None, score=None))
+    assert failed is not None and failed.state == "failed"
+    done = book.record(response("a", "cat", 0.9))
+    assert done is not None and (book.get("a").state, book.get("a").label) == ("done", "cat")
+    assert done.event_seq > failed.event_seq  # event streams hear it: a newer number
+    assert [inbox.get_nowait().state for _ in range(2)] == ["failed", "done"]
+    assert book.record(response("b", "dog", 0.8)) is not None
+    assert book.record(response("b", error="classification failed: late", label=None, score=None)) is None
+    assert book.get("b").state == "done"
+    assert book.totals() == {"uploaded": 2, "answered": 2, "failed": 0}
+
+
+def test_a_rebuild_showing_a_result_replaces_a_workers_failure():
+    """The same through a rebuild from S3: the result stored there wins."""
+    book = book_with("a")
+    book.record(response("a", error="classification failed: glitch", label=None, score=None))
+    stored = Item("a", BATCH, "a.jpg", f"{BATCH}/a/a.jpg", state="done", label="cat", score=0.9)
+    book.merge(BATCH, [stored])
+    assert (book.get("a").state, book.get("a").label) == ("done", "cat")
+    assert book.totals() == {"uploaded": 1, "answered": 1, "failed": 0}
+
+
 def test_a_batch_in_use_is_kept_at_the_cap_and_let_go_after():
     """A request finding a batch, then adding to it, must find it still there: let go in
     between (a full book), it was made again without its tokens, and a file sent again
