@@ -24,7 +24,9 @@ from the instances running at its start.
 
 Ctrl-C stops sending and waits for the requests in flight; a second one quits at
 once, still printing what was answered so far (and writing --json and --plot).
-SIGTERM (`timeout`, a CI job cancelled) quits at once so.
+SIGTERM (`timeout`, a CI job cancelled) quits at once so. One that comes once every
+request is over skips the last /api/status sample, and cuts short only a plot being
+drawn: the summary and --json are finished.
 
 Exit codes: 0 PASS, 1 FAIL, 2 bad usage or the run could not start, 130 and 143
 interrupted by Ctrl-C and SIGTERM; EXIT_CODES below (the end of --help) says each.
@@ -137,7 +139,8 @@ exit codes:
        not start: nothing listening at --url, an API key needed and none given, or the
        key refused
   130  interrupted by Ctrl-C (SIGINT), 143 by SIGTERM: what was done is still reported,
-       and written to --json and --plot
+       and written to --json and --plot (once every request is over, a plot being drawn
+       is cut short)
 """
 
 
@@ -616,6 +619,10 @@ class Report:
     # (seconds since the run began, app-tier instances pending or running)
     instance_samples: list[tuple[float, int]] = field(default_factory=list)
     interrupted_by: str | None = None  # "SIGINT" (Ctrl-C), "SIGTERM", or None: not interrupted
+    # One that came only once every request was over, while the last /api/status sample
+    # was taken: that sample is skipped, no request lost to it, and the run not said
+    # interrupted; the command still exits as the signal says (130, 143).
+    signal_after_sending: str | None = None
     idempotency_keys: bool = False  # uploads cut off mid-request were sent again too
     # Answers were to be checked against an --expected CSV: a run that checked none is no PASS.
     checked_against_csv: bool = False
@@ -1501,11 +1508,13 @@ class Progress:
         self.tty = self.stream.isatty()
         self._last_tenth = 0
         self._t0 = time.monotonic()
+        self.began = False  # whether the requests began (start): the command says what an interrupt lost
 
     def start(self, t0: float) -> None:
         """Count the rate from `t0` (time.monotonic), when the requests begin: counted from
         the bar's making, it took in the checks before them (the key check waits up to 12 s)."""
         self._t0 = t0
+        self.began = True
 
     def update(self, done: int, failed: int, wrong: int, not_sent: int = 0) -> None:
         if not self.enabled:
@@ -1752,6 +1761,7 @@ def run_load(
                 return
 
     interrupted_by: str | None = None
+    signal_after_sending: str | None = None
     # The clock starts as the first requests go: nothing slow comes in between.
     started_at = time.time()
     t0 = time.monotonic()
@@ -1793,8 +1803,18 @@ def run_load(
         # already, and would otherwise poll the web tier until its timeout.
         abandon.set()
         duration = time.monotonic() - t0
-        # An interrupted run waits for nothing more, not even a slow /api/status.
-        poller.stop(wait=interrupted_by is None)
+        try:
+            # An interrupted run waits for nothing more, not even a slow /api/status.
+            poller.stop(wait=interrupted_by is None)
+        except KeyboardInterrupt as late:
+            # Every request is over: an interrupt now cuts short the last status sample
+            # (up to 7 s), not the report. Raised, it lost the whole report, and the command
+            # said "interrupted before any request was sent" (reviewer).
+            if interrupted_by is None:
+                signal_after_sending = signal_of(late)
+            elif isinstance(late, Terminated):
+                interrupted_by = "SIGTERM"  # as a SIGTERM after a Ctrl-C above: the latter made it quit
+            poller.stop(wait=False)
         client.close()
         if progress:
             progress.close()
@@ -1811,6 +1831,7 @@ def run_load(
         outcomes=outcomes,
         instance_samples=list(poller.samples),
         interrupted_by=interrupted_by,
+        signal_after_sending=signal_after_sending,
         idempotency_keys=config.idempotency_keys,
         checked_against_csv=config.expected is not None,
         wait=config.wait if config.api == "jobs" else None,
@@ -2064,6 +2085,26 @@ def interrupts_heard() -> Iterator[None]:
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
+@contextlib.contextmanager
+def interrupts_noted(heard: list[str]) -> Iterator[None]:
+    """While inside, SIGINT and SIGTERM are added to `heard` ("SIGINT", "SIGTERM") rather
+    than raised: what is done inside is finished whatever comes. The handlers found (see
+    interrupts_heard) are given back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set a handler; and only it hears one raised
+        return
+
+    def note(signum: int, frame: Any) -> None:
+        heard.append(signal.Signals(signum).name)
+
+    previous = {signum: signal.signal(signum, note) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
 class Stdout:
     """The run's lines on standard output, until whoever reads them stops (`| head -3`):
     from then on they are dropped, and the run goes on to its report files and exit
@@ -2138,34 +2179,73 @@ def run(argv: Sequence[str] | None) -> int:
     try:
         report = run_load(config, progress=progress, on_result=print_result if config.verbose else None,
                           images=images, expected=expected)
+        return give_report(config, report, out)
     except LoadTestError as exc:
         print(f"load_test.py: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        if not progress.began:
+            raise  # during the checks before the first request: main says so
+        # Only in a moment's window: between the last status sample and the report's
+        # making, or between give_report's steps.
+        print("\nload_test.py: interrupted as the run ended: its report may be missing or incomplete",
+              file=sys.stderr)
+        return signal_exit_code(signal_of(exc))
 
-    if config.quiet:
-        if report.untrained:
-            out.print(UNTRAINED_WARNING)
-        for line in failure_lines(report):
-            out.print(for_terminal(line))
-        out.print(result_line(report))
-    else:
-        out.print(for_terminal(format_report(report)))
-    # The summary is out already: a report that cannot be written (its folder
-    # removed during the run, a full disk) is said so, not a traceback.
-    written = True
-    outputs = (("JSON report", config.json_path, write_json), ("plot", config.plot_path, write_plot))
-    for what, path, write in outputs:
-        if path is None:
-            continue
+
+def give_report(config: Config, report: Report, out: Stdout) -> int:
+    """Prints the report and writes its files (run); the command's exit status."""
+    # Every request is over: an interrupt from now on loses none of the report. The
+    # summary and the JSON (quick) are finished whatever comes; only the plot (seconds
+    # of matplotlib) is cut short by one that comes while it is drawn. Raised, such an
+    # interrupt lost the whole report (reviewer).
+    heard = [report.signal_after_sending] if report.signal_after_sending else []
+    with interrupts_noted(heard):
+        if config.quiet:
+            if report.untrained:
+                out.print(UNTRAINED_WARNING)
+            for line in failure_lines(report):
+                out.print(for_terminal(line))
+            out.print(result_line(report))
+        else:
+            out.print(for_terminal(format_report(report)))
+        # The summary is out already: a report that cannot be written (its folder
+        # removed during the run, a full disk) is said so, not a traceback.
+        written = write_report_file("JSON report", report, config.json_path, write_json)
+        if heard and not report.interrupted:
+            skipped = " (its last /api/status sample skipped)" if report.signal_after_sending else ""
+            print(f"load_test.py: {heard[0]} once every request was over: the report is whole{skipped}",
+                  file=sys.stderr)
+    if config.plot_path is not None:
         try:
-            write(report, path)
-        except (OSError, ValueError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            print(f"load_test.py: cannot write the {what} to {path}: {reason}", file=sys.stderr)
-            written = False
+            written = write_report_file("plot", report, config.plot_path, write_plot) and written
+        except KeyboardInterrupt as exc:
+            heard.append(signal_of(exc))
+            # Nothing half written, nor an earlier run's plot, left to be taken for this run's.
+            with contextlib.suppress(OSError):
+                config.plot_path.unlink(missing_ok=True)
+            print(f"\nload_test.py: the plot was not written to {config.plot_path}: interrupted "
+                  f"({heard[-1]})", file=sys.stderr)
     if report.interrupted_by is not None:
         return signal_exit_code(report.interrupted_by)
+    if heard:
+        return signal_exit_code(heard[0])
     return 0 if report.ok and written else 1
+
+
+def write_report_file(what: str, report: Report, path: Path | None,
+                      write: Callable[[Report, Path], None]) -> bool:
+    """`write(report, path)` unless `path` is None; False, said on stderr, when it cannot
+    be written (its folder removed during the run, a full disk), rather than a traceback."""
+    if path is None:
+        return True
+    try:
+        write(report, path)
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        print(f"load_test.py: cannot write the {what} to {path}: {reason}", file=sys.stderr)
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -1316,6 +1316,99 @@ def test_sigterm_reports_what_was_done_at_once(tier, tmp_path):
         (0, "0.jpg", "unchecked"), (1, "1.jpg", "abandoned"), (2, "2.jpg", "not started")]
 
 
+def test_an_interrupt_after_the_last_answer_still_reports_and_writes(tier, tmp_path):
+    """A SIGTERM just after the last answer, while the run took its last /api/status
+    sample (here one that takes seconds), came out of the run as one before any request:
+    "interrupted before any request was sent", no JSON, no plot (reviewer). It cuts that
+    sample short, not the report."""
+    images = make_images(tmp_path / "images", {"0.jpg": b"label:a", "1.jpg": b"hang"})
+    report, plot = tmp_path / "t.json", tmp_path / "t.png"
+    command = [sys.executable, load_test.__file__, "--url", tier.url, "--images", str(images),
+               "-c", "1", "--json", str(report), "--plot", str(plot), "-v"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    gate = threading.Event()
+    try:
+        wait_until(lambda: tier.paths["POST /"] == 2, timeout=10)  # 1.jpg is held in flight
+        tier.status_gate = gate  # from now on each GET /api/status takes 5 s (the run's gives up at 2)
+        tier.release.set()
+        answers = 0
+        while answers < 2:
+            answers += proc.stdout.readline().startswith("Classification result: ")
+        time.sleep(0.3)  # the run now waits for its last status sample
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        gate.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err
+    assert "before any request" not in err and "Traceback" not in err, err
+    assert "SIGTERM once every request was over" in err
+    assert "RESULT: PASS" in out  # every request was answered: the run itself was whole
+    data = json.loads(report.read_text())
+    assert (data["sent"], data["answered"], data["interrupted"], data["ok"]) == (2, 2, False, True)
+    assert plot.read_bytes().startswith(b"\x89PNG")  # the interrupt came before it was begun
+
+
+def test_an_interrupt_while_the_report_is_written_finishes_it(tier, tmp_path, monkeypatch, capsys):
+    """A SIGTERM while the summary or the JSON is written is noted, not raised: the JSON
+    is whole, and the command exits as SIGTERM says. Raised, it lost the report, and the
+    command said "interrupted before any request was sent" (reviewer)."""
+    images = make_images(tmp_path / "images", {"0.jpg": b"label:a", "1.jpg": b"label:b"})
+    report = tmp_path / "t.json"
+    real_write_json = load_test.write_json
+
+    def terminated_meanwhile(*args) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        real_write_json(*args)
+
+    monkeypatch.setattr(load_test, "write_json", terminated_meanwhile)
+    assert load_test.main(["--url", tier.url, "--images", str(images), "--json", str(report), "-q"]) == 143
+    out, err = capsys.readouterr()
+    assert out.strip() == "RESULT: PASS (2 answered, none failed or wrong)"
+    assert "before any request" not in err
+    assert "SIGTERM once every request was over: the report is whole\n" in err
+    data = json.loads(report.read_text())
+    assert (data["answered"], data["interrupted"], data["ok"]) == (2, False, True)
+
+
+def test_an_interrupt_while_the_plot_is_drawn_cuts_only_the_plot_short(tier, tmp_path, monkeypatch, capsys):
+    """The plot takes seconds (matplotlib): a Ctrl-C then skips it, leaving no half-written
+    file at its path, once the summary and the JSON are out."""
+    images = make_images(tmp_path / "images", {"0.jpg": b"label:a"})
+    report, plot = tmp_path / "t.json", tmp_path / "t.png"
+
+    def interrupted_midway(_report, path) -> None:
+        path.write_bytes(b"\x89PNG half")
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # heard before this ends
+
+    monkeypatch.setattr(load_test, "write_plot", interrupted_midway)
+    assert load_test.main(["--url", tier.url, "--images", str(images), "--json", str(report),
+                           "--plot", str(plot), "-q"]) == 130
+    err = capsys.readouterr().err
+    assert "before any request" not in err
+    assert f"the plot was not written to {plot}: interrupted (SIGINT)" in err
+    assert json.loads(report.read_text())["answered"] == 1
+    assert not plot.exists()
+
+
+def test_an_interrupt_once_sending_began_is_not_said_to_come_before_it(tier, tmp_path, monkeypatch, capsys):
+    """Whatever an interrupt escaping the run cut short, it did not come "before any request
+    was sent" once requests were (reviewer)."""
+    images = make_images(tmp_path / "images", {"0.jpg": b"label:a"})
+
+    def interrupted(_client) -> None:
+        raise load_test.Terminated
+
+    monkeypatch.setattr(load_test.Client, "close", interrupted)
+    assert load_test.main(["--url", tier.url, "--images", str(images), "-q"]) == 143
+    err = capsys.readouterr().err
+    assert "before any request" not in err
+    assert "interrupted as the run ended: its report may be missing or incomplete" in err
+
+
 def test_the_command_hears_sigint_while_it_runs_and_gives_back_the_handlers_it_found(
         tier, tmp_path, monkeypatch):
     def mine(signum, frame) -> None:
