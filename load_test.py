@@ -41,6 +41,7 @@ import argparse
 import contextlib
 import csv
 import importlib
+import io
 import json
 import math
 import mimetypes
@@ -2133,11 +2134,69 @@ class Stdout:
                 pass
 
 
+class Stderr:
+    """Standard error while the command runs (sys.stderr is this: its messages, the
+    progress bar, a thread's traceback), until whoever reads it stops (`2>&1 | head -2`)
+    or it cannot be written (`2> /dev/full`): from then on what is written to it is
+    dropped, and the run goes on to its report files and exit status. A BrokenPipeError
+    from the progress bar stopped sending on the main thread: exit 1, no JSON (reviewer)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.gone = False
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                self.stream.write(text)
+            except OSError:
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self.stream.flush()
+            except OSError:
+                self._drop()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def __getattr__(self, name: str) -> Any:  # the rest of a stream's attributes (encoding, fileno, ...)
+        return getattr(self.stream, name)
+
+    def _drop(self) -> None:
+        self.gone = True
+        try:
+            # Python flushes stderr again at exit, and would exit 120 on that failure too:
+            # what is left in its buffer goes nowhere instead.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            pass  # a stderr with no file behind it (a test's capture)
+
+
+@contextlib.contextmanager
+def stderr_guarded() -> Iterator[None]:
+    """While inside, sys.stderr is a Stderr over the one found, given back after."""
+    found = sys.stderr
+    if found is None:  # pythonw: no stderr at all
+        yield
+        return
+    sys.stderr = Stderr(found)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sys.stderr = found
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Heard from the start: a run started in the background ignores SIGINT, and SIGTERM
     # kills it without a word, until the handlers are set, and reading a large folder or
     # CSV on a busy machine took seconds (explorer: a `kill -INT` then did nothing).
-    with interrupts_heard():
+    with interrupts_heard(), stderr_guarded():
         try:
             return run(argv)
         except KeyboardInterrupt as exc:  # during the checks before the first request: nothing to report

@@ -1238,6 +1238,48 @@ def test_a_closed_stdout_stops_the_printing_not_the_run(tier, tmp_path, talk):
     assert tier.paths["POST /"] == 3
 
 
+@pytest.mark.parametrize("talk", ["--verbose", None])
+def test_a_closed_stderr_stops_the_messages_not_the_run(tier, tmp_path, talk):
+    """`load_test.py ... --json r.json 2>&1 | head -2`: the progress bar's write to the
+    closed stderr raised a BrokenPipeError on the main thread, sending stopped, exit 1 and
+    no JSON (reviewer). Here stderr is closed before anything is written to it: the entry
+    left out is said there first, then the progress lines."""
+    images = make_images(tmp_path / "images", {"0.jpg": b"label:a", "1.jpg": b"label:b", "2.jpg": b"label:c",
+                                               "notes.txt": b"not an image"})
+    report = tmp_path / "out.json"
+    command = [sys.executable, load_test.__file__, "--url", tier.url, "--images", str(images),
+               "-c", "1", "--json", str(report), *([talk] if talk else [])]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        proc.stderr.close()
+        out = proc.stdout.read()
+        proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    assert proc.returncode == 0, out
+    assert "RESULT: PASS (3 answered, none failed or wrong)" in out
+    data = json.loads(report.read_text())
+    assert (data["sent"], data["answered"], data["ok"]) == (3, 3, True)
+
+
+def test_a_full_disk_under_stderr_stops_the_messages_not_the_report(tier, tmp_path):
+    """`2> /dev/full`: each message and progress line fails to be written."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    images = make_images(tmp_path / "images", {"0.jpg": b"label:a", "1.jpg": b"label:b",
+                                               "notes.txt": b"not an image"})
+    report = tmp_path / "out.json"
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, load_test.__file__, "--url", tier.url, "--images", str(images),
+                               "--json", str(report)], stdout=subprocess.PIPE, stderr=full, text=True,
+                              timeout=60)
+    assert done.returncode == 0, done.stdout
+    assert json.loads(report.read_text())["answered"] == 2
+
+
 def test_one_cause_is_one_reason_whatever_batch_each_request_named():
     """Each --jobs error names its batch: a quiet run listed one cause as "51 other
     reasons" (reviewer)."""
