@@ -437,8 +437,11 @@ def same_label(a: str, b: str) -> bool:
 _MULTIPART_ESCAPES = {ord("\n"): "%0A", ord("\r"): "%0D", ord('"'): "%22"}
 _MAX_DISPLAY_NAME = 1024  # web_tier/filenames.py MAX_FILENAME_CHARS
 _LINE_BREAKING = frozenset({"Cc", "Zl", "Zp"})  # web_tier/filenames.py
-_BIDI_CONTROLS = dict.fromkeys(map(ord, "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
-                                        "\u2066\u2067\u2068\u2069"))  # web_tier/filenames.py
+# web_tier/filenames.py DROPPED_CHARACTERS: the bidirectional-text controls, and
+# characters that show nothing (a BOM, a zero-width space, a soft hyphen, ...).
+_DROPPED_CHARACTERS = ("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+                       "\u00ad\u180e\u200b\u2060\u2061\u2062\u2063\u2064\ufeff")
+_DROPPED = dict.fromkeys(map(ord, _DROPPED_CHARACTERS))
 _MAX_EXTENSION_CHARS = 16  # common/names.py MAX_EXTENSION_CHARS
 _MAX_META_FILENAME = 1740  # common/names.py MAX_META_FILENAME
 
@@ -448,14 +451,15 @@ def received_name(filename: str) -> str:
 
     Werkzeug reads filename="..." as an HTTP quoted string, so a backslash escapes
     the next character ('back\\slash.jpg' becomes 'backslash.jpg') and %22 is a
-    quote; the web tier then drops bidirectional-text controls, turns control
+    quote; the web tier then drops bidirectional-text controls and characters that
+    show nothing (a BOM, a zero-width space, a soft hyphen), turns control
     characters (tab, ...) and line and paragraph separators into spaces, trims the
     ends, and cuts a long name before its extension (web_tier/filenames.py clean_name).
     """
     wire = filename.translate(_MULTIPART_ESCAPES)
     parsed = re.sub(r"\\(.)", r"\1", wire, flags=re.ASCII).replace("%22", '"')
     shown = "".join(" " if unicodedata.category(c) in _LINE_BREAKING else c
-                    for c in parsed.translate(_BIDI_CONTROLS))
+                    for c in parsed.translate(_DROPPED))
     shown = shown.strip()
     if len(shown) > _MAX_DISPLAY_NAME:
         kept = _kept_extension(shown)
