@@ -391,7 +391,8 @@ def read_expected(path: Path) -> dict[str, str]:
     (`image,result`, `filename,label`, ...) and a UTF-8 byte-order mark are
     accepted too, and Image may carry an extension. A row without an image or a
     label, or naming an image again with another label, is refused with its line
-    number: skipped, it would leave that image "unchecked" and the run a PASS.
+    number: skipped, it would leave that image "unchecked" and the run a PASS. So is
+    one with more cells than the header (a name with an unquoted comma).
     """
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
@@ -408,6 +409,12 @@ def read_expected(path: Path) -> dict[str, str]:
         raise LoadTestError(f"{path}: expected a header with columns Image,Results, found {rows[0][1]}")
     expected: dict[str, str] = {}
     for line, row in rows[1:]:
+        # Up to its last cell that holds anything: a spreadsheet's trailing commas are no cells.
+        used = max(i for i, cell in enumerate(row) if cell.strip()) + 1
+        if used > len(header):
+            # A name with an unquoted comma: its tail was taken for the label (reviewer).
+            raise LoadTestError(f"{path}, line {line}: {used} cells where the header has {len(header)} "
+                                f"({row[:used]}): a name with a comma is written in quotes (\"a, b.jpg\")")
         cells = [row[col].strip() if col < len(row) else "" for col in (image_col, result_col)]
         if not all(cells):
             raise LoadTestError(f"{path}, line {line}: no {'image' if not cells[0] else 'label'} in {row}")

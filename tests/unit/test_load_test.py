@@ -1968,6 +1968,9 @@ def test_read_expected_refuses_a_file_that_is_not_utf8_with_a_clear_error(tmp_pa
     ("test_00,cardigan\ntest_01,\n", "line 3: no label"),
     ("test_00,cardigan\n,Persian_cat\n", "line 3: no image"),
     ("test_00,cardigan\ntest_00.JPEG,Persian_cat\n", "line 3: test_00 is expected as 'cardigan' above"),
+    # A name with an unquoted comma: its tail was taken for the label, its label left out.
+    ("test_00,cardigan\nmy, cat.jpg,tabby\n", r"line 3: 3 cells where the header has 2 \(\['my', ' cat.jpg', "
+                                              r"'tabby'\]\): a name with a comma is written in quotes"),
 ])
 def test_read_expected_refuses_a_row_it_could_only_skip(tmp_path, rows, why):
     """An explorer's short row, empty label and twice-named image were taken silently:
@@ -1976,6 +1979,20 @@ def test_read_expected_refuses_a_row_it_could_only_skip(tmp_path, rows, why):
     path.write_text("Image,Results\n" + rows)
     with pytest.raises(LoadTestError, match=why):
         read_expected(path)
+
+
+def test_a_csv_row_with_more_cells_than_its_header_is_bad_usage(tier, tmp_path, capsys):
+    """Refused before anything is sent, as any other bad --expected; a row's empty cells
+    past the header (a spreadsheet's trailing commas) are no more cells."""
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:x"})
+    csv_path = tmp_path / "expected.csv"
+    csv_path.write_text("Image,Results\na.jpg,x,,\nmy, cat.jpg,tabby\n")
+    command = ["--url", tier.url, "--images", str(images), "--expected", str(csv_path), "-q"]
+    assert load_test.main(command) == 2
+    assert f"{csv_path}, line 3: 3 cells where the header has 2" in capsys.readouterr().err
+    assert not tier.paths["POST /"]
+    csv_path.write_text("Image,Results\na.jpg,x,,\n")
+    assert read_expected(csv_path) == {"a": "x"}
 
 
 def test_read_expected_takes_an_image_named_twice_with_one_label(tmp_path):
