@@ -12,7 +12,9 @@ import numpy as np
 from common.messages import ClassifyRequest, ClassifyResponse
 
 
-@dataclass
+# Compared by identity (`job in jobs`): each is one receive, and comparing fields would
+# compare pixel arrays, which have no single truth value, once message ids were equal.
+@dataclass(eq=False)
 class Job:
     """One received request and what became of it so far."""
 
