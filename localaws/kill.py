@@ -51,6 +51,10 @@ def ends_with_parent() -> Callable[[], None] | None:
     the web tier, the controller and the workers running, each in a session of its
     own: the next `make run` found its ports in use (explorer). SIGTERM, not
     SIGKILL: each stops as it does on Ctrl-C (a worker finishes its batch).
+
+    The kernel sends it when the *thread* that started the child ends, not the
+    process: start children from a thread that outlives them (the main thread, or
+    one that waits as InstanceRunner.run does).
     """
     prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
     if prctl is None:

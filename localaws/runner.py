@@ -174,6 +174,10 @@ class InstanceRunner:
     pass_fds: tuple[int, ...] = ()
     workers: dict[str, WorkerProcess] = field(default_factory=dict)
     stopping: threading.Event = field(default_factory=threading.Event)
+    # Set by run() once its rounds are over (no worker is started after), and by
+    # shutdown() once every process it started is stopped.
+    rounds_over: threading.Event = field(default_factory=threading.Event)
+    shut_down: threading.Event = field(default_factory=threading.Event)
     _first_seen: dict[str, float] = field(default_factory=dict)
     _spares: list[subprocess.Popen] = field(default_factory=list)
     _draining: list[WorkerProcess] = field(default_factory=list)
@@ -509,44 +513,56 @@ class InstanceRunner:
         self._warned_cap = bool(held_back)  # said again the next time the cap holds one back
 
     def run(self) -> None:
+        """Rounds until `stopping`; then returns only once shutdown() has stopped every
+        process: each is started from this thread, and told to end when its starter
+        does (localaws/kill.py ends_with_parent: PR_SET_PDEATHSIG follows the thread,
+        not the process). Returning at `stopping`, it had every worker told SIGTERM at
+        once, before the web tier and the controller were stopped (reviewer)."""
         backoff = self.poll_s
-        while not self.stopping.is_set():
-            try:
-                self.step()
-                backoff = max(self.poll_s, self.busy_poll_s) if self._live else self.poll_s
-            except Exception as exc:  # the runner must outlive anything: the stack ends with it
-                backoff = min(max(backoff * 2, 1.0), 10.0)
-                if isinstance(exc, AWS_ERRORS):
-                    log.warning("runner: cannot read EC2 (%s); retrying in %.0fs", exc, backoff)
-                else:
-                    log.exception("runner: round failed; retrying in %.0fs", backoff)
-            self.stopping.wait(backoff)
+        try:
+            while not self.stopping.is_set():
+                try:
+                    self.step()
+                    backoff = max(self.poll_s, self.busy_poll_s) if self._live else self.poll_s
+                except Exception as exc:  # the runner must outlive anything: the stack ends with it
+                    backoff = min(max(backoff * 2, 1.0), 10.0)
+                    if isinstance(exc, AWS_ERRORS):
+                        log.warning("runner: cannot read EC2 (%s); retrying in %.0fs", exc, backoff)
+                    else:
+                        log.exception("runner: round failed; retrying in %.0fs", backoff)
+                self.stopping.wait(backoff)
+        finally:
+            self.rounds_over.set()
+        self.shut_down.wait()
 
     def shutdown(self, timeout_s: float = 8.0) -> None:
         """Stop every process this runner started, SIGKILL whatever outlives `timeout_s`."""
-        self.stopping.set()
-        processes = [w.process for w in self.workers.values()] + [w.process for w in self._draining]
-        processes += self._spares
-        for p in processes:
-            self._signal(p, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for p in processes:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                kill_and_wait(p)
-        for worker in [*self.workers.values(), *self._draining]:
-            # As a scale-in's stop is logged: one stopped with the stack said nothing (reviewer).
-            code = worker.process.poll()
-            log.info("runner: worker pid %d of %s ended: %s, with the runner", worker.process.pid,
-                     worker.instance_id, "still running" if code is None else exit_status(code))
-            # The embedded AWS ends with the runner, and its instances with it.
-            self._remove_held_journal(worker.instance_id)
-        self.workers.clear()
-        self._draining.clear()
-        self._spares.clear()
-        self._spare_spawned_at.clear()
-        for notify in self._notify.values():
-            notify.close()
-        self._notify.clear()
-        self._sockets.remove_folder()
+        try:
+            self.stopping.set()
+            processes = [w.process for w in self.workers.values()] + [w.process for w in self._draining]
+            processes += self._spares
+            for p in processes:
+                self._signal(p, signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            for p in processes:
+                try:
+                    p.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    kill_and_wait(p)
+            for worker in [*self.workers.values(), *self._draining]:
+                # As a scale-in's stop is logged: one stopped with the stack said nothing (reviewer).
+                code = worker.process.poll()
+                log.info("runner: worker pid %d of %s ended: %s, with the runner", worker.process.pid,
+                         worker.instance_id, "still running" if code is None else exit_status(code))
+                # The embedded AWS ends with the runner, and its instances with it.
+                self._remove_held_journal(worker.instance_id)
+            self.workers.clear()
+            self._draining.clear()
+            self._spares.clear()
+            self._spare_spawned_at.clear()
+            for notify in self._notify.values():
+                notify.close()
+            self._notify.clear()
+            self._sockets.remove_folder()
+        finally:
+            self.shut_down.set()  # run() returns

@@ -405,8 +405,9 @@ class Stack:
             if self.runner is not None:
                 # A round in progress may still start a worker: let it end, so that
                 # shutdown() sees every process there is.
-                if self.runner_thread is not None:
-                    self.runner_thread.join(timeout=max(0.5, deadline - time.monotonic()))
+                # (Not the thread's end: it waits for shutdown(), see InstanceRunner.run.)
+                if self.runner_thread is not None and self.runner_thread.is_alive():
+                    self.runner.rounds_over.wait(timeout=max(0.5, deadline - time.monotonic()))
                 self.runner.shutdown(timeout_s=max(1.0, deadline - time.monotonic()))
         finally:  # whatever failed above, the embedded AWS is not left running
             for child in self.children:

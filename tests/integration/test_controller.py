@@ -448,5 +448,6 @@ def test_workers_that_cannot_load_the_model_are_replaced_after_a_hold(world, con
         assert runner.started_total >= 2
     finally:
         runner.stopping.set()
-        runner_thread.join(15)
+        runner.rounds_over.wait(15)
         runner.shutdown()
+        runner_thread.join(5)

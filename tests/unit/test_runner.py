@@ -426,6 +426,30 @@ def test_shutdown_leaves_no_process(world):
     assert all(p.poll() is not None for p in processes)
 
 
+def test_workers_outlive_the_runners_rounds_until_its_shutdown(world):
+    """Each worker is told to end when the thread that started it does (PR_SET_PDEATHSIG
+    follows the thread): the runner's thread returned as its rounds ended, so every
+    worker had SIGTERM at once, before the web tier and the controller were stopped
+    (reviewer). It now waits for shutdown(), which stops them."""
+    import threading
+
+    settings, aws, make, out = world
+    runner = make(warm_spares=0, env={"FAKE_MODE": "drains"}, poll_s=0.05)
+    thread = threading.Thread(target=runner.run, name="runner", daemon=True)
+    thread.start()
+    launch(aws, settings, (1,))
+    wait_until(lambda: started(out), what="a worker for the instance")
+    worker = next(iter(runner.workers.values())).process
+    runner.stopping.set()
+    assert runner.rounds_over.wait(10)
+    thread.join(timeout=1.0)
+    assert thread.is_alive() and worker.poll() is None
+    runner.shutdown(timeout_s=5)
+    assert worker.poll() == 0  # its warm shutdown, once
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+
+
 def test_nothing_is_started_once_shutdown_has_begun(world):
     """A round that runs after shutdown() took its list would leave a worker behind."""
     settings, aws, make, out = world
