@@ -2722,6 +2722,38 @@ def test_a_dead_letter_is_sent_again_in_place_and_shown_once_after_a_reload(
     assert "sent again" in rows_shown(browser)[0][2]
 
 
+def test_a_second_reload_keeps_every_row_of_a_batch_with_a_file_sent_again(stack, browser, tmp_path):
+    """A reload rebuilt the rows one by one, and a row the server said sent again saved
+    the batch's rows as they stood then, those rebuilt so far: the next reload lost the
+    rest, a refused file gone from the page and its counts. The ids of items a file sent
+    again replaced were lost from what was saved too (reviewer). Faked in the page's
+    polls: "late.jpg" sent again (from another tab, say)."""
+    from selenium.webdriver.common.by import By
+
+    files = {"late.jpg": make_image(1430, size=(64, 48)), "notes.jpg": b"plain notes, not an image",
+             "other.jpg": make_image(1431, size=(64, 48))}
+    browser.get(stack.web_url + "/")
+    choose(browser, tmp_path, files)
+    finished_rows(browser, stack, len(files), timeout_s=60)
+    batch_id = browser.current_url.split("#batches=")[1]
+    key = f"imgclass.shown.{batch_id}"
+    saved = browser.execute_script(f"return JSON.parse(sessionStorage.getItem('{key}'))")
+    assert [row.get("name") for row in saved] == [None, "notes.jpg", None]
+    saved[2]["replaced"] = ["0" * 32]  # an item "other.jpg" replaced (sendAgain), gone since
+    browser.execute_script(f"sessionStorage.setItem('{key}', JSON.stringify(arguments[0]))", saved)
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": polls_answered_as(
+        'if (item.filename === "late.jpg") item.sent_again = 1;')})
+    expected = [("late.jpg", "done"), ("notes.jpg", "failed"), ("other.jpg", "done")]
+    for _ in range(2):
+        browser.refresh()
+        wait_for(lambda: [(name, state) for name, state, _ in rows_shown(browser)] == expected, 60,
+                 "every row after the reload")
+        assert "sent again" in rows_shown(browser)[0][2]
+        assert browser.find_element(By.ID, "summary").text.startswith("2 of 3 classified, 1 failed")
+        after = browser.execute_script(f"return JSON.parse(sessionStorage.getItem('{key}'))")
+        assert after == [{**saved[0], "again": 1}, saved[1], saved[2]]
+
+
 # "late.jpg" as uploaded (token "0") a dead letter in the page's polls, and the server
 # refusing to queue it again in place as for an image gone from the input bucket.
 LATE_JPG_DEAD_LETTER_NOT_IN_PLACE = \

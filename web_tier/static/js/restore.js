@@ -109,6 +109,7 @@ function showRows(session, saved, items) {
     byId.delete(id);
   }
   const unclaimed = items.filter((item) => !claimed.has(item.id));
+  session.rebuilding = true;  // nothing saved until every row is in (Session.save)
   for (const shown of saved) {
     const rows = session.entries.length;
     if (shown.id && byId.has(shown.id)) {
@@ -129,6 +130,13 @@ function showRows(session, saved, items) {
     }
     if (shown.path && session.entries.length > rows) session.setPath(session.entries[rows], shown.path);
     if (shown.again && session.entries.length > rows) showSentAgain(session.entries[rows], shown.again);
+    // Kept for the next save, which dropped them: the next reload showed the items replaced.
+    if (shown.replaced && session.entries.length > rows) session.entries[rows].replaced = shown.replaced;
   }
   byId.forEach((item) => session.showNew(item));
+  session.rebuilding = false;
+  if (session.saveWaits) {
+    session.saveWaits = false;
+    session.save();
+  }
 }

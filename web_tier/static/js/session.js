@@ -90,6 +90,8 @@ export class Session {
     this.otherTabGone = false;    // ...the latter: closed or reloaded, it has no reasons to show
     this.unansweredAsks = 0;      // asks in a row that no tab answered
     this.built = false;           // restore() has built the batch's rows, and follows it
+    this.rebuilding = false;      // restore() is building them: save() waits for the last (showRows)
+    this.saveWaits = false;       // ...and was asked for meanwhile
     this.replaced = new Set();    // ids of items a file sent again replaces: not shown (sendAgain)
   }
 
@@ -505,7 +507,13 @@ export class Session {
   // (chunks sent in parallel join the batch in any order), the files it refused, and
   // those not yet stored (a reload that left them out said nothing of them: explorer).
   // Saved from the start: a reload before the first answer came may find files stored.
+  // Not while a reload rebuilds the rows (restore.js showRows), which saves once they are
+  // all in: a row sent again saved those rebuilt so far, and the next reload lost the rest.
   save() {
+    if (this.rebuilding) {
+      this.saveWaits = true;
+      return;
+    }
     const shown = this.entries.map((entry) => ({
       ...(entry.id ? { id: entry.id }
         : entry.refused ? { name: entry.el.dataset.filename, error: entry.refused }
