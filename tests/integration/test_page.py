@@ -205,7 +205,8 @@ if (!window.uploadsByFetch) {
 # tier starts (a refused connection); "lost" reaches the server, which stores the
 # files, but its answer does not reach the page (a connection cut mid-answer);
 # "hang" too, but the answer never comes and the request never fails; "cut-body" too,
-# but the answer's headers come and its body is cut off.
+# but the answer's headers come and its body is cut off; "504" too, but a proxy's 504
+# page comes in place of the answer (its timeout passed while the web tier stored them).
 # Later ones reach the server.
 FAIL_FIRST_POSTS = UPLOADS_BY_FETCH + """
 const ways = arguments[0];
@@ -225,6 +226,11 @@ window.fetch = async (url, options) => {
       const real = await realFetch(url, options);
       return new Response(new ReadableStream({start(c) { c.error(new TypeError("network error")); }}),
                           {status: real.status, headers: {"Content-Type": "application/json"}});
+    }
+    if (way === "504") {
+      await realFetch(url, options);
+      return new Response("<html><body><h1>504 Gateway Time-out</h1></body></html>",
+                          {status: 504, headers: {"Content-Type": "text/html"}});
     }
     if (way === "hang") {  // stored, and the answer never comes: the connection left open
       await realFetch(url, options);
@@ -325,6 +331,32 @@ def test_files_whose_answer_was_cut_off_after_its_headers_are_sent_again_and_cla
     shown = upload_failing_first(browser, stack, tmp_path, files, ["cut-body"])
     assert_classified(shown, files, reference_model)
     assert_stored_once(browser, stack, files)
+
+
+def test_files_a_proxy_answered_504_for_are_sent_again_and_classified_once(
+        stack, browser, reference_model, tmp_path):
+    """A proxy's 504 (its timeout passed while the web tier stored the chunk) on a first
+    send failed the files for good, "upload refused (HTTP 504)", though the server held
+    them (reviewer). It is an answer lost: sent again under the same tokens."""
+    files = {f"proxied_{i}.jpg": make_image(1440 + i, size=(64, 48)) for i in range(2)}
+    shown = upload_failing_first(browser, stack, tmp_path, files, ["504"], per_request=2)
+    assert_classified(shown, files, reference_model)
+    assert_stored_once(browser, stack, files)
+
+
+def test_files_a_proxy_answered_504_for_at_each_send_are_shown_once_after_a_reload(stack, browser, tmp_path):
+    """Every send answered 504 by a proxy, the server storing the files at each: failed
+    once the resends are over, not as refused (a reload showed each file twice, failed
+    and with its result: reviewer), and offered again."""
+    files = {"proxied.jpg": make_image(1442, size=(64, 48))}
+    shown = upload_failing_first(browser, stack, tmp_path, files, ["504"] * 5)
+    assert shown["proxied.jpg"].get_attribute("data-state") == "failed"
+    assert "HTTP 504" in shown["proxied.jpg"].text and "may have stored" in shown["proxied.jpg"].text
+    wait_for(send_again_button(browser).is_displayed, 10, "the file offered again")
+    assert_stored_once(browser, stack, files)
+    browser.refresh()
+    wait_for(lambda: [(name, state) for name, state, _ in rows_shown(browser)] == [("proxied.jpg", "done")],
+             60, "the server's result, once")
 
 
 def polls_answered_as(each_item: str, only_while: str = "true") -> str:

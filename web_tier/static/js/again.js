@@ -10,8 +10,8 @@ import { page } from "./state.js";
 // The one rule of which failed files "Send N failed files again" offers (README's
 // page section says it too): "" for a file that sending again as it is could help,
 // else why not, a key of LEFT_OUT. Worth it: a file not stored for the service's
-// sake (no answer through the page's resends; `busy`, `aws_unavailable`, or a 502-504
-// with no code, past them) or refused for an API key since changed in its box; and, of
+// sake (no answer through the page's resends, a proxy's 502 or 504 in its place
+// included; `busy`, `aws_unavailable`, or a 503 with no code, past them) or refused for an API key since changed in its box; and, of
 // those a worker failed, a dead letter (the workers holding it crashed, stalled or were
 // stopped: not known to be the image's doing) or an image gone from the input bucket
 // (this page still has it). Not worth it: a file the server refuses for what it is
@@ -20,7 +20,9 @@ import { page } from "./state.js";
 // itself (it could not decode or classify it, and the same bytes fail the same way);
 // a file the browser can no longer read; and one whose upload the user stopped.
 const SEND_AGAIN_CODES = new Set(["busy", "aws_unavailable"]);  // refusals.py SEND_AGAIN
-const NOT_THERE_YET = new Set([502, 503, 504]);  // a proxy's, or a web tier's answer without JSON
+// A web tier's answer without a code (a proxy's 502, 504 or 5xx not in JSON is an answer
+// lost: session.js answerLost).
+const NOT_THERE_YET = new Set([502, 503, 504]);
 // A stored item's failure worth another try: a dead letter (its `code`, refusals.py
 // DEAD_LETTER), or a worker's failure that begins as app_tier/worker.py's missing input
 // (test_web_uploads checks it), whose code is the worker's failure on the image.

@@ -280,13 +280,14 @@ export class Session {
       this.counted(taken, bytesOf(chunk), answer.settle);
     } catch (err) {
       this.counted(taken, err.sentBytes, err.settle);  // as far as it got
-      this.unanswered = true;
-      for (const entry of chunk) entry.maybeStored = true;  // see stop
-      this.noAnswer(chunk, attempt, err);
+      // A timeout of this page's own is said so: "could not be reached" sent a user
+      // with a slow link to look for a fault in the server (reviewer).
+      this.noAnswer(chunk, attempt, err.timedOut || "upload failed: the server could not be reached");
       return;
     }
     const { status, body } = answer;
     if (status === 401) this.keyRefusedBy(headers, chunk);
+    else if (answerLost(status, body)) this.noAnswer(chunk, attempt, answerLostText(status));
     else if (refusedWhole(body)) this.allRefused(chunk, attempt, status, body);
     else this.stored(chunk, attempt, body);
   }
@@ -310,23 +311,21 @@ export class Session {
     settle();
   }
 
-  // No answer came (`err`, post's SendFailure): no server (the next web tier still
-  // starting), the answer lost or too long in coming, or cut off by leaving the page.
-  // The chunk goes again: the files' tokens keep those it stored from being stored
-  // twice. (A page left for good runs no timer; one kept in the back/forward cache
-  // sends them when it is shown again.)
-  noAnswer(chunk, attempt, err) {
+  // No answer came (post's SendFailure): no server (the next web tier still starting),
+  // the answer lost or too long in coming, or cut off by leaving the page; or a proxy's
+  // in its place (answerLost). The chunk goes again: the files' tokens keep those it
+  // stored from being stored twice. (A page left for good runs no timer; one kept in
+  // the back/forward cache sends them when it is shown again.) `why`: said once the
+  // resends are over.
+  noAnswer(chunk, attempt, why) {
+    this.unanswered = true;
+    for (const entry of chunk) entry.maybeStored = true;  // see stop
     if (attempt < RESEND_DELAYS_MS.length) {
       this.sendLater(chunk, attempt);
       return;
     }
     // Not remembered for a reload: the server may have stored some, which a reload shows.
-    // A timeout of this page's own is said so: "could not be reached" sent a user
-    // with a slow link to look for a fault in the server (reviewer).
-    if (!page.leaving) {
-      this.refuse(chunk, err.timedOut || "upload failed: the server could not be reached", false,
-                  { unanswered: true });
-    }
+    if (!page.leaving) this.refuse(chunk, why, false, { unanswered: true });
   }
 
   // 401: the key sent with the chunk (`headers`) was refused, or none was sent.
@@ -340,12 +339,11 @@ export class Session {
     if (!this.keyRefused) this.refuseKey(why, key);
   }
 
-  // The request was refused whole (refusedWhole): sent again if the web tier was not
-  // there to store it, else each file failed with the server's reason.
+  // The request was refused whole (refusedWhole) by the web tier: sent again if it was
+  // stopping or AWS failing it (503: nothing stored), else each file failed with the
+  // server's reason.
   allRefused(chunk, attempt, status, body) {
-    // 503: not stored. 502 and 504 (a proxy in front): the web tier not there yet.
-    const unstored = status === 503 || (attempt > 0 && [502, 504].includes(status));
-    if (unstored && attempt < RESEND_DELAYS_MS.length) {
+    if (status === 503 && attempt < RESEND_DELAYS_MS.length) {
       this.sendLater(chunk, attempt);
       return;
     }
@@ -743,6 +741,21 @@ export class Session {
     };
     this.pollTimer = setTimeout(tick, 0);
   }
+}
+
+// Whether POST /api/jobs's answer (`status`, `body` null if not JSON) is not the web
+// tier's but a proxy's in its place, which may have passed the request on: a 502 or
+// 504 (the web tier too slow for the proxy's timeout, or a kept connection it had just
+// closed: README's AWS notes), or any 5xx not in JSON. The files may be stored, or be
+// being stored: an answer lost. Refused for good on a first send, the files were failed
+// though stored, the server's items never shown, and a reload showed each twice (reviewer).
+function answerLost(status, body) {
+  return status === 502 || status === 504 || (status >= 500 && !body);
+}
+
+function answerLostText(status) {
+  return `upload failed: HTTP ${status} came in place of the server's answer (it may have stored the file: ` +
+    "reload to see)";
 }
 
 // A new upload of the files `chosen` ([{file, path}]), as one batch.
