@@ -230,11 +230,16 @@ def job_events(batch_id: str) -> Response | tuple[Response, int]:
         busy.headers["Retry-After"] = "10"
         return busy
     book = svc.book
+    # `?after=<event id>`: a page opening a new stream once one has ended (`end`, more
+    # files joining its batch) says what it has seen, as EventSource sends Last-Event-ID
+    # only when it reconnects by itself: each new stream replayed the whole batch
+    # (reviewer). Last-Event-ID, when sent, is the later of the two.
+    last_event_id = request.headers.get("Last-Event-ID") or request.args.get("after")
     response = Response(
         # Through the rebuilder: a batch evicted from the book meanwhile read as no
         # items, so the stream ended at once, as if the batch were empty (reviewer).
         events.stream(book, batch_id, lambda: svc.rebuilder.find_batch(batch_id),
-                      last_event_id=request.headers.get("Last-Event-ID")),
+                      last_event_id=last_event_id),
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

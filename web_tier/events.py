@@ -8,8 +8,9 @@ Each event's id is `<book epoch>.<event_seq>`, and items are sent in the
 order they changed, so an id says "every change up to this one has been
 sent". A browser reconnecting (every MAX_STREAM_S, or after a drop)
 sends the last id it saw as Last-Event-ID, and is sent only what finished
-after it; an id from another process (a restarted web tier numbers anew), or
-none, gets everything.
+after it; so is a client opening a new stream with `?after=<id>` (api.py: the
+page, once a stream ended and more files joined the batch). An id from another
+process (a restarted web tier numbers anew), or none, gets everything.
 """
 
 from __future__ import annotations

@@ -1341,6 +1341,43 @@ def test_files_that_join_a_batch_after_its_stream_ended_are_followed_while_other
     assert_classified(finished_rows(browser, stack, 3, timeout_s=60), files, reference_model)
 
 
+def test_a_stream_opened_after_another_ended_is_sent_only_what_finished_since(
+        stack, browser, reference_model, tmp_path):
+    """Each chunk stored after the batch's stream had ended (its files all done) opened
+    a new stream with no Last-Event-ID, and the server sent it every finished item of the
+    batch again: a 2,000-file upload in 100 chunks, some 100,000 events (reviewer). Each
+    chunk here joins once the last stream has ended."""
+    browser.get(stack.web_url + "/")
+    browser.execute_script(WATCH_STREAMS + UPLOADS_BY_FETCH + r"""
+      window.endsHeld = false;
+      document.body.dataset.filesPerRequest = '1';
+      const Watched = window.EventSource;
+      window.streamUrls = [];
+      window.finishedSent = [];
+      window.EventSource = class extends Watched {
+        constructor(url) {
+          super(url);
+          window.streamUrls.push(String(url));
+          const sent = (event) => window.finishedSent.push(JSON.parse(event.data).filename);
+          this.addEventListener("message", sent);
+        }
+      };
+      const realFetch = window.fetch;
+      window.fetch = async (url, options) => {
+        const name = url === "/api/jobs" ? options.body.get("files").name : "";
+        const n = Number((/^after_(\d)/.exec(name) || [0, 0])[1]);
+        while (window.streamEnds < n) await new Promise((r) => setTimeout(r, 50));
+        return realFetch(url, options);
+      };""")
+    files = {f"after_{i}.jpg": make_image(1450 + i, size=(64, 48)) for i in range(3)}
+    choose(browser, tmp_path, files)
+    assert_classified(finished_rows(browser, stack, 3, timeout_s=60), files, reference_model)
+    assert browser.execute_script("return window.streamEnds") == 3
+    assert sorted(browser.execute_script("return window.finishedSent")) == sorted(files)
+    urls = browser.execute_script("return window.streamUrls")
+    assert len(urls) == 3 and "?after=" not in urls[0] and all("?after=" in url for url in urls[1:])
+
+
 def test_a_batch_named_twice_in_the_address_is_shown_once_and_a_malformed_id_is_said(
         stack, browser, tmp_path):
     from selenium.webdriver.common.by import By

@@ -1109,6 +1109,40 @@ def test_a_stream_resumed_with_last_event_id_sends_only_what_finished_after_it(m
         assert [json.loads(e["data"])["id"] for e in again if "id" in e] == [third, first, second]
 
 
+def test_a_stream_opened_after_an_event_id_sends_only_what_finished_after_it(make_web_app):
+    """A page opens a new stream once its last one ended (`end`, then more files joined
+    the batch), and an EventSource sends no Last-Event-ID for a new stream: each was sent
+    the whole batch again (reviewer). `?after=<id>` says what it saw, as Last-Event-ID
+    does, which is taken first when both come (it is the later)."""
+    app = make_web_app(start_background=False)
+    client = app.test_client()
+    body = upload(client, [(make_image(75 + n), f"{n}.jpg") for n in range(3)]).get_json()
+    first, second, third = (item["id"] for item in body["items"])
+    url = f"/api/jobs/{body['batch_id']}/events"
+    finish(app, first, "a")
+    finish(app, second, "b")
+    opened = client.get(url, buffered=False)
+    chunks = iter(opened.response)
+    seen = []
+    while len([c for c in seen if b"data: " in c]) < 2:
+        seen.append(next(chunks))
+    opened.close()
+    last_id = [e["id"] for e in parse_events(seen) if "id" in e][-1]
+
+    finish(app, third, "c")
+
+    def ids(query: str, headers: dict | None = None) -> list[str]:
+        events_sent = parse_events(client.get(url + query, headers=headers or {}, buffered=False).response)
+        assert events_sent[-1]["event"] == "end"
+        return [json.loads(e["data"])["id"] for e in events_sent if "id" in e]
+
+    assert ids(f"?after={last_id}") == [third]
+    assert ids("?after=nonsense", {"Last-Event-ID": last_id}) == [third]
+    # An id from another process (a restart numbers anew), or none: everything.
+    for foreign in ("0123abcd.2", "nonsense", "", f"{last_id.split('.')[0]}.\u00b2"):
+        assert ids(f"?after={foreign}") == [first, second, third]
+
+
 def test_events_push_items_as_they_finish(make_web_app, monkeypatch):
     monkeypatch.setattr(events, "KEEPALIVE_S", 0.05)
     app = make_web_app(start_background=False)

@@ -66,6 +66,7 @@ export class Session {
       return entry;
     });
     this.stream = null;
+    this.lastEventId = "";    // the id of the last event its streams sent: a new one starts after it
     this.sseErrors = 0;
     this.pollTimer = null;
     this.restored = false;    // rebuilt from the address after a reload, not uploaded here
@@ -672,7 +673,10 @@ export class Session {
       this.poll();
       return;
     }
-    const stream = new EventSource(`/api/jobs/${this.batchId}/events`);
+    // After the last event seen, if any: each stream opened after an `end` (more chunks
+    // joining the batch) was sent every finished item again, of the whole batch (reviewer).
+    const after = this.lastEventId ? `?after=${encodeURIComponent(this.lastEventId)}` : "";
+    const stream = new EventSource(`/api/jobs/${this.batchId}/events${after}`);
     this.stream = stream;
     page.openStreams += 1;
     let reconnecting = false;
@@ -683,6 +687,7 @@ export class Session {
     };
     const applyEvent = (event) => {
       this.sseErrors = 0;
+      if (event.lastEventId) this.lastEventId = event.lastEventId;
       try { this.apply(JSON.parse(event.data)); } catch { /* ignore a damaged event */ }
     };
     stream.onmessage = applyEvent;  // an item finished
