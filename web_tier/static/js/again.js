@@ -72,7 +72,9 @@ function failedFiles() {
       if (why) {
         leftOut.set(why, (leftOut.get(why) || 0) + 1);
       } else {
-        offered.set(session, [...(offered.get(session) || []), entry]);
+        // Added to, not copied: copied at each, 10,000 failed files took ~200 ms (reviewer).
+        if (!offered.has(session)) offered.set(session, []);
+        offered.get(session).push(entry);
         count += 1;
       }
     }
