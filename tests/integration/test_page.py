@@ -506,6 +506,37 @@ def test_stop_sending_cancels_a_resend_waiting_its_turn(stack, browser, tmp_path
     assert "not sent again: you stopped the upload (the server may hold it" in shown["waiting.jpg"].text
 
 
+def test_stop_sending_while_a_chunk_is_being_read_does_not_send_it(stack, browser, tmp_path):
+    """A chunk taken to be sent, its files being read (readable) as "Stop sending" was
+    pressed, was still sent (reviewer). Its reads held here until the press."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    browser.execute_script(UPLOADS_BY_FETCH + """
+      window.readHeld = true;
+      window.reads = 0;
+      const realRead = Blob.prototype.arrayBuffer;
+      Blob.prototype.arrayBuffer = async function () {
+        window.reads += 1;
+        while (window.readHeld) await new Promise((resolve) => setTimeout(resolve, 20));
+        return realRead.call(this);
+      };
+      const realFetch = window.fetch;
+      window.posts = 0;
+      window.fetch = (url, options) => {
+        if (url === "/api/jobs") window.posts += 1;
+        return realFetch(url, options);
+      };""")
+    choose(browser, tmp_path, {"read_when_stopped.jpg": make_image(1460, size=(64, 48))})
+    wait_for(lambda: browser.execute_script("return window.reads") >= 1, 30, "the file being read")
+    browser.find_element(By.ID, "stop-sending").click()
+    browser.execute_script("window.readHeld = false;")
+    shown = finished_rows(browser, stack, 1, timeout_s=10)
+    assert "not sent: you stopped the upload" in shown["read_when_stopped.jpg"].text
+    time.sleep(0.5)  # a post would be under way by now
+    assert browser.execute_script("return window.posts") == 0
+
+
 def test_stop_sending_after_a_503_keeps_the_reasons_for_a_reload(stack, browser, tmp_path):
     """A 503 said nothing was stored; stopped during the wait to send again, the rows said
     "the server may hold it: reload to see", and the reload showed nothing (reviewer)."""

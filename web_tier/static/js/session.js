@@ -266,6 +266,11 @@ export class Session {
     const taken = chunk;  // as in this.inHand
     chunk = await this.readable(chunk, attempt > 0);  // each time: a file may go while a resend waits
     if (!chunk.length) return;
+    if (this.stopped) {  // "Stop sending" pressed while its files were read: it was still sent (reviewer)
+      this.refuseStopped(chunk);
+      updateSummary();
+      return;
+    }
     const form = this.formFor(chunk);
     if (keyProblem()) {
       sayKeyProblem(keyProblem());
