@@ -2417,6 +2417,26 @@ def test_a_batch_pushed_out_of_the_address_is_said_to_be(stack, browser, tmp_pat
     assert len(browser.current_url.split("#batches=")[1].split(",")) == 2
     summary = browser.find_element(By.ID, "summary").text
     assert "the address keeps the latest 2 batches: older ones left it" in summary, summary
+    # Nothing kept of the one that left, which no reload shows: each one left filled
+    # this tab's storage, and once full no batch's rows were saved (reviewer).
+    saved = browser.execute_script(
+        "return Object.keys(sessionStorage).filter((key) => key.startsWith('imgclass.shown.'))")
+    assert sorted(saved) == sorted(f"imgclass.shown.{batch_id}"
+                                   for batch_id in browser.current_url.split("#batches=")[1].split(","))
+
+
+def test_an_unknown_batch_dropped_from_the_address_leaves_nothing_saved(stack, browser):
+    """Its rows saved by this tab stayed in sessionStorage for good (reviewer)."""
+    from selenium.webdriver.common.by import By
+
+    unknown = "0" * 31 + "1"
+    browser.get(stack.web_url + "/")
+    browser.execute_script(f"sessionStorage.setItem('imgclass.shown.{unknown}', '[{{\"id\": \"x\"}}]')")
+    browser.get(f"{stack.web_url}/#batches={unknown}")
+    browser.refresh()
+    wait_for(lambda: "could not be loaded" in browser.find_element(By.ID, "summary").text, 30, "the notice")
+    assert "#batches=" not in browser.current_url
+    assert browser.execute_script(f"return sessionStorage.getItem('imgclass.shown.{unknown}')") is None
 
 
 def test_a_folder_of_no_images_is_said_to_screen_readers_once(stack, browser, tmp_path):

@@ -35,7 +35,7 @@ export function rememberBatch(batchId) {
     // The oldest upload whose every file was refused leaves first (only this tab has
     // its reasons, and nothing of it is on the server), then the oldest batch.
     const refused = kept.findIndex((id) => id !== batchId && explainedOnly(savedShown(id)));
-    kept.splice(Math.max(refused, 0), 1);
+    forgetShown(kept.splice(Math.max(refused, 0), 1)[0]);
   }
   if (kept.length < ids.length + 1 && !droppedSaid) {
     // Their rows stay on the page, but a reload or the link would not show them: say so.
@@ -48,6 +48,14 @@ export function rememberBatch(batchId) {
 
 export function forgetBatch(batchId) {
   writeBatches(batchesInUrl().filter((id) => id !== batchId));
+  forgetShown(batchId);
+}
+
+// What this tab saved of a batch that has left the address, which no reload shows now:
+// kept, each such batch's rows stayed in sessionStorage until its quota was full, and
+// then no batch's rows were saved, without a word (reviewer).
+function forgetShown(batchId) {
+  try { sessionStorage.removeItem(SHOWN_STORE + batchId); } catch { /* storage disabled */ }
 }
 
 export function setUnconfirmed(batchId, unconfirmed) {
@@ -71,8 +79,10 @@ export function savedShown(batchId) {
   }
 }
 
-// Keeps `shown`, the batch's rows as this tab shows them, for a reload (savedShown).
+// Keeps `shown`, the batch's rows as this tab shows them, for a reload (savedShown):
+// while the batch is in the address (its rows stay on the page once it has left).
 export function saveShown(batchId, shown) {
+  if (!batchesInUrl().includes(batchId)) return;
   try {
     sessionStorage.setItem(SHOWN_STORE + batchId, JSON.stringify(shown));
   } catch { /* storage full or disabled: a reload shows the server's order */ }
