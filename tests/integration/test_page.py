@@ -3054,8 +3054,8 @@ def test_a_dead_letter_queued_again_from_elsewhere_is_shown_queued_then_done(
     wait_for(lambda: request_queue_empty(stack), 60, "the request queue empty")
 
 
-# How long the summary's look for files to send again takes over an upload of 20,000
-# failed files it offers (a stand-in of a session: only what again.js reads), in ms.
+# The summary's count of files to send again over an upload of 20,000 failed files it
+# offers (a stand-in of a session: only what again.js reads).
 SEND_AGAIN_OVER_MANY = """
 const done = arguments[arguments.length - 1];
 Promise.all([import("/static/js/state.js"), import("/static/js/again.js")]).then(
@@ -3064,25 +3064,23 @@ Promise.all([import("/static/js/state.js"), import("/static/js/again.js")]).then
       { file: {}, el: { dataset: { state: "failed" } }, failure: { unanswered: true } }));
     const session = { uploading: false, entries };
     page.sessions.push(session);
-    const start = performance.now();
     showSendAgain();
-    const took = performance.now() - start;
     const said = document.getElementById("send-again").textContent;
     page.sessions.splice(page.sessions.indexOf(session), 1);
     showSendAgain();
-    done({ took, said });
+    done({ said, after: document.getElementById("send-again").hidden });
   });
 """
 
 
-def test_the_files_to_send_again_are_counted_in_time_linear_in_the_failed_files(stack, browser):
+def test_the_files_to_send_again_are_counted_over_many_failed_files(stack, browser):
     """Each failed file was added to its upload's list by copying the list: over 10,000
-    failed files, some 200 ms at each refresh of the summary (reviewer)."""
+    failed files, some 200 ms at each refresh of the summary (reviewer; how long it
+    takes is not asserted here, as no test times code: 20,000 took ~480 ms, now ~7)."""
     browser.get(stack.web_url + "/")
     browser.set_script_timeout(60)
     got = browser.execute_async_script(SEND_AGAIN_OVER_MANY)
-    assert got["said"] == "Send 20000 failed files again"
-    assert got["took"] < 150, got  # a few ms; copied at each, ~500 ms here
+    assert got == {"said": "Send 20000 failed files again", "after": True}
 
 
 # A refresh of the summary made to cost 10 ms, asked for by 200 changes, each in a task of
