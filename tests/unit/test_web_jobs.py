@@ -1076,6 +1076,18 @@ def test_a_stream_sends_the_late_answer_that_replaces_a_dead_letter(make_web_app
     resumed.close()
 
 
+def events_then_dropped(client, url: str, items: int) -> list[dict]:
+    """The events of a stream of `url` read until `items` items came, the stream then
+    dropped (as a browser's connection is)."""
+    opened = client.get(url, buffered=False)
+    chunks = iter(opened.response)
+    seen = []
+    while len([c for c in seen if b"data: " in c]) < items:
+        seen.append(next(chunks))
+    opened.close()
+    return parse_events(seen)
+
+
 def test_a_stream_resumed_with_last_event_id_sends_only_what_finished_after_it(make_web_app):
     """A browser reconnects every MAX_STREAM_S and after a drop, with the last id it saw:
     it was sent every finished item again. Items finish in any order: the ids follow
@@ -1087,13 +1099,7 @@ def test_a_stream_resumed_with_last_event_id_sends_only_what_finished_after_it(m
     url = f"/api/jobs/{body['batch_id']}/events"
     finish(app, third, "c")  # the last uploaded finishes first
     finish(app, first, "a")
-    opened = client.get(url, buffered=False)
-    chunks = iter(opened.response)
-    seen = []
-    while len([c for c in seen if b"data: " in c]) < 2:
-        seen.append(next(chunks))
-    opened.close()  # dropped, with `second` still queued
-    events_seen = parse_events(seen)
+    events_seen = events_then_dropped(client, url, 2)  # dropped, with `second` still queued
     assert [json.loads(e["data"])["id"] for e in events_seen if "id" in e] == [third, first]
     last_id = [e["id"] for e in events_seen if "id" in e][-1]
 
@@ -1121,13 +1127,7 @@ def test_a_stream_opened_after_an_event_id_sends_only_what_finished_after_it(mak
     url = f"/api/jobs/{body['batch_id']}/events"
     finish(app, first, "a")
     finish(app, second, "b")
-    opened = client.get(url, buffered=False)
-    chunks = iter(opened.response)
-    seen = []
-    while len([c for c in seen if b"data: " in c]) < 2:
-        seen.append(next(chunks))
-    opened.close()
-    last_id = [e["id"] for e in parse_events(seen) if "id" in e][-1]
+    last_id = [e["id"] for e in events_then_dropped(client, url, 2) if "id" in e][-1]
 
     finish(app, third, "c")
 
