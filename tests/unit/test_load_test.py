@@ -1376,7 +1376,9 @@ def test_an_interrupt_after_the_last_answer_still_reports_and_writes(tier, tmp_p
         answers = 0
         while answers < 2:
             answers += proc.stdout.readline().startswith("Classification result: ")
-        time.sleep(0.3)  # the run now waits for its last status sample
+        # The run now waits for its last status sample: up to 5 s for the sampler's read
+        # held at the gate, then up to 2 s for one more. A second in, well inside both ends.
+        time.sleep(1.0)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
     finally:
