@@ -133,7 +133,13 @@ def memory_safe_workers(settings: Settings, env: dict[str, str] | os._Environ) -
     import psutil
 
     per_worker = WORKER_PEAK_BYTES.get(settings.model_runtime, WORKER_PEAK_BYTES["tensorflow"])
-    fits = int(psutil.virtual_memory().available * 0.6 // per_worker)
+    try:
+        available = psutil.virtual_memory().available
+    except (OSError, psutil.Error) as exc:  # no readable /proc/meminfo (a sandbox)
+        return settings.local_max_workers, (f"cannot read this machine's free memory ({exc}): "
+                                            f"LOCAL_MAX_WORKERS={settings.local_max_workers}, as set; "
+                                            "lower it if workers run out of memory")
+    fits = int(available * 0.6 // per_worker)
     cap = max(1, min(settings.local_max_workers, fits))
     if cap < settings.local_max_workers:
         return cap, (f"only {cap} local {settings.model_runtime} workers fit in this machine's memory "

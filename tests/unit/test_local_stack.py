@@ -71,6 +71,17 @@ def test_local_workers_are_capped_by_memory(monkeypatch):
     assert memory_safe_workers(explicit, {"LOCAL_MAX_WORKERS": "12"}) == (12, "")  # the operator's call
 
 
+def test_without_a_readable_meminfo_the_workers_set_are_kept_and_said_so(monkeypatch):
+    """psutil raised out of `make run`'s start, a traceback where a line was due
+    (reviewer: a Linux whose /proc cannot be read)."""
+    def unreadable():
+        raise FileNotFoundError(2, "No such file or directory", "/proc/meminfo")
+
+    monkeypatch.setattr(psutil, "virtual_memory", unreadable)
+    cap, note = memory_safe_workers(dataclasses.replace(Settings(), local_max_workers=6), {})
+    assert cap == 6 and "cannot read this machine's free memory" in note and "/proc/meminfo" in note
+
+
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 
 
