@@ -31,6 +31,7 @@ from common.names import instance_name
 from common.signals import on_signals
 from controller.act import LaunchCall, LaunchError, launch, render_user_data, terminate
 from controller.memory import (
+    REFUSAL_RETRY_S,
     LaunchBackoff,
     LaunchHold,
     ReadinessClock,
@@ -53,6 +54,10 @@ ONE_INSTANCE_ERRORS = frozenset({
     "OperationNotPermitted", "UnauthorizedOperation", "IncorrectInstanceState",
     "InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed",
 })
+# Of those, the ones the next round would get too (protection, a right missing): that
+# instance is asked again only a minute later (Refusals). EC2 not listing a new instance
+# yet, or one in a state of passage, is asked again at the next round.
+LASTING_REFUSALS = frozenset({"OperationNotPermitted", "UnauthorizedOperation"})
 # Rounds kept in memory (a day at a 1 s poll would be 86,400 of them).
 TIMELINE_ROUNDS = 1000
 # A round that begins, or takes, this much later than planned is said so: the fleet
@@ -156,6 +161,7 @@ class Controller:
             launches_held=launches_held,
             launch_wait_s=self.launch_backoff.remaining(obs.clock),
             keep_last=frozenset(self.refusals.ids),
+            resting=self.refusals.resting(obs.clock),
             unanswered=frozenset(self.unanswered.calls()),
         )
         decision = decide(obs, self.policy, memory)
@@ -307,22 +313,24 @@ class Controller:
         except ClientError as exc:
             if error_code(exc) not in ONE_INSTANCE_ERRORS:
                 raise
-            refused = {iid for iid in instance_ids if not self._terminate_one(iid, why)}
+            refused = {iid for iid in instance_ids if not self._terminate_one(iid, why, clock)}
         for iid in instance_ids:
             if iid not in refused:
                 self.recent_launches.forget(iid)
                 self.refusals.forget(iid)
                 self.recent_terminations.note(iid, clock)
 
-    def _terminate_one(self, iid: str, why: str) -> bool:
+    def _terminate_one(self, iid: str, why: str, clock: float) -> bool:
         try:
             terminate(self.aws, (iid,))
         except ClientError as exc:
             if error_code(exc) not in ONE_INSTANCE_ERRORS:
                 raise
-            if self.refusals.note(iid):
-                log.warning("controller: cannot terminate instance %s (%s): %s; it is tried "
-                            "again while it is not needed, and warned about once", iid, exc, why)
+            lasting = error_code(exc) in LASTING_REFUSALS
+            if self.refusals.note(iid, clock, lasting):
+                when = f"each {REFUSAL_RETRY_S:.0f}s" if lasting else "at the next round"
+                log.warning("controller: cannot terminate instance %s (%s): %s; it is asked again %s "
+                            "while it is not needed, and warned about once", iid, exc, why, when)
             return False
         return True
 

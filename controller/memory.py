@@ -53,6 +53,8 @@ from controller.observe import Instance, Observation
 EC2_LAG_S = 300.0
 # Long enough for EC2 to list an instance that a call without a reply started.
 UNANSWERED_LAUNCH_MEMORY_S = 300.0
+# How long an instance EC2 refused to terminate is left before it is asked again (Refusals).
+REFUSAL_RETRY_S = 60.0
 
 
 @dataclass
@@ -294,24 +296,38 @@ class RecentTerminations:
 @dataclass
 class Refusals:
     """Instances EC2 refused to terminate (termination protection, say): each warned about
-    once, and the last chosen to scale in, so that the others go instead. Lost on restart,
+    once, the last chosen to scale in, so that the others go instead, and tried again
+    only REFUSAL_RETRY_S after its last refusal: one EC2 refuses for good made a call
+    and a log line every round, 86,400 a day at a 1 s poll (reviewer). Lost on restart,
     each is learnt again at its next refusal, and warned about once more."""
 
-    ids: set[str] = field(default_factory=set)
+    # id -> the round's clock at its last refusal; None for a refusal that may pass at the
+    # next round (EC2 not listing a new instance yet), which is asked again at once.
+    refused_at: dict[str, float | None] = field(default_factory=dict)
 
-    def note(self, iid: str) -> bool:
-        """Remembers a refusal; whether it is the first for that instance."""
-        first = iid not in self.ids
-        self.ids.add(iid)
+    @property
+    def ids(self) -> set[str]:
+        return set(self.refused_at)
+
+    def note(self, iid: str, clock: float, lasting: bool = True) -> bool:
+        """Remembers a refusal at `clock` (`lasting`: one the next round would get too);
+        whether it is the first for that instance."""
+        first = iid not in self.refused_at
+        self.refused_at[iid] = clock if lasting else None
         return first
 
     def forget(self, iid: str) -> None:
-        self.ids.discard(iid)
+        self.refused_at.pop(iid, None)
 
     def keep_listed(self, listed: set[str]) -> None:
         """Forgets those EC2 no longer lists (terminated another way): what is kept must
         be what an observation can still confirm."""
-        self.ids &= listed
+        self.refused_at = {iid: at for iid, at in self.refused_at.items() if iid in listed}
+
+    def resting(self, clock: float) -> frozenset[str]:
+        """Those refused less than REFUSAL_RETRY_S ago: not to be asked again yet."""
+        return frozenset(iid for iid, at in self.refused_at.items()
+                         if at is not None and clock - at < REFUSAL_RETRY_S)
 
 
 @dataclass(frozen=True)
@@ -332,6 +348,8 @@ class RoundMemory:
     launch_wait_s: float = 0.0
     # Ids chosen to scale in only after every other: EC2 refused to terminate them (Refusals).
     keep_last: frozenset[str] = frozenset()
+    # Of those, the ones not chosen at all this round: refused too recently (Refusals.resting).
+    resting: frozenset[str] = frozenset()
     # Numbers whose launch got no reply, launched first when launching (UnansweredLaunches).
     unanswered: frozenset[int] = frozenset()
 

@@ -213,7 +213,8 @@ def decide(obs: Observation, policy: Policy, memory: RoundMemory = NOTHING_REMEM
             pending, unready, newest, highest = scale_in_order(i)
             return (i.id in memory.keep_last, pending, unready, not _outdated(i, policy), newest, highest)
 
-        order = sorted(serving, key=victim_order)
+        # One EC2 refused to terminate a moment ago is not asked again yet (memory.resting).
+        order = sorted((i for i in serving if i.id not in memory.resting), key=victim_order)
         victims = tuple(i.id for i in order[: len(serving) - desired])
     # Stopped, or live with a worker that gave up: ours, serving nobody; always cleaned up.
     useless = tuple(i.id for i in obs.in_state("stopped") + obs.failed)

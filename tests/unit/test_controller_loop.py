@@ -625,27 +625,42 @@ def test_a_launch_that_terminates_before_ec2_lists_it_is_not_counted(aws, make_c
 
 
 def test_one_instance_ec2_will_not_terminate_fails_no_other_scale_in(aws, make_controller, caplog):
+    """Refused, it goes last, and is asked again only a minute after its refusal: asked
+    every round, one EC2 refuses for good (termination protection) made a call and a log
+    line a round, 86,400 a day at a 1 s poll (reviewer)."""
     send(aws, 3)
     controller = make_controller()
-    controller.step()
+    controller.step(now=1000.0)
     # The highest number, of those launched together: the first chosen to go.
     protected = max(instances(aws), key=lambda i: int(tags(i)["Name"].rsplit("-", 1)[1]))["InstanceId"]
     aws.ec2.modify_instance_attribute(InstanceId=protected, DisableApiTermination={"Value": True})
+    calls = []
+    real_terminate = aws.ec2.terminate_instances
+    aws.ec2.terminate_instances = lambda **kw: calls.append(kw["InstanceIds"]) or real_terminate(**kw)
     try:
         handles = receive_all(aws)
         delete(aws, handles[:1])  # two messages left: two instances wanted
-        assert controller.step().terminate == (protected,)
+        assert controller.step(now=1001.0).terminate == (protected,)
         assert len(instances(aws)) == 3
         # Refused once, it goes last: another instance goes instead.
-        (victim,) = controller.step().terminate
+        (victim,) = controller.step(now=1002.0).terminate
         assert victim != protected and len(instances(aws)) == 2
         delete(aws, handles[1:])
-        assert len(controller.step().terminate) == 2  # nothing left: all of them, again
+        # Nothing left: the other goes; the refused one waits its minute, unasked.
+        (other,) = controller.step(now=1003.0).terminate
+        assert other != protected and [i["InstanceId"] for i in instances(aws)] == [protected]
+        asked = len(calls)
+        records = len(caplog.records)
+        for now in (1004.0, 1030.0, 1060.0):
+            assert controller.step(now=now).terminate == ()
+        assert len(calls) == asked and len(caplog.records) == records  # no call, no line
+        assert controller.step(now=1061.5).terminate == (protected,)  # a minute on: asked again
         assert [i["InstanceId"] for i in instances(aws)] == [protected]
         assert caplog.text.count(f"cannot terminate instance {protected}") == 1
     finally:
         aws.ec2.modify_instance_attribute(InstanceId=protected, DisableApiTermination={"Value": False})
-    controller.step()
+        aws.ec2.terminate_instances = real_terminate
+    controller.step(now=1200.0)
     assert instances(aws) == []
 
 
