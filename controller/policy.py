@@ -216,6 +216,7 @@ def decide(obs: Observation, policy: Policy, memory: RoundMemory = NOTHING_REMEM
         # One EC2 refused to terminate a moment ago is not asked again yet (memory.resting).
         order = sorted((i for i in serving if i.id not in memory.resting), key=victim_order)
         victims = tuple(i.id for i in order[: len(serving) - desired])
-    # Stopped, or live with a worker that gave up: ours, serving nobody; always cleaned up.
-    useless = tuple(i.id for i in obs.in_state("stopped") + obs.failed)
+    # Stopped, or live with a worker that gave up: ours, serving nobody; always cleaned up,
+    # but for one EC2 refused to terminate a moment ago (memory.resting).
+    useless = tuple(i.id for i in obs.in_state("stopped") + obs.failed if i.id not in memory.resting)
     return Decision(desired, launch=launch, terminate=victims, clean_up=useless, reason=reason)

@@ -337,17 +337,19 @@ def test_a_stray_that_cannot_be_terminated_holds_up_nothing(aws, make_controller
     try:
         send(aws, 2)
         controller = make_controller()
-        assert len(controller.step().launch) == 3  # the stopped one serves nobody
+        first = controller.step(now=1000.0)
+        assert len(first.launch) == 3 and first.clean_up == (stray,)  # the stopped one serves nobody
         assert len(instances(aws)) == 3
         delete(aws, receive_all(aws))
-        assert len(controller.step().terminate) == 3
+        assert len(controller.step(now=1001.0).terminate) == 3
         assert instances(aws) == []  # scaled in to zero beside it
-        controller.step()
+        assert controller.step(now=1059.0).clean_up == ()  # refused: asked again a minute later
+        assert controller.step(now=1060.5).clean_up == (stray,)
         assert caplog.text.count(f"cannot terminate instance {stray}") == 1
         assert [i["InstanceId"] for i in instances(aws, ("stopped",))] == [stray]
     finally:
         aws.ec2.modify_instance_attribute(InstanceId=stray, DisableApiTermination={"Value": False})
-    controller.step()
+    controller.step(now=1200.0)
     assert instances(aws, ("stopped",)) == []
 
 
