@@ -302,10 +302,17 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Every setting of VARIABLES from `env` (os.environ if None), checked."""
         env = os.environ if env is None else env
+        if env.get("API_KEY") and not env["API_KEY"].strip():
+            # Read as unset, it left every write open, with no word (reviewer).
+            raise ValueError("API_KEY is set but holds only spaces: set the key, or unset it to leave "
+                             "writes open")
         # The variables VARIABLES marks by_hand, each read from more than its own text.
-        endpoint_url = env.get("AWS_ENDPOINT_URL") or None
+        endpoint_url = _endpoint_url(env)
         prefix = _prefix(env)
         region = region_from_env(env)
+        if not _REGION_NAME.fullmatch(region):
+            raise ValueError(f"the region (AWS_REGION, AWS_DEFAULT_REGION or the AWS profile's) must be a "
+                             f"region's name, such as us-east-1, got {region!r}")
         state = state_dir(env)
         # Defaults that follow other settings (see the module's docstring).
         follow = {
@@ -512,8 +519,29 @@ def local_run_defaults(settings: Settings, run_dir: Path) -> dict[str, str]:
 
 def region_from_env(env: Mapping[str, str]) -> str:
     """The region boto3 would use: AWS_REGION, else AWS_DEFAULT_REGION, else the
-    region of the AWS profile in use (`aws configure` writes it there), else the default."""
-    return env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or _profile_region(env) or Settings.region
+    region of the AWS profile in use (`aws configure` writes it there), else the default.
+    Spaces around are not the name's, and only spaces are unset, as for every setting."""
+    return ((env.get("AWS_REGION") or "").strip() or (env.get("AWS_DEFAULT_REGION") or "").strip()
+            or _profile_region(env) or Settings.region)
+
+
+# botocore's own check of a region's name (botocore.utils.validate_region_name): checked at
+# the start, a name it refuses stopped each tier at its first client, the variable unnamed.
+_REGION_NAME = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9\-]{0,61}[a-zA-Z0-9])?")
+
+
+def _endpoint_url(env: Mapping[str, str]) -> str | None:
+    """AWS_ENDPOINT_URL, checked; None when unset (AWS itself). boto3 reads the variable
+    itself too, as it is: one of spaces counted as set (a cooldown of 0, another fleet's
+    files) and failed at the first client, so it is refused here."""
+    raw = env.get("AWS_ENDPOINT_URL")
+    if not raw:
+        return None
+    parts = urlsplit(raw.strip())
+    if raw != raw.strip() or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"AWS_ENDPOINT_URL must be an http:// or https:// address with a host, and "
+                         f"nothing around it (unset it for AWS), got {raw!r}")
+    return raw
 
 
 def _profile_region(env: Mapping[str, str]) -> str | None:
@@ -533,7 +561,10 @@ def _profile_region(env: Mapping[str, str]) -> str | None:
 def state_dir(env: Mapping[str, str]) -> str:
     """The service's directory in the user's state directory (XDG_STATE_HOME, else ~/.local/state)."""
     home = env.get("HOME") or os.path.expanduser("~")
-    return os.path.join(env.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state"), "imgclass")
+    # A relative one is ignored, as the XDG spec says: the controller's lock and the
+    # journals would follow the directory each process started in (reviewer).
+    xdg = env.get("XDG_STATE_HOME") or ""
+    return os.path.join(xdg if os.path.isabs(xdg) else os.path.join(home, ".local", "state"), "imgclass")
 
 
 def fleet_name(prefix: str, endpoint_url: str | None, region: str) -> str:

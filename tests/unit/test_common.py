@@ -513,6 +513,34 @@ def test_the_web_journal_is_in_the_users_state_directory_unless_set():
     assert local.web_journal_dir != home.web_journal_dir
 
 
+@pytest.mark.parametrize("env, says", [
+    # Read as unset, it left every write open, with no word.
+    ({"API_KEY": "   "}, "API_KEY is set but holds only spaces"),
+    # Taken as set: a cooldown of 0 and another fleet's files, then "Invalid endpoint".
+    ({"AWS_ENDPOINT_URL": " "}, "AWS_ENDPOINT_URL must be an http:// or https:// address"),
+    ({"AWS_ENDPOINT_URL": "localhost:5000"}, "AWS_ENDPOINT_URL must be an http:// or https:// address"),
+    ({"AWS_ENDPOINT_URL": "http://127.0.0.1:5000\n"}, "AWS_ENDPOINT_URL must be"),
+    # botocore's InvalidRegionError at each tier's first client, the variable unnamed.
+    ({"AWS_REGION": "us east 1"}, "must be a region's name"),
+    ({"AWS_DEFAULT_REGION": "eu_west_1"}, "must be a region's name"),
+])
+def test_settings_that_would_fail_later_or_open_the_api_are_refused_at_the_start(env, says):
+    """(reviewer)"""
+    with pytest.raises(ValueError, match=re.escape(says)):
+        Settings.from_env(env)
+
+
+def test_spaces_around_a_region_are_not_its_name_and_a_relative_state_home_is_ignored():
+    """Only spaces is unset, as for every setting; XDG_STATE_HOME relative is ignored, as
+    the XDG spec says: the controller's lock and the journals followed the directory each
+    process started in, and two controllers started in two took two locks (reviewer)."""
+    assert Settings.from_env({"AWS_REGION": " eu-west-1 "}).region == "eu-west-1"
+    assert Settings.from_env({"AWS_REGION": "  ", "AWS_DEFAULT_REGION": "eu-north-1"}).region == "eu-north-1"
+    relative = Settings.from_env({"HOME": "/home/u", "XDG_STATE_HOME": "state"})
+    assert relative.state_dir == "/home/u/.local/state/imgclass"
+    assert Settings.from_env({"API_KEY": ""}).api_key == ""  # empty: unset, as before
+
+
 def test_on_aws_the_fleet_shrinks_only_after_a_minute_by_default():
     """A boot takes ~40 s there: a trickle of requests must not end the fleet between two."""
     assert Settings.from_env({}).scale_in_cooldown_s == 60
