@@ -536,6 +536,13 @@ def _endpoint_url(env: Mapping[str, str]) -> str | None:
     files) and failed at the first client, so it is refused here."""
     raw = env.get("AWS_ENDPOINT_URL")
     if not raw:
+        per_service = sorted(name for name, value in env.items()
+                             if name.startswith("AWS_ENDPOINT_URL_") and value.strip())
+        if per_service:
+            # boto3 would send those services' calls there while this took the fleet for
+            # AWS's: its name (the controller's lock, the journals) and a 60 s cooldown (reviewer).
+            raise ValueError(f"{', '.join(per_service)} set without AWS_ENDPOINT_URL: this service talks "
+                             "to one AWS, real or embedded; set AWS_ENDPOINT_URL to it")
         return None
     parts = urlsplit(raw.strip())
     if raw != raw.strip() or parts.scheme not in ("http", "https") or not parts.hostname:

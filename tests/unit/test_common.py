@@ -520,6 +520,8 @@ def test_the_web_journal_is_in_the_users_state_directory_unless_set():
     ({"AWS_ENDPOINT_URL": " "}, "AWS_ENDPOINT_URL must be an http:// or https:// address"),
     ({"AWS_ENDPOINT_URL": "localhost:5000"}, "AWS_ENDPOINT_URL must be an http:// or https:// address"),
     ({"AWS_ENDPOINT_URL": "http://127.0.0.1:5000\n"}, "AWS_ENDPOINT_URL must be"),
+    # boto3 sends SQS's calls there; the fleet was taken for AWS's (its lock, a 60 s cooldown).
+    ({"AWS_ENDPOINT_URL_SQS": "http://127.0.0.1:5000"}, "AWS_ENDPOINT_URL_SQS set without AWS_ENDPOINT_URL"),
     # botocore's InvalidRegionError at each tier's first client, the variable unnamed.
     ({"AWS_REGION": "us east 1"}, "must be a region's name"),
     ({"AWS_DEFAULT_REGION": "eu_west_1"}, "must be a region's name"),
