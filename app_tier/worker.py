@@ -658,8 +658,8 @@ class Worker:
                 # after a timeout). 409: another put of it is under way (real S3).
                 if error_code(exc) not in ("PreconditionFailed", "ConditionalRequestConflict"):
                     raise
-                stored = stored_answer(self.aws, req, self.classifier.untrained)
-                if stored is None or not stored.ok:
+                stored = stored_answer(self.aws, req, self.classifier.untrained, result_only=True)
+                if stored is None:
                     # Not there (yet, or any more): no answer without a stored result. Raised,
                     # the request is released and tried again.
                     raise RuntimeError(f"a result for {req.key} was being stored, and none is") from exc
