@@ -2071,24 +2071,14 @@ def signal_of(interrupt: KeyboardInterrupt) -> str:
 
 
 @contextlib.contextmanager
-def interrupts_heard() -> Iterator[None]:
-    """While inside, SIGINT is a KeyboardInterrupt, and SIGTERM (`timeout`, `kill`, a CI
-    job cancelled) acts as two Ctrl-Cs do: sending stops, the requests in flight are left
-    unanswered, and what was done is reported and written at once, as the grace period
-    before a SIGKILL is short. Unhandled, SIGTERM killed the run with no report and no
-    JSON (reviewer). Both handlers found are given back after."""
+def signal_handlers(handlers: dict[signal.Signals, Any]) -> Iterator[None]:
+    """While inside, `handlers` (by signal) are the process's; those found are given back
+    after. In the main thread only: only it may set a handler (a caller running main in a
+    thread), and only it hears one raised."""
     if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may set a handler (a caller running main in a thread)
+        yield
         return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        # Python runs handlers in the main thread: run_load hears it as a KeyboardInterrupt.
-        raise Terminated
-
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, interrupt),
-                # A shell starting a background job without job control (a script's `&`)
-                # makes it ignore SIGINT, and Python keeps that: `kill -INT` did nothing (reviewer).
-                signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
+    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
     try:
         yield
     finally:
@@ -2098,23 +2088,34 @@ def interrupts_heard() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def interrupts_heard() -> Iterator[None]:
+    """While inside, SIGINT is a KeyboardInterrupt, and SIGTERM (`timeout`, `kill`, a CI
+    job cancelled) acts as two Ctrl-Cs do: sending stops, the requests in flight are left
+    unanswered, and what was done is reported and written at once, as the grace period
+    before a SIGKILL is short. Unhandled, SIGTERM killed the run with no report and no
+    JSON (reviewer). Both handlers found are given back after."""
+    def interrupt(signum: int, frame: Any) -> None:
+        # Python runs handlers in the main thread: run_load hears it as a KeyboardInterrupt.
+        raise Terminated
+
+    with signal_handlers({signal.SIGTERM: interrupt,
+                          # A shell starting a background job without job control (a script's
+                          # `&`) makes it ignore SIGINT, and Python keeps that: `kill -INT` did
+                          # nothing (reviewer).
+                          signal.SIGINT: signal.default_int_handler}):
+        yield
+
+
+@contextlib.contextmanager
 def interrupts_noted(heard: list[str]) -> Iterator[None]:
     """While inside, SIGINT and SIGTERM are added to `heard` ("SIGINT", "SIGTERM") rather
     than raised: what is done inside is finished whatever comes. The handlers found (see
     interrupts_heard) are given back after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may set a handler; and only it hears one raised
-        return
-
     def note(signum: int, frame: Any) -> None:
         heard.append(signal.Signals(signum).name)
 
-    previous = {signum: signal.signal(signum, note) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with signal_handlers({signal.SIGINT: note, signal.SIGTERM: note}):
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 class Stdout:
