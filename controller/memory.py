@@ -309,7 +309,7 @@ class Refusals:
     def ids(self) -> set[str]:
         return set(self.refused_at)
 
-    def note(self, iid: str, clock: float, lasting: bool = True) -> bool:
+    def note(self, iid: str, clock: float, lasting: bool) -> bool:
         """Remembers a refusal at `clock` (`lasting`: one the next round would get too);
         whether it is the first for that instance."""
         first = iid not in self.refused_at
