@@ -31,8 +31,7 @@ def stored_answer(aws: Aws, request: ClassifyRequest, untrained: bool,
     nothing is stored. S3's errors raise. `untrained`: this worker's model, taken for a
     failure, and for a result that does not say which model made it. `result_only`:
     a failure marked is not looked for (one call fewer; None then)."""
-    # No tags given for the input object is read as no failure marked on it.
-    outcome = stored_outcome(aws, request.bucket, request.key, untrained, tag_set=[] if result_only else None)
+    outcome = stored_outcome(aws, request.bucket, request.key, untrained, failure_looked_for=not result_only)
     if outcome is None:
         return None
     common = {"id": request.id, "filename": request.filename, "key": request.key, "worker": outcome.worker}

@@ -33,7 +33,7 @@ class StoredOutcome:
 
 def stored_outcome(aws: Aws, bucket: str, key: str, untrained: bool,
                    tag_set: list[dict[str, str]] | None = None,
-                   result_stored: bool = True) -> StoredOutcome | None:
+                   result_stored: bool = True, failure_looked_for: bool = True) -> StoredOutcome | None:
     """What S3 records for the request for `key` (its upload in `bucket`): the result
     if there is one (it wins over a failure marked too: a dead letter's mark, then a
     late answer), else the failure; None when neither is stored, the input object gone
@@ -46,6 +46,8 @@ def stored_outcome(aws: Aws, bucket: str, key: str, untrained: bool,
     `tag_set`: the input object's tags, if the caller has read them already (none for
     an object gone), not to read them twice. `result_stored`: False when the caller
     knows no result is stored (a listing of the output bucket), not to look for one.
+    `failure_looked_for`: False when only a result matters to the caller (None then
+    if none is stored), not to read the input object's tags.
     """
     output_bucket = aws.settings.output_bucket
     try:
@@ -62,6 +64,8 @@ def stored_outcome(aws: Aws, bucket: str, key: str, untrained: bool,
             result = {"label": label_of(body.decode("utf-8", errors="replace")), "score": None,
                       "top5": [], "worker": "", "untrained": untrained}
         return StoredOutcome(result=result, worker=result["worker"])
+    if not failure_looked_for:
+        return None
     if tag_set is None:
         try:
             tag_set = aws.s3.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]
