@@ -28,6 +28,8 @@ from common.failure_tags import (
     DEAD_LETTER_ERROR,
     MarkDenied,
     SentAgain,
+    failed_by,
+    failure_from_tags,
     give_up_denied_mark,
     sent_again_from_tags,
 )
@@ -225,10 +227,11 @@ class Listeners:
         known = self.book.get(request.id)
         if known is not None and known.is_finished and not known.provisional:
             return  # answered, or failed by a worker (which marked the object itself)
-        if self._queued_again_since(request) is not None:
+        if (again := self._queued_again_since(request)) is not None:
             # A copy sent before the item was queued again (POST .../again): that one,
             # sent since, may yet be answered. Failed and tagged now, the item showed
             # failed while queued, and a batch rebuilt from S3 failed for good.
+            self._put_back_sent_again(request, again)
             return
         # A worker stores the outcome (a result, or a failure and its reason) before it
         # replies: one that died in between, on the last attempt, left an outcome that
@@ -276,8 +279,23 @@ class Listeners:
         elif (again := self._queued_again_since(request)) is not None:
             # Queued again while this marked it, the mark may have landed after the one
             # POST .../again wrote: put that one back, or a batch rebuilt after a restart
-            # showed it failed, with the count of times sent again lost (reviewer).
+            # showed it failed, with the count of times sent again lost (reviewer). If S3
+            # fails that, the message stays, and comes back to the call above.
             clear_failed(self.aws, request.key, again.sent_again_record)
+
+    def _put_back_sent_again(self, request: ClassifyRequest, again: Item) -> None:
+        """Put the sent-again mark back on the input of `again`, an item queued again
+        since `request` was sent, if a dead letter's failure mark of an older copy is
+        there instead: one whose put-back failed once (below) left it. Read from S3, not
+        remembered, so it is tried each time the dead letter comes back; S3's errors
+        raise, and keep it coming."""
+        tag_set = input_tags(self.aws, request.key)
+        if (tag_set is None or failure_from_tags(tag_set) is None or failed_by(tag_set)
+                or sent_again_from_tags(tag_set).count >= again.sent_again):
+            return  # gone, not failed, a worker's failure (of the copy sent since), or current
+        log.info("item %s: putting back the sent-again mark a dead letter's failure mark replaced",
+                 request.id)
+        clear_failed(self.aws, request.key, again.sent_again_record)
 
     def _queued_again_since(self, request: ClassifyRequest) -> Item | None:
         """The dead letter's item if the book has it queued again since the request was

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from botocore.exceptions import ClientError
 
 from common.failure_tags import DEAD_LETTER_ERROR, SentAgain, failure_from_tags, sent_again_from_tags
 from common.messages import ClassifyRequest
@@ -262,6 +263,46 @@ def test_an_item_queued_again_while_a_dead_letter_is_read_stays_queued(web_app, 
     assert (item["state"], item["sent_again"]) == ("queued", 1)
     assert failure_mark(web_aws, request.key) is None
     assert sent_again_from_tags(input_tags(web_aws, request.key)).count == 1
+
+
+def test_a_sent_again_mark_s3_failed_to_put_back_is_put_back_when_the_dead_letter_comes_back(
+        web_app, web_aws, monkeypatch):
+    """The put-back above failing (S3 down for it): its dead letter stays, and when it
+    comes back puts the mark back. Before, it was deleted as a copy sent before the item
+    was queued again, and the failure mark stayed: a batch rebuilt after a restart
+    showed the item failed while its new request was out, its count lost."""
+    import web_tier.listeners as listeners
+
+    client = web_app.test_client()
+    batch_id, uploaded = uploaded_and_failed(web_app, seed=313)
+    request = requests_queued(web_aws)[0]
+    sent_again, put_backs = [], []
+    real_tag_failed, real_clear_failed = listeners.tag_failed, listeners.clear_failed
+
+    def queued_again_first(*args, **kwargs):
+        if not sent_again:
+            sent_again.append(client.post(again_url(batch_id, request.id)).status_code)
+        return real_tag_failed(*args, **kwargs)
+
+    def failing_once(*args, **kwargs):
+        put_backs.append(args[1])
+        if len(put_backs) == 1:
+            raise ClientError({"Error": {"Code": "InternalError", "Message": "hiccup"}}, "PutObjectTagging")
+        return real_clear_failed(*args, **kwargs)
+
+    monkeypatch.setattr(listeners, "tag_failed", queued_again_first)
+    monkeypatch.setattr(listeners, "clear_failed", failing_once)
+    # Back in a second, not the queue's 30 s.
+    web_aws.sqs.set_queue_attributes(QueueUrl=web_aws.dead_letter_queue_url,
+                                     Attributes={"VisibilityTimeout": "1"})
+    web_aws.sqs.send_message(QueueUrl=web_aws.dead_letter_queue_url, MessageBody=request.to_json())
+    wait_until(lambda: dead_letters_left(web_aws) == 0 and len(put_backs) == 2)
+    assert sent_again == [202]
+    assert put_backs == [request.key, request.key]
+    assert failure_mark(web_aws, request.key) is None
+    assert sent_again_from_tags(input_tags(web_aws, request.key)).count == 1
+    item = items_by_name(client, batch_id)["dead.jpg"]
+    assert (item["state"], item["sent_again"]) == ("queued", 1)
 
 
 def test_an_event_stream_sends_the_item_queued_again_then_its_answer(make_web_app, monkeypatch):
