@@ -519,6 +519,10 @@ def test_the_bakers_policy_allows_what_packers_build_of_the_template_calls():
     # The run tags go with the launch, and with the temporary key pair and group (the
     # plugin tags them as it makes them); the AMI's tags (and its snapshot's) after it is made.
     assert allows(policy, "ec2:CreateTags", INSTANCE, {"ec2:CreateAction": "RunInstances"})
+    # The plugin (hashicorp/packer-plugin-amazon#326, before 1.3.0) tags the launch's
+    # network interface with them too: EC2 checks CreateTags on each kind it tags.
+    assert allows(policy, "ec2:CreateTags", f"arn:aws:ec2:{REGION}:{ACCOUNT}:network-interface/eni-1",
+                  {"ec2:CreateAction": "RunInstances"})
     assert allows(policy, "ec2:CreateTags", f"arn:aws:ec2:{REGION}:{ACCOUNT}:key-pair/packer_1",
                   {"ec2:CreateAction": "CreateKeyPair"})
     assert allows(policy, "ec2:CreateTags", BUILD_GROUP, {"ec2:CreateAction": "CreateSecurityGroup"})
