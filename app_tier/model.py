@@ -33,6 +33,7 @@ from app_tier.weights import (
     WeightsUnavailable,
     keras_cache_dir,
     missing_weights_message,
+    named_for_keras,
     weights_file,
 )
 from common.config import MODEL_RUNTIMES, RANDOM_WEIGHTS
@@ -80,7 +81,8 @@ def build_network(weights: str, file: Path | None = None) -> keras.Model:
         raise WeightsUnavailable(missing_weights_message(f"no file at {path}"))
     model = keras.applications.ResNet50(weights=None)
     try:
-        model.load_weights(str(path))
+        with named_for_keras(path) as named:
+            model.load_weights(str(named))
     except Exception as exc:  # h5py's OSError, Keras's ValueError for another network's...
         # Loading it again would fail the same way: this is no crash to restart after.
         copy = f" (a copy of {weights}: delete it to fetch it again)" if weights.startswith("s3://") else ""

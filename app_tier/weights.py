@@ -12,6 +12,9 @@ import fcntl
 import json
 import logging
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +31,35 @@ WEIGHTS_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels.h5"
 
 class WeightsUnavailable(RuntimeError):
     """The requested weights cannot be loaded; the message says what to set."""
+
+
+# The endings by which Keras's load_weights picks a file's format; any other it refuses.
+KERAS_WEIGHTS_ENDINGS = (".weights.h5", ".keras", ".h5", ".hdf5")
+
+
+@contextmanager
+def named_for_keras(path: Path) -> Iterator[Path]:
+    """`path`, or while the context lasts a link to it whose name ends as Keras needs to
+    read it: an S3 key or file named otherwise ("resnet50", "weights.bin") was refused,
+    "File format not supported" (reviewer). An HDF5 file whose root names its layers is
+    the older format the ImageNet file has (.h5); another is Keras 3's save_weights
+    (.weights.h5). A file h5py cannot open keeps its name, for Keras to say what it is not."""
+    if path.name.endswith(KERAS_WEIGHTS_ENDINGS):
+        yield path
+        return
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as weights:
+            older = "layer_names" in weights.attrs or "model_weights" in weights  # a whole model's
+            ending = ".h5" if older else ".weights.h5"
+    except OSError:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="imgclass-weights-") as folder:
+        link = Path(folder) / f"resnet50{ending}"
+        link.symlink_to(path.resolve())
+        yield link
 
 
 def keras_cache_dir() -> Path:

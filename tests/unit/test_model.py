@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +130,33 @@ def test_weights_from_a_file_are_the_ones_used_and_not_called_untrained(runtime,
     test, which loaded no other weights (mutation audit)."""
     monkeypatch.setenv("IMGCLASS_CACHE", str(tmp_path))
     loaded = load_classifier(str(weights_of_class_7), runtime)  # threads: TensorFlow has started
+    assert loaded.untrained is False
+    assert [result.label for result in loaded.classify(batch)] == [imagenet_labels()[7]] * len(batch)
+
+
+@pytest.mark.parametrize("kind", ["a file of Keras 3's format", "an S3 object of the older format"])
+def test_weights_named_without_an_ending_keras_knows_are_read_by_their_contents(
+        kind, weights_of_class_7, batch, tmp_path, s3_weights, monkeypatch):
+    """Keras picks a weights file's format by its name's ending, and refused any other:
+    a key like s3://models/resnet50 stopped every worker (reviewer). The ImageNet file
+    is of the older format (.h5); save_weights writes Keras 3's (.weights.h5)."""
+    import h5py
+    import keras
+    from keras.src.legacy.saving import legacy_h5_format
+
+    monkeypatch.setenv("IMGCLASS_CACHE", str(tmp_path))
+    unnamed = tmp_path / "resnet50"
+    if kind == "a file of Keras 3's format":
+        shutil.copyfile(weights_of_class_7, unnamed)
+        weights = str(unnamed)
+    else:
+        network = keras.applications.ResNet50(weights=None)
+        network.load_weights(str(weights_of_class_7))
+        with h5py.File(unnamed, "w") as older:
+            legacy_h5_format.save_weights_to_hdf5_group(older, network)
+        s3_weights.upload_file(str(unnamed), "models", "weights/resnet50")
+        weights = "s3://models/weights/resnet50"
+    loaded = load_classifier(weights, "tensorflow")
     assert loaded.untrained is False
     assert [result.label for result in loaded.classify(batch)] == [imagenet_labels()[7]] * len(batch)
 
