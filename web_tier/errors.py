@@ -138,10 +138,13 @@ def _too_large(exc: RequestEntityTooLarge) -> Response:
                  f"over {MAX_TEXT_FIELD_BYTES} bytes: " + send_as_files(_file_fields()[0]),
             code=Code.REQUEST_TOO_LARGE))
     if at_post_root():
-        # POST / takes one file, so its limit is the file's: say so, naming the file.
+        # POST / takes one file, so its limit is the file's: say so, naming the file. The
+        # body is not read, so it may be several files under the limit, each: said too,
+        # where this named the first one too large (reviewer).
         max_bytes = services().settings.max_upload_bytes
         return error_response(Refusal(
-            413, too_large(max_bytes), _first_file_name(), code=Code.TOO_LARGE))
+            413, f"{too_large(max_bytes)}, or the request holds more than the one file POST / takes "
+                 f"(send several to /api/jobs)", _first_file_name(), code=Code.TOO_LARGE))
     return error_response(Refusal(
         413, "the request is larger than the server accepts" + (f" ({limit} bytes)" if limit else ""),
         code=Code.REQUEST_TOO_LARGE))

@@ -283,7 +283,20 @@ def test_a_body_larger_than_one_file_is_refused_before_it_is_read(web_app, web_s
     assert response.status_code == 413
     # The one file's limit, not the body's (which has room for the form around it).
     max_bytes = web_settings.max_upload_bytes
-    assert response.text == f"huge.jpg: file is larger than the limit of 293 KB ({max_bytes} bytes)"
+    assert response.text == (f"huge.jpg: file is larger than the limit of 293 KB ({max_bytes} bytes), or the "
+                             f"request holds more than the one file POST / takes (send several to /api/jobs)")
+
+
+def test_two_files_each_within_the_limit_are_not_said_to_be_one_too_large(web_app, web_settings):
+    """Refused unread, the body may be one file too large or several: the answer named
+    the first of two files within the limit too large, and not the one-file rule (reviewer)."""
+    half = b"\0" * (web_settings.max_upload_bytes // 2 + FORM_SLACK_BYTES // 2)
+    response = web_app.test_client().post("/", data={"inputFile": [(io.BytesIO(half), "small1.jpg"),
+                                                                   (io.BytesIO(half), "small2.jpg")]},
+                                          content_type="multipart/form-data")
+    assert response.status_code == 413
+    assert response.text.startswith("small1.jpg: ")
+    assert "more than the one file POST / takes (send several to /api/jobs)" in response.text
 
 
 def test_no_text_answer_ends_with_a_newline(make_web_app, fake_worker):
