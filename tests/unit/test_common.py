@@ -516,6 +516,9 @@ def test_the_web_journal_is_in_the_users_state_directory_unless_set():
 @pytest.mark.parametrize("env, says", [
     # Read as unset, it left every write open, with no word.
     ({"API_KEY": "   "}, "API_KEY is set but holds only spaces"),
+    # Never matched from a UTF-8 client (gunicorn reads headers as Latin-1).
+    ({"API_KEY": "clé"}, "API_KEY holds a character an HTTP header cannot carry"),
+    ({"API_KEY": "key\u2019s"}, "API_KEY holds a character an HTTP header cannot carry"),
     # Taken as set: a cooldown of 0 and another fleet's files, then "Invalid endpoint".
     ({"AWS_ENDPOINT_URL": " "}, "AWS_ENDPOINT_URL must be an http:// or https:// address"),
     ({"AWS_ENDPOINT_URL": "localhost:5000"}, "AWS_ENDPOINT_URL must be an http:// or https:// address"),
