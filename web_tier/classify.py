@@ -128,7 +128,7 @@ def classify() -> Response:
         # this POST's answer sent the image again (reviewer).
         return redirect(url_for("classify.answer", batch_id=batch_id), code=303)
     waited = time.monotonic() - arrived
-    item, client_left = _wait_while_connected(svc.book, outcome.id, svc.settings.result_timeout_s - waited)
+    item, client_left = _wait_while_connected(svc.book, outcome, svc.settings.result_timeout_s - waited)
     if client_left:
         log.info("POST / for item %s: the client left before its result; it is still queued", outcome.id)
         return _stored_refusal(CLIENT_CLOSED, f"the client left; the image is still queued, "
@@ -155,7 +155,7 @@ def answer(batch_id: str) -> Response:
                                 f"shows them all at /#batches={batch_id}")
     # HEAD (a link checker, a chat's preview) is answered at once: it reads no label.
     wait_s = 0.0 if request.method == "HEAD" else min(ANSWER_PAGE_WAIT_S, svc.settings.result_timeout_s)
-    item, _client_left = _wait_while_connected(svc.book, items[0].id, wait_s)
+    item, _client_left = _wait_while_connected(svc.book, items[0], wait_s)
     # Reloading itself only if the user chose to (the page offers it).
     reloading = request.args.get("reload") == "1"
     if item is None:
@@ -225,11 +225,16 @@ def _result_response(filename: str, item: Item, batch_id: str) -> Response:
     return response
 
 
-def _wait_while_connected(book: ResultBook, item_id: str, timeout_s: float) -> tuple[Item | None, bool]:
-    """The item once it has a result (None after `timeout_s`), and whether the client
-    left first. A client that gave up (its own timeout, a proxy's) reads no answer,
-    and its request held one of the threads until RESULT_TIMEOUT: clients sending
-    again on a 5 s timeout took all 1,024, /healthz with them (explorer)."""
+def _wait_while_connected(book: ResultBook, known: Item, timeout_s: float) -> tuple[Item | None, bool]:
+    """The item `known` once it has a result (None after `timeout_s`), and whether the
+    client left first. A client that gave up (its own timeout, a proxy's) reads no
+    answer, and its request held one of the threads until RESULT_TIMEOUT: clients
+    sending again on a 5 s timeout took all 1,024, /healthz with them (explorer)."""
+    if known.is_finished:
+        # Not looked up again: under a backlog past its cap the book may have forgotten
+        # a finished batch since, and an answered image was "queued" or a 504 (reviewer).
+        return known, False
+    item_id = known.id
     deadline = time.monotonic() + timeout_s
     while True:
         left = deadline - time.monotonic()

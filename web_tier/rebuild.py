@@ -128,20 +128,18 @@ class BatchRebuilder:
                     return items
                 mine = self._rebuilding[batch_id] = Future()
         if under_way is not None:
-            # Raises what the rebuild raised; else the batch as the book now has it.
-            return self.book.batch(batch_id) if under_way.result() else None
+            return under_way.result()  # raises what the rebuild raised
         try:
             rebuilt = rebuild_batch(self.aws, batch_id, self.pool)
-            if rebuilt is not None:
-                self.book.merge(batch_id, rebuilt)
-            mine.set_result(rebuilt is not None)
+            merged = None if rebuilt is None else self.book.merge(batch_id, rebuilt)
+            mine.set_result(merged)
         except BaseException as exc:
             mine.set_exception(exc)
             raise
         finally:
             with self._rebuilding_lock:
                 del self._rebuilding[batch_id]
-        return self.book.batch(batch_id) if rebuilt is not None else None
+        return merged
 
     def stop(self) -> None:
         """Cancel the S3 reads not yet started (tests; process exit needs nothing)."""

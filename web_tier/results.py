@@ -319,8 +319,10 @@ class ResultBook:
             self._publish([again])
             return again
 
-    def merge(self, batch_id: str, rebuilt: list[Item]) -> None:
-        """Adopt a batch rebuilt from S3; results already in memory win."""
+    def merge(self, batch_id: str, rebuilt: list[Item]) -> list[Item]:
+        """Adopt a batch rebuilt from S3; results already in memory win. The batch's
+        items as merged: read from the book again, a finished batch may be forgotten
+        already under a backlog past the cap (reviewer)."""
         finished: list[Item] = []
         with self._lock:
             batch = self._batch(batch_id)
@@ -368,9 +370,11 @@ class ResultBook:
             in_s3 = [item.id for item in rebuilt]
             listed = set(in_s3)
             batch.item_ids = in_s3 + [i for i in batch.item_ids if i not in listed]
+            merged = [self._items[i] for i in batch.item_ids if i in self._items]
             self._may_be_finished(batch_id)
             self._evict(keep=batch_id)
             self._publish(finished)
+        return merged
 
     def _finish(self, incoming: Item, untrained: bool | None, sent: SentAgain | None = None,
                 sent_before: float | None = None) -> Item | None:

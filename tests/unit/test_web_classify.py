@@ -370,16 +370,59 @@ def test_a_full_book_keeps_a_keys_batch_from_its_look_up_to_its_upload(make_web_
 
     def find_then_evict(batch_id):
         found = real_find(batch_id)
-        with svc.book._lock:  # as a full book does, the batch finished whole
-            limit, svc.book._max_items = svc.book._max_items, 0
-            svc.book._evict()
-            svc.book._max_items = limit
+        forget_finished_batches(svc.book)  # as a full book does, the batch finished whole
         return found
 
     svc.rebuilder.find_batch = find_then_evict
     again = post_with_key(app.test_client(), data, "cut.jpg", key)
     assert again.status_code == 200 and again.headers["X-Item-Id"] == first.headers["X-Item-Id"]
     assert len(stored_inputs(web_aws)) == 1 and fake_worker.handled == 1
+
+
+def forget_finished_batches(book) -> None:
+    """What a book past its cap does at each result: it forgets every finished batch
+    that no request holds in use."""
+    with book._lock:
+        limit, book._max_items = book._max_items, 0
+        book._evict()
+        book._max_items = limit
+
+
+@pytest.mark.parametrize("asked", ["POST / sent again under its key", "its answer page",
+                                   "its answer page, rebuilt from S3"])
+def test_an_answered_image_a_full_book_forgets_meanwhile_is_answered_still(make_web_app, fake_worker, asked):
+    """Under a backlog past the book's cap, each result forgets the finished batches:
+    one forgotten between a request's look-up and its wait read as no result in 300 s
+    (a 504 at once), or as queued on its answer page, or as no such upload (reviewer)."""
+    data, key = make_image(37), "6e1d9f8a-3333-4444-8555-666677778888"
+    app = make_web_app()
+    first = post_with_key(app.test_client(), data, "cut.jpg", key)
+    assert first.status_code == 200, first.text
+    batch_id = first.headers["X-Batch-Id"]
+    if asked == "its answer page, rebuilt from S3":
+        services_of(app).stop()
+        app = make_web_app()
+    book = services_of(app).book
+    real_wait, real_merge = book.wait, book.merge
+
+    def forget_then_wait(*args, **kwargs):
+        forget_finished_batches(book)
+        return real_wait(*args, **kwargs)
+
+    def merge_then_forget(*args, **kwargs):
+        merged = real_merge(*args, **kwargs)
+        forget_finished_batches(book)
+        return merged
+
+    book.wait, book.merge = forget_then_wait, merge_then_forget
+    if asked == "POST / sent again under its key":
+        again = post_with_key(app.test_client(), data, "cut.jpg", key)
+        assert (again.status_code, again.text) == (200, first.text)
+    else:
+        page = app.test_client().get(f"/answers/{batch_id}")
+        assert page.status_code == 200, page.text
+        assert f'Label: <span class="label">{first.text.rpartition(":")[2]}</span>' in page.text
+    assert fake_worker.handled == 1
 
 
 def test_idempotency_keys_of_16_and_of_64_characters_are_taken(web_client, fake_worker):
