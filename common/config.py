@@ -32,6 +32,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from botocore.configloader import load_config
@@ -543,7 +544,7 @@ def _endpoint_url(env: Mapping[str, str]) -> str | None:
     """AWS_ENDPOINT_URL, checked; None when unset (AWS itself). boto3 reads the variable
     itself too, as it is: one of spaces counted as set (a cooldown of 0, another fleet's
     files) and failed at the first client, so it is refused here."""
-    raw = env.get("AWS_ENDPOINT_URL")
+    raw, named = env.get("AWS_ENDPOINT_URL"), "AWS_ENDPOINT_URL"
     if not raw:
         per_service = sorted(name for name, value in env.items()
                              if name.startswith("AWS_ENDPOINT_URL_") and value.strip())
@@ -552,26 +553,50 @@ def _endpoint_url(env: Mapping[str, str]) -> str | None:
             # AWS's: its name (the controller's lock, the journals) and a 60 s cooldown (reviewer).
             raise ValueError(f"{', '.join(per_service)} set without AWS_ENDPOINT_URL: this service talks "
                              "to one AWS, real or embedded; set AWS_ENDPOINT_URL to it")
-        return None
+        raw, named = _profile_endpoint_url(env)
+        if not raw:
+            return None
     parts = urlsplit(raw.strip())
     if raw != raw.strip() or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"AWS_ENDPOINT_URL must be an http:// or https:// address with a host, and "
+        raise ValueError(f"{named} must be an http:// or https:// address with a host, and "
                          f"nothing around it (unset it for AWS), got {raw!r}")
     return raw
 
 
+def _profile_endpoint_url(env: Mapping[str, str]) -> tuple[str | None, str]:
+    """The AWS profile's `endpoint_url` (boto3 sends every call there too), and how to
+    name it; None when it has none or says to ignore it. Not read, it was taken for
+    AWS: another fleet's name and files, a 60 s cooldown against the embedded AWS."""
+    profile_name, profile = _profile(env)
+    named = f"endpoint_url in the AWS profile {profile_name!r}"
+    ignored = env.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS") or profile.get("ignore_configured_endpoint_urls")
+    if str(ignored).strip().lower() == "true":  # botocore's reading of it
+        return None, named
+    if profile.get("services"):
+        # Its own endpoint for each service: boto3's, where this one talks to one AWS.
+        raise ValueError(f"the AWS profile {profile_name!r} names endpoints by service (services = "
+                         f"{profile['services']}): this service talks to one AWS, real or embedded; "
+                         f"set AWS_ENDPOINT_URL to it, or AWS_IGNORE_CONFIGURED_ENDPOINT_URLS=true for AWS")
+    return profile.get("endpoint_url") or None, named
+
+
 def _profile_region(env: Mapping[str, str]) -> str | None:
-    """The `region` of AWS_PROFILE (else the default profile) in AWS_CONFIG_FILE (else
-    ~/.aws/config), read from `env` alone: clients are made with Settings.region, so
+    """The `region` of the AWS profile: clients are made with Settings.region, so
     without this a user of a profile in another region talked to us-east-1."""
+    return _profile(env)[1].get("region") or None
+
+
+def _profile(env: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
+    """AWS_PROFILE's name (else the default profile's) and its settings in
+    AWS_CONFIG_FILE (else ~/.aws/config), read from `env` alone; none if unreadable."""
     home = env.get("HOME") or os.path.expanduser("~")
     path = env.get("AWS_CONFIG_FILE") or os.path.join(home, ".aws", "config")
     profile = env.get("AWS_DEFAULT_PROFILE") or env.get("AWS_PROFILE") or "default"  # botocore's order
     try:
         profiles = load_config(os.path.expanduser(path)).get("profiles", {})
     except BotoCoreError:  # no such file, or one botocore cannot parse: boto3 would not use it either
-        return None
-    return profiles.get(profile, {}).get("region") or None
+        return profile, {}
+    return profile, profiles.get(profile, {})
 
 
 def state_dir(env: Mapping[str, str]) -> str:

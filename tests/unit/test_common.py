@@ -1000,6 +1000,27 @@ def test_region_comes_from_the_aws_profile_when_no_variable_names_one(tmp_path):
     assert Settings.from_env({"HOME": str(tmp_path)}).region == "sa-east-1"
 
 
+def test_an_endpoint_in_the_aws_profile_is_the_services_as_boto3_takes_it(tmp_path):
+    """boto3 sends every call to a profile's endpoint_url: not read, the fleet was taken
+    for AWS's (another fleet's files, a 60 s cooldown) while it talked to another."""
+    config = tmp_path / "config"
+    config.write_text("[default]\nendpoint_url = http://127.0.0.1:5000\n\n"
+                      "[profile bad]\nendpoint_url = localhost:5000\n\n"
+                      "[profile split]\nservices = local\n\n[services local]\nsqs =\n"
+                      "  endpoint_url = http://127.0.0.1:5000\n")
+    base = {"AWS_CONFIG_FILE": str(config), "HOME": str(tmp_path)}
+    local = Settings.from_env(base)
+    assert local.endpoint_url == "http://127.0.0.1:5000"
+    assert local == Settings.from_env({**base, "AWS_ENDPOINT_URL": "http://127.0.0.1:5000"})
+    # The variable first, as in boto3; and an endpoint ignored, as boto3 ignores it.
+    assert Settings.from_env({**base, "AWS_ENDPOINT_URL": "http://[::1]:5000"}).endpoint_url == "http://[::1]:5000"
+    assert Settings.from_env({**base, "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS": "true"}).endpoint_url is None
+    with pytest.raises(ValueError, match=re.escape("endpoint_url in the AWS profile 'bad' must be an http://")):
+        Settings.from_env({**base, "AWS_PROFILE": "bad"})
+    with pytest.raises(ValueError, match="the AWS profile 'split' names endpoints by service"):
+        Settings.from_env({**base, "AWS_PROFILE": "split"})
+
+
 def test_region_is_the_default_without_a_readable_profile(tmp_path):
     (tmp_path / "bad").write_text("[default\nregion = eu-west-3\n")  # no closing bracket
     for env in ({"AWS_CONFIG_FILE": str(tmp_path / "missing")}, {"AWS_CONFIG_FILE": str(tmp_path / "bad")},
@@ -1061,7 +1082,8 @@ def test_the_readme_table_names_every_variable_of_the_settings_table_and_no_othe
     read = set(re.findall(r'env(?:\.get\(|\[|, )"([A-Z][A-Z0-9_]+)"', source))
     assert "AWS_ENDPOINT_URL" in read, "the pattern no longer finds how config.py reads the environment"
     # Other programs' variables, read to find what they point at, not the service's settings.
-    others = {"AWS_CONFIG_FILE", "AWS_DEFAULT_PROFILE", "AWS_PROFILE", "HOME", "AWS_DEFAULT_REGION"}
+    others = {"AWS_CONFIG_FILE", "AWS_DEFAULT_PROFILE", "AWS_PROFILE", "HOME", "AWS_DEFAULT_REGION",
+              "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"}
     assert sorted(read - others - table) == []
 
 
