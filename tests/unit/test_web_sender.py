@@ -568,18 +568,17 @@ def test_a_stalled_send_is_tried_again_within_seconds(web_settings, monkeypatch)
     aws = Aws(settings)
     aws._queue_urls[settings.request_queue] = f"{endpoint.url}/123456789012/requests"
     svc = Services(settings, aws, ResultBook(), ThreadPoolExecutor(1))
-    started = time.monotonic()
     sending, errors = _in_threads(svc.submitter.requests.send, ["stalled"])
     try:
-        sending[0].join(SEND_READ_TIMEOUT_S + 10)  # the first try, the second's backoff (<= 1 s)
-        took = time.monotonic() - started
-        assert not sending[0].is_alive(), f"still waiting after {took:.1f} s"
+        # The first try, the second's backoff (<= 1 s); short of botocore's 30 s a try.
+        sending[0].join(SEND_READ_TIMEOUT_S + 10)
+        assert not sending[0].is_alive(), "still waiting on the stalled call"
     finally:
         endpoint.stop()
         svc.stop()
         sending[0].join(60)
+    # Sent again once the stalled call was given up on, not answered by it.
     assert not errors and endpoint.accepted == ["stalled"] and endpoint.calls == 2
-    assert SEND_READ_TIMEOUT_S <= took < 30
 
 
 class GatedLock:
