@@ -884,8 +884,11 @@ def test_ec2s_time_is_its_replys_date_or_none(headers, at):
 
 
 def test_instances_are_listed_with_their_age_on_ec2s_clock(monkeypatch):
-    """moto's in-process EC2 sends a Date, as AWS does: a new instance is a few seconds
-    old, never less than none (the Date is truncated to the second), and 0 without a Date."""
+    """moto's in-process EC2 sends a Date, as AWS does: an instance's age is that Date
+    less its LaunchTime, never less than none (the Date is truncated to the second),
+    and 0 without a Date."""
+    from datetime import UTC, datetime
+
     from common.fleet import app_tier_instances
     from common.names import PREFIX_TAG, instance_name
 
@@ -896,16 +899,30 @@ def test_instances_are_listed_with_their_age_on_ec2s_clock(monkeypatch):
         aws.ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1,
                               TagSpecifications=[{"ResourceType": "instance", "Tags": tags}])
         [instance] = app_tier_instances(aws)
-        assert 0 <= instance.age_s < 5
+        assert instance.age_s >= 0
         real = aws.ec2.describe_instances
 
-        def without_date(**kwargs):
-            reply = real(**kwargs)
-            del reply["ResponseMetadata"]["HTTPHeaders"]["date"]
-            return reply
+        def answered(date: str | None, launched: datetime):
+            def describe(**kwargs):
+                reply = real(**kwargs)
+                reply["Reservations"][0]["Instances"][0]["LaunchTime"] = launched
+                if date is None:
+                    del reply["ResponseMetadata"]["HTTPHeaders"]["date"]
+                else:
+                    reply["ResponseMetadata"]["HTTPHeaders"]["date"] = date
+                return reply
+            return describe
 
-        monkeypatch.setattr(aws.ec2, "describe_instances", without_date)
-        assert app_tier_instances(aws)[0].age_s == 0.0
+        # Times of EC2's own, fixed: the reader's clock plays no part.
+        def launched_at(second: int, microsecond: int = 0) -> datetime:
+            return datetime(2026, 12, 2, 11, 36, second, microsecond, tzinfo=UTC)
+
+        dated = "Wed, 02 Dec 2026 11:36:54 GMT"
+        for date, launched, age in ((dated, launched_at(12), 42.0), (dated, launched_at(54, 600_000), 0.0),
+                                    (None, launched_at(12), 0.0)):
+            monkeypatch.setattr(aws.ec2, "describe_instances", answered(date, launched))
+            assert app_tier_instances(aws)[0].age_s == age, (date, launched)
+
 
 def test_aws_clients_send_the_fixed_user_agent():
     # The fixed string spares botocore rebuilding its structured one on every call.
