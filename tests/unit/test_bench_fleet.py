@@ -54,9 +54,9 @@ def test_fast_wakes_the_poller_out_of_its_slow_wait(web_settings):
         wait_until(lambda: poller.samples)  # an instance is seen: the next poll is a minute away
         poller.live = 0
         gone = time.time()
+        # Its 10 s are far short of the minute the slow wait would take unwoken.
         zero_at = poller.wait_for_zero(gone, timeout_s=10.0)
         assert zero_at is not None, "fast() did not wake the poller's slow wait"
-        assert zero_at - gone < 10.0
     finally:
         poller.stop()
 
