@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import requests
 
@@ -101,7 +100,6 @@ def test_worker_killed_mid_batch_its_images_are_answered_by_another(stack, refer
     # Enough to be held for a while: 8 were once all answered between two looks at the
     # queue, by workers warm from the test before (a fresh-clone run).
     images = {f"crash_{i:02d}.jpg": make_image(4000 + i) for i in range(30)}
-    started = time.monotonic()
     reply = requests.post(f"{stack.web_url}/api/jobs", timeout=60,
                           files=[("files", (n, d)) for n, d in images.items()])
     batch_id = reply.json()["batch_id"]
@@ -114,13 +112,11 @@ def test_worker_killed_mid_batch_its_images_are_answered_by_another(stack, refer
         done = len(items) == len(images) and all(i["state"] != "queued" for i in items.values())
         return items if done else None
 
-    items = wait_for(finished, 120, "the batch to be answered after its worker died", interval=0.5)
-    took = time.monotonic() - started
+    # Redelivered after the 12 s visibility timeout, not stranded: the deadline is a hang guard.
+    items = wait_for(finished, 90, "the batch to be answered after its worker died", interval=0.5)
     for name, data in images.items():
         assert items[name]["state"] == "done", items[name]
         assert items[name]["label"] == reference(reference_model, data).label
-    # Redelivered after the 12 s visibility timeout, not stranded.
-    assert took < 90, took
 
 
 def test_controller_killed_is_restarted_and_the_fleet_still_follows_the_work(stack, reference_model):
