@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 import requests
 
 from localaws.harness import StackProcess, free_ports
@@ -44,10 +45,11 @@ def test_make_run_serves_and_ctrl_c_stops_everything_within_10s(tmp_path):
         everything = psutil.Process(make.pid).children(recursive=True)
         assert len(everything) >= 4  # stack, moto, controller, gunicorn (+ its worker, spares)
 
-        started = time.monotonic()
         os.killpg(make.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
-        make.wait(timeout=15)
-        took = time.monotonic() - started
+        try:
+            make.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pytest.fail("make run was still running 10 s after Ctrl-C")
 
         def alive() -> list[int]:
             return [p.pid for p in still_running(everything)]
@@ -57,7 +59,6 @@ def test_make_run_serves_and_ctrl_c_stops_everything_within_10s(tmp_path):
             time.sleep(0.05)
         left = alive()
         assert not left, f"left behind: {left}"
-        assert took < 10, f"took {took:.1f}s to stop"
     finally:
         if make.poll() is None:
             os.killpg(make.pid, signal.SIGKILL)
