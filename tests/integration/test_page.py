@@ -3054,6 +3054,77 @@ def test_a_dead_letter_queued_again_from_elsewhere_is_shown_queued_then_done(
     wait_for(lambda: request_queue_empty(stack), 60, "the request queue empty")
 
 
+# What the page's tab went through, in order (window.seen): each event stream it opened
+# (its URL), and each change of the tab's visibility, heard before the page hears it.
+SEEN_STREAMS_AND_VISIBILITY = WATCH_STREAMS + r"""
+  window.endsHeld = false;
+  window.seen = [];
+  const Seen = window.EventSource;
+  window.EventSource = class extends Seen {
+    constructor(url) {
+      super(url);
+      window.seen.push(String(url));
+    }
+  };
+  window.addEventListener("visibilitychange", () => window.seen.push(document.visibilityState), true);"""
+
+
+def test_a_finished_batch_shown_again_hears_a_file_sent_again_from_elsewhere(
+        stack, browser, reference_model, tmp_path):
+    """A tab whose batch had all finished had closed its stream, and heard nothing more
+    until reloaded: a dead letter queued again by another tab or a script stayed failed
+    in it (known limits). Now the tab, hidden while that happens and then shown again,
+    follows the batch again from its last event: the row shows the file queued again,
+    then its answer. The tab is really hidden (another tab in front), and its stream is
+    opened only once it is shown again. Requests are held in the queue (requests_held)
+    so that the dead letter comes first, and the file sent again stays queued a while."""
+    import requests
+
+    from common.failure_tags import DEAD_LETTER_ERROR
+    from common.messages import ClassifyRequest
+    from common.names import object_key
+    from tests.integration.conftest import clients
+
+    files = {"late.jpg": make_image(1470, size=(64, 48))}
+    _, sqs, _ = clients(stack)
+    settings = stack.settings()
+    with requests_held(stack, 20):
+        browser.get(stack.web_url + "/")
+        browser.execute_script("window.notReloaded = true;" + SEEN_STREAMS_AND_VISIBILITY)
+        choose(browser, tmp_path, files)
+        wait_for(lambda: states_shown(browser) == {"late.jpg": "queued"}, 30, "the file stored")
+        batch_id = browser.current_url.split("#batches=")[1]
+        late_id = server_items(stack, batch_id)[0]["id"]
+        dead = ClassifyRequest(id=late_id, bucket=settings.input_bucket, filename="late.jpg",
+                               key=object_key(batch_id, late_id, "late.jpg"))
+        sqs.send_message(QueueUrl=sqs.get_queue_url(QueueName=settings.dead_letter_queue)["QueueUrl"],
+                         MessageBody=dead.to_json())
+        wait_for(lambda: states_shown(browser) == {"late.jpg": "failed"}, 10, "the dead letter shown")
+        # The batch all finished: its stream ended, and the page closed it.
+        wait_for(lambda: browser.execute_script("return window.streamEnds") == 1, 10, "the stream's end")
+        assert browser.execute_script("return window.openStreams") == 0
+        page_tab = browser.current_window_handle
+
+        browser.switch_to.new_window("tab")  # in front of the page's tab, which is hidden now
+        answer = requests.post(f"{stack.web_url}/api/jobs/{batch_id}/items/{late_id}/again", timeout=10)
+        assert answer.status_code == 202, answer.text
+        browser.close()
+        browser.switch_to.window(page_tab)  # shown again
+        wait_for(lambda: states_shown(browser) == {"late.jpg": "queued"}, 10,
+                 "the dead letter shown queued again")
+    _, _, text = rows_shown(browser)[0]
+    assert "sent again" in text and DEAD_LETTER_ERROR not in text, text
+    seen = browser.execute_script("return window.seen")
+    assert seen[:3] == [f"/api/jobs/{batch_id}/events", "hidden", "visible"], seen
+    assert len(seen) == 4 and seen[3].startswith(f"/api/jobs/{batch_id}/events?after="), seen
+
+    wait_for(lambda: states_shown(browser) == {"late.jpg": "done"}, 60, "the file sent again, classified")
+    assert_classified(finished_rows(browser, stack, 1, 10), files, reference_model)
+    assert browser.execute_script("return window.notReloaded")
+    wait_for(lambda: browser.execute_script("return window.openStreams") == 0, 10, "the stream ended again")
+    wait_for(lambda: request_queue_empty(stack), 60, "the request queue empty")
+
+
 # The summary's count of files to send again over an upload of 20,000 failed files it
 # offers (a stand-in of a session: only what again.js reads).
 SEND_AGAIN_OVER_MANY = """

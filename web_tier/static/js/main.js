@@ -4,6 +4,7 @@
 // User data (file names, labels, errors) is only ever set with textContent.
 import { wireSendAgain } from "./again.js";
 import { tidyAddress } from "./batches.js";
+import { wireCatchUp } from "./catchup.js";
 import { wireCsvDownload } from "./csv.js";
 import { wireKeyBox } from "./key.js";
 import { wirePicker } from "./picker.js";
@@ -26,6 +27,7 @@ wireCsvDownload();
 wireTools();
 wireSendAgain();
 wireTabs();
+wireCatchUp();
 
 // Leaving while files are still being sent would lose those not yet sent: ask first.
 window.addEventListener("beforeunload", (event) => {

@@ -714,6 +714,18 @@ export class Session {
     };
   }
 
+  // The tab shown again (catchup.js): a batch no longer followed, its files all done,
+  // heard nothing since its stream ended, though it may have changed (a failed file
+  // queued again by another tab or a script, a late answer replacing a failure): a
+  // reload alone showed that. Followed again from its last event (a restored batch
+  // polled, as restore follows it); one still followed, or being sent, is left be.
+  catchUp() {
+    if (this.stream || this.pollTimer || this.uploading) return;
+    if (this.restored ? !this.built : !this.created) return;  // no batch shown to follow
+    if (this.restored) this.poll();
+    else this.follow();
+  }
+
   closeStream() {
     if (!this.stream) return;
     this.stream.close();
