@@ -756,13 +756,13 @@ def test_sigterm_is_heard_at_once_while_the_model_runs(aws_env):
     upload(settings, aws, "busy.jpg", make_image(3), "busy")
     model = CBoundClassifier(seconds=3.0)
     worker = Worker(dataclasses.replace(settings, shutdown_grace_s=60), aws, model, "i-busy")
-    heard_at: list[float] = []
+    left_when_heard: list[float] = []
 
     def send_sigterm_during_the_model_call() -> None:
         if model.entered.wait(20):
             os.kill(os.getpid(), signal.SIGTERM)
             if worker.stopping.wait(20):
-                heard_at.append(time.monotonic())
+                left_when_heard.append(model.left_at)
 
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     sender = threading.Thread(target=send_sigterm_during_the_model_call)
@@ -774,8 +774,8 @@ def test_sigterm_is_heard_at_once_while_the_model_runs(aws_env):
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         sender.join(timeout=30)
-    assert heard_at, "the worker never heard SIGTERM"
-    assert heard_at[0] < model.left_at - 1.0, "SIGTERM was heard only when the model call returned"
+    assert left_when_heard, "the worker never heard SIGTERM"
+    assert left_when_heard == [0.0], "SIGTERM was heard only when the model call returned"
     # Still a warm shutdown: the batch in hand was finished and acknowledged.
     assert set(responses(aws)) == {"busy"}
     assert depth(aws, aws.request_queue_url) == (0, 0)
@@ -845,18 +845,35 @@ def test_a_worker_holds_at_most_two_batches(aws_env):
     settings = dataclasses.replace(settings, receive_batch=5)
     for i in range(20):
         upload(settings, aws, f"{i}.jpg", make_image(i, size=(64, 64)), str(i))
-    model = MeanClassifier(delay_s=2.0)
-    worker = Worker(settings, aws, model, "i-greedy")
+    in_model, release = threading.Event(), threading.Event()
+
+    class Held(MeanClassifier):
+        def classify(self, batch):
+            in_model.set()
+            release.wait(30)  # the first batch stays in hand until the count is taken
+            return super().classify(batch)
+
+    worker = Worker(settings, aws, Held(), "i-greedy")
+    # The fetcher waiting for room while the first batch is in the model: it has taken
+    # all it will take until then.
+    refused_while_in_model: list[bool] = []
+    acquire = worker._prefetch_slot.acquire
+
+    def noting_a_refusal(*args, **kwargs) -> bool:
+        got = acquire(*args, **kwargs)
+        if not got and in_model.is_set():
+            refused_while_in_model.append(True)
+        return got
+
+    worker._prefetch_slot.acquire = noting_a_refusal
     runner = threading.Thread(target=worker.run)
     runner.start()
     try:
-        deadline = time.monotonic() + 10
-        while model.calls == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.5)  # give a greedy fetcher time to take more than its share
+        wait_until(lambda: refused_while_in_model, timeout=20)
         visible, in_flight = depth(aws, aws.request_queue_url)
         assert in_flight <= 10 and visible >= 10, (visible, in_flight)
     finally:
+        release.set()
         worker.stopping.set()
         runner.join(timeout=15)
 
@@ -1316,27 +1333,47 @@ def test_large_images_are_decoded_one_at_a_time(monkeypatch):
 
     from app_tier import images
 
-    inside, most = [0], {"now": 0}
+    inside, most, done = [0], {"now": 0}, [0]
     lock = threading.Lock()
     load_rgb = images.load_rgb
+    decodes = 4
+
+    class Slot:
+        """The large decodes' semaphore, counting those waiting for it."""
+
+        def __init__(self) -> None:
+            self.semaphore, self.waiting = threading.Semaphore(1), 0
+
+        def __enter__(self) -> None:
+            with lock:
+                self.waiting += 1
+            self.semaphore.acquire()
+            with lock:
+                self.waiting -= 1
+
+        def __exit__(self, *exc) -> None:
+            self.semaphore.release()
 
     def counting(img, max_pixels):
         with lock:
             inside[0] += 1
             most["now"] = max(most["now"], inside[0])
         try:
-            time.sleep(0.05)  # holds a window open for another decode to overlap this one
+            # Held open until another decode overlaps this one, or each one still to come
+            # waits its turn for the slot: then none could overlap it.
+            wait_until(lambda: inside[0] > 1 or slot.waiting == decodes - done[0] - 1, timeout=20,
+                       why=lambda: f"{inside[0]} decoding, {slot.waiting} waiting, {done[0]} done")
             return load_rgb(img, max_pixels)
         finally:
             with lock:
                 inside[0] -= 1
+                done[0] += 1
 
     monkeypatch.setattr(images, "load_rgb", counting)
     big = io.BytesIO()
     Image.new("RGB", (2500, 2000), (10, 200, 30)).save(big, "PNG")
     assert images.LARGE_IMAGE_PIXELS < 2500 * 2000
-    slot = threading.Semaphore(1)
-    overlaps = {}
+    slot, overlaps = Slot(), {}
     photo = Image.new("RGB", (2500, 2000), (10, 200, 30))
     progressive, baseline = io.BytesIO(), io.BytesIO()
     photo.save(progressive, "JPEG", progressive=True)
@@ -1344,9 +1381,9 @@ def test_large_images_are_decoded_one_at_a_time(monkeypatch):
     cases = (("large", big.getvalue()), ("progressive", progressive.getvalue()),
              ("baseline", baseline.getvalue()), ("small", make_image(5, size=(64, 64))))
     for name, data in cases:
-        most["now"] = 0
-        with ThreadPoolExecutor(4) as pool:
-            out = list(pool.map(lambda d: images.prepare(d, 40_000_000, slot), [data] * 4))
+        most["now"], done[0] = 0, 0
+        with ThreadPoolExecutor(decodes) as pool:
+            out = list(pool.map(lambda d: images.prepare(d, 40_000_000, slot), [data] * decodes))
         assert all(o.shape == (224, 224, 3) for o in out)
         overlaps[name] = most["now"]
     assert overlaps["large"] == overlaps["progressive"] == 1, overlaps
