@@ -957,12 +957,17 @@ def test_launch_backoff_is_not_lengthened_by_a_slow_observation(aws, make_contro
     """Timed from before the round's observation, a failed launch's backoff was longer
     by as long as SQS took to give the queue's depth: seconds, when it is slow (reviewer)."""
     real_depth = aws.queue_depth
+    clock = [1000.0]  # the controller's monotonic clock, moved on only by the slow calls
+    fake_time = SimpleNamespace(time=time.time, monotonic=lambda: clock[0])
+    patch.setattr("controller.loop.time", fake_time)
+    patch.setattr("controller.observe.time", fake_time)
 
     def slow_depth(url):
-        time.sleep(1.5)
+        clock[0] += 1.5
         return real_depth(url)
 
     def fails(**kwargs):
+        clock[0] += 2.0  # botocore retrying
         raise client_error("RequestLimitExceeded", "RunInstances")()
 
     patch.setattr(aws, "queue_depth", slow_depth)
@@ -970,11 +975,9 @@ def test_launch_backoff_is_not_lengthened_by_a_slow_observation(aws, make_contro
     send(aws, 1)
     controller = make_controller()
     controller.step()
-    returned = time.monotonic()
-    # Timed from before the observation, it would be 1.5 s older: the slack is for a
-    # loaded machine (0.25 s was tight).
-    assert 0 <= returned - controller.launch_backoff.failed_at < 1.0, \
-        (controller.launch_backoff.failed_at, returned)
+    # From the failed call's return: timed from before the observation, or from it, it
+    # would be 3.5 s or 2 s older.
+    assert controller.launch_backoff.failed_at == clock[0] == 1003.5
 
 
 def test_partial_launch_failure_keeps_the_successes(aws, make_controller, patch, caplog):
