@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import socket
 import threading
 from collections.abc import Iterator
@@ -30,10 +31,31 @@ def group_of(nodeid: str) -> str:
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "needs_tools(*programs, why): runs programs pip cannot install "
+                            "(see pytest_runtest_setup)")
     processes = getattr(config.option, "numprocesses", None)
     if processes and config.getvalue("dist") not in ("loadscope", "each"):
         # Any other mode spreads a group over both processes: two stacks at once.
         raise pytest.UsageError("with -n, use --dist loadscope --no-loadscope-reorder (as make test does)")
+
+
+# The programs a few tests run that pip cannot install (Chromium, node, bsdtar: `make
+# browser-deps` installs them, as root). Without one such a test is skipped, as on a
+# laptop; with REQUIRE_TEST_TOOLS=1, as .ci/run sets it, it fails instead: CI whose
+# install of them failed stayed green, those tests skipped unseen (reviewer).
+REQUIRE_TEST_TOOLS = "REQUIRE_TEST_TOOLS"
+
+
+@pytest.hookimpl(tryfirst=True)  # before the fixtures: the page tests' starts a whole stack
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("needs_tools"):
+        missing = [program for program in mark.args if shutil.which(program) is None]
+        if not missing:
+            continue
+        why = f"needs {', '.join(missing)}: {mark.kwargs['why']} (make browser-deps installs it, as root)"
+        if os.environ.get(REQUIRE_TEST_TOOLS) == "1":
+            pytest.fail(f"{why}; {REQUIRE_TEST_TOOLS}=1 makes that a failure, not a skip", pytrace=False)
+        pytest.skip(why)
 
 
 @pytest.hookimpl(optionalhook=True)  # pytest-xdist's: absent when it is not installed or loaded

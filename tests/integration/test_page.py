@@ -14,9 +14,8 @@ from tests.conftest import make_image
 from tests.integration.conftest import processes, reference, wait_for
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and CHROMEDRIVER),
-    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
+pytestmark = pytest.mark.needs_tools("chromium", "chromedriver",
+                                     why="Debian's chromium and chromium-driver drive the page")
 
 HOSTILE = '<img src=x onerror="document.title=\'pwned\'">.png'
 
