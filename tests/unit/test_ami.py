@@ -366,8 +366,8 @@ def test_packer_template_runs_provision_with_imdsv2_only():
     assert re.search(r"ssh_clear_authorized_keys\s*=\s*true", template)  # no build key left in it
 
 
-@pytest.mark.parametrize("tar", ["tar", pytest.param("bsdtar", marks=pytest.mark.skipif(
-    not shutil.which("bsdtar"), reason="bsdtar (libarchive-tools; .ci/run installs it) is not installed"))])
+@pytest.mark.parametrize("tar", ["tar", pytest.param("bsdtar", marks=pytest.mark.needs_tools(
+    "bsdtar", why="macOS's tar, from libarchive-tools"))])
 def test_bake_packs_the_code_and_weights_and_prints_the_ami_id(tmp_path, tar):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

@@ -8,7 +8,6 @@ import json
 import mimetypes
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 import zlib
@@ -787,8 +786,7 @@ def test_every_error_answer_of_post_api_jobs_has_items_and_rejected(make_web_app
                                                               "code": "unknown_batch", "filename": None}
 
 
-@pytest.mark.skipif(shutil.which("node") is None,
-                    reason="needs node to run the page's script (.ci/run installs it)")
+@pytest.mark.needs_tools("node", why="it runs a function of the page's script")
 def test_the_page_takes_an_error_answer_with_empty_lists_for_a_refusal_of_the_whole_request(web_client):
     """The page told a refusal of the whole request (to show its error, or send a 503's
     chunk again) by its having no `items`: with `items: []` it showed nothing, and the
