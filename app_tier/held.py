@@ -25,7 +25,7 @@ from app_tier.held_journal import HeldEntry, HeldJournal, still_hidden
 from app_tier.job import Job
 from common.aws import AWS_ERRORS, Aws, VisibilityFailure, change_visibility, sqs_batches
 from common.config import Settings
-from common.messages import ClassifyRequest
+from common.messages import PRIOR_RECEIVES_ATTRIBUTE, ClassifyRequest, prior_receives_attribute
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +49,6 @@ def retry_delay_s(receive_count: int, first_delay_s: int) -> int:
     SQS (or an IAM change still propagating) instead."""
     doublings = min(max(receive_count - 1, 0), 32)  # 2 ** a sender's huge count would never end
     return min(first_delay_s * 2 ** doublings, MAX_RETRY_DELAY_S)
-
-
-# A request handed back by a stopping worker is sent again as a new message, whose
-# receive count SQS starts afresh; this attribute carries the receives its earlier
-# copies used, so that one that crashed a worker before is still known as such. It is
-# the sender's word: anyone allowed to send to the queue may set it, and so have a
-# request classified alone (as one seen before is), which costs only batching.
-PRIOR_RECEIVES_ATTRIBUTE = "PriorReceives"
-
-
-def prior_receives_attribute(receives: int) -> dict[str, dict[str, str]]:
-    """The MessageAttributes of a request resent after `receives` earlier receives."""
-    if receives <= 0:
-        return {}
-    return {PRIOR_RECEIVES_ATTRIBUTE: {"DataType": "Number", "StringValue": str(receives)}}
 
 
 # More than any request can have used (each copy is dead-lettered after a few).

@@ -51,7 +51,7 @@ import numpy as np
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
 from app_tier import EXIT_STALLED, images
-from app_tier.held import PRIOR_RECEIVES_ATTRIBUTE, HeldMessages, prior_receives
+from app_tier.held import HeldMessages, prior_receives
 from app_tier.held_journal import HeldJournal, held_journal_path
 from app_tier.images import BadImage, prepare
 from app_tier.job import Job
@@ -79,7 +79,7 @@ from common.failure_tags import (
     mark_failed,
 )
 from common.fleet import report_worker_failed
-from common.messages import ClassifyRequest, ClassifyResponse, MessageError
+from common.messages import PRIOR_RECEIVES_ATTRIBUTE, ClassifyRequest, ClassifyResponse, MessageError
 from common.names import original_filename, stored_name
 from common.output_object import pair_text, result_metadata
 from common.signals import on_signals

@@ -3,7 +3,8 @@
 A request names an image already stored in the input bucket; a response carries
 the label (or an error) for exactly one request id. File names are cut so that a
 300-character Unicode name cannot push a message over the request queue's
-1024-byte limit.
+1024-byte limit. A request sent again as a new message may carry one message
+attribute, PriorReceives (see PRIOR_RECEIVES_ATTRIBUTE).
 
 While a rollout runs old and new code side by side, each reads the other's
 messages: a reader ignores fields it does not know and gives those it needs not
@@ -156,6 +157,25 @@ class ClassifyRequest:
             )
         except _NOT_A_MESSAGE as exc:
             raise MessageError(f"not a classify request: {exc}") from exc
+
+
+# A message's MessageAttributes, as boto3 takes them: {name: {"DataType": ..., "StringValue": ...}}.
+MessageAttributes = dict[str, dict[str, str]]
+
+# A request sent again as a new message (a stopping worker's hand-back, a dead letter sent
+# again from the web tier) has its receive count started afresh by SQS; this attribute
+# carries the receives its earlier copies used, so that one that crashed a worker before
+# is still known as such (app_tier/held.py reads it). It is the sender's word: anyone
+# allowed to send to the queue may set it, and so have a request classified alone (as one
+# seen before is), which costs only batching.
+PRIOR_RECEIVES_ATTRIBUTE = "PriorReceives"
+
+
+def prior_receives_attribute(receives: int) -> MessageAttributes:
+    """The MessageAttributes of a request resent after `receives` earlier receives."""
+    if receives <= 0:
+        return {}
+    return {PRIOR_RECEIVES_ATTRIBUTE: {"DataType": "Number", "StringValue": str(receives)}}
 
 
 @dataclass(frozen=True)
