@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.aws import SQS_MAX_BATCH, UNTOLD_TRIES, error_reason
+from common.messages import MessageAttributes
 
 # Two, not one: a send that stalls (a dead pooled connection waits out botocore's read
 # timeout, SEND_READ_TIMEOUT_S a try) held up every upload of the process behind it
@@ -42,6 +43,7 @@ class SendError(Exception):
 @dataclass
 class _Message:
     body: str
+    attributes: MessageAttributes
     # Its caller's own wake-up, on the sender's lock: notified when the message is done,
     # or when its caller may start a send (see _wake_next_sender).
     wake: threading.Condition
@@ -54,7 +56,7 @@ class _Message:
 
 
 class BatchingSender:
-    """Sends message bodies to one queue; safe to call from any number of threads."""
+    """Sends messages to one queue; safe to call from any number of threads."""
 
     def __init__(self, sqs: Callable[[], Any], queue_url: Callable[[], str],
                  condition: Callable[[Any], threading.Condition] = threading.Condition) -> None:
@@ -70,12 +72,13 @@ class BatchingSender:
         self._waiting: deque[_Message] = deque()  # untaken, oldest first
         self._sends_in_flight = 0
 
-    def send(self, body: str) -> None:
-        """Put one message on the queue; raise SendError if it is not there, or may not be."""
+    def send(self, body: str, attributes: MessageAttributes | None = None) -> None:
+        """Put one message, with its message attributes if any, on the queue; raise
+        SendError if it is not there, or may not be."""
         # Wake-ups are each caller's own, not one condition for all: with 800 callers
         # waiting (a big upload), every send that ended woke all 800 to look and sleep
         # again, ~1 ms of CPU a message, half what batching saves (bench/sender.py).
-        message = _Message(body, self._condition(self._lock))
+        message = _Message(body, attributes or {}, self._condition(self._lock))
         with self._lock:
             self._waiting.append(message)
             try:
@@ -136,7 +139,7 @@ class BatchingSender:
         try:
             reply = self.sqs().send_message_batch(
                 QueueUrl=self.queue_url(),
-                Entries=[{"Id": str(n), "MessageBody": m.body} for n, m in enumerate(batch)],
+                Entries=[_entry(n, m) for n, m in enumerate(batch)],
             )
             # Refused now, perhaps after a try that had no answer and that SQS took.
             maybe_taken = UNTOLD_TRIES.count > 0
@@ -158,3 +161,11 @@ class BatchingSender:
             for message in batch:
                 message.error = SendError(f"the send was interrupted: {exc!r}")
             raise
+
+
+def _entry(n: int, message: _Message) -> dict[str, Any]:
+    """`message` as entry `n` of a SendMessageBatch."""
+    entry: dict[str, Any] = {"Id": str(n), "MessageBody": message.body}
+    if message.attributes:
+        entry["MessageAttributes"] = message.attributes
+    return entry

@@ -90,6 +90,48 @@ def test_messages_arriving_during_sends_go_out_together(web_aws):
     assert _queued(web_aws) == [*first, *bodies]
 
 
+def test_each_message_of_a_batch_carries_its_own_attributes(web_aws):
+    """A dead letter sent again (marked seen before) goes out in a batch with uploads'
+    requests, which must not be marked with it."""
+    release, held = threading.Event(), threading.Semaphore(0)
+    sizes = _batch_sizes(web_aws.sqs)
+
+    def hold_the_first_sends(**_):
+        if len(sizes) <= MAX_SENDS_IN_FLIGHT:
+            held.release()
+            assert release.wait(10)
+
+    web_aws.sqs.meta.events.register("provide-client-params.sqs.SendMessageBatch", hold_the_first_sends)
+    sender = BatchingSender(lambda: web_aws.sqs, lambda: web_aws.request_queue_url)
+    threads = []
+    for n in range(MAX_SENDS_IN_FLIGHT):
+        threads += _in_threads(sender.send, [f"first {n}"])[0]
+        assert held.acquire(timeout=10)
+    marked = {"PriorReceives": {"DataType": "Number", "StringValue": "1"}}
+    errors: list[BaseException] = []
+
+    def send(*args) -> None:
+        try:
+            sender.send(*args)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads += [threading.Thread(target=send, args=("plain",)),
+                threading.Thread(target=send, args=("marked", marked))]
+    for t in threads[-2:]:
+        t.start()
+    wait_until(lambda: errors or len(sender._waiting) == 2)
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert not errors
+    assert sizes[MAX_SENDS_IN_FLIGHT:] == [2]
+    got = web_aws.sqs.receive_message(QueueUrl=web_aws.request_queue_url, MaxNumberOfMessages=10,
+                                      MessageAttributeNames=["All"])["Messages"]
+    unmarked = {body: {} for body in [*(f"first {n}" for n in range(MAX_SENDS_IN_FLIGHT)), "plain"]}
+    assert {m["Body"]: m.get("MessageAttributes", {}) for m in got} == {**unmarked, "marked": marked}
+
+
 def test_a_send_that_stalls_holds_up_no_other_upload():
     """With one send in flight at a time, a call stuck in botocore's read timeout (30 s a
     try) held every upload of the process behind it (reviewer: 10 POST / of ~0.2 s took 3-4 s
