@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from common.aws import Aws, error_reason
 from common.failure_tags import DEAD_LETTER_ERROR, NEVER_SENT_AGAIN, SentAgain
-from common.messages import ClassifyRequest, MessageError
+from common.messages import ClassifyRequest, MessageError, prior_receives_attribute
 from common.names import object_key
 from web_tier.image_check import Upload
 from web_tier.journal import Journal
@@ -203,10 +203,12 @@ class Submitter:
         The item is queued in the book first, which only one of two requests at once
         does (the other is refused: one message, not two); its failure mark comes off
         the input object, so that a batch rebuilt from S3 shows it queued; then its new
-        request is sent, journaled as an upload's is, so that a web tier killed after
-        the mark came off still has it sent (requeue_unsent). Its answer reaches it as
-        any answer does; so does a late answer of the first copy, the first to come
-        winning. A copy of the old request dead-lettered later is ignored (listeners.py).
+        request is sent, marked seen before (PriorReceives), journaled as an upload's
+        is, so that a web tier killed after the mark came off still has it sent
+        (requeue_unsent, unmarked: a hint, not kept in the journal, whose lines web
+        tiers of other versions read too). Its answer reaches it as any answer does;
+        so does a late answer of the first copy, the first to come winning. A copy of
+        the old request dead-lettered later is ignored (listeners.py).
         """
         before = self.book.get(item_id)  # as a send undone puts it back (_undo_again)
         again = self.book.queue_again(item_id, time.time())
@@ -219,6 +221,12 @@ class Submitter:
         # Sent at the moment it was queued again: any copy sent before is older.
         request = ClassifyRequest(id=again.id, bucket=self.aws.settings.input_bucket, key=again.key,
                                   filename=again.filename, sent_at=again.requeued_at).to_json()
+        # Marked seen before, so that a worker tries it alone at once: its image may be what
+        # crashed the workers its dead-lettered copy met, and in a batch it would cost its
+        # batch-mates an attempt. One receive, not the max_receive_count that copy used: with
+        # those, the worker would take its attempts for used up and fail it unread. That costs
+        # it one attempt; with MAX_RECEIVE_COUNT 1 there is none to spare, and it goes unmarked.
+        attributes = prior_receives_attribute(min(1, self.aws.settings.max_receive_count - 1))
         self._begin(again.id, request)
         try:
             stored = clear_failed(self.aws, again.key, again.sent_again_record)
@@ -235,7 +243,7 @@ class Submitter:
             return Refusal(409, "not sent again: its image is no longer in the input bucket; upload it again",
                            again.filename, code=Code.NOT_SENT_AGAIN)
         try:
-            self.requests.send(request)
+            self.requests.send(request, attributes)
         except Exception:
             # Its mark is off, the item queued: sent by requeue_unsent once SQS takes it,
             # as an upload stored with no request is (at worst twice: the first answer wins).

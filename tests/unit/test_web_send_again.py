@@ -8,7 +8,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from common.failure_tags import DEAD_LETTER_ERROR, SentAgain, failure_from_tags, sent_again_from_tags
-from common.messages import ClassifyRequest
+from common.messages import ClassifyRequest, ClassifyResponse
 from tests.conftest import make_image
 from tests.unit.conftest import FakeWorker, answer_for, services_of, upload, wait_until
 from tests.unit.test_web_jobs import dead_letter, dead_letters_left, finish, items_by_name, parse_events_until
@@ -25,6 +25,20 @@ def requests_queued(web_aws) -> list[ClassifyRequest]:
     got = web_aws.sqs.receive_message(QueueUrl=web_aws.request_queue_url, MaxNumberOfMessages=10,
                                       VisibilityTimeout=0)
     return [ClassifyRequest.from_json(m["Body"]) for m in got.get("Messages", [])]
+
+
+# A dead letter sent again is marked seen before with one receive (web_tier/submit.py).
+SEEN_BEFORE = {"PriorReceives": {"DataType": "Number", "StringValue": "1"}}
+
+
+def attributes_taken(web_aws) -> dict[str, dict]:
+    """The message attributes of each request in the request queue, by id; each taken off
+    it (SQS purges a queue once a minute at most)."""
+    got = web_aws.sqs.receive_message(QueueUrl=web_aws.request_queue_url, MaxNumberOfMessages=10,
+                                      MessageAttributeNames=["All"]).get("Messages", [])
+    for m in got:
+        web_aws.sqs.delete_message(QueueUrl=web_aws.request_queue_url, ReceiptHandle=m["ReceiptHandle"])
+    return {json.loads(m["Body"])["id"]: m.get("MessageAttributes", {}) for m in got}
 
 
 def failure_mark(web_aws, key: str) -> str | None:
@@ -341,12 +355,59 @@ def test_a_request_sqs_does_not_take_is_sent_by_the_requeue(make_web_app, web_aw
     batch_id, item = uploaded_and_failed(app)
     web_aws.sqs.purge_queue(QueueUrl=web_aws.request_queue_url)
     submitter = services_of(app).submitter
-    monkeypatch.setattr(submitter.requests, "send", lambda body: (_ for _ in ()).throw(OSError("down")))
+    monkeypatch.setattr(submitter.requests, "send", sqs_down)
     assert app.test_client().post(again_url(batch_id, item["id"])).status_code == 202
     assert requests_queued(web_aws) == []
     monkeypatch.undo()
     assert submitter.requeue_unsent() == 1
-    assert [r.id for r in requests_queued(web_aws)] == [item["id"]]
+    # Unmarked: the mark is a hint, not kept for a request sent late (web_tier/submit.py).
+    assert attributes_taken(web_aws) == {item["id"]: {}}
+
+
+def sqs_down(body: str, attributes: dict | None = None) -> None:
+    raise OSError("down")
+
+
+def test_a_dead_letter_sent_again_is_marked_seen_before(make_web_app, web_aws):
+    """So that a worker tries it alone at once: its image may be what crashed the workers
+    its dead-lettered copy met. With MAX_RECEIVE_COUNT 1, no attempt is spared for it:
+    unmarked, as before."""
+    app = make_web_app(start_background=False)
+    batch_id, item = uploaded_and_failed(app)
+    web_aws.sqs.purge_queue(QueueUrl=web_aws.request_queue_url)  # the upload's own request
+    assert app.test_client().post(again_url(batch_id, item["id"])).status_code == 202
+    assert attributes_taken(web_aws) == {item["id"]: SEEN_BEFORE}
+
+    one_attempt = make_web_app(start_background=False, max_receive_count=1)
+    batch_id, item = uploaded_and_failed(one_attempt, seed=305)
+    attributes_taken(web_aws)  # the upload's own request
+    assert one_attempt.test_client().post(again_url(batch_id, item["id"])).status_code == 202
+    assert attributes_taken(web_aws) == {item["id"]: {}}
+
+
+def test_a_worker_tries_a_dead_letter_sent_again_alone_at_once(make_web_app, web_aws):
+    """Its first attempt shares no model call, so that should its image crash the worker
+    again, no batch-mate loses an attempt to it; and it is tried, not taken for one
+    whose attempts are used up."""
+    from app_tier.worker import Worker
+    from tests.unit.test_worker import MeanClassifier
+
+    app = make_web_app(start_background=False)
+    batch_id, item = uploaded_and_failed(app)
+    web_aws.sqs.purge_queue(QueueUrl=web_aws.request_queue_url)
+    fresh = upload(app.test_client(), [(make_image(306), "fresh.jpg")]).get_json()["items"][0]
+    assert app.test_client().post(again_url(batch_id, item["id"])).status_code == 202
+
+    model = MeanClassifier()
+    worker = Worker(web_aws.settings, web_aws, model, "i-again")
+    batch = worker.fetch()
+    assert {j.request.id: (j.receive_count, j.attempts_used_up) for j in batch.jobs} == {
+        item["id"]: (2, False), fresh["id"]: (1, False)}
+    worker.process(batch)
+    assert model.calls == 2  # each alone
+    got = web_aws.sqs.receive_message(QueueUrl=web_aws.response_queue_url, MaxNumberOfMessages=10)
+    answers = [ClassifyResponse.from_json(m["Body"]) for m in got["Messages"]]
+    assert sorted((a.id, a.ok) for a in answers) == sorted([(item["id"], True), (fresh["id"], True)])
 
 
 def test_a_mark_s3_will_not_take_off_leaves_it_failed_and_sends_nothing(make_web_app, web_aws, monkeypatch):
