@@ -304,22 +304,24 @@ def _document(figures: dict[str, Any], started: float) -> dict[str, Any]:
                                tput.get("throughput_images_per_s"),
                                model_core_ms_per_image=((inference or {}).get("local_limit") or {}).get(
                                    "core_ms_per_image"))
-    # A run whose fleet never reached zero within ZERO_TIMEOUT_S has None here: a miss,
-    # unlike a run that is not there at all.
     scaled = [((e2e or {}).get(k) or {}).get("scaling") for k in ("throughput", "course")]
     zero_after = [s.get("last_response_to_zero_s") for s in scaled if s]
-    never_zero = any(s is None for s in zero_after)
     # A fleet that never left zero is "at zero" at once: that passed the target without
     # scaling anything. (A JSON without the figure is taken to have launched.)
     idle = [name for name, s in zip(("(b)", "(d)"), scaled, strict=True)
             if s and s.get("peak_instances") == 0]
+    # A phase whose fleet launched and never reached zero within ZERO_TIMEOUT_S has None
+    # here: a miss, unlike a run that is not there at all. Decided per phase: the other
+    # phase's launching nothing had turned (d)'s miss into an N/A (reviewer).
+    never_zero = any(s and s.get("last_response_to_zero_s") is None and s.get("peak_instances") != 0
+                     for s in scaled)
     zero_missing = _first_reason(_missing(figures, "e2e", "throughput"), _missing(figures, "e2e", "course"),
                                  f"no instance launched in {' and '.join(idle)}" if idle else None)
     found = report.targets(
         e2e_ratio=judged_ratio,
         course_average_s=((e2e or {}).get("course") or {}).get("course_average_latency_s"),
         zero_after_s=None if idle or never_zero or len(zero_after) < len(scaled) else max(zero_after),
-        zero_more_than_s=ZERO_TIMEOUT_S if never_zero and not idle else None,
+        zero_more_than_s=ZERO_TIMEOUT_S if never_zero else None,
         low_load_p50_s=(((e2e or {}).get("low_load") or {}).get("latency_s") or {}).get("p50"),
         single_image_s=single_image_s,
         missing={

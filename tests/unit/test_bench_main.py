@@ -205,6 +205,20 @@ def test_the_zero_target_needs_instances_launched_and_requests_answered():
     assert _zero_target(figures).shown == "FAIL (1 wrong in (d))"
 
 
+def test_a_phase_whose_fleet_never_reached_zero_fails_the_zero_target_whatever_the_other_did():
+    """(b) launching nothing made the target N/A ("no instance launched in (b)") where
+    (d)'s fleet was still up 30 s after its last answer: a miss (reviewer)."""
+    figures = figures_with_the_model_twice(8, 20.0, 0.04, {"images_per_s": 15.0, "single_image_s": 0.04,
+                                                           "single_image_after_pause_s": 0.05})
+    e2e = figures["end_to_end"]
+    e2e["throughput"]["scaling"] = {"last_response_to_zero_s": 0.05, "peak_instances": 0}
+    e2e["course"]["scaling"] = {"last_response_to_zero_s": None, "peak_instances": 2}
+    assert _zero_target(figures).shown == "FAIL (> 30 s)"
+    e2e["throughput"]["scaling"], e2e["course"]["scaling"] = e2e["course"]["scaling"], \
+        e2e["throughput"]["scaling"]
+    assert _zero_target(figures).shown == "FAIL (> 30 s)"
+
+
 def _git(folder: Path, *args: str) -> str:
     import subprocess
 
