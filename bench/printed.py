@@ -240,7 +240,7 @@ def print_figures(doc: dict[str, Any]) -> None:
         single = (inference or {}).get("single_image_s")
         paused = (inference or {}).get("single_image_after_pause_s")
         print(f"(g) low-load p50 {report.fmt(low, 'ms')} vs model single-image time "
-              f"{report.fmt(single, 'ms')} back-to-back (the target's), {report.fmt(paused, 'ms')} "
+              f"{report.fmt(single, 'ms')} back-to-back in (a), {report.fmt(paused, 'ms')} "
               f"after a pause of {PAUSE_S * 1000:.0f} ms as between one-at-a-time requests "
               f"(one thread, make run's default a worker: "
               f"{report.fmt(_one_thread_single(inference), 'ms')}; here each worker uses all cores)")

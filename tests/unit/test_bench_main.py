@@ -336,6 +336,25 @@ def test_the_targets_are_judged_against_the_faster_of_the_two_model_measurements
     assert targets["low-load p50 minus model single-image time"]["measured"] == pytest.approx(0.05)
 
 
+def test_g_does_not_call_as_time_the_targets_when_the_target_took_the_other(capsys: pytest.CaptureFixture):
+    """(g) labelled (a)'s single-image time "the target's" where the target took the
+    shorter one measured just after (b) (reviewer)."""
+    figures = figures_with_the_model_twice(1, 20.0, 0.05, {
+        "images_per_s": 24.0, "single_image_s": 0.03, "single_image_after_pause_s": 0.04})
+    for phase in ("throughput", "course", "low_load"):
+        figures["end_to_end"][phase]["latency_s"] = dict.fromkeys(("p50", "p90", "p99", "max"), 0.08)
+        figures["end_to_end"][phase]["scaling"] = {
+            "first_request_to_first_launch_s": 0.3, "controller_launch_logged_after_s": 0.3,
+            "last_response_to_zero_s": 0.7, "controller_terminate_logged_after_s": 0.6, "peak_instances": 2}
+
+    printed.print_figures(bench_main._document(figures, 0.0))
+
+    lines = capsys.readouterr().out.splitlines()
+    low_load = next(line for line in lines if line.startswith("(g) low-load"))
+    assert "50 ms back-to-back in (a)" in low_load and "the target's" not in low_load
+    assert any("the low-load one against the shorter single-image time: 30 ms" in line for line in lines)
+
+
 def test_the_budget_takes_the_models_cpu_per_image_measured_in_a():
     figures = figures_with_the_model_twice(8, 20.0, 0.04, {
         "images_per_s": 15.0, "single_image_s": 0.061, "single_image_after_pause_s": 0.07})
