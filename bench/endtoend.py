@@ -6,7 +6,8 @@ phase's JSON keeps every request's start and latency, and the scaled runs the
 fleet's samples too, so that its percentiles and (e) can be checked from it:
 
   throughput  300 distinct images at concurrency 100 through POST /, with the
-              fleet (EC2 polled every ~50 ms) and memory (psutil) sampled,
+              fleet (EC2 polled every ~50 ms around the first launch and the
+              return to zero, once a second between) and memory (psutil) sampled,
               and the embedded AWS's CPU counted per API action;
   model now   the model alone again, as (a) measured the limit, the stack idle:
               the machine's speed then, for (c) (when the plan has a probe);

@@ -7,6 +7,7 @@ from typing import Any
 
 from bench import report
 from bench.inference import BATCH_SIZES, PAUSE_S
+from bench.scaling import FleetPoller
 
 
 def inference_table(inference: dict[str, Any]) -> str:
@@ -64,7 +65,10 @@ def scaling_table(e2e: dict[str, Any]) -> str:
                      report.fmt(s["controller_terminate_logged_after_s"], "s", 2), str(s["peak_instances"])])
     header = ["run", "1st request->launch (EC2)", "(controller log)", "last response->0 (EC2)",
               "(controller log)", "peak instances"]
-    return report.table("(e) Scaling, EC2 polled every ~50 ms", header, rows)
+    # It polls fast only until the first launch and from the last response (bench/scaling.py).
+    title = (f"(e) Scaling, EC2 polled every ~{FleetPoller.interval_s * 1000:.0f} ms until the first launch "
+             f"and from the last response, every {FleetPoller.slow_interval_s:g} s between")
+    return report.table(title, header, rows)
 
 
 def memory_table(mem: dict[str, Any]) -> str:
@@ -157,11 +161,11 @@ def sqs_table(sqs: dict[str, Any]) -> str:
     return text + ("\n  (S3 and EC2 calls come on top, in the same moto process: see the CPU column of (f).)")
 
 
-def noise_table(noise: dict[str, Any]) -> str:
+def noise_table(noise: dict[str, Any], cores: int | None) -> str:
     rows = [[part, report.fmt(n["wall_s"], "s", 0), f"{n['bench_cores']:.2f}", f"{n['others_cores']:.2f}",
              f"{n['loadavg_1m_start']:.1f} -> {n['loadavg_1m_end']:.1f}"] for part, n in noise.items()]
-    return report.table("Machine noise (cores busy, of 2)", ["part", "wall", "this bench", "others",
-                                                              "load average"], rows)
+    title = f"Machine noise (cores busy, of {cores})" if cores else "Machine noise (cores busy)"
+    return report.table(title, ["part", "wall", "this bench", "others", "load average"], rows)
 
 
 def budget_line(budget: dict[str, Any] | None) -> str:
@@ -257,7 +261,7 @@ def print_figures(doc: dict[str, Any]) -> None:
     if sqs:
         print(sqs_table(sqs), "\n")
     if noise:
-        print(noise_table(noise), "\n")
+        print(noise_table(noise, (doc.get("machine") or {}).get("cpus")), "\n")
     if doc.get("parts"):
         print(parts_table(doc["parts"]), "\n")
     print(report.targets_table([report.Target.from_dict(t) for t in doc["targets"]]))

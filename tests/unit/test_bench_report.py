@@ -282,3 +282,17 @@ def test_a_figure_beside_its_target_is_never_shown_as_the_target_itself():
     assert "2.000 s" in lines["last response -> zero instances"]  # equal: shown as it is, and a miss
     assert "FAIL" in lines["last response -> zero instances"]
     assert "49.9 ms" in lines["low-load p50 minus model single-image time"]
+
+
+def test_the_scaling_and_noise_titles_say_how_it_polled_and_of_how_many_cores():
+    """(e) said "polled every ~50 ms" where the poller slows to once a second between
+    the first launch and the last response; the noise table said "of 2" cores on any
+    machine (reviewer)."""
+    from bench.printed import noise_table, scaling_table
+
+    title = scaling_table({}).splitlines()[0]
+    assert "every ~50 ms until the first launch and from the last response, every 1 s between" in title
+    noise = {"e2e": {"wall_s": 100.0, "bench_cores": 1.5, "others_cores": 0.2, "loadavg_1m_start": 1.0,
+                     "loadavg_1m_end": 2.0}}
+    assert noise_table(noise, 4).splitlines()[0] == "Machine noise (cores busy, of 4)"
+    assert noise_table(noise, None).splitlines()[0] == "Machine noise (cores busy)"
