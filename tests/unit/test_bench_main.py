@@ -355,6 +355,26 @@ def test_g_does_not_call_as_time_the_targets_when_the_target_took_the_other(caps
     assert any("the low-load one against the shorter single-image time: 30 ms" in line for line in lines)
 
 
+def test_targets_judged_against_a_alone_say_the_second_measurement_failed():
+    """The model measured again after (b) failing, the targets fell back on (a) alone
+    without a word (reviewer)."""
+    figures = figures_with_the_model_twice(8, 20.0, 0.04, {})
+    e2e = figures["end_to_end"]
+    del e2e["model_now"]
+    e2e["errors"] = {"model_now": "RuntimeError: openvino measurement failed (1)"}
+
+    targets = {t["name"]: report.Target.from_dict(t) for t in bench_main._document(figures, 0.0)["targets"]}
+
+    why = "against (a) alone: e2e model_now failed: RuntimeError: openvino measurement failed (1)"
+    ratio = targets["end-to-end throughput / in-process limit"]
+    assert ratio.measured == pytest.approx(0.6) and ratio.shown == f"FAIL ({why})"
+    low_load = targets["low-load p50 minus model single-image time"]
+    assert low_load.measured == pytest.approx(0.04) and low_load.shown == f"PASS ({why})"
+    # Both measurements there: no word.
+    figures = figures_with_the_model_twice(8, 20.0, 0.04, {"images_per_s": 15.0, "single_image_s": 0.04})
+    assert [t["reason"] for t in bench_main._document(figures, 0.0)["targets"]] == [None] * 4
+
+
 def test_the_budget_takes_the_models_cpu_per_image_measured_in_a():
     figures = figures_with_the_model_twice(8, 20.0, 0.04, {
         "images_per_s": 15.0, "single_image_s": 0.061, "single_image_after_pause_s": 0.07})
