@@ -54,11 +54,13 @@ def e2e_table(e2e: dict[str, Any]) -> str:
 
 
 def scaling_table(e2e: dict[str, Any]) -> str:
-    rows = []
+    rows, notes = [], ""
     for key, title in (("throughput", "(b) 300 @ 100"), ("course", "(d) 100 @ 100")):
         s = (e2e.get(key) or {}).get("scaling")
         if not s:
             continue
+        if s.get("first_launch_not_measured"):
+            notes += f"\n  {title}: first launch not measured: {s['first_launch_not_measured']}"
         rows.append([title, report.fmt(s["first_request_to_first_launch_s"], "s", 2),
                      report.fmt(s["controller_launch_logged_after_s"], "s", 2),
                      report.fmt(s["last_response_to_zero_s"], "s", 2),
@@ -68,7 +70,7 @@ def scaling_table(e2e: dict[str, Any]) -> str:
     # It polls fast only until the first launch and from the last response (bench/scaling.py).
     title = (f"(e) Scaling, EC2 polled every ~{FleetPoller.interval_s * 1000:.0f} ms until the first launch "
              f"and from the last response, every {FleetPoller.slow_interval_s:g} s between")
-    return report.table(title, header, rows)
+    return report.table(title, header, rows) + notes
 
 
 def memory_table(mem: dict[str, Any]) -> str:

@@ -144,9 +144,16 @@ def controller_actions(lines: list[str]) -> list[tuple[float, str]]:
 
 def scaling_times(samples: list[tuple[float, int]], first_request: float, last_response: float,
                   zero_at: float | None, actions: list[tuple[float, str]]) -> dict[str, float | None]:
-    """The figures of (e), in seconds (None when it never happened)."""
-    launched = first_at(samples, first_request, lambda n: n > 0)
-    decided_launch = next((t for t, a in actions if a == "launch" and t >= first_request - 0.01), None)
+    """The figures of (e), in seconds (None when it never happened, or when the fleet was
+    not at zero at the first request: "first_launch_not_measured" then says so)."""
+    found = [live for at, live in samples if at < first_request]
+    at_start = found[-1] if found else None  # None: no sample before the run, not known
+    # A fleet already up is "launched" at the first sample after the first request: a
+    # near-zero time, which had read as a fast launch with nothing in the JSON to say so.
+    not_measured = f"the fleet had {at_start} instance(s) at the first request" if at_start else None
+    launched = None if not_measured else first_at(samples, first_request, lambda n: n > 0)
+    decided_launch = None if not_measured else next(
+        (t for t, a in actions if a == "launch" and t >= first_request - 0.01), None)
     # The terminate that emptied the fleet: the last one logged before EC2 showed zero
     # (earlier ones may be partial scale-ins as the backlog fell).
     until = (zero_at if zero_at is not None else float("inf")) + 0.5
@@ -160,4 +167,6 @@ def scaling_times(samples: list[tuple[float, int]], first_request: float, last_r
         "controller_terminate_logged_after_s": None if decided_zero is None
         else decided_zero - last_response,
         "peak_instances": max((n for t, n in samples if t >= first_request), default=0),
+        "fleet_at_start": at_start,
+        "first_launch_not_measured": not_measured,
     }

@@ -95,6 +95,26 @@ def test_scaling_times_from_samples_and_log():
     assert out["first_request_to_first_launch_s"] == pytest.approx(1.1)
     assert out["last_response_to_zero_s"] == pytest.approx(1.1)
     assert out["peak_instances"] == 15
+    assert out["fleet_at_start"] == 0 and out["first_launch_not_measured"] is None
+
+
+def test_a_fleet_up_at_the_first_request_leaves_the_first_launch_unmeasured():
+    """A fleet not at zero at a run's start was "launched" at the first sample after
+    its first request: ~0.05 s, with nothing in the JSON to say so (reviewer)."""
+    from bench.printed import scaling_table
+
+    samples = [(9.9, 2), (10.05, 2), (10.15, 2), (20.0, 15), (30.4, 0)]
+    actions = [(10.5, "launch")]
+    out = scaling_times(samples, first_request=10.1, last_response=30.0, zero_at=30.4, actions=actions)
+    assert out["first_request_to_first_launch_s"] is None and out["controller_launch_logged_after_s"] is None
+    assert out["fleet_at_start"] == 2
+    assert out["first_launch_not_measured"] == "the fleet had 2 instance(s) at the first request"
+    assert out["last_response_to_zero_s"] == pytest.approx(0.4)
+    text = scaling_table({"course": {"scaling": out}})
+    assert "(d) 100 @ 100: first launch not measured: the fleet had 2 instance(s) at the first" in text
+    # No sample before the run: not known, measured as before.
+    out = scaling_times(samples[2:], first_request=10.1, last_response=30.0, zero_at=30.4, actions=actions)
+    assert out["fleet_at_start"] is None and out["first_request_to_first_launch_s"] == pytest.approx(0.05)
 
 
 def test_process_kinds():
