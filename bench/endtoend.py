@@ -41,6 +41,9 @@ from localaws.moto_fast import STATS_ENV, STATS_EVERY_S
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 120.0
+# One image takes ~0.1 s one at a time: a stack that does not answer in 10 s is broken,
+# and at 120 s each low load's 35 requests one after another had taken 70 minutes.
+LOW_LOAD_TIMEOUT_S = 10.0
 ZERO_TIMEOUT_S = 30.0
 MOTO_STATS = "moto-stats.json"  # in the run folder: the embedded AWS's CPU by action
 
@@ -86,9 +89,10 @@ class EndToEndPlan:
     model_probe: Callable[[], InferenceResult] | None = None
 
 
-def _load(plan: EndToEndPlan, url: str, images: Path, requests: int, concurrency: int) -> Report:
+def _load(plan: EndToEndPlan, url: str, images: Path, requests: int, concurrency: int,
+          timeout: float = REQUEST_TIMEOUT_S) -> Report:
     return run_load(Config(images=images, url=url, num_requests=requests, concurrency=concurrency,
-                           expected=plan.expected, timeout=REQUEST_TIMEOUT_S, quiet=True))
+                           expected=plan.expected, timeout=timeout, quiet=True))
 
 
 def started_requests(report: Report) -> list[Outcome]:
@@ -300,7 +304,8 @@ def _low_load(plan: EndToEndPlan, stack: StackProcess) -> dict[str, object]:
     then waited for a launch (seen once: p99 0.88 s against 0.09 s).
     """
     _settle(stack)
-    report = _load(plan, stack.web_url, plan.images, plan.low_load_warmup + plan.low_load_requests, 1)
+    report = _load(plan, stack.web_url, plan.images, plan.low_load_warmup + plan.low_load_requests, 1,
+                   timeout=LOW_LOAD_TIMEOUT_S)
     measured = without_first(report, plan.low_load_warmup)
     out = _summary(measured)
     out["warmup_requests"] = plan.low_load_warmup

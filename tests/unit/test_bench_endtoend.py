@@ -183,3 +183,24 @@ def test_a_scaled_run_keeps_each_request_and_the_fleets_samples(monkeypatch: pyt
     assert out["scaling"]["fleet_samples"] == 104
     assert endtoend.samples_since([(5.0, 1)], 1.0) == [(4.0, 1)]
     assert endtoend.samples_since([], 1.0) == []
+
+
+def test_low_load_gives_each_request_a_short_timeout(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """One image takes ~0.1 s: at the 120 s the loaded runs allow, a stack that answered
+    nothing kept low load's 35 requests, one after another, for 70 minutes (reviewer)."""
+    asked = []
+
+    def run_load(config) -> Report:
+        asked.append(config)
+        outcomes = [Outcome(i, f"{i}.jpg", 0.2 * i, 0.1, status=200) for i in range(config.num_requests)]
+        return Report(config.url, "form", 1, config.num_requests, started_at=1000.0, duration_s=7.0,
+                      outcomes=outcomes)
+
+    monkeypatch.setattr(endtoend, "run_load", run_load)
+    monkeypatch.setattr(endtoend, "_settle", lambda stack: None)
+    stack = SimpleNamespace(web_url="http://127.0.0.1:1")
+
+    out = endtoend._low_load(endtoend.EndToEndPlan(images=tmp_path, expected=None), stack)
+
+    assert [(c.num_requests, c.concurrency, c.timeout) for c in asked] == [(35, 1, 10.0)]
+    assert out["requests"] == 30 and out["warmup_requests"] == 5
