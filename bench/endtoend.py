@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -321,6 +322,30 @@ def each_request(report: Report) -> list[dict[str, object]]:
             for o in sorted(started_requests(report), key=lambda o: o.started_s)]
 
 
+PHASE_NAMES = {"throughput": "(b)", "course": "(d)", "low_load": "(g)"}
+
+
+def unanswered(phase: str, summary: dict[str, Any]) -> str | None:
+    """Why the phases after this one are not run, when its requests say the stack is not
+    answering (none, or under half, answered): each of theirs would wait out its
+    timeout as well. None for a phase without requests (the model alone)."""
+    requests = summary.get("requests") or 0
+    if requests <= 0:
+        return None
+    answered = summary.get("answered_200") or 0
+    if answered == 0:
+        return f"{PHASE_NAMES.get(phase, phase)} answered none of its {requests} requests"
+    if 2 * answered < requests:
+        return f"{PHASE_NAMES.get(phase, phase)} answered only {answered} of its {requests} requests"
+    return None
+
+
+def _why_not_run(plan: EndToEndPlan, stack: StackProcess) -> str | None:
+    """Why no phase is started now: the stack gone."""
+    exited = stack.process.poll() if stack.process else None
+    return None if exited is None else f"the stack exited (code {exited})"
+
+
 def error_text(exc: BaseException) -> str:
     """An exception as one JSON string: its type and message."""
     return f"{type(exc).__name__}: {exc}"
@@ -331,7 +356,8 @@ def run_end_to_end(plan: EndToEndPlan, run_dir: Path) -> dict[str, object]:
 
     A phase that raises leaves its key out and its error in "errors", and the
     phases after it still run while the stack is up: one failure does not
-    throw away the figures already measured.
+    throw away the figures already measured. Those after a phase that had under
+    half its requests answered are not run: each is in "errors" with the reason.
     """
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -358,16 +384,19 @@ def run_end_to_end(plan: EndToEndPlan, run_dir: Path) -> dict[str, object]:
             }
             if plan.model_probe is None:
                 del phases["model_now"]
+            why_not: str | None = None  # set: this phase and those after it are not run
             for name, phase in phases.items():
-                exited = stack.process.poll() if stack.process else None
-                if exited is not None:
-                    errors[name] = f"not run: the stack exited (code {exited})"
+                why_not = why_not or _why_not_run(plan, stack)
+                if why_not:
+                    errors[name] = f"not run: {why_not}"
                     continue
                 try:
                     out[name] = phase()
                 except Exception as exc:
                     log.exception("end-to-end phase %s failed", name)
                     errors[name] = error_text(exc)
+                    continue
+                why_not = unanswered(name, out[name])
     finally:
         try:
             out["stack_stop_s"] = stack.stop()

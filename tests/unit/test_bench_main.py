@@ -133,7 +133,7 @@ def test_a_failed_phase_keeps_the_phases_before_it(monkeypatch: pytest.MonkeyPat
     def scaled_run(plan, stack, images, requests, concurrency, memory=False):
         if not memory:
             raise TimeoutError("course: the web tier stopped answering")
-        return {"requests": requests, "failed": 0}
+        return {"requests": requests, "answered_200": requests, "failed": 0}
 
     ran: list[str] = []
     monkeypatch.setattr(endtoend, "StackProcess", _IdleStack)
@@ -144,10 +144,50 @@ def test_a_failed_phase_keeps_the_phases_before_it(monkeypatch: pytest.MonkeyPat
 
     out = endtoend.run_end_to_end(endtoend.EndToEndPlan(images=images, expected=None), tmp_path / "run")
 
-    assert out["throughput"] == {"requests": 300, "failed": 0}
+    assert out["throughput"] == {"requests": 300, "answered_200": 300, "failed": 0}
     assert "course" not in out and "stopped answering" in out["errors"]["course"]
     assert out["low_load"] == {"requests": 30} and ran == ["low"]  # the stack still up: the next phase ran
     assert out["stack_stop_s"] == 0.1
+
+
+@pytest.mark.parametrize(("answered", "why"), [(0, "(b) answered none of its 300 requests"),
+                                               (149, "(b) answered only 149 of its 300 requests"),
+                                               (150, None)])
+def test_a_phase_the_stack_hardly_answered_ends_the_phases(answered: int, why: str | None,
+                                                            monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """A stack whose workers never answered still ran every phase, each request waiting
+    out its timeout: over an hour in all (reviewer)."""
+    ran: list[str] = []
+
+    def scaled_run(plan, stack, images, requests, concurrency, memory=False):
+        ran.append("throughput" if memory else "course")
+        return {"requests": requests, "answered_200": answered if memory else requests,
+                "failed": requests - answered if memory else 0}
+
+    monkeypatch.setattr(endtoend, "StackProcess", _IdleStack)
+    monkeypatch.setattr(endtoend, "_scaled_run", scaled_run)
+    monkeypatch.setattr(endtoend, "_settle", lambda stack: None)
+    monkeypatch.setattr(endtoend, "_low_load", lambda plan, stack: ran.append("low") or {"requests": 30})
+    probe = lambda: ran.append("model") or _result("openvino", 0, 16.0)  # noqa: E731
+    images = tmp_path / "images"
+    images.mkdir()
+
+    out = endtoend.run_end_to_end(endtoend.EndToEndPlan(images=images, expected=None, model_probe=probe),
+                                  tmp_path / "run")
+
+    assert out["stack_stop_s"] == 0.1
+    if why is None:  # half answered: on with the next
+        assert ran == ["throughput", "model", "course", "low"] and "errors" not in out
+        return
+    assert ran == ["throughput"]
+    assert out["errors"] == dict.fromkeys(("model_now", "course", "low_load"), f"not run: {why}")
+    figures = {"inference": {"local_limit": {"images_per_s": 20.0}, "single_image_s": 0.04},
+               "expected_labels": {}, "sqs": None, "noise": {}, "end_to_end": out,
+               "parts": {part: {"source": "this run", "measured_at": "now", "error": None}
+                         for part in bench_main.PARTS}}
+    targets = {t["name"]: t for t in bench_main._document(figures, 0.0)["targets"]}
+    course = targets["course average latency, 100 requests at concurrency 100"]
+    assert course["verdict"] == "N/A" and course["reason"] == f"e2e course failed: not run: {why}"
 
 
 def _run(failed: int = 0, wrong: int = 0, zero_s: float | None = 1.0) -> dict:
@@ -268,7 +308,7 @@ def test_the_model_is_measured_again_after_the_throughput_run(monkeypatch: pytes
 
     def scaled_run(plan, stack, images, requests, concurrency, memory=False):
         ran.append("throughput" if memory else "course")
-        return {"requests": requests, "failed": 0}
+        return {"requests": requests, "answered_200": requests, "failed": 0}
 
     def probe() -> InferenceResult:
         ran.append("model")
