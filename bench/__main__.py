@@ -15,7 +15,9 @@
 The model is UNTRAINED (MODEL_WEIGHTS=random) throughout: the figures are
 about speed. Missed targets are reported, never fatal. A part (or a phase of
 one) that raises is recorded with its error, the others still run, what was
-measured is printed and saved, and the command exits with 1. Use --only to run
+measured is printed and saved, and the command exits with 1. So is one not run
+because the stack had stopped answering (bench.endtoend.unanswered) or the
+bench's deadline had passed (bench.endtoend.Deadline). Use --only to run
 some parts (the others are taken from the last .bench/latest.json when there;
 "parts" in the JSON says which figures are this run's, and when each was measured).
 """
@@ -37,7 +39,7 @@ from typing import Any
 import psutil
 
 from bench import printed, report
-from bench.endtoend import ZERO_TIMEOUT_S, EndToEndPlan, error_text, run_end_to_end, tuned_env
+from bench.endtoend import ZERO_TIMEOUT_S, Deadline, EndToEndPlan, error_text, run_end_to_end, tuned_env
 from bench.images import write_expected, write_images
 from bench.inference import InferenceResult, measure, prepare_model
 from bench.noise import NoiseMeter
@@ -78,7 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # --- the parts ------------------------------------------------------------------------
 
 
-def run_inference(images: Path, skip_tf: bool) -> tuple[dict[str, Any], dict[str, str]]:
+def run_inference(images: Path, skip_tf: bool,
+                  deadline: Deadline | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     """The model-alone figures and the labels it gives each image (the answers the stack must give).
 
     The first measurement is the local limit, which the other parts are compared
@@ -94,6 +97,10 @@ def run_inference(images: Path, skip_tf: bool) -> tuple[dict[str, Any], dict[str
     informative = [("openvino", 1)] + ([] if skip_tf else [("tensorflow", 0)])
     errors: dict[str, str] = {}
     for runtime, threads in informative:
+        late = deadline.passed() if deadline else None
+        if late:
+            errors[f"{runtime}/threads={threads}"] = f"not run: {late}"
+            continue
         try:
             runs.append(measure(runtime, threads, images))
         except Exception as exc:
@@ -118,15 +125,15 @@ def run_sqs(needed: float | None, receive_batch: float) -> dict[str, Any]:
     return measure_sqs(needed_images_per_s=needed, receive_batch=receive_batch)
 
 
-def run_e2e(images: Path, expected: Path | None, env: dict[str, str],
-            warm_spares: int | None, limit: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_e2e(images: Path, expected: Path | None, env: dict[str, str], warm_spares: int | None,
+            limit: dict[str, Any] | None = None, deadline: Deadline | None = None) -> dict[str, Any]:
     """The stack's phases; with `limit` ((a)'s local limit: runtime, threads, batch), the
     model measured so again once (b) is over."""
     print("(b, d-g) the whole stack: 300 @ 100, 100 @ 100, then one at a time ...", flush=True)
     probe = None if limit is None else functools.partial(
         measure, limit["runtime"], limit["threads"], images, batch_sizes=(limit["batch"],))
     plan = EndToEndPlan(images=images, expected=expected, env=env, warm_spares=warm_spares,
-                        model_probe=probe)
+                        model_probe=probe, deadline=deadline)
     return run_end_to_end(plan, BENCH_DIR / "run")
 
 
@@ -186,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = set(args.only or PARTS)
     previous = _previous(args.json)
     started = time.monotonic()
+    deadline = Deadline(started=started)
     code = code_version()
     print(f"make bench: {report.UNTRAINED_NOTE}.\n{report.NOISE_NOTE}\n", flush=True)
 
@@ -209,11 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         env, spares = ({}, None) if args.untuned else tuned_env()
         env.update(args.env)
         spares = args.warm_spares if args.warm_spares is not None else spares
-        return run_e2e(images, expected, env, spares, limit=(figures["inference"] or {}).get("local_limit"))
+        return run_e2e(images, expected, env, spares, limit=(figures["inference"] or {}).get("local_limit"),
+                       deadline=deadline)
 
     def inference() -> dict[str, Any]:
         figures["inference"], figures["expected_labels"] = None, {}  # this run's, or none
-        found, figures["expected_labels"] = run_inference(images, args.skip_tensorflow)
+        found, figures["expected_labels"] = run_inference(images, args.skip_tensorflow, deadline)
         return found
 
     measure_part = {
@@ -228,6 +237,15 @@ def main(argv: list[str] | None = None) -> int:
         key = FIGURES[part]
         entry = {"source": "this run", "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
                  "code": code, "error": None}
+        late = deadline.passed()
+        if late:
+            # As a part that failed: not this run's figures, so not the last run's either.
+            figures[key], entry["error"] = None, f"not run: {late}"
+            print(f"{part}: FAILED, {entry['error']}", flush=True)
+            noise.pop(part, None)
+            figures["parts"][part] = entry
+            save()
+            continue
         meter = NoiseMeter.start()
         at = time.monotonic()
         try:

@@ -46,6 +46,8 @@ REQUEST_TIMEOUT_S = 120.0
 # and at 120 s each low load's 35 requests one after another had taken 70 minutes.
 LOW_LOAD_TIMEOUT_S = 10.0
 ZERO_TIMEOUT_S = 30.0
+# The bench must end within 10 minutes here (~3.5 normally); past this no phase starts.
+BENCH_DEADLINE_S = 9 * 60.0
 MOTO_STATS = "moto-stats.json"  # in the run folder: the embedded AWS's CPU by action
 
 
@@ -73,6 +75,22 @@ def tuned_env() -> tuple[dict[str, str], int]:
 
 
 @dataclass
+class Deadline:
+    """When the bench starts no more phases: a broken stack's timeouts, each phase
+    waiting out its own, had added up to over an hour. A phase started before it
+    runs to its end."""
+
+    seconds: float = BENCH_DEADLINE_S
+    started: float = field(default_factory=time.monotonic)
+
+    def passed(self) -> str | None:
+        """Why a phase is not started now; None while there is time."""
+        if time.monotonic() - self.started < self.seconds:
+            return None
+        return f"the bench's deadline passed ({self.seconds / 60:g} min from its start)"
+
+
+@dataclass
 class EndToEndPlan:
     images: Path
     expected: Path | None
@@ -88,6 +106,7 @@ class EndToEndPlan:
     # gone: the machine's speed drifts by tens of percent within minutes here (its
     # other tenants), so (b) is also compared with the model's speed at that time.
     model_probe: Callable[[], InferenceResult] | None = None
+    deadline: Deadline | None = None
 
 
 def _load(plan: EndToEndPlan, url: str, images: Path, requests: int, concurrency: int,
@@ -341,9 +360,11 @@ def unanswered(phase: str, summary: dict[str, Any]) -> str | None:
 
 
 def _why_not_run(plan: EndToEndPlan, stack: StackProcess) -> str | None:
-    """Why no phase is started now: the stack gone."""
+    """Why no phase is started now: the stack gone, or the bench out of time."""
     exited = stack.process.poll() if stack.process else None
-    return None if exited is None else f"the stack exited (code {exited})"
+    if exited is not None:
+        return f"the stack exited (code {exited})"
+    return plan.deadline.passed() if plan.deadline else None
 
 
 def error_text(exc: BaseException) -> str:
@@ -357,7 +378,8 @@ def run_end_to_end(plan: EndToEndPlan, run_dir: Path) -> dict[str, object]:
     A phase that raises leaves its key out and its error in "errors", and the
     phases after it still run while the stack is up: one failure does not
     throw away the figures already measured. Those after a phase that had under
-    half its requests answered are not run: each is in "errors" with the reason.
+    half its requests answered, or past the plan's deadline, are not run: each
+    is in "errors" with the reason.
     """
     if run_dir.exists():
         shutil.rmtree(run_dir)

@@ -190,6 +190,66 @@ def test_a_phase_the_stack_hardly_answered_ends_the_phases(answered: int, why: s
     assert course["verdict"] == "N/A" and course["reason"] == f"e2e course failed: not run: {why}"
 
 
+def test_no_phase_starts_past_the_deadline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    ran: list[str] = []
+
+    def scaled_run(plan, stack, images, requests, concurrency, memory=False):
+        ran.append("throughput" if memory else "course")
+        plan.deadline.started -= 3600  # the phase took an hour
+        return {"requests": requests, "answered_200": requests, "failed": 0}
+
+    monkeypatch.setattr(endtoend, "StackProcess", _IdleStack)
+    monkeypatch.setattr(endtoend, "_scaled_run", scaled_run)
+    monkeypatch.setattr(endtoend, "_low_load", lambda plan, stack: ran.append("low") or {"requests": 30})
+    images = tmp_path / "images"
+    images.mkdir()
+    plan = endtoend.EndToEndPlan(images=images, expected=None, deadline=endtoend.Deadline())
+
+    out = endtoend.run_end_to_end(plan, tmp_path / "run")
+
+    assert ran == ["throughput"] and out["stack_stop_s"] == 0.1
+    why = "not run: the bench's deadline passed (9 min from its start)"
+    assert out["errors"] == {"course": why, "low_load": why}
+
+
+def test_past_the_deadline_the_bench_starts_no_part_and_says_why(
+        fake_model, bench_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """(a)'s own timeouts alone allowed 17 minutes, and a broken stack's over an hour:
+    the bench must end within 10 (reviewer)."""
+    deadlines: list[endtoend.Deadline] = []
+
+    class Recorded(endtoend.Deadline):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            deadlines.append(self)
+
+    def measure(runtime: str, threads: int, images: Path, **_) -> InferenceResult:
+        deadlines[0].started -= 3600  # the first measurement took an hour
+        return _result(runtime, threads, 25.0)
+
+    started: list[str] = []
+    monkeypatch.setattr(bench_main, "Deadline", Recorded)
+    monkeypatch.setattr(bench_main, "measure", measure)
+    monkeypatch.setattr(bench_main, "run_e2e", lambda *args, **kwargs: started.append("e2e"))
+    monkeypatch.setattr(bench_main, "run_sqs", lambda *args, **kwargs: started.append("sqs"))
+    out = bench_dir / "latest.json"
+    _previous(out)
+
+    code = bench_main.main(["--json", str(out)])
+
+    assert code == 1 and started == []
+    why = "not run: the bench's deadline passed (9 min from its start)"
+    doc = json.loads(out.read_text())
+    assert doc["inference"]["local_limit"]["images_per_s"] == 25.0
+    assert doc["inference"]["errors"] == {"openvino/threads=1": why, "tensorflow/threads=0": why}
+    assert doc["end_to_end"] is None and doc["sqs"] is None  # not the previous run's either
+    assert doc["parts"]["e2e"]["error"] == why and doc["parts"]["sqs"]["error"] == why
+    assert set(doc["noise"]) == {"inference"}
+    course = {t["name"]: t for t in doc["targets"]}["course average latency, 100 requests at concurrency 100"]
+    assert course["verdict"] == "N/A" and course["reason"] == f"e2e failed: {why}"
+    assert f"e2e: FAILED, {why}" in capsys.readouterr().out
+
+
 def _run(failed: int = 0, wrong: int = 0, zero_s: float | None = 1.0) -> dict:
     """A phase's summary as endtoend._summary writes it, 100 requests."""
     return {"requests": 100, "answered_200": 100 - failed, "failed": failed, "wrong": wrong,
