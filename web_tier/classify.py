@@ -169,6 +169,9 @@ def answer(batch_id: str) -> Response:
         return answer_page(202, "not classified yet: the image is queued", items[0].filename,
                            waiting_s=ANSWER_PAGE_REFRESH_S, reloading=reloading)
     status, message, label, untrained = _outcome(item)
+    if item.provisional:
+        message += (f". To send it again without storing it twice: the page at /#batches={batch_id}, "
+                    f"its Send again")
     return answer_page(status, message, item.filename, label, untrained, score=item.score)
 
 
@@ -213,6 +216,11 @@ def _no_result_response(filename: str, item_id: str, batch_id: str) -> Response:
 def _result_response(filename: str, item: Item, batch_id: str) -> Response:
     """The answer for a finished item: `<name>:<label>`, or its error."""
     status, message, label, untrained = _outcome(item)
+    if item.provisional:
+        # "Send it again" (the dead letter's words, in S3's tags too) read as "upload it
+        # again": stored twice. Said how, as the README's table of codes does (explorer).
+        message += (f". To send it again without storing it twice: "
+                    f"POST /api/jobs/{batch_id}/items/{item.id}/again")
     if label is None:
         code = item.failure_code or Code.CLASSIFICATION_FAILED
         response = _stored_refusal(status, message, filename, code, item.id, batch_id)

@@ -104,6 +104,13 @@ def test_an_image_no_worker_answered_says_the_model_is_untrained(make_web_app, w
     assert not waiting.is_alive()
     assert answer["r"].status_code == 422
     assert answer["r"].headers["X-Model-Untrained"] == "true"
+    # "Send it again" read as "upload it again", stored twice: how is said (explorer).
+    batch_id, item_id = answer["r"].headers["X-Batch-Id"], answer["r"].headers["X-Item-Id"]
+    assert answer["r"].text.endswith(f". To send it again without storing it twice: "
+                                     f"POST /api/jobs/{batch_id}/items/{item_id}/again")
+    page = client.get(f"/answers/{batch_id}")
+    assert page.status_code == 422
+    assert f"To send it again without storing it twice: the page at /#batches={batch_id}" in page.text
 
 
 def test_failed_item_is_422_text(web_client, fake_worker):

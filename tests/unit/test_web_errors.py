@@ -308,9 +308,10 @@ def test_post_slash_says_a_dead_letter_is_one_to_send_again_by_its_code(web_app,
     response = answers[0]
     assert response.status_code == 422 and error_of(response)["code"] == "dead_letter"
     body = response.get_json()
-    assert body["error"] == DEAD_LETTER_ERROR
     assert (body["id"], response.headers["X-Item-Id"]) == (request.id, request.id)
     assert body["batch_id"] == response.headers["X-Batch-Id"]
+    assert body["error"] == (f"{DEAD_LETTER_ERROR}. To send it again without storing it twice: "
+                             f"POST /api/jobs/{body['batch_id']}/items/{request.id}/again")
     assert Code.DEAD_LETTER not in SEND_AGAIN  # not as it is: queued again in place, by its item
     # The batch's item says so too, for a program that follows GET /api/jobs.
     items = web_app.test_client().get(f"/api/jobs/{body['batch_id']}").get_json()["items"]
