@@ -79,8 +79,14 @@ def form_files(request: Request, fields: Sequence[str]) -> list[FileStorage]:
     _refuse_text_in_file_fields(request, fields)
     files = _real_files(f for name in fields for f in request.files.getlist(name))
     if not files and (request.content_length or chunked) and not request.files and not request.form:
-        raise Refusal(400, "the multipart form could not be read: is every file name UTF-8, "
-                           "and the body well formed?", code=Code.BAD_REQUEST)
+        if not request.mimetype_params.get("boundary"):
+            # Most often a Content-Type set by hand: the file-name question misled (explorer).
+            raise Refusal(400, "the multipart form has no boundary in its Content-Type: let the client "
+                               "write that header (curl -F, a browser's FormData), not set it by hand",
+                          code=Code.BAD_REQUEST)
+        raise Refusal(400, "the multipart form could not be read: does the body hold the boundary its "
+                           "Content-Type names, is every file name UTF-8, and is the body well formed?",
+                      code=Code.BAD_REQUEST)
     _refuse_files_elsewhere(request, fields, bool(files))
     return files
 

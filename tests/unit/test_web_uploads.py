@@ -88,6 +88,18 @@ def test_a_file_name_that_is_not_utf8_gets_a_clear_error(web_client, path, field
     assert "file name UTF-8" in chunked.get_data(as_text=True)
 
 
+@pytest.mark.parametrize("path", ["/", "/api/jobs"])
+def test_a_form_whose_boundary_is_missing_or_not_in_the_body_is_said_so(web_client, path):
+    """A Content-Type set by hand (curl -H ... --data-binary) was asked whether every file
+    name was UTF-8 (explorer)."""
+    missing = web_client.post(path, data=make_image(3), content_type="multipart/form-data")
+    assert missing.status_code == 400
+    assert "the multipart form has no boundary in its Content-Type" in missing.get_data(as_text=True)
+    elsewhere = web_client.post(path, data=make_image(3), content_type="multipart/form-data; boundary=abc")
+    assert elsewhere.status_code == 400
+    assert "does the body hold the boundary its Content-Type names" in elsewhere.get_data(as_text=True)
+
+
 @pytest.mark.parametrize(("path", "field"), [("/", b"inputFile"), ("/api/jobs", b"files")])
 def test_a_form_without_length_or_in_a_content_coding_is_refused_as_such(web_app, web_client, path, field):
     """Werkzeug reads no body without a Content-Length (HTTP/1.0, not chunked), and does
