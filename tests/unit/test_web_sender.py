@@ -61,8 +61,10 @@ def test_a_lone_message_is_sent_at_once(web_aws):
     assert sizes == [1]
 
 
-def test_messages_arriving_during_sends_go_out_together(web_aws):
-    """While the sends in flight are held, 28 more callers queue; they go out in batches of ten."""
+def _first_sends_held(web_aws, first: list[str]) -> tuple[BatchingSender, list[int], threading.Event,
+                                                            list[threading.Thread]]:
+    """A sender whose first MAX_SENDS_IN_FLIGHT sends, of `first`'s bodies, are held in
+    flight until the event returned is set; its batches' sizes, and the senders' threads."""
     release, held = threading.Event(), threading.Semaphore(0)
     sizes = _batch_sizes(web_aws.sqs)
 
@@ -73,11 +75,17 @@ def test_messages_arriving_during_sends_go_out_together(web_aws):
 
     web_aws.sqs.meta.events.register("provide-client-params.sqs.SendMessageBatch", hold_the_first_sends)
     sender = BatchingSender(lambda: web_aws.sqs, lambda: web_aws.request_queue_url)
-    first = [f"m{n:02d}" for n in range(MAX_SENDS_IN_FLIGHT)]
-    first_threads = []
+    threads = []
     for body in first:  # one at a time: each its own send
-        first_threads += _in_threads(sender.send, [body])[0]
+        threads += _in_threads(sender.send, [body])[0]
         assert held.acquire(timeout=10)
+    return sender, sizes, release, threads
+
+
+def test_messages_arriving_during_sends_go_out_together(web_aws):
+    """While the sends in flight are held, 28 more callers queue; they go out in batches of ten."""
+    first = [f"m{n:02d}" for n in range(MAX_SENDS_IN_FLIGHT)]
+    sender, sizes, release, first_threads = _first_sends_held(web_aws, first)
     bodies = [f"m{n:02d}" for n in range(MAX_SENDS_IN_FLIGHT, 30)]
     rest, errors = _in_threads(sender.send, bodies)
     wait_until(lambda: len(sender._waiting) == len(bodies))
@@ -93,20 +101,8 @@ def test_messages_arriving_during_sends_go_out_together(web_aws):
 def test_each_message_of_a_batch_carries_its_own_attributes(web_aws):
     """A dead letter sent again (marked seen before) goes out in a batch with uploads'
     requests, which must not be marked with it."""
-    release, held = threading.Event(), threading.Semaphore(0)
-    sizes = _batch_sizes(web_aws.sqs)
-
-    def hold_the_first_sends(**_):
-        if len(sizes) <= MAX_SENDS_IN_FLIGHT:
-            held.release()
-            assert release.wait(10)
-
-    web_aws.sqs.meta.events.register("provide-client-params.sqs.SendMessageBatch", hold_the_first_sends)
-    sender = BatchingSender(lambda: web_aws.sqs, lambda: web_aws.request_queue_url)
-    threads = []
-    for n in range(MAX_SENDS_IN_FLIGHT):
-        threads += _in_threads(sender.send, [f"first {n}"])[0]
-        assert held.acquire(timeout=10)
+    sender, sizes, release, threads = _first_sends_held(
+        web_aws, [f"first {n}" for n in range(MAX_SENDS_IN_FLIGHT)])
     marked = {"PriorReceives": {"DataType": "Number", "StringValue": "1"}}
     errors: list[BaseException] = []
 
