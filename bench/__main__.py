@@ -39,7 +39,15 @@ from typing import Any
 import psutil
 
 from bench import printed, report
-from bench.endtoend import ZERO_TIMEOUT_S, Deadline, EndToEndPlan, error_text, run_end_to_end, tuned_env
+from bench.endtoend import (
+    PHASE_NAMES,
+    ZERO_TIMEOUT_S,
+    Deadline,
+    EndToEndPlan,
+    error_text,
+    run_end_to_end,
+    tuned_env,
+)
 from bench.images import write_expected, write_images
 from bench.inference import InferenceResult, measure, prepare_model
 from bench.noise import NoiseMeter
@@ -297,10 +305,14 @@ def _first_reason(*reasons: str | None) -> str | None:
     return next((r for r in reasons if r), None)
 
 
-def _bad_in_phases(e2e: dict[str, Any] | None, phases: tuple[tuple[str, str], ...]) -> str | None:
+# The end-to-end phases whose fleet scales out and back to zero: (e)'s and the zero target's.
+SCALED_PHASES = ("throughput", "course")
+
+
+def _bad_in_phases(e2e: dict[str, Any] | None, phases: tuple[str, ...]) -> str | None:
     """"3 failed in (b); 1 wrong in (d)": each phase's bad requests, named by its part
     (the first phase's alone had hidden the other's)."""
-    named = [f"{bad} in {name}" for name, phase in phases
+    named = [f"{bad} in {PHASE_NAMES[phase]}" for phase in phases
              if (bad := report.bad_requests((e2e or {}).get(phase)))]
     return "; ".join(named) or None
 
@@ -326,11 +338,11 @@ def _document(figures: dict[str, Any], started: float) -> dict[str, Any]:
                                tput.get("throughput_images_per_s"),
                                model_core_ms_per_image=((inference or {}).get("local_limit") or {}).get(
                                    "core_ms_per_image"))
-    scaled = [((e2e or {}).get(k) or {}).get("scaling") for k in ("throughput", "course")]
+    scaled = [((e2e or {}).get(k) or {}).get("scaling") for k in SCALED_PHASES]
     zero_after = [s.get("last_response_to_zero_s") for s in scaled if s]
     # A fleet that never left zero is "at zero" at once: that passed the target without
     # scaling anything. (A JSON without the figure is taken to have launched.)
-    idle = [name for name, s in zip(("(b)", "(d)"), scaled, strict=True)
+    idle = [PHASE_NAMES[phase] for phase, s in zip(SCALED_PHASES, scaled, strict=True)
             if s and s.get("peak_instances") == 0]
     # A phase whose fleet launched and never reached zero within ZERO_TIMEOUT_S has None
     # here: a miss, unlike a run that is not there at all. Decided per phase: the other
@@ -356,7 +368,7 @@ def _document(figures: dict[str, Any], started: float) -> dict[str, Any]:
         bad={**{target: report.bad_requests((e2e or {}).get(phase)) for target, phase in
                 (("e2e_ratio", "throughput"), ("course", "course"), ("low_load", "low_load"))},
              # The fleet's time to zero after requests that failed is not that after the work.
-             "zero": _bad_in_phases(e2e, (("(b)", "throughput"), ("(d)", "course")))},
+             "zero": _bad_in_phases(e2e, SCALED_PHASES)},
         notes={"e2e_ratio": alone, "low_load": alone},
     )
     return report.document(
