@@ -3124,6 +3124,65 @@ def test_a_finished_batch_shown_again_hears_a_file_sent_again_from_elsewhere(
     wait_for(lambda: request_queue_empty(stack), 60, "the request queue empty")
 
 
+def test_a_tab_kept_in_front_hears_a_failed_file_sent_again_from_elsewhere(
+        stack, browser, reference_model, tmp_path):
+    """A tab never hidden hears no visibilitychange: one kept in front whose batch had
+    all finished heard a dead letter queued again by a script only once reloaded (known
+    limits). Now, while it shows a failed file, it looks at that batch again every
+    catchUpMs: the row shows the file queued again, then its answer. A batch without a
+    failure, which cannot change, is not looked at again."""
+    import requests
+
+    from common.failure_tags import DEAD_LETTER_ERROR
+    from common.messages import ClassifyRequest
+    from common.names import object_key
+    from tests.integration.conftest import clients
+
+    _, sqs, _ = clients(stack)
+    settings = stack.settings()
+    browser.get(stack.web_url + "/")
+    browser.execute_script("window.notReloaded = true;" + SEEN_STREAMS_AND_VISIBILITY)
+    fine = {"fine.jpg": make_image(1480, size=(64, 48))}
+    choose(browser, tmp_path, fine)
+    wait_for(lambda: states_shown(browser) == {"fine.jpg": "done"}, 60, "the fine file classified")
+    fine_id = browser.current_url.split("#batches=")[1].split(",")[-1]
+    files = {"late.jpg": make_image(1481, size=(64, 48))}
+    with requests_held(stack, 20):
+        choose(browser, tmp_path, files)
+        wait_for(lambda: states_shown(browser).get("late.jpg") == "queued", 30, "the file stored")
+        batch_id = browser.current_url.split("#batches=")[1].split(",")[-1]
+        late_id = server_items(stack, batch_id)[0]["id"]
+        dead = ClassifyRequest(id=late_id, bucket=settings.input_bucket, filename="late.jpg",
+                               key=object_key(batch_id, late_id, "late.jpg"))
+        sqs.send_message(QueueUrl=sqs.get_queue_url(QueueName=settings.dead_letter_queue)["QueueUrl"],
+                         MessageBody=dead.to_json())
+        wait_for(lambda: states_shown(browser).get("late.jpg") == "failed", 10, "the dead letter shown")
+        # Both batches finished: their streams ended, and the page closed them.
+        wait_for(lambda: browser.execute_script("return window.openStreams") == 0, 10, "the streams' end")
+        browser.execute_script("document.body.dataset.catchUpMs = '300';")
+        answer = requests.post(f"{stack.web_url}/api/jobs/{batch_id}/items/{late_id}/again", timeout=10)
+        assert answer.status_code == 202, answer.text
+        wait_for(lambda: states_shown(browser).get("late.jpg") == "queued", 10,
+                 "the dead letter shown queued again")
+    text = {name: text for name, _, text in rows_shown(browser)}["late.jpg"]
+    assert "sent again" in text and DEAD_LETTER_ERROR not in text, text
+    wait_for(lambda: states_shown(browser) == {"fine.jpg": "done", "late.jpg": "done"}, 60,
+             "the file sent again, classified")
+    assert_classified(finished_rows(browser, stack, 2, 10), {**fine, **files}, reference_model)
+
+    # Its stream ended again, and its failure is gone: it is not looked at again either.
+    wait_for(lambda: browser.execute_script("return window.openStreams") == 0, 10, "the stream ended again")
+    opened = browser.execute_script("return window.seen.length")
+    browser.execute_script("window.dispatchEvent(new Event('focus'))")  # a focus looks too
+    seen = browser.execute_script("return window.seen")
+    assert "hidden" not in seen and "visible" not in seen, seen  # never hidden: no visibilitychange
+    assert [url for url in seen if url.startswith(f"/api/jobs/{fine_id}/")] == [
+        f"/api/jobs/{fine_id}/events"], seen
+    assert len(seen) == opened, seen
+    assert browser.execute_script("return window.notReloaded")
+    wait_for(lambda: request_queue_empty(stack), 60, "the request queue empty")
+
+
 # The summary's count of files to send again over an upload of 20,000 failed files it
 # offers (a stand-in of a session: only what again.js reads).
 SEND_AGAIN_OVER_MANY = """

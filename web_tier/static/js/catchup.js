@@ -1,20 +1,46 @@
-// A tab shown again: the batches it had stopped following (all their files done) are
-// looked at again, for what changed while it was out of sight (session.js catchUp).
+// The batches a tab had stopped following (all their files done) are looked at again,
+// for what changed since (session.js catchUp): a failed file queued again by another
+// tab or a script, a late answer replacing a failure.
 import { page } from "./state.js";
+import { setting } from "./settings.js";
 
-function catchUp() {
-  for (const session of page.sessions) session.catchUp();
+function catchUp(sessions = page.sessions) {
+  for (const session of sessions) session.catchUp();
 }
 
-// Nothing while hidden: a tab left in the background opens no stream and sends no
-// request; one brought back asks once for each batch it no longer follows.
+// Only a failed file the server holds can still change once its batch is done: one
+// refused here, unsent, never will.
+function showsAFailure(session) {
+  return session.entries.some((entry) => entry.id && entry.el.dataset.state === "failed");
+}
+
+// A tab kept in front hears no visibilitychange, and a script run from a terminal
+// gives its window no focus back: while it shows such a failure it looks again now and
+// then. Nothing while hidden (a background tab opens no stream and sends no request),
+// and nothing for batches without a failure, which is almost all of them.
+// Checked each second, so that a change of catchUpMs (the browser tests') is taken at once.
+let lookedAt = Date.now();
+function lookAgainNowAndThen() {
+  if (Date.now() - lookedAt < setting("catchUpMs")) return;
+  lookedAt = Date.now();
+  if (document.visibilityState === "visible") catchUp(page.sessions.filter(showsAFailure));
+}
+
 export function wireCatchUp() {
+  // A tab shown again asks once for each batch it no longer follows.
   document.addEventListener("visibilitychange", () => {
     if (document.visibilityState === "visible") catchUp();
+  });
+  // Focus comes back often (each return from a file picker, say): only the batches
+  // that can have changed. A tab brought to the front may get it before it is shown,
+  // which then catches up on all (above): nothing while hidden.
+  window.addEventListener("focus", () => {
+    if (document.visibilityState === "visible") catchUp(page.sessions.filter(showsAFailure));
   });
   // Back from the back/forward cache, where a browser may show it without a
   // visibilitychange; a session following again by then is left be.
   window.addEventListener("pageshow", (event) => {
     if (event.persisted) catchUp();
   });
+  setInterval(lookAgainNowAndThen, 1000);
 }

@@ -41,6 +41,9 @@ const FROM_BODY = {
   // no stall, yet cut off after 30 s and sent again, a chunk could use all its resends
   // so (reviewer). It is given far longer to start.
   firstProgressTimeoutMs: 120000,
+  // How often a tab in front, showing a failed file of a batch it no longer follows,
+  // looks at that batch again (catchup.js).
+  catchUpMs: 60000,
   // How often the count is said to screen readers while it changes (announce.js).
   announceEveryMs: 15000,
   // Beyond the 10 s a web tier's first read of AWS may take.
