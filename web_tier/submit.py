@@ -11,15 +11,15 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from common.aws import Aws, error_reason
-from common.failure_tags import DEAD_LETTER_ERROR, NEVER_SENT_AGAIN, SentAgain
-from common.messages import ClassifyRequest, MessageError, prior_receives_attribute
+from common.failure_tags import DEAD_LETTER_ERROR, NEVER_SENT_AGAIN, SentAgain, sent_again_from_tags
+from common.messages import ClassifyRequest, MessageAttributes, MessageError, prior_receives_attribute
 from common.names import object_key
 from web_tier.image_check import Upload
 from web_tier.journal import Journal
 from web_tier.refusals import Code, Refusal
 from web_tier.results import DONE, QUEUED, Item, ResultBook
 from web_tier.sender import BatchingSender, SendError
-from web_tier.storage import clear_failed, head, put_input, tag_failed
+from web_tier.storage import clear_failed, head, input_tags, put_input, tag_failed
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +205,7 @@ class Submitter:
         the input object, so that a batch rebuilt from S3 shows it queued; then its new
         request is sent, marked seen before (PriorReceives), journaled as an upload's
         is, so that a web tier killed after the mark came off still has it sent
-        (requeue_unsent, unmarked: a hint, not kept in the journal, whose lines web
-        tiers of other versions read too). Its answer reaches it as any answer does;
+        (requeue_unsent, which marks it as its input's tags say). Its answer reaches it as any answer does;
         so does a late answer of the first copy, the first to come winning. A copy of
         the old request dead-lettered later is ignored (listeners.py).
         """
@@ -221,12 +220,6 @@ class Submitter:
         # Sent at the moment it was queued again: any copy sent before is older.
         request = ClassifyRequest(id=again.id, bucket=self.aws.settings.input_bucket, key=again.key,
                                   filename=again.filename, sent_at=again.requeued_at).to_json()
-        # Marked seen before, so that a worker tries it alone at once: its image may be what
-        # crashed the workers its dead-lettered copy met, and in a batch it would cost its
-        # batch-mates an attempt. One receive, not the max_receive_count that copy used: with
-        # those, the worker would take its attempts for used up and fail it unread. That costs
-        # it one attempt; with MAX_RECEIVE_COUNT 1 there is none to spare, and it goes unmarked.
-        attributes = prior_receives_attribute(min(1, self.aws.settings.max_receive_count - 1))
         self._begin(again.id, request)
         try:
             stored = clear_failed(self.aws, again.key, again.sent_again_record)
@@ -243,7 +236,7 @@ class Submitter:
             return Refusal(409, "not sent again: its image is no longer in the input bucket; upload it again",
                            again.filename, code=Code.NOT_SENT_AGAIN)
         try:
-            self.requests.send(request, attributes)
+            self.requests.send(request, self._seen_before())
         except Exception:
             # Its mark is off, the item queued: sent by requeue_unsent once SQS takes it,
             # as an upload stored with no request is (at worst twice: the first answer wins).
@@ -253,6 +246,15 @@ class Submitter:
         self._end(again.id)
         log.info("item %s sent again (%d)", again.id, again.sent_again)
         return again
+
+    def _seen_before(self) -> MessageAttributes:
+        """The mark of a request sent again: seen before, so that a worker tries it alone
+        at once. Its image may be what crashed the workers its dead-lettered copy met, and
+        in a batch it would cost its batch-mates an attempt. One receive, not the
+        max_receive_count that copy used: with those, the worker would take its attempts
+        for used up and fail it unread. That costs it one attempt; with MAX_RECEIVE_COUNT 1
+        there is none to spare, and it goes unmarked."""
+        return prior_receives_attribute(min(1, self.aws.settings.max_receive_count - 1))
 
     def _undo_again(self, again: Item, previous: SentAgain) -> None:
         """Back to the failure it had, sent again as often as before (`previous`), as
@@ -300,13 +302,23 @@ class Submitter:
 
     def _requeue(self, body: str) -> bool:
         request = ClassifyRequest.from_json(body)
-        if head(self.aws, request.bucket, request.key) is None:
+        stored = head(self.aws, request.bucket, request.key)
+        if stored is None:
             return False  # never stored: its upload was answered with an error, or not at all
         if head(self.aws, self.aws.settings.output_bucket, request.key) is not None:
             return False  # sent before the kill, and answered
-        self.requests.send(body)
+        again = self._dead_letter_sent_again(request, stored)
+        self.requests.send(body, self._seen_before() if again else None)
         log.info("queued %s, stored with no request sent", request.key)
         return True
+
+    def _dead_letter_sent_again(self, request: ClassifyRequest, stored: dict) -> bool:
+        """Whether `request` is a dead letter's sent again (send_again), as its input's
+        tags say: the journal keeps a request's body alone, in lines that web tiers of
+        other versions read too. An upload puts no tags, so most need no second call."""
+        if not stored.get("TagCount"):
+            return False
+        return sent_again_from_tags(input_tags(self.aws, request.key) or []).count > 0
 
     def _retry_later(self, item_id: str, body: str) -> None:
         with self._unsent_lock:

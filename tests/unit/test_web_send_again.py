@@ -360,7 +360,24 @@ def test_a_request_sqs_does_not_take_is_sent_by_the_requeue(make_web_app, web_aw
     assert requests_queued(web_aws) == []
     monkeypatch.undo()
     assert submitter.requeue_unsent() == 1
-    # Unmarked: the mark is a hint, not kept for a request sent late (web_tier/submit.py).
+    # Marked seen before as when sent at once: its input's tags say it was sent again.
+    assert attributes_taken(web_aws) == {item["id"]: SEEN_BEFORE}
+
+
+def test_an_uploads_request_sent_late_is_not_marked_seen_before(make_web_app, web_aws, monkeypatch):
+    """requeue_unsent marks only a request sent again (its input's tags say so): an
+    upload's own first request, sent late, has had no receive."""
+    app = make_web_app(start_background=False)
+    submitter = services_of(app).submitter
+    monkeypatch.setattr(submitter.requests, "send", sqs_down)
+    # Its image not deleted either: accepted, and queued late (Submitter._refuse).
+    monkeypatch.setattr(submitter, "_unstore", lambda key: False)
+    answer = upload(app.test_client(), [(make_image(306), "late.jpg")])
+    assert answer.status_code == 202, answer.get_data(as_text=True)
+    item = answer.get_json()["items"][0]
+    assert requests_queued(web_aws) == []
+    monkeypatch.undo()
+    assert submitter.requeue_unsent() == 1
     assert attributes_taken(web_aws) == {item["id"]: {}}
 
 
