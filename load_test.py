@@ -635,6 +635,9 @@ class Report:
     # was taken: that sample is skipped, no request lost to it, and the run not said
     # interrupted; the command still exits as the signal says (130, 143).
     signal_after_sending: str | None = None
+    # Why the run was stopped short by run_load's `stop_at` (a caller's time limit), not by
+    # a signal: its requests in flight abandoned, the rest not started; None if it was not.
+    cut_short: str | None = None
     idempotency_keys: bool = False  # uploads cut off mid-request were sent again too
     # Answers were to be checked against an --expected CSV: a run that checked none is no PASS.
     checked_against_csv: bool = False
@@ -764,6 +767,7 @@ class Report:
     def ok(self) -> bool:
         return (
             not self.interrupted
+            and self.cut_short is None
             and self.sent == self.planned
             and self.failed == 0
             and self.wrong == 0
@@ -796,6 +800,7 @@ class Report:
             "lowest_instances": self.lowest_instances,
             "interrupted": self.interrupted,
             "interrupted_by": self.interrupted_by,
+            "cut_short": self.cut_short,
             "abandoned": self.abandoned,
             "answered_later": self.answered_later,  # the table's "answered later"
             "polled": self.polled,  # the table's "awaited by polling"
@@ -1673,22 +1678,25 @@ def plan_requests(config: Config, images: list[Path], expected: dict[str, str]) 
 
 
 def unfinished_outcomes(plan: Sequence[Path], taken_at: Sequence[float], t0: float,
-                        recorded: set[int]) -> list[Outcome]:
+                        recorded: set[int], cut_short: str | None = None) -> list[Outcome]:
     """An outcome for each request of `plan` an interrupted run has none for, so that its
     report holds every one ("requests" lacked 26 abandoned, and those never started:
     reviewer): one taken from the plan (at `taken_at[index]`) was in flight when the
-    run quit, the others were never started."""
+    run quit, the others were never started. `cut_short`: why the run was stopped, when
+    not by a signal, which each of their errors then says."""
+    in_flight = f"in flight when {cut_short}" if cut_short else "in flight when the run quit"
+    not_started = f"not started: {cut_short}" if cut_short else "not started: the run was interrupted first"
     rest = []
     for index, path in enumerate(plan):
         if index in recorded:
             continue
         if index < len(taken_at):
             rest.append(Outcome(index=index, file=sendable_name(path), started_s=taken_at[index] - t0,
-                                error="in flight when the run quit (the image may be stored)",
+                                error=f"{in_flight} (the image may be stored)",
                                 verdict="abandoned", reached=None))
         else:
             rest.append(Outcome(index=index, file=sendable_name(path), started_s=None,
-                                error="not started: the run was interrupted first", verdict="not started"))
+                                error=not_started, verdict="not started"))
     return rest
 
 
@@ -1699,6 +1707,8 @@ def run_load(
     *,
     images: list[Path] | None = None,
     expected: dict[str, str] | None = None,
+    stop_at: float | None = None,
+    stop_reason: str = "the run's time limit passed",
 ) -> Report:
     """Send the planned requests with `config.concurrency` in flight; return the report.
 
@@ -1715,6 +1725,11 @@ def run_load(
     (those polling /api/jobs stop at their next poll).
     Either way the report says it was interrupted, and holds the requests never
     started as "not started".
+
+    `stop_at` (a time.monotonic() instant) ends the run then as a second Ctrl-C would,
+    for a caller that must end by a deadline (`make bench`): each request's --timeout
+    alone let a run at -c 100 of a server answering nothing last three timeouts. Its
+    report is then `cut_short`, by `stop_reason`, which the requests it left say too.
     """
     if images is None:
         images = list_images(config.images)
@@ -1764,15 +1779,19 @@ def run_load(
 
     def record_all(wait: bool = True) -> None:
         """Records the outcomes not yet recorded; with `wait`, until every request taken
-        from the plan has one (or, once stopped, those in flight)."""
+        from the plan has one (or, once stopped, those in flight), or `stop_at` passes."""
         while True:
             # Quitting (not `wait`), the report is printed even after a sender's bug.
             for outcome in senders.results_from(len(outcomes), timeout_s=0.2 if wait else 0, raising=wait):
                 record(outcome, notify=wait)
-            if not wait or senders.finished(len(outcomes)):
+            if not wait or senders.finished(len(outcomes)) or out_of_time():
                 return
 
+    def out_of_time() -> bool:
+        return stop_at is not None and time.monotonic() >= stop_at
+
     interrupted_by: str | None = None
+    cut_short: str | None = None
     signal_after_sending: str | None = None
     # The clock starts as the first requests go: nothing slow comes in between.
     started_at = time.time()
@@ -1784,6 +1803,11 @@ def run_load(
             poller.start(t0)
             senders.start(t0)
             record_all()
+            if out_of_time() and not senders.finished(len(outcomes)):
+                # As a second Ctrl-C: what is in flight is not waited for.
+                cut_short = stop_reason
+                stop.set()
+                record_all(wait=False)
         except KeyboardInterrupt as first:
             # All of the handling is inside the next try: a second Ctrl-C may come
             # at any moment, even before the message below is out.
@@ -1800,6 +1824,8 @@ def run_load(
                     file=sys.stderr,
                 )
                 record_all()
+                if out_of_time() and not senders.finished(len(outcomes)):
+                    raise KeyboardInterrupt  # the caller's time is up: as a second Ctrl-C
             except KeyboardInterrupt as second:
                 if isinstance(second, Terminated):
                     interrupted_by = "SIGTERM"  # a Ctrl-C, then SIGTERM: the latter made it quit
@@ -1817,7 +1843,7 @@ def run_load(
         duration = time.monotonic() - t0
         try:
             # An interrupted run waits for nothing more, not even a slow /api/status.
-            poller.stop(wait=interrupted_by is None)
+            poller.stop(wait=interrupted_by is None and cut_short is None)
         except KeyboardInterrupt as late:
             # Every request is over: an interrupt now cuts short the last status sample
             # (up to 7 s), not the report. Raised, it lost the whole report, and the command
@@ -1830,8 +1856,9 @@ def run_load(
         client.close()
         if progress:
             progress.close()
-    if interrupted_by is not None:
-        outcomes += unfinished_outcomes(plan, senders.taken_at(), t0, {o.index for o in outcomes})
+    if interrupted_by is not None or cut_short is not None:
+        outcomes += unfinished_outcomes(plan, senders.taken_at(), t0, {o.index for o in outcomes},
+                                        None if interrupted_by else cut_short)
 
     return Report(
         url=config.url,
@@ -1844,6 +1871,7 @@ def run_load(
         instance_samples=list(poller.samples),
         interrupted_by=interrupted_by,
         signal_after_sending=signal_after_sending,
+        cut_short=cut_short,
         idempotency_keys=config.idempotency_keys,
         checked_against_csv=config.expected is not None,
         wait=config.wait if config.api == "jobs" else None,
@@ -1878,6 +1906,8 @@ def result_line(report: Report) -> str:
         reasons.append(f"{report.not_sent} not sent")
     if report.interrupted:
         reasons.append("interrupted")
+    if report.cut_short:
+        reasons.append(f"stopped: {report.cut_short}")
     if report.checked_nothing:
         reasons.append("none checked: the expected CSV names no image answered")
     return f"RESULT: FAIL ({', '.join(reasons)})"

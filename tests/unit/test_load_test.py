@@ -526,6 +526,25 @@ def test_a_job_accepted_then_waited_for_past_the_timeout_says_the_image_is_store
                              "/api/jobs)")
 
 
+def test_a_run_given_a_time_to_stop_at_ends_then_and_says_why_for_each_request_left(tier, tmp_path):
+    """`make bench` must end within 10 minutes: at -c 100, a stack answering nothing held
+    one run for three of its requests' 120 s timeouts."""
+    images = make_images(tmp_path / "images", {f"{i}.jpg": b"hang" for i in range(3)})
+    why = "the bench's deadline passed during (b)"
+    config = Config(images=images, url=tier.url, concurrency=2, timeout=60, quiet=True)
+
+    report = finish_within(15, run_load, config, stop_at=time.monotonic() + 0.5, stop_reason=why)
+
+    assert report.cut_short == why and not report.interrupted and not report.ok
+    assert report.answered == 0 and len(report.outcomes) == 3
+    # The first two were taken by the two senders (unless the time was up first); the third never was.
+    verdicts = [o.verdict for o in sorted(report.outcomes, key=lambda o: o.index)]
+    assert set(verdicts[:2]) <= {"abandoned", "not started"} and verdicts[2] == "not started"
+    assert all(why in o.error for o in report.outcomes)
+    assert report.to_dict()["cut_short"] == why
+    assert load_test.result_line(report).endswith(f"stopped: {why})")
+
+
 def test_a_request_whose_deadline_passed_before_it_was_sent_is_not_sent(tier, tmp_path):
     """With --timeout 0.001 requests never sent were counted as sent (reviewer)."""
     images = make_images(tmp_path / "images", {"a.jpg": b"label:x"})
