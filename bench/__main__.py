@@ -17,7 +17,8 @@ about speed. Missed targets are reported, never fatal. A part (or a phase of
 one) that raises is recorded with its error, the others still run, what was
 measured is printed and saved, and the command exits with 1. So is one not run
 because the stack had stopped answering (bench.endtoend.unanswered) or the
-bench's deadline had passed (bench.endtoend.Deadline). Use --only to run
+bench's deadline had passed (bench.endtoend.Deadline), and one under way at the
+deadline is stopped there and recorded as failed with that reason. Use --only to run
 some parts (the others are taken from the last .bench/latest.json when there;
 "parts" in the JSON says which figures are this run's, and when each was measured).
 """
@@ -43,13 +44,14 @@ from bench.endtoend import (
     PHASE_NAMES,
     ZERO_TIMEOUT_S,
     Deadline,
+    DeadlinePassed,
     EndToEndPlan,
     error_text,
     run_end_to_end,
     tuned_env,
 )
 from bench.images import write_expected, write_images
-from bench.inference import InferenceResult, measure, prepare_model
+from bench.inference import MEASURE_TIMEOUT_S, InferenceResult, measure, prepare_model
 from bench.noise import NoiseMeter
 from bench.sqs import measure_sqs
 from common import cli
@@ -88,6 +90,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # --- the parts ------------------------------------------------------------------------
 
 
+def measure_by(deadline: Deadline | None, what: str, runtime: str, threads: int, images: Path,
+               **kwargs: Any) -> InferenceResult:
+    """measure(), its process killed at the bench's deadline: its own timeout (4 min) let
+    one started just before the deadline end past the tenth minute."""
+    timeout_s = deadline.within(MEASURE_TIMEOUT_S) if deadline else MEASURE_TIMEOUT_S
+    try:
+        return measure(runtime, threads, images, timeout_s=timeout_s, **kwargs)
+    except subprocess.TimeoutExpired:
+        if deadline is None or timeout_s >= MEASURE_TIMEOUT_S:
+            raise
+        raise DeadlinePassed(deadline.during(what)) from None
+
+
 def run_inference(images: Path, skip_tf: bool,
                   deadline: Deadline | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     """The model-alone figures and the labels it gives each image (the answers the stack must give).
@@ -97,8 +112,10 @@ def run_inference(images: Path, skip_tf: bool,
     kept in "errors", beside the figures measured.
     """
     print("(a) the model alone, each in a fresh process ...", flush=True)
+    # The bench's first step: its own 5 minutes end well before the deadline.
     prepare_model()
-    runs: list[InferenceResult] = [measure("openvino", 0, images, labels=True)]
+    runs: list[InferenceResult] = [measure_by(deadline, "(a) openvino/threads=0", "openvino", 0, images,
+                                              labels=True)]
     labels = runs[0].labels
     # What each worker of `make run` runs by default: one thread (LOCAL_WORKER_THREADS=1;
     # the end-to-end runs here give each worker all cores: bench.endtoend.tuned_env).
@@ -110,7 +127,7 @@ def run_inference(images: Path, skip_tf: bool,
             errors[f"{runtime}/threads={threads}"] = f"not run: {late}"
             continue
         try:
-            runs.append(measure(runtime, threads, images))
+            runs.append(measure_by(deadline, f"(a) {runtime}/threads={threads}", runtime, threads, images))
         except Exception as exc:
             logging.exception("the %s measurement failed", runtime)
             errors[f"{runtime}/threads={threads}"] = error_text(exc)
@@ -128,9 +145,9 @@ def run_inference(images: Path, skip_tf: bool,
     }, labels
 
 
-def run_sqs(needed: float | None, receive_batch: float) -> dict[str, Any]:
+def run_sqs(needed: float | None, receive_batch: float, deadline: Deadline | None = None) -> dict[str, Any]:
     print("(h) moto's SQS at several queue depths ...", flush=True)
-    return measure_sqs(needed_images_per_s=needed, receive_batch=receive_batch)
+    return measure_sqs(needed_images_per_s=needed, receive_batch=receive_batch, deadline=deadline)
 
 
 def run_e2e(images: Path, expected: Path | None, env: dict[str, str], warm_spares: int | None,
@@ -139,7 +156,8 @@ def run_e2e(images: Path, expected: Path | None, env: dict[str, str], warm_spare
     model measured so again once (b) is over."""
     print("(b, d-g) the whole stack: 300 @ 100, 100 @ 100, then one at a time ...", flush=True)
     probe = None if limit is None else functools.partial(
-        measure, limit["runtime"], limit["threads"], images, batch_sizes=(limit["batch"],))
+        measure_by, deadline, "the model's measurement after (b)", limit["runtime"], limit["threads"], images,
+        batch_sizes=(limit["batch"],))
     plan = EndToEndPlan(images=images, expected=expected, env=env, warm_spares=warm_spares,
                         model_probe=probe, deadline=deadline)
     return run_end_to_end(plan, BENCH_DIR / "run")
@@ -237,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         "inference": inference,
         "e2e": e2e,
         "sqs": lambda: run_sqs(report.local_limit(figures["inference"]),
-                               receive_batch=float(Settings.from_env().receive_batch)),
+                               receive_batch=float(Settings.from_env().receive_batch), deadline=deadline),
     }
     for part in ("inference", "e2e", "sqs"):  # e2e checks its answers against inference's labels
         if part not in parts:
@@ -317,6 +335,16 @@ def _bad_in_phases(e2e: dict[str, Any] | None, phases: tuple[str, ...]) -> str |
     return "; ".join(named) or None
 
 
+def _cut_short(e2e: dict[str, Any] | None, phases: tuple[str, ...]) -> str | None:
+    """Why a phase's figures are of part of its requests (the bench's deadline passed
+    during it), with the requests that went unanswered: its targets FAIL, never PASS."""
+    for phase in phases:
+        run = (e2e or {}).get(phase) or {}
+        if run.get("cut_short"):
+            return f"{run['cut_short']}: {report.bad_requests(run)}"
+    return None
+
+
 def _document(figures: dict[str, Any], started: float) -> dict[str, Any]:
     inference, e2e = figures["inference"], figures["end_to_end"]
     limit = report.local_limit(inference)
@@ -340,6 +368,8 @@ def _document(figures: dict[str, Any], started: float) -> dict[str, Any]:
                                    "core_ms_per_image"))
     scaled = [((e2e or {}).get(k) or {}).get("scaling") for k in SCALED_PHASES]
     zero_after = [s.get("last_response_to_zero_s") for s in scaled if s]
+    # A wait for zero the bench's deadline cut short says nothing of the fleet: no "> 30 s".
+    zero_cut = _first_reason(*(s.get("zero_not_measured") for s in scaled if s))
     # A fleet that never left zero is "at zero" at once: that passed the target without
     # scaling anything. (A JSON without the figure is taken to have launched.)
     idle = [PHASE_NAMES[phase] for phase, s in zip(SCALED_PHASES, scaled, strict=True)
@@ -348,13 +378,15 @@ def _document(figures: dict[str, Any], started: float) -> dict[str, Any]:
     # here: a miss, unlike a run that is not there at all. Decided per phase: the other
     # phase's launching nothing had turned (d)'s miss into an N/A (reviewer).
     never_zero = any(s and s.get("last_response_to_zero_s") is None and s.get("peak_instances") != 0
-                     for s in scaled)
+                     and not s.get("zero_not_measured") for s in scaled)
     zero_missing = _first_reason(_missing(figures, "e2e", "throughput"), _missing(figures, "e2e", "course"),
+                                 zero_cut,
                                  f"no instance launched in {' and '.join(idle)}" if idle else None)
     found = report.targets(
         e2e_ratio=judged_ratio,
         course_average_s=((e2e or {}).get("course") or {}).get("course_average_latency_s"),
-        zero_after_s=None if idle or never_zero or len(zero_after) < len(scaled) else max(zero_after),
+        zero_after_s=(None if idle or never_zero or zero_cut or len(zero_after) < len(scaled)
+                      else max(zero_after)),
         zero_more_than_s=ZERO_TIMEOUT_S if never_zero else None,
         low_load_p50_s=(((e2e or {}).get("low_load") or {}).get("latency_s") or {}).get("p50"),
         single_image_s=single_image_s,
@@ -365,10 +397,11 @@ def _document(figures: dict[str, Any], started: float) -> dict[str, Any]:
             "zero": zero_missing,
             "low_load": _first_reason(_missing(figures, "e2e", "low_load"), _missing(figures, "inference")),
         },
-        bad={**{target: report.bad_requests((e2e or {}).get(phase)) for target, phase in
+        bad={**{target: _first_reason(_cut_short(e2e, (phase,)), report.bad_requests((e2e or {}).get(phase)))
+                for target, phase in
                 (("e2e_ratio", "throughput"), ("course", "course"), ("low_load", "low_load"))},
              # The fleet's time to zero after requests that failed is not that after the work.
-             "zero": _bad_in_phases(e2e, SCALED_PHASES)},
+             "zero": _first_reason(_cut_short(e2e, SCALED_PHASES), _bad_in_phases(e2e, SCALED_PHASES))},
         notes={"e2e_ratio": alone, "low_load": alone},
     )
     return report.document(

@@ -34,6 +34,7 @@ import psutil
 
 from bench.inference import InferenceResult
 from bench.memory import MemorySampler, kind_of
+from bench.report import bad_requests
 from bench.scaling import FleetPoller, controller_actions, scaling_times
 from load_test import Config, Outcome, Report, latency_summary, run_load
 from localaws.harness import StackProcess
@@ -46,7 +47,11 @@ REQUEST_TIMEOUT_S = 120.0
 # and at 120 s each low load's 35 requests one after another had taken 70 minutes.
 LOW_LOAD_TIMEOUT_S = 10.0
 ZERO_TIMEOUT_S = 30.0
-# The bench must end within 10 minutes here (~3.5 normally); past this no phase starts.
+STACK_START_TIMEOUT_S = 120.0
+STACK_START = "the stack's start"
+# The bench must end within 10 minutes here (~3.5 normally). At this no phase starts, and
+# one under way is stopped: what is left after it (the stack's stop, at most 15 s, and
+# the report) ends well within the tenth minute.
 BENCH_DEADLINE_S = 9 * 60.0
 MOTO_STATS = "moto-stats.json"  # in the run folder: the embedded AWS's CPU by action
 
@@ -74,20 +79,37 @@ def tuned_env() -> tuple[dict[str, str], int]:
     return env, cores
 
 
+class DeadlinePassed(RuntimeError):
+    """A measurement stopped because the bench's deadline passed while it ran."""
+
+
 @dataclass
 class Deadline:
-    """When the bench starts no more phases: a broken stack's timeouts, each phase
-    waiting out its own, had added up to over an hour. A phase started before it
-    runs to its end."""
+    """When the bench starts no more phases, and stops those under way: a broken
+    stack's timeouts, each phase waiting out its own, had added up to over an hour, and
+    one phase started just before it, its 300 requests at 120 s each, to ~6 minutes."""
 
     seconds: float = BENCH_DEADLINE_S
     started: float = field(default_factory=time.monotonic)
 
+    @property
+    def at(self) -> float:
+        """The deadline as a time.monotonic() instant."""
+        return self.started + self.seconds
+
     def passed(self) -> str | None:
         """Why a phase is not started now; None while there is time."""
-        if time.monotonic() - self.started < self.seconds:
+        if time.monotonic() < self.at:
             return None
         return f"the bench's deadline passed ({self.seconds / 60:g} min from its start)"
+
+    def during(self, what: str) -> str:
+        """Why `what`, under way at the deadline, was stopped."""
+        return f"the bench's deadline passed during {what} ({self.seconds / 60:g} min from its start)"
+
+    def within(self, seconds: float) -> float:
+        """`seconds`, or what is left before the deadline when that is less (never below 0)."""
+        return max(0.0, min(seconds, self.at - time.monotonic()))
 
 
 @dataclass
@@ -109,10 +131,20 @@ class EndToEndPlan:
     deadline: Deadline | None = None
 
 
-def _load(plan: EndToEndPlan, url: str, images: Path, requests: int, concurrency: int,
+def _within(plan: EndToEndPlan, seconds: float) -> float:
+    """A wait of `seconds`, cut to the time left before the plan's deadline."""
+    return plan.deadline.within(seconds) if plan.deadline else seconds
+
+
+def _load(plan: EndToEndPlan, url: str, images: Path, requests: int, concurrency: int, phase: str,
           timeout: float = REQUEST_TIMEOUT_S) -> Report:
-    return run_load(Config(images=images, url=url, num_requests=requests, concurrency=concurrency,
-                           expected=plan.expected, timeout=timeout, quiet=True))
+    """One load run, stopped at the plan's deadline: its report is then cut_short, and each
+    request it left unanswered says "the bench's deadline passed during (b)"."""
+    config = Config(images=images, url=url, num_requests=requests, concurrency=concurrency,
+                    expected=plan.expected, timeout=timeout, quiet=True)
+    if plan.deadline is None:
+        return run_load(config)
+    return run_load(config, stop_at=plan.deadline.at, stop_reason=plan.deadline.during(PHASE_NAMES[phase]))
 
 
 def started_requests(report: Report) -> list[Outcome]:
@@ -145,7 +177,9 @@ def _summary(report: Report) -> dict[str, object]:
         "latency_s": latency_summary(report.latencies),
         "course_average_latency_s": report.course_average_latency,
         "problems": [f"{o.file}: {o.verdict}: {o.error or o.note}" for o in report.outcomes
-                     if o.verdict in ("failed", "wrong", "not sent")][:5],
+                     if o.verdict in ("failed", "wrong", "not sent", "abandoned", "not started")][:5],
+        # Set: the run was stopped short (the bench's deadline), its figures those of a part of it.
+        "cut_short": report.cut_short,
     }
 
 
@@ -218,27 +252,28 @@ def wait_for_the_last_fleets_workers(count: Callable[[], int], timeout_s: float)
     return True
 
 
-def _settle(stack: StackProcess) -> None:
-    if not wait_for_the_last_fleets_workers(lambda: serving_workers_alive(stack), ZERO_TIMEOUT_S):
-        log.warning("the last phase's workers were still running %.0f s after it", ZERO_TIMEOUT_S)
+def _settle(stack: StackProcess, timeout_s: float = ZERO_TIMEOUT_S) -> None:
+    if not wait_for_the_last_fleets_workers(lambda: serving_workers_alive(stack), timeout_s):
+        log.warning("the last phase's workers were still running %.0f s after it", timeout_s)
 
 
 def _scaled_run(plan: EndToEndPlan, stack: StackProcess, images: Path, requests: int,
-                concurrency: int, memory: bool = False) -> dict[str, object]:
-    """One load run from zero instances, with the fleet watched until it is back to zero."""
+                concurrency: int, phase: str, memory: bool = False) -> dict[str, object]:
+    """One load run from zero instances, with the fleet watched until it is back to zero
+    (or the plan's deadline: each wait is cut to it)."""
     poller = FleetPoller(stack.settings()).start()
     sampler: MemorySampler | None = None
     mem = None
     try:
-        if poller.wait_for_zero(time.time(), ZERO_TIMEOUT_S) is None:
+        if poller.wait_for_zero(time.time(), _within(plan, ZERO_TIMEOUT_S)) is None:
             log.warning("the fleet was not at zero before the run")
-        _settle(stack)
+        _settle(stack, _within(plan, ZERO_TIMEOUT_S))
         moto_before = _moto_stats(stack.run_dir / MOTO_STATS)
         sampler = MemorySampler(stack.process.pid).start() if memory and stack.process else None
         lines_before = len(stack.output)
         poller.fast(until_launch=True)
         own_cpu = _own_cpu_s()
-        report = _load(plan, stack.web_url, images, requests, concurrency)
+        report = _load(plan, stack.web_url, images, requests, concurrency, phase)
         own_cpu = _own_cpu_s() - own_cpu
         # Poll fast before anything else here: the fleet may reach zero while the
         # memory sampler stops and moto's figures are read, and a slow poll would
@@ -252,7 +287,8 @@ def _scaled_run(plan: EndToEndPlan, stack: StackProcess, images: Path, requests:
         # the idle workers' polls and this poller's. The server writes its figures
         # every STATS_EVERY_S, so up to that much after the last response counts.
         moto = moto_delta(moto_before, _moto_stats(stack.run_dir / MOTO_STATS))
-        zero_at = poller.wait_for_zero(last, ZERO_TIMEOUT_S)
+        zero_wait = _within(plan, ZERO_TIMEOUT_S)
+        zero_at = poller.wait_for_zero(last, zero_wait)
     finally:
         poller.stop()
         if sampler is not None and mem is None:
@@ -265,6 +301,10 @@ def _scaled_run(plan: EndToEndPlan, stack: StackProcess, images: Path, requests:
     out["scaling"]["fleet_poll_errors"] = poller.errors
     out["scaling"]["fleet_samples"] = len(poller.samples)
     out["scaling"]["samples"] = samples_since(poller.samples, report.started_at)
+    if zero_at is None and zero_wait < ZERO_TIMEOUT_S and plan.deadline:
+        # Not a fleet that stayed up ZERO_TIMEOUT_S (the target's "> 30 s"): the wait was cut.
+        out["scaling"]["zero_not_measured"] = plan.deadline.during(
+            f"{PHASE_NAMES[phase]}'s wait for zero instances")
     if mem is not None:
         out["memory"] = mem
     # The load generator shares the cores with the stack, so its CPU is part of the budget.
@@ -308,7 +348,7 @@ def _subset(images: Path, count: int, into: Path) -> Path:
 def _model_now(plan: EndToEndPlan, stack: StackProcess) -> dict[str, object]:
     """The model alone, in a fresh process, with the stack idle (no fleet, no workers)."""
     assert plan.model_probe is not None
-    _settle(stack)
+    _settle(stack, _within(plan, ZERO_TIMEOUT_S))
     found = plan.model_probe()
     return {"runtime": found.runtime, "threads": found.threads, "batch": found.best_batch,
             "images_per_s": found.best_throughput, "single_image_s": found.single_image_s,
@@ -323,9 +363,9 @@ def _low_load(plan: EndToEndPlan, stack: StackProcess) -> dict[str, object]:
     can outlast the scale-in cooldown (0.5 s here), and the measured requests
     then waited for a launch (seen once: p99 0.88 s against 0.09 s).
     """
-    _settle(stack)
+    _settle(stack, _within(plan, ZERO_TIMEOUT_S))
     report = _load(plan, stack.web_url, plan.images, plan.low_load_warmup + plan.low_load_requests, 1,
-                   timeout=LOW_LOAD_TIMEOUT_S)
+                   "low_load", timeout=LOW_LOAD_TIMEOUT_S)
     measured = without_first(report, plan.low_load_warmup)
     out = _summary(measured)
     out["warmup_requests"] = plan.low_load_warmup
@@ -379,7 +419,9 @@ def run_end_to_end(plan: EndToEndPlan, run_dir: Path) -> dict[str, object]:
     phases after it still run while the stack is up: one failure does not
     throw away the figures already measured. Those after a phase that had under
     half its requests answered, or past the plan's deadline, are not run: each
-    is in "errors" with the reason.
+    is in "errors" with the reason. One under way at the deadline is stopped there
+    (its figures, of part of its requests, are kept with "cut_short" set) and is in
+    "errors" too.
     """
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -388,7 +430,12 @@ def run_end_to_end(plan: EndToEndPlan, run_dir: Path) -> dict[str, object]:
     env = {STATS_ENV: str(run_dir / MOTO_STATS), **plan.env}
     stack = StackProcess(run_dir, env_overrides=env, **kwargs)
     started = time.monotonic()
-    stack.start()
+    try:
+        stack.start(timeout_s=_within(plan, STACK_START_TIMEOUT_S))
+    except RuntimeError as exc:
+        if plan.deadline and plan.deadline.passed():
+            raise DeadlinePassed(f"{plan.deadline.during(STACK_START)}: {exc}") from exc
+        raise
     out: dict[str, object] = {"stack_start_s": time.monotonic() - started, "ready_line": stack.ready_line,
                               "env": dict(plan.env), "warm_spares": stack.warm_spares}
     errors: dict[str, str] = {}
@@ -397,11 +444,11 @@ def run_end_to_end(plan: EndToEndPlan, run_dir: Path) -> dict[str, object]:
             scratch = Path(tmp)
             phases = {
                 "throughput": lambda: _scaled_run(plan, stack, plan.images, plan.throughput_requests,
-                                                  plan.throughput_concurrency, memory=True),
+                                                  plan.throughput_concurrency, "throughput", memory=True),
                 "model_now": lambda: _model_now(plan, stack),
                 "course": lambda: _scaled_run(plan, stack,
                                               _subset(plan.images, plan.course_requests, scratch / "course"),
-                                              plan.course_requests, plan.course_concurrency),
+                                              plan.course_requests, plan.course_concurrency, "course"),
                 "low_load": lambda: _low_load(plan, stack),
             }
             if plan.model_probe is None:
@@ -417,6 +464,12 @@ def run_end_to_end(plan: EndToEndPlan, run_dir: Path) -> dict[str, object]:
                 except Exception as exc:
                     log.exception("end-to-end phase %s failed", name)
                     errors[name] = error_text(exc)
+                    continue
+                cut = out[name].get("cut_short")
+                if cut:
+                    # Its figures are of part of its requests: the phase failed. The phases
+                    # after it are not run for the deadline, not for the requests it left.
+                    errors[name] = f"{cut}: {bad_requests(out[name])}"
                     continue
                 why_not = unanswered(name, out[name])
     finally:

@@ -40,6 +40,7 @@ BATCH_SIZES = (1, 2, 4, 8, 10)
 # (median) against 39 back-to-back.
 PAUSE_S = 0.07
 ROUNDS = 2
+MEASURE_TIMEOUT_S = 240.0
 
 
 @dataclass
@@ -87,7 +88,7 @@ class InferenceResult:
 
 
 def measure(runtime: str, threads: int, images: Path, *, labels: bool = False,
-            min_seconds: float = 2.5, timeout_s: float = 240.0,
+            min_seconds: float = 2.5, timeout_s: float = MEASURE_TIMEOUT_S,
             batch_sizes: Sequence[int] = BATCH_SIZES) -> InferenceResult:
     """Run one measurement in a fresh `python -m bench.inference` process; its
     throughput at each of `batch_sizes`."""

@@ -29,6 +29,7 @@ import boto3
 from botocore.client import BaseClient
 from botocore.config import Config
 
+from bench.endtoend import Deadline, DeadlinePassed
 from localaws.harness import free_port
 from localaws.server import wait_until_up
 
@@ -127,7 +128,8 @@ def measure_depth(sqs: BaseClient, url: str, depth: int) -> dict[str, float]:
     return out
 
 
-def measure_server(module: str, depths: tuple[int, ...]) -> list[dict[str, float]]:
+def measure_server(module: str, depths: tuple[int, ...],
+                   deadline: Deadline | None = None) -> list[dict[str, float]]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="bench-moto-") as tmp, open(Path(tmp) / "moto.log", "wb") as log:
@@ -138,6 +140,10 @@ def measure_server(module: str, depths: tuple[int, ...]) -> list[dict[str, float
             sqs = _client(url)
             rows = []
             for depth in depths:
+                # Checked at each depth, a step of seconds: started just before the bench's
+                # deadline, the whole part (~50 s) ended close to its tenth minute.
+                if deadline is not None and deadline.passed():
+                    raise DeadlinePassed(deadline.during(f"(h), {module} at depth {depth}"))
                 # A fresh queue per depth (PurgeQueue is allowed once a minute).
                 queue_url = sqs.create_queue(QueueName=f"bench-sqs-{depth}")["QueueUrl"]
                 rows.append(measure_depth(sqs, queue_url, depth))
@@ -172,7 +178,7 @@ def sqs_ms_per_image(row: dict[str, float], receive_batch: float, send_batch: fl
 
 
 def measure_sqs(needed_images_per_s: float | None = None, receive_batch: float = 10.0,
-                send_batch: float = 10.0) -> dict[str, object]:
+                send_batch: float = 10.0, deadline: Deadline | None = None) -> dict[str, object]:
     """Both servers' call times at each depth, and the images/s their SQS calls allow at depth 100.
 
     `send_batch` is 10 by default, as `receive_batch`: a lone upload goes out in
@@ -184,7 +190,7 @@ def measure_sqs(needed_images_per_s: float | None = None, receive_batch: float =
     out: dict[str, object] = {"receive_batch_assumed": receive_batch, "send_batch_assumed": send_batch,
                               "needed_images_per_s": needed_images_per_s}
     for name, module in SERVERS.items():
-        rows = measure_server(module, DEPTHS[name])
+        rows = measure_server(module, DEPTHS[name], deadline)
         # The stack's request queue holds about as many messages as requests in flight (<= ~100).
         shallow = next(r for r in rows if r["depth"] == 100)
         per_image = sqs_ms_per_image(shallow, receive_batch, send_batch)

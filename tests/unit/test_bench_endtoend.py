@@ -64,7 +64,7 @@ def test_moto_figures_stop_at_the_last_response(monkeypatch: pytest.MonkeyPatch,
             self.samples.append((after + 1.0, 0))
             return after + 1.0
 
-    def load(plan, url, images, requests, concurrency) -> Report:
+    def load(plan, url, images, requests, concurrency, phase) -> Report:
         moto.serve("SendMessageBatch", requests)
         outcomes = [Outcome(i, f"{i}.jpg", 0.0, 0.5, status=200) for i in range(requests)]
         return Report(url, "form", concurrency, requests, started_at=1000.0, duration_s=0.5,
@@ -78,7 +78,7 @@ def test_moto_figures_stop_at_the_last_response(monkeypatch: pytest.MonkeyPatch,
                             serving_worker_pids=set)
     plan = endtoend.EndToEndPlan(images=tmp_path, expected=None)
 
-    out = endtoend._scaled_run(plan, stack, tmp_path, requests=10, concurrency=10)
+    out = endtoend._scaled_run(plan, stack, tmp_path, requests=10, concurrency=10, phase="throughput")
 
     assert out["moto_by_action"] == {"SendMessageBatch": {"requests": 10, "cpu_s": 0.02}}
     assert out["scaling"]["last_response_to_zero_s"] == pytest.approx(1.0)
@@ -159,7 +159,7 @@ def test_a_scaled_run_keeps_each_request_and_the_fleets_samples(monkeypatch: pyt
         def wait_for_zero(self, after: float, timeout_s: float) -> float:
             return 1002.0
 
-    def load(plan, url, images, requests, concurrency) -> Report:
+    def load(plan, url, images, requests, concurrency, phase) -> Report:
         outcomes = [Outcome(i, f"{i}.jpg", 0.1 * (requests - i), 0.5, status=200) for i in range(requests)]
         outcomes[1].error = "HTTP 503"
         return Report(url, "form", concurrency, requests, started_at=1000.0, duration_s=1.5,
@@ -173,7 +173,7 @@ def test_a_scaled_run_keeps_each_request_and_the_fleets_samples(monkeypatch: pyt
                             serving_worker_pids=set)
 
     out = endtoend._scaled_run(endtoend.EndToEndPlan(images=tmp_path, expected=None), stack, tmp_path,
-                               requests=3, concurrency=3)
+                               requests=3, concurrency=3, phase="throughput")
 
     assert out["each_request"] == [{"started_s": 0.1, "latency_s": 0.5, "error": None},
                                    {"started_s": 0.2, "latency_s": 0.5, "error": "HTTP 503"},
@@ -190,17 +190,61 @@ def test_low_load_gives_each_request_a_short_timeout(monkeypatch: pytest.MonkeyP
     nothing kept low load's 35 requests, one after another, for 70 minutes (reviewer)."""
     asked = []
 
-    def run_load(config) -> Report:
+    def run_load(config, **_) -> Report:
         asked.append(config)
         outcomes = [Outcome(i, f"{i}.jpg", 0.2 * i, 0.1, status=200) for i in range(config.num_requests)]
         return Report(config.url, "form", 1, config.num_requests, started_at=1000.0, duration_s=7.0,
                       outcomes=outcomes)
 
     monkeypatch.setattr(endtoend, "run_load", run_load)
-    monkeypatch.setattr(endtoend, "_settle", lambda stack: None)
+    monkeypatch.setattr(endtoend, "_settle", lambda stack, timeout_s=None: None)
     stack = SimpleNamespace(web_url="http://127.0.0.1:1")
 
     out = endtoend._low_load(endtoend.EndToEndPlan(images=tmp_path, expected=None), stack)
 
     assert [(c.num_requests, c.concurrency, c.timeout) for c in asked] == [(35, 1, 10.0)]
     assert out["requests"] == 30 and out["warmup_requests"] == 5
+
+
+def test_a_load_run_under_way_at_the_deadline_is_stopped_then_and_the_fleet_not_waited_for(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """A phase started just before the bench's deadline ran to its end: against a broken
+    stack, (b)'s 300 requests at 120 s each went ~6 minutes past it, and the bench past 10."""
+    deadline = endtoend.Deadline()
+    at = deadline.at
+    asked: list[dict] = []
+    zero_waits: list[float] = []
+
+    class Poller(StubPoller):
+        def wait_for_zero(self, after: float, timeout_s: float) -> None:
+            zero_waits.append(timeout_s)  # the fleet never reaches zero
+
+    def run_load(config, **kwargs) -> Report:
+        asked.append(kwargs)
+        deadline.started -= 3600  # the deadline passes during the run: the load test stops it then
+        left = kwargs["stop_reason"]
+        outcomes = [Outcome(0, "0.jpg", 0.0, 0.5, status=200),
+                    Outcome(1, "1.jpg", 0.1, error=f"in flight when {left}", verdict="abandoned",
+                            reached=None),
+                    Outcome(2, "2.jpg", None, error=f"not started: {left}", verdict="not started")]
+        return Report(config.url, "form", 2, 3, started_at=1000.0, duration_s=1.0, outcomes=outcomes,
+                      cut_short=left)
+
+    monkeypatch.setattr(endtoend, "FleetPoller", Poller)
+    monkeypatch.setattr(endtoend, "run_load", run_load)
+    monkeypatch.setattr(endtoend, "_moto_stats", lambda path: {})
+    stack = SimpleNamespace(settings=lambda: None, run_dir=tmp_path, process=None, output=[],
+                            web_url="http://127.0.0.1:1", warm_spares=1, descendants=list,
+                            serving_worker_pids=set)
+    plan = endtoend.EndToEndPlan(images=tmp_path, expected=None, deadline=deadline)
+
+    out = endtoend._scaled_run(plan, stack, tmp_path, requests=3, concurrency=2, phase="throughput")
+
+    why = "the bench's deadline passed during (b) (9 min from its start)"
+    assert asked == [{"stop_at": at, "stop_reason": why}]
+    assert out["cut_short"] == why and out["answered_200"] == 1
+    assert [r["error"] for r in out["each_request"]] == [None, f"in flight when {why}"]
+    assert zero_waits[-1] == 0.0  # past the deadline: no 30 s wait for a fleet at zero
+    assert out["scaling"]["last_response_to_zero_s"] is None
+    assert out["scaling"]["zero_not_measured"] == \
+        "the bench's deadline passed during (b)'s wait for zero instances (9 min from its start)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -122,7 +123,7 @@ class _IdleStack:
         self.ready_line, self.warm_spares, self.output = "ready", 1, ["line"]
         self.process = SimpleNamespace(poll=lambda: None)
 
-    def start(self) -> _IdleStack:
+    def start(self, timeout_s: float = 120.0) -> _IdleStack:
         return self
 
     def stop(self) -> float:
@@ -130,7 +131,7 @@ class _IdleStack:
 
 
 def test_a_failed_phase_keeps_the_phases_before_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    def scaled_run(plan, stack, images, requests, concurrency, memory=False):
+    def scaled_run(plan, stack, images, requests, concurrency, phase, memory=False):
         if not memory:
             raise TimeoutError("course: the web tier stopped answering")
         return {"requests": requests, "answered_200": requests, "failed": 0}
@@ -159,14 +160,14 @@ def test_a_phase_the_stack_hardly_answered_ends_the_phases(answered: int, why: s
     out its timeout: over an hour in all (reviewer)."""
     ran: list[str] = []
 
-    def scaled_run(plan, stack, images, requests, concurrency, memory=False):
+    def scaled_run(plan, stack, images, requests, concurrency, phase, memory=False):
         ran.append("throughput" if memory else "course")
         return {"requests": requests, "answered_200": answered if memory else requests,
                 "failed": requests - answered if memory else 0}
 
     monkeypatch.setattr(endtoend, "StackProcess", _IdleStack)
     monkeypatch.setattr(endtoend, "_scaled_run", scaled_run)
-    monkeypatch.setattr(endtoend, "_settle", lambda stack: None)
+    monkeypatch.setattr(endtoend, "_settle", lambda stack, timeout_s=None: None)
     monkeypatch.setattr(endtoend, "_low_load", lambda plan, stack: ran.append("low") or {"requests": 30})
     probe = lambda: ran.append("model") or _result("openvino", 0, 16.0)  # noqa: E731
     images = tmp_path / "images"
@@ -193,7 +194,7 @@ def test_a_phase_the_stack_hardly_answered_ends_the_phases(answered: int, why: s
 def test_no_phase_starts_past_the_deadline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     ran: list[str] = []
 
-    def scaled_run(plan, stack, images, requests, concurrency, memory=False):
+    def scaled_run(plan, stack, images, requests, concurrency, phase, memory=False):
         ran.append("throughput" if memory else "course")
         plan.deadline.started -= 3600  # the phase took an hour
         return {"requests": requests, "answered_200": requests, "failed": 0}
@@ -248,6 +249,91 @@ def test_past_the_deadline_the_bench_starts_no_part_and_says_why(
     course = {t["name"]: t for t in doc["targets"]}["course average latency, 100 requests at concurrency 100"]
     assert course["verdict"] == "N/A" and course["reason"] == f"e2e failed: {why}"
     assert f"e2e: FAILED, {why}" in capsys.readouterr().out
+
+
+def test_a_phase_the_deadline_stopped_fails_and_its_targets_say_why_never_pass(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """A phase under way at the deadline is stopped there (bench.endtoend._load): what it
+    measured is of part of its requests, and must not pass a target as if it were whole."""
+    why = "the bench's deadline passed during (b) (9 min from its start)"
+    ran: list[str] = []
+
+    def scaled_run(plan, stack, images, requests, concurrency, phase, memory=False):
+        ran.append(phase)
+        plan.deadline.started -= 3600  # the deadline passed during it
+        # 250 answered fast before it, the other 50 left unanswered by the load test.
+        return {**_run(), "requests": 300, "answered_200": 250, "unchecked": 250,
+                "throughput_images_per_s": 30.0, "cut_short": why,
+                "scaling": {"last_response_to_zero_s": None, "peak_instances": 2,
+                            "zero_not_measured": "the bench's deadline passed during (b)'s wait for zero"}}
+
+    monkeypatch.setattr(endtoend, "StackProcess", _IdleStack)
+    monkeypatch.setattr(endtoend, "_scaled_run", scaled_run)
+    monkeypatch.setattr(endtoend, "_low_load", lambda plan, stack: ran.append("low") or {"requests": 30})
+    probe = lambda: ran.append("model") or _result("openvino", 0, 16.0)  # noqa: E731
+    images = tmp_path / "images"
+    images.mkdir()
+    plan = endtoend.EndToEndPlan(images=images, expected=None, model_probe=probe,
+                                 deadline=endtoend.Deadline())
+
+    out = endtoend.run_end_to_end(plan, tmp_path / "run")
+
+    assert ran == ["throughput"] and out["stack_stop_s"] == 0.1
+    later = "not run: the bench's deadline passed (9 min from its start)"
+    assert out["errors"] == {"throughput": f"{why}: 50 failed", "model_now": later, "course": later,
+                             "low_load": later}
+    figures = {"inference": {"local_limit": {"images_per_s": 20.0}, "single_image_s": 0.04},
+               "expected_labels": {}, "sqs": None, "noise": {}, "end_to_end": out,
+               "parts": {part: {"source": "this run", "measured_at": "now", "error": None}
+                         for part in bench_main.PARTS}}
+    doc = bench_main._document(figures, 0.0)
+    shown = {t["name"]: report.Target.from_dict(t).shown for t in doc["targets"]}
+    # 30 images/s against a limit of 20 would be a PASS, on the 250 answered before the deadline.
+    assert shown["end-to-end throughput / in-process limit"] == f"FAIL ({why}: 50 failed)"
+    # Not "> 30 s": the fleet was not waited for.
+    assert shown["last response -> zero instances"] == f"FAIL ({why}: 50 failed)"
+    course = shown["course average latency, 100 requests at concurrency 100"]
+    assert course == f"N/A (e2e course failed: {later})"
+    out["throughput"]["latency_s"] = dict.fromkeys(("p50", "p90", "p99", "max"), 0.5)
+    assert f"throughput: FAILED, {why}: 50 failed" in printed.e2e_table(out)
+
+
+def test_a_model_measurement_under_way_at_the_deadline_is_stopped_then(
+        fake_model, bench_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """Each measurement's own timeout (4 min) let one started just before the deadline
+    run past the tenth minute."""
+    deadlines: list[endtoend.Deadline] = []
+
+    class Recorded(endtoend.Deadline):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            deadlines.append(self)
+
+    given: list[tuple[str, int, float]] = []
+
+    def measure(runtime: str, threads: int, images: Path, *, timeout_s: float, **_) -> InferenceResult:
+        given.append((runtime, threads, timeout_s))
+        deadline = deadlines[0]
+        if threads == 0 and runtime == "openvino":
+            deadline.started -= deadline.seconds - 60  # a minute left once the limit is measured
+            return _result(runtime, threads, 25.0)
+        deadline.started -= 3600  # the time given ran out: its process killed
+        raise subprocess.TimeoutExpired(["python", "-m", "bench.inference"], timeout_s)
+
+    monkeypatch.setattr(bench_main, "Deadline", Recorded)
+    monkeypatch.setattr(bench_main, "measure", measure)
+    out = bench_dir / "latest.json"
+
+    code = bench_main.main(["--only", "inference", "--json", str(out)])
+
+    assert code == 1
+    assert [(runtime, threads) for runtime, threads, _ in given] == [("openvino", 0), ("openvino", 1)]
+    assert given[0][2] == inference.MEASURE_TIMEOUT_S and 0 < given[1][2] <= 60
+    doc = json.loads(out.read_text())
+    assert doc["inference"]["errors"] == {
+        "openvino/threads=1": "DeadlinePassed: the bench's deadline passed during (a) openvino/threads=1 "
+                              "(9 min from its start)",
+        "tensorflow/threads=0": "not run: the bench's deadline passed (9 min from its start)"}
 
 
 def _run(failed: int = 0, wrong: int = 0, zero_s: float | None = 1.0) -> dict:
@@ -366,7 +452,7 @@ def test_the_model_is_measured_again_after_the_throughput_run(monkeypatch: pytes
     (b) with the model measured right after it, with the stack idle."""
     ran: list[str] = []
 
-    def scaled_run(plan, stack, images, requests, concurrency, memory=False):
+    def scaled_run(plan, stack, images, requests, concurrency, phase, memory=False):
         ran.append("throughput" if memory else "course")
         return {"requests": requests, "answered_200": requests, "failed": 0}
 
@@ -376,7 +462,7 @@ def test_the_model_is_measured_again_after_the_throughput_run(monkeypatch: pytes
 
     monkeypatch.setattr(endtoend, "StackProcess", _IdleStack)
     monkeypatch.setattr(endtoend, "_scaled_run", scaled_run)
-    monkeypatch.setattr(endtoend, "_settle", lambda stack: ran.append("settle"))
+    monkeypatch.setattr(endtoend, "_settle", lambda stack, timeout_s=None: ran.append("settle"))
     monkeypatch.setattr(endtoend, "_low_load", lambda plan, stack: ran.append("low") or {"requests": 30})
     images = tmp_path / "images"
     images.mkdir()
@@ -505,7 +591,7 @@ def test_the_limit_and_the_model_measured_again_keep_their_cpu_per_image(
     limit = bench_main.run_inference(tmp_path, skip_tf=True)[0]["local_limit"]
     assert limit["core_ms_per_image"] == 60.0  # at the limit's batch size
 
-    monkeypatch.setattr(endtoend, "_settle", lambda stack: None)
+    monkeypatch.setattr(endtoend, "_settle", lambda stack, timeout_s=None: None)
     plan = endtoend.EndToEndPlan(images=tmp_path, expected=None,
                                  model_probe=lambda: measure("openvino", 0, tmp_path))
     assert endtoend._model_now(plan, None)["core_ms_per_image"] == 60.0

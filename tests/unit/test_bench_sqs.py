@@ -96,3 +96,30 @@ def test_sqs_table_says_what_was_measured_and_reads_an_older_json():
                "moto": {"depths": [old], "sqs_ms_per_image_at_depth_100": 9.4,
                         "sqs_bound_images_per_s": 106.0}}
     assert "web-tier sends of ?" in sqs_table(figures)
+
+
+def test_no_depth_is_measured_past_the_bench_deadline(monkeypatch: pytest.MonkeyPatch):
+    """(h) started just before the deadline ran its ~50 s to the end, close to the
+    bench's tenth minute: each depth, a step of seconds, checks it."""
+    from types import SimpleNamespace
+
+    from bench.endtoend import Deadline, DeadlinePassed
+
+    deadline = Deadline()
+    measured: list[int] = []
+
+    def measure_depth(sqs, url: str, depth: int) -> dict[str, float]:
+        measured.append(depth)
+        deadline.started -= 3600  # the deadline passes while the first depth is measured
+        return {"depth": depth}
+
+    server = SimpleNamespace(terminate=lambda: None, wait=lambda timeout=None: 0)
+    monkeypatch.setattr(bench_sqs.subprocess, "Popen", lambda *args, **kwargs: server)
+    monkeypatch.setattr(bench_sqs, "wait_until_up", lambda *args, **kwargs: None)
+    monkeypatch.setattr(bench_sqs, "_client", lambda url: SimpleNamespace(
+        create_queue=lambda QueueName: {"QueueUrl": QueueName}))
+    monkeypatch.setattr(bench_sqs, "measure_depth", measure_depth)
+
+    with pytest.raises(DeadlinePassed, match=r"during \(h\), moto.server at depth 100 \(9 min"):
+        bench_sqs.measure_sqs(deadline=deadline)
+    assert measured == [0]
