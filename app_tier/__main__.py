@@ -12,7 +12,7 @@ import threading
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from app_tier import EXIT_CANNOT_START, SPARE_LOADED
+from app_tier import EXIT_CANNOT_START, EXIT_GAVE_UP, SPARE_LOADED
 from common import cli, systemd
 from common.aws import Aws
 from common.config import Settings
@@ -155,7 +155,7 @@ def run(argv: list[str] | None, before_serving: StopBeforeServing) -> int:
     threading.Thread(target=report_ready_once_received, args=(settings, worker), name="report-ready",
                      daemon=True).start()
     worker.serve()
-    return 0
+    return EXIT_GAVE_UP if worker.gave_up else 0
 
 
 def show_held_only(settings: Settings, instance_id: str) -> int:

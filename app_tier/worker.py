@@ -158,6 +158,7 @@ class Worker:
         self._fetcher: threading.Thread | None = None
         self.processed = 0
         self._model_faults = 0  # batches in a row released for a ModelFault
+        self.gave_up: str | None = None  # why it stopped for good (_stop_for_good), if it did
 
     # --- lifecycle ---------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -303,7 +304,13 @@ class Worker:
         replacements fail too."""
         log.error("worker %s: every receive has failed for %.0f s (the last: %s); reporting its "
                   "instance failed and stopping", self.instance_id, failing_s, last)
-        report_worker_failed(self.aws, self.instance_id, "cannot-receive")
+        self._stop_for_good("cannot-receive")
+
+    def _stop_for_good(self, why: str) -> None:
+        """Report the instance failed (`why`) and stop: the process then exits with
+        EXIT_GAVE_UP, which its supervisor does not restart."""
+        self.gave_up = why
+        report_worker_failed(self.aws, self.instance_id, why)
         self.stopping.set()
 
     def fetch(self) -> Batch:
@@ -492,8 +499,7 @@ class Worker:
         log.error("worker %s: the model failed on %d batches in a row, a plain input too (the last: "
                   "%s); reporting its instance failed and stopping", self.instance_id,
                   self._model_faults, fault.__cause__ or fault)
-        report_worker_failed(self.aws, self.instance_id, "model-fault")
-        self.stopping.set()
+        self._stop_for_good("model-fault")
 
     def answer(self, batch: Batch) -> list[tuple[Job, ClassifyResponse]]:
         """Every job's response: its classification, or why it has none."""

@@ -7,7 +7,8 @@ configurable boot delay. When the instance is terminated or disappears, it
 sends the worker SIGTERM, then SIGKILL after a grace period, as EC2's
 shutdown would. A worker that exits while its instance lives is restarted, as
 systemd's Restart=always does on a real instance, unless it exited because it
-cannot load the model (RestartPreventExitStatus there). One that keeps failing
+cannot load the model, or gave up serving and reported its instance failed
+(RestartPreventExitStatus there). One that keeps failing
 at start waits twice as long before each next start (QUICK_EXIT_S). Like
 systemd's watchdog there (WatchdogSec=), the runner kills a worker that has said
 it is ready and then stops pinging for LOCAL_WATCHDOG seconds, or that has not said
@@ -36,7 +37,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app_tier import EXIT_CANNOT_START, SPARE_LOADED
+from app_tier import EXIT_CANNOT_START, EXIT_GAVE_UP, SPARE_LOADED
 from app_tier.held import show_held
 from app_tier.held_journal import HeldJournal, held_journal_path
 from common.aws import AWS_ERRORS, Aws, keys_in
@@ -88,7 +89,7 @@ ADOPTED_START_TIMEOUT_S = 60.0
 # after any exit and stop the whole stack after three failed starts, as without them
 # there is no service. A worker is one of many, and the controller replaces an
 # instance whose worker cannot serve: it backs off instead, for as long as its
-# instance lives (EXIT_CANNOT_START aside).
+# instance lives (EXIT_CANNOT_START and EXIT_GAVE_UP aside).
 BACKOFF = Backoff(quick_exit_s=QUICK_EXIT_S, first_delay_s=RESTART_BACKOFF_S, max_delay_s=MAX_RESTART_DELAY_S,
                   # Whatever ends them, starts come at most once a backoff.
                   min_interval_s=RESTART_BACKOFF_S)
@@ -149,7 +150,7 @@ class WorkerProcess:
     restarts: int = 0
     quick_exits: int = 0  # failed starts in a row, its own if it has exited (see QUICK_EXIT_S)
     restart_at: float | None = None  # once it has exited: when its successor starts
-    given_up: bool = False  # it cannot load the model: not restarted
+    given_up: bool = False  # it cannot load the model, or gave up serving: not restarted
 
 
 @dataclass
@@ -461,8 +462,8 @@ class InstanceRunner:
 
     def _restart_exited_workers(self, now: float) -> None:
         """As the worker's systemd unit does (Restart=always, RestartPreventExitStatus
-        for a worker that cannot load its model: restarting it cannot help, and the
-        controller replaces its instance), backing off while it fails at start. A
+        for a worker that cannot load its model, or that gave up serving: restarting it
+        cannot help, and the controller replaces its instance), backing off while it fails at start. A
         restart that must wait is left to the round in which it is due: the exited
         worker keeps its instance's place meanwhile (the instance's end drops it, and
         its restart with it), and this round goes on with the others."""
@@ -473,6 +474,11 @@ class InstanceRunner:
             if code == EXIT_CANNOT_START:
                 log.error("runner: the worker for %s cannot start: a setting is wrong or the model cannot "
                           "be loaded (exit %d); not restarting it (see its log)", iid, code)
+                worker.given_up = True
+                continue
+            if code == EXIT_GAVE_UP:
+                log.error("runner: the worker for %s gave up serving and reported its instance failed "
+                          "(exit %d); not restarting it: the controller replaces the instance", iid, code)
                 worker.given_up = True
                 continue
             if worker.restart_at is None:

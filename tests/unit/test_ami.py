@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from app_tier import EXIT_CANNOT_START
+from app_tier import EXIT_CANNOT_START, EXIT_GAVE_UP
 from common.config import Settings, worker_environment
 from common.fleet import WORKER_FAILED_TAG, WORKER_READY_TAG
 from common.names import PREFIX_TAG, ROLE_APP_TIER, ROLE_TAG
@@ -244,8 +244,9 @@ def test_systemd_unit_restarts_and_stops_gracefully():
     assert unit["Restart"] == ["always"]
     assert unit["KillSignal"] == ["SIGTERM"]
     assert unit["TimeoutStopSec"] == ["30"]
-    # A worker that cannot load its weights exits with this, and is not restarted into it again.
-    assert unit["RestartPreventExitStatus"] == [str(EXIT_CANNOT_START)]
+    # A worker that cannot load its weights exits with the first, and one that gave up serving
+    # with the second: neither is restarted into it again.
+    assert unit["RestartPreventExitStatus"] == [f"{EXIT_CANNOT_START} {EXIT_GAVE_UP}"]
     assert unit["EnvironmentFile"] == ["/etc/imgclass/worker.env"]
     assert unit["User"] == ["imgclass"]
     (exec_start,) = unit["ExecStart"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from moto import mock_aws
 
-from app_tier import EXIT_CANNOT_START
+from app_tier import EXIT_CANNOT_START, EXIT_GAVE_UP
 from app_tier.held_journal import held_journal_path
 from common.aws import Aws
 from common.config import Settings
@@ -29,7 +29,8 @@ from localaws.runner import QUICK_EXIT_S, RESTART_BACKOFF_S, InstanceRunner, end
 # "stubborn" ignores SIGTERM, as a hung worker would; "drains" exits 0 on SIGTERM, as a
 # serving worker does after its warm shutdown; "no-model" exits at once as a
 # worker that cannot load its weights does; "crash" dies at start; a spare says its
-# model is loaded, unless "still-loading"; "pings" says
+# model is loaded, unless "still-loading"; "gives-up" exits as a worker that gave up
+# serving does; "pings" says
 # READY=1 and pings its watchdog through the worker's own module (common.systemd)
 # until a file hang.<pid> appears, then goes silent, as a hang holding Python's lock.
 FAKE_WORKER = """
@@ -38,6 +39,8 @@ if os.environ.get("FAKE_MODE") == "no-model":
     sys.exit(78)
 if os.environ.get("FAKE_MODE") == "crash":
     sys.exit(1)
+if os.environ.get("FAKE_MODE") == "gives-up":  # as one that served, then gave up
+    sys.exit(79)
 args = sys.argv[1:]
 iid = args[args.index("--instance-id") + 1]
 if iid == "-":
@@ -519,6 +522,27 @@ def test_a_worker_that_cannot_load_its_model_is_not_restarted(world, caplog):
     assert runner.warm_spares == 0 and runner._spares == []  # spares would fail the same way
     # Once for the worker, once for spares.
     assert caplog.text.count("cannot start: a setting is wrong or the model cannot") == 2
+
+
+def test_a_worker_that_gave_up_serving_is_not_restarted(world, caplog):
+    """As systemd's RestartPreventExitStatus on an instance: it has reported its instance
+    failed, and restarted it took batches again only to release them, each costing its
+    requests an attempt, until the controller replaced the instance."""
+    settings, aws, make, out = world
+    runner = make(warm_spares=0, env={"FAKE_MODE": "gives-up"})
+    iid = launch(aws, settings, (1,))[1]
+    runner.step()
+    worker = runner.workers[iid]
+    wait_until(lambda: worker.process.poll() is not None, what="the worker to exit")
+    assert worker.process.returncode == EXIT_GAVE_UP
+    runner.step()
+    assert worker.given_up and "gave up serving" in caplog.text
+    # Well past when a restart would have come: none did.
+    deadline = time.monotonic() + 3 * RESTART_BACKOFF_S
+    while time.monotonic() < deadline:
+        runner.step()
+        time.sleep(0.05)
+    assert runner.workers[iid] is worker and runner.started_total == 1
 
 
 def test_a_spare_that_dies_at_start_is_replaced_at_most_once_a_backoff(world, caplog):

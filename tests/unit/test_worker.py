@@ -229,6 +229,36 @@ def test_a_model_failing_whatever_its_input_releases_the_batch_and_then_gives_up
     assert responses(aws) == {} and depth(aws, aws.request_queue_url) == (2, 0)
 
 
+def test_a_worker_that_gave_up_exits_with_a_status_its_supervisor_does_not_restart(aws_env, monkeypatch):
+    """It has reported its instance failed, for the controller to replace it. It exited
+    0, which systemd and the local runner restart: the new process took batches again
+    and released them, each costing its requests an attempt, until the instance was gone
+    (reviewer). Run through main(), as its supervisor runs it."""
+    import signal
+
+    import app_tier.model
+    from app_tier import EXIT_GAVE_UP
+    from app_tier.__main__ import main
+
+    settings, aws = aws_env
+    instance_id = aws.ec2.run_instances(ImageId=settings.ami_id, MinCount=1,
+                                        MaxCount=1)["Instances"][0]["InstanceId"]
+    for name in ("a", "b"):
+        upload(settings, aws, f"{name}.jpg", make_image(ord(name), size=(64, 64)), name)
+    monkeypatch.setenv("RECEIVE_WAIT", "0")
+    monkeypatch.setenv("RETRY_DELAY", "0")
+    monkeypatch.setattr(app_tier.model, "load_classifier", lambda *args: FaultyModel(faults=10_000))
+    # main() installs its own; put back after.
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert main(["--instance-id", instance_id]) == EXIT_GAVE_UP
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert instance_tags(aws, instance_id)[WORKER_FAILED_TAG] == "model-fault"
+    assert responses(aws) == {}
+
+
 def test_a_passing_model_fault_costs_one_attempt_and_is_forgotten(aws_env):
     """One batch released for a fault that passes: the next is answered, and the count
     of faults in a row starts again (two apart do not stop the worker)."""
