@@ -198,18 +198,23 @@ class HeldMessages:
 
     def delete(self, jobs: list[Job], why: str = "answered request(s), which will be answered again") -> None:
         """Delete answered requests from the queue, and stop holding them; `why` says
-        what a request SQS would not delete is, in the warning."""
-        for chunk in sqs_batches(jobs):
-            reply = self.aws.sqs.delete_message_batch(
-                QueueUrl=self.aws.request_queue_url,
-                Entries=[{"Id": str(i), "ReceiptHandle": j.receipt} for i, j in enumerate(chunk)],
-            )
-            if reply.get("Failed"):
-                # Answered already: nothing to undo. Such a request comes back after its
-                # visibility timeout, is classified again, and its second answer ignored.
-                codes = ", ".join(sorted({f.get("Code", "?") for f in reply["Failed"]}))
-                log.warning("could not delete %d %s: %s", len(reply["Failed"]), why, codes)
-        self.forget(jobs)
+        what a request SQS would not delete is, in the warning.
+
+        Ordered against the heartbeat, as hide() is: an extension of a message deleted
+        and not yet forgotten failed on its stale receipt, and said the request was
+        "another worker's now" when it had only been answered here."""
+        with self._visibility_lock:
+            for chunk in sqs_batches(jobs):
+                reply = self.aws.sqs.delete_message_batch(
+                    QueueUrl=self.aws.request_queue_url,
+                    Entries=[{"Id": str(i), "ReceiptHandle": j.receipt} for i, j in enumerate(chunk)],
+                )
+                if reply.get("Failed"):
+                    # Answered already: nothing to undo. Such a request comes back after its
+                    # visibility timeout, is classified again, and its second answer ignored.
+                    codes = ", ".join(sorted({f.get("Code", "?") for f in reply["Failed"]}))
+                    log.warning("could not delete %d %s: %s", len(reply["Failed"]), why, codes)
+            self.forget(jobs)
 
     def release(self, jobs: list[Job], at_least_s: int = 0) -> None:
         """This attempt failed: let the next one (here or elsewhere) have the messages,
