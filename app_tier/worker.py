@@ -707,7 +707,14 @@ class Worker:
             if stuck is not None:
                 self._give_up_stuck(stuck)
                 return
-            self.held.extend()
+            try:
+                self.held.extend()
+            except Exception:
+                # SQS's and the journal's errors are handled within: this is a bug. Dead, this
+                # thread had left every held message to lapse, and stalls unseen, without a
+                # word until the watchdog (systemd's or the runner's; none by hand) restarted it.
+                log.exception("worker %s: a heartbeat round failed; trying again at the next",
+                              self.instance_id)
             watch.beat()
 
     def _give_up_stuck(self, stuck: Call) -> None:
