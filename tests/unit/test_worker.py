@@ -1286,6 +1286,21 @@ def test_two_hand_backs_at_once_send_each_message_back_once(aws_env, monkeypatch
     assert depth(aws, aws.request_queue_url) == (2, 0)
 
 
+def timer_started(worker: Worker, monkeypatch) -> threading.Event:
+    """Set once the grace timer's give-up has begun (its first step, before it waits for
+    anything): what the test holds under way is then still under way as it begins, however
+    late the test's thread runs, where a sleep let it end first on a loaded machine."""
+    began = threading.Event()
+    make_visible_as_tried = worker.held.make_visible_as_tried
+
+    def first_step(tried):
+        began.set()
+        return make_visible_as_tried(tried)
+
+    monkeypatch.setattr(worker.held, "make_visible_as_tried", first_step)
+    return began
+
+
 def test_the_grace_timer_waits_for_the_main_loops_hand_back(aws_env, monkeypatch):
     """The main loop hands back a prepared batch when the grace period ends: the timer
     must neither send the batch again nor exit the process in the middle of it."""
@@ -1295,13 +1310,14 @@ def test_the_grace_timer_waits_for_the_main_loops_hand_back(aws_env, monkeypatch
     batch = worker.fetch()
     send = aws.sqs.send_message_batch
     sending = threading.Event()
+    giving_up = timer_started(worker, monkeypatch)
     sent: list[int] = []
     held_while_sending: list[int] = []
 
     def slow_send(**kwargs):
         sending.set()
         held_while_sending.append(len(worker.held))  # still held: the heartbeat keeps them hidden
-        time.sleep(0.3)
+        giving_up.wait(30)  # under way until the timer has begun
         sent.append(len(kwargs["Entries"]))
         return send(**kwargs)
 
@@ -1330,10 +1346,11 @@ def test_the_grace_timer_hands_back_what_a_receive_under_way_brings(aws_env, mon
     worker = Worker(settings, aws, MeanClassifier(), "i-stopping")
     worker.stopping.set()
     receiving = threading.Event()
+    giving_up = timer_started(worker, monkeypatch)
 
     def receive_at_the_last_moment():
         receiving.set()
-        time.sleep(0.5)
+        giving_up.wait(30)  # the receive ends once the timer has begun
         worker.fetch()
 
     worker._fetcher = threading.Thread(target=receive_at_the_last_moment)
