@@ -1370,14 +1370,22 @@ def test_a_release_is_not_overtaken_by_a_heartbeat_already_under_way(aws_env, mo
     worker = Worker(settings, aws, MeanClassifier(), "i-heartbeat")
     batch = worker.fetch()
     change = aws.sqs.change_message_visibility_batch
-    extending, releasing = threading.Event(), threading.Event()
+    extending, release_began, releasing = threading.Event(), threading.Event(), threading.Event()
     applied: list[int] = []
+    hide = worker.held.hide
+
+    def release_beginning(hidden_for):
+        release_began.set()
+        return hide(hidden_for)
 
     def sqs_change(**kwargs):
         seconds = kwargs["Entries"][0]["VisibilityTimeout"]
         if seconds == settings.visibility_timeout_s:  # the heartbeat's
             extending.set()
-            releasing.wait(timeout=1)  # a release may overtake it now, unless the two are ordered
+            # Under way until the release has begun, however late the test's thread runs;
+            # then it may overtake this one, unless the two are ordered.
+            release_began.wait(30)
+            releasing.wait(timeout=1)
         else:
             releasing.set()
         reply = change(**kwargs)
@@ -1385,6 +1393,7 @@ def test_a_release_is_not_overtaken_by_a_heartbeat_already_under_way(aws_env, mo
         return reply
 
     monkeypatch.setattr(aws.sqs, "change_message_visibility_batch", sqs_change)
+    monkeypatch.setattr(worker.held, "hide", release_beginning)
     heartbeat = threading.Thread(target=worker.held.extend)
     heartbeat.start()
     assert extending.wait(30)
