@@ -49,6 +49,14 @@ class StubPoller:
         pass
 
 
+def quiet_stack(run_dir: Path) -> SimpleNamespace:
+    """A stand-in of a StackProcess with no process, no output and no workers, for the
+    scaled run's own bookkeeping."""
+    return SimpleNamespace(settings=lambda: None, run_dir=run_dir, process=None, output=[],
+                           web_url="http://127.0.0.1:1", warm_spares=1, descendants=list,
+                           serving_worker_pids=set)
+
+
 def test_moto_figures_stop_at_the_last_response(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """They are per image of the run: the scale-in to zero (and the polls that
     watch for it) after the last response are not part of it."""
@@ -73,9 +81,7 @@ def test_moto_figures_stop_at_the_last_response(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(endtoend, "FleetPoller", Poller)
     monkeypatch.setattr(endtoend, "_load", load)
     monkeypatch.setattr(endtoend, "_moto_stats", moto.snapshot)
-    stack = SimpleNamespace(settings=lambda: None, run_dir=tmp_path, process=None, output=[],
-                            web_url="http://127.0.0.1:1", warm_spares=1, descendants=list,
-                            serving_worker_pids=set)
+    stack = quiet_stack(tmp_path)
     plan = endtoend.EndToEndPlan(images=tmp_path, expected=None)
 
     out = endtoend._scaled_run(plan, stack, tmp_path, requests=10, concurrency=10, phase="throughput")
@@ -168,9 +174,7 @@ def test_a_scaled_run_keeps_each_request_and_the_fleets_samples(monkeypatch: pyt
     monkeypatch.setattr(endtoend, "FleetPoller", Poller)
     monkeypatch.setattr(endtoend, "_load", load)
     monkeypatch.setattr(endtoend, "_moto_stats", lambda path: {})
-    stack = SimpleNamespace(settings=lambda: None, run_dir=tmp_path, process=None, output=[],
-                            web_url="http://127.0.0.1:1", warm_spares=1, descendants=list,
-                            serving_worker_pids=set)
+    stack = quiet_stack(tmp_path)
 
     out = endtoend._scaled_run(endtoend.EndToEndPlan(images=tmp_path, expected=None), stack, tmp_path,
                                requests=3, concurrency=3, phase="throughput")
@@ -233,9 +237,7 @@ def test_a_load_run_under_way_at_the_deadline_is_stopped_then_and_the_fleet_not_
     monkeypatch.setattr(endtoend, "FleetPoller", Poller)
     monkeypatch.setattr(endtoend, "run_load", run_load)
     monkeypatch.setattr(endtoend, "_moto_stats", lambda path: {})
-    stack = SimpleNamespace(settings=lambda: None, run_dir=tmp_path, process=None, output=[],
-                            web_url="http://127.0.0.1:1", warm_spares=1, descendants=list,
-                            serving_worker_pids=set)
+    stack = quiet_stack(tmp_path)
     plan = endtoend.EndToEndPlan(images=tmp_path, expected=None, deadline=deadline)
 
     out = endtoend._scaled_run(plan, stack, tmp_path, requests=3, concurrency=2, phase="throughput")

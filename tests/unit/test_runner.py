@@ -505,20 +505,26 @@ def test_the_runner_reads_ec2_with_the_keys_it_gives_its_workers(world, monkeypa
     assert list(runner.workers) == [iid]
 
 
+def exits_and_is_not_restarted(runner, iid: str, code: int) -> None:
+    """The worker for `iid` exits with `code`, and is not started again well past when a
+    restart would have come."""
+    runner.step()
+    worker = runner.workers[iid]
+    wait_until(lambda: worker.process.poll() is not None, what="the worker to exit")
+    assert worker.process.returncode == code
+    deadline = time.monotonic() + 3 * RESTART_BACKOFF_S
+    while time.monotonic() < deadline:
+        runner.step()
+        time.sleep(0.05)
+    assert runner.workers[iid] is worker and worker.given_up and runner.started_total == 1
+
+
 def test_a_worker_that_cannot_load_its_model_is_not_restarted(world, caplog):
     """As systemd's RestartPreventExitStatus on an instance: it would only fail again."""
     settings, aws, make, out = world
     runner = make(warm_spares=1, env={"FAKE_MODE": "no-model"})
     iid = launch(aws, settings, (1,))[1]
-    runner.step()
-    worker = runner.workers[iid]
-    wait_until(lambda: worker.process.poll() is not None, what="the worker to exit")
-    assert worker.process.returncode == EXIT_CANNOT_START
-    deadline = time.monotonic() + 3 * RESTART_BACKOFF_S
-    while time.monotonic() < deadline:
-        runner.step()
-        time.sleep(0.05)
-    assert runner.workers[iid] is worker and runner.started_total == 1
+    exits_and_is_not_restarted(runner, iid, EXIT_CANNOT_START)
     assert runner.warm_spares == 0 and runner._spares == []  # spares would fail the same way
     # Once for the worker, once for spares.
     assert caplog.text.count("cannot start: a setting is wrong or the model cannot") == 2
@@ -531,18 +537,8 @@ def test_a_worker_that_gave_up_serving_is_not_restarted(world, caplog):
     settings, aws, make, out = world
     runner = make(warm_spares=0, env={"FAKE_MODE": "gives-up"})
     iid = launch(aws, settings, (1,))[1]
-    runner.step()
-    worker = runner.workers[iid]
-    wait_until(lambda: worker.process.poll() is not None, what="the worker to exit")
-    assert worker.process.returncode == EXIT_GAVE_UP
-    runner.step()
-    assert worker.given_up and "gave up serving" in caplog.text
-    # Well past when a restart would have come: none did.
-    deadline = time.monotonic() + 3 * RESTART_BACKOFF_S
-    while time.monotonic() < deadline:
-        runner.step()
-        time.sleep(0.05)
-    assert runner.workers[iid] is worker and runner.started_total == 1
+    exits_and_is_not_restarted(runner, iid, EXIT_GAVE_UP)
+    assert "gave up serving" in caplog.text
 
 
 def test_a_spare_that_dies_at_start_is_replaced_at_most_once_a_backoff(world, caplog):
