@@ -151,8 +151,9 @@ def answer(batch_id: str) -> Response:
         return answer_page(404, "no such upload here: classify the image again")
     if len(items) > 1:
         # A batch of POST /api/jobs: one of its images shown as its answer would hide the rest.
+        shown_at = f"/#batches={batch_id}"
         return answer_page(404, f"this is a batch of {len(items)} images, not one upload: the page "
-                                f"shows them all at /#batches={batch_id}")
+                                f"shows them all at {shown_at}", link=(shown_at, "Show them all"))
     # HEAD (a link checker, a chat's preview) is answered at once: it reads no label.
     wait_s = 0.0 if request.method == "HEAD" else min(ANSWER_PAGE_WAIT_S, svc.settings.result_timeout_s)
     item, _client_left = _wait_while_connected(svc.book, items[0], wait_s)

@@ -63,11 +63,12 @@ def wants_page() -> bool:
 
 def answer_page(status: int, message: str, filename: str | None = None, label: str | None = None,
                 untrained: bool | None = None, *, score: float | None = None, waiting_s: int | None = None,
-                reloading: bool = False) -> Response:
+                reloading: bool = False, link: tuple[str, str] | None = None) -> Response:
     """The plain form's answer: the label and its score, or why there is none (`message`).
     `waiting_s`: the image is still queued, and the page offers to look again, or to
     reload itself that often; `reloading`: the user chose that. Never unasked: each
-    reload took a keyboard's focus and a screen reader back to the top (reviewer)."""
+    reload took a keyboard's focus and a screen reader back to the top (reviewer).
+    `link`: (address, text) of where to go instead, shown under the message."""
     if untrained is None:
         untrained = bool(services().book.untrained)
     # The tab's title says the state too: after a reload it was the same, answered or not.
@@ -76,12 +77,23 @@ def answer_page(status: int, message: str, filename: str | None = None, label: s
         # The tab, history and bookmarks show the title alone: the label there is said
         # untrained too, as everywhere else one is shown (explorer).
         state += " (untrained)"
-    # Without a file ("no such upload here: ..."), what the page says, up to its colon.
-    title = f"{state} · {filename}" if filename else message.split(":")[0]
+    title = f"{state} · {filename}" if filename else _up_to_its_colon(message)
     html = render_template("answer.html", filename=filename, label=label, score=score, message=message,
                            untrained=untrained, waiting_s=waiting_s, reloading=reloading and bool(waiting_s),
-                           title=title)
+                           title=title, link=link)
     return Response(html, status=status, mimetype="text/html")
+
+
+def _up_to_its_colon(message: str) -> str:
+    """A page's title without a file: what it says, up to its first colon outside
+    brackets ("no such upload here: ..."). One inside them ("(..., or Authorization:
+    Bearer)") cut the 401's title mid-bracket."""
+    depth = 0
+    for at, char in enumerate(message):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == ":" and depth == 0:
+            return message[:at]
+    return message
 
 
 # Where files are sent to the API, whose answers all list the files stored and refused.

@@ -672,6 +672,8 @@ def test_without_javascript_the_page_offers_a_plain_form_whose_answer_is_a_page(
     several = web_client.get(f"/answers/{batch.get_json()['batch_id']}")
     assert several.status_code == 404 and "this is a batch of 2 images, not one upload" in several.text
     assert f"/#batches={batch.get_json()['batch_id']}" in several.text
+    # A link there, not an address to copy (explorer).
+    assert f'<a href="/#batches={batch.get_json()["batch_id"]}">Show them all</a>' in several.text
     assert web_client.get("/answers/nope").status_code == 404
     no_id = web_client.get("/answers/")
     assert no_id.status_code == 404 and "no such upload here" in no_id.text
@@ -698,6 +700,9 @@ def test_without_javascript_a_server_needing_a_key_says_the_form_cannot_send_it(
     refused = client.post("/?answer=page", data={"inputFile": (io.BytesIO(make_image(1)), "a.jpg")},
                           content_type="multipart/form-data")
     assert refused.status_code == 401 and refused.mimetype == "text/html"
+    # Its title whole: cut at the colon in "Authorization: Bearer", it ended mid-bracket (explorer).
+    assert ("<title>a valid API key is required (X-API-Key header, or Authorization: Bearer) · "
+            "Image classification</title>") in refused.text
 
 
 @pytest.mark.parametrize(("untrained", "title"), [(True, "tabby (untrained) · cat.jpg"),
