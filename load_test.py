@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR", help="folder of images to upload (the files directly in it; folders not searched)",
     )
     parser.add_argument(
-        "--num-requests", "--num_request", "--num_requests", dest="num_requests",
+        "--num-requests", "-n", "--num_request", "--num_requests", dest="num_requests",
         type=_positive_int, metavar="N",
         help="requests to send (default: one per image; cycles through the images when larger)",
     )

@@ -1740,6 +1740,8 @@ def test_alias_options_parse_the_same(tmp_path):
     )
     course = load_test.parse_args(["--image_folder", str(tmp_path), "--num_request", "5", "-c", "3"])
     assert canonical == course
+    # -n beside -c: its absence tripped a newcomer up (explorer).
+    assert load_test.parse_args(["--images", str(tmp_path), "-n", "5", "-c", "3"]) == canonical
     assert canonical.num_requests == 5 and canonical.images == tmp_path and canonical.concurrency == 3
     assert canonical.url == "http://127.0.0.1:8000" and canonical.api == "form"
     assert load_test.parse_args(["--images", ".", "--jobs"]).api == "jobs"
