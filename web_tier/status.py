@@ -119,14 +119,18 @@ class StatusReader:
         try:
             # Every state always reported, even at zero, so a page need not guess.
             counts = dict.fromkeys(WATCHED_STATES, 0)
-            failed = 0
+            failed = serving = 0
             for instance in app_tier_instances(self.aws):
                 counts[instance.state] = counts.get(instance.state, 0) + 1
                 # Up, but with a worker that gave up: the controller replaces it.
                 failed += bool(instance.worker_failed and instance.state in LIVE_STATES)
+                # Running is not serving: its worker may still be starting (its model loading,
+                # a boot's minute on AWS), or, locally, wait for a process (LOCAL_MAX_WORKERS).
+                serving += bool(instance.state == "running" and instance.ready and not instance.worker_failed)
             out["instances"] = counts
             out["instances_total"] = sum(counts.values())
             out["workers_failed"] = failed
+            out["workers_serving"] = serving
         except Exception as exc:
             log.warning("status: instances unreadable: %s", exc)
             errors.append(f"instances: {error_reason(exc)}")
@@ -156,4 +160,4 @@ def staleness(read_mono: float | None, began: float | None, now: float) -> str:
 def _nothing_read() -> dict[str, Any]:
     """The snapshot's figures before AWS has given any."""
     return {"queue": None, "responses_waiting": None, "dead_letter": None, "instances": {},
-            "instances_total": None, "workers_failed": None}
+            "instances_total": None, "workers_failed": None, "workers_serving": None}

@@ -1704,6 +1704,31 @@ def test_the_status_line_says_when_its_figures_are_old(stack, browser):
     assert line.text.startswith("queue: ")
 
 
+def test_the_status_line_says_how_many_running_instances_serve(stack, browser):
+    """An instance runs well before its worker serves (its model loading, a boot): "1
+    running, 0 starting" while nothing was answered looked stuck (explorer). Said only
+    while they differ."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    browser.execute_script("""
+      const realFetch = window.fetch;
+      window.serving = 1;
+      window.fetch = async (url, options) => {
+        const response = await realFetch(url, options);
+        if (url !== "/api/status") return response;
+        const body = await response.json();
+        body.instances = {...body.instances, running: 2};
+        body.workers_serving = window.serving;
+        return new Response(JSON.stringify(body), {headers: {"Content-Type": "application/json"}});
+      };""")
+    line = browser.find_element(By.ID, "status-line")
+    wait_for(lambda: "instances: 2 running (1 of them serving), 0 starting" in line.text, 10,
+             "the status line")
+    browser.execute_script("window.serving = 2;")
+    wait_for(lambda: "instances: 2 running, 0 starting" in line.text, 10, "the status line, all serving")
+
+
 def test_the_status_line_says_when_the_server_stops_answering_and_asks_once_at_a_time(stack, browser):
     """A hung server never answered: the line kept its old figures as if current, and
     a request every 2 s piled up behind the first (explorer)."""

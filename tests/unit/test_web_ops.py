@@ -12,10 +12,10 @@ from dataclasses import replace
 
 import pytest
 
-from common.fleet import report_worker_failed
+from common.fleet import WORKER_READY_TAG, report_worker_failed
 from common.names import PREFIX_TAG
 from tests.conftest import make_image
-from tests.unit.conftest import services_of
+from tests.unit.conftest import services_of, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -92,7 +92,7 @@ def test_status_says_the_upload_limits(make_web_app, files, file_bytes, request_
 
 def test_status_shape_and_counts(quiet_client, web_aws):
     ours = web_aws.settings.prefix
-    run_instance(web_aws.ec2, "app-tier-instance-1", ours)
+    serving = run_instance(web_aws.ec2, "app-tier-instance-1", ours)
     broken = run_instance(web_aws.ec2, "app-tier-instance-2", ours)
     assert report_worker_failed(web_aws, broken, "model-unavailable")
     gone = run_instance(web_aws.ec2, "app-tier-instance-3", ours)
@@ -112,6 +112,11 @@ def test_status_shape_and_counts(quiet_client, web_aws):
     assert status["instances"]["shutting-down"] == 0
     assert status["instances_total"] == 2
     assert status["workers_failed"] == 1
+    assert status["workers_serving"] == 0  # none has said it serves
+    web_aws.ec2.create_tags(Resources=[serving], Tags=[{"Key": WORKER_READY_TAG, "Value": "1"}])
+    web_aws.ec2.create_tags(Resources=[broken], Tags=[{"Key": WORKER_READY_TAG, "Value": "1"}])
+    wait_until(lambda: quiet_client.get("/api/status").get_json()["workers_serving"] == 1,
+               why=lambda: "the serving worker counted, not the one that gave up")
     assert status["totals"] == {"uploaded": 2, "answered": 0, "failed": 0}
     # This process's own counts (a restarted web tier starts again): since when.
     assert status["totals_since"] <= status["time"]

@@ -24,7 +24,11 @@ async function refreshStatus() {
     if (s.queue) parts.push(`queue: ${s.queue.visible} waiting, ${s.queue.in_flight} in progress`);
     if (s.instances_total !== null && s.instances_total !== undefined) {
       const i = s.instances || {};
-      parts.push(`instances: ${i.running || 0} running, ${i.pending || 0} starting, ` +
+      // Running is not serving yet (a worker starting): a line saying "1 running, 0
+      // starting" while nothing was answered looked stuck (explorer).
+      const serving = typeof s.workers_serving === "number" && s.workers_serving < (i.running || 0)
+        ? ` (${s.workers_serving} of them serving)` : "";
+      parts.push(`instances: ${i.running || 0} running${serving}, ${i.pending || 0} starting, ` +
                  `${(i.stopping || 0) + (i["shutting-down"] || 0)} stopping` +
                  (s.workers_failed ? `, ${s.workers_failed} whose worker failed` : ""));
     }
