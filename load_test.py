@@ -338,7 +338,11 @@ def scan_folder(folder: Path) -> tuple[list[Path], list[str]]:
     except OSError as exc:  # a folder that cannot be listed (no permission): a usage error, not a traceback
         raise LoadTestError(f"cannot list {folder}: {exc.strerror or exc}") from exc
     if not images:
-        raise LoadTestError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+        # Its subfolders named: it looks in none, which left a folder of folders a puzzle (explorer).
+        inside = sorted(sendable_name(p) for p in entries if p.is_dir() and not p.name.startswith("."))
+        named = ", ".join(for_terminal(name) for name in inside[:3]) + (", ..." if len(inside) > 3 else "")
+        raise LoadTestError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}"
+                            + (f" (subfolders are not looked in: {named})" if inside else ""))
     sent = set(images)
     return images, sorted(sendable_name(p) for p in entries if p not in sent)
 

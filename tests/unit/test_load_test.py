@@ -1983,7 +1983,13 @@ def test_a_url_that_is_not_the_web_tiers_is_warned_about(tier, tmp_path, capsys,
 def test_a_folder_without_images_is_a_usage_error(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("no images here")
     assert load_test.main(["--images", str(tmp_path)]) == 2
-    assert "no images" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no images" in err and "subfolders" not in err
+    # A folder of folders: it says it looks in none, and names them (explorer).
+    for name in ("cats", "dogs", ".hidden"):
+        (tmp_path / name).mkdir()
+    assert load_test.main(["--images", str(tmp_path)]) == 2
+    assert "(subfolders are not looked in: cats, dogs)" in capsys.readouterr().err
 
 
 # --- pure helpers ---------------------------------------------------------------------
