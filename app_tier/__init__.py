@@ -6,8 +6,8 @@
 EXIT_CANNOT_START = 78
 
 # The worker's exit status when it gave up serving (receiving failed for STALL_TIMEOUT on
-# a fault of its own, or the model failed on a plain input too): it reported its instance
-# failed, for the controller to replace it. Its supervisor does not restart it: restarted,
+# a fault of its own, or the model failed on a plain input too) and EC2 took its report
+# of its instance failed, for the controller to replace it. Its supervisor does not restart it: restarted,
 # it took batches again and released them, each costing its requests an attempt, until
 # the instance was gone.
 EXIT_GAVE_UP = 79

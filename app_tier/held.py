@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from app_tier.held_journal import HeldEntry, HeldJournal, still_hidden
@@ -84,6 +84,8 @@ class HeldMessages:
         self._letting_go: set[str] = set()
         # Of those, the ones being loaded or in a model call (at_risk).
         self._at_risk: set[str] = set()
+        # Of those, the ones being deleted (answered): not extended, nor warned of.
+        self._deleting: set[str] = set()
         self._lock = threading.Lock()
         # Orders the heartbeat's extensions against releases (see hide).
         self._visibility_lock = threading.Lock()
@@ -149,6 +151,7 @@ class HeldMessages:
         """Hold `job` no more, nor remember anything of it (hold _lock)."""
         del self._held[job.message_id]
         self._being_answered.discard(job.message_id)
+        self._deleting.discard(job.message_id)
         self._letting_go.discard(job.message_id)
         self._at_risk.discard(job.message_id)
 
@@ -200,21 +203,25 @@ class HeldMessages:
         """Delete answered requests from the queue, and stop holding them; `why` says
         what a request SQS would not delete is, in the warning.
 
-        Ordered against the heartbeat, as hide() is: an extension of a message deleted
-        and not yet forgotten failed on its stale receipt, and said the request was
-        "another worker's now" when it had only been answered here."""
-        with self._visibility_lock:
-            for chunk in sqs_batches(jobs):
-                reply = self.aws.sqs.delete_message_batch(
-                    QueueUrl=self.aws.request_queue_url,
-                    Entries=[{"Id": str(i), "ReceiptHandle": j.receipt} for i, j in enumerate(chunk)],
-                )
-                if reply.get("Failed"):
-                    # Answered already: nothing to undo. Such a request comes back after its
-                    # visibility timeout, is classified again, and its second answer ignored.
-                    codes = ", ".join(sorted({f.get("Code", "?") for f in reply["Failed"]}))
-                    log.warning("could not delete %d %s: %s", len(reply["Failed"]), why, codes)
-            self.forget(jobs)
+        Marked as being deleted first: a heartbeat round then leaves them be, and one
+        already under way says nothing of their receipts gone stale. It had warned that
+        it could not extend them, and that the requests were "another worker's now",
+        when they had only been answered here. Not ordered by the heartbeat's lock, as
+        hide() is: a delete's slow SQS call (minutes at botocore's worst) would hold up
+        the heartbeat's rounds past what HEARTBEAT_SLACK_S allows them."""
+        with self._lock:
+            self._deleting.update(j.message_id for j in jobs if self._held.get(j.message_id) is j)
+        for chunk in sqs_batches(jobs):
+            reply = self.aws.sqs.delete_message_batch(
+                QueueUrl=self.aws.request_queue_url,
+                Entries=[{"Id": str(i), "ReceiptHandle": j.receipt} for i, j in enumerate(chunk)],
+            )
+            if reply.get("Failed"):
+                # Answered already: nothing to undo. Such a request comes back after its
+                # visibility timeout, is classified again, and its second answer ignored.
+                codes = ", ".join(sorted({f.get("Code", "?") for f in reply["Failed"]}))
+                log.warning("could not delete %d %s: %s", len(reply["Failed"]), why, codes)
+        self.forget(jobs)
 
     def release(self, jobs: list[Job], at_least_s: int = 0) -> None:
         """This attempt failed: let the next one (here or elsewhere) have the messages,
@@ -250,7 +257,7 @@ class HeldMessages:
         with self._visibility_lock:
             with self._lock:
                 held = [j for j in (self._held.values() if jobs is None else jobs)
-                        if self._held.get(j.message_id) is j]
+                        if self._held.get(j.message_id) is j and j.message_id not in self._deleting]
                 receipts = {j.message_id: j.receipt for j in held}
             if not held:
                 return
@@ -260,14 +267,21 @@ class HeldMessages:
                 # Their lease ran out before this extension: another worker may have them.
                 log.warning("%d request(s) held here were visible again before they were extended "
                             "(this worker or SQS stalled): they may be classified twice", lapsed)
-            failures = self._change_visibility([(j, self.settings.visibility_timeout_s) for j in held])
+            failures = self._change_visibility([(j, self.settings.visibility_timeout_s) for j in held],
+                                               warn=False)  # below, but for the deleted
             failed = {f.receipt_handle for f in failures}
             gone = {f.receipt_handle for f in failures if f.code in STALE_RECEIPT_CODES}
             with self._lock:
+                # Being deleted meanwhile (answered here), or forgotten since: their receipts
+                # gone stale say nothing of another worker.
+                answered = {j.receipt for j in held if j.receipt in gone
+                            and (j.message_id in self._deleting or self._held.get(j.message_id) is not j)}
                 taken = []
                 for job in held:
                     if job.receipt != receipts[job.message_id]:
                         continue  # received again meanwhile: its new receipt is the one that counts
+                    if job.receipt in answered:
+                        continue
                     if job.receipt in gone and self._held.get(job.message_id) is job:
                         # Its id forgotten too: received here again later, it was taken for
                         # one being answered, and not handed back at a stop (reviewer).
@@ -278,6 +292,7 @@ class HeldMessages:
                         # or another worker's, by the time a successor reads the journal.
                         job.hidden_until = asked_at + self.settings.visibility_timeout_s
                 self._record()
+            _warn_of(f for f in failures if f.receipt_handle not in answered)
             if taken:
                 # Answered by another worker, or received by one: handed back, each would be
                 # classified once more (reviewer). Still answered here if finished.
@@ -356,14 +371,20 @@ class HeldMessages:
                             "each is queued twice, and will be answered twice", len(sent), exc)
                 self.forget(sent)
 
-    def _change_visibility(self, hidden_for: list[tuple[Job, int]]) -> list[VisibilityFailure]:
+    def _change_visibility(self, hidden_for: list[tuple[Job, int]],
+                           warn: bool = True) -> list[VisibilityFailure]:
         """Hide each job's message for its number of seconds from now (0: visible); the
-        changes that failed (logged)."""
+        changes that failed (logged, with `warn`)."""
         failures = change_visibility(self.aws.sqs, self.aws.request_queue_url,
                                      [(j.receipt, seconds) for j, seconds in hidden_for])
-        for reason, count in Counter(f.reason for f in failures).items():
-            log.warning("could not change visibility of %d message(s): %s", count, reason)
+        if warn:
+            _warn_of(failures)
         return failures
+
+
+def _warn_of(failures: Iterable[VisibilityFailure]) -> None:
+    for reason, count in Counter(f.reason for f in failures).items():
+        log.warning("could not change visibility of %d message(s): %s", count, reason)
 
 
 def show_held(journal: HeldJournal, aws: Aws, who: str, whose: str) -> None:

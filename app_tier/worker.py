@@ -307,10 +307,13 @@ class Worker:
         self._stop_for_good("cannot-receive")
 
     def _stop_for_good(self, why: str) -> None:
-        """Report the instance failed (`why`) and stop: the process then exits with
-        EXIT_GAVE_UP, which its supervisor does not restart."""
-        self.gave_up = why
-        report_worker_failed(self.aws, self.instance_id, why)
+        """Report the instance failed (`why`) and stop. Once EC2 has the report, the
+        process exits with EXIT_GAVE_UP, which its supervisor does not restart: the
+        controller replaces the instance. Without it, it exits 0, to be restarted: the
+        credentials or role that failed its receives may fail the tag too, and a new
+        process may get new ones; nothing else would replace an instance tagged ready."""
+        if report_worker_failed(self.aws, self.instance_id, why):
+            self.gave_up = why
         self.stopping.set()
 
     def fetch(self) -> Batch:
@@ -713,8 +716,11 @@ class Worker:
                 # SQS's and the journal's errors are handled within: this is a bug. Dead, this
                 # thread had left every held message to lapse, and stalls unseen, without a
                 # word until the watchdog (systemd's or the runner's; none by hand) restarted it.
+                # No beat for a failed round: one failing every time stops the watchdog's
+                # pings after HEARTBEAT_SLACK_S, as a blocked round does.
                 log.exception("worker %s: a heartbeat round failed; trying again at the next",
                               self.instance_id)
+                continue
             watch.beat()
 
     def _give_up_stuck(self, stuck: Call) -> None:

@@ -451,7 +451,7 @@ def test_a_request_another_worker_took_is_handed_back_when_received_here_again(a
     (job,) = paused.fetch().jobs
     paused.held.mark_answering([job])  # paused as it answered it
     with monkeypatch.context() as patched:  # received by another worker since: SQS refuses the receipt
-        patched.setattr(paused.held, "_change_visibility", lambda hidden_for: [
+        patched.setattr(paused.held, "_change_visibility", lambda hidden_for, warn=True: [
             VisibilityFailure(j.receipt, "gone", "ReceiptHandleIsInvalid") for j, _ in hidden_for])
         paused.held.extend()
     assert not len(paused.held)

@@ -230,16 +230,25 @@ def test_a_model_failing_whatever_its_input_releases_the_batch_and_then_gives_up
     assert responses(aws) == {} and depth(aws, aws.request_queue_url) == (2, 0)
 
 
-def test_a_worker_that_gave_up_exits_with_a_status_its_supervisor_does_not_restart(aws_env, monkeypatch):
+@pytest.mark.parametrize("tagged", [True, False])
+def test_a_worker_that_gave_up_exits_with_a_status_its_supervisor_does_not_restart(
+        aws_env, monkeypatch, tmp_path, tagged):
     """It has reported its instance failed, for the controller to replace it. It exited
     0, which systemd and the local runner restart: the new process took batches again
     and released them, each costing its requests an attempt, until the instance was gone
-    (reviewer). Run through main(), as its supervisor runs it."""
+    (reviewer). Unless EC2 refused the report (the credentials that failed its receives
+    may fail the tag): then restarted, as before, since nothing else replaces it. Run
+    through main(), as its supervisor runs it."""
+    import app_tier.__main__
     import app_tier.model
     from app_tier import EXIT_GAVE_UP
     from app_tier.__main__ import main
 
     settings, aws = aws_env
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))  # its held journal
+    monkeypatch.setattr(app_tier.__main__, "freeze_startup_heap", lambda: None)  # pytest's heap
+    if not tagged:  # EC2 refused it (common.fleet.report_worker_failed logs why)
+        monkeypatch.setattr("app_tier.worker.report_worker_failed", lambda *args: False)
     instance_id = aws.ec2.run_instances(ImageId=settings.ami_id, MinCount=1,
                                         MaxCount=1)["Instances"][0]["InstanceId"]
     for name in ("a", "b"):
@@ -250,11 +259,11 @@ def test_a_worker_that_gave_up_exits_with_a_status_its_supervisor_does_not_resta
     # main() installs its own; put back after.
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
-        assert main(["--instance-id", instance_id]) == EXIT_GAVE_UP
+        assert main(["--instance-id", instance_id]) == (EXIT_GAVE_UP if tagged else 0)
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-    assert instance_tags(aws, instance_id)[WORKER_FAILED_TAG] == "model-fault"
+    assert instance_tags(aws, instance_id).get(WORKER_FAILED_TAG) == ("model-fault" if tagged else None)
     assert responses(aws) == {}
 
 
@@ -1405,19 +1414,23 @@ def test_a_release_is_not_overtaken_by_a_heartbeat_already_under_way(aws_env, mo
 
 def test_a_heartbeat_round_that_raises_is_said_and_the_next_one_runs(aws_env, monkeypatch, caplog):
     """A bug in a round killed the heartbeat thread without a word: held messages left
-    to lapse, stalls unseen (reviewer)."""
+    to lapse, stalls unseen (reviewer). A failed round is no beat: one failing every time
+    stops the watchdog's pings, as a blocked round does."""
     settings, aws = aws_env
     worker = Worker(dataclasses.replace(settings, visibility_timeout_s=3), aws, MeanClassifier(), "i-beat")
     rounds: list[int] = []
     second = threading.Event()
+    beats: list[int] = []
+    beat = worker.stall_watch.beat
 
     def extend(jobs=None):
-        rounds.append(1)
+        rounds.append(len(beats))  # the beats before this round
         if len(rounds) == 1:
             raise RuntimeError("a bug")
         second.set()
 
     monkeypatch.setattr(worker.held, "extend", extend)
+    monkeypatch.setattr(worker.stall_watch, "beat", lambda: beats.append(1) or beat())
     heartbeat = threading.Thread(target=worker._heartbeat_loop)
     heartbeat.start()
     try:
@@ -1426,35 +1439,79 @@ def test_a_heartbeat_round_that_raises_is_said_and_the_next_one_runs(aws_env, mo
         worker._finished.set()
         heartbeat.join(timeout=10)
     assert "a heartbeat round failed" in caplog.text and "a bug" in caplog.text
+    assert rounds[:2] == [1, 1], "the round that raised beat"  # the loop's first beat alone
 
 
-def test_a_heartbeat_between_a_delete_and_its_forgetting_warns_of_nothing(aws_env, monkeypatch, caplog):
-    """An extension of a message just deleted (answered here) failed on its stale
-    receipt, and warned that it could not change its visibility and that the request was
-    another worker's now: an operator went looking for a duplicate that was not there
-    (reviewer). The heartbeat now waits for the delete to end, and finds it not held."""
+def warnings_in(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_heartbeat_during_a_delete_leaves_its_messages_be(aws_env, monkeypatch, caplog):
+    """An extension of a message deleted (answered here) and not yet forgotten failed on
+    its stale receipt, and warned that it could not change its visibility and that the
+    request was another worker's now: an operator went looking for a duplicate that was
+    not there (reviewer). A round begun during the delete extends nothing of it."""
     settings, aws = aws_env
     upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
     worker = Worker(settings, aws, MeanClassifier(), "i-deleting")
     batch = worker.fetch()
-    delete = aws.sqs.delete_message_batch
-    heartbeats: list[threading.Thread] = []
+    delete, change = aws.sqs.delete_message_batch, aws.sqs.change_message_visibility_batch
+    changes: list[int] = []
 
     def sqs_delete(**kwargs):
         reply = delete(**kwargs)
-        # Deleted, not yet forgotten: a heartbeat round now.
-        heartbeat = threading.Thread(target=worker.held.extend)
+        heartbeat = threading.Thread(target=worker.held.extend)  # deleted, not yet forgotten
         heartbeat.start()
-        heartbeats.append(heartbeat)
-        heartbeat.join(timeout=1)  # ends at once if nothing orders it after the delete
+        heartbeat.join(timeout=30)
+        assert not heartbeat.is_alive()
         return reply
 
     monkeypatch.setattr(aws.sqs, "delete_message_batch", sqs_delete)
+    monkeypatch.setattr(aws.sqs, "change_message_visibility_batch",
+                        lambda **kwargs: changes.append(1) or change(**kwargs))
     caplog.set_level(logging.WARNING)
     worker.held.delete(batch.jobs)
-    heartbeats[0].join(timeout=10)
-    assert not heartbeats[0].is_alive()
-    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert changes == [] and warnings_in(caplog) == []
+    assert len(worker.held) == 0 and depth(aws, aws.request_queue_url) == (0, 0)
+
+
+def test_a_heartbeat_round_that_a_delete_overtakes_says_nothing_of_it(aws_env, monkeypatch, caplog):
+    """A round that read the held messages before their delete began extends them after
+    it, on receipts gone stale: answered here, not another worker's, so not warned of.
+    The delete is not held up by the round: its SQS call may take minutes."""
+    settings, aws = aws_env
+    upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
+    worker = Worker(settings, aws, MeanClassifier(), "i-deleting")
+    batch = worker.fetch()
+    delete, change = aws.sqs.delete_message_batch, aws.sqs.change_message_visibility_batch
+    extending, deleted, extended = threading.Event(), threading.Event(), threading.Event()
+    failed: list[dict] = []
+
+    def sqs_change(**kwargs):
+        extending.set()
+        assert deleted.wait(30)
+        reply = change(**kwargs)
+        failed.extend(reply.get("Failed", []))
+        extended.set()
+        return reply
+
+    def sqs_delete(**kwargs):
+        reply = delete(**kwargs)
+        deleted.set()
+        assert extended.wait(30)  # the round's extension lands before the delete's forgetting
+        return reply
+
+    monkeypatch.setattr(aws.sqs, "change_message_visibility_batch", sqs_change)
+    monkeypatch.setattr(aws.sqs, "delete_message_batch", sqs_delete)
+    caplog.set_level(logging.WARNING)
+    heartbeat = threading.Thread(target=worker.held.extend)
+    heartbeat.start()
+    assert extending.wait(30)
+    worker.held.delete(batch.jobs)
+    heartbeat.join(timeout=30)
+    assert not heartbeat.is_alive()
+    assert len(failed) == 1, "the extension should have failed on the receipt the delete made stale"
+    assert warnings_in(caplog) == []
     assert len(worker.held) == 0 and depth(aws, aws.request_queue_url) == (0, 0)
 
 
