@@ -17,7 +17,7 @@ about speed. Missed targets are reported, never fatal. A part (or a phase of
 one) that raises is recorded with its error, the others still run, what was
 measured is printed and saved, and the command exits with 1. So is one not run
 because the stack had stopped answering (bench.endtoend.unanswered) or the
-bench's deadline had passed (bench.endtoend.Deadline), and one under way at the
+bench's deadline had passed (bench.deadline.Deadline), and one under way at the
 deadline is stopped there and recorded as failed with that reason. Use --only to run
 some parts (the others are taken from the last .bench/latest.json when there;
 "parts" in the JSON says which figures are this run's, and when each was measured).
@@ -40,11 +40,10 @@ from typing import Any
 import psutil
 
 from bench import printed, report
+from bench.deadline import Deadline, DeadlinePassed
 from bench.endtoend import (
     PHASE_NAMES,
     ZERO_TIMEOUT_S,
-    Deadline,
-    DeadlinePassed,
     EndToEndPlan,
     error_text,
     run_end_to_end,
@@ -341,7 +340,7 @@ def _cut_short(e2e: dict[str, Any] | None, phases: tuple[str, ...]) -> str | Non
     for phase in phases:
         run = (e2e or {}).get(phase) or {}
         if run.get("cut_short"):
-            return f"{run['cut_short']}: {report.bad_requests(run)}"
+            return f"{run['cut_short']}: {report.bad_requests(run) or 'none left unanswered'}"
     return None
 
 

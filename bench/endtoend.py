@@ -32,6 +32,7 @@ from typing import Any
 
 import psutil
 
+from bench.deadline import Deadline, DeadlinePassed
 from bench.inference import InferenceResult
 from bench.memory import MemorySampler, kind_of
 from bench.report import bad_requests
@@ -49,10 +50,6 @@ LOW_LOAD_TIMEOUT_S = 10.0
 ZERO_TIMEOUT_S = 30.0
 STACK_START_TIMEOUT_S = 120.0
 STACK_START = "the stack's start"
-# The bench must end within 10 minutes here (~3.5 normally). At this no phase starts, and
-# one under way is stopped: what is left after it (the stack's stop, at most 15 s, and
-# the report) ends well within the tenth minute.
-BENCH_DEADLINE_S = 9 * 60.0
 MOTO_STATS = "moto-stats.json"  # in the run folder: the embedded AWS's CPU by action
 
 
@@ -77,39 +74,6 @@ def tuned_env() -> tuple[dict[str, str], int]:
     env = {"LOCAL_MAX_WORKERS": str(cores), "LOCAL_WORKER_THREADS": "0",
            "SCALE_IN_COOLDOWN": "0.5", "POLL_INTERVAL": "0.5"}
     return env, cores
-
-
-class DeadlinePassed(RuntimeError):
-    """A measurement stopped because the bench's deadline passed while it ran."""
-
-
-@dataclass
-class Deadline:
-    """When the bench starts no more phases, and stops those under way: a broken
-    stack's timeouts, each phase waiting out its own, had added up to over an hour, and
-    one phase started just before it, its 300 requests at 120 s each, to ~6 minutes."""
-
-    seconds: float = BENCH_DEADLINE_S
-    started: float = field(default_factory=time.monotonic)
-
-    @property
-    def at(self) -> float:
-        """The deadline as a time.monotonic() instant."""
-        return self.started + self.seconds
-
-    def passed(self) -> str | None:
-        """Why a phase is not started now; None while there is time."""
-        if time.monotonic() < self.at:
-            return None
-        return f"the bench's deadline passed ({self.seconds / 60:g} min from its start)"
-
-    def during(self, what: str) -> str:
-        """Why `what`, under way at the deadline, was stopped."""
-        return f"the bench's deadline passed during {what} ({self.seconds / 60:g} min from its start)"
-
-    def within(self, seconds: float) -> float:
-        """`seconds`, or what is left before the deadline when that is less (never below 0)."""
-        return max(0.0, min(seconds, self.at - time.monotonic()))
 
 
 @dataclass
@@ -469,7 +433,7 @@ def run_end_to_end(plan: EndToEndPlan, run_dir: Path) -> dict[str, object]:
                 if cut:
                     # Its figures are of part of its requests: the phase failed. The phases
                     # after it are not run for the deadline, not for the requests it left.
-                    errors[name] = f"{cut}: {bad_requests(out[name])}"
+                    errors[name] = f"{cut}: {bad_requests(out[name]) or 'none left unanswered'}"
                     continue
                 why_not = unanswered(name, out[name])
     finally:

@@ -29,7 +29,7 @@ import boto3
 from botocore.client import BaseClient
 from botocore.config import Config
 
-from bench.endtoend import Deadline, DeadlinePassed
+from bench.deadline import Deadline, DeadlinePassed
 from localaws.harness import free_port
 from localaws.server import wait_until_up
 

@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from bench import endtoend
+from bench.deadline import Deadline
 from load_test import Outcome, Report
 from localaws.harness import StackProcess
 from tests.unit.conftest import wait_until
@@ -214,7 +215,7 @@ def test_a_load_run_under_way_at_the_deadline_is_stopped_then_and_the_fleet_not_
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """A phase started just before the bench's deadline ran to its end: against a broken
     stack, (b)'s 300 requests at 120 s each went ~6 minutes past it, and the bench past 10."""
-    deadline = endtoend.Deadline()
+    deadline = Deadline()
     at = deadline.at
     asked: list[dict] = []
     zero_waits: list[float] = []

@@ -11,6 +11,7 @@ import pytest
 
 import bench.__main__ as bench_main
 from bench import endtoend, inference, printed, report
+from bench.deadline import Deadline
 from bench.inference import BATCH_SIZES, InferenceResult
 
 
@@ -204,7 +205,7 @@ def test_no_phase_starts_past_the_deadline(monkeypatch: pytest.MonkeyPatch, tmp_
     monkeypatch.setattr(endtoend, "_low_load", lambda plan, stack: ran.append("low") or {"requests": 30})
     images = tmp_path / "images"
     images.mkdir()
-    plan = endtoend.EndToEndPlan(images=images, expected=None, deadline=endtoend.Deadline())
+    plan = endtoend.EndToEndPlan(images=images, expected=None, deadline=Deadline())
 
     out = endtoend.run_end_to_end(plan, tmp_path / "run")
 
@@ -217,9 +218,9 @@ def test_past_the_deadline_the_bench_starts_no_part_and_says_why(
         fake_model, bench_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
     """(a)'s own timeouts alone allowed 17 minutes, and a broken stack's over an hour:
     the bench must end within 10 (reviewer)."""
-    deadlines: list[endtoend.Deadline] = []
+    deadlines: list[Deadline] = []
 
-    class Recorded(endtoend.Deadline):
+    class Recorded(Deadline):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             deadlines.append(self)
@@ -274,7 +275,7 @@ def test_a_phase_the_deadline_stopped_fails_and_its_targets_say_why_never_pass(
     images = tmp_path / "images"
     images.mkdir()
     plan = endtoend.EndToEndPlan(images=images, expected=None, model_probe=probe,
-                                 deadline=endtoend.Deadline())
+                                 deadline=Deadline())
 
     out = endtoend.run_end_to_end(plan, tmp_path / "run")
 
@@ -302,9 +303,9 @@ def test_a_model_measurement_under_way_at_the_deadline_is_stopped_then(
         fake_model, bench_dir: Path, monkeypatch: pytest.MonkeyPatch):
     """Each measurement's own timeout (4 min) let one started just before the deadline
     run past the tenth minute."""
-    deadlines: list[endtoend.Deadline] = []
+    deadlines: list[Deadline] = []
 
-    class Recorded(endtoend.Deadline):
+    class Recorded(Deadline):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             deadlines.append(self)
@@ -649,3 +650,11 @@ def test_bad_options_are_usage_errors_before_anything_is_measured(argv, capsys: 
     assert stopped.value.code == 2
     assert "error:" in capsys.readouterr().err
     assert bench_main.parse_args(["--env", "A=b=c", "--warm-spares", "0"]).env == {"A": "b=c"}
+
+
+def test_a_phase_the_deadline_stopped_with_none_left_unanswered_says_so():
+    """Cut between two requests (one at a time), nothing was unanswered: its reason read
+    "...: None" (reviewer)."""
+    run = {"cut_short": "the bench's deadline passed during (g)", "requests": 3, "correct": 3}
+    assert bench_main._cut_short({"low_load": run}, ("low_load",)) == \
+        "the bench's deadline passed during (g): none left unanswered"

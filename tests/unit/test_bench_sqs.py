@@ -103,7 +103,7 @@ def test_no_depth_is_measured_past_the_bench_deadline(monkeypatch: pytest.Monkey
     bench's tenth minute: each depth, a step of seconds, checks it."""
     from types import SimpleNamespace
 
-    from bench.endtoend import Deadline, DeadlinePassed
+    from bench.deadline import Deadline, DeadlinePassed
 
     deadline = Deadline()
     measured: list[int] = []
