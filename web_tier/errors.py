@@ -86,11 +86,11 @@ def answer_page(status: int, message: str, filename: str | None = None, label: s
 
 def _up_to_its_colon(message: str) -> str:
     """A page's title without a file: what it says, up to its first colon outside
-    brackets ("no such upload here: ..."). One inside them ("(..., or Authorization:
-    Bearer)") cut the 401's title mid-bracket."""
+    parentheses ("no such upload here: ..."). One inside them ("(..., or Authorization:
+    Bearer)") cut the 401's title mid-bracket. A stray ")" counts for nothing."""
     depth = 0
     for at, char in enumerate(message):
-        depth += {"(": 1, ")": -1}.get(char, 0)
+        depth = max(0, depth + {"(": 1, ")": -1}.get(char, 0))
         if char == ":" and depth == 0:
             return message[:at]
     return message

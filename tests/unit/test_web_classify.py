@@ -715,3 +715,15 @@ def test_the_answer_pages_title_says_a_label_is_untrained_as_the_page_does(web_a
     with web_app.test_request_context("/answers/" + "0" * 32):
         page = answer_page(200, "", "cat.jpg", "tabby", untrained, score=0.5).get_data(as_text=True)
     assert f"<title>{title} · Image classification</title>" in page
+
+
+@pytest.mark.parametrize(("message", "title"), [
+    ("no such upload here: classify the image again", "no such upload here"),
+    ("a valid API key is required (X-API-Key header, or Authorization: Bearer)",
+     "a valid API key is required (X-API-Key header, or Authorization: Bearer)"),
+    ("odd) text: more", "odd) text"),  # a stray ")" counts for nothing
+])
+def test_a_title_without_a_file_is_the_message_up_to_its_colon_outside_parentheses(message, title):
+    from web_tier.errors import _up_to_its_colon
+
+    assert _up_to_its_colon(message) == title
