@@ -2998,6 +2998,21 @@ def requests_held(stack, seconds: int) -> Iterator[None]:
         sqs.set_queue_attributes(QueueUrl=url, Attributes={"DelaySeconds": "0"})
 
 
+def dead_letter(stack, batch_id: str, item_id: str, filename: str) -> None:
+    """Put the item's request in the dead-letter queue, as SQS moves one no worker
+    answered in its attempts: the web tier then fails the item."""
+    from common.messages import ClassifyRequest
+    from common.names import object_key
+    from tests.integration.conftest import clients
+
+    _, sqs, _ = clients(stack)
+    settings = stack.settings()
+    dead = ClassifyRequest(id=item_id, bucket=settings.input_bucket, filename=filename,
+                           key=object_key(batch_id, item_id, filename))
+    sqs.send_message(QueueUrl=sqs.get_queue_url(QueueName=settings.dead_letter_queue)["QueueUrl"],
+                     MessageBody=dead.to_json())
+
+
 def request_queue_empty(stack) -> bool:
     """Nothing in the request queue: none waiting, held by a worker or delayed."""
     from tests.integration.conftest import clients
@@ -3031,13 +3046,8 @@ def test_a_dead_letter_queued_again_from_elsewhere_is_shown_queued_then_done(
     from selenium.webdriver.common.by import By
 
     from common.failure_tags import DEAD_LETTER_ERROR
-    from common.messages import ClassifyRequest
-    from common.names import object_key
-    from tests.integration.conftest import clients
 
     files = {"late.jpg": make_image(1450, size=(64, 48)), "other.jpg": make_image(1451, size=(64, 48))}
-    _, sqs, _ = clients(stack)
-    settings = stack.settings()
     with requests_held(stack, 10):
         browser.get(stack.web_url + "/")
         browser.execute_script("window.notReloaded = true;" + COUNT_BATCH_READS)
@@ -3046,11 +3056,7 @@ def test_a_dead_letter_queued_again_from_elsewhere_is_shown_queued_then_done(
                  "both files stored")
         batch_id = browser.current_url.split("#batches=")[1]
         late_id = next(i["id"] for i in server_items(stack, batch_id) if i["filename"] == "late.jpg")
-        # As SQS moves a request no worker answered in its attempts.
-        dead = ClassifyRequest(id=late_id, bucket=settings.input_bucket, filename="late.jpg",
-                               key=object_key(batch_id, late_id, "late.jpg"))
-        sqs.send_message(QueueUrl=sqs.get_queue_url(QueueName=settings.dead_letter_queue)["QueueUrl"],
-                         MessageBody=dead.to_json())
+        dead_letter(stack, batch_id, late_id, "late.jpg")
         wait_for(lambda: states_shown(browser) == {"late.jpg": "failed", "other.jpg": "queued"}, 10,
                  "the dead letter shown")
         assert DEAD_LETTER_ERROR in rows_shown(browser)[0][2]
@@ -3105,13 +3111,8 @@ def test_a_finished_batch_shown_again_hears_a_file_sent_again_from_elsewhere(
     import requests
 
     from common.failure_tags import DEAD_LETTER_ERROR
-    from common.messages import ClassifyRequest
-    from common.names import object_key
-    from tests.integration.conftest import clients
 
     files = {"late.jpg": make_image(1470, size=(64, 48))}
-    _, sqs, _ = clients(stack)
-    settings = stack.settings()
     with requests_held(stack, 20):
         browser.get(stack.web_url + "/")
         browser.execute_script("window.notReloaded = true;" + SEEN_STREAMS_AND_VISIBILITY)
@@ -3119,10 +3120,7 @@ def test_a_finished_batch_shown_again_hears_a_file_sent_again_from_elsewhere(
         wait_for(lambda: states_shown(browser) == {"late.jpg": "queued"}, 30, "the file stored")
         batch_id = browser.current_url.split("#batches=")[1]
         late_id = server_items(stack, batch_id)[0]["id"]
-        dead = ClassifyRequest(id=late_id, bucket=settings.input_bucket, filename="late.jpg",
-                               key=object_key(batch_id, late_id, "late.jpg"))
-        sqs.send_message(QueueUrl=sqs.get_queue_url(QueueName=settings.dead_letter_queue)["QueueUrl"],
-                         MessageBody=dead.to_json())
+        dead_letter(stack, batch_id, late_id, "late.jpg")
         wait_for(lambda: states_shown(browser) == {"late.jpg": "failed"}, 10, "the dead letter shown")
         # The batch all finished: its stream ended, and the page closed it.
         wait_for(lambda: browser.execute_script("return window.streamEnds") == 1, 10, "the stream's end")
@@ -3159,12 +3157,7 @@ def test_a_tab_kept_in_front_hears_a_failed_file_sent_again_from_elsewhere(
     import requests
 
     from common.failure_tags import DEAD_LETTER_ERROR
-    from common.messages import ClassifyRequest
-    from common.names import object_key
-    from tests.integration.conftest import clients
 
-    _, sqs, _ = clients(stack)
-    settings = stack.settings()
     browser.get(stack.web_url + "/")
     browser.execute_script("window.notReloaded = true;" + SEEN_STREAMS_AND_VISIBILITY)
     fine = {"fine.jpg": make_image(1480, size=(64, 48))}
@@ -3177,10 +3170,7 @@ def test_a_tab_kept_in_front_hears_a_failed_file_sent_again_from_elsewhere(
         wait_for(lambda: states_shown(browser).get("late.jpg") == "queued", 30, "the file stored")
         batch_id = browser.current_url.split("#batches=")[1].split(",")[-1]
         late_id = server_items(stack, batch_id)[0]["id"]
-        dead = ClassifyRequest(id=late_id, bucket=settings.input_bucket, filename="late.jpg",
-                               key=object_key(batch_id, late_id, "late.jpg"))
-        sqs.send_message(QueueUrl=sqs.get_queue_url(QueueName=settings.dead_letter_queue)["QueueUrl"],
-                         MessageBody=dead.to_json())
+        dead_letter(stack, batch_id, late_id, "late.jpg")
         wait_for(lambda: states_shown(browser).get("late.jpg") == "failed", 10, "the dead letter shown")
         # Both batches finished: their streams ended, and the page closed them.
         wait_for(lambda: browser.execute_script("return window.openStreams") == 0, 10, "the streams' end")
