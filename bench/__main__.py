@@ -45,6 +45,7 @@ from bench.endtoend import (
     PHASE_NAMES,
     ZERO_TIMEOUT_S,
     EndToEndPlan,
+    cut_short_reason,
     error_text,
     run_end_to_end,
     tuned_env,
@@ -337,11 +338,7 @@ def _bad_in_phases(e2e: dict[str, Any] | None, phases: tuple[str, ...]) -> str |
 def _cut_short(e2e: dict[str, Any] | None, phases: tuple[str, ...]) -> str | None:
     """Why a phase's figures are of part of its requests (the bench's deadline passed
     during it), with the requests that went unanswered: its targets FAIL, never PASS."""
-    for phase in phases:
-        run = (e2e or {}).get(phase) or {}
-        if run.get("cut_short"):
-            return f"{run['cut_short']}: {report.bad_requests(run) or 'none left unanswered'}"
-    return None
+    return _first_reason(*(cut_short_reason((e2e or {}).get(phase)) for phase in phases))
 
 
 def _document(figures: dict[str, Any], started: float) -> dict[str, Any]:

@@ -363,6 +363,13 @@ def unanswered(phase: str, summary: dict[str, Any]) -> str | None:
     return None
 
 
+def cut_short_reason(summary: dict[str, Any] | None) -> str | None:
+    """Why a phase's figures are of part of its requests (the bench's deadline passed
+    during it), with the requests it left unanswered; None if it ran to its end."""
+    cut = (summary or {}).get("cut_short")
+    return f"{cut}: {bad_requests(summary) or 'none left unanswered'}" if cut else None
+
+
 def _why_not_run(plan: EndToEndPlan, stack: StackProcess) -> str | None:
     """Why no phase is started now: the stack gone, or the bench out of time."""
     exited = stack.process.poll() if stack.process else None
@@ -429,11 +436,11 @@ def run_end_to_end(plan: EndToEndPlan, run_dir: Path) -> dict[str, object]:
                     log.exception("end-to-end phase %s failed", name)
                     errors[name] = error_text(exc)
                     continue
-                cut = out[name].get("cut_short")
+                cut = cut_short_reason(out[name])
                 if cut:
                     # Its figures are of part of its requests: the phase failed. The phases
                     # after it are not run for the deadline, not for the requests it left.
-                    errors[name] = f"{cut}: {bad_requests(out[name]) or 'none left unanswered'}"
+                    errors[name] = cut
                     continue
                 why_not = unanswered(name, out[name])
     finally:
