@@ -85,11 +85,17 @@ START_TIMEOUT_S = 15 * 60.0
 ADOPTED_START_TIMEOUT_S = 60.0
 
 
+# The exit statuses a worker is not restarted after, and what each says of it.
+NOT_RESTARTED = {
+    EXIT_CANNOT_START: "cannot start: a setting is wrong or the model cannot be loaded",
+    EXIT_GAVE_UP: "gave up serving and reported its instance failed, for the controller to replace",
+}
+
 # The stack's controller and web tier differ (localaws/stack.py): they wait a second
 # after any exit and stop the whole stack after three failed starts, as without them
 # there is no service. A worker is one of many, and the controller replaces an
 # instance whose worker cannot serve: it backs off instead, for as long as its
-# instance lives (EXIT_CANNOT_START and EXIT_GAVE_UP aside).
+# instance lives (NOT_RESTARTED aside).
 BACKOFF = Backoff(quick_exit_s=QUICK_EXIT_S, first_delay_s=RESTART_BACKOFF_S, max_delay_s=MAX_RESTART_DELAY_S,
                   # Whatever ends them, starts come at most once a backoff.
                   min_interval_s=RESTART_BACKOFF_S)
@@ -471,14 +477,9 @@ class InstanceRunner:
             code = worker.process.poll()
             if code is None or worker.given_up:
                 continue
-            if code == EXIT_CANNOT_START:
-                log.error("runner: the worker for %s cannot start: a setting is wrong or the model cannot "
-                          "be loaded (exit %d); not restarting it (see its log)", iid, code)
-                worker.given_up = True
-                continue
-            if code == EXIT_GAVE_UP:
-                log.error("runner: the worker for %s gave up serving and reported its instance failed "
-                          "(exit %d); not restarting it: the controller replaces the instance", iid, code)
+            if code in NOT_RESTARTED:
+                log.error("runner: the worker for %s %s (exit %d); not restarting it (see its log)",
+                          iid, NOT_RESTARTED[code], code)
                 worker.given_up = True
                 continue
             if worker.restart_at is None:
