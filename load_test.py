@@ -324,6 +324,11 @@ def list_images(folder: Path) -> list[Path]:
     return scan_folder(folder)[0]
 
 
+def a_few(names: list[str]) -> str:
+    """The first three of `names`, for a terminal, and "..." if there are more."""
+    return ", ".join(for_terminal(name) for name in names[:3]) + (", ..." if len(names) > 3 else "")
+
+
 def scan_folder(folder: Path) -> tuple[list[Path], list[str]]:
     """list_images's images, and the names of the folder's other entries (sorted), from
     one listing (two could disagree about a folder that changes meanwhile)."""
@@ -340,7 +345,7 @@ def scan_folder(folder: Path) -> tuple[list[Path], list[str]]:
     if not images:
         # Its subfolders named: it looks in none, which left a folder of folders a puzzle (explorer).
         inside = sorted(sendable_name(p) for p in entries if p.is_dir() and not p.name.startswith("."))
-        named = ", ".join(for_terminal(name) for name in inside[:3]) + (", ..." if len(inside) > 3 else "")
+        named = a_few(inside)
         raise LoadTestError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}"
                             + (f" (subfolders are not looked in: {named})" if inside else ""))
     sent = set(images)
@@ -355,7 +360,7 @@ def say_what_is_left_out(config: Config, images: list[Path], skipped: list[str],
     than it sends)."""
     if skipped:
         # A few named: the count alone left the user to guess which (reviewer).
-        named = ", ".join(for_terminal(name) for name in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        named = a_few(skipped)
         print(f"load_test.py: {len(skipped)} entries of {config.images} left out ({named}): not image "
               f"files ({', '.join(sorted(IMAGE_SUFFIXES))}) directly in it, or hidden (named .*)",
               file=sys.stderr)
@@ -363,7 +368,7 @@ def say_what_is_left_out(config: Config, images: list[Path], skipped: list[str],
     unused = sorted(set(expected) - {image_key(sendable_name(p)) for p in images})
     if unused:
         # A few named, as the entries left out are: the count alone left the user to search the CSV.
-        named = ", ".join(for_terminal(key) for key in unused[:3]) + (", ..." if len(unused) > 3 else "")
+        named = a_few(unused)
         print(f"load_test.py: {len(unused)} rows of {config.expected} name no image in {config.images} "
               f"({named})", file=sys.stderr)
 
