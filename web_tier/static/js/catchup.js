@@ -14,6 +14,11 @@ function showsAFailure(session) {
   return session.entries.some((entry) => entry.id && entry.el.dataset.state === "failed");
 }
 
+// The batches that can have changed, if the tab is shown: nothing while hidden.
+function catchUpOnFailures() {
+  if (document.visibilityState === "visible") catchUp(page.sessions.filter(showsAFailure));
+}
+
 // A tab kept in front hears no visibilitychange, and a script run from a terminal
 // gives its window no focus back: while it shows such a failure it looks again now and
 // then. Nothing while hidden (a background tab opens no stream and sends no request),
@@ -23,7 +28,7 @@ let lookedAt = Date.now();
 function lookAgainNowAndThen() {
   if (Date.now() - lookedAt < setting("catchUpMs")) return;
   lookedAt = Date.now();
-  if (document.visibilityState === "visible") catchUp(page.sessions.filter(showsAFailure));
+  catchUpOnFailures();
 }
 
 export function wireCatchUp() {
@@ -34,9 +39,7 @@ export function wireCatchUp() {
   // Focus comes back often (each return from a file picker, say): only the batches
   // that can have changed. A tab brought to the front may get it before it is shown,
   // which then catches up on all (above): nothing while hidden.
-  window.addEventListener("focus", () => {
-    if (document.visibilityState === "visible") catchUp(page.sessions.filter(showsAFailure));
-  });
+  window.addEventListener("focus", catchUpOnFailures);
   // Back from the back/forward cache, where a browser may show it without a
   // visibilitychange; a session following again by then is left be.
   window.addEventListener("pageshow", (event) => {
