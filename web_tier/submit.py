@@ -205,9 +205,9 @@ class Submitter:
         the input object, so that a batch rebuilt from S3 shows it queued; then its new
         request is sent, marked seen before (PriorReceives), journaled as an upload's
         is, so that a web tier killed after the mark came off still has it sent
-        (requeue_unsent, which marks it as its input's tags say). Its answer reaches it as any answer does;
-        so does a late answer of the first copy, the first to come winning. A copy of
-        the old request dead-lettered later is ignored (listeners.py).
+        (requeue_unsent, which marks it as its input's tags say). Its answer reaches it
+        as any answer does; so does a late answer of the first copy, the first to come
+        winning. A copy of the old request dead-lettered later is ignored (listeners.py).
         """
         before = self.book.get(item_id)  # as a send undone puts it back (_undo_again)
         again = self.book.queue_again(item_id, time.time())
