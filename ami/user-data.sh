@@ -36,6 +36,7 @@ mkdir -p "$etc_dir"
   echo 'STALL_TIMEOUT={{STALL_TIMEOUT}}'
   echo 'MAX_RECEIVE_COUNT={{MAX_RECEIVE_COUNT}}'
   echo 'MAX_IMAGE_PIXELS={{MAX_IMAGE_PIXELS}}'
+  echo 'MAX_UPLOAD_BYTES={{MAX_UPLOAD_BYTES}}'
   echo "INSTANCE_ID=$instance_id"
   # An empty AWS_ENDPOINT_URL is not the same as none to every AWS SDK: omit it.
   if [ -n "$endpoint" ]; then echo "AWS_ENDPOINT_URL=$endpoint"; fi

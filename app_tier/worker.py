@@ -48,7 +48,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
-from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from app_tier import EXIT_STALLED, images
 from app_tier.held import HeldMessages, prior_receives
@@ -79,6 +79,7 @@ from common.failure_tags import (
     mark_failed,
 )
 from common.fleet import report_worker_failed
+from common.image_limits import too_large
 from common.messages import PRIOR_RECEIVES_ATTRIBUTE, ClassifyRequest, ClassifyResponse, MessageError
 from common.names import original_filename, stored_name
 from common.output_object import pair_text, result_metadata
@@ -408,11 +409,25 @@ class Worker:
         assert job.request is not None
         if self.stopping.is_set():
             return None  # handed back unread by fetch
+        if self._names_another_bucket(job.request):
+            # The web tier's requests name its uploads: one naming another bucket is not
+            # its, and reading it could serve whatever the role may read (the results).
+            job.error = (f"the request names bucket {job.request.bucket!r}, not this service's "
+                         f"input bucket ({self.settings.input_bucket})")
+            return None
         if job.attempts_used_up:
             self._answer_from_storage(job)
             return None
         try:
             obj = self.aws.s3.get_object(Bucket=job.request.bucket, Key=job.request.key)
+            size = obj.get("ContentLength", 0)
+            if size > self.settings.max_upload_bytes:
+                # Not the web tier's upload (it stores none so large): read whole, an object
+                # of gigabytes had cost the worker its memory, and the request an attempt
+                # per out-of-memory kill, before it was dead-lettered without a word.
+                obj["Body"].close()
+                job.error = too_large(self.settings.max_upload_bytes)
+                return None
             data = obj["Body"].read()
             job.filename = original_filename(obj.get("Metadata", {}))
         except ClientError as exc:
@@ -421,10 +436,6 @@ class Worker:
             else:
                 log.warning("cannot read %s: %s", job.request.key, exc)
             return None
-        except ParamValidationError as exc:
-            # A bucket name boto3 refuses to send: no later attempt can do better.
-            job.error = f"the request names no object S3 can read: {exc}"
-            return None
         except BotoCoreError as exc:
             log.warning("cannot read %s: %s", job.request.key, exc)
             return None
@@ -432,6 +443,9 @@ class Worker:
             log.exception("cannot read %s", job.request.key)
             return None
         return data
+
+    def _names_another_bucket(self, request: ClassifyRequest) -> bool:
+        return request.bucket != self.settings.input_bucket
 
     def _decode(self, job: Job, data: bytes) -> None:
         assert job.request is not None
@@ -648,6 +662,8 @@ class Worker:
         assert req is not None
         if job.stored_answer is not None:
             return response  # stored by the attempt that made it
+        if self._names_another_bucket(req):
+            return response  # failed unread (_download): its key names no upload of this service's
         if response.ok:
             try:
                 self.aws.s3.put_object(

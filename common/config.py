@@ -221,10 +221,10 @@ class Settings:
     # --- web tier ------------------------------------------------------------
     web_host: str = "127.0.0.1"
     web_port: int = 8000
-    max_upload_bytes: int = 10 * 1024 * 1024
     max_files_per_request: int = 1000
-    # The workers' limit as much as the web tier's: each process reads its own, so give
+    # The workers' limits as much as the web tier's: each process reads its own, so give
     # both tiers one value (the controller hands its own to the workers: worker_environment).
+    max_upload_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     result_timeout_s: float = 300.0
     # An answer whose sending makes no progress this long ends its connection
@@ -449,7 +449,8 @@ VARIABLES = _checked((
     # --- web tier -----------------------------------------------------------------
     Variable("web_host", "WEB_HOST", str),
     Variable("web_port", "WEB_PORT", int, low=0, high=65535),
-    Variable("max_upload_bytes", "MAX_UPLOAD_BYTES", int, low=1),
+    # The workers' limit too: a stored object larger than this is answered too large, unread.
+    Variable("max_upload_bytes", "MAX_UPLOAD_BYTES", int, low=1, worker=True),
     Variable("max_files_per_request", "MAX_FILES_PER_REQUEST", int, low=1),
     # The workers' limit as much as the web tier's.
     Variable("max_image_pixels", "MAX_IMAGE_PIXELS", int, low=1, high=PILLOW_MAX_IMAGE_PIXELS, worker=True),

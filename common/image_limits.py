@@ -35,6 +35,20 @@ def pixel_limit(max_pixels: int) -> int:
     return min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
 
 
+def readable_size(n: int) -> str:
+    """10485760 -> '10 MB', 20000 -> '19.5 KB' (binary units, as MAX_UPLOAD_BYTES' default)."""
+    for unit, size in (("MB", 1024**2), ("KB", 1024)):
+        if n >= size:
+            return f"{round(n / size, 1):g} {unit}"
+    return f"{n} bytes"
+
+
+def too_large(limit: int) -> str:
+    """Why a file over MAX_UPLOAD_BYTES is refused, in the page's units and exactly: the
+    web tier's refusal, and the worker's answer to a stored object that large."""
+    return f"file is larger than the limit of {readable_size(limit)} ({limit} bytes)"
+
+
 # The longest side an image may have (JPEG's own limit). Pillow keeps a pointer and an
 # allocation per row, and resizes row by row: a PNG of 1x40,000,000 pixels, within
 # the pixel limit and 151 KB, took a worker 1.5 GB and 5 s to decode (explorer).

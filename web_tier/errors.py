@@ -14,9 +14,10 @@ from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from common.aws import AWS_ERRORS, error_reason
+from common.image_limits import too_large
 from web_tier.filenames import clean_name
 from web_tier.form import CLASSIFY_FIELDS, JOBS_FIELDS, MAX_TEXT_FIELD_BYTES, send_as_files
-from web_tier.refusals import SEND_AGAIN, Code, Refusal, code_of_status, too_large
+from web_tier.refusals import SEND_AGAIN, Code, Refusal, code_of_status
 from web_tier.services import services
 from web_tier.unread_body import reads_bounded_by
 

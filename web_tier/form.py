@@ -11,8 +11,9 @@ from flask import Request, current_app
 from werkzeug.datastructures import FileStorage
 
 from common.config import Settings
+from common.image_limits import too_large
 from web_tier.filenames import display_name
-from web_tier.refusals import Code, Refusal, too_large
+from web_tier.refusals import Code, Refusal
 from web_tier.spool import CappedSpool, RequestSpool
 
 _CHUNK = 1 << 20

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, render_template
 
+from common.image_limits import readable_size, too_large
 from web_tier.form import FORM_SLACK_BYTES
 from web_tier.image_check import ACCEPTED
-from web_tier.refusals import readable_size, too_large
 from web_tier.services import services
 
 bp = Blueprint("pages", __name__)

@@ -88,16 +88,3 @@ class Refusal(Exception):
 def about(filename: str | None, text: str) -> str:
     """`<file name>: <text>`, or the text alone for no file: how POST / says a refusal."""
     return f"{filename}: {text}" if filename else text
-
-
-def readable_size(n: int) -> str:
-    """10485760 -> '10 MB', 20000 -> '19.5 KB' (binary units, as MAX_UPLOAD_BYTES' default)."""
-    for unit, size in (("MB", 1024**2), ("KB", 1024)):
-        if n >= size:
-            return f"{round(n / size, 1):g} {unit}"
-    return f"{n} bytes"
-
-
-def too_large(limit: int) -> str:
-    """Why a file over the size limit is refused, in the page's units and exactly."""
-    return f"file is larger than the limit of {readable_size(limit)} ({limit} bytes)"

@@ -146,6 +146,7 @@ def test_user_data_writes_worker_env_from_imdsv2_and_starts_the_service(boot):
         "STALL_TIMEOUT=300",
         "MAX_RECEIVE_COUNT=3",
         "MAX_IMAGE_PIXELS=40000000",
+        "MAX_UPLOAD_BYTES=10485760",
         "INSTANCE_ID=i-0abc123def4567890",
     ]
     assert stat.S_IMODE((etc_dir / "worker.env").stat().st_mode) == 0o600
@@ -163,14 +164,15 @@ def test_workers_on_ec2_get_the_controllers_worker_settings(boot):
     read back by the worker's own parser from the file systemd gives it."""
     result, etc_dir, _ = boot(render(model_runtime="tensorflow", max_image_pixels=1_000_000,
                                      shutdown_grace_s=12.5, receive_batch=4, stall_timeout_s=90,
-                                     max_receive_count=5))
+                                     max_receive_count=5, max_upload_bytes=2_000_000))
     assert result.returncode == 0, result.stderr
     env = dict(line.split("=", 1) for line in (etc_dir / "worker.env").read_text().splitlines())
     seen = Settings.from_env(env)
     # MAX_RECEIVE_COUNT: the worker's count of a handed-back copy's attempts must be the
     # queue's redrive limit; it ran with the default 3 on EC2 whatever was set (reviewer).
     assert (seen.model_runtime, seen.max_image_pixels, seen.shutdown_grace_s, seen.receive_batch,
-            seen.stall_timeout_s, seen.max_receive_count) == ("tensorflow", 1_000_000, 12.5, 4, 90, 5)
+            seen.stall_timeout_s, seen.max_receive_count, seen.max_upload_bytes) == (
+        "tensorflow", 1_000_000, 12.5, 4, 90, 5, 2_000_000)
     assert (seen.prefix, seen.region, seen.model_weights) == ("myapp", "eu-west-1", "s3://models/resnet50.h5")
 
 

@@ -659,7 +659,7 @@ def test_page_tells_its_script_and_its_user_the_server_limits(web_client):
 @pytest.mark.parametrize(("size", "shown"), [(10 * 1024**2, "10 MB"), (20_000, "19.5 KB"),
                                              (500, "500 bytes"), (1536 * 1024**2, "1536 MB")])
 def test_readable_size(size, shown):
-    from web_tier.refusals import readable_size
+    from common.image_limits import readable_size
 
     assert readable_size(size) == shown
 

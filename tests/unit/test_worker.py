@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -38,6 +39,7 @@ from common.aws import Aws
 from common.config import SHORT_POLL_PAUSE_S, Settings
 from common.failure_tags import DEAD_LETTER_ERROR, failed_by, failure_from_tags, failure_tagging
 from common.fleet import WORKER_FAILED_TAG, WORKER_READY_TAG
+from common.image_limits import too_large
 from common.messages import MAX_MESSAGE_BYTES, ClassifyRequest, ClassifyResponse, Prediction
 from common.names import object_key
 from common.output_object import RESULT_KEY, label_of
@@ -1695,18 +1697,68 @@ def test_a_message_that_is_not_a_request_is_dropped_and_its_batch_mates_served(a
     assert depth(aws, aws.request_queue_url) == (0, 0)  # the foreign ones deleted, not stranded
 
 
-def test_a_bucket_name_s3_cannot_take_fails_the_image_at_once(aws_env):
-    """boto3 refuses such a name before sending anything (ParamValidationError): taken
-    for an outage, it was tried MAX_RECEIVE_COUNT times, holding an instance up."""
+def reads_of(aws: Aws, monkeypatch) -> list[tuple[str, str]]:
+    """The (bucket, key) of each object the worker reads whole from now on."""
+    read = []
+    get_object = aws.s3.get_object
+
+    def recording(**kwargs):
+        obj = get_object(**kwargs)
+        body = obj["Body"]
+        obj["Body"] = SimpleNamespace(
+            read=lambda *a: read.append((kwargs["Bucket"], kwargs["Key"])) or body.read(*a), close=body.close)
+        return obj
+
+    monkeypatch.setattr(aws.s3, "get_object", recording)
+    return read
+
+
+@pytest.mark.parametrize("bucket", ["output", "not a bucket!"])
+def test_a_request_naming_another_bucket_fails_at_once_and_nothing_there_is_read_or_marked(
+        aws_env, monkeypatch, bucket):
+    """The web tier's requests name its uploads. One naming the output bucket (which the
+    workers' role may read) was answered with the object under its key, taken for a
+    result stored; a name boto3 refuses to send was failed with boto3's words."""
     settings, aws = aws_env
-    request = ClassifyRequest(id="b", bucket="not a bucket!", key="b/1/b.jpg", filename="b.jpg")
+    bucket = settings.output_bucket if bucket == "output" else bucket
+    key = object_key("b" * 32, "x", "x.jpg")
+    if bucket == settings.output_bucket:
+        aws.s3.put_object(Bucket=bucket, Key=key, Body=make_image(4, size=(64, 64)))
+    request = ClassifyRequest(id="x", bucket=bucket, key=key, filename="x.jpg")
     aws.sqs.send_message(QueueUrl=aws.request_queue_url, MessageBody=request.to_json())
-    worker = Worker(settings, aws, MeanClassifier(), "i-bad-bucket")
-    batch = worker.fetch()
-    assert [j.request.id for j in batch.jobs] == ["b"]
-    worker.process(batch)
-    answer = responses(aws)["b"]
-    assert not answer.ok and "names no object S3 can read" in answer.error
+    upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
+    read = reads_of(aws, monkeypatch)
+    worker = Worker(settings, aws, MeanClassifier(), "i-other-bucket")
+    worker.process(worker.fetch())
+    answers = responses(aws)
+    assert answers["a"].ok
+    assert not answers["x"].ok
+    assert answers["x"].error == (f"the request names bucket {bucket!r}, not this service's input "
+                                  f"bucket ({settings.input_bucket})")
+    assert [b for b, _ in read] == [settings.input_bucket]
+    if bucket == settings.output_bucket:
+        assert aws.s3.get_object_tagging(Bucket=bucket, Key=key)["TagSet"] == []
+    assert depth(aws, aws.request_queue_url) == (0, 0)
+
+
+def test_a_stored_object_over_max_upload_bytes_is_answered_too_large_unread(aws_env, monkeypatch):
+    """The web tier stores nothing so large; an object put there otherwise, read whole,
+    cost the worker its memory, and the request an attempt each time it was killed."""
+    settings, aws = aws_env
+    small, large = make_image(1, size=(64, 64)), make_image(2, size=(256, 256))
+    settings = dataclasses.replace(settings, max_upload_bytes=len(small))
+    upload(settings, aws, "small.jpg", small, "small")
+    too_big = upload(settings, aws, "large.jpg", large, "large")
+    read = reads_of(aws, monkeypatch)
+    worker = Worker(settings, aws, MeanClassifier(), "i-large")
+    worker.process(worker.fetch())
+    answers = responses(aws)
+    assert answers["small"].ok
+    assert not answers["large"].ok
+    assert answers["large"].error == too_large(len(small))
+    assert [key for _, key in read] == [answers["small"].key]
+    tags = aws.s3.get_object_tagging(Bucket=settings.input_bucket, Key=too_big.key)["TagSet"]
+    assert failure_from_tags(tags) == too_large(len(small))  # a batch rebuilt from S3 shows why
     assert depth(aws, aws.request_queue_url) == (0, 0)
 
 
