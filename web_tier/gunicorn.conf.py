@@ -103,6 +103,36 @@ errorlog = "-"
 loglevel = "info"
 
 
+def wrongly_served(workers: int, worker_class: type, preload: bool) -> str | None:
+    """Why gunicorn's options, as given, would break the web tier; None if they would not.
+    GUNICORN_CMD_ARGS and the command line override this file (the README suggests the
+    first for gunicorn's own options), and these three are not options to change: with
+    `-w 4`, an answer taken by one process's listener was lost to a POST / waiting in
+    another, which answered 504 (reviewer)."""
+    from gunicorn.workers.gthread import ThreadWorker
+
+    if workers != 1:
+        return (f"gunicorn must run 1 worker process, not {workers}: the result book and its POST / "
+                "waits live in one process (GUNICORN_CMD_ARGS or the command line set -w/--workers)")
+    if not issubclass(worker_class, ThreadWorker):
+        return (f"gunicorn's worker class must be gthread, not {worker_class.__name__}: each POST / "
+                "and event stream holds a thread while it waits (-k/--worker-class)")
+    if preload:
+        return ("gunicorn must not preload the app (--preload): its listener threads would be "
+                "started before the fork, and not run in the worker")
+    return None
+
+
+def on_starting(server: Arbiter) -> None:
+    """Refuse wrong options in one line, with the status a wrong setting has, before any
+    socket or process is started."""
+    cfg = server.cfg
+    wrong = wrongly_served(cfg.workers, cfg.worker_class, cfg.preload_app)
+    if wrong:
+        print(f"web tier: {wrong}", file=sys.stderr)
+        raise SystemExit(BAD_SETTING_EXIT)
+
+
 def post_fork(server: Arbiter, worker: Worker) -> None:
     """Send the app's own loggers to stderr, before the worker builds the app."""
     from common.logs import configure as configure_logging

@@ -397,6 +397,29 @@ def test_a_wrong_setting_stops_the_web_tier_in_one_line_with_a_status_its_unit_d
     assert refused.returncode == 2
 
 
+@pytest.mark.parametrize(("options", "refusal"), [
+    ("-w 3", "gunicorn must run 1 worker process, not 3"),
+    ("-k sync --threads 1", "gunicorn's worker class must be gthread, not SyncWorker"),
+    ("--preload", "gunicorn must not preload the app"),
+])
+def test_gunicorn_options_that_would_split_or_serialise_the_web_tier_stop_it_at_start(options, refusal):
+    """GUNICORN_CMD_ARGS overrides gunicorn.conf.py: with -w 4, an answer one process's
+    listener took was lost to the POST / waiting in another, which answered 504 (reviewer)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "GUNICORN_CMD_ARGS": options, "WEB_PORT": "0"}
+    refused = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "web_tier/gunicorn.conf.py",
+                              "web_tier:create_app()"], cwd=Path(__file__).parents[2], env=env,
+                             capture_output=True, text=True, timeout=60)
+    said = [line for line in refused.stderr.splitlines() if line.startswith("web tier: ")]
+    assert [line.removeprefix("web tier: ").startswith(refusal) for line in said] == [True], refused.stderr
+    assert "Listening at" not in refused.stderr
+    assert refused.returncode == 2
+
+
 def test_an_ipv6_web_host_is_bound_as_one(monkeypatch):
     import runpy
     from pathlib import Path
