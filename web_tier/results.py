@@ -25,6 +25,10 @@ from web_tier.refusals import Code
 
 QUEUED, DONE, FAILED = "queued", "done", "failed"
 FINISHED = (DONE, FAILED)
+# The ids of forgotten items kept to tell a second copy of their answer (~2 MB): SQS
+# redelivers an answer whose delete failed after the response queue's visibility
+# timeout, which at this service's speeds is well within this many answers.
+MAX_FORGOTTEN_IDS = 10_000
 
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 
@@ -197,6 +201,10 @@ class ResultBook:
         # Batches a request is finding and adding to (in_use): never let go meanwhile.
         self._in_use: Counter[str] = Counter()
         self._max_items = max_items
+        # The items eviction forgot last, oldest first: an answer for one is a copy of the
+        # one that finished it (SQS delivers at least once), not one to keep.
+        self._forgotten: OrderedDict[str, None] = OrderedDict()
+        self._max_forgotten = min(max_items, MAX_FORGOTTEN_IDS)
         self.uploaded = 0
         self.answered = 0
         self.failed = 0
@@ -392,6 +400,12 @@ class ResultBook:
                 # it, and it would crowd out real batches and swell the totals.
                 log.warning("ignored an outcome for item %s: its key %r names no batch",
                             incoming.id, incoming.key)
+                return None
+            if item is None and incoming.id in self._forgotten:
+                # Counted again, it had the totals answer more than was uploaded, and
+                # brought back an incomplete batch, to be listed in S3 at its next read
+                # (reviewer). S3 holds what a later read of the batch needs.
+                log.info("ignored a second outcome for item %s, forgotten with its batch", incoming.id)
                 return None
             if item is None:
                 # Unknown id (e.g. answered after a restart): keep it so a later
@@ -604,6 +618,9 @@ class ResultBook:
                 continue  # the count is a hint: never forget an item someone may wait on
             for item_id in self._batches.pop(batch_id).item_ids:
                 self._items.pop(item_id, None)
+                self._forgotten[item_id] = None
+            while len(self._forgotten) > self._max_forgotten:
+                self._forgotten.popitem(last=False)
             excess -= len(items)
 
 

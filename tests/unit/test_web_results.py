@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -277,6 +278,24 @@ def test_answers_for_keys_outside_any_batch_are_not_kept_or_counted():
     assert list(book._items) == ["a"]
     assert book.batch(BATCH) is not None
     assert book.totals() == {"uploaded": 1, "answered": 0, "failed": 1}
+
+
+def test_a_second_answer_for_an_item_forgotten_with_its_batch_is_not_kept_or_counted():
+    """SQS delivers an answer at least once: counted again, the totals had more answered
+    than uploaded, and an incomplete batch came back, to be listed in S3 (reviewer)."""
+    book = ResultBook(max_items=2)
+    batches = [str(n) * 32 for n in range(3)]
+    for n, batch_id in enumerate(batches):
+        book.add(batch_id, [Item(f"i{n}", batch_id, "x.jpg", f"{batch_id}/i{n}/x.jpg")])
+        assert book.record(dataclasses.replace(response(f"i{n}"), key=f"{batch_id}/i{n}/x.jpg")) is not None
+    assert book.batch(batches[0]) is None  # forgotten
+    again = dataclasses.replace(response("i0", "dog"), key=f"{batches[0]}/i0/x.jpg")
+    assert book.record(again) is None
+    assert book.fail("i0", "a dead letter", key=f"{batches[0]}/i0/x.jpg") is None
+    assert book.get("i0") is None
+    assert book.totals() == {"uploaded": 3, "answered": 3, "failed": 0}
+    # An id it never held (answered after a restart) is still kept, for a later read.
+    assert book.record(dataclasses.replace(response("new"), key=f"{BATCH}/new/x.jpg")) is not None
 
 
 def test_a_batch_just_rebuilt_is_not_forgotten_at_once_with_its_tokens():
