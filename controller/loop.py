@@ -274,26 +274,38 @@ class Controller:
     def _act(self, decision: Decision, obs: Observation, clock: Callable[[], float]) -> None:
         """Carries the decision out; `clock()` is the round's clock (obs.clock's) now."""
         # Terminations first: they are what a scale-in waits on, and launches can take
-        # long (botocore retrying RunInstances).
-        self._terminate(decision.terminate, "the fleet no longer needs it", obs.clock)
-        self._terminate(decision.clean_up, "it serves nobody (stopped, or its worker gave up)", obs.clock)
-        if decision.launch:
+        # long (botocore retrying RunInstances). A termination EC2 fails (throttled, a 5xx,
+        # a code of its own) fails the round, but after the launches: raised at once, it
+        # had held every launch, round after round, while requests waited (reviewer).
+        failed: Exception | None = None
+        for ids, why in ((decision.terminate, "the fleet no longer needs it"),
+                         (decision.clean_up, "it serves nobody (stopped, or its worker gave up)")):
             try:
-                ids = launch(self.aws, self.settings, decision.launch, self.unanswered.calls())
-            except LaunchError as exc:
-                # Not raised: failing the round would slow every round, scale-in too, to
-                # the loop's error backoff for as long as capacity or the quota is short.
-                self._remember(exc.launched, obs, exc.unanswered)
-                # Timed from now: a launch can fail slowly (botocore retrying RunInstances
-                # for seconds), and timed from the observation, the wait had passed before
-                # the call returned; timed from before it, a slow SQS lengthened it.
-                failed_at = clock()
-                wait = self.launch_backoff.failed(failed_at, self.timings.launch_backoff_min_s,
-                                                  self.timings.launch_backoff_max_s)
-                log.warning("controller: %s; launches held, next try in %.1fs", exc, wait)
-                return
-            self.launch_backoff.succeeded()
-            self._remember(ids, obs)
+                self._terminate(ids, why, obs.clock)
+            except AWS_ERRORS as exc:
+                failed = failed or exc
+        if decision.launch:
+            self._launch(decision.launch, obs, clock)
+        if failed is not None:
+            raise failed
+
+    def _launch(self, numbers: tuple[int, ...], obs: Observation, clock: Callable[[], float]) -> None:
+        try:
+            ids = launch(self.aws, self.settings, numbers, self.unanswered.calls())
+        except LaunchError as exc:
+            # Not raised: failing the round would slow every round, scale-in too, to
+            # the loop's error backoff for as long as capacity or the quota is short.
+            self._remember(exc.launched, obs, exc.unanswered)
+            # Timed from now: a launch can fail slowly (botocore retrying RunInstances
+            # for seconds), and timed from the observation, the wait had passed before
+            # the call returned; timed from before it, a slow SQS lengthened it.
+            failed_at = clock()
+            wait = self.launch_backoff.failed(failed_at, self.timings.launch_backoff_min_s,
+                                              self.timings.launch_backoff_max_s)
+            log.warning("controller: %s; launches held, next try in %.1fs", exc, wait)
+            return
+        self.launch_backoff.succeeded()
+        self._remember(ids, obs)
 
     def _terminate(self, instance_ids: tuple[str, ...], why: str, clock: float) -> None:
         """Terminate these instances; one that EC2 refuses for a reason of its own fails

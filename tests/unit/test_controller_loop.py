@@ -697,6 +697,32 @@ def test_a_throttled_scale_in_fails_the_round_rather_than_call_once_per_instance
     assert len(controller.step().terminate) == 3 and instances(aws) == []
 
 
+@pytest.mark.parametrize("code", ["RequestLimitExceeded", "UnsupportedOperation", "InternalError"])
+def test_a_termination_ec2_fails_holds_up_no_launch(aws, make_controller, patch, code):
+    """Terminations came first and raised: a stopped instance EC2 would not end (a code
+    of its own, throttling, an outage of TerminateInstances alone) held every launch,
+    round after round, with requests waiting and nothing live (reviewer)."""
+    send(aws, 1)
+    make_controller().step()
+    stray = instances(aws)[0]["InstanceId"]
+    aws.ec2.stop_instances(InstanceIds=[stray])
+    failing = Flaky(aws.ec2.terminate_instances, client_error(code, "TerminateInstances"),
+                    lambda n, kwargs: True)
+    patch.setattr(aws.ec2, "terminate_instances", failing)
+    send(aws, 4)
+    controller = make_controller()
+    with pytest.raises(ClientError, match=code):
+        controller.step()
+    assert failing.calls  # it was asked
+    assert len(instances(aws)) == 5  # the round's launches, all the same
+    with pytest.raises(ClientError, match=code):
+        controller.step()
+    assert len(instances(aws)) == 5  # counted: not launched again
+    patch.undo()
+    assert controller.step().clean_up == (stray,)
+    assert instances(aws, ("stopped",)) == []
+
+
 def test_a_worker_run_by_hand_tags_nothing(aws):
     assert not report_worker_failed(aws, "my-laptop", "model-unavailable")
 
