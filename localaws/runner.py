@@ -450,15 +450,23 @@ class InstanceRunner:
         live = {i.id for i in instances}
         self._live = len(live)
         self._stop_workers_of_gone_instances(live, now)
+        self._reap_draining(now)
         self._restart_exited_workers(now)
         self._start_workers_for_new_instances(instances, now)
         self._first_seen = {k: v for k, v in self._first_seen.items() if k in live}
         # Spares only in room under the cap: a spare loading beside a full fleet takes
         # the cores it serves from (kept on top of the cap, spares loaded during every
         # burst of `make bench`: the workers' CPU per image rose from ~149 to 161 ms).
-        self._top_up_spares(room=self.settings.local_max_workers - len(self.workers), now=now)
-        self._reap_draining(now)
+        self._top_up_spares(room=self.settings.local_max_workers - self._holding_models, now=now)
         self._watch()
+
+    @property
+    def _holding_models(self) -> int:
+        """Worker processes that hold a model, spares aside: those serving, and those
+        still finishing their batch after SIGTERM (up to SHUTDOWN_GRACE, or the runner's
+        grace), which LOCAL_MAX_WORKERS, a memory budget, must count too: a burst just
+        after a scale-in started a full fleet beside the one stopping (reviewer)."""
+        return len(self.workers) + len(self._draining)
 
     def _stop_workers_of_gone_instances(self, live: set[str], now: float) -> None:
         for iid in list(self.workers):
@@ -508,14 +516,15 @@ class InstanceRunner:
             first = self._first_seen.setdefault(iid, now)
             if now - first < self.settings.local_boot_delay_s:
                 continue
-            if len(self.workers) >= self.settings.local_max_workers:
+            if self._holding_models >= self.settings.local_max_workers:
                 held_back.append(iid)
                 continue
             self._start_worker(iid)
         if held_back and not self._warned_cap:
             # How many, not one id: 12 waiting read as one (reviewer).
-            log.warning("runner: LOCAL_MAX_WORKERS=%d reached; %d instance(s) wait for a free slot: %s",
-                        self.settings.local_max_workers, len(held_back),
+            stopping = f" ({len(self._draining)} of them stopping)" if self._draining else ""
+            log.warning("runner: LOCAL_MAX_WORKERS=%d reached%s; %d instance(s) wait for a free slot: %s",
+                        self.settings.local_max_workers, stopping, len(held_back),
                         ", ".join(held_back[:3]) + (", ..." if len(held_back) > 3 else ""))
         self._warned_cap = bool(held_back)  # said again the next time the cap holds one back
 

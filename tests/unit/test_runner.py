@@ -183,6 +183,25 @@ def test_a_terminated_instance_gets_sigterm_then_sigkill(world):
     assert process.returncode == -9
 
 
+def test_a_worker_still_stopping_counts_against_local_max_workers(world, caplog):
+    """LOCAL_MAX_WORKERS is a memory budget, and a worker finishing its batch after
+    SIGTERM holds its model: a burst just after a scale-in had started a full fleet
+    beside the one stopping (reviewer)."""
+    settings, aws, make, out = world
+    runner = make(warm_spares=0, grace_s=1.0, local_max_workers=1, env={"FAKE_MODE": "stubborn"})
+    first = launch(aws, settings, (1,))[1]
+    runner.step()
+    wait_until(lambda: started(out) == [first], what="the first worker to start")
+    stopping = runner.workers[first].process
+    terminate(aws, (first,))
+    second = launch(aws, settings, (2,))[2]
+    runner.step()
+    assert runner.workers == {} and stopping.poll() is None
+    assert "LOCAL_MAX_WORKERS=1 reached (1 of them stopping); 1 instance(s) wait" in caplog.text
+    wait_until(lambda: (runner.step(), second in runner.workers)[1], what="the second worker")
+    assert stopping.poll() == -9  # not before the first had ended (SIGKILL, at the end of its grace)
+
+
 @pytest.mark.parametrize("mode, ended", [("", "killed by SIGTERM"), ("drains", "exit 0"),
                                          ("stubborn", "killed by SIGKILL")])
 def test_a_stopped_worker_is_said_how_it_ended_once_reaped(world, caplog, mode, ended):
