@@ -12,13 +12,14 @@ from web_tier import events
 from web_tier.auth import KEY_REQUIRED, require_api_key
 from web_tier.errors import error_response, with_retry_after
 from web_tier.filenames import display_name
-from web_tier.form import JOBS_FIELDS, check_count, form_files, form_tokens
+from web_tier.form import JOBS_FIELDS, check_count, file_bytes, form_files, form_tokens
 from web_tier.image_check import Upload, validate
 from web_tier.refusals import Code, Refusal
 from web_tier.results import DONE, Item, is_service_id
 from web_tier.results_csv import results_csv
 from web_tier.services import services
 from web_tier.submit import UPLOAD_THREADS, SentBefore, new_id
+from web_tier.upload_memory import UPLOAD_MEMORY_FULL
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,20 @@ def _refusals_while_stopping(files: list[FileStorage], first_index: int) -> list
 def _stored_and_refused(batch_id: str, files: list[FileStorage], first_index: int, tokens: list[str] | None
                         ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Store and queue `files` (numbered from `first_index`) in `batch_id`: the items
-    stored, and the refusals of the files that were not."""
+    stored, and the refusals of the files that were not. Their bytes are taken from the
+    process's upload memory first, or each refused, to be sent again."""
+    svc = services()
+    limit = svc.settings.max_upload_bytes
+    with svc.upload_memory.taken(sum(file_bytes(storage, limit) for storage in files)) as room:
+        if not room:
+            return [], [_rejection(index, Refusal(503, UPLOAD_MEMORY_FULL, display_name(storage),
+                                                  code=Code.BUSY))
+                        for index, storage in enumerate(files, first_index)]
+        return _store_chunk(batch_id, files, first_index, tokens)
+
+
+def _store_chunk(batch_id: str, files: list[FileStorage], first_index: int, tokens: list[str] | None
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     svc = services()
     items: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []

@@ -22,17 +22,19 @@ import socket
 import time
 
 from flask import Blueprint, Response, jsonify, redirect, request, url_for
+from werkzeug.datastructures import FileStorage
 
 from common.names import stem
 from web_tier.auth import KEY_REQUIRED, require_api_key
 from web_tier.errors import ANSWERS_PATH, answer_page, error_response, wants_json, wants_page
 from web_tier.filenames import display_name
-from web_tier.form import CLASSIFY_FIELDS, FORM_SLACK_BYTES, TOKEN_CHARACTER, form_files
+from web_tier.form import CLASSIFY_FIELDS, FORM_SLACK_BYTES, TOKEN_CHARACTER, file_bytes, form_files
 from web_tier.image_check import validate
 from web_tier.refusals import Code, Refusal
 from web_tier.results import DONE, Item, ResultBook
-from web_tier.services import services
+from web_tier.services import Services, services
 from web_tier.submit import STILL_STORING, SentBefore, new_id
+from web_tier.upload_memory import UPLOAD_MEMORY_FULL
 
 bp = Blueprint("classify", __name__)
 log = logging.getLogger(__name__)
@@ -99,26 +101,12 @@ def classify() -> Response:
         names = ", ".join(display_name(f) or "(no name)" for f in files)
         raise Refusal(400, f"one file per request here, got {len(files)} ({names}); POST several "
                            "to /api/jobs", code=Code.TOO_MANY_FILES)
-    upload = validate(files[0], svc.settings)
-    # Read: its spool (memory, or a descriptor of the request's temporary file) is not
-    # kept while this request waits for the answer, up to RESULT_TIMEOUT (reviewer).
-    files[0].close()
-    if svc.book.closing.is_set():
-        # Nobody would wait for its answer here: store nothing (as /api/jobs does then).
-        raise Refusal(503, "not stored: the web tier is stopping; send it again", upload.filename,
-                      code=Code.BUSY)
-
-    batch_id, tokens = _batch_for(request.headers.get("Idempotency-Key"))
-    filename = upload.filename
-    with svc.book.in_use(batch_id):  # as /api/jobs: the key's batch kept from its look-up on
-        if tokens:
-            # The key's own batch, rebuilt from S3 if an earlier process stored it: its
-            # token is then found, and the image not stored again.
-            svc.rebuilder.find_batch(batch_id)
-        outcome = svc.submitter.submit(batch_id, [upload], tokens)[0]
-    # Stored: its bytes (up to MAX_UPLOAD_BYTES) are not held through the wait either.
-    # 100 waiting 9 MB uploads had held 1 GB (reviewer).
-    del upload
+    # Its bytes, from reading to stored, are taken from the process's upload memory;
+    # not through the wait for the answer: 100 waiting 9 MB uploads had held 1 GB (reviewer).
+    with svc.upload_memory.taken(file_bytes(files[0], svc.settings.max_upload_bytes)) as room:
+        if not room:
+            raise Refusal(503, UPLOAD_MEMORY_FULL, display_name(files[0]), code=Code.BUSY)
+        outcome, filename, batch_id = _store(svc, files[0])
     if isinstance(outcome, Refusal):
         raise _refusal_of(outcome, filename)
     if isinstance(outcome, SentBefore):  # stored by an earlier request under this key
@@ -232,6 +220,26 @@ def _result_response(filename: str, item: Item, batch_id: str) -> Response:
         response.headers["X-Batch-Id"] = batch_id
     response.headers["X-Model-Untrained"] = "true" if untrained else "false"
     return response
+
+
+def _store(svc: Services, storage: FileStorage) -> tuple[Item | SentBefore | Refusal, str, str]:
+    """Check the file, then store and queue it: the outcome, the file's name, and its batch's id."""
+    upload = validate(storage, svc.settings)
+    # Read: its spool (memory, or a descriptor of the request's temporary file) is not
+    # kept while this request waits for the answer, up to RESULT_TIMEOUT (reviewer).
+    storage.close()
+    if svc.book.closing.is_set():
+        # Nobody would wait for its answer here: store nothing (as /api/jobs does then).
+        raise Refusal(503, "not stored: the web tier is stopping; send it again", upload.filename,
+                      code=Code.BUSY)
+
+    batch_id, tokens = _batch_for(request.headers.get("Idempotency-Key"))
+    with svc.book.in_use(batch_id):  # as /api/jobs: the key's batch kept from its look-up on
+        if tokens:
+            # The key's own batch, rebuilt from S3 if an earlier process stored it: its
+            # token is then found, and the image not stored again.
+            svc.rebuilder.find_batch(batch_id)
+        return svc.submitter.submit(batch_id, [upload], tokens)[0], upload.filename, batch_id
 
 
 def _wait_while_connected(book: ResultBook, known: Item, timeout_s: float) -> tuple[Item | None, bool]:

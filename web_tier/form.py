@@ -223,3 +223,12 @@ def read_limited(storage: FileStorage, limit: int) -> bytes:
             raise Refusal(413, too_large(limit), name, code=Code.TOO_LARGE)
     return buf.getvalue()
 
+
+def file_bytes(storage: FileStorage, limit: int) -> int:
+    """What read_limited will hold of `storage`: its size as parsed, and no more than
+    `limit` + 1 bytes (read to refuse it)."""
+    stream = storage.stream
+    at = stream.tell()
+    size = stream.seek(0, io.SEEK_END)
+    stream.seek(at)
+    return min(size - at, limit + 1)

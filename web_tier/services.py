@@ -17,6 +17,7 @@ from web_tier.results import ResultBook
 from web_tier.sender import BatchingSender
 from web_tier.status import StatusReader
 from web_tier.submit import Submitter
+from web_tier.upload_memory import UploadMemory
 
 EXTENSION = "imgclass"
 MAX_EVENT_STREAMS = 64
@@ -35,6 +36,8 @@ class Services:
     # Open SSE streams at most (each holds one of gunicorn's threads).
     event_streams: threading.BoundedSemaphore = field(
         default_factory=lambda: threading.BoundedSemaphore(MAX_EVENT_STREAMS))
+    # The uploads' bytes held in memory at once, across requests (web_tier/upload_memory.py).
+    upload_memory: UploadMemory = field(default_factory=UploadMemory)
     submitter: Submitter = field(init=False)
     status: StatusReader = field(init=False)
     # Batches by id, from the book or rebuilt from S3 (find_batch).

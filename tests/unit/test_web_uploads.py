@@ -880,3 +880,87 @@ def test_the_page_knows_the_worker_failures_worth_sending_again_by_the_servers_w
     assert dead_letter and missing, "the page's scripts have no DEAD_LETTER or INPUT_MISSING"
     assert dead_letter[1] == Code.DEAD_LETTER
     assert f'job.error = "{missing[1]}"' in (root / "app_tier" / "worker.py").read_text()
+
+
+def test_upload_memory_is_taken_whole_and_waited_for_until_given_back_or_the_wait_ends():
+    import threading
+
+    from tests.unit.conftest import wait_until
+    from web_tier.upload_memory import UploadMemory
+
+    memory = UploadMemory(budget=100, wait_s=30)
+    holding, release = threading.Event(), threading.Event()
+    got: list[tuple[bool, int]] = []
+
+    def hold(nbytes: int) -> None:
+        with memory.taken(nbytes) as room:
+            got.append((room, memory.held))
+            holding.set()
+            release.wait(10)
+
+    first = threading.Thread(target=hold, args=(80,))
+    first.start()
+    assert holding.wait(10) and memory.held == 80
+    second = threading.Thread(target=hold, args=(30,))
+    second.start()
+    wait_until(lambda: memory.waiting == 1)  # the second waits for room
+    release.set()  # the first gives its 80 back: the second, waiting, takes its 30
+    first.join(10)
+    second.join(10)
+    assert got == [(True, 80), (True, 30)] and memory.held == 0  # never both at once
+    # More than the whole budget is the whole budget: taken when nothing else is held.
+    with memory.taken(10**9) as room:
+        assert room and memory.held == 100
+        shortened = UploadMemory(budget=100, wait_s=0.05)
+        with shortened.taken(60) as a, shortened.taken(60) as b:  # no room, and no wait left
+            assert (a, b, shortened.held) == (True, False, 60)
+    assert memory.held == 0
+
+
+@pytest.mark.parametrize("path", ["/api/jobs", "/"])
+def test_an_upload_the_process_has_no_memory_for_now_is_a_503_to_send_again(make_web_app, web_aws, path):
+    """Each request's files were bounded, not all of them together: 16 files of 9.7 MB
+    held 156 MB while stored, 20 such requests over 3 GB (reviewer)."""
+    from tests.unit.conftest import services_of
+    from web_tier.upload_memory import UPLOAD_MEMORY_FULL, UploadMemory
+
+    app = make_web_app(start_background=False)
+    memory = services_of(app).upload_memory = UploadMemory(budget=1_000_000, wait_s=0.05)
+    client = app.test_client()
+    field = "files" if path == "/api/jobs" else "inputFile"
+    image = make_image(5)
+    with memory.taken(1_000_000 - len(image) + 1):
+        response = client.post(path, data={field: (io.BytesIO(image), "cat.jpg")},
+                               content_type="multipart/form-data")
+    assert response.status_code == 503 and response.headers["Retry-After"]
+    assert f"cat.jpg: {UPLOAD_MEMORY_FULL}" in response.get_data(as_text=True) or (
+        response.get_json()["rejected"][0]["error"] == UPLOAD_MEMORY_FULL)
+    assert web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket).get("KeyCount", 0) == 0
+    assert memory.held == 0
+    with memory.taken(1_000_000 - len(image)):  # room for it exactly
+        response = client.post("/api/jobs", data={"files": (io.BytesIO(image), "cat.jpg")},
+                               content_type="multipart/form-data")
+    assert response.status_code == 202, response.get_json()
+    assert memory.held == 0
+
+
+def test_a_chunk_takes_the_memory_of_all_its_files_at_once(make_web_app, web_aws, monkeypatch):
+    """Some, then waiting for more while holding them, two requests could do to each other."""
+    from tests.unit.conftest import services_of
+    from web_tier.api import FILES_PER_CHUNK
+
+    app = make_web_app(start_background=False, max_upload_bytes=200_000)
+    memory = services_of(app).upload_memory
+    taken = memory.taken
+    asked: list[int] = []
+    monkeypatch.setattr(memory, "taken", lambda nbytes: (asked.append(nbytes), taken(nbytes))[1])
+    images = [make_image(n) for n in range(FILES_PER_CHUNK + 2)]
+    too_big = os.urandom(300_000)
+    files = [(io.BytesIO(data), f"{n}.jpg") for n, data in enumerate(images)]
+    files.append((io.BytesIO(too_big), "big.jpg"))
+    response = app.test_client().post("/api/jobs", data={"files": files}, content_type="multipart/form-data")
+    assert response.status_code == 202
+    assert len(response.get_json()["items"]) == len(images)
+    # The one too large is counted as what is read of it to refuse it: the limit and a byte.
+    chunks = images[:FILES_PER_CHUNK], images[FILES_PER_CHUNK:]
+    assert asked == [sum(map(len, chunks[0])), sum(map(len, chunks[1])) + 200_001]
