@@ -58,12 +58,15 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import quote, urlsplit
 
 import requests
 import urllib3.response
 from urllib3.exceptions import DecodeError, NewConnectionError, ProtocolError, ReadTimeoutError
+
+if TYPE_CHECKING:  # matplotlib is imported only to plot: the script runs without it
+    from matplotlib.figure import Figure
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # What the web tier accepts: JPEG (also as .jpe and .jfif, and MPO, the JPEG of 3D
@@ -2046,15 +2049,26 @@ def write_json(report: Report, path: Path) -> None:
 
 
 def plot_title(report: Report) -> str:
-    """What the plot says of its run: an interrupted one's plot looked like a whole run's (reviewer)."""
+    """What the plot says of its run: an interrupted one's plot looked like a whole run's
+    (reviewer). What it says beside the figures goes on a line of its own: on one, an
+    interrupted untrained run's title was wider than the figure, and lost its start."""
     title = f"{report.sent} requests, concurrency {report.concurrency}, {report.throughput:.2f} images/s"
+    notes = []
     if report.interrupted:
-        title += f"  [interrupted: {report.not_sent} not sent, {report.abandoned} abandoned]"
-    return title + ("  [UNTRAINED MODEL]" if report.untrained else "")
+        notes.append(f"[interrupted: {report.not_sent} not sent, {report.abandoned} abandoned]")
+    if report.untrained:
+        notes.append("[UNTRAINED MODEL]")
+    return "\n".join([title, "  ".join(notes)] if notes else [title])
 
 
 def write_plot(report: Report, path: Path) -> None:
     """Latency of each request against its send time, above instances over time."""
+    # A path without a suffix is written as a PNG at that path (matplotlib would add ".png").
+    plot_figure(report).savefig(path, dpi=100, format=None if Path(path).suffix else "png")
+
+
+def plot_figure(report: Report) -> Figure:
+    """The figure write_plot writes."""
     # Imported here so the rest of the script works where matplotlib is missing;
     # Figure without pyplot draws with the Agg canvas and needs no display.
     from matplotlib.figure import Figure
@@ -2087,11 +2101,13 @@ def write_plot(report: Report, path: Path) -> None:
         bottom.set_ylim(bottom=0, top=max(counts) + 1)
     else:
         bottom.text(0.5, 0.5, "no /api/status data", ha="center", va="center", transform=bottom.transAxes)
+    # Instances are whole: 12, not 12.5. (Those wider ticks, with no legend beside the
+    # top plot, left the label below half off the figure: explorer.)
+    bottom.yaxis.get_major_locator().set_params(integer=True)
     bottom.set_ylabel("app-tier instances\n(pending + running)")
     bottom.set_xlabel("seconds since the run began (a request's point: when it was sent)")
     bottom.grid(alpha=0.3)
-    # A path without a suffix is written as a PNG at that path (matplotlib would add ".png").
-    fig.savefig(path, dpi=100, format=None if Path(path).suffix else "png")
+    return fig
 
 
 def signal_exit_code(signal_name: str) -> int:

@@ -1030,7 +1030,7 @@ def test_requests_never_sent_are_not_counted_failed_too(tmp_path):
     report = load_test.Report(url="http://x", api="form", concurrency=4, planned=40, started_at=0.0,
                               duration_s=1.0, outcomes=outcomes, interrupted_by="SIGINT")
     # Its plot says so too: an interrupted run's looked like a whole one's (reviewer).
-    assert load_test.plot_title(report) == ("16 requests, concurrency 4, 12.00 images/s  "
+    assert load_test.plot_title(report) == ("16 requests, concurrency 4, 12.00 images/s\n"
                                             "[interrupted: 24 not sent, 0 abandoned]")
 
     counts = (report.sent, report.answered, report.failed, report.not_sent, report.unreached)
@@ -2688,6 +2688,36 @@ def test_the_progress_bar_on_a_terminal_clears_what_a_longer_line_left():
     progress.update(2, 0, 0)  # shorter: no "not sent"
     redrawn = stream.getvalue().split("\r")[1:]
     assert len(redrawn) == 2 and all(line.endswith("/s\033[K") for line in redrawn), redrawn
+
+
+@pytest.mark.parametrize("answered", [0, 110])
+def test_every_word_of_a_plot_is_on_the_figure(answered):
+    """An interrupted untrained run's title was wider than the figure, and lost its start
+    ("0 requests" for "110 requests"); with no point drawn, the instances' label was half
+    off the figure's left edge (explorer)."""
+    plan = [Path(f"{n}.jpg") for n in range(5000)]
+    outcomes = [load_test.Outcome(index=n, file=f"{n}.jpg", started_s=n * 0.1, latency_s=1.0, reached=True,
+                                  label="cat", answer_name=str(n), untrained=True) for n in range(answered)]
+    for outcome in outcomes:
+        load_test.judge(outcome, {})
+    outcomes += load_test.unfinished_outcomes(plan[answered:], [0.0] * 100, 0.0, set())
+    report = load_test.Report(url="http://x", api="form", concurrency=100, planned=len(plan), started_at=0.0,
+                              duration_s=14.0, outcomes=outcomes, interrupted_by="SIGINT",
+                              instance_samples=[(0.0, 0), (1.0, 3), (2.0, 15), (14.0, 15)])
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = load_test.plot_figure(report)
+    canvas = FigureCanvasAgg(fig)  # as savefig draws it
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    edge = fig.bbox
+    texts = [axes.title for axes in fig.axes] + [axes.yaxis.label for axes in fig.axes]
+    texts += [label for axes in fig.axes for label in axes.get_yticklabels()]
+    words = [t for t in texts if t.get_text()]
+    assert any("requests, concurrency 100" in t.get_text() for t in words)
+    for text in words:
+        box = text.get_window_extent(renderer)
+        assert edge.x0 <= box.x0 and box.x1 <= edge.x1, (text.get_text(), box, edge)
 
 
 def test_a_plot_with_no_point_to_draw_has_no_legend_and_no_warning(tmp_path):
