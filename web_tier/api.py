@@ -39,7 +39,14 @@ def _unauthorized() -> Response:
     return error_response(Refusal(401, KEY_REQUIRED, code=Code.UNAUTHORIZED))
 
 
+# What a batch id looks like, said where one is not: "no such batch" alone left the
+# sender of an id in capitals to guess why (explorer).
+BATCH_ID_FORM = "a batch's id is 32 lowercase hexadecimal digits, a UUID4's without hyphens"
+
+
 def _no_batch(batch_id: str, hint: str = "") -> Response:
+    if not is_service_id(batch_id):
+        hint = f" ({BATCH_ID_FORM})"
     return error_response(Refusal(404, f"no such batch: {batch_id[:64]}{hint}", code=Code.UNKNOWN_BATCH))
 
 
@@ -101,8 +108,7 @@ def _named_batch_exists(form_batch_id: str) -> bool | None:
     if not is_service_id(form_batch_id):
         # No batch has such an id: a 404 told the client to send create=1, which was
         # then refused for the id's form (reviewer).
-        raise Refusal(400, "a batch's id is 32 lowercase hexadecimal digits (a UUID4's, without "
-                           "hyphens)", code=Code.BAD_REQUEST)
+        raise Refusal(400, BATCH_ID_FORM, code=Code.BAD_REQUEST)
     if services().rebuilder.find_batch(form_batch_id) is not None:
         return True
     if request.form.get("create", "").lower() not in ("1", "true"):

@@ -1327,7 +1327,18 @@ def test_a_batchs_results_download_as_csv_each_row_as_the_api_says(web_app, web_
 def test_the_csv_of_an_unknown_batch_is_a_404(web_client):
     response = web_client.get(f"/api/jobs/{'0' * 32}/results.csv")
     assert response.status_code == 404
-    assert response.get_json()["error"].startswith("no such batch")
+    assert response.get_json()["error"] == f"no such batch: {'0' * 32}"
+
+
+@pytest.mark.parametrize("path", ["/api/jobs/{}", "/api/jobs/{}/results.csv", "/api/jobs/{}/events"])
+def test_a_batch_id_of_another_form_is_said_to_be_one(web_client, path):
+    """An id in capitals was "no such batch" here, and "32 lowercase hexadecimal digits"
+    as a form field (explorer)."""
+    batch_id = "A" * 32
+    response = web_client.get(path.format(batch_id))
+    assert response.status_code == 404
+    assert response.get_json()["error"] == (f"no such batch: {batch_id} (a batch's id is 32 lowercase "
+                                            "hexadecimal digits, a UUID4's without hyphens)")
 
 
 def test_a_csv_row_shows_only_what_its_state_says_is_final():
