@@ -14,7 +14,7 @@ from web_tier.errors import error_response, with_retry_after
 from web_tier.filenames import display_name
 from web_tier.form import JOBS_FIELDS, check_count, file_bytes, form_files, form_tokens
 from web_tier.image_check import Upload, validate
-from web_tier.refusals import Code, Refusal
+from web_tier.refusals import STOPPING, Code, Refusal
 from web_tier.results import DONE, Item, is_service_id
 from web_tier.results_csv import results_csv
 from web_tier.services import services
@@ -121,16 +121,27 @@ def _store_files(batch_id: str, adding: bool, files: list[FileStorage], tokens: 
     a chunk at a time; the answer: 202 with the items stored and the files refused, or
     the refusals alone if none was stored."""
     svc = services()
+    limit = svc.settings.max_upload_bytes
     items: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     for start in range(0, len(files), FILES_PER_CHUNK):
-        if svc.book.closing.is_set():
-            # Told to stop: gunicorn kills this process a few seconds from now. Store no
-            # more (one killed between its S3 put and its message would stay queued for
-            # ever), and answer now with what was stored, the rest refused.
-            rejected.extend(_refusals_while_stopping(files[start:], start))
-            break
-        stored, refused = _stored_and_refused(batch_id, files[start:start + FILES_PER_CHUNK], start, tokens)
+        chunk = files[start:start + FILES_PER_CHUNK]
+        # A chunk's bytes are held in memory from reading to stored: taken from the
+        # process's budget first, all at once (web_tier/upload_memory.py).
+        with svc.upload_memory.taken(sum(file_bytes(storage, limit) for storage in chunk)) as room:
+            if svc.book.closing.is_set():
+                # Told to stop (before or while this waited): gunicorn kills this process a
+                # few seconds from now. Store no more (one killed between its S3 put and
+                # its message would stay queued for ever), and answer now with what was
+                # stored, the rest refused.
+                rejected.extend(_refusals(files[start:], start, STOPPING))
+                break
+            if not room:
+                # The rest too, at once: each chunk waiting its own turn in vain held a
+                # 1,000-file request half an hour, to refuse it all (reviewer).
+                rejected.extend(_refusals(files[start:], start, UPLOAD_MEMORY_FULL))
+                break
+            stored, refused = _stored_and_refused(batch_id, chunk, start, tokens)
         items.extend(stored)
         rejected.extend(refused)
     rejected.sort(key=lambda r: r["index"])
@@ -145,30 +156,16 @@ def _store_files(batch_id: str, adding: bool, files: list[FileStorage], tokens: 
     return _all_refused_answer(batch_id if adding else None, rejected)
 
 
-def _refusals_while_stopping(files: list[FileStorage], first_index: int) -> list[dict[str, Any]]:
-    """A refusal for each of `files` (numbered from `first_index`), as a stopping web tier stores none."""
-    return [_rejection(index, Refusal(503, "not stored: the web tier is stopping; send this file again",
-                                      display_name(storage), code=Code.BUSY))
+def _refusals(files: list[FileStorage], first_index: int, why: str) -> list[dict[str, Any]]:
+    """A refusal for each of `files` (numbered from `first_index`), none stored: `why`, to send it again."""
+    return [_rejection(index, Refusal(503, why, display_name(storage), code=Code.BUSY))
             for index, storage in enumerate(files, first_index)]
 
 
 def _stored_and_refused(batch_id: str, files: list[FileStorage], first_index: int, tokens: list[str] | None
                         ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Store and queue `files` (numbered from `first_index`) in `batch_id`: the items
-    stored, and the refusals of the files that were not. Their bytes are taken from the
-    process's upload memory first, or each refused, to be sent again."""
-    svc = services()
-    limit = svc.settings.max_upload_bytes
-    with svc.upload_memory.taken(sum(file_bytes(storage, limit) for storage in files)) as room:
-        if not room:
-            return [], [_rejection(index, Refusal(503, UPLOAD_MEMORY_FULL, display_name(storage),
-                                                  code=Code.BUSY))
-                        for index, storage in enumerate(files, first_index)]
-        return _store_chunk(batch_id, files, first_index, tokens)
-
-
-def _store_chunk(batch_id: str, files: list[FileStorage], first_index: int, tokens: list[str] | None
-                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    stored, and the refusals of the files that were not."""
     svc = services()
     items: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []

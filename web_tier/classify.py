@@ -30,7 +30,7 @@ from web_tier.errors import ANSWERS_PATH, answer_page, error_response, wants_jso
 from web_tier.filenames import display_name
 from web_tier.form import CLASSIFY_FIELDS, FORM_SLACK_BYTES, TOKEN_CHARACTER, file_bytes, form_files
 from web_tier.image_check import validate
-from web_tier.refusals import Code, Refusal
+from web_tier.refusals import STOPPING, Code, Refusal
 from web_tier.results import DONE, Item, ResultBook
 from web_tier.services import Services, services
 from web_tier.submit import STILL_STORING, SentBefore, new_id
@@ -105,7 +105,8 @@ def classify() -> Response:
     # not through the wait for the answer: 100 waiting 9 MB uploads had held 1 GB (reviewer).
     with svc.upload_memory.taken(file_bytes(files[0], svc.settings.max_upload_bytes)) as room:
         if not room:
-            raise Refusal(503, UPLOAD_MEMORY_FULL, display_name(files[0]), code=Code.BUSY)
+            why = STOPPING if svc.book.closing.is_set() else UPLOAD_MEMORY_FULL
+            raise Refusal(503, why, display_name(files[0]), code=Code.BUSY)
         outcome, filename, batch_id = _store(svc, files[0])
     if isinstance(outcome, Refusal):
         raise _refusal_of(outcome, filename)
@@ -230,8 +231,7 @@ def _store(svc: Services, storage: FileStorage) -> tuple[Item | SentBefore | Ref
     storage.close()
     if svc.book.closing.is_set():
         # Nobody would wait for its answer here: store nothing (as /api/jobs does then).
-        raise Refusal(503, "not stored: the web tier is stopping; send it again", upload.filename,
-                      code=Code.BUSY)
+        raise Refusal(503, STOPPING, upload.filename, code=Code.BUSY)
 
     batch_id, tokens = _batch_for(request.headers.get("Idempotency-Key"))
     with svc.book.in_use(batch_id):  # as /api/jobs: the key's batch kept from its look-up on

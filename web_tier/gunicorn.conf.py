@@ -169,11 +169,12 @@ def post_worker_init(worker: Worker) -> None:
     svc.aws.probes  # noqa: B018  (made now, not at the first health check)
 
     # On SIGTERM gunicorn stops accepting and gives requests `graceful_timeout` to
-    # end; a POST / waiting for its answer, or an event stream, would be cut off then
-    # with no answer at all. Closing the book answers them at once (503 saying where
-    # the result will be; streams end and browsers reconnect), and stops the listeners,
-    # leaving the queues' answers to the process that serves on (a reload's new one).
-    # Gunicorn's own handler still runs. (Off the handler, as closing takes the book's lock.)
-    on_signals(lambda _signum: svc.book.close(), (signal.SIGTERM,), then_previous=True)
+    # end; a POST / waiting for its answer, or for room to hold its upload, or an event
+    # stream, would be cut off then with no answer at all. Closing the services answers
+    # them at once (503 saying where the result will be, or to send the file again;
+    # streams end and browsers reconnect), and stops the listeners, leaving the queues'
+    # answers to the process that serves on (a reload's new one). Gunicorn's own
+    # handler still runs. (Off the handler, as closing takes the book's lock.)
+    on_signals(lambda _signum: svc.close(), (signal.SIGTERM,), then_previous=True)
     signal.siginterrupt(signal.SIGTERM, False)  # as gunicorn had it
     freeze_startup_heap()

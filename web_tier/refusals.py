@@ -51,6 +51,8 @@ class Code(StrEnum):
 # The refusals that stored nothing and are worth sending again as they are (with
 # Retry-After): every other is either the client's to fix or stored already.
 SEND_AGAIN = frozenset({Code.BUSY, Code.AWS_UNAVAILABLE})
+# Why an upload is not stored while the web tier is stopping (Code.BUSY).
+STOPPING = "not stored: the web tier is stopping; send this file again"
 
 # The code of a refusal Werkzeug makes (a path with no route, a method it does not
 # take): by its status, any other 4xx being the request's fault, a 5xx the server's.

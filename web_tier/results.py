@@ -619,6 +619,7 @@ class ResultBook:
             for item_id in self._batches.pop(batch_id).item_ids:
                 self._items.pop(item_id, None)
                 self._forgotten[item_id] = None
+                self._forgotten.move_to_end(item_id)  # forgotten again (rebuilt since): the newest
             while len(self._forgotten) > self._max_forgotten:
                 self._forgotten.popitem(last=False)
             excess -= len(items)

@@ -49,6 +49,12 @@ class Services:
         self.status = StatusReader(self.aws, self.book)
         self.rebuilder = BatchRebuilder(self.aws, self.book)
 
+    def close(self) -> None:
+        """The process is told to stop: every request waiting (for its answer, or for
+        room to hold its upload) is answered at once (ResultBook.close, UploadMemory.close)."""
+        self.book.close()
+        self.upload_memory.close()
+
     def stop(self, timeout: float | None = None) -> None:
         """Stop the background work: the listeners, both pools, and the journal (tests;
         process exit needs nothing)."""

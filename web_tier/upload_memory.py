@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -30,36 +31,37 @@ UPLOAD_MEMORY_FULL = ("not stored: the web tier holds as many uploads in memory 
 
 
 class UploadMemory:
-    """The bytes the process's uploads may hold at once."""
+    """The bytes the process's uploads may hold at once, handed out first come, first
+    served: a chunk of large files, waiting for most of the budget, is not passed for
+    ever by smaller uploads that each fit (reviewer)."""
 
     def __init__(self, budget: int = UPLOAD_MEMORY_BYTES, wait_s: float = UPLOAD_MEMORY_WAIT_S) -> None:
         self.budget, self.wait_s = budget, wait_s
         self.held = 0
-        self.waiting = 0  # requests waiting for room
+        self.closed = False
+        self._queue: deque[object] = deque()  # one ticket per request waiting, in arrival order
         self._room = threading.Condition()
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for room."""
+        return len(self._queue)
+
+    def close(self) -> None:
+        """The process is stopping: no request is given room any more, and those waiting
+        stop at once (to be told so), not when gunicorn's grace ends and kills them."""
+        with self._room:
+            self.closed = True
+            self._room.notify_all()
 
     @contextmanager
     def taken(self, nbytes: int) -> Iterator[bool]:
         """Take `nbytes` (no more than the whole budget: a request as large always gets
-        it, alone) for the block, waiting up to `wait_s` for room; the block is told
-        whether it has them, and, if not, must not read its files."""
+        it, alone) for the block, waiting up to `wait_s` for room, behind those that came
+        first; the block is told whether it has them (not once closed), and, if not,
+        must not read its files."""
         nbytes = min(nbytes, self.budget)
-        deadline = time.monotonic() + self.wait_s
-        with self._room:
-            self.waiting += 1
-            while self.held + nbytes > self.budget:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._room.wait(left)
-            self.waiting -= 1
-            got = self.held + nbytes <= self.budget
-            if got:
-                self.held += nbytes
-            else:
-                log.warning("uploads hold %d bytes of %d in memory, %d more requests wait: refused "
-                            "one of %d bytes after %.0f s", self.held, self.budget, self.waiting,
-                            nbytes, self.wait_s)
+        got = self._take(nbytes)
         try:
             yield got
         finally:
@@ -68,3 +70,24 @@ class UploadMemory:
                     self.held -= nbytes
                     self._room.notify_all()
 
+    def _take(self, nbytes: int) -> bool:
+        deadline = time.monotonic() + self.wait_s
+        ticket = object()
+        with self._room:
+            self._queue.append(ticket)
+            try:
+                while not self.closed and (self._queue[0] is not ticket or self.held + nbytes > self.budget):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        log.warning("uploads hold %d bytes of %d in memory, %d more requests wait: "
+                                    "refused one of %d bytes after %.0f s", self.held, self.budget,
+                                    len(self._queue) - 1, nbytes, self.wait_s)
+                        return False
+                    self._room.wait(left)
+                if self.closed:
+                    return False
+                self.held += nbytes
+                return True
+            finally:
+                self._queue.remove(ticket)
+                self._room.notify_all()  # the next in line may fit now

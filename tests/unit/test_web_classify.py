@@ -343,7 +343,7 @@ def test_a_stopping_web_tier_stores_no_new_image(web_app, web_aws):
     response = post_image(web_app.test_client(), make_image(6), "late.jpg")
     assert response.status_code == 503 and response.headers["Retry-After"] == "5"
     assert "X-Batch-Id" not in response.headers  # nothing stored (README)
-    assert response.text == "late.jpg: not stored: the web tier is stopping; send it again"
+    assert response.text == "late.jpg: not stored: the web tier is stopping; send this file again"
     assert web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket).get("KeyCount", 0) == 0
 
 

@@ -917,6 +917,98 @@ def test_upload_memory_is_taken_whole_and_waited_for_until_given_back_or_the_wai
     assert memory.held == 0
 
 
+def test_upload_memory_is_given_in_turn_and_not_once_closed():
+    """A chunk of large files, waiting for most of the budget, was passed for ever by
+    smaller uploads that each fit; a request waiting for room at a stop waited out its
+    30 s, past gunicorn's 5 s of grace, which killed it unanswered (reviewer)."""
+    import threading
+
+    from tests.unit.conftest import wait_until
+    from web_tier.upload_memory import UploadMemory
+
+    memory = UploadMemory(budget=100, wait_s=30)
+    order: list[int] = []
+
+    def take(nbytes: int) -> None:
+        with memory.taken(nbytes) as room:
+            order.append(nbytes if room else -nbytes)
+
+    with memory.taken(60):
+        large = threading.Thread(target=take, args=(50,))
+        large.start()
+        wait_until(lambda: memory.waiting == 1)
+        small = threading.Thread(target=take, args=(30,))  # it fits beside the 60: it waits its turn
+        small.start()
+        wait_until(lambda: memory.waiting == 2)
+        assert order == []
+    large.join(10)
+    small.join(10)
+    assert order == [50, 30] and memory.held == 0
+
+    with memory.taken(100):
+        late = threading.Thread(target=take, args=(10,))
+        late.start()
+        wait_until(lambda: memory.waiting == 1)
+        memory.close()
+        late.join(5)  # at once, not after its 30 s
+        assert not late.is_alive() and order[-1] == -10
+    with memory.taken(1) as room:
+        assert not room  # nothing is given once closed, even with room
+
+
+def test_a_request_refused_room_refuses_its_later_chunks_at_once(make_web_app, web_aws, monkeypatch):
+    """Each chunk waited its own turn in vain: a 1,000-file request held a thread half an
+    hour, to be refused whole (reviewer)."""
+    from tests.unit.conftest import services_of
+    from web_tier.api import FILES_PER_CHUNK
+    from web_tier.upload_memory import UPLOAD_MEMORY_FULL, UploadMemory
+
+    app = make_web_app(start_background=False, max_files_per_request=100)
+    memory = services_of(app).upload_memory = UploadMemory(budget=100, wait_s=0.05)
+    asked: list[int] = []
+    taken = memory.taken
+    monkeypatch.setattr(memory, "taken", lambda nbytes: (asked.append(nbytes), taken(nbytes))[1])
+    files = [(io.BytesIO(make_image(n)), f"{n}.jpg") for n in range(3 * FILES_PER_CHUNK)]
+    with taken(100):
+        response = app.test_client().post("/api/jobs", data={"files": files},
+                                          content_type="multipart/form-data")
+    assert response.status_code == 503
+    rejected = response.get_json()["rejected"]
+    assert [r["index"] for r in rejected] == list(range(len(files)))
+    assert {r["error"] for r in rejected} == {UPLOAD_MEMORY_FULL}
+    assert len(asked) == 1
+
+
+@pytest.mark.parametrize("path", ["/api/jobs", "/"])
+def test_an_upload_waiting_for_memory_when_the_web_tier_stops_is_refused_at_once_unstored(
+        make_web_app, web_aws, path):
+    """It waited out its 30 s past gunicorn's grace, and was killed unanswered; once
+    given room after the stop, /api/jobs stored it all the same (reviewer)."""
+    import threading
+
+    from tests.unit.conftest import services_of, wait_until
+    from web_tier.refusals import STOPPING
+
+    app = make_web_app(start_background=False)
+    svc = services_of(app)
+    field = "files" if path == "/api/jobs" else "inputFile"
+    answers = []
+
+    def post() -> None:
+        answers.append(app.test_client().post(path, data={field: (io.BytesIO(make_image(6)), "late.jpg")},
+                                              content_type="multipart/form-data"))
+
+    with svc.upload_memory.taken(svc.upload_memory.budget):
+        poster = threading.Thread(target=post)
+        poster.start()
+        wait_until(lambda: svc.upload_memory.waiting == 1)
+        svc.close()
+        poster.join(10)
+    assert not poster.is_alive() and answers[0].status_code == 503
+    assert STOPPING in answers[0].get_data(as_text=True)
+    assert web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket).get("KeyCount", 0) == 0
+
+
 @pytest.mark.parametrize("path", ["/api/jobs", "/"])
 def test_an_upload_the_process_has_no_memory_for_now_is_a_503_to_send_again(make_web_app, web_aws, path):
     """Each request's files were bounded, not all of them together: 16 files of 9.7 MB
