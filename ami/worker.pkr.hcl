@@ -49,6 +49,14 @@ variable "subnet_id" {
   description = "Subnet with internet access for the build instance (default: the default VPC)."
 }
 
+variable "kernel_line" {
+  # AL2023 ships several kernel lines, and from June 2026 moves its default kernel each
+  # year: the newest AMI of any line could change the kernel between two bakes, untried
+  # on the workers' t2 (Xen) instances. A new line is a choice, made here.
+  type    = string
+  default = "6.1"
+}
+
 variable "ami_name_prefix" {
   type    = string
   default = "imgclass-worker"
@@ -73,7 +81,7 @@ source "amazon-ebs" "worker" {
 
   source_ami_filter {
     filters = {
-      name                = "al2023-ami-2023.*-x86_64"
+      name                = "al2023-ami-2023.*-kernel-${var.kernel_line}-x86_64"
       root-device-type    = "ebs"
       virtualization-type = "hvm"
     }
@@ -81,6 +89,9 @@ source "amazon-ebs" "worker" {
     most_recent = true
   }
   ssh_username = "ec2-user"
+  # The build's temporary security group lets SSH in from this machine's public address
+  # (as https://checkip.amazonaws.com sees it) only, not from 0.0.0.0/0, its default.
+  temporary_security_group_source_public_ip = true
   # The build's temporary key is not left in the image's authorized_keys.
   ssh_clear_authorized_keys = true
 

@@ -14,7 +14,7 @@ worker process's own start-up switches (INSTANCE_ID, the default of its
 IMGCLASS_MOTO_STATS, `make bench`'s request to the embedded AWS for its CPU time
 per action (localaws/moto_fast.py).
 
-A default that follows another setting is worked out in from_env (as SCALE_IN_COOLDOWN's
+A default that follows another setting is worked out in from_env (as SCALE_IN_COOLDOWN's and BOOT_TIME's
 follows AWS_ENDPOINT_URL); tests that build Settings with dataclasses.replace skip
 from_env, so such a default does not follow there: where that matters, keep None and
 read it through a property.
@@ -123,6 +123,14 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
 # second: none there by default, 5 s under `make run` (local_run_defaults), 0.5 s
 # under `make bench`, whose target is zero instances within 2 s.
 AWS_SCALE_IN_COOLDOWN_S = 60.0
+# A worker's instance on real AWS, from its launch to its first receive: 30-70 s of
+# boot, then a worker started from a root volume fresh from the AMI's snapshot (each
+# block's first read is slow until read once: AWS's "Initialize Amazon EBS volumes"),
+# then its first long poll. Reasoned, not measured (there is no AWS access here):
+# counted booting for two of these, an instance still starting at 80 s had the
+# controller launch again for the messages it was about to take (AWS review). The
+# embedded AWS starts one in a second or two: BOOT_TIME's own default there.
+AWS_BOOT_TIME_S = 90.0
 SCALING_MODES = ("backlog", "latency")
 MODEL_RUNTIMES = ("openvino", "tensorflow")
 # After a receive that found nothing with RECEIVE_WAIT=0 (short polling): without it,
@@ -324,6 +332,7 @@ class Settings:
         # Defaults that follow other settings (see the module's docstring).
         follow = {
             "scale_in_cooldown_s": cls.scale_in_cooldown_s if endpoint_url else AWS_SCALE_IN_COOLDOWN_S,
+            "boot_time_s": cls.boot_time_s if endpoint_url else AWS_BOOT_TIME_S,
             "web_journal_dir": os.path.join(state, f"{fleet_name(prefix, endpoint_url, region)}-web-journal"),
         }
         read = {variable.setting: variable.read(env, follow.get(variable.setting,
@@ -419,6 +428,7 @@ VARIABLES = _checked((
     Variable("scaling_mode", "SCALING_MODE", str, choices=SCALING_MODES, shared=True),
     Variable("acceptable_latency_s", "ACCEPTABLE_LATENCY", float, low=0, shared=True),
     Variable("seconds_per_image", "SECONDS_PER_IMAGE", float, low=0.001, shared=True),
+    # Its default follows AWS_ENDPOINT_URL (from_env).
     Variable("boot_time_s", "BOOT_TIME", float, low=0, shared=True),
     # Its default follows AWS_ENDPOINT_URL (from_env).
     Variable("scale_in_cooldown_s", "SCALE_IN_COOLDOWN", float, low=0, shared=True),

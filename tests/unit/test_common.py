@@ -553,6 +553,14 @@ def test_on_aws_the_fleet_shrinks_only_after_a_minute_by_default():
     assert Settings.from_env({"SCALE_IN_COOLDOWN": "5"}).scale_in_cooldown_s == 5
 
 
+def test_on_aws_an_instance_counts_as_booting_for_longer_by_default():
+    """Boot, then a worker read from a volume fresh from its snapshot: still starting at
+    80 s (two BOOT_TIMEs of 40), its messages had another instance launched for them."""
+    assert Settings.from_env({}).boot_time_s == 90
+    assert Settings.from_env({"AWS_ENDPOINT_URL": "http://127.0.0.1:5000"}).boot_time_s == 40
+    assert Settings.from_env({"BOOT_TIME": "120"}).boot_time_s == 120
+
+
 @pytest.mark.parametrize(("name", "value", "says"), [
     ("RECEIVE_WAIT", "30", "RECEIVE_WAIT must be from 0 to 20, got 30"),  # SQS's long-poll limit
     ("RECEIVE_BATCH", "0", "RECEIVE_BATCH must be from 1 to 10, got 0"),
