@@ -1903,7 +1903,8 @@ def test_a_chosen_folder_uploads_its_images_and_tells_files_of_one_name_apart(
     from selenium.webdriver.common.by import By
 
     folder = tmp_path / "holiday"
-    files = {"first.jpg": make_image(1020, size=(64, 48)), "day1/same.jpg": make_image(1021, size=(64, 48)),
+    files = {"first.jpg": make_image(1020, size=(64, 48)),
+             "day one, with a rather long name/same.jpg": make_image(1021, size=(64, 48)),
              "day2/same.jpg": make_image(1022, size=(64, 48)), "day2/notes.txt": b"not an image"}
     browser.get(stack.web_url + "/")
     choose_folder(browser, folder, files)
@@ -1911,17 +1912,32 @@ def test_a_chosen_folder_uploads_its_images_and_tells_files_of_one_name_apart(
     shown = browser.find_elements(By.CSS_SELECTOR, "#results [data-state]")
     paths = sorted((row.get_attribute("data-filename"), row.get_attribute("data-path") or "",
                     row.find_element(By.CSS_SELECTOR, ".path").text) for row in shown)
-    assert paths == [("first.jpg", "", ""), ("same.jpg", "holiday/day1/same.jpg", "in holiday/day1/"),
+    assert paths == [("first.jpg", "", ""), ("same.jpg", "holiday/day one, with a rather long name/same.jpg",
+                      "in holiday/day one, with a rather long name/"),
                      ("same.jpg", "holiday/day2/same.jpg", "in holiday/day2/")]
     for row in shown:
         path = row.get_attribute("data-path") or "holiday/first.jpg"
         assert row.get_attribute("data-label") == reference(reference_model, files[path[8:]]).label
     summary = browser.find_element(By.ID, "summary").text
     assert "1 file in the folder skipped, not images: holiday/day2/notes.txt" in summary
+    # At a phone's width each name is on one line: the path beside it took the room, and
+    # "same.jpg" broke into "sam", "e.jp", "g" (reviewer).
+    size = browser.get_window_size()
+    browser.set_window_size(320, size["height"])
+    try:
+        lines = browser.execute_script("""
+          return [...document.querySelectorAll("#results .name")].map(name => {
+            const range = document.createRange();
+            range.selectNodeContents(name);
+            return new Set([...range.getClientRects()].map(r => Math.round(r.top))).size;
+          });""")
+        assert lines == [1, 1, 1], lines
+    finally:
+        browser.set_window_size(size["width"], size["height"])
     browser.refresh()  # the paths are shown again
     wait_for(lambda: len(rows_shown(browser)) == 3, 30, "the rows after a reload")
     assert sorted(e.text for e in browser.find_elements(By.CSS_SELECTOR, "#results .path")) == [
-        "", "in holiday/day1/", "in holiday/day2/"]
+        "", "in holiday/day one, with a rather long name/", "in holiday/day2/"]
 
 
 def test_hidden_files_and_folders_in_a_folder_are_skipped_and_counted(stack, browser, tmp_path):
