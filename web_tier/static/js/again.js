@@ -1,7 +1,7 @@
 // "Send N failed files again": which failed files it offers (notWorthAgain), and
 // sending them, each by its own upload (session.js sendAgain): a dead letter queued
 // again in place, any other file uploaded again.
-import { sayNext, sayOnce, uploadBegins } from "./announce.js";
+import { sayNext, sayOnce, someFiles, uploadBegins } from "./announce.js";
 import { $ } from "./dom.js";
 import { storedKey } from "./key.js";
 import { FINISHED } from "./rows.js";
@@ -82,7 +82,6 @@ function failedFiles() {
   const reasons = [...leftOut].map(([why, n]) => `${n} ${LEFT_OUT[why]}`);
   return { offered, count, leftOut: reasons.length ? `not offered: ${reasons.join(", ")}` : "" };
 }
-const someFiles = (n) => `${n} file${n === 1 ? "" : "s"}`;
 
 export function showSendAgain() {
   const { count, leftOut } = failedFiles();

@@ -20,6 +20,7 @@ let repeatMs = 0;         // how long after it the same count is said again
 const notesForNext = [];  // said once, first in the next announcement, whatever it is (sayNext)
 let failedAtUpload = 0;   // the page's failed rows when the latest upload began
 let failureSaid = false;  // ...and whether one of its failures has been said
+export const someFiles = (n) => `${n} file${n === 1 ? "" : "s"}`;
 export function uploadBegins() {
   failedAtUpload = resultsEl.querySelectorAll('.result[data-state="failed"]').length;
   failureSaid = false;

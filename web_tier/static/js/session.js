@@ -1,7 +1,7 @@
 // One upload, and one batch: its sends and resends, following the batch's results,
 // and (restore.js) a batch shown again after a reload.
 import { DEAD_LETTER, isDeadLetter } from "./again.js";
-import { uploadBegins } from "./announce.js";
+import { sayNext, someFiles, uploadBegins } from "./announce.js";
 import {
   batchesInUrl, explainedOnly, forgetBatch, newBatchId, rememberBatch, sameFile, saveShown, savedShown,
   setUnconfirmed,
@@ -784,6 +784,9 @@ function answerLostText(status) {
 export function upload(chosen) {
   if (!chosen.length) return;
   uploadBegins();
+  // Said at once: the first count comes a period later (15 s), and screen readers heard
+  // nothing of the files just chosen till then (reviewer).
+  sayNext(`Sending ${someFiles(chosen.length)}`);
   const session = new Session(chosen);
   page.sessions.push(session);
   updateSummary();
