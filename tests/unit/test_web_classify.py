@@ -697,6 +697,10 @@ def test_without_javascript_a_server_needing_a_key_says_the_form_cannot_send_it(
     page = client.get("/").text
     assert "requires an API key, which a plain form cannot send" in page
     assert "answer=page" not in page  # no form that could only be refused
+    # The address to send to, not "ADDRESS being this page's"; and not "classify one
+    # image at a time" just before saying it cannot (UX review).
+    assert "-F inputFile=@cat.jpg http://localhost/</code>" in page
+    assert "one image at a time" not in page
     refused = client.post("/?answer=page", data={"inputFile": (io.BytesIO(make_image(1)), "a.jpg")},
                           content_type="multipart/form-data")
     assert refused.status_code == 401 and refused.mimetype == "text/html"
