@@ -14,11 +14,13 @@ import { page } from "./state.js";
 // included; `busy`, `aws_unavailable`, or a 503 with no code, past them) or refused for an API key since changed in its box; and, of
 // those a worker failed, a dead letter (the workers holding it crashed, stalled or were
 // stopped: not known to be the image's doing) or an image gone from the input bucket
-// (this page still has it). Not worth it: a file the server refuses for what it is
-// (too large, empty, not an image, unreadable, a token conflict...: refusals.py Code,
-// README "Error codes"), which it would refuse again; a worker's failure on the image
-// itself (it could not decode or classify it, and the same bytes fail the same way);
-// a file the browser can no longer read; and one whose upload the user stopped.
+// (this page still has it); and one whose upload the user stopped: a stray press of
+// "Stop sending" left the rest of a batch to be chosen again by hand (reviewer). Not
+// worth it: a file the server refuses for what it is (too large, empty, not an image,
+// unreadable, a token conflict...: refusals.py Code, README "Error codes"), which it
+// would refuse again; a worker's failure on the image itself (it could not decode or
+// classify it, and the same bytes fail the same way); and a file the browser can no
+// longer read.
 const SEND_AGAIN_CODES = new Set(["busy", "aws_unavailable"]);  // refusals.py SEND_AGAIN
 // A web tier's answer without a code (a proxy's 502, 504 or 5xx not in JSON is an answer
 // lost: session.js answerLost).
@@ -33,7 +35,6 @@ const LEFT_OUT = {  // as the page says them, after a count
   worker: "failed by a worker on the image itself",
   key: "refused for an API key not changed since",
   unreadable: "no longer readable by the browser",
-  stopped: "stopped by you",
 };
 // A row of a dead letter: the server queues it again in place, the same item (session.js
 // queueAgain), with no need of its File. Unless the server could not (`notInPlace`: its
@@ -51,7 +52,7 @@ function notWorthAgain(entry) {
   if (failure.unanswered) return "";
   if ("key" in failure) return failure.key === storedKey() ? "key" : "";
   if (failure.unreadable) return "unreadable";
-  if (failure.stopped) return "stopped";
+  if (failure.stopped) return "";
   const serviceFailed = failure.code ? SEND_AGAIN_CODES.has(failure.code) : NOT_THERE_YET.has(failure.status);
   return serviceFailed ? "" : "refused";
 }
