@@ -2536,7 +2536,7 @@ def test_a_refused_api_key_takes_the_focus_once_and_the_rest_of_the_upload_is_no
     shown = finished_rows(browser, stack, 3, timeout_s=20)
     for row in shown.values():
         assert row.get_attribute("data-state") == "failed"
-        assert "an API key is required: enter it above and upload again" in row.text
+        assert "an API key is required: enter it above, then send the files again" in row.text
     assert browser.execute_script("return window.posts") == 1  # each later chunk would be refused so
     assert browser.execute_script("return window.keyFocused") == 1
     assert browser.switch_to.active_element == browser.find_element(By.ID, "api-key")

@@ -338,8 +338,8 @@ export class Session {
   keyRefusedBy(headers, chunk) {
     // A key was sent and refused: said to be missing, a user who had typed one
     // looked for another fault (reviewer).
-    const why = headers["X-API-Key"] ? "the API key was refused: check it above and upload again"
-      : "an API key is required: enter it above and upload again";
+    const why = headers["X-API-Key"] ? "the API key was refused: check it above, then send the files again"
+      : "an API key is required: enter it above, then send the files again";
     const key = headers["X-API-Key"] || "";
     this.refuseForKey(chunk, why, key);
     if (!this.keyRefused) this.refuseKey(why, key);
