@@ -15,7 +15,7 @@ IMGCLASS_MOTO_STATS, `make bench`'s request to the embedded AWS for its CPU time
 per action (localaws/moto_fast.py).
 
 A default that follows another setting is worked out in from_env (as SCALE_IN_COOLDOWN's and BOOT_TIME's
-follows AWS_ENDPOINT_URL); tests that build Settings with dataclasses.replace skip
+follow AWS_ENDPOINT_URL); tests that build Settings with dataclasses.replace skip
 from_env, so such a default does not follow there: where that matters, keep None and
 read it through a property.
 """
