@@ -1713,6 +1713,15 @@ def reads_of(aws: Aws, monkeypatch) -> list[tuple[str, str]]:
     return read
 
 
+def one_batch_served(settings: Settings, aws: Aws, monkeypatch
+                     ) -> tuple[dict[str, ClassifyResponse], list[tuple[str, str]]]:
+    """A worker serves one receive: the answers sent, and the objects it read whole."""
+    read = reads_of(aws, monkeypatch)
+    worker = Worker(settings, aws, MeanClassifier(), "i-one-batch")
+    worker.process(worker.fetch())
+    return responses(aws), read
+
+
 @pytest.mark.parametrize("bucket", ["output", "not a bucket!"])
 def test_a_request_naming_another_bucket_fails_at_once_and_nothing_there_is_read_or_marked(
         aws_env, monkeypatch, bucket):
@@ -1727,10 +1736,7 @@ def test_a_request_naming_another_bucket_fails_at_once_and_nothing_there_is_read
     request = ClassifyRequest(id="x", bucket=bucket, key=key, filename="x.jpg")
     aws.sqs.send_message(QueueUrl=aws.request_queue_url, MessageBody=request.to_json())
     upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
-    read = reads_of(aws, monkeypatch)
-    worker = Worker(settings, aws, MeanClassifier(), "i-other-bucket")
-    worker.process(worker.fetch())
-    answers = responses(aws)
+    answers, read = one_batch_served(settings, aws, monkeypatch)
     assert answers["a"].ok
     assert not answers["x"].ok
     assert answers["x"].error == (f"the request names bucket {bucket!r}, not this service's input "
@@ -1749,10 +1755,7 @@ def test_a_stored_object_over_max_upload_bytes_is_answered_too_large_unread(aws_
     settings = dataclasses.replace(settings, max_upload_bytes=len(small))
     upload(settings, aws, "small.jpg", small, "small")
     too_big = upload(settings, aws, "large.jpg", large, "large")
-    read = reads_of(aws, monkeypatch)
-    worker = Worker(settings, aws, MeanClassifier(), "i-large")
-    worker.process(worker.fetch())
-    answers = responses(aws)
+    answers, read = one_batch_served(settings, aws, monkeypatch)
     assert answers["small"].ok
     assert not answers["large"].ok
     assert answers["large"].error == too_large(len(small))
