@@ -1729,7 +1729,9 @@ def test_the_status_line_says_how_many_running_instances_serve(stack, browser):
         if (url !== "/api/status") return response;
         const body = await response.json();
         body.instances = {...body.instances, running: 2};
+        body.instances_total = window.total ?? 2;
         body.workers_serving = window.serving;
+        if (window.queued) body.queue = {...body.queue, visible: window.queued, in_flight: 0};
         return new Response(JSON.stringify(body), {headers: {"Content-Type": "application/json"}});
       };""")
     line = browser.find_element(By.ID, "status-line")
@@ -1737,6 +1739,15 @@ def test_the_status_line_says_how_many_running_instances_serve(stack, browser):
              "the status line")
     browser.execute_script("window.serving = 2;")
     wait_for(lambda: "instances: 2 running, 0 starting" in line.text, 10, "the status line, all serving")
+    assert "workers are starting" not in line.text
+    # Images queued and none serving yet: said plainly first (every row said "queued",
+    # and nothing that workers were on their way: UX review).
+    browser.execute_script("window.serving = 0; window.queued = 3;")
+    wait_for(lambda: line.text.startswith("workers are starting: queued images wait for the first · "
+                                          "queue: 3 waiting"), 10, "the status line, none serving")
+    browser.execute_script("window.total = 0;")  # none launched yet
+    wait_for(lambda: line.text.startswith("launching workers for the queued images · queue: 3 waiting"), 10,
+             "the status line, none launched")
 
 
 def test_the_status_line_says_when_the_server_stops_answering_and_asks_once_at_a_time(stack, browser):

@@ -21,6 +21,8 @@ async function refreshStatus() {
     if (s.api_key_required) keyBox.hidden = false;
     if (s.untrained) banner.hidden = false;
     const parts = [];
+    const starting = startingWorkers(s);
+    if (starting) parts.push(starting);
     if (s.queue) parts.push(`queue: ${s.queue.visible} waiting, ${s.queue.in_flight} in progress`);
     if (s.instances_total !== null && s.instances_total !== undefined) {
       const i = s.instances || {};
@@ -49,6 +51,18 @@ async function refreshStatus() {
   } finally {
     statusAsking = false;
   }
+}
+
+// What a person waiting on a cold start needs said plainly, before the figures: every
+// row said "queued", and nothing said workers were on their way (UX review). Nothing
+// when workers serve, or when the server cannot tell (an AMI whose workers say nothing).
+function startingWorkers(s) {
+  const queued = s.queue ? s.queue.visible + s.queue.in_flight : 0;
+  if (!queued || s.instances_total === null || s.instances_total === undefined) return "";
+  const i = s.instances || {};
+  if (!s.instances_total) return "launching workers for the queued images";
+  const live = (i.running || 0) + (i.pending || 0);
+  return live && s.workers_serving === 0 ? "workers are starting: queued images wait for the first" : "";
 }
 
 export function startStatus() {
