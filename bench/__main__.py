@@ -40,7 +40,7 @@ from typing import Any
 import psutil
 
 from bench import printed, report
-from bench.deadline import Deadline, DeadlinePassed
+from bench.deadline import Deadline, DeadlinePassed, within
 from bench.endtoend import (
     PHASE_NAMES,
     ZERO_TIMEOUT_S,
@@ -94,7 +94,7 @@ def measure_by(deadline: Deadline | None, what: str, runtime: str, threads: int,
                **kwargs: Any) -> InferenceResult:
     """measure(), its process killed at the bench's deadline: its own timeout (4 min) let
     one started just before the deadline end past the tenth minute."""
-    timeout_s = deadline.within(MEASURE_TIMEOUT_S) if deadline else MEASURE_TIMEOUT_S
+    timeout_s = within(deadline, MEASURE_TIMEOUT_S)
     try:
         return measure(runtime, threads, images, timeout_s=timeout_s, **kwargs)
     except subprocess.TimeoutExpired:

@@ -44,3 +44,8 @@ class Deadline:
     def within(self, seconds: float) -> float:
         """`seconds`, or what is left before the deadline when that is less (never below 0)."""
         return max(0.0, min(seconds, self.at - time.monotonic()))
+
+
+def within(deadline: Deadline | None, seconds: float) -> float:
+    """A wait of `seconds`, cut to the time left before `deadline` (None: no deadline)."""
+    return deadline.within(seconds) if deadline else seconds

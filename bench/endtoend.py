@@ -32,7 +32,7 @@ from typing import Any
 
 import psutil
 
-from bench.deadline import Deadline, DeadlinePassed
+from bench.deadline import Deadline, DeadlinePassed, within
 from bench.inference import InferenceResult
 from bench.memory import MemorySampler, kind_of
 from bench.report import bad_requests
@@ -93,11 +93,6 @@ class EndToEndPlan:
     # other tenants), so (b) is also compared with the model's speed at that time.
     model_probe: Callable[[], InferenceResult] | None = None
     deadline: Deadline | None = None
-
-
-def _within(plan: EndToEndPlan, seconds: float) -> float:
-    """A wait of `seconds`, cut to the time left before the plan's deadline."""
-    return plan.deadline.within(seconds) if plan.deadline else seconds
 
 
 def _load(plan: EndToEndPlan, url: str, images: Path, requests: int, concurrency: int, phase: str,
@@ -216,7 +211,9 @@ def wait_for_the_last_fleets_workers(count: Callable[[], int], timeout_s: float)
     return True
 
 
-def _settle(stack: StackProcess, timeout_s: float = ZERO_TIMEOUT_S) -> None:
+def _settle(plan: EndToEndPlan, stack: StackProcess) -> None:
+    """Wait for the last phase's workers to end (up to ZERO_TIMEOUT_S, cut to the plan's deadline)."""
+    timeout_s = within(plan.deadline, ZERO_TIMEOUT_S)
     if not wait_for_the_last_fleets_workers(lambda: serving_workers_alive(stack), timeout_s):
         log.warning("the last phase's workers were still running %.0f s after it", timeout_s)
 
@@ -229,9 +226,9 @@ def _scaled_run(plan: EndToEndPlan, stack: StackProcess, images: Path, requests:
     sampler: MemorySampler | None = None
     mem = None
     try:
-        if poller.wait_for_zero(time.time(), _within(plan, ZERO_TIMEOUT_S)) is None:
+        if poller.wait_for_zero(time.time(), within(plan.deadline, ZERO_TIMEOUT_S)) is None:
             log.warning("the fleet was not at zero before the run")
-        _settle(stack, _within(plan, ZERO_TIMEOUT_S))
+        _settle(plan, stack)
         moto_before = _moto_stats(stack.run_dir / MOTO_STATS)
         sampler = MemorySampler(stack.process.pid).start() if memory and stack.process else None
         lines_before = len(stack.output)
@@ -251,7 +248,7 @@ def _scaled_run(plan: EndToEndPlan, stack: StackProcess, images: Path, requests:
         # the idle workers' polls and this poller's. The server writes its figures
         # every STATS_EVERY_S, so up to that much after the last response counts.
         moto = moto_delta(moto_before, _moto_stats(stack.run_dir / MOTO_STATS))
-        zero_wait = _within(plan, ZERO_TIMEOUT_S)
+        zero_wait = within(plan.deadline, ZERO_TIMEOUT_S)
         zero_at = poller.wait_for_zero(last, zero_wait)
     finally:
         poller.stop()
@@ -312,7 +309,7 @@ def _subset(images: Path, count: int, into: Path) -> Path:
 def _model_now(plan: EndToEndPlan, stack: StackProcess) -> dict[str, object]:
     """The model alone, in a fresh process, with the stack idle (no fleet, no workers)."""
     assert plan.model_probe is not None
-    _settle(stack, _within(plan, ZERO_TIMEOUT_S))
+    _settle(plan, stack)
     found = plan.model_probe()
     return {"runtime": found.runtime, "threads": found.threads, "batch": found.best_batch,
             "images_per_s": found.best_throughput, "single_image_s": found.single_image_s,
@@ -327,7 +324,7 @@ def _low_load(plan: EndToEndPlan, stack: StackProcess) -> dict[str, object]:
     can outlast the scale-in cooldown (0.5 s here), and the measured requests
     then waited for a launch (seen once: p99 0.88 s against 0.09 s).
     """
-    _settle(stack, _within(plan, ZERO_TIMEOUT_S))
+    _settle(plan, stack)
     report = _load(plan, stack.web_url, plan.images, plan.low_load_warmup + plan.low_load_requests, 1,
                    "low_load", timeout=LOW_LOAD_TIMEOUT_S)
     measured = without_first(report, plan.low_load_warmup)
@@ -402,7 +399,7 @@ def run_end_to_end(plan: EndToEndPlan, run_dir: Path) -> dict[str, object]:
     stack = StackProcess(run_dir, env_overrides=env, **kwargs)
     started = time.monotonic()
     try:
-        stack.start(timeout_s=_within(plan, STACK_START_TIMEOUT_S))
+        stack.start(timeout_s=within(plan.deadline, STACK_START_TIMEOUT_S))
     except RuntimeError as exc:
         if plan.deadline and plan.deadline.passed():
             raise DeadlinePassed(f"{plan.deadline.during(STACK_START)}: {exc}") from exc
