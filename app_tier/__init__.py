@@ -5,11 +5,11 @@
 # instance, the local runner) does not restart it: it would only fail again the same way.
 EXIT_CANNOT_START = 78
 
-# The worker's exit status when it gave up serving (receiving failed for STALL_TIMEOUT on
-# a fault of its own, or the model failed on a plain input too) and EC2 took its report
-# of its instance failed, for the controller to replace it. Its supervisor does not restart it: restarted,
-# it took batches again and released them, each costing its requests an attempt, until
-# the instance was gone.
+# The worker's exit status when it gives up serving (receiving fails for STALL_TIMEOUT on
+# a fault of its own, or the model fails on a plain input too) and EC2 has its report of
+# its instance failed, for the controller to replace it. Its supervisor does not restart it:
+# restarted, it would take batches again and release them, each costing its requests an
+# attempt, until the instance is gone.
 EXIT_GAVE_UP = 79
 
 # The worker's exit status when a model call, an image's decoding or one of its

@@ -107,7 +107,7 @@ def run(argv: list[str] | None, before_serving: StopBeforeServing) -> int:
         settings = Settings.from_env()
     except ValueError as exc:  # names the variable
         # One line, and not restarted (RestartPreventExitStatus): it would only fail
-        # again, a traceback each time (reviewer).
+        # again, a traceback each time.
         print(f"worker: {exc}", file=sys.stderr)
         return EXIT_CANNOT_START
 
@@ -115,7 +115,7 @@ def run(argv: list[str] | None, before_serving: StopBeforeServing) -> int:
         return show_held_only(settings, args.instance_id)
     if args.instance_id != "-" and not args.prepare_only:
         # What a worker killed here held, visible before the model loads, not after: the
-        # load (ImageNet weights on a small instance) would add to their wait (reviewer).
+        # load (ImageNet weights on a small instance) would add to their wait.
         show_held_only(settings, args.instance_id)
 
     # Imported here: the model runtime takes a while to import, and --help should not.
@@ -168,7 +168,7 @@ def show_held_only(settings: Settings, instance_id: str) -> int:
         return 0  # a worker that ended cleanly held nothing
     try:
         show_held(HeldJournal(path), Aws(settings), f"stopped worker {instance_id}", "the worker")
-    except Exception:  # resolving the queue's URL: left to the timeout, as before
+    except Exception:  # resolving the queue's URL: left to the visibility timeout
         log.exception("could not make visible again what the worker held")
     return 0
 

@@ -103,7 +103,7 @@ class HeldMessages:
         The jobs newly held. One already held was received again while in hand (its
         visibility lapsed: extensions failed): the job in hand takes the new receipt,
         the old one being void, and this copy is not worked on twice. Held over it,
-        the copy had been forgotten when the first finished (explorer)."""
+        the copy would be forgotten when the first finished."""
         fresh = []
         # Taken after the receive returned, so a few ms late: the journal's MARGIN_S covers it.
         hidden_until = wall_clock() + hidden_s
@@ -194,7 +194,7 @@ class HeldMessages:
             show_held(self._journal, self.aws, f"worker {self.worker_name}", "the worker before it here")
         except AWS_ERRORS as exc:
             # AWS out of reach: the worker waits for it in its receive loop, as without a
-            # journal; raised here, it exited 1, to be restarted and fail alike (reviewer).
+            # journal; raised here, it would exit 1, to be restarted and fail alike.
             # What the journal names then waits for its visibility timeout.
             log.warning("worker %s: could not make visible again what the worker before it held (%s): "
                         "left to their visibility timeout", self.worker_name, exc)
@@ -204,9 +204,8 @@ class HeldMessages:
         what a request SQS would not delete is, in the warning.
 
         Marked as being deleted first: a heartbeat round then leaves them be, and one
-        already under way says nothing of their receipts gone stale. It had warned that
-        it could not extend them, and that the requests were "another worker's now",
-        when they had only been answered here. Not ordered by the heartbeat's lock, as
+        already under way does not warn that their receipts, gone stale, make them
+        "another worker's now" when they were only answered here. Not ordered by the heartbeat's lock, as
         hide() is: a delete's slow SQS call (minutes at botocore's worst) would hold up
         the heartbeat's rounds past what HEARTBEAT_SLACK_S allows them."""
         with self._lock:
@@ -238,9 +237,9 @@ class HeldMessages:
 
         Ordered against the heartbeat: an extension it had read before the jobs
         were forgotten must not land after this change and hide them for a whole
-        visibility timeout. Forgotten after the change: a worker killed in between
-        (systemd's kill, at the end of a stop's grace) left them out of its journal,
-        hidden for the rest of their timeout (reviewer); now its successor shows them.
+        visibility timeout. Forgotten after the change, so that a worker killed in between
+        (systemd's kill, at the end of a stop's grace) still has them in its journal, for
+        its successor to show, not hidden for the rest of their timeout.
         A receive in between (the fetch thread's) gets them as the next attempt (hold)."""
         with self._visibility_lock:
             with self._lock:
@@ -283,8 +282,8 @@ class HeldMessages:
                     if job.receipt in answered:
                         continue
                     if job.receipt in gone and self._held.get(job.message_id) is job:
-                        # Its id forgotten too: received here again later, it was taken for
-                        # one being answered, and not handed back at a stop (reviewer).
+                        # Its id forgotten too: received here again later, it would be taken
+                        # for one being answered, and not handed back at a stop.
                         self._drop(job)
                         taken.append(job)
                     elif job.receipt not in failed:
@@ -295,7 +294,7 @@ class HeldMessages:
             _warn_of(f for f in failures if f.receipt_handle not in answered)
             if taken:
                 # Answered by another worker, or received by one: handed back, each would be
-                # classified once more (reviewer). Still answered here if finished.
+                # classified once more. Still answered here if finished.
                 log.warning("%d request(s) held here are another worker's now (their receipt is no "
                             "longer valid): not handed back", len(taken))
 
@@ -365,8 +364,8 @@ class HeldMessages:
                 # Sent back, its old copy still queued: two of the same, answered twice.
                 self.delete(sent, why="handed-back request(s), now queued twice")
             except AWS_ERRORS as exc:
-                # Not made visible as well: that would queue each twice at once (and the
-                # log said the hand-back had failed: explorer). Back after their timeout.
+                # Not made visible as well: that would queue each twice at once. Back after
+                # their timeout.
                 log.warning("handed back %d messages, but could not delete their old copies (%s): "
                             "each is queued twice, and will be answered twice", len(sent), exc)
                 self.forget(sent)

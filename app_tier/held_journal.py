@@ -15,7 +15,7 @@ for the model, classified and being answered) cannot have killed it: they are ha
 back untried, sent again as new messages with the receives their earlier copies used,
 so that an image that kills workers does not take its batch-mates to the dead-letter
 queue with it. For that each entry carries the request as the worker would send it,
-and its receive count. An entry written before these were (no flag) is taken for at
+and its receive count. An entry without the flag (an older worker's) is taken for at
 risk.
 
 Each receipt is written with the time until which it is hidden at the latest. One
@@ -151,8 +151,7 @@ class HeldJournal:
 
 def _entry(written: dict) -> HeldEntry:
     """An entry as read back. One without the flag or a request to send (an older
-    worker's), or whose request or count cannot be read, is at risk: made visible, as
-    every entry was before."""
+    worker's), or whose request or count cannot be read, is at risk: made visible."""
     request = written.get("request")
     count = written.get("receive_count")
     untried = (written.get("at_risk") is False and _is_request(request)

@@ -42,7 +42,7 @@ _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 # effect (Image.reduce refuses 16-bit and 1-bit ones). Not 32-bit integers: reduce sums
 # them in 32 bits, which wrap (2**31 - 10 came out -10); nor floats, whose brightest
 # sample sets their scale and whose NaN would blacken a whole box (_to_8_bits); nor
-# CMYK or YCbCr, whose conversions are not linear (reviewer, explorer): each is
+# CMYK or YCbCr, whose conversions are not linear: each is
 # reduced once converted.
 _REDUCIBLE_MODES = frozenset({"L", "LA", "La", "RGB", "RGBA", "RGBa"})
 # CMYK that its profile converts, reduced first all the same: see load_rgb.
@@ -51,7 +51,7 @@ CMYK_BY_PROFILE = _REDUCIBLE_MODES | {"CMYK"}
 # the model's input; `to_input`'s resize does the rest. Pillow's `reducing_gap` says 3
 # is "indistinguishable from" resizing in one go, but on fine periodic textures 3 let
 # moire through that 6 does not (4032 px, period 7: 10.2 against 0.6 off a Lanczos
-# resize, where resizing whole gave 1.4: explorer); memory is the same either way.
+# resize, where resizing whole gives 1.4); memory is the same either way.
 REDUCING_GAP = 6
 # Deep samples are scaled to 8 bits this many at a time (as float32: 4 MB).
 _SCALING_SAMPLES = 1 << 20
@@ -114,7 +114,7 @@ def _bad_image_errors(max_pixels: int) -> Iterator[None]:
         # image (struct.error, ZeroDivisionError... from a damaged file's fields)
         # would only walk it to the dead-letter queue.
         # Said as other damaged images are, without Python's name for the error (a
-        # damaged AVIF's RuntimeError: explorer).
+        # damaged AVIF's RuntimeError).
         raise BadImage(f"damaged or unreadable image: {plain_reason(exc)}") from exc
 
 
@@ -149,11 +149,11 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
 def decoding_pixels(img: Image.Image) -> int:
     """The pixels decoding an image opened by `open_image` holds at once: its size
     after `draft`, but the whole image's for a JPEG of several scans (40 megapixels,
-    progressive: +230-307 MB where a baseline JPEG drafted to the same size took
-    +3 MB, and eight decoded side by side took a worker from 0.5 to 3 GB: explorer;
-    24 megapixels in 3 baseline scans: +73 MB against +5: reviewer). Counted as an
+    progressive: +230-307 MB where a baseline JPEG drafted to the same size takes
+    +3 MB, and eight decoded side by side take a worker from 0.5 to 3 GB;
+    24 megapixels in 3 baseline scans: +73 MB against +5). Counted as an
     RGB PNG's: a WebP's twice (HEAVY_DECODE_DIVISORS), as decoding one holds ~15
-    bytes a pixel (eight of 3.9 megapixels side by side: +424 MB; reviewer)."""
+    bytes a pixel (eight of 3.9 megapixels side by side: +424 MB)."""
     return img.info.get(_HELD_WHOLE, img.width * img.height) * HEAVY_DECODE_DIVISORS.get(img.format or "", 1)
 
 
@@ -235,10 +235,10 @@ def _reduced(img: Image.Image, reducible: frozenset[str] = _REDUCIBLE_MODES) -> 
     if img.mode in ("RGBA", "LA") and 2 * img.getextrema()[-1][1] < across * down:
         # Transparent everywhere, or so nearly that every box would average to alpha 0:
         # load_rgb shows the colours of the one and composites the other on white, and
-        # reduce's premultiplying by alpha would make both black (explorer, reviewer).
+        # reduce's premultiplying by alpha would make both black.
         return img
     # Whole boxes only: a last box of the few pixels left over would count in the
-    # resize as a whole one, and skew the edge (explorer). At most a box's width lost.
+    # resize as a whole one, and skew the edge. At most a box's width lost.
     whole_boxes = (0, 0, img.width - img.width % across, img.height - img.height % down)
     # Image.reduce averages RGBA and LA premultiplied by alpha, as compositing needs.
     return _instead(img, img.reduce((across, down), box=whole_boxes))
@@ -278,8 +278,8 @@ def _to_8_bits(img: Image.Image) -> Image.Image:
     if img.mode.startswith("I;16"):
         full_scale = 65535.0
     else:
-        # The range from finite samples: one +inf made the full scale 3.4e38 (nan_to_num's
-        # largest float) and the whole picture black (explorer). NaN is black, inf white.
+        # The range from finite samples: one +inf would make the full scale 3.4e38 (nan_to_num's
+        # largest float) and the whole picture black. NaN is black, inf white.
         brightest = 0.0
         for band in bands:
             raw = samples_of(*band)
@@ -319,7 +319,7 @@ def to_input(img: Image.Image) -> np.ndarray:
     # From uint8 to the float result in one pass per channel, into the BGR order the
     # weights want: the same values as converting first and subtracting after, at
     # 0.12 ms an image, against 0.35 for one strided subtraction of all three
-    # (reviewer's measure, confirmed) and 1.0 converting first.
+    # and 1.0 converting first.
     out = np.empty(rgb.shape, dtype=np.float32)
     for bgr in range(3):
         np.subtract(rgb[..., 2 - bgr], _BGR_MEANS[bgr], out=out[..., bgr], dtype=np.float32)
@@ -446,8 +446,8 @@ def release_freed_memory() -> None:
     """Give the memory freed by a large decode back to the system (glibc's malloc_trim).
 
     Decodes run on several threads, each with an arena of glibc's own, which keeps
-    what a decode frees for later: 8 PNGs of 12 megapixels left a process at
-    1.4 GB resident, for good, where a worker budgets 0.6 GiB (explorer). Where
+    what a decode frees for later: 8 PNGs of 12 megapixels leave a process at
+    1.4 GB resident, for good, where a worker budgets 0.6 GiB. Where
     there is no glibc (macOS, musl), there is nothing to do."""
     if _malloc_trim is not None:
         _malloc_trim(0)

@@ -28,8 +28,8 @@ LOOP_SLACK_S = 1800.0
 # batches of 10 (one being finished, one classified, one fetched ahead), so three SQS
 # calls one after another, each up to ~4 minutes at botocore's worst. A round that
 # has not ended this long after it was due is blocked (on a lock a deadlocked thread
-# holds), and the watchdog pings stop. (At 300 s, a worker waiting out an SQS
-# slowdown was restarted by systemd as hung: explorer.)
+# holds), and the watchdog pings stop. (At 300 s, systemd would restart a worker
+# waiting out an SQS slowdown as hung.)
 HEARTBEAT_SLACK_S = 900.0
 
 

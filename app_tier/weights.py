@@ -40,8 +40,8 @@ KERAS_WEIGHTS_ENDINGS = (".weights.h5", ".keras", ".h5", ".hdf5")
 @contextmanager
 def named_for_keras(path: Path) -> Iterator[Path]:
     """`path`, or while the context lasts a link to it whose name ends as Keras needs to
-    read it: an S3 key or file named otherwise ("resnet50", "weights.bin") was refused,
-    "File format not supported" (reviewer). An HDF5 file whose root names its layers is
+    read it: Keras refuses an S3 key or file named otherwise ("resnet50", "weights.bin"),
+    "File format not supported". An HDF5 file whose root names its layers is
     the older format the ImageNet file has (.h5); another is Keras 3's save_weights
     (.weights.h5). A file h5py cannot open keeps its name, for Keras to say what it is not."""
     if path.name.endswith(KERAS_WEIGHTS_ENDINGS):

@@ -91,7 +91,7 @@ log = logging.getLogger(__name__)
 # VISIBILITY_TIMEOUT at once, beside the downloads, and its heartbeat, every third of
 # this, extends all it holds. A worker killed with a long poll open never sees what
 # that poll takes (SQS, and moto, go on serving it): up to RECEIVE_BATCH requests sent
-# after its death waited the whole timeout, 60 s (reviewer). They wait this long now.
+# after its death wait this long, not the whole VISIBILITY_TIMEOUT (60 s).
 # The costs: an extension call per receive, and a stall of SQS longer than this between
 # a receive and its extension hands those requests to another worker too.
 RECEIVE_LEASE_S = 30
@@ -181,7 +181,7 @@ class Worker:
             # attempt, or an image that hangs either would start afresh at every scale-in.
             # A long poll begun before the signal ends within RECEIVE_WAIT of it, so by
             # now at the default grace, but only just: what it brings at the last moment
-            # is handed back too, not left hidden for its lease (reviewer). Systemd's
+            # is handed back too, not left hidden for its lease. Systemd's
             # kill (TimeoutStopSec=30) leaves room over SHUTDOWN_GRACE's 25 s at most.
             self._give_back([job for call in self.stall_watch.calls_under_way() for job in call.jobs],
                             wait_for_receive_s=GRACE_RECEIVE_WAIT_S)
@@ -328,8 +328,8 @@ class Worker:
             MessageAttributeNames=[PRIOR_RECEIVES_ATTRIBUTE],
         )
         # Ready (its instance tagged so): as soon as it can receive, not once what it
-        # received is downloaded and decoded. Untagged meanwhile, its instance was taken
-        # for one holding no work, and scaled in before idle ones (reviewer).
+        # received is downloaded and decoded. Untagged meanwhile, its instance would be taken
+        # for one holding no work, and scaled in before idle ones.
         self.received.set()
         jobs = []
         for msg in reply.get("Messages", []):
@@ -362,7 +362,7 @@ class Worker:
             return Batch([])
         # Hidden for the receive's lease only: extended now, beside their downloads, so
         # that a stall of this worker or of SQS before the next heartbeat does not hand
-        # them to another worker too (reviewer: a 16 s pause, a quarter of a batch twice).
+        # them to another worker too (a 16 s pause would classify a quarter of a batch twice).
         extending = self._io.submit(self.held.extend, jobs) if jobs else None
         try:
             self._load(jobs)
@@ -423,8 +423,8 @@ class Worker:
             size = obj.get("ContentLength", 0)
             if size > self.settings.max_upload_bytes:
                 # Not the web tier's upload (it stores none so large): read whole, an object
-                # of gigabytes had cost the worker its memory, and the request an attempt
-                # per out-of-memory kill, before it was dead-lettered without a word.
+                # of gigabytes would cost the worker its memory, and the request an attempt
+                # per out-of-memory kill, until it is dead-lettered without a word.
                 obj["Body"].close()
                 job.error = too_large(self.settings.max_upload_bytes)
                 return None
@@ -558,8 +558,8 @@ class Worker:
                 log.warning("could not write the result of %s: %s", job.request.key, exc)
                 unstored.append(job)
         if unstored or denied:
-            # Alone: the whole batch had gone back, each request spending an attempt
-            # towards the dead-letter queue for one S3 failure (reviewer).
+            # Only these: releasing the whole batch would spend an attempt of each request
+            # towards the dead-letter queue for one S3 failure.
             self.held.release(unstored)
             self.held.release(denied, at_least_s=MARK_DENIED_RETRY_DELAY_S)
         responses = [(job, stored[job.message_id]) for job, _ in responses if job.message_id in stored]
@@ -579,7 +579,7 @@ class Worker:
             self.held.delete(answered)
         except AWS_ERRORS as exc:
             # Answered: released, each would be answered again at every retry until the
-            # dead-letter queue (explorer). Back after their visibility timeout, once.
+            # dead-letter queue. Back after their visibility timeout, once.
             self.held.forget(answered)
             log.warning("answered %d request(s) but could not delete them (%s): they will be "
                         "answered again", len(answered), exc)
@@ -622,7 +622,7 @@ class Worker:
                     pending.extend([j] for j in group)  # one at a time, to find the image at fault
                     continue
                 # ...nor one that fails whatever its input (a runtime fault): every image
-                # of the batch was answered "classification failed", for good (reviewer).
+                # of the batch would be answered "classification failed", for good.
                 model_works = model_works or self._model_answers_a_plain_input(group)
                 if not model_works:
                     raise ModelFault(f"the model failed on {group[0].request.key} and on a plain "
@@ -730,8 +730,8 @@ class Worker:
                 self.held.extend()
             except Exception:
                 # SQS's and the journal's errors are handled within: this is a bug. Dead, this
-                # thread had left every held message to lapse, and stalls unseen, without a
-                # word until the watchdog (systemd's or the runner's; none by hand) restarted it.
+                # thread would leave every held message to lapse, and stalls unseen, without a
+                # word until the watchdog (systemd's or the runner's; none by hand) restarts it.
                 # No beat for a failed round: one failing every time stops the watchdog's
                 # pings after HEARTBEAT_SLACK_S, as a blocked round does.
                 log.exception("worker %s: a heartbeat round failed; trying again at the next",
