@@ -50,8 +50,8 @@ USER_AGENT = f"imgclass Python/{platform.python_version()}"
 # worker's start-up (part of every scale-out) and in every test that makes clients.
 # The clients of one boto3 session share the cached models just so. botocore changes
 # one thing in them: S3 operations' request paths, at their first call, to the same
-# value whichever client makes it (a reviewer checked this with 16-32 threads making
-# clients and calls at once: no error, and no other model differed from a fresh parse).
+# value whichever client makes it (16-32 threads making clients and calls at once: no
+# error, and no other model differs from a fresh parse).
 _loader_lock = threading.Lock()
 _shared_loader = None
 
@@ -145,7 +145,7 @@ def change_visibility(sqs: BaseClient, queue_url: str,
 # How long a long poll's read may last past the poll's own wait. SQS (and moto) still
 # answer a poll its client gave up on, and what it takes stays hidden for the receive's
 # lease, with nobody to extend or show it: after a 35 s stall of the embedded AWS, with
-# the 30 s read timeout of the other calls, 10 requests waited 30 s more (reviewer).
+# the 30 s read timeout of the other calls, 10 requests would wait 30 s more.
 LONG_POLL_READ_SLACK_S = 60.0
 
 # How long a request message's SendMessageBatch may wait for its answer (web_tier/sender.py),
@@ -161,8 +161,8 @@ SEND_READ_TIMEOUT_S = 5.0
 
 # What an upload's own S3 calls may take (the image's put, and its delete when the
 # upload is refused), which its answer waits for: with the usual 30 s read timeout and
-# 6 attempts, an S3 that stopped answering held each upload 6 minutes before its 503,
-# long after the page (30 s) and most clients had given up (explorer). Three tries of
+# 6 attempts, an S3 that stops answering would hold each upload 6 minutes before its 503,
+# long after the page (30 s) and most clients give up. Three tries of
 # 10 s each: S3 answers a 10 MB put from EC2 in well under a second.
 UPLOAD_READ_TIMEOUT_S = 10.0
 UPLOAD_ATTEMPTS = 3
@@ -175,8 +175,8 @@ PROBE_READ_TIMEOUT_S = 2.5
 def client_config(max_pool: int = 32, read_timeout: float = 30.0,
                   connect_timeout: float = 5.0, attempts: int = 6) -> Config:
     """`attempts` counts the first: botocore's `max_attempts` counts only the retries,
-    so the health checks' "one attempt" (max_attempts=1) made two, and took 5.05 s
-    against an AWS that did not answer, past a load balancer's 5 (explorer)."""
+    so a health check's "one attempt" as max_attempts=1 would make two, and take 5.05 s
+    against an AWS that does not answer, past a load balancer's 5."""
     return Config(
         retries={"mode": "standard", "total_max_attempts": attempts},
         max_pool_connections=max_pool,
@@ -315,7 +315,7 @@ class Aws:
         them fails every call for good. At boot the instance metadata service may miss
         its one 1 s try, or the instance profile be attached after the service started
         (as ami/README suggests for the web instance), and a controller or web tier
-        then failed until restarted by hand (reviewer). Such a client serves its
+        would then fail until restarted by hand. Such a client serves its
         caller (whose call fails, NoCredentialsError), and the next use looks again.
         """
         client = self._clients.get(name)

@@ -11,7 +11,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse's, but an option given `--` as its value (`--port=--`) is a usage error.
 
     Python 3.11's argparse gives such an option [] without calling its type, and the
-    command then failed later with a traceback instead of exit code 2 (explorer).
+    command would fail later with a traceback instead of exit code 2.
     load_test.py, a file of its own, has the same check."""
 
     def parse_known_args(self, args: Sequence[str] | None = None,

@@ -127,8 +127,8 @@ AWS_SCALE_IN_COOLDOWN_S = 60.0
 # boot, then a worker started from a root volume fresh from the AMI's snapshot (each
 # block's first read is slow until read once: AWS's "Initialize Amazon EBS volumes"),
 # then its first long poll. Reasoned, not measured (there is no AWS access here):
-# counted booting for two of these, an instance still starting at 80 s had the
-# controller launch again for the messages it was about to take (AWS review). The
+# counted booting for less, an instance still starting at 80 s would have the
+# controller launch again for the messages it is about to take. The
 # embedded AWS starts one in a second or two: BOOT_TIME's own default there.
 AWS_BOOT_TIME_S = 90.0
 SCALING_MODES = ("backlog", "latency")
@@ -138,8 +138,8 @@ MODEL_RUNTIMES = ("openvino", "tensorflow")
 # of CPU and of paid requests.
 SHORT_POLL_PAUSE_S = 0.05
 # SQS hides a message for at most 12 hours from its receive, extensions included: a
-# worker extending by 43,200 s a second after the receive was refused, and every message
-# it held came back for another worker (reviewer). An hour is left for holding them.
+# worker extending by 43,200 s a second after the receive is refused, and every message
+# it holds comes back for another worker. An hour is left for holding them.
 MAX_VISIBILITY_TIMEOUT_S = 12 * 3600 - 3600
 # How long a failure mark S3 refuses with AccessDenied is tried again before it is given
 # up (common/failure_tags.py), from the first receive of the message that asks for it.
@@ -312,12 +312,12 @@ class Settings:
         """Every setting of VARIABLES from `env` (os.environ if None), checked."""
         env = os.environ if env is None else env
         if env.get("API_KEY") and not env["API_KEY"].strip():
-            # Read as unset, it left every write open, with no word (reviewer).
+            # Read as unset, it would leave every write open, with no word.
             raise ValueError("API_KEY is set but holds only spaces: set the key, or unset it to leave "
                              "writes open")
         if not _HEADER_TEXT.fullmatch(env.get("API_KEY", "").strip()):
             # gunicorn reads a header's bytes as Latin-1: "clé" sent by a UTF-8 client never
-            # matched, and a key past Latin-1 no browser could send (reviewer). The load
+            # matches, and a key past Latin-1 no browser can send. The load
             # test refuses such a key too. Not shown: it is a secret.
             raise ValueError("API_KEY holds a character an HTTP header cannot carry: use printable "
                              "ASCII only")
@@ -376,7 +376,7 @@ class Variable:
 
     def text(self, settings: Settings) -> str:
         """The setting's value in `settings`, written as this variable's text (a worker's
-        environment): a float to 6 significant digits, as the user-data always had it."""
+        environment): a float to 6 significant digits, as the user-data has it."""
         value = getattr(settings, self.setting)
         if value is None:  # AWS_ENDPOINT_URL unset
             return ""
@@ -515,8 +515,8 @@ def local_run_defaults(settings: Settings, run_dir: Path) -> dict[str, str]:
         "RECEIVE_WAIT": "5",
         # A short scale-in window: without one, a request every 2 s launched and ended
         # an instance for each (p50 1.43 s, every one waiting for a launch), and a burst
-        # 1.5 s after the fleet reached zero started it all again from cold (reviewer;
-        # with 10 s: p50 0.23 s). The fleet still reaches zero ~5 s after the last
+        # 1.5 s after the fleet reached zero started it all again from cold (with
+        # 10 s: p50 0.23 s). The fleet still reaches zero ~5 s after the last
         # answer. `make bench` sets its own 0.5 s, for its 2-second target.
         "SCALE_IN_COOLDOWN": "5",
     }
@@ -561,7 +561,7 @@ def _endpoint_url(env: Mapping[str, str]) -> str | None:
                              if name.startswith("AWS_ENDPOINT_URL_") and value.strip())
         if per_service:
             # boto3 would send those services' calls there while this took the fleet for
-            # AWS's: its name (the controller's lock, the journals) and a 60 s cooldown (reviewer).
+            # AWS's: its name (the controller's lock, the journals) and a 60 s cooldown.
             raise ValueError(f"{', '.join(per_service)} set without AWS_ENDPOINT_URL: this service talks "
                              "to one AWS, real or embedded; set AWS_ENDPOINT_URL to it")
         raw, named = _profile_endpoint_url(env)
@@ -614,7 +614,7 @@ def state_dir(env: Mapping[str, str]) -> str:
     """The service's directory in the user's state directory (XDG_STATE_HOME, else ~/.local/state)."""
     home = env.get("HOME") or os.path.expanduser("~")
     # A relative one is ignored, as the XDG spec says: the controller's lock and the
-    # journals would follow the directory each process started in (reviewer).
+    # journals would follow the directory each process started in.
     xdg = env.get("XDG_STATE_HOME") or ""
     return os.path.join(xdg if os.path.isabs(xdg) else os.path.join(home, ".local", "state"), "imgclass")
 
@@ -649,8 +649,8 @@ def _same_endpoint(url: str) -> str:
 def _same_host(host: str) -> str:
     """127.0.0.1 for every way of writing an address of this machine (localhost, ::1,
     127.1, ::ffff:127.0.0.1, and 0.0.0.0 or ::, which a client's connect takes for
-    its own machine): a second controller given 0.0.0.0 took no lock, and the
-    two ran the fleet to 27 instances (explorer). No DNS: names stay as written."""
+    its own machine): a second controller given 0.0.0.0 would take no lock of its own,
+    and the two run the fleet past the cap. No DNS: names stay as written."""
     if host in _LOOPBACK:
         return "127.0.0.1"
     try:

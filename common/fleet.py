@@ -55,8 +55,8 @@ def scale_in_order(instance: Instance) -> tuple[int, int, float, int]:
     recently launched, which have had the least chance to take a batch; then the
     highest numbers. The local runner, short of worker processes, serves
     instances in the reverse order, so that no busy worker is stopped while an
-    instance without one survives it (explorer: a replacement numbered 1 was
-    served, then scaled in mid-batch, instances 3 to 15 kept)."""
+    instance without one survives it (else a replacement numbered 1 is served,
+    then scaled in mid-batch, while instances without workers are kept)."""
     return (0 if instance.state == "pending" else 1, 1 if instance.ready else 0,
             -instance.launched_at, -instance.number)
 

@@ -15,7 +15,7 @@ def freeze_startup_heap() -> None:
     on 2 cores, one full collection took 100-130 ms in the web tier, 150-190
     ms in the embedded AWS and 60-260 ms in the controller. `gc.freeze()` moves the objects into a
     permanent generation that collections skip (as Instagram does for its
-    Django workers); what is allocated afterwards is collected as before.
+    Django workers); what is allocated afterwards is collected as usual.
     Call it once start-up is done: anything allocated later is still
     walked, and nothing frozen is ever freed.
     """

@@ -51,14 +51,14 @@ def too_large(limit: int) -> str:
 
 # The longest side an image may have (JPEG's own limit). Pillow keeps a pointer and an
 # allocation per row, and resizes row by row: a PNG of 1x40,000,000 pixels, within
-# the pixel limit and 151 KB, took a worker 1.5 GB and 5 s to decode (explorer).
+# the pixel limit and 151 KB, takes a worker 1.5 GB and 5 s to decode.
 MAX_IMAGE_SIDE = 65535
 
 
 # Formats whose decoding holds several times the image, and what their pixel limit is
 # divided by. Pillow copies a WebP frame that libwebp decoded into bytes, then into the
 # image: ~15 bytes a pixel, +600 MB at 40 megapixels where an RGB PNG takes +165
-# (app_tier.images.prepare, measured; reviewer). At half the limit, +300 MB.
+# (app_tier.images.prepare, measured). At half the limit, +300 MB.
 HEAVY_DECODE_DIVISORS = {"WEBP": 2}
 
 
@@ -85,14 +85,14 @@ def pillow_refusal(exc: Exception, max_pixels: int) -> str:
 
 # A progressive JPEG is drawn in scans, each a pass of the decoder over the whole
 # image; encoders write about 10 (mozjpeg up to ~20). A 0.3 MB upload of 3,000 tiny
-# scans of a 36-megapixel image took 20 s to decode (~7 ms a scan, growing with
+# scans of a 36-megapixel image takes 20 s to decode (~7 ms a scan, growing with
 # their number), and one of 3 MB would outlast STALL_TIMEOUT, three times over
-# before its dead letter (explorer).
+# before its dead letter.
 MAX_JPEG_SCANS = 100
 # Segments (markers with their data) before a JPEG's end. Photos have a few dozen; an
 # ICC profile or XMP split into 64 KB pieces adds one per piece. Each costs Pillow's
 # header parser (in Python) ~2.5 us: a 10 MB upload of 2.6 million 4-byte comments
-# took the web tier 12 s of CPU (explorer). Counted before Pillow opens a JPEG.
+# take the web tier 12 s of CPU. Counted before Pillow opens a JPEG.
 MAX_JPEG_SEGMENTS = 2000
 # A marker, as libjpeg finds one: FF, then a byte that is not 00 (a stuffed FF in
 # compressed data), a restart marker D0-D7 or TEM (01) (no segment follows them),
@@ -148,20 +148,20 @@ def jpeg_refusal(layout: JpegLayout) -> str | None:
 
 # Chunks in a PNG. Pillow reads each in Python (~6 us apiece, at opening for those
 # before the image data, when decoding and checking for the rest): a 9.6 MB PNG of
-# 800,000 empty chunks took 5.2 s to open (reviewer). Encoders write the image data
+# 800,000 empty chunks takes 5.2 s to open. Encoders write the image data
 # in chunks of 8-64 KB, so 10 MB holds at most ~1,300 of them.
 MAX_PNG_CHUNKS = 10_000
 # Pillow unpacks each zlib-packed chunk of metadata when it opens a PNG, up to 1 MB
 # apiece: a colour profile (iCCP) and text (zTXt, and iTXt when packed). 9,000 profiles
-# of 1 MB of zeros, a 9.5 MB upload, took 22 s of CPU to open; 24 uploads of 60 packed
-# texts, 63 KB each, took the web tier from 190 MB to 1.4 GB (reviewer). The format
+# of 1 MB of zeros, a 9.5 MB upload, take 22 s of CPU to open; 24 uploads of 60 packed
+# texts, 63 KB each, take the web tier from 190 MB to 1.4 GB. The format
 # allows one profile (a few KB; a printer's, up to ~0.5 MB); encoders pack a few texts
 # of some KB (ImageMagick: EXIF, XMP, IPTC). Unpacked here to count, 64 KB at a time.
 MAX_PNG_PROFILES = 1
 MAX_PNG_UNPACKED_BYTES = 4 * 1024**2
 # Pillow refuses one such chunk past this (PngImagePlugin.MAX_TEXT_CHUNK), but only when
-# it reads it: one after the image data passed the web tier's check, which does not
-# decode, and failed in the worker (reviewer).
+# it reads it: one after the image data would pass the web tier's check, which does
+# not decode, and fail in the worker.
 MAX_PNG_CHUNK_UNPACKED_BYTES = MAX_TEXT_CHUNK
 _UNPACK_STEP = 64 * 1024
 _PACKED_KINDS = (b"iCCP", b"zTXt", b"iTXt")
@@ -199,7 +199,7 @@ def _packed_part(kind: bytes, body: bytes) -> bytes:
     """The zlib stream in a chunk Pillow unpacks, or b"". Each starts with a keyword
     and a zero byte; then iCCP and zTXt have a method byte, iTXt a flag, a method
     byte, and two texts each ended by a zero byte. Pillow unpacks an iTXt whose flag
-    is not 0 (the format says 1; a bomb with 2 had passed: reviewer) and method 0."""
+    is not 0 (the format says 1; a bomb may say 2) and method 0."""
     start = body.find(b"\0") + 1
     if not start:
         return b""
@@ -246,13 +246,13 @@ def png_refusal(data: bytes) -> str | None:
 
 # Strips or tiles of a TIFF's first image. Pillow makes a Python object of each when it
 # opens the file, and the web tier's truncation check walks them: a 10 MB TIFF of 2.56
-# million 1x1 tiles took 4.5 s and ~800 MB to open, 9.7 s in the web tier's check and
-# 14.6 s in a worker (reviewer). Encoders write a strip or tile per 8-64 KB, or a strip
+# million 1x1 tiles takes 4.5 s and ~800 MB to open, 9.7 s in the web tier's check and
+# 14.6 s in a worker. Encoders write a strip or tile per 8-64 KB, or a strip
 # per row at most: MAX_IMAGE_SIDE rows.
 MAX_TIFF_PARTS = 65_536
 # Every header Pillow opens as a TIFF: classic, BigTIFF, and two it calls invalid but
-# reads all the same (their first two bytes say the byte order), which skipped the
-# check when they were left out (reviewer).
+# reads all the same (their first two bytes say the byte order): left out, they would
+# skip the check.
 TIFF_SIGNATURES = tuple(TIFF_PREFIXES)
 _STRIP_OFFSETS, _TILE_OFFSETS = 273, 324
 
@@ -285,8 +285,8 @@ def tiff_refusal(data: bytes) -> str | None:
 
 
 # Extension blocks and their sub-blocks before a GIF's first image. Pillow reads each
-# in Python as it opens the file: a 10 MB GIF of 3.5 million empty comments took 0.9 s
-# to open in each tier, twenty in one request held the web tier for 27 s (reviewer).
+# in Python as it opens the file: a 10 MB GIF of 3.5 million empty comments takes 0.9 s
+# to open in each tier, twenty in one request hold the web tier for 27 s.
 # Encoders write a few (a loop count, a frame's delay); a colour profile adds one per
 # 255 bytes, an XMP packet one per ~60, so a 0.5 MB profile makes ~2,000.
 MAX_GIF_BLOCKS = 10_000
@@ -297,8 +297,8 @@ _GIF_EXTENSION, _GIF_IMAGE, _GIF_TRAILER = 0x21, 0x2C, 0x3B
 def gif_blocks(data: bytes) -> int:
     """The extension blocks and sub-blocks before a GIF's first image, and the stray
     bytes between them, as Pillow walks them (a step in Python each: it skips a byte
-    that starts nothing, and a walk that stopped there let 10 MB of them through:
-    reviewer); counted up to MAX_GIF_BLOCKS + 1, where the walk stops."""
+    that starts nothing, and a walk that stopped there would let 10 MB of them
+    through); counted up to MAX_GIF_BLOCKS + 1, where the walk stops."""
     flags = data[10] if len(data) > 10 else 0
     pos = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # past the global colour table
     blocks = 0
@@ -338,10 +338,10 @@ def parts_refusal(data: bytes) -> tuple[JpegLayout | None, str | None]:
 
 # The formats both tiers read, by Pillow's names (its JPEG reader also gives MPO, the
 # JPEG of many phone cameras; AVIF is in Pillow's own wheels from 11.2 on). Opened
-# with only these, Pillow hands no file to another reader: its ICO reader decoded
+# with only these, Pillow hands no file to another reader: its ICO reader decodes
 # the PNG inside a 0.7 MB icon while opening it, 178 megapixels past every check
-# here (six at once took the web tier to 3.8 GB), before the web tier saw an icon
-# and refused it (reviewer).
+# here (six at once take the web tier to 3.8 GB), before the web tier sees an icon
+# and refuses it.
 READ_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", *(("AVIF",) if features.check("avif") else ()))
 
 

@@ -25,7 +25,7 @@ def configure(log_format: str, level: str | None = None) -> None:
     # botocore says where it found credentials, at INFO, for every client made: noise.
     logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
     # DEBUG is the service's own: at DEBUG the AWS libraries log every request's headers,
-    # a live session token among them, megabytes a minute (reviewer).
+    # a live session token among them, megabytes a minute.
     for library in AWS_LIBRARIES:
         if logging.getLogger(library).getEffectiveLevel() < logging.INFO:
             logging.getLogger(library).setLevel(logging.INFO)

@@ -27,8 +27,8 @@ _ERROR_BYTES = 200
 # SQS takes in a body only #x9, #xA, #xD, #x20-#xD7FF, #xE000-#xFFFD and
 # #x10000-#x10FFFF. json escapes control characters and refuses nothing else; the
 # surrogates never reach it (_loads). These two it writes as they are: a request that
-# named its file with one (sent escaped, which SQS takes) got an answer SQS refuses,
-# and its batch-mates' answers failed with it (reviewer).
+# names its file with one (sent escaped, which SQS takes) would get an answer SQS
+# refuses, and its batch-mates' answers would fail with it.
 _SQS_ESCAPES = {0xFFFE: "\\ufffe", 0xFFFF: "\\uffff"}
 
 
@@ -73,8 +73,8 @@ _NOT_A_MESSAGE = (ValueError, KeyError, TypeError, RecursionError, ArithmeticErr
 
 
 def _text_or_none(data: dict, key: str) -> str | None:
-    """A text field that may be missing. A label of 123 had been taken as it was, and
-    failed every download of its batch's CSV (reviewer)."""
+    """A text field that may be missing. A label of 123, taken as it is, would fail
+    every download of its batch's CSV."""
     value = data.get(key)
     if value is not None and not isinstance(value, str):
         raise TypeError(f"{key} is not a string: {value!r:.40}")
@@ -83,8 +83,8 @@ def _text_or_none(data: dict, key: str) -> str | None:
 
 def finite_number(value: object) -> float:
     """A finite number. JSON's integers have no bound: one of 400 digits in a request's
-    sent_at raised OverflowError, which was not taken for a foreign message, and failed
-    the receive of the nine requests that came with it, over and over (reviewer). NaN
+    sent_at raises OverflowError, which must be taken for a foreign message, or it fails
+    the receive of the nine requests that came with it, over and over. NaN
     and Infinity load too, and are not numbers any client can read back."""
     number = float(value)  # type: ignore[arg-type]  # TypeError for what is not a number
     if not math.isfinite(number):
@@ -95,8 +95,8 @@ def finite_number(value: object) -> float:
 def _loads(body: str):
     """The JSON of a message body, all of whose text UTF-8 can carry. An escaped lone
     surrogate ("\\ud800") loads as a str that no encoder takes: a request naming its key
-    so raised in the worker's S3 call and failed the nine good requests received with
-    it, and one naming its file so failed their replies (explorer)."""
+    so would raise in the worker's S3 call and fail the nine good requests received with
+    it, and one naming its file so would fail their replies."""
     data = json.loads(body)
     json.dumps(data, ensure_ascii=False).encode("utf-8")  # UnicodeEncodeError, a ValueError
     return data
@@ -104,8 +104,8 @@ def _loads(body: str):
 
 # The longest names a message may carry, in bytes as JSON carries them. The web tier's
 # are far shorter (32-character ids, keys of at most 166); with these, the answer to
-# any request fits in a message too. An answer echoing a 900-byte key did not, and
-# failed the replies of every request received with it (explorer).
+# any request fits in a message too. An answer echoing a 900-byte key would not, and
+# would fail the replies of every request received with it.
 MAX_ID_BYTES = 64
 MAX_BUCKET_BYTES = 63  # S3's own limit
 MAX_KEY_BYTES = 300

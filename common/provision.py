@@ -78,7 +78,7 @@ def _apply_retention(aws: Aws, name: str, days: int) -> None:
         code = error_code(exc)
         if code == "AccessDenied" and not days:
             # A role made from the policy before RETENTION_DAYS: it never set a rule, and
-            # keeping objects asks nothing of it. A re-run for a queue setting had failed.
+            # keeping objects asks nothing of it, and a re-run for a queue setting must not fail.
             log.warning("bucket %s: cannot read its lifecycle rules (AccessDenied); leaving them as "
                         "they are (ami/iam-provision-policy.json has the rights now)", name)
             return
@@ -118,7 +118,7 @@ def _apply_retention(aws: Aws, name: str, days: int) -> None:
 
 
 # Every queue is encrypted at rest with SQS's own keys (SSE-SQS): new queues are by
-# default now, but not those made before that default, or by other tools (reviewer).
+# default now, but not those made before that default, or by other tools.
 ENCRYPTED_QUEUE = {"SqsManagedSseEnabled": "true"}
 
 
@@ -132,7 +132,7 @@ def _ensure_queue(aws: Aws, name: str, attributes: dict[str, str]) -> str:
         return aws.sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
     current = aws.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=list(attributes))["Attributes"]
     # Said, not done silently: a re-run from a shell without the controller's settings
-    # put a MAX_RECEIVE_COUNT of 5 back to 3, the workers still told 5 (reviewer).
+    # puts a MAX_RECEIVE_COUNT of 5 back to 3, the workers still told 5.
     for key, value in attributes.items():
         if key in current and _comparable(current[key]) != _comparable(value):
             log.warning("queue %s: %s changed from %s to %s", name, key, current[key], value)

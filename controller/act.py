@@ -115,9 +115,9 @@ def launch(aws: Aws, settings: Settings, numbers: tuple[int, ...],
 def _zone_errors_are_answers(response: tuple | None = None, **_kwargs: object) -> None:
     """botocore's needs-retry hook, run before its retry handler: a zone's refusal is
     EC2's answer, not a fault, whatever its status. InsufficientInstanceCapacity comes
-    as a 500, which botocore retried 5 times in the same full subnet, each retry taking
-    14 of the EC2 client's 500 retry tokens: a shortage drained them, and a blip of any
-    other call then failed its round (reviewer). Seen as a 400, it is not retried, and
+    as a 500, which botocore would retry 5 times in the same full subnet, each retry taking
+    14 of the EC2 client's 500 retry tokens: a shortage would drain them, and a blip of any
+    other call then fail its round. Seen as a 400, it is not retried, and
     the launch goes on to the next subnet at once."""
     if response is None:
         return
@@ -201,8 +201,8 @@ def _may_have_launched(exc: Exception) -> bool:
     of its attempts may have launched (the last one's error says nothing of the others)."""
     if isinstance(exc, ClientError):
         # A zone's errors say it started nothing, though EC2 sends InsufficientInstanceCapacity
-        # as a 500: taken for "no reply", a zone's shortage was never tried in the next
-        # subnet (reviewer). Every attempt carried the same ClientToken, which EC2 answers
+        # as a 500: taken for "no reply", a zone's shortage would never be tried in the next
+        # subnet. Every attempt carried the same ClientToken, which EC2 answers
         # with the instance it started before it looks for capacity. Not so throttling (a
         # 503), which comes before the token is looked at: an earlier attempt, timed out,
         # may have launched.

@@ -1,8 +1,8 @@
 """One controller per fleet on a machine: a second one would launch past the cap.
 
 Two controllers each count the fleet and each launch what they find missing:
-together they go over the cap and launch instances under the same names (an
-explorer's second controller: 18 live instances, five names twice). So a
+together they go over the cap and launch instances under the same names (18 live
+instances, five names twice). So a
 controller holds a lock for its whole life, one per fleet (the prefix and the
 AWS it talks to), and a second one for the same fleet refuses to start. The
 lock is a file under the state directory, locked with flock: the kernel drops
@@ -57,8 +57,8 @@ def hold_fleet_lock(settings: Settings) -> FleetLock:
     path = lock_path(settings)
     fd = None
     while fd is None:  # None: a controller ending deleted the file meanwhile; try the new one
-        # In the loop: a folder deleted meanwhile (a temporary-file cleaner) made every
-        # try fail alike, for ever, at full speed (reviewer).
+        # In the loop: a folder deleted meanwhile (a temporary-file cleaner) would make every
+        # try fail alike, for ever, at full speed.
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             fd = lock_file(path, os.O_RDWR | os.O_CREAT)

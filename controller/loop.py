@@ -61,7 +61,7 @@ LASTING_REFUSALS = frozenset({"OperationNotPermitted", "UnauthorizedOperation"})
 # Rounds kept in memory (a day at a 1 s poll would be 86,400 of them).
 TIMELINE_ROUNDS = 1000
 # A round that begins, or takes, this much later than planned is said so: the fleet
-# follows the queue that much later, and the log's silence did not say why (reviewer).
+# follows the queue that much later, and silence in the log would not say why.
 LATE_ROUND_S = 5.0
 
 
@@ -172,7 +172,7 @@ class Controller:
                 self._act(decision, obs, clock)
         finally:
             # Those it asked to end are its own doing, whether or not the answer came (a
-            # round failed after its terminations took effect blamed "someone": reviewer).
+            # round that fails after its terminations take effect must not blame "someone").
             asked_to_end = {*decision.terminate, *decision.clean_up} if acting else set()
             # This round's launches among them (EC2 listed none of them yet).
             launched = {i.id for i in self.recent_launches.instances() if i.state in LIVE_STATES}
@@ -185,8 +185,8 @@ class Controller:
         gone = sorted(self._live_after_last_round - {i.id for i in obs.live})
         if gone:
             # Those ending are remembered as this controller's own terminations are: a
-            # later read still listing one running had it stand in for its replacement,
-            # which was scaled in (reviewer). Only those EC2 lists ending (shutting down,
+            # later read still listing one running would have it stand in for its replacement,
+            # which would be scaled in. Only those EC2 lists ending (shutting down,
             # as a hand's termination is for a while) or ended: one a lagging read merely
             # left out is still running.
             listed = {i.id for i in obs.instances}
@@ -276,7 +276,7 @@ class Controller:
         # Terminations first: they are what a scale-in waits on, and launches can take
         # long (botocore retrying RunInstances). A termination EC2 fails (throttled, a 5xx,
         # a code of its own) fails the round, but after the launches: raised at once, it
-        # had held every launch, round after round, while requests waited (reviewer).
+        # would hold every launch, round after round, while requests wait.
         failed: Exception | None = None
         for ids, why in ((decision.terminate, "the fleet no longer needs it"),
                          (decision.clean_up, "it serves nobody (stopped, or its worker gave up)")):
@@ -297,8 +297,8 @@ class Controller:
             # the loop's error backoff for as long as capacity or the quota is short.
             self._remember(exc.launched, obs, exc.unanswered)
             # Timed from now: a launch can fail slowly (botocore retrying RunInstances
-            # for seconds), and timed from the observation, the wait had passed before
-            # the call returned; timed from before it, a slow SQS lengthened it.
+            # for seconds), and timed from the observation, the wait could pass before
+            # the call returns; timed from before it, a slow SQS would lengthen it.
             failed_at = clock()
             wait = self.launch_backoff.failed(failed_at, self.timings.launch_backoff_min_s,
                                               self.timings.launch_backoff_max_s)
@@ -316,7 +316,7 @@ class Controller:
         will not terminate (termination protection, say) stays round after round;
         failing the round for it would slow every later round to the error backoff and
         hold up scaling in and out alike. Any other error (throttling, say) fails the
-        round as before: calling once per instance would only add to it."""
+        round: calling once per instance would only add to it."""
         if not instance_ids:
             return
         try:
@@ -430,12 +430,12 @@ class Controller:
                  "make run's stack ends its own)")
 
     def log_settings(self) -> None:
-        """The settings every decision is made with (a --once round's too: reviewer)."""
+        """The settings every decision is made with (a --once round's too)."""
         s = self.settings
         # Which queue and fleet, where: a wrong APP_PREFIX or region showed in nothing here.
         where = s.region + (f" at {s.endpoint_url}" if s.endpoint_url else "")
         p = self.policy
-        # The mode's own inputs too: the latency mode's were in nothing logged (reviewer).
+        # The mode's own inputs too: the latency mode's are in nothing else logged.
         mode = (f"backlog, {p.target_backlog_per_instance:g} message(s) per instance" if p.mode == "backlog"
                 else f"latency, {p.acceptable_latency_s:g}s acceptable, {p.seconds_per_image:g}s an image, "
                      f"{p.boot_time_s:g}s to boot")

@@ -91,8 +91,8 @@ def build_parser(defaults: Settings) -> argparse.ArgumentParser:
 
 def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
     """The environment's settings with the options given on top, all checked alike: a
-    variable an option replaces is not read (a wrong MAX_INSTANCES had stopped a
-    controller started with --max-instances: reviewer)."""
+    variable an option replaces is not read (a wrong MAX_INSTANCES must not stop a
+    controller started with --max-instances)."""
     options = {var: str(value) for name, var in OPTION_VARIABLES.items()
                if (value := getattr(args, name)) is not None}
     return Settings.from_env({**env, **options})
@@ -108,7 +108,7 @@ def naming_the_option(message: str, args: argparse.Namespace) -> str:
 
 def plot_problem(plot: Path, timeline: Path | None) -> str | None:
     """Why --plot could not be drawn at exit, found now: after a run of hours the plot
-    would be lost (a missing folder was a traceback then: reviewer)."""
+    would be lost (a missing folder would be a traceback then)."""
     if not timeline:
         return "--plot needs --timeline"
     if importlib.util.find_spec("matplotlib") is None:
@@ -132,7 +132,7 @@ def problems_on_aws(settings: Settings) -> list[str]:
                         "AWS_ENDPOINT_URL to use the embedded AWS.")
     if weights_on_this_host(settings.model_weights):
         # Rendered into each instance's user-data, a path on this host names nothing there:
-        # every worker would exit, and be replaced, round after round (reviewer).
+        # every worker would exit, and be replaced, round after round.
         problems.append(f"MODEL_WEIGHTS={settings.model_weights} is a file on this host, which the "
                         "instances do not have: on AWS use imagenet (baked into the AMI) or an "
                         "s3://bucket/key the workers' role can read.")
@@ -184,7 +184,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, settings: Se
                                 timeline_path=args.timeline)
     except ValueError as exc:  # a setting that cannot be passed to instances: names it
         parser.error(str(exc))
-    except OSError as exc:  # the timeline's header, written at start (a traceback before: reviewer)
+    except OSError as exc:  # the timeline's header, written at start: a usage error, not a traceback
         parser.error(f"--timeline {args.timeline}: cannot write it ({exc.strerror or exc})")
     if settings.max_instances == 0:
         log.warning("controller: MAX_INSTANCES is 0: no instance will be launched, and requests "

@@ -98,7 +98,7 @@ class RecentLaunches:
     last listed it (pending until it does): one that a round's eventually consistent
     DescribeInstances leaves out is counted as last seen, so that a launch is not repeated
     for the same work. Kept after EC2 lists it: forgotten then, a read from a replica
-    still behind launched the whole fleet again, up to twice the cap (reviewer). Lost on
+    still behind would launch the whole fleet again, up to twice the cap. Lost on
     restart; a restart while EC2 lags could launch once more."""
 
     # Each with the monotonic time of its launch; its launched_at is wall time, as EC2's.
@@ -144,8 +144,8 @@ class UnansweredLaunches:
 
     def keep_unlisted(self, listed: Iterable[Instance], at: float) -> None:
         """Forgets the calls made too long before `at`, and those whose instance EC2
-        lists (started_by). Kept, the call was repeated at that number's next launch,
-        after its instance had gone: EC2 then answers with the terminated one (reviewer)."""
+        lists (started_by). Kept, the call would be repeated at that number's next launch,
+        after its instance has gone: EC2 then answers with the terminated one."""
         listed = list(listed)
         self.by_number = {n: (call, t) for n, (call, t) in self.by_number.items()
                           if at - t < UNANSWERED_LAUNCH_MEMORY_S
@@ -160,10 +160,10 @@ class UnansweredLaunches:
 
 def started_by(call: LaunchCall, number: int, instance: Instance) -> bool:
     """Whether `instance` is the one the launch `call` of `number` started: its ClientToken
-    says so; where EC2 gives none (moto), any instance of that number is taken for it. Any
-    of the number was: a lagging read listing an earlier one, shutting down, had the call
-    forgotten, and its instance, unlisted, was launched beside: over the cap, and later a
-    second of its name (simulated)."""
+    says so; where EC2 gives none (moto), any instance of that number is taken for it. Not
+    any of the number where it does: a lagging read listing an earlier one, shutting down,
+    would have the call forgotten, and its instance, unlisted, launched beside: over the
+    cap, and later a second of its name (simulated)."""
     if instance.number != number:
         return False
     return not instance.client_token or instance.client_token == call.token
@@ -192,10 +192,10 @@ class LaunchHold:
         # Reset on evidence of health: an instance that never serves is given up on only
         # READY_DEADLINE after its launch (a worker that never receives, STALL_TIMEOUT
         # after), so the waves of a fleet that cannot serve come that far apart, and a
-        # quiet of max_s reset the hold for each. A replacement serving shows that
+        # quiet of max_s would reset the hold for each. A replacement serving shows that
         # launching works again; the quiet, longer than any such wave's gap, is for
         # workers that never say they serve (no worker-ready tags, READY_DEADLINE=0),
-        # whose hold otherwise only grew, up to max_s for any one failure (reviewer).
+        # whose hold otherwise only grows, up to max_s for any one failure.
         healthy = any(i.ready and i.id not in self.present_at_failure for i in obs.serving)
         if healthy or obs.clock - self.last_failure_at > quiet_s:
             self.hold_s = 0.0
@@ -271,8 +271,8 @@ class ReadinessClock:
 class RecentTerminations:
     """Instances this controller had terminated in the last EC2_LAG_S: one that a lagging
     DescribeInstances still lists as pending or running is taken as shutting down, as it
-    is. Counted as live, it held back a round's launches, and the next round blamed
-    "someone else" for its end (reviewer). Lost on restart, such an instance may be
+    is. Counted as live, it would hold back a round's launches, and the next round blame
+    "someone else" for its end. Lost on restart, such an instance may be
     counted for a round or two."""
 
     by_id: dict[str, float] = field(default_factory=dict)  # the monotonic time of the call
@@ -297,8 +297,8 @@ class RecentTerminations:
 class Refusals:
     """Instances EC2 refused to terminate (termination protection, say): each warned about
     once, the last chosen to scale in, so that the others go instead, and tried again
-    only REFUSAL_RETRY_S after its last refusal: one EC2 refuses for good made a call
-    and a log line every round, 86,400 a day at a 1 s poll (reviewer). Lost on restart,
+    only REFUSAL_RETRY_S after its last refusal: else one EC2 refuses for good makes a call
+    and a log line every round, 86,400 a day at a 1 s poll. Lost on restart,
     each is learnt again at its next refusal, and warned about once more."""
 
     # id -> the round's clock at its last refusal; None for a refusal that may pass at the

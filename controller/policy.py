@@ -43,8 +43,8 @@ from common.fleet import Instance, scale_in_order
 from controller.memory import NOTHING_REMEMBERED, RoundMemory
 from controller.observe import Observation
 
-# Each Policy field and the Settings field it comes from (Policy.from_settings). A new
-# field missing here fails a test, where it had kept its default whatever was set.
+# Each Policy field and the Settings field it comes from (Policy.from_settings). A test
+# checks every field is here: one missing would keep its default whatever is set.
 POLICY_SETTINGS = {
     "max_instances": "max_instances",
     "mode": "scaling_mode",
@@ -104,8 +104,8 @@ class Decision:
 
 def target_backlog(policy: Policy) -> float:
     if policy.mode == "latency":
-        # Rounded: 3.3 / 1.1 is 2.9999999999999996, and a backlog of 3 then wanted 2
-        # instances, the reason saying "target 3" (reviewer).
+        # Rounded: 3.3 / 1.1 is 2.9999999999999996, and a backlog of 3 would want 2
+        # instances, the reason saying "target 3".
         return max(1.0, round(policy.acceptable_latency_s / policy.seconds_per_image, 9))
     return policy.target_backlog_per_instance
 
@@ -155,7 +155,7 @@ def decide(obs: Observation, policy: Policy, memory: RoundMemory = NOTHING_REMEM
     rest of the decision (terminations, clean-ups) as it is. The numbers of
     `memory.unanswered` are launched first when launching (the call is then repeated,
     and EC2 answers with the instance it may have started): a new number beside one that
-    had started went over the cap (simulated, see tests/unit/test_controller_simulation.py)."""
+    has started would go over the cap (simulated, see tests/unit/test_controller_simulation.py)."""
     desired, reason = desired_count(obs, policy)
     serving = obs.serving
     wanted_recently = memory.wanted_recently
@@ -164,7 +164,7 @@ def decide(obs: Observation, policy: Policy, memory: RoundMemory = NOTHING_REMEM
         if memory.window_watched:
             reason += f"; holding {desired}, wanted within the last {policy.scale_in_cooldown_s:g}s"
         else:
-            # Not "wanted within the last ...": nothing said so (reviewer: --dry-run --once).
+            # Not "wanted within the last ...": no round has said so yet (--dry-run --once, say).
             reason += (f"; holding {desired}: this controller has watched for less than the "
                        f"{policy.scale_in_cooldown_s:g}s scale-in window, and scales in only after")
     launch: tuple[int, ...] = ()
@@ -206,9 +206,9 @@ def decide(obs: Observation, policy: Policy, memory: RoundMemory = NOTHING_REMEM
             launch = _free_numbers({i.number for i in obs.instances}, count, first=memory.unanswered)
     elif desired < len(serving):
         # Among those that serve, those running another image than launches do first:
-        # else, the newest going first, a new AMI never replaced the old fleet without a
-        # hand (reviewer). Not before one pending or not ready, which holds no work (a
-        # new image whose workers never serve would have had the old fleet go first).
+        # else, the newest going first, a new AMI would never replace the old fleet without a
+        # hand. Not before one pending or not ready, which holds no work (a new image
+        # whose workers never serve would then have the old fleet go first).
         def victim_order(i: Instance) -> tuple:
             pending, unready, newest, highest = scale_in_order(i)
             return (i.id in memory.keep_last, pending, unready, not _outdated(i, policy), newest, highest)

@@ -12,7 +12,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 # `reason`: why, as the log says it: `desired` alone can read as under-provisioning
-# (15 desired, none launched, for requests all in flight: reviewer).
+# (15 desired, none launched, for requests all in flight).
 TIMELINE_FIELDS = ("time", "visible", "in_flight", "delayed", "pending", "running", "desired", "action",
                    "reason")
 
@@ -28,8 +28,8 @@ class TimelineFile:
 
     def __post_init__(self) -> None:
         # Added to, not written over: a controller restarted (systemd, its watchdog)
-        # had erased the rounds before it, those an operator wants after a crash
-        # (reviewer). A file of other columns is started afresh.
+        # would erase the rounds before it, those an operator wants after a crash.
+        # A file of other columns is started afresh.
         try:
             with self.path.open(newline="") as fh:
                 first = next(csv.reader(fh), None)
