@@ -123,7 +123,7 @@ def _security_headers(response: Response) -> Response:
         # Every /api answer, its 404s and 405s too (README). Answers change from one
         # second to the next. And a browser holds a second GET of a URL behind one still
         # in flight, for up to 20 s, to share a cached answer: a page polling /api/status
-        # while AWS was slow showed old figures that long (explorer).
+        # while AWS is slow would show old figures that long.
         response.headers.setdefault("Cache-Control", "no-store")
     # The page loads only its own script and style: injected markup cannot run.
     response.headers.setdefault(
@@ -136,7 +136,7 @@ def _security_headers(response: Response) -> Response:
     # Nothing to other sites. same-origin, not no-referrer: under no-referrer Chromium
     # sends "Origin: null" with a form's POST to its own site, which a web tier reached
     # over plain HTTP by name or LAN address (no Sec-Fetch-Site) must take for
-    # cross-site: the no-JavaScript form was refused 403 there (reviewer).
+    # cross-site, refusing the no-JavaScript form 403 there.
     response.headers.setdefault("Referrer-Policy", "same-origin")
     return response
 

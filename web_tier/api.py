@@ -39,8 +39,8 @@ def _unauthorized() -> Response:
     return error_response(Refusal(401, KEY_REQUIRED, code=Code.UNAUTHORIZED))
 
 
-# What a batch id looks like, said where one is not: "no such batch" alone left the
-# sender of an id in capitals to guess why (explorer).
+# What a batch id looks like, said where one is not: "no such batch" alone would leave
+# the sender of an id in capitals to guess why.
 BATCH_ID_FORM = "a batch's id is 32 lowercase hexadecimal digits, a UUID4's without hyphens"
 
 
@@ -67,7 +67,7 @@ def create_job() -> Response:
                       code=Code.BAD_REQUEST)
     if "Idempotency-Key" in request.headers:
         # POST /'s: ignored here, the files sent again would be stored and classified
-        # twice, in two batches (reviewer).
+        # twice, in two batches.
         raise Refusal(400, "Idempotency-Key is for POST /; to send files again safely here, "
                            "name the batch (batch_id=<32 hex digits>&create=1) and give each "
                            "file a token", code=Code.BAD_REQUEST)
@@ -81,8 +81,8 @@ def create_job() -> Response:
     tokens = form_tokens(request, files)
     form_batch_id = request.form.get("batch_id", "").strip()
     if tokens and not form_batch_id:
-        # A token protects a resend within its batch: a client whose first answer was
-        # lost never learnt the new batch's id, and its resend made a second (reviewer).
+        # A token protects a resend within its batch: a client whose first answer is
+        # lost never learns the new batch's id, and its resend would make a second.
         raise Refusal(400, "tokens protect a resend only within a named batch: send "
                            "batch_id=<32 hex digits>&create=1 with them", code=Code.BAD_REQUEST)
     batch_id = form_batch_id or new_id()
@@ -92,7 +92,7 @@ def create_job() -> Response:
     with svc.book.in_use(batch_id):
         adding = _named_batch_exists(form_batch_id) if form_batch_id else False
         if adding is None:
-            # A client making a batch of its own id sends `create` too: say so (reviewer).
+            # A client making a batch of its own id sends `create` too: say so.
             return _no_batch(form_batch_id, hint=" (send create=1 to make it)")
         return _store_files(batch_id, adding, files, tokens)
 
@@ -106,8 +106,8 @@ def _named_batch_exists(form_batch_id: str) -> bool | None:
     made if it does not exist yet: a client sending again a first request whose answer
     it lost must not make a second."""
     if not is_service_id(form_batch_id):
-        # No batch has such an id: a 404 told the client to send create=1, which was
-        # then refused for the id's form (reviewer).
+        # No batch has such an id: a 404 would tell the client to send create=1, which
+        # is then refused for the id's form.
         raise Refusal(400, BATCH_ID_FORM, code=Code.BAD_REQUEST)
     if services().rebuilder.find_batch(form_batch_id) is not None:
         return True
@@ -137,8 +137,8 @@ def _store_files(batch_id: str, adding: bool, files: list[FileStorage], tokens: 
                 rejected.extend(_refusals(files[start:], start, STOPPING))
                 break
             if not room:
-                # The rest too, at once: each chunk waiting its own turn in vain held a
-                # 1,000-file request half an hour, to refuse it all (reviewer).
+                # The rest too, at once: each chunk waiting its own turn in vain would hold a
+                # 1,000-file request half an hour, to refuse it all.
                 rejected.extend(_refusals(files[start:], start, UPLOAD_MEMORY_FULL))
                 break
             stored, refused = _stored_and_refused(batch_id, chunk, start, tokens)
@@ -185,7 +185,7 @@ def _stored_and_refused(batch_id: str, files: list[FileStorage], first_index: in
             items.append({"index": index, "id": outcome.item.id, "filename": outcome.item.filename,
                           "again": True})
         else:
-            # `again` always: a client reading item["again"] failed on a new file (reviewer).
+            # `again` always: a client reading item["again"] must not fail on a new file.
             items.append({"index": index, "id": outcome.id, "filename": outcome.filename, "again": False})
     return items, rejected
 
@@ -249,12 +249,12 @@ def job_events(batch_id: str) -> Response | tuple[Response, int]:
     book = svc.book
     # `?after=<event id>`: a page opening a new stream once one has ended (`end`, more
     # files joining its batch) says what it has seen, as EventSource sends Last-Event-ID
-    # only when it reconnects by itself: each new stream replayed the whole batch
-    # (reviewer). Last-Event-ID, when sent, is the later of the two.
+    # only when it reconnects by itself: else each new stream would replay the whole
+    # batch. Last-Event-ID, when sent, is the later of the two.
     last_event_id = request.headers.get("Last-Event-ID") or request.args.get("after")
     response = Response(
-        # Through the rebuilder: a batch evicted from the book meanwhile read as no
-        # items, so the stream ended at once, as if the batch were empty (reviewer).
+        # Through the rebuilder: a batch evicted from the book meanwhile would read as no
+        # items, and the stream end at once, as if the batch were empty.
         events.stream(book, batch_id, lambda: svc.rebuilder.find_batch(batch_id),
                       last_event_id=last_event_id),
         mimetype="text/event-stream",

@@ -27,8 +27,8 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 
 def refuse_cross_site_writes() -> None:
     """Refuse a browser's POST sent by another site's page: without an API key, any page
-    a user visited could upload through their browser, to a `make run` on their own
-    machine too (reviewer). A cross-site form needs no preflight, and reads nothing back,
+    a user visits could upload through their browser, to a `make run` on their own
+    machine too. A cross-site form needs no preflight, and reads nothing back,
     but its upload is made. Run before every request (create_app)."""
     if request.method in ("GET", "HEAD", "OPTIONS"):
         return
@@ -42,7 +42,7 @@ def refuse_cross_site_writes() -> None:
     # is same-origin with it, sends no Sec-Fetch-Site over plain HTTP, and may send any
     # header but Host, which gives it away. A browser's POST always carries Origin;
     # a program's, or a proxy's over HTTPS, passes.
-    # (Bracketed, "[::1]" read as a name turned this off: reviewer.)
+    # (Bracketed too: "[::1]" read as a name would turn this off.)
     if fetch_site is None and "Origin" in request.headers and _on_loopback(settings.web_host_bare) \
             and not _on_loopback(_hostname(request.host)):
         raise Refusal(403, f"this web tier listens on {settings.web_host} only, and the browser's "
@@ -54,7 +54,7 @@ def refuse_cross_site_writes() -> None:
 def site_by_origin() -> str:
     """What Sec-Fetch-Site would say, judged by Origin: browsers send Sec-Fetch-Site only
     to origins they trust (HTTPS, localhost), and a page elsewhere over plain HTTP,
-    on a LAN address or a name, uploaded through a visitor's browser (reviewer). A
+    on a LAN address or a name, could upload through a visitor's browser. A
     request without Origin, a program's, is "none"."""
     origin = request.headers.get("Origin")
     if origin is None:
@@ -85,7 +85,7 @@ def _hostname(host: str) -> str:
 def _on_loopback(host: str) -> bool:
     """Whether `host` (a name or an address, as WEB_HOST or a Host header has it) is
     this machine's loopback: `localhost`, or a loopback address. Not any name that
-    starts with "127." (127.attacker.test passed: reviewer)."""
+    starts with "127." (127.attacker.test is not)."""
     if host.lower() == "localhost":
         return True
     try:

@@ -89,7 +89,7 @@ def _one_file_body_limit() -> None:
 def classify() -> Response:
     # RESULT_TIMEOUT counts from here, not from the image being queued: storing it may
     # take minutes with S3 or SQS failing (retried), and proxies set to wait a little
-    # over RESULT_TIMEOUT cut such requests off, their answers lost (reviewer).
+    # over RESULT_TIMEOUT would cut such requests off, their answers lost.
     arrived = time.monotonic()
     svc = services()
     files = form_files(request, CLASSIFY_FIELDS)
@@ -102,7 +102,7 @@ def classify() -> Response:
         raise Refusal(400, f"one file per request here, got {len(files)} ({names}); POST several "
                            "to /api/jobs", code=Code.TOO_MANY_FILES)
     # Its bytes, from reading to stored, are taken from the process's upload memory;
-    # not through the wait for the answer: 100 waiting 9 MB uploads had held 1 GB (reviewer).
+    # not through the wait for the answer: 100 waiting 9 MB uploads would hold 1 GB.
     with svc.upload_memory.taken(file_bytes(files[0], svc.settings.max_upload_bytes)) as room:
         if not room:
             why = STOPPING if svc.book.closing.is_set() else UPLOAD_MEMORY_FULL
@@ -114,7 +114,7 @@ def classify() -> Response:
         outcome = outcome.item
     if wants_page():
         # The answer is a page of its own: reloading it asks again, where reloading
-        # this POST's answer sent the image again (reviewer).
+        # this POST's answer would send the image again.
         return redirect(url_for("classify.answer", batch_id=batch_id), code=303)
     waited = time.monotonic() - arrived
     item, client_left = _wait_while_connected(svc.book, outcome, svc.settings.result_timeout_s - waited)
@@ -149,9 +149,9 @@ def answer(batch_id: str) -> Response:
     # Reloading itself only if the user chose to (the page offers it).
     reloading = request.args.get("reload") == "1"
     if item is None:
-        # Answered now: waited for up to RESULT_TIMEOUT, the browser showed the form's
-        # address meanwhile, and a user who stopped or reloaded it lost the only way to
-        # the answer (reviewer).
+        # Answered now: waited for up to RESULT_TIMEOUT, the browser would show the form's
+        # address meanwhile, and a user who stopped or reloaded it lose the only way to
+        # the answer.
         if svc.book.closing.is_set():
             why = "the server is restarting; the image is still queued"
             return answer_page(503, why, items[0].filename, waiting_s=ANSWER_PAGE_REFRESH_S * 3,
@@ -208,7 +208,7 @@ def _result_response(filename: str, item: Item, batch_id: str) -> Response:
     status, message, label, untrained = _outcome(item)
     if item.provisional:
         # "Send it again" (the dead letter's words, in S3's tags too) read as "upload it
-        # again": stored twice. Said how, as the README's table of codes does (explorer).
+        # again": stored twice. Said how, as the README's table of codes does.
         message += (f". To send it again without storing it twice: "
                     f"POST /api/jobs/{batch_id}/items/{item.id}/again")
     if label is None:
@@ -227,7 +227,7 @@ def _store(svc: Services, storage: FileStorage) -> tuple[Item | SentBefore | Ref
     """Check the file, then store and queue it: the outcome, the file's name, and its batch's id."""
     upload = validate(storage, svc.settings)
     # Read: its spool (memory, or a descriptor of the request's temporary file) is not
-    # kept while this request waits for the answer, up to RESULT_TIMEOUT (reviewer).
+    # kept while this request waits for the answer, up to RESULT_TIMEOUT.
     storage.close()
     if svc.book.closing.is_set():
         # Nobody would wait for its answer here: store nothing (as /api/jobs does then).
@@ -245,11 +245,11 @@ def _store(svc: Services, storage: FileStorage) -> tuple[Item | SentBefore | Ref
 def _wait_while_connected(book: ResultBook, known: Item, timeout_s: float) -> tuple[Item | None, bool]:
     """The item `known` once it has a result (None after `timeout_s`), and whether the
     client left first. A client that gave up (its own timeout, a proxy's) reads no
-    answer, and its request held one of the threads until RESULT_TIMEOUT: clients
-    sending again on a 5 s timeout took all 1,024, /healthz with them (explorer)."""
+    answer, and its request would hold one of the threads until RESULT_TIMEOUT: clients
+    sending again on a 5 s timeout would take all 1,024, /healthz with them."""
     if known.is_finished:
         # Not looked up again: under a backlog past its cap the book may have forgotten
-        # a finished batch since, and an answered image was "queued" or a 504 (reviewer).
+        # a finished batch since, and an answered image would be "queued" or a 504.
         return known, False
     item_id = known.id
     deadline = time.monotonic() + timeout_s
@@ -272,8 +272,8 @@ def _client_left() -> bool:
         return False
     try:
         # Not select(): it refuses descriptors from 1,024 up, which a busy web tier's
-        # sockets reach (gunicorn.conf.py allows 4,096), and every client then looked
-        # connected (reviewer).
+        # sockets reach (gunicorn.conf.py allows 4,096), and every client would then look
+        # connected.
         return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except (BlockingIOError, ValueError):  # nothing to read yet; an SSL socket
         return False

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 def at_post_root() -> bool:
     """POST /, the endpoint for programs, or `/` with any method but a browser's GET (a
-    PUT / had the page's HTML 405: reviewer): answered as POST / answers, not as a page."""
+    PUT / too, not the page's HTML 405): answered as POST / answers, not as a page."""
     return request.path == "/" and request.method not in ("GET", "HEAD")
 
 
@@ -68,7 +68,7 @@ def answer_page(status: int, message: str, filename: str | None = None, label: s
     """The plain form's answer: the label and its score, or why there is none (`message`).
     `waiting_s`: the image is still queued, and the page offers to look again, or to
     reload itself that often; `reloading`: the user chose that. Never unasked: each
-    reload took a keyboard's focus and a screen reader back to the top (reviewer).
+    reload takes a keyboard's focus and a screen reader back to the top.
     `link`: (address, text) of where to go instead, shown under the message."""
     if untrained is None:
         untrained = bool(services().book.untrained)
@@ -76,7 +76,7 @@ def answer_page(status: int, message: str, filename: str | None = None, label: s
     state = label if label is not None else "queued" if waiting_s else "no label"
     if label is not None and untrained:
         # The tab, history and bookmarks show the title alone: the label there is said
-        # untrained too, as everywhere else one is shown (explorer).
+        # untrained too, as everywhere else one is shown.
         state += " (untrained)"
     title = f"{state} · {filename}" if filename else _up_to_its_colon(message)
     html = render_template("answer.html", filename=filename, label=label, score=score, message=message,
@@ -103,8 +103,8 @@ JOBS_PATH = "/api/jobs"
 
 def error_json(error: Refusal) -> dict[str, object]:
     """An error's JSON; at POST /api/jobs with `items` and `rejected` as its 202 and its
-    refusal of every file have them: a client reading body["rejected"] failed with a
-    KeyError on a refusal of the whole request (reviewer). Empty: no file was stored,
+    refusal of every file have them: a client reading body["rejected"] must not fail with
+    a KeyError on a refusal of the whole request. Empty: no file was stored,
     and none was refused on its own."""
     if request.path == JOBS_PATH:
         return {"items": [], "rejected": [], **error.to_json()}
@@ -119,7 +119,7 @@ def error_response(error: Refusal, **more: object) -> Response:
     elif wants_text():
         # No trailing newline, as the 200's "<name>:<label>" (which the contract fixes)
         # and every other text answer of POST /: a client comparing or splitting the
-        # body had one more character to strip on some answers only (reviewer).
+        # body would have one more character to strip on some answers only.
         response = Response(error.to_text(), status=error.status, mimetype="text/plain")
     else:
         response = jsonify({**error_json(error), **more})
@@ -153,7 +153,7 @@ def _too_large(exc: RequestEntityTooLarge) -> Response:
     if at_post_root():
         # POST / takes one file, so its limit is the file's: say so, naming the file. The
         # body is not read, so it may be several files under the limit, each: said too,
-        # where this named the first one too large (reviewer).
+        # rather than naming the first one too large.
         max_bytes = services().settings.max_upload_bytes
         return error_response(Refusal(
             413, f"{too_large(max_bytes)}, or the request holds more than the one file POST / takes "
@@ -225,7 +225,7 @@ def _unexpected(exc: Exception) -> Response:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         # The upload's temporary file (web_tier/spool.py) found no room, as the form was
         # read: nothing is stored yet, and the same request may be sent again once there
-        # is room (a bare 500 said neither: reviewer).
+        # is room (a bare 500 would say neither).
         log.error("no room to spool %s %s: %s (TMPDIR=%s)", request.method, request.path, exc,
                   tempfile.gettempdir())
         return error_response(Refusal(503, "the server has no room to hold this upload now; nothing "

@@ -24,7 +24,7 @@ from web_tier.results import Item, ResultBook
 
 # A comment this often while nothing finishes. A stream hears that its client has gone
 # only when a write fails, and holds one of the few stream slots until then: at 15 s,
-# a client reconnecting in a loop kept every slot taken (explorer).
+# a client reconnecting in a loop would keep every slot taken.
 KEEPALIVE_S = 5.0
 RETRY_MS = 3000
 # A stream holds one of the web tier's threads: after this long it ends without
@@ -62,7 +62,7 @@ def stream(book: ResultBook, batch_id: str, items: Callable[[], list[Item] | Non
     try:
         yield f"retry: {RETRY_MS}\n\n"
         # Each item sent, with the number it was sent with: a provisional failure (a dead
-        # letter) replaced by a late answer is sent again, its row had stayed "failed";
+        # letter) replaced by a late answer is sent again, or its row would stay "failed";
         # so is one queued again, and then its outcome.
         sent = {item.id: item.event_seq for item in items() or [] if 0 < item.event_seq <= seen}
         while True:
@@ -73,14 +73,14 @@ def stream(book: ResultBook, batch_id: str, items: Callable[[], list[Item] | Non
                 sent[item.id] = item.event_seq
                 yield _event(item, book)
             # Read after the changes sent: an item queued again since is then seen queued
-            # (read before, its failure, already sent, ended the stream).
+            # (read before, its failure, already sent, would end the stream).
             current = items() or []
             if all(i.is_finished and sent.get(i.id) == i.event_seq for i in current):
                 yield "event: end\ndata: {}\n\n"
                 return
             # In between, each item as the book publishes it, in the order it finished:
-            # a look at the whole batch after each one cost 64 streams of a 4,000-item
-            # batch most of a core, and slowed every other request (reviewer).
+            # a look at the whole batch after each one would cost 64 streams of a 4,000-item
+            # batch most of a core, and slow every other request.
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:

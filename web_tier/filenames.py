@@ -16,7 +16,7 @@ MAX_FILENAME_CHARS = 1024
 _LINE_BREAKING = frozenset({"Cc", "Zl", "Zp"})
 # Dropped: bidirectional-text controls (shown, "photo\u202egpj.exe" reads as
 # "photoexe.jpg"), and characters that show nothing at all (a byte-order mark, zero-width
-# spaces, a soft hyphen), with which two names that look alike differ (explorer: a BOM
+# spaces, a soft hyphen), with which two names that look alike differ (a BOM
 # kept in the middle of results.csv). Not the zero-width joiners, which emoji and some
 # scripts are written with.
 DROPPED_CHARACTERS = ("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"

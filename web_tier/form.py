@@ -22,7 +22,7 @@ FORM_SLACK_BYTES = 1 << 20
 # Cap on one request body, whatever the per-file limits multiply to.
 MAX_REQUEST_BYTES = 2 * 1024**3
 # The largest text field Werkzeug keeps (MAX_FORM_MEMORY_SIZE). At Werkzeug's default of
-# 500 KB, two requests of 2,090 unknown fields each took a web worker to 2.1 GB (reviewer).
+# 500 KB, two requests of 2,090 unknown fields each take a web worker to 2.1 GB.
 # The form's own fields (a batch id, a token, "create") are 64 characters at most, but
 # the limit bounds the parser's buffer too, which takes the body 64 KB at a time.
 MAX_TEXT_FIELD_BYTES = 128 * 1024
@@ -71,7 +71,7 @@ def form_files(request: Request, fields: Sequence[str]) -> list[FileStorage]:
     chunked = _chunked_body_werkzeug_reads(request)
     if request.mimetype != "multipart/form-data":
         # No file can be in it, and Werkzeug would read a urlencoded body whole into
-        # memory to parse it, up to the 2 GB request limit (reviewer).
+        # memory to parse it, up to the 2 GB request limit.
         return []
     if request.content_length is None and not chunked:
         # (HTTP/1.0 without a length): Werkzeug reads nothing, and "no file" would mislead.
@@ -81,7 +81,7 @@ def form_files(request: Request, fields: Sequence[str]) -> list[FileStorage]:
     files = _real_files(f for name in fields for f in request.files.getlist(name))
     if not files and (request.content_length or chunked) and not request.files and not request.form:
         if not request.mimetype_params.get("boundary"):
-            # Most often a Content-Type set by hand: the file-name question misled (explorer).
+            # Most often a Content-Type set by hand: a question about file names would mislead.
             raise Refusal(400, "the multipart form has no boundary in its Content-Type: let the client "
                                "write that header (curl -F, a browser's FormData), not set it by hand",
                           code=Code.BAD_REQUEST)
@@ -101,7 +101,7 @@ def _chunked_body_werkzeug_reads(request: Request) -> bool:
     transfer = request.headers.get("Transfer-Encoding", "")
     codings = [c.strip().lower() for c in transfer.split(",") if c.strip()]
     unread = [c for c in codings if c not in ("chunked", "identity")]
-    if unread:  # gunicorn undoes only chunked: the rest came through as garbled bytes (reviewer)
+    if unread:  # gunicorn undoes only chunked: the rest would come through as garbled bytes
         raise Refusal(501, f"a body in Transfer-Encoding {unread[0][:32]!r} is not read: send it "
                            "chunked or with a Content-Length", code=Code.UNSUPPORTED_ENCODING)
     return "chunked" in codings
@@ -202,7 +202,7 @@ def form_tokens(request: Request, files: list[FileStorage], field: str = "tokens
     if len(set(tokens)) != count:
         first = {}
         for token, storage in zip(tokens, files, strict=True):
-            if token in first:  # named, as every refusal of a file is (reviewer)
+            if token in first:  # named, as every refusal of a file is
                 raise Refusal(400, f"two files have the same token ({first[token]} and this one): "
                                    "each file needs its own", display_name(storage),
                               code=Code.BAD_REQUEST)

@@ -48,7 +48,7 @@ def connection_limits(open_files: int) -> tuple[int, int]:
     """Connections admitted at once, and threads serving them, within `open_files`: a
     connection takes a descriptor, and a thread serving an upload one more, for the
     request's temporary file (web_tier/spool.py). Counted one each, 512 threads under a
-    hard limit of 1,024 ran out, and accept() killed the process (reviewer)."""
+    hard limit of 1,024 would run out, and accept() kill the process."""
     room = max(128, open_files - FILES_KEPT_FOR_OTHER_USES)
     threads = min(1024, room // 2)
     return min(2000, room - threads), threads
@@ -58,7 +58,7 @@ try:
     _settings = Settings.from_env()
 except ValueError as exc:  # names the variable
     # One line, and a status the web unit does not restart on (RestartPreventExitStatus):
-    # a wrong setting would only fail again, with a traceback a second, for ever (reviewer).
+    # a wrong setting would only fail again, with a traceback a second, for ever.
     print(f"web tier: {exc}", file=sys.stderr)
     raise SystemExit(BAD_SETTING_EXIT) from None
 
@@ -107,8 +107,8 @@ def wrongly_served(workers: int, worker_class: type, preload: bool) -> str | Non
     """Why gunicorn's options, as given, would break the web tier; None if they would not.
     GUNICORN_CMD_ARGS and the command line override this file (the README suggests the
     first for gunicorn's own options), and these three are not options to change: with
-    `-w 4`, an answer taken by one process's listener was lost to a POST / waiting in
-    another, which answered 504 (reviewer)."""
+    `-w 4`, an answer taken by one process's listener would be lost to a POST / waiting
+    in another, which answers 504."""
     from gunicorn.workers.gthread import ThreadWorker
 
     if workers != 1:

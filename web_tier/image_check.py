@@ -46,8 +46,7 @@ CONTENT_TYPES = {
 FORMATS = {fmt: CONTENT_TYPES[fmt] for fmt in ("MPO", *READ_FORMATS)}
 # A file of an accepted type that cannot be read (cut short, damaged, or built to be
 # slow to read) is 422 (Unprocessable Content), as the worker's answer for an image it cannot decode; 415 is
-# for what is not an image of an accepted type. (The web tier said 415 for these,
-# and the worker 422 for the same reasons: reviewer.)
+# for what is not an image of an accepted type: both tiers give the same reasons the same code.
 UNREADABLE = 422
 ACCEPTED = ", ".join(READ_FORMATS[:-1]) + " or " + READ_FORMATS[-1]
 
@@ -105,7 +104,7 @@ def check_image(name: str, data: bytes, settings: Settings) -> Upload:
         if kind and kind not in FORMATS:  # an image, in a format this service does not read
             raise Refusal(415, f"{kind} images are not accepted; send {ACCEPTED}", name,
                           code=Code.UNSUPPORTED_TYPE) from exc
-        if kind == "TIFF" and _samples_not_read(data):  # valid, and not "not a valid TIFF" (reviewer)
+        if kind == "TIFF" and _samples_not_read(data):  # valid, and not "not a valid TIFF"
             raise Refusal(UNREADABLE, "unreadable image: a TIFF of samples this service does not read "
                                       "(such as colour in floating point or 32-bit integers)",
                           name, code=Code.UNREADABLE_IMAGE) from exc

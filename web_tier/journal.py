@@ -98,7 +98,7 @@ class Journal:
             self._write(_line(_END, item_id))
             # Also not before the file holds twice what a new one would: with more pending
             # than max_lines (an S3 outage's uploads), every end rewrote them all, under the
-            # lock every upload takes (20,000 pending: 168 ms an end, reviewer).
+            # lock every upload takes (20,000 pending: 168 ms an end).
             if self._lines >= max(self.max_lines, 2 * len(self._pending)):
                 self._compact()
 

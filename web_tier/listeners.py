@@ -45,7 +45,7 @@ RESPONSE_THREADS = 2
 # its polls to end (gunicorn.conf.py, worker_exit), within gunicorn's 5 s of grace. A
 # poll cut off by its process's exit is still open on SQS's side, which hands it the
 # messages that arrive in the rest of its wait, hidden then for the queue's visibility
-# timeout: after a restart, the answers of its first 20 s came 30 s late (reviewer).
+# timeout: after a restart, the answers of its first 20 s would come 30 s late.
 MAX_WAIT_S = 4
 # Between failed polls. At most 5 s, so that once SQS is back the answers waiting
 # there reach their clients within seconds (at 30 s, after an outage of half a
@@ -105,7 +105,7 @@ class Listeners:
                 failures += 1
                 backoff = next_wait(backoff, MIN_BACKOFF_S, MAX_BACKOFF_S)
                 # The traceback once: at every retry, with botocore's chained errors, it
-                # was 2,246 log lines in 35 s of an unreachable AWS (reviewer).
+                # would be 2,246 log lines in 35 s of an unreachable AWS.
                 if failures == 1:
                     log.exception("listener failed; retrying in %.0f s", backoff)
                 else:
@@ -141,7 +141,7 @@ class Listeners:
                         "come back after the queue's visibility timeout", len(failures), len(messages),
                         reasons)
         if len(failures) < len(messages):
-            # Not "for the process that serves on": under make run none does (reviewer).
+            # Not "for the process that serves on": under make run none does.
             log.info("handed back %d messages received while stopping, for whichever process reads the "
                      "queue next", len(messages) - len(failures))
 
@@ -195,17 +195,16 @@ class Listeners:
                 log.exception("could not handle dead letter for %s", request.id)
                 continue
             except Exception:
-                # Anything else fails the same way each time it comes back: it did every
-                # 30 s for the queue's 14 days (explorer). Failed here, and dropped.
+                # Anything else fails the same way each time it comes back, every 30 s for
+                # the queue's 14 days. Failed here, and dropped.
                 self._drop_dead_letter(request)
             done.append(message)
         self._delete(url, done)
 
     def _input_tags(self, request: ClassifyRequest) -> list[dict[str, str]] | None:
         """The tags of the dead letter's input object; None if they cannot be read (the
-        object gone, S3 failing or refusing), and the dead letter is then handled as it
-        was before marks said when an item was sent again: a copy sent before that
-        fails the item, and marks it failed."""
+        object gone, S3 failing or refusing), and the dead letter is then handled as if
+        its item was never sent again: it fails the item, and marks it failed."""
         try:
             return input_tags(self.aws, request.key)
         except AWS_ERRORS as exc:
@@ -279,7 +278,7 @@ class Listeners:
         elif (again := self._queued_again_since(request)) is not None:
             # Queued again while this marked it, the mark may have landed after the one
             # POST .../again wrote: put that one back, or a batch rebuilt after a restart
-            # showed it failed, with the count of times sent again lost (reviewer). If S3
+            # would show it failed, with the count of times sent again lost. If S3
             # fails that, the message stays, and comes back to the call above.
             clear_failed(self.aws, request.key, again.sent_again_record)
 

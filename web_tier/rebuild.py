@@ -104,8 +104,8 @@ class BatchRebuilder:
         self.book = book
         self.pool = ThreadPoolExecutor(REBUILD_THREADS, thread_name_prefix="web-rebuild")
         # Batches being rebuilt from S3, each by the first request to ask: the others wait
-        # for it. A page polling a 1,500-item batch across a restart had started a whole
-        # rebuild every 2 s, and 2-file uploads behind them took a minute (explorer).
+        # for it. Else a page polling a 1,500-item batch across a restart starts a whole
+        # rebuild every 2 s, and 2-file uploads behind them take a minute.
         self._rebuilding: dict[str, Future] = {}
         self._rebuilding_lock = threading.Lock()
 

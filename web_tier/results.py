@@ -179,7 +179,7 @@ class ResultBook:
     Beyond `max_items` the oldest fully finished batches are forgotten (they can
     always be rebuilt from S3). A finished item holds ~1.8 KB (measured with
     tracemalloc), so the default cap is ~180 MB; with the longest names (1,024
-    characters, not ASCII) and tokens, ~5.8 KB: ~580 MB (reviewer). The process's
+    characters, not ASCII) and tokens, ~5.8 KB: ~580 MB. The process's
     RSS grows by ~2.6 KB an item (allocator overhead; 100,000 one-image batches of
     short names, each waited on as POST / does, measured on 2026-12-03), so count
     nearer 250 MB at the cap for short names. A batch with an
@@ -194,8 +194,8 @@ class ResultBook:
         # The batches that may be finished whole, the least recently touched first: the
         # only ones eviction looks at. A batch joins when an item of it finishes (or one
         # still queued is discarded); one found unfinished leaves until the next does.
-        # Eviction walked every batch: with more items queued than the cap, each upload
-        # and each result took ~130 ms under the lock at 100,000 (reviewer).
+        # Walking every batch, with more items queued than the cap, would take each upload
+        # and each result ~130 ms under the lock at 100,000.
         self._maybe_finished: OrderedDict[str, None] = OrderedDict()
         self._subscribers: dict[str, set[queue.SimpleQueue]] = {}
         # Batches a request is finding and adding to (in_use): never let go meanwhile.
@@ -296,7 +296,7 @@ class ResultBook:
         `sent_before`: when the request that failed was sent, for a dead letter: an item
         queued again since then is left queued, its new request under way (decided
         under the book's lock: a dead letter's reader looks, reads S3, then fails it,
-        and a POST .../again in between had its item failed while its request was out)."""
+        and a POST .../again in between would have its item failed while its request is out)."""
         sent_again = sent or NEVER_SENT_AGAIN
         item = Item(id=item_id, batch_id=batch_id_of(key), filename=filename, key=key,
                     sent_again=sent_again.count, requeued_at=sent_again.at)
@@ -330,7 +330,7 @@ class ResultBook:
     def merge(self, batch_id: str, rebuilt: list[Item]) -> list[Item]:
         """Adopt a batch rebuilt from S3; results already in memory win. The batch's
         items as merged: read from the book again, a finished batch may be forgotten
-        already under a backlog past the cap (reviewer)."""
+        already under a backlog past the cap."""
         finished: list[Item] = []
         with self._lock:
             batch = self._batch(batch_id)
@@ -354,7 +354,7 @@ class ResultBook:
                     if item.filename.startswith(known.filename):
                         known.filename = item.filename
                     # What only S3 knows: an item learnt from an answer has neither,
-                    # and a file sent again would be checked against nothing (reviewer).
+                    # and a file sent again would be checked against nothing.
                     known.token = known.token or item.token
                     known.digest = known.digest or item.digest
                     # Sent again before a restart, as S3 records: an item learnt since from
@@ -402,9 +402,9 @@ class ResultBook:
                             incoming.id, incoming.key)
                 return None
             if item is None and incoming.id in self._forgotten:
-                # Counted again, it had the totals answer more than was uploaded, and
-                # brought back an incomplete batch, to be listed in S3 at its next read
-                # (reviewer). S3 holds what a later read of the batch needs.
+                # Counted again, it would have the totals answer more than was uploaded, and
+                # bring back an incomplete batch, to be listed in S3 at its next read.
+                # S3 holds what a later read of the batch needs.
                 log.info("ignored a second outcome for item %s, forgotten with its batch", incoming.id)
                 return None
             if item is None:
@@ -439,8 +439,8 @@ class ResultBook:
     def _to_finish(self, item: Item) -> Item:
         """The queued item to finish in `item`'s place (the lock held): itself, or a new one
         if event streams were sent it queued (queued again after a dead letter). Finished in
-        place, a stream that had read it queued sent its outcome under the read's number,
-        out of order, or skipped it (explorer)."""
+        place, a stream that had read it queued would send its outcome under the read's
+        number, out of order, or skip it."""
         if not item.event_seq:
             return item
         fresh = replace(item)
@@ -537,9 +537,9 @@ class ResultBook:
     @contextmanager
     def in_use(self, batch_id: str) -> Iterator[None]:
         """Keep `batch_id` while a request finds it and adds files to it, even at the
-        cap. Let go in between (finished whole, a full book), the files were added to a
-        batch made again without the tokens stored in it: a file sent again under one
-        was stored twice, and a GET showed only the later files (reviewer)."""
+        cap. Let go in between (finished whole, a full book), the files would be added to
+        a batch made again without the tokens stored in it: a file sent again under one
+        would be stored twice, and a GET show only the later files."""
         with self._lock:
             self._in_use[batch_id] += 1
         try:
@@ -629,8 +629,8 @@ def _replaces(outcome: Item, known: Item) -> bool:
     """Whether `outcome` replaces the outcome the finished item `known` has: a result
     replaces any failure, as it does in S3 (common/stored_outcome.py), and a worker's
     failure a dead letter's. Two copies of a request, the first to answer failing on a
-    fault that passed, the second classifying it, left the page showing it failed and
-    a batch rebuilt from S3 done (reviewer)."""
+    fault that passed, the second classifying it, would leave the page showing it failed
+    and a batch rebuilt from S3 done."""
     if outcome.state == DONE:
         return known.state == FAILED
     return known.provisional and outcome.is_finished and not outcome.provisional
@@ -644,8 +644,8 @@ class Waiter(threading.Event):
 
 def _wake(item: Item) -> None:
     """Wakes whoever waits on the item (under the book's lock), handing them `item`. The
-    Waiter goes with it: kept, each answered POST / held ~1.2 KB until evicted, a third
-    of the book at its cap (reviewer); a waiter holds its own reference."""
+    Waiter goes with it: kept, each answered POST / would hold ~1.2 KB until evicted, a
+    third of the book at its cap; a waiter holds its own reference."""
     if item.waiter is not None:
         item.waiter.item = item
         item.waiter.set()

@@ -25,8 +25,8 @@ from common.aws import SQS_MAX_BATCH, UNTOLD_TRIES, error_reason
 from common.messages import MessageAttributes
 
 # Two, not one: a send that stalls (a dead pooled connection waits out botocore's read
-# timeout, SEND_READ_TIMEOUT_S a try) held up every upload of the process behind it
-# (reviewer). More would split the batches further under load, each call costing its own CPU.
+# timeout, SEND_READ_TIMEOUT_S a try) would hold up every upload of the process behind
+# it. More would split the batches further under load, each call costing its own CPU.
 MAX_SENDS_IN_FLIGHT = 2
 
 
@@ -123,7 +123,7 @@ class BatchingSender:
         not busy sending others' (at most MAX_SENDS_IN_FLIGHT are): it sends the next
         batch, the oldest messages. (Holding the lock.) Notified while in its own send,
         the oldest's caller would have let the slot sit idle, every upload after it
-        waiting for that send, however long it stalls (reviewer). Should a caller just
+        waiting for that send, however long it stalls. Should a caller just
         arrived take the slot first, its batch holds the woken caller's message too,
         unless ten or more are ahead of it."""
         if self._sends_in_flight >= MAX_SENDS_IN_FLIGHT:
@@ -149,8 +149,8 @@ class BatchingSender:
                                                            maybe_taken)
         except Exception as exc:  # botocore's, or anything else: each caller hears it
             # A try that had no answer may have been taken, however the last one failed: a
-            # caller that deleted its image and answered "not stored" then had its request
-            # answered "image missing", or answered after its 503, and sent twice (reviewer).
+            # caller that deleted its image and answered "not stored" would then have its
+            # request answered "image missing", or answered after its 503, and sent twice.
             maybe_taken = UNTOLD_TRIES.count > 0
             for message in batch:
                 message.error = SendError(f"the send failed ({error_reason(exc)})", maybe_taken)

@@ -2,15 +2,15 @@
 
 gunicorn's threaded worker writes each answer with a blocking send and no time
 limit, and its worker timeout does not cover those threads. A client that asks and
-never reads (a full receive buffer, pipelined requests) held a thread for as long
-as it kept its connection open: a reviewer's 100 such connections, with no API key
-needed, left /healthz unanswered. So each request's socket gets a send timeout
+never reads (a full receive buffer, pipelined requests) would hold a thread for as
+long as it kept its connection open: 100 such connections, with no API key
+needed, leave /healthz unanswered. So each request's socket gets a send timeout
 (SO_SNDTIMEO): a send that makes no progress for WEB_SEND_TIMEOUT fails, and
 gunicorn closes the connection (logging "Socket error processing request").
-An event stream whose browser reads goes on as before: the timeout is per send.
+An event stream whose browser reads is not cut: the timeout is per send.
 (gunicorn's sendfile() is off, in gunicorn.conf.py: Python's sendfile waits for the
 socket without limit.) Under TLS terminated by gunicorn this does nothing: Python's
-SSL socket takes the timed-out send for "try again" and retries (reviewer; README).
+SSL socket takes the timed-out send for "try again" and retries (README).
 """
 
 from __future__ import annotations

@@ -19,9 +19,9 @@ IN_MEMORY_REQUEST_BYTES = 8 * 1024 * 1024
 
 class RequestSpool:
     """The memory budget of one request's files, and the one temporary file those past it
-    share. A temporary file each took a descriptor each: 1,000 files of 16 KB past the
-    budget held 1,000, and a few such requests, held open, left the web tier none to
-    accept connections with, /healthz included (reviewer)."""
+    share. A temporary file each would take a descriptor each: 1,000 files of 16 KB past
+    the budget would hold 1,000, and a few such requests, held open, leave the web tier
+    none to accept connections with, /healthz included."""
 
     def __init__(self, memory_bytes: int = IN_MEMORY_REQUEST_BYTES) -> None:
         self.memory_left = memory_bytes
@@ -109,9 +109,9 @@ class CappedSpool:
     """Where Werkzeug writes one uploaded file as it parses the form.
 
     It keeps the file's first `limit` + 1 bytes and drops the rest: enough for
-    read_limited to refuse the file as too large, as before, while a file past the
-    limit costs no more memory or disk than one at it. (Werkzeug had spooled a 2 GB
-    file to disk whole before its 413: reviewer.) It holds them in memory while the
+    read_limited to refuse the file as too large, while a file past the limit costs
+    no more memory or disk than one at it (Werkzeug alone spools a 2 GB file to disk
+    whole before its 413). It holds them in memory while the
     file is at most IN_MEMORY_FILE_BYTES and its request's budget allows, and
     otherwise in the request's temporary file. The rest of its methods are its
     current stream's.

@@ -5,9 +5,9 @@ and the answer is reused for a second, so many open pages polling every two
 seconds cost the same as one. `read_at` is when AWS was read.
 
 AWS is read on a thread of its own, one refresh at a time, and a request waits
-for it a moment at most: a request that did the reading itself waited as long
-as AWS did not answer (40 s in an explorer's run, botocore's retries allow
-minutes), holding its thread all the while.
+for it a moment at most: a request that did the reading itself would wait as long
+as AWS does not answer (40 s seen, botocore's retries allow minutes), holding its
+thread all the while.
 """
 
 from __future__ import annotations
@@ -80,12 +80,12 @@ class StatusReader:
                     threading.Thread(target=self._refresh, name="status-refresh", daemon=True).start()
                 except BaseException:
                     # No thread now (a process or memory limit): the next read tries again.
-                    # Left set, no refresh would ever run again (reviewer).
+                    # Left set, no refresh would ever run again.
                     self._refresh_began = None
                     raise
             if self._cached is None and self._refresh_began is not None:
                 # What is left of FIRST_READ_WAIT_S since the refresh began: every read
-                # of an AWS that never answered the first waited all of it (explorer).
+                # of an AWS that never answers the first would wait all of it.
                 self._refreshed.wait_for(lambda: self._refresh_began is None,
                                          max(0.0, self._refresh_began + FIRST_READ_WAIT_S - now))
             elif self._refresh_began is not None and (began_now or now - self._cached[0] > STALE_AFTER_S):
@@ -143,10 +143,9 @@ def staleness(read_mono: float | None, began: float | None, now: float) -> str:
     """What a snapshot read at `read_mono` must say of its age, while a refresh that
     began at `began` waits on AWS ("" when nothing; times are monotonic).
 
-    An explorer's page showed minutes-old figures as if they were current. Said also
-    when AWS was asked only a moment ago but the snapshot is old (a reader after an
-    idle spell): its figures were shown as current (reviewer). How long AWS was asked
-    is said apart, not blamed for the whole age.
+    Said so that a page does not show minutes-old figures as if they were current;
+    also when AWS was asked only a moment ago but the snapshot is old (a reader after
+    an idle spell). How long AWS was asked is said apart, not blamed for the whole age.
     """
     old = read_mono is None or now - read_mono > STALE_AFTER_S
     if began is None or not (now - began > STALE_AFTER_S or old):

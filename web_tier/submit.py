@@ -122,7 +122,7 @@ class Submitter:
                            code=Code.TOKEN_CONFLICT)
         if holder.digest and holder.digest != item.digest:
             # Same name, other bytes (a file edited and sent again, or another's upload
-            # planted under a guessable token): it had the first file's answer (reviewer).
+            # planted under a guessable token): else it would have the first file's answer.
             return Refusal(409, f"token {item.token!r} already names another file of this name, "
                                 "with other contents, in this batch: give each file its own token",
                            upload.filename, code=Code.TOKEN_CONFLICT)
@@ -154,8 +154,8 @@ class Submitter:
         except SendError as exc:
             if not exc.maybe_taken:
                 return self._refuse(item, upload, request, stored=True)
-            # SQS may hold it: refused, its image deleted, it was answered "image missing"
-            # or classified after its 503 and again when sent again (reviewer). So kept,
+            # SQS may hold it: refused, its image deleted, it would be answered "image missing"
+            # or classified after its 503 and again when sent again. So kept,
             # and accepted: requeue_unsent sends it unless its result is stored by then
             # (classified once a copy, the first result stored kept), as a journal's
             # requeue does.
@@ -175,7 +175,7 @@ class Submitter:
         log.exception("could not submit item %s", item.id)
         # Deleted even when the put raised: S3 may have stored it all the same (an
         # ambiguous 500, a timeout after the write), and a resend under its token
-        # then adopted it from S3, an item no request was ever sent for (reviewer).
+        # would then adopt it from S3, an item no request was ever sent for.
         unstored = self._unstore(item.key)
         if stored and not unstored:
             # Stored, with no message, and there to stay: queued later (requeue_unsent,
@@ -191,7 +191,7 @@ class Submitter:
             # Refused: most likely never stored. Should it be there after all (the delete
             # failed too, or a put still under way landed after it), requeue_unsent,
             # which sends only what S3 has, queues it: classified, at worst as well as
-            # its resend, never left queued for ever (reviewer).
+            # its resend, never left queued for ever.
             self._retry_later(item.id, request)
         return Refusal(503, "could not be stored or queued; try again", upload.filename,
                        code=Code.AWS_UNAVAILABLE)

@@ -3,7 +3,7 @@
 An answer given before the body was read (a 413 for its size, a 401 for a wrong
 key, a 404 or 405) says the connection stays open, but gunicorn drains only 64 KB
 of an unread body itself and otherwise closes the connection: the client's next
-request on it then fails (explorers: after a 413, 18 times in 30; after a 401 to a
+request on it then fails (after a 413, 18 times in 30; after a 401 to a
 300 KB upload, 5 times in 5). So the rest is read here, up to a bound in size and
 time; a larger or slower body is left to gunicorn, which closes the connection.
 """

@@ -2,9 +2,9 @@
 
 An upload's files are read whole, checked, and held until their S3 puts end: a chunk
 of an /api/jobs request (16 files, up to MAX_UPLOAD_BYTES each), or the one file of a
-POST /. Each request was bounded, and nothing bounded them together: 16 files of
-9.7 MB held 156 MB while they were stored, and 20 such requests at once would have
-held over 3 GB (reviewer), the out-of-memory kill the journal recovers from. So each
+POST /. Each request is bounded, but alone nothing bounds them together: 16 files of
+9.7 MB hold 156 MB while they are stored, and 20 such requests at once would hold
+over 3 GB, the out-of-memory kill the journal recovers from. So each
 takes its bytes from one budget first, all of a chunk's at once (never some, then
 waiting for more while holding them, which two requests could do to each other),
 and waits its turn while others hold it.
@@ -33,7 +33,7 @@ UPLOAD_MEMORY_FULL = ("not stored: the web tier holds as many uploads in memory 
 class UploadMemory:
     """The bytes the process's uploads may hold at once, handed out first come, first
     served: a chunk of large files, waiting for most of the budget, is not passed for
-    ever by smaller uploads that each fit (reviewer)."""
+    ever by smaller uploads that each fit."""
 
     def __init__(self, budget: int = UPLOAD_MEMORY_BYTES, wait_s: float = UPLOAD_MEMORY_WAIT_S) -> None:
         self.budget, self.wait_s = budget, wait_s
