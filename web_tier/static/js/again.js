@@ -15,7 +15,7 @@ import { page } from "./state.js";
 // those a worker failed, a dead letter (the workers holding it crashed, stalled or were
 // stopped: not known to be the image's doing) or an image gone from the input bucket
 // (this page still has it); and one whose upload the user stopped: a stray press of
-// "Stop sending" left the rest of a batch to be chosen again by hand (reviewer). Not
+// "Stop sending" would leave the rest of a batch to be chosen again by hand. Not
 // worth it: a file the server refuses for what it is (too large, empty, not an image,
 // unreadable, a token conflict...: refusals.py Code, README "Error codes"), which it
 // would refuse again; a worker's failure on the image itself (it could not decode or
@@ -73,7 +73,7 @@ function failedFiles() {
       if (why) {
         leftOut.set(why, (leftOut.get(why) || 0) + 1);
       } else {
-        // Added to, not copied: copied at each, 10,000 failed files took ~200 ms (reviewer).
+        // Added to, not copied: copied at each, 10,000 failed files would take ~200 ms.
         if (!offered.has(session)) offered.set(session, []);
         offered.get(session).push(entry);
         count += 1;

@@ -7,11 +7,11 @@ import { page } from "./state.js";
 // What screen readers hear: not each result (hundreds would flood them), but each
 // upload's first failure at once with its reason, the count (and the MB sent, while
 // sending) every announceEveryMs (settings.js) while it changes, and the count once all are
-// finished. Said only at the end, 500 files gave 24 s of silence, a refused API key
-// none at all; said for the page's first failure only, a later upload's refused key
-// never was (reviewers). A count that does not change is said again less and less
-// often (15 s, 30, 60, then every 120 s): a stalled run said "0 of 500 classified"
-// every 15 s for ever (reviewer). The summary's notices are said once each (sayOnce).
+// finished. Said only at the end, 500 files would give 24 s of silence, a refused API
+// key none at all; said for the page's first failure only, a later upload's refused key
+// never would be. A count that does not change is said again less and less often
+// (15 s, 30, 60, then every 120 s), not "0 of 500 classified" every 15 s for ever
+// from a stalled run. The summary's notices are said once each (sayOnce).
 const REPEAT_BACK_OFF_MAX = 8;  // the same count waits at most 8 periods: 120 s
 let announcedAt = 0;      // when the live region was last given a text
 let announceTimer = null; // the next time a count may be due
@@ -31,8 +31,8 @@ export function uploadBegins() {
 export function sayNext(text) {
   notesForNext.push(text);
 }
-// `text` is said once, with the summary's next refresh: only the summary line showed
-// its notices, and a folder of no images was chosen in silence (reviewer).
+// `text` is said once, with the summary's next refresh: the summary line alone shows
+// its notices, and a folder of no images would be chosen in silence.
 export function sayOnce(text) {
   notesForNext.push(text);
   updateSummary();
@@ -43,7 +43,7 @@ export function addNotice(text, spoken = text) {
   page.notices.push(text);
   sayOnce(spoken);
 }
-// A long name said whole took a screen reader half a minute (reviewer): its start and
+// A long name said whole takes a screen reader half a minute: its start and
 // end, cut between characters as seen (a flag or a family emoji kept whole).
 const graphemes = typeof Intl !== "undefined" && Intl.Segmenter
   ? (text) => Array.from(new Intl.Segmenter(undefined, { granularity: "grapheme" }).segment(text),
@@ -58,8 +58,8 @@ export function announceProgress(counts, sending, failed, finished) {
   clearTimeout(announceTimer);
   announceTimer = null;
   const every = setting("announceEveryMs");
-  // With how far the sending has got: on a slow link the count alone stayed
-  // "0 of 24 classified" for minutes, where the summary showed the MB (reviewer).
+  // With how far the sending has got: on a slow link the count alone stays
+  // "0 of 24 classified" for minutes, where the summary shows the MB.
   const progress = [counts, sending].filter(Boolean).join(", ");
   const heard = (said) => {  // the count in `said` is the one to say again, later
     if (said !== progressSaid) repeatMs = every;
@@ -93,8 +93,8 @@ export function announceProgress(counts, sending, failed, finished) {
   }
   if (counts && !finished) {
     // Nothing changes while files wait for a worker: without a timer, the count due
-    // was not said (24 s of silence from a cold start: reviewer). None once all are
-    // finished: left to fire, it said the final count a second time.
+    // would not be said (24 s of silence from a cold start). None once all are
+    // finished: left to fire, it would say the final count a second time.
     const next = announcedAt + (progress === progressSaid ? repeatMs : every);
     announceTimer = setTimeout(refreshSummaryNow, Math.max(next - Date.now(), 0));
   }

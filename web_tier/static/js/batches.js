@@ -52,8 +52,8 @@ export function forgetBatch(batchId) {
 }
 
 // What this tab saved of a batch that has left the address, which no reload shows now:
-// kept, each such batch's rows stayed in sessionStorage until its quota was full, and
-// then no batch's rows were saved, without a word (reviewer).
+// kept, each such batch's rows would stay in sessionStorage until its quota is full, and
+// then no batch's rows be saved, without a word.
 function forgetShown(batchId) {
   try { sessionStorage.removeItem(SHOWN_STORE + batchId); } catch { /* storage disabled */ }
 }
@@ -90,7 +90,7 @@ export function saveShown(batchId, shown) {
 
 // Whether saved rows are of an upload whose every file was refused, or not sent, each
 // with its reason: nothing of it is on the server. Refused only, a batch stopped after
-// a 503 was dropped from the address, and the reload it told of showed nothing (reviewer).
+// a 503 would be dropped from the address, and the reload it told of show nothing.
 export function explainedOnly(saved) {
   return saved.length > 0 && saved.every((shown) => shown.error || shown.why);
 }

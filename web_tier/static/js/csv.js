@@ -3,7 +3,7 @@ import { $, banner, resultsEl } from "./dom.js";
 
 // The rows on the page as a CSV file, in their order: with the files the server
 // refused, which a batch's GET /api/jobs/<id>/results.csv cannot hold (they were never
-// stored: a reviewer's CSV of 1,500 files had none of its 38 failed), and the path of
+// stored: a CSV of 1,500 files would have none of its 38 failed), and the path of
 // each file chosen in a folder. A byte-order mark first, for Excel to read the names as UTF-8.
 const CSV_COLUMNS = ["filename", "path", "state", "label", "score", "error", "untrained"];
 const FORMULA_START = /^[=+\-@\t\r]/;

@@ -37,7 +37,7 @@ export function refusedWhole(body) {
 // null if not JSON), or throws a SendFailure. By XMLHttpRequest, not fetch: only it
 // tells how far the upload has got (page.sendProgress). `settle()` drops the request
 // from sendingText once its caller has counted the bytes it sent: dropped first, the MB
-// sent went backwards for a moment at each answer (reviewer), and at each failure.
+// sent would go backwards for a moment at each answer and at each failure.
 export function post(form, headers, bytes) {
   const { sendProgress } = page;
   return new Promise((resolve, reject) => {
@@ -75,7 +75,7 @@ export function post(form, headers, bytes) {
         body = JSON.parse(xhr.responseText);
       } catch {
         // A 2xx whose body is cut off is an answer lost (the files may be stored),
-        // not a refusal (explorer).
+        // not a refusal.
         if (xhr.status >= 200 && xhr.status < 300) { fail(); return; }
       }
       resolve({ status: xhr.status, body, settle: settled });
@@ -90,8 +90,8 @@ export function post(form, headers, bytes) {
 }
 
 // Upload requests in flight on the page, across all its uploads: PARALLEL_CHUNKS at
-// most. Each upload had its own: three asked for 9 of the browser's 6 connections to
-// the server, and those it held back were cut off as stalled (reviewer).
+// most. Not per upload: three would ask for 9 of the browser's 6 connections to
+// the server, and those it held back would be cut off as stalled.
 let sendsInFlight = 0;
 const sendsWaiting = [];  // each send waiting for a place: its resolve, first come first served
 export async function takeSendPlace() {

@@ -27,7 +27,7 @@ export function sayKeyProblem(text) {
   else keyInput.removeAttribute("aria-invalid");
 }
 // The box shows the key kept; edited, it keeps the new one, as typed, not only on leaving
-// the box: files dropped straight after typing were sent without it (explorer).
+// the box: files dropped straight after typing would be sent without it.
 export function wireKeyBox() {
   keyInput.value = storedKey();
   for (const type of ["input", "change"]) {

@@ -24,7 +24,7 @@ function someOf(paths) {
 
 // Hidden files and folders of a folder (names starting with "."): thumbnail caches,
 // and the "._name.jpg" twin macOS writes beside each file on a USB stick, which
-// failed "not an image", one failed row per photo (reviewer). The path of the first
+// would fail "not an image", one failed row per photo. The path of the first
 // such part of `path` below the folder chosen or dropped ("Photos/.thumbnails/"), or "".
 function hiddenPart(path) {
   const parts = path.split("/");
@@ -66,22 +66,22 @@ function uploadFound(found, unreadable = [], hidden = []) {
   if (unreadable.length) {
     folderNotices.push(`${unreadable.length} in the folder could not be read: ${someOf(unreadable)}`);
   }
-  // Together, in one text: said one by one in the same moment, each replaced the one
-  // before it in the live region, and a screen reader heard only the last (reviewer).
+  // Together, in one text: said one by one in the same moment, each would replace the
+  // one before it in the live region, and a screen reader hear only the last.
   if (folderNotices.length) sayOnce(folderNotices.join(". "));
   updateSummary();
   upload(kept);
 }
 
 // Names in a folder's order ("img_2" before "img_10"), by one collator: localeCompare
-// with options builds one at each comparison, 0.85 s to sort 10,000 paths (reviewer).
+// with options builds one at each comparison, 0.85 s to sort 10,000 paths.
 const byName = new Intl.Collator(undefined, { numeric: true }).compare;
 
 // Every file under the dropped `entries` (FileSystemEntry): {found, unreadable, hidden},
 // each found with its path from the drop ("Holiday/day 1/same.jpg"); in a folder's order
 // by name. The files of each batch a folder gives are read together, and `onFound`
 // told how many files were found so far: read one at a time, a folder of 10,000
-// showed nothing for 20 s (reviewer).
+// would show nothing for 20 s.
 async function walk(entries, onFound) {
   const found = [], unreadable = [], hidden = [];
   let count = 0;
@@ -134,8 +134,8 @@ function takeDrop(event) {
   $("drop-zone").classList.remove("over");
   const dropped = event.dataTransfer;
   if (!dropped) return;
-  // A dropped folder is in `files` as one file that cannot be read (it failed "could
-  // not be read": reviewer); its entry can be walked. Taken now: the drop's items
+  // A dropped folder is in `files` as one file that cannot be read (it would fail
+  // "could not be read"); its entry can be walked. Taken now: the drop's items
   // are emptied once this handler returns.
   const entries = Array.from(dropped.items || [], (item) =>
     item.kind === "file" && item.webkitGetAsEntry ? item.webkitGetAsEntry() : null);

@@ -1,17 +1,17 @@
 // The summary line (and all that follows the rows: the title, the buttons, what screen
 // readers hear) is refreshed once for all the rows changed in one go (a chunk refused,
-// a poll's items): a summary per row had screen readers hear the first row's reason
-// replaced, within the same moment, by the last row's bare count (reviewer); and
-// rescanned every row per row.
+// a poll's items): a summary per row would have screen readers hear the first row's
+// reason replaced, within the same moment, by the last row's bare count; and would
+// rescan every row per row.
 // The refresh itself is summary.js's, which reads every part of the page; main.js hands
 // it over here, so that the parts that change rows can ask for it without importing it.
 let refresh = () => {};
 let summaryDue = false;
 // A refresh reads every row: with 1,000 rows, one per result of an event stream and per
-// upload progress event froze the page for up to 4 s at a time, 27 s of an 80 s upload
-// (explorer). So each waits after the one before for SPARE times as long as that one
+// upload progress event would freeze the page for up to 4 s at a time, 27 s of an 80 s
+// upload. So each waits after the one before for SPARE times as long as that one
 // took: refreshing takes at most a fifth of the page's time. A page of a few rows
-// refreshes in well under a millisecond, and so at once, as before.
+// refreshes in well under a millisecond, and so at once.
 const SPARE = 4;
 let notBefore = 0;  // performance.now() before which the next refresh waits
 

@@ -12,7 +12,7 @@ import { Session } from "./session.js";
 import { page } from "./state.js";
 
 // All at once (a batch rebuilt after a restart may take seconds, and one that never
-// answered held up every batch after it: explorer), each shown at a place kept for it
+// answers would hold up every batch after it), each shown at a place kept for it
 // in the order the batches were sent in.
 export function restoreFromAddress() {
   for (const batchId of batchesInUrl()) {

@@ -19,7 +19,7 @@ export function makeResult(name, after = null) {
 // The name as the server keeps it once it has one (control and bidi characters
 // taken out), so that the page shows what a reload and the output bucket show; and
 // cleaned the same way before (uploading, refused unsent, not stored): shown raw,
-// "photo\u202eabc.exe.jpg" read as "photogpj.exe.cba" (explorer).
+// "photo\u202eabc.exe.jpg" reads as "photogpj.exe.cba".
 export function setName(el, name) {
   const shown = shownName(name);
   el.dataset.filename = shown;
@@ -37,7 +37,7 @@ function shownName(name) {
 }
 
 // Where a file was in the folder it came from, for one whose name another file of
-// its upload has too: two "same.jpg" from two subfolders were two rows alike (reviewer).
+// its upload has too: two "same.jpg" from two subfolders would be two rows alike.
 export function setPath(el, path) {
   const folder = (path || "").split("/").slice(0, -1).join("/");
   el.dataset.path = folder ? path : "";
@@ -83,7 +83,7 @@ export function showItemFailure(el, item) {
 export function showItem(el, item) {
   // The first answer wins, as on the server: a replayed event changes nothing. But a
   // late answer does replace a failure (a dead letter's, which the server replaces
-  // too): the row stayed "failed" while the batch said "done" (reviewer). So does the
+  // too), or the row would stay "failed" while the batch says "done". So does the
   // item queued again (sent_again) as many times as the row knows of, or more: its
   // failure is over (an answer from before it, come late, is put right by the next).
   const lateAnswer = el.dataset.state === "failed" && item.state === "done";
@@ -117,7 +117,7 @@ export function showItem(el, item) {
     top5.append(li);
   }
   el.querySelector(".guesses").hidden = !top5.children.length;
-  // Named for its row: 200 disclosures all read "top 5" (reviewer).
+  // Named for its row, or 200 disclosures would all read "top 5".
   el.querySelector(".guesses summary").setAttribute("aria-label", `top 5 for ${el.dataset.filename}`);
   if (item.untrained) {
     el.classList.add("untrained");

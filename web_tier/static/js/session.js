@@ -22,7 +22,7 @@ const POLL_MS = 2000;        // fallback polling when EventSource fails
 const SSE_GIVE_UP = 3;       // consecutive stream errors before polling instead
 // Event streams open at once; other batches are polled. Each holds one of the
 // browser's six connections to the server until its batch is done: one per upload
-// left later uploads, the status line and other tabs waiting (explorer).
+// would leave later uploads, the status line and other tabs waiting.
 const MAX_STREAMS = 2;
 // A file this tab had chosen but not yet heard stored when the page was reloaded or left.
 const NOT_STORED = "not stored: its upload had not finished when the page was left or reloaded; choose it again";
@@ -32,7 +32,7 @@ const CUT_OFF = "upload cut off by the reload: waiting to see whether the server
 // A file of a batch another tab was sending, not stored once that tab had ended its
 // sends (or was closed or reloaded): this page was not left, nor the file cut off here.
 const NOT_STORED_ELSEWHERE = "not stored by the tab that sent it; see that tab for why";
-// Its sender answers no more: closed or reloaded, it has no reason left to show (reviewer).
+// Its sender answers no more: closed or reloaded, it has no reason left to show.
 const NOT_STORED_SENDER_GONE = "not stored: the tab sending it was closed or reloaded; choose it again";
 const STOPPED_AGAIN = "not sent again: you stopped the upload (the server may hold it: reload to see)";
 
@@ -125,7 +125,7 @@ export class Session {
   // A dead letter (no worker answered it: the workers holding it crashed, stalled or
   // were stopped) goes again as the same item: the server queues it again under its
   // id (POST .../again), and its row shows it queued, then its outcome. Not sent
-  // again, it is failed as before, with why, and still offered.
+  // again, it stays failed, with why, and still offered.
   queueAgain(entries) {
     for (const entry of entries) {
       const error = entry.el.querySelector(".error").textContent;
@@ -226,7 +226,7 @@ export class Session {
     if (!this.created && !this.unanswered) {  // every file refused or stopped: no such batch
       setUnconfirmed(this.batchId, false);
       // Kept in the address while this tab holds the refusals, which a reload shows
-      // (restore): dropped, the reasons went with a reload (reviewer).
+      // (restore): dropped, the reasons would go with a reload.
       if (!explainedOnly(savedShown(this.batchId))) forgetBatch(this.batchId);
     }
     updateSummary();
@@ -235,8 +235,8 @@ export class Session {
   // Sends the queued chunks, `width` at once (and within the page's places: see
   // takeSendPlace), until none is left nor waits to be sent again, or until
   // `enough()`. A resend joins the queue once its delay is over, so never more than
-  // `width` requests are in flight: resends sent beside the pool's choked a slow link
-  // further, and were cut off in turn (reviewer).
+  // `width` requests are in flight: resends sent beside the pool's would choke a slow
+  // link further, and be cut off in turn.
   async drain(width, enough) {
     const worker = async () => {
       while (!enough() && !this.stopped) {
@@ -266,7 +266,7 @@ export class Session {
     const taken = chunk;  // as in this.inHand
     chunk = await this.readable(chunk, attempt > 0);  // each time: a file may go while a resend waits
     if (!chunk.length) return;
-    if (this.stopped) {  // "Stop sending" pressed while its files were read: it was still sent (reviewer)
+    if (this.stopped) {  // "Stop sending" pressed while its files were read: not sent after all
       this.refuseStopped(chunk);
       updateSummary();
       return;
@@ -281,13 +281,13 @@ export class Session {
     let answer;
     try {
       // The answer's body within the answer's time: one cut off or stalled after a
-      // 202 is an answer lost (the files may be stored), not a refusal (explorer).
+      // 202 is an answer lost (the files may be stored), not a refusal.
       answer = await post(form, headers, bytesOf(chunk));
       this.counted(taken, bytesOf(chunk), answer.settle);
     } catch (err) {
       this.counted(taken, err.sentBytes, err.settle);  // as far as it got
-      // A timeout of this page's own is said so: "could not be reached" sent a user
-      // with a slow link to look for a fault in the server (reviewer).
+      // A timeout of this page's own is said so: "could not be reached" would send a
+      // user with a slow link to look for a fault in the server.
       this.noAnswer(chunk, attempt, err.timedOut || "upload failed: the server could not be reached");
       return;
     }
@@ -337,7 +337,7 @@ export class Session {
   // 401: the key sent with the chunk (`headers`) was refused, or none was sent.
   keyRefusedBy(headers, chunk) {
     // A key was sent and refused: said to be missing, a user who had typed one
-    // looked for another fault (reviewer).
+    // would look for another fault.
     const why = headers["X-API-Key"] ? "the API key was refused: check it above, then send the files again"
       : "an API key is required: enter it above, then send the files again";
     const key = headers["X-API-Key"] || "";
@@ -395,9 +395,9 @@ export class Session {
 
   // The server refused the API key (401): the chunks not yet sent are refused with the
   // same reason (sent, each would be refused so), and the focus moved to the key's box
-  // once, where the fix is typed: a screen reader user hears the box, and why. It was
-  // moved there at each chunk's 401, pulling the focus back from wherever the user had
-  // gone, once per chunk (reviewer). Resends still waiting out their delay go as they
+  // once, where the fix is typed: a screen reader user hears the box, and why. Not at
+  // each chunk's 401, which would pull the focus back from wherever the user had
+  // gone, once per chunk. Resends still waiting out their delay go as they
   // would, and are refused as their answers come.
   refuseKey(why, key) {
     this.keyRefused = true;
@@ -410,8 +410,8 @@ export class Session {
 
   // Refused for the key: files an earlier send may have stored (its answer lost) are
   // said so, and not kept as refused for a reload, where the server's item shows
-  // instead. Kept, a reload showed such a file twice, failed and done, and the advice
-  // to send it again had it classified twice (reviewer).
+  // instead. Kept, a reload would show such a file twice, failed and done, and the advice
+  // to send it again have it classified twice.
   // `key`: the key refused ("" for none), which the files wait to see changed (notWorthAgain).
   refuseForKey(entries, why, key) {
     const mayBeStored = `${why} (an earlier send may have stored it: reload to see)`;
@@ -420,8 +420,8 @@ export class Session {
   }
 
   // The entries whose files can still be read; the others failed, each with why.
-  // One file moved or deleted since it was chosen made the browser refuse to send its
-  // whole chunk, which was then said to have found no server (explorer). `resending`:
+  // One file moved or deleted since it was chosen makes the browser refuse to send its
+  // whole chunk, which would then be said to have found no server. `resending`:
   // an earlier send may have stored them (its answer lost), so they are failed as not
   // stored, which the server's item, found by token, replaces (showNew), not refused.
   async readable(chunk, resending) {
@@ -430,7 +430,7 @@ export class Session {
     const read = await Promise.all(chunk.map(({ file }) =>
       (file.size ? file.slice(0, 1) : file).arrayBuffer().then(() => true, () => false)));
     const unreadable = chunk.filter((_, i) => !read[i]);
-    // Changed too: the browser refuses a file whose size or date moved since (reviewer).
+    // Changed too: the browser refuses a file whose size or date moved since.
     this.refuse(unreadable, "the file could not be read: changed, moved or deleted since it was chosen?",
                 !resending, { unreadable: true });
     return chunk.filter((_, i) => read[i]);
@@ -462,7 +462,7 @@ export class Session {
 
   // The user's "Stop sending": the chunks in flight end as they would (the server
   // may be storing them), and nothing else is sent. A wrong folder of thousands of
-  // files on a slow link could only be stopped by leaving the page (reviewer).
+  // files on a slow link could otherwise only be stopped by leaving the page.
   stop() {
     if (!this.uploading || this.stopped) return;
     this.stopped = true;
@@ -509,10 +509,10 @@ export class Session {
 
   // What the server cannot tell a reloaded page: the order the files were chosen in
   // (chunks sent in parallel join the batch in any order), the files it refused, and
-  // those not yet stored (a reload that left them out said nothing of them: explorer).
+  // those not yet stored (a reload that left them out would say nothing of them).
   // Saved from the start: a reload before the first answer came may find files stored.
   // Not while a reload rebuilds the rows (restore.js showRows), which saves once they are
-  // all in: a row sent again saved those rebuilt so far, and the next reload lost the rest.
+  // all in: a row sent again would save those rebuilt so far, and the next reload lose the rest.
   save() {
     if (this.rebuilding) {
       this.saveWaits = true;
@@ -596,8 +596,8 @@ export class Session {
   // A restored row the server does not hold: failed with its own reason if it has one.
   // Else, while another tab still sends the batch, shown being sent there, and while
   // this tab's own reload cut its upload off, shown waiting for the watch of the
-  // restored batch: neither failed nor counted so (told to choose it again, a user sent
-  // it twice, and the file then came: explorer). Failed as lost once that tab is done,
+  // restored batch: neither failed nor counted so (told to choose it again, a user would
+  // send it twice, and the file then come). Failed as lost once that tab is done,
   // or the watch over. Its item takes the row if it comes (showNew).
   showPendingRow(entry) {
     const { el } = entry;
@@ -653,7 +653,7 @@ export class Session {
     this.otherTabGone = gone;
     this.watchFrom = Date.now();
     // Its last chunks may be stored and not yet seen here: looked for first, so that
-    // no file the server holds is shown failed, even for a poll (explorer).
+    // no file the server holds is shown failed, even for a poll.
     if (this.built && !refreshed) await this.refresh();
     this.showPending();
     if (this.built && !this.pollTimer) this.poll();
@@ -679,7 +679,7 @@ export class Session {
       return;
     }
     // After the last event seen, if any: each stream opened after an `end` (more chunks
-    // joining the batch) was sent every finished item again, of the whole batch (reviewer).
+    // joining the batch) would be sent every finished item of the whole batch again.
     const after = this.lastEventId ? `?after=${encodeURIComponent(this.lastEventId)}` : "";
     const stream = new EventSource(`/api/jobs/${this.batchId}/events${after}`);
     this.stream = stream;
@@ -717,7 +717,7 @@ export class Session {
   // The tab shown again (catchup.js): a batch no longer followed, its files all done,
   // heard nothing since its stream ended, though it may have changed (a failed file
   // queued again by another tab or a script, a late answer replacing a failure): a
-  // reload alone showed that. Followed again from its last event (a restored batch
+  // reload alone would show that. Followed again from its last event (a restored batch
   // polled, as restore follows it); one still followed, or being sent, is left be.
   catchUp() {
     if (this.stream || this.pollTimer || this.uploading) return;
@@ -769,8 +769,8 @@ export class Session {
 // tier's but a proxy's in its place, which may have passed the request on: a 502 or
 // 504 (the web tier too slow for the proxy's timeout, or a kept connection it had just
 // closed: README's AWS notes), or any 5xx not in JSON. The files may be stored, or be
-// being stored: an answer lost. Refused for good on a first send, the files were failed
-// though stored, the server's items never shown, and a reload showed each twice (reviewer).
+// being stored: an answer lost. Refused for good on a first send, the files would fail
+// though stored, the server's items never be shown, and a reload show each twice.
 function answerLost(status, body) {
   return status === 502 || status === 504 || (status >= 500 && !body);
 }
@@ -784,8 +784,8 @@ function answerLostText(status) {
 export function upload(chosen) {
   if (!chosen.length) return;
   uploadBegins();
-  // Said at once: the first count comes a period later (15 s), and screen readers heard
-  // nothing of the files just chosen till then (reviewer).
+  // Said at once: the first count comes a period later (15 s), and screen readers would
+  // hear nothing of the files just chosen till then.
   sayNext(`Sending ${someFiles(chosen.length)}`);
   const session = new Session(chosen);
   page.sessions.push(session);

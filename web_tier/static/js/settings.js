@@ -21,9 +21,9 @@ const FROM_BODY = {
   // How long a batch opened from its link (not sent from this tab, nor one it copied)
   // is followed after it last showed a file new here: another browser may still be
   // sending it, and all it held may finish before its next chunk comes (the link
-  // stopped showing files once those it knew of were done). Longer than the sender's
+  // would stop showing files once those it knew of were done). Longer than the sender's
   // resends of a refused chunk take (RESEND_DELAYS_MS: 75 s in all), with a chunk's own
-  // upload time besides (reviewer).
+  // upload time besides.
   followIdleMs: 120000,
   // Multiplies RESEND_DELAYS_MS: "0.05" in the browser tests, whose failures are faked
   // and need no time to pass.
@@ -32,14 +32,14 @@ const FROM_BODY = {
   // must not hold an upload for ever: it is given up on, and the chunk sent again (its
   // tokens make that safe), once its upload has made no progress for stallTimeoutMs,
   // or no answer has come answerTimeoutMs after its last byte went. Not on total time:
-  // 30 s plus the bytes at 50 KB/s cut off every chunk but the first at 100 KB/s (three
-  // shared the link), and sent each four times more: 60 files in 100 failed (reviewer).
+  // 30 s plus the bytes at 50 KB/s would cut off every chunk but the first at 100 KB/s
+  // (three sharing the link), and send each four times more: 60 files in 100 failed.
   stallTimeoutMs: 30000,
   answerTimeoutMs: 30000,
   // Until its first byte goes, a request may be held by the browser for a connection
   // to the server (six per host, shared with event streams, polls and other tabs):
   // no stall, yet cut off after 30 s and sent again, a chunk could use all its resends
-  // so (reviewer). It is given far longer to start.
+  // so. It is given far longer to start.
   firstProgressTimeoutMs: 120000,
   // How often a tab in front, showing a failed file of a batch it no longer follows,
   // looks at that batch again (catchup.js).

@@ -5,13 +5,13 @@ export const page = {
   sessions: [],       // each upload of this page view, and each batch restored from the address
   notices: [],        // said in the summary line, e.g. a batch that could not be loaded
   // What the last upload's folders held that was not sent (or that they are still being
-  // read): replaced at each upload, where kept they piled up across uploads (reviewer).
+  // read): replaced at each upload, or they would pile up across uploads.
   folderNotices: [],
   leaving: false,     // the page is being unloaded: its uploads are cut off, not refused
   openStreams: 0,     // event streams open, MAX_STREAMS at most (session.js follow)
   // How far the upload requests under way have got, by request: the bytes of its files
-  // sent so far (its share of the form's). On a slow link the page said "0 of 24
-  // classified" for 75 s, no sign of progress (reviewer).
+  // sent so far (its share of the form's). On a slow link the page would say "0 of 24
+  // classified" for 75 s, no sign of progress.
   sendProgress: new Map(),
   // The uploads counted in the MB sent (summary.js sendingText).
   sendingNow: new Set(),

@@ -6,8 +6,8 @@ import { setting } from "./settings.js";
 
 const STATUS_MS = 2000;
 
-// A hung server (stopped, restarting) never answered: the line kept its old figures
-// as if current, and a new request every 2 s piled up behind the first (explorer).
+// A hung server (stopped, restarting) never answers: the line keeps its old figures
+// as if current, and a new request every 2 s would pile up behind the first.
 let statusAsking = false;
 let statusAnsweredAt = null;
 async function refreshStatus() {
@@ -27,7 +27,7 @@ async function refreshStatus() {
     if (s.instances_total !== null && s.instances_total !== undefined) {
       const i = s.instances || {};
       // Running is not serving yet (a worker starting): a line saying "1 running, 0
-      // starting" while nothing was answered looked stuck (explorer).
+      // starting" while nothing is answered looks stuck.
       const serving = typeof s.workers_serving === "number" && s.workers_serving < (i.running || 0)
         ? ` (${s.workers_serving} of them serving)` : "";
       parts.push(`instances: ${i.running || 0} running${serving}, ${i.pending || 0} starting, ` +
@@ -54,7 +54,7 @@ async function refreshStatus() {
 }
 
 // What a person waiting on a cold start needs said plainly, before the figures: every
-// row said "queued", and nothing said workers were on their way (UX review). Nothing
+// row says "queued", and nothing else says workers are on their way. Nothing
 // when workers serve, or when the server cannot tell (an AMI whose workers say nothing).
 function startingWorkers(s) {
   const queued = s.queue ? s.queue.visible + s.queue.in_flight : 0;

@@ -12,13 +12,13 @@ import { page } from "./state.js";
 const TITLE = document.title;
 
 // Of the uploads under way, all of them: the files answered, in hand and still to go.
-// Of the requests in flight alone, the figures went backwards as each ended, and
-// never said the upload's size (reviewer).
+// Of the requests in flight alone, the figures would go backwards as each ended, and
+// never say the upload's size.
 // The uploads since none was under way: one that ended while another goes on stays
-// in the figures, which went back ("75 of 100" to "25 of 50") as it left (reviewer).
+// in the figures, which would go back ("75 of 100" to "25 of 50") as it left.
 // What went counts as sent, a request answered 503 or cut off included: its files to
 // go again add their bytes to the size instead. Taken back from the bytes sent, the
-// figure went backwards at each resend ("1.0 of 2.0 MB" after "2.0 of 2.0").
+// figure would go backwards at each resend ("1.0 of 2.0 MB" after "2.0 of 2.0").
 // (page.sendingNow: those uploads.)
 function sendingText() {
   const { sendingNow } = page;
@@ -53,8 +53,8 @@ export function refreshSummary() {
   const onlyFailedBox = $("only-failed-box");
   if (!failed && !onlyFailedBox.hidden) {
     // No row failed any more (a late answer replaced a failure): hidden with the focus
-    // on it, the focus fell to the page's body; and left checked, it filtered the
-    // rows at once when a failure brought it back (reviewer).
+    // on it, the focus would fall to the page's body; and left checked, it would filter
+    // the rows at once when a failure brought it back.
     if (document.activeElement === $("only-failed")) $("download-csv").focus();
     $("only-failed").checked = false;
   }
@@ -73,8 +73,8 @@ export function refreshSummary() {
   sayAgainDone();
   const finished = done + failed === all.length;
   // The tab's title follows too: a user waiting in another tab could not. Once all
-  // are finished it says how they ended, until the next upload: it went back to the
-  // bare title, and a user coming back to the tab could not tell (reviewer).
+  // are finished it says how they ended, until the next upload: back to the bare
+  // title, a user coming back to the tab could not tell.
   const ended = `Done: ${done} classified${failed ? `, ${failed} failed` : ""}`;
   document.title = !counts ? TITLE : finished ? `${ended} · ${TITLE}` : `(${done + failed}/${all.length}) ${TITLE}`;
   announceProgress(counts, sending, failed, finished);
@@ -85,11 +85,11 @@ export function wireTools() {
   $("only-failed").addEventListener("change", updateSummary);
   $("stop-sending").addEventListener("click", () => {
     // Rows being sent stay "uploading" until their request ends: said, or the press
-    // seemed to do nothing (reviewer). In the one text the summary's next refresh says,
-    // with the files the stop left unsent if any: said apart, ms apart, one went unheard.
+    // would seem to do nothing. In the one text the summary's next refresh says,
+    // with the files the stop left unsent if any: said apart, ms apart, one goes unheard.
     sayNext("Stopped: files already on their way finish sending, the rest are not sent");
     for (const session of page.sessions) session.stop();
     updateSummary();
-    $("download-csv").focus();  // the button goes: focus left on nothing (reviewer)
+    $("download-csv").focus();  // the button goes: else focus is left on nothing
   });
 }

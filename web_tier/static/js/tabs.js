@@ -3,8 +3,8 @@ import { page } from "./state.js";
 
 // A duplicated tab (or one opened from this one) starts with a copy of this tab's
 // sessionStorage, and restores the batches this tab is still sending: their files not
-// yet stored were shown failed "not stored... choose it again", and the batch no
-// longer followed, while this tab went on sending them (explorer). So tabs say here
+// yet stored would be shown failed "not stored... choose it again", and the batch no
+// longer followed, while this tab goes on sending them. So tabs say here
 // which batches they are sending: asked {ask: id}, a tab sending it answers {sending:
 // id}; it says {done: id} once its sends end. Without BroadcastChannel, a tab knows
 // only of its own sends (a restored batch's unstored files are then said lost).
