@@ -199,7 +199,7 @@ export class Session {
       showSentAgain(entry, (entry.again || 0) + 1);
     }
     // Figures of their own (sendingText), unless the summary still counts this
-    // upload's first sends beside others going on: taken out, its figures went back.
+    // upload's first sends beside others going on: taken out, its figures would go back.
     if (!page.sendingNow.has(this)) this.sentBytes = 0;
     this.uploading = true;
     this.stopped = false;
