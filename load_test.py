@@ -293,12 +293,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         # Accepted, it changed nothing: a batch sends no key, and needs none.
         parser.error("--idempotency-keys applies to POST / (--api jobs names each upload's batch and "
                      "token, so one cut off is always sent again without being stored twice)")
-    # Stripped, as the web tier strips its own (common/config.py): " s3cret" could not be
-    # sent, and each upload failed naming the key in the report (reviewer).
+    # Stripped, as the web tier strips its own (common/config.py): else " s3cret" cannot
+    # be sent, and each upload fails naming the key in the report.
     args.api_key = args.api_key.strip()
     if not re.fullmatch(r"[\x20-\x7e]*", args.api_key):
         # An HTTP header carries printable ASCII: a key pasted with a curly quote or a
-        # non-breaking space crashed the key check with a traceback (reviewer).
+        # non-breaking space would crash the key check with a traceback.
         parser.error("the API key (--api-key or $API_KEY) holds a character an HTTP header cannot carry "
                      "(printable ASCII only): type it again")
     return Config(
@@ -346,7 +346,7 @@ def scan_folder(folder: Path) -> tuple[list[Path], list[str]]:
     except OSError as exc:  # a folder that cannot be listed (no permission): a usage error, not a traceback
         raise LoadTestError(f"cannot list {folder}: {exc.strerror or exc}") from exc
     if not images:
-        # Its subfolders named: it looks in none, which left a folder of folders a puzzle (explorer).
+        # Its subfolders named: it looks in none, which would leave a folder of folders a puzzle.
         inside = sorted(sendable_name(p) for p in entries if p.is_dir() and not p.name.startswith("."))
         named = a_few(inside)
         raise LoadTestError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}"
@@ -362,7 +362,7 @@ def say_what_is_left_out(config: Config, images: list[Path], skipped: list[str],
     without a word (the command's; `make bench` gives run_load a CSV for more images
     than it sends)."""
     if skipped:
-        # A few named: the count alone left the user to guess which (reviewer).
+        # A few named: the count alone would leave the user to guess which.
         named = a_few(skipped)
         print(f"load_test.py: {len(skipped)} entries of {config.images} left out ({named}): not image "
               f"files ({', '.join(sorted(IMAGE_SUFFIXES))}) directly in it, or hidden (named .*)",
@@ -378,8 +378,8 @@ def say_what_is_left_out(config: Config, images: list[Path], skipped: list[str],
 
 def sendable_name(path: Path) -> str:
     """The file's name as it is sent and reported: a name that is not UTF-8 (bytes
-    Python keeps as surrogates) has them as U+FFFD. Sent as they were, they stopped
-    the whole run with a UnicodeEncodeError, no report written (explorer)."""
+    Python keeps as surrogates) has them as U+FFFD. Sent as they are, they would stop
+    the whole run with a UnicodeEncodeError, no report written."""
     return path.name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
@@ -387,8 +387,7 @@ def image_key(name: str) -> str:
     """'test_00.JPEG', 'dir/test_00' and 'test_00' all become 'test_00'.
 
     In NFC: a name copied from a Mac spells 'é' as 'e' and a combining accent (NFD),
-    which a CSV typed elsewhere spells as one character, and the row went unmatched
-    (reviewer)."""
+    which a CSV typed elsewhere spells as one character, and the row would go unmatched."""
     base = re.split(r"[\\/]", unicodedata.normalize("NFC", name.strip()))[-1]
     stem, dot, suffix = base.rpartition(".")
     if dot and stem and f".{suffix.lower()}" in IMAGE_SUFFIXES:
@@ -424,7 +423,7 @@ def read_expected(path: Path) -> dict[str, str]:
         # Up to its last cell that holds anything: a spreadsheet's trailing commas are no cells.
         used = max(i for i, cell in enumerate(row) if cell.strip()) + 1
         if used > len(header):
-            # A name with an unquoted comma: its tail was taken for the label (reviewer).
+            # A name with an unquoted comma: its tail would be taken for the label.
             raise LoadTestError(f"{path}, line {line}: {used} cells where the header has {len(header)} "
                                 f"({row[:used]}): a name with a comma is written in quotes (\"a, b.jpg\")")
         cells = [row[col].strip() if col < len(row) else "" for col in (image_col, result_col)]
@@ -613,7 +612,7 @@ def judge(outcome: Outcome, expected: dict[str, str]) -> None:
     """Set the outcome's verdict against the expected labels."""
     if not outcome.answered:
         # One that never reached the web tier is counted not sent, not also failed: a
-        # server gone for good made "failed" count requests no server ever saw (reviewer).
+        # server gone for good would make "failed" count requests no server ever saw.
         outcome.verdict = "failed" if outcome.reached else "not sent"
         return
     outcome.expected = expected.get(image_key(outcome.file))
@@ -665,7 +664,7 @@ class Report:
     @property
     def sent(self) -> int:
         """Requests sent: those that reached the web tier (answered or not), and those
-        abandoned in flight. One that never connected sent nothing (reviewer)."""
+        abandoned in flight. One that never connected sent nothing."""
         return sum(1 for o in self.outcomes if o.reached) + self.abandoned
 
     @property
@@ -713,13 +712,13 @@ class Report:
     @property
     def untrained(self) -> bool:
         """Labels came from an untrained model. Every answer of such a service says so, its
-        refusals too: a run with no label (all 401s) warned of labels it never had (reviewer)."""
+        refusals too: a run with no label (all 401s) must not warn of labels it never had."""
         return any(o.untrained and o.answered for o in self.outcomes)
 
     @property
     def resent(self) -> int:
         """Times requests that reached the web tier were sent again. One that never connected
-        was only tried again: its tries made "sent again" count requests never sent (reviewer)."""
+        was only tried again: its tries would make "sent again" count requests never sent."""
         return sum(o.resent for o in self.outcomes if o.reached)
 
     @property
@@ -760,14 +759,14 @@ class Report:
 
     @property
     def lowest_instances(self) -> int | None:
-        """The fewest seen: a fleet that scaled in to 0 and out again mid-run peaked where
-        it began, and its table said nothing of the gap (reviewer)."""
+        """The fewest seen: a fleet that scales in to 0 and out again mid-run peaks where
+        it began, and its table would say nothing of the gap."""
         return min((n for _, n in self.instance_samples), default=None)
 
     @property
     def instances_at_start(self) -> int | None:
         """The first sample's count: the fleet a run before this one left may be the peak
-        (a 1-request run after a bigger one said 7: reviewer)."""
+        (a 1-request run after a bigger one may see 7)."""
         return self.instance_samples[0][1] if self.instance_samples else None
 
     @property
@@ -893,7 +892,7 @@ def connection_error(exc: requests.ConnectionError, url: str) -> str:
     if isinstance(exc, requests.ConnectTimeout):
         return f"cannot connect to {url}: no connection within {CONNECT_TIMEOUT_S:g} s"
     if isinstance(exc, requests.exceptions.SSLError):
-        # Said to be closed, with "the image may be stored", it sent nothing (reviewer).
+        # Not said to be closed, with "the image may be stored": it sent nothing.
         return (f"cannot connect to {url}: the TLS handshake failed (https:// to a plain HTTP port, "
                 "or a certificate not trusted)")
     text = str(exc)
@@ -929,8 +928,8 @@ def _in_chain(exc: BaseException, kind: type[BaseException]) -> bool:
 def never_connected(exc: BaseException) -> bool:
     """Whether a connection error came before any connection was made, so nothing was
     sent: refused, not made within CONNECT_TIMEOUT_S (a ConnectTimeout, which is a
-    Timeout too, was reported as the whole --timeout and never sent again), or a name
-    that did not resolve (counted sent: reviewer)."""
+    Timeout too, and would be reported as the whole --timeout and never sent again), or
+    a name that did not resolve."""
     return isinstance(exc, requests.ConnectTimeout) or refused(exc) or _in_chain(exc, NewConnectionError)
 
 
@@ -1016,8 +1015,8 @@ def _error_text(resp: requests.Response) -> str:
     if not (isinstance(reason, str) and reason):
         return _short(resp.text)
     if isinstance(filename, str) and filename and not reason.startswith(f"{filename}: "):
-        # POST / names the file in its errors; --jobs failures did not, and said
-        # nothing of which images failed (reviewer).
+        # POST / names the file in its errors; --jobs failures do too, or they would
+        # say nothing of which images failed.
         reason = f"{filename}: {reason}"
     return _short(reason)
 
@@ -1037,7 +1036,7 @@ _READ_BYTES = 64 * 1024
 def _chunks_within(resp: requests.Response, deadline: float) -> Iterator[bytes]:
     """A streamed answer's bytes as they come, raising requests.Timeout once `deadline`
     passes. requests' read timeout bounds each read, not the answer: a server sending a
-    byte a second held a request for ever, past --timeout (reviewer). urllib3's errors
+    byte a second would hold a request for ever, past --timeout. urllib3's errors
     are raised as requests' (as requests itself does)."""
     while True:
         if time.monotonic() >= deadline:
@@ -1074,8 +1073,8 @@ def read_within(resp: requests.Response, deadline: float) -> requests.Response:
 
 def lines_within(resp: requests.Response, deadline: float) -> Iterator[str]:
     """An event stream's lines as they come, by `deadline` (see _chunks_within). A line
-    past MAX_EVENT_LINE_BYTES is no event of the web tier's: a line that never ended kept
-    a whole core busy re-splitting it (reviewer)."""
+    past MAX_EVENT_LINE_BYTES is no event of the web tier's: a line that never ends would
+    keep a whole core busy re-splitting it."""
     pending = b""
     for chunk in _chunks_within(resp, deadline):
         *lines, pending = (pending + chunk).split(b"\n")
@@ -1090,7 +1089,7 @@ def lines_within(resp: requests.Response, deadline: float) -> Iterator[str]:
 
 # Terminal controls (ESC starts every escape sequence) and the characters that make
 # text read in another order: a broken or hostile server's answer printed raw could
-# clear the screen or retitle the window (reviewer).
+# clear the screen or retitle the window.
 _TERMINAL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7f, *range(0x80, 0xa0))
                      if chr(c) not in "\n\t"}
 _TERMINAL_ESCAPES.update({ord(c): f"\\u{ord(c):04x}" for c in
@@ -1152,8 +1151,8 @@ class Client:
         except requests.ConnectionError as exc:  # before Timeout: a ConnectTimeout is both
             outcome.error = connection_error(exc, self.config.url)
             if outcome.resent:
-                # Tried, not "sent": one never connected sent nothing (a "not sent" line read
-                # "sent 17 times more": reviewer).
+                # Tried, not "sent": one never connected sent nothing (not a "not sent" line
+                # reading "sent 17 times more").
                 tries = (f"sent {outcome.resent} times more" if outcome.reached
                          else f"tried {outcome.resent + 1} times")
                 outcome.error += f" ({tries}, for up to {RESEND_WINDOW_S:g} s)"
@@ -1164,8 +1163,7 @@ class Client:
             outcome.error = f"timeout after {self.config.timeout:g} s"
             if outcome.reached and outcome.status is None:
                 # Given up on while the upload waited for its answer: the web tier may have
-                # stored it and may still classify it, as with a connection cut at that point
-                # (a paused web tier stored and answered all 8 said only "timeout": reviewer).
+                # stored it and may still classify it, as with a connection cut at that point.
                 # Not "--idempotency-keys sends it again": no upload is sent again past --timeout.
                 outcome.error += " (the image may be stored)"
             elif self.config.api == "jobs" and outcome.status in (200, 201, 202):
@@ -1175,7 +1173,7 @@ class Client:
             outcome.error = f"{type(exc).__name__}: {_short(str(exc))}"
         except UnreadableImage as exc:
             # Said as such: counted with those that never connected, a file deleted mid-run
-            # read "refused or unreachable" (reviewer).
+            # would read "refused or unreachable".
             outcome.error, outcome.unreadable = f"could not read the file: {exc}", True
         except Exception as exc:  # a failed request, whatever it was: never the whole run
             outcome.error = f"{type(exc).__name__}: {_short(str(exc))}"
@@ -1223,14 +1221,14 @@ class Client:
         stored_once = form is not None or headers is not None
         # The window runs from the first failed attempt, not from the first send: a POST /
         # waits for its classification, which under a backlog takes longer than the
-        # window, and one cut off after that was never sent again (explorer).
+        # window, and one cut off after that would never be sent again.
         give_up: float | None = None
         delay = FIRST_RESEND_DELAY_S
         while True:
             failure: requests.ConnectionError | None = None
             refused_since: float | None = None  # since when every connection has been refused
-            # Outside the try: its Timeout, the deadline past before sending, sent nothing, and was
-            # counted as reached by `except Exception` below (--timeout 0.001: reviewer).
+            # Outside the try: its Timeout, the deadline past before sending, sent nothing, and
+            # would be counted as reached by `except Exception` below (--timeout 0.001).
             timeout = self._timeout(deadline)
             try:
                 # Only ever talk to the URL we were given: no redirects.
@@ -1255,7 +1253,7 @@ class Client:
                 if resp.status_code in RESTARTING_STATUSES:
                     # A web tier stopping closes each connection after its answer: kept for
                     # the next request, it could be closed under it, the request unanswered
-                    # and, without a key, not sent again (explorer).
+                    # and, without a key, not sent again.
                     self._session().close()
                 if not not_stored(resp):
                     return resp
@@ -1376,7 +1374,7 @@ class Client:
                 return item
             # The next poll waits at most until just before the deadline: skipped whenever
             # the backed-off delay (up to 1 s) went past it, a result that came in the
-            # request's last moments counted failed ("timeout after 0.3 s": reviewer).
+            # request's last moments would count failed ("timeout after 0.3 s").
             left = deadline - time.monotonic() - POLL_MARGIN_S
             if left <= 0:
                 if unanswered is not None:
@@ -1588,8 +1586,8 @@ class Senders:
 
     The outcomes are read, never taken: the caller says how many it has recorded
     (`results_from`). A Ctrl-C lands between any two steps of the main thread; one
-    that came after an outcome was taken from a queue and before it was counted lost
-    it, and the wait for the requests in flight never ended (reviewer).
+    that came after an outcome was taken from a queue and before it was counted would
+    lose it, and the wait for the requests in flight never end.
     """
 
     def __init__(self, client: Client, plan: Sequence[Path], concurrency: int, stop: threading.Event) -> None:
@@ -1659,7 +1657,7 @@ class Senders:
 
     def in_flight(self) -> int:
         """Requests taken from the plan whose outcome is not in yet (one in but not yet
-        recorded is not in flight: the first Ctrl-C's count had them too)."""
+        recorded is not in flight, or the first Ctrl-C's count has them twice)."""
         with self._lock:
             return len(self._taken_at) - len(self._results) - len(self._errors)
 
@@ -1692,8 +1690,8 @@ def plan_requests(config: Config, images: list[Path], expected: dict[str, str]) 
 def unfinished_outcomes(plan: Sequence[Path], taken_at: Sequence[float], t0: float,
                         recorded: set[int], cut_short: str | None = None) -> list[Outcome]:
     """An outcome for each request of `plan` an interrupted run has none for, so that its
-    report holds every one ("requests" lacked 26 abandoned, and those never started:
-    reviewer): one taken from the plan (at `taken_at[index]`) was in flight when the
+    report holds every one, the abandoned and those never started too: one taken from
+    the plan (at `taken_at[index]`) was in flight when the
     run quit, the others were never started. `cut_short`: why the run was stopped, when
     not by a signal, which each of their errors then says."""
     in_flight = f"in flight when {cut_short}" if cut_short else "in flight when the run quit"
@@ -1750,14 +1748,14 @@ def run_load(
     plan = plan_requests(config, images, expected)
     total = len(plan)
     if not hasattr(urllib3.response.HTTPResponse, "read1"):
-        # Every request would fail with an AttributeError (a reviewer: distributions ship 1.26).
+        # Every request would fail with an AttributeError (some distributions ship 1.26).
         raise LoadTestError("this script needs urllib3 2.2 or later: pip install 'urllib3>=2.2'")
     check_reachable(config.url)
     status = web_tier_status(config.url)
     if status is None or "queue" not in status:
         # Run all the same (another server of the course's POST / may be driven on
         # purpose), but said: the page's address with a path, or the embedded AWS's,
-        # had every request fail, or uploaded the images to S3 (explorer).
+        # would have every request fail, or upload the images to S3.
         print(f"load_test.py: warning: {config.url}/api/status does not answer as this service's web "
               "tier does: is --url the web tier's address?", file=sys.stderr)
     # Else every upload is refused with a 401, and a quiet run said only how many failed.
@@ -1844,7 +1842,7 @@ def run_load(
                 record_all(wait=False)
                 # Every request taken from the plan is either recorded or abandoned: one
                 # whose outcome came a moment too late for the report (or was handed out
-                # as this Ctrl-C came) is abandoned, not lost from both (explorer).
+                # as this Ctrl-C came) is abandoned, not lost from both.
                 abandoned = len(senders.taken_at()) - len(outcomes)
                 print(f"\nquitting: {abandoned} requests in flight left unanswered", file=sys.stderr)
     finally:
@@ -1858,8 +1856,8 @@ def run_load(
             poller.stop(wait=interrupted_by is None and cut_short is None)
         except KeyboardInterrupt as late:
             # Every request is over: an interrupt now cuts short the last status sample
-            # (up to 7 s), not the report. Raised, it lost the whole report, and the command
-            # said "interrupted before any request was sent" (reviewer).
+            # (up to 7 s), not the report. Raised, it would lose the whole report, and the
+            # command say "interrupted before any request was sent".
             if interrupted_by is None:
                 signal_after_sending = signal_of(late)
             elif isinstance(late, Terminated):
@@ -1935,8 +1933,8 @@ def failure_lines(report: Report, limit: int = 5) -> list[str]:
     lines = []
     for verdict in ("failed", "not sent"):
         stopped = sorted((o for o in report.outcomes if o.verdict == verdict), key=lambda o: o.index)
-        # One cause, one line: each error names its own batch, which made as many "reasons"
-        # as requests (reviewer). Ties: the first to fail first.
+        # One cause, one line: each error names its own batch, which would make as many
+        # "reasons" as requests. Ties: the first to fail first.
         reasons = Counter(BATCH_IN_URL.sub("/api/jobs/<batch>", o.error or "no reason given")
                           for o in stopped)
         common = reasons.most_common()
@@ -1945,8 +1943,8 @@ def failure_lines(report: Report, limit: int = 5) -> list[str]:
         if rest:
             lines.append(f"... and {sum(count for _, count in rest)} {verdict} for {len(rest)} other "
                          "reasons (see --json for each request)")
-    # Each wrong answer with its file, as the table shows it: "4 wrong" alone left a quiet
-    # run's user no way to find which images, short of --json (reviewer).
+    # Each wrong answer with its file, as the table shows it: "4 wrong" alone leaves a quiet
+    # run's user no way to find which images, short of --json.
     wrong = sorted((o for o in report.outcomes if o.verdict == "wrong"), key=lambda o: o.index)
     lines += [f"{o.file}: wrong: answered {o.body!r}, {o.note or 'wrong'}" for o in wrong[:limit]]
     if len(wrong) > limit:
@@ -1959,8 +1957,8 @@ def format_report(report: Report, max_problems: int = 10) -> str:
     stats = report.latency_stats()
     endpoint = "POST /" if report.api == "form" else "POST /api/jobs"
     checked = report.correct + report.wrong
-    # The percentiles are of the answered alone: a run with 131 of 150 timed out said
-    # "latency max 0.888 s", read as the run's worst (reviewer).
+    # The percentiles are of the answered alone: a run with 131 of 150 timed out would say
+    # "latency max 0.888 s", read as the run's worst.
     of = f" ({report.answered} answered)" if report.answered < report.planned else ""
     # The course's figure divides by every request that ended, failed or not.
     failed_in_it = report.failed and report.course_average_latency is not None
@@ -1999,7 +1997,7 @@ def format_report(report: Report, max_problems: int = 10) -> str:
         why += [f"{never_started} not started: the run was interrupted"] if never_started else []
         rows.insert(3, ("not sent", f"{report.not_sent}  ({'; '.join(why)})"))
     if report.abandoned:
-        # SIGTERM quits at once too: "at the second Ctrl-C" said what never happened (reviewer).
+        # SIGTERM quits at once too: "at the second Ctrl-C" may say what never happened.
         rows.insert(3, ("abandoned", f"{report.abandoned}  (in flight when the run quit)"))
     if report.answered_later:
         rows.insert(2, ("answered later", f"{report.answered_later}  (a 503 or 504 said the image was "
@@ -2049,9 +2047,9 @@ def write_json(report: Report, path: Path) -> None:
 
 
 def plot_title(report: Report) -> str:
-    """What the plot says of its run: an interrupted one's plot looked like a whole run's
-    (reviewer). What it says beside the figures goes on a line of its own: on one, an
-    interrupted untrained run's title was wider than the figure, and lost its start."""
+    """What the plot says of its run, lest an interrupted one's look like a whole run's.
+    What it says beside the figures goes on a line of its own: on one, an interrupted
+    untrained run's title would be wider than the figure, and lose its start."""
     title = f"{report.sent} requests, concurrency {report.concurrency}, {report.throughput:.2f} images/s"
     notes = []
     if report.interrupted:
@@ -2102,7 +2100,7 @@ def plot_figure(report: Report) -> Figure:
     else:
         bottom.text(0.5, 0.5, "no /api/status data", ha="center", va="center", transform=bottom.transAxes)
     # Instances are whole: 12, not 12.5. (Those wider ticks, with no legend beside the
-    # top plot, left the label below half off the figure: explorer.)
+    # top plot, would leave the label below half off the figure.)
     bottom.yaxis.get_major_locator().set_params(integer=True)
     bottom.set_ylabel("app-tier instances\n(pending + running)")
     bottom.set_xlabel("seconds since the run began (a request's point: when it was sent)")
@@ -2112,7 +2110,7 @@ def plot_figure(report: Report) -> Figure:
 
 def signal_exit_code(signal_name: str) -> int:
     """What a shell says of a command the signal ended: 128 + its number (130 for SIGINT,
-    143 for SIGTERM). An interrupted run exited 1, as a failed one does (reviewer)."""
+    143 for SIGTERM), not 1, as a failed one exits."""
     return 128 + signal.Signals[signal_name]
 
 
@@ -2147,16 +2145,16 @@ def interrupts_heard() -> Iterator[None]:
     """While inside, SIGINT is a KeyboardInterrupt, and SIGTERM (`timeout`, `kill`, a CI
     job cancelled) acts as two Ctrl-Cs do: sending stops, the requests in flight are left
     unanswered, and what was done is reported and written at once, as the grace period
-    before a SIGKILL is short. Unhandled, SIGTERM killed the run with no report and no
-    JSON (reviewer). Both handlers found are given back after."""
+    before a SIGKILL is short. Unhandled, SIGTERM would kill the run with no report and
+    no JSON. Both handlers found are given back after."""
     def interrupt(signum: int, frame: Any) -> None:
         # Python runs handlers in the main thread: run_load hears it as a KeyboardInterrupt.
         raise Terminated
 
     with signal_handlers({signal.SIGTERM: interrupt,
                           # A shell starting a background job without job control (a script's
-                          # `&`) makes it ignore SIGINT, and Python keeps that: `kill -INT` did
-                          # nothing (reviewer).
+                          # `&`) makes it ignore SIGINT, and Python keeps that: `kill -INT` would
+                          # do nothing.
                           signal.SIGINT: signal.default_int_handler}):
         yield
 
@@ -2176,8 +2174,8 @@ def interrupts_noted(heard: list[str]) -> Iterator[None]:
 class Stdout:
     """The run's lines on standard output, until whoever reads them stops (`| head -3`):
     from then on they are dropped, and the run goes on to its report files and exit
-    status. A BrokenPipeError from a print ended the run with a traceback, sending
-    stopped and no JSON written (reviewer)."""
+    status. A BrokenPipeError from a print would end the run with a traceback, sending
+    stopped and no JSON written."""
 
     def __init__(self) -> None:
         self.gone = False
@@ -2206,7 +2204,7 @@ class Stderr:
     progress bar, a thread's traceback), until whoever reads it stops (`2>&1 | head -2`)
     or it cannot be written (`2> /dev/full`): from then on what is written to it is
     dropped, and the run goes on to its report files and exit status. A BrokenPipeError
-    from the progress bar stopped sending on the main thread: exit 1, no JSON (reviewer)."""
+    from the progress bar would stop sending on the main thread: exit 1, no JSON."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
@@ -2262,7 +2260,7 @@ def stderr_guarded() -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     # Heard from the start: a run started in the background ignores SIGINT, and SIGTERM
     # kills it without a word, until the handlers are set, and reading a large folder or
-    # CSV on a busy machine took seconds (explorer: a `kill -INT` then did nothing).
+    # CSV on a busy machine can take seconds (a `kill -INT` then would do nothing).
     with interrupts_heard(), stderr_guarded():
         try:
             return run(argv)
@@ -2291,7 +2289,7 @@ def run(argv: Sequence[str] | None) -> int:
         progress.clear()
         if outcome.untrained and not untrained_said:
             # Before the first such label, not only in the summary: the course's lines
-            # carry no mark, and output cut short (`| head`) never reached it (explorer).
+            # carry no mark, and output cut short (`| head`) may never reach it.
             untrained_said = True
             out.print(UNTRAINED_WARNING)
         if not outcome.reached:
@@ -2324,7 +2322,7 @@ def give_report(config: Config, report: Report, out: Stdout) -> int:
     # Every request is over: an interrupt from now on loses none of the report. The
     # summary and the JSON (quick) are finished whatever comes; only the plot (seconds
     # of matplotlib) is cut short by one that comes while it is drawn. Raised, such an
-    # interrupt lost the whole report (reviewer).
+    # interrupt would lose the whole report.
     heard = [report.signal_after_sending] if report.signal_after_sending else []
     with interrupts_noted(heard):
         if config.quiet:
