@@ -39,7 +39,7 @@ RUNTIME ?= runtime
 # in (activate, pip's and gunicorn's first lines): they are made to name .venv. The old
 # one is kept as .venv.old until the next time, as the services run from it until they
 # are restarted. It goes before the next one is built: each is ~1.75 GB (TensorFlow), and
-# three at once, with pip's cache, filled a default 8 GiB root disk (reviewer).
+# three at once, with pip's cache, would fill a default 8 GiB root disk.
 runtime-venv:
 	@test -n "$(PYTHON)" || { echo "make: needs Python 3.11 or newer" >&2; exit 1; }
 	rm -rf $(VENV).old $(VENV).new && $(PYTHON) -m venv $(VENV).new

@@ -71,7 +71,7 @@ if [[ -n $weights_file ]]; then
     || die "$weights_file is not the Keras ResNet-50 ImageNet weights file (MD5 $got, not $weights_md5)"
 fi
 # The build instance reads an S3 object with its instance profile: without one it has no
-# credentials, and the bake failed ~8 minutes in (reviewer).
+# credentials, and the bake would fail ~8 minutes in.
 if [[ -z $weights_file && $weights_source == s3://* && -z $build_instance_profile ]]; then
   die "--weights-source $weights_source needs --build-instance-profile NAME (an instance profile that may read it), or give the file with --weights"
 fi
@@ -90,9 +90,9 @@ if ! git -C "$repo" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
 fi
 # macOS's tar adds a "._name" file of extended attributes beside each file that has
 # any (on macOS 13 and later, often every file of a checkout): provision.sh's compileall
-# then failed on their null bytes, minutes into the bake (reviewer). GNU tar ignores this.
+# would then fail on their null bytes, minutes into the bake. GNU tar ignores this.
 export COPYFILE_DISABLE=1
-# (Less those deleted from the checkout and not yet `git rm`ed: tar stopped at them.)
+# (Less those deleted from the checkout and not yet `git rm`ed: tar would stop at them.)
 git -C "$repo" ls-files -z -- . ':(exclude)tests' \
   | while IFS= read -r -d '' path; do
       if [[ -e $repo/$path || -L $repo/$path ]]; then printf '%s\0' "$path"; fi

@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=BENCH_DIR / "latest.json", help="where to write the figures")
     args = p.parse_args(argv)
     # Checked now: found when the end-to-end part starts, after minutes of the others,
-    # a mistyped --env lost every figure measured so far (reviewer).
+    # a mistyped --env would lose every figure measured so far.
     try:
         args.env = _parse_env(args.env)
     except ValueError as exc:
@@ -198,7 +198,7 @@ def code_version(root: Path = ROOT) -> dict[str, Any]:
         return done.stdout.strip() if done.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    # Untracked files (a scratch script, a reviewer's notes) change no figure.
+    # Untracked files (a scratch script, notes) change no figure.
     status = git("status", "--porcelain", "--untracked-files=no") if commit else None
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
@@ -329,7 +329,7 @@ SCALED_PHASES = ("throughput", "course")
 
 def _bad_in_phases(e2e: dict[str, Any] | None, phases: tuple[str, ...]) -> str | None:
     """"3 failed in (b); 1 wrong in (d)": each phase's bad requests, named by its part
-    (the first phase's alone had hidden the other's)."""
+    (the first phase's alone would hide the other's)."""
     named = [f"{bad} in {PHASE_NAMES[phase]}" for phase in phases
              if (bad := report.bad_requests((e2e or {}).get(phase)))]
     return "; ".join(named) or None
@@ -350,7 +350,7 @@ def _document(figures: dict[str, Any], started: float) -> dict[str, Any]:
     limit_now = now.get("images_per_s")
     # The targets are judged against the model at its best of the two measurements:
     # against (a) alone, an (a) slowed by others' work flattered (c) (59 % shown, 50 %
-    # against the model measured again: reviewer), and the low-load target likewise.
+    # against the model measured again), and the low-load target likewise.
     e2e_ratio_now = report.ratio(tput.get("throughput_images_per_s"), limit_now)
     judged_ratio = _lower(e2e_ratio, e2e_ratio_now)
     single_image_s = _lower((inference or {}).get("single_image_s"), now.get("single_image_s"))
@@ -372,7 +372,7 @@ def _document(figures: dict[str, Any], started: float) -> dict[str, Any]:
             if s and s.get("peak_instances") == 0]
     # A phase whose fleet launched and never reached zero within ZERO_TIMEOUT_S has None
     # here: a miss, unlike a run that is not there at all. Decided per phase: the other
-    # phase's launching nothing had turned (d)'s miss into an N/A (reviewer).
+    # phase's launching nothing would turn (d)'s miss into an N/A.
     never_zero = any(s and s.get("last_response_to_zero_s") is None and s.get("peak_instances") != 0
                      and not s.get("zero_not_measured") for s in scaled)
     zero_missing = _first_reason(_missing(figures, "e2e", "throughput"), _missing(figures, "e2e", "course"),

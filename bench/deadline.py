@@ -1,6 +1,6 @@
 """The bench's deadline: `make bench` must end within 10 minutes here (~3.5 normally).
 
-A broken stack's timeouts, each phase waiting out its own, had added up to over an
+A broken stack's timeouts, each phase waiting out its own, can add up to over an
 hour, and one phase started just before the deadline, its 300 requests at 120 s each,
 to ~6 minutes more. So at the deadline no part or phase starts, and one under way is
 stopped: what is left after it (the stack's stop, at most 15 s, and the report) ends

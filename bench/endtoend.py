@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 120.0
 # One image takes ~0.1 s one at a time: a stack that does not answer in 10 s is broken,
-# and at 120 s each low load's 35 requests one after another had taken 70 minutes.
+# and at 120 s each low load's 35 requests one after another would take 70 minutes.
 LOW_LOAD_TIMEOUT_S = 10.0
 ZERO_TIMEOUT_S = 30.0
 STACK_START_TIMEOUT_S = 120.0
@@ -244,7 +244,7 @@ def _scaled_run(plan: EndToEndPlan, stack: StackProcess, images: Path, requests:
         mem = sampler.stop() if sampler else None
         last = _last_response(report)
         # moto's CPU is reported per image of the run, so it is read at the last
-        # response, not once the fleet is back at zero: that added the scale-in,
+        # response, not once the fleet is back at zero: that would add the scale-in,
         # the idle workers' polls and this poller's. The server writes its figures
         # every STATS_EVERY_S, so up to that much after the last response counts.
         moto = moto_delta(moto_before, _moto_stats(stack.run_dir / MOTO_STATS))

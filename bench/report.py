@@ -189,7 +189,7 @@ def table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> s
 
 def shown_beside(measured: float, limit: float, digits: int) -> str:
     """`measured` with `digits` decimals, or more where that would show the limit itself:
-    84.96 % was shown "85 %" beside "FAIL" against ">= 85 %" (reviewer)."""
+    84.96 % is not shown "85 %" beside "FAIL" against ">= 85 %"."""
     for more in range(digits, digits + 6):
         if round(measured, more) != round(limit, more) or measured == limit:
             return f"{measured:.{more}f}"

@@ -149,7 +149,7 @@ def scaling_times(samples: list[tuple[float, int]], first_request: float, last_r
     found = [live for at, live in samples if at < first_request]
     at_start = found[-1] if found else None  # None: no sample before the run, not known
     # A fleet already up is "launched" at the first sample after the first request: a
-    # near-zero time, which had read as a fast launch with nothing in the JSON to say so.
+    # near-zero time, which would read as a fast launch with nothing in the JSON to say so.
     not_measured = f"the fleet had {at_start} instance(s) at the first request" if at_start else None
     launched = None if not_measured else first_at(samples, first_request, lambda n: n > 0)
     decided_launch = None if not_measured else next(

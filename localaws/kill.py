@@ -4,8 +4,8 @@ that end with the process that started them.
 A process SIGKILLed is not always gone at once: one a debugger holds (gdb,
 strace), or one in an I/O the kernel cannot interrupt, stays until that ends.
 Waited for without a bound, it would hang the stack's stop; waited for with one
-that raises (subprocess.TimeoutExpired), it ended the stop before the embedded
-AWS was stopped, and the runner's rounds one after another (explorer).
+that raises (subprocess.TimeoutExpired), it would end the stop before the embedded
+AWS was stopped, and the runner's rounds one after another.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ def ends_with_parent() -> Callable[[], None] | None:
     """A `preexec_fn` for Popen: the child gets SIGTERM when the thread that started it
     ends, or None where the kernel has no such request (macOS).
 
-    Without it, a stack ended by SIGKILL (or the OOM killer) left the embedded AWS,
+    Without it, a stack ended by SIGKILL (or the OOM killer) would leave the embedded AWS,
     the web tier, the controller and the workers running, each in a session of its
-    own: the next `make run` found its ports in use (explorer). SIGTERM, not
+    own: the next `make run` would find its ports in use. SIGTERM, not
     SIGKILL: each stops as it does on Ctrl-C (a worker finishes its batch).
 
     The kernel sends it when the *thread* that started the child ends, not the

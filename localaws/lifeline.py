@@ -1,11 +1,11 @@
 """The embedded AWS ends after the last process that uses it, when the stack cannot say.
 
 A stack killed outright (SIGKILL, the OOM killer) cannot stop its children in
-order: each ends itself (kill.ends_with_parent). The embedded AWS ended with the
-rest, within a second, while a worker was handing its requests back and the web
-tier was answering its waiting clients: their last calls failed against a closed
-port, with botocore's tracebacks on the terminal and a worker's "handed back 10
-messages, but could not delete their old copies" (reviewer).
+order: each ends itself (kill.ends_with_parent). Were the embedded AWS to end with the
+rest, within a second, while a worker hands its requests back and the web tier
+answers its waiting clients, their last calls would fail against a closed port,
+with botocore's tracebacks on the terminal and a worker's "handed back 10
+messages, but could not delete their old copies".
 
 So the stack makes a pipe. The embedded AWS gets its read end; the stack and
 every process it starts that uses AWS hold its write end. The kernel closes a

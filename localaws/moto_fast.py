@@ -40,24 +40,24 @@ and h, yappi and py-spy):
    (describe_tags with the instance's id as a pattern), once per instance and
    per tag filter of a DescribeInstances: the terminated instances moto keeps
    made each uncached call slower, quadratically (~60 ms with 200, 1 s with
-   800: a day of scaling to zero and back; reviewer). They are looked up by id,
+   800: a day of scaling to zero and back). They are looked up by id,
    and, as on EC2, a terminated instance is gone an hour after its end:
    measured in-process, a describe of 800 instances, 785 of them terminated,
    took 1,295 ms, 69 ms with the lookup by id.
-10. moto kept each S3 object over ~5 MB in a deleted temporary file, open for
-   as long as the server ran (a descriptor and hidden disk space per large
+10. moto keeps each S3 object over ~5 MB in a deleted temporary file, open for
+   as long as the server runs (a descriptor and hidden disk space per large
    photo): objects up to S3_OBJECT_IN_MEMORY_BYTES stay in memory.
 
-Two changes are for correctness. The first: when a client died mid-upload,
-moto stored the part of the body that had arrived, an image cut short that
+Two changes are for correctness. The first: when a client dies mid-upload,
+moto stores the part of the body that arrived, an image cut short that
 nobody sent. Like S3, a request whose body is shorter than its Content-Length
-is now refused (IncompleteBody, S3's code, whatever the service) and changes
+is refused here (IncompleteBody, S3's code, whatever the service) and changes
 nothing. The second adds a cost: moto's backends are not thread-safe,
 and gunicorn serves them from many threads. SQS's DeleteMessage rebuilds a
-queue's message list and assigns it back, so a message sent meanwhile was lost
-(193 of 2,300 in an explorer's run of concurrent batch sends, receives and
-deletes), and two deletes at once could bring a deleted message back to be
-classified twice. Each service's requests now run one at a time
+queue's message list and assigns it back, so a message sent meanwhile is lost
+(193 of 2,300 in a run of concurrent batch sends, receives and
+deletes), and two deletes at once can bring a deleted message back to be
+classified twice. Each service's requests run one at a time
 (ServiceLocks); an SQS long poll lets go while it waits, as its queue's
 condition variable shares the SQS lock. Measured with 1,200 calls from 4
 clients, three rounds each way: 3.07-3.25 ms of server CPU a call against
@@ -234,7 +234,7 @@ def _s3_objects_stay_in_memory() -> None:
 
 # moto keeps an object over ~5 MB in a deleted temporary file, open for as long as the
 # server runs: each photo of 5-10 MB held a descriptor and disk space (or RAM, where
-# /tmp is a tmpfs) that neither `du` nor `ls` showed (reviewer). The embedded AWS keeps
+# /tmp is a tmpfs) that neither `du` nor `ls` showed. The embedded AWS keeps
 # everything in memory anyway: objects up to this size stay there.
 S3_OBJECT_IN_MEMORY_BYTES = 64 * 1024**2
 
@@ -315,7 +315,7 @@ def aws_service(environ: dict[str, Any]) -> str:
 
 def incomplete_body(start_response: Callable) -> Iterable[bytes]:
     """S3's answer to a body shorter than its Content-Length: a client that died
-    mid-upload. moto stored what had arrived, an object that was never sent."""
+    mid-upload. moto would store what arrived, an object that was never sent."""
     body = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>IncompleteBody</Code><Message>'
             b"You did not provide the number of bytes specified by the Content-Length HTTP header."
             b"</Message></Error>")
@@ -480,8 +480,8 @@ def build_app() -> Callable:
 
 def _end_with_the_worker(arbiter, worker) -> None:
     """gunicorn's child_exit hook: the worker holds every bucket, queue and instance,
-    and one that died (the OOM killer) was replaced by an empty one, the stack running
-    on against an AWS that had forgotten everything (reviewer). So the server ends
+    and one that died (the OOM killer) would be replaced by an empty one, the stack running
+    on against an AWS that had forgotten everything. So the server ends
     with it, and `make run`, which watches this process, says so and stops. Not while
     gunicorn stops (it has closed its sockets then): that worker was told to exit."""
     if arbiter.LISTENERS:

@@ -122,8 +122,8 @@ def exit_status(code: int) -> str:
 
 def ended_after_abort(code: int) -> str:
     """How a worker the watchdog sent SIGABRT to ended, in words. Killed by SIGSEGV
-    instead was said plainly, as if it had crashed by itself: faulthandler writing the
-    stacks of threads that SIGCONT had woken can crash (seen after a SIGSTOP: reviewer)."""
+    instead is not said as if it had crashed by itself: faulthandler writing the
+    stacks of threads that SIGCONT has woken can crash (after a SIGSTOP)."""
     if code == -signal.SIGABRT:
         return "killed by the watchdog's SIGABRT"
     said = f"{exit_status(code)} after the watchdog's SIGABRT"
@@ -134,7 +134,7 @@ def ended_after_abort(code: int) -> str:
 
 def is_stopped(pid: int) -> bool:
     """Whether the process is stopped (SIGSTOP, a debugger): it acts on no signal but
-    SIGKILL until continued, and a log that said it "ignored" one misled (reviewer)."""
+    SIGKILL until continued, and a log that said it "ignored" one would mislead."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
             # pid (comm) state ...: comm may hold spaces and parentheses, so after the last ')'.
@@ -336,7 +336,7 @@ class InstanceRunner:
             os.killpg(process.pid, sig)
             if sig in (signal.SIGTERM, signal.SIGABRT):
                 # As systemd follows its stop signals: a stopped process (SIGSTOP, a
-                # debugger) acts on them only once continued (reviewer).
+                # debugger) acts on them only once continued.
                 os.killpg(process.pid, signal.SIGCONT)
         except ProcessLookupError:
             pass
@@ -375,7 +375,7 @@ class InstanceRunner:
         waited for a restart) left what it held written down for a successor on its
         instance, which has ended: none will come. Its requests are made visible here,
         as the worker's unit does on an instance (ExecStopPost), rather than left to
-        their visibility timeout (reviewer: a minute, and the fleet held for it)."""
+        their visibility timeout (a minute, and the fleet held for it)."""
         path = held_journal_path(self.settings, instance_id)
         if path is None:
             return
@@ -465,7 +465,7 @@ class InstanceRunner:
         """Worker processes that hold a model, spares aside: those serving, and those
         still finishing their batch after SIGTERM (up to SHUTDOWN_GRACE, or the runner's
         grace), which LOCAL_MAX_WORKERS, a memory budget, must count too: a burst just
-        after a scale-in started a full fleet beside the one stopping (reviewer)."""
+        after a scale-in would start a full fleet beside the one stopping."""
         return len(self.workers) + len(self._draining)
 
     def _stop_workers_of_gone_instances(self, live: set[str], now: float) -> None:
@@ -521,7 +521,7 @@ class InstanceRunner:
                 continue
             self._start_worker(iid)
         if held_back and not self._warned_cap:
-            # How many, not one id: 12 waiting read as one (reviewer).
+            # How many, not one id: 12 waiting would read as one.
             stopping = f" ({len(self._draining)} of them stopping)" if self._draining else ""
             log.warning("runner: LOCAL_MAX_WORKERS=%d reached%s; %d instance(s) wait for a free slot: %s",
                         self.settings.local_max_workers, stopping, len(held_back),
@@ -532,8 +532,8 @@ class InstanceRunner:
         """Rounds until `stopping`; then returns only once shutdown() has stopped every
         process: each is started from this thread, and told to end when its starter
         does (localaws/kill.py ends_with_parent: PR_SET_PDEATHSIG follows the thread,
-        not the process). Returning at `stopping`, it had every worker told SIGTERM at
-        once, before the web tier and the controller were stopped (reviewer)."""
+        not the process). Returning at `stopping`, it would have every worker told SIGTERM
+        at once, before the web tier and the controller were stopped."""
         backoff = self.poll_s
         try:
             while not self.stopping.is_set():
@@ -566,7 +566,7 @@ class InstanceRunner:
                 except subprocess.TimeoutExpired:
                     kill_and_wait(p)
             for worker in [*self.workers.values(), *self._draining]:
-                # As a scale-in's stop is logged: one stopped with the stack said nothing (reviewer).
+                # As a scale-in's stop is logged, so that one stopped with the stack says so too.
                 code = worker.process.poll()
                 log.info("runner: worker pid %d of %s ended: %s, with the runner", worker.process.pid,
                          worker.instance_id, "still running" if code is None else exit_status(code))

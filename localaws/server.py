@@ -79,8 +79,8 @@ WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 def ensure_ports_differ(first: tuple[str, int, str], second: tuple[str, int, str]) -> None:
     """Refuse two of the stack's servers one address: each (host, port, variable). The
-    first to start took it, the other could not bind, and the stack said READY while
-    the web tier failed its starts, checked through the embedded AWS's answers (reviewer)."""
+    first to start would take it, the other could not bind, and the stack say READY while
+    the web tier fails its starts, checked through the embedded AWS's answers."""
     (host_a, port_a, var_a), (host_b, port_b, var_b) = first, second
     if port_a == 0 or port_a != port_b:
         return

@@ -59,7 +59,7 @@ RESTART_DELAY_S = 1.0
 # How long what outlives a dead child in its process group (gunicorn's workers, when
 # their master was killed) has to stop on SIGTERM before it is killed, as systemd stops
 # a unit whose main process died (web_tier's own graceful timeout is 5 s). Killed at
-# once, the web tier's waiting clients got no answer at all (reviewer).
+# once, the web tier's waiting clients would get no answer at all.
 GROUP_STOP_S = 5.0
 # Children that ping a watchdog, as under systemd with WatchdogSec=, and for how
 # long they may be silent: one whose pings stop is hung, and is aborted (SIGABRT:
@@ -170,10 +170,10 @@ def child_env(settings: Settings, run_dir: Path, environ: Mapping[str, str] | No
 
 
 # What a program in another shell needs besides the address to act on this stack as its
-# own processes do, where set: a dry-run controller without the prefix looked for queues
-# that did not exist, without make run's scale-in window (or the user's scaling settings)
-# decided otherwise, and without the state directory was not refused as a second
-# controller (reviewers). The variables common/config.py's VARIABLES marks shared.
+# own processes do, where set: a dry-run controller without the prefix would look for
+# queues that do not exist, without make run's scale-in window (or the user's scaling
+# settings) decide otherwise, and without the state directory not be refused as a second
+# controller. The variables common/config.py's VARIABLES marks shared.
 SHARED_WITH_OTHER_SHELLS = tuple(variable.name for variable in VARIABLES if variable.shared)
 
 
@@ -388,7 +388,7 @@ class Stack:
             child.group_kill_at = None
         if child.waiting_for_lock and held_by_another(self.settings):
             # Restarted only to be refused again: two lines on the terminal every
-            # LOCK_RETRY_S for as long as the other runs (reviewer).
+            # LOCK_RETRY_S for as long as the other runs.
             child.restart_at = now + LOCK_RETRY_S
             return
         self._restart(child, now)
@@ -516,8 +516,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="worker processes kept with the model loaded, ready to serve a new "
                         "instance at once (default: LOCAL_WARM_SPARES, else "
                         f"{Settings.local_warm_spares})")
-    # Every argument first: a bad setting's usage line left --warm-spares out, and --help
-    # gave the setting's error, not the help (reviewer).
+    # Every argument first: else a bad setting's usage line leaves --warm-spares out, and
+    # --help gives the setting's error, not the help.
     args = parser.parse_args(argv)
     env = dict(os.environ)
     if args.warm_spares is not None:
@@ -564,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s", exc)
     except ModelUnavailable as exc:
         # Its log's end says what to do (weights to fetch, or MODEL_WEIGHTS=random): a
-        # traceback of the stack before it only hid that (reviewer).
+        # traceback of the stack before it would only hide that.
         log.error("%s", exc)
         code = 1
     except Exception:
