@@ -79,8 +79,8 @@ DEFAULT_TIMEOUT_S = 330.0
 CONNECT_TIMEOUT_S = 10.0
 STATUS_INTERVAL_S = 0.5
 # A fresh web tier's first /api/status waits up to 10 s on AWS (web_tier/status.py
-# FIRST_READ_WAIT_S): given 2 s, the key check took that silence for "no key needed",
-# and every upload was then refused with 401.
+# FIRST_READ_WAIT_S): given 2 s, the key check would take that silence for "no key needed",
+# and every upload then be refused with 401.
 STATUS_CHECK_TIMEOUT_S = 12.0
 FINAL_STATES = ("done", "failed")
 
@@ -1119,7 +1119,7 @@ class Client:
         # Since when every connection has been refused, or not made in time (None: the
         # last was made, or the web tier answered something since): a
         # refused request is sent again until RESEND_WINDOW_S from then, not for a
-        # window of its own (a dead server took 50 minutes to report at -c 10).
+        # window of its own (a dead server would take 50 minutes to report at -c 10).
         self._refused_since: float | None = None
 
     def _session(self) -> requests.Session:

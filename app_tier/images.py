@@ -189,8 +189,8 @@ def _decoded_rgb(img: Image.Image, max_pixels: int, cmyk_profile: bytes | None) 
     """load_rgb's pixels: see there."""
     with _bad_image_errors(max_pixels):
         # Decoded first, here: a PNG's EXIF is read by decoding, and _orientation,
-        # which must swallow EXIF's own errors, swallowed a damaged decode's too,
-        # leaving half-decoded pixels that the conversions below took as they were.
+        # which must swallow EXIF's own errors, would swallow a damaged decode's too,
+        # leaving half-decoded pixels that the conversions below take as they are.
         img.load()
         turn = _UPRIGHT.get(_orientation(img))
         img = _reduced(img)
@@ -213,7 +213,7 @@ def _decoded_rgb(img: Image.Image, max_pixels: int, cmyk_profile: bytes | None) 
             return img
         if img.mode == "CMYK" and cmyk_profile is not None:
             # Reduced first, unlike Pillow's own conversion: a profile's transform costs
-            # ~25 ns a pixel, and a 40-megapixel CMYK TIFF took 4 s of a worker's CPU at
+            # ~25 ns a pixel, and a 40-megapixel CMYK TIFF would take 4 s of a worker's CPU at
             # full size (an upload anyone can repeat). Inks averaged in boxes convert to
             # slightly other colours than averaged conversions only where the box spans an
             # edge, and the sides stay REDUCING_GAP times the model's input.

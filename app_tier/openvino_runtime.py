@@ -83,7 +83,7 @@ def ensure_ir(weights: str) -> Path:
     into place, so a reader never sees half a file.
     """
     # For s3:// weights, the copy is brought up to date first, and the IR named after
-    # it: named after the URI, it outlived the upload it was converted from.
+    # it: named after the URI, it would outlive the upload it was converted from.
     source = weights_file(weights)
     target = ir_path(str(source) if source else weights)
     if target.exists():

@@ -701,7 +701,7 @@ class Worker:
             # The failure is kept on the input object so the web tier can rebuild it. If
             # S3 is failing or throttling, this raises: as for a result not written,
             # nothing is sent and the request is tried again. Answered untagged, a batch
-            # rebuilt after a restart showed it queued for ever.
+            # rebuilt after a restart would show it queued for ever.
             reason = response.error or ""
             try:
                 why_not = mark_failed(self.aws.s3, req.bucket, req.key, reason, self.instance_id)

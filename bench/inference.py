@@ -60,7 +60,7 @@ class InferenceResult:
     scores: dict[str, float] = field(default_factory=dict)
     # Batch size -> the process's core-ms per image in the throughput run kept. The
     # limit's images/s alone does not say how many cores the model had: on a shared
-    # machine others take some, and 1000 * cores / limit then overstated the model's
+    # machine others take some, and 1000 * cores / limit then overstates the model's
     # cost (71.5 core-ms stated, where the workers in (b), decoding and S3 included,
     # took 53.3 per image). Empty in figures from before it was measured.
     core_ms_per_image: dict[int, float] = field(default_factory=dict)

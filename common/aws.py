@@ -400,7 +400,7 @@ class Aws:
                 self._queue_urls[name] = sqs.get_queue_url(QueueName=name)["QueueUrl"]
             except sqs.exceptions.QueueDoesNotExist as exc:
                 # SQS's "The specified queue does not exist" names no queue: an operator
-                # with a wrong APP_PREFIX or region could not tell which was looked for.
+                # with a wrong APP_PREFIX or region could not tell which is looked for.
                 raise type(exc)(_naming_the_queue(exc.response, name, self.settings),
                                 exc.operation_name) from None
         return self._queue_urls[name]

@@ -19,7 +19,7 @@ PREFIX_TAG = "imgclass:prefix"
 # worker takes it whole from here for the output object. S3 allows 2 KB of user
 # metadata per object, names and values together; this field's name and the others
 # take up to 242 bytes. Room is left for each name's "x-amz-meta-" too (55 bytes for
-# the five): S3 does not count it, but a store that did refused names near the limit.
+# the five): S3 does not count it, but a store that does would refuse names near the limit.
 # A non-ASCII character takes 6 to 12 encoded (up to ~290 two-byte characters fit,
 # ~190 three-byte, 145 four-byte); the web tier cuts every name it keeps to what fits
 # (web_tier/filenames.py clean_name), so the output object names it as the answer did.

@@ -264,7 +264,7 @@ class Controller:
             return obs
         # One that went straight to terminated (no capacity, a volume it could not
         # encrypt, a hand), or has ended since, is not listed in a watched state: counted
-        # until the memory ran out, it held up its replacement and stood in for a
+        # until the memory ran out, it would hold up its replacement and stand in for a
         # scale-in victim.
         ended = terminated(self.aws, [i.id for i in unlisted])
         for iid in ended:
@@ -432,7 +432,7 @@ class Controller:
     def log_settings(self) -> None:
         """The settings every decision is made with (a --once round's too)."""
         s = self.settings
-        # Which queue and fleet, where: a wrong APP_PREFIX or region showed in nothing here.
+        # Which queue and fleet, where: a wrong APP_PREFIX or region shows in nothing else.
         where = s.region + (f" at {s.endpoint_url}" if s.endpoint_url else "")
         p = self.policy
         # The mode's own inputs too: the latency mode's are in nothing else logged.

@@ -66,8 +66,8 @@ RESTART_BACKOFF_S = 1.0
 # these errors show before that; one that served 20 s did start, and is restarted at
 # once. Each failed start in a row doubles the wait before the next, from
 # RESTART_BACKOFF_S up to MAX_RESTART_DELAY_S: a start costs seconds of CPU (the model
-# runtime's import), so failing workers restarted every second took the cores the
-# rest of the stack serves with, and filled the logs with the same traceback.
+# runtime's import), so failing workers restarted every second would take the cores the
+# rest of the stack serves with, and fill the logs with the same traceback.
 QUICK_EXIT_S = 20.0
 # Once a minute at most: a cause that goes away (a dependency back) is then picked up
 # within a minute; longer would only keep its instance idle for longer.
@@ -166,7 +166,7 @@ class InstanceRunner:
     log_dir: Path
     poll_s: float = 0.2
     # moto serialises every instance it lists (~4 ms of its CPU each, measured by
-    # `make bench`), so polling every 0.2 s with 15 instances live took a quarter of
+    # `make bench`), so polling every 0.2 s with 15 instances live takes a quarter of
     # a core from the embedded AWS the workers depend on. An empty fleet is cheap
     # to list, so a launch is still seen within poll_s; while instances are live,
     # once every busy_poll_s is enough (a real instance boots in ~40 s).

@@ -75,7 +75,7 @@ def create_job() -> Response:
     check_count(files, svc.settings)  # first: a form that is not multipart is read no further
     repeated = [name for name in ("batch_id", "create") if len(request.form.getlist(name)) > 1]
     if repeated:
-        # Only the first would count: files meant for the second batch went to the first.
+        # Only the first would count: files meant for the second batch would go to the first.
         raise Refusal(400, f"one {repeated[0]} per request: this one has "
                            f"{len(request.form.getlist(repeated[0]))}", code=Code.BAD_REQUEST)
     tokens = form_tokens(request, files)
@@ -87,8 +87,8 @@ def create_job() -> Response:
                            "batch_id=<32 hex digits>&create=1 with them", code=Code.BAD_REQUEST)
     batch_id = form_batch_id or new_id()
     # Kept in the book from the look for it until its files are added: let go between
-    # them (a full book), it was made again without the tokens of the files stored in
-    # it, and a file sent again under one was stored twice (ResultBook.in_use).
+    # them (a full book), it would be made again without the tokens of the files stored
+    # in it, and a file sent again under one stored twice (ResultBook.in_use).
     with svc.book.in_use(batch_id):
         adding = _named_batch_exists(form_batch_id) if form_batch_id else False
         if adding is None:

@@ -72,7 +72,7 @@ def answer_page(status: int, message: str, filename: str | None = None, label: s
     `link`: (address, text) of where to go instead, shown under the message."""
     if untrained is None:
         untrained = bool(services().book.untrained)
-    # The tab's title says the state too: after a reload it was the same, answered or not.
+    # The tab's title says the state too, or after a reload it reads the same, answered or not.
     state = label if label is not None else "queued" if waiting_s else "no label"
     if label is not None and untrained:
         # The tab, history and bookmarks show the title alone: the label there is said

@@ -126,7 +126,7 @@ class Listeners:
         if messages and (self.book.closing.is_set() or self._stop.is_set()):
             # Received by a poll in flight when the book closed, or the listeners were
             # told to stop (any stop of the process: gunicorn's worker_exit waits for these
-            # polls): recorded here and deleted, they were lost to the process that serves
+            # polls): recorded here and deleted, they would be lost to the process that serves
             # on (its items queued for ever). Handed back at once; if that fails, they come
             # back after the queue's visibility timeout all the same.
             self._hand_back(queue_url, messages)
@@ -228,8 +228,8 @@ class Listeners:
             return  # answered, or failed by a worker (which marked the object itself)
         if (again := self._queued_again_since(request)) is not None:
             # A copy sent before the item was queued again (POST .../again): that one,
-            # sent since, may yet be answered. Failed and tagged now, the item showed
-            # failed while queued, and a batch rebuilt from S3 failed for good.
+            # sent since, may yet be answered. Failed and tagged now, the item would show
+            # failed while queued, and a batch rebuilt from S3 fail for good.
             self._put_back_sent_again(request, again)
             return
         # A worker stores the outcome (a result, or a failure and its reason) before it
@@ -251,7 +251,7 @@ class Listeners:
         sent = _sent_again(known, tag_set)
         if known is None and request.sent_at < sent.at:
             # As above, for an item queued again by a process before this one: its input
-            # object's mark says when. Failed and tagged, the item showed failed in a batch
+            # object's mark says when. Failed and tagged, the item would show failed in a batch
             # rebuilt from S3 while the request sent since was under way.
             log.info("item %s: a dead letter of a copy sent before it was queued again (before a "
                      "restart); ignored", request.id)

@@ -181,7 +181,7 @@ class Submitter:
             # Stored, with no message, and there to stay: queued later (requeue_unsent,
             # once SQS answers), as one whose web tier died between the two steps is.
             # So accepted: refused with "try again" (and Retry-After, which a refusal
-            # that stored nothing says), it was sent again and classified twice.
+            # that stored nothing says), it would be sent again and classified twice.
             self._retry_later(item.id, request)
             return item
         self.book.discard(item.id)

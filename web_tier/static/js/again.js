@@ -87,7 +87,7 @@ function failedFiles() {
 export function showSendAgain() {
   const { count, leftOut } = failedFiles();
   const button = $("send-again");
-  // Hidden with the focus on it (its files went), it left the focus on nothing.
+  // Hidden with the focus on it (its files went), it would leave the focus on nothing.
   if (!count && document.activeElement === button) $("download-csv").focus();
   button.hidden = !count;
   button.textContent = `Send ${count} failed file${count === 1 ? "" : "s"} again`;

@@ -12,7 +12,7 @@ export function authHeaders() {
   return key ? { "X-API-Key": key } : {};
 }
 // An HTTP header carries printable ASCII only (fetch refuses anything else before
-// sending, which read as "no server"): a key pasted with a curly quote is said to be wrong.
+// sending, which would read as "no server"): a key pasted with a curly quote is said to be wrong.
 const HEADER_SAFE = /^[\x20-\x7e]*$/;
 export function keyProblem() {
   return HEADER_SAFE.test(storedKey()) ? "" :

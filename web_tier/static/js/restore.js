@@ -38,7 +38,7 @@ async function restore(batchId, place) {
   // empty): its files as the tab saved them, those not stored said so, and watched as
   // any restored batch is, for a chunk that reaches the server after the reload. Kept
   // in the address (and unconfirmed) until that watch is over: a reload within it
-  // shows them again, where dropped it lost them without a word.
+  // shows them again, where dropped it would lose them without a word.
   const sending = unknown && ((isUnconfirmed(batchId) && saved.length > 0) || session.otherTabSends);
   // An upload whose every file was refused: no batch was made, and the server has
   // nothing to add to the reasons this tab saved.
@@ -130,7 +130,7 @@ function showRows(session, saved, items) {
     }
     if (shown.path && session.entries.length > rows) session.setPath(session.entries[rows], shown.path);
     if (shown.again && session.entries.length > rows) showSentAgain(session.entries[rows], shown.again);
-    // Kept for the next save, which dropped them: the next reload showed the items replaced.
+    // Kept for the next save, or it drops them and the next reload shows the items replaced.
     if (shown.replaced && session.entries.length > rows) session.entries[rows].replaced = shown.replaced;
   }
   byId.forEach((item) => session.showNew(item));

@@ -755,7 +755,7 @@ export class Session {
       this.pollTimer = watching ? setTimeout(tick, POLL_MS) : null;
       if (!watching && this.restored && this.unknown) {
         // Still no such batch once the watch is over: nothing of it will come now, and
-        // each reload showed its files "not stored" again, for good. Their rows stay
+        // each reload would show its files "not stored" again, for good. Their rows stay
         // for this page view.
         setUnconfirmed(this.batchId, false);
         forgetBatch(this.batchId);

@@ -66,7 +66,7 @@ export function refreshSummary() {
   $("tools").hidden = !all.length;
   const stopSending = $("stop-sending");
   const stoppable = page.sessions.some((session) => session.uploading && !session.stopped);
-  // Hidden with the focus on it (the uploads ended), it left the focus on nothing.
+  // Hidden with the focus on it (the uploads ended), it would leave the focus on nothing.
   if (!stoppable && document.activeElement === stopSending) $("download-csv").focus();
   stopSending.hidden = !stoppable;
   showSendAgain();
