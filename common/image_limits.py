@@ -92,7 +92,7 @@ MAX_JPEG_SCANS = 100
 # Segments (markers with their data) before a JPEG's end. Photos have a few dozen; an
 # ICC profile or XMP split into 64 KB pieces adds one per piece. Each costs Pillow's
 # header parser (in Python) ~2.5 us: a 10 MB upload of 2.6 million 4-byte comments
-# take the web tier 12 s of CPU. Counted before Pillow opens a JPEG.
+# takes the web tier 12 s of CPU. Counted before Pillow opens a JPEG.
 MAX_JPEG_SEGMENTS = 2000
 # A marker, as libjpeg finds one: FF, then a byte that is not 00 (a stuffed FF in
 # compressed data), a restart marker D0-D7 or TEM (01) (no segment follows them),
