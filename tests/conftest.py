@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 # otherwise start in both processes); each unit module in a group of its own, so that
 # its module fixtures (a loaded model, say) are made once. The groups are made here, in
 # the scheduler: xdist's own xdist_group marks are lost on pytest 9.2 (pytest-xdist
-# issue 1386), and every test was scheduled alone, two stacks at once (explorer).
+# issue 1386), and every test would be scheduled alone, two stacks at once.
 INTEGRATION = "tests/integration/"
 
 
@@ -42,7 +42,7 @@ def pytest_configure(config):
 # The programs a few tests run that pip cannot install (Chromium, node, bsdtar: `make
 # browser-deps` installs them, as root). Without one such a test is skipped, as on a
 # laptop; with REQUIRE_TEST_TOOLS=1, as .ci/run sets it, it fails instead: CI whose
-# install of them failed stayed green, those tests skipped unseen (reviewer).
+# install of them failed would stay green, those tests skipped unseen.
 REQUIRE_TEST_TOOLS = "REQUIRE_TEST_TOOLS"
 
 

@@ -76,7 +76,7 @@ def test_long_polls_do_not_hold_up_other_calls(moto):
     before = accepted(server, port)  # this test's own client keeps one
     for thread in threads:
         thread.start()
-    # All of them waiting in the server, which a fixed pause only hoped for (reviewer).
+    # All of them waiting in the server, which a fixed pause only hopes for.
     wait_for(lambda: accepted(server, port) >= before + LONG_POLLS, timeout_s=30,
              what="the long polls to reach the server")
     sqs.send_message(QueueUrl=queue, MessageBody="hello")

@@ -101,7 +101,7 @@ def test_many_images_from_the_page(stack, browser, reference_model, tmp_path):
             continue
         assert item.get_attribute("data-state") == "done", (name, item.text)
         assert item.get_attribute("data-label") == reference(reference_model, data).label
-        # The top 5, folded (open, 500 rows made a page of 76,000 px: reviewer).
+        # The top 5, folded: open, 500 rows make a page of 76,000 px.
         guesses = item.find_element(By.CSS_SELECTOR, "details.guesses")
         assert guesses.is_displayed() and guesses.get_attribute("open") is None
         assert len(item.find_elements(By.CSS_SELECTOR, ".top5 li")) == 5
@@ -121,8 +121,8 @@ def test_many_images_from_the_page(stack, browser, reference_model, tmp_path):
 
 
 def test_without_javascript_one_image_is_classified_by_the_plain_form(stack, reference_model, tmp_path):
-    """With JavaScript off the page showed "Connecting…" for ever, and its controls did
-    nothing (reviewer): they are hidden, and a plain form answers with a page."""
+    """With JavaScript off the page would show "Connecting…" for ever, its controls doing
+    nothing: they are hidden, and a plain form answers with a page."""
     from selenium.webdriver.common.by import By
 
     data = make_image(530)
@@ -139,7 +139,7 @@ def test_without_javascript_one_image_is_classified_by_the_plain_form(stack, ref
         assert label.text == reference(reference_model, data).label
         assert page.find_element(By.CSS_SELECTOR, ".plain-answer .name").text == "plain.jpg"
         assert "UNTRAINED" in page.find_element(By.CLASS_NAME, "banner").text
-        # A page of its own, which a reload asks for again, sending nothing (reviewer).
+        # A page of its own, which a reload asks for again, sending nothing.
         assert "/answers/" in page.current_url
         shown = label.text
         page.refresh()
@@ -313,9 +313,9 @@ def test_files_a_stopping_web_tier_did_not_store_are_sent_again(stack, browser, 
 def test_files_whose_answer_was_lost_are_sent_again_and_classified_once(stack, browser, reference_model,
                                                                          tmp_path):
     """A send may be cut off after the server stored its files (a web tier killed
-    mid-answer). They were shown failed, though stored and classified; sent again
-    without tokens, an explorer's were classified twice, in a batch of their own when
-    the chunk was the first. Now they are sent again under the same batch and tokens."""
+    mid-answer). Shown failed, though stored and classified, and sent again without
+    tokens, they would be classified twice, in a batch of their own when the chunk is
+    the first. They are sent again under the same batch and tokens."""
     files = {f"lost_{i}.jpg": make_image(830 + i, size=(64, 48)) for i in range(4)}
     shown = upload_failing_first(browser, stack, tmp_path, files, ["lost", "lost"], per_request=2)
     assert_classified(shown, files, reference_model)
@@ -324,8 +324,8 @@ def test_files_whose_answer_was_lost_are_sent_again_and_classified_once(stack, b
 
 def test_files_whose_answer_was_cut_off_after_its_headers_are_sent_again_and_classified_once(
         stack, browser, reference_model, tmp_path):
-    """They were shown "upload refused (HTTP 202)", and the batch dropped from the
-    address, though the server had stored and classified them (explorer)."""
+    """Not "upload refused (HTTP 202)", with the batch dropped from the address: the
+    server has stored and classified them."""
     files = {f"cut_{i}.jpg": make_image(875 + i, size=(64, 48)) for i in range(2)}
     shown = upload_failing_first(browser, stack, tmp_path, files, ["cut-body"])
     assert_classified(shown, files, reference_model)
@@ -335,8 +335,8 @@ def test_files_whose_answer_was_cut_off_after_its_headers_are_sent_again_and_cla
 def test_files_a_proxy_answered_504_for_are_sent_again_and_classified_once(
         stack, browser, reference_model, tmp_path):
     """A proxy's 504 (its timeout passed while the web tier stored the chunk) on a first
-    send failed the files for good, "upload refused (HTTP 504)", though the server held
-    them (reviewer). It is an answer lost: sent again under the same tokens."""
+    send must not fail the files for good, "upload refused (HTTP 504)": the server may
+    hold them. It is an answer lost: sent again under the same tokens."""
     files = {f"proxied_{i}.jpg": make_image(1440 + i, size=(64, 48)) for i in range(2)}
     shown = upload_failing_first(browser, stack, tmp_path, files, ["504"], per_request=2)
     assert_classified(shown, files, reference_model)
@@ -345,8 +345,8 @@ def test_files_a_proxy_answered_504_for_are_sent_again_and_classified_once(
 
 def test_files_a_proxy_answered_504_for_at_each_send_are_shown_once_after_a_reload(stack, browser, tmp_path):
     """Every send answered 504 by a proxy, the server storing the files at each: failed
-    once the resends are over, not as refused (a reload showed each file twice, failed
-    and with its result: reviewer), and offered again."""
+    once the resends are over, not as refused (else a reload shows each file twice,
+    failed and with its result), and offered again."""
     files = {"proxied.jpg": make_image(1442, size=(64, 48))}
     shown = upload_failing_first(browser, stack, tmp_path, files, ["504"] * 5)
     assert shown["proxied.jpg"].get_attribute("data-state") == "failed"
@@ -386,9 +386,9 @@ LATE_JPG_DEAD_LETTERED = "window.deadLetter = true;" + polls_answered_as("""
 
 def test_a_late_answer_replaces_a_rows_dead_letter_failure(stack, browser, reference_model, tmp_path):
     """A request no worker answered in its attempts is failed by its dead letter, and
-    replaced if a copy of it is answered later, as GET /api/jobs then says: the page
-    kept the failure, the first outcome it had shown (reviewer). Faked in the page's
-    polls (its event stream off): "late.jpg" failed, "other.jpg" queued, then the truth."""
+    replaced if a copy of it is answered later, as GET /api/jobs then says: the page must
+    not keep the first outcome it showed. Faked in the page's polls (its event stream
+    off): "late.jpg" failed, "other.jpg" queued, then the truth."""
     from selenium.webdriver.common.by import By
 
     files = {"late.jpg": make_image(890), "other.jpg": make_image(891)}
@@ -409,8 +409,8 @@ def test_a_late_answer_replaces_a_rows_dead_letter_failure(stack, browser, refer
 
 
 def test_a_file_deleted_after_it_was_chosen_fails_alone(stack, browser, reference_model, tmp_path):
-    """The browser refuses to send a chunk with a file it cannot read: all 20 of an
-    explorer's chunk were sent again for 75 s, then said to have found no server."""
+    """The browser refuses to send a chunk with a file it cannot read: sent again, all 20
+    of a chunk would be retried for 75 s, then said to have found no server."""
     from selenium.webdriver.common.by import By
 
     files = {f"kept_{i}.jpg": make_image(860 + i) for i in range(2)}
@@ -438,8 +438,8 @@ def test_a_file_deleted_after_it_was_chosen_fails_alone(stack, browser, referenc
 
 
 def test_stop_sending_ends_an_upload_leaving_what_was_sent(stack, browser, reference_model, tmp_path):
-    """A wrong folder of thousands of files on a slow link could only be stopped by
-    leaving the page (reviewer). The chunk in flight ends as it would; no other is sent."""
+    """A wrong folder of thousands of files on a slow link must be stoppable without
+    leaving the page. The chunk in flight ends as it would; no other is sent."""
     from selenium.webdriver.common.by import By
 
     files = {f"stop_{i}.jpg": make_image(880 + i, size=(64, 48)) for i in range(6)}
@@ -460,8 +460,8 @@ def test_stop_sending_ends_an_upload_leaving_what_was_sent(stack, browser, refer
              "the first send, and the button")
     record_announcements(browser)
     stop.click()
-    # Said: the rows on their way stay "uploading", and the press seemed to do nothing;
-    # in one text with the files left unsent, where said apart the first went unheard (reviewers).
+    # Said: the rows on their way stay "uploading", and the press seems to do nothing;
+    # in one text with the files left unsent, as said apart the first goes unheard.
     assert browser.execute_script("return window.announced")[-1].startswith(
         "Stopped: files already on their way finish sending, the rest are not sent. 0 of 6 classified, "
         "5 failed. stop_1.jpg: not sent: you stopped the upload")
@@ -476,8 +476,8 @@ def test_stop_sending_ends_an_upload_leaving_what_was_sent(stack, browser, refer
     batch_id = browser.current_url.split("#batches=")[1]
     assert [i["filename"] for i in server_items(stack, batch_id)] == [first]
     wait_for(lambda: not stop.is_displayed(), 10, "the button to go")
-    # Stopped is not refused: the rest are offered again, into the same batch. A stray
-    # press had left them to be chosen again by hand (reviewer).
+    # Stopped is not refused: the rest are offered again, into the same batch, not left
+    # to be chosen again by hand after a stray press.
     button = send_again_button(browser)
     wait_for(lambda: button.is_displayed() and button.text == "Send 5 failed files again", 10, "the offer")
     button.click()
@@ -486,8 +486,8 @@ def test_stop_sending_ends_an_upload_leaving_what_was_sent(stack, browser, refer
 
 
 def test_the_focus_on_stop_sending_moves_on_when_the_upload_ends_by_itself(stack, browser, tmp_path):
-    """The button hides once nothing is being sent: with the focus on it, the focus fell
-    to the page's body, and a screen reader's place was lost (reviewer)."""
+    """The button hides once nothing is being sent: with the focus on it, the focus would
+    fall to the page's body, and a screen reader's place be lost."""
     browser.get(stack.web_url + "/")
     with upload_throttled(browser, 100_000):
         choose(browser, tmp_path, {"focused.jpg": make_image(1080, size=(800, 600))})
@@ -513,8 +513,8 @@ def test_stop_sending_cancels_a_resend_waiting_its_turn(stack, browser, tmp_path
 
 
 def test_stop_sending_while_a_chunk_is_being_read_does_not_send_it(stack, browser, tmp_path):
-    """A chunk taken to be sent, its files being read (readable) as "Stop sending" was
-    pressed, was still sent (reviewer). Its reads held here until the press."""
+    """A chunk taken to be sent, its files being read (readable) as "Stop sending" is
+    pressed, must not be sent. Its reads held here until the press."""
     from selenium.webdriver.common.by import By
 
     browser.get(stack.web_url + "/")
@@ -544,8 +544,8 @@ def test_stop_sending_while_a_chunk_is_being_read_does_not_send_it(stack, browse
 
 
 def test_stop_sending_after_a_503_keeps_the_reasons_for_a_reload(stack, browser, tmp_path):
-    """A 503 said nothing was stored; stopped during the wait to send again, the rows said
-    "the server may hold it: reload to see", and the reload showed nothing (reviewer)."""
+    """A 503 says nothing was stored: stopped during the wait to send again, the rows must
+    not say "the server may hold it: reload to see", as the reload shows nothing."""
     from selenium.webdriver.common.by import By
 
     browser.get(stack.web_url + "/")
@@ -562,8 +562,8 @@ def test_stop_sending_after_a_503_keeps_the_reasons_for_a_reload(stack, browser,
 
 
 def test_a_file_deleted_before_its_chunk_is_sent_again_fails_alone(stack, browser, reference_model, tmp_path):
-    """Resends did not look at the files again: all five rows of an explorer's chunk,
-    one file deleted while the web tier restarted, failed as "could not be reached"."""
+    """Resends look at the files again: with one file of a chunk deleted while the web
+    tier restarts, all five rows would otherwise fail as "could not be reached"."""
     files = {f"again_{i}.jpg": make_image(870 + i) for i in range(2)}
     browser.get(stack.web_url + "/")
     browser.execute_script(FAIL_FIRST_POSTS, ["unreachable"])  # resent 5 s later
@@ -642,9 +642,9 @@ def test_a_file_over_the_size_limit_is_refused_unsent_and_chunks_keep_under_the_
 
 def test_chunks_refused_before_their_batch_exists_all_join_one_batch(stack, browser, reference_model,
                                                                       tmp_path):
-    """An explorer's 30 files, chosen while the web tier restarted: both chunks were
-    refused, both sent again side by side without a batch id, and the server made two
-    batches; the page followed one, and the other's files stayed "queued" for good."""
+    """30 files chosen while the web tier restarts: both chunks refused, then sent again
+    side by side without a batch id, would make two batches; the page would follow one,
+    and the other's files stay "queued" for good."""
     files = {f"split_{i}.jpg": make_image(840 + i, size=(64, 48)) for i in range(4)}
     shown = upload_failing_first(browser, stack, tmp_path, files, ["503", "503"], per_request=2)
     assert_classified(shown, files, reference_model)
@@ -737,7 +737,7 @@ def test_a_reload_shows_the_batches_again_and_follows_them_to_the_end(stack, bro
 def test_a_reload_that_cuts_uploads_off_shows_each_stored_file_once(stack, browser, tmp_path):
     """Files still being sent when the page is left were not refused by the server: a
     reload shows what the server stored, once each, and says which of the chosen files
-    it does not hold (they were left out without a word: explorer)."""
+    it does not hold, not leaving them out without a word."""
     import requests
     from selenium.webdriver.common.by import By
 
@@ -887,7 +887,7 @@ def test_an_unknown_batch_in_the_address_is_said_and_dropped(stack, browser):
         time.sleep(0.05)
     assert summary.text == f"batch {unknown} could not be loaded (unknown here, or expired)"
     assert "#batches=" not in browser.current_url
-    # Said too, once, without the id's 32 digits (only the summary line showed it: reviewer).
+    # Said too, once, without the id's 32 digits, not only in the summary line.
     said = browser.find_element(By.ID, "announce").get_property("textContent")
     assert said == "a batch in the address could not be loaded (unknown here, or expired)"
 
@@ -905,9 +905,9 @@ window.fetch = async (url, options) => {
 
 def test_the_page_sends_no_more_files_at_once_than_the_server_takes_and_shows_its_names(
         stack, browser, tmp_path):
-    """An explorer's page with MAX_FILES_PER_REQUEST=5 failed every file: it always sent
-    20 at once. And a name the server cleans (a bidi control taken out) was shown as
-    chosen until a reload, though the output bucket holds the cleaned one."""
+    """With MAX_FILES_PER_REQUEST=5, a page that always sends 20 at once fails every file.
+    And a name the server cleans (a bidi control taken out) must not show as chosen until
+    a reload: the output bucket holds the cleaned one."""
     from selenium.webdriver.common.by import By
 
     paths = []
@@ -1013,8 +1013,8 @@ window.fetch = async (url, options) => {
 
 
 def test_a_reloaded_page_shows_its_batches_though_one_never_answers(stack, browser):
-    """The batches were asked for one after another: one whose answer never came left
-    the page empty, the others never asked for (explorer)."""
+    """Batches asked for one after another: one whose answer never comes would leave the
+    page empty, the others never asked for."""
     from selenium.webdriver.common.by import By
 
     with waiting_batch(stack, 963) as hung, waiting_batch(stack, 964) as shown:
@@ -1029,8 +1029,8 @@ def test_a_reloaded_page_shows_its_batches_though_one_never_answers(stack, brows
 
 
 def test_a_slow_batch_is_polled_once_at_a_time(stack, browser):
-    """The page asked again every 2 s, answered or not: a page polling a large batch
-    rebuilt from S3 after a restart piled up requests, each a whole rebuild (explorer)."""
+    """Asking again every 2 s, answered or not, a page polling a large batch rebuilt
+    from S3 after a restart would pile up requests, each a whole rebuild."""
     with waiting_batch(stack, 961) as batch_id:
         show_restored(browser, stack, batch_id)
         browser.execute_script(WATCH_POLLS, "slow")
@@ -1080,8 +1080,8 @@ def spy_on_uploads(browser) -> None:
 
 
 def test_an_api_key_typed_just_before_a_drop_is_sent(stack, browser, tmp_path):
-    """Kept only once the box lost focus: files dropped straight after typing went
-    without it, and a server that needs one refused them (explorer)."""
+    """Kept only once the box lost focus, the key would miss files dropped straight after
+    typing, and a server that needs one refuse them."""
     from selenium.webdriver.common.by import By
 
     browser.get(stack.web_url + "/")
@@ -1096,8 +1096,8 @@ def test_an_api_key_typed_just_before_a_drop_is_sent(stack, browser, tmp_path):
 
 def test_an_api_key_a_header_cannot_carry_is_said_to_be_wrong_not_the_server_unreachable(
         stack, browser, tmp_path):
-    """A curly quote pasted with the key: fetch refused the header before sending, and
-    the files were sent again for 75 s, then said to have found no server (explorer)."""
+    """A curly quote pasted with the key: fetch refuses the header before sending, and the
+    files would be sent again for 75 s, then said to have found no server."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -1122,8 +1122,8 @@ CONTRAST_OF_PLACEHOLDER = LUMINANCE + """
 
 
 def test_a_refused_api_key_is_said_to_be_refused_not_missing(stack, browser, tmp_path):
-    """A wrong key typed above was answered "an API key is required: enter it above",
-    as if none had been sent (reviewer)."""
+    """A wrong key typed above is not answered "an API key is required: enter it above",
+    as if none had been sent."""
     from selenium.webdriver.common.by import By
 
     browser.get(stack.web_url + "/")
@@ -1141,10 +1141,10 @@ def test_a_refused_api_key_is_said_to_be_refused_not_missing(stack, browser, tmp
     browser.execute_script("localStorage.clear();")
     assert "an API key is required: enter it above" in shown["keyless.jpg"].text
     assert "the API key was refused: check it above" in shown["wrong_key.jpg"].text
-    # The box is where the fix goes: focused, and marked invalid until typed in (reviewer).
+    # The box is where the fix goes: focused, and marked invalid until typed in.
     key = browser.find_element(By.ID, "api-key")
     assert browser.switch_to.active_element == key and key.get_attribute("aria-invalid") == "true"
-    # Why, beside the box and read with it, not only in the rows (reviewer).
+    # Why, beside the box and read with it, not only in the rows.
     problem = browser.find_element(By.ID, "api-key-problem")
     assert problem.is_displayed() and problem.text.startswith("the API key was refused")
     assert "api-key-problem" in key.get_attribute("aria-describedby").split()
@@ -1172,8 +1172,8 @@ def test_the_choose_button_shows_keyboard_focus(stack, browser):
 
 def test_files_whose_answer_never_comes_are_sent_again_and_classified_once(stack, browser, reference_model,
                                                                            tmp_path):
-    """A POST whose answer never came, nor an error (a connection left half open), left
-    every row "uploading" for good and held the rest of the upload back (explorer)."""
+    """A POST whose answer never comes, nor an error (a connection left half open), must
+    not leave every row "uploading" for good and hold the rest of the upload back."""
     files = {f"hung_{i}.jpg": make_image(960 + i, size=(64, 48)) for i in range(2)}
     shown = upload_failing_first(browser, stack, tmp_path, files, ["hang"],
                                  setup="document.body.dataset.answerTimeoutMs = '1000';", timeout_s=60)
@@ -1215,18 +1215,18 @@ SHORT_SEND_TIMEOUTS = """
 
 
 def test_a_slow_upload_that_keeps_going_is_not_cut_off(stack, browser, reference_model, tmp_path):
-    """The page gave a send 30 s plus its bytes at 50 KB/s, but three shared the link:
-    at 100 KB/s every chunk after the first was cut off by the page's own timer, sent
-    again four times on top of the others, then said to have found no server: 60 files
-    in 100 failed (reviewer). Here with that time cut to 3 s plus the bytes at 50 KB/s,
-    and a link at 25 KB/s that carries one chunk within it, not three. A send is now
-    given up on only once its upload stalls (here for 3 s)."""
+    """Given 30 s plus its bytes at 50 KB/s, with three sends sharing a 100 KB/s link,
+    every chunk after the first would be cut off by the page's own timer, sent again
+    four times on top of the others, then said to have found no server: 60 files in 100
+    failed. Here with that time cut to 3 s plus the bytes at 50 KB/s, and a link at
+    25 KB/s that carries one chunk within it, not three. A send is given up on only
+    once its upload stalls (here for 3 s)."""
     files = {f"slow_{i}.jpg": make_image(1000 + i, size=(480, 360)) for i in range(5)}  # ~67 KB each
     browser.get(stack.web_url + "/")
     browser.execute_script(COUNT_POSTS_IN_FLIGHT + SHORT_SEND_TIMEOUTS)
     with upload_throttled(browser, 25_000):
         choose(browser, tmp_path, files)
-        # How far the sends have got, while they go (nothing moved for 75 s: reviewer).
+        # How far the sends have got, while they go, lest nothing seem to move for 75 s.
         summary = browser.execute_script("return document.getElementById('summary')")
         wait_for(lambda: re.search(r"sending \d+\.\d of \d+\.\d MB", summary.text), 20, "the bytes sent")
         shown = finished_rows(browser, stack, len(files), timeout_s=50)
@@ -1253,11 +1253,11 @@ XMLHttpRequest.prototype.send = function (body) {
 
 def test_uploads_on_one_page_share_its_requests_and_none_waiting_for_a_connection_is_cut_off(
         stack, browser, reference_model, tmp_path):
-    """Each upload had 3 requests in flight: three uploads asked for 9 of the browser's 6
-    connections to the server, and those it held back were given up on as stalled, having
-    sent nothing, then sent again (reviewer); on a longer busy link a chunk could use
-    all its resends so. Now the page has 3 in flight across its uploads, and a request
-    not yet started is given far longer than one whose upload stalls (here 3 s)."""
+    """With 3 requests in flight for each upload, three uploads would ask for 9 of the
+    browser's 6 connections to the server, and those held back be given up on as stalled,
+    having sent nothing, then sent again; on a longer busy link a chunk could use all
+    its resends so. The page has 3 in flight across its uploads, and a request not yet
+    started is given far longer than one whose upload stalls (here 3 s)."""
     files = [{f"shared_{n}_{i}.jpg": make_image(1040 + 10 * n + i, size=(320, 240)) for i in range(3)}
              for n in range(3)]  # ~27 KB each
     browser.get(stack.web_url + "/")
@@ -1275,8 +1275,8 @@ def test_uploads_on_one_page_share_its_requests_and_none_waiting_for_a_connectio
 
 
 def test_a_stalled_upload_is_said_to_have_timed_out(stack, browser, tmp_path):
-    """A send the page gave up on was said to have found no server, which sent a user
-    with a slow link to look for a fault in the server (reviewer)."""
+    """A send the page gave up on is not said to have found no server, which would send a
+    user with a slow link to look for a fault in the server."""
     browser.get(stack.web_url + "/")
     browser.execute_script("""
       document.body.dataset.stallTimeoutMs = '1000';
@@ -1331,9 +1331,9 @@ window.EventSource = class extends RealEventSource {
 
 
 def test_uploads_keep_no_more_than_two_event_streams_open(stack, browser, reference_model, tmp_path):
-    """Each upload held an event stream, and with it one of the browser's six
-    connections to the server, until its batch was done: an explorer's seventh upload
-    waited, the status line froze, and another tab could not load the page."""
+    """An event stream held for each upload until its batch is done takes one of the
+    browser's six connections to the server: a seventh upload would wait, the status
+    line freeze, and another tab fail to load the page."""
     browser.get(stack.web_url + "/")
     browser.execute_script(WATCH_STREAMS)
     files = {f"stream_{i}.jpg": make_image(890 + i, size=(64, 48)) for i in range(4)}
@@ -1348,8 +1348,8 @@ def test_uploads_keep_no_more_than_two_event_streams_open(stack, browser, refere
 def test_files_that_join_a_batch_after_its_stream_ended_are_followed_while_others_upload(
         stack, browser, reference_model, tmp_path):
     """The stream ends once all that joined the batch are done; a chunk stored after that
-    was not followed until the last chunk was in: an explorer's slow upload showed 100
-    rows "queued" that the server had done."""
+    must be followed at once, not when the last chunk is in, or a slow upload shows
+    rows "queued" that the server has done."""
     from selenium.webdriver.common.by import By
 
     browser.get(stack.web_url + "/")
@@ -1380,10 +1380,10 @@ def test_files_that_join_a_batch_after_its_stream_ended_are_followed_while_other
 
 def test_a_stream_opened_after_another_ended_is_sent_only_what_finished_since(
         stack, browser, reference_model, tmp_path):
-    """Each chunk stored after the batch's stream had ended (its files all done) opened
-    a new stream with no Last-Event-ID, and the server sent it every finished item of the
-    batch again: a 2,000-file upload in 100 chunks, some 100,000 events (reviewer). Each
-    chunk here joins once the last stream has ended."""
+    """Each chunk stored after the batch's stream had ended (its files all done) must not
+    open a new stream with no Last-Event-ID, which has the server send every finished
+    item of the batch again: a 2,000-file upload in 100 chunks, some 100,000 events.
+    Each chunk here joins once the last stream has ended."""
     browser.get(stack.web_url + "/")
     browser.execute_script(WATCH_STREAMS + UPLOADS_BY_FETCH + r"""
       window.endsHeld = false;
@@ -1475,8 +1475,8 @@ TEXTS = ["h1", "#status-line", "#untrained-banner", ".hint", ".button", ".tools 
 
 
 def test_text_keeps_its_contrast_in_the_light_and_the_dark_theme(stack, browser, tmp_path):
-    """The page was light whatever the system asked for (reviewer); dark, each text
-    must still read at 4.5:1 (WCAG 1.4.3), as in the light theme."""
+    """The page follows the system's dark theme; dark, each text must still read at 4.5:1
+    (WCAG 1.4.3), as in the light theme."""
     from selenium.webdriver.common.by import By
 
     paths = [tmp_path / "contrast.jpg", tmp_path / "broken.jpg"]
@@ -1497,7 +1497,7 @@ def test_text_keeps_its_contrast_in_the_light_and_the_dark_theme(stack, browser,
 
 def test_a_touch_screen_is_offered_images_only(stack, browser):
     """A phone has no folder picker (iOS) or one that ignores webkitdirectory (Android),
-    and nothing to drop: "Choose a folder" there picked files one at a time (reviewer)."""
+    and nothing to drop: "Choose a folder" there would pick files one at a time."""
     from selenium.webdriver.common.by import By
 
     def shown() -> dict:
@@ -1529,9 +1529,9 @@ def record_announcements(browser):
 
 
 def test_screen_readers_hear_the_first_failure_at_once_and_the_summary_at_the_end(stack, browser, tmp_path):
-    """The summary was a live region rewritten at each result: 150 files, 150 announcements.
-    Then said only at the end: 500 files gave 24 s of silence, a refused API key none
-    (reviewer). Now: the first failure with its reason, the count every 15 s, the end."""
+    """A live region rewritten at each result makes 150 announcements for 150 files; said
+    only at the end, 500 files give 24 s of silence, and a refused API key none. So: the
+    first failure with its reason, the count every 15 s, the end."""
     from selenium.webdriver.common.by import By
 
     browser.get(stack.web_url + "/")
@@ -1544,7 +1544,7 @@ def test_screen_readers_hear_the_first_failure_at_once_and_the_summary_at_the_en
     final = "3 of 4 classified, 1 failed"
     wait_for(lambda: browser.execute_script("return window.announced").count(final) == 1, 10, "the end")
     said = browser.execute_script("return window.announced")
-    # The files chosen, at once: the first count comes 15 s later (reviewer).
+    # The files chosen, at once: the first count comes 15 s later.
     assert said[0] == "Sending 4 files", said
     assert re.fullmatch(r"\d of 4 classified, 1 failed\. bad\.jpg: .*(JPEG|image).*", said[1]), said
     assert said[-1] == final
@@ -1557,8 +1557,8 @@ def test_screen_readers_hear_the_first_failure_at_once_and_the_summary_at_the_en
 
 
 def test_screen_readers_hear_a_long_name_cut_between_characters_as_seen(stack, browser):
-    """A failure's file name was said whole: 180 characters; then cut through a flag,
-    read as "regional indicator symbol letter F" (reviewers)."""
+    """A failure's file name said whole can run to 180 characters; cut through a flag, it
+    reads as "regional indicator symbol letter F"."""
     browser.get(stack.web_url + "/")
     record_announcements(browser)
     name = "a" * 39 + "\U0001f1eb\U0001f1f7" + "b" * 150 + "_the_end.jpg"  # a flag, as the 40th
@@ -1570,16 +1570,16 @@ def test_screen_readers_hear_a_long_name_cut_between_characters_as_seen(stack, b
 
 
 def test_screen_readers_hear_the_count_while_files_wait_for_a_worker(stack, browser, tmp_path):
-    """The count was said only when a row changed: files waiting for a worker gave 24 s
-    of silence from a cold start (reviewer). Their waiting is faked in the page's polls
-    (its event stream off), and the count is due every second here."""
+    """Said only when a row changes, the count leaves files waiting for a worker with 24 s
+    of silence from a cold start. Their waiting is faked in the page's polls (its event
+    stream off), and the count is due every second here."""
     browser.get(stack.web_url + "/")
     browser.execute_script(r"""
       document.body.dataset.announceEveryMs = '1000';
 """ + polls_answered_as('Object.assign(item, { state: "queued", label: null, top5: [] });'))
     record_announcements(browser)
     choose(browser, tmp_path, {f"waits_{i}.jpg": make_image(930 + i) for i in range(2)})
-    # Said, and said again while they still wait (once only, at first: reviewer).
+    # Said, and said again while they still wait, not once only at first.
     said = wait_for(lambda: len(browser.execute_script("return window.announced")) >= 3 and
                     browser.execute_script("return window.announced"), 20, "the count, twice")
     assert said[:3] == ["Sending 2 files", "0 of 2 classified", "0 of 2 classified"], said
@@ -1592,8 +1592,8 @@ def test_screen_readers_hear_the_count_while_files_wait_for_a_worker(stack, brow
 
 
 def test_screen_readers_hear_how_far_a_slow_upload_has_got(stack, browser, tmp_path):
-    """"sending x of y MB" was in the summary alone: on a slow link, screen readers heard
-    "0 of 1 classified" and nothing of the bytes going out (reviewer)."""
+    """"sending x of y MB" in the summary alone leaves screen readers on a slow link with
+    "0 of 1 classified" and nothing of the bytes going out."""
     browser.get(stack.web_url + "/")
     browser.execute_script("document.body.dataset.announceEveryMs = '1000';")
     record_announcements(browser)
@@ -1618,8 +1618,8 @@ RECORD_SENDINGS = """
 
 
 def test_the_mb_sent_only_grow_out_of_the_uploads_whole_size(stack, browser, tmp_path):
-    """Of the requests in flight alone, "sending x of y MB" went backwards as each ended
-    ("3.9 of 9.3", then "2.1 of 7.2") and never said the upload's 17 MB (reviewer)."""
+    """Of the requests in flight alone, "sending x of y MB" would go backwards as each ends
+    ("3.9 of 9.3", then "2.1 of 7.2") and never say the upload's 17 MB."""
     browser.get(stack.web_url + "/")
     browser.execute_script("""
       document.body.dataset.filesPerRequest = '1';""" + RECORD_SENDINGS)
@@ -1678,15 +1678,15 @@ def test_the_mb_sent_never_go_back_when_a_chunk_is_sent_again(stack, browser, tm
 
 
 def test_files_refused_together_are_heard_with_a_reason_and_so_is_a_later_failure(stack, browser, tmp_path):
-    """Each row refused updated the summary: the first one's reason was replaced at once
-    by the last one's bare count, and never heard (reviewer)."""
+    """Each row refused updates the summary: the first one's reason must not be replaced
+    at once by the last one's bare count, and never heard."""
     browser.get(stack.web_url + "/")
     record_announcements(browser)
     choose(browser, tmp_path, {f"junk_{i}.jpg": b"not an image %d" % i for i in range(3)})
     finished_rows(browser, stack, 3, timeout_s=60)
     said = wait_for(lambda: browser.execute_script("return window.announced"), 10, "an announcement")
     assert re.fullmatch(r"0 of 3 classified, 3 failed\. junk_\d\.jpg: .+", said[-1]), said
-    # A later upload's first failure is said too, with its own reason (it was not: reviewer).
+    # A later upload's first failure is said too, with its own reason.
     choose(browser, tmp_path, {"later.jpg": b"not an image either"})
     finished_rows(browser, stack, 4, timeout_s=60)
     said = wait_for(lambda: [text for text in browser.execute_script("return window.announced")
@@ -1716,8 +1716,8 @@ def test_the_status_line_says_when_its_figures_are_old(stack, browser):
 
 def test_the_status_line_says_how_many_running_instances_serve(stack, browser):
     """An instance runs well before its worker serves (its model loading, a boot): "1
-    running, 0 starting" while nothing was answered looked stuck (explorer). Said only
-    while they differ."""
+    running, 0 starting" while nothing is answered looks stuck. Said only while they
+    differ."""
     from selenium.webdriver.common.by import By
 
     browser.get(stack.web_url + "/")
@@ -1740,8 +1740,8 @@ def test_the_status_line_says_how_many_running_instances_serve(stack, browser):
     browser.execute_script("window.serving = 2;")
     wait_for(lambda: "instances: 2 running, 0 starting" in line.text, 10, "the status line, all serving")
     assert "workers are starting" not in line.text
-    # Images queued and none serving yet: said plainly first (every row said "queued",
-    # and nothing that workers were on their way: UX review).
+    # Images queued and none serving yet: said plainly first, as rows that all say
+    # "queued" tell nothing of workers on their way.
     browser.execute_script("window.serving = 0; window.queued = 3;")
     wait_for(lambda: line.text.startswith("workers are starting: queued images wait for the first · "
                                           "queue: 3 waiting"), 10, "the status line, none serving")
@@ -1751,8 +1751,8 @@ def test_the_status_line_says_how_many_running_instances_serve(stack, browser):
 
 
 def test_the_status_line_says_when_the_server_stops_answering_and_asks_once_at_a_time(stack, browser):
-    """A hung server never answered: the line kept its old figures as if current, and
-    a request every 2 s piled up behind the first (explorer)."""
+    """A hung server never answers: the line must not keep its old figures as if current,
+    nor a request every 2 s pile up behind the first."""
     from selenium.webdriver.common.by import By
 
     browser.get(stack.web_url + "/")
@@ -1810,11 +1810,11 @@ def saved_tokens(browser, batch_id: str) -> dict[str, str]:
 
 def test_a_reload_before_anything_was_stored_shows_the_files_and_takes_one_that_comes_late(
         stack, browser, tmp_path):
-    """A reload before the server held any file of the batch dropped it without a word,
-    though the tab had saved its files: they are shown waiting while the batch is watched
-    for them, then "not stored" (shown failed at once, "choose it again", a file that then
-    came had been sent twice: explorer). A chunk that reaches the server after the reload
-    joins its row, found by its token, at once and at the next reload. (The name, with a
+    """A reload before the server holds any file of the batch must not drop it without a
+    word, as the tab saved its files: they are shown waiting while the batch is watched
+    for them, then "not stored" (failed at once, "choose it again", a file that then
+    comes would be sent twice). A chunk that reaches the server after the reload joins
+    its row, found by its token, at once and at the next reload. (The name, with a
     bidi control, is shown cleaned as the server stores it.)"""
     import requests
     from selenium.webdriver.common.by import By
@@ -1919,8 +1919,8 @@ def drop_files(browser, files: dict[str, bytes]) -> bool:
 
 def test_a_chosen_folder_uploads_its_images_and_tells_files_of_one_name_apart(
         stack, browser, reference_model, tmp_path):
-    """There was no way to choose a folder; and two "same.jpg" from two subfolders
-    would have been two rows alike (reviewer). What is not an image is skipped, said so."""
+    """A folder can be chosen, and two "same.jpg" from two subfolders are not two rows
+    alike. What is not an image is skipped, said so."""
     from selenium.webdriver.common.by import By
 
     folder = tmp_path / "holiday"
@@ -1941,8 +1941,8 @@ def test_a_chosen_folder_uploads_its_images_and_tells_files_of_one_name_apart(
         assert row.get_attribute("data-label") == reference(reference_model, files[path[8:]]).label
     summary = browser.find_element(By.ID, "summary").text
     assert "1 file in the folder skipped, not images: holiday/day2/notes.txt" in summary
-    # At a phone's width each name is on one line: the path beside it took the room, and
-    # "same.jpg" broke into "sam", "e.jp", "g" (reviewer).
+    # At a phone's width each name is on one line: the path beside it takes the room, and
+    # "same.jpg" would break into "sam", "e.jp", "g".
     size = browser.get_window_size()
     browser.set_window_size(320, size["height"])
     try:
@@ -1962,9 +1962,9 @@ def test_a_chosen_folder_uploads_its_images_and_tells_files_of_one_name_apart(
 
 
 def test_hidden_files_and_folders_in_a_folder_are_skipped_and_counted(stack, browser, tmp_path):
-    """Hidden files of a folder were uploaded: .hidden.jpg, .thumbs/x.jpg, and the
-    "._a.jpg" twin macOS writes beside each photo on a USB stick, which failed "not an
-    image", one failed row per photo (reviewer)."""
+    """A folder's hidden files are not uploaded: .hidden.jpg, .thumbs/x.jpg, and the
+    "._a.jpg" twin macOS writes beside each photo on a USB stick, which would fail "not
+    an image", one failed row per photo."""
     from selenium.webdriver.common.by import By
 
     folder = tmp_path / "stick"
@@ -1982,8 +1982,8 @@ def test_hidden_files_and_folders_in_a_folder_are_skipped_and_counted(stack, bro
 
 
 def test_a_folders_skipped_files_are_said_until_the_next_upload(stack, browser, tmp_path):
-    """Each folder's "files in the folder skipped" stayed in the summary line: they piled
-    up across uploads (reviewer)."""
+    """Each folder's "files in the folder skipped" must not stay in the summary line, or
+    they pile up across uploads."""
     from selenium.webdriver.common.by import By
 
     browser.get(stack.web_url + "/")
@@ -2035,8 +2035,8 @@ return drop.defaultPrevented;
 
 
 def test_a_dropped_folder_uploads_the_images_in_it_and_its_subfolders(stack, browser):
-    """A dropped folder was one failed row, "the file could not be read: moved or
-    deleted since it was chosen?" (reviewer)."""
+    """A dropped folder is not one failed row, "the file could not be read: moved or
+    deleted since it was chosen?"."""
     import base64
 
     from selenium.webdriver.common.by import By
@@ -2063,8 +2063,7 @@ def test_a_dropped_folder_uploads_the_images_in_it_and_its_subfolders(stack, bro
 
 
 def test_a_dropped_folder_is_said_to_be_read_and_its_files_read_a_batch_at_once(stack, browser):
-    """A dropped folder of 10,000 files showed nothing for 20 s while its files were
-    read one at a time (reviewer)."""
+    """A dropped folder of 10,000 files, read one file at a time, would show nothing for 20 s."""
     import base64
 
     from selenium.webdriver.common.by import By
@@ -2114,8 +2113,8 @@ def test_a_reload_finds_the_files_stored_under_names_the_server_cleaned(stack, b
 
 
 def test_a_reload_shows_an_upload_whose_every_file_was_refused_with_its_reasons(stack, browser, tmp_path):
-    """No batch was made of it, so only this tab knows the reasons: a reload had dropped
-    them with the upload (reviewer). Not followed either: it stays for the next reload."""
+    """No batch was made of it, so only this tab knows the reasons: a reload must not drop
+    them with the upload. Not followed either: it stays for the next reload."""
     from selenium.webdriver.common.by import By
 
     browser.get(stack.web_url + "/")
@@ -2194,11 +2193,11 @@ def in_tab(browser, handle: str, script: str) -> None:
 
 def test_a_duplicated_tab_shows_files_the_first_tab_is_still_sending_as_being_sent(
         stack, browser, reference_model, tmp_path):
-    """A duplicated tab (its sessionStorage copied) restored the batch the first tab was
-    still sending: each file not yet stored was shown failed "not stored... choose it
-    again", and the batch was no longer followed (explorer: "80 of 120 classified, 40
-    failed", the server holding 120 done). They are shown being sent in another tab and
-    take their results; one the first tab gives up on fails once it says it is done."""
+    """A duplicated tab (its sessionStorage copied) restores the batch the first tab is
+    still sending: each file not yet stored must not be shown failed "not stored...
+    choose it again", nor the batch left unfollowed ("80 of 120 classified, 40 failed",
+    the server holding 120 done). They are shown being sent in another tab and take
+    their results; one the first tab gives up on fails once it says it is done."""
     from selenium.webdriver.common.by import By
 
     files = {f"dup_{i}.jpg": make_image(990 + i, size=(64, 48)) for i in range(3)}
@@ -2233,8 +2232,8 @@ new MutationObserver((changes) => {
 def test_a_file_the_sending_tab_stored_last_is_never_shown_failed_in_its_duplicate(
         stack, browser, reference_model, tmp_path):
     """The sending tab says it is done as soon as its last chunk is answered: the
-    duplicate failed that chunk's files, "not stored", until its next poll found them
-    stored (explorer)."""
+    duplicate must not fail that chunk's files, "not stored", before its next poll finds
+    them stored."""
     from selenium.webdriver.common.by import By
 
     files = {f"last_{i}.jpg": make_image(987 + i, size=(64, 48)) for i in range(2)}
@@ -2269,7 +2268,7 @@ def test_a_duplicated_tab_takes_a_sending_tab_closed_for_gone(stack, browser, tm
     browser.switch_to.window(second)
     wait_for(lambda: state_of("closed_1.jpg") == "failed", 30, "the held file failed, its sender gone")
     [text] = [text for name, _, text in rows_shown(browser) if name == "closed_1.jpg"]
-    # Not "see that tab for why": it is gone (reviewer).
+    # Not "see that tab for why": it is gone.
     assert "not stored: the tab sending it was closed or reloaded; choose it again" in text
 
 
@@ -2306,8 +2305,8 @@ def test_a_sending_tab_taken_for_gone_that_answers_again_gets_its_rows_back(
 
 def test_a_second_tab_on_the_batch_link_follows_it_while_another_tab_sends_it(
         stack, browser, reference_model, tmp_path):
-    """A second tab on the batch's link stopped following it once the files it knew of
-    had finished: files stored later never showed (explorer: 100 of 120 missing)."""
+    """A second tab on the batch's link keeps following it once the files it knew of have
+    finished, or files stored later never show (100 of 120 missing)."""
     files = {f"link_{i}.jpg": make_image(995 + i, size=(64, 48)) for i in range(2)}
     send_holding(browser, stack, tmp_path, files, held=["link_1.jpg"])
     with second_tab(browser) as first:
@@ -2342,9 +2341,9 @@ def test_a_batch_never_stored_is_dropped_from_the_address_once_its_watch_is_over
 
 
 def test_names_are_shown_cleaned_before_the_server_has_them(stack, browser):
-    """Rows still uploading, refused before upload or not stored showed names as chosen,
-    bidi controls included: "photo\\u202eabc.exe.jpg" read as "photogpj.exe.cba"
-    (explorer). They are shown as the server keeps them."""
+    """Rows still uploading, refused before upload or not stored, shown as chosen, would
+    keep bidi controls: "photo\\u202eabc.exe.jpg" reads as "photogpj.exe.cba". They are
+    shown as the server keeps them."""
     small, big = make_image(998, size=(64, 48)), make_image(999, size=(800, 600))
     files = {"photo\u202eabc.exe.jpg": small, "line\u2028break\x07.jpg": small, " big\u2066.jpg": big}
     cleaned = ["photoabc.exe.jpg", "line break .jpg", "big.jpg"]
@@ -2371,9 +2370,9 @@ def test_names_are_shown_cleaned_before_the_server_has_them(stack, browser):
 
 
 def test_failed_rows_can_be_shown_alone_and_the_results_downloaded_as_csv(stack, browser, tmp_path):
-    """Among hundreds of rows, the few that failed were found only by scrolling, and
-    the results could not be taken away but through the JSON API. The CSV is the page's
-    rows: a batch's CSV from the server lacks the files it refused (reviewer)."""
+    """Among hundreds of rows, the few that failed must be found without scrolling, and
+    the results taken away without the JSON API. The CSV is the page's rows: a batch's
+    CSV from the server lacks the files it refused."""
     import csv
     import io
 
@@ -2442,8 +2441,8 @@ def test_failed_rows_can_be_shown_alone_and_the_results_downloaded_as_csv(stack,
 
 
 def test_an_upload_of_refused_files_only_leaves_the_address_before_a_batch(stack, browser, tmp_path):
-    """Kept for its reasons (a reload shows them), it took one of the address's places:
-    real batches were pushed out before it (reviewer)."""
+    """Kept for its reasons (a reload shows them), it must not take one of the address's
+    places and push real batches out before it."""
     from selenium.webdriver.common.by import By
 
     browser.get(stack.web_url + "/")
@@ -2478,8 +2477,8 @@ def test_a_batch_pushed_out_of_the_address_is_said_to_be(stack, browser, tmp_pat
     assert len(browser.current_url.split("#batches=")[1].split(",")) == 2
     summary = browser.find_element(By.ID, "summary").text
     assert "the address keeps the latest 2 batches: older ones left it" in summary, summary
-    # Nothing kept of the one that left, which no reload shows: each one left filled
-    # this tab's storage, and once full no batch's rows were saved (reviewer).
+    # Nothing kept of the one that left, which no reload shows: each one left would fill
+    # this tab's storage, and once full no batch's rows are saved.
     saved = browser.execute_script(
         "return Object.keys(sessionStorage).filter((key) => key.startsWith('imgclass.shown.'))")
     assert sorted(saved) == sorted(f"imgclass.shown.{batch_id}"
@@ -2487,7 +2486,7 @@ def test_a_batch_pushed_out_of_the_address_is_said_to_be(stack, browser, tmp_pat
 
 
 def test_an_unknown_batch_dropped_from_the_address_leaves_nothing_saved(stack, browser):
-    """Its rows saved by this tab stayed in sessionStorage for good (reviewer)."""
+    """Its rows saved by this tab must not stay in sessionStorage for good."""
     from selenium.webdriver.common.by import By
 
     unknown = "0" * 31 + "1"
@@ -2501,8 +2500,8 @@ def test_an_unknown_batch_dropped_from_the_address_leaves_nothing_saved(stack, b
 
 
 def test_a_folder_of_no_images_is_said_to_screen_readers_once(stack, browser, tmp_path):
-    """The summary said a folder's files were skipped, but the live region stayed empty:
-    a folder of no images was chosen in silence, and a dropped one read unsaid (reviewer)."""
+    """The summary says a folder's files were skipped, and the live region says it too:
+    else a folder of no images is chosen in silence, and a dropped one read unsaid."""
     import base64
 
     browser.get(stack.web_url + "/")
@@ -2524,8 +2523,8 @@ def test_a_folder_of_no_images_is_said_to_screen_readers_once(stack, browser, tm
 
 def test_a_refused_api_key_takes_the_focus_once_and_the_rest_of_the_upload_is_not_sent(
         stack, browser, tmp_path):
-    """Chunks go one at a time until the batch exists: each was refused 401 in turn, and
-    each pulled the focus back to the key's box, from wherever the user had gone (reviewer)."""
+    """Chunks go one at a time until the batch exists: else each is refused 401 in turn,
+    and each pulls the focus back to the key's box, from wherever the user has gone."""
     from selenium.webdriver.common.by import By
 
     browser.get(stack.web_url + "/")
@@ -2555,9 +2554,9 @@ def test_a_refused_api_key_takes_the_focus_once_and_the_rest_of_the_upload_is_no
 
 def test_a_refused_api_key_does_not_fail_for_good_a_file_an_earlier_send_may_have_stored(
         stack, browser, tmp_path):
-    """A resend refused 401 was kept as refused, though its first send, whose answer was
-    lost, had stored it: a reload showed the file twice, failed and done, and the advice
-    to send it again had it classified twice (reviewer)."""
+    """A resend refused 401 is not kept as refused if its first send, whose answer was
+    lost, stored it: a reload would show the file twice, failed and done, and the advice
+    to send it again have it classified twice."""
     browser.get(stack.web_url + "/")
     browser.execute_script(FAIL_FIRST_POSTS + """
       document.body.dataset.filesPerRequest = '1';
@@ -2586,7 +2585,7 @@ def test_a_refused_api_key_does_not_fail_for_good_a_file_an_earlier_send_may_hav
 
 
 def test_screen_readers_hear_a_count_that_does_not_change_less_and_less_often(stack, browser, tmp_path):
-    """A stalled run said "0 of 500 classified" every 15 s for ever (reviewer): the same
+    """A stalled run must not say "0 of 500 classified" every 15 s for ever: the same
     count is said again after 1, 2, 4 periods, then every 8; a new count starts again at
     one. The files' waiting is faked in the page's polls; a period is 0.5 s here."""
     browser.get(stack.web_url + "/")
@@ -2620,8 +2619,8 @@ def test_screen_readers_hear_a_count_that_does_not_change_less_and_less_often(st
 
 
 def test_the_page_has_headings_and_a_result_says_what_each_figure_is(stack, browser, tmp_path):
-    """No heading below the h1, and a row read "img0.jpg done shield 19.4% untrained":
-    which figure is what was left to guess (reviewer). The contract's data-* stay."""
+    """Headings below the h1, and named figures: a row reading "img0.jpg done shield 19.4%
+    untrained" leaves which figure is what to guess. The contract's data-* stay."""
     from selenium.webdriver.common.by import By
 
     browser.get(stack.web_url + "/")
@@ -2643,8 +2642,8 @@ def test_the_page_has_headings_and_a_result_says_what_each_figure_is(stack, brow
 
 
 def test_the_title_says_how_the_run_ended_until_the_next_upload(stack, browser, tmp_path):
-    """Once all were finished the title went back to "Image classification": a user
-    coming back to the tab could not tell how the run had ended (reviewer)."""
+    """Once all are finished the title keeps the outcome: "Image classification" alone
+    tells a user coming back to the tab nothing of how the run ended."""
     browser.get(stack.web_url + "/")
     choose(browser, tmp_path, {"good.jpg": make_image(1330, size=(64, 48)), "bad.jpg": b"not an image"})
     finished_rows(browser, stack, 2, timeout_s=60)
@@ -2663,8 +2662,8 @@ def test_the_title_says_how_the_run_ended_until_the_next_upload(stack, browser, 
 
 
 def test_the_only_failed_filter_that_hides_gives_its_focus_to_the_csv_button(stack, browser, tmp_path):
-    """Its last failure replaced by a late answer, the checkbox hid with the focus on it:
-    the focus fell to the page's body (reviewer). Faked in the page's polls, as in
+    """Its last failure replaced by a late answer, the checkbox hides with the focus on
+    it: the focus must not fall to the page's body. Faked in the page's polls, as in
     test_a_late_answer_replaces_a_rows_dead_letter_failure: "late.jpg" failed, "other.jpg"
     queued (the batch followed on), then the truth."""
     from selenium.webdriver.common.by import By
@@ -2713,9 +2712,8 @@ def states_shown(browser) -> dict[str, str]:
 
 
 def test_screen_readers_hear_the_first_failure_of_a_send_again_not_an_older_one(stack, browser, tmp_path):
-    """After "send again", whose rows keep their places, the last failed row in the page's
-    order was named: an older failure, not sent again, where the new one was never said
-    (explorer)."""
+    """After "send again", whose rows keep their places, the new failure is named, not
+    the last failed row in the page's order: an older failure, not sent again."""
     from selenium.webdriver.common.by import By
 
     browser.get(stack.web_url + "/")
@@ -2904,11 +2902,11 @@ def test_a_dead_letter_is_sent_again_in_place_and_shown_once_after_a_reload(
 
 
 def test_a_second_reload_keeps_every_row_of_a_batch_with_a_file_sent_again(stack, browser, tmp_path):
-    """A reload rebuilt the rows one by one, and a row the server said sent again saved
-    the batch's rows as they stood then, those rebuilt so far: the next reload lost the
-    rest, a refused file gone from the page and its counts. The ids of items a file sent
-    again replaced were lost from what was saved too (reviewer). Faked in the page's
-    polls: "late.jpg" sent again (from another tab, say)."""
+    """A reload rebuilds the rows one by one: a row the server says was sent again must
+    not save the batch's rows as they stand then, those rebuilt so far, or the next
+    reload loses the rest, a refused file gone from the page and its counts. The ids of
+    items a file sent again replaced are kept too. Faked in the page's polls: "late.jpg"
+    sent again (from another tab, say)."""
     from selenium.webdriver.common.by import By
 
     files = {"late.jpg": make_image(1430, size=(64, 48)), "notes.jpg": b"plain notes, not an image",
@@ -2979,10 +2977,9 @@ def dead_letter_refused_in_place(browser, stack, tmp_path, seed: int, now_failed
 
 def test_a_dead_letter_the_server_cannot_queue_again_in_place_is_uploaded_anew(
         stack, browser, tmp_path):
-    """Refused in place (its image gone from the input bucket), the row was failed with
-    the server's words, which the page then took for a worker's failure on the image:
-    never offered again, though the page held the File (explorer). Now the next "send
-    again" uploads it as a new item."""
+    """Refused in place (its image gone from the input bucket), the row must not take the
+    server's words for a worker's failure on the image: it would never be offered again,
+    though the page holds the File. The next "send again" uploads it as a new item."""
     from common.failure_tags import DEAD_LETTER_ERROR
 
     button = dead_letter_refused_in_place(browser, stack, tmp_path, 1430, DEAD_LETTER_ERROR, "dead_letter")
@@ -3009,9 +3006,9 @@ def test_a_dead_letter_the_server_cannot_queue_again_in_place_is_uploaded_anew(
 
 
 def test_a_dead_letter_failed_by_a_worker_meanwhile_is_shown_so_and_not_offered(stack, browser, tmp_path):
-    """Refused in place because a late answer had failed it on the image itself, the row
-    kept the dead letter's words and was offered again, to be uploaded anew: bytes a
-    worker had already failed (explorer). It shows the worker's failure now."""
+    """Refused in place because a late answer failed it on the image itself, the row must
+    not keep the dead letter's words and be offered again, to upload anew bytes a worker
+    has already failed. It shows the worker's failure."""
     failed = "classification failed: the model could not read this image"
     button = dead_letter_refused_in_place(browser, stack, tmp_path, 1440, failed, "classification_failed")
     wait_for(lambda: failed in rows_shown(browser)[0][2], 30, "the worker's failure shown")
@@ -3255,9 +3252,9 @@ Promise.all([import("/static/js/state.js"), import("/static/js/again.js")]).then
 
 
 def test_the_files_to_send_again_are_counted_over_many_failed_files(stack, browser):
-    """Each failed file was added to its upload's list by copying the list: over 10,000
-    failed files, some 200 ms at each refresh of the summary (reviewer; how long it
-    takes is not asserted here, as no test times code: 20,000 took ~480 ms, now ~7)."""
+    """Each failed file added to its upload's list by copying the list costs, over 10,000
+    failed files, some 200 ms at each refresh of the summary (how long it takes is not
+    asserted here, as no test times code: 20,000 took ~480 ms, ~7 without the copy)."""
     browser.get(stack.web_url + "/")
     browser.set_script_timeout(60)
     got = browser.execute_async_script(SEND_AGAIN_OVER_MANY)
@@ -3322,10 +3319,10 @@ import("/static/js/refresh.js").then(async ({ setSummaryRefresh, updateSummary }
 
 def test_the_summary_of_many_rows_takes_a_fifth_of_the_page_at_most_however_often_it_changes(
         stack, browser):
-    """With 1,000 rows, the summary was refreshed for each result and each upload progress
-    event, reading every row each time: the page froze for up to 4 s at a time, 27 s of
-    an 80 s upload (explorer). A refresh now waits after the one before for four times
-    as long as that one took."""
+    """With 1,000 rows, refreshing the summary for each result and each upload progress
+    event, reading every row each time, would freeze the page for up to 4 s at a time, 27 s of
+    an 80 s upload. A refresh waits after the one before for four times as long as that
+    one took."""
     browser.get(stack.web_url + "/")
     browser.set_script_timeout(60)
     got = browser.execute_async_script(SUMMARY_UNDER_CHANGES)

@@ -209,9 +209,9 @@ def test_a_body_too_large_for_post_is_refused_at_once_named_and_not_waited_for(s
 ])
 def test_a_connection_carries_the_next_request_after_a_body_left_unread(stack, path, extra_bytes, status):
     """gunicorn drains only 64 KB of an unread body, and otherwise closes the connection
-    after an answer that did not say so: explorers' sessions lost the request after a
-    413 18 times in 30, and after a 401, 404 or 405 to a 300 KB upload every time. The
-    web tier drops what it did not read, once it has answered."""
+    after an answer that does not say so: a session would lose the request after a 413
+    18 times in 30, and after a 401, 404 or 405 to a 300 KB upload every time. The web
+    tier drops what it did not read, once it has answered."""
     settings = stack.settings()
     size = settings.max_upload_bytes + extra_bytes if extra_bytes > 0 else -extra_bytes
     part = (b'--b\r\nContent-Disposition: form-data; name="inputFile"; filename="big.jpg"\r\n'
@@ -304,8 +304,8 @@ def test_a_web_tier_told_to_stop_answers_its_waiting_requests_at_once(stack, tmp
 def test_a_stopped_web_tier_leaves_no_poll_to_take_the_next_answers(stack, tmp_path):
     """A long poll cut off by its process's exit is still open on SQS's side, which hands
     it what arrives in the rest of its wait, hidden then for the visibility timeout: after
-    a restart, the answers of the next 20 s came 30 s late (reviewer). The web tier now
-    ends its polls before it exits."""
+    a restart, the answers of the next 20 s would come 30 s late. The web tier ends its
+    polls before it exits."""
     with second_web_tier(stack, tmp_path, "leftpolls") as (_url, web):
         _, sqs, _ = clients(stack)
         responses = sqs.get_queue_url(QueueName="leftpolls-resp-queue")["QueueUrl"]
@@ -317,10 +317,10 @@ def test_a_stopped_web_tier_leaves_no_poll_to_take_the_next_answers(stack, tmp_p
 
 
 def test_a_client_that_reads_nothing_has_its_connection_closed(stack, tmp_path):
-    """gunicorn's threads send with no time limit: a client asking for answers and
-    never reading them held a thread for as long as it liked (reviewer: 100 such
-    connections left /healthz unanswered). A send that makes no progress for
-    WEB_SEND_TIMEOUT now ends the connection."""
+    """gunicorn's threads send with no time limit: a client asking for answers and never
+    reading them holds a thread for as long as it likes (100 such connections leave
+    /healthz unanswered). A send that makes no progress for WEB_SEND_TIMEOUT ends the
+    connection."""
     with second_web_tier(stack, tmp_path, "slowreader", WEB_SEND_TIMEOUT="1") as (url, _web):
         port = int(url.rsplit(":", 1)[1])
         reader = socket.socket()

@@ -105,9 +105,8 @@ esac
 
 
 def test_an_instance_launched_gets_the_boot_script_itself(monkeypatch):
-    """The controller encoded the script, and boto3 encoded it again: an instance would
-    have been given base64 text, which cloud-init does not run, so no worker would
-    ever have started on AWS (explorer)."""
+    """Encoded by the controller and again by boto3, the script would reach an instance
+    as base64 text, which cloud-init does not run, so no worker would ever start on AWS."""
     import base64
 
     from moto import mock_aws
@@ -169,7 +168,7 @@ def test_workers_on_ec2_get_the_controllers_worker_settings(boot):
     env = dict(line.split("=", 1) for line in (etc_dir / "worker.env").read_text().splitlines())
     seen = Settings.from_env(env)
     # MAX_RECEIVE_COUNT: the worker's count of a handed-back copy's attempts must be the
-    # queue's redrive limit; it ran with the default 3 on EC2 whatever was set (reviewer).
+    # queue's redrive limit, not the default 3 on EC2 whatever is set.
     assert (seen.model_runtime, seen.max_image_pixels, seen.shutdown_grace_s, seen.receive_batch,
             seen.stall_timeout_s, seen.max_receive_count, seen.max_upload_bytes) == (
         "tensorflow", 1_000_000, 12.5, 4, 90, 5, 2_000_000)
@@ -204,7 +203,7 @@ def unit_settings(unit: str = "imgclass-worker.service") -> dict[str, list[str]]
 @pytest.mark.parametrize("unit", ["imgclass-worker.service", "imgclass-web.service",
                                   "imgclass-controller.service"])
 def test_every_unit_asks_the_metadata_service_for_credentials_more_than_once(unit):
-    """botocore's one 1 s try can miss at a busy boot (reviewer)."""
+    """botocore's one 1 s try can miss at a busy boot."""
     environment = " ".join(unit_settings(unit)["Environment"]).split()
     assert "AWS_METADATA_SERVICE_NUM_ATTEMPTS=3" in environment
     assert "AWS_METADATA_SERVICE_TIMEOUT=2" in environment
@@ -214,7 +213,7 @@ def test_every_unit_asks_the_metadata_service_for_credentials_more_than_once(uni
                                   "imgclass-controller.service"])
 def test_every_unit_starts_at_boot_once_enabled(unit):
     """Without an [Install] section `systemctl enable` does nothing: the web tier and
-    the controller came back from no reboot (explorer)."""
+    the controller would not come back after a reboot."""
     text = (AMI / unit).read_text()
     install = text[text.index("[Install]"):] if "[Install]" in text else ""
     assert "WantedBy=multi-user.target" in install, unit
@@ -224,8 +223,8 @@ def test_every_unit_starts_at_boot_once_enabled(unit):
                                   "imgclass-controller.service"])
 def test_every_unit_is_confined_alike(unit):
     """The web tier faces the internet and the controller holds the rights to launch
-    instances: both had less confinement than the worker (reviewer, systemd-analyze
-    security: 8.5 and 9.2 of 10 exposed)."""
+    instances: neither may have less confinement than the worker (systemd-analyze
+    security gave 8.5 and 9.2 of 10 exposed without it)."""
     settings = unit_settings(unit)
     for option in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "PrivateDevices", "ProtectKernelTunables",
                    "ProtectKernelModules", "ProtectControlGroups", "RestrictSUIDSGID", "LockPersonality"):
@@ -420,9 +419,9 @@ fi
     ({"AWS_PROFILE": "regionless"}, "us-east-1"),
 ])
 def test_bake_bakes_in_the_region_the_controller_would_use(tmp_path, extra, want):
-    """A region set by `aws configure` lives in the profile: bake.sh read only the
-    variables, baked in us-east-1, and every launch in the profile's region failed
-    with InvalidAMIID.NotFound (explorer)."""
+    """A region set by `aws configure` lives in the profile: reading only the variables,
+    bake.sh would bake in us-east-1, and every launch in the profile's region fail with
+    InvalidAMIID.NotFound."""
     from common.config import region_from_env
 
     bin_dir, log = tmp_path / "bin", tmp_path / "packer.log"
@@ -452,8 +451,7 @@ def test_bake_refuses_a_bad_weights_source(tmp_path):
 
 
 def test_the_readme_names_the_settings_workers_get_as_the_controller_gives_them():
-    """Two lists in README.md copy worker_environment() by hand, and nothing kept them in
-    step (a newcomer's review)."""
+    """Two lists in README.md copy worker_environment() by hand: this keeps them in step."""
     readme = (AMI.parent / "README.md").read_text(encoding="utf-8")
     given = set(worker_environment(Settings()))
     rendered = readme.split("`controller/act.py` renders its", 1)[1].split("into each", 1)[0]

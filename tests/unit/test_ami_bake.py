@@ -19,7 +19,7 @@ UNTRACKED = [
     ".bench/latest.json",  # make bench
     ".venv/bin/python", ".pytest_cache/README.md", ".ruff_cache/x", "imgclass.egg-info/PKG-INFO",
     "app_tier/__pycache__/worker.cpython-311.pyc", "stray.pyc", "packer-manifest.json",
-    ".env", ".aws/credentials", "notes/keys.txt",  # an explorer's .env and credentials were packed
+    ".env", ".aws/credentials", "notes/keys.txt",  # secrets must never be packed
 ]
 TRACKED = ["app_tier/worker.py", "requirements.txt", "web_tier/static/js/main.js"]
 TRACKED_LEFT_OUT = ["tests/test_x.py"]
@@ -54,7 +54,7 @@ def test_bake_packs_the_files_git_tracks_and_nothing_else(tmp_path):
     subprocess.run(["git", "-C", str(repo), "add", "ami", "gone.py", *TRACKED, *TRACKED_LEFT_OUT],
                    check=True)
     (repo / TRACKED[0]).write_text("edited, not committed")
-    (repo / "gone.py").unlink()  # deleted, not `git rm`ed: tar stopped at it (explorer)
+    (repo / "gone.py").unlink()  # deleted, not `git rm`ed: tar must not stop at it
     result = bake(repo, tmp_path)
     assert result.returncode == 0, result.stderr
 
@@ -67,8 +67,8 @@ def test_bake_packs_the_files_git_tracks_and_nothing_else(tmp_path):
 
 def test_bake_tells_macos_tar_to_pack_no_extended_attributes(tmp_path):
     """macOS's tar adds a "._name" file beside each file with extended attributes (on
-    macOS 13 and later, often every file): compileall failed on them minutes into the
-    bake (reviewer). Each tar bake.sh runs must see COPYFILE_DISABLE=1."""
+    macOS 13 and later, often every file): compileall fails on them minutes into the
+    bake. Each tar bake.sh runs must see COPYFILE_DISABLE=1."""
     repo = tmp_path / "repo"
     shutil.copytree(AMI, repo / "ami")
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
@@ -97,7 +97,7 @@ def test_bake_refuses_a_folder_that_is_not_a_git_checkout(tmp_path):
 ])
 def test_bake_refuses_at_once_what_would_fail_minutes_into_the_build(tmp_path, args, says):
     """A wrong weights file, or weights from S3 with no instance profile to read them,
-    failed on the build instance after TensorFlow's install (reviewer)."""
+    would fail on the build instance, after TensorFlow's install."""
     wrong = tmp_path / "weights.h5"
     wrong.write_bytes(b"not the weights")
     result = bake(AMI.parent, tmp_path, *(a.format(file=wrong) for a in args))

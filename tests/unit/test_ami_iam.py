@@ -374,8 +374,8 @@ def launch_request(prefix: str) -> dict:
 
 
 def test_an_instance_profile_given_by_its_arn_is_launched_by_its_arn():
-    """The console and the CLI show a profile's ARN: given as a Name, EC2 refused every
-    launch, and the controller retried them for ever (reviewer)."""
+    """The console and the CLI show a profile's ARN: given as a Name, EC2 refuses every
+    launch, and the controller would retry them for ever."""
     arn = f"arn:aws:iam::{ACCOUNT}:instance-profile/myapp-worker"
     for profile, expected in ((arn, {"Arn": arn}), ("myapp-worker", {"Name": "myapp-worker"})):
         settings = Settings(instance_profile=profile)
@@ -387,7 +387,7 @@ def test_an_instance_profile_given_by_its_arn_is_launched_by_its_arn():
 
 def test_launches_are_spread_over_the_subnets_given_by_instance_number():
     """Without SUBNET_IDS a launch needs a default VPC, which many accounts and regions
-    do not have: every launch failed there (explorer)."""
+    do not have: every launch would fail there."""
     settings = Settings(subnet_ids=("subnet-a", "subnet-b"))
     aws = StubAws(settings)
     launch(aws, settings, (1, 2, 3))
@@ -467,7 +467,7 @@ def test_the_controller_may_terminate_only_instances_it_launched(prefix):
 
 @pytest.mark.parametrize("prefix", ["imgclass", "myapp"])
 def test_a_worker_may_put_its_two_tags_on_its_own_deployments_app_tier_instances_only(prefix):
-    """Not another deployment's (another APP_PREFIX) in the same account (explorer)."""
+    """Not another deployment's (another APP_PREFIX) in the same account."""
     policy, settings = load("worker", prefix), Settings(prefix=prefix)
     aws = StubAws(settings)
     report_worker_failed(aws, "i-0abc123def4567890", "model-unavailable")
@@ -535,7 +535,7 @@ def test_the_bakers_policy_allows_what_packers_build_of_the_template_calls():
 
 def test_the_baker_may_end_only_its_build_instance_and_pass_only_its_own_role():
     policy = json.loads((AMI / "iam-bake-policy.json").read_text())
-    # Nor tag another instance, or group, as the build's, to end or open it so (an auditor).
+    # Nor tag another instance, or group, as the build's, to end or open it so.
     assert not allows(policy, "ec2:CreateTags", INSTANCE, {})
     assert not allows(policy, "ec2:CreateTags", INSTANCE, {"ec2:CreateAction": "CreateImage"})
     assert not allows(policy, "ec2:CreateTags", BUILD_GROUP, {})

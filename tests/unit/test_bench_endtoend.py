@@ -191,8 +191,8 @@ def test_a_scaled_run_keeps_each_request_and_the_fleets_samples(monkeypatch: pyt
 
 
 def test_low_load_gives_each_request_a_short_timeout(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """One image takes ~0.1 s: at the 120 s the loaded runs allow, a stack that answered
-    nothing kept low load's 35 requests, one after another, for 70 minutes (reviewer)."""
+    """One image takes ~0.1 s: at the 120 s the loaded runs allow, a stack that answers
+    nothing would keep low load's 35 requests, one after another, for 70 minutes."""
     asked = []
 
     def run_load(config, **_) -> Report:

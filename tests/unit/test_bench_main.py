@@ -157,8 +157,8 @@ def test_a_failed_phase_keeps_the_phases_before_it(monkeypatch: pytest.MonkeyPat
                                                (150, None)])
 def test_a_phase_the_stack_hardly_answered_ends_the_phases(answered: int, why: str | None,
                                                             monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """A stack whose workers never answered still ran every phase, each request waiting
-    out its timeout: over an hour in all (reviewer)."""
+    """A stack whose workers never answer would still run every phase, each request
+    waiting out its timeout: over an hour in all."""
     ran: list[str] = []
 
     def scaled_run(plan, stack, images, requests, concurrency, phase, memory=False):
@@ -216,8 +216,8 @@ def test_no_phase_starts_past_the_deadline(monkeypatch: pytest.MonkeyPatch, tmp_
 
 def test_past_the_deadline_the_bench_starts_no_part_and_says_why(
         fake_model, bench_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
-    """(a)'s own timeouts alone allowed 17 minutes, and a broken stack's over an hour:
-    the bench must end within 10 (reviewer)."""
+    """(a)'s own timeouts alone allow 17 minutes, and a broken stack's over an hour:
+    the bench must end within 10."""
     deadlines: list[Deadline] = []
 
     class Recorded(Deadline):
@@ -369,8 +369,8 @@ def _zero_target(figures: dict) -> report.Target:
 
 
 def test_the_zero_target_needs_instances_launched_and_requests_answered():
-    """Nothing checked that a fleet had launched: a run that never left zero, or whose
-    requests failed, passed "last response -> zero" at once (auditor)."""
+    """A fleet must be seen to launch: a run that never left zero, or whose requests
+    failed, would pass "last response -> zero" at once."""
     figures = figures_with_the_model_twice(8, 20.0, 0.04, {"images_per_s": 15.0, "single_image_s": 0.04,
                                                            "single_image_after_pause_s": 0.05})
     e2e = figures["end_to_end"]
@@ -393,8 +393,8 @@ def test_the_zero_target_needs_instances_launched_and_requests_answered():
 
 
 def test_a_phase_whose_fleet_never_reached_zero_fails_the_zero_target_whatever_the_other_did():
-    """(b) launching nothing made the target N/A ("no instance launched in (b)") where
-    (d)'s fleet was still up 30 s after its last answer: a miss (reviewer)."""
+    """(b) launching nothing must not make the target N/A ("no instance launched in (b)")
+    where (d)'s fleet is still up 30 s after its last answer: that is a miss."""
     figures = figures_with_the_model_twice(8, 20.0, 0.04, {"images_per_s": 15.0, "single_image_s": 0.04,
                                                            "single_image_after_pause_s": 0.05})
     e2e = figures["end_to_end"]
@@ -508,8 +508,8 @@ def test_c_is_also_given_against_the_model_measured_just_after_b():
 
 
 def test_the_targets_are_judged_against_the_faster_of_the_two_model_measurements():
-    """An (a) slowed by others' work made (c) read 59 % where the model measured again
-    gave 50 % (reviewer): the target takes the harder of the two, as the low-load one."""
+    """An (a) slowed by others' work can make (c) read 59 % where the model measured
+    again gives 50 %: the target takes the harder of the two, as the low-load one."""
     figures = figures_with_the_model_twice(1, 20.0, 0.05, {
         "images_per_s": 24.0, "single_image_s": 0.03, "single_image_after_pause_s": 0.04})
 
@@ -524,8 +524,8 @@ def test_the_targets_are_judged_against_the_faster_of_the_two_model_measurements
 
 
 def test_g_does_not_call_as_time_the_targets_when_the_target_took_the_other(capsys: pytest.CaptureFixture):
-    """(g) labelled (a)'s single-image time "the target's" where the target took the
-    shorter one measured just after (b) (reviewer)."""
+    """(g) must not label (a)'s single-image time "the target's" where the target took
+    the shorter one measured just after (b)."""
     figures = figures_with_the_model_twice(1, 20.0, 0.05, {
         "images_per_s": 24.0, "single_image_s": 0.03, "single_image_after_pause_s": 0.04})
     for phase in ("throughput", "course", "low_load"):
@@ -543,8 +543,8 @@ def test_g_does_not_call_as_time_the_targets_when_the_target_took_the_other(caps
 
 
 def test_targets_judged_against_a_alone_say_the_second_measurement_failed():
-    """The model measured again after (b) failing, the targets fell back on (a) alone
-    without a word (reviewer)."""
+    """The model measured again after (b) failing, the targets fall back on (a) alone,
+    and say so."""
     figures = figures_with_the_model_twice(8, 20.0, 0.04, {})
     e2e = figures["end_to_end"]
     del e2e["model_now"]
@@ -643,8 +643,8 @@ def test_a_measurement_can_be_asked_for_some_batch_sizes(monkeypatch: pytest.Mon
 @pytest.mark.parametrize("argv", [["--env", "FOO"], ["--env", "=1"], ["--warm-spares", "-1"],
                                   ["--warm-spares", "16"]])
 def test_bad_options_are_usage_errors_before_anything_is_measured(argv, capsys: pytest.CaptureFixture):
-    """A wrong --env was found only when the end-to-end part started, minutes in, and
-    lost the figures measured before it; --warm-spares -1 was taken (reviewer)."""
+    """A wrong --env must be found at the start, not when the end-to-end part starts,
+    minutes in, losing the figures measured before it; --warm-spares -1 is refused."""
     with pytest.raises(SystemExit) as stopped:
         bench_main.parse_args(argv)
     assert stopped.value.code == 2
@@ -653,8 +653,8 @@ def test_bad_options_are_usage_errors_before_anything_is_measured(argv, capsys: 
 
 
 def test_a_phase_the_deadline_stopped_with_none_left_unanswered_says_so():
-    """Cut between two requests (one at a time), nothing was unanswered: its reason read
-    "...: None" (reviewer)."""
+    """Cut between two requests (one at a time), nothing is unanswered: its reason must
+    not read "...: None"."""
     run = {"cut_short": "the bench's deadline passed during (g)", "requests": 3, "correct": 3}
     assert bench_main._cut_short({"low_load": run}, ("low_load",)) == \
         "the bench's deadline passed during (g): none left unanswered"

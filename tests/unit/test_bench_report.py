@@ -99,8 +99,8 @@ def test_scaling_times_from_samples_and_log():
 
 
 def test_a_fleet_up_at_the_first_request_leaves_the_first_launch_unmeasured():
-    """A fleet not at zero at a run's start was "launched" at the first sample after
-    its first request: ~0.05 s, with nothing in the JSON to say so (reviewer)."""
+    """A fleet not at zero at a run's start would be "launched" at the first sample after
+    its first request: ~0.05 s, with nothing in the JSON to say so."""
     from bench.printed import scaling_table
 
     samples = [(9.9, 2), (10.05, 2), (10.15, 2), (20.0, 15), (30.4, 0)]
@@ -143,8 +143,8 @@ def test_moto_cpu_by_action_is_the_difference_between_snapshots():
 
 
 def test_the_moto_table_is_of_its_handlers_and_shows_the_rest_of_motos_cpu():
-    """The handlers' thread time was a third less than the moto processes' CPU in (f),
-    and the table read as the embedded AWS's whole cost (auditor)."""
+    """The handlers' thread time is a third less than the moto processes' CPU in (f):
+    the table must not read as the embedded AWS's whole cost."""
     from bench.printed import moto_table
 
     delta = {"S3 PUT object": {"requests": 600, "cpu_s": 1.2}, "SendMessage": {"requests": 300, "cpu_s": 0.6}}
@@ -177,9 +177,9 @@ def test_cpu_budget_turns_cpu_per_kind_into_a_ceiling():
 
 
 def test_the_ceiling_rests_on_the_models_measured_cpu_per_image():
-    """On a shared machine the model did not keep both cores busy at its limit: taking
+    """On a shared machine the model does not keep both cores busy at its limit: taking
     1000 * cores / limit for its cost (71.5 core-ms, where the whole stack's workers
-    took 53.3) printed 86 % of the limit as reachable where ~50 % was (auditor)."""
+    took 53.3) prints 86 % of the limit as reachable where ~50 % is."""
     from bench.printed import budget_line
     from bench.report import cpu_budget
 
@@ -292,7 +292,7 @@ def test_bad_requests_counts_failed_wrong_and_never_ended():
 
 
 def test_a_figure_beside_its_target_is_never_shown_as_the_target_itself():
-    """84.96 % was shown "85 %" beside FAIL against ">= 85 %" (reviewer)."""
+    """84.96 % must not show as "85 %" beside FAIL against ">= 85 %"."""
     text = report.targets_table(report.targets(e2e_ratio=0.8496, course_average_s=1.1996, zero_after_s=2.0,
                                                low_load_p50_s=0.0904, single_image_s=0.0405))
     lines = {line.split("  ")[0]: line for line in text.splitlines()}
@@ -305,9 +305,9 @@ def test_a_figure_beside_its_target_is_never_shown_as_the_target_itself():
 
 
 def test_the_scaling_and_noise_titles_say_how_it_polled_and_of_how_many_cores():
-    """(e) said "polled every ~50 ms" where the poller slows to once a second between
-    the first launch and the last response; the noise table said "of 2" cores on any
-    machine (reviewer)."""
+    """(e) must not say "polled every ~50 ms" where the poller slows to once a second
+    between the first launch and the last response, nor the noise table "of 2" cores on
+    any machine."""
     from bench.printed import noise_table, scaling_table
 
     title = scaling_table({}).splitlines()[0]

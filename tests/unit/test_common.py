@@ -82,9 +82,9 @@ def test_a_client_makes_as_many_attempts_as_it_is_given(attempts):
 
 
 def test_long_polls_wait_out_a_stall_that_other_calls_give_up_on():
-    """A receive given up on after 30 s still took messages when SQS (or moto) came
-    back, hidden for the lease with nobody to extend them: 10 requests waited 30 s more
-    (reviewer). The other calls keep the usual read timeout (the heartbeat's slack)."""
+    """A receive given up on after 30 s would still take messages when SQS (or moto)
+    comes back, hidden for the lease with nobody to extend them: 10 requests waiting 30 s
+    more. The other calls keep the usual read timeout (the heartbeat's slack)."""
     from common.aws import LONG_POLL_READ_SLACK_S
 
     aws = Aws(dataclasses.replace(Settings(), receive_wait_s=20)).open("sqs", "sqs_receive")
@@ -211,7 +211,7 @@ def test_a_failure_mark_holds_only_what_s3_takes_in_a_tag(reason, kept):
     "",
 ])
 def test_a_failure_mark_reads_back_the_reason_as_it_was(reason):
-    """Rebuilt after a restart, "…(cut short)" read "…cut short" (explorer)."""
+    """Rebuilt after a restart, "…(cut short)" must not read "…cut short"."""
     assert failure_from_tags(failure_tagging(reason)["TagSet"]) == (reason or "failed")
 
 
@@ -352,9 +352,9 @@ HUGE = int("1" + "0" * 400)  # float() of it overflows
 
 @pytest.mark.parametrize("number", [HUGE, float("nan"), float("inf")], ids=["400 digits", "nan", "inf"])
 def test_messages_whose_numbers_are_not_finite_numbers_are_foreign(number):
-    """A 400-digit sent_at raised OverflowError, not MessageError: the worker's receive
-    failed with it, and the nine requests received with it came back and failed again
-    until all were dead letters (reviewer)."""
+    """A 400-digit sent_at raises OverflowError, not MessageError: the worker's receive
+    would fail with it, and the nine requests received with it come back and fail again
+    until all are dead letters."""
     request = json.loads(ClassifyRequest(id="x", bucket="b", key="k", filename="f.jpg").to_json())
     with pytest.raises(MessageError):
         ClassifyRequest.from_json(json.dumps({**request, "sent_at": number}))
@@ -368,7 +368,7 @@ def test_messages_whose_numbers_are_not_finite_numbers_are_foreign(number):
 def test_messages_of_another_version_are_read_while_a_rollout_mixes_them():
     """Fields a reader does not know are ignored, and sent_at, which nothing reads, may be
     missing: required, a version without it would have every request deleted by the
-    workers of the one before (reviewer)."""
+    workers of the one before."""
     request = json.loads(ClassifyRequest(id="x", bucket="b", key="k", filename="f.jpg").to_json())
     del request["sent_at"]
     assert ClassifyRequest.from_json(json.dumps({**request, "v": 2, "priority": 5})).key == "k"
@@ -378,8 +378,8 @@ def test_messages_of_another_version_are_read_while_a_rollout_mixes_them():
 
 
 def test_a_response_whose_label_or_error_is_not_one_string_is_foreign():
-    """A label of 123 was taken as it was: the batch's CSV then failed with a 500, every
-    time (reviewer). Neither had been recorded as done without a label."""
+    """A label of 123 taken as it is makes the batch's CSV fail with a 500, every time.
+    Neither is recorded as done without a label."""
     response = json.loads(ClassifyResponse(id="x", filename="f", key="k", worker="w", untrained=True,
                                            label="cat", score=0.5, top5=(Prediction("cat", 0.5),)).to_json())
     assert ClassifyResponse.from_json(json.dumps(response)).label == "cat"
@@ -398,8 +398,8 @@ def sqs_takes(body: str) -> bool:
 
 
 def test_answers_to_names_with_characters_sqs_refuses_raw_carry_them_escaped():
-    """U+FFFE and U+FFFF, sent escaped in a request (which SQS takes), came back raw in
-    its answer, which SQS refuses: the answers of its batch-mates failed with it (reviewer)."""
+    """U+FFFE and U+FFFF, sent escaped in a request (which SQS takes), would come back raw
+    in its answer, which SQS refuses: the answers of its batch-mates would fail with it."""
     body = json.dumps({"v": 1, "id": "x", "bucket": "b", "key": "k\uffff", "filename": "f\ufffe.jpg",
                        "sent_at": 1.0})
     request = ClassifyRequest.from_json(body)
@@ -420,8 +420,8 @@ def test_answers_to_names_with_characters_sqs_refuses_raw_carry_them_escaped():
 @pytest.mark.parametrize("change", [{"key": ""}, {"bucket": ""}, {"id": ["x5"]}, {"id": 5},
                                     {"filename": None}])
 def test_requests_that_name_nothing_are_refused(change):
-    """Seen by an explorer: a dead letter with an empty key made the web tier log a
-    traceback every 30 s for ever (S3's client refuses an empty key before sending)."""
+    """A dead letter with an empty key would make the web tier log a traceback every 30 s
+    for ever (S3's client refuses an empty key before sending)."""
     body = json.loads(ClassifyRequest(id="x", bucket="b", key="k", filename="f.jpg").to_json())
     ClassifyRequest.from_json(json.dumps(body))  # as sent, it is a request
     with pytest.raises(MessageError):
@@ -430,8 +430,8 @@ def test_requests_that_name_nothing_are_refused(change):
 
 @pytest.mark.parametrize("field_name", ["key", "filename", "bucket", "id"])
 def test_messages_with_text_utf8_cannot_carry_are_refused(field_name):
-    """An escaped lone surrogate loads as a str no encoder takes: in a key it raised in
-    the worker's S3 call and failed the 9 good requests received with it (explorer)."""
+    """An escaped lone surrogate loads as a str no encoder takes: in a key it would raise
+    in the worker's S3 call and fail the 9 good requests received with it."""
     request = json.loads(ClassifyRequest(id="x", bucket="b", key="k", filename="f.jpg").to_json())
     body = json.dumps({**request, field_name: "a\ud800b"})  # json.dumps escapes it: "a\\ud800b"
     with pytest.raises(MessageError):
@@ -451,14 +451,14 @@ def test_responses_need_a_text_id():
 
 @pytest.mark.parametrize("prefix", ["MyApp", "my_app", "-app", "app-", "a" * 53, "app.v2"])
 def test_a_prefix_no_bucket_name_can_carry_is_refused_at_start(prefix):
-    """An uppercase prefix failed only at bucket creation (explorer)."""
+    """An uppercase prefix would fail only at bucket creation."""
     with pytest.raises(ValueError, match="APP_PREFIX must be 1 to 52 lowercase letters"):
         Settings.from_env({"APP_PREFIX": prefix})
 
 
 @pytest.mark.parametrize("prefix", ["xn--app", "sthree-app", "amzn-s3-demo-app"])
 def test_a_prefix_s3_keeps_for_itself_is_refused_at_start(prefix):
-    """Taken, it failed at provisioning with S3's bare InvalidBucketName (reviewer)."""
+    """Taken, it would fail at provisioning with S3's bare InvalidBucketName."""
     with pytest.raises(ValueError, match="APP_PREFIX must not start with xn--, sthree-"):
         Settings.from_env({"APP_PREFIX": prefix})
 
@@ -530,15 +530,15 @@ def test_the_web_journal_is_in_the_users_state_directory_unless_set():
     ({"AWS_DEFAULT_REGION": "eu_west_1"}, "must be a region's name"),
 ])
 def test_settings_that_would_fail_later_or_open_the_api_are_refused_at_the_start(env, says):
-    """(reviewer)"""
+    """Taken, each would fail later, or leave the API open."""
     with pytest.raises(ValueError, match=re.escape(says)):
         Settings.from_env(env)
 
 
 def test_spaces_around_a_region_are_not_its_name_and_a_relative_state_home_is_ignored():
     """Only spaces is unset, as for every setting; XDG_STATE_HOME relative is ignored, as
-    the XDG spec says: the controller's lock and the journals followed the directory each
-    process started in, and two controllers started in two took two locks (reviewer)."""
+    the XDG spec says: else the controller's lock and the journals follow the directory
+    each process starts in, and two controllers started in two take two locks."""
     assert Settings.from_env({"AWS_REGION": " eu-west-1 "}).region == "eu-west-1"
     assert Settings.from_env({"AWS_REGION": "  ", "AWS_DEFAULT_REGION": "eu-north-1"}).region == "eu-north-1"
     relative = Settings.from_env({"HOME": "/home/u", "XDG_STATE_HOME": "state"})
@@ -656,7 +656,7 @@ def test_a_bucket_name_taken_by_another_account_is_said_so_naming_app_prefix(mon
 
 
 def test_provision_without_credentials_says_so_in_one_line(monkeypatch, capsys, tmp_path):
-    """It gave botocore's traceback (reviewer)."""
+    """Not botocore's traceback."""
     without_credentials(monkeypatch, tmp_path)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     assert provision_main([]) == 1
@@ -677,8 +677,8 @@ def test_provision_takes_no_arguments_and_makes_nothing_when_given_one(argv, cap
 
 
 def test_provision_expires_objects_after_retention_days_keeping_the_buckets_other_rules(caplog):
-    """Uploads and results were kept for ever: anyone with a batch's link could read them
-    back years later (reviewer). RETENTION_DAYS sets one rule of ours; 0 removes it."""
+    """Uploads and results kept for ever let anyone with a batch's link read them back
+    years later. RETENTION_DAYS sets one rule of ours; 0 removes it."""
     from common.provision import RETENTION_RULE_ID
 
     def rules(aws, bucket):
@@ -727,7 +727,7 @@ def test_provision_expires_objects_after_retention_days_keeping_the_buckets_othe
 
 def test_provision_under_a_role_without_the_lifecycle_rights_still_works_unless_asked_to_expire(monkeypatch):
     """A provision role made before RETENTION_DAYS cannot read lifecycle rules: a re-run
-    to change a queue setting failed with a traceback, before the queues (reviewer)."""
+    to change a queue setting must not fail with a traceback, before the queues."""
     from common.provision import ProvisionError
 
     def denied(**_kwargs):
@@ -745,8 +745,8 @@ def test_provision_under_a_role_without_the_lifecycle_rights_still_works_unless_
 def test_provision_applies_changed_settings_to_the_queues_that_exist(caplog):
     """CreateQueue refuses an existing queue with other attributes; provisioning again
     after VISIBILITY_TIMEOUT, RECEIVE_WAIT or MAX_RECEIVE_COUNT changed must not. Each
-    change is said: a re-run without the controller's settings silently put a
-    MAX_RECEIVE_COUNT of 5 back to 3 (reviewer)."""
+    change is said: a re-run without the controller's settings would silently put a
+    MAX_RECEIVE_COUNT of 5 back to 3."""
     with mock_aws():
         first = provision(Settings())
         caplog.clear()
@@ -784,8 +784,7 @@ def test_aws_opens_clients_ahead_of_use_and_refuses_unknown_services():
 def test_a_client_made_before_there_were_credentials_finds_them_at_its_next_use(monkeypatch, tmp_path):
     """botocore looks for credentials once, when it makes a client: one made while the
     instance metadata service missed its one try at boot, or before the instance
-    profile was attached, failed every call until the process was restarted by hand
-    (reviewer)."""
+    profile was attached, would fail every call until the process is restarted by hand."""
     from botocore.exceptions import NoCredentialsError
 
     with mock_aws():
@@ -965,7 +964,7 @@ def test_logging_set_up_keeps_botocores_credential_chatter_out(monkeypatch, capl
 @pytest.mark.parametrize(("level", "effective", "warned"), [
     ("debug", "DEBUG", False), (" Warning ", "WARNING", False), ("verbose", "INFO", True)])
 def test_a_log_level_is_taken_in_any_case_and_a_wrong_one_does_not_stop_the_process(level, effective, warned):
-    """LOG_LEVEL=debug had ended the worker with a traceback, restarted for ever (explorer)."""
+    """LOG_LEVEL=debug must not end the worker with a traceback, restarted for ever."""
     code = ("import logging, sys; from common.logs import configure; configure('%(levelname)s %(message)s', "
             "sys.argv[1]); print(logging.getLevelName(logging.getLogger().level))")
     done = subprocess.run([sys.executable, "-c", code, level], capture_output=True, text=True, timeout=60,
@@ -975,8 +974,8 @@ def test_a_log_level_is_taken_in_any_case_and_a_wrong_one_does_not_stop_the_proc
 
 
 def test_every_process_takes_its_log_level_from_LOG_LEVEL_and_logs_library_warnings():
-    """The web tier and the controller had logged at INFO whatever LOG_LEVEL said, and
-    Pillow's warnings reached the web tier's stderr as bare lines (reviewer)."""
+    """The web tier and the controller log at the LOG_LEVEL set, not INFO, and Pillow's
+    warnings reach the web tier's stderr formatted, not as bare lines."""
     code = ("import logging, warnings; from common.logs import configure; configure('LOG %(levelname)s "
             "%(message)s'); print(logging.getLevelName(logging.getLogger().level)); "
             "warnings.warn('odd image')")
@@ -1085,8 +1084,8 @@ def test_waits_between_failed_tries_start_at_the_first_double_and_stop_at_the_mo
 
 
 def test_the_readme_table_names_every_variable_of_the_settings_table_and_no_other():
-    """config.py's docstring promises the README lists each variable; nothing checked it
-    (a newcomer's review). Both ways: a row for a variable no longer read misleads as much."""
+    """config.py's docstring promises the README lists each variable. Both ways: a row
+    for a variable no longer read misleads as much."""
     from common.config import VARIABLES
 
     root = Path(__file__).resolve().parents[2]
@@ -1176,7 +1175,7 @@ def test_the_table_of_variables_refuses_a_duplicate_or_a_field_settings_has_not(
 
 
 @pytest.mark.parametrize("main, argv", [
-    ("localaws.stack", ["--warm-spares=--"]),  # an AttributeError's traceback (explorer)
+    ("localaws.stack", ["--warm-spares=--"]),  # not an AttributeError's traceback
     ("controller.main", ["--poll-interval=--"]),  # "got '[]'"
     ("bench.__main__", ["--warm-spares=--"]),
 ])

@@ -41,8 +41,8 @@ def test_a_second_lock_on_one_fleet_is_refused_naming_the_first(settings):
                                      "http://0.0.0.0:5000", "http://127.1:5000", "http://[::]:5000",
                                      "http://[::ffff:127.0.0.1]:5000", "http://127.0.0.2:5000"])
 def test_one_endpoint_is_one_fleet_however_it_is_written(settings, written):
-    """Two controllers ran on one fleet, the second given the address with a trailing
-    slash, as localhost, or in capitals (explorer)."""
+    """Else two controllers run on one fleet, the second given the address with a
+    trailing slash, as localhost, or in capitals."""
     first = hold_fleet_lock(settings)
     try:
         with pytest.raises(AnotherController):
@@ -84,8 +84,8 @@ def test_a_lock_on_a_file_deleted_meanwhile_is_not_taken_for_the_fleets(settings
 
 
 def test_a_lock_folder_deleted_meanwhile_is_made_again_not_tried_for_ever(settings, monkeypatch):
-    """A folder removed between its mkdir and the open (a temporary-file cleaner) made
-    every try fail alike: the controller spun at full speed for ever (reviewer)."""
+    """A folder removed between its mkdir and the open (a temporary-file cleaner) makes
+    every try fail alike: the controller must not spin at full speed for ever."""
     import shutil
     import threading
 

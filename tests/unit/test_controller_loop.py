@@ -197,7 +197,7 @@ def hidden_from_listings(aws: Aws, patch: pytest.MonkeyPatch) -> set[str]:
 
 def test_a_stale_read_after_ec2_listed_the_launches_launches_nothing_again(aws, make_controller, patch):
     """EC2's reads may lag even after one that listed an instance: forgotten once listed,
-    the next stale read launched all 15 again, 30 billed (reviewer)."""
+    the next stale read would launch all 15 again, 30 billed."""
     hidden = hidden_from_listings(aws, patch)
     send(aws, 15)
     controller = make_controller()
@@ -275,8 +275,8 @@ def test_scale_in_waits_out_the_window_and_a_restart_does_not_shorten_it(aws, ma
 
 
 def test_the_scale_in_window_holds_a_peak_its_whole_length_and_no_longer():
-    """SCALE_IN_COOLDOWN's length: a tenth of it had passed every other test, whose
-    checks all fell within a controller's first window (mutation audit)."""
+    """SCALE_IN_COOLDOWN's length: a tenth of it passes every other test, whose checks
+    all fall within a controller's first window."""
     from controller.memory import ScaleInWindow
 
     window, fleet = 60.0, ScaleInWindow()
@@ -414,9 +414,9 @@ def test_the_hold_doubles_for_replacements_that_never_serve_until_one_does(aws, 
 
 def test_without_ready_tags_the_hold_is_back_to_the_min_after_a_long_quiet(aws, make_controller, caplog):
     """Workers that never say they serve (no worker-ready tags, READY_DEADLINE=0) give no
-    evidence of health: the hold only grew, up to 5 minutes for any one failure, however
-    far apart (reviewer). Past a quiet longer than a never-serving wave's gap, it is back
-    to the min."""
+    evidence of health: the hold must not only grow, up to 5 minutes for any one
+    failure, however far apart. Past a quiet longer than a never-serving wave's gap, it
+    is back to the min."""
     send(aws, 1)
     controller = make_controller(failure_hold_min_s=10.0, failure_hold_max_s=300.0)
     controller.settings = dataclasses.replace(aws.settings, ready_deadline_s=0)
@@ -506,8 +506,8 @@ def test_a_controller_whose_clock_is_ahead_of_ec2s_does_not_launch_a_round_for_o
         aws, make_controller, patch):
     """An instance launched for one waiting message beside a busy worker counts as
     booting, and launches no other, for two BOOT_TIMEs of the controller's own clock.
-    Measured against EC2's LaunchTime, a controller whose clock ran a minute ahead took
-    it for an old instance that never serves, and launched one a round (reviewer)."""
+    Against EC2's LaunchTime, a controller whose clock runs a minute ahead would take
+    it for an old instance that never serves, and launch one a round."""
     wall, mono = time.time() + 3600, 50.0
     patch.setattr("controller.observe.time", SimpleNamespace(time=lambda: wall, monotonic=lambda: mono))
     send(aws, 1)
@@ -628,8 +628,8 @@ def test_a_launch_that_terminates_before_ec2_lists_it_is_not_counted(aws, make_c
 
 def test_one_instance_ec2_will_not_terminate_fails_no_other_scale_in(aws, make_controller, caplog):
     """Refused, it goes last, and is asked again only a minute after its refusal: asked
-    every round, one EC2 refuses for good (termination protection) made a call and a log
-    line a round, 86,400 a day at a 1 s poll (reviewer)."""
+    every round, one EC2 refuses for good (termination protection) costs a call and a log
+    line a round, 86,400 a day at a 1 s poll."""
     send(aws, 3)
     controller = make_controller()
     controller.step(now=1000.0)
@@ -699,9 +699,9 @@ def test_a_throttled_scale_in_fails_the_round_rather_than_call_once_per_instance
 
 @pytest.mark.parametrize("code", ["RequestLimitExceeded", "UnsupportedOperation", "InternalError"])
 def test_a_termination_ec2_fails_holds_up_no_launch(aws, make_controller, patch, code):
-    """Terminations came first and raised: a stopped instance EC2 would not end (a code
-    of its own, throttling, an outage of TerminateInstances alone) held every launch,
-    round after round, with requests waiting and nothing live (reviewer)."""
+    """Terminations that come first and raise would let a stopped instance EC2 will not
+    end (a code of its own, throttling, an outage of TerminateInstances alone) hold every
+    launch, round after round, with requests waiting and nothing live."""
     send(aws, 1)
     make_controller().step()
     stray = instances(aws)[0]["InstanceId"]
@@ -980,8 +980,8 @@ def test_launch_backoff_is_timed_from_when_the_failed_launch_returned(aws, make_
 
 
 def test_launch_backoff_is_not_lengthened_by_a_slow_observation(aws, make_controller, patch):
-    """Timed from before the round's observation, a failed launch's backoff was longer
-    by as long as SQS took to give the queue's depth: seconds, when it is slow (reviewer)."""
+    """Timed from before the round's observation, a failed launch's backoff would be
+    longer by as long as SQS takes to give the queue's depth: seconds, when it is slow."""
     real_depth = aws.queue_depth
     clock = [1000.0]  # the controller's monotonic clock, moved on only by the slow calls
     fake_time = SimpleNamespace(time=time.time, monotonic=lambda: clock[0])
@@ -1077,8 +1077,8 @@ def zone_short(aws: Aws, full: set[str], code: str = "InsufficientInstanceCapaci
     return Flaky(launch, refusal, lambda n, kwargs: kwargs["SubnetId"] in full)
 
 
-# EC2 sends InsufficientInstanceCapacity as a 500: taken for "no reply", it was repeated
-# in its full subnet round after round, the next never tried (reviewer).
+# EC2 sends InsufficientInstanceCapacity as a 500: taken for "no reply", it would be
+# repeated in its full subnet round after round, the next never tried.
 @pytest.mark.parametrize(("code", "status"), [("InsufficientInstanceCapacity", 500),
                                               ("InsufficientInstanceCapacity", 400), ("Unsupported", 400)])
 def test_a_launch_a_zone_cannot_take_is_tried_in_the_other_subnets(aws, make_controller, patch, code, status):
@@ -1095,9 +1095,9 @@ def test_a_launch_a_zone_cannot_take_is_tried_in_the_other_subnets(aws, make_con
 
 
 def test_a_zones_refusal_is_not_retried_by_botocore(aws, make_controller):
-    """EC2's InsufficientInstanceCapacity, a 500, was retried 5 times in the same full
-    subnet, each retry taking 14 of the EC2 client's 500 retry tokens: a shortage drained
-    them, and a blip of DescribeInstances then failed its round (reviewer)."""
+    """EC2's InsufficientInstanceCapacity, a 500, retried 5 times in the same full subnet,
+    each retry taking 14 of the EC2 client's 500 retry tokens: a shortage would drain
+    them, and a blip of DescribeInstances then fail its round."""
     from botocore.awsrequest import AWSResponse
 
     body = (b'<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error><Code>'
@@ -1127,7 +1127,7 @@ def test_a_zones_refusal_is_not_retried_by_botocore(aws, make_controller):
 def test_a_throttled_launch_is_repeated_with_its_token(aws, make_controller, patch, caplog):
     """EC2 throttles RunInstances (a 503) before it looks at the token: an earlier
     attempt of botocore's, timed out, may have launched, so the call is repeated as it
-    was, where a zone's 500 is not (reviewer)."""
+    was, where a zone's 500 is not."""
     controller = make_controller()
 
     def throttled() -> ClientError:
@@ -1191,9 +1191,9 @@ def test_a_launch_whose_reply_was_lost_is_repeated_with_its_token_and_subnet(aws
 
 
 def test_a_lost_launch_reply_is_forgotten_once_ec2_lists_its_instance(aws, make_controller, patch, caplog):
-    """Remembered until answered or 5 minutes old, the call was repeated at the number's
-    next launch after its instance had gone (terminated, scaled in), and EC2 answers a
-    repeated token with that terminated instance, not a new one (reviewer)."""
+    """Remembered until answered or 5 minutes old, the call would be repeated at the
+    number's next launch after its instance has gone (terminated, scaled in), and EC2
+    answers a repeated token with that terminated instance, not a new one."""
     controller = make_controller()
     real_run = aws.ec2.run_instances
     tokens: list[str] = []
@@ -1334,8 +1334,8 @@ def test_botocore_retries_throttling_by_itself(aws, make_controller):
 
 
 def test_a_round_that_begins_late_or_takes_long_is_said(make_controller, monkeypatch, caplog):
-    """A controller stopped for 40 s, or AWS stalled for 18 s: its log had a gap and no
-    word of why the fleet did not follow the queue meanwhile (reviewer)."""
+    """A controller stopped for 40 s, or AWS stalled for 18 s: its log must not have a gap
+    with no word of why the fleet did not follow the queue meanwhile."""
     controller = make_controller()
     clock = [1000.0]
     monkeypatch.setattr("controller.loop.time.monotonic", lambda: clock[0])
@@ -1365,7 +1365,7 @@ def test_a_round_that_begins_late_or_takes_long_is_said(make_controller, monkeyp
 
 
 def test_instances_ended_by_someone_else_are_said(aws, make_controller, caplog):
-    """15 instances terminated behind its back: the log said only "launch 15" (reviewer)."""
+    """15 instances terminated behind its back: more than a bare "launch 15" in the log."""
     send(aws, 3)
     controller = make_controller()
     controller.step()
@@ -1387,8 +1387,8 @@ def test_instances_ended_by_someone_else_are_said(aws, make_controller, caplog):
 
 def test_instances_it_terminated_that_ec2_still_lists_running_are_not_counted(aws, make_controller, patch,
                                                                              caplog):
-    """EC2's reads lag after a TerminateInstances too: counted as serving, they held back
-    the launches a new burst needed, and once gone were blamed on someone else (reviewer)."""
+    """EC2's reads lag after a TerminateInstances too: counted as serving, they would hold
+    back the launches a new burst needs, and once gone be blamed on someone else."""
     send(aws, 4)
     controller = make_controller()
     controller.step(now=1000.0)
@@ -1424,8 +1424,8 @@ def three_launched_one_ended_by_hand(aws: Aws, make_controller: Callable[..., Co
 
 def test_an_instance_ended_by_someone_else_that_ec2_still_lists_running_is_not_counted(
         aws, make_controller, patch):
-    """Ended by a hand, then listed running by a read still behind: it stood in for its
-    replacement, which the controller scaled in, then launched again (reviewer)."""
+    """Ended by a hand, then listed running by a read still behind: it must not stand in
+    for its replacement, which the controller would scale in, then launch again."""
     controller, real, before, ended = three_launched_one_ended_by_hand(aws, make_controller)
     assert len(controller.step(now=1001.0).launch) == 1  # its replacement
 
@@ -1442,8 +1442,8 @@ def test_an_instance_ended_by_someone_else_that_ec2_still_lists_running_is_not_c
 def test_an_instance_someone_else_ended_seen_shutting_down_is_not_counted_when_listed_running_again(
         aws, make_controller, patch):
     """On EC2 a hand's termination is first listed shutting-down, for tens of seconds
-    (moto ends it at once): remembered only once listed terminated, it was forgotten
-    before a read still behind listed it running (reviewer)."""
+    (moto ends it at once): remembered only once listed terminated, it would be forgotten
+    before a read still behind lists it running."""
     controller, real, before, ended = three_launched_one_ended_by_hand(aws, make_controller)
     shutting = copy.deepcopy(before)
     for reservation in shutting["Reservations"]:
@@ -1467,8 +1467,8 @@ def test_an_instance_someone_else_ended_seen_shutting_down_is_not_counted_when_l
 
 
 def test_a_dry_run_beside_a_live_fleet_says_what_ended_without_alarm(aws, make_controller, caplog):
-    """In a dry run another controller does the acting: its scale-ins were warned of as
-    instances ended behind this one's back (reviewer)."""
+    """In a dry run another controller does the acting: its scale-ins are not warned of
+    as instances ended behind this one's back."""
     send(aws, 2)
     make_controller().step()  # the live controller launches
     watching = make_controller(dry_run=True)
@@ -1483,8 +1483,8 @@ def test_a_dry_run_beside_a_live_fleet_says_what_ended_without_alarm(aws, make_c
 
 def test_instances_it_terminated_in_a_round_that_then_failed_are_not_blamed_on_others(
         aws, make_controller, patch, caplog):
-    """Its terminations took effect, their answer was lost: the next round blamed
-    "someone else" for them (reviewer)."""
+    """Its terminations took effect, their answer was lost: the next round must not blame
+    "someone else" for them."""
     send(aws, 3)
     controller = make_controller()
     controller.step()
@@ -1519,7 +1519,7 @@ def test_on_aws_the_controller_will_not_launch_workers_without_credentials(capsy
 
 @pytest.mark.parametrize("weights", ["/home/me/resnet50.h5", "weights.h5"])
 def test_on_aws_the_controller_will_not_send_its_workers_a_path_on_this_host(weights, capsys, monkeypatch):
-    """The instances have no such file: every worker would exit, round after round (reviewer)."""
+    """The instances have no such file: every worker would exit, round after round."""
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     monkeypatch.setenv("INSTANCE_PROFILE", "imgclass-worker")
     monkeypatch.setenv("AMI_ID", "ami-0123456789abcdef0")
@@ -1531,7 +1531,7 @@ def test_on_aws_the_controller_will_not_send_its_workers_a_path_on_this_host(wei
 
 
 def test_on_aws_the_controller_will_not_launch_the_placeholder_image(capsys, monkeypatch):
-    """Every launch of it would fail, round after round (explorer)."""
+    """Every launch of it would fail, round after round."""
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     monkeypatch.delenv("AMI_ID", raising=False)
     monkeypatch.setenv("INSTANCE_PROFILE", "imgclass-worker")
@@ -1584,7 +1584,7 @@ def test_what_stops_a_controller_on_aws_is_said_all_at_once_and_nothing_on_the_e
 
 def test_the_controller_runs_from_its_own_folder_as_from_the_root():
     """DESIGN.md: `python controller.py` from `controller/` or the root; from the folder
-    it was "can't open file" (an auditor)."""
+    it must not be "can't open file"."""
     from_root, from_folder = (
         subprocess.run([sys.executable, "controller.py", "--help"], cwd=cwd, capture_output=True,
                        text=True, timeout=30, check=True).stdout
@@ -1609,9 +1609,9 @@ def test_help_documents_every_option():
 
 
 def test_each_setting_option_sets_its_variable_and_the_policy_reads_every_setting_it_names():
-    """An option missing from the table of variables was parsed and dropped, and a Policy
-    field left out of policy_from kept its default whatever was set: no test saw either
-    (a newcomer adding a setting)."""
+    """An option missing from the table of variables would be parsed and dropped, and a
+    Policy field left out of policy_from keep its default whatever is set: no other test
+    sees either."""
     from controller.main import SETTING_OPTIONS
     from controller.policy import POLICY_SETTINGS, Policy
 
@@ -1639,8 +1639,8 @@ def test_options_override_the_environment_and_are_checked_like_it():
 
 
 def test_an_option_replaces_a_wrong_variable_and_a_wrong_variable_is_named_as_such(capsys, monkeypatch):
-    """MAX_INSTANCES=many in the environment had stopped a controller started with
-    --max-instances 3, which replaces it (reviewer)."""
+    """MAX_INSTANCES=many in the environment must not stop a controller started with
+    --max-instances 3, which replaces it."""
     env = {"MAX_INSTANCES": "many", "POLL_INTERVAL": "2"}
     settings = settings_from(build_parser(Settings()).parse_args(["--max-instances", "3"]), env)
     assert (settings.max_instances, settings.poll_interval_s) == (3, 2.0)
@@ -1709,7 +1709,7 @@ def test_once_exits_1_when_a_launch_fails(aws, patch, monkeypatch, capsys, tmp_p
     with caplog.at_level(logging.INFO, logger="controller.loop"):
         assert main(["--once"]) == 1
     assert "a launch failed" in capsys.readouterr().err
-    # The settings it decided with, as a running controller logs them (reviewer).
+    # The settings it decided with, as a running controller logs them.
     said = ("controller: prefix unit in us-east-1, cap 15, mode backlog, 1 message(s) per instance, "
             "poll every 1.0s, scale-in window 60s, ready deadline 1200s")
     assert said in caplog.text
@@ -1718,8 +1718,8 @@ def test_once_exits_1_when_a_launch_fails(aws, patch, monkeypatch, capsys, tmp_p
 
 def test_timeline_and_plot_paths_that_cannot_be_written_are_usage_errors_not_tracebacks(
         capsys, monkeypatch, tmp_path):
-    """--timeline's header is written at start: a traceback; --plot was found unwritable
-    only at exit, after a run of hours (reviewer)."""
+    """--timeline's header is written at start, without a traceback; --plot is checked
+    writable at start too, not found unwritable at exit, after a run of hours."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # never reached
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
     for argv, says in ((["--timeline", str(tmp_path / "none" / "t.csv")], "--timeline"),

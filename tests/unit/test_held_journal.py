@@ -156,8 +156,8 @@ def test_answered_since_is_left_alone(aws_env, caplog):
 
 def test_a_worker_killed_as_it_gives_requests_back_leaves_them_in_its_journal(aws_env, monkeypatch):
     """Forgotten first, then made visible: killed in between (systemd's kill at the end
-    of a stop's grace), the journal no longer named them, and they stayed hidden for
-    the rest of their timeout (reviewer)."""
+    of a stop's grace), the journal would no longer name them, and they stay hidden for
+    the rest of their timeout."""
     settings, aws = aws_env
     upload(settings, aws, "tried.jpg", make_image(310), "tried")
     worker = Worker(settings, aws, MeanClassifier(), "i-killed")
@@ -215,7 +215,7 @@ def test_remove_takes_a_version_a_kill_left_unfinished_too(tmp_path):
 
 def test_a_failed_write_leaves_no_older_version_behind(tmp_path, caplog):
     """The older version names messages answered or hidden for a retry delay since:
-    a successor would show them (reviewer)."""
+    a successor must not show them."""
     path = tmp_path / "held.json"
     journal = HeldJournal(path)
     journal.record([HeldEntry("answered-since", 2e9)])
@@ -227,8 +227,8 @@ def test_a_failed_write_leaves_no_older_version_behind(tmp_path, caplog):
 
 def test_an_extension_that_failed_is_not_written_as_one(aws_env, monkeypatch):
     """The message may be visible, or another worker's, by the time a successor reads
-    the journal: it must not show it by a receipt that is stale (reviewer: moto takes
-    any receipt a message ever had)."""
+    the journal: it must not show it by a receipt that is stale (moto takes any receipt
+    a message ever had)."""
     settings, aws = aws_env
     upload(settings, aws, "x.jpg", make_image(400), "x")
     worker = Worker(settings, aws, MeanClassifier(), "i-ext")
@@ -250,7 +250,7 @@ def test_an_extension_that_failed_is_not_written_as_one(aws_env, monkeypatch):
 
 def test_the_successor_looks_at_the_clock_again_before_each_call(aws_env, monkeypatch):
     """botocore's retries of one call may take long enough for the next ones'
-    messages to be visible again, or another worker's (reviewer)."""
+    messages to be visible again, or another worker's."""
     settings, aws = aws_env
     HeldJournal(held_journal_path(settings, "i-slow")).record([HeldEntry(f"r{i}", 1005.0) for i in range(15)])
     from app_tier import held as held_module
@@ -290,7 +290,7 @@ def test_the_successor_shows_them_once_ready_and_before_its_first_receive(aws_en
 
 
 def test_a_successor_that_cannot_reach_aws_to_show_them_says_so_and_serves_on(aws_env, monkeypatch, caplog):
-    """It exited 1 with a traceback, restarted to fail alike while the journal lasted (reviewer)."""
+    """Not exit 1 with a traceback, restarted to fail alike while the journal lasts."""
     from botocore.exceptions import EndpointConnectionError
 
     settings, aws = aws_env
@@ -364,7 +364,7 @@ def test_a_stopped_workers_unit_shows_what_it_held_without_loading_a_model(aws_e
 
 def test_a_restarted_worker_shows_what_its_predecessor_held_before_loading_its_model(
         aws_env, monkeypatch, caplog):
-    """Shown by Worker.run, they waited for the model to load too (reviewer)."""
+    """Shown by Worker.run, they would wait for the model to load too."""
     from app_tier import __main__ as worker_main
 
     settings, aws = aws_env
@@ -387,9 +387,9 @@ def test_a_restarted_worker_shows_what_its_predecessor_held_before_loading_its_m
 
 def test_a_receive_hides_what_it_takes_only_for_a_lease_which_the_heartbeat_extends(aws_env, monkeypatch):
     """A worker killed with a long poll open never sees what that poll takes, nor can its
-    journal name it: requests sent after its death waited the whole visibility timeout
-    (reviewer). Now they wait the receive's lease; what a worker holds, the heartbeat
-    keeps hidden for the timeout."""
+    journal name it: requests sent after its death would wait the whole visibility
+    timeout. They wait the receive's lease; what a worker holds, the heartbeat keeps
+    hidden for the timeout."""
     from app_tier import worker as worker_module
 
     settings, aws = aws_env  # a visibility timeout of 600 s
@@ -419,9 +419,8 @@ def test_a_receive_hides_what_it_takes_only_for_a_lease_which_the_heartbeat_exte
 
 
 def test_requests_another_worker_took_are_not_handed_back(aws_env, caplog):
-    """A worker paused past its messages' visibility found them answered by another on
-    its return: it handed them back as new messages, and they were classified again
-    (reviewer)."""
+    """A worker paused past its messages' visibility finds them answered by another on
+    its return: handed back as new messages, they would be classified again."""
     settings, aws = aws_env
     upload(settings, aws, "taken.jpg", make_image(500), "taken-0")
     paused = Worker(settings, aws, MeanClassifier(), "i-0800")
@@ -440,9 +439,9 @@ def test_requests_another_worker_took_are_not_handed_back(aws_env, caplog):
 
 
 def test_a_request_another_worker_took_is_handed_back_when_received_here_again(aws_env, monkeypatch):
-    """Dropped as another worker's, its id stayed among those being answered here: this
-    worker, receiving it again later, took it for one being answered, and a stop did
-    not hand it back (reviewer): it waited out its visibility timeout."""
+    """Dropped as another worker's, its id must leave those being answered here: else this
+    worker, receiving it again later, takes it for one being answered, and a stop does
+    not hand it back: it waits out its visibility timeout."""
     from common.aws import VisibilityFailure
 
     settings, aws = aws_env
@@ -465,9 +464,9 @@ def test_a_request_another_worker_took_is_handed_back_when_received_here_again(a
 
 
 def test_requests_being_answered_stay_in_the_journal_and_are_not_handed_back(aws_env, monkeypatch):
-    """Forgotten once their results were stored, a worker killed before its deletes left
-    them to the visibility timeout, and classified again after it (reviewer). Held until
-    deleted now; and a stop meanwhile (the grace timer) must still not hand them back."""
+    """Forgotten once their results are stored, they would be left by a worker killed
+    before its deletes to the visibility timeout, and classified again after it. Held
+    until deleted; and a stop meanwhile (the grace timer) must still not hand them back."""
     settings, aws = aws_env
     upload(settings, aws, "answering.jpg", make_image(320), "answering")
     worker = Worker(settings, aws, MeanClassifier(), "i-answering")
@@ -509,10 +508,10 @@ def kill(worker: Worker) -> None:
 
 @pytest.mark.parametrize("where", ["model call", "decode", "download"])
 def test_an_image_that_kills_workers_is_dead_lettered_alone(aws_env, monkeypatch, where):
-    """Its batch-mates are answered. They were made visible with it after each death, each
-    receive an attempt, and dead-lettered with it after MAX_RECEIVE_COUNT deaths: a
-    suspect classified alone still killed its worker before a batch-mate's answer went
-    out, and decodes of suspects ran beside each other (reviewer)."""
+    """Its batch-mates are answered. Made visible with it after each death, each receive
+    an attempt, and dead-lettered with it after MAX_RECEIVE_COUNT deaths, they would
+    share its fate: a suspect classified alone must not kill its worker before a
+    batch-mate's answer goes out, nor decodes of suspects run beside each other."""
     from app_tier import worker as worker_module
     from app_tier.images import prepare
 

@@ -77,7 +77,7 @@ BAD = [
                  id="pdf-named-png"),
     pytest.param(encode(Image.new("RGB", (8, 8)), "PPM"), "x.ppm", 415, "unsupported_type",
                  "PPM images are not accepted", id="unaccepted-format"),
-    # Its first bytes are also a CUR's: it was named a CUR (reviewer).
+    # Its first bytes are also a CUR's: it must not be named a CUR.
     pytest.param(encode(Image.new("RGB", (8, 8)), "TGA"), "x.tga", 415, "unsupported_type",
                  "TGA images are not accepted", id="tga"),
     # Text whose first bytes PPM's reader would look at ("P" and a digit).
@@ -189,7 +189,7 @@ def forbid_pillow(monkeypatch) -> None:
 
 def test_a_jpeg_of_too_many_segments_is_refused_before_pillow_reads_it(web_settings, monkeypatch):
     """Pillow reads a JPEG's header segment by segment, in Python: a 10 MB upload of
-    2.6 million 4-byte comments took the web tier 12 s of CPU (explorer)."""
+    2.6 million 4-byte comments takes the web tier 12 s of CPU."""
     photo = make_image(6)
     padded = {n: photo[:2] + b"\xff\xfe\x00\x02" * n + photo[2:]
               for n in (MAX_JPEG_SEGMENTS - 20, MAX_JPEG_SEGMENTS + 1, 2_600_000)}
@@ -212,8 +212,8 @@ def test_a_jpeg_of_too_many_segments_is_refused_before_pillow_reads_it(web_setti
 
 
 def test_a_png_of_too_many_chunks_is_refused_before_pillow_reads_it(web_settings, monkeypatch):
-    """Pillow reads a PNG chunk by chunk, in Python: 800,000 empty chunks in 9.6 MB took
-    5.2 s to open (reviewer)."""
+    """Pillow reads a PNG chunk by chunk, in Python: 800,000 empty chunks in 9.6 MB take
+    5.2 s to open."""
     photo = encode(Image.new("RGB", (16, 16), (9, 99, 199)), "PNG")
     empty_chunk = struct.pack(">I", 0) + b"zzZz" + struct.pack(">I", zlib.crc32(b"zzZz"))
 
@@ -236,8 +236,8 @@ def test_a_png_of_too_many_chunks_is_refused_before_pillow_reads_it(web_settings
 def test_a_gif_of_too_many_blocks_before_its_image_is_refused_before_pillow_reads_it(web_settings,
                                                                                       monkeypatch):
     """Pillow reads a GIF's extension blocks one by one, in Python: 3.5 million empty
-    comments in 10 MB took 0.9 s to open in each tier, and twenty in one request held
-    the web tier for 27 s (reviewer)."""
+    comments in 10 MB take 0.9 s to open in each tier, and twenty in one request hold
+    the web tier for 27 s."""
     from common.image_limits import MAX_GIF_BLOCKS, gif_blocks
 
     photo = encode(Image.new("RGB", (16, 16), (9, 99, 199)), "GIF")
@@ -263,7 +263,7 @@ def test_a_gif_of_too_many_blocks_before_its_image_is_refused_before_pillow_read
     # The walk itself stops there, whatever the file's size.
     assert gif_blocks(padded(3_500_000)) == MAX_GIF_BLOCKS + 1
     # Pillow skips a byte that starts nothing, one step each: a stray byte in front of
-    # the comments, or bytes alone, had stopped the count at 0 (reviewer).
+    # the comments, or bytes alone, must not stop the count at 0.
     for stray in (padded(1, b"\x00" + b"\x21\xfe\x00" * 3_500_000), padded(10 * 1024**2, b"\x00")):
         with pytest.raises(Refusal, match=f"more than {MAX_GIF_BLOCKS} blocks"):
             check_image("stray.gif", stray, web_settings)
@@ -277,8 +277,8 @@ def png_chunk(kind: bytes, body: bytes) -> bytes:
 
 def test_a_png_of_too_much_packed_metadata_is_refused_before_pillow_unpacks_it(web_settings, monkeypatch):
     """Pillow unpacks each profile and packed text, up to 1 MB apiece: 9,000 profiles in
-    9.5 MB took 22 s of CPU, and 24 uploads of 60 packed texts (63 KB each) took the
-    web tier from 190 MB to 1.4 GB (reviewer)."""
+    9.5 MB take 22 s of CPU, and 24 uploads of 60 packed texts (63 KB each) take the
+    web tier from 190 MB to 1.4 GB."""
     photo = encode(Image.new("RGB", (16, 16), (9, 99, 199)), "PNG")
 
     def packed(kib: int) -> bytes:
@@ -315,7 +315,7 @@ def test_a_png_of_too_much_packed_metadata_is_refused_before_pillow_unpacks_it(w
         with pytest.raises(BadImage, match=re.escape(reason)):
             prepare(with_chunks(*chunks), web_settings.max_image_pixels)
     # One chunk over Pillow's 1 MB, after the image data: the web tier, which does not
-    # decode, took it, and the worker failed it (reviewer). Refused by both now.
+    # decode, would take it, and the worker fail it. Refused by both.
     late = photo[:-12] + ztxt(1536) + photo[-12:]  # before the end chunk
     too_large = "a text or colour-profile chunk that unpacks to more than 1 MB"
     with pytest.raises(Refusal, match=too_large):
@@ -325,10 +325,10 @@ def test_a_png_of_too_much_packed_metadata_is_refused_before_pillow_unpacks_it(w
 
 
 def test_an_image_of_another_format_holding_one_of_ours_is_refused_unread(web_settings, monkeypatch):
-    """Pillow's ICO reader decoded the PNG inside an icon while opening it, past every
-    check of ours: a 0.7 MB icon of 178 megapixels took 2 s and 700 MB, before the web
-    tier saw an icon and refused it (six at once: 3.8 GB; reviewer). Only the
-    formats this service reads are opened; others are named by their first bytes."""
+    """Pillow's ICO reader decodes the PNG inside an icon while opening it, past every
+    check of ours: a 0.7 MB icon of 178 megapixels takes 2 s and 700 MB, before the web
+    tier sees an icon and refuses it (six at once: 3.8 GB). Only the formats this
+    service reads are opened; others are named by their first bytes."""
     from PIL import IcoImagePlugin
 
     inner = encode(Image.new("L", (256, 256)), "PNG")  # a size of 0 in the directory says 256
@@ -370,7 +370,7 @@ def float_rgb_tiff(width: int = 2, height: int = 2) -> bytes:
 
 
 def test_a_valid_tiff_pillow_cannot_read_is_not_called_damaged_alone(web_settings):
-    """Floating-point colour was "not a valid TIFF file" (reviewer): it is valid."""
+    """Floating-point colour is not "not a valid TIFF file": it is valid."""
     with pytest.raises(Refusal) as refused:
         check_image("hdr.tif", float_rgb_tiff(), web_settings)
     assert refused.value.status == 422
@@ -383,7 +383,7 @@ def test_a_valid_tiff_pillow_cannot_read_is_not_called_damaged_alone(web_setting
 
 def tiff_of_tiles(width: int, height: int, order: str = "<") -> bytes:
     """An uncompressed greyscale TIFF of 1x1 tiles, their offsets and sizes as SHORTs:
-    2.56 million of them fit in 10 MB (reviewer)."""
+    2.56 million of them fit in 10 MB."""
     tiles, entries = width * height, 10
     offsets_at = 10 + 2 + entries * 12 + 4
     sizes_at = offsets_at + 2 * tiles
@@ -410,8 +410,8 @@ def tiff_of_tiles(width: int, height: int, order: str = "<") -> bytes:
 @pytest.mark.parametrize("order", ["<", ">"])
 def test_a_tiff_of_too_many_tiles_is_refused_before_pillow_reads_it(web_settings, monkeypatch, order):
     """Pillow makes an object of each strip or tile as it opens a TIFF: 2.56 million 1x1
-    tiles in 10 MB took 4.5 s and ~800 MB to open, 9.7 s in the web tier and 14.6 s in a
-    worker (reviewer)."""
+    tiles in 10 MB take 4.5 s and ~800 MB to open, 9.7 s in the web tier and 14.6 s in a
+    worker."""
     from common.image_limits import MAX_TIFF_PARTS, tiff_parts
 
     fits = tiff_of_tiles(250, 250, order)  # 62,500 tiles
@@ -448,8 +448,8 @@ def test_tiff_parts_reads_bigtiff_and_stops_at_the_files_end():
 
 def test_a_webp_is_held_to_half_the_pixel_limit_as_its_decoding_takes_several_times_the_memory(
         web_settings):
-    """A 1.6 KB lossless WebP of 40 megapixels took a worker +600 MB to decode, where a
-    PNG of the same size takes +165 (reviewer)."""
+    """A 1.6 KB lossless WebP of 40 megapixels takes a worker +600 MB to decode, where a
+    PNG of the same size takes +165."""
     limited = dataclasses.replace(web_settings, max_image_pixels=1_000_000)
     image = Image.new("RGB", (1000, 600), (9, 9, 9))  # 600,000 pixels
     for fmt, refused in (("PNG", False), ("WEBP", True)):
@@ -468,8 +468,8 @@ def test_a_webp_is_held_to_half_the_pixel_limit_as_its_decoding_takes_several_ti
 
 
 def test_an_image_with_a_side_over_65535_pixels_is_refused_in_both_tiers(web_settings):
-    """Within the pixel limit, a PNG of 1x40,000,000 (151 KB) took a worker 1.5 GB and
-    5 s: Pillow keeps a pointer and an allocation per row (explorer)."""
+    """Within the pixel limit, a PNG of 1x40,000,000 (151 KB) takes a worker 1.5 GB and
+    5 s: Pillow keeps a pointer and an allocation per row."""
     def one_pixel_wide(height: int) -> bytes:
         return encode(Image.new("L", (1, height), 200), "PNG")
 
@@ -486,8 +486,8 @@ def test_an_image_with_a_side_over_65535_pixels_is_refused_in_both_tiers(web_set
 
 
 def test_scans_are_counted_as_the_decoder_reads_them(web_settings):
-    """An FF D9 in a comment, or a stray byte between segments, hid 3,000 scans from a
-    count that stopped at either; the worker took 16 s on such a file (reviewer)."""
+    """An FF D9 in a comment, or a stray byte between segments, must not hide 3,000 scans
+    from a count that stops at either; the worker takes 16 s on such a file."""
     from common.image_limits import jpeg_layout
 
     def jpeg_scan_count(data: bytes) -> int:
@@ -545,8 +545,8 @@ def test_heic_photos_are_refused_by_name_not_called_not_an_image(web_client, bra
 
 
 def test_an_image_of_exactly_the_pixel_limit_is_taken_by_both_tiers(web_settings):
-    """MAX_IMAGE_PIXELS is the most allowed (mutation audit): at it, both tiers take the
-    image; a row more, both refuse it."""
+    """MAX_IMAGE_PIXELS is the most allowed: at it, both tiers take the image; a row
+    more, both refuse it."""
     limited = dataclasses.replace(web_settings, max_image_pixels=1_000_000)
     at_limit = encode(Image.new("RGB", (1000, 1000), (9, 9, 9)), "PNG")
     assert check_image("at.png", at_limit, limited).content_type == "image/png"
