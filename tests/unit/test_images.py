@@ -154,8 +154,8 @@ def test_memory_freed_by_a_large_decode_is_given_back(monkeypatch, size, trimmed
     RuntimeError("Failed to decode frame 0: Decoding of color planes failed"),  # a damaged AVIF
 ])
 def test_any_error_decoding_an_image_is_the_images_fault_not_a_reason_to_retry(monkeypatch, error):
-    """Said as any damaged image is: it read "image data is corrupt: RuntimeError: ...",
-    Python's name for the error, where others read as below (explorer)."""
+    """Said as any damaged image is, not "image data is corrupt: RuntimeError: ...",
+    Python's name for the error, where others read as below."""
     from app_tier.images import BadImage
 
     def trips(self, *args, **kwargs):
@@ -194,8 +194,8 @@ def _jpeg_with_damaged_data() -> bytes:
 
 def _png_with_damaged_data() -> bytes:
     """Zeros inside the deflate stream, the chunk's CRC made right again (so that only
-    decoding finds it): the EXIF read that comes first swallowed the decoder's error,
-    and the half-decoded pixels were classified (explorer)."""
+    decoding finds it): the EXIF read that comes first must not swallow the decoder's
+    error, or the half-decoded pixels are classified."""
     import zlib
 
     rng = np.random.default_rng(0)
@@ -234,8 +234,8 @@ def test_only_the_pillow_errors_known_are_reworded():
 
 def test_a_jpeg_of_several_scans_counts_as_decoded_whole(monkeypatch):
     """libjpeg keeps a multi-scan JPEG's coefficients for the whole image, whatever the
-    draft: a baseline one in 3 scans of 24 megapixels took +73 MB where one scan took
-    +5 MB (reviewer). Such a JPEG must wait its turn as a large image does."""
+    draft: a baseline one in 3 scans of 24 megapixels takes +73 MB where one scan takes
+    +5 MB. Such a JPEG must wait its turn as a large image does."""
     from app_tier import images
     from common.image_limits import JpegLayout
 
@@ -251,8 +251,8 @@ def test_a_jpeg_of_several_scans_counts_as_decoded_whole(monkeypatch):
 
 def test_a_webp_counts_as_the_memory_its_decoding_holds():
     """Decoding a WebP holds ~15 bytes a pixel, twice an RGB PNG's: eight of 3.9
-    megapixels decoded side by side took a worker +424 MB (reviewer). Counted twice,
-    one over 2 megapixels waits its turn as a large PNG does."""
+    megapixels decoded side by side take a worker +424 MB. Counted twice, one over
+    2 megapixels waits its turn as a large PNG does."""
     from app_tier import images
 
     pixels = 1500 * 1400
@@ -265,7 +265,7 @@ def test_a_webp_counts_as_the_memory_its_decoding_holds():
 
 def test_decoding_frees_each_steps_input_and_copies_no_rgb_image(monkeypatch):
     """At full size each copy of a 40-megapixel RGBA image is 160 MB: keeping every
-    step's took a worker +918 MB where freeing them takes +460 (explorer, measured)."""
+    step's takes a worker +918 MB where freeing them takes +460 (measured)."""
     from app_tier.images import load_rgb, open_image
 
     closed: list[tuple[str, tuple[int, int]]] = []
@@ -399,7 +399,7 @@ def _framed(width: int, height: int) -> Image.Image:
      "PNG", {"transparency": (0, 0, 0)}),
 ])
 def test_a_large_image_reduced_first_looks_as_it_would_whole(monkeypatch, image, fmt, options):
-    """Reduced before converting, each of these came out another picture (reviewer)."""
+    """Reduced before converting, each of these would come out another picture."""
     from app_tier import images
 
     data = saved(image(), fmt, **options)
@@ -411,8 +411,8 @@ def test_a_large_image_reduced_first_looks_as_it_would_whole(monkeypatch, image,
 
 
 def test_a_long_thin_image_is_reduced_along_its_length():
-    """The model's input is square whatever the image: a 40,000 x 1,000 RGBA image was
-    not reduced at all (its short side too short), +480 MB (explorer)."""
+    """The model's input is square whatever the image: a 40,000 x 1,000 RGBA image must
+    be reduced though its short side is short, or it costs +480 MB."""
     rgba = np.zeros((300, 2 * 6 * 224 + 100, 4), dtype=np.uint8)
     rgba[..., 1:] = 200
     assert decode(saved(Image.fromarray(rgba, "RGBA"), "PNG"), MAX_PIXELS).size == (1394, 300)

@@ -506,8 +506,8 @@ def test_a_request_past_its_timeout_counts_as_failed(tier, tmp_path):
 
 @pytest.mark.parametrize("api", ["form", "jobs"])
 def test_an_upload_given_up_on_while_it_waits_says_the_image_may_be_stored(tier, tmp_path, api):
-    """A web tier paused past --timeout stored and answered every upload, said only to
-    have timed out (reviewer)."""
+    """A web tier paused past --timeout may store and answer every upload: not said
+    only to have timed out."""
     images = make_images(tmp_path / "images", {"slow.jpg": b"hang"})  # the upload's answer waits
     (outcome,) = run_load(Config(images=images, url=tier.url, api=api, timeout=2)).outcomes
     assert outcome.verdict == "failed" and outcome.reached
@@ -516,8 +516,8 @@ def test_an_upload_given_up_on_while_it_waits_says_the_image_may_be_stored(tier,
 
 @pytest.mark.parametrize("wait", [None, "sse"])
 def test_a_job_accepted_then_waited_for_past_the_timeout_says_the_image_is_stored(tier, tmp_path, wait):
-    """--jobs said only "timeout" for an image the web tier had accepted (202) and would
-    still classify (reviewer)."""
+    """--jobs must not say only "timeout" for an image the web tier has accepted (202)
+    and will still classify."""
     images = make_images(tmp_path / "images", {"held.jpg": b"hold"})  # accepted, never finished
     (outcome,) = run_load(Config(images=images, url=tier.url, api="jobs", wait=wait, timeout=2)).outcomes
     tier.release.set()
@@ -546,7 +546,7 @@ def test_a_run_given_a_time_to_stop_at_ends_then_and_says_why_for_each_request_l
 
 
 def test_a_request_whose_deadline_passed_before_it_was_sent_is_not_sent(tier, tmp_path):
-    """With --timeout 0.001 requests never sent were counted as sent (reviewer)."""
+    """With --timeout 0.001 requests never sent must not count as sent."""
     images = make_images(tmp_path / "images", {"a.jpg": b"label:x"})
     # Past before the upload goes out: the file is read after the request's clock starts.
     (outcome,) = run_load(Config(images=images, url=tier.url, timeout=1e-9)).outcomes
@@ -575,7 +575,7 @@ def test_what_a_run_leaves_out_is_said(tier, tmp_path, capsys):
 
 def test_a_csv_row_for_a_name_that_is_not_utf8_is_not_said_to_name_no_image(tier, tmp_path, capsys):
     """Its name is sent, and judged, with U+FFFD: compared as it is on disk, the row
-    was said to name no image, though it was checked and right (reviewer)."""
+    would be said to name no image, though it was checked and right."""
     images = make_images(tmp_path / "images", {"cat.jpg": b"label:cat"})
     with open(os.path.join(os.fsencode(images), b"caf\xe9.jpg"), "wb") as fh:
         fh.write(b"label:coffee")
@@ -634,8 +634,8 @@ def test_a_connection_closed_before_the_answer_is_not_called_a_failure_to_connec
 
 
 def test_https_to_a_plain_http_port_is_said_to_be_a_failed_handshake(tier, tmp_path):
-    """It was said to be a connection closed before the answer, 'the image may be
-    stored', though nothing was sent (reviewer)."""
+    """Not a connection closed before the answer, 'the image may be stored': nothing
+    was sent."""
     images = make_images(tmp_path / "images", {"fine.jpg": b"label:ok"})
     url = tier.url.replace("http://", "https://")
     (outcome,) = run_load(Config(images=images, url=url, timeout=5)).outcomes
@@ -660,8 +660,8 @@ def test_nothing_listening_at_the_url_is_said_before_anything_is_sent(tmp_path):
 
 @pytest.mark.parametrize("api", ["form", "jobs"])
 def test_an_upload_refused_while_the_web_tier_restarts_is_sent_again(tmp_path, monkeypatch, api):
-    """An explorer restarted the web tier 2.5 s into a run of 80: the 70 requests not yet
-    sent burned through in 0.2 s, each failing on a refused connection, which stores nothing."""
+    """The web tier restarted 2.5 s into a run of 80: the 70 requests not yet sent must
+    not burn through in 0.2 s, each failing on a refused connection, which stores nothing."""
     images = make_images(tmp_path / "images", {"cat.jpg": b"label:cat"})
     port_holder = socket.socket()
     port_holder.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
@@ -697,8 +697,8 @@ def test_an_upload_refused_while_the_web_tier_restarts_is_sent_again(tmp_path, m
 
 
 def test_once_refused_for_a_whole_window_later_requests_fail_at_once(tmp_path, monkeypatch):
-    """A web tier gone for good: each request waited a window of its own, and a run of
-    1,000 at -c 10 would have taken 50 minutes to say so (explorer)."""
+    """A web tier gone for good: if each request waited a window of its own, a run of
+    1,000 at -c 10 would take 50 minutes to say so."""
     images = make_images(tmp_path / "images", {f"{i}.jpg": b"label:cat" for i in range(6)})
     dead = socket.socket()
     dead.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
@@ -709,7 +709,7 @@ def test_once_refused_for_a_whole_window_later_requests_fail_at_once(tmp_path, m
         report = finish_within(20, run_load, Config(images=images, url=url, concurrency=1))
     finally:
         dead.close()
-    # None reached the web tier: "sent" counted them all, then "failed" did too (reviewer).
+    # None reached the web tier: not counted "sent", then "failed" too.
     assert (report.sent, report.failed, report.not_sent) == (0, 0, 6)
     assert load_test.result_line(report) == "RESULT: FAIL (0 failed, 0 wrong, 6 not sent)"
     assert {o.verdict for o in report.outcomes} == {"not sent"}
@@ -737,7 +737,7 @@ def test_a_file_name_that_is_not_utf8_fails_nothing_and_is_reported(tier, tmp_pa
 @pytest.mark.parametrize(("on_disk", "in_csv"), [("cafe\u0301", "caf\u00e9"), ("caf\u00e9", "cafe\u0301")],
                          ids=["nfd-file-nfc-csv", "nfc-file-nfd-csv"])
 def test_an_accented_name_matches_its_row_in_either_unicode_form(tier, tmp_path, capsys, on_disk, in_csv):
-    """café.png copied from a Mac (NFD) went unchecked against a CSV row café (NFC) (reviewer)."""
+    """café.png copied from a Mac (NFD) must be checked against a CSV row café (NFC)."""
     images = make_images(tmp_path / "images", {f"{on_disk}.png": b"label:shield", "cat.jpg": b"label:cat"})
     expected = tmp_path / "expected.csv"
     expected.write_text(f"Image,Results\n{in_csv},shield\ncat,cat\n", encoding="utf-8")
@@ -768,7 +768,7 @@ def test_every_kind_of_image_the_web_tier_takes_is_sent():
 
 
 def test_the_page_takes_from_a_folder_every_kind_the_load_test_sends():
-    """.mpo (3D cameras' JPEGs) was left out of both: browsers give it no type (reviewer)."""
+    """.mpo (3D cameras' JPEGs) belongs in both: browsers give it no type."""
     pattern = re.search(r"const IMAGE_EXTENSION = /(.+)/i;", page_script_source())[1]
     left_out = [s for s in load_test.IMAGE_SUFFIXES if not re.search(pattern, f"photo{s.upper()}", re.I)]
     assert not left_out
@@ -802,9 +802,9 @@ def test_with_idempotency_keys_a_post_whose_answer_was_cut_off_is_sent_again_und
 
 @pytest.mark.parametrize("api", ["form", "jobs"])
 def test_an_upload_cut_off_after_longer_than_the_window_is_still_sent_again(tier, tmp_path, monkeypatch, api):
-    """The window ran from the first send: a POST / whose classification took over 30 s
-    under a backlog, its connection then cut (a gunicorn worker killed), was reported
-    failed, "resent 0" (explorer). It runs from the first failed attempt."""
+    """From the first send, the window would fail a POST / whose classification took
+    over 30 s under a backlog, its connection then cut (a gunicorn worker killed),
+    "resent 0". It runs from the first failed attempt."""
     monkeypatch.setattr(load_test, "RESEND_WINDOW_S", 0.3)
     monkeypatch.setattr(load_test, "FIRST_RESEND_DELAY_S", 0.01)
     tier.cut_off_after = 0.6  # twice the window
@@ -831,7 +831,7 @@ def test_an_upload_a_stopping_web_tier_did_not_store_is_sent_again_and_a_queued_
 
 def test_after_a_stopping_web_tiers_answer_the_next_request_goes_on_a_new_connection(tier, tmp_path):
     """A stopping web tier closes each connection after its answer: reused, the connection
-    could be closed under the next request, which was then failed unanswered (explorer)."""
+    could be closed under the next request, which would then fail unanswered."""
     images = make_images(tmp_path / "images", {"cat.jpg": b"label:cat"})
     tier.not_stored = 2
     report = run_load(Config(images=images, url=tier.url, num_requests=1))
@@ -840,9 +840,9 @@ def test_after_a_stopping_web_tiers_answer_the_next_request_goes_on_a_new_connec
 
 
 def test_an_image_a_503_says_is_queued_is_answered_from_where_it_says(tier, tmp_path):
-    """An explorer's web tier stopped with 20 POST / waiting: each got a 503 saying its
-    image was still queued and where its result would be, and each was counted failed,
-    though all 20 were classified."""
+    """A web tier stopped with 20 POST / waiting: each gets a 503 saying its image is
+    still queued and where its result will be, and none may count failed, as all 20
+    are classified."""
     images = make_images(tmp_path / "images", {"cat.jpg": b"queued:cat"})
     tier.queued_polls = 1
     report = run_load(Config(images=images, url=tier.url, num_requests=1))
@@ -851,8 +851,8 @@ def test_an_image_a_503_says_is_queued_is_answered_from_where_it_says(tier, tmp_
     assert outcome.resent == 0 and tier.paths["POST /"] == 1  # followed, not sent again
     assert re.search(r"answered later +1  \(a 503 or 504", load_test.format_report(report))
     assert report.to_dict()["requests"][0]["via"] == outcome.via
-    assert report.to_dict()["answered_later"] == 1  # the table's row is in the JSON too (reviewer)
-    # A script reading only the RESULT line sees it too (reviewer: 23 of 30 POST / had timed out).
+    assert report.to_dict()["answered_later"] == 1  # the table's row is in the JSON too
+    # A script reading only the RESULT line sees it too (23 of 30 POST / may time out so).
     assert load_test.result_line(report) == (
         "RESULT: PASS (1 answered, none failed or wrong; 1 of them read from /api/jobs after a 503 or 504 "
         "said the image was queued)")
@@ -872,8 +872,8 @@ def test_the_result_line_says_what_was_read_later_when_the_csv_names_only_some_i
 
 
 def test_a_page_that_holds_a_colon_is_not_an_answer(tier, tmp_path):
-    """An explorer pointed the script at the embedded AWS: its XML, which holds
-    "http:", counted as answered (and wrong) at 79 images/s."""
+    """Pointed at the embedded AWS, the script must not count its XML, which holds
+    "http:", as answered (and wrong) at 79 images/s."""
     images = make_images(tmp_path / "images", {"x.jpg": b"not-an-answer"})
     report = run_load(Config(images=images, url=tier.url, num_requests=1))
     (outcome,) = report.outcomes
@@ -904,8 +904,8 @@ def test_jobs_api_by_polling_with_api_key_and_untrained_model(tier, mixed):
 
 @pytest.mark.parametrize("api", ["form", "jobs"])
 def test_a_wrong_api_key_is_a_usage_error_before_anything_is_sent(tier, tmp_path, capsys, api):
-    """All N uploads were sent, and each refused with 401: only whether a key was needed
-    was asked (reviewer)."""
+    """If only whether a key is needed were asked, all N uploads would be sent, and each
+    refused with 401."""
     tier.api_key = "s3cret"
     images = make_images(tmp_path / "images", {"a.jpg": b"label:x"})
     code = load_test.main(["--url", tier.url, "--images", str(images), "--num-requests", "2", "--api", api,
@@ -915,13 +915,13 @@ def test_a_wrong_api_key_is_a_usage_error_before_anything_is_sent(tier, tmp_path
     assert err.startswith(f"load_test.py: the API key was refused by {tier.url} "), err
     assert tier.paths["POST /"] == 0 and tier.paths["POST /api/jobs"] == 1  # the empty form that asked
 
-    # A key no HTTP header can carry: said so, not a traceback (reviewer).
+    # A key no HTTP header can carry: said so, not a traceback.
     with pytest.raises(SystemExit) as usage:
         load_test.main(["--url", tier.url, "--images", str(images), "--api-key", "key\u00a0\u201cx\u201d"])
     assert usage.value.code == 2
     assert "holds a character an HTTP header cannot carry" in capsys.readouterr().err
 
-    # One with spaces around it, as the web tier strips its own (reviewer).
+    # One with spaces around it, as the web tier strips its own.
     assert load_test.parse_args(["--images", str(images), "--api-key", " s3cret\r"]).api_key == "s3cret"
 
     # The right key: the run goes on, its empty form's 400 taken for yes.
@@ -1015,8 +1015,8 @@ def test_a_quiet_run_lists_only_the_commonest_reasons(monkeypatch, capsys):
 
 
 def test_requests_never_sent_are_not_counted_failed_too(tmp_path):
-    """A server that died after 10 answers, 40 requests at -c 4: 'sent 16 of 40,
-    answered 12, failed 28' and 'FAIL (28 failed, 0 wrong, 24 not sent)' (reviewer)."""
+    """A server that dies after 10 answers, 40 requests at -c 4: 'sent 16 of 40,
+    answered 12, failed 28' and 'FAIL (28 failed, 0 wrong, 24 not sent)'."""
     outcomes = [load_test.Outcome(index=i, file=f"{i}.jpg", started_s=0.0, reached=True, label="cat",
                                   answer_name=f"{i}") for i in range(12)]
     cut = "the connection closed before the answer came"
@@ -1029,7 +1029,7 @@ def test_requests_never_sent_are_not_counted_failed_too(tmp_path):
         load_test.judge(outcome, {})
     report = load_test.Report(url="http://x", api="form", concurrency=4, planned=40, started_at=0.0,
                               duration_s=1.0, outcomes=outcomes, interrupted_by="SIGINT")
-    # Its plot says so too: an interrupted run's looked like a whole one's (reviewer).
+    # Its plot says so too: an interrupted run's must not look like a whole one's.
     assert load_test.plot_title(report) == ("16 requests, concurrency 4, 12.00 images/s\n"
                                             "[interrupted: 24 not sent, 0 abandoned]")
 
@@ -1038,8 +1038,8 @@ def test_requests_never_sent_are_not_counted_failed_too(tmp_path):
     assert load_test.result_line(report) == "RESULT: FAIL (4 failed, 0 wrong, 24 not sent, interrupted)"
     table = load_test.format_report(report)
     assert re.search(r"\n  sent +16 of 40\n", table) and re.search(r"\n  failed +4  ", table)
-    # Tried again, never sent: "sent again 22 requests, 66 times" counted tries of requests
-    # that never reached the web tier (reviewer).
+    # Tried again, never sent: "sent again 22 requests, 66 times" would count tries of
+    # requests that never reached the web tier.
     assert re.search(r"\n  not sent +24  \(22 never connected: refused or unreachable, tried again 66 times "
                      r"in all; 2 not started", table)
     assert "sent again" not in table and report.resent == 0
@@ -1051,8 +1051,8 @@ def test_requests_never_sent_are_not_counted_failed_too(tmp_path):
     verdicts = Counter(r["verdict"] for r in data["requests"])
     assert verdicts == {"unchecked": 12, "failed": 4, "not sent": 22}
     assert data["sent"] + data["not_sent"] == data["planned"] and data["failed"] == verdicts["failed"]
-    # The course's average is over the requests the web tier saw: the 22 never sent had
-    # made a dead web tier look fast (reviewer).
+    # The course's average is over the requests the web tier saw: the 22 never sent
+    # would make a dead web tier look fast.
     assert report.course_average_latency == pytest.approx(1.0 / 16)
 
     # A web tier that came back is one restarting.
@@ -1062,7 +1062,7 @@ def test_requests_never_sent_are_not_counted_failed_too(tmp_path):
 
 
 def test_a_quiet_run_names_the_file_of_each_wrong_answer(tier, mixed, capsys):
-    """-q said only "2 wrong": which images, it did not say (reviewer)."""
+    """-q names the wrong images, not only "2 wrong"."""
     images, csv_path = mixed
     code = load_test.main(["--url", tier.url, "--images", str(images), "--expected", str(csv_path), "-q"])
     assert code == 1
@@ -1165,7 +1165,7 @@ def test_a_second_ctrl_c_stops_waiting_for_the_requests_in_flight(tier, tmp_path
     assert report.answered == 2 and report.abandoned == 2 and report.sent == 4  # the abandoned were sent too
     assert report.interrupted_by == by and report.to_dict()["interrupted_by"] == by
     assert load_test.result_line(report) == ABANDONED_TWO
-    # Said so whatever made the run quit: "at the second Ctrl-C" was wrong after a SIGTERM (reviewer).
+    # Said so whatever made the run quit: "at the second Ctrl-C" is wrong after a SIGTERM.
     assert re.search(r"\n  abandoned +2  \(in flight when the run quit\)\n", load_test.format_report(report))
     err = capsys.readouterr().err
     assert "(Ctrl-C again to quit)" in err and "2 requests in flight left unanswered" in err
@@ -1176,7 +1176,7 @@ def test_a_second_ctrl_c_quits_the_command_at_once(tier, tmp_path, found):
     """Nothing may keep the process alive for the abandoned requests (a
     ThreadPoolExecutor's threads are joined at exit): checked on a real process.
     Started with SIGINT ignored, as a script's background job is (`load_test.py ... &`),
-    `kill -INT` did nothing (reviewer)."""
+    `kill -INT` must still stop it."""
     images = make_images(tmp_path / "images", {"0.jpg": b"hang", "1.jpg": b"hang"})
     command = [sys.executable, load_test.__file__, "--url", tier.url, "--images", str(images),
                "-c", "2", "--timeout", "60", "-q"]
@@ -1200,10 +1200,10 @@ def test_a_second_ctrl_c_quits_the_command_at_once(tier, tmp_path, found):
 
 
 def test_an_interrupt_while_it_reads_its_inputs_is_heard(tier, tmp_path):
-    """The handlers were set only once the folder and the CSV were read: started in the
-    background (SIGINT ignored) on a busy machine, a `kill -INT` in those seconds did
-    nothing, and the run went on to its end (explorer). Here the CSV is a FIFO that
-    nobody writes: the command waits reading it."""
+    """Handlers set only once the folder and the CSV are read would let a `kill -INT` in
+    those seconds, on a busy machine, started in the background (SIGINT ignored), do
+    nothing, and the run go on to its end. Here the CSV is a FIFO that nobody writes:
+    the command waits reading it."""
     images = make_images(tmp_path / "images", {"a.jpg": b"label:x"})
     expected = tmp_path / "expected.csv"
     os.mkfifo(expected)
@@ -1237,8 +1237,8 @@ def test_an_interrupt_while_it_reads_its_inputs_is_heard(tier, tmp_path):
 
 @pytest.mark.parametrize("talk", ["--verbose", "--quiet", None])
 def test_a_closed_stdout_stops_the_printing_not_the_run(tier, tmp_path, talk):
-    """`load_test.py -v --json out.json | head -3` ended in a BrokenPipeError traceback,
-    sending stopped, exit 1 and no JSON (reviewer)."""
+    """`load_test.py -v --json out.json | head -3` must not end in a BrokenPipeError
+    traceback, sending stopped, exit 1 and no JSON."""
     images = make_images(tmp_path / "images", {"0.jpg": b"label:a", "1.jpg": b"hang", "2.jpg": b"label:c"})
     report = tmp_path / "out.json"
     command = [sys.executable, load_test.__file__, "--url", tier.url, "--images", str(images),
@@ -1266,8 +1266,8 @@ def test_a_closed_stdout_stops_the_printing_not_the_run(tier, tmp_path, talk):
 @pytest.mark.parametrize("talk", ["--verbose", None])
 def test_a_closed_stderr_stops_the_messages_not_the_run(tier, tmp_path, talk):
     """`load_test.py ... --json r.json 2>&1 | head -2`: the progress bar's write to the
-    closed stderr raised a BrokenPipeError on the main thread, sending stopped, exit 1 and
-    no JSON (reviewer). Here stderr is closed before anything is written to it: the entry
+    closed stderr must not raise a BrokenPipeError on the main thread, stopping sending,
+    exit 1 and no JSON. Here stderr is closed before anything is written to it: the entry
     left out is said there first, then the progress lines."""
     images = make_images(tmp_path / "images", {"0.jpg": b"label:a", "1.jpg": b"label:b", "2.jpg": b"label:c",
                                                "notes.txt": b"not an image"})
@@ -1306,8 +1306,8 @@ def test_a_full_disk_under_stderr_stops_the_messages_not_the_report(tier, tmp_pa
 
 
 def test_one_cause_is_one_reason_whatever_batch_each_request_named():
-    """Each --jobs error names its batch: a quiet run listed one cause as "51 other
-    reasons" (reviewer)."""
+    """Each --jobs error names its batch: a quiet run must not list one cause as "51
+    other reasons"."""
     outcomes = [load_test.Outcome(index=i, file=f"{i}.jpg", started_s=0.0, reached=True,
                                   error=f"GET /api/jobs/{i:032x}: cannot connect; every connection refused")
                 for i in range(8)]
@@ -1320,7 +1320,7 @@ def test_one_cause_is_one_reason_whatever_batch_each_request_named():
 
 
 def test_a_full_disk_under_stdout_stops_the_printing_not_the_report(tier, tmp_path):
-    """`> /dev/full` ended the run in an OSError traceback, and no JSON (reviewer)."""
+    """`> /dev/full` must not end the run in an OSError traceback, and no JSON."""
     if not Path("/dev/full").exists():
         pytest.skip("no /dev/full here")
     images = make_images(tmp_path / "images", {"0.jpg": b"label:a", "1.jpg": b"label:b"})
@@ -1337,8 +1337,8 @@ def test_a_full_disk_under_stdout_stops_the_printing_not_the_report(tier, tmp_pa
 def test_an_interrupt_before_the_first_request_is_one_line(tier, tmp_path, monkeypatch, capsys, interrupt,
                                                            code):
     """Ctrl-C or SIGTERM during the checks before sending (up to 22 s against a web tier
-    that does not answer) gave a raw traceback (reviewer); it exits as a shell says of a
-    command that signal ended."""
+    that does not answer) gives no raw traceback; it exits as a shell says of a command
+    that signal ended."""
     images = make_images(tmp_path / "images", {"0.jpg": b"label:a"})
 
     def interrupted(_url, *_args, **_kwargs):
@@ -1350,9 +1350,9 @@ def test_an_interrupt_before_the_first_request_is_one_line(tier, tmp_path, monke
 
 
 def test_sigterm_reports_what_was_done_at_once(tier, tmp_path):
-    """`timeout 4 load_test.py ... --json t.json` exited 124 with no output and no JSON:
-    SIGTERM killed it unhandled (reviewer). It waits for no request in flight: a process
-    manager's SIGKILL may follow within seconds."""
+    """`timeout 4 load_test.py ... --json t.json` unhandled would exit 124 with no output
+    and no JSON. It waits for no request in flight: a process manager's SIGKILL may
+    follow within seconds."""
     images = make_images(tmp_path / "images", {"0.jpg": b"label:a", "1.jpg": b"hang", "2.jpg": b"label:c"})
     report = tmp_path / "t.json"
     command = [sys.executable, load_test.__file__, "--url", tier.url, "--images", str(images),
@@ -1378,15 +1378,15 @@ def test_sigterm_reports_what_was_done_at_once(tier, tmp_path):
     assert (data["planned"], data["sent"], data["answered"], data["abandoned"], data["interrupted"]) == (
         3, 2, 1, 1, True)
     assert data["interrupted_by"] == "SIGTERM"
-    # Each planned request once: the abandoned and the never started were missing (reviewer).
+    # Each planned request once, the abandoned and the never started included.
     assert [(r["index"], r["file"], r["verdict"]) for r in data["requests"]] == [
         (0, "0.jpg", "unchecked"), (1, "1.jpg", "abandoned"), (2, "2.jpg", "not started")]
 
 
 def test_an_interrupt_after_the_last_answer_still_reports_and_writes(tier, tmp_path, monkeypatch, capsys):
-    """A SIGTERM just after the last answer, while the run took its last /api/status
-    sample (here one that takes seconds), came out of the run as one before any request:
-    "interrupted before any request was sent", no JSON, no plot (reviewer). It cuts that
+    """A SIGTERM just after the last answer, while the run takes its last /api/status
+    sample (here one that takes seconds), must not come out of the run as one before any
+    request: "interrupted before any request was sent", no JSON, no plot. It cuts that
     sample short, not the report."""
     images = make_images(tmp_path / "images", {"0.jpg": b"label:a", "1.jpg": b"label:b"})
     report, plot = tmp_path / "t.json", tmp_path / "t.png"
@@ -1435,8 +1435,8 @@ def test_an_interrupt_after_the_last_answer_still_reports_and_writes(tier, tmp_p
 
 def test_an_interrupt_while_the_report_is_written_finishes_it(tier, tmp_path, monkeypatch, capsys):
     """A SIGTERM while the summary or the JSON is written is noted, not raised: the JSON
-    is whole, and the command exits as SIGTERM says. Raised, it lost the report, and the
-    command said "interrupted before any request was sent" (reviewer)."""
+    is whole, and the command exits as SIGTERM says. Raised, it would lose the report,
+    and the command say "interrupted before any request was sent"."""
     images = make_images(tmp_path / "images", {"0.jpg": b"label:a", "1.jpg": b"label:b"})
     report = tmp_path / "t.json"
     real_write_json = load_test.write_json
@@ -1478,7 +1478,7 @@ def test_an_interrupt_while_the_plot_is_drawn_cuts_only_the_plot_short(tier, tmp
 
 def test_an_interrupt_once_sending_began_is_not_said_to_come_before_it(tier, tmp_path, monkeypatch, capsys):
     """Whatever an interrupt escaping the run cut short, it did not come "before any request
-    was sent" once requests were (reviewer)."""
+    was sent" once requests were."""
     images = make_images(tmp_path / "images", {"0.jpg": b"label:a"})
 
     def interrupted(_client) -> None:
@@ -1557,8 +1557,8 @@ def test_a_ctrl_c_the_kernel_hands_to_another_thread_still_stops_the_wait():
 
 
 def test_a_senders_bug_is_raised_while_waiting_and_left_out_when_quitting():
-    """A sender thread's exception stayed among the outcomes: every later read raised it,
-    and after a second Ctrl-C the report was lost with it (reviewer)."""
+    """A sender thread's exception must not stay among the outcomes: every later read
+    would raise it, and after a second Ctrl-C the report be lost with it."""
 
     class Buggy:
         def send(self, index, path, t0):
@@ -1575,9 +1575,9 @@ def test_a_senders_bug_is_raised_while_waiting_and_left_out_when_quitting():
 
 
 def test_a_ctrl_c_between_an_outcome_in_and_its_recording_loses_nothing(tier, tmp_path, monkeypatch):
-    """An outcome taken from its queue and not yet counted when the Ctrl-C came was lost:
-    the wait for the requests in flight never ended (3 runs in 6 hung), or the request
-    was counted abandoned though answered (reviewer). Here the Ctrl-C comes as the first
+    """An outcome taken from its queue and not yet counted when the Ctrl-C comes must not
+    be lost: the wait for the requests in flight would never end (3 runs in 6 hung), or
+    the request count abandoned though answered. Here the Ctrl-C comes as the first
     outcome is judged, before it is recorded."""
     images = make_images(tmp_path / "images", {f"{n}.jpg": b"label:x" for n in range(3)})
     real_judge, judged = load_test.judge, []
@@ -1695,7 +1695,7 @@ def test_a_refused_upload_says_why_not_the_raw_json(tier, tmp_path):
 
 
 def test_jobs_failures_name_their_file_as_post_ones_do(tier, tmp_path):
-    """POST / words its errors '<file>: <reason>'; --jobs said only the reason (reviewer)."""
+    """POST / words its errors '<file>: <reason>'; --jobs says the file too."""
     images = make_images(tmp_path / "images", {"boom.jpg": b"fail"})
     (outcome,) = run_load(Config(images=images, url=tier.url, api="jobs", timeout=10)).outcomes
     assert outcome.error == "item failed: boom.jpg: worker failed"
@@ -1740,7 +1740,7 @@ def test_alias_options_parse_the_same(tmp_path):
     )
     course = load_test.parse_args(["--image_folder", str(tmp_path), "--num_request", "5", "-c", "3"])
     assert canonical == course
-    # -n beside -c: its absence tripped a newcomer up (explorer).
+    # -n beside -c: without it a newcomer is tripped up.
     assert load_test.parse_args(["--images", str(tmp_path), "-n", "5", "-c", "3"]) == canonical
     assert canonical.num_requests == 5 and canonical.images == tmp_path and canonical.concurrency == 3
     assert canonical.url == "http://127.0.0.1:8000" and canonical.api == "form"
@@ -1753,7 +1753,7 @@ def test_alias_options_parse_the_same(tmp_path):
 
 @pytest.mark.parametrize("argv", [["--num-requests", "0"], ["--url", "ftp://x"], ["--api", "soap"], [],
                                   ["--wait", "sse"],  # POST / has nothing to wait for: was ignored
-                                  ["--num-requests=--"], ["--url=--"]])  # a TypeError later (explorer)
+                                  ["--num-requests=--"], ["--url=--"]])  # else a TypeError later
 def test_bad_options_are_refused(argv, tmp_path):
     with pytest.raises(SystemExit) as exc:
         load_test.parse_args(["--images", str(tmp_path), *argv] if argv else argv)
@@ -1761,7 +1761,7 @@ def test_bad_options_are_refused(argv, tmp_path):
 
 
 def test_json_and_plot_to_one_file_are_refused(tmp_path, capsys, monkeypatch):
-    """The plot was written over the JSON report (reviewer)."""
+    """The plot must not be written over the JSON report."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
         # One path written two ways: the same file all the same.
@@ -1917,8 +1917,8 @@ def test_verbose_prints_the_course_lines(tier, tmp_path, capsys):
 
 
 def test_a_server_that_drips_its_answer_is_given_up_on_at_the_timeout(tier, tmp_path):
-    """requests' read timeout bounds each read: a byte a second held a request past
-    --timeout for ever (reviewer)."""
+    """requests' read timeout bounds each read: a byte a second would hold a request past
+    --timeout for ever."""
     images = make_images(tmp_path / "images", {"slow.jpg": b"drip"})
     report = finish_within(20, run_load, Config(images=images, url=tier.url, timeout=1.0))  # the drip: 30 s
     (outcome,) = report.outcomes
@@ -1927,7 +1927,7 @@ def test_a_server_that_drips_its_answer_is_given_up_on_at_the_timeout(tier, tmp_
 
 
 def test_an_event_line_that_never_ends_is_given_up_on_at_the_timeout(tier, tmp_path):
-    """It kept a core busy re-splitting a growing line, past --timeout (reviewer)."""
+    """Not a core kept busy re-splitting a growing line, past --timeout."""
     images = make_images(tmp_path / "images", {"endless.jpg": b"endless"})
     tier.queued_polls = 100  # only the stream could say it finished
     report = finish_within(20, run_load, Config(images=images, url=tier.url, api="jobs", wait="sse",
@@ -1938,8 +1938,8 @@ def test_an_event_line_that_never_ends_is_given_up_on_at_the_timeout(tier, tmp_p
 
 
 def test_what_the_server_says_is_printed_with_its_control_characters_escaped(tier, tmp_path, capsys):
-    """A broken or hostile server's ESC sequences reached the terminal raw: a window
-    retitled, the screen cleared (reviewer)."""
+    """A broken or hostile server's ESC sequences must not reach the terminal raw: a
+    window retitled, the screen cleared."""
     images = make_images(tmp_path / "images", {"a.jpg": b"label:\x1b]0;PWNED\x07\x1b[2Jcat"})
     assert load_test.main(["--url", tier.url, "--images", str(images), "--verbose"]) == 0
     out = capsys.readouterr().out
@@ -1955,8 +1955,8 @@ def test_summary_shows_the_untrained_warning(tier, tmp_path, capsys):
 
 
 def test_verbose_says_the_model_is_untrained_before_the_first_of_its_labels(tier, tmp_path, capsys):
-    """The course's lines carry no mark, and output cut short (`| head`) never reached
-    the summary's warning (explorer)."""
+    """The course's lines carry a mark, as output cut short (`| head`) never reaches
+    the summary's warning."""
     tier.untrained = True
     images = make_images(tmp_path / "images", {"a.jpg": b"label:fox", "b.jpg": b"label:fox"})
     assert load_test.main(["--url", tier.url, "--images", str(images), "--verbose", "-c", "1"]) == 0
@@ -1968,9 +1968,9 @@ def test_verbose_says_the_model_is_untrained_before_the_first_of_its_labels(tier
 
 @pytest.mark.parametrize("status", ["no status here", {"ListAllMyBucketsResult": {}}])
 def test_a_url_that_is_not_the_web_tiers_is_warned_about(tier, tmp_path, capsys, status):
-    """The page's address with a path (`/api/status`), or the embedded AWS's, had every
-    request fail, or uploaded the images to S3, without a word on why (explorer). It runs
-    all the same: another server of the course's POST / may be driven on purpose."""
+    """The page's address with a path (`/api/status`), or the embedded AWS's, would have
+    every request fail, or upload the images to S3, without a word on why. It runs all
+    the same: another server of the course's POST / may be driven on purpose."""
     images = make_images(tmp_path / "images", {"a.jpg": b"label:x"})
     assert load_test.main(["--url", tier.url, "--images", str(images), "-q"]) == 0
     assert "warning" not in capsys.readouterr().err
@@ -1985,7 +1985,7 @@ def test_a_folder_without_images_is_a_usage_error(tmp_path, capsys):
     assert load_test.main(["--images", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no images" in err and "subfolders" not in err
-    # A folder of folders: it says it looks in none, and names them (explorer).
+    # A folder of folders: it says it looks in none, and names them.
     for name in ("cats", "dogs", ".hidden"):
         (tmp_path / name).mkdir()
     assert load_test.main(["--images", str(tmp_path)]) == 2
@@ -2047,7 +2047,7 @@ def test_read_expected_refuses_a_file_that_is_not_utf8_with_a_clear_error(tmp_pa
                                               r"'tabby'\]\): a name with a comma is written in quotes"),
 ])
 def test_read_expected_refuses_a_row_it_could_only_skip(tmp_path, rows, why):
-    """An explorer's short row, empty label and twice-named image were taken silently:
+    """A short row, an empty label and a twice-named image must not be taken silently:
     the image "unchecked" (the run a PASS that did not check it), or judged against ''."""
     path = tmp_path / "expected.csv"
     path.write_text("Image,Results\n" + rows)
@@ -2143,9 +2143,9 @@ def test_the_copied_name_rules_match_the_web_tier(name):
 
 
 def test_the_copied_dropped_characters_are_the_web_tiers():
-    """The web tier came to drop characters that show nothing (a BOM, a zero-width space,
-    a soft hyphen) besides the bidirectional controls; load_test.py's copy did not, and
-    judged "\ufeffcat.jpg" answered as "cat" wrong (reviewer)."""
+    """The web tier drops characters that show nothing (a BOM, a zero-width space, a soft
+    hyphen) besides the bidirectional controls; load_test.py's copy must too, or it
+    judges "\ufeffcat.jpg" answered as "cat" wrong."""
     from web_tier.filenames import DROPPED_CHARACTERS
 
     assert set(load_test._DROPPED_CHARACTERS) == set(DROPPED_CHARACTERS)
@@ -2427,7 +2427,7 @@ def test_a_folder_that_cannot_be_listed_is_a_usage_error(tmp_path, capsys, monke
 
 
 def test_an_old_urllib3_is_said_at_once_not_in_every_request(tier, tmp_path, monkeypatch):
-    """urllib3 1.26 has no read1: every request failed with an AttributeError (reviewer)."""
+    """urllib3 1.26 has no read1: every request would fail with an AttributeError."""
     from urllib3.response import BaseHTTPResponse, HTTPResponse
 
     monkeypatch.delattr(HTTPResponse, "read1")  # as urllib3 1.26's, on io.IOBase alone
@@ -2438,7 +2438,7 @@ def test_an_old_urllib3_is_said_at_once_not_in_every_request(tier, tmp_path, mon
 
 
 def test_a_name_that_does_not_resolve_sent_nothing(tmp_path, monkeypatch):
-    """A DNS failure was counted as sent (reviewer)."""
+    """A DNS failure must not count as sent."""
     images = make_images(tmp_path / "images", {"a.jpg": b"label:cat"})
     monkeypatch.setattr(load_test, "check_reachable", lambda url: None)
     monkeypatch.setattr(load_test, "RESEND_WINDOW_S", 0.5)
@@ -2460,7 +2460,7 @@ def test_no_untrained_warning_for_a_run_that_got_no_label(tier, tmp_path, capsys
 
 def test_wrong_answers_alone_fail_the_run(tier, tmp_path, capsys):
     # The run other tests check FAIL with a wrong answer also has a failed request,
-    # which fails it anyway (reviewer).
+    # which fails it anyway.
     images = make_images(tmp_path / "images", {"cat.jpg": b"label:cat", "dog.jpg": b"label:cat"})
     csv_path = tmp_path / "expected.csv"
     csv_path.write_text("Image,Results\ncat,cat\ndog,dog\n")
@@ -2489,8 +2489,8 @@ def test_the_course_average_leaves_out_requests_abandoned_in_flight():
 
 
 def test_a_job_is_polled_once_more_just_before_its_deadline(monkeypatch):
-    """The poll was skipped whenever the backed-off delay went past the deadline: a result
-    that came in the request's last moments counted failed ("timeout after 0.3 s": reviewer)."""
+    """Skipping the poll whenever the backed-off delay goes past the deadline would count
+    failed a result that came in the request's last moments ("timeout after 0.3 s")."""
     now = [100.0]  # a clock that moves only as the client waits: no test timing
 
     class Waiting:  # the abandon event, never set
@@ -2521,12 +2521,12 @@ def test_a_job_is_polled_once_more_just_before_its_deadline(monkeypatch):
 
 
 def test_the_peak_of_instances_is_shown_beside_the_count_at_the_start():
-    """A 1-request run right after a bigger one said "peak app-tier instances 7": the
-    previous run's fleet, not this one's doing (reviewer)."""
+    """A 1-request run right after a bigger one must not say "peak app-tier instances 7":
+    the previous run's fleet, not this one's doing."""
     report = load_test.Report(url="u", api="form", concurrency=1, planned=1, started_at=0.0, duration_s=1.0,
                               outcomes=[], instance_samples=[(0.0, 7), (0.5, 5), (1.0, 4)])
     # Fewer on the way: said, as a fleet scaled in to 0 and out again mid-run peaks where it
-    # began (reviewer).
+    # began.
     assert re.search(r"\n  peak app-tier instances +7 \(7 at start, 4 at the lowest\)\n",
                      load_test.format_report(report))
     said = report.to_dict()
@@ -2540,8 +2540,8 @@ def test_the_peak_of_instances_is_shown_beside_the_count_at_the_start():
 
 
 def test_a_run_that_quit_holds_every_planned_request_once(tier, tmp_path):
-    """"sent 61, abandoned 26", and 35 requests in the JSON: those in flight when the run
-    quit, and those never started, were left out (reviewer)."""
+    """Not "sent 61, abandoned 26" with 35 requests in the JSON: those in flight when the
+    run quit, and those never started, are in it too."""
     images = make_images(tmp_path / "images", {"0.jpg": b"label:a", "1.jpg": b"hang", "2.jpg": b"label:c"})
 
     def sigterm(outcome: load_test.Outcome) -> None:
@@ -2692,9 +2692,9 @@ def test_the_progress_bar_on_a_terminal_clears_what_a_longer_line_left():
 
 @pytest.mark.parametrize("answered", [0, 110])
 def test_every_word_of_a_plot_is_on_the_figure(answered):
-    """An interrupted untrained run's title was wider than the figure, and lost its start
-    ("0 requests" for "110 requests"); with no point drawn, the instances' label was half
-    off the figure's left edge (explorer)."""
+    """An interrupted untrained run's title must fit the figure, not lose its start
+    ("0 requests" for "110 requests"); with no point drawn, the instances' label must not
+    be half off the figure's left edge."""
     plan = [Path(f"{n}.jpg") for n in range(5000)]
     outcomes = [load_test.Outcome(index=n, file=f"{n}.jpg", started_s=n * 0.1, latency_s=1.0, reached=True,
                                   label="cat", answer_name=str(n), untrained=True) for n in range(answered)]

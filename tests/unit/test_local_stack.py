@@ -49,7 +49,7 @@ def test_explicit_weights_always_win(tmp_path, monkeypatch):
 
 def test_without_cached_weights_the_demo_runs_untrained_and_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    for unset in ({}, {"MODEL_WEIGHTS": " "}):  # blank is unset, as Settings reads it (reviewer)
+    for unset in ({}, {"MODEL_WEIGHTS": " "}):  # blank is unset, as Settings reads it
         weights, note = local_model_weights(unset)
         assert weights == "random" and "UNTRAINED" in note and str(tmp_path) in note
 
@@ -73,8 +73,8 @@ def test_local_workers_are_capped_by_memory(monkeypatch):
 
 
 def test_without_a_readable_meminfo_the_workers_set_are_kept_and_said_so(monkeypatch):
-    """psutil raised out of `make run`'s start, a traceback where a line was due
-    (reviewer: a Linux whose /proc cannot be read)."""
+    """psutil raising out of `make run`'s start gives a traceback where a line is due
+    (a Linux whose /proc cannot be read)."""
     def unreadable():
         raise FileNotFoundError(2, "No such file or directory", "/proc/meminfo")
 
@@ -159,9 +159,9 @@ def web_whose_master_was_killed(stack: Stack, asked: Path,
 
 @pytest.mark.parametrize("worker", ["obeys", "ignores"])
 def test_what_outlives_a_dead_web_tier_is_asked_to_stop_before_it_is_killed(tmp_path, worker):
-    """gunicorn's worker outlived its killed master and was SIGKILLed at once, its
-    waiting clients left with no answer at all (reviewer). As systemd stops a unit
-    whose main process died: SIGTERM, and SIGKILL only GROUP_STOP_S later."""
+    """gunicorn's worker can outlive its killed master: SIGKILLed at once, its waiting
+    clients would be left with no answer at all. As systemd stops a unit whose main
+    process died: SIGTERM, and SIGKILL only GROUP_STOP_S later."""
     stack = Stack(Settings(), tmp_path, warm_spares=0)
     asked = tmp_path / "asked"
     child, master, pid = web_whose_master_was_killed(stack, asked, worker)
@@ -190,8 +190,8 @@ def test_what_outlives_a_dead_web_tier_is_asked_to_stop_before_it_is_killed(tmp_
 
 
 def test_what_outlives_a_dead_web_tier_does_not_outlive_the_stack(tmp_path, monkeypatch):
-    """A stop (Ctrl-C) within the wait found the group's leader gone and left the rest
-    running, the web port held for the next make run (reviewer)."""
+    """A stop (Ctrl-C) within the wait that finds the group's leader gone must not leave
+    the rest running, the web port held for the next make run."""
     stack = Stack(Settings(), tmp_path, warm_spares=0)
     asked = tmp_path / "asked"
     _, master, pid = web_whose_master_was_killed(stack, asked, "ignores")
@@ -260,8 +260,8 @@ time.sleep(120)
 
 
 def test_a_controller_that_stops_pinging_its_watchdog_is_aborted_and_restarted(tmp_path, caplog):
-    """A hung controller (SIGSTOP, a deadlock) was never noticed: no instance was
-    launched for a growing backlog until it was continued by hand (explorer)."""
+    """A hung controller (SIGSTOP, a deadlock) unnoticed would launch no instance for a
+    growing backlog until continued by hand."""
     stack = Stack(Settings(), tmp_path, warm_spares=0)
     stack.watchdog_s["controller"] = 1.0  # 5 minutes by default
     stack._spawn("controller", [sys.executable, "-c", PINGS_THEN_HANGS])
@@ -316,8 +316,8 @@ def test_a_child_that_keeps_dying_at_start_stops_the_stack(tmp_path):
 
 
 def test_a_child_killed_again_and_again_at_start_is_still_restarted(tmp_path):
-    """Three kill -9s of a controller just restarted took the whole service down
-    (explorer): the rule is for children that cannot start, not for ones killed."""
+    """Three kill -9s of a controller just restarted must not take the whole service
+    down: the rule is for children that cannot start, not for ones killed."""
     stack = Stack(Settings(), tmp_path, warm_spares=0)
     now = time.monotonic()
     killed = subprocess.Popen(SLEEPER)
@@ -341,8 +341,8 @@ def test_a_child_killed_again_and_again_at_start_is_still_restarted(tmp_path):
 
 
 def test_a_controller_refused_for_another_one_running_is_retried_for_as_long(tmp_path, caplog):
-    """A controller started by hand took the lock while the stack's was restarting:
-    the stack's then exited 75 three times and the stack stopped everything (explorer)."""
+    """A controller started by hand may take the lock while the stack's is restarting:
+    the stack's must not exit 75 three times and the stack stop everything."""
     stack = Stack(Settings(), tmp_path, warm_spares=0)
     now = time.monotonic()
     refused = [sys.executable, "-c", f"raise SystemExit({EXIT_ANOTHER_CONTROLLER})"]
@@ -360,8 +360,8 @@ def test_a_controller_refused_for_another_one_running_is_retried_for_as_long(tmp
 
 
 def test_a_controller_refused_for_another_one_is_not_restarted_while_that_one_lives(tmp_path, caplog):
-    """Restarted every 5 s only to be refused, it printed its refusal and the stack its
-    restart, two lines every 5 s for as long as the other ran (reviewer)."""
+    """Restarted every 5 s only to be refused, it would print its refusal and the stack
+    its restart, two lines every 5 s for as long as the other runs."""
     from controller.lock import lock_path
 
     settings = Settings(state_dir=str(tmp_path / "state"))
@@ -447,8 +447,8 @@ def test_a_port_already_in_use_stops_the_stack_before_it_starts_anything(tmp_pat
 
 @pytest.mark.parametrize("web_host", ["127.0.0.1", "0.0.0.0"])
 def test_one_port_for_both_servers_stops_the_stack_before_it_starts_anything(tmp_path, web_host):
-    """moto took the port, gunicorn could not bind, and READY was said all the same:
-    the web tier's health check was answered by the embedded AWS (reviewer)."""
+    """If moto takes the port, gunicorn cannot bind: READY must not be said all the same,
+    the web tier's health check answered by the embedded AWS."""
     port = free_port()
     stack = Stack(Settings(local_aws_port=port, web_port=port, web_host=web_host), tmp_path, warm_spares=0)
     with pytest.raises(PortInUse, match=f"LOCAL_AWS_PORT and WEB_PORT are both {port}"):
@@ -474,8 +474,8 @@ def test_an_ipv6_web_host_is_checked_and_named_as_one_address(tmp_path, web_host
 
 
 def test_the_line_for_other_shells_carries_what_a_controller_there_needs(tmp_path, monkeypatch):
-    """A dry-run controller from the exported line looked for imgclass-req-queue, not this
-    stack's prefix's, and decided with no scale-in window where make run's has 5 s (reviewer)."""
+    """A dry-run controller from the exported line must look for this stack's prefix's
+    queue, not imgclass-req-queue, and decide with make run's 5 s scale-in window."""
     from localaws.stack import SHARED_WITH_OTHER_SHELLS, other_shell_line
 
     for name in SHARED_WITH_OTHER_SHELLS:
@@ -507,8 +507,8 @@ def test_a_controller_in_another_shell_is_given_every_setting_its_options_set():
 
 
 def test_make_runs_help_and_usage_name_every_option_whatever_the_settings(monkeypatch, capsys):
-    """A bad setting's usage line left --warm-spares out, and --help gave the setting's
-    error instead of the help (reviewer)."""
+    """A bad setting's usage line includes --warm-spares, and --help gives the help, not
+    the setting's error."""
     from localaws.stack import main
 
     monkeypatch.setenv("RECEIVE_WAIT", "21")
@@ -577,8 +577,8 @@ def test_a_stop_while_the_model_is_prepared_is_not_taken_for_a_model_failure(tmp
 
 def test_a_model_that_cannot_load_stops_make_run_with_what_to_do_not_a_traceback(tmp_path, monkeypatch,
                                                                                    caplog):
-    """MODEL_WEIGHTS=imagenet offline: the stack's own traceback came before the list of
-    what to do (reviewer)."""
+    """MODEL_WEIGHTS=imagenet offline: the list of what to do, not the stack's own
+    traceback before it."""
     from localaws import stack as stack_module
 
     say = "print('Do one of these: set MODEL_WEIGHTS=random'); raise SystemExit(3)"
@@ -746,7 +746,7 @@ def test_the_harness_picks_different_ports_even_where_the_system_reuses_a_releas
 
 
 def test_a_relative_run_dir_is_shown_and_used_as_an_absolute_path(tmp_path, monkeypatch):
-    """`--run-dir rd2` printed logs=rd2/logs in the READY line (reviewer)."""
+    """`--run-dir rd2` must not print logs=rd2/logs in the READY line."""
     monkeypatch.chdir(tmp_path)
     stack = Stack(Settings(), Path("rd2"), 0)
     assert stack.logs == tmp_path / "rd2" / "logs" and stack.logs.is_absolute()

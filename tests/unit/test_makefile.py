@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_a_venv_left_half_made_is_made_again(tmp_path):
     """`python -m venv` makes bin/python before pip, and leaves both behind when pip's
-    install fails (Debian without python3-venv, a Ctrl-C): every make after it failed
-    with "No module named pip" until `make clean` (reviewer)."""
+    install fails (Debian without python3-venv, a Ctrl-C): every make after it would
+    fail with "No module named pip" until `make clean`."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     # No index, and none of this machine's pip configuration: the requirements cannot
@@ -57,8 +57,8 @@ def test_requirements_touched_but_unchanged_install_nothing(tmp_path):
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_runtime_venv_replaces_the_one_in_use_only_once_installed(tmp_path):
-    """It removed .venv first: an update stopped the services for pip's minutes, and a
-    failed install left neither tier able to start (reviewer)."""
+    """Removing .venv first would stop the services for pip's minutes, and a failed
+    install leave neither tier able to start."""
     shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
     (tmp_path / "constraints.txt").write_text("")
     venv = tmp_path / ".venv"
@@ -72,7 +72,7 @@ def test_runtime_venv_replaces_the_one_in_use_only_once_installed(tmp_path):
     (tmp_path / "requirements-runtime.txt").write_text("surely-not-a-package-imgclass==1.0\n")
     failed = subprocess.run(make, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert failed.returncode != 0 and (venv / "in-use").exists()
-    # Gone before the new one is built: three venvs of ~1.75 GB filled an 8 GiB disk (reviewer).
+    # Gone before the new one is built: three venvs of ~1.75 GB fill an 8 GiB disk.
     assert not (tmp_path / ".venv.old").exists()
     (tmp_path / "requirements-runtime.txt").write_text("")
     made = subprocess.run(make, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -80,8 +80,8 @@ def test_runtime_venv_replaces_the_one_in_use_only_once_installed(tmp_path):
     # The one in use kept until the next time: the services run from it until restarted.
     assert not (venv / "in-use").exists() and (tmp_path / ".venv.old" / "in-use").exists()
     assert not (tmp_path / ".venv.new").exists()
-    # Its scripts name .venv, not the folder it was made in: `. .venv/bin/activate` ran
-    # the system's Python, and .venv/bin/pip nothing (reviewer).
+    # Its scripts name .venv, not the folder it was made in: else `. .venv/bin/activate`
+    # runs the system's Python, and .venv/bin/pip nothing.
     assert subprocess.run([str(venv / "bin" / "pip"), "--version"], capture_output=True).returncode == 0
     assert f'VIRTUAL_ENV="{venv}"' in (venv / "bin" / "activate").read_text() or \
         f"VIRTUAL_ENV='{venv}'" in (venv / "bin" / "activate").read_text()

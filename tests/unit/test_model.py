@@ -65,9 +65,9 @@ def test_input_is_keras_resnet50_preprocessing():
 def test_the_whole_input_path_is_keras_load_img_with_bilinear_resizing(size, fmt):
     """What the worker feeds the model from an upload's bytes, against Keras' own path:
     load_img (squashed to 224x224, as the worker does) with interpolation="bilinear", then
-    preprocess_input. load_img's default, nearest, aliases photos: the worker chose bilinear
-    (a reviewer measured it as close to a Lanczos resize as Keras' bilinear). Only the
-    tests of to_input above compared anything with Keras, and only after decoding."""
+    preprocess_input. load_img's default, nearest, aliases photos: the worker uses bilinear
+    (measured as close to a Lanczos resize as Keras' bilinear). Only the tests of
+    to_input above compare anything with Keras, and only after decoding."""
     import io
 
     from keras.applications.resnet50 import preprocess_input
@@ -126,8 +126,8 @@ def weights_of_class_7(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("runtime", ["tensorflow", "openvino"])
 def test_weights_from_a_file_are_the_ones_used_and_not_called_untrained(runtime, weights_of_class_7, batch,
                                                                          tmp_path, monkeypatch):
-    """Only "random" weights are untrained: the flag hard-wired to true had passed every
-    test, which loaded no other weights (mutation audit)."""
+    """Only "random" weights are untrained: the flag hard-wired to true passes every
+    other test, which loads no other weights."""
     monkeypatch.setenv("IMGCLASS_CACHE", str(tmp_path))
     loaded = load_classifier(str(weights_of_class_7), runtime)  # threads: TensorFlow has started
     assert loaded.untrained is False
@@ -137,9 +137,9 @@ def test_weights_from_a_file_are_the_ones_used_and_not_called_untrained(runtime,
 @pytest.mark.parametrize("kind", ["a file of Keras 3's format", "an S3 object of the older format"])
 def test_weights_named_without_an_ending_keras_knows_are_read_by_their_contents(
         kind, weights_of_class_7, batch, tmp_path, s3_weights, monkeypatch):
-    """Keras picks a weights file's format by its name's ending, and refused any other:
-    a key like s3://models/resnet50 stopped every worker (reviewer). The ImageNet file
-    is of the older format (.h5); save_weights writes Keras 3's (.weights.h5)."""
+    """Keras picks a weights file's format by its name's ending, and refuses any other:
+    a key like s3://models/resnet50 would stop every worker. The ImageNet file is of
+    the older format (.h5); save_weights writes Keras 3's (.weights.h5)."""
     import h5py
     import keras
     from keras.src.legacy.saving import legacy_h5_format
@@ -239,7 +239,7 @@ def test_the_worker_exits_with_its_no_model_status_when_the_weights_are_missing(
 
 
 def test_a_worker_with_a_wrong_setting_says_which_in_one_line_and_is_not_restarted(monkeypatch, capfd):
-    """It printed a 20-line traceback, and exited 1, which systemd restarts (reviewer)."""
+    """Not a 20-line traceback and exit 1, which systemd restarts."""
     from app_tier import EXIT_CANNOT_START
     from app_tier.__main__ import main
 
@@ -294,9 +294,9 @@ def test_a_damaged_weights_file_is_a_model_that_cannot_load_not_a_crash(runtime,
 
 
 def test_s3_weights_missing_or_forbidden_stop_the_worker_but_s3_failing_does_not(s3_weights, monkeypatch):
-    """Exit 78 (WeightsUnavailable) is never restarted: an S3 hiccup at first boot made
-    a worker give its instance up for good (explorer). Only an answer no later start
-    can change does that; anything else raises as it is, for systemd to restart."""
+    """Exit 78 (WeightsUnavailable) is never restarted: an S3 hiccup at first boot must
+    not make a worker give its instance up for good. Only an answer no later start can
+    change does that; anything else raises as it is, for systemd to restart."""
     from botocore.exceptions import ClientError, EndpointConnectionError
 
     from app_tier.weights import _fetch_s3_weights

@@ -160,8 +160,8 @@ def fleet_described(monkeypatch) -> tuple[list, list, int]:
 
 
 def test_tag_filters_find_the_same_instances_looked_up_by_id(monkeypatch):
-    """A search of every tag of every resource for each instance and filter made each
-    describe slower, quadratically, as terminated instances piled up (reviewer)."""
+    """A search of every tag of every resource for each instance and filter makes each
+    describe slower, quadratically, as terminated instances pile up."""
     *before, searches_before = fleet_described(monkeypatch)
     patched(monkeypatch)
     *after, searches_after = fleet_described(monkeypatch)
@@ -401,8 +401,8 @@ def test_a_body_cut_short_by_a_dead_client_stores_nothing(monkeypatch):
 
 
 def test_the_server_ends_when_its_worker_dies():
-    """Its one worker holds everything: killed (the OOM killer), it was replaced by an
-    empty one, and the stack ran on against an AWS that had forgotten it all (reviewer)."""
+    """Its one worker holds everything: killed (the OOM killer) and replaced by an empty
+    one, the stack would run on against an AWS that has forgotten it all."""
     import signal
     import socket
     import subprocess

@@ -49,8 +49,8 @@ BACKLOG = Policy()
         ("all done: terminate all", obs(running=15), 0, 15, 0),
         ("stopped strays are not counted", obs(visible=1, running=1, stopped=2), 0, 0, 1),
         ("shutting-down ones are not capacity", obs(visible=2, shutting=2), 2, 0, 2),
-        # A new instance cannot take what a worker holds (reviewer: 7 launched as the fleet
-        # ended, its workers still answering what they had taken; kept for the cooldown).
+        # A new instance cannot take what a worker holds (else 7 launch as the fleet
+        # ends, its workers still answering what they have taken; kept for the cooldown).
         ("in flight alone launches nothing", obs(in_flight=7, shutting=7), 0, 0, 7),
         ("launches are for what no worker took", obs(visible=5, in_flight=20, running=1), 5, 0, 15),
         ("delayed ones are not taken", obs(delayed=2, in_flight=9, running=1), 2, 0, 11),
@@ -142,7 +142,7 @@ def test_the_fleet_shrinks_only_to_the_most_wanted_within_the_window():
     assert held.desired == 6 and len(held.terminate) == 2 and "holding 6" in held.reason
     assert decide(obs(visible=2, running=8), policy, RoundMemory(wanted_recently=9)).terminate == ()
     # A controller started less than a window ago says so, not "wanted within the last 60s"
-    # (reviewer: --dry-run --once gave that reason for what was only live).
+    # (which --dry-run --once would give for what is only live).
     young = decide(obs(running=8), policy, RoundMemory(wanted_recently=8, window_watched=False))
     assert young.terminate == () and "watched for less than the 60s scale-in window" in young.reason
     assert "wanted within" not in young.reason
@@ -157,7 +157,7 @@ def test_the_fleet_shrinks_only_to_the_most_wanted_within_the_window():
 
 def test_target_backlog_per_instance():
     assert desired_count(obs(visible=25), Policy(target_backlog_per_instance=10))[0] == 3
-    # The cap, when it limits, is in the reason: "backlog 17, target 1" read as 17 wanted (reviewer).
+    # The cap, when it limits, is in the reason: "backlog 17, target 1" reads as 17 wanted.
     assert desired_count(obs(visible=17), Policy(target_backlog_per_instance=1)) == \
         (15, "backlog 17, target 1 per instance; capped at 15")
     assert "capped" not in desired_count(obs(visible=15), Policy(target_backlog_per_instance=1))[1]
@@ -185,8 +185,8 @@ def test_latency_mode_does_not_launch_what_could_not_boot_in_time():
 
 
 def test_latency_mode_counts_on_no_instance_whose_worker_is_still_starting():
-    """One instance EC2 called running, its worker not serving yet, had held a backlog of
-    60 at one instance: the same instance a moment before, pending, got two more (explorer)."""
+    """One instance EC2 calls running, its worker not serving yet, holds a backlog of 60
+    at one instance, as it did a moment before, pending: it must not get two more."""
     policy = Policy(mode="latency", acceptable_latency_s=10, seconds_per_image=0.5, boot_time_s=40)
     for starting in (obs(visible=60, pending=1), obs(visible=60, booting=1)):
         assert decide(starting, policy).launch == (2, 3), starting
@@ -194,8 +194,8 @@ def test_latency_mode_counts_on_no_instance_whose_worker_is_still_starting():
 
 
 def test_latency_mode_stopping_launches_keeps_no_more_than_the_backlog_wants():
-    """25 images at 10 an instance want 3; two running clear them before a boot. It once
-    kept every instance there was (5, the 3 pending included) instead (explorer)."""
+    """25 images at 10 an instance want 3; two running clear them before a boot, so not
+    every instance there is (5, the 3 pending included) is kept."""
     policy = Policy(mode="latency", acceptable_latency_s=5, seconds_per_image=0.5, boot_time_s=40)
     decision = decide(obs(visible=25, running=2, pending=3), policy)
     assert decision.desired == 3 and decision.launch == ()
@@ -214,8 +214,8 @@ def test_scale_in_takes_an_instance_whose_worker_has_not_received_before_one_tha
 
 
 def test_scale_in_takes_instances_of_an_older_image_first_once_they_serve():
-    """The newest went first: a fleet half on a new AMI lost its new instances at each
-    scale-in, and the old ones ran on for good without a hand (reviewer)."""
+    """If the newest went first, a fleet half on a new AMI would lose its new instances
+    at each scale-in, and the old ones run on for good without a hand."""
     new = Policy(image_id="ami-new")
     old_ready = Instance("i-old", 1, "running", 10.0, ready=True, image_id="ami-old")
     new_ready = Instance("i-new", 2, "running", 20.0, ready=True, image_id="ami-new")
@@ -230,7 +230,7 @@ def test_scale_in_takes_instances_of_an_older_image_first_once_they_serve():
 
     assert victims(old_ready, new_ready, wanted=1) == ("i-old",)
     # A pending or booting one holds nothing yet: it still goes first; then the old
-    # image (a new image whose workers never serve kept the old fleet going: reviewer).
+    # image (but a new image whose workers never serve must not keep the old fleet going).
     assert victims(old_ready, new_booting, pending, wanted=0) == ("i-pend", "i-boot", "i-old")
     assert victims(old_ready, unknown, new_ready, wanted=2) == ("i-old",)
     # All on one image: as before, the newest first.
@@ -240,7 +240,7 @@ def test_scale_in_takes_instances_of_an_older_image_first_once_they_serve():
 def test_workers_that_never_say_they_serve_hold_back_launches_only_while_they_could_be_booting():
     """Launches for the messages no worker holds count those launched and not yet
     receiving; counted for good, the workers of an older AMI (READY_DEADLINE=0), which
-    never say they serve, held back every launch (diff review)."""
+    never say they serve, would hold back every launch."""
     silent = obs(visible=5, in_flight=100, booting=5)
     assert len(decide(silent, BACKLOG).launch) == 5  # silent for longer than anyone knows
     seen_for = {i.id: BACKLOG.boot_time_s * 2 + 1 for i in silent.instances}
@@ -265,7 +265,7 @@ def test_policy_rejects_nonsense():
 
 
 def test_a_latency_target_that_floats_just_under_a_whole_number_is_that_number():
-    """3.3 / 1.1 is 2.9999999999999996: a backlog of 3 wanted 2 instances (reviewer)."""
+    """3.3 / 1.1 is 2.9999999999999996: a backlog of 3 must not want only 2 instances."""
     from dataclasses import replace
 
     policy = replace(BACKLOG, mode="latency", acceptable_latency_s=3.3, seconds_per_image=1.1)

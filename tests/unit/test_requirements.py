@@ -124,8 +124,8 @@ def test_the_web_host_leaves_out_the_model():
 
 
 def test_the_load_test_runs_where_an_instance_installs_and_only_plotting_needs_more():
-    """README runs load_test.py on the web instance: its imports were there only because
-    TensorFlow happened to bring requests (an auditor)."""
+    """README runs load_test.py on the web instance: its imports must not be there only
+    because TensorFlow happens to bring requests."""
     named = {canonicalize_name(r.name) for r in requirements(ROOT / "requirements-web.txt")}
     providers = metadata.packages_distributions()
     needed = imported_top_levels(ROOT / "load_test.py") - {"matplotlib"} - set(sys.stdlib_module_names)

@@ -122,8 +122,8 @@ def test_each_live_instance_gets_one_worker_after_the_boot_delay(world):
 
 
 def test_short_of_processes_it_serves_the_instances_the_controller_scales_in_last(world, monkeypatch):
-    """A replacement numbered 1, launched last, was served before older instances 3 to 15,
-    then scaled in mid-batch while they, without a process, were kept (explorer)."""
+    """A replacement numbered 1, launched last, must not be served before older instances
+    3 to 15, then scaled in mid-batch while they, without a process, are kept."""
     from common.fleet import Instance
     from localaws import runner as runner_module
     _, _, make, out = world
@@ -153,7 +153,7 @@ def test_the_cap_is_said_once_each_time_it_holds_an_instance_back(world, monkeyp
     runner.step()
     runner.step()
     assert list(runner.workers) == ["i-served"] and said() == 1
-    # How many wait, not one id of them (reviewer: 12 waiting read as one).
+    # How many wait, not one id of them, which reads as one where 12 wait.
     assert "LOCAL_MAX_WORKERS=1 reached; 1 instance(s) wait for a free slot: i-waiting" in caplog.text
     fleet.remove(waiting)
     runner.step()
@@ -185,8 +185,8 @@ def test_a_terminated_instance_gets_sigterm_then_sigkill(world):
 
 def test_a_worker_still_stopping_counts_against_local_max_workers(world, caplog):
     """LOCAL_MAX_WORKERS is a memory budget, and a worker finishing its batch after
-    SIGTERM holds its model: a burst just after a scale-in had started a full fleet
-    beside the one stopping (reviewer)."""
+    SIGTERM holds its model: a burst just after a scale-in must not start a full fleet
+    beside the one stopping."""
     settings, aws, make, out = world
     runner = make(warm_spares=0, grace_s=1.0, local_max_workers=1, env={"FAKE_MODE": "stubborn"})
     first = launch(aws, settings, (1,))[1]
@@ -225,8 +225,8 @@ def test_a_stopped_worker_is_said_how_it_ended_once_reaped(world, caplog, mode, 
 def test_a_worker_killed_as_its_instance_ends_has_what_it_held_shown_and_its_journal_removed(
         world, tmp_path, caplog):
     """Read only by the next worker on the same instance, which a terminated one never
-    has: its requests waited for their visibility timeout, a minute, the fleet held
-    meanwhile (reviewer), and the file stayed in the user's state directory for ever."""
+    has: its requests would wait for their visibility timeout, a minute, the fleet held
+    meanwhile, and the file stay in the user's state directory for ever."""
     from common.provision import provision
 
     caplog.set_level(logging.INFO, logger="localaws.runner")
@@ -264,9 +264,9 @@ def test_a_worker_killed_as_its_instance_ends_has_what_it_held_shown_and_its_jou
 
 
 def test_a_worker_that_outlives_sigkill_does_not_hold_up_the_rounds(world, monkeypatch):
-    """A debugger attached to a worker kept it alive after SIGKILL: the runner waited 5 s
-    for it, then raised, in every round after, so the watchdog never ran and a launch
-    waited 7 s for its worker (explorer)."""
+    """A debugger attached to a worker keeps it alive after SIGKILL: the runner must not
+    wait 5 s for it, then raise, in every round after, so the watchdog never runs and a
+    launch waits 7 s for its worker."""
     settings, aws, _, _ = world
     runner, iid, process = stubborn_worker(world)
     kills: list[int] = []
@@ -403,8 +403,8 @@ def test_a_worker_that_never_says_it_is_ready_is_aborted_and_restarted(world, ca
 
 
 def test_a_hung_warm_spare_given_an_instance_is_replaced_within_its_short_start_timeout(world, caplog):
-    """A stopped spare was handed an instance and then had the full cold start's 15
-    minutes to say it was ready: nothing was served meanwhile (explorer)."""
+    """A stopped spare handed an instance must not have the full cold start's 15 minutes
+    to say it is ready: nothing is served meanwhile."""
     settings, aws, make, out = world
     runner = make(warm_spares=1, adopted_start_timeout_s=0.5, grace_s=0.5)
     runner.step()
@@ -458,9 +458,9 @@ def test_shutdown_leaves_no_process(world):
 
 def test_workers_outlive_the_runners_rounds_until_its_shutdown(world):
     """Each worker is told to end when the thread that started it does (PR_SET_PDEATHSIG
-    follows the thread): the runner's thread returned as its rounds ended, so every
-    worker had SIGTERM at once, before the web tier and the controller were stopped
-    (reviewer). It now waits for shutdown(), which stops them."""
+    follows the thread): if the runner's thread returned as its rounds ended, every
+    worker would have SIGTERM at once, before the web tier and the controller are
+    stopped. It waits for shutdown(), which stops them."""
     import threading
 
     settings, aws, make, out = world
