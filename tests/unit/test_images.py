@@ -59,7 +59,7 @@ def test_floating_point_samples_are_scaled_from_their_range(grey8, full_scale):
 
 @pytest.mark.parametrize("odd", [np.inf, -np.inf, np.nan])
 def test_a_sample_that_is_no_number_does_not_change_the_others(grey8, odd):
-    """One +inf made the full scale 3.4e38 and the picture black (explorer)."""
+    """One +inf would make the full scale 3.4e38 and the picture black."""
     floats = grey8.astype(np.float32) / 255
     floats[0, 0] = odd
     got = pixels(saved(Image.fromarray(floats, "F"), "TIFF"))
@@ -129,7 +129,7 @@ def test_transparent_parts_are_on_white(mode):
 
 def test_an_image_transparent_everywhere_is_shown_by_its_colours_not_as_a_white_square():
     """A 32-bit BMP's fourth byte is often padding, all zero: composited on white, the
-    model saw a blank square (explorer)."""
+    model would see a blank square."""
     rgba = np.zeros((20, 30, 4), dtype=np.uint8)
     rgba[..., 0], rgba[:, 15:, 1] = 200, 90
     got = pixels(saved(Image.fromarray(rgba, "RGBA"), "PNG"))

@@ -70,7 +70,7 @@ def test_untrained_answer_is_flagged(web_client, fake_worker):
 
 
 def test_every_answer_says_the_model_is_untrained_refusals_too(make_web_app):
-    """README: "in every answer". An explorer's 504s, 413s and 415s did not say it."""
+    """README: "in every answer", 504s, 413s and 415s included."""
     untrained = make_web_app(start_background=False, model_weights="random").test_client()
     trained = make_web_app(start_background=False, model_weights="imagenet").test_client()
     for path, data in (("/", {"inputFile": (io.BytesIO(b"not an image"), "a.jpg")}),
@@ -84,8 +84,8 @@ def test_every_answer_says_the_model_is_untrained_refusals_too(make_web_app):
 
 
 def test_an_image_no_worker_answered_says_the_model_is_untrained(make_web_app, web_aws):
-    """Dead-lettered, its 422 said `X-Model-Untrained: false` while the model was untrained,
-    though GET /api/jobs said `true` for the same item (explorer)."""
+    """Dead-lettered, its 422 must not say `X-Model-Untrained: false` while the model is
+    untrained and GET /api/jobs says `true` for the same item."""
     from tests.unit.test_web_jobs import dead_letter
 
     client = make_web_app(model_weights="random").test_client()
@@ -104,7 +104,7 @@ def test_an_image_no_worker_answered_says_the_model_is_untrained(make_web_app, w
     assert not waiting.is_alive()
     assert answer["r"].status_code == 422
     assert answer["r"].headers["X-Model-Untrained"] == "true"
-    # "Send it again" read as "upload it again", stored twice: how is said (explorer).
+    # "Send it again" reads as "upload it again", stored twice: how is said.
     batch_id, item_id = answer["r"].headers["X-Batch-Id"], answer["r"].headers["X-Item-Id"]
     assert answer["r"].text.endswith(f". To send it again without storing it twice: "
                                      f"POST /api/jobs/{batch_id}/items/{item_id}/again")
@@ -149,8 +149,8 @@ def test_a_method_not_allowed_names_the_allowed_ones(web_client):
 
 def test_result_timeout_counts_from_the_requests_arrival(make_web_app, monkeypatch):
     """Counted from the image being queued, a POST / whose storing took long (S3 or SQS
-    failing, retried) waited RESULT_TIMEOUT more: past a proxy set a little above it,
-    its answer was cut off (reviewer). Here S3 takes 2.5 s of a 3 s RESULT_TIMEOUT."""
+    failing, retried) would wait RESULT_TIMEOUT more: past a proxy set a little above it,
+    its answer is cut off. Here S3 takes 2.5 s of a 3 s RESULT_TIMEOUT."""
     import types
 
     import web_tier.classify as classify_module
@@ -195,17 +195,17 @@ def test_no_answer_is_504_and_the_service_keeps_answering(make_web_app, fake_wor
     batch = client.get(f"/api/jobs/{batch_id}").get_json()
     assert [(i["id"], i["filename"], i["state"]) for i in batch["items"]] == [(item_id, "lost.jpg", "queued")]
     # The page's form without JavaScript: its answer page says the image is queued still,
-    # at once: that page (not a JSON document) is where its result will be (reviewers).
+    # at once: that page (not a JSON document) is where its result will be.
     page = client.post("/?answer=page", data={"inputFile": (io.BytesIO(make_image(6)), "lost.jpg")},
                        content_type="multipart/form-data", follow_redirects=True)
     path = page.request.path
     assert page.status_code == 202 and page.mimetype == "text/html" and path.startswith("/answers/")
     assert '<p class="waiting">not classified yet: the image is queued</p>' in page.text
     assert "<title>queued · lost.jpg · Image classification</title>" in page.text
-    # It reloads itself only when asked to: each reload took a keyboard's focus and a
-    # screen reader back to the top (reviewer).
+    # It reloads itself only when asked to: each reload takes a keyboard's focus and a
+    # screen reader back to the top.
     assert "http-equiv" not in page.text and f'<a href="{path}">Check again</a>' in page.text
-    # Each look waits up to 10 s for the label first: "every 5 s" was really every 15 (reviewer).
+    # Each look waits up to 10 s for the label first: "every 5 s" would really be every 15.
     assert f'<a href="{path}?reload=1">look again by itself, 5 s after each answer</a>' in page.text
     reloading = client.get(path + "?reload=1")
     assert reloading.status_code == 202 and '<meta http-equiv="refresh" content="5">' in reloading.text
@@ -272,7 +272,7 @@ def test_missing_file_is_400(web_client):
     assert response.mimetype == "text/plain"
     wrong_field = post_image(web_client, make_image(1), "cat.jpg", field="image")
     assert wrong_field.status_code == 400
-    # Named, as every refusal of a file is (explorer: it said "no file").
+    # Named, as every refusal of a file is, not "no file".
     assert wrong_field.text == ("cat.jpg: sent in form field 'image': send it in 'inputFile' or 'myfile' "
                                 "(curl -F inputFile=@cat.jpg)")
     raw = web_client.post("/", data=make_image(1), content_type="image/jpeg")  # the bytes alone
@@ -306,8 +306,8 @@ def test_a_body_larger_than_one_file_is_refused_before_it_is_read(web_app, web_s
 
 
 def test_two_files_each_within_the_limit_are_not_said_to_be_one_too_large(web_app, web_settings):
-    """Refused unread, the body may be one file too large or several: the answer named
-    the first of two files within the limit too large, and not the one-file rule (reviewer)."""
+    """Refused unread, the body may be one file too large or several: the answer must not
+    name the first of two files within the limit too large, but the one-file rule."""
     half = b"\0" * (web_settings.max_upload_bytes // 2 + FORM_SLACK_BYTES // 2)
     response = web_app.test_client().post("/", data={"inputFile": [(io.BytesIO(half), "small1.jpg"),
                                                                    (io.BytesIO(half), "small2.jpg")]},
@@ -318,9 +318,8 @@ def test_two_files_each_within_the_limit_are_not_said_to_be_one_too_large(web_ap
 
 
 def test_no_text_answer_ends_with_a_newline(make_web_app, fake_worker):
-    """Refusals ended with one, the 200, the 401, the worker's 422 and the 504 did not:
-    a client comparing the body had to strip some answers only (reviewer). As the 200,
-    which the contract fixes: none."""
+    """If some answers ended with one and others not, a client comparing the body would
+    have to strip some answers only. As the 200, which the contract fixes: none."""
     client = make_web_app().test_client()
     fake_worker.policy = lambda request: "fail" if request.filename == "broken.jpg" else "ok"
     answers = {
@@ -410,8 +409,8 @@ def forget_finished_batches(book) -> None:
                                    "its answer page, rebuilt from S3"])
 def test_an_answered_image_a_full_book_forgets_meanwhile_is_answered_still(make_web_app, fake_worker, asked):
     """Under a backlog past the book's cap, each result forgets the finished batches:
-    one forgotten between a request's look-up and its wait read as no result in 300 s
-    (a 504 at once), or as queued on its answer page, or as no such upload (reviewer)."""
+    one forgotten between a request's look-up and its wait must not read as no result in
+    300 s (a 504 at once), or as queued on its answer page, or as no such upload."""
     data, key = make_image(37), "6e1d9f8a-3333-4444-8555-666677778888"
     app = make_web_app()
     first = post_with_key(app.test_client(), data, "cut.jpg", key)
@@ -444,7 +443,7 @@ def test_an_answered_image_a_full_book_forgets_meanwhile_is_answered_still(make_
 
 
 def test_idempotency_keys_of_16_and_of_64_characters_are_taken(web_client, fake_worker):
-    """The README's 16 to 64, both ends (mutation audit)."""
+    """The README's 16 to 64, both ends."""
     for n, key in enumerate(("k" * 16, "k" * 64)):
         response = post_with_key(web_client, make_image(40 + n), f"k{n}.jpg", key)
         assert response.status_code == 200, response.text
@@ -466,7 +465,7 @@ def test_an_idempotency_key_sent_again_with_another_file_is_a_409(web_client, we
     assert post_with_key(web_client, make_image(34), "first.jpg", key).status_code == 200
     clash = post_with_key(web_client, make_image(35), "second.jpg", key)
     assert clash.status_code == 409 and clash.text.startswith("second.jpg: this Idempotency-Key came before")
-    # The same name with other bytes is another file too: it had the first one's answer (reviewer).
+    # The same name with other bytes is another file too, not given the first one's answer.
     clash = post_with_key(web_client, make_image(35), "first.jpg", key)
     assert clash.status_code == 409 and clash.text.startswith("first.jpg: this Idempotency-Key came before")
     assert len(stored_inputs(web_aws)) == 1
@@ -475,10 +474,10 @@ def test_an_idempotency_key_sent_again_with_another_file_is_a_409(web_client, we
 @pytest.mark.parametrize("descriptor", [None, 1500], ids=["low", "past-select's-1024"])
 def test_a_request_whose_client_left_stops_waiting_and_gives_its_thread_back(make_web_app, monkeypatch,
                                                                               descriptor):
-    """A client that gave up (its own timeout, a proxy's) held a thread until
-    RESULT_TIMEOUT: clients sending again on a 5 s timeout took all 1,024 threads and
-    /healthz with them (explorer). No worker answers here. A socket numbered 1,024 or
-    more, as a busy web tier's are, had looked connected for ever (reviewer)."""
+    """A client that gave up (its own timeout, a proxy's) must not hold a thread until
+    RESULT_TIMEOUT: clients sending again on a 5 s timeout would take all 1,024 threads
+    and /healthz with them. No worker answers here. A socket numbered 1,024 or more, as
+    a busy web tier's are, must not look connected for ever."""
     import os
     import resource
     import socket
@@ -538,7 +537,7 @@ def test_a_client_still_connected_is_not_taken_for_one_that_left(make_web_app, f
 
 def test_a_file_still_being_stored_under_its_idempotency_key_is_said_so_in_those_words(
         make_web_app, monkeypatch):
-    """The 503 spoke of a "token", which POST / callers never sent (explorer)."""
+    """The 503 must not speak of a "token", which POST / callers never send."""
     from web_tier.refusals import Code, Refusal
     from web_tier.submit import STILL_STORING
 
@@ -554,9 +553,8 @@ def test_a_file_still_being_stored_under_its_idempotency_key_is_said_so_in_those
 
 
 def test_a_waiting_request_holds_neither_its_image_nor_its_spool(make_web_app, web_aws, monkeypatch):
-    """Both stayed referenced while POST / waited for its answer, up to RESULT_TIMEOUT:
-    100 waiting 9 MB uploads held 1 GB, and a descriptor each for those over 500 KB
-    (reviewer)."""
+    """Both referenced while POST / waits for its answer, up to RESULT_TIMEOUT, 100
+    waiting 9 MB uploads would hold 1 GB, and a descriptor each for those over 500 KB."""
     import gc
     import weakref
 
@@ -608,8 +606,8 @@ def test_a_waiting_request_holds_neither_its_image_nor_its_spool(make_web_app, w
 
 
 def test_the_plain_forms_answer_page_waits_seconds_not_the_result_timeout(make_web_app, monkeypatch):
-    """Waited for up to RESULT_TIMEOUT, the answer page left the browser on the form's
-    address: a user who stopped or reloaded it lost the way to the answer (reviewer)."""
+    """Waited for up to RESULT_TIMEOUT, the answer page would leave the browser on the
+    form's address: a user who stops or reloads it loses the way to the answer."""
     from web_tier import classify as classify_module
 
     monkeypatch.setattr(classify_module, "ANSWER_PAGE_WAIT_S", 5.0)
@@ -631,8 +629,8 @@ def test_the_plain_forms_answer_page_waits_seconds_not_the_result_timeout(make_w
 
 
 def test_without_javascript_the_page_offers_a_plain_form_whose_answer_is_a_page(web_client, fake_worker):
-    """With JavaScript off the page showed "Connecting…" for ever and its controls did
-    nothing when used (reviewer): it now hides them, and offers a form for one image."""
+    """With JavaScript off the page would show "Connecting…" for ever and its controls do
+    nothing when used: it hides them, and offers a form for one image."""
     page = web_client.get("/").text
     assert 'href="/static/noscript.css"' in page and 'class="status needs-js"' in page
     assert 'id="drop-zone" class="drop-zone needs-js"' in page
@@ -645,7 +643,7 @@ def test_without_javascript_the_page_offers_a_plain_form_whose_answer_is_a_page(
     stored = web_client.post("/?answer=page", data={"inputFile": (io.BytesIO(data), "<b>cat</b>.jpg")},
                              content_type="multipart/form-data")
     # The answer is a page of its own: reloading it asks again, where reloading the
-    # POST's own answer sent the image again (reviewer).
+    # POST's own answer would send the image again.
     assert stored.status_code == 303 and stored.location.startswith("/answers/")
     response = web_client.get(stored.location)
     assert response.status_code == 200 and response.mimetype == "text/html"
@@ -664,7 +662,7 @@ def test_without_javascript_the_page_offers_a_plain_form_whose_answer_is_a_page(
 
     unknown = web_client.get("/answers/" + "0" * 32)
     assert unknown.status_code == 404 and "no such upload here" in unknown.text
-    # Its title says so too, where "Upload" read as the upload page's (reviewer).
+    # Its title says so too: "Upload" reads as the upload page's.
     assert "<title>no such upload here · Image classification</title>" in unknown.text
     # A batch of POST /api/jobs is no one upload: one of its images is not its answer.
     files = [(io.BytesIO(make_image(n)), f"{n}.jpg") for n in (8, 9)]
@@ -672,7 +670,7 @@ def test_without_javascript_the_page_offers_a_plain_form_whose_answer_is_a_page(
     several = web_client.get(f"/answers/{batch.get_json()['batch_id']}")
     assert several.status_code == 404 and "this is a batch of 2 images, not one upload" in several.text
     assert f"/#batches={batch.get_json()['batch_id']}" in several.text
-    # A link there, not an address to copy (explorer).
+    # A link there, not an address to copy.
     assert f'<a href="/#batches={batch.get_json()["batch_id"]}">Show them all</a>' in several.text
     assert web_client.get("/answers/nope").status_code == 404
     no_id = web_client.get("/answers/")
@@ -698,13 +696,13 @@ def test_without_javascript_a_server_needing_a_key_says_the_form_cannot_send_it(
     assert "requires an API key, which a plain form cannot send" in page
     assert "answer=page" not in page  # no form that could only be refused
     # The address to send to, not "ADDRESS being this page's"; and not "classify one
-    # image at a time" just before saying it cannot (UX review).
+    # image at a time" just before saying it cannot.
     assert "-F inputFile=@cat.jpg http://localhost/</code>" in page
     assert "one image at a time" not in page
     refused = client.post("/?answer=page", data={"inputFile": (io.BytesIO(make_image(1)), "a.jpg")},
                           content_type="multipart/form-data")
     assert refused.status_code == 401 and refused.mimetype == "text/html"
-    # Its title whole: cut at the colon in "Authorization: Bearer", it ended mid-bracket (explorer).
+    # Its title whole: cut at the colon in "Authorization: Bearer", it ends mid-bracket.
     assert ("<title>a valid API key is required (X-API-Key header, or Authorization: Bearer) · "
             "Image classification</title>") in refused.text
 
@@ -712,8 +710,8 @@ def test_without_javascript_a_server_needing_a_key_says_the_form_cannot_send_it(
 @pytest.mark.parametrize(("untrained", "title"), [(True, "tabby (untrained) · cat.jpg"),
                                                   (False, "tabby · cat.jpg")])
 def test_the_answer_pages_title_says_a_label_is_untrained_as_the_page_does(web_app, untrained, title):
-    """The tab, history and bookmarks show the title alone: it read "tabby · cat.jpg"
-    under an untrained model, where the page said UNTRAINED (explorer)."""
+    """The tab, history and bookmarks show the title alone: it must not read "tabby ·
+    cat.jpg" under an untrained model, where the page says UNTRAINED."""
     from web_tier.errors import answer_page
 
     with web_app.test_request_context("/answers/" + "0" * 32):

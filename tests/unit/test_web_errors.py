@@ -39,11 +39,11 @@ def error_of(response) -> dict:
 @pytest.mark.parametrize(("method", "path"), [
     ("GET", "/api"), ("POST", "/api"), ("GET", "/api/"), ("GET", "/api/nope"), ("GET", "/api/job"),
     ("GET", f"/api/jobs/{'ab' * 16}/nope"), ("HEAD", "/api"),
-    # Doubled slashes had Werkzeug's HTML redirect to the path with one (explorer).
+    # Doubled slashes would have Werkzeug's HTML redirect to the path with one.
     ("GET", "/api//status"), ("GET", "/api/jobs//results.csv"), ("GET", "/api/jobs//events"),
     ("POST", f"/api/jobs/{'ab' * 16}//items/x/again")])
 def test_every_unknown_path_under_api_is_a_json_404_with_its_code(web_client, method, path):
-    """`GET /api` (no slash) had Flask's HTML 404, where /api/... had JSON (reviewer)."""
+    """`GET /api` (no slash) is JSON too, not Flask's HTML 404, as /api/... is."""
     response = web_client.open(path, method=method)
     assert response.status_code == 404 and response.mimetype == "application/json"
     assert response.headers["Cache-Control"] == "no-store"  # every /api answer (README)
@@ -119,10 +119,10 @@ def test_aws_failing_and_an_unexpected_error_have_their_codes(make_web_app, monk
 
 
 def test_an_s3_that_stopped_answering_refuses_an_upload_after_a_few_tries_not_minutes(monkeypatch):
-    """An upload's put had the usual 6 tries of 30 s, then its delete as many: an S3
-    that stopped answering held each upload 6 minutes before its 503, long after the
-    page (30 s) and most clients had given up (explorer). Now UPLOAD_ATTEMPTS tries of
-    the put, and one of the delete."""
+    """With the usual 6 tries of 30 s for an upload's put, then as many for its delete,
+    an S3 that stops answering would hold each upload 6 minutes before its 503, long
+    after the page (30 s) and most clients give up. So UPLOAD_ATTEMPTS tries of the put,
+    and one of the delete."""
     import dataclasses
     from concurrent.futures import ThreadPoolExecutor
 
@@ -292,10 +292,10 @@ def test_the_readme_lists_every_code_and_which_to_send_again():
 
 
 def test_post_slash_says_a_dead_letter_is_one_to_send_again_by_its_code(web_app, web_aws):
-    """A dead letter (no worker answered it in the attempts allowed) was answered with
+    """A dead letter (no worker answered it in the attempts allowed) must not share
     `classification_failed`, the code README says not to send again, which an image the
-    model cannot read gets: a program could tell the two apart only by the prose
-    (explorer). It has a code of its own, with where the item is, to queue it again."""
+    model cannot read gets: a program could tell the two apart only by the prose. It has
+    a code of its own, with where the item is, to queue it again."""
     from common.failure_tags import DEAD_LETTER_ERROR
     from tests.unit.test_web_jobs import dead_letter
 

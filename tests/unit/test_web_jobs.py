@@ -180,8 +180,8 @@ def test_a_dead_letter_whose_object_cannot_be_marked_still_answers_the_client(we
 
 @pytest.mark.parametrize("code", ["InvalidTag", "MalformedXML", "InvalidArgument"])
 def test_a_dead_letter_whose_mark_s3_refuses_for_good_is_dropped(web_app, web_aws, monkeypatch, code):
-    """A refusal no retry changes (a tag S3 will not take) kept the message, to come back
-    every visibility timeout for the queue's 14 days, each time a traceback (reviewer)."""
+    """A refusal no retry changes (a tag S3 will not take) must not keep the message, to
+    come back every visibility timeout for the queue's 14 days, each time a traceback."""
     from botocore.exceptions import ClientError
 
     client = web_app.test_client()
@@ -266,8 +266,8 @@ def test_a_dead_letter_whose_mark_is_denied_past_the_bound_is_given_up(web_app, 
 
 
 def test_a_dead_letter_that_fails_other_than_by_aws_is_failed_and_dropped(web_app, web_aws, monkeypatch):
-    """Handled again, it fails the same way: such a dead letter came back every 30 s
-    for the queue's 14 days, its item queued all along (explorer)."""
+    """Handled again, it fails the same way: such a dead letter would come back every
+    30 s for the queue's 14 days, its item queued all along."""
     from botocore.exceptions import ParamValidationError
 
     import web_tier.listeners
@@ -302,8 +302,8 @@ def test_a_dead_letter_for_a_deleted_object_is_done_with(web_app, web_aws):
 
 
 def test_a_stopping_web_tier_leaves_the_answers_to_the_process_that_serves(make_web_app, web_aws):
-    """Its listeners went on after SIGTERM, deleting answers that, during a reload,
-    were the new process's (reviewer)."""
+    """Its listeners must stop at SIGTERM: during a reload, the answers they would delete
+    are the new process's."""
     old = make_web_app()
     services_of(old).book.close()  # SIGTERM
     wait_until(lambda: not services_of(old).listeners.running)
@@ -316,8 +316,8 @@ def test_a_stopping_web_tier_leaves_the_answers_to_the_process_that_serves(make_
 
 
 def test_a_dead_letter_that_names_no_object_is_dropped_not_retried_for_ever(web_app, web_aws):
-    """An explorer's hand-made request with an empty key: S3's client refused it before
-    sending, and the web tier logged a traceback every 30 s while it stayed queued."""
+    """A hand-made request with an empty key: S3's client refuses it before sending, and
+    the web tier must not log a traceback every 30 s while it stays queued."""
     body = {"id": "x5", "bucket": web_aws.settings.input_bucket, "key": "", "filename": "", "sent_at": 0}
     web_aws.sqs.send_message(QueueUrl=web_aws.dead_letter_queue_url, MessageBody=json.dumps(body))
     web_app.test_client()  # the listeners run from here on
@@ -326,8 +326,8 @@ def test_a_dead_letter_that_names_no_object_is_dropped_not_retried_for_ever(web_
 
 def test_a_dead_letters_failure_gives_way_to_another_copy_answered_after_it(web_app, web_aws):
     """A request can be queued twice (a journal's requeue, a hand-back SQS would not
-    delete): one copy dead-lettered, the other answered after. The item had stayed
-    failed, the label in the output bucket for nobody (explorer)."""
+    delete): one copy dead-lettered, the other answered after. The item must not stay
+    failed, the label in the output bucket for nobody."""
     client = web_app.test_client()
     data = make_image(44)
     batch_id = upload(client, [(data, "twice.jpg")]).get_json()["batch_id"]
@@ -341,15 +341,15 @@ def test_a_dead_letters_failure_gives_way_to_another_copy_answered_after_it(web_
     wait_until(lambda: items_by_name(client, batch_id)["twice.jpg"]["state"] == "done")
     assert items_by_name(client, batch_id)["twice.jpg"]["label"] == answer_for(data)[0]
     assert (book.answered, book.failed) == (1, 0)
-    # Replaced, not changed: a reader holding the failed item reads it whole (reviewer).
+    # Replaced, not changed: a reader holding the failed item reads it whole.
     assert (failed.state, failed.error, failed.label) == ("failed", DEAD_LETTER_ERROR, None)
     # A second dead letter of it changes nothing now.
     assert book.fail(request.id, DEAD_LETTER_ERROR, key=request.key) is None
 
 
 def test_a_dead_letters_failure_rebuilt_from_s3_gives_way_too(make_web_app, web_aws):
-    """Read back from the input object's tags after a restart, the failure had become
-    final: the other copy's answer was ignored (reviewer)."""
+    """Read back from the input object's tags after a restart, the failure must not be
+    final, the other copy's answer ignored."""
     old = make_web_app()
     client = old.test_client()
     data = make_image(45)
@@ -365,7 +365,7 @@ def test_a_dead_letters_failure_rebuilt_from_s3_gives_way_too(make_web_app, web_
     FakeWorker(web_aws).handle(request)  # the other copy
     wait_until(lambda: items_by_name(fresh, batch_id)["later.jpg"]["state"] == "done")
     # The totals count what this process heard: the answer, not the failure read from S3
-    # (they read failed: -1: reviewer).
+    # (else they read failed: -1).
     assert fresh.get("/api/status").get_json()["totals"] == {"uploaded": 0, "answered": 1, "failed": 0}
 
 
@@ -421,7 +421,7 @@ def test_fresh_app_rebuilds_a_batch_from_s3(make_web_app, fake_worker, web_aws):
     assert after["pending.jpg"]["state"] == "queued"
     assert after["bad.jpg"]["state"] == "failed"
     assert after["bad.jpg"]["error"] == "cannot decode"
-    # Which worker refused it, as before the restart (it read "": explorer).
+    # Which worker refused it, kept across the restart, not "".
     assert after["bad.jpg"]["worker"] == before["bad.jpg"]["worker"] == "fake-1"
     for name in ("ok 1.jpg", "δοκιμή.png"):
         assert after[name]["state"] == "done"
@@ -437,10 +437,10 @@ def test_fresh_app_rebuilds_a_batch_from_s3(make_web_app, fake_worker, web_aws):
 
 
 def test_a_rebuild_reads_tags_and_results_only_where_s3_has_them(make_web_app, fake_worker, web_aws):
-    """Three S3 calls an item made a 150-item batch slow to show after a restart
-    (explorer): an input object's HEAD counts its tags, and a listing of the output
-    bucket says which items have a result, so an item answered (never failed or sent
-    again) costs two calls, and one still queued one."""
+    """Three S3 calls an item make a 150-item batch slow to show after a restart: an
+    input object's HEAD counts its tags, and a listing of the output bucket says which
+    items have a result, so an item answered (never failed or sent again) costs two
+    calls, and one still queued one."""
     from common.failure_tags import SentAgain
     from web_tier.storage import clear_failed
 
@@ -478,7 +478,7 @@ def test_a_rebuild_reads_tags_and_results_only_where_s3_has_them(make_web_app, f
 
 def test_an_object_deleted_while_its_batch_is_rebuilt_is_left_out(make_web_app, web_aws, monkeypatch):
     """Gone between the listing and its HEAD (an upload refused and its object deleted
-    meanwhile), it failed the whole rebuild: the batch answered 503 (reviewer)."""
+    meanwhile), it must not fail the whole rebuild, the batch answered 503."""
     import web_tier.rebuild as rebuild_module
 
     files = [(make_image(56), "a.jpg"), (make_image(57), "gone.jpg")]
@@ -495,7 +495,7 @@ def test_an_object_deleted_while_its_batch_is_rebuilt_is_left_out(make_web_app, 
     assert rebuilt.status_code == 200, rebuilt.get_json()
     assert [i["filename"] for i in rebuilt.get_json()["items"]] == ["a.jpg"]
 
-    # Every one gone: no such batch, not an empty one kept in the book (reviewer).
+    # Every one gone: no such batch, not an empty one kept in the book.
     def list_then_all_are_deleted(aws, batch):
         keys = real_list(aws, batch)
         for key in keys:
@@ -507,8 +507,8 @@ def test_an_object_deleted_while_its_batch_is_rebuilt_is_left_out(make_web_app, 
 
 
 def test_a_batch_is_rebuilt_once_however_many_ask_and_holds_up_no_upload(make_web_app, monkeypatch):
-    """A page polling a 1,500-item batch across a restart started a whole rebuild every
-    2 s on the upload pool: 2-file uploads behind them took a minute (explorer)."""
+    """A page polling a 1,500-item batch across a restart must not start a whole rebuild
+    every 2 s on the upload pool: 2-file uploads behind them would take a minute."""
     import web_tier.rebuild as rebuild_module
 
     old = make_web_app(start_background=False)
@@ -605,7 +605,7 @@ def test_chunks_can_join_an_existing_batch(web_client):
     assert set(items_by_name(web_client, first["batch_id"])) == {"a.jpg", "b.jpg"}
     unknown = upload(web_client, [(make_image(72), "c.jpg")], batch_id="f" * 32)
     assert unknown.status_code == 404
-    # A client making a batch of its own id needs `create` too: said (reviewer).
+    # A client making a batch of its own id needs `create` too: said.
     assert unknown.get_json()["error"] == f"no such batch: {'f' * 32} (send create=1 to make it)"
 
 
@@ -675,10 +675,10 @@ def test_a_batchs_items_say_their_tokens_also_after_a_restart(make_web_app, web_
 
 
 def test_a_long_name_answered_before_its_batch_was_rebuilt_keeps_its_token(make_web_app, web_aws):
-    """A message carries at most 160 bytes of a name. A restarted web tier learnt the
-    item from its answer, with the name cut, and kept that name when it rebuilt the
-    batch from S3: the file sent again under its token was refused (409) as another
-    file, and the batch showed the cut name for good (explorer)."""
+    """A message carries at most 160 bytes of a name. A restarted web tier learns the
+    item from its answer, with the name cut: kept when it rebuilds the batch from S3, the
+    file sent again under its token would be refused (409) as another file, and the
+    batch show the cut name for good."""
     batch_id = "e" * 32
     name = "photo-" + "x" * 300 + ".jpg"
     first = send_with_tokens(make_web_app(start_background=False).test_client(), batch_id,
@@ -698,8 +698,8 @@ def test_a_long_name_answered_before_its_batch_was_rebuilt_keeps_its_token(make_
 
 
 def test_a_full_request_with_a_token_per_file_is_taken(make_web_app, web_aws):
-    """Werkzeug counted a file and its token as two parts: past 549 of the 1,000 files
-    allowed, a request with tokens was a 413 saying the limit was 1,000 (explorer)."""
+    """Werkzeug counts a file and its token as two parts: past 549 of the 1,000 files
+    allowed, a request with tokens must not be a 413 saying the limit is 1,000."""
     count = 120  # enough for 2 parts a file to pass the old allowance of count + 100
     client = make_web_app(start_background=False, max_files_per_request=count).test_client()
     image = make_image(760, size=(48, 48))
@@ -710,7 +710,7 @@ def test_a_full_request_with_a_token_per_file_is_taken(make_web_app, web_aws):
 
 
 def test_a_token_used_again_for_another_file_is_refused_not_taken_for_a_resend(web_client, web_aws):
-    """The second file was dropped, answered as "again" with the first file's item (explorer)."""
+    """The second file must not be dropped, answered as "again" with the first file's item."""
     batch_id = "8" * 32
     send_with_tokens(web_client, batch_id, [(make_image(770), "first.jpg")], ["x"])
     other = send_with_tokens(web_client, batch_id, [(make_image(771), "second.jpg")], ["x"])
@@ -721,7 +721,7 @@ def test_a_token_used_again_for_another_file_is_refused_not_taken_for_a_resend(w
 
 def test_a_token_used_again_for_other_contents_under_the_same_name_is_refused(make_web_app, web_aws):
     """A file edited and sent again, or another's upload planted under a guessable token,
-    was answered with the first file's item, and dropped (reviewer). Also when the batch
+    must not be answered with the first file's item, and dropped. Also when the batch
     is rebuilt from S3 by a web tier started since."""
     batch_id = "7" * 32
     client = make_web_app(start_background=False).test_client()
@@ -748,7 +748,7 @@ def test_a_token_used_again_for_other_contents_under_the_same_name_is_refused(ma
     ({"tokens": ["0", "a b"]}, "a token is 1 to 64"),
     ({"tokens": ["0", "x" * 65]}, "a token is 1 to 64"),
     ({"batch_id": "not-hex", "create": "1"}, "32 lowercase hexadecimal"),
-    # No batch has such an id: a 404 said to send create=1, which was then refused (reviewer).
+    # No batch has such an id: not a 404 saying to send create=1, which is then refused.
     ({"batch_id": "A" * 32}, "32 lowercase hexadecimal"),
     # Only the first counted: files meant for the second batch went to the first.
     ({"batch_id": ["a" * 32, "b" * 32], "create": "1"}, "one batch_id per request: this one has 2"),
@@ -758,15 +758,15 @@ def test_bad_tokens_and_batch_ids_are_refused_and_nothing_is_stored(web_client, 
     response = upload(web_client, [(make_image(720), "a.jpg"), (make_image(721), "b.jpg")], **form)
     assert response.status_code == 400
     assert says in response.get_json()["error"]
-    if "token" in says and "64" not in says:  # named, as every refusal of a file is (reviewer)
+    if "token" in says and "64" not in says:  # named, as every refusal of a file is
         assert response.get_json()["filename"] == "b.jpg"
     assert web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket).get("KeyCount", 0) == 0
 
 
 @pytest.mark.parametrize("query", ["batch_id=" + "9" * 32, "create=1", "tokens=a"])
 def test_batch_fields_in_the_url_are_refused_not_ignored(web_client, web_aws, query):
-    """`?batch_id=...` was ignored: the files went into a new batch, where the client
-    would never look for them (explorer)."""
+    """`?batch_id=...` must not be ignored: in a new batch, the client would never look
+    for the files."""
     data = {"files": [(io.BytesIO(make_image(722)), "a.jpg")]}
     response = web_client.post(f"/api/jobs?{query}", data=data, content_type="multipart/form-data")
     assert response.status_code == 400
@@ -826,9 +826,9 @@ def test_a_file_still_being_stored_under_a_token_is_refused_for_now_not_taken_as
 
 def test_a_file_sent_again_while_its_first_storing_fails_is_not_taken_as_stored(
         make_web_app, web_aws, monkeypatch):
-    """The resend found the first request's item under the token; the first then failed,
-    and the resend answered with that item, which was never stored (reviewer): the page
-    showed it queued for ever."""
+    """The resend finds the first request's item under the token; if the first then
+    fails, the resend must not answer with that item, which was never stored: the page
+    would show it queued for ever."""
     app = make_web_app(start_background=False)
     svc = services_of(app)
     batch_id, files = "b" * 32, [(make_image(750), "a.jpg")]
@@ -872,10 +872,10 @@ def test_a_token_whose_file_could_not_be_stored_is_free_to_send_again(make_web_a
 
 def test_a_store_that_fails_after_s3_wrote_the_object_leaves_nothing_to_adopt(
         make_web_app, web_aws, monkeypatch):
-    """S3 stored the object and the put still failed (an ambiguous 500, a timeout after
-    the write): the 503 said nothing was stored, and the object, left there with its
-    token, was adopted by the resend, answered "again" with an item no request was
-    ever sent for (reviewer): queued for ever."""
+    """S3 may store the object and the put still fail (an ambiguous 500, a timeout after
+    the write): the 503 says nothing was stored, so the object, left there with its
+    token, must not be adopted by the resend, answered "again" with an item no request
+    was ever sent for: queued for ever."""
     import web_tier.submit
 
     client = make_web_app(start_background=False).test_client()
@@ -899,8 +899,8 @@ def test_a_store_that_fails_after_s3_wrote_the_object_leaves_nothing_to_adopt(
 
 
 def test_a_batch_of_which_nothing_was_stored_is_gone_at_once(make_web_app, web_aws, monkeypatch):
-    """It answered 200 with no items until the next restart, which the page does not
-    drop (it drops a batch on 404), and such batches piled up in an outage (explorer)."""
+    """Not 200 with no items until the next restart, which the page does not drop (it
+    drops a batch on 404): such batches would pile up in an outage."""
     import web_tier.submit
 
     client = make_web_app(start_background=False).test_client()
@@ -921,10 +921,10 @@ def finish(app, item_id: str, label: str, key: str = "", name: str = "x.jpg") ->
 
 
 def test_a_full_book_keeps_a_batch_between_two_chunks_of_one_request(make_web_app, web_aws):
-    """A full book forgot a batch between two chunks of one request (its first chunk all
-    answered): the second chunk made it again, complete, with only its own file, and the
-    first chunk's tokens forgotten: a GET showed 1 file of 17, and a resend of the
-    others stored them twice (reviewer). In use by the request, it is kept."""
+    """A full book must not forget a batch between two chunks of one request (its first
+    chunk all answered): the second chunk would make it again, complete, with only its
+    own file, and the first chunk's tokens forgotten: a GET shows 1 file of 17, and a
+    resend of the others stores them twice. In use by the request, it is kept."""
     app = make_web_app(start_background=False, max_files_per_request=FILES_PER_CHUNK + 1)
     svc = services_of(app)
     real_submit, calls = svc.submitter.submit, []
@@ -966,7 +966,7 @@ def test_a_full_book_keeps_a_batch_between_two_chunks_of_one_request(make_web_ap
 
 
 def test_a_batch_all_refused_by_an_untrained_worker_says_untrained(make_web_app):
-    """Its items said so (Item.shows_untrained), the batch did not (reviewer)."""
+    """Its items say so (Item.shows_untrained), and the batch must too."""
     app = make_web_app(start_background=False)
     client = app.test_client()
     body = upload(client, [(make_image(60), "one.jpg")]).get_json()
@@ -1020,8 +1020,8 @@ def test_events_replay_finished_items_then_end(make_web_app):
 
 def test_a_batch_forgotten_as_its_stream_starts_is_read_again_not_ended_empty(make_web_app, fake_worker):
     """The book forgets finished batches beyond its cap: one forgotten between the
-    stream's check and its start read as no items, and the stream ended at once, as
-    if the batch were empty (reviewer)."""
+    stream's check and its start must not read as no items, the stream ending at once,
+    as if the batch were empty."""
     app = make_web_app()
     client = app.test_client()
     files = [(make_image(82), "one.jpg"), (make_image(83), "two.jpg")]
@@ -1047,9 +1047,9 @@ def test_a_batch_forgotten_as_its_stream_starts_is_read_again_not_ended_empty(ma
 
 def test_a_stream_sends_the_late_answer_that_replaces_a_dead_letter(make_web_app, monkeypatch):
     """An item failed by a dead letter is replaced if a copy of its request is answered
-    later: the stream knew the item sent, and the page's row stayed "failed" while
-    GET /api/jobs said "done" (reviewer). A client reconnecting after the failure
-    (its Last-Event-ID) is sent the answer too."""
+    later: a stream that knew the item sent would leave the page's row "failed" while
+    GET /api/jobs says "done". A client reconnecting after the failure (its
+    Last-Event-ID) is sent the answer too."""
     monkeypatch.setattr("web_tier.events.KEEPALIVE_S", 0.5)
     app = make_web_app(start_background=False)
     client = app.test_client()
@@ -1108,7 +1108,7 @@ def test_a_stream_resumed_with_last_event_id_sends_only_what_finished_after_it(m
     assert [json.loads(e["data"])["id"] for e in resumed if "id" in e] == [second]
     assert resumed[-1]["event"] == "end"
     # An id from another process (a restart numbers anew), or a made-up one: everything.
-    # (Digits Python's int() refuses, or too many for it, were a 500: explorer.)
+    # (Digits Python's int() refuses, or too many for it, must not be a 500.)
     epoch = last_id.split(".")[0]
     for foreign in ("0123abcd.2", "nonsense", "", f"{epoch}.\u00b2", f"{epoch}." + "9" * 5000):
         again = parse_events(client.get(url, headers={"Last-Event-ID": foreign}, buffered=False).response)
@@ -1117,9 +1117,9 @@ def test_a_stream_resumed_with_last_event_id_sends_only_what_finished_after_it(m
 
 def test_a_stream_opened_after_an_event_id_sends_only_what_finished_after_it(make_web_app):
     """A page opens a new stream once its last one ended (`end`, then more files joined
-    the batch), and an EventSource sends no Last-Event-ID for a new stream: each was sent
-    the whole batch again (reviewer). `?after=<id>` says what it saw, as Last-Event-ID
-    does, which is taken first when both come (it is the later)."""
+    the batch), and an EventSource sends no Last-Event-ID for a new stream: each would be
+    sent the whole batch again. `?after=<id>` says what it saw, as Last-Event-ID does,
+    which is taken first when both come (it is the later)."""
     app = make_web_app(start_background=False)
     client = app.test_client()
     body = upload(client, [(make_image(75 + n), f"{n}.jpg") for n in range(3)]).get_json()
@@ -1276,7 +1276,7 @@ def test_a_batch_says_its_model_is_untrained_before_any_result(make_web_app):
     batch_id = upload(client, [(make_image(90), "early.jpg")]).get_json()["batch_id"]
     body = client.get(f"/api/jobs/{batch_id}").get_json()
     assert [i["state"] for i in body["items"]] == ["queued"] and body["untrained"] is True
-    # Its item too, without a label yet: it said false beside the batch's true (explorer).
+    # Its item too, without a label yet: not false beside the batch's true.
     assert body["items"][0]["untrained"] is True
 
 
@@ -1332,8 +1332,8 @@ def test_the_csv_of_an_unknown_batch_is_a_404(web_client):
 
 @pytest.mark.parametrize("path", ["/api/jobs/{}", "/api/jobs/{}/results.csv", "/api/jobs/{}/events"])
 def test_a_batch_id_of_another_form_is_said_to_be_one(web_client, path):
-    """An id in capitals was "no such batch" here, and "32 lowercase hexadecimal digits"
-    as a form field (explorer)."""
+    """An id in capitals is not "no such batch" here, nor "32 lowercase hexadecimal
+    digits" as a form field."""
     batch_id = "A" * 32
     response = web_client.get(path.format(batch_id))
     assert response.status_code == 404

@@ -57,8 +57,8 @@ def test_a_long_journal_is_replaced_by_one_holding_only_what_is_pending(tmp_path
 
 
 def test_a_journal_with_more_pending_than_its_limit_is_not_rewritten_at_every_end(tmp_path, monkeypatch):
-    """With more pending than max_lines (an S3 outage's uploads), each end rewrote every
-    pending line, under the lock each upload takes: 168 ms an end at 20,000 (reviewer)."""
+    """With more pending than max_lines (an S3 outage's uploads), rewriting every pending
+    line at each end, under the lock each upload takes, costs 168 ms an end at 20,000."""
     journal = Journal(tmp_path, max_lines=10)
     for n in range(40):
         journal.begin(str(n), request_body(str(n), f"b/{n}/x.jpg"))
@@ -75,8 +75,8 @@ def test_a_journal_with_more_pending_than_its_limit_is_not_rewritten_at_every_en
 
 def test_a_write_cut_short_loses_no_other_line(tmp_path, monkeypatch):
     """os.write may take only part of a line (a disk filling up): the rest is written
-    after it, and a line cut short by a failure then is skipped alone, where the next
-    line, appended to it, was lost with it (reviewer)."""
+    after it, and a line cut short by a failure then is skipped alone, not losing the
+    next line, appended to it."""
     import web_tier.journal as journal_module
 
     journal = Journal(tmp_path)
@@ -101,8 +101,8 @@ def test_a_write_cut_short_loses_no_other_line(tmp_path, monkeypatch):
 
 
 def test_a_file_a_killed_process_left_unnamed_is_deleted_once_a_minute_old(tmp_path):
-    """Killed between making a new journal and naming it, a process left a hidden
-    `.<name>.new` file that nothing ever deleted (reviewer)."""
+    """Killed between making a new journal and naming it, a process leaves a hidden
+    `.<name>.new` file that must not stay for ever."""
     left = tmp_path / ".123-abcdef01.new"
     left.write_bytes(b"")
     fresh = tmp_path / ".124-abcdef02.new"  # one a live process is making right now
@@ -254,8 +254,8 @@ def _sends_then_says_maybe(submitter) -> None:
 def test_an_upload_whose_request_sqs_may_hold_is_accepted_and_kept(make_web_app, web_aws, tmp_path,
                                                                    fake_worker):
     """Refused with its image deleted when a send failed after a try SQS had taken, it
-    was answered "image missing" by the worker, a failed item the client had been told
-    was never stored (reviewer)."""
+    would be answered "image missing" by the worker, a failed item the client was told
+    was never stored."""
     fake_worker.stop()  # its message waits in the queue
     app = make_web_app(web_journal_dir=str(tmp_path))
     submitter = services_of(app).submitter
@@ -279,8 +279,8 @@ def test_an_upload_whose_request_sqs_may_hold_is_accepted_and_kept(make_web_app,
 
 
 def test_a_post_whose_request_sqs_may_hold_gets_its_label(make_web_app, tmp_path, fake_worker):
-    """Answered by a worker while its send still failed, the upload was answered 503
-    "try again" and classified twice when sent again (reviewer)."""
+    """Answered by a worker while its send still failed, the upload must not be answered
+    503 "try again" and classified twice when sent again."""
     app = make_web_app(web_journal_dir=str(tmp_path))
     _sends_then_says_maybe(services_of(app).submitter)
     reply = app.test_client().post("/", data={"myfile": (io.BytesIO(make_image(4)), "b.jpg")},
@@ -295,7 +295,7 @@ def test_a_store_that_failed_and_cannot_be_undone_is_queued_later_if_s3_has_it(
         make_web_app, web_aws, tmp_path, monkeypatch, s3_wrote_it):
     """A put that raises may have stored its object (an ambiguous 500, a timeout after
     the write): deleted, nothing is left; when the deletion fails too, the request is
-    kept unsent, and queued once S3 answers if the object is there (reviewer)."""
+    kept unsent, and queued once S3 answers if the object is there."""
     import web_tier.submit
 
     app = make_web_app(web_journal_dir=str(tmp_path), start_background=False)
@@ -328,8 +328,7 @@ def test_a_store_that_failed_and_cannot_be_undone_is_queued_later_if_s3_has_it(
 def test_a_failed_store_that_lands_after_its_deletion_is_queued_later(make_web_app, web_aws, tmp_path,
                                                                        monkeypatch):
     """A put that timed out may still be under way at S3, and land after the delete that
-    followed it: the object stayed with its token, and no request was ever sent for it
-    (reviewer)."""
+    followed it: the object would stay with its token, and no request ever be sent for it."""
     import web_tier.submit
 
     app = make_web_app(web_journal_dir=str(tmp_path), start_background=False)

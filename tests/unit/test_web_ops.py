@@ -82,7 +82,7 @@ def run_instance(ec2, name: str, prefix: str = "") -> str:
     (1000, 10 * 2**20, 2 * 2**30),  # the defaults: capped at 2 GiB, less than 1,000 files of 10 MB
 ])
 def test_status_says_the_upload_limits(make_web_app, files, file_bytes, request_bytes):
-    """A client could learn them only from a 413 (reviewer)."""
+    """Else a client could learn them only from a 413."""
     app = make_web_app(start_background=False, max_files_per_request=files, max_upload_bytes=file_bytes)
     limits = app.test_client().get("/api/status").get_json()["limits"]
     assert limits == {"max_upload_bytes": file_bytes, "max_files_per_request": files,
@@ -127,8 +127,8 @@ def test_status_shape_and_counts(quiet_client, web_aws):
 
 
 def test_api_answers_are_not_cached(quiet_client):
-    """Chrome held a poll of /api/status behind one still waiting on AWS for 20 s, to
-    share its cached answer: the status line froze (explorer)."""
+    """Chrome holds a poll of /api/status behind one still waiting on AWS for 20 s, to
+    share its cached answer: the status line would freeze."""
     batch = quiet_client.post("/api/jobs", data={"files": (io.BytesIO(make_image(1)), "a.jpg")},
                               content_type="multipart/form-data").get_json()["batch_id"]
     for path in ("/api/status", f"/api/jobs/{batch}", "/api/jobs/" + "0" * 32):
@@ -207,9 +207,9 @@ def test_status_answers_from_the_last_snapshot_while_aws_is_slow(quiet_client, m
 
 
 def test_status_after_an_idle_spell_says_its_figures_are_old_without_blaming_aws(quiet_client, monkeypatch):
-    """An hour without a reader, then two at once: the second was told "AWS has not
-    answered for 3600 s" while the first's refresh had only just asked (reviewer); and
-    told nothing, its hour-old figures looked current (reviewer, later)."""
+    """An hour without a reader, then two at once: the second must not be told "AWS has
+    not answered for 3600 s" while the first's refresh has only just asked; and told
+    nothing, its hour-old figures would look current."""
     reader = services_of(quiet_client.application).status
     assert quiet_client.get("/api/status").status_code == 200
     reader._cached = (reader._cached[0] - 3600, reader._cached[1])  # an hour ago
@@ -222,8 +222,8 @@ def test_status_after_an_idle_spell_says_its_figures_are_old_without_blaming_aws
 
 
 def test_a_refresh_whose_thread_could_not_start_is_tried_again_at_the_next_read(quiet_client, monkeypatch):
-    """Under a process or memory limit a thread may not start: the refresh was then
-    taken for under way for good, and every later read waited, then blamed AWS (reviewer)."""
+    """Under a process or memory limit a thread may not start: the refresh must not be
+    taken for under way for good, every later read waiting, then blaming AWS."""
     reader = services_of(quiet_client.application).status
     reader.cache_s = 0.0  # every read wants a refresh
     start = threading.Thread.start
@@ -269,7 +269,7 @@ def aws_hanging(reader, monkeypatch) -> Iterator[tuple[threading.Event, threadin
 
 
 def test_a_read_that_begins_a_refresh_does_not_wait_as_long_as_aws_hangs(quiet_client, monkeypatch):
-    """It read AWS itself, and waited as long as AWS did not answer (40 s: explorer)."""
+    """Reading AWS itself, it would wait as long as AWS does not answer (40 s)."""
     reader = services_of(quiet_client.application).status
     reader.cache_s = 0.0  # every read wants a refresh
     assert quiet_client.get("/api/status").status_code == 200
@@ -295,7 +295,7 @@ def test_the_first_read_of_an_aws_that_hangs_says_so(quiet_client, monkeypatch):
     with aws_hanging(reader, monkeypatch) as (_, left):
         answer = quiet_client.get("/api/status").get_json()
         assert not left.is_set()
-        # The reads after it wait no longer: each waited its own 10 s (explorer).
+        # The reads after it wait no longer, not each its own 10 s.
         later = quiet_client.get("/api/status").get_json()
         assert not left.is_set()
     assert waits == [2.0, 0.0]
@@ -378,7 +378,7 @@ def test_gunicorn_admits_no_more_connections_than_it_has_files_for():
 
 
 def test_a_wrong_setting_stops_the_web_tier_in_one_line_with_a_status_its_unit_does_not_restart_on():
-    """A 17-line traceback and exit 1, which the unit restarted every second (reviewer)."""
+    """Not a 17-line traceback and exit 1, which the unit restarts every second."""
     import os
     import subprocess
     import sys
@@ -404,7 +404,7 @@ def test_a_wrong_setting_stops_the_web_tier_in_one_line_with_a_status_its_unit_d
 ])
 def test_gunicorn_options_that_would_split_or_serialise_the_web_tier_stop_it_at_start(options, refusal):
     """GUNICORN_CMD_ARGS overrides gunicorn.conf.py: with -w 4, an answer one process's
-    listener took was lost to the POST / waiting in another, which answered 504 (reviewer)."""
+    listener took would be lost to the POST / waiting in another, which answers 504."""
     import os
     import subprocess
     import sys

@@ -46,7 +46,7 @@ def test_first_result_wins():
 def test_a_result_replaces_a_workers_failure_as_in_s3_and_a_failure_never_a_result():
     """Two copies of one request: the first to answer failed (a fault that passed), the
     second classified it. S3 keeps both, and the result wins there (a rebuild shows it
-    done): the book showed failed for good (reviewer). A failure after a result changes
+    done): the book must not show failed for good. A failure after a result changes
     nothing, and the totals follow."""
     book = book_with("a", "b")
     inbox = book.subscribe(BATCH)
@@ -74,8 +74,8 @@ def test_a_rebuild_showing_a_result_replaces_a_workers_failure():
 
 def test_a_batch_in_use_is_kept_at_the_cap_and_let_go_after():
     """A request finding a batch, then adding to it, must find it still there: let go in
-    between (a full book), it was made again without its tokens, and a file sent again
-    under one stored twice (reviewer)."""
+    between (a full book), it would be made again without its tokens, and a file sent
+    again under one stored twice."""
     book = ResultBook(max_items=1)
     book.add(BATCH, [Item("a", BATCH, "a.jpg", f"{BATCH}/a/a.jpg", token="t-a")])
     book.record(response("a", "cat", 0.9))  # finished whole: the first to forget
@@ -91,8 +91,8 @@ def test_a_batch_in_use_is_kept_at_the_cap_and_let_go_after():
 
 
 def test_a_batch_all_discarded_leaves_nothing_behind():
-    """A request whose every file was refused after joining the book left its batch's
-    id among those to forget, for good below the cap (reviewer)."""
+    """A request whose every file was refused after joining the book must not leave its
+    batch's id among those to forget, for good below the cap."""
     book = book_with("a", "b")
     book.discard("a")
     book.discard("b")
@@ -143,7 +143,7 @@ def test_wait_wakes_on_the_result_and_times_out_otherwise():
     assert item is not None and item.label == "cat"  # timed out, it would be None
     assert book.get("b").state == "queued"
     assert book.get("b").waiter is None, "only an item someone waits on carries an Event"
-    # ...until it is woken: kept, each answered POST / held ~1.2 KB (reviewer).
+    # ...until it is woken: kept, each answered POST / would hold ~1.2 KB.
     assert book.get("a").waiter is None
 
 
@@ -265,8 +265,8 @@ def test_eviction_skips_unfinished_batches_and_forgets_only_what_it_must():
 
 def test_answers_for_keys_outside_any_batch_are_not_kept_or_counted():
     """Anyone allowed to send to the request queue can make one (a key not starting with
-    a batch id): kept, no eviction ever forgot it, and each crowded out real batches
-    and swelled the totals (reviewer)."""
+    a batch id): kept, no eviction would forget it, and each crowd out real batches and
+    swell the totals."""
     book = ResultBook(max_items=2)
     book.add(BATCH, [Item("a", BATCH, "a.jpg")])
     book.fail("a", "x")
@@ -281,8 +281,8 @@ def test_answers_for_keys_outside_any_batch_are_not_kept_or_counted():
 
 
 def test_a_second_answer_for_an_item_forgotten_with_its_batch_is_not_kept_or_counted():
-    """SQS delivers an answer at least once: counted again, the totals had more answered
-    than uploaded, and an incomplete batch came back, to be listed in S3 (reviewer)."""
+    """SQS delivers an answer at least once: counted again, the totals would have more
+    answered than uploaded, and an incomplete batch come back, to be listed in S3."""
     book = ResultBook(max_items=2)
     batches = [str(n) * 32 for n in range(3)]
     for n, batch_id in enumerate(batches):
@@ -299,9 +299,9 @@ def test_a_second_answer_for_an_item_forgotten_with_its_batch_is_not_kept_or_cou
 
 
 def test_a_batch_just_rebuilt_is_not_forgotten_at_once_with_its_tokens():
-    """A book full of queued work: the finished batch just rebuilt from S3 was the only
-    one it could forget, and was, at once; a resend under a token it held then found no
-    batch, and stored its file a second time (reviewer)."""
+    """A book full of queued work: the finished batch just rebuilt from S3 is the only
+    one it can forget, at once; a resend under a token it held would then find no batch,
+    and store its file a second time."""
     book = ResultBook(max_items=2)
     queued = "q" * 32
     book.add(queued, [Item(f"q{n}", queued, "x") for n in range(2)])  # never answered
@@ -443,9 +443,9 @@ def test_malformed_responses_are_dropped_not_retried_forever():
 
 
 def test_a_closing_books_listeners_leave_what_they_receive_and_stop():
-    """After SIGTERM they went on taking answers from the shared queues, recording them
-    in the closed book and deleting them: during a reload the new process's answers
-    were lost to it, its items queued for ever (reviewer)."""
+    """After SIGTERM they must not go on taking answers from the shared queues, recording
+    them in the closed book and deleting them: during a reload the new process's answers
+    would be lost to it, its items queued for ever."""
     dead_letter = ClassifyRequest(id="d" * 32, bucket="in", key=f"{BATCH}/{'d' * 32}/d.jpg", filename="d.jpg")
     bodies = {"responses": response("a").to_json(), "dead": dead_letter.to_json()}
     deleted, handed_back = [], []
@@ -474,7 +474,7 @@ def test_a_closing_books_listeners_leave_what_they_receive_and_stop():
 def test_listeners_told_to_stop_leave_what_their_last_polls_receive():
     """gunicorn's worker_exit waits for the last polls whatever stopped the process; a
     stop other than SIGTERM (Ctrl-C, a worker timeout) does not close the book, and those
-    polls' answers were recorded in a dying process and deleted (diff review)."""
+    polls' answers would be recorded in a dying process and deleted."""
     deleted, handed_back = [], []
     sqs = SimpleNamespace(
         receive_message=lambda **kw: {"Messages": [{"Body": response("a").to_json(), "ReceiptHandle": "r"}]},
@@ -511,9 +511,9 @@ def test_a_hand_back_sqs_partly_refuses_is_said(caplog):
 
 def test_an_event_id_covers_every_item_that_finished_before_it(monkeypatch):
     """An event's id says every item finished up to it has been sent, so a client
-    resuming from it is sent only later ones. The stream read the items' states one
-    by one: x and y finishing while it was between them sent y first, and a client
-    that resumed from y's id never got x (explorer)."""
+    resuming from it is sent only later ones. Reading the items' states one by one, the
+    stream would send y first if x and y finished while it was between them, and a
+    client that resumed from y's id never get x."""
     from web_tier.events import stream
 
     book = book_with("x", "y")
@@ -560,7 +560,7 @@ def test_a_rebuild_takes_the_whole_name_s3_holds_but_not_a_cleaned_one():
 def test_an_item_that_joins_the_batch_finished_is_sent_in_its_place():
     """An answer for an item this process did not upload (after a restart) joins its
     batch finished. Joining between the stream's read of the batch and of what had
-    finished, it was sent after an item that finished later (reviewer)."""
+    finished, it must not be sent after an item that finished later."""
     from web_tier.events import stream
 
     book = book_with("w")
@@ -579,9 +579,9 @@ def test_an_item_that_joins_the_batch_finished_is_sent_in_its_place():
 
 
 def test_under_a_backlog_past_the_cap_eviction_looks_only_at_finished_batches(monkeypatch):
-    """With more items queued than the cap nothing can be forgotten, and eviction walked
-    every batch at each upload and each result: ~130 ms apiece under the book's lock at
-    100,000 (reviewer). It looks only at batches that may have finished now."""
+    """With more items queued than the cap nothing can be forgotten, and eviction walking
+    every batch at each upload and each result costs ~130 ms apiece under the book's lock
+    at 100,000. It looks only at batches that may have finished now."""
     book = ResultBook(max_items=1_000)
     ids = [f"{n:032x}" for n in range(3_000)]
     for batch_id in ids:
@@ -602,8 +602,8 @@ def test_under_a_backlog_past_the_cap_eviction_looks_only_at_finished_batches(mo
 
 
 def test_one_large_batch_past_the_cap_is_not_walked_at_each_result(monkeypatch):
-    """A page adding chunk after chunk to one batch: each result made eviction look at
-    all of its items, ~8 ms under the lock at 110,000 (reviewer)."""
+    """A page adding chunk after chunk to one batch: each result must not make eviction
+    look at all of its items, ~8 ms under the lock at 110,000."""
     book = ResultBook(max_items=1_000)
     big = "b" * 32
     book.add(big, [Item(f"i{n}", big, "x") for n in range(3_000)])
@@ -663,10 +663,10 @@ def test_eviction_never_forgets_an_item_still_queued_whatever_the_order():
 
 
 def test_a_stream_looks_at_its_whole_batch_only_when_it_may_be_done():
-    """It looked at the whole batch after each item that finished: 64 streams of a
-    4,000-item batch took most of a core, and slowed every other request (reviewer).
-    In between, each item comes from the book's publication alone. Items finish one
-    at a time here, each read from the stream before the next finishes."""
+    """Looking at the whole batch after each item that finished, 64 streams of a
+    4,000-item batch would take most of a core, and slow every other request. In
+    between, each item comes from the book's publication alone. Items finish one at a
+    time here, each read from the stream before the next finishes."""
     from web_tier.events import stream
 
     ids = [f"i{n:04d}" for n in range(1_000)]
@@ -717,9 +717,9 @@ def _events_of(stream, until_id: str | None = None) -> list[tuple[str, str, str]
 
 
 def test_a_stream_resumed_after_an_item_queued_again_misses_no_outcome():
-    """An item queued again was finished in place: a stream that had read it queued sent
-    its outcome under the later number, and a client resuming from it never heard of an
-    item finished in between (explorer)."""
+    """An item queued again and finished in place would let a stream that read it queued
+    send its outcome under the later number, and a client resuming from it never hear of
+    an item finished in between."""
     from common.failure_tags import DEAD_LETTER_ERROR
     from web_tier import events
 

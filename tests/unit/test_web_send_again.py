@@ -250,8 +250,8 @@ def test_a_dead_letter_of_a_copy_sent_before_leaves_the_item_queued(web_app, web
 @pytest.mark.parametrize("while_", ["reading its outcome", "marking it failed"])
 def test_an_item_queued_again_while_a_dead_letter_is_read_stays_queued(web_app, web_aws, monkeypatch, while_):
     """A copy's dead letter read (its S3 reads, then its mark) while POST .../again
-    queued the item: the look before them said "not queued again", and the item was
-    failed while its new request was out, its mark rewritten without the count (reviewer)."""
+    queues the item: the look before them says "not queued again", and the item must not
+    be failed while its new request is out, its mark rewritten without the count."""
     import web_tier.listeners as listeners
 
     client = web_app.test_client()
@@ -464,8 +464,8 @@ def test_an_image_gone_from_the_input_bucket_is_not_sent_again(make_web_app, web
 
 
 def test_an_item_forgotten_meanwhile_is_unknown_not_a_conflict(make_web_app, web_aws, monkeypatch):
-    """Evicted between the batch's lookup and its queuing again, it was refused 409 "no
-    such item", where the README says 404 `unknown_item` (explorer)."""
+    """Evicted between the batch's lookup and its queuing again, it is 404 `unknown_item`,
+    as the README says, not 409 "no such item"."""
     app = make_web_app(start_background=False)
     batch_id, item = uploaded_and_failed(app)
     book = services_of(app).book

@@ -130,7 +130,7 @@ def test_each_message_of_a_batch_carries_its_own_attributes(web_aws):
 
 def test_a_send_that_stalls_holds_up_no_other_upload():
     """With one send in flight at a time, a call stuck in botocore's read timeout (30 s a
-    try) held every upload of the process behind it (reviewer: 10 POST / of ~0.2 s took 3-4 s
+    try) would hold every upload of the process behind it (10 POST / of ~0.2 s take 3-4 s
     behind one call slowed by 4 s)."""
     class StallingSqs(FlakySqs):
         def __init__(self) -> None:
@@ -247,9 +247,9 @@ def _sqs_whose_tries_end(outcomes: list):
     ([200], False),
 ])
 def test_a_failed_send_says_whether_sqs_may_have_taken_it(tries, maybe_taken):
-    """Told "not queued" after a try SQS had taken, the upload was refused and its image
-    deleted: the worker then answered "image missing", or answered it after its 503
-    (reviewer). botocore raises only the last try's error."""
+    """Told "not queued" after a try SQS had taken, refusing the upload and deleting its
+    image would have the worker answer "image missing", or answer it after its 503.
+    botocore raises only the last try's error."""
     from botocore.exceptions import (
         ConnectionClosedError,
         ConnectTimeoutError,
@@ -286,10 +286,9 @@ def test_the_web_tiers_send_client_counts_the_tries_that_had_no_answer(web_aws):
 
 
 def test_a_web_tier_started_without_credentials_sends_once_they_come(web_aws, monkeypatch, tmp_path):
-    """Its sender kept the SQS client of the app's start: made without credentials (the
-    instance profile attached later, IMDS missing its try at boot), it failed every
-    upload's request until a restart by hand, while S3 and /healthz had recovered
-    (reviewer)."""
+    """Keeping the SQS client of the app's start, made without credentials (the instance
+    profile attached later, IMDS missing its try at boot), the sender would fail every
+    upload's request until a restart by hand, while S3 and /healthz have recovered."""
     from concurrent.futures import ThreadPoolExecutor
 
     from botocore.exceptions import NoCredentialsError
@@ -397,9 +396,9 @@ class _CountingCondition(threading.Condition):
 
 
 def test_a_finished_send_wakes_only_its_own_callers_and_the_next_sender():
-    """One condition for all woke every waiting caller at the end of every send: with
-    800 waiting (a big upload), ~1 ms of CPU a message (review). Each caller is now woken
-    when its message is done, or when it is the next to send."""
+    """One condition for all would wake every waiting caller at the end of every send:
+    with 800 waiting (a big upload), ~1 ms of CPU a message. Each caller is woken when
+    its message is done, or when it is the next to send."""
     wakeups = Wakeups()
     sqs = HeldSqs(held=1000)
     sender = BatchingSender(lambda: sqs, lambda: "url", condition=wakeups.condition)
@@ -589,9 +588,9 @@ class StallingSqsEndpoint:
 
 
 def test_a_stalled_send_is_tried_again_within_seconds(web_settings, monkeypatch):
-    """A dead pooled connection held its send for botocore's read timeout, 30 s a try:
-    two of them held every upload of the process (review). The web tier's sender gives
-    up on a call unanswered after SEND_READ_TIMEOUT_S, and botocore tries it again."""
+    """A dead pooled connection holds its send for botocore's read timeout, 30 s a try:
+    two of them would hold every upload of the process. The web tier's sender gives up on
+    a call unanswered after SEND_READ_TIMEOUT_S, and botocore tries it again."""
     from concurrent.futures import ThreadPoolExecutor
 
     from common.aws import SEND_READ_TIMEOUT_S, Aws
@@ -661,9 +660,9 @@ class GatedSqs:
 
 def test_a_free_slot_is_used_while_the_oldest_callers_own_send_is_under_way():
     """A caller may send the ten oldest messages, not its own: its message can then be
-    the oldest waiting while it sends. Woken as the oldest's caller when a slot came
-    free, it could not act on it, and the slot sat idle behind its send, however long
-    that stalled (reviewer)."""
+    the oldest waiting while it sends. Woken as the oldest's caller when a slot comes
+    free, it cannot act on it, and the slot must not sit idle behind its send, however
+    long that stalls."""
     sqs = GatedSqs()
     sender = BatchingSender(lambda: sqs, lambda: "queue")
     sender._lock = GatedLock()

@@ -63,7 +63,7 @@ def test_past_the_form_parts_limit_the_answer_says_too_many_parts(web_client, we
 
 def test_a_file_name_of_megabytes_is_said_to_be_one(web_client):
     """Werkzeug refuses a part's headers over the text field limit as it does a field:
-    the answer spoke only of parts and text fields (reviewer)."""
+    the answer must say so, not speak only of parts and text fields."""
     from web_tier.form import MAX_TEXT_FIELD_BYTES
 
     response = upload(web_client, [(make_image(3), "a" * (MAX_TEXT_FIELD_BYTES + 10) + ".jpg")])
@@ -80,7 +80,7 @@ def test_a_file_name_that_is_not_utf8_gets_a_clear_error(web_client, path, field
     response = web_client.post(path, data=body, content_type="multipart/form-data; boundary=XX")
     assert response.status_code == 400
     assert "file name UTF-8" in response.get_data(as_text=True)
-    # Sent chunked, it was answered "no file" (explorer).
+    # Sent chunked, it must not be answered "no file".
     chunked = web_client.post(path, input_stream=io.BytesIO(body), headers={"Transfer-Encoding": "chunked"},
                               content_type="multipart/form-data; boundary=XX",
                               environ_overrides={"wsgi.input_terminated": True, "CONTENT_LENGTH": ""})
@@ -90,8 +90,8 @@ def test_a_file_name_that_is_not_utf8_gets_a_clear_error(web_client, path, field
 
 @pytest.mark.parametrize("path", ["/", "/api/jobs"])
 def test_a_form_whose_boundary_is_missing_or_not_in_the_body_is_said_so(web_client, path):
-    """A Content-Type set by hand (curl -H ... --data-binary) was asked whether every file
-    name was UTF-8 (explorer)."""
+    """A Content-Type set by hand (curl -H ... --data-binary) must not be asked whether
+    every file name is UTF-8."""
     missing = web_client.post(path, data=make_image(3), content_type="multipart/form-data")
     assert missing.status_code == 400
     assert "the multipart form has no boundary in its Content-Type" in missing.get_data(as_text=True)
@@ -175,7 +175,7 @@ def test_no_files_or_a_wrong_field_is_refused_naming_the_field(web_client):
 
 @pytest.mark.parametrize(("path", "with_named"), [("/api/jobs", False), ("/api/jobs", True), ("/", True)])
 def test_a_file_in_a_form_part_with_no_name_is_refused_saying_so(web_client, web_aws, path, with_named):
-    """Werkzeug files such a part under None: it was a 500 and a traceback (explorer)."""
+    """Werkzeug files such a part under None: not a 500 and a traceback."""
     boundary = "b0undary"
     named = {"/api/jobs": "files", "/": "inputFile"}[path]
     parts = ['Content-Disposition: form-data; filename="b.jpg"\r\nContent-Type: image/jpeg\r\n\r\n']
@@ -224,7 +224,7 @@ def test_names_with_control_characters_and_quotes_are_accepted(web_client, web_a
     response = upload(web_client, files)
     assert response.status_code == 202, response.get_json()
     shown = [i["filename"] for i in response.get_json()["items"]]
-    # U+2028 and U+2029 too: POST /'s one-line answer split in two at them (explorer).
+    # U+2028 and U+2029 too: POST /'s one-line answer would split in two at them.
     assert shown == [".jpg", "tab here.jpg", "bell " * 150 + ".jpg", "line para .jpg"]
 
 
@@ -263,9 +263,9 @@ def test_a_name_of_nothing_to_show_is_called_upload():
 @pytest.mark.parametrize("name", ["\u00e9" * 1100 + ".jpg", "\U0001f600" * 500 + ".jpg",
                                   "\u732b" * 300 + ".png", "%" * 1000 + ".gif"])
 def test_a_name_is_cut_to_what_the_output_object_can_name(name):
-    """An explorer's 300 CJK characters: the API showed them all, the output object 203
-    (the worker reads the name from the input object's metadata, 1,800 characters
-    percent-encoded). Every name kept fits there whole."""
+    """300 CJK characters: the API would show them all, the output object 203 (the worker
+    reads the name from the input object's metadata, 1,800 characters percent-encoded).
+    Every name kept fits there whole."""
     from common.names import MAX_META_FILENAME, decode_filename, encode_filename
     from web_tier.filenames import clean_name
 
@@ -284,9 +284,9 @@ def test_a_name_cannot_use_bidirectional_controls_to_read_as_another(web_client)
 
 
 def test_characters_that_show_nothing_are_dropped_from_names_here_and_on_the_page(web_client):
-    """A byte-order mark or a zero-width space kept made two names that look alike
-    differ, and put a BOM in the middle of results.csv (explorer). The joiners emoji are
-    written with stay. The page drops the same characters before the server has a name."""
+    """A byte-order mark or a zero-width space kept would make two names that look alike
+    differ, and put a BOM in the middle of results.csv. The joiners emoji are written
+    with stay. The page drops the same characters before the server has a name."""
     from web_tier.filenames import DROPPED_CHARACTERS
 
     response = upload(web_client, [(make_image(312), "\ufeffbom\u200b.jpg"),
@@ -305,8 +305,8 @@ def test_characters_that_show_nothing_are_dropped_from_names_here_and_on_the_pag
 
 def test_a_file_past_the_limit_is_spooled_only_to_the_limit_and_refused_alone(web_client, web_settings,
                                                                                 monkeypatch):
-    """Werkzeug spooled each file whole before the size check: one 2 GB file went to
-    disk before its 413 (reviewer). Now no more than the limit is kept of any file."""
+    """Werkzeug spools each file whole before the size check: one 2 GB file would go to
+    disk before its 413. No more than the limit is kept of any file."""
     from web_tier.spool import CappedSpool
 
     spools = []
@@ -329,7 +329,7 @@ def test_a_file_past_the_limit_is_spooled_only_to_the_limit_and_refused_alone(we
 
 
 def test_a_file_of_exactly_the_size_limit_is_taken_and_one_byte_more_is_not(make_web_app):
-    """MAX_UPLOAD_BYTES: "413 beyond" it (README), not at it (mutation audit)."""
+    """MAX_UPLOAD_BYTES: "413 beyond" it (README), not at it."""
     data = make_image(4)
     for limit, status in ((len(data), 202), (len(data) - 1, 413)):
         client = make_web_app(start_background=False, max_upload_bytes=limit).test_client()
@@ -340,7 +340,7 @@ def test_a_file_of_exactly_the_size_limit_is_taken_and_one_byte_more_is_not(make
 @pytest.mark.parametrize("path", ["/api/jobs", "/"])
 def test_a_form_that_is_not_multipart_is_not_read(web_client, monkeypatch, path):
     """Werkzeug reads a urlencoded body whole into memory to parse it, up to the 2 GB
-    request limit (reviewer); no file can be in one anyway."""
+    request limit; no file can be in one anyway."""
     from werkzeug.formparser import FormDataParser
 
     def never(*_args, **_kwargs):
@@ -453,8 +453,8 @@ def test_the_files_of_one_request_hold_no_more_than_their_budget_in_memory(make_
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
 def test_the_files_past_the_budget_share_one_temporary_file_read_from_any_thread(make_web_app):
-    """One each held a descriptor each: 1,000 files of 16 KB past the budget held 1,000,
-    and a few such requests left the web tier none to accept connections (reviewer)."""
+    """A descriptor held for each: 1,000 files of 16 KB past the budget would hold 1,000,
+    and a few such requests leave the web tier none to accept connections."""
     from concurrent.futures import ThreadPoolExecutor
 
     payloads = [os.urandom(16 * 1024 + i) for i in range(700)]  # 11 MB: past the 8 MB budget
@@ -477,8 +477,8 @@ def test_the_files_past_the_budget_share_one_temporary_file_read_from_any_thread
 @pytest.mark.parametrize("path", ["/api/jobs", "/"])
 def test_an_upload_with_no_room_to_spool_it_is_a_503_to_send_again(make_web_app, web_aws, monkeypatch, path):
     """A full temporary folder (the web unit's /tmp is a tmpfs of half the RAM on Amazon
-    Linux 2023) gave a bare 500 that said neither that nothing was stored nor to retry
-    (reviewer)."""
+    Linux 2023) must not give a bare 500 that says neither that nothing was stored nor to
+    retry."""
     import errno
 
     from web_tier import spool
@@ -504,8 +504,8 @@ def test_api_refusals_no_route_makes_are_not_cached_either(web_client, method, p
 
 
 def test_tokens_without_a_named_batch_are_refused(web_client, web_aws):
-    """A client whose first answer was lost never learnt the new batch's id: its resend
-    made a second batch, the image stored and classified twice (reviewer)."""
+    """A client whose first answer was lost never learns the new batch's id: its resend
+    must not make a second batch, the image stored and classified twice."""
     response = upload(web_client, [(make_image(3), "a.jpg")], tokens="a")
     assert response.status_code == 400
     assert "batch_id=<32 hex digits>&create=1" in response.get_json()["error"]
@@ -513,7 +513,7 @@ def test_tokens_without_a_named_batch_are_refused(web_client, web_aws):
 
 
 def test_an_idempotency_key_on_the_jobs_api_is_refused_not_ignored(web_client, web_aws):
-    """POST /'s header, ignored here: the same key twice stored the image twice (reviewer)."""
+    """POST /'s header, not ignored here: the same key twice would store the image twice."""
     response = upload(web_client, [(make_image(3), "a.jpg")], headers={"Idempotency-Key": "k1"})
     assert response.status_code == 400
     assert response.get_json()["error"].startswith("Idempotency-Key is for POST /")
@@ -521,8 +521,8 @@ def test_an_idempotency_key_on_the_jobs_api_is_refused_not_ignored(web_client, w
 
 
 def test_a_text_field_past_its_limit_is_refused(web_client):
-    """Werkzeug kept text fields of up to 500 KB each in memory, up to the parts limit:
-    two requests of 2,090 such fields took a web worker to 2.1 GB (reviewer)."""
+    """Werkzeug keeps text fields of up to 500 KB each in memory, up to the parts limit:
+    two requests of 2,090 such fields take a web worker to 2.1 GB."""
     from web_tier.form import MAX_TEXT_FIELD_BYTES
 
     assert MAX_TEXT_FIELD_BYTES < 500_000 // 3
@@ -545,17 +545,17 @@ def test_page_inserts_user_text_only_as_text(web_client):
     assert "textContent" in script
     assert web_client.get("/static/js/main.js").status_code == 200
     assert "default-src 'self'" in page.headers["Content-Security-Policy"]
-    assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]  # no framing (reviewer)
-    assert "base-uri 'none'" in page.headers["Content-Security-Policy"]  # not in default-src (reviewer)
+    assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]  # no framing
+    assert "base-uri 'none'" in page.headers["Content-Security-Policy"]  # not in default-src
     # Not no-referrer, under which Chromium's form POSTs say "Origin: null", taken for
-    # cross-site over plain HTTP: the no-JavaScript form was refused there (reviewer).
+    # cross-site over plain HTTP: the no-JavaScript form would be refused there.
     assert page.headers["Referrer-Policy"] == "same-origin"
 
 
 @pytest.mark.parametrize("site", ["cross-site", "same-site", "Cross-Site"])
 def test_a_browsers_upload_sent_from_another_sites_page_is_refused(web_client, web_aws, site):
-    """Without an API key, any page a user visited could upload through their browser,
-    to a `make run` on their own machine too (reviewer). Programs send no Sec-Fetch-Site."""
+    """Without an API key, any page a user visits could upload through their browser, to
+    a `make run` on their own machine too. Programs send no Sec-Fetch-Site."""
     image = make_image(41)
     refused = upload(web_client, [(image, "a.jpg")], headers={"Sec-Fetch-Site": site})
     assert refused.status_code == 403 and "from another site" in refused.json["error"]
@@ -572,8 +572,8 @@ def test_a_browsers_upload_sent_from_another_sites_page_is_refused(web_client, w
                                     "http://localhost:99999", "http://[::1", "http://[zz]:80"])
 def test_a_browsers_upload_without_fetch_metadata_is_judged_by_its_origin(web_client, web_aws, origin):
     """Browsers send Sec-Fetch-Site only to origins they trust: a page on another site
-    uploaded through a visitor's browser to a web tier reached over plain HTTP by a
-    name or a LAN address (reviewer). Its Origin names the other site."""
+    could upload through a visitor's browser to a web tier reached over plain HTTP by a
+    name or a LAN address. Its Origin names the other site."""
     image = make_image(42)
     refused = upload(web_client, [(image, "a.jpg")], headers={"Origin": origin})
     assert refused.status_code == 403 and "from another site (cross-site)" in refused.json["error"]
@@ -603,7 +603,7 @@ def test_a_browsers_upload_from_its_own_origin_is_taken_without_fetch_metadata(m
 def test_an_upload_naming_another_host_is_refused_where_the_web_tier_listens_on_loopback(
         web_client, web_aws, host):
     """A page of another site whose name was made to point at 127.0.0.1 (DNS rebinding)
-    is same-origin with it: only the Host header it sends gives it away (reviewer)."""
+    is same-origin with it: only the Host header it sends gives it away."""
     refused = upload(web_client, [(make_image(44), "a.jpg")], base_url=f"http://{host}",
                      headers={"Origin": f"http://{host}"})
     assert refused.status_code == 403 and "listens on 127.0.0.1 only" in refused.json["error"]
@@ -630,8 +630,8 @@ def test_an_upload_naming_another_host_is_refused_where_the_web_tier_listens_on_
 @pytest.mark.parametrize("web_host", ["::1", "[::1]"])
 def test_a_web_tier_on_ipv6_loopback_refuses_a_rebinding_page_however_its_address_is_written(
         make_web_app, web_host):
-    """WEB_HOST may bracket an IPv6 address (README): "[::1]" was not taken for loopback,
-    and the check was off (reviewer)."""
+    """WEB_HOST may bracket an IPv6 address (README): "[::1]" not taken for loopback
+    would turn the check off."""
     client = make_web_app(start_background=False, web_host=web_host).test_client()
     refused = upload(client, [(make_image(45), "a.jpg")], base_url="http://evil.example:8000",
                      headers={"Origin": "http://evil.example:8000"})
@@ -639,18 +639,18 @@ def test_a_web_tier_on_ipv6_loopback_refuses_a_rebinding_page_however_its_addres
 
 
 def test_page_names_its_results_for_screen_readers_and_keeps_its_password_field_in_a_form(web_client):
-    """The list had no accessible name, and Chromium warned at every load of a password
-    field outside a form (reviewer). The form is never submitted: see js/key.js."""
+    """The list needs an accessible name, and Chromium warns at every load of a password
+    field outside a form. The form is never submitted: see js/key.js."""
     page = web_client.get("/").text
-    # Named by a heading, which screen reader users move by (the page had none: reviewer).
+    # Named by a heading, which screen reader users move by.
     assert '<ol id="results" class="results" aria-labelledby="results-heading">' in page
     assert re.search(r'<h2 id="results-heading"[^>]*>Results</h2>', page)
     assert re.search(r'<form id="api-key-box"[^>]*>\s*<label for="api-key">', page)
 
 
 def test_page_tells_its_script_and_its_user_the_server_limits(web_client):
-    """The script sends at most this many files a request (an explorer's page sent 20
-    to a server taking 5); the hint read "up to 0.0190735 MB each" for 20,000 bytes."""
+    """The script sends at most this many files a request (a page sending 20 to a server
+    taking 5 fails them); the hint must not read "up to 0.0190735 MB each" for 20,000 bytes."""
     page = web_client.get("/").text
     assert 'data-files-per-request="25"' in page
     assert "up to 293 KB each" in page  # web_settings: 300,000 bytes
@@ -690,7 +690,7 @@ def test_api_key_guards_post_root_too(keyed_client):
 
 
 def test_a_401_names_the_scheme_that_would_do(keyed_client):
-    """RFC 9110: a 401 carries WWW-Authenticate (an explorer found none)."""
+    """RFC 9110: a 401 carries WWW-Authenticate."""
     for response in (upload(keyed_client, [(make_image(9), "a.jpg")]),
                      keyed_client.post("/", data={"inputFile": (io.BytesIO(make_image(10)), "a.jpg")},
                                        content_type="multipart/form-data")):
@@ -736,8 +736,8 @@ def test_images_sent_as_text_are_told_how_to_send_them_naming_the_paths_own_fiel
                                                                                  field, padding, sent_as):
     """curl -F 'inputFile=<photo.png' (`<`, not `@`), curl's comma list (-F 'files=@a.png,b.png',
     nested in one multipart/mixed part), Python requests' (None, data, "image/jpeg"): Werkzeug
-    keeps each as text. Past 128 KB the 413 advised `-F files=@cat.jpg`, a field POST /
-    refuses, and said nothing of `<` (reviewer)."""
+    keeps each as text. Past 128 KB the 413 must not advise `-F files=@cat.jpg`, a field
+    POST / refuses, and say nothing of `<`."""
     image = make_image(5) + b"\0" * padding
     headers = f'Content-Disposition: form-data; name="{field}"'
     if sent_as == "a file without its name":
@@ -762,13 +762,13 @@ def test_an_empty_text_part_beside_the_files_is_no_reason_to_refuse_them(web_cli
 
 
 def test_every_error_answer_of_post_api_jobs_has_items_and_rejected(make_web_app, web_settings):
-    """A refusal of a file listed it in `rejected`; a refusal of the whole request had only
-    `error` and `filename`, and a client reading body["rejected"] failed with a KeyError
-    (reviewer)."""
+    """A refusal of a file is listed in `rejected`, and so is a refusal of the whole
+    request: with only `error` and `filename`, a client reading body["rejected"] fails
+    with a KeyError."""
     client = make_web_app(start_background=False).test_client()
     keyed = make_web_app(start_background=False, api_key="s3cret-key").test_client()
     image = [(make_image(13), "a.jpg")]
-    # Each with its code, which a program reads rather than the prose (reviewer).
+    # Each with its code, which a program reads rather than the prose.
     too_many = image * (web_settings.max_files_per_request + 1)
     answers = {
         "too many files": ("too_many_files", upload(client, too_many)),
@@ -858,10 +858,10 @@ def test_status_reports_whether_a_key_is_required(keyed_client, web_client):
     assert web_client.get("/api/status").get_json()["api_key_required"] is False
     # Reading results and the page needs no key.
     assert keyed_client.get("/").status_code == 200
-    # The page shows its box at once: shown after the first status answer, it pushed
-    # the page down as it loaded (reviewer).
+    # The page shows its box at once: shown after the first status answer, it would push
+    # the page down as it loads.
     # Marked as needing JavaScript, which noscript.css hides: without it, a box that
-    # nothing reads was shown (reviewer).
+    # nothing reads would show.
     assert '<form id="api-key-box" class="api-key needs-js">' in keyed_client.get("/").text
     assert '<form id="api-key-box" class="api-key needs-js" hidden>' in web_client.get("/").text
     assert ".needs-js { display: none !important; }" in keyed_client.get("/static/noscript.css").text
@@ -918,9 +918,9 @@ def test_upload_memory_is_taken_whole_and_waited_for_until_given_back_or_the_wai
 
 
 def test_upload_memory_is_given_in_turn_and_not_once_closed():
-    """A chunk of large files, waiting for most of the budget, was passed for ever by
-    smaller uploads that each fit; a request waiting for room at a stop waited out its
-    30 s, past gunicorn's 5 s of grace, which killed it unanswered (reviewer)."""
+    """A chunk of large files, waiting for most of the budget, must not be passed for ever
+    by smaller uploads that each fit; a request waiting for room at a stop must not wait
+    out its 30 s, past gunicorn's 5 s of grace, which kills it unanswered."""
     import threading
 
     from tests.unit.conftest import wait_until
@@ -957,8 +957,8 @@ def test_upload_memory_is_given_in_turn_and_not_once_closed():
 
 
 def test_a_request_refused_room_refuses_its_later_chunks_at_once(make_web_app, web_aws, monkeypatch):
-    """Each chunk waited its own turn in vain: a 1,000-file request held a thread half an
-    hour, to be refused whole (reviewer)."""
+    """Each chunk waiting its own turn in vain, a 1,000-file request would hold a thread
+    half an hour, to be refused whole."""
     from tests.unit.conftest import services_of
     from web_tier.api import FILES_PER_CHUNK
     from web_tier.upload_memory import UPLOAD_MEMORY_FULL, UploadMemory
@@ -982,8 +982,8 @@ def test_a_request_refused_room_refuses_its_later_chunks_at_once(make_web_app, w
 @pytest.mark.parametrize("path", ["/api/jobs", "/"])
 def test_an_upload_waiting_for_memory_when_the_web_tier_stops_is_refused_at_once_unstored(
         make_web_app, web_aws, path):
-    """It waited out its 30 s past gunicorn's grace, and was killed unanswered; once
-    given room after the stop, /api/jobs stored it all the same (reviewer)."""
+    """Waiting out its 30 s past gunicorn's grace, it would be killed unanswered; and
+    given room after the stop, /api/jobs would store it all the same."""
     import threading
 
     from tests.unit.conftest import services_of, wait_until
@@ -1011,8 +1011,8 @@ def test_an_upload_waiting_for_memory_when_the_web_tier_stops_is_refused_at_once
 
 @pytest.mark.parametrize("path", ["/api/jobs", "/"])
 def test_an_upload_the_process_has_no_memory_for_now_is_a_503_to_send_again(make_web_app, web_aws, path):
-    """Each request's files were bounded, not all of them together: 16 files of 9.7 MB
-    held 156 MB while stored, 20 such requests over 3 GB (reviewer)."""
+    """Bounded for each request, not for all of them together, 16 files of 9.7 MB would
+    hold 156 MB while stored, 20 such requests over 3 GB."""
     from tests.unit.conftest import services_of
     from web_tier.upload_memory import UPLOAD_MEMORY_FULL, UploadMemory
 

@@ -209,11 +209,11 @@ class FaultyModel(MeanClassifier):
 
 
 def test_a_model_failing_whatever_its_input_releases_the_batch_and_then_gives_up(aws_env):
-    """A runtime fault past the memory check (OpenVINO unable to start a thread) was
-    blamed on each image in turn: the whole batch answered "classification failed",
-    for good (reviewer). Failing on a plain input too, it is the worker's fault: the
-    batch goes back unanswered; two such batches in a row, and the worker reports its
-    instance failed and stops, for the controller to replace it."""
+    """A runtime fault past the memory check (OpenVINO unable to start a thread) must not
+    be blamed on each image in turn, the whole batch answered "classification failed"
+    for good. Failing on a plain input too, it is the worker's fault: the batch goes back
+    unanswered; two such batches in a row, and the worker reports its instance failed
+    and stops, for the controller to replace it."""
     settings, aws = aws_env
     instance_id = aws.ec2.run_instances(ImageId=settings.ami_id, MinCount=1,
                                         MaxCount=1)["Instances"][0]["InstanceId"]
@@ -235,11 +235,11 @@ def test_a_model_failing_whatever_its_input_releases_the_batch_and_then_gives_up
 @pytest.mark.parametrize("tagged", [True, False])
 def test_a_worker_that_gave_up_exits_with_a_status_its_supervisor_does_not_restart(
         aws_env, monkeypatch, tmp_path, tagged):
-    """It has reported its instance failed, for the controller to replace it. It exited
-    0, which systemd and the local runner restart: the new process took batches again
-    and released them, each costing its requests an attempt, until the instance was gone
-    (reviewer). Unless EC2 refused the report (the credentials that failed its receives
-    may fail the tag): then restarted, as before, since nothing else replaces it. Run
+    """It has reported its instance failed, for the controller to replace it. Exit 0
+    would be restarted by systemd and the local runner: the new process would take
+    batches again and release them, each costing its requests an attempt, until the
+    instance is gone. Unless EC2 refused the report (the credentials that failed its
+    receives may fail the tag): then restarted, since nothing else replaces it. Run
     through main(), as its supervisor runs it."""
     import app_tier.__main__
     import app_tier.model
@@ -291,8 +291,8 @@ def test_a_passing_model_fault_costs_one_attempt_and_is_forgotten(aws_env):
 @pytest.mark.parametrize("shortage", [MemoryError("std::bad_alloc"), RuntimeError("Exception from "
                                       "src/inference/src/infer_request.cpp: std::bad_alloc")])
 def test_a_model_call_short_of_memory_is_tried_again_not_answered_failed(aws_env, shortage):
-    """Every image of such a batch had been answered "classification failed" and its
-    request deleted (explorer): the machine was short, not the images wrong."""
+    """Every image of such a batch must not be answered "classification failed" and its
+    request deleted: the machine is short, not the images wrong."""
     settings, aws = aws_env
     for name in ("a", "b", "c"):
         upload(settings, aws, f"{name}.jpg", make_image(ord(name), size=(64, 64)), name)
@@ -498,10 +498,10 @@ class OtherModel(MeanClassifier):
 
 
 def test_a_second_copys_result_never_replaces_the_first_stored(aws_env, monkeypatch):
-    """A copy answered again (its first worker died after storing) by another model
-    overwrote the output object: the web tier kept the first answer to reach it, S3 the
-    last, and a batch rebuilt after a restart showed another label (reviewer). The
-    second worker answers with what was stored first."""
+    """A copy answered again (its first worker died after storing) by another model must
+    not overwrite the output object: the web tier keeps the first answer to reach it, S3
+    the last, and a batch rebuilt after a restart would show another label. The second
+    worker answers with what was stored first."""
     settings, aws = aws_env
     request = upload(settings, aws, "cat.jpg", make_image(3), "cat")
     first = Worker(settings, aws, MeanClassifier(), "i-first")
@@ -850,7 +850,7 @@ def test_heartbeat_keeps_a_slow_batch_from_being_redelivered(aws_env, monkeypatc
     settings = dataclasses.replace(settings, visibility_timeout_s=8)
     upload(settings, aws, "slow.jpg", make_image(5), "slow")
     # Every delivery counted: one visible again is taken back by this worker's own fetcher
-    # within milliseconds, which a look at the queue's depth mostly missed (reviewer).
+    # within milliseconds, which a look at the queue's depth mostly misses.
     deliveries: list[float] = []
     extensions: list[float] = []  # when each change of the message's visibility was made
     receive, change = aws.sqs_receive.receive_message, aws.sqs.change_message_visibility_batch
@@ -1040,8 +1040,8 @@ def test_a_failed_result_write_acknowledges_nothing(aws_env, monkeypatch):
 
 
 def test_a_failed_result_write_releases_its_request_alone(aws_env, monkeypatch):
-    """The whole batch went back for one write S3 refused: each batch-mate, its result
-    written, spent an attempt towards the dead-letter queue and waited (reviewer)."""
+    """Not the whole batch back for one write S3 refused: each batch-mate, its result
+    written, would spend an attempt towards the dead-letter queue and wait."""
     settings, aws = aws_env
     upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
     upload(settings, aws, "b.jpg", make_image(2, size=(64, 64)), "b")
@@ -1179,9 +1179,8 @@ def test_the_instance_is_tagged_ready_only_once_a_receive_has_succeeded(aws_env,
 
 
 def test_a_worker_is_ready_once_its_receive_returns_not_once_what_it_took_is_loaded(aws_env, monkeypatch):
-    """Set after the downloads and decodes, the ready mark left an instance holding a
-    batch looking like one holding no work, which the controller scales in first
-    (reviewer)."""
+    """Set after the downloads and decodes, the ready mark would leave an instance holding
+    a batch looking like one holding no work, which the controller scales in first."""
     settings, aws = aws_env
     upload(settings, aws, "slow.jpg", make_image(700), "slow")
     worker = Worker(settings, aws, MeanClassifier(), "i-ready")
@@ -1347,8 +1346,8 @@ def test_the_grace_timer_waits_for_the_main_loops_hand_back(aws_env, monkeypatch
 
 def test_the_grace_timer_hands_back_what_a_receive_under_way_brings(aws_env, monkeypatch):
     """A long poll begun before SIGTERM ends within RECEIVE_WAIT of it, as the default
-    grace period does: what it brought at the last moment was left hidden for its
-    lease by the exit, not handed back (reviewer)."""
+    grace period does: what it brings at the last moment is handed back, not left hidden
+    for its lease by the exit."""
     settings, aws = aws_env
     # Time enough for the receive, its download and decode on a loaded machine: the
     # wait ends as soon as the fetch thread does.
@@ -1415,8 +1414,8 @@ def test_a_release_is_not_overtaken_by_a_heartbeat_already_under_way(aws_env, mo
 
 
 def test_a_heartbeat_round_that_raises_is_said_and_the_next_one_runs(aws_env, monkeypatch, caplog):
-    """A bug in a round killed the heartbeat thread without a word: held messages left
-    to lapse, stalls unseen (reviewer). A failed round is no beat: one failing every time
+    """A bug in a round must not kill the heartbeat thread without a word: held messages
+    left to lapse, stalls unseen. A failed round is no beat: one failing every time
     stops the watchdog's pings, as a blocked round does."""
     settings, aws = aws_env
     worker = Worker(dataclasses.replace(settings, visibility_timeout_s=3), aws, MeanClassifier(), "i-beat")
@@ -1449,10 +1448,10 @@ def warnings_in(caplog) -> list[str]:
 
 
 def test_a_heartbeat_during_a_delete_leaves_its_messages_be(aws_env, monkeypatch, caplog):
-    """An extension of a message deleted (answered here) and not yet forgotten failed on
-    its stale receipt, and warned that it could not change its visibility and that the
-    request was another worker's now: an operator went looking for a duplicate that was
-    not there (reviewer). A round begun during the delete extends nothing of it."""
+    """An extension of a message deleted (answered here) and not yet forgotten would fail
+    on its stale receipt, and warn that it could not change its visibility and that the
+    request is another worker's now: an operator would look for a duplicate that is not
+    there. A round begun during the delete extends nothing of it."""
     settings, aws = aws_env
     upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
     worker = Worker(settings, aws, MeanClassifier(), "i-deleting")
@@ -1520,7 +1519,7 @@ def test_a_heartbeat_round_that_a_delete_overtakes_says_nothing_of_it(aws_env, m
 def test_large_images_are_decoded_one_at_a_time(monkeypatch):
     """A 40-megapixel PNG of 130 KB takes ~300 MB to decode: eight at once, one per io
     thread, would run a small instance out of memory. So does a large progressive
-    JPEG, however small its draft (eight took a worker from 0.5 to 3 GB: explorer).
+    JPEG, however small its draft (eight take a worker from 0.5 to 3 GB).
     Small images, and large baseline JPEGs decoded at 1/8 scale, still overlap."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -1654,8 +1653,8 @@ def test_an_image_s3_cannot_serve_is_tried_again_later_not_at_once(aws_env, monk
 
 
 def test_an_unexpected_error_reading_one_image_fails_it_alone(aws_env, monkeypatch):
-    """A request S3's client could not carry raised past _load and failed the whole
-    batch, nine good requests with it, attempt after attempt (explorer)."""
+    """A request S3's client cannot carry must not raise past _load and fail the whole
+    batch, nine good requests with it, attempt after attempt."""
     settings, aws = aws_env
     for name in ("a", "b", "c"):
         upload(settings, aws, f"{name}.jpg", make_image(ord(name), size=(64, 64)), name)
@@ -1685,8 +1684,8 @@ def test_a_message_that_is_not_a_request_is_dropped_and_its_batch_mates_served(a
     huge_sent_at = json.dumps({**request, "sent_at": int("1" + "0" * 400)})
     # The second exhausts json's recursion; the next two S3 would refuse to read, for ever;
     # the next one's answer, echoing its key, would not fit in a message, and its batch's
-    # replies, sent together, had all failed; the last one's float() overflowed, which
-    # failed the whole receive, over and over (reviewer).
+    # replies, sent together, would all fail; the last one's float() overflows, which
+    # would fail the whole receive, over and over.
     for body in ("not json", "[" * 1000, empty_key, list_id, long_key, huge_sent_at):
         aws.sqs.send_message(QueueUrl=aws.request_queue_url, MessageBody=body)
     worker = Worker(settings, aws, MeanClassifier(), "i-foreign")
@@ -1766,9 +1765,9 @@ def test_a_stored_object_over_max_upload_bytes_is_answered_too_large_unread(aws_
 
 
 def test_the_output_names_the_image_as_uploaded_not_as_the_request_cut_it(aws_env):
-    """A request carries the file name cut to 160 bytes (SQS's 1 KB): an explorer's
-    304-character name came out as 160 "a"s and no ".jpg". The input object's
-    metadata holds it whole."""
+    """A request carries the file name cut to 160 bytes (SQS's 1 KB): a 304-character
+    name would come out as 160 "a"s and no ".jpg". The input object's metadata holds it
+    whole."""
     from web_tier.storage import put_input
 
     settings, aws = aws_env
@@ -2087,8 +2086,8 @@ def _client_error(code: str, operation: str) -> ClientError:
 
 
 def test_a_failure_mark_s3_throttles_is_tried_again_not_answered_unmarked(aws_env, monkeypatch):
-    """Swallowed as if permanent, SlowDown left the failed image answered with no mark:
-    a batch rebuilt after a restart showed it queued for ever (explorer)."""
+    """Swallowed as if permanent, SlowDown would leave the failed image answered with no
+    mark: a batch rebuilt after a restart would show it queued for ever."""
     settings, aws = aws_env
     upload(settings, aws, "bad.jpg", b"not an image at all", "bad")
     tag, calls = aws.s3.put_object_tagging, []
@@ -2201,8 +2200,8 @@ def test_a_failure_mark_denied_past_the_bound_is_given_up_before_the_last_attemp
 
 def test_requests_answered_but_not_deleted_are_not_released_to_be_answered_again_at_once(
         aws_env, monkeypatch, caplog):
-    """A delete that raised after the reply released the batch: answered again at each
-    retry, then dead-lettered, the log saying only that the batch failed (explorer)."""
+    """A delete that raises after the reply must not release the batch: answered again at
+    each retry, then dead-lettered, the log saying only that the batch failed."""
     settings, aws = aws_env
     upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
     denied = _client_error("AccessDenied", "DeleteMessageBatch")
@@ -2216,8 +2215,8 @@ def test_requests_answered_but_not_deleted_are_not_released_to_be_answered_again
 
 
 def test_a_hand_back_whose_old_copies_cannot_be_deleted_does_not_show_them_too(aws_env, monkeypatch, caplog):
-    """The old copies were made visible beside the new ones sent back: each queued twice
-    at once, and the log said the hand-back had failed (explorer)."""
+    """The old copies must not be made visible beside the new ones sent back: each would
+    be queued twice at once, and the log say the hand-back had failed."""
     settings, aws = aws_env
     upload_a_and_b(settings, aws)
     worker = Worker(settings, aws, MeanClassifier(), "i-handing")
@@ -2232,7 +2231,7 @@ def test_a_hand_back_whose_old_copies_cannot_be_deleted_does_not_show_them_too(a
 
 def test_a_message_received_again_while_in_hand_is_worked_on_once(aws_env):
     """Its visibility lapsed (extensions failed) and the same worker received it again:
-    held over the first, the copy was forgotten when the first finished (explorer)."""
+    held over the first, the copy must not be forgotten when the first finishes."""
     settings, aws = aws_env
     upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
     worker = Worker(settings, aws, MeanClassifier(), "i-twice")
@@ -2286,8 +2285,8 @@ def test_a_message_received_again_while_being_let_go_is_the_next_attempt(aws_env
 
 def test_letting_go_a_message_no_longer_held_leaves_no_mark_on_a_later_copy(aws_env):
     """A release of a job already forgotten (extend dropped it as gone; a batch partly
-    deleted) had marked its id as being let go for good: a later copy received again while
-    in hand was then taken for a second job, worked on twice (explorer)."""
+    deleted) must not mark its id as being let go for good: a later copy received again
+    while in hand would be taken for a second job, worked on twice."""
     settings, aws = aws_env
     upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
     worker = Worker(settings, aws, MeanClassifier(), "i-mark")
@@ -2302,8 +2301,8 @@ def test_letting_go_a_message_no_longer_held_leaves_no_mark_on_a_later_copy(aws_
 
 
 def test_a_copy_received_while_being_let_go_is_not_taken_for_one_being_answered(aws_env, monkeypatch):
-    """The old attempt's "being answered" mark stayed on the next attempt's job: a stop
-    then kept it from its hand-back (explorer)."""
+    """The old attempt's "being answered" mark must not stay on the next attempt's job:
+    a stop would then keep it from its hand-back."""
     settings, aws = aws_env
     upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
     worker = Worker(settings, aws, MeanClassifier(), "i-marked")
@@ -2315,9 +2314,9 @@ def test_a_copy_received_while_being_let_go_is_not_taken_for_one_being_answered(
 
 
 def test_an_old_attempts_job_marks_nothing_on_the_next_attempts(aws_env, monkeypatch):
-    """The job a release let go, still in its caller's hands, was matched by message id:
-    marked as being answered, it kept the next attempt's job (received meanwhile) from a
-    stop's hand-back, hidden until its timeout (explorer)."""
+    """The job a release let go, still in its caller's hands, is not matched by message
+    id: marked as being answered, it would keep the next attempt's job (received
+    meanwhile) from a stop's hand-back, hidden until its timeout."""
     settings, aws = aws_env
     upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
     worker = Worker(settings, aws, MeanClassifier(), "i-stale")
