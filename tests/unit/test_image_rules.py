@@ -581,9 +581,9 @@ def test_past_pillows_own_pixel_limit_is_refused_at_upload_as_the_worker_would(m
 # Pillow warns past its own limit; the service refuses such images all the same.
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_the_pixel_limit_holds_in_every_thread_at_once(web_settings):
-    """Pillow's own limit used to be enforced by making its warning an error, in a
-    warnings.catch_warnings block: process-wide state that threads leaving the block
-    undid for each other, and one bomb in thousands got through."""
+    """Pillow's limit is not enforced by making its warning an error in a
+    warnings.catch_warnings block: that is process-wide state, which threads leaving the
+    block undo for each other, and one bomb in thousands gets through."""
     from concurrent.futures import ThreadPoolExecutor
 
     pillow_limit = Image.MAX_IMAGE_PIXELS
