@@ -112,11 +112,11 @@ def run(argv: list[str] | None, before_serving: StopBeforeServing) -> int:
         return EXIT_CANNOT_START
 
     if args.show_held_only:
-        return show_held_only(settings, args.instance_id)
+        return show_what_a_stopped_worker_held(settings, args.instance_id)
     if args.instance_id != "-" and not args.prepare_only:
         # What a worker killed here held, visible before the model loads, not after: the
         # load (ImageNet weights on a small instance) would add to their wait.
-        show_held_only(settings, args.instance_id)
+        show_what_a_stopped_worker_held(settings, args.instance_id)
 
     # Imported here: the model runtime takes a while to import, and --help should not.
     from app_tier.model import load_classifier
@@ -158,8 +158,9 @@ def run(argv: list[str] | None, before_serving: StopBeforeServing) -> int:
     return EXIT_GAVE_UP if worker.gave_up else 0
 
 
-def show_held_only(settings: Settings, instance_id: str) -> int:
-    """--show-held-only: 0, whatever AWS said (each failure is logged)."""
+def show_what_a_stopped_worker_held(settings: Settings, instance_id: str) -> int:
+    """What the worker last run as `instance_id` held, made visible again: run at every
+    start, and alone by --show-held-only. 0, whatever AWS said (each failure is logged)."""
     from app_tier.held import show_held
     from app_tier.held_journal import HeldJournal, held_journal_path
 

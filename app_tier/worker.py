@@ -97,7 +97,7 @@ log = logging.getLogger(__name__)
 RECEIVE_LEASE_S = 30
 # The longest wait between receives that fail (1 s, doubled each time, up to this).
 RECEIVE_BACKOFF_MAX_S = 30.0
-# How long the grace period's end waits for a receive under way (see _give_up).
+# How long the grace period's end waits for a receive under way (see _grace_period_over).
 GRACE_RECEIVE_WAIT_S = 2.0
 # Batches in a row the model failed on, a plain input too, before the worker reports
 # its instance failed and stops: one may be a passing fault (a thread the runtime
@@ -170,11 +170,11 @@ class Worker:
         self.stopping.set()
         # If the batch in hand cannot finish in time, give its messages back now.
         if self._grace_timer is None:
-            self._grace_timer = threading.Timer(self.settings.shutdown_grace_s, self._give_up)
+            self._grace_timer = threading.Timer(self.settings.shutdown_grace_s, self._grace_period_over)
             self._grace_timer.daemon = True
             self._grace_timer.start()
 
-    def _give_up(self) -> None:
+    def _grace_period_over(self) -> None:
         log.warning("worker %s: grace period over, handing back held messages", self.instance_id)
         try:
             # A model call or decode under way was tried and did not finish: that costs an
@@ -485,8 +485,9 @@ class Worker:
     # --- process: classify, write, reply, acknowledge ------------------------------
     def process(self, batch: Batch) -> None:
         """Classify a batch and finish it (write, reply, acknowledge), or release it for
-        another attempt if anything fails: what the serving loop does with each batch,
-        except that the loop writes one batch while it classifies the next."""
+        another attempt if anything fails. The serving loop (run) takes these two steps
+        apart, to write one batch while it classifies the next; this is them in one call,
+        for tests and tools that drive a worker batch by batch."""
         responses = self._answer_or_release(batch)
         if responses is not None:
             self._finish_or_release(batch, responses)

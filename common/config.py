@@ -1,7 +1,9 @@
 """All configuration, in one place, read from the environment.
 
 Every tier builds one `Settings` with `Settings.from_env()` and passes it down;
-no other module reads the service's settings from `os.environ`. VARIABLES names
+no other module reads the service's settings from `os.environ` (but
+localaws/stack.py, which asks whether MODEL_WEIGHTS and LOCAL_MAX_WORKERS were set at
+all, to choose a local default for each). VARIABLES names
 each variable, the field it sets, its bounds, and whether workers (worker_environment)
 and other shells (`make run`) are given it; the table in README.md lists each with
 its default. What `make run` gives its processes instead is here too
@@ -213,7 +215,7 @@ class Settings:
     model_weights: str = "imagenet"
     model_runtime: str = "openvino"  # or "tensorflow"
     receive_batch: int = 10
-    receive_wait_s: int = 20  # each long poll's wait: the workers', and the web tier's listeners' too
+    receive_wait_s: int = 20  # each long poll's wait: the workers' (the web tier's listeners cap it at 4 s)
     visibility_timeout_s: int = 60  # at most MAX_VISIBILITY_TIMEOUT_S
     max_receive_count: int = 3
     # A failed attempt is tried again after this, doubled at each further attempt.

@@ -1,5 +1,6 @@
 """Run the controller from this folder: `python controller.py --help`, as from the
-repository's root (DESIGN.md allows both)."""
+repository's root. The contract names `python controller.py`, and does not say from
+which folder: both work."""
 
 import runpy
 import sys

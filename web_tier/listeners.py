@@ -58,7 +58,7 @@ MAX_BACKOFF_S = 5.0
 class Listeners:
     """The listener threads of one process; `start()` once, `stop()` at the end."""
 
-    def __init__(self, aws: Aws, book: ResultBook, *, wait_s: int = 20,
+    def __init__(self, aws: Aws, book: ResultBook, *, wait_s: int = MAX_WAIT_S,
                  response_threads: int = RESPONSE_THREADS) -> None:
         self.aws = aws
         self.book = book

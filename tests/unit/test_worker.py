@@ -1336,7 +1336,7 @@ def test_the_grace_timer_waits_for_the_main_loops_hand_back(aws_env, monkeypatch
     main_loop.start()
     assert sending.wait(30)
     exits = record_exits(worker)
-    worker._give_up()  # the grace timer
+    worker._grace_period_over()  # the grace timer
     assert exits == [0]
     assert depth(aws, aws.request_queue_url) == (2, 0), "returned before the main loop's hand-back ended"
     main_loop.join(timeout=10)
@@ -1367,7 +1367,7 @@ def test_the_grace_timer_hands_back_what_a_receive_under_way_brings(aws_env, mon
     worker._fetcher.start()
     assert receiving.wait(30)
     exits = record_exits(worker)
-    worker._give_up()  # the grace timer
+    worker._grace_period_over()  # the grace timer
     assert exits == [0] and not worker._fetcher.is_alive()
     assert not len(worker.held) and depth(aws, aws.request_queue_url) == (2, 0)
 
@@ -1944,7 +1944,7 @@ def test_a_stuck_worker_exits_even_if_giving_back_fails(aws_env, monkeypatch):
     with pytest.raises(RuntimeError):
         worker._give_up_stuck(Call("model call", time.monotonic(), []))
     with pytest.raises(RuntimeError):
-        worker._give_up()
+        worker._grace_period_over()
     assert exits == [EXIT_STALLED, 0]
 
 
