@@ -23,12 +23,16 @@ import time
 import warnings
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from app_tier.model import RANDOM_WEIGHTS_SEED, Classifier, build_network
 from app_tier.weights import weights_file
 from common.config import RANDOM_WEIGHTS
+
+if TYPE_CHECKING:
+    from openvino import InferRequest
 
 log = logging.getLogger(__name__)
 
@@ -174,5 +178,5 @@ class OpenVinoResNet50(Classifier):
         self._many.wait_all()
         return np.concatenate([self._results[index] for index in range(len(batch))])
 
-    def _collect(self, request, index: int) -> None:
+    def _collect(self, request: InferRequest, index: int) -> None:
         self._results[index] = request.get_output_tensor(0).data.copy()

@@ -29,9 +29,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common import cli
+
+if TYPE_CHECKING:
+    import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH_SIZES = (1, 2, 4, 8, 10)
@@ -137,7 +140,8 @@ def process_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _timed_calls(fn, batch, min_seconds: float, min_calls: int = 2) -> tuple[int, float, float]:
+def _timed_calls(fn: Callable[[np.ndarray], object], batch: np.ndarray, min_seconds: float,
+                 min_calls: int = 2) -> tuple[int, float, float]:
     """Calls, wall seconds and process CPU seconds of back-to-back `fn(batch)`."""
     cpu, calls, started = process_cpu_s(), 0, time.perf_counter()
     while calls < min_calls or time.perf_counter() - started < min_seconds:

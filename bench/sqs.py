@@ -41,19 +41,19 @@ MAX_SECONDS_PER_FIGURE = 2.0
 BODY = '{"id": "0123456789abcdef0123456789abcdef", "bucket": "b", "key": "k", "filename": "x.jpg"}'
 
 
-def _client(url: str):
+def _client(url: str) -> BaseClient:
     return boto3.client("sqs", endpoint_url=url, region_name="us-east-1", aws_access_key_id="bench",
                         aws_secret_access_key="bench",
                         config=Config(retries={"max_attempts": 1}, read_timeout=120))
 
 
-def _send(sqs, url: str, n: int) -> int:
+def _send(sqs: BaseClient, url: str, n: int) -> int:
     """One SendMessageBatch of `n` (1-10) messages; how many it added."""
     sqs.send_message_batch(QueueUrl=url, Entries=[{"Id": str(i), "MessageBody": BODY} for i in range(n)])
     return n
 
 
-def _receive_and_delete(sqs, url: str, n: int = 10) -> int:
+def _receive_and_delete(sqs: BaseClient, url: str, n: int = 10) -> int:
     """One receive of up to `n` and, if it got any, one DeleteMessageBatch; how many it took."""
     got = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=n, WaitTimeSeconds=0,
                               VisibilityTimeout=30).get("Messages", [])
@@ -63,12 +63,12 @@ def _receive_and_delete(sqs, url: str, n: int = 10) -> int:
     return len(got)
 
 
-def _add(sqs, url: str, count: int) -> None:
+def _add(sqs: BaseClient, url: str, count: int) -> None:
     for start in range(0, count, 10):
         _send(sqs, url, min(10, count - start))
 
 
-def _remove(sqs, url: str, count: int) -> None:
+def _remove(sqs: BaseClient, url: str, count: int) -> None:
     while count > 0:
         took = _receive_and_delete(sqs, url, min(10, count))
         if not took:
@@ -76,7 +76,7 @@ def _remove(sqs, url: str, count: int) -> None:
         count -= took
 
 
-def _fill(sqs, url: str, depth: int) -> float:
+def _fill(sqs: BaseClient, url: str, depth: int) -> float:
     """Send batches of 10 until the queue holds `depth` messages; seconds it took."""
     started = time.perf_counter()
     _add(sqs, url, depth)

@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterable
+from types import FrameType
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -40,7 +41,7 @@ def on_signals(callback: Callable[[int], None], signals: Iterable[int] = STOP_SI
 
     threading.Thread(target=relay, name="signals", daemon=True).start()
 
-    def handler(signum: int, _frame) -> None:
+    def handler(signum: int, _frame: FrameType | None) -> None:
         try:
             os.write(write_fd, bytes([signum]))
         except BlockingIOError:

@@ -129,22 +129,23 @@ def _sqs_reads_the_clock_once() -> None:
     models.unix_time = unix_time
     models.unix_time_millis = unix_time_millis
 
-    def is_message_valid_based_on_retention_period(self, queue_name: str, message) -> bool:
+    def is_message_valid_based_on_retention_period(self: models.SQSBackend, queue_name: str,
+                                                    message: models.Message) -> bool:
         queue = self.get_queue(queue_name)
         return queue.message_retention_period + message.sent_timestamp / 1000 > unix_time()
 
     models.SQSBackend.is_message_valid_based_on_retention_period = is_message_valid_based_on_retention_period
 
     # Message.visible is `now > visible_at`, Message.delayed is `now < delayed_until`.
-    def count_delayed(self) -> int:
+    def count_delayed(self: models.Queue) -> int:
         now = unix_time_millis()
         return sum(1 for m in self._messages if now < m.delayed_until)
 
-    def count_not_visible(self) -> int:
+    def count_not_visible(self: models.Queue) -> int:
         now = unix_time_millis()
         return sum(1 for m in self._messages if not now > m.visible_at)
 
-    def visible_messages(self) -> list:
+    def visible_messages(self: models.Queue) -> list:
         now = unix_time_millis()
         return [m for m in self._messages if now > m.visible_at and not now < m.delayed_until]
 
@@ -160,7 +161,7 @@ def _sqs_long_polls_let_sends_in() -> None:
 
     original_queue_init = models.Queue.__init__
 
-    def queue_init(self, *args: Any, **kwargs: Any) -> None:
+    def queue_init(self: models.Queue, *args: Any, **kwargs: Any) -> None:
         original_queue_init(self, *args, **kwargs)
         self._messages_lock = threading.Condition(SERVICE_LOCKS["sqs"])
 
@@ -191,7 +192,7 @@ def _ec2_tags_found_by_id() -> None:
     from moto.ec2.models.core import TaggedEC2Resource
     from moto.ec2.utils import EC2_PREFIX_TO_RESOURCE, get_prefix
 
-    def get_tags(self) -> list[dict[str, str]]:
+    def get_tags(self: TaggedEC2Resource) -> list[dict[str, str]]:
         if not self.id:
             return []
         kind = EC2_PREFIX_TO_RESOURCE.get(get_prefix(self.id), "")
@@ -207,14 +208,14 @@ def _ec2_forgets_terminated_instances() -> None:
 
     original_terminate = Instance.terminate
 
-    def terminate(self):  # noqa: ANN202 (moto's InstanceState)
+    def terminate(self: Instance) -> Any:  # moto's InstanceState
         previous = original_terminate(self)
         self.imgclass_terminated_at = time.time()
         return previous
 
     original_all_reservations = InstanceBackend.all_reservations
 
-    def all_reservations(self, filters: Any = None) -> list:
+    def all_reservations(self: InstanceBackend, filters: Any = None) -> list:
         forget_terminated(self, time.time() - TERMINATED_KEPT_S)
         return original_all_reservations(self, filters)
 
@@ -478,7 +479,7 @@ def build_app() -> Callable:
     return app
 
 
-def _end_with_the_worker(arbiter, worker) -> None:
+def _end_with_the_worker(arbiter: Any, worker: Any) -> None:
     """gunicorn's child_exit hook: the worker holds every bucket, queue and instance,
     and one that died (the OOM killer) would be replaced by an empty one, the stack running
     on against an AWS that had forgotten everything. So the server ends

@@ -53,7 +53,8 @@ class UploadRequest(Request):
 
     _spool: RequestSpool | None = None
 
-    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+    def _get_file_stream(self, total_content_length: int | None, content_type: str | None,
+                         filename: str | None = None, content_length: int | None = None):
         if self._spool is None:
             self._spool = RequestSpool()
         return CappedSpool(current_app.config["MAX_FILE_BYTES"], self._spool)
