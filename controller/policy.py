@@ -152,71 +152,97 @@ def decide(obs: Observation, policy: Policy, memory: RoundMemory = NOTHING_REMEM
     the rounds before (`memory`; none given, nothing is held back). The fleet shrinks no
     lower than `memory.wanted_recently`; `memory.keep_last` are scaled in only after
     every other. Held launches (`memory.launches_held`, `memory.launch_wait_s`) leave the
-    rest of the decision (terminations, clean-ups) as it is. The numbers of
-    `memory.unanswered` are launched first when launching (the call is then repeated,
-    and EC2 answers with the instance it may have started): a new number beside one that
-    has started would go over the cap (simulated, see tests/unit/test_controller_simulation.py)."""
+    rest of the decision (terminations, clean-ups) as it is."""
     desired, reason = desired_count(obs, policy)
-    serving = obs.serving
-    wanted_recently = memory.wanted_recently
-    if wanted_recently is not None and desired < len(serving) and wanted_recently > desired:
-        desired = min(len(serving), wanted_recently, policy.max_instances)
-        if memory.window_watched:
-            reason += f"; holding {desired}, wanted within the last {policy.scale_in_cooldown_s:g}s"
-        else:
-            # Not "wanted within the last ...": no round has said so yet (--dry-run --once, say).
-            reason += (f"; holding {desired}: this controller has watched for less than the "
-                       f"{policy.scale_in_cooldown_s:g}s scale-in window, and scales in only after")
+    desired, reason = _held_by_the_window(desired, reason, obs, policy, memory)
     launch: tuple[int, ...] = ()
     victims: tuple[str, ...] = ()
-    if desired > len(serving):
-        # Failed instances keep their place under the cap until they are gone. So does a
-        # launch that got no reply whose number another instance EC2 lists holds (one
-        # shutting down, say): it cannot be repeated to find out, and may have started an
-        # instance EC2 does not list yet (launched beside, over the cap: simulated). Another:
-        # one with a ClientToken, which the loop found not the call's (memory.started_by);
-        # where EC2 gives none, the loop takes the one listed for the call's, and forgets it.
-        unrepeatable = len(memory.unanswered & {i.number for i in obs.instances if i.client_token})
-        count = min(desired - len(serving), policy.max_instances - len(obs.live) - unrepeatable)
-        # Launch only for the messages no worker holds (visible or delayed), less what
-        # the instances not yet receiving will take. Messages in flight are being worked
-        # on, or will be handed back visible to a later round: a fleet launched for them
-        # finds nothing to do. An instance not yet receiving is pending, or running
-        # unready within BOOTING_FOR_BOOT_TIMES boot times of its launch (obs.silent_for:
-        # timed on this controller's own clock, from EC2's age of it if another launched
-        # it, so that neither a restart nor a clock that is off misjudges it): not counted
-        # so, one waiting message would launch an instance a round while they boot
-        # (tests/unit/test_decide_properties.py); counted for ever, a worker that never
-        # says it serves (an older AMI's with READY_DEADLINE=0, a role without
-        # ec2:CreateTags) would hold back every launch.
-        untaken = obs.visible + obs.delayed
-        booting_for_s = BOOTING_FOR_BOOT_TIMES * policy.boot_time_s
-        not_yet_receiving = sum(1 for i in serving if i.state == "pending"
-                                or (not i.ready and obs.silent_s(i) < booting_for_s))
-        for_untaken = max(0, math.ceil(untaken / target_backlog(policy)) - not_yet_receiving)
-        if count > for_untaken:
-            count = for_untaken
-            reason += (f"; launching only for the {untaken} not taken ({obs.in_flight} in flight"
-                       + (f", {not_yet_receiving} not yet receiving)" if not_yet_receiving else ")"))
-        if memory.launches_held:
-            reason += "; launches held: workers gave up recently"
-        elif count > 0 and memory.launch_wait_s > 0:
-            reason += f"; launches held: the last failed, next try in {memory.launch_wait_s:.1f}s"
-        elif count > 0:
-            launch = _free_numbers({i.number for i in obs.instances}, count, first=memory.unanswered)
-    elif desired < len(serving):
-        # Among those that serve, those running another image than launches do first:
-        # else, the newest going first, a new AMI would never replace the old fleet without a
-        # hand. Not before one pending or not ready, which holds no work (a new image
-        # whose workers never serve would then have the old fleet go first).
-        def victim_order(i: Instance) -> tuple:
-            pending, unready, newest, highest = scale_in_order(i)
-            return (i.id in memory.keep_last, pending, unready, not _outdated(i, policy), newest, highest)
-
-        # One EC2 refused to terminate a moment ago is not asked again yet (memory.resting).
-        order = sorted((i for i in serving if i.id not in memory.resting), key=victim_order)
-        victims = tuple(i.id for i in order[: len(serving) - desired])
+    if desired > len(obs.serving):
+        launch, reason = _launches(desired, reason, obs, policy, memory)
+    elif desired < len(obs.serving):
+        victims = _scale_in_victims(desired, obs, policy, memory)
     # Stopped, or live with a worker that gave up: ours, serving nobody; always cleaned up,
     # but for one EC2 refused to terminate a moment ago (memory.resting).
     useless = tuple(i.id for i in obs.in_state("stopped") + obs.failed if i.id not in memory.resting)
     return Decision(desired, launch=launch, terminate=victims, clean_up=useless, reason=reason)
+
+
+def _held_by_the_window(desired: int, reason: str, obs: Observation, policy: Policy,
+                        memory: RoundMemory) -> tuple[int, str]:
+    """`desired`, raised to the most instances wanted within the scale-in window (no
+    higher than those serving), and the reason saying so."""
+    serving = obs.serving
+    wanted_recently = memory.wanted_recently
+    if wanted_recently is None or desired >= len(serving) or wanted_recently <= desired:
+        return desired, reason
+    desired = min(len(serving), wanted_recently, policy.max_instances)
+    if memory.window_watched:
+        reason += f"; holding {desired}, wanted within the last {policy.scale_in_cooldown_s:g}s"
+    else:
+        # Not "wanted within the last ...": no round has said so yet (--dry-run --once, say).
+        reason += (f"; holding {desired}: this controller has watched for less than the "
+                   f"{policy.scale_in_cooldown_s:g}s scale-in window, and scales in only after")
+    return desired, reason
+
+
+def _launches(desired: int, reason: str, obs: Observation, policy: Policy,
+              memory: RoundMemory) -> tuple[tuple[int, ...], str]:
+    """The numbers to launch towards `desired`, and the reason with what held any back.
+
+    The numbers of `memory.unanswered` come first (the call is then repeated, and EC2
+    answers with the instance it may have started): a new number beside one that has
+    started would go over the cap (simulated, see tests/unit/test_controller_simulation.py)."""
+    serving = obs.serving
+    # Failed instances keep their place under the cap until they are gone. So does a
+    # launch that got no reply whose number another instance EC2 lists holds (one
+    # shutting down, say): it cannot be repeated to find out, and may have started an
+    # instance EC2 does not list yet (launched beside, over the cap: simulated). Another:
+    # one with a ClientToken, which the loop found not the call's (memory.started_by);
+    # where EC2 gives none, the loop takes the one listed for the call's, and forgets it.
+    unrepeatable = len(memory.unanswered & {i.number for i in obs.instances if i.client_token})
+    count = min(desired - len(serving), policy.max_instances - len(obs.live) - unrepeatable)
+    # Launch only for the messages no worker holds (visible or delayed), less what
+    # the instances not yet receiving will take. Messages in flight are being worked
+    # on, or will be handed back visible to a later round: a fleet launched for them
+    # finds nothing to do. An instance not yet receiving is pending, or running
+    # unready within BOOTING_FOR_BOOT_TIMES boot times of its launch (obs.silent_for:
+    # timed on this controller's own clock, from EC2's age of it if another launched
+    # it, so that neither a restart nor a clock that is off misjudges it): not counted
+    # so, one waiting message would launch an instance a round while they boot
+    # (tests/unit/test_decide_properties.py); counted for ever, a worker that never
+    # says it serves (an older AMI's with READY_DEADLINE=0, a role without
+    # ec2:CreateTags) would hold back every launch.
+    untaken = obs.visible + obs.delayed
+    booting_for_s = BOOTING_FOR_BOOT_TIMES * policy.boot_time_s
+    not_yet_receiving = sum(1 for i in serving if i.state == "pending"
+                            or (not i.ready and obs.silent_s(i) < booting_for_s))
+    for_untaken = max(0, math.ceil(untaken / target_backlog(policy)) - not_yet_receiving)
+    if count > for_untaken:
+        count = for_untaken
+        reason += (f"; launching only for the {untaken} not taken ({obs.in_flight} in flight"
+                   + (f", {not_yet_receiving} not yet receiving)" if not_yet_receiving else ")"))
+    if memory.launches_held:
+        return (), reason + "; launches held: workers gave up recently"
+    if count > 0 and memory.launch_wait_s > 0:
+        return (), reason + f"; launches held: the last failed, next try in {memory.launch_wait_s:.1f}s"
+    if count > 0:
+        return _free_numbers({i.number for i in obs.instances}, count, first=memory.unanswered), reason
+    return (), reason
+
+
+def _scale_in_victims(desired: int, obs: Observation, policy: Policy,
+                      memory: RoundMemory) -> tuple[str, ...]:
+    """The instances to end, to bring those serving down to `desired`."""
+    serving = obs.serving
+
+    # Among those that serve, those running another image than launches do first:
+    # else, the newest going first, a new AMI would never replace the old fleet without a
+    # hand. Not before one pending or not ready, which holds no work (a new image
+    # whose workers never serve would then have the old fleet go first).
+    def victim_order(i: Instance) -> tuple:
+        pending, unready, newest, highest = scale_in_order(i)
+        return (i.id in memory.keep_last, pending, unready, not _outdated(i, policy), newest, highest)
+
+    # One EC2 refused to terminate a moment ago is not asked again yet (memory.resting).
+    order = sorted((i for i in serving if i.id not in memory.resting), key=victim_order)
+    return tuple(i.id for i in order[: len(serving) - desired])
