@@ -23,9 +23,11 @@ from contextlib import contextmanager
 
 from app_tier.held_journal import HeldEntry, HeldJournal, still_hidden
 from app_tier.job import Job
-from common.aws import AWS_ERRORS, Aws, VisibilityFailure, change_visibility, sqs_batches
+from common.aws import Aws
+from common.aws_errors import AWS_ERRORS
 from common.config import Settings
 from common.messages import PRIOR_RECEIVES_ATTRIBUTE, ClassifyRequest, prior_receives_attribute
+from common.sqs import VisibilityFailure, change_visibility, sqs_batches
 
 log = logging.getLogger(__name__)
 

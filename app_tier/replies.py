@@ -12,8 +12,10 @@ import time
 from collections.abc import Sequence
 
 from app_tier.job import Job
-from common.aws import AWS_ERRORS, Aws, sqs_batches
+from common.aws import Aws
+from common.aws_errors import AWS_ERRORS
 from common.messages import ClassifyResponse
+from common.sqs import sqs_batches
 
 log = logging.getLogger(__name__)
 

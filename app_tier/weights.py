@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.aws import NOT_FOUND_CODES
+from common.aws_errors import NOT_FOUND_CODES
 from common.config import weights_on_this_host
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ def _fetch_s3_weights(uri: str) -> Path:
     """
     from botocore.exceptions import ClientError
 
-    from common.aws import AWS_ERRORS, error_code
+    from common.aws_errors import AWS_ERRORS, error_code
 
     bucket, _, key = uri[len("s3://"):].partition("/")
     if not bucket or not key:

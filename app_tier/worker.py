@@ -61,15 +61,8 @@ from app_tier.risk_gate import RiskGate, suspect
 from app_tier.stall_watch import Call, StallWatch
 from app_tier.stored_answer import stored_answer
 from common import systemd
-from common.aws import (
-    AWS_ERRORS,
-    FIRST_RECEIVED_ATTRIBUTE,
-    Aws,
-    error_code,
-    first_received_s,
-    is_callers_fault,
-    is_not_found,
-)
+from common.aws import Aws
+from common.aws_errors import AWS_ERRORS, error_code, is_callers_fault, is_not_found
 from common.backoff import next_wait
 from common.config import MARK_DENIED_RETRY_DELAY_S, SHORT_POLL_PAUSE_S, Settings
 from common.failure_tags import (
@@ -84,6 +77,7 @@ from common.messages import PRIOR_RECEIVES_ATTRIBUTE, ClassifyRequest, ClassifyR
 from common.names import original_filename, stored_name
 from common.output_object import pair_text, result_metadata
 from common.signals import on_signals
+from common.sqs import FIRST_RECEIVED_ATTRIBUTE, first_received_s
 
 log = logging.getLogger(__name__)
 

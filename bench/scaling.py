@@ -32,7 +32,8 @@ from types import SimpleNamespace
 
 from botocore.config import Config
 
-from common.aws import AWS_ERRORS, new_session
+from common.aws import new_session
+from common.aws_errors import AWS_ERRORS
 from common.config import Settings
 from common.fleet import LIVE_STATES, app_tier_instances
 

@@ -11,31 +11,19 @@ from __future__ import annotations
 import platform
 import re
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import NamedTuple, TypeVar
 
 import boto3
 import botocore.session
 from botocore.client import BaseClient
 from botocore.config import Config
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    NoCredentialsError,
-)
 from botocore.utils import parse_timestamp
 from dateutil.tz import tzutc
 
+from common.aws_errors import watch_untold_tries
 from common.config import Settings
-
-# What a call to AWS raises when it fails, after botocore's retries: AWS's refusal
-# (ClientError), or no answer at all (no credentials, a timeout, a lost connection:
-# BotoCoreError).
-AWS_ERRORS = (BotoCoreError, ClientError)
 
 # A fixed User-Agent: botocore otherwise rebuilds its structured one (some thirty
 # sanitised parts) twice per call, ~0.3 ms of CPU, about 15 % of a small call's
@@ -99,49 +87,6 @@ def new_session() -> boto3.session.Session:
     return session
 
 
-# Entries in one SendMessageBatch, DeleteMessageBatch or ChangeMessageVisibilityBatch.
-SQS_MAX_BATCH = 10
-
-T = TypeVar("T")
-
-
-def sqs_batches(items: Sequence[T]) -> Iterator[Sequence[T]]:
-    """`items` in runs of at most SQS_MAX_BATCH, in order, for SQS's batch calls."""
-    for start in range(0, len(items), SQS_MAX_BATCH):
-        yield items[start:start + SQS_MAX_BATCH]
-
-
-class VisibilityFailure(NamedTuple):
-    """A message whose visibility was not changed, and why: SQS's word for it, or the
-    error of the call that carried it."""
-
-    receipt_handle: str
-    reason: str
-    code: str = ""  # SQS's error code, where it gave one ("ReceiptHandleIsInvalid")
-
-
-def change_visibility(sqs: BaseClient, queue_url: str,
-                      changes: Sequence[tuple[str, int]]) -> list[VisibilityFailure]:
-    """Hide each message (by receipt handle) for its seconds from now (0: visible now),
-    in ChangeMessageVisibilityBatch calls of SQS_MAX_BATCH; the messages not changed.
-    A call that fails (AWS or the network, after botocore's retries) fails its own
-    entries only: the next call is still made."""
-    failures: list[VisibilityFailure] = []
-    for chunk in sqs_batches(changes):
-        entries = [{"Id": str(i), "ReceiptHandle": receipt, "VisibilityTimeout": seconds}
-                   for i, (receipt, seconds) in enumerate(chunk)]
-        try:
-            reply = sqs.change_message_visibility_batch(QueueUrl=queue_url, Entries=entries)
-        except AWS_ERRORS as exc:
-            code = error_code(exc) if isinstance(exc, ClientError) else ""
-            failures.extend(VisibilityFailure(receipt, str(exc), code) for receipt, _ in chunk)
-            continue
-        for failed in reply.get("Failed", []):
-            reason = failed.get("Message") or failed.get("Code") or str(failed)
-            failures.append(VisibilityFailure(chunk[int(failed["Id"])][0], reason, failed.get("Code", "")))
-    return failures
-
-
 # How long a long poll's read may last past the poll's own wait. SQS (and moto) still
 # answer a poll its client gave up on, and what it takes stays hidden for the receive's
 # lease, with nobody to extend or show it: after a 35 s stall of the embedded AWS, with
@@ -185,97 +130,6 @@ def client_config(max_pool: int = 32, read_timeout: float = 30.0,
         read_timeout=read_timeout,
         user_agent=USER_AGENT,
     )
-
-
-def error_code(exc: ClientError) -> str:
-    """AWS's error code ("NoSuchKey", "Throttling"...), or "" if the answer had none."""
-    return str(exc.response.get("Error", {}).get("Code") or "")
-
-
-# AWS's answers that say it is busy, not that the caller is wrong.
-THROTTLING_CODES = frozenset({"Throttling", "ThrottlingException", "RequestThrottled", "SlowDown",
-                              "RequestLimitExceeded", "TooManyRequestsException"})
-
-
-def is_callers_fault(exc: BaseException) -> bool:
-    """Whether a failed call is the caller's own doing, which no wait cures: a right,
-    credentials or a resource it lacks (AWS refusing the request), or a fault in its
-    process. Not so a throttle, AWS failing (5xx), a timeout or a lost connection: they
-    pass."""
-    if isinstance(exc, NoCredentialsError):
-        return True
-    if isinstance(exc, ClientError):
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 400
-        return status < 500 and error_code(exc) not in THROTTLING_CODES
-    return not isinstance(exc, BotoCoreError)
-
-
-# S3 saying an object (or its bucket) is not there: GetObject says NoSuchKey, HeadObject
-# only its status, 404 (NotFound in some clients' words).
-NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket"})
-
-
-def is_not_found(exc: ClientError) -> bool:
-    return error_code(exc) in NOT_FOUND_CODES
-
-
-# The SQS attribute that says when a message was first received (milliseconds since the
-# epoch). moto keeps it as it moves a message to the dead-letter queue: it then dates
-# from the request's first attempt. Were SQS to start it again there, a dead letter's
-# retries (common/failure_tags.py) would last longer: the whole bound in that queue.
-FIRST_RECEIVED_ATTRIBUTE = "ApproximateFirstReceiveTimestamp"
-
-
-def first_received_s(message: dict) -> float | None:
-    """When SQS says a received message was first received, in seconds since the epoch;
-    None if the receive did not ask for it (FIRST_RECEIVED_ATTRIBUTE) or it is not a number."""
-    value = message.get("Attributes", {}).get(FIRST_RECEIVED_ATTRIBUTE)
-    try:
-        return int(value) / 1000
-    except (TypeError, ValueError):
-        return None
-
-
-class _UntoldTries(threading.local):
-    """This thread's count of tries, of the calls watch_untold_tries watches, that ended
-    with no word of whether AWS did the work: no answer came (a read timeout, a
-    connection lost once the request was out), or AWS failed (a 5xx). A call that then
-    fails whole may still have been done by one of them: botocore raises only its last
-    try's error."""
-
-    count = 0
-
-
-UNTOLD_TRIES = _UntoldTries()
-
-# A try that failed so cannot have reached AWS: no connection was made.
-_NEVER_SENT = (EndpointConnectionError, ConnectTimeoutError)
-
-
-def _count_untold(response_dict: dict | None = None, exception: BaseException | None = None, **_) -> None:
-    if exception is not None:
-        if not isinstance(exception, _NEVER_SENT):
-            UNTOLD_TRIES.count += 1
-    elif response_dict is not None and response_dict.get("status_code", 0) >= 500:
-        UNTOLD_TRIES.count += 1
-
-
-def watch_untold_tries(client: BaseClient, operation: str) -> BaseClient:
-    """Have each try of `operation` through `client` that leaves unknown whether AWS did
-    it counted in UNTOLD_TRIES (in the calling thread: botocore tries in the caller's)."""
-    service = client.meta.service_model.service_id.hyphenize()
-    client.meta.events.register(f"response-received.{service}.{operation}", _count_untold,
-                                unique_id=f"imgclass-untold-{service}-{operation}")
-    return client
-
-
-def error_reason(exc: BaseException) -> str:
-    """A short reason for an AWS failure, fit to show an unauthenticated caller: AWS's
-    error code or the kind of failure, never its message, which can name accounts,
-    roles and ARNs (log the whole error where it is handled)."""
-    if isinstance(exc, ClientError):
-        return error_code(exc) or "ClientError"
-    return type(exc).__name__
 
 
 def _naming_the_queue(response: dict, name: str, settings: Settings) -> dict:

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 from botocore.exceptions import ClientError, ParamValidationError
 
-from common.aws import error_code, is_not_found
+from common.aws_errors import error_code, is_not_found
 from common.config import MARK_DENIED_RETRY_S
 
 log = logging.getLogger(__name__)

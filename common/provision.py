@@ -14,7 +14,8 @@ import sys
 from botocore.exceptions import ClientError
 
 from common import cli
-from common.aws import AWS_ERRORS, Aws, error_code
+from common.aws import Aws
+from common.aws_errors import AWS_ERRORS, error_code
 from common.config import Settings
 from common.logs import configure as configure_logging
 from common.messages import MAX_MESSAGE_BYTES

@@ -15,7 +15,8 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from common.aws import Aws, is_not_found
+from common.aws import Aws
+from common.aws_errors import is_not_found
 from common.failure_tags import failed_by, failure_from_tags
 from common.output_object import label_of, read_result_metadata
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from botocore.exceptions import ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from common.aws import Aws, error_code
+from common.aws import Aws
+from common.aws_errors import error_code
 from common.config import Settings, worker_environment
 from common.names import PREFIX_TAG, ROLE_APP_TIER, ROLE_TAG, instance_name
 

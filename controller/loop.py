@@ -23,7 +23,8 @@ from pathlib import Path
 from botocore.exceptions import ClientError
 
 from common import systemd
-from common.aws import AWS_ERRORS, Aws, error_code
+from common.aws import Aws
+from common.aws_errors import AWS_ERRORS, error_code
 from common.backoff import next_wait
 from common.config import Settings
 from common.fleet import LIVE_STATES

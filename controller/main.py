@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import cli
-from common.aws import AWS_ERRORS, Aws
+from common.aws import Aws
+from common.aws_errors import AWS_ERRORS
 from common.config import SCALING_MODES, VARIABLE_OF_SETTING, Settings, weights_on_this_host
 from common.heap import freeze_startup_heap
 from common.logs import configure as configure_logging

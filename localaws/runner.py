@@ -40,7 +40,8 @@ from pathlib import Path
 from app_tier import EXIT_CANNOT_START, EXIT_GAVE_UP, SPARE_LOADED
 from app_tier.held import show_held
 from app_tier.held_journal import HeldJournal, held_journal_path
-from common.aws import AWS_ERRORS, Aws, keys_in
+from common.aws import Aws, keys_in
+from common.aws_errors import AWS_ERRORS
 from common.config import Settings
 from common.fleet import LIVE_STATES, Instance, app_tier_instances, scale_in_order
 from localaws.kill import ends_with_parent, kill_and_wait

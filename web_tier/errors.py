@@ -13,7 +13,7 @@ from flask import Flask, Response, jsonify, render_template, request
 from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from common.aws import AWS_ERRORS, error_reason
+from common.aws_errors import AWS_ERRORS, error_reason
 from common.image_limits import too_large
 from web_tier.filenames import clean_name
 from web_tier.form import CLASSIFY_FIELDS, JOBS_FIELDS, MAX_TEXT_FIELD_BYTES, send_as_files

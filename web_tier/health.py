@@ -6,7 +6,7 @@ import logging
 
 from flask import Blueprint, Response, jsonify
 
-from common.aws import error_reason
+from common.aws_errors import error_reason
 from web_tier.refusals import Code
 from web_tier.services import services
 

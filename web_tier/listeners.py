@@ -21,7 +21,8 @@ from collections.abc import Callable
 
 from botocore.exceptions import ParamValidationError
 
-from common.aws import AWS_ERRORS, FIRST_RECEIVED_ATTRIBUTE, Aws, change_visibility, first_received_s
+from common.aws import Aws
+from common.aws_errors import AWS_ERRORS
 from common.backoff import next_wait
 from common.config import MARK_DENIED_RETRY_S, SHORT_POLL_PAUSE_S
 from common.failure_tags import (
@@ -34,6 +35,7 @@ from common.failure_tags import (
     sent_again_from_tags,
 )
 from common.messages import ClassifyRequest, ClassifyResponse, MessageError
+from common.sqs import FIRST_RECEIVED_ATTRIBUTE, change_visibility, first_received_s
 from web_tier.rebuild import with_stored_outcome
 from web_tier.results import DONE, Item, ResultBook, batch_id_of
 from web_tier.storage import clear_failed, input_tags, tag_failed

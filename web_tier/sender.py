@@ -21,8 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from common.aws import SQS_MAX_BATCH, UNTOLD_TRIES, error_reason
+from common.aws_errors import UNTOLD_TRIES, error_reason
 from common.messages import MessageAttributes
+from common.sqs import SQS_MAX_BATCH
 
 # Two, not one: a send that stalls (a dead pooled connection waits out botocore's read
 # timeout, SEND_READ_TIMEOUT_S a try) would hold up every upload of the process behind

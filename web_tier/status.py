@@ -18,7 +18,8 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from common.aws import Aws, error_reason
+from common.aws import Aws
+from common.aws_errors import error_reason
 from common.fleet import LIVE_STATES, WATCHED_STATES, app_tier_instances
 from web_tier.form import upload_limits
 from web_tier.results import ResultBook

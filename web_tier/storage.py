@@ -15,7 +15,8 @@ from typing import Any, NamedTuple
 
 from botocore.exceptions import ClientError
 
-from common.aws import Aws, is_not_found
+from common.aws import Aws
+from common.aws_errors import is_not_found
 from common.failure_tags import NEVER_SENT_AGAIN, SentAgain, mark_failed, sent_again_tagging
 from common.names import ORIGINAL_FILENAME_META, encode_filename, original_filename
 

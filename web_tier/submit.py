@@ -10,7 +10,8 @@ import uuid
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-from common.aws import Aws, error_reason
+from common.aws import Aws
+from common.aws_errors import error_reason
 from common.failure_tags import DEAD_LETTER_ERROR, NEVER_SENT_AGAIN, SentAgain, sent_again_from_tags
 from common.messages import ClassifyRequest, MessageAttributes, MessageError, prior_receives_attribute
 from common.names import object_key

@@ -18,7 +18,8 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, ReadTimeoutError
 from moto import mock_aws
 
-from common.aws import USER_AGENT, Aws, QueueDepth, VisibilityFailure, change_visibility, is_callers_fault
+from common.aws import USER_AGENT, Aws, QueueDepth
+from common.aws_errors import is_callers_fault
 from common.config import MARK_DENIED_RETRY_S, Settings
 from common.failure_tags import (
     DEAD_LETTER_ERROR,
@@ -44,6 +45,7 @@ from common.names import instance_name, instance_number, object_key, safe_filena
 from common.output_object import label_of, pair_text, read_result_metadata, result_metadata
 from common.provision import ProvisionError, provision
 from common.provision import main as provision_main
+from common.sqs import VisibilityFailure, change_visibility
 from tests.conftest import silent_endpoint, without_credentials
 
 

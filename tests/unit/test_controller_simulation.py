@@ -56,7 +56,8 @@ from email.utils import formatdate
 import pytest
 from botocore.exceptions import BotoCoreError, ClientError, ReadTimeoutError
 
-from common.aws import AWS_ERRORS, QueueDepth
+from common.aws import QueueDepth
+from common.aws_errors import AWS_ERRORS
 from common.config import Settings
 from common.fleet import WORKER_FAILED_TAG, WORKER_READY_TAG
 from common.names import PREFIX_TAG

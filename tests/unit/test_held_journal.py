@@ -12,9 +12,10 @@ from moto import mock_aws
 
 from app_tier.held_journal import HeldEntry, HeldJournal, held_journal_path
 from app_tier.worker import Worker
-from common.aws import Aws, VisibilityFailure
+from common.aws import Aws
 from common.config import Settings
 from common.provision import provision
+from common.sqs import VisibilityFailure
 from tests.conftest import make_image
 from tests.unit.test_worker import MeanClassifier, crash, depth, responses, upload
 
@@ -442,7 +443,7 @@ def test_a_request_another_worker_took_is_handed_back_when_received_here_again(a
     """Dropped as another worker's, its id must leave those being answered here: else this
     worker, receiving it again later, takes it for one being answered, and a stop does
     not hand it back: it waits out its visibility timeout."""
-    from common.aws import VisibilityFailure
+    from common.sqs import VisibilityFailure
 
     settings, aws = aws_env
     upload(settings, aws, "again.jpg", make_image(501), "again-0")

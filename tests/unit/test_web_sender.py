@@ -13,7 +13,7 @@ from collections import deque
 
 import pytest
 
-from common.aws import SQS_MAX_BATCH
+from common.sqs import SQS_MAX_BATCH
 from tests.conftest import without_credentials
 from tests.unit.conftest import wait_until
 from web_tier.sender import MAX_SENDS_IN_FLIGHT, BatchingSender, SendError
@@ -228,7 +228,8 @@ def _sqs_whose_tries_end(outcomes: list):
     retrying) whose tries end as _tries_end says."""
     import boto3
 
-    from common.aws import client_config, watch_untold_tries
+    from common.aws import client_config
+    from common.aws_errors import watch_untold_tries
 
     sqs = boto3.session.Session().client("sqs", region_name="us-east-1", endpoint_url="http://127.0.0.1:9",
                                          config=client_config(attempts=len(outcomes)))

@@ -1994,7 +1994,8 @@ def test_a_heartbeat_round_is_given_the_time_its_sqs_calls_can_take():
     up to its attempts x (connect + read timeouts) plus its backoff on each. A slack
     shorter than that had systemd restart a worker waiting out an SQS slowdown."""
     import app_tier.stall_watch
-    from common.aws import SQS_MAX_BATCH, client_config
+    from common.aws import client_config
+    from common.sqs import SQS_MAX_BATCH
 
     config = client_config()
     attempts = config.retries["total_max_attempts"]
