@@ -313,6 +313,17 @@ class Worker:
 
     def fetch(self) -> Batch:
         """Receive up to `receive_batch` requests and prepare their pixels."""
+        jobs = self.held.hold(self._receive(), self._receive_lease_s)
+        if self.stopping.is_set():
+            # Received as the stop came (a long poll outlives it): another worker's to
+            # serve, at once, not after this one has read and decoded them for nobody.
+            self.held.hand_back(jobs)
+            return Batch([])
+        return self._prepare(jobs)
+
+    def _receive(self) -> list[Job]:
+        """One long poll's requests, as jobs with their attempts counted. A message
+        that is not a request is deleted."""
         reply = self.aws.sqs_receive.receive_message(
             QueueUrl=self.aws.request_queue_url,
             MaxNumberOfMessages=self.settings.receive_batch,
@@ -348,12 +359,11 @@ class Worker:
                             self.settings.max_receive_count)
                 job.attempts_used_up = True
             jobs.append(job)
-        jobs = self.held.hold(jobs, self._receive_lease_s)
-        if self.stopping.is_set():
-            # Received as the stop came (a long poll outlives it): another worker's to
-            # serve, at once, not after this one has read and decoded them for nobody.
-            self.held.hand_back(jobs)
-            return Batch([])
+        return jobs
+
+    def _prepare(self, jobs: list[Job]) -> Batch:
+        """The jobs held, their images downloaded and decoded; those that could not be
+        read are released for another attempt (or handed back, if the stop came)."""
         # Hidden for the receive's lease only: extended now, beside their downloads, so
         # that a stall of this worker or of SQS before the next heartbeat does not hand
         # them to another worker too (a 16 s pause would classify a quarter of a batch twice).

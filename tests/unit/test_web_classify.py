@@ -222,16 +222,19 @@ def test_a_waiting_request_answers_503_at_once_when_the_web_tier_stops(make_web_
                                                                       endpoint_url):
     """Stored and queued, the image needs no second send; unless the AWS it is queued in
     stops too, as the embedded AWS, which keeps nothing, does with `make run`."""
-    app = make_web_app(result_timeout_s=30, endpoint_url=endpoint_url, aws=web_aws)
+    # Far past the join below: an answer within it was woken by the close, not timed out.
+    # The join is long too: on a loaded machine the upload's SQS send can take seconds.
+    app = make_web_app(result_timeout_s=600, endpoint_url=endpoint_url, aws=web_aws)
     fake_worker.policy = lambda request: "ignore"
     book = services_of(app).book
     replies = []
     client = app.test_client()
-    waiting = threading.Thread(target=lambda: replies.append(post_image(client, make_image(7), "w.jpg")))
+    waiting = threading.Thread(target=lambda: replies.append(post_image(client, make_image(7), "w.jpg")),
+                               daemon=True)
     waiting.start()
     wait_until(lambda: book.totals()["uploaded"] == 1)
     book.close()  # what SIGTERM does under gunicorn
-    waiting.join(5)
+    waiting.join(60)
     assert replies, "still waiting"
     reply = replies[0]
     # Stored and queued: no Retry-After, which would invite sending it a second time.

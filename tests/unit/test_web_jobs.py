@@ -173,7 +173,7 @@ def test_a_dead_letter_whose_object_cannot_be_marked_still_answers_the_client(we
     wait_until(lambda: attempts)
     assert dead_letters_left(web_aws) == 1  # kept: the lasting record is not written yet
     # SQS hands the message back after its visibility timeout: handled again, it is marked.
-    services_of(web_app).listeners._dead_letter(request, first_received=time.time())
+    services_of(web_app).listeners.dead_letters.answer(request, first_received=time.time())
     tags = web_aws.s3.get_object_tagging(Bucket=web_aws.settings.input_bucket, Key=request.key)["TagSet"]
     assert failure_from_tags(tags) == DEAD_LETTER_ERROR
 
@@ -270,7 +270,7 @@ def test_a_dead_letter_that_fails_other_than_by_aws_is_failed_and_dropped(web_ap
     30 s for the queue's 14 days, its item queued all along."""
     from botocore.exceptions import ParamValidationError
 
-    import web_tier.listeners
+    import web_tier.dead_letters
 
     failures = iter([UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"),
                      ParamValidationError(report="Invalid length for parameter Key")])
@@ -278,7 +278,7 @@ def test_a_dead_letter_that_fails_other_than_by_aws_is_failed_and_dropped(web_ap
     def trips(aws, item):
         raise next(failures)
 
-    monkeypatch.setattr(web_tier.listeners, "with_stored_outcome", trips)
+    monkeypatch.setattr(web_tier.dead_letters, "with_stored_outcome", trips)
     client = web_app.test_client()
     for n in range(2):  # one failure of each kind
         batch_id = upload(client, [(make_image(43 + n), "trips.jpg")]).get_json()["batch_id"]

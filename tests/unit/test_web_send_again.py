@@ -216,7 +216,7 @@ def test_a_dead_letter_whose_input_tags_cannot_be_read_fails_the_item_as_before(
     def s3_fails(aws, key):
         raise ClientError({"Error": {"Code": "InternalError", "Message": "down"}}, "GetObjectTagging")
 
-    monkeypatch.setattr("web_tier.listeners.input_tags", s3_fails)
+    monkeypatch.setattr("web_tier.dead_letters.input_tags", s3_fails)
     fresh = make_web_app()
     web_aws.sqs.send_message(QueueUrl=web_aws.dead_letter_queue_url, MessageBody=request.to_json())
     wait_until(lambda: failure_mark(web_aws, request.key) == DEAD_LETTER_ERROR)
@@ -252,7 +252,7 @@ def test_an_item_queued_again_while_a_dead_letter_is_read_stays_queued(web_app, 
     """A copy's dead letter read (its S3 reads, then its mark) while POST .../again
     queues the item: the look before them says "not queued again", and the item must not
     be failed while its new request is out, its mark rewritten without the count."""
-    import web_tier.listeners as listeners
+    import web_tier.dead_letters as dead_letters
 
     client = web_app.test_client()
     # Failed by a first dead letter whose mark S3 has not taken (denied, and retried).
@@ -269,7 +269,7 @@ def test_an_item_queued_again_while_a_dead_letter_is_read_stays_queued(web_app, 
         return meanwhile
 
     name = "with_stored_outcome" if while_ == "reading its outcome" else "tag_failed"
-    monkeypatch.setattr(listeners, name, queue_it_again_first(getattr(listeners, name)))
+    monkeypatch.setattr(dead_letters, name, queue_it_again_first(getattr(dead_letters, name)))
     web_aws.sqs.send_message(QueueUrl=web_aws.dead_letter_queue_url, MessageBody=request.to_json())
     wait_until(lambda: dead_letters_left(web_aws) == 0 and sent_again)
     assert sent_again == [202]
@@ -285,13 +285,13 @@ def test_a_sent_again_mark_s3_failed_to_put_back_is_put_back_when_the_dead_lette
     comes back puts the mark back. Before, it was deleted as a copy sent before the item
     was queued again, and the failure mark stayed: a batch rebuilt after a restart
     showed the item failed while its new request was out, its count lost."""
-    import web_tier.listeners as listeners
+    import web_tier.dead_letters as dead_letters
 
     client = web_app.test_client()
     batch_id, uploaded = uploaded_and_failed(web_app, seed=313)
     request = requests_queued(web_aws)[0]
     sent_again, put_backs = [], []
-    real_tag_failed, real_clear_failed = listeners.tag_failed, listeners.clear_failed
+    real_tag_failed, real_clear_failed = dead_letters.tag_failed, dead_letters.clear_failed
 
     def queued_again_first(*args, **kwargs):
         if not sent_again:
@@ -304,8 +304,8 @@ def test_a_sent_again_mark_s3_failed_to_put_back_is_put_back_when_the_dead_lette
             raise ClientError({"Error": {"Code": "InternalError", "Message": "hiccup"}}, "PutObjectTagging")
         return real_clear_failed(*args, **kwargs)
 
-    monkeypatch.setattr(listeners, "tag_failed", queued_again_first)
-    monkeypatch.setattr(listeners, "clear_failed", failing_once)
+    monkeypatch.setattr(dead_letters, "tag_failed", queued_again_first)
+    monkeypatch.setattr(dead_letters, "clear_failed", failing_once)
     # Back in a second, not the queue's 30 s.
     web_aws.sqs.set_queue_attributes(QueueUrl=web_aws.dead_letter_queue_url,
                                      Attributes={"VisibilityTimeout": "1"})

@@ -284,6 +284,24 @@ def corrupt_bytes(rng: random.Random) -> bytes:
                        b"", b"hello, I am a text file", b"\x89PNG\r\n\x1a\n" + rng.randbytes(30)])
 
 
+# How long a worker started just before the verdict may take to be serving (generous:
+# it only bounds the wait of a failing run, on a loaded machine).
+SERVING_WAIT_S = 30.0
+
+
+def _serves_within(r: Running, timeout_s: float) -> bool:
+    """Whether `r`'s worker is serving (its loop, fetch and heartbeat threads alive), or
+    gets there within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        w = r.worker
+        if r.thread.is_alive() and all(t is not None and t.is_alive() for t in (w._fetcher, w._heartbeat)):
+            return True
+        if time.monotonic() > deadline or not r.thread.is_alive():
+            return False
+        time.sleep(0.05)
+
+
 class Running:
     """A Worker serving in a thread, as `python -m app_tier` runs it (serve())."""
 
@@ -567,10 +585,10 @@ class Episode:
         for r in self.runners:
             if r.raised:
                 problems.append(f"{r.name} raised {r.raised[0]!r}")
-            if not r.life.dead and not r.stopped_by_test:
-                w = r.worker
-                if not (r.thread.is_alive() and w._fetcher.is_alive() and w._heartbeat.is_alive()):
-                    problems.append(f"{r.name} stopped serving without being told to (exits {r.exits})")
+            # One started a moment ago may still be reading its journal before its fetch
+            # thread starts: given time to get there; one that stopped never does.
+            if not r.life.dead and not r.stopped_by_test and not _serves_within(r, SERVING_WAIT_S):
+                problems.append(f"{r.name} stopped serving without being told to (exits {r.exits})")
             if r.exits and not (r.stopped_by_test and r.exits == [0]):
                 problems.append(f"{r.name} exited {r.exits} (stopped by the test: {r.stopped_by_test})")
         for r in self.live():
