@@ -36,7 +36,7 @@ from common.logs import configure as configure_logging
 from common.provision import provision
 from common.signals import STOP_SIGNALS, on_signals
 from controller.lock import EXIT_ANOTHER_CONTROLLER, held_by_another
-from localaws.kill import ends_with_parent, kill_and_wait
+from localaws.kill import end_group, ends_with_parent, group_alive, kill_group, signal_group, terminate
 from localaws.lifeline import Lifeline
 from localaws.notify import NotifySocket, NotifySockets
 from localaws.runner import InstanceRunner, exit_status
@@ -288,7 +288,7 @@ class Stack:
                                        start_new_session=True, preexec_fn=ends_with_parent())
             while process.poll() is None:
                 if self.stopping.wait(0.2):
-                    _terminate(process, time.monotonic() + 5)
+                    terminate(process, time.monotonic() + 5)
                     raise StartInterrupted("stopped while the model was being prepared")
             code = process.returncode
         if code != 0:
@@ -326,10 +326,10 @@ class Stack:
             log.error("%s (pid %d) has not pinged its watchdog for %.0f s: hung; SIGABRT (its threads' "
                       "stacks follow, unless it is stopped), then a restart", child.name, child.process.pid,
                       now - (child.notify.last_heard or now))
-            _signal_group(child.process.pid, signal.SIGABRT)
+            signal_group(child.process.pid, signal.SIGABRT)
             child.abort_sent_at = now
         elif action is Watchdog.KILL:
-            _signal_group(child.process.pid, signal.SIGKILL)
+            signal_group(child.process.pid, signal.SIGKILL)
 
     def supervise(self, now: float | None = None) -> str | None:
         """Restart a controller or web tier that died; what forces a stop, if anything.
@@ -366,7 +366,7 @@ class Stack:
         child.waiting_for_lock = False
         # Its process group may outlive it (gunicorn's workers, still holding the
         # port): asked to stop, as systemd would, and killed before the restart.
-        _signal_group(child.process.pid, signal.SIGTERM)
+        signal_group(child.process.pid, signal.SIGTERM)
         child.group_kill_at = now + GROUP_STOP_S
         # Only an error exit counts against the next start: exit 0 is a clean stop
         # someone else asked for (a SIGTERM sent to it alone), a signal came from outside.
@@ -382,9 +382,9 @@ class Stack:
         """Restart a child whose delay is over, once what is left of its process group
         has stopped, and, for a controller refused for another one, once that one is gone."""
         if child.group_kill_at is not None:
-            if _group_alive(child.process.pid) and now < child.group_kill_at:
+            if group_alive(child.process.pid) and now < child.group_kill_at:
                 return  # still stopping (answering its waiting clients)
-            _kill_group(child.process.pid)
+            kill_group(child.process.pid)
             child.group_kill_at = None
         if child.waiting_for_lock and held_by_another(self.settings):
             # Restarted only to be refused again: two lines on the terminal every
@@ -405,9 +405,9 @@ class Stack:
             for child in reversed(self.children):
                 if child.name == "moto":
                     continue  # last: the runner and workers still talk to it while stopping
-                _terminate(child.process, deadline)
+                terminate(child.process, deadline)
                 if child.group_kill_at is not None:  # what outlived it, asked to stop: waited for
-                    _end_group(child.process.pid, min(deadline, child.group_kill_at))
+                    end_group(child.process.pid, min(deadline, child.group_kill_at))
             if self.runner is not None:
                 # A round in progress may still start a worker: let it end, so that
                 # shutdown() sees every process there is.
@@ -418,7 +418,7 @@ class Stack:
         finally:  # whatever failed above, the embedded AWS is not left running
             for child in self.children:
                 if child.name == "moto":
-                    _terminate(child.process, time.monotonic() + 2)
+                    terminate(child.process, time.monotonic() + 2)
         for child in self.children:
             if child.notify is not None:
                 child.notify.close()
@@ -434,67 +434,6 @@ def keep_previous_logs(logs: Path) -> None:
         previous = logs.with_name(logs.name + ".previous")
         shutil.rmtree(previous, ignore_errors=True)
         logs.rename(previous)
-
-
-def _kill_group(pgid: int) -> None:
-    _signal_group(pgid, signal.SIGKILL)
-
-
-def _end_group(pgid: int, deadline: float) -> None:
-    """Wait until the group `pgid` has no process left, or `deadline`; then kill what is."""
-    while _group_alive(pgid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    _kill_group(pgid)
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether any process is left running in the group `pgid`: one that has exited, a
-    zombie its parent or init has yet to reap, is not waited for."""
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):  # none, or its id reused by another user's
-        return False
-    return not _only_zombies_in(pgid)
-
-
-def _only_zombies_in(pgid: int) -> bool:
-    """Whether every process of the group `pgid` has exited, waiting to be reaped. An init
-    that reaps orphans only every second or two (a container's, as here) held each stop
-    and web restart that long on processes already gone (a helper measured 1.0-2.2 s).
-    Read from Linux's /proc; elsewhere, False (the group counts as alive until reaped)."""
-    proc = Path("/proc")
-    if not (proc / "self" / "stat").exists():
-        return False
-    for stat in proc.glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:  # ended while looked at
-            continue
-        # After the name, which may hold spaces and parentheses: state, parent, group.
-        state, _parent, group = text[text.rindex(")") + 2:].split()[:3]
-        if int(group) == pgid and state not in ("Z", "X"):
-            return False
-    return True
-
-
-def _signal_group(pgid: int, signum: int) -> None:
-    try:
-        os.killpg(pgid, signum)
-    except (ProcessLookupError, PermissionError):  # none left (its id may be reused)
-        pass
-
-
-def _terminate(process: subprocess.Popen, deadline: float) -> None:
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(timeout=max(0.1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        kill_and_wait(process)
 
 
 def stop_signals() -> tuple[int, ...]:

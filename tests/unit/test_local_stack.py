@@ -23,6 +23,7 @@ import pytest
 from common.config import Settings
 from controller.lock import EXIT_ANOTHER_CONTROLLER
 from localaws.harness import free_port
+from localaws.kill import group_alive
 from localaws.lifeline import Lifeline
 from localaws.server import PortInUse
 from localaws.stack import (
@@ -33,7 +34,6 @@ from localaws.stack import (
     RESTART_DELAY_S,
     Child,
     Stack,
-    _group_alive,
     child_env,
     how_it_ended,
     local_model_weights,
@@ -173,14 +173,14 @@ def test_what_outlives_a_dead_web_tier_is_asked_to_stop_before_it_is_killed(tmp_
         if worker == "ignores":
             # Not restarted while it may still be stopping; then killed, and restarted.
             assert stack.supervise(now=t0 + RESTART_DELAY_S) is None
-            assert child.process is master and group_alive(master.pid)
+            assert child.process is master and group_listed(master.pid)
             assert stack.supervise(now=t0 + GROUP_STOP_S) is None
         else:
-            wait_until(lambda: not group_alive(master.pid), STAND_IN_WAIT_S, why=lambda: worker_state(pid))
+            wait_until(lambda: not group_listed(master.pid), STAND_IN_WAIT_S, why=lambda: worker_state(pid))
             assert stack.supervise(now=t0 + RESTART_DELAY_S) is None
         assert child.process is not master and child.process.poll() is None
         # Killed, and reaped by init.
-        wait_until(lambda: not group_alive(master.pid), STAND_IN_WAIT_S, why=lambda: worker_state(pid))
+        wait_until(lambda: not group_listed(master.pid), STAND_IN_WAIT_S, why=lambda: worker_state(pid))
     finally:
         for leader in (master, child.process):  # the restarted one's worker too
             with contextlib.suppress(ProcessLookupError):
@@ -204,7 +204,7 @@ def test_what_outlives_a_dead_web_tier_does_not_outlive_the_stack(tmp_path, monk
         stopping.start()
         stopping.join(timeout=30)
         assert not stopping.is_alive(), "the stop waited for the group past its own timeout"
-        wait_until(lambda: not group_alive(master.pid), STAND_IN_WAIT_S, why=lambda: worker_state(pid))
+        wait_until(lambda: not group_listed(master.pid), STAND_IN_WAIT_S, why=lambda: worker_state(pid))
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(master.pid, signal.SIGKILL)
@@ -221,7 +221,7 @@ def worker_state(pid: int) -> str:
     return f"its worker (pid {pid}) is in state {state}, in group {group}"
 
 
-def group_alive(pgid: int) -> bool:
+def group_listed(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
@@ -238,9 +238,9 @@ def test_a_group_whose_processes_have_all_exited_is_not_waited_for():
     try:
         # Not reaped: this test is its parent and has not waited for it yet.
         wait_until(lambda: "Z" in worker_state(exited.pid), 30, why=lambda: worker_state(exited.pid))
-        assert group_alive(exited.pid)  # the kernel still lists it in its group...
-        assert not _group_alive(exited.pid)  # ...but nothing there is left to stop
-        assert _group_alive(running.pid)
+        assert group_listed(exited.pid)  # the kernel still lists it in its group...
+        assert not group_alive(exited.pid)  # ...but nothing there is left to stop
+        assert group_alive(running.pid)
     finally:
         running.kill()
         running.wait()
@@ -405,13 +405,13 @@ def test_stopping_stops_the_runner_launching_before_anything_else(tmp_path, monk
     stack = Stack(Settings(), tmp_path, warm_spares=0)
     runner_stopped_first: list[bool] = []
     stack.runner = SimpleNamespace(stopping=threading.Event(), shutdown=lambda timeout_s: None)
-    real_terminate = stack_module._terminate
+    real_terminate = stack_module.terminate
 
     def terminate(process, deadline):
         runner_stopped_first.append(stack.runner.stopping.is_set())
         real_terminate(process, deadline)
 
-    monkeypatch.setattr(stack_module, "_terminate", terminate)
+    monkeypatch.setattr(stack_module, "terminate", terminate)
     stack.children = [Child(name, SLEEPER, subprocess.Popen(SLEEPER, start_new_session=True), 0.0)
                       for name in ("moto", "controller", "web")]
     stack.stop(timeout_s=5)
