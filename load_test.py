@@ -1710,6 +1710,32 @@ def unfinished_outcomes(plan: Sequence[Path], taken_at: Sequence[float], t0: flo
     return rest
 
 
+def check_server(config: Config) -> None:
+    """LoadTestError unless `config.url` can be driven: reachable, with a key it takes
+    if it requires one (said before the run, not as every request refused 401). A
+    server that does not answer as this service's web tier warns, and is driven all
+    the same."""
+    if not hasattr(urllib3.response.HTTPResponse, "read1"):
+        # Every request would fail with an AttributeError (some distributions ship 1.26).
+        raise LoadTestError("this script needs urllib3 2.2 or later: pip install 'urllib3>=2.2'")
+    check_reachable(config.url)
+    status = web_tier_status(config.url)
+    if status is None or "queue" not in status:
+        # Run all the same (another server of the course's POST / may be driven on
+        # purpose), but said: the page's address with a path, or the embedded AWS's,
+        # would have every request fail, or upload the images to S3.
+        print(f"load_test.py: warning: {config.url}/api/status does not answer as this service's web "
+              "tier does: is --url the web tier's address?", file=sys.stderr)
+    # Else every upload is refused with a 401, and a quiet run said only how many failed.
+    if api_key_required(status):
+        if not config.api_key:
+            raise LoadTestError(f"{config.url} requires an API key (its /api/status says so): "
+                                "give it with --api-key KEY or as $API_KEY")
+        if api_key_refused(config.url, config.api_key):
+            raise LoadTestError(f"the API key was refused by {config.url} (HTTP 401 to an empty POST "
+                                "/api/jobs): check --api-key or $API_KEY")
+
+
 def run_load(
     config: Config,
     progress: Progress | None = None,
@@ -1747,25 +1773,7 @@ def run_load(
         expected = read_expected(config.expected) if config.expected else {}
     plan = plan_requests(config, images, expected)
     total = len(plan)
-    if not hasattr(urllib3.response.HTTPResponse, "read1"):
-        # Every request would fail with an AttributeError (some distributions ship 1.26).
-        raise LoadTestError("this script needs urllib3 2.2 or later: pip install 'urllib3>=2.2'")
-    check_reachable(config.url)
-    status = web_tier_status(config.url)
-    if status is None or "queue" not in status:
-        # Run all the same (another server of the course's POST / may be driven on
-        # purpose), but said: the page's address with a path, or the embedded AWS's,
-        # would have every request fail, or upload the images to S3.
-        print(f"load_test.py: warning: {config.url}/api/status does not answer as this service's web "
-              "tier does: is --url the web tier's address?", file=sys.stderr)
-    # Else every upload is refused with a 401, and a quiet run said only how many failed.
-    if api_key_required(status):
-        if not config.api_key:
-            raise LoadTestError(f"{config.url} requires an API key (its /api/status says so): "
-                                "give it with --api-key KEY or as $API_KEY")
-        if api_key_refused(config.url, config.api_key):
-            raise LoadTestError(f"the API key was refused by {config.url} (HTTP 401 to an empty POST "
-                                "/api/jobs): check --api-key or $API_KEY")
+    check_server(config)
 
     stop, abandon = threading.Event(), threading.Event()
     client = Client(config, stop, abandon)
