@@ -237,9 +237,10 @@ class Settings:
     max_upload_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     result_timeout_s: float = 300.0
-    # An answer whose sending makes no progress this long ends its connection
-    # (web_tier/slow_readers.py).
+    # An answer whose sending makes no progress this long ends its connection, and so does
+    # a request whose headers or body stop arriving this long (web_tier/slow_clients.py).
     send_timeout_s: float = 30.0
+    receive_timeout_s: float = 60.0
     api_key: str = field(default="", repr=False)  # a secret: never in a log line
     # This machine's own files for the service: the controller's lock (controller/lock.py)
     # and, unless WEB_JOURNAL_DIR says otherwise, the web tier's journal. "": none
@@ -468,6 +469,7 @@ VARIABLES = _checked((
     Variable("max_image_pixels", "MAX_IMAGE_PIXELS", int, low=1, high=PILLOW_MAX_IMAGE_PIXELS, worker=True),
     Variable("result_timeout_s", "RESULT_TIMEOUT", float, low=0.1, high=3600),
     Variable("send_timeout_s", "WEB_SEND_TIMEOUT", float, low=1, high=3600),
+    Variable("receive_timeout_s", "WEB_RECEIVE_TIMEOUT", float, low=1, high=3600),
     Variable("api_key", "API_KEY", str),
     # Its default follows XDG_STATE_HOME and the fleet (from_env).
     Variable("web_journal_dir", "WEB_JOURNAL_DIR", str),

@@ -14,7 +14,7 @@ from flask import Flask, Response, request
 
 from common.aws import Aws
 from common.config import Settings
-from web_tier import api, auth, classify, errors, health, pages, slow_readers, unread_body
+from web_tier import api, auth, classify, errors, health, pages, slow_clients, unread_body
 from web_tier.errors import is_api_path
 from web_tier.form import MAX_TEXT_FIELD_BYTES, UploadRequest, jobs_body_limit
 from web_tier.journal import Journal
@@ -79,7 +79,7 @@ def create_app(settings: Settings | None = None, *, aws: Aws | None = None,
     app.register_blueprint(classify.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
-    app.before_request(slow_readers.limit_send_time)
+    app.before_request(slow_clients.limit_send_time)
     app.before_request(auth.refuse_cross_site_writes)
     app.after_request(_security_headers)
     app.after_request(_scripts_as_javascript)

@@ -11,7 +11,7 @@ import tempfile
 
 from flask import Flask, Response, jsonify, render_template, request
 from gunicorn.http.errors import ParseException
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
 
 from common.aws_errors import AWS_ERRORS, error_reason
 from common.image_limits import too_large
@@ -221,6 +221,14 @@ def _malformed_body(exc: ParseException) -> Response:
     return error_response(Refusal(400, f"the request body is malformed ({exc})", code=Code.BAD_REQUEST))
 
 
+def _body_stopped(exc: ClientDisconnected) -> Response:
+    # Werkzeug's word for a body read that failed (web_tier/slow_clients.py's receive
+    # timeout) or ended short: its generic 400 would not say which, nor that nothing
+    # was stored. A client that has really gone reads nothing of it, harmlessly.
+    return error_response(Refusal(408, "the request's body stopped arriving before its end; nothing "
+                                       "was stored: send it again", code=Code.REQUEST_TIMEOUT))
+
+
 def _unexpected(exc: Exception) -> Response:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         # The upload's temporary file (web_tier/spool.py) found no room, as the form was
@@ -238,6 +246,7 @@ def _unexpected(exc: Exception) -> Response:
 def register(app: Flask) -> None:
     app.register_error_handler(Refusal, error_response)
     app.register_error_handler(RequestEntityTooLarge, _too_large)
+    app.register_error_handler(ClientDisconnected, _body_stopped)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(ParseException, _malformed_body)
     for aws_error in AWS_ERRORS:

@@ -18,6 +18,7 @@ class Code(StrEnum):
     REQUEST_TOO_LARGE = "request_too_large"  # the body, its form parts or a text field
     UNSUPPORTED_ENCODING = "unsupported_encoding"  # a Content-Encoding, a Transfer-Encoding
     LENGTH_REQUIRED = "length_required"
+    REQUEST_TIMEOUT = "request_timeout"  # the body stopped arriving (WEB_RECEIVE_TIMEOUT)
     UNAUTHORIZED = "unauthorized"
     FORBIDDEN = "forbidden"  # a browser's request sent by another site
     NOT_FOUND = "not_found"  # no such path
@@ -50,7 +51,7 @@ class Code(StrEnum):
 
 # The refusals that stored nothing and are worth sending again as they are (with
 # Retry-After): every other is either the client's to fix or stored already.
-SEND_AGAIN = frozenset({Code.BUSY, Code.AWS_UNAVAILABLE})
+SEND_AGAIN = frozenset({Code.BUSY, Code.AWS_UNAVAILABLE, Code.REQUEST_TIMEOUT})
 # Why an upload is not stored while the web tier is stopping (Code.BUSY).
 STOPPING = "not stored: the web tier is stopping; send this file again"
 

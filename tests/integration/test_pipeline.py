@@ -316,6 +316,38 @@ def test_a_stopped_web_tier_leaves_no_poll_to_take_the_next_answers(stack, tmp_p
     assert [m["Body"] for m in got] == ["sent once the web tier has gone"], (tmp_path / "web.log").read_text()
 
 
+def test_a_client_that_stops_sending_has_its_connection_closed(stack, tmp_path):
+    """A client that sends half a request and goes quiet (a slow-loris) would hold a thread
+    for as long as it kept the connection open: ~1,024 such connections, no API key
+    needed, leave /healthz unanswered. A read that gets nothing for WEB_RECEIVE_TIMEOUT
+    ends the connection: in the headers, with nothing; in the body, with a 408 first."""
+    with second_web_tier(stack, tmp_path, "slowsender", WEB_RECEIVE_TIMEOUT="1") as (url, _web):
+        port = int(url.rsplit(":", 1)[1])
+        in_headers, in_body = socket.socket(), socket.socket()
+        for quiet in (in_headers, in_body):
+            quiet.connect(("127.0.0.1", port))
+            quiet.settimeout(60)  # a failure's bound: the server's own is 1 s
+        in_headers.sendall(b"POST / HTTP/1.1\r\nHost: test\r\nContent-Type: multip")
+        boundary = "b0undary"
+        in_body.sendall((f"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n"
+                         f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n--{boundary}\r\n"
+                         'Content-Disposition: form-data; name="inputFile"; filename="slow.jpg"\r\n'
+                         "Content-Type: image/jpeg\r\n\r\n").encode() + make_image(61)[:2000])
+
+        def to_the_end(quiet: socket.socket) -> bytes:
+            received = b""
+            while chunk := quiet.recv(1 << 16):  # b"": the server closed the connection
+                received += chunk
+            quiet.close()
+            return received
+
+        assert to_the_end(in_headers) == b""
+        answer = to_the_end(in_body)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:300]
+        assert b"the request's body stopped arriving" in answer, answer
+        assert answers(f"{url}/healthz")
+
+
 def test_a_client_that_reads_nothing_has_its_connection_closed(stack, tmp_path):
     """gunicorn's threads send with no time limit: a client asking for answers and never
     reading them holds a thread for as long as it likes (100 such connections leave

@@ -21,7 +21,7 @@ import { page } from "./state.js";
 // would refuse again; a worker's failure on the image itself (it could not decode or
 // classify it, and the same bytes fail the same way); and a file the browser can no
 // longer read.
-const SEND_AGAIN_CODES = new Set(["busy", "aws_unavailable"]);  // refusals.py SEND_AGAIN
+const SEND_AGAIN_CODES = new Set(["busy", "aws_unavailable", "request_timeout"]);  // refusals.py SEND_AGAIN
 // A web tier's answer without a code (a proxy's 502, 504 or 5xx not in JSON is an answer
 // lost: session.js answerLost).
 const NOT_THERE_YET = new Set([502, 503, 504]);
