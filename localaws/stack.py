@@ -185,8 +185,11 @@ def other_shell_line(settings: Settings, env: Mapping[str, str]) -> str:
                **{name: env[name] for name in SHARED_WITH_OTHER_SHELLS if name in env}}
     if "XDG_STATE_HOME" in exports:  # as a path from anywhere: the controller's lock is in it
         exports["XDG_STATE_HOME"] = os.path.abspath(exports["XDG_STATE_HOME"])
-    return ("to reach the embedded AWS from another shell (or run controller.py there as this one "
-            "runs): export " + " ".join(f"{name}={shlex.quote(value)}" for name, value in exports.items()))
+    # One controller runs at a time: another, started there, only waits for this one's
+    # lock; --dry-run shows what it would do with the same settings.
+    assignments = " ".join(f"{name}={shlex.quote(value)}" for name, value in exports.items())
+    return ("to reach the embedded AWS from another shell (or see what controller.py --dry-run would "
+            "do there): export " + assignments)
 
 
 class ModelUnavailable(RuntimeError):
