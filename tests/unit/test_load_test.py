@@ -1190,7 +1190,9 @@ def test_a_second_ctrl_c_quits_the_command_at_once(tier, tmp_path, found):
         while "Ctrl-C again to quit" not in errors.get(timeout=5):
             pass
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=3) == 130  # as a shell says of a command Ctrl-C ended (it said 1)
+        # "At once" is shown by the code and the output (the abandoned left unanswered), not
+        # the time: the deadline only bounds a failure, on a loaded machine too.
+        assert proc.wait(timeout=30) == 130  # as a shell says of a command Ctrl-C ended (it said 1)
         assert proc.stdout.read().strip() == ABANDONED_TWO
     finally:
         if proc.poll() is None:
@@ -2246,7 +2248,8 @@ def test_the_first_ctrl_c_in_jobs_mode_waits_for_the_requests_in_flight(tier, tm
 
 
 def test_a_second_ctrl_c_in_jobs_mode_abandons_the_requests_still_polled(tier, tmp_path):
-    tier.barrier = threading.Barrier(2, timeout=5)
+    # Deadlines that only bound a failure (a loaded machine may start four senders slowly).
+    tier.barrier = threading.Barrier(2, timeout=20)
     images = make_images(
         tmp_path / "images", {"0.jpg": b"hold", "1.jpg": b"hold", "2.jpg": b"barrier", "3.jpg": b"barrier"}
     )
@@ -2256,7 +2259,7 @@ def test_a_second_ctrl_c_in_jobs_mode_abandons_the_requests_still_polled(tier, t
         raise KeyboardInterrupt
 
     config = Config(images=images, url=tier.url, api="jobs", wait="poll", concurrency=4, timeout=30)
-    report = finish_within(5, run_load, config, on_result=ctrl_c)
+    report = finish_within(25, run_load, config, on_result=ctrl_c)
     assert sorted(o.file for o in report.outcomes if o.answered) == ["2.jpg", "3.jpg"]
     assert report.abandoned == 2
     assert load_test.result_line(report) == ABANDONED_TWO
