@@ -2445,9 +2445,23 @@ def test_a_name_that_does_not_resolve_sent_nothing(tmp_path, monkeypatch):
     images = make_images(tmp_path / "images", {"a.jpg": b"label:cat"})
     monkeypatch.setattr(load_test, "check_reachable", lambda url: None)
     monkeypatch.setattr(load_test, "RESEND_WINDOW_S", 0.5)
+    # The name fails as glibc fails a name it cannot find, whatever resolver this machine
+    # has (one may answer for any name, or time out): no DNS lookup is made.
+    looked_up = []
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host != "no-such-host.invalid":
+            return real_getaddrinfo(host, *args, **kwargs)
+        looked_up.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     report = finish_within(30, run_load, Config(images=images, url="http://no-such-host.invalid:8000"))
+    assert looked_up, "the name was never looked up: the test did not see a DNS failure"
     (outcome,) = report.outcomes
     assert outcome.verdict == "not sent" and outcome.error.startswith("cannot connect to")
+    assert "Name or service not known" in outcome.error
     assert not outcome.reached and report.sent == 0
 
 
