@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import threading
 import time
+from collections.abc import Iterator
 
 import boto3
 import psutil
@@ -107,6 +110,44 @@ def processes(stack: StackProcess, marker: str) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return found
+
+
+@contextlib.contextmanager
+def workers_held(stack: StackProcess) -> Iterator[list[psutil.Process]]:
+    """Every worker process of the stack stopped (SIGSTOP) for the block, and any the
+    runner starts meanwhile (an instance launched for the work held back, a new spare)
+    as soon as it is seen, long before it has loaded its model: nothing is classified
+    until the block ends, when all are continued (SIGCONT), whatever happened in it.
+    For a test that needs work unfinished at some moment. Keep the block short: the
+    runner's watchdog aborts a worker silent for LOCAL_WATCHDOG (60 s)."""
+    held: list[psutil.Process] = []
+    lock = threading.Lock()  # no SIGSTOP once the SIGCONTs have begun
+    done = threading.Event()
+
+    def hold_new() -> None:
+        with lock:
+            if done.is_set():
+                return
+            for proc in processes(stack, "-m app_tier"):
+                if proc not in held:
+                    with contextlib.suppress(psutil.Error):  # ended meanwhile
+                        proc.suspend()
+                        held.append(proc)
+
+    def keep_holding() -> None:
+        while not done.wait(0.02):
+            hold_new()
+
+    hold_new()  # those running now, before the block begins
+    threading.Thread(target=keep_holding, daemon=True).start()
+    try:
+        yield held
+    finally:
+        with lock:
+            done.set()
+            for proc in held:
+                with contextlib.suppress(psutil.Error):
+                    proc.resume()
 
 
 def serving_workers(stack: StackProcess) -> list[psutil.Process]:
