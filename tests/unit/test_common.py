@@ -639,6 +639,17 @@ def test_provision_is_idempotent_private_encrypted_and_has_a_dead_letter_queue()
         assert int(redrive["maxReceiveCount"]) == 3
 
 
+def test_provision_outside_us_east_1_makes_its_buckets_in_its_region():
+    """S3 refuses a bucket outside us-east-1 made without its region's LocationConstraint
+    (IllegalLocationConstraintException), as moto does: every region but one."""
+    with mock_aws():
+        settings = dataclasses.replace(Settings(), region="eu-west-1")
+        provision(settings)
+        s3 = Aws(settings).s3
+        for bucket in (settings.input_bucket, settings.output_bucket):
+            assert s3.get_bucket_location(Bucket=bucket)["LocationConstraint"] == "eu-west-1"
+
+
 def test_a_bucket_name_taken_by_another_account_is_said_so_naming_app_prefix(monkeypatch, capsys):
     """Bucket names are global: on AWS, the default prefix's are most likely taken."""
     def refused(code: str, operation: str):

@@ -412,6 +412,52 @@ def test_the_hold_doubles_for_replacements_that_never_serve_until_one_does(aws, 
     assert caplog.text.count("launches held for 10s") == 2, caplog.text
 
 
+def test_a_ready_tag_ec2_refuses_is_tried_again_until_it_is_taken():
+    """Given up at the first refusal (a throttle, a role still reaching EC2), the tag
+    would be missing for good, and the controller replace a healthy instance once
+    READY_DEADLINE passed. Tried again, with waits that grow, until EC2 takes it."""
+    calls, waits = [], []
+    throttled = ClientError({"Error": {"Code": "RequestLimitExceeded", "Message": "slow down"}}, "CreateTags")
+
+    def create_tags(**kwargs):
+        calls.append(kwargs)
+        if len(calls) < 3:
+            raise throttled
+
+    aws = SimpleNamespace(ec2=SimpleNamespace(create_tags=create_tags))
+    stopping = SimpleNamespace(is_set=lambda: False, wait=waits.append)  # waits recorded, not slept
+    report_worker_ready(aws, "i-0abc", stopping)  # type: ignore[arg-type]
+    assert len(calls) == 3 and calls[-1]["Tags"] == [{"Key": WORKER_READY_TAG, "Value": "1"}]
+    assert waits == [1.0, 2.0]
+
+
+def test_a_ready_tag_stops_being_tried_once_the_worker_stops():
+    waits = []
+    stopping = threading.Event()
+
+    def refused(**kwargs):
+        raise EndpointConnectionError(endpoint_url="https://ec2.test")
+
+    def wait(seconds: float) -> None:
+        waits.append(seconds)
+        stopping.set()
+
+    events = SimpleNamespace(is_set=stopping.is_set, wait=wait)
+    report_worker_ready(SimpleNamespace(ec2=SimpleNamespace(create_tags=refused)), "i-0abc", events)  # type: ignore[arg-type]
+    assert waits == [1.0]
+
+
+def test_a_failed_tag_ec2_refuses_is_lost_without_raising(caplog):
+    """Best effort: the worker is exiting anyway, and a raise here would skip its exit
+    status. The report is said to be lost, and False tells the caller so."""
+    def denied(**kwargs):
+        raise ClientError({"Error": {"Code": "UnauthorizedOperation", "Message": "no"}}, "CreateTags")
+
+    aws = SimpleNamespace(ec2=SimpleNamespace(create_tags=denied))
+    assert report_worker_failed(aws, "i-0abc", "cannot-receive") is False  # type: ignore[arg-type]
+    assert "cannot tag instance i-0abc" in caplog.text and "UnauthorizedOperation" in caplog.text
+
+
 def test_without_ready_tags_the_hold_is_back_to_the_min_after_a_long_quiet(aws, make_controller, caplog):
     """Workers that never say they serve (no worker-ready tags, READY_DEADLINE=0) give no
     evidence of health: the hold must not only grow, up to 5 minutes for any one

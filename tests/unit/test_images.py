@@ -167,6 +167,17 @@ def test_any_error_decoding_an_image_is_the_images_fault_not_a_reason_to_retry(m
     assert str(refused.value) == f"damaged or unreadable image: {error}"
 
 
+def test_a_decode_out_of_memory_is_not_the_images_fault(monkeypatch):
+    """Memory may come back once the other decodes end: taken for a damaged image, the
+    image would fail for good; raised, the worker releases it for another attempt."""
+    def no_memory(self, *args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(Image.Image, "convert", no_memory)
+    with pytest.raises(MemoryError):
+        decode(saved(Image.new("L", (8, 8)), "PNG"), MAX_PIXELS)  # converted to RGB
+
+
 def _png_with_huge_text() -> bytes:
     from PIL import PngImagePlugin
 
@@ -531,6 +542,25 @@ def test_a_wide_gamut_photo_is_shown_in_srgb_colours(fmt, fresh_transforms):
             assert np.abs(got[rows, columns] - want[rows, columns]).max() <= 2.5, (fmt, rows, columns)
     green = (slice(40, 72), slice(40, 72))
     assert np.abs(got[green] - naive[green]).max() > 25, "Adobe RGB's green is well outside sRGB's"
+
+
+@pytest.mark.parametrize("step", ["buildTransform", "apply"])
+def test_a_colour_profile_out_of_memory_is_not_taken_for_a_profile_to_ignore(monkeypatch, fresh_transforms,
+                                                                             step):
+    """A profile that cannot be used is ignored, the pixels taken as sRGB; memory running
+    out while building or applying its transform is no such profile: ignored, the image
+    would be classified in the wrong colours for want of memory, not of a good profile."""
+    from PIL import ImageCms
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    if step == "apply":
+        monkeypatch.setattr(ImageCms.ImageCmsTransform, "apply", no_memory)
+    else:
+        monkeypatch.setattr(ImageCms, "buildTransform", no_memory)
+    with pytest.raises(MemoryError):
+        _seen(saved(_patches(), "PNG", icc_profile=_adobe_rgb_profile()))
 
 
 def test_a_grey_image_is_shown_by_its_grey_profile(fresh_transforms):

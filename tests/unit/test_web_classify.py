@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+from types import SimpleNamespace
 
 import pytest
 
@@ -522,6 +523,33 @@ def test_a_request_whose_client_left_stops_waiting_and_gives_its_thread_back(mak
     assert not waiting.is_alive()
     assert answers[0].status_code == 499
     assert answers[0].text.startswith("left.jpg: the client left; the image is still queued, see /api/jobs/")
+
+
+def test_a_client_that_reset_its_connection_has_left(make_web_app):
+    """A reset (RST), as proxies and clients that time out often send, is a client gone:
+    taken for one still there, its request would hold a thread until RESULT_TIMEOUT."""
+    from web_tier.classify import _client_left
+
+    def reset(*args):
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    app = make_web_app(start_background=False)
+    with app.test_request_context("/", environ_base={"gunicorn.socket": SimpleNamespace(recv=reset)}):
+        assert _client_left()
+
+
+def test_a_file_input_left_blank_is_no_file(web_client):
+    """A browser sends an empty part with no file name for a file input left blank: it is
+    no file, not an empty one named "upload"."""
+    blank = (io.BytesIO(b""), "")
+    response = web_client.post("/", data={"inputFile": blank}, content_type="multipart/form-data")
+    assert response.status_code == 400 and response.text.startswith("no file: send the image"), response.text
+    beside = web_client.post("/api/jobs", data={"files": [(io.BytesIO(make_image(8)), "real.jpg"),
+                                                          (io.BytesIO(b""), "")]},
+                             content_type="multipart/form-data")
+    assert beside.status_code == 202, beside.text
+    body = beside.get_json()
+    assert [i["filename"] for i in body["items"]] == ["real.jpg"] and body["rejected"] == [], body
 
 
 def test_a_client_still_connected_is_not_taken_for_one_that_left(make_web_app, fake_worker, monkeypatch):

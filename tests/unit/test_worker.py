@@ -1056,6 +1056,32 @@ def test_a_failed_result_write_releases_its_request_alone(aws_env, monkeypatch):
     assert [(j.request.id, j.receive_count) for j in again.jobs] == [("b", 2)]
 
 
+def test_a_finish_that_raises_a_bug_releases_the_batch_and_the_worker_serves_on(aws_env, monkeypatch, caplog):
+    """finish() handles AWS's failures itself: anything else it raises is a bug. Its batch
+    must still go back for another attempt, not stay held, hidden by the heartbeat's
+    extensions until the worker restarts."""
+    settings, aws = aws_env
+    upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
+    upload(settings, aws, "b.jpg", make_image(2, size=(64, 64)), "b")
+    worker = Worker(settings, aws, MeanClassifier(), "i-finish-bug")
+    real_finish = worker.finish
+
+    def finish_once_raising(responses):
+        monkeypatch.setattr(worker, "finish", real_finish)
+        raise RuntimeError("a bug in finish")
+
+    monkeypatch.setattr(worker, "finish", finish_once_raising)
+    batch = worker.fetch()
+    assert len(batch.jobs) == 2
+    worker.process(batch)
+    assert not len(worker.held) and depth(aws, aws.request_queue_url) == (2, 0)
+    assert "batch of 2 failed; releasing it" in caplog.text and not responses(aws)
+    again = worker.fetch()  # and the next attempt is served
+    assert sorted((j.request.id, j.receive_count) for j in again.jobs) == [("a", 2), ("b", 2)]
+    worker.process(again)
+    assert sorted(responses(aws)) == ["a", "b"] and depth(aws, aws.request_queue_url) == (0, 0)
+
+
 def test_warm_up_resolves_the_queues_before_the_first_request(aws_env, monkeypatch):
     settings, aws = aws_env
     fresh = Aws(settings)
