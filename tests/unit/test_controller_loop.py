@@ -743,6 +743,33 @@ def test_a_throttled_scale_in_fails_the_round_rather_than_call_once_per_instance
     assert len(controller.step().terminate) == 3 and instances(aws) == []
 
 
+def test_a_throttle_while_asking_each_instance_alone_fails_the_round(aws, make_controller, patch):
+    """One protected instance fails the whole call, and each is then asked alone. A
+    throttle or an outage meanwhile is no refusal of that instance's: noted as one, the
+    instance would be asked again only a minute later, and go last at every scale-in."""
+    send(aws, 2)
+    controller = make_controller()
+    controller.step()
+    protected, other = sorted(i["InstanceId"] for i in instances(aws))
+    aws.ec2.modify_instance_attribute(InstanceId=protected, DisableApiTermination={"Value": True})
+    real = aws.ec2.terminate_instances
+
+    def terminate(**kwargs):
+        if kwargs["InstanceIds"] == [other]:
+            raise client_error("RequestLimitExceeded", "TerminateInstances")()
+        return real(**kwargs)
+
+    patch.setattr(aws.ec2, "terminate_instances", terminate)
+    delete(aws, receive_all(aws))
+    try:
+        with pytest.raises(ClientError, match="RequestLimitExceeded"):
+            controller.step()
+        assert other not in controller.refusals.ids
+    finally:
+        aws.ec2.modify_instance_attribute(InstanceId=protected, DisableApiTermination={"Value": False})
+    patch.undo()
+
+
 @pytest.mark.parametrize("code", ["RequestLimitExceeded", "UnsupportedOperation", "InternalError"])
 def test_a_termination_ec2_fails_holds_up_no_launch(aws, make_controller, patch, code):
     """Terminations that come first and raise would let a stopped instance EC2 will not
