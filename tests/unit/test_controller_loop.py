@@ -1214,6 +1214,22 @@ def test_a_throttled_launch_is_repeated_with_its_token(aws, make_controller, pat
     assert set(controller.unanswered.by_number) == {1, 2}
 
 
+def test_a_launch_refused_for_a_reason_of_its_own_is_not_tried_in_the_other_subnets(aws, make_controller,
+                                                                                   patch, caplog):
+    """Only a zone's shortage moves a launch to the next subnet: a wrong AMI, a right
+    missing or a throttle would fail there too, each try a call more against EC2's rate
+    limits (and a throttle's call, repeated elsewhere, could launch twice)."""
+    controller = make_controller()
+    controller.settings = dataclasses.replace(aws.settings, subnet_ids=("subnet-a", "subnet-b", "subnet-c"))
+    flaky = zone_short(aws, {"subnet-a"}, "InvalidAMIID.NotFound")
+    patch.setattr(aws.ec2, "run_instances", flaky)
+    send(aws, 6)
+    controller.step()
+    assert len(flaky.calls) == 6, "each number once: the two that start in subnet-a fail there"
+    assert len(flaky.failures) == 2 and len(instances(aws)) == 4
+    assert "2 of 6 launch(es) failed" in caplog.text and "InvalidAMIID.NotFound" in caplog.text
+
+
 def test_a_launch_no_subnet_can_take_fails(aws, make_controller, patch, caplog):
     controller = make_controller()
     controller.settings = dataclasses.replace(aws.settings, subnet_ids=("subnet-a", "subnet-b"))

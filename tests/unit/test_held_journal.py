@@ -202,6 +202,17 @@ def test_a_damaged_journal_is_ignored_and_removed(tmp_path, caplog, text):
     assert not path.exists()
 
 
+def test_a_journal_that_cannot_be_read_is_said_so_and_left_for_another_look(tmp_path, caplog):
+    """A file the worker cannot read (its permissions, an I/O error) is no damaged one:
+    its requests come back after their visibility timeout, said so, and the file is kept
+    (removed, a successor able to read it would find nothing)."""
+    path = tmp_path / "held.json"
+    path.mkdir()  # reading it fails with an OSError other than FileNotFoundError
+    assert HeldJournal(path).read(now=0) == []
+    assert f"cannot read {path}" in caplog.text and "visibility timeout" in caplog.text
+    assert path.exists()
+
+
 def test_remove_takes_a_version_a_kill_left_unfinished_too(tmp_path):
     path = tmp_path / "held.json"
     path.write_text('{"held": []}')
