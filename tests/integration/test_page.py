@@ -1637,6 +1637,34 @@ def test_the_mb_sent_only_grow_out_of_the_uploads_whole_size(stack, browser, tmp
     assert sent == sorted(sent), repr(seen)[:3000]
 
 
+# Each answer to an upload request is taken 3 s after it came, as a server storing a
+# large chunk answers; the summary's texts, in window.summaries.
+ANSWERS_TAKEN_LATE = """
+  window.summaries = [];
+  const summary = document.getElementById('summary');
+  new MutationObserver(() => window.summaries.push(summary.textContent))
+    .observe(summary, {childList: true, characterData: true, subtree: true});
+  window.XMLHttpRequest = class extends window.XMLHttpRequest {
+    set onload(handler) { super.onload = (event) => setTimeout(() => handler.call(this, event), 3000); }
+    get onload() { return super.onload; }
+  };"""
+
+
+def test_a_request_sent_whole_and_not_yet_answered_is_said_to_be_stored(stack, browser, tmp_path):
+    """A chunk of 1,000 files is sent in seconds and stored in ~30: "sending 0.1 of 0.1
+    MB" all that time looked like a page that had stopped."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    browser.execute_script(ANSWERS_TAKEN_LATE)
+    choose(browser, tmp_path, {"stored_slowly.jpg": make_image(1099)})
+    said = wait_for(lambda: [text for text in browser.execute_script("return window.summaries")
+                             if "the server is storing the files" in text], 20, "the files said to be stored")
+    assert re.search(r"sent \d+\.\d MB; the server is storing the files", said[0]), said
+    finished_rows(browser, stack, 1, timeout_s=60)
+    assert "storing" not in browser.find_element(By.ID, "summary").text
+
+
 # The page's first POST /api/jobs is sent for real (its files stored), and its answer
 # taken for a 503 that stored nothing, to send again: by a real XMLHttpRequest, whose
 # upload progress the MB sent are made of.

@@ -39,7 +39,7 @@ export function refusedWhole(body) {
 // from sendingText once its caller has counted the bytes it sent: dropped first, the MB
 // sent would go backwards for a moment at each answer and at each failure.
 export function post(form, headers, bytes) {
-  const { sendProgress } = page;
+  const { sendProgress, awaitingAnswer } = page;
   return new Promise((resolve, reject) => {
     const xhr = new XMLHttpRequest();
     let timer = null, timedOut = "";
@@ -57,7 +57,10 @@ export function post(form, headers, bytes) {
         updateSummary();
       }
     };
-    const settled = () => { if (sendProgress.delete(xhr)) updateSummary(); };
+    const settled = () => {
+      awaitingAnswer.delete(xhr);
+      if (sendProgress.delete(xhr)) updateSummary();
+    };
     const fail = () => {
       clearTimeout(timer);
       reject(new SendFailure(timedOut, sendProgress.get(xhr) || 0, settled));
@@ -65,9 +68,13 @@ export function post(form, headers, bytes) {
     xhr.open("POST", "/api/jobs");
     for (const [name, value] of Object.entries(headers)) xhr.setRequestHeader(name, value);
     xhr.upload.onprogress = progressed;
-    xhr.upload.onload = () => giveUpIn(setting("answerTimeoutMs"),
-      `upload timed out: no answer ${seconds(setting("answerTimeoutMs"))} s after it was sent ` +
-      "(server busy or unreachable?)");
+    xhr.upload.onload = () => {
+      awaitingAnswer.add(xhr);
+      updateSummary();
+      giveUpIn(setting("answerTimeoutMs"),
+        `upload timed out: no answer ${seconds(setting("answerTimeoutMs"))} s after it was sent ` +
+        "(server busy or unreachable?)");
+    };
     xhr.onload = () => {
       clearTimeout(timer);
       let body = null;

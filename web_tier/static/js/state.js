@@ -13,6 +13,9 @@ export const page = {
   // sent so far (its share of the form's). On a slow link the page would say "0 of 24
   // classified" for 75 s, no sign of progress.
   sendProgress: new Map(),
+  // Of those, the requests sent whole whose answer has not come: the server is storing
+  // their files (a chunk of 1,000 takes it ~30 s), which "sending 0.1 of 0.1 MB" hid.
+  awaitingAnswer: new Set(),
   // The uploads counted in the MB sent (summary.js sendingText).
   sendingNow: new Set(),
   // The first row failed since the latest upload began (rows.js showFailure), which

@@ -34,6 +34,7 @@ function sendingText() {
   for (const bytes of page.sendProgress.values()) sent += bytes;
   if (!size) return "";
   const mb = (bytes) => (bytes / 1048576).toFixed(1);
+  if (sent >= size && page.awaitingAnswer.size) return `sent ${mb(size)} MB; the server is storing the files`;
   return `sending ${mb(Math.min(sent, size))} of ${mb(size)} MB`;
 }
 
