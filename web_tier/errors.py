@@ -19,7 +19,7 @@ from web_tier.filenames import clean_name
 from web_tier.form import CLASSIFY_FIELDS, JOBS_FIELDS, MAX_TEXT_FIELD_BYTES, send_as_files
 from web_tier.refusals import SEND_AGAIN, Code, Refusal, code_of_status
 from web_tier.services import services
-from web_tier.unread_body import reads_bounded_by
+from web_tier.unread_body import BODY_STOPPED, reads_bounded_by
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +225,7 @@ def _body_stopped(exc: ClientDisconnected) -> Response:
     # Werkzeug's word for a body read that failed (web_tier/slow_clients.py's receive
     # timeout) or ended short: its generic 400 would not say which, nor that nothing
     # was stored. A client that has really gone reads nothing of it, harmlessly.
+    request.environ[BODY_STOPPED] = True  # no rest of the body to drain (unread_body.py)
     return error_response(Refusal(408, "the request's body stopped arriving before its end; nothing "
                                        "was stored: send it again", code=Code.REQUEST_TIMEOUT))
 

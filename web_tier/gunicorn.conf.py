@@ -163,12 +163,13 @@ def post_worker_init(worker: Worker) -> None:
     from common.heap import freeze_startup_heap
     from common.signals import on_signals
     from web_tier.services import EXTENSION
-    from web_tier.slow_clients import limit_receive_time
+    from web_tier.slow_clients import OneLineForTimedOutClients, limit_receive_time
 
     svc = worker.wsgi.extensions[EXTENSION]
     svc.aws.open("s3", "s3_upload", "sqs", "sqs_receive", "sqs_send")
     svc.aws.probes  # noqa: B018  (made now, not at the first health check)
     limit_receive_time(worker.sockets, svc.settings.receive_timeout_s)
+    worker.log.error_log.addFilter(OneLineForTimedOutClients())
 
     # On SIGTERM gunicorn stops accepting and gives requests `graceful_timeout` to
     # end; a POST / waiting for its answer, or for room to hold its upload, or an event

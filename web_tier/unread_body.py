@@ -17,6 +17,9 @@ from contextlib import contextmanager
 from flask import Response, request
 
 MAX_BYTES = 64 * 1024**2
+# Set in the environ of a request whose body stopped arriving (web_tier/errors.py): there
+# is nothing to wait for, and gunicorn closes the connection after the answer.
+BODY_STOPPED = "imgclass.body_stopped"
 TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 1.0  # one read from a client that stalls
 
@@ -24,6 +27,8 @@ READ_TIMEOUT_S = 1.0  # one read from a client that stalls
 def drop_after_answer(response: Response) -> Response:
     """An after_request hook: the body's remainder is dropped when the answer is closed."""
     environ = request.environ
+    if environ.get(BODY_STOPPED):
+        return response
     length = request.content_length
     chunked = environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked"
     if (length and length <= MAX_BYTES) or (chunked and length is None):

@@ -346,6 +346,11 @@ def test_a_client_that_stops_sending_has_its_connection_closed(stack, tmp_path):
         assert answer.startswith(b"HTTP/1.1 408 "), answer[:300]
         assert b"the request's body stopped arriving" in answer, answer
         assert answers(f"{url}/healthz")
+    # One line for each connection cut so: anyone can open some and go quiet, and a
+    # traceback each would fill the log.
+    log = (tmp_path / "web.log").read_text()
+    assert "Socket error processing request: no progress for WEB_RECEIVE_TIMEOUT" in log, log
+    assert "Traceback" not in log, log
 
 
 def test_a_client_that_reads_nothing_has_its_connection_closed(stack, tmp_path):

@@ -316,3 +316,46 @@ def test_post_slash_says_a_dead_letter_is_one_to_send_again_by_its_code(web_app,
     # The batch's item says so too, for a program that follows GET /api/jobs.
     items = web_app.test_client().get(f"/api/jobs/{body['batch_id']}").get_json()["items"]
     assert [(item["state"], item["code"]) for item in items] == [("failed", "dead_letter")]
+
+
+class BodyThatStops(io.BytesIO):
+    """A request body whose reading fails part of the way, as gunicorn's does once the
+    receive timeout (web_tier/slow_clients.py) ends a read that got nothing."""
+
+    def __init__(self, data: bytes, stop_at: int) -> None:
+        super().__init__(data)
+        self.stop_at = stop_at
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.tell() >= self.stop_at:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        wanted = size if size is not None and size >= 0 else self.stop_at
+        return super().read(min(wanted, self.stop_at - self.tell()))
+
+    def readinto(self, buffer) -> int:  # Werkzeug's LimitedStream reads so
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+
+@pytest.mark.parametrize("path", ["/", "/api/jobs"])
+def test_a_body_that_stops_arriving_is_answered_408_nothing_stored(web_app, web_aws, path):
+    """Werkzeug's generic 400 ("the browser (or proxy) sent a request that this server
+    could not understand") said neither what happened nor that nothing was stored."""
+    from werkzeug.test import EnvironBuilder, run_wsgi_app
+    from werkzeug.wrappers import Response
+
+    field = "inputFile" if path == "/" else "files"
+    environ = EnvironBuilder(path=path, method="POST",
+                             data={field: (io.BytesIO(make_image(71)), "cut.jpg")}).get_environ()
+    body = environ["wsgi.input"].read()
+    environ["wsgi.input"] = BodyThatStops(body, len(body) // 2)
+    response = Response(*run_wsgi_app(web_app, environ, buffered=True))
+    text = response.get_data(as_text=True)
+    assert response.status_code == 408, text
+    assert "the request's body stopped arriving before its end; nothing was stored" in text
+    assert response.headers.get("Retry-After") == "5"
+    if path == "/api/jobs":
+        assert response.get_json()["code"] == Code.REQUEST_TIMEOUT
+    listed = web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket).get("KeyCount", 0)
+    assert listed == 0
