@@ -48,11 +48,14 @@ and h, yappi and py-spy):
    as long as the server runs (a descriptor and hidden disk space per large
    photo): objects up to S3_OBJECT_IN_MEMORY_BYTES stay in memory.
 
-Two changes are for correctness. The first: when a client dies mid-upload,
+Three changes are for correctness. The first: one GetQueueAttributes counts
+visible and in-flight messages at one instant (sqs_counts_at_one_instant); moto
+reads the clock for each count, and a message whose visibility lapsed between
+them was in neither. The second: when a client dies mid-upload,
 moto stores the part of the body that arrived, an image cut short that
 nobody sent. Like S3, a request whose body is shorter than its Content-Length
 is refused here (IncompleteBody, S3's code, whatever the service) and changes
-nothing. The second adds a cost: moto's backends are not thread-safe,
+nothing. The third adds a cost: moto's backends are not thread-safe,
 and gunicorn serves them from many threads. SQS's DeleteMessage rebuilds a
 queue's message list and assigns it back, so a message sent meanwhile is lost
 (193 of 2,300 in a run of concurrent batch sends, receives and
@@ -105,22 +108,40 @@ _CREDENTIAL_SCOPE = re.compile(r"Credential=([^,\s]+)")
 def apply() -> None:
     """The changes of the module's docstring made to moto's own code, in this process;
     build_app and KeepAliveServer make the others (6-8, the locks, the body check)."""
-    for patch in (_sqs_reads_the_clock_once, _sqs_long_polls_let_sends_in, _services_listed_once,
-                  _names_converted_once, _ec2_tags_found_by_id, _ec2_forgets_terminated_instances,
-                  _s3_objects_stay_in_memory):
+    for patch in (sqs_counts_at_one_instant, _sqs_reads_the_clock_once, _sqs_long_polls_let_sends_in,
+                  _services_listed_once, _names_converted_once, _ec2_tags_found_by_id,
+                  _ec2_forgets_terminated_instances, _s3_objects_stay_in_memory):
         patch()
 
 
-def _sqs_reads_the_clock_once() -> None:
-    """Changes 1-3: the clock read as time.time(), once per count, and a receive's
-    retention check reading the queue's one attribute."""
+class _Instant(threading.local):
+    """The time a GetQueueAttributes is answered at, in the thread answering it."""
+
+    now: float | None = None
+
+
+_instant = _Instant()
+
+
+def sqs_counts_at_one_instant() -> None:
+    """Change 1 and the first change for correctness: SQS's clock read as time.time(),
+    and one GetQueueAttributes counting every message at one instant.
+
+    moto reads the clock anew for each count (and, asked for named attributes, builds
+    them all once per name), so a message whose visibility timeout lapses between the
+    count of visible messages and that of in-flight ones is in neither: a queue holding
+    work reads as empty, which a controller or a test waiting for a drained queue takes
+    at its word. Real SQS's counts are approximate, but do not lose a message so.
+    The unit tests' in-process moto gets this change too (tests/unit/conftest.py)."""
     from moto.core import utils
     from moto.sqs import models
 
     original_unix_time = utils.unix_time
 
     def unix_time(dt: datetime | None = None) -> float:
-        return time.time() if dt is None else original_unix_time(dt)
+        if dt is not None:
+            return original_unix_time(dt)
+        return time.time() if _instant.now is None else _instant.now
 
     def unix_time_millis(dt: datetime | None = None) -> float:
         return unix_time(dt) * 1000.0
@@ -129,24 +150,47 @@ def _sqs_reads_the_clock_once() -> None:
     models.unix_time = unix_time
     models.unix_time_millis = unix_time_millis
 
+    answer = models.SQSBackend.get_queue_attributes
+    if getattr(answer, "at_one_instant", False):
+        return
+
+    @functools.wraps(answer)
+    def get_queue_attributes(self: models.SQSBackend, queue_name: str,
+                             attribute_names: list[str]) -> dict[str, Any]:
+        _instant.now = time.time()
+        try:
+            return answer(self, queue_name, attribute_names)
+        finally:
+            _instant.now = None
+
+    get_queue_attributes.at_one_instant = True
+    models.SQSBackend.get_queue_attributes = get_queue_attributes
+
+
+def _sqs_reads_the_clock_once() -> None:
+    """Changes 2-3: the clock read once per count, and a receive's retention check
+    reading the queue's one attribute."""
+    from moto.sqs import models
+
+    # models.unix_time* looked up at each call: whichever clock sqs_counts_at_one_instant set.
     def is_message_valid_based_on_retention_period(self: models.SQSBackend, queue_name: str,
                                                     message: models.Message) -> bool:
         queue = self.get_queue(queue_name)
-        return queue.message_retention_period + message.sent_timestamp / 1000 > unix_time()
+        return queue.message_retention_period + message.sent_timestamp / 1000 > models.unix_time()
 
     models.SQSBackend.is_message_valid_based_on_retention_period = is_message_valid_based_on_retention_period
 
     # Message.visible is `now > visible_at`, Message.delayed is `now < delayed_until`.
     def count_delayed(self: models.Queue) -> int:
-        now = unix_time_millis()
+        now = models.unix_time_millis()
         return sum(1 for m in self._messages if now < m.delayed_until)
 
     def count_not_visible(self: models.Queue) -> int:
-        now = unix_time_millis()
+        now = models.unix_time_millis()
         return sum(1 for m in self._messages if not now > m.visible_at)
 
     def visible_messages(self: models.Queue) -> list:
-        now = unix_time_millis()
+        now = models.unix_time_millis()
         return [m for m in self._messages if now > m.visible_at and not now < m.delayed_until]
 
     models.Queue.approximate_number_of_messages_delayed = property(count_delayed)

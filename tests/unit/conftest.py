@@ -18,6 +18,15 @@ from common.failure_tags import failure_tagging
 from common.messages import ClassifyRequest, ClassifyResponse, Prediction
 from common.output_object import pair_text, result_metadata
 from common.provision import provision
+from localaws import moto_fast
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _moto_counts_a_queue_at_one_instant() -> None:
+    """The in-process moto counts a queue's messages at one instant, as the embedded
+    AWS's does: otherwise a message whose visibility lapses between two counts is in
+    neither, and a test waiting for a queue to drain sees it drained."""
+    moto_fast.sqs_counts_at_one_instant()
 
 
 def wait_until(condition: Callable[[], object], timeout: float = 30.0, interval: float = 0.05,

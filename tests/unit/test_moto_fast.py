@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -24,6 +25,7 @@ def patched(monkeypatch):
     everything_patched = [
         (models, "unix_time"), (models, "unix_time_millis"),
         (models.SQSBackend, "is_message_valid_based_on_retention_period"),
+        (models.SQSBackend, "get_queue_attributes"),
         (models.Queue, "approximate_number_of_messages_delayed"),
         (models.Queue, "approximate_number_of_messages_not_visible"),
         (models.Queue, "messages"),
@@ -113,6 +115,32 @@ def test_counts_are_unchanged_by_the_patch(monkeypatch):
     assert after == before
     assert after == {"ApproximateNumberOfMessages": "4", "ApproximateNumberOfMessagesNotVisible": "2",
                      "ApproximateNumberOfMessagesDelayed": "1"}
+
+
+def test_one_count_of_a_queue_is_taken_at_one_instant(patched, monkeypatch):
+    """A message whose visibility lapses while GetQueueAttributes is answered is counted
+    once, visible or in flight: counted at two instants, it was in neither, and a queue
+    holding work read as empty. The clock moves a second at each reading, and the lapse
+    is put after each reading in turn."""
+    names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+    with mock_aws():
+        sqs = boto3.client("sqs", region_name="us-east-1")
+        url = sqs.create_queue(QueueName="q")["QueueUrl"]
+        sqs.send_message(QueueUrl=url, MessageBody="x")
+        sqs.receive_message(QueueUrl=url, VisibilityTimeout=30)
+        backend = models.sqs_backends["123456789012"]["us-east-1"]
+        message = backend.get_queue("q")._messages[0]
+        start = time.time()
+        counted = []
+        for lapse_after in range(30):
+            message.visible_at = (start + lapse_after + 0.5) * 1000
+            for asked in (names, ["All"]):
+                readings = itertools.count()
+                with monkeypatch.context() as clock:
+                    clock.setattr(time, "time", lambda readings=readings: start + next(readings))
+                    attrs = backend.get_queue_attributes("q", asked)
+                counted.append(int(attrs[names[0]]) + int(attrs[names[1]]))
+    assert counted == [1] * len(counted)
 
 
 def test_service_lookup_and_names_are_unchanged(monkeypatch):
