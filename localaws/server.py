@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -13,7 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from localaws.kill import ends_with_parent
+from localaws.kill import ends_with_parent, kill_and_wait
 
 
 class StartInterrupted(Exception):
@@ -48,11 +46,7 @@ def start_moto(host: str, port: int, log_path: Path, stopping: threading.Event |
     except BaseException:
         # Not yet handed to the caller, who could not stop it: seen left running for
         # hours after a start that timed out on a busy machine.
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(timeout=10)
+        kill_and_wait(process)
         raise
     return process
 
