@@ -198,6 +198,35 @@ def test_a_request_that_cannot_be_sent_now_is_sent_at_the_next_round(make_web_ap
     assert journal.pending() == {}
 
 
+def test_a_requeue_round_that_raises_is_logged_and_the_loop_goes_on(make_web_app, monkeypatch, caplog):
+    """The background requeue (web_tier._requeue_unsent): a round that raises is
+    logged, and the rounds after it still run, until the app is stopped."""
+    import web_tier
+    from web_tier.submit import Submitter
+
+    rounds: list[int] = []
+
+    def flaky(self) -> int:
+        rounds.append(len(rounds))
+        if len(rounds) == 1:
+            raise ConnectionError("S3 is down")
+        return 2 if len(rounds) == 2 else 0
+
+    monkeypatch.setattr(web_tier, "REQUEUE_EVERY_S", 0.01)
+    monkeypatch.setattr(Submitter, "requeue_unsent", flaky)
+    app = make_web_app(start_background=True)
+    wait_until(lambda: len(rounds) >= 3, timeout=30, why=lambda: f"{len(rounds)} rounds ran")
+    [failed] = [r for r in caplog.records if "could not requeue" in r.getMessage()]
+    assert failed.levelname == "ERROR" and failed.exc_info[0] is ConnectionError
+    assert "queued 2 uploads stored with no request sent" in caplog.text
+
+    services_of(app).stopped.set()
+    loops = [t for t in threading.enumerate() if t.name == "requeue-unsent"]
+    for loop in loops:
+        loop.join(30)
+    assert not any(loop.is_alive() for loop in loops), "the requeue loop did not stop"
+
+
 def test_a_refused_upload_whose_image_cannot_be_deleted_is_queued_later(make_web_app, web_aws, tmp_path):
     """Stored, its request refused and its deletion too: left so, it would be
     queued for ever (a batch rebuilt from S3 lists it)."""
