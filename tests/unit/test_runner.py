@@ -26,7 +26,8 @@ from controller.act import launch, terminate
 from localaws.runner import QUICK_EXIT_S, RESTART_BACKOFF_S, InstanceRunner, ended_after_abort, is_stopped
 
 # Stands in for `python -m app_tier`: records its instance id and waits.
-# "stubborn" ignores SIGTERM, as a hung worker would; "drains" exits 0 on SIGTERM, as a
+# "stubborn" ignores SIGTERM, as a hung worker would; "no-abort" ignores SIGABRT, as one
+# whose stack dump on it hangs would; "drains" exits 0 on SIGTERM, as a
 # serving worker does after its warm shutdown; "no-model" exits at once as a
 # worker that cannot load its weights does; "crash" dies at start; a spare says its
 # model is loaded, unless "still-loading"; "gives-up" exits as a worker that gave up
@@ -54,6 +55,8 @@ if iid == "-":
         sys.exit(0)
 if os.environ.get("FAKE_MODE") == "stubborn":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if os.environ.get("FAKE_MODE") == "no-abort":
+    signal.signal(signal.SIGABRT, signal.SIG_IGN)
 if os.environ.get("FAKE_MODE") == "drains":  # as a serving worker's warm shutdown ends
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
 out = os.environ["FAKE_OUT"]
@@ -398,6 +401,29 @@ def test_a_worker_that_never_says_it_is_ready_is_aborted_and_restarted(world, ca
     wait_until(lambda: (runner.step(), first.poll() is not None)[1], what="the start timeout to end it")
     assert first.returncode == -signal.SIGABRT
     assert f"(pid {first.pid}) has not said it is ready" in caplog.text
+    wait_until(lambda: (runner.step(), runner.workers[iid].process is not first)[1], timeout_s=5,
+               what="a restart")
+
+
+def test_a_worker_that_outlives_the_watchdogs_sigabrt_is_sigkilled_and_restarted(world, caplog):
+    """A worker that does not end on SIGABRT (this stand-in ignores it) is SIGKILLed once
+    it has outlived it by the grace period, as systemd does; then restarted."""
+    caplog.set_level(logging.INFO, logger="localaws.runner")
+    settings, aws, make, out = world
+    runner = make(warm_spares=0, start_timeout_s=0.5, grace_s=0.5, env={"FAKE_MODE": "no-abort"})
+    iid = launch(aws, settings, (1,))[1]
+    runner.step()
+    first = runner.workers[iid].process
+    # Its file is written once it ignores SIGABRT: no round runs the watchdog before.
+    wait_until(lambda: started(out) == [iid], what="the worker to start")
+    wait_until(lambda: (runner.step(), runner.workers[iid].abort_sent_at is not None)[1],
+               what="the start timeout's SIGABRT")
+    assert first.poll() is None, "SIGABRT ignored: still alive during the grace period"
+    wait_until(lambda: (runner.step(), first.poll() is not None)[1], what="SIGKILL after the grace period")
+    assert first.returncode == -signal.SIGKILL
+    assert re.search(rf"pid {first.pid} outlived SIGABRT for \d+s, SIGKILL", caplog.text)
+    said = f"worker for {iid} ended: killed by SIGKILL after the watchdog's SIGABRT; restarting it"
+    wait_until(lambda: (runner.step(), said in caplog.text)[1], what="its end said")
     wait_until(lambda: (runner.step(), runner.workers[iid].process is not first)[1], timeout_s=5,
                what="a restart")
 
