@@ -482,6 +482,39 @@ def test_a_compaction_that_cannot_write_keeps_the_old_file(tmp_path, monkeypatch
     assert set(read_pending(first.read_bytes())) == {"a", "b"}
 
 
+@pytest.mark.parametrize("failing", ["open", "rename"])
+def test_a_compaction_whose_new_file_cannot_be_made_keeps_the_old_one(tmp_path, monkeypatch, caplog, failing):
+    """The new file not made (no room for it, or its rename refused): the old journal,
+    which holds every pending request, stays in use, nothing half-made is left, and
+    the log says so; the next compaction is tried once as many lines again are written."""
+    journal = Journal(tmp_path, max_lines=4)
+    for item in "abc":
+        journal.begin(item, request_body(item, f"b/{item}/1.jpg"))
+    first = journal.path
+    real = getattr(os, failing)
+
+    def refused(path, *args, **kwargs):
+        if str(path).endswith(".new"):
+            raise OSError(28, "No space left on device")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, failing, refused)
+    journal.end("c")  # the fourth line: a compaction, whose new file cannot be made
+    journal.begin("d", request_body("d", "b/d/1.jpg"))  # still written, to the old file
+    monkeypatch.undo()
+    assert journal.path == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name]
+    assert set(read_pending(first.read_bytes())) == set(journal.pending()) == {"a", "b", "d"}
+    assert f"cannot start a new journal in {tmp_path}" in caplog.text and f"{first} grows on" in caplog.text
+
+    journal.end("a")
+    journal.begin("e", request_body("e", "b/e/1.jpg"))
+    journal.end("b")  # four lines since the failure: compacted this time
+    assert journal.path != first and not first.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [journal.path.name]
+    assert set(read_pending(journal.path.read_bytes())) == {"d", "e"}
+
+
 def test_a_journal_that_cannot_be_read_does_not_stop_the_others_being_taken(tmp_path):
     """A directory named like a journal (or a file another user's web tier left)
     made the whole call fail, after it had deleted the journals before it."""
