@@ -93,6 +93,8 @@ LOCK_RETRY_S = 5.0
 # How long a stop (Ctrl-C) gives everything before it kills what is left: the web
 # tier's 5 s of grace and its listeners' last polls (up to 4 s), with room to spare.
 STOP_TIMEOUT_S = 12.0
+# In a run's logs folder from its start until it is ready (keep_previous_logs).
+STARTING_MARK = ".starting"
 
 
 def local_model_weights(env: dict[str, str] | os._Environ) -> tuple[str, str]:
@@ -273,11 +275,18 @@ class Stack:
         self._spawn("web", [sys.executable, "-m", "gunicorn", "-c", gunicorn_conf, "web_tier:create_app()"])
         wait_until_up(f"{s.web_url}/healthz", self.children[-1].process, timeout_s=60,
                       stopping=self.stopping)
+        self.mark_ready()
 
     def open_logs(self) -> None:
-        """A fresh logs folder for this run, the last run's kept beside it."""
+        """A fresh logs folder for this run, the last run's kept beside it if that run
+        became ready (see keep_previous_logs)."""
         keep_previous_logs(self.logs)
         self.logs.mkdir(parents=True, exist_ok=True)
+        (self.logs / STARTING_MARK).touch()
+
+    def mark_ready(self) -> None:
+        """Say in the logs folder that this run became ready: the next run keeps its logs."""
+        (self.logs / STARTING_MARK).unlink(missing_ok=True)
 
     def _prepare_model(self) -> None:
         """Convert and cache the model once, before any worker needs it (as an AMI bake would)."""
@@ -432,8 +441,14 @@ class Stack:
 
 def keep_previous_logs(logs: Path) -> None:
     """Move the last run's logs to `<logs>.previous` (replacing the run before), so
-    that each run's folder holds its own and the folder does not grow run after run."""
-    if logs.is_dir() and any(logs.iterdir()):
+    that each run's folder holds its own and the folder does not grow run after run.
+
+    A run that never became ready (its folder still has STARTING_MARK) is deleted
+    instead: kept, two failed starts in a row would push out the logs of the last run
+    that served, the ones worth comparing with."""
+    if (logs / STARTING_MARK).exists():
+        shutil.rmtree(logs, ignore_errors=True)
+    elif logs.is_dir() and any(logs.iterdir()):
         previous = logs.with_name(logs.name + ".previous")
         shutil.rmtree(previous, ignore_errors=True)
         logs.rename(previous)

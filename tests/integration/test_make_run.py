@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from localaws.harness import StackProcess, free_ports
-from localaws.stack import STOP_TIMEOUT_S
+from localaws.stack import STARTING_MARK, STOP_TIMEOUT_S
 from tests.conftest import make_image
 from tests.integration.conftest import serving_workers, still_running, wait_for
 
@@ -41,6 +41,8 @@ def test_make_run_serves_and_ctrl_c_stops_everything(tmp_path):
                 break
         assert ready.startswith(f"READY web=http://127.0.0.1:{web} aws=http://127.0.0.1:{aws}"), ready
         assert "UNTRAINED" in ready
+        # Ready: its logs become logs.previous at the next run, not replaced as a failed start's.
+        assert not (ROOT / ".run" / "logs" / STARTING_MARK).exists()
         page = requests.get(f"http://127.0.0.1:{web}/", timeout=10)
         assert page.status_code == 200 and 'type="file"' in page.text
         everything = psutil.Process(make.pid).children(recursive=True)

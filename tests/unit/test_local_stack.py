@@ -419,14 +419,35 @@ def test_stopping_stops_the_runner_launching_before_anything_else(tmp_path, monk
     assert all(child.process.poll() is not None for child in stack.children)
 
 
+def start_of_a_run(run_dir: Path, name: str, ready: bool) -> None:
+    """The logs folder of a run named `name` (its one log says it) that became ready or not."""
+    stack = Stack(Settings(), run_dir, warm_spares=0)
+    stack.open_logs()
+    (stack.logs / "worker-001.log").write_text(name)
+    if ready:
+        stack.mark_ready()
+
+
+def logs_of(run_dir: Path) -> dict[str, str]:
+    return {p.name: (p / "worker-001.log").read_text() for p in sorted(run_dir.iterdir())}
+
+
 def test_each_run_has_its_own_logs_and_the_last_runs_are_kept_once(tmp_path):
     for run in ("first", "second", "third"):
-        stack = Stack(Settings(), tmp_path, warm_spares=0)
-        stack.open_logs()
-        (stack.logs / "worker-001.log").write_text(run)
-    assert (tmp_path / "logs" / "worker-001.log").read_text() == "third"
-    assert (tmp_path / "logs.previous" / "worker-001.log").read_text() == "second"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "logs.previous"]
+        start_of_a_run(tmp_path, run, ready=True)
+    assert logs_of(tmp_path) == {"logs": "third", "logs.previous": "second"}
+
+
+def test_failed_starts_do_not_push_out_the_logs_of_the_last_run_that_became_ready(tmp_path):
+    start_of_a_run(tmp_path, "good", ready=True)
+    start_of_a_run(tmp_path, "failed 1", ready=False)
+    assert logs_of(tmp_path) == {"logs": "failed 1", "logs.previous": "good"}
+    start_of_a_run(tmp_path, "failed 2", ready=False)
+    assert logs_of(tmp_path) == {"logs": "failed 2", "logs.previous": "good"}
+    start_of_a_run(tmp_path, "good again", ready=True)
+    assert logs_of(tmp_path) == {"logs": "good again", "logs.previous": "good"}
+    start_of_a_run(tmp_path, "next", ready=False)
+    assert logs_of(tmp_path) == {"logs": "next", "logs.previous": "good again"}
 
 
 def test_a_port_already_in_use_stops_the_stack_before_it_starts_anything(tmp_path):
