@@ -54,13 +54,15 @@ async function refreshStatus() {
 }
 
 // What a person waiting on a cold start needs said plainly, before the figures: every
-// row says "queued", and nothing else says workers are on their way. Nothing
+// row says "queued", and nothing else says whether a worker is there. Nothing
 // when workers serve, or when the server cannot tell (an AMI whose workers say nothing).
+// With no instance, only that none runs: whether one is on its way is the controller's
+// to say, which may not run, or may be capped at none (--max-instances 0).
 function startingWorkers(s) {
   const queued = s.queue ? s.queue.visible + s.queue.in_flight : 0;
   if (!queued || s.instances_total === null || s.instances_total === undefined) return "";
   const i = s.instances || {};
-  if (!s.instances_total) return "launching workers for the queued images";
+  if (!s.instances_total) return "waiting for a worker: none is running yet";
   const live = (i.running || 0) + (i.pending || 0);
   return live && s.workers_serving === 0 ? "workers are starting: queued images wait for the first" : "";
 }
