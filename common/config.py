@@ -238,9 +238,16 @@ class Settings:
     max_image_pixels: int = 40_000_000
     result_timeout_s: float = 300.0
     # An answer whose sending makes no progress this long ends its connection, and so does
-    # a request whose headers or body stop arriving this long (web_tier/slow_clients.py).
+    # a request whose headers or body stop arriving this long, or whose headers take
+    # longer than this in all (web_tier/slow_clients.py).
     send_timeout_s: float = 30.0
     receive_timeout_s: float = 60.0
+    # Bytes a second a request body must average once its first receive_timeout_s are
+    # over, or it is cut (408): else a client trickling a byte a minute holds a thread
+    # for as long as it likes. 2 KiB/s is below the slowest mobile uplinks still in use
+    # (GPRS sends 3-5 KB/s), a 10 MB photo at it taking 85 minutes; holding all 1,024
+    # threads then costs 2 MiB/s of upload, not a byte a minute each. 0: no floor.
+    min_receive_rate: int = 2048
     api_key: str = field(default="", repr=False)  # a secret: never in a log line
     # This machine's own files for the service: the controller's lock (controller/lock.py)
     # and, unless WEB_JOURNAL_DIR says otherwise, the web tier's journal. "": none
@@ -470,6 +477,7 @@ VARIABLES = _checked((
     Variable("result_timeout_s", "RESULT_TIMEOUT", float, low=0.1, high=3600),
     Variable("send_timeout_s", "WEB_SEND_TIMEOUT", float, low=1, high=3600),
     Variable("receive_timeout_s", "WEB_RECEIVE_TIMEOUT", float, low=1, high=3600),
+    Variable("min_receive_rate", "WEB_MIN_RECEIVE_RATE", int, low=0, high=100_000_000),
     Variable("api_key", "API_KEY", str),
     # Its default follows XDG_STATE_HOME and the fleet (from_env).
     Variable("web_journal_dir", "WEB_JOURNAL_DIR", str),
