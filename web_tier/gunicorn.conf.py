@@ -11,9 +11,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # gunicorn's own classes, for the hooks' signatures only
+if TYPE_CHECKING:  # for the hooks' signatures only
     from gunicorn.arbiter import Arbiter
+    from gunicorn.http.message import Request
     from gunicorn.workers.base import Worker
+    from gunicorn.workers.gthread import TConn
+
+    from web_tier.slow_clients import ReceiveLimits
 
 # Gunicorn reads this file before the app's directory is on sys.path.
 _ROOT = str(Path(__file__).resolve().parent.parent)
@@ -21,6 +25,8 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import resource  # noqa: E402
+
+from gunicorn.workers.gthread import ThreadWorker  # noqa: E402
 
 from common.config import Settings  # noqa: E402
 
@@ -54,6 +60,27 @@ def connection_limits(open_files: int) -> tuple[int, int]:
     return min(2000, room - threads), threads
 
 
+class WebWorker(ThreadWorker):
+    """gunicorn's gthread worker, whose requests must arrive in time however slowly they
+    trickle: it tells ReceiveLimits (web_tier/slow_clients.py) when a request's headers
+    start to be read, and when its body does. Defined here, not in web_tier, which gunicorn's
+    master process would then import whole, and keep across reloads."""
+
+    receive_limits: ReceiveLimits | None = None  # set by post_worker_init
+
+    def handle(self, conn: TConn) -> object:
+        # A thread takes the connection to read a request (a new connection's first, or
+        # the next on one kept alive): the request's headers are given their time now.
+        if self.receive_limits is not None:
+            self.receive_limits.headers_begin(conn)
+        return super().handle(conn)
+
+    def handle_request(self, req: Request, conn: TConn) -> bool:
+        if self.receive_limits is not None:
+            self.receive_limits.body_begins(conn)
+        return super().handle_request(req, conn)
+
+
 try:
     _settings = Settings.from_env()
 except ValueError as exc:  # names the variable
@@ -77,7 +104,8 @@ workers = 1
 # within the open files the process may have (see connection_limits): with a hard
 # limit of 1,024, 1,100 half-sent requests made accept() fail with EMFILE and the
 # worker process die; clamped, it refuses nothing it cannot hold and lives on.
-worker_class = "gthread"
+
+worker_class = WebWorker
 # Requests beyond the threads queue (up to worker_connections) rather than being refused.
 worker_connections, threads = connection_limits(raise_open_files_limit())
 # The app starts listener threads, which do not survive a fork: build it in the worker.
@@ -109,14 +137,16 @@ def wrongly_served(workers: int, worker_class: type, preload: bool) -> str | Non
     first for gunicorn's own options), and these three are not options to change: with
     `-w 4`, an answer taken by one process's listener would be lost to a POST / waiting
     in another, which answers 504."""
-    from gunicorn.workers.gthread import ThreadWorker
-
     if workers != 1:
         return (f"gunicorn must run 1 worker process, not {workers}: the result book and its POST / "
                 "waits live in one process (GUNICORN_CMD_ARGS or the command line set -w/--workers)")
     if not issubclass(worker_class, ThreadWorker):
         return (f"gunicorn's worker class must be gthread, not {worker_class.__name__}: each POST / "
                 "and event stream holds a thread while it waits (-k/--worker-class)")
+    if not issubclass(worker_class, WebWorker):
+        return (f"gunicorn's worker class must be gunicorn.conf.py's WebWorker, not {worker_class.__name__}: "
+                "it ends requests that arrive too slowly, which would otherwise hold its threads "
+                "(-k/--worker-class)")
     if preload:
         return ("gunicorn must not preload the app (--preload): its listener threads would be "
                 "started before the fork, and not run in the worker")
@@ -163,12 +193,14 @@ def post_worker_init(worker: Worker) -> None:
     from common.heap import freeze_startup_heap
     from common.signals import on_signals
     from web_tier.services import EXTENSION
-    from web_tier.slow_clients import OneLineForTimedOutClients, limit_receive_time
+    from web_tier.slow_clients import OneLineForTimedOutClients, ReceiveLimits, limit_receive_time
 
     svc = worker.wsgi.extensions[EXTENSION]
     svc.aws.open("s3", "s3_upload", "sqs", "sqs_receive", "sqs_send")
     svc.aws.probes  # noqa: B018  (made now, not at the first health check)
     limit_receive_time(worker.sockets, svc.settings.receive_timeout_s)
+    if isinstance(worker, WebWorker):  # on_starting refused any other
+        worker.receive_limits = ReceiveLimits(svc.settings.receive_timeout_s, svc.settings.min_receive_rate)
     worker.log.error_log.addFilter(OneLineForTimedOutClients())
 
     # On SIGTERM gunicorn stops accepting and gives requests `graceful_timeout` to

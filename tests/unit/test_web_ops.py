@@ -400,6 +400,7 @@ def test_a_wrong_setting_stops_the_web_tier_in_one_line_with_a_status_its_unit_d
 @pytest.mark.parametrize(("options", "refusal"), [
     ("-w 3", "gunicorn must run 1 worker process, not 3"),
     ("-k sync --threads 1", "gunicorn's worker class must be gthread, not SyncWorker"),
+    ("-k gthread", "gunicorn's worker class must be gunicorn.conf.py's WebWorker, not ThreadWorker"),
     ("--preload", "gunicorn must not preload the app"),
 ])
 def test_gunicorn_options_that_would_split_or_serialise_the_web_tier_stop_it_at_start(options, refusal):
