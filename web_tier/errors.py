@@ -19,6 +19,7 @@ from web_tier.filenames import clean_name
 from web_tier.form import CLASSIFY_FIELDS, JOBS_FIELDS, MAX_TEXT_FIELD_BYTES, send_as_files
 from web_tier.refusals import SEND_AGAIN, Code, Refusal, code_of_status
 from web_tier.services import services
+from web_tier.slow_clients import ClientTooSlow
 from web_tier.unread_body import BODY_STOPPED, reads_bounded_by
 
 log = logging.getLogger(__name__)
@@ -226,6 +227,12 @@ def _body_stopped(exc: ClientDisconnected) -> Response:
     # timeout) or ended short: its generic 400 would not say which, nor that nothing
     # was stored. A client that has really gone reads nothing of it, harmlessly.
     request.environ[BODY_STOPPED] = True  # no rest of the body to drain (unread_body.py)
+    if isinstance(exc.__context__, ClientTooSlow):  # the read Werkzeug's stream saw fail
+        settings = services().settings
+        return error_response(Refusal(
+            408, f"the request's body came too slowly (under {settings.min_receive_rate} bytes a second "
+                 f"after its first {settings.receive_timeout_s:g} s); nothing was stored: send it again "
+                 "over a faster link", code=Code.REQUEST_TIMEOUT))
     return error_response(Refusal(408, "the request's body stopped arriving before its end; nothing "
                                        "was stored: send it again", code=Code.REQUEST_TIMEOUT))
 

@@ -322,13 +322,14 @@ class BodyThatStops(io.BytesIO):
     """A request body whose reading fails part of the way, as gunicorn's does once the
     receive timeout (web_tier/slow_clients.py) ends a read that got nothing."""
 
-    def __init__(self, data: bytes, stop_at: int) -> None:
+    def __init__(self, data: bytes, stop_at: int, error: OSError | None = None) -> None:
         super().__init__(data)
         self.stop_at = stop_at
+        self.error = error or BlockingIOError(11, "Resource temporarily unavailable")
 
     def read(self, size: int | None = -1) -> bytes:
         if self.tell() >= self.stop_at:
-            raise BlockingIOError(11, "Resource temporarily unavailable")
+            raise self.error
         wanted = size if size is not None and size >= 0 else self.stop_at
         return super().read(min(wanted, self.stop_at - self.tell()))
 
@@ -359,3 +360,26 @@ def test_a_body_that_stops_arriving_is_answered_408_nothing_stored(web_app, web_
         assert response.get_json()["code"] == Code.REQUEST_TIMEOUT
     listed = web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket).get("KeyCount", 0)
     assert listed == 0
+
+
+def test_a_body_too_slow_is_answered_408_saying_so_nothing_stored(web_app, web_aws):
+    """A body cut for averaging under WEB_MIN_RECEIVE_RATE (web_tier/slow_clients.py) did
+    not stop: the 408 says what it did, and that a faster link is what it needs."""
+    from werkzeug.test import EnvironBuilder, run_wsgi_app
+    from werkzeug.wrappers import Response
+
+    from web_tier.slow_clients import ClientTooSlow
+
+    environ = EnvironBuilder(path="/", method="POST",
+                             data={"inputFile": (io.BytesIO(make_image(72)), "slow.jpg")}).get_environ()
+    body = environ["wsgi.input"].read()
+    environ["wsgi.input"] = BodyThatStops(body, len(body) // 2, ClientTooSlow(110, "too slow"))
+    response = Response(*run_wsgi_app(web_app, environ, buffered=True))
+    text = response.get_data(as_text=True)
+    settings = web_aws.settings
+    assert response.status_code == 408, text
+    said = (f"the request's body came too slowly (under {settings.min_receive_rate} bytes a second after "
+            f"its first {settings.receive_timeout_s:g} s); nothing was stored")
+    assert text.startswith(said), text
+    assert response.headers.get("Retry-After") == "5"
+    assert web_aws.s3.list_objects_v2(Bucket=settings.input_bucket).get("KeyCount", 0) == 0
