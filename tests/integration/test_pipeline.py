@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -316,6 +319,11 @@ def test_a_stopped_web_tier_leaves_no_poll_to_take_the_next_answers(stack, tmp_p
     assert [m["Body"] for m in got] == ["sent once the web tier has gone"], (tmp_path / "web.log").read_text()
 
 
+# The web tier's line for a connection it cut, a request arriving too slowly (web_tier/slow_clients.py).
+HEADERS_CUT = "cut, connection closed: its headers were not all in within WEB_RECEIVE_TIMEOUT"
+BODY_CUT = "cut, connection closed: its body came slower than WEB_MIN_RECEIVE_RATE"
+
+
 def test_a_client_that_stops_sending_has_its_connection_closed(stack, tmp_path):
     """A client that sends half a request and goes quiet (a slow-loris) would hold a thread
     for as long as it kept the connection open: ~1,024 such connections, no API key
@@ -349,7 +357,88 @@ def test_a_client_that_stops_sending_has_its_connection_closed(stack, tmp_path):
     # One line for each connection cut so: anyone can open some and go quiet, and a
     # traceback each would fill the log.
     log = (tmp_path / "web.log").read_text()
-    assert "Socket error processing request: no progress for WEB_RECEIVE_TIMEOUT" in log, log
+    assert log.count(f"{HEADERS_CUT} (1 s)") == 1, log
+    assert "Traceback" not in log, log
+
+
+def _to_the_end(sock: socket.socket) -> bytes:
+    """What the server sends on `sock` until it closes the connection."""
+    received = b""
+    while chunk := sock.recv(1 << 16):
+        received += chunk
+    sock.close()
+    return received
+
+
+def _trickle_until_answered(socks: dict[str, socket.socket], bound_s: float) -> dict[str, bytes]:
+    """Send each connection a byte every half second, each of the server's reads getting
+    something long before WEB_RECEIVE_TIMEOUT, until the server answers or closes it;
+    what it sent on each. Fails if any is still open after `bound_s`."""
+    deadline = time.monotonic() + bound_s
+    open_socks, received = dict(socks), {}
+    while open_socks:
+        assert time.monotonic() < deadline, f"still served after {bound_s:.0f} s: {sorted(open_socks)}"
+        for sock in open_socks.values():
+            with contextlib.suppress(OSError):  # closed by the server: readable, below
+                sock.sendall(b"a")
+        readable, _, _ = select.select(list(open_socks.values()), [], [], 0.5)
+        for name in [name for name, sock in open_socks.items() if sock in readable]:
+            received[name] = _to_the_end(open_socks.pop(name))
+    return received
+
+
+def _trickled_request(sock: socket.socket, request: bytes, pieces: int, gap_s: float) -> int:
+    """Send `request` in `pieces`, `gap_s` apart; the status of its answer, read whole."""
+    step = -(-len(request) // pieces)
+    for at in range(0, len(request), step):
+        if at:
+            time.sleep(gap_s)
+        sock.sendall(request[at:at + step])
+    answer = http.client.HTTPResponse(sock)
+    answer.begin()
+    answer.read()
+    return answer.status
+
+
+def test_a_client_that_trickles_its_request_has_its_connection_closed(stack, tmp_path):
+    """A client that trickles its request, a byte every so often, gets something to each
+    read long before WEB_RECEIVE_TIMEOUT, and would hold a thread for as long as it
+    likes (a slow-loris): ~1,024 such connections, no API key needed, leave /healthz
+    unanswered. A request's headers must all be in within WEB_RECEIVE_TIMEOUT, and its
+    body must average WEB_MIN_RECEIVE_RATE once that long has passed: else the connection
+    ends, a body's with a 408 first. A connection kept alive between requests is not
+    cut meanwhile, and each request on it has its own time."""
+    with second_web_tier(stack, tmp_path, "trickler", WEB_RECEIVE_TIMEOUT="3") as (url, _web):
+        port = int(url.rsplit(":", 1)[1])
+        # Kept alive: two requests whose headers take 2 s each, 4 s in all, with 3.5 s
+        # between them, idle (gunicorn keeps a connection alive 5 s).
+        keeper = socket.create_connection(("127.0.0.1", port), timeout=60)
+        asked = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
+        assert _trickled_request(keeper, asked, pieces=5, gap_s=0.5) == 200
+        time.sleep(3.5)
+        assert _trickled_request(keeper, asked, pieces=5, gap_s=0.5) == 200
+        keeper.close()
+
+        in_headers, in_body = (socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(2))
+        # A header line that never ends (gunicorn refuses one only past 8 KB).
+        in_headers.sendall(b"POST / HTTP/1.1\r\nHost: test\r\nX-Trickle: ")
+        boundary = "b0undary"
+        in_body.sendall((f"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n"
+                         f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n--{boundary}\r\n"
+                         'Content-Disposition: form-data; name="inputFile"; filename="slow.jpg"\r\n'
+                         "Content-Type: image/jpeg\r\n\r\n").encode() + make_image(62)[:2000])
+        received = _trickle_until_answered({"headers": in_headers, "body": in_body}, bound_s=60)
+        assert received["headers"] == b""
+        assert received["body"].startswith(b"HTTP/1.1 408 "), received["body"][:300]
+        assert b"the request's body came too slowly" in received["body"], received["body"]
+        assert answers(f"{url}/healthz")
+    s3, sqs, _ = clients(stack)
+    assert s3.list_objects_v2(Bucket="trickler-in-bucket")["KeyCount"] == 0
+    assert queue_counts(sqs, "trickler")["req-queue"] == 0
+    # One line for each connection cut, saying why.
+    log = (tmp_path / "web.log").read_text()
+    assert log.count(f"{HEADERS_CUT} (3 s)") == 1, log
+    assert log.count(f"{BODY_CUT} (2048 bytes/s)") == 1, log
     assert "Traceback" not in log, log
 
 
