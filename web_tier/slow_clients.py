@@ -30,13 +30,15 @@ A read or send the socket's own timeout ends closes the connection (gunicorn log
 "Socket error processing request", in one line: OneLineForTimedOutClients); a body
 that stops arriving while the form is read is answered 408 first
 (web_tier/errors.py). A slow link that keeps to the floor, or an event stream whose
-browser reads, is not cut. What is still not stopped: a client sending its body at
-the floor holds a thread for as long as its body lasts at that rate (POST /'s 11 MB:
-an hour and a half; a large /api/jobs far longer), so about 1,024 of them, 2 MiB/s in
-all, still hold every thread;
-sends have a per-send timeout only, so a client reading its answer a byte at a time
-holds its thread too; and many connections each within every limit are a flood no
-per-connection limit stops. A buffering proxy in front stops these (README, Known
+browser reads, is not cut.
+
+What is still not stopped: the limits are per connection, so a client that opens a
+new trickling connection as each is cut (1,024 a minute, at the default 60 s) still
+holds every thread; a body sent at the floor holds its thread for as long as it lasts
+at that rate (POST /'s 11 MB: an hour and a half; a large /api/jobs far longer), so
+about 1,024 of them, 2 MiB/s in all, hold every thread too; and sends have a per-send
+timeout only, so a client reading its answer a little at a time holds its thread
+while the answer lasts. A buffering proxy in front stops these (README, Known
 limits). (gunicorn's sendfile() is off, in gunicorn.conf.py: Python's sendfile waits
 for the socket without limit.) Under TLS terminated by gunicorn none of this holds:
 Python's SSL socket takes a timed-out read or send for "try again" and retries, and
