@@ -246,7 +246,8 @@ class Settings:
     # over, or it is cut (408): else a client trickling a byte a minute holds a thread
     # for as long as it likes. 2 KiB/s is below the slowest mobile uplinks still in use
     # (GPRS sends 3-5 KB/s), a 10 MB photo at it taking 85 minutes; holding all 1,024
-    # threads then costs 2 MiB/s of upload, not a byte a minute each. 0: no floor.
+    # threads with bodies then costs 2 MiB/s of upload, not a byte a minute each (the
+    # limit is per connection: reconnecting is another matter, README). 0: no floor.
     min_receive_rate: int = 2048
     api_key: str = field(default="", repr=False)  # a secret: never in a log line
     # This machine's own files for the service: the controller's lock (controller/lock.py)
