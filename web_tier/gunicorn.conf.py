@@ -76,6 +76,7 @@ class WebWorker(ThreadWorker):
         return super().handle(conn)
 
     def handle_request(self, req: Request, conn: TConn) -> bool:
+        # The request's headers are read: its body's time starts.
         if self.receive_limits is not None:
             self.receive_limits.body_begins(conn)
         return super().handle_request(req, conn)
@@ -103,8 +104,8 @@ workers = 1
 # (2.1 s with 1024, the machine's cores busy classifying). Both numbers are kept
 # within the open files the process may have (see connection_limits): with a hard
 # limit of 1,024, 1,100 half-sent requests made accept() fail with EMFILE and the
-# worker process die; clamped, it refuses nothing it cannot hold and lives on.
-
+# worker process die; clamped, it refuses nothing it cannot hold and lives on. The
+# class is gthread's, limiting how long each request may take to arrive (WebWorker).
 worker_class = WebWorker
 # Requests beyond the threads queue (up to worker_connections) rather than being refused.
 worker_connections, threads = connection_limits(raise_open_files_limit())
@@ -199,8 +200,7 @@ def post_worker_init(worker: Worker) -> None:
     svc.aws.open("s3", "s3_upload", "sqs", "sqs_receive", "sqs_send")
     svc.aws.probes  # noqa: B018  (made now, not at the first health check)
     limit_receive_time(worker.sockets, svc.settings.receive_timeout_s)
-    if isinstance(worker, WebWorker):  # on_starting refused any other
-        worker.receive_limits = ReceiveLimits(svc.settings.receive_timeout_s, svc.settings.min_receive_rate)
+    worker.receive_limits = ReceiveLimits(svc.settings.receive_timeout_s, svc.settings.min_receive_rate)
     worker.log.error_log.addFilter(OneLineForTimedOutClients())
 
     # On SIGTERM gunicorn stops accepting and gives requests `graceful_timeout` to
