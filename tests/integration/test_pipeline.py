@@ -324,6 +324,15 @@ HEADERS_CUT = "cut, connection closed: its headers were not all in within WEB_RE
 BODY_CUT = "cut, connection closed: its body came slower than WEB_MIN_RECEIVE_RATE"
 
 
+def an_upload_cut_short(image: bytes) -> bytes:
+    """A POST / of `image` whose body stops 2,000 bytes in, of the 100,000 it says it has."""
+    boundary = "b0undary"
+    return (f"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n--{boundary}\r\n"
+            'Content-Disposition: form-data; name="inputFile"; filename="slow.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n").encode() + image[:2000]
+
+
 def test_a_client_that_stops_sending_has_its_connection_closed(stack, tmp_path):
     """A client that sends half a request and goes quiet (a slow-loris) would hold a thread
     for as long as it kept the connection open: ~1,024 such connections, no API key
@@ -336,11 +345,7 @@ def test_a_client_that_stops_sending_has_its_connection_closed(stack, tmp_path):
             quiet.connect(("127.0.0.1", port))
             quiet.settimeout(60)  # a failure's bound: the server's own is 1 s
         in_headers.sendall(b"POST / HTTP/1.1\r\nHost: test\r\nContent-Type: multip")
-        boundary = "b0undary"
-        in_body.sendall((f"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n"
-                         f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n--{boundary}\r\n"
-                         'Content-Disposition: form-data; name="inputFile"; filename="slow.jpg"\r\n'
-                         "Content-Type: image/jpeg\r\n\r\n").encode() + make_image(61)[:2000])
+        in_body.sendall(an_upload_cut_short(make_image(61)))
 
         def to_the_end(quiet: socket.socket) -> bytes:
             received = b""
@@ -422,11 +427,7 @@ def test_a_client_that_trickles_its_request_has_its_connection_closed(stack, tmp
         in_headers, in_body = (socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(2))
         # A header line that never ends (gunicorn refuses one only past 8 KB).
         in_headers.sendall(b"POST / HTTP/1.1\r\nHost: test\r\nX-Trickle: ")
-        boundary = "b0undary"
-        in_body.sendall((f"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n"
-                         f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n--{boundary}\r\n"
-                         'Content-Disposition: form-data; name="inputFile"; filename="slow.jpg"\r\n'
-                         "Content-Type: image/jpeg\r\n\r\n").encode() + make_image(62)[:2000])
+        in_body.sendall(an_upload_cut_short(make_image(62)))
         received = _trickle_until_answered({"headers": in_headers, "body": in_body}, bound_s=60)
         assert received["headers"] == b""
         assert received["body"].startswith(b"HTTP/1.1 408 "), received["body"][:300]
