@@ -1772,128 +1772,159 @@ def run_load(
     if expected is None:
         expected = read_expected(config.expected) if config.expected else {}
     plan = plan_requests(config, images, expected)
-    total = len(plan)
     check_server(config)
+    return LoadRun(config, plan, expected, progress, on_result, stop_at, stop_reason).run()
 
-    stop, abandon = threading.Event(), threading.Event()
-    client = Client(config, stop, abandon)
-    senders = Senders(client, plan, config.concurrency, stop)
-    poller = StatusPoller(config, on_answer=client.server_answered)
-    outcomes: list[Outcome] = []
-    # Running counts for the progress line: counting all outcomes again for each
-    # result made a 20,000-request run spend seconds of the main thread on it.
-    problems = {"failed": 0, "wrong": 0, "not sent": 0}
 
-    def record(outcome: Outcome, notify: bool = True) -> None:
-        judge(outcome, expected)  # again, harmlessly, if a Ctrl-C came before the append
-        outcomes.append(outcome)  # the count of those recorded: see Senders.results_from
-        if outcome.verdict in problems:
-            problems[outcome.verdict] += 1
-        if notify and on_result:
-            on_result(outcome)
-        if notify and progress:
-            progress.update(len(outcomes), problems["failed"], problems["wrong"],
-                            not_sent=problems["not sent"])
+class LoadRun:
+    """One run of run_load: its senders, status poller and outcomes, and how a Ctrl-C,
+    a SIGTERM or the caller's deadline (`stop_at`) end it."""
 
-    def record_all(wait: bool = True) -> None:
-        """Records the outcomes not yet recorded; with `wait`, until every request taken
-        from the plan has one (or, once stopped, those in flight), or `stop_at` passes."""
-        while True:
-            # Quitting (not `wait`), the report is printed even after a sender's bug.
-            for outcome in senders.results_from(len(outcomes), timeout_s=0.2 if wait else 0, raising=wait):
-                record(outcome, notify=wait)
-            if not wait or senders.finished(len(outcomes)) or out_of_time():
-                return
+    def __init__(self, config: Config, plan: list[Path], expected: dict[str, str],
+                 progress: Progress | None, on_result: Callable[[Outcome], None] | None,
+                 stop_at: float | None, stop_reason: str) -> None:
+        self.config, self.plan, self.expected = config, plan, expected
+        self.progress, self.on_result = progress, on_result
+        self.stop_at, self.stop_reason = stop_at, stop_reason
+        self.stop, self.abandon = threading.Event(), threading.Event()
+        self.client = Client(config, self.stop, self.abandon)
+        self.senders = Senders(self.client, plan, config.concurrency, self.stop)
+        self.poller = StatusPoller(config, on_answer=self.client.server_answered)
+        self.outcomes: list[Outcome] = []
+        # Running counts for the progress line: counting all outcomes again for each
+        # result made a 20,000-request run spend seconds of the main thread on it.
+        self.problems = {"failed": 0, "wrong": 0, "not sent": 0}
+        self.interrupted_by: str | None = None
+        self.cut_short: str | None = None
+        self.signal_after_sending: str | None = None
+        self.duration_s = 0.0
 
-    def out_of_time() -> bool:
-        return stop_at is not None and time.monotonic() >= stop_at
-
-    interrupted_by: str | None = None
-    cut_short: str | None = None
-    signal_after_sending: str | None = None
-    # The clock starts as the first requests go: nothing slow comes in between.
-    started_at = time.time()
-    t0 = time.monotonic()
-    try:
+    def run(self) -> Report:
+        # The clock starts as the first requests go: nothing slow comes in between.
+        started_at = time.time()
+        t0 = time.monotonic()
         try:
-            if progress:
-                progress.start(t0)
-            poller.start(t0)
-            senders.start(t0)
-            record_all()
-            if out_of_time() and not senders.finished(len(outcomes)):
-                # As a second Ctrl-C: what is in flight is not waited for.
-                cut_short = stop_reason
-                stop.set()
-                record_all(wait=False)
-        except KeyboardInterrupt as first:
-            # All of the handling is inside the next try: a second Ctrl-C may come
-            # at any moment, even before the message below is out.
             try:
-                interrupted_by = signal_of(first)
-                stop.set()
-                if progress:
-                    progress.clear()
-                if isinstance(first, Terminated):
-                    raise KeyboardInterrupt  # waits for nothing: as a second Ctrl-C
-                print(
-                    f"\ninterrupted: waiting for {senders.in_flight()} requests in flight "
-                    "(Ctrl-C again to quit)",
-                    file=sys.stderr,
-                )
-                record_all()
-                if out_of_time() and not senders.finished(len(outcomes)):
-                    raise KeyboardInterrupt  # the caller's time is up: as a second Ctrl-C
-            except KeyboardInterrupt as second:
-                if isinstance(second, Terminated):
-                    interrupted_by = "SIGTERM"  # a Ctrl-C, then SIGTERM: the latter made it quit
-                record_all(wait=False)
-                # Every request taken from the plan is either recorded or abandoned: one
-                # whose outcome came a moment too late for the report (or was handed out
-                # as this Ctrl-C came) is abandoned, not lost from both.
-                abandoned = len(senders.taken_at()) - len(outcomes)
-                print(f"\nquitting: {abandoned} requests in flight left unanswered", file=sys.stderr)
-    finally:
-        stop.set()
+                self._send_all(t0)
+            except KeyboardInterrupt as first:
+                # All of the handling is inside this try: a second Ctrl-C may come at
+                # any moment, even before the message is out.
+                try:
+                    self._wait_for_those_in_flight(first)
+                except KeyboardInterrupt as second:
+                    self._quit(second)
+        finally:
+            self._end(t0)
+        outcomes = self.outcomes
+        if self.interrupted_by is not None or self.cut_short is not None:
+            outcomes += unfinished_outcomes(self.plan, self.senders.taken_at(), t0,
+                                            {o.index for o in outcomes},
+                                            None if self.interrupted_by else self.cut_short)
+        config = self.config
+        return Report(
+            url=config.url,
+            api=config.api,
+            concurrency=config.concurrency,
+            planned=len(self.plan),
+            started_at=started_at,
+            duration_s=self.duration_s,
+            outcomes=outcomes,
+            instance_samples=list(self.poller.samples),
+            interrupted_by=self.interrupted_by,
+            signal_after_sending=self.signal_after_sending,
+            cut_short=self.cut_short,
+            idempotency_keys=config.idempotency_keys,
+            checked_against_csv=config.expected is not None,
+            wait=config.wait if config.api == "jobs" else None,
+        )
+
+    def _send_all(self, t0: float) -> None:
+        if self.progress:
+            self.progress.start(t0)
+        self.poller.start(t0)
+        self.senders.start(t0)
+        self._record_all()
+        if self._out_of_time() and not self.senders.finished(len(self.outcomes)):
+            # As a second Ctrl-C: what is in flight is not waited for.
+            self.cut_short = self.stop_reason
+            self.stop.set()
+            self._record_all(wait=False)
+
+    def _wait_for_those_in_flight(self, first: KeyboardInterrupt) -> None:
+        """After a first Ctrl-C: nothing more is sent, and the requests in flight are
+        waited for. A SIGTERM, or the caller's time running out, goes on as a second."""
+        self.interrupted_by = signal_of(first)
+        self.stop.set()
+        if self.progress:
+            self.progress.clear()
+        if isinstance(first, Terminated):
+            raise KeyboardInterrupt  # waits for nothing: as a second Ctrl-C
+        print(
+            f"\ninterrupted: waiting for {self.senders.in_flight()} requests in flight "
+            "(Ctrl-C again to quit)",
+            file=sys.stderr,
+        )
+        self._record_all()
+        if self._out_of_time() and not self.senders.finished(len(self.outcomes)):
+            raise KeyboardInterrupt  # the caller's time is up: as a second Ctrl-C
+
+    def _quit(self, second: KeyboardInterrupt) -> None:
+        """After a second Ctrl-C: what is in flight is left unanswered."""
+        if isinstance(second, Terminated):
+            self.interrupted_by = "SIGTERM"  # a Ctrl-C, then SIGTERM: the latter made it quit
+        self._record_all(wait=False)
+        # Every request taken from the plan is either recorded or abandoned: one
+        # whose outcome came a moment too late for the report (or was handed out
+        # as this Ctrl-C came) is abandoned, not lost from both.
+        abandoned = len(self.senders.taken_at()) - len(self.outcomes)
+        print(f"\nquitting: {abandoned} requests in flight left unanswered", file=sys.stderr)
+
+    def _end(self, t0: float) -> None:
+        self.stop.set()
         # Requests still waiting (a second Ctrl-C) stop polling: each is counted abandoned
         # already, and would otherwise poll the web tier until its timeout.
-        abandon.set()
-        duration = time.monotonic() - t0
+        self.abandon.set()
+        self.duration_s = time.monotonic() - t0
         try:
             # An interrupted run waits for nothing more, not even a slow /api/status.
-            poller.stop(wait=interrupted_by is None and cut_short is None)
+            self.poller.stop(wait=self.interrupted_by is None and self.cut_short is None)
         except KeyboardInterrupt as late:
             # Every request is over: an interrupt now cuts short the last status sample
             # (up to 7 s), not the report. Raised, it would lose the whole report, and the
             # command say "interrupted before any request was sent".
-            if interrupted_by is None:
-                signal_after_sending = signal_of(late)
+            if self.interrupted_by is None:
+                self.signal_after_sending = signal_of(late)
             elif isinstance(late, Terminated):
-                interrupted_by = "SIGTERM"  # as a SIGTERM after a Ctrl-C above: the latter made it quit
-            poller.stop(wait=False)
-        client.close()
-        if progress:
-            progress.close()
-    if interrupted_by is not None or cut_short is not None:
-        outcomes += unfinished_outcomes(plan, senders.taken_at(), t0, {o.index for o in outcomes},
-                                        None if interrupted_by else cut_short)
+                self.interrupted_by = "SIGTERM"  # as a SIGTERM after a Ctrl-C above: the latter made it quit
+            self.poller.stop(wait=False)
+        self.client.close()
+        if self.progress:
+            self.progress.close()
 
-    return Report(
-        url=config.url,
-        api=config.api,
-        concurrency=config.concurrency,
-        planned=total,
-        started_at=started_at,
-        duration_s=duration,
-        outcomes=outcomes,
-        instance_samples=list(poller.samples),
-        interrupted_by=interrupted_by,
-        signal_after_sending=signal_after_sending,
-        cut_short=cut_short,
-        idempotency_keys=config.idempotency_keys,
-        checked_against_csv=config.expected is not None,
-        wait=config.wait if config.api == "jobs" else None,
-    )
+    def _record(self, outcome: Outcome, notify: bool = True) -> None:
+        judge(outcome, self.expected)  # again, harmlessly, if a Ctrl-C came before the append
+        self.outcomes.append(outcome)  # the count of those recorded: see Senders.results_from
+        if outcome.verdict in self.problems:
+            self.problems[outcome.verdict] += 1
+        if notify and self.on_result:
+            self.on_result(outcome)
+        if notify and self.progress:
+            self.progress.update(len(self.outcomes), self.problems["failed"], self.problems["wrong"],
+                                 not_sent=self.problems["not sent"])
+
+    def _record_all(self, wait: bool = True) -> None:
+        """Records the outcomes not yet recorded; with `wait`, until every request taken
+        from the plan has one (or, once stopped, those in flight), or `stop_at` passes."""
+        while True:
+            # Quitting (not `wait`), the report is printed even after a sender's bug.
+            for outcome in self.senders.results_from(len(self.outcomes), timeout_s=0.2 if wait else 0,
+                                                     raising=wait):
+                self._record(outcome, notify=wait)
+            if not wait or self.senders.finished(len(self.outcomes)) or self._out_of_time():
+                return
+
+    def _out_of_time(self) -> bool:
+        return self.stop_at is not None and time.monotonic() >= self.stop_at
 
 
 # --- output -------------------------------------------------------------------------
