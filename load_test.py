@@ -1993,8 +1993,31 @@ def failure_lines(report: Report, limit: int = 5) -> list[str]:
 
 def format_report(report: Report, max_problems: int = 10) -> str:
     """The summary table printed at the end of a run."""
-    stats = report.latency_stats()
+    rows = _report_rows(report)
+    width = max(len(name) for name, _ in rows)
+    lines = [_report_heading(report), ""]
+    lines += [f"  {name:<{width}}  {value}" for name, value in rows]
+    lines += _problem_lines(report, max_problems)
+    lines.append("")
+    if report.untrained:
+        lines.append(UNTRAINED_WARNING)
+    lines.append(result_line(report))
+    return "\n".join(lines)
+
+
+def _report_heading(report: Report) -> str:
     endpoint = "POST /" if report.api == "form" else "POST /api/jobs"
+    in_flight = min(report.concurrency, report.planned)
+    concurrency = f"concurrency {report.concurrency}"
+    if in_flight < report.concurrency:
+        requests_planned = f"{report.planned} request" + ("s" if report.planned > 1 else "")
+        concurrency += f" (at most {in_flight} in flight: {requests_planned})"
+    return f"Load test: {endpoint} on {report.url}, {concurrency}"
+
+
+def _report_rows(report: Report) -> list[tuple[str, str]]:
+    """The table's rows, in order; those of what did not happen are left out."""
+    stats = report.latency_stats()
     checked = report.correct + report.wrong
     # The percentiles are of the answered alone: a run with 131 of 150 timed out would say
     # "latency max 0.888 s", read as the run's worst.
@@ -2002,10 +2025,21 @@ def format_report(report: Report, max_problems: int = 10) -> str:
     # The course's figure divides by every request that ended, failed or not.
     failed_in_it = report.failed and report.course_average_latency is not None
     course = "duration / requests" + (f", the {report.failed} failed included" if failed_in_it else "")
-    rows = [
-        ("sent", f"{report.sent}" + (f" of {report.planned}" if report.sent != report.planned else "")),
-        ("answered", f"{report.answered}"),
-        ("failed", f"{report.failed}  (HTTP errors, timeouts)"),
+    sent = f"{report.sent}" + (f" of {report.planned}" if report.sent != report.planned else "")
+    rows = [("sent", sent)]
+    if report.resent:
+        rows.append(_resent_row(report))
+    rows.append(("answered", f"{report.answered}"))
+    if report.answered_later:
+        rows.append(("answered later", f"{report.answered_later}  (a 503 or 504 said the image was "
+                                       "queued: its result was read from /api/jobs)"))
+    rows.append(("failed", f"{report.failed}  (HTTP errors, timeouts)"))
+    if report.abandoned:
+        # SIGTERM quits at once too: "at the second Ctrl-C" may say what never happened.
+        rows.append(("abandoned", f"{report.abandoned}  (in flight when the run quit)"))
+    if report.not_sent:
+        rows.append(_not_sent_row(report))
+    rows += [
         ("wrong", f"{report.wrong}  (of {checked} checked; {report.unchecked} unchecked)"),
         ("total duration", _seconds(report.duration_s)),
         ("throughput", f"{report.throughput:.2f} images/s"),
@@ -2014,71 +2048,69 @@ def format_report(report: Report, max_problems: int = 10) -> str:
         (f"latency p99{of}", _seconds(stats["p99"])),
         (f"latency max{of}", _seconds(stats["max"])),
         (f"latency mean{of}", _seconds(stats["mean"])),
-        ("average latency (course)", f"{_seconds(report.course_average_latency)}  ({course})"),
     ]
     if report.polled:
-        # Polls back off to one a second, so these latencies include up to that much of
-        # waiting for the next poll: with --wait poll a p50 read 2.63 s against 2.20 s by events.
-        if report.api == "form":
-            how = "a 503 or 504 said the image was queued"
-        elif report.wait == "poll":
-            how = "--wait poll; the default, --wait sse, follows each result's events"
-        else:
-            how = "their event streams were refused or cut off"
-        rows.insert(len(rows) - 1, ("awaited by polling", f"{report.polled} of {report.answered} answered  "
-                                    f"(their latencies may be up to 1 s late: {how})"))
-    if report.not_sent:
-        never_started = report.not_sent - report.unreached - report.unreadable
-        tries = sum(o.resent for o in report.outcomes if o.verdict == "not sent")
-        why = [f"{report.unreached} never connected: refused or unreachable"
-               + (f", tried again {tries} times in all" if tries else "")] if report.unreached else []
-        why += [f"{report.unreadable} whose file could not be read"] if report.unreadable else []
-        why += [f"{never_started} not started: the run was interrupted"] if never_started else []
-        rows.insert(3, ("not sent", f"{report.not_sent}  ({'; '.join(why)})"))
-    if report.abandoned:
-        # SIGTERM quits at once too: "at the second Ctrl-C" may say what never happened.
-        rows.insert(3, ("abandoned", f"{report.abandoned}  (in flight when the run quit)"))
-    if report.answered_later:
-        rows.insert(2, ("answered later", f"{report.answered_later}  (a 503 or 504 said the image was "
-                                          "queued: its result was read from /api/jobs)"))
-    if report.resent:
-        resent = [o for o in report.outcomes if o.reached and o.resent]
-        cut_off_too = report.api == "jobs" or report.idempotency_keys
-        why = "refused or cut-off connections" if cut_off_too else "refused connections"
-        why = f"{why}, 503 'not stored': a web tier restarting"
-        rows.insert(1, ("sent again", f"{len(resent)} requests, {report.resent} times in all  ({why})"))
+        rows.append(_polled_row(report))
+    rows.append(("average latency (course)", f"{_seconds(report.course_average_latency)}  ({course})"))
     if report.peak_instances is not None:
-        # The first reading may come seconds in (a fresh web tier has no figures yet).
-        first_at = report.instance_samples[0][0]
-        late = first_at > 2 * STATUS_INTERVAL_S
-        when = f"at the first reading, {first_at:.0f} s in" if late else "at start"
-        at_first = f"{report.instances_at_start} {when}"
-        if report.lowest_instances < report.instances_at_start:
-            at_first += f", {report.lowest_instances} at the lowest"
-        rows.append(("peak app-tier instances", f"{report.peak_instances} ({at_first})"))
-    width = max(len(name) for name, _ in rows)
-    in_flight = min(report.concurrency, report.planned)
-    concurrency = f"concurrency {report.concurrency}"
-    if in_flight < report.concurrency:
-        requests_planned = f"{report.planned} request" + ("s" if report.planned > 1 else "")
-        concurrency += f" (at most {in_flight} in flight: {requests_planned})"
-    lines = [f"Load test: {endpoint} on {report.url}, {concurrency}", ""]
-    lines += [f"  {name:<{width}}  {value}" for name, value in rows]
+        rows.append(_instances_row(report))
+    return rows
 
+
+def _resent_row(report: Report) -> tuple[str, str]:
+    resent = [o for o in report.outcomes if o.reached and o.resent]
+    cut_off_too = report.api == "jobs" or report.idempotency_keys
+    why = "refused or cut-off connections" if cut_off_too else "refused connections"
+    why = f"{why}, 503 'not stored': a web tier restarting"
+    return ("sent again", f"{len(resent)} requests, {report.resent} times in all  ({why})")
+
+
+def _not_sent_row(report: Report) -> tuple[str, str]:
+    never_started = report.not_sent - report.unreached - report.unreadable
+    tries = sum(o.resent for o in report.outcomes if o.verdict == "not sent")
+    why = [f"{report.unreached} never connected: refused or unreachable"
+           + (f", tried again {tries} times in all" if tries else "")] if report.unreached else []
+    why += [f"{report.unreadable} whose file could not be read"] if report.unreadable else []
+    why += [f"{never_started} not started: the run was interrupted"] if never_started else []
+    return ("not sent", f"{report.not_sent}  ({'; '.join(why)})")
+
+
+def _polled_row(report: Report) -> tuple[str, str]:
+    # Polls back off to one a second, so these latencies include up to that much of
+    # waiting for the next poll: with --wait poll a p50 read 2.63 s against 2.20 s by events.
+    if report.api == "form":
+        how = "a 503 or 504 said the image was queued"
+    elif report.wait == "poll":
+        how = "--wait poll; the default, --wait sse, follows each result's events"
+    else:
+        how = "their event streams were refused or cut off"
+    return ("awaited by polling", f"{report.polled} of {report.answered} answered  "
+                                  f"(their latencies may be up to 1 s late: {how})")
+
+
+def _instances_row(report: Report) -> tuple[str, str]:
+    # The first reading may come seconds in (a fresh web tier has no figures yet).
+    first_at = report.instance_samples[0][0]
+    late = first_at > 2 * STATUS_INTERVAL_S
+    when = f"at the first reading, {first_at:.0f} s in" if late else "at start"
+    at_first = f"{report.instances_at_start} {when}"
+    if report.lowest_instances < report.instances_at_start:
+        at_first += f", {report.lowest_instances} at the lowest"
+    return ("peak app-tier instances", f"{report.peak_instances} ({at_first})")
+
+
+def _problem_lines(report: Report, max_problems: int) -> list[str]:
     problems = sorted((o for o in report.outcomes if o.verdict in ("failed", "wrong", "not sent")),
                       key=lambda o: o.index)
-    if problems:
-        lines += ["", "Problems:"]
-        for o in problems[:max_problems]:
-            detail = o.error if o.verdict != "wrong" else f"answered {o.body!r}, {o.note or 'wrong'}"
-            lines.append(f"  {o.file}: {o.verdict}: {detail}")
-        if len(problems) > max_problems:
-            lines.append(f"  ... and {len(problems) - max_problems} more (see --json)")
-    lines.append("")
-    if report.untrained:
-        lines.append(UNTRAINED_WARNING)
-    lines.append(result_line(report))
-    return "\n".join(lines)
+    if not problems:
+        return []
+    lines = ["", "Problems:"]
+    for o in problems[:max_problems]:
+        detail = o.error if o.verdict != "wrong" else f"answered {o.body!r}, {o.note or 'wrong'}"
+        lines.append(f"  {o.file}: {o.verdict}: {detail}")
+    if len(problems) > max_problems:
+        lines.append(f"  ... and {len(problems) - max_problems} more (see --json)")
+    return lines
 
 
 def write_json(report: Report, path: Path) -> None:
