@@ -53,12 +53,14 @@ runtime-venv:
 run: $(STAMP)
 	$(PY) -m localaws.stack
 
-## The whole test suite (what CI runs), without the long soak test, in two processes
+## The whole test suite (what CI runs): ruff, the tests in two processes, then the soak
+## test alone (beside other tests its killed workers' batches would run out of attempts)
 TEST_PROCESSES ?= 2
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -m "not soak" -n $(TEST_PROCESSES) --dist loadscope --no-loadscope-reorder \
 		--max-worker-restart 1 --durations 15
+	$(PY) -m pytest -m soak -s
 
 ## Unit tests only: no browser and no stack (~5 minutes in two processes here)
 test-quick: $(STAMP)
