@@ -1,8 +1,8 @@
 """Soak: 1,000 images through /api/jobs while workers are SIGKILLed at random,
 and one is stopped (SIGSTOP: a hang that only the runner's watchdog ends).
 
-Run apart from the quick suite: `make soak`. Prints a table of what was
-injected and what came back.
+`make test` runs it last, alone (`make soak` runs only it). Prints a table of
+what was injected and what came back.
 """
 
 from __future__ import annotations
