@@ -125,7 +125,7 @@ function showRows(session, saved, items) {
         session.showNew(stored, false);
         byId.delete(stored.id);
       } else {
-        session.showUnsent(shown.name || "upload", shown.why, shown.token);
+        session.showUnsent(shown.name || "upload", shown.why, shown.token, Boolean(shown.stopped));
       }
     }
     if (shown.path && session.entries.length > rows) session.setPath(session.entries[rows], shown.path);

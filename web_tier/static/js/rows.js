@@ -45,7 +45,17 @@ export function setPath(el, path) {
   el.querySelector(".path").hidden = !folder;
 }
 
+// A row failed because the user stopped its upload ("Stop sending") is still
+// data-state="failed", but marked data-stopped, which the summary counts apart: a user
+// who stopped 900 of 1,000 files on purpose would else read "910 failed". The mark
+// holds only as long as that failure: any later state (a late answer, the file sent
+// again) takes it away, here, where every change of state goes.
+export function isStopped(el) {
+  return "stopped" in el.dataset;
+}
+
 export function setState(el, state) {
+  delete el.dataset.stopped;
   el.dataset.state = state;
   el.querySelector(".state").textContent = state;
 }
@@ -64,11 +74,14 @@ function formatScore(score) {
   return typeof score === "number" ? `${(score * 100).toFixed(1)}%` : "";
 }
 
-export function showFailure(el, message) {
+// `stopped`: the user stopped its upload (see isStopped). Not the failure screen readers
+// hear named at once: the press was said, and the count says the files it left unsent.
+export function showFailure(el, message, stopped = false) {
   if (FINISHED.has(el.dataset.state)) return;
   setState(el, "failed");
+  if (stopped) el.dataset.stopped = "true";
   el.querySelector(".error").textContent = message;
-  if (!page.firstFailure) page.firstFailure = el;
+  if (!page.firstFailure && !stopped) page.firstFailure = el;
   updateSummary();
 }
 

@@ -502,7 +502,7 @@ export class Session {
       if (remember) entry.refused = why;
       else entry.unsentWhy = why;  // a reload shows it so, unless the server has it
       entry.failure = failure;
-      showFailure(entry.el, why);
+      showFailure(entry.el, why, Boolean(failure.stopped));
     }
     this.save();
   }
@@ -521,7 +521,9 @@ export class Session {
     const shown = this.entries.map((entry) => ({
       ...(entry.id ? { id: entry.id }
         : entry.refused ? { name: entry.el.dataset.filename, error: entry.refused }
-          : { name: entry.el.dataset.filename, unsent: true, why: entry.unsentWhy, token: entry.token }),
+          : { name: entry.el.dataset.filename, unsent: true, why: entry.unsentWhy, token: entry.token,
+            // A reload counts it apart too, as this page does (rows.js isStopped).
+            ...(entry.failure && entry.failure.stopped ? { stopped: true } : {}) }),
       ...(entry.path ? { path: entry.path } : {}),
       ...(entry.again ? { again: entry.again } : {}),
       ...(entry.replaced ? { replaced: entry.replaced } : {}),
@@ -586,9 +588,10 @@ export class Session {
   }
 
   // A file chosen in this tab (or the one it was copied from) that the server did not
-  // hold when the batch was restored.
-  showUnsent(name, why, token) {
+  // hold when the batch was restored; `stopped`: its upload was stopped by the user.
+  showUnsent(name, why, token, stopped = false) {
     const entry = { file: null, el: this.newRow(name), unsent: true, unsentWhy: why, token };
+    if (stopped) entry.failure = { stopped: true };
     this.entries.push(entry);
     this.showPendingRow(entry);
   }
@@ -608,7 +611,8 @@ export class Session {
       el.querySelector(".error").textContent = "";
     } else {
       const ended = this.otherTabGone ? NOT_STORED_SENDER_GONE : NOT_STORED_ELSEWHERE;
-      showFailure(el, entry.unsentWhy || (this.otherTabEnded ? ended : NOT_STORED));
+      const stopped = Boolean(entry.unsentWhy && entry.failure && entry.failure.stopped);
+      showFailure(el, entry.unsentWhy || (this.otherTabEnded ? ended : NOT_STORED), stopped);
     }
   }
 
