@@ -20,9 +20,12 @@ let repeatMs = 0;         // how long after it the same count is said again
 const notesForNext = [];  // said once, first in the next announcement, whatever it is (sayNext)
 let failedAtUpload = 0;   // the page's failed rows when the latest upload began
 let failureSaid = false;  // ...and whether one of its failures has been said
+let stoppedBefore = 0;    // the rows stopped by the user ("Stop sending") at the last count
+// Failed, but not by the user's "Stop sending" (rows.js isStopped): those are counted apart.
+const FAILED = '.result[data-state="failed"]:not([data-stopped])';
 export const someFiles = (n) => `${n} file${n === 1 ? "" : "s"}`;
 export function uploadBegins() {
-  failedAtUpload = resultsEl.querySelectorAll('.result[data-state="failed"]').length;
+  failedAtUpload = resultsEl.querySelectorAll(FAILED).length;
   failureSaid = false;
   page.firstFailure = null;
 }
@@ -53,8 +56,9 @@ function shortened(name) {
   const parts = graphemes(name);
   return parts.length > 60 ? `${parts.slice(0, 40).join("")}…${parts.slice(-15).join("")}` : name;
 }
-// `counts` and `sending` as the summary line shows them (summary.js).
-export function announceProgress(counts, sending, failed, finished) {
+// `counts` and `sending` as the summary line shows them (summary.js); `failed` and
+// `stopped` the rows failed, and those of them the user stopped.
+export function announceProgress(counts, sending, failed, stopped, finished) {
   clearTimeout(announceTimer);
   announceTimer = null;
   const every = setting("announceEveryMs");
@@ -66,6 +70,11 @@ export function announceProgress(counts, sending, failed, finished) {
     progressSaid = said;
   };
   let text = null;
+  // Files just stopped ("Stop sending") are counted aloud at once, after the press's
+  // own note: no failure is named for them, and left to the next count due, the note
+  // would be said alone.
+  const newlyStopped = stopped > stoppedBefore;
+  stoppedBefore = stopped;
   if (counts) {
     if (!announcedAt) announcedAt = Date.now();  // the first files chosen start the clock
     const changed = progress !== progressSaid;
@@ -74,12 +83,12 @@ export function announceProgress(counts, sending, failed, finished) {
       failureSaid = true;  // later ones are in the counts said every announceEveryMs
       // Still failed (a late answer may have replaced it), else the last failed row.
       const first = page.firstFailure;
-      const rows = resultsEl.querySelectorAll('.result[data-state="failed"]');
-      const failure = first && first.dataset.state === "failed" ? first : rows[rows.length - 1];
+      const rows = resultsEl.querySelectorAll(FAILED);
+      const failure = first && first.matches(FAILED) ? first : rows[rows.length - 1];
       const said = shortened(failure.dataset.filename);
       text = `${counts}. ${said}: ${failure.querySelector(".error").textContent}`;
       heard(counts);  // with it: not said again bare at once, which cut the reason off
-    } else if (changed ? finished || due : !finished && due) {
+    } else if (changed ? finished || due || newlyStopped : !finished && due) {
       text = progress;
       if (!changed) repeatMs = Math.min(2 * repeatMs, REPEAT_BACK_OFF_MAX * every);
       heard(progress);

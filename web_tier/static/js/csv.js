@@ -14,7 +14,8 @@ function csvCell(value) {
 }
 function resultsCsv() {
   const lines = [CSV_COLUMNS.join(",")];
-  for (const el of resultsEl.querySelectorAll(onlyFailed() ? '.result[data-state="failed"]' : ".result")) {
+  const shown = onlyFailed() ? '.result[data-state="failed"]:not([data-stopped])' : ".result";
+  for (const el of resultsEl.querySelectorAll(shown)) {
     const row = el.dataset;
     const done = row.state === "done";
     // A label's own model says; for a row without one, the model the page knows of.
@@ -26,7 +27,8 @@ function resultsCsv() {
   }
   return "\ufeff" + lines.join("\r\n") + "\r\n";
 }
-// What is shown is what is downloaded: with the filter on, the failed files alone.
+// What is shown is what is downloaded: with the filter on, the failed files alone (not
+// those the user stopped: style.css).
 export function onlyFailed() {
   return resultsEl.classList.contains("only-failed");
 }

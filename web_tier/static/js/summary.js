@@ -7,6 +7,7 @@ import { bytesOf } from "./chunks.js";
 import { onlyFailed } from "./csv.js";
 import { $, resultsEl } from "./dom.js";
 import { updateSummary } from "./refresh.js";
+import { isStopped } from "./rows.js";
 import { page } from "./state.js";
 
 const TITLE = document.title;
@@ -39,18 +40,28 @@ function sendingText() {
 }
 
 
+// ", 10 failed, 900 not sent (stopped)": the files the user stopped ("Stop sending"),
+// though failed rows, are said apart. Counted as failed, 900 of 1,000 files stopped on
+// purpose would read "90 of 1000 classified, 910 failed", a service gone wrong.
+function failedText(failed, stopped) {
+  return `${failed ? `, ${failed} failed` : ""}${stopped ? `, ${stopped} not sent (stopped)` : ""}`;
+}
+
 export function refreshSummary() {
   const all = resultsEl.querySelectorAll(".result");
-  let done = 0, failed = 0;
+  let done = 0, failed = 0, stopped = 0;  // failed: those not stopped
   for (const el of all) {
     if (el.dataset.state === "done") done += 1;
+    else if (el.dataset.state === "failed" && isStopped(el)) stopped += 1;
     else if (el.dataset.state === "failed") failed += 1;
   }
-  const counts = all.length ? `${done} of ${all.length} classified${failed ? `, ${failed} failed` : ""}` : "";
+  const counts = all.length ? `${done} of ${all.length} classified${failedText(failed, stopped)}` : "";
   const sending = sendingText();
   $("summary").textContent = [counts, sending, ...page.notices, ...page.folderNotices].filter(Boolean)
     .join(" · ");
-  // Among hundreds of rows, the few that failed are the ones to act on.
+  // Among hundreds of rows, the few that failed are the ones to act on: not those the
+  // user stopped, among which they would be lost (10 among 900), and which "Send
+  // again" offers anyway.
   const onlyFailedBox = $("only-failed-box");
   if (!failed && !onlyFailedBox.hidden) {
     // No row failed any more (a late answer replaced a failure): hidden with the focus
@@ -62,8 +73,9 @@ export function refreshSummary() {
   onlyFailedBox.hidden = !failed;
   $("only-failed-count").textContent = failed ? ` (${failed})` : "";
   resultsEl.classList.toggle("only-failed", Boolean(failed) && $("only-failed").checked);
+  const unfinished = done + failed + stopped < all.length;
   $("download-csv").textContent = onlyFailed() ? "Download the failed files (CSV)"
-    : done + failed < all.length ? "Download the results so far (CSV)" : "Download the results (CSV)";
+    : unfinished ? "Download the results so far (CSV)" : "Download the results (CSV)";
   $("tools").hidden = !all.length;
   const stopSending = $("stop-sending");
   const stoppable = page.sessions.some((session) => session.uploading && !session.stopped);
@@ -72,13 +84,14 @@ export function refreshSummary() {
   stopSending.hidden = !stoppable;
   showSendAgain();
   sayAgainDone();
-  const finished = done + failed === all.length;
+  const finished = !unfinished;
   // The tab's title follows too: a user waiting in another tab could not. Once all
   // are finished it says how they ended, until the next upload: back to the bare
   // title, a user coming back to the tab could not tell.
-  const ended = `Done: ${done} classified${failed ? `, ${failed} failed` : ""}`;
-  document.title = !counts ? TITLE : finished ? `${ended} · ${TITLE}` : `(${done + failed}/${all.length}) ${TITLE}`;
-  announceProgress(counts, sending, failed, finished);
+  const ended = `Done: ${done} classified${failedText(failed, stopped)}`;
+  document.title = !counts ? TITLE : finished ? `${ended} · ${TITLE}`
+    : `(${done + failed + stopped}/${all.length}) ${TITLE}`;
+  announceProgress(counts, sending, failed, stopped, finished);
 }
 
 // The filter and "Stop sending", which the summary shows or hides.
