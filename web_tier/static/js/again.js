@@ -4,7 +4,7 @@
 import { sayNext, sayOnce, someFiles, uploadBegins } from "./announce.js";
 import { $ } from "./dom.js";
 import { storedKey } from "./key.js";
-import { FINISHED } from "./rows.js";
+import { FINISHED, isStopped } from "./rows.js";
 import { page } from "./state.js";
 
 // The one rule of which failed files "Send N failed files again" offers (README's
@@ -58,13 +58,14 @@ function notWorthAgain(entry) {
 }
 
 // The failed files the page could send again, by upload: {offered: Map(session ->
-// entries), count, leftOut: "" or why the others it holds are not offered}. Only
-// files whose File this page view holds (a reloaded page has none), but dead letters,
-// which the server holds. An upload still sending is left to end first (its own
-// resends are under way): its failures join the offer then.
+// entries), count, stopped: how many of them the user stopped, leftOut: "" or why the
+// others it holds are not offered}. Only files whose File this page view holds (a
+// reloaded page has none), but dead letters, which the server holds. An upload still
+// sending is left to end first (its own resends are under way): its failures join the
+// offer then.
 function failedFiles() {
   const offered = new Map(), leftOut = new Map();
-  let count = 0;
+  let count = 0, stopped = 0;
   for (const session of page.sessions) {
     if (session.uploading) continue;
     for (const entry of session.entries) {
@@ -77,20 +78,30 @@ function failedFiles() {
         if (!offered.has(session)) offered.set(session, []);
         offered.get(session).push(entry);
         count += 1;
+        if (isStopped(entry.el)) stopped += 1;
       }
     }
   }
   const reasons = [...leftOut].map(([why, n]) => `${n} ${LEFT_OUT[why]}`);
-  return { offered, count, leftOut: reasons.length ? `not offered: ${reasons.join(", ")}` : "" };
+  return { offered, count, stopped, leftOut: reasons.length ? `not offered: ${reasons.join(", ")}` : "" };
+}
+
+// The files the user stopped named apart, as the summary counts them ("10 failed, 900
+// not sent (stopped)"): "Send 910 failed files again" beside it would call them failed.
+function offerText(count, stopped) {
+  const failed = count - stopped;
+  const failedOnes = `${failed} failed file${failed === 1 ? "" : "s"} again`;
+  const notSent = stopped === 1 ? "the file not sent" : `the ${stopped} files not sent`;
+  return `Send ${!stopped ? failedOnes : !failed ? notSent : `${failedOnes} and ${notSent}`}`;
 }
 
 export function showSendAgain() {
-  const { count, leftOut } = failedFiles();
+  const { count, stopped, leftOut } = failedFiles();
   const button = $("send-again");
   // Hidden with the focus on it (its files went), it would leave the focus on nothing.
   if (!count && document.activeElement === button) $("download-csv").focus();
   button.hidden = !count;
-  button.textContent = `Send ${count} failed file${count === 1 ? "" : "s"} again`;
+  button.textContent = offerText(count, stopped);
   const note = $("send-again-note");
   note.textContent = count && leftOut ? `(${leftOut})` : "";
   note.hidden = !note.textContent;
@@ -117,8 +128,10 @@ function sendFailedAgain() {
 // said at the end are the page's, the first upload's files among them.
 export function sayAgainDone() {
   if (!sentAgain.length || !sentAgain.every(({ el }) => FINISHED.has(el.dataset.state))) return;
-  const failed = sentAgain.filter(({ el }) => el.dataset.state === "failed").length;
-  sayNext(`Of the ${someFiles(sentAgain.length)} sent again, ` +
-          `${sentAgain.length - failed} classified${failed ? `, ${failed} failed again` : ""}`);
+  const failed = sentAgain.filter(({ el }) => el.dataset.state === "failed" && !isStopped(el)).length;
+  const stopped = sentAgain.filter(({ el }) => isStopped(el)).length;
+  const classified = sentAgain.length - failed - stopped;
+  sayNext(`Of the ${someFiles(sentAgain.length)} sent again, ${classified} classified` +
+          `${failed ? `, ${failed} failed again` : ""}${stopped ? `, ${stopped} not sent (stopped)` : ""}`);
   sentAgain = [];
 }
