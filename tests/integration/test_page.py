@@ -461,28 +461,141 @@ def test_stop_sending_ends_an_upload_leaving_what_was_sent(stack, browser, refer
     record_announcements(browser)
     stop.click()
     # Said: the rows on their way stay "uploading", and the press seems to do nothing;
-    # in one text with the files left unsent, as said apart the first goes unheard.
-    assert browser.execute_script("return window.announced")[-1].startswith(
+    # in one text with the files left unsent, as said apart the first goes unheard. Not
+    # as failures ("5 failed", the first named): the user stopped them.
+    wait_for(lambda: last_announced(browser).startswith(
         "Stopped: files already on their way finish sending, the rest are not sent. 0 of 6 classified, "
-        "5 failed. stop_1.jpg: not sent: you stopped the upload")
+        "5 not sent (stopped)"), 10, "the press and its count said")
     browser.execute_script("window.held = false;")
     shown = finished_rows(browser, stack, 6, timeout_s=60)
     first = "stop_0.jpg"
     assert_classified({first: shown[first]}, {first: files[first]}, reference_model)
     for name in list(files)[1:]:
         assert shown[name].get_attribute("data-state") == "failed"
+        assert shown[name].get_attribute("data-stopped") == "true"
         assert "not sent: you stopped the upload" in shown[name].text
     assert browser.execute_script("return window.posts") == 1
     batch_id = browser.current_url.split("#batches=")[1]
     assert [i["filename"] for i in server_items(stack, batch_id)] == [first]
     wait_for(lambda: not stop.is_displayed(), 10, "the button to go")
+    # Counted apart from failures: 900 of 1,000 stopped would read "910 failed".
+    final = "1 of 6 classified, 5 not sent (stopped)"
+    wait_for(lambda: last_announced(browser) == final, 10, "the end said")
+    assert browser.find_element(By.ID, "summary").text == final
+    assert browser.title == "Done: 1 classified, 5 not sent (stopped) · Image classification"
+    assert not any("failed" in said for said in browser.execute_script("return window.announced"))
+    assert not browser.find_element(By.ID, "only-failed-box").is_displayed()  # none failed
     # Stopped is not refused: the rest are offered again, into the same batch, not left
     # to be chosen again by hand after a stray press.
     button = send_again_button(browser)
-    wait_for(lambda: button.is_displayed() and button.text == "Send 5 failed files again", 10, "the offer")
+    wait_for(lambda: button.is_displayed() and button.text == "Send the 5 files not sent", 10, "the offer")
     button.click()
     wait_for(lambda: set(states_shown(browser).values()) == {"done"}, 60, "the rest classified")
     assert sorted(i["filename"] for i in server_items(stack, batch_id)) == sorted(files)
+    # No longer stopped once sent: the mark goes with the failure.
+    assert browser.find_elements(By.CSS_SELECTOR, "#results [data-stopped]") == []
+    wait_for(lambda: browser.find_element(By.ID, "summary").text == "6 of 6 classified", 10, "the count")
+    assert browser.title == "Done: 6 classified · Image classification"
+
+
+def test_files_stopped_are_counted_apart_from_those_failed_after_a_reload_too(stack, browser, tmp_path):
+    """The summary, the title and what screen readers hear at the end count the files
+    the user stopped apart from those that failed; "Show only the failed files" shows
+    the failed ones alone, which 900 stopped would bury; a reload shows the same."""
+    from selenium.webdriver.common.by import By
+
+    stopped = [f"halted_{i}.jpg" for i in range(3)]
+    files = {"sent.jpg": make_image(1470, size=(64, 48)), "bad.jpg": b"not an image at all",
+             **{name: make_image(1471 + i, size=(64, 48)) for i, name in enumerate(stopped)}}
+    browser.get(stack.web_url + "/")
+    browser.execute_script(UPLOADS_BY_FETCH + """
+      document.body.dataset.filesPerRequest = '2';
+      const realFetch = window.fetch;
+      window.held = true;  // the first POST (sent.jpg, bad.jpg) waits until the stop
+      window.posts = 0;
+      window.fetch = async (url, options) => {
+        if (url === "/api/jobs") window.posts += 1;
+        while (url === "/api/jobs" && window.held) await new Promise((r) => setTimeout(r, 50));
+        return realFetch(url, options);
+      };""")
+    record_announcements(browser)
+    choose(browser, tmp_path, files)
+    stop = browser.find_element(By.ID, "stop-sending")
+    wait_for(lambda: stop.is_displayed() and browser.execute_script("return window.posts") == 1, 30,
+             "the first send, and the button")
+    stop.click()
+    wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#results [data-stopped]")) == 3, 10,
+             "the rest stopped")
+    browser.execute_script("window.held = false;")
+    shown = finished_rows(browser, stack, 5, timeout_s=60)
+    assert shown["sent.jpg"].get_attribute("data-state") == "done"
+    assert shown["bad.jpg"].get_attribute("data-state") == "failed"
+
+    final = "1 of 5 classified, 1 failed, 3 not sent (stopped)"
+    title = "Done: 1 classified, 1 failed, 3 not sent (stopped) · Image classification"
+
+    def counted_apart(what: str) -> None:
+        rows = {name: (state, browser.find_element(By.CSS_SELECTOR, f'#results [data-filename="{name}"]')
+                       .get_attribute("data-stopped")) for name, state in states_shown(browser).items()}
+        assert rows == {"sent.jpg": ("done", None), "bad.jpg": ("failed", None),
+                        **dict.fromkeys(stopped, ("failed", "true"))}, (what, rows)
+        wait_for(lambda: browser.find_element(By.ID, "summary").text == final, 10, f"the count {what}")
+        assert browser.title == title, what
+        assert browser.find_element(By.ID, "only-failed-box").text == "Show only the failed files (1)", what
+
+    counted_apart("at the end")
+    wait_for(lambda: last_announced(browser) == final, 10, "the end said")
+    said = browser.execute_script("return window.announced")
+    # The failure named at once is the one that failed, not a file the user stopped.
+    assert not any("halted_" in text for text in said), said
+    assert any(text.startswith("0 of 5 classified, 1 failed, 3 not sent (stopped). bad.jpg: ")
+               for text in said), said
+
+    # The filter shows the failed file alone (its CSV too); "Send again" still offers the rest.
+    only_failed = browser.find_element(By.ID, "only-failed")
+    only_failed.click()
+    visible = [row.get_attribute("data-filename")
+               for row in browser.find_elements(By.CSS_SELECTOR, "#results .result") if row.is_displayed()]
+    assert visible == ["bad.jpg"]
+    assert browser.find_element(By.ID, "download-csv").text == "Download the failed files (CSV)"
+    only_failed.click()
+    rows = browser.find_elements(By.CSS_SELECTOR, "#results .result")
+    wait_for(lambda: all(row.is_displayed() for row in rows), 5, "every row shown again")
+    button = send_again_button(browser)
+    wait_for(lambda: button.is_displayed() and button.text == "Send the 3 files not sent", 10, "the offer")
+
+    browser.refresh()
+    finished_rows(browser, stack, 5, timeout_s=60)
+    counted_apart("after a reload")
+    for name in stopped:
+        row = browser.find_element(By.CSS_SELECTOR, f'#results [data-filename="{name}"]')
+        assert "not sent: you stopped the upload" in row.text
+    # What screen readers hear of the page restored: its failure, with the same count.
+    wait_for(lambda: browser.find_element(By.ID, "announce").get_attribute("textContent").startswith(
+        f"{final}. bad.jpg: "), 10, "the count said")
+
+
+def test_a_stopped_file_the_server_stored_after_all_is_not_counted_stopped_after_a_reload(stack, browser,
+                                                                                          tmp_path):
+    """Stopped while its send, whose answer was lost, waited to go again: the server may
+    hold it ("reload to see"). The reload shows its result, neither failed nor stopped."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    browser.execute_script(FAIL_FIRST_POSTS, ["lost"])  # stored; sent again 5 s later
+    choose(browser, tmp_path, {"kept_after_all.jpg": make_image(1475, size=(64, 48))})
+    wait_for(lambda: browser.execute_script("return window.fakedPosts") == 1, 30, "the first send")
+    browser.find_element(By.ID, "stop-sending").click()
+    shown = finished_rows(browser, stack, 1, timeout_s=4.5)  # before the 5 s resend
+    assert shown["kept_after_all.jpg"].get_attribute("data-stopped") == "true"
+    assert "(the server may hold it: reload to see)" in shown["kept_after_all.jpg"].text
+    wait_for(lambda: browser.find_element(By.ID, "summary").text == "0 of 1 classified, 1 not sent (stopped)",
+             10, "the count")
+    browser.refresh()
+    wait_for(lambda: states_shown(browser) == {"kept_after_all.jpg": "done"}, 60, "the server's result")
+    assert browser.find_elements(By.CSS_SELECTOR, "#results [data-stopped]") == []
+    wait_for(lambda: browser.find_element(By.ID, "summary").text == "1 of 1 classified", 10, "the count")
+    assert browser.title == "Done: 1 classified · Image classification"
 
 
 def test_the_focus_on_stop_sending_moves_on_when_the_upload_ends_by_itself(stack, browser, tmp_path):
@@ -1528,6 +1641,12 @@ def record_announcements(browser):
       new MutationObserver(() => window.announced.push(arguments[0].textContent))
         .observe(arguments[0], {childList: true, characterData: true, subtree: true});""", announce)
     return announce
+
+
+def last_announced(browser) -> str:
+    """The last text record_announcements kept, "" before any."""
+    said = browser.execute_script("return window.announced")
+    return said[-1] if said else ""
 
 
 def test_screen_readers_hear_the_first_failure_at_once_and_the_summary_at_the_end(stack, browser, tmp_path):
