@@ -43,6 +43,13 @@ def is_callers_fault(exc: BaseException) -> bool:
     return not isinstance(exc, BotoCoreError)
 
 
+def is_outage(exc: BaseException) -> bool:
+    """Whether a failed call is AWS failing or not answering (a timeout, a lost
+    connection, a 5xx, a throttle), as in an outage, which fails every call alike:
+    not the caller's fault, nor a fault in its process."""
+    return isinstance(exc, AWS_ERRORS) and not is_callers_fault(exc)
+
+
 # S3 saying an object (or its bucket) is not there: GetObject says NoSuchKey, HeadObject
 # only its status, 404 (NotFound in some clients' words).
 NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -11,7 +12,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from common.aws import Aws
-from common.aws_errors import error_reason
+from common.aws_errors import error_reason, is_outage
 from common.failure_tags import DEAD_LETTER_ERROR, NEVER_SENT_AGAIN, SentAgain, sent_again_from_tags
 from common.messages import ClassifyRequest, MessageAttributes, MessageError, prior_receives_attribute
 from common.names import object_key
@@ -173,7 +174,7 @@ class Submitter:
         """What an upload whose put, or request, failed is answered: refused, its image
         deleted; or, if that delete fails, accepted, to be queued later."""
         # An AWS outage must cost this file, not the service.
-        log.exception("could not submit item %s", item.id)
+        _log_failure("could not submit item %s", item.id)
         # Deleted even when the put raised: S3 may have stored it all the same (an
         # ambiguous 500, a timeout after the write), and a resend under its token
         # would then adopt it from S3, an item no request was ever sent for.
@@ -341,9 +342,21 @@ class Submitter:
         try:
             self.aws.probes["s3"].delete_object(Bucket=self.aws.settings.input_bucket, Key=key)
         except Exception:
-            log.exception("could not delete %s, stored for an upload that was refused", key)
+            _log_failure("could not delete %s, stored for an upload that was refused", key)
             return False
         return True
+
+
+def _log_failure(message: str, *args: object) -> None:
+    """Log the exception being handled: in one line if it is AWS failing (or SQS not
+    taking a message), which an outage does to every file of a request alike (with a
+    traceback each, ~190 lines a file: 190,000 for a request of 1,000); with its
+    traceback otherwise, a fault to find."""
+    exc = sys.exc_info()[1]
+    if exc is not None and (isinstance(exc, SendError) or is_outage(exc)):
+        log.error(message + ": %s: %s", *args, type(exc).__name__, exc)
+    else:
+        log.exception(message, *args)
 
 
 def _why_not_again(item: Item) -> str:

@@ -144,6 +144,45 @@ def test_an_s3_that_stopped_answering_refuses_an_upload_after_a_few_tries_not_mi
         assert len(accepted) == UPLOAD_ATTEMPTS + 1 < 6
 
 
+@pytest.mark.parametrize("failure", ["outage", "bug"])
+def test_an_upload_refused_for_an_aws_outage_is_logged_in_one_line_a_bug_with_its_traceback(
+        web_aws, monkeypatch, caplog, failure):
+    """An outage fails every file of a request alike: a traceback each (~190 lines a
+    file, its put's and its delete's) would fill the log. A fault in the code keeps its
+    traceback, to be found."""
+    import logging
+    from concurrent.futures import ThreadPoolExecutor
+
+    from botocore.exceptions import EndpointConnectionError
+
+    import web_tier.submit
+    from web_tier.image_check import Upload
+    from web_tier.refusals import Refusal
+    from web_tier.results import ResultBook
+    from web_tier.submit import Submitter
+
+    raised = (EndpointConnectionError(endpoint_url="http://s3.example:443") if failure == "outage"
+              else RuntimeError("a bug"))
+
+    def fails(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(web_tier.submit, "put_input", fails)
+    monkeypatch.setattr(web_aws.probes["s3"], "delete_object", fails)
+    caplog.set_level(logging.INFO, logger="web_tier.submit")
+    uploads = [Upload(f"cat{n}.jpg", make_image(n), "image/jpeg") for n in range(3)]
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = Submitter(web_aws, ResultBook(), pool, requests=None).submit("ab" * 16, uploads)
+    assert all(isinstance(o, Refusal) and o.code == Code.AWS_UNAVAILABLE for o in outcomes)
+    said = [r for r in caplog.records if r.getMessage().startswith(("could not submit", "could not delete"))]
+    assert len(said) == 6 and all(r.levelname == "ERROR" for r in said)
+    if failure == "outage":
+        assert all(r.exc_info is None for r in said)
+        assert all("EndpointConnectionError: Could not connect" in r.getMessage() for r in said)
+    else:
+        assert all(r.exc_info and r.exc_info[1] is raised for r in said)
+
+
 def test_healthz_says_aws_unavailable(web_client, web_aws):
     web_aws.sqs.delete_queue(QueueUrl=web_aws.request_queue_url)
     response = web_client.get("/healthz")
