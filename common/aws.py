@@ -159,6 +159,11 @@ class Aws:
     keys: tuple[str, str] | None = None
     # Queue URLs by name, looked up once (they never change for a queue).
     _queue_urls: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    # Whether HTTP requests wait for its S3 calls (the web tier's lookups of batches and
+    # results): then S3 is given up on as an upload's put is, within ~35 s
+    # (UPLOAD_READ_TIMEOUT_S, UPLOAD_ATTEMPTS), not after 6 tries of 30 s, each lookup
+    # of a stalled S3 holding a thread of the web tier's for minutes.
+    requests_wait: bool = False
     # Clients by name, made once they have credentials (see _kept).
     _clients: dict[str, object] = field(default_factory=dict, init=False, repr=False)
 
@@ -193,7 +198,10 @@ class Aws:
 
     @property
     def s3(self) -> BaseClient:
-        return self._kept("s3", "s3")
+        if not self.requests_wait:
+            return self._kept("s3", "s3")
+        return self._kept("s3", "s3", client_config(self.max_pool, read_timeout=UPLOAD_READ_TIMEOUT_S,
+                                                    attempts=UPLOAD_ATTEMPTS))
 
     @property
     def sqs(self) -> BaseClient:

@@ -37,7 +37,7 @@ def create_app(settings: Settings | None = None, *, aws: Aws | None = None,
     beside requests: the SQS listeners, and the requeue of uploads stored with no
     request sent (web_tier/journal.py)."""
     settings = settings or Settings.from_env()
-    aws = aws or Aws(settings, max_pool=AWS_POOL)
+    aws = aws or Aws(settings, max_pool=AWS_POOL, requests_wait=True)
 
     app = Flask(__name__)
     # A path with a doubled slash is not found, in JSON under /api, rather than redirected

@@ -144,6 +144,26 @@ def test_an_s3_that_stopped_answering_refuses_an_upload_after_a_few_tries_not_mi
         assert len(accepted) == UPLOAD_ATTEMPTS + 1 < 6
 
 
+def test_a_batch_looked_up_in_an_s3_that_stopped_answering_is_answered_503_after_a_few_tries(
+        web_aws, monkeypatch):
+    """A batch this process does not hold is looked for in S3, and the request waits:
+    with the usual 6 tries of 30 s, each such request to a stalled S3 (any id will do,
+    no key needed) held a thread of the web tier's for minutes. The web tier's S3
+    client gives up as an upload's put does, after UPLOAD_ATTEMPTS tries."""
+    import dataclasses
+
+    import common.aws
+    from common.aws import UPLOAD_ATTEMPTS
+    from web_tier import create_app
+
+    monkeypatch.setattr(common.aws, "UPLOAD_READ_TIMEOUT_S", 0.3)
+    with silent_endpoint() as (url, accepted):
+        app = create_app(dataclasses.replace(web_aws.settings, endpoint_url=url), start_background=False)
+        response = app.test_client().get(f"/api/jobs/{'cd' * 16}")
+        assert response.status_code == 503 and error_of(response)["code"] == "aws_unavailable"
+        assert len(accepted) == UPLOAD_ATTEMPTS < 6
+
+
 @pytest.mark.parametrize("failure", ["outage", "bug"])
 def test_an_upload_refused_for_an_aws_outage_is_logged_in_one_line_a_bug_with_its_traceback(
         web_aws, monkeypatch, caplog, failure):
