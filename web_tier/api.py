@@ -12,7 +12,7 @@ from web_tier import events
 from web_tier.auth import KEY_REQUIRED, require_api_key
 from web_tier.errors import error_response, with_retry_after
 from web_tier.filenames import display_name
-from web_tier.form import JOBS_FIELDS, check_count, file_bytes, form_files, form_tokens
+from web_tier.form import BATCH_FORM_FIELDS, JOBS_FIELDS, check_count, file_bytes, form_files, form_tokens
 from web_tier.image_check import Upload, validate
 from web_tier.refusals import STOPPING, Code, Refusal
 from web_tier.results import DONE, Item, is_service_id
@@ -26,8 +26,6 @@ log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__, url_prefix="/api")
 
 
-# The form fields that place a request's files in a batch (see create_job).
-BATCH_FORM_FIELDS = ("batch_id", "create", "tokens")
 # A request's files are validated and stored this many at a time, each chunk's bytes
 # held in memory only while it is stored: a request of a thousand 10 MB files never
 # holds them all at once. As many as the upload pool stores at once, which a chunk then

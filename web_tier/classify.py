@@ -28,7 +28,14 @@ from common.names import stem
 from web_tier.auth import KEY_REQUIRED, require_api_key
 from web_tier.errors import ANSWERS_PATH, answer_page, error_response, wants_json, wants_page
 from web_tier.filenames import display_name
-from web_tier.form import CLASSIFY_FIELDS, FORM_SLACK_BYTES, TOKEN_CHARACTER, file_bytes, form_files
+from web_tier.form import (
+    BATCH_FORM_FIELDS,
+    CLASSIFY_FIELDS,
+    FORM_SLACK_BYTES,
+    TOKEN_CHARACTER,
+    file_bytes,
+    form_files,
+)
 from web_tier.image_check import validate
 from web_tier.refusals import STOPPING, Code, Refusal
 from web_tier.results import DONE, Item, ResultBook
@@ -97,6 +104,13 @@ def classify() -> Response:
         how = "" if request.mimetype == "multipart/form-data" else " as multipart/form-data"
         raise Refusal(400, f"no file: send the image{how} in form field 'inputFile' (or 'myfile'), "
                            "as curl -F inputFile=@cat.jpg does", code=Code.NO_FILE)
+    batch_fields = [name for name in BATCH_FORM_FIELDS if name in request.form or name in request.args]
+    if batch_fields:
+        # Taken without a word, they would have the client look for its file in a batch
+        # it named, where it never is: POST / gives each file a batch of its own.
+        raise Refusal(400, f"{batch_fields[0]} is for POST /api/jobs: POST / puts its one file in a "
+                           "batch of its own (to send it again safely, give it an Idempotency-Key header)",
+                      display_name(files[0]), code=Code.BAD_REQUEST)
     if len(files) > 1:
         names = ", ".join(display_name(f) or "(no name)" for f in files)
         raise Refusal(400, f"one file per request here, got {len(files)} ({names}); POST several "

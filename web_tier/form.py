@@ -29,6 +29,8 @@ MAX_TEXT_FIELD_BYTES = 128 * 1024
 # The form fields each upload endpoint takes its files from.
 CLASSIFY_FIELDS = ("inputFile", "myfile")
 JOBS_FIELDS = ("files",)
+# The form fields that place a request's files in a batch (api.create_job).
+BATCH_FORM_FIELDS = ("batch_id", "create", "tokens")
 
 
 def jobs_body_limit(settings: Settings) -> int:

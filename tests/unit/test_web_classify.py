@@ -263,6 +263,24 @@ def test_two_files_to_post_slash_are_refused_naming_them(web_client):
                                      "to /api/jobs")
 
 
+@pytest.mark.parametrize(("where", "field"), [("form", "batch_id"), ("form", "tokens"), ("url", "create")])
+def test_batch_fields_sent_to_post_slash_are_refused_not_ignored(web_app, web_aws, where, field):
+    """POST / gives its file a batch of its own: a batch_id taken without a word would have
+    the client look for its file in the batch it named, where it never is."""
+    client = web_app.test_client()
+    data = {"inputFile": (io.BytesIO(make_image(1)), "cat.jpg")}
+    url = "/"
+    if where == "form":
+        data[field] = "ab" * 16
+    else:
+        url = f"/?{field}=1"
+    response = client.post(url, data=data, content_type="multipart/form-data")
+    assert response.status_code == 400
+    assert response.text == (f"cat.jpg: {field} is for POST /api/jobs: POST / puts its one file in a batch of "
+                             "its own (to send it again safely, give it an Idempotency-Key header)")
+    assert web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket).get("KeyCount") == 0
+
+
 def test_bad_upload_is_text_naming_the_file(web_client):
     response = post_image(web_client, b"not an image at all", "notes.jpg")
     assert response.status_code == 415
