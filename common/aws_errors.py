@@ -11,8 +11,11 @@ from botocore.exceptions import (
     ClientError,
     ConnectTimeoutError,
     EndpointConnectionError,
+    HTTPClientError,
+    IncompleteReadError,
     NoCredentialsError,
 )
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 # What a call to AWS raises when it fails, after botocore's retries: AWS's refusal
 # (ClientError), or no answer at all (no credentials, a timeout, a lost connection:
@@ -44,10 +47,13 @@ def is_callers_fault(exc: BaseException) -> bool:
 
 
 def is_outage(exc: BaseException) -> bool:
-    """Whether a failed call is AWS failing or not answering (a timeout, a lost
-    connection, a 5xx, a throttle), as in an outage, which fails every call alike:
-    not the caller's fault, nor a fault in its process."""
-    return isinstance(exc, AWS_ERRORS) and not is_callers_fault(exc)
+    """Whether a failed call is AWS failing or not answering (no connection, a timeout,
+    a connection lost, a 5xx, a throttle), as in an outage, which fails every call
+    alike. Not a refusal of the caller's, nor a fault in its process (a parameter
+    botocore refuses, no region, credentials half set)."""
+    if isinstance(exc, ClientError):
+        return not is_callers_fault(exc)
+    return isinstance(exc, (BotoConnectionError, HTTPClientError, IncompleteReadError))
 
 
 # S3 saying an object (or its bucket) is not there: GetObject says NoSuchKey, HeadObject

@@ -124,8 +124,8 @@ _instant = _Instant()
 
 
 def sqs_counts_at_one_instant() -> None:
-    """Change 1 and the first change for correctness: SQS's clock read as time.time(),
-    and one GetQueueAttributes counting every message at one instant.
+    """Change 1 (SQS's clock read as time.time()) and the first change for correctness
+    (one GetQueueAttributes counting every message at one instant).
 
     moto reads the clock anew for each count (and, asked for named attributes, builds
     them all once per name), so a message whose visibility timeout lapses between the
@@ -157,11 +157,13 @@ def sqs_counts_at_one_instant() -> None:
     @functools.wraps(answer)
     def get_queue_attributes(self: models.SQSBackend, queue_name: str,
                              attribute_names: list[str]) -> dict[str, Any]:
-        _instant.now = time.time()
+        outer = _instant.now  # moto's own checks may ask within an answer: one instant still
+        if outer is None:
+            _instant.now = time.time()
         try:
             return answer(self, queue_name, attribute_names)
         finally:
-            _instant.now = None
+            _instant.now = outer
 
     get_queue_attributes.at_one_instant = True
     models.SQSBackend.get_queue_attributes = get_queue_attributes

@@ -72,14 +72,36 @@ class WebWorker(ThreadWorker):
         # A thread takes the connection to read a request (a new connection's first, or
         # the next on one kept alive): the request's headers are given their time now.
         if self.receive_limits is not None:
-            self.receive_limits.headers_begin(conn)
-        return super().handle(conn)
+            try:
+                self.receive_limits.headers_begin(conn)
+            except Exception:  # outside gthread's own handling: the connection would end unsaid
+                self.log.exception("could not limit the receive time of %s's request", conn.client)
+        keep = super().handle(conn)
+        if keep is False:
+            close_in_this_thread(conn)
+        return keep
 
     def handle_request(self, req: Request, conn: TConn) -> bool:
         # The request's headers are read: its body's time starts.
         if self.receive_limits is not None:
-            self.receive_limits.body_begins(conn)
+            try:
+                self.receive_limits.body_begins(conn)
+            except Exception:
+                self.log.exception("could not limit the receive time of %s's request body", conn.client)
         return super().handle_request(req, conn)
+
+
+def close_in_this_thread(conn: TConn) -> None:
+    """Close an ended connection in the thread that served it. gunicorn closes it on its
+    one main thread, gracefully: it lingers up to 2 s for the client to close too, and a
+    client that neither sends nor closes (one cut for sending too slowly, or gone quiet)
+    held up every other connection's accept and keep-alive that long, each one: 20 cut at
+    once kept a new connection waiting 39 s. The main thread's close is then a no-op."""
+    try:
+        conn.close(graceful=True)
+    except OSError:
+        pass  # closed by the client meanwhile: nothing to linger for
+    conn.close = lambda graceful=False: None
 
 
 try:

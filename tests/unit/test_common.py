@@ -15,11 +15,19 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, ReadTimeoutError
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    NoRegionError,
+    ParamValidationError,
+    ReadTimeoutError,
+)
 from moto import mock_aws
 
 from common.aws import USER_AGENT, Aws, QueueDepth
-from common.aws_errors import is_callers_fault
+from common.aws_errors import is_callers_fault, is_outage
 from common.config import MARK_DENIED_RETRY_S, Settings
 from common.failure_tags import (
     DEAD_LETTER_ERROR,
@@ -113,6 +121,23 @@ def _answered(code: str, status: int) -> ClientError:
 ])
 def test_a_failed_call_is_the_callers_fault_only_where_no_wait_cures_it(exc, callers):
     assert is_callers_fault(exc) is callers
+
+
+@pytest.mark.parametrize("exc, outage", [
+    (_answered("SlowDown", 503), True),
+    (_answered("ThrottlingException", 400), True),
+    (EndpointConnectionError(endpoint_url="https://aws.test"), True),
+    (ReadTimeoutError(endpoint_url="https://aws.test"), True),
+    (ConnectionClosedError(endpoint_url="https://aws.test"), True),
+    (_answered("AccessDenied", 403), False),
+    (NoCredentialsError(), False),
+    (ParamValidationError(report="Key: too long"), False),  # a fault in the code
+    (NoRegionError(), False),
+    (RuntimeError("a bug"), False),
+])
+def test_an_outage_is_aws_failing_or_not_answering_not_a_refusal_or_a_fault(exc, outage):
+    """What the web tier logs in one line rather than with a traceback (submit.py)."""
+    assert is_outage(exc) is outage
 
 
 def test_safe_filename_keeps_extension_of_long_names():

@@ -198,3 +198,35 @@ def test_gunicorns_line_for_a_connection_cut_so_is_dropped_having_had_its_own():
     quiet = record(BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable"))
     assert one_line.filter(quiet) is True
     assert quiet.levelno == logging.WARNING and quiet.exc_info is None
+
+
+def test_a_connection_that_ended_is_closed_in_its_own_thread_not_gunicorns_main_one(pair, monkeypatch):
+    """gunicorn closes an ended connection on its one main thread, lingering up to 2 s for
+    the client to close too: a client cut for being slow that neither sends nor closes
+    held up every other connection that long, each one. The web tier's worker closes it
+    in the thread that served it, and the main thread's close does nothing more."""
+    import runpy
+    import threading
+    from pathlib import Path
+
+    from gunicorn import util
+    from gunicorn.workers.gthread import ThreadWorker
+
+    conf = runpy.run_path(str(Path(__file__).parents[2] / "web_tier" / "gunicorn.conf.py"))
+    worker = object.__new__(conf["WebWorker"])
+    worker.receive_limits = None
+    ours, _theirs = pair  # the client's end neither sends nor closes
+    conn = TConn(Config(), ours, ("203.0.113.9", 4242), ("127.0.0.1", 8000))
+    monkeypatch.setattr(ThreadWorker, "handle", lambda self, conn: False)  # the request ended
+    lingered = []
+    graceful = util.close_graceful
+
+    def close_graceful(sock, timeout=2.0, max_drain=65536):
+        lingered.append(threading.get_ident())
+        graceful(sock, timeout=0.1, max_drain=max_drain)
+
+    monkeypatch.setattr(util, "close_graceful", close_graceful)
+    assert worker.handle(conn) is False
+    assert lingered == [threading.get_ident()] and ours.fileno() == -1
+    conn.close(graceful=True)  # gunicorn's main thread, in finish_request
+    assert lingered == [threading.get_ident()]
