@@ -16,8 +16,9 @@ with no API key needed, leave /healthz unanswered. So:
   WEB_RECEIVE_TIMEOUT is over, must average WEB_MIN_RECEIVE_RATE bytes a second. Only
   the time the reads wait for the client counts: not the app's between its reads, nor
   a connection kept alive between requests, which waits in gthread's poller (for
-  gunicorn's keepalive) and holds no thread. Each request on a connection has its own
-  time. gunicorn reads the headers before any of the app's code runs: the web tier's
+  gunicorn's keepalive) and holds no thread. A connection's requests share the time
+  for headers (else one byte sent within each keep-alive would hold a thread for good);
+  each body has its own. gunicorn reads the headers before any of the app's code runs: the web tier's
   worker (gunicorn.conf.py, WebWorker) tells ReceiveLimits when a thread takes a
   connection to read its next request, and when that request's headers are read, and
   the parser's socket is wrapped so that each read waits (poll) no longer than the
@@ -125,21 +126,27 @@ class ClientTooSlow(TimeoutError):
 
 @dataclass
 class ReceiveBudget:
-    """How long one request may keep its connection's reads waiting. Its headers:
-    `deadline_s` in all. Its body: the first `deadline_s`, and then as long as it averages
-    `min_rate` bytes a second (0: no floor). Only the time spent waiting for the client
-    counts, not the app's own between reads: an upload the app reads late has its bytes
-    waiting in the socket, which no clock should hold against it."""
+    """How long one connection's requests may keep its reads waiting. Their headers:
+    `deadline_s` in all, over every request the connection carries (kept alive, each
+    request's headers given the whole deadline anew, a client sending a byte within
+    each keep-alive and the rest of its headers 59 s later held a thread for good).
+    A body: the first `deadline_s`, and then as long as it averages `min_rate` bytes a
+    second (0: no floor). Only the time spent waiting for the client counts, not the
+    app's own between reads: an upload the app reads late has its bytes waiting in the
+    socket, which no clock should hold against it. A browser's kept-alive connection,
+    whose headers come whole, waits microseconds for each request's."""
 
     deadline_s: float
     min_rate: int
     in_body: bool = False
-    waited_s: float = 0.0
+    headers_waited_s: float = 0.0  # over all of the connection's requests
+    waited_s: float = 0.0  # in this request's body
     received: int = 0
     cut: bool = False
 
     def headers_begin(self) -> None:
-        """A new request: the next bytes are its headers, with a fresh deadline."""
+        """A new request: the next bytes are its headers, in what is left of the
+        connection's time for headers."""
         self.in_body, self.waited_s, self.received, self.cut = False, 0.0, 0, False
 
     def body_begins(self) -> None:
@@ -148,13 +155,16 @@ class ReceiveBudget:
 
     def spent(self, seconds: float, received: int) -> None:
         """A read waited `seconds` for the client, and got `received` bytes."""
-        self.waited_s += seconds
-        self.received += received
+        if self.in_body:
+            self.waited_s += seconds
+            self.received += received
+        else:
+            self.headers_waited_s += seconds
 
     def left_s(self) -> float:
         """Seconds the next reads may still wait in all; at or below 0: none."""
         if not self.in_body:
-            return self.deadline_s - self.waited_s
+            return self.deadline_s - self.headers_waited_s
         if self.min_rate <= 0:
             return math.inf
         return self.deadline_s + self.received / self.min_rate - self.waited_s
@@ -162,7 +172,8 @@ class ReceiveBudget:
     def why(self) -> str:
         """What this request failed to keep to, for the log."""
         if not self.in_body:
-            return f"its headers were not all in within WEB_RECEIVE_TIMEOUT ({self.deadline_s:g} s)"
+            return (f"its headers were not all in within WEB_RECEIVE_TIMEOUT ({self.deadline_s:g} s), "
+                    "which a connection's requests share")
         return (f"its body came slower than WEB_MIN_RECEIVE_RATE ({self.min_rate} bytes/s) after the "
                 f"first WEB_RECEIVE_TIMEOUT ({self.deadline_s:g} s): {self.received} bytes in "
                 f"{self.waited_s:.1f} s")
