@@ -13,7 +13,7 @@ import time
 from botocore.exceptions import ParamValidationError
 
 from common.aws import Aws
-from common.aws_errors import AWS_ERRORS
+from common.aws_errors import AWS_ERRORS, is_outage
 from common.config import MARK_DENIED_RETRY_S
 from common.failure_tags import (
     DEAD_LETTER_ERROR,
@@ -75,11 +75,15 @@ class DeadLetters:
 
     def _input_tags(self, request: ClassifyRequest) -> list[dict[str, str]] | None:
         """The tags of the dead letter's input object; None if they cannot be read (the
-        object gone, S3 failing or refusing), and the dead letter is then handled as if
-        its item was never sent again: it fails the item, and marks it failed."""
+        object gone, S3 refusing), and the dead letter is then handled as if its item
+        was never sent again: it fails the item, and marks it failed. S3 failing raises:
+        the dead letter comes back once it may answer, rather than fail an item queued
+        again and overwrite the mark that says so."""
         try:
             return input_tags(self.aws, request.key)
         except AWS_ERRORS as exc:
+            if is_outage(exc):
+                raise
             log.warning("item %s: could not read its input's tags, to tell a dead letter of a copy "
                         "sent before it was queued again: %s", request.id, exc)
             return None

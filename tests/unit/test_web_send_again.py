@@ -205,23 +205,51 @@ def test_a_dead_letter_of_a_copy_sent_before_a_restart_leaves_the_item_queued(ma
     assert (item["state"], item["sent_again"]) == ("failed", 1)
 
 
-def test_a_dead_letter_whose_input_tags_cannot_be_read_fails_the_item_as_before(make_web_app, web_aws,
-                                                                               monkeypatch):
-    """Not knowing when the item was sent again, the listener cannot tell a copy sent
-    before: it fails the item, and marks it, as it did before the mark said when."""
+def test_a_dead_letter_whose_input_tags_s3_refuses_fails_the_item_as_before(make_web_app, web_aws,
+                                                                          monkeypatch):
+    """Not knowing when the item was sent again (S3 refusing the read, as a role without
+    the right does for good), the listener cannot tell a copy sent before: it fails the
+    item, and marks it, as it did before the mark said when."""
     from botocore.exceptions import ClientError
 
     batch_id, request, _ = sent_again_then_restarted(make_web_app, web_aws, 309)
 
-    def s3_fails(aws, key):
-        raise ClientError({"Error": {"Code": "InternalError", "Message": "down"}}, "GetObjectTagging")
+    def s3_refuses(aws, key):
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"},
+                           "ResponseMetadata": {"HTTPStatusCode": 403}}, "GetObjectTagging")
 
-    monkeypatch.setattr("web_tier.dead_letters.input_tags", s3_fails)
+    monkeypatch.setattr("web_tier.dead_letters.input_tags", s3_refuses)
     fresh = make_web_app()
     web_aws.sqs.send_message(QueueUrl=web_aws.dead_letter_queue_url, MessageBody=request.to_json())
     wait_until(lambda: failure_mark(web_aws, request.key) == DEAD_LETTER_ERROR)
     wait_until(lambda: dead_letters_left(web_aws) == 0)
     assert items_by_name(fresh.test_client(), batch_id)["dead.jpg"]["state"] == "failed"
+
+
+def test_a_dead_letter_whose_input_tags_s3_fails_to_read_is_left_to_come_back(make_web_app, web_aws,
+                                                                              monkeypatch):
+    """S3 failing (a 500, a timeout) passes: the dead letter stays in its queue, to come
+    back once S3 may answer, rather than fail an item that was queued again since and
+    overwrite the mark that says so."""
+    from botocore.exceptions import ClientError
+
+    batch_id, request, _ = sent_again_then_restarted(make_web_app, web_aws, 310)
+    tried = []
+
+    def s3_fails(aws, key):
+        tried.append(key)
+        raise ClientError({"Error": {"Code": "InternalError", "Message": "down"},
+                           "ResponseMetadata": {"HTTPStatusCode": 500}}, "GetObjectTagging")
+
+    monkeypatch.setattr("web_tier.dead_letters.input_tags", s3_fails)
+    fresh = make_web_app()
+    web_aws.sqs.send_message(QueueUrl=web_aws.dead_letter_queue_url, MessageBody=request.to_json())
+    wait_until(lambda: tried)
+    services_of(fresh).stop(timeout=30)  # no second round: what the first left is what is seen
+    assert dead_letters_left(web_aws) == 1
+    assert failure_mark(web_aws, request.key) != DEAD_LETTER_ERROR
+    assert services_of(fresh).book.get(request.id) is None or \
+        services_of(fresh).book.get(request.id).state != "failed"
 
 
 def test_a_dead_letter_of_a_copy_sent_before_leaves_the_item_queued(web_app, web_aws):
