@@ -60,7 +60,7 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -m "not soak" -n $(TEST_PROCESSES) --dist loadscope --no-loadscope-reorder \
 		--max-worker-restart 1 --durations 15
-	$(PY) -m pytest -m soak -s
+	$(MAKE) soak
 
 ## Unit tests only: no browser and no stack (~5 minutes in two processes here)
 test-quick: $(STAMP)

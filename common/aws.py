@@ -161,8 +161,8 @@ class Aws:
     _queue_urls: dict[str, str] = field(default_factory=dict, init=False, repr=False)
     # Whether HTTP requests wait for its S3 calls (the web tier's lookups of batches and
     # results): then S3 is given up on as an upload's put is, within ~35 s
-    # (UPLOAD_READ_TIMEOUT_S, UPLOAD_ATTEMPTS), not after 6 tries of 30 s, each lookup
-    # of a stalled S3 holding a thread of the web tier's for minutes.
+    # (UPLOAD_READ_TIMEOUT_S, UPLOAD_ATTEMPTS). With the usual 6 tries of 30 s, each
+    # lookup of a stalled S3 would hold a thread of the web tier's for minutes.
     requests_wait: bool = False
     # Clients by name, made once they have credentials (see _kept).
     _clients: dict[str, object] = field(default_factory=dict, init=False, repr=False)

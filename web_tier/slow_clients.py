@@ -212,8 +212,8 @@ class LimitedReads:
     def _budget_first(self, left: float) -> bool:
         """Whether the budget would end this read before the socket's own limit on one
         read does (SO_RCVTIMEO, or a timeout the app set for a short read). A body's
-        first WEB_RECEIVE_TIMEOUT is left to the socket: a silence then ends as it did
-        before there was a budget ("stopped arriving", not "too slow")."""
+        first WEB_RECEIVE_TIMEOUT is left to the socket: a silence then is said for what
+        it is ("stopped arriving", not "too slow")."""
         timeout = self._sock.gettimeout()
         own = self._silence_s if timeout is None else timeout
         return left < own or (not self._budget.in_body and left <= own)

@@ -160,8 +160,8 @@ def test_a_quiet_client_is_cut_once_the_headers_time_is_spent(pair):
 
 
 def test_a_silent_body_is_left_to_the_sockets_own_timeout(pair):
-    """In a body's first WEB_RECEIVE_TIMEOUT, a silence ends as it did before there was
-    a budget: the socket's own timeout, which the app answers "stopped arriving"."""
+    """In a body's first WEB_RECEIVE_TIMEOUT, a silence is ended by the socket's own
+    timeout, which the app answers "stopped arriving", not by the budget ("too slow")."""
     ours, _theirs = pair
     ours.settimeout(0.2)  # standing for SO_RCVTIMEO, which a socketpair cannot show alike
     budget = ReceiveBudget(deadline_s=0.2, min_rate=2048)
