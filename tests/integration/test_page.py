@@ -437,6 +437,21 @@ def test_a_file_deleted_after_it_was_chosen_fails_alone(stack, browser, referenc
     assert_classified({n: shown[n] for n in files}, files, reference_model)
 
 
+def hold_posts_until_stopped(browser, files_per_request: int) -> None:
+    """Uploads by fetch, `files_per_request` files each; every POST to /api/jobs waits
+    while `window.held` (set false to let them go), and `window.posts` counts them."""
+    browser.execute_script(UPLOADS_BY_FETCH + f"""
+      document.body.dataset.filesPerRequest = '{files_per_request}';""" + """
+      const realFetch = window.fetch;
+      window.held = true;
+      window.posts = 0;
+      window.fetch = async (url, options) => {
+        if (url === "/api/jobs") window.posts += 1;
+        while (url === "/api/jobs" && window.held) await new Promise((r) => setTimeout(r, 50));
+        return realFetch(url, options);
+      };""")
+
+
 def test_stop_sending_ends_an_upload_leaving_what_was_sent(stack, browser, reference_model, tmp_path):
     """A wrong folder of thousands of files on a slow link must be stoppable without
     leaving the page. The chunk in flight ends as it would; no other is sent."""
@@ -444,16 +459,7 @@ def test_stop_sending_ends_an_upload_leaving_what_was_sent(stack, browser, refer
 
     files = {f"stop_{i}.jpg": make_image(880 + i, size=(64, 48)) for i in range(6)}
     browser.get(stack.web_url + "/")
-    browser.execute_script(UPLOADS_BY_FETCH + """
-      document.body.dataset.filesPerRequest = '1';
-      const realFetch = window.fetch;
-      window.held = true;  // the first POST waits until the stop
-      window.posts = 0;
-      window.fetch = async (url, options) => {
-        if (url === "/api/jobs") window.posts += 1;
-        while (url === "/api/jobs" && window.held) await new Promise((r) => setTimeout(r, 50));
-        return realFetch(url, options);
-      };""")
+    hold_posts_until_stopped(browser, files_per_request=1)
     choose(browser, tmp_path, files)
     stop = browser.find_element(By.ID, "stop-sending")
     wait_for(lambda: stop.is_displayed() and browser.execute_script("return window.posts") == 1, 30,
@@ -508,16 +514,7 @@ def test_files_stopped_are_counted_apart_from_those_failed_after_a_reload_too(st
     files = {"sent.jpg": make_image(1470, size=(64, 48)), "bad.jpg": b"not an image at all",
              **{name: make_image(1471 + i, size=(64, 48)) for i, name in enumerate(stopped)}}
     browser.get(stack.web_url + "/")
-    browser.execute_script(UPLOADS_BY_FETCH + """
-      document.body.dataset.filesPerRequest = '2';
-      const realFetch = window.fetch;
-      window.held = true;  // the first POST (sent.jpg, bad.jpg) waits until the stop
-      window.posts = 0;
-      window.fetch = async (url, options) => {
-        if (url === "/api/jobs") window.posts += 1;
-        while (url === "/api/jobs" && window.held) await new Promise((r) => setTimeout(r, 50));
-        return realFetch(url, options);
-      };""")
+    hold_posts_until_stopped(browser, files_per_request=2)  # the first: sent.jpg, bad.jpg
     record_announcements(browser)
     choose(browser, tmp_path, files)
     stop = browser.find_element(By.ID, "stop-sending")
