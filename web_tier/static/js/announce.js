@@ -1,5 +1,5 @@
 // What screen readers hear, in the live region #announce.
-import { $, resultsEl } from "./dom.js";
+import { $, FAILED_ROWS, resultsEl } from "./dom.js";
 import { refreshSummaryNow, updateSummary } from "./refresh.js";
 import { setting } from "./settings.js";
 import { page } from "./state.js";
@@ -21,11 +21,9 @@ const notesForNext = [];  // said once, first in the next announcement, whatever
 let failedAtUpload = 0;   // the page's failed rows when the latest upload began
 let failureSaid = false;  // ...and whether one of its failures has been said
 let stoppedBefore = 0;    // the rows stopped by the user ("Stop sending") at the last count
-// Failed, but not by the user's "Stop sending" (rows.js isStopped): those are counted apart.
-const FAILED = '.result[data-state="failed"]:not([data-stopped])';
 export const someFiles = (n) => `${n} file${n === 1 ? "" : "s"}`;
 export function uploadBegins() {
-  failedAtUpload = resultsEl.querySelectorAll(FAILED).length;
+  failedAtUpload = resultsEl.querySelectorAll(FAILED_ROWS).length;
   failureSaid = false;
   page.firstFailure = null;
 }
@@ -83,8 +81,8 @@ export function announceProgress(counts, sending, failed, stopped, finished) {
       failureSaid = true;  // later ones are in the counts said every announceEveryMs
       // Still failed (a late answer may have replaced it), else the last failed row.
       const first = page.firstFailure;
-      const rows = resultsEl.querySelectorAll(FAILED);
-      const failure = first && first.matches(FAILED) ? first : rows[rows.length - 1];
+      const rows = resultsEl.querySelectorAll(FAILED_ROWS);
+      const failure = first && first.matches(FAILED_ROWS) ? first : rows[rows.length - 1];
       const said = shortened(failure.dataset.filename);
       text = `${counts}. ${said}: ${failure.querySelector(".error").textContent}`;
       heard(counts);  // with it: not said again bare at once, which cut the reason off

@@ -1,5 +1,5 @@
 // "Download the results (CSV)", and the "only failed" filter it follows.
-import { $, banner, resultsEl } from "./dom.js";
+import { $, FAILED_ROWS, banner, resultsEl } from "./dom.js";
 
 // The rows on the page as a CSV file, in their order: with the files the server
 // refused, which a batch's GET /api/jobs/<id>/results.csv cannot hold (they were never
@@ -14,7 +14,7 @@ function csvCell(value) {
 }
 function resultsCsv() {
   const lines = [CSV_COLUMNS.join(",")];
-  const shown = onlyFailed() ? '.result[data-state="failed"]:not([data-stopped])' : ".result";
+  const shown = onlyFailed() ? FAILED_ROWS : ".result";
   for (const el of resultsEl.querySelectorAll(shown)) {
     const row = el.dataset;
     const done = row.state === "done";
