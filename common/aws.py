@@ -198,10 +198,7 @@ class Aws:
 
     @property
     def s3(self) -> BaseClient:
-        if not self.requests_wait:
-            return self._kept("s3", "s3")
-        return self._kept("s3", "s3", client_config(self.max_pool, read_timeout=UPLOAD_READ_TIMEOUT_S,
-                                                    attempts=UPLOAD_ATTEMPTS))
+        return self._kept("s3", "s3", self._bounded_s3_config() if self.requests_wait else None)
 
     @property
     def sqs(self) -> BaseClient:
@@ -233,8 +230,11 @@ class Aws:
     def s3_upload(self) -> BaseClient:
         """The S3 client for an upload's image, which its answer waits for: given up on
         within ~35 s (UPLOAD_READ_TIMEOUT_S, UPLOAD_ATTEMPTS), not minutes."""
-        config = client_config(self.max_pool, read_timeout=UPLOAD_READ_TIMEOUT_S, attempts=UPLOAD_ATTEMPTS)
-        return self._kept("s3-upload", "s3", config)
+        return self._kept("s3-upload", "s3", self._bounded_s3_config())
+
+    def _bounded_s3_config(self) -> Config:
+        """S3 given up on within ~35 s, for calls an HTTP request waits for."""
+        return client_config(self.max_pool, read_timeout=UPLOAD_READ_TIMEOUT_S, attempts=UPLOAD_ATTEMPTS)
 
     @property
     def probes(self) -> dict[str, object]:
