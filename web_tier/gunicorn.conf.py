@@ -71,11 +71,7 @@ class WebWorker(ThreadWorker):
     def handle(self, conn: TConn) -> object:
         # A thread takes the connection to read a request (a new connection's first, or
         # the next on one kept alive): the request's headers are given their time now.
-        if self.receive_limits is not None:
-            try:
-                self.receive_limits.headers_begin(conn)
-            except Exception:  # outside gthread's own handling: the connection would end unsaid
-                self.log.exception("could not limit the receive time of %s's request", conn.client)
+        self._tell_limits("headers_begin", conn)
         keep = super().handle(conn)
         if keep is False:
             close_in_this_thread(conn)
@@ -83,12 +79,16 @@ class WebWorker(ThreadWorker):
 
     def handle_request(self, req: Request, conn: TConn) -> bool:
         # The request's headers are read: its body's time starts.
-        if self.receive_limits is not None:
-            try:
-                self.receive_limits.body_begins(conn)
-            except Exception:
-                self.log.exception("could not limit the receive time of %s's request body", conn.client)
+        self._tell_limits("body_begins", conn)
         return super().handle_request(req, conn)
+
+    def _tell_limits(self, step: str, conn: TConn) -> None:
+        if self.receive_limits is None:
+            return
+        try:
+            getattr(self.receive_limits, step)(conn)
+        except Exception:  # outside gthread's own handling: the connection would end unsaid
+            self.log.exception("could not limit the receive time of %s's request (%s)", conn.client, step)
 
 
 def close_in_this_thread(conn: TConn) -> None:

@@ -235,3 +235,25 @@ def test_a_connection_that_ended_is_closed_in_its_own_thread_not_gunicorns_main_
     assert lingered == [threading.get_ident()] and ours.fileno() == -1
     conn.close(graceful=True)  # gunicorn's main thread, in finish_request
     assert lingered == [threading.get_ident()]
+
+
+def test_a_fault_in_the_receive_limits_is_logged_and_the_request_still_served(pair, monkeypatch):
+    """The hooks run outside gthread's own handling of a request: a fault there would
+    end the connection without a word."""
+    import runpy
+    from pathlib import Path
+    from unittest import mock
+
+    from gunicorn.workers.gthread import ThreadWorker
+
+    conf = runpy.run_path(str(Path(__file__).parents[2] / "web_tier" / "gunicorn.conf.py"))
+    worker = object.__new__(conf["WebWorker"])
+    worker.log = mock.Mock()
+    worker.receive_limits = mock.Mock(**{"headers_begin.side_effect": RuntimeError("a bug")})
+    ours, _theirs = pair
+    conn = TConn(Config(), ours, ("203.0.113.9", 4242), ("127.0.0.1", 8000))
+    served = []
+    monkeypatch.setattr(ThreadWorker, "handle", lambda self, conn: served.append(conn) or True)
+    assert worker.handle(conn) is True and served == [conn]
+    (message, *_), _ = worker.log.exception.call_args
+    assert message.startswith("could not limit the receive time")
