@@ -124,7 +124,8 @@ def run(argv: list[str] | None, before_serving: StopBeforeServing) -> int:
     from app_tier.worker import Worker, warm_up
 
     try:
-        classifier = load_classifier(settings.model_weights, settings.model_runtime, settings.worker_threads)
+        classifier = load_classifier(settings.model_weights, settings.model_runtime, settings.worker_threads,
+                                     settings.worker_one_image_threads)
     except WeightsUnavailable as exc:
         print(exc, file=sys.stderr)
         if not args.prepare_only and args.instance_id != "-":

@@ -148,12 +148,16 @@ class TensorFlowResNet50(Classifier):
         return self._forward(self._tf.constant(batch, dtype=self._tf.float32)).numpy()
 
 
-def load_classifier(weights: str, runtime: str = "openvino", threads: int = 0) -> Classifier:
-    """The classifier a worker (or a test, or the benchmark) should use."""
+def load_classifier(weights: str, runtime: str = "openvino", threads: int = 0,
+                    one_image_threads: int = 0) -> Classifier:
+    """The classifier a worker (or a test, or the benchmark) should use.
+
+    `one_image_threads` is OpenVINO's only: TensorFlow sets its threads once a process.
+    """
     if runtime == "tensorflow":
         return TensorFlowResNet50(weights, threads=threads)
     if runtime == "openvino":
         from app_tier.openvino_runtime import OpenVinoResNet50
 
-        return OpenVinoResNet50(weights, threads=threads)
+        return OpenVinoResNet50(weights, threads=threads, one_image_threads=one_image_threads)
     raise ValueError(f"MODEL_RUNTIME must be one of {MODEL_RUNTIMES}, got {runtime!r}")

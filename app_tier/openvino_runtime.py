@@ -118,7 +118,7 @@ def ensure_ir(weights: str) -> Path:
 
 
 class OpenVinoResNet50(Classifier):
-    """ResNet-50 compiled twice from one IR: for one image, and for many.
+    """ResNet-50 compiled from one IR for one image, and again for batches.
 
     One image runs fastest on one stream using every core (LATENCY hint).
     A batch runs faster as one image per stream, one core per stream
@@ -129,9 +129,18 @@ class OpenVinoResNet50(Classifier):
     ~18 images/s on two streams against ~16 on one, and ~17 against ~13
     under competition; one image in ~55 ms on one stream against ~100 ms on
     a single-core stream. The second compilation costs ~130 MB resident.
+
+    `threads` is the cores a batch runs on (0: all); `one_image_threads` those
+    a lone image runs on (0: all). Both default to all, for one worker on its
+    instance. Where several workers share a machine, a batch on one core each
+    keeps them from contending, while a lone image, which comes when the rest
+    are likely idle, may still take every core: one compilation more, of one
+    thread for whole batches (~60 MB resident), as in `make bench`'s stack
+    (2-core AVX-512 machine, 2 workers: 30.7-30.9 images/s at 300 @ 100
+    against 26.7-27.8 with every call on all cores, and the same low-load p50).
     """
 
-    def __init__(self, weights: str = "imagenet", threads: int = 0) -> None:
+    def __init__(self, weights: str = "imagenet", threads: int = 0, one_image_threads: int = 0) -> None:
         ov = import_openvino()
 
         started = time.perf_counter()
@@ -139,13 +148,18 @@ class OpenVinoResNet50(Classifier):
         self.untrained = weights == RANDOM_WEIGHTS
         core = ov.Core()
         network = core.read_model(str(ensure_ir(weights)))
-        config: dict = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, **COMPILE_DEFAULTS}
-        if threads > 0:
-            config["INFERENCE_NUM_THREADS"] = threads
-        self._one = core.compile_model(network, "CPU", config)
-        streams = threads if threads > 0 else (os.cpu_count() or 1)
+        latency: dict = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, **COMPILE_DEFAULTS}
+        cores = os.cpu_count() or 1
+        one_image = {"INFERENCE_NUM_THREADS": one_image_threads} if one_image_threads > 0 else {}
+        self._one = core.compile_model(network, "CPU", {**latency, **one_image})
+        streams = threads if threads > 0 else cores
         self._compiled = [self._one]
         self._many = None
+        # Batches on one core: the one-image model, unless that one runs on more.
+        self._batch = self._one
+        if streams == 1 and (one_image_threads or cores) > 1:
+            self._batch = core.compile_model(network, "CPU", {**latency, "INFERENCE_NUM_THREADS": 1})
+            self._compiled.append(self._batch)
         if streams > 1:
             one_core_each = {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": streams,
                              "INFERENCE_NUM_THREADS": streams, **COMPILE_DEFAULTS}
@@ -158,11 +172,12 @@ class OpenVinoResNet50(Classifier):
         # image in ~100 ms, then ~34 ms): pay that here, for both, and not on the first
         # request a newly launched instance serves.
         self.probabilities(np.zeros((1, 224, 224, 3), dtype=np.float32))
-        if self._many is not None:
-            self.probabilities(np.zeros((streams, 224, 224, 3), dtype=np.float32))
+        if len(self._compiled) > 1:
+            self.probabilities(np.zeros((max(streams, 2), 224, 224, 3), dtype=np.float32))
         self.load_seconds = time.perf_counter() - started
-        log.info("ResNet-50 (%s weights) on OpenVINO ready in %.1f s (%d streams for batches)",
-                 weights, self.load_seconds, streams if self._many else 1)
+        log.info("ResNet-50 (%s weights) on OpenVINO ready in %.1f s (%d streams for batches, "
+                 "one image on %s)", weights, self.load_seconds, streams if self._many else 1,
+                 f"{one_image_threads} cores" if one_image_threads else "all cores")
 
     def compiled_property(self, name: str) -> list:
         """One OpenVINO property (e.g. "ENABLE_CPU_PINNING") of each compiled model."""
@@ -170,8 +185,10 @@ class OpenVinoResNet50(Classifier):
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        if self._many is None or len(batch) == 1:
+        if len(batch) == 1:
             return self._one(batch)[0]
+        if self._many is None:
+            return self._batch(batch)[0]
         self._results = {}
         for index in range(len(batch)):
             self._many.start_async(batch[index:index + 1], index)

@@ -118,7 +118,7 @@ def run_inference(images: Path, skip_tf: bool,
                                               labels=True)]
     labels = runs[0].labels
     # What each worker of `make run` runs by default: one thread (LOCAL_WORKER_THREADS=1;
-    # the end-to-end runs here give each worker all cores: bench.endtoend.tuned_env).
+    # the end-to-end runs here give each worker's lone images all cores: bench.endtoend.tuned_env).
     informative = [("openvino", 1)] + ([] if skip_tf else [("tensorflow", 0)])
     errors: dict[str, str] = {}
     for runtime, threads in informative:

@@ -61,8 +61,15 @@ def tuned_env() -> tuple[dict[str, str], int]:
         ~10 s of a burst loading models and then contended (5.7 images/s at
         300 @ 100; 2 processes: 9.7). The controller still decides 15 instances;
         the runner gives a process to as many as there are cores.
-      - LOCAL_WORKER_THREADS=0 (each worker uses all cores): while one worker
-        waits on S3 and SQS the other computes (2 x 1 thread: 7.8 images/s).
+      - LOCAL_WORKER_THREADS=1, a lone image still on all cores (the stack gives
+        WORKER_ONE_IMAGE_THREADS=0 with no more workers than cores). On a 2-core
+        AVX-512 machine (2026-12-05): 30.7-30.9 images/s at 300 @ 100 against
+        26.7-27.8 with every call on all cores (two workers' four streams on two
+        cores), the low-load p50 the same; one thread for every call, 31.1-32.3,
+        but a low-load p50 of 76-78 ms against 52-54. (On the AVX2 machine, before
+        lone images had a compilation of their own, every call on all cores had
+        won: while one worker waits on S3 and SQS the other computes; 2 x 1 thread
+        for every call: 7.8 images/s.)
       - 2 warm spares: both processes are loaded before the first launch.
       - SCALE_IN_COOLDOWN=0.5 with POLL_INTERVAL=0.5: a worker stays up between
         back-to-back single requests (without a cooldown one poll in the gap
@@ -71,7 +78,7 @@ def tuned_env() -> tuple[dict[str, str], int]:
         (a 1 s cooldown took 1.6-2.0 s).
     """
     cores = os.cpu_count() or 1
-    env = {"LOCAL_MAX_WORKERS": str(cores), "LOCAL_WORKER_THREADS": "0",
+    env = {"LOCAL_MAX_WORKERS": str(cores), "LOCAL_WORKER_THREADS": "1",
            "SCALE_IN_COOLDOWN": "0.5", "POLL_INTERVAL": "0.5"}
     return env, cores
 

@@ -249,7 +249,7 @@ def print_figures(doc: dict[str, Any]) -> None:
               f"{report.fmt(single, 'ms')} back-to-back in (a), {report.fmt(paused, 'ms')} "
               f"after a pause of {PAUSE_S * 1000:.0f} ms as between one-at-a-time requests "
               f"(one thread, make run's default a worker: "
-              f"{report.fmt(_one_thread_single(inference), 'ms')}; here each worker uses all cores)")
+              f"{report.fmt(_one_thread_single(inference), 'ms')}; here a lone image uses all cores)")
         if now:
             print(model_now_single_line(now))
         print()

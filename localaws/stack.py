@@ -119,7 +119,8 @@ def local_model_weights(env: dict[str, str] | os._Environ) -> tuple[str, str]:
 
 
 # Memory budgeted for one local worker: its peak resident memory as `make bench`
-# measures it (OpenVINO 490-530 MiB, TensorFlow 0.9-1.0 GiB; README, Speed) and a margin.
+# measures it (OpenVINO 490-530 MiB, ~590 MB with a third compilation for lone images,
+# TensorFlow 0.9-1.0 GiB; README, Speed) and a margin.
 WORKER_PEAK_BYTES = {"openvino": 0.6 * 2**30, "tensorflow": 1.3 * 2**30}
 
 

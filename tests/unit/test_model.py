@@ -183,9 +183,28 @@ def test_openvino_runs_both_compiled_models_before_serving(ir_cache, monkeypatch
     run = OpenVinoResNet50.probabilities
     monkeypatch.setattr(OpenVinoResNet50, "probabilities",
                         lambda self, batch: sizes.append(len(batch)) or run(self, batch))
-    OpenVinoResNet50("random", threads=2)
-    assert 1 in sizes, "the one-image model was not run at load"
-    assert any(n >= 2 for n in sizes), "the batch model was not run at load"
+    for threads in (2, 1):  # batches on streams, or on a compilation of one thread
+        sizes.clear()
+        OpenVinoResNet50("random", threads=threads, one_image_threads=0)
+        assert 1 in sizes, "the one-image model was not run at load"
+        assert any(n >= 2 for n in sizes), f"the batch model was not run at load (threads={threads})"
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: a lone image has no more to take")
+def test_openvino_batches_on_one_core_and_a_lone_image_on_all(batch, ir_cache, monkeypatch, tensorflow_model):
+    """WORKER_THREADS=1 with WORKER_ONE_IMAGE_THREADS=0 (make bench's workers): a third
+    compilation runs whole batches on one thread, and both give TensorFlow's answers."""
+    monkeypatch.setenv("IMGCLASS_CACHE", str(ir_cache))
+    model = load_classifier("random", "openvino", threads=1, one_image_threads=0)
+    one, batches = model.compiled_property("INFERENCE_NUM_THREADS")
+    assert one > 1 and batches == 1
+    alone = np.concatenate([model.probabilities(batch[i:i + 1]) for i in range(len(batch))])
+    together = model.probabilities(batch)
+    expected = tensorflow_model.probabilities(batch)
+    assert np.abs(alone - expected).max() < 1e-5 and np.abs(together - expected).max() < 1e-5
+    # One thread for both: one compilation, not two of the same.
+    assert load_classifier("random", "openvino", threads=1,
+                           one_image_threads=1).compiled_property("INFERENCE_NUM_THREADS") == [1]
 
 
 def test_openvino_batch_rows_are_the_images_own_results(batch, ir_cache, monkeypatch):
@@ -236,6 +255,26 @@ def test_the_worker_exits_with_its_no_model_status_when_the_weights_are_missing(
         assert main(["--instance-id", iid]) == EXIT_CANNOT_START
         tags = ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [iid]}])["Tags"]
     assert {t["Key"]: t["Value"] for t in tags} == {WORKER_FAILED_TAG: "model-unavailable"}
+
+
+def test_the_worker_loads_its_model_with_the_threads_its_settings_give(monkeypatch):
+    """WORKER_THREADS for batches, WORKER_ONE_IMAGE_THREADS for a lone image: make run's
+    and the user-data's variables reach the model."""
+    from app_tier.__main__ import main
+
+    monkeypatch.setenv("MODEL_RUNTIME", "openvino")
+    monkeypatch.setenv("WORKER_THREADS", "1")
+    monkeypatch.setenv("WORKER_ONE_IMAGE_THREADS", "3")
+    loaded = []
+
+    def load_classifier(*args, **kwargs):
+        loaded.append(args)
+        raise SystemExit(9)  # enough: how the model is loaded is the question
+
+    monkeypatch.setattr(model, "load_classifier", load_classifier)
+    with pytest.raises(SystemExit):
+        main(["--instance-id", "-"])
+    assert [args[2:] for args in loaded] == [(1, 3)]
 
 
 def test_a_worker_with_a_wrong_setting_says_which_in_one_line_and_is_not_restarted(monkeypatch, capfd):
