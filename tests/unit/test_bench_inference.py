@@ -64,3 +64,23 @@ def test_the_core_ms_per_image_reach_the_parent_by_batch_size(monkeypatch: pytes
     # A child's output from before the figure (or a test's fake one) still loads.
     del child["core_ms_per_image"]
     assert inference.measure("openvino", 0, tmp_path).core_ms_per_image == {}
+
+
+def test_a_threads_row_runs_every_call_on_those_threads_a_lone_image_too(monkeypatch: pytest.MonkeyPatch,
+                                                                          tmp_path: Path):
+    """threads=1 is make run's worker where workers outnumber cores: a lone image on every
+    core would time another worker than the one the row names."""
+    loaded: list[tuple] = []
+
+    class Loaded(Exception):
+        pass
+
+    def load_classifier(*args: object, **kwargs: object) -> None:
+        loaded.append((args, kwargs))
+        raise Loaded
+
+    monkeypatch.setattr("app_tier.model.load_classifier", load_classifier)
+    (tmp_path / "a.jpg").write_bytes(b"")
+    with pytest.raises(Loaded):
+        inference._child(SimpleNamespace(images=tmp_path, runtime="openvino", threads=1))
+    assert loaded == [(("random", "openvino", 1), {"one_image_threads": 1})]
