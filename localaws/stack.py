@@ -32,6 +32,7 @@ from pathlib import Path
 from common import cli
 from common.aws import Aws, keys_in
 from common.config import VARIABLES, Settings, local_run_defaults, local_run_overrides
+from common.file_lock import LockHeld, lock_file
 from common.logs import configure as configure_logging
 from common.provision import provision
 from common.signals import STOP_SIGNALS, on_signals
@@ -95,6 +96,12 @@ LOCK_RETRY_S = 5.0
 STOP_TIMEOUT_S = 12.0
 # In a run's logs folder from its start until it is ready (keep_previous_logs).
 STARTING_MARK = ".starting"
+# In the run folder, locked by the stack that runs from it, and naming its process id.
+RUN_DIR_LOCK = ".lock"
+
+
+class RunDirInUse(RuntimeError):
+    """Another stack runs from this run folder, where its logs and web journal are."""
 
 
 def local_model_weights(env: dict[str, str] | os._Environ) -> tuple[str, str]:
@@ -248,9 +255,11 @@ class Stack:
         self.watchdog_s = dict(WATCHED)  # tests shorten it
         # Held by every child that uses AWS, for the embedded AWS to outlive them all.
         self.lifeline = Lifeline()
+        self.run_dir_lock: int | None = None
 
     def start(self) -> None:
         s = self.settings
+        self.lock_run_dir()
         ensure_ports_differ((s.local_aws_host, s.local_aws_port, "LOCAL_AWS_PORT"),
                             (s.web_host_bare, s.web_port, "WEB_PORT"))
         ensure_port_free(s.local_aws_host, s.local_aws_port, "LOCAL_AWS_PORT")
@@ -277,6 +286,25 @@ class Stack:
         wait_until_up(f"{s.web_url}/healthz", self.children[-1].process, timeout_s=60,
                       stopping=self.stopping)
         self.mark_ready()
+
+    def lock_run_dir(self) -> None:
+        """Hold the run folder for this stack's life. A second stack from it would move
+        the first one's logs aside (or delete them, were it still starting), and the two
+        web tiers would queue each other's journaled uploads into their own AWS."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / RUN_DIR_LOCK
+        try:
+            # None only if the file was deleted (by hand) as it was opened: made again.
+            while (fd := lock_file(path, os.O_RDWR | os.O_CREAT)) is None:
+                pass
+        except LockHeld:
+            holder = path.read_text(encoding="ascii", errors="replace").strip() or "?"
+            raise RunDirInUse(f"another stack (process {holder}) runs from {self.run_dir}, where its logs "
+                              f"and web journal are: stop it, or give this one a folder of its own: "
+                              f"python -m localaws.stack --run-dir {self.run_dir}-2") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.run_dir_lock = fd
 
     def open_logs(self) -> None:
         """A fresh logs folder for this run, the last run's kept beside it if that run
@@ -438,6 +466,9 @@ class Stack:
         if self.sockets is not None:
             self.sockets.remove_folder()
         self.lifeline.close()
+        if self.run_dir_lock is not None:
+            os.close(self.run_dir_lock)
+            self.run_dir_lock = None
 
 
 def keep_previous_logs(logs: Path) -> None:
@@ -515,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.error("%s; stopping everything", problem)
                 code = 1
                 break
-    except PortInUse as exc:
+    except (PortInUse, RunDirInUse) as exc:
         log.error("%s", exc)
         code = 1
     except StartInterrupted as exc:

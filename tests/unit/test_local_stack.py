@@ -32,7 +32,9 @@ from localaws.stack import (
     MAX_QUICK_EXITS,
     QUICK_EXIT_S,
     RESTART_DELAY_S,
+    STARTING_MARK,
     Child,
+    RunDirInUse,
     Stack,
     child_env,
     how_it_ended,
@@ -464,6 +466,24 @@ def test_a_port_already_in_use_stops_the_stack_before_it_starts_anything(tmp_pat
             stack.start()
         assert stack.children == []
         assert (tmp_path / "logs" / "moto.log").read_text() == "the running stack's"  # left alone
+
+
+def test_a_second_stack_from_a_run_folder_in_use_stops_before_it_touches_anything(tmp_path):
+    """It would move the first one's logs aside (or delete them, were it still starting),
+    and its web tier would queue the first one's journaled uploads into its own AWS."""
+    first = Stack(Settings(local_aws_port=free_port(), web_port=free_port()), tmp_path, warm_spares=0)
+    first.lock_run_dir()
+    first.open_logs()
+    (first.logs / "moto.log").write_text("the first stack's")
+    second = Stack(Settings(local_aws_port=free_port(), web_port=free_port()), tmp_path, warm_spares=0)
+    with pytest.raises(RunDirInUse, match=f"process {os.getpid()}.*--run-dir {tmp_path.resolve()}-2"):
+        second.start()
+    assert second.children == []
+    assert (first.logs / "moto.log").read_text() == "the first stack's"
+    assert (first.logs / STARTING_MARK).exists()  # left starting, not deleted
+    first.stop()  # lets go of the folder
+    second.lock_run_dir()
+    second.stop()
 
 
 @pytest.mark.parametrize("web_host", ["127.0.0.1", "0.0.0.0"])
