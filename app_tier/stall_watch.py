@@ -31,6 +31,9 @@ LOOP_SLACK_S = 1800.0
 # holds), and the watchdog pings stop. (At 300 s, systemd would restart a worker
 # waiting out an SQS slowdown as hung.)
 HEARTBEAT_SLACK_S = 900.0
+# The worker's two loops, each in a thread of its own: the main loop classifies and
+# answers, the fetch loop receives, downloads and decodes.
+MAIN_LOOP, FETCH_LOOP = "main", "fetch"
 
 
 @dataclass
@@ -40,6 +43,7 @@ class Call:
     kind: str
     started: float  # time.monotonic()
     jobs: list[Job]
+    loop: str  # whose thread it holds: MAIN_LOOP or FETCH_LOOP
 
 
 class StallWatch:
@@ -59,13 +63,13 @@ class StallWatch:
 
     # --- what the worker's threads tell it ------------------------------------------
     @contextmanager
-    def must_end(self, kind: str, jobs: list[Job]) -> Iterator[None]:
-        """Mark a call the heartbeat watches: if it has not ended within the stall
-        timeout, the worker is stuck (a wedged runtime, or an image that hangs the
-        decoder: Pillow has had such bugs), not slow."""
+    def must_end(self, kind: str, jobs: list[Job], loop: str) -> Iterator[None]:
+        """Mark a call the heartbeat watches, made in `loop`'s thread: if it has not ended
+        within the stall timeout, the worker is stuck (a wedged runtime, or an image
+        that hangs the decoder: Pillow has had such bugs), not slow."""
         thread = threading.get_ident()
         with self._calls_lock:
-            self._calls[thread] = Call(kind, time.monotonic(), jobs)
+            self._calls[thread] = Call(kind, time.monotonic(), jobs, loop)
         try:
             yield
         finally:
@@ -73,7 +77,7 @@ class StallWatch:
                 del self._calls[thread]
 
     def tick(self, loop: str) -> None:
-        """An iteration of `loop` ("main", "fetch") begins."""
+        """An iteration of `loop` (MAIN_LOOP, FETCH_LOOP) begins."""
         self._loop_ticks[loop] = time.monotonic()
 
     def loop_ended(self, loop: str) -> None:
@@ -97,7 +101,7 @@ class StallWatch:
         late = [c for c in self.calls_under_way() if now - c.started >= limit]
         if not late:
             ticks = dict(self._loop_ticks)
-            late = [Call(f"{loop} loop iteration", began, []) for loop, began in ticks.items()
+            late = [Call(f"{loop} loop iteration", began, [], loop) for loop, began in ticks.items()
                     if now - began >= limit + LOOP_SLACK_S]
         return min(late, key=lambda c: c.started, default=None)
 

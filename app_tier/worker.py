@@ -58,7 +58,7 @@ from app_tier.job import Job
 from app_tier.model import Classification, Classifier
 from app_tier.replies import Replies
 from app_tier.risk_gate import RiskGate, suspect
-from app_tier.stall_watch import Call, StallWatch
+from app_tier.stall_watch import FETCH_LOOP, MAIN_LOOP, Call, StallWatch
 from app_tier.stored_answer import stored_answer
 from common import systemd
 from common.aws import Aws
@@ -224,7 +224,7 @@ class Worker:
         self.held.show_what_the_last_worker_held()
         fetcher.start()
         while not (self.stopping.is_set() and self._prefetched.empty() and not fetcher.is_alive()):
-            self.stall_watch.tick("main")
+            self.stall_watch.tick(MAIN_LOOP)
             try:
                 batch = self._prefetched.get(timeout=0.5)
             except queue.Empty:
@@ -239,7 +239,7 @@ class Worker:
                 continue
             self._wait_for_finishing()
             self._finishing = self._finisher.submit(self._finish_or_release, batch, responses)
-        self.stall_watch.loop_ended("main")
+        self.stall_watch.loop_ended(MAIN_LOOP)
         self._wait_for_finishing()
         self._finished.set()
         self.held.hand_back_all()
@@ -252,13 +252,13 @@ class Worker:
         try:
             self._fetch_until_stopped()
         finally:
-            self.stall_watch.loop_ended("fetch")
+            self.stall_watch.loop_ended(FETCH_LOOP)
 
     def _fetch_until_stopped(self) -> None:
         backoff = 0.0
         failing_since: float | None = None
         while not self.stopping.is_set():
-            self.stall_watch.tick("fetch")
+            self.stall_watch.tick(FETCH_LOOP)
             if not self._prefetch_slot.acquire(timeout=0.5):
                 continue
             try:
@@ -458,7 +458,7 @@ class Worker:
         try:
             # Watched while decoding, not while waiting its turn for a large decode.
             job.pixels = prepare(data, self.settings.max_image_pixels, self._large_decodes,
-                                 watch=lambda: self.stall_watch.must_end("decode", [job]))
+                                 watch=lambda: self.stall_watch.must_end("decode", [job], FETCH_LOOP))
         except BadImage as exc:
             job.error = str(exc)
         except Exception:  # e.g. MemoryError: maybe not the image's fault, so not its answer
@@ -618,7 +618,7 @@ class Worker:
         while pending:
             group = pending.popleft()
             try:
-                with self._at_risk(group), self.stall_watch.must_end("model call", group):
+                with self._at_risk(group), self.stall_watch.must_end("model call", group, MAIN_LOOP):
                     out = self.classifier.classify(np.stack([j.pixels for j in group]))
             except Exception as exc:  # a model error on this input, not a worker fault...
                 if _out_of_memory(exc):
@@ -644,7 +644,7 @@ class Worker:
         image: if it does, that image is at fault. Watched, but for no job: a hang here
         is the model's, and charges no image an attempt."""
         try:
-            with self.stall_watch.must_end("model call", []):
+            with self.stall_watch.must_end("model call", [], MAIN_LOOP):
                 self.classifier.classify(np.zeros((1, *failed[0].pixels.shape), np.float32))
         except Exception:
             log.exception("the model fails on a plain input too")
@@ -756,8 +756,7 @@ class Worker:
         try:
             # A long poll under way may still bring messages: wait for it, to hand them
             # back too, unless the fetch thread is the one stuck (a decode runs in it).
-            fetch_stuck = stuck.kind in ("decode", "fetch loop iteration")
-            wait_s = 0.0 if fetch_stuck else self.settings.receive_wait_s + 5.0
+            wait_s = 0.0 if stuck.loop == FETCH_LOOP else self.settings.receive_wait_s + 5.0
             self._give_back(stuck.jobs, wait_for_receive_s=wait_s)
         finally:
             self._exit(EXIT_STALLED)

@@ -6,19 +6,19 @@ import threading
 import time
 
 from app_tier.job import Job
-from app_tier.stall_watch import HEARTBEAT_SLACK_S, LOOP_SLACK_S, StallWatch
+from app_tier.stall_watch import FETCH_LOOP, HEARTBEAT_SLACK_S, LOOP_SLACK_S, MAIN_LOOP, StallWatch
 
 
 def test_the_oldest_call_past_the_stall_timeout_is_the_one_stuck():
     watch = StallWatch(stall_timeout_s=10, heartbeat_period_s=1)
     decoded, classified = [Job("m1", "r1", None)], [Job("m2", "r2", None)]
-    with watch.must_end("decode", decoded):
+    with watch.must_end("decode", decoded, FETCH_LOOP):
         began = time.monotonic()
         done = threading.Event()
         in_model = threading.Event()
 
         def model_call() -> None:
-            with watch.must_end("model call", classified):
+            with watch.must_end("model call", classified, MAIN_LOOP):
                 in_model.set()
                 done.wait(10)
 
@@ -29,6 +29,7 @@ def test_the_oldest_call_past_the_stall_timeout_is_the_one_stuck():
             assert watch.stuck(began + 9) is None, "slow, not stuck"
             stuck = watch.stuck(began + 60)
             assert stuck is not None and stuck.kind == "decode" and stuck.jobs == decoded
+            assert stuck.loop == FETCH_LOOP
             assert {c.kind for c in watch.calls_under_way()} == {"decode", "model call"}
         finally:
             done.set()
@@ -38,12 +39,13 @@ def test_the_oldest_call_past_the_stall_timeout_is_the_one_stuck():
 
 def test_a_loop_iteration_is_stuck_only_past_every_bound_and_while_its_loop_runs():
     watch = StallWatch(stall_timeout_s=10, heartbeat_period_s=1)
-    watch.tick("fetch")
+    watch.tick(FETCH_LOOP)
     began = time.monotonic()
     assert watch.stuck(began + 10 + LOOP_SLACK_S - 1) is None
     stuck = watch.stuck(began + 10 + LOOP_SLACK_S + 1)
     assert stuck is not None and stuck.kind == "fetch loop iteration" and stuck.jobs == []
-    watch.loop_ended("fetch")
+    assert stuck.loop == FETCH_LOOP
+    watch.loop_ended(FETCH_LOOP)
     assert watch.stuck(began + 10 + LOOP_SLACK_S + 1) is None
 
 

@@ -32,7 +32,7 @@ from app_tier.held import (
     retry_delay_s,
 )
 from app_tier.model import Classification
-from app_tier.stall_watch import Call
+from app_tier.stall_watch import MAIN_LOOP, Call
 from app_tier.stored_answer import stored_answer
 from app_tier.worker import Batch, Worker, warm_up
 from common.aws import Aws
@@ -1968,7 +1968,7 @@ def test_a_stuck_worker_exits_even_if_giving_back_fails(aws_env, monkeypatch):
 
     monkeypatch.setattr(worker.held, "hand_back_all", broken)
     with pytest.raises(RuntimeError):
-        worker._give_up_stuck(Call("model call", time.monotonic(), []))
+        worker._give_up_stuck(Call("model call", time.monotonic(), [], MAIN_LOOP))
     with pytest.raises(RuntimeError):
         worker._grace_period_over()
     assert exits == [EXIT_STALLED, 0]
