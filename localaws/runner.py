@@ -42,6 +42,7 @@ from app_tier.held import show_held
 from app_tier.held_journal import HeldJournal, held_journal_path
 from common.aws import Aws, keys_in
 from common.aws_errors import AWS_ERRORS
+from common.backoff import next_wait
 from common.config import Settings
 from common.fleet import LIVE_STATES, Instance, app_tier_instances, scale_in_order
 from localaws.kill import ends_with_parent, kill_and_wait
@@ -51,7 +52,9 @@ from localaws.supervision import Backoff, Watchdog, next_start, watchdog_action
 log = logging.getLogger(__name__)
 
 # The line the runner logs when a worker process is given an instance (a spare it
-# adopts keeps `--instance-id -` on its command line: only this says which serve).
+# adopts keeps `--instance-id -` on its command line: only this says which serve),
+# and how it is read back (serving_pids; the tests' harness reads the logs by it).
+SERVES_LINE = "runner: worker pid %d serves %s (log %s)"
 SERVES = re.compile(r"runner: worker pid (\d+) serves (i-\w+)")
 
 
@@ -84,6 +87,9 @@ START_TIMEOUT_S = 15 * 60.0
 # given an instance. One that is not (stopped, deadlocked while it waited) is
 # replaced after this, not after the 15 minutes a cold start may take.
 ADOPTED_START_TIMEOUT_S = 60.0
+# After a round that failed (EC2 unreadable), the wait before the next: doubled at
+# each further failure in a row, up to the most.
+FAILED_ROUND_FIRST_WAIT_S, FAILED_ROUND_MAX_WAIT_S = 1.0, 10.0
 
 
 # The exit statuses a worker is not restarted after, and what each says of it.
@@ -270,8 +276,7 @@ class InstanceRunner:
         self.workers[instance_id] = WorkerProcess(instance_id, process, time.monotonic(), restarts=restarts,
                                                   quick_exits=quick_exits, start_timeout_s=start_timeout_s)
         log_path = self._logs.pop(process, None)
-        log.info("runner: worker pid %d serves %s (log %s)", process.pid, instance_id,
-                 log_path.name if log_path else "-")
+        log.info(SERVES_LINE, process.pid, instance_id, log_path.name if log_path else "-")
         if log_path is not None:
             self._link_log(instance_id, log_path)
 
@@ -535,19 +540,19 @@ class InstanceRunner:
         does (localaws/kill.py ends_with_parent: PR_SET_PDEATHSIG follows the thread,
         not the process). Returning at `stopping`, it would have every worker told SIGTERM
         at once, before the web tier and the controller were stopped."""
-        backoff = self.poll_s
+        pause_s = self.poll_s
         try:
             while not self.stopping.is_set():
                 try:
                     self.step()
-                    backoff = max(self.poll_s, self.busy_poll_s) if self._live else self.poll_s
+                    pause_s = max(self.poll_s, self.busy_poll_s) if self._live else self.poll_s
                 except Exception as exc:  # the runner must outlive anything: the stack ends with it
-                    backoff = min(max(backoff * 2, 1.0), 10.0)
+                    pause_s = next_wait(pause_s, FAILED_ROUND_FIRST_WAIT_S, FAILED_ROUND_MAX_WAIT_S)
                     if isinstance(exc, AWS_ERRORS):
-                        log.warning("runner: cannot read EC2 (%s); retrying in %.0fs", exc, backoff)
+                        log.warning("runner: cannot read EC2 (%s); retrying in %.0fs", exc, pause_s)
                     else:
-                        log.exception("runner: round failed; retrying in %.0fs", backoff)
-                self.stopping.wait(backoff)
+                        log.exception("runner: round failed; retrying in %.0fs", pause_s)
+                self.stopping.wait(pause_s)
         finally:
             self.rounds_over.set()
         self.shut_down.wait()

@@ -899,3 +899,35 @@ def test_a_stopped_process_is_told_apart():
         sleeper.kill()
         sleeper.wait()
     assert not is_stopped(sleeper.pid)  # gone
+
+
+def test_a_worker_given_an_instance_is_found_in_the_runners_log_by_its_line(world):
+    """The harness tells serving workers from spares by that line: written and read in one
+    place, a reworded log line cannot leave it finding none."""
+    from localaws.runner import SERVES_LINE, serving_pids
+
+    assert serving_pids(["noise", "INFO " + SERVES_LINE % (4321, "i-0abc123", "worker-007.log")]) == {4321}
+
+
+def test_failed_rounds_wait_longer_each_time_up_to_the_most(world, monkeypatch):
+    """EC2 unreadable: the runner tries again, 1 s after the first failure, then doubling."""
+    from botocore.exceptions import EndpointConnectionError
+
+    _, _, make, _ = world
+    runner = make(warm_spares=0)
+    waits: list[float] = []
+
+    def step():
+        raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
+
+    def wait(seconds):
+        waits.append(seconds)
+        if len(waits) == 6:
+            runner.stopping.set()
+        return runner.stopping.is_set()
+
+    monkeypatch.setattr(runner, "step", step)
+    monkeypatch.setattr(runner.stopping, "wait", wait)
+    runner.shut_down.set()  # nothing started: run() need not wait for a stop
+    runner.run()
+    assert waits == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
