@@ -341,6 +341,28 @@ def test_the_readmes_recipe_for_another_prefix_makes_the_policies_the_tests_chec
         assert made == load(tier, "myapp"), tier
 
 
+# IAM's quotas on a policy's size, spaces not counted: a managed policy (what the READMEs
+# give a user), and all inline policies of one role together (a role's put-role-policy).
+MANAGED_POLICY_CHARS, ROLE_INLINE_CHARS = 6_144, 10_240
+
+
+@pytest.mark.parametrize("policy_file", sorted(p.name for p in AMI.glob("iam*.json")))
+def test_each_policy_fits_where_the_readmes_put_it_for_the_longest_prefix(policy_file):
+    """Too large, `create-policy` or `put-role-policy` fails with LimitExceeded. (A user's
+    inline policies may hold 2,048 characters in all: the bake policy nearly fills them,
+    hence managed policies for users.) The worker's role also takes the README's statement
+    for weights in S3."""
+    longest = "a" * 52  # APP_PREFIX's most (common/config.py)
+    text = (AMI / policy_file).read_text()
+    text = text.replace("imgclass-", f"{longest}-").replace('": "imgclass"', f'": "{longest}"')
+    size = len("".join(text.split()))
+    assert size <= MANAGED_POLICY_CHARS, (policy_file, size)
+    if policy_file == "iam-policy.json":
+        weights = ('{"Sid":"ReadModelWeights","Effect":"Allow","Action":["s3:GetObject"],'
+                   f'"Resource":["arn:aws:s3:::{"b" * 63}/{"k" * 200}"]}}')
+        assert size + len(weights) <= ROLE_INLINE_CHARS
+
+
 # --- conditions, against the requests the code makes ---------------------------------
 
 
