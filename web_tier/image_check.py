@@ -126,6 +126,8 @@ def _truncation(img: Image.Image, data: bytes, jpeg: JpegLayout | None) -> str |
     # Pillow's decoder needs the end-of-image marker (without it the worker refuses
     # the image as truncated); bytes after it, such as a motion photo's video, do not matter.
     if jpeg is not None and not jpeg.ends:
+        if data.endswith(b"\xff\xd9"):  # it ends as a whole JPEG does: damaged, not cut short
+            return "the JPEG data is damaged (its segments do not lead to its end-of-image marker)"
         return "the JPEG data is truncated (it has no end-of-image marker)"
     if img.format == "TIFF" and _tiff_data_ends(img) > len(data):
         return "the TIFF image data is truncated"

@@ -96,6 +96,11 @@ BAD = [
                  id="truncated-jpeg"),
     pytest.param(make_image(1)[:-2], "no-end.jpg", 422, "unreadable_image", "no end-of-image marker",
                  id="jpeg-without-end"),
+    # Garbage mid-file whose bytes read as a segment of 65,535 bytes: the walk jumps past
+    # the end-of-image marker, which is there all the same.
+    pytest.param(make_image(1)[:2000] + b"\xff\xc4\xff\xff" + make_image(1)[2004:], "garbled.jpg", 422,
+                 "unreadable_image", "JPEG data is damaged (its segments do not lead to its end-of-image",
+                 id="jpeg-garbled-mid-file"),
     pytest.param(make_image(1, fmt="BMP")[:-1000], "cut.bmp", 422, "unreadable_image",
                  "BMP pixel data is truncated", id="truncated-bmp"),
     pytest.param(b"", "empty.jpg", 400, "empty_file", "empty", id="empty"),
