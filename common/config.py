@@ -524,8 +524,7 @@ def local_run_overrides(settings: Settings, cores: int | None = None) -> dict[st
         "WORKER_THREADS": str(settings.local_worker_threads),
         # A lone image comes when the other workers are likely idle: with no more workers
         # than cores it takes them all. With more, several lone images at once would
-        # contend (make run's 15 one-thread workers, at 4 requests in flight: 17.0 images/s
-        # against 19.6 with one thread each; measured on 2 AVX-512 cores, 2026-12-05).
+        # contend for the cores (measured: README, Model).
         "WORKER_ONE_IMAGE_THREADS": ("0" if settings.local_max_workers <= cores
                                      else str(settings.local_worker_threads)),
     }

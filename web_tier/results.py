@@ -49,6 +49,14 @@ def batch_id_of(key: str) -> str | None:
 
 @dataclass(slots=True)
 class Item:
+    """One uploaded file of a batch, and what became of it.
+
+    Readers take no lock: once an item is finished, its outcome (state, label, score,
+    top5, error, untrained, worker) never changes. A later outcome puts a new Item in
+    its place (ResultBook._replace). What S3 knows better of it (its name, token, digest,
+    and when it was sent again) a rebuild may still fill in (ResultBook.merge).
+    """
+
     id: str
     batch_id: str | None
     filename: str
@@ -76,7 +84,8 @@ class Item:
     # object's tags too (storage.py clear_failed), which a batch rebuilt from S3 reads.
     sent_again: int = 0
     requeued_at: float = field(default=0.0, repr=False, compare=False)
-    # Counted in the book's totals (answered or failed): an outcome learnt from S3 is not.
+    # Counted in the book's totals (answered or failed). An outcome a batch rebuilt from
+    # S3 brings (merge) is not: the totals count what this process saw finish.
     counted: bool = field(default=False, compare=False)
     # Made only for an item someone waits on (POST /), set when it finishes: an Event
     # for each of the book's many items cost ~1 KB apiece.
@@ -310,8 +319,7 @@ class ResultBook:
 
         A compare-and-set under the lock: of two requests at once, one gets the item
         and sends its request, the other None. A new item in its place, as _replace
-        makes: readers take no lock, and a failed item's fields must never change
-        under them. Numbered and published, so that event streams send it queued."""
+        makes (see Item). Numbered and published, so that event streams send it queued."""
         with self._lock:
             item = self._items.get(item_id)
             if item is None or not item.provisional or not item.key:
@@ -449,8 +457,8 @@ class ResultBook:
 
     def _replace(self, item: Item, outcome: Item) -> Item:
         """A new item in `item`'s place (the lock held), with `outcome`'s outcome, and
-        `item`'s failure out of the totals: readers take no lock, and a finished item's
-        fields must never change under them. The new one is counted by the caller."""
+        `item`'s failure out of the totals (readers take no lock: see Item). The new one
+        is counted by the caller."""
         self.failed -= item.counted
         new = replace(item, waiter=None, counted=False)
         self._number(new)
