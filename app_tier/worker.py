@@ -234,7 +234,7 @@ class Worker:
                 # Prepared, but the stop signal came first: not ours to finish.
                 self.held.hand_back(batch.jobs)
                 continue
-            responses = self._answer_or_release(batch)
+            responses = self._responses_or_release(batch)
             if responses is None:
                 continue
             self._wait_for_finishing()
@@ -382,8 +382,7 @@ class Worker:
         unreadable = [j for j in jobs if not j.settled]
         if self.stopping.is_set() and unreadable:
             self.held.hand_back(unreadable)  # not read: the stop came first (see _load)
-            return Batch([j for j in jobs if j not in unreadable])
-        if unreadable:
+        elif unreadable:
             # Not read, for a reason that may pass (S3 failed after botocore's retries):
             # another attempt, a little later; after max_receive_count, the dead-letter queue.
             self.held.release(unreadable)
@@ -492,19 +491,19 @@ class Worker:
         another attempt if anything fails. The serving loop (run) takes these two steps
         apart, to write one batch while it classifies the next; this is them in one call,
         for tests and tools that drive a worker batch by batch."""
-        responses = self._answer_or_release(batch)
+        responses = self._responses_or_release(batch)
         if responses is not None:
             self._finish_or_release(batch, responses)
 
-    def _answer_or_release(self, batch: Batch) -> list[tuple[Job, ClassifyResponse]] | None:
+    def _responses_or_release(self, batch: Batch) -> list[tuple[Job, ClassifyResponse]] | None:
         try:
-            responses = self.answer(batch)
+            responses = self.responses_for(batch)
         except ModelFault as exc:
-            self._failed(batch)
+            self._release_failed(batch)
             self._model_failed(exc)
             return None
         except Exception:  # whatever it was, the loop must go on
-            self._failed(batch)
+            self._release_failed(batch)
             return None
         self._model_faults = 0
         return responses
@@ -523,23 +522,23 @@ class Worker:
                   self._model_faults, fault.__cause__ or fault)
         self._stop_for_good("model-fault")
 
-    def answer(self, batch: Batch) -> list[tuple[Job, ClassifyResponse]]:
+    def responses_for(self, batch: Batch) -> list[tuple[Job, ClassifyResponse]]:
         """Every job's response: its classification, or why it has none."""
         by_id = self._classify(batch.ready)
         responses = []
         for job in batch.jobs:
             req = job.request
             assert req is not None
-            common = {"id": req.id, "filename": req.filename, "key": req.key,
-                      "worker": self.instance_id, "untrained": self.classifier.untrained}
+            identity = {"id": req.id, "filename": req.filename, "key": req.key,
+                        "worker": self.instance_id, "untrained": self.classifier.untrained}
             result = by_id.get(job.message_id)
             if job.stored_answer is not None:
                 responses.append((job, job.stored_answer))
             elif result is not None:
                 responses.append((job, ClassifyResponse(label=result.label, score=result.score,
-                                                         top5=result.top5, **common)))
+                                                         top5=result.top5, **identity)))
             else:
-                responses.append((job, ClassifyResponse(error=job.error or "not classified", **common)))
+                responses.append((job, ClassifyResponse(error=job.error or "not classified", **identity)))
         return responses
 
     def finish(self, responses: list[tuple[Job, ClassifyResponse]]) -> None:
@@ -593,14 +592,14 @@ class Worker:
         try:
             self.finish(responses)
         except Exception:
-            self._failed(batch)
+            self._release_failed(batch)
 
     def _wait_for_finishing(self) -> None:
         if self._finishing is not None:
             self._finishing.result()  # never raises: _finish_or_release catches everything
             self._finishing = None
 
-    def _failed(self, batch: Batch) -> None:
+    def _release_failed(self, batch: Batch) -> None:
         # Another attempt (here or elsewhere) may succeed; after max_receive_count
         # attempts SQS moves it to the dead-letter queue.
         log.exception("batch of %d failed; releasing it", len(batch.jobs))
@@ -780,8 +779,8 @@ def warm_up(aws: Aws) -> None:
     loop, which retries."""
     images.warm_up()
     try:
-        for queue in (aws.settings.request_queue, aws.settings.response_queue):
-            aws.queue_url(queue)  # kept by Aws for every later call
+        for name in (aws.settings.request_queue, aws.settings.response_queue):
+            aws.queue_url(name)  # kept by Aws for every later call
     except AWS_ERRORS as exc:
         log.warning("queue URLs not resolved before serving (%s); the worker will retry", exc)
 

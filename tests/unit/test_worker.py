@@ -465,7 +465,7 @@ def dies_before_replying(worker: Worker, batch: Batch, monkeypatch) -> None:
 
     monkeypatch.setattr(worker.replies, "send", killed)
     with pytest.raises(RuntimeError, match="killed"):
-        worker.finish(worker.answer(batch))
+        worker.finish(worker.responses_for(batch))
     crash(worker.aws, batch)
 
 
