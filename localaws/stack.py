@@ -287,6 +287,26 @@ class Stack:
                       stopping=self.stopping)
         self.mark_ready()
 
+    def say_what_the_stop_loses(self) -> None:
+        """Log the requests still in the embedded AWS's queue, lost with it: it keeps
+        nothing across a stop. A client told at the stop that its image is still queued
+        (a 503) was told to send it again only if the AWS stops too."""
+        s = self.settings
+        aws = Aws(dataclasses.replace(s, endpoint_url=s.local_aws_url), keys=keys_in(self.env))
+        try:
+            # The health checks' client: one try, short timeouts (a stop must not wait).
+            reply = aws.probes["sqs"].get_queue_attributes(
+                QueueUrl=aws.queue_url(s.request_queue, probe=True),
+                AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible",
+                                "ApproximateNumberOfMessagesDelayed"])
+        except Exception as exc:  # noqa: BLE001 (only a log line is lost)
+            log.info("could not count the requests the stop loses: %s", exc)
+            return
+        lost = sum(int(count) for count in reply.get("Attributes", {}).values())
+        if lost:
+            log.warning("%d request(s) still queued are lost: the embedded AWS keeps nothing across a "
+                        "stop (send those images again once make run is back)", lost)
+
     def lock_run_dir(self) -> None:
         """Hold the run folder for this stack's life. A second stack from it would move
         the first one's logs aside (or delete them, were it still starting), and the two
@@ -459,6 +479,7 @@ class Stack:
         finally:  # whatever failed above, the embedded AWS is not left running
             for child in self.children:
                 if child.name == "moto":
+                    self.say_what_the_stop_loses()
                     terminate(child.process, time.monotonic() + 2)
         for child in self.children:
             if child.notify is not None:

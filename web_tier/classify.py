@@ -208,8 +208,8 @@ def _no_result_response(filename: str, item_id: str, batch_id: str) -> Response:
         # No Retry-After: the image is stored and queued, and sending it again
         # would classify it twice.
         endpoint = svc.settings.endpoint_url
-        unless = (f", unless the AWS at {endpoint} stops too, as make run's embedded AWS, "
-                  "which keeps nothing, does" if endpoint else "")
+        unless = (f", unless the AWS at {endpoint} stops too: make run's embedded AWS keeps "
+                  "nothing across a stop" if endpoint else "")
         return _stored_refusal(503, f"the web tier is stopping; the image is still queued, see "
                                     f"/api/jobs/{batch_id} (no need to send it again{unless})", filename,
                                Code.STILL_QUEUED, item_id, batch_id)

@@ -868,3 +868,39 @@ def test_the_embedded_aws_does_not_wait_for_ever_on_a_holder_that_never_ends(tmp
         assert select.select([lifeline.server_fd], [], [], 0)[0] == []
     finally:
         lifeline.close()
+
+
+def test_a_stop_says_how_many_queued_requests_the_embedded_aws_loses(tmp_path, monkeypatch, caplog):
+    """A client told at the stop that its image is still queued cannot know that make run's
+    AWS keeps nothing; the terminal says how many such requests were lost."""
+    import localaws.stack
+
+    counts = {"ApproximateNumberOfMessages": "5", "ApproximateNumberOfMessagesNotVisible": "2",
+              "ApproximateNumberOfMessagesDelayed": "0"}
+
+    class Sqs:
+        def get_queue_attributes(self, QueueUrl: str, AttributeNames: list[str]) -> dict:
+            if counts is None:
+                raise ConnectionError("the embedded AWS does not answer")
+            return {"Attributes": {name: counts[name] for name in AttributeNames}}
+
+    class FakeAws:
+        def __init__(self, settings: Settings, keys: object = None) -> None:
+            self.probes = {"sqs": Sqs()}
+
+        def queue_url(self, name: str, probe: bool = False) -> str:
+            assert probe, "a stop must not wait out the usual client's retries"
+            return f"http://127.0.0.1:1/{name}"
+
+    monkeypatch.setattr(localaws.stack, "Aws", FakeAws)
+    stack = Stack(Settings(), tmp_path, warm_spares=0)
+    with caplog.at_level(logging.INFO, logger="stack"):
+        stack.say_what_the_stop_loses()
+        assert "7 request(s) still queued are lost" in caplog.text
+        caplog.clear()
+        counts.update(dict.fromkeys(counts, "0"))
+        stack.say_what_the_stop_loses()
+        assert "lost" not in caplog.text
+        counts = None
+        stack.say_what_the_stop_loses()  # no answer: one line, and the stop goes on
+        assert "could not count the requests the stop loses" in caplog.text

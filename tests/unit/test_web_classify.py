@@ -241,8 +241,8 @@ def test_a_waiting_request_answers_503_at_once_when_the_web_tier_stops(make_web_
     # Stored and queued: no Retry-After, which would invite sending it a second time.
     assert reply.status_code == 503 and "Retry-After" not in reply.headers
     batch_id, item_id = reply.headers["X-Batch-Id"], reply.headers["X-Item-Id"]
-    unless = "" if endpoint_url is None else (", unless the AWS at http://127.0.0.1:5000 stops too, "
-                                              "as make run's embedded AWS, which keeps nothing, does")
+    unless = "" if endpoint_url is None else (", unless the AWS at http://127.0.0.1:5000 stops too: "
+                                              "make run's embedded AWS keeps nothing across a stop")
     assert reply.text == ("w.jpg: the web tier is stopping; the image is still queued, "
                           f"see /api/jobs/{batch_id} (no need to send it again{unless})")
     assert book.get(item_id).state == "queued"
