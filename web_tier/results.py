@@ -247,7 +247,7 @@ class ResultBook:
 
         Returns, for each, the item the batch holds: itself, or the one it already
         holds under the same token, which this one then does not join."""
-        held = []
+        kept = []
         with self._lock:
             if batch_id not in self._batches:
                 self._batch(batch_id).complete = True
@@ -255,7 +255,7 @@ class ResultBook:
             for item in items:
                 holder = self._items.get(batch.tokens.get(item.token, "")) if item.token else None
                 if holder is not None:
-                    held.append(holder)
+                    kept.append(holder)
                     continue
                 if item.id not in self._items:
                     self._items[item.id] = item
@@ -264,9 +264,9 @@ class ResultBook:
                     self.uploaded += 1
                     if item.token:
                         batch.tokens[item.token] = item.id
-                held.append(item)
+                kept.append(item)
             self._evict(keep=batch_id)
-        return held
+        return kept
 
     def discard(self, item_id: str) -> None:
         """Forget an upload that never reached the queue."""
@@ -372,14 +372,14 @@ class ResultBook:
                     if not known.is_finished and item.is_finished:
                         known = self._to_finish(known)
                         self._number(known)
-                        self._count_finished(known)
+                        self._one_fewer_unfinished(known)
                         known._apply(item)
                         _wake(known)
                         finished.append(known)
                     elif _replaces(item, known):
                         replaced = self._replace(known, item)
                         if known.counted:  # the totals follow what they counted
-                            self._count(replaced)
+                            self._add_to_totals(replaced)
                         finished.append(replaced)
             # S3's key order is upload order; items learnt earlier from answers that
             # came before the rebuild take their places in it.
@@ -431,11 +431,11 @@ class ResultBook:
                 if sent is not None:
                     item.sent_again, item.requeued_at = sent
                 self._number(item)
-                self._count_finished(item)
+                self._one_fewer_unfinished(item)
                 item._apply(incoming)
                 if not item.key:
                     item.key = incoming.key
-            self._count(item)
+            self._add_to_totals(item)
             if untrained is not None:
                 self.untrained = untrained
             _wake(item)
@@ -466,7 +466,7 @@ class ResultBook:
         self._items[new.id] = new
         return new
 
-    def _count(self, item: Item) -> None:
+    def _add_to_totals(self, item: Item) -> None:
         """Add a finished item to the totals (the lock held)."""
         if item.state == DONE:
             self.answered += 1
@@ -517,8 +517,8 @@ class ResultBook:
         with self._lock:
             batch = self._batches.get(batch_id)
             ids = batch.item_ids if batch is not None else []
-            held = (self._items[i] for i in ids if i in self._items)
-            return sorted((i for i in held if i.event_seq > seen.get(i.id, 0)), key=lambda i: i.event_seq)
+            kept = (self._items[i] for i in ids if i in self._items)
+            return sorted((i for i in kept if i.event_seq > seen.get(i.id, 0)), key=lambda i: i.event_seq)
 
     def wait(self, item_id: str, timeout: float) -> Item | None:
         """Block until the item has a result; the item, or None on timeout or unknown id."""
@@ -589,7 +589,7 @@ class ResultBook:
             for inbox in self._subscribers.get(item.batch_id or "", ()):
                 inbox.put(item)
 
-    def _count_finished(self, item: Item) -> None:
+    def _one_fewer_unfinished(self, item: Item) -> None:
         """A queued item of the book's is about to finish: one fewer queued in its batch."""
         batch = self._batches.get(item.batch_id or "")
         if batch is not None and item.id in self._items:

@@ -98,10 +98,10 @@ class Submitter:
         # never takes one of them for stored while it may still fail.
         with self._storing_lock:
             self._storing.update(i.id for i in items)
-        held = self.book.add(batch_id, items)
-        new = [n for n, holder in enumerate(held) if holder is items[n]]
+        kept = self.book.add(batch_id, items)
+        new = [n for n, holder in enumerate(kept) if holder is items[n]]
         outcomes: dict[int, Item | SentBefore | Refusal] = {
-            n: self._sent_again(items[n], holder, uploads[n]) for n, holder in enumerate(held) if n not in new
+            n: self._sent_again(items[n], holder, uploads[n]) for n, holder in enumerate(kept) if n not in new
         }
         if len(new) == 1:
             outcomes[new[0]] = self._submit_one(items[new[0]], uploads[new[0]])
