@@ -192,23 +192,26 @@ class InstanceRunner:
     # shutdown() once every process it started is stopped.
     rounds_over: threading.Event = field(default_factory=threading.Event)
     shut_down: threading.Event = field(default_factory=threading.Event)
-    _first_seen: dict[str, float] = field(default_factory=dict)
-    _spares: list[subprocess.Popen] = field(default_factory=list)
-    _draining: list[WorkerProcess] = field(default_factory=list)
-    _warned_cap: bool = False
+    _first_seen: dict[str, float] = field(default_factory=dict, init=False)
+    _spares: list[subprocess.Popen] = field(default_factory=list, init=False)
+    _draining: list[WorkerProcess] = field(default_factory=list, init=False)
+    _warned_cap: bool = field(default=False, init=False)
     # Spares back off as workers do (_next_start), in one row for all: a spare that dies
     # by itself soon after its spawn adds a failed start to it; one that lived longer,
     # was killed from outside, or was adopted by an instance ends it.
-    _spare_spawned_at: dict[subprocess.Popen, float] = field(default_factory=dict)
-    _spare_quick_exits: int = 0
-    _spare_due_at: float = float("-inf")  # when the next spare may be spawned
-    _spawned: int = 0
-    _live: int = 0
+    _spare_spawned_at: dict[subprocess.Popen, float] = field(default_factory=dict, init=False)
+    _spare_quick_exits: int = field(default=0, init=False)
+    _spare_due_at: float = field(default=float("-inf"), init=False)  # when the next spare may be spawned
+    _spawned: int = field(default=0, init=False)
+    _live: int = field(default=0, init=False)
     started_total: int = 0
     # Each process's end of systemd's notification protocol, while it lives.
-    _notify: dict[subprocess.Popen, NotifySocket] = field(default_factory=dict)
+    _notify: dict[subprocess.Popen, NotifySocket] = field(default_factory=dict, init=False)
     # Each process's log file (named when it starts, before a spare has an instance).
-    _logs: dict[subprocess.Popen, Path] = field(default_factory=dict)
+    _logs: dict[subprocess.Popen, Path] = field(default_factory=dict, init=False)
+
+    aws: Aws = field(init=False)
+    _sockets: NotifySockets = field(init=False)
 
     def __post_init__(self) -> None:
         # Signed with the keys it gives its workers, where it gives some: make run does

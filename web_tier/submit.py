@@ -72,11 +72,11 @@ class Submitter:
     journal: Journal | None = None
     ids: OrderedIds = field(default_factory=OrderedIds)
     # Stored with no request sent, to be queued by requeue_unsent: {item id: request body}.
-    _unsent: dict[str, str] = field(default_factory=dict)
-    _unsent_lock: threading.Lock = field(default_factory=threading.Lock)
+    _unsent: dict[str, str] = field(default_factory=dict, init=False)
+    _unsent_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     # Items in the book whose image is not yet stored and queued (it may yet fail).
-    _storing: set[str] = field(default_factory=set)
-    _storing_lock: threading.Lock = field(default_factory=threading.Lock)
+    _storing: set[str] = field(default_factory=set, init=False)
+    _storing_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def submit(self, batch_id: str, uploads: list[Upload], tokens: list[str] | None = None
                ) -> list[Item | SentBefore | Refusal]:
