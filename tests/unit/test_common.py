@@ -1110,6 +1110,39 @@ def test_change_visibility_goes_in_tens_and_a_failed_call_fails_only_its_own():
     assert failures[1].code == "ServiceUnavailable"  # the call's own error, for each of its entries
 
 
+# What real SQS answers ChangeMessageVisibility(Batch) with for a receipt gone stale.
+STALE_ON_AWS = ("Value AQEBtwvU5vdRPF3mBg== for parameter ReceiptHandle is invalid. Reason: Message does not "
+                "exist or is not available for visibility timeout change.")
+
+
+@pytest.mark.parametrize(("code", "message", "stale"), [
+    ("ReceiptHandleIsInvalid", "The input receipt handle is invalid.", True),  # moto: a deleted message
+    ("MessageNotInflight", "The specified message isn't in flight.", True),
+    ("AWS.SimpleQueueService.MessageNotInflight", "", True),
+    # Real SQS: deleted, or received again since by another receive.
+    ("InvalidParameterValue", STALE_ON_AWS, True),
+    ("InvalidParameterValue", STALE_ON_AWS.upper().replace(" FOR ", "  for\n"), True),
+    ("InvalidParameterValue", "Value AQEB for parameter ReceiptHandle is invalid. Reason: The receipt handle "
+                              "has expired.", True),
+    # Another InvalidParameterValue: the message may still be this receipt's.
+    ("InvalidParameterValue", "Value 43200 for parameter VisibilityTimeout is invalid. Reason: Total "
+                              "VisibilityTimeout for the message is beyond the limit [43200 seconds].",
+     False),
+    ("InvalidParameterValue", "Visibility timeout invalid", False),  # moto's, for a batch entry
+    ("InvalidParameterValue", "Value AQEB for parameter ReceiptHandle is invalid. Reason: something else.",
+     False),
+    ("InvalidParameterValue", "Message does not exist or is not available for visibility timeout change.",
+     False),  # not said of the receipt
+    ("ServiceUnavailable", STALE_ON_AWS, False),
+    ("", "", False),
+])
+def test_a_stale_receipt_is_told_by_real_sqss_answers_and_by_motos(code, message, stale):
+    from common.sqs import is_stale_receipt
+
+    assert is_stale_receipt(code, message) is stale
+    assert VisibilityFailure("r", message or code, code).stale is stale
+
+
 def test_waits_between_failed_tries_start_at_the_first_double_and_stop_at_the_most():
     from common.backoff import next_wait
 
