@@ -55,6 +55,33 @@ def is_stale_receipt(code: str, message: str) -> bool:
     return "for parameter receipthandle is invalid" in said and any(r in said for r in STALE_RECEIPT_REASONS)
 
 
+# SQS's codes for a queue it does not know, in both spellings (see STALE_RECEIPT_CODES).
+NO_SUCH_QUEUE_CODES = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist",
+                                 "NonExistentQueue"})
+# CreateQueue's refusal of a name whose queue was deleted less than 60 s ago.
+QUEUE_DELETED_RECENTLY_CODES = frozenset({"AWS.SimpleQueueService.QueueDeletedRecently",
+                                          "QueueDeletedRecently"})
+
+
+def is_queue_not_there(code: str, message: str) -> bool:
+    """Whether SQS refused a call because it does not know a queue the call uses: the
+    queue itself, or the dead-letter queue a redrive policy names.
+
+    What a queue created a moment ago gets: AWS's CreateQueue reference says to wait at
+    least a second after creating a queue before using it. For a dead-letter target
+    real SQS says InvalidParameterValue, "Value {...} for parameter RedrivePolicy is
+    invalid. Reason: Dead letter target does not exist." (InvalidAttributeValue is its
+    modelled name); moto says AWS.SimpleQueueService.NonExistentQueue, "Could not find
+    DLQ for <arn>". Another InvalidParameterValue (a maxReceiveCount out of range, say)
+    is not this: no wait mends it."""
+    if code in NO_SUCH_QUEUE_CODES:
+        return True
+    if code not in ("InvalidParameterValue", "InvalidAttributeValue"):
+        return False
+    said = " ".join(message.lower().split())
+    return "for parameter redrivepolicy is invalid" in said and "dead letter target does not exist" in said
+
+
 class VisibilityFailure(NamedTuple):
     """A message whose visibility was not changed, and why: SQS's word for it, or the
     error of the call that carried it."""
