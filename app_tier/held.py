@@ -33,9 +33,6 @@ log = logging.getLogger(__name__)
 
 # Seconds since the epoch, as the journal keeps them (tests put a clock of their own here).
 wall_clock = time.time
-# SQS's word for a receipt that no longer holds its message: deleted (answered), or
-# received since by another receive, which got a receipt of its own.
-STALE_RECEIPT_CODES = frozenset({"ReceiptHandleIsInvalid"})
 # SQS allows a message 12 h of invisibility from its receive, all extensions
 # included; an hour leaves room for everything before and after a retry delay.
 MAX_RETRY_DELAY_S = 3600
@@ -271,7 +268,8 @@ class HeldMessages:
             failures = self._change_visibility([(j, self.settings.visibility_timeout_s) for j in held],
                                                warn=False)  # below, but for the deleted
             failed = {f.receipt_handle for f in failures}
-            gone = {f.receipt_handle for f in failures if f.code in STALE_RECEIPT_CODES}
+            # Deleted (answered), or received since by another receive: see is_stale_receipt.
+            gone = {f.receipt_handle for f in failures if f.stale}
             with self._lock:
                 # Being deleted meanwhile (answered here), or forgotten since: their receipts
                 # gone stale say nothing of another worker.

@@ -10,17 +10,24 @@ import argparse
 import json
 import logging
 import sys
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from botocore.exceptions import ClientError
 
 from common import cli
 from common.aws import Aws
 from common.aws_errors import AWS_ERRORS, error_code
+from common.backoff import next_wait
 from common.config import Settings
 from common.logs import configure as configure_logging
 from common.messages import MAX_MESSAGE_BYTES
+from common.sqs import QUEUE_DELETED_RECENTLY_CODES, is_queue_not_there
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # The contract's MaximumMessageSize: a request is a small pointer to S3, never an image.
 REQUEST_QUEUE_MAX_BYTES = MAX_MESSAGE_BYTES
@@ -123,14 +130,60 @@ def _apply_retention(aws: Aws, name: str, days: int) -> None:
 ENCRYPTED_QUEUE = {"SqsManagedSseEnabled": "true"}
 
 
+# AWS's CreateQueue reference: "After you create a queue, you must wait at least one
+# second after the queue is created to be able to use the queue". Until then SQS may not
+# know it, so what uses a queue (its attributes read or set, a redrive policy naming it)
+# is tried again while SQS says it is not there, this long at most: a new queue's
+# second and a margin, not long enough to keep a queue really missing waiting.
+QUEUE_SETTLE_S = 5.0
+SETTLE_FIRST_WAIT_S = 0.25
+SETTLE_MAX_WAIT_S = 1.0
+# Tests put a clock of their own here, and its sleep.
+clock = time.monotonic
+sleep = time.sleep
+
+
+def _once_there(what: str, call: Callable[[], T]) -> T:
+    """`call()`, tried again for up to QUEUE_SETTLE_S while SQS says a queue it uses is
+    not there (is_queue_not_there): one just created, here or by a run beside this one.
+    No wait where SQS knows its queues at once, as the embedded AWS does."""
+    deadline = clock() + QUEUE_SETTLE_S
+    wait = 0.0
+    while True:
+        try:
+            return call()
+        except ClientError as exc:
+            code = error_code(exc)
+            if not is_queue_not_there(code, str(exc.response.get("Error", {}).get("Message") or "")):
+                raise
+            wait = next_wait(wait, SETTLE_FIRST_WAIT_S, SETTLE_MAX_WAIT_S)
+            if clock() + wait > deadline:
+                raise
+            log.info("%s: SQS does not know a queue it uses yet (%s); trying again in %.2f s",
+                     what, code, wait)
+            sleep(wait)
+
+
 def _ensure_queue(aws: Aws, name: str, attributes: dict[str, str]) -> str:
+    return _once_there(f"queue {name}", lambda: _make_or_update_queue(aws, name, attributes))
+
+
+def _make_or_update_queue(aws: Aws, name: str, attributes: dict[str, str]) -> str:
     # CreateQueue refuses an existing queue whose attributes differ (QueueAlreadyExists),
     # so a changed setting (VISIBILITY_TIMEOUT, say) is applied to the queue that exists.
     attributes = {**attributes, **ENCRYPTED_QUEUE}
     try:
         url = aws.sqs.get_queue_url(QueueName=name)["QueueUrl"]
     except aws.sqs.exceptions.QueueDoesNotExist:
-        return aws.sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+        try:
+            return aws.sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+        except ClientError as exc:
+            if error_code(exc) in QUEUE_DELETED_RECENTLY_CODES:
+                # No retry: SQS makes the name again only a minute after the delete.
+                raise ProvisionError(f"queue {name} was deleted less than 60 s ago (QueueDeletedRecently), "
+                                     f"and SQS makes no queue of that name until then: wait 60 s after "
+                                     f"deleting a queue before provisioning again") from exc
+            raise
     current = aws.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=list(attributes))["Attributes"]
     # Said, not done silently: a re-run from a shell without the controller's settings
     # puts a MAX_RECEIVE_COUNT of 5 back to 3, the workers still told 5.
@@ -158,9 +211,8 @@ def provision(settings: Settings, aws: Aws | None = None) -> dict[str, str]:
         _apply_retention(aws, bucket, settings.retention_days)
 
     dlq_url = _ensure_queue(aws, settings.dead_letter_queue, {"MessageRetentionPeriod": "1209600"})
-    dlq_arn = aws.sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])[
-        "Attributes"
-    ]["QueueArn"]
+    dlq_arn = _once_there(f"queue {settings.dead_letter_queue}", lambda: aws.sqs.get_queue_attributes(
+        QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"])
     req_url = _ensure_queue(
         aws,
         settings.request_queue,

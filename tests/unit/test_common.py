@@ -810,6 +810,142 @@ def test_provision_applies_changed_settings_to_the_queues_that_exist(caplog):
         assert len(said) == 4, said
 
 
+class SettleTime:
+    """provision's clock and its sleep: a sleep moves the clock on, at once."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def settle_time(monkeypatch) -> SettleTime:
+    from common import provision as provision_module
+
+    fake = SettleTime()
+    monkeypatch.setattr(provision_module, "clock", lambda: fake.now)
+    monkeypatch.setattr(provision_module, "sleep", fake.sleep)
+    return fake
+
+
+def sqs_refusal(code: str, message: str, operation: str) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": message},
+                        "ResponseMetadata": {"HTTPStatusCode": 400}}, operation)
+
+
+NOT_THERE = ("AWS.SimpleQueueService.NonExistentQueue", "The specified queue does not exist.")
+DELETED_RECENTLY = ("You must wait 60 seconds after deleting a queue before you can create another queue "
+                    "with the same name.")
+
+
+@pytest.mark.parametrize(("code", "message", "not_there"), [
+    (*NOT_THERE, True),
+    ("QueueDoesNotExist", "The specified queue does not exist.", True),
+    ("NonExistentQueue", "", True),
+    # Real SQS, of a redrive policy naming a queue it does not know (yet).
+    ("InvalidParameterValue", 'Value {"deadLetterTargetArn":"arn:aws:sqs:us-east-1:1:dlq",'
+                              '"maxReceiveCount":"3"} for parameter RedrivePolicy is invalid. Reason: Dead '
+                              "letter target does not exist.", True),
+    ("InvalidAttributeValue", "Value {} for parameter RedrivePolicy is invalid. Reason: Dead letter target "
+                              "does not exist.", True),
+    # Another InvalidParameterValue: no wait mends it.
+    ("InvalidParameterValue", "Value {} for parameter RedrivePolicy is invalid. Reason: Invalid value for "
+                              "maxReceiveCount: 0, valid values are from 1 to 1000 both inclusive.", False),
+    ("InvalidParameterValue", "Dead letter target does not exist.", False),  # not said of a redrive policy
+    ("AWS.SimpleQueueService.QueueDeletedRecently", DELETED_RECENTLY, False),
+    ("AccessDenied", "The specified queue does not exist.", False),
+])
+def test_a_queue_sqs_does_not_know_yet_is_told_by_real_sqss_answers_and_by_motos(code, message, not_there):
+    from common.sqs import is_queue_not_there
+
+    assert is_queue_not_there(code, message) is not_there
+
+
+def test_provision_waits_for_a_queue_it_just_created_to_be_usable(monkeypatch, settle_time):
+    """AWS: a queue may be used a second after it is created. Reading the new dead-letter
+    queue's ARN, and naming it in the request queue's redrive policy, are tried again while
+    SQS does not know it; and nothing waits once it does."""
+    with mock_aws():
+        aws = Aws(Settings())
+        read, create = aws.sqs.get_queue_attributes, aws.sqs.create_queue
+        refused = {"read": 0, "create": 0}
+
+        def read_unknown_once(**kwargs):
+            if kwargs.get("AttributeNames") == ["QueueArn"] and not refused["read"]:
+                refused["read"] += 1
+                raise sqs_refusal(*NOT_THERE, "GetQueueAttributes")
+            return read(**kwargs)
+
+        def target_unknown_twice(**kwargs):
+            policy = kwargs.get("Attributes", {}).get("RedrivePolicy")
+            if policy and refused["create"] < 2:
+                refused["create"] += 1
+                raise sqs_refusal("InvalidParameterValue", f"Value {policy} for parameter RedrivePolicy is "
+                                  "invalid. Reason: Dead letter target does not exist.", "CreateQueue")
+            return create(**kwargs)
+
+        monkeypatch.setattr(aws.sqs, "get_queue_attributes", read_unknown_once)
+        monkeypatch.setattr(aws.sqs, "create_queue", target_unknown_twice)
+        urls = provision(Settings(), aws)
+        assert refused == {"read": 1, "create": 2}
+        assert settle_time.slept == [0.25, 0.25, 0.5]  # each use's own backoff
+        redrive = json.loads(read(QueueUrl=urls["request"], AttributeNames=["RedrivePolicy"])["Attributes"][
+            "RedrivePolicy"])
+        assert redrive["deadLetterTargetArn"].endswith(Settings().dead_letter_queue)
+        assert provision(Settings(), aws) == urls
+        assert len(settle_time.slept) == 3
+
+
+def test_provision_gives_up_on_a_queue_sqs_still_does_not_know_after_a_few_seconds(monkeypatch, settle_time):
+    from common.provision import QUEUE_SETTLE_S
+
+    with mock_aws():
+        aws = Aws(Settings())
+        read, tries = aws.sqs.get_queue_attributes, []
+
+        def never_known(**kwargs):
+            if kwargs.get("AttributeNames") == ["QueueArn"]:
+                tries.append(settle_time.now)
+                raise sqs_refusal(*NOT_THERE, "GetQueueAttributes")
+            return read(**kwargs)
+
+        monkeypatch.setattr(aws.sqs, "get_queue_attributes", never_known)
+        with pytest.raises(ClientError) as refused:
+            provision(Settings(), aws)
+    assert refused.value.response["Error"]["Code"] == NOT_THERE[0]
+    assert settle_time.slept == [0.25, 0.5, 1.0, 1.0, 1.0, 1.0]
+    assert len(tries) == 7 and tries[-1] <= QUEUE_SETTLE_S
+
+
+@pytest.mark.parametrize("code", ["AWS.SimpleQueueService.QueueDeletedRecently", "QueueDeletedRecently"])
+def test_provision_right_after_a_queue_was_deleted_says_to_wait_a_minute(code, monkeypatch, settle_time,
+                                                                          capsys):
+    """SQS refuses for 60 s to make a queue of a deleted one's name: said in one line,
+    not waited on, nor shown as AWS out of reach."""
+    from common import provision as provision_module
+
+    def deleted_recently(**_kwargs):
+        raise sqs_refusal(code, DELETED_RECENTLY, "CreateQueue")
+
+    dead_letter_queue = Settings().dead_letter_queue
+    says = (f"queue {dead_letter_queue} was deleted less than 60 s ago (QueueDeletedRecently), and SQS makes "
+            "no queue of that name until then: wait 60 s after deleting a queue before provisioning again")
+    with mock_aws():
+        aws = Aws(Settings())
+        monkeypatch.setattr(aws.sqs, "create_queue", deleted_recently)
+        with pytest.raises(ProvisionError) as refused:
+            provision(Settings(), aws)
+        assert str(refused.value) == says
+        monkeypatch.setattr(provision_module, "Aws", lambda _settings: aws)
+        assert provision_main([]) == 2
+    assert capsys.readouterr().err == f"python -m common.provision: {says}\n"
+    assert settle_time.slept == []
+
+
 def test_aws_opens_clients_ahead_of_use_and_refuses_unknown_services():
     aws = Aws(Settings(region="us-east-1"))
     assert aws._clients == {}
@@ -1108,6 +1244,39 @@ def test_change_visibility_goes_in_tens_and_a_failed_call_fails_only_its_own():
     assert [f.receipt_handle for f in failures[1:]] == [f"r{n}" for n in range(10, 20)]
     assert "ServiceUnavailable" in failures[1].reason
     assert failures[1].code == "ServiceUnavailable"  # the call's own error, for each of its entries
+
+
+# What real SQS answers ChangeMessageVisibility(Batch) with for a receipt gone stale.
+STALE_ON_AWS = ("Value AQEBtwvU5vdRPF3mBg== for parameter ReceiptHandle is invalid. Reason: Message does not "
+                "exist or is not available for visibility timeout change.")
+
+
+@pytest.mark.parametrize(("code", "message", "stale"), [
+    ("ReceiptHandleIsInvalid", "The input receipt handle is invalid.", True),  # moto: a deleted message
+    ("MessageNotInflight", "The specified message isn't in flight.", True),
+    ("AWS.SimpleQueueService.MessageNotInflight", "", True),
+    # Real SQS: deleted, or received again since by another receive.
+    ("InvalidParameterValue", STALE_ON_AWS, True),
+    ("InvalidParameterValue", STALE_ON_AWS.upper().replace(" FOR ", "  for\n"), True),
+    ("InvalidParameterValue", "Value AQEB for parameter ReceiptHandle is invalid. Reason: The receipt handle "
+                              "has expired.", True),
+    # Another InvalidParameterValue: the message may still be this receipt's.
+    ("InvalidParameterValue", "Value 43200 for parameter VisibilityTimeout is invalid. Reason: Total "
+                              "VisibilityTimeout for the message is beyond the limit [43200 seconds].",
+     False),
+    ("InvalidParameterValue", "Visibility timeout invalid", False),  # moto's, for a batch entry
+    ("InvalidParameterValue", "Value AQEB for parameter ReceiptHandle is invalid. Reason: something else.",
+     False),
+    ("InvalidParameterValue", "Message does not exist or is not available for visibility timeout change.",
+     False),  # not said of the receipt
+    ("ServiceUnavailable", STALE_ON_AWS, False),
+    ("", "", False),
+])
+def test_a_stale_receipt_is_told_by_real_sqss_answers_and_by_motos(code, message, stale):
+    from common.sqs import is_stale_receipt
+
+    assert is_stale_receipt(code, message) is stale
+    assert VisibilityFailure("r", message or code, code).stale is stale
 
 
 def test_waits_between_failed_tries_start_at_the_first_double_and_stop_at_the_most():

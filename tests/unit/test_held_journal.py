@@ -450,6 +450,45 @@ def test_requests_another_worker_took_are_not_handed_back(aws_env, caplog):
     assert depth(aws, aws.request_queue_url) == (0, 0)
 
 
+def test_a_request_another_worker_received_is_taken_as_theirs_on_real_sqss_answer(aws_env, monkeypatch,
+                                                                                   caplog):
+    """Real SQS refuses a receipt made stale by another receive with InvalidParameterValue,
+    not moto's ReceiptHandleIsInvalid, and moto takes the stale receipt: SQS's answer is
+    stubbed. Kept as this worker's, the request was extended in vain at every heartbeat,
+    and handed back at a stop: queued twice, classified once more."""
+    settings, aws = aws_env
+    for name in ("a", "b"):
+        upload(settings, aws, f"{name}.jpg", make_image(ord(name), size=(64, 64)), name)
+    paused = Worker(settings, aws, MeanClassifier(), "i-0805")
+    jobs = {j.request.id: j for j in paused.fetch().jobs}
+    # Visible again while this worker was paused, and received by another worker.
+    aws.sqs.change_message_visibility(QueueUrl=aws.request_queue_url, ReceiptHandle=jobs["a"].receipt,
+                                      VisibilityTimeout=0)
+    (other,) = aws.sqs.receive_message(QueueUrl=aws.request_queue_url, MaxNumberOfMessages=1)["Messages"]
+    assert other["MessageId"] == jobs["a"].message_id
+    change, asked = aws.sqs.change_message_visibility_batch, []
+
+    def as_real_sqs_answers(QueueUrl, Entries):
+        asked.extend(e["ReceiptHandle"] for e in Entries)
+        stale = [e for e in Entries if e["ReceiptHandle"] == jobs["a"].receipt]
+        reply = change(QueueUrl=QueueUrl, Entries=[e for e in Entries if e not in stale])
+        return {"Successful": reply.get("Successful", []), "Failed": [
+            {"Id": e["Id"], "SenderFault": True, "Code": "InvalidParameterValue",
+             "Message": f"Value {e['ReceiptHandle']} for parameter ReceiptHandle is invalid. Reason: Message "
+                        "does not exist or is not available for visibility timeout change."} for e in stale]}
+
+    monkeypatch.setattr(aws.sqs, "change_message_visibility_batch", as_real_sqs_answers)
+    with caplog.at_level(logging.WARNING, logger="app_tier.held"):
+        paused.held.extend()  # its heartbeat, once it runs again
+    assert "1 request(s) held here are another worker's now" in caplog.text
+    assert len(paused.held) == 1
+    asked.clear()
+    paused.held.extend()  # the next heartbeat: only its own
+    assert asked == [jobs["b"].receipt]
+    paused.held.hand_back_all()  # told to stop: "b" queued again, "a" left to the other worker
+    assert depth(aws, aws.request_queue_url) == (1, 1)
+
+
 def test_a_request_another_worker_took_is_handed_back_when_received_here_again(aws_env, monkeypatch):
     """Dropped as another worker's, its id must leave those being answered here: else this
     worker, receiving it again later, takes it for one being answered, and a stop does
