@@ -18,8 +18,9 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 from app_tier.held_journal import HeldEntry, HeldJournal, still_hidden
 from app_tier.job import Job
@@ -54,7 +55,7 @@ def retry_delay_s(receive_count: int, first_delay_s: int) -> int:
 MAX_PRIOR_RECEIVES = 1000
 
 
-def prior_receives(message: dict) -> int:
+def prior_receives(message: Mapping[str, Any]) -> int:
     """The receives a received request's earlier copies used (0 when it has none, or
     when the attribute is not a count: anyone can send a request), at most
     MAX_PRIOR_RECEIVES."""
@@ -190,7 +191,7 @@ class HeldMessages:
         if self._journal is None:
             return
         try:
-            show_held(self._journal, self.aws, f"worker {self.worker_name}", "the worker before it here")
+            show_held(self._journal, self.aws, self.who, "the worker before it here")
         except AWS_ERRORS as exc:
             # AWS out of reach: the worker waits for it in its receive loop, as without a
             # journal; raised here, it would exit 1, to be restarted and fail alike.

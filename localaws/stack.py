@@ -104,7 +104,7 @@ class RunDirInUse(RuntimeError):
     """Another stack runs from this run folder, where its logs and web journal are."""
 
 
-def local_model_weights(env: dict[str, str] | os._Environ) -> tuple[str, str]:
+def local_model_weights(env: Mapping[str, str]) -> tuple[str, str]:
     """MODEL_WEIGHTS for a local run, and a warning when it had to fall back.
 
     An explicit MODEL_WEIGHTS always wins. Otherwise the real ImageNet weights
@@ -131,7 +131,7 @@ def local_model_weights(env: dict[str, str] | os._Environ) -> tuple[str, str]:
 WORKER_PEAK_BYTES = {"openvino": 0.6 * 2**30, "tensorflow": 1.3 * 2**30}
 
 
-def memory_safe_workers(settings: Settings, env: dict[str, str] | os._Environ) -> tuple[int, str]:
+def memory_safe_workers(settings: Settings, env: Mapping[str, str]) -> tuple[int, str]:
     """How many local worker processes fit in this machine's memory.
 
     The controller still decides up to MAX_INSTANCES instances, as on AWS; this

@@ -559,10 +559,10 @@ class ResultBook:
                     del self._in_use[batch_id]
 
     # --- subscribers (SSE) -----------------------------------------------------
-    def subscribe(self, batch_id: str) -> queue.SimpleQueue:
+    def subscribe(self, batch_id: str) -> queue.SimpleQueue[Item | None]:
         """A queue that receives every item of `batch_id` as it finishes, and None
         when the book is closed."""
-        inbox: queue.SimpleQueue = queue.SimpleQueue()
+        inbox: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
         with self._lock:
             self._subscribers.setdefault(batch_id, set()).add(inbox)
             if self.closing.is_set():
