@@ -669,57 +669,63 @@ class Worker:
         if self._names_another_bucket(req):
             return response  # failed unread (_download): its key names no upload of this service's
         if response.ok:
-            try:
-                self.aws.s3.put_object(
-                    Bucket=self.settings.output_bucket,
-                    Key=req.key,
-                    Body=pair_text(job.filename or req.filename or stored_name(req.key),
-                                   response.label).encode(),
-                    ContentType="text/plain",
-                    Metadata=result_metadata(response),
-                    # Only the first result is stored, as the web tier keeps only the first
-                    # answer: a second copy overwriting it, classified by another model
-                    # (a rollout, the other runtime), left S3 and the answer given differing.
-                    IfNoneMatch="*",
-                )
-            except ClientError as exc:
-                # 412: a result is stored (another copy's, or this put's own, tried again
-                # after a timeout). 409: another put of it is under way (real S3).
-                if error_code(exc) not in ("PreconditionFailed", "ConditionalRequestConflict"):
-                    raise
-                stored = stored_answer(self.aws, req, self.classifier.untrained, result_only=True)
-                if stored is None:
-                    # Not there (yet, or any more): no answer without a stored result. Raised,
-                    # the request is released and tried again.
-                    raise RuntimeError(f"a result for {req.key} was being stored, and none is") from exc
-                log.info("request %s: a result was stored first; answering with it", req.id)
-                return stored
-        else:
-            # A copy whose worker stored a result and died before replying: its result
-            # stands, not this attempt's failure (the model ran short of something, the
-            # upload deleted since), as it would against a result of this attempt's.
+            return self._store_result(job, req, response)
+        return self._store_failure(job, req, response)
+
+    def _store_result(self, job: Job, req: ClassifyRequest, response: ClassifyResponse) -> ClassifyResponse:
+        """Write the `image,label` pair to the output bucket, unless a result is there."""
+        try:
+            self.aws.s3.put_object(
+                Bucket=self.settings.output_bucket,
+                Key=req.key,
+                Body=pair_text(job.filename or req.filename or stored_name(req.key), response.label).encode(),
+                ContentType="text/plain",
+                Metadata=result_metadata(response),
+                # Only the first result is stored, as the web tier keeps only the first
+                # answer: a second copy overwriting it, classified by another model
+                # (a rollout, the other runtime), left S3 and the answer given differing.
+                IfNoneMatch="*",
+            )
+        except ClientError as exc:
+            # 412: a result is stored (another copy's, or this put's own, tried again
+            # after a timeout). 409: another put of it is under way (real S3).
+            if error_code(exc) not in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise
             stored = stored_answer(self.aws, req, self.classifier.untrained, result_only=True)
-            if stored is not None:
-                log.info("request %s: failed here, answered with the result stored first", req.id)
-                return stored
-            # The failure is kept on the input object so the web tier can rebuild it. If
-            # S3 is failing or throttling, this raises: as for a result not written,
-            # nothing is sent and the request is tried again. Answered untagged, a batch
-            # rebuilt after a restart would show it queued for ever.
-            reason = response.error or ""
-            try:
-                why_not = mark_failed(self.aws.s3, req.bucket, req.key, reason, self.instance_id)
-            except MarkDenied as exc:
-                # Denied: tried again as S3 failing is (a role just given the right may
-                # not have it everywhere yet), until the request's last attempt, whose
-                # release would send it to the dead-letter queue, and the reason with it.
-                if not give_up_denied_mark(req.id, exc, job.first_received, time.time(),  # SQS's clock
-                                           attempt=job.receive_count,
-                                           last_attempt=job.receive_count >= self.settings.max_receive_count):
-                    raise
-                return response
-            if why_not:
-                log.warning("could not tag failed input %s: %s", req.key, why_not)
+            if stored is None:
+                # Not there (yet, or any more): no answer without a stored result. Raised,
+                # the request is released and tried again.
+                raise RuntimeError(f"a result for {req.key} was being stored, and none is") from exc
+            log.info("request %s: a result was stored first; answering with it", req.id)
+            return stored
+        return response
+
+    def _store_failure(self, job: Job, req: ClassifyRequest, response: ClassifyResponse) -> ClassifyResponse:
+        """Mark the input object failed, with the reason, unless a result is stored."""
+        # A copy whose worker stored a result and died before replying: its result
+        # stands, not this attempt's failure (the model ran short of something, the
+        # upload deleted since), as it would against a result of this attempt's.
+        stored = stored_answer(self.aws, req, self.classifier.untrained, result_only=True)
+        if stored is not None:
+            log.info("request %s: failed here, answered with the result stored first", req.id)
+            return stored
+        # The failure is kept on the input object so the web tier can rebuild it. If
+        # S3 is failing or throttling, this raises: as for a result not written,
+        # nothing is sent and the request is tried again. Answered untagged, a batch
+        # rebuilt after a restart would show it queued for ever.
+        try:
+            why_not = mark_failed(self.aws.s3, req.bucket, req.key, response.error or "", self.instance_id)
+        except MarkDenied as exc:
+            # Denied: tried again as S3 failing is (a role just given the right may
+            # not have it everywhere yet), until the request's last attempt, whose
+            # release would send it to the dead-letter queue, and the reason with it.
+            if not give_up_denied_mark(req.id, exc, job.first_received, time.time(),  # SQS's clock
+                                       attempt=job.receive_count,
+                                       last_attempt=job.receive_count >= self.settings.max_receive_count):
+                raise
+            return response
+        if why_not:
+            log.warning("could not tag failed input %s: %s", req.key, why_not)
         return response
 
     def _heartbeat_loop(self) -> None:
