@@ -799,6 +799,185 @@ def test_a_waiting_page_reconnects_after_the_web_tier_restarts(stack, browser, r
     assert psutil.pid_exists(master.pid)
 
 
+# What the page reads of the server, counted: window.batchReads (GET /api/jobs/<id>),
+# window.streamsOpened (its event streams) and window.statusReads (GET /api/status,
+# asked every 2 s whatever else the page does: a clock that needs no sleep).
+COUNT_READS = r"""
+  window.batchReads = 0; window.streamsOpened = 0; window.statusReads = 0;
+  const countedFetch = window.fetch;
+  window.fetch = (url, options) => {
+    if (/^\/api\/jobs\/[0-9a-f]{32}$/.test(String(url))) window.batchReads += 1;
+    if (String(url) === "/api/status") window.statusReads += 1;
+    return countedFetch(url, options);
+  };
+  const CountedEventSource = window.EventSource;
+  window.EventSource = class extends CountedEventSource {
+    constructor(url, init) { super(url, init); window.streamsOpened += 1; }
+  };"""
+
+
+def forget_on_the_server(stack, batch_id: str) -> None:
+    """The server loses `batch_id`, as `make run` started again does (its embedded AWS
+    keeps nothing across a restart): the batch's objects deleted from both buckets, and
+    the web tier's process killed (its master starts another, which holds nothing in
+    memory). Returns once the new one says it knows no such batch."""
+    import psutil
+    import requests
+
+    from tests.integration.conftest import clients
+
+    s3, _, _ = clients(stack)
+    settings = stack.settings()
+    for bucket in (settings.input_bucket, settings.output_bucket):
+        for stored in s3.list_objects_v2(Bucket=bucket, Prefix=f"{batch_id}/").get("Contents", []):
+            s3.delete_object(Bucket=bucket, Key=stored["Key"])
+    master = next(p for p in processes(stack, "gunicorn") if p.children())
+    old = master.children()[0]
+    old.kill()
+    with contextlib.suppress(psutil.NoSuchProcess):
+        old.wait(10)
+
+    def unknown() -> bool:
+        try:
+            return requests.get(f"{stack.web_url}/api/jobs/{batch_id}", timeout=5).status_code == 404
+        except requests.RequestException:
+            return False
+
+    wait_for(unknown, 60, "a new web tier that knows no such batch")
+
+
+def said_lost(browser, batch_id: str) -> str:
+    """The summary line, once it says the server lost `batch_id` (AssertionError after 60 s)."""
+    from selenium.webdriver.common.by import By
+
+    summary = browser.find_element(By.ID, "summary")
+    lost = f"batch {batch_id}: the server no longer holds it"
+    return wait_for(lambda: lost in summary.text and summary.text, 60, "the page to say the batch is lost")
+
+
+def assert_no_longer_read(browser) -> None:
+    """The page asks nothing more of its lost batch: no poll, no event stream, while it
+    asks for the status line three times (6 s, where it polled every 2 s)."""
+    def reads() -> int:
+        return browser.execute_script("return window.batchReads + window.streamsOpened")
+
+    before, status_reads = reads(), browser.execute_script("return window.statusReads")
+    wait_for(lambda: browser.execute_script("return window.statusReads") >= status_reads + 3, 30,
+             "three reads of the status line")
+    assert reads() == before
+
+
+LOST_ROW = "not classified: the server no longer holds its batch (restarted with its storage reset, " \
+           "or the batch expired)"
+
+
+def test_a_batch_the_server_lost_is_said_so_and_its_queued_files_offered_again(
+        stack, browser, reference_model, tmp_path):
+    """`make run` started again keeps nothing, and the page went on showing the files
+    still queued "queued" for ever, reading the batch every 2 s (the web tier listing S3
+    each time), though each read answered 404 `unknown_batch`. Followed by its event
+    stream, which the restart cuts off."""
+    from selenium.webdriver.common.by import By
+
+    files = {f"lost_{i}.jpg": make_image(1500 + i, size=(64, 48)) for i in range(3)}
+    browser.get(stack.web_url + "/")
+    browser.execute_script(COUNT_READS)
+    announce = record_announcements(browser)
+    with workers_held(stack):  # nothing classified before the batch is lost
+        choose(browser, tmp_path, files)
+        wait_for(lambda: list(states_shown(browser).values()) == ["queued"] * 3, 30, "the files queued")
+        assert browser.execute_script("return window.streamsOpened") == 1
+        batch_id = browser.current_url.split("#batches=")[1]
+        forget_on_the_server(stack, batch_id)
+
+    summary = said_lost(browser, batch_id)
+    assert summary.endswith('and 3 files of it not yet classified will not be: "Send again" below sends them '
+                            "again"), summary
+    assert any(said.startswith("a batch on this page was lost: the server no longer holds it")
+               for said in browser.execute_script("return window.announced")), announce.text
+    for name, state, text in rows_shown(browser):
+        assert state == "failed" and f"{LOST_ROW}; send it again" in text, (name, text)
+    assert len(browser.find_elements(By.CSS_SELECTOR, '#results [data-lost="true"]')) == 3
+    assert_no_longer_read(browser)
+
+    # The way forward said: the files go again, into a batch made anew under the same id.
+    button = send_again_button(browser)
+    assert button.text == "Send 3 failed files again"
+    button.click()
+    shown = finished_rows(browser, stack, len(files), timeout_s=120)
+    for name, data in files.items():
+        assert shown[name].get_attribute("data-state") == "done", shown[name].text
+        assert shown[name].get_attribute("data-label") == reference(reference_model, data).label
+        assert shown[name].get_attribute("data-lost") is None
+    assert browser.current_url.split("#batches=")[1] == batch_id
+
+
+def test_a_lost_batch_opened_from_its_link_keeps_its_result_and_says_to_choose_the_rest_again(
+        stack, browser, reference_model):
+    """Opened from its link (polled, not streamed), with one file classified and one
+    queued: the result stays; the other, whose File this page never held, is to be
+    chosen again."""
+    import uuid
+
+    import requests
+    from selenium.webdriver.common.by import By
+
+    def send(name: str, data: bytes) -> None:
+        answer = requests.post(f"{stack.web_url}/api/jobs", data={"batch_id": batch_id, "create": "1"},
+                               files={"files": (name, data)}, timeout=30)
+        assert answer.status_code == 202, answer.text
+
+    batch_id = uuid.uuid4().hex
+    done = make_image(1510)
+    send("kept.jpg", done)
+    wait_for(lambda: [i["state"] for i in server_items(stack, batch_id)] == ["done"], 60, "kept.jpg done")
+    with workers_held(stack):
+        send("queued.jpg", make_image(1511))
+        browser.get(f"{stack.web_url}/#batches={batch_id}")
+        wait_for(lambda: states_shown(browser) == {"kept.jpg": "done", "queued.jpg": "queued"}, 30,
+                 "the batch shown")
+        browser.execute_script(COUNT_READS)
+        forget_on_the_server(stack, batch_id)
+
+    summary = said_lost(browser, batch_id)
+    assert summary.endswith("and 1 file of it not yet classified will not be: choose it again to have it "
+                            "classified"), summary
+    rows = {name: (state, text) for name, state, text in rows_shown(browser)}
+    assert rows["kept.jpg"][0] == "done"
+    kept = browser.find_element(By.CSS_SELECTOR, '#results [data-filename="kept.jpg"]')
+    assert kept.get_attribute("data-label") == reference(reference_model, done).label
+    assert rows["queued.jpg"][0] == "failed" and f"{LOST_ROW}; choose it again" in rows["queued.jpg"][1]
+    assert_no_longer_read(browser)
+    assert not send_again_button(browser).is_displayed()  # no File to send
+
+
+# The page's next read of GET /api/jobs/<id> is answered 404 `unknown_batch`, as if the
+# server had lost the batch; those after it as the server answers them.
+ONE_READ_UNKNOWN = r"""
+  const realFetch = window.fetch;
+  window.unknownOnce = true;
+  window.fetch = (url, options) => {
+    const batchRead = /^\/api\/jobs\/[0-9a-f]{32}$/.test(String(url));
+    if (!window.unknownOnce || !batchRead) return realFetch(url, options);
+    window.unknownOnce = false;
+    return Promise.resolve(new Response(JSON.stringify({error: "no such batch", code: "unknown_batch"}),
+                                        {status: 404, headers: {"Content-Type": "application/json"}}));
+  };"""
+
+
+def test_a_single_unknown_answer_does_not_lose_a_batch_the_server_holds(stack, browser):
+    """Giving a batch up is for good: a 404 the next read does not confirm is passed over."""
+    from selenium.webdriver.common.by import By
+
+    with waiting_batch(stack, 1512) as batch_id:
+        show_restored(browser, stack, batch_id)
+        browser.execute_script(COUNT_READS + ONE_READ_UNKNOWN)
+        wait_for(lambda: browser.execute_script("return !window.unknownOnce && window.batchReads >= 2"), 30,
+                 "two reads after the one answered 404")  # (that one not counted)
+        assert states_shown(browser) == {"waiting.jpg": "queued"}
+        assert "no longer holds" not in browser.find_element(By.ID, "summary").text
+
+
 def test_a_reload_shows_the_batches_again_and_follows_them_to_the_end(stack, browser, reference_model,
                                                                         tmp_path):
     from selenium.webdriver.common.by import By

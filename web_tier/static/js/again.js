@@ -14,8 +14,10 @@ import { page } from "./state.js";
 // included; `busy`, `aws_unavailable`, or a 503 with no code, past them) or refused for an API key since changed in its box; and, of
 // those a worker failed, a dead letter (the workers holding it crashed, stalled or were
 // stopped: not known to be the image's doing) or an image gone from the input bucket
-// (this page still has it); and one whose upload the user stopped: a stray press of
-// "Stop sending" would leave the rest of a batch to be chosen again by hand. Not
+// (this page still has it); a file stored in a batch the server has since lost (its
+// storage reset by a restart, or the batch expired: never tried); and one whose upload
+// the user stopped: a stray press of "Stop sending" would leave the rest of a batch to
+// be chosen again by hand. Not
 // worth it: a file the server refuses for what it is (too large, empty, not an image,
 // unreadable, a token conflict...: refusals.py Code, README "Error codes"), which it
 // would refuse again; a worker's failure on the image itself (it could not decode or
@@ -44,6 +46,8 @@ export function isDeadLetter(entry) {
   return Boolean(entry.id) && !entry.notInPlace && entry.el.dataset.code === DEAD_LETTER;
 }
 function notWorthAgain(entry) {
+  // Stored, then lost with its batch (session.js lose): never tried, uploaded anew.
+  if (entry.failure && entry.failure.lost) return "";
   if (entry.id) {  // stored, then failed by a worker or a dead letter
     const error = entry.el.querySelector(".error").textContent;
     return entry.el.dataset.code === DEAD_LETTER || error.startsWith(INPUT_MISSING) ? "" : "worker";

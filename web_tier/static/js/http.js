@@ -112,14 +112,28 @@ export function freeSendPlace() {
 }
 
 // A batch as the server has it now: {body, unknown}; body null if no answer came in
-// time (pollTimeoutMs).
+// time (pollTimeoutMs). `unknown`: the web tier's own word that it holds no such batch
+// (404 `unknown_batch`), not any 404: a proxy's in its place (a route or a machine
+// missing for a moment) says nothing of the batch, and a page that took it so would
+// give up a batch the server still holds.
 export async function fetchBatch(batchId) {
   try {
     const signal = timeoutSignal(setting("pollTimeoutMs"));
     const response = await fetch(`/api/jobs/${batchId}`, { cache: "no-store", signal });
-    return { body: response.ok ? await response.json() : null, unknown: response.status === 404 };
+    if (response.ok) return { body: await response.json(), unknown: false };
+    return { body: null, unknown: response.status === 404 && (await errorCode(response)) === "unknown_batch" };
   } catch {
     return { body: null, unknown: false };
+  }
+}
+
+// The `code` of an error answer in JSON; "" for one not in JSON (a proxy's page).
+async function errorCode(response) {
+  try {
+    const body = await response.json();
+    return (body && body.code) || "";
+  } catch {
+    return "";
   }
 }
 

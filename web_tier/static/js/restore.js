@@ -31,6 +31,7 @@ async function restore(batchId, place) {
   session.askSender();
   const { body, unknown } = await fetchBatch(batchId);
   session.unknown = unknown;
+  session.held = Boolean(body);  // lost, if it is later said unknown (Session.lose)
   const saved = savedShown(batchId);
   if (unknown || saved.some((shown) => shown.unsent)) await session.senderAnswer();
   // One this tab was sending when it reloaded (or another tab still sends), of which

@@ -49,13 +49,15 @@ export function setPath(el, path) {
 // data-state="failed", but marked data-stopped, which the summary counts apart: a user
 // who stopped 900 of 1,000 files on purpose would else read "910 failed". The mark
 // holds only as long as that failure: any later state (a late answer, the file sent
-// again) takes it away, here, where every change of state goes.
+// again) takes it away, here, where every change of state goes. So does data-lost, of
+// a row failed because the server lost its batch (session.js lose).
 export function isStopped(el) {
   return "stopped" in el.dataset;
 }
 
 export function setState(el, state) {
   delete el.dataset.stopped;
+  delete el.dataset.lost;
   el.dataset.state = state;
   el.querySelector(".state").textContent = state;
 }

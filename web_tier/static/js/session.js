@@ -1,7 +1,7 @@
 // One upload, and one batch: its sends and resends, following the batch's results,
 // and (restore.js) a batch shown again after a reload.
 import { DEAD_LETTER, isDeadLetter } from "./again.js";
-import { sayNext, someFiles, uploadBegins } from "./announce.js";
+import { addNotice, sayNext, someFiles, uploadBegins } from "./announce.js";
 import {
   batchesInUrl, explainedOnly, forgetBatch, newBatchId, rememberBatch, sameFile, saveShown, savedShown,
   setUnconfirmed,
@@ -35,6 +35,12 @@ const NOT_STORED_ELSEWHERE = "not stored by the tab that sent it; see that tab f
 // Its sender answers no more: closed or reloaded, it has no reason left to show.
 const NOT_STORED_SENDER_GONE = "not stored: the tab sending it was closed or reloaded; choose it again";
 const STOPPED_AGAIN = "not sent again: you stopped the upload (the server may hold it: reload to see)";
+// A file stored in a batch the server has since lost (see lose): no answer will come for it.
+const LOST = "not classified: the server no longer holds its batch (restarted with its storage reset, " +
+  "or the batch expired)";
+// How many answers in a row must say "no such batch" of a batch the server had held
+// before the page gives it up (see confirmedLost).
+const LOST_AFTER = 2;
 
 // One upload session = one batch.
 // The page names the batch and gives each file a token (its place in the upload):
@@ -82,6 +88,9 @@ export class Session {
     this.wake = () => {};
     this.watchFrom = 0;       // a restored batch: watched setting("unsentWatchMs") from then for unsent files
     this.unknown = false;     // the server's last answer: no such batch
+    this.held = false;        // the server has been seen holding the batch (a file stored, or read)
+    this.unknownInARow = 0;   // answers in a row, since, that it holds no such batch
+    this.lost = false;        // ...enough of them: given up (lose), until a file of it is stored again
     this.grewAt = 0;          // opened from its link: when it last showed a file new here
     // A restored batch that another tab of this browser is still sending (see "other
     // tabs" below): its files not yet stored are shown still being sent there, and the
@@ -364,6 +373,8 @@ export class Session {
       this.created = true;
       setUnconfirmed(this.batchId, false);
     }
+    // Made anew, if lost (create=1): followed again for the files just stored.
+    if (body.items.length) this.heldAgain();
     for (const item of body.items) {
       const entry = chunk[item.index];
       if (!entry) continue;
@@ -670,6 +681,9 @@ export class Session {
   async refresh() {
     const { body, unknown } = await fetchBatch(this.batchId);
     this.unknown = unknown;
+    if (body) this.held = true;
+    this.unknownInARow = unknown ? this.unknownInARow + 1 : 0;
+    if (this.confirmedLost()) this.lose();
     try {
       // A file of it is stored: a reload that finds no such batch now finds it expired.
       if (body.items.length) setUnconfirmed(this.batchId, false);
@@ -677,7 +691,62 @@ export class Session {
     } catch { /* no answer in time, or no such batch (yet): the next event or poll fills the gap */ }
   }
 
+  // Whether the server has lost the batch: it held it, and now says it holds no such
+  // batch, twice in a row. Once would do as far as the web tier goes: a batch it is
+  // still rebuilding from S3 (after a restart that kept it) is answered once rebuilt,
+  // the request waiting for it (rebuild.py find_batch), never 404, and S3 lists what it
+  // was just given; so a 404 means S3 holds nothing of the batch. But giving up is for
+  // good (its rows failed, the batch no longer followed), and a second look costs one
+  // poll, 2 s: a 404 from a case not foreseen here, in a live batch, is then passed
+  // over. Any other answer between the two (a 503, none at all) starts the count
+  // again: a web tier that has lost the batch says so at each poll once it serves.
+  confirmedLost() {
+    return this.held && !this.lost && this.unknownInARow >= LOST_AFTER;
+  }
+
+  // The server no longer holds the batch (restarted with its storage reset, as the
+  // embedded AWS keeps nothing across a restart, or the batch expired): no answer will
+  // come for its files still queued. Followed, the page would say them "queued" for
+  // ever, and have the web tier list S3 for it every 2 s. They are failed, saying why
+  // and what to do; those classified keep their results. Files this upload has still
+  // to send are left to it: sent with create=1, they make the batch anew (heldAgain).
+  lose() {
+    this.lost = true;
+    this.closeStream();
+    clearTimeout(this.pollTimer);
+    this.pollTimer = null;
+    const lost = this.entries.filter((entry) => !FINISHED.has(entry.el.dataset.state) &&
+      (entry.id || !this.uploading));
+    for (const entry of lost) {
+      entry.failure = { lost: true };  // offered again (again.js notWorthAgain)
+      showFailure(entry.el, `${LOST}; ${entry.file ? "send it again" : "choose it again"}`);
+      entry.el.dataset.lost = "true";
+    }
+    // The batch's dead letters can no longer be queued again in place: sent again, their
+    // files are uploaded anew (if this page holds them).
+    for (const entry of this.entries) if (entry.id) entry.notInPlace = true;
+    this.save();
+    this.sayLost(lost);
+  }
+
+  // Said in the summary line, and once to screen readers (without the id's 32 digits):
+  // what happened, which files it cost, and what to do for them.
+  sayLost(lost) {
+    const what = "the server no longer holds it (restarted with its storage reset, or the batch expired)";
+    addNotice(`batch ${this.batchId}: ${what}${lostFilesText(lost)}`,
+              `a batch on this page was lost: ${what}${lostFilesText(lost)}`);
+  }
+
+  // A file of it stored again (by this upload, with create=1): the batch exists again,
+  // and is followed for the files just stored.
+  heldAgain() {
+    this.held = true;
+    this.lost = false;
+    this.unknownInARow = 0;
+  }
+
   follow() {
+    if (this.lost) return;  // its files are shown lost: nothing more will come
     if (!window.EventSource || this.sseErrors >= SSE_GIVE_UP || page.openStreams >= MAX_STREAMS) {
       this.poll();
       return;
@@ -724,7 +793,7 @@ export class Session {
   // reload alone would show that. Followed again from its last event (a restored batch
   // polled, as restore follows it); one still followed, or being sent, is left be.
   catchUp() {
-    if (this.stream || this.pollTimer || this.uploading) return;
+    if (this.stream || this.pollTimer || this.uploading || this.lost) return;
     if (this.restored ? !this.built : !this.created) return;  // no batch shown to follow
     if (this.restored) this.poll();
     else this.follow();
@@ -738,11 +807,12 @@ export class Session {
   }
 
   poll() {
-    if (this.pollTimer) return;
+    if (this.pollTimer || this.lost) return;
     // The next poll POLL_MS after this one answers, not every POLL_MS: a batch
     // rebuilt from S3 after a restart can take many seconds to answer.
     const tick = async () => {
       await this.refresh();
+      if (this.lost) return;  // lose() has stopped it
       // Some asks in a row unanswered: the sending tab was closed or reloaded, or is
       // frozen (if it answers again, senderAnswered brings its rows back).
       if (this.otherTabSends && this.unansweredAsks >= SILENT_ASKS) this.senderDone(true, true);
@@ -782,6 +852,19 @@ function answerLost(status, body) {
 function answerLostText(status) {
   return `upload failed: HTTP ${status} came in place of the server's answer (it may have stored the file: ` +
     "reload to see)";
+}
+
+// The files a lost batch took with it (`lost`, its rows failed), and the way forward:
+// "Send again" for those whose File this page holds (an upload of this page view), else
+// choosing them again (a reloaded page holds none).
+function lostFilesText(lost) {
+  if (!lost.length) return "";
+  const them = lost.length === 1 ? "it" : "them";
+  const held = lost.filter((entry) => entry.file).length;
+  const next = held === lost.length ? `"Send again" below sends ${them} again`
+    : !held ? `choose ${them} again to have ${them} classified`
+      : `"Send again" below sends the ${held} this page still holds; choose the others again`;
+  return `, and ${someFiles(lost.length)} of it not yet classified will not be: ${next}`;
 }
 
 // A new upload of the files `chosen` ([{file, path}]), as one batch.
