@@ -61,8 +61,8 @@ def tuned_env() -> tuple[dict[str, str], int]:
         ~10 s of a burst loading models and then contended (5.7 images/s at
         300 @ 100; 2 processes: 9.7). The controller still decides 15 instances;
         the runner gives a process to as many as there are cores.
-      - LOCAL_WORKER_THREADS=1, a lone image still on all cores (the stack gives
-        WORKER_ONE_IMAGE_THREADS=0 with no more workers than cores). On a 2-core
+      - LOCAL_WORKER_THREADS=1, a lone image still on all cores
+        (LOCAL_WORKER_ONE_IMAGE_THREADS=0). On a 2-core
         AVX-512 machine (2026-12-05): 30.7-30.9 images/s at 300 @ 100 against
         26.7-27.8 with every call on all cores (two workers' four streams on two
         cores), the low-load p50 the same; one thread for every call, 31.1-32.3,
@@ -79,7 +79,7 @@ def tuned_env() -> tuple[dict[str, str], int]:
     """
     cores = os.cpu_count() or 1
     env = {"LOCAL_MAX_WORKERS": str(cores), "LOCAL_WORKER_THREADS": "1",
-           "SCALE_IN_COOLDOWN": "0.5", "POLL_INTERVAL": "0.5"}
+           "LOCAL_WORKER_ONE_IMAGE_THREADS": "0", "SCALE_IN_COOLDOWN": "0.5", "POLL_INTERVAL": "0.5"}
     return env, cores
 
 

@@ -267,6 +267,7 @@ class Settings:
     # Worker processes kept with the model loaded, so that a launched instance serves at once.
     local_warm_spares: int = 1
     local_worker_threads: int = 1
+    local_worker_one_image_threads: int = 1
     # As WatchdogSec= in ami/imgclass-worker.service; 0: no watchdog.
     local_watchdog_s: float = 60.0
 
@@ -494,6 +495,7 @@ VARIABLES = _checked((
     Variable("local_max_workers", "LOCAL_MAX_WORKERS", int, low=1),
     Variable("local_warm_spares", "LOCAL_WARM_SPARES", int, low=0, high=15),
     Variable("local_worker_threads", "LOCAL_WORKER_THREADS", int, low=0),
+    Variable("local_worker_one_image_threads", "LOCAL_WORKER_ONE_IMAGE_THREADS", int, low=0),
     Variable("local_watchdog_s", "LOCAL_WATCHDOG", float, low=0),
 ))
 VARIABLE_OF_SETTING = {variable.setting: variable for variable in VARIABLES}
@@ -513,20 +515,13 @@ def worker_environment(settings: Settings) -> dict[str, str]:
 # this machine holds: localaws/stack.py's local_model_weights and memory_safe_workers.)
 
 
-def local_run_overrides(settings: Settings, cores: int | None = None) -> dict[str, str]:
-    """Variables `make run` sets for its processes over whatever the environment says.
-
-    `cores`: this machine's (default os.cpu_count()).
-    """
-    cores = cores or os.cpu_count() or 1
+def local_run_overrides(settings: Settings) -> dict[str, str]:
+    """Variables `make run` sets for its processes over whatever the environment says."""
     return {
-        # Many workers share this machine's cores: one thread each by default.
+        # Many workers share this machine's cores: one thread each by default, a lone
+        # image too (all cores for it suit only a few workers: README, Model).
         "WORKER_THREADS": str(settings.local_worker_threads),
-        # A lone image comes when the other workers are likely idle: with no more workers
-        # than cores it takes them all. With more, several lone images at once would
-        # contend for the cores (measured: README, Model).
-        "WORKER_ONE_IMAGE_THREADS": ("0" if settings.local_max_workers <= cores
-                                     else str(settings.local_worker_threads)),
+        "WORKER_ONE_IMAGE_THREADS": str(settings.local_worker_one_image_threads),
     }
 
 

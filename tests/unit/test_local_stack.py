@@ -675,41 +675,40 @@ def test_make_runs_processes_get_its_own_settings_and_defaults(monkeypatch, tmp_
     """What common/config.py says make run gives its processes, they get, and read so."""
     for name in LOCAL_RUN_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    settings = Settings(local_max_workers=(os.cpu_count() or 1) + 1, local_worker_threads=3)
+    settings = Settings(local_max_workers=2, local_worker_threads=3, local_worker_one_image_threads=2)
     env = child_env(settings, tmp_path)
     assert {name: env[name] for name in LOCAL_RUN_VARIABLES} == {
-        "WORKER_THREADS": "3", "WORKER_ONE_IMAGE_THREADS": "3", "RECEIVE_WAIT": "5", "READY_DEADLINE": "0",
+        "WORKER_THREADS": "3", "WORKER_ONE_IMAGE_THREADS": "2", "RECEIVE_WAIT": "5", "READY_DEADLINE": "0",
         "AWS_ACCESS_KEY_ID": "local",
         "AWS_SECRET_ACCESS_KEY": "local", "WEB_JOURNAL_DIR": str(tmp_path / "web-journal"),
         "SCALE_IN_COOLDOWN": "5"}
     read = Settings.from_env(env)
-    assert read.worker_one_image_threads == 3
+    assert read.worker_one_image_threads == 2
     assert (read.worker_threads, read.receive_wait_s, read.ready_deadline_s, read.web_journal_dir,
             read.scale_in_cooldown_s) == (3, 5, 0.0, str(tmp_path / "web-journal"), 5.0)
 
 
 def test_make_run_keeps_the_users_own_values_except_worker_threads(monkeypatch, tmp_path):
-    """WORKER_THREADS is LOCAL_WORKER_THREADS in make run; every other value set stands,
-    an empty one too (the children read it as production's default)."""
+    """WORKER_THREADS and WORKER_ONE_IMAGE_THREADS are their LOCAL_ variables in make run;
+    every other value set stands, an empty one too (the children read it as production's
+    default)."""
     mine = {"WORKER_THREADS": "8", "WORKER_ONE_IMAGE_THREADS": "4", "RECEIVE_WAIT": "",
             "READY_DEADLINE": "600",
             "AWS_ACCESS_KEY_ID": "AKIAMINE", "AWS_SECRET_ACCESS_KEY": "secret",
             "WEB_JOURNAL_DIR": str(tmp_path / "mine"), "SCALE_IN_COOLDOWN": "0"}
     for name, value in mine.items():
         monkeypatch.setenv(name, value)
-    env = child_env(Settings(local_max_workers=99, local_worker_threads=1), tmp_path)
+    env = child_env(Settings(local_max_workers=2, local_worker_threads=1), tmp_path)
     assert {name: env[name] for name in LOCAL_RUN_VARIABLES} == {**mine, "WORKER_THREADS": "1",
                                                                  "WORKER_ONE_IMAGE_THREADS": "1"}
 
 
-@pytest.mark.parametrize(("workers", "cores", "one_image"), [(2, 2, "0"), (1, 2, "0"), (3, 2, "1"),
-                                                             (15, 8, "1"), (8, 8, "0")])
-def test_make_runs_lone_images_take_every_core_only_where_each_worker_has_one(workers, cores, one_image):
-    """With no more workers than cores a lone image comes when the others are likely idle;
-    with more, several lone images at once would contend for the cores."""
-    overrides = local_run_overrides(Settings(local_max_workers=workers, local_worker_threads=1), cores=cores)
-    assert overrides["WORKER_THREADS"] == "1"
-    assert overrides["WORKER_ONE_IMAGE_THREADS"] == one_image
+def test_make_runs_lone_images_have_the_threads_it_is_told():
+    """One thread by default, as every call of make run's many workers has; all cores
+    (0) only when told, as make bench does with a worker per core."""
+    assert local_run_overrides(Settings())["WORKER_ONE_IMAGE_THREADS"] == "1"
+    overrides = local_run_overrides(Settings(local_worker_threads=1, local_worker_one_image_threads=0))
+    assert (overrides["WORKER_THREADS"], overrides["WORKER_ONE_IMAGE_THREADS"]) == ("1", "0")
 
 
 def test_a_moto_that_does_not_come_up_in_time_is_not_left_running(tmp_path, monkeypatch):
