@@ -20,7 +20,7 @@ class Job:
 
     message_id: str
     receipt: str
-    request: ClassifyRequest | None
+    request: ClassifyRequest
     # Receives of this request so far, this one included, by earlier copies too.
     receive_count: int = 1
     pixels: np.ndarray | None = None
@@ -43,7 +43,6 @@ class Job:
     def request_body(self) -> str:
         """The request as this worker sends it again (a hand-back), and writes it in its
         journal (app_tier/held_journal.py): made once, as the journal is written often."""
-        assert self.request is not None
         return self.request.to_json()
 
     @property

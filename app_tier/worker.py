@@ -343,7 +343,8 @@ class Worker:
             except MessageError as exc:
                 log.error("dropping a message that is not a request: %s", exc)
                 try:
-                    self.held.delete([Job(msg["MessageId"], msg["ReceiptHandle"], None)])
+                    self.aws.sqs.delete_message(QueueUrl=self.aws.request_queue_url,
+                                                ReceiptHandle=msg["ReceiptHandle"])
                 except AWS_ERRORS as delete_error:  # it comes back, and is dropped again
                     log.warning("could not delete it: %s", delete_error)
                 continue
@@ -409,7 +410,6 @@ class Worker:
 
     def _download(self, job: Job) -> bytes | None:
         """The job's image; None if there is none to decode (the job may be settled)."""
-        assert job.request is not None
         if self.stopping.is_set():
             return None  # handed back unread by fetch
         if self._names_another_bucket(job.request):
@@ -451,7 +451,6 @@ class Worker:
         return request.bucket != self.settings.input_bucket
 
     def _decode(self, job: Job, data: bytes) -> None:
-        assert job.request is not None
         if self.stopping.is_set():
             return  # handed back undecoded by fetch (a suspect may have waited its turn)
         try:
@@ -467,7 +466,6 @@ class Worker:
         """A request whose attempts are used up is not read again. An earlier attempt
         may have stored its outcome and died before replying: that answer stands. With
         nothing stored, it fails as a dead letter."""
-        assert job.request is not None
         # Where the lookup fails, the job is left unsettled, so released (fetch), not failed
         # on a guess, which would contradict (and overwrite) an outcome stored. Another
         # attempt looks again; once this copy's own receives reach max_receive_count, SQS
@@ -528,7 +526,6 @@ class Worker:
         responses = []
         for job in batch.jobs:
             req = job.request
-            assert req is not None
             identity = {"id": req.id, "filename": req.filename, "key": req.key,
                         "worker": self.instance_id, "untrained": self.classifier.untrained}
             result = by_id.get(job.message_id)
@@ -663,7 +660,6 @@ class Worker:
         """Store the outcome of `job`; the answer to send: `response`, or the result
         another copy of the request stored first."""
         req = job.request
-        assert req is not None
         if job.stored_answer is not None:
             return response  # stored by the attempt that made it
         if self._names_another_bucket(req):

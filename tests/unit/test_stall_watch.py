@@ -7,11 +7,13 @@ import time
 
 from app_tier.job import Job
 from app_tier.stall_watch import FETCH_LOOP, HEARTBEAT_SLACK_S, LOOP_SLACK_S, MAIN_LOOP, StallWatch
+from common.messages import ClassifyRequest
 
 
 def test_the_oldest_call_past_the_stall_timeout_is_the_one_stuck():
     watch = StallWatch(stall_timeout_s=10, heartbeat_period_s=1)
-    decoded, classified = [Job("m1", "r1", None)], [Job("m2", "r2", None)]
+    request = ClassifyRequest("r", "in", "k", "k.jpg")
+    decoded, classified = [Job("m1", "r1", request)], [Job("m2", "r2", request)]
     with watch.must_end("decode", decoded, FETCH_LOOP):
         began = time.monotonic()
         done = threading.Event()
