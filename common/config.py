@@ -170,6 +170,11 @@ def weights_on_this_host(weights: str) -> bool:
 
 @dataclass(frozen=True)
 class Settings:
+    """Every setting of every tier, with production's defaults: Settings() in tests,
+    Settings.from_env() in the programs. Each field read from the environment has its
+    variable, bounds and readers in VARIABLES below; the README's Configuration table
+    lists them (a test keeps the three in step)."""
+
     # --- where AWS is -----------------------------------------------------
     region: str = "us-east-1"
     # None means "whatever boto3 resolves": real AWS, or AWS_ENDPOINT_URL.
