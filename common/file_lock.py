@@ -40,3 +40,32 @@ def lock_file(path: Path, flags: int) -> int | None:
         pass
     os.close(fd)
     return None
+
+
+def hold(path: Path) -> int:
+    """`path` locked for this process's life, with its pid written in it (holder() reads
+    it back); its file descriptor. Its folder is made if need be (for this user only).
+
+    Raises LockHeld if another holds it.
+    """
+    fd = None
+    while fd is None:  # None: a holder ending deleted the file meanwhile; try the new one
+        # In the loop: a folder deleted meanwhile (a temporary-file cleaner, `make clean`)
+        # would make every try fail alike, for ever, at full speed.
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = lock_file(path, os.O_RDWR | os.O_CREAT)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def holder(path: Path) -> str:
+    """The pid the lock's holder wrote in it ("unknown" if it cannot be read)."""
+    try:
+        return path.read_text(encoding="ascii", errors="replace").strip() or "unknown"
+    except OSError:
+        return "unknown"

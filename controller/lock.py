@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import Settings
-from common.file_lock import LockHeld, lock_file
+from common.file_lock import LockHeld, hold, holder
 
 # sysexits' EX_TEMPFAIL: it may start once the other has stopped.
 EXIT_ANOTHER_CONTROLLER = 75
@@ -55,26 +55,14 @@ def hold_fleet_lock(settings: Settings) -> FleetLock:
     Raises AnotherController, naming its process, if one already holds it.
     """
     path = lock_path(settings)
-    fd = None
-    while fd is None:  # None: a controller ending deleted the file meanwhile; try the new one
-        # In the loop: a folder deleted meanwhile (a temporary-file cleaner) would make every
-        # try fail alike, for ever, at full speed.
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            fd = lock_file(path, os.O_RDWR | os.O_CREAT)
-        except LockHeld:
-            where = settings.endpoint_url or f"AWS {settings.region}"
-            raise AnotherController(
-                f"another controller (pid {_holder(path)}) is running for the instances of prefix "
-                f"{settings.prefix!r} on {where}: two would launch past the cap. Run exactly one; "
-                f"stop that one first (lock: {path})") from None
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    except OSError:
-        os.close(fd)
-        raise
-    return FleetLock(path, fd)
+        return FleetLock(path, hold(path))
+    except LockHeld:
+        where = settings.endpoint_url or f"AWS {settings.region}"
+        raise AnotherController(
+            f"another controller (pid {holder(path)}) is running for the instances of prefix "
+            f"{settings.prefix!r} on {where}: two would launch past the cap. Run exactly one; "
+            f"stop that one first (lock: {path})") from None
 
 
 def held_by_another(settings: Settings) -> bool:
@@ -85,21 +73,14 @@ def held_by_another(settings: Settings) -> bool:
     moment. A pid reused since is taken for a holder, and one that names nobody
     for none; either way the controller's own flock decides when it starts.
     """
-    holder = _holder(lock_path(settings))
-    if not holder.isdigit() or int(holder) == os.getpid():
+    pid = holder(lock_path(settings))
+    if not pid.isdigit() or int(pid) == os.getpid():
         return False
     try:
-        os.kill(int(holder), 0)
+        os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True  # alive, another user's
     return True
 
-
-def _holder(path: Path) -> str:
-    """The pid the lock's holder wrote in it."""
-    try:
-        return path.read_text(encoding="ascii", errors="replace").strip() or "unknown"
-    except OSError:
-        return "unknown"

@@ -32,7 +32,7 @@ from pathlib import Path
 from common import cli
 from common.aws import Aws, keys_in
 from common.config import VARIABLES, Settings, local_run_defaults, local_run_overrides
-from common.file_lock import LockHeld, lock_file
+from common.file_lock import LockHeld, hold, holder
 from common.logs import configure as configure_logging
 from common.provision import provision
 from common.signals import STOP_SIGNALS, on_signals
@@ -311,20 +311,13 @@ class Stack:
         """Hold the run folder for this stack's life. A second stack from it would move
         the first one's logs aside (or delete them, were it still starting), and the two
         web tiers would queue each other's journaled uploads into their own AWS."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / RUN_DIR_LOCK
         try:
-            # None only if the file was deleted (by hand) as it was opened: made again.
-            while (fd := lock_file(path, os.O_RDWR | os.O_CREAT)) is None:
-                pass
+            self.run_dir_lock = hold(path)
         except LockHeld:
-            holder = path.read_text(encoding="ascii", errors="replace").strip() or "?"
-            raise RunDirInUse(f"another stack (process {holder}) runs from {self.run_dir}, where its logs "
-                              f"and web journal are: stop it, or give this one a folder of its own: "
+            raise RunDirInUse(f"another stack (process {holder(path)}) runs from {self.run_dir}, where its "
+                              f"logs and web journal are: stop it, or give this one a folder of its own: "
                               f"python -m localaws.stack --run-dir {self.run_dir}-2") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self.run_dir_lock = fd
 
     def open_logs(self) -> None:
         """A fresh logs folder for this run, the last run's kept beside it if that run

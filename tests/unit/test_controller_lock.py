@@ -89,9 +89,9 @@ def test_a_lock_folder_deleted_meanwhile_is_made_again_not_tried_for_ever(settin
     import shutil
     import threading
 
-    from controller import lock
+    from common import file_lock
 
-    real_lock_file = lock.lock_file
+    real_lock_file = file_lock.lock_file
     calls = []
 
     def folder_gone_first(path, flags):
@@ -100,7 +100,7 @@ def test_a_lock_folder_deleted_meanwhile_is_made_again_not_tried_for_ever(settin
             shutil.rmtree(path.parent)
         return real_lock_file(path, flags)
 
-    monkeypatch.setattr(lock, "lock_file", folder_gone_first)
+    monkeypatch.setattr(file_lock, "lock_file", folder_gone_first)
     held = []
     taking = threading.Thread(target=lambda: held.append(hold_fleet_lock(settings)), daemon=True)
     taking.start()
