@@ -279,9 +279,11 @@ class Aws:
     def dead_letter_queue_url(self) -> str:
         return self.queue_url(self.settings.dead_letter_queue)
 
-    def queue_depth(self, url: str) -> QueueDepth:
-        """What SQS says a queue holds (approximately: its counts lag by a second or so)."""
-        reply = self.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=list(_DEPTH_ATTRIBUTES.values()))
+    def queue_depth(self, url: str, probe: bool = False) -> QueueDepth:
+        """What SQS says a queue holds (approximately: its counts lag by a second or so);
+        with `probe`, through the probe client (one try, short timeouts)."""
+        sqs = self.probes["sqs"] if probe else self.sqs
+        reply = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=list(_DEPTH_ATTRIBUTES.values()))
         attrs = reply["Attributes"]
         return QueueDepth(**{field: int(attrs.get(name, 0)) for field, name in _DEPTH_ATTRIBUTES.items()})
 
@@ -291,6 +293,10 @@ class QueueDepth:
     visible: int  # waiting to be received
     in_flight: int  # received, not yet deleted (being worked on)
     delayed: int  # sent with a delay that has not yet passed
+
+    @property
+    def total(self) -> int:
+        return self.visible + self.in_flight + self.delayed
 
 
 # SQS's name for each of QueueDepth's fields.

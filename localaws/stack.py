@@ -295,14 +295,10 @@ class Stack:
         aws = Aws(dataclasses.replace(s, endpoint_url=s.local_aws_url), keys=keys_in(self.env))
         try:
             # The health checks' client: one try, short timeouts (a stop must not wait).
-            reply = aws.probes["sqs"].get_queue_attributes(
-                QueueUrl=aws.queue_url(s.request_queue, probe=True),
-                AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible",
-                                "ApproximateNumberOfMessagesDelayed"])
+            lost = aws.queue_depth(aws.queue_url(s.request_queue, probe=True), probe=True).total
         except Exception as exc:  # noqa: BLE001 (only a log line is lost)
             log.info("could not count the requests the stop loses: %s", exc)
             return
-        lost = sum(int(count) for count in reply.get("Attributes", {}).values())
         if lost:
             log.warning("%d request(s) still queued are lost: the embedded AWS keeps nothing across a "
                         "stop (send those images again once make run is back)", lost)
@@ -472,7 +468,8 @@ class Stack:
         finally:  # whatever failed above, the embedded AWS is not left running
             for child in self.children:
                 if child.name == "moto":
-                    self.say_what_the_stop_loses()
+                    if child.process.poll() is None:
+                        self.say_what_the_stop_loses()
                     terminate(child.process, time.monotonic() + 2)
         for child in self.children:
             if child.notify is not None:

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
+from common.aws import Aws
 from common.config import Settings, local_run_overrides
 from controller.lock import EXIT_ANOTHER_CONTROLLER
 from localaws.harness import free_port
@@ -909,13 +910,18 @@ def test_a_stop_says_how_many_queued_requests_the_embedded_aws_loses(tmp_path, m
                 raise ConnectionError("the embedded AWS does not answer")
             return {"Attributes": {name: counts[name] for name in AttributeNames}}
 
-    class FakeAws:
-        def __init__(self, settings: Settings, keys: object = None) -> None:
-            self.probes = {"sqs": Sqs()}
+    class FakeAws(Aws):
+        @property
+        def probes(self) -> dict[str, object]:
+            return {"sqs": Sqs()}
 
         def queue_url(self, name: str, probe: bool = False) -> str:
             assert probe, "a stop must not wait out the usual client's retries"
             return f"http://127.0.0.1:1/{name}"
+
+        @property
+        def sqs(self) -> None:
+            raise AssertionError("a stop must not wait out the usual client's retries")
 
     monkeypatch.setattr(localaws.stack, "Aws", FakeAws)
     stack = Stack(Settings(), tmp_path, warm_spares=0)
