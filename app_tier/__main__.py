@@ -124,8 +124,9 @@ def run(argv: list[str] | None, before_serving: StopBeforeServing) -> int:
     from app_tier.worker import Worker, warm_up
 
     try:
+        one_image = settings.worker_one_image_threads
         classifier = load_classifier(settings.model_weights, settings.model_runtime, settings.worker_threads,
-                                     settings.worker_one_image_threads)
+                                     settings.worker_threads if one_image is None else one_image)
     except WeightsUnavailable as exc:
         print(exc, file=sys.stderr)
         if not args.prepare_only and args.instance_id != "-":

@@ -296,8 +296,9 @@ class HeldMessages:
             if taken:
                 # Answered by another worker, or received by one: handed back, each would be
                 # classified once more. Still answered here if finished.
-                log.warning("%d request(s) held here are another worker's now (their receipt is no "
-                            "longer valid): not handed back", len(taken))
+                log.warning("%d request(s) held here are no longer this worker's (their receipt is no "
+                            "longer valid: another worker answered or received them, or a stall here "
+                            "made them visible again): not handed back", len(taken))
 
     def hand_back(self, jobs: list[Job]) -> None:
         """Give messages we will not process back to the queue without using up an attempt.

@@ -56,8 +56,8 @@ def _shown(value: float | None) -> str:
     return str(value) if isinstance(value, int) else f"{value:g}"
 
 
-def _int(env: Mapping[str, str], name: str, default: int,
-         low: int | None = None, high: int | None = None) -> int:
+def _int(env: Mapping[str, str], name: str, default: int | None,
+         low: int | None = None, high: int | None = None) -> int | None:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -232,8 +232,8 @@ class Settings:
     # 10 can take a minute there.
     stall_timeout_s: float = 300.0
     worker_threads: int = 0  # 0 = the runtime decides (all of the instance's vCPUs)
-    # A model call of one image (OpenVINO only); 0 = all vCPUs, whatever worker_threads says.
-    worker_one_image_threads: int = 0
+    # A model call of one image (OpenVINO only); 0 = all vCPUs; None (unset) = as worker_threads.
+    worker_one_image_threads: int | None = None
 
     # --- web tier ------------------------------------------------------------
     web_host: str = "127.0.0.1"
@@ -272,7 +272,7 @@ class Settings:
     # Worker processes kept with the model loaded, so that a launched instance serves at once.
     local_warm_spares: int = 1
     local_worker_threads: int = 1
-    local_worker_one_image_threads: int = 1
+    local_worker_one_image_threads: int | None = None  # None: as local_worker_threads
     # As WatchdogSec= in ami/imgclass-worker.service; 0: no watchdog.
     local_watchdog_s: float = 60.0
 
@@ -526,7 +526,9 @@ def local_run_overrides(settings: Settings) -> dict[str, str]:
         # Many workers share this machine's cores: one thread each by default, a lone
         # image too (all cores for it suit only a few workers: README, Model).
         "WORKER_THREADS": str(settings.local_worker_threads),
-        "WORKER_ONE_IMAGE_THREADS": str(settings.local_worker_one_image_threads),
+        "WORKER_ONE_IMAGE_THREADS": str(settings.local_worker_threads
+                                        if settings.local_worker_one_image_threads is None
+                                        else settings.local_worker_one_image_threads),
     }
 
 

@@ -137,7 +137,7 @@ def test_user_data_writes_worker_env_from_imdsv2_and_starts_the_service(boot):
         "MODEL_WEIGHTS=s3://models/resnet50.h5",
         "MODEL_RUNTIME=openvino",
         "WORKER_THREADS=0",
-        "WORKER_ONE_IMAGE_THREADS=0",
+        "WORKER_ONE_IMAGE_THREADS=",  # unset: as WORKER_THREADS
         "RECEIVE_BATCH=10",
         "RECEIVE_WAIT=20",
         "VISIBILITY_TIMEOUT=60",

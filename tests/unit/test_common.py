@@ -1334,6 +1334,8 @@ def other_than_the_default(variable, default) -> str:
         return "sg-1,sg-2"
     if variable.kind is str:
         return f"{default}-other" if default else "other"
+    if default is None:  # unset: as another setting (WORKER_ONE_IMAGE_THREADS)
+        default = variable.low or 0
     step = 1 if variable.kind is int else 0.5
     value = default + step if variable.high is None or default + step <= variable.high else default - step
     return str(value) if variable.kind is int else f"{value:g}"

@@ -445,7 +445,7 @@ def test_requests_another_worker_took_are_not_handed_back(aws_env, caplog):
     assert set(responses(aws)) == {"taken-0"} and depth(aws, aws.request_queue_url) == (0, 0)
     with caplog.at_level(logging.WARNING, logger="app_tier.held"):
         paused.held.extend()  # its heartbeat, once it runs again
-    assert "1 request(s) held here are another worker's now" in caplog.text
+    assert "1 request(s) held here are no longer this worker's" in caplog.text
     paused.held.hand_back_all()  # told to stop
     assert depth(aws, aws.request_queue_url) == (0, 0)
 
@@ -480,7 +480,7 @@ def test_a_request_another_worker_received_is_taken_as_theirs_on_real_sqss_answe
     monkeypatch.setattr(aws.sqs, "change_message_visibility_batch", as_real_sqs_answers)
     with caplog.at_level(logging.WARNING, logger="app_tier.held"):
         paused.held.extend()  # its heartbeat, once it runs again
-    assert "1 request(s) held here are another worker's now" in caplog.text
+    assert "1 request(s) held here are no longer this worker's" in caplog.text
     assert len(paused.held) == 1
     asked.clear()
     paused.held.extend()  # the next heartbeat: only its own

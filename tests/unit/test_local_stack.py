@@ -731,9 +731,10 @@ def test_make_run_keeps_the_users_own_values_except_worker_threads(monkeypatch, 
 
 
 def test_make_runs_lone_images_have_the_threads_it_is_told():
-    """One thread by default, as every call of make run's many workers has; all cores
-    (0) only when told, as make bench does with a worker per core."""
+    """LOCAL_WORKER_THREADS's by default, as every call of make run's many workers has;
+    all cores (0) only when told, as make bench does with a worker per core."""
     assert local_run_overrides(Settings())["WORKER_ONE_IMAGE_THREADS"] == "1"
+    assert local_run_overrides(Settings(local_worker_threads=2))["WORKER_ONE_IMAGE_THREADS"] == "2"
     overrides = local_run_overrides(Settings(local_worker_threads=1, local_worker_one_image_threads=0))
     assert (overrides["WORKER_THREADS"], overrides["WORKER_ONE_IMAGE_THREADS"]) == ("1", "0")
 

@@ -183,7 +183,8 @@ def test_openvino_runs_both_compiled_models_before_serving(ir_cache, monkeypatch
     run = OpenVinoResNet50.probabilities
     monkeypatch.setattr(OpenVinoResNet50, "probabilities",
                         lambda self, batch: sizes.append(len(batch)) or run(self, batch))
-    for threads in (2, 1):  # batches on streams, or on a compilation of one thread
+    # Batches on streams, or (given more than one core) on a compilation of one thread.
+    for threads in (2, 1) if (os.cpu_count() or 1) > 1 else (2,):
         sizes.clear()
         OpenVinoResNet50("random", threads=threads, one_image_threads=0)
         assert 1 in sizes, "the one-image model was not run at load"
@@ -259,12 +260,12 @@ def test_the_worker_exits_with_its_no_model_status_when_the_weights_are_missing(
 
 def test_the_worker_loads_its_model_with_the_threads_its_settings_give(monkeypatch):
     """WORKER_THREADS for batches, WORKER_ONE_IMAGE_THREADS for a lone image: make run's
-    and the user-data's variables reach the model."""
+    and the user-data's variables reach the model. Unset (or empty, as the user-data
+    writes it unset), a lone image has WORKER_THREADS's, as before the variable was."""
     from app_tier.__main__ import main
 
     monkeypatch.setenv("MODEL_RUNTIME", "openvino")
     monkeypatch.setenv("WORKER_THREADS", "1")
-    monkeypatch.setenv("WORKER_ONE_IMAGE_THREADS", "3")
     loaded = []
 
     def load_classifier(*args, **kwargs):
@@ -272,9 +273,11 @@ def test_the_worker_loads_its_model_with_the_threads_its_settings_give(monkeypat
         raise SystemExit(9)  # enough: how the model is loaded is the question
 
     monkeypatch.setattr(model, "load_classifier", load_classifier)
-    with pytest.raises(SystemExit):
-        main(["--instance-id", "-"])
-    assert [args[2:] for args in loaded] == [(1, 3)]
+    for one_image in ("3", "0", ""):
+        monkeypatch.setenv("WORKER_ONE_IMAGE_THREADS", one_image)
+        with pytest.raises(SystemExit):
+            main(["--instance-id", "-"])
+    assert [args[2:] for args in loaded] == [(1, 3), (1, 0), (1, 1)]
 
 
 def test_a_worker_with_a_wrong_setting_says_which_in_one_line_and_is_not_restarted(monkeypatch, capfd):

@@ -910,7 +910,8 @@ def test_a_worker_given_an_instance_is_found_in_the_runners_log_by_its_line(worl
 
 
 def test_failed_rounds_wait_longer_each_time_up_to_the_most(world, monkeypatch):
-    """EC2 unreadable: the runner tries again, 1 s after the first failure, then doubling."""
+    """EC2 unreadable: the runner tries again after twice its pause, at least 1 s (its
+    poll of no live worker, 0.2 s, gives 1 s), doubling at each failure, to 10 s."""
     from botocore.exceptions import EndpointConnectionError
 
     _, _, make, _ = world
