@@ -58,6 +58,7 @@ ACTIONS = {
     "create_queue": {"sqs:CreateQueue"},
     "receive_message": {"sqs:ReceiveMessage"},
     "delete_message_batch": {"sqs:DeleteMessage"},
+    "delete_message": {"sqs:DeleteMessage"},
     "send_message_batch": {"sqs:SendMessage"},
     "change_message_visibility_batch": {"sqs:ChangeMessageVisibility"},
     "describe_instances": {"ec2:DescribeInstances"},
