@@ -85,7 +85,8 @@ def test_a_lock_on_a_file_deleted_meanwhile_is_not_taken_for_the_fleets(settings
 
 def test_a_lock_folder_deleted_meanwhile_is_made_again_not_tried_for_ever(settings, monkeypatch):
     """A folder removed between its mkdir and the open (a temporary-file cleaner) makes
-    every try fail alike: the controller must not spin at full speed for ever."""
+    every try fail alike: the controller must not spin at full speed for ever. (make run's
+    lock of its run folder is the same file_lock.hold.)"""
     import shutil
     import threading
 

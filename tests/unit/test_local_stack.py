@@ -487,32 +487,6 @@ def test_a_second_stack_from_a_run_folder_in_use_stops_before_it_touches_anythin
     second.stop()
 
 
-def test_a_run_folder_deleted_as_it_is_locked_is_made_again_not_tried_for_ever(tmp_path, monkeypatch):
-    """`make clean` (or a temporary-file cleaner) between the folder's mkdir and the open
-    would make every try fail alike: the stack must not spin at full speed, deaf to Ctrl-C."""
-    import shutil
-    import threading
-
-    from common import file_lock
-
-    real_lock_file, calls = file_lock.lock_file, []
-
-    def folder_gone_first(path, flags):
-        calls.append(path)
-        if len(calls) == 1:
-            shutil.rmtree(path.parent)
-        return real_lock_file(path, flags)
-
-    monkeypatch.setattr(file_lock, "lock_file", folder_gone_first)
-    stack = Stack(Settings(), tmp_path / "run", warm_spares=0)
-    locking = threading.Thread(target=stack.lock_run_dir, daemon=True)
-    locking.start()
-    locking.join(10)
-    assert stack.run_dir_lock is not None, f"still trying after {len(calls)} tries"
-    stack.stop()
-    assert len(calls) == 2
-
-
 @pytest.mark.parametrize("web_host", ["127.0.0.1", "0.0.0.0"])
 def test_one_port_for_both_servers_stops_the_stack_before_it_starts_anything(tmp_path, web_host):
     """If moto takes the port, gunicorn cannot bind: READY must not be said all the same,
