@@ -761,8 +761,9 @@ export class Session {
       else if (!FINISHED.has(entry.el.dataset.state)) unsure = true;
     }
     // Followed by its event stream, the batch is read only when the stream opens: the
-    // second read is asked for here (polling asks it anyway).
-    if (unsure && !this.pollTimer && !this.confirmTimer) {
+    // second read is asked for here (polling asks it anyway). Not for a batch given up
+    // (a read begun before, answered after): lose() has stopped its reads.
+    if (unsure && !this.lost && !this.pollTimer && !this.confirmTimer) {
       this.confirmTimer = setTimeout(() => {
         this.confirmTimer = null;
         this.refresh();
