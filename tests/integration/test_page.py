@@ -1053,6 +1053,32 @@ def test_files_stored_in_a_batch_lost_and_made_anew_midway_are_said_lost_and_the
     assert sorted(classified) == sorted(files)
 
 
+def test_a_tab_that_gave_a_batch_up_follows_it_again_once_the_tab_sending_it_makes_it_anew(
+        stack, browser, reference_model, tmp_path):
+    """A duplicated tab gave the batch up (two 404s), the file still being sent in the
+    first tab failed with it; that tab's chunk then made the batch anew, and the
+    duplicate, told the sends were over, read it and took the file's item into its row,
+    "queued", but followed nothing more: the row stayed "queued" for ever."""
+    files = {f"remade_{i}.jpg": make_image(1530 + i, size=(64, 48)) for i in range(2)}
+    late = "remade_1.jpg"
+    browser.get(stack.web_url + "/")
+    browser.execute_script(HOLD_POSTS, [late])
+    browser.execute_script("document.body.dataset.answerTimeoutMs = '300000';")  # held through the loss
+    choose(browser, tmp_path, files)
+    wait_for(lambda: "#batches=" in browser.current_url, 30, "the batch in the address")
+    batch_id = browser.current_url.split("#batches=")[1]
+    wait_for(lambda: len(server_items(stack, batch_id)) == 1, 30, "the server to hold the file not held")
+    with second_tab(browser) as first:
+        wait_for(lambda: states_shown(browser).get(late) == "uploading", 30, "the restored batch")
+        forget_on_the_server(stack, batch_id)
+        said_lost(browser, batch_id)
+        assert states_shown(browser)[late] == "failed"
+        in_tab(browser, first, "window.held = [];")  # its chunk goes, and makes the batch anew
+        wait_for(lambda: states_shown(browser)[late] == "done", 60, "the file sent since classified here")
+        row = next(r for r in rows_shown(browser) if r[0] == late)
+        assert "no longer holds" not in row[2], row
+
+
 def test_a_reload_shows_the_batches_again_and_follows_them_to_the_end(stack, browser, reference_model,
                                                                         tmp_path):
     from selenium.webdriver.common.by import By
