@@ -978,6 +978,107 @@ def test_a_single_unknown_answer_does_not_lose_a_batch_the_server_holds(stack, b
         assert "no longer holds" not in browser.find_element(By.ID, "summary").text
 
 
+# The page's reads of GET /api/jobs/<id> wait while `window.readsHeld` (from false):
+# meanwhile the page hears nothing of the batch, neither a 404 nor a 200.
+HOLD_READS = r"""
+  window.readsHeld = false;
+  const unheldFetch = window.fetch;
+  window.fetch = async (url, options) => {
+    const batchRead = /^\/api\/jobs\/[0-9a-f]{32}$/.test(String(url));
+    while (batchRead && window.readsHeld) await new Promise((resolve) => setTimeout(resolve, 50));
+    return unheldFetch(url, options);
+  };"""
+
+
+def test_files_stored_in_a_batch_lost_and_made_anew_midway_are_said_lost_and_the_rest_followed(
+        stack, browser, reference_model, tmp_path):
+    """The server lost the batch while the page was still sending it, and the next chunk
+    (sent with create=1, as every chunk is) made it anew before two reads could both
+    say "no such batch": every read then answered 200, listing only the file stored
+    since. The files stored before stayed "queued" for ever, and the batch was polled
+    every 2 s. Here the page's reads wait until the chunk has made the batch anew, as a
+    chunk that lands first does."""
+    from selenium.webdriver.common.by import By
+
+    files = {f"midway_{i}.jpg": make_image(1520 + i, size=(64, 48)) for i in range(3)}
+    late = "midway_2.jpg"
+    before = [name for name in files if name != late]
+    browser.get(stack.web_url + "/")
+    browser.execute_script(HOLD_POSTS, [late])  # a file a chunk, `late`'s chunk held back
+    # Held longer than the page waits for an answer otherwise (its upload is faked done at once).
+    browser.execute_script("document.body.dataset.answerTimeoutMs = '300000';" + HOLD_READS + COUNT_READS)
+    announce = record_announcements(browser)
+    with workers_held(stack):  # nothing classified before the batch is lost
+        choose(browser, tmp_path, files)
+        wait_for(lambda: [states_shown(browser).get(name) for name in before] == ["queued"] * 2, 30,
+                 "the files before the held one queued")
+        batch_id = browser.current_url.split("#batches=")[1]
+        browser.execute_script("window.readsHeld = true;")
+        forget_on_the_server(stack, batch_id)
+        browser.execute_script("window.held = [];")  # its chunk goes, and makes the batch anew
+        wait_for(lambda: [i["filename"] for i in server_items(stack, batch_id)] == [late], 30,
+                 "the batch made anew with the file sent since")
+        wait_for(lambda: states_shown(browser)[late] == "queued", 30, "the file sent since queued")
+        browser.execute_script("window.readsHeld = false;")
+
+        wait_for(lambda: [states_shown(browser)[name] for name in before] == ["failed"] * 2, 30,
+                 "the files stored before the loss failed")
+        summary = browser.find_element(By.ID, "summary").text
+        assert f"batch {batch_id}: the server lost the files stored in it earlier" in summary, summary
+        assert summary.endswith('and 2 files of it not yet classified will not be: "Send again" below sends '
+                                "them again"), summary
+        assert any(said.startswith("a batch on this page was partly lost: the server lost the files")
+                   for said in browser.execute_script("return window.announced")), announce.text
+        rows = {name: (state, text) for name, state, text in rows_shown(browser)}
+        for name in before:
+            assert rows[name][0] == "failed" and f"{LOST_ROW}; send it again" in rows[name][1], (name, rows)
+        assert len(browser.find_elements(By.CSS_SELECTOR, '#results [data-lost="true"]')) == 2
+        assert rows[late][0] == "queued", rows  # the batch it is in is held: still followed
+
+    # Followed to its end, with no reload: the file the batch holds is classified.
+    wait_for(lambda: states_shown(browser)[late] == "done", 120, "the file stored since classified")
+    kept = browser.find_element(By.CSS_SELECTOR, f'#results [data-filename="{late}"]')
+    assert kept.get_attribute("data-label") == reference(reference_model, files[late]).label
+    # The others go again, as new uploads into the batch made anew.
+    button = send_again_button(browser)
+    assert button.text == "Send 2 failed files again"
+    button.click()
+    shown = finished_rows(browser, stack, len(files), timeout_s=120)
+    assert_classified(shown, files, reference_model)
+    assert not browser.find_elements(By.CSS_SELECTOR, "#results [data-lost]")
+    assert browser.current_url.split("#batches=")[1] == batch_id
+    # Once each; beside them, the first two's items, answered since: their requests were
+    # still queued (this test's loss keeps the queues), their images gone.
+    classified = [i["filename"] for i in server_items(stack, batch_id) if i["state"] == "done"]
+    assert sorted(classified) == sorted(files)
+
+
+def test_a_tab_that_gave_a_batch_up_follows_it_again_once_the_tab_sending_it_makes_it_anew(
+        stack, browser, reference_model, tmp_path):
+    """A duplicated tab gave the batch up (two 404s), the file still being sent in the
+    first tab failed with it; that tab's chunk then made the batch anew, and the
+    duplicate, told the sends were over, read it and took the file's item into its row,
+    "queued", but followed nothing more: the row stayed "queued" for ever."""
+    files = {f"remade_{i}.jpg": make_image(1530 + i, size=(64, 48)) for i in range(2)}
+    late = "remade_1.jpg"
+    browser.get(stack.web_url + "/")
+    browser.execute_script(HOLD_POSTS, [late])
+    browser.execute_script("document.body.dataset.answerTimeoutMs = '300000';")  # held through the loss
+    choose(browser, tmp_path, files)
+    wait_for(lambda: "#batches=" in browser.current_url, 30, "the batch in the address")
+    batch_id = browser.current_url.split("#batches=")[1]
+    wait_for(lambda: len(server_items(stack, batch_id)) == 1, 30, "the server to hold the file not held")
+    with second_tab(browser) as first:
+        wait_for(lambda: states_shown(browser).get(late) == "uploading", 30, "the restored batch")
+        forget_on_the_server(stack, batch_id)
+        said_lost(browser, batch_id)
+        assert states_shown(browser)[late] == "failed"
+        in_tab(browser, first, "window.held = [];")  # its chunk goes, and makes the batch anew
+        wait_for(lambda: states_shown(browser)[late] == "done", 60, "the file sent since classified here")
+        row = next(r for r in rows_shown(browser) if r[0] == late)
+        assert "no longer holds" not in row[2], row
+
+
 def test_a_reload_shows_the_batches_again_and_follows_them_to_the_end(stack, browser, reference_model,
                                                                         tmp_path):
     from selenium.webdriver.common.by import By

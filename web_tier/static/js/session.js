@@ -39,7 +39,9 @@ const STOPPED_AGAIN = "not sent again: you stopped the upload (the server may ho
 const LOST = "not classified: the server no longer holds its batch (restarted with its storage reset, " +
   "or the batch expired)";
 // How many answers in a row must say "no such batch" of a batch the server had held
-// before the page gives it up (see confirmedLost).
+// before the page gives it up (see confirmedLost); and how many reads in a row must
+// leave out a file the server had stored before the page takes it for lost with it
+// (see loseUnlisted).
 const LOST_AFTER = 2;
 
 // One upload session = one batch.
@@ -54,7 +56,9 @@ const LOST_AFTER = 2;
 // restored row of a file the server did not hold (see showPendingRow); `path`: where
 // it was in a folder chosen or dropped, shown if another file of the upload has its name;
 // `failure`: how a file not stored failed, for notWorthAgain; `again`: how many times
-// it was sent again (sendAgain), `replaced`: the ids of its items failed by a worker.
+// it was sent again (sendAgain), `replaced`: the ids of its items failed by a worker;
+// `storedRead`: the reads of the batch begun (`reads`) when it was heard stored, and
+// `unlisted`: how many reads in a row since have left its item out (loseUnlisted).
 export class Session {
   constructor(chosen) {  // [{file, path}]
     this.batchId = newBatchId();
@@ -91,6 +95,9 @@ export class Session {
     this.held = false;        // the server has been seen holding the batch (a file stored, or read)
     this.unknownInARow = 0;   // answers in a row, since, that it holds no such batch
     this.lost = false;        // ...enough of them: given up (lose), until a file of it is stored again
+    this.lostRead = 0;        // ...at which of the reads begun (`reads`)
+    this.reads = 0;           // reads of the batch begun (refresh): one begun after a file was heard stored
+    this.confirmTimer = null; // a second read, due to confirm files left out of one (loseUnlisted)
     this.grewAt = 0;          // opened from its link: when it last showed a file new here
     // A restored batch that another tab of this browser is still sending (see "other
     // tabs" below): its files not yet stored are shown still being sent there, and the
@@ -379,6 +386,8 @@ export class Session {
       const entry = chunk[item.index];
       if (!entry) continue;
       entry.id = item.id;
+      entry.storedRead = this.reads;
+      entry.unlisted = 0;
       delete entry.failure;
       if (item.filename) setName(entry.el, item.filename);
       this.byId.set(item.id, entry.el);
@@ -584,12 +593,14 @@ export class Session {
       delete unsent.unsentWhy;
       delete unsent.failure;
       unsent.id = item.id;
+      unsent.storedRead = this.reads;
+      unsent.unlisted = 0;
       if (item.filename) setName(el, item.filename);  // as the server keeps it
       el.querySelector(".error").textContent = "";
       setState(el, "queued");
     } else {
       el = this.newRow(item.filename || "upload");
-      this.entries.push({ file: null, el, id: item.id });
+      this.entries.push({ file: null, el, id: item.id, storedRead: this.reads, unlisted: 0 });
     }
     this.byId.set(item.id, el);
     showItem(el, item);
@@ -679,16 +690,29 @@ export class Session {
   }
 
   async refresh() {
+    this.reads += 1;
+    const read = this.reads;
     const { body, unknown } = await fetchBatch(this.batchId);
     this.unknown = unknown;
     if (body) this.held = true;
     this.unknownInARow = unknown ? this.unknownInARow + 1 : 0;
     if (this.confirmedLost()) this.lose();
+    // Given up, and now held again: made anew by a file stored in it elsewhere (another
+    // tab's upload, a script), whose rows (a restored batch adopts those it showed not
+    // stored) would else stay "queued" with nothing following them. Not by a read begun
+    // before the batch was given up, which may have been answered before it was lost.
+    const remade = Boolean(body) && this.lost && read > this.lostRead;
+    if (remade) this.heldAgain();
     try {
       // A file of it is stored: a reload that finds no such batch now finds it expired.
       if (body.items.length) setUnconfirmed(this.batchId, false);
       body.items.forEach((item) => this.apply(item));
     } catch { /* no answer in time, or no such batch (yet): the next event or poll fills the gap */ }
+    if (body && Array.isArray(body.items)) this.loseUnlisted(body.items, read);
+    if (remade && !this.stream && !this.pollTimer) {
+      if (this.restored) this.poll();  // as restore follows it: no stream held
+      else this.follow();
+    }
   }
 
   // Whether the server has lost the batch: it held it, and now says it holds no such
@@ -704,6 +728,58 @@ export class Session {
     return this.held && !this.lost && this.unknownInARow >= LOST_AFTER;
   }
 
+  // The files this page heard stored that the server's batch, read whole (`items`, the
+  // answer to read number `read`), leaves out, LOST_AFTER reads in a row: lost as a lost
+  // batch's are (lose), though the batch is held again. The batch was lost and then made
+  // anew under its id, before two reads could both say "no such batch", by a chunk of
+  // the upload sent with create=1 (or a resend, or another tab's): the new batch lists
+  // only the files stored since. Followed as it is, the files stored before would stay
+  // "queued" for ever, and the batch be polled every 2 s. The batch itself goes on
+  // being followed, for the files it holds.
+  // A file the server holds cannot be left out of a read begun after its 202 came: one
+  // web tier, in one process (gunicorn.conf.py stops at start otherwise), answers a
+  // batch whole (no paging); a 202 names an item only once its image is in S3 and the
+  // item in the process's book; the book forgets a batch only whole, all of it
+  // finished, and reads it back from S3 whole (merged with what it holds meanwhile),
+  // also after a restart that kept S3, the read waiting for that (rebuild.py
+  // find_batch). Left out, its image is gone from S3: storage reset, or expired. A
+  // read begun before the 202 (a poll crossing the upload) may well leave it out: not
+  // counted. Two reads, as for a 404, for a case not foreseen here: the second costs
+  // one poll, 2 s, and giving a file up is for good.
+  loseUnlisted(items, read) {
+    const listed = new Set(items.map((item) => item.id));
+    const gone = [];
+    let unsure = false;
+    for (const entry of this.entries) {
+      if (!entry.id || read <= (entry.storedRead || 0)) continue;
+      if (listed.has(entry.id)) {
+        entry.unlisted = 0;
+        continue;
+      }
+      entry.unlisted = (entry.unlisted || 0) + 1;
+      if (entry.unlisted >= LOST_AFTER) gone.push(entry);
+      else if (!FINISHED.has(entry.el.dataset.state)) unsure = true;
+    }
+    // Followed by its event stream, the batch is read only when the stream opens: the
+    // second read is asked for here (polling asks it anyway). Not for a batch given up
+    // (a read begun before, answered after): lose() has stopped its reads.
+    if (unsure && !this.lost && !this.pollTimer && !this.confirmTimer) {
+      this.confirmTimer = setTimeout(() => {
+        this.confirmTimer = null;
+        this.refresh();
+      }, POLL_MS);
+    }
+    if (!gone.length) return;
+    // Failed in place by a worker (a dead letter), such a file can no longer be queued
+    // again in place: sent again, it is uploaded anew (if this page holds it).
+    for (const entry of gone) entry.notInPlace = true;
+    const lost = gone.filter((entry) => !FINISHED.has(entry.el.dataset.state));
+    if (!lost.length) return;  // finished before: their rows stand as they are
+    this.failLost(lost);
+    this.save();
+    this.sayLost(lost, true);
+  }
+
   // The server no longer holds the batch (restarted with its storage reset, as the
   // embedded AWS keeps nothing across a restart, or the batch expired): no answer will
   // come for its files still queued. Followed, the page would say them "queued" for
@@ -715,13 +791,12 @@ export class Session {
     this.closeStream();
     clearTimeout(this.pollTimer);
     this.pollTimer = null;
+    clearTimeout(this.confirmTimer);
+    this.confirmTimer = null;
+    this.lostRead = this.reads;
     const lost = this.entries.filter((entry) => !FINISHED.has(entry.el.dataset.state) &&
       (entry.id || !this.uploading));
-    for (const entry of lost) {
-      entry.failure = { lost: true };  // offered again (again.js notWorthAgain)
-      showFailure(entry.el, `${LOST}; ${entry.file ? "send it again" : "choose it again"}`);
-      entry.el.dataset.lost = "true";
-    }
+    this.failLost(lost);
     // The batch's dead letters can no longer be queued again in place: sent again, their
     // files are uploaded anew (if this page holds them).
     for (const entry of this.entries) if (entry.id) entry.notInPlace = true;
@@ -729,16 +804,30 @@ export class Session {
     this.sayLost(lost);
   }
 
-  // Said in the summary line, and once to screen readers (without the id's 32 digits):
-  // what happened, which files it cost, and what to do for them.
-  sayLost(lost) {
-    const what = "the server no longer holds it (restarted with its storage reset, or the batch expired)";
-    addNotice(`batch ${this.batchId}: ${what}${lostFilesText(lost)}`,
-              `a batch on this page was lost: ${what}${lostFilesText(lost)}`);
+  // Rows of files stored in a batch the server has lost (`lost`, unfinished): failed,
+  // saying why and what to do, and offered again (again.js notWorthAgain) as new uploads.
+  failLost(lost) {
+    for (const entry of lost) {
+      entry.failure = { lost: true };
+      showFailure(entry.el, `${LOST}; ${entry.file ? "send it again" : "choose it again"}`);
+      entry.el.dataset.lost = "true";
+    }
   }
 
-  // A file of it stored again (by this upload, with create=1): the batch exists again,
-  // and is followed for the files just stored.
+  // Said in the summary line, and once to screen readers (without the id's 32 digits):
+  // what happened, which files it cost, and what to do for them. `remade`: the batch is
+  // held again, without them (loseUnlisted).
+  sayLost(lost, remade = false) {
+    const what = remade
+      ? "the server lost the files stored in it earlier (restarted with its storage reset, or the batch " +
+        "expired) and holds only those sent since"
+      : "the server no longer holds it (restarted with its storage reset, or the batch expired)";
+    addNotice(`batch ${this.batchId}: ${what}${lostFilesText(lost)}`,
+              `a batch on this page was ${remade ? "partly " : ""}lost: ${what}${lostFilesText(lost)}`);
+  }
+
+  // A file of it stored again (by this upload, with create=1, or elsewhere: refresh):
+  // the batch exists again, and is followed for the files just stored.
   heldAgain() {
     this.held = true;
     this.lost = false;
@@ -811,8 +900,10 @@ export class Session {
     // The next poll POLL_MS after this one answers, not every POLL_MS: a batch
     // rebuilt from S3 after a restart can take many seconds to answer.
     const tick = async () => {
+      const mine = this.pollTimer;
       await this.refresh();
-      if (this.lost) return;  // lose() has stopped it
+      // lose() has stopped it; or, since, the batch held again, a poll started anew (refresh).
+      if (this.lost || this.pollTimer !== mine) return;
       // Some asks in a row unanswered: the sending tab was closed or reloaded, or is
       // frozen (if it answers again, senderAnswered brings its rows back).
       if (this.otherTabSends && this.unansweredAsks >= SILENT_ASKS) this.senderDone(true, true);
