@@ -126,8 +126,9 @@ def local_model_weights(env: Mapping[str, str]) -> tuple[str, str]:
 
 
 # Memory budgeted for one local worker: its peak resident memory as `make bench`
-# measures it (OpenVINO 490-530 MiB, ~590 MB with a third compilation for lone images,
-# TensorFlow 0.9-1.0 GiB; README, Speed) and a margin.
+# measures it (OpenVINO 490-530 MiB; up to ~625 MB with LOCAL_WORKER_ONE_IMAGE_THREADS=0's
+# third compilation, which then eats most of the margin; TensorFlow 0.9-1.0 GiB; README,
+# Speed) and a margin.
 WORKER_PEAK_BYTES = {"openvino": 0.6 * 2**30, "tensorflow": 1.3 * 2**30}
 
 
