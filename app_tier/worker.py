@@ -665,11 +665,12 @@ class Worker:
         if self._names_another_bucket(req):
             return response  # failed unread (_download): its key names no upload of this service's
         if response.ok:
-            return self._store_result(job, req, response)
-        return self._store_failure(job, req, response)
+            return self._store_result(job, response)
+        return self._store_failure(job, response)
 
-    def _store_result(self, job: Job, req: ClassifyRequest, response: ClassifyResponse) -> ClassifyResponse:
+    def _store_result(self, job: Job, response: ClassifyResponse) -> ClassifyResponse:
         """Write the `image,label` pair to the output bucket, unless a result is there."""
+        req = job.request
         try:
             self.aws.s3.put_object(
                 Bucket=self.settings.output_bucket,
@@ -696,8 +697,9 @@ class Worker:
             return stored
         return response
 
-    def _store_failure(self, job: Job, req: ClassifyRequest, response: ClassifyResponse) -> ClassifyResponse:
+    def _store_failure(self, job: Job, response: ClassifyResponse) -> ClassifyResponse:
         """Mark the input object failed, with the reason, unless a result is stored."""
+        req = job.request
         # A copy whose worker stored a result and died before replying: its result
         # stands, not this attempt's failure (the model ran short of something, the
         # upload deleted since), as it would against a result of this attempt's.
