@@ -183,8 +183,8 @@ def _child(args: argparse.Namespace) -> dict:
 
     max_pixels = Settings.max_image_pixels  # the default, as the workers measured against have it
     files = sorted(p for p in args.images.iterdir() if p.is_file())
-    # Every call on `threads`, a lone image too: threads=1 is make run's worker where
-    # workers outnumber cores (common/config.py local_run_overrides).
+    # Every call on `threads`, a lone image too: threads=1 is make run's default worker
+    # (common/config.py local_run_overrides).
     classifier = load_classifier("random", args.runtime, args.threads, one_image_threads=args.threads)
     raw = files[0].read_bytes()
     first = prepare(raw, max_pixels)[None]

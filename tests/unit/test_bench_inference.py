@@ -68,8 +68,8 @@ def test_the_core_ms_per_image_reach_the_parent_by_batch_size(monkeypatch: pytes
 
 def test_a_threads_row_runs_every_call_on_those_threads_a_lone_image_too(monkeypatch: pytest.MonkeyPatch,
                                                                           tmp_path: Path):
-    """threads=1 is make run's worker where workers outnumber cores: a lone image on every
-    core would time another worker than the one the row names."""
+    """threads=1 is make run's default worker: a lone image on every core would time
+    another worker than the one the row names."""
     loaded: list[tuple] = []
 
     class Loaded(Exception):
