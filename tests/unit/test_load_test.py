@@ -26,6 +26,7 @@ import time
 import uuid
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from email.parser import BytesParser
 from email.policy import HTTP
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -408,9 +409,31 @@ def by_file(report) -> dict[str, load_test.Outcome]:
     return {o.file: o for o in report.outcomes}
 
 
-def finish_within(seconds: float, fn, *args, **kwargs):
+class InBackground:
+    """`fn()` in a daemon thread whose failure fails the test: `check()` raises it. Left to
+    die with its thread, a helper's failed wait would surface later, as a misleading
+    "still running" or an unrelated assert (or never, where a `finally` covered for it)."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as exc:  # handed to the test
+                self.errors.append(exc)
+
+        threading.Thread(target=run, daemon=True).start()
+
+    def check(self) -> None:
+        if self.errors:
+            raise self.errors[0]
+
+
+def finish_within(seconds: float, fn, *args, watching: InBackground | None = None, **kwargs):
     """`fn(*args, **kwargs)`, failing the test if it has not returned after `seconds`
-    (it is run in a daemon thread, left to end with the fake tier)."""
+    (it is run in a daemon thread, left to end with the fake tier), or as soon as the
+    helper it is `watching` fails: that failure says why, where "still running" would not."""
     box: queue.SimpleQueue = queue.SimpleQueue()
 
     def run() -> None:
@@ -420,10 +443,16 @@ def finish_within(seconds: float, fn, *args, **kwargs):
             box.put((False, exc))
 
     threading.Thread(target=run, daemon=True).start()
-    try:
-        ok, value = box.get(timeout=seconds)
-    except queue.Empty:
-        pytest.fail(f"still running after {seconds} s")
+    deadline = time.monotonic() + seconds
+    while True:
+        if watching is not None:
+            watching.check()
+        try:
+            ok, value = box.get(timeout=min(0.1, max(deadline - time.monotonic(), 0)))
+            break
+        except queue.Empty:
+            if time.monotonic() >= deadline:
+                pytest.fail(f"still running after {seconds} s")
     if not ok:
         raise value
     return value
@@ -683,11 +712,11 @@ def test_an_upload_refused_while_the_web_tier_restarts_is_sent_again(tmp_path, m
         server_box.append(server)
         server.serve_forever(poll_interval=0.05)
 
-    threading.Thread(target=come_back, daemon=True).start()
+    helper = InBackground(come_back)
     try:
         report = run_load(Config(images=images, url=f"http://127.0.0.1:{port}", api=api, num_requests=2))
     finally:
-        wait_until(lambda: server_box, 5)
+        wait_until(lambda: server_box or helper.check(), 5)
         server_box[0].shutdown()
         server_box[0].server_close()
     assert (report.answered, report.failed) == (2, 0), [o.error for o in report.outcomes]
@@ -1396,6 +1425,7 @@ def test_an_interrupt_after_the_last_answer_still_reports_and_writes(tier, tmp_p
     real_sample = load_test.StatusPoller.sample
     sampling = threading.Lock()
     last_sample = {"over": False}
+    helpers: list[InBackground] = []
 
     def terminate_once_held() -> None:
         wait_until(lambda: tier.status_held, timeout=10)
@@ -1410,7 +1440,7 @@ def test_an_interrupt_after_the_last_answer_still_reports_and_writes(tier, tmp_p
             real_sample(poller)
             return
         tier.status_gate = gate
-        threading.Thread(target=terminate_once_held, daemon=True).start()
+        helpers.append(InBackground(terminate_once_held))
         try:
             real_sample(poller)
         finally:
@@ -1425,6 +1455,7 @@ def test_an_interrupt_after_the_last_answer_still_reports_and_writes(tier, tmp_p
         gate.set()
     out, err = capsys.readouterr()
     assert tier.status_held == 1
+    helpers[0].check()
     assert code == 143, err
     assert "before any request" not in err and "Traceback" not in err, err
     assert ("SIGTERM once every request was over: the report is whole (its last /api/status sample skipped)"
@@ -1549,8 +1580,9 @@ def test_a_ctrl_c_the_kernel_hands_to_another_thread_still_stops_the_wait():
     ignored = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's Ctrl-C finds it
     try:
         with pytest.raises(KeyboardInterrupt):
-            threading.Thread(target=interrupt_from_another_thread).start()
+            helper = InBackground(interrupt_from_another_thread)
             while not senders.finished(0):
+                helper.check()  # else, with no interrupt coming, this would wait for ever
                 senders.results_from(0, timeout_s=0.2)
         assert not sent.is_set(), "heard only once the request ended"
     finally:
@@ -2236,13 +2268,14 @@ def test_the_first_ctrl_c_in_jobs_mode_waits_for_the_requests_in_flight(tier, tm
         finally:
             tier.release.set()
 
-    threading.Thread(target=release_once_stopped, daemon=True).start()
+    helper = InBackground(release_once_stopped)
 
     def ctrl_c(outcome: load_test.Outcome) -> None:
         raise KeyboardInterrupt
 
     config = Config(images=images, url=tier.url, api="jobs", wait=wait, concurrency=2, timeout=20)
-    report = finish_within(15, run_load, config, on_result=ctrl_c)
+    report = finish_within(15, run_load, config, on_result=ctrl_c, watching=helper)
+    helper.check()
     assert report.interrupted and report.abandoned == 0
     assert (report.answered, report.failed) == (2, 0), [(o.file, o.error) for o in report.outcomes]
 
@@ -2312,18 +2345,19 @@ def test_a_second_brief_outage_long_after_a_first_is_waited_out_too(tmp_path, mo
         wait_until(lambda: len(refusals) > seen, 5)
         serve()
 
-    threading.Thread(target=two_outages, daemon=True).start()
+    helper = InBackground(two_outages)
     images = make_images(tmp_path / "images", {"a.jpg": b"drop-once", "b.jpg": b"label:b"})
     config = Config(images=images, url=f"http://127.0.0.1:{port}", concurrency=1, timeout=20,
                     status_interval=0.05)
     try:
-        report = finish_within(15, run_load, config)
+        report = finish_within(15, run_load, config, watching=helper)
     finally:
         state.release.set()
         port_holder.close()
         for server in servers:
             server.shutdown()
             server.server_close()
+    helper.check()
     outcomes = by_file(report)
     assert outcomes["a.jpg"].resent >= 1 and not outcomes["a.jpg"].answered  # cut off, without a key
     assert outcomes["b.jpg"].answered and outcomes["b.jpg"].resent >= 1, outcomes["b.jpg"].error
@@ -2345,14 +2379,15 @@ def test_polls_refused_for_a_whole_window_fail_as_uploads_do(tmp_path, monkeypat
         server.shutdown()
         server.server_close()  # nothing listens there any more: polls are refused
 
-    threading.Thread(target=die_once_polled, daemon=True).start()
+    helper = InBackground(die_once_polled)
     images = make_images(tmp_path / "images", {"a.jpg": b"label:a", "b.jpg": b"label:b"})
     try:
         config = Config(images=images, url=url, api="jobs", wait="poll", timeout=30)
-        report = finish_within(10, run_load, config)
+        report = finish_within(10, run_load, config, watching=helper)
     finally:
         server.shutdown()
         server.server_close()
+    helper.check()
     assert report.failed == 2
     for outcome in report.outcomes:
         assert re.fullmatch(rf"GET /api/jobs/[0-9a-f]+: cannot connect to {url}: \[Errno \d+\] Connection "
@@ -2596,11 +2631,13 @@ def test_a_run_stopped_by_one_ctrl_c_holds_the_requests_it_never_started(tier, t
     def ctrl_c(outcome: load_test.Outcome) -> None:
         if outcome.file == "0.jpg":
             wait_until(lambda: tier.paths["POST /"] == 2, 5)  # 1.jpg in flight; 2.jpg waits for the thread
-            threading.Thread(target=release_once_stopped, daemon=True).start()
+            helpers.append(InBackground(release_once_stopped))
             raise KeyboardInterrupt
 
+    helpers: list[InBackground] = []
     report = finish_within(10, run_load, Config(images=images, url=tier.url, concurrency=1, timeout=30),
                            on_result=ctrl_c)
+    helpers[0].check()
     rows = report.to_dict()["requests"]
     assert [(r["index"], r["file"], r["verdict"]) for r in rows] == [
         (0, "0.jpg", "unchecked"), (1, "1.jpg", "unchecked"), (2, "2.jpg", "not started")]
