@@ -1306,18 +1306,31 @@ def test_two_hand_backs_at_once_send_each_message_back_once(aws_env, monkeypatch
     assert len(worker.fetch().jobs) == 2
     send = aws.sqs.send_message_batch
     sent: list[int] = []
+    # Each caller hands back what it saw held: the first one's send waits until both have
+    # looked, so the second looks while the first is sending, however the threads run.
+    looked: list[int] = []
+    both_looked = threading.Event()
+    hand_back = worker.held.hand_back
+
+    def hand_back_seen(jobs):
+        looked.append(len(jobs))
+        if len(looked) == 2:
+            both_looked.set()
+        hand_back(jobs)
 
     def slow_send(**kwargs):
-        time.sleep(0.2)  # holds the window open in which the other caller looks at what is held
+        assert both_looked.wait(10), "the second caller never looked at what is held"
         sent.append(len(kwargs["Entries"]))
         return send(**kwargs)
 
+    monkeypatch.setattr(worker.held, "hand_back", hand_back_seen)
     monkeypatch.setattr(aws.sqs, "send_message_batch", slow_send)
     callers = [threading.Thread(target=worker.held.hand_back_all) for _ in range(2)]
     for caller in callers:
         caller.start()
     for caller in callers:
-        caller.join(timeout=10)
+        caller.join(timeout=30)
+    assert looked == [2, 2]  # both saw the two held: the race is there
     assert sent == [2]
     assert depth(aws, aws.request_queue_url) == (2, 0)
 
@@ -1967,9 +1980,9 @@ def test_a_stuck_worker_exits_even_if_giving_back_fails(aws_env, monkeypatch):
         raise RuntimeError("something unforeseen")
 
     monkeypatch.setattr(worker.held, "hand_back_all", broken)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="something unforeseen"):
         worker._give_up_stuck(Call("model call", time.monotonic(), [], MAIN_LOOP))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="something unforeseen"):
         worker._grace_period_over()
     assert exits == [EXIT_STALLED, 0]
 
