@@ -30,7 +30,9 @@ def test_the_cpu_of_timed_calls_counts_every_thread_of_the_process():
     calls, elapsed, cpu_s = inference._timed_calls(model, None, min_seconds=0.0, min_calls=2)
 
     assert calls == 2 and elapsed > 0
-    assert cpu_s == pytest.approx(0.2, abs=0.06)
+    # At least the 0.2 s the other threads spun (the calling thread's clock would say ~0);
+    # no upper bound: anything else running in this process adds to it.
+    assert cpu_s >= 0.19
 
 
 def test_the_core_ms_per_image_are_those_of_the_round_whose_throughput_is_kept(

@@ -303,7 +303,7 @@ def test_imagenet_weights_unreachable_offline_says_what_to_set(tmp_path, monkeyp
 
 
 def test_unknown_runtime_is_refused():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="MODEL_RUNTIME must be one of .* got 'pytorch'"):
         load_classifier("random", "pytorch")
 
 

@@ -493,7 +493,7 @@ def test_an_idempotency_key_sent_again_with_another_file_is_a_409(web_client, we
     assert len(stored_inputs(web_aws)) == 1
 
 
-@pytest.mark.parametrize("descriptor", [None, 1500], ids=["low", "past-select's-1024"])
+@pytest.mark.parametrize("descriptor", [None, 1030], ids=["low", "past-select's-1024"])
 def test_a_request_whose_client_left_stops_waiting_and_gives_its_thread_back(make_web_app, monkeypatch,
                                                                               descriptor):
     """A client that gave up (its own timeout, a proxy's) must not hold a thread until
