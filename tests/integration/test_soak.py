@@ -20,7 +20,15 @@ import requests
 
 from bench.memory import kind_of as process_kind
 from tests.conftest import make_image
-from tests.integration.conftest import clients, queue_counts, running_stack, serving_workers, wait_for
+from tests.integration.conftest import (
+    assert_item_matches,
+    clients,
+    queue_counts,
+    references,
+    running_stack,
+    serving_workers,
+    wait_for,
+)
 
 pytestmark = pytest.mark.soak
 
@@ -85,7 +93,7 @@ def what_is_stuck(stack, s3, sqs, batches: list[str]) -> str:
     return "\n".join(lines)
 
 
-def test_thousand_images_with_workers_killed_at_random(soak_stack):
+def test_thousand_images_with_workers_killed_at_random(soak_stack, reference_model):
     stack = soak_stack
     s3, sqs, _ = clients(stack)
     rng = random.Random(546)
@@ -201,6 +209,13 @@ def test_thousand_images_with_workers_killed_at_random(soak_stack):
     assert states["done"] == IMAGES and lost == 0
     assert duplicated == 0 and len(events) == IMAGES
     assert len(out_keys) == len(set(out_keys)) == IMAGES
+    # Each answer is its own image's: a sample of 50, spread over the run, by scores and
+    # top 5 (the labels alone are nearly all alike with untrained weights).
+    items = {item["filename"]: item for b in batches
+             for item in requests.get(f"{stack.web_url}/api/jobs/{b}", timeout=30).json()["items"]}
+    sample = {f"soak_{i:04d}.jpg": make_image(10_000 + i, size=(160, 120)) for i in range(0, IMAGES, 20)}
+    for name, ref in references(reference_model, sample).items():
+        assert_item_matches(items[name], ref, name)
     wait_for(lambda: queue_counts(sqs, stack.prefix) == {"req-queue": 0, "resp-queue": 0, "req-dlq": 0},
              60, "every queue to be empty")
     # Long-lived processes must not grow without bound: the last third of the
