@@ -180,6 +180,50 @@ class Controller:
             self._live_after_last_round = frozenset({i.id for i in obs.live} | launched) - asked_to_end
         return decision
 
+    def _with_unlisted_launches(self, obs: Observation) -> Observation:
+        """The observation, with this controller's recent launches that EC2 does not list
+        yet (RecentLaunches, each as EC2 last listed it), less those EC2 lists terminated.
+        What EC2 lists now updates that memory first."""
+        # A launch that got no reply, now listed, is remembered as answered ones are:
+        # forgotten once listed, a later read lagging behind left it out, and its number
+        # was launched again, a second instance of one name (simulated).
+        unanswered = self.unanswered.calls()
+        for instance in obs.instances:
+            call = unanswered.get(instance.number)
+            if call is not None and started_by(call, instance.number, instance):
+                self.recent_launches.take_listed(instance, obs.clock)
+        self.unanswered.keep_unlisted(obs.instances, obs.clock)
+        recent, listed = self.recent_launches, {i.id: i for i in obs.instances}
+        recent.take_in(listed, obs.clock)
+        unlisted = recent.unlisted(listed)
+        if not unlisted:
+            return obs
+        # One that went straight to terminated (no capacity, a volume it could not
+        # encrypt, a hand), or has ended since, is not listed in a watched state: counted
+        # until the memory ran out, it would hold up its replacement and stand in for a
+        # scale-in victim.
+        ended = terminated(self.aws, [i.id for i in unlisted])
+        for iid in ended:
+            recent.forget(iid)
+        return replace(obs, instances=obs.instances + tuple(i for i in unlisted if i.id not in ended))
+
+    def _with_ready_deadline(self, obs: Observation) -> Observation:
+        """The observation, with how long each instance whose worker has not said it
+        serves has been silent (obs.silent_for, on the ReadinessClock), and each silent for
+        longer than READY_DEADLINE counted as failed: it never will serve (see common/fleet.py)."""
+        deadline = self.settings.ready_deadline_s
+        silent = [i for i in obs.live if not i.ready and not i.worker_failed]
+        self.readiness.watch({i.id: i.age_s for i in silent}, obs.clock)
+        obs = replace(obs, silent_for={i.id: self.readiness.silent_for(i.id, obs.clock) for i in silent})
+        if deadline <= 0:
+            return obs
+        overdue = {iid for iid, silent_s in obs.silent_for.items() if silent_s > deadline}
+        if not overdue:
+            return obs
+        reason = f"not serving {deadline:g}s after its launch"
+        return replace(obs, instances=tuple(replace(i, worker_failed=reason) if i.id in overdue else i
+                                            for i in obs.instances))
+
     def _note_ended_by_others(self, obs: Observation) -> None:
         """Says which instances live after the last round are not now, ended by someone
         else (by hand, another program, EC2), and remembers those ending (RecentTerminations)."""
@@ -215,23 +259,6 @@ class Controller:
         self.scale_in_window.record(obs.clock, desired_count(obs, self.policy)[0], window)
         return self.scale_in_window.peak(obs.clock, len(obs.live), window)
 
-    def _with_ready_deadline(self, obs: Observation) -> Observation:
-        """The observation, with how long each instance whose worker has not said it
-        serves has been silent (obs.silent_for, on the ReadinessClock), and each silent for
-        longer than READY_DEADLINE counted as failed: it never will serve (see common/fleet.py)."""
-        deadline = self.settings.ready_deadline_s
-        silent = [i for i in obs.live if not i.ready and not i.worker_failed]
-        self.readiness.watch({i.id: i.age_s for i in silent}, obs.clock)
-        obs = replace(obs, silent_for={i.id: self.readiness.silent_for(i.id, obs.clock) for i in silent})
-        if deadline <= 0:
-            return obs
-        overdue = {iid for iid, silent_s in obs.silent_for.items() if silent_s > deadline}
-        if not overdue:
-            return obs
-        reason = f"not serving {deadline:g}s after its launch"
-        return replace(obs, instances=tuple(replace(i, worker_failed=reason) if i.id in overdue else i
-                                            for i in obs.instances))
-
     def _note_worker_failures(self, obs: Observation) -> bool:
         """Records in the launch hold the workers that have given up, and logs those new this
         round; returns whether launches are held now (RoundMemory.launches_held)."""
@@ -248,33 +275,6 @@ class Controller:
                 "left (dry run)" if self.dry_run else "terminated", hold.hold_s,
             )
         return hold.holds(obs.clock)
-
-    def _with_unlisted_launches(self, obs: Observation) -> Observation:
-        """The observation, with this controller's recent launches that EC2 does not list
-        yet (RecentLaunches, each as EC2 last listed it), less those EC2 lists terminated.
-        What EC2 lists now updates that memory first."""
-        # A launch that got no reply, now listed, is remembered as answered ones are:
-        # forgotten once listed, a later read lagging behind left it out, and its number
-        # was launched again, a second instance of one name (simulated).
-        unanswered = self.unanswered.calls()
-        for instance in obs.instances:
-            call = unanswered.get(instance.number)
-            if call is not None and started_by(call, instance.number, instance):
-                self.recent_launches.take_listed(instance, obs.clock)
-        self.unanswered.keep_unlisted(obs.instances, obs.clock)
-        recent, listed = self.recent_launches, {i.id: i for i in obs.instances}
-        recent.take_in(listed, obs.clock)
-        unlisted = recent.unlisted(listed)
-        if not unlisted:
-            return obs
-        # One that went straight to terminated (no capacity, a volume it could not
-        # encrypt, a hand), or has ended since, is not listed in a watched state: counted
-        # until the memory ran out, it would hold up its replacement and stand in for a
-        # scale-in victim.
-        ended = terminated(self.aws, [i.id for i in unlisted])
-        for iid in ended:
-            recent.forget(iid)
-        return replace(obs, instances=obs.instances + tuple(i for i in unlisted if i.id not in ended))
 
     def _act(self, decision: Decision, obs: Observation, clock: Callable[[], float]) -> None:
         """Carries the decision out; `clock()` is the round's clock (obs.clock's) now."""
