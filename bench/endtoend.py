@@ -39,7 +39,7 @@ from bench.report import bad_requests
 from bench.scaling import FleetPoller, controller_actions, scaling_times
 from load_test import Config, Outcome, Report, latency_summary, run_load
 from localaws.harness import StackProcess
-from localaws.moto_fast import STATS_ENV, STATS_EVERY_S
+from localaws.moto_middleware import STATS_ENV, STATS_EVERY_S
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ def kind_of(cmdline: list[str], is_root: bool) -> str:
     if is_root:
         return "stack/runner"  # the runner is a thread of the stack process
     text = " ".join(cmdline)
-    if "moto.server" in text or "moto_server" in text or "moto_fast" in text:
+    if "moto.server" in text or "moto_server" in text:
         return "moto"
     if "gunicorn" in text:
         return "web"

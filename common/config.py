@@ -14,7 +14,7 @@ common/logs.py, before settings can be, so that their errors are logged), and th
 worker process's own start-up switches (INSTANCE_ID, the default of its
 --instance-id; IMGCLASS_CACHE, where it keeps the converted model); and
 IMGCLASS_MOTO_STATS, `make bench`'s request to the embedded AWS for its CPU time
-per action (localaws/moto_fast.py).
+per action (localaws/moto_middleware.py).
 
 A default that follows another setting is worked out in from_env (as SCALE_IN_COOLDOWN's and BOOT_TIME's
 follow AWS_ENDPOINT_URL); tests that build Settings with dataclasses.replace skip

@@ -146,15 +146,15 @@ class Controller:
             """The round's clock now: monotonic time, or a test's `now` moved on since then."""
             return time.monotonic() if now is None else now + (time.monotonic() - began)
 
-        obs = self._with_recent_launches(observe(self.aws, now))
+        obs = self._with_unlisted_launches(observe(self.aws, now))
         self.recent_terminations.forget_old(obs.clock)
-        obs = self._with_readiness(self.recent_terminations.applied(obs))
-        self._take_in_what_others_ended(obs)
+        obs = self._with_ready_deadline(self.recent_terminations.applied(obs))
+        self._note_ended_by_others(obs)
         self.refusals.keep_listed({i.id for i in obs.instances})
         # Remember what the next rounds need of this one: the scale-in window's counts,
         # and workers giving up (the launch hold). Both update this controller's memory.
-        wanted_recently = self._wanted_recently(obs)
-        launches_held = self._launches_held(obs)
+        wanted_recently = self._note_wanted(obs)
+        launches_held = self._note_worker_failures(obs)
         # Decide, with a pure function of all that and a snapshot of the memory; then act.
         memory = RoundMemory(
             wanted_recently=wanted_recently,
@@ -180,75 +180,10 @@ class Controller:
             self._live_after_last_round = frozenset({i.id for i in obs.live} | launched) - asked_to_end
         return decision
 
-    def _take_in_what_others_ended(self, obs: Observation) -> None:
-        """Instances live after the last round and not now, ended by someone else: said,
-        and those ending remembered (RecentTerminations)."""
-        gone = sorted(self._live_after_last_round - {i.id for i in obs.live})
-        if gone:
-            # Those ending are remembered as this controller's own terminations are: a
-            # later read still listing one running would have it stand in for its replacement,
-            # which would be scaled in. Only those EC2 lists ending (shutting down,
-            # as a hand's termination is for a while) or ended: one a lagging read merely
-            # left out is still running.
-            listed = {i.id for i in obs.instances}
-            ending = {i.id for i in obs.in_state("shutting-down")} & set(gone)
-            unlisted = [iid for iid in gone if iid not in listed]
-            for iid in ending | (terminated(self.aws, unlisted) if unlisted else set()):
-                self.recent_terminations.note(iid, obs.clock)
-        if gone and self.dry_run:
-            # Beside a live fleet, another controller does the acting: no cause for alarm.
-            log.info("controller: %d instance(s) ended since the last round (dry run: by whoever acts): %s",
-                     len(gone), ", ".join(gone))
-        elif gone:
-            log.warning("controller: %d instance(s) ended since the last round, not by this controller: %s "
-                        "(terminated by hand or another program, or by EC2: no capacity, a failed host); "
-                        "replaced if the queue needs them", len(gone), ", ".join(gone))
-
-    def _wanted_recently(self, obs: Observation) -> int | None:
-        """Records what this round wants; returns the most instances wanted at any round
-        of the last scale_in_cooldown_s (None without a window). A controller that has not
-        yet watched for a whole window (it has just been restarted) counts what is live as
-        wanted: it scales out, not in."""
-        window = self.policy.scale_in_cooldown_s
-        if window <= 0:
-            return None
-        self.scale_in_window.record(obs.clock, desired_count(obs, self.policy)[0], window)
-        return self.scale_in_window.peak(obs.clock, len(obs.live), window)
-
-    def _with_readiness(self, obs: Observation) -> Observation:
-        """The observation, with how long each instance whose worker has not said it
-        serves has been silent (obs.silent_for), and each silent for READY_DEADLINE
-        counted as failed: it never will (see common/fleet.py)."""
-        deadline = self.settings.ready_deadline_s
-        silent = [i for i in obs.live if not i.ready and not i.worker_failed]
-        self.readiness.watch({i.id: i.age_s for i in silent}, obs.clock)
-        obs = replace(obs, silent_for={i.id: self.readiness.silent_for(i.id, obs.clock) for i in silent})
-        if deadline <= 0:
-            return obs
-        overdue = {iid for iid, silent_s in obs.silent_for.items() if silent_s > deadline}
-        if not overdue:
-            return obs
-        reason = f"not serving {deadline:g}s after its launch"
-        return replace(obs, instances=tuple(replace(i, worker_failed=reason) if i.id in overdue else i
-                                            for i in obs.instances))
-
-    def _launches_held(self, obs: Observation) -> bool:
-        """Whether workers gave up recently enough that launching more is held."""
-        hold, timings = self.launch_hold, self.timings
-        # Quiet for longer than a wave of instances that never serve takes to fail again.
-        slowest_wave = max(self.settings.ready_deadline_s, self.settings.stall_timeout_s)
-        quiet_s = 2 * timings.failure_hold_max_s + slowest_wave
-        new = hold.note_failures(obs, timings.failure_hold_min_s, timings.failure_hold_max_s, quiet_s)
-        if new:
-            log.error(
-                "controller: %d worker(s) gave up: %s; their instances are %s, and "
-                "launches held for %.0fs (see the worker's log, and ami/README.md)", len(new),
-                ", ".join(f"{instance_name(i.number)} ({i.id}): {i.worker_failed}" for i in new),
-                "left (dry run)" if self.dry_run else "terminated", hold.hold_s,
-            )
-        return hold.holds(obs.clock)
-
-    def _with_recent_launches(self, obs: Observation) -> Observation:
+    def _with_unlisted_launches(self, obs: Observation) -> Observation:
+        """The observation, with this controller's recent launches that EC2 does not list
+        yet (RecentLaunches, each as EC2 last listed it), less those EC2 lists terminated.
+        What EC2 lists now updates that memory first."""
         # A launch that got no reply, now listed, is remembered as answered ones are:
         # forgotten once listed, a later read lagging behind left it out, and its number
         # was launched again, a second instance of one name (simulated).
@@ -271,6 +206,75 @@ class Controller:
         for iid in ended:
             recent.forget(iid)
         return replace(obs, instances=obs.instances + tuple(i for i in unlisted if i.id not in ended))
+
+    def _with_ready_deadline(self, obs: Observation) -> Observation:
+        """The observation, with how long each instance whose worker has not said it
+        serves has been silent (obs.silent_for, on the ReadinessClock), and each silent for
+        longer than READY_DEADLINE counted as failed: it never will serve (see common/fleet.py)."""
+        deadline = self.settings.ready_deadline_s
+        silent = [i for i in obs.live if not i.ready and not i.worker_failed]
+        self.readiness.watch({i.id: i.age_s for i in silent}, obs.clock)
+        obs = replace(obs, silent_for={i.id: self.readiness.silent_for(i.id, obs.clock) for i in silent})
+        if deadline <= 0:
+            return obs
+        overdue = {iid for iid, silent_s in obs.silent_for.items() if silent_s > deadline}
+        if not overdue:
+            return obs
+        reason = f"not serving {deadline:g}s after its launch"
+        return replace(obs, instances=tuple(replace(i, worker_failed=reason) if i.id in overdue else i
+                                            for i in obs.instances))
+
+    def _note_ended_by_others(self, obs: Observation) -> None:
+        """Says which instances live after the last round are not now, ended by someone
+        else (by hand, another program, EC2), and remembers those ending (RecentTerminations)."""
+        gone = sorted(self._live_after_last_round - {i.id for i in obs.live})
+        if gone:
+            # Those ending are remembered as this controller's own terminations are: a
+            # later read still listing one running would have it stand in for its replacement,
+            # which would be scaled in. Only those EC2 lists ending (shutting down,
+            # as a hand's termination is for a while) or ended: one a lagging read merely
+            # left out is still running.
+            listed = {i.id for i in obs.instances}
+            ending = {i.id for i in obs.in_state("shutting-down")} & set(gone)
+            unlisted = [iid for iid in gone if iid not in listed]
+            for iid in ending | (terminated(self.aws, unlisted) if unlisted else set()):
+                self.recent_terminations.note(iid, obs.clock)
+        if gone and self.dry_run:
+            # Beside a live fleet, another controller does the acting: no cause for alarm.
+            log.info("controller: %d instance(s) ended since the last round (dry run: by whoever acts): %s",
+                     len(gone), ", ".join(gone))
+        elif gone:
+            log.warning("controller: %d instance(s) ended since the last round, not by this controller: %s "
+                        "(terminated by hand or another program, or by EC2: no capacity, a failed host); "
+                        "replaced if the queue needs them", len(gone), ", ".join(gone))
+
+    def _note_wanted(self, obs: Observation) -> int | None:
+        """Records in the scale-in window how many instances this round wants; returns the
+        most wanted at any round of the last scale_in_cooldown_s (RoundMemory.wanted_recently;
+        None without a window). A controller that has not yet watched for a whole window (it
+        has just been restarted) counts what is live as wanted: it scales out, not in."""
+        window = self.policy.scale_in_cooldown_s
+        if window <= 0:
+            return None
+        self.scale_in_window.record(obs.clock, desired_count(obs, self.policy)[0], window)
+        return self.scale_in_window.peak(obs.clock, len(obs.live), window)
+
+    def _note_worker_failures(self, obs: Observation) -> bool:
+        """Records in the launch hold the workers that have given up, and logs those new this
+        round; returns whether launches are held now (RoundMemory.launches_held)."""
+        hold, timings = self.launch_hold, self.timings
+        # Quiet for longer than a wave of instances that never serve takes to fail again.
+        slowest_wave = max(self.settings.ready_deadline_s, self.settings.stall_timeout_s)
+        quiet_s = 2 * timings.failure_hold_max_s + slowest_wave
+        new = hold.note_failures(obs, timings.failure_hold_min_s, timings.failure_hold_max_s, quiet_s)
+        if new:
+            log.error(
+                "controller: %d worker(s) gave up: %s; their instances are %s, and "
+                "launches held for %.0fs (see the worker's log, and ami/README.md)", len(new),
+                ", ".join(f"{instance_name(i.number)} ({i.id}): {i.worker_failed}" for i in new),
+                "left (dry run)" if self.dry_run else "terminated", hold.hold_s,
+            )
+        return hold.holds(obs.clock)
 
     def _act(self, decision: Decision, obs: Observation, clock: Callable[[], float]) -> None:
         """Carries the decision out; `clock()` is the round's clock (obs.clock's) now."""

@@ -22,12 +22,12 @@ def start_moto(host: str, port: int, log_path: Path, stopping: threading.Event |
                lifeline_fd: int | None = None) -> subprocess.Popen:
     """Start moto's server (S3, SQS, EC2 and the rest) and wait until it answers.
 
-    It runs as `localaws.moto_fast`: moto's own server with patches that remove
+    It runs as `localaws.moto_server`: moto's own server with patches that remove
     costs growing with traffic and queue depth (listed in that module). With
     `lifeline_fd` it ends after the last holder of that pipe (localaws.lifeline),
     otherwise with the thread that started it.
     """
-    argv = [sys.executable, "-m", "localaws.moto_fast", "-H", host, "-p", str(port)]
+    argv = [sys.executable, "-m", "localaws.moto_server", "-H", host, "-p", str(port)]
     if lifeline_fd is not None:
         argv += ["--lifeline", str(lifeline_fd)]
     with open(log_path, "ab") as out:

@@ -88,11 +88,11 @@ def test_a_stack_killed_outright_takes_every_process_it_started_with_it():
         serving = wait_for(lambda: serving_workers(stack), 90, "a worker serving an instance")
         everything = stack.descendants()
         names = " ".join(" ".join(p.cmdline()) for p in everything)
-        for part in ("localaws.moto_fast", "controller.py", "gunicorn"):
+        for part in ("localaws.moto_server", "controller.py", "gunicorn"):
             assert part in names, f"{part} not running: {names}"
         assert {p.pid for p in serving} <= {p.pid for p in everything}
         killed_at = len(stack.output)
-        moto_pid = next(p.pid for p in everything if "localaws.moto_fast" in " ".join(p.cmdline()))
+        moto_pid = next(p.pid for p in everything if "localaws.moto_server" in " ".join(p.cmdline()))
     finally:
         stack.process.kill()
         stack.process.wait()

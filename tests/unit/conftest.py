@@ -18,7 +18,7 @@ from common.failure_tags import failure_tagging
 from common.messages import ClassifyRequest, ClassifyResponse, Prediction
 from common.output_object import pair_text, result_metadata
 from common.provision import provision
-from localaws import moto_fast
+from localaws import moto_patches
 
 
 @pytest.fixture(autouse=True)
@@ -26,16 +26,17 @@ def _moto_counts_a_queue_at_one_instant(request: pytest.FixtureRequest,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The in-process moto counts a queue's messages at one instant, as the embedded
     AWS's does: otherwise a message whose visibility lapses between two counts is in
-    neither, and a test waiting for a queue to drain sees it drained. Not for
-    test_moto_fast, which compares the embedded AWS's changes with moto's own."""
-    if request.module.__name__.endswith("test_moto_fast"):
+    neither, and a test waiting for a queue to drain sees it drained. Not for the
+    embedded AWS's own tests (test_moto_*.py), which make its changes themselves or
+    compare them with moto's own."""
+    if request.module.__name__.rsplit(".", 1)[-1].startswith("test_moto_"):
         return
     from moto.sqs import models
 
     for owner, name in ((models, "unix_time"), (models, "unix_time_millis"),
                         (models.SQSBackend, "get_queue_attributes")):
         monkeypatch.setattr(owner, name, getattr(owner, name))  # put back after the test
-    moto_fast.sqs_counts_at_one_instant()
+    moto_patches.sqs_counts_at_one_instant()
 
 
 def wait_until(condition: Callable[[], object], timeout: float = 30.0, interval: float = 0.05,

@@ -118,7 +118,7 @@ def test_a_fleet_up_at_the_first_request_leaves_the_first_launch_unmeasured():
 
 
 def test_process_kinds():
-    assert kind_of(["python", "-m", "localaws.moto_fast", "-p", "1"], False) == "moto"
+    assert kind_of(["python", "-m", "localaws.moto_server", "-p", "1"], False) == "moto"
     assert kind_of(["python", "-m", "gunicorn", "-c", "x"], False) == "web"
     assert kind_of(["python", "/x/controller.py"], False) == "controller"
     assert kind_of(["python", "-m", "app_tier", "--instance-id", "-"], False) == "worker"

@@ -1,10 +1,8 @@
-"""The patched moto SQS used by the embedded AWS behaves exactly like moto's own."""
+"""moto as the embedded AWS patches it (localaws/moto_patches.py) behaves exactly like moto's own."""
 
 from __future__ import annotations
 
 import itertools
-import json
-import threading
 import time
 
 import boto3
@@ -16,11 +14,11 @@ from moto.ec2.models.instances import Instance, InstanceBackend
 from moto.s3 import models as s3_models
 from moto.sqs import models
 
-from localaws import moto_fast
+from localaws import moto_patches
 
 
 def patched(monkeypatch):
-    """moto_fast applied for one test only; monkeypatch puts moto's originals back."""
+    """moto_patches applied for one test only; monkeypatch puts moto's originals back."""
     original = models.SQSBackend.is_message_valid_based_on_retention_period
     everything_patched = [
         (models, "unix_time"), (models, "unix_time_millis"),
@@ -37,7 +35,7 @@ def patched(monkeypatch):
     ]
     for owner, name in everything_patched:
         monkeypatch.setattr(owner, name, getattr(owner, name))
-    moto_fast.apply()
+    moto_patches.apply()
     return original
 
 
@@ -216,7 +214,7 @@ def test_a_terminated_instance_is_shown_for_an_hour_then_forgotten_with_its_tags
             return {i["InstanceId"]: i["State"]["Name"] for r in found for i in r["Instances"]}
 
         assert shown() == {ended: "terminated", live: "running"}
-        monkeypatch.setattr(moto_fast, "TERMINATED_KEPT_S", -1.0)  # as if an hour had passed
+        monkeypatch.setattr(moto_patches, "TERMINATED_KEPT_S", -1.0)  # as if an hour had passed
         assert shown() == {live: "running"}
         tags = {t["ResourceId"] for t in ec2.describe_tags()["Tags"]}
         assert live in tags and ended not in tags
@@ -237,221 +235,4 @@ def test_an_object_as_large_as_an_upload_is_kept_in_memory_not_in_a_hidden_file(
     assert spilled(8 * 1024**2)  # moto's own
     patched(monkeypatch)
     assert not spilled(8 * 1024**2)
-    assert spilled(moto_fast.S3_OBJECT_IN_MEMORY_BYTES + 1)
-
-
-# --- the WSGI layer in front of moto's server ---------------------------------------------
-
-
-class FakeAws:
-    """A WSGI app that answers every request with how many requests of its kind it has seen."""
-
-    def __init__(self) -> None:
-        self.seen: list[str] = []
-
-    def __call__(self, environ, start_response):
-        action = moto_fast.aws_action(environ)
-        body = environ["wsgi.input"].read()  # the middleware must leave the body readable
-        self.seen.append(action)
-        start_response("200 OK", [("Content-Type", "text/xml")])
-        return [f"{action} #{self.seen.count(action)} {len(body)}".encode()]
-
-
-def describe(client, filters: str = "tag:Name", region: str = "us-east-1", key: str = "AKIDEXAMPLE") -> str:
-    signed = f"AWS4-HMAC-SHA256 Credential={key}/20261123/{region}/ec2/aws4_request, Signature=0"
-    return client.post("/", data=f"Action=DescribeInstances&Version=2016-11-15&Filter.1.Name={filters}",
-                       headers={"Authorization": signed}).text
-
-
-def test_describe_instances_is_answered_once_per_change():
-    from werkzeug.test import Client
-
-    aws = FakeAws()
-    client = Client(moto_fast.Ec2ReadCache(aws))
-    first = describe(client)
-    assert first.startswith("DescribeInstances #1 ")
-    assert describe(client) == first  # nothing changed: moto is not asked again
-    assert describe(client, "instance-state-name").startswith("DescribeInstances #2 ")  # other question
-    # The same question from another region, or another account's key, is another question.
-    assert describe(client, region="eu-west-1").startswith("DescribeInstances #3 ")
-    assert describe(client, key="AKIDOTHER").startswith("DescribeInstances #4 ")
-    # SQS (JSON protocol) and S3 calls do not touch EC2.
-    client.post("/", headers={"X-Amz-Target": "AmazonSQS.SendMessage"}, data="{}")
-    client.put("/bucket/key", data=b"x")
-    client.post("/", data="Action=DescribeImages&Version=2016-11-15")
-    assert describe(client) == first
-    # Any EC2 change, and a moto reset, make the next describe go to moto.
-    client.post("/", data="Action=RunInstances&Version=2016-11-15&MinCount=1")
-    assert describe(client).startswith("DescribeInstances #5 ")
-    client.post("/", data="Action=TerminateInstances&Version=2016-11-15")
-    assert describe(client).startswith("DescribeInstances #6 ")
-    client.post("/moto-api/reset")
-    assert describe(client).startswith("DescribeInstances #7 ")
-    assert aws.seen.count("RunInstances") == 1 and aws.seen.count("SendMessage") == 1
-
-
-class SlowEc2:
-    """A WSGI EC2 whose RunInstances is held half done until the test lets it finish."""
-
-    def __init__(self) -> None:
-        self.instances = 0
-        self.running = threading.Event()
-        self.finish = threading.Event()
-
-    def __call__(self, environ, start_response):
-        action = moto_fast.aws_action(environ)
-        if action == "RunInstances":
-            self.running.set()
-            assert self.finish.wait(10)
-            self.instances += 1
-        start_response("200 OK", [("Content-Type", "text/xml")])
-        return [f"{self.instances} instances".encode()]
-
-
-def test_a_describe_during_a_change_is_not_kept():
-    """The CI failure of 2026-11-22: a describe answered mid-launch was served until the next change."""
-    from werkzeug.test import Client
-
-    ec2 = SlowEc2()
-    cache = moto_fast.Ec2ReadCache(ec2)
-    launch = threading.Thread(
-        target=lambda: Client(cache).post("/", data="Action=RunInstances&Version=2016-11-15&MinCount=1"))
-    launch.start()
-    assert ec2.running.wait(10)
-    assert describe(Client(cache)) == "0 instances"  # true while the launch is half done
-    ec2.finish.set()
-    launch.join(10)
-    assert describe(Client(cache)) == "1 instances"
-
-
-def written_counts(out, expected: dict[str, int]) -> dict[str, int]:
-    """Requests by action in the statistics file, once it shows `expected` or the deadline passes."""
-    counts: dict[str, int] = {}
-    deadline = time.monotonic() + 5 * moto_fast.STATS_EVERY_S
-    while time.monotonic() < deadline and counts != expected:
-        time.sleep(0.05)
-        if out.exists():
-            counts = {k: v["requests"] for k, v in json.loads(out.read_text()).items()}
-    return counts
-
-
-def test_action_stats_counts_requests_and_writes_them(tmp_path):
-    from werkzeug.test import Client
-
-    out = tmp_path / "stats.json"
-    stats = moto_fast.ActionStats(FakeAws(), out)
-    client = Client(stats)
-    for _ in range(3):
-        client.post("/", headers={"X-Amz-Target": "AmazonSQS.ReceiveMessage"}, data="{}")
-    client.get("/bucket/some/key")
-    expected = {"ReceiveMessage": 3, "S3 GET object": 1}
-    assert written_counts(out, expected) == expected
-
-
-def test_action_stats_tells_cached_describes_apart(tmp_path):
-    from werkzeug.test import Client
-
-    out = tmp_path / "stats.json"
-    client = Client(moto_fast.ActionStats(moto_fast.Ec2ReadCache(FakeAws()), out))
-    for _ in range(3):
-        describe(client)
-    expected = {"DescribeInstances": 1, "DescribeInstances (cached)": 2}
-    assert written_counts(out, expected) == expected
-
-
-def loaded_regions(backend_dict) -> set[str]:
-    """The regions (or partitions) of one moto service whose backend exists, without creating any."""
-    return {region for account in dict.values(backend_dict) for region in dict.keys(account)}
-
-
-def test_warm_up_builds_ec2_sqs_and_s3_with_one_read_only_call_each(patched):
-    """The server builds its backends before it freezes its start-up heap (common.heap)."""
-    from moto.ec2.models import ec2_backends
-    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
-    from moto.s3.models import s3_backends
-
-    moto_app = DomainDispatcherApplication(create_backend_app)
-    seen = []
-
-    def recording(environ, start_response):
-        seen.append(moto_fast.aws_action(environ))
-        return moto_app(environ, start_response)
-
-    with mock_aws():  # moto's state is reset on the way out
-        assert "eu-west-3" not in loaded_regions(ec2_backends) | loaded_regions(models.sqs_backends)
-        moto_fast.warm_up(recording, "eu-west-3")
-        assert seen == ["DescribeInstances", "ListQueues", "S3 GET bucket"]
-        assert "eu-west-3" in loaded_regions(ec2_backends) & loaded_regions(models.sqs_backends)
-        assert loaded_regions(s3_backends)
-        ec2 = boto3.client("ec2", region_name="eu-west-3")
-        assert ec2.describe_instances()["Reservations"] == []
-        assert "QueueUrls" not in boto3.client("sqs", region_name="eu-west-3").list_queues()
-        assert boto3.client("s3", region_name="eu-west-3").list_buckets()["Buckets"] == []
-
-
-def test_a_failed_warm_up_call_stops_the_server_from_starting():
-    def broken_sqs(environ, start_response):
-        status = "500 Internal Server Error" if environ.get("HTTP_X_AMZ_TARGET") else "200 OK"
-        start_response(status, [("Content-Type", "text/xml")])
-        return [b""]
-
-    with pytest.raises(RuntimeError, match="500"):
-        moto_fast.warm_up(broken_sqs, "us-east-1")
-
-
-def test_a_body_cut_short_by_a_dead_client_stores_nothing(monkeypatch):
-    """A client killed mid-upload: gunicorn hands moto what arrived, and moto
-    stored it as the object. S3 refuses the request (IncompleteBody)."""
-    import io
-
-    from werkzeug.test import EnvironBuilder
-
-    called = []
-
-    def moto_app(environ, start_response):
-        called.append(environ["wsgi.input"].read())
-        start_response("200 OK", [])
-        return [b""]
-
-    app = moto_fast.ServiceLocks(moto_app)
-    headers = {"Authorization": "AWS4-HMAC-SHA256 Credential=k/20260101/us-east-1/s3/aws4_request, X=y"}
-    cut = EnvironBuilder(method="PUT", path="/bucket/key", headers=headers).get_environ()
-    cut.update({"CONTENT_LENGTH": "100", "wsgi.input": io.BytesIO(b"x" * 40)})
-    statuses = []
-    body = b"".join(app(cut, lambda status, headers: statuses.append(status)))
-    assert statuses == ["400 Bad Request"] and b"<Code>IncompleteBody</Code>" in body
-    assert called == []
-
-    whole = EnvironBuilder(method="PUT", path="/bucket/key", headers=headers).get_environ()
-    whole.update({"CONTENT_LENGTH": "100", "wsgi.input": io.BytesIO(b"x" * 100)})
-    b"".join(app(whole, lambda status, headers: statuses.append(status)))
-    assert statuses[-1] == "200 OK" and called == [b"x" * 100]
-
-
-def test_the_server_ends_when_its_worker_dies():
-    """Its one worker holds everything: killed (the OOM killer) and replaced by an empty
-    one, the stack would run on against an AWS that has forgotten it all."""
-    import signal
-    import socket
-    import subprocess
-    import sys
-
-    import psutil
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "localaws.moto_fast", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        while not psutil.Process(server.pid).children() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        [worker] = psutil.Process(server.pid).children()
-        worker.send_signal(signal.SIGKILL)
-        assert server.wait(timeout=30) == 1
-        assert b"died: everything it held is gone" in server.stderr.read()
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+    assert spilled(moto_patches.S3_OBJECT_IN_MEMORY_BYTES + 1)
