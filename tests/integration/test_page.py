@@ -3344,7 +3344,8 @@ def test_a_second_reload_keeps_every_row_of_a_batch_with_a_file_sent_again(stack
     batch_id = browser.current_url.split("#batches=")[1]
     key = f"imgclass.shown.{batch_id}"
     saved = browser.execute_script(f"return JSON.parse(sessionStorage.getItem('{key}'))")
-    assert [row.get("name") for row in saved] == [None, "notes.jpg", None]
+    assert [("id" in row, row.get("name")) for row in saved] == [(True, "late.jpg"), (False, "notes.jpg"),
+                                                                  (True, "other.jpg")]
     saved[2]["replaced"] = ["0" * 32]  # an item "other.jpg" replaced (sendAgain), gone since
     browser.execute_script(f"sessionStorage.setItem('{key}', JSON.stringify(arguments[0]))", saved)
     browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": polls_answered_as(

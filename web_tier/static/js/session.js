@@ -539,7 +539,9 @@ export class Session {
       return;
     }
     const shown = this.entries.map((entry) => ({
-      ...(entry.id ? { id: entry.id }
+      // Its name too: a reload that finds the server no longer lists it shows its row lost
+      // (restore.js showRows), not nothing.
+      ...(entry.id ? { id: entry.id, name: entry.el.dataset.filename }
         : entry.refused ? { name: entry.el.dataset.filename, error: entry.refused }
           : { name: entry.el.dataset.filename, unsent: true, why: entry.unsentWhy, token: entry.token,
             // A reload counts it apart too, as this page does (rows.js isStopped).
@@ -607,6 +609,19 @@ export class Session {
     if (item.sent_again) this.saySentAgain(item);
     if (this.built && this.grewAt) this.grewAt = Date.now();
     updateSummary();  // a row that joins queued is counted too
+  }
+
+  // A file this tab (or the one it was copied from) heard stored, saved as `shown`, that
+  // the server's batch, restored, does not list: lost with the batch, which was then made
+  // anew without it (a chunk sent with create=1, here or elsewhere). Shown queued, as it
+  // was stored, then failed as lost by loseUnlisted once two reads in a row leave it out,
+  // as a tab that stayed open fails it; `readWhole`: the restore's read (begun after its
+  // 202, as any read of this page view is) listed the batch, and is the first of them.
+  showUnlisted(shown, readWhole) {
+    const el = this.newRow(shown.name || "upload");
+    setState(el, "queued");
+    this.entries.push({ file: null, el, id: shown.id, storedRead: this.reads, unlisted: readWhole ? 1 : 0 });
+    this.byId.set(shown.id, el);
   }
 
   // A file chosen in this tab (or the one it was copied from) that the server did not
