@@ -1053,6 +1053,46 @@ def test_files_stored_in_a_batch_lost_and_made_anew_midway_are_said_lost_and_the
     assert sorted(classified) == sorted(files)
 
 
+def test_a_reload_after_the_batch_was_lost_and_made_anew_shows_the_files_it_lost_as_lost(
+        stack, browser, tmp_path):
+    """The server lost the batch, and a chunk (another tab's, a script's) made it anew;
+    reloaded then, the tab dropped without a word the rows it had saved of files the
+    server had stored before: the batch now lists only the file stored since. They are
+    failed as lost, as the tab that stays open fails them (two reads leaving them out)."""
+    import requests
+    from selenium.webdriver.common.by import By
+
+    files = {f"relost_{i}.jpg": make_image(1540 + i, size=(64, 48)) for i in range(2)}
+    browser.get(stack.web_url + "/")
+    # Held through the reload: a worker answering a lost file's request (its image gone)
+    # would put its item back in the batch, failed, before the page reads it twice.
+    with workers_held(stack):
+        choose(browser, tmp_path, files)
+        wait_for(lambda: list(states_shown(browser).values()) == ["queued"] * 2, 30, "the files queued")
+        batch_id = browser.current_url.split("#batches=")[1]
+        forget_on_the_server(stack, batch_id)
+        answer = requests.post(f"{stack.web_url}/api/jobs", data={"batch_id": batch_id, "create": "1"},
+                               files={"files": ("since.jpg", make_image(1542, size=(64, 48)))}, timeout=30)
+        assert answer.status_code == 202, answer.text
+
+        browser.refresh()
+        wait_for(lambda: [states_shown(browser).get(name) for name in files] == ["failed"] * 2, 30,
+                 "the files lost failed")
+        rows = rows_shown(browser)
+        assert [(name, state) for name, state, _ in rows] == [
+            ("relost_0.jpg", "failed"), ("relost_1.jpg", "failed"), ("since.jpg", "queued")]
+        for name, _, text in rows[:2]:
+            assert f"{LOST_ROW}; choose it again" in text, (name, text)
+        assert len(browser.find_elements(By.CSS_SELECTOR, '#results [data-lost="true"]')) == 2
+        summary = browser.find_element(By.ID, "summary").text
+        assert f"batch {batch_id}: the server lost the files stored in it earlier" in summary, summary
+        assert summary.endswith("and 2 files of it not yet classified will not be: choose them again to "
+                                "have them classified"), summary
+        assert not send_again_button(browser).is_displayed()  # no File to send after a reload
+    # Still followed, for the file the batch holds.
+    wait_for(lambda: states_shown(browser)["since.jpg"] == "done", 120, "the file stored since classified")
+
+
 def test_a_tab_that_gave_a_batch_up_follows_it_again_once_the_tab_sending_it_makes_it_anew(
         stack, browser, reference_model, tmp_path):
     """A duplicated tab gave the batch up (two 404s), the file still being sent in the
