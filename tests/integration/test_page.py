@@ -1095,10 +1095,12 @@ def test_a_reload_after_the_batch_was_lost_and_made_anew_shows_the_files_it_lost
 
 def test_a_tab_that_gave_a_batch_up_follows_it_again_once_the_tab_sending_it_makes_it_anew(
         stack, browser, reference_model, tmp_path):
-    """A duplicated tab gave the batch up (two 404s), the file still being sent in the
-    first tab failed with it; that tab's chunk then made the batch anew, and the
-    duplicate, told the sends were over, read it and took the file's item into its row,
-    "queued", but followed nothing more: the row stayed "queued" for ever."""
+    """A duplicated tab gave the batch up (two 404s); that tab's chunk then made the
+    batch anew, and the duplicate, told the sends were over, read it and took the file's
+    item into its row, "queued", but followed nothing more: the row stayed "queued" for
+    ever. Meanwhile, the file the first tab was still sending is not the duplicate's to
+    fail: it failed it "choose it again", lost with the batch, though the first tab went
+    on to send it."""
     files = {f"remade_{i}.jpg": make_image(1530 + i, size=(64, 48)) for i in range(2)}
     late = "remade_1.jpg"
     browser.get(stack.web_url + "/")
@@ -1112,11 +1114,36 @@ def test_a_tab_that_gave_a_batch_up_follows_it_again_once_the_tab_sending_it_mak
         wait_for(lambda: states_shown(browser).get(late) == "uploading", 30, "the restored batch")
         forget_on_the_server(stack, batch_id)
         said_lost(browser, batch_id)
-        assert states_shown(browser)[late] == "failed"
+        row = next(r for r in rows_shown(browser) if r[0] == late)
+        assert row[1] == "uploading" and "uploading in another tab" in row[2], row
         in_tab(browser, first, "window.held = [];")  # its chunk goes, and makes the batch anew
         wait_for(lambda: states_shown(browser)[late] == "done", 60, "the file sent since classified here")
         row = next(r for r in rows_shown(browser) if r[0] == late)
         assert "no longer holds" not in row[2], row
+
+
+def test_a_tab_that_gave_a_batch_up_fails_what_the_tab_sending_it_did_not_send_once_that_tab_is_gone(
+        stack, browser, tmp_path):
+    """A duplicated tab that gave the batch up leaves the files the first tab still sends
+    to it (above), but goes on asking after that tab: closed, it cannot say it is done,
+    and those files then fail as any that a closed sender did not store."""
+    files = {f"gone_{i}.jpg": make_image(1535 + i, size=(64, 48)) for i in range(2)}
+    late = "gone_1.jpg"
+    batch_id = send_holding(browser, stack, tmp_path, files, held=[late])
+    first = browser.current_window_handle
+    browser.execute_script("window.open(location.href)")
+    [second] = [handle for handle in browser.window_handles if handle != first]
+    browser.switch_to.window(second)
+    wait_for(lambda: states_shown(browser).get(late) == "uploading", 30, "the restored batch")
+    forget_on_the_server(stack, batch_id)
+    said_lost(browser, batch_id)
+    assert states_shown(browser)[late] == "uploading"
+    browser.switch_to.window(first)
+    browser.close()
+    browser.switch_to.window(second)
+    wait_for(lambda: states_shown(browser)[late] == "failed", 30, "the held file failed, its sender gone")
+    [text] = [text for name, _, text in rows_shown(browser) if name == late]
+    assert "not stored: the tab sending it was closed or reloaded; choose it again" in text, text
 
 
 def test_a_reload_shows_the_batches_again_and_follows_them_to_the_end(stack, browser, reference_model,
