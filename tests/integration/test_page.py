@@ -1067,12 +1067,54 @@ def test_files_stored_in_a_batch_lost_and_made_anew_midway_are_said_lost_and_the
     assert sorted(classified) == sorted(files)
 
 
+def test_a_reload_after_the_batch_was_lost_and_made_anew_shows_the_files_it_lost_as_lost(
+        stack, browser, tmp_path):
+    """The server lost the batch, and a chunk (another tab's, a script's) made it anew;
+    reloaded then, the tab dropped without a word the rows it had saved of files the
+    server had stored before: the batch now lists only the file stored since. They are
+    failed as lost, as the tab that stays open fails them (two reads leaving them out)."""
+    import requests
+    from selenium.webdriver.common.by import By
+
+    files = {f"relost_{i}.jpg": make_image(1540 + i, size=(64, 48)) for i in range(2)}
+    browser.get(stack.web_url + "/")
+    # Held through the reload: a worker answering a lost file's request (its image gone)
+    # would put its item back in the batch, failed, before the page reads it twice.
+    with workers_held(stack):
+        choose(browser, tmp_path, files)
+        wait_for(lambda: list(states_shown(browser).values()) == ["queued"] * 2, 30, "the files queued")
+        batch_id = browser.current_url.split("#batches=")[1]
+        forget_on_the_server(stack, batch_id)
+        answer = requests.post(f"{stack.web_url}/api/jobs", data={"batch_id": batch_id, "create": "1"},
+                               files={"files": ("since.jpg", make_image(1542, size=(64, 48)))}, timeout=30)
+        assert answer.status_code == 202, answer.text
+
+        browser.refresh()
+        wait_for(lambda: [states_shown(browser).get(name) for name in files] == ["failed"] * 2, 30,
+                 "the files lost failed")
+        rows = rows_shown(browser)
+        assert [(name, state) for name, state, _ in rows] == [
+            ("relost_0.jpg", "failed"), ("relost_1.jpg", "failed"), ("since.jpg", "queued")]
+        for name, _, text in rows[:2]:
+            assert f"{LOST_ROW}; choose it again" in text, (name, text)
+        assert len(browser.find_elements(By.CSS_SELECTOR, '#results [data-lost="true"]')) == 2
+        summary = browser.find_element(By.ID, "summary").text
+        assert f"batch {batch_id}: the server lost the files stored in it earlier" in summary, summary
+        assert summary.endswith("and 2 files of it not yet classified will not be: choose them again to "
+                                "have them classified"), summary
+        assert not send_again_button(browser).is_displayed()  # no File to send after a reload
+    # Still followed, for the file the batch holds.
+    wait_for(lambda: states_shown(browser)["since.jpg"] == "done", 120, "the file stored since classified")
+
+
 def test_a_tab_that_gave_a_batch_up_follows_it_again_once_the_tab_sending_it_makes_it_anew(
         stack, browser, reference_model, tmp_path):
-    """A duplicated tab gave the batch up (two 404s), the file still being sent in the
-    first tab failed with it; that tab's chunk then made the batch anew, and the
-    duplicate, told the sends were over, read it and took the file's item into its row,
-    "queued", but followed nothing more: the row stayed "queued" for ever."""
+    """A duplicated tab gave the batch up (two 404s); that tab's chunk then made the
+    batch anew, and the duplicate, told the sends were over, read it and took the file's
+    item into its row, "queued", but followed nothing more: the row stayed "queued" for
+    ever. Meanwhile, the file the first tab was still sending is not the duplicate's to
+    fail: it failed it "choose it again", lost with the batch, though the first tab went
+    on to send it."""
     files = {f"remade_{i}.jpg": make_image(1530 + i, size=(64, 48)) for i in range(2)}
     late = "remade_1.jpg"
     browser.get(stack.web_url + "/")
@@ -1086,11 +1128,36 @@ def test_a_tab_that_gave_a_batch_up_follows_it_again_once_the_tab_sending_it_mak
         wait_for(lambda: states_shown(browser).get(late) == "uploading", 30, "the restored batch")
         forget_on_the_server(stack, batch_id)
         said_lost(browser, batch_id)
-        assert states_shown(browser)[late] == "failed"
+        row = next(r for r in rows_shown(browser) if r[0] == late)
+        assert row[1] == "uploading" and "uploading in another tab" in row[2], row
         in_tab(browser, first, "window.held = [];")  # its chunk goes, and makes the batch anew
         wait_for(lambda: states_shown(browser)[late] == "done", 60, "the file sent since classified here")
         row = next(r for r in rows_shown(browser) if r[0] == late)
         assert "no longer holds" not in row[2], row
+
+
+def test_a_tab_that_gave_a_batch_up_fails_what_the_tab_sending_it_did_not_send_once_that_tab_is_gone(
+        stack, browser, tmp_path):
+    """A duplicated tab that gave the batch up leaves the files the first tab still sends
+    to it (above), but goes on asking after that tab: closed, it cannot say it is done,
+    and those files then fail as any that a closed sender did not store."""
+    files = {f"gone_{i}.jpg": make_image(1535 + i, size=(64, 48)) for i in range(2)}
+    late = "gone_1.jpg"
+    batch_id = send_holding(browser, stack, tmp_path, files, held=[late])
+    first = browser.current_window_handle
+    browser.execute_script("window.open(location.href)")
+    [second] = [handle for handle in browser.window_handles if handle != first]
+    browser.switch_to.window(second)
+    wait_for(lambda: states_shown(browser).get(late) == "uploading", 30, "the restored batch")
+    forget_on_the_server(stack, batch_id)
+    said_lost(browser, batch_id)
+    assert states_shown(browser)[late] == "uploading"
+    browser.switch_to.window(first)
+    browser.close()
+    browser.switch_to.window(second)
+    wait_for(lambda: states_shown(browser)[late] == "failed", 30, "the held file failed, its sender gone")
+    [text] = [text for name, _, text in rows_shown(browser) if name == late]
+    assert "not stored: the tab sending it was closed or reloaded; choose it again" in text, text
 
 
 def test_a_reload_shows_the_batches_again_and_follows_them_to_the_end(stack, browser, reference_model,
@@ -3397,7 +3464,8 @@ def test_a_second_reload_keeps_every_row_of_a_batch_with_a_file_sent_again(stack
     batch_id = browser.current_url.split("#batches=")[1]
     key = f"imgclass.shown.{batch_id}"
     saved = browser.execute_script(f"return JSON.parse(sessionStorage.getItem('{key}'))")
-    assert [row.get("name") for row in saved] == [None, "notes.jpg", None]
+    assert [("id" in row, row.get("name")) for row in saved] == [(True, "late.jpg"), (False, "notes.jpg"),
+                                                                  (True, "other.jpg")]
     saved[2]["replaced"] = ["0" * 32]  # an item "other.jpg" replaced (sendAgain), gone since
     browser.execute_script(f"sessionStorage.setItem('{key}', JSON.stringify(arguments[0]))", saved)
     browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": polls_answered_as(

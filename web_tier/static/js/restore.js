@@ -31,8 +31,10 @@ async function restore(batchId, place) {
   session.askSender();
   const { body, unknown } = await fetchBatch(batchId);
   session.unknown = unknown;
-  session.held = Boolean(body);  // lost, if it is later said unknown (Session.lose)
   const saved = savedShown(batchId);
+  // Lost, if it is later said unknown (Session.lose): it answered now, or this tab heard
+  // a file of it stored before the reload.
+  session.held = Boolean(body) || saved.some((shown) => shown.id);
   if (unknown || saved.some((shown) => shown.unsent)) await session.senderAnswer();
   // One this tab was sending when it reloaded (or another tab still sends), of which
   // the server holds no file yet (it does not know the batch, or holds it still
@@ -110,12 +112,17 @@ function showRows(session, saved, items) {
     byId.delete(id);
   }
   const unclaimed = items.filter((item) => !claimed.has(item.id));
+  const listed = new Set(items.map((item) => item.id));
   session.rebuilding = true;  // nothing saved until every row is in (Session.save)
   for (const shown of saved) {
     const rows = session.entries.length;
     if (shown.id && byId.has(shown.id)) {
       session.showNew(byId.get(shown.id), false);
       byId.delete(shown.id);
+    } else if (shown.id && !listed.has(shown.id)) {
+      // Heard stored before the reload, and not in the batch the server holds now: lost
+      // with it (the batch made anew since), shown so rather than dropped without a word.
+      session.showUnlisted(shown, !session.unknown);
     } else if (shown.error) {
       const el = session.newRow(shown.name || "upload");
       session.entries.push({ file: null, el, refused: shown.error });

@@ -539,7 +539,9 @@ export class Session {
       return;
     }
     const shown = this.entries.map((entry) => ({
-      ...(entry.id ? { id: entry.id }
+      // Its name too: a reload that finds the server no longer lists it shows its row lost
+      // (restore.js showRows), not nothing.
+      ...(entry.id ? { id: entry.id, name: entry.el.dataset.filename }
         : entry.refused ? { name: entry.el.dataset.filename, error: entry.refused }
           : { name: entry.el.dataset.filename, unsent: true, why: entry.unsentWhy, token: entry.token,
             // A reload counts it apart too, as this page does (rows.js isStopped).
@@ -607,6 +609,19 @@ export class Session {
     if (item.sent_again) this.saySentAgain(item);
     if (this.built && this.grewAt) this.grewAt = Date.now();
     updateSummary();  // a row that joins queued is counted too
+  }
+
+  // A file this tab (or the one it was copied from) heard stored, saved as `shown`, that
+  // the server's batch, restored, does not list: lost with the batch, which was then made
+  // anew without it (a chunk sent with create=1, here or elsewhere). Shown queued, as it
+  // was stored, then failed as lost by loseUnlisted once two reads in a row leave it out,
+  // as a tab that stayed open fails it; `readWhole`: the restore's read (begun after its
+  // 202, as any read of this page view is) listed the batch, and is the first of them.
+  showUnlisted(shown, readWhole) {
+    const el = this.newRow(shown.name || "upload");
+    setState(el, "queued");
+    this.entries.push({ file: null, el, id: shown.id, storedRead: this.reads, unlisted: readWhole ? 1 : 0 });
+    this.byId.set(shown.id, el);
   }
 
   // A file chosen in this tab (or the one it was copied from) that the server did not
@@ -786,16 +801,23 @@ export class Session {
   // ever, and have the web tier list S3 for it every 2 s. They are failed, saying why
   // and what to do; those classified keep their results. Files this upload has still
   // to send are left to it: sent with create=1, they make the batch anew (heldAgain).
+  // So are those another tab still sends (a restored batch, otherTabSends): this tab
+  // cannot tell that tab will not send them, and goes on polling the batch while it
+  // sends (poll), asking after it at each poll as before: its next chunk makes the
+  // batch anew, which a poll finds (refresh); its end, or its silence, fails them as
+  // any file that tab did not store (showPendingRow).
   lose() {
     this.lost = true;
     this.closeStream();
-    clearTimeout(this.pollTimer);
-    this.pollTimer = null;
+    if (!this.otherTabSends) {
+      clearTimeout(this.pollTimer);
+      this.pollTimer = null;
+    }
     clearTimeout(this.confirmTimer);
     this.confirmTimer = null;
     this.lostRead = this.reads;
     const lost = this.entries.filter((entry) => !FINISHED.has(entry.el.dataset.state) &&
-      (entry.id || !this.uploading));
+      (entry.id || !(this.uploading || this.otherTabSends)));
     this.failLost(lost);
     // The batch's dead letters can no longer be queued again in place: sent again, their
     // files are uploaded anew (if this page holds them).
@@ -896,17 +918,22 @@ export class Session {
   }
 
   poll() {
-    if (this.pollTimer || this.lost) return;
+    if (this.pollTimer || (this.lost && !this.otherTabSends)) return;  // given up (see lose)
     // The next poll POLL_MS after this one answers, not every POLL_MS: a batch
     // rebuilt from S3 after a restart can take many seconds to answer.
     const tick = async () => {
       const mine = this.pollTimer;
       await this.refresh();
       // lose() has stopped it; or, since, the batch held again, a poll started anew (refresh).
-      if (this.lost || this.pollTimer !== mine) return;
+      if (this.pollTimer !== mine) return;
       // Some asks in a row unanswered: the sending tab was closed or reloaded, or is
       // frozen (if it answers again, senderAnswered brings its rows back).
       if (this.otherTabSends && this.unansweredAsks >= SILENT_ASKS) this.senderDone(true, true);
+      // Given up, and polled on only while another tab sent it (lose): that tab is done.
+      if (this.lost && !this.otherTabSends) {
+        this.pollTimer = null;
+        return;
+      }
       if (this.restored) this.askSender();
       // A while after a restore (a chunk received whole before the reload, for an
       // unsent row) and after the sending tab ended (its last chunks).
