@@ -16,7 +16,7 @@ from common.aws import Aws
 from common.config import Settings
 from web_tier import api, auth, classify, errors, health, pages, slow_clients, unread_body
 from web_tier.errors import is_api_path
-from web_tier.form import MAX_TEXT_FIELD_BYTES, UploadRequest, jobs_body_limit
+from web_tier.form import MAX_TEXT_FIELD_BYTES, UploadRequest, form_text_budget, jobs_body_limit
 from web_tier.journal import Journal
 from web_tier.listeners import Listeners
 from web_tier.results import ResultBook
@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None, *, aws: Aws | None = None,
         # (POST /api/jobs `tokens`) another; room besides for the other fields.
         MAX_FORM_PARTS=2 * settings.max_files_per_request + 100,
         MAX_FORM_MEMORY_SIZE=MAX_TEXT_FIELD_BYTES,
+        MAX_FORM_TEXT_BYTES=form_text_budget(settings),  # all text fields together
         MAX_FILE_BYTES=settings.max_upload_bytes,  # spooled per file (spool.CappedSpool)
     )
     app.request_class = UploadRequest

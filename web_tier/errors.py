@@ -17,6 +17,7 @@ from common.aws_errors import AWS_ERRORS, error_reason
 from common.image_limits import too_large
 from web_tier.filenames import clean_name
 from web_tier.form import CLASSIFY_FIELDS, JOBS_FIELDS, MAX_TEXT_FIELD_BYTES, send_as_files
+from web_tier.multipart import FormTextTooLarge
 from web_tier.refusals import SEND_AGAIN, Code, Refusal, code_of_status
 from web_tier.services import services
 from web_tier.slow_clients import ClientTooSlow
@@ -140,6 +141,11 @@ def with_retry_after(response: Response, code: str) -> Response:
 
 
 def _too_large(exc: RequestEntityTooLarge) -> Response:
+    if isinstance(exc, FormTextTooLarge):
+        return error_response(Refusal(
+            413, f"the form's text fields hold more than {exc.budget} bytes in all (a batch id, "
+                 f"\"create\" and a token of at most 64 characters for each file): "
+                 + send_as_files(_file_fields()[0]), code=Code.REQUEST_TOO_LARGE))
     limit, length = request.max_content_length, request.content_length
     if limit is not None and length is not None and length <= limit:
         # Within the size limit: Werkzeug counted more form parts than MAX_FORM_PARTS, or

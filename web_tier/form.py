@@ -13,6 +13,7 @@ from werkzeug.datastructures import FileStorage
 from common.config import Settings
 from common.image_limits import too_large
 from web_tier.filenames import display_name
+from web_tier.multipart import TextCappedFormDataParser
 from web_tier.refusals import Code, Refusal
 from web_tier.spool import CappedSpool, RequestSpool
 
@@ -26,6 +27,9 @@ MAX_REQUEST_BYTES = 2 * 1024**3
 # The form's own fields (a batch id, a token, "create") are 64 characters at most, but
 # the limit bounds the parser's buffer too, which takes the body 64 KB at a time.
 MAX_TEXT_FIELD_BYTES = 128 * 1024
+# Text a form holds in all, beside its files (web_tier/multipart.py): one field at its
+# limit, and a token of 64 characters for each file, twice over.
+TEXT_BYTES_PER_FILE = 128
 # The form fields each upload endpoint takes its files from.
 CLASSIFY_FIELDS = ("inputFile", "myfile")
 JOBS_FIELDS = ("files",)
@@ -40,6 +44,11 @@ def jobs_body_limit(settings: Settings) -> int:
     return min(files_bytes + FORM_SLACK_BYTES, MAX_REQUEST_BYTES)
 
 
+def form_text_budget(settings: Settings) -> int:
+    """The most text, in bytes, a request's form may hold in all fields together."""
+    return MAX_TEXT_FIELD_BYTES + TEXT_BYTES_PER_FILE * max(1, settings.max_files_per_request)
+
+
 def upload_limits(settings: Settings) -> dict[str, int]:
     """What a client must keep to for its uploads to be taken (GET /api/status `limits`):
     with the defaults a request of the most files, each at its limit, is larger than
@@ -51,9 +60,17 @@ def upload_limits(settings: Settings) -> dict[str, int]:
 
 class UploadRequest(Request):
     """A request whose uploaded files are spooled only up to the size limit, in memory
-    only up to a budget shared by all its files (web_tier/spool.py)."""
+    only up to a budget shared by all its files (web_tier/spool.py), and whose form's
+    text is refused past a budget for all its fields (web_tier/multipart.py)."""
 
     _spool: RequestSpool | None = None
+    form_data_parser_class = TextCappedFormDataParser
+
+    def make_form_data_parser(self) -> TextCappedFormDataParser:
+        return self.form_data_parser_class(
+            stream_factory=self._get_file_stream, max_form_memory_size=self.max_form_memory_size,
+            max_content_length=self.max_content_length, max_form_parts=self.max_form_parts,
+            cls=self.parameter_storage_class, max_text_bytes=current_app.config["MAX_FORM_TEXT_BYTES"])
 
     def _get_file_stream(self, total_content_length: int | None, content_type: str | None,
                          filename: str | None = None, content_length: int | None = None):

@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import PAGE_SCRIPTS, make_image, page_script_source
 from tests.unit.conftest import upload
+from web_tier.services import EXTENSION
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -538,6 +539,52 @@ def test_a_text_field_past_its_limit_is_refused(web_client):
     # The form's own fields fit with room to spare.
     assert upload(web_client, [(make_image(3), "good.jpg")], tokens="t" * 64, batch_id="b" * 32,
                   create="1").status_code == 202
+
+
+class CountedBody(io.BytesIO):
+    """A request body that counts how much of it the server read."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.read_bytes = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        chunk = super().read(size)
+        self.read_bytes += len(chunk)
+        return chunk
+
+
+def test_a_form_of_many_text_fields_each_within_its_limit_is_refused_as_it_is_read(web_client):
+    """Werkzeug bounds each text field and the number of parts, not both together: 2,100
+    fields just under the field limit, kept whole, held ~550 MB of one request. The
+    form's text is refused past its budget as it comes, not once it is all in memory."""
+    from web_tier.form import MAX_TEXT_FIELD_BYTES, form_text_budget
+
+    budget = web_client.application.config["MAX_FORM_TEXT_BYTES"]
+    assert budget == form_text_budget(web_client.application.extensions[EXTENSION].settings)
+    boundary = "b0undary"
+    field = "\xff" * (MAX_TEXT_FIELD_BYTES - 1024)  # each within the field limit
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="pad{i}"\r\n\r\n'.encode()
+             + field.encode("latin-1") + b"\r\n" for i in range(40)]
+    body = CountedBody(b"".join(parts) + f"--{boundary}--\r\n".encode())
+    response = web_client.post("/api/jobs", input_stream=body, content_length=len(body.getvalue()),
+                               content_type=f"multipart/form-data; boundary={boundary}")
+    assert response.status_code == 413
+    error = response.get_json()["error"]
+    assert error.startswith(f"the form's text fields hold more than {budget} bytes in all"), error
+    # Read up to the budget, and a read of Werkzeug's (64 KB) more at most.
+    assert body.read_bytes <= budget + MAX_TEXT_FIELD_BYTES < len(body.getvalue()) // 2
+
+
+def test_the_forms_own_text_fits_its_budget_for_a_request_of_the_most_files(web_client):
+    """A token of 64 characters for each file the request may carry, a batch id and
+    "create": well within the budget."""
+    settings = web_client.application.extensions[EXTENSION].settings
+    tokens = [f"{i:064d}" for i in range(settings.max_files_per_request)]
+    response = upload(web_client, [(make_image(3), "good.jpg")], tokens=tokens, batch_id="b" * 32, create="1")
+    # Past the form's text: a token for each file, and one file sent.
+    assert response.status_code == 400, response.get_json()
+    assert "token" in response.get_json()["error"]
 
 
 def test_page_inserts_user_text_only_as_text(web_client):
