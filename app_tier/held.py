@@ -1,7 +1,7 @@
 """The messages a worker holds: hidden from other workers while it works on them,
 deleted once answered, and given back when it cannot finish them.
 
-A receive hides a message for the worker's receive lease (`worker.RECEIVE_LEASE_S`,
+A receive hides a message for the worker's receive lease (`fetch.RECEIVE_LEASE_S`,
 shorter than the queue's visibility timeout); the worker extends that to
 VISIBILITY_TIMEOUT at once, and its heartbeat keeps every message held hidden
 (`extend`), so a slow batch is never redelivered by mistake. A failed attempt is made visible again

@@ -45,15 +45,14 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import numpy as np
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError
 
 from app_tier import EXIT_STALLED, images
-from app_tier.held import HeldMessages, prior_receives
+from app_tier.fetch import Batch, Fetcher, names_another_bucket, receive_lease_s
+from app_tier.held import HeldMessages
 from app_tier.held_journal import HeldJournal, held_journal_path
-from app_tier.images import BadImage, prepare
 from app_tier.job import Job
 from app_tier.model import Classification, Classifier
 from app_tier.replies import Replies
@@ -62,33 +61,22 @@ from app_tier.stall_watch import FETCH_LOOP, MAIN_LOOP, Call, StallWatch
 from app_tier.stored_answer import stored_answer
 from common import systemd
 from common.aws import Aws
-from common.aws_errors import AWS_ERRORS, error_code, is_callers_fault, is_not_found
+from common.aws_errors import AWS_ERRORS, error_code, is_callers_fault
 from common.backoff import next_wait
 from common.config import MARK_DENIED_RETRY_DELAY_S, SHORT_POLL_PAUSE_S, Settings
 from common.failure_tags import (
-    DEAD_LETTER_ERROR,
     MarkDenied,
     give_up_denied_mark,
     mark_failed,
 )
 from common.fleet import report_worker_failed
-from common.image_limits import too_large
-from common.messages import PRIOR_RECEIVES_ATTRIBUTE, ClassifyRequest, ClassifyResponse, MessageError
-from common.names import original_filename, stored_name
+from common.messages import ClassifyResponse
+from common.names import stored_name
 from common.output_object import pair_text, result_metadata
 from common.signals import on_signals
-from common.sqs import FIRST_RECEIVED_ATTRIBUTE, first_received_s
 
 log = logging.getLogger(__name__)
 
-# How long a receive hides what it takes. The worker extends what it received to
-# VISIBILITY_TIMEOUT at once, beside the downloads, and its heartbeat, every third of
-# this, extends all it holds. A worker killed with a long poll open never sees what
-# that poll takes (SQS, and moto, go on serving it): up to RECEIVE_BATCH requests sent
-# after its death wait this long, not the whole VISIBILITY_TIMEOUT (60 s).
-# The costs: an extension call per receive, and a stall of SQS longer than this between
-# a receive and its extension hands those requests to another worker too.
-RECEIVE_LEASE_S = 30
 # The longest wait between receives that fail (1 s, doubled each time, up to this).
 RECEIVE_BACKOFF_MAX_S = 30.0
 # How long the grace period's end waits for a receive under way (see _grace_period_over).
@@ -102,15 +90,6 @@ MODEL_FAULTS_BEFORE_GIVING_UP = 2
 class ModelFault(RuntimeError):
     """The model failed on an image and on a plain input made to check it: the worker's
     fault, not the image's. Its batch is released, to be tried again."""
-
-
-@dataclass
-class Batch:
-    jobs: list[Job] = field(default_factory=list)
-
-    @property
-    def ready(self) -> list[Job]:
-        return [j for j in self.jobs if j.pixels is not None]
 
 
 class Worker:
@@ -134,9 +113,8 @@ class Worker:
         # Taken by the fetch thread before it receives, given back when the main
         # thread picks the batch up: at most one batch waits while one is classified.
         self._prefetch_slot = threading.Semaphore(1)
+        # Downloads and decodes, the extension of what was just received, and stores.
         self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="io")
-        # The io threads download and decode in parallel, but large images one at a time.
-        self._large_decodes = threading.Semaphore(1)
         # Which loads and model calls may run at once (a suspect's, nothing beside it).
         self._risk = RiskGate()
         # One batch at a time is written while the next is classified.
@@ -144,13 +122,15 @@ class Worker:
         self._finishing: Future | None = None
         self._exit = os._exit  # tests put a recorder here
         self._grace_timer: threading.Timer | None = None
-        self._receive_lease_s = min(settings.visibility_timeout_s, RECEIVE_LEASE_S)
-        # A third of the lease: a beat late by two thirds of it still keeps what is held.
-        heartbeat_period_s = max(1.0, min(self._receive_lease_s, settings.stall_timeout_s) / 3)
+        # A third of the receive's lease: a beat late by two thirds of it still keeps what is held.
+        heartbeat_period_s = max(1.0, min(receive_lease_s(settings), settings.stall_timeout_s) / 3)
         self.stall_watch = StallWatch(settings.stall_timeout_s, heartbeat_period_s)
+        self.fetcher = Fetcher(settings, aws, self.held, untrained=classifier.untrained,
+                               stopping=self.stopping, received=self.received,
+                               stall_watch=self.stall_watch, at_risk=self._at_risk, io=self._io)
         self._watchdog: threading.Thread | None = None
         self._heartbeat: threading.Thread | None = None
-        self._fetcher: threading.Thread | None = None
+        self._fetch_thread: threading.Thread | None = None
         self.processed = 0
         self._model_faults = 0  # batches in a row released for a ModelFault
         self.gave_up: str | None = None  # why it stopped for good (_stop_for_good), if it did
@@ -211,7 +191,7 @@ class Worker:
     def run(self) -> None:
         """Serve until told to stop; returns after a clean, warm shutdown."""
         log.info("worker %s: serving %s", self.instance_id, self.settings.request_queue)
-        fetcher = self._fetcher = threading.Thread(target=self._fetch_loop, name="fetch", daemon=True)
+        fetching = self._fetch_thread = threading.Thread(target=self._fetch_loop, name="fetch", daemon=True)
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._heartbeat.start()
         systemd.notify("READY=1")  # a no-op when not run by systemd
@@ -222,8 +202,8 @@ class Worker:
         # Ready and watched first: SQS slow to answer (botocore retrying) must not look
         # like a worker that never started. Before the first receive: see the method.
         self.held.show_what_the_last_worker_held()
-        fetcher.start()
-        while not (self.stopping.is_set() and self._prefetched.empty() and not fetcher.is_alive()):
+        fetching.start()
+        while not (self.stopping.is_set() and self._prefetched.empty() and not fetching.is_alive()):
             self.stall_watch.tick(MAIN_LOOP)
             try:
                 batch = self._prefetched.get(timeout=0.5)
@@ -247,7 +227,7 @@ class Worker:
         self._finisher.shutdown(wait=False)
         log.info("worker %s: stopped after %d images", self.instance_id, self.processed)
 
-    # --- fetch: receive, download, decode -----------------------------------------
+    # --- the fetch thread: fetch a batch ahead of the model, retrying receives -----
     def _fetch_loop(self) -> None:
         try:
             self._fetch_until_stopped()
@@ -311,179 +291,11 @@ class Worker:
             self.gave_up = why
         self.stopping.set()
 
+    # --- the steps: fetch, then process (classify, then finish) -------------------
     def fetch(self) -> Batch:
-        """Receive up to `receive_batch` requests and prepare their pixels."""
-        jobs = self.held.hold(self._receive(), self._receive_lease_s)
-        if self.stopping.is_set():
-            # Received as the stop came (a long poll outlives it): another worker's to
-            # serve, at once, not after this one has read and decoded them for nobody.
-            self.held.hand_back(jobs)
-            return Batch([])
-        return self._prepare(jobs)
+        """Receive up to `receive_batch` requests and prepare their pixels (app_tier/fetch.py)."""
+        return self.fetcher.fetch()
 
-    def _receive(self) -> list[Job]:
-        """One long poll's requests, as jobs with their attempts counted. A message
-        that is not a request is deleted."""
-        reply = self.aws.sqs_receive.receive_message(
-            QueueUrl=self.aws.request_queue_url,
-            MaxNumberOfMessages=self.settings.receive_batch,
-            WaitTimeSeconds=self.settings.receive_wait_s,
-            VisibilityTimeout=self._receive_lease_s,
-            MessageSystemAttributeNames=["ApproximateReceiveCount", FIRST_RECEIVED_ATTRIBUTE],
-            MessageAttributeNames=[PRIOR_RECEIVES_ATTRIBUTE],
-        )
-        # Ready (its instance tagged so): as soon as it can receive, not once what it
-        # received is downloaded and decoded. Untagged meanwhile, its instance would be taken
-        # for one holding no work, and scaled in before idle ones.
-        self.received.set()
-        jobs = []
-        for msg in reply.get("Messages", []):
-            try:
-                request = ClassifyRequest.from_json(msg["Body"])
-            except MessageError as exc:
-                log.error("dropping a message that is not a request: %s", exc)
-                try:
-                    self.aws.sqs.delete_message(QueueUrl=self.aws.request_queue_url,
-                                                ReceiptHandle=msg["ReceiptHandle"])
-                except AWS_ERRORS as delete_error:  # it comes back, and is dropped again
-                    log.warning("could not delete it: %s", delete_error)
-                continue
-            prior = prior_receives(msg)
-            count = int(msg.get("Attributes", {}).get("ApproximateReceiveCount", 1)) + prior
-            job = Job(msg["MessageId"], msg["ReceiptHandle"], request, receive_count=count,
-                      first_received=first_received_s(msg))
-            if prior and count > self.settings.max_receive_count:
-                # SQS counts a resent copy afresh: without this, every hand-back would
-                # give a request that crashes workers max_receive_count more tries.
-                log.warning("request %s has used its %d attempts; answering it with what an earlier "
-                            "one stored, else failing it (released if S3 cannot say)", request.id,
-                            self.settings.max_receive_count)
-                job.attempts_used_up = True
-            jobs.append(job)
-        return jobs
-
-    def _prepare(self, jobs: list[Job]) -> Batch:
-        """The jobs held, their images downloaded and decoded; those that could not be
-        read are released for another attempt (or handed back, if the stop came)."""
-        # Hidden for the receive's lease only: extended now, beside their downloads, so
-        # that a stall of this worker or of SQS before the next heartbeat does not hand
-        # them to another worker too (a 16 s pause would classify a quarter of a batch twice).
-        extending = self._io.submit(self.held.extend, jobs) if jobs else None
-        try:
-            self._load(jobs)
-        except BaseException:
-            self.held.release(jobs)  # held, the heartbeat would hide them forever
-            raise
-        finally:
-            if extending is not None:
-                try:
-                    extending.result()
-                except Exception:  # a bug, not SQS (whose failures extend() logs): the heartbeat extends
-                    log.exception("could not extend the requests just received")
-        unreadable = [j for j in jobs if not j.settled]
-        if self.stopping.is_set() and unreadable:
-            self.held.hand_back(unreadable)  # not read: the stop came first (see _load)
-        elif unreadable:
-            # Not read, for a reason that may pass (S3 failed after botocore's retries):
-            # another attempt, a little later; after max_receive_count, the dead-letter queue.
-            self.held.release(unreadable)
-        return Batch([j for j in jobs if j not in unreadable])
-
-    def _load(self, jobs: list[Job]) -> None:
-        """Download and decode the jobs' images: the fresh ones together, each on an io
-        thread (at risk together: one journal write before, one after, see _at_risk),
-        then each suspect alone. Downloads are at risk too: a request may name an object
-        too large to hold, and a kill then must cost it an attempt, or it came back for ever."""
-        fresh = [job for job in jobs if not suspect(job)]
-        if fresh:
-            with self._at_risk(fresh):
-                list(self._io.map(self._load_one, fresh))
-        for job in jobs:
-            if suspect(job):
-                with self._at_risk([job]):
-                    self._load_one(job)
-
-    def _load_one(self, job: Job) -> None:
-        data = self._download(job)
-        if data is not None:
-            self._decode(job, data)
-
-    def _download(self, job: Job) -> bytes | None:
-        """The job's image; None if there is none to decode (the job may be settled)."""
-        if self.stopping.is_set():
-            return None  # handed back unread by fetch
-        if self._names_another_bucket(job.request):
-            # The web tier's requests name its uploads: one naming another bucket is not
-            # its, and reading it could serve whatever the role may read (the results).
-            job.error = (f"the request names bucket {job.request.bucket!r}, not this service's "
-                         f"input bucket ({self.settings.input_bucket})")
-            return None
-        if job.attempts_used_up:
-            self._answer_from_storage(job)
-            return None
-        try:
-            obj = self.aws.s3.get_object(Bucket=job.request.bucket, Key=job.request.key)
-            size = obj.get("ContentLength", 0)
-            if size > self.settings.max_upload_bytes:
-                # Not the web tier's upload (it stores none so large): read whole, an object
-                # of gigabytes would cost the worker its memory, and the request an attempt
-                # per out-of-memory kill, until it is dead-lettered without a word.
-                obj["Body"].close()
-                job.error = too_large(self.settings.max_upload_bytes)
-                return None
-            data = obj["Body"].read()
-            job.filename = original_filename(obj.get("Metadata", {}))
-        except ClientError as exc:
-            if is_not_found(exc):
-                job.error = "the uploaded image is missing from the input bucket"
-            else:
-                log.warning("cannot read %s: %s", job.request.key, exc)
-            return None
-        except BotoCoreError as exc:
-            log.warning("cannot read %s: %s", job.request.key, exc)
-            return None
-        except Exception:  # whatever it is, this job's alone: not its batch-mates' (fetch)
-            log.exception("cannot read %s", job.request.key)
-            return None
-        return data
-
-    def _names_another_bucket(self, request: ClassifyRequest) -> bool:
-        return request.bucket != self.settings.input_bucket
-
-    def _decode(self, job: Job, data: bytes) -> None:
-        if self.stopping.is_set():
-            return  # handed back undecoded by fetch (a suspect may have waited its turn)
-        try:
-            # Watched while decoding, not while waiting its turn for a large decode.
-            job.pixels = prepare(data, self.settings.max_image_pixels, self._large_decodes,
-                                 watch=lambda: self.stall_watch.must_end("decode", [job], FETCH_LOOP))
-        except BadImage as exc:
-            job.error = str(exc)
-        except Exception:  # e.g. MemoryError: maybe not the image's fault, so not its answer
-            log.exception("could not prepare %s", job.request.key)
-
-    def _answer_from_storage(self, job: Job) -> None:
-        """A request whose attempts are used up is not read again. An earlier attempt
-        may have stored its outcome and died before replying: that answer stands. With
-        nothing stored, it fails as a dead letter."""
-        # Where the lookup fails, the job is left unsettled, so released (fetch), not failed
-        # on a guess, which would contradict (and overwrite) an outcome stored. Another
-        # attempt looks again; once this copy's own receives reach max_receive_count, SQS
-        # moves it to the dead-letter queue, whose reader (web_tier/listeners.py) looks too.
-        try:
-            job.stored_answer = stored_answer(self.aws, job.request, self.classifier.untrained)
-        except AWS_ERRORS as exc:  # S3 failing, or a right missing
-            log.warning("request %s: could not look for an outcome an earlier attempt stored (%s); "
-                        "releasing it", job.request.id, exc)
-            return
-        except Exception:  # not S3's doing: a bug, or a stored outcome this code cannot read
-            log.exception("request %s: could not read the outcome an earlier attempt stored; "
-                          "releasing it", job.request.id)
-            return
-        if job.stored_answer is None:
-            job.error = DEAD_LETTER_ERROR
-
-    # --- process: classify, write, reply, acknowledge ------------------------------
     def process(self, batch: Batch) -> None:
         """Classify a batch and finish it (write, reply, acknowledge), or release it for
         another attempt if anything fails. The serving loop (run) takes these two steps
@@ -662,8 +474,8 @@ class Worker:
         req = job.request
         if job.stored_answer is not None:
             return response  # stored by the attempt that made it
-        if self._names_another_bucket(req):
-            return response  # failed unread (_download): its key names no upload of this service's
+        if names_another_bucket(req, self.settings):
+            return response  # failed unread (Fetcher._download): its key names no upload of this service's
         if response.ok:
             return self._store_result(job, response)
         return self._store_failure(job, response)
@@ -771,8 +583,8 @@ class Worker:
         goes to the dead-letter queue after max_receive_count attempts); the rest
         handed back untried."""
         self.held.make_visible_as_tried(tried)
-        if self._fetcher is not None and wait_for_receive_s > 0:
-            self._fetcher.join(wait_for_receive_s)
+        if self._fetch_thread is not None and wait_for_receive_s > 0:
+            self._fetch_thread.join(wait_for_receive_s)
         self.held.hand_back_all()
 
 

@@ -26,6 +26,7 @@ from PIL import Image
 
 from app_tier import EXIT_STALLED
 from app_tier.__main__ import report_ready_once_received
+from app_tier.fetch import Batch, Fetcher
 from app_tier.held import (
     MAX_RETRY_DELAY_S,
     prior_receives,
@@ -34,7 +35,7 @@ from app_tier.held import (
 from app_tier.model import Classification
 from app_tier.stall_watch import MAIN_LOOP, Call
 from app_tier.stored_answer import stored_answer
-from app_tier.worker import Batch, Worker, warm_up
+from app_tier.worker import Worker, warm_up
 from common.aws import Aws
 from common.config import SHORT_POLL_PAUSE_S, Settings
 from common.failure_tags import DEAD_LETTER_ERROR, failed_by, failure_from_tags, failure_tagging
@@ -345,7 +346,7 @@ def test_nothing_is_decoded_or_classified_beside_a_message_seen_before(aws_env, 
     """So that a worker killed meanwhile is one it killed: only its attempt is counted
     (app_tier/risk_gate.py). Fresh ones still overlap: the next batch is decoded while
     this one is classified."""
-    import app_tier.worker
+    import app_tier.fetch
 
     settings, aws = aws_env
     settings = dataclasses.replace(settings, receive_batch=1)  # one batch decoded, one classified
@@ -354,14 +355,14 @@ def test_nothing_is_decoded_or_classified_beside_a_message_seen_before(aws_env, 
     crash(aws, Worker(settings, aws, MeanClassifier(), "i-crashed").fetch())
     for i in range(4):
         upload(settings, aws, f"new_{i}.jpg", make_image(610 + i, size=(64, 64)), f"new-{i}")
-    real_prepare = app_tier.worker.prepare
+    real_prepare = app_tier.fetch.prepare
 
     def slow_prepare(data, max_pixels, large=None, watch=contextlib.nullcontext):
         with watch():
             time.sleep(0.15)
         return real_prepare(data, max_pixels, large, watch)
 
-    monkeypatch.setattr(app_tier.worker, "prepare", slow_prepare)
+    monkeypatch.setattr(app_tier.fetch, "prepare", slow_prepare)
     worker = Worker(settings, aws, MeanClassifier(delay_s=0.15), "i-alone")
     beside_a_suspect, fresh_together = [], []
     done = threading.Event()
@@ -660,7 +661,7 @@ def test_a_used_up_request_whose_stored_outcome_cannot_be_read_is_released_and_l
     def unreadable(*args, **kwargs):
         raise KeyError("label")
 
-    monkeypatch.setattr("app_tier.worker.stored_answer", unreadable)
+    monkeypatch.setattr("app_tier.fetch.stored_answer", unreadable)
     worker = Worker(settings, aws, MeanClassifier(), "i-after")
     assert worker.fetch().jobs == []
     [record] = [r for r in caplog.records if "could not read the outcome" in r.getMessage()]
@@ -1125,12 +1126,12 @@ def run_until(worker: Worker, condition, timeout: float = 20.0) -> None:
 def test_an_unexpected_error_preparing_one_image_costs_only_that_attempt(aws_env, monkeypatch):
     """Say the decoder runs out of memory: that image goes back to the queue (an attempt
     used), its batch-mates are answered, and the worker goes on fetching."""
-    import app_tier.worker as worker_module
+    import app_tier.fetch as fetch_module
 
     settings, aws = aws_env
     for name in ("a", "b", "c"):
         upload(settings, aws, f"{name}.jpg", make_image(ord(name), size=(64, 64)), name)
-    prepare = worker_module.prepare
+    prepare = fetch_module.prepare
     failures: list[str] = []
 
     def out_of_memory_once_on_b(data, max_pixels, *rest, **kwargs):
@@ -1139,7 +1140,7 @@ def test_an_unexpected_error_preparing_one_image_costs_only_that_attempt(aws_env
             raise MemoryError("decoder")
         return prepare(data, max_pixels, *rest, **kwargs)
 
-    monkeypatch.setattr(worker_module, "prepare", out_of_memory_once_on_b)
+    monkeypatch.setattr(fetch_module, "prepare", out_of_memory_once_on_b)
     worker = Worker(settings, aws, MeanClassifier(), "i-oom")
     answered: dict[str, ClassifyResponse] = {}
     run_until(worker, lambda: answered.update(responses(aws)) or len(answered) == 3)
@@ -1211,14 +1212,14 @@ def test_a_worker_is_ready_once_its_receive_returns_not_once_what_it_took_is_loa
     upload(settings, aws, "slow.jpg", make_image(700), "slow")
     worker = Worker(settings, aws, MeanClassifier(), "i-ready")
     downloading, downloaded = threading.Event(), threading.Event()
-    real_download = Worker._download
+    real_download = Fetcher._download
 
     def held_download(self, job):
         downloading.set()
         assert downloaded.wait(30)
         return real_download(self, job)
 
-    monkeypatch.setattr(Worker, "_download", held_download)
+    monkeypatch.setattr(Fetcher, "_download", held_download)
     fetching = threading.Thread(target=worker.fetch)
     fetching.start()
     try:
@@ -1389,12 +1390,12 @@ def test_the_grace_timer_hands_back_what_a_receive_under_way_brings(aws_env, mon
         giving_up.wait(30)  # the receive ends once the timer has begun
         worker.fetch()
 
-    worker._fetcher = threading.Thread(target=receive_at_the_last_moment)
-    worker._fetcher.start()
+    worker._fetch_thread = threading.Thread(target=receive_at_the_last_moment)
+    worker._fetch_thread.start()
     assert receiving.wait(30)
     exits = record_exits(worker)
     worker._grace_period_over()  # the grace timer
-    assert exits == [0] and not worker._fetcher.is_alive()
+    assert exits == [0] and not worker._fetch_thread.is_alive()
     assert not len(worker.held) and depth(aws, aws.request_queue_url) == (2, 0)
 
 
@@ -1877,7 +1878,7 @@ def test_an_image_that_hangs_the_decoder_costs_an_attempt_and_the_worker_exits(a
     it is treated like a stuck model call. Its image is visible again as a used attempt
     (after max_receive_count, the dead-letter queue and an answer), its batch-mate goes
     back untried, and the worker exits to be restarted."""
-    import app_tier.worker
+    import app_tier.fetch
     from tests.unit.conftest import wait_until
 
     settings, aws = aws_env
@@ -1885,7 +1886,7 @@ def test_an_image_that_hangs_the_decoder_costs_an_attempt_and_the_worker_exits(a
     hostile, fine = make_image(1, size=(64, 64)), make_image(2, size=(64, 64))
     upload(settings, aws, "hangs.jpg", hostile, "hangs")
     upload(settings, aws, "fine.jpg", fine, "fine")
-    real_prepare, release = app_tier.worker.prepare, threading.Event()
+    real_prepare, release = app_tier.fetch.prepare, threading.Event()
 
     def prepare(data: bytes, *args, watch):
         with watch():  # where the real one decodes
@@ -1893,7 +1894,7 @@ def test_an_image_that_hangs_the_decoder_costs_an_attempt_and_the_worker_exits(a
                 release.wait(30)
         return real_prepare(data, *args, watch=watch)
 
-    monkeypatch.setattr(app_tier.worker, "prepare", prepare)
+    monkeypatch.setattr(app_tier.fetch, "prepare", prepare)
     model = MeanClassifier()
     worker = Worker(settings, aws, model, "i-decoder-hangs")
     exits = record_exits(worker)

@@ -295,7 +295,8 @@ def _serves_within(r: Running, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while True:
         w = r.worker
-        if r.thread.is_alive() and all(t is not None and t.is_alive() for t in (w._fetcher, w._heartbeat)):
+        threads = (w._fetch_thread, w._heartbeat)
+        if r.thread.is_alive() and all(t is not None and t.is_alive() for t in threads):
             return True
         if time.monotonic() > deadline or not r.thread.is_alive():
             return False
@@ -512,8 +513,8 @@ class Episode:
         while True:
             now = time.monotonic() - started
             if now > EPISODE_DEADLINE_S:
-                serving = {r.name: (r.thread.is_alive(), r.worker._fetcher is not None
-                                    and r.worker._fetcher.is_alive()) for r in self.live()}
+                serving = {r.name: (r.thread.is_alive(), r.worker._fetch_thread is not None
+                                    and r.worker._fetch_thread.is_alive()) for r in self.live()}
                 raise AssertionError(f"not settled within {EPISODE_DEADLINE_S} s: requests "
                                      f"{self.depth(self.observer.request_queue_url)}; live workers "
                                      f"(serving, fetching) {serving}")
