@@ -41,22 +41,21 @@ import os
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 
-import numpy as np
 from botocore.exceptions import ClientError
 
 from app_tier import EXIT_STALLED, images
+from app_tier.classify import BatchClassifier, ModelFault
 from app_tier.fetch import Batch, Fetcher, names_another_bucket, receive_lease_s
 from app_tier.held import HeldMessages
 from app_tier.held_journal import HeldJournal, held_journal_path
 from app_tier.job import Job
-from app_tier.model import Classification, Classifier
+from app_tier.model import Classifier
 from app_tier.replies import Replies
-from app_tier.risk_gate import RiskGate, suspect
+from app_tier.risk_gate import RiskGate
 from app_tier.stall_watch import FETCH_LOOP, MAIN_LOOP, Call, StallWatch
 from app_tier.stored_answer import stored_answer
 from common import systemd
@@ -85,11 +84,6 @@ GRACE_RECEIVE_WAIT_S = 2.0
 # its instance failed and stops: one may be a passing fault (a thread the runtime
 # could not start under memory pressure), each costs its requests an attempt.
 MODEL_FAULTS_BEFORE_GIVING_UP = 2
-
-
-class ModelFault(RuntimeError):
-    """The model failed on an image and on a plain input made to check it: the worker's
-    fault, not the image's. Its batch is released, to be tried again."""
 
 
 class Worker:
@@ -128,6 +122,8 @@ class Worker:
         self.fetcher = Fetcher(settings, aws, self.held, untrained=classifier.untrained,
                                stopping=self.stopping, received=self.received,
                                stall_watch=self.stall_watch, at_risk=self._at_risk, io=self._io)
+        self.batch_classifier = BatchClassifier(classifier, instance_id, stall_watch=self.stall_watch,
+                                                at_risk=self._at_risk)
         self._watchdog: threading.Thread | None = None
         self._heartbeat: threading.Thread | None = None
         self._fetch_thread: threading.Thread | None = None
@@ -307,7 +303,7 @@ class Worker:
 
     def _responses_or_release(self, batch: Batch) -> list[tuple[Job, ClassifyResponse]] | None:
         try:
-            responses = self.responses_for(batch)
+            responses = self.batch_classifier.responses_for(batch)
         except ModelFault as exc:
             self._release_failed(batch)
             self._model_failed(exc)
@@ -331,24 +327,6 @@ class Worker:
                   "%s); reporting its instance failed and stopping", self.instance_id,
                   self._model_faults, fault.__cause__ or fault)
         self._stop_for_good("model-fault")
-
-    def responses_for(self, batch: Batch) -> list[tuple[Job, ClassifyResponse]]:
-        """Every job's response: its classification, or why it has none."""
-        by_id = self._classify(batch.ready)
-        responses = []
-        for job in batch.jobs:
-            req = job.request
-            identity = {"id": req.id, "filename": req.filename, "key": req.key,
-                        "worker": self.instance_id, "untrained": self.classifier.untrained}
-            result = by_id.get(job.message_id)
-            if job.stored_answer is not None:
-                responses.append((job, job.stored_answer))
-            elif result is not None:
-                responses.append((job, ClassifyResponse(label=result.label, score=result.score,
-                                                         top5=result.top5, **identity)))
-            else:
-                responses.append((job, ClassifyResponse(error=job.error or "not classified", **identity)))
-        return responses
 
     def finish(self, responses: list[tuple[Job, ClassifyResponse]]) -> None:
         """Write each result, then reply, then delete the requests.
@@ -413,51 +391,6 @@ class Worker:
         # attempts SQS moves it to the dead-letter queue.
         log.exception("batch of %d failed; releasing it", len(batch.jobs))
         self.held.release(batch.jobs)
-
-    def _classify(self, jobs: list[Job]) -> dict[str, Classification]:
-        """Results by message id. A message seen before may have crashed a worker:
-        it is classified alone, so that it cannot take its batch-mates down again
-        (and with them into the dead-letter queue)."""
-        fresh = [j for j in jobs if not suspect(j)]
-        pending = deque([fresh] if fresh else [])
-        pending.extend([j] for j in jobs if suspect(j))
-        results: dict[str, Classification] = {}
-        model_works = False  # the model answered an input of this batch
-        while pending:
-            group = pending.popleft()
-            try:
-                with self._at_risk(group), self.stall_watch.must_end("model call", group, MAIN_LOOP):
-                    out = self.classifier.classify(np.stack([j.pixels for j in group]))
-            except Exception as exc:  # a model error on this input, not a worker fault...
-                if _out_of_memory(exc):
-                    raise  # ...unless the machine ran short: the batch goes back, to be tried again
-                if len(group) > 1:
-                    pending.extend([j] for j in group)  # one at a time, to find the image at fault
-                    continue
-                # ...nor one that fails whatever its input (a runtime fault): every image
-                # of the batch would be answered "classification failed", for good.
-                model_works = model_works or self._model_answers_a_plain_input(group)
-                if not model_works:
-                    raise ModelFault(f"the model failed on {group[0].request.key} and on a plain "
-                                     "input") from exc
-                log.error("classification of %s failed: %s", group[0].request.key, exc)
-                group[0].error = f"classification failed: {exc}"
-                continue
-            model_works = True
-            results.update({j.message_id: r for j, r in zip(group, out, strict=True)})
-        return results
-
-    def _model_answers_a_plain_input(self, failed: list[Job]) -> bool:
-        """Whether the model classifies a plain grey input, after it failed on `failed`'s
-        image: if it does, that image is at fault. Watched, but for no job: a hang here
-        is the model's, and charges no image an attempt."""
-        try:
-            with self.stall_watch.must_end("model call", [], MAIN_LOOP):
-                self.classifier.classify(np.zeros((1, *failed[0].pixels.shape), np.float32))
-        except Exception:
-            log.exception("the model fails on a plain input too")
-            return False
-        return True
 
     @contextmanager
     def _at_risk(self, jobs: list[Job]) -> Iterator[None]:
@@ -579,7 +512,7 @@ class Worker:
     def _give_back(self, tried: list[Job], wait_for_receive_s: float = 0.0) -> None:
         """Before an exit, everything held back to the queue: `tried`, the jobs of calls
         that did not end, visible again as a used attempt (so an image that hangs the
-        model is classified alone next time, see _classify, and one that hangs either
+        model is classified alone next time, see BatchClassifier._classify, and one that hangs either
         goes to the dead-letter queue after max_receive_count attempts); the rest
         handed back untried."""
         self.held.make_visible_as_tried(tried)
@@ -599,11 +532,3 @@ def warm_up(aws: Aws) -> None:
             aws.queue_url(name)  # kept by Aws for every later call
     except AWS_ERRORS as exc:
         log.warning("queue URLs not resolved before serving (%s); the worker will retry", exc)
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    """Whether a model call failed for want of memory, as each runtime says it:
-    Python's MemoryError, OpenVINO's std::bad_alloc (a RuntimeError), TensorFlow's
-    ResourceExhaustedError. Another process's peak may pass; the input is not at fault."""
-    return (isinstance(exc, MemoryError) or "bad_alloc" in str(exc)
-            or type(exc).__name__ == "ResourceExhaustedError")

@@ -466,7 +466,7 @@ def dies_before_replying(worker: Worker, batch: Batch, monkeypatch) -> None:
 
     monkeypatch.setattr(worker.replies, "send", killed)
     with pytest.raises(RuntimeError, match="killed"):
-        worker.finish(worker.responses_for(batch))
+        worker.finish(worker.batch_classifier.responses_for(batch))
     crash(worker.aws, batch)
 
 
