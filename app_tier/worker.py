@@ -45,11 +45,10 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 
-from botocore.exceptions import ClientError
-
 from app_tier import EXIT_STALLED, images
 from app_tier.classify import BatchClassifier, ModelFault
-from app_tier.fetch import Batch, Fetcher, names_another_bucket, receive_lease_s
+from app_tier.fetch import Batch, Fetcher, receive_lease_s
+from app_tier.finish import Finisher
 from app_tier.held import HeldMessages
 from app_tier.held_journal import HeldJournal, held_journal_path
 from app_tier.job import Job
@@ -57,21 +56,13 @@ from app_tier.model import Classifier
 from app_tier.replies import Replies
 from app_tier.risk_gate import RiskGate
 from app_tier.stall_watch import FETCH_LOOP, MAIN_LOOP, Call, StallWatch
-from app_tier.stored_answer import stored_answer
 from common import systemd
 from common.aws import Aws
-from common.aws_errors import AWS_ERRORS, error_code, is_callers_fault
+from common.aws_errors import AWS_ERRORS, is_callers_fault
 from common.backoff import next_wait
-from common.config import MARK_DENIED_RETRY_DELAY_S, SHORT_POLL_PAUSE_S, Settings
-from common.failure_tags import (
-    MarkDenied,
-    give_up_denied_mark,
-    mark_failed,
-)
+from common.config import SHORT_POLL_PAUSE_S, Settings
 from common.fleet import report_worker_failed
 from common.messages import ClassifyResponse
-from common.names import stored_name
-from common.output_object import pair_text, result_metadata
 from common.signals import on_signals
 
 log = logging.getLogger(__name__)
@@ -112,7 +103,7 @@ class Worker:
         # Which loads and model calls may run at once (a suspect's, nothing beside it).
         self._risk = RiskGate()
         # One batch at a time is written while the next is classified.
-        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
+        self._finish_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
         self._finishing: Future | None = None
         self._exit = os._exit  # tests put a recorder here
         self._grace_timer: threading.Timer | None = None
@@ -124,12 +115,18 @@ class Worker:
                                stall_watch=self.stall_watch, at_risk=self._at_risk, io=self._io)
         self.batch_classifier = BatchClassifier(classifier, instance_id, stall_watch=self.stall_watch,
                                                 at_risk=self._at_risk)
+        self.finisher = Finisher(settings, aws, self.held, self.replies, instance_id=instance_id,
+                                 untrained=classifier.untrained, io=self._io)
         self._watchdog: threading.Thread | None = None
         self._heartbeat: threading.Thread | None = None
         self._fetch_thread: threading.Thread | None = None
-        self.processed = 0
         self._model_faults = 0  # batches in a row released for a ModelFault
         self.gave_up: str | None = None  # why it stopped for good (_stop_for_good), if it did
+
+    @property
+    def processed(self) -> int:
+        """Images classified here and answered."""
+        return self.finisher.processed
 
     # --- lifecycle ---------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -214,13 +211,13 @@ class Worker:
             if responses is None:
                 continue
             self._wait_for_finishing()
-            self._finishing = self._finisher.submit(self._finish_or_release, batch, responses)
+            self._finishing = self._finish_thread.submit(self._finish_or_release, batch, responses)
         self.stall_watch.loop_ended(MAIN_LOOP)
         self._wait_for_finishing()
         self._finished.set()
         self.held.hand_back_all()
         self._io.shutdown(wait=False)
-        self._finisher.shutdown(wait=False)
+        self._finish_thread.shutdown(wait=False)
         log.info("worker %s: stopped after %d images", self.instance_id, self.processed)
 
     # --- the fetch thread: fetch a batch ahead of the model, retrying receives -----
@@ -329,51 +326,8 @@ class Worker:
         self._stop_for_good("model-fault")
 
     def finish(self, responses: list[tuple[Job, ClassifyResponse]]) -> None:
-        """Write each result, then reply, then delete the requests.
-
-        A reply means the result is in the output bucket: whoever gets the
-        answer can read the pair at once. A request whose result could not be
-        written, or whose answer could not be sent, is released for another
-        attempt, alone: its batch-mates are answered and deleted as usual.
-        """
-        stores = [(job, response, self._io.submit(self._store, job, response)) for job, response in responses]
-        unstored, denied, stored = [], [], {}
-        for job, _, store in stores:
-            try:
-                stored[job.message_id] = store.result()
-            except MarkDenied as exc:  # not given up yet (_store): tried again, later than most
-                log.warning("could not mark %s failed; tried again in %d s or more: %s", job.request.key,
-                            MARK_DENIED_RETRY_DELAY_S, exc)
-                denied.append(job)
-            except Exception as exc:  # S3, after botocore's retries: tried again later
-                log.warning("could not write the result of %s: %s", job.request.key, exc)
-                unstored.append(job)
-        if unstored or denied:
-            # Only these: releasing the whole batch would spend an attempt of each request
-            # towards the dead-letter queue for one S3 failure.
-            self.held.release(unstored)
-            self.held.release(denied, at_least_s=MARK_DENIED_RETRY_DELAY_S)
-        responses = [(job, stored[job.message_id]) for job, _ in responses if job.message_id in stored]
-        # Committed: these are answered now, so a shutdown must not hand them back too.
-        self.held.mark_answering([job for job, _ in responses])
-        unsent = self.replies.send(responses)
-        unsent_ids = {job.message_id for job in unsent}
-        sent = [(job, r) for job, r in responses if job.message_id not in unsent_ids]
-        answered = [job for job, _ in sent]
-        # Classified here: not the answers an earlier attempt stored.
-        self.processed += sum(1 for job, r in sent if r.ok and job.stored_answer is None)
-        if unsent:
-            log.warning("could not send the answers to %d of %d request(s); releasing those",
-                        len(unsent), len(responses))
-            self.held.release(unsent)
-        try:
-            self.held.delete(answered)
-        except AWS_ERRORS as exc:
-            # Answered: released, each would be answered again at every retry until the
-            # dead-letter queue. Back after their visibility timeout, once.
-            self.held.forget(answered)
-            log.warning("answered %d request(s) but could not delete them (%s): they will be "
-                        "answered again", len(answered), exc)
+        """Write each result, then reply, then delete the requests (app_tier/finish.py)."""
+        self.finisher.finish(responses)
 
     def _finish_or_release(self, batch: Batch, responses: list[tuple[Job, ClassifyResponse]]) -> None:
         try:
@@ -401,76 +355,7 @@ class Worker:
         with self._risk.enter(jobs), self.held.at_risk(jobs):
             yield
 
-    def _store(self, job: Job, response: ClassifyResponse) -> ClassifyResponse:
-        """Store the outcome of `job`; the answer to send: `response`, or the result
-        another copy of the request stored first."""
-        req = job.request
-        if job.stored_answer is not None:
-            return response  # stored by the attempt that made it
-        if names_another_bucket(req, self.settings):
-            return response  # failed unread (Fetcher._download): its key names no upload of this service's
-        if response.ok:
-            return self._store_result(job, response)
-        return self._store_failure(job, response)
-
-    def _store_result(self, job: Job, response: ClassifyResponse) -> ClassifyResponse:
-        """Write the `image,label` pair to the output bucket, unless a result is there."""
-        req = job.request
-        try:
-            self.aws.s3.put_object(
-                Bucket=self.settings.output_bucket,
-                Key=req.key,
-                Body=pair_text(job.filename or req.filename or stored_name(req.key), response.label).encode(),
-                ContentType="text/plain",
-                Metadata=result_metadata(response),
-                # Only the first result is stored, as the web tier keeps only the first
-                # answer: a second copy overwriting it, classified by another model
-                # (a rollout, the other runtime), left S3 and the answer given differing.
-                IfNoneMatch="*",
-            )
-        except ClientError as exc:
-            # 412: a result is stored (another copy's, or this put's own, tried again
-            # after a timeout). 409: another put of it is under way (real S3).
-            if error_code(exc) not in ("PreconditionFailed", "ConditionalRequestConflict"):
-                raise
-            stored = stored_answer(self.aws, req, self.classifier.untrained, result_only=True)
-            if stored is None:
-                # Not there (yet, or any more): no answer without a stored result. Raised,
-                # the request is released and tried again.
-                raise RuntimeError(f"a result for {req.key} was being stored, and none is") from exc
-            log.info("request %s: a result was stored first; answering with it", req.id)
-            return stored
-        return response
-
-    def _store_failure(self, job: Job, response: ClassifyResponse) -> ClassifyResponse:
-        """Mark the input object failed, with the reason, unless a result is stored."""
-        req = job.request
-        # A copy whose worker stored a result and died before replying: its result
-        # stands, not this attempt's failure (the model ran short of something, the
-        # upload deleted since), as it would against a result of this attempt's.
-        stored = stored_answer(self.aws, req, self.classifier.untrained, result_only=True)
-        if stored is not None:
-            log.info("request %s: failed here, answered with the result stored first", req.id)
-            return stored
-        # The failure is kept on the input object so the web tier can rebuild it. If
-        # S3 is failing or throttling, this raises: as for a result not written,
-        # nothing is sent and the request is tried again. Answered untagged, a batch
-        # rebuilt after a restart would show it queued for ever.
-        try:
-            why_not = mark_failed(self.aws.s3, req.bucket, req.key, response.error or "", self.instance_id)
-        except MarkDenied as exc:
-            # Denied: tried again as S3 failing is (a role just given the right may
-            # not have it everywhere yet), until the request's last attempt, whose
-            # release would send it to the dead-letter queue, and the reason with it.
-            if not give_up_denied_mark(req.id, exc, job.first_received, time.time(),  # SQS's clock
-                                       attempt=job.receive_count,
-                                       last_attempt=job.receive_count >= self.settings.max_receive_count):
-                raise
-            return response
-        if why_not:
-            log.warning("could not tag failed input %s: %s", req.key, why_not)
-        return response
-
+    # --- heartbeat, and giving everything back before an exit ----------------------
     def _heartbeat_loop(self) -> None:
         watch = self.stall_watch
         watch.beat()

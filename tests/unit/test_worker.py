@@ -2179,10 +2179,10 @@ def test_a_failure_mark_denied_for_a_while_is_tried_again_and_lands(aws_env, mon
     batch rebuilt after a restart. Its request waits MARK_DENIED_RETRY_DELAY_S at least
     between attempts (here 1 s): RETRY_DELAY's 5 s, then 10 s, ended the attempts before
     most IAM changes arrive."""
-    import app_tier.worker
+    import app_tier.finish
 
     settings, aws = aws_env
-    monkeypatch.setattr(app_tier.worker, "MARK_DENIED_RETRY_DELAY_S", 1)
+    monkeypatch.setattr(app_tier.finish, "MARK_DENIED_RETRY_DELAY_S", 1)
     calls, hidden_for = deny_tagging(aws, monkeypatch, times=1), hides_asked(aws, monkeypatch)
     answer = answer_to_an_image_no_model_takes(settings, aws)
     key = object_key("b" * 32, "bad", "bad.jpg")
@@ -2199,10 +2199,10 @@ def test_a_failure_mark_always_denied_is_given_up_at_the_requests_last_attempt(a
     """Released once more there, the request would go to the dead-letter queue, and its
     answer say no worker answered, not why the image failed. Given up, it is answered
     and deleted as before, the log saying which right the role lacks."""
-    import app_tier.worker
+    import app_tier.finish
 
     settings, aws = aws_env
-    monkeypatch.setattr(app_tier.worker, "MARK_DENIED_RETRY_DELAY_S", 0)
+    monkeypatch.setattr(app_tier.finish, "MARK_DENIED_RETRY_DELAY_S", 0)
     calls = deny_tagging(aws, monkeypatch, times=None)
     answer = answer_to_an_image_no_model_takes(settings, aws)
     assert not answer.ok and answer.error != DEAD_LETTER_ERROR

@@ -722,6 +722,7 @@ def _body_id(body: str) -> str:
 
 @pytest.fixture
 def fault_env(tmp_path, monkeypatch):
+    import app_tier.finish as finish_module
     import app_tier.worker as worker_module
 
     # A failed receive is tried again after 0.1 s, not 1 s (doubled up to 1 s, not 30 s): shorter episodes.
@@ -731,7 +732,7 @@ def fault_env(tmp_path, monkeypatch):
     monkeypatch.setattr(worker_module, "next_wait", quick)
     # A failure mark denied (an injected AccessDenied) is tried again at once too, as with
     # RETRY_DELAY 0, not a minute later: an episode waited that minute out.
-    monkeypatch.setattr(worker_module, "MARK_DENIED_RETRY_DELAY_S", 0)
+    monkeypatch.setattr(finish_module, "MARK_DENIED_RETRY_DELAY_S", 0)
     with mock_aws():
         base = dataclasses.replace(Settings(), receive_wait_s=0, visibility_timeout_s=2, retry_delay_s=0,
                                    max_image_pixels=MAX_PIXELS)
