@@ -6,6 +6,11 @@ One loop, in the spirit of rq's worker:
     ->  classify them as one batch  ->  write each result to S3, then reply
     ->  delete each request, only after both of its writes succeeded.
 
+Each step has a module of its own: app_tier/fetch.py receives, downloads and decodes
+(`Fetcher`), app_tier/classify.py runs the model (`BatchClassifier`), and
+app_tier/finish.py stores, replies and deletes (`Finisher`). This module is the loop
+around them: its threads, the heartbeat, and stopping.
+
 A fetch thread prepares the next batch (receive, download, decode) while the
 serving thread runs the model on the current one, and a finishing thread writes
 the previous batch's results, so the network and the decoder overlap with
@@ -78,6 +83,9 @@ MODEL_FAULTS_BEFORE_GIVING_UP = 2
 
 
 class Worker:
+    """One worker: its serving loop, fetch thread and heartbeat, and the three steps
+    they run (fetch, process: classify then finish)."""
+
     def __init__(self, settings: Settings, aws: Aws, classifier: Classifier, instance_id: str) -> None:
         self.settings = settings
         self.aws = aws
