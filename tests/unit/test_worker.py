@@ -699,7 +699,7 @@ def test_a_request_handed_back_fits_in_a_message_with_its_attribute(aws_env, mon
     aws.sqs.send_message(QueueUrl=aws.request_queue_url, MessageBody=padded)
     crash(aws, Worker(settings, aws, MeanClassifier(), "i-crashed").fetch())  # the key is not there
     stopping = Worker(settings, aws, MeanClassifier(), "i-stopping")
-    jobs = stopping.fetch().jobs + list(stopping.held._held.values())
+    jobs = stopping.fetch().jobs + stopping.held.jobs()
     assert jobs and jobs[0].receive_count > 1
     send, sent = aws.sqs.send_message_batch, []
 

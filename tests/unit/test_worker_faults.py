@@ -338,7 +338,7 @@ class Running:
 
     def held_requests(self) -> set[str]:
         """The ids of the requests its worker holds (from a copy: its threads change them meanwhile)."""
-        return {j.request.id for j in list(self.worker.held._held.values()) if j.request}
+        return {j.request.id for j in self.worker.held.jobs() if j.request}
 
     def _dead(self) -> None:
         # What the worker held when it died: a successor's journal, or their timeout, must cover them.
