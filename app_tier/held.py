@@ -1,7 +1,7 @@
 """The messages a worker holds: hidden from other workers while it works on them,
 deleted once answered, and given back when it cannot finish them.
 
-A receive hides a message for the worker's receive lease (`worker.RECEIVE_LEASE_S`,
+A receive hides a message for the worker's receive lease (`fetch.RECEIVE_LEASE_S`,
 shorter than the queue's visibility timeout); the worker extends that to
 VISIBILITY_TIMEOUT at once, and its heartbeat keeps every message held hidden
 (`extend`), so a slow batch is never redelivered by mistake. A failed attempt is made visible again
@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from app_tier.held_journal import HeldEntry, HeldJournal, still_hidden
@@ -65,6 +66,22 @@ def prior_receives(message: Mapping[str, Any]) -> int:
     return min(int(value), MAX_PRIOR_RECEIVES)
 
 
+@dataclass(eq=False)
+class _Held:
+    """One message held, and what is under way with it."""
+
+    job: Job
+    # Its result stored, being answered and deleted: never handed back, but held
+    # (journal, heartbeat) until deleted or made visible.
+    answering: bool = False
+    # Being let go (hide): visible again before it is forgotten.
+    letting_go: bool = False
+    # Being loaded or in a model call (at_risk).
+    at_risk: bool = False
+    # Being deleted (answered): not extended, nor warned of.
+    deleting: bool = False
+
+
 class HeldMessages:
     """The request-queue messages one worker holds, by message id; thread-safe."""
 
@@ -76,16 +93,7 @@ class HeldMessages:
         self.who = who or f"worker {worker_name}"  # in the logs
         # Written at each change, under _lock, so that the file follows the changes in order.
         self._journal = journal
-        self._held: dict[str, Job] = {}
-        # Of those, the ones whose results are stored, being answered and deleted: never
-        # handed back, but held (journal, heartbeat) until deleted or made visible.
-        self._being_answered: set[str] = set()
-        # Of those, the ones being let go (hide): visible again before they are forgotten.
-        self._letting_go: set[str] = set()
-        # Of those, the ones being loaded or in a model call (at_risk).
-        self._at_risk: set[str] = set()
-        # Of those, the ones being deleted (answered): not extended, nor warned of.
-        self._deleting: set[str] = set()
+        self._held: dict[str, _Held] = {}
         self._lock = threading.Lock()
         # Orders the heartbeat's extensions against releases (see hide).
         self._visibility_lock = threading.Lock()
@@ -95,6 +103,23 @@ class HeldMessages:
     def __len__(self) -> int:
         with self._lock:
             return len(self._held)
+
+    def jobs(self) -> list[Job]:
+        """The jobs held now."""
+        with self._lock:
+            return [h.job for h in self._held.values()]
+
+    def _holding(self, job: Job) -> _Held | None:
+        """`job`'s record, if `job` itself is held (hold _lock). Not another job of its
+        message id: a copy received again after a release let this one go is the next
+        attempt's, and what is done with this job must not touch it."""
+        held = self._held.get(job.message_id)
+        return held if held is not None and held.job is job else None
+
+    def _records_of(self, jobs: Iterable[Job]) -> list[_Held]:
+        """The records of those of `jobs` held themselves (see _holding), in their order
+        (hold _lock)."""
+        return [h for h in map(self._holding, jobs) if h is not None]
 
     def hold(self, jobs: list[Job], hidden_s: int) -> list[Job]:
         """Start holding just-received messages, which their receive hid for `hidden_s`:
@@ -109,21 +134,23 @@ class HeldMessages:
         hidden_until = wall_clock() + hidden_s
         with self._lock:
             for job in jobs:
-                in_hand = self._held.get(job.message_id)
-                if in_hand is not None and job.message_id in self._letting_go:
+                held = self._held.get(job.message_id)
+                if held is None:
+                    held = self._held[job.message_id] = _Held(job)
+                    fresh.append(job)
+                elif held.letting_go:
                     # Made visible by hide, which has yet to forget it: this receive is
                     # the next attempt. Taken for the copy in hand, nobody worked on it or
                     # kept it hidden, and it waited out its lease (a loaded CI machine).
-                    self._letting_go.discard(job.message_id)
-                    self._being_answered.discard(job.message_id)  # the old attempt's word
-                    in_hand = None
-                if in_hand is None:
-                    self._held[job.message_id] = job
+                    # Its answering mark was the old attempt's. Its at-risk mark stays until
+                    # the call that set it ends (a kill meanwhile may be this image's doing),
+                    # and its deleting mark stays too.
+                    held = self._held[job.message_id] = _Held(job, at_risk=held.at_risk,
+                                                              deleting=held.deleting)
                     fresh.append(job)
-                    in_hand = job
                 else:
-                    in_hand.receipt = job.receipt
-                in_hand.hidden_until = hidden_until
+                    held.job.receipt = job.receipt
+                held.job.hidden_until = hidden_until
             self._record()
         return fresh
 
@@ -132,28 +159,19 @@ class HeldMessages:
         back too. Still held, so that a worker killed before their deletes leaves them in
         its journal, made visible within seconds, not after the visibility timeout."""
         with self._lock:
-            # These very jobs: a copy received again since a release let one go is another attempt.
-            self._being_answered.update(j.message_id for j in jobs if self._held.get(j.message_id) is j)
+            for held in self._records_of(jobs):
+                held.answering = True
 
     def forget(self, jobs: list[Job]) -> None:
         """Stop holding these: answered, or visible again."""
         with self._lock:
-            # Only the very jobs: one received again since hide let it go is the next attempt's.
-            removed = [j for j in jobs if self._held.get(j.message_id) is j]
+            removed = [h.job for h in self._records_of(jobs)]
             for job in removed:
-                self._drop(job)
+                del self._held[job.message_id]
             # Written only on a change: a stop that comes while this worker shows what the
             # last one held (holding nothing yet) must leave that to the next.
             if removed:
                 self._record()
-
-    def _drop(self, job: Job) -> None:
-        """Hold `job` no more, nor remember anything of it (hold _lock)."""
-        del self._held[job.message_id]
-        self._being_answered.discard(job.message_id)
-        self._deleting.discard(job.message_id)
-        self._letting_go.discard(job.message_id)
-        self._at_risk.discard(job.message_id)
 
     @contextmanager
     def at_risk(self, jobs: list[Job]) -> Iterator[None]:
@@ -162,26 +180,29 @@ class HeldMessages:
         (show_held); the others it holds it hands back untried. One journal write as
         the call begins, one as it ends, for all of `jobs`: mark a batch together."""
         with self._lock:
-            marked = {j.message_id for j in jobs if self._held.get(j.message_id) is j} - self._at_risk
+            # Not those marked already: the call that marked them unmarks them.
+            marked = {h.job.message_id for h in self._records_of(jobs) if not h.at_risk}
+            for message_id in marked:
+                self._held[message_id].at_risk = True
             if marked:
-                self._at_risk |= marked
                 self._record()
         try:
             yield
         finally:
             with self._lock:
-                # Only what is still held as marked here (released meanwhile, it was forgotten).
-                still = marked & self._at_risk
+                # Only what is still held as marked (released meanwhile, it was forgotten).
+                still = [h for h in map(self._held.get, marked) if h is not None and h.at_risk]
+                for held in still:
+                    held.at_risk = False
                 if still:
-                    self._at_risk -= still
                     self._record()
 
     def _record(self) -> None:
         """Write what is held to the journal (hold _lock)."""
         if self._journal is not None:
-            self._journal.record(HeldEntry(j.receipt, j.hidden_until, at_risk=j.message_id in self._at_risk,
-                                           request=j.request_body, receive_count=j.receive_count)
-                                 for j in self._held.values())
+            self._journal.record(HeldEntry(h.job.receipt, h.job.hidden_until, at_risk=h.at_risk,
+                                           request=h.job.request_body, receive_count=h.job.receive_count)
+                                 for h in self._held.values())
 
     def show_what_the_last_worker_held(self) -> None:
         """Make visible at once the messages the worker before this one here held when it
@@ -209,7 +230,8 @@ class HeldMessages:
         hide() is: a delete's slow SQS call (minutes at botocore's worst) would hold up
         the heartbeat's rounds past what HEARTBEAT_SLACK_S allows them."""
         with self._lock:
-            self._deleting.update(j.message_id for j in jobs if self._held.get(j.message_id) is j)
+            for held in self._records_of(jobs):
+                held.deleting = True
         for chunk in sqs_batches(jobs):
             reply = self.aws.sqs.delete_message_batch(
                 QueueUrl=self.aws.request_queue_url,
@@ -243,10 +265,8 @@ class HeldMessages:
         A receive in between (the fetch thread's) gets them as the next attempt (hold)."""
         with self._visibility_lock:
             with self._lock:
-                # Only those held, as these very jobs: an id left here would make a later
-                # copy received again while in hand a second job (see hold).
-                self._letting_go.update(j.message_id for j, _ in hidden_for
-                                        if self._held.get(j.message_id) is j)
+                for held in self._records_of(j for j, _ in hidden_for):
+                    held.letting_go = True
             self._change_visibility(hidden_for)
             self.forget([j for j, _ in hidden_for])
 
@@ -255,8 +275,8 @@ class HeldMessages:
         visibility timeout."""
         with self._visibility_lock:
             with self._lock:
-                held = [j for j in (self._held.values() if jobs is None else jobs)
-                        if self._held.get(j.message_id) is j and j.message_id not in self._deleting]
+                records = self._held.values() if jobs is None else self._records_of(jobs)
+                held = [h.job for h in records if not h.deleting]
                 receipts = {j.message_id: j.receipt for j in held}
             if not held:
                 return
@@ -275,17 +295,17 @@ class HeldMessages:
                 # Being deleted meanwhile (answered here), or forgotten since: their receipts
                 # gone stale say nothing of another worker.
                 answered = {j.receipt for j in held if j.receipt in gone
-                            and (j.message_id in self._deleting or self._held.get(j.message_id) is not j)}
+                            and ((h := self._holding(j)) is None or h.deleting)}
                 taken = []
                 for job in held:
                     if job.receipt != receipts[job.message_id]:
                         continue  # received again meanwhile: its new receipt is the one that counts
                     if job.receipt in answered:
                         continue
-                    if job.receipt in gone and self._held.get(job.message_id) is job:
-                        # Its id forgotten too: received here again later, it would be taken
+                    if job.receipt in gone and self._holding(job):
+                        # Its record dropped too: received here again later, it would be taken
                         # for one being answered, and not handed back at a stop.
-                        self._drop(job)
+                        del self._held[job.message_id]
                         taken.append(job)
                     elif job.receipt not in failed:
                         # Only what was extended: a message whose extension failed may be visible,
@@ -319,23 +339,20 @@ class HeldMessages:
         """
         with self._handing_back:
             with self._lock:
-                mine = [j for j in jobs
-                        if self._held.get(j.message_id) is j and j.message_id not in self._being_answered]
+                mine = [h.job for h in self._records_of(jobs) if not h.answering]
             self._send_back(mine)
 
     def hand_back_all(self) -> None:
         """Hand back everything held (see hand_back: what another hand-back sends first
         is no longer held when this one's turn comes)."""
-        with self._lock:
-            held = list(self._held.values())
-        self.hand_back(held)
+        self.hand_back(self.jobs())
 
     def make_visible_as_tried(self, tried: list[Job]) -> None:
         """Make `tried` visible at once, each as a used attempt, after any hand-back
         under way (of what it left held)."""
         with self._handing_back:
             with self._lock:
-                tried = [j for j in tried if self._held.get(j.message_id) is j]
+                tried = [h.job for h in self._records_of(tried)]
             self.hide([(j, 0) for j in tried])
 
     def _send_back(self, jobs: list[Job]) -> None:

@@ -27,7 +27,7 @@ class Job:
     error: str | None = None
     # The name as uploaded, read from the input object: the request carries it cut.
     filename: str | None = None
-    # Its copies together used up max_receive_count attempts (app_tier/worker.py fetch):
+    # Its copies together used up max_receive_count attempts (app_tier/fetch.py):
     # it is not read again, only answered.
     attempts_used_up: bool = False
     # For such a request, the answer an earlier attempt stored before it died unanswered

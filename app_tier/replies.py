@@ -1,7 +1,7 @@
 """The worker's answers, sent on the response queue.
 
 Sent after the results are stored and before the requests are deleted (see
-`Worker.finish`). What could not be sent is the caller's to release, so that
+`Finisher.finish`). What could not be sent is the caller's to release, so that
 another attempt answers it: nothing here deletes or releases a request.
 """
 

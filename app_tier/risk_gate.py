@@ -17,10 +17,14 @@ MAX_RECEIVE_COUNT deaths, and the requests held beside it are answered.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 from app_tier.job import Job
+
+# Held around a load or a model call of the jobs it is given: the fetch and model steps
+# take the worker's (Worker._at_risk: this gate, and the journal's mark), not a gate of their own.
+AtRisk = Callable[[list[Job]], AbstractContextManager[None]]
 
 
 def suspect(job: Job) -> bool:

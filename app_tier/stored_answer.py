@@ -4,7 +4,7 @@ A worker stores each outcome (the result in the output bucket, or a failure tagg
 on the input object) before it replies. One that died in between left an outcome
 that stands: a worker sends that instead of failing a request whose copies used up
 MAX_RECEIVE_COUNT attempts, or a request another copy of which stored a result
-(app_tier/worker.py: a second result is not stored either), as the web tier does for a dead
+(app_tier/finish.py: a second result is not stored either), as the web tier does for a dead
 letter (web_tier/listeners.py) and a batch rebuilt from S3 shows it; both read it
 through common/stored_outcome.py.
 """

@@ -6,6 +6,11 @@ One loop, in the spirit of rq's worker:
     ->  classify them as one batch  ->  write each result to S3, then reply
     ->  delete each request, only after both of its writes succeeded.
 
+Each step has a module of its own: app_tier/fetch.py receives, downloads and decodes
+(`Fetcher`), app_tier/classify.py runs the model (`BatchClassifier`), and
+app_tier/finish.py stores, replies and deletes (`Finisher`). This module is the loop
+around them: its threads, the heartbeat, and stopping.
+
 A fetch thread prepares the next batch (receive, download, decode) while the
 serving thread runs the model on the current one, and a finishing thread writes
 the previous batch's results, so the network and the decoder overlap with
@@ -41,54 +46,32 @@ import os
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-
-import numpy as np
-from botocore.exceptions import BotoCoreError, ClientError
 
 from app_tier import EXIT_STALLED, images
-from app_tier.held import HeldMessages, prior_receives
+from app_tier.classify import BatchClassifier, ModelFault
+from app_tier.fetch import Batch, Fetcher, receive_lease_s
+from app_tier.finish import Finisher
+from app_tier.held import HeldMessages
 from app_tier.held_journal import HeldJournal, held_journal_path
-from app_tier.images import BadImage, prepare
 from app_tier.job import Job
-from app_tier.model import Classification, Classifier
+from app_tier.model import Classifier
 from app_tier.replies import Replies
-from app_tier.risk_gate import RiskGate, suspect
+from app_tier.risk_gate import RiskGate
 from app_tier.stall_watch import FETCH_LOOP, MAIN_LOOP, Call, StallWatch
-from app_tier.stored_answer import stored_answer
 from common import systemd
 from common.aws import Aws
-from common.aws_errors import AWS_ERRORS, error_code, is_callers_fault, is_not_found
+from common.aws_errors import AWS_ERRORS, is_callers_fault
 from common.backoff import next_wait
-from common.config import MARK_DENIED_RETRY_DELAY_S, SHORT_POLL_PAUSE_S, Settings
-from common.failure_tags import (
-    DEAD_LETTER_ERROR,
-    MarkDenied,
-    give_up_denied_mark,
-    mark_failed,
-)
+from common.config import SHORT_POLL_PAUSE_S, Settings
 from common.fleet import report_worker_failed
-from common.image_limits import too_large
-from common.messages import PRIOR_RECEIVES_ATTRIBUTE, ClassifyRequest, ClassifyResponse, MessageError
-from common.names import original_filename, stored_name
-from common.output_object import pair_text, result_metadata
+from common.messages import ClassifyResponse
 from common.signals import on_signals
-from common.sqs import FIRST_RECEIVED_ATTRIBUTE, first_received_s
 
 log = logging.getLogger(__name__)
 
-# How long a receive hides what it takes. The worker extends what it received to
-# VISIBILITY_TIMEOUT at once, beside the downloads, and its heartbeat, every third of
-# this, extends all it holds. A worker killed with a long poll open never sees what
-# that poll takes (SQS, and moto, go on serving it): up to RECEIVE_BATCH requests sent
-# after its death wait this long, not the whole VISIBILITY_TIMEOUT (60 s).
-# The costs: an extension call per receive, and a stall of SQS longer than this between
-# a receive and its extension hands those requests to another worker too.
-RECEIVE_LEASE_S = 30
 # The longest wait between receives that fail (1 s, doubled each time, up to this).
 RECEIVE_BACKOFF_MAX_S = 30.0
 # How long the grace period's end waits for a receive under way (see _grace_period_over).
@@ -99,21 +82,10 @@ GRACE_RECEIVE_WAIT_S = 2.0
 MODEL_FAULTS_BEFORE_GIVING_UP = 2
 
 
-class ModelFault(RuntimeError):
-    """The model failed on an image and on a plain input made to check it: the worker's
-    fault, not the image's. Its batch is released, to be tried again."""
-
-
-@dataclass
-class Batch:
-    jobs: list[Job] = field(default_factory=list)
-
-    @property
-    def ready(self) -> list[Job]:
-        return [j for j in self.jobs if j.pixels is not None]
-
-
 class Worker:
+    """One worker: its serving loop, fetch thread and heartbeat, and the three steps
+    they run (fetch, process: classify then finish)."""
+
     def __init__(self, settings: Settings, aws: Aws, classifier: Classifier, instance_id: str) -> None:
         self.settings = settings
         self.aws = aws
@@ -134,26 +106,35 @@ class Worker:
         # Taken by the fetch thread before it receives, given back when the main
         # thread picks the batch up: at most one batch waits while one is classified.
         self._prefetch_slot = threading.Semaphore(1)
+        # Downloads and decodes, the extension of what was just received, and stores.
         self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="io")
-        # The io threads download and decode in parallel, but large images one at a time.
-        self._large_decodes = threading.Semaphore(1)
         # Which loads and model calls may run at once (a suspect's, nothing beside it).
         self._risk = RiskGate()
         # One batch at a time is written while the next is classified.
-        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
+        self._finish_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
         self._finishing: Future | None = None
         self._exit = os._exit  # tests put a recorder here
         self._grace_timer: threading.Timer | None = None
-        self._receive_lease_s = min(settings.visibility_timeout_s, RECEIVE_LEASE_S)
-        # A third of the lease: a beat late by two thirds of it still keeps what is held.
-        heartbeat_period_s = max(1.0, min(self._receive_lease_s, settings.stall_timeout_s) / 3)
+        # A third of the receive's lease: a beat late by two thirds of it still keeps what is held.
+        heartbeat_period_s = max(1.0, min(receive_lease_s(settings), settings.stall_timeout_s) / 3)
         self.stall_watch = StallWatch(settings.stall_timeout_s, heartbeat_period_s)
+        self.fetcher = Fetcher(settings, aws, self.held, untrained=classifier.untrained,
+                               stopping=self.stopping, received=self.received,
+                               stall_watch=self.stall_watch, at_risk=self._at_risk, io=self._io)
+        self.batch_classifier = BatchClassifier(classifier, instance_id, stall_watch=self.stall_watch,
+                                                at_risk=self._at_risk)
+        self.finisher = Finisher(settings, aws, self.held, self.replies, instance_id=instance_id,
+                                 untrained=classifier.untrained, io=self._io)
         self._watchdog: threading.Thread | None = None
         self._heartbeat: threading.Thread | None = None
-        self._fetcher: threading.Thread | None = None
-        self.processed = 0
+        self._fetch_thread: threading.Thread | None = None
         self._model_faults = 0  # batches in a row released for a ModelFault
         self.gave_up: str | None = None  # why it stopped for good (_stop_for_good), if it did
+
+    @property
+    def processed(self) -> int:
+        """Images classified here and answered."""
+        return self.finisher.processed
 
     # --- lifecycle ---------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -211,7 +192,7 @@ class Worker:
     def run(self) -> None:
         """Serve until told to stop; returns after a clean, warm shutdown."""
         log.info("worker %s: serving %s", self.instance_id, self.settings.request_queue)
-        fetcher = self._fetcher = threading.Thread(target=self._fetch_loop, name="fetch", daemon=True)
+        fetching = self._fetch_thread = threading.Thread(target=self._fetch_loop, name="fetch", daemon=True)
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._heartbeat.start()
         systemd.notify("READY=1")  # a no-op when not run by systemd
@@ -222,8 +203,8 @@ class Worker:
         # Ready and watched first: SQS slow to answer (botocore retrying) must not look
         # like a worker that never started. Before the first receive: see the method.
         self.held.show_what_the_last_worker_held()
-        fetcher.start()
-        while not (self.stopping.is_set() and self._prefetched.empty() and not fetcher.is_alive()):
+        fetching.start()
+        while not (self.stopping.is_set() and self._prefetched.empty() and not fetching.is_alive()):
             self.stall_watch.tick(MAIN_LOOP)
             try:
                 batch = self._prefetched.get(timeout=0.5)
@@ -238,16 +219,16 @@ class Worker:
             if responses is None:
                 continue
             self._wait_for_finishing()
-            self._finishing = self._finisher.submit(self._finish_or_release, batch, responses)
+            self._finishing = self._finish_thread.submit(self._finish_or_release, batch, responses)
         self.stall_watch.loop_ended(MAIN_LOOP)
         self._wait_for_finishing()
         self._finished.set()
         self.held.hand_back_all()
         self._io.shutdown(wait=False)
-        self._finisher.shutdown(wait=False)
+        self._finish_thread.shutdown(wait=False)
         log.info("worker %s: stopped after %d images", self.instance_id, self.processed)
 
-    # --- fetch: receive, download, decode -----------------------------------------
+    # --- the fetch thread: fetch a batch ahead of the model, retrying receives -----
     def _fetch_loop(self) -> None:
         try:
             self._fetch_until_stopped()
@@ -311,179 +292,11 @@ class Worker:
             self.gave_up = why
         self.stopping.set()
 
+    # --- the steps: fetch, then process (classify, then finish) -------------------
     def fetch(self) -> Batch:
-        """Receive up to `receive_batch` requests and prepare their pixels."""
-        jobs = self.held.hold(self._receive(), self._receive_lease_s)
-        if self.stopping.is_set():
-            # Received as the stop came (a long poll outlives it): another worker's to
-            # serve, at once, not after this one has read and decoded them for nobody.
-            self.held.hand_back(jobs)
-            return Batch([])
-        return self._prepare(jobs)
+        """Receive up to `receive_batch` requests and prepare their pixels (app_tier/fetch.py)."""
+        return self.fetcher.fetch()
 
-    def _receive(self) -> list[Job]:
-        """One long poll's requests, as jobs with their attempts counted. A message
-        that is not a request is deleted."""
-        reply = self.aws.sqs_receive.receive_message(
-            QueueUrl=self.aws.request_queue_url,
-            MaxNumberOfMessages=self.settings.receive_batch,
-            WaitTimeSeconds=self.settings.receive_wait_s,
-            VisibilityTimeout=self._receive_lease_s,
-            MessageSystemAttributeNames=["ApproximateReceiveCount", FIRST_RECEIVED_ATTRIBUTE],
-            MessageAttributeNames=[PRIOR_RECEIVES_ATTRIBUTE],
-        )
-        # Ready (its instance tagged so): as soon as it can receive, not once what it
-        # received is downloaded and decoded. Untagged meanwhile, its instance would be taken
-        # for one holding no work, and scaled in before idle ones.
-        self.received.set()
-        jobs = []
-        for msg in reply.get("Messages", []):
-            try:
-                request = ClassifyRequest.from_json(msg["Body"])
-            except MessageError as exc:
-                log.error("dropping a message that is not a request: %s", exc)
-                try:
-                    self.aws.sqs.delete_message(QueueUrl=self.aws.request_queue_url,
-                                                ReceiptHandle=msg["ReceiptHandle"])
-                except AWS_ERRORS as delete_error:  # it comes back, and is dropped again
-                    log.warning("could not delete it: %s", delete_error)
-                continue
-            prior = prior_receives(msg)
-            count = int(msg.get("Attributes", {}).get("ApproximateReceiveCount", 1)) + prior
-            job = Job(msg["MessageId"], msg["ReceiptHandle"], request, receive_count=count,
-                      first_received=first_received_s(msg))
-            if prior and count > self.settings.max_receive_count:
-                # SQS counts a resent copy afresh: without this, every hand-back would
-                # give a request that crashes workers max_receive_count more tries.
-                log.warning("request %s has used its %d attempts; answering it with what an earlier "
-                            "one stored, else failing it (released if S3 cannot say)", request.id,
-                            self.settings.max_receive_count)
-                job.attempts_used_up = True
-            jobs.append(job)
-        return jobs
-
-    def _prepare(self, jobs: list[Job]) -> Batch:
-        """The jobs held, their images downloaded and decoded; those that could not be
-        read are released for another attempt (or handed back, if the stop came)."""
-        # Hidden for the receive's lease only: extended now, beside their downloads, so
-        # that a stall of this worker or of SQS before the next heartbeat does not hand
-        # them to another worker too (a 16 s pause would classify a quarter of a batch twice).
-        extending = self._io.submit(self.held.extend, jobs) if jobs else None
-        try:
-            self._load(jobs)
-        except BaseException:
-            self.held.release(jobs)  # held, the heartbeat would hide them forever
-            raise
-        finally:
-            if extending is not None:
-                try:
-                    extending.result()
-                except Exception:  # a bug, not SQS (whose failures extend() logs): the heartbeat extends
-                    log.exception("could not extend the requests just received")
-        unreadable = [j for j in jobs if not j.settled]
-        if self.stopping.is_set() and unreadable:
-            self.held.hand_back(unreadable)  # not read: the stop came first (see _load)
-        elif unreadable:
-            # Not read, for a reason that may pass (S3 failed after botocore's retries):
-            # another attempt, a little later; after max_receive_count, the dead-letter queue.
-            self.held.release(unreadable)
-        return Batch([j for j in jobs if j not in unreadable])
-
-    def _load(self, jobs: list[Job]) -> None:
-        """Download and decode the jobs' images: the fresh ones together, each on an io
-        thread (at risk together: one journal write before, one after, see _at_risk),
-        then each suspect alone. Downloads are at risk too: a request may name an object
-        too large to hold, and a kill then must cost it an attempt, or it came back for ever."""
-        fresh = [job for job in jobs if not suspect(job)]
-        if fresh:
-            with self._at_risk(fresh):
-                list(self._io.map(self._load_one, fresh))
-        for job in jobs:
-            if suspect(job):
-                with self._at_risk([job]):
-                    self._load_one(job)
-
-    def _load_one(self, job: Job) -> None:
-        data = self._download(job)
-        if data is not None:
-            self._decode(job, data)
-
-    def _download(self, job: Job) -> bytes | None:
-        """The job's image; None if there is none to decode (the job may be settled)."""
-        if self.stopping.is_set():
-            return None  # handed back unread by fetch
-        if self._names_another_bucket(job.request):
-            # The web tier's requests name its uploads: one naming another bucket is not
-            # its, and reading it could serve whatever the role may read (the results).
-            job.error = (f"the request names bucket {job.request.bucket!r}, not this service's "
-                         f"input bucket ({self.settings.input_bucket})")
-            return None
-        if job.attempts_used_up:
-            self._answer_from_storage(job)
-            return None
-        try:
-            obj = self.aws.s3.get_object(Bucket=job.request.bucket, Key=job.request.key)
-            size = obj.get("ContentLength", 0)
-            if size > self.settings.max_upload_bytes:
-                # Not the web tier's upload (it stores none so large): read whole, an object
-                # of gigabytes would cost the worker its memory, and the request an attempt
-                # per out-of-memory kill, until it is dead-lettered without a word.
-                obj["Body"].close()
-                job.error = too_large(self.settings.max_upload_bytes)
-                return None
-            data = obj["Body"].read()
-            job.filename = original_filename(obj.get("Metadata", {}))
-        except ClientError as exc:
-            if is_not_found(exc):
-                job.error = "the uploaded image is missing from the input bucket"
-            else:
-                log.warning("cannot read %s: %s", job.request.key, exc)
-            return None
-        except BotoCoreError as exc:
-            log.warning("cannot read %s: %s", job.request.key, exc)
-            return None
-        except Exception:  # whatever it is, this job's alone: not its batch-mates' (fetch)
-            log.exception("cannot read %s", job.request.key)
-            return None
-        return data
-
-    def _names_another_bucket(self, request: ClassifyRequest) -> bool:
-        return request.bucket != self.settings.input_bucket
-
-    def _decode(self, job: Job, data: bytes) -> None:
-        if self.stopping.is_set():
-            return  # handed back undecoded by fetch (a suspect may have waited its turn)
-        try:
-            # Watched while decoding, not while waiting its turn for a large decode.
-            job.pixels = prepare(data, self.settings.max_image_pixels, self._large_decodes,
-                                 watch=lambda: self.stall_watch.must_end("decode", [job], FETCH_LOOP))
-        except BadImage as exc:
-            job.error = str(exc)
-        except Exception:  # e.g. MemoryError: maybe not the image's fault, so not its answer
-            log.exception("could not prepare %s", job.request.key)
-
-    def _answer_from_storage(self, job: Job) -> None:
-        """A request whose attempts are used up is not read again. An earlier attempt
-        may have stored its outcome and died before replying: that answer stands. With
-        nothing stored, it fails as a dead letter."""
-        # Where the lookup fails, the job is left unsettled, so released (fetch), not failed
-        # on a guess, which would contradict (and overwrite) an outcome stored. Another
-        # attempt looks again; once this copy's own receives reach max_receive_count, SQS
-        # moves it to the dead-letter queue, whose reader (web_tier/listeners.py) looks too.
-        try:
-            job.stored_answer = stored_answer(self.aws, job.request, self.classifier.untrained)
-        except AWS_ERRORS as exc:  # S3 failing, or a right missing
-            log.warning("request %s: could not look for an outcome an earlier attempt stored (%s); "
-                        "releasing it", job.request.id, exc)
-            return
-        except Exception:  # not S3's doing: a bug, or a stored outcome this code cannot read
-            log.exception("request %s: could not read the outcome an earlier attempt stored; "
-                          "releasing it", job.request.id)
-            return
-        if job.stored_answer is None:
-            job.error = DEAD_LETTER_ERROR
-
-    # --- process: classify, write, reply, acknowledge ------------------------------
     def process(self, batch: Batch) -> None:
         """Classify a batch and finish it (write, reply, acknowledge), or release it for
         another attempt if anything fails. The serving loop (run) takes these two steps
@@ -495,7 +308,7 @@ class Worker:
 
     def _responses_or_release(self, batch: Batch) -> list[tuple[Job, ClassifyResponse]] | None:
         try:
-            responses = self.responses_for(batch)
+            responses = self.batch_classifier.responses_for(batch)
         except ModelFault as exc:
             self._release_failed(batch)
             self._model_failed(exc)
@@ -520,70 +333,9 @@ class Worker:
                   self._model_faults, fault.__cause__ or fault)
         self._stop_for_good("model-fault")
 
-    def responses_for(self, batch: Batch) -> list[tuple[Job, ClassifyResponse]]:
-        """Every job's response: its classification, or why it has none."""
-        by_id = self._classify(batch.ready)
-        responses = []
-        for job in batch.jobs:
-            req = job.request
-            identity = {"id": req.id, "filename": req.filename, "key": req.key,
-                        "worker": self.instance_id, "untrained": self.classifier.untrained}
-            result = by_id.get(job.message_id)
-            if job.stored_answer is not None:
-                responses.append((job, job.stored_answer))
-            elif result is not None:
-                responses.append((job, ClassifyResponse(label=result.label, score=result.score,
-                                                         top5=result.top5, **identity)))
-            else:
-                responses.append((job, ClassifyResponse(error=job.error or "not classified", **identity)))
-        return responses
-
     def finish(self, responses: list[tuple[Job, ClassifyResponse]]) -> None:
-        """Write each result, then reply, then delete the requests.
-
-        A reply means the result is in the output bucket: whoever gets the
-        answer can read the pair at once. A request whose result could not be
-        written, or whose answer could not be sent, is released for another
-        attempt, alone: its batch-mates are answered and deleted as usual.
-        """
-        stores = [(job, response, self._io.submit(self._store, job, response)) for job, response in responses]
-        unstored, denied, stored = [], [], {}
-        for job, _, store in stores:
-            try:
-                stored[job.message_id] = store.result()
-            except MarkDenied as exc:  # not given up yet (_store): tried again, later than most
-                log.warning("could not mark %s failed; tried again in %d s or more: %s", job.request.key,
-                            MARK_DENIED_RETRY_DELAY_S, exc)
-                denied.append(job)
-            except Exception as exc:  # S3, after botocore's retries: tried again later
-                log.warning("could not write the result of %s: %s", job.request.key, exc)
-                unstored.append(job)
-        if unstored or denied:
-            # Only these: releasing the whole batch would spend an attempt of each request
-            # towards the dead-letter queue for one S3 failure.
-            self.held.release(unstored)
-            self.held.release(denied, at_least_s=MARK_DENIED_RETRY_DELAY_S)
-        responses = [(job, stored[job.message_id]) for job, _ in responses if job.message_id in stored]
-        # Committed: these are answered now, so a shutdown must not hand them back too.
-        self.held.mark_answering([job for job, _ in responses])
-        unsent = self.replies.send(responses)
-        unsent_ids = {job.message_id for job in unsent}
-        sent = [(job, r) for job, r in responses if job.message_id not in unsent_ids]
-        answered = [job for job, _ in sent]
-        # Classified here: not the answers an earlier attempt stored.
-        self.processed += sum(1 for job, r in sent if r.ok and job.stored_answer is None)
-        if unsent:
-            log.warning("could not send the answers to %d of %d request(s); releasing those",
-                        len(unsent), len(responses))
-            self.held.release(unsent)
-        try:
-            self.held.delete(answered)
-        except AWS_ERRORS as exc:
-            # Answered: released, each would be answered again at every retry until the
-            # dead-letter queue. Back after their visibility timeout, once.
-            self.held.forget(answered)
-            log.warning("answered %d request(s) but could not delete them (%s): they will be "
-                        "answered again", len(answered), exc)
+        """Write each result, then reply, then delete the requests (app_tier/finish.py)."""
+        self.finisher.finish(responses)
 
     def _finish_or_release(self, batch: Batch, responses: list[tuple[Job, ClassifyResponse]]) -> None:
         try:
@@ -602,51 +354,6 @@ class Worker:
         log.exception("batch of %d failed; releasing it", len(batch.jobs))
         self.held.release(batch.jobs)
 
-    def _classify(self, jobs: list[Job]) -> dict[str, Classification]:
-        """Results by message id. A message seen before may have crashed a worker:
-        it is classified alone, so that it cannot take its batch-mates down again
-        (and with them into the dead-letter queue)."""
-        fresh = [j for j in jobs if not suspect(j)]
-        pending = deque([fresh] if fresh else [])
-        pending.extend([j] for j in jobs if suspect(j))
-        results: dict[str, Classification] = {}
-        model_works = False  # the model answered an input of this batch
-        while pending:
-            group = pending.popleft()
-            try:
-                with self._at_risk(group), self.stall_watch.must_end("model call", group, MAIN_LOOP):
-                    out = self.classifier.classify(np.stack([j.pixels for j in group]))
-            except Exception as exc:  # a model error on this input, not a worker fault...
-                if _out_of_memory(exc):
-                    raise  # ...unless the machine ran short: the batch goes back, to be tried again
-                if len(group) > 1:
-                    pending.extend([j] for j in group)  # one at a time, to find the image at fault
-                    continue
-                # ...nor one that fails whatever its input (a runtime fault): every image
-                # of the batch would be answered "classification failed", for good.
-                model_works = model_works or self._model_answers_a_plain_input(group)
-                if not model_works:
-                    raise ModelFault(f"the model failed on {group[0].request.key} and on a plain "
-                                     "input") from exc
-                log.error("classification of %s failed: %s", group[0].request.key, exc)
-                group[0].error = f"classification failed: {exc}"
-                continue
-            model_works = True
-            results.update({j.message_id: r for j, r in zip(group, out, strict=True)})
-        return results
-
-    def _model_answers_a_plain_input(self, failed: list[Job]) -> bool:
-        """Whether the model classifies a plain grey input, after it failed on `failed`'s
-        image: if it does, that image is at fault. Watched, but for no job: a hang here
-        is the model's, and charges no image an attempt."""
-        try:
-            with self.stall_watch.must_end("model call", [], MAIN_LOOP):
-                self.classifier.classify(np.zeros((1, *failed[0].pixels.shape), np.float32))
-        except Exception:
-            log.exception("the model fails on a plain input too")
-            return False
-        return True
-
     @contextmanager
     def _at_risk(self, jobs: list[Job]) -> Iterator[None]:
         """Around the loading or the model call of `jobs`: the journal marks them at risk,
@@ -656,76 +363,7 @@ class Worker:
         with self._risk.enter(jobs), self.held.at_risk(jobs):
             yield
 
-    def _store(self, job: Job, response: ClassifyResponse) -> ClassifyResponse:
-        """Store the outcome of `job`; the answer to send: `response`, or the result
-        another copy of the request stored first."""
-        req = job.request
-        if job.stored_answer is not None:
-            return response  # stored by the attempt that made it
-        if self._names_another_bucket(req):
-            return response  # failed unread (_download): its key names no upload of this service's
-        if response.ok:
-            return self._store_result(job, response)
-        return self._store_failure(job, response)
-
-    def _store_result(self, job: Job, response: ClassifyResponse) -> ClassifyResponse:
-        """Write the `image,label` pair to the output bucket, unless a result is there."""
-        req = job.request
-        try:
-            self.aws.s3.put_object(
-                Bucket=self.settings.output_bucket,
-                Key=req.key,
-                Body=pair_text(job.filename or req.filename or stored_name(req.key), response.label).encode(),
-                ContentType="text/plain",
-                Metadata=result_metadata(response),
-                # Only the first result is stored, as the web tier keeps only the first
-                # answer: a second copy overwriting it, classified by another model
-                # (a rollout, the other runtime), left S3 and the answer given differing.
-                IfNoneMatch="*",
-            )
-        except ClientError as exc:
-            # 412: a result is stored (another copy's, or this put's own, tried again
-            # after a timeout). 409: another put of it is under way (real S3).
-            if error_code(exc) not in ("PreconditionFailed", "ConditionalRequestConflict"):
-                raise
-            stored = stored_answer(self.aws, req, self.classifier.untrained, result_only=True)
-            if stored is None:
-                # Not there (yet, or any more): no answer without a stored result. Raised,
-                # the request is released and tried again.
-                raise RuntimeError(f"a result for {req.key} was being stored, and none is") from exc
-            log.info("request %s: a result was stored first; answering with it", req.id)
-            return stored
-        return response
-
-    def _store_failure(self, job: Job, response: ClassifyResponse) -> ClassifyResponse:
-        """Mark the input object failed, with the reason, unless a result is stored."""
-        req = job.request
-        # A copy whose worker stored a result and died before replying: its result
-        # stands, not this attempt's failure (the model ran short of something, the
-        # upload deleted since), as it would against a result of this attempt's.
-        stored = stored_answer(self.aws, req, self.classifier.untrained, result_only=True)
-        if stored is not None:
-            log.info("request %s: failed here, answered with the result stored first", req.id)
-            return stored
-        # The failure is kept on the input object so the web tier can rebuild it. If
-        # S3 is failing or throttling, this raises: as for a result not written,
-        # nothing is sent and the request is tried again. Answered untagged, a batch
-        # rebuilt after a restart would show it queued for ever.
-        try:
-            why_not = mark_failed(self.aws.s3, req.bucket, req.key, response.error or "", self.instance_id)
-        except MarkDenied as exc:
-            # Denied: tried again as S3 failing is (a role just given the right may
-            # not have it everywhere yet), until the request's last attempt, whose
-            # release would send it to the dead-letter queue, and the reason with it.
-            if not give_up_denied_mark(req.id, exc, job.first_received, time.time(),  # SQS's clock
-                                       attempt=job.receive_count,
-                                       last_attempt=job.receive_count >= self.settings.max_receive_count):
-                raise
-            return response
-        if why_not:
-            log.warning("could not tag failed input %s: %s", req.key, why_not)
-        return response
-
+    # --- heartbeat, and giving everything back before an exit ----------------------
     def _heartbeat_loop(self) -> None:
         watch = self.stall_watch
         watch.beat()
@@ -767,12 +405,12 @@ class Worker:
     def _give_back(self, tried: list[Job], wait_for_receive_s: float = 0.0) -> None:
         """Before an exit, everything held back to the queue: `tried`, the jobs of calls
         that did not end, visible again as a used attempt (so an image that hangs the
-        model is classified alone next time, see _classify, and one that hangs either
+        model is classified alone next time, see BatchClassifier._classify, and one that hangs either
         goes to the dead-letter queue after max_receive_count attempts); the rest
         handed back untried."""
         self.held.make_visible_as_tried(tried)
-        if self._fetcher is not None and wait_for_receive_s > 0:
-            self._fetcher.join(wait_for_receive_s)
+        if self._fetch_thread is not None and wait_for_receive_s > 0:
+            self._fetch_thread.join(wait_for_receive_s)
         self.held.hand_back_all()
 
 
@@ -787,11 +425,3 @@ def warm_up(aws: Aws) -> None:
             aws.queue_url(name)  # kept by Aws for every later call
     except AWS_ERRORS as exc:
         log.warning("queue URLs not resolved before serving (%s); the worker will retry", exc)
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    """Whether a model call failed for want of memory, as each runtime says it:
-    Python's MemoryError, OpenVINO's std::bad_alloc (a RuntimeError), TensorFlow's
-    ResourceExhaustedError. Another process's peak may pass; the input is not at fault."""
-    return (isinstance(exc, MemoryError) or "bad_alloc" in str(exc)
-            or type(exc).__name__ == "ResourceExhaustedError")

@@ -461,7 +461,7 @@ VARIABLES = _checked((
     Variable("receive_batch", "RECEIVE_BATCH", int, low=1, high=10, worker=True),
     Variable("receive_wait_s", "RECEIVE_WAIT", int, low=0, high=20, worker=True),
     # What the worker extends each message it holds to, again every third of its
-    # receive lease (app_tier.worker.RECEIVE_LEASE_S, or this if less): shorter
+    # receive lease (app_tier.fetch.RECEIVE_LEASE_S, or this if less): shorter
     # than a batch takes, and a message being worked on shows up for another worker.
     Variable("visibility_timeout_s", "VISIBILITY_TIMEOUT", int, low=5, high=MAX_VISIBILITY_TIMEOUT_S,
              worker=True),

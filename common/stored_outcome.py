@@ -5,7 +5,7 @@ A worker stores an outcome before it replies, so one that died in between left a
 outcome that stands. Whoever answers a request no reply came for reads it here, in
 the same order: the web tier for a dead letter and for a batch rebuilt from S3
 (web_tier/rebuild.py), a worker for a request whose copies used up their attempts
-(app_tier/worker.py).
+(app_tier/fetch.py).
 """
 
 from __future__ import annotations

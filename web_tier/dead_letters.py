@@ -111,7 +111,7 @@ class DeadLetters:
         # A worker stores the outcome (a result, or a failure and its reason) before it
         # replies: one that died in between, on the last attempt, left an outcome that
         # stands, and tells the user more than "failed on every attempt".
-        # A worker that finds its copies used up the attempts reads the same (app_tier/worker.py).
+        # A worker that finds its copies used up the attempts reads the same (app_tier/fetch.py).
         # Read here, once, for an item the book does not hold: its failure mark, and when
         # it was sent again (below).
         tag_set = self._input_tags(request) if known is None else None

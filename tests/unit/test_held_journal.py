@@ -402,10 +402,10 @@ def test_a_receive_hides_what_it_takes_only_for_a_lease_which_the_heartbeat_exte
     journal name it: requests sent after its death would wait the whole visibility
     timeout. They wait the receive's lease; what a worker holds, the heartbeat keeps
     hidden for the timeout."""
-    from app_tier import worker as worker_module
+    from app_tier import fetch
 
     settings, aws = aws_env  # a visibility timeout of 600 s
-    monkeypatch.setattr(worker_module, "RECEIVE_LEASE_S", 1)
+    monkeypatch.setattr(fetch, "RECEIVE_LEASE_S", 1)
     for i in range(2):
         upload(settings, aws, f"lease_{i}.jpg", make_image(400 + i), f"lease-{i}")
     killed = Worker(settings, aws, MeanClassifier(), "i-0789")
@@ -563,7 +563,7 @@ def test_an_image_that_kills_workers_is_dead_lettered_alone(aws_env, monkeypatch
     an attempt, and dead-lettered with it after MAX_RECEIVE_COUNT deaths, they would
     share its fate: a suspect classified alone must not kill its worker before a
     batch-mate's answer goes out, nor decodes of suspects run beside each other."""
-    from app_tier import worker as worker_module
+    from app_tier.fetch import Fetcher
     from app_tier.images import prepare
 
     settings, aws = aws_env
@@ -585,15 +585,15 @@ def test_an_image_that_kills_workers_is_dead_lettered_alone(aws_env, monkeypatch
             kill(serving[-1])
         return prepare(data, *args, **kwargs)
 
-    real_download = worker_module.Worker._download
+    real_download = Fetcher._download
 
     def killing_download(self, job):  # a request may name an object too large to hold
         if where == "download" and job.request.id == "0":
             kill(serving[-1])
         return real_download(self, job)
 
-    monkeypatch.setattr(worker_module, "prepare", killing_prepare)
-    monkeypatch.setattr(worker_module.Worker, "_download", killing_download)
+    monkeypatch.setattr("app_tier.fetch.prepare", killing_prepare)
+    monkeypatch.setattr(Fetcher, "_download", killing_download)
     kills = 0
     for _restart in range(10):
         worker = Worker(settings, Aws(settings), KillingClassifier(), "i-poison")

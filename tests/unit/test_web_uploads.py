@@ -931,7 +931,7 @@ def test_the_page_knows_the_worker_failures_worth_sending_again_by_the_servers_w
     missing = re.search(r'const INPUT_MISSING = "(.*?)";', source)
     assert dead_letter and missing, "the page's scripts have no DEAD_LETTER or INPUT_MISSING"
     assert dead_letter[1] == Code.DEAD_LETTER
-    assert f'job.error = "{missing[1]}"' in (root / "app_tier" / "worker.py").read_text()
+    assert f'job.error = "{missing[1]}"' in (root / "app_tier" / "fetch.py").read_text()
 
 
 def test_upload_memory_is_taken_whole_and_waited_for_until_given_back_or_the_wait_ends():

@@ -26,6 +26,7 @@ from PIL import Image
 
 from app_tier import EXIT_STALLED
 from app_tier.__main__ import report_ready_once_received
+from app_tier.fetch import Batch, Fetcher
 from app_tier.held import (
     MAX_RETRY_DELAY_S,
     prior_receives,
@@ -34,7 +35,7 @@ from app_tier.held import (
 from app_tier.model import Classification
 from app_tier.stall_watch import MAIN_LOOP, Call
 from app_tier.stored_answer import stored_answer
-from app_tier.worker import Batch, Worker, warm_up
+from app_tier.worker import Worker, warm_up
 from common.aws import Aws
 from common.config import SHORT_POLL_PAUSE_S, Settings
 from common.failure_tags import DEAD_LETTER_ERROR, failed_by, failure_from_tags, failure_tagging
@@ -345,7 +346,7 @@ def test_nothing_is_decoded_or_classified_beside_a_message_seen_before(aws_env, 
     """So that a worker killed meanwhile is one it killed: only its attempt is counted
     (app_tier/risk_gate.py). Fresh ones still overlap: the next batch is decoded while
     this one is classified."""
-    import app_tier.worker
+    import app_tier.fetch
 
     settings, aws = aws_env
     settings = dataclasses.replace(settings, receive_batch=1)  # one batch decoded, one classified
@@ -354,14 +355,14 @@ def test_nothing_is_decoded_or_classified_beside_a_message_seen_before(aws_env, 
     crash(aws, Worker(settings, aws, MeanClassifier(), "i-crashed").fetch())
     for i in range(4):
         upload(settings, aws, f"new_{i}.jpg", make_image(610 + i, size=(64, 64)), f"new-{i}")
-    real_prepare = app_tier.worker.prepare
+    real_prepare = app_tier.fetch.prepare
 
     def slow_prepare(data, max_pixels, large=None, watch=contextlib.nullcontext):
         with watch():
             time.sleep(0.15)
         return real_prepare(data, max_pixels, large, watch)
 
-    monkeypatch.setattr(app_tier.worker, "prepare", slow_prepare)
+    monkeypatch.setattr(app_tier.fetch, "prepare", slow_prepare)
     worker = Worker(settings, aws, MeanClassifier(delay_s=0.15), "i-alone")
     beside_a_suspect, fresh_together = [], []
     done = threading.Event()
@@ -465,7 +466,7 @@ def dies_before_replying(worker: Worker, batch: Batch, monkeypatch) -> None:
 
     monkeypatch.setattr(worker.replies, "send", killed)
     with pytest.raises(RuntimeError, match="killed"):
-        worker.finish(worker.responses_for(batch))
+        worker.finish(worker.batch_classifier.responses_for(batch))
     crash(worker.aws, batch)
 
 
@@ -660,7 +661,7 @@ def test_a_used_up_request_whose_stored_outcome_cannot_be_read_is_released_and_l
     def unreadable(*args, **kwargs):
         raise KeyError("label")
 
-    monkeypatch.setattr("app_tier.worker.stored_answer", unreadable)
+    monkeypatch.setattr("app_tier.fetch.stored_answer", unreadable)
     worker = Worker(settings, aws, MeanClassifier(), "i-after")
     assert worker.fetch().jobs == []
     [record] = [r for r in caplog.records if "could not read the outcome" in r.getMessage()]
@@ -698,7 +699,7 @@ def test_a_request_handed_back_fits_in_a_message_with_its_attribute(aws_env, mon
     aws.sqs.send_message(QueueUrl=aws.request_queue_url, MessageBody=padded)
     crash(aws, Worker(settings, aws, MeanClassifier(), "i-crashed").fetch())  # the key is not there
     stopping = Worker(settings, aws, MeanClassifier(), "i-stopping")
-    jobs = stopping.fetch().jobs + list(stopping.held._held.values())
+    jobs = stopping.fetch().jobs + stopping.held.jobs()
     assert jobs and jobs[0].receive_count > 1
     send, sent = aws.sqs.send_message_batch, []
 
@@ -1125,12 +1126,12 @@ def run_until(worker: Worker, condition, timeout: float = 20.0) -> None:
 def test_an_unexpected_error_preparing_one_image_costs_only_that_attempt(aws_env, monkeypatch):
     """Say the decoder runs out of memory: that image goes back to the queue (an attempt
     used), its batch-mates are answered, and the worker goes on fetching."""
-    import app_tier.worker as worker_module
+    import app_tier.fetch as fetch_module
 
     settings, aws = aws_env
     for name in ("a", "b", "c"):
         upload(settings, aws, f"{name}.jpg", make_image(ord(name), size=(64, 64)), name)
-    prepare = worker_module.prepare
+    prepare = fetch_module.prepare
     failures: list[str] = []
 
     def out_of_memory_once_on_b(data, max_pixels, *rest, **kwargs):
@@ -1139,7 +1140,7 @@ def test_an_unexpected_error_preparing_one_image_costs_only_that_attempt(aws_env
             raise MemoryError("decoder")
         return prepare(data, max_pixels, *rest, **kwargs)
 
-    monkeypatch.setattr(worker_module, "prepare", out_of_memory_once_on_b)
+    monkeypatch.setattr(fetch_module, "prepare", out_of_memory_once_on_b)
     worker = Worker(settings, aws, MeanClassifier(), "i-oom")
     answered: dict[str, ClassifyResponse] = {}
     run_until(worker, lambda: answered.update(responses(aws)) or len(answered) == 3)
@@ -1211,14 +1212,14 @@ def test_a_worker_is_ready_once_its_receive_returns_not_once_what_it_took_is_loa
     upload(settings, aws, "slow.jpg", make_image(700), "slow")
     worker = Worker(settings, aws, MeanClassifier(), "i-ready")
     downloading, downloaded = threading.Event(), threading.Event()
-    real_download = Worker._download
+    real_download = Fetcher._download
 
     def held_download(self, job):
         downloading.set()
         assert downloaded.wait(30)
         return real_download(self, job)
 
-    monkeypatch.setattr(Worker, "_download", held_download)
+    monkeypatch.setattr(Fetcher, "_download", held_download)
     fetching = threading.Thread(target=worker.fetch)
     fetching.start()
     try:
@@ -1402,12 +1403,12 @@ def test_the_grace_timer_hands_back_what_a_receive_under_way_brings(aws_env, mon
         giving_up.wait(30)  # the receive ends once the timer has begun
         worker.fetch()
 
-    worker._fetcher = threading.Thread(target=receive_at_the_last_moment)
-    worker._fetcher.start()
+    worker._fetch_thread = threading.Thread(target=receive_at_the_last_moment)
+    worker._fetch_thread.start()
     assert receiving.wait(30)
     exits = record_exits(worker)
     worker._grace_period_over()  # the grace timer
-    assert exits == [0] and not worker._fetcher.is_alive()
+    assert exits == [0] and not worker._fetch_thread.is_alive()
     assert not len(worker.held) and depth(aws, aws.request_queue_url) == (2, 0)
 
 
@@ -1890,7 +1891,7 @@ def test_an_image_that_hangs_the_decoder_costs_an_attempt_and_the_worker_exits(a
     it is treated like a stuck model call. Its image is visible again as a used attempt
     (after max_receive_count, the dead-letter queue and an answer), its batch-mate goes
     back untried, and the worker exits to be restarted."""
-    import app_tier.worker
+    import app_tier.fetch
     from tests.unit.conftest import wait_until
 
     settings, aws = aws_env
@@ -1898,7 +1899,7 @@ def test_an_image_that_hangs_the_decoder_costs_an_attempt_and_the_worker_exits(a
     hostile, fine = make_image(1, size=(64, 64)), make_image(2, size=(64, 64))
     upload(settings, aws, "hangs.jpg", hostile, "hangs")
     upload(settings, aws, "fine.jpg", fine, "fine")
-    real_prepare, release = app_tier.worker.prepare, threading.Event()
+    real_prepare, release = app_tier.fetch.prepare, threading.Event()
 
     def prepare(data: bytes, *args, watch):
         with watch():  # where the real one decodes
@@ -1906,7 +1907,7 @@ def test_an_image_that_hangs_the_decoder_costs_an_attempt_and_the_worker_exits(a
                 release.wait(30)
         return real_prepare(data, *args, watch=watch)
 
-    monkeypatch.setattr(app_tier.worker, "prepare", prepare)
+    monkeypatch.setattr(app_tier.fetch, "prepare", prepare)
     model = MeanClassifier()
     worker = Worker(settings, aws, model, "i-decoder-hangs")
     exits = record_exits(worker)
@@ -2191,10 +2192,10 @@ def test_a_failure_mark_denied_for_a_while_is_tried_again_and_lands(aws_env, mon
     batch rebuilt after a restart. Its request waits MARK_DENIED_RETRY_DELAY_S at least
     between attempts (here 1 s): RETRY_DELAY's 5 s, then 10 s, ended the attempts before
     most IAM changes arrive."""
-    import app_tier.worker
+    import app_tier.finish
 
     settings, aws = aws_env
-    monkeypatch.setattr(app_tier.worker, "MARK_DENIED_RETRY_DELAY_S", 1)
+    monkeypatch.setattr(app_tier.finish, "MARK_DENIED_RETRY_DELAY_S", 1)
     calls, hidden_for = deny_tagging(aws, monkeypatch, times=1), hides_asked(aws, monkeypatch)
     answer = answer_to_an_image_no_model_takes(settings, aws)
     key = object_key("b" * 32, "bad", "bad.jpg")
@@ -2211,10 +2212,10 @@ def test_a_failure_mark_always_denied_is_given_up_at_the_requests_last_attempt(a
     """Released once more there, the request would go to the dead-letter queue, and its
     answer say no worker answered, not why the image failed. Given up, it is answered
     and deleted as before, the log saying which right the role lacks."""
-    import app_tier.worker
+    import app_tier.finish
 
     settings, aws = aws_env
-    monkeypatch.setattr(app_tier.worker, "MARK_DENIED_RETRY_DELAY_S", 0)
+    monkeypatch.setattr(app_tier.finish, "MARK_DENIED_RETRY_DELAY_S", 0)
     calls = deny_tagging(aws, monkeypatch, times=None)
     answer = answer_to_an_image_no_model_takes(settings, aws)
     assert not answer.ok and answer.error != DEAD_LETTER_ERROR

@@ -295,7 +295,8 @@ def _serves_within(r: Running, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while True:
         w = r.worker
-        if r.thread.is_alive() and all(t is not None and t.is_alive() for t in (w._fetcher, w._heartbeat)):
+        threads = (w._fetch_thread, w._heartbeat)
+        if r.thread.is_alive() and all(t is not None and t.is_alive() for t in threads):
             return True
         if time.monotonic() > deadline or not r.thread.is_alive():
             return False
@@ -337,7 +338,7 @@ class Running:
 
     def held_requests(self) -> set[str]:
         """The ids of the requests its worker holds (from a copy: its threads change them meanwhile)."""
-        return {j.request.id for j in list(self.worker.held._held.values()) if j.request}
+        return {j.request.id for j in self.worker.held.jobs() if j.request}
 
     def _dead(self) -> None:
         # What the worker held when it died: a successor's journal, or their timeout, must cover them.
@@ -512,8 +513,8 @@ class Episode:
         while True:
             now = time.monotonic() - started
             if now > EPISODE_DEADLINE_S:
-                serving = {r.name: (r.thread.is_alive(), r.worker._fetcher is not None
-                                    and r.worker._fetcher.is_alive()) for r in self.live()}
+                serving = {r.name: (r.thread.is_alive(), r.worker._fetch_thread is not None
+                                    and r.worker._fetch_thread.is_alive()) for r in self.live()}
                 raise AssertionError(f"not settled within {EPISODE_DEADLINE_S} s: requests "
                                      f"{self.depth(self.observer.request_queue_url)}; live workers "
                                      f"(serving, fetching) {serving}")
@@ -721,6 +722,7 @@ def _body_id(body: str) -> str:
 
 @pytest.fixture
 def fault_env(tmp_path, monkeypatch):
+    import app_tier.finish as finish_module
     import app_tier.worker as worker_module
 
     # A failed receive is tried again after 0.1 s, not 1 s (doubled up to 1 s, not 30 s): shorter episodes.
@@ -730,7 +732,7 @@ def fault_env(tmp_path, monkeypatch):
     monkeypatch.setattr(worker_module, "next_wait", quick)
     # A failure mark denied (an injected AccessDenied) is tried again at once too, as with
     # RETRY_DELAY 0, not a minute later: an episode waited that minute out.
-    monkeypatch.setattr(worker_module, "MARK_DENIED_RETRY_DELAY_S", 0)
+    monkeypatch.setattr(finish_module, "MARK_DENIED_RETRY_DELAY_S", 0)
     with mock_aws():
         base = dataclasses.replace(Settings(), receive_wait_s=0, visibility_timeout_s=2, retry_delay_s=0,
                                    max_image_pixels=MAX_PIXELS)

@@ -28,7 +28,7 @@ const SEND_AGAIN_CODES = new Set(["busy", "aws_unavailable", "request_timeout"])
 // lost: session.js answerLost).
 const NOT_THERE_YET = new Set([502, 503, 504]);
 // A stored item's failure worth another try: a dead letter (its `code`, refusals.py
-// DEAD_LETTER), or a worker's failure that begins as app_tier/worker.py's missing input
+// DEAD_LETTER), or a worker's failure that begins as app_tier/fetch.py's missing input
 // (test_web_uploads checks it), whose code is the worker's failure on the image.
 export const DEAD_LETTER = "dead_letter";
 const INPUT_MISSING = "the uploaded image is missing from the input bucket";
