@@ -142,11 +142,11 @@ class HeldMessages:
                     # Made visible by hide, which has yet to forget it: this receive is
                     # the next attempt. Taken for the copy in hand, nobody worked on it or
                     # kept it hidden, and it waited out its lease (a loaded CI machine).
-                    # Its answering mark was the old attempt's. Its at-risk mark stays until
-                    # the call that set it ends (a kill meanwhile may be this image's doing),
-                    # and its deleting mark stays too.
-                    held = self._held[job.message_id] = _Held(job, at_risk=held.at_risk,
-                                                              deleting=held.deleting)
+                    # Its answering and deleting marks were the old attempt's: kept, the
+                    # heartbeat would never extend this one, whose old delete, ending, forgets
+                    # only the old job. Its at-risk mark stays until the call that set it
+                    # ends (a kill meanwhile may be this image's doing).
+                    held = self._held[job.message_id] = _Held(job, at_risk=held.at_risk)
                     fresh.append(job)
                 else:
                     held.job.receipt = job.receipt

@@ -2324,6 +2324,41 @@ def test_a_message_received_again_while_being_let_go_is_the_next_attempt(aws_env
     assert not len(worker.held)
 
 
+def test_a_copy_received_while_the_old_one_is_deleted_and_let_go_is_kept_hidden(aws_env, monkeypatch):
+    """A delete under way (answered) and a release of the same job (a stop's race): the
+    next attempt, received between, must not carry the old attempt's deleting mark, which
+    the old delete, ending, does not clear: the heartbeat would never extend it."""
+    settings, aws = aws_env
+    upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
+    worker = Worker(settings, aws, MeanClassifier(), "i-race")
+    first = worker.fetch()
+    delete_batch, deleting, go_on = aws.sqs.delete_message_batch, threading.Event(), threading.Event()
+
+    def held_up_delete(**kwargs):
+        deleting.set()
+        assert go_on.wait(30)
+        return delete_batch(**kwargs)
+
+    monkeypatch.setattr(aws.sqs, "delete_message_batch", held_up_delete)
+    deleter = threading.Thread(target=worker.held.delete, args=(first.jobs,))
+    deleter.start()
+    assert deleting.wait(30)
+    again = release_with_a_receive_between(worker, first, monkeypatch)
+    go_on.set()
+    deleter.join(30)
+    assert [j.request.id for j in again.jobs] == ["a"] and len(worker.held) == 1
+    extended: list[str] = []
+    change = aws.sqs.change_message_visibility_batch
+
+    def recorded(**kwargs):
+        extended.extend(e["ReceiptHandle"] for e in kwargs["Entries"])
+        return change(**kwargs)
+
+    monkeypatch.setattr(aws.sqs, "change_message_visibility_batch", recorded)
+    worker.held.extend()  # a heartbeat round
+    assert extended == [again.jobs[0].receipt]
+
+
 def test_letting_go_a_message_no_longer_held_leaves_no_mark_on_a_later_copy(aws_env):
     """A release of a job already forgotten (extend dropped it as gone; a batch partly
     deleted) must not mark its id as being let go for good: a later copy received again
