@@ -431,6 +431,25 @@ def test_launches_ask_for_imdsv2_only_whatever_the_image_says():
     assert options["HttpPutResponseHopLimit"] == 1  # not reachable from a container on it
 
 
+@pytest.mark.parametrize("prefix", ["imgclass", "myapp"])
+def test_the_controllers_policy_launches_only_what_its_code_asks_for_imdsv2_only(prefix):
+    """The policy holds a holder of the controller's role to what launch() does: a
+    worker launched with IMDSv1 too (HttpTokens optional, or left to the image's and the
+    account's defaults) is refused, whatever its tags."""
+    policy, request = load("controller", prefix), launch_request(prefix)
+    assert request["MetadataOptions"]["HttpTokens"] == "required"
+    assert allows(policy, "ec2:RunInstances", INSTANCE, launch_context(request))
+    optional = {**request, "MetadataOptions": {**request["MetadataOptions"], "HttpTokens": "optional"}}
+    unset = {k: v for k, v in request.items() if k != "MetadataOptions"}
+    for launched in (optional, unset):
+        assert not allows(policy, "ec2:RunInstances", INSTANCE, launch_context(launched))
+    # The condition is the instance's only: the image, disk and network take no such key.
+    [statement] = [s for s in policy["Statement"]
+                   if "ec2:MetadataHttpTokens" in s.get("Condition", {}).get("StringEquals", {})]
+    assert statement["Action"] == ["ec2:RunInstances"]
+    assert statement["Resource"] == ["arn:aws:ec2:*:*:instance/*"]
+
+
 def instance_tags(request: dict) -> dict[str, str]:
     [spec] = [s for s in request["TagSpecifications"] if s["ResourceType"] == "instance"]
     return {t["Key"]: t["Value"] for t in spec["Tags"]}
@@ -438,6 +457,16 @@ def instance_tags(request: dict) -> dict[str, str]:
 
 def tag_request(tags: dict[str, str]) -> dict:
     return {**{f"aws:RequestTag/{k}": v for k, v in tags.items()}, "aws:TagKeys": list(tags)}
+
+
+def launch_context(request: dict) -> dict:
+    """What IAM reads of a RunInstances request for its instance: the tags it is given,
+    and its metadata options (absent from the request, EC2 sets no ec2:MetadataHttpTokens
+    key the policy could match, and the condition fails)."""
+    context = tag_request(instance_tags(request))
+    if "HttpTokens" in request.get("MetadataOptions", {}):
+        context["ec2:MetadataHttpTokens"] = request["MetadataOptions"]["HttpTokens"]
+    return context
 
 
 def tagged(tags: dict[str, str]) -> dict:
@@ -454,7 +483,7 @@ def ami_tags() -> dict[str, str]:
 def test_the_controller_may_launch_its_workers_from_the_baked_image_and_nothing_else(prefix):
     policy, request = load("controller", prefix), launch_request(prefix)
     tags = instance_tags(request)
-    assert allows(policy, "ec2:RunInstances", INSTANCE, tag_request(tags))
+    assert allows(policy, "ec2:RunInstances", INSTANCE, launch_context(request))
     assert allows(policy, "ec2:RunInstances", IMAGE, tagged(ami_tags()))
     for resource in LAUNCHED_WITH:
         assert allows(policy, "ec2:RunInstances", resource, {})
@@ -466,10 +495,14 @@ def test_the_controller_may_launch_its_workers_from_the_baked_image_and_nothing_
     # Not another image, nor an instance that is not tagged as ours.
     assert not allows(policy, "ec2:RunInstances", IMAGE, {})
     assert not allows(policy, "ec2:RunInstances", IMAGE, tagged({"imgclass:role": "something-else"}))
+    imdsv2 = {"ec2:MetadataHttpTokens": "required"}
     assert not allows(policy, "ec2:RunInstances", INSTANCE, {})
-    assert not allows(policy, "ec2:RunInstances", INSTANCE, tag_request({**tags, "imgclass:prefix": "other"}))
-    assert not allows(policy, "ec2:RunInstances", INSTANCE, tag_request({**tags, "Owner": "me"}))
-    assert not allows(policy, "ec2:RunInstances", INSTANCE, tag_request({**tags, "Name": "web-instance"}))
+    assert not allows(policy, "ec2:RunInstances", INSTANCE,
+                      {**tag_request({**tags, "imgclass:prefix": "other"}), **imdsv2})
+    assert not allows(policy, "ec2:RunInstances", INSTANCE,
+                      {**tag_request({**tags, "Owner": "me"}), **imdsv2})
+    assert not allows(policy, "ec2:RunInstances", INSTANCE,
+                      {**tag_request({**tags, "Name": "web-instance"}), **imdsv2})
     # Tags only as it launches; a role only for EC2, and only the worker's.
     assert not allows(policy, "ec2:CreateTags", INSTANCE, tag_request(tags))
     assert not allows(policy, "iam:PassRole", role, {"iam:PassedToService": "lambda.amazonaws.com"})
