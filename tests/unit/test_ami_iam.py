@@ -350,7 +350,7 @@ MANAGED_POLICY_CHARS, ROLE_INLINE_CHARS = 6_144, 10_240
 @pytest.mark.parametrize("policy_file", sorted(p.name for p in AMI.glob("iam*.json")))
 def test_each_policy_fits_where_the_readmes_put_it_for_the_longest_prefix(policy_file):
     """Too large, `create-policy` or `put-role-policy` fails with LimitExceeded. (A user's
-    inline policies may hold 2,048 characters in all: the bake policy nearly fills them,
+    inline policies may hold 2,048 characters in all: the bake policy alone exceeds them,
     hence managed policies for users.) The worker's role also takes the README's statement
     for weights in S3."""
     longest = "a" * 52  # APP_PREFIX's most (common/config.py)
@@ -431,6 +431,25 @@ def test_launches_ask_for_imdsv2_only_whatever_the_image_says():
     assert options["HttpPutResponseHopLimit"] == 1  # not reachable from a container on it
 
 
+@pytest.mark.parametrize("prefix", ["imgclass", "myapp"])
+def test_the_controllers_policy_launches_only_what_its_code_asks_for_imdsv2_only(prefix):
+    """The policy holds a holder of the controller's role to what launch() does: a
+    worker launched with IMDSv1 too (HttpTokens optional, or left to the image's and the
+    account's defaults) is refused, whatever its tags."""
+    policy, request = load("controller", prefix), launch_request(prefix)
+    assert request["MetadataOptions"]["HttpTokens"] == "required"
+    assert allows(policy, "ec2:RunInstances", INSTANCE, launch_context(request))
+    optional = {**request, "MetadataOptions": {**request["MetadataOptions"], "HttpTokens": "optional"}}
+    unset = {k: v for k, v in request.items() if k != "MetadataOptions"}
+    for launched in (optional, unset):
+        assert not allows(policy, "ec2:RunInstances", INSTANCE, launch_context(launched))
+    # The condition is the instance's only: the image, disk and network take no such key.
+    [statement] = [s for s in policy["Statement"]
+                   if "ec2:MetadataHttpTokens" in s.get("Condition", {}).get("StringEquals", {})]
+    assert statement["Action"] == ["ec2:RunInstances"]
+    assert statement["Resource"] == ["arn:aws:ec2:*:*:instance/*"]
+
+
 def instance_tags(request: dict) -> dict[str, str]:
     [spec] = [s for s in request["TagSpecifications"] if s["ResourceType"] == "instance"]
     return {t["Key"]: t["Value"] for t in spec["Tags"]}
@@ -438,6 +457,16 @@ def instance_tags(request: dict) -> dict[str, str]:
 
 def tag_request(tags: dict[str, str]) -> dict:
     return {**{f"aws:RequestTag/{k}": v for k, v in tags.items()}, "aws:TagKeys": list(tags)}
+
+
+def launch_context(request: dict) -> dict:
+    """What IAM reads of a RunInstances request for its instance: the tags it is given,
+    and its metadata options (absent from the request, EC2 sets no ec2:MetadataHttpTokens
+    key the policy could match, and the condition fails)."""
+    context = tag_request(instance_tags(request))
+    if "HttpTokens" in request.get("MetadataOptions", {}):
+        context["ec2:MetadataHttpTokens"] = request["MetadataOptions"]["HttpTokens"]
+    return context
 
 
 def tagged(tags: dict[str, str]) -> dict:
@@ -454,7 +483,7 @@ def ami_tags() -> dict[str, str]:
 def test_the_controller_may_launch_its_workers_from_the_baked_image_and_nothing_else(prefix):
     policy, request = load("controller", prefix), launch_request(prefix)
     tags = instance_tags(request)
-    assert allows(policy, "ec2:RunInstances", INSTANCE, tag_request(tags))
+    assert allows(policy, "ec2:RunInstances", INSTANCE, launch_context(request))
     assert allows(policy, "ec2:RunInstances", IMAGE, tagged(ami_tags()))
     for resource in LAUNCHED_WITH:
         assert allows(policy, "ec2:RunInstances", resource, {})
@@ -466,10 +495,14 @@ def test_the_controller_may_launch_its_workers_from_the_baked_image_and_nothing_
     # Not another image, nor an instance that is not tagged as ours.
     assert not allows(policy, "ec2:RunInstances", IMAGE, {})
     assert not allows(policy, "ec2:RunInstances", IMAGE, tagged({"imgclass:role": "something-else"}))
+    imdsv2 = {"ec2:MetadataHttpTokens": "required"}
     assert not allows(policy, "ec2:RunInstances", INSTANCE, {})
-    assert not allows(policy, "ec2:RunInstances", INSTANCE, tag_request({**tags, "imgclass:prefix": "other"}))
-    assert not allows(policy, "ec2:RunInstances", INSTANCE, tag_request({**tags, "Owner": "me"}))
-    assert not allows(policy, "ec2:RunInstances", INSTANCE, tag_request({**tags, "Name": "web-instance"}))
+    assert not allows(policy, "ec2:RunInstances", INSTANCE,
+                      {**tag_request({**tags, "imgclass:prefix": "other"}), **imdsv2})
+    assert not allows(policy, "ec2:RunInstances", INSTANCE,
+                      {**tag_request({**tags, "Owner": "me"}), **imdsv2})
+    assert not allows(policy, "ec2:RunInstances", INSTANCE,
+                      {**tag_request({**tags, "Name": "web-instance"}), **imdsv2})
     # Tags only as it launches; a role only for EC2, and only the worker's.
     assert not allows(policy, "ec2:CreateTags", INSTANCE, tag_request(tags))
     assert not allows(policy, "iam:PassRole", role, {"iam:PassedToService": "lambda.amazonaws.com"})
@@ -510,6 +543,21 @@ def test_a_worker_may_put_its_two_tags_on_its_own_deployments_app_tier_instances
 
 BAKER = "imgclass-baker"  # ami/README.md's --build-instance-profile, and its role
 BUILD_GROUP = f"arn:aws:ec2:{REGION}:{ACCOUNT}:security-group/sg-0packer"
+SNAPSHOT = f"arn:aws:ec2:{REGION}:{ACCOUNT}:snapshot/snap-0123456789abcdef0"
+
+
+def run_tags() -> dict[str, str]:
+    """The tags worker.pkr.hcl gives the build's instance, key pair and group, and (the
+    plugin since hashicorp/packer-plugin-amazon#327, unless skip_ami_run_tags) the image
+    and its snapshot as CreateImage makes them."""
+    template = (AMI / "worker.pkr.hcl").read_text()
+    return {"Name": re.search(r'run_tags = \{\s*Name = "([^"]+)"\s*\}', template)[1]}
+
+
+def ami_tag_keys() -> list[str]:
+    """The keys of the tags worker.pkr.hcl puts on the image and its snapshot once made."""
+    block = re.search(r"^  tags = \{\n(.*?)^  \}", (AMI / "worker.pkr.hcl").read_text(), re.M | re.S)[1]
+    return [k.strip('"') for k in re.findall(r'^\s*("[^"]+"|\w+)\s*=', block, re.M)]
 
 
 def test_the_bakers_policy_allows_what_packers_build_of_the_template_calls():
@@ -549,7 +597,19 @@ def test_the_bakers_policy_allows_what_packers_build_of_the_template_calls():
     assert allows(policy, "ec2:CreateTags", f"arn:aws:ec2:{REGION}:{ACCOUNT}:key-pair/packer_1",
                   {"ec2:CreateAction": "CreateKeyPair"})
     assert allows(policy, "ec2:CreateTags", BUILD_GROUP, {"ec2:CreateAction": "CreateSecurityGroup"})
-    assert allows(policy, "ec2:CreateTags", IMAGE, {})
+    # The image: made from the build instance (above), its run tags given to the image and
+    # its snapshot as CreateImage makes them; then its description and IMDS support set
+    # (ModifyImageAttribute, before the tags), then tagged as the template says.
+    at_creation = {"ec2:CreateAction": "CreateImage", **tag_request(run_tags())}
+    for made in (IMAGE, SNAPSHOT):
+        assert allows(policy, "ec2:CreateImage", made, tag_request(run_tags())), made
+        assert allows(policy, "ec2:CreateTags", made, at_creation), made
+    assert "ami_description" in template and "imds_support" in template
+    assert allows(policy, "ec2:ModifyImageAttribute", IMAGE, tagged(run_tags()))
+    assert set(ami_tag_keys()) == {"Name", "imgclass:role", "SourceAMI"}
+    ami_tagging = {**tagged(run_tags()), **tag_request(dict.fromkeys(ami_tag_keys(), "v"))}
+    for made in (IMAGE, SNAPSHOT):
+        assert allows(policy, "ec2:CreateTags", made, ami_tagging), made
     assert "iam_instance_profile" in template
     assert allows(policy, "iam:GetInstanceProfile", f"arn:aws:iam::{ACCOUNT}:instance-profile/{BAKER}")
     assert allows(policy, "iam:PassRole", f"arn:aws:iam::{ACCOUNT}:role/{BAKER}",
@@ -581,3 +641,44 @@ def test_the_baker_may_end_only_its_build_instance_and_pass_only_its_own_role():
     assert {a.split(":")[0] for a in allowed_actions(policy)} == {"ec2", "iam"}
     assert {a for a in allowed_actions(policy) if a.startswith("iam:")} == {"iam:GetInstanceProfile",
                                                                             "iam:PassRole"}
+
+
+def test_the_baker_may_tag_as_the_worker_image_or_change_only_an_image_its_build_made():
+    """The controller launches only an image tagged imgclass:role=app-tier-ami: the
+    baker may put that tag only on the image (and its snapshot) that CreateImage made
+    of the build instance, which carries the build's run tag from its making, never on
+    another image of the account, a shared or a public one; nor share or change another
+    image, nor share any snapshot."""
+    policy = json.loads((AMI / "iam-bake-policy.json").read_text())
+    worker_image = tag_request({"imgclass:role": "app-tier-ami"})
+    for other in (IMAGE, SNAPSHOT):
+        assert not allows(policy, "ec2:CreateTags", other, worker_image), other
+        assert not allows(policy, "ec2:CreateTags", other,
+                          {**tagged({"Name": "web-instance"}), **worker_image}), other
+        # Tagged as the build's only as CreateImage makes it, and only with that tag.
+        assert not allows(policy, "ec2:CreateTags", other, {**tag_request(run_tags())}), other
+        assert not allows(policy, "ec2:CreateTags", other,
+                          {"ec2:CreateAction": "CreateImage", **worker_image}), other
+        assert not allows(policy, "ec2:CreateTags", other,
+                          {"ec2:CreateAction": "CreateImage",
+                           **tag_request({**run_tags(), "imgclass:role": "app-tier-ami"})}), other
+        # The build's own image: the template's tags, no others.
+        assert not allows(policy, "ec2:CreateTags", other,
+                          {**tagged(run_tags()), **tag_request({"Owner": "me"})}), other
+    # An image is made only of the build instance (else any instance's, web's included,
+    # could be made an image tagged as the build's).
+    assert not allows(policy, "ec2:CreateImage", INSTANCE, {})
+    assert not allows(policy, "ec2:CreateImage", INSTANCE, tagged({"Name": "web-instance"}))
+    # Described, given IMDS support (or shared) only while it is the build's.
+    assert not allows(policy, "ec2:ModifyImageAttribute", IMAGE, {})
+    assert not allows(policy, "ec2:ModifyImageAttribute", IMAGE, tagged({"imgclass:role": "app-tier-ami"}))
+    # What this template never asks of Packer (snapshot_users or snapshot_groups would share
+    # the snapshot; chroot and ebsvolume builds make and attach volumes): not granted.
+    template = (AMI / "worker.pkr.hcl").read_text()
+    for option in ("snapshot_users", "snapshot_groups", "skip_ami_run_tags", "amazon-chroot",
+                   "amazon-ebsvolume", "amazon-ebssurrogate"):
+        assert option not in template, option
+    never = {"ec2:ModifySnapshotAttribute", "ec2:CreateVolume", "ec2:AttachVolume"}
+    assert not never & allowed_actions(policy)
+    # The run tags on the image come with the plugin of 1.3.0 on (#327, early 2023).
+    assert re.search(r'amazon = \{\s*version = ">= 1\.3\.0"', template)
