@@ -25,6 +25,11 @@ localaws/moto_patches.py has changed); tests/unit/test_moto_middleware.py tests 
   its Content-Length is refused here (IncompleteBody, S3's code, whatever the
   service) and changes nothing.
 - ActionStats, for `make bench`: the server's CPU time per API action.
+- BrowserGuard, for safety: the embedded AWS takes any credentials, and moto
+  answers any origin's CORS preflight, so while `make run` ran any web page open
+  in the developer's browser could read the uploads, answer in the workers'
+  place, or reset everything (found by a security review). What a browser sends
+  is refused.
 """
 
 from __future__ import annotations
@@ -225,3 +230,47 @@ class ActionStats:
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(snapshot, indent=1, sort_keys=True))
             tmp.replace(self.path)
+
+
+class BrowserGuard:
+    """Refuses, 403, what a web browser sends: a request with an Origin or a
+    Sec-Fetch-* header (every current browser adds them, to each request, and to
+    a CORS preflight; boto3 sends none), or naming a host other than this server's
+    (DNS rebinding, from a browser too old to send them). Bound to every address
+    ("0.0.0.0"), the server has no one name, and the host is not checked."""
+
+    BROWSER_HEADERS = ("HTTP_ORIGIN", "HTTP_SEC_FETCH_SITE", "HTTP_SEC_FETCH_MODE", "HTTP_SEC_FETCH_DEST")
+    LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
+    def __init__(self, app: Callable, bind_host: str) -> None:
+        self.app = app
+        any_address = bind_host in ("0.0.0.0", "::", "")
+        self.hosts = None if any_address else {bind_host.lower(), *self.LOOPBACK_NAMES}
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        why = self._refusal(environ)
+        if why is None:
+            return self.app(environ, start_response)
+        start_response("403 Forbidden", [("Content-Type", "text/plain; charset=utf-8")])
+        return [f"the embedded AWS refuses this request: {why}\n".encode()]
+
+    def _refusal(self, environ: dict[str, Any]) -> str | None:
+        sent = [name[5:].replace("_", "-").title() for name in self.BROWSER_HEADERS if name in environ]
+        if sent:
+            return f"it comes from a web browser (it sends {sent[0]}); only programs may call it"
+        if self.hosts is None:
+            return None
+        host = host_name(environ.get("HTTP_HOST", ""))
+        # S3 names a bucket in the host too (bucket.localhost), where the client asks it to.
+        if host in self.hosts or any(host.endswith("." + name) for name in self.hosts):
+            return None
+        return f"it names the host {host[:64]!r}, not this server's"
+
+
+def host_name(header: str) -> str:
+    """The host of a Host header, without its port: "127.0.0.1:5000" -> "127.0.0.1",
+    "[::1]:5000" -> "::1"."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header

@@ -8,8 +8,8 @@ runs it) serves what `python -m moto.server` serves, changed in three layers:
   instances, where S3 keeps large objects;
 - localaws/moto_middleware.py wraps moto's WSGI application: DescribeInstances
   answered once per change to EC2, each service's requests one at a time
-  (moto's backends are not thread-safe), a body cut short refused, and for
-  `make bench` the server's CPU per action;
+  (moto's backends are not thread-safe), a body cut short refused, what a web
+  browser sends refused, and for `make bench` the server's CPU per action;
 - this module serves the result, with the two changes below.
 
 Each keeps moto's behaviour (see tests/unit/test_moto_patches.py,
@@ -49,7 +49,7 @@ from common.config import region_from_env
 from common.heap import freeze_startup_heap
 from localaws import moto_patches
 from localaws.lifeline import stop_when_unheld
-from localaws.moto_middleware import STATS_ENV, ActionStats, Ec2ReadCache, ServiceLocks
+from localaws.moto_middleware import STATS_ENV, ActionStats, BrowserGuard, Ec2ReadCache, ServiceLocks
 
 
 def warm_up(app: Callable, region: str) -> None:
@@ -80,9 +80,9 @@ def warm_up(app: Callable, region: str) -> None:
         raise RuntimeError(f"moto's warm-up calls failed: {failed}")
 
 
-def build_app() -> Callable:
+def build_app(bind_host: str) -> Callable:
     """moto's WSGI application, patched and warmed up, with the EC2 read cache
-    (and CPU statistics if asked)."""
+    (and CPU statistics if asked), refusing browsers (for a server bound to `bind_host`)."""
     moto_patches.apply()
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 
@@ -93,7 +93,7 @@ def build_app() -> Callable:
     stats_path = os.environ.get(STATS_ENV)
     if stats_path:
         app = ActionStats(app, Path(stats_path))
-    return app
+    return BrowserGuard(app, bind_host)
 
 
 def _end_with_the_worker(arbiter: Any, worker: Any) -> None:
@@ -146,7 +146,7 @@ class KeepAliveServer(BaseApplication):
                 self.cfg.set(name, value)
 
     def load(self) -> Callable:
-        return build_app()
+        return build_app(self.host)
 
 
 def main(argv: list[str] | None = None) -> None:

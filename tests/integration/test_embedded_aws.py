@@ -49,6 +49,20 @@ def test_connections_are_kept_between_requests(moto):
     conn.close()
 
 
+def test_a_web_browsers_request_is_refused_where_a_programs_is_answered(moto):
+    """Served as `make run` serves it: a page in the developer's browser gets nothing."""
+    port, _ = moto
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    for headers, status in (({}, 200), ({"Origin": "https://evil.example"}, 403),
+                            ({"Sec-Fetch-Site": "cross-site"}, 403), ({"Host": "evil.example"}, 403)):
+        conn.request("GET", "/moto-api/data.json", headers=headers)
+        reply = conn.getresponse()
+        reply.read()
+        assert reply.status == status, headers
+    conn.close()
+    assert client("sqs", port).list_queues()["ResponseMetadata"]["HTTPStatusCode"] == 200  # boto3's pass
+
+
 def accepted(server: psutil.Process, port: int) -> int:
     """Connections to `port` the server's processes have accepted (and hold open)."""
     count = 0

@@ -153,3 +153,42 @@ def test_a_body_cut_short_by_a_dead_client_stores_nothing(monkeypatch):
     whole.update({"CONTENT_LENGTH": "100", "wsgi.input": io.BytesIO(b"x" * 100)})
     b"".join(app(whole, lambda status, headers: statuses.append(status)))
     assert statuses[-1] == "200 OK" and called == [b"x" * 100]
+
+
+def guarded(bind_host: str = "127.0.0.1"):
+    from werkzeug.test import Client
+
+    aws = FakeAws()
+    return aws, Client(moto_middleware.BrowserGuard(aws, bind_host))
+
+
+def test_what_a_web_browser_sends_is_refused_and_never_reaches_moto():
+    """Any page open in the developer's browser could otherwise read the uploads, answer in
+    the workers' place or reset everything: moto takes any credentials, any origin."""
+    aws, client = guarded()
+    program = {"Host": "127.0.0.1:5000"}
+    assert client.post("/moto-api/reset", headers=program).status_code == 200  # as the tests ask
+    for browser in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"},
+                    {"Sec-Fetch-Mode": "no-cors"}, {"Sec-Fetch-Dest": "image"}):
+        for method in ("GET", "POST", "OPTIONS"):  # OPTIONS: a CORS preflight
+            reply = client.open("/moto-api/reset", method=method, headers={**program, **browser})
+            assert reply.status_code == 403, (method, browser)
+            assert "Access-Control-Allow-Origin" not in reply.headers
+            assert reply.text.startswith("the embedded AWS refuses this request: it comes from a web browser")
+    assert aws.seen == ["moto-api"]
+
+
+def test_a_host_other_than_the_servers_is_refused_unless_it_is_bound_to_every_address():
+    """DNS rebinding: a page of evil.example whose name now points at 127.0.0.1."""
+    aws, client = guarded()
+    for host in ("127.0.0.1:5000", "localhost:5000", "[::1]:5000", "bucket.localhost:5000", "127.0.0.1"):
+        assert client.get("/", headers={"Host": host}).status_code == 200, host
+    for host in ("evil.example:5000", "127.0.0.1.evil.example", "localhost.evil.example:5000"):
+        reply = client.get("/", headers={"Host": host})
+        assert reply.status_code == 403 and "names the host" in reply.text, host
+    assert len(aws.seen) == 5
+    # Bound to every address, its names are unknown: only the browser's headers are refused.
+    _, anywhere = guarded("0.0.0.0")
+    assert anywhere.get("/", headers={"Host": "my-laptop.lan:5000"}).status_code == 200
+    assert anywhere.get("/", headers={"Host": "my-laptop.lan:5000", "Origin": "http://x"}).status_code == 403
+
