@@ -25,6 +25,16 @@ SAME_SITE_ORIGINS = ("same-origin", "none")
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
+def open_to_anyone(web_host: str, api_key: str | None) -> str | None:
+    """A warning for a web tier served beyond this machine with no API key (None if it is
+    not): anyone who reaches it may upload, and so launch up to MAX_INSTANCES instances."""
+    if api_key or _on_loopback(web_host):
+        return None
+    return (f"the web tier listens on {web_host or 'every address'} with no API_KEY: anyone who "
+            "reaches it may upload, and scale the fleet out. Set API_KEY (and serve it behind TLS, "
+            "README: On real AWS), or listen on 127.0.0.1 behind a proxy that checks who calls")
+
+
 def refuse_cross_site_writes() -> None:
     """Refuse a browser's POST sent by another site's page: without an API key, any page
     a user visits could upload through their browser, to a `make run` on their own

@@ -219,6 +219,11 @@ def post_worker_init(worker: Worker) -> None:
     from web_tier.slow_clients import OneLineForTimedOutClients, ReceiveLimits, limit_receive_time
 
     svc = worker.wsgi.extensions[EXTENSION]
+    from web_tier.auth import open_to_anyone
+
+    warning = open_to_anyone(svc.settings.web_host_bare, svc.settings.api_key)
+    if warning:
+        worker.log.warning("web tier: %s", warning)
     svc.aws.open("s3", "s3_upload", "sqs", "sqs_receive", "sqs_send")
     svc.aws.probes  # noqa: B018  (made now, not at the first health check)
     limit_receive_time(worker.sockets, svc.settings.receive_timeout_s)

@@ -429,3 +429,18 @@ def test_an_ipv6_web_host_is_bound_as_one(monkeypatch):
         monkeypatch.setenv("WEB_HOST", host)
         conf = runpy.run_path(str(Path(__file__).parents[2] / "web_tier" / "gunicorn.conf.py"))
         assert conf["bind"] == "[::]:8000"
+
+
+@pytest.mark.parametrize(("host", "key", "warned"), [
+    ("0.0.0.0", None, True), ("::", "", True), ("10.0.1.5", None, True), ("web.example.com", None, True),
+    ("0.0.0.0", "a-long-secret", False), ("127.0.0.1", None, False), ("localhost", None, False),
+    ("::1", None, False),
+])
+def test_a_web_tier_open_beyond_this_machine_without_an_api_key_is_warned_of(host, key, warned):
+    """Anyone who reaches it may upload, and scale the fleet out to MAX_INSTANCES."""
+    from web_tier.auth import open_to_anyone
+
+    warning = open_to_anyone(host, key)
+    assert (warning is not None) == warned
+    if warned:
+        assert "with no API_KEY: anyone who reaches it may upload" in warning
