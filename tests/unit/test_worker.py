@@ -1674,14 +1674,7 @@ def test_an_image_s3_cannot_serve_is_tried_again_later_not_at_once(aws_env, monk
         raise ClientError({"Error": {"Code": "InternalError", "Message": "S3 is down"}}, "GetObject")
 
     monkeypatch.setattr(aws.s3, "get_object", s3_down)
-    hidden_for: list[int] = []
-    change = aws.sqs.change_message_visibility_batch
-
-    def recorded(**kwargs):
-        hidden_for.extend(e["VisibilityTimeout"] for e in kwargs["Entries"])
-        return change(**kwargs)
-
-    monkeypatch.setattr(aws.sqs, "change_message_visibility_batch", recorded)
+    hidden_for = hides_asked(aws, monkeypatch)
     worker = Worker(settings, aws, MeanClassifier(), "i-s3-down")
     assert worker.fetch().jobs == []
     assert depth(aws, aws.request_queue_url) == (0, 1)  # hidden, not handed straight back
@@ -2165,12 +2158,13 @@ def deny_tagging(aws: Aws, monkeypatch, times: int | None) -> list[str]:
     return calls
 
 
-def hides_asked(aws: Aws, monkeypatch) -> list[int]:
-    """The visibility timeouts the worker asks SQS for, in order."""
+def hides_asked(aws: Aws, monkeypatch, field: str = "VisibilityTimeout") -> list:
+    """The visibility timeouts the worker asks SQS for, in order (or another `field` of
+    each change: its "ReceiptHandle")."""
     change, asked = aws.sqs.change_message_visibility_batch, []
 
     def recorded(**kwargs):
-        asked.extend(e["VisibilityTimeout"] for e in kwargs["Entries"])
+        asked.extend(e[field] for e in kwargs["Entries"])
         return change(**kwargs)
 
     monkeypatch.setattr(aws.sqs, "change_message_visibility_batch", recorded)
@@ -2347,14 +2341,7 @@ def test_a_copy_received_while_the_old_one_is_deleted_and_let_go_is_kept_hidden(
     go_on.set()
     deleter.join(30)
     assert [j.request.id for j in again.jobs] == ["a"] and len(worker.held) == 1
-    extended: list[str] = []
-    change = aws.sqs.change_message_visibility_batch
-
-    def recorded(**kwargs):
-        extended.extend(e["ReceiptHandle"] for e in kwargs["Entries"])
-        return change(**kwargs)
-
-    monkeypatch.setattr(aws.sqs, "change_message_visibility_batch", recorded)
+    extended = hides_asked(aws, monkeypatch, "ReceiptHandle")
     worker.held.extend()  # a heartbeat round
     assert extended == [again.jobs[0].receipt]
 
