@@ -22,6 +22,13 @@ def inference_table(inference: dict[str, Any]) -> str:
     text = report.table(
         f"(a) Model alone, in-process (fresh process each). Local limit: {lim['runtime']} threads="
         f"{lim['threads']} batch {lim['batch']} = {lim['images_per_s']:.1f} images/s", header, rows)
+    pair = inference.get("side_by_side")
+    if pair:
+        each = " + ".join(f"{v:.1f}" for v in pair["each_images_per_s"])
+        text += (f"\n  {pair['processes']} one-thread processes side by side, batch {pair['batch']}: "
+                 f"{pair['images_per_s']:.1f} images/s together ({each}), "
+                 f"{report.fmt(report.ratio(pair['images_per_s'], lim['images_per_s']), '%')} of the limit "
+                 "(informative: how the stack's workers run their batches)")
     for name, error in (inference.get("errors") or {}).items():
         text += f"\n  {name}: FAILED, {short(error)}"
     return text
@@ -235,6 +242,12 @@ def print_figures(doc: dict[str, Any]) -> None:
         print(e2e_table(e2e), "\n")
         print(f"(c) end-to-end / in-process limit: {report.fmt(e2e_ratio, '%')} "
               f"({tput.get('throughput_images_per_s', 0):.1f} / {limit or 0:.1f} images/s)")
+        pair = (inference or {}).get("side_by_side")
+        if pair and doc.get("ratio_e2e_to_side_by_side") is not None:
+            ratio = report.fmt(doc["ratio_e2e_to_side_by_side"], "%")
+            print(f"    Against the model alone in {pair['processes']} one-thread processes side by side "
+                  f"({pair['images_per_s']:.1f} images/s): {ratio} (informative; the target is judged "
+                  "against (a)'s one process, as the issue defines it).")
         now = e2e.get("model_now")
         if now:
             print(model_now_line(now, limit, doc.get("ratio_e2e_to_limit_now")))

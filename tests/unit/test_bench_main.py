@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -100,6 +101,33 @@ def test_a_run_without_failures_exits_zero(fake_model, bench_dir: Path):
     doc = json.loads(out.read_text())
     assert doc["parts"]["inference"]["source"] == "this run"
     assert doc["parts"]["e2e"]["source"] == "not measured" and doc["end_to_end"] is None
+
+
+def test_a_measures_two_one_thread_processes_at_once_beside_the_limit(
+        fake_model, bench_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """Informative: the stack's workers run their batches on one thread each, and two such
+    processes got more of 2 cores than (a)'s one process on both."""
+    together = threading.Barrier(2, timeout=30)  # both measured at once, or this breaks
+    asked: list[tuple] = []
+
+    def measure(runtime: str, threads: int, images: Path, **kwargs) -> InferenceResult:
+        asked.append((runtime, threads, kwargs.get("batch_sizes")))
+        if kwargs.get("batch_sizes") == (8,):
+            together.wait()
+            return _result(runtime, threads, 14.0 if threading.current_thread().name.endswith("0") else 13.0)
+        found = _result(runtime, threads, 25.0 if threads == 0 else 11.0)
+        found.throughput[8] += 1.0  # the limit's best batch
+        return found
+
+    monkeypatch.setattr(bench_main, "measure", measure)
+    out = bench_dir / "latest.json"
+    assert bench_main.main(["--only", "inference", "--json", str(out), "--skip-tensorflow"]) == 0
+    doc = json.loads(out.read_text())
+    pair = doc["inference"]["side_by_side"]
+    assert asked.count(("openvino", 1, (8,))) == 2  # at the limit's best batch
+    assert (pair["processes"], pair["threads"], pair["batch"], pair["images_per_s"]) == (2, 1, 8, 27.0)
+    assert sorted(pair["each_images_per_s"]) == [13.0, 14.0]
+    assert "2 one-thread processes side by side, batch 8: 27.0 images/s together" in capsys.readouterr().out
 
 
 def test_tensorflow_failing_keeps_openvino(fake_model, bench_dir: Path, capsys: pytest.CaptureFixture):
@@ -243,7 +271,8 @@ def test_past_the_deadline_the_bench_starts_no_part_and_says_why(
     why = "not run: the bench's deadline passed (9 min from its start)"
     doc = json.loads(out.read_text())
     assert doc["inference"]["local_limit"]["images_per_s"] == 25.0
-    assert doc["inference"]["errors"] == {"openvino/threads=1": why, "tensorflow/threads=0": why}
+    assert doc["inference"]["errors"] == {"openvino/threads=1": why, "tensorflow/threads=0": why,
+                                          bench_main.SIDE_BY_SIDE: why}
     assert doc["end_to_end"] is None and doc["sqs"] is None  # not the previous run's either
     assert doc["parts"]["e2e"]["error"] == why and doc["parts"]["sqs"]["error"] == why
     assert set(doc["noise"]) == {"inference"}
@@ -334,7 +363,8 @@ def test_a_model_measurement_under_way_at_the_deadline_is_stopped_then(
     assert doc["inference"]["errors"] == {
         "openvino/threads=1": "DeadlinePassed: the bench's deadline passed during (a) openvino/threads=1 "
                               "(9 min from its start)",
-        "tensorflow/threads=0": "not run: the bench's deadline passed (9 min from its start)"}
+        "tensorflow/threads=0": "not run: the bench's deadline passed (9 min from its start)",
+        bench_main.SIDE_BY_SIDE: "not run: the bench's deadline passed (9 min from its start)"}
 
 
 def _run(failed: int = 0, wrong: int = 0, zero_s: float | None = 1.0) -> dict:
