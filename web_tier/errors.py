@@ -143,9 +143,8 @@ def with_retry_after(response: Response, code: str) -> Response:
 def _too_large(exc: RequestEntityTooLarge) -> Response:
     if isinstance(exc, FormTextTooLarge):
         return error_response(Refusal(
-            413, f"the form's text fields hold more than {exc.budget} bytes in all (a batch id, "
-                 f"\"create\" and a token of at most 64 characters for each file): "
-                 + send_as_files(_file_fields()[0]), code=Code.REQUEST_TOO_LARGE))
+            413, f"the form's text fields and part headers (file names) hold more than {exc.budget} "
+                 f"bytes in all: " + send_as_files(_file_fields()[0]), code=Code.REQUEST_TOO_LARGE))
     limit, length = request.max_content_length, request.content_length
     if limit is not None and length is not None and length <= limit:
         # Within the size limit: Werkzeug counted more form parts than MAX_FORM_PARTS, or

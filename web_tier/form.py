@@ -27,9 +27,10 @@ MAX_REQUEST_BYTES = 2 * 1024**3
 # The form's own fields (a batch id, a token, "create") are 64 characters at most, but
 # the limit bounds the parser's buffer too, which takes the body 64 KB at a time.
 MAX_TEXT_FIELD_BYTES = 128 * 1024
-# Text a form holds in all, beside its files (web_tier/multipart.py): one field at its
-# limit, and a token of 64 characters for each file, twice over.
-TEXT_BYTES_PER_FILE = 128
+# Text a form holds in all, beside its files' bytes (web_tier/multipart.py): one field
+# at its limit, and for each file a token of 64 characters and its part's headers with
+# a file name of 255 bytes (~350), each twice over.
+TEXT_BYTES_PER_FILE = 1024
 # The form fields each upload endpoint takes its files from.
 CLASSIFY_FIELDS = ("inputFile", "myfile")
 JOBS_FIELDS = ("files",)
@@ -45,7 +46,8 @@ def jobs_body_limit(settings: Settings) -> int:
 
 
 def form_text_budget(settings: Settings) -> int:
-    """The most text, in bytes, a request's form may hold in all fields together."""
+    """The most text, in bytes, a request's form may hold in all its fields and part
+    headers together."""
     return MAX_TEXT_FIELD_BYTES + TEXT_BYTES_PER_FILE * max(1, settings.max_files_per_request)
 
 

@@ -1,13 +1,16 @@
 """Werkzeug's multipart parser, with one more limit: the text of a whole form.
 
-Werkzeug bounds each text field (MAX_FORM_MEMORY_SIZE) and the number of parts
-(MAX_FORM_PARTS), not their product: a form of 2,100 text parts just under the field
-limit is kept whole in memory, and decoded with "replace" a byte of 0xFF becomes a
-3-byte U+FFFD in a 2-byte-per-character string, so ~275 MB sent held ~550 MB until the
-request ended (measured: 200 such fields, 26 MB sent, held 52 MB). The form's own text
-is a batch id, "create" and a token a file, 64 characters each at most. The loop below
-is Werkzeug's `MultiPartParser.parse` (3.1), which gives no hook between its decoder's
-events, with the running total of text added.
+Werkzeug bounds each text field and each part's headers (MAX_FORM_MEMORY_SIZE) and
+the number of parts (MAX_FORM_PARTS), not their product: a form of 2,100 text parts
+just under the field limit is kept whole in memory, and decoded with "replace" a byte
+of 0xFF becomes a 3-byte U+FFFD in a 2-byte-per-character string, so ~275 MB sent
+held ~550 MB until the request ended (measured: 200 such fields, 26 MB sent, held
+52 MB). File parts' headers are kept too, their file names twice (400 empty files
+named with 60 KB each, 25 MB sent, held 50 MB). The form's own text is a batch id,
+"create" and a token a file, 64 characters each at most, and a file name is 255
+bytes at most on every common file system. The loop below is Werkzeug's
+`MultiPartParser.parse` (3.1: requirements-web.txt keeps Werkzeug below 3.2), which
+gives no hook between its decoder's events, with the running total of text added.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDeco
 
 
 class FormTextTooLarge(RequestEntityTooLarge):
-    """The form's text fields hold more than its budget in all (web_tier/errors.py says so)."""
+    """The form's text fields and part headers hold more than its budget in all
+    (web_tier/errors.py says so)."""
 
     def __init__(self, budget: int) -> None:
         super().__init__()
@@ -29,8 +33,8 @@ class FormTextTooLarge(RequestEntityTooLarge):
 
 
 class TextCappedMultiPartParser(MultiPartParser):
-    """MultiPartParser that refuses a form whose text fields add up to more than
-    `max_text_bytes`, as it reads them rather than once they are all in memory."""
+    """MultiPartParser that refuses a form whose text fields and part headers add up to
+    more than `max_text_bytes`, as it reads them rather than once they are all in memory."""
 
     def __init__(self, *args: Any, max_text_bytes: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -50,6 +54,10 @@ class TextCappedMultiPartParser(MultiPartParser):
             decoder.receive_data(data)
             event = decoder.next_event()
             while not isinstance(event, (Epilogue, NeedData)):
+                if isinstance(event, (Field, File)):
+                    text_bytes += sum(len(name) + len(value) for name, value in event.headers.items())
+                    if text_bytes > self.max_text_bytes:
+                        raise FormTextTooLarge(self.max_text_bytes)
                 if isinstance(event, Field):
                     part, text, field_bytes = event, [], 0
                 elif isinstance(event, File):

@@ -571,9 +571,26 @@ def test_a_form_of_many_text_fields_each_within_its_limit_is_refused_as_it_is_re
                                content_type=f"multipart/form-data; boundary={boundary}")
     assert response.status_code == 413
     error = response.get_json()["error"]
-    assert error.startswith(f"the form's text fields hold more than {budget} bytes in all"), error
+    assert error.startswith(f"the form's text fields and part headers (file names) hold more than {budget} "
+                            "bytes in all"), error
     # Read up to the budget, and a read of Werkzeug's (64 KB) more at most.
     assert body.read_bytes <= budget + MAX_TEXT_FIELD_BYTES < len(body.getvalue()) // 2
+
+
+def test_a_form_of_many_files_with_long_names_is_refused_as_it_is_read(web_client):
+    """A part's headers are kept with its file, its name twice: 2,100 empty files named
+    with 60 KB each held ~265 MB of one request."""
+    budget = web_client.application.config["MAX_FORM_TEXT_BYTES"]
+    boundary = "b0undary"
+    name = "a" * 60_000
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{i:03d}{name}.jpg"'
+             f"\r\nContent-Type: image/jpeg\r\n\r\n\r\n".encode() for i in range(100)]
+    body = CountedBody(b"".join(parts) + f"--{boundary}--\r\n".encode())
+    response = web_client.post("/api/jobs", input_stream=body, content_length=len(body.getvalue()),
+                               content_type=f"multipart/form-data; boundary={boundary}")
+    assert response.status_code == 413
+    assert "part headers (file names) hold more than" in response.get_json()["error"]
+    assert body.read_bytes <= budget + 2 * 65_536 < len(body.getvalue()) // 2  # reads of 64 KB
 
 
 def test_the_forms_own_text_fits_its_budget_for_a_request_of_the_most_files(web_client):
