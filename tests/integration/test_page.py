@@ -1103,6 +1103,18 @@ def test_a_reload_after_the_batch_was_lost_and_made_anew_shows_the_files_it_lost
         assert summary.endswith("and 2 files of it not yet classified will not be: choose them again to "
                                 "have them classified"), summary
         assert not send_again_button(browser).is_displayed()  # no File to send after a reload
+
+        # Saved as lost: the next reload shows them so at once, not queued until two reads
+        # have left them out, and does not say the loss again.
+        saved = browser.execute_script("return JSON.parse(sessionStorage.getItem(arguments[0]))",
+                                       f"imgclass.shown.{batch_id}")
+        assert [row.get("lost") for row in saved if row.get("name") in files] == [True, True], saved
+        browser.refresh()
+        wait_for(lambda: len(rows_shown(browser)) == 3, 30, "the rows after a second reload")
+        assert [(name, state) for name, state, _ in rows_shown(browser)][:2] == [
+            ("relost_0.jpg", "failed"), ("relost_1.jpg", "failed")]
+        assert len(browser.find_elements(By.CSS_SELECTOR, '#results [data-lost="true"]')) == 2
+        assert "the server lost the files" not in browser.find_element(By.ID, "summary").text
     # Still followed, for the file the batch holds.
     wait_for(lambda: states_shown(browser)["since.jpg"] == "done", 120, "the file stored since classified")
 

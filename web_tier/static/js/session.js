@@ -540,8 +540,10 @@ export class Session {
     }
     const shown = this.entries.map((entry) => ({
       // Its name too: a reload that finds the server no longer lists it shows its row lost
-      // (restore.js showRows), not nothing.
-      ...(entry.id ? { id: entry.id, name: entry.el.dataset.filename }
+      // (restore.js showRows), not nothing; and that it was lost, for the reload to show
+      // it so at once, not queued until two reads have left it out, then said again.
+      ...(entry.id ? { id: entry.id, name: entry.el.dataset.filename,
+                       ...(entry.failure && entry.failure.lost ? { lost: true } : {}) }
         : entry.refused ? { name: entry.el.dataset.filename, error: entry.refused }
           : { name: entry.el.dataset.filename, unsent: true, why: entry.unsentWhy, token: entry.token,
             // A reload counts it apart too, as this page does (rows.js isStopped).
@@ -617,11 +619,17 @@ export class Session {
   // was stored, then failed as lost by loseUnlisted once two reads in a row leave it out,
   // as a tab that stayed open fails it; `readWhole`: the restore's read (begun after its
   // 202, as any read of this page view is) listed the batch, and is the first of them.
+  // One this tab had shown lost already (`shown.lost`) is shown failed at once, as it was.
   showUnlisted(shown, readWhole) {
     const el = this.newRow(shown.name || "upload");
     setState(el, "queued");
-    this.entries.push({ file: null, el, id: shown.id, storedRead: this.reads, unlisted: readWhole ? 1 : 0 });
+    const entry = { file: null, el, id: shown.id, storedRead: this.reads, unlisted: readWhole ? 1 : 0 };
+    this.entries.push(entry);
     this.byId.set(shown.id, el);
+    if (shown.lost) {
+      entry.notInPlace = true;
+      this.failLost([entry]);
+    }
   }
 
   // A file chosen in this tab (or the one it was copied from) that the server did not
