@@ -67,6 +67,9 @@ class InferenceResult:
     # cost (71.5 core-ms stated, where the workers in (b), decoding and S3 included,
     # took 53.3 per image). Empty in figures from before it was measured.
     core_ms_per_image: dict[int, float] = field(default_factory=dict)
+    # With a start time given (measure's `start_at`), how late the throughput window began:
+    # processes measured side by side share one window, so their figures add up.
+    started_late_s: float | None = None
 
     @property
     def best_batch(self) -> int:
@@ -92,15 +95,18 @@ class InferenceResult:
 
 def measure(runtime: str, threads: int, images: Path, *, labels: bool = False,
             min_seconds: float = 2.5, timeout_s: float = MEASURE_TIMEOUT_S,
-            batch_sizes: Sequence[int] = BATCH_SIZES) -> InferenceResult:
+            batch_sizes: Sequence[int] = BATCH_SIZES, start_at: float | None = None) -> InferenceResult:
     """Run one measurement in a fresh `python -m bench.inference` process; its
-    throughput at each of `batch_sizes`."""
+    throughput at each of `batch_sizes`. With `start_at` (a wall-clock time), one
+    round of `min_seconds` that begins then, rather than the better of ROUNDS."""
     env = dict(os.environ, MODEL_WEIGHTS="random", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
     argv = [sys.executable, "-m", "bench.inference", "--runtime", runtime, "--threads", str(threads),
             "--images", str(images), "--min-seconds", str(min_seconds),
             "--batches", ",".join(str(b) for b in batch_sizes)]
     if labels:
         argv.append("--labels")
+    if start_at is not None:
+        argv += ["--start-at", repr(start_at)]
     argv += ["--t0", repr(time.time())]
     done = subprocess.run(argv, cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=timeout_s)
     if done.returncode != 0:
@@ -214,7 +220,12 @@ def _child(args: argparse.Namespace) -> dict:
 
     singles = [single_image_round()]
     batches = {size: np.ascontiguousarray(np.resize(pool, (size, *pool.shape[1:]))) for size in args.batches}
+    started_late_s = None
+    if args.start_at is not None:
+        started_late_s = max(0.0, time.time() - args.start_at)
+        time.sleep(max(0.0, args.start_at - time.time()))
     throughput, core_ms = throughput_rounds(classifier.probabilities, batches, args.min_seconds,
+                                            rounds=1 if args.start_at is not None else ROUNDS,
                                             between=lambda: singles.append(single_image_round()))
     after_pause = min(single_image_round(pause_s=PAUSE_S) for _ in range(2))
 
@@ -233,7 +244,7 @@ def _child(args: argparse.Namespace) -> dict:
         single_image_s=single_image_time(singles, throughput.get(1)), single_image_after_pause_s=after_pause,
         prepare_s=statistics.median(prepare_times),
         throughput=throughput, peak_rss_mb=peak_kb / 1024, labels=labels, scores=scores,
-        core_ms_per_image=core_ms,
+        core_ms_per_image=core_ms, started_late_s=started_late_s,
     ))
 
 
@@ -253,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=_batch_sizes, default=BATCH_SIZES,
                         help="the batch sizes to measure, comma-separated (default: all)")
     parser.add_argument("--labels", action="store_true", help="also print the top-1 label of every image")
+    parser.add_argument("--start-at", type=float, help="wall-clock time to begin one throughput round at "
+                        "(processes measured side by side)")
     parser.add_argument("--t0", type=float, required=True, help="wall-clock time the parent started us")
     args = parser.parse_args(argv)
     result = _child(args)

@@ -28,7 +28,9 @@ def inference_table(inference: dict[str, Any]) -> str:
         text += (f"\n  {pair['processes']} one-thread processes side by side, batch {pair['batch']}: "
                  f"{pair['images_per_s']:.1f} images/s together ({each}), "
                  f"{report.fmt(report.ratio(pair['images_per_s'], lim['images_per_s']), '%')} of the limit "
-                 "(informative: how the stack's workers run their batches)")
+                 "(informative: how the stack's workers run their batches)"
+                 + (f"; began {pair['started_late_s']:.1f} s late, the windows overlapping less"
+                    if (pair.get("started_late_s") or 0) > 0.5 else ""))
     for name, error in (inference.get("errors") or {}).items():
         text += f"\n  {name}: FAILED, {short(error)}"
     return text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -110,8 +111,11 @@ def test_a_measures_two_one_thread_processes_at_once_beside_the_limit(
     together = threading.Barrier(2, timeout=30)  # both measured at once, or this breaks
     asked: list[tuple] = []
 
+    starts: list[float | None] = []
+
     def measure(runtime: str, threads: int, images: Path, **kwargs) -> InferenceResult:
         asked.append((runtime, threads, kwargs.get("batch_sizes")))
+        starts.append(kwargs.get("start_at"))
         if kwargs.get("batch_sizes") == (8,):
             together.wait()
             return _result(runtime, threads, 14.0 if threading.current_thread().name.endswith("0") else 13.0)
@@ -125,6 +129,9 @@ def test_a_measures_two_one_thread_processes_at_once_beside_the_limit(
     doc = json.loads(out.read_text())
     pair = doc["inference"]["side_by_side"]
     assert asked.count(("openvino", 1, (8,))) == 2  # at the one-thread row's best batch
+    # One window for both, some seconds ahead: their figures add up.
+    pair_starts = [at for at, (_, _, sizes) in zip(starts, asked, strict=True) if sizes == (8,)]
+    assert pair_starts[0] == pair_starts[1] and pair_starts[0] > time.time() - 60
     assert (pair["processes"], pair["threads"], pair["batch"], pair["images_per_s"]) == (2, 1, 8, 27.0)
     assert sorted(pair["each_images_per_s"]) == [13.0, 14.0]
     assert "2 one-thread processes side by side, batch 8: 27.0 images/s together" in capsys.readouterr().out
