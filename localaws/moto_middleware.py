@@ -35,13 +35,17 @@ localaws/moto_patches.py has changed); tests/unit/test_moto_middleware.py tests 
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+from localaws.server import WILDCARD_HOSTS
 
 # When set, the server writes its CPU time per API action to this JSON file
 # every STATS_EVERY_S seconds (`make bench` reads it).
@@ -233,19 +237,24 @@ class ActionStats:
 
 
 class BrowserGuard:
-    """Refuses, 403, what a web browser sends: a request with an Origin or a
-    Sec-Fetch-* header (every current browser adds them, to each request, and to
-    a CORS preflight; boto3 sends none), or naming a host other than this server's
-    (DNS rebinding, from a browser too old to send them). Bound to every address
-    ("0.0.0.0"), the server has no one name, and the host is not checked."""
+    """Refuses, 403, what a web browser sends: a request with an Origin or a Sec-Fetch-*
+    header (browsers add them to cross-origin requests, to a CORS preflight, and to
+    every request to a loopback address; boto3 sends none), and one naming a host other
+    than this server's. The last is what stops DNS rebinding: a page of a name that now
+    points here is same-origin to itself, and its GETs carry neither header. Bound to
+    every address ("0.0.0.0"), the server has no one name: any address is taken, and of
+    names only `localhost` and this machine's own (rebinding needs a name of its own)."""
 
     BROWSER_HEADERS = ("HTTP_ORIGIN", "HTTP_SEC_FETCH_SITE", "HTTP_SEC_FETCH_MODE", "HTTP_SEC_FETCH_DEST")
     LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
     def __init__(self, app: Callable, bind_host: str) -> None:
         self.app = app
-        any_address = bind_host in ("0.0.0.0", "::", "")
-        self.hosts = None if any_address else {bind_host.lower(), *self.LOOPBACK_NAMES}
+        self.any_address = bind_host.strip("[]") in WILDCARD_HOSTS
+        if self.any_address:
+            self.hosts = {*self.LOOPBACK_NAMES, socket.gethostname().lower(), socket.getfqdn().lower()}
+        else:
+            self.hosts = {bind_host.strip("[]").lower(), *self.LOOPBACK_NAMES}
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         why = self._refusal(environ)
@@ -258,13 +267,21 @@ class BrowserGuard:
         sent = [name[5:].replace("_", "-").title() for name in self.BROWSER_HEADERS if name in environ]
         if sent:
             return f"it comes from a web browser (it sends {sent[0]}); only programs may call it"
-        if self.hosts is None:
-            return None
         host = host_name(environ.get("HTTP_HOST", ""))
         # S3 names a bucket in the host too (bucket.localhost), where the client asks it to.
         if host in self.hosts or any(host.endswith("." + name) for name in self.hosts):
             return None
+        if self.any_address and _is_address(host):
+            return None
         return f"it names the host {host[:64]!r}, not this server's"
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def host_name(header: str) -> str:

@@ -187,8 +187,14 @@ def test_a_host_other_than_the_servers_is_refused_unless_it_is_bound_to_every_ad
         reply = client.get("/", headers={"Host": host})
         assert reply.status_code == 403 and "names the host" in reply.text, host
     assert len(aws.seen) == 5
-    # Bound to every address, its names are unknown: only the browser's headers are refused.
+    # Bound to every address: any address, and of names its own and localhost's only.
+    import socket
+
     _, anywhere = guarded("0.0.0.0")
-    assert anywhere.get("/", headers={"Host": "my-laptop.lan:5000"}).status_code == 200
-    assert anywhere.get("/", headers={"Host": "my-laptop.lan:5000", "Origin": "http://x"}).status_code == 403
+    for host in ("10.0.0.7:5000", "[fe80::1]:5000", "localhost:5000", f"{socket.gethostname()}:5000"):
+        assert anywhere.get("/", headers={"Host": host}).status_code == 200, host
+    assert anywhere.get("/", headers={"Host": "evil.example:5000"}).status_code == 403
+    assert anywhere.get("/", headers={"Host": "10.0.0.7:5000", "Origin": "http://x"}).status_code == 403
+    _, v6 = guarded("[::1]")
+    assert v6.get("/", headers={"Host": "[::1]:5000"}).status_code == 200
 
