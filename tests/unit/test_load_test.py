@@ -410,9 +410,10 @@ def by_file(report) -> dict[str, load_test.Outcome]:
 
 
 class InBackground:
-    """`fn()` in a daemon thread whose failure fails the test: `check()` raises it. Left to
-    die with its thread, a helper's failed wait would surface later, as a misleading
-    "still running" or an unrelated assert (or never, where a `finally` covered for it)."""
+    """`fn()` in a daemon thread whose failure fails the test: `check()` raises it, and
+    `finish()` waits for it to end first. Left to die with its thread, a helper's failed
+    wait would surface later, as a misleading "still running" or an unrelated assert (or
+    never, where a `finally` covered for it)."""
 
     def __init__(self, fn: Callable[[], None]) -> None:
         self.errors: list[BaseException] = []
@@ -423,11 +424,19 @@ class InBackground:
             except BaseException as exc:  # handed to the test
                 self.errors.append(exc)
 
-        threading.Thread(target=run, daemon=True).start()
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
 
     def check(self) -> None:
         if self.errors:
             raise self.errors[0]
+
+    def finish(self, timeout: float = 30.0) -> None:
+        """Wait for the helper to end, then raise what it raised: one still waiting on a
+        condition that will fail would otherwise pass a check() made before it does."""
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"a helper thread still runs after {timeout} s"
+        self.check()
 
 
 def finish_within(seconds: float, fn, *args, watching: InBackground | None = None, **kwargs):
@@ -1455,7 +1464,7 @@ def test_an_interrupt_after_the_last_answer_still_reports_and_writes(tier, tmp_p
         gate.set()
     out, err = capsys.readouterr()
     assert tier.status_held == 1
-    helpers[0].check()
+    helpers[0].finish()
     assert code == 143, err
     assert "before any request" not in err and "Traceback" not in err, err
     assert ("SIGTERM once every request was over: the report is whole (its last /api/status sample skipped)"
@@ -1585,6 +1594,7 @@ def test_a_ctrl_c_the_kernel_hands_to_another_thread_still_stops_the_wait():
                 helper.check()  # else, with no interrupt coming, this would wait for ever
                 senders.results_from(0, timeout_s=0.2)
         assert not sent.is_set(), "heard only once the request ended"
+        helper.finish()
     finally:
         signal.signal(signal.SIGINT, ignored)
         release.set()
@@ -2275,7 +2285,7 @@ def test_the_first_ctrl_c_in_jobs_mode_waits_for_the_requests_in_flight(tier, tm
 
     config = Config(images=images, url=tier.url, api="jobs", wait=wait, concurrency=2, timeout=20)
     report = finish_within(15, run_load, config, on_result=ctrl_c, watching=helper)
-    helper.check()
+    helper.finish()
     assert report.interrupted and report.abandoned == 0
     assert (report.answered, report.failed) == (2, 0), [(o.file, o.error) for o in report.outcomes]
 
@@ -2357,7 +2367,7 @@ def test_a_second_brief_outage_long_after_a_first_is_waited_out_too(tmp_path, mo
         for server in servers:
             server.shutdown()
             server.server_close()
-    helper.check()
+    helper.finish()
     outcomes = by_file(report)
     assert outcomes["a.jpg"].resent >= 1 and not outcomes["a.jpg"].answered  # cut off, without a key
     assert outcomes["b.jpg"].answered and outcomes["b.jpg"].resent >= 1, outcomes["b.jpg"].error
@@ -2387,7 +2397,7 @@ def test_polls_refused_for_a_whole_window_fail_as_uploads_do(tmp_path, monkeypat
     finally:
         server.shutdown()
         server.server_close()
-    helper.check()
+    helper.finish()
     assert report.failed == 2
     for outcome in report.outcomes:
         assert re.fullmatch(rf"GET /api/jobs/[0-9a-f]+: cannot connect to {url}: \[Errno \d+\] Connection "
@@ -2637,7 +2647,7 @@ def test_a_run_stopped_by_one_ctrl_c_holds_the_requests_it_never_started(tier, t
     helpers: list[InBackground] = []
     report = finish_within(10, run_load, Config(images=images, url=tier.url, concurrency=1, timeout=30),
                            on_result=ctrl_c)
-    helpers[0].check()
+    helpers[0].finish()
     rows = report.to_dict()["requests"]
     assert [(r["index"], r["file"], r["verdict"]) for r in rows] == [
         (0, "0.jpg", "unchecked"), (1, "1.jpg", "unchecked"), (2, "2.jpg", "not started")]
