@@ -14,13 +14,14 @@ visible as a used attempt only those, and hands the others back untried (`show_h
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from app_tier.held_journal import HeldEntry, HeldJournal, still_hidden
@@ -76,10 +77,15 @@ class _Held:
     answering: bool = False
     # Being let go (hide): visible again before it is forgotten.
     letting_go: bool = False
-    # Being loaded or in a model call (at_risk).
-    at_risk: bool = False
+    # The loads and model calls under way with it (at_risk), each by its own token: a
+    # call's end takes off its own mark only, not one a later call set.
+    risky_calls: set[int] = field(default_factory=set)
     # Being deleted (answered): not extended, nor warned of.
     deleting: bool = False
+
+    @property
+    def at_risk(self) -> bool:
+        return bool(self.risky_calls)
 
 
 class HeldMessages:
@@ -99,6 +105,8 @@ class HeldMessages:
         self._visibility_lock = threading.Lock()
         # One hand-back at a time: the grace timer's waits for the main loop's to finish.
         self._handing_back = threading.Lock()
+        # Tokens of the loads and model calls that mark what they hold at risk (at_risk).
+        self._calls = itertools.count()
 
     def __len__(self) -> int:
         with self._lock:
@@ -144,9 +152,9 @@ class HeldMessages:
                     # kept it hidden, and it waited out its lease (a loaded CI machine).
                     # Its answering and deleting marks were the old attempt's: kept, the
                     # heartbeat would never extend this one, whose old delete, ending, forgets
-                    # only the old job. Its at-risk mark stays until the call that set it
-                    # ends (a kill meanwhile may be this image's doing).
-                    held = self._held[job.message_id] = _Held(job, at_risk=held.at_risk)
+                    # only the old job. Its at-risk marks stay until the calls that set them
+                    # end (a kill meanwhile may be this image's doing).
+                    held = self._held[job.message_id] = _Held(job, risky_calls=set(held.risky_calls))
                     fresh.append(job)
                 else:
                     held.job.receipt = job.receipt
@@ -179,22 +187,27 @@ class HeldMessages:
         been killed by one of them, and its successor counts the attempt against each
         (show_held); the others it holds it hands back untried. One journal write as
         the call begins, one as it ends, for all of `jobs`: mark a batch together."""
+        call = next(self._calls)
         with self._lock:
-            # Not those marked already: the call that marked them unmarks them.
-            marked = {h.job.message_id for h in self._records_of(jobs) if not h.at_risk}
-            for message_id in marked:
-                self._held[message_id].at_risk = True
-            if marked:
+            records = self._records_of(jobs)
+            newly = [h for h in records if not h.at_risk]
+            for held in records:
+                held.risky_calls.add(call)
+            if newly:
                 self._record()
         try:
             yield
         finally:
             with self._lock:
-                # Only what is still held as marked (released meanwhile, it was forgotten).
-                still = [h for h in map(self._held.get, marked) if h is not None and h.at_risk]
-                for held in still:
-                    held.at_risk = False
-                if still:
+                # This call's marks, where they still are: on the record held now (one
+                # received again meanwhile carries them), not on one forgotten since.
+                ended = []
+                for held in filter(None, (self._held.get(j.message_id) for j in jobs)):
+                    if call in held.risky_calls:
+                        held.risky_calls.discard(call)
+                        if not held.risky_calls:
+                            ended.append(held)
+                if ended:
                     self._record()
 
     def _record(self) -> None:

@@ -612,3 +612,30 @@ def test_an_image_that_kills_workers_is_dead_lettered_alone(aws_env, monkeypatch
     answers = responses(aws)
     assert set(answers) == {"1", "2", "3"} and all(a.ok for a in answers.values())
     assert depth(aws, aws.request_queue_url) == (0, 0)
+
+
+def test_a_call_that_ends_leaves_the_at_risk_mark_of_a_later_call_on_the_copy_received_again(
+        aws_env, monkeypatch):
+    """A model call on a message let go meanwhile and received again: the next attempt's
+    call marks its copy too, and the first call's end must not take that mark off while
+    the second runs (by message id it did: a kill then was not counted against the image)."""
+    from tests.unit.test_worker import release_with_a_receive_between
+
+    settings, aws = aws_env
+    upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
+    worker = Worker(settings, aws, MeanClassifier(), "i-calls")
+    first = worker.fetch()
+    journal = HeldJournal(held_journal_path(settings, "i-calls"))
+
+    def marked() -> list[tuple[str, bool]]:
+        return [(e.receipt, e.at_risk) for e in journal.read(now=0)]
+
+    with worker.held.at_risk(first.jobs):  # the first attempt's call
+        again = release_with_a_receive_between(worker, first, monkeypatch)
+        [job] = again.jobs
+        assert marked() == [(job.receipt, True)]  # the first call's mark, carried
+        second_call = worker.held.at_risk(again.jobs)
+        second_call.__enter__()
+    assert marked() == [(job.receipt, True)]  # the second call still runs
+    second_call.__exit__(None, None, None)
+    assert marked() == [(job.receipt, False)]
