@@ -35,7 +35,6 @@ localaws/moto_patches.py has changed); tests/unit/test_moto_middleware.py tests 
 from __future__ import annotations
 
 import io
-import ipaddress
 import json
 import re
 import socket
@@ -45,6 +44,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from common.hosts import header_host, is_address
 from localaws.server import WILDCARD_HOSTS
 
 # When set, the server writes its CPU time per API action to this JSON file
@@ -267,27 +267,10 @@ class BrowserGuard:
         sent = [name[5:].replace("_", "-").title() for name in self.BROWSER_HEADERS if name in environ]
         if sent:
             return f"it comes from a web browser (it sends {sent[0]}); only programs may call it"
-        host = host_name(environ.get("HTTP_HOST", ""))
+        host = header_host(environ.get("HTTP_HOST", ""))
         # S3 names a bucket in the host too (bucket.localhost), where the client asks it to.
         if host in self.hosts or any(host.endswith("." + name) for name in self.hosts):
             return None
-        if self.any_address and _is_address(host):
+        if self.any_address and is_address(host):
             return None
         return f"it names the host {host[:64]!r}, not this server's"
-
-
-def _is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def host_name(header: str) -> str:
-    """The host of a Host header, without its port: "127.0.0.1:5000" -> "127.0.0.1",
-    "[::1]:5000" -> "::1"."""
-    header = header.strip().lower()
-    if header.startswith("["):
-        return header[1:].split("]", 1)[0]
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import functools
 import hmac
-import ipaddress
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 from flask import current_app, request
 
+from common.hosts import header_host, on_loopback
 from web_tier.refusals import Code, Refusal
 from web_tier.services import services
 
@@ -28,7 +28,7 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 def open_to_anyone(web_host: str, api_key: str | None) -> str | None:
     """A warning for a web tier served beyond this machine with no API key (None if it is
     not): anyone who reaches it may upload, and so launch up to MAX_INSTANCES instances."""
-    if api_key or _on_loopback(web_host):
+    if api_key or on_loopback(web_host):
         return None
     return (f"the web tier listens on {web_host or 'every address'} with no API_KEY: anyone who "
             "reaches it may upload, and scale the fleet out. Set API_KEY (and serve it behind TLS, "
@@ -53,8 +53,8 @@ def refuse_cross_site_writes() -> None:
     # header but Host, which gives it away. A browser's POST always carries Origin;
     # a program's, or a proxy's over HTTPS, passes.
     # (Bracketed too: "[::1]" read as a name would turn this off.)
-    if fetch_site is None and "Origin" in request.headers and _on_loopback(settings.web_host_bare) \
-            and not _on_loopback(_hostname(request.host)):
+    if fetch_site is None and "Origin" in request.headers and on_loopback(settings.web_host_bare) \
+            and not on_loopback(header_host(request.host)):
         raise Refusal(403, f"this web tier listens on {settings.web_host} only, and the browser's "
                            f"request names {request.host}: open the page as localhost or 127.0.0.1 (a "
                            "proxy in front over plain HTTP: README, Who may upload)",
@@ -82,26 +82,6 @@ def site_by_origin() -> str:
     ours.update(h.strip().lower() for h in request.headers.get("X-Forwarded-Host", "").split(","))
     theirs = {parts.netloc} if port else {parts.netloc, f"{parts.netloc}:{DEFAULT_PORTS[parts.scheme]}"}
     return "same-origin" if ours & theirs else "cross-site"
-
-
-def _hostname(host: str) -> str:
-    """A Host header's name: "name:port", "[v6]:port", or either without the port
-    (brackets taken off)."""
-    if host.startswith("["):
-        return host[1:host.find("]")]
-    return host.rsplit(":", 1)[0]
-
-
-def _on_loopback(host: str) -> bool:
-    """Whether `host` (a name or an address, as WEB_HOST or a Host header has it) is
-    this machine's loopback: `localhost`, or a loopback address. Not any name that
-    starts with "127." (127.attacker.test is not)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def presented_key() -> str:
