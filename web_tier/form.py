@@ -68,12 +68,6 @@ class UploadRequest(Request):
     _spool: RequestSpool | None = None
     form_data_parser_class = TextCappedFormDataParser
 
-    def make_form_data_parser(self) -> TextCappedFormDataParser:
-        return self.form_data_parser_class(
-            stream_factory=self._get_file_stream, max_form_memory_size=self.max_form_memory_size,
-            max_content_length=self.max_content_length, max_form_parts=self.max_form_parts,
-            cls=self.parameter_storage_class, max_text_bytes=current_app.config["MAX_FORM_TEXT_BYTES"])
-
     def _get_file_stream(self, total_content_length: int | None, content_type: str | None,
                          filename: str | None = None, content_length: int | None = None):
         if self._spool is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import IO, Any
 
+from flask import current_app
 from werkzeug.datastructures import FileStorage, MultiDict
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser, MultiPartParser, _chunk_iter
@@ -85,17 +86,16 @@ class TextCappedMultiPartParser(MultiPartParser):
 
 
 class TextCappedFormDataParser(FormDataParser):
-    """FormDataParser whose multipart forms are read by TextCappedMultiPartParser."""
-
-    def __init__(self, *args: Any, max_text_bytes: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.max_text_bytes = max_text_bytes
+    """FormDataParser whose multipart forms are read by TextCappedMultiPartParser, with
+    the app's MAX_FORM_TEXT_BYTES as their budget (as Werkzeug takes its other limits
+    from the app's config)."""
 
     def _parse_multipart(self, stream: IO[bytes], mimetype: str, content_length: int | None,
                          options: dict[str, str]) -> tuple[IO[bytes], MultiDict, MultiDict]:
         parser = TextCappedMultiPartParser(
             stream_factory=self.stream_factory, max_form_memory_size=self.max_form_memory_size,
-            max_form_parts=self.max_form_parts, cls=self.cls, max_text_bytes=self.max_text_bytes)
+            max_form_parts=self.max_form_parts, cls=self.cls,
+            max_text_bytes=current_app.config["MAX_FORM_TEXT_BYTES"])
         boundary = options.get("boundary", "").encode("ascii")
         if not boundary:
             raise ValueError("Missing boundary")
