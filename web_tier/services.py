@@ -10,6 +10,7 @@ from flask import current_app
 
 from common.aws import Aws
 from common.config import Settings
+from web_tier.health_check import HealthCheck, unreachable_part
 from web_tier.journal import Journal
 from web_tier.listeners import Listeners
 from web_tier.rebuild import BatchRebuilder
@@ -40,6 +41,8 @@ class Services:
     upload_memory: UploadMemory = field(default_factory=UploadMemory)
     submitter: Submitter = field(init=False)
     status: StatusReader = field(init=False)
+    # What /healthz answers, reused for a second (web_tier/health_check.py).
+    health: HealthCheck = field(init=False)
     # Batches by id, from the book or rebuilt from S3 (find_batch).
     rebuilder: BatchRebuilder = field(init=False)
 
@@ -47,6 +50,7 @@ class Services:
         requests = BatchingSender(lambda: self.aws.sqs_send, lambda: self.aws.request_queue_url)
         self.submitter = Submitter(self.aws, self.book, self.pool, requests, self.journal)
         self.status = StatusReader(self.aws, self.book)
+        self.health = HealthCheck(lambda: unreachable_part(self.aws))
         self.rebuilder = BatchRebuilder(self.aws, self.book)
 
     def close(self) -> None:

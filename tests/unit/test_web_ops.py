@@ -31,10 +31,51 @@ def test_healthz_ok(quiet_client):
     assert response.get_json() == {"ok": True}
 
 
-def test_healthz_503_when_a_queue_is_gone(quiet_client, web_aws):
-    assert quiet_client.get("/healthz").status_code == 200
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def health_clock(make_web_app):
+    """A web app without background work, whose /healthz answers are reused by a clock
+    the test moves, and the AWS calls its checks make, by name."""
+    from web_tier.health_check import HealthCheck, unreachable_part
+
+    app = make_web_app(start_background=False)
+    services = services_of(app)
+    clock = Clock()
+    services.health = HealthCheck(lambda: unreachable_part(services.aws), clock=clock)
+    calls: list[str] = []
+    for client in services.aws.probes.values():
+        client.meta.events.register("before-call", lambda model, **_: calls.append(model.name))
+    # A first check also looks the queues' URLs up: not part of what is counted.
+    checks = _Checks(calls)
+    return app.test_client(), clock, checks
+
+
+class _Checks:
+    """The AWS calls of the checks, without the queues' URLs' one-off lookups."""
+
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+
+    def names(self) -> list[str]:
+        return sorted(name for name in self.calls if name != "GetQueueUrl")
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+
+def test_healthz_503_when_a_queue_is_gone(health_clock, web_aws):
+    client, clock, _ = health_clock
+    assert client.get("/healthz").status_code == 200
     web_aws.sqs.delete_queue(QueueUrl=web_aws.response_queue_url)
-    response = quiet_client.get("/healthz")
+    clock.now += 1.0
+    response = client.get("/healthz")
     assert response.status_code == 503
     body = response.get_json()
     assert body["ok"] is False
@@ -63,6 +104,71 @@ def test_healthz_503_when_a_bucket_is_gone(quiet_client, web_aws):
     response = quiet_client.get("/healthz")
     assert response.status_code == 503
     assert "output bucket" in response.get_json()["error"]
+
+
+def test_healthz_asks_aws_once_a_second_at_most_and_reuses_a_failure_too(health_clock, web_aws):
+    """Each check is four AWS calls, each billed on AWS, and /healthz needs no key."""
+    client, clock, calls = health_clock
+    assert client.get("/healthz").status_code == 200
+    assert calls.names() == ["GetQueueAttributes", "GetQueueAttributes", "HeadBucket", "HeadBucket"]
+    for _ in range(5):
+        clock.now += 0.19
+        assert client.get("/healthz").status_code == 200
+    assert len(calls) == 4
+    web_aws.s3.delete_bucket(Bucket=web_aws.settings.output_bucket)
+    clock.now += 0.06  # a second after the check ended: asked again
+    assert client.get("/healthz").status_code == 503
+    assert len(calls) == 8
+    web_aws.s3.create_bucket(Bucket=web_aws.settings.output_bucket)
+    clock.now += 0.99
+    assert client.get("/healthz").status_code == 503  # the failure, reused
+    assert len(calls) == 8
+    clock.now += 0.01
+    assert client.get("/healthz").status_code == 200
+    assert len(calls) == 12
+
+
+def test_healthz_callers_during_a_check_wait_for_its_answer(health_clock, web_aws, monkeypatch):
+    client, clock, calls = health_clock
+    health = services_of(client.application).health
+    probes = services_of(client.application).aws.probes["s3"]
+    head_bucket = probes.head_bucket
+    in_check, go_on = threading.Event(), threading.Event()
+
+    def held(**kwargs):
+        in_check.set()
+        assert go_on.wait(30)
+        return head_bucket(**kwargs)
+
+    class CountedLock:
+        """The check's lock, counting those who came to take it."""
+
+        def __init__(self) -> None:
+            self.lock, self.comers = threading.Lock(), 0
+
+        def __enter__(self):
+            self.comers += 1
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc):
+            return self.lock.__exit__(*exc)
+
+    monkeypatch.setattr(probes, "head_bucket", held)
+    health._lock = CountedLock()
+    answers: list = []
+    asking = [threading.Thread(target=lambda: answers.append(client.get("/healthz")), daemon=True)
+              for _ in range(3)]
+    asking[0].start()
+    assert in_check.wait(30)
+    for thread in asking[1:]:
+        thread.start()
+    # The others have come to the check under way, and wait for it.
+    wait_until(lambda: health._lock.comers == 3)
+    go_on.set()
+    for thread in asking:
+        thread.join(30)
+    assert [r.status_code for r in answers] == [200, 200, 200]
+    assert calls.names() == ["GetQueueAttributes", "GetQueueAttributes", "HeadBucket", "HeadBucket"]
 
 
 def run_instance(ec2, name: str, prefix: str = "") -> str:
