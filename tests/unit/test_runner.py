@@ -490,7 +490,19 @@ def test_workers_outlive_the_runners_rounds_until_its_shutdown(world):
     import threading
 
     settings, aws, make, out = world
+    class ShutDown(threading.Event):
+        """Says when run() has come to wait for shutdown() (and not returned)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.awaited = threading.Event()
+
+        def wait(self, timeout: float | None = None) -> bool:
+            self.awaited.set()
+            return super().wait(timeout)
+
     runner = make(warm_spares=0, env={"FAKE_MODE": "drains"}, poll_s=0.05)
+    runner.shut_down = ShutDown()
     thread = threading.Thread(target=runner.run, name="runner", daemon=True)
     thread.start()
     launch(aws, settings, (1,))
@@ -498,7 +510,7 @@ def test_workers_outlive_the_runners_rounds_until_its_shutdown(world):
     worker = next(iter(runner.workers.values())).process
     runner.stopping.set()
     assert runner.rounds_over.wait(10)
-    thread.join(timeout=1.0)
+    assert runner.shut_down.awaited.wait(10), "run() returned without waiting for shutdown()"
     assert thread.is_alive() and worker.poll() is None
     runner.shutdown(timeout_s=5)
     assert worker.poll() == 0  # its warm shutdown, once
