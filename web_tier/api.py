@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.datastructures import FileStorage
 
 from web_tier import events
 from web_tier.auth import KEY_REQUIRED, require_api_key
+from web_tier.batch_json import batch_json_slices
 from web_tier.errors import error_response, with_retry_after
 from web_tier.filenames import display_name
 from web_tier.form import BATCH_FORM_FIELDS, JOBS_FIELDS, check_count, file_bytes, form_files, form_tokens
 from web_tier.image_check import Upload, validate
 from web_tier.refusals import STOPPING, Code, Refusal
-from web_tier.results import DONE, Item, is_service_id
-from web_tier.results_csv import results_csv
+from web_tier.results import is_service_id
+from web_tier.results_csv import results_csv_slices
 from web_tier.services import services
 from web_tier.submit import UPLOAD_THREADS, SentBefore, new_id
 from web_tier.upload_memory import UPLOAD_MEMORY_FULL
@@ -201,23 +203,15 @@ def _all_refused_answer(batch_id: str | None, rejected: list[dict[str, Any]]) ->
     return with_retry_after(response, first["code"])
 
 
-def _batch_json(batch_id: str, items: list[Item]) -> dict[str, Any]:
-    # What its results say; before any, what the configured model (or, once known, the
-    # workers' latest answer) says, so that a batch still queued is not called trained.
-    done = [i for i in items if i.state == DONE]
-    model_untrained = bool(services().book.untrained)
-    untrained = any(i.untrained for i in done) if done else any(
-        i.shows_untrained(model_untrained) for i in items) or model_untrained
-    return {"batch_id": batch_id, "items": [i.to_json(model_untrained) for i in items],
-            "untrained": untrained}
-
-
 @bp.get("/jobs/<batch_id>")
 def get_job(batch_id: str) -> Response | tuple[Response, int]:
     items = services().rebuilder.find_batch(batch_id)
     if items is None:
         return _no_batch(batch_id)
-    return jsonify(_batch_json(batch_id, items)), 200
+    # Compact, as jsonify writes it: the body is written after this returns.
+    dumps = partial(current_app.json.dumps, separators=(",", ":"))
+    body = batch_json_slices(batch_id, items, bool(services().book.untrained), dumps)
+    return Response(body, mimetype="application/json"), 200
 
 
 @bp.get("/jobs/<batch_id>/results.csv")
@@ -226,7 +220,7 @@ def job_results_csv(batch_id: str) -> Response | tuple[Response, int]:
     items = svc.rebuilder.find_batch(batch_id)
     if items is None:
         return _no_batch(batch_id)
-    response = Response(results_csv(items, bool(svc.book.untrained)), mimetype="text/csv")
+    response = Response(results_csv_slices(items, bool(svc.book.untrained)), mimetype="text/csv")
     # (The id is the batch's: found, so only the hex digits this service hands out.)
     response.headers["Content-Disposition"] = f'attachment; filename="results-{batch_id}.csv"'
     return response

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable
+from collections.abc import Iterator, Sequence
 
 from web_tier.results import DONE, FAILED, Item
 
@@ -18,24 +18,36 @@ COLUMNS = ("filename", "state", "label", "score", "error", "untrained")
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
-def results_csv(items: Iterable[Item], model_untrained: bool) -> str:
-    """One header row, then a row per item in the batch's order. `untrained` is as
+ROWS_PER_SLICE = 500
+
+
+def results_csv_slices(items: Sequence[Item], model_untrained: bool) -> Iterator[str]:
+    """One header row, then a row per item in the batch's order, a slice of rows at a
+    time (a batch has no size limit: web_tier/batch_json.py). `untrained` is as
     GET /api/jobs/<id> says it, per item: its labels are then meaningless."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow(COLUMNS)
-    for item in items:
-        # The state first, and only the fields it says are final: a result's listener
-        # sets the state last (Item._apply), and nothing here takes the book's lock. A
-        # dead letter's failure a late answer turns into a result goes through both.
-        state = item.state
-        done, failed = state == DONE, state == FAILED
-        label = (item.label or "") if done else ""
-        score = f"{item.score:.6f}" if done and item.score is not None else ""
-        error = (item.error or "") if failed else ""
-        writer.writerow([_as_text(item.filename), state, _as_text(label), score, _as_text(error),
-                         "true" if item.shows_untrained(model_untrained, state) else "false"])
-    return out.getvalue()
+    for start in range(0, len(items), ROWS_PER_SLICE):
+        writer.writerows(_row(item, model_untrained) for item in items[start:start + ROWS_PER_SLICE])
+        yield out.getvalue()
+        out.seek(0)
+        out.truncate()
+    if out.tell():
+        yield out.getvalue()  # the header of a batch of no items
+
+
+def _row(item: Item, model_untrained: bool) -> list[str]:
+    # The state first, and only the fields it says are final: a result's listener
+    # sets the state last (Item._apply), and nothing here takes the book's lock. A
+    # dead letter's failure a late answer turns into a result goes through both.
+    state = item.state
+    done, failed = state == DONE, state == FAILED
+    label = (item.label or "") if done else ""
+    score = f"{item.score:.6f}" if done and item.score is not None else ""
+    error = (item.error or "") if failed else ""
+    return [_as_text(item.filename), state, _as_text(label), score, _as_text(error),
+            "true" if item.shows_untrained(model_untrained, state) else "false"]
 
 
 def _as_text(cell: str) -> str:

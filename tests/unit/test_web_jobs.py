@@ -1342,14 +1342,73 @@ def test_a_batch_id_of_another_form_is_said_to_be_one(web_client, path):
                                             "hexadecimal digits, a UUID4's without hyphens)")
 
 
+@pytest.fixture
+def large_batch(web_app):
+    """A batch of 1,201 items in the book (three slices and one more), a third each
+    queued, classified and failed, some names needing JSON's and CSV's escapes."""
+    from web_tier.batch_json import ITEMS_PER_SLICE
+    from web_tier.results import Item
+    from web_tier.results_csv import ROWS_PER_SLICE
+
+    assert ITEMS_PER_SLICE == ROWS_PER_SLICE == 500
+    batch_id = "ab" * 16
+    states = [{}, {"state": "done", "label": "ant", "score": 0.25, "untrained": True,
+                   "top5": [{"label": "ant", "score": 0.25}]}, {"state": "failed", "error": "cannot decode"}]
+    items = [Item(id=f"{n:032x}", batch_id=batch_id, filename=f'n{n} "é", \u2028.jpg', **states[n % 3])
+             for n in range(1201)]
+    services_of(web_app).book.add(batch_id, items)
+    return web_app.test_client(), batch_id, items
+
+
+def test_a_large_batch_is_written_out_a_slice_of_items_at_a_time(large_batch):
+    """A batch has no size limit: read whole, 10,000 items held ~33 MB a read."""
+    from flask import jsonify
+
+    from web_tier.batch_json import batch_untrained
+
+    client, batch_id, items = large_batch
+    response = client.get(f"/api/jobs/{batch_id}", buffered=False)
+    assert response.status_code == 200 and response.mimetype == "application/json"
+    pieces = list(response.response)
+    response.close()
+    assert len(pieces) == 5  # the head, three slices of 500 and one of 201, the tail as one
+    body = b"".join(pieces).decode()
+    with client.application.app_context():
+        model_untrained = bool(services_of(client.application).book.untrained)
+        whole = {"batch_id": batch_id, "items": [i.to_json(model_untrained) for i in items],
+                 "untrained": batch_untrained(items, model_untrained)}
+        assert body == jsonify(whole).get_data(as_text=True)  # the bytes jsonify would make
+    assert [i["id"] for i in json.loads(body)["items"]] == [i.id for i in items]
+
+
+def test_a_large_batchs_csv_is_written_out_a_slice_of_rows_at_a_time(large_batch):
+    client, batch_id, items = large_batch
+    response = client.get(f"/api/jobs/{batch_id}/results.csv", buffered=False)
+    pieces = list(response.response)
+    response.close()
+    assert len(pieces) == 3
+    rows = list(csv.reader(io.StringIO(b"".join(pieces).decode())))
+    assert len(rows) == 1 + len(items)
+    assert [row[0] for row in rows[1:]] == [i.filename for i in items]
+    assert [row[1] for row in rows[1:]] == [i.state for i in items]
+
+
+def test_the_csv_of_an_empty_batch_is_its_header():
+    from web_tier.results_csv import results_csv_slices
+
+    assert "".join(results_csv_slices([], model_untrained=False)) == (
+        "filename,state,label,score,error,untrained\r\n")
+
+
 def test_a_csv_row_shows_only_what_its_state_says_is_final():
     """Read without the book's lock while a listener fills an item in: its state is set
     last, so a row read in between must not mix a result into a queued or failed row."""
     from web_tier.results import Item
-    from web_tier.results_csv import results_csv
+    from web_tier.results_csv import results_csv_slices
 
     filling = Item(id="a", batch_id=None, filename="a.jpg", label="cat", score=0.5)  # still queued
     turning = Item(id="b", batch_id=None, filename="b.jpg", state="failed", error=None, label="dog",
                    score=0.25)  # a dead letter, its late result half applied
-    rows = list(csv.reader(io.StringIO(results_csv([filling, turning], model_untrained=True))))
+    text = "".join(results_csv_slices([filling, turning], model_untrained=True))
+    rows = list(csv.reader(io.StringIO(text)))
     assert rows[1:] == [["a.jpg", "queued", "", "", "", "true"], ["b.jpg", "failed", "", "", "", "true"]]
