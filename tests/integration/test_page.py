@@ -1119,6 +1119,39 @@ def test_a_reload_after_the_batch_was_lost_and_made_anew_shows_the_files_it_lost
     wait_for(lambda: states_shown(browser)["since.jpg"] == "done", 120, "the file stored since classified")
 
 
+def test_a_result_the_server_still_holds_wins_over_the_one_the_tab_saved(stack, browser, reference_model,
+                                                                          tmp_path):
+    """The tab saves each classified row's answer, for a reload that finds the batch lost;
+    one that finds the batch held shows the server's answer, and saves that."""
+    from selenium.webdriver.common.by import By
+
+    files = {"truth.jpg": make_image(1564, size=(64, 48))}
+    browser.get(stack.web_url + "/")
+    choose(browser, tmp_path, files)
+    shown = finished_rows(browser, stack, 1, timeout_s=120)
+    score = shown["truth.jpg"].get_attribute("data-score")
+    batch_id = browser.current_url.split("#batches=")[1]
+    key = f"imgclass.results.{batch_id}"
+
+    def saved() -> list:
+        return browser.execute_script("return JSON.parse(sessionStorage.getItem(arguments[0]) || '[]')", key)
+
+    wait_for(lambda: len(saved()) == 1, 30, "the answer saved")
+    [[item_id, label, saved_score, top5, _]] = saved()
+    assert (label, f"{saved_score:.6f}") == (shown["truth.jpg"].get_attribute("data-label"), score)
+    assert len(top5) == 5
+    tampered = [[item_id, "tampered", 0.5, [["tampered", 0.5]] * 5, 0]]
+    browser.execute_script("sessionStorage.setItem(arguments[0], JSON.stringify(arguments[1]))", key,
+                           tampered)
+    browser.refresh()
+    wait_for(lambda: states_shown(browser).get("truth.jpg") == "done", 30, "the row shown again")
+    row = browser.find_element(By.CSS_SELECTOR, '#results [data-filename="truth.jpg"]')
+    assert row.get_attribute("data-score") == score
+    assert_row_shows(row, references(reference_model, files)["truth.jpg"], "truth.jpg")
+    wait_for(lambda: saved()[0][1] != "tampered", 30, "the server's answer saved in its place")
+    assert f"{saved()[0][2]:.6f}" == score
+
+
 def test_a_tab_that_gave_a_batch_up_follows_it_again_once_the_tab_sending_it_makes_it_anew(
         stack, browser, reference_model, tmp_path):
     """A duplicated tab gave the batch up (two 404s); that tab's chunk then made the
@@ -2865,7 +2898,9 @@ def test_a_second_tab_on_the_batch_link_follows_it_while_another_tab_sends_it(
     files = {f"link_{i}.jpg": make_image(995 + i, size=(64, 48)) for i in range(2)}
     send_holding(browser, stack, tmp_path, files, held=["link_1.jpg"])
     with second_tab(browser) as first:
-        browser.execute_script("sessionStorage.clear(); location.reload();")  # a tab of its own
+        # A tab of its own: cleared after the page's last save, as it leaves (main.js pagehide).
+        browser.execute_script("addEventListener('pagehide', () => sessionStorage.clear());"
+                               "location.reload();")
         wait_for(lambda: [(n, s) for n, s, _ in rows_shown(browser)] == [("link_0.jpg", "done")], 60,
                  "the one file stored so far, done")
         in_tab(browser, first, "window.held = [];")
@@ -3048,12 +3083,15 @@ def test_an_unknown_batch_dropped_from_the_address_leaves_nothing_saved(stack, b
 
     unknown = "0" * 31 + "1"
     browser.get(stack.web_url + "/")
-    browser.execute_script(f"sessionStorage.setItem('imgclass.shown.{unknown}', '[{{\"id\": \"x\"}}]')")
+    browser.execute_script("sessionStorage.setItem(arguments[0], JSON.stringify(arguments[1]));"
+                           "sessionStorage.setItem(arguments[2], '[]')", f"imgclass.shown.{unknown}",
+                           [{"id": "x"}], f"imgclass.results.{unknown}")
     browser.get(f"{stack.web_url}/#batches={unknown}")
     browser.refresh()
     wait_for(lambda: "could not be loaded" in browser.find_element(By.ID, "summary").text, 30, "the notice")
     assert "#batches=" not in browser.current_url
-    assert browser.execute_script(f"return sessionStorage.getItem('imgclass.shown.{unknown}')") is None
+    for store in ("shown", "results"):
+        assert browser.execute_script(f"return sessionStorage.getItem('imgclass.{store}.{unknown}')") is None
 
 
 def test_a_folder_of_no_images_is_said_to_screen_readers_once(stack, browser, tmp_path):
@@ -3475,6 +3513,11 @@ def test_a_second_reload_keeps_every_row_of_a_batch_with_a_file_sent_again(stack
     finished_rows(browser, stack, len(files), timeout_s=60)
     batch_id = browser.current_url.split("#batches=")[1]
     key = f"imgclass.shown.{batch_id}"
+    # Saved a moment after the last result (with its answer): changed before, the rows
+    # would be saved over as the page leaves.
+    wait_for(lambda: len(browser.execute_script("return JSON.parse(sessionStorage.getItem(arguments[0]))",
+                                                f"imgclass.results.{batch_id}") or []) == 2, 30,
+             "the answers saved")
     saved = browser.execute_script(f"return JSON.parse(sessionStorage.getItem('{key}'))")
     assert [("id" in row, row.get("name")) for row in saved] == [(True, "late.jpg"), (False, "notes.jpg"),
                                                                   (True, "other.jpg")]
