@@ -32,6 +32,8 @@ async function restore(batchId, place) {
   session.askSender();
   const { body, unknown } = await fetchBatch(batchId);
   session.unknown = unknown;
+  // This read is the first of the two in a row that give a batch the server held up (Session.lose).
+  session.unknownInARow = unknown ? 1 : 0;
   const saved = savedShown(batchId);
   // Lost, if it is later said unknown (Session.lose): it answered now, or this tab heard
   // a file of it stored before the reload.
@@ -47,7 +49,14 @@ async function restore(batchId, place) {
   // An upload whose every file was refused: no batch was made, and the server has
   // nothing to add to the reasons this tab saved.
   const refusals = unknown && explainedOnly(saved);
-  const items = body && Array.isArray(body.items) ? body.items : sending || refusals ? [] : null;
+  // One this tab heard a file of stored, that the server no longer holds (restarted with
+  // its storage reset, or the batch expired): its rows as the tab saved them, those
+  // classified with their results, and the batch given up as a live page gives it up
+  // (the next read saying it unknown too), its other files failed as lost, and said so.
+  // Said "unknown here", the user would be told nothing of what happened, and lose the
+  // results the tab had shown.
+  const lost = unknown && session.held;
+  const items = body && Array.isArray(body.items) ? body.items : sending || refusals || lost ? [] : null;
   if (!items) {
     sayNotLoaded(batchId, unknown);
     return;
