@@ -1119,6 +1119,138 @@ def test_a_reload_after_the_batch_was_lost_and_made_anew_shows_the_files_it_lost
     wait_for(lambda: states_shown(browser)["since.jpg"] == "done", 120, "the file stored since classified")
 
 
+def shown_answers(browser, names) -> dict[str, str]:
+    """The rows of `names` as the page renders them (their outerHTML), by name."""
+    from selenium.webdriver.common.by import By
+
+    return {name: browser.find_element(By.CSS_SELECTOR, f'#results [data-filename="{name}"]')
+            .get_attribute("outerHTML") for name in names}
+
+
+def test_a_reload_after_the_server_lost_the_batch_shows_the_results_the_tab_had_shown(
+        stack, browser, reference_model, tmp_path):
+    """The tab saved its rows' ids, not their results: reloaded once the server had lost
+    the batch, it said the batch "could not be loaded (unknown here, or expired)" and
+    showed nothing of it, the results the user had seen gone with it; and reloaded once
+    the batch was made anew, it failed a file classified before the loss "not classified".
+    Each classified row comes back as it was, with the answer the tab saved, the others
+    failed as lost, and the loss said as the page says it live. Here the tab hears
+    nothing of the loss before the reload (its reads held)."""
+    import requests
+    from selenium.webdriver.common.by import By
+
+    kept = [f"kept_{i}.jpg" for i in range(2)]
+    late = "late.jpg"
+    files = {name: make_image(1560 + i, size=(64, 48)) for i, name in enumerate([*kept, late])}
+    refs = references(reference_model, files, top1_only=True)
+    browser.get(stack.web_url + "/")
+    browser.execute_script(HOLD_POSTS, [late])
+    # Held while the others are classified, longer than the page waits for an answer
+    # otherwise (its upload is faked done at once).
+    browser.execute_script("document.body.dataset.answerTimeoutMs = '300000';")
+    choose(browser, tmp_path, files)
+    wait_for(lambda: "#batches=" in browser.current_url, 30, "the batch in the address")
+    batch_id = browser.current_url.split("#batches=")[1]
+    wait_for(lambda: [states_shown(browser).get(name) for name in kept] == ["done"] * 2, 120,
+             "the files sent first classified")
+    before = shown_answers(browser, kept)
+    # Held until the end: a worker answering the lost file's request (its image gone)
+    # would put its item back in the batch, failed, which would then be held again.
+    with workers_held(stack):
+        browser.execute_script(HOLD_READS)
+        browser.execute_script("window.held = [];")
+        wait_for(lambda: states_shown(browser)[late] == "queued", 30, "the file sent last queued")
+        browser.execute_script("window.readsHeld = true;")  # the tab hears nothing of the loss
+        forget_on_the_server(stack, batch_id)
+
+        browser.refresh()
+        summary = said_lost(browser, batch_id)
+        assert summary.endswith("and 1 file of it not yet classified will not be: choose it again to have it "
+                                "classified"), summary
+        assert "could not be loaded" not in summary, summary
+        assert [(name, state) for name, state, _ in rows_shown(browser)] == [
+            ("kept_0.jpg", "done"), ("kept_1.jpg", "done"), (late, "failed")]
+        assert shown_answers(browser, kept) == before
+        for name in kept:
+            assert_row_shows(browser.find_element(By.CSS_SELECTOR, f'#results [data-filename="{name}"]'),
+                             refs[name], name)
+        [text] = [text for name, _, text in rows_shown(browser) if name == late]
+        assert f"{LOST_ROW}; choose it again" in text, text
+        assert len(browser.find_elements(By.CSS_SELECTOR, '#results [data-lost="true"]')) == 1
+        assert browser.current_url.split("#batches=")[1] == batch_id  # kept, for the next reload
+
+        # Made anew since (another tab's chunk, a script's): the rows the server no longer
+        # lists are shown as the tab showed them, after a second reload too.
+        answer = requests.post(f"{stack.web_url}/api/jobs", data={"batch_id": batch_id, "create": "1"},
+                               files={"files": ("since.jpg", make_image(1563, size=(64, 48)))}, timeout=30)
+        assert answer.status_code == 202, answer.text
+        browser.refresh()
+        wait_for(lambda: len(rows_shown(browser)) == 4, 30, "the rows after a second reload")
+        assert [(name, state) for name, state, _ in rows_shown(browser)] == [
+            ("kept_0.jpg", "done"), ("kept_1.jpg", "done"), (late, "failed"), ("since.jpg", "queued")]
+        assert shown_answers(browser, kept) == before
+        assert len(browser.find_elements(By.CSS_SELECTOR, '#results [data-lost="true"]')) == 1
+
+
+def test_a_result_the_server_still_holds_wins_over_the_one_the_tab_saved(stack, browser, reference_model,
+                                                                          tmp_path):
+    """The tab saves each classified row's answer, for a reload that finds the batch lost;
+    one that finds the batch held shows the server's answer, and saves that."""
+    from selenium.webdriver.common.by import By
+
+    files = {"truth.jpg": make_image(1564, size=(64, 48))}
+    browser.get(stack.web_url + "/")
+    choose(browser, tmp_path, files)
+    shown = finished_rows(browser, stack, 1, timeout_s=120)
+    score = shown["truth.jpg"].get_attribute("data-score")
+    batch_id = browser.current_url.split("#batches=")[1]
+    key = f"imgclass.results.{batch_id}"
+
+    def saved() -> list:
+        return browser.execute_script("return JSON.parse(sessionStorage.getItem(arguments[0]) || '[]')", key)
+
+    wait_for(lambda: len(saved()) == 1, 30, "the answer saved")
+    [[item_id, label, saved_score, top5, _]] = saved()
+    assert (label, f"{saved_score:.6f}") == (shown["truth.jpg"].get_attribute("data-label"), score)
+    assert len(top5) == 5
+    tampered = [[item_id, "tampered", 0.5, [["tampered", 0.5]] * 5, 0]]
+    browser.execute_script("sessionStorage.setItem(arguments[0], JSON.stringify(arguments[1]))", key,
+                           tampered)
+    browser.refresh()
+    wait_for(lambda: states_shown(browser).get("truth.jpg") == "done", 30, "the row shown again")
+    row = browser.find_element(By.CSS_SELECTOR, '#results [data-filename="truth.jpg"]')
+    assert row.get_attribute("data-score") == score
+    assert_row_shows(row, references(reference_model, files)["truth.jpg"], "truth.jpg")
+    wait_for(lambda: saved()[0][1] != "tampered", 30, "the server's answer saved in its place")
+    assert f"{saved()[0][2]:.6f}" == score
+
+
+def test_the_results_a_tab_saves_are_bounded(stack, browser, reference_model, tmp_path):
+    """A batch may hold thousands of files, and sessionStorage ~5 MB: the tab keeps the
+    answers of so many files (data-saved-results, 10,000 unless a test says fewer); a
+    reload after the loss shows the others failed as lost, as before."""
+    from selenium.webdriver.common.by import By
+
+    files = {f"bounded_{i}.jpg": make_image(1565 + i, size=(64, 48)) for i in range(2)}
+    browser.get(stack.web_url + "/")
+    browser.execute_script("document.body.dataset.savedResults = '1';")
+    choose(browser, tmp_path, files)
+    finished_rows(browser, stack, len(files), timeout_s=120)
+    batch_id = browser.current_url.split("#batches=")[1]
+    key = f"imgclass.results.{batch_id}"
+    wait_for(lambda: browser.execute_script("return sessionStorage.getItem(arguments[0])", key), 30,
+             "the answers saved")
+    forget_on_the_server(stack, batch_id)
+    browser.refresh()
+    said_lost(browser, batch_id)
+    rows = {name: (state, text) for name, state, text in rows_shown(browser)}
+    assert [state for state, _ in rows.values()] == ["done", "failed"], rows
+    first = browser.find_element(By.CSS_SELECTOR, '#results [data-filename="bounded_0.jpg"]')
+    refs = references(reference_model, files, top1_only=True)
+    assert_row_shows(first, refs["bounded_0.jpg"], "bounded_0.jpg")
+    assert f"{LOST_ROW}; choose it again" in rows["bounded_1.jpg"][1], rows
+
+
 def test_a_tab_that_gave_a_batch_up_follows_it_again_once_the_tab_sending_it_makes_it_anew(
         stack, browser, reference_model, tmp_path):
     """A duplicated tab gave the batch up (two 404s); that tab's chunk then made the
@@ -2865,7 +2997,9 @@ def test_a_second_tab_on_the_batch_link_follows_it_while_another_tab_sends_it(
     files = {f"link_{i}.jpg": make_image(995 + i, size=(64, 48)) for i in range(2)}
     send_holding(browser, stack, tmp_path, files, held=["link_1.jpg"])
     with second_tab(browser) as first:
-        browser.execute_script("sessionStorage.clear(); location.reload();")  # a tab of its own
+        # A tab of its own: cleared after the page's last save, as it leaves (main.js pagehide).
+        browser.execute_script("addEventListener('pagehide', () => sessionStorage.clear());"
+                               "location.reload();")
         wait_for(lambda: [(n, s) for n, s, _ in rows_shown(browser)] == [("link_0.jpg", "done")], 60,
                  "the one file stored so far, done")
         in_tab(browser, first, "window.held = [];")
@@ -3048,12 +3182,16 @@ def test_an_unknown_batch_dropped_from_the_address_leaves_nothing_saved(stack, b
 
     unknown = "0" * 31 + "1"
     browser.get(stack.web_url + "/")
-    browser.execute_script(f"sessionStorage.setItem('imgclass.shown.{unknown}', '[{{\"id\": \"x\"}}]')")
+    # A file not heard stored (one heard stored would make it a batch the server lost).
+    browser.execute_script("sessionStorage.setItem(arguments[0], JSON.stringify(arguments[1]));"
+                           "sessionStorage.setItem(arguments[2], '[]')", f"imgclass.shown.{unknown}",
+                           [{"name": "x.jpg", "unsent": True, "token": "0"}], f"imgclass.results.{unknown}")
     browser.get(f"{stack.web_url}/#batches={unknown}")
     browser.refresh()
     wait_for(lambda: "could not be loaded" in browser.find_element(By.ID, "summary").text, 30, "the notice")
     assert "#batches=" not in browser.current_url
-    assert browser.execute_script(f"return sessionStorage.getItem('imgclass.shown.{unknown}')") is None
+    for store in ("shown", "results"):
+        assert browser.execute_script(f"return sessionStorage.getItem('imgclass.{store}.{unknown}')") is None
 
 
 def test_a_folder_of_no_images_is_said_to_screen_readers_once(stack, browser, tmp_path):
@@ -3475,6 +3613,11 @@ def test_a_second_reload_keeps_every_row_of_a_batch_with_a_file_sent_again(stack
     finished_rows(browser, stack, len(files), timeout_s=60)
     batch_id = browser.current_url.split("#batches=")[1]
     key = f"imgclass.shown.{batch_id}"
+    # Saved a moment after the last result (with its answer): changed before, the rows
+    # would be saved over as the page leaves.
+    wait_for(lambda: len(browser.execute_script("return JSON.parse(sessionStorage.getItem(arguments[0]))",
+                                                f"imgclass.results.{batch_id}") or []) == 2, 30,
+             "the answers saved")
     saved = browser.execute_script(f"return JSON.parse(sessionStorage.getItem('{key}'))")
     assert [("id" in row, row.get("name")) for row in saved] == [(True, "late.jpg"), (False, "notes.jpg"),
                                                                   (True, "other.jpg")]

@@ -6,6 +6,8 @@ import { setting } from "./settings.js";
 const BATCH_ID = /^[0-9a-f]{32}$/;
 const SHOWN_STORE = "imgclass.shown.";  // + batch id, in this tab's sessionStorage
 const UNCONFIRMED_STORE = "imgclass.unconfirmed.";  // + id of a batch not yet known to hold a file
+const RESULTS_STORE = "imgclass.results.";  // + batch id: the answers its classified rows show
+const resultCounts = new Map();  // batch id -> answers saved of it (read once, then kept up to date)
 let droppedSaid = false;  // a batch left the address (maxBatchesInUrl): said once
 
 // 32 hex digits, as the server's ids (crypto.randomUUID needs HTTPS, this may not be).
@@ -56,6 +58,7 @@ export function forgetBatch(batchId) {
 // then no batch's rows be saved, without a word.
 function forgetShown(batchId) {
   try { sessionStorage.removeItem(SHOWN_STORE + batchId); } catch { /* storage disabled */ }
+  forgetResults(batchId);
 }
 
 export function setUnconfirmed(batchId, unconfirmed) {
@@ -81,11 +84,84 @@ export function savedShown(batchId) {
 
 // Keeps `shown`, the batch's rows as this tab shows them, for a reload (savedShown):
 // while the batch is in the address (its rows stay on the page once it has left).
+// The rows come before the answers (saveResults): storage full, the answers give way,
+// the oldest batch's first. Kept, a tab's answers could leave a later batch no room for
+// its rows, which a reload would then show in the server's order, its refusals gone.
 export function saveShown(batchId, shown) {
   if (!batchesInUrl().includes(batchId)) return;
+  const text = JSON.stringify(shown);
+  for (const givingWay of [null, ...batchesInUrl()]) {
+    if (givingWay) forgetResults(givingWay);
+    try {
+      sessionStorage.setItem(SHOWN_STORE + batchId, text);
+      return;
+    } catch { /* storage full or disabled: (at the end) a reload shows the server's order */ }
+  }
+}
+
+function resultsCount(batchId) {
+  if (!resultCounts.has(batchId)) resultCounts.set(batchId, packedResults(batchId).length);
+  return resultCounts.get(batchId);
+}
+
+function packedResults(batchId) {
   try {
-    sessionStorage.setItem(SHOWN_STORE + batchId, JSON.stringify(shown));
-  } catch { /* storage full or disabled: a reload shows the server's order */ }
+    const packed = JSON.parse(sessionStorage.getItem(RESULTS_STORE + batchId) || "[]");
+    return Array.isArray(packed) ? packed : [];
+  } catch {
+    return [];
+  }
+}
+
+function forgetResults(batchId) {
+  resultCounts.set(batchId, 0);
+  try { sessionStorage.removeItem(RESULTS_STORE + batchId); } catch { /* storage disabled */ }
+}
+
+// Keeps the answers the batch's classified rows show (`results`: [item id, answer
+// (rows.js answerShown)], in row order), for a reload that finds the server has lost
+// the batch (savedResults): the server holds them no more, and those rows would show
+// failed. Bounded (sessionStorage holds ~5 MB a tab, and a batch may hold thousands of
+// files): setting("savedResults") answers in all, ~200 characters each, packed. Past
+// that, the latest batches' come first, as in the address: the oldest batch's go, whole;
+// a batch with more keeps its first rows'.
+export function saveResults(batchId, results) {
+  const ids = batchesInUrl();
+  const at = ids.indexOf(batchId);
+  if (at < 0) return;
+  const most = setting("savedResults");
+  const newer = ids.slice(at + 1).reduce((sum, id) => sum + resultsCount(id), 0);
+  const kept = results.slice(0, Math.max(0, most - newer));
+  let total = ids.reduce((sum, id) => sum + (id === batchId ? kept.length : resultsCount(id)), 0);
+  for (const id of ids.slice(0, at)) {
+    if (total <= most) break;
+    total -= resultsCount(id);
+    forgetResults(id);
+  }
+  if (!kept.length) {
+    forgetResults(batchId);
+    return;
+  }
+  const packed = kept.map(([id, { label, score, top5, untrained }]) =>
+    [id, label, score, top5.map((guess) => [guess.label, guess.score]), untrained ? 1 : 0]);
+  try {
+    sessionStorage.setItem(RESULTS_STORE + batchId, JSON.stringify(packed));
+    resultCounts.set(batchId, kept.length);
+  } catch { /* storage full or disabled: the answers saved before stay, still true */ }
+}
+
+// The answers saveResults kept of the batch, by item id, each as the server's item would
+// give it (rows.js showItem).
+export function savedResults(batchId) {
+  const results = new Map();
+  for (const packed of packedResults(batchId)) {
+    try {
+      const [id, label, score, top5, untrained] = packed;
+      results.set(id, { id, state: "done", label, score, untrained: Boolean(untrained),
+                        top5: top5.map(([guess, guessScore]) => ({ label: guess, score: guessScore })) });
+    } catch { /* damaged: its row shows as if nothing was saved */ }
+  }
+  return results;
 }
 
 // Whether saved rows are of an upload whose every file was refused, or not sent, each

@@ -17,7 +17,12 @@ import { wireTabs } from "./tabs.js";
 
 setSummaryRefresh(refreshSummary);
 
-window.addEventListener("pagehide", () => { page.leaving = true; });
+window.addEventListener("pagehide", () => {
+  page.leaving = true;
+  // A row classified just now is saved a moment later (Session.saveSoon): a reload then
+  // would miss it.
+  for (const session of page.sessions) session.savePending();
+});
 // Back in view from the back/forward cache: live again, its uploads go on (they
 // were left "uploading" for good, none sent again).
 window.addEventListener("pageshow", () => { page.leaving = false; });

@@ -2,8 +2,9 @@
 // link): as this tab showed them (its rows saved in sessionStorage), then whatever
 // else the server holds of them, and followed until they are done.
 import { addNotice } from "./announce.js";
-import { batchesInUrl, explainedOnly, forgetBatch, isUnconfirmed, sameFile, savedShown, setUnconfirmed }
-  from "./batches.js";
+import {
+  batchesInUrl, explainedOnly, forgetBatch, isUnconfirmed, sameFile, savedResults, savedShown, setUnconfirmed,
+} from "./batches.js";
 import { resultsEl } from "./dom.js";
 import { fetchBatch } from "./http.js";
 import { updateSummary } from "./refresh.js";
@@ -31,6 +32,8 @@ async function restore(batchId, place) {
   session.askSender();
   const { body, unknown } = await fetchBatch(batchId);
   session.unknown = unknown;
+  // This read is the first of the two in a row that give a batch the server held up (Session.lose).
+  session.unknownInARow = unknown ? 1 : 0;
   const saved = savedShown(batchId);
   // Lost, if it is later said unknown (Session.lose): it answered now, or this tab heard
   // a file of it stored before the reload.
@@ -46,7 +49,14 @@ async function restore(batchId, place) {
   // An upload whose every file was refused: no batch was made, and the server has
   // nothing to add to the reasons this tab saved.
   const refusals = unknown && explainedOnly(saved);
-  const items = body && Array.isArray(body.items) ? body.items : sending || refusals ? [] : null;
+  // One this tab heard a file of stored, that the server no longer holds (restarted with
+  // its storage reset, or the batch expired): its rows as the tab saved them, those
+  // classified with their results, and the batch given up as a live page gives it up
+  // (the next read saying it unknown too), its other files failed as lost, and said so.
+  // Said "unknown here", the user would be told nothing of what happened, and lose the
+  // results the tab had shown.
+  const lost = unknown && session.held;
+  const items = body && Array.isArray(body.items) ? body.items : sending || refusals || lost ? [] : null;
   if (!items) {
     sayNotLoaded(batchId, unknown);
     return;
@@ -54,7 +64,7 @@ async function restore(batchId, place) {
   if (items.length) setUnconfirmed(batchId, false);  // else a reload may still find none
   // Watched from now, before its rows are shown: those not stored wait for the watch.
   session.watchFrom = Date.now();
-  showRows(session, saved, items);
+  showRows(session, saved, items, savedResults(batchId));
   updateSummary();
   if (refusals) return;  // nothing will come of it: not followed (which would drop it)
   // Polled, not streamed: each event stream holds one of the browser's few
@@ -98,8 +108,9 @@ function sayNotLoaded(batchId, unknown) {
 }
 
 // The batch's rows: as this tab showed them before (`saved`), then whatever else the
-// server's `items` hold.
-function showRows(session, saved, items) {
+// server's `items` hold. A row the server no longer lists shows the answer this tab saved
+// of it (`results`), if any: the server's, where it lists the item, comes first.
+function showRows(session, saved, items, results) {
   const byId = new Map(items.map((item) => [item.id, item]));
   // The server's items no saved row names by id: those this tab had not yet heard
   // stored (its answer cut off by the reload), found by sameFile.
@@ -122,7 +133,7 @@ function showRows(session, saved, items) {
     } else if (shown.id && !listed.has(shown.id)) {
       // Heard stored before the reload, and not in the batch the server holds now: lost
       // with it (the batch made anew since), shown so rather than dropped without a word.
-      session.showUnlisted(shown, !session.unknown);
+      session.showUnlisted(shown, !session.unknown, results.get(shown.id));
     } else if (shown.error) {
       const el = session.newRow(shown.name || "upload");
       session.entries.push({ file: null, el, refused: shown.error });

@@ -95,6 +95,14 @@ export function showItemFailure(el, item) {
   showFailure(el, item.error || "failed");
 }
 
+// The answer each row shows, once done: saved for a reload (session.js save), which
+// shows it again if the server has lost the batch by then (restore.js showRows).
+const answers = new WeakMap();
+
+export function answerShown(el) {
+  return el.dataset.state === "done" ? answers.get(el) : undefined;
+}
+
 export function showItem(el, item) {
   // The first answer wins, as on the server: a replayed event changes nothing. But a
   // late answer does replace a failure (a dead letter's, which the server replaces
@@ -139,6 +147,8 @@ export function showItem(el, item) {
     el.querySelector(".untrained-mark").hidden = false;
     banner.hidden = false;
   }
+  answers.set(el, { label: item.label ?? "", score: item.score, top5: item.top5 || [],
+                    untrained: Boolean(item.untrained) });
   setState(el, "done");
   updateSummary();
 }

@@ -3,8 +3,8 @@
 import { DEAD_LETTER, isDeadLetter } from "./again.js";
 import { addNotice, sayNext, someFiles, uploadBegins } from "./announce.js";
 import {
-  batchesInUrl, explainedOnly, forgetBatch, newBatchId, rememberBatch, sameFile, saveShown, savedShown,
-  setUnconfirmed,
+  batchesInUrl, explainedOnly, forgetBatch, newBatchId, rememberBatch, sameFile, saveResults, saveShown,
+  savedShown, setUnconfirmed,
 } from "./batches.js";
 import { bytesOf, chunked } from "./chunks.js";
 import { keyInput } from "./dom.js";
@@ -12,7 +12,8 @@ import { fetchBatch, freeSendPlace, post, refusedWhole, sendItemAgain, takeSendP
 import { authHeaders, keyProblem, sayKeyProblem, storedKey } from "./key.js";
 import { updateSummary } from "./refresh.js";
 import {
-  FINISHED, makeResult, setName, setPath, setState, showFailure, showItem, showItemFailure, showSentAgain,
+  FINISHED, answerShown, makeResult, setName, setPath, setState, showFailure, showItem, showItemFailure,
+  showSentAgain,
 } from "./rows.js";
 import { PARALLEL_CHUNKS, RESEND_DELAYS_MS, resendDelayMs, setting, tooLargeText } from "./settings.js";
 import { page } from "./state.js";
@@ -38,6 +39,10 @@ const STOPPED_AGAIN = "not sent again: you stopped the upload (the server may ho
 // A file stored in a batch the server has since lost (see lose): no answer will come for it.
 const LOST = "not classified: the server no longer holds its batch (restarted with its storage reset, " +
   "or the batch expired)";
+// A row classified is saved this long after (saveSoon), with the others classified
+// meanwhile: each save writes the batch's rows whole, and a batch of thousands of files
+// is classified one file at a time.
+const SAVE_AFTER_MS = 1000;
 // How many answers in a row must say "no such batch" of a batch the server had held
 // before the page gives it up (see confirmedLost); and how many reads in a row must
 // leave out a file the server had stored before the page takes it for lost with it
@@ -109,6 +114,7 @@ export class Session {
     this.built = false;           // restore() has built the batch's rows, and follows it
     this.rebuilding = false;      // restore() is building them: save() waits for the last (showRows)
     this.saveWaits = false;       // ...and was asked for meanwhile
+    this.saveTimer = null;        // a save due soon (saveSoon)
     this.replaced = new Set();    // ids of items a file sent again replaces: not shown (sendAgain)
   }
 
@@ -166,7 +172,7 @@ export class Session {
     // it again, or a late answer came).
     if (item && (status === 202 || (status === 409 && item.state !== "failed"))) {
       if (status === 202) el.dataset.sentAgain = String(item.sent_again || 1);
-      showItem(el, item);
+      this.showAnswer(el, item);
       updateSummary();
       if (!FINISHED.has(el.dataset.state) && !this.stream && !this.pollTimer) {
         if (this.restored) this.poll();  // as restore follows it: no stream held
@@ -533,7 +539,11 @@ export class Session {
   // Saved from the start: a reload before the first answer came may find files stored.
   // Not while a reload rebuilds the rows (restore.js showRows), which saves once they are
   // all in: a row sent again would save those rebuilt so far, and the next reload lose the rest.
+  // The answers its classified rows show are saved too (saveResults): the server is
+  // asked first after a reload, but one that has lost the batch by then holds them no more.
   save() {
+    clearTimeout(this.saveTimer);
+    this.saveTimer = null;
     if (this.rebuilding) {
       this.saveWaits = true;
       return;
@@ -553,16 +563,35 @@ export class Session {
       ...(entry.replaced ? { replaced: entry.replaced } : {}),
     }));
     saveShown(this.batchId, shown);
+    saveResults(this.batchId, this.entries.filter((entry) => entry.id)
+      .map((entry) => [entry.id, answerShown(entry.el)]).filter(([, answer]) => answer));
+  }
+
+  // A row just classified: saved with those classified within SAVE_AFTER_MS of it.
+  saveSoon() {
+    if (!this.saveTimer) this.saveTimer = setTimeout(() => this.save(), SAVE_AFTER_MS);
+  }
+
+  // The page is being left (a reload among others): what saveSoon had still to save.
+  savePending() {
+    if (this.saveTimer) this.save();
   }
 
   apply(item) {
     if (this.replaced.has(item.id)) return;  // its file was sent again: its new item stands
     const el = this.byId.get(item.id);
-    if (el) showItem(el, item);
+    if (el) this.showAnswer(el, item);
     // Joined the batch after it was loaded, or stored by a send whose answer was lost.
     else if (this.restored || this.pendingRowFor(item)) this.showNew(item);
     else this.early.set(item.id, item);
     if (el && item.sent_again) this.saySentAgain(item);
+  }
+
+  // `item` in its row `el`; saved soon if that classified it.
+  showAnswer(el, item) {
+    const wasDone = el.dataset.state === "done";
+    showItem(el, item);
+    if (!wasDone && el.dataset.state === "done") this.saveSoon();
   }
 
   // An item queued again from elsewhere (another tab, a script): its row says so here too.
@@ -608,6 +637,7 @@ export class Session {
     }
     this.byId.set(item.id, el);
     showItem(el, item);
+    if (el.dataset.state === "done") this.saveSoon();
     if (item.sent_again) this.saySentAgain(item);
     if (this.built && this.grewAt) this.grewAt = Date.now();
     updateSummary();  // a row that joins queued is counted too
@@ -619,14 +649,19 @@ export class Session {
   // was stored, then failed as lost by loseUnlisted once two reads in a row leave it out,
   // as a tab that stayed open fails it; `readWhole`: the restore's read (begun after its
   // 202, as any read of this page view is) listed the batch, and is the first of them.
-  // One this tab had shown lost already (`shown.lost`) is shown failed at once, as it was.
-  showUnlisted(shown, readWhole) {
+  // One this tab had shown lost already (`shown.lost`) is shown failed at once, as it was;
+  // one it had shown classified, with the answer it saved (`saved`), as it was too: the
+  // server's answer is gone with the batch, and that row then keeps its result, as it
+  // does in a tab left open.
+  showUnlisted(shown, readWhole, saved) {
     const el = this.newRow(shown.name || "upload");
     setState(el, "queued");
     const entry = { file: null, el, id: shown.id, storedRead: this.reads, unlisted: readWhole ? 1 : 0 };
     this.entries.push(entry);
     this.byId.set(shown.id, el);
-    if (shown.lost) {
+    if (saved) {
+      showItem(el, saved);
+    } else if (shown.lost) {
       entry.notInPlace = true;
       this.failLost([entry]);
     }

@@ -12,6 +12,9 @@ const FROM_BODY = {
   maxChunkBytes: Infinity,
   // The latest batches kept in the address, which a reload shows again (fewer in tests).
   maxBatchesInUrl: 20,
+  // The answers of classified files the tab keeps for a reload that finds their batch
+  // lost (batches.js saveResults): ~2 MB of the ~5 MB of sessionStorage (fewer in tests).
+  savedResults: 10000,
   // A poll given up on, so that the next one is asked (a batch rebuilt from S3 after a
   // restart answers in seconds: 17 s for 1,500 items).
   pollTimeoutMs: 60000,
