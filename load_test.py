@@ -387,11 +387,13 @@ def image_key(name: str) -> str:
     """'test_00.JPEG', 'dir/test_00' and 'test_00' all become 'test_00'.
 
     In NFC: a name copied from a Mac spells 'é' as 'e' and a combining accent (NFD),
-    which a CSV typed elsewhere spells as one character, and the row would go unmatched."""
+    which a CSV typed elsewhere spells as one character, and the row would go unmatched.
+    Without spaces at either end of the stem: a CSV's cells are read stripped, so that
+    ' trail .jpg' could otherwise be named by no row (and the web tier trims names too)."""
     base = re.split(r"[\\/]", unicodedata.normalize("NFC", name.strip()))[-1]
     stem, dot, suffix = base.rpartition(".")
-    if dot and stem and f".{suffix.lower()}" in IMAGE_SUFFIXES:
-        return stem
+    if dot and stem.strip() and f".{suffix.lower()}" in IMAGE_SUFFIXES:
+        return stem.strip()
     return base
 
 

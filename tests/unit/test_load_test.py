@@ -786,6 +786,20 @@ def test_an_accented_name_matches_its_row_in_either_unicode_form(tier, tmp_path,
     assert "name no image" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("in_csv", ['" trail ",shield', "trail,shield", "trail .jpg,shield"])
+def test_a_name_with_spaces_at_its_ends_matches_its_row(tier, tmp_path, capsys, in_csv):
+    """A CSV's cells are read stripped, and the web tier trims names: ' trail .jpg' was
+    named by no row, and left unchecked."""
+    images = make_images(tmp_path / "images", {" trail .jpg": b"label:shield", "cat.jpg": b"label:cat"})
+    expected = tmp_path / "expected.csv"
+    expected.write_text(f"Image,Results\n{in_csv}\ncat,cat\n", encoding="utf-8")
+    report = run_load(Config(images=images, url=tier.url, expected=expected))
+    assert (report.correct, report.unchecked) == (2, 0), [(o.file, o.verdict) for o in report.outcomes]
+    assert load_test.main(["--url", tier.url, "--images", str(images), "--expected", str(expected),
+                           "-q"]) == 0
+    assert "name no image" not in capsys.readouterr().err
+
+
 def test_an_expected_csv_naming_only_some_images_says_so_in_its_pass(tier, tmp_path, capsys):
     images = make_images(tmp_path / "images", {"a.jpg": b"label:x", "b.jpg": b"label:y"})
     csv_path = tmp_path / "expected.csv"
@@ -2136,6 +2150,9 @@ def test_labels_and_names_compare_the_way_people_write_them():
     assert not load_test.same_name("test_01", "test_00")
     assert load_test.image_key("dir/test_00.JPEG") == "test_00"
     assert load_test.image_key("v1.2") == "v1.2"
+    # A CSV's cells are read stripped: a name with spaces at an end of its stem is still named.
+    assert load_test.image_key(" trail .jpg") == load_test.image_key(" trail ") == "trail"
+    assert load_test.image_key(" .jpg") == ".jpg"
 
 
 def test_same_name_accepts_the_web_tiers_spellings_and_no_other_name():
