@@ -55,6 +55,7 @@ image="$cache/image"        # a copy of it, provisioned: the AMI
 run="$cache/run"            # this run's logs and state
 build_machine=imgclass-smoke-build
 instance_machine=imgclass-smoke-instance
+s3_machine=imgclass-smoke-instance-s3
 in_path=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 nspawn_pid=""
@@ -62,6 +63,17 @@ moto_pid=""
 imds_pid=""
 results=()
 failed=0
+summarised=false
+t_all=""
+prepare_s="cached"
+provision_s="skipped (--reuse-image)"
+first_ready_s=""
+answer_s=""
+restart_s=""
+stop_s=""
+s3_ready_s=""
+s3_answer_s=""
+poweroff_s=""
 
 pass() { results+=("PASS  $*"); say "PASS: $*"; }
 fail() { results+=("FAIL  $*"); say "FAIL: $*"; failed=1; }
@@ -149,10 +161,35 @@ halt() {  # stop the container as a shutdown would, and wait for it
   rmdir "/run/systemd/nspawn/propagate/$machine" 2>/dev/null || true
 }
 
+secs() { if [[ -n $1 ]]; then echo "$1 s"; else echo "${2:-never}"; fi; }
+summary() {
+  summarised=true
+  echo
+  echo "==================== ami/smoke.sh summary ===================="
+  printf '%s\n' "${results[@]}"
+  echo "--------------------------------------------------------------"
+  echo "debootstrap (bookworm root)       : $prepare_s"
+  echo "provision.sh                      : $provision_s"
+  echo "user-data start -> unit active    : $(secs "$first_ready_s")"
+  echo "user-data start -> first answer   : $(secs "$answer_s")"
+  echo "SIGKILL -> restarted and ready    : $(secs "$restart_s")"
+  echo "systemctl stop (SIGTERM) -> ended : $(secs "$stop_s" "not done")"
+  echo "S3 weights: user-data -> active   : $(secs "$s3_ready_s") (download and conversion included)"
+  echo "S3 weights: user-data -> answer   : $(secs "$s3_answer_s")"
+  echo "S3 weights: poweroff, serving     : $(secs "$poweroff_s" "not done")"
+  echo "whole run                         : $(since "$t_all") s"
+  echo "logs                              : $run"
+  if ((failed)); then echo "RESULT: FAIL"; else echo "RESULT: PASS"; fi
+}
+
 cleanup() {
   local status=$?
   set +e
   halt "$current_machine"
+  if ! $summarised && [[ -n $t_all ]]; then
+    fail "stopped early (exit status $status): see the lines above"
+    summary
+  fi
   for pid in "$imds_pid" "$moto_pid"; do
     if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
       kill -TERM "$pid"; wait "$pid" 2>/dev/null
@@ -183,11 +220,12 @@ need systemd-nspawn systemd-container
 need nsenter util-linux
 
 mkdir -p "$cache"
+# One run at a time per cache: the machines' names, the image and the logs are shared.
+exec 9>"$cache/.lock"
+flock -n 9 || die "another ami/smoke.sh is running on $cache"
 remove_root "$run" || die "cannot clear $run"
 mkdir -p "$run/state"
 t_all=$(now)
-prepare_s="cached"
-provision_s="skipped (--reuse-image)"
 
 # --- the build instance: a stock bookworm root --------------------------------------
 if [[ ! -f $cache/base.ok ]]; then
@@ -285,34 +323,57 @@ imds_pid=$!
 "$python" ami/smoke_host.py send "$run/state" first
 
 # --- the instance: first boot of the image, the user-data, the unit ------------------
-current_machine=$instance_machine
-# --volatile=overlay: the instance writes to a throwaway layer over the image, as an
-# instance writes to its own volume made from the AMI's snapshot. So every boot is the
-# image's first (--reuse-image included), and the checks above stay true of it.
-boot "$instance_machine" --volatile=overlay
+start_instance() {  # start_instance MACHINE STATE_DIR: boot, then the user-data; sets t_start
+  local machine="$1" state_dir="$2"
+  current_machine=$machine
+  # --volatile=overlay: the instance writes to a throwaway layer over the image, as an
+  # instance writes to its own volume made from the AMI's snapshot. So every boot is the
+  # image's first (--reuse-image included), and the checks above stay true of it.
+  boot "$machine" --volatile=overlay
+  in_container mkdir -p /run/imgclass-smoke /run/systemd/system/imgclass-worker.service.d
+  # The two smoke-only changes, both in /run (gone at the next boot; the image is not
+  # touched): curl's connections to the metadata address go to the stand-in (the
+  # user-data's URLs are not changed), and botocore asks the stand-in, not 169.254.169.254,
+  # for the instance profile's credentials.
+  echo "connect-to = 169.254.169.254:80:127.0.0.1:$imds_port" \
+    | in_container sh -c 'cat > /run/imgclass-smoke/.curlrc'
+  printf '[Service]\nEnvironment=AWS_EC2_METADATA_SERVICE_ENDPOINT=http://127.0.0.1:%s/\n' "$imds_port" \
+    | in_container sh -c 'cat > /run/systemd/system/imgclass-worker.service.d/smoke.conf'
+  in_container systemctl daemon-reload
+  in_container sh -c 'cat > /run/imgclass-smoke/user-data' <"$state_dir/user-data"
+
+  say "running the user-data as cloud-init would (root, once)"
+  t_start=$(now)
+  if in_container env CURL_HOME=/run/imgclass-smoke bash /run/imgclass-smoke/user-data \
+    >"$run/$machine.user-data.log" 2>&1; then
+    pass "the user-data ran on $machine ($(since "$t_start") s)"
+  else
+    cat "$run/$machine.user-data.log" >&2
+    fail "the user-data failed on $machine (log: $run/$machine.user-data.log)"
+  fi
+}
+
+wait_active() {  # sets ready_s once the unit is active, within the deadline
+  # Type=notify: active only once the worker said READY=1 (model loaded, serving).
+  local state=""
+  ready_s=""
+  local until=$((SECONDS + deadline))
+  while ((SECONDS < until)); do
+    state=$(in_container systemctl is-active imgclass-worker 2>/dev/null || true)
+    if [[ $state == active ]]; then ready_s=$(since "$t_start"); break; fi
+    [[ $state == failed ]] && break
+    sleep 0.5
+  done
+  if [[ -n $ready_s ]]; then
+    pass "the unit is active: the worker told systemd READY=1 ($ready_s s after the user-data started it)"
+  else
+    fail "the unit never became active (last state: ${state:-unknown})"
+  fi
+}
+
+start_instance "$instance_machine" "$run/state"
 check "systemd gave the instance a machine id of its own" \
   bash -c '[[ $1 =~ ^[0-9a-f]{32}$ ]]' _ "$(in_container cat /etc/machine-id 2>/dev/null)"
-in_container mkdir -p /run/imgclass-smoke /run/systemd/system/imgclass-worker.service.d
-# The two smoke-only changes, both in /run (gone at the next boot; the image is not
-# touched): curl's connections to the metadata address go to the stand-in (the
-# user-data's URLs are not changed), and botocore asks the stand-in, not 169.254.169.254,
-# for the instance profile's credentials.
-echo "connect-to = 169.254.169.254:80:127.0.0.1:$imds_port" \
-  | in_container sh -c 'cat > /run/imgclass-smoke/.curlrc'
-printf '[Service]\nEnvironment=AWS_EC2_METADATA_SERVICE_ENDPOINT=http://127.0.0.1:%s/\n' "$imds_port" \
-  | in_container sh -c 'cat > /run/systemd/system/imgclass-worker.service.d/smoke.conf'
-in_container systemctl daemon-reload
-in_container sh -c 'cat > /run/imgclass-smoke/user-data' <"$run/state/user-data"
-
-say "running the user-data as cloud-init would (root, once)"
-t_start=$(now)
-if in_container env CURL_HOME=/run/imgclass-smoke bash /run/imgclass-smoke/user-data \
-  >"$run/user-data.log" 2>&1; then
-  pass "the user-data ran ($(since "$t_start") s)"
-else
-  cat "$run/user-data.log" >&2
-  fail "the user-data failed (log: $run/user-data.log)"
-fi
 in_container cat /etc/imgclass/worker.env >"$run/worker.env" 2>/dev/null || true
 check "worker.env names the instance" grep -qx "INSTANCE_ID=$instance_id" "$run/worker.env"
 check "worker.env points at the embedded AWS" grep -qx "AWS_ENDPOINT_URL=$AWS_ENDPOINT_URL" "$run/worker.env"
@@ -320,31 +381,18 @@ check "worker.env is root's alone (0600)" \
   test "$(in_container stat -c '%U %a' /etc/imgclass/worker.env 2>/dev/null)" = "root 600"
 check "the user-data enabled the unit" \
   test "$(in_container systemctl is-enabled imgclass-worker 2>/dev/null)" = enabled
-
-# Type=notify: active only once the worker said READY=1 (model loaded, serving).
-ready_s=""
-until=$((SECONDS + deadline))
-while ((SECONDS < until)); do
-  state=$(in_container systemctl is-active imgclass-worker 2>/dev/null || true)
-  if [[ $state == active ]]; then ready_s=$(since "$t_start"); break; fi
-  [[ $state == failed ]] && break
-  sleep 0.5
-done
-if [[ -n $ready_s ]]; then
-  pass "the unit is active: the worker told systemd READY=1 ($ready_s s after the user-data started it)"
-else
-  fail "the unit never became active (last state: ${state:-unknown})"
-fi
+wait_active
+first_ready_s=$ready_s
 unit() { in_container systemctl show -P "$1" imgclass-worker 2>/dev/null || true; }
 main_pid=$(unit MainPID)
 check "the worker runs as imgclass" test "$(in_container stat -c %U "/proc/$main_pid" 2>/dev/null)" = imgclass
 
-answer() {  # answer NAME SINCE: the request NAME answered as it should be
-  [[ -n $ready_s ]] && "$python" ami/smoke_host.py answer "$run/state" "$1" "$2" "$deadline" \
+answer() {  # answer STATE_DIR NAME SINCE: the request NAME answered as it should be
+  [[ -n $ready_s ]] && "$python" ami/smoke_host.py answer "$1" "$2" "$3" "$deadline" \
     | tee -a "$run/answer.log"
 }
 answer_s=""
-if answer first "$t_start"; then
+if answer "$run/state" first "$t_start"; then
   answer_s=$(cat "$run/state/first.answered-after")
   pass "the worker answered the request, stored name,label and tagged its instance ready"
 else
@@ -388,7 +436,7 @@ check "its ExecStopPost ran without error" \
 sleep "$(awk -v a="$t0" -v b="$(now)" 'BEGIN { w = a + 21 - b; print (w > 0 ? w : 0) }')"
 "$python" ami/smoke_host.py send "$run/state" second
 t0=$(now)
-if answer second "$t0"; then
+if answer "$run/state" second "$t0"; then
   pass "the restarted worker answered another request ($(cat "$run/state/second.answered-after") s)"
 else
   fail "the restarted worker did not answer (see $run/answer.log)"
@@ -407,20 +455,50 @@ check "the worker shut down warm (its log says it stopped)" \
   grep -q "worker $instance_id: stopped after 1 images" "$run/worker.journal"
 
 halt "$instance_machine"
+
+# --- a second instance: MODEL_WEIGHTS=s3://..., fetched and converted under the unit ---
+# The path a new weights file takes (README, The ResNet-50 weights, 2.): the worker
+# downloads it with the instance profile's keys into HOME (ReadWritePaths), and converts
+# it with TensorFlow to OpenVINO IR, all in the unit's sandbox. Keras's random
+# initialisation stands in for ImageNet's file, which cannot be had here.
+say "making a ResNet-50 weights file on this machine and putting it in the embedded AWS's S3"
+s3_state="$run/state-s3"
+mkdir -p "$s3_state"
+weights_uri=$("$python" ami/smoke_host.py weights "$s3_state" 2>"$run/weights.log" | tail -n 1)
+if [[ $weights_uri != s3://* ]]; then
+  fail "could not make the weights file (log: $run/weights.log)"
+else
+  MODEL_WEIGHTS="$weights_uri" "$python" ami/smoke_host.py launch "$s3_state"
+  kill -TERM "$imds_pid"; wait "$imds_pid" 2>/dev/null || true
+  "$python" ami/smoke_host.py imds "$s3_state" "$imds_port" >>"$run/imds.log" 2>&1 &
+  imds_pid=$!
+  MODEL_WEIGHTS="$weights_uri" "$python" ami/smoke_host.py send "$s3_state" first
+  start_instance "$s3_machine" "$s3_state"
+  wait_active
+  s3_ready_s=$ready_s
+  if MODEL_WEIGHTS="$weights_uri" answer "$s3_state" first "$t_start"; then
+    s3_answer_s=$(cat "$s3_state/first.answered-after")
+    pass "with weights from S3, the instance answered, not flagged untrained ($s3_answer_s s)"
+  else
+    fail "with weights from S3, the request was not answered as it should be (see $run/answer.log)"
+  fi
+  in_container journalctl -u imgclass-worker --no-pager -o short-precise >"$run/worker-s3.journal" 2>&1 || true
+  check "the worker fetched the weights into its home and converted them" \
+    bash -c 'grep -q "fetched s3://" "$1" && grep -q "converted ResNet-50" "$1"' _ "$run/worker-s3.journal"
+  # This one is not stopped first: the instance is powered off with its worker serving,
+  # as EC2's termination does. Its journal goes with the overlay; the console keeps its
+  # last lines, as get-console-output would.
+  s3_id=$(cat "$s3_state/instance-id")
+  t0=$(now)
+  halt "$s3_machine"
+  poweroff_s=$(since "$t0")
+  check "powered off, the instance stopped its worker warm ($poweroff_s s)" \
+    grep -q "worker $s3_id: stopped after 1 images" "$run/$s3_machine.console"
+  check "within TimeoutStopSec (no SIGKILL)" \
+    bash -c '! grep -q "imgclass-worker.service: State .stop-sigterm. timed out" "$1"' _ "$run/$s3_machine.console"
+fi
 current_machine=""
 $clean || say "the image stays in $image (--reuse-image boots it again; --clean removes it)"
 
-echo
-echo "==================== ami/smoke.sh summary ===================="
-printf '%s\n' "${results[@]}"
-echo "--------------------------------------------------------------"
-echo "debootstrap (bookworm root)       : $prepare_s"
-echo "provision.sh                      : $provision_s"
-echo "user-data start -> unit active    : ${ready_s:-never} s"
-echo "user-data start -> first answer   : ${answer_s:-never} s"
-echo "SIGKILL -> restarted and ready    : ${restart_s:-never} s"
-echo "systemctl stop (SIGTERM) -> ended : $stop_s s"
-echo "whole run                         : $(since "$t_all") s"
-echo "logs                              : $run"
-if ((failed)); then echo "RESULT: FAIL"; exit 1; fi
-echo "RESULT: PASS"
+summary
+((failed == 0)) || exit 1

@@ -5,6 +5,9 @@ instance metadata service, and the one request the booted image must answer.
                                                   the controller launches it; its id and
                                                   user-data into STATE_DIR
     python ami/smoke_host.py imds STATE_DIR PORT  serve IMDSv2 for that instance until killed
+    python ami/smoke_host.py weights STATE_DIR    a ResNet-50 weights file (Keras's own random
+                                                  initialisation, not ImageNet's) put in S3;
+                                                  prints its s3:// URI
     python ami/smoke_host.py send STATE_DIR NAME  one image in the input bucket, its request
                                                   on the request queue (kept as NAME.json)
     python ami/smoke_host.py answer STATE_DIR NAME SINCE DEADLINE_S
@@ -130,6 +133,19 @@ def cmd_imds(state: Path, port: int) -> None:
     server.serve_forever()
 
 
+def cmd_weights(state: Path) -> None:
+    import keras
+
+    s = settings()
+    aws = local_aws(s)
+    path = state / "resnet50.weights.h5"
+    keras.applications.ResNet50(weights=None).save_weights(str(path))
+    bucket, key = f"{s.prefix}-models", "resnet50/smoke.weights.h5"
+    aws.s3.create_bucket(Bucket=bucket)
+    aws.s3.upload_file(str(path), bucket, key)
+    print(f"s3://{bucket}/{key}")
+
+
 def png() -> bytes:
     from PIL import Image
 
@@ -177,8 +193,8 @@ def cmd_answer(state: Path, name: str, since: float, deadline_s: float) -> int:
         failures.append(f"the answer is an error: {answer.error}")
     if answer.worker != instance_id:
         failures.append(f"answered by {answer.worker!r}, not the instance {instance_id}")
-    if not answer.untrained:
-        failures.append("MODEL_WEIGHTS=random, yet the answer is not flagged untrained")
+    if answer.untrained != (s.model_weights == "random"):
+        failures.append(f"MODEL_WEIGHTS={s.model_weights}, yet the answer says untrained={answer.untrained}")
     if answer.key != request.key or answer.filename != request.filename:
         failures.append("the answer names another upload")
     text = aws.s3.get_object(Bucket=s.output_bucket, Key=request.key)["Body"].read().decode()
@@ -202,7 +218,7 @@ def cmd_answer(state: Path, name: str, since: float, deadline_s: float) -> int:
 
 
 def main(argv: list[str]) -> int:
-    arguments = {"launch": 2, "imds": 3, "send": 3, "answer": 5}
+    arguments = {"launch": 2, "imds": 3, "weights": 2, "send": 3, "answer": 5}
     if not argv or len(argv) != arguments.get(argv[0]):
         print(__doc__, file=sys.stderr)
         return 2
@@ -211,6 +227,8 @@ def main(argv: list[str]) -> int:
         cmd_launch(state)
     elif argv[0] == "imds":
         cmd_imds(state, int(argv[2]))
+    elif argv[0] == "weights":
+        cmd_weights(state)
     elif argv[0] == "send":
         cmd_send(state, argv[2])
     else:
