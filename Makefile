@@ -75,7 +75,7 @@ bench: $(STAMP)
 	$(PY) -m bench
 
 ## The worker image baked and booted for real on this machine, without AWS (ami/README.md,
-## Smoke test): Linux, as root; ~10 minutes, most of it pip. Not part of make test.
+## Smoke test): Linux, as root; ~3 minutes here, longer where pip fetches TensorFlow afar. Not in make test.
 ami-smoke: $(STAMP)
 	SMOKE_PYTHON=$(abspath $(PY)) ami/smoke.sh $(SMOKE_ARGS)
 
