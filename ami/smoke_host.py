@@ -10,6 +10,12 @@ instance metadata service, and the one request the booted image must answer.
                                                   prints its s3:// URI
     python ami/smoke_host.py send STATE_DIR NAME  one image in the input bucket, its request
                                                   on the request queue (kept as NAME.json)
+    python ami/smoke_host.py burst STATE_DIR NAME COUNT
+                                                  COUNT requests at once; returns as soon as the
+                                                  first of them is answered (kept as NAME.json)
+    python ami/smoke_host.py answers STATE_DIR NAME DEADLINE_S
+                                                  wait until every request of the burst NAME
+                                                  is answered by the instance
     python ami/smoke_host.py answer STATE_DIR NAME SINCE DEADLINE_S
                                                   wait for NAME's answer, its output object and
                                                   the instance's ready tag; check them
@@ -40,6 +46,7 @@ from common.names import object_key
 from common.output_object import pair_text
 from common.provision import provision
 from controller.act import launch
+from web_tier.storage import put_input
 
 FILENAME = "smoke-test.png"
 # The instance profile the stand-in IMDS names, as EC2 would name the controller's.
@@ -155,8 +162,6 @@ def png() -> bytes:
 
 
 def cmd_send(state: Path, name: str) -> None:
-    from web_tier.storage import put_input
-
     s = settings()
     aws = local_aws(s)
     batch, item = secrets.token_hex(16), secrets.token_hex(16)
@@ -166,6 +171,58 @@ def cmd_send(state: Path, name: str) -> None:
     aws.sqs.send_message(QueueUrl=aws.queue_url(s.request_queue), MessageBody=request.to_json())
     (state / f"{name}.json").write_text(request.to_json())
     print(f"sent request {item} for s3://{s.input_bucket}/{key}")
+
+
+def cmd_burst(state: Path, name: str, count: int) -> int:
+    s = settings()
+    aws = local_aws(s)
+    image, queue_url, requests = png(), aws.queue_url(s.request_queue), []
+    for _ in range(count):
+        batch, item = secrets.token_hex(16), secrets.token_hex(16)
+        key = object_key(batch, item, FILENAME)
+        put_input(aws, key, image, "image/png", filename=FILENAME, batch_id=batch, item_id=item)
+        requests.append(ClassifyRequest(id=item, bucket=s.input_bucket, key=key, filename=FILENAME))
+    (state / f"{name}.json").write_text(json.dumps([r.to_json() for r in requests]))
+    # Sent at once, so that the worker holds some of them (received, not yet answered)
+    # whenever it is killed in the burst.
+    for first in range(0, count, 10):
+        entries = [{"Id": str(n), "MessageBody": r.to_json()}
+                   for n, r in enumerate(requests[first:first + 10])]
+        aws.sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for r in requests:
+            try:
+                aws.s3.head_object(Bucket=s.output_bucket, Key=r.key)
+            except aws.s3.exceptions.ClientError:
+                continue
+            return 0
+        time.sleep(0.05)
+    print("smoke_host: no request of the burst was answered within 120 s", file=sys.stderr)
+    return 1
+
+
+def cmd_answers(state: Path, name: str, deadline_s: float) -> int:
+    s = settings()
+    aws = local_aws(s)
+    bodies = json.loads((state / f"{name}.json").read_text())
+    requests = {r.id: r for r in map(ClassifyRequest.from_json, bodies)}
+    instance_id = (state / "instance-id").read_text().strip()
+    resp_url, answered, wrong = aws.queue_url(s.response_queue), set(), []
+    start = time.monotonic()
+    while len(answered) < len(requests) and time.monotonic() - start < deadline_s:
+        for message in aws.sqs.receive_message(QueueUrl=resp_url, MaxNumberOfMessages=10,
+                                               WaitTimeSeconds=2).get("Messages", []):
+            response = ClassifyResponse.from_json(message["Body"])
+            if response.id in requests:
+                answered.add(response.id)
+                if not response.ok or response.worker != instance_id:
+                    wrong.append(response.to_json())
+            aws.sqs.delete_message(QueueUrl=resp_url, ReceiptHandle=message["ReceiptHandle"])
+    print(f"{len(answered)} of {len(requests)} answered within {time.monotonic() - start:.1f} s")
+    for body in wrong:
+        print(f"FAIL: a wrong answer: {body}")
+    return 0 if len(answered) == len(requests) and not wrong else 1
 
 
 def cmd_answer(state: Path, name: str, since: float, deadline_s: float) -> int:
@@ -218,7 +275,7 @@ def cmd_answer(state: Path, name: str, since: float, deadline_s: float) -> int:
 
 
 def main(argv: list[str]) -> int:
-    arguments = {"launch": 2, "imds": 3, "weights": 2, "send": 3, "answer": 5}
+    arguments = {"launch": 2, "imds": 3, "weights": 2, "send": 3, "burst": 4, "answers": 4, "answer": 5}
     if not argv or len(argv) != arguments.get(argv[0]):
         print(__doc__, file=sys.stderr)
         return 2
@@ -231,6 +288,10 @@ def main(argv: list[str]) -> int:
         cmd_weights(state)
     elif argv[0] == "send":
         cmd_send(state, argv[2])
+    elif argv[0] == "burst":
+        return cmd_burst(state, argv[2], int(argv[3]))
+    elif argv[0] == "answers":
+        return cmd_answers(state, argv[2], float(argv[3]))
     else:
         return cmd_answer(state, argv[2], float(argv[3]), float(argv[4]))
     return 0
