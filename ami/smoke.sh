@@ -220,6 +220,8 @@ need() {  # need COMMAND PACKAGE
 need debootstrap debootstrap
 need systemd-nspawn systemd-container
 need nsenter util-linux
+need pgrep procps
+need curl curl
 
 mkdir -p "$cache"
 # One run at a time per cache: the machines' names, the image and the logs are shared.
