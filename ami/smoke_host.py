@@ -1,5 +1,5 @@
 """The host's side of ami/smoke.sh: the embedded AWS's contents, a stand-in for the
-instance metadata service, and the one request the booted image must answer.
+instance metadata service, and the requests the booted image must answer.
 
     python ami/smoke_host.py launch STATE_DIR     buckets, queues, one instance launched as
                                                   the controller launches it; its id and
@@ -21,9 +21,9 @@ instance metadata service, and the one request the booted image must answer.
                                                   the instance's ready tag; check them
 
 Every call reaches the embedded AWS that smoke.sh's environment names (AWS_ENDPOINT_URL),
-signed with throwaway keys made here, never with whatever credentials the shell has. Run from the repository's
-root with it on PYTHONPATH, as a script (not -m: no bytecode left in ami/, which bake.sh
-would pack).
+signed with throwaway keys made here, never with whatever credentials the shell has.
+Run from the repository's root with it on PYTHONPATH, as a script (not -m): no bytecode
+is left in ami/, whose every file bake.sh packs.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from controller.act import launch
 from web_tier.storage import put_input
 
 FILENAME = "smoke-test.png"
-# The instance profile the stand-in IMDS names, as EC2 would name the controller's.
+# The role the stand-in IMDS names, as the instance profile of ami/README.md's IAM section would.
 ROLE = "imgclass-worker"
 
 
