@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 REQS   := requirements.txt requirements-runtime.txt requirements-web.txt constraints.txt
 STAMP  := $(VENV)/.installed-$(shell cat $(REQS) | cksum | cut -d' ' -f1)
 
-.PHONY: run test test-quick soak bench lint lock venv runtime-venv clean browser-deps
+.PHONY: run test test-quick soak bench lint lock venv runtime-venv clean browser-deps ami-smoke
 
 # A venv whose pip does not run is made again: `python -m venv` makes bin/python
 # before it installs pip, and leaves the folder behind when that fails (Debian
@@ -73,6 +73,11 @@ soak: $(STAMP)
 ## Benchmarks; figures printed and written to .bench/latest.json
 bench: $(STAMP)
 	$(PY) -m bench
+
+## The worker image baked and booted for real on this machine, without AWS (ami/README.md,
+## Smoke test): Linux, as root; ~3 minutes here, longer where pip fetches TensorFlow afar. Not in make test.
+ami-smoke: $(STAMP)
+	SMOKE_PYTHON=$(abspath $(PY)) ami/smoke.sh $(SMOKE_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

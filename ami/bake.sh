@@ -3,6 +3,10 @@
 #
 #   ami/bake.sh [--region R] [--weights FILE | --weights-source imagenet|s3://bucket/key|none]
 #               [--build-instance-profile NAME] [--subnet-id ID] [--validate-only]
+#   ami/bake.sh --pack-only FILE [--weights FILE]
+#
+# --pack-only writes the source tarball Packer would be given to FILE and stops there
+# (no packer, no AWS): ami/smoke.sh provisions a local root from it.
 #
 # Needs packer (>= 1.9) and AWS credentials allowed to run Packer's amazon-ebs
 # builder (see ami/README.md). Nothing here holds credentials.
@@ -36,8 +40,9 @@ weights_source=imagenet
 build_instance_profile=""
 subnet_id=""
 validate_only=false
+pack_only=""
 
-usage() { sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 die() { printf 'bake.sh: %s\n' "$*" >&2; exit 1; }
 
 while (($#)); do
@@ -48,12 +53,13 @@ while (($#)); do
     --build-instance-profile) build_instance_profile="${2:?}"; shift 2 ;;
     --subnet-id) subnet_id="${2:?}"; shift 2 ;;
     --validate-only) validate_only=true; shift ;;
+    --pack-only) pack_only="${2:?--pack-only needs a file to write}"; shift 2 ;;
     -h | --help) usage; exit 0 ;;
     *) usage >&2; die "unknown option: $1" ;;
   esac
 done
 
-command -v packer >/dev/null || die "packer is not installed (https://developer.hashicorp.com/packer/install)"
+[[ -n $pack_only ]] || command -v packer >/dev/null || die "packer is not installed (https://developer.hashicorp.com/packer/install)"
 case "$weights_source" in
   imagenet | none | s3://?*/?*) ;;
   *) die "--weights-source must be imagenet, none or s3://bucket/key" ;;
@@ -107,6 +113,11 @@ if [[ -n $weights_file ]]; then
 fi
 gzip -n "$stage/imgclass-src.tar"
 echo "bake.sh: source tarball is $(du -h "$stage/imgclass-src.tar.gz" | cut -f1)"
+if [[ -n $pack_only ]]; then
+  cp "$stage/imgclass-src.tar.gz" "$pack_only"
+  echo "bake.sh: wrote $pack_only (not built: --pack-only)"
+  exit 0
+fi
 
 vars=(
   -var "region=$region"

@@ -102,3 +102,25 @@ def test_bake_refuses_at_once_what_would_fail_minutes_into_the_build(tmp_path, a
     wrong.write_bytes(b"not the weights")
     result = bake(AMI.parent, tmp_path, *(a.format(file=wrong) for a in args))
     assert result.returncode == 1 and says in result.stderr, result.stderr
+
+
+def test_pack_only_writes_the_tarball_packer_would_get_and_never_runs_packer(tmp_path):
+    """ami/smoke.sh provisions from `bake.sh --pack-only`: the same files as a bake packs,
+    with no packer installed (a stub that fails stands in for one) and no AWS."""
+    baked = bake(AMI.parent, tmp_path)
+    assert baked.returncode == 0, baked.stderr
+    with tarfile.open(tmp_path / "src.tar.gz") as tar:
+        packed_for_packer = sorted(tar.getnames())
+
+    bin_dir = tmp_path / "nopacker"
+    bin_dir.mkdir()
+    (bin_dir / "packer").write_text("#!/bin/bash\necho 'packer ran' >&2\nexit 99\n")
+    (bin_dir / "packer").chmod(0o755)
+    out = tmp_path / "packed.tar.gz"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", str(AMI / "bake.sh"), "--pack-only", str(out)],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "packer ran" not in result.stderr
+    with tarfile.open(out) as tar:
+        assert sorted(tar.getnames()) == packed_for_packer
