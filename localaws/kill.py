@@ -120,14 +120,22 @@ def signal_group(pgid: int, signum: int) -> None:
         pass
 
 
-def terminate(process: subprocess.Popen, deadline: float) -> None:
+def terminate(process: subprocess.Popen, deadline: float, name: str = "process") -> None:
+    """SIGTERM `process`'s group, and SIGKILL it at `deadline` if it has not exited,
+    saying so: a stop that had to kill is not a clean one."""
     if process.poll() is not None:
         return
+    began = time.monotonic()
     try:
         os.killpg(process.pid, signal.SIGTERM)
+        # As systemd follows its stop signal: a stopped process (SIGSTOP, a debugger)
+        # acts on it only once continued, and would use up the whole deadline.
+        os.killpg(process.pid, signal.SIGCONT)
     except ProcessLookupError:
         return
     try:
         process.wait(timeout=max(0.1, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
+        log.warning("%s (pid %d) had not stopped %.1f s after SIGTERM: killed", name, process.pid,
+                    time.monotonic() - began)
         kill_and_wait(process)

@@ -339,7 +339,7 @@ class Stack:
                                        start_new_session=True, preexec_fn=ends_with_parent())
             while process.poll() is None:
                 if self.stopping.wait(0.2):
-                    terminate(process, time.monotonic() + 5)
+                    terminate(process, time.monotonic() + 5, "the model's preparation")
                     raise StartInterrupted("stopped while the model was being prepared")
             code = process.returncode
         if code != 0:
@@ -456,7 +456,7 @@ class Stack:
             for child in reversed(self.children):
                 if child.name == "moto":
                     continue  # last: the runner and workers still talk to it while stopping
-                terminate(child.process, deadline)
+                terminate(child.process, deadline, child.name)
                 if child.group_kill_at is not None:  # what outlived it, asked to stop: waited for
                     end_group(child.process.pid, min(deadline, child.group_kill_at))
             if self.runner is not None:
@@ -471,7 +471,7 @@ class Stack:
                 if child.name == "moto":
                     if child.process.poll() is None:
                         self.say_what_the_stop_loses()
-                    terminate(child.process, time.monotonic() + 2)
+                    terminate(child.process, time.monotonic() + 2, child.name)
         for child in self.children:
             if child.notify is not None:
                 child.notify.close()

@@ -410,9 +410,9 @@ def test_stopping_stops_the_runner_launching_before_anything_else(tmp_path, monk
     stack.runner = SimpleNamespace(stopping=threading.Event(), shutdown=lambda timeout_s: None)
     real_terminate = stack_module.terminate
 
-    def terminate(process, deadline):
+    def terminate(process, deadline, name):
         runner_stopped_first.append(stack.runner.stopping.is_set())
-        real_terminate(process, deadline)
+        real_terminate(process, deadline, name)
 
     monkeypatch.setattr(stack_module, "terminate", terminate)
     stack.children = [Child(name, SLEEPER, subprocess.Popen(SLEEPER, start_new_session=True), 0.0)
