@@ -394,7 +394,7 @@ def image_key(name: str) -> str:
     stem, dot, suffix = base.rpartition(".")
     if dot and stem.strip() and f".{suffix.lower()}" in IMAGE_SUFFIXES:
         return stem.strip()
-    return base
+    return base.strip()
 
 
 def read_expected(path: Path) -> dict[str, str]:

@@ -120,6 +120,14 @@ def signal_group(pgid: int, signum: int) -> None:
         pass
 
 
+def ask_to_stop(pgid: int, signum: int = signal.SIGTERM) -> None:
+    """`signum` (SIGTERM, or the watchdog's SIGABRT) to the group, then SIGCONT, as
+    systemd follows its stop signals: a stopped process (SIGSTOP, a debugger) acts on
+    them only once continued. Raises ProcessLookupError if the group is gone."""
+    os.killpg(pgid, signum)
+    os.killpg(pgid, signal.SIGCONT)
+
+
 def terminate(process: subprocess.Popen, deadline: float, name: str = "process") -> None:
     """SIGTERM `process`'s group, and SIGKILL it at `deadline` if it has not exited,
     saying so: a stop that had to kill is not a clean one."""
@@ -127,10 +135,7 @@ def terminate(process: subprocess.Popen, deadline: float, name: str = "process")
         return
     began = time.monotonic()
     try:
-        os.killpg(process.pid, signal.SIGTERM)
-        # As systemd follows its stop signal: a stopped process (SIGSTOP, a debugger)
-        # acts on it only once continued, and would use up the whole deadline.
-        os.killpg(process.pid, signal.SIGCONT)
+        ask_to_stop(process.pid)
     except ProcessLookupError:
         return
     try:

@@ -45,7 +45,7 @@ from common.aws_errors import AWS_ERRORS
 from common.backoff import next_wait
 from common.config import Settings
 from common.fleet import LIVE_STATES, Instance, app_tier_instances, scale_in_order
-from localaws.kill import ends_with_parent, kill_and_wait
+from localaws.kill import ask_to_stop, ends_with_parent, kill_and_wait
 from localaws.notify import NotifySocket, NotifySockets
 from localaws.supervision import Backoff, Watchdog, next_start, watchdog_action
 
@@ -342,11 +342,10 @@ class InstanceRunner:
         if process.poll() is not None:
             return  # reaped: its pid (and process group id) may belong to another process now
         try:
-            os.killpg(process.pid, sig)
             if sig in (signal.SIGTERM, signal.SIGABRT):
-                # As systemd follows its stop signals: a stopped process (SIGSTOP, a
-                # debugger) acts on them only once continued.
-                os.killpg(process.pid, signal.SIGCONT)
+                ask_to_stop(process.pid, sig)
+            else:
+                os.killpg(process.pid, sig)
         except ProcessLookupError:
             pass
 

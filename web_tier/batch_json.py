@@ -30,8 +30,18 @@ def batch_json_slices(batch_id: str, items: Sequence[Item], model_untrained: boo
     """The text of `{"batch_id", "items", "untrained"}`, as `dumps` writes JSON, in
     pieces: the same bytes Flask's jsonify makes of it whole (compact, ending in a
     newline)."""
+    # Before the items: read after them, seconds later for a slow client, it could
+    # contradict what they said (all queued and untrained, then one done trained).
+    untrained = batch_untrained(items, model_untrained)
     yield f'{{"batch_id":{dumps(batch_id)},"items":['
+    between = ""
+    for piece in slices(items):
+        yield between + ",".join(dumps(i.to_json(model_untrained)) for i in piece)
+        between = ","
+    yield f'],"untrained":{dumps(untrained)}}}\n'
+
+
+def slices(items: Sequence[Item]) -> Iterator[Sequence[Item]]:
+    """`items` ITEMS_PER_SLICE at a time (the CSV's rows too: results_csv.py)."""
     for start in range(0, len(items), ITEMS_PER_SLICE):
-        piece = ",".join(dumps(i.to_json(model_untrained)) for i in items[start:start + ITEMS_PER_SLICE])
-        yield piece if start == 0 else "," + piece
-    yield f'],"untrained":{dumps(batch_untrained(items, model_untrained))}}}\n'
+        yield items[start:start + ITEMS_PER_SLICE]

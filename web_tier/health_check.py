@@ -20,6 +20,8 @@ from common.aws_errors import error_reason
 log = logging.getLogger(__name__)
 
 CACHE_S = 1.0
+# How long a caller waits for a check under way (a load balancer waits ~5 s).
+WAIT_S = 10.0
 
 
 class HealthCheck:
@@ -27,22 +29,29 @@ class HealthCheck:
     for `cache_s` after it ended."""
 
     def __init__(self, check: Callable[[], str | None], cache_s: float = CACHE_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, wait_s: float = WAIT_S) -> None:
         self._check = check
         self.cache_s = cache_s
         self._clock = clock
-        # Held while a check runs, so that callers meanwhile wait for its answer. Each of
-        # its calls has a short timeout and one attempt: the wait is seconds at most.
+        self.wait_s = wait_s
+        # Held while a check runs, so that callers meanwhile wait for its answer.
         self._lock = threading.Lock()
         self._answer: tuple[float, str | None] | None = None  # (when it ended, the answer)
 
     def answer(self) -> str | None:
-        with self._lock:
+        # Each of a check's calls has a short timeout and one attempt, but not all of its
+        # time is bounded (a DNS lookup): a check stuck past that is said to be, rather
+        # than hold every caller for as long as it lasts.
+        if not self._lock.acquire(timeout=self.wait_s):
+            return f"AWS unanswered: a check has been running for over {self.wait_s:g} s"
+        try:
             if self._answer is not None and self._clock() - self._answer[0] < self.cache_s:
                 return self._answer[1]
             unreachable = self._check()
             self._answer = (self._clock(), unreachable)
             return unreachable
+        finally:
+            self._lock.release()
 
 
 def unreachable_part(aws: Aws) -> str | None:

@@ -8,6 +8,7 @@ import csv
 import io
 from collections.abc import Iterator, Sequence
 
+from web_tier.batch_json import slices
 from web_tier.results import DONE, FAILED, Item
 
 COLUMNS = ("filename", "state", "label", "score", "error", "untrained")
@@ -18,18 +19,15 @@ COLUMNS = ("filename", "state", "label", "score", "error", "untrained")
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
-ROWS_PER_SLICE = 500
-
-
 def results_csv_slices(items: Sequence[Item], model_untrained: bool) -> Iterator[str]:
     """One header row, then a row per item in the batch's order, a slice of rows at a
-    time (a batch has no size limit: web_tier/batch_json.py). `untrained` is as
+    time, as the JSON (a batch has no size limit: web_tier/batch_json.py). `untrained` is as
     GET /api/jobs/<id> says it, per item: its labels are then meaningless."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow(COLUMNS)
-    for start in range(0, len(items), ROWS_PER_SLICE):
-        writer.writerows(_row(item, model_untrained) for item in items[start:start + ROWS_PER_SLICE])
+    for piece in slices(items):
+        writer.writerows(_row(item, model_untrained) for item in piece)
         yield out.getvalue()
         out.seek(0)
         out.truncate()

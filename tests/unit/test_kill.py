@@ -33,7 +33,7 @@ def test_a_stopped_process_is_continued_so_that_sigterm_ends_it(caplog):
     process = started("default")
     process.send_signal(signal.SIGSTOP)
     with caplog.at_level(logging.WARNING, logger="localaws.kill"):
-        terminate(process, time.monotonic() + 60, "web")
+        terminate(process, time.monotonic() + 10, "web")
     assert process.returncode == -signal.SIGTERM
     assert not caplog.records
 

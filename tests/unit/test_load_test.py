@@ -2152,7 +2152,7 @@ def test_labels_and_names_compare_the_way_people_write_them():
     assert load_test.image_key("v1.2") == "v1.2"
     # A CSV's cells are read stripped: a name with spaces at an end of its stem is still named.
     assert load_test.image_key(" trail .jpg") == load_test.image_key(" trail ") == "trail"
-    assert load_test.image_key(" .jpg") == ".jpg"
+    assert load_test.image_key("dir/ .jpg") == load_test.image_key(" .jpg") == ".jpg"
 
 
 def test_same_name_accepts_the_web_tiers_spellings_and_no_other_name():

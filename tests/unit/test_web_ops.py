@@ -111,21 +111,44 @@ def test_healthz_asks_aws_once_a_second_at_most_and_reuses_a_failure_too(health_
     client, clock, calls = health_clock
     assert client.get("/healthz").status_code == 200
     assert calls.names() == ["GetQueueAttributes", "GetQueueAttributes", "HeadBucket", "HeadBucket"]
-    for _ in range(5):
-        clock.now += 0.19
+    for _ in range(3):
+        clock.now += 0.25
         assert client.get("/healthz").status_code == 200
     assert len(calls) == 4
     web_aws.s3.delete_bucket(Bucket=web_aws.settings.output_bucket)
-    clock.now += 0.06  # a second after the check ended: asked again
+    clock.now += 0.25  # a second after the check ended: asked again
     assert client.get("/healthz").status_code == 503
     assert len(calls) == 8
     web_aws.s3.create_bucket(Bucket=web_aws.settings.output_bucket)
-    clock.now += 0.99
+    clock.now += 0.75
     assert client.get("/healthz").status_code == 503  # the failure, reused
     assert len(calls) == 8
-    clock.now += 0.01
+    clock.now += 0.25
     assert client.get("/healthz").status_code == 200
     assert len(calls) == 12
+
+
+def test_healthz_callers_wait_a_bounded_time_for_a_check_that_hangs():
+    """A check's calls have short timeouts, but not all of its time is bounded (a DNS
+    lookup): its callers meanwhile are answered 503 once they have waited long enough,
+    and the check's own answer is kept when it comes."""
+    from web_tier.health_check import HealthCheck
+
+    in_check, go_on = threading.Event(), threading.Event()
+
+    def hangs() -> None:
+        in_check.set()
+        assert go_on.wait(30)
+
+    health = HealthCheck(hangs, wait_s=0.2)
+    first: list = []
+    checking = threading.Thread(target=lambda: first.append(health.answer()), daemon=True)
+    checking.start()
+    assert in_check.wait(30)
+    assert health.answer() == "AWS unanswered: a check has been running for over 0.2 s"
+    go_on.set()
+    checking.join(30)
+    assert first == [None] and health.answer() is None  # reused, as any answer
 
 
 def test_healthz_callers_during_a_check_wait_for_its_answer(health_clock, web_aws, monkeypatch):
@@ -146,12 +169,12 @@ def test_healthz_callers_during_a_check_wait_for_its_answer(health_clock, web_aw
         def __init__(self) -> None:
             self.lock, self.comers = threading.Lock(), 0
 
-        def __enter__(self):
+        def acquire(self, timeout: float = -1) -> bool:
             self.comers += 1
-            return self.lock.__enter__()
+            return self.lock.acquire(timeout=timeout)
 
-        def __exit__(self, *exc):
-            return self.lock.__exit__(*exc)
+        def release(self) -> None:
+            self.lock.release()
 
     monkeypatch.setattr(probes, "head_bucket", held)
     health._lock = CountedLock()
