@@ -888,11 +888,17 @@ def test_a_batch_the_server_lost_is_said_so_and_its_queued_files_offered_again(
     """`make run` started again keeps nothing, and the page went on showing the files
     still queued "queued" for ever, reading the batch every 2 s (the web tier listing S3
     each time), though each read answered 404 `unknown_batch`. Followed by its event
-    stream, which the restart cuts off."""
+    stream, which the restart cuts off. Sent again, and so made anew, the batch was
+    still said lost, "Send again" below, with every file classified and the button gone:
+    the notice goes (not another batch's), and a loss after that is said again."""
     from selenium.webdriver.common.by import By
 
     files = {f"lost_{i}.jpg": make_image(1500 + i, size=(64, 48)) for i in range(3)}
-    browser.get(stack.web_url + "/")
+    other = "0" * 32  # another batch's notice, which stays
+    other_notice = f"batch {other} could not be loaded (unknown here, or expired)"
+    browser.get(f"{stack.web_url}/#batches={other}")
+    line = browser.find_element(By.ID, "summary")
+    wait_for(lambda: line.text == other_notice, 30, "the other batch's notice")
     browser.execute_script(COUNT_READS)
     announce = record_announcements(browser)
     with workers_held(stack):  # nothing classified before the batch is lost
@@ -912,10 +918,27 @@ def test_a_batch_the_server_lost_is_said_so_and_its_queued_files_offered_again(
     assert len(browser.find_elements(By.CSS_SELECTOR, '#results [data-lost="true"]')) == 3
     assert_no_longer_read(browser)
 
-    # The way forward said: the files go again, into a batch made anew under the same id.
+    def said_lost_times() -> int:
+        return sum(said.startswith("a batch on this page was lost")
+                   for said in browser.execute_script("return window.announced"))
+
+    # The way forward said: the files go again, into a batch made anew under the same id,
+    # lost once more before any is classified (said again), then sent again once more.
     button = send_again_button(browser)
     assert button.text == "Send 3 failed files again"
-    button.click()
+    with workers_held(stack):
+        button.click()
+        wait_for(lambda: list(states_shown(browser).values()) == ["queued"] * 3, 30, "the files queued again")
+        # Held again, and no row lost: a loss still said would contradict the rows, and
+        # point to a "Send again" no longer shown.
+        wait_for(lambda: line.text == f"0 of 3 classified · {other_notice}", 30, "the loss no longer said")
+        assert said_lost_times() == 1, announce.text  # the notice's end is not said
+        forget_on_the_server(stack, batch_id)
+    assert said_lost(browser, batch_id).endswith('and 3 files of it not yet classified will not be: '
+                                                 '"Send again" below sends them again')
+    wait_for(lambda: said_lost_times() == 2, 30, "the second loss said to screen readers")
+
+    send_again_button(browser).click()
     shown = finished_rows(browser, stack, len(files), timeout_s=120)
     refs = references(reference_model, files, top1_only=True)
     for name in files:
@@ -923,6 +946,14 @@ def test_a_batch_the_server_lost_is_said_so_and_its_queued_files_offered_again(
         assert_row_shows(shown[name], refs[name], name)
         assert shown[name].get_attribute("data-lost") is None
     assert browser.current_url.split("#batches=")[1] == batch_id
+    # As the title and the hidden "Send again" say: all done, nothing lost to act on.
+    wait_for(lambda: line.text == f"3 of 3 classified · {other_notice}", 30, "the summary, the loss gone")
+    assert browser.title.startswith("Done: 3 classified")
+    assert said_lost_times() == 2, announce.text
+    # Nor after a reload, which finds the batch held (the other one left the address).
+    browser.refresh()
+    wait_for(lambda: browser.find_element(By.ID, "summary").text == "3 of 3 classified", 30,
+             "the batch restored, without the loss")
 
 
 def test_a_lost_batch_opened_from_its_link_keeps_its_result_and_says_to_choose_the_rest_again(
@@ -1061,10 +1092,60 @@ def test_files_stored_in_a_batch_lost_and_made_anew_midway_are_said_lost_and_the
     assert_classified(shown, files, reference_model)
     assert not browser.find_elements(By.CSS_SELECTOR, "#results [data-lost]")
     assert browser.current_url.split("#batches=")[1] == batch_id
+    # No file lost any more: the notice that said them goes.
+    wait_for(lambda: "the server lost the files" not in browser.find_element(By.ID, "summary").text, 30,
+             "the summary without the files lost")
     # Once each; beside them, the first two's items, answered since: their requests were
     # still queued (this test's loss keeps the queues), their images gone.
     classified = [i["filename"] for i in server_items(stack, batch_id) if i["state"] == "done"]
     assert sorted(classified) == sorted(files)
+
+
+def test_a_batch_said_lost_then_made_anew_by_the_files_still_to_send_says_only_the_files_lost(
+        stack, browser, reference_model, tmp_path):
+    """The server lost the batch while a file of the upload was still to be sent, and two
+    reads said so first: the page said the server no longer held it. That file's chunk
+    then made the batch anew, and the summary went on saying the server no longer held
+    it. It says, as for files lost from a batch made anew, the files lost; once those
+    are sent again, nothing of the loss."""
+    from selenium.webdriver.common.by import By
+
+    files = {f"anew_{i}.jpg": make_image(1525 + i, size=(64, 48)) for i in range(3)}
+    late = "anew_2.jpg"
+    before = [name for name in files if name != late]
+    lost_files = 'and 2 files of it not yet classified will not be: "Send again" below sends them again'
+    browser.get(stack.web_url + "/")
+    browser.execute_script(HOLD_POSTS, [late])  # a file a chunk, `late`'s chunk held back
+    browser.execute_script("document.body.dataset.answerTimeoutMs = '300000';")  # held through the loss
+    announce = record_announcements(browser)
+    line = browser.find_element(By.ID, "summary")
+
+    def said_lost_times() -> int:
+        return sum(said.startswith("a batch on this page was")
+                   for said in browser.execute_script("return window.announced"))
+
+    with workers_held(stack):  # nothing classified before the batch is lost
+        choose(browser, tmp_path, files)
+        wait_for(lambda: [states_shown(browser).get(name) for name in before] == ["queued"] * 2, 30,
+                 "the files before the held one queued")
+        batch_id = browser.current_url.split("#batches=")[1]
+        forget_on_the_server(stack, batch_id)
+        assert said_lost(browser, batch_id).endswith(lost_files)
+        assert [states_shown(browser)[name] for name in before] == ["failed"] * 2
+        assert states_shown(browser)[late] == "uploading"  # left to its upload
+
+        browser.execute_script("window.held = [];")  # its chunk goes, and makes the batch anew
+        wait_for(lambda: states_shown(browser)[late] == "queued", 30, "the file sent since queued")
+        wait_for(lambda: "no longer holds" not in line.text, 30, "the summary to say the batch held again")
+        assert f"batch {batch_id}: the server lost the files stored in it earlier" in line.text, line.text
+        assert line.text.endswith(lost_files), line.text
+        assert said_lost_times() == 1, announce.text  # heard once: the way forward is the same
+
+    wait_for(lambda: states_shown(browser)[late] == "done", 120, "the file sent since classified")
+    send_again_button(browser).click()
+    assert_classified(finished_rows(browser, stack, len(files), timeout_s=120), files, reference_model)
+    wait_for(lambda: line.text == "3 of 3 classified", 30, "the summary without the loss")
+    assert said_lost_times() == 1, announce.text
 
 
 def test_a_reload_after_the_batch_was_lost_and_made_anew_shows_the_files_it_lost_as_lost(

@@ -39,10 +39,12 @@ export function sayOnce(text) {
   updateSummary();
 }
 // A notice kept in the summary line, and said once (`spoken`, where the shown text
-// is no good read aloud).
-export function addNotice(text, spoken = text) {
+// is no good read aloud). `text` may be a function, read at each refresh of the
+// summary ("" for nothing to show now): for a notice that what it tells of can undo
+// (a lost batch made anew, session.js lossText), which a fixed text would contradict.
+export function addNotice(text, spoken) {
   page.notices.push(text);
-  sayOnce(spoken);
+  sayOnce(spoken === undefined ? text : spoken);
 }
 // A long name said whole takes a screen reader half a minute: its start and
 // end, cut between characters as seen (a flag or a family emoji kept whole).

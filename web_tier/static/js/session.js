@@ -1,7 +1,7 @@
 // One upload, and one batch: its sends and resends, following the batch's results,
 // and (restore.js) a batch shown again after a reload.
 import { DEAD_LETTER, isDeadLetter } from "./again.js";
-import { addNotice, sayNext, someFiles, uploadBegins } from "./announce.js";
+import { addNotice, sayNext, sayOnce, someFiles, uploadBegins } from "./announce.js";
 import {
   batchesInUrl, explainedOnly, forgetBatch, newBatchId, rememberBatch, sameFile, saveResults, saveShown,
   savedShown, setUnconfirmed,
@@ -101,6 +101,7 @@ export class Session {
     this.unknownInARow = 0;   // answers in a row, since, that it holds no such batch
     this.lost = false;        // ...enough of them: given up (lose), until a file of it is stored again
     this.lostRead = 0;        // ...at which of the reads begun (`reads`)
+    this.lossNoticed = false; // its loss (or its files') has a notice in the summary line (lossText)
     this.reads = 0;           // reads of the batch begun (refresh): one begun after a file was heard stored
     this.confirmTimer = null; // a second read, due to confirm files left out of one (loseUnlisted)
     this.grewAt = 0;          // opened from its link: when it last showed a file new here
@@ -881,14 +882,30 @@ export class Session {
 
   // Said in the summary line, and once to screen readers (without the id's 32 digits):
   // what happened, which files it cost, and what to do for them. `remade`: the batch is
-  // held again, without them (loseUnlisted).
+  // held again, without them (loseUnlisted). Said at each loss: one after the batch was
+  // made anew is news. The summary line keeps one notice of the batch, as things stand
+  // (lossText): a second would repeat the first's files.
   sayLost(lost, remade = false) {
-    const what = remade
-      ? "the server lost the files stored in it earlier (restarted with its storage reset, or the batch " +
-        "expired) and holds only those sent since"
-      : "the server no longer holds it (restarted with its storage reset, or the batch expired)";
-    addNotice(`batch ${this.batchId}: ${what}${lostFilesText(lost)}`,
-              `a batch on this page was ${remade ? "partly " : ""}lost: ${what}${lostFilesText(lost)}`);
+    const spoken = `a batch on this page was ${remade ? "partly " : ""}lost: ${lossWhat(remade)}` +
+      lostFilesText(lost);
+    if (this.lossNoticed) {
+      sayOnce(spoken);
+    } else {
+      this.lossNoticed = true;
+      addNotice(() => this.lossText(), spoken);
+    }
+  }
+
+  // The summary line's notice of the batch's loss, as things stand, not as they were
+  // when it was said. Made anew (a send again, the upload's files still to send,
+  // another tab), the batch is held: "the server no longer holds it" would be false,
+  // and "Send again below" would point to a button gone once its files are all sent
+  // again. So it says the batch lost the files it still shows lost, if any, and else
+  // nothing: their rows, classified, are the news, and each says it was sent again.
+  lossText() {
+    const lost = this.entries.filter(({ el }) => "lost" in el.dataset && el.dataset.state === "failed");
+    if (!this.lost && !lost.length) return "";
+    return `batch ${this.batchId}: ${lossWhat(!this.lost)}${lostFilesText(lost)}`;
   }
 
   // A file of it stored again (by this upload, with create=1, or elsewhere: refresh):
@@ -897,6 +914,7 @@ export class Session {
     this.held = true;
     this.lost = false;
     this.unknownInARow = 0;
+    if (this.lossNoticed) updateSummary();  // no longer "the server no longer holds it" (lossText)
   }
 
   follow() {
@@ -1013,6 +1031,15 @@ function answerLost(status, body) {
 function answerLostText(status) {
   return `upload failed: HTTP ${status} came in place of the server's answer (it may have stored the file: ` +
     "reload to see)";
+}
+
+// What a loss of the batch was: all of it (`remade` false), or the files stored in it
+// before the batch was made anew.
+function lossWhat(remade) {
+  return remade
+    ? "the server lost the files stored in it earlier (restarted with its storage reset, or the batch " +
+      "expired) and holds only those sent since"
+    : "the server no longer holds it (restarted with its storage reset, or the batch expired)";
 }
 
 // The files a lost batch took with it (`lost`, its rows failed), and the way forward:

@@ -3,7 +3,9 @@
 // is its own.
 export const page = {
   sessions: [],       // each upload of this page view, and each batch restored from the address
-  notices: [],        // said in the summary line, e.g. a batch that could not be loaded
+  // Said in the summary line, e.g. a batch that could not be loaded: each a text, or a
+  // function giving it as things stand (announce.js addNotice).
+  notices: [],
   // What the last upload's folders held that was not sent (or that they are still being
   // read): replaced at each upload, or they would pile up across uploads.
   folderNotices: [],

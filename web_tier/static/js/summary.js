@@ -57,7 +57,8 @@ export function refreshSummary() {
   }
   const counts = all.length ? `${done} of ${all.length} classified${failedText(failed, stopped)}` : "";
   const sending = sendingText();
-  $("summary").textContent = [counts, sending, ...page.notices, ...page.folderNotices].filter(Boolean)
+  const notices = page.notices.map((notice) => (typeof notice === "function" ? notice() : notice));
+  $("summary").textContent = [counts, sending, ...notices, ...page.folderNotices].filter(Boolean)
     .join(" · ");
   // Among hundreds of rows, the few that failed are the ones to act on: not those the
   // user stopped, among which they would be lost (10 among 900), and which "Send
