@@ -206,11 +206,6 @@ cleanup() {
   fi
   exit "$status"
 }
-current_machine=$build_machine
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
 need() {  # need COMMAND PACKAGE
   command -v "$1" >/dev/null && return 0
   command -v apt-get >/dev/null || die "$1 is missing (package $2) and there is no apt-get to install it"
@@ -227,6 +222,13 @@ mkdir -p "$cache"
 # One run at a time per cache: the machines' names, the image and the logs are shared.
 exec 9>"$cache/.lock"
 flock -n 9 || die "another ami/smoke.sh is running on $cache"
+# Only now, with the lock held: a run refused above (or one that dies before the lock)
+# must not reach cleanup, whose --clean would remove the roots another run has booted.
+# (That run's mounts are in its containers' namespaces: findmnt here would not see them.)
+current_machine=$build_machine
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 remove_root "$run" || die "cannot clear $run"
 mkdir -p "$run/state"
 t_all=$(now)
