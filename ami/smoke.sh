@@ -14,12 +14,13 @@
 #   --deadline S   how long the worker may take to answer once started (default 600)
 #
 # Linux only, as root (debootstrap, systemd-nspawn; installs both with apt-get if
-# missing). Cache: $IMGCLASS_SMOKE_CACHE, default /var/tmp/imgclass-ami-smoke.
+# missing). Cache: $IMGCLASS_SMOKE_CACHE, default /var/cache/imgclass-ami-smoke: a directory
+# root owns and alone may write (refused otherwise).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
-cache="${IMGCLASS_SMOKE_CACHE:-/var/tmp/imgclass-ami-smoke}"
+cache="${IMGCLASS_SMOKE_CACHE:-/var/cache/imgclass-ami-smoke}"
 python="${SMOKE_PYTHON:-$repo/.venv/bin/python}"
 suite=bookworm
 mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
@@ -27,7 +28,7 @@ clean=false
 reuse_image=false
 deadline=600
 
-usage() { sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 die() { printf 'smoke.sh: %s\n' "$*" >&2; exit 2; }
 say() { printf '==> smoke: %s\n' "$*"; }
 
@@ -45,6 +46,46 @@ while (($#)); do
 done
 
 [[ $(uname -s) == Linux ]] || die "needs Linux (debootstrap, systemd-nspawn)"
+
+# Root writes the lock and the logs in the cache, and boots the roots it holds: a
+# directory that anyone else could write, or replace (a symlink, or a folder in one that
+# is not root's alone), would let them plant what root runs. Checked before anything
+# else, and again once the directory is made.
+unsafe_dir() {  # unsafe_dir DIR: why DIR may be written or replaced by others than root, or nothing
+  local dir="$1" uid mode user
+  read -r uid mode user < <(stat -c '%u %a %U' -- "$dir")
+  if ((8#$mode & 8#022)) && ! ((8#$mode & 8#1000)); then
+    echo "is writable by group or others (mode $mode)"
+  elif ((uid != 0)); then
+    echo "is owned by $user (uid $uid), not root"
+  fi
+}
+check_cache() {
+  local fix="use a directory root owns and alone may write (the default: unset IMGCLASS_SMOKE_CACHE)"
+  local why dir uid mode user
+  [[ $cache == /* ]] || die "the cache '$cache' is not an absolute path: refusing it; $fix"
+  if [[ -L $cache ]]; then
+    die "the cache $cache is a symlink: refusing it; $fix"
+  elif [[ -e $cache ]]; then
+    [[ -d $cache ]] || die "the cache $cache is not a directory: refusing it; $fix"
+    read -r uid mode user < <(stat -c '%u %a %U' -- "$cache")
+    ((8#$mode & 8#022)) && die "the cache $cache is writable by group or others (mode $mode): refusing it; $fix"
+    ((uid == 0)) || die "the cache $cache is owned by $user (uid $uid), not root: refusing it; $fix"
+  fi
+  # Every folder above it, as written and as it resolves: whoever may write one of them
+  # could swap the cache for their own (a sticky one, as /tmp, lets nobody move root's).
+  for dir in "$(dirname "$cache")" "$(realpath -m "$(dirname "$cache")")"; do
+    while :; do
+      if [[ -d $dir && ! -L $dir ]]; then
+        why=$(unsafe_dir "$dir")
+        [[ -z $why ]] || die "$dir, above the cache $cache, $why: refusing it; $fix"
+      fi
+      [[ $dir == / ]] && break
+      dir=$(dirname "$dir")
+    done
+  done
+}
+check_cache
 [[ $EUID -eq 0 ]] || die "run as root: debootstrap and systemd-nspawn need it (sudo make ami-smoke)"
 [[ -x $python ]] || die "no Python at $python: run make venv first, or set SMOKE_PYTHON"
 git -C "$repo" rev-parse --is-inside-work-tree >/dev/null 2>&1 \
@@ -218,7 +259,9 @@ need nsenter util-linux
 need pgrep procps
 need curl curl
 
-mkdir -p "$cache"
+# Made root's alone (0700), then looked at again: one made meanwhile by another is refused.
+[[ -d $cache ]] || install -d -m 0700 "$cache"
+check_cache
 # One run at a time per cache: the machines' names, the image and the logs are shared.
 exec 9>"$cache/.lock"
 flock -n 9 || die "another ami/smoke.sh is running on $cache"
