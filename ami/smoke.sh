@@ -64,6 +64,8 @@ check_cache() {
   local fix="use a directory root owns and alone may write (the default: unset IMGCLASS_SMOKE_CACHE)"
   local why dir uid mode user
   [[ $cache == /* ]] || die "the cache '$cache' is not an absolute path: refusing it; $fix"
+  # findmnt -r writes such characters escaped (\x20): mounted_under could not match them.
+  [[ ! $cache =~ [[:space:]\\] ]] || die "the cache '$cache' has a space or a backslash in it: refusing it"
   if [[ -L $cache ]]; then
     die "the cache $cache is a symlink: refusing it; $fix"
   elif [[ -e $cache ]]; then
@@ -128,8 +130,16 @@ since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
 # Nothing is mounted on the host: systemd-nspawn mounts /proc, /sys, /dev and /tmp
 # in the container's own mount namespace, which ends with it. Still, nothing under
-# the cache is removed while anything is mounted there.
-mounted_under() { findmnt -rn -o TARGET | grep -q -F "$1"; }
+# the cache is removed while anything the host sees is mounted there. (What guards a
+# root another run has booted is the lock: its mounts are not seen here.)
+mounted_under() {  # mounted_under DIR: DIR, or a path under it, is a mount point
+  local targets
+  # Not a pipe into grep -q, whose early exit could end findmnt with SIGPIPE (status 141
+  # under pipefail: "not mounted"). And findmnt failing counts as mounted.
+  targets=$(findmnt -rn -o TARGET) || return 0
+  DIR="$1" awk 'BEGIN { d = ENVIRON["DIR"] } $0 == d || index($0, d "/") == 1 { found = 1 }
+    END { exit !found }' <<<"$targets"
+}
 
 remove_root() {
   local dir="$1"
@@ -243,7 +253,7 @@ cleanup() {
     say "removed the cached roots in $cache (logs of this run kept in $run)"
   fi
   if mounted_under "$cache"; then
-    say "WARNING: still mounted under $cache:"; findmnt -rn -o TARGET | grep -F "$cache"
+    say "WARNING: still mounted under $cache:"; findmnt -rn -o TARGET | awk -v d="$cache" 'index($0, d) == 1'
   fi
   exit "$status"
 }

@@ -75,3 +75,12 @@ def test_a_cache_owned_by_another_user_is_refused(tmp_path):
     os.chown(cache, 65534, 65534)
     result = smoke_on(cache)
     assert result.returncode == 2 and "not root: refusing it" in result.stderr, result.stderr
+
+
+@linux_only
+def test_a_cache_whose_path_has_a_space_is_refused(tmp_path):
+    """findmnt writes a space as \\x20: the check that nothing is mounted there could not see it."""
+    cache = tmp_path / "a cache"
+    result = smoke_on(cache)
+    assert result.returncode == 2 and "has a space or a backslash in it" in result.stderr, result.stderr
+    assert not cache.exists()
