@@ -89,7 +89,7 @@ check_cache() {
 }
 check_cache
 [[ $EUID -eq 0 ]] || die "run as root: debootstrap and systemd-nspawn need it (sudo make ami-smoke)"
-[[ -x $python ]] || die "no Python at $python: run make venv first, or set SMOKE_PYTHON"
+[[ -x $python ]] || die "no Python at $python: run make venv first (as yourself, not root), or set SMOKE_PYTHON"
 git -C "$repo" rev-parse --is-inside-work-tree >/dev/null 2>&1 \
   || die "$repo is not a git checkout: bake.sh packs the files git tracks"
 
