@@ -89,6 +89,8 @@ check_cache() {
 }
 check_cache
 [[ $EUID -eq 0 ]] || die "run as root: debootstrap and systemd-nspawn need it (sudo make ami-smoke)"
+# Before any Python runs here as root: no root-owned __pycache__ left in the checkout.
+export PYTHONDONTWRITEBYTECODE=1
 [[ -x $python ]] || die "no Python at $python: run make venv first (as yourself, not root), or set SMOKE_PYTHON"
 git -C "$repo" rev-parse --is-inside-work-tree >/dev/null 2>&1 \
   || die "$repo is not a git checkout: bake.sh packs the files git tracks"
@@ -361,7 +363,7 @@ cd "$repo"
 aws_port=$(free_port)
 imds_port=$(free_port)
 export PYTHONPATH="$repo" AWS_ENDPOINT_URL="http://127.0.0.1:$aws_port" AWS_REGION=us-east-1 \
-  AWS_DEFAULT_REGION=us-east-1 APP_PREFIX=imgclass-smoke MODEL_WEIGHTS=random PYTHONDONTWRITEBYTECODE=1
+  AWS_DEFAULT_REGION=us-east-1 APP_PREFIX=imgclass-smoke MODEL_WEIGHTS=random
 unset AWS_PROFILE AWS_DEFAULT_PROFILE  # a profile that is not there would stop boto3 first
 # No keys here: smoke_host.py signs with throwaway ones of its own, and the worker gets
 # others from the stand-in IMDS, as from an instance profile.
@@ -534,7 +536,9 @@ if [[ $weights_uri != s3://* ]]; then
   fail "could not make the weights file (log: $run/weights.log)"
 else
   MODEL_WEIGHTS="$weights_uri" "$python" ami/smoke_host.py launch "$s3_state"
-  kill -TERM "$imds_pid"; wait "$imds_pid" 2>/dev/null || true
+  # Already dead (it should not be): the next one is started all the same, and the
+  # checks below say what failed, rather than set -e ending the run here.
+  kill -TERM "$imds_pid" 2>/dev/null || true; wait "$imds_pid" 2>/dev/null || true
   "$python" ami/smoke_host.py imds "$s3_state" "$imds_port" >>"$run/imds.log" 2>&1 &
   imds_pid=$!
   MODEL_WEIGHTS="$weights_uri" "$python" ami/smoke_host.py send "$s3_state" first
