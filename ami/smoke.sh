@@ -152,8 +152,15 @@ remove_root() {
   rm -rf --one-file-system "$dir"
 }
 
-container_leader() {  # the container's PID 1, a child of systemd-nspawn
-  pgrep -P "$nspawn_pid" | head -n 1
+container_leader() {  # the container's PID 1: systemd, a child of systemd-nspawn, in a PID namespace of its own
+  # Not any child: while it sets up, nspawn's own helpers are its children too, in the
+  # host's namespaces, and nsenter into one of those would run the command on the host.
+  local pid ns host_ns
+  host_ns=$(readlink /proc/self/ns/pid)
+  for pid in $(pgrep -P "$nspawn_pid" -x systemd); do
+    ns=$(readlink "/proc/$pid/ns/pid" 2>/dev/null) || continue
+    if [[ $ns != "$host_ns" ]]; then echo "$pid"; return 0; fi
+  done
 }
 
 # Runs a command in the booted container as root, as a login over SSH would: its
