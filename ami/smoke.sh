@@ -186,6 +186,7 @@ boot() {  # boot MACHINE [NSPAWN OPTION...]: systemd as PID 1 of a container on 
   # --register=no, --keep-unit: the host's PID 1 is not systemd (no machined, no bus).
   # --console=read-only: what goes to the container's /dev/console (the unit's
   # StandardOutput=journal+console) lands in $machine.console, as in get-console-output.
+  # It keeps the cache's lock open (fd 9): while it runs from the image, no other run starts.
   systemd-nspawn -q -D "$image" -M "$machine" --register=no --keep-unit -b --console=read-only "$@" \
     </dev/null >"$run/$machine.console" 2>&1 &
   nspawn_pid=$!
@@ -289,7 +290,21 @@ need curl curl
 check_cache
 # One run at a time per cache: the machines' names, the image and the logs are shared.
 exec 9>"$cache/.lock"
-flock -n 9 || die "another ami/smoke.sh is running on $cache"
+lock_holders() {  # the processes other than this script that have the lock open, one a line
+  local fd pid pids=()
+  for fd in /proc/[0-9]*/fd/*; do
+    [[ $(readlink "$fd" 2>/dev/null) == "$cache/.lock" ]] || continue
+    pid=${fd#/proc/}; pid=${pid%%/*}
+    [[ $pid == "$$" || $pid == "$BASHPID" ]] || pids+=("$pid")
+  done
+  for pid in $(printf '%s\n' "${pids[@]}" | sort -un); do
+    printf '  %s: %s\n' "$pid" "$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c 1-120)"
+  done
+}
+# The lock is held by the containers too (they inherit it): one that outlived a killed run
+# still runs from the image, which no run may replace or remove while it does.
+flock -n 9 || die "another ami/smoke.sh is running on $cache; these hold its lock (a container left by" \
+  "a run that was killed shows as systemd-nspawn: end it with kill PID, nspawn powers it off):"$'\n'"$(lock_holders)"
 # Only now, with the lock held: a run refused above (or one that dies before the lock)
 # must not reach cleanup, whose --clean would remove the roots another run has booted.
 # (That run's mounts are in its containers' namespaces: findmnt here would not see them.)
@@ -380,7 +395,8 @@ export PYTHONPATH="$repo" AWS_ENDPOINT_URL="http://127.0.0.1:$aws_port" AWS_REGI
 unset AWS_PROFILE AWS_DEFAULT_PROFILE  # a profile that is not there would stop boto3 first
 # No keys here: smoke_host.py signs with throwaway ones of its own, and the worker gets
 # others from the stand-in IMDS, as from an instance profile.
-"$python" -m localaws.moto_server -H 127.0.0.1 -p "$aws_port" >"$run/moto.log" 2>&1 &
+# 9>&-: neither this nor the stand-in IMDS holds the cache's lock, should it outlive the run.
+"$python" -m localaws.moto_server -H 127.0.0.1 -p "$aws_port" >"$run/moto.log" 2>&1 9>&- &
 moto_pid=$!
 for _ in $(seq 120); do
   curl -fsS -o /dev/null "$AWS_ENDPOINT_URL/moto-api/" 2>/dev/null && break
@@ -390,7 +406,7 @@ done
 say "embedded AWS on $AWS_ENDPOINT_URL"
 "$python" ami/smoke_host.py launch "$run/state"
 instance_id=$(cat "$run/state/instance-id")
-"$python" ami/smoke_host.py imds "$run/state" "$imds_port" >"$run/imds.log" 2>&1 &
+"$python" ami/smoke_host.py imds "$run/state" "$imds_port" >"$run/imds.log" 2>&1 9>&- &
 imds_pid=$!
 # The request waits on the queue before the instance boots, as a backlog that made the
 # controller launch would: the time to its answer is the worker's start to first answer.
@@ -552,7 +568,7 @@ else
   # Already dead (it should not be): the next one is started all the same, and the
   # checks below say what failed, rather than set -e ending the run here.
   kill -TERM "$imds_pid" 2>/dev/null || true; wait "$imds_pid" 2>/dev/null || true
-  "$python" ami/smoke_host.py imds "$s3_state" "$imds_port" >>"$run/imds.log" 2>&1 &
+  "$python" ami/smoke_host.py imds "$s3_state" "$imds_port" >>"$run/imds.log" 2>&1 9>&- &
   imds_pid=$!
   MODEL_WEIGHTS="$weights_uri" "$python" ami/smoke_host.py send "$s3_state" first
   start_instance "$s3_machine" "$s3_state"
