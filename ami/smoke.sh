@@ -341,17 +341,21 @@ else
   # --- the bake: bake.sh's tarball, provision.sh as Packer runs it ------------------
   "$repo/ami/bake.sh" --pack-only "$run/imgclass-src.tar.gz" | sed 's/^/    /'
   # Where this machine reaches PyPI through a TLS-inspecting proxy, its CA is among the
-  # local ones: the build container needs it too, as a build instance behind such a proxy
-  # would, and pip (which trusts its own bundle, not the system's) must be told.
+  # local ones: pip in the build container must trust it too, as on a build instance
+  # behind such a proxy. Its bundle, with them, is bound read-only into the container's
+  # /run (a tmpfs of the build boot's own) and named to pip alone (PIP_CERT): nothing of
+  # it enters the image, whose trust stays Debian's, as a real bake's.
   provision_env=()
+  build_options=()
   local_cas=(/usr/local/share/ca-certificates/*.crt)
-  if [[ -e ${local_cas[0]} ]]; then
-    say "giving the build container this machine's local CAs: ${local_cas[*]##*/}"
-    mkdir -p "$image/usr/local/share/ca-certificates"
-    cp "${local_cas[@]}" "$image/usr/local/share/ca-certificates/"
-    provision_env+=(PIP_CERT=/etc/ssl/certs/ca-certificates.crt)
+  host_bundle=/etc/ssl/certs/ca-certificates.crt
+  if [[ -e ${local_cas[0]} && -f $host_bundle ]]; then
+    say "pip in the build container trusts this machine's CA bundle (local CAs: ${local_cas[*]##*/})," \
+      "bound read-only at /run/host-ca.pem for the bake only"
+    build_options+=("--bind-ro=$(realpath "$host_bundle"):/run/host-ca.pem")
+    provision_env+=(PIP_CERT=/run/host-ca.pem)
   fi
-  boot "$build_machine"
+  boot "$build_machine" "${build_options[@]}"
   # Packer's file provisioner, then its shell provisioner (worker.pkr.hcl): the tarball
   # in /tmp (a tmpfs here as on Amazon Linux 2023), the script run with sudo env VARS bash.
   in_container sh -c 'cat > /tmp/imgclass-src.tar.gz' <"$run/imgclass-src.tar.gz"
@@ -374,6 +378,15 @@ else
 fi
 
 # --- what the image holds, read from outside ------------------------------------------
+trusts_no_local_ca() {  # none of this machine's local CAs in the image, nor in its bundle
+  local ca
+  ! compgen -G "$image/usr/local/share/ca-certificates/*" >/dev/null || return 1
+  for ca in /usr/local/share/ca-certificates/*.crt; do
+    [[ -e $ca ]] || continue
+    ! grep -qF -- "$(sed -n 5p "$ca")" "$image/etc/ssl/certs/ca-certificates.crt" || return 1
+  done
+}
+check "the image trusts none of this machine's local CAs (Debian's bundle, as a real bake's)" trusts_no_local_ca
 check "the unit is installed as ami/ has it" \
   cmp -s "$here/imgclass-worker.service" "$image/etc/systemd/system/imgclass-worker.service"
 check "the unit is not enabled in the image" \
