@@ -1,4 +1,4 @@
-"""ami/smoke.sh's arguments: refused before it asks for root or touches anything.
+"""ami/smoke.sh's arguments and its cache: refused before it asks for root or touches anything.
 (The smoke test itself runs for minutes, as root: `make ami-smoke`, never here.)"""
 
 from __future__ import annotations
