@@ -76,7 +76,9 @@ bench: $(STAMP)
 
 ## The worker image baked and booted for real on this machine, without AWS (ami/README.md,
 ## Smoke test): Linux, as root; ~3 minutes here, longer where pip fetches TensorFlow afar. Not in make test.
-ami-smoke: $(STAMP)
+# No $(STAMP): under `sudo make ami-smoke` it would build the venv as root (root's files
+# in .venv). smoke.sh says to run `make venv` (as yourself) when there is none.
+ami-smoke:
 	SMOKE_PYTHON=$(abspath $(PY)) ami/smoke.sh $(SMOKE_ARGS)
 
 lint: $(STAMP)

@@ -90,8 +90,15 @@ trap 'rm -rf "$stage"' EXIT
 # the folder (a .env, credentials, the venv, `make run`'s state), which would ride
 # along into every instance, readable there by any user. A weights file given
 # with --weights rides along in .bake/, where provision.sh looks first.
-if ! git -C "$repo" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-  echo "bake.sh: $repo is not a git checkout: the image is made of the files git tracks" >&2
+if ! why=$(git -C "$repo" rev-parse --is-inside-work-tree 2>&1 >/dev/null); then
+  why=${why%%$'\n'*}
+  if [[ $why == *"dubious ownership"* ]]; then
+    # Root (or anyone) in a checkout another user owns: git's safe.directory check.
+    echo "bake.sh: git will not read $repo, owned by $(stat -c %U "$repo" 2>/dev/null || echo another user):" \
+      "$why; run as its owner, or trust it (git config --global --add safe.directory $repo)" >&2
+  else
+    echo "bake.sh: $repo is not a git checkout: the image is made of the files git tracks ($why)" >&2
+  fi
   exit 2
 fi
 # macOS's tar adds a "._name" file of extended attributes beside each file that has

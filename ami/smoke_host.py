@@ -12,7 +12,8 @@ instance metadata service, and the requests the booted image must answer.
                                                   on the request queue (kept as NAME.json)
     python ami/smoke_host.py burst STATE_DIR NAME COUNT
                                                   COUNT requests at once; returns as soon as the
-                                                  first of them is answered (kept as NAME.json)
+                                                  first of them is answered (kept as NAME.json,
+                                                  added to those an earlier burst NAME sent)
     python ami/smoke_host.py answers STATE_DIR NAME DEADLINE_S
                                                   wait until every request of the burst NAME
                                                   is answered by the instance
@@ -182,7 +183,9 @@ def cmd_burst(state: Path, name: str, count: int) -> int:
         key = object_key(batch, item, FILENAME)
         put_input(aws, key, image, "image/png", filename=FILENAME, batch_id=batch, item_id=item)
         requests.append(ClassifyRequest(id=item, bucket=s.input_bucket, key=key, filename=FILENAME))
-    (state / f"{name}.json").write_text(json.dumps([r.to_json() for r in requests]))
+    kept = state / f"{name}.json"
+    earlier = json.loads(kept.read_text()) if kept.exists() else []
+    kept.write_text(json.dumps(earlier + [r.to_json() for r in requests]))
     # Sent at once, so that the worker holds some of them (received, not yet answered)
     # whenever it is killed in the burst.
     for first in range(0, count, 10):
