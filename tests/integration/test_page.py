@@ -1306,6 +1306,12 @@ def test_a_result_the_server_still_holds_wins_over_the_one_the_tab_saved(stack, 
     assert f"{saved()[0][2]:.6f}" == score
 
 
+# A file classified whose answer the tab did not keep, its batch lost (before a reload).
+ANSWER_GONE_ROW = ("classified, but its answer is gone: the server no longer holds its batch (restarted "
+                   "with its storage reset, or the batch expired), and this tab did not keep the answer; "
+                   "choose the file again to see it")
+
+
 def test_the_results_a_tab_saves_are_bounded(stack, browser, reference_model, tmp_path):
     """A batch may hold thousands of files, and sessionStorage ~5 MB: the tab keeps the
     answers of so many files (data-saved-results, 10,000 unless a test says fewer); a
@@ -1329,7 +1335,104 @@ def test_the_results_a_tab_saves_are_bounded(stack, browser, reference_model, tm
     first = browser.find_element(By.CSS_SELECTOR, '#results [data-filename="bounded_0.jpg"]')
     refs = references(reference_model, files, top1_only=True)
     assert_row_shows(first, refs["bounded_0.jpg"], "bounded_0.jpg")
-    assert f"{LOST_ROW}; choose it again" in rows["bounded_1.jpg"][1], rows
+    assert ANSWER_GONE_ROW in rows["bounded_1.jpg"][1], rows
+
+
+def test_a_file_classified_whose_answer_the_tab_did_not_keep_is_not_said_unclassified_after_the_loss(
+        stack, browser, reference_model, tmp_path):
+    """Past the answers the tab keeps (or with its storage full), a file it had shown
+    classified came back, after a reload that found the batch lost, "not classified:
+    ...; choose it again", and was counted among the files "not yet classified": false,
+    and choosing it again costs a second classification. Its row is failed (done would
+    need its answer) saying it was classified, and the summary counts apart the file
+    still queued when the batch was lost and the answer gone; after a second reload too."""
+    from selenium.webdriver.common.by import By
+
+    kept, unkept, late = "gone_0.jpg", "gone_1.jpg", "gone_late.jpg"
+    files = {name: make_image(1570 + i, size=(64, 48)) for i, name in enumerate([kept, unkept, late])}
+    browser.get(stack.web_url + "/")
+    browser.execute_script(HOLD_POSTS, [late])
+    # Held while the others are classified, longer than the page waits for an answer
+    # otherwise (its upload is faked done at once); one answer kept, the first row's.
+    browser.execute_script("document.body.dataset.answerTimeoutMs = '300000';"
+                           "document.body.dataset.savedResults = '1';")
+    choose(browser, tmp_path, files)
+    wait_for(lambda: "#batches=" in browser.current_url, 30, "the batch in the address")
+    batch_id = browser.current_url.split("#batches=")[1]
+    wait_for(lambda: [states_shown(browser).get(name) for name in (kept, unkept)] == ["done"] * 2, 120,
+             "the files sent first classified")
+    results = f"imgclass.results.{batch_id}"
+    wait_for(lambda: len(browser.execute_script(
+        "return JSON.parse(sessionStorage.getItem(arguments[0]) || '[]')", results)) == 1, 30,
+        "the one answer kept")
+    # Held until the end: a worker answering the lost file's request (its image gone)
+    # would put its item back in the batch, failed, which would then be held again.
+    with workers_held(stack):
+        browser.execute_script(HOLD_READS)
+        browser.execute_script("window.held = [];")
+        wait_for(lambda: states_shown(browser)[late] == "queued", 30, "the file sent last queued")
+        browser.execute_script("window.readsHeld = true;")  # the tab hears nothing of the loss
+        forget_on_the_server(stack, batch_id)
+
+        lost_files = ("and 1 file of it not yet classified will not be: choose it again to have it "
+                      "classified; the answer of 1 file of it classified is gone (this tab did not keep it): "
+                      "choose the file again to see it")
+        for reload in ("first", "second"):
+            browser.refresh()
+            summary = said_lost(browser, batch_id)
+            assert summary.endswith(lost_files), (reload, summary)
+            wait_for(lambda: [state for _, state, _ in rows_shown(browser)] == ["done", "failed", "failed"],
+                     30, f"the rows after the {reload} reload")
+            rows = {name: text for name, _, text in rows_shown(browser)}
+            assert_row_shows(browser.find_element(By.CSS_SELECTOR, f'#results [data-filename="{kept}"]'),
+                             references(reference_model, files, top1_only=True)[kept], kept)
+            assert ANSWER_GONE_ROW in rows[unkept] and "not classified" not in rows[unkept], (reload, rows)
+            assert f"{LOST_ROW}; choose it again" in rows[late], (reload, rows)
+            assert len(browser.find_elements(By.CSS_SELECTOR, '#results [data-lost="true"]')) == 2
+
+
+# The batch arguments[0] put in the address (as one sent earlier in this tab), and its
+# saved answers made to fill this tab's sessionStorage: the longest that fits, found by
+# halving. Whether storage is then full (a one-character write fails).
+FILL_STORAGE_WITH_ANSWERS = r"""
+  history.replaceState(null, "", "#batches=" + arguments[0]);
+  const key = "imgclass.results." + arguments[0];
+  const answers = (size) => JSON.stringify([["0".repeat(32), "x".repeat(size), 0.5, [], 0]]);
+  let fits = 0, over = 6000000;
+  while (over - fits > 1) {
+    const size = Math.floor((fits + over) / 2);
+    try { sessionStorage.setItem(key, answers(size)); fits = size; } catch { over = size; }
+  }
+  sessionStorage.setItem(key, answers(fits));
+  try { sessionStorage.setItem("x", "1"); } catch { return true; }
+  return false;"""
+
+
+def test_a_batch_being_sent_is_still_known_so_with_storage_full_of_saved_answers(stack, browser, tmp_path):
+    """The mark that the tab is still sending a batch (no file of it heard stored yet)
+    was written without making room, as the rows are: with the tab's storage full of
+    saved answers (up to ~2 MB), the write failed, and a reload then said the batch
+    "could not be loaded", its files gone. The answers give way, the oldest batch's first."""
+    from selenium.webdriver.common.by import By
+
+    older = "a" * 32
+    browser.get(stack.web_url + "/")
+    browser.execute_script(HOLD_POSTS, ["held.jpg"])  # no file of it stored before the reload
+    assert browser.execute_script(FILL_STORAGE_WITH_ANSWERS, older)
+    choose(browser, tmp_path, {"held.jpg": make_image(1575, size=(64, 48))})
+    # Marked in the same task as the batch joins the address.
+    wait_for(lambda: len(browser.current_url.split("#batches=")[1].split(",")) == 2, 30,
+             "the batch in the address")
+    batch_id = browser.current_url.split("#batches=")[1].split(",")[1]
+    assert browser.execute_script(f"return sessionStorage.getItem('imgclass.unconfirmed.{batch_id}')") == "1"
+    assert browser.execute_script(f"return sessionStorage.getItem('imgclass.results.{older}')") is None
+
+    browser.refresh()
+    wait_for(lambda: rows_shown(browser), 30, "the file saved")
+    [(name, state, text)] = rows_shown(browser)
+    assert (name, state) == ("held.jpg", "uploading") and "waiting to see whether the server got it" in text
+    assert f"batch {batch_id} could not be loaded" not in browser.find_element(By.ID, "summary").text
+    assert batch_id in browser.current_url
 
 
 def test_a_tab_that_gave_a_batch_up_follows_it_again_once_the_tab_sending_it_makes_it_anew(

@@ -62,10 +62,12 @@ function forgetShown(batchId) {
 }
 
 export function setUnconfirmed(batchId, unconfirmed) {
-  try {
-    if (unconfirmed) sessionStorage.setItem(UNCONFIRMED_STORE + batchId, "1");
-    else sessionStorage.removeItem(UNCONFIRMED_STORE + batchId);
-  } catch { /* storage disabled: a reload then says the batch could not be loaded */ }
+  // Not written (storage disabled), a reload then says the batch could not be loaded.
+  if (unconfirmed) {
+    setItemMakingRoom(UNCONFIRMED_STORE + batchId, "1");
+    return;
+  }
+  try { sessionStorage.removeItem(UNCONFIRMED_STORE + batchId); } catch { /* storage disabled */ }
 }
 
 export function isUnconfirmed(batchId) {
@@ -84,18 +86,24 @@ export function savedShown(batchId) {
 
 // Keeps `shown`, the batch's rows as this tab shows them, for a reload (savedShown):
 // while the batch is in the address (its rows stay on the page once it has left).
-// The rows come before the answers (saveResults): storage full, the answers give way,
-// the oldest batch's first. Kept, a tab's answers could leave a later batch no room for
-// its rows, which a reload would then show in the server's order, its refusals gone.
+// Not written (storage full of rows, or disabled), a reload shows the server's order.
 export function saveShown(batchId, shown) {
-  if (!batchesInUrl().includes(batchId)) return;
-  const text = JSON.stringify(shown);
+  if (batchesInUrl().includes(batchId)) setItemMakingRoom(SHOWN_STORE + batchId, JSON.stringify(shown));
+}
+
+// Writes one of the tab's own records (a batch's rows, its unconfirmed mark), which come
+// before the answers (saveResults): storage full, the answers give way, the oldest
+// batch's first, until it fits. Kept, a tab's answers (~2 MB) could leave a later batch
+// no room for its rows, which a reload would then show in the server's order, its
+// refusals gone; or for its unconfirmed mark, and a reload while it is still being sent
+// say it could not be loaded.
+function setItemMakingRoom(key, text) {
   for (const givingWay of [null, ...batchesInUrl()]) {
     if (givingWay) forgetResults(givingWay);
     try {
-      sessionStorage.setItem(SHOWN_STORE + batchId, text);
+      sessionStorage.setItem(key, text);
       return;
-    } catch { /* storage full or disabled: (at the end) a reload shows the server's order */ }
+    } catch { /* storage full (or disabled, and the next tries fail too) */ }
   }
 }
 

@@ -37,8 +37,13 @@ const NOT_STORED_ELSEWHERE = "not stored by the tab that sent it; see that tab f
 const NOT_STORED_SENDER_GONE = "not stored: the tab sending it was closed or reloaded; choose it again";
 const STOPPED_AGAIN = "not sent again: you stopped the upload (the server may hold it: reload to see)";
 // A file stored in a batch the server has since lost (see lose): no answer will come for it.
-const LOST = "not classified: the server no longer holds its batch (restarted with its storage reset, " +
-  "or the batch expired)";
+const GONE = "the server no longer holds its batch (restarted with its storage reset, or the batch expired)";
+const LOST = `not classified: ${GONE}`;
+// The same, of a file a reload had saved classified, its answer not kept (batches.js
+// saveResults keeps so many, and gives way when storage is full): "not classified"
+// would be false, and sent again, it would be classified a second time unawares.
+const ANSWER_GONE = `classified, but its answer is gone: ${GONE}, and this tab did not keep the answer; ` +
+  "choose the file again to see it";
 // A row classified is saved this long after (saveSoon), with the others classified
 // meanwhile: each save writes the batch's rows whole, and a batch of thousands of files
 // is classified one file at a time.
@@ -63,7 +68,8 @@ const LOST_AFTER = 2;
 // `failure`: how a file not stored failed, for notWorthAgain; `again`: how many times
 // it was sent again (sendAgain), `replaced`: the ids of its items failed by a worker;
 // `storedRead`: the reads of the batch begun (`reads`) when it was heard stored, and
-// `unlisted`: how many reads in a row since have left its item out (loseUnlisted).
+// `unlisted`: how many reads in a row since have left its item out (loseUnlisted);
+// `classified`: a restored row saved classified, its answer not kept (showUnlisted).
 export class Session {
   constructor(chosen) {  // [{file, path}]
     this.batchId = newBatchId();
@@ -553,8 +559,11 @@ export class Session {
       // Its name too: a reload that finds the server no longer lists it shows its row lost
       // (restore.js showRows), not nothing; and that it was lost, for the reload to show
       // it so at once, not queued until two reads have left it out, then said again.
+      // And that it was classified: its answer may not be kept (saveResults), and a
+      // reload that finds the batch lost must not say it was not.
       ...(entry.id ? { id: entry.id, name: entry.el.dataset.filename,
-                       ...(entry.failure && entry.failure.lost ? { lost: true } : {}) }
+                       ...(entry.failure && entry.failure.lost ? { lost: true } : {}),
+                       ...(entry.el.dataset.state === "done" || entry.classified ? { done: 1 } : {}) }
         : entry.refused ? { name: entry.el.dataset.filename, error: entry.refused }
           : { name: entry.el.dataset.filename, unsent: true, why: entry.unsentWhy, token: entry.token,
             // A reload counts it apart too, as this page does (rows.js isStopped).
@@ -653,7 +662,8 @@ export class Session {
   // One this tab had shown lost already (`shown.lost`) is shown failed at once, as it was;
   // one it had shown classified, with the answer it saved (`saved`), as it was too: the
   // server's answer is gone with the batch, and that row then keeps its result, as it
-  // does in a tab left open.
+  // does in a tab left open. One it had shown classified, its answer not saved, is
+  // failed saying so once lost (failLost), not said not classified.
   showUnlisted(shown, readWhole, saved) {
     const el = this.newRow(shown.name || "upload");
     setState(el, "queued");
@@ -662,7 +672,10 @@ export class Session {
     this.byId.set(shown.id, el);
     if (saved) {
       showItem(el, saved);
-    } else if (shown.lost) {
+      return;
+    }
+    if (shown.done) entry.classified = true;
+    if (shown.lost) {
       entry.notInPlace = true;
       this.failLost([entry]);
     }
@@ -872,10 +885,13 @@ export class Session {
 
   // Rows of files stored in a batch the server has lost (`lost`, unfinished): failed,
   // saying why and what to do, and offered again (again.js notWorthAgain) as new uploads.
+  // A row classified whose answer a reload did not find kept (`classified`) is failed
+  // too (done, it would have no answer to show), saying it was classified.
   failLost(lost) {
     for (const entry of lost) {
       entry.failure = { lost: true };
-      showFailure(entry.el, `${LOST}; ${entry.file ? "send it again" : "choose it again"}`);
+      showFailure(entry.el, entry.classified ? ANSWER_GONE
+        : `${LOST}; ${entry.file ? "send it again" : "choose it again"}`);
       entry.el.dataset.lost = "true";
     }
   }
@@ -1042,17 +1058,31 @@ function lossWhat(remade) {
     : "the server no longer holds it (restarted with its storage reset, or the batch expired)";
 }
 
-// The files a lost batch took with it (`lost`, its rows failed), and the way forward:
-// "Send again" for those whose File this page holds (an upload of this page view), else
-// choosing them again (a reloaded page holds none).
-function lostFilesText(lost) {
-  if (!lost.length) return "";
+// The files a lost batch took with it (`failed`, their rows failed), and the way
+// forward: "Send again" for those whose File this page holds (an upload of this page
+// view), else choosing them again (a reloaded page holds none). Those classified whose
+// answer went with it (a reload did not find it kept: failLost) are said apart: "not
+// yet classified" would be false of them.
+function lostFilesText(failed) {
+  const lost = failed.filter((entry) => !entry.classified);
+  const answersGone = answersGoneText(failed.length - lost.length);
+  if (!lost.length) return answersGone && `, and ${answersGone}`;
   const them = lost.length === 1 ? "it" : "them";
   const held = lost.filter((entry) => entry.file).length;
   const next = held === lost.length ? `"Send again" below sends ${them} again`
     : !held ? `choose ${them} again to have ${them} classified`
       : `"Send again" below sends the ${held} this page still holds; choose the others again`;
-  return `, and ${someFiles(lost.length)} of it not yet classified will not be: ${next}`;
+  return `, and ${someFiles(lost.length)} of it not yet classified will not be: ${next}` +
+    (answersGone && `; ${answersGone}`);
+}
+
+function answersGoneText(count) {
+  if (!count) return "";
+  return count === 1
+    ? "the answer of 1 file of it classified is gone (this tab did not keep it): choose the file again " +
+      "to see it"
+    : `the answers of ${count} files of it classified are gone (this tab did not keep them): choose the ` +
+      "files again to see them";
 }
 
 // A new upload of the files `chosen` ([{file, path}]), as one batch.
