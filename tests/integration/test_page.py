@@ -1208,6 +1208,21 @@ def shown_answers(browser, names) -> dict[str, str]:
             .get_attribute("outerHTML") for name in names}
 
 
+@contextlib.contextmanager
+def lost_with_one_queued(browser, stack, batch_id: str, late: str) -> Iterator[None]:
+    """For the block: `batch_id` lost on the server while its file `late` (released by
+    HOLD_POSTS) is queued, the tab hearing nothing of the loss until a reload. The
+    workers are held until the end: one answering the lost file's request (its image
+    gone) would put its item back in the batch, failed, which would then be held again."""
+    with workers_held(stack):
+        browser.execute_script(HOLD_READS)
+        browser.execute_script("window.held = [];")
+        wait_for(lambda: states_shown(browser)[late] == "queued", 30, "the file sent last queued")
+        browser.execute_script("window.readsHeld = true;")  # the tab hears nothing of the loss
+        forget_on_the_server(stack, batch_id)
+        yield
+
+
 def test_a_reload_after_the_server_lost_the_batch_shows_the_results_the_tab_had_shown(
         stack, browser, reference_model, tmp_path):
     """The tab saved its rows' ids, not their results: reloaded once the server had lost
@@ -1235,15 +1250,7 @@ def test_a_reload_after_the_server_lost_the_batch_shows_the_results_the_tab_had_
     wait_for(lambda: [states_shown(browser).get(name) for name in kept] == ["done"] * 2, 120,
              "the files sent first classified")
     before = shown_answers(browser, kept)
-    # Held until the end: a worker answering the lost file's request (its image gone)
-    # would put its item back in the batch, failed, which would then be held again.
-    with workers_held(stack):
-        browser.execute_script(HOLD_READS)
-        browser.execute_script("window.held = [];")
-        wait_for(lambda: states_shown(browser)[late] == "queued", 30, "the file sent last queued")
-        browser.execute_script("window.readsHeld = true;")  # the tab hears nothing of the loss
-        forget_on_the_server(stack, batch_id)
-
+    with lost_with_one_queued(browser, stack, batch_id, late):
         browser.refresh()
         summary = said_lost(browser, batch_id)
         assert summary.endswith("and 1 file of it not yet classified will not be: choose it again to have it "
@@ -1365,15 +1372,7 @@ def test_a_file_classified_whose_answer_the_tab_did_not_keep_is_not_said_unclass
     wait_for(lambda: len(browser.execute_script(
         "return JSON.parse(sessionStorage.getItem(arguments[0]) || '[]')", results)) == 1, 30,
         "the one answer kept")
-    # Held until the end: a worker answering the lost file's request (its image gone)
-    # would put its item back in the batch, failed, which would then be held again.
-    with workers_held(stack):
-        browser.execute_script(HOLD_READS)
-        browser.execute_script("window.held = [];")
-        wait_for(lambda: states_shown(browser)[late] == "queued", 30, "the file sent last queued")
-        browser.execute_script("window.readsHeld = true;")  # the tab hears nothing of the loss
-        forget_on_the_server(stack, batch_id)
-
+    with lost_with_one_queued(browser, stack, batch_id, late):
         lost_files = ("and 1 file of it not yet classified will not be: choose it again to have it "
                       "classified; the answer of 1 file of it classified is gone (this tab did not keep it): "
                       "choose the file again to see it")
