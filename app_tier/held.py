@@ -453,7 +453,8 @@ def show_held(journal: HeldJournal, aws: Aws, who: str, whose: str) -> None:
 
 
 # How long a message a dead worker held stays hidden while it is handed back: should the
-# one handing it back be killed meanwhile, the message comes back after this.
+# one handing it back be killed meanwhile, or fail to delete it once its copy is sent, the
+# message comes back after this (or the queue's visibility timeout, if shorter).
 HANDING_BACK_S = 30
 
 
@@ -466,12 +467,15 @@ def _hand_back_untried(entries: list[HeldEntry], aws: Aws, who: str) -> tuple[in
     the journal's write), or handed back already, would otherwise be queued again and
     classified again. One that cannot be is left alone, as one made visible is."""
     sender = HeldMessages(aws, aws.settings, who, who=who)
+    # Never longer than any message a worker holds is hidden: a queue set to a short
+    # timeout expects what goes astray back as soon.
+    hide_s = min(HANDING_BACK_S, aws.settings.visibility_timeout_s)
     handed_back, failures = 0, []
     for chunk in sqs_batches(entries):
         now = wall_clock()  # as in show_held
         chunk = [e for e in chunk if still_hidden(e.hidden_until, now)]
         failed = change_visibility(aws.sqs, aws.request_queue_url,
-                                   [(e.receipt, HANDING_BACK_S) for e in chunk])
+                                   [(e.receipt, hide_s) for e in chunk])
         failures += failed
         gone = {f.receipt_handle for f in failed}
         # An id matters only to what a HeldMessages holds, and this one holds nothing.

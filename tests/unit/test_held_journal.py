@@ -639,3 +639,30 @@ def test_a_call_that_ends_leaves_the_at_risk_mark_of_a_later_call_on_the_copy_re
     assert marked() == [(job.receipt, True)]  # the second call still runs
     second_call.__exit__(None, None, None)
     assert marked() == [(job.receipt, False)]
+
+
+def test_an_old_copy_a_successor_could_not_delete_is_hidden_no_longer_than_the_queues_timeout(aws_env,
+                                                                                               monkeypatch):
+    """Handed back, its delete failed: the old copy comes back and is answered twice. A
+    queue set to a short timeout gets it back as soon, not after HANDING_BACK_S."""
+    settings = dataclasses.replace(aws_env[0], visibility_timeout_s=5)
+    aws = Aws(settings)
+    upload(settings, aws, "a.jpg", make_image(120), "a")
+    upload(settings, aws, "b.jpg", make_image(121), "b")
+    assert len(Worker(settings, aws, MeanClassifier(), "i-short").fetch().jobs) == 2  # killed holding both
+    hidden_for = []
+    change = aws.sqs.change_message_visibility_batch
+
+    def recorded_change(**kwargs):
+        hidden_for.extend(e["VisibilityTimeout"] for e in kwargs["Entries"])
+        return change(**kwargs)
+
+    def failed_delete(**kwargs):
+        return {"Successful": [], "Failed": [{"Id": e["Id"], "SenderFault": False, "Code": "InternalError",
+                                              "Message": "injected"} for e in kwargs["Entries"]]}
+
+    monkeypatch.setattr(aws.sqs, "change_message_visibility_batch", recorded_change)
+    monkeypatch.setattr(aws.sqs, "delete_message_batch", failed_delete)
+    Worker(settings, aws, MeanClassifier(), "i-short").held.show_what_the_last_worker_held()
+    assert hidden_for == [5, 5]
+    assert depth(aws, aws.request_queue_url) == (2, 2)  # the new copies, and the old ones hidden
