@@ -158,6 +158,13 @@ MARK_DENIED_RETRY_S = 15 * 60
 # MAX_RECEIVE_COUNT were over within 15 s, before many IAM changes arrive; 60 s apart,
 # they span two minutes, the client waiting that long for the failure (RESULT_TIMEOUT: 300 s).
 MARK_DENIED_RETRY_DELAY_S = 60
+# The response queue's visibility timeout. A web process ended outright (SIGKILL, a
+# crash) leaves its long polls open on SQS's side for up to their wait (4 s), and SQS
+# hands them the answers that arrive meanwhile: hidden for this long, they then reach
+# the process that serves on, as late. A listener deletes what it receives within
+# milliseconds of the receive; one slower than this only has its answers recorded
+# twice (the book ignores the second). 30 s, SQS's default, until 2026-12-05.
+RESPONSE_VISIBILITY_TIMEOUT_S = 10
 # MODEL_WEIGHTS for ResNet-50 untrained (tests, offline demos): flagged wherever a label shows.
 RANDOM_WEIGHTS = "random"
 

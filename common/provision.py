@@ -20,7 +20,7 @@ from common import cli
 from common.aws import Aws
 from common.aws_errors import AWS_ERRORS, error_code
 from common.backoff import next_wait
-from common.config import Settings
+from common.config import RESPONSE_VISIBILITY_TIMEOUT_S, Settings
 from common.logs import configure as configure_logging
 from common.messages import MAX_MESSAGE_BYTES
 from common.sqs import QUEUE_DELETED_RECENTLY_CODES, is_queue_not_there
@@ -225,7 +225,8 @@ def provision(settings: Settings, aws: Aws | None = None) -> dict[str, str]:
             ),
         },
     )
-    resp_url = _ensure_queue(aws, settings.response_queue, {"VisibilityTimeout": "30"})
+    resp_url = _ensure_queue(aws, settings.response_queue,
+                             {"VisibilityTimeout": str(RESPONSE_VISIBILITY_TIMEOUT_S)})
     log.info("provisioned %s, %s and three queues", settings.input_bucket, settings.output_bucket)
     return {"request": req_url, "response": resp_url, "dead_letter": dlq_url}
 

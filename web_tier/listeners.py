@@ -34,7 +34,8 @@ RESPONSE_THREADS = 2
 # its polls to end (gunicorn.conf.py, worker_exit), within gunicorn's 5 s of grace. A
 # poll cut off by its process's exit is still open on SQS's side, which hands it the
 # messages that arrive in the rest of its wait, hidden then for the queue's visibility
-# timeout: after a restart, the answers of its first 20 s would come 30 s late.
+# timeout (RESPONSE_VISIBILITY_TIMEOUT_S): after a restart, the answers of its first
+# 20 s would come that much late.
 MAX_WAIT_S = 4
 # Between failed polls. At most 5 s, so that once SQS is back the answers waiting
 # there reach their clients within seconds (at 30 s, after an outage of half a

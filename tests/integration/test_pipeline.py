@@ -300,6 +300,31 @@ def test_a_stopped_web_tier_leaves_no_poll_to_take_the_next_answers(stack, tmp_p
     assert [m["Body"] for m in got] == ["sent once the web tier has gone"], (tmp_path / "web.log").read_text()
 
 
+def test_an_answer_a_killed_web_tiers_poll_took_comes_back_within_the_response_queues_timeout(
+        stack, tmp_path):
+    """A web process ended outright cannot end its polls: SQS hands what arrives in the
+    rest of their wait to them, hidden then for the response queue's visibility timeout.
+    At SQS's default of 30 s, such an answer reached the process that serves on half a
+    minute late; now within RESPONSE_VISIBILITY_TIMEOUT_S (10 s)."""
+    with second_web_tier(stack, tmp_path, "killedpolls") as (_url, web):
+        _, sqs, _ = clients(stack)
+        responses = sqs.get_queue_url(QueueName="killedpolls-resp-queue")["QueueUrl"]
+        os.killpg(web.pid, signal.SIGKILL)  # its listeners polling, as they always are
+        web.wait(timeout=30)
+    sqs.send_message(QueueUrl=responses, MessageBody="sent once the web tier was killed")
+
+    def in_flight() -> bool:
+        attributes = sqs.get_queue_attributes(QueueUrl=responses, AttributeNames=["All"])["Attributes"]
+        return attributes["ApproximateNumberOfMessagesNotVisible"] == "1"
+
+    wait_for(in_flight, 5, "a poll the killed process left open to take the answer", interval=0.05)
+    got: list[dict] = []
+    deadline = time.monotonic() + 15
+    while not got and time.monotonic() < deadline:
+        got = sqs.receive_message(QueueUrl=responses, WaitTimeSeconds=1).get("Messages", [])
+    assert [m["Body"] for m in got] == ["sent once the web tier was killed"]
+
+
 # The web tier's line for a connection it cut, a request arriving too slowly (web_tier/slow_clients.py).
 HEADERS_CUT = "cut, connection closed: its headers were not all in within WEB_RECEIVE_TIMEOUT"
 BODY_CUT = "cut, connection closed: its body came slower than WEB_MIN_RECEIVE_RATE"
