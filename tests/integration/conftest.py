@@ -74,6 +74,15 @@ def stack(tmp_path_factory):
     yield from running_stack(tmp_path_factory, {"MAX_INSTANCES": "4", "VISIBILITY_TIMEOUT": "12"})
 
 
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium for a page test (tests/integration/test_page_*.py)."""
+    from tests.integration.page import chromium  # not at the top: page.py imports this module
+
+    with chromium(str(tmp_path / "profile")) as driver:
+        yield driver
+
+
 def aws_client(service: str, url: str):
     """A boto3 client for the embedded AWS at `url`, with the test credentials."""
     return boto3.client(service, endpoint_url=url, region_name="us-east-1",
