@@ -26,6 +26,10 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "integration" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
+        # A page module without it would start a stack, then fail without Chromium, not skip.
+        if item.fspath.basename.startswith("test_page") and not any(item.iter_markers("needs_tools")):
+            raise pytest.UsageError(f"{item.nodeid}: a page test module needs pytestmark = NEEDS_CHROMIUM "
+                                    "(tests/integration/page.py)")
 
 
 def running_stack(tmp_path_factory, overrides: dict[str, str] | None = None):
