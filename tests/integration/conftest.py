@@ -26,6 +26,10 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "integration" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
+        # A page module without it would start a stack, then fail without Chromium, not skip.
+        if item.fspath.basename.startswith("test_page") and not any(item.iter_markers("needs_tools")):
+            raise pytest.UsageError(f"{item.nodeid}: a page test module needs pytestmark = NEEDS_CHROMIUM "
+                                    "(tests/integration/page.py)")
 
 
 def running_stack(tmp_path_factory, overrides: dict[str, str] | None = None):
@@ -72,6 +76,15 @@ def stack(tmp_path_factory):
     # A short visibility timeout lets the crash tests see redelivery in seconds;
     # workers extend it while they work, so nothing is redelivered by mistake.
     yield from running_stack(tmp_path_factory, {"MAX_INSTANCES": "4", "VISIBILITY_TIMEOUT": "12"})
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium for a page test (tests/integration/test_page_*.py)."""
+    from tests.integration.page import chromium  # not at the top: page.py imports this module
+
+    with chromium(str(tmp_path / "profile")) as driver:
+        yield driver
 
 
 def aws_client(service: str, url: str):
