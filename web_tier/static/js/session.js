@@ -37,7 +37,9 @@ const NOT_STORED_ELSEWHERE = "not stored by the tab that sent it; see that tab f
 const NOT_STORED_SENDER_GONE = "not stored: the tab sending it was closed or reloaded; choose it again";
 const STOPPED_AGAIN = "not sent again: you stopped the upload (the server may hold it: reload to see)";
 // A file stored in a batch the server has since lost (see lose): no answer will come for it.
-const GONE = "the server no longer holds its batch (restarted with its storage reset, or the batch expired)";
+// Why a server no longer holds a batch the page sent.
+const LOSS_WHY = "restarted with its storage reset, or the batch expired";
+const GONE = `the server no longer holds its batch (${LOSS_WHY})`;
 const LOST = `not classified: ${GONE}`;
 // The same, of a file a reload had saved classified, its answer not kept (batches.js
 // saveResults keeps so many, and gives way when storage is full): "not classified"
@@ -1053,9 +1055,8 @@ function answerLostText(status) {
 // before the batch was made anew.
 function lossWhat(remade) {
   return remade
-    ? "the server lost the files stored in it earlier (restarted with its storage reset, or the batch " +
-      "expired) and holds only those sent since"
-    : "the server no longer holds it (restarted with its storage reset, or the batch expired)";
+    ? `the server lost the files stored in it earlier (${LOSS_WHY}) and holds only those sent since`
+    : `the server no longer holds it (${LOSS_WHY})`;
 }
 
 // The files a lost batch took with it (`failed`, their rows failed), and the way
