@@ -46,6 +46,7 @@ from common.messages import ClassifyRequest, ClassifyResponse
 from common.names import object_key
 from common.output_object import pair_text
 from common.provision import provision
+from common.sqs import sqs_batches
 from controller.act import launch
 from web_tier.storage import put_input
 
@@ -162,35 +163,36 @@ def png() -> bytes:
     return out.getvalue()
 
 
+def stored_request(aws: Aws, image: bytes) -> ClassifyRequest:
+    """`image` stored in the input bucket, as the web tier stores an upload, and the
+    request that names it (not sent)."""
+    batch, item = secrets.token_hex(16), secrets.token_hex(16)
+    key = object_key(batch, item, FILENAME)
+    put_input(aws, key, image, "image/png", filename=FILENAME, batch_id=batch, item_id=item)
+    return ClassifyRequest(id=item, bucket=aws.settings.input_bucket, key=key, filename=FILENAME)
+
+
 def cmd_send(state: Path, name: str) -> None:
     s = settings()
     aws = local_aws(s)
-    batch, item = secrets.token_hex(16), secrets.token_hex(16)
-    key = object_key(batch, item, FILENAME)
-    put_input(aws, key, png(), "image/png", filename=FILENAME, batch_id=batch, item_id=item)
-    request = ClassifyRequest(id=item, bucket=s.input_bucket, key=key, filename=FILENAME)
+    request = stored_request(aws, png())
     aws.sqs.send_message(QueueUrl=aws.queue_url(s.request_queue), MessageBody=request.to_json())
     (state / f"{name}.json").write_text(request.to_json())
-    print(f"sent request {item} for s3://{s.input_bucket}/{key}")
+    print(f"sent request {request.id} for s3://{s.input_bucket}/{request.key}")
 
 
 def cmd_burst(state: Path, name: str, count: int) -> int:
     s = settings()
     aws = local_aws(s)
-    image, queue_url, requests = png(), aws.queue_url(s.request_queue), []
-    for _ in range(count):
-        batch, item = secrets.token_hex(16), secrets.token_hex(16)
-        key = object_key(batch, item, FILENAME)
-        put_input(aws, key, image, "image/png", filename=FILENAME, batch_id=batch, item_id=item)
-        requests.append(ClassifyRequest(id=item, bucket=s.input_bucket, key=key, filename=FILENAME))
+    image, queue_url = png(), aws.queue_url(s.request_queue)
+    requests = [stored_request(aws, image) for _ in range(count)]
     kept = state / f"{name}.json"
     earlier = json.loads(kept.read_text()) if kept.exists() else []
     kept.write_text(json.dumps(earlier + [r.to_json() for r in requests]))
     # Sent at once, so that the worker holds some of them (received, not yet answered)
     # whenever it is killed in the burst.
-    for first in range(0, count, 10):
-        entries = [{"Id": str(n), "MessageBody": r.to_json()}
-                   for n, r in enumerate(requests[first:first + 10])]
+    for chunk in sqs_batches(requests):
+        entries = [{"Id": str(n), "MessageBody": r.to_json()} for n, r in enumerate(chunk)]
         aws.sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
