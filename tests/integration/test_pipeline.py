@@ -259,6 +259,21 @@ def second_web_tier(stack, tmp_path, prefix: str, **env_overrides: str):
         web.wait(timeout=30)
 
 
+def listeners_polling(sqs, responses: str, log_path) -> None:
+    """Returns once a listener of the web tier logging to `log_path` has taken a probe
+    from the response queue `responses` (and so polls it; it polls again at once): a
+    healthy /healthz alone does not say its polls are open."""
+    def probe_deleted() -> bool:
+        attributes = sqs.get_queue_attributes(QueueUrl=responses, AttributeNames=["All"])["Attributes"]
+        names = ("ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible")
+        return all(attributes[name] == "0" for name in names)
+
+    sqs.send_message(QueueUrl=responses, MessageBody="a probe, not an answer")
+    wait_for(lambda: "dropping malformed response" in log_path.read_text(), 30,
+             "a listener to take the probe")
+    wait_for(probe_deleted, 30, "the listener to delete the probe", interval=0.02)
+
+
 def test_a_web_tier_told_to_stop_answers_its_waiting_requests_at_once(stack, tmp_path):
     """gunicorn gives requests `graceful_timeout` (5 s) after SIGTERM, then cuts them
     off: a POST / still waiting then got no answer at all. It now gets a 503 at
@@ -293,7 +308,8 @@ def test_a_stopped_web_tier_leaves_no_poll_to_take_the_next_answers(stack, tmp_p
     with second_web_tier(stack, tmp_path, "leftpolls") as (_url, web):
         _, sqs, _ = clients(stack)
         responses = sqs.get_queue_url(QueueName="leftpolls-resp-queue")["QueueUrl"]
-        os.killpg(web.pid, signal.SIGTERM)  # its listeners' first polls just begun
+        listeners_polling(sqs, responses, tmp_path / "web.log")
+        os.killpg(web.pid, signal.SIGTERM)  # its listeners' polls open
         web.wait(timeout=30)
     sqs.send_message(QueueUrl=responses, MessageBody="sent once the web tier has gone")
     got = sqs.receive_message(QueueUrl=responses, WaitTimeSeconds=10).get("Messages", [])
@@ -309,7 +325,8 @@ def test_an_answer_a_killed_web_tiers_poll_took_comes_back_within_the_response_q
     with second_web_tier(stack, tmp_path, "killedpolls") as (_url, web):
         _, sqs, _ = clients(stack)
         responses = sqs.get_queue_url(QueueName="killedpolls-resp-queue")["QueueUrl"]
-        os.killpg(web.pid, signal.SIGKILL)  # its listeners polling, as they always are
+        listeners_polling(sqs, responses, tmp_path / "web.log")
+        os.killpg(web.pid, signal.SIGKILL)  # its listeners' polls open, as they always are
         web.wait(timeout=30)
     sqs.send_message(QueueUrl=responses, MessageBody="sent once the web tier was killed")
 
