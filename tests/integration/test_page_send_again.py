@@ -4,12 +4,10 @@ elsewhere heard by a tab."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 from tests.conftest import make_image
 from tests.integration.conftest import (
     wait_for,
+    workers_held,
 )
 from tests.integration.page import (
     LATE_JPG_DEAD_LETTERED,
@@ -280,22 +278,6 @@ def test_a_dead_letter_failed_by_a_worker_meanwhile_is_shown_so_and_not_offered(
     wait_for(lambda: not button.is_displayed(), 10, "the button gone")
 
 
-@contextlib.contextmanager
-def requests_held(stack, seconds: int) -> Iterator[None]:
-    """Every classify request sent meanwhile waits `seconds` in the request queue before
-    a worker can receive it (the queue's DelaySeconds, put back to 0 after): its item
-    stays queued that long, for a dead letter to fail it first."""
-    from tests.integration.conftest import clients
-
-    _, sqs, _ = clients(stack)
-    url = sqs.get_queue_url(QueueName=stack.settings().request_queue)["QueueUrl"]
-    sqs.set_queue_attributes(QueueUrl=url, Attributes={"DelaySeconds": str(seconds)})
-    try:
-        yield
-    finally:
-        sqs.set_queue_attributes(QueueUrl=url, Attributes={"DelaySeconds": "0"})
-
-
 def dead_letter(stack, batch_id: str, item_id: str, filename: str) -> None:
     """Put the item's request in the dead-letter queue, as SQS moves one no worker
     answered in its attempts: the web tier then fails the item."""
@@ -338,15 +320,15 @@ def test_a_dead_letter_queued_again_from_elsewhere_is_shown_queued_then_done(
     """A dead letter queued again by another client (a script calling POST .../again, not
     this page's button) is sent to the page's event stream as a `queued` event: its row,
     failed, shows it queued again, then its answer, with no reload and no poll. The
-    requests are held in the queue (requests_held) so that the dead letter comes first,
-    and "other.jpg" stays queued meanwhile: a batch all finished ends its stream."""
+    workers are held (workers_held) so that the dead letter comes first, and "other.jpg"
+    stays queued meanwhile: a batch all finished ends its stream."""
     import requests
     from selenium.webdriver.common.by import By
 
     from common.failure_tags import DEAD_LETTER_ERROR
 
     files = {"late.jpg": make_image(1450, size=(64, 48)), "other.jpg": make_image(1451, size=(64, 48))}
-    with requests_held(stack, 10):
+    with workers_held(stack):
         browser.get(stack.web_url + "/")
         browser.execute_script("window.notReloaded = true;" + COUNT_BATCH_READS)
         choose(browser, tmp_path, files)
@@ -364,14 +346,14 @@ def test_a_dead_letter_queued_again_from_elsewhere_is_shown_queued_then_done(
         answer = requests.post(f"{stack.web_url}/api/jobs/{batch_id}/items/{late_id}/again", timeout=10)
         assert answer.status_code == 202, answer.text
         assert answer.json()["item"]["state"] == "queued"
-        wait_for(lambda: states_shown(browser) == {"late.jpg": "queued", "other.jpg": "queued"}, 5,
+        wait_for(lambda: states_shown(browser) == {"late.jpg": "queued", "other.jpg": "queued"}, 30,
                  "the dead letter shown queued again")
-    _, _, text = rows_shown(browser)[0]
-    assert "sent again" in text and DEAD_LETTER_ERROR not in text, text
-    assert "failed" not in browser.find_element(By.ID, "summary").text
-    assert browser.execute_script("return window.batchReads") == reads  # not polled: the event
+        _, _, text = rows_shown(browser)[0]
+        assert "sent again" in text and DEAD_LETTER_ERROR not in text, text
+        assert "failed" not in browser.find_element(By.ID, "summary").text
+        assert browser.execute_script("return window.batchReads") == reads  # not polled: the event
 
-    # The held requests come out: the row shows its answer, still not reloaded.
+    # The workers go on: the row shows its answer, still not reloaded.
     wait_for(lambda: states_shown(browser) == {"late.jpg": "done", "other.jpg": "done"}, 60,
              "the file queued again, classified")
     assert_classified(finished_rows(browser, stack, 2, 10), files, reference_model)
@@ -404,14 +386,14 @@ def test_a_finished_batch_shown_again_hears_a_file_sent_again_from_elsewhere(
     in it (known limits). Now the tab, hidden while that happens and then shown again,
     follows the batch again from its last event: the row shows the file queued again,
     then its answer. The tab is really hidden (another tab in front), and its stream is
-    opened only once it is shown again. Requests are held in the queue (requests_held)
-    so that the dead letter comes first, and the file sent again stays queued a while."""
+    opened only once it is shown again. Workers are held (workers_held) so that the dead
+    letter comes first, and the file sent again stays queued a while."""
     import requests
 
     from common.failure_tags import DEAD_LETTER_ERROR
 
     files = {"late.jpg": make_image(1470, size=(64, 48))}
-    with requests_held(stack, 20):
+    with workers_held(stack):
         browser.get(stack.web_url + "/")
         browser.execute_script("window.notReloaded = true;" + SEEN_STREAMS_AND_VISIBILITY)
         choose(browser, tmp_path, files)
@@ -430,13 +412,13 @@ def test_a_finished_batch_shown_again_hears_a_file_sent_again_from_elsewhere(
         assert answer.status_code == 202, answer.text
         browser.close()
         browser.switch_to.window(page_tab)  # shown again
-        wait_for(lambda: states_shown(browser) == {"late.jpg": "queued"}, 10,
+        wait_for(lambda: states_shown(browser) == {"late.jpg": "queued"}, 30,
                  "the dead letter shown queued again")
-    _, _, text = rows_shown(browser)[0]
-    assert "sent again" in text and DEAD_LETTER_ERROR not in text, text
-    seen = browser.execute_script("return window.seen")
-    assert seen[:3] == [f"/api/jobs/{batch_id}/events", "hidden", "visible"], seen
-    assert len(seen) == 4 and seen[3].startswith(f"/api/jobs/{batch_id}/events?after="), seen
+        _, _, text = rows_shown(browser)[0]
+        assert "sent again" in text and DEAD_LETTER_ERROR not in text, text
+        seen = browser.execute_script("return window.seen")
+        assert seen[:3] == [f"/api/jobs/{batch_id}/events", "hidden", "visible"], seen
+        assert len(seen) == 4 and seen[3].startswith(f"/api/jobs/{batch_id}/events?after="), seen
 
     wait_for(lambda: states_shown(browser) == {"late.jpg": "done"}, 60, "the file sent again, classified")
     assert_classified(finished_rows(browser, stack, 1, 10), files, reference_model)
@@ -463,7 +445,7 @@ def test_a_tab_kept_in_front_hears_a_failed_file_sent_again_from_elsewhere(
     wait_for(lambda: states_shown(browser) == {"fine.jpg": "done"}, 60, "the fine file classified")
     fine_id = browser.current_url.split("#batches=")[1].split(",")[-1]
     files = {"late.jpg": make_image(1481, size=(64, 48))}
-    with requests_held(stack, 20):
+    with workers_held(stack):
         choose(browser, tmp_path, files)
         wait_for(lambda: states_shown(browser).get("late.jpg") == "queued", 30, "the file stored")
         batch_id = browser.current_url.split("#batches=")[1].split(",")[-1]
@@ -475,10 +457,10 @@ def test_a_tab_kept_in_front_hears_a_failed_file_sent_again_from_elsewhere(
         browser.execute_script("document.body.dataset.catchUpMs = '300';")
         answer = requests.post(f"{stack.web_url}/api/jobs/{batch_id}/items/{late_id}/again", timeout=10)
         assert answer.status_code == 202, answer.text
-        wait_for(lambda: states_shown(browser).get("late.jpg") == "queued", 10,
+        wait_for(lambda: states_shown(browser).get("late.jpg") == "queued", 30,
                  "the dead letter shown queued again")
-    text = {name: text for name, _, text in rows_shown(browser)}["late.jpg"]
-    assert "sent again" in text and DEAD_LETTER_ERROR not in text, text
+        text = {name: text for name, _, text in rows_shown(browser)}["late.jpg"]
+        assert "sent again" in text and DEAD_LETTER_ERROR not in text, text
     wait_for(lambda: states_shown(browser) == {"fine.jpg": "done", "late.jpg": "done"}, 60,
              "the file sent again, classified")
     assert_classified(finished_rows(browser, stack, 2, 10), {**fine, **files}, reference_model)
