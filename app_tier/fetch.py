@@ -91,7 +91,11 @@ class Fetcher:
 
     def fetch(self) -> Batch:
         """Receive up to `receive_batch` requests and prepare their pixels."""
-        jobs = self.held.hold(self._receive(), self.lease_s)
+        received, foreign = self._receive()
+        jobs = self.held.hold(received, self.lease_s)
+        # Deleted once the requests beside them are held: botocore retrying a delete of
+        # SQS's for minutes would otherwise leave them unextended past their lease.
+        self._drop(foreign)
         if self._stopping.is_set():
             # Received as the stop came (a long poll outlives it): another worker's to
             # serve, at once, not after this one has read and decoded them for nobody.
@@ -99,9 +103,9 @@ class Fetcher:
             return Batch([])
         return self._prepare(jobs)
 
-    def _receive(self) -> list[Job]:
-        """One long poll's requests, as jobs with their attempts counted. A message
-        that is not a request is deleted."""
+    def _receive(self) -> tuple[list[Job], list[str]]:
+        """One long poll's requests, as jobs with their attempts counted, and the receipt
+        handles of the messages in it that are not requests (to be dropped)."""
         reply = self.aws.sqs_receive.receive_message(
             QueueUrl=self.aws.request_queue_url,
             MaxNumberOfMessages=self.settings.receive_batch,
@@ -114,17 +118,13 @@ class Fetcher:
         # received is downloaded and decoded. Untagged meanwhile, its instance would be taken
         # for one holding no work, and scaled in before idle ones.
         self._received.set()
-        jobs = []
+        jobs, foreign = [], []
         for msg in reply.get("Messages", []):
             try:
                 request = ClassifyRequest.from_json(msg["Body"])
             except MessageError as exc:
                 log.error("dropping a message that is not a request: %s", exc)
-                try:
-                    self.aws.sqs.delete_message(QueueUrl=self.aws.request_queue_url,
-                                                ReceiptHandle=msg["ReceiptHandle"])
-                except AWS_ERRORS as delete_error:  # it comes back, and is dropped again
-                    log.warning("could not delete it: %s", delete_error)
+                foreign.append(msg["ReceiptHandle"])
                 continue
             prior = prior_receives(msg)
             count = int(msg.get("Attributes", {}).get("ApproximateReceiveCount", 1)) + prior
@@ -138,7 +138,14 @@ class Fetcher:
                             self.settings.max_receive_count)
                 job.attempts_used_up = True
             jobs.append(job)
-        return jobs
+        return jobs, foreign
+
+    def _drop(self, receipts: list[str]) -> None:
+        for receipt in receipts:
+            try:
+                self.aws.sqs.delete_message(QueueUrl=self.aws.request_queue_url, ReceiptHandle=receipt)
+            except AWS_ERRORS as exc:  # it comes back, and is dropped again
+                log.warning("could not delete a message that is not a request: %s", exc)
 
     def _prepare(self, jobs: list[Job]) -> Batch:
         """The jobs held, their images downloaded and decoded; those that could not be

@@ -1729,6 +1729,29 @@ def test_a_message_that_is_not_a_request_is_dropped_and_its_batch_mates_served(a
     assert depth(aws, aws.request_queue_url) == (0, 0)  # the foreign ones deleted, not stranded
 
 
+def test_the_requests_received_beside_a_foreign_message_are_held_before_it_is_deleted(aws_env, monkeypatch):
+    """Until held, a request's lease is not extended (nor journalled): a delete of the
+    foreign message that botocore retries for minutes, made first, let its batch-mates'
+    leases run out, for another worker to classify them too."""
+    settings, aws = aws_env
+    upload(settings, aws, "a.jpg", make_image(2, size=(64, 64)), "a")
+    aws.sqs.send_message(QueueUrl=aws.request_queue_url, MessageBody="not json")
+    worker = Worker(settings, aws, MeanClassifier(), "i-foreign-late")
+    held_at_delete = []
+    delete_message = aws.sqs.delete_message
+
+    def delete_noting_what_is_held(**kwargs):
+        held_at_delete.append(len(worker.held))
+        return delete_message(**kwargs)
+
+    monkeypatch.setattr(aws.sqs, "delete_message", delete_noting_what_is_held)
+    batch = worker.fetch()
+    assert [j.request.id for j in batch.jobs] == ["a"]
+    assert held_at_delete == [1]
+    worker.process(batch)
+    assert depth(aws, aws.request_queue_url) == (0, 0)
+
+
 def reads_of(aws: Aws, monkeypatch) -> list[tuple[str, str]]:
     """The (bucket, key) of each object the worker reads whole from now on."""
     read = []
