@@ -167,7 +167,6 @@ class OpenVinoResNet50(Classifier):
             self._compiled.append(many)
             self._many = ov.AsyncInferQueue(many, streams)
             self._many.set_callback(self._collect)
-            self._results: dict[int, np.ndarray] = {}
         # A compiled model's first inference allocates its buffers (measured: a first
         # image in ~100 ms, then ~34 ms): pay that here, for both, and not on the first
         # request a newly launched instance serves.
@@ -189,11 +188,17 @@ class OpenVinoResNet50(Classifier):
             return self._one(batch)[0]
         if self._many is None:
             return self._batch(batch)[0]
-        self._results = {}
-        for index in range(len(batch)):
-            self._many.start_async(batch[index:index + 1], index)
-        self._many.wait_all()
-        return np.concatenate([self._results[index] for index in range(len(batch))])
+        # Each call's own results, and none of its requests left running after it (a
+        # start_async failing midway): a late one must not write into the next call's.
+        results: dict[int, np.ndarray] = {}
+        try:
+            for index in range(len(batch)):
+                self._many.start_async(batch[index:index + 1], (results, index))
+        finally:
+            self._many.wait_all()
+        return np.concatenate([results[index] for index in range(len(batch))])
 
-    def _collect(self, request: InferRequest, index: int) -> None:
-        self._results[index] = request.get_output_tensor(0).data.copy()
+    @staticmethod
+    def _collect(request: InferRequest, userdata: tuple[dict[int, np.ndarray], int]) -> None:
+        results, index = userdata
+        results[index] = request.get_output_tensor(0).data.copy()

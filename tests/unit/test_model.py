@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import boto3
 import numpy as np
@@ -216,6 +217,40 @@ def test_openvino_batch_rows_are_the_images_own_results(batch, ir_cache, monkeyp
     alone = np.concatenate([model.probabilities(batch[i:i + 1]) for i in range(len(batch))])
     assert np.abs(together - alone).max() < 1e-5
     assert np.abs(model.probabilities(batch[::-1]) - together[::-1]).max() < 1e-5
+
+
+def test_openvino_a_batch_that_fails_midway_leaves_no_request_to_write_into_the_next(ir_cache, monkeypatch):
+    """A batch runs as one async request an image. One failing to start midway left the
+    others running, and a late one wrote its image's row into the next batch's results."""
+    monkeypatch.setenv("IMGCLASS_CACHE", str(ir_cache))
+    model = load_classifier("random", "openvino", threads=2)
+
+    class Queue:
+        """An AsyncInferQueue whose second request fails to start, and whose requests
+        finish in wait_all, the last started first. Each image's "probabilities" are
+        its first pixel's value."""
+
+        def __init__(self) -> None:
+            self.started = 0
+            self.running: list[tuple[np.ndarray, object]] = []
+
+        def start_async(self, inputs: np.ndarray, userdata: object) -> None:
+            self.started += 1
+            if self.started == 2:
+                raise RuntimeError("could not start the request")
+            self.running.append((inputs, userdata))
+
+        def wait_all(self) -> None:
+            while self.running:
+                inputs, userdata = self.running.pop()
+                output = SimpleNamespace(data=np.full((1, 3), inputs.flat[0], dtype=np.float32))
+                model._collect(SimpleNamespace(get_output_tensor=lambda _, out=output: out), userdata)
+
+    monkeypatch.setattr(model, "_many", Queue())
+    with pytest.raises(RuntimeError, match="could not start"):
+        model.probabilities(np.full((2, 224, 224, 3), 7, dtype=np.float32))
+    batch = np.stack([np.full((224, 224, 3), value, dtype=np.float32) for value in (1, 2)])
+    assert model.probabilities(batch)[:, 0].tolist() == [1, 2]
 
 
 def test_openvino_ir_is_converted_once_and_reused(tmp_path, monkeypatch):
