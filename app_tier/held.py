@@ -158,6 +158,8 @@ class HeldMessages:
                     fresh.append(job)
                 else:
                     held.job.receipt = job.receipt
+                    # SQS counted this receive: a release or hand-back must count it too.
+                    held.job.receive_count = max(held.job.receive_count, job.receive_count)
                 held.job.hidden_until = hidden_until
             self._record()
         return fresh

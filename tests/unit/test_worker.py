@@ -2296,6 +2296,7 @@ def test_a_message_received_again_while_in_hand_is_worked_on_once(aws_env):
     first = worker.fetch()
     crash(aws, first)  # visible again, as after failed extensions
     assert worker.fetch().jobs == []  # received again: the job in hand takes its receipt
+    assert first.jobs[0].receive_count == 2  # and its count, as SQS's
     worker.process(first)
     assert list(responses(aws)) == ["a"] and depth(aws, aws.request_queue_url) == (0, 0)
     assert not len(worker.held)
