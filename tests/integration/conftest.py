@@ -23,6 +23,9 @@ STOP_GRACE_S = STOP_TIMEOUT_S + 30
 
 
 def pytest_collection_modifyitems(items):
+    # The tests on the session's stack last: it runs until the session ends, and a module
+    # starting a stack of its own after it would run two at once (one at a time: 2 cores).
+    items.sort(key=lambda item: "integration" in str(item.fspath) and "stack" in item.fixturenames)
     for item in items:
         if "integration" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
