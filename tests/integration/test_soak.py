@@ -30,7 +30,8 @@ from tests.integration.conftest import (
     wait_for,
 )
 
-pytestmark = pytest.mark.soak
+# Past its own deadlines (600 s for the answers, then the checks'), to print what is stuck.
+pytestmark = [pytest.mark.soak, pytest.mark.timeout(1500)]
 
 IMAGES = 1000
 # With 4 workers, each lives ~16 s between kills, and holds up to 20 messages
@@ -201,7 +202,8 @@ def test_thousand_images_with_workers_killed_at_random(soak_stack, reference_mod
 
     assert len(kills) >= 5, "the chaos thread must actually have killed workers"
     assert len(hung) == 1, "the chaos thread must have stopped a worker"
-    assert any(f"(pid {hung[0].pid}) has not pinged its watchdog" in line for line in stack.output)
+    wait_for(lambda: any(f"(pid {hung[0].pid}) has not pinged its watchdog" in line
+                         for line in list(stack.output)), 60, "the runner to see the hung worker")
     # SIGABRT waits in a stopped process; the runner's SIGKILL follows after its grace,
     # which a fast run's last answer may come before.
     wait_for(lambda: not hung[0].is_running() or hung[0].status() == "zombie", 90,

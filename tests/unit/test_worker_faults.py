@@ -757,6 +757,7 @@ def seeds() -> list[int]:
 
 # Pillow warns past its own limit on some "huge" images; the service refuses them all the same.
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.timeout(max(900, 60 * EPISODES))  # FAULT_EPISODES=450 took 21 minutes
 def test_random_faults_lose_nothing_and_cross_nothing(fault_env, caplog):
     base, tmp_path = fault_env
     caplog.set_level("CRITICAL")  # the workers log every injected failure
