@@ -442,13 +442,13 @@ def test_a_client_that_trickles_its_request_has_its_connection_closed(stack, tmp
     cut meanwhile; its requests share the time for headers."""
     with second_web_tier(stack, tmp_path, "trickler", WEB_RECEIVE_TIMEOUT="3") as (url, _web):
         port = int(url.rsplit(":", 1)[1])
-        # Kept alive: two requests whose headers take 1 s each, with 3.5 s between
-        # them, idle (gunicorn keeps a connection alive 5 s), are served; a third whose
+        # Kept alive: two requests whose headers take 1 s each, with 2 s between them,
+        # idle (gunicorn keeps a connection alive 5 s), are served; a third whose
         # headers take 2 s, 4 s in all on the connection, is cut.
         keeper = socket.create_connection(("127.0.0.1", port), timeout=60)
         asked = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
         assert _trickled_request(keeper, asked, pieces=3, gap_s=0.5) == 200
-        time.sleep(3.5)
+        time.sleep(2)  # 1 + 2 + 1 s, past WEB_RECEIVE_TIMEOUT if idle time counted
         assert _trickled_request(keeper, asked, pieces=3, gap_s=0.5) == 200
         assert _trickled_request(keeper, asked, pieces=5, gap_s=0.5) is None
         keeper.close()

@@ -23,7 +23,7 @@ import pytest
 from common.aws import Aws
 from common.config import Settings, local_run_overrides
 from controller.lock import EXIT_ANOTHER_CONTROLLER
-from localaws.harness import free_port
+from localaws.harness import free_port, free_ports
 from localaws.kill import group_alive
 from localaws.lifeline import Lifeline
 from localaws.server import PortInUse
@@ -472,11 +472,13 @@ def test_a_port_already_in_use_stops_the_stack_before_it_starts_anything(tmp_pat
 def test_a_second_stack_from_a_run_folder_in_use_stops_before_it_touches_anything(tmp_path):
     """It would move the first one's logs aside (or delete them, were it still starting),
     and its web tier would queue the first one's journaled uploads into its own AWS."""
-    first = Stack(Settings(local_aws_port=free_port(), web_port=free_port()), tmp_path, warm_spares=0)
+    aws_port, web_port = free_ports(2)
+    first = Stack(Settings(local_aws_port=aws_port, web_port=web_port), tmp_path, warm_spares=0)
     first.lock_run_dir()
     first.open_logs()
     (first.logs / "moto.log").write_text("the first stack's")
-    second = Stack(Settings(local_aws_port=free_port(), web_port=free_port()), tmp_path, warm_spares=0)
+    aws_port, web_port = free_ports(2)
+    second = Stack(Settings(local_aws_port=aws_port, web_port=web_port), tmp_path, warm_spares=0)
     with pytest.raises(RunDirInUse, match=f"process {os.getpid()}.*--run-dir {tmp_path.resolve()}-2"):
         second.start()
     assert second.children == []
@@ -625,7 +627,7 @@ def test_a_model_that_cannot_load_stops_make_run_with_what_to_do_not_a_traceback
 
     say = "print('Do one of these: set MODEL_WEIGHTS=random'); raise SystemExit(3)"
     monkeypatch.setattr(stack_module, "PREPARE_MODEL", [sys.executable, "-c", say])
-    for name, port in (("LOCAL_AWS_PORT", free_port()), ("WEB_PORT", free_port())):
+    for name, port in zip(("LOCAL_AWS_PORT", "WEB_PORT"), free_ports(2), strict=True):
         monkeypatch.setenv(name, str(port))
     monkeypatch.setenv("APP_PREFIX", "nomodel")
     monkeypatch.setattr(stack_module, "configure_logging", lambda *args: None)  # caplog's handler
@@ -646,7 +648,7 @@ def test_make_run_leaves_its_own_environment_as_it_found_it(tmp_path, monkeypatc
     from tests.conftest import without_credentials
 
     monkeypatch.setattr(stack_module, "PREPARE_MODEL", [sys.executable, "-c", "raise SystemExit(3)"])
-    for name, port in (("LOCAL_AWS_PORT", free_port()), ("WEB_PORT", free_port())):
+    for name, port in zip(("LOCAL_AWS_PORT", "WEB_PORT"), free_ports(2), strict=True):
         monkeypatch.setenv(name, str(port))
     monkeypatch.setenv("APP_PREFIX", "ownenv")
     monkeypatch.delenv("MODEL_WEIGHTS", raising=False)
