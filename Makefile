@@ -51,7 +51,7 @@ runtime-venv:
 
 ## Run the whole system on the embedded AWS; the page is at http://127.0.0.1:8000
 run: $(STAMP)
-	$(PY) -m localaws.stack
+	$(PY) -m localaws.stack $(RUN_ARGS)
 
 ## The whole test suite (what CI runs): ruff, the tests in two processes, then the soak
 ## test alone (beside other tests its killed workers' batches would run out of attempts)

@@ -29,8 +29,11 @@ def test_make_run_serves_and_ctrl_c_stops_everything(tmp_path):
     env = dict(os.environ, WEB_PORT=str(web), LOCAL_AWS_PORT=str(aws), APP_PREFIX="makerun",
                MODEL_WEIGHTS="random", TMPDIR=str(tmp_path), XDG_STATE_HOME=str(tmp_path / "state"))
     env.pop("AWS_ENDPOINT_URL", None)
-    make = subprocess.Popen(["make", "-s", "run"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # A run folder of its own: a developer's `make run` may hold the checkout's .run.
+    run_dir = tmp_path / "run"
+    make = subprocess.Popen(["make", "-s", "run", f"RUN_ARGS=--run-dir {run_dir}"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
         deadline = time.monotonic() + 180
         ready = ""
@@ -42,7 +45,7 @@ def test_make_run_serves_and_ctrl_c_stops_everything(tmp_path):
         assert ready.startswith(f"READY web=http://127.0.0.1:{web} aws=http://127.0.0.1:{aws}"), ready
         assert "UNTRAINED" in ready
         # Ready: its logs become logs.previous at the next run, not replaced as a failed start's.
-        assert not (ROOT / ".run" / "logs" / STARTING_MARK).exists()
+        assert (run_dir / "logs").is_dir() and not (run_dir / "logs" / STARTING_MARK).exists()
         page = requests.get(f"http://127.0.0.1:{web}/", timeout=10)
         assert page.status_code == 200 and 'type="file"' in page.text
         everything = psutil.Process(make.pid).children(recursive=True)
