@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import signal
 import threading
 import time
@@ -195,6 +196,14 @@ def serving_workers_once_some_hold_messages(stack: StackProcess) -> list[psutil.
         return serving if held and serving else None
 
     return wait_for(held_and_serving, 60, "workers holding messages", interval=0.02)
+
+
+def requests_shown_again(stack: StackProcess) -> int:
+    """How many requests killed workers held have been made visible again (or handed
+    back) so far: by their successors (the workers' logs), or by the runner (the stack's)."""
+    logged = "".join(p.read_text() for p in (stack.run_dir / "logs").glob("worker-*.log"))
+    logged += "".join(list(stack.output))
+    return sum(int(n) for n in re.findall(r"made (\d+) request\(s\) visible again", logged))
 
 
 def live_instances(ec2) -> list[dict]:

@@ -15,6 +15,7 @@ from tests.integration.conftest import (
     processes,
     reference,
     references,
+    requests_shown_again,
     serving_workers_once_some_hold_messages,
     wait_for,
     workers_held,
@@ -124,6 +125,7 @@ def test_worker_killed_mid_batch_its_images_are_answered_by_another(stack, refer
                           files=[("files", (n, d)) for n, d in images.items()])
     batch_id = reply.json()["batch_id"]
 
+    shown_before = requests_shown_again(stack)
     for victim in serving_workers_once_some_hold_messages(stack):
         victim.kill()  # SIGKILL mid-batch: no warm shutdown, no hand-back
 
@@ -134,6 +136,8 @@ def test_worker_killed_mid_batch_its_images_are_answered_by_another(stack, refer
 
     # Redelivered after the 12 s visibility timeout, not stranded: the deadline is a hang guard.
     items = wait_for(finished, 90, "the batch to be answered after its worker died", interval=0.5)
+    # Killed holding some (else nothing here was redelivered), which came back at once.
+    wait_for(lambda: requests_shown_again(stack) > shown_before, 30, "what the killed workers held shown")
     refs = references(reference_model, images)
     for name in images:
         assert items[name]["state"] == "done", items[name]
