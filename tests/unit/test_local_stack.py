@@ -829,9 +829,10 @@ def test_the_embedded_aws_stops_once_the_last_holder_of_its_lifeline_is_gone():
     lifeline = Lifeline()
     root = str(Path(__file__).resolve().parents[2])
     server = subprocess.Popen(_lifeline_server(lifeline.server_fd, 60), pass_fds=(lifeline.server_fd,),
-                              cwd=root)
+                              cwd=root, stdout=subprocess.PIPE, text=True)
     holder = subprocess.Popen(["sleep", "60"], pass_fds=(lifeline.holder_fd,))
     try:
+        assert server.stdout.readline() == "watching\n"  # else the wait below proves nothing
         lifeline.close()  # the stack gone: the holder keeps the server
         with pytest.raises(subprocess.TimeoutExpired):
             server.wait(timeout=1.0)
@@ -842,6 +843,7 @@ def test_the_embedded_aws_stops_once_the_last_holder_of_its_lifeline_is_gone():
         for process in (server, holder):
             process.kill()
             process.wait()
+        server.stdout.close()
 
 
 def test_the_embedded_aws_does_not_wait_for_ever_on_a_holder_that_never_ends(tmp_path):

@@ -316,13 +316,15 @@ def test_a_stopping_web_tier_leaves_the_answers_to_the_process_that_serves(make_
     assert services_of(old).book.get("a" * 32) is None
 
 
-def test_a_dead_letter_that_names_no_object_is_dropped_not_retried_for_ever(web_app, web_aws):
+def test_a_dead_letter_that_names_no_object_is_dropped_not_retried_for_ever(web_app, web_aws, caplog):
     """A hand-made request with an empty key: S3's client refuses it before sending, and
     the web tier must not log a traceback every 30 s while it stays queued."""
     body = {"id": "x5", "bucket": web_aws.settings.input_bucket, "key": "", "filename": "", "sent_at": 0}
     web_aws.sqs.send_message(QueueUrl=web_aws.dead_letter_queue_url, MessageBody=json.dumps(body))
     web_app.test_client()  # the listeners run from here on
     wait_until(lambda: dead_letters_left(web_aws) == 0)
+    assert "dropping malformed dead letter" in caplog.text
+    assert not [r for r in caplog.records if r.exc_info], "a traceback logged"
 
 
 def test_a_dead_letters_failure_gives_way_to_another_copy_answered_after_it(web_app, web_aws):
