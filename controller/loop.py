@@ -398,8 +398,12 @@ class Controller:
         backoff = 0.0
         self.log_settings()
         # Run by systemd with WatchdogSec= (or by make run): started now, and alive for as
-        # long as its rounds end. One that hangs (a deadlock, a call that never returns)
-        # stops pinging and is restarted; a new controller adopts the fleet.
+        # long as its rounds make progress: it pings at each round and at each AWS request
+        # (each attempt is bounded by botocore's timeouts, where a round of calls retried
+        # for minutes each is slow, not hung). One that hangs (a deadlock, a name lookup
+        # that never returns) stops pinging and is restarted; a new one adopts the fleet.
+        for client in (self.aws.sqs, self.aws.ec2):
+            client.meta.events.register("request-created", self._ping_on_request)
         systemd.notify("READY=1")
         due = time.monotonic()  # when this round was meant to begin
         while not self.stopping.is_set():
@@ -460,6 +464,9 @@ class Controller:
     def _ping_watchdog(self) -> None:
         if systemd.watchdog_interval_s() is not None:
             systemd.notify("WATCHDOG=1")
+
+    def _ping_on_request(self, **_event: object) -> None:
+        self._ping_watchdog()
 
     def install_signal_handlers(self) -> None:
         on_signals(lambda _signum: self.stopping.set())

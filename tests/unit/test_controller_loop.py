@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -1780,6 +1781,35 @@ def test_the_controller_pings_its_watchdog_through_its_rounds_and_waits(aws, pat
         finally:
             stop(controller, thread)
     assert heard[0] == b"READY=1" and set(heard[1:]) == {b"WATCHDOG=1"}
+
+
+def test_the_controller_pings_its_watchdog_at_each_aws_request_of_a_round(aws, patch, tmp_path):
+    """A round's calls, each retried by botocore for minutes at worst, could together
+    outlast WatchdogSec with no ping: a controller slow for AWS's sake taken for a hung
+    one and restarted, forgetting the launches EC2 does not list yet."""
+    import socket
+
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(path))
+        patch.setenv("NOTIFY_SOCKET", str(path))
+        patch.setenv("WATCHDOG_USEC", str(600 * 10**6))  # no ping from the wait for 300 s
+        patch.delenv("WATCHDOG_PID", raising=False)
+        controller = Controller(dataclasses.replace(aws.settings, poll_interval_s=60.0), aws)
+        thread = start(controller)
+        try:
+            heard = []
+            listener.settimeout(5)
+            heard.append(listener.recv(64))
+            listener.settimeout(2)  # the round's pings, then the wait's silence
+            with suppress(TimeoutError):
+                while True:
+                    heard.append(listener.recv(64))
+        finally:
+            stop(controller, thread)
+    assert heard[0] == b"READY=1" and set(heard[1:]) == {b"WATCHDOG=1"}
+    # One as the round began, and one for each of its requests: the queue's depth and the fleet.
+    assert len(heard[1:]) >= 3, heard
 
 
 def test_once_exits_1_when_a_launch_fails(aws, patch, monkeypatch, capsys, tmp_path, caplog):
