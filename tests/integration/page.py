@@ -321,10 +321,10 @@ def waiting_batch(stack, seed: int) -> Iterator[str]:
 
 def page_settings(browser, **settings: str) -> None:
     """The page settings `settings` (settings.js, `<body data-*>`, camelCased) on every
-    page this tab loads from now on, set before the page's scripts run: a timer the page
-    starts as it loads (the status line's, a restored batch's polls) then waits the
-    value set, not the default, from its first wait. Set after the load, by
-    document.body.dataset, it would take only from the wait after the next."""
+    page this tab loads from now on (not in a tab it opens), set before the page's
+    scripts run: a timer the page starts as it loads (the status line's, a restored
+    batch's polls) waits the value set from its first wait. Set by document.body.dataset
+    after the load, it would first wait out the default once."""
     sets = "".join(f"document.body.dataset.{name} = {json.dumps(str(value))};"
                    for name, value in settings.items())
     # The document parsed: its module scripts run after this (HTML's "the end").
