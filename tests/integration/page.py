@@ -5,6 +5,7 @@ page sends and reads. Not named test_*: pytest does not collect it."""
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -316,6 +317,21 @@ def waiting_batch(stack, seed: int) -> Iterator[str]:
         yield batch_id
     finally:
         s3.delete_object(Bucket=stack.settings().input_bucket, Key=key)
+
+
+def page_settings(browser, **settings: str) -> None:
+    """The page settings `settings` (settings.js, `<body data-*>`, camelCased) on every
+    page this tab loads from now on (not in a tab it opens), set before the page's
+    scripts run: a timer the page starts as it loads (the status line's, a restored
+    batch's polls) waits the value set from its first wait. Set by document.body.dataset
+    after the load, it would first wait out the default once."""
+    sets = "".join(f"document.body.dataset.{name} = {json.dumps(str(value))};"
+                   for name, value in settings.items())
+    # The document parsed: its module scripts run after this (HTML's "the end").
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": f"""
+      document.addEventListener("readystatechange", () => {{
+        if (document.readyState === "interactive") {{ {sets} }}
+      }});"""})
 
 
 def show_restored(browser, stack, batch_id: str) -> None:

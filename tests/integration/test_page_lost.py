@@ -21,6 +21,7 @@ from tests.integration.page import (
     choose,
     finished_rows,
     forget_on_the_server,
+    page_settings,
     record_announcements,
     rows_shown,
     said_lost,
@@ -36,7 +37,7 @@ pytestmark = NEEDS_CHROMIUM
 
 # What the page reads of the server, counted: window.batchReads (GET /api/jobs/<id>),
 # window.streamsOpened (its event streams) and window.statusReads (GET /api/status,
-# asked every 2 s whatever else the page does: a clock that needs no sleep).
+# asked every statusEveryMs whatever else the page does: a clock that needs no sleep).
 COUNT_READS = r"""
   window.batchReads = 0; window.streamsOpened = 0; window.statusReads = 0;
   const countedFetch = window.fetch;
@@ -51,9 +52,14 @@ COUNT_READS = r"""
   };"""
 
 
+# The page's timers for assert_no_longer_read, short (2 s each by default): the status
+# line asked three times takes 0.6 s at least, three times what a poll waits.
+SHORT_READS = {"pollEveryMs": "200", "statusEveryMs": "300"}
+
+
 def assert_no_longer_read(browser) -> None:
     """The page asks nothing more of its lost batch: no poll, no event stream, while it
-    asks for the status line three times (6 s, where it polled every 2 s)."""
+    asks for the status line three times (SHORT_READS: long enough for three polls)."""
     def reads() -> int:
         return browser.execute_script("return window.batchReads + window.streamsOpened")
 
@@ -80,6 +86,7 @@ def test_a_batch_the_server_lost_is_said_so_and_its_queued_files_offered_again(
     files = {f"lost_{i}.jpg": make_image(1500 + i, size=(64, 48)) for i in range(3)}
     other = "0" * 32  # another batch's notice, which stays
     other_notice = f"batch {other} could not be loaded (unknown here, or expired)"
+    page_settings(browser, **SHORT_READS)
     browser.get(f"{stack.web_url}/#batches={other}")
     line = browser.find_element(By.ID, "summary")
     wait_for(lambda: line.text == other_notice, 30, "the other batch's notice")
@@ -161,6 +168,7 @@ def test_a_lost_batch_opened_from_its_link_keeps_its_result_and_says_to_choose_t
     wait_for(lambda: [i["state"] for i in server_items(stack, batch_id)] == ["done"], 60, "kept.jpg done")
     with workers_held(stack):
         send("queued.jpg", queued)
+        page_settings(browser, **SHORT_READS)
         browser.get(f"{stack.web_url}/#batches={batch_id}")
         wait_for(lambda: states_shown(browser) == {"kept.jpg": "done", "queued.jpg": "queued"}, 30,
                  "the batch shown")

@@ -23,6 +23,7 @@ from tests.integration.page import (
     choose_folder,
     drop_files,
     finished_rows,
+    page_settings,
     polls_answered_as,
     record_announcements,
     rows_shown,
@@ -343,6 +344,7 @@ def test_the_status_line_says_when_its_figures_are_old(stack, browser):
     figures as if they were current."""
     from selenium.webdriver.common.by import By
 
+    page_settings(browser, statusEveryMs="200")  # the line's next figures soon
     browser.get(stack.web_url + "/")
     browser.execute_script("""
       const realFetch = window.fetch;
@@ -364,6 +366,7 @@ def test_the_status_line_says_how_many_running_instances_serve(stack, browser):
     differ."""
     from selenium.webdriver.common.by import By
 
+    page_settings(browser, statusEveryMs="200")  # the line's next figures soon
     browser.get(stack.web_url + "/")
     browser.execute_script("""
       const realFetch = window.fetch;
@@ -397,14 +400,16 @@ def test_the_status_line_says_how_many_running_instances_serve(stack, browser):
 
 def test_the_status_line_says_when_the_server_stops_answering_and_asks_once_at_a_time(stack, browser):
     """A hung server never answers: the line must not keep its old figures as if current,
-    nor a request every 2 s pile up behind the first."""
+    nor a request every 2 s pile up behind the first. Here every 0.2 s, the hung one
+    given up on after 1 s: asked so, five would be waiting at once."""
     from selenium.webdriver.common.by import By
 
+    page_settings(browser, statusEveryMs="200")
     browser.get(stack.web_url + "/")
     line = browser.find_element(By.ID, "status-line")
     wait_for(lambda: line.text.startswith("queue: "), 10, "the first figures")
     browser.execute_script("""
-      document.body.dataset.statusTimeoutMs = "3000";
+      document.body.dataset.statusTimeoutMs = "1000";
       const realFetch = window.fetch;
       window.statusAsked = 0; window.statusAtOnce = 0; window.mostStatusAtOnce = 0;
       window.fetch = async (url, options) => {
@@ -497,10 +502,12 @@ def test_failed_rows_can_be_shown_alone_and_the_results_downloaded_as_csv(stack,
 def test_screen_readers_hear_a_count_that_does_not_change_less_and_less_often(stack, browser, tmp_path):
     """A stalled run must not say "0 of 500 classified" every 15 s for ever: the same
     count is said again after 1, 2, 4 periods, then every 8; a new count starts again at
-    one. The files' waiting is faked in the page's polls; a period is 0.5 s here."""
+    one. The files' waiting is faked in the page's polls; here a period is 0.2 s, and
+    the page polls as often."""
+    page_settings(browser, pollEveryMs="200")
     browser.get(stack.web_url + "/")
     browser.execute_script(r"""
-      document.body.dataset.announceEveryMs = '500';
+      document.body.dataset.announceEveryMs = '200';
       window.released = [];""" + polls_answered_as("""
         if (!window.released.includes(item.filename)) {
           Object.assign(item, { state: "queued", label: null, top5: [] });
@@ -521,13 +528,13 @@ def test_screen_readers_hear_a_count_that_does_not_change_less_and_less_often(st
     # periods. Less the moment between saying it and setting the timer, hence the lower
     # bound: more than half, which is what one doubling fewer would ask.
     asked = repeats_asked(browser, waiting[:5])
-    for got, expected in zip(asked, [500, 1000, 2000, 4000, 4000], strict=True):
+    for got, expected in zip(asked, [200, 400, 800, 1600, 1600], strict=True):
         assert expected / 2 < got <= expected, asked
     browser.execute_script("window.released.push('stalled_0.jpg');")
     changed = wait_for(lambda: len(times_said("1 of 2 classified")) >= 2 and times_said("1 of 2 classified"),
                        30, "the new count, said twice")
     asked = repeats_asked(browser, changed[:1])
-    assert 250 < asked[0] <= 500, asked  # one period again (0.5 s), not eight (4 s)
+    assert 100 < asked[0] <= 200, asked  # one period again (0.2 s), not eight (1.6 s)
 
 
 def test_the_page_has_headings_and_a_result_says_what_each_figure_is(stack, browser, tmp_path):

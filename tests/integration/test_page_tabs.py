@@ -23,6 +23,7 @@ from tests.integration.page import (
     choose,
     finished_rows,
     forget_on_the_server,
+    page_settings,
     rows_shown,
     said_lost,
     server_items,
@@ -132,10 +133,10 @@ def test_an_unknown_batch_in_the_address_is_said_and_dropped(stack, browser):
     assert said == "a batch in the address could not be loaded (unknown here, or expired)"
 
 
-# From the next poll on, each answers 3 s late ("slow") or only when given up on ("hang",
-# the first one only); window.mostPollsAtOnce counts the polls waiting at once.
+# From the next poll on, each answers arguments[1] ms late ("slow") or only when given up
+# on ("hang", the first one only); window.mostPollsAtOnce counts the polls waiting at once.
 WATCH_POLLS = """
-const how = arguments[0];
+const [how, lateMs] = arguments;
 const realFetch = window.fetch;
 window.polls = 0; window.pollsAtOnce = 0; window.mostPollsAtOnce = 0;
 window.fetch = async (url, options) => {
@@ -147,7 +148,7 @@ window.fetch = async (url, options) => {
       await new Promise((resolve, reject) => options.signal && options.signal.addEventListener(
         "abort", () => reject(new DOMException("The operation was aborted.", "AbortError"))));
     }
-    if (how === "slow") await new Promise((resolve) => setTimeout(resolve, 3000));
+    if (how === "slow") await new Promise((resolve) => setTimeout(resolve, lateMs));
     return await realFetch(url, options);
   } finally { window.pollsAtOnce -= 1; }
 };
@@ -156,16 +157,19 @@ window.fetch = async (url, options) => {
 
 def test_a_slow_batch_is_polled_once_at_a_time(stack, browser):
     """Asking again every 2 s, answered or not, a page polling a large batch rebuilt
-    from S3 after a restart would pile up requests, each a whole rebuild."""
+    from S3 after a restart would pile up requests, each a whole rebuild. Here every
+    0.2 s, each poll answered 1 s late: asked so, five would be waiting at once."""
     with waiting_batch(stack, 961) as batch_id:
+        page_settings(browser, pollEveryMs="200")
         show_restored(browser, stack, batch_id)
-        browser.execute_script(WATCH_POLLS, "slow")
+        browser.execute_script(WATCH_POLLS, "slow", 1000)
         wait_for(lambda: browser.execute_script("return window.polls") >= 3, 30, "three polls")
         assert browser.execute_script("return window.mostPollsAtOnce") == 1
 
 
 def test_a_poll_that_never_answers_is_given_up_on_and_asked_again(stack, browser):
     with waiting_batch(stack, 962) as batch_id:
+        page_settings(browser, pollEveryMs="200")
         show_restored(browser, stack, batch_id)
         browser.execute_script("document.body.dataset.pollTimeoutMs = '1000';")
         browser.execute_script(WATCH_POLLS, "hang")

@@ -19,7 +19,6 @@ import { PARALLEL_CHUNKS, RESEND_DELAYS_MS, resendDelayMs, setting, tooLargeText
 import { page } from "./state.js";
 import { ASK_WAIT_MS, SILENT_ASKS, tell } from "./tabs.js";
 
-const POLL_MS = 2000;        // fallback polling when EventSource fails
 const SSE_GIVE_UP = 3;       // consecutive stream errors before polling instead
 // Event streams open at once; other batches are polled. Each holds one of the
 // browser's six connections to the server until its batch is done: one per upload
@@ -841,7 +840,7 @@ export class Session {
       this.confirmTimer = setTimeout(() => {
         this.confirmTimer = null;
         this.refresh();
-      }, POLL_MS);
+      }, setting("pollEveryMs"));
     }
     if (!gone.length) return;
     // Failed in place by a worker (a dead letter), such a file can no longer be queued
@@ -998,7 +997,7 @@ export class Session {
 
   poll() {
     if (this.pollTimer || (this.lost && !this.otherTabSends)) return;  // given up (see lose)
-    // The next poll POLL_MS after this one answers, not every POLL_MS: a batch
+    // The next poll pollEveryMs after this one answers, not every pollEveryMs: a batch
     // rebuilt from S3 after a restart can take many seconds to answer.
     const tick = async () => {
       const mine = this.pollTimer;
@@ -1023,7 +1022,7 @@ export class Session {
       if (watchOver && !this.otherTabSends && this.entries.some(waiting)) this.showPending();
       const growing = Date.now() < this.grewAt + setting("followIdleMs");
       const watching = this.uploading || this.unfinished() || this.otherTabSends || watched || growing;
-      this.pollTimer = watching ? setTimeout(tick, POLL_MS) : null;
+      this.pollTimer = watching ? setTimeout(tick, setting("pollEveryMs")) : null;
       if (!watching && this.restored && this.unknown) {
         // Still no such batch once the watch is over: nothing of it will come now, and
         // each reload would show its files "not stored" again, for good. Their rows stay

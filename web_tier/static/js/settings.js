@@ -49,6 +49,12 @@ const FROM_BODY = {
   catchUpMs: 60000,
   // How often the count is said to screen readers while it changes (announce.js).
   announceEveryMs: 15000,
+  // How often a batch not followed by its event stream is polled, counted from the last
+  // poll's answer (session.js), and a second read asked for to confirm files left out of
+  // one (loseUnlisted).
+  pollEveryMs: 2000,
+  // How often the status line asks GET /api/status (status.js).
+  statusEveryMs: 2000,
   // Beyond the 10 s a web tier's first read of AWS may take.
   statusTimeoutMs: 12000,
 };

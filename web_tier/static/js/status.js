@@ -1,10 +1,8 @@
 // The status line at the top: the queue, the instances and this web tier's counts,
-// from GET /api/status every STATUS_MS.
+// from GET /api/status every statusEveryMs (settings.js).
 import { $, banner, keyBox } from "./dom.js";
 import { timeoutSignal } from "./http.js";
 import { setting } from "./settings.js";
-
-const STATUS_MS = 2000;
 
 // A hung server (stopped, restarting) never answers: the line keeps its old figures
 // as if current, and a new request every 2 s would pile up behind the first.
@@ -67,7 +65,12 @@ function startingWorkers(s) {
   return live && s.workers_serving === 0 ? "workers are starting: queued images wait for the first" : "";
 }
 
+// Asked at once, then every statusEveryMs, whether the last asked has answered or not
+// (refreshStatus asks once at a time). The period read at each ask: a test may change it.
 export function startStatus() {
-  refreshStatus();
-  setInterval(refreshStatus, STATUS_MS);
+  const tick = () => {
+    refreshStatus();
+    setTimeout(tick, setting("statusEveryMs"));
+  };
+  tick();
 }
