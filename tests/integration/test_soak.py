@@ -200,7 +200,8 @@ def test_thousand_images_with_workers_killed_at_random(soak_stack, reference_mod
     for kind, samples in sorted(memory.items()):
         print(f" {'peak RSS ' + kind + ', MB':40} {max(r for _, r in samples) / 2**20:>8.0f}")
 
-    assert len(kills) >= 5, "the chaos thread must actually have killed workers"
+    # A few: a fast run (45 s here, 8 kills) can end after a handful of 4 s periods.
+    assert len(kills) >= 3, "the chaos thread must actually have killed workers"
     assert len(hung) == 1, "the chaos thread must have stopped a worker"
     wait_for(lambda: any(f"(pid {hung[0].pid}) has not pinged its watchdog" in line
                          for line in list(stack.output)), 60, "the runner to see the hung worker")
