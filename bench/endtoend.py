@@ -292,13 +292,18 @@ def samples_since(samples: list[tuple[float, int]], start: float) -> list[tuple[
 
 
 def without_first(report: Report, count: int) -> Report:
-    """The report of the same run as if its first `count` requests had not been sent:
-    duration from the first kept request's start to the last one's answer."""
-    kept = [o for o in started_requests(report) if o.index >= count]
-    if not kept:
-        return dataclasses.replace(report, outcomes=[], planned=0, duration_s=0.0)
-    first = min(o.started_s for o in kept)
-    last = max(o.started_s + o.latency_s for o in kept)
+    """The report of the same run as if its first `count` requests had not been sent,
+    but for those of them that went wrong (unanswered, or answered wrong): a first
+    request after idle that times out is the run's failure too. The requests after them
+    stay, started or not (a run cut short says how many never ran). Its duration runs
+    from the first of those requests' start to the last one's answer."""
+    warmup_ok = ("correct", "unchecked")
+    kept = [o for o in report.outcomes if o.index >= count or o.verdict not in warmup_ok]
+    timed = [o for o in started_requests(report) if o.index >= count]
+    if not timed:
+        return dataclasses.replace(report, outcomes=kept, planned=len(kept), duration_s=0.0)
+    first = min(o.started_s for o in timed)
+    last = max(o.started_s + o.latency_s for o in timed)
     return dataclasses.replace(report, outcomes=kept, planned=len(kept), duration_s=last - first,
                                started_at=report.started_at + first)
 
@@ -325,7 +330,8 @@ def _model_now(plan: EndToEndPlan, stack: StackProcess) -> dict[str, object]:
 
 
 def _low_load(plan: EndToEndPlan, stack: StackProcess) -> dict[str, object]:
-    """One request at a time; the first `low_load_warmup` (the fleet's scale-out) not counted.
+    """One request at a time; the first `low_load_warmup` (the fleet's scale-out) not counted,
+    unless they went wrong.
 
     One run, not a warm-up run and then another: the pause between two runs
     can outlast the scale-in cooldown (0.5 s here), and the measured requests

@@ -211,6 +211,43 @@ def test_low_load_gives_each_request_a_short_timeout(monkeypatch: pytest.MonkeyP
     assert out["requests"] == 30 and out["warmup_requests"] == 5
 
 
+def judged(report: Report) -> Report:
+    from load_test import judge
+
+    for outcome in report.outcomes:
+        judge(outcome, {})
+    return report
+
+
+def test_a_warmup_request_that_fails_is_counted_by_the_low_load_figures():
+    """The first requests after idle are left out of low load's latencies (the fleet's
+    scale-out), but one of them that timed out is exactly what low load must show: it
+    was dropped, and the run said 0 failed."""
+    outcomes = [Outcome(0, "0.jpg", 0.0, 10.0, error="timed out after 10 s", reached=True)]
+    outcomes += [Outcome(i, f"{i}.jpg", 10.0 + 0.2 * i, 0.1, status=200, answer_name=str(i), label="ant",
+                         reached=True) for i in range(1, 35)]
+    report = judged(Report("http://x", "form", 1, 35, started_at=0.0, duration_s=17.0, outcomes=outcomes))
+    measured = endtoend._summary(endtoend.without_first(report, 5))
+    assert (measured["requests"], measured["failed"], measured["answered_200"]) == (31, 1, 30)
+    assert measured["problems"] == ["0.jpg: failed: timed out after 10 s"]
+    assert measured["latency_s"]["max"] < 1  # the answered measured requests' latencies alone
+
+
+def test_a_low_load_run_cut_short_counts_the_requests_it_never_started():
+    """35 planned, cut short after 10 answers, one in flight: 24 never ran, and low load
+    said it had planned 6 requests."""
+    outcomes = [Outcome(i, f"{i}.jpg", 0.2 * i, 0.1, status=200, answer_name=str(i), label="ant",
+                        reached=True) for i in range(10)]
+    outcomes += [Outcome(10, "10.jpg", 2.0, 0.5, error="abandoned", reached=None)]
+    outcomes += [Outcome(i, f"{i}.jpg", None) for i in range(11, 35)]
+    report = judged(Report("http://x", "form", 1, 35, started_at=0.0, duration_s=2.5, outcomes=outcomes))
+    for outcome in outcomes[10:]:
+        outcome.verdict = "abandoned" if outcome.started_s is not None else "not started"
+    measured = endtoend.without_first(report, 5)
+    assert measured.planned == 30 and endtoend._summary(measured)["answered_200"] == 5
+    assert measured.not_sent == 24
+
+
 def test_a_load_run_under_way_at_the_deadline_is_stopped_then_and_the_fleet_not_waited_for(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """A phase started just before the bench's deadline ran to its end: against a broken
