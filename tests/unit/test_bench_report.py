@@ -237,11 +237,15 @@ def test_low_load_counts_only_the_requests_after_the_warm_up():
     assert measured.duration_s == pytest.approx(0.3) and measured.started_at == pytest.approx(1001.7)
     assert measured.throughput == pytest.approx(2 / 0.3) and measured.failed == 1
     assert run.sent == 5  # the run's own report is left as it was
-    assert without_first(run, 5).sent == 0
+    # All five taken for the warm-up: only the one that failed is left, a failure all the same.
+    assert [o.index for o in without_first(run, 5).outcomes] == [4] and without_first(run, 5).sent == 1
 
-    # Interrupted: the requests it never started are in its report, without a start time.
+    # Interrupted: the requests it never started are in its report, without a start time,
+    # and stay planned: not sent.
     run.outcomes.append(Outcome(5, "f.jpg", None, error="not started", verdict="not started"))
-    assert [o.index for o in without_first(run, 2).outcomes] == [2, 3, 4]
+    cut = without_first(run, 2)
+    assert [o.index for o in cut.outcomes] == [2, 3, 4, 5] and (cut.planned, cut.not_sent) == (4, 1)
+    assert cut.duration_s == pytest.approx(0.3)
 
 
 def test_the_json_keeps_each_low_load_request_in_the_order_they_started():
