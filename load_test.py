@@ -1469,6 +1469,24 @@ def instance_count(status: Any) -> int | None:
     return None
 
 
+# The most a status's `read_at` may lie behind its answer and still be believed: past it,
+# the clocks of the two hosts disagree (figures are kept for a second or two).
+MAX_STATUS_AGE_S = 60.0
+
+
+def figures_time(status: dict, asked_at: float, answered_at: float) -> float:
+    """When a /api/status answer's figures were read, on the run's clock: the web tier
+    answers from a snapshot up to a second old, or older when AWS is slow, and says
+    when it read it (`read_at`, its wall clock). Without it, or a believable one,
+    when it was asked."""
+    read_at = status.get("read_at")
+    if isinstance(read_at, (int, float)) and not isinstance(read_at, bool):
+        age = time.time() - read_at
+        if 0.0 <= age <= MAX_STATUS_AGE_S:
+            return max(0.0, answered_at - age)
+    return asked_at
+
+
 class StatusPoller:
     """Reads GET /api/status every `interval` seconds while the run goes on.
 
@@ -1492,13 +1510,14 @@ class StatusPoller:
             resp = self._session.get(self.url, timeout=2.0, allow_redirects=False)
             if self.on_answer:
                 self.on_answer()
-            count = instance_count(resp.json()) if resp.status_code == 200 else None
+            status = resp.json() if resp.status_code == 200 else None
+            count = instance_count(status) if status is not None else None
         except (requests.RequestException, ValueError, TypeError):
             # TypeError: a malformed answer ({"pending": []}); raised, it ended this thread
             # and, from the last sample, the run, in a traceback without a report.
             return
         if count is not None:
-            self.samples.append((asked_at, count))
+            self.samples.append((figures_time(status, asked_at, time.monotonic() - self.t0), count))
 
     def _loop(self) -> None:
         # The first sample at once, so even a short run has a starting point; taken

@@ -2422,6 +2422,21 @@ def test_a_poll_unanswered_until_the_timeout_says_why_in_a_line(tier, tmp_path):
                                         "closed before the answer came: closed without a response")
 
 
+def test_an_instance_count_is_placed_when_the_web_tier_read_it_not_when_it_was_asked(tier):
+    """/api/status answers from a snapshot up to a second old (older when AWS is slow):
+    the plot's fleet line lagged the fleet by that much. Its `read_at` says when."""
+    poller = load_test.StatusPoller(load_test.Config(images=Path("."), url=tier.url))
+    poller.t0 = time.monotonic() - 100.0  # a run 100 s old
+    tier.status = {**STATUS, "read_at": time.time() - 3.0}
+    poller.sample()
+    tier.status = {**STATUS, "read_at": time.time() + 3600}  # another host's clock, an hour out
+    poller.sample()
+    tier.status = STATUS  # none said
+    poller.sample()
+    (read, _), (skewed, _), (unsaid, _) = poller.samples
+    assert 96.0 < read < 97.5 and 99.5 < skewed < 101.0 and 99.5 < unsaid < 101.0
+
+
 def test_a_status_that_could_not_read_the_instances_is_no_sample(tier, tmp_path):
     """The web tier's /api/status answers "instances": {} (with "errors") while it
     cannot read EC2 or before its first read: that was counted 0 instances, plotted
