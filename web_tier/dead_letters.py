@@ -112,11 +112,12 @@ class DeadLetters:
         # replies: one that died in between, on the last attempt, left an outcome that
         # stands, and tells the user more than "failed on every attempt".
         # A worker that finds its copies used up the attempts reads the same (app_tier/fetch.py).
-        # Read here, once, for an item the book does not hold: its failure mark, and when
-        # it was sent again (below).
-        tag_set = self._input_tags(request) if known is None else None
+        # The input's tags read here, once: its failure mark, and when it was sent again
+        # (below). Tags S3 refuses to show count as none: read again for the outcome, the
+        # refusal raised, and the dead letter came back for the queue's 14 days.
+        tag_set = self._input_tags(request)
         item = Item(request.id, batch_id_of(request.key), request.filename, request.key)
-        stored = with_stored_outcome(self.aws, item, tag_set)
+        stored = with_stored_outcome(self.aws, item, [] if tag_set is None else tag_set)
         if stored.is_finished:
             # A stored failure may be the mark this copy's earlier dead letter left, on an
             # item queued again since: no failure of it then. A result stands whatever copy
