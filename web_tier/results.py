@@ -293,8 +293,10 @@ class ResultBook:
 
     def record_item(self, item: Item, sent_before: float | None = None) -> Item | None:
         """Record an outcome found another way (in S3); the item if this was its first
-        result. `sent_before`: as for fail."""
-        return self._finish(item, item.untrained if item.state == DONE else None, sent_before=sent_before)
+        result. `sent_before`: as for fail. It says nothing of the workers' model now
+        (stored by a worker of any model since), which the live answers tell: the item
+        alone is flagged by its own."""
+        return self._finish(item, None, sent_before=sent_before)
 
     def fail(self, item_id: str, error: str, *, key: str = "", filename: str = "",
              sent: SentAgain | None = None, sent_before: float | None = None) -> Item | None:

@@ -134,6 +134,20 @@ def test_the_untrained_flag_is_the_labels_own_else_the_workers_or_the_models(sta
     assert item.to_json(model)["untrained"] is shown
 
 
+def test_an_outcome_found_in_s3_leaves_the_workers_model_as_the_live_answers_said():
+    """A dead letter's result read from S3 may be an older model's: taken for the
+    workers', it turned an untrained fleet's X-Model-Untrained and banner off until
+    the next live answer."""
+    book = book_with("a", "b")
+    book.untrained = True  # MODEL_WEIGHTS=random, or the latest live answer
+    found = Item("a", BATCH, "a.jpg", state="done", label="tabby", untrained=False)
+    assert book.record_item(found) is not None
+    assert book.untrained is True
+    assert book.get("a").to_json(bool(book.untrained))["untrained"] is False  # the label's own model
+    book.record(response("b"))  # a live answer says what the workers run
+    assert book.untrained is False
+
+
 def test_wait_wakes_on_the_result_and_times_out_otherwise():
     book = book_with("a", "b")
     assert book.wait("a", 0.05) is None
