@@ -1511,7 +1511,7 @@ class StatusPoller:
             if self.on_answer:
                 self.on_answer()
             status = resp.json() if resp.status_code == 200 else None
-            count = instance_count(status) if status is not None else None
+            count = instance_count(status)
         except (requests.RequestException, ValueError, TypeError):
             # TypeError: a malformed answer ({"pending": []}); raised, it ended this thread
             # and, from the last sample, the run, in a traceback without a report.

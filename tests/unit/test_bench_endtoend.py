@@ -12,7 +12,7 @@ import pytest
 
 from bench import endtoend
 from bench.deadline import Deadline
-from load_test import Outcome, Report
+from load_test import Outcome, Report, judge
 from localaws.harness import StackProcess
 from tests.unit.conftest import wait_until
 
@@ -137,17 +137,20 @@ def test_the_workers_waited_for_are_those_that_served_not_the_spares(tmp_path: P
     assert endtoend.serving_workers_alive(StackProcess(run_dir=tmp_path)) == 0  # not started
 
 
+def judged(report: Report) -> Report:
+    """`report` with each request judged, with no expected labels."""
+    for outcome in report.outcomes:
+        judge(outcome, {})
+    return report
+
+
 def test_a_phases_problems_name_requests_never_sent_too():
     """The load test counts them apart from the failed: the bench's
     examples of what went wrong had left them out."""
-    from load_test import judge
-
     outcomes = [Outcome(index=0, file="a.jpg", started_s=0.0, reached=True, label="cat", answer_name="a"),
                 Outcome(index=1, file="b.jpg", started_s=0.0, error="cannot connect: refused")]
-    for outcome in outcomes:
-        judge(outcome, {})
-    report = Report(url="http://x", api="form", concurrency=1, planned=2, started_at=0.0, duration_s=1.0,
-                    outcomes=outcomes)
+    report = judged(Report(url="http://x", api="form", concurrency=1, planned=2, started_at=0.0,
+                           duration_s=1.0, outcomes=outcomes))
     assert endtoend._summary(report)["problems"] == ["b.jpg: not sent: cannot connect: refused"]
 
 
@@ -209,14 +212,6 @@ def test_low_load_gives_each_request_a_short_timeout(monkeypatch: pytest.MonkeyP
 
     assert [(c.num_requests, c.concurrency, c.timeout) for c in asked] == [(35, 1, 10.0)]
     assert out["requests"] == 30 and out["warmup_requests"] == 5
-
-
-def judged(report: Report) -> Report:
-    from load_test import judge
-
-    for outcome in report.outcomes:
-        judge(outcome, {})
-    return report
 
 
 def test_a_warmup_request_that_fails_is_counted_by_the_low_load_figures():
