@@ -190,8 +190,11 @@ SHARED_WITH_OTHER_SHELLS = tuple(variable.name for variable in VARIABLES if vari
 
 def other_shell_line(settings: Settings, env: Mapping[str, str]) -> str:
     """The line `make run` prints for other shells: what to export there."""
-    # boto3 and the AWS CLI need a region and some credentials besides the address.
-    exports = {"AWS_ENDPOINT_URL": settings.local_aws_url, "AWS_DEFAULT_REGION": settings.region,
+    # boto3 and the AWS CLI need a region and some credentials besides the address. Both
+    # region variables: an AWS_REGION already exported there wins over AWS_DEFAULT_REGION
+    # (common.config.region_from_env), and its fleet and queues are another region's.
+    exports = {"AWS_ENDPOINT_URL": settings.local_aws_url, "AWS_REGION": settings.region,
+               "AWS_DEFAULT_REGION": settings.region,
                "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local",
                **{name: env[name] for name in SHARED_WITH_OTHER_SHELLS if name in env}}
     if "XDG_STATE_HOME" in exports:  # as a path from anywhere: the controller's lock is in it

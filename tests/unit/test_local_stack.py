@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import os
 import select
+import shlex
 import signal
 import socket
 import subprocess
@@ -520,15 +521,20 @@ def test_an_ipv6_web_host_is_checked_and_named_as_one_address(tmp_path, web_host
 def test_the_line_for_other_shells_carries_what_a_controller_there_needs(tmp_path, monkeypatch):
     """A dry-run controller from the exported line must look for this stack's prefix's
     queue, not imgclass-req-queue, and decide with make run's 5 s scale-in window."""
+    from common.config import region_from_env
     from localaws.stack import SHARED_WITH_OTHER_SHELLS, other_shell_line
 
     for name in SHARED_WITH_OTHER_SHELLS:
         monkeypatch.delenv(name, raising=False)
     settings = Settings(prefix="mine", local_aws_port=5123, local_max_workers=2)
     line = other_shell_line(settings, child_env(settings, tmp_path))
-    assert line.endswith(": export AWS_ENDPOINT_URL=http://127.0.0.1:5123 AWS_DEFAULT_REGION=us-east-1 "
-                         "AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local APP_PREFIX=mine "
-                         "SCALE_IN_COOLDOWN=5 READY_DEADLINE=0"), line
+    assert line.endswith(": export AWS_ENDPOINT_URL=http://127.0.0.1:5123 AWS_REGION=us-east-1 "
+                         "AWS_DEFAULT_REGION=us-east-1 AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local "
+                         "APP_PREFIX=mine SCALE_IN_COOLDOWN=5 READY_DEADLINE=0"), line
+    # A shell that had AWS_REGION exported took its region (another fleet, no queues).
+    exported = dict(shlex.split(word)[0].split("=", 1) for word in line.split(": export ")[1].split(" "))
+    assert region_from_env({"AWS_REGION": "eu-west-1", "AWS_DEFAULT_REGION": "eu-west-1",
+                            **exported}) == "us-east-1"
     monkeypatch.setenv("SCALE_IN_COOLDOWN", "a b")  # the user's, quoted for the shell
     # The state directory (a second controller there is refused) and the user's scaling settings.
     monkeypatch.setenv("XDG_STATE_HOME", "state")  # relative: said as a path from anywhere
