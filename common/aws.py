@@ -11,7 +11,7 @@ from __future__ import annotations
 import platform
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -166,6 +166,16 @@ class Aws:
     requests_wait: bool = False
     # Clients by name, made once they have credentials (see _kept).
     _clients: dict[str, object] = field(default_factory=dict, init=False, repr=False)
+    # Called at each HTTP request of every client, those made later too (on_each_request).
+    _request_handlers: list[Callable[..., None]] = field(default_factory=list, init=False, repr=False)
+
+    def on_each_request(self, handler: Callable[..., None]) -> None:
+        """Call `handler` at each HTTP request (each attempt) of every client of these,
+        made already or not: one made without credentials is made again at its next use
+        (_kept), and a handler registered on the first client alone would be lost."""
+        self._request_handlers.append(handler)
+        for client in self._clients.values():
+            client.meta.events.register("request-created", handler)  # type: ignore[attr-defined]
 
     def _kept(self, name: str, service: str, config: Config | None = None) -> BaseClient:
         """The client `name`, made at its first use and kept, once it has credentials.
@@ -192,6 +202,8 @@ class Aws:
                 config=config or client_config(self.max_pool),
                 **keys,
             )
+            for handler in self._request_handlers:
+                client.meta.events.register("request-created", handler)
             if found:
                 self._clients[name] = client
         return client

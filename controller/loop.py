@@ -402,8 +402,7 @@ class Controller:
         # (each attempt is bounded by botocore's timeouts, where a round of calls retried
         # for minutes each is slow, not hung). One that hangs (a deadlock, a name lookup
         # that never returns) stops pinging and is restarted; a new one adopts the fleet.
-        for client in (self.aws.sqs, self.aws.ec2):
-            client.meta.events.register("request-created", self._ping_on_request)
+        self.aws.on_each_request(self._ping_on_request)
         systemd.notify("READY=1")
         due = time.monotonic()  # when this round was meant to begin
         while not self.stopping.is_set():

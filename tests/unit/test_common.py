@@ -972,6 +972,25 @@ def test_a_client_made_before_there_were_credentials_finds_them_at_its_next_use(
         assert aws.sqs is aws.sqs  # kept, now that it has them
 
 
+def test_a_handler_of_each_request_is_called_by_clients_made_after_credentials_came(monkeypatch, tmp_path):
+    """The controller pings its watchdog at each AWS request: registered on the client it
+    had at start, made without credentials, the ping was lost with that client."""
+    with mock_aws():
+        without_credentials(monkeypatch, tmp_path)
+        aws = Aws(Settings(region="us-east-1"))
+        assert aws.ec2 is not aws.ec2  # not kept yet
+        requests: list[str] = []
+        aws.on_each_request(lambda **event: requests.append(event["event_name"]))
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "came-later")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "came-later")
+        aws.sqs.list_queues()
+        aws.ec2.describe_instances()
+        assert requests == ["request-created.sqs.ListQueues", "request-created.ec2.DescribeInstances"]
+        aws.on_each_request(lambda **event: requests.append("second"))  # the kept ones get it too
+        aws.sqs.list_queues()
+        assert requests[2:] == ["request-created.sqs.ListQueues", "second"]
+
+
 def test_clients_of_later_sessions_parse_no_service_model_again(monkeypatch):
     """Each client has a session of its own (its own credentials lookup); the service
     models and endpoint rules parsed for the first are not parsed again for the next."""
