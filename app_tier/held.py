@@ -384,10 +384,7 @@ class HeldMessages:
                     # The request as this worker writes it, not the body received, which a
                     # sender may have padded to the queue's limit: SQS counts the attribute
                     # towards it too. (Only requests are held: each job has one.)
-                    Entries=[{"Id": str(i), "MessageBody": j.request_body,
-                              # this receive was not an attempt: only the earlier ones count
-                              "MessageAttributes": prior_receives_attribute(j.receive_count - 1)}
-                             for i, j in enumerate(chunk)])
+                    Entries=[_hand_back_entry(i, j) for i, j in enumerate(chunk)])
             except AWS_ERRORS as exc:
                 log.warning("could not hand back %d messages (%s); making them visible", len(chunk), exc)
                 self.hide([(j, 0) for j in chunk])
@@ -486,3 +483,14 @@ def _hand_back_untried(entries: list[HeldEntry], aws: Aws, who: str) -> tuple[in
         sender._send_back(jobs)
         handed_back += len(jobs)
     return handed_back, failures
+
+
+def _hand_back_entry(n: int, job: Job) -> dict[str, Any]:
+    """`job`'s request as entry `n` of a hand-back's SendMessageBatch."""
+    entry: dict[str, Any] = {"Id": str(n), "MessageBody": job.request_body}
+    # This receive was not an attempt: only the earlier ones count. None is left out, not
+    # sent empty: SQS's Query protocol refused an empty map ("must contain non-empty
+    # message attribute name"), and the web tier's sender leaves it out too.
+    if attributes := prior_receives_attribute(job.receive_count - 1):
+        entry["MessageAttributes"] = attributes
+    return entry

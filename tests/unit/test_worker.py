@@ -413,6 +413,25 @@ def test_a_hand_back_keeps_the_receives_a_request_used_before(aws_env):
     assert set(responses(aws)) == {"0", "1", "new"}
 
 
+def test_a_request_handed_back_from_its_first_receive_is_sent_without_empty_attributes(aws_env, monkeypatch):
+    """SQS's Query protocol refused an empty MessageAttributes map; moto takes one. Each
+    entry refused so would be made visible instead, an attempt spent at every scale-in."""
+    settings, aws = aws_env
+    upload(settings, aws, "first.jpg", make_image(1), "first")
+    crash(aws, Worker(settings, aws, MeanClassifier(), "i-crashed").fetch())
+    upload(settings, aws, "second.jpg", make_image(2), "second")
+    entries: list[dict] = []
+    real = aws.sqs.send_message_batch
+    monkeypatch.setattr(aws.sqs, "send_message_batch",
+                        lambda **call: entries.extend(call["Entries"]) or real(**call))
+    stopping = Worker(settings, aws, MeanClassifier(), "i-stopping")
+    assert sorted(j.receive_count for j in stopping.fetch().jobs) == [1, 2]
+    stopping.held.hand_back_all()
+    attributes = {json.loads(e["MessageBody"])["id"]: e.get("MessageAttributes") for e in entries}
+    assert attributes == {"first": {"PriorReceives": {"DataType": "Number", "StringValue": "1"}},
+                          "second": None}, entries
+
+
 def test_a_request_whose_copies_used_up_its_attempts_fails_and_is_not_tried_again(aws_env):
     """SQS counts a handed-back copy's receives afresh: the worker itself must stop a
     request that keeps crashing workers, or each scale-in would give it
