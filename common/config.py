@@ -143,6 +143,10 @@ SHORT_POLL_PAUSE_S = 0.05
 # worker extending by 43,200 s a second after the receive is refused, and every message
 # it holds comes back for another worker. An hour is left for holding them.
 MAX_VISIBILITY_TIMEOUT_S = 12 * 3600 - 3600
+# A request may wait out one model call that nearly stalls, then take one of its own:
+# held, and extended, for up to twice STALL_TIMEOUT. Past SQS's 12 hours its extension is
+# refused, and another worker classifies it too. So at most half of what is left for holding.
+MAX_STALL_TIMEOUT_S = MAX_VISIBILITY_TIMEOUT_S // 2
 # How long a failure mark S3 refuses with AccessDenied is tried again before it is given
 # up (common/failure_tags.py), from the first receive of the message that asks for it.
 # IAM is eventually consistent: a role or policy just attached is denied for seconds, at
@@ -479,7 +483,7 @@ VARIABLES = _checked((
     # Below systemd's TimeoutStopSec (30 s, ami/imgclass-worker.service), which
     # kills the worker: the hand-back after the grace period needs the rest.
     Variable("shutdown_grace_s", "SHUTDOWN_GRACE", float, low=0, high=25, worker=True),
-    Variable("stall_timeout_s", "STALL_TIMEOUT", float, low=1, high=43200, worker=True),
+    Variable("stall_timeout_s", "STALL_TIMEOUT", float, low=1, high=MAX_STALL_TIMEOUT_S, worker=True),
     Variable("worker_threads", "WORKER_THREADS", int, low=0, worker=True),
     Variable("worker_one_image_threads", "WORKER_ONE_IMAGE_THREADS", int, low=0, worker=True),
 

@@ -601,7 +601,9 @@ def test_on_aws_an_instance_counts_as_booting_for_longer_by_default():
     # SQS refuses to hide a message over 12 hours from its receive: the first extension failed.
     ("VISIBILITY_TIMEOUT", "43200", "VISIBILITY_TIMEOUT must be from 5 to 39600, got 43200"),
     ("RETRY_DELAY", "7200", "RETRY_DELAY must be from 0 to 3600, got 7200"),  # the worker's cap
-    ("STALL_TIMEOUT", "0", "STALL_TIMEOUT must be from 1 to 43200, got 0"),
+    ("STALL_TIMEOUT", "0", "STALL_TIMEOUT must be from 1 to 19800, got 0"),
+    # Held for up to twice it: beyond SQS's 12 hours from the receive, another worker takes it.
+    ("STALL_TIMEOUT", "21600", "STALL_TIMEOUT must be from 1 to 19800, got 21600"),
     ("MODEL_RUNTIME", "onnx", "MODEL_RUNTIME must be one of openvino, tensorflow, got 'onnx'"),
     ("SCALING_MODE", "fast", "SCALING_MODE must be one of backlog, latency, got 'fast'"),
     ("LOCAL_WARM_SPARES", "two", "LOCAL_WARM_SPARES must be a whole number, got 'two'"),
