@@ -266,6 +266,40 @@ def test_a_png_of_too_many_chunks_is_refused_before_pillow_reads_it(web_settings
             prepare(padded(chunks), web_settings.max_image_pixels)
 
 
+# Files no reader of this service's formats takes, which other Pillow readers walk in
+# Python to their end (10 MB each).
+WALKED_TO_THE_END = {
+    "eps-comments": b"%!PS-Adobe-3.0 EPSF-3.0\n" + b"%\n" * 5_000_000,
+    "ppm-comment": b"P6\n#" + b"x" * 10_000_000,
+    "iptc-records": b"\x1c\x01\x00\x00\x00" * 2_000_000,
+    "jpeg2000-boxes": b"\x00\x00\x00\x0cjP  \r\n\x87\n" + b"\x00\x00\x00\x08free" * 1_250_000,
+}
+
+
+@pytest.mark.parametrize("data", WALKED_TO_THE_END.values(), ids=WALKED_TO_THE_END.keys())
+def test_a_file_no_accepted_format_reads_is_named_from_its_header_alone(web_settings, data):
+    """Naming the format of a file refused as not accepted gave it to every other Pillow
+    reader whole: 10 MB of EPS comment lines took 6.1 s of CPU to refuse, and a few such
+    uploads held the web tier's upload memory for minutes (every other upload "busy").
+    Counted in Python calls, not timed: a walk to the end makes millions."""
+    import sys
+
+    calls = 0
+
+    def count(_frame, event, _arg) -> None:
+        nonlocal calls
+        calls += event in ("call", "c_call")
+
+    sys.setprofile(count)
+    try:
+        with pytest.raises(Refusal) as refused:
+            check_image("upload.jpg", data, web_settings)
+    finally:
+        sys.setprofile(None)
+    assert refused.value.status in (415, 422), refused.value.reason
+    assert calls < 100_000, calls
+
+
 def test_a_gif_of_too_many_blocks_before_its_image_is_refused_before_pillow_reads_it(web_settings,
                                                                                       monkeypatch):
     """Pillow reads a GIF's extension blocks one by one, in Python: 3.5 million empty
