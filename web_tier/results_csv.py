@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Iterator, Sequence
 
 from web_tier.batch_json import slices
@@ -16,7 +17,11 @@ COLUMNS = ("filename", "state", "label", "score", "error", "untrained")
 # A cell a spreadsheet would read as a formula ("=HYPERLINK(...)" as a file name): file
 # names are the uploader's to choose, and the CSV is opened by someone else. OWASP's
 # advice: start such a cell with a quote, which spreadsheets show as text.
+# Excel splits on ";" too where the decimal mark is a comma (German, French, ...), and
+# there every ";" of a row may begin a cell, inside quotes or not ("photo;=1+1.jpg" gave
+# a cell "=1+1"): what such a cell would start with is quoted as well.
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_FORMULA_AFTER_SEMICOLON = re.compile(r";(?=[=+\-@\t\r])")
 
 
 def results_csv_slices(items: Sequence[Item], model_untrained: bool) -> Iterator[str]:
@@ -49,4 +54,5 @@ def _row(item: Item, model_untrained: bool) -> list[str]:
 
 
 def _as_text(cell: str) -> str:
+    cell = _FORMULA_AFTER_SEMICOLON.sub(";'", cell)
     return "'" + cell if cell.startswith(_FORMULA_STARTS) else cell

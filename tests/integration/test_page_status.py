@@ -443,13 +443,13 @@ def test_failed_rows_can_be_shown_alone_and_the_results_downloaded_as_csv(stack,
     small = {"size": (64, 48)}
     images = {"day 1/same.jpg": make_image(1090, **small), "day 2/same.jpg": make_image(1091, **small),
               "caf\u00e9.jpg": make_image(1092, **small)}
-    choose_folder(browser, folder, {**images, "=notes.jpg": b"not an image"})
+    choose_folder(browser, folder, {**images, "=notes;=1+1.jpg": b"not an image"})
     finished_rows(browser, stack, 4, timeout_s=60)
     assert browser.find_element(By.ID, "only-failed-box").text == "Show only the failed files (1)"
     only_failed.click()
     shown = [row.get_attribute("data-filename")
              for row in browser.find_elements(By.CSS_SELECTOR, "#results .result") if row.is_displayed()]
-    assert shown == ["=notes.jpg"]
+    assert shown == ["=notes;=1+1.jpg"]
     only_failed.click()
     rows = browser.find_elements(By.CSS_SELECTOR, "#results .result")
     wait_for(lambda: all(row.is_displayed() for row in rows), 5, "every row shown again")
@@ -471,17 +471,22 @@ def test_failed_rows_can_be_shown_alone_and_the_results_downloaded_as_csv(stack,
     assert data.startswith(b"\xef\xbb\xbffilename,path,state,label,score,error,untrained\r\n")  # BOM: Excel
     assert browser.execute_script("return window.savedAs").startswith("results-")
     table = list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
-    def as_text(cell: str) -> str:  # as a spreadsheet must show it: not a formula
+    # Excel splits on ";" where the decimal mark is a comma: no cell of a name it may run.
+    for row in csv.reader(io.StringIO(data.decode("utf-8-sig")), delimiter=";"):
+        assert not [cell for cell in row if cell.startswith(("=", "+", "-", "@"))], row
+    def as_text(cell: str) -> str:  # as a spreadsheet must show it: not a formula, nor after a ";"
+        cell = re.sub(r";(?=[=+\-@])", ";'", cell)
         return "'" + cell if cell[:1] in ("=", "+", "-", "@") else cell
     # Every file's path within the folder chosen, not only those of a name shown twice.
     paths = [row.get_attribute("data-chosen-path") for row in rows]
-    assert sorted(paths) == ["trip/=notes.jpg", "trip/caf\u00e9.jpg", "trip/day 1/same.jpg",
+    assert sorted(paths) == ["trip/=notes;=1+1.jpg", "trip/caf\u00e9.jpg", "trip/day 1/same.jpg",
                              "trip/day 2/same.jpg"]
     assert [(r["filename"], r["path"], r["state"], r["untrained"]) for r in table] == [
-        (as_text(row.get_attribute("data-filename")), path, row.get_attribute("data-state"), "true")
+        (as_text(row.get_attribute("data-filename")), as_text(path), row.get_attribute("data-state"), "true")
         for row, path in zip(rows, paths, strict=True)]
     by_path = {r["path"]: r for r in table}
-    assert by_path["trip/=notes.jpg"]["state"] == "failed" and by_path["trip/=notes.jpg"]["error"]
+    notes = by_path["trip/=notes;'=1+1.jpg"]
+    assert notes["filename"] == "'=notes;'=1+1.jpg" and notes["state"] == "failed" and notes["error"]
     # Each "same.jpg" with its own answer, not the other's.
     refs = references(reference_model, images, top1_only=True)
     for name, ref in refs.items():
@@ -496,7 +501,7 @@ def test_failed_rows_can_be_shown_alone_and_the_results_downloaded_as_csv(stack,
     wait_for(lambda: browser.execute_script("return window.saved") is not None, 5, "the failed files' CSV")
     failed_only = list(csv.DictReader(io.StringIO(bytes(browser.execute_script("return window.saved"))
                                                   .decode("utf-8-sig"))))
-    assert [(r["path"], r["state"]) for r in failed_only] == [("trip/=notes.jpg", "failed")]
+    assert [(r["path"], r["state"]) for r in failed_only] == [("trip/=notes;'=1+1.jpg", "failed")]
 
 
 def test_screen_readers_hear_a_count_that_does_not_change_less_and_less_often(stack, browser, tmp_path):

@@ -1404,6 +1404,24 @@ def test_the_csv_of_an_empty_batch_is_its_header():
         "filename,state,label,score,error,untrained\r\n")
 
 
+def test_a_csv_cell_a_spreadsheet_splitting_on_semicolons_would_begin_with_a_formula_is_text():
+    """Excel splits a CSV on ";" where the decimal mark is a comma (German, French, ...):
+    a name with semicolons, unquoted, gave it cells "=1+1" and "=cmd|..."."""
+    from web_tier.results import Item
+    from web_tier.results_csv import results_csv_slices
+
+    hostile = "photo;=1+1;=cmd|' /C calc'!A0;.jpg"
+    items = [Item(id="a", batch_id=None, filename=hostile, state="done", label="cat", score=0.5),
+             Item(id="b", batch_id=None, filename="plain.jpg", state="done", label="dog", score=0.25)]
+    text = "".join(results_csv_slices(items, model_untrained=False))
+    for delimiter in (",", ";", "\t"):
+        for row in csv.reader(io.StringIO(text), delimiter=delimiter):
+            assert not [cell for cell in row if cell.startswith(("=", "+", "-", "@"))], (delimiter, row)
+    rows = list(csv.reader(io.StringIO(text)))
+    assert rows[1:] == [["photo;'=1+1;'=cmd|' /C calc'!A0;.jpg", "done", "cat", "0.500000", "", "false"],
+                        ["plain.jpg", "done", "dog", "0.250000", "", "false"]]
+
+
 def test_a_csv_row_shows_only_what_its_state_says_is_final():
     """Read without the book's lock while a listener fills an item in: its state is set
     last, so a row read in between must not mix a result into a queued or failed row."""
