@@ -458,9 +458,13 @@ _MULTIPART_ESCAPES = {ord("\n"): "%0A", ord("\r"): "%0D", ord('"'): "%22"}
 _MAX_DISPLAY_NAME = 1024  # web_tier/filenames.py MAX_FILENAME_CHARS
 _LINE_BREAKING = frozenset({"Cc", "Zl", "Zp"})  # web_tier/filenames.py
 # web_tier/filenames.py DROPPED_CHARACTERS: the bidirectional-text controls, and
-# characters that show nothing (a BOM, a zero-width space, a soft hyphen, ...).
+# characters that show nothing (a BOM, a zero-width space, a soft hyphen, tag characters, ...).
 _DROPPED_CHARACTERS = ("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
-                       "\u00ad\u180e\u200b\u2060\u2061\u2062\u2063\u2064\ufeff")
+                       "\u00ad\u180e\u200b\u2060\u2061\u2062\u2063\u2064\ufeff"
+                       "\u034f\u115f\u1160\u3164\uffa0\u206a\u206b\u206c\u206d\u206e\u206f"
+                       "\ufff9\ufffa\ufffb" + "".join(map(chr, range(0x1D173, 0x1D17B)))
+                       + "".join(map(chr, range(0x1BCA0, 0x1BCA4))) + "\U000e0001"
+                       + "".join(map(chr, range(0xE0020, 0xE0080))))
 _DROPPED = dict.fromkeys(map(ord, _DROPPED_CHARACTERS))
 _MAX_EXTENSION_CHARS = 16  # common/names.py MAX_EXTENSION_CHARS
 _MAX_META_FILENAME = 1740  # common/names.py MAX_META_FILENAME

@@ -16,11 +16,18 @@ MAX_FILENAME_CHARS = 1024
 _LINE_BREAKING = frozenset({"Cc", "Zl", "Zp"})
 # Dropped: bidirectional-text controls (shown, "photo\u202egpj.exe" reads as
 # "photoexe.jpg"), and characters that show nothing at all (a byte-order mark, zero-width
-# spaces, a soft hyphen), with which two names that look alike differ (a BOM
-# kept in the middle of results.csv). Not the zero-width joiners, which emoji and some
-# scripts are written with.
+# spaces, a soft hyphen, Hangul fillers, the other format characters), with which two
+# names that look alike differ (a BOM kept in the middle of results.csv). Among them the
+# tag characters, which carry ASCII unseen ("cat\U000e0041\U000e0042.jpg" showed as
+# "cat.jpg"): the flags of England, Scotland and Wales, written with them, lose them and
+# show a black flag. Not the zero-width joiners, which emoji and some scripts are written
+# with, nor variation selectors (an emoji's look).
 DROPPED_CHARACTERS = ("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
-                      "\u00ad\u180e\u200b\u2060\u2061\u2062\u2063\u2064\ufeff")
+                      "\u00ad\u180e\u200b\u2060\u2061\u2062\u2063\u2064\ufeff"
+                      "\u034f\u115f\u1160\u3164\uffa0\u206a\u206b\u206c\u206d\u206e\u206f"
+                      "\ufff9\ufffa\ufffb" + "".join(map(chr, range(0x1D173, 0x1D17B)))
+                      + "".join(map(chr, range(0x1BCA0, 0x1BCA4))) + "\U000e0001"
+                      + "".join(map(chr, range(0xE0020, 0xE0080))))
 _DROPPED = dict.fromkeys(map(ord, DROPPED_CHARACTERS))
 
 

@@ -292,8 +292,9 @@ def test_names_are_shown_cleaned_before_the_server_has_them(stack, browser):
     keep bidi controls: "photo\\u202eabc.exe.jpg" reads as "photogpj.exe.cba". They are
     shown as the server keeps them."""
     small, big = make_image(998, size=(64, 48)), make_image(999, size=(800, 600))
-    files = {"photo\u202eabc.exe.jpg": small, "line\u2028break\x07.jpg": small, " big\u2066.jpg": big}
-    cleaned = ["photoabc.exe.jpg", "line break .jpg", "big.jpg"]
+    files = {"photo\u202eabc.exe.jpg": small, "line\u2028break\x07.jpg": small,
+             "tag\U000e0041\U000e0042.jpg": small, " big\u2066.jpg": big}  # ASCII in tag characters
+    cleaned = ["photoabc.exe.jpg", "line break .jpg", "tag.jpg", "big.jpg"]
     browser.get(stack.web_url + "/")
     browser.execute_script(UPLOADS_BY_FETCH + """
       document.body.dataset.maxFileBytes = arguments[0];
@@ -301,19 +302,19 @@ def test_names_are_shown_cleaned_before_the_server_has_them(stack, browser):
       window.fetch = (url, options) => url === "/api/jobs" ? new Promise(() => {}) : realFetch(url, options);
       """, str(len(small)))
     assert drop_files(browser, files)
-    wait_for(lambda: [s for _, s, _ in rows_shown(browser)] == ["uploading", "uploading", "failed"], 30,
-             "two rows uploading, the large file refused")
+    wait_for(lambda: [s for _, s, _ in rows_shown(browser)] == ["uploading"] * 3 + ["failed"], 30,
+             "three rows uploading, the large file refused")
     assert [name for name, _, _ in rows_shown(browser)] == cleaned
     names = "return [...document.querySelectorAll('#results .name')].map((name) => name.textContent)"
     assert browser.execute_script(names) == cleaned
 
     browser.refresh()
     browser.execute_script("document.body.dataset.unsentWatchMs = '500';")
-    wait_for(lambda: [s for _, s, _ in rows_shown(browser)] == ["failed"] * 3, 30, "the saved files")
+    wait_for(lambda: [s for _, s, _ in rows_shown(browser)] == ["failed"] * 4, 30, "the saved files")
     shown = rows_shown(browser)
     assert [name for name, _, _ in shown] == cleaned and browser.execute_script(names) == cleaned
-    assert [state for _, state, _ in shown] == ["failed"] * 3
-    assert all("not stored" in text for _, _, text in shown[:2])
+    assert [state for _, state, _ in shown] == ["failed"] * 4
+    assert all("not stored" in text for _, _, text in shown[:3])
 
 
 def test_a_refused_api_key_takes_the_focus_once_and_the_rest_of_the_upload_is_not_sent(

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import tempfile
+import unicodedata
 import zlib
 from pathlib import Path
 
@@ -293,13 +294,23 @@ def test_characters_that_show_nothing_are_dropped_from_names_here_and_on_the_pag
 
     response = upload(web_client, [(make_image(312), "\ufeffbom\u200b.jpg"),
                                    (make_image(313), "soft\u00adhy\u2060phen.jpg"),
-                                   (make_image(314), "family\U0001F468\u200d\U0001F469.jpg")])
+                                   (make_image(314), "family\U0001F468\u200d\U0001F469.jpg"),
+                                   # ASCII in tag characters, unseen: shown as "cat.jpg" whatever it said
+                                   (make_image(315), "cat\U000e0001\U000e0041\U000e0042\U000e007f.jpg"),
+                                   (make_image(316), "fill\u3164er\u115f.jpg")])
     assert response.status_code == 202, response.get_json()
     assert [i["filename"] for i in response.get_json()["items"]] == [
-        "bom.jpg", "softhyphen.jpg", "family\U0001F468\u200d\U0001F469.jpg"]
-    found = re.search(r"const DROPPED = /\[(.*?)\]/g;", page_script_source())
+        "bom.jpg", "softhyphen.jpg", "family\U0001F468\u200d\U0001F469.jpg", "cat.jpg", "filler.jpg"]
+    # Every format character (Unicode's Cf) is dropped but the joiners and those that
+    # show: number signs spanning the digits that follow (Arabic, Syriac, Kaithi), and
+    # the controls that lay out Egyptian hieroglyphs.
+    kept = {chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) == "Cf"} - set(DROPPED_CHARACTERS)
+    showing = {*map(chr, range(0x600, 0x606)), "\u06dd", "\u070f", "\u0890", "\u0891", "\u08e2",
+               "\U000110bd", "\U000110cd", *map(chr, range(0x13430, 0x13460))}
+    assert {"\u200c", "\u200d"} <= kept <= {"\u200c", "\u200d", *showing}, sorted(map(hex, map(ord, kept)))
+    found = re.search(r"const DROPPED = /\[(.*?)\]/gu;", page_script_source())
     assert found, "the page's scripts have no DROPPED"
-    ranges = re.findall(r"\\u([0-9a-f]{4})(?:-\\u([0-9a-f]{4}))?", found[1])
+    ranges = re.findall(r"\\u\{?([0-9a-f]{4,5})\}?(?:-\\u\{?([0-9a-f]{4,5})\}?)?", found[1])
     on_the_page = {chr(c) for first, last in ranges
                    for c in range(int(first, 16), int(last or first, 16) + 1)}
     assert on_the_page == set(DROPPED_CHARACTERS)
