@@ -73,9 +73,7 @@ def test_a_tab_that_gave_a_batch_up_fails_what_the_tab_sending_it_did_not_send_o
     late = "gone_1.jpg"
     batch_id = send_holding(browser, stack, tmp_path, files, held=[late])
     first = browser.current_window_handle
-    browser.execute_script("window.open(location.href)")
-    [second] = [handle for handle in browser.window_handles if handle != first]
-    browser.switch_to.window(second)
+    second = duplicate_tab(browser, pollEveryMs="300")
     wait_for(lambda: states_shown(browser).get(late) == "uploading", 30, "the restored batch")
     forget_on_the_server(stack, batch_id)
     said_lost(browser, batch_id)
@@ -303,17 +301,31 @@ def send_holding(browser, stack, tmp_path, files: dict[str, bytes], held: list[s
 
 
 @contextlib.contextmanager
-def second_tab(browser) -> Iterator[str]:
+def second_tab(browser, **settings: str) -> Iterator[str]:
     """A tab opened from this one on its address (sessionStorage copied, as in a
-    duplicated tab), switched to; the first tab's handle. Closed at the end."""
+    duplicated tab), with the page settings `settings`, switched to; the first tab's
+    handle. Closed at the end."""
     first = browser.current_window_handle
-    browser.execute_script("window.open(location.href)")
-    browser.switch_to.window(browser.window_handles[-1])
+    duplicate_tab(browser, **settings)
     try:
         yield first
     finally:
         browser.close()
         browser.switch_to.window(first)
+
+
+def duplicate_tab(browser, **settings: str) -> str:
+    """Open a tab from this one (sessionStorage copied, as in a duplicated tab) on its
+    address, with the page settings `settings`, and switch to it; its handle."""
+    url = browser.current_url
+    before = set(browser.window_handles)
+    # Opened blank first: a tab's page settings must be set before its page loads.
+    browser.execute_script("window.open('about:blank')")
+    [handle] = set(browser.window_handles) - before
+    browser.switch_to.window(handle)
+    page_settings(browser, **settings)
+    browser.get(url)
+    return handle
 
 
 def in_tab(browser, handle: str, script: str) -> None:
@@ -388,9 +400,7 @@ def test_a_duplicated_tab_takes_a_sending_tab_closed_for_gone(stack, browser, tm
     files = {f"closed_{i}.jpg": make_image(985 + i, size=(64, 48)) for i in range(2)}
     send_holding(browser, stack, tmp_path, files, held=["closed_1.jpg"])
     first = browser.current_window_handle
-    browser.execute_script("window.open(location.href)")
-    [second] = [handle for handle in browser.window_handles if handle != first]
-    browser.switch_to.window(second)
+    second = duplicate_tab(browser, pollEveryMs="300")
 
     def state_of(name: str) -> str | None:
         return {n: state for n, state, _ in rows_shown(browser)}.get(name)
@@ -422,7 +432,7 @@ def test_a_sending_tab_taken_for_gone_that_answers_again_gets_its_rows_back(
     it; when it answers again they are shown being sent again, and take their results."""
     files = {f"revive_{i}.jpg": make_image(975 + i, size=(64, 48)) for i in range(2)}
     send_holding(browser, stack, tmp_path, files, held=["revive_1.jpg"])
-    with second_tab(browser) as first:
+    with second_tab(browser, pollEveryMs="300") as first:
         def state_of(name: str) -> str | None:
             return {n: state for n, state, _ in rows_shown(browser)}.get(name)
 
