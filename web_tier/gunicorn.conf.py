@@ -186,6 +186,17 @@ def on_starting(server: Arbiter) -> None:
         raise SystemExit(BAD_SETTING_EXIT)
 
 
+def nworkers_changed(server: Arbiter, new_value: int, old_value: int | None) -> None:
+    """SIGTTIN, gunicorn's signal for one more worker process, must not split the web
+    tier as -w would (wrongly_served): a second process's listener took a third of the
+    answers, and the POST / waiting for each in the first answered 504 after
+    RESULT_TIMEOUT. The count goes back to 1, and the log says why."""
+    if new_value > 1:
+        server.log.error("web tier: SIGTTIN ignored: gunicorn must run 1 worker process, not %d: the "
+                         "result book and its POST / waits live in one process", new_value)
+        server._num_workers = 1  # not through the property, which would call this again
+
+
 def post_fork(server: Arbiter, worker: Worker) -> None:
     """Send the app's own loggers to stderr, before the worker builds the app."""
     from common.logs import configure as configure_logging

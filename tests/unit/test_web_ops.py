@@ -550,6 +550,32 @@ def test_gunicorn_options_that_would_split_or_serialise_the_web_tier_stop_it_at_
     assert refused.returncode == 2
 
 
+def test_sigttin_does_not_give_the_web_tier_a_second_process():
+    """gunicorn's SIGTTIN adds a worker process at run time, past the check at start: a
+    second process's listener took a third of the answers, each POST / waiting for one
+    answered 504 after RESULT_TIMEOUT."""
+    import runpy
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from gunicorn.arbiter import Arbiter
+
+    conf = runpy.run_path(str(Path(__file__).parents[2] / "web_tier" / "gunicorn.conf.py"))
+    arbiter = Arbiter.__new__(Arbiter)  # its worker count and the hook, as gunicorn runs them
+    arbiter._num_workers = None
+    logged: list[str] = []
+    arbiter.log = SimpleNamespace(error=lambda message, *args: logged.append(message % args))
+    arbiter.cfg = SimpleNamespace(nworkers_changed=conf["nworkers_changed"])
+    arbiter.num_workers = conf["workers"]  # as Arbiter.setup does
+    assert arbiter.num_workers == 1 and logged == []
+    arbiter.num_workers += 1  # as Arbiter.handle_ttin does, before it forks the difference
+    assert arbiter.num_workers == 1
+    assert [line.startswith("web tier: SIGTTIN ignored: gunicorn must run 1 worker process, not 2")
+            for line in logged] == [True], logged
+    arbiter.num_workers = 0  # SIGWINCH, daemonized: its workers stop
+    assert arbiter.num_workers == 0 and len(logged) == 1
+
+
 def test_an_ipv6_web_host_is_bound_as_one(monkeypatch):
     import runpy
     from pathlib import Path
