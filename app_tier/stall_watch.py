@@ -118,4 +118,4 @@ class StallWatch:
         give-up): systemd then restarts the worker."""
         assert self.watchdog_s
         while not until.wait(self.watchdog_s) and self.beats(heartbeat, time.monotonic()):
-            systemd.notify("WATCHDOG=1")
+            systemd.ping_watchdog()

@@ -7,10 +7,10 @@ pings stop. They stop when no Python thread can run (a hang that holds the
 interpreter lock, which the worker's own heartbeat cannot see, being a
 thread itself) or when the heartbeat thread has died or is blocked. The local
 runner plays systemd's part the same way (localaws/notify.py). The controller
-pings after every round (ami/imgclass-controller.service), so a controller that
-hangs is restarted too; `make run` watches its controller the same way. Without
-NOTIFY_SOCKET (a process started by hand, most tests) every call here does
-nothing.
+pings at every round and, at most once a second, at its AWS requests
+(ami/imgclass-controller.service), so a controller that hangs is restarted too;
+`make run` watches its controller the same way. Without NOTIFY_SOCKET (a process
+started by hand, most tests) every call here does nothing.
 
 The protocol is one datagram per message on the AF_UNIX socket named in
 NOTIFY_SOCKET (a leading "@" names an abstract socket), as sd_notify(3) sends
@@ -40,8 +40,17 @@ def report_stacks_on_abort() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
 
 
-def notify(state: str, env: Mapping[str, str] = os.environ) -> bool:
-    """Send `state` (e.g. "READY=1") to systemd; False when not run by systemd or on failure."""
+def ping_watchdog(env: Mapping[str, str] = os.environ) -> bool:
+    """Send WATCHDOG=1 without waiting: a reader that lags (make run's, while it starts
+    or stops) has the earlier pings queued, and this one is dropped rather than waited
+    for. Waited for, each ping of a controller at each AWS request took 1 s then,
+    rounds took 3 s, and a stop took 7 s."""
+    return notify("WATCHDOG=1", env, wait=False)
+
+
+def notify(state: str, env: Mapping[str, str] = os.environ, wait: bool = True) -> bool:
+    """Send `state` (e.g. "READY=1") to systemd; False when not run by systemd or on failure.
+    Waits up to SEND_TIMEOUT_S for a reader that lags, or not at all (`wait` False)."""
     address = env.get("NOTIFY_SOCKET", "")
     if not address or address[0] not in "/@":
         return False
@@ -51,10 +60,13 @@ def notify(state: str, env: Mapping[str, str] = os.environ) -> bool:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             # A datagram socket whose reader lags blocks the sender once its queue is
             # full: READY=1 is sent from the worker's main loop, which must not wait on it.
-            sock.settimeout(SEND_TIMEOUT_S)
+            sock.settimeout(SEND_TIMEOUT_S if wait else 0.0)
             sock.connect(address)
             sock.sendall(state.encode())
         return True
+    except BlockingIOError:  # the reader's queue full, and not waited for
+        log.debug("did not tell systemd %s: its reader lags", state)
+        return False
     except OSError as exc:
         # Not a reason to stop serving; but systemd, missing READY=1 or the pings, will
         # restart this process, and the log should say why.

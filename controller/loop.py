@@ -13,6 +13,7 @@ rounds (Controller.timeline), and with --timeline every round on disk
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -61,6 +62,8 @@ ONE_INSTANCE_ERRORS = frozenset({
 LASTING_REFUSALS = frozenset({"OperationNotPermitted", "UnauthorizedOperation"})
 # Rounds kept in memory (a day at a 1 s poll would be 86,400 of them).
 TIMELINE_ROUNDS = 1000
+# The least time between two of the watchdog pings sent at AWS requests (run).
+PING_ON_REQUEST_EVERY_S = 1.0
 # A round that begins, or takes, this much later than planned is said so: the fleet
 # follows the queue that much later, and silence in the log would not say why.
 LATE_ROUND_S = 5.0
@@ -129,6 +132,8 @@ class Controller:
     _last_summary: tuple | None = field(default=None, init=False)
     timeline: deque[dict] = field(default_factory=lambda: deque(maxlen=TIMELINE_ROUNDS))
     _timeline_file: TimelineFile | None = field(default=None, init=False)
+    # When the watchdog was last pinged (monotonic), to ping at most once a second.
+    _pinged_at: float = field(default=-math.inf, init=False)
 
     def __post_init__(self) -> None:
         self.policy = Policy.from_settings(self.settings)
@@ -398,10 +403,11 @@ class Controller:
         backoff = 0.0
         self.log_settings()
         # Run by systemd with WatchdogSec= (or by make run): started now, and alive for as
-        # long as its rounds make progress: it pings at each round and at each AWS request
-        # (each attempt is bounded by botocore's timeouts, where a round of calls retried
-        # for minutes each is slow, not hung). One that hangs (a deadlock, a name lookup
-        # that never returns) stops pinging and is restarted; a new one adopts the fleet.
+        # long as its rounds make progress: it pings at each round and at its AWS requests,
+        # once a second at most (each attempt is bounded by botocore's timeouts, where a
+        # round of calls retried for minutes each is slow, not hung). One that hangs (a
+        # deadlock, a name lookup that never returns) stops pinging and is restarted; a new
+        # one adopts the fleet.
         self.aws.on_each_request(self._ping_on_request)
         systemd.notify("READY=1")
         due = time.monotonic()  # when this round was meant to begin
@@ -462,10 +468,14 @@ class Controller:
 
     def _ping_watchdog(self) -> None:
         if systemd.watchdog_interval_s() is not None:
-            systemd.notify("WATCHDOG=1")
+            systemd.ping_watchdog()
+            self._pinged_at = time.monotonic()
 
     def _ping_on_request(self, **_event: object) -> None:
-        self._ping_watchdog()
+        # A round makes a handful of requests in well under a second: one ping a second
+        # is plenty against a watchdog of minutes.
+        if time.monotonic() - self._pinged_at >= PING_ON_REQUEST_EVERY_S:
+            self._ping_watchdog()
 
     def install_signal_handlers(self) -> None:
         on_signals(lambda _signum: self.stopping.set())

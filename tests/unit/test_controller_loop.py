@@ -1795,6 +1795,7 @@ def test_the_controller_pings_its_watchdog_at_each_aws_request_of_a_round(aws, p
         patch.setenv("NOTIFY_SOCKET", str(path))
         patch.setenv("WATCHDOG_USEC", str(600 * 10**6))  # no ping from the wait for 300 s
         patch.delenv("WATCHDOG_PID", raising=False)
+        patch.setattr("controller.loop.PING_ON_REQUEST_EVERY_S", 0.0)  # else one a second
         controller = Controller(dataclasses.replace(aws.settings, poll_interval_s=60.0), aws)
         thread = start(controller)
         try:

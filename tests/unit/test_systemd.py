@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from common.systemd import notify, watchdog_interval_s
+from common.systemd import notify, ping_watchdog, watchdog_interval_s
 
 
 @pytest.fixture
@@ -81,3 +81,21 @@ def test_a_reader_that_lags_costs_a_notification_not_a_blocked_sender(listener, 
     assert not sender.is_alive(), "notify blocked on a full queue"
     assert results[0] and results[-1] is False
     assert "could not tell systemd WATCHDOG=1" in caplog.text
+
+
+def test_a_ping_is_dropped_not_waited_for_when_the_reader_lags(listener, caplog):
+    """make run reads its children's pings only while it supervises: while it starts or
+    stops, a controller pinging at each AWS request waited 1 s a ping once the socket's
+    queue was full (rounds 3 s apart, a stop 7 s), warning each time. READY=1 still waits."""
+    import logging
+
+    path, sock = listener
+    sent = 0
+    while ping_watchdog({"NOTIFY_SOCKET": path}):  # until the queue is full (Linux: 10)
+        sent += 1
+        assert sent < 10_000, "the socket's queue never filled"
+    with caplog.at_level(logging.INFO, logger="common.systemd"):
+        assert ping_watchdog({"NOTIFY_SOCKET": path}) is False
+    assert caplog.text == ""  # not "timed out": nothing waited
+    sock.recv(256)  # room for one
+    assert ping_watchdog({"NOTIFY_SOCKET": path})
