@@ -40,7 +40,7 @@ from controller.lock import EXIT_ANOTHER_CONTROLLER, held_by_another
 from localaws.kill import end_group, ends_with_parent, group_alive, kill_group, signal_group, terminate
 from localaws.lifeline import Lifeline
 from localaws.notify import NotifySocket, NotifySockets
-from localaws.runner import InstanceRunner, exit_status
+from localaws.runner import InstanceRunner, exit_status, is_stopped
 from localaws.server import (
     PortInUse,
     StartInterrupted,
@@ -65,11 +65,12 @@ GROUP_STOP_S = 5.0
 # Children that ping a watchdog, as under systemd with WatchdogSec=, and for how
 # long they may be silent: one whose pings stop is hung, and is aborted (SIGABRT:
 # its stacks go to make run's output), killed if that does not end it within
-# ABORT_GRACE_S, and restarted. The controller pings between its rounds, and a
-# round against an AWS that stopped answering can take minutes of botocore's
-# retries (ami/imgclass-controller.service allows 10 minutes): 5 here, where AWS is
-# local and a hang is all that keeps a round this long.
-WATCHED = {"controller": 300.0}
+# ABORT_GRACE_S, and restarted. The controller pings between its rounds and at its
+# AWS requests, each attempt of which botocore gives up on within 35 s, retries
+# waiting at most 20 s between them (ami/imgclass-controller.service allows 10
+# minutes). 2 minutes here: a controller hung for RESULT_TIMEOUT's 5 minutes would
+# leave a burst from zero unserved until its POST /s answered 504.
+WATCHED = {"controller": 120.0}
 # Shorter than the runner's grace (its grace_s, 30 s by default, which is also a
 # worker's time to drain on SIGTERM, as EC2's stop gives): the controller has no
 # requests in hand to finish, only its few threads' stacks to write.
@@ -377,9 +378,11 @@ class Stack:
                                  watchdog_s=child.notify.watchdog_s, abort_sent_at=child.abort_sent_at,
                                  abort_grace_s=ABORT_GRACE_S)
         if action is Watchdog.ABORT:
-            log.error("%s (pid %d) has not pinged its watchdog for %.0f s: hung; SIGABRT (its threads' "
-                      "stacks follow, unless it is stopped), then a restart", child.name, child.process.pid,
-                      now - (child.notify.last_heard or now))
+            why = ("it is stopped (SIGSTOP?); SIGABRT, acted on once continued, then a restart"
+                   if is_stopped(child.process.pid) else
+                   "hung; SIGABRT (its threads' stacks follow), then a restart")
+            log.error("%s (pid %d) has not pinged its watchdog for %.0f s: %s", child.name, child.process.pid,
+                      now - (child.notify.last_heard or now), why)
             signal_group(child.process.pid, signal.SIGABRT)
             child.abort_sent_at = now
         elif action is Watchdog.KILL:

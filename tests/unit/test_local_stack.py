@@ -267,7 +267,7 @@ def test_a_controller_that_stops_pinging_its_watchdog_is_aborted_and_restarted(t
     """A hung controller (SIGSTOP, a deadlock) unnoticed would launch no instance for a
     growing backlog until continued by hand."""
     stack = Stack(Settings(), tmp_path, warm_spares=0)
-    stack.watchdog_s["controller"] = 1.0  # 5 minutes by default
+    stack.watchdog_s["controller"] = 1.0  # 2 minutes by default
     stack._spawn("controller", [sys.executable, "-c", PINGS_THEN_HANGS])
     (child,) = stack.children
     first = child.process
@@ -278,6 +278,7 @@ def test_a_controller_that_stops_pinging_its_watchdog_is_aborted_and_restarted(t
             time.sleep(0.05)
         assert first.returncode == -signal.SIGABRT
         assert f"controller (pid {first.pid}) has not pinged its watchdog" in caplog.text
+        assert "s: hung; SIGABRT (its threads' stacks follow)" in caplog.text  # not stopped: hung
         assert child.process.poll() is None  # the new one
     finally:
         for process in (first, child.process):
