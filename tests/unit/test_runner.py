@@ -531,6 +531,28 @@ def test_nothing_is_started_once_shutdown_has_begun(world):
 
 
 
+def test_a_round_whose_ec2_call_outlasts_the_shutdown_starts_nothing(world, monkeypatch):
+    """A stop waits for the rounds a while, then shuts down: a round stuck in its EC2 call
+    (the embedded AWS paused) then started workers shutdown() never saw, each left
+    running until the stack's end, their logs and notify folder left behind."""
+    import localaws.runner as runner_module
+
+    settings, aws, make, out = world
+    runner = make(warm_spares=1)
+    launch(aws, settings, (1,))
+    real = runner_module.app_tier_instances
+
+    def answered_after_the_shutdown(client):
+        answer = real(client)
+        runner.shutdown(timeout_s=1)  # as the stack's stop, from its own thread, meanwhile
+        return answer
+
+    monkeypatch.setattr(runner_module, "app_tier_instances", answered_after_the_shutdown)
+    runner.step()
+    assert runner.workers == {} and runner._spares == [] and runner._notify == {}
+    assert started(out) == [] and not list((runner.log_dir).glob("worker-*.log"))
+
+
 def test_the_runner_asks_ec2_what_the_controller_asks(world):
     """So the embedded AWS answers both from one cached DescribeInstances, as for the
     benchmark's fleet poller (tests/unit/test_bench_fleet.py)."""
