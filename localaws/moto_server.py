@@ -119,13 +119,14 @@ class KeepAliveServer(BaseApplication):
     memory; threads, because long polls hold one each for up to 20 s.
     """
 
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, fd: int | None = None) -> None:
+        self.host, self.port, self.fd = host, port, fd
         super().__init__()
 
     def load_config(self) -> None:
         settings = {
-            "bind": f"{self.host}:{self.port}",
+            # A socket its starter bound (localaws.server.listening_socket), or its own.
+            "bind": f"fd://{self.fd}" if self.fd is not None else f"{self.host}:{self.port}",
             "workers": 1,
             "worker_class": "gthread",
             # Every worker's long poll and the web tier's listeners hold a thread at once.
@@ -154,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-H", "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("-p", "--port", type=int, default=5000, help="port (default 5000)")
+    parser.add_argument("--fd", type=int, metavar="FD",
+                        help="serve on this listening socket, bound to --host and --port by the caller")
     parser.add_argument("--lifeline", type=int, metavar="FD",
                         help="stop once no process holds this pipe's write end (localaws.lifeline)")
     args = parser.parse_args(argv)
@@ -161,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         stop_when_unheld(args.lifeline)
     # moto builds some URLs (SQS queue URLs among them) from this.
     os.environ.setdefault("MOTO_PORT", str(args.port))
-    KeepAliveServer(args.host, args.port).run()
+    KeepAliveServer(args.host, args.port, args.fd).run()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import subprocess
 import sys
@@ -19,24 +20,30 @@ class StartInterrupted(Exception):
 
 
 def start_moto(host: str, port: int, log_path: Path, stopping: threading.Event | None = None,
-               lifeline_fd: int | None = None) -> subprocess.Popen:
+               lifeline_fd: int | None = None, listener: socket.socket | None = None) -> subprocess.Popen:
     """Start moto's server (S3, SQS, EC2 and the rest) and wait until it answers.
 
     It runs as `localaws.moto_server`: moto's own server with patches that remove
     costs growing with traffic and queue depth (listed in that module). With
     `lifeline_fd` it ends after the last holder of that pipe (localaws.lifeline),
-    otherwise with the thread that started it.
+    otherwise with the thread that started it. With `listener` (listening_socket's,
+    on `host` and `port`) it serves on that socket rather than binding its own.
     """
     argv = [sys.executable, "-m", "localaws.moto_server", "-H", host, "-p", str(port)]
+    fds = []
     if lifeline_fd is not None:
         argv += ["--lifeline", str(lifeline_fd)]
+        fds.append(lifeline_fd)
+    if listener is not None:
+        argv += ["--fd", str(listener.fileno())]
+        fds.append(listener.fileno())
     with open(log_path, "ab") as out:
         process = subprocess.Popen(
             argv,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            pass_fds=() if lifeline_fd is None else (lifeline_fd,),
+            pass_fds=tuple(fds),
             preexec_fn=ends_with_parent() if lifeline_fd is None else None,
             cwd=str(Path(__file__).resolve().parent.parent),
         )
@@ -55,17 +62,31 @@ class PortInUse(RuntimeError):
     """Something already listens where the stack would: a second `make run`, say."""
 
 
-def ensure_port_free(host: str, port: int, variable: str) -> None:
-    """Refuse a port another server answers on. Started there anyway, ours would fail
-    to bind while wait_until_up took the other's answers for its own, and the stack
-    would provision into, and send its work to, someone else's AWS or web tier."""
+def listening_socket(host: str, port: int, variable: str) -> socket.socket:
+    """A socket bound to `host`:`port` and listening, for a child to serve on (gunicorn's
+    `--bind fd://N`), or PortInUse naming `variable`. Taken here, before any child starts,
+    the port is this stack's or the start fails. Checked only by connecting to it, a
+    second stack starting at the same moment on the same ports (or anything that took a
+    port while a first run prepared its model) had the other's answers taken for its own:
+    a READY line, and its spare worker on the other's AWS. A port bound but not listening
+    ended in a traceback."""
     if port == 0:
-        return
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.settimeout(1.0)
-        if probe.connect_ex((host, port)) == 0:
+        raise PortInUse(f"{variable}=0: the stack needs a port of its own to say where it serves "
+                        "(set one that is free)")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        # As gunicorn binds: a port the last run's connections left in TIME_WAIT is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
             raise PortInUse(f"{host}:{port} is already in use (another `make run`?): stop what "
-                            f"listens there, or set {variable} to another port")
+                            f"listens there, or set {variable} to another port") from None
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")

@@ -21,6 +21,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -44,8 +45,8 @@ from localaws.runner import InstanceRunner, exit_status, is_stopped
 from localaws.server import (
     PortInUse,
     StartInterrupted,
-    ensure_port_free,
     ensure_ports_differ,
+    listening_socket,
     start_moto,
     wait_until_up,
 )
@@ -261,20 +262,26 @@ class Stack:
         # Held by every child that uses AWS, for the embedded AWS to outlive them all.
         self.lifeline = Lifeline()
         self.run_dir_lock: int | None = None
+        # The web tier's listening socket, bound here and given to each of its processes
+        # (listening_socket): held across its restarts.
+        self.web_listener: socket.socket | None = None
 
     def start(self) -> None:
         s = self.settings
         self.lock_run_dir()
         ensure_ports_differ((s.local_aws_host, s.local_aws_port, "LOCAL_AWS_PORT"),
                             (s.web_host_bare, s.web_port, "WEB_PORT"))
-        ensure_port_free(s.local_aws_host, s.local_aws_port, "LOCAL_AWS_PORT")
-        ensure_port_free(s.web_host_bare, s.web_port, "WEB_PORT")
-        # Only now: a run refused for a port in use (a second `make run` here, say)
-        # must leave the running one's logs where they are.
-        self.open_logs()
-        log.info("starting the embedded AWS on %s", s.local_aws_url)
-        moto = start_moto(s.local_aws_host, s.local_aws_port, self.logs / "moto.log", self.stopping,
-                          lifeline_fd=self.lifeline.server_fd)
+        aws_listener = listening_socket(s.local_aws_host, s.local_aws_port, "LOCAL_AWS_PORT")
+        try:
+            self.web_listener = listening_socket(s.web_host_bare, s.web_port, "WEB_PORT")
+            # Only now: a run refused for a port in use (a second `make run` here, say)
+            # must leave the running one's logs where they are.
+            self.open_logs()
+            log.info("starting the embedded AWS on %s", s.local_aws_url)
+            moto = start_moto(s.local_aws_host, s.local_aws_port, self.logs / "moto.log", self.stopping,
+                              lifeline_fd=self.lifeline.server_fd, listener=aws_listener)
+        finally:
+            aws_listener.close()  # moto's now, for as long as it lives (its lifeline's end)
         self.lifeline.close_server_end()
         self.children.append(Child("moto", [], moto, time.monotonic()))
         # Into the embedded AWS whatever the settings say (main points them there; the
@@ -287,7 +294,8 @@ class Stack:
         self.runner_thread.start()
         self._spawn("controller", [sys.executable, str(ROOT / "controller.py")])
         gunicorn_conf = str(ROOT / "web_tier" / "gunicorn.conf.py")
-        self._spawn("web", [sys.executable, "-m", "gunicorn", "-c", gunicorn_conf, "web_tier:create_app()"])
+        self._spawn("web", [sys.executable, "-m", "gunicorn", "-c", gunicorn_conf,
+                            "--bind", f"fd://{self.web_listener.fileno()}", "web_tier:create_app()"])
         wait_until_up(f"{s.web_url}/healthz", self.children[-1].process, timeout_s=60,
                       stopping=self.stopping)
         self.mark_ready()
@@ -365,8 +373,11 @@ class Stack:
         watched = self.sockets is not None and name in self.watchdog_s
         notify = self.sockets.new(self.watchdog_s[name]) if watched else None
         env = {**self.env, **notify.env()} if notify is not None else self.env
+        fds = (self.lifeline.holder_fd,)
+        if name == "web" and self.web_listener is not None:
+            fds += (self.web_listener.fileno(),)
         return subprocess.Popen(argv, env=env, cwd=str(ROOT), start_new_session=True,
-                                pass_fds=(self.lifeline.holder_fd,), preexec_fn=ends_with_parent()), notify
+                                pass_fds=fds, preexec_fn=ends_with_parent()), notify
 
     def _watch(self, child: Child, now: float) -> None:
         """systemd's watchdog for a live child: abort it once its pings have stopped for
@@ -484,6 +495,9 @@ class Stack:
         if self.sockets is not None:
             self.sockets.remove_folder()
         self.lifeline.close()
+        if self.web_listener is not None:
+            self.web_listener.close()
+            self.web_listener = None
         if self.run_dir_lock is not None:
             os.close(self.run_dir_lock)
             self.run_dir_lock = None

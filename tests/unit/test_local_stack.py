@@ -471,6 +471,38 @@ def test_a_port_already_in_use_stops_the_stack_before_it_starts_anything(tmp_pat
         assert (tmp_path / "logs" / "moto.log").read_text() == "the running stack's"  # left alone
 
 
+@pytest.mark.parametrize("how", ["bound, not listening", "taken by a stack starting beside"])
+def test_a_port_held_otherwise_stops_the_stack_before_it_starts_anything(tmp_path, how):
+    """A port bound but not listening ended in gunicorn's traceback; one checked free by
+    connecting, then taken by a second stack started at the same moment (or anything
+    else while the first prepared its model), gave that stack the first one's answers
+    for its own: a READY line, its spare worker on the other's AWS. Each stack now binds
+    its ports itself before any child starts, and hands them to moto and gunicorn."""
+    from localaws.server import listening_socket
+
+    aws_port, web_port = free_ports(2)
+    if how == "bound, not listening":
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", web_port))
+    else:
+        holder = listening_socket("127.0.0.1", web_port, "WEB_PORT")  # as the other stack binds it
+    with holder:
+        stack = Stack(Settings(local_aws_port=aws_port, web_port=web_port), tmp_path, warm_spares=0)
+        with pytest.raises(PortInUse, match=f"127.0.0.1:{web_port} is already in use.*WEB_PORT"):
+            stack.start()
+        assert stack.children == [] and not (tmp_path / "logs").exists()
+        # The embedded AWS's port, taken first, was let go.
+        listening_socket("127.0.0.1", aws_port, "LOCAL_AWS_PORT").close()
+
+
+def test_a_stack_on_port_0_is_refused_naming_the_variable(tmp_path):
+    """It would serve where it cannot say (its READY line and health check at port 0)."""
+    stack = Stack(Settings(local_aws_port=free_port(), web_port=0), tmp_path, warm_spares=0)
+    with pytest.raises(PortInUse, match="WEB_PORT=0: the stack needs a port of its own"):
+        stack.start()
+    assert stack.children == []
+
+
 def test_a_second_stack_from_a_run_folder_in_use_stops_before_it_touches_anything(tmp_path):
     """It would move the first one's logs aside (or delete them, were it still starting),
     and its web tier would queue the first one's journaled uploads into its own AWS."""
