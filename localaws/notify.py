@@ -18,6 +18,7 @@ and 108 on Linux.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import tempfile
@@ -67,6 +68,27 @@ class NotifySocket:
         self.path.unlink(missing_ok=True)
 
 
+FOLDER_PREFIX = "imgclass-notify-"
+
+
+def remove_dead_owners_folders(parent: Path) -> None:
+    """Remove the socket folders in `parent` whose process is gone."""
+    for folder in parent.glob(f"{FOLDER_PREFIX}*-*"):
+        owner = folder.name.removeprefix(FOLDER_PREFIX).split("-", 1)[0]
+        if owner.isdigit() and not _alive(int(owner)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 class NotifySockets:
     """The sockets of all the runner's processes, in one temporary folder made at first use."""
 
@@ -78,11 +100,15 @@ class NotifySockets:
     def new(self, watchdog_s: float | None = None) -> NotifySocket:
         """A socket for one more process, whose watchdog allows `watchdog_s` (default: all's)."""
         if self._folder is None:
-            folder = tempfile.mkdtemp(prefix="imgclass-notify-")
+            # Named by this process: a stack killed outright (kill -9) leaves its folder,
+            # which the next one to make a folder there removes.
+            prefix = f"{FOLDER_PREFIX}{os.getpid()}-"
+            folder = tempfile.mkdtemp(prefix=prefix)
             if len(folder) > MAX_FOLDER_CHARS:
                 Path(folder).rmdir()
-                folder = tempfile.mkdtemp(prefix="imgclass-notify-", dir="/tmp")
+                folder = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
             self._folder = Path(folder)
+            remove_dead_owners_folders(self._folder.parent)
         self._made += 1
         return NotifySocket(self._folder / f"{self._made}.sock", watchdog_s or self.watchdog_s)
 

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -966,3 +967,34 @@ def test_failed_rounds_wait_longer_each_time_up_to_the_most(world, monkeypatch):
     runner.shut_down.set()  # nothing started: run() need not wait for a stop
     runner.run()
     assert waits == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+
+
+def test_the_socket_folders_of_stacks_killed_outright_are_removed_by_the_next(monkeypatch):
+    """A stack killed with kill -9 cannot remove its watchdog sockets' folder: two were
+    left in /tmp at each such kill. The next stack's removes those whose process is gone,
+    and no other."""
+    import subprocess
+    import tempfile
+
+    from localaws.notify import NotifySockets
+
+    short = Path(tempfile.mkdtemp(dir="/tmp"))  # a socket's path must stay short (above)
+    monkeypatch.setattr(tempfile, "tempdir", str(short))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    left = short / f"imgclass-notify-{gone.pid}-x1y2"
+    (left / "sub").mkdir(parents=True)
+    (left / "1.sock").write_text("")
+    alive = short / f"imgclass-notify-{os.getppid()}-z3"  # a live process's (this one's parent)
+    alive.mkdir()
+    unrelated = short / "imgclass-notify-abc"  # not named by a process: not ours to judge
+    unrelated.mkdir()
+    sockets = NotifySockets(watchdog_s=1.0)
+    notify = sockets.new()
+    try:
+        assert notify.path.parent.name.startswith(f"imgclass-notify-{os.getpid()}-")
+        assert not left.exists() and alive.exists() and unrelated.exists()
+    finally:
+        notify.close()
+        sockets.remove_folder()
+        shutil.rmtree(short)
