@@ -192,9 +192,9 @@ class InstanceRunner:
     # shutdown() once every process it started is stopped.
     rounds_over: threading.Event = field(default_factory=threading.Event)
     shut_down: threading.Event = field(default_factory=threading.Event)
-    # Held by a round from its EC2 call's answer to its end, and by shutdown() as it takes
-    # its list of processes: a round whose EC2 call outlasted the stop's wait for it
-    # started workers shutdown() never saw, their notify folder made anew.
+    # Held by a round while it starts processes, and by shutdown() as it takes its list of
+    # them: a round whose EC2 call outlasted the stop's wait for it started workers
+    # shutdown() never saw, their notify folder made anew. Never held across an AWS call.
     _round_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _first_seen: dict[str, float] = field(default_factory=dict, init=False)
     _spares: list[subprocess.Popen] = field(default_factory=list, init=False)
@@ -459,13 +459,15 @@ class InstanceRunner:
         # The controller's question (every watched state), so that the embedded AWS
         # answers both from one cached DescribeInstances; live ones kept, by number.
         instances = [i for i in app_tier_instances(self.aws) if i.state in LIVE_STATES]
-        with self._round_lock:
+        if self.stopping.is_set():
+            return  # shutdown() came during the EC2 call: what it listed is its to stop
+        live = {i.id for i in instances}
+        self._live = len(live)
+        self._stop_workers_of_gone_instances(live, now)
+        self._reap_draining(now)  # may call SQS (a killed worker's journal): not under the lock
+        with self._round_lock:  # only what starts processes, which calls nothing slow
             if self.stopping.is_set():
-                return  # shutdown() came during the EC2 call
-            live = {i.id for i in instances}
-            self._live = len(live)
-            self._stop_workers_of_gone_instances(live, now)
-            self._reap_draining(now)
+                return  # shutdown() came meanwhile
             self._restart_exited_workers(now)
             self._start_workers_for_new_instances(instances, now)
             self._first_seen = {k: v for k, v in self._first_seen.items() if k in live}
@@ -473,7 +475,7 @@ class InstanceRunner:
             # the cores it serves from (kept on top of the cap, spares loaded during every
             # burst of `make bench`: the workers' CPU per image rose from ~149 to 161 ms).
             self._top_up_spares(room=self.settings.local_max_workers - self._holding_models, now=now)
-            self._watch()
+        self._watch()
 
     @property
     def _holding_models(self) -> int:

@@ -300,6 +300,11 @@ class Stack:
                       stopping=self.stopping)
         self.mark_ready()
 
+    def _close_web_listener(self) -> None:
+        if self.web_listener is not None:
+            self.web_listener.close()
+            self.web_listener = None
+
     def say_what_the_stop_loses(self) -> None:
         """Log the requests still in the embedded AWS's queue, lost with it: it keeps
         nothing across a stop. A client told at the stop that its image is still queued
@@ -389,7 +394,7 @@ class Stack:
                                  watchdog_s=child.notify.watchdog_s, abort_sent_at=child.abort_sent_at,
                                  abort_grace_s=ABORT_GRACE_S)
         if action is Watchdog.ABORT:
-            why = ("it is stopped (SIGSTOP?); SIGABRT, acted on once continued, then a restart"
+            why = ("it is stopped (SIGSTOP?); SIGABRT, then SIGKILL and a restart"
                    if is_stopped(child.process.pid) else
                    "hung; SIGABRT (its threads' stacks follow), then a restart")
             log.error("%s (pid %d) has not pinged its watchdog for %.0f s: %s", child.name, child.process.pid,
@@ -476,6 +481,10 @@ class Stack:
                 terminate(child.process, deadline, child.name)
                 if child.group_kill_at is not None:  # what outlived it, asked to stop: waited for
                     end_group(child.process.pid, min(deadline, child.group_kill_at))
+                if child.name == "web":
+                    # New connections refused from now, not queued on the stack's socket
+                    # while the rest stops, then reset.
+                    self._close_web_listener()
             if self.runner is not None:
                 # A round in progress may still start a worker: let it end, so that
                 # shutdown() sees every process there is.
@@ -495,9 +504,7 @@ class Stack:
         if self.sockets is not None:
             self.sockets.remove_folder()
         self.lifeline.close()
-        if self.web_listener is not None:
-            self.web_listener.close()
-            self.web_listener = None
+        self._close_web_listener()
         if self.run_dir_lock is not None:
             os.close(self.run_dir_lock)
             self.run_dir_lock = None

@@ -424,6 +424,34 @@ def test_stopping_stops_the_runner_launching_before_anything_else(tmp_path, monk
     assert all(child.process.poll() is not None for child in stack.children)
 
 
+def test_once_the_web_tier_is_stopped_new_connections_are_refused_while_the_rest_stops(tmp_path, monkeypatch):
+    """The stack holds the web tier's listening socket (for its restarts): kept open while
+    the controller, the workers and the embedded AWS stopped (up to ~15 s), it took new
+    connections that no one would serve, then reset them."""
+    import errno
+
+    from localaws import stack as stack_module
+    from localaws.server import listening_socket
+
+    port = free_port()
+    stack = Stack(Settings(web_port=port), tmp_path, warm_spares=0)
+    stack.web_listener = listening_socket("127.0.0.1", port, "WEB_PORT")
+    connected: dict[str, int] = {}
+    real_terminate = stack_module.terminate
+
+    def terminate(process, deadline, name):
+        with socket.socket() as client:
+            connected[name] = client.connect_ex(("127.0.0.1", port))
+        real_terminate(process, deadline, name)
+
+    monkeypatch.setattr(stack_module, "terminate", terminate)
+    stack.children = [Child(name, SLEEPER, subprocess.Popen(SLEEPER, start_new_session=True), 0.0)
+                      for name in ("moto", "controller", "web")]
+    stack.stop(timeout_s=5)
+    assert connected == {"web": 0, "controller": errno.ECONNREFUSED, "moto": errno.ECONNREFUSED}
+    assert stack.web_listener is None
+
+
 def start_of_a_run(run_dir: Path, name: str, ready: bool) -> None:
     """The logs folder of a run named `name` (its one log says it) that became ready or not."""
     stack = Stack(Settings(), run_dir, warm_spares=0)
@@ -493,6 +521,15 @@ def test_a_port_held_otherwise_stops_the_stack_before_it_starts_anything(tmp_pat
         assert stack.children == [] and not (tmp_path / "logs").exists()
         # The embedded AWS's port, taken first, was let go.
         listening_socket("127.0.0.1", aws_port, "LOCAL_AWS_PORT").close()
+
+
+def test_an_address_that_cannot_be_listened_on_is_said_in_one_line_naming_the_variables():
+    """Bound by the stack, a port below 1024 or an address not this machine's ended in a
+    traceback, before any log was open."""
+    from localaws.server import listening_socket
+
+    with pytest.raises(PortInUse, match=r"cannot listen on 192\.0\.2\.1:\d+: .*WEB_HOST and WEB_PORT"):
+        listening_socket("192.0.2.1", free_port(), "WEB_PORT")  # TEST-NET-1: never this machine's
 
 
 def test_a_stack_on_port_0_is_refused_naming_the_variable(tmp_path):
