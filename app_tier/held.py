@@ -489,8 +489,9 @@ def _hand_back_entry(n: int, job: Job) -> dict[str, Any]:
     """`job`'s request as entry `n` of a hand-back's SendMessageBatch."""
     entry: dict[str, Any] = {"Id": str(n), "MessageBody": job.request_body}
     # This receive was not an attempt: only the earlier ones count. None is left out, not
-    # sent empty: SQS's Query protocol refused an empty map ("must contain non-empty
-    # message attribute name"), and the web tier's sender leaves it out too.
+    # sent empty: SQS refused an empty map in its Query protocol ("must contain non-empty
+    # message attribute name"), its JSON one does not document taking one, and the web
+    # tier's sender leaves it out too.
     if attributes := prior_receives_attribute(job.receive_count - 1):
         entry["MessageAttributes"] = attributes
     return entry

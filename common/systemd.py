@@ -41,10 +41,12 @@ def report_stacks_on_abort() -> None:
 
 
 def ping_watchdog(env: Mapping[str, str] = os.environ) -> bool:
-    """Send WATCHDOG=1 without waiting: a reader that lags (make run's, while it starts
-    or stops) has the earlier pings queued, and this one is dropped rather than waited
-    for. Waited for, each ping of a controller at each AWS request took 1 s then,
-    rounds took 3 s, and a stop took 7 s."""
+    """Send WATCHDOG=1 without waiting, for a sender that pings often (the controller, at
+    its AWS requests): a reader that lags (make run's, while it starts or stops) has the
+    earlier pings queued, and this one is dropped rather than waited for. Waited for,
+    each of the controller's took 1 s then, rounds took 3 s, and a stop took 7 s. One that
+    pings only every half watchdog period must wait (notify): a ping dropped there would
+    leave the next to race the kill."""
     return notify("WATCHDOG=1", env, wait=False)
 
 

@@ -191,7 +191,7 @@ def nworkers_changed(server: Arbiter, new_value: int, old_value: int | None) -> 
     tier as -w would (wrongly_served): a second process's listener took a third of the
     answers, and the POST / waiting for each in the first answered 504 after
     RESULT_TIMEOUT. The count goes back to 1, and the log says why."""
-    if new_value > 1:
+    if old_value is not None and new_value > 1:  # not the count set at start: on_starting refuses it
         server.log.error("web tier: SIGTTIN ignored: gunicorn must run 1 worker process, not %d: the "
                          "result book and its POST / waits live in one process", new_value)
         server._num_workers = 1  # not through the property, which would call this again

@@ -1813,6 +1813,21 @@ def test_the_controller_pings_its_watchdog_at_each_aws_request_of_a_round(aws, p
     assert len(heard[1:]) >= 3, heard
 
 
+def test_the_pings_at_aws_requests_come_once_a_second_at_most(aws, patch):
+    """A round makes a handful of requests in well under a second; a ping each is no
+    more alive than one, and each costs a datagram make run's stack must read."""
+    pinged: list[float] = []
+    patch.setattr("controller.loop.systemd.watchdog_interval_s", lambda: 300.0)
+    patch.setattr("controller.loop.systemd.ping_watchdog", lambda: pinged.append(time.monotonic()))
+    clock = [1000.0]
+    patch.setattr("controller.loop.time.monotonic", lambda: clock[0])
+    controller = Controller(aws.settings, aws)
+    for step_s in (0.0, 0.3, 0.3, 0.3, 0.2, 0.5):  # requests at 1000, 1000.3, ... 1001.6
+        clock[0] += step_s
+        controller._ping_on_request()
+    assert pinged == pytest.approx([1000.0, 1001.1])
+
+
 def test_once_exits_1_when_a_launch_fails(aws, patch, monkeypatch, capsys, tmp_path, caplog):
     """A failed launch no longer fails the round (launches back off alone), but a
     script running --once must still learn of it from the exit status."""

@@ -574,6 +574,9 @@ def test_sigttin_does_not_give_the_web_tier_a_second_process():
             for line in logged] == [True], logged
     arbiter.num_workers = 0  # SIGWINCH, daemonized: its workers stop
     assert arbiter.num_workers == 0 and len(logged) == 1
+    arbiter._num_workers = None  # -w 3 at start: on_starting's refusal, not a SIGTTIN's
+    arbiter.num_workers = 3
+    assert len(logged) == 1
 
 
 def test_an_ipv6_web_host_is_bound_as_one(monkeypatch):
