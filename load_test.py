@@ -461,7 +461,7 @@ _LINE_BREAKING = frozenset({"Cc", "Zl", "Zp"})  # web_tier/filenames.py
 # characters that show nothing (a BOM, a zero-width space, a soft hyphen, tag characters, ...).
 _DROPPED_CHARACTERS = ("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
                        "\u00ad\u180e\u200b\u2060\u2061\u2062\u2063\u2064\ufeff"
-                       "\u034f\u115f\u1160\u3164\uffa0\u206a\u206b\u206c\u206d\u206e\u206f"
+                       "\u115f\u1160\u3164\uffa0\u206a\u206b\u206c\u206d\u206e\u206f"
                        "\ufff9\ufffa\ufffb" + "".join(map(chr, range(0x1D173, 0x1D17B)))
                        + "".join(map(chr, range(0x1BCA0, 0x1BCA4))) + "\U000e0001"
                        + "".join(map(chr, range(0xE0020, 0xE0080))))

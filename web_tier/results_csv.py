@@ -21,7 +21,7 @@ COLUMNS = ("filename", "state", "label", "score", "error", "untrained")
 # there every ";" of a row may begin a cell, inside quotes or not ("photo;=1+1.jpg" gave
 # a cell "=1+1"): what such a cell would start with is quoted as well.
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-_FORMULA_AFTER_SEMICOLON = re.compile(r";(?=[=+\-@\t\r])")
+_FORMULA_AFTER_SEMICOLON = re.compile(r";(?=[\"\s]*[=+\-@\t\r])")  # through quotes and spaces too
 
 
 def results_csv_slices(items: Sequence[Item], model_untrained: bool) -> Iterator[str]:

@@ -475,7 +475,7 @@ def test_failed_rows_can_be_shown_alone_and_the_results_downloaded_as_csv(stack,
     for row in csv.reader(io.StringIO(data.decode("utf-8-sig")), delimiter=";"):
         assert not [cell for cell in row if cell.startswith(("=", "+", "-", "@"))], row
     def as_text(cell: str) -> str:  # as a spreadsheet must show it: not a formula, nor after a ";"
-        cell = re.sub(r";(?=[=+\-@])", ";'", cell)
+        cell = re.sub(r";(?=[\"\s]*[=+\-@])", ";'", cell)
         return "'" + cell if cell[:1] in ("=", "+", "-", "@") else cell
     # Every file's path within the folder chosen, not only those of a name shown twice.
     paths = [row.get_attribute("data-chosen-path") for row in rows]

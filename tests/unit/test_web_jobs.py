@@ -1411,14 +1411,18 @@ def test_a_csv_cell_a_spreadsheet_splitting_on_semicolons_would_begin_with_a_for
     from web_tier.results_csv import results_csv_slices
 
     hostile = "photo;=1+1;=cmd|' /C calc'!A0;.jpg"
+    quoted = 'd; "=HYPERLINK(1)".jpg'  # a cell Excel begins at the ";" and reads through the quote
     items = [Item(id="a", batch_id=None, filename=hostile, state="done", label="cat", score=0.5),
+             Item(id="q", batch_id=None, filename=quoted, state="done", label="cat", score=0.5),
              Item(id="b", batch_id=None, filename="plain.jpg", state="done", label="dog", score=0.25)]
     text = "".join(results_csv_slices(items, model_untrained=False))
     for delimiter in (",", ";", "\t"):
         for row in csv.reader(io.StringIO(text), delimiter=delimiter):
-            assert not [cell for cell in row if cell.startswith(("=", "+", "-", "@"))], (delimiter, row)
+            formulas = [cell for cell in row if cell.lstrip('" ').startswith(("=", "+", "-", "@"))]
+            assert not formulas, (delimiter, row)
     rows = list(csv.reader(io.StringIO(text)))
     assert rows[1:] == [["photo;'=1+1;'=cmd|' /C calc'!A0;.jpg", "done", "cat", "0.500000", "", "false"],
+                        ['d;\' "=HYPERLINK(1)".jpg', "done", "cat", "0.500000", "", "false"],
                         ["plain.jpg", "done", "dog", "0.250000", "", "false"]]
 
 

@@ -7,11 +7,11 @@ import { $, FAILED_ROWS, banner, resultsEl } from "./dom.js";
 // each file chosen in a folder. A byte-order mark first, for Excel to read the names as UTF-8.
 const CSV_COLUMNS = ["filename", "path", "state", "label", "score", "error", "untrained"];
 const FORMULA_START = /^[=+\-@\t\r]/;
-const FORMULA_AFTER_SEMICOLON = /;(?=[=+\-@\t\r])/g;
+const FORMULA_AFTER_SEMICOLON = /;(?=["\s]*[=+\-@\t\r])/g;  // through quotes and spaces too
 function csvCell(value) {
   // A cell a spreadsheet would run as a formula is shown as text, and one Excel would
   // begin at a ";" (where it splits on them) too (web_tier/results_csv.py).
-  const quoted = value.replace(FORMULA_AFTER_SEMICOLON, ";'");
+  const quoted = String(value ?? "").replace(FORMULA_AFTER_SEMICOLON, ";'");
   const text = FORMULA_START.test(quoted) ? `'${quoted}` : quoted;
   return /[",\r\n]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
 }

@@ -31,7 +31,7 @@ export function setName(el, name) {
 // and line or paragraph separators shown as spaces, trimmed. Files are still matched by
 // token, not name.
 // (A regular expression of code points, "u": the tag characters are past U+FFFF.)
-const DROPPED = /[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u00ad\u180e\u200b\u2060-\u2064\ufeff\u034f\u115f\u1160\u3164\uffa0\u206a-\u206f\ufff9-\ufffb\u{1d173}-\u{1d17a}\u{1bca0}-\u{1bca3}\u{e0001}\u{e0020}-\u{e007f}]/gu;
+const DROPPED = /[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u00ad\u180e\u200b\u2060-\u2064\ufeff\u115f\u1160\u3164\uffa0\u206a-\u206f\ufff9-\ufffb\u{1d173}-\u{1d17a}\u{1bca0}-\u{1bca3}\u{e0001}\u{e0020}-\u{e007f}]/gu;
 const LINE_BREAKING = /[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g;
 function shownName(name) {
   return name.replace(DROPPED, "").replace(LINE_BREAKING, " ").trim() || "upload";
