@@ -22,7 +22,10 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
+
+from common.file_lock import LockHeld, hold, lock_file
 
 # Room for the file name ("<n>.sock") under the shortest limit.
 MAX_FOLDER_CHARS = 80
@@ -69,24 +72,29 @@ class NotifySocket:
 
 
 FOLDER_PREFIX = "imgclass-notify-"
+# In each folder, locked by its maker for its life (common/file_lock.py): the kernel lets
+# go of the lock when the maker dies, however it dies.
+OWNER_LOCK = ".owner.lock"
+# A folder younger than this is left alone: its maker may not have locked it yet.
+FRESH_S = 60.0
 
 
-def remove_dead_owners_folders(parent: Path) -> None:
-    """Remove the socket folders in `parent` whose process is gone."""
-    for folder in parent.glob(f"{FOLDER_PREFIX}*-*"):
-        owner = folder.name.removeprefix(FOLDER_PREFIX).split("-", 1)[0]
-        if owner.isdigit() and not _alive(int(owner)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
+def remove_abandoned_folders(parent: Path) -> None:
+    """Remove the socket folders in `parent` whose maker is gone: a stack killed outright
+    (kill -9) cannot remove its own, and left two at each kill. By the lock, not by a
+    pid: one from another PID namespace (a container sharing /tmp) would look dead."""
+    for lock in parent.glob(f"{FOLDER_PREFIX}*/{OWNER_LOCK}"):
+        try:
+            if time.time() - lock.stat().st_mtime < FRESH_S:
+                continue
+            fd = lock_file(lock, os.O_RDONLY)
+        except LockHeld:
+            continue  # its maker lives
+        except OSError:  # another user's, or gone meanwhile
+            continue
+        if fd is not None:
+            shutil.rmtree(lock.parent, ignore_errors=True)
+            os.close(fd)
 
 
 class NotifySockets:
@@ -95,20 +103,19 @@ class NotifySockets:
     def __init__(self, watchdog_s: float) -> None:
         self.watchdog_s = watchdog_s
         self._folder: Path | None = None
+        self._lock_fd: int | None = None
         self._made = 0
 
     def new(self, watchdog_s: float | None = None) -> NotifySocket:
         """A socket for one more process, whose watchdog allows `watchdog_s` (default: all's)."""
         if self._folder is None:
-            # Named by this process: a stack killed outright (kill -9) leaves its folder,
-            # which the next one to make a folder there removes.
-            prefix = f"{FOLDER_PREFIX}{os.getpid()}-"
-            folder = tempfile.mkdtemp(prefix=prefix)
+            folder = tempfile.mkdtemp(prefix=FOLDER_PREFIX)
             if len(folder) > MAX_FOLDER_CHARS:
                 Path(folder).rmdir()
-                folder = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+                folder = tempfile.mkdtemp(prefix=FOLDER_PREFIX, dir="/tmp")
             self._folder = Path(folder)
-            remove_dead_owners_folders(self._folder.parent)
+            self._lock_fd = hold(self._folder / OWNER_LOCK)
+            remove_abandoned_folders(self._folder.parent)
         self._made += 1
         return NotifySocket(self._folder / f"{self._made}.sock", watchdog_s or self.watchdog_s)
 
@@ -116,3 +123,6 @@ class NotifySockets:
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None

@@ -59,7 +59,8 @@ def start_moto(host: str, port: int, log_path: Path, stopping: threading.Event |
 
 
 class PortInUse(RuntimeError):
-    """Something already listens where the stack would: a second `make run`, say."""
+    """The stack cannot listen where its settings say: something already holds the port
+    (a second `make run`, say), or the address cannot be listened on at all."""
 
 
 def listening_socket(host: str, port: int, variable: str) -> socket.socket:
@@ -84,7 +85,10 @@ def listening_socket(host: str, port: int, variable: str) -> socket.socket:
         if exc.errno == errno.EADDRINUSE:
             raise PortInUse(f"{host}:{port} is already in use (another `make run`?): stop what "
                             f"listens there, or set {variable} to another port") from None
-        raise
+        # A port below 1024 (EACCES), an address not this machine's (EADDRNOTAVAIL).
+        host_variable = variable.replace("_PORT", "_HOST")
+        raise PortInUse(f"cannot listen on {host}:{port}: {exc.strerror or exc} (set {host_variable} "
+                        f"and {variable} to an address of this machine, and a port from 1024)") from None
     sock.set_inheritable(True)
     return sock
 

@@ -971,30 +971,36 @@ def test_failed_rounds_wait_longer_each_time_up_to_the_most(world, monkeypatch):
 
 def test_the_socket_folders_of_stacks_killed_outright_are_removed_by_the_next(monkeypatch):
     """A stack killed with kill -9 cannot remove its watchdog sockets' folder: two were
-    left in /tmp at each such kill. The next stack's removes those whose process is gone,
-    and no other."""
-    import subprocess
+    left in /tmp at each such kill. The next stack's removes those no live process holds
+    (by the lock in each, not by a pid, which another PID namespace's stack would reuse),
+    and leaves one just made, which its maker may not have locked yet."""
     import tempfile
 
-    from localaws.notify import NotifySockets
+    from common.file_lock import hold
+    from localaws.notify import OWNER_LOCK, NotifySockets
 
     short = Path(tempfile.mkdtemp(dir="/tmp"))  # a socket's path must stay short (above)
     monkeypatch.setattr(tempfile, "tempdir", str(short))
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    left = short / f"imgclass-notify-{gone.pid}-x1y2"
-    (left / "sub").mkdir(parents=True)
-    (left / "1.sock").write_text("")
-    alive = short / f"imgclass-notify-{os.getppid()}-z3"  # a live process's (this one's parent)
-    alive.mkdir()
-    unrelated = short / "imgclass-notify-abc"  # not named by a process: not ours to judge
-    unrelated.mkdir()
+
+    def folder(name: str, age_s: float) -> Path:
+        made = short / f"imgclass-notify-{name}"
+        (made / "sub").mkdir(parents=True)
+        (made / OWNER_LOCK).write_text("12345\n")
+        os.utime(made / OWNER_LOCK, (time.time() - age_s,) * 2)
+        return made
+
+    abandoned, fresh, held = folder("gone", 3600), folder("new", 1), folder("live", 3600)
+    live_lock = hold(held / OWNER_LOCK)
+    os.utime(held / OWNER_LOCK, (time.time() - 3600,) * 2)
+    unlocked = short / "imgclass-notify-old"  # made before folders were locked: not judged
+    unlocked.mkdir()
     sockets = NotifySockets(watchdog_s=1.0)
     notify = sockets.new()
     try:
-        assert notify.path.parent.name.startswith(f"imgclass-notify-{os.getpid()}-")
-        assert not left.exists() and alive.exists() and unrelated.exists()
+        assert not abandoned.exists() and fresh.exists() and held.exists() and unlocked.exists()
+        assert (notify.path.parent / OWNER_LOCK).exists()
     finally:
         notify.close()
         sockets.remove_folder()
+        os.close(live_lock)
         shutil.rmtree(short)
