@@ -268,12 +268,30 @@ MAX_TIFF_PARTS = 65_536
 # reads all the same (their first two bytes say the byte order): left out, they would
 # skip the check.
 TIFF_SIGNATURES = tuple(TIFF_PREFIXES)
-_STRIP_OFFSETS, _TILE_OFFSETS = 273, 324
+# Entries of a TIFF's first directory: Pillow reads each in Python as it opens the file.
+# A classic TIFF holds 65,535 at most (~0.25 s); a BigTIFF's count is 8 bytes, and 500,000
+# entries in 10 MB took 1.8 s in the web tier and 2.6 s in a worker. Encoders write 10-40.
+MAX_TIFF_ENTRIES = 65_535
+_WIDTH, _LENGTH, _STRIP_OFFSETS, _TILE_WIDTH, _TILE_LENGTH, _TILE_OFFSETS = 256, 257, 273, 322, 323, 324
+# The bytes of a TIFF entry's value types whose first value tiff_layout reads: SHORT,
+# LONG, LONG8.
+_VALUE_SIZES = {3: 2, 4: 4, 16: 8}
 
 
-def tiff_parts(data: bytes) -> int:
-    """The strips or tiles of a TIFF's first image, as its first directory counts their
-    offsets (the larger of the two, if both); 0 where that cannot be read."""
+@dataclass(frozen=True)
+class TiffLayout:
+    """What a TIFF's first directory declares, as far as its entries can be read."""
+
+    entries: int = 0
+    parts: int = 0  # strips or tiles (the larger count, if both)
+    width: int = 0
+    length: int = 0
+    tile_width: int = 0
+    tile_length: int = 0
+
+
+def tiff_layout(data: bytes) -> TiffLayout:
+    """A TIFF's first directory; zeros where it cannot be read."""
     order = "little" if data[:2] == b"II" else "big"
     if data[2:4] in (b"+\x00", b"\x00+"):  # BigTIFF: 8-byte offsets and counts
         directory, entries_size, count_size, entry_size = int.from_bytes(data[8:16], order), 8, 8, 20
@@ -281,20 +299,77 @@ def tiff_parts(data: bytes) -> int:
         directory, entries_size, count_size, entry_size = int.from_bytes(data[4:8], order), 2, 4, 12
     entries = int.from_bytes(data[directory:directory + entries_size], order)
     first = directory + entries_size
+    values: dict[int, int] = {}
     parts = 0
     # An entry past the file's end ends the walk: as many as the file can hold, at most.
-    for at in range(first, min(first + entries * entry_size, len(data) - entry_size + 1), entry_size):
-        if int.from_bytes(data[at:at + 2], order) in (_STRIP_OFFSETS, _TILE_OFFSETS):
+    # At most the limit's worth too: a directory past it is refused whatever it holds.
+    last = min(first + min(entries, MAX_TIFF_ENTRIES + 1) * entry_size, len(data) - entry_size + 1)
+    for at in range(first, last, entry_size):
+        tag = int.from_bytes(data[at:at + 2], order)
+        if tag in (_STRIP_OFFSETS, _TILE_OFFSETS):
             parts = max(parts, int.from_bytes(data[at + 4:at + 4 + count_size], order))
-    return parts
+        elif tag in (_WIDTH, _LENGTH, _TILE_WIDTH, _TILE_LENGTH):
+            size = _VALUE_SIZES.get(int.from_bytes(data[at + 2:at + 4], order))
+            if size is not None:  # its first value, held in the entry itself
+                value_at = at + 4 + count_size
+                values[tag] = int.from_bytes(data[value_at:value_at + size], order)
+    return TiffLayout(entries, parts, values.get(_WIDTH, 0), values.get(_LENGTH, 0),
+                      values.get(_TILE_WIDTH, 0), values.get(_TILE_LENGTH, 0))
+
+
+def tiff_parts(data: bytes) -> int:
+    """The strips or tiles of a TIFF's first image, as its first directory counts their
+    offsets (the larger of the two, if both); 0 where that cannot be read."""
+    return tiff_layout(data).parts
 
 
 def tiff_refusal(data: bytes) -> str | None:
-    """Why a TIFF of too many strips or tiles is refused, or None (for anything else too).
-    Meant to run before Pillow opens it."""
-    if data.startswith(TIFF_SIGNATURES) and (parts := tiff_parts(data)) > MAX_TIFF_PARTS:
-        return (f"the TIFF is made of {parts} strips or tiles, more than the limit of {MAX_TIFF_PARTS} "
-                "(encoders write one per 8-64 KB), more than this service reads")
+    """Why a TIFF of too many strips, tiles or directory entries, or of tiles larger than
+    its image, is refused, or None (for anything else too). Meant to run before Pillow
+    opens it."""
+    if not data.startswith(TIFF_SIGNATURES):
+        return None
+    layout = tiff_layout(data)
+    if layout.parts > MAX_TIFF_PARTS:
+        return (f"the TIFF is made of {layout.parts} strips or tiles, more than the limit of "
+                f"{MAX_TIFF_PARTS} (encoders write one per 8-64 KB), more than this service reads")
+    if layout.entries > MAX_TIFF_ENTRIES:
+        return (f"the TIFF's first directory has {layout.entries} entries, more than the "
+                f"{MAX_TIFF_ENTRIES} a classic TIFF can hold (encoders write 10-40)")
+    # libtiff decodes a whole tile whatever the image's size: an 8x8 image of one
+    # 32768x32768 tile (1 MB, deflated zeros) took a worker 1 GB, and its pixel count
+    # passed every limit. A tile is a multiple of 16 pixels a side, so one side rounded
+    # up to it covers the image.
+    if layout.width and layout.length and (layout.tile_width > _rounded_up(layout.width, 16)
+                                           or layout.tile_length > _rounded_up(layout.length, 16)):
+        return (f"the TIFF's tiles ({layout.tile_width}x{layout.tile_length}) are larger than its "
+                f"image ({layout.width}x{layout.length}), which encoders never write")
+    return None
+
+
+def _rounded_up(value: int, step: int) -> int:
+    return -(-value // step) * step
+
+
+# A BMP compressed with RLE8 or RLE4 (compression 1 or 2) is decoded by Pillow in Python,
+# a step per pixel or per row's end: 3.5 KB declaring 65535x610 pixels, a pixel and a
+# row's end on each row, took a worker 4.5 s of CPU (the interpreter's lock held). Over
+# this many pixels (~0.45 s) such a BMP is refused; uncompressed BMPs are read in C.
+MAX_RLE_BMP_PIXELS = 4_000_000
+BMP_SIGNATURE = b"BM"
+
+
+def bmp_refusal(data: bytes) -> str | None:
+    """Why an RLE-compressed BMP of too many pixels is refused, or None (for anything else
+    too). Meant to run before Pillow opens it."""
+    if not data.startswith(BMP_SIGNATURE) or len(data) < 34:
+        return None
+    if int.from_bytes(data[14:18], "little") < 40:  # an OS/2 header: no compression field
+        return None
+    width, height = (abs(int.from_bytes(data[at:at + 4], "little", signed=True)) for at in (18, 22))
+    if int.from_bytes(data[30:34], "little") in (1, 2) and width * height > MAX_RLE_BMP_PIXELS:
+        return (f"an RLE-compressed BMP of more than {MAX_RLE_BMP_PIXELS:,} pixels ({width}x{height}) "
+                "is refused: decoding one is slow (save it uncompressed, or as PNG)")
     return None
 
 
@@ -341,13 +416,14 @@ def gif_refusal(data: bytes) -> str | None:
 
 def parts_refusal(data: bytes) -> tuple[JpegLayout | None, str | None]:
     """A JPEG's layout (None for any other image), and why an image of too many parts
-    for its format (JPEG segments or scans, PNG chunks, GIF blocks, TIFF strips or
-    tiles) is refused, or None. Cheap, and meant to run before Pillow opens it: Pillow
+    for its format (JPEG segments or scans, PNG chunks, GIF blocks, TIFF strips, tiles
+    or directory entries, TIFF tiles larger than the image, an RLE BMP's pixels) is
+    refused, or None. Cheap, and meant to run before Pillow opens it: Pillow
     reads those parts in Python."""
     jpeg = jpeg_layout(data) if data.startswith(JPEG_SIGNATURE) else None
     if jpeg is not None:
         return jpeg, jpeg_refusal(jpeg)
-    return None, png_refusal(data) or gif_refusal(data) or tiff_refusal(data)
+    return None, png_refusal(data) or gif_refusal(data) or tiff_refusal(data) or bmp_refusal(data)
 
 
 # The formats both tiers read, by Pillow's names (its JPEG reader also gives MPO, the

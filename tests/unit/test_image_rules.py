@@ -500,6 +500,92 @@ def test_a_tiff_of_too_many_tiles_is_refused_before_pillow_reads_it(web_settings
             prepare(tiff_of_tiles(side, side, order), web_settings.max_image_pixels)
 
 
+def tiled_tiff(width: int, length: int, tile: int) -> bytes:
+    """A grey TIFF of one deflated tile of `tile` x `tile` zero bytes."""
+    packed = zlib.compress(bytes(tile * tile), 9)
+    tags = [(256, 4, 1, width), (257, 4, 1, length), (258, 3, 1, 8), (259, 3, 1, 8), (262, 3, 1, 1),
+            (277, 3, 1, 1), (322, 4, 1, tile), (323, 4, 1, tile), (324, 4, 1, 8), (325, 4, 1, len(packed))]
+    pad = b"\0" * (len(packed) & 1)
+    directory = (struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHII", *t) for t in tags)
+                 + b"\0" * 4)
+    return b"II*\0" + struct.pack("<I", 8 + len(packed) + len(pad)) + packed + pad + directory
+
+
+def test_a_tiff_whose_tile_is_larger_than_its_image_is_refused_before_pillow_reads_it(web_settings,
+                                                                                    monkeypatch):
+    """libtiff decodes a whole tile whatever the image's size: an 8x8 image of one
+    32768x32768 tile (1 MB of deflated zeros) took a worker 1 GB, past every pixel limit."""
+    fits = tiled_tiff(20, 20, 32)  # a 20x20 image in one 32x32 tile: as encoders write
+    assert check_image("ok.tif", fits, web_settings).content_type == "image/tiff"
+    assert prepare(fits, web_settings.max_image_pixels).shape == (224, 224, 3)
+    forbid_pillow(monkeypatch)
+    bomb = tiled_tiff(8, 8, 32768)
+    with pytest.raises(Refusal) as refused:
+        check_image("bomb.tif", bomb, web_settings)
+    assert refused.value.status == 422
+    assert refused.value.reason == ("the TIFF's tiles (32768x32768) are larger than its image (8x8), "
+                                    "which encoders never write")
+    with pytest.raises(BadImage, match="larger than its image"):
+        prepare(bomb, web_settings.max_image_pixels)
+
+
+def test_a_bigtiff_of_a_huge_directory_is_refused_before_pillow_reads_it(web_settings, monkeypatch):
+    """Pillow reads a TIFF directory's entries one by one, in Python; a BigTIFF's count is
+    8 bytes: 500,000 entries in 10 MB took the web tier 1.8 s and a worker 2.6 s."""
+    from common.image_limits import MAX_TIFF_ENTRIES
+
+    tags = [(256, 3, 1, 8), (257, 3, 1, 8), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+            (273, 16, 1, 16), (277, 3, 1, 1), (278, 3, 1, 8), (279, 16, 1, 64)]
+
+    def bigtiff(extra: int) -> bytes:
+        entries = (b"".join(struct.pack("<HHQQ", *t) for t in tags)
+                   + struct.pack("<HHQQ", 65000, 0, 1, 0) * extra)
+        return (b"II+\0" + struct.pack("<HHQ", 8, 0, 80) + bytes(64) + struct.pack("<Q", len(tags) + extra)
+                + entries + bytes(8))
+
+    assert check_image("ok.tif", bigtiff(10), web_settings).content_type == "image/tiff"
+    forbid_pillow(monkeypatch)
+    for extra in (MAX_TIFF_ENTRIES, 500_000):
+        said = f"has {len(tags) + extra} entries, more than the {MAX_TIFF_ENTRIES}"
+        with pytest.raises(Refusal, match=said):
+            check_image("many.tif", bigtiff(extra), web_settings)
+        with pytest.raises(BadImage, match="entries, more than"):
+            prepare(bigtiff(extra), web_settings.max_image_pixels)
+
+
+def rle_bmp(width: int, height: int, body: bytes, bpp: int = 8, compression: int = 1) -> bytes:
+    palette = b"".join(struct.pack("<BBBB", i % 256, i * 7 % 256, 255 - i % 256, 0) for i in range(1 << bpp))
+    offset = 14 + 40 + len(palette)
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, bpp, compression, len(body), 2835, 2835,
+                       1 << bpp, 0)
+    return b"BM" + struct.pack("<IHHI", offset + len(body), 0, 0, offset) + info + palette + body
+
+
+def test_an_rle_bmp_of_many_pixels_is_refused_before_pillow_reads_it(web_settings, monkeypatch):
+    """Pillow decodes RLE8 and RLE4 BMPs in Python, a step per pixel or row's end: 3.5 KB
+    declaring 65535x610 pixels took a worker 4.5 s of CPU, the interpreter's lock held."""
+    from common.image_limits import MAX_RLE_BMP_PIXELS
+
+    rows = b"\x01\x03\x00\x00"  # a pixel, then the row's end
+    fits = rle_bmp(320, 240, rows * 240 + b"\x00\x01")
+    assert check_image("ok.bmp", fits, web_settings).content_type == "image/bmp"
+    assert prepare(fits, web_settings.max_image_pixels).shape == (224, 224, 3)
+    plain = io.BytesIO()
+    Image.new("RGB", (4000, 1001)).save(plain, "BMP")  # uncompressed, past the RLE limit: read in C
+    assert check_image("big.bmp", plain.getvalue(), web_settings).content_type == "image/bmp"
+    forbid_pillow(monkeypatch)
+    for width, height, compression in ((65535, 610, 1), (4000, -1001, 2)):  # RLE4; top-down rows
+        slow = rle_bmp(width, height, rows * 10 + b"\x00\x01", bpp=8 if compression == 1 else 4,
+                       compression=compression)
+        with pytest.raises(Refusal) as refused:
+            check_image("slow.bmp", slow, web_settings)
+        assert refused.value.status == 422
+        assert refused.value.reason.startswith(f"an RLE-compressed BMP of more than {MAX_RLE_BMP_PIXELS:,} "
+                                               f"pixels ({width}x{abs(height)}) is refused")
+        with pytest.raises(BadImage, match="RLE-compressed BMP"):
+            prepare(slow, web_settings.max_image_pixels)
+
+
 def test_tiff_parts_reads_bigtiff_and_stops_at_the_files_end():
     from common.image_limits import tiff_parts
 
