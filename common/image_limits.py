@@ -273,6 +273,9 @@ TIFF_SIGNATURES = tuple(TIFF_PREFIXES)
 # entries in 10 MB took 1.8 s in the web tier and 2.6 s in a worker. Encoders write 10-40.
 MAX_TIFF_ENTRIES = 65_535
 _WIDTH, _LENGTH, _STRIP_OFFSETS, _TILE_WIDTH, _TILE_LENGTH, _TILE_OFFSETS = 256, 257, 273, 322, 323, 324
+# A side a TIFF's tiles may have beyond its image's (tiff_refusal): a tile of 2048x2048
+# decodes to 32 MB at most (4 samples of 16 bits).
+MAX_TIFF_TILE_SIDE = 2048
 # The bytes of a TIFF entry's value types whose first value tiff_layout reads: SHORT,
 # LONG, LONG8.
 _VALUE_SIZES = {3: 2, 4: 4, 16: 8}
@@ -338,12 +341,14 @@ def tiff_refusal(data: bytes) -> str | None:
                 f"{MAX_TIFF_ENTRIES} a classic TIFF can hold (encoders write 10-40)")
     # libtiff decodes a whole tile whatever the image's size: an 8x8 image of one
     # 32768x32768 tile (1 MB, deflated zeros) took a worker 1 GB, and its pixel count
-    # passed every limit. A tile is a multiple of 16 pixels a side, so one side rounded
-    # up to it covers the image.
-    if layout.width and layout.length and (layout.tile_width > _rounded_up(layout.width, 16)
-                                           or layout.tile_length > _rounded_up(layout.length, 16)):
+    # passed every limit. Encoders write tiles of 256-1024 pixels a side, small images
+    # too, or one covering the image (a multiple of 16 a side).
+    if layout.width and layout.length and (
+            layout.tile_width > max(_rounded_up(layout.width, 16), MAX_TIFF_TILE_SIDE)
+            or layout.tile_length > max(_rounded_up(layout.length, 16), MAX_TIFF_TILE_SIDE)):
         return (f"the TIFF's tiles ({layout.tile_width}x{layout.tile_length}) are larger than its "
-                f"image ({layout.width}x{layout.length}), which encoders never write")
+                f"image ({layout.width}x{layout.length}) and than {MAX_TIFF_TILE_SIDE} pixels a side, "
+                "which encoders never write")
     return None
 
 

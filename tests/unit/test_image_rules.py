@@ -515,16 +515,16 @@ def test_a_tiff_whose_tile_is_larger_than_its_image_is_refused_before_pillow_rea
                                                                                     monkeypatch):
     """libtiff decodes a whole tile whatever the image's size: an 8x8 image of one
     32768x32768 tile (1 MB of deflated zeros) took a worker 1 GB, past every pixel limit."""
-    fits = tiled_tiff(20, 20, 32)  # a 20x20 image in one 32x32 tile: as encoders write
-    assert check_image("ok.tif", fits, web_settings).content_type == "image/tiff"
-    assert prepare(fits, web_settings.max_image_pixels).shape == (224, 224, 3)
+    for fits in (tiled_tiff(20, 20, 32), tiled_tiff(20, 20, 2048)):  # a small image, a usual tile
+        assert check_image("ok.tif", fits, web_settings).content_type == "image/tiff"
+        assert prepare(fits, web_settings.max_image_pixels).shape == (224, 224, 3)
     forbid_pillow(monkeypatch)
     bomb = tiled_tiff(8, 8, 32768)
     with pytest.raises(Refusal) as refused:
         check_image("bomb.tif", bomb, web_settings)
     assert refused.value.status == 422
-    assert refused.value.reason == ("the TIFF's tiles (32768x32768) are larger than its image (8x8), "
-                                    "which encoders never write")
+    assert refused.value.reason == ("the TIFF's tiles (32768x32768) are larger than its image (8x8) "
+                                    "and than 2048 pixels a side, which encoders never write")
     with pytest.raises(BadImage, match="larger than its image"):
         prepare(bomb, web_settings.max_image_pixels)
 
