@@ -320,12 +320,6 @@ def tiff_layout(data: bytes) -> TiffLayout:
                       values.get(_TILE_WIDTH, 0), values.get(_TILE_LENGTH, 0))
 
 
-def tiff_parts(data: bytes) -> int:
-    """The strips or tiles of a TIFF's first image, as its first directory counts their
-    offsets (the larger of the two, if both); 0 where that cannot be read."""
-    return tiff_layout(data).parts
-
-
 def tiff_refusal(data: bytes) -> str | None:
     """Why a TIFF of too many strips, tiles or directory entries, or of tiles larger than
     its image, is refused, or None (for anything else too). Meant to run before Pillow

@@ -479,10 +479,10 @@ def test_a_tiff_of_too_many_tiles_is_refused_before_pillow_reads_it(web_settings
     """Pillow makes an object of each strip or tile as it opens a TIFF: 2.56 million 1x1
     tiles in 10 MB take 4.5 s and ~800 MB to open, 9.7 s in the web tier and 14.6 s in a
     worker."""
-    from common.image_limits import MAX_TIFF_PARTS, tiff_parts
+    from common.image_limits import MAX_TIFF_PARTS, tiff_layout
 
     fits = tiff_of_tiles(250, 250, order)  # 62,500 tiles
-    assert tiff_parts(fits) == 62_500
+    assert tiff_layout(fits).parts == 62_500
     assert check_image("ok.tif", fits, web_settings).content_type == "image/tiff"
     assert prepare(fits, web_settings.max_image_pixels).shape == (224, 224, 3)
     forbid_pillow(monkeypatch)
@@ -586,17 +586,17 @@ def test_an_rle_bmp_of_many_pixels_is_refused_before_pillow_reads_it(web_setting
             prepare(slow, web_settings.max_image_pixels)
 
 
-def test_tiff_parts_reads_bigtiff_and_stops_at_the_files_end():
-    from common.image_limits import tiff_parts
+def test_tiff_layout_reads_bigtiff_and_stops_at_the_files_end():
+    from common.image_limits import tiff_layout
 
     lzw, big = io.BytesIO(), io.BytesIO()
     Image.new("RGB", (640, 4800)).save(lzw, "TIFF", compression="tiff_lzw")  # libtiff: ~64 KB strips
     Image.new("RGB", (640, 4800)).save(big, "TIFF", big_tiff=True)  # one strip
-    assert tiff_parts(lzw.getvalue()) == 142
-    assert big.getvalue().startswith(b"II+\x00") and tiff_parts(big.getvalue()) == 1
+    assert tiff_layout(lzw.getvalue()).parts == 142
+    assert big.getvalue().startswith(b"II+\x00") and tiff_layout(big.getvalue()).parts == 1
     cut = tiff_of_tiles(300, 300)[:200]  # its directory whole, its offsets gone
-    assert tiff_parts(cut) == 90_000
-    assert tiff_parts(b"II*\x00\xff\xff\xff\x7f") == 0  # a directory past the end
+    assert tiff_layout(cut).parts == 90_000
+    assert tiff_layout(b"II*\x00\xff\xff\xff\x7f").parts == 0  # a directory past the end
 
 
 def test_a_webp_is_held_to_half_the_pixel_limit_as_its_decoding_takes_several_times_the_memory(
