@@ -131,15 +131,23 @@ def _truncation(img: Image.Image, data: bytes, jpeg: JpegLayout | None) -> str |
         return "the JPEG data is truncated (it has no end-of-image marker)"
     if img.format == "TIFF" and _tiff_data_ends(img) > len(data):
         return "the TIFF image data is truncated"
-    for tile in img.tile:  # uncompressed rows of a known size (BMP)
-        stride = tile.args[1] if isinstance(tile.args, tuple) and len(tile.args) > 1 else 0
-        if tile.codec_name == "raw" and isinstance(stride, int) and stride > 0:
-            rows = tile.extents[3] - tile.extents[1]
-            # The last row's padding (up to 3 bytes) may be missing: the decoder does
-            # not need it. (Up to 3 bytes of its pixels missing pass here, then.)
-            if tile.offset + stride * rows - 3 > len(data):
-                return f"the {img.format} pixel data is truncated"
+    if img.format == "BMP" and _bmp_data_ends(img, data) > len(data):
+        return "the BMP pixel data is truncated"
     return None
+
+
+def _bmp_data_ends(img: Image.Image, data: bytes) -> int:
+    """Where an uncompressed BMP's pixels end, as its header says: the last row's
+    padding to 4 bytes is left out, as the decoder does not need it. 0 for others."""
+    tile = img.tile[0] if len(img.tile) == 1 else None
+    stride = tile.args[1] if tile and isinstance(tile.args, tuple) and len(tile.args) > 1 else 0
+    if tile is None or tile.codec_name != "raw" or not isinstance(stride, int) or stride <= 0:
+        return 0
+    # Bits per pixel: where the header puts them, in OS/2's 12-byte header or the later ones.
+    at = 24 if int.from_bytes(data[14:18], "little") == 12 else 28
+    bits = int.from_bytes(data[at:at + 2], "little")
+    x0, y0, x1, y1 = tile.extents
+    return tile.offset + stride * (y1 - y0 - 1) + -(-(x1 - x0) * bits // 8)
 
 
 def _tiff_data_ends(img: Image.Image) -> int:
