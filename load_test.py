@@ -54,7 +54,7 @@ import threading
 import time
 import unicodedata
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +76,10 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".png", ".
 # The web tier answers 504 after RESULT_TIMEOUT (300 s by default); waiting a little
 # longer lets the report show the server's own answer rather than our give-up.
 DEFAULT_TIMEOUT_S = 330.0
+MAX_TIMEOUT_S = 86_400.0
+# Open files beyond two per request in flight: the status poller's connection, the
+# interpreter's own, the JSON and plot written at the end.
+OPEN_FILES_SPARE = 64
 CONNECT_TIMEOUT_S = 10.0
 STATUS_INTERVAL_S = 0.5
 # A fresh web tier's first /api/status waits up to 10 s on AWS (web_tier/status.py
@@ -155,10 +159,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def _timeout(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    # A socket's timeout past what the platform's clock holds (inf, 1e10) failed every
+    # request with an OverflowError, each counted sent.
+    if not 0 < value <= MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most {MAX_TIMEOUT_S:g} (a day), "
+                                         f"got {text}")
     return value
 
 
@@ -210,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sent as X-API-Key (default: $API_KEY, the variable the web tier reads)",
     )
     parser.add_argument(
-        "--timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+        "--timeout", type=_timeout, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
         help=f"give up on one request after this long (default {DEFAULT_TIMEOUT_S:g})",
     )
     parser.add_argument("--json", dest="json_path", type=Path, metavar="PATH", help="write a JSON report")
@@ -353,6 +360,31 @@ def scan_folder(folder: Path) -> tuple[list[Path], list[str]]:
                             + (f" (subfolders are not looked in: {named})" if inside else ""))
     sent = set(images)
     return images, sorted(sendable_name(p) for p in entries if p not in sent)
+
+
+def open_files_warning(concurrency: int) -> str | None:
+    """Raises this process's limit on open files as far as `concurrency` needs and the
+    hard limit allows; a warning if that is still too few, else None. At the usual
+    1,024, -c 500 and more failed requests with "Too many open files", each tried again
+    for 30 s as if the server could not be reached."""
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit to raise
+        return None
+    # A connection to send on, one to follow (--jobs), a file read at a time, and a spare.
+    needed = 2 * concurrency + OPEN_FILES_SPARE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return None
+    raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+        soft = raised
+    if soft >= needed:
+        return None
+    return (f"--concurrency {concurrency} needs about {needed} open files and this process may open "
+            f"{soft} (ulimit -n): some requests may fail with 'Too many open files'; lower -c or "
+            "raise the hard limit")
 
 
 def say_what_is_left_out(config: Config, images: list[Path], skipped: list[str],
@@ -1618,7 +1650,8 @@ class Senders:
     def __init__(self, client: Client, plan: Sequence[Path], concurrency: int, stop: threading.Event) -> None:
         self._client = client
         self._stop = stop
-        self._todo = deque(enumerate(plan))
+        self._plan = plan
+        self._taken = 0  # how many requests of the plan were taken, in order (under the lock)
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         # Each request taken from the plan adds one Outcome here (changed under the lock),
@@ -1643,10 +1676,11 @@ class Senders:
         # Checked and counted under the lock: once the stop event is set and the
         # lock taken, `started` is final.
         with self._lock:
-            if self._stop.is_set() or not self._todo:
+            if self._stop.is_set() or self._taken >= len(self._plan):
                 return None
             self._taken_at.append(time.monotonic())
-            return self._todo.popleft()
+            self._taken += 1
+            return self._taken - 1, self._plan[self._taken - 1]
 
     def _work(self) -> None:
         try:
@@ -1664,7 +1698,7 @@ class Senders:
         """Whether the caller, having recorded `recorded` outcomes, has them all: the plan
         sent and answered or, once the stop event is set, the requests in flight."""
         with self._lock:
-            no_more = self._stop.is_set() or not self._todo
+            no_more = self._stop.is_set() or self._taken >= len(self._plan)
             return no_more and recorded == len(self._taken_at)
 
     def results_from(self, recorded: int, timeout_s: float = 0.0, *, raising: bool = True) -> list[Outcome]:
@@ -1693,13 +1727,33 @@ class Senders:
             return list(self._taken_at)
 
 
-def plan_requests(config: Config, images: list[Path], expected: dict[str, str]) -> list[Path]:
+class Plan(Sequence[Path]):
+    """The image each of `total` requests sends, in order: `images` over and over.
+    Worked out by index, not stored: a list of -n 20,000,000 took 2.2 GB before the
+    first request. Indexed by int only: nothing slices it."""
+
+    def __init__(self, images: Sequence[Path], total: int) -> None:
+        self.images, self.total = images, total
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __getitem__(self, index: int) -> Path:
+        if not 0 <= index < self.total:
+            raise IndexError(index)
+        return self.images[index % len(self.images)]
+
+    def __iter__(self) -> Iterator[Path]:
+        return (self[i] for i in range(self.total))
+
+
+def plan_requests(config: Config, images: list[Path], expected: dict[str, str]) -> Plan:
     """The image each request sends, in order: the folder's images over and over, up to
     --num-requests (all of them once without it). Raises LoadTestError when an
     --expected CSV names none of the images sent."""
     total = config.num_requests if config.num_requests is not None else len(images)
-    plan = [images[i % len(images)] for i in range(total)]
-    sending = {sendable_name(p) for p in plan}  # as judge names them
+    plan = Plan(images, total)
+    sending = {sendable_name(p) for p in images[:total]}  # as judge names them
     if config.expected and not any(image_key(name) in expected for name in sending):
         # Every answer would be "unchecked", and the run a PASS that checked nothing. The
         # images sent, not those in the folder: --num-requests may send only a few of them.
@@ -1805,7 +1859,7 @@ class LoadRun:
     """One run of run_load: its senders, status poller and outcomes, and how a Ctrl-C,
     a SIGTERM or the caller's deadline (`stop_at`) end it."""
 
-    def __init__(self, config: Config, plan: list[Path], expected: dict[str, str],
+    def __init__(self, config: Config, plan: Plan, expected: dict[str, str],
                  progress: Progress | None, on_result: Callable[[Outcome], None] | None,
                  stop_at: float | None, stop_reason: str) -> None:
         self.config, self.plan, self.expected = config, plan, expected
@@ -2191,6 +2245,10 @@ def plot_figure(report: Report) -> Figure:
 
     if report.instance_samples:
         ts, counts = zip(*report.instance_samples, strict=True)
+        # Drawn to the run's end at the last count seen: a sample is up to a second old,
+        # and the line stopped before the last answers.
+        if ts[-1] < report.duration_s:
+            ts, counts = (*ts, report.duration_s), (*counts, counts[-1])
         bottom.step(ts, counts, where="post", color="tab:purple")
         bottom.set_ylim(bottom=0, top=max(counts) + 1)
     else:
@@ -2369,6 +2427,8 @@ def run(argv: Sequence[str] | None) -> int:
     """The load test, once the signals are heard (main)."""
     config = parse_args(argv)
     out = Stdout()
+    if warning := open_files_warning(config.concurrency):
+        print(f"load_test.py: warning: {warning}", file=sys.stderr)
     try:
         # Read once, here: run_load is given them, so its plan is what the progress bar counts.
         images, skipped = scan_folder(config.images)

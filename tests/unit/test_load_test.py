@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import uuid
 import warnings
 from collections import Counter
@@ -1802,7 +1803,10 @@ def test_alias_options_parse_the_same(tmp_path):
 
 @pytest.mark.parametrize("argv", [["--num-requests", "0"], ["--url", "ftp://x"], ["--api", "soap"], [],
                                   ["--wait", "sse"],  # POST / has nothing to wait for: was ignored
-                                  ["--num-requests=--"], ["--url=--"]])  # else a TypeError later
+                                  ["--num-requests=--"], ["--url=--"],  # else a TypeError later
+                                  # Past what a socket's timeout holds: every request failed sent.
+                                  ["--timeout", "inf"], ["--timeout", "1e10"], ["--timeout", "nan"],
+                                  ["--timeout", "0"]])
 def test_bad_options_are_refused(argv, tmp_path):
     with pytest.raises(SystemExit) as exc:
         load_test.parse_args(["--images", str(tmp_path), *argv] if argv else argv)
@@ -2805,6 +2809,59 @@ def test_every_word_of_a_plot_is_on_the_figure(answered):
     for text in words:
         box = text.get_window_extent(renderer)
         assert edge.x0 <= box.x0 and box.x1 <= edge.x1, (text.get_text(), box, edge)
+
+
+def test_the_instance_line_is_drawn_to_the_runs_end():
+    """Its last sample may be a second older than the last answer: the line stopped short."""
+    outcomes = [load_test.Outcome(index=0, file="a.jpg", started_s=0.0, latency_s=1.8, reached=True,
+                                  label="cat", answer_name="a")]
+    report = load_test.Report(url="http://x", api="form", concurrency=1, planned=1, started_at=0.0,
+                              duration_s=1.8, outcomes=outcomes, instance_samples=[(0.0, 0), (1.0, 2)])
+    line = load_test.plot_figure(report).axes[1].lines[0]
+    assert list(line.get_xdata()) == [0.0, 1.0, 1.8] and list(line.get_ydata()) == [0, 2, 2]
+
+
+def test_a_plan_of_many_requests_is_not_held_in_memory(tmp_path):
+    """A list of -n 20,000,000 took 2.2 GB before the first request."""
+    images = [tmp_path / "a.jpg", tmp_path / "b.jpg", tmp_path / "c.jpg"]
+    tracemalloc.start()
+    try:
+        plan = load_test.plan_requests(Config(images=tmp_path, num_requests=10**7), images, {})
+        allocated = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert allocated < 100_000  # a list of 10 million would take 80 MB
+    assert len(plan) == 10**7
+    assert [plan[0], plan[1], plan[2], plan[3], plan[10**7 - 1]] == [*images, images[0], images[0]]
+    four = load_test.plan_requests(Config(images=tmp_path, num_requests=4), images, {})
+    assert list(four) == [*images, images[0]]
+    with pytest.raises(IndexError):
+        plan[10**7]
+
+
+OPEN_FILES_PROBE = """
+import resource, sys
+import load_test
+soft, hard = int(sys.argv[1]), int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+print(load_test.open_files_warning(500))
+print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+
+
+@pytest.mark.parametrize("hard", [4096, 512])
+def test_a_concurrency_past_the_open_files_limit_raises_it_or_says_so(hard):
+    """At ulimit -n 1,024, -c 500 failed requests with "Too many open files", each tried
+    again for 30 s as if the server could not be reached."""
+    run = subprocess.run([sys.executable, "-c", OPEN_FILES_PROBE, "256", str(hard)], capture_output=True,
+                         text=True, timeout=60, cwd=Path(load_test.__file__).parent, check=True)
+    warning, soft = run.stdout.splitlines()
+    if hard >= 2 * 500 + load_test.OPEN_FILES_SPARE:
+        assert (warning, int(soft)) == ("None", 2 * 500 + load_test.OPEN_FILES_SPARE)
+    else:
+        assert warning.startswith("--concurrency 500 needs about 1064 open files and this process may "
+                                  "open 512")
+        assert int(soft) == 512
 
 
 def test_a_plot_with_no_point_to_draw_has_no_legend_and_no_warning(tmp_path):
