@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 
 from app_tier.job import Job
+from app_tier.stored_answer import sendable
 from common.aws import Aws
 from common.aws_errors import AWS_ERRORS
 from common.messages import ClassifyResponse
@@ -40,8 +41,15 @@ class Replies:
         """One SendMessageBatch of answers, the entries SQS failed on its side sent again
         (REPLY_RETRY_PAUSES_S); the jobs whose answers were not sent. An entry refused as
         the sender's fault is not sent again: it would be refused again."""
-        pending = {str(i): pair for i, pair in enumerate(chunk)}
-        refused: list[Job] = []
+        pending, refused = {}, []
+        for i, (job, response) in enumerate(chunk):
+            # Each encoded alone: one answer too long for a message (to_json's ValueError)
+            # had every answer of its batch released, and its next batch-mates' too.
+            try:
+                pending[str(i)] = (job, sendable(response).to_json())
+            except ValueError as exc:
+                log.error("request %s: its answer cannot be sent: %s", job.request.id, exc)
+                refused.append(job)
         for pause_s in (None, *REPLY_RETRY_PAUSES_S):
             if not pending:
                 break
@@ -50,7 +58,7 @@ class Replies:
             try:
                 reply = self.aws.sqs.send_message_batch(
                     QueueUrl=self.aws.response_queue_url,
-                    Entries=[{"Id": i, "MessageBody": r.to_json()} for i, (_, r) in pending.items()])
+                    Entries=[{"Id": i, "MessageBody": body} for i, (_, body) in pending.items()])
             except Exception as exc:  # the network, or SQS after botocore's retries
                 if isinstance(exc, AWS_ERRORS):
                     log.warning("could not send %d answer(s): %s", len(pending), exc)

@@ -37,19 +37,20 @@ def stored_answer(aws: Aws, request: ClassifyRequest, untrained: bool,
     common = {"id": request.id, "filename": request.filename, "key": request.key, "worker": outcome.worker}
     if outcome.result is None:
         log.info("request %s: found the failure an earlier attempt stored", request.id)
-        return _sendable(ClassifyResponse(error=outcome.error, untrained=untrained, **common))
+        return sendable(ClassifyResponse(error=outcome.error, untrained=untrained, **common))
     result = outcome.result
     log.info("request %s: found the result an earlier attempt stored", request.id)
-    return _sendable(ClassifyResponse(label=result["label"], score=result["score"],
+    return sendable(ClassifyResponse(label=result["label"], score=result["score"],
                                       top5=tuple(Prediction(p["label"], p["score"]) for p in result["top5"]),
                                       untrained=result["untrained"], **common))
 
 
-def _sendable(answer: ClassifyResponse) -> ClassifyResponse:
+def sendable(answer: ClassifyResponse) -> ClassifyResponse:
     """`answer`, or, too long for a message, with its label and worker cut and no top 5:
     an outcome not written by this service's workers (whose own reply held the same)
     can hold more than a reply takes (S3 metadata 2 KB, a tag 256 characters, a
-    message 1 KB). The output object, or the failure mark, has it all."""
+    message 1 KB), and so can one of this worker's with a long host name for its
+    worker. The output object, or the failure mark, has it all."""
     try:
         answer.to_json()
     except ValueError:

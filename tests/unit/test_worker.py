@@ -33,6 +33,7 @@ from app_tier.held import (
     retry_delay_s,
 )
 from app_tier.model import Classification
+from app_tier.replies import Replies
 from app_tier.stall_watch import MAIN_LOOP, Call
 from app_tier.stored_answer import stored_answer
 from app_tier.worker import Worker, warm_up
@@ -2655,3 +2656,27 @@ def test_a_worker_stopped_before_it_serves_says_so_and_ends_as_one_stopped_from_
     # one stopped from outside, which is no failed start.
     assert code == -sig and code in KILLED_FROM_OUTSIDE
     assert _next_start(0.0, code, 1.0, quick_exits=0)[0] == 0
+
+
+def test_an_answer_too_long_for_a_message_is_cut_alone_and_its_batch_mates_are_sent(aws_env):
+    """A worker named by a long host name: one answer over 1 KB had every answer of its
+    SendMessageBatch released, and its next batch-mates' too, until the dead-letter queue."""
+    settings, aws = aws_env
+    upload_a_and_b(settings, aws)
+    jobs = {job.request.id: job for job in Worker(settings, aws, MeanClassifier(), "i-long").fetch().jobs}
+    top5 = tuple(Prediction(f"class {n}", 0.1) for n in range(5))
+
+    def answer(item: str, worker: str) -> ClassifyResponse:
+        request = jobs[item].request
+        return ClassifyResponse(id=item, filename=request.filename, key=request.key, worker=worker,
+                                untrained=True, label="tabby cat", score=0.5, top5=top5)
+
+    long_name = "ip-10-0-0-1." + "x" * (MAX_MESSAGE_BYTES - 12)
+    with pytest.raises(ValueError):
+        answer("b", long_name).to_json()
+    unsent = Replies(aws).send([(jobs["a"], answer("a", "i-short")), (jobs["b"], answer("b", long_name))])
+    assert unsent == []
+    got = responses(aws)
+    assert got["a"].worker == "i-short" and got["a"].top5 == top5
+    # Cut, as an answer found stored is: the output object has it all.
+    assert got["b"].label == "tabby cat" and long_name.startswith(got["b"].worker) and got["b"].top5 == ()
