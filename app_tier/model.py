@@ -68,13 +68,22 @@ def build_network(weights: str, file: Path | None = None) -> keras.Model:
         return keras.applications.ResNet50(weights=None)
     if weights == "imagenet":
         cached = keras_cache_dir() / WEIGHTS_FILE
-        if not cached.exists():
+        was_cached = cached.exists()
+        if not was_cached:
             log.info("ImageNet weights not cached; asking Keras to download them")
         try:
             return keras.applications.ResNet50(weights="imagenet")
         except Exception as exc:  # Keras raises several kinds when offline
-            detail = (f"{cached} could not be read ({exc}): delete it, and Keras downloads it again"
-                      if cached.exists() else f"download failed ({exc})")
+            if cached.exists():
+                detail = f"{cached} could not be read ({exc}): delete it, and Keras downloads it again"
+            elif was_cached:
+                # Keras checks a cached file's hash, and one that fails is downloaded
+                # again: that download failing removes it, and "download failed" alone
+                # never said the file put there was the wrong one.
+                detail = (f"{cached} failed Keras's hash check (cut short, or another file) and Keras "
+                          f"removed it; downloading it again failed ({exc})")
+            else:
+                detail = f"download failed ({exc})"
             raise WeightsUnavailable(missing_weights_message(detail)) from exc
     path = file or weights_file(weights)
     if not path.is_file():

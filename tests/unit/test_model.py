@@ -273,6 +273,36 @@ def test_missing_weights_file_says_what_to_set(runtime, tmp_path, monkeypatch):
     assert "MODEL_WEIGHTS=random" in message and "s3://" in message and "nope.h5" in message
 
 
+def test_a_cached_imagenet_file_that_fails_keras_check_is_said_so(tmp_path, monkeypatch):
+    """Keras removes such a file when it cannot download it again: "download failed"
+    alone left whoever put it there looking for the network."""
+    import urllib.error
+
+    import keras.src.backend.config
+    import keras.src.utils.file_utils
+
+    from app_tier.model import build_network
+    from app_tier.weights import WEIGHTS_FILE
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(keras.src.backend.config, "_KERAS_DIR", str(tmp_path))  # read by Keras at import
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network here")
+
+    monkeypatch.setattr(keras.src.utils.file_utils, "urlretrieve", offline)
+    cached = tmp_path / "models" / WEIGHTS_FILE
+    cached.parent.mkdir()
+    cached.write_bytes(os.urandom(100_000))
+    with pytest.raises(WeightsUnavailable) as info:
+        build_network("imagenet")
+    message = str(info.value)
+    assert f"{cached} failed Keras's hash check (cut short, or another file) and Keras removed it" in message
+    assert "no network here" in message
+    with pytest.raises(WeightsUnavailable, match="download failed"):  # nothing cached: as before
+        build_network("imagenet")
+
+
 def test_the_worker_exits_with_its_no_model_status_when_the_weights_are_missing(tmp_path, monkeypatch):
     """systemd (RestartPreventExitStatus) and the local runner do not restart on this
     status; the worker tags its instance so that the controller stops counting it."""
