@@ -114,7 +114,9 @@ class Finisher:
                 Bucket=self.settings.output_bucket,
                 Key=req.key,
                 Body=pair_text(job.filename or req.filename or stored_name(req.key), response.label).encode(),
-                ContentType="text/plain",
+                # Names are UTF-8: without a charset, a browser or the S3 console may
+                # show "猫" as three Latin-1 characters.
+                ContentType="text/plain; charset=utf-8",
                 Metadata=result_metadata(response),
                 # Only the first result is stored, as the web tier keeps only the first
                 # answer: a second copy overwriting it, classified by another model

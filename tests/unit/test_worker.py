@@ -174,8 +174,10 @@ def test_the_output_object_names_the_image_as_it_was_uploaded(aws_env):
     worker = Worker(settings, aws, MeanClassifier(), "i-names")
     worker.process(worker.fetch())
     label = responses(aws)["cat"].label
-    body = aws.s3.get_object(Bucket=settings.output_bucket, Key=request.key)["Body"].read().decode()
+    stored = aws.s3.get_object(Bucket=settings.output_bucket, Key=request.key)
+    body = stored["Body"].read().decode()
     assert body == f'"猫, the cat.jpg",{label}'
+    assert stored["ContentType"] == "text/plain; charset=utf-8"
     assert label_of(body) == label
 
 
