@@ -166,7 +166,7 @@ class Controller:
             window_watched=self.scale_in_window.watched(obs.clock, self.policy.scale_in_cooldown_s),
             launches_held=launches_held,
             launch_wait_s=self.launch_backoff.remaining(obs.clock),
-            keep_last=frozenset(self.refusals.ids),
+            keep_last=self.refusals.lasting,
             resting=self.refusals.resting(obs.clock),
             unanswered=frozenset(self.unanswered.calls()),
         )

@@ -23,7 +23,8 @@ in a small dataclass below that says what a restart loses:
     wall clock, which may be off);
 (7) RecentTerminations: instances it terminated in the last few minutes, taken as
     shutting down while a lagging DescribeInstances still lists them running;
-(8) Refusals: instances EC2 refused to terminate, kept for last when scaling in.
+(8) Refusals: instances EC2 refused to terminate, those refused for good kept for last
+    when scaling in.
 Losing them on restart costs little: a restarted controller keeps what is live for
 one window before it scales in, takes the failed instances it finds as new failures,
 times a silent instance from its launch by EC2's clock (from when it first sees it if
@@ -295,11 +296,13 @@ class RecentTerminations:
 
 @dataclass
 class Refusals:
-    """Instances EC2 refused to terminate (termination protection, say): each warned about
-    once, the last chosen to scale in, so that the others go instead, and tried again
-    only REFUSAL_RETRY_S after its last refusal: else one EC2 refuses for good makes a call
-    and a log line every round, 86,400 a day at a 1 s poll. Lost on restart,
-    each is learnt again at its next refusal, and warned about once more."""
+    """Instances EC2 refused to terminate, each warned about once. One refused for good
+    (termination protection, say) is the last chosen to scale in, so that the others go
+    instead, and tried again only REFUSAL_RETRY_S after its last refusal: else it makes a
+    call and a log line every round, 86,400 a day at a 1 s poll. One refused for a moment
+    (EC2 not listing a new instance yet) keeps its place and is asked again at the next
+    round: put last, that new, idle instance was kept while busy ones went in its place.
+    Lost on restart, each is learnt again at its next refusal, and warned about once more."""
 
     # id -> the round's clock at its last refusal; None for a refusal that may pass at the
     # next round (EC2 not listing a new instance yet), which is asked again at once.
@@ -308,6 +311,11 @@ class Refusals:
     @property
     def ids(self) -> set[str]:
         return set(self.refused_at)
+
+    @property
+    def lasting(self) -> frozenset[str]:
+        """Those refused for good, as far as anyone knows: scaled in only after every other."""
+        return frozenset(iid for iid, at in self.refused_at.items() if at is not None)
 
     def note(self, iid: str, clock: float, lasting: bool) -> bool:
         """Remembers a refusal at `clock` (`lasting`: one the next round would get too);
@@ -346,7 +354,8 @@ class RoundMemory:
     launches_held: bool = False
     # Launch nothing for this long yet: the last launch failed (LaunchBackoff).
     launch_wait_s: float = 0.0
-    # Ids chosen to scale in only after every other: EC2 refused to terminate them (Refusals).
+    # Ids chosen to scale in only after every other: EC2 refused to terminate them for
+    # good, not for a moment (Refusals.lasting).
     keep_last: frozenset[str] = frozenset()
     # Of those, the ones not chosen at all this round: refused too recently (Refusals.resting).
     resting: frozenset[str] = frozenset()

@@ -728,6 +728,33 @@ def test_a_refused_instance_terminated_another_way_is_forgotten(aws, make_contro
     assert controller.refusals.ids == set()
 
 
+def test_a_refusal_that_may_pass_is_asked_again_next_round_not_put_last(aws, make_controller, patch, caplog):
+    """EC2 not listing a new instance yet (InvalidInstanceID.NotFound) refuses it for a
+    moment only: the next round asks for that same instance again, as the warning says.
+    Put last, as a protected one is, it was kept, idle, while busy ready instances were
+    terminated in its place."""
+    send(aws, 2)
+    controller = make_controller()
+    assert len(controller.step(now=1000.0).launch) == 2
+    ready = sorted(i["InstanceId"] for i in instances(aws))
+    for iid in ready:
+        report_worker_ready(aws, iid, threading.Event())
+    busy = receive_all(aws)  # both ready instances hold a message each
+    send(aws, 1)
+    assert len(controller.step(now=1001.0).launch) == 1
+    (new,) = {i["InstanceId"] for i in instances(aws)} - set(ready)
+    delete(aws, receive_all(aws))  # the third message answered: two instances wanted
+    refused_once = Flaky(aws.ec2.terminate_instances,
+                         client_error("InvalidInstanceID.NotFound", "TerminateInstances"),
+                         lambda n, kwargs: n < 2)  # the call for all, then the one alone
+    patch.setattr(aws.ec2, "terminate_instances", refused_once)
+    assert controller.step(now=1002.0).terminate == (new,)
+    assert f"cannot terminate instance {new}" in caplog.text and "at the next round" in caplog.text
+    assert controller.step(now=1003.0).terminate == (new,)
+    assert sorted(i["InstanceId"] for i in instances(aws)) == ready
+    delete(aws, busy)
+
+
 def test_a_throttled_scale_in_fails_the_round_rather_than_call_once_per_instance(aws, make_controller,
                                                                                  patch):
     send(aws, 3)
