@@ -25,11 +25,15 @@ in a small dataclass below that says what a restart loses:
     shutting down while a lagging DescribeInstances still lists them running;
 (8) Refusals: instances EC2 refused to terminate, those refused for good kept for last
     when scaling in.
+(9) ProgressWatch: since when requests have waited visible with none in flight while
+    instances whose workers said they serve run, and the instances counted as not
+    receiving for it.
 Losing them on restart costs little: a restarted controller keeps what is live for
 one window before it scales in, takes the failed instances it finds as new failures,
 times a silent instance from its launch by EC2's clock (from when it first sees it if
 EC2's reply gives no time), learns of a protected instance at its next refusal, and
-counts an instance it terminated while EC2 still lists it;
+counts an instance it terminated while EC2 still lists it, and times requests waiting
+untaken from its first round;
 only a restart while EC2 does not yet list a launch, or within minutes of a launch
 that got no reply, could launch once more, and a failing launch is tried again at once.
 
@@ -336,6 +340,42 @@ class Refusals:
         """Those refused less than REFUSAL_RETRY_S ago: not to be asked again yet."""
         return frozenset(iid for iid, at in self.refused_at.items()
                          if at is not None and clock - at < REFUSAL_RETRY_S)
+
+
+@dataclass
+class ProgressWatch:
+    """Since when, on this controller's monotonic clock, requests have waited visible with
+    none in flight while instances whose workers said they serve run, and the instances
+    counted as not receiving for it (id: why), until EC2 no longer lists them. A working
+    worker long-polls the queue, and takes a visible request within its poll; its ready
+    tag stays whatever befalls it after. Counted, one is failed in the observation
+    (Observation.failed) as a READY_DEADLINE one is: terminated, and replaced after the
+    launch hold. Lost on restart, the wait is timed from the restarted controller's first
+    round; an instance counted so that EC2 then refused to terminate counts as serving
+    again until another deadline has passed."""
+
+    waiting_since: float | None = None
+    counted: dict[str, str] = field(default_factory=dict)
+
+    def waited(self, waiting: bool, clock: float) -> float:
+        """Takes in whether requests wait untaken now (at `clock`); returns for how long
+        they have, without a break (0: not waiting)."""
+        if not waiting:
+            self.waiting_since = None
+            return 0.0
+        if self.waiting_since is None:
+            self.waiting_since = clock
+        return clock - self.waiting_since
+
+    def count(self, iid: str, why: str, clock: float) -> None:
+        """Counts `iid` as not receiving; the next is counted only a whole deadline on, as
+        its replacement (or the others) may well be receiving by then."""
+        self.counted[iid] = why
+        self.waiting_since = clock
+
+    def keep_listed(self, listed: set[str]) -> None:
+        """Forgets those EC2 no longer lists (ended)."""
+        self.counted = {iid: why for iid, why in self.counted.items() if iid in listed}
 
 
 @dataclass(frozen=True)
