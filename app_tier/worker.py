@@ -275,9 +275,10 @@ class Worker:
     def _cannot_receive(self, failing_s: float, last: Exception) -> None:
         """Receiving has failed for STALL_TIMEOUT, each time for a fault of this worker's
         (is_callers_fault: a right, credentials or a queue it lacks). Its instance, once
-        tagged ready, would otherwise count as serving for good while requests wait: the
-        controller replaces an instance reported failed, and holds launches if the
-        replacements fail too."""
+        tagged ready, would otherwise count as serving until the controller's
+        PROGRESS_DEADLINE found requests waiting untaken, and for good beside workers that
+        receive: the controller replaces an instance reported failed, and holds launches
+        if the replacements fail too."""
         log.error("worker %s: every receive has failed for %.0f s (the last: %s); reporting its "
                   "instance failed and stopping", self.instance_id, failing_s, last)
         self._stop_for_good("cannot-receive")
@@ -287,7 +288,8 @@ class Worker:
         process exits with EXIT_GAVE_UP, which its supervisor does not restart: the
         controller replaces the instance. Without it, it exits 0, to be restarted: the
         credentials or role that failed its receives may fail the tag too, and a new
-        process may get new ones; nothing else would replace an instance tagged ready."""
+        process may get new ones; only the controller's PROGRESS_DEADLINE would replace an
+        instance tagged ready, and only while no other worker receives."""
         if report_worker_failed(self.aws, self.instance_id, why):
             self.gave_up = why
         self.stopping.set()

@@ -222,6 +222,15 @@ class Settings:
     # The worker unit's TimeoutStartSec (15 min, weights downloaded and converted
     # included) plus a boot. 0: off (workers from an AMI older than the tag).
     ready_deadline_s: float = 1200.0
+    # A worker that said it serves can stop receiving later (its instance hung or cut
+    # off, its worker crash-looping since) and still count as serving. Requests visible
+    # for this long with none in flight while such instances run say so: the oldest is
+    # counted as failed and replaced, one a deadline. Longer than a working worker takes
+    # to receive what is visible (its long poll, RECEIVE_WAIT's 20 s, a restart of a few
+    # seconds) plus a few polls, and than the minute SQS's approximate counts may take to
+    # settle; short enough that the request waiting is answered within RESULT_TIMEOUT's
+    # 300 s after a boot. Reasoned, not measured on AWS. 0: off.
+    progress_deadline_s: float = 120.0
 
     # Days S3 keeps uploads and results (a lifecycle rule, set by common/provision.py);
     # 0: for ever. A batch whose objects expired is gone: its link answers 404.
@@ -463,6 +472,7 @@ VARIABLES = _checked((
     # Its default follows AWS_ENDPOINT_URL (from_env).
     Variable("scale_in_cooldown_s", "SCALE_IN_COOLDOWN", float, low=0, shared=True),
     Variable("ready_deadline_s", "READY_DEADLINE", float, low=0, shared=True),
+    Variable("progress_deadline_s", "PROGRESS_DEADLINE", float, low=0, shared=True),
     Variable("retention_days", "RETENTION_DAYS", int, low=0, high=36500),
 
     # --- app tier (worker) --------------------------------------------------------

@@ -17,7 +17,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from controller.memory import (
     REFUSAL_RETRY_S,
     LaunchBackoff,
     LaunchHold,
+    ProgressWatch,
     ReadinessClock,
     RecentLaunches,
     RecentTerminations,
@@ -46,7 +47,7 @@ from controller.memory import (
     started_by,
 )
 from controller.observe import Observation, observe, terminated
-from controller.policy import Decision, Policy, decide, desired_count
+from controller.policy import Decision, Policy, decide, desired_count, not_receiving, untaken_beside_receivers
 from controller.timeline import TimelineFile
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,15 @@ def describe_action(decision: Decision) -> str:
     if decision.clean_up:
         action.append(f"clean up {len(decision.clean_up)}")
     return " + ".join(action) or "-"
+
+
+def _failed(obs: Observation, reasons: Mapping[str, str]) -> Observation:
+    """The observation with the instances `reasons` names counted as failed, each for its
+    reason (a worker's own failed tag, if it has one since, says more)."""
+    if not reasons:
+        return obs
+    return replace(obs, instances=tuple(replace(i, worker_failed=i.worker_failed or reasons[i.id])
+                                        if i.id in reasons else i for i in obs.instances))
 
 
 @dataclass(frozen=True)
@@ -123,6 +133,7 @@ class Controller:
     recent_terminations: RecentTerminations = field(default_factory=RecentTerminations, init=False)
     unanswered: UnansweredLaunches = field(default_factory=UnansweredLaunches, init=False)
     launch_backoff: LaunchBackoff = field(default_factory=LaunchBackoff, init=False)
+    progress: ProgressWatch = field(default_factory=ProgressWatch, init=False)
     # Live after the last round, less what it terminated: one gone by the next was ended
     # by someone else, said so (a hand, EC2 itself), where the log only launched again.
     _live_after_last_round: frozenset[str] = field(default=frozenset(), init=False)
@@ -154,6 +165,7 @@ class Controller:
         obs = self._with_unlisted_launches(observe(self.aws, now))
         self.recent_terminations.forget_old(obs.clock)
         obs = self._with_ready_deadline(self.recent_terminations.applied(obs))
+        obs = self._with_progress_deadline(obs)
         self._note_ended_by_others(obs)
         self.refusals.keep_listed({i.id for i in obs.instances})
         # Remember what the next rounds need of this one: the scale-in window's counts,
@@ -166,7 +178,7 @@ class Controller:
             window_watched=self.scale_in_window.watched(obs.clock, self.policy.scale_in_cooldown_s),
             launches_held=launches_held,
             launch_wait_s=self.launch_backoff.remaining(obs.clock),
-            keep_last=frozenset(self.refusals.ids),
+            keep_last=self.refusals.lasting,
             resting=self.refusals.resting(obs.clock),
             unanswered=frozenset(self.unanswered.calls()),
         )
@@ -226,8 +238,27 @@ class Controller:
         if not overdue:
             return obs
         reason = f"not serving {deadline:g}s after its launch"
-        return replace(obs, instances=tuple(replace(i, worker_failed=reason) if i.id in overdue else i
-                                            for i in obs.instances))
+        return _failed(obs, dict.fromkeys(overdue, reason))
+
+    def _with_progress_deadline(self, obs: Observation) -> Observation:
+        """The observation, with the instances counted as not receiving (ProgressWatch)
+        failed, and the oldest of those whose workers said they serve too once requests
+        have waited PROGRESS_DEADLINE visible with none in flight: they do not receive,
+        and its ready tag would have it counted as serving for good."""
+        watch = self.progress
+        watch.keep_listed({i.id for i in obs.instances})
+        obs = _failed(obs, watch.counted)
+        deadline = self.settings.progress_deadline_s
+        waited_s = watch.waited(deadline > 0 and untaken_beside_receivers(obs), obs.clock)
+        stuck = not_receiving(obs, waited_s, deadline)
+        if stuck is None:
+            return obs
+        # Said by the log line of workers that gave up (_note_worker_failures), as is
+        # READY_DEADLINE's reason.
+        reason = (f"not receiving: {obs.visible} request(s) waited {waited_s:.0f}s with none in flight "
+                  "while its worker said it serves")
+        watch.count(stuck.id, reason, obs.clock)
+        return _failed(obs, {stuck.id: reason})
 
     def _note_ended_by_others(self, obs: Observation) -> None:
         """Says which instances live after the last round are not now, ended by someone
@@ -454,8 +485,9 @@ class Controller:
                 else f"latency, {p.acceptable_latency_s:g}s acceptable, {p.seconds_per_image:g}s an image, "
                      f"{p.boot_time_s:g}s to boot")
         log.info("controller: prefix %s in %s, cap %d, mode %s, poll every %.1fs, scale-in window %gs, "
-                 "ready deadline %gs%s", s.prefix, where, p.max_instances, mode, s.poll_interval_s,
-                 p.scale_in_cooldown_s, s.ready_deadline_s, " (dry run)" if self.dry_run else "")
+                 "ready deadline %gs, progress deadline %gs%s", s.prefix, where, p.max_instances, mode,
+                 s.poll_interval_s, p.scale_in_cooldown_s, s.ready_deadline_s, s.progress_deadline_s,
+                 " (dry run)" if self.dry_run else "")
 
     def _wait(self, seconds: float) -> None:
         """Wait until the next round or a stop, pinging the watchdog meanwhile if there is one."""

@@ -23,12 +23,17 @@ in a small dataclass below that says what a restart loses:
     wall clock, which may be off);
 (7) RecentTerminations: instances it terminated in the last few minutes, taken as
     shutting down while a lagging DescribeInstances still lists them running;
-(8) Refusals: instances EC2 refused to terminate, kept for last when scaling in.
+(8) Refusals: instances EC2 refused to terminate, those refused for good kept for last
+    when scaling in.
+(9) ProgressWatch: since when requests have waited visible with none in flight while
+    instances whose workers said they serve run, and the instances counted as not
+    receiving for it.
 Losing them on restart costs little: a restarted controller keeps what is live for
 one window before it scales in, takes the failed instances it finds as new failures,
 times a silent instance from its launch by EC2's clock (from when it first sees it if
 EC2's reply gives no time), learns of a protected instance at its next refusal, and
-counts an instance it terminated while EC2 still lists it;
+counts an instance it terminated while EC2 still lists it, and times requests waiting
+untaken from its first round;
 only a restart while EC2 does not yet list a launch, or within minutes of a launch
 that got no reply, could launch once more, and a failing launch is tried again at once.
 
@@ -295,11 +300,13 @@ class RecentTerminations:
 
 @dataclass
 class Refusals:
-    """Instances EC2 refused to terminate (termination protection, say): each warned about
-    once, the last chosen to scale in, so that the others go instead, and tried again
-    only REFUSAL_RETRY_S after its last refusal: else one EC2 refuses for good makes a call
-    and a log line every round, 86,400 a day at a 1 s poll. Lost on restart,
-    each is learnt again at its next refusal, and warned about once more."""
+    """Instances EC2 refused to terminate, each warned about once. One refused for good
+    (termination protection, say) is the last chosen to scale in, so that the others go
+    instead, and tried again only REFUSAL_RETRY_S after its last refusal: else it makes a
+    call and a log line every round, 86,400 a day at a 1 s poll. One refused for a moment
+    (EC2 not listing a new instance yet) keeps its place and is asked again at the next
+    round: put last, that new, idle instance was kept while busy ones went in its place.
+    Lost on restart, each is learnt again at its next refusal, and warned about once more."""
 
     # id -> the round's clock at its last refusal; None for a refusal that may pass at the
     # next round (EC2 not listing a new instance yet), which is asked again at once.
@@ -308,6 +315,11 @@ class Refusals:
     @property
     def ids(self) -> set[str]:
         return set(self.refused_at)
+
+    @property
+    def lasting(self) -> frozenset[str]:
+        """Those refused for good, as far as anyone knows: scaled in only after every other."""
+        return frozenset(iid for iid, at in self.refused_at.items() if at is not None)
 
     def note(self, iid: str, clock: float, lasting: bool) -> bool:
         """Remembers a refusal at `clock` (`lasting`: one the next round would get too);
@@ -330,6 +342,42 @@ class Refusals:
                          if at is not None and clock - at < REFUSAL_RETRY_S)
 
 
+@dataclass
+class ProgressWatch:
+    """Since when, on this controller's monotonic clock, requests have waited visible with
+    none in flight while instances whose workers said they serve run, and the instances
+    counted as not receiving for it (id: why), until EC2 no longer lists them. A working
+    worker long-polls the queue, and takes a visible request within its poll; its ready
+    tag stays whatever befalls it after. Counted, one is failed in the observation
+    (Observation.failed) as a READY_DEADLINE one is: terminated, and replaced after the
+    launch hold. Lost on restart, the wait is timed from the restarted controller's first
+    round; an instance counted so that EC2 then refused to terminate counts as serving
+    again until another deadline has passed."""
+
+    waiting_since: float | None = None
+    counted: dict[str, str] = field(default_factory=dict)
+
+    def waited(self, waiting: bool, clock: float) -> float:
+        """Takes in whether requests wait untaken now (at `clock`); returns for how long
+        they have, without a break (0: not waiting)."""
+        if not waiting:
+            self.waiting_since = None
+            return 0.0
+        if self.waiting_since is None:
+            self.waiting_since = clock
+        return clock - self.waiting_since
+
+    def count(self, iid: str, why: str, clock: float) -> None:
+        """Counts `iid` as not receiving; the next is counted only a whole deadline on, as
+        its replacement (or the others) may well be receiving by then."""
+        self.counted[iid] = why
+        self.waiting_since = clock
+
+    def keep_listed(self, listed: set[str]) -> None:
+        """Forgets those EC2 no longer lists (ended)."""
+        self.counted = {iid: why for iid, why in self.counted.items() if iid in listed}
+
+
 @dataclass(frozen=True)
 class RoundMemory:
     """What decide() reads of the memory above, taken once a round (Controller.step).
@@ -346,7 +394,8 @@ class RoundMemory:
     launches_held: bool = False
     # Launch nothing for this long yet: the last launch failed (LaunchBackoff).
     launch_wait_s: float = 0.0
-    # Ids chosen to scale in only after every other: EC2 refused to terminate them (Refusals).
+    # Ids chosen to scale in only after every other: EC2 refused to terminate them for
+    # good, not for a moment (Refusals.lasting).
     keep_last: frozenset[str] = frozenset()
     # Of those, the ones not chosen at all this round: refused too recently (Refusals.resting).
     resting: frozenset[str] = frozenset()

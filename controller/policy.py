@@ -131,6 +131,29 @@ def desired_count(obs: Observation, policy: Policy) -> tuple[int, str]:
     return min(policy.max_instances, wanted), reason
 
 
+def receivers(obs: Observation) -> tuple[Instance, ...]:
+    """Running instances whose workers said they serve, and have not given up: each
+    long-polls the request queue, and takes what is visible within its poll."""
+    return tuple(i for i in obs.serving if i.state == "running" and i.ready)
+
+
+def untaken_beside_receivers(obs: Observation) -> bool:
+    """Whether requests wait visible, none in flight, while receivers run: for long, that
+    says they do not receive. Delayed requests (a hand-back's DelaySeconds) are not
+    visible, and a pending or booting instance is no receiver."""
+    return obs.visible > 0 and obs.in_flight == 0 and bool(receivers(obs))
+
+
+def not_receiving(obs: Observation, waited_s: float, deadline_s: float) -> Instance | None:
+    """The instance to count as not receiving, once requests have waited untaken beside
+    receivers for `deadline_s` (0: never), `waited_s` without a break: the oldest. A newer
+    one has had less time to go wrong; and taken in turn, a fleet that all stopped
+    receiving is replaced oldest first, where the newest would be each replacement again."""
+    if deadline_s <= 0 or waited_s < deadline_s or not untaken_beside_receivers(obs):
+        return None
+    return min(receivers(obs), key=lambda i: (i.launched_at, i.number))
+
+
 # How long after its launch a running instance whose worker has not said it serves is
 # taken for one still booting, in BOOT_TIMEs (see decide).
 BOOTING_FOR_BOOT_TIMES = 2

@@ -32,7 +32,7 @@ from moto.core.botocore_stubber import MockRawResponse
 from common.aws import Aws
 from common.config import Settings
 from common.fleet import WORKER_READY_TAG, report_worker_failed, report_worker_ready
-from common.names import ROLE_APP_TIER, ROLE_TAG
+from common.names import ROLE_APP_TIER, ROLE_TAG, instance_name
 from common.provision import provision
 from controller.loop import LATE_ROUND_S, Controller, Timings
 from controller.main import build_parser, main, settings_from
@@ -654,6 +654,91 @@ def test_ready_deadline_0_counts_no_silent_instance_as_failed(aws, make_controll
     assert controller.step(now=1000.0 + 10 * 86400).changes_anything is False
 
 
+def stalled_controller(aws: Aws, **settings: float) -> Controller:
+    """A controller on the shared mock AWS with these settings changed (its policy too)."""
+    return Controller(dataclasses.replace(aws.settings, **settings), aws, timings=TEST_TIMINGS)
+
+
+def test_a_ready_instance_that_stops_receiving_is_replaced_after_the_progress_deadline(aws, caplog):
+    """A reviewer's case: one request launches one instance, whose worker tags it ready and
+    then receives nothing (the instance hung or cut off, the worker crash-looping since).
+    Its tag stays, so it counted as serving for good: desired 1 == serving 1, nothing
+    launched or terminated in 2 simulated hours, the request waiting all the while.
+    Requests visible for PROGRESS_DEADLINE with none in flight beside it have it counted
+    as failed: terminated at once, and replaced after the launch hold."""
+    controller = stalled_controller(aws, ready_deadline_s=1200, scale_in_cooldown_s=60)
+    deadline = controller.settings.progress_deadline_s
+    send(aws, 1)
+    t = 1000.0
+    assert len(controller.step(now=t).launch) == 1
+    (hung,) = [i["InstanceId"] for i in instances(aws)]
+    report_worker_ready(aws, hung, threading.Event())
+    # The wait is timed from the first round that sees it ready.
+    for now in (t + 1, t + deadline):
+        decision = controller.step(now=now)
+        assert not decision.changes_anything and decision.desired == 1, decision.reason
+    decision = controller.step(now=t + 1 + deadline)
+    assert decision.clean_up == (hung,) and decision.launch == (), decision.reason  # held
+    assert (f"{instance_name(1)} ({hung}): not receiving: 1 request(s) waited {deadline:.0f}s with none "
+            "in flight while its worker said it serves") in caplog.text
+    assert instances(aws) == []
+    hold_s = TEST_TIMINGS.failure_hold_min_s
+    assert len(controller.step(now=t + 1 + deadline + hold_s + 1).launch) == 1
+    assert aws.queue_depth(aws.request_queue_url).visible == 1  # for the replacement
+
+
+def test_instances_that_stop_receiving_are_counted_one_a_deadline_the_oldest_first(aws):
+    """Taken in turn, not all at once (the others may be receiving by the next), and the
+    oldest first: a replacement, the newest, is not counted again and again."""
+    controller = stalled_controller(aws)
+    deadline = controller.settings.progress_deadline_s
+    send(aws, 2)
+    t = 1000.0
+    assert len(controller.step(now=t).launch) == 2
+    first, second = (i["InstanceId"] for i in sorted(instances(aws), key=lambda i: tags(i)["Name"]))
+    for iid in (first, second):
+        report_worker_ready(aws, iid, threading.Event())
+    controller.step(now=t + 1)
+    assert controller.step(now=t + 1 + deadline).clean_up == (first,)
+    replacement = controller.step(now=t + 1 + deadline + 11).launch  # after the hold
+    assert len(replacement) == 1
+    # The replacement boots (moto's never says it serves): the other is counted a deadline on.
+    assert controller.step(now=t + 1 + 2 * deadline - 1).clean_up == ()
+    assert controller.step(now=t + 1 + 2 * deadline).clean_up == (second,)
+
+
+def test_the_progress_deadline_runs_only_while_requests_wait_untaken_and_afresh_after_a_restart(aws):
+    """A request taken (in flight) breaks the wait; a restarted controller, which has not
+    seen it begin, times it from its own first round."""
+    controller = stalled_controller(aws)
+    deadline = controller.settings.progress_deadline_s
+    send(aws, 1)
+    t = 1000.0
+    controller.step(now=t)
+    (ready,) = [i["InstanceId"] for i in instances(aws)]
+    report_worker_ready(aws, ready, threading.Event())
+    controller.step(now=t + 1)
+    (handle,) = receive_all(aws)
+    assert controller.step(now=t + 1 + deadline).clean_up == ()  # it took the request
+    aws.sqs.change_message_visibility(QueueUrl=aws.request_queue_url, ReceiptHandle=handle,
+                                      VisibilityTimeout=0)  # and gave it back
+    controller.step(now=t + deadline + 2)
+    assert controller.step(now=t + 2 * deadline + 1).clean_up == ()
+    restarted = stalled_controller(aws)
+    assert restarted.step(now=t + 2 * deadline + 2).clean_up == ()  # where the first would count it
+    assert restarted.step(now=t + 3 * deadline + 1).clean_up == ()
+    assert restarted.step(now=t + 3 * deadline + 2).clean_up == (ready,)
+
+
+def test_progress_deadline_0_counts_no_ready_instance_as_not_receiving(aws):
+    controller = stalled_controller(aws, progress_deadline_s=0)
+    send(aws, 1)
+    controller.step(now=1000.0)
+    report_worker_ready(aws, instances(aws)[0]["InstanceId"], threading.Event())
+    controller.step(now=1001.0)
+    assert controller.step(now=1000.0 + 10 * 86400).changes_anything is False
+
+
 def test_a_launch_that_terminates_before_ec2_lists_it_is_not_counted(aws, make_controller, patch):
     """An instance that goes straight to terminated (no capacity, say) is never listed
     as pending or running: its replacement is launched at the next round."""
@@ -726,6 +811,33 @@ def test_a_refused_instance_terminated_another_way_is_forgotten(aws, make_contro
     aws.ec2.terminate_instances(InstanceIds=[protected])  # by hand
     controller.step()
     assert controller.refusals.ids == set()
+
+
+def test_a_refusal_that_may_pass_is_asked_again_next_round_not_put_last(aws, make_controller, patch, caplog):
+    """EC2 not listing a new instance yet (InvalidInstanceID.NotFound) refuses it for a
+    moment only: the next round asks for that same instance again, as the warning says.
+    Put last, as a protected one is, it was kept, idle, while busy ready instances were
+    terminated in its place."""
+    send(aws, 2)
+    controller = make_controller()
+    assert len(controller.step(now=1000.0).launch) == 2
+    ready = sorted(i["InstanceId"] for i in instances(aws))
+    for iid in ready:
+        report_worker_ready(aws, iid, threading.Event())
+    busy = receive_all(aws)  # both ready instances hold a message each
+    send(aws, 1)
+    assert len(controller.step(now=1001.0).launch) == 1
+    (new,) = {i["InstanceId"] for i in instances(aws)} - set(ready)
+    delete(aws, receive_all(aws))  # the third message answered: two instances wanted
+    refused_once = Flaky(aws.ec2.terminate_instances,
+                         client_error("InvalidInstanceID.NotFound", "TerminateInstances"),
+                         lambda n, kwargs: n < 2)  # the call for all, then the one alone
+    patch.setattr(aws.ec2, "terminate_instances", refused_once)
+    assert controller.step(now=1002.0).terminate == (new,)
+    assert f"cannot terminate instance {new}" in caplog.text and "at the next round" in caplog.text
+    assert controller.step(now=1003.0).terminate == (new,)
+    assert sorted(i["InstanceId"] for i in instances(aws)) == ready
+    delete(aws, busy)
 
 
 def test_a_throttled_scale_in_fails_the_round_rather_than_call_once_per_instance(aws, make_controller,

@@ -13,7 +13,12 @@ each with an episode's own odds:
 - instances that go straight from pending to terminated, workers that never tag their
   instance ready, workers that give up (imgclass:worker-failed);
 - a queue whose depth follows a random workload (bursts, trickles, steady, idle), drained
-  by the ready workers, and handed back by those that end;
+  by the ready workers, and handed back by those that end. The workers take what arrives
+  only between rounds, not within a long poll's moment: a trickle at a 5 s poll can read
+  visible, none in flight, at every round, and PROGRESS_DEADLINE then counts a working
+  instance as not receiving (5 episodes of 300), which no real worker shows; the promises
+  must hold through that too. A worker that stops receiving once it said it serves is
+  scripted (Script.hangs);
 - controller restarts: a new Controller, with empty memory, mid-episode.
 
 Each episode ends with a quiet tail (no work, no faults but the lagging reads), and is
@@ -87,6 +92,7 @@ class Episode:
     poll_s: float = 1.0
     cooldown_s: float = 0.0
     ready_deadline_s: float = 0.0
+    progress_deadline_s: float = Settings.progress_deadline_s
     subnets: int = 0  # 0: the default subnet
     work_rounds: int = 60
     # Faults: odds per call (per read and instance for the lag), per launched instance.
@@ -108,6 +114,7 @@ class Episode:
         return Settings(prefix="sim", max_instances=self.cap, scaling_mode=self.mode,
                         target_backlog_per_instance=self.target, poll_interval_s=self.poll_s,
                         scale_in_cooldown_s=self.cooldown_s, ready_deadline_s=self.ready_deadline_s,
+                        progress_deadline_s=self.progress_deadline_s,
                         subnet_ids=tuple(f"subnet-{z}" for z in range(self.subnets)),
                         acceptable_latency_s=10.0, seconds_per_image=0.5, boot_time_s=20.0)
 
@@ -169,6 +176,7 @@ class SimInstance:
     running_at: float = INF
     ready_at: float = INF
     failed_at: float = INF
+    hung_at: float = INF  # its worker receives no more from then on (its ready tag stays)
     shutdown_at: float = INF
     terminated_at: float = INF
     holding: int = 0
@@ -187,7 +195,7 @@ class SimInstance:
         return "running" if t >= self.running_at else "pending"
 
     def serving_at(self, t: float) -> bool:
-        return self.state_at(t) == "running" and self.ready_at <= t < self.failed_at
+        return self.state_at(t) == "running" and self.ready_at <= t < min(self.failed_at, self.hung_at)
 
     def raw(self, t: float, prefix: str) -> dict:
         """As DescribeInstances describes it, as it was at `t`."""
@@ -355,6 +363,8 @@ class Script:
 
     hidden: dict[int, set[int]] = field(default_factory=dict)  # round -> numbers its reads leave out
     no_reply: set[tuple[int, int]] = field(default_factory=set)  # (round, number): launched, timed out
+    # (round, number): launched, its worker tags it ready and then never receives (hung)
+    hangs: set[tuple[int, int]] = field(default_factory=set)
     running_after_s: float = 1.0
     ready_after_s: float = 1.0  # after running
     shutdown_s: float = 1.5  # shutting-down, then terminated
@@ -417,6 +427,8 @@ class World:
         if self.script:
             inst.running_at = self.now + self.script.running_after_s
             inst.ready_at = inst.running_at + self.script.ready_after_s
+            if (self.round, number) in self.script.hangs:
+                inst.hung_at = inst.ready_at
         elif faults and rng.random() < ep.doa_p:
             inst.terminated_at = self.now + rng.uniform(1, 20)
             self.note_fault("doa")
@@ -751,3 +763,21 @@ def test_a_launch_without_reply_whose_number_a_lagging_read_shows_taken_keeps_it
 def test_episodes_keep_the_cap_and_names_after_launches_without_reply():
     failures = broken(UNANSWERED)
     assert not failures, f"{len(failures)} episode(s):\n" + "\n".join(failures[:5])
+
+
+# --- a worker that stops receiving once it said it serves --------------------------------
+
+
+def test_an_instance_whose_worker_stops_receiving_once_ready_is_replaced():
+    """Its ready tag stays: counted as serving for good, it held the fleet at the one
+    instance the request needs, and the request waited for ever ("work never done",
+    after 600 rounds). Counted as failed once the request has waited PROGRESS_DEADLINE
+    untaken, it is terminated, and its replacement, launched after the hold, answers it."""
+    ep = Episode(seed="script-hang", cap=1, cooldown_s=60.0, ready_deadline_s=1200.0,
+                 phases=((1, "burst", 1), (5, "idle", 0)))
+    world, rounds = run_episode(ep, Script(hangs={(0, 1)}))
+    assert not world.violations, "\n".join(map(str, world.violations))
+    assert len(world.instances) == 2
+    answered = next(rd.at for rd in rounds if rd.backlog == 0)
+    # Ready 2 s after its launch; the hold after a failure is 10 s; a boot and a batch, 3 s.
+    assert answered <= 2 + ep.progress_deadline_s + 10 + 5, answered

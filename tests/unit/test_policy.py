@@ -6,9 +6,9 @@ from dataclasses import replace
 
 import pytest
 
-from controller.memory import RoundMemory
+from controller.memory import ProgressWatch, RoundMemory
 from controller.observe import Instance, Observation
-from controller.policy import Policy, decide, desired_count
+from controller.policy import Policy, decide, desired_count, not_receiving, untaken_beside_receivers
 
 
 def obs(visible=0, in_flight=0, delayed=0, pending=0, running=0, stopped=0, shutting=0, at=1000.0,
@@ -271,3 +271,44 @@ def test_a_latency_target_that_floats_just_under_a_whole_number_is_that_number()
     policy = replace(BACKLOG, mode="latency", acceptable_latency_s=3.3, seconds_per_image=1.1)
     decision = decide(obs(visible=3), policy)
     assert decision.desired == 1 and "target 3" in decision.reason
+
+
+def test_requests_untaken_beside_receivers_for_the_deadline_count_the_oldest_receiver():
+    waiting = obs(visible=2, running=3)
+    assert untaken_beside_receivers(waiting)
+    assert not_receiving(waiting, waited_s=119.9, deadline_s=120) is None
+    assert not_receiving(waiting, waited_s=120, deadline_s=120).id == "i-0001"  # launched first
+    assert not_receiving(waiting, waited_s=10_000, deadline_s=0) is None  # 0: off
+
+
+@pytest.mark.parametrize("name, observation", [
+    ("a request in flight: a worker receives", obs(visible=2, in_flight=1, running=2)),
+    ("nothing visible", obs(running=2)),
+    ("delayed requests are not visible yet", obs(delayed=3, running=2)),
+    ("pending instances do not receive yet", obs(visible=2, pending=2)),
+    ("booting ones neither", obs(visible=2, booting=2)),
+    ("nor ones ending", obs(visible=2, shutting=2)),
+])
+def test_requests_that_wait_for_no_receiver_count_no_instance(name, observation):
+    assert not untaken_beside_receivers(observation), name
+    assert not_receiving(observation, waited_s=10_000, deadline_s=120) is None, name
+
+
+def test_an_instance_already_counted_failed_is_no_receiver():
+    observation = failed(obs(visible=2, running=2), 1)
+    counted = not_receiving(observation, waited_s=120, deadline_s=120)
+    assert counted is not None and counted.id == "i-0002"
+    assert untaken_beside_receivers(failed(obs(visible=2, running=2), 2)) is False
+
+
+def test_the_progress_watch_times_an_unbroken_wait_and_the_next_count_a_whole_deadline_on():
+    watch = ProgressWatch()
+    assert watch.waited(True, 1000.0) == 0.0
+    assert watch.waited(True, 1100.0) == 100.0
+    assert watch.waited(False, 1101.0) == 0.0  # broken: from the start again
+    assert watch.waited(True, 1102.0) == 0.0
+    assert watch.waited(True, 1222.0) == 120.0
+    watch.count("i-0001", "not receiving", 1222.0)
+    assert watch.waited(True, 1300.0) == 78.0
+    watch.keep_listed({"i-0002"})  # i-0001 ended
+    assert watch.counted == {}

@@ -1265,7 +1265,8 @@ AWS_FAILING = {"Error": {"Code": "InternalError", "Message": "oops"},
 def test_a_worker_that_cannot_receive_for_the_stall_timeout_reports_its_instance_failed(
         aws_env, monkeypatch, failures, answer, gives_up):
     """Tagged ready once, an instance whose receives then always fail for a fault of its
-    own would count as serving for good while requests wait: it says it has failed,
+    own would count as serving until the controller's PROGRESS_DEADLINE found requests
+    waiting untaken, and for good beside workers that receive: it says it has failed,
     and stops, so that the controller replaces it."""
     settings, aws = aws_env
     # Receives are retried after 1, 2, 4 s. A denied receive retried once must stay short of
