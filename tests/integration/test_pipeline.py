@@ -235,23 +235,38 @@ def second_web_tier(stack, tmp_path, prefix: str, **env_overrides: str):
     """A web tier of its own under gunicorn, on the stack's AWS with queues and buckets
     named by `prefix` (which no worker reads); yields its URL and process, whose group
     is killed on the way out. Its log is tmp_path / "web.log"."""
-    from localaws.harness import ROOT, free_port
+    from localaws.harness import ROOT
+    from tests.conftest import loopback_listener
 
-    port = free_port()
-    env = {**os.environ, "AWS_ENDPOINT_URL": stack.aws_url, "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "APP_PREFIX": prefix, "WEB_PORT": str(port), "WEB_JOURNAL_DIR": str(tmp_path / "journal"),
-           **env_overrides}
-    subprocess.run([sys.executable, "-m", "common.provision"], env=env, cwd=ROOT, check=True,
-                   capture_output=True)
-    with open(tmp_path / "web.log", "wb") as log:
-        conf = str(ROOT / "web_tier" / "gunicorn.conf.py")
-        web = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", conf, "web_tier:create_app()"],
-                               env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    # Bound here and handed to gunicorn (`--bind fd://N`), as the stack does: a port found
+    # free and let go could be taken by another server before gunicorn bound it.
+    with loopback_listener() as listener:
+        port = listener.getsockname()[1]
+        env = {**os.environ, "AWS_ENDPOINT_URL": stack.aws_url, "AWS_ACCESS_KEY_ID": "testing",
+               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+               "APP_PREFIX": prefix, "WEB_PORT": str(port), "WEB_JOURNAL_DIR": str(tmp_path / "journal"),
+               **env_overrides}
+        subprocess.run([sys.executable, "-m", "common.provision"], env=env, cwd=ROOT, check=True,
+                       capture_output=True)
+        with open(tmp_path / "web.log", "wb") as log:
+            conf = str(ROOT / "web_tier" / "gunicorn.conf.py")
+            web = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", conf,
+                                    "--bind", f"fd://{listener.fileno()}", "web_tier:create_app()"],
+                                   env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True, pass_fds=(listener.fileno(),))
     url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if web.poll() is not None:  # not 60 s of waiting on a web tier that has gone
+            raise AssertionError(f"the second web tier exited ({web.returncode})")
+        return answers(f"{url}/healthz")
+
     try:
-        wait_for(lambda: answers(f"{url}/healthz"), 60, "the second web tier")
+        try:
+            wait_for(up, 60, "the second web tier")
+        except AssertionError as exc:
+            log_tail = (tmp_path / "web.log").read_text(errors="replace")[-4000:]
+            raise AssertionError(f"{exc}; its log ({tmp_path / 'web.log'}) ends:\n{log_tail}") from None
         yield url, web
     finally:
         if web.poll() is None:
