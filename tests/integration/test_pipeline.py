@@ -94,8 +94,10 @@ def test_end_to_end(stack, images, expected):
 
     # The output bucket holds exactly one pair per image, with the same scores.
     out_bucket = f"{stack.prefix}-out-bucket"
-    # (The stack is shared with other tests: count only this test's images.)
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=out_bucket).get("Contents", [])
+    # (The stack is shared with other tests: count only this test's images. Every page:
+    # one list is 1,000 keys at most, and the other tests leave hundreds.)
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=out_bucket)
+    keys = [o["Key"] for page in pages for o in page.get("Contents", [])
             if o["Key"].rsplit("/", 1)[-1] in images]
     assert len(keys) == 30
     answered_by = set()
