@@ -130,16 +130,29 @@ def test_end_to_end(stack, images, expected):
 
 
 def test_bad_uploads_get_clear_errors_and_service_goes_on(stack, images, expected):
-    bad = {
-        "notes.txt": b"this is not an image",
-        "empty.jpg": b"",
-        "../../etc/passwd.jpg": b"GIF89a nope",
-        "<script>alert(1)</script>.png": b"\x89PNG\r\n\x1a\n broken",
+    script = "<script>alert(1)</script>.png"
+    bad = {  # name: (bytes, status, the reason after "<name>: ")
+        "notes.txt": (b"this is not an image", 415,
+                      "not an image (the content is not JPEG, PNG, GIF, BMP, WEBP, TIFF or AVIF)"),
+        "empty.jpg": (b"", 400, "file is empty"),
+        "../../etc/passwd.jpg": (b"GIF89a nope", 422, "damaged or unreadable image: not a valid GIF file"),
+        script: (b"\x89PNG\r\n\x1a\n broken", 422, "damaged or unreadable image: not a valid PNG file"),
     }
-    for name, data in bad.items():
+    for name, (data, status, reason) in bad.items():
         reply = requests.post(f"{stack.web_url}/", files={"inputFile": (name, data)}, timeout=30)
-        assert 400 <= reply.status_code < 500, (name, reply.status_code)
-        assert reply.text, name
+        assert reply.status_code == status, (name, reply.status_code, reply.text)
+        # Plain text, for programs, the name as sent: never read as HTML (nosniff).
+        assert reply.headers["Content-Type"] == "text/plain; charset=utf-8", name
+        assert reply.headers["X-Content-Type-Options"] == "nosniff", name
+        assert reply.text == f"{name}: {reason}"
+    # The plain form's answer is a page: the name in it escaped, not a script.
+    reply = requests.post(f"{stack.web_url}/?answer=page", files={"inputFile": (script, bad[script][0])},
+                          timeout=30)
+    assert reply.status_code == 422, reply.text
+    assert reply.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "<script>" not in reply.text
+    assert '<h2 class="name">&lt;script&gt;alert(1)&lt;/script&gt;.png</h2>' in reply.text
+    assert bad[script][2] in reply.text
     good = sorted(images)[0]
     reply = requests.post(f"{stack.web_url}/", files={"myfile": (good, images[good])}, timeout=300)
     assert reply.status_code == 200, reply.text
