@@ -28,7 +28,9 @@ from common.config import Settings
 from common.provision import provision
 from localaws.server import start_moto
 from tests.conftest import loopback_listener
-from tests.integration.conftest import aws_client, wait_for
+from tests.integration.conftest import AWS_ONLY_TIMEOUT, aws_client, wait_for
+
+pytestmark = AWS_ONLY_TIMEOUT
 
 ROOT = Path(__file__).resolve().parents[2]
 CAP = 15

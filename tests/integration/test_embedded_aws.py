@@ -13,7 +13,9 @@ import pytest
 
 from localaws.server import start_moto
 from tests.conftest import loopback_listener
-from tests.integration.conftest import aws_client, wait_for
+from tests.integration.conftest import AWS_ONLY_TIMEOUT, aws_client, wait_for
+
+pytestmark = AWS_ONLY_TIMEOUT
 
 LONG_POLLS = 40  # more than a full local fleet and the web tier's listeners hold at once
 

@@ -8,6 +8,7 @@ import time
 
 from tests.conftest import make_image
 from tests.integration.conftest import (
+    STACK_TIMEOUT,
     assert_row_shows,
     reference,
     references,
@@ -25,7 +26,7 @@ from tests.integration.page import (
     waiting_batch,
 )
 
-pytestmark = NEEDS_CHROMIUM
+pytestmark = [NEEDS_CHROMIUM, STACK_TIMEOUT]
 
 
 def test_a_reload_shows_the_batches_again_and_follows_them_to_the_end(stack, browser, reference_model,

@@ -9,6 +9,7 @@ import time
 
 from tests.conftest import make_image
 from tests.integration.conftest import (
+    STACK_TIMEOUT,
     assert_row_shows,
     processes,
     references,
@@ -32,7 +33,7 @@ from tests.integration.page import (
     upload_throttled,
 )
 
-pytestmark = NEEDS_CHROMIUM
+pytestmark = [NEEDS_CHROMIUM, STACK_TIMEOUT]
 
 
 # The first resend (5 s) put 100 s off (settings.js reads resendDelayScale as each resend

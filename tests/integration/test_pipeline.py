@@ -21,6 +21,7 @@ import requests
 from common.fleet import WORKER_READY_TAG
 from tests.conftest import PAGE_SCRIPTS, make_image
 from tests.integration.conftest import (
+    STACK_TIMEOUT,
     answers,
     assert_item_matches,
     assert_matches,
@@ -30,6 +31,8 @@ from tests.integration.conftest import (
     references,
     wait_for,
 )
+
+pytestmark = STACK_TIMEOUT
 
 
 @pytest.fixture(scope="module")
