@@ -22,6 +22,9 @@ from app_tier.weights import WeightsUnavailable
 from tests.conftest import make_image
 
 ROOT = Path(__file__).resolve().parents[2]
+# TensorFlow and OpenVINO loaded, ResNet-50 built and converted (a module fixture's cost
+# falls in its first test: 28 s here), a worker run given 120 s: more than pyproject's 120 s.
+pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
