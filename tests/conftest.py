@@ -185,3 +185,18 @@ def silent_endpoint() -> Iterator[tuple[str, list[socket.socket]]]:
         silent.close()
         for connection in accepted:
             connection.close()
+
+
+def loopback_listener() -> socket.socket:
+    """A socket listening on a free loopback port, for a child to serve on (moto_server's
+    `--fd N`, gunicorn's `--bind fd://N`, with pass_fds), as the stack does
+    (localaws.server.listening_socket). A port found free, let go and bound by the child
+    seconds later could be taken in between by another test's server on the machine."""
+    sock = socket.socket()
+    try:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock

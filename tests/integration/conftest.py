@@ -22,6 +22,14 @@ from localaws.stack import STOP_TIMEOUT_S
 # How long a stopping stack is given before it is killed (its own budget is STOP_TIMEOUT_S).
 STOP_GRACE_S = STOP_TIMEOUT_S + 30
 
+# Each integration module's pytestmark (pyproject.toml's default, 120 s, is for unit tests).
+# pytest-timeout counts fixtures in a test's time: a stack's start (the model made ready,
+# the fleet's first worker) falls in its first test, its stop in its last, and a loaded
+# 2-core machine makes both slow. Tests here take seconds to a minute or two: these bound
+# only a hang. An AWS alone (moto's server) starts in seconds.
+STACK_TIMEOUT = pytest.mark.timeout(900)
+AWS_ONLY_TIMEOUT = pytest.mark.timeout(600)
+
 
 def pytest_collection_modifyitems(items):
     # The tests on the session's stack last: it runs until the session ends, and a module

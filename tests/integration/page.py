@@ -301,8 +301,8 @@ def said_lost(browser, batch_id: str) -> str:
 
 
 @contextlib.contextmanager
-def waiting_batch(stack, seed: int) -> Iterator[str]:
-    """A batch of one image stored and never queued (it stays so), as a page polls it."""
+def waiting_batch(stack, seed: int, filename: str = "waiting.jpg") -> Iterator[str]:
+    """A batch of one image, `filename`, stored and never queued (it stays so), as a page polls it."""
     import uuid
 
     from common.names import object_key
@@ -310,9 +310,9 @@ def waiting_batch(stack, seed: int) -> Iterator[str]:
 
     s3, _, _ = clients(stack)
     batch_id, item_id = uuid.uuid4().hex, "0" * 14 + uuid.uuid4().hex[:18]
-    key = object_key(batch_id, item_id, "waiting.jpg")
+    key = object_key(batch_id, item_id, filename)
     s3.put_object(Bucket=stack.settings().input_bucket, Key=key, Body=make_image(seed),
-                  Metadata={"original-filename": "waiting.jpg", "batch-id": batch_id, "item-id": item_id})
+                  Metadata={"original-filename": filename, "batch-id": batch_id, "item-id": item_id})
     try:
         yield batch_id
     finally:

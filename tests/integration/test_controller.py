@@ -26,9 +26,11 @@ import pytest
 
 from common.config import Settings
 from common.provision import provision
-from localaws.harness import free_port
 from localaws.server import start_moto
-from tests.integration.conftest import aws_client, wait_for
+from tests.conftest import loopback_listener
+from tests.integration.conftest import AWS_ONLY_TIMEOUT, aws_client, wait_for
+
+pytestmark = AWS_ONLY_TIMEOUT
 
 ROOT = Path(__file__).resolve().parents[2]
 CAP = 15
@@ -43,8 +45,10 @@ CONTROLLER_VARS = ("MAX_INSTANCES", "POLL_INTERVAL", "SCALING_MODE", "TARGET_BAC
 
 @pytest.fixture(scope="module")
 def moto_url(tmp_path_factory) -> Iterator[str]:
-    port = free_port()
-    process = start_moto("127.0.0.1", port, tmp_path_factory.mktemp("moto") / "moto.log")
+    with loopback_listener() as listener:  # moto's once it has started
+        port = listener.getsockname()[1]
+        process = start_moto("127.0.0.1", port, tmp_path_factory.mktemp("moto") / "moto.log",
+                             listener=listener)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

@@ -11,17 +11,20 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from localaws.harness import free_port
 from localaws.server import start_moto
-from tests.integration.conftest import aws_client, wait_for
+from tests.conftest import loopback_listener
+from tests.integration.conftest import AWS_ONLY_TIMEOUT, aws_client, wait_for
+
+pytestmark = AWS_ONLY_TIMEOUT
 
 LONG_POLLS = 40  # more than a full local fleet and the web tier's listeners hold at once
 
 
 @pytest.fixture
 def moto(tmp_path) -> Iterator[tuple[int, psutil.Process]]:
-    port = free_port()
-    process = start_moto("127.0.0.1", port, tmp_path / "moto.log")
+    with loopback_listener() as listener:  # moto's once it has started
+        port = listener.getsockname()[1]
+        process = start_moto("127.0.0.1", port, tmp_path / "moto.log", listener=listener)
     try:
         yield port, psutil.Process(process.pid)
     finally:

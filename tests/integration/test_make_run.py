@@ -19,7 +19,9 @@ import requests
 from localaws.harness import StackProcess, free_ports
 from localaws.stack import STARTING_MARK, STOP_TIMEOUT_S
 from tests.conftest import make_image
-from tests.integration.conftest import serving_workers, still_running, wait_for
+from tests.integration.conftest import STACK_TIMEOUT, serving_workers, still_running, wait_for
+
+pytestmark = STACK_TIMEOUT
 
 ROOT = Path(__file__).resolve().parents[2]
 

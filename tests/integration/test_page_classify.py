@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from tests.conftest import make_image
 from tests.integration.conftest import (
+    STACK_TIMEOUT,
     assert_row_shows,
     reference,
     references,
@@ -30,7 +31,7 @@ from tests.integration.page import (
     states_shown,
 )
 
-pytestmark = NEEDS_CHROMIUM
+pytestmark = [NEEDS_CHROMIUM, STACK_TIMEOUT]
 
 
 HOSTILE = '<img src=x onerror="document.title=\'pwned\'">.png'

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from tests.conftest import make_image
 from tests.integration.conftest import (
+    STACK_TIMEOUT,
     assert_row_shows,
     reference,
     references,
@@ -20,7 +21,7 @@ from tests.integration.page import (
     rows_shown,
 )
 
-pytestmark = NEEDS_CHROMIUM
+pytestmark = [NEEDS_CHROMIUM, STACK_TIMEOUT]
 
 
 def test_files_dropped_anywhere_on_the_page_are_uploaded(stack, browser, reference_model):

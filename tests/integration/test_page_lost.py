@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 from tests.conftest import make_image
 from tests.integration.conftest import (
+    STACK_TIMEOUT,
     assert_row_shows,
     references,
     wait_for,
@@ -32,7 +33,7 @@ from tests.integration.page import (
     waiting_batch,
 )
 
-pytestmark = NEEDS_CHROMIUM
+pytestmark = [NEEDS_CHROMIUM, STACK_TIMEOUT]
 
 
 # What the page reads of the server, counted: window.batchReads (GET /api/jobs/<id>),

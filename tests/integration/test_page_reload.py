@@ -8,6 +8,7 @@ import time
 
 from tests.conftest import make_image
 from tests.integration.conftest import (
+    STACK_TIMEOUT,
     assert_row_shows,
     reference,
     references,
@@ -25,7 +26,7 @@ from tests.integration.page import (
     waiting_batch,
 )
 
-pytestmark = NEEDS_CHROMIUM
+pytestmark = [NEEDS_CHROMIUM, STACK_TIMEOUT]
 
 
 def test_a_reload_shows_the_batches_again_and_follows_them_to_the_end(stack, browser, reference_model,
@@ -231,7 +232,7 @@ def test_a_reloaded_page_shows_its_batches_though_one_never_answers(stack, brows
     page empty, the others never asked for."""
     from selenium.webdriver.common.by import By
 
-    with waiting_batch(stack, 963) as hung, waiting_batch(stack, 964) as shown:
+    with waiting_batch(stack, 963, "hung.jpg") as hung, waiting_batch(stack, 964, "shown.jpg") as shown:
         # Before the page's script runs: the first batch's answer never comes.
         browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
           const realFetch = window.fetch;
@@ -240,6 +241,8 @@ def test_a_reloaded_page_shows_its_batches_though_one_never_answers(stack, brows
         browser.get(f"{stack.web_url}/#batches={hung},{shown}")
         rows = (By.CSS_SELECTOR, "#results [data-state]")
         wait_for(lambda: len(browser.find_elements(*rows)) == 1, 30, "the batch that answers")
+        # That batch's row, not the hung one's (both held one file; each is named apart).
+        assert [row.get_attribute("data-filename") for row in browser.find_elements(*rows)] == ["shown.jpg"]
 
 
 def test_a_reload_after_a_lost_answer_shows_the_files_the_server_stored(stack, browser, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from tests.conftest import make_image
 from tests.integration.conftest import (
+    STACK_TIMEOUT,
     wait_for,
     workers_held,
 )
@@ -25,7 +26,7 @@ from tests.integration.page import (
     states_shown,
 )
 
-pytestmark = NEEDS_CHROMIUM
+pytestmark = [NEEDS_CHROMIUM, STACK_TIMEOUT]
 
 
 def test_a_late_answer_replaces_a_rows_dead_letter_failure(stack, browser, reference_model, tmp_path):

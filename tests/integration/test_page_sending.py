@@ -9,6 +9,7 @@ import time
 
 from tests.conftest import make_image
 from tests.integration.conftest import (
+    STACK_TIMEOUT,
     assert_row_shows,
     processes,
     references,
@@ -32,7 +33,13 @@ from tests.integration.page import (
     upload_throttled,
 )
 
-pytestmark = NEEDS_CHROMIUM
+pytestmark = [NEEDS_CHROMIUM, STACK_TIMEOUT]
+
+
+# The first resend (5 s) put 100 s off (settings.js reads resendDelayScale as each resend
+# is timed): a file stopped while waiting for it must show as stopped at once, and a wait
+# of 30 s (for a loaded machine) cannot be passed by the resend going, or failed by it.
+RESEND_FAR_OFF = "document.body.dataset.resendDelayScale = '20';"
 
 
 def test_files_a_stopping_web_tier_did_not_store_are_sent_again(stack, browser, reference_model, tmp_path):
@@ -232,11 +239,12 @@ def test_a_stopped_file_the_server_stored_after_all_is_not_counted_stopped_after
     from selenium.webdriver.common.by import By
 
     browser.get(stack.web_url + "/")
-    browser.execute_script(FAIL_FIRST_POSTS, ["lost"])  # stored; sent again 5 s later
+    browser.execute_script(FAIL_FIRST_POSTS, ["lost"])  # stored; sent again 100 s later
+    browser.execute_script(RESEND_FAR_OFF)
     choose(browser, tmp_path, {"kept_after_all.jpg": make_image(1475, size=(64, 48))})
     wait_for(lambda: browser.execute_script("return window.fakedPosts") == 1, 30, "the first send")
     browser.find_element(By.ID, "stop-sending").click()
-    shown = finished_rows(browser, stack, 1, timeout_s=4.5)  # before the 5 s resend
+    shown = finished_rows(browser, stack, 1, timeout_s=30)  # long before the 100 s resend
     assert shown["kept_after_all.jpg"].get_attribute("data-stopped") == "true"
     assert "(the server may hold it: reload to see)" in shown["kept_after_all.jpg"].text
     wait_for(lambda: browser.find_element(By.ID, "summary").text == "0 of 1 classified, 1 not sent (stopped)",
@@ -266,12 +274,13 @@ def test_stop_sending_cancels_a_resend_waiting_its_turn(stack, browser, tmp_path
     from selenium.webdriver.common.by import By
 
     browser.get(stack.web_url + "/")
-    browser.execute_script(FAIL_FIRST_POSTS, ["unreachable"])  # sent again 5 s later
+    browser.execute_script(FAIL_FIRST_POSTS, ["unreachable"])  # sent again 100 s later
+    browser.execute_script(RESEND_FAR_OFF)
     choose(browser, tmp_path, {"waiting.jpg": make_image(890)})
     wait_for(lambda: browser.execute_script("return window.fakedPosts") == 1, 30, "the first send")
     browser.find_element(By.ID, "stop-sending").click()
-    # At once, not after the resend's 5 s delay (3 s was tight for a loaded machine).
-    shown = finished_rows(browser, stack, 1, timeout_s=4.5)
+    # At once, not after the resend's delay: 100 s off, far beyond this wait.
+    shown = finished_rows(browser, stack, 1, timeout_s=30)
     assert "not sent again: you stopped the upload (the server may hold it" in shown["waiting.jpg"].text
 
 
@@ -312,11 +321,12 @@ def test_stop_sending_after_a_503_keeps_the_reasons_for_a_reload(stack, browser,
     from selenium.webdriver.common.by import By
 
     browser.get(stack.web_url + "/")
-    browser.execute_script(FAIL_FIRST_POSTS, ["503"])  # sent again 5 s later
+    browser.execute_script(FAIL_FIRST_POSTS, ["503"])  # sent again 100 s later
+    browser.execute_script(RESEND_FAR_OFF)
     choose(browser, tmp_path, {"refused_once.jpg": make_image(891)})
     wait_for(lambda: browser.execute_script("return window.fakedPosts") == 1, 30, "the first send")
     browser.find_element(By.ID, "stop-sending").click()
-    shown = finished_rows(browser, stack, 1, timeout_s=4.5)  # before the 5 s resend
+    shown = finished_rows(browser, stack, 1, timeout_s=30)  # long before the 100 s resend
     assert "not sent: you stopped the upload" in shown["refused_once.jpg"].text
     assert "#batches=" in browser.current_url
     browser.refresh()

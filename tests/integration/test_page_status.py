@@ -11,6 +11,7 @@ import time
 from tests.conftest import make_image
 from tests.integration.conftest import (
     SCORE_TOLERANCE,
+    STACK_TIMEOUT,
     references,
     wait_for,
 )
@@ -32,7 +33,7 @@ from tests.integration.page import (
     upload_throttled,
 )
 
-pytestmark = NEEDS_CHROMIUM
+pytestmark = [NEEDS_CHROMIUM, STACK_TIMEOUT]
 
 
 def test_the_choose_button_shows_keyboard_focus(stack, browser):

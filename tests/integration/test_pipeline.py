@@ -21,6 +21,7 @@ import requests
 from common.fleet import WORKER_READY_TAG
 from tests.conftest import PAGE_SCRIPTS, make_image
 from tests.integration.conftest import (
+    STACK_TIMEOUT,
     answers,
     assert_item_matches,
     assert_matches,
@@ -30,6 +31,8 @@ from tests.integration.conftest import (
     references,
     wait_for,
 )
+
+pytestmark = STACK_TIMEOUT
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +97,10 @@ def test_end_to_end(stack, images, expected):
 
     # The output bucket holds exactly one pair per image, with the same scores.
     out_bucket = f"{stack.prefix}-out-bucket"
-    # (The stack is shared with other tests: count only this test's images.)
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=out_bucket).get("Contents", [])
+    # (The stack is shared with other tests: count only this test's images. Every page:
+    # one list is 1,000 keys at most, and the other tests leave hundreds.)
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=out_bucket)
+    keys = [o["Key"] for page in pages for o in page.get("Contents", [])
             if o["Key"].rsplit("/", 1)[-1] in images]
     assert len(keys) == 30
     answered_by = set()
@@ -128,16 +133,29 @@ def test_end_to_end(stack, images, expected):
 
 
 def test_bad_uploads_get_clear_errors_and_service_goes_on(stack, images, expected):
-    bad = {
-        "notes.txt": b"this is not an image",
-        "empty.jpg": b"",
-        "../../etc/passwd.jpg": b"GIF89a nope",
-        "<script>alert(1)</script>.png": b"\x89PNG\r\n\x1a\n broken",
+    script = "<script>alert(1)</script>.png"
+    bad = {  # name: (bytes, status, the reason after "<name>: ")
+        "notes.txt": (b"this is not an image", 415,
+                      "not an image (the content is not JPEG, PNG, GIF, BMP, WEBP, TIFF or AVIF)"),
+        "empty.jpg": (b"", 400, "file is empty"),
+        "../../etc/passwd.jpg": (b"GIF89a nope", 422, "damaged or unreadable image: not a valid GIF file"),
+        script: (b"\x89PNG\r\n\x1a\n broken", 422, "damaged or unreadable image: not a valid PNG file"),
     }
-    for name, data in bad.items():
+    for name, (data, status, reason) in bad.items():
         reply = requests.post(f"{stack.web_url}/", files={"inputFile": (name, data)}, timeout=30)
-        assert 400 <= reply.status_code < 500, (name, reply.status_code)
-        assert reply.text, name
+        assert reply.status_code == status, (name, reply.status_code, reply.text)
+        # Plain text, for programs, the name as sent: never read as HTML (nosniff).
+        assert reply.headers["Content-Type"] == "text/plain; charset=utf-8", name
+        assert reply.headers["X-Content-Type-Options"] == "nosniff", name
+        assert reply.text == f"{name}: {reason}"
+    # The plain form's answer is a page: the name in it escaped, not a script.
+    reply = requests.post(f"{stack.web_url}/?answer=page", files={"inputFile": (script, bad[script][0])},
+                          timeout=30)
+    assert reply.status_code == 422, reply.text
+    assert reply.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "<script>" not in reply.text
+    assert '<h2 class="name">&lt;script&gt;alert(1)&lt;/script&gt;.png</h2>' in reply.text
+    assert bad[script][2] in reply.text
     good = sorted(images)[0]
     reply = requests.post(f"{stack.web_url}/", files={"myfile": (good, images[good])}, timeout=300)
     assert reply.status_code == 200, reply.text
@@ -235,23 +253,38 @@ def second_web_tier(stack, tmp_path, prefix: str, **env_overrides: str):
     """A web tier of its own under gunicorn, on the stack's AWS with queues and buckets
     named by `prefix` (which no worker reads); yields its URL and process, whose group
     is killed on the way out. Its log is tmp_path / "web.log"."""
-    from localaws.harness import ROOT, free_port
+    from localaws.harness import ROOT
+    from tests.conftest import loopback_listener
 
-    port = free_port()
-    env = {**os.environ, "AWS_ENDPOINT_URL": stack.aws_url, "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "APP_PREFIX": prefix, "WEB_PORT": str(port), "WEB_JOURNAL_DIR": str(tmp_path / "journal"),
-           **env_overrides}
-    subprocess.run([sys.executable, "-m", "common.provision"], env=env, cwd=ROOT, check=True,
-                   capture_output=True)
-    with open(tmp_path / "web.log", "wb") as log:
-        conf = str(ROOT / "web_tier" / "gunicorn.conf.py")
-        web = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", conf, "web_tier:create_app()"],
-                               env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    # Bound here and handed to gunicorn (`--bind fd://N`), as the stack does: a port found
+    # free and let go could be taken by another server before gunicorn bound it.
+    with loopback_listener() as listener:
+        port = listener.getsockname()[1]
+        env = {**os.environ, "AWS_ENDPOINT_URL": stack.aws_url, "AWS_ACCESS_KEY_ID": "testing",
+               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+               "APP_PREFIX": prefix, "WEB_PORT": str(port), "WEB_JOURNAL_DIR": str(tmp_path / "journal"),
+               **env_overrides}
+        subprocess.run([sys.executable, "-m", "common.provision"], env=env, cwd=ROOT, check=True,
+                       capture_output=True)
+        with open(tmp_path / "web.log", "wb") as log:
+            conf = str(ROOT / "web_tier" / "gunicorn.conf.py")
+            web = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", conf,
+                                    "--bind", f"fd://{listener.fileno()}", "web_tier:create_app()"],
+                                   env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True, pass_fds=(listener.fileno(),))
     url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if web.poll() is not None:  # not 60 s of waiting on a web tier that has gone
+            raise AssertionError(f"the second web tier exited ({web.returncode})")
+        return answers(f"{url}/healthz")
+
     try:
-        wait_for(lambda: answers(f"{url}/healthz"), 60, "the second web tier")
+        try:
+            wait_for(up, 60, "the second web tier")
+        except AssertionError as exc:
+            log_tail = (tmp_path / "web.log").read_text(errors="replace")[-4000:]
+            raise AssertionError(f"{exc}; its log ({tmp_path / 'web.log'}) ends:\n{log_tail}") from None
         yield url, web
     finally:
         if web.poll() is None:

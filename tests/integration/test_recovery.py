@@ -8,6 +8,7 @@ import requests
 
 from tests.conftest import make_image
 from tests.integration.conftest import (
+    STACK_TIMEOUT,
     answers,
     assert_item_matches,
     clients,
@@ -20,6 +21,8 @@ from tests.integration.conftest import (
     wait_for,
     workers_held,
 )
+
+pytestmark = STACK_TIMEOUT
 
 
 def batch_states(stack, batch_id: str) -> dict[str, dict]:

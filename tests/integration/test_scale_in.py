@@ -17,6 +17,7 @@ import requests
 
 from tests.conftest import make_image
 from tests.integration.conftest import (
+    STACK_TIMEOUT,
     clients,
     live_instances,
     requests_shown_again,
@@ -24,6 +25,8 @@ from tests.integration.conftest import (
     serving_workers,
     wait_for,
 )
+
+pytestmark = STACK_TIMEOUT
 
 
 @pytest.fixture(scope="module")

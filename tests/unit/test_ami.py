@@ -26,6 +26,8 @@ from common.names import PREFIX_TAG, ROLE_APP_TIER, ROLE_TAG
 from controller.act import render_user_data
 
 AMI = Path(__file__).resolve().parents[2] / "ami"
+# Its scripts are given 120 s each (subprocess.run): the test, more (pyproject's 120 s).
+pytestmark = pytest.mark.timeout(300)
 PLACEHOLDERS = tuple("{{" + name + "}}" for name in worker_environment(Settings()))
 BUCKETS = ("imgclass-in-bucket", "imgclass-out-bucket")
 QUEUES = ("imgclass-req-queue", "imgclass-resp-queue", "imgclass-req-dlq")

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 AMI = Path(__file__).resolve().parents[2] / "ami"
+# Its scripts are given 120 s each (subprocess.run): the test, more (pyproject's 120 s).
+pytestmark = pytest.mark.timeout(300)
 
 UNTRACKED = [
     ".run/logs/web.log", ".run/state.json",  # make run

@@ -502,9 +502,11 @@ def test_a_tiff_of_too_many_tiles_is_refused_before_pillow_reads_it(web_settings
             prepare(tiff_of_tiles(side, side, order), web_settings.max_image_pixels)
 
 
-def tiled_tiff(width: int, length: int, tile: int) -> bytes:
-    """A grey TIFF of one deflated tile of `tile` x `tile` zero bytes."""
-    packed = zlib.compress(bytes(tile * tile), 9)
+def tiled_tiff(width: int, length: int, tile: int, payload: int | None = None) -> bytes:
+    """A grey TIFF of one deflated tile of `tile` x `tile` zero bytes, or of only `payload`
+    zero bytes (a tile too short, for a TIFF refused before its data is read: the whole
+    32768x32768 tile took 1 GiB to make and seconds to deflate)."""
+    packed = zlib.compress(bytes(tile * tile if payload is None else payload), 9)
     tags = [(256, 4, 1, width), (257, 4, 1, length), (258, 3, 1, 8), (259, 3, 1, 8), (262, 3, 1, 1),
             (277, 3, 1, 1), (322, 4, 1, tile), (323, 4, 1, tile), (324, 4, 1, 8), (325, 4, 1, len(packed))]
     pad = b"\0" * (len(packed) & 1)
@@ -520,8 +522,8 @@ def test_a_tiff_whose_tile_is_larger_than_its_image_is_refused_before_pillow_rea
     for fits in (tiled_tiff(20, 20, 32), tiled_tiff(20, 20, 2048)):  # a small image, a usual tile
         assert check_image("ok.tif", fits, web_settings).content_type == "image/tiff"
         assert prepare(fits, web_settings.max_image_pixels).shape == (224, 224, 3)
-    forbid_pillow(monkeypatch)
-    bomb = tiled_tiff(8, 8, 32768)
+    forbid_pillow(monkeypatch)  # and so its data is never read: 64 KB of it refused as 1 GiB would be
+    bomb = tiled_tiff(8, 8, 32768, payload=64 * 1024)
     with pytest.raises(Refusal) as refused:
         check_image("bomb.tif", bomb, web_settings)
     assert refused.value.status == 422

@@ -2283,10 +2283,10 @@ def test_the_first_ctrl_c_in_jobs_mode_waits_for_the_requests_in_flight(tier, tm
 
     def release_once_stopped() -> None:
         try:
-            wait_until(lambda: clients and clients[0].stop.is_set(), 5)
+            wait_until(lambda: clients and clients[0].stop.is_set(), 30)
             if wait == "poll":  # and the held item still polled after it
                 polls = tier.paths["GET /api/jobs/<id>"]
-                wait_until(lambda: tier.paths["GET /api/jobs/<id>"] >= polls + 2, 5)
+                wait_until(lambda: tier.paths["GET /api/jobs/<id>"] >= polls + 2, 30)
         finally:
             tier.release.set()
 
@@ -2296,7 +2296,7 @@ def test_the_first_ctrl_c_in_jobs_mode_waits_for_the_requests_in_flight(tier, tm
         raise KeyboardInterrupt
 
     config = Config(images=images, url=tier.url, api="jobs", wait=wait, concurrency=2, timeout=20)
-    report = finish_within(15, run_load, config, on_result=ctrl_c, watching=helper)
+    report = finish_within(75, run_load, config, on_result=ctrl_c, watching=helper)
     helper.finish()
     assert report.interrupted and report.abandoned == 0
     assert (report.answered, report.failed) == (2, 0), [(o.file, o.error) for o in report.outcomes]
@@ -2320,7 +2320,7 @@ def test_a_second_ctrl_c_in_jobs_mode_abandons_the_requests_still_polled(tier, t
     assert load_test.result_line(report) == ABANDONED_TWO
     # The abandoned stop polling (they polled on until their timeout, flooding the tier).
     senders = [t for t in set(threading.enumerate()) - before if t.name.startswith("load-")]
-    wait_until(lambda: not any(t.is_alive() for t in senders), 5)
+    wait_until(lambda: not any(t.is_alive() for t in senders), 30)
 
 
 def test_a_second_brief_outage_long_after_a_first_is_waited_out_too(tmp_path, monkeypatch):
@@ -2355,16 +2355,16 @@ def test_a_second_brief_outage_long_after_a_first_is_waited_out_too(tmp_path, mo
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def two_outages() -> None:
-        wait_until(lambda: refusals, 5)  # the first outage: a.jpg refused
+        wait_until(lambda: refusals, 30)  # the first outage: a.jpg refused
         port_holder.close()
         serve()
         wait_until(lambda: state.paths["POST /"] and state.paths["GET /api/status"]
-                   and time.monotonic() > refusals[0] + window + 0.2, 5)
+                   and time.monotonic() > refusals[0] + window + 0.2, 30)
         servers[0].shutdown()
         servers[0].server_close()  # the second outage
         seen = len(refusals)
         state.release.set()  # a.jpg is cut off; b.jpg goes next, and is refused
-        wait_until(lambda: len(refusals) > seen, 5)
+        wait_until(lambda: len(refusals) > seen, 30)
         serve()
 
     helper = InBackground(two_outages)
@@ -2372,7 +2372,7 @@ def test_a_second_brief_outage_long_after_a_first_is_waited_out_too(tmp_path, mo
     config = Config(images=images, url=f"http://127.0.0.1:{port}", concurrency=1, timeout=20,
                     status_interval=0.05)
     try:
-        report = finish_within(15, run_load, config, watching=helper)
+        report = finish_within(100, run_load, config, watching=helper)
     finally:
         state.release.set()
         port_holder.close()
@@ -2396,7 +2396,7 @@ def test_polls_refused_for_a_whole_window_fail_as_uploads_do(tmp_path, monkeypat
     url = f"http://127.0.0.1:{server.server_address[1]}"
 
     def die_once_polled() -> None:
-        wait_until(lambda: state.paths["GET /api/jobs/<id>"] >= 2, 5)
+        wait_until(lambda: state.paths["GET /api/jobs/<id>"] >= 2, 30)
         state.killed = True
         server.shutdown()
         server.server_close()  # nothing listens there any more: polls are refused
@@ -2405,7 +2405,7 @@ def test_polls_refused_for_a_whole_window_fail_as_uploads_do(tmp_path, monkeypat
     images = make_images(tmp_path / "images", {"a.jpg": b"label:a", "b.jpg": b"label:b"})
     try:
         config = Config(images=images, url=url, api="jobs", wait="poll", timeout=30)
-        report = finish_within(10, run_load, config, watching=helper)
+        report = finish_within(60, run_load, config, watching=helper)
     finally:
         server.shutdown()
         server.server_close()
@@ -2477,7 +2477,7 @@ def test_a_connection_not_made_in_time_is_sent_again_and_said_so(tmp_path, monke
     images = make_images(tmp_path / "images", {"b.jpg": b"label:b"})
     url = "http://10.255.255.1:8000"
     client = load_test.Client(Config(images=images, url=url, api=api, timeout=330), threading.Event())
-    outcome = finish_within(5, client.send, 0, images / "b.jpg", time.monotonic())
+    outcome = finish_within(30, client.send, 0, images / "b.jpg", time.monotonic())
     assert outcome.resent >= 1
     assert outcome.error == (f"cannot connect to {url}: no connection within 10 s "
                              f"(tried {outcome.resent + 1} times, for up to 0.6 s)")
@@ -2634,10 +2634,10 @@ def test_a_run_that_quit_holds_every_planned_request_once(tier, tmp_path):
     images = make_images(tmp_path / "images", {"0.jpg": b"label:a", "1.jpg": b"hang", "2.jpg": b"label:c"})
 
     def sigterm(outcome: load_test.Outcome) -> None:
-        wait_until(lambda: tier.paths["POST /"] == 2, 5)  # 1.jpg in flight; 2.jpg waits for the thread
+        wait_until(lambda: tier.paths["POST /"] == 2, 30)  # 1.jpg in flight; 2.jpg waits for the thread
         raise load_test.Terminated
 
-    report = finish_within(5, run_load, Config(images=images, url=tier.url, concurrency=1, timeout=30),
+    report = finish_within(60, run_load, Config(images=images, url=tier.url, concurrency=1, timeout=30),
                            on_result=sigterm)
     rows = report.to_dict()["requests"]
     assert [(r["index"], r["file"], r["verdict"]) for r in rows] == [
@@ -2661,18 +2661,18 @@ def test_a_run_stopped_by_one_ctrl_c_holds_the_requests_it_never_started(tier, t
 
     def release_once_stopped() -> None:
         try:
-            wait_until(lambda: clients[0].stop.is_set(), 5)
+            wait_until(lambda: clients[0].stop.is_set(), 30)
         finally:
             tier.release.set()  # 1.jpg, in flight, answers: waited for
 
     def ctrl_c(outcome: load_test.Outcome) -> None:
         if outcome.file == "0.jpg":
-            wait_until(lambda: tier.paths["POST /"] == 2, 5)  # 1.jpg in flight; 2.jpg waits for the thread
+            wait_until(lambda: tier.paths["POST /"] == 2, 30)  # 1.jpg in flight; 2.jpg waits for the thread
             helpers.append(InBackground(release_once_stopped))
             raise KeyboardInterrupt
 
     helpers: list[InBackground] = []
-    report = finish_within(10, run_load, Config(images=images, url=tier.url, concurrency=1, timeout=30),
+    report = finish_within(75, run_load, Config(images=images, url=tier.url, concurrency=1, timeout=30),
                            on_result=ctrl_c)
     helpers[0].finish()
     rows = report.to_dict()["requests"]

@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+# make runs python -m venv and pip, given 300 s each (subprocess.run; 15 s here with no
+# index): more than pyproject's 120 s.
+pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")

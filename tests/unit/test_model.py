@@ -22,6 +22,9 @@ from app_tier.weights import WeightsUnavailable
 from tests.conftest import make_image
 
 ROOT = Path(__file__).resolve().parents[2]
+# TensorFlow and OpenVINO loaded, ResNet-50 built and converted (a module fixture's cost
+# falls in its first test: 28 s here), a worker run given 120 s: more than pyproject's 120 s.
+pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
@@ -111,16 +114,22 @@ def test_openvino_agrees_with_tensorflow(batch, ir_cache, monkeypatch, ov_thread
 
 
 @pytest.fixture(scope="module")
-def weights_of_class_7(tmp_path_factory) -> Path:
-    """A weights file (MODEL_WEIGHTS=<path>) of a ResNet-50 whose every answer is class 7:
-    its last layer's bias for it far above the others."""
+def network_of_class_7():
+    """A ResNet-50 whose every answer is class 7: its last layer's bias for it far above
+    the others. Built once: each build of ResNet-50 takes seconds."""
     network = model.build_network("random")
     predictions = network.get_layer("predictions")
     kernel, bias = predictions.get_weights()
     bias[7] = 1000.0
     predictions.set_weights([kernel, bias])
+    return network
+
+
+@pytest.fixture(scope="module")
+def weights_of_class_7(tmp_path_factory, network_of_class_7) -> Path:
+    """A weights file (MODEL_WEIGHTS=<path>) of network_of_class_7."""
     path = tmp_path_factory.mktemp("weights") / "resnet50.weights.h5"
-    network.save_weights(str(path))
+    network_of_class_7.save_weights(str(path))
     return path
 
 
@@ -137,12 +146,11 @@ def test_weights_from_a_file_are_the_ones_used_and_not_called_untrained(runtime,
 
 @pytest.mark.parametrize("kind", ["a file of Keras 3's format", "an S3 object of the older format"])
 def test_weights_named_without_an_ending_keras_knows_are_read_by_their_contents(
-        kind, weights_of_class_7, batch, tmp_path, s3_weights, monkeypatch):
+        kind, weights_of_class_7, network_of_class_7, batch, tmp_path, s3_weights, monkeypatch):
     """Keras picks a weights file's format by its name's ending, and refuses any other:
     a key like s3://models/resnet50 would stop every worker. The ImageNet file is of
     the older format (.h5); save_weights writes Keras 3's (.weights.h5)."""
     import h5py
-    import keras
     from keras.src.legacy.saving import legacy_h5_format
 
     monkeypatch.setenv("IMGCLASS_CACHE", str(tmp_path))
@@ -151,10 +159,8 @@ def test_weights_named_without_an_ending_keras_knows_are_read_by_their_contents(
         shutil.copyfile(weights_of_class_7, unnamed)
         weights = str(unnamed)
     else:
-        network = keras.applications.ResNet50(weights=None)
-        network.load_weights(str(weights_of_class_7))
-        with h5py.File(unnamed, "w") as older:
-            legacy_h5_format.save_weights_to_hdf5_group(older, network)
+        with h5py.File(unnamed, "w") as older:  # the same network's weights, in the older format
+            legacy_h5_format.save_weights_to_hdf5_group(older, network_of_class_7)
         s3_weights.upload_file(str(unnamed), "models", "weights/resnet50")
         weights = "s3://models/weights/resnet50"
     loaded = load_classifier(weights, "tensorflow")

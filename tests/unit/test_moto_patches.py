@@ -16,6 +16,10 @@ from moto.sqs import models
 
 from localaws import moto_patches
 
+# Its fleets of instances described with and without the patches, in Python: 21 s for one
+# test here on a busy machine, too near pyproject's 120 s for a slower one.
+pytestmark = pytest.mark.timeout(300)
+
 
 def patched(monkeypatch):
     """moto_patches applied for one test only; monkeypatch puts moto's originals back."""

@@ -65,17 +65,19 @@ def test_the_server_ends_when_its_worker_dies():
     """Its one worker holds everything: killed (the OOM killer) and replaced by an empty
     one, the stack would run on against an AWS that has forgotten it all."""
     import signal
-    import socket
     import subprocess
     import sys
 
     import psutil
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "localaws.moto_server", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    from tests.conftest import loopback_listener
+
+    with loopback_listener() as listener:  # the server's: no port let go for another to take
+        port = listener.getsockname()[1]
+        server = subprocess.Popen([sys.executable, "-m", "localaws.moto_server", "-H", "127.0.0.1",
+                                   "-p", str(port), "--fd", str(listener.fileno())],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  pass_fds=(listener.fileno(),))
     try:
         deadline = time.monotonic() + 60
         while not psutil.Process(server.pid).children() and time.monotonic() < deadline:

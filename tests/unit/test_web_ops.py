@@ -405,7 +405,10 @@ def test_a_read_that_begins_a_refresh_does_not_wait_as_long_as_aws_hangs(quiet_c
     monkeypatch.setattr("web_tier.status.REFRESH_WAIT_S", 0.2)
     with aws_hanging(reader, monkeypatch) as (entered, left):
         answer = quiet_client.get("/api/status").get_json()
-        assert entered.is_set() and not left.is_set(), "answered only once AWS had"
+        assert not left.is_set(), "answered only once AWS had"
+        # The refresh's thread may start late on a loaded machine: it need not have begun
+        # within REFRESH_WAIT_S for the answer to come, only to begin at all.
+        assert entered.wait(30), "no refresh was begun"
         assert answer["queue"] is not None  # from the last snapshot
 
 

@@ -540,8 +540,9 @@ def test_an_event_id_covers_every_item_that_finished_before_it(monkeypatch):
         if item.id == "x" and not finished:
             looks_at_x.append(finished)
         if len(looks_at_x) == 2 and finisher.ident is None:
-            # Both finish now, between the stream's look at x and at y (its first look
-            # at x, before the loop, only notes what the client has seen already).
+            # Both finish now, between the stream's look at x and at y in its second
+            # check of the whole batch for its end (the first found x queued, looked no
+            # further, and waited out one keep-alive interval: nothing was published).
             finisher.start()
             finisher.join(30)  # no lock is held here: the stream reads is_finished outside the book's
             assert real.fget(book_items["y"]), "both must finish here, or the race is not tested"
@@ -549,7 +550,9 @@ def test_an_event_id_covers_every_item_that_finished_before_it(monkeypatch):
 
     book_items = {i.id: i for i in book.batch(BATCH)}
     monkeypatch.setattr(Item, "is_finished", property(is_finished_racing))
-    events = [e for e in stream(book, BATCH, lambda: book.batch(BATCH), keepalive_s=5) if e.startswith("id:")]
+    # A short keep-alive interval: the second check comes after the first one's wait.
+    events = [e for e in stream(book, BATCH, lambda: book.batch(BATCH), keepalive_s=0.1)
+              if e.startswith("id:")]
     finisher.join(5)
     sent_seqs = [int(e.split("\n")[0].split(".")[1]) for e in events]
     assert sent_seqs == [1, 2], "each event must come after every item that finished before it"

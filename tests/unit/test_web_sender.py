@@ -594,10 +594,17 @@ def test_a_stalled_send_is_tried_again_within_seconds(web_settings, monkeypatch)
     a call unanswered after SEND_READ_TIMEOUT_S, and botocore tries it again."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from common.aws import SEND_READ_TIMEOUT_S, Aws
+    from common import aws as aws_module
+    from common.aws import Aws
     from web_tier.results import ResultBook
     from web_tier.services import Services
 
+    # Seconds, as made: far short of botocore's 30 s a try. 2 s here, not 5 (3 s less to
+    # wait), and still time for the second try's answer on a loaded machine (late, it
+    # would be tried a third time).
+    assert aws_module.SEND_READ_TIMEOUT_S == 5.0
+    read_timeout_s = 2.0
+    monkeypatch.setattr(aws_module, "SEND_READ_TIMEOUT_S", read_timeout_s)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
@@ -609,7 +616,7 @@ def test_a_stalled_send_is_tried_again_within_seconds(web_settings, monkeypatch)
     sending, errors = _in_threads(svc.submitter.requests.send, ["stalled"])
     try:
         # The first try, the second's backoff (<= 1 s); short of botocore's 30 s a try.
-        sending[0].join(SEND_READ_TIMEOUT_S + 10)
+        sending[0].join(read_timeout_s + 10)
         assert not sending[0].is_alive(), "still waiting on the stalled call"
     finally:
         endpoint.stop()
