@@ -53,7 +53,7 @@ from contextlib import contextmanager
 from app_tier import EXIT_STALLED, images
 from app_tier.classify import BatchClassifier, ModelFault
 from app_tier.fetch import Batch, Fetcher, receive_lease_s
-from app_tier.finish import Finisher
+from app_tier.finish import Finisher, Stores
 from app_tier.held import HeldMessages
 from app_tier.held_journal import HeldJournal, held_journal_path
 from app_tier.job import Job
@@ -129,6 +129,9 @@ class Worker:
         self._heartbeat: threading.Thread | None = None
         self._fetch_thread: threading.Thread | None = None
         self._model_faults = 0  # batches in a row released for a ModelFault
+        # Since when every result write has been refused (_stores_refused), and the latest.
+        self._refused_since: float | None = None
+        self._refused_last = 0.0
         self.gave_up: str | None = None  # why it stopped for good (_stop_for_good), if it did
 
     @property
@@ -333,15 +336,40 @@ class Worker:
                   self._model_faults, fault.__cause__ or fault)
         self._stop_for_good("model-fault")
 
-    def finish(self, responses: list[tuple[Job, ClassifyResponse]]) -> None:
+    def finish(self, responses: list[tuple[Job, ClassifyResponse]]) -> Stores:
         """Write each result, then reply, then delete the requests (app_tier/finish.py)."""
-        self.finisher.finish(responses)
+        return self.finisher.finish(responses)
 
     def _finish_or_release(self, batch: Batch, responses: list[tuple[Job, ClassifyResponse]]) -> None:
         try:
-            self.finish(responses)
+            stores = self.finish(responses)
         except Exception:
             self._release_failed(batch)
+            return
+        self._stores_refused(stores)
+
+    def _stores_refused(self, stores: Stores) -> None:
+        """After STALL_TIMEOUT of result writes refused for a fault of this worker's
+        (a right it lacks, a bucket not there), with none taken meanwhile, it reports its
+        instance failed and stops, as _cannot_receive does for receives: serving on, it
+        would hand back every request it takes, answering none while counting as serving.
+        Not at once: a role just given the right may not have it everywhere yet. A
+        refusal over STALL_TIMEOUT after the one before (requests went to other workers
+        meanwhile) starts the count again."""
+        now = time.monotonic()
+        if stores.wrote:
+            self._refused_since = None
+        if stores.refused is None:
+            return
+        if self._refused_since is None or now - self._refused_last > self.settings.stall_timeout_s:
+            self._refused_since = now
+        self._refused_last = now
+        refused_s = now - self._refused_since
+        if refused_s >= self.settings.stall_timeout_s:
+            log.error("worker %s: every result write has been refused for %.0f s (the last: %s); "
+                      "reporting its instance failed and stopping", self.instance_id, refused_s,
+                      stores.refused)
+            self._stop_for_good("cannot-store")
 
     def _wait_for_finishing(self) -> None:
         if self._finishing is not None:
