@@ -51,7 +51,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 
 from app_tier import EXIT_STALLED, images
-from app_tier.classify import BatchClassifier, ModelFault
+from app_tier.classify import BatchClassifier, ModelFault, ModelOutOfMemory
 from app_tier.fetch import Batch, Fetcher, receive_lease_s
 from app_tier.finish import Finisher, Stores
 from app_tier.held import HeldMessages
@@ -80,6 +80,10 @@ GRACE_RECEIVE_WAIT_S = 2.0
 # its instance failed and stops: one may be a passing fault (a thread the runtime
 # could not start under memory pressure), each costs its requests an attempt.
 MODEL_FAULTS_BEFORE_GIVING_UP = 2
+# The same when the last was a call short of memory: two in a row may be another
+# process's peak (the batch's call, then its first image's alone, which takes less).
+# Uncounted, a worker short at every call dead-lettered every request it took.
+MEMORY_FAULTS_BEFORE_GIVING_UP = 3
 
 
 class Worker:
@@ -313,8 +317,14 @@ class Worker:
         try:
             responses = self.batch_classifier.responses_for(batch)
         except ModelFault as exc:
-            self._release_failed(batch)
-            self._model_failed(exc)
+            if self._model_failed(exc) and isinstance(exc, ModelOutOfMemory):
+                # Not the images' fault: handed back untried, the attempts they have used
+                # here do not use up the one a replacement with the memory needs.
+                log.warning("batch of %d: handed back untried, the worker short of memory",
+                            len(batch.jobs))
+                self.held.hand_back(batch.jobs)
+            else:
+                self._release_failed(batch)
             return None
         except Exception:  # whatever it was, the loop must go on
             self._release_failed(batch)
@@ -322,19 +332,22 @@ class Worker:
         self._model_faults = 0
         return responses
 
-    def _model_failed(self, fault: ModelFault) -> None:
-        """A batch was released for a model that fails whatever its input: after
-        MODEL_FAULTS_BEFORE_GIVING_UP in a row, the worker reports its instance failed
-        and stops, for the controller to replace it. Serving on, it would answer
+    def _model_failed(self, fault: ModelFault) -> bool:
+        """A batch failed for a model that fails whatever its input, or short of memory:
+        after MODEL_FAULTS_BEFORE_GIVING_UP in a row (MEMORY_FAULTS_BEFORE_GIVING_UP if
+        the last was short of memory), the worker reports its instance failed and stops,
+        for the controller to replace it; True if it does. Serving on, it would answer
         nothing while counting as serving, and send each request it received towards
         the dead-letter queue."""
         self._model_faults += 1
-        if self._model_faults < MODEL_FAULTS_BEFORE_GIVING_UP:
-            return
-        log.error("worker %s: the model failed on %d batches in a row, a plain input too (the last: "
-                  "%s); reporting its instance failed and stopping", self.instance_id,
-                  self._model_faults, fault.__cause__ or fault)
+        short = isinstance(fault, ModelOutOfMemory)
+        if self._model_faults < (MEMORY_FAULTS_BEFORE_GIVING_UP if short else MODEL_FAULTS_BEFORE_GIVING_UP):
+            return False
+        log.error("worker %s: the model failed on %d batches in a row (the last: %s); reporting its "
+                  "instance failed and stopping", self.instance_id, self._model_faults,
+                  fault if short else f"on a plain input too: {fault.__cause__ or fault}")
         self._stop_for_good("model-fault")
+        return True
 
     def finish(self, responses: list[tuple[Job, ClassifyResponse]]) -> Stores:
         """Write each result, then reply, then delete the requests (app_tier/finish.py)."""

@@ -312,6 +312,39 @@ def test_a_model_call_short_of_memory_is_tried_again_not_answered_failed(aws_env
     assert worker.classifier.calls > 1 and depth(aws, aws.request_queue_url) == (0, 0)
 
 
+def test_a_worker_short_of_memory_at_every_model_call_gives_up_and_loses_nothing(aws_env):
+    """A call short of memory went back as an attempt and never counted as the model
+    failing: a worker short at every call dead-lettered every request it took, serving
+    on. Now three such batches in a row make it report its instance failed and stop, the
+    last handed back untried: none of its requests has used up its attempts."""
+    settings, aws = aws_env
+    instance_id = aws.ec2.run_instances(ImageId=settings.ami_id, MinCount=1,
+                                        MaxCount=1)["Instances"][0]["InstanceId"]
+    for name in ("a", "b", "c"):
+        upload(settings, aws, f"{name}.jpg", make_image(ord(name), size=(64, 64)), name)
+
+    class AlwaysShort(MeanClassifier):
+        def classify(self, batch):
+            self.calls += 1
+            raise MemoryError("std::bad_alloc")
+
+    worker = Worker(settings, aws, AlwaysShort(), instance_id)
+    runner = threading.Thread(target=worker.run, daemon=True)
+    runner.start()
+    try:
+        wait_until(lambda: not runner.is_alive(), why=lambda: f"{worker.classifier.calls} calls, dead "
+                   f"letters {depth(aws, aws.dead_letter_queue_url)}")
+    finally:
+        worker.stopping.set()
+    assert instance_tags(aws, instance_id).get(WORKER_FAILED_TAG) == "model-fault"
+    assert responses(aws) == {} and depth(aws, aws.dead_letter_queue_url) == (0, 0)
+    assert depth(aws, aws.request_queue_url) == (3, 0)
+    replacement = Worker(settings, aws, MeanClassifier(), "i-replacement")
+    answered: dict[str, ClassifyResponse] = {}
+    run_until(replacement, lambda: answered.update(responses(aws)) or len(answered) == 3)
+    assert all(r.ok for r in answered.values()), answered
+
+
 def test_message_that_keeps_crashing_workers_lands_in_the_dead_letter_queue(aws_env):
     settings, aws = aws_env
     upload(settings, aws, "crash.jpg", make_image(3), "crash")
