@@ -9,10 +9,12 @@ import signal
 import socket
 import sys
 import threading
+from contextlib import ExitStack
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from app_tier import EXIT_CANNOT_START, EXIT_GAVE_UP, SPARE_LOADED
+from app_tier.held_journal import JournalInUse, held_journal_path, hold_journal_lock
 from common import cli, systemd
 from common.aws import Aws
 from common.config import Settings
@@ -83,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="make visible again the requests the last worker for --instance-id held when it "
         "ended (its journal), then exit, loading no model: the worker's unit runs it after "
         "each stop (ExecStopPost), so that a worker killed as its instance ends leaves none "
-        "waiting for their visibility timeout",
+        "waiting for their visibility timeout. A journal a worker running here holds is left alone",
     )
     return parser.parse_args(argv)
 
@@ -113,10 +115,32 @@ def run(argv: list[str] | None, before_serving: StopBeforeServing) -> int:
 
     if args.show_held_only:
         return show_what_a_stopped_worker_held(settings, args.instance_id)
+    with ExitStack() as journal_lock:
+        try:
+            return serve(args, settings, before_serving, journal_lock)
+        except JournalInUse as exc:
+            # One line, and not restarted: a restart would find the same worker there.
+            print(f"worker: {exc}", file=sys.stderr)
+            return EXIT_CANNOT_START
+
+
+def lock_journal(settings: Settings, instance_id: str, held: ExitStack) -> None:
+    """The journal of `instance_id` locked until `held` closes (or the process ends);
+    raises JournalInUse if a worker running here has it."""
+    path = held_journal_path(settings, instance_id)
+    if path is not None:
+        held.callback(hold_journal_lock(path, instance_id).release)
+
+
+def serve(args: argparse.Namespace, settings: Settings, before_serving: StopBeforeServing,
+          journal_lock: ExitStack) -> int:
+    """run() once the settings are read: load the model, then serve; the journal of the
+    instance served locked in `journal_lock` before anything reads it."""
     if args.instance_id != "-" and not args.prepare_only:
+        lock_journal(settings, args.instance_id, journal_lock)
         # What a worker killed here held, visible before the model loads, not after: the
         # load (ImageNet weights on a small instance) would add to their wait.
-        show_what_a_stopped_worker_held(settings, args.instance_id)
+        show_what_a_stopped_worker_held(settings, args.instance_id, locked=True)
 
     # Imported here: the model runtime takes a while to import, and --help should not.
     from app_tier.model import load_classifier
@@ -151,6 +175,7 @@ def run(argv: list[str] | None, before_serving: StopBeforeServing) -> int:
         instance_id = sys.stdin.readline().strip()
         if not instance_id:
             return 0  # the runner closed our stdin: never needed
+        lock_journal(settings, instance_id, journal_lock)
     before_serving.doing = "starting to serve"
     worker = Worker(settings, aws, classifier, instance_id)
     worker.install_signal_handlers()
@@ -160,19 +185,28 @@ def run(argv: list[str] | None, before_serving: StopBeforeServing) -> int:
     return EXIT_GAVE_UP if worker.gave_up else 0
 
 
-def show_what_a_stopped_worker_held(settings: Settings, instance_id: str) -> int:
+def show_what_a_stopped_worker_held(settings: Settings, instance_id: str, locked: bool = False) -> int:
     """What the worker last run as `instance_id` held, made visible again: run at every
-    start, and alone by --show-held-only. 0, whatever AWS said (each failure is logged)."""
+    start (`locked`: its journal's lock held already), and alone by --show-held-only,
+    which leaves alone a journal a running worker holds. 0, whatever AWS said (each
+    failure is logged)."""
     from app_tier.held import show_held
-    from app_tier.held_journal import HeldJournal, held_journal_path
+    from app_tier.held_journal import HeldJournal
 
     path = held_journal_path(settings, instance_id)
     if path is None or not path.exists():
         return 0  # a worker that ended cleanly held nothing
-    try:
-        show_held(HeldJournal(path), Aws(settings), f"stopped worker {instance_id}", "the worker")
-    except Exception:  # resolving the queue's URL: left to the visibility timeout
-        log.exception("could not make visible again what the worker held")
+    with ExitStack() as journal_lock:
+        if not locked:
+            try:
+                lock_journal(settings, instance_id, journal_lock)
+            except JournalInUse as exc:
+                log.warning("left %s alone: %s", path.name, exc)
+                return 0
+        try:
+            show_held(HeldJournal(path), Aws(settings), f"stopped worker {instance_id}", "the worker")
+        except Exception:  # resolving the queue's URL: left to the visibility timeout
+            log.exception("could not make visible again what the worker held")
     return 0
 
 

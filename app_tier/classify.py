@@ -29,6 +29,12 @@ class ModelFault(RuntimeError):
     fault, not the image's. Its batch is released, to be tried again."""
 
 
+class ModelOutOfMemory(ModelFault):
+    """A model call ran short of memory: the machine's fault, never the image's (every
+    input has the same shape). Its batch is released, its images to be tried again one
+    at a time, which takes less memory."""
+
+
 class BatchClassifier:
     """Runs one worker's model over its batches, on the serving thread."""
 
@@ -73,7 +79,9 @@ class BatchClassifier:
                     out = self.classifier.classify(np.stack([j.pixels for j in group]))
             except Exception as exc:  # a model error on this input, not a worker fault...
                 if _out_of_memory(exc):
-                    raise  # ...unless the machine ran short: the batch goes back, to be tried again
+                    # ...unless the machine ran short: the batch goes back, to be tried again.
+                    raise ModelOutOfMemory(f"the model ran out of memory on {len(group)} "
+                                           f"image(s): {exc}") from exc
                 if len(group) > 1:
                     pending.extend([j] for j in group)  # one at a time, to find the image at fault
                     continue

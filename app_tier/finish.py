@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from botocore.exceptions import ClientError
 
@@ -21,7 +22,7 @@ from app_tier.job import Job
 from app_tier.replies import Replies
 from app_tier.stored_answer import stored_answer
 from common.aws import Aws
-from common.aws_errors import AWS_ERRORS, error_code
+from common.aws_errors import AWS_ERRORS, error_code, is_callers_fault
 from common.config import MARK_DENIED_RETRY_DELAY_S, Settings
 from common.failure_tags import MarkDenied, give_up_denied_mark, mark_failed
 from common.messages import ClassifyResponse
@@ -29,6 +30,26 @@ from common.names import stored_name
 from common.output_object import pair_text, result_metadata
 
 log = logging.getLogger(__name__)
+
+
+class StoreRefused(Exception):
+    """S3 refused a result's write for a fault of the caller's (is_callers_fault): the
+    role lacks s3:PutObject on the output bucket, or the bucket is not there. No retry
+    mends that, unlike S3 failing or throttling."""
+
+    def __init__(self, bucket: str, key: str, exc: ClientError) -> None:
+        lacking = (f"the output bucket {bucket} does not exist" if error_code(exc) == "NoSuchBucket"
+                   else f"this role needs s3:PutObject on arn:aws:s3:::{bucket}/*")
+        super().__init__(f"S3 refused writing {key}: {lacking} ({exc})")
+
+
+@dataclass(frozen=True)
+class Stores:
+    """What a batch's result writes showed of the worker's own rights."""
+
+    wrote: bool = False  # S3 took a result's write (or said one was stored: it checks rights first)
+    # Why every result write of the batch was refused, if every one was (StoreRefused).
+    refused: StoreRefused | None = None
 
 
 class Finisher:
@@ -47,19 +68,27 @@ class Finisher:
         self._io = io
         self.processed = 0  # images classified here and answered
 
-    def finish(self, responses: list[tuple[Job, ClassifyResponse]]) -> None:
-        """Write each result, then reply, then delete the requests.
+    def finish(self, responses: list[tuple[Job, ClassifyResponse]]) -> Stores:
+        """Write each result, then reply, then delete the requests; what the writes
+        showed of this worker's rights (the worker gives up on refusals that last).
 
         A reply means the result is in the output bucket: whoever gets the
         answer can read the pair at once. A request whose result could not be
         written, or whose answer could not be sent, is released for another
-        attempt, alone: its batch-mates are answered and deleted as usual.
+        attempt, alone: its batch-mates are answered and deleted as usual. One whose
+        result S3 refused is handed back untried, unless S3 took a batch-mate's: the
+        fault is then this worker's, not the request's, and another may store it.
         """
         stores = [(job, response, self._io.submit(self._store, job, response)) for job, response in responses]
-        unstored, denied, stored = [], [], {}
+        unstored, denied, refused, stored = [], [], [], {}
+        last_refusal: StoreRefused | None = None
         for job, _, store in stores:
             try:
                 stored[job.message_id] = store.result()
+            except StoreRefused as exc:
+                log.error("could not write the result of %s: %s", job.request.key, exc)
+                refused.append(job)
+                last_refusal = exc
             except MarkDenied as exc:  # not given up yet (_store): tried again, later than most
                 log.warning("could not mark %s failed; tried again in %d s or more: %s", job.request.key,
                             MARK_DENIED_RETRY_DELAY_S, exc)
@@ -67,6 +96,17 @@ class Finisher:
             except Exception as exc:  # S3, after botocore's retries: tried again later
                 log.warning("could not write the result of %s: %s", job.request.key, exc)
                 unstored.append(job)
+        wrote = any(r.ok and job.stored_answer is None
+                    and not names_another_bucket(job.request, self.settings)
+                    for job, r in responses if job.message_id in stored)
+        if wrote:
+            # This worker may write: what S3 refused is the key's doing (a policy
+            # that denies part of the bucket), and spends an attempt like a failure.
+            unstored += refused
+        elif refused:
+            # Released, each would spend an attempt at every worker lacking the right,
+            # and reach the dead-letter queue with nothing wrong in it.
+            self.held.hand_back(refused)
         if unstored or denied:
             # Only these: releasing the whole batch would spend an attempt of each request
             # towards the dead-letter queue for one S3 failure.
@@ -93,6 +133,7 @@ class Finisher:
             self.held.forget(answered)
             log.warning("answered %d request(s) but could not delete them (%s): they will be "
                         "answered again", len(answered), exc)
+        return Stores(wrote=wrote, refused=None if wrote else last_refusal)
 
     def _store(self, job: Job, response: ClassifyResponse) -> ClassifyResponse:
         """Store the outcome of `job`; the answer to send: `response`, or the result
@@ -127,6 +168,8 @@ class Finisher:
             # 412: a result is stored (another copy's, or this put's own, tried again
             # after a timeout). 409: another put of it is under way (real S3).
             if error_code(exc) not in ("PreconditionFailed", "ConditionalRequestConflict"):
+                if is_callers_fault(exc):
+                    raise StoreRefused(self.settings.output_bucket, req.key, exc) from exc
                 raise
             stored = stored_answer(self.aws, req, self._untrained, result_only=True)
             if stored is None:

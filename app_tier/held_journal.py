@@ -24,8 +24,12 @@ worker may hold it by now.
 
 One worker serves an instance at a time (its systemd unit; the local runner's one
 process per instance), and the next starts only once the last has ended: nothing else
-writes the file meanwhile. It is written whole to a new file that then replaces it,
-so a kill mid-write leaves the last whole version; it is not fsynced, since it has
+writes the file meanwhile. Each holds the journal's lock for its life
+(`hold_journal_lock`), so that two run by hand under one id (the host name, without
+INSTANCE_ID) do not take each other's journal for a dead worker's: the second took
+the first's held requests and handed them back, answered twice, and either one's
+clean stop deleted the other's journal. It is written whole to a new file that then
+replaces it, so a kill mid-write leaves the last whole version; it is not fsynced, since it has
 to outlive a process, not the machine (a lost instance loses its worker's receipts
 with it).
 """
@@ -43,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import Settings
+from common.file_lock import LockHeld, hold, holder
 from common.messages import ClassifyRequest, MessageError
 
 log = logging.getLogger(__name__)
@@ -59,6 +64,47 @@ def held_journal_path(settings: Settings, instance_id: str) -> Path | None:
     if not settings.state_dir:
         return None
     return Path(settings.state_dir) / f"{settings.fleet_name}-held-{_UNSAFE.sub('_', instance_id)}.json"
+
+
+def lock_path(journal: Path) -> Path:
+    """The file whose lock says a worker serving `journal`'s instance id is running.
+    Not the journal itself: replaced at each write, and removed when nothing is held,
+    it would lose its lock."""
+    return journal.with_suffix(".lock")
+
+
+class JournalInUse(Exception):
+    """A worker running on this machine serves the same instance id: the journal is its."""
+
+    def __init__(self, journal: Path, instance_id: str) -> None:
+        self.pid = holder(lock_path(journal))
+        super().__init__(f"another worker (pid {self.pid}) serves instance id {instance_id!r} on this "
+                         f"machine and keeps {journal.name}: give each worker its own INSTANCE_ID "
+                         "(or --instance-id)")
+
+
+@dataclass
+class JournalLock:
+    """The lock on a journal, held for a worker's life (the kernel lets go when it ends,
+    however it ends)."""
+
+    path: Path
+    fd: int
+
+    def release(self) -> None:
+        """Delete the lock file and let go: deleted while still locked, so that whoever
+        locks next makes a new one (common/file_lock.py)."""
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+
+
+def hold_journal_lock(journal: Path, instance_id: str) -> JournalLock:
+    """Lock `journal` for this process's life; raises JournalInUse if a running worker has it."""
+    path = lock_path(journal)
+    try:
+        return JournalLock(path, hold(path))
+    except LockHeld:
+        raise JournalInUse(journal, instance_id) from None
 
 
 @dataclass(frozen=True)

@@ -51,9 +51,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 
 from app_tier import EXIT_STALLED, images
-from app_tier.classify import BatchClassifier, ModelFault
+from app_tier.classify import BatchClassifier, ModelFault, ModelOutOfMemory
 from app_tier.fetch import Batch, Fetcher, receive_lease_s
-from app_tier.finish import Finisher
+from app_tier.finish import Finisher, Stores
 from app_tier.held import HeldMessages
 from app_tier.held_journal import HeldJournal, held_journal_path
 from app_tier.job import Job
@@ -80,6 +80,10 @@ GRACE_RECEIVE_WAIT_S = 2.0
 # its instance failed and stops: one may be a passing fault (a thread the runtime
 # could not start under memory pressure), each costs its requests an attempt.
 MODEL_FAULTS_BEFORE_GIVING_UP = 2
+# The same when the last was a call short of memory: two in a row may be another
+# process's peak (the batch's call, then its first image's alone, which takes less).
+# Uncounted, a worker short at every call dead-lettered every request it took.
+MEMORY_FAULTS_BEFORE_GIVING_UP = 3
 
 
 class Worker:
@@ -129,6 +133,9 @@ class Worker:
         self._heartbeat: threading.Thread | None = None
         self._fetch_thread: threading.Thread | None = None
         self._model_faults = 0  # batches in a row released for a ModelFault
+        # Since when every result write has been refused (_stores_refused), and the latest.
+        self._refused_since: float | None = None
+        self._refused_last = 0.0
         self.gave_up: str | None = None  # why it stopped for good (_stop_for_good), if it did
 
     @property
@@ -312,8 +319,14 @@ class Worker:
         try:
             responses = self.batch_classifier.responses_for(batch)
         except ModelFault as exc:
-            self._release_failed(batch)
-            self._model_failed(exc)
+            if self._model_failed(exc) and isinstance(exc, ModelOutOfMemory):
+                # Not the images' fault: handed back untried, the attempts they have used
+                # here do not use up the one a replacement with the memory needs.
+                log.warning("batch of %d: handed back untried, the worker short of memory",
+                            len(batch.jobs))
+                self.held.hand_back(batch.jobs)
+            else:
+                self._release_failed(batch)
             return None
         except Exception:  # whatever it was, the loop must go on
             self._release_failed(batch)
@@ -321,29 +334,57 @@ class Worker:
         self._model_faults = 0
         return responses
 
-    def _model_failed(self, fault: ModelFault) -> None:
-        """A batch was released for a model that fails whatever its input: after
-        MODEL_FAULTS_BEFORE_GIVING_UP in a row, the worker reports its instance failed
-        and stops, for the controller to replace it. Serving on, it would answer
+    def _model_failed(self, fault: ModelFault) -> bool:
+        """A batch failed for a model that fails whatever its input, or short of memory:
+        after MODEL_FAULTS_BEFORE_GIVING_UP in a row (MEMORY_FAULTS_BEFORE_GIVING_UP if
+        the last was short of memory), the worker reports its instance failed and stops,
+        for the controller to replace it; True if it does. Serving on, it would answer
         nothing while counting as serving, and send each request it received towards
         the dead-letter queue."""
         self._model_faults += 1
-        if self._model_faults < MODEL_FAULTS_BEFORE_GIVING_UP:
-            return
-        log.error("worker %s: the model failed on %d batches in a row, a plain input too (the last: "
-                  "%s); reporting its instance failed and stopping", self.instance_id,
-                  self._model_faults, fault.__cause__ or fault)
+        short = isinstance(fault, ModelOutOfMemory)
+        if self._model_faults < (MEMORY_FAULTS_BEFORE_GIVING_UP if short else MODEL_FAULTS_BEFORE_GIVING_UP):
+            return False
+        log.error("worker %s: the model failed on %d batches in a row (the last: %s); reporting its "
+                  "instance failed and stopping", self.instance_id, self._model_faults,
+                  fault if short else f"on a plain input too: {fault.__cause__ or fault}")
         self._stop_for_good("model-fault")
+        return True
 
-    def finish(self, responses: list[tuple[Job, ClassifyResponse]]) -> None:
+    def finish(self, responses: list[tuple[Job, ClassifyResponse]]) -> Stores:
         """Write each result, then reply, then delete the requests (app_tier/finish.py)."""
-        self.finisher.finish(responses)
+        return self.finisher.finish(responses)
 
     def _finish_or_release(self, batch: Batch, responses: list[tuple[Job, ClassifyResponse]]) -> None:
         try:
-            self.finish(responses)
+            stores = self.finish(responses)
         except Exception:
             self._release_failed(batch)
+            return
+        self._stores_refused(stores)
+
+    def _stores_refused(self, stores: Stores) -> None:
+        """After STALL_TIMEOUT of result writes refused for a fault of this worker's
+        (a right it lacks, a bucket not there), with none taken meanwhile, it reports its
+        instance failed and stops, as _cannot_receive does for receives: serving on, it
+        would hand back every request it takes, answering none while counting as serving.
+        Not at once: a role just given the right may not have it everywhere yet. A
+        refusal over STALL_TIMEOUT after the one before (requests went to other workers
+        meanwhile) starts the count again."""
+        now = time.monotonic()
+        if stores.wrote:
+            self._refused_since = None
+        if stores.refused is None:
+            return
+        if self._refused_since is None or now - self._refused_last > self.settings.stall_timeout_s:
+            self._refused_since = now
+        self._refused_last = now
+        refused_s = now - self._refused_since
+        if refused_s >= self.settings.stall_timeout_s:
+            log.error("worker %s: every result write has been refused for %.0f s (the last: %s); "
+                      "reporting its instance failed and stopping", self.instance_id, refused_s,
+                      stores.refused)
+            self._stop_for_good("cannot-store")
 
     def _wait_for_finishing(self) -> None:
         if self._finishing is not None:

@@ -20,9 +20,10 @@ WATCHED_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
 # Those in which it is, or is about to be, serving (and costing money).
 LIVE_STATES = ("pending", "running")
 
-# The tag a worker that has given up for good puts on its own instance, saying why
-# (say, "model-unavailable"). EC2 alone cannot tell such an instance from one that
-# is still booting, and would count it as serving until it is terminated.
+# The tag a worker that has given up for good puts on its own instance, saying why:
+# "model-unavailable", "cannot-receive", "cannot-store" or "model-fault" (README,
+# Controller). EC2 alone cannot tell such an instance from one that is still booting,
+# and would count it as serving until it is terminated.
 WORKER_FAILED_TAG = "imgclass:worker-failed"
 # The tag a worker puts on its own instance once it has received from the request
 # queue. Nothing else tells an instance that will never serve (no credentials, a

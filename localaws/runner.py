@@ -39,7 +39,7 @@ from pathlib import Path
 
 from app_tier import EXIT_CANNOT_START, EXIT_GAVE_UP, SPARE_LOADED
 from app_tier.held import show_held
-from app_tier.held_journal import HeldJournal, held_journal_path
+from app_tier.held_journal import HeldJournal, JournalInUse, held_journal_path, hold_journal_lock
 from common.aws import Aws, keys_in
 from common.aws_errors import AWS_ERRORS
 from common.backoff import next_wait
@@ -404,6 +404,10 @@ class InstanceRunner:
         path = held_journal_path(self.settings, instance_id)
         if path is not None:
             HeldJournal(path).remove()
+            try:
+                hold_journal_lock(path, instance_id).release()  # the lock file a killed worker left
+            except JournalInUse:
+                pass  # a worker still runs for it: its own stop removes it
 
     def _hear(self) -> None:
         """Take in what every process has sent, so that no socket's queue fills up (a

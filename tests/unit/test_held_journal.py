@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import signal
 import time
 
 import pytest
@@ -666,3 +667,84 @@ def test_an_old_copy_a_successor_could_not_delete_is_hidden_no_longer_than_the_q
     Worker(settings, aws, MeanClassifier(), "i-short").held.show_what_the_last_worker_held()
     assert hidden_for == [5, 5]
     assert depth(aws, aws.request_queue_url) == (2, 2)  # the new copies, and the old ones hidden
+
+
+def test_a_second_worker_under_the_same_instance_id_refuses_and_leaves_the_first_ones_journal(
+        aws_env, monkeypatch, capfd, caplog):
+    """Two workers run by hand without INSTANCE_ID both serve as the host's name: the
+    second took the first's live journal for a dead worker's and handed back the
+    requests it held (answered twice), and either's clean stop deleted the other's
+    journal. The second now refuses to start, in one line, with the status its
+    supervisor does not restart (78); the unit's --show-held-only leaves it alone too."""
+    import os
+
+    from app_tier import EXIT_CANNOT_START
+    from app_tier import __main__ as worker_main
+    from common.file_lock import hold
+
+    settings, aws = aws_env
+    upload(settings, aws, "held.jpg", make_image(302), "held-3")
+    first = Worker(settings, aws, MeanClassifier(), "vm")
+    assert len(first.fetch().jobs) == 1 and depth(aws, aws.request_queue_url) == (0, 1)
+    journal = held_journal_path(settings, "vm")
+    assert journal.exists()
+    monkeypatch.setattr(worker_main.Settings, "from_env", classmethod(lambda cls: settings))
+    monkeypatch.setattr("app_tier.model.load_classifier", lambda *a, **k: pytest.fail("a model was loaded"))
+    first_process = hold(journal.with_suffix(".lock"))  # as the first worker's process holds it, for its life
+    try:
+        assert worker_main.main(["--instance-id", "vm"]) == EXIT_CANNOT_START
+        said = capfd.readouterr().err.strip()
+        assert "\n" not in said and "'vm'" in said and "INSTANCE_ID" in said, said
+        assert f"pid {os.getpid()}" in said, said
+        with caplog.at_level(logging.WARNING, logger="app_tier"):
+            assert worker_main.main(["--instance-id", "vm", "--show-held-only"]) == 0
+        assert "left" in caplog.text and "INSTANCE_ID" in caplog.text
+        assert journal.exists() and depth(aws, aws.request_queue_url) == (0, 1)  # still the first's
+    finally:
+        os.close(first_process)
+    # Once the first has ended (killed: its lock file left behind), its journal is shown as before.
+    assert worker_main.main(["--instance-id", "vm", "--show-held-only"]) == 0
+    assert depth(aws, aws.request_queue_url) == (1, 0) and not journal.exists()
+    assert not journal.with_suffix(".lock").exists()
+
+
+def test_a_worker_holds_its_journals_lock_while_it_serves_and_removes_it_when_it_ends(
+        aws_env, monkeypatch):
+    import os
+
+    from app_tier import EXIT_GAVE_UP
+    from app_tier import __main__ as worker_main
+    from common.file_lock import LockHeld, lock_file
+    from tests.unit.test_worker import FaultyModel, instance_tags
+
+    settings, aws = aws_env
+    instance_id = aws.ec2.run_instances(ImageId=settings.ami_id, MinCount=1,
+                                        MaxCount=1)["Instances"][0]["InstanceId"]
+    upload(settings, aws, "a.jpg", make_image(303, size=(64, 64)), "a")
+    lock = held_journal_path(settings, instance_id).with_suffix(".lock")
+    locked_while_serving: list[bool] = []
+
+    class Watching(FaultyModel):  # fails whatever its input: the worker gives up, and main() returns
+        def classify(self, batch):
+            try:
+                fd = lock_file(lock, os.O_RDWR)
+            except LockHeld:
+                locked_while_serving.append(True)
+            else:
+                locked_while_serving.append(False)
+                if fd is not None:
+                    os.close(fd)
+            return super().classify(batch)
+
+    monkeypatch.setattr(worker_main.Settings, "from_env", classmethod(lambda cls: settings))
+    monkeypatch.setattr(worker_main, "freeze_startup_heap", lambda: None)
+    monkeypatch.setattr("app_tier.model.load_classifier", lambda *args: Watching(faults=10_000))
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert worker_main.main(["--instance-id", instance_id]) == EXIT_GAVE_UP
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert instance_tags(aws, instance_id)
+    assert locked_while_serving and all(locked_while_serving), locked_while_serving
+    assert not lock.exists()

@@ -315,6 +315,39 @@ def test_a_model_call_short_of_memory_is_tried_again_not_answered_failed(aws_env
     assert worker.classifier.calls > 1 and depth(aws, aws.request_queue_url) == (0, 0)
 
 
+def test_a_worker_short_of_memory_at_every_model_call_gives_up_and_loses_nothing(aws_env):
+    """A call short of memory went back as an attempt and never counted as the model
+    failing: a worker short at every call dead-lettered every request it took, serving
+    on. Now three such batches in a row make it report its instance failed and stop, the
+    last handed back untried: none of its requests has used up its attempts."""
+    settings, aws = aws_env
+    instance_id = aws.ec2.run_instances(ImageId=settings.ami_id, MinCount=1,
+                                        MaxCount=1)["Instances"][0]["InstanceId"]
+    for name in ("a", "b", "c"):
+        upload(settings, aws, f"{name}.jpg", make_image(ord(name), size=(64, 64)), name)
+
+    class AlwaysShort(MeanClassifier):
+        def classify(self, batch):
+            self.calls += 1
+            raise MemoryError("std::bad_alloc")
+
+    worker = Worker(settings, aws, AlwaysShort(), instance_id)
+    runner = threading.Thread(target=worker.run, daemon=True)
+    runner.start()
+    try:
+        wait_until(lambda: not runner.is_alive(), why=lambda: f"{worker.classifier.calls} calls, dead "
+                   f"letters {depth(aws, aws.dead_letter_queue_url)}")
+    finally:
+        worker.stopping.set()
+    assert instance_tags(aws, instance_id).get(WORKER_FAILED_TAG) == "model-fault"
+    assert responses(aws) == {} and depth(aws, aws.dead_letter_queue_url) == (0, 0)
+    assert depth(aws, aws.request_queue_url) == (3, 0)
+    replacement = Worker(settings, aws, MeanClassifier(), "i-replacement")
+    answered: dict[str, ClassifyResponse] = {}
+    run_until(replacement, lambda: answered.update(responses(aws)) or len(answered) == 3)
+    assert all(r.ok for r in answered.values()), answered
+
+
 def test_message_that_keeps_crashing_workers_lands_in_the_dead_letter_queue(aws_env):
     settings, aws = aws_env
     upload(settings, aws, "crash.jpg", make_image(3), "crash")
@@ -987,7 +1020,7 @@ def test_results_are_written_while_the_next_batch_is_classified(aws_env):
     def finish_after_the_next_batch_starts(answers):
         if not overlapped:  # the first batch: hold its writes until the model moves on
             overlapped.append(second_started.wait(timeout=10))
-        finish(answers)
+        return finish(answers)
 
     worker.finish = finish_after_the_next_batch_starts
     runner = threading.Thread(target=worker.run)
@@ -1035,7 +1068,8 @@ def refuse_output_writes(monkeypatch, settings, aws, of=lambda key: True):
 
     def refusing(**kwargs):
         if kwargs["Bucket"] == settings.output_bucket and of(kwargs["Key"]):
-            raise ClientError({"Error": {"Code": "InternalError", "Message": "S3 is down"}}, "PutObject")
+            raise ClientError({"Error": {"Code": "InternalError", "Message": "S3 is down"},
+                               "ResponseMetadata": {"HTTPStatusCode": 500}}, "PutObject")
         return put_object(**kwargs)
 
     monkeypatch.setattr(aws.s3, "put_object", refusing)
@@ -1303,6 +1337,55 @@ def test_a_worker_that_cannot_receive_for_the_stall_timeout_reports_its_instance
         assert len(denied) == failures and answered["a"].ok
         assert denied[-1] - denied[0] >= settings.stall_timeout_s or answer is DENIED
         assert WORKER_FAILED_TAG not in instance_tags(aws, instance_id)
+
+
+@pytest.mark.parametrize("refusals", [9, None])  # three rounds of three, then accepted; always refused
+def test_a_result_write_s3_refuses_hands_the_request_back_and_lasting_gives_up(
+        aws_env, monkeypatch, caplog, refusals):
+    """AccessDenied on the output bucket (a role without s3:PutObject, a wrong bucket)
+    is no outage: released as attempts, three requests went to the dead-letter queue
+    after three rounds, each said to have crashed its workers, unanswered, while the
+    worker served on, tagged ready, saying only a warning. Now each is handed back
+    untried for a worker that can store it, the right and the bucket are named in an
+    error, and refusals that last STALL_TIMEOUT make the worker give up for good."""
+    settings, aws = aws_env
+    settings = dataclasses.replace(settings, stall_timeout_s=2 if refusals is None else 300)
+    instance_id = aws.ec2.run_instances(ImageId=settings.ami_id, MinCount=1,
+                                        MaxCount=1)["Instances"][0]["InstanceId"]
+    for name in ("a", "b", "c"):
+        upload(settings, aws, f"{name}.jpg", make_image(ord(name), size=(64, 64)), name)
+    put = aws.s3.put_object
+    refused: list[float] = []
+
+    def denied(**kwargs):
+        if kwargs["Bucket"] == settings.output_bucket and (refusals is None or len(refused) < refusals):
+            refused.append(time.monotonic())
+            raise ClientError(DENIED, "PutObject")
+        return put(**kwargs)
+
+    monkeypatch.setattr(aws.s3, "put_object", denied)
+    worker = Worker(settings, aws, MeanClassifier(), instance_id)
+    caplog.set_level(logging.ERROR, logger="app_tier")
+    if refusals is None:
+        runner = threading.Thread(target=worker.run, daemon=True)
+        runner.start()
+        try:
+            wait_until(lambda: not runner.is_alive(), why=lambda: f"{len(refused)} refused, dead letters "
+                       f"{depth(aws, aws.dead_letter_queue_url)}")
+        finally:
+            worker.stopping.set()
+        assert instance_tags(aws, instance_id).get(WORKER_FAILED_TAG) == "cannot-store"
+        assert refused[-1] - refused[0] >= settings.stall_timeout_s
+        assert responses(aws) == {}
+        assert depth(aws, aws.request_queue_url) == (3, 0)  # left for a worker that can store them
+    else:
+        answered: dict[str, ClassifyResponse] = {}
+        run_until(worker, lambda: answered.update(responses(aws)) or len(answered) == 3)
+        assert all(r.ok for r in answered.values()) and len(refused) == refusals
+        assert WORKER_FAILED_TAG not in instance_tags(aws, instance_id)
+    assert depth(aws, aws.dead_letter_queue_url) == (0, 0)
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any(f"s3:PutObject on arn:aws:s3:::{settings.output_bucket}/*" in m for m in said), said
 
 
 def test_a_delete_sqs_refuses_is_said(aws_env, monkeypatch, caplog):
