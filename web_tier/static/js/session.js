@@ -9,6 +9,7 @@ import {
 import { bytesOf, chunked } from "./chunks.js";
 import { keyInput } from "./dom.js";
 import { fetchBatch, freeSendPlace, post, refusedWhole, sendItemAgain, takeSendPlace } from "./http.js";
+import { serverAnswered, serverSilent } from "./reach.js";
 import { authHeaders, keyProblem, sayKeyProblem, storedKey } from "./key.js";
 import { updateSummary } from "./refresh.js";
 import {
@@ -96,6 +97,7 @@ export class Session {
     this.queue = [];          // {chunk, attempt}: to be sent, resends first
     this.waiting = 0;         // chunks waiting their delay to be sent again (sendLater)
     this.resends = new Map(); // their timers -> their entries (see stop)
+    this.resendDue = new Map(); // ...and when each goes (nextResendAt)
     this.inHand = new Set();  // chunks taken from the queue, their answer not in yet
     this.sentBytes = 0;       // of the requests answered or given up, as far as each got (sendingText)
     this.stopped = false;     // the user stopped it: nothing more is sent
@@ -319,13 +321,20 @@ export class Session {
       // A timeout of this page's own is said so: "could not be reached" would send a
       // user with a slow link to look for a fault in the server.
       this.noAnswer(chunk, attempt, err.timedOut || "upload failed: the server could not be reached");
+      serverSilent(err.timedOut ? "timeout" : "unreachable");  // after noAnswer: its next try is known
       return;
     }
     const { status, body } = answer;
+    // Said on the page as well as in the rows (reach.js), after the resend is set: those
+    // resends went in silence, rows "uploading" for 76 s with no word of the server.
+    const outage = answerLost(status, body) ? (status === 504 ? "timeout" : "unreachable")
+      : status === 503 && refusedWhole(body) ? "busy" : "";
     if (status === 401) this.keyRefusedBy(headers, chunk);
     else if (answerLost(status, body)) this.noAnswer(chunk, attempt, answerLostText(status));
     else if (refusedWhole(body)) this.allRefused(chunk, attempt, status, body);
     else this.stored(chunk, attempt, body);
+    if (outage) serverSilent(outage);
+    else serverAnswered();
   }
 
   formFor(chunk) {
@@ -481,11 +490,20 @@ export class Session {
     this.waiting += 1;
     const timer = setTimeout(() => {
       this.resends.delete(timer);
+      this.resendDue.delete(timer);
       this.waiting -= 1;
       this.queue.unshift({ chunk: entries, attempt: attempt + 1 });
       this.wakeDrain();
+      updateSummary();  // the page's notice may name this try (reach.js)
     }, resendDelayMs(attempt));
     this.resends.set(timer, entries);
+    this.resendDue.set(timer, Date.now() + resendDelayMs(attempt));
+  }
+
+  // When the next of its chunks waiting to be sent again goes (Infinity for none), for
+  // the page's notice while the server does not answer (reach.js).
+  nextResendAt() {
+    return Math.min(...this.resendDue.values());
   }
 
   wakeDrain() {
@@ -507,6 +525,7 @@ export class Session {
       this.refuseStopped(entries);
     }
     this.resends.clear();
+    this.resendDue.clear();
     this.waiting = 0;
     const queued = this.queue.flatMap(({ chunk }) => chunk);
     this.queue = [];
