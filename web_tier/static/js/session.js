@@ -23,7 +23,9 @@ import { ASK_WAIT_MS, SILENT_ASKS, tell } from "./tabs.js";
 const SSE_GIVE_UP = 3;       // consecutive stream errors before polling instead
 // Event streams open at once; other batches are polled. Each holds one of the
 // browser's six connections to the server until its batch is done: one per upload
-// would leave later uploads, the status line and other tabs waiting.
+// would leave later uploads, the status line and other tabs waiting. Across tabs, a
+// hidden tab holds none (hide), and a stream that brings nothing for a while gives its
+// connection back (follow).
 const MAX_STREAMS = 2;
 // A file this tab had chosen but not yet heard stored when the page was reloaded or left.
 const NOT_STORED = "not stored: its upload had not finished when the page was left or reloaded; choose it again";
@@ -89,6 +91,8 @@ export class Session {
       return entry;
     });
     this.stream = null;
+    this.streamIdleTimer = null; // closes a stream that brings nothing (follow)
+    this.pollingHidden = false;  // polled, not streamed, as the tab is hidden (hide)
     this.lastEventId = "";    // the id of the last event its streams sent: a new one starts after it
     this.sseErrors = 0;
     this.pollTimer = null;
@@ -955,7 +959,10 @@ export class Session {
 
   follow() {
     if (this.lost) return;  // its files are shown lost: nothing more will come
-    if (!window.EventSource || this.sseErrors >= SSE_GIVE_UP || page.openStreams >= MAX_STREAMS) {
+    // A hidden tab holds no stream (hide, below): it polls until it is shown again.
+    if (document.visibilityState === "hidden") this.pollingHidden = true;
+    if (!window.EventSource || this.sseErrors >= SSE_GIVE_UP || page.openStreams >= MAX_STREAMS ||
+        this.pollingHidden) {
       this.poll();
       return;
     }
@@ -966,12 +973,28 @@ export class Session {
     this.stream = stream;
     page.openStreams += 1;
     let reconnecting = false;
+    // A stream that brings nothing for streamIdleMs (workers starting, a backlog) gives
+    // its connection back: the batch is polled instead until done, its first poll at once.
+    // Held while nothing comes, the streams of a few tabs (or windows side by side)
+    // took all six of the browser's connections to the server: another tab could not
+    // load the page, and every request of these waited.
+    const idle = () => {
+      clearTimeout(this.streamIdleTimer);
+      this.streamIdleTimer = setTimeout(() => {
+        if (this.stream !== stream) return;
+        this.closeStream();
+        this.poll();
+      }, setting("streamIdleMs"));
+    };
+    idle();
     stream.onopen = () => {
+      idle();
       // Whatever finished while we were away: fetch it once.
       if (reconnecting) this.refresh();
       reconnecting = false;
     };
     const applyEvent = (event) => {
+      idle();
       this.sseErrors = 0;
       if (event.lastEventId) this.lastEventId = event.lastEventId;
       try { this.apply(JSON.parse(event.data)); } catch { /* ignore a damaged event */ }
@@ -1008,10 +1031,35 @@ export class Session {
   }
 
   closeStream() {
+    clearTimeout(this.streamIdleTimer);
     if (!this.stream) return;
     this.stream.close();
     this.stream = null;
     page.openStreams -= 1;
+  }
+
+  // The tab hidden (catchup.js): its stream closed, and the batch polled instead, at
+  // hiddenPollEveryMs, the first poll at once (what finished since the stream's last
+  // event). Each stream holds one of the browser's six connections to the server until
+  // its batch is done: three tabs of two uploads each waiting on a cold start held all
+  // six, and a fourth tab could not load the page, nor a new upload of the first start.
+  hide() {
+    if (!this.stream) return;
+    this.closeStream();
+    this.pollingHidden = true;
+    this.poll();
+  }
+
+  // The tab shown again: a batch polled because hidden is followed by its stream again,
+  // from its last event (the server sends all that finished since: nothing is missed
+  // between the last poll and the stream). Not one done meanwhile, no longer polled.
+  show() {
+    if (!this.pollingHidden) return;
+    this.pollingHidden = false;
+    if (!this.pollTimer) return;
+    clearTimeout(this.pollTimer);
+    this.pollTimer = null;  // a poll under way stops at its answer (poll's tick)
+    this.follow();
   }
 
   poll() {
@@ -1041,7 +1089,8 @@ export class Session {
       if (watchOver && !this.otherTabSends && this.entries.some(waiting)) this.showPending();
       const growing = Date.now() < this.grewAt + setting("followIdleMs");
       const watching = this.uploading || this.unfinished() || this.otherTabSends || watched || growing;
-      this.pollTimer = watching ? setTimeout(tick, setting("pollEveryMs")) : null;
+      const every = setting(this.pollingHidden ? "hiddenPollEveryMs" : "pollEveryMs");
+      this.pollTimer = watching ? setTimeout(tick, every) : null;
       if (!watching && this.restored && this.unknown) {
         // Still no such batch once the watch is over: nothing of it will come now, and
         // each reload would show its files "not stored" again, for good. Their rows stay
