@@ -650,6 +650,26 @@ def test_the_title_says_how_the_run_ended_until_the_next_upload(stack, browser, 
     assert titles[0] == "(2/3) Image classification", titles
 
 
+def test_a_new_upload_is_not_hidden_by_the_only_failed_filter(stack, browser, tmp_path):
+    """"Show only the failed files" left ticked hid the next upload's rows, none failed
+    yet: the files chosen seemed not to be there. A new upload unticks it."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    choose(browser, tmp_path, {"broken.jpg": b"not an image at all"})
+    finished_rows(browser, stack, 1, timeout_s=60)
+    only_failed = browser.find_element(By.ID, "only-failed")
+    wait_for(only_failed.is_displayed, 10, "the filter")
+    only_failed.click()
+    assert only_failed.is_selected()
+    choose(browser, tmp_path, {"new.jpg": make_image(1345, size=(64, 48))})
+    row = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, '#results [data-filename="new.jpg"]'), 10,
+                   "the new row")[0]
+    assert row.is_displayed() and not only_failed.is_selected()
+    finished_rows(browser, stack, 2, timeout_s=60)
+    assert row.is_displayed() and row.get_attribute("data-state") == "done"
+
+
 def test_the_only_failed_filter_that_hides_gives_its_focus_to_the_csv_button(stack, browser, tmp_path):
     """Its last failure replaced by a late answer, the checkbox hides with the focus on
     it: the focus must not fall to the page's body. Faked in the page's polls, as in

@@ -7,7 +7,7 @@ import {
   savedShown, setUnconfirmed,
 } from "./batches.js";
 import { bytesOf, chunked } from "./chunks.js";
-import { keyInput } from "./dom.js";
+import { $, keyInput } from "./dom.js";
 import { fetchBatch, freeSendPlace, post, refusedWhole, sendItemAgain, takeSendPlace } from "./http.js";
 import { serverAnswered, serverSilent } from "./reach.js";
 import { authHeaders, keyProblem, sayKeyProblem, storedKey } from "./key.js";
@@ -1157,6 +1157,9 @@ function answersGoneText(count) {
 export function upload(chosen) {
   if (!chosen.length) return;
   uploadBegins();
+  // "Show only the failed files" left ticked would hide the new upload's rows, none
+  // failed yet: the files chosen would seem not to be there.
+  $("only-failed").checked = false;
   // Said at once: the first count comes a period later (15 s), and screen readers would
   // hear nothing of the files just chosen till then.
   sayNext(`Sending ${someFiles(chosen.length)}`);
