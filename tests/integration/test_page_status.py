@@ -269,15 +269,21 @@ ANSWERS_TAKEN_LATE = """
 
 def test_a_request_sent_whole_and_not_yet_answered_is_said_to_be_stored(stack, browser, tmp_path):
     """A chunk of 1,000 files is sent in seconds and stored in ~30: "sending 0.1 of 0.1
-    MB" all that time looked like a page that had stopped."""
+    MB" all that time looked like a page that had stopped. A small upload's figures are
+    in kB: "sent 0.0 MB" said nothing."""
     from selenium.webdriver.common.by import By
 
     browser.get(stack.web_url + "/")
     browser.execute_script(ANSWERS_TAKEN_LATE)
-    choose(browser, tmp_path, {"stored_slowly.jpg": make_image(1099)})
+    image = make_image(1099)
+    assert 10 * 1024 < len(image) < 0.1 * 1048576
+    choose(browser, tmp_path, {"stored_slowly.jpg": image})
     said = wait_for(lambda: [text for text in browser.execute_script("return window.summaries")
                              if "the server is storing the files" in text], 20, "the files said to be stored")
-    assert re.search(r"sent \d+\.\d MB; the server is storing the files", said[0]), said
+    # In kB below 0.1 MB: "sent 0.0 MB" said nothing.
+    assert f"sent {len(image) / 1024:.0f} kB; the server is storing the files" in said[0], said
+    sending = [text for text in browser.execute_script("return window.summaries") if "sending" in text]
+    assert all(re.search(r"sending \d+ of \d+ kB", text) for text in sending), sending
     finished_rows(browser, stack, 1, timeout_s=60)
     assert "storing" not in browser.find_element(By.ID, "summary").text
 
