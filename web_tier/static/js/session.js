@@ -13,8 +13,8 @@ import { serverAnswered, serverSilent } from "./reach.js";
 import { authHeaders, keyProblem, sayKeyProblem, storedKey } from "./key.js";
 import { updateSummary } from "./refresh.js";
 import {
-  FINISHED, answerShown, makeResult, setName, setPath, setState, showFailure, showItem, showItemFailure,
-  showSentAgain,
+  FINISHED, answerShown, makeResult, sentName, setName, setPath, setState, showFailure, showItem,
+  showItemFailure, showSentAgain,
 } from "./rows.js";
 import { PARALLEL_CHUNKS, RESEND_DELAYS_MS, resendDelayMs, setting, tooLargeText } from "./settings.js";
 import { page } from "./state.js";
@@ -85,7 +85,7 @@ export class Session {
     const named = new Map();
     for (const { file } of chosen) named.set(file.name, (named.get(file.name) || 0) + 1);
     this.entries = chosen.map(({ file, path }, n) => {
-      const entry = { file, token: String(n), el: makeResult(file.name || "upload") };
+      const entry = { file, token: String(n), el: makeResult(sentName(file.name) || "upload") };
       if (path) entry.el.dataset.chosenPath = path;  // for the CSV, whose rows are not seen side by side
       if (path && named.get(file.name) > 1) this.setPath(entry, path);
       return entry;
