@@ -253,8 +253,12 @@ def test_a_hidden_tab_gives_its_event_streams_back_and_polls_until_shown_again(
         browser.execute_script("window.setVisibility('hidden');")
         wait_for(lambda: browser.execute_script(streams) == 0 and browser.execute_script(hidden_reads), 10,
                  "the stream closed, and the batch polled")
+        shown_reads = "return window.reads.filter(([shown]) => shown === 'visible').length"
+        before = browser.execute_script(shown_reads)
         browser.execute_script("window.setVisibility('visible');")
         wait_for(lambda: browser.execute_script(streams) == 1, 10, "the batch streamed again")
+        # ...and read once as it opens: nothing missed between the last poll and the stream.
+        wait_for(lambda: browser.execute_script(shown_reads) > before, 10, "a read as the stream opens")
         browser.execute_script("window.setVisibility('hidden');")
         wait_for(lambda: browser.execute_script(streams) == 0, 10, "the stream closed again")
     # Classified while the tab is hidden: seen by its polls, no stream open.

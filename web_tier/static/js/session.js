@@ -325,7 +325,9 @@ export class Session {
       // A timeout of this page's own is said so: "could not be reached" would send a
       // user with a slow link to look for a fault in the server.
       this.noAnswer(chunk, attempt, err.timedOut || "upload failed: the server could not be reached");
-      serverSilent(err.timedOut ? "timeout" : "unreachable");  // after noAnswer: its next try is known
+      // After noAnswer: its next try is known. Not for a request cut off by leaving the
+      // page: shown again from the back/forward cache, it would say the server silent.
+      if (!page.leaving) serverSilent(err.timedOut ? "timeout" : "unreachable");
       return;
     }
     const { status, body } = answer;
@@ -1051,8 +1053,9 @@ export class Session {
   }
 
   // The tab shown again: a batch polled because hidden is followed by its stream again,
-  // from its last event (the server sends all that finished since: nothing is missed
-  // between the last poll and the stream). Not one done meanwhile, no longer polled.
+  // from its last event (the server sends all that finished since), and read once more
+  // as it opens: nothing is missed between the last poll and the stream. Not one done
+  // meanwhile, no longer polled.
   show() {
     if (!this.pollingHidden) return;
     this.pollingHidden = false;
@@ -1060,6 +1063,7 @@ export class Session {
     clearTimeout(this.pollTimer);
     this.pollTimer = null;  // a poll under way stops at its answer (poll's tick)
     this.follow();
+    this.refresh();
   }
 
   poll() {
