@@ -14,12 +14,14 @@ from tests.integration.conftest import (
     STACK_TIMEOUT,
     references,
     wait_for,
+    workers_held,
 )
 from tests.integration.page import (
     KEY_IS_RIGHT,
     LATE_JPG_DEAD_LETTERED,
     LUMINANCE,
     NEEDS_CHROMIUM,
+    UPLOADS_BY_FETCH,
     choose,
     choose_folder,
     drop_files,
@@ -268,15 +270,21 @@ ANSWERS_TAKEN_LATE = """
 
 def test_a_request_sent_whole_and_not_yet_answered_is_said_to_be_stored(stack, browser, tmp_path):
     """A chunk of 1,000 files is sent in seconds and stored in ~30: "sending 0.1 of 0.1
-    MB" all that time looked like a page that had stopped."""
+    MB" all that time looked like a page that had stopped. A small upload's figures are
+    in kB: "sent 0.0 MB" said nothing."""
     from selenium.webdriver.common.by import By
 
     browser.get(stack.web_url + "/")
     browser.execute_script(ANSWERS_TAKEN_LATE)
-    choose(browser, tmp_path, {"stored_slowly.jpg": make_image(1099)})
+    image = make_image(1099)
+    assert 10 * 1024 < len(image) < 0.1 * 1048576
+    choose(browser, tmp_path, {"stored_slowly.jpg": image})
     said = wait_for(lambda: [text for text in browser.execute_script("return window.summaries")
                              if "the server is storing the files" in text], 20, "the files said to be stored")
-    assert re.search(r"sent \d+\.\d MB; the server is storing the files", said[0]), said
+    # In kB below 0.1 MB: "sent 0.0 MB" said nothing.
+    assert f"sent {len(image) / 1024:.0f} kB; the server is storing the files" in said[0], said
+    sending = [text for text in browser.execute_script("return window.summaries") if "sending" in text]
+    assert all(re.search(r"sending \d+ of \d+ kB", text) for text in sending), sending
     finished_rows(browser, stack, 1, timeout_s=60)
     assert "storing" not in browser.find_element(By.ID, "summary").text
 
@@ -411,7 +419,7 @@ def test_the_status_line_says_when_the_server_stops_answering_and_asks_once_at_a
     wait_for(lambda: line.text.startswith("queue: "), 10, "the first figures")
     browser.execute_script("""
       document.body.dataset.statusTimeoutMs = "1000";
-      const realFetch = window.fetch;
+      const realFetch = window.realFetch = window.fetch;
       window.statusAsked = 0; window.statusAtOnce = 0; window.mostStatusAtOnce = 0;
       window.fetch = async (url, options) => {
         if (url !== "/api/status") return realFetch(url, options);
@@ -422,9 +430,72 @@ def test_the_status_line_says_when_the_server_stops_answering_and_asks_once_at_a
             "abort", () => reject(new DOMException("The operation was aborted.", "AbortError"))));
         } finally { window.statusAtOnce -= 1; }
       };""")
-    wait_for(lambda: "the server has not answered since" in line.text, 15, "the line to say so")
+    # Not "the server has not answered": a request given up on may have waited in the
+    # browser for a free connection (other tabs' event streams hold them), never sent.
+    wait_for(lambda: line.text.startswith("status unavailable: no answer yet (last figures at "), 15,
+             "the line to say so")
+    assert "the server has not answered" not in line.text
     wait_for(lambda: browser.execute_script("return window.statusAsked") >= 2, 15, "a second request")
     assert browser.execute_script("return window.mostStatusAtOnce") == 1
+    summary = browser.find_element(By.ID, "summary")
+    assert summary.text.startswith("No answer from the server in time (since "), summary.text
+    # A request the browser could not send at all (a refused connection) found no server.
+    browser.execute_script("""
+      window.fetch = (url, options) => url === "/api/status"
+        ? Promise.reject(new TypeError("Failed to fetch")) : window.realFetch(url, options);""")
+    unreachable = "status unavailable: the server could not be reached (last figures at "
+    wait_for(lambda: line.text.startswith(unreachable), 15, "the line to say so")
+    wait_for(lambda: summary.text.startswith("The server cannot be reached (since "), 15, "the notice")
+
+
+# While window.serverDown, the page's requests to /api/... find no server, as a stopped
+# web tier's refused connection: its uploads (sent by fetch: UPLOADS_BY_FETCH), its status
+# line's, its reads of a batch. Its event stream off: a batch is followed by polls.
+SERVER_DOWN = UPLOADS_BY_FETCH + """
+  window.serverDown = true;
+  window.EventSource = undefined;
+  const realFetch = window.fetch;
+  window.fetch = (url, options) => window.serverDown && String(url).startsWith("/api/")
+    ? Promise.reject(new TypeError("Failed to fetch")) : realFetch(url, options);"""
+
+
+def test_a_server_that_stops_answering_is_said_by_the_results_and_to_screen_readers(stack, browser, tmp_path):
+    """The server stopped mid-batch: for 76 s rows stayed "uploading" under "0 of 5
+    classified", then all failed; files queued waited 55 s with nothing but the status
+    line in the header changing, and screen readers heard nothing. A notice by the
+    results says it (from the uploads' failures, and from the reads of a batch), once
+    aloud, until an answer comes. The status line is left out here (asked once, at
+    load): its failures are test_the_status_line_says_when_the_server_stops_answering."""
+    from selenium.webdriver.common.by import By
+
+    page_settings(browser, statusEveryMs="600000")
+    browser.get(stack.web_url + "/")
+    line, summary = browser.find_element(By.ID, "status-line"), browser.find_element(By.ID, "summary")
+    wait_for(lambda: line.text.startswith("queue: "), 10, "the first figures")
+    browser.execute_script(SERVER_DOWN + "document.body.dataset.resendDelayScale = '0.2';")  # 1, 2, 4, 8 s
+    record_announcements(browser)
+    notice = r"The server cannot be reached \(since \d+:\d\d:\d\d( [AP]M)?\)"
+    with workers_held(stack):  # rows stored stay queued
+        choose(browser, tmp_path, {f"down_{i}.jpg": make_image(1130 + i) for i in range(2)})
+        # Its uploads find no server: resent, as said.
+        resent = notice + r": the others are tried again \(next try at [\d:]+"
+        wait_for(lambda: re.search(resent, summary.text), 10, "the notice, with the next try")
+        assert states_shown(browser) == {"down_0.jpg": "uploading", "down_1.jpg": "uploading"}
+        said = [t for t in browser.execute_script("return window.announced") if "cannot be reached" in t]
+        assert len(said) == 1 and re.match(notice, said[0]), said
+        browser.execute_script("window.serverDown = false;")
+        wait_for(lambda: set(states_shown(browser).values()) == {"queued"}, 20, "the files stored")
+        wait_for(lambda: "cannot be reached" not in summary.text, 10, "the notice gone")
+        assert "The server answers again" in browser.execute_script("return window.announced")
+        # Stored, and followed by polls, which find no server.
+        browser.execute_script("window.serverDown = true; window.announced = [];")
+        wait_for(lambda: re.search(notice + ": results show here once it answers again", summary.text), 10,
+                 "the notice, from the polls")
+        said = [t for t in browser.execute_script("return window.announced") if "cannot be reached" in t]
+        assert len(said) == 1, said
+        browser.execute_script("window.serverDown = false;")
+        wait_for(lambda: "cannot be reached" not in summary.text, 10, "the notice gone")
+    finished_rows(browser, stack, 2, timeout_s=60)
 
 
 def test_failed_rows_can_be_shown_alone_and_the_results_downloaded_as_csv(stack, browser, reference_model,
@@ -584,6 +655,26 @@ def test_the_title_says_how_the_run_ended_until_the_next_upload(stack, browser, 
     # Kept until the next upload (a refresh may set it again first), then its progress.
     titles = [t for t in browser.execute_script("return window.titles") if not t.startswith("Done: 1 ")]
     assert titles[0] == "(2/3) Image classification", titles
+
+
+def test_a_new_upload_is_not_hidden_by_the_only_failed_filter(stack, browser, tmp_path):
+    """"Show only the failed files" left ticked hid the next upload's rows, none failed
+    yet: the files chosen seemed not to be there. A new upload unticks it."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    choose(browser, tmp_path, {"broken.jpg": b"not an image at all"})
+    finished_rows(browser, stack, 1, timeout_s=60)
+    only_failed = browser.find_element(By.ID, "only-failed")
+    wait_for(only_failed.is_displayed, 10, "the filter")
+    only_failed.click()
+    assert only_failed.is_selected()
+    choose(browser, tmp_path, {"new.jpg": make_image(1345, size=(64, 48))})
+    row = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, '#results [data-filename="new.jpg"]'), 10,
+                   "the new row")[0]
+    assert row.is_displayed() and not only_failed.is_selected()
+    finished_rows(browser, stack, 2, timeout_s=60)
+    assert row.is_displayed() and row.get_attribute("data-state") == "done"
 
 
 def test_the_only_failed_filter_that_hides_gives_its_focus_to_the_csv_button(stack, browser, tmp_path):

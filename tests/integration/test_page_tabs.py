@@ -13,6 +13,7 @@ from tests.integration.conftest import (
     assert_row_shows,
     references,
     wait_for,
+    workers_held,
 )
 from tests.integration.page import (
     FAIL_FIRST_POSTS,
@@ -198,6 +199,95 @@ def test_uploads_keep_no_more_than_two_event_streams_open(stack, browser, refere
     shown = finished_rows(browser, stack, 4, timeout_s=120)
     assert_classified(shown, files, reference_model)
     assert browser.execute_script("return window.mostStreams") == 2
+    browser.execute_script("window.endsHeld = false;")
+
+
+# After WATCH_STREAMS: window.setVisibility("hidden" or "visible") has the page see its
+# tab hidden or shown (document.visibilityState, and its event), as Chromium would;
+# each read of a batch is kept in window.reads as [visibility, event streams open], and
+# the visibility when each row turned done in window.doneWhile.
+SEEN_READS_AND_VISIBILITY = r"""
+  window.setVisibility = (state) => {
+    Object.defineProperty(document, "visibilityState", {configurable: true, get: () => state});
+    Object.defineProperty(document, "hidden", {configurable: true, get: () => state === "hidden"});
+    document.dispatchEvent(new Event("visibilitychange"));
+  };
+  window.reads = [];
+  const realFetch = window.fetch;
+  window.fetch = (url, options) => {
+    if (/^\/api\/jobs\/[0-9a-f]{32}$/.test(String(url))) {
+      window.reads.push([document.visibilityState, window.openStreams]);
+    }
+    return realFetch(url, options);
+  };
+  window.doneWhile = [];
+  new MutationObserver((records) => {
+    for (const record of records) {
+      if (record.target.dataset.state === "done" && record.oldValue !== "done") {
+        window.doneWhile.push(document.visibilityState);
+      }
+    }
+  }).observe(document.getElementById("results"),
+             {attributes: true, attributeFilter: ["data-state"], attributeOldValue: true, subtree: true});"""
+
+
+def test_a_hidden_tab_gives_its_event_streams_back_and_polls_until_shown_again(
+        stack, browser, reference_model, tmp_path):
+    """Each upload's stream held one of the browser's six connections to the server until
+    its batch was done: three tabs of two uploads each, waiting on a cold start, held all
+    six; a fourth tab could not load the page, every status line said the server had not
+    answered (curl: 200 in 17 ms), a new upload sat at "sending 0.0 of 0.0 MB". Hidden,
+    a tab closes its streams and polls its batches; shown again, it streams them again.
+    No result is missed across the switches: those that come while it is hidden come by
+    its polls. Workers are held (workers_held) so that the files wait, as on a cold start."""
+    browser.get(stack.web_url + "/")
+    browser.execute_script(WATCH_STREAMS + SEEN_READS_AND_VISIBILITY + """
+      document.body.dataset.hiddenPollEveryMs = '500';
+      document.body.dataset.streamIdleMs = '600000';""")
+    files = {f"hidden_{i}.jpg": make_image(1520 + i, size=(64, 48)) for i in range(2)}
+    streams = "return window.openStreams"
+    hidden_reads = "return window.reads.filter(([shown]) => shown === 'hidden')"
+    with workers_held(stack):
+        choose(browser, tmp_path, files)
+        wait_for(lambda: set(states_shown(browser).values()) == {"queued"}
+                 and browser.execute_script(streams) == 1, 30, "the files stored, and their batch streamed")
+        browser.execute_script("window.setVisibility('hidden');")
+        wait_for(lambda: browser.execute_script(streams) == 0 and browser.execute_script(hidden_reads), 10,
+                 "the stream closed, and the batch polled")
+        shown_reads = "return window.reads.filter(([shown]) => shown === 'visible').length"
+        before = browser.execute_script(shown_reads)
+        browser.execute_script("window.setVisibility('visible');")
+        wait_for(lambda: browser.execute_script(streams) == 1, 10, "the batch streamed again")
+        # ...and read once as it opens: nothing missed between the last poll and the stream.
+        wait_for(lambda: browser.execute_script(shown_reads) > before, 10, "a read as the stream opens")
+        browser.execute_script("window.setVisibility('hidden');")
+        wait_for(lambda: browser.execute_script(streams) == 0, 10, "the stream closed again")
+    # Classified while the tab is hidden: seen by its polls, no stream open.
+    shown = finished_rows(browser, stack, 2, timeout_s=120)
+    assert browser.execute_script("return window.doneWhile") == ["hidden", "hidden"]
+    assert all(open_then == 0 for _, open_then in browser.execute_script(hidden_reads))
+    assert_classified(shown, files, reference_model)
+    browser.execute_script("window.setVisibility('visible'); window.endsHeld = false;")
+
+
+def test_an_event_stream_that_brings_nothing_gives_its_connection_back(stack, browser, reference_model,
+                                                                       tmp_path):
+    """Tabs side by side (in windows of their own) are never hidden: a stream waiting on
+    a cold start still held its connection until its batch was done. One that brings
+    nothing for streamIdleMs is closed, and its batch polled until done."""
+    browser.get(stack.web_url + "/")
+    browser.execute_script(WATCH_STREAMS + SEEN_READS_AND_VISIBILITY + """
+      document.body.dataset.streamIdleMs = '1000';""")
+    files = {"idle.jpg": make_image(1530, size=(64, 48))}
+    with workers_held(stack):
+        choose(browser, tmp_path, files)
+        wait_for(lambda: browser.execute_script("return window.mostStreams") == 1, 30, "the batch streamed")
+        wait_for(lambda: browser.execute_script("return window.openStreams") == 0, 10,
+                 "the idle stream closed")
+        reads = len(browser.execute_script("return window.reads"))
+        wait_for(lambda: len(browser.execute_script("return window.reads")) > reads, 10, "the batch polled")
+    assert_classified(finished_rows(browser, stack, 1, timeout_s=120), files, reference_model)
+    assert browser.execute_script("return window.mostStreams") == 1
     browser.execute_script("window.endsHeld = false;")
 
 

@@ -2209,6 +2209,20 @@ def test_the_copied_dropped_characters_are_the_web_tiers():
     assert load_test.same_name("softhyphen", "soft\u00adhyphen.jpg")
 
 
+def test_the_page_reads_a_chosen_name_as_the_load_test_does():
+    """The page shows a file's name from the start as the server will read it
+    (web_tier/static/js/rows.js sentName): its copy of the browser's escapes in the
+    multipart body must be load_test.py's, and its reading back the same (a backslash
+    escapes the next character, %22 is a quote), or a row's name changes once stored."""
+    source = page_script_source()
+    found = re.search(r"const ON_THE_WIRE = \{ (.*?) \};", source)
+    assert found, "the page's scripts have no ON_THE_WIRE"
+    on_the_page = json.loads("{" + found[1].replace("'\"'", '"\\""') + "}")
+    assert {ord(plain): escaped for plain, escaped in on_the_page.items()} == load_test._MULTIPART_ESCAPES
+    reading = r'''.replace(/\\(.)/gsu, "$1").replace(/%22/g, '"')''' in source
+    assert reading, "the page no longer reads a name back as load_test.py received_name does"
+
+
 def test_expected_results_that_name_none_of_the_images_are_refused_before_anything_is_sent(
     tier, tmp_path, capsys
 ):

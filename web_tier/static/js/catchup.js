@@ -21,8 +21,9 @@ function catchUpOnFailures() {
 
 // A tab kept in front hears no visibilitychange, and a script run from a terminal
 // gives its window no focus back: while it shows such a failure it looks again now and
-// then. Nothing while hidden (a background tab opens no stream and sends no request),
-// and nothing for batches without a failure, which is almost all of them.
+// then. Nothing while hidden (a background tab opens no stream, and polls only the
+// batches it was following: session.js hide), and nothing for batches without a
+// failure, which is almost all of them.
 // Checked each second, so that a change of catchUpMs (the browser tests') is taken at once.
 let lookedAt = Date.now();
 function lookAgainNowAndThen() {
@@ -32,9 +33,15 @@ function lookAgainNowAndThen() {
 }
 
 export function wireCatchUp() {
-  // A tab shown again asks once for each batch it no longer follows.
+  // A tab hidden closes its event streams and polls instead (session.js hide); shown
+  // again it opens them again, and asks once for each batch it no longer follows.
   document.addEventListener("visibilitychange", () => {
-    if (document.visibilityState === "visible") catchUp();
+    const shown = document.visibilityState === "visible";
+    for (const session of page.sessions) {
+      if (shown) session.show();
+      else session.hide();
+    }
+    if (shown) catchUp();
   });
   // Focus comes back often (each return from a file picker, say): only the batches
   // that can have changed. A tab brought to the front may get it before it is shown,

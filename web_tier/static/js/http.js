@@ -1,5 +1,6 @@
 // The page's requests to the server: uploads (POST /api/jobs, with timeouts of their
 // own and a limit on how many go at once) and reading a batch.
+import { serverAnswered, serverSilent } from "./reach.js";
 import { PARALLEL_CHUNKS, setting } from "./settings.js";
 import { page } from "./state.js";
 import { updateSummary } from "./refresh.js";
@@ -116,13 +117,19 @@ export function freeSendPlace() {
 // (404 `unknown_batch`), not any 404: a proxy's in its place (a route or a machine
 // missing for a moment) says nothing of the batch, and a page that took it so would
 // give up a batch the server still holds.
+// No answer is "nothing new" to the caller, but said on the page (reach.js): the rows
+// would else wait on in silence.
 export async function fetchBatch(batchId) {
   try {
     const signal = timeoutSignal(setting("pollTimeoutMs"));
     const response = await fetch(`/api/jobs/${batchId}`, { cache: "no-store", signal });
+    // A proxy's 502 or 504 in the server's place: the web tier behind it is not answering.
+    if (response.status === 502 || response.status === 504) serverSilent("unreachable");
+    else serverAnswered();
     if (response.ok) return { body: await response.json(), unknown: false };
     return { body: null, unknown: response.status === 404 && (await errorCode(response)) === "unknown_batch" };
-  } catch {
+  } catch (error) {
+    if (!(error instanceof SyntaxError)) serverSilent(error);  // not an answer not in JSON
     return { body: null, unknown: false };
   }
 }

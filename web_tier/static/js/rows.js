@@ -37,6 +37,18 @@ function shownName(name) {
   return name.replace(DROPPED, "").replace(LINE_BREAKING, " ").trim() || "upload";
 }
 
+// The name of a file chosen here as the server will read it, before clean_name (as
+// load_test.py received_name): the browser writes a line feed, a carriage return and a
+// quote in the multipart body as %0A, %0D and %22, and Werkzeug reads the name as a
+// quoted string, a backslash escaping the next character, and %22 as a quote
+// (docs/known-limits.md). Shown as chosen, "dir\name.jpg" changed to "dirname.jpg" once
+// stored. Only for a name as chosen: one from the server has been read so already, and
+// a backslash it kept ("a\\b.jpg" is stored as "a\b.jpg") would be dropped.
+const ON_THE_WIRE = { "\n": "%0A", "\r": "%0D", '"': "%22" };
+export function sentName(name) {
+  return name.replace(/[\n\r"]/g, (c) => ON_THE_WIRE[c]).replace(/\\(.)/gsu, "$1").replace(/%22/g, '"');
+}
+
 // Where a file was in the folder it came from, for one whose name another file of
 // its upload has too: two "same.jpg" from two subfolders would be two rows alike.
 export function setPath(el, path) {

@@ -7,13 +7,14 @@ import {
   savedShown, setUnconfirmed,
 } from "./batches.js";
 import { bytesOf, chunked } from "./chunks.js";
-import { keyInput } from "./dom.js";
+import { $, keyInput } from "./dom.js";
 import { fetchBatch, freeSendPlace, post, refusedWhole, sendItemAgain, takeSendPlace } from "./http.js";
+import { serverAnswered, serverSilent } from "./reach.js";
 import { authHeaders, keyProblem, sayKeyProblem, storedKey } from "./key.js";
 import { updateSummary } from "./refresh.js";
 import {
-  FINISHED, answerShown, makeResult, setName, setPath, setState, showFailure, showItem, showItemFailure,
-  showSentAgain,
+  FINISHED, answerShown, makeResult, sentName, setName, setPath, setState, showFailure, showItem,
+  showItemFailure, showSentAgain,
 } from "./rows.js";
 import { PARALLEL_CHUNKS, RESEND_DELAYS_MS, resendDelayMs, setting, tooLargeText } from "./settings.js";
 import { page } from "./state.js";
@@ -22,7 +23,9 @@ import { ASK_WAIT_MS, SILENT_ASKS, tell } from "./tabs.js";
 const SSE_GIVE_UP = 3;       // consecutive stream errors before polling instead
 // Event streams open at once; other batches are polled. Each holds one of the
 // browser's six connections to the server until its batch is done: one per upload
-// would leave later uploads, the status line and other tabs waiting.
+// would leave later uploads, the status line and other tabs waiting. Across tabs, a
+// hidden tab holds none (hide), and a stream that brings nothing for a while gives its
+// connection back (follow).
 const MAX_STREAMS = 2;
 // A file this tab had chosen but not yet heard stored when the page was reloaded or left.
 const NOT_STORED = "not stored: its upload had not finished when the page was left or reloaded; choose it again";
@@ -82,12 +85,14 @@ export class Session {
     const named = new Map();
     for (const { file } of chosen) named.set(file.name, (named.get(file.name) || 0) + 1);
     this.entries = chosen.map(({ file, path }, n) => {
-      const entry = { file, token: String(n), el: makeResult(file.name || "upload") };
+      const entry = { file, token: String(n), el: makeResult(sentName(file.name) || "upload") };
       if (path) entry.el.dataset.chosenPath = path;  // for the CSV, whose rows are not seen side by side
       if (path && named.get(file.name) > 1) this.setPath(entry, path);
       return entry;
     });
     this.stream = null;
+    this.streamIdleTimer = null; // closes a stream that brings nothing (follow)
+    this.pollingHidden = false;  // polled, not streamed, as the tab is hidden (hide)
     this.lastEventId = "";    // the id of the last event its streams sent: a new one starts after it
     this.sseErrors = 0;
     this.pollTimer = null;
@@ -96,6 +101,7 @@ export class Session {
     this.queue = [];          // {chunk, attempt}: to be sent, resends first
     this.waiting = 0;         // chunks waiting their delay to be sent again (sendLater)
     this.resends = new Map(); // their timers -> their entries (see stop)
+    this.resendDue = new Map(); // ...and when each goes (nextResendAt)
     this.inHand = new Set();  // chunks taken from the queue, their answer not in yet
     this.sentBytes = 0;       // of the requests answered or given up, as far as each got (sendingText)
     this.stopped = false;     // the user stopped it: nothing more is sent
@@ -319,13 +325,22 @@ export class Session {
       // A timeout of this page's own is said so: "could not be reached" would send a
       // user with a slow link to look for a fault in the server.
       this.noAnswer(chunk, attempt, err.timedOut || "upload failed: the server could not be reached");
+      // After noAnswer: its next try is known. Not for a request cut off by leaving the
+      // page: shown again from the back/forward cache, it would say the server silent.
+      if (!page.leaving) serverSilent(err.timedOut ? "timeout" : "unreachable");
       return;
     }
     const { status, body } = answer;
+    // Said on the page as well as in the rows (reach.js), after the resend is set: those
+    // resends went in silence, rows "uploading" for 76 s with no word of the server.
+    const outage = answerLost(status, body) ? (status === 504 ? "timeout" : "unreachable")
+      : status === 503 && refusedWhole(body) ? "busy" : "";
     if (status === 401) this.keyRefusedBy(headers, chunk);
     else if (answerLost(status, body)) this.noAnswer(chunk, attempt, answerLostText(status));
     else if (refusedWhole(body)) this.allRefused(chunk, attempt, status, body);
     else this.stored(chunk, attempt, body);
+    if (outage) serverSilent(outage);
+    else serverAnswered();
   }
 
   formFor(chunk) {
@@ -481,11 +496,20 @@ export class Session {
     this.waiting += 1;
     const timer = setTimeout(() => {
       this.resends.delete(timer);
+      this.resendDue.delete(timer);
       this.waiting -= 1;
       this.queue.unshift({ chunk: entries, attempt: attempt + 1 });
       this.wakeDrain();
+      updateSummary();  // the page's notice may name this try (reach.js)
     }, resendDelayMs(attempt));
     this.resends.set(timer, entries);
+    this.resendDue.set(timer, Date.now() + resendDelayMs(attempt));
+  }
+
+  // When the next of its chunks waiting to be sent again goes (Infinity for none), for
+  // the page's notice while the server does not answer (reach.js).
+  nextResendAt() {
+    return Math.min(...this.resendDue.values());
   }
 
   wakeDrain() {
@@ -507,6 +531,7 @@ export class Session {
       this.refuseStopped(entries);
     }
     this.resends.clear();
+    this.resendDue.clear();
     this.waiting = 0;
     const queued = this.queue.flatMap(({ chunk }) => chunk);
     this.queue = [];
@@ -936,7 +961,10 @@ export class Session {
 
   follow() {
     if (this.lost) return;  // its files are shown lost: nothing more will come
-    if (!window.EventSource || this.sseErrors >= SSE_GIVE_UP || page.openStreams >= MAX_STREAMS) {
+    // A hidden tab holds no stream (hide, below): it polls until it is shown again.
+    if (document.visibilityState === "hidden") this.pollingHidden = true;
+    if (!window.EventSource || this.sseErrors >= SSE_GIVE_UP || page.openStreams >= MAX_STREAMS ||
+        this.pollingHidden) {
       this.poll();
       return;
     }
@@ -947,12 +975,28 @@ export class Session {
     this.stream = stream;
     page.openStreams += 1;
     let reconnecting = false;
+    // A stream that brings nothing for streamIdleMs (workers starting, a backlog) gives
+    // its connection back: the batch is polled instead until done, its first poll at once.
+    // Held while nothing comes, the streams of a few tabs (or windows side by side)
+    // took all six of the browser's connections to the server: another tab could not
+    // load the page, and every request of these waited.
+    const idle = () => {
+      clearTimeout(this.streamIdleTimer);
+      this.streamIdleTimer = setTimeout(() => {
+        if (this.stream !== stream) return;
+        this.closeStream();
+        this.poll();
+      }, setting("streamIdleMs"));
+    };
+    idle();
     stream.onopen = () => {
+      idle();
       // Whatever finished while we were away: fetch it once.
       if (reconnecting) this.refresh();
       reconnecting = false;
     };
     const applyEvent = (event) => {
+      idle();
       this.sseErrors = 0;
       if (event.lastEventId) this.lastEventId = event.lastEventId;
       try { this.apply(JSON.parse(event.data)); } catch { /* ignore a damaged event */ }
@@ -989,10 +1033,37 @@ export class Session {
   }
 
   closeStream() {
+    clearTimeout(this.streamIdleTimer);
     if (!this.stream) return;
     this.stream.close();
     this.stream = null;
     page.openStreams -= 1;
+  }
+
+  // The tab hidden (catchup.js): its stream closed, and the batch polled instead, at
+  // hiddenPollEveryMs, the first poll at once (what finished since the stream's last
+  // event). Each stream holds one of the browser's six connections to the server until
+  // its batch is done: three tabs of two uploads each waiting on a cold start held all
+  // six, and a fourth tab could not load the page, nor a new upload of the first start.
+  hide() {
+    if (!this.stream) return;
+    this.closeStream();
+    this.pollingHidden = true;
+    this.poll();
+  }
+
+  // The tab shown again: a batch polled because hidden is followed by its stream again,
+  // from its last event (the server sends all that finished since), and read once more
+  // as it opens: nothing is missed between the last poll and the stream. Not one done
+  // meanwhile, no longer polled.
+  show() {
+    if (!this.pollingHidden) return;
+    this.pollingHidden = false;
+    if (!this.pollTimer) return;
+    clearTimeout(this.pollTimer);
+    this.pollTimer = null;  // a poll under way stops at its answer (poll's tick)
+    this.follow();
+    this.refresh();
   }
 
   poll() {
@@ -1022,7 +1093,8 @@ export class Session {
       if (watchOver && !this.otherTabSends && this.entries.some(waiting)) this.showPending();
       const growing = Date.now() < this.grewAt + setting("followIdleMs");
       const watching = this.uploading || this.unfinished() || this.otherTabSends || watched || growing;
-      this.pollTimer = watching ? setTimeout(tick, setting("pollEveryMs")) : null;
+      const every = setting(this.pollingHidden ? "hiddenPollEveryMs" : "pollEveryMs");
+      this.pollTimer = watching ? setTimeout(tick, every) : null;
       if (!watching && this.restored && this.unknown) {
         // Still no such batch once the watch is over: nothing of it will come now, and
         // each reload would show its files "not stored" again, for good. Their rows stay
@@ -1089,6 +1161,9 @@ function answersGoneText(count) {
 export function upload(chosen) {
   if (!chosen.length) return;
   uploadBegins();
+  // "Show only the failed files" left ticked would hide the new upload's rows, none
+  // failed yet: the files chosen would seem not to be there.
+  $("only-failed").checked = false;
   // Said at once: the first count comes a period later (15 s), and screen readers would
   // hear nothing of the files just chosen till then.
   sayNext(`Sending ${someFiles(chosen.length)}`);

@@ -53,6 +53,12 @@ const FROM_BODY = {
   // poll's answer (session.js), and a second read asked for to confirm files left out of
   // one (loseUnlisted).
   pollEveryMs: 2000,
+  // How often a batch is polled in place of its event stream while the tab is hidden
+  // (session.js hide): a hidden tab holds none of the browser's connections to the server.
+  hiddenPollEveryMs: 5000,
+  // How long an event stream that brings nothing is kept open: then its batch is polled
+  // until done (session.js follow), its connection given back.
+  streamIdleMs: 30000,
   // How often the status line asks GET /api/status (status.js).
   statusEveryMs: 2000,
   // Beyond the 10 s a web tier's first read of AWS may take.

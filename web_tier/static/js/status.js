@@ -2,6 +2,7 @@
 // from GET /api/status every statusEveryMs (settings.js).
 import { $, banner, keyBox } from "./dom.js";
 import { timeoutSignal } from "./http.js";
+import { errorKind, serverAnswered, serverSilent } from "./reach.js";
 import { setting } from "./settings.js";
 
 // A hung server (stopped, restarting) never answers: the line keeps its old figures
@@ -13,7 +14,16 @@ async function refreshStatus() {
   statusAsking = true;
   const line = $("status-line");
   try {
-    const response = await fetch("/api/status", { cache: "no-store", signal: timeoutSignal(setting("statusTimeoutMs")) });
+    let response;
+    try {
+      response = await fetch("/api/status", { cache: "no-store", signal: timeoutSignal(setting("statusTimeoutMs")) });
+    } catch (error) {
+      noAnswer(line, error);
+      return;
+    }
+    // A proxy's 502 or 504 in the server's place: the web tier behind it is not answering.
+    if (response.status === 502 || response.status === 504) serverSilent("unreachable");
+    else serverAnswered();
     const s = await response.json();
     statusAnsweredAt = new Date();
     if (s.api_key_required) keyBox.hidden = false;
@@ -42,13 +52,29 @@ async function refreshStatus() {
     // What could not be read, or how old the figures are while AWS does not answer.
     if (Array.isArray(s.errors)) parts.push(...s.errors.map(String));
     line.textContent = parts.join(" · ") || "status unavailable";
-  } catch {
-    line.textContent = statusAnsweredAt
-      ? `status unavailable: the server has not answered since ${statusAnsweredAt.toLocaleTimeString()}`
-      : "status unavailable";
+  } catch (error) {
+    // Its body stalled past the timeout; or answered, but not with figures (a proxy's
+    // page, a body cut off).
+    if (errorKind(error) === "timeout") noAnswer(line, error);
+    else line.textContent = "status unavailable: the server's answer could not be read";
   } finally {
     statusAsking = false;
   }
+}
+
+// No answer came (`error`, as fetch threw it). Said as it is: a request this page gave up
+// waiting for may never have reached the server, held in this browser for one of its six
+// connections to it (event streams of other tabs take them: curl got its answer in 17 ms
+// while three tabs' lines said "the server has not answered"); one the browser could not
+// send at all found no server.
+function noAnswer(line, error) {
+  const kind = errorKind(error);
+  serverSilent(kind);
+  const last = statusAnsweredAt ? ` (last figures at ${statusAnsweredAt.toLocaleTimeString()})` : "";
+  line.textContent = kind === "timeout"
+    ? `status unavailable: no answer yet${last}; the server may be busy, or this browser's connections to it ` +
+      "all taken (by other tabs of this page?)"
+    : `status unavailable: the server could not be reached${last}`;
 }
 
 // What a person waiting on a cold start needs said plainly, before the figures: every

@@ -34,9 +34,18 @@ function sendingText() {
   }
   for (const bytes of page.sendProgress.values()) sent += bytes;
   if (!size) return "";
-  const mb = (bytes) => (bytes / 1048576).toFixed(1);
-  if (sent >= size && page.awaitingAnswer.size) return `sent ${mb(size)} MB; the server is storing the files`;
-  return `sending ${mb(Math.min(sent, size))} of ${mb(size)} MB`;
+  const { amount, unit } = inUnits(size);
+  if (sent >= size && page.awaitingAnswer.size) {
+    return `sent ${amount(size)} ${unit}; the server is storing the files`;
+  }
+  return `sending ${amount(Math.min(sent, size))} of ${amount(size)} ${unit}`;
+}
+
+// Both figures in the unit of the whole `size`: kB below 0.1 MB, where MB to one decimal
+// said "sending 0.0 of 0.0 MB" of a few small images; kB to one decimal below 10.
+function inUnits(size) {
+  if (size >= 0.1 * 1048576) return { amount: (bytes) => (bytes / 1048576).toFixed(1), unit: "MB" };
+  return { amount: (bytes) => (bytes / 1024).toFixed(size < 10 * 1024 ? 1 : 0), unit: "kB" };
 }
 
 
