@@ -291,6 +291,47 @@ def test_an_event_stream_that_brings_nothing_gives_its_connection_back(stack, br
     browser.execute_script("window.endsHeld = false;")
 
 
+def test_a_batch_polled_for_an_idle_stream_is_streamed_again_once_results_come(stack, browser,
+                                                                             reference_model, tmp_path):
+    """Each poll reads the whole batch, every pollEveryMs until it is done: once results
+    come again (workers started), a stream brings them instead. Here a poll shows one
+    file done and the other, held back from the page's reads, still queued."""
+    browser.get(stack.web_url + "/")
+    browser.execute_script(WATCH_STREAMS + r"""
+      window.streamsMade = 0;
+      const Counted = window.EventSource;
+      window.EventSource = class extends Counted {
+        constructor(url) { super(url); window.streamsMade += 1; }
+      };
+      window.lateHeld = true;
+      const realFetch = window.fetch;
+      window.fetch = async (url, options) => {
+        const response = await realFetch(url, options);
+        if (!/^\/api\/jobs\/[0-9a-f]{32}$/.test(String(url)) || !window.lateHeld || !response.ok) {
+          return response;
+        }
+        const body = await response.json();
+        for (const item of body.items) {
+          if (item.filename === "late.jpg") {
+            Object.assign(item, {state: "queued", label: null, score: null, top5: [], error: null});
+          }
+        }
+        const headers = {"Content-Type": "application/json"};
+        return new Response(JSON.stringify(body), {status: 200, headers});
+      };
+      document.body.dataset.streamIdleMs = '1000';""")
+    files = {"early.jpg": make_image(1541, size=(64, 48)), "late.jpg": make_image(1542, size=(64, 48))}
+    with workers_held(stack):
+        choose(browser, tmp_path, files)
+        wait_for(lambda: browser.execute_script("return window.streamsMade") == 1, 30, "the batch streamed")
+        wait_for(lambda: browser.execute_script("return window.openStreams") == 0, 10,
+                 "the idle stream closed")
+    wait_for(lambda: browser.execute_script("return window.streamsMade") == 2, 120,
+             "the batch streamed again once a poll showed a result")
+    browser.execute_script("window.lateHeld = false; window.endsHeld = false;")
+    assert_classified(finished_rows(browser, stack, 2, timeout_s=120), files, reference_model)
+
+
 def test_files_that_join_a_batch_after_its_stream_ended_are_followed_while_others_upload(
         stack, browser, reference_model, tmp_path):
     """The stream ends once all that joined the batch are done; a chunk stored after that

@@ -93,6 +93,7 @@ export class Session {
     this.stream = null;
     this.streamIdleTimer = null; // closes a stream that brings nothing (follow)
     this.pollingHidden = false;  // polled, not streamed, as the tab is hidden (hide)
+    this.pollingIdle = false;  // polled, not streamed, as its stream brought nothing (follow)
     this.lastEventId = "";    // the id of the last event its streams sent: a new one starts after it
     this.sseErrors = 0;
     this.pollTimer = null;
@@ -985,6 +986,7 @@ export class Session {
       this.streamIdleTimer = setTimeout(() => {
         if (this.stream !== stream) return;
         this.closeStream();
+        this.pollingIdle = true;
         this.poll();
       }, setting("streamIdleMs"));
     };
@@ -1066,15 +1068,29 @@ export class Session {
     this.refresh();
   }
 
+  finishedCount() {
+    return this.entries.filter(({ el }) => FINISHED.has(el.dataset.state)).length;
+  }
+
   poll() {
     if (this.pollTimer || (this.lost && !this.otherTabSends)) return;  // given up (see lose)
     // The next poll pollEveryMs after this one answers, not every pollEveryMs: a batch
     // rebuilt from S3 after a restart can take many seconds to answer.
     const tick = async () => {
       const mine = this.pollTimer;
+      const finishedBefore = this.finishedCount();
       await this.refresh();
       // lose() has stopped it; or, since, the batch held again, a poll started anew (refresh).
       if (this.pollTimer !== mine) return;
+      // Polled since its stream brought nothing, and results come again: followed by a
+      // stream again. Each poll reads the whole batch, every pollEveryMs until it is done.
+      if (this.pollingIdle && this.finishedCount() > finishedBefore && !this.pollingHidden &&
+          this.unfinished()) {
+        this.pollingIdle = false;
+        this.pollTimer = null;
+        this.follow();
+        return;
+      }
       // Some asks in a row unanswered: the sending tab was closed or reloaded, or is
       // frozen (if it answers again, senderAnswered brings its rows back).
       if (this.otherTabSends && this.unansweredAsks >= SILENT_ASKS) this.senderDone(true, true);
