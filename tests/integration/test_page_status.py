@@ -498,6 +498,45 @@ def test_a_server_that_stops_answering_is_said_by_the_results_and_to_screen_read
     finished_rows(browser, stack, 2, timeout_s=60)
 
 
+def test_uploads_refused_while_the_status_line_answers_keep_their_notice(stack, browser, tmp_path):
+    """Uploads refused whole with a 503 (S3 failing) beside a status line answered every
+    2 s: each status answer ended the notice, and each refused resend began it again,
+    every change heard by screen readers. Only an upload answered ends it."""
+    from selenium.webdriver.common.by import By
+
+    page_settings(browser, statusEveryMs="300")
+    browser.get(stack.web_url + "/")
+    summary = browser.find_element(By.ID, "summary")
+    browser.execute_script(UPLOADS_BY_FETCH + """
+      document.body.dataset.resendDelayScale = '0.2';
+      window.uploadsRefused = true;
+      window.statusAnswers = 0;
+      const realFetch = window.fetch;
+      window.fetch = async (url, options) => {
+        if (String(url) === "/api/jobs" && window.uploadsRefused) {
+          const body = {error: "storage unavailable", code: "storage_unavailable", items: [], rejected: []};
+          const headers = {"Content-Type": "application/json"};
+          return new Response(JSON.stringify(body), {status: 503, headers});
+        }
+        const response = await realFetch(url, options);
+        if (String(url) === "/api/status") window.statusAnswers += 1;
+        return response;
+      };""")
+    record_announcements(browser)
+    choose(browser, tmp_path, {"refused.jpg": make_image(1550, size=(64, 48))})
+    wait_for(lambda: "refusing uploads" in summary.text, 20, "the notice")
+    seen = browser.execute_script("return window.statusAnswers")
+    wait_for(lambda: browser.execute_script("return window.statusAnswers") >= seen + 5, 30, "status answers")
+    assert "refusing uploads" in summary.text
+    said = browser.execute_script("return window.announced")
+    assert "The server answers again" not in said
+    assert len([t for t in said if "refusing uploads" in t]) == 1, said
+    browser.execute_script("window.uploadsRefused = false;")
+    wait_for(lambda: "refusing uploads" not in summary.text, 60, "the notice gone once an upload is answered")
+    assert browser.execute_script("return window.announced").count("The server answers again") == 1
+    finished_rows(browser, stack, 1, timeout_s=60)
+
+
 def test_failed_rows_can_be_shown_alone_and_the_results_downloaded_as_csv(stack, browser, reference_model,
                                                                            tmp_path):
     """Among hundreds of rows, the few that failed must be found without scrolling, and

@@ -286,6 +286,14 @@ def test_an_event_stream_that_brings_nothing_gives_its_connection_back(stack, br
                  "the idle stream closed")
         reads = len(browser.execute_script("return window.reads"))
         wait_for(lambda: len(browser.execute_script("return window.reads")) > reads, 10, "the batch polled")
+        # Hidden, a batch polled already is polled at the hidden rate, not every 2 s.
+        browser.execute_script("document.body.dataset.hiddenPollEveryMs = '600000';"
+                               "window.setVisibility('hidden');")
+        hidden_reads = "return window.reads.filter(([shown]) => shown === 'hidden').length"
+        wait_for(lambda: browser.execute_script(hidden_reads) >= 1, 10, "the poll under way when hidden")
+        time.sleep(5)  # over twice pollEveryMs (2 s): a poll at that rate would be seen
+        assert browser.execute_script(hidden_reads) == 1
+        browser.execute_script("window.setVisibility('visible');")
     assert_classified(finished_rows(browser, stack, 1, timeout_s=120), files, reference_model)
     assert browser.execute_script("return window.mostStreams") == 1
     browser.execute_script("window.endsHeld = false;")

@@ -129,7 +129,9 @@ export async function fetchBatch(batchId) {
     if (response.ok) return { body: await response.json(), unknown: false };
     return { body: null, unknown: response.status === 404 && (await errorCode(response)) === "unknown_batch" };
   } catch (error) {
-    if (!(error instanceof SyntaxError)) serverSilent(error);  // not an answer not in JSON
+    // Not an answer not in JSON, nor a read cut off by leaving the page (shown again from
+    // the back/forward cache, it would say the server silent).
+    if (!(error instanceof SyntaxError) && !page.leaving) serverSilent(error);
     return { body: null, unknown: false };
   }
 }

@@ -7,7 +7,8 @@ import { sayOnce } from "./announce.js";
 import { updateSummary } from "./refresh.js";
 import { page } from "./state.js";
 
-// The outage under way, or null: {kind, since}. `kind`: "unreachable" (the browser could
+// The outage under way, or null: {kind, since, source}. `source`: "upload" or "read" (the
+// status line's and a batch's reads), the requests whose answer ends it. `kind`: "unreachable" (the browser could
 // not reach the server: a refused or cut connection), "timeout" (no answer within this
 // page's time: the server busy or hung, or the request still waiting in this browser
 // for one of its six connections to the server, which other tabs may hold), "busy" (the
@@ -25,12 +26,13 @@ const HEADS = {
 const TIMEOUT_WHY = "it may be busy, or this browser's connections to it all taken (by other tabs of this page?)";
 
 // A request got no answer: `error` as a fetch throws it (an abort of this page's own
-// timer is a timeout, anything else the server unreachable), or `kind` as above.
-export function serverSilent(kindOrError) {
+// timer is a timeout, anything else the server unreachable), or `kind` as above;
+// `source` as above.
+export function serverSilent(kindOrError, source = "read") {
   const kind = typeof kindOrError === "string" ? kindOrError : errorKind(kindOrError);
   const starting = !outage;
-  if (starting) outage = { kind, since: new Date() };
-  else outage.kind = kind;
+  if (starting) outage = { kind, since: new Date(), source };
+  else Object.assign(outage, { kind, source });
   if (!noticed) {
     noticed = true;
     page.notices.push(outageText);
@@ -39,9 +41,12 @@ export function serverSilent(kindOrError) {
   else updateSummary();
 }
 
-// A request was answered: the outage, if any, is over (said once too).
-export function serverAnswered() {
-  if (!outage) return;
+// A request of `source` was answered: the outage, if any, is over (said once too). Any
+// answer ends an "unreachable" one; a "busy" or "timeout" one only an answer of its own
+// source: uploads refused 503 while S3 fails, or timing out on a slow link, beside a
+// status line answered every 2 s, had the notice come and go, heard at each change.
+export function serverAnswered(source = "read") {
+  if (!outage || (outage.kind !== "unreachable" && outage.source !== source)) return;
   outage = null;
   sayOnce("The server answers again");
 }

@@ -328,7 +328,7 @@ export class Session {
       this.noAnswer(chunk, attempt, err.timedOut || "upload failed: the server could not be reached");
       // After noAnswer: its next try is known. Not for a request cut off by leaving the
       // page: shown again from the back/forward cache, it would say the server silent.
-      if (!page.leaving) serverSilent(err.timedOut ? "timeout" : "unreachable");
+      if (!page.leaving) serverSilent(err.timedOut ? "timeout" : "unreachable", "upload");
       return;
     }
     const { status, body } = answer;
@@ -340,8 +340,8 @@ export class Session {
     else if (answerLost(status, body)) this.noAnswer(chunk, attempt, answerLostText(status));
     else if (refusedWhole(body)) this.allRefused(chunk, attempt, status, body);
     else this.stored(chunk, attempt, body);
-    if (outage) serverSilent(outage);
-    else serverAnswered();
+    if (outage) serverSilent(outage, "upload");
+    else serverAnswered("upload");
   }
 
   formFor(chunk) {
@@ -974,6 +974,7 @@ export class Session {
     const after = this.lastEventId ? `?after=${encodeURIComponent(this.lastEventId)}` : "";
     const stream = new EventSource(`/api/jobs/${this.batchId}/events${after}`);
     this.stream = stream;
+    this.pollingIdle = false;
     page.openStreams += 1;
     let reconnecting = false;
     // A stream that brings nothing for streamIdleMs (workers starting, a backlog) gives
@@ -1048,10 +1049,15 @@ export class Session {
   // its batch is done: three tabs of two uploads each waiting on a cold start held all
   // six, and a fourth tab could not load the page, nor a new upload of the first start.
   hide() {
-    if (!this.stream) return;
-    this.closeStream();
-    this.pollingHidden = true;
-    this.poll();
+    if (this.stream) {
+      this.closeStream();
+      this.pollingHidden = true;
+      this.poll();
+    } else if (this.pollTimer && this.pollingIdle) {
+      // Polled already for a stream that brought nothing: at the hidden rate too. (Not
+      // a batch another tab sends: its polls ask that tab whether it is still there.)
+      this.pollingHidden = true;
+    }
   }
 
   // The tab shown again: a batch polled because hidden is followed by its stream again,
