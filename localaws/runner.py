@@ -395,6 +395,9 @@ class InstanceRunner:
             show_held(HeldJournal(path), self.aws, "runner", f"the worker of {instance_id}")
         except Exception:  # the runner's loop must go on: those are left to their timeout
             log.exception("runner: could not make visible again what the worker of %s held", instance_id)
+        finally:
+            # Shown or not, the journal and the lock file the killed worker left go: its
+            # instance has ended (the lock file stayed after a journal shown).
             self._remove_held_journal(instance_id)
 
     def _remove_held_journal(self, instance_id: str) -> None:

@@ -748,3 +748,24 @@ def test_a_worker_holds_its_journals_lock_while_it_serves_and_removes_it_when_it
     assert instance_tags(aws, instance_id)
     assert locked_while_serving and all(locked_while_serving), locked_while_serving
     assert not lock.exists()
+
+
+def test_the_runner_removes_a_killed_workers_lock_file_once_its_journal_is_shown(aws_env):
+    """Shown (its requests made visible), the journal went, and the lock file stayed in
+    the stack's state folder, one for each worker killed there."""
+    import os
+    from types import SimpleNamespace
+
+    from common.file_lock import hold
+    from localaws.runner import InstanceRunner
+
+    settings, aws = aws_env
+    upload(settings, aws, "held.jpg", make_image(304), "held-4")
+    assert len(Worker(settings, aws, MeanClassifier(), "i-killed").fetch().jobs) == 1
+    journal = held_journal_path(settings, "i-killed")
+    os.close(hold(journal.with_suffix(".lock")))  # as a worker killed outright leaves it
+    runner = SimpleNamespace(settings=settings, aws=aws)
+    runner._remove_held_journal = lambda iid: InstanceRunner._remove_held_journal(runner, iid)
+    InstanceRunner._show_held_journal(runner, "i-killed")
+    assert depth(aws, aws.request_queue_url) == (1, 0)
+    assert not journal.exists() and not journal.with_suffix(".lock").exists()

@@ -2721,9 +2721,12 @@ def test_a_worker_stopped_before_it_serves_says_so_and_ends_as_one_stopped_from_
     script.write_text(STOPPED_EARLY_WORKER)
     log_path = tmp_path / "worker.log"
     env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    # Its journal's lock, left by a worker ended by a signal, in the test's folder: in the
+    # user's own state folder it was left there.
+    env |= {"PYTHONPATH": str(root), "XDG_STATE_HOME": str(tmp_path / "state")}
     with open(log_path, "wb") as out:
         process = subprocess.Popen([sys.executable, str(script), phase], cwd=root, stdin=subprocess.PIPE,
-                                   stdout=out, stderr=subprocess.STDOUT, env={**env, "PYTHONPATH": str(root)})
+                                   stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         mark = "MARK loading" if phase == "loading" else "MARK STATUS="
         wait_until(lambda: mark in log_path.read_text() or process.poll() is not None, timeout=60)
