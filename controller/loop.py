@@ -247,8 +247,9 @@ class Controller:
         and its ready tag would have it counted as serving for good."""
         watch = self.progress
         watch.keep_listed({i.id for i in obs.instances})
+        watch.progressed(obs.in_flight)
         obs = _failed(obs, watch.counted)
-        deadline = self.settings.progress_deadline_s
+        deadline = watch.deadline(self.settings.progress_deadline_s)
         waited_s = watch.waited(deadline > 0 and untaken_beside_receivers(obs), obs.clock)
         stuck = not_receiving(obs, waited_s, deadline)
         if stuck is None:
@@ -305,7 +306,7 @@ class Controller:
         new = hold.note_failures(obs, timings.failure_hold_min_s, timings.failure_hold_max_s, quiet_s)
         if new:
             log.error(
-                "controller: %d worker(s) gave up: %s; their instances are %s, and "
+                "controller: %d worker(s) gave up or failed: %s; their instances are %s, and "
                 "launches held for %.0fs (see the worker's log, and ami/README.md)", len(new),
                 ", ".join(f"{instance_name(i.number)} ({i.id}): {i.worker_failed}" for i in new),
                 "left (dry run)" if self.dry_run else "terminated", hold.hold_s,

@@ -58,6 +58,10 @@ from controller.observe import Instance, Observation
 EC2_LAG_S = 300.0
 # Long enough for EC2 to list an instance that a call without a reply started.
 UNANSWERED_LAUNCH_MEMORY_S = 300.0
+# ProgressWatch: at most 16 deadlines (32 minutes at the default 120 s) between counts
+# while nothing is received. A 20-minute outage of the workers' receives then costs 3
+# instances (counted at 2, 6 and 14 minutes), not 10.
+PROGRESS_DEADLINE_DOUBLINGS = 4
 # How long an instance EC2 refused to terminate is left before it is asked again (Refusals).
 REFUSAL_RETRY_S = 60.0
 
@@ -350,12 +354,28 @@ class ProgressWatch:
     worker long-polls the queue, and takes a visible request within its poll; its ready
     tag stays whatever befalls it after. Counted, one is failed in the observation
     (Observation.failed) as a READY_DEADLINE one is: terminated, and replaced after the
-    launch hold. Lost on restart, the wait is timed from the restarted controller's first
-    round; an instance counted so that EC2 then refused to terminate counts as serving
-    again until another deadline has passed."""
+    launch hold. Each one counted with no request seen in flight since doubles the next
+    wait (up to PROGRESS_DEADLINE_DOUBLINGS times): receives failing for AWS's or the
+    network's fault (an SQS outage, a broken endpoint or NAT in the workers' subnet,
+    GetQueueAttributes still answered) look the same, and a fleet counted one every
+    deadline would be replaced whole after every outage, which the worker itself never
+    gives up on. Lost on restart, the wait is timed from the restarted controller's first
+    round, at the deadline. An instance counted stays counted while EC2 lists it (one
+    EC2 refused to terminate too)."""
 
     waiting_since: float | None = None
     counted: dict[str, str] = field(default_factory=dict)
+    counted_without_progress: int = 0
+
+    def deadline(self, base_s: float) -> float:
+        """The wait before the next count: `base_s` (PROGRESS_DEADLINE), doubled for each
+        counted since a request was last seen in flight."""
+        return base_s * 2 ** min(self.counted_without_progress, PROGRESS_DEADLINE_DOUBLINGS)
+
+    def progressed(self, in_flight: int) -> None:
+        """Takes in the requests in flight now: any says a worker receives."""
+        if in_flight > 0:
+            self.counted_without_progress = 0
 
     def waited(self, waiting: bool, clock: float) -> float:
         """Takes in whether requests wait untaken now (at `clock`); returns for how long
@@ -372,6 +392,7 @@ class ProgressWatch:
         its replacement (or the others) may well be receiving by then."""
         self.counted[iid] = why
         self.waiting_since = clock
+        self.counted_without_progress += 1
 
     def keep_listed(self, listed: set[str]) -> None:
         """Forgets those EC2 no longer lists (ended)."""

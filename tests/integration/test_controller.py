@@ -437,8 +437,8 @@ def test_workers_that_cannot_load_the_model_are_replaced_after_a_hold(world, con
         controller = controllers()
         controller.wait_rounds(1)
         world.send(2)
-        wait_for(lambda: "worker(s) gave up" in controller.output, 60, "the controller to see the failures",
-                 interval=0.1)
+        wait_for(lambda: "worker(s) gave up or failed" in controller.output, 60,
+                 "the controller to see the failures", interval=0.1)
         assert "model-unavailable" in controller.output and "launches held for 10s" in controller.output
         wait_for(lambda: not live_names(world.ec2), 10, "the failed instances to be terminated")
         reply = world.ec2.describe_instances(Filters=[{"Name": "tag:imgclass:worker-failed",

@@ -687,9 +687,12 @@ def test_a_ready_instance_that_stops_receiving_is_replaced_after_the_progress_de
     assert aws.queue_depth(aws.request_queue_url).visible == 1  # for the replacement
 
 
-def test_instances_that_stop_receiving_are_counted_one_a_deadline_the_oldest_first(aws):
+def test_instances_that_stop_receiving_are_counted_in_turn_the_oldest_first_each_wait_doubled(aws):
     """Taken in turn, not all at once (the others may be receiving by the next), and the
-    oldest first: a replacement, the newest, is not counted again and again."""
+    oldest first: a replacement, the newest, is not counted again and again. With nothing
+    received since a count, the next wait is twice as long: receives failing for AWS's
+    fault (an outage, the workers' subnet cut off) look the same, and counting one every
+    deadline replaced a whole healthy fleet after every outage."""
     controller = stalled_controller(aws)
     deadline = controller.settings.progress_deadline_s
     send(aws, 2)
@@ -702,9 +705,11 @@ def test_instances_that_stop_receiving_are_counted_one_a_deadline_the_oldest_fir
     assert controller.step(now=t + 1 + deadline).clean_up == (first,)
     replacement = controller.step(now=t + 1 + deadline + 11).launch  # after the hold
     assert len(replacement) == 1
-    # The replacement boots (moto's never says it serves): the other is counted a deadline on.
-    assert controller.step(now=t + 1 + 2 * deadline - 1).clean_up == ()
-    assert controller.step(now=t + 1 + 2 * deadline).clean_up == (second,)
+    # The replacement boots (moto's never says it serves): nothing received, the other is
+    # counted two deadlines on.
+    assert controller.step(now=t + 1 + 2 * deadline).clean_up == ()
+    assert controller.step(now=t + 1 + 3 * deadline - 1).clean_up == ()
+    assert controller.step(now=t + 1 + 3 * deadline).clean_up == (second,)
 
 
 def test_the_progress_deadline_runs_only_while_requests_wait_untaken_and_afresh_after_a_restart(aws):

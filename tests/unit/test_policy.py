@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from controller.memory import ProgressWatch, RoundMemory
+from controller.memory import PROGRESS_DEADLINE_DOUBLINGS, ProgressWatch, RoundMemory
 from controller.observe import Instance, Observation
 from controller.policy import Policy, decide, desired_count, not_receiving, untaken_beside_receivers
 
@@ -299,6 +299,18 @@ def test_an_instance_already_counted_failed_is_no_receiver():
     counted = not_receiving(observation, waited_s=120, deadline_s=120)
     assert counted is not None and counted.id == "i-0002"
     assert untaken_beside_receivers(failed(obs(visible=2, running=2), 2)) is False
+
+
+def test_the_progress_watch_doubles_its_deadline_for_each_count_until_a_request_is_in_flight():
+    watch = ProgressWatch()
+    assert watch.deadline(120.0) == 120.0
+    for n in range(1, 7):
+        watch.count(f"i-{n:04d}", "not receiving", 1000.0 * n)
+        watch.progressed(0)  # nothing in flight: no worker receives
+        assert watch.deadline(120.0) == 120.0 * 2 ** min(n, PROGRESS_DEADLINE_DOUBLINGS)
+    assert watch.deadline(120.0) == 1920.0  # 32 minutes at most
+    watch.progressed(1)  # a request in flight: a worker receives
+    assert watch.deadline(120.0) == 120.0
 
 
 def test_the_progress_watch_times_an_unbroken_wait_and_the_next_count_a_whole_deadline_on():
