@@ -10,7 +10,8 @@ sent". A browser reconnecting (every MAX_STREAM_S, or after a drop)
 sends the last id it saw as Last-Event-ID, and is sent only what finished
 after it; so is a client opening a new stream with `?after=<id>` (api.py: the
 page, once a stream ended and more files joined the batch). An id from another
-process (a restarted web tier numbers anew), or none, gets everything.
+process (a restarted web tier numbers anew), or one this batch's stream did not
+send (the numbers run across batches), or none, gets everything.
 """
 
 from __future__ import annotations
@@ -61,10 +62,17 @@ def stream(book: ResultBook, batch_id: str, items: Callable[[], list[Item] | Non
     inbox = book.subscribe(batch_id)
     try:
         yield f"retry: {RETRY_MS}\n\n"
+        first_look = items() or []
+        # Only an id this batch's stream sent says what was seen: the numbers run across
+        # every batch, so one from another batch (a client keeping one last id for all),
+        # or never sent, had every item of this one skipped, unsent, the stream at once
+        # `end`. An id whose item has changed since is taken for none (all sent again).
+        if seen and all(item.event_seq != seen for item in first_look):
+            seen = 0
         # Each item sent, with the number it was sent with: a provisional failure (a dead
         # letter) replaced by a late answer is sent again, or its row would stay "failed";
         # so is one queued again, and then its outcome.
-        sent = {item.id: item.event_seq for item in items() or [] if 0 < item.event_seq <= seen}
+        sent = {item.id: item.event_seq for item in first_look if 0 < item.event_seq <= seen}
         while True:
             # A look at the whole batch: first, once the book counts none of it queued,
             # and after each quiet interval. It sends what changed, in the order it did,

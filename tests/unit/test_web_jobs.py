@@ -1141,6 +1141,16 @@ def test_a_stream_opened_after_an_event_id_sends_only_what_finished_after_it(mak
 
     assert ids(f"?after={last_id}") == [third]
     assert ids("?after=nonsense", {"Last-Event-ID": last_id}) == [third]
+    # An id of another batch's, later than this one's (the numbers run across batches),
+    # or one never sent: everything, not nothing but `end`.
+    other = upload(client, [(make_image(78), "other.jpg")]).get_json()
+    finish(app, other["items"][0]["id"], "d")
+    other_url = f"/api/jobs/{other['batch_id']}/events"
+    other_id = [e["id"] for e in events_then_dropped(client, other_url, 1) if "id" in e][-1]
+    never = f"{last_id.split('.')[0]}.999999"
+    for foreign in (other_id, never):
+        assert ids(f"?after={foreign}") == [first, second, third]
+        assert ids("", {"Last-Event-ID": foreign}) == [first, second, third]
     # An id from another process (a restart numbers anew), or none: everything.
     for foreign in ("0123abcd.2", "nonsense", "", f"{last_id.split('.')[0]}.\u00b2"):
         assert ids(f"?after={foreign}") == [first, second, third]
