@@ -281,8 +281,10 @@ def send_item_again(batch_id: str, item_id: str) -> Response | tuple[Response, i
     if isinstance(outcome, Refusal) and outcome.code == Code.UNKNOWN_ITEM:
         return error_response(outcome)  # forgotten since (evicted): no item to show
     if isinstance(outcome, Refusal):
-        # With the item as it is now, for a client to show (queued by another request, say).
+        # With the item as it is now, for a client to show (queued by another request, say),
+        # and its name, as every refusal of a file says it.
         now = svc.book.get(item_id) or item
+        outcome.filename = outcome.filename or now.filename
         return error_response(outcome, item=now.to_json(model_untrained))
     accepted = jsonify({"batch_id": batch_id, "item": outcome.to_json(model_untrained)})
     accepted.status_code = 202

@@ -110,7 +110,7 @@ def classify() -> Response:
         # it named, where it never is: POST / gives each file a batch of its own.
         raise Refusal(400, f"{batch_fields[0]} is for POST /api/jobs: POST / puts its one file in a "
                            "batch of its own (to send it again safely, give it an Idempotency-Key header)",
-                      display_name(files[0]), code=Code.BAD_REQUEST)
+                      code=Code.BAD_REQUEST)  # the request refused, not its file: the reason alone
     if len(files) > 1:
         names = ", ".join(display_name(f) or "(no name)" for f in files)
         raise Refusal(400, f"one file per request here, got {len(files)} ({names}); POST several "

@@ -116,10 +116,12 @@ def test_only_a_dead_letters_failure_is_sent_again(make_web_app, web_aws):
     finish(app, done, "cat")
     before = client.get(f"/api/jobs/{batch_id}").get_json()
     messages = len(requests_queued(web_aws))
-    for item_id, state in ((queued, "queued"), (bad, "failed"), (done, "done")):
+    for item_id, state, name in ((queued, "queued", "queued.jpg"), (bad, "failed", "bad.jpg"),
+                                 (done, "done", "done.jpg")):
         refused = client.post(again_url(batch_id, item_id))
         assert refused.status_code == 409, item_id
         assert (refused.get_json()["code"], refused.get_json()["item"]["state"]) == ("not_sent_again", state)
+        assert refused.get_json()["filename"] == name  # as every refusal of a file names it
     assert client.get(f"/api/jobs/{batch_id}").get_json() == before
     assert len(requests_queued(web_aws)) == messages
 
