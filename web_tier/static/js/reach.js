@@ -8,8 +8,9 @@ import { updateSummary } from "./refresh.js";
 import { page } from "./state.js";
 
 // The outage under way, or null: {kind, since, source}. `source`: "upload" or "read" (the
-// status line's and a batch's reads), the requests whose answer ends it. `kind`: "unreachable" (the browser could
-// not reach the server: a refused or cut connection), "timeout" (no answer within this
+// status line's and a batch's reads), the requests whose answer ends it. `kind`:
+// "unreachable" (the browser could not reach the server: a refused or cut
+// connection), "timeout" (no answer within this
 // page's time: the server busy or hung, or the request still waiting in this browser
 // for one of its six connections to the server, which other tabs may hold), "busy" (the
 // web tier refused an upload whole with a 503: stopping, or AWS failing it).
