@@ -66,8 +66,8 @@ def stream(book: ResultBook, batch_id: str, items: Callable[[], list[Item] | Non
         # Only an id this batch's stream sent says what was seen: the numbers run across
         # every batch, so one from another batch (a client keeping one last id for all),
         # or never sent, had every item of this one skipped, unsent, the stream at once
-        # `end`. An id whose item has changed since is taken for none (all sent again).
-        if seen and all(item.event_seq != seen for item in first_look):
+        # `end`.
+        if seen and all(seen != item.event_seq and seen not in item.earlier_seqs for item in first_look):
             seen = 0
         # Each item sent, with the number it was sent with: a provisional failure (a dead
         # letter) replaced by a late answer is sent again, or its row would stay "failed";

@@ -78,6 +78,9 @@ class Item:
     # finished, or was queued again (ResultBook.queue_again). Event streams resume after
     # the last one a client saw. 0 while queued as uploaded.
     event_seq: int = field(default=0, compare=False)
+    # The numbers of its events before the latest: a client resuming from one of them
+    # resumes from this batch's own stream (events.stream).
+    earlier_seqs: tuple[int, ...] = field(default=(), compare=False, repr=False)
     # How many times it was queued again after a dead letter (POST .../again), and
     # when the latest was (time.time()): a copy of its request sent before then that
     # comes back dead says nothing of the new one (listeners.py). Written to the input
@@ -482,6 +485,8 @@ class ResultBook:
         streams. Before its state changes, as event streams read items without the
         lock: one that sees it finished sees its number too."""
         self._event_count += 1
+        if item.event_seq:
+            item.earlier_seqs = (*item.earlier_seqs, item.event_seq)
         item.event_seq = self._event_count
 
     # --- reading ---------------------------------------------------------------
