@@ -91,6 +91,16 @@ def pytest_sessionfinish(session):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _state_in_a_folder_of_the_runs(tmp_path_factory):
+    """The journals, locks and sockets of every process the tests start, in a folder of
+    this run's (each test process its own): in the user's own (~/.local/state/imgclass)
+    each run left a web tier's journal folder, and a killed worker's lock."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _no_real_aws(monkeypatch):
     """Tests never touch real AWS: dummy credentials and a fixed region."""
