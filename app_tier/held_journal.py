@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import Settings
-from common.file_lock import LockHeld, hold, holder
+from common.file_lock import HeldLock, LockHeld, hold, holder
 from common.messages import ClassifyRequest, MessageError
 
 log = logging.getLogger(__name__)
@@ -83,26 +83,11 @@ class JournalInUse(Exception):
                          "(or --instance-id)")
 
 
-@dataclass
-class JournalLock:
-    """The lock on a journal, held for a worker's life (the kernel lets go when it ends,
-    however it ends)."""
-
-    path: Path
-    fd: int
-
-    def release(self) -> None:
-        """Delete the lock file and let go: deleted while still locked, so that whoever
-        locks next makes a new one (common/file_lock.py)."""
-        self.path.unlink(missing_ok=True)
-        os.close(self.fd)
-
-
-def hold_journal_lock(journal: Path, instance_id: str) -> JournalLock:
+def hold_journal_lock(journal: Path, instance_id: str) -> HeldLock:
     """Lock `journal` for this process's life; raises JournalInUse if a running worker has it."""
     path = lock_path(journal)
     try:
-        return JournalLock(path, hold(path))
+        return HeldLock(path, hold(path))
     except LockHeld:
         raise JournalInUse(journal, instance_id) from None
 

@@ -1,4 +1,5 @@
-"""Locks held on files for a process's life: the web tier's journals and the controller's lock.
+"""Locks held on files for a process's life: the web tier's journals, the controller's
+lock and each worker's journal lock.
 
 flock's lock belongs to the open file, and the kernel drops it when its process
 dies, however it dies: a file whose lock can be taken has no live holder. A file
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -61,6 +63,21 @@ def hold(path: Path) -> int:
         os.close(fd)
         raise
     return fd
+
+
+@dataclass
+class HeldLock:
+    """A lock file held (hold()) for this process's life, until released."""
+
+    path: Path
+    fd: int
+
+    def release(self) -> None:
+        """Delete the lock file and let go (a clean exit: no file left behind). Deleted
+        while still locked, so that whoever locks next finds the file gone, and makes a
+        new one (lock_file)."""
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
 
 
 def holder(path: Path) -> str:

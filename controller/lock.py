@@ -18,11 +18,10 @@ run exactly one.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import Settings
-from common.file_lock import LockHeld, hold, holder
+from common.file_lock import HeldLock, LockHeld, hold, holder
 
 # sysexits' EX_TEMPFAIL: it may start once the other has stopped.
 EXIT_ANOTHER_CONTROLLER = 75
@@ -36,27 +35,14 @@ def lock_path(settings: Settings) -> Path:
     return Path(settings.state_dir) / f"{settings.fleet_name}-controller.lock"
 
 
-@dataclass
-class FleetLock:
-    path: Path
-    fd: int
-
-    def release(self) -> None:
-        """Delete the lock file and let go (a clean exit: no file left behind per fleet
-        that ever ran). Deleted while still locked, so that whoever locks next finds
-        the file gone, and makes a new one (see hold_fleet_lock)."""
-        self.path.unlink(missing_ok=True)
-        os.close(self.fd)
-
-
-def hold_fleet_lock(settings: Settings) -> FleetLock:
+def hold_fleet_lock(settings: Settings) -> HeldLock:
     """Lock this fleet for this process's life (the kernel lets go when it ends).
 
     Raises AnotherController, naming its process, if one already holds it.
     """
     path = lock_path(settings)
     try:
-        return FleetLock(path, hold(path))
+        return HeldLock(path, hold(path))
     except LockHeld:
         where = settings.endpoint_url or f"AWS {settings.region}"
         raise AnotherController(
