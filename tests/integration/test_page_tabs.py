@@ -204,8 +204,9 @@ def test_uploads_keep_no_more_than_two_event_streams_open(stack, browser, refere
 
 # After WATCH_STREAMS: window.setVisibility("hidden" or "visible") has the page see its
 # tab hidden or shown (document.visibilityState, and its event), as Chromium would;
-# each read of a batch is kept in window.reads as [visibility, event streams open], and
-# the visibility when each row turned done in window.doneWhile.
+# each read of a batch is kept in window.reads as [visibility, event streams open] (and
+# in window.readTimes as [ms since the page loaded, and when answered or null], for a
+# failure to show), and the visibility when each row turned done in window.doneWhile.
 SEEN_READS_AND_VISIBILITY = r"""
   window.setVisibility = (state) => {
     Object.defineProperty(document, "visibilityState", {configurable: true, get: () => state});
@@ -213,10 +214,17 @@ SEEN_READS_AND_VISIBILITY = r"""
     document.dispatchEvent(new Event("visibilitychange"));
   };
   window.reads = [];
+  window.readTimes = [];
   const realFetch = window.fetch;
   window.fetch = (url, options) => {
     if (/^\/api\/jobs\/[0-9a-f]{32}$/.test(String(url))) {
       window.reads.push([document.visibilityState, window.openStreams]);
+      const times = [Math.round(performance.now()), null];
+      window.readTimes.push(times);
+      const answered = () => { times[1] = Math.round(performance.now()); };
+      const reading = realFetch(url, options);
+      reading.then(answered, answered);
+      return reading;
     }
     return realFetch(url, options);
   };
@@ -282,10 +290,18 @@ def test_an_event_stream_that_brings_nothing_gives_its_connection_back(stack, br
     with workers_held(stack):
         choose(browser, tmp_path, files)
         wait_for(lambda: browser.execute_script("return window.mostStreams") == 1, 30, "the batch streamed")
+        streamed_at = len(browser.execute_script("return window.reads"))
         wait_for(lambda: browser.execute_script("return window.openStreams") == 0, 10,
                  "the idle stream closed")
-        reads = len(browser.execute_script("return window.reads"))
-        wait_for(lambda: len(browser.execute_script("return window.reads")) > reads, 10, "the batch polled")
+        # Its first poll comes at once, maybe before the look above ends: two polls with
+        # no stream open, counted from before it closed, say it is polled again and again.
+        polls = f"return window.reads.slice({streamed_at}).filter(([, open]) => open === 0).length"
+        try:
+            wait_for(lambda: browser.execute_script(polls) >= 2, 30, "the batch polled, twice")
+        except AssertionError as exc:
+            times = browser.execute_script("return [performance.now(), window.readTimes]")
+            shown = f"reads (ms since load, answered at), now {times[0]:.0f}: {times[1]}"
+            raise AssertionError(f"{exc}; {shown}") from None
         # Hidden, a batch polled already is polled at the hidden rate, not every 2 s.
         browser.execute_script("document.body.dataset.hiddenPollEveryMs = '600000';"
                                "window.setVisibility('hidden');")
