@@ -82,9 +82,11 @@ class Finisher:
         stores = [(job, response, self._io.submit(self._store, job, response)) for job, response in responses]
         unstored, denied, refused, stored = [], [], [], {}
         last_refusal: StoreRefused | None = None
+        wrote = False
         for job, _, store in stores:
             try:
-                stored[job.message_id] = store.result()
+                stored[job.message_id], wrote_one = store.result()
+                wrote = wrote or wrote_one
             except StoreRefused as exc:
                 log.error("could not write the result of %s: %s", job.request.key, exc)
                 refused.append(job)
@@ -96,9 +98,6 @@ class Finisher:
             except Exception as exc:  # S3, after botocore's retries: tried again later
                 log.warning("could not write the result of %s: %s", job.request.key, exc)
                 unstored.append(job)
-        wrote = any(r.ok and job.stored_answer is None
-                    and not names_another_bucket(job.request, self.settings)
-                    for job, r in responses if job.message_id in stored)
         if wrote:
             # This worker may write: what S3 refused is the key's doing (a policy
             # that denies part of the bucket), and spends an attempt like a failure.
@@ -135,17 +134,19 @@ class Finisher:
                         "answered again", len(answered), exc)
         return Stores(wrote=wrote, refused=None if wrote else last_refusal)
 
-    def _store(self, job: Job, response: ClassifyResponse) -> ClassifyResponse:
-        """Store the outcome of `job`; the answer to send: `response`, or the result
-        another copy of the request stored first."""
+    def _store(self, job: Job, response: ClassifyResponse) -> tuple[ClassifyResponse, bool]:
+        """Store the outcome of `job`; the answer to send (`response`, or the result
+        another copy of the request stored first), and whether S3 took a result's write
+        (or said one was stored: it checks rights first), which says this worker may
+        write results."""
         req = job.request
         if job.stored_answer is not None:
-            return response  # stored by the attempt that made it
+            return response, False  # stored by the attempt that made it
         if names_another_bucket(req, self.settings):
-            return response  # failed unread (Fetcher._download): its key names no upload of this service's
+            return response, False  # failed unread (Fetcher._download): its key is no upload of ours
         if response.ok:
-            return self._store_result(job, response)
-        return self._store_failure(job, response)
+            return self._store_result(job, response), True
+        return self._store_failure(job, response), False
 
     def _store_result(self, job: Job, response: ClassifyResponse) -> ClassifyResponse:
         """Write the `image,label` pair to the output bucket, unless a result is there."""
