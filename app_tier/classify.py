@@ -47,20 +47,21 @@ class BatchClassifier:
 
     def responses_for(self, batch: Batch) -> list[tuple[Job, ClassifyResponse]]:
         """Every job's response: its classification, or why it has none."""
-        by_id = self._classify(batch.ready)
+        by_id = self._classify(batch.decoded)
         responses = []
         for job in batch.jobs:
             req = job.request
-            identity = {"id": req.id, "filename": req.filename, "key": req.key,
-                        "worker": self.instance_id, "untrained": self.classifier.untrained}
+            # What every response for this request says, classified or not.
+            fields = {"id": req.id, "filename": req.filename, "key": req.key,
+                      "worker": self.instance_id, "untrained": self.classifier.untrained}
             result = by_id.get(job.message_id)
             if job.stored_answer is not None:
                 responses.append((job, job.stored_answer))
             elif result is not None:
                 responses.append((job, ClassifyResponse(label=result.label, score=result.score,
-                                                         top5=result.top5, **identity)))
+                                                         top5=result.top5, **fields)))
             else:
-                responses.append((job, ClassifyResponse(error=job.error or "not classified", **identity)))
+                responses.append((job, ClassifyResponse(error=job.error or "not classified", **fields)))
         return responses
 
     def _classify(self, jobs: list[Job]) -> dict[str, Classification]:
@@ -68,12 +69,12 @@ class BatchClassifier:
         it is classified alone, so that it cannot take its batch-mates down again
         (and with them into the dead-letter queue)."""
         fresh = [j for j in jobs if not suspect(j)]
-        pending = deque([fresh] if fresh else [])
-        pending.extend([j] for j in jobs if suspect(j))
+        groups_to_try = deque([fresh] if fresh else [])
+        groups_to_try.extend([j] for j in jobs if suspect(j))
         results: dict[str, Classification] = {}
         model_works = False  # the model answered an input of this batch
-        while pending:
-            group = pending.popleft()
+        while groups_to_try:
+            group = groups_to_try.popleft()
             try:
                 with self._at_risk(group), self._stall_watch.must_end("model call", group, MAIN_LOOP):
                     out = self.classifier.classify(np.stack([j.pixels for j in group]))
@@ -83,7 +84,7 @@ class BatchClassifier:
                     raise ModelOutOfMemory(f"the model ran out of memory on {len(group)} "
                                            f"image(s): {exc}") from exc
                 if len(group) > 1:
-                    pending.extend([j] for j in group)  # one at a time, to find the image at fault
+                    groups_to_try.extend([j] for j in group)  # one at a time, to find the image at fault
                     continue
                 # ...nor one that fails whatever its input (a runtime fault): every image
                 # of the batch would be answered "classification failed", for good.

@@ -59,10 +59,13 @@ def names_another_bucket(request: ClassifyRequest, settings: Settings) -> bool:
 
 @dataclass
 class Batch:
+    """Requests received together, and what became of each (Job)."""
+
     jobs: list[Job] = field(default_factory=list)
 
     @property
-    def ready(self) -> list[Job]:
+    def decoded(self) -> list[Job]:
+        """The jobs whose image was read and decoded: those to classify."""
         return [j for j in self.jobs if j.pixels is not None]
 
 

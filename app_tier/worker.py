@@ -11,20 +11,20 @@ Each step has a module of its own: app_tier/fetch.py receives, downloads and dec
 app_tier/finish.py stores, replies and deletes (`Finisher`). This module is the loop
 around them: its threads, the heartbeat, and stopping.
 
-A fetch thread prepares the next batch (receive, download, decode) while the
-serving thread runs the model on the current one, and a finishing thread writes
-the previous batch's results, so the network and the decoder overlap with
-inference and the model never waits for S3 or SQS. A heartbeat thread extends
-the visibility timeout of every message the worker holds (`app_tier/held.py`), so a slow batch is
-never redelivered by mistake, unless a model call or an image's decoding has
-not ended within STALL_TIMEOUT (or an iteration of the main or fetch loop
-within 30 minutes more: a deadlock; `app_tier/stall_watch.py` tells, and pings
-systemd's watchdog while the heartbeat beats): a worker stuck there gives its messages
-back and exits to be restarted. On SIGTERM the worker stops receiving,
-finishes the batch in hand if it can within the grace period, and hands
-everything else back to the queue at once, so no request waits out a
-visibility timeout because of it. (The process's main thread only waits, so
-that it hears the signal even while the model runs: see `serve`.)
+Threads: `fetch` prepares the next batch (receive, download, decode) while `serve`
+classifies the current one and `finish` writes the previous one, so S3 and SQS overlap
+with inference. The heartbeat extends the visibility timeout of every message held
+(app_tier/held.py), so a slow batch is never redelivered by mistake.
+
+A stuck worker gives its messages back and exits, to be restarted: a model call or a
+decode not ended within STALL_TIMEOUT, or a loop iteration not ended within 30 minutes
+more (a deadlock), as app_tier/stall_watch.py tells; it also pings systemd's watchdog
+while the heartbeat beats.
+
+On SIGTERM the worker stops receiving, finishes the batch in hand if it can within the
+grace period, and hands the rest back at once: no request waits out a visibility
+timeout for it. (The main thread only waits, so that it hears the signal even while the
+model runs: see `serve`.)
 
 A request received before (a suspect: it may have killed a worker) is loaded (its
 image downloaded and decoded) alone and classified alone, with nothing else loaded or
@@ -72,7 +72,8 @@ from common.signals import on_signals
 
 log = logging.getLogger(__name__)
 
-# The longest wait between receives that fail (1 s, doubled each time, up to this).
+# Waits between receives that fail: the shortest, doubled each time, up to the longest.
+RECEIVE_BACKOFF_MIN_S = 1.0
 RECEIVE_BACKOFF_MAX_S = 30.0
 # How long the grace period's end waits for a receive under way (see _grace_period_over).
 GRACE_RECEIVE_WAIT_S = 2.0
@@ -80,9 +81,9 @@ GRACE_RECEIVE_WAIT_S = 2.0
 # its instance failed and stops: one may be a passing fault (a thread the runtime
 # could not start under memory pressure), each costs its requests an attempt.
 MODEL_FAULTS_BEFORE_GIVING_UP = 2
-# The same when the last was a call short of memory: two in a row may be another
-# process's peak (the batch's call, then its first image's alone, which takes less).
-# Uncounted, a worker short at every call dead-lettered every request it took.
+# The same, one more allowed, when the last was a call short of memory: two in a row
+# may be another process's peak (the batch's call, then its first image's alone, which
+# takes less).
 MEMORY_FAULTS_BEFORE_GIVING_UP = 3
 
 
@@ -255,7 +256,7 @@ class Worker:
                 failing_since = None
             except Exception as exc:  # this thread must outlive anything, or the worker stalls
                 self._prefetch_slot.release()
-                backoff = next_wait(backoff, 1.0, RECEIVE_BACKOFF_MAX_S)
+                backoff = next_wait(backoff, RECEIVE_BACKOFF_MIN_S, RECEIVE_BACKOFF_MAX_S)
                 if isinstance(exc, AWS_ERRORS):
                     log.warning("receive failed (%s); retrying in %.0f s", exc, backoff)
                 else:
@@ -319,7 +320,8 @@ class Worker:
         try:
             responses = self.batch_classifier.responses_for(batch)
         except ModelFault as exc:
-            if self._model_failed(exc) and isinstance(exc, ModelOutOfMemory):
+            gave_up = self._count_model_fault(exc)  # True once the worker stops
+            if gave_up and isinstance(exc, ModelOutOfMemory):
                 # Not the images' fault: handed back untried, the attempts they have used
                 # here do not use up the one a replacement with the memory needs.
                 log.warning("batch of %d: handed back untried, the worker short of memory",
@@ -334,7 +336,7 @@ class Worker:
         self._model_faults = 0
         return responses
 
-    def _model_failed(self, fault: ModelFault) -> bool:
+    def _count_model_fault(self, fault: ModelFault) -> bool:
         """A batch failed for a model that fails whatever its input, or short of memory:
         after MODEL_FAULTS_BEFORE_GIVING_UP in a row (MEMORY_FAULTS_BEFORE_GIVING_UP if
         the last was short of memory), the worker reports its instance failed and stops,

@@ -1,20 +1,23 @@
 """All configuration, in one place, read from the environment.
 
 Every tier builds one `Settings` with `Settings.from_env()` and passes it down;
-no other module reads the service's settings from `os.environ` (but
-localaws/stack.py, which asks whether MODEL_WEIGHTS and LOCAL_MAX_WORKERS were set at
-all, to choose a local default for each). VARIABLES names
-each variable, the field it sets, its bounds, and whether workers (worker_environment)
-and other shells (`make run`) are given it; the table in README.md lists each with
-its default. What `make run` gives its processes instead is here too
-(local_run_overrides, local_run_defaults). Read where they are used, as they are
-not the service's to define: variables of other programs' protocols (systemd's
-NOTIFY_SOCKET and WATCHDOG_USEC, Keras's KERAS_HOME), LOG_LEVEL (read by
-common/logs.py, before settings can be, so that their errors are logged), and the
-worker process's own start-up switches (INSTANCE_ID, the default of its
---instance-id; IMGCLASS_CACHE, where it keeps the converted model); and
-IMGCLASS_MOTO_STATS, `make bench`'s request to the embedded AWS for its CPU time
-per action (localaws/moto_middleware.py).
+no other module reads the service's settings from `os.environ`. VARIABLES names each
+variable, the field it sets, its bounds, and whether workers (worker_environment) and
+other shells (`make run`) are given it; the table in README.md lists each with its
+default. What `make run` gives its processes instead is here too (local_run_overrides,
+local_run_defaults).
+
+Read where they are used, as they are not the service's settings:
+- other programs' variables: NOTIFY_SOCKET, WATCHDOG_USEC (common/systemd.py),
+  KERAS_HOME (app_tier/weights.py), MOTO_PORT, MOTO_S3_DEFAULT_KEY_BUFFER_SIZE
+  (localaws/);
+- LOG_LEVEL (common/logs.py: logging starts before Settings can fail, to log why);
+- the worker's start-up switches INSTANCE_ID (the default of --instance-id) and
+  IMGCLASS_CACHE (where it keeps the converted model);
+- IMGCLASS_MOTO_STATS, `make bench`'s request for the embedded AWS's CPU time per
+  action (localaws/moto_middleware.py);
+- whether MODEL_WEIGHTS and LOCAL_MAX_WORKERS were set at all (localaws/stack.py,
+  to choose a local default for each).
 
 A default that follows another setting is worked out in from_env (as SCALE_IN_COOLDOWN's and BOOT_TIME's
 follow AWS_ENDPOINT_URL); tests that build Settings with dataclasses.replace skip
@@ -99,6 +102,11 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
 # What a bucket name allows, with room for the longest suffix ("-out-bucket") in its
 # 63 characters: found out at start, not when provisioning fails half-way.
 _PREFIX = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,50}[a-z0-9])?")
+# What an HTTP header's value carries the same through every client and server.
+_HEADER_TEXT = re.compile(r"[\x20-\x7e]*")
+# botocore's check of a region name (botocore.utils.validate_region_name), made at start
+# so that the error names the variable.
+_REGION_NAME = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9\-]{0,61}[a-zA-Z0-9])?")
 # Starts S3 keeps for itself: such a bucket name is refused (InvalidBucketName).
 RESERVED_BUCKET_STARTS = ("xn--", "sthree-", "amzn-s3-demo-")
 
@@ -147,15 +155,11 @@ MAX_VISIBILITY_TIMEOUT_S = 12 * 3600 - 3600
 # held, and extended, for up to twice STALL_TIMEOUT. Past SQS's 12 hours its extension is
 # refused, and another worker classifies it too. So at most half of what is left for holding.
 MAX_STALL_TIMEOUT_S = MAX_VISIBILITY_TIMEOUT_S // 2
-# How long a failure mark S3 refuses with AccessDenied is tried again before it is given
-# up (common/failure_tags.py), from the first receive of the message that asks for it.
-# IAM is eventually consistent: a role or policy just attached is denied for seconds, at
-# times a minute or two, so such a refusal is not for ever. Many times that, so that a
-# deploy that attaches the policy as the tiers start loses no mark; short enough that a
-# role truly without s3:PutObjectTagging costs a dead letter some 30 retries (one warning
-# each, at the dead-letter queue's 30 s visibility timeout), not the queue's 14 days.
-# (A dead letter whose attempts took longer than this, e.g. three stalls of STALL_TIMEOUT,
-# is tried once: its first receive was the request's first attempt.)
+# How long a failure mark S3 denies (AccessDenied) is retried, from the first receive of
+# the message asking for it (common/failure_tags.py). IAM changes take seconds to minutes
+# to arrive: a deploy that attaches the policy as the tiers start loses no mark, and a
+# role truly lacking s3:PutObjectTagging costs a dead letter ~30 retries, not SQS's 14
+# days. (A dead letter whose attempts took longer, three stalls say, is tried once.)
 MARK_DENIED_RETRY_S = 15 * 60
 # The least a worker hides a request whose failure mark was denied before its next
 # attempt (its retry delay, if longer). At RETRY_DELAY's 5 s, the three attempts of
@@ -167,7 +171,7 @@ MARK_DENIED_RETRY_DELAY_S = 60
 # hands them the answers that arrive meanwhile: hidden for this long, they then reach
 # the process that serves on, as late. A listener deletes what it receives within
 # milliseconds of the receive; one slower than this only has its answers recorded
-# twice (the book ignores the second). 30 s, SQS's default, until 2026-12-05.
+# twice (the book ignores the second). Shorter than SQS's default 30 s for that reason.
 RESPONSE_VISIBILITY_TIMEOUT_S = 10
 # MODEL_WEIGHTS for ResNet-50 untrained (tests, offline demos): flagged wherever a label shows.
 RANDOM_WEIGHTS = "random"
@@ -304,7 +308,7 @@ class Settings:
     @property
     def web_address(self) -> str:
         """WEB_HOST:WEB_PORT as a bind address or in a URL: an IPv6 address bracketed,
-        whether given bare or so ("::" gave gunicorn "'' is not a valid port number")."""
+        whether given bare or so (gunicorn cannot parse a bare "::")."""
         host = self.web_host_bare
         return f"[{host}]:{self.web_port}" if ":" in host else f"{host}:{self.web_port}"
 
@@ -589,14 +593,6 @@ def region_from_env(env: Mapping[str, str]) -> str:
     Spaces around are not the name's, and only spaces are unset, as for every setting."""
     return ((env.get("AWS_REGION") or "").strip() or (env.get("AWS_DEFAULT_REGION") or "").strip()
             or _profile_region(env) or Settings.region)
-
-
-# What an HTTP header's value carries the same through every client and server.
-_HEADER_TEXT = re.compile(r"[\x20-\x7e]*")
-
-# botocore's own check of a region's name (botocore.utils.validate_region_name): checked at
-# the start, a name it refuses stopped each tier at its first client, the variable unnamed.
-_REGION_NAME = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9\-]{0,61}[a-zA-Z0-9])?")
 
 
 def _endpoint_url(env: Mapping[str, str]) -> str | None:

@@ -33,6 +33,8 @@ WORKER_READY_TAG = "imgclass:worker-ready"
 
 @dataclass(frozen=True)
 class Instance:
+    """One app-tier instance as EC2 lists it, with what its worker's tags say."""
+
     id: str
     number: int
     state: str

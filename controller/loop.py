@@ -154,6 +154,8 @@ class Controller:
 
     # --- one round -----------------------------------------------------------------
     def step(self, now: float | None = None) -> Decision:
+        """One round: observe (with this controller's memory), decide, act; the decision.
+        `now` (tests) stands in for both clocks."""
         # Observe: what EC2 and SQS show, with what only this controller has seen (its
         # launches EC2 does not list yet, how long an instance has gone unready).
         began = time.monotonic()
@@ -201,9 +203,8 @@ class Controller:
         """The observation, with this controller's recent launches that EC2 does not list
         yet (RecentLaunches, each as EC2 last listed it), less those EC2 lists terminated.
         What EC2 lists now updates that memory first."""
-        # A launch that got no reply, now listed, is remembered as answered ones are:
-        # forgotten once listed, a later read lagging behind left it out, and its number
-        # was launched again, a second instance of one name (simulated).
+        # A launch that got no reply, now listed, is kept as an answered one is: a lagging
+        # read that leaves it out must not have its number launched again.
         unanswered = self.unanswered.calls()
         for instance in obs.instances:
             call = unanswered.get(instance.number)
@@ -430,7 +431,7 @@ class Controller:
         The controller must outlive AWS trouble (throttling that outlasted botocore's
         own retries, timeouts, an endpoint that is briefly down): dying would leave the
         fleet unmanaged, so nothing escapes the loop. Launches that fail (no capacity,
-        a quota reached) fail no round: only launches back off (Controller._act).
+        a quota reached) fail no round: only launches back off (Controller._launch).
         """
         backoff = 0.0
         self.log_settings()
@@ -462,7 +463,7 @@ class Controller:
                 backoff = next_wait(backoff, max(self.timings.backoff_min_s, self.settings.poll_interval_s),
                                     self.timings.backoff_max_s)
                 # AWS's errors: one warning line each. (A failed launch, LaunchError, ends
-                # no round: Controller._act backs off launches only.)
+                # no round: Controller._launch backs off launches only.)
                 if isinstance(exc, AWS_ERRORS):
                     log.warning("controller: %s; next try in %.1fs", exc, backoff)
                 else:  # a surprise: keep the traceback, but keep running too

@@ -13,6 +13,9 @@ from common.fleet import LIVE_STATES, Instance, app_tier_instances
 
 @dataclass(frozen=True)
 class Observation:
+    """One round's view of SQS and EC2, with what only this controller knows (how long
+    each instance has gone unready, its launches EC2 does not list yet)."""
+
     # Wall time (time.time()): the timeline's, and a launch's launched_at, as EC2's LaunchTime.
     at: float
     # Monotonic time (time.monotonic()): every duration is measured on it, as a step of

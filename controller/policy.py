@@ -5,12 +5,11 @@ Two ways to size the fleet:
 backlog (default)
     desired = min(cap, ceil(backlog / target_backlog_per_instance)), where
     backlog = visible + in-flight + delayed messages. Counting in-flight
-    messages keeps the fleet from shrinking while requests are still being
-    worked on; an instance that is removed finishes its batch in hand (warm
-    shutdown) and hands the rest back. They do not launch instances, though: a
-    new one can only take messages no worker holds, so launches are for the
-    visible and delayed ones (each mode's target backlog per instance).
-    With the default target of 1, 100 queued requests give exactly 15.
+    messages keeps the fleet from shrinking while requests are worked on (an
+    instance removed finishes its batch in hand and hands the rest back).
+    Launches are only for visible and delayed messages, though: a new instance
+    cannot take one a worker holds. With the defaults (target 1, cap 15), any
+    backlog of 15 or more asks for 15.
 
 latency
     AWS's "backlog per instance" target tracking: an instance can hold
@@ -56,6 +55,10 @@ POLICY_SETTINGS = {
     "image_id": "ami_id",
 }
 
+# How long after its launch a running instance whose worker has not said it serves is
+# taken for one still booting, in BOOT_TIMEs (see _launches).
+BOOTING_FOR_BOOT_TIMES = 2
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -90,6 +93,8 @@ def _outdated(instance: Instance, policy: Policy) -> bool:
 
 @dataclass(frozen=True)
 class Decision:
+    """What decide() wants done this round, and why (`reason`, logged)."""
+
     desired: int
     launch: tuple[int, ...] = ()  # instance numbers n of app-tier-instance-<n> to launch
     terminate: tuple[str, ...] = ()  # ids of live instances the fleet no longer needs
@@ -115,11 +120,12 @@ def desired_count(obs: Observation, policy: Policy) -> tuple[int, str]:
     serving = obs.serving
     if obs.backlog == 0:
         return 0, "no work outstanding"
-    wanted = math.ceil(obs.backlog / target_backlog(policy))
-    reason = f"backlog {obs.backlog}, target {target_backlog(policy):g} per instance"
-    # Serving: a running instance whose worker is still starting drains nothing (EC2
-    # says running some 10-15 s after a launch, the worker serves after BOOT_TIME).
-    running = sum(1 for i in serving if i.state == "running" and i.ready)
+    target = target_backlog(policy)
+    wanted = math.ceil(obs.backlog / target)
+    reason = f"backlog {obs.backlog}, target {target:g} per instance"
+    # Only receivers drain the queue: EC2 says running some 10-15 s after a launch, the
+    # worker serves after BOOT_TIME.
+    running = len(receivers(obs))
     if policy.mode == "latency" and 0 < running < wanted:
         drain_s = obs.backlog * policy.seconds_per_image / running
         if drain_s <= policy.boot_time_s and len(serving) < wanted:
@@ -152,11 +158,6 @@ def not_receiving(obs: Observation, waited_s: float, deadline_s: float) -> Insta
     if deadline_s <= 0 or waited_s < deadline_s or not untaken_beside_receivers(obs):
         return None
     return min(receivers(obs), key=lambda i: (i.launched_at, i.number))
-
-
-# How long after its launch a running instance whose worker has not said it serves is
-# taken for one still booting, in BOOT_TIMEs (see decide).
-BOOTING_FOR_BOOT_TIMES = 2
 
 
 def _free_numbers(taken: set[int], count: int, first: frozenset[int] = frozenset()) -> tuple[int, ...]:
@@ -217,24 +218,18 @@ def _launches(desired: int, reason: str, obs: Observation, policy: Policy,
     started would go over the cap (simulated, see tests/unit/test_controller_simulation.py)."""
     serving = obs.serving
     # Failed instances keep their place under the cap until they are gone. So does a
-    # launch that got no reply whose number another instance EC2 lists holds (one
-    # shutting down, say): it cannot be repeated to find out, and may have started an
-    # instance EC2 does not list yet (launched beside, over the cap: simulated). Another:
-    # one with a ClientToken, which the loop found not the call's (memory.started_by);
-    # where EC2 gives none, the loop takes the one listed for the call's, and forgets it.
+    # launch that got no reply whose number another listed instance holds (one shutting
+    # down, say; with a ClientToken that is not the call's, memory.started_by): it cannot
+    # be repeated to find out, and may have started an instance EC2 does not list yet.
+    # Where EC2 gives no ClientToken, the loop takes the one listed for the call's.
     unrepeatable = len(memory.unanswered & {i.number for i in obs.instances if i.client_token})
     count = min(desired - len(serving), policy.max_instances - len(obs.live) - unrepeatable)
-    # Launch only for the messages no worker holds (visible or delayed), less what
-    # the instances not yet receiving will take. Messages in flight are being worked
-    # on, or will be handed back visible to a later round: a fleet launched for them
-    # finds nothing to do. An instance not yet receiving is pending, or running
-    # unready within BOOTING_FOR_BOOT_TIMES boot times of its launch (obs.silent_for:
-    # timed on this controller's own clock, from EC2's age of it if another launched
-    # it, so that neither a restart nor a clock that is off misjudges it): not counted
-    # so, one waiting message would launch an instance a round while they boot
-    # (tests/unit/test_decide_properties.py); counted for ever, a worker that never
-    # says it serves (an older AMI's with READY_DEADLINE=0, a role without
-    # ec2:CreateTags) would hold back every launch.
+    # Launch only for messages no worker holds (visible or delayed): those in flight are
+    # being worked on, or come back visible to a later round. Less a target's worth per
+    # instance not yet receiving: pending, or unready for under BOOTING_FOR_BOOT_TIMES
+    # boot times (obs.silent_for, on this controller's clock), else one waiting message
+    # would launch an instance a round while they boot. Longer, it may never say it
+    # serves (an older AMI, a role without ec2:CreateTags), and must not block launches.
     untaken = obs.visible + obs.delayed
     booting_for_s = BOOTING_FOR_BOOT_TIMES * policy.boot_time_s
     not_yet_receiving = sum(1 for i in serving if i.state == "pending"

@@ -76,15 +76,11 @@ WATCHED = {"controller": 120.0}
 # worker's time to drain on SIGTERM, as EC2's stop gives): the controller has no
 # requests in hand to finish, only its few threads' stacks to write.
 ABORT_GRACE_S = 5.0
-# A child that exits with an error this soon after starting, this many times in a
-# row, cannot start (a bad setting, a port in use): restarting it again would only
-# repeat the error. One killed by a signal was stopped from outside (kill -9, the
-# OOM killer), which says nothing against the next start: it is always restarted.
-# The runner's workers differ (localaws/runner.py): they back off up to a minute for as
-# long as their instance lives, as the controller replaces an instance whose worker
-# cannot serve, and have 20 s to fail in, with a model runtime to import first; a
-# controller or web tier that cannot start leaves the whole stack useless, which
-# stopping says better than waiting.
+# A child that exits with an error within QUICK_EXIT_S, MAX_QUICK_EXITS times in a row,
+# cannot start (a bad setting, a port in use): the stack stops rather than loop, as
+# without it the stack is useless. One killed by a signal was stopped from outside
+# (kill -9, the OOM killer): it is always restarted. (The runner's workers back off
+# instead, and the controller replaces their instances: localaws/runner.py.)
 QUICK_EXIT_S = 10.0
 MAX_QUICK_EXITS = 3
 # A second after any exit, doubling from two after each failed start in a row.

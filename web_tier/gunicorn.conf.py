@@ -119,17 +119,14 @@ bind = _settings.web_address
 # More processes would split the book. So would more web-tier instances, which
 # would also share one response queue: a known limit (see the README).
 workers = 1
-# POST / holds its thread while the image is classified: threads, not
-# processes, keep hundreds of such requests open at once without blocking each
-# other. A waiting thread costs no CPU, and gthread starts them only as needed.
-# With 256, 320 waiting POST / left /healthz waiting up to 9.4 s for a thread
-# (2.1 s with 1024, the machine's cores busy classifying). Both numbers are kept
-# within the open files the process may have (see connection_limits): with a hard
-# limit of 1,024, 1,100 half-sent requests made accept() fail with EMFILE and the
-# worker process die; clamped, it refuses nothing it cannot hold and lives on. The
-# class is gthread's, limiting how long each request may take to arrive (WebWorker).
+# gthread, limiting how long each request may take to arrive (WebWorker).
 worker_class = WebWorker
-# Requests beyond the threads queue (up to worker_connections) rather than being refused.
+# Threads, not processes: POST / holds its thread while the image is classified, and
+# a waiting thread costs no CPU (gthread starts them as needed). With 256, 320 waiting
+# POST / left /healthz waiting up to 9.4 s for a thread (2.1 s with 1024). Both numbers
+# fit the open files the process may have (connection_limits): EMFILE on accept() kills
+# the worker process. Requests beyond the threads queue (up to worker_connections)
+# rather than being refused.
 worker_connections, threads = connection_limits(raise_open_files_limit())
 # The app starts listener threads, which do not survive a fork: build it in the worker.
 preload_app = False

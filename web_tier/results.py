@@ -2,8 +2,9 @@
 
 One book per process. Listener threads write results into it; request threads
 read it, wait on single items (POST /) or subscribe to whole batches (SSE).
-The first result recorded for an item id wins, so however often SQS delivers a
-response, a client sees exactly one answer.
+An item's first outcome stands, except that a result replaces a failure and a
+worker's failure replaces a dead letter's (`_replaces`); a response SQS delivers
+twice is recorded once.
 """
 
 from __future__ import annotations
@@ -291,7 +292,8 @@ class ResultBook:
                 self._may_be_finished(batch.id)
 
     def record(self, response: ClassifyResponse) -> Item | None:
-        """Record a worker's answer; the item if this was its first result, else None."""
+        """Record a worker's answer; the item if this finished it or replaced its outcome,
+        else None."""
         return self._finish(item_from_response(response), response.untrained)
 
     def record_item(self, item: Item, sent_before: float | None = None) -> Item | None:

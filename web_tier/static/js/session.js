@@ -38,10 +38,10 @@ const NOT_STORED_ELSEWHERE = "not stored by the tab that sent it; see that tab f
 // Its sender answers no more: closed or reloaded, it has no reason left to show.
 const NOT_STORED_SENDER_GONE = "not stored: the tab sending it was closed or reloaded; choose it again";
 const STOPPED_AGAIN = "not sent again: you stopped the upload (the server may hold it: reload to see)";
-// A file stored in a batch the server has since lost (see lose): no answer will come for it.
 // Why a server no longer holds a batch the page sent.
 const LOSS_WHY = "restarted with its storage reset, or the batch expired";
 const GONE = `the server no longer holds its batch (${LOSS_WHY})`;
+// A file stored in a batch the server has since lost (see lose): no answer will come for it.
 const LOST = `not classified: ${GONE}`;
 // The same, of a file a reload had saved classified, its answer not kept (batches.js
 // saveResults keeps so many, and gives way when storage is full): "not classified"
