@@ -10,6 +10,17 @@ the messages it never tried back without using up an attempt (`hand_back`). Whic
 are at risk, being loaded or in a model call (`at_risk`), is written down with them,
 so that the next worker on the instance, should this one be killed outright, makes
 visible as a used attempt only those, and hands the others back untried (`show_held`).
+
+What each of HeldMessages' verbs does to a message, and whether it uses up one of the
+MAX_RECEIVE_COUNT attempts (a receive is one; SQS then dead-letters the message):
+- `hold`: start holding just-received messages; `extend`: keep them hidden longer.
+- `delete`: answered, gone from the queue. `forget`: stop holding, nothing sent to SQS.
+- `release`: failed here, visible again after a growing delay: the attempt is used.
+- `make_visible_as_tried`: visible at once, the attempt used (a stop mid-call).
+- `hand_back` / `hand_back_all`: never tried, sent again as new messages with their
+  earlier receives noted, the originals deleted: no attempt used.
+- `hide`: the SQS call under `release` and `make_visible_as_tried`.
+- `mark_answering`: being answered, so that a stop does not hand them back too.
 """
 
 from __future__ import annotations
