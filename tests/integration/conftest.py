@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import re
 import signal
@@ -191,9 +192,23 @@ def serving_workers(stack: StackProcess) -> list[psutil.Process]:
     return [proc for proc in processes(stack, "app_tier") if proc.pid in pids]
 
 
+def journaled_receipts(stack: StackProcess, instance_id: str = "*") -> int:
+    """Receipts the stack's workers (or the worker of `instance_id`) have written down
+    as held (app_tier/held_journal.py)."""
+    count = 0
+    for path in (stack.run_dir / "state" / "imgclass").glob(f"*-held-{instance_id}.json"):
+        try:
+            count += len(json.loads(path.read_text())["held"])
+        except FileNotFoundError:
+            pass  # removed since it was listed: nothing held there now
+    return count
+
+
 def serving_workers_once_some_hold_messages(stack: StackProcess) -> list[psutil.Process]:
-    """The serving workers, as soon as the request queue has messages in flight (held by
-    them), polled as often as SQS answers: for a kill that must come mid-batch."""
+    """The serving workers, as soon as the request queue has messages in flight held by
+    them, written down in their journals (a worker killed between its receive and that
+    write leaves its successor nothing to show), polled as often as SQS answers: for a
+    kill that must come mid-batch."""
     _, sqs, _ = clients(stack)
     queue_url = sqs.get_queue_url(QueueName=f"{stack.prefix}-req-queue")["QueueUrl"]
 
@@ -201,7 +216,7 @@ def serving_workers_once_some_hold_messages(stack: StackProcess) -> list[psutil.
         held = int(sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=[
             "ApproximateNumberOfMessagesNotVisible"])["Attributes"]["ApproximateNumberOfMessagesNotVisible"])
         serving = serving_workers(stack)
-        return serving if held and serving else None
+        return serving if held and serving and journaled_receipts(stack) else None
 
     return wait_for(held_and_serving, 60, "workers holding messages", interval=0.02)
 

@@ -402,7 +402,7 @@ def test_a_finished_batch_shown_again_hears_a_file_sent_again_from_elsewhere(
         batch_id = browser.current_url.split("#batches=")[1]
         late_id = server_items(stack, batch_id)[0]["id"]
         dead_letter(stack, batch_id, late_id, "late.jpg")
-        wait_for(lambda: states_shown(browser) == {"late.jpg": "failed"}, 10, "the dead letter shown")
+        wait_for(lambda: states_shown(browser) == {"late.jpg": "failed"}, 30, "the dead letter shown")
         # The batch all finished: its stream ended, and the page closed it.
         wait_for(lambda: browser.execute_script("return window.streamEnds") == 1, 10, "the stream's end")
         assert browser.execute_script("return window.openStreams") == 0
@@ -452,7 +452,7 @@ def test_a_tab_kept_in_front_hears_a_failed_file_sent_again_from_elsewhere(
         batch_id = browser.current_url.split("#batches=")[1].split(",")[-1]
         late_id = server_items(stack, batch_id)[0]["id"]
         dead_letter(stack, batch_id, late_id, "late.jpg")
-        wait_for(lambda: states_shown(browser).get("late.jpg") == "failed", 10, "the dead letter shown")
+        wait_for(lambda: states_shown(browser).get("late.jpg") == "failed", 30, "the dead letter shown")
         # Both batches finished: their streams ended, and the page closed them.
         wait_for(lambda: browser.execute_script("return window.openStreams") == 0, 10, "the streams' end")
         browser.execute_script("document.body.dataset.catchUpMs = '300';")

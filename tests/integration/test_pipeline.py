@@ -360,14 +360,16 @@ def test_an_answer_a_killed_web_tiers_poll_took_comes_back_within_the_response_q
         responses = sqs.get_queue_url(QueueName="killedpolls-resp-queue")["QueueUrl"]
         listeners_polling(sqs, responses, tmp_path / "web.log")
         os.killpg(web.pid, signal.SIGKILL)  # its listeners' polls open, as they always are
+        # At once: the polls left open last 4 s at most, and a slow machine's waits below
+        # (the process's end, the context's) could outlast them.
+        sqs.send_message(QueueUrl=responses, MessageBody="sent once the web tier was killed")
         web.wait(timeout=30)
-    sqs.send_message(QueueUrl=responses, MessageBody="sent once the web tier was killed")
 
     def in_flight() -> bool:
         attributes = sqs.get_queue_attributes(QueueUrl=responses, AttributeNames=["All"])["Attributes"]
         return attributes["ApproximateNumberOfMessagesNotVisible"] == "1"
 
-    wait_for(in_flight, 5, "a poll the killed process left open to take the answer", interval=0.05)
+    wait_for(in_flight, 15, "a poll the killed process left open to take the answer", interval=0.05)
     got: list[dict] = []
     deadline = time.monotonic() + 15
     while not got and time.monotonic() < deadline:
@@ -475,15 +477,16 @@ def test_a_client_that_trickles_its_request_has_its_connection_closed(stack, tmp
     cut meanwhile; its requests share the time for headers."""
     with second_web_tier(stack, tmp_path, "trickler", WEB_RECEIVE_TIMEOUT="3") as (url, _web):
         port = int(url.rsplit(":", 1)[1])
-        # Kept alive: two requests whose headers take 1 s each, with 2 s between them,
+        # Kept alive: two requests whose headers take 0.5 s each, with 3 s between them,
         # idle (gunicorn keeps a connection alive 5 s), are served; a third whose
-        # headers take 2 s, 4 s in all on the connection, is cut.
+        # headers take 3 s, 4 s in all on the connection, is cut. (A second each side of
+        # the 3 s, for a slow machine's oversleeps.)
         keeper = socket.create_connection(("127.0.0.1", port), timeout=60)
         asked = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
-        assert _trickled_request(keeper, asked, pieces=3, gap_s=0.5) == 200
-        time.sleep(2)  # 1 + 2 + 1 s, past WEB_RECEIVE_TIMEOUT if idle time counted
-        assert _trickled_request(keeper, asked, pieces=3, gap_s=0.5) == 200
-        assert _trickled_request(keeper, asked, pieces=5, gap_s=0.5) is None
+        assert _trickled_request(keeper, asked, pieces=2, gap_s=0.5) == 200
+        time.sleep(3)  # 0.5 + 3 + 0.5 s, past WEB_RECEIVE_TIMEOUT if idle time counted
+        assert _trickled_request(keeper, asked, pieces=2, gap_s=0.5) == 200
+        assert _trickled_request(keeper, asked, pieces=7, gap_s=0.5) is None
         keeper.close()
 
         in_headers, in_body = (socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(2))

@@ -7,7 +7,6 @@ killed worker would hold its answer back for five minutes, far past the deadline
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import Counter
@@ -19,6 +18,7 @@ from tests.conftest import make_image
 from tests.integration.conftest import (
     STACK_TIMEOUT,
     clients,
+    journaled_receipts,
     live_instances,
     requests_shown_again,
     running_stack,
@@ -102,18 +102,6 @@ def test_instances_removed_mid_load_finish_or_hand_back_their_work(slow_redelive
 def logs_now(stack) -> str:
     """What the stack's workers have logged so far."""
     return "".join(p.read_text() for p in (stack.run_dir / "logs").glob("worker-*.log"))
-
-
-def journaled_receipts(stack, instance_id: str = "*") -> int:
-    """Receipts the stack's workers (or the worker of `instance_id`) have written down
-    as held (app_tier/held_journal.py)."""
-    count = 0
-    for path in (stack.run_dir / "state" / "imgclass").glob(f"*-held-{instance_id}.json"):
-        try:
-            count += len(json.loads(path.read_text())["held"])
-        except FileNotFoundError:
-            pass  # removed since it was listed: nothing held there now
-    return count
 
 
 def test_workers_killed_outright_have_their_requests_shown_again_by_their_successors(slow_redelivery_stack):
