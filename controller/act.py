@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 # RunInstances' errors that concern one zone or subnet, not the launch: another may take it.
 ZONE_ERRORS = frozenset({"InsufficientInstanceCapacity", "Unsupported", "InsufficientFreeAddressesInSubnet"})
+# EC2's answer (since January 2025; it returned the instance before) to a token whose
+# instance has terminated: that call's instance is gone, and a new call may launch.
+TOKEN_OF_A_TERMINATED_INSTANCE = "IdempotentInstanceTerminated"
 
 USER_DATA_TEMPLATE = Path(__file__).resolve().parent.parent / "ami" / "user-data.sh"
 
@@ -50,10 +53,15 @@ def render_user_data(settings: Settings) -> str:
 @dataclass(frozen=True)
 class LaunchCall:
     """What makes a RunInstances call of one number the same call again: repeated with
-    the same ClientToken and subnet, EC2 returns the instance it started, if it did."""
+    the same ClientToken and subnet, EC2 returns the instance it started, if it did (or
+    refuses it, TOKEN_OF_A_TERMINATED_INSTANCE, if that has terminated)."""
 
     token: str
     subnet: str | None
+
+    @classmethod
+    def new(cls, settings: Settings, n: int, subnet: str | None) -> LaunchCall:
+        return cls(f"{settings.prefix}-{n}-{uuid.uuid4().hex}"[:64], subnet)
 
 
 class NoReply(Exception):
@@ -139,17 +147,32 @@ def _launch_one(aws: Aws, settings: Settings, n: int, user_data: str, again: Lau
     if again:
         subnets = [again.subnet] + [s for s in subnets if s != again.subnet]
     # A token of its own in each subnet: the same one with other parameters is refused.
-    calls = [again if again and again.subnet == subnet else
-             LaunchCall(f"{settings.prefix}-{n}-{uuid.uuid4().hex}"[:64], subnet) for subnet in subnets]
+    calls = [again if again and again.subnet == subnet else LaunchCall.new(settings, n, subnet)
+             for subnet in subnets]
     for call in calls[:-1]:
         try:
-            return _run_instance(aws, settings, n, user_data, call)
+            return _run_again_or_anew(aws, settings, n, user_data, call, again)
         except ClientError as exc:
             if error_code(exc) not in ZONE_ERRORS:
                 raise
             log.info("controller: %s not launched in %s (%s): trying the next subnet",
                      instance_name(n), call.subnet, error_code(exc))
-    return _run_instance(aws, settings, n, user_data, calls[-1])
+    return _run_again_or_anew(aws, settings, n, user_data, calls[-1], again)
+
+
+def _run_again_or_anew(aws: Aws, settings: Settings, n: int, user_data: str, call: LaunchCall,
+                       again: LaunchCall | None) -> str:
+    """Run `call`; if it is the repeat of one that got no reply (`again`) whose instance
+    has terminated since, a new call in its subnet: else that number could not be launched
+    until the unanswered call is forgotten (minutes), each try backing off every launch."""
+    try:
+        return _run_instance(aws, settings, n, user_data, call)
+    except ClientError as exc:
+        if call is not again or error_code(exc) != TOKEN_OF_A_TERMINATED_INSTANCE:
+            raise
+    log.info("controller: %s: the launch that got no reply started an instance that has terminated "
+             "since; launching anew", instance_name(n))
+    return _run_instance(aws, settings, n, user_data, LaunchCall.new(settings, n, call.subnet))
 
 
 def _run_instance(aws: Aws, settings: Settings, n: int, user_data: str, call: LaunchCall) -> str:

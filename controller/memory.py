@@ -154,7 +154,8 @@ class UnansweredLaunches:
     def keep_unlisted(self, listed: Iterable[Instance], at: float) -> None:
         """Forgets the calls made too long before `at`, and those whose instance EC2
         lists (started_by). Kept, the call would be repeated at that number's next launch,
-        after its instance has gone: EC2 then answers with the terminated one."""
+        after its instance has gone: EC2 then refuses its token (IdempotentInstanceTerminated),
+        and the launch is made anew (act.py _run_again_or_anew)."""
         listed = list(listed)
         self.by_number = {n: (call, t) for n, (call, t) in self.by_number.items()
                           if at - t < UNANSWERED_LAUNCH_MEMORY_S

@@ -1332,6 +1332,40 @@ def test_a_throttled_launch_is_repeated_with_its_token(aws, make_controller, pat
     assert set(controller.unanswered.by_number) == {1, 2}
 
 
+def test_a_repeated_launch_whose_instance_has_terminated_is_made_anew(aws, make_controller, patch, caplog):
+    """Since January 2025 EC2 refuses a ClientToken whose instance has terminated
+    (IdempotentInstanceTerminated), where it returned that instance: a call that got no
+    reply, whose instance ended before EC2 listed it, failed at each repeat for the 5
+    minutes it is remembered, that number not launched, every launch backing off."""
+    caplog.set_level(logging.INFO, logger="controller.act")
+    controller = make_controller()
+    throttled = Flaky(aws.ec2.run_instances, lambda: ClientError(
+        {"Error": {"Code": "RequestLimitExceeded", "Message": "Request limit exceeded."},
+         "ResponseMetadata": {"HTTPStatusCode": 503}}, "RunInstances"), lambda n, kwargs: True)
+    patch.setattr(aws.ec2, "run_instances", throttled)
+    send(aws, 1)
+    controller.step(now=1000.0)
+    [unanswered] = controller.unanswered.calls().values()
+    tokens = []
+    real = throttled.real
+
+    def ec2_of_2025(**kwargs):
+        tokens.append(kwargs["ClientToken"])
+        if kwargs["ClientToken"] == unanswered.token:
+            raise ClientError({"Error": {"Code": "IdempotentInstanceTerminated", "Message": (
+                "The client token you have provided is associated with a terminated instance. "
+                "Please use a different client token.")}, "ResponseMetadata": {"HTTPStatusCode": 400}},
+                "RunInstances")
+        return real(**kwargs)
+
+    patch.setattr(aws.ec2, "run_instances", ec2_of_2025)
+    assert controller.step(now=1060.0).launch == (1,)
+    assert tokens[0] == unanswered.token and len(tokens) == 2 and tokens[1] != unanswered.token
+    assert names(aws) == ["app-tier-instance-1"]
+    assert controller.unanswered.calls() == {}
+    assert "launching anew" in caplog.text
+
+
 def test_a_launch_refused_for_a_reason_of_its_own_is_not_tried_in_the_other_subnets(aws, make_controller,
                                                                                    patch, caplog):
     """Only a zone's shortage moves a launch to the next subnet: a wrong AMI, a right

@@ -7,7 +7,8 @@ each with an episode's own odds:
   a few rounds before (per instance, per read, so a read may go back in time): a new one
   missing, a terminated one still running, a worker's tag not there yet;
 - RunInstances that times out after it launched (ClientToken: a repeat returns that
-  instance), or before; throttling (a 503, before EC2 looks at the token);
+  instance, or IdempotentInstanceTerminated once it has terminated), or before;
+  throttling (a 503, before EC2 looks at the token);
   InsufficientInstanceCapacity in one zone; TerminateInstances answering
   InvalidInstanceID.NotFound for an instance launched moments ago;
 - instances that go straight from pending to terminated, workers that never tag their
@@ -310,6 +311,10 @@ class FakeEc2:
                 w.note_fault("timeout before run")
                 raise ReadTimeoutError(endpoint_url="https://ec2.sim")
             known = w.by_token.get(kw["ClientToken"])
+            if known is not None and w.now >= known.terminated_at:
+                # EC2 since January 2025: a token whose instance has terminated is refused.
+                w.note_fault("token of a terminated instance")
+                raise client_error("IdempotentInstanceTerminated", 400, "RunInstances")
             if known is not None:
                 w.repeats += 1
                 return {"Instances": [{"InstanceId": known.id}]}
