@@ -20,15 +20,18 @@ from common.config import MARK_DENIED_RETRY_S
 
 log = logging.getLogger(__name__)
 
-# S3 tag values: up to 256 Unicode letters, numbers, spaces and `_ . : / = + - @`.
-# One character outside that set makes the whole tagging call fail.
+# S3 tag values: up to 256 Unicode letters, numbers, spaces and `_ . : / = + - @`,
+# counted in UTF-16: a character beyond U+FFFF takes two. One character outside that
+# set makes the whole tagging call fail. Those beyond U+FFFF are left out of `error`,
+# and escaped in `reason`, so that a tag's length in Python characters is S3's.
 MAX_ERROR_CHARS = 250
 MAX_TAG_CHARS = 256
-_OUTSIDE_TAG_SET = re.compile(r"[^\w.:/=+\-@]+")  # spaces too: runs become one space
+_BEYOND_BMP = "\U00010000-\U0010ffff"
+_OUTSIDE_TAG_SET = re.compile(rf"(?:[^\w.:/=+\-@]|[{_BEYOND_BMP}])+")  # spaces too: runs become one space
 # `reason` holds the reason whole, as far as it fits: every character outside the set,
 # and "=" itself, as =XX per UTF-8 byte (as quoted-printable does). `error` is for a
 # person reading the tags, and for marks written before `reason` was.
-_ESCAPED = re.compile(r"[^\w.:/+\-@ ]")
+_ESCAPED = re.compile(rf"[^\w.:/+\-@ ]|[{_BEYOND_BMP}]")
 _ESCAPES = re.compile(r"(?:=[0-9A-F]{2})+")
 
 

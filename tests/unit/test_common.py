@@ -219,13 +219,17 @@ def _in_s3_tag_set(char: str) -> bool:
     ("タイムアウト: 30 s", "タイムアウト: 30 s"),
     ("x" * 400, "x" * MAX_ERROR_CHARS),
     ("%%%", ""),
+    # Letters beyond U+FFFF (mathematical, CJK extension B): two of S3's 256 each.
+    ("\U0001d400\U00020000 " * 100, ""),
 ])
 def test_a_failure_mark_holds_only_what_s3_takes_in_a_tag(reason, kept):
     tag_set = failure_tagging(reason)["TagSet"]
     error = {tag["Key"]: tag["Value"] for tag in tag_set}["error"]
     assert error == kept
     for tag in tag_set:
-        assert len(tag["Value"]) <= 256 and all(_in_s3_tag_set(c) for c in tag["Value"]), tag
+        # S3 counts a tag's characters in UTF-16 (its "Managing object tags" page).
+        utf16_units = len(tag["Value"].encode("utf-16-le")) // 2
+        assert utf16_units <= 256 and all(_in_s3_tag_set(c) for c in tag["Value"]), tag
     # As written before the `reason` tag was: its `error` is what reads back.
     old = [tag for tag in tag_set if tag["Key"] != "reason"]
     assert failure_from_tags(old) == (kept or "failed")
@@ -235,6 +239,7 @@ def test_a_failure_mark_holds_only_what_s3_takes_in_a_tag(reason, kept):
     "cannot decode: image file is truncated (cut short)",
     "MODEL_WEIGHTS=random =41 \"quoted\"\nnext line\ttab",
     "タイムアウト: 30 s 😀 e\u0301",
+    "\U0001d400 \U00020000",
     "",
 ])
 def test_a_failure_mark_reads_back_the_reason_as_it_was(reason):
