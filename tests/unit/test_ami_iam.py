@@ -674,11 +674,23 @@ def test_the_baker_may_tag_as_the_worker_image_or_change_only_an_image_its_build
     assert not allows(policy, "ec2:ModifyImageAttribute", IMAGE, tagged({"imgclass:role": "app-tier-ami"}))
     # What this template never asks of Packer (snapshot_users or snapshot_groups would share
     # the snapshot; chroot and ebsvolume builds make and attach volumes): not granted.
+    # Nor copy an image (ami_regions, encrypt_boot), detach a volume (chroot and
+    # ebssurrogate builds), or read a Windows password (winrm).
     template = (AMI / "worker.pkr.hcl").read_text()
     for option in ("snapshot_users", "snapshot_groups", "skip_ami_run_tags", "amazon-chroot",
-                   "amazon-ebsvolume", "amazon-ebssurrogate"):
+                   "amazon-ebsvolume", "amazon-ebssurrogate", "ami_regions", "encrypt_boot", "winrm"):
         assert option not in template, option
-    never = {"ec2:ModifySnapshotAttribute", "ec2:CreateVolume", "ec2:AttachVolume"}
+    never = {"ec2:ModifySnapshotAttribute", "ec2:CreateVolume", "ec2:AttachVolume", "ec2:CopyImage",
+             "ec2:DetachVolume", "ec2:GetPasswordData"}
     assert not never & allowed_actions(policy)
+    # A failed build's cleanup deregisters its image and deletes its snapshot, tagged as
+    # the build's or, once tagged so, as the worker image: never another of the account.
+    for made in (IMAGE, SNAPSHOT):
+        action = "ec2:DeregisterImage" if made == IMAGE else "ec2:DeleteSnapshot"
+        assert allows(policy, action, made, tagged(run_tags())), made
+        worker_image = tagged({"Name": "imgclass-worker-1", "imgclass:role": "app-tier-ami"})
+        assert allows(policy, action, made, worker_image), made
+        assert not allows(policy, action, made, {}), made
+        assert not allows(policy, action, made, tagged({"Name": "backup-2026-12-01"})), made
     # The run tags on the image come with the plugin of 1.3.0 on (#327, early 2023).
     assert re.search(r'amazon = \{\s*version = ">= 1\.3\.0"', template)
