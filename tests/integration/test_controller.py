@@ -335,13 +335,17 @@ def test_scale_to_zero_in_the_first_round_that_sees_the_work_done(world, control
         scale_out(world, watcher, 100, CAP)
         handles = world.receive_all()
         assert len(handles) == 100
-        world.delete(handles)
+        deletes_began_wall = time.time()
+        world.delete(handles)  # 10 calls: a round between two sees the fleet still wanted in part
         last_delete, last_delete_wall = time.monotonic(), time.time()
         took = time_to_zero(watcher, last_delete)
         watcher.check()
     print(f"\n0 live instances {took:.2f} s after the last delete")
     scaled_in = first_round_that_saw(controller, last_delete_wall, idle)
-    assert (scaled_in["desired"], scaled_in["action"]) == ("0", f"terminate {CAP}"), scaled_in
+    assert scaled_in["desired"] == "0" and scaled_in["action"].startswith("terminate "), scaled_in
+    rows = controller.rows_since(deletes_began_wall)
+    ended = sum(int(row["action"].split()[1]) for row in rows if row["action"].startswith("terminate "))
+    assert ended == CAP, rows
     # It stops, then imports matplotlib and draws: over 10 s once on a loaded machine.
     assert controller.stop(timeout_s=60) == 0
     assert png.read_bytes().startswith(b"\x89PNG"), "--plot draws the timeline on exit"
@@ -440,7 +444,7 @@ def test_workers_that_cannot_load_the_model_are_replaced_after_a_hold(world, con
         wait_for(lambda: "worker(s) gave up or failed" in controller.output, 60,
                  "the controller to see the failures", interval=0.1)
         assert "model-unavailable" in controller.output and "launches held for 10s" in controller.output
-        wait_for(lambda: not live_names(world.ec2), 10, "the failed instances to be terminated")
+        wait_for(lambda: not live_names(world.ec2), 30, "the failed instances to be terminated")
         reply = world.ec2.describe_instances(Filters=[{"Name": "tag:imgclass:worker-failed",
                                                        "Values": ["model-unavailable"]}])
         assert sum(len(r["Instances"]) for r in reply["Reservations"]) >= 1

@@ -156,7 +156,8 @@ def test_controller_killed_is_restarted_and_the_fleet_still_follows_the_work(sta
     new = wait_for(lambda: [p for p in processes(stack, "controller.py") if p.pid != old[0].pid],
                    30, "a restarted controller")
     assert len(new) == 1
-    assert any("controller was killed by SIGKILL; restarting it" in line for line in list(stack.output))
+    said = "controller was killed by SIGKILL; restarting it"
+    wait_for(lambda: any(said in line for line in list(stack.output)), 10, "the restart said")
 
     data = make_image(5000)
     reply = requests.post(f"{stack.web_url}/", files={"inputFile": ("after_restart.jpg", data)}, timeout=120)

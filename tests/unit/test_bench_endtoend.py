@@ -118,7 +118,8 @@ def test_the_workers_waited_for_are_those_that_served_not_the_spares(tmp_path: P
     stack_like = subprocess.Popen([sys.executable, "-c", spawn, "-m app_tier", "-m app_tier", "gunicorn"])
     root = psutil.Process(stack_like.pid)
     try:
-        wait_until(lambda: len(root.children(recursive=True)) == 3)
+        # Each child's own command line: one not exec'd yet still shows its parent's.
+        wait_until(lambda: [c.cmdline()[2:3] for c in root.children(recursive=True)] == [[sleeper]] * 3)
         stack = StackProcess(run_dir=tmp_path)
         stack.process = stack_like
         workers = [c for c in root.children(recursive=True) if "app_tier" in " ".join(c.cmdline())]

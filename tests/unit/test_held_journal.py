@@ -406,7 +406,7 @@ def test_a_receive_hides_what_it_takes_only_for_a_lease_which_the_heartbeat_exte
     from app_tier import fetch
 
     settings, aws = aws_env  # a visibility timeout of 600 s
-    monkeypatch.setattr(fetch, "RECEIVE_LEASE_S", 3)  # a loaded machine's stall before depth() below
+    monkeypatch.setattr(fetch, "RECEIVE_LEASE_S", 6)  # a loaded machine's stall before depth() below
     for i in range(2):
         upload(settings, aws, f"lease_{i}.jpg", make_image(400 + i), f"lease-{i}")
     killed = Worker(settings, aws, MeanClassifier(), "i-0789")
@@ -418,7 +418,7 @@ def test_a_receive_hides_what_it_takes_only_for_a_lease_which_the_heartbeat_exte
     with pytest.raises(SystemExit):
         killed.fetch()
     assert depth(aws, aws.request_queue_url) == (0, 2)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 15
     while depth(aws, aws.request_queue_url) != (2, 0):
         assert time.monotonic() < deadline, "the receive hid them for longer than its lease"
         time.sleep(0.1)
