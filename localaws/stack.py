@@ -34,6 +34,7 @@ from common import cli
 from common.aws import Aws, keys_in
 from common.config import VARIABLES, Settings, local_run_defaults, local_run_overrides
 from common.file_lock import LockHeld, hold, holder
+from common.hosts import on_loopback
 from common.logs import configure as configure_logging
 from common.provision import provision
 from common.signals import STOP_SIGNALS, on_signals
@@ -54,6 +55,18 @@ from localaws.supervision import Backoff, Watchdog, next_start, watchdog_action
 
 log = logging.getLogger("stack")
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def embedded_aws_open_warning(host: str) -> str | None:
+    """A warning for an embedded AWS listening beyond this machine (None if it is not):
+    it checks no credentials, so anyone who reaches it may read every upload and result,
+    answer requests in the workers' place, and launch workers on this machine."""
+    if on_loopback(host):
+        return None
+    return (f"the embedded AWS listens on {host or 'every address'} (LOCAL_AWS_HOST) and checks no "
+            "credentials: anyone who reaches it may read every upload and result, answer requests "
+            "in the workers' place, and launch workers here. Keep it on 127.0.0.1 unless this "
+            "machine's network is yours alone")
 
 # Children that rebuild their state from what AWS holds, so a new one can take over.
 RESTARTED = ("controller", "web")
@@ -274,6 +287,8 @@ class Stack:
             # must leave the running one's logs where they are.
             self.open_logs()
             log.info("starting the embedded AWS on %s", s.local_aws_url)
+            if warning := embedded_aws_open_warning(s.local_aws_host):
+                log.warning("%s", warning)
             moto = start_moto(s.local_aws_host, s.local_aws_port, self.logs / "moto.log", self.stopping,
                               lifeline_fd=self.lifeline.server_fd, listener=aws_listener)
         finally:

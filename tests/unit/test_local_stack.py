@@ -990,3 +990,17 @@ def test_a_stop_says_how_many_queued_requests_the_embedded_aws_loses(tmp_path, m
         counts = None
         stack.say_what_the_stop_loses()  # no answer: one line, and the stop goes on
         assert "could not count the requests the stop loses" in caplog.text
+
+
+@pytest.mark.parametrize(("host", "warned"), [
+    ("0.0.0.0", True), ("::", True), ("10.0.1.5", True), ("127.0.0.1", False), ("localhost", False),
+    ("::1", False),
+])
+def test_an_embedded_aws_open_beyond_this_machine_is_warned_of(host, warned):
+    """It checks no credentials: anyone who reaches it may read every upload."""
+    from localaws.stack import embedded_aws_open_warning
+
+    warning = embedded_aws_open_warning(host)
+    assert (warning is not None) == warned
+    if warned:
+        assert f"listens on {host} (LOCAL_AWS_HOST) and checks no credentials" in warning
