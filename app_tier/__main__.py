@@ -33,11 +33,12 @@ class StopBeforeServing:
     """SIGTERM or SIGINT before the worker serves (while it loads its model, or waits as
     a warm spare): one line saying so, then the end the signal itself gives.
 
-    So that a stop during the model load is logged. It ends by the signal, not by an exit status: to systemd
-    that is a clean stop (SIGTERM and SIGINT are among its clean ends, an exit 143 is
-    not), and to the local runner one stopped from outside (KILLED_FROM_OUTSIDE), so
-    neither counts it as a failed start. It holds no message yet: nothing to hand back.
-    Worker.install_signal_handlers replaces it once the worker serves."""
+    So that a stop during the model load is logged. It ends by the signal, not by an
+    exit status: to systemd that is a clean stop (SIGTERM and SIGINT are among its clean
+    ends, an exit 143 is not), and to the local runner one stopped from outside
+    (KILLED_FROM_OUTSIDE), so neither counts it as a failed start. It holds no message
+    yet: nothing to hand back. Worker.install_signal_handlers replaces it once the
+    worker serves."""
 
     def __init__(self) -> None:
         self.doing = "loading the model"
