@@ -56,18 +56,6 @@ from localaws.supervision import Backoff, Watchdog, next_start, watchdog_action
 log = logging.getLogger("stack")
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def embedded_aws_open_warning(host: str) -> str | None:
-    """A warning for an embedded AWS listening beyond this machine (None if it is not):
-    it checks no credentials, so anyone who reaches it may read every upload and result,
-    answer requests in the workers' place, and launch workers on this machine."""
-    if on_loopback(host):
-        return None
-    return (f"the embedded AWS listens on {host or 'every address'} (LOCAL_AWS_HOST) and checks no "
-            "credentials: anyone who reaches it may read every upload and result, answer requests "
-            "in the workers' place, and launch workers here. Keep it on 127.0.0.1 unless this "
-            "machine's network is yours alone")
-
 # Children that rebuild their state from what AWS holds, so a new one can take over.
 RESTARTED = ("controller", "web")
 RESTART_DELAY_S = 1.0
@@ -215,6 +203,18 @@ def other_shell_line(settings: Settings, env: Mapping[str, str]) -> str:
     assignments = " ".join(f"{name}={shlex.quote(value)}" for name, value in exports.items())
     return ("to reach the embedded AWS from another shell (or see what controller.py --dry-run would "
             "do there): export " + assignments)
+
+
+def embedded_aws_open_warning(host: str) -> str | None:
+    """A warning for an embedded AWS listening beyond this machine (None if it is not):
+    it checks no credentials, so anyone who reaches it may read every upload and result,
+    answer requests in the workers' place, and launch workers on this machine."""
+    if on_loopback(host):
+        return None
+    return (f"the embedded AWS listens on {host or 'every address'} (LOCAL_AWS_HOST) and checks no "
+            "credentials: anyone who reaches it may read every upload and result, answer requests "
+            "in the workers' place, and launch workers here. Keep it on 127.0.0.1 unless this "
+            "machine's network is yours alone")
 
 
 class ModelUnavailable(RuntimeError):
