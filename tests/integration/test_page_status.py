@@ -501,6 +501,40 @@ def test_a_server_that_stops_answering_is_said_by_the_results_and_to_screen_read
     finished_rows(browser, stack, 2, timeout_s=60)
 
 
+def test_reads_cut_off_by_leaving_the_page_raise_no_notice(stack, browser, tmp_path):
+    """Leaving the page (a reload, a link followed) cuts its reads off as a server that
+    gives no answer does: shown again from the back/forward cache, the page said the
+    server could not be reached. Reads that fail once the page is leaving (pagehide)
+    raise no notice; the same failures once it is shown again (pageshow) do."""
+    from selenium.webdriver.common.by import By
+
+    page_settings(browser, statusEveryMs="600000")
+    browser.get(stack.web_url + "/")
+    summary = browser.find_element(By.ID, "summary")
+    browser.execute_script(SERVER_DOWN + """
+      window.serverDown = false;
+      window.failedReads = 0;
+      const downFetch = window.fetch;
+      window.fetch = (url, options) => {
+        const reading = downFetch(url, options);
+        if (/^\\/api\\/jobs\\/[0-9a-f]{32}$/.test(String(url))) {
+          reading.catch(() => { window.failedReads += 1; });
+        }
+        return reading;
+      };""")
+    with workers_held(stack):  # its file stays queued: the batch is polled until the end
+        choose(browser, tmp_path, {"leaving.jpg": make_image(1560, size=(64, 48))})
+        wait_for(lambda: states_shown(browser) == {"leaving.jpg": "queued"}, 30, "the file stored")
+        browser.execute_script("window.dispatchEvent(new PageTransitionEvent('pagehide'));"
+                               "window.serverDown = true;")
+        wait_for(lambda: browser.execute_script("return window.failedReads") >= 2, 30, "reads cut off")
+        assert "cannot be reached" not in summary.text, summary.text
+        browser.execute_script("window.dispatchEvent(new PageTransitionEvent('pageshow'));")
+        wait_for(lambda: "The server cannot be reached" in summary.text, 30, "the notice once shown")
+        browser.execute_script("window.serverDown = false;")
+    finished_rows(browser, stack, 1, timeout_s=60)
+
+
 def test_uploads_refused_while_the_status_line_answers_keep_their_notice(stack, browser, tmp_path):
     """Uploads refused whole with a 503 (S3 failing) beside a status line answered every
     2 s: each status answer ended the notice, and each refused resend began it again,
