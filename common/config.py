@@ -171,7 +171,8 @@ MARK_DENIED_RETRY_DELAY_S = 60
 # hands them the answers that arrive meanwhile: hidden for this long, they then reach
 # the process that serves on, as late. A listener deletes what it receives within
 # milliseconds of the receive; one slower than this only has its answers recorded
-# twice (the book ignores the second). Shorter than SQS's default 30 s for that reason.
+# twice (the book ignores the second). Shorter than SQS's default 30 s, so that such
+# answers arrive sooner.
 RESPONSE_VISIBILITY_TIMEOUT_S = 10
 # MODEL_WEIGHTS for ResNet-50 untrained (tests, offline demos): flagged wherever a label shows.
 RANDOM_WEIGHTS = "random"

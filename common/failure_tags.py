@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 
 # S3 tag values: up to 256 Unicode letters, numbers, spaces and `_ . : / = + - @`,
 # counted in UTF-16: a character beyond U+FFFF takes two. One character outside that
-# set makes the whole tagging call fail. Those beyond U+FFFF are left out of `error`,
-# and escaped in `reason`, so that a tag's length in Python characters is S3's.
+# set makes the whole tagging call fail. Those beyond U+FFFF are made spaces in `error`
+# (as the characters outside the set are), and escaped in `reason`, so that a tag's
+# length in Python characters is S3's.
 MAX_ERROR_CHARS = 250
 MAX_TAG_CHARS = 256
 _BEYOND_BMP = "\U00010000-\U0010ffff"

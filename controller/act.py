@@ -77,10 +77,12 @@ class NoReply(Exception):
 
 class LaunchError(RuntimeError):
     """Some launches failed; `launched` maps each number that did launch to its instance id,
-    `unanswered` each that got no reply to the call to repeat."""
+    `unanswered` each that got no reply to the call to repeat, and `spent` holds the
+    numbers whose call to repeat EC2 refused as its instance's, terminated: nothing is
+    left to repeat."""
 
     def __init__(self, launched: dict[int, str], errors: list[Exception],
-                 unanswered: dict[int, LaunchCall]) -> None:
+                 unanswered: dict[int, LaunchCall], spent: frozenset[int] = frozenset()) -> None:
         super().__init__(
             f"{len(errors)} of {len(errors) + len(launched)} launch(es) failed "
             f"({len(launched)} succeeded): {errors[0]}"
@@ -88,6 +90,7 @@ class LaunchError(RuntimeError):
         self.launched = launched
         self.errors = errors
         self.unanswered = unanswered
+        self.spent = spent
 
 
 def launch(aws: Aws, settings: Settings, numbers: tuple[int, ...],
@@ -104,8 +107,10 @@ def launch(aws: Aws, settings: Settings, numbers: tuple[int, ...],
     # As text: boto3 base64-encodes UserData itself, and a script encoded here too
     # reached the instance still encoded, which cloud-init does not run.
     user_data = render_user_data(settings)
+    spent: set[int] = set()  # added to by the launches' threads (_run_again_or_anew)
     with ThreadPoolExecutor(max_workers=8) as pool:
-        futures = [pool.submit(_launch_one, aws, settings, n, user_data, again.get(n)) for n in numbers]
+        futures = [pool.submit(_launch_one, aws, settings, n, user_data, again.get(n), spent)
+                   for n in numbers]
     ids: dict[int, str] = {}
     errors: list[Exception] = []
     unanswered: dict[int, LaunchCall] = {}
@@ -117,7 +122,7 @@ def launch(aws: Aws, settings: Settings, numbers: tuple[int, ...],
             if isinstance(exc, NoReply):
                 unanswered[n] = exc.call
     if errors:
-        raise LaunchError(ids, errors, unanswered)
+        raise LaunchError(ids, errors, unanswered, frozenset(spent))
     return ids
 
 
@@ -136,7 +141,8 @@ def _zone_errors_are_answers(response: tuple | None = None, **_kwargs: object) -
         http_response.status_code = 400
 
 
-def _launch_one(aws: Aws, settings: Settings, n: int, user_data: str, again: LaunchCall | None) -> str:
+def _launch_one(aws: Aws, settings: Settings, n: int, user_data: str, again: LaunchCall | None,
+                spent: set[int]) -> str:
     """Launch number n in its own subnet, spreading the fleet over the zones; where its
     zone cannot take it, in the next subnet, as an Auto Scaling group does: else the same
     numbers (the policy picks the lowest free ones) would fail there round after round.
@@ -151,25 +157,27 @@ def _launch_one(aws: Aws, settings: Settings, n: int, user_data: str, again: Lau
              for subnet in subnets]
     for call in calls[:-1]:
         try:
-            return _run_again_or_anew(aws, settings, n, user_data, call, again)
+            return _run_again_or_anew(aws, settings, n, user_data, call, again, spent)
         except ClientError as exc:
             if error_code(exc) not in ZONE_ERRORS:
                 raise
             log.info("controller: %s not launched in %s (%s): trying the next subnet",
                      instance_name(n), call.subnet, error_code(exc))
-    return _run_again_or_anew(aws, settings, n, user_data, calls[-1], again)
+    return _run_again_or_anew(aws, settings, n, user_data, calls[-1], again, spent)
 
 
 def _run_again_or_anew(aws: Aws, settings: Settings, n: int, user_data: str, call: LaunchCall,
-                       again: LaunchCall | None) -> str:
+                       again: LaunchCall | None, spent: set[int]) -> str:
     """Run `call`; if it is the repeat of one that got no reply (`again`) whose instance
-    has terminated since, a new call in its subnet: else that number could not be launched
+    has terminated since, a new call in its subnet (and `n` in `spent`, the old call
+    to be forgotten whatever the new one's fate): else that number could not be launched
     until the unanswered call is forgotten (minutes), each try backing off every launch."""
     try:
         return _run_instance(aws, settings, n, user_data, call)
     except ClientError as exc:
         if call is not again or error_code(exc) != TOKEN_OF_A_TERMINATED_INSTANCE:
             raise
+    spent.add(n)
     log.info("controller: %s: the launch that got no reply started an instance that has terminated "
              "since; launching anew", instance_name(n))
     return _run_instance(aws, settings, n, user_data, LaunchCall.new(settings, n, call.subnet))
@@ -230,8 +238,8 @@ def _may_have_launched(exc: Exception) -> bool:
         # with the instance it started before it looks for capacity. Not so throttling (a
         # 503), which comes before the token is looked at: an earlier attempt, timed out,
         # may have launched.
-        if error_code(exc) in ZONE_ERRORS:
-            return False
+        if error_code(exc) in ZONE_ERRORS or error_code(exc) == TOKEN_OF_A_TERMINATED_INSTANCE:
+            return False  # answers: nothing was started (the token's instance has ended)
         return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
     return True
 

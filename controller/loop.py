@@ -338,6 +338,9 @@ class Controller:
         except LaunchError as exc:
             # Not raised: failing the round would slow every round, scale-in too, to
             # the loop's error backoff for as long as capacity or the quota is short.
+            # The spent calls first: a new call of the same number that got no reply
+            # takes its place (unanswered).
+            self.unanswered.forget(exc.spent)
             self._remember(exc.launched, obs, exc.unanswered)
             # Timed from now: a launch can fail slowly (botocore retrying RunInstances
             # for seconds), and timed from the observation, the wait could pass before

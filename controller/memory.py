@@ -153,13 +153,18 @@ class UnansweredLaunches:
 
     def keep_unlisted(self, listed: Iterable[Instance], at: float) -> None:
         """Forgets the calls made too long before `at`, and those whose instance EC2
-        lists (started_by). Kept, the call would be repeated at that number's next launch,
-        after its instance has gone: EC2 then refuses its token (IdempotentInstanceTerminated),
-        and the launch is made anew (act.py _run_again_or_anew)."""
+        lists (started_by): once listed, its instance is counted as any listed one is, and
+        there is nothing left to repeat."""
         listed = list(listed)
         self.by_number = {n: (call, t) for n, (call, t) in self.by_number.items()
                           if at - t < UNANSWERED_LAUNCH_MEMORY_S
                           and not any(started_by(call, n, i) for i in listed)}
+
+    def forget(self, numbers: Iterable[int]) -> None:
+        """Forgets the calls of these numbers: EC2 refused them as their instances',
+        terminated (act.py _run_again_or_anew), so there is nothing left to repeat."""
+        for n in numbers:
+            self.by_number.pop(n, None)
 
     def note(self, answered: dict[int, str], unanswered: dict[int, LaunchCall], at: float) -> None:
         for n in answered:

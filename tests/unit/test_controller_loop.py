@@ -1366,6 +1366,43 @@ def test_a_repeated_launch_whose_instance_has_terminated_is_made_anew(aws, make_
     assert "launching anew" in caplog.text
 
 
+@pytest.mark.parametrize("new_call_fails", ["no capacity", "no reply"])
+def test_a_repeated_launch_refused_for_a_terminated_instance_is_not_repeated_again(
+        aws, make_controller, patch, new_call_fails):
+    """The call refused so has nothing left to repeat, whatever becomes of the new one:
+    kept, each launch of that number for minutes sent its token first again. A new call
+    that gets no reply is the one to repeat."""
+    controller = make_controller()
+    throttled = Flaky(aws.ec2.run_instances, lambda: ClientError(
+        {"Error": {"Code": "RequestLimitExceeded", "Message": "Request limit exceeded."},
+         "ResponseMetadata": {"HTTPStatusCode": 503}}, "RunInstances"), lambda n, kwargs: True)
+    patch.setattr(aws.ec2, "run_instances", throttled)
+    send(aws, 1)
+    controller.step(now=1000.0)
+    [unanswered] = controller.unanswered.calls().values()
+    tokens = []
+
+    def refused(code: str, status: int) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": code},
+                            "ResponseMetadata": {"HTTPStatusCode": status}}, "RunInstances")
+
+    def ec2_of_2025(**kwargs):
+        tokens.append(kwargs["ClientToken"])
+        if kwargs["ClientToken"] == unanswered.token:
+            raise refused("IdempotentInstanceTerminated", 400)
+        if new_call_fails == "no capacity":
+            raise refused("InsufficientInstanceCapacity", 500)
+        raise refused("InternalError", 500)
+
+    patch.setattr(aws.ec2, "run_instances", ec2_of_2025)
+    controller.step(now=1060.0)
+    assert tokens[0] == unanswered.token and len(tokens) == 2
+    if new_call_fails == "no capacity":
+        assert controller.unanswered.calls() == {}
+    else:
+        assert [call.token for call in controller.unanswered.calls().values()] == [tokens[1]]
+
+
 def test_a_launch_refused_for_a_reason_of_its_own_is_not_tried_in_the_other_subnets(aws, make_controller,
                                                                                    patch, caplog):
     """Only a zone's shortage moves a launch to the next subnet: a wrong AMI, a right
