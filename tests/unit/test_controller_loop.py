@@ -34,6 +34,7 @@ from common.config import Settings
 from common.fleet import WORKER_READY_TAG, report_worker_failed, report_worker_ready
 from common.names import ROLE_APP_TIER, ROLE_TAG, instance_name
 from common.provision import provision
+from controller.act import LaunchCall
 from controller.loop import LATE_ROUND_S, Controller, Timings
 from controller.main import build_parser, main, settings_from
 from controller.policy import BOOTING_FOR_BOOT_TIMES
@@ -1332,13 +1333,9 @@ def test_a_throttled_launch_is_repeated_with_its_token(aws, make_controller, pat
     assert set(controller.unanswered.by_number) == {1, 2}
 
 
-def test_a_repeated_launch_whose_instance_has_terminated_is_made_anew(aws, make_controller, patch, caplog):
-    """Since January 2025 EC2 refuses a ClientToken whose instance has terminated
-    (IdempotentInstanceTerminated), where it returned that instance: a call that got no
-    reply, whose instance ended before EC2 listed it, failed at each repeat for the 5
-    minutes it is remembered, that number not launched, every launch backing off."""
-    caplog.set_level(logging.INFO, logger="controller.act")
-    controller = make_controller()
+def a_launch_left_unanswered(aws: Aws, controller: Controller, patch) -> LaunchCall:
+    """A round whose one launch is throttled (a 503: it may have launched), at 1000 s:
+    the call the controller remembers, to repeat."""
     throttled = Flaky(aws.ec2.run_instances, lambda: ClientError(
         {"Error": {"Code": "RequestLimitExceeded", "Message": "Request limit exceeded."},
          "ResponseMetadata": {"HTTPStatusCode": 503}}, "RunInstances"), lambda n, kwargs: True)
@@ -1346,8 +1343,19 @@ def test_a_repeated_launch_whose_instance_has_terminated_is_made_anew(aws, make_
     send(aws, 1)
     controller.step(now=1000.0)
     [unanswered] = controller.unanswered.calls().values()
+    return unanswered
+
+
+def test_a_repeated_launch_whose_instance_has_terminated_is_made_anew(aws, make_controller, patch, caplog):
+    """Since January 2025 EC2 refuses a ClientToken whose instance has terminated
+    (IdempotentInstanceTerminated), where it returned that instance: a call that got no
+    reply, whose instance ended before EC2 listed it, failed at each repeat for the 5
+    minutes it is remembered, that number not launched, every launch backing off."""
+    caplog.set_level(logging.INFO, logger="controller.act")
+    controller = make_controller()
+    real = aws.ec2.run_instances
+    unanswered = a_launch_left_unanswered(aws, controller, patch)
     tokens = []
-    real = throttled.real
 
     def ec2_of_2025(**kwargs):
         tokens.append(kwargs["ClientToken"])
@@ -1373,13 +1381,7 @@ def test_a_repeated_launch_refused_for_a_terminated_instance_is_not_repeated_aga
     kept, each launch of that number for minutes sent its token first again. A new call
     that gets no reply is the one to repeat."""
     controller = make_controller()
-    throttled = Flaky(aws.ec2.run_instances, lambda: ClientError(
-        {"Error": {"Code": "RequestLimitExceeded", "Message": "Request limit exceeded."},
-         "ResponseMetadata": {"HTTPStatusCode": 503}}, "RunInstances"), lambda n, kwargs: True)
-    patch.setattr(aws.ec2, "run_instances", throttled)
-    send(aws, 1)
-    controller.step(now=1000.0)
-    [unanswered] = controller.unanswered.calls().values()
+    unanswered = a_launch_left_unanswered(aws, controller, patch)
     tokens = []
 
     def refused(code: str, status: int) -> ClientError:
