@@ -1074,8 +1074,12 @@ class Flaky:
         return [t for t, failed in self.calls if failed]
 
 
-def client_error(code: str, operation: str) -> Callable[[], Exception]:
-    return lambda: ClientError({"Error": {"Code": code, "Message": f"injected {code}"}}, operation)
+def client_error(code: str, operation: str, status: int | None = None) -> Callable[[], Exception]:
+    """A maker of the error `operation` fails with (and its HTTP status, where it matters)."""
+    response = {"Error": {"Code": code, "Message": f"injected {code}"}}
+    if status is not None:
+        response["ResponseMetadata"] = {"HTTPStatusCode": status}
+    return lambda: ClientError(response, operation)
 
 
 def start(controller: Controller) -> threading.Thread:
@@ -1321,11 +1325,7 @@ def test_a_throttled_launch_is_repeated_with_its_token(aws, make_controller, pat
     attempt of botocore's, timed out, may have launched, so the call is repeated as it
     was, where a zone's 500 is not."""
     controller = make_controller()
-
-    def throttled() -> ClientError:
-        return ClientError({"Error": {"Code": "RequestLimitExceeded", "Message": "Request limit exceeded."},
-                            "ResponseMetadata": {"HTTPStatusCode": 503}}, "RunInstances")
-
+    throttled = client_error("RequestLimitExceeded", "RunInstances", 503)
     patch.setattr(aws.ec2, "run_instances", Flaky(aws.ec2.run_instances, throttled, lambda n, kwargs: True))
     send(aws, 2)
     controller.step()
@@ -1336,9 +1336,8 @@ def test_a_throttled_launch_is_repeated_with_its_token(aws, make_controller, pat
 def a_launch_left_unanswered(aws: Aws, controller: Controller, patch) -> LaunchCall:
     """A round whose one launch is throttled (a 503: it may have launched), at 1000 s:
     the call the controller remembers, to repeat."""
-    throttled = Flaky(aws.ec2.run_instances, lambda: ClientError(
-        {"Error": {"Code": "RequestLimitExceeded", "Message": "Request limit exceeded."},
-         "ResponseMetadata": {"HTTPStatusCode": 503}}, "RunInstances"), lambda n, kwargs: True)
+    throttled = Flaky(aws.ec2.run_instances, client_error("RequestLimitExceeded", "RunInstances", 503),
+                      lambda n, kwargs: True)
     patch.setattr(aws.ec2, "run_instances", throttled)
     send(aws, 1)
     controller.step(now=1000.0)
@@ -1360,10 +1359,7 @@ def test_a_repeated_launch_whose_instance_has_terminated_is_made_anew(aws, make_
     def ec2_of_2025(**kwargs):
         tokens.append(kwargs["ClientToken"])
         if kwargs["ClientToken"] == unanswered.token:
-            raise ClientError({"Error": {"Code": "IdempotentInstanceTerminated", "Message": (
-                "The client token you have provided is associated with a terminated instance. "
-                "Please use a different client token.")}, "ResponseMetadata": {"HTTPStatusCode": 400}},
-                "RunInstances")
+            raise client_error("IdempotentInstanceTerminated", "RunInstances", 400)()
         return real(**kwargs)
 
     patch.setattr(aws.ec2, "run_instances", ec2_of_2025)
@@ -1384,17 +1380,13 @@ def test_a_repeated_launch_refused_for_a_terminated_instance_is_not_repeated_aga
     unanswered = a_launch_left_unanswered(aws, controller, patch)
     tokens = []
 
-    def refused(code: str, status: int) -> ClientError:
-        return ClientError({"Error": {"Code": code, "Message": code},
-                            "ResponseMetadata": {"HTTPStatusCode": status}}, "RunInstances")
-
     def ec2_of_2025(**kwargs):
         tokens.append(kwargs["ClientToken"])
         if kwargs["ClientToken"] == unanswered.token:
-            raise refused("IdempotentInstanceTerminated", 400)
+            raise client_error("IdempotentInstanceTerminated", "RunInstances", 400)()
         if new_call_fails == "no capacity":
-            raise refused("InsufficientInstanceCapacity", 500)
-        raise refused("InternalError", 500)
+            raise client_error("InsufficientInstanceCapacity", "RunInstances", 500)()
+        raise client_error("InternalError", "RunInstances", 500)()
 
     patch.setattr(aws.ec2, "run_instances", ec2_of_2025)
     controller.step(now=1060.0)
