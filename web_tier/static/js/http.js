@@ -1,6 +1,6 @@
 // The page's requests to the server: uploads (POST /api/jobs, with timeouts of their
 // own and a limit on how many go at once) and reading a batch.
-import { serverAnswered, serverSilent } from "./reach.js";
+import { requestUnanswered, serverAnswered, serverSilent } from "./reach.js";
 import { PARALLEL_CHUNKS, setting } from "./settings.js";
 import { page } from "./state.js";
 import { updateSummary } from "./refresh.js";
@@ -129,9 +129,7 @@ export async function fetchBatch(batchId) {
     if (response.ok) return { body: await response.json(), unknown: false };
     return { body: null, unknown: response.status === 404 && (await errorCode(response)) === "unknown_batch" };
   } catch (error) {
-    // Not an answer not in JSON, nor a read cut off by leaving the page (shown again from
-    // the back/forward cache, it would say the server silent).
-    if (!(error instanceof SyntaxError) && !page.leaving) serverSilent(error);
+    if (!(error instanceof SyntaxError)) requestUnanswered(error);  // not an answer not in JSON
     return { body: null, unknown: false };
   }
 }

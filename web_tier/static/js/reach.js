@@ -42,6 +42,13 @@ export function serverSilent(kindOrError, source = "read") {
   else updateSummary();
 }
 
+// A request that got no answer (as serverSilent), unless the page is being left: its
+// requests are cut off then, and shown again from the back/forward cache it would say
+// the server silent.
+export function requestUnanswered(kindOrError, source = "read") {
+  if (!page.leaving) serverSilent(kindOrError, source);
+}
+
 // A request of `source` was answered: the outage, if any, is over (said once too). Any
 // answer ends an "unreachable" one; a "busy" or "timeout" one only an answer of its own
 // source: uploads refused 503 while S3 fails, or timing out on a slow link, beside a

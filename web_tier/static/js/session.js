@@ -9,7 +9,7 @@ import {
 import { bytesOf, chunked } from "./chunks.js";
 import { $, keyInput } from "./dom.js";
 import { fetchBatch, freeSendPlace, post, refusedWhole, sendItemAgain, takeSendPlace } from "./http.js";
-import { serverAnswered, serverSilent } from "./reach.js";
+import { requestUnanswered, serverAnswered, serverSilent } from "./reach.js";
 import { authHeaders, keyProblem, sayKeyProblem, storedKey } from "./key.js";
 import { updateSummary } from "./refresh.js";
 import {
@@ -326,9 +326,8 @@ export class Session {
       // A timeout of this page's own is said so: "could not be reached" would send a
       // user with a slow link to look for a fault in the server.
       this.noAnswer(chunk, attempt, err.timedOut || "upload failed: the server could not be reached");
-      // After noAnswer: its next try is known. Not for a request cut off by leaving the
-      // page: shown again from the back/forward cache, it would say the server silent.
-      if (!page.leaving) serverSilent(err.timedOut ? "timeout" : "unreachable", "upload");
+      // After noAnswer: its next try is known.
+      requestUnanswered(err.timedOut ? "timeout" : "unreachable", "upload");
       return;
     }
     const { status, body } = answer;

@@ -2,9 +2,8 @@
 // from GET /api/status every statusEveryMs (settings.js).
 import { $, banner, keyBox } from "./dom.js";
 import { timeoutSignal } from "./http.js";
-import { errorKind, serverAnswered, serverSilent } from "./reach.js";
+import { errorKind, requestUnanswered, serverAnswered, serverSilent } from "./reach.js";
 import { setting } from "./settings.js";
-import { page } from "./state.js";
 
 // A hung server (stopped, restarting) never answers: the line keeps its old figures
 // as if current, and a new request every 2 s would pile up behind the first.
@@ -70,7 +69,7 @@ async function refreshStatus() {
 // send at all found no server.
 function noAnswer(line, error) {
   const kind = errorKind(error);
-  if (!page.leaving) serverSilent(kind);  // not a request cut off by leaving the page
+  requestUnanswered(kind);
   const last = statusAnsweredAt ? ` (last figures at ${statusAnsweredAt.toLocaleTimeString()})` : "";
   line.textContent = kind === "timeout"
     ? `status unavailable: no answer yet${last}; the server may be busy, or this browser's connections to it ` +
