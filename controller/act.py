@@ -238,7 +238,7 @@ def _may_have_launched(exc: Exception) -> bool:
         # with the instance it started before it looks for capacity. Not so throttling (a
         # 503), which comes before the token is looked at: an earlier attempt, timed out,
         # may have launched.
-        if error_code(exc) in ZONE_ERRORS or error_code(exc) == TOKEN_OF_A_TERMINATED_INSTANCE:
+        if error_code(exc) in (*ZONE_ERRORS, TOKEN_OF_A_TERMINATED_INSTANCE):
             return False  # answers: nothing was started (the token's instance has ended)
         return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
     return True
