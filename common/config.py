@@ -281,6 +281,10 @@ class Settings:
     # threads with bodies then costs 2 MiB/s of upload, not a byte a minute each (the
     # limit is per connection: reconnecting is another matter, README). 0: no floor.
     min_receive_rate: int = 2048
+    # Bytes the uploads' temporary files may hold on disk at once (web_tier/spool.py): two
+    # requests at the 2 GiB a request may be. The web instance's 16 GiB root disk holds the
+    # system, the venv (~0.2 GB) and the journal beside them.
+    web_spool_bytes: int = 4 * 1024**3
     api_key: str = field(default="", repr=False)  # a secret: never in a log line
     # This machine's own files for the service: the controller's lock (controller/lock.py)
     # and, unless WEB_JOURNAL_DIR says otherwise, the web tier's journal. "": none
@@ -514,6 +518,7 @@ VARIABLES = _checked((
     Variable("send_timeout_s", "WEB_SEND_TIMEOUT", float, low=1, high=3600),
     Variable("receive_timeout_s", "WEB_RECEIVE_TIMEOUT", float, low=1, high=3600),
     Variable("min_receive_rate", "WEB_MIN_RECEIVE_RATE", int, low=0, high=100_000_000),
+    Variable("web_spool_bytes", "WEB_SPOOL_BYTES", int, low=1),
     Variable("api_key", "API_KEY", str),
     # Its default follows XDG_STATE_HOME and the fleet (from_env).
     Variable("web_journal_dir", "WEB_JOURNAL_DIR", str),

@@ -16,12 +16,13 @@ from common.aws import Aws
 from common.config import Settings
 from web_tier import api, auth, classify, errors, health, pages, slow_clients, unread_body
 from web_tier.errors import is_api_path
-from web_tier.form import MAX_TEXT_FIELD_BYTES, UploadRequest, form_text_budget, jobs_body_limit
+from web_tier.form import MAX_TEXT_FIELD_BYTES, form_text_budget, jobs_body_limit
 from web_tier.journal import Journal
 from web_tier.listeners import Listeners
 from web_tier.results import ResultBook
 from web_tier.services import EXTENSION, Services, services
 from web_tier.submit import UPLOAD_THREADS
+from web_tier.upload_request import UploadRequest
 
 log = logging.getLogger(__name__)
 

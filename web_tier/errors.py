@@ -244,9 +244,9 @@ def _body_stopped(exc: ClientDisconnected) -> Response:
 
 def _unexpected(exc: Exception) -> Response:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        # The upload's temporary file (web_tier/spool.py) found no room, as the form was
-        # read: nothing is stored yet, and the same request may be sent again once there
-        # is room (a bare 500 would say neither).
+        # The upload's temporary file (web_tier/spool.py) found no room on the disk, or in
+        # WEB_SPOOL_BYTES, as the form was read: nothing is stored yet, and the same
+        # request may be sent again once there is room (a bare 500 would say neither).
         log.error("no room to spool %s %s: %s (TMPDIR=%s)", request.method, request.path, exc,
                   tempfile.gettempdir())
         return error_response(Refusal(503, "the server has no room to hold this upload now; nothing "

@@ -7,15 +7,13 @@ import io
 import re
 from collections.abc import Iterable, Sequence
 
-from flask import Request, current_app
+from flask import Request
 from werkzeug.datastructures import FileStorage
 
 from common.config import Settings
 from common.image_limits import too_large
 from web_tier.filenames import display_name
-from web_tier.multipart import TextCappedFormDataParser
 from web_tier.refusals import Code, Refusal
-from web_tier.spool import CappedSpool, RequestSpool
 
 _CHUNK = 1 << 20
 # Room in a request body for the multipart framing and form fields around the files.
@@ -58,21 +56,6 @@ def upload_limits(settings: Settings) -> dict[str, int]:
     return {"max_upload_bytes": settings.max_upload_bytes,
             "max_files_per_request": settings.max_files_per_request,
             "max_request_bytes": jobs_body_limit(settings)}
-
-
-class UploadRequest(Request):
-    """A request whose uploaded files are spooled only up to the size limit, in memory
-    only up to a budget shared by all its files (web_tier/spool.py), and whose form's
-    text is refused past a budget for all its fields (web_tier/multipart.py)."""
-
-    _spool: RequestSpool | None = None
-    form_data_parser_class = TextCappedFormDataParser
-
-    def _get_file_stream(self, total_content_length: int | None, content_type: str | None,
-                         filename: str | None = None, content_length: int | None = None):
-        if self._spool is None:
-            self._spool = RequestSpool()
-        return CappedSpool(current_app.config["MAX_FILE_BYTES"], self._spool)
 
 
 def form_files(request: Request, fields: Sequence[str]) -> list[FileStorage]:

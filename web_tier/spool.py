@@ -1,8 +1,10 @@
 """Where the files of one upload request are held while it is served: in memory up to a
-budget shared by all of them, then in one temporary file for them all."""
+budget shared by all of them, then in one temporary file for them all, its bytes taken
+from a budget shared by every request's file."""
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import tempfile
@@ -17,14 +19,45 @@ IN_MEMORY_FILE_BYTES = 500 * 1024
 IN_MEMORY_REQUEST_BYTES = 8 * 1024 * 1024
 
 
+class SpoolFull(OSError):
+    """The temporary files of uploads hold all the disk they may: answered as a disk with no
+    room is (web_tier/errors.py), 503, nothing stored."""
+
+
+class SpoolDisk:
+    """The bytes the temporary files of every request may hold together on disk
+    (WEB_SPOOL_BYTES). Each request is held to 2 GiB (web_tier/form.py), but alone nothing
+    bounded them together: whoever may upload could fill the web host's disk, and with it
+    the journal's (web_tier/journal.py). Refused at once, not waited for: a request's body
+    is arriving as it is written, and a client told 503 sends it again later."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> None:
+        """Take `nbytes` more, or raise SpoolFull."""
+        with self._lock:
+            if self.held + nbytes > self.budget:
+                raise SpoolFull(errno.ENOSPC, f"uploads hold {self.held} bytes on disk of the "
+                                              f"{self.budget} they may (WEB_SPOOL_BYTES)")
+            self.held += nbytes
+
+    def give(self, nbytes: int) -> None:
+        with self._lock:
+            self.held -= nbytes
+
+
 class RequestSpool:
     """The memory budget of one request's files, and the one temporary file those past it
     share. A temporary file each would take a descriptor each: 1,000 files of 16 KB past
     the budget would hold 1,000, and a few such requests, held open, leave the web tier
     none to accept connections with, /healthz included."""
 
-    def __init__(self, memory_bytes: int = IN_MEMORY_REQUEST_BYTES) -> None:
+    def __init__(self, disk: SpoolDisk, memory_bytes: int = IN_MEMORY_REQUEST_BYTES) -> None:
         self.memory_left = memory_bytes
+        self._disk = disk
         self._lock = threading.Lock()
         self._file: io.BufferedRandom | None = None
         self._end = 0  # where the next file's bytes go
@@ -40,16 +73,33 @@ class RequestSpool:
             self._regions += 1
             return DiskRegion(self, self._file.fileno(), self._end)
 
-    def grew(self, end: int) -> None:
+    def grow(self, end: int) -> None:
+        """Let the file reach `end`, its bytes taken from the disk budget (SpoolFull if
+        refused), before they are written."""
         with self._lock:
-            self._end = max(self._end, end)
+            if end > self._end:
+                self._disk.take(end - self._end)
+                self._end = end
 
     def region_closed(self) -> None:
         with self._lock:
             self._regions -= 1
-            if self._regions == 0 and self._file is not None:
-                self._file.close()
-                self._file = None
+            if self._regions == 0:
+                self._release()
+
+    def close(self) -> None:
+        """The request has ended: its file is closed and its disk given back, whatever its
+        regions. A form whose parsing failed (a file refused its disk) never handed
+        Werkzeug the files it had begun, so nothing else would close them."""
+        with self._lock:
+            self._release()
+
+    def _release(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self._disk.give(self._end)
+            self._end = 0
 
 
 class DiskRegion(io.RawIOBase):
@@ -74,12 +124,12 @@ class DiskRegion(io.RawIOBase):
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")
+        self._spool.grow(self._start + self._size + len(view))
         written = 0
         while written < len(view):
             written += os.pwrite(self._fd, view[written:], self._start + self._size + written)
         self._size += written
         self._pos = self._size
-        self._spool.grew(self._start + self._size)
         return written
 
     def readinto(self, buffer: bytearray | memoryview) -> int:

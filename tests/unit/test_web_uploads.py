@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PAGE_SCRIPTS, make_image, page_script_source
-from tests.unit.conftest import upload
+from tests.unit.conftest import services_of, upload
 from web_tier.services import EXTENSION
 
 pytestmark = pytest.mark.timeout(120)
@@ -134,7 +134,6 @@ def test_a_form_without_length_or_in_a_content_coding_is_refused_as_such(web_app
 
 def test_a_bulk_request_is_read_and_stored_a_few_files_at_a_time(web_app, web_settings, monkeypatch):
     """A thousand 10 MB files must not sit in memory together: at most one chunk does."""
-    from tests.unit.conftest import services_of
     from web_tier.api import FILES_PER_CHUNK
 
     submitter = services_of(web_app).submitter
@@ -370,9 +369,9 @@ def test_a_form_that_is_not_multipart_is_not_read(web_client, monkeypatch, path)
 def test_a_capped_spool_is_a_stream_in_every_way_filestorage_uses_one(tmp_path, memory):
     from werkzeug.datastructures import FileStorage
 
-    from web_tier.spool import CappedSpool, RequestSpool
+    from web_tier.spool import CappedSpool, RequestSpool, SpoolDisk
 
-    request = RequestSpool(memory)
+    request = RequestSpool(SpoolDisk(1000), memory)
     spool = CappedSpool(limit=10, spool=request)
     assert spool.write(b"line one\nline two\n") == 18  # taken whole, kept to the limit
     assert request.memory_left == (89 if memory else 0)
@@ -390,18 +389,76 @@ def test_a_capped_spool_is_a_stream_in_every_way_filestorage_uses_one(tmp_path, 
 
 @pytest.mark.parametrize("budget", [5, 500])
 def test_a_capped_spool_moves_to_disk_past_its_share_of_memory_keeping_every_byte(budget):
-    from web_tier.spool import CappedSpool, RequestSpool
+    from web_tier.spool import CappedSpool, RequestSpool, SpoolDisk
 
-    request = RequestSpool(budget)
+    disk = SpoolDisk(1000)
+    request = RequestSpool(disk, budget)
     spool = CappedSpool(limit=1000, spool=request)
     data = os.urandom(300)
     for start in range(0, 300, 7):
         spool.write(data[start:start + 7])
     assert (spool.in_memory, request.memory_left) == ((300, 200) if budget == 500 else (0, 5))
+    assert disk.held == (0 if budget == 500 else 300)
     spool.seek(0)
     assert spool.read() == data
     spool.close()
     assert request.memory_left == budget
+    assert disk.held == 0  # given back with the request's file
+
+
+def test_the_requests_temporary_files_hold_no_more_disk_together_than_their_budget():
+    """Each request is held to 2 GiB, but nothing held them together: whoever may
+    upload could fill the web host's disk, the journal's with it."""
+    from web_tier.spool import CappedSpool, RequestSpool, SpoolDisk, SpoolFull
+
+    disk = SpoolDisk(1000)
+    first, second = RequestSpool(disk, 0), RequestSpool(disk, 0)
+    held = CappedSpool(limit=2000, spool=first)
+    held.write(os.urandom(700))
+    refused = CappedSpool(limit=2000, spool=second)
+    refused.write(os.urandom(300))  # fits beside the first's 700
+    with pytest.raises(SpoolFull, match=r"uploads hold 1000 bytes on disk of the 1000 .*WEB_SPOOL_BYTES"):
+        refused.write(b"x")
+    assert disk.held == 1000
+    held.close()  # the first request ends: its file's bytes are free again
+    assert disk.held == 300
+    refused.write(os.urandom(500))
+    refused.close()
+    assert disk.held == 0
+
+
+def test_uploads_past_the_disk_budget_are_a_503_to_send_again_and_store_nothing(
+        make_web_app, web_aws, monkeypatch):
+    from web_tier import spool
+    from web_tier.spool import IN_MEMORY_FILE_BYTES
+
+    spool_files, temporary_file = [], tempfile.TemporaryFile
+
+    def recorded(*args, **kwargs):
+        spool_files.append(temporary_file(*args, **kwargs))
+        return spool_files[-1]
+
+    monkeypatch.setattr(spool.tempfile, "TemporaryFile", recorded)
+
+    app = make_web_app(start_background=False, max_upload_bytes=2_000_000, web_spool_bytes=1_000_000)
+    client = app.test_client()
+    # Past a file's share of memory: spooled to disk.
+    png = make_image(1, size=(460, 460), fmt="PNG")
+    assert IN_MEMORY_FILE_BYTES < len(png) < 1_000_000 < 2 * len(png)  # one fits, two do not
+    one = [(io.BytesIO(png), "one.png")]
+    two = [(io.BytesIO(png), f"{name}.png") for name in ("two", "three")]
+    response = client.post("/api/jobs", data={"files": two}, content_type="multipart/form-data")
+    assert response.status_code == 503 and response.headers["Retry-After"]
+    assert "no room to hold this upload now; nothing was stored" in response.get_json()["error"]
+    assert web_aws.s3.list_objects_v2(Bucket=web_aws.settings.input_bucket).get("KeyCount") == 0
+    # Given back with the refused request, whose form Werkzeug never finished: its file
+    # closed with the request, not left to the garbage collector.
+    assert services_of(app).spool_disk.held == 0
+    assert len(spool_files) == 1 and spool_files[0].closed
+    # One such file fits: taken, and its bytes given back once it is answered.
+    response = client.post("/api/jobs", data={"files": one}, content_type="multipart/form-data")
+    assert response.status_code == 202 and response.get_json()["items"][0]["filename"] == "one.png"
+    assert services_of(app).spool_disk.held == 0
 
 
 def open_temporary_files() -> set[tuple[str, str]]:
@@ -430,14 +487,14 @@ def parsed(
 
     from werkzeug.test import EnvironBuilder
 
-    from web_tier import form
+    from web_tier.upload_request import UploadRequest
 
     environ = EnvironBuilder(path="/api/jobs", method="POST", data={
         "files": [(io.BytesIO(data), f"{i}.jpg") for i, data in enumerate(files)]}).get_environ()
     # No listeners: their connections to the embedded AWS open and close descriptors too.
     app = make_web_app(start_background=False, max_upload_bytes=max_file, max_files_per_request=len(files))
     with app.app_context():
-        request = form.UploadRequest(environ)
+        request = UploadRequest(environ)
         # An earlier test's spool file, unreachable but not yet collected, closed in the
         # middle of this parse would free its descriptor and (O_TMPFILE on a tmpfs) its
         # inode, for this parse's own file to take both: the same pair, not counted.
