@@ -461,9 +461,9 @@ def tag_request(tags: dict[str, str]) -> dict:
 
 def launch_context(request: dict) -> dict:
     """What IAM reads of a RunInstances request for its instance: the tags it is given,
-    and its metadata options (absent from the request, EC2 sets no ec2:MetadataHttpTokens
+    its type, and its metadata options (absent from the request, EC2 sets no ec2:MetadataHttpTokens
     key the policy could match, and the condition fails)."""
-    context = tag_request(instance_tags(request))
+    context = {**tag_request(instance_tags(request)), "ec2:InstanceType": request["InstanceType"]}
     if "HttpTokens" in request.get("MetadataOptions", {}):
         context["ec2:MetadataHttpTokens"] = request["MetadataOptions"]["HttpTokens"]
     return context
@@ -508,6 +508,23 @@ def test_the_controller_may_launch_its_workers_from_the_baked_image_and_nothing_
     assert not allows(policy, "iam:PassRole", role, {"iam:PassedToService": "lambda.amazonaws.com"})
     assert not allows(policy, "iam:PassRole", f"arn:aws:iam::{ACCOUNT}:role/admin",
                       {"iam:PassedToService": "ec2.amazonaws.com"})
+
+
+@pytest.mark.parametrize("prefix", ["imgclass", "myapp"])
+def test_the_controller_may_launch_burstable_x86_instances_only(prefix):
+    """Whoever holds the controller's role could otherwise launch GPU instances at
+    hundreds of times a t2's price; the workers need no more than a t2 (x86_64: no t4g)."""
+    policy, request = load("controller", prefix), launch_request(prefix)
+    assert request["InstanceType"] == Settings().instance_type == "t2.small"
+    for instance_type in ("t2.small", "t2.medium", "t3.large", "t3a.xlarge"):
+        launched = launch_context({**request, "InstanceType": instance_type})
+        assert allows(policy, "ec2:RunInstances", INSTANCE, launched), instance_type
+    for instance_type in ("p4d.24xlarge", "c7i.48xlarge", "t4g.small", "x2.t2.small", ""):
+        launched = launch_context({**request, "InstanceType": instance_type})
+        assert not allows(policy, "ec2:RunInstances", INSTANCE, launched), instance_type
+    without = launch_context(request)
+    del without["ec2:InstanceType"]
+    assert not allows(policy, "ec2:RunInstances", INSTANCE, without)
 
 
 @pytest.mark.parametrize("prefix", ["imgclass", "myapp"])
