@@ -22,6 +22,7 @@ from tests.integration.page import (
     LUMINANCE,
     NEEDS_CHROMIUM,
     UPLOADS_BY_FETCH,
+    assert_classified,
     choose,
     choose_folder,
     drop_files,
@@ -533,6 +534,68 @@ def test_reads_cut_off_by_leaving_the_page_raise_no_notice(stack, browser, tmp_p
         wait_for(lambda: "The server cannot be reached" in summary.text, 30, "the notice once shown")
         browser.execute_script("window.serverDown = false;")
     finished_rows(browser, stack, 1, timeout_s=60)
+
+
+# The page's uploads (sent by fetch: UPLOADS_BY_FETCH) wait while window.uploadsHeld, unless
+# one is to be cut off: each of the next window.cutOffs fails as a refused connection does
+# (no answer at all), counted in window.failedUploads. Its other requests reach the server.
+UPLOADS_CUT_OFF = UPLOADS_BY_FETCH + """
+  window.uploadsHeld = true;
+  window.cutOffs = 0;
+  window.postsSent = 0;
+  window.failedUploads = 0;
+  const realFetch = window.fetch;
+  window.fetch = async (url, options) => {
+    if (String(url) !== "/api/jobs") return realFetch(url, options);
+    window.postsSent += 1;
+    while (window.uploadsHeld && !window.cutOffs) await new Promise((resolve) => setTimeout(resolve, 50));
+    if (window.cutOffs) {
+      window.cutOffs -= 1;
+      window.failedUploads += 1;
+      throw new TypeError("Failed to fetch");
+    }
+    return realFetch(url, options);
+  };"""
+
+
+def test_uploads_cut_off_by_leaving_the_page_raise_no_notice(stack, browser, reference_model, tmp_path):
+    """Leaving the page cuts its uploads off as a server that gives no answer does: shown
+    again from the back/forward cache, the page said the server could not be reached.
+    An upload that fails once the page is leaving (pagehide) raises no notice, and is
+    sent again all the same; the same failure once it is shown again (pageshow) does
+    raise it. The file is classified once an upload is answered."""
+    from selenium.webdriver.common.by import By
+
+    page_settings(browser, statusEveryMs="600000")  # the status line asked once, at load
+    browser.get(stack.web_url + "/")
+    line, summary = browser.find_element(By.ID, "status-line"), browser.find_element(By.ID, "summary")
+    wait_for(lambda: line.text.startswith("queue: "), 10, "the first figures")
+    # Resent after 0.25, 0.5, 1 and 2 s: four resends, of which this uses three.
+    browser.execute_script(UPLOADS_CUT_OFF + "document.body.dataset.resendDelayScale = '0.05';")
+    record_announcements(browser)
+    files = {"cut_off.jpg": make_image(1587, size=(64, 48))}
+    choose(browser, tmp_path, files)
+    wait_for(lambda: browser.execute_script("return window.postsSent") == 1, 30, "the upload sent")
+    # Left with it in flight: it and its first resend are cut off, the next one held.
+    browser.execute_script("window.dispatchEvent(new PageTransitionEvent('pagehide'));"
+                           "window.cutOffs = 2;")
+    wait_for(lambda: browser.execute_script("return [window.failedUploads, window.postsSent]") == [2, 3], 30,
+             "two uploads cut off, and the file sent again")
+    assert "cannot be reached" not in summary.text, summary.text
+    said = [t for t in browser.execute_script("return window.announced") if "cannot be reached" in t]
+    assert said == [], said
+    assert states_shown(browser) == {"cut_off.jpg": "uploading"}
+    # Shown again: the held resend finds no server, which is said.
+    browser.execute_script("window.dispatchEvent(new PageTransitionEvent('pageshow'));"
+                           "window.cutOffs = 1;")
+    wait_for(lambda: "The server cannot be reached" in summary.text, 30, "the notice once shown")
+    assert browser.execute_script("return window.failedUploads") == 3
+    # The server back: the next resend is stored, and the notice goes.
+    browser.execute_script("window.uploadsHeld = false;")
+    shown = finished_rows(browser, stack, 1, timeout_s=60)
+    assert_classified(shown, files, reference_model)
+    wait_for(lambda: "cannot be reached" not in summary.text, 10, "the notice gone")
+    assert browser.execute_script("return [window.failedUploads, window.postsSent]") == [3, 4]
 
 
 def test_uploads_refused_while_the_status_line_answers_keep_their_notice(stack, browser, tmp_path):
