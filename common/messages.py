@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
+import unicodedata
 from dataclasses import asdict, dataclass, field
 
 MAX_MESSAGE_BYTES = 1024
@@ -109,20 +111,37 @@ def _loads(body: str):
 MAX_ID_BYTES = 64
 MAX_BUCKET_BYTES = 63  # S3's own limit
 MAX_KEY_BYTES = 300
+# What an id is made of: the web tier's are 32 hex digits.
+_ID = re.compile(r"[A-Za-z0-9._:-]+")
+# Characters that end or break a log line: the C0 and C1 controls, and the line and
+# paragraph separators.
+_LINE_BREAKING = frozenset(("Cc", "Zl", "Zp"))
 
 
 def _name(data: dict, field_name: str, max_bytes: int) -> str:
     """A field that names something (an id, a bucket, a key): a string, not empty, of
-    at most `max_bytes` in the message.
+    at most `max_bytes` in the message, with no character that breaks a log line.
 
     Turned into text with str(), a list id or an empty key made a request that
     S3 refused before sending it, over and over, and a dead letter that the web
-    tier could never settle."""
+    tier could never settle. The tiers log these names as they are: with a line
+    feed in one, whoever may send to the queues could write lines of their own into
+    the logs (the web tier's keys are made safe: common/names.py)."""
     value = data[field_name]
     if not isinstance(value, str) or not value:
         raise ValueError(f"{field_name} must be a non-empty string, not {value!r:.40}")
     if _json_bytes(value) > max_bytes:
         raise ValueError(f"{field_name} is longer than {max_bytes} bytes")
+    if any(unicodedata.category(char) in _LINE_BREAKING for char in value):
+        raise ValueError(f"{field_name} holds a control character or a line break: {value!r:.80}")
+    return value
+
+
+def _id(data: dict) -> str:
+    """A message's id: a name (_name) of letters, digits and '._:-' only."""
+    value = _name(data, "id", MAX_ID_BYTES)
+    if not _ID.fullmatch(value):
+        raise ValueError(f"id is made of letters, digits and '._:-' only, not {value!r:.80}")
     return value
 
 
@@ -147,7 +166,7 @@ class ClassifyRequest:
             if not isinstance(data["filename"], str):
                 raise TypeError("filename must be a string")
             return cls(
-                id=_name(data, "id", MAX_ID_BYTES),
+                id=_id(data),
                 bucket=_name(data, "bucket", MAX_BUCKET_BYTES),
                 key=_name(data, "key", MAX_KEY_BYTES),
                 filename=data["filename"],
@@ -232,7 +251,7 @@ class ClassifyResponse:
         try:
             data = _loads(body)
             return cls(
-                id=_name(data, "id", MAX_ID_BYTES),
+                id=_id(data),
                 filename=str(data["filename"]),
                 key=str(data.get("key", "")),
                 worker=str(data.get("worker", "")),

@@ -188,10 +188,37 @@ def test_messages_stay_under_1kb_even_with_hostile_names():
 @pytest.mark.parametrize(("field", "longest"), [("id", 64), ("bucket", 63), ("key", 300)])
 def test_requests_whose_names_an_answer_could_not_carry_are_refused(field, longest):
     fields = {"id": "a" * 32, "bucket": "b" * 20, "key": "k" * 166, "filename": "f.jpg"}
-    assert ClassifyRequest.from_json(ClassifyRequest(**{**fields, field: "é" * (longest // 2)}).to_json())
+    longest_name = "a" * longest if field == "id" else "é" * (longest // 2)  # an id is ASCII
+    assert ClassifyRequest.from_json(ClassifyRequest(**{**fields, field: longest_name}).to_json())
     body = ClassifyRequest(**{**fields, field: "\n" * (longest // 2 + 1)}).to_json()
     with pytest.raises(MessageError, match=f"{field} is longer than {longest} bytes"):
         ClassifyRequest.from_json(body)
+
+
+@pytest.mark.parametrize("field", ["id", "bucket", "key"])
+@pytest.mark.parametrize("breaking", ["\n", "\r", "\x1b", "\x85", "\u2028", "\u2029", "\x00"])
+def test_names_that_would_break_a_log_line_are_refused(field, breaking):
+    """The tiers log ids and keys as they are: whoever may send to the queues could
+    otherwise write lines of their own into the logs."""
+    fields = {"id": "a" * 32, "bucket": "b" * 20, "key": "batch/item/cat.jpg", "filename": "f\n.jpg"}
+    assert ClassifyRequest.from_json(ClassifyRequest(**fields).to_json()).filename == "f\n.jpg"
+    forged = ClassifyRequest(**{**fields, field: f"{fields[field]}{breaking}2026-12-06 ERROR forged"})
+    with pytest.raises(MessageError, match=f"{field} holds a control character or a line break"):
+        ClassifyRequest.from_json(forged.to_json())
+    if field == "id":
+        answer = ClassifyResponse(id=forged.id, filename="f.jpg", key="k", worker="w", untrained=True,
+                                  error="bad")
+        with pytest.raises(MessageError, match="id holds a control character"):
+            ClassifyResponse.from_json(answer.to_json())
+
+
+@pytest.mark.parametrize("made_up", ["a b", "é" * 4, "../x", "a/b", "<script>"])
+def test_ids_are_letters_digits_and_four_marks(made_up):
+    """An item id is 32 hex digits from the web tier; a request with another is not one."""
+    fields = {"bucket": "b", "key": "k", "filename": "f.jpg"}
+    assert ClassifyRequest.from_json(ClassifyRequest(id="A-z_0.9:", **fields).to_json()).id == "A-z_0.9:"
+    with pytest.raises(MessageError, match="id is made of letters, digits and '._:-' only"):
+        ClassifyRequest.from_json(ClassifyRequest(id=made_up, **fields).to_json())
 
 
 @pytest.mark.parametrize("name", ["\x01" * 200 + ".jpg", '"' * 300 + ".jpg", "\\" * 300, "é\x1f" * 150])
