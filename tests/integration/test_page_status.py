@@ -598,6 +598,29 @@ def test_uploads_cut_off_by_leaving_the_page_raise_no_notice(stack, browser, ref
     assert browser.execute_script("return [window.failedUploads, window.postsSent]") == [3, 4]
 
 
+def test_an_upload_whose_every_send_is_cut_off_by_leaving_goes_again_once_shown(stack, browser, tmp_path):
+    """Cut off at its last resend while the page was leaving, a file was neither refused
+    nor sent again: shown again, its row said "uploading" for good."""
+    from selenium.webdriver.common.by import By
+
+    page_settings(browser, statusEveryMs="600000")
+    browser.get(stack.web_url + "/")
+    summary = browser.find_element(By.ID, "summary")
+    # Resent after 0.25, 0.5, 1 and 2 s: five sends in all.
+    browser.execute_script(UPLOADS_CUT_OFF + "document.body.dataset.resendDelayScale = '0.05';")
+    choose(browser, tmp_path, {"every_send.jpg": make_image(1588, size=(64, 48))})
+    wait_for(lambda: browser.execute_script("return window.postsSent") == 1, 30, "the upload sent")
+    browser.execute_script("window.dispatchEvent(new PageTransitionEvent('pagehide'));"
+                           "window.cutOffs = 5;")
+    wait_for(lambda: browser.execute_script("return [window.failedUploads, window.postsSent]") == [5, 6], 30,
+             "every send cut off, and the file sent once more")
+    assert states_shown(browser) == {"every_send.jpg": "uploading"}
+    assert "cannot be reached" not in summary.text, summary.text
+    browser.execute_script("window.dispatchEvent(new PageTransitionEvent('pageshow'));"
+                           "window.uploadsHeld = false;")
+    finished_rows(browser, stack, 1, timeout_s=60)
+
+
 def test_uploads_refused_while_the_status_line_answers_keep_their_notice(stack, browser, tmp_path):
     """Uploads refused whole with a 503 (S3 failing) beside a status line answered every
     2 s: each status answer ended the notice, and each refused resend began it again,

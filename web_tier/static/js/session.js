@@ -375,8 +375,14 @@ export class Session {
       this.sendLater(chunk, attempt);
       return;
     }
+    if (page.leaving) {
+      // Cut off by leaving, not refused: a page kept in the back/forward cache sends it
+      // again once shown (its timers frozen meanwhile); a page left for good never does.
+      this.sendLater(chunk, attempt - 1);
+      return;
+    }
     // Not remembered for a reload: the server may have stored some, which a reload shows.
-    if (!page.leaving) this.refuse(chunk, why, false, { unanswered: true });
+    this.refuse(chunk, why, false, { unanswered: true });
   }
 
   // 401: the key sent with the chunk (`headers`) was refused, or none was sent.
