@@ -4,7 +4,7 @@ Starts, in order: moto's server (S3, SQS, EC2 on loopback); provisioning of
 the buckets and queues; the model's preparation for workers (often the longest
 wait: a first conversion to OpenVINO); the local instance runner; the controller;
 the web tier under gunicorn. Prints a READY line (both addresses, the logs folder) and
-how to reach the embedded AWS from another shell. A controller
+what to export in another shell to use it. A controller
 or web tier that dies is restarted, as systemd would on an instance (both
 rebuild their state from AWS), and so is a controller that hangs (its watchdog);
 one that keeps failing at start, or the death of moto (which holds every queue
@@ -192,7 +192,10 @@ def other_shell_line(settings: Settings, env: Mapping[str, str]) -> str:
     # boto3 and the AWS CLI need a region and some credentials besides the address. Both
     # region variables: an AWS_REGION already exported there wins over AWS_DEFAULT_REGION
     # (common.config.region_from_env), and its fleet and queues are another region's.
-    exports = {"AWS_ENDPOINT_URL": settings.local_aws_url, "AWS_REGION": settings.region,
+    # WEB: the web tier's address, for the README's commands (a port set on make run's
+    # command line is not in the other shell's environment).
+    exports = {"WEB": settings.web_url,
+               "AWS_ENDPOINT_URL": settings.local_aws_url, "AWS_REGION": settings.region,
                "AWS_DEFAULT_REGION": settings.region,
                "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local",
                **{name: env[name] for name in SHARED_WITH_OTHER_SHELLS if name in env}}
@@ -201,7 +204,7 @@ def other_shell_line(settings: Settings, env: Mapping[str, str]) -> str:
     # One controller runs at a time: another, started there, only waits for this one's
     # lock; --dry-run shows what it would do with the same settings.
     assignments = " ".join(f"{name}={shlex.quote(value)}" for name, value in exports.items())
-    return ("to reach the embedded AWS from another shell (or see what controller.py --dry-run would "
+    return ("to use it from another shell (README's commands, or what controller.py --dry-run would "
             "do there): export " + assignments)
 
 

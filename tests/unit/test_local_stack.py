@@ -596,9 +596,10 @@ def test_the_line_for_other_shells_carries_what_a_controller_there_needs(tmp_pat
 
     for name in SHARED_WITH_OTHER_SHELLS:
         monkeypatch.delenv(name, raising=False)
-    settings = Settings(prefix="mine", local_aws_port=5123, local_max_workers=2)
+    settings = Settings(prefix="mine", local_aws_port=5123, web_port=8123, local_max_workers=2)
     line = other_shell_line(settings, child_env(settings, tmp_path))
-    assert line.endswith(": export AWS_ENDPOINT_URL=http://127.0.0.1:5123 AWS_REGION=us-east-1 "
+    assert line.endswith(": export WEB=http://127.0.0.1:8123 AWS_ENDPOINT_URL=http://127.0.0.1:5123 "
+                         "AWS_REGION=us-east-1 "
                          "AWS_DEFAULT_REGION=us-east-1 AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local "
                          "APP_PREFIX=mine SCALE_IN_COOLDOWN=5 READY_DEADLINE=0"), line
     # A shell that had AWS_REGION exported took its region (another fleet, no queues).
