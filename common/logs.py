@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 AWS_LIBRARIES = ("botocore", "boto3", "s3transfer", "urllib3")
 
@@ -22,6 +23,11 @@ def configure(log_format: str, level: str | None = None) -> None:
     # Library warnings (Pillow's on odd images) as log lines, with the time and process
     # the operator reads everywhere else, not bare lines on stderr.
     logging.captureWarnings(True)
+    # Both tiers refuse an image over their pixel limit themselves, from its header, as
+    # soon as it is opened (common/image_limits.py): Pillow's own warning for one over
+    # its limit only added a line calling a refused upload a "decompression bomb DOS
+    # attack". By its text: the controller imports no Pillow.
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit of \d+ pixels")
     # botocore says where it found credentials, at INFO, for every client made: noise.
     logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
     # DEBUG is the service's own: at DEBUG the AWS libraries log every request's headers,

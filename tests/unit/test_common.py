@@ -9,9 +9,11 @@ import json
 import logging
 import os
 import re
+import struct
 import subprocess
 import sys
 import unicodedata
+import zlib
 from pathlib import Path
 
 import pytest
@@ -1212,6 +1214,25 @@ def test_every_process_takes_its_log_level_from_LOG_LEVEL_and_logs_library_warni
     assert done.stdout.strip() == "WARNING"
     assert done.stderr.startswith("LOG WARNING "), done.stderr
     assert "UserWarning: odd image" in done.stderr
+
+
+def test_pillows_warning_for_an_image_the_tiers_refuse_anyway_is_not_logged():
+    """An upload of 12000x12000 pixels is refused (413) by the tiers' own limit, and
+    Pillow's "could be decompression bomb DOS attack" warning added a line of alarm."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    # Its header alone: 12000x12000 pixels, 8-bit RGB (what Pillow opens).
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 12000, 12000, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", b"") + chunk(b"IEND", b""))
+    code = ("import io, sys, warnings; from PIL import Image; from common.logs import configure; "
+            "configure('LOG %(levelname)s %(message)s'); "
+            f"image = Image.open(io.BytesIO({png!r})); print(image.size); warnings.warn('odd image')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2], check=True)
+    assert done.stdout.strip() == "(12000, 12000)"
+    assert "UserWarning: odd image" in done.stderr  # other warnings are still logged
+    assert "decompression bomb" not in done.stderr, done.stderr
 
 
 def test_at_debug_the_aws_libraries_stay_at_info_as_they_would_log_session_tokens():
