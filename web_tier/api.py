@@ -142,6 +142,8 @@ def _store_files(batch_id: str, adding: bool, files: list[FileStorage], tokens: 
                 rejected.extend(_refusals(files[start:], start, UPLOAD_MEMORY_FULL))
                 break
             stored, refused = _stored_and_refused(batch_id, chunk, start, tokens)
+        for storage in chunk:  # read, stored or refused: their memory is the next chunks' now
+            storage.close()
         items.extend(stored)
         rejected.extend(refused)
     rejected.sort(key=lambda r: r["index"])

@@ -16,7 +16,7 @@ from web_tier.listeners import Listeners
 from web_tier.rebuild import BatchRebuilder
 from web_tier.results import ResultBook
 from web_tier.sender import BatchingSender
-from web_tier.spool import SpoolDisk
+from web_tier.spool import IN_MEMORY_ALL_REQUESTS_BYTES, SharedBytes
 from web_tier.status import StatusReader
 from web_tier.submit import Submitter
 from web_tier.upload_memory import UploadMemory
@@ -40,8 +40,10 @@ class Services:
         default_factory=lambda: threading.BoundedSemaphore(MAX_EVENT_STREAMS))
     # The uploads' bytes held in memory at once, across requests (web_tier/upload_memory.py).
     upload_memory: UploadMemory = field(default_factory=UploadMemory)
-    # The bytes their temporary files hold on disk at once, across requests (web_tier/spool.py).
-    spool_disk: SpoolDisk = field(init=False)
+    # The bytes their forms hold in memory as they are read, and their temporary files on
+    # disk, at once, across requests (web_tier/spool.py).
+    spool_memory: SharedBytes = field(default_factory=lambda: SharedBytes(IN_MEMORY_ALL_REQUESTS_BYTES))
+    spool_disk: SharedBytes = field(init=False)
     submitter: Submitter = field(init=False)
     status: StatusReader = field(init=False)
     # What /healthz answers, reused for a second (web_tier/health_check.py).
@@ -55,7 +57,7 @@ class Services:
         self.status = StatusReader(self.aws, self.book)
         self.health = HealthCheck(lambda: unreachable_part(self.aws))
         self.rebuilder = BatchRebuilder(self.aws, self.book)
-        self.spool_disk = SpoolDisk(self.settings.web_spool_bytes)
+        self.spool_disk = SharedBytes(self.settings.web_spool_bytes)
 
     def close(self) -> None:
         """The process is told to stop: every request waiting (for its answer, or for

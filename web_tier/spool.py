@@ -1,6 +1,6 @@
 """Where the files of one upload request are held while it is served: in memory up to a
-budget shared by all of them, then in one temporary file for them all, its bytes taken
-from a budget shared by every request's file."""
+budget of the request's and one shared by every request's, then in one temporary file
+for them all, its bytes taken from a budget shared by every request's file."""
 
 from __future__ import annotations
 
@@ -17,6 +17,35 @@ IN_MEMORY_FILE_BYTES = 500 * 1024
 # request of 1,000 such files held ~400 MB until it ended; now 9.8 MB. The page sends
 # 8 MB at most per request, so its requests stay in memory.
 IN_MEMORY_REQUEST_BYTES = 8 * 1024 * 1024
+# What the files of all requests may hold in memory together while their forms are read;
+# past it they go to disk. Each request's 8 MB alone let 30 requests waiting for
+# UploadMemory's room hold 225 MiB beside its 256 MiB, and the 1,024 threads ~9 GiB: a
+# t2.micro web instance has 1 GiB. The page sends up to 3 chunks of 8 MB at once.
+IN_MEMORY_ALL_REQUESTS_BYTES = 64 * 1024 * 1024
+
+
+class SharedBytes:
+    """Bytes that the files of every request may hold together in one place: memory while
+    their forms are read (IN_MEMORY_ALL_REQUESTS_BYTES), or the disk of their temporary
+    files (WEB_SPOOL_BYTES). Each request is bounded, but alone nothing bounded them
+    together."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> bool:
+        """Take `nbytes` more, if they fit."""
+        with self._lock:
+            if self.held + nbytes > self.budget:
+                return False
+            self.held += nbytes
+            return True
+
+    def give(self, nbytes: int) -> None:
+        with self._lock:
+            self.held -= nbytes
 
 
 class SpoolFull(OSError):
@@ -24,40 +53,22 @@ class SpoolFull(OSError):
     room is (web_tier/errors.py), 503, nothing stored."""
 
 
-class SpoolDisk:
-    """The bytes the temporary files of every request may hold together on disk
-    (WEB_SPOOL_BYTES). Each request is held to 2 GiB (web_tier/form.py), but alone nothing
-    bounded them together: whoever may upload could fill the web host's disk, and with it
-    the journal's (web_tier/journal.py). Refused at once, not waited for: a request's body
-    is arriving as it is written, and a client told 503 sends it again later."""
-
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-        self.held = 0
-        self._lock = threading.Lock()
-
-    def take(self, nbytes: int) -> None:
-        """Take `nbytes` more, or raise SpoolFull."""
-        with self._lock:
-            if self.held + nbytes > self.budget:
-                raise SpoolFull(errno.ENOSPC, f"uploads hold {self.held} bytes on disk of the "
-                                              f"{self.budget} they may (WEB_SPOOL_BYTES)")
-            self.held += nbytes
-
-    def give(self, nbytes: int) -> None:
-        with self._lock:
-            self.held -= nbytes
-
-
 class RequestSpool:
     """The memory budget of one request's files, and the one temporary file those past it
     share. A temporary file each would take a descriptor each: 1,000 files of 16 KB past
     the budget would hold 1,000, and a few such requests, held open, leave the web tier
-    none to accept connections with, /healthz included."""
+    none to accept connections with, /healthz included.
 
-    def __init__(self, disk: SpoolDisk, memory_bytes: int = IN_MEMORY_REQUEST_BYTES) -> None:
+    Memory is taken from the request's budget and from `memory`, shared by all requests;
+    disk from `disk`, shared too. Without the disk's, whoever may upload could fill the
+    web host's disk, and with it the journal's (web_tier/journal.py). It is refused at
+    once, not waited for: the request's body is arriving as it is written, and a client
+    told 503 sends it again later."""
+
+    def __init__(self, memory: SharedBytes, disk: SharedBytes,
+                 memory_bytes: int = IN_MEMORY_REQUEST_BYTES) -> None:
         self.memory_left = memory_bytes
-        self._disk = disk
+        self._memory, self._disk = memory, disk
         self._lock = threading.Lock()
         self._file: io.BufferedRandom | None = None
         self._end = 0  # where the next file's bytes go
@@ -73,12 +84,26 @@ class RequestSpool:
             self._regions += 1
             return DiskRegion(self, self._file.fileno(), self._end)
 
+    def take_memory(self, nbytes: int) -> bool:
+        """Take `nbytes` of memory for a file, if both the request's budget and the shared
+        one have them."""
+        if nbytes > self.memory_left or not self._memory.take(nbytes):
+            return False
+        self.memory_left -= nbytes
+        return True
+
+    def give_memory(self, nbytes: int) -> None:
+        self.memory_left += nbytes
+        self._memory.give(nbytes)
+
     def grow(self, end: int) -> None:
         """Let the file reach `end`, its bytes taken from the disk budget (SpoolFull if
         refused), before they are written."""
         with self._lock:
             if end > self._end:
-                self._disk.take(end - self._end)
+                if not self._disk.take(end - self._end):
+                    raise SpoolFull(errno.ENOSPC, f"uploads hold {self._disk.held} bytes on disk of the "
+                                                  f"{self._disk.budget} they may (WEB_SPOOL_BYTES)")
                 self._end = end
 
     def region_closed(self) -> None:
@@ -162,8 +187,8 @@ class CappedSpool:
     read_limited to refuse the file as too large, while a file past the limit costs
     no more memory or disk than one at it (Werkzeug alone spools a 2 GB file to disk
     whole before its 413). It holds them in memory while the
-    file is at most IN_MEMORY_FILE_BYTES and its request's budget allows, and
-    otherwise in the request's temporary file. The rest of its methods are its
+    file is at most IN_MEMORY_FILE_BYTES and the memory budgets allow (RequestSpool),
+    and otherwise in the request's temporary file. The rest of its methods are its
     current stream's.
     """
 
@@ -171,7 +196,7 @@ class CappedSpool:
         self._stream: io.BytesIO | DiskRegion = io.BytesIO()
         self._spool = spool
         self._room = limit + 1
-        self.in_memory = 0  # bytes held in memory, taken from the request's budget
+        self.in_memory = 0  # bytes held in memory, taken from the memory budgets
 
     def write(self, data: bytes) -> int:
         kept = data[:self._room]
@@ -180,8 +205,7 @@ class CappedSpool:
         self._room -= len(kept)
         if isinstance(self._stream, io.BytesIO):
             held = self.in_memory + len(kept)
-            if held <= IN_MEMORY_FILE_BYTES and len(kept) <= self._spool.memory_left:
-                self._spool.memory_left -= len(kept)
+            if held <= IN_MEMORY_FILE_BYTES and self._spool.take_memory(len(kept)):
                 self.in_memory = held
             else:
                 self._to_disk()
@@ -193,7 +217,7 @@ class CappedSpool:
         region.write(self._stream.getvalue())
         self._stream.close()
         self._stream = region
-        self._spool.memory_left += self.in_memory
+        self._spool.give_memory(self.in_memory)
         self.in_memory = 0
 
     def __getattr__(self, name: str):
@@ -211,5 +235,5 @@ class CappedSpool:
 
     def close(self) -> None:
         self._stream.close()
-        self._spool.memory_left += self.in_memory
+        self._spool.give_memory(self.in_memory)
         self.in_memory = 0

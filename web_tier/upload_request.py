@@ -11,9 +11,9 @@ from web_tier.spool import CappedSpool, RequestSpool
 
 class UploadRequest(Request):
     """A request whose uploaded files are spooled only up to the size limit, in memory
-    only up to a budget shared by all its files, on disk only up to one shared by every
-    request's (web_tier/spool.py), and whose form's text is refused past a budget for
-    all its fields (web_tier/multipart.py)."""
+    only up to a budget shared by all its files and one shared by every request's, on
+    disk only up to one shared by every request's (web_tier/spool.py), and whose form's
+    text is refused past a budget for all its fields (web_tier/multipart.py)."""
 
     _spool: RequestSpool | None = None
     form_data_parser_class = TextCappedFormDataParser
@@ -21,7 +21,8 @@ class UploadRequest(Request):
     def _get_file_stream(self, total_content_length: int | None, content_type: str | None,
                          filename: str | None = None, content_length: int | None = None):
         if self._spool is None:
-            self._spool = RequestSpool(services().spool_disk)
+            svc = services()
+            self._spool = RequestSpool(svc.spool_memory, svc.spool_disk)
         return CappedSpool(current_app.config["MAX_FILE_BYTES"], self._spool)
 
     def close(self) -> None:

@@ -369,9 +369,9 @@ def test_a_form_that_is_not_multipart_is_not_read(web_client, monkeypatch, path)
 def test_a_capped_spool_is_a_stream_in_every_way_filestorage_uses_one(tmp_path, memory):
     from werkzeug.datastructures import FileStorage
 
-    from web_tier.spool import CappedSpool, RequestSpool, SpoolDisk
+    from web_tier.spool import CappedSpool, RequestSpool, SharedBytes
 
-    request = RequestSpool(SpoolDisk(1000), memory)
+    request = RequestSpool(SharedBytes(1000), SharedBytes(1000), memory)
     spool = CappedSpool(limit=10, spool=request)
     assert spool.write(b"line one\nline two\n") == 18  # taken whole, kept to the limit
     assert request.memory_left == (89 if memory else 0)
@@ -389,10 +389,10 @@ def test_a_capped_spool_is_a_stream_in_every_way_filestorage_uses_one(tmp_path, 
 
 @pytest.mark.parametrize("budget", [5, 500])
 def test_a_capped_spool_moves_to_disk_past_its_share_of_memory_keeping_every_byte(budget):
-    from web_tier.spool import CappedSpool, RequestSpool, SpoolDisk
+    from web_tier.spool import CappedSpool, RequestSpool, SharedBytes
 
-    disk = SpoolDisk(1000)
-    request = RequestSpool(disk, budget)
+    disk = SharedBytes(1000)
+    request = RequestSpool(SharedBytes(1000), disk, budget)
     spool = CappedSpool(limit=1000, spool=request)
     data = os.urandom(300)
     for start in range(0, 300, 7):
@@ -409,10 +409,10 @@ def test_a_capped_spool_moves_to_disk_past_its_share_of_memory_keeping_every_byt
 def test_the_requests_temporary_files_hold_no_more_disk_together_than_their_budget():
     """Each request is held to 2 GiB, but nothing held them together: whoever may
     upload could fill the web host's disk, the journal's with it."""
-    from web_tier.spool import CappedSpool, RequestSpool, SpoolDisk, SpoolFull
+    from web_tier.spool import CappedSpool, RequestSpool, SharedBytes, SpoolFull
 
-    disk = SpoolDisk(1000)
-    first, second = RequestSpool(disk, 0), RequestSpool(disk, 0)
+    disk = SharedBytes(1000)
+    first, second = RequestSpool(SharedBytes(0), disk), RequestSpool(SharedBytes(0), disk)
     held = CappedSpool(limit=2000, spool=first)
     held.write(os.urandom(700))
     refused = CappedSpool(limit=2000, spool=second)
@@ -425,6 +425,54 @@ def test_the_requests_temporary_files_hold_no_more_disk_together_than_their_budg
     refused.write(os.urandom(500))
     refused.close()
     assert disk.held == 0
+
+
+def test_the_requests_forms_hold_no_more_memory_together_than_their_budget():
+    """Each request may hold 8 MB of its files in memory as its form is read: 30 requests
+    waiting for UploadMemory's room held 225 MiB beside its 256 MiB, 1,024 threads ~9 GiB.
+    Past the shared budget a file goes to disk, as past its request's."""
+    from web_tier.spool import CappedSpool, RequestSpool, SharedBytes
+
+    memory, disk = SharedBytes(1000), SharedBytes(10_000)
+    first, second = RequestSpool(memory, disk, 800), RequestSpool(memory, disk, 800)
+    held = CappedSpool(limit=2000, spool=first)
+    held.write(os.urandom(700))
+    assert (held.in_memory, memory.held, disk.held) == (700, 700, 0)
+    data = os.urandom(400)
+    moved = CappedSpool(limit=2000, spool=second)
+    moved.write(data)  # its own request's budget has room; the shared one has 300 left
+    assert (moved.in_memory, memory.held, disk.held) == (0, 700, 400)
+    moved.seek(0)
+    assert moved.read() == data
+    held.close()
+    assert memory.held == 0  # given back: the next file is held in memory again
+    again = CappedSpool(limit=2000, spool=second)
+    again.write(data)
+    assert (again.in_memory, memory.held) == (400, 400)
+    for spool in (moved, again):
+        spool.close()
+    assert (memory.held, disk.held) == (0, 0)
+
+
+def test_a_bulk_requests_stored_chunks_give_their_memory_back_before_the_next_is_stored(
+        make_web_app, monkeypatch):
+    """A chunk's files, once stored, were held until the whole request ended: the
+    form's memory of 1,000 files read in, while the last chunks stored."""
+    from web_tier.api import FILES_PER_CHUNK
+
+    web_app = make_web_app(start_background=False, max_files_per_request=3 * FILES_PER_CHUNK)
+    svc = services_of(web_app)
+    submit, held_at_submit = svc.submitter.submit, []
+    monkeypatch.setattr(svc.submitter, "submit", lambda batch, uploads, *rest: held_at_submit.append(
+        svc.spool_memory.held) or submit(batch, uploads, *rest))
+    files = [(make_image(500 + n, size=(48, 48)), f"f{n}.jpg") for n in range(3 * FILES_PER_CHUNK)]
+    response = upload(web_app.test_client(), files)
+    assert response.status_code == 202 and len(response.get_json()["items"]) == len(files)
+    each = len(files[0][0])
+    assert held_at_submit[0] >= 3 * FILES_PER_CHUNK * each * 0.9  # all read in, in memory
+    # Each chunk's files closed once stored: the last chunk's alone are held by its turn.
+    assert held_at_submit[-1] <= FILES_PER_CHUNK * each * 1.2, (held_at_submit, each)
+    assert svc.spool_memory.held == 0
 
 
 def test_uploads_past_the_disk_budget_are_a_503_to_send_again_and_store_nothing(
