@@ -136,8 +136,12 @@ class Journal:
             except OSError:
                 continue
             if fd is not None:
-                path.unlink(missing_ok=True)
-                os.close(fd)
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as exc:  # left to a later round; the requeue goes on
+                    log.error("cannot delete the unnamed journal %s: %s", path, exc)
+                finally:
+                    os.close(fd)
 
     def _adopt(self, path: Path) -> dict[str, str]:
         fd = _lock_if_dead(path)
@@ -228,12 +232,19 @@ class Journal:
                               len(self._pending))
         if not written:  # the new file lacks some: the old one, which has them all, stays
             self._path, self._fd, self._torn = old_path, old_fd, old_torn
-            path.unlink(missing_ok=True)
             os.close(fd)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:  # another process would adopt it: sent twice at worst
+                log.error("cannot delete the unfinished journal %s: %s", path, exc)
             return
         # Killed before this, both files are read at the next start: sent twice at worst.
-        old_path.unlink(missing_ok=True)
-        os.close(old_fd)
+        try:
+            old_path.unlink(missing_ok=True)
+        except OSError as exc:  # read at the next start too: sent twice at worst, as above
+            log.error("cannot delete the compacted journal %s: %s", old_path, exc)
+        finally:
+            os.close(old_fd)
 
 
 def _lock_if_dead(path: Path) -> int | None:

@@ -114,6 +114,33 @@ def test_a_file_a_killed_process_left_unnamed_is_deleted_once_a_minute_old(tmp_p
     assert journal.path.exists()
 
 
+def test_an_unnamed_file_that_cannot_be_deleted_lets_the_orphans_be_taken_and_keeps_no_descriptor(
+        tmp_path, monkeypatch):
+    """Its deletion refused (a read-only or foreign file), the error escaped: no dead
+    journal was taken that round, and the file's locked descriptor stayed open, so that
+    it looked alive to this process for good."""
+    left = tmp_path / ".123-abcdef01.new"
+    left.write_bytes(b"")
+    os.utime(left, (1_000_000, 1_000_000))
+    dead = Journal(tmp_path)
+    dead.begin("a", request_body("a", "b/a/1.jpg"))
+    dead.close()
+    unlink = Path.unlink
+
+    def refused(path, missing_ok=False):
+        if path == left:
+            raise PermissionError(13, "Permission denied", str(path))
+        return unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    journal = Journal(tmp_path)
+    opened = set(os.listdir("/proc/self/fd"))
+    assert journal.adopt_orphans() == {"a": request_body("a", "b/a/1.jpg")}
+    assert set(os.listdir("/proc/self/fd")) <= opened  # none left open on the unnamed file
+    monkeypatch.setattr(Path, "unlink", unlink)  # the next round deletes it
+    assert journal.adopt_orphans() == {} and not left.exists()
+
+
 def test_a_live_processs_journal_is_never_taken_and_a_dead_ones_is_taken_once(tmp_path):
     live = Journal(tmp_path)
     live.begin("a", request_body("a", "b/a/1.jpg"))
@@ -480,6 +507,28 @@ def test_a_compaction_that_cannot_write_keeps_the_old_file(tmp_path, monkeypatch
     assert journal.path == first and first.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [first.name]
     assert set(read_pending(first.read_bytes())) == {"a", "b"}
+
+
+def test_a_compacted_file_that_cannot_be_deleted_fails_no_upload_and_keeps_no_descriptor(
+        tmp_path, monkeypatch, caplog):
+    """Its deletion refused, the error escaped from Journal.end into the upload that
+    ended the item, and the old file's descriptor stayed open."""
+    journal = Journal(tmp_path, max_lines=4)
+    for name in "abc":
+        journal.begin(name, request_body(name, f"b/{name}/1.jpg"))
+    first, unlink = journal.path, Path.unlink
+
+    def refused(path, missing_ok=False):
+        if path == first:
+            raise PermissionError(13, "Permission denied", str(path))
+        return unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    opened = set(os.listdir("/proc/self/fd"))
+    journal.end("c")  # the fourth line: compaction, whose old file cannot be deleted
+    assert journal.path != first and set(read_pending(journal.path.read_bytes())) == {"a", "b"}
+    assert len(set(os.listdir("/proc/self/fd")) - opened) <= 1  # the new file's, the old one's closed
+    assert "cannot delete the compacted journal" in caplog.text
 
 
 @pytest.mark.parametrize("failing", ["open", "rename"])
