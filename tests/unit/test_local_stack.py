@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from common.aws import Aws
-from common.config import Settings, local_run_overrides
+from common.config import VARIABLES, Settings, local_run_overrides
 from controller.lock import EXIT_ANOTHER_CONTROLLER
 from localaws.harness import free_port, free_ports
 from localaws.kill import group_alive
@@ -1005,3 +1005,23 @@ def test_an_embedded_aws_open_beyond_this_machine_is_warned_of(host, warned):
     assert (warning is not None) == warned
     if warned:
         assert f"listens on {host} (LOCAL_AWS_HOST) and checks no credentials" in warning
+
+
+def test_make_run_suggests_the_few_core_settings_only_where_they_help_and_none_were_chosen():
+    """On 2 cores a burst's fifteen processes loading the model made `make run` 2.5 to 3
+    times slower than the few-core settings, which the README names only in passing."""
+    from localaws.stack import FEW_CORES_SETTINGS, few_cores_note
+
+    settings = Settings(local_max_workers=15)
+    note = few_cores_note(settings, {}, 2)
+    assert note.startswith("this machine has 2 cores, and a burst starts up to 15 worker processes")
+    assert f"{FEW_CORES_SETTINGS} make run serves bursts 2.5 to 3 times faster" in note
+    # The settings named are the README's, and each is one of the service's variables.
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert FEW_CORES_SETTINGS in readme.replace("\n", " ")
+    names = {word.split("=")[0] for word in FEW_CORES_SETTINGS.split()}
+    assert names <= {variable.name for variable in VARIABLES}
+    assert few_cores_note(settings, {"LOCAL_MAX_WORKERS": "15"}, 2) == ""  # chosen
+    assert few_cores_note(settings, {}, 16) == ""  # cores enough
+    assert few_cores_note(settings, {}, None) == ""  # unknown
+    assert few_cores_note(Settings(local_max_workers=2), {}, 2) == ""  # memory capped it already
