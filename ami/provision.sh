@@ -37,14 +37,16 @@ as_service() {
 
 install_packages() {
   log "installing Python 3.11"
+  # cloud-init may still run its first boot's stages as Packer connects (at sshd's
+  # start): they hold the package manager's lock (Ubuntu's unattended-upgrades too), and
+  # clean_up's `cloud-init clean` must not run under them. Bounded: where cloud-init is
+  # installed but never runs (a container), it waits for ever.
+  if command -v cloud-init >/dev/null; then timeout 600 cloud-init status --wait >/dev/null || true; fi
   if command -v dnf >/dev/null; then
     dnf install -y -q python3.11 python3.11-pip tar gzip
     dnf clean all
   elif command -v apt-get >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
-    # A fresh Ubuntu instance runs cloud-init and unattended-upgrades at first boot,
-    # which hold apt's lock: apt-get would fail at once on it.
-    if command -v cloud-init >/dev/null; then cloud-init status --wait >/dev/null || true; fi
     apt-get -o DPkg::Lock::Timeout=600 update -q
     apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends \
       python3.11 python3.11-venv ca-certificates curl

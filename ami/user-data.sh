@@ -9,11 +9,12 @@ set -euo pipefail
 etc_dir="${IMGCLASS_ETC_DIR:-/etc/imgclass}"
 imds=http://169.254.169.254/latest
 
-# IMDSv2: a session token first, then the instance id the worker reports itself as.
-token=$(curl -fsS --retry 10 --retry-connrefused -X PUT \
-  -H "X-aws-ec2-metadata-token-ttl-seconds: 60" "$imds/api/token")
-instance_id=$(curl -fsS --retry 10 --retry-connrefused \
-  -H "X-aws-ec2-metadata-token: $token" "$imds/meta-data/instance-id")
+# IMDSv2: a token, then the instance id the worker reports itself as. Calls bounded,
+# retried on any error for 2 min; the token outlives them (an expired one's 401 ends this).
+imds_curl=(curl -fsS --connect-timeout 2 --max-time 10 --retry 10 --retry-delay 1
+  --retry-max-time 120 --retry-all-errors)
+token=$("${imds_curl[@]}" -X PUT -H "X-aws-ec2-metadata-token-ttl-seconds: 21600" "$imds/api/token")
+instance_id=$("${imds_curl[@]}" -H "X-aws-ec2-metadata-token: $token" "$imds/meta-data/instance-id")
 
 # Single quotes: whatever the controller renders is taken literally.
 endpoint='{{AWS_ENDPOINT_URL}}'

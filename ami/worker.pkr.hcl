@@ -9,7 +9,9 @@
 packer {
   required_plugins {
     amazon = {
-      version = ">= 1.3.0"
+      # Not any later major version: the bake policy (iam-bake-policy.json) allows the
+      # calls this line of the plugin makes, and a new call fails a bake midway.
+      version = "~> 1.3"
       source  = "github.com/hashicorp/amazon"
     }
   }
@@ -94,6 +96,12 @@ source "amazon-ebs" "worker" {
   temporary_security_group_source_public_ip = true
   # The build's temporary key is not left in the image's authorized_keys.
   ssh_clear_authorized_keys = true
+  # How long Packer waits for the image (and the build instance) to be ready: up to 40
+  # minutes, where its default gives up sooner on a slow day, and deletes the image.
+  aws_polling {
+    delay_seconds = 30
+    max_attempts  = 80
+  }
 
   # IMDSv2 only, for the build instance and, through imds_support, for every
   # instance launched from the AMI.
