@@ -87,7 +87,8 @@ def boot(tmp_path):
     bin_dir.mkdir()
     calls = tmp_path / "systemctl.log"
     # Answers like IMDSv2: the instance id only for a request carrying the token.
-    write_stub(bin_dir, "curl", """
+    write_stub(bin_dir, "curl", f"""
+echo "$*" >> "{tmp_path / 'curl.log'}"
 case "$*" in
   *"-X PUT"*ttl-seconds*/api/token*) echo -n TOKEN123 ;;
   *"X-aws-ec2-metadata-token: TOKEN123"*/meta-data/instance-id*) echo -n i-0abc123def4567890 ;;
@@ -153,6 +154,22 @@ def test_user_data_writes_worker_env_from_imdsv2_and_starts_the_service(boot):
     ]
     assert stat.S_IMODE((etc_dir / "worker.env").stat().st_mode) == 0o600
     assert calls.read_text().splitlines() == ["enable --now --no-block imgclass-worker.service"]
+
+
+def test_user_datas_metadata_calls_are_bounded_and_retried_within_the_tokens_life(boot, tmp_path):
+    """Unbounded, a stalled metadata connection held cloud-init for good; with curl's
+    doubling backoff and a 60 s token, a slow IMDS expired the token between retries,
+    its 401 ended the script, and no worker ran until READY_DEADLINE."""
+    result, _, _ = boot(render())
+    assert result.returncode == 0, result.stderr
+    calls = (tmp_path / "curl.log").read_text().splitlines()
+    assert len(calls) == 2
+    for call in calls:
+        flags = dict(re.findall(r"--([a-z-]+) (\d+)", call))
+        assert int(flags["max-time"]) <= 10 and "--retry-all-errors" in call, call
+        assert int(flags["retry-max-time"]) <= 120 and int(flags["retry-delay"]) == 1, call
+    token_life = int(re.search(r"ttl-seconds: (\d+)", calls[0])[1])
+    assert token_life > 2 * (120 + 10)  # both calls' retries, the last try's own time
 
 
 def test_user_data_passes_an_endpoint_url_only_when_there_is_one(boot):
