@@ -211,7 +211,7 @@ class Handler(BaseHTTPRequestHandler):
         if status != 200:
             self._send(status, "boom")
             return
-        name = "someone_else" if content == b"mismatch" else Path(filename).stem
+        name = {b"mismatch": "someone_else", b"with-extension": filename}.get(content, Path(filename).stem)
         headers = {"X-Model-Untrained": "true"} if self.tier.untrained else {}
         if content == b"not-an-answer":  # another server's page, which happens to hold a colon
             self._send(200, f'<?xml version="1.0"?>\n<Result xmlns="http://x/">{name}</Result>\n')
@@ -661,6 +661,23 @@ def test_the_command_reads_the_folder_and_the_csv_once_so_its_plan_is_what_it_co
     requests_sent = json.loads(out.read_text())["requests"]
     assert sorted(r["file"] for r in requests_sent) == ["a.jpg", "b.jpg"]
     assert {r["verdict"] for r in requests_sent} == {"correct"}
+
+
+def test_the_json_report_written_a_row_at_a_time_is_the_whole_report(tier, tmp_path):
+    """Written as made, row by row: made whole first, two million requests' rows took
+    ~7 GB to write."""
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:cat", "b.jpg": b"fail", 'q"uote.jpg': b"x"})
+    report = run_load(Config(images=images, url=tier.url, concurrency=1))
+    path = tmp_path / "run.json"
+    load_test.write_json(report, path)
+    written = path.read_text(encoding="utf-8")
+    assert json.loads(written) == json.loads(json.dumps(report.to_dict()))
+    assert [r["file"] for r in json.loads(written)["requests"]] == ["a.jpg", "b.jpg", 'q"uote.jpg']
+    rows = [line for line in written.splitlines() if line.startswith('    {"index": ')]
+    assert len(rows) == 3  # a line each
+    report.outcomes.clear()  # none recorded: still a whole document
+    load_test.write_json(report, path)
+    assert json.loads(path.read_text())["requests"] == []
 
 
 def test_a_connection_closed_before_the_answer_is_not_called_a_failure_to_connect(tier, tmp_path):
@@ -1969,6 +1986,26 @@ def test_verbose_prints_the_course_lines(tier, tmp_path, capsys):
     assert "latency p99" in out
 
 
+def test_verbose_prints_a_failure_in_no_line_of_the_courses(tier, tmp_path, capsys):
+    """"Classification result: ERROR HTTP 500: ..." was counted as a result by whatever
+    counts the course's lines."""
+    images = make_images(tmp_path / "images", {"ok.jpg": b"label:cat", "broken.jpg": b"fail"})
+    assert load_test.main(["--url", tier.url, "--images", str(images), "--verbose", "-c", "1"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("Classification result:") == 1 and out.count(" uploaded!") == 1
+    assert "ok.jpg uploaded!\nClassification result: ok:cat\n" in out
+    assert "broken.jpg failed: HTTP 500: boom\n" in out, out
+
+
+def test_an_answer_naming_the_file_with_its_extension_says_so(tier, tmp_path, capsys):
+    """Another course server's answer, "a.jpg:cat" for a.jpg, was said to be "for 'a.jpg'":
+    a contradiction, where the contract's name has no extension."""
+    images = make_images(tmp_path / "images", {"a.jpg": b"with-extension"})
+    assert load_test.main(["--url", tier.url, "--images", str(images), "-q"]) == 1
+    assert ("a.jpg: wrong: answered 'a.jpg:cat', answer names the file with its extension ('a.jpg'), "
+            "where POST / answers '<name without extension>:<label>'") in capsys.readouterr().out
+
+
 def test_a_server_that_drips_its_answer_is_given_up_on_at_the_timeout(tier, tmp_path):
     """requests' read timeout bounds each read: a byte a second would hold a request past
     --timeout for ever."""
@@ -2779,7 +2816,11 @@ def test_the_progress_rate_is_counted_from_the_first_request_not_from_the_checks
     progress = load_test.Progress(10, stream=stream)
     progress.start(time.monotonic() - 100)  # as if made long before, its requests began 100 s ago
     progress.update(10, 0, 0)
-    assert stream.getvalue().endswith("  0.1/s\n")
+    assert stream.getvalue().endswith("  0.1 answered/s\n")
+    progress = load_test.Progress(10, stream=stream)
+    progress.start(time.monotonic() - 100)
+    progress.update(10, 5, 1, not_sent=3)  # the wrong answers are answers; failures are not
+    assert stream.getvalue().endswith("  failed 5  wrong 1  not sent 3  0.0 answered/s\n")
 
 
 def test_the_progress_bar_on_a_terminal_clears_what_a_longer_line_left():
