@@ -258,6 +258,8 @@ def test_the_controllers_lock_is_where_its_unit_lets_it_write():
     unit = unit_settings("imgclass-controller.service")
     # systemd sets HOME from the user's entry: imgclass's home, as README step 5 makes it.
     assert Path(state_dir({"HOME": "/var/lib/imgclass"})).is_relative_to(unit["ReadWritePaths"][0])
+    # Made by systemd if missing (a user made without that home): else the start fails.
+    assert unit["StateDirectory"] == ["imgclass"] and unit["ReadWritePaths"] == ["/var/lib/imgclass"]
 
 
 def test_systemd_unit_restarts_and_stops_gracefully():
