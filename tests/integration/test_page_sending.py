@@ -560,3 +560,46 @@ def last_announced(browser) -> str:
     """The last text record_announcements kept, "" before any."""
     said = browser.execute_script("return window.announced")
     return said[-1] if said else ""
+
+
+def test_a_file_whose_sends_all_got_a_proxys_504_takes_the_result_its_stream_brought(
+        stack, browser, reference_model, tmp_path):
+    """The server stored late.jpg at its first send, and the batch's stream (open for
+    first.jpg) brought its result while a proxy answered every send 504. The page kept
+    that result for an answer that never came, then failed the row as unanswered: the
+    stream sends nothing twice, and the minute's look passes rows with no item id."""
+    files = {"first.jpg": make_image(1590, size=(64, 48)), "late.jpg": make_image(1591, size=(64, 48))}
+    browser.get(stack.web_url + "/")
+    browser.execute_script(UPLOADS_BY_FETCH + """
+      document.body.dataset.filesPerRequest = '1';
+      document.body.dataset.resendDelayScale = '0.05';
+      // Counts the stream's events for late.jpg done: heard before the page's own handler.
+      const RealEventSource = window.EventSource;
+      window.lateDone = 0;
+      window.EventSource = class extends RealEventSource {
+        constructor(...args) {
+          super(...args);
+          this.addEventListener("message", (event) => {
+            const item = JSON.parse(event.data);
+            if (item.filename === "late.jpg" && item.state === "done") window.lateDone += 1;
+          });
+        }
+      };
+      const realFetch = window.fetch;
+      window.lateSends = 0;
+      window.fetch = async (url, options) => {
+        if (url !== "/api/jobs" || !options.body.getAll("files").some((f) => f.name === "late.jpg")) {
+          return realFetch(url, options);
+        }
+        window.lateSends += 1;
+        await realFetch(url, options);  // stored (once: its token)
+        // The last send's 504 only once the stream has brought the result.
+        while (window.lateSends === 5 && !window.lateDone) await new Promise((r) => setTimeout(r, 50));
+        return new Response("<html><body><h1>504 Gateway Time-out</h1></body></html>",
+                            {status: 504, headers: {"Content-Type": "text/html"}});
+      };""")
+    choose(browser, tmp_path, files)
+    shown = finished_rows(browser, stack, 2, timeout_s=60)
+    assert browser.execute_script("return [window.lateSends, window.lateDone > 0]") == [5, True]
+    assert_classified(shown, files, reference_model)
+    assert_stored_once(browser, stack, files)

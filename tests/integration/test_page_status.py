@@ -660,6 +660,34 @@ def test_uploads_refused_while_the_status_line_answers_keep_their_notice(stack, 
     finished_rows(browser, stack, 1, timeout_s=60)
 
 
+def test_an_uploads_notice_ends_with_the_reads_answers_once_no_upload_goes_on(stack, browser, tmp_path):
+    """Uploads refused 503 past their resends, the server answering reads all along: the
+    notice that it refuses uploads stayed for good beside the status line's live
+    figures, no upload left to answer and end it."""
+    from selenium.webdriver.common.by import By
+
+    page_settings(browser, statusEveryMs="300")
+    browser.get(stack.web_url + "/")
+    summary = browser.find_element(By.ID, "summary")
+    browser.execute_script(UPLOADS_BY_FETCH + """
+      document.body.dataset.resendDelayScale = '0.05';  // 0.25, 0.5, 1, 2 s
+      window.refusedUploads = 0;
+      const realFetch = window.fetch;
+      window.fetch = async (url, options) => {
+        if (String(url) === "/api/jobs") {
+          window.refusedUploads += 1;
+          const body = {error: "storage unavailable", code: "storage_unavailable", items: [], rejected: []};
+          const headers = {"Content-Type": "application/json"};
+          return new Response(JSON.stringify(body), {status: 503, headers});
+        }
+        return realFetch(url, options);
+      };""")
+    choose(browser, tmp_path, {"refused_for_good.jpg": make_image(1592, size=(64, 48))})
+    wait_for(lambda: states_shown(browser) == {"refused_for_good.jpg": "failed"}, 30, "the file failed")
+    assert browser.execute_script("return window.refusedUploads") == 5  # the first send and 4 resends
+    wait_for(lambda: "refusing uploads" not in summary.text, 10, "the notice gone with the reads' answers")
+
+
 def test_failed_rows_can_be_shown_alone_and_the_results_downloaded_as_csv(stack, browser, reference_model,
                                                                            tmp_path):
     """Among hundreds of rows, the few that failed must be found without scrolling, and

@@ -53,8 +53,12 @@ export function requestUnanswered(kindOrError, source = "read") {
 // answer ends an "unreachable" one; a "busy" or "timeout" one only an answer of its own
 // source: uploads refused 503 while S3 fails, or timing out on a slow link, beside a
 // status line answered every 2 s, had the notice come and go, heard at each change.
+// Once no upload goes on, none will answer: an upload's outage is then ended by the reads'
+// answers too, or it stayed for good beside the status line's live figures.
 export function serverAnswered(source = "read") {
-  if (!outage || (outage.kind !== "unreachable" && outage.source !== source)) return;
+  if (!outage) return;
+  const uploadsOver = !page.sessions.some((session) => session.uploading && !session.stopped);
+  if (outage.kind !== "unreachable" && outage.source !== source && !uploadsOver) return;
   outage = null;
   sayOnce("The server answers again");
 }
