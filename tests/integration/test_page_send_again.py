@@ -477,3 +477,44 @@ def test_a_tab_kept_in_front_hears_a_failed_file_sent_again_from_elsewhere(
     assert len(seen) == opened, seen
     assert browser.execute_script("return window.notReloaded")
     wait_for(lambda: request_queue_empty(stack), 60, "the request queue empty")
+
+
+# "late.jpg" seen failed as a dead letter (arguments[0]) at every poll, and every ask to
+# send it again (POST .../again) refused 401, counted in window.againAsked.
+LATE_JPG_DEAD_LETTER_AGAIN_REFUSED = "const deadLetter = arguments[0];" + polls_answered_as("""
+      if (item.filename === "late.jpg") {
+        Object.assign(item, { state: "failed", label: null, score: null, top5: [], error: deadLetter,
+                              code: "dead_letter" });
+      }""") + r"""
+  const pollingFetch = window.fetch;
+  window.againAsked = 0;
+  window.fetch = async (url, options) => {
+    if (!/\/again$/.test(String(url))) return pollingFetch(url, options);
+    window.againAsked += 1;
+    const body = { error: "an API key is required", code: "key_required" };
+    const headers = { "Content-Type": "application/json" };
+    return new Response(JSON.stringify(body), { status: 401, headers });
+  };"""
+
+
+def test_a_dead_letter_refused_at_each_press_says_why_once(stack, browser, tmp_path):
+    """Each press added "(not sent again: ...)" to the reason the last press had left:
+    three presses, three of them, all read out by screen readers."""
+    from common.failure_tags import DEAD_LETTER_ERROR
+
+    files = {"late.jpg": make_image(1593, size=(64, 48)), "other.jpg": make_image(1594, size=(64, 48))}
+    browser.get(stack.web_url + "/")
+    browser.execute_script(LATE_JPG_DEAD_LETTER_AGAIN_REFUSED, DEAD_LETTER_ERROR)
+    choose(browser, tmp_path, files)
+    wait_for(lambda: states_shown(browser) == {"late.jpg": "failed", "other.jpg": "done"}, 60,
+             "the dead letter shown")
+    button = send_again_button(browser)
+    for press in (1, 2, 3):
+        wait_for(button.is_displayed, 10, f"the button before press {press}")
+        button.click()
+        wait_for(lambda: browser.execute_script("return window.againAsked") == press  # noqa: B023
+                 and "not sent again" in {n: t for n, _, t in rows_shown(browser)}["late.jpg"],
+                 30, f"press {press} refused")
+    shown = {name: text for name, _, text in rows_shown(browser)}["late.jpg"]
+    assert shown.count("not sent again") == 1, shown
+    assert shown.count(DEAD_LETTER_ERROR) == 1, shown

@@ -166,7 +166,9 @@ export class Session {
   // again, it stays failed, with why, and still offered.
   queueAgain(entries) {
     for (const entry of entries) {
-      const error = entry.el.querySelector(".error").textContent;
+      // Without what an earlier press added, which each press added to again.
+      const error = entry.el.querySelector(".error").textContent
+        .replace(/ \(not sent again(?: in place)?: [\s\S]*\)$/, "");
       entry.el.querySelector(".error").textContent = "";
       setState(entry.el, "uploading");
       showSentAgain(entry, (entry.again || 0) + 1);
