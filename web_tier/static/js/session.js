@@ -141,8 +141,8 @@ export class Session {
     rememberBatch(this.batchId);
     setUnconfirmed(this.batchId, true);
     const tooLarge = this.entries.filter(({ file }) => file.size > setting("maxFileBytes"));
-    this.refuse(tooLarge, tooLargeText(), true,
-                { code: "too_large" });  // and saves
+    this.refuse(tooLarge, tooLargeText(), true, { code: "too_large" });
+    if (!tooLarge.length) this.save();  // saved from the start, as refuse saves (see save)
     await this.sendAll(this.entries.filter((entry) => !tooLarge.includes(entry)));
   }
 
