@@ -299,8 +299,9 @@ def test_an_event_stream_that_brings_nothing_gives_its_connection_back(stack, br
         try:
             wait_for(lambda: browser.execute_script(polls) >= 2, 30, "the batch polled, twice")
         except AssertionError as exc:
-            times = browser.execute_script("return [performance.now(), window.readTimes]")
-            shown = f"reads (ms since load, answered at), now {times[0]:.0f}: {times[1]}"
+            times = browser.execute_script("return [performance.now(), window.readTimes, window.reads]")
+            shown = (f"reads (ms since load, answered at), now {times[0]:.0f}: {times[1]}; (visibility, "
+                     f"streams open) at each: {times[2]}; the console: {browser.get_log('browser')}")
             raise AssertionError(f"{exc}; {shown}") from None
         # Hidden, a batch polled already is polled at the hidden rate, not every 2 s: at
         # most the poll already timed at 2 s comes (none if a read was under way as the

@@ -1111,7 +1111,12 @@ export class Session {
     const tick = async () => {
       const mine = this.pollTimer;
       const finishedBefore = this.finishedCount();
-      await this.refresh();
+      try {
+        await this.refresh();
+      } catch (error) {
+        // A fault of this page's in one read must not end the batch's polls for good.
+        console.error("a read of the batch failed:", error);
+      }
       // lose() has stopped it; or, since, the batch held again, a poll started anew (refresh).
       if (this.pollTimer !== mine) return;
       // Polled since its stream brought nothing, and results come again: followed by a
