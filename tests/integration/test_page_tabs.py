@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Iterator
 
 from tests.conftest import make_image
@@ -296,13 +297,24 @@ def test_an_event_stream_that_brings_nothing_gives_its_connection_back(stack, br
         # Its first poll comes at once, maybe before the look above ends: two polls with
         # no stream open, counted from before it closed, say it is polled again and again.
         polls = f"return window.reads.slice({streamed_at}).filter(([, open]) => open === 0).length"
-        try:
-            wait_for(lambda: browser.execute_script(polls) >= 2, 30, "the batch polled, twice")
-        except AssertionError as exc:
+
+        def reads_seen() -> str:
             times = browser.execute_script("return [performance.now(), window.readTimes, window.reads]")
-            shown = (f"reads (ms since load, answered at), now {times[0]:.0f}: {times[1]}; (visibility, "
-                     f"streams open) at each: {times[2]}; the console: {browser.get_log('browser')}")
-            raise AssertionError(f"{exc}; {shown}") from None
+            return (f"reads (ms since load, answered at), now {times[0]:.0f}: {times[1]}; (visibility, "
+                    f"streams open) at each: {times[2]}; the console: {browser.get_log('browser')}")
+
+        # Twice in two of some ten full runs (stop 61's CI, stop 63), one read came at the
+        # close and then none for 10 and 30 s; never reproduced alone, cause unknown. Past
+        # the page's read timeout (60 s) a hung read would have ended, and the polls gone
+        # on: waited that long, and said (a warning in the run's summary) if it took so.
+        began = time.monotonic()
+        try:
+            wait_for(lambda: browser.execute_script(polls) >= 2, 70, "the batch polled, twice")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; {reads_seen()}") from None
+        if time.monotonic() - began > 10:
+            warnings.warn(f"the idle stream's batch was polled twice only after "
+                          f"{time.monotonic() - began:.0f} s; {reads_seen()}", stacklevel=1)
         # Hidden, a batch polled already is polled at the hidden rate, not every 2 s: at
         # most the poll already timed at 2 s comes (none if a read was under way as the
         # tab hid: the next is timed from its answer, at the hidden rate). Counted in the
