@@ -1345,6 +1345,21 @@ def a_launch_left_unanswered(aws: Aws, controller: Controller, patch) -> LaunchC
     return unanswered
 
 
+def ec2_of_2025(unanswered: LaunchCall, new_call) -> tuple[object, list[str]]:
+    """RunInstances as EC2 answers it since January 2025: the repeat of `unanswered`
+    refused (IdempotentInstanceTerminated), any other call answered by `new_call`; and the
+    ClientTokens it was sent, in order."""
+    tokens = []
+
+    def run_instances(**kwargs):
+        tokens.append(kwargs["ClientToken"])
+        if kwargs["ClientToken"] == unanswered.token:
+            raise client_error("IdempotentInstanceTerminated", "RunInstances", 400)()
+        return new_call(**kwargs)
+
+    return run_instances, tokens
+
+
 def test_a_repeated_launch_whose_instance_has_terminated_is_made_anew(aws, make_controller, patch, caplog):
     """Since January 2025 EC2 refuses a ClientToken whose instance has terminated
     (IdempotentInstanceTerminated), where it returned that instance: a call that got no
@@ -1354,15 +1369,8 @@ def test_a_repeated_launch_whose_instance_has_terminated_is_made_anew(aws, make_
     controller = make_controller()
     real = aws.ec2.run_instances
     unanswered = a_launch_left_unanswered(aws, controller, patch)
-    tokens = []
-
-    def ec2_of_2025(**kwargs):
-        tokens.append(kwargs["ClientToken"])
-        if kwargs["ClientToken"] == unanswered.token:
-            raise client_error("IdempotentInstanceTerminated", "RunInstances", 400)()
-        return real(**kwargs)
-
-    patch.setattr(aws.ec2, "run_instances", ec2_of_2025)
+    run_instances, tokens = ec2_of_2025(unanswered, real)
+    patch.setattr(aws.ec2, "run_instances", run_instances)
     assert controller.step(now=1060.0).launch == (1,)
     assert tokens[0] == unanswered.token and len(tokens) == 2 and tokens[1] != unanswered.token
     assert names(aws) == ["app-tier-instance-1"]
@@ -1378,17 +1386,13 @@ def test_a_repeated_launch_refused_for_a_terminated_instance_is_not_repeated_aga
     that gets no reply is the one to repeat."""
     controller = make_controller()
     unanswered = a_launch_left_unanswered(aws, controller, patch)
-    tokens = []
+    code = "InsufficientInstanceCapacity" if new_call_fails == "no capacity" else "InternalError"
 
-    def ec2_of_2025(**kwargs):
-        tokens.append(kwargs["ClientToken"])
-        if kwargs["ClientToken"] == unanswered.token:
-            raise client_error("IdempotentInstanceTerminated", "RunInstances", 400)()
-        if new_call_fails == "no capacity":
-            raise client_error("InsufficientInstanceCapacity", "RunInstances", 500)()
-        raise client_error("InternalError", "RunInstances", 500)()
+    def new_call_failing(**kwargs):
+        raise client_error(code, "RunInstances", 500)()
 
-    patch.setattr(aws.ec2, "run_instances", ec2_of_2025)
+    run_instances, tokens = ec2_of_2025(unanswered, new_call_failing)
+    patch.setattr(aws.ec2, "run_instances", run_instances)
     controller.step(now=1060.0)
     assert tokens[0] == unanswered.token and len(tokens) == 2
     if new_call_fails == "no capacity":
