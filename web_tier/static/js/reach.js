@@ -5,7 +5,7 @@
 // classified", then all failed, and files waiting to be sent again were resent in silence.
 import { sayOnce } from "./announce.js";
 import { updateSummary } from "./refresh.js";
-import { page } from "./state.js";
+import { page, sendingSessions } from "./state.js";
 
 // The outage under way, or null: {kind, since, source}. `source`: "upload" or "read" (the
 // status line's and a batch's reads), the requests whose answer ends it. `kind`:
@@ -57,7 +57,7 @@ export function requestUnanswered(kindOrError, source = "read") {
 // answers too, or it stayed for good beside the status line's live figures.
 export function serverAnswered(source = "read") {
   if (!outage) return;
-  const uploadsOver = !page.sessions.some((session) => session.uploading && !session.stopped);
+  const uploadsOver = !sendingSessions().length;
   if (outage.kind !== "unreachable" && outage.source !== source && !uploadsOver) return;
   outage = null;
   sayOnce("The server answers again");
@@ -74,7 +74,7 @@ function outageText() {
   const since = outage.since.toLocaleTimeString();
   const head = outage.kind === "timeout" ? `${HEADS.timeout} (since ${since}: ${TIMEOUT_WHY})`
     : `${HEADS[outage.kind]} (since ${since})`;
-  const sending = page.sessions.filter((session) => session.uploading && !session.stopped);
+  const sending = sendingSessions();
   const parts = [];
   if (sending.some((session) => session.created)) parts.push("the files it has stored are safe");
   const next = Math.min(...sending.map((session) => session.nextResendAt()));

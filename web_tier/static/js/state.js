@@ -25,3 +25,8 @@ export const page = {
   // was named: after a "send again", whose rows keep their places, an old failure.
   firstFailure: null,
 };
+
+// The uploads of this page view still sending (not stopped by the user).
+export function sendingSessions() {
+  return page.sessions.filter((session) => session.uploading && !session.stopped);
+}

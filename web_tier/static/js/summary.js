@@ -8,7 +8,7 @@ import { onlyFailed } from "./csv.js";
 import { $, resultsEl } from "./dom.js";
 import { updateSummary } from "./refresh.js";
 import { isStopped } from "./rows.js";
-import { page } from "./state.js";
+import { page, sendingSessions } from "./state.js";
 
 const TITLE = document.title;
 
@@ -88,7 +88,7 @@ export function refreshSummary() {
     : unfinished ? "Download the results so far (CSV)" : "Download the results (CSV)";
   $("tools").hidden = !all.length;
   const stopSending = $("stop-sending");
-  const stoppable = page.sessions.some((session) => session.uploading && !session.stopped);
+  const stoppable = sendingSessions().length > 0;
   // Hidden with the focus on it (the uploads ended), it would leave the focus on nothing.
   if (!stoppable && document.activeElement === stopSending) $("download-csv").focus();
   stopSending.hidden = !stoppable;
