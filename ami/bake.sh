@@ -130,6 +130,7 @@ vars=(
   -var "region=$region"
   -var "source_tarball=$stage/imgclass-src.tar.gz"
   -var "weights_source=$weights_source"
+  -var "weights_in_tarball=$([[ -n $weights_file ]] && echo true || echo false)"
   -var "build_instance_profile=$build_instance_profile"
   -var "subnet_id=$subnet_id"
   -var "manifest_path=$stage/manifest.json"

@@ -33,6 +33,12 @@ variable "weights_source" {
   description = "imagenet | s3://bucket/key | none; ignored when the tarball holds the weights file."
 }
 
+variable "weights_in_tarball" {
+  type        = bool
+  default     = false
+  description = "Whether the source tarball holds the weights file (bake.sh --weights)."
+}
+
 variable "build_instance_type" {
   # More memory and CPU than a worker needs, so pip and the warm-up run quickly.
   type    = string
@@ -71,6 +77,12 @@ variable "manifest_path" {
 
 locals {
   stamp = formatdate("YYYYMMDD-hhmmss", timestamp())
+  # What the image's tag imgclass:weights says: an image baked without the weights
+  # works only with MODEL_WEIGHTS=s3://... or random, and looked like any other.
+  weights = var.weights_in_tarball || var.weights_source != "none" ? "imagenet" : "none"
+  description = (local.weights == "none"
+    ? "imgclass app-tier worker: Python 3.11, TensorFlow, ResNet-50 without weights (MODEL_WEIGHTS=s3://... or random)"
+  : "imgclass app-tier worker: Python 3.11, TensorFlow, ResNet-50 ImageNet weights")
 }
 
 source "amazon-ebs" "worker" {
@@ -79,7 +91,7 @@ source "amazon-ebs" "worker" {
   iam_instance_profile = var.build_instance_profile
   subnet_id            = var.subnet_id
   ami_name             = "${var.ami_name_prefix}-${local.stamp}"
-  ami_description      = "imgclass app-tier worker: Python 3.11, TensorFlow, ResNet-50 ImageNet weights"
+  ami_description      = local.description
 
   source_ami_filter {
     filters = {
@@ -123,6 +135,8 @@ source "amazon-ebs" "worker" {
     Name            = "${var.ami_name_prefix}-${local.stamp}"
     "imgclass:role" = "app-tier-ami"
     SourceAMI       = "{{ .SourceAMI }}"
+    # imagenet (checked against Keras's MD5 by provision.sh) or none.
+    "imgclass:weights" = local.weights
   }
   run_tags = {
     Name = "imgclass-ami-builder"

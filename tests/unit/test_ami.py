@@ -462,6 +462,31 @@ def test_bake_bakes_in_the_region_the_controller_would_use(tmp_path, extra, want
     assert region_from_env(env) == want
 
 
+@pytest.mark.parametrize(("args", "in_tarball"), [
+    ([], "false"), (["--weights-source", "none"], "false"), (["--weights", "w.h5"], "true"),
+    (["--weights", "w.h5", "--weights-source", "none"], "true"),
+])
+def test_bake_tells_packer_whether_the_image_gets_the_weights(tmp_path, args, in_tarball):
+    """The template tags the image imgclass:weights=none only when neither the tarball
+    nor its weights source brings them: baked without, it works only with MODEL_WEIGHTS
+    s3://... or random, and looked like any other image."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "packer.log"
+    bin_dir.mkdir()
+    write_stub(bin_dir, "packer", f'echo "$@" >> "{log}"\n')
+    (tmp_path / "w.h5").write_bytes(b"weights")
+    md5 = re.search(r"^WEIGHTS_MD5=(\w+)$", (AMI / "provision.sh").read_text(), re.M)[1]
+    write_stub(bin_dir, "md5sum", f'echo "{md5}  -"')
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", str(AMI / "bake.sh"), "--validate-only", *args], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"weights_in_tarball={in_tarball}" in log.read_text().split()
+    template = (AMI / "worker.pkr.hcl").read_text()
+    assert re.search(r'^    "imgclass:weights" = local\.weights$', template, re.M)
+    assert ('weights = var.weights_in_tarball || var.weights_source != "none" ? "imagenet" : "none"'
+            in template)
+
+
 def test_bake_refuses_a_bad_weights_source(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

@@ -623,7 +623,7 @@ def test_the_bakers_policy_allows_what_packers_build_of_the_template_calls():
         assert allows(policy, "ec2:CreateTags", made, at_creation), made
     assert "ami_description" in template and "imds_support" in template
     assert allows(policy, "ec2:ModifyImageAttribute", IMAGE, tagged(run_tags()))
-    assert set(ami_tag_keys()) == {"Name", "imgclass:role", "SourceAMI"}
+    assert set(ami_tag_keys()) == {"Name", "imgclass:role", "imgclass:weights", "SourceAMI"}
     ami_tagging = {**tagged(run_tags()), **tag_request(dict.fromkeys(ami_tag_keys(), "v"))}
     for made in (IMAGE, SNAPSHOT):
         assert allows(policy, "ec2:CreateTags", made, ami_tagging), made
