@@ -20,6 +20,7 @@ from tests.integration.page import (
     choose,
     finished_rows,
     polls_answered_as,
+    record_announcements,
     rows_shown,
     send_again_button,
     server_items,
@@ -499,7 +500,8 @@ LATE_JPG_DEAD_LETTER_AGAIN_REFUSED = "const deadLetter = arguments[0];" + polls_
 
 def test_a_dead_letter_refused_at_each_press_says_why_once(stack, browser, tmp_path):
     """Each press added "(not sent again: ...)" to the reason the last press had left:
-    three presses, three of them, all read out by screen readers."""
+    three presses, three of them, all read out by screen readers. Nor was the file sent
+    again, though its row said so, "(3 times)", here and after a reload."""
     from common.failure_tags import DEAD_LETTER_ERROR
 
     files = {"late.jpg": make_image(1593, size=(64, 48)), "other.jpg": make_image(1594, size=(64, 48))}
@@ -518,3 +520,54 @@ def test_a_dead_letter_refused_at_each_press_says_why_once(stack, browser, tmp_p
     shown = {name: text for name, _, text in rows_shown(browser)}["late.jpg"]
     assert shown.count("not sent again") == 1, shown
     assert shown.count(DEAD_LETTER_ERROR) == 1, shown
+    again = ("const mark = document.querySelector('#results [data-filename=\"late.jpg\"] .again');"
+             "return [mark.hidden, mark.textContent];")
+    assert browser.execute_script(again) == [True, ""]
+    browser.refresh()  # the server's answers now: the dead letter was the page's fake
+    wait_for(lambda: states_shown(browser) == {"late.jpg": "done", "other.jpg": "done"}, 60,
+             "the batch shown again after a reload")
+    assert browser.execute_script(again) == [True, ""]
+
+
+def test_a_file_sent_again_twice_before_the_others_end_is_counted_once(stack, browser, tmp_path):
+    """A row refused at once, pressed again while another row sent again still waited:
+    "Of the 3 files sent again" was said of two rows."""
+    from common.failure_tags import DEAD_LETTER_ERROR
+
+    files = {name: make_image(1595 + i, size=(64, 48)) for i, name in enumerate(("quick.jpg", "slow.jpg"))}
+    browser.get(stack.web_url + "/")
+    # Both seen failed as dead letters at every poll; each ask to send one again is
+    # refused 401, quick.jpg's at once, slow.jpg's once window.releaseSlow() is called.
+    browser.execute_script("const deadLetter = arguments[0];" + polls_answered_as("""
+      Object.assign(item, { state: "failed", label: null, score: null, top5: [], error: deadLetter,
+                            code: "dead_letter" });""") + r"""
+      const pollingFetch = window.fetch;
+      let slowAsked = null;
+      window.releaseSlow = () => slowAsked && slowAsked();
+      window.fetch = async (url, options) => {
+        if (!/\/again$/.test(String(url))) return pollingFetch(url, options);
+        if (String(url).includes(window.slowId)) await new Promise((resolve) => { slowAsked = resolve; });
+        const body = { error: "an API key is required", code: "key_required" };
+        const headers = { "Content-Type": "application/json" };
+        return new Response(JSON.stringify(body), { status: 401, headers });
+      };""", DEAD_LETTER_ERROR)
+    choose(browser, tmp_path, files)
+    wait_for(lambda: states_shown(browser) == {"quick.jpg": "failed", "slow.jpg": "failed"}, 60,
+             "the dead letters shown")
+    batch_id = browser.current_url.split("#batches=")[1]
+    [slow_id] = [item["id"] for item in server_items(stack, batch_id) if item["filename"] == "slow.jpg"]
+    browser.execute_script("window.slowId = arguments[0];", slow_id)
+    announce = record_announcements(browser)
+    button = send_again_button(browser)
+    button.click()
+    wait_for(lambda: states_shown(browser) == {"quick.jpg": "failed", "slow.jpg": "uploading"}, 30,
+             "quick.jpg refused, slow.jpg still waiting")
+    wait_for(button.is_displayed, 10, "the button for quick.jpg")
+    button.click()
+    wait_for(lambda: "not sent again" in {n: t for n, _, t in rows_shown(browser)}["quick.jpg"]
+             and states_shown(browser)["quick.jpg"] == "failed", 30, "quick.jpg refused again")
+    browser.execute_script("window.releaseSlow();")
+    said = wait_for(lambda: [text for text in browser.execute_script("return window.announced")
+                             if text.startswith("Of the ")], 30, "the outcome, said")
+    assert said[0].startswith("Of the 2 files sent again, 0 classified, 2 failed again"), said
+    assert announce.get_attribute("aria-live") == "polite"

@@ -121,7 +121,8 @@ function sendFailedAgain() {
   const { offered, count, leftOut } = failedFiles();
   if (!count) return;
   for (const [session, entries] of offered) {
-    sentAgain.push(...entries);
+    // Once each: a row refused at once may be pressed again while others still wait.
+    sentAgain.push(...entries.filter((entry) => !sentAgain.includes(entry)));
     session.sendAgain(entries);  // its rows are "uploading" once this returns
   }
   uploadBegins();  // its first failure is said as an upload's is

@@ -77,10 +77,16 @@ export function setState(el, state) {
 
 // A row whose file was sent again (`times`: how many times) says so, beside its
 // state: its failure gone, the row would otherwise read as if all had gone well the
-// first time, and a reload in this tab says it too (save).
+// first time, and a reload in this tab says it too (save). 0: never (a press refused).
 export function showSentAgain(entry, times) {
-  entry.again = times;
   const mark = entry.el.querySelector(".again");
+  if (!times) {
+    delete entry.again;
+    mark.textContent = "";
+    mark.hidden = true;
+    return;
+  }
+  entry.again = times;
   mark.textContent = times > 1 ? `sent again (${times} times)` : "sent again";
   mark.hidden = false;
 }

@@ -171,8 +171,9 @@ export class Session {
         .replace(/ \(not sent again(?: in place)?: [\s\S]*\)$/, "");
       entry.el.querySelector(".error").textContent = "";
       setState(entry.el, "uploading");
-      showSentAgain(entry, (entry.again || 0) + 1);
-      this.askToQueueAgain(entry, error);
+      const before = entry.again || 0;
+      showSentAgain(entry, before + 1);
+      this.askToQueueAgain(entry, error, before);
     }
     if (entries.length) {
       this.save();
@@ -180,7 +181,9 @@ export class Session {
     }
   }
 
-  async askToQueueAgain(entry, error) {
+  // `before`: how many times it had been sent again before this press, which says so
+  // again if the press is refused (it was not sent again).
+  async askToQueueAgain(entry, error, before) {
     const { el } = entry;
     const problem = keyProblem();
     const { status, body } = problem ? { status: 0, body: { error: problem } }
@@ -199,6 +202,8 @@ export class Session {
       return;
     }
     const why = ((body && body.error) || "the server could not be reached").replace(/^not sent again: /, "");
+    showSentAgain(entry, before);
+    this.save();
     if (status === 409 && item && item.state === "failed" && item.code !== DEAD_LETTER) {
       showItemFailure(el, item);  // failed otherwise since (by a worker, on the image): as it is
       return;
