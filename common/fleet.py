@@ -46,8 +46,8 @@ class Instance:
     # its LaunchTime), so that a reader's clock being off does not matter; 0 when not
     # known (EC2 sent no Date, or this controller just launched it).
     age_s: float = 0.0
-    # The ClientToken of the RunInstances call that started it ("" if none, or EC2 does not
-    # say: moto does not), by which a launch that got no reply finds its instance.
+    # The ClientToken of the RunInstances call that started it ("" if none), by which a
+    # launch that got no reply finds its instance.
     client_token: str = ""
 
 

@@ -175,10 +175,10 @@ class UnansweredLaunches:
 
 def started_by(call: LaunchCall, number: int, instance: Instance) -> bool:
     """Whether `instance` is the one the launch `call` of `number` started: its ClientToken
-    says so; where EC2 gives none (moto), any instance of that number is taken for it. Not
-    any of the number where it does: a lagging read listing an earlier one, shutting down,
-    would have the call forgotten, and its instance, unlisted, launched beside: over the
-    cap, and later a second of its name (simulated)."""
+    says so. Not any instance of the number: a lagging read listing an earlier one,
+    shutting down, would have the call forgotten, and its instance, unlisted, launched
+    beside: over the cap, and later a second of its name (simulated). One listed with no
+    token (launched by hand) is taken for it by its number alone."""
     if instance.number != number:
         return False
     return not instance.client_token or instance.client_token == call.token

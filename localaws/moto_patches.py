@@ -30,13 +30,17 @@ removes a cost found by profiling the server under the service's own calls
    as long as the server runs (a descriptor and hidden disk space per large
    photo): objects up to S3_OBJECT_IN_MEMORY_BYTES stay in memory.
 
-Two changes are for correctness. The first: one GetQueueAttributes counts
+Three changes are for correctness. The first: one GetQueueAttributes counts
 visible and in-flight messages at one instant (sqs_counts_at_one_instant); moto
 reads the clock for each count, and a message whose visibility lapsed between
 them was in neither. The second: each service's requests run one at a time
 (localaws/moto_middleware.py's ServiceLocks, which says why), and an SQS long
 poll lets go of that lock while it waits, as its queue's condition variable
-shares it (_sqs_long_polls_let_sends_in).
+shares it (_sqs_long_polls_let_sends_in). The third: RunInstances repeated with a
+ClientToken returns the instances the first call made, or refuses the token once they
+have terminated, as EC2 does; moto made more (_ec2_launches_once_per_client_token).
+The controller repeats a launch that got no answer with its token (controller/act.py),
+and botocore repeats one answered late.
 """
 
 from __future__ import annotations
@@ -55,7 +59,8 @@ def apply() -> None:
     """Make the changes of the module's docstring to moto's code, in this process."""
     for patch in (sqs_counts_at_one_instant, _sqs_reads_the_clock_once, _sqs_long_polls_let_sends_in,
                   _services_listed_once, _names_converted_once, _ec2_tags_found_by_id,
-                  _ec2_forgets_terminated_instances, _s3_objects_stay_in_memory):
+                  _ec2_forgets_terminated_instances, _ec2_launches_once_per_client_token,
+                  _s3_objects_stay_in_memory):
         patch()
 
 
@@ -212,6 +217,38 @@ def _ec2_forgets_terminated_instances() -> None:
 
     Instance.terminate = terminate
     InstanceBackend.all_reservations = all_reservations
+
+
+def _ec2_launches_once_per_client_token() -> None:
+    """As EC2: a RunInstances whose ClientToken a reservation it holds was made with
+    returns that reservation, and launches nothing; once its instance has terminated, the
+    token is refused (IdempotentInstanceTerminated, since January 2025). (EC2 also refuses
+    the token with other parameters, IdempotentParameterMismatch: the controller never
+    does that.)"""
+    from moto.ec2.exceptions import EC2ClientError
+    from moto.ec2.models.instances import InstanceBackend
+
+    original_run_instances = InstanceBackend.run_instances
+
+    def run_instances(self: InstanceBackend, image_id: str, count: int, user_data: Any,
+                      security_group_names: list[str], **kwargs: Any) -> Any:  # a Reservation
+        token = kwargs.get("client_token")
+        if token and token != MOTO_DEFAULT_CLIENT_TOKEN:
+            for reservation in self.reservations.values():
+                if any(instance.client_token == token for instance in reservation.instances):
+                    if any(instance.state == "terminated" for instance in reservation.instances):
+                        raise EC2ClientError("IdempotentInstanceTerminated",
+                                             "The client token you have provided is associated with a "
+                                             "resource that is already deleted. Please use a different "
+                                             "client token.")
+                    return reservation
+        return original_run_instances(self, image_id, count, user_data, security_group_names, **kwargs)
+
+    InstanceBackend.run_instances = run_instances
+
+
+# What moto's RunInstances takes for the ClientToken of a call that gave none.
+MOTO_DEFAULT_CLIENT_TOKEN = "ABCDE"
 
 
 def _s3_objects_stay_in_memory() -> None:

@@ -7,6 +7,7 @@ import time
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 from moto import backends, mock_aws
 from moto.core import responses, utils
 from moto.ec2.models.core import TaggedEC2Resource
@@ -34,7 +35,7 @@ def patched(monkeypatch):
         (backends, "list_of_moto_modules"),
         (utils, "camelcase_to_underscores"), (responses, "camelcase_to_underscores"),
         (models, "camelcase_to_underscores"), (TaggedEC2Resource, "get_tags"),
-        (Instance, "terminate"), (InstanceBackend, "all_reservations"),
+        (Instance, "terminate"), (InstanceBackend, "all_reservations"), (InstanceBackend, "run_instances"),
         (s3_models, "get_s3_default_key_buffer_size"),
     ]
     for owner, name in everything_patched:
@@ -224,6 +225,33 @@ def test_a_terminated_instance_is_shown_for_an_hour_then_forgotten_with_its_tags
         assert shown() == {live: "running"}
         tags = {t["ResourceId"] for t in ec2.describe_tags()["Tags"]}
         assert live in tags and ended not in tags
+
+
+def test_a_launch_repeated_with_its_client_token_launches_nothing_more(monkeypatch):
+    """As on EC2: the controller repeats a launch that got no answer with its token, and
+    botocore one answered late; moto made a second instance each time, past the cap."""
+    patched(monkeypatch)
+    with mock_aws():
+        ec2 = boto3.client("ec2", region_name="us-east-1")
+        image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+
+        def launch(**token: str) -> list[str]:
+            answer = ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1, **token)
+            return [i["InstanceId"] for i in answer["Instances"]]
+
+        first = launch(ClientToken="launch-1")
+        assert launch(ClientToken="launch-1") == first
+        other = launch(ClientToken="launch-2")
+        untokened = [launch(), launch()]  # no token: a launch each, as EC2
+        found = [i["InstanceId"] for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]]
+        assert sorted(found) == sorted(first + other + untokened[0] + untokened[1])
+        assert len(set(found)) == 4
+        # Its instance terminated, the token is refused, as EC2 has since January 2025.
+        ec2.terminate_instances(InstanceIds=first)
+        with pytest.raises(ClientError) as refused:
+            launch(ClientToken="launch-1")
+        assert refused.value.response["Error"]["Code"] == "IdempotentInstanceTerminated"
+        assert launch(ClientToken="launch-2") == other
 
 
 def test_an_object_as_large_as_an_upload_is_kept_in_memory_not_in_a_hidden_file(monkeypatch):
