@@ -63,13 +63,17 @@ class Observation:
 def observe(aws: Aws, now: float | None = None) -> Observation:
     """What SQS and EC2 say; `now` (tests) stands for both clocks."""
     depth = aws.queue_depth(aws.request_queue_url)
+    instances = app_tier_instances(aws)
+    # Read after the fleet: each instance's age is counted to EC2's answer (Instance.age_s),
+    # so a clock read before it had a restarted controller take every instance as older
+    # by the read's length (minutes, with retries): unready ones given up on that early.
     return Observation(
         at=time.time() if now is None else now,
         clock=time.monotonic() if now is None else now,
         visible=depth.visible,
         in_flight=depth.in_flight,
         delayed=depth.delayed,
-        instances=app_tier_instances(aws),
+        instances=instances,
     )
 
 

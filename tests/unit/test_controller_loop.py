@@ -646,6 +646,34 @@ def test_a_restarted_controller_fails_an_instance_silent_past_the_ready_deadline
     assert f"not serving {deadline:g}s after its launch" in caplog.text
 
 
+def test_a_restarted_controller_counts_an_instances_age_to_ec2s_answer_not_to_before_its_read(
+        aws, make_controller, patch):
+    """EC2 says how old an instance is when it answers; the round's clock, read before a
+    DescribeInstances that took a minute (botocore's retries), had a restarted controller
+    take every instance as a minute older from its next round on: one 30 s short of
+    READY_DEADLINE was given up on at once."""
+    send(aws, 1)
+    assert len(make_controller().step(now=1000.0).launch) == 1
+    deadline = aws.settings.ready_deadline_s
+    ec2_answering_later(aws, patch, deadline - 30)
+    clock = [time.monotonic()]
+    patch.setattr("controller.observe.time", SimpleNamespace(time=time.time, monotonic=lambda: clock[0]))
+    answering = aws.ec2.describe_instances
+
+    def taking_a_minute(**kwargs):
+        clock[0] += 60
+        return answering(**kwargs)
+
+    patch.setattr(aws.ec2, "describe_instances", taking_a_minute)
+    restarted = make_controller()
+    decision = restarted.step()
+    assert decision.clean_up == (), decision.reason
+    patch.setattr(aws.ec2, "describe_instances", answering)
+    clock[0] += 1
+    decision = restarted.step()
+    assert decision.clean_up == (), decision.reason
+
+
 def test_ready_deadline_0_counts_no_silent_instance_as_failed(aws, make_controller):
     """Workers from an AMI older than the ready tag never set it: READY_DEADLINE=0."""
     send(aws, 1)
