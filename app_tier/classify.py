@@ -101,10 +101,12 @@ class BatchClassifier:
 
     def _model_answers_a_plain_input(self, failed: list[Job]) -> bool:
         """Whether the model classifies a plain grey input, after it failed on `failed`'s
-        image: if it does, that image is at fault. Watched, but for no job: a hang here
-        is the model's, and charges no image an attempt."""
+        image: if it does, that image is at fault. A hang or crash here, just after that
+        image made the model fail, is most likely its doing too (a runtime it left broken),
+        and costs it an attempt: charged to no image, it had every worker hand the image
+        back untried and hang on it again, for good, never reaching the dead-letter queue."""
         try:
-            with self._stall_watch.must_end("model call", [], MAIN_LOOP):
+            with self._at_risk(failed), self._stall_watch.must_end("model call", failed, MAIN_LOOP):
                 self.classifier.classify(np.zeros((1, *failed[0].pixels.shape), np.float32))
         except Exception:
             log.exception("the model fails on a plain input too")

@@ -2007,6 +2007,56 @@ def test_a_worker_stuck_in_the_model_gives_its_messages_back_and_exits(aws_env, 
     assert counts == {"hangs.jpg": 2, "waits.jpg": 1}
 
 
+def test_an_image_the_model_fails_on_and_then_hangs_on_a_plain_input_costs_it_an_attempt(aws_env):
+    """The image made the model raise, and the runtime, left broken, hung on the plain
+    input that checks whether the image or the model is at fault. Charged to no image,
+    the hang had every worker hand the image back untried, and hang on it again: it
+    never reached the dead-letter queue, nor its batch-mates an answer."""
+    from app_tier.images import prepare
+
+    settings, aws = aws_env
+    settings = dataclasses.replace(settings, receive_batch=2, visibility_timeout_s=30, stall_timeout_s=1)
+    poison = make_image(1, size=(64, 64))
+    upload(settings, aws, "poison.jpg", poison, "poison")
+    upload(settings, aws, "mate.jpg", make_image(2, size=(64, 64)), "mate")
+
+    class BrokenByTheImage(HangingClassifier):
+        """Raises on the poison image; after that, hangs whatever its input."""
+
+        def classify(self, batch: np.ndarray) -> list[Classification]:
+            if self.broken:
+                return super().classify(batch)
+            self.calls += 1
+            if any(abs(float(row.mean()) - self.poison_mean) < 1e-3 for row in batch):
+                self.broken = len(batch) == 1  # alone: the calls after it hang
+                raise RuntimeError("model blew up on this input")
+            return MeanClassifier.classify(self, batch)
+
+    model = BrokenByTheImage()
+    model.broken, model.poison_mean = False, float(prepare(poison, settings.max_image_pixels).mean())
+    worker = Worker(settings, aws, model, "i-broken")
+    exits = record_exits(worker)
+    runner = threading.Thread(target=worker.run)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 30  # bounds a failure only
+        while not exits and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert exits == [EXIT_STALLED] and model.broken
+        assert depth(aws, aws.request_queue_url) == (2, 0)
+        again = Worker(settings, aws, MeanClassifier(), "i-next")
+        counts = {}
+        for _ in range(2):
+            for job in again.fetch().jobs:
+                counts[job.request.filename] = job.receive_count
+    finally:
+        worker.stopping.set()
+        model.release.set()
+        runner.join(timeout=10)
+    assert not runner.is_alive()
+    assert counts == {"poison.jpg": 2, "mate.jpg": 1}
+
+
 def test_an_image_that_hangs_the_decoder_costs_an_attempt_and_the_worker_exits(aws_env, monkeypatch):
     """Pillow has had decoders that loop for ever on crafted files. Such a decode would
     leave the fetch thread waiting, and its messages hidden by the heartbeat, for good:
