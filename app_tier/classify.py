@@ -44,6 +44,9 @@ class BatchClassifier:
         self.instance_id = instance_id  # each response names the worker that made it
         self._stall_watch = stall_watch
         self._at_risk = at_risk
+        # Whether the model answered an input of the last batch: one it was never given
+        # (its images unreadable, or answered before) says nothing of the model.
+        self.model_answered = False
 
     def responses_for(self, batch: Batch) -> list[tuple[Job, ClassifyResponse]]:
         """Every job's response: its classification, or why it has none."""
@@ -72,7 +75,7 @@ class BatchClassifier:
         groups_to_try = deque([fresh] if fresh else [])
         groups_to_try.extend([j] for j in jobs if suspect(j))
         results: dict[str, Classification] = {}
-        model_works = False  # the model answered an input of this batch
+        model_works = self.model_answered = False  # the model answered an input of this batch
         while groups_to_try:
             group = groups_to_try.popleft()
             try:
@@ -97,6 +100,7 @@ class BatchClassifier:
                 continue
             model_works = True
             results.update({j.message_id: r for j, r in zip(group, out, strict=True)})
+        self.model_answered = model_works
         return results
 
     def _model_answers_a_plain_input(self, failed: list[Job]) -> bool:

@@ -333,7 +333,8 @@ class Worker:
         except Exception:  # whatever it was, the loop must go on
             self._release_failed(batch)
             return None
-        self._model_faults = 0
+        if self.batch_classifier.model_answered:  # faults in a row end only with an answer
+            self._model_faults = 0
         return responses
 
     def _count_model_fault(self, fault: ModelFault) -> bool:

@@ -236,6 +236,29 @@ def test_a_model_failing_whatever_its_input_releases_the_batch_and_then_gives_up
     assert responses(aws) == {} and depth(aws, aws.request_queue_url) == (2, 0)
 
 
+def test_a_batch_the_model_never_saw_does_not_clear_its_count_of_faults(aws_env):
+    """A batch of an unreadable upload alone, answered without a model call, between two
+    batches the model failed whatever their input, set the count of faults in a row back
+    to 0: a broken model, beside such uploads, never had its worker give up, and every
+    good request it took went on towards the dead-letter queue."""
+    settings, aws = aws_env
+    settings = dataclasses.replace(settings, receive_batch=1, retry_delay_s=60)  # released: hidden
+    instance_id = aws.ec2.run_instances(ImageId=settings.ami_id, MinCount=1,
+                                        MaxCount=1)["Instances"][0]["InstanceId"]
+    upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
+    upload(settings, aws, "bad.jpg", b"not an image", "bad")
+    upload(settings, aws, "b.jpg", make_image(2, size=(64, 64)), "b")
+    worker = Worker(settings, aws, FaultyModel(faults=10_000), instance_id)
+    names = []
+    for _ in range(3):
+        batch = worker.fetch()
+        names += [job.request.filename for job in batch.jobs]
+        worker.process(batch)
+    assert names == ["a.jpg", "bad.jpg", "b.jpg"]
+    assert not responses(aws)["bad"].ok
+    assert worker.stopping.is_set() and instance_tags(aws, instance_id)[WORKER_FAILED_TAG] == "model-fault"
+
+
 @pytest.mark.parametrize("tagged", [True, False])
 def test_a_worker_that_gave_up_exits_with_a_status_its_supervisor_does_not_restart(
         aws_env, monkeypatch, tmp_path, tagged):
