@@ -230,8 +230,11 @@ class Worker:
             self._finishing = self._finish_thread.submit(self._finish_or_release, batch, responses)
         self.stall_watch.loop_ended(MAIN_LOOP)
         self._wait_for_finishing()
-        self._finished.set()
+        # Beating, and pinging systemd's watchdog, until all is handed back: a hand-back
+        # slowed by SQS past WatchdogSec had systemd abort, and restart, a worker that had
+        # given up (exit 79: not to be restarted) or was stopping.
         self.held.hand_back_all()
+        self._finished.set()
         self._io.shutdown(wait=False)
         self._finish_thread.shutdown(wait=False)
         log.info("worker %s: stopped after %d images", self.instance_id, self.processed)

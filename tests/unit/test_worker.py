@@ -2241,6 +2241,36 @@ def test_a_heartbeat_round_is_given_the_time_its_sqs_calls_can_take():
     assert calls * worst_call_s <= app_tier.stall_watch.HEARTBEAT_SLACK_S
 
 
+def test_watchdog_pings_go_on_through_the_last_hand_back(aws_env, monkeypatch, tmp_path):
+    """The pings stopped before the worker's last hand-back: one slowed by SQS (botocore
+    retrying) past WatchdogSec had systemd abort and restart a worker that had given up
+    (which exits 79 not to be restarted), or was stopping."""
+    from tests.unit.conftest import wait_until
+
+    settings, aws = aws_env
+    with systemd_listening(tmp_path, monkeypatch, watchdog_usec=100_000) as heard:  # a ping every 50 ms
+        worker = Worker(settings, aws, MeanClassifier(), "i-handing-back")
+        pings_during: list[int] = []
+        real_hand_back_all = worker.held.hand_back_all
+
+        def slow_hand_back_all() -> None:
+            before = heard.count(b"WATCHDOG=1")
+            time.sleep(1.0)  # SQS slow: the hand-back's calls take a second
+            pings_during.append(heard.count(b"WATCHDOG=1") - before)
+            real_hand_back_all()
+
+        monkeypatch.setattr(worker.held, "hand_back_all", slow_hand_back_all)
+        runner = threading.Thread(target=worker.run)
+        runner.start()
+        try:
+            wait_until(lambda: heard.count(b"WATCHDOG=1") >= 2, timeout=10)
+        finally:
+            worker.stopping.set()
+            runner.join(timeout=15)
+        assert not runner.is_alive()
+    assert len(pings_during) == 1 and pings_during[0] >= 3, pings_during
+
+
 def test_watchdog_pings_stop_when_a_heartbeat_round_is_blocked(aws_env, monkeypatch, tmp_path):
     """A deadlock on one of the worker's locks blocks the heartbeat (and its give-up)
     without killing it: the pings must stop all the same, so that systemd restarts it."""
