@@ -62,8 +62,8 @@ def form_files(request: Request, fields: Sequence[str]) -> list[FileStorage]:
     """The files sent in these form fields, or Refusal for a form that could not be read.
 
     A multipart body of which nothing could be read is said to be so: Werkzeug
-    drops the whole form when, say, a file name is not UTF-8, and "no file"
-    would then mislead. So are files sent in other fields beside these, which
+    drops the whole form when it is not well formed, and "no file" would then
+    mislead. So are files sent in other fields beside these, which
     would otherwise be dropped without a word.
     """
     fields = tuple(fields)
@@ -85,7 +85,7 @@ def form_files(request: Request, fields: Sequence[str]) -> list[FileStorage]:
                                "write that header (curl -F, a browser's FormData), not set it by hand",
                           code=Code.BAD_REQUEST)
         raise Refusal(400, "the multipart form could not be read: does the body hold the boundary its "
-                           "Content-Type names, is every file name UTF-8, and is the body well formed?",
+                           "Content-Type names, and is the body well formed?",
                       code=Code.BAD_REQUEST)
     _refuse_files_elsewhere(request, fields, bool(files))
     return files

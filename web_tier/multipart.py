@@ -11,6 +11,12 @@ named with 60 KB each, 25 MB sent, held 50 MB). The form's own text is a batch i
 bytes at most on every common file system. The loop below is Werkzeug's
 `MultiPartParser.parse` (3.1: requirements-web.txt keeps Werkzeug below 3.2), which
 gives no hook between its decoder's events, with the running total of text added.
+
+Its decoder reads part headers as UTF-8, which every browser sends; curl sends a
+file's name as the bytes the file system holds, and Werkzeug dropped the whole form
+at the first name that is not UTF-8 (an old archive's Latin-1 "café.jpg"): every
+file of the request refused, none named. Such bytes read as U+FFFD instead
+(LenientHeadersDecoder): the file is taken, under a name that says a character was lost.
 """
 
 from __future__ import annotations
@@ -18,10 +24,18 @@ from __future__ import annotations
 from typing import IO, Any
 
 from flask import current_app
-from werkzeug.datastructures import FileStorage, MultiDict
+from werkzeug.datastructures import FileStorage, Headers, MultiDict
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser, MultiPartParser, _chunk_iter
-from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
+from werkzeug.sansio.multipart import (
+    HEADER_CONTINUATION_RE,
+    Data,
+    Epilogue,
+    Field,
+    File,
+    MultipartDecoder,
+    NeedData,
+)
 
 
 class FormTextTooLarge(RequestEntityTooLarge):
@@ -31,6 +45,20 @@ class FormTextTooLarge(RequestEntityTooLarge):
     def __init__(self, budget: int) -> None:
         super().__init__()
         self.budget = budget
+
+
+class LenientHeadersDecoder(MultipartDecoder):
+    """MultipartDecoder that reads a part's headers as UTF-8 with U+FFFD for bytes that
+    are not (Werkzeug's own, but for "replace"), rather than raising, which lost the form."""
+
+    def _parse_headers(self, data: bytes | bytearray) -> Headers:
+        headers: list[tuple[str, str]] = []
+        for line in HEADER_CONTINUATION_RE.sub(b" ", data).splitlines():
+            line = line.strip(b" \t")
+            if line != b"":
+                name, _, value = line.decode("utf-8", "replace").partition(":")
+                headers.append((name.strip(" \t"), value.strip(" \t")))
+        return Headers(headers)
 
 
 class TextCappedMultiPartParser(MultiPartParser):
@@ -43,7 +71,7 @@ class TextCappedMultiPartParser(MultiPartParser):
 
     def parse(self, stream: IO[bytes], boundary: bytes, content_length: int | None
               ) -> tuple[MultiDict[str, str], MultiDict[str, FileStorage]]:
-        decoder = MultipartDecoder(boundary, max_form_memory_size=self.max_form_memory_size,
+        decoder = LenientHeadersDecoder(boundary, max_form_memory_size=self.max_form_memory_size,
                                    max_parts=self.max_form_parts)
         fields: list[tuple[str, str]] = []
         files: list[tuple[str, FileStorage]] = []
