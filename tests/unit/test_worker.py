@@ -1987,6 +1987,12 @@ class HangingClassifier(MeanClassifier):
         return super().classify(batch)
 
 
+def receive_counts_next(settings: Settings, aws: Aws) -> dict[str, int]:
+    """Each request's receive count (by file name) as the next worker's two fetches find it."""
+    again = Worker(settings, aws, MeanClassifier(), "i-next")
+    return {job.request.filename: job.receive_count for _ in range(2) for job in again.fetch().jobs}
+
+
 @pytest.mark.parametrize(("how", "exit_code"), [("stall", EXIT_STALLED), ("sigterm", 0)])
 def test_a_worker_stuck_in_the_model_gives_its_messages_back_and_exits(aws_env, how, exit_code):
     """Seen by the stall watchdog, or by the grace timer of a scale-in: either way the
@@ -2017,11 +2023,7 @@ def test_a_worker_stuck_in_the_model_gives_its_messages_back_and_exits(aws_env, 
         # Both visible again at once, well before the 30 s visibility timeout.
         assert depth(aws, aws.request_queue_url) == (2, 0)
         # (Read before the hung call returns: a real worker has exited by then.)
-        again = Worker(settings, aws, MeanClassifier(), "i-next")
-        counts = {}
-        for _ in range(2):
-            for job in again.fetch().jobs:
-                counts[job.request.filename] = job.receive_count
+        counts = receive_counts_next(settings, aws)
     finally:
         worker.stopping.set()  # ends the loop even if the worker failed to give up
         model.release.set()
@@ -2067,11 +2069,7 @@ def test_an_image_the_model_fails_on_and_then_hangs_on_a_plain_input_costs_it_an
             time.sleep(0.05)
         assert exits == [EXIT_STALLED] and model.broken
         assert depth(aws, aws.request_queue_url) == (2, 0)
-        again = Worker(settings, aws, MeanClassifier(), "i-next")
-        counts = {}
-        for _ in range(2):
-            for job in again.fetch().jobs:
-                counts[job.request.filename] = job.receive_count
+        counts = receive_counts_next(settings, aws)
     finally:
         worker.stopping.set()
         model.release.set()
