@@ -351,6 +351,41 @@ def test_files_refused_together_are_heard_with_a_reason_and_so_is_a_later_failur
     assert re.fullmatch(r"0 of 4 classified, 4 failed\. later\.jpg: .+", said[-1]), said
 
 
+def test_an_uploads_first_failure_is_heard_after_an_older_failure_was_answered_meanwhile(
+        stack, browser, tmp_path):
+    """An upload's first failure is said once the page's failed rows pass their count at
+    its start: an older failure replaced meanwhile by a late answer (a batch looked at
+    again) lowered the count, and the upload's failure only brought it back: never heard."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    browser.execute_script(LATE_JPG_DEAD_LETTERED + UPLOADS_BY_FETCH + """
+      window.holdUploads = false;
+      const beforeHold = window.fetch;
+      window.fetch = async (url, options) => {
+        if (url === "/api/jobs" && window.holdUploads) {
+          await new Promise((resolve) => { window.releaseUploads = resolve; });
+        }
+        return beforeHold(url, options);
+      };""")
+    choose(browser, tmp_path, {"late.jpg": make_image(1597, size=(64, 48))})
+    wait_for(lambda: states_shown(browser) == {"late.jpg": "failed"}, 60, "the dead letter shown")
+    record_announcements(browser)
+    browser.execute_script("window.holdUploads = true;")
+    choose(browser, tmp_path, {"junk.jpg": b"not an image at all"})
+    wait_for(lambda: browser.execute_script("return Boolean(window.releaseUploads)"), 10, "the upload held")
+    # The truth about late.jpg, seen when the page looks at its batch again.
+    browser.execute_script("window.deadLetter = false; document.body.dataset.catchUpMs = '300';")
+    wait_for(lambda: states_shown(browser)["late.jpg"] == "done", 30, "the late answer shown")
+    summary = browser.find_element(By.ID, "summary")
+    wait_for(lambda: not re.search(r"[1-9]\d* failed", summary.text), 10, "the count of failures lowered")
+    browser.execute_script("window.releaseUploads();")
+    wait_for(lambda: states_shown(browser)["junk.jpg"] == "failed", 30, "the junk refused")
+    said = wait_for(lambda: [text for text in browser.execute_script("return window.announced")
+                             if "junk.jpg:" in text], 10, "the upload's failure, said")
+    assert re.search(r"1 failed\. junk\.jpg: .+", said[-1]), said
+
+
 def test_the_status_line_says_when_its_figures_are_old(stack, browser):
     """/api/status says so while AWS does not answer its refresh; the page showed the old
     figures as if they were current."""

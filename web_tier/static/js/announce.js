@@ -75,6 +75,10 @@ export function announceProgress(counts, sending, failed, stopped, finished) {
   // would be said alone.
   const newlyStopped = stopped > stoppedBefore;
   stoppedBefore = stopped;
+  // Failed rows answered since the upload began (a late answer, a batch looked at
+  // again) lower the mark its first failure must pass: else only brought back to it, it
+  // was never said.
+  failedAtUpload = Math.min(failedAtUpload, failed);
   if (counts) {
     if (!announcedAt) announcedAt = Date.now();  // the first files chosen start the clock
     const changed = progress !== progressSaid;
