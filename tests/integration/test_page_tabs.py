@@ -334,6 +334,11 @@ def test_an_event_stream_that_brings_nothing_gives_its_connection_back(stack, br
     assert_classified(finished_rows(browser, stack, 1, timeout_s=120), files, reference_model)
     assert browser.execute_script("return window.mostStreams") == 1
     browser.execute_script("window.endsHeld = false;")
+    # A read that threw once ended the polls for good (a failure of this test's, twice,
+    # cause unknown): they go on now, and the page logs the fault, which is a bug all the same.
+    console = browser.get_log("browser")
+    faults = [e["message"] for e in console if "a read of the batch failed" in e["message"]]
+    assert faults == [], faults
 
 
 def test_a_batch_polled_for_an_idle_stream_is_streamed_again_once_results_come(stack, browser,
