@@ -347,8 +347,15 @@ class Settings:
         return fleet_name(self.prefix, self.endpoint_url, self.region)
 
     @property
+    def local_aws_host_bare(self) -> str:
+        """LOCAL_AWS_HOST without the brackets an IPv6 address may be written in, as web_host_bare."""
+        return self.local_aws_host.removeprefix("[").removesuffix("]")
+
+    @property
     def local_aws_url(self) -> str:
-        return f"http://{self.local_aws_host}:{self.local_aws_port}"
+        """The embedded AWS's address: an IPv6 one bracketed, as a URL needs it."""
+        host = self.local_aws_host_bare
+        return f"http://[{host}]:{self.local_aws_port}" if ":" in host else f"http://{host}:{self.local_aws_port}"
 
     @property
     def untrained(self) -> bool:

@@ -35,8 +35,8 @@ USER_DATA_TEMPLATE = Path(__file__).resolve().parent.parent / "ami" / "user-data
 
 
 # What a value may hold to go into the boot script's single quotes and systemd's
-# environment file unchanged.
-_PLAIN_VALUE = re.compile(r"[A-Za-z0-9._:/@+,=-]*")
+# environment file unchanged (brackets: an IPv6 address in a URL, http://[::1]:5000).
+_PLAIN_VALUE = re.compile(r"[A-Za-z0-9._:/@+,=\[\]-]*")
 
 
 def render_user_data(settings: Settings) -> str:
@@ -45,7 +45,7 @@ def render_user_data(settings: Settings) -> str:
     for name, value in worker_environment(settings).items():
         if not _PLAIN_VALUE.fullmatch(value):
             raise ValueError(f"{name}={value!r} cannot be passed to instances: use only letters, "
-                             f"digits and . _ : / @ + , = -")
+                             f"digits and . _ : / @ + , = - [ ]")
         text = text.replace("{{" + name + "}}", value)
     return text
 

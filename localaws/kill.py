@@ -72,6 +72,15 @@ def ends_with_parent() -> Callable[[], None] | None:
     return in_child
 
 
+def end_with_parent() -> None:
+    """This process gets SIGTERM when its parent ends (where the kernel can say so,
+    Linux): `make run`'s make killed (an IDE's stop button, kill -9) left the stack
+    serving on its own, its ports held and no terminal's Ctrl-C to reach it."""
+    prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+    if prctl is not None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+
 def kill_group(pgid: int) -> None:
     signal_group(pgid, signal.SIGKILL)
 

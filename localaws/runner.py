@@ -406,11 +406,13 @@ class InstanceRunner:
         none will come: on EC2 its disk goes with it; here the file would stay for ever."""
         path = held_journal_path(self.settings, instance_id)
         if path is not None:
-            HeldJournal(path).remove()
             try:
+                HeldJournal(path).remove()
                 hold_journal_lock(path, instance_id).release()  # the lock file a killed worker left
             except JournalInUse:
                 pass  # a worker still runs for it: its own stop removes it
+            except OSError as exc:  # a state directory read-only or full: kept, not the stop's end
+                log.warning("could not remove %s, the journal of %s: %s", path, instance_id, exc)
 
     def _hear(self) -> None:
         """Take in what every process has sent, so that no socket's queue fills up (a

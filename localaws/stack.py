@@ -32,14 +32,22 @@ from pathlib import Path
 
 from common import cli
 from common.aws import Aws, keys_in
-from common.config import VARIABLES, Settings, local_run_defaults, local_run_overrides
+from common.config import VARIABLES, Settings, local_run_defaults, local_run_overrides, state_dir
 from common.file_lock import LockHeld, hold, holder
 from common.hosts import on_loopback
 from common.logs import configure as configure_logging
 from common.provision import provision
 from common.signals import STOP_SIGNALS, on_signals
 from controller.lock import EXIT_ANOTHER_CONTROLLER, held_by_another
-from localaws.kill import end_group, ends_with_parent, group_alive, kill_group, signal_group, terminate
+from localaws.kill import (
+    end_group,
+    end_with_parent,
+    ends_with_parent,
+    group_alive,
+    kill_group,
+    signal_group,
+    terminate,
+)
 from localaws.lifeline import Lifeline
 from localaws.notify import NotifySocket, NotifySockets
 from localaws.runner import InstanceRunner, exit_status, is_stopped
@@ -52,6 +60,7 @@ from localaws.server import (
     wait_until_up,
 )
 from localaws.supervision import Backoff, Watchdog, next_start, watchdog_action
+from localaws.terminal import TerminalWatch
 
 log = logging.getLogger("stack")
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,6 +110,32 @@ RUN_DIR_LOCK = ".lock"
 
 class RunDirInUse(RuntimeError):
     """Another stack runs from this run folder, where its logs and web journal are."""
+
+
+class StateDirUnusable(RuntimeError):
+    """The state directory cannot be written: no worker could start."""
+
+
+def ensure_state_dir_writable(state_dir: str) -> None:
+    """StateDirUnusable, saying what to do, unless a file can be made in `state_dir`.
+    Each worker takes a lock and keeps its journal there, the controller its lock: a
+    read-only or full one had the stack say READY, its workers exit at each start, and
+    every upload fail, the reason only in the workers' logs."""
+    probe = Path(state_dir) / f".writable-{os.getpid()}"
+    try:
+        os.makedirs(state_dir, exist_ok=True)
+        try:
+            with open(probe, "wb") as out:
+                out.write(b"x" * 4096)  # a block: a full file system refuses it
+                out.flush()
+                os.fsync(out.fileno())
+        finally:
+            probe.unlink(missing_ok=True)
+    except OSError as exc:
+        raise StateDirUnusable(
+            f"cannot write to {state_dir} ({exc.strerror or exc}), where each worker keeps its lock "
+            "and journal, and the controller its lock: free some space there, or set XDG_STATE_HOME "
+            "to a directory that can be written") from None
 
 
 def local_model_weights(env: Mapping[str, str]) -> tuple[str, str]:
@@ -218,8 +253,10 @@ def other_shell_line(settings: Settings, env: Mapping[str, str]) -> str:
                "AWS_DEFAULT_REGION": settings.region,
                "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local",
                **{name: env[name] for name in SHARED_WITH_OTHER_SHELLS if name in env}}
-    if "XDG_STATE_HOME" in exports:  # as a path from anywhere: the controller's lock is in it
-        exports["XDG_STATE_HOME"] = os.path.abspath(exports["XDG_STATE_HOME"])
+    if "XDG_STATE_HOME" in exports:
+        # The one the stack's processes use, the controller's lock in it: a relative one is
+        # ignored, as the XDG spec says (common.config.state_dir), not taken from here.
+        exports["XDG_STATE_HOME"] = os.path.dirname(state_dir(env))
     # One controller runs at a time: another, started there, only waits for this one's
     # lock; --dry-run shows what it would do with the same settings.
     assignments = " ".join(f"{name}={shlex.quote(value)}" for name, value in exports.items())
@@ -300,18 +337,19 @@ class Stack:
     def start(self) -> None:
         s = self.settings
         self.lock_run_dir()
-        ensure_ports_differ((s.local_aws_host, s.local_aws_port, "LOCAL_AWS_PORT"),
+        ensure_state_dir_writable(state_dir(self.env))  # the one its children will use
+        ensure_ports_differ((s.local_aws_host_bare, s.local_aws_port, "LOCAL_AWS_PORT"),
                             (s.web_host_bare, s.web_port, "WEB_PORT"))
-        aws_listener = listening_socket(s.local_aws_host, s.local_aws_port, "LOCAL_AWS_PORT")
+        aws_listener = listening_socket(s.local_aws_host_bare, s.local_aws_port, "LOCAL_AWS_PORT")
         try:
             self.web_listener = listening_socket(s.web_host_bare, s.web_port, "WEB_PORT")
             # Only now: a run refused for a port in use (a second `make run` here, say)
             # must leave the running one's logs where they are.
             self.open_logs()
             log.info("starting the embedded AWS on %s", s.local_aws_url)
-            if warning := embedded_aws_open_warning(s.local_aws_host):
+            if warning := embedded_aws_open_warning(s.local_aws_host_bare):
                 log.warning("%s", warning)
-            moto = start_moto(s.local_aws_host, s.local_aws_port, self.logs / "moto.log", self.stopping,
+            moto = start_moto(s.local_aws_host_bare, s.local_aws_port, self.logs / "moto.log", self.stopping,
                               lifeline_fd=self.lifeline.server_fd, listener=aws_listener)
         finally:
             aws_listener.close()  # moto's now, for as long as it lives (its lifeline's end)
@@ -606,7 +644,17 @@ def main(argv: list[str] | None = None) -> int:
     stack = Stack(settings, args.run_dir, settings.local_warm_spares,
                   environ={**os.environ, "MODEL_WEIGHTS": weights})
     stop = stack.stopping
-    on_signals(lambda _signum: stop.set(), stop_signals())
+
+    def stop_on_signal(signum: int) -> None:
+        if not stop.is_set():  # said once: a second Ctrl-C changes nothing
+            log.info("%s: stopping everything this stack started (a few seconds)",
+                     signal.Signals(signum).name)
+        stop.set()
+
+    signals = stop_signals()
+    on_signals(stop_on_signal, signals)
+    # Closed, a terminal whose session make leads stops nothing (localaws/terminal.py).
+    terminal = TerminalWatch() if signal.SIGHUP in signals else None
     code = 0
     try:
         stack.start()
@@ -616,12 +664,15 @@ def main(argv: list[str] | None = None) -> int:
               f" logs={stack.logs}{untrained}", flush=True)
         print(other_shell_line(settings, stack.env), flush=True)
         while not stop.wait(0.5):
+            if terminal is not None and terminal.lost():
+                log.info("the terminal make run was started in is closed: stopping everything")
+                break
             problem = stack.supervise()
             if problem:
                 log.error("%s; stopping everything", problem)
                 code = 1
                 break
-    except (PortInUse, RunDirInUse) as exc:
+    except (PortInUse, RunDirInUse, StateDirUnusable) as exc:
         log.error("%s", exc)
         code = 1
     except StartInterrupted as exc:
@@ -641,4 +692,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    end_with_parent()  # not in main(), which tests call in their own process
     sys.exit(main())

@@ -172,10 +172,12 @@ def test_user_datas_metadata_calls_are_bounded_and_retried_within_the_tokens_lif
     assert token_life > 2 * (120 + 10)  # both calls' retries, the last try's own time
 
 
-def test_user_data_passes_an_endpoint_url_only_when_there_is_one(boot):
-    result, etc_dir, _ = boot(render("http://10.0.0.5:5000"))
+@pytest.mark.parametrize("endpoint", ["http://10.0.0.5:5000", "http://[::1]:5000"])
+def test_user_data_passes_an_endpoint_url_only_when_there_is_one(boot, endpoint):
+    """An IPv6 one too (LOCAL_AWS_HOST=::1), which the controller had refused at start."""
+    result, etc_dir, _ = boot(render(endpoint))
     assert result.returncode == 0, result.stderr
-    assert "AWS_ENDPOINT_URL=http://10.0.0.5:5000" in (etc_dir / "worker.env").read_text().splitlines()
+    assert f"AWS_ENDPOINT_URL={endpoint}" in (etc_dir / "worker.env").read_text().splitlines()
 
 
 def test_workers_on_ec2_get_the_controllers_worker_settings(boot):

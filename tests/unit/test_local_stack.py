@@ -608,11 +608,17 @@ def test_the_line_for_other_shells_carries_what_a_controller_there_needs(tmp_pat
                             **exported}) == "us-east-1"
     monkeypatch.setenv("SCALE_IN_COOLDOWN", "a b")  # the user's, quoted for the shell
     # The state directory (a second controller there is refused) and the user's scaling settings.
-    monkeypatch.setenv("XDG_STATE_HOME", "state")  # relative: said as a path from anywhere
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     monkeypatch.setenv("MAX_INSTANCES", "4")
     line = other_shell_line(settings, child_env(settings, tmp_path))
     assert "SCALE_IN_COOLDOWN='a b'" in line
-    assert f"XDG_STATE_HOME={os.path.abspath('state')} MAX_INSTANCES=4" in line
+    assert f"XDG_STATE_HOME={tmp_path / 'state'} MAX_INSTANCES=4" in line
+    # A relative one, which every process ignores (the XDG spec): the one they use instead,
+    # or a controller started with the line there took another lock, beside make run's.
+    monkeypatch.setenv("XDG_STATE_HOME", "state")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    line = other_shell_line(settings, child_env(settings, tmp_path))
+    assert f"XDG_STATE_HOME={tmp_path / 'home' / '.local' / 'state'} MAX_INSTANCES=4" in line
     monkeypatch.setenv("API_KEY", "s3cret")  # a secret the controller does not need: never printed
     assert "s3cret" not in other_shell_line(settings, child_env(settings, tmp_path))
 
@@ -714,6 +720,28 @@ def test_a_model_that_cannot_load_stops_make_run_with_what_to_do_not_a_traceback
     assert len(failed) == 1 and failed[0].exc_info is None
     assert "the model could not be loaded" in failed[0].getMessage()
     assert "Do one of these: set MODEL_WEIGHTS=random" in failed[0].getMessage()
+
+
+def test_a_state_directory_that_cannot_be_written_stops_make_run_at_once_saying_so(
+        tmp_path, monkeypatch, caplog):
+    """Read-only or full, it had the stack say READY while every worker exited at its
+    start (no lock, no journal) and every upload failed, the reason in workers' logs only."""
+    from localaws import stack as stack_module
+
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "not-a-folder"))
+    for name, port in zip(("LOCAL_AWS_PORT", "WEB_PORT"), free_ports(2), strict=True):
+        monkeypatch.setenv(name, str(port))
+    started = []
+    monkeypatch.setattr(stack_module, "start_moto", lambda *args, **kwargs: started.append(args))
+    monkeypatch.setattr(stack_module, "configure_logging", lambda *args: None)  # caplog's handler
+    with caplog.at_level(logging.INFO):
+        assert stack_module.main(["--run-dir", str(tmp_path / "run")]) == 1
+    failed = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(failed) == 1 and failed[0].exc_info is None
+    said = failed[0].getMessage()
+    assert f"cannot write to {tmp_path / 'not-a-folder' / 'imgclass'}" in said and "XDG_STATE_HOME" in said
+    assert started == []  # nothing started
 
 
 def test_make_run_leaves_its_own_environment_as_it_found_it(tmp_path, monkeypatch, caplog):
@@ -1025,3 +1053,12 @@ def test_make_run_suggests_the_few_core_settings_only_where_they_help_and_none_w
     assert few_cores_note(settings, {}, 16) == ""  # cores enough
     assert few_cores_note(settings, {}, None) == ""  # unknown
     assert few_cores_note(Settings(local_max_workers=2), {}, 2) == ""  # memory capped it already
+
+
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_an_ipv6_embedded_aws_is_given_an_address_a_url_can_hold(host):
+    """LOCAL_AWS_HOST=::1 ended make run in a traceback, "Invalid endpoint: http://::1:5000"."""
+    settings = Settings(local_aws_host=host, local_aws_port=5123)
+    assert settings.local_aws_url == "http://[::1]:5123"
+    assert settings.local_aws_host_bare == "::1"  # what a socket binds
+    assert Settings(local_aws_host="127.0.0.1", local_aws_port=5123).local_aws_url == "http://127.0.0.1:5123"
