@@ -199,6 +199,14 @@ FEW_CORES = 4
 FEW_CORES_SETTINGS = "LOCAL_MAX_WORKERS=2 LOCAL_WORKER_ONE_IMAGE_THREADS=0 LOCAL_WARM_SPARES=2"
 
 
+def usable_cores() -> int | None:
+    """The cores this process may run on: a container's CPU set, not the host's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS
+        return os.cpu_count()
+
+
 def few_cores_note(settings: Settings, env: Mapping[str, str], cores: int | None) -> str:
     """A word on the few-core settings, where they would serve bursts faster and the user
     chose no worker count of their own ("" otherwise)."""
@@ -401,8 +409,13 @@ class Stack:
             self.run_dir_lock = hold(path)
         except LockHeld:
             raise RunDirInUse(f"another stack (process {holder(path)}) runs from {self.run_dir}, where its "
-                              f"logs and web journal are: stop it, or give this one a folder of its own: "
-                              f"python -m localaws.stack --run-dir {self.run_dir}-2") from None
+                              f"logs and web journal are: stop it, or give this one a folder and ports "
+                              f"of its own: make run RUN_ARGS='--run-dir {self.run_dir}-2' WEB_PORT=<port> "
+                              "LOCAL_AWS_PORT=<port>") from None
+        except OSError as exc:  # read-only, full, or not a folder
+            raise RunDirInUse(f"cannot use {self.run_dir} for this run's logs and web journal "
+                              f"({exc.strerror or exc}): give it a folder that can be written: "
+                              f"make run RUN_ARGS='--run-dir <folder>'") from None
 
     def open_logs(self) -> None:
         """A fresh logs folder for this run, the last run's kept beside it if that run
@@ -637,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = dataclasses.replace(settings, local_max_workers=workers)
     if note:
         log.warning(note)
-    note = few_cores_note(settings, os.environ, os.cpu_count())
+    note = few_cores_note(settings, os.environ, usable_cores())
     if note:
         log.info(note)
 

@@ -550,7 +550,8 @@ def test_a_second_stack_from_a_run_folder_in_use_stops_before_it_touches_anythin
     (first.logs / "moto.log").write_text("the first stack's")
     aws_port, web_port = free_ports(2)
     second = Stack(Settings(local_aws_port=aws_port, web_port=web_port), tmp_path, warm_spares=0)
-    with pytest.raises(RunDirInUse, match=f"process {os.getpid()}.*--run-dir {tmp_path.resolve()}-2"):
+    with pytest.raises(RunDirInUse, match=f"process {os.getpid()}.*make run RUN_ARGS='--run-dir "
+                       f"{tmp_path.resolve()}-2' WEB_PORT=<port> LOCAL_AWS_PORT=<port>"):
         second.start()
     assert second.children == []
     assert (first.logs / "moto.log").read_text() == "the first stack's"
@@ -720,6 +721,14 @@ def test_a_model_that_cannot_load_stops_make_run_with_what_to_do_not_a_traceback
     assert len(failed) == 1 and failed[0].exc_info is None
     assert "the model could not be loaded" in failed[0].getMessage()
     assert "Do one of these: set MODEL_WEIGHTS=random" in failed[0].getMessage()
+
+
+def test_a_run_folder_that_cannot_be_written_is_said_so_in_a_line(tmp_path):
+    """A traceback of the lock's OSError, where a line says what to do."""
+    (tmp_path / "file").write_text("")
+    stack = Stack(Settings(), tmp_path / "file" / "run", warm_spares=0)
+    with pytest.raises(RunDirInUse, match=f"cannot use {tmp_path / 'file' / 'run'} for this run's logs"):
+        stack.lock_run_dir()
 
 
 def test_a_state_directory_that_cannot_be_written_stops_make_run_at_once_saying_so(
