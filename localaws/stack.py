@@ -444,8 +444,11 @@ class Stack:
                     raise StartInterrupted("stopped while the model was being prepared")
             code = process.returncode
         if code != 0:
+            said = (self.logs / "prepare-model.log").read_text()[-2000:]
+            if not said.strip():  # it could write nothing: its disk full, most likely
+                said = f"(its log is empty: is the disk of {self.logs} full?)"
             raise ModelUnavailable(f"the model could not be loaded: see {self.logs / 'prepare-model.log'}\n"
-                                   + (self.logs / "prepare-model.log").read_text()[-2000:])
+                                   + said)
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         process, notify = self._popen(name, argv)

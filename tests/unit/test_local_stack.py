@@ -753,6 +753,18 @@ def test_a_state_directory_that_cannot_be_written_stops_make_run_at_once_saying_
     assert started == []  # nothing started
 
 
+def test_a_preparation_that_wrote_nothing_asks_whether_the_disk_is_full(tmp_path, monkeypatch):
+    """A full run folder's disk was said as "the model could not be loaded", its log empty."""
+    from localaws import stack as stack_module
+
+    monkeypatch.setattr(stack_module, "PREPARE_MODEL", [sys.executable, "-c", "raise SystemExit(1)"])
+    stack = Stack(Settings(), tmp_path, warm_spares=0)
+    stack.open_logs()
+    with pytest.raises(stack_module.ModelUnavailable,
+                       match=f"its log is empty: is the disk of {stack.logs} full"):
+        stack._prepare_model()
+
+
 def test_make_run_leaves_its_own_environment_as_it_found_it(tmp_path, monkeypatch, caplog):
     """It wrote its children's MODEL_WEIGHTS and AWS keys into its own environment too, two
     sources of truth (and a main() called in a test changed the environment of the tests
