@@ -109,7 +109,8 @@ RUN_DIR_LOCK = ".lock"
 
 
 class RunDirInUse(RuntimeError):
-    """Another stack runs from this run folder, where its logs and web journal are."""
+    """The run folder cannot be this stack's: another stack runs from it (its logs and web
+    journal are there), or it cannot be written."""
 
 
 class StateDirUnusable(RuntimeError):
