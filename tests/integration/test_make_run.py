@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -165,3 +166,48 @@ def test_a_stack_whose_terminal_is_closed_stops_as_on_ctrl_c(tmp_path):
     wait_for(lambda: any(line.rstrip().endswith(" stopped") for line in stack.output), 5,
              "the stack's last line, 'stopped'")
     assert not still_running(everything)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="Linux's /proc says which terminal")
+def test_a_stack_whose_terminal_closes_under_a_make_that_passes_no_hangup_on_stops(tmp_path):
+    """`xterm -e make run`, `ssh -t host make run`: the terminal's session is make's, which
+    hears the hangup, passes it to nobody and waits for the stack. The stack served on,
+    every process alive, its ports held, with no terminal to stop it from."""
+    web, aws = free_ports(2)
+    run_dir, log = tmp_path / "run", tmp_path / "stack.log"
+    env = dict(os.environ, WEB_PORT=str(web), LOCAL_AWS_PORT=str(aws), APP_PREFIX="hangup",
+               MODEL_WEIGHTS="random", LOCAL_WARM_SPARES="0", LOCAL_MAX_WORKERS="1",
+               XDG_STATE_HOME=str(tmp_path / "state"))
+    env.pop("AWS_ENDPOINT_URL", None)
+    # As make: hears SIGHUP (a handler), passes it on to nobody, waits for its child. The
+    # stack's output to a file: written to the closed terminal, it could fail on its own.
+    stack = [str(ROOT / ".venv" / "bin" / "python"), "-m", "localaws.stack", "--run-dir", str(run_dir)]
+    leader = ("import signal, subprocess, sys; signal.signal(signal.SIGHUP, lambda *_: None); "
+              f"out = open({str(log)!r}, 'w'); "
+              f"sys.exit(subprocess.call({stack!r}, cwd={str(ROOT)!r}, stdout=out, stderr=out))")
+    pid, master = os.forkpty()
+    if pid == 0:
+        try:
+            os.execve(sys.executable, [sys.executable, "-c", leader], env)
+        finally:
+            os._exit(127)
+    try:
+        wait_for(lambda: "READY " in log.read_text() if log.exists() else False, 180, "the stack ready")
+        everything = psutil.Process(pid).children(recursive=True)
+        assert len(everything) >= 4  # the stack, moto, controller, gunicorn
+        os.close(master)  # the terminal closed
+        master = -1
+        wait_for(lambda: not still_running(everything), STOP_TIMEOUT_S + 15,
+                 "every process of the stack ended")
+        said = log.read_text()
+        assert "the terminal make run was started in is closed: stopping everything" in said, said[-3000:]
+        assert said.rstrip().endswith(" stopped"), said[-3000:]
+    finally:
+        if master != -1:
+            os.close(master)
+        for process in psutil.Process(pid).children(recursive=True) if psutil.pid_exists(pid) else []:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
