@@ -582,10 +582,11 @@ class InstanceRunner:
         try:
             with self._round_lock:  # a round under way ends first, or starts nothing
                 self.stopping.set()
-                processes = [w.process for w in self.workers.values()] + [w.process for w in self._draining]
-                processes += self._spares
+                draining = [w.process for w in self._draining]  # told to stop already: waited for
+                processes = [w.process for w in self.workers.values()] + self._spares
             for p in processes:
                 self._signal(p, signal.SIGTERM)
+            processes += draining
             deadline = time.monotonic() + timeout_s
             for p in processes:
                 try:

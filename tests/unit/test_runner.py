@@ -492,6 +492,28 @@ def test_shutdown_leaves_no_process(world):
     assert all(p.poll() is not None for p in processes)
 
 
+def test_shutdown_does_not_signal_a_worker_already_stopping_again(world, monkeypatch):
+    """A worker draining after its instance ended had SIGTERM a second time at the stack's
+    stop: it logged the signal twice, and, its warm shutdown done, was said "killed by
+    SIGTERM" by the second."""
+    settings, aws, make, out = world
+    runner = make(warm_spares=0, env={"FAKE_MODE": "stubborn"})  # drains for as long as it likes
+    (iid,) = launch(aws, settings, (1,)).values()
+    runner.step()
+    wait_until(lambda: started(out) == [iid], what="the worker to start")
+    draining = runner.workers[iid].process
+    terminate(aws, (iid,))
+    wait_until(lambda: (runner.step(), draining in [w.process for w in runner._draining])[1],
+               what="the worker told to stop")
+    sent: list[tuple[int, int]] = []
+    real_signal = runner._signal
+    monkeypatch.setattr(runner, "_signal", lambda process, sig: sent.append((process.pid, sig))
+                        or real_signal(process, sig))
+    runner.shutdown(timeout_s=0.5)
+    assert (draining.pid, signal.SIGTERM) not in sent, sent
+    assert draining.poll() is not None  # killed once its time was up
+
+
 def test_workers_outlive_the_runners_rounds_until_its_shutdown(world):
     """Each worker is told to end when the thread that started it does (PR_SET_PDEATHSIG
     follows the thread): if the runner's thread returned as its rounds ended, every
