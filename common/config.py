@@ -43,6 +43,8 @@ from urllib.parse import urlsplit
 from botocore.configloader import load_config
 from botocore.exceptions import BotoCoreError
 
+from common.hosts import bare_host, host_and_port
+
 # Pillow's own limit (Image.MAX_IMAGE_PIXELS, which it refuses past twice over): a
 # larger MAX_IMAGE_PIXELS would have no effect, so it is refused, not quietly lowered.
 PILLOW_MAX_IMAGE_PIXELS = 89_478_485
@@ -308,14 +310,13 @@ class Settings:
     @property
     def web_host_bare(self) -> str:
         """WEB_HOST without the brackets an IPv6 address may be written in ("[::1]")."""
-        return self.web_host.removeprefix("[").removesuffix("]")
+        return bare_host(self.web_host)
 
     @property
     def web_address(self) -> str:
         """WEB_HOST:WEB_PORT as a bind address or in a URL: an IPv6 address bracketed,
         whether given bare or so (gunicorn cannot parse a bare "::")."""
-        host = self.web_host_bare
-        return f"[{host}]:{self.web_port}" if ":" in host else f"{host}:{self.web_port}"
+        return host_and_port(self.web_host, self.web_port)
 
     @property
     def web_url(self) -> str:
@@ -349,13 +350,12 @@ class Settings:
     @property
     def local_aws_host_bare(self) -> str:
         """LOCAL_AWS_HOST without the brackets an IPv6 address may be written in, as web_host_bare."""
-        return self.local_aws_host.removeprefix("[").removesuffix("]")
+        return bare_host(self.local_aws_host)
 
     @property
     def local_aws_url(self) -> str:
         """The embedded AWS's address: an IPv6 one bracketed, as a URL needs it."""
-        host = self.local_aws_host_bare
-        return f"http://[{host}]:{self.local_aws_port}" if ":" in host else f"http://{host}:{self.local_aws_port}"
+        return f"http://{host_and_port(self.local_aws_host, self.local_aws_port)}"
 
     @property
     def untrained(self) -> bool:

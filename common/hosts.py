@@ -15,6 +15,19 @@ def header_host(header: str) -> str:
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
+def bare_host(host: str) -> str:
+    """A host as written, without the brackets an IPv6 address may be written in:
+    "[::1]" -> "::1"."""
+    return host.removeprefix("[").removesuffix("]")
+
+
+def host_and_port(host: str, port: int) -> str:
+    """`host`:`port` as a bind address or in a URL: an IPv6 address bracketed, whether
+    given bare or so (gunicorn cannot parse a bare "::", nor botocore such a URL)."""
+    host = bare_host(host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def is_address(host: str) -> bool:
     """Whether `host` is an IP address, not a name."""
     try:

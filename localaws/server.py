@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from common.hosts import host_and_port
 from localaws.kill import ends_with_parent, kill_and_wait
 
 
@@ -49,8 +50,8 @@ def start_moto(host: str, port: int, log_path: Path, stopping: threading.Event |
         )
     try:
         # Its start-up builds EC2's, SQS's and S3's backends: ~5 s here, more on a busy machine.
-        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # IPv6 bracketed
-        wait_until_up(f"http://{address}/moto-api/", process, timeout_s=90, stopping=stopping)
+        wait_until_up(f"http://{host_and_port(host, port)}/moto-api/", process, timeout_s=90,
+                      stopping=stopping)
     except BaseException:
         # Not yet handed to the caller, who could not stop it: seen left running for
         # hours after a start that timed out on a busy machine.
