@@ -75,7 +75,7 @@ class BatchClassifier:
         groups_to_try = deque([fresh] if fresh else [])
         groups_to_try.extend([j] for j in jobs if suspect(j))
         results: dict[str, Classification] = {}
-        model_works = self.model_answered = False  # the model answered an input of this batch
+        self.model_answered = False
         while groups_to_try:
             group = groups_to_try.popleft()
             try:
@@ -91,16 +91,15 @@ class BatchClassifier:
                     continue
                 # ...nor one that fails whatever its input (a runtime fault): every image
                 # of the batch would be answered "classification failed", for good.
-                model_works = model_works or self._model_answers_a_plain_input(group)
-                if not model_works:
+                self.model_answered = self.model_answered or self._model_answers_a_plain_input(group)
+                if not self.model_answered:
                     raise ModelFault(f"the model failed on {group[0].request.key} and on a plain "
                                      "input") from exc
                 log.error("classification of %s failed: %s", group[0].request.key, exc)
                 group[0].error = f"classification failed: {exc}"
                 continue
-            model_works = True
+            self.model_answered = True
             results.update({j.message_id: r for j, r in zip(group, out, strict=True)})
-        self.model_answered = model_works
         return results
 
     def _model_answers_a_plain_input(self, failed: list[Job]) -> bool:
