@@ -58,14 +58,14 @@ def ends_with_parent() -> Callable[[], None] | None:
     process: start children from a thread that outlives them (the main thread, or
     one that waits as InstanceRunner.run does).
     """
-    prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
-    if prctl is None:
+    ask = _sigterm_when_parent_ends()
+    if ask is None:
         return None
-    parent, sigterm = os.getpid(), int(signal.SIGTERM)
+    parent = os.getpid()
 
     def in_child() -> None:
         # Runs between fork and exec: nothing here may take a lock another thread held.
-        prctl(_PR_SET_PDEATHSIG, sigterm)
+        ask()
         if os.getppid() != parent:  # the parent died before the request was made
             os._exit(1)
 
@@ -76,9 +76,19 @@ def end_with_parent() -> None:
     """This process gets SIGTERM when its parent ends (where the kernel can say so,
     Linux): `make run`'s make killed (an IDE's stop button, kill -9) left the stack
     serving on its own, its ports held and no terminal's Ctrl-C to reach it."""
+    ask = _sigterm_when_parent_ends()
+    if ask is not None:
+        ask()
+
+
+def _sigterm_when_parent_ends() -> Callable[[], None] | None:
+    """What asks the kernel for SIGTERM when the calling process's parent (thread) ends,
+    or None where it has no such request (macOS)."""
     prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
-    if prctl is not None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    if prctl is None:
+        return None
+    sigterm = int(signal.SIGTERM)
+    return lambda: prctl(_PR_SET_PDEATHSIG, sigterm)
 
 
 def kill_group(pgid: int) -> None:
