@@ -28,6 +28,16 @@ def test_the_terminal_is_read_after_a_command_name_that_holds_parentheses(tmp_pa
     assert controlling_terminal(stat) is None
 
 
+def text_once_written(path: Path, deadline: float) -> str:
+    """What another process wrote to `path`, once it holds something (or "" at `deadline`):
+    the file exists from its open, a moment before the text is in it."""
+    while time.monotonic() < deadline:
+        if path.exists() and (text := path.read_text()):
+            return text
+        time.sleep(0.05)
+    return ""
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="Linux's /proc says which terminal")
 def test_a_process_under_a_make_that_passes_no_hangup_on_sees_its_terminal_closed(tmp_path):
     """As `xterm -e make run`: the terminal's session is led by a process that hears the
@@ -55,14 +65,10 @@ def test_a_process_under_a_make_that_passes_no_hangup_on_sees_its_terminal_close
     try:
         deadline = time.monotonic() + 30  # bounds a failure only
         started = Path(f"{said}.started")
-        while not started.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert started.read_text() == "True", "the watcher had the terminal at its start"
+        assert text_once_written(started, deadline) == "True", "the watcher had the terminal at its start"
         os.close(master)  # the terminal closed
         master = -1
-        while not said.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert said.read_text() == "lost"
+        assert text_once_written(said, deadline) == "lost"
     finally:
         if master != -1:
             os.close(master)
@@ -93,9 +99,7 @@ def test_the_stack_gets_sigterm_when_the_make_that_started_it_is_killed(tmp_path
             time.sleep(0.05)
         parent.kill()
         parent.wait()
-        while not heard.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert heard.read_text() == "SIGTERM"
+        assert text_once_written(heard, deadline) == "SIGTERM"
     finally:
         parent.kill()
         parent.wait()
