@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -210,3 +211,49 @@ def loopback_listener() -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+class Terminal:
+    """A terminal (a pty) whose session `python -c <leader>` leads (terminal_session)."""
+
+    def __init__(self, pid: int, master: int) -> None:
+        self.pid = pid  # the leader's
+        self._master = master
+
+    def close(self) -> None:
+        """Closes the terminal, as a window closed does: its session's leader hears SIGHUP."""
+        if self._master != -1:
+            os.close(self._master)
+            self._master = -1
+
+
+@contextmanager
+def terminal_session(leader: str, env: dict[str, str] | None = None) -> Iterator[Terminal]:
+    """A new terminal whose session is led by `python -c leader` (in `env`), as make leads
+    `xterm -e make run`'s. Afterwards the terminal is closed, and the leader and all it
+    started are killed."""
+    import signal
+    import sys
+
+    import psutil
+
+    pid, master = os.forkpty()
+    if pid == 0:
+        try:
+            os.execve(sys.executable, [sys.executable, "-c", leader], os.environ if env is None else env)
+        finally:
+            os._exit(127)
+    terminal = Terminal(pid, master)
+    try:
+        yield terminal
+    finally:
+        terminal.close()
+        try:
+            for process in psutil.Process(pid).children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
+        except psutil.NoSuchProcess:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)

@@ -8,7 +8,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import requests
 
 from localaws.harness import StackProcess, free_ports
 from localaws.stack import STARTING_MARK, STOP_TIMEOUT_S
-from tests.conftest import make_image
+from tests.conftest import make_image, terminal_session
 from tests.integration.conftest import STACK_TIMEOUT, serving_workers, still_running, wait_for
 
 pytestmark = STACK_TIMEOUT
@@ -185,29 +184,13 @@ def test_a_stack_whose_terminal_closes_under_a_make_that_passes_no_hangup_on_sto
     leader = ("import signal, subprocess, sys; signal.signal(signal.SIGHUP, lambda *_: None); "
               f"out = open({str(log)!r}, 'w'); "
               f"sys.exit(subprocess.call({stack!r}, cwd={str(ROOT)!r}, stdout=out, stderr=out))")
-    pid, master = os.forkpty()
-    if pid == 0:
-        try:
-            os.execve(sys.executable, [sys.executable, "-c", leader], env)
-        finally:
-            os._exit(127)
-    try:
+    with terminal_session(leader, env) as terminal:
         wait_for(lambda: "READY " in log.read_text() if log.exists() else False, 180, "the stack ready")
-        everything = psutil.Process(pid).children(recursive=True)
+        everything = psutil.Process(terminal.pid).children(recursive=True)
         assert len(everything) >= 4  # the stack, moto, controller, gunicorn
-        os.close(master)  # the terminal closed
-        master = -1
+        terminal.close()
         wait_for(lambda: not still_running(everything), STOP_TIMEOUT_S + 15,
                  "every process of the stack ended")
         said = log.read_text()
         assert "the terminal make run was started in is closed: stopping everything" in said, said[-3000:]
         assert said.rstrip().endswith(" stopped"), said[-3000:]
-    finally:
-        if master != -1:
-            os.close(master)
-        for process in psutil.Process(pid).children(recursive=True) if psutil.pid_exists(pid) else []:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)

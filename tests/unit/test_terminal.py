@@ -3,8 +3,6 @@ its session's leader (make) passes no signal on."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -14,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from localaws.terminal import TerminalWatch, controlling_terminal
+from tests.conftest import terminal_session
 
 
 def test_the_terminal_is_read_after_a_command_name_that_holds_parentheses(tmp_path):
@@ -56,27 +55,12 @@ def test_a_process_under_a_make_that_passes_no_hangup_on_sees_its_terminal_close
     """)
     leader = ("import signal, subprocess, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
               f"sys.exit(subprocess.call([sys.executable, '-c', {watcher!r}]))")
-    pid, master = os.forkpty()
-    if pid == 0:  # the terminal's session leader, as make is
-        try:
-            os.execv(sys.executable, [sys.executable, "-c", leader])
-        finally:
-            os._exit(127)
-    try:
+    with terminal_session(leader) as terminal:  # its leader as make is
         deadline = time.monotonic() + 30  # bounds a failure only
         started = Path(f"{said}.started")
         assert text_once_written(started, deadline) == "True", "the watcher had the terminal at its start"
-        os.close(master)  # the terminal closed
-        master = -1
+        terminal.close()
         assert text_once_written(said, deadline) == "lost"
-    finally:
-        if master != -1:
-            os.close(master)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        os.waitpid(pid, 0)
 
 
 def test_the_stack_gets_sigterm_when_the_make_that_started_it_is_killed(tmp_path):
