@@ -111,8 +111,9 @@ export function showSendAgain() {
   note.hidden = !note.textContent;
 }
 
-// The rows sent again whose outcome is still to be said (sayAgainDone).
-let sentAgain = [];
+// The rows sent again whose outcome is still to be said (sayAgainDone): a set, as a row
+// refused at once may be pressed again while others still wait, and is one row.
+const sentAgain = new Set();
 export function wireSendAgain() {
   $("send-again").addEventListener("click", sendFailedAgain);
 }
@@ -121,8 +122,7 @@ function sendFailedAgain() {
   const { offered, count, leftOut } = failedFiles();
   if (!count) return;
   for (const [session, entries] of offered) {
-    // Once each: a row refused at once may be pressed again while others still wait.
-    sentAgain.push(...entries.filter((entry) => !sentAgain.includes(entry)));
+    for (const entry of entries) sentAgain.add(entry);
     session.sendAgain(entries);  // its rows are "uploading" once this returns
   }
   uploadBegins();  // its first failure is said as an upload's is
@@ -132,11 +132,13 @@ function sendFailedAgain() {
 // Once every row sent again has finished, how they ended is said, once: the counts
 // said at the end are the page's, the first upload's files among them.
 export function sayAgainDone() {
-  if (!sentAgain.length || !sentAgain.every(({ el }) => FINISHED.has(el.dataset.state))) return;
-  const failed = sentAgain.filter(({ el }) => el.dataset.state === "failed" && !isStopped(el)).length;
-  const stopped = sentAgain.filter(({ el }) => isStopped(el)).length;
-  const classified = sentAgain.length - failed - stopped;
-  sayNext(`Of the ${someFiles(sentAgain.length)} sent again, ${classified} classified` +
+  if (!sentAgain.size) return;  // (each summary's refresh asks)
+  const rows = [...sentAgain];
+  if (!rows.every(({ el }) => FINISHED.has(el.dataset.state))) return;
+  const failed = rows.filter(({ el }) => el.dataset.state === "failed" && !isStopped(el)).length;
+  const stopped = rows.filter(({ el }) => isStopped(el)).length;
+  const classified = rows.length - failed - stopped;
+  sayNext(`Of the ${someFiles(rows.length)} sent again, ${classified} classified` +
           `${failed ? `, ${failed} failed again` : ""}${stopped ? `, ${stopped} not sent (stopped)` : ""}`);
-  sentAgain = [];
+  sentAgain.clear();
 }
