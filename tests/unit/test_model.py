@@ -363,14 +363,29 @@ def test_a_worker_with_a_wrong_setting_says_which_in_one_line_and_is_not_restart
 
 
 def test_imagenet_weights_unreachable_offline_says_what_to_set(tmp_path, monkeypatch):
-    # An empty Keras home and no route out: Keras's download must fail, clearly.
+    """An empty Keras home and no route out: Keras's download must fail, clearly, and
+    the message name the folder Keras looked in. Keras reads KERAS_HOME once, at import,
+    hence its folder patched too: a home with the weights in it (as the README has users
+    do) would otherwise load them, and the download is refused here, not left to a
+    proxy setting that NO_PROXY could undo."""
+    import urllib.error
+
+    import keras.src.backend.config
+    import keras.src.utils.file_utils
+
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
-    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setattr(keras.src.backend.config, "_KERAS_DIR", str(tmp_path))
+    asked = []
+
+    def offline(url, path, *args, **kwargs):
+        asked.append(path)
+        raise urllib.error.URLError("no network here")
+
+    monkeypatch.setattr(keras.src.utils.file_utils, "urlretrieve", offline)
     with pytest.raises(WeightsUnavailable) as info:
         load_classifier("imagenet", "tensorflow")
-    assert "resnet50_weights_tf_dim_ordering_tf_kernels.h5" in str(info.value)
-    assert str(tmp_path) in str(info.value)
+    assert len(asked) == 1 and asked[0].startswith(str(tmp_path / "models")), asked
+    assert f"resnet50_weights_tf_dim_ordering_tf_kernels.h5 in {tmp_path / 'models'}/" in str(info.value)
 
 
 def test_unknown_runtime_is_refused():
