@@ -210,7 +210,14 @@ class ActionStats:
         self.path = path
         self.totals: dict[str, list[float]] = {}
         self.lock = threading.Lock()
-        threading.Thread(target=self._write_loop, name="moto-stats", daemon=True).start()
+        self._closed = threading.Event()
+        self._writer = threading.Thread(target=self._write_loop, name="moto-stats", daemon=True)
+        self._writer.start()
+
+    def close(self) -> None:
+        """Stops the writing thread (the server's runs as long as its process)."""
+        self._closed.set()
+        self._writer.join()
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         started = time.thread_time()
@@ -226,8 +233,7 @@ class ActionStats:
         return [body]
 
     def _write_loop(self) -> None:
-        while True:
-            time.sleep(STATS_EVERY_S)
+        while not self._closed.wait(STATS_EVERY_S):
             with self.lock:
                 snapshot = {action: {"requests": int(n), "cpu_s": round(cpu, 4)}
                             for action, (n, cpu) in self.totals.items()}

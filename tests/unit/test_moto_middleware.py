@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -105,24 +106,27 @@ def test_action_stats_counts_requests_and_writes_them(tmp_path):
     from werkzeug.test import Client
 
     out = tmp_path / "stats.json"
-    stats = moto_middleware.ActionStats(FakeAws(), out)
-    client = Client(stats)
-    for _ in range(3):
-        client.post("/", headers={"X-Amz-Target": "AmazonSQS.ReceiveMessage"}, data="{}")
-    client.get("/bucket/some/key")
-    expected = {"ReceiveMessage": 3, "S3 GET object": 1}
-    assert written_counts(out, expected) == expected
+    with contextlib.closing(moto_middleware.ActionStats(FakeAws(), out)) as stats:
+        client = Client(stats)
+        for _ in range(3):
+            client.post("/", headers={"X-Amz-Target": "AmazonSQS.ReceiveMessage"}, data="{}")
+        client.get("/bucket/some/key")
+        expected = {"ReceiveMessage": 3, "S3 GET object": 1}
+        assert written_counts(out, expected) == expected
+    assert "moto-stats" not in [thread.name for thread in threading.enumerate()]  # closed, not left running
 
 
 def test_action_stats_tells_cached_describes_apart(tmp_path):
     from werkzeug.test import Client
 
     out = tmp_path / "stats.json"
-    client = Client(moto_middleware.ActionStats(moto_middleware.Ec2ReadCache(FakeAws()), out))
-    for _ in range(3):
-        describe(client)
-    expected = {"DescribeInstances": 1, "DescribeInstances (cached)": 2}
-    assert written_counts(out, expected) == expected
+    cached = moto_middleware.Ec2ReadCache(FakeAws())
+    with contextlib.closing(moto_middleware.ActionStats(cached, out)) as stats:
+        client = Client(stats)
+        for _ in range(3):
+            describe(client)
+        expected = {"DescribeInstances": 1, "DescribeInstances (cached)": 2}
+        assert written_counts(out, expected) == expected
 
 
 
