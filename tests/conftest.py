@@ -8,7 +8,8 @@ import os
 import shutil
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -141,6 +142,22 @@ def without_credentials(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def wait_for(predicate: Callable[[], object], timeout_s: float = 30.0, what: str = "the condition",
+             interval: float = 0.2) -> object:
+    """Poll `predicate` until it returns something truthy, and return that; fail after
+    `timeout_s`, naming `what`. The deadline only bounds a failure's wait: generous, for
+    a loaded CI machine. Looked at once more at the deadline: a poll that slept past it
+    would otherwise fail what had come true meanwhile."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(interval)
 
 
 def make_image(seed: int, size: tuple[int, int] = (320, 240), fmt: str = "JPEG") -> bytes:

@@ -19,6 +19,7 @@ import requests
 
 from localaws.harness import StackProcess
 from localaws.stack import STOP_TIMEOUT_S
+from tests.conftest import wait_for as wait_for  # the integration tests import it from here
 
 # How long a stopping stack is given before it is killed (its own budget is STOP_TIMEOUT_S).
 STOP_GRACE_S = STOP_TIMEOUT_S + 30
@@ -108,17 +109,6 @@ def aws_client(service: str, url: str):
 
 def clients(proc: StackProcess):
     return aws_client("s3", proc.aws_url), aws_client("sqs", proc.aws_url), aws_client("ec2", proc.aws_url)
-
-
-def wait_for(predicate, timeout_s: float, what: str, interval: float = 0.2):
-    """Poll `predicate` until it returns something truthy, or fail after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 def answers(url: str) -> bool:

@@ -4,8 +4,6 @@ empty or never answer."""
 
 from __future__ import annotations
 
-import time
-
 from tests.conftest import make_image
 from tests.integration.conftest import (
     STACK_TIMEOUT,
@@ -171,18 +169,14 @@ def test_a_restored_batch_shows_files_that_join_it_later(stack, browser, referen
             return {r.get_attribute("data-filename"): r for r in
                     browser.find_elements(By.CSS_SELECTOR, "#results [data-state]")}
 
-        deadline = time.monotonic() + 30
-        while "waiting.jpg" not in rows() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: "waiting.jpg" in rows(), 30, "the restored batch's row", interval=0.05)
         assert list(rows()) == ["waiting.jpg"]
         later = make_image(951)
         added = requests.post(f"{stack.web_url}/api/jobs", data={"batch_id": batch_id},
                               files={"files": ("later.jpg", later)}, timeout=30)
         assert added.status_code == 202, added.text
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and (
-                "later.jpg" not in rows() or rows()["later.jpg"].get_attribute("data-state") != "done"):
-            time.sleep(0.2)
+        wait_for(lambda: "later.jpg" in rows() and rows()["later.jpg"].get_attribute("data-state") == "done",
+                 60, "the file that joined later, done")
         shown = rows()
         assert list(shown) == ["waiting.jpg", "later.jpg"]
         assert_row_shows(shown["later.jpg"], reference(reference_model, later), "later.jpg")

@@ -5,7 +5,6 @@ timeouts, a web tier restarting, files deleted mid-upload, and Stop sending."""
 from __future__ import annotations
 
 import re
-import time
 
 from tests.conftest import make_image
 from tests.integration.conftest import (
@@ -426,9 +425,7 @@ def test_a_waiting_page_reconnects_after_the_web_tier_restarts(stack, browser, r
         master = next(p for p in processes(stack, "gunicorn") if p.children())
         master.children()[0].kill()
 
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not all(s in ("done", "failed") for s in states()):
-        time.sleep(0.2)
+    wait_for(lambda: all(s in ("done", "failed") for s in states()), 120, "every row finished")
     items = {i.get_attribute("data-filename"): i for i in results()}
     refs = references(reference_model, files, top1_only=True)
     for name in files:

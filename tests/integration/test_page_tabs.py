@@ -124,9 +124,7 @@ def test_an_unknown_batch_in_the_address_is_said_and_dropped(stack, browser):
     unknown = "0" * 32
     browser.get(f"{stack.web_url}/#batches={unknown}")
     summary = browser.find_element(By.ID, "summary")
-    deadline = time.monotonic() + 30
-    while "could not be loaded" not in summary.text and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: "could not be loaded" in summary.text, 30, "the unknown batch said", interval=0.05)
     assert summary.text == f"batch {unknown} could not be loaded (unknown here, or expired)"
     assert "#batches=" not in browser.current_url
     # Said too, once, without the id's 32 digits, not only in the summary line.

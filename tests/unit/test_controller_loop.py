@@ -39,7 +39,7 @@ from controller.loop import LATE_ROUND_S, Controller, Timings
 from controller.main import build_parser, main, settings_from
 from controller.policy import BOOTING_FOR_BOOT_TIMES
 from controller.timeline import TIMELINE_FIELDS, plot_timeline
-from tests.conftest import without_credentials
+from tests.conftest import wait_for, without_credentials
 
 ROOT = Path(__file__).resolve().parents[2]
 POLL_S = 0.02
@@ -135,16 +135,9 @@ def names(aws: Aws) -> list[str]:
 
 
 def wait_until(condition: Callable[[], object], timeout_s: float, what: str) -> object:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        # Not faster: conditions list EC2 on the in-process moto, whose GIL the controller
-        # under test needs too.
-        time.sleep(0.05)
+    # Not faster: conditions list EC2 on the in-process moto, whose GIL the controller
+    # under test needs too.
+    return wait_for(condition, timeout_s, what, interval=0.05)
 
 
 # --- one round at a time ------------------------------------------------------------

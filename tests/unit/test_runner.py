@@ -25,6 +25,7 @@ from common.aws import Aws
 from common.config import Settings
 from controller.act import launch, terminate
 from localaws.runner import QUICK_EXIT_S, RESTART_BACKOFF_S, InstanceRunner, ended_after_abort, is_stopped
+from tests.conftest import wait_for
 
 # Stands in for `python -m app_tier`: records its instance id and waits.
 # "stubborn" ignores SIGTERM, as a hung worker would; "no-abort" ignores SIGABRT, as one
@@ -76,13 +77,9 @@ while True:
 """
 
 
-def wait_until(predicate, timeout_s: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+def wait_until(predicate, timeout_s: float = 30.0, what: str = "the condition") -> object:
+    # Often fast: many predicates step the runner, which a slower poll would slow down.
+    return wait_for(predicate, timeout_s, what, interval=0.02)
 
 
 @pytest.fixture

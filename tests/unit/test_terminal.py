@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from localaws.terminal import TerminalWatch, controlling_terminal
-from tests.conftest import terminal_session
+from tests.conftest import terminal_session, wait_for
 
 
 def test_the_terminal_is_read_after_a_command_name_that_holds_parentheses(tmp_path):
@@ -78,12 +78,10 @@ def test_the_stack_gets_sigterm_when_the_make_that_started_it_is_killed(tmp_path
     parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; "
                                f"subprocess.call([sys.executable, '-c', {child!r}])"])
     try:
-        deadline = time.monotonic() + 30  # bounds a failure only
-        while not Path(f"{heard}.ready").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(Path(f"{heard}.ready").exists, 30, "the child to ask for its signal", interval=0.05)
         parent.kill()
         parent.wait()
-        assert text_once_written(heard, deadline) == "SIGTERM"
+        assert text_once_written(heard, time.monotonic() + 30) == "SIGTERM"
     finally:
         parent.kill()
         parent.wait()

@@ -1049,9 +1049,7 @@ def test_results_are_written_while_the_next_batch_is_classified(aws_env):
     runner = threading.Thread(target=worker.run)
     runner.start()
     try:
-        deadline = time.monotonic() + 30
-        while worker.processed < 4 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: worker.processed >= 4, why=lambda: f"{worker.processed} processed")
     finally:
         worker.stopping.set()
         runner.join(timeout=15)
