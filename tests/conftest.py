@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from botocore.exceptions import ClientError
 from PIL import Image, ImageDraw
 
 # `make test` runs two test processes (pytest-xdist, --dist loadscope), each taking
@@ -158,6 +159,15 @@ def wait_for(predicate: Callable[[], object], timeout_s: float = 30.0, what: str
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+def client_error(code: str, operation: str, status: int | None = None) -> ClientError:
+    """The error an AWS call `operation` fails with, as botocore raises it (and its HTTP
+    status, where the code under test looks at it)."""
+    response: dict = {"Error": {"Code": code, "Message": f"injected {code}"}}
+    if status is not None:
+        response["ResponseMetadata"] = {"HTTPStatusCode": status}
+    return ClientError(response, operation)
 
 
 def make_image(seed: int, size: tuple[int, int] = (320, 240), fmt: str = "JPEG") -> bytes:

@@ -39,7 +39,7 @@ from controller.loop import LATE_ROUND_S, Controller, Timings
 from controller.main import build_parser, main, settings_from
 from controller.policy import BOOTING_FOR_BOOT_TIMES
 from controller.timeline import TIMELINE_FIELDS, plot_timeline
-from tests.conftest import wait_for, without_credentials
+from tests.conftest import client_error, wait_for, without_credentials
 
 ROOT = Path(__file__).resolve().parents[2]
 POLL_S = 0.02
@@ -857,7 +857,7 @@ def test_a_refusal_that_may_pass_is_asked_again_next_round_not_put_last(aws, mak
     (new,) = {i["InstanceId"] for i in instances(aws)} - set(ready)
     delete(aws, receive_all(aws))  # the third message answered: two instances wanted
     refused_once = Flaky(aws.ec2.terminate_instances,
-                         client_error("InvalidInstanceID.NotFound", "TerminateInstances"),
+                         failing_with("InvalidInstanceID.NotFound", "TerminateInstances"),
                          lambda n, kwargs: n < 2)  # the call for all, then the one alone
     patch.setattr(aws.ec2, "terminate_instances", refused_once)
     assert controller.step(now=1002.0).terminate == (new,)
@@ -873,7 +873,7 @@ def test_a_throttled_scale_in_fails_the_round_rather_than_call_once_per_instance
     controller = make_controller()
     controller.step()
     delete(aws, receive_all(aws))
-    throttled = Flaky(aws.ec2.terminate_instances, client_error("RequestLimitExceeded", "TerminateInstances"),
+    throttled = Flaky(aws.ec2.terminate_instances, failing_with("RequestLimitExceeded", "TerminateInstances"),
                       lambda n, kwargs: True)
     patch.setattr(aws.ec2, "terminate_instances", throttled)
     with pytest.raises(ClientError, match="RequestLimitExceeded"):
@@ -896,7 +896,7 @@ def test_a_throttle_while_asking_each_instance_alone_fails_the_round(aws, make_c
 
     def terminate(**kwargs):
         if kwargs["InstanceIds"] == [other]:
-            raise client_error("RequestLimitExceeded", "TerminateInstances")()
+            raise failing_with("RequestLimitExceeded", "TerminateInstances")()
         return real(**kwargs)
 
     patch.setattr(aws.ec2, "terminate_instances", terminate)
@@ -919,7 +919,7 @@ def test_a_termination_ec2_fails_holds_up_no_launch(aws, make_controller, patch,
     make_controller().step()
     stray = instances(aws)[0]["InstanceId"]
     aws.ec2.stop_instances(InstanceIds=[stray])
-    failing = Flaky(aws.ec2.terminate_instances, client_error(code, "TerminateInstances"),
+    failing = Flaky(aws.ec2.terminate_instances, failing_with(code, "TerminateInstances"),
                     lambda n, kwargs: True)
     patch.setattr(aws.ec2, "terminate_instances", failing)
     send(aws, 4)
@@ -1095,12 +1095,9 @@ class Flaky:
         return [t for t, failed in self.calls if failed]
 
 
-def client_error(code: str, operation: str, status: int | None = None) -> Callable[[], Exception]:
-    """A maker of the error `operation` fails with (and its HTTP status, where it matters)."""
-    response = {"Error": {"Code": code, "Message": f"injected {code}"}}
-    if status is not None:
-        response["ResponseMetadata"] = {"HTTPStatusCode": status}
-    return lambda: ClientError(response, operation)
+def failing_with(code: str, operation: str, status: int | None = None) -> Callable[[], Exception]:
+    """A maker of the error `operation` fails with (client_error), for a fault injected."""
+    return lambda: client_error(code, operation, status)
 
 
 def start(controller: Controller) -> threading.Thread:
@@ -1116,14 +1113,14 @@ def stop(controller: Controller, thread: threading.Thread) -> None:
 
 
 FAULTS = {
-    "ec2-capacity": ("ec2", "run_instances", client_error("InsufficientInstanceCapacity", "RunInstances")),
-    "ec2-throttled": ("ec2", "run_instances", client_error("RequestLimitExceeded", "RunInstances")),
+    "ec2-capacity": ("ec2", "run_instances", failing_with("InsufficientInstanceCapacity", "RunInstances")),
+    "ec2-throttled": ("ec2", "run_instances", failing_with("RequestLimitExceeded", "RunInstances")),
     "ec2-describe-timeout": ("ec2", "describe_instances",
                              lambda: ReadTimeoutError(endpoint_url="http://ec2.test")),
     "sqs-endpoint-down": ("sqs", "get_queue_attributes",
                           lambda: EndpointConnectionError(endpoint_url="http://sqs.test")),
     "sqs-throttled": ("sqs", "get_queue_attributes",
-                      client_error("ThrottlingException", "GetQueueAttributes")),
+                      failing_with("ThrottlingException", "GetQueueAttributes")),
     "unexpected": ("ec2", "terminate_instances", lambda: RuntimeError("something nobody expected")),
 }
 
@@ -1178,7 +1175,7 @@ def test_launch_backoff_is_timed_from_when_the_failed_launch_returned(aws, make_
             if not calls:
                 time.sleep(3 * TEST_BACKOFF_MIN_S)
             if len(calls) < 2:
-                raise client_error("RequestLimitExceeded", "RunInstances")()
+                raise failing_with("RequestLimitExceeded", "RunInstances")()
             return real(**kwargs)
         finally:
             calls.append((started, time.monotonic()))
@@ -1211,7 +1208,7 @@ def test_launch_backoff_is_not_lengthened_by_a_slow_observation(aws, make_contro
 
     def fails(**kwargs):
         clock[0] += 2.0  # botocore retrying
-        raise client_error("RequestLimitExceeded", "RunInstances")()
+        raise failing_with("RequestLimitExceeded", "RunInstances")()
 
     patch.setattr(aws, "queue_depth", slow_depth)
     patch.setattr(aws.ec2, "run_instances", fails)
@@ -1231,7 +1228,7 @@ def test_partial_launch_failure_keeps_the_successes(aws, make_controller, patch,
         name = kwargs["TagSpecifications"][0]["Tags"][0]["Value"]
         return number < 15 and name in failing  # only in the first round of 15
 
-    flaky = Flaky(aws.ec2.run_instances, client_error("InsufficientInstanceCapacity", "RunInstances"),
+    flaky = Flaky(aws.ec2.run_instances, failing_with("InsufficientInstanceCapacity", "RunInstances"),
                   capacity_short)
     patch.setattr(aws.ec2, "run_instances", flaky)
     caplog.set_level(logging.INFO, logger="controller")
@@ -1258,7 +1255,7 @@ def test_partial_launch_failure_in_run_reaches_the_cap(aws, make_controller, pat
     def every_third_of_first_round(number: int, kwargs: dict) -> bool:
         return number < 15 and number % 3 == 0
 
-    flaky = Flaky(aws.ec2.run_instances, client_error("InsufficientInstanceCapacity", "RunInstances"),
+    flaky = Flaky(aws.ec2.run_instances, failing_with("InsufficientInstanceCapacity", "RunInstances"),
                   every_third_of_first_round)
     patch.setattr(aws.ec2, "run_instances", flaky)
     caplog.set_level(logging.INFO, logger="controller")
@@ -1346,7 +1343,7 @@ def test_a_throttled_launch_is_repeated_with_its_token(aws, make_controller, pat
     attempt of botocore's, timed out, may have launched, so the call is repeated as it
     was, where a zone's 500 is not."""
     controller = make_controller()
-    throttled = client_error("RequestLimitExceeded", "RunInstances", 503)
+    throttled = failing_with("RequestLimitExceeded", "RunInstances", 503)
     patch.setattr(aws.ec2, "run_instances", Flaky(aws.ec2.run_instances, throttled, lambda n, kwargs: True))
     send(aws, 2)
     controller.step()
@@ -1357,7 +1354,7 @@ def test_a_throttled_launch_is_repeated_with_its_token(aws, make_controller, pat
 def a_launch_left_unanswered(aws: Aws, controller: Controller, patch) -> LaunchCall:
     """A round whose one launch is throttled (a 503: it may have launched), at 1000 s:
     the call the controller remembers, to repeat."""
-    throttled = Flaky(aws.ec2.run_instances, client_error("RequestLimitExceeded", "RunInstances", 503),
+    throttled = Flaky(aws.ec2.run_instances, failing_with("RequestLimitExceeded", "RunInstances", 503),
                       lambda n, kwargs: True)
     patch.setattr(aws.ec2, "run_instances", throttled)
     send(aws, 1)
@@ -1375,7 +1372,7 @@ def ec2_of_2025(unanswered: LaunchCall, new_call) -> tuple[object, list[str]]:
     def run_instances(**kwargs):
         tokens.append(kwargs["ClientToken"])
         if kwargs["ClientToken"] == unanswered.token:
-            raise client_error("IdempotentInstanceTerminated", "RunInstances", 400)()
+            raise failing_with("IdempotentInstanceTerminated", "RunInstances", 400)()
         return new_call(**kwargs)
 
     return run_instances, tokens
@@ -1410,7 +1407,7 @@ def test_a_repeated_launch_refused_for_a_terminated_instance_is_not_repeated_aga
     code = "InsufficientInstanceCapacity" if new_call_fails == "no capacity" else "InternalError"
 
     def new_call_failing(**kwargs):
-        raise client_error(code, "RunInstances", 500)()
+        raise failing_with(code, "RunInstances", 500)()
 
     run_instances, tokens = ec2_of_2025(unanswered, new_call_failing)
     patch.setattr(aws.ec2, "run_instances", run_instances)
@@ -1463,7 +1460,7 @@ def test_a_launch_whose_reply_was_lost_is_repeated_with_its_token_and_subnet(aws
     def reply_lost(**kwargs):
         calls.append((kwargs["ClientToken"], kwargs.pop("SubnetId")))
         if len(calls) == 1:  # number 1 starts in subnet-b, which is full this once
-            raise client_error("InsufficientInstanceCapacity", "RunInstances")()
+            raise failing_with("InsufficientInstanceCapacity", "RunInstances")()
         reply = real_run(**kwargs)
         if len(calls) == 2:  # started in subnet-a, but nobody heard so
             raise ReadTimeoutError(endpoint_url="http://ec2.test")
@@ -1521,7 +1518,7 @@ def test_a_failing_launch_backs_off_launches_only(aws, make_controller, patch, c
     stray = instances(aws)[0]["InstanceId"]
     aws.ec2.stop_instances(InstanceIds=[stray])  # serves nobody: cleaned up, replaced
     quota = {"reached": True}
-    flaky = Flaky(aws.ec2.run_instances, client_error("VcpuLimitExceeded", "RunInstances"),
+    flaky = Flaky(aws.ec2.run_instances, failing_with("VcpuLimitExceeded", "RunInstances"),
                   lambda n, kwargs: quota["reached"])
     patch.setattr(aws.ec2, "run_instances", flaky)
     controller = make_controller(launch_backoff_min_s=1.0, launch_backoff_max_s=30.0)
@@ -1568,7 +1565,7 @@ def test_failing_launches_slow_no_scale_in(aws, make_controller, patch):
     send(aws, 2)
     make_controller().step()
     assert len(instances(aws)) == 2
-    flaky = Flaky(aws.ec2.run_instances, client_error("InsufficientInstanceCapacity", "RunInstances"),
+    flaky = Flaky(aws.ec2.run_instances, failing_with("InsufficientInstanceCapacity", "RunInstances"),
                   lambda n, kwargs: True)
     patch.setattr(aws.ec2, "run_instances", flaky)
     send(aws, 3)  # 5 wanted: 3 launches that fail
@@ -2056,7 +2053,7 @@ def test_once_exits_1_when_a_launch_fails(aws, patch, monkeypatch, capsys, tmp_p
     monkeypatch.setenv("AMI_ID", "ami-12345678")
     send(aws, 1)
     patch.setattr(aws.ec2, "run_instances", Flaky(aws.ec2.run_instances,
-                                                  client_error("VcpuLimitExceeded", "RunInstances"),
+                                                  failing_with("VcpuLimitExceeded", "RunInstances"),
                                                   lambda n, kwargs: True))
     patch.setattr("controller.main.Aws.open", lambda self, *services: aws)
     with caplog.at_level(logging.INFO, logger="controller.loop"):

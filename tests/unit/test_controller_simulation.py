@@ -69,6 +69,7 @@ from common.fleet import WORKER_FAILED_TAG, WORKER_READY_TAG
 from common.names import PREFIX_TAG
 from controller.loop import Controller
 from controller.policy import target_backlog
+from tests.conftest import client_error
 
 EPISODES = int(os.environ.get("SIM_EPISODES", "120"))
 ONLY_SEED = os.environ.get("SIM_SEED")
@@ -211,11 +212,6 @@ class SimInstance:
                 "ClientToken": self.token}
 
 
-def client_error(code: str, status: int, op: str) -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": code},
-                        "ResponseMetadata": {"HTTPStatusCode": status}}, op)
-
-
 class _Events:
     def register_first(self, *args, **kwargs) -> None:
         pass
@@ -269,8 +265,8 @@ class FakeEc2:
 
     def describe_instances(self, Filters: list[dict], fleet: bool = False) -> dict:  # noqa: N803
         w = self.world
-        w.fault("throttle", "describe", w.ep.throttle_p, lambda: client_error("RequestLimitExceeded", 503,
-                                                                             "DescribeInstances"))
+        w.fault("throttle", "describe", w.ep.throttle_p, lambda: client_error(
+            "RequestLimitExceeded", "DescribeInstances", 503))
         wanted = {f["Name"]: set(f["Values"]) for f in Filters}
         states, ids = wanted.get("instance-state-name"), wanted.get("instance-id")
         found = []
@@ -306,7 +302,7 @@ class FakeEc2:
             rng = self._call_rng("run", number, zone, calls)
             if rng.random() < w.ep.throttle_p:  # before EC2 looks at the token
                 w.note_fault("throttle run")
-                raise client_error("RequestLimitExceeded", 503, "RunInstances")
+                raise client_error("RequestLimitExceeded", "RunInstances", 503)
             if rng.random() < w.ep.timeout_before_p:
                 w.note_fault("timeout before run")
                 raise ReadTimeoutError(endpoint_url="https://ec2.sim")
@@ -314,13 +310,13 @@ class FakeEc2:
             if known is not None and w.now >= known.terminated_at:
                 # EC2 since January 2025: a token whose instance has terminated is refused.
                 w.note_fault("token of a terminated instance")
-                raise client_error("IdempotentInstanceTerminated", 400, "RunInstances")
+                raise client_error("IdempotentInstanceTerminated", "RunInstances", 400)
             if known is not None:
                 w.repeats += 1
                 return {"Instances": [{"InstanceId": known.id}]}
             if w.ep.ice_zone is not None and zone == w.ep.ice_zone:
                 w.note_fault("ice")
-                raise client_error("InsufficientInstanceCapacity", 500, "RunInstances")
+                raise client_error("InsufficientInstanceCapacity", "RunInstances", 500)
             inst = w.create(number, kw["ClientToken"], zone, rng, calls)
             if (w.script and (w.round, number) in w.script.no_reply
                     or not w.script and rng.random() < w.ep.timeout_after_p):
@@ -331,15 +327,15 @@ class FakeEc2:
 
     def terminate_instances(self, InstanceIds: list[str]) -> dict:  # noqa: N803
         w = self.world
-        w.fault("throttle", "terminate", w.ep.throttle_p, lambda: client_error("RequestLimitExceeded", 503,
-                                                                              "TerminateInstances"))
+        w.fault("throttle", "terminate", w.ep.throttle_p, lambda: client_error(
+            "RequestLimitExceeded", "TerminateInstances", 503))
         for iid in InstanceIds:
             inst = w.instances.get(iid)
             # Real EC2 may not know an instance it launched moments ago (or does not list yet).
             recent = w.now < inst.listed_from or w.now - inst.t0 < NEW_INSTANCE_S if inst else False
             if inst is None or (recent and not w.fault_free and w.rng.random() < w.ep.notfound_p):
                 w.note_fault("terminate not found")
-                raise client_error("InvalidInstanceID.NotFound", 400, "TerminateInstances")
+                raise client_error("InvalidInstanceID.NotFound", "TerminateInstances", 400)
         for iid in InstanceIds:
             w.terminate(w.instances[iid])
         w.fault("timeout", "after terminate", w.ep.timeout_after_p / 3,
@@ -357,8 +353,8 @@ class FakeAws:
 
     def queue_depth(self, url: str) -> QueueDepth:
         w = self.world
-        w.fault("throttle", "sqs", w.ep.throttle_p, lambda: client_error("ThrottlingException", 400,
-                                                                        "GetQueueAttributes"))
+        w.fault("throttle", "sqs", w.ep.throttle_p, lambda: client_error(
+            "ThrottlingException", "GetQueueAttributes", 400))
         return QueueDepth(visible=w.visible, in_flight=w.in_flight(), delayed=0)
 
 

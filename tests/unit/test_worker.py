@@ -46,7 +46,7 @@ from common.messages import MAX_MESSAGE_BYTES, ClassifyRequest, ClassifyResponse
 from common.names import object_key
 from common.output_object import RESULT_KEY, label_of
 from common.provision import provision
-from tests.conftest import make_image
+from tests.conftest import client_error, make_image
 from tests.unit.conftest import wait_until
 
 
@@ -683,7 +683,7 @@ def test_a_used_up_request_s3_cannot_look_up_is_released_not_failed_on_a_guess(a
     dies_before_replying(last_try, batch, monkeypatch)
 
     def s3_down(**kwargs):
-        raise _client_error("AccessDenied", "GetObjectTagging")
+        raise client_error("AccessDenied", "GetObjectTagging")
 
     with monkeypatch.context() as patched:
         patched.setattr(aws.s3, "get_object_tagging", s3_down)
@@ -2343,10 +2343,6 @@ def test_systemd_hears_ready_then_watchdog_pings_until_the_heartbeat_dies(aws_en
         assert not runner.is_alive()
 
 
-def _client_error(code: str, operation: str) -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": code}}, operation)
-
-
 def test_a_failure_mark_s3_throttles_is_tried_again_not_answered_unmarked(aws_env, monkeypatch):
     """Swallowed as if permanent, SlowDown would leave the failed image answered with no
     mark: a batch rebuilt after a restart would show it queued for ever."""
@@ -2357,7 +2353,7 @@ def test_a_failure_mark_s3_throttles_is_tried_again_not_answered_unmarked(aws_en
     def throttled_once(**kwargs):
         calls.append(kwargs["Key"])
         if len(calls) == 1:
-            raise _client_error("SlowDown", "PutObjectTagging")
+            raise client_error("SlowDown", "PutObjectTagging")
         return tag(**kwargs)
 
     monkeypatch.setattr(aws.s3, "put_object_tagging", throttled_once)
@@ -2379,7 +2375,7 @@ def deny_tagging(aws: Aws, monkeypatch, times: int | None) -> list[str]:
     def denied(**kwargs):
         calls.append(kwargs["Key"])
         if times is None or len(calls) <= times:
-            raise _client_error("AccessDenied", "PutObjectTagging")
+            raise client_error("AccessDenied", "PutObjectTagging")
         return tag(**kwargs)
 
     monkeypatch.setattr(aws.s3, "put_object_tagging", denied)
@@ -2467,7 +2463,7 @@ def test_requests_answered_but_not_deleted_are_not_released_to_be_answered_again
     each retry, then dead-lettered, the log saying only that the batch failed."""
     settings, aws = aws_env
     upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
-    denied = _client_error("AccessDenied", "DeleteMessageBatch")
+    denied = client_error("AccessDenied", "DeleteMessageBatch")
     monkeypatch.setattr(aws.sqs, "delete_message_batch", lambda **kw: (_ for _ in ()).throw(denied))
     worker = Worker(settings, aws, MeanClassifier(), "i-undeleted")
     worker.process(worker.fetch())
@@ -2484,7 +2480,7 @@ def test_a_hand_back_whose_old_copies_cannot_be_deleted_does_not_show_them_too(a
     upload_a_and_b(settings, aws)
     worker = Worker(settings, aws, MeanClassifier(), "i-handing")
     batch = worker.fetch()
-    throttled = _client_error("Throttling", "DeleteMessageBatch")
+    throttled = client_error("Throttling", "DeleteMessageBatch")
     monkeypatch.setattr(aws.sqs, "delete_message_batch", lambda **kw: (_ for _ in ()).throw(throttled))
     worker.held.hand_back(batch.jobs)
     assert depth(aws, aws.request_queue_url) == (2, 2)  # the copies sent back; the old ones hidden
@@ -2735,7 +2731,7 @@ def test_a_reply_call_that_raises_fails_its_own_requests_and_the_next_chunk_stil
         if kwargs["QueueUrl"] == aws.response_queue_url:
             calls.append(len(kwargs["Entries"]))
             if len(calls) == 1:
-                raise _client_error("ServiceUnavailable", "SendMessageBatch")
+                raise client_error("ServiceUnavailable", "SendMessageBatch")
         return send(**kwargs)
 
     monkeypatch.setattr(aws.sqs, "send_message_batch", first_reply_lost)
@@ -2756,7 +2752,7 @@ def test_a_resend_that_raises_releases_only_what_it_carried(aws_env, monkeypatch
 
     def resend_lost(**kwargs):
         if kwargs["QueueUrl"] == aws.response_queue_url and calls:
-            raise _client_error("ServiceUnavailable", "SendMessageBatch")
+            raise client_error("ServiceUnavailable", "SendMessageBatch")
         return refusing(**kwargs)
 
     monkeypatch.setattr(aws.sqs, "send_message_batch", resend_lost)

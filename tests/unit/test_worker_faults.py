@@ -60,7 +60,7 @@ from common.messages import ClassifyRequest, ClassifyResponse, MessageError, Pre
 from common.names import object_key
 from common.output_object import label_of
 from common.provision import provision
-from tests.conftest import make_image
+from tests.conftest import client_error, make_image
 
 EPISODES = int(os.environ.get("FAULT_EPISODES", "8"))
 FIRST_SEED = 1000
@@ -139,11 +139,6 @@ OPS = {
 }
 
 
-def client_error(op: str, code: str, status: int) -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": f"injected {code}"},
-                        "ResponseMetadata": {"HTTPStatusCode": status}}, op)
-
-
 class Chaos:
     """The episode's faults: each call fails with probability `rate` until `budget` is spent."""
 
@@ -164,8 +159,8 @@ class Chaos:
     def error(self, op: str) -> BaseException:
         with self.lock:
             pick = self.rng.randrange(6)
-        return [client_error(op, "InternalError", 500), client_error(op, "ServiceUnavailable", 503),
-                client_error(op, "AccessDenied", 403), client_error(op, "ThrottlingException", 400),
+        return [client_error("InternalError", op, 500), client_error("ServiceUnavailable", op, 503),
+                client_error("AccessDenied", op, 403), client_error("ThrottlingException", op, 400),
                 EndpointConnectionError(endpoint_url="https://aws.test"),
                 ReadTimeoutError(endpoint_url="https://aws.test")][pick]
 
