@@ -130,8 +130,11 @@ class ReceiveBudget:
     `deadline_s` in all, over every request the connection carries (kept alive, each
     request's headers given the whole deadline anew, a client sending a byte within
     each keep-alive and the rest of its headers 59 s later held a thread for good).
-    A body: the first `deadline_s`, and then as long as it averages `min_rate` bytes a
-    second (0: no floor). Only the time spent waiting for the client counts, not the
+    A body: the first `deadline_s`, and then as long as it keeps to `min_rate` bytes a
+    second (0: no floor), each byte earning 1/min_rate s of waiting, but never more
+    than `deadline_s` in hand: earned without a cap, the first 2 GB of a body sent fast
+    bought twelve days of a byte every 50 s, its spooled files held all that time (three
+    such connections filled the spool). Only the time spent waiting for the client counts, not the
     app's own between reads: an upload the app reads late has its bytes waiting in the
     socket, which no clock should hold against it. A browser's kept-alive connection,
     whose headers come whole, waits microseconds for each request's."""
@@ -142,6 +145,7 @@ class ReceiveBudget:
     headers_waited_s: float = 0.0  # over all of the connection's requests
     waited_s: float = 0.0  # in this request's body
     received: int = 0
+    body_left_s: float = 0.0  # the waiting this body has in hand
     cut: bool = False
 
     def headers_begin(self) -> None:
@@ -152,12 +156,15 @@ class ReceiveBudget:
     def body_begins(self) -> None:
         """The request's headers are read: the next bytes are its body."""
         self.in_body, self.waited_s, self.received, self.cut = True, 0.0, 0, False
+        self.body_left_s = self.deadline_s
 
     def spent(self, seconds: float, received: int) -> None:
         """A read waited `seconds` for the client, and got `received` bytes."""
         if self.in_body:
             self.waited_s += seconds
             self.received += received
+            if self.min_rate > 0:
+                self.body_left_s = min(self.deadline_s, self.body_left_s - seconds + received / self.min_rate)
         else:
             self.headers_waited_s += seconds
 
@@ -167,7 +174,7 @@ class ReceiveBudget:
             return self.deadline_s - self.headers_waited_s
         if self.min_rate <= 0:
             return math.inf
-        return self.deadline_s + self.received / self.min_rate - self.waited_s
+        return self.body_left_s
 
     def why(self) -> str:
         """What this request failed to keep to, for the log."""
@@ -175,8 +182,8 @@ class ReceiveBudget:
             return (f"its headers were not all in within WEB_RECEIVE_TIMEOUT ({self.deadline_s:g} s), "
                     "which a connection's requests share")
         return (f"its body came slower than WEB_MIN_RECEIVE_RATE ({self.min_rate} bytes/s) after the "
-                f"first WEB_RECEIVE_TIMEOUT ({self.deadline_s:g} s): {self.received} bytes in "
-                f"{self.waited_s:.1f} s")
+                f"first WEB_RECEIVE_TIMEOUT ({self.deadline_s:g} s), or stopped for that long: "
+                f"{self.received} bytes in {self.waited_s:.1f} s")
 
 
 def _readable_within(sock: socket.socket, seconds: float) -> bool:

@@ -52,6 +52,20 @@ def test_a_body_has_the_deadline_as_grace_then_must_keep_to_the_rate():
     assert "20480 bytes in 70.5 s" in budget.why()
 
 
+def test_a_body_sent_fast_then_trickled_is_cut_once_it_has_stopped_for_the_deadline():
+    """Earlier bytes earn no more than the deadline in hand: 2 GB sent fast used to buy
+    twelve days of a byte every 50 s, the request's spooled files held all that time."""
+    budget = ReceiveBudget(deadline_s=60, min_rate=2048)
+    budget.body_begins()
+    budget.spent(10, 2 * 1024**3)
+    assert budget.left_s() == 60
+    budget.spent(50, 1)
+    assert 0 < budget.left_s() < 11
+    budget.spent(50, 1)
+    assert budget.left_s() <= 0
+    assert "or stopped for that long: 2147483650 bytes in 110.0 s" in budget.why()
+
+
 def test_a_phone_on_a_poor_link_sends_a_10_mb_photo_whole():
     """GPRS sends 3-5 KB/s at best: at a steady 2.5 KB/s, with a first minute of
     nothing at all (a connection being set up), 10 MB takes over an hour, and is
