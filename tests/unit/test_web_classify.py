@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
-from types import SimpleNamespace
 
 import pytest
 
@@ -547,14 +547,47 @@ def test_a_request_whose_client_left_stops_waiting_and_gives_its_thread_back(mak
 def test_a_client_that_reset_its_connection_has_left(make_web_app):
     """A reset (RST), as proxies and clients that time out often send, is a client gone:
     taken for one still there, its request would hold a thread until RESULT_TIMEOUT."""
+    import socket
+    import struct
+
     from web_tier.classify import _client_left
 
-    def reset(*args):
-        raise ConnectionResetError(104, "Connection reset by peer")
+    app = make_web_app(start_background=False)
+    with tcp_pair() as (server_side, client_side), \
+            app.test_request_context("/", environ_base={"gunicorn.socket": server_side}):
+        assert not _client_left()
+        client_side.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client_side.close()  # closed with no lingering: a reset
+        assert wait_until(_client_left, 10)
+
+
+@contextlib.contextmanager
+def tcp_pair():
+    """Both ends of a TCP connection on loopback, as gunicorn's socket and its client's."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client_side = socket.create_connection(listener.getsockname())
+        server_side, _ = listener.accept()
+    with server_side, client_side:
+        yield server_side, client_side
+
+
+def test_a_client_that_sent_a_byte_after_its_request_and_closed_has_left(make_web_app):
+    """A peek read that byte, never the end behind it: such a client held its thread
+    until RESULT_TIMEOUT with no socket open (pipelining clients too)."""
+    import socket
+
+    from web_tier.classify import _client_left
 
     app = make_web_app(start_background=False)
-    with app.test_request_context("/", environ_base={"gunicorn.socket": SimpleNamespace(recv=reset)}):
-        assert _client_left()
+    with tcp_pair() as (server_side, client_side), \
+            app.test_request_context("/", environ_base={"gunicorn.socket": server_side}):
+        client_side.sendall(b"X")
+        assert wait_until(lambda: server_side.recv(1, socket.MSG_PEEK) == b"X", 10)  # it is there
+        assert not _client_left()  # a byte more, as a pipelined request: still there
+        client_side.close()
+        assert wait_until(_client_left, 10)
 
 
 def test_a_file_input_left_blank_is_no_file(web_client):
