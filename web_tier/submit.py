@@ -7,6 +7,7 @@ import logging
 import sys
 import threading
 import time
+import unicodedata
 import uuid
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -34,6 +35,9 @@ STILL_STORING = "an earlier request with the same token is storing this file; se
 def new_id() -> str:
     return uuid.uuid4().hex
 
+
+def _same_name(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
 
 class OrderedIds:
     """Item ids in the order they are made: 32 hex digits like every id here, the
@@ -118,7 +122,9 @@ class Submitter:
             # Still being stored, or its storing failed since (it then left the book
             # before leaving _storing): either way not stored now, so not "sent before".
             stored = holder.id not in self._storing and self.book.get(holder.id) is not None
-        if holder.filename != upload.filename:  # not this file sent again: another, under a used token
+        # Compared as NFC: a file's name read from macOS's disk comes decomposed, from
+        # another client composed, and a resend of it was refused a file of its own.
+        if _same_name(holder.filename) != _same_name(upload.filename):  # another file, under a used token
             return Refusal(409, f"token {item.token!r} already names another file in this batch "
                                 f"({holder.filename}): give each file its own token", upload.filename,
                            code=Code.TOKEN_CONFLICT)

@@ -722,6 +722,20 @@ def test_a_token_used_again_for_another_file_is_refused_not_taken_for_a_resend(w
     assert len(stored_keys(web_aws, batch_id)) == 1
 
 
+def test_a_file_sent_again_under_its_token_is_the_same_file_whatever_its_names_unicode_form(web_client,
+                                                                                           web_aws):
+    """macOS's disk gives names decomposed (e + U+0301), other clients composed (U+00E9):
+    the same file sent again with its token was refused 409 as another file, and its
+    client, told to give it a token of its own, had it classified twice."""
+    batch_id = "6" * 32
+    image = make_image(774)
+    first = send_with_tokens(web_client, batch_id, [(image, "caf\u00e9.jpg")], ["x"])
+    again = send_with_tokens(web_client, batch_id, [(image, "cafe\u0301.jpg")], ["x"])
+    assert first.status_code == again.status_code == 202, again.get_json()
+    assert again.get_json()["items"][0]["id"] == first.get_json()["items"][0]["id"]
+    assert len(stored_keys(web_aws, batch_id)) == 1
+
+
 def test_a_token_used_again_for_other_contents_under_the_same_name_is_refused(make_web_app, web_aws):
     """A file edited and sent again, or another's upload planted under a guessable token,
     must not be answered with the first file's item, and dropped. Also when the batch
