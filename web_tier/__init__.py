@@ -15,7 +15,7 @@ from flask import Flask, Response, request
 from common.aws import Aws
 from common.config import Settings
 from web_tier import api, auth, classify, errors, health, pages, slow_clients, unread_body
-from web_tier.errors import is_api_path
+from web_tier.errors import ANSWERS_PATH, is_api_path
 from web_tier.form import MAX_TEXT_FIELD_BYTES, form_text_budget, jobs_body_limit
 from web_tier.journal import Journal
 from web_tier.listeners import Listeners
@@ -126,6 +126,10 @@ def _security_headers(response: Response) -> Response:
         # second to the next. And a browser holds a second GET of a URL behind one still
         # in flight, for up to 20 s, to share a cached answer: a page polling /api/status
         # while AWS is slow would show old figures that long.
+        response.headers.setdefault("Cache-Control", "no-store")
+    elif request.method == "POST" or request.path.startswith(ANSWERS_PATH):
+        # A file's name and label (and a 202 "still queued" page that a cache would
+        # serve after the label came): private to who sent it, and of the moment.
         response.headers.setdefault("Cache-Control", "no-store")
     # The page loads only its own script and style: injected markup cannot run.
     response.headers.setdefault(

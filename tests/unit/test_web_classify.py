@@ -812,3 +812,14 @@ def test_a_title_without_a_file_is_the_message_up_to_its_colon_outside_parenthes
     from web_tier.errors import _up_to_its_colon
 
     assert _up_to_its_colon(message) == title
+
+
+def test_post_answers_and_answer_pages_are_not_kept_by_caches(web_client):
+    """They hold a file's name and label (or "still queued", stale once the label comes);
+    the page's script and style may be kept."""
+    refused = web_client.post("/", data={"inputFile": (io.BytesIO(b""), "")},
+                              content_type="multipart/form-data")
+    page = web_client.get(f"/answers/{'ab' * 16}")
+    assert refused.headers.get("Cache-Control") == page.headers.get("Cache-Control") == "no-store"
+    script = web_client.get("/static/style.css")
+    assert script.status_code == 200 and script.headers.get("Cache-Control") != "no-store"
