@@ -118,6 +118,28 @@ def test_a_batch_link_follows_files_sent_after_those_it_showed_are_done(stack, b
     assert_row_shows(row, refs["later.jpg"], "later.jpg")
 
 
+def test_an_address_naming_more_batches_than_the_page_keeps_shows_only_the_latest(stack, browser):
+    """A link naming hundreds had every visitor's browser read each of them (an S3
+    listing each), and show a notice for each: now it keeps the latest 20, as the page
+    keeps in its address, and says so."""
+    from selenium.webdriver.common.by import By
+
+    ids = [f"{n:032x}" for n in range(1, 26)]
+    browser.get(f"{stack.web_url}/#batches={','.join(ids)}")
+    read = """return [...new Set(performance.getEntriesByType('resource')
+                .map((entry) => (/\\/api\\/jobs\\/([0-9a-f]{32})$/.exec(entry.name) || [])[1])
+                .filter(Boolean))];"""
+    # Every read starts at load, in one loop: once the latest 20 have answered, one of
+    # the others would have answered too.
+    wait_for(lambda: set(ids[-20:]) <= set(browser.execute_script(read)), 30, "the latest 20 batches read")
+    assert sorted(browser.execute_script(read)) == ids[-20:]
+    # (The unknown ones leave the address in turn, as a second read finds them unknown.)
+    assert not set(ids[:5]) & set(browser.current_url.partition("#batches=")[2].split(","))
+    summary = browser.find_element(By.ID, "summary")
+    wait_for(lambda: "the address named 25 batches: only the latest 20 are shown" in summary.text, 10,
+             "the batches left out said")
+
+
 def test_an_unknown_batch_in_the_address_is_said_and_dropped(stack, browser):
     from selenium.webdriver.common.by import By
 

@@ -190,11 +190,20 @@ export function sameFile(row, item) {
 }
 
 // An address edited by hand may name what is not a batch id: said, not nothing, and
-// left out of the address, as is a batch named twice.
+// left out of the address, as is a batch named twice. One naming more batches than
+// the page keeps there (a link made to have each visitor's browser read hundreds of
+// batches, each a listing of S3) keeps the latest, as the page would have.
 export function tidyAddress() {
   const malformed = idsInUrl().filter((id) => !BATCH_ID.test(id));
   if (malformed.length) {
     addNotice(`not a batch id, ignored: ${malformed.map((id) => id.slice(0, 40)).join(", ")}`);
   }
-  if (malformed.length || batchesInUrl().length !== idsInUrl().length) writeBatches(batchesInUrl());
+  const ids = batchesInUrl();
+  const most = setting("maxBatchesInUrl");
+  if (ids.length > most) {
+    addNotice(`the address named ${ids.length} batches: only the latest ${most} are shown`);
+    writeBatches(ids.slice(-most));
+  } else if (malformed.length || ids.length !== idsInUrl().length) {
+    writeBatches(ids);
+  }
 }
