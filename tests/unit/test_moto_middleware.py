@@ -94,7 +94,7 @@ def test_a_describe_during_a_change_is_not_kept():
 def written_counts(out, expected: dict[str, int]) -> dict[str, int]:
     """Requests by action in the statistics file, once it shows `expected` or the deadline passes."""
     counts: dict[str, int] = {}
-    deadline = time.monotonic() + 5 * moto_middleware.STATS_EVERY_S
+    deadline = time.monotonic() + 30  # bounds a failure only: a loaded machine writes late
     while time.monotonic() < deadline and counts != expected:
         time.sleep(0.05)
         if out.exists():

@@ -149,7 +149,7 @@ def test_a_send_that_stalls_holds_up_no_other_upload():
     assert sqs.stalled.wait(10)
     try:
         later, errors = _in_threads(sender.send, ["later"])
-        wait_until(lambda: "later" in sqs.accepted, timeout=5, why=lambda: "sent behind the stalled call")
+        wait_until(lambda: "later" in sqs.accepted, why=lambda: "sent behind the stalled call")
     finally:
         sqs.unstall.set()
         for t in stalled + later:
