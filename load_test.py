@@ -2356,9 +2356,15 @@ class Stdout:
         if self.gone:
             return
         try:
-            # Flushed at once: a pipe's buffer flushed only at exit would break there,
-            # past any handler.
-            print(text, flush=True)
+            try:
+                # Flushed at once: a pipe's buffer flushed only at exit would break there,
+                # past any handler.
+                print(text, flush=True)
+            except UnicodeEncodeError:
+                # A stdout that cannot spell a file name (PYTHONIOENCODING=cp1252, a Latin-1
+                # locale): raised, it ended the run mid-way, with no report and no JSON.
+                # Nothing of the line was written: encoding comes first.
+                print(spellable(text, sys.stdout), flush=True)
         except OSError:  # a broken pipe; a full disk (> /dev/full): the report files matter more
             self.gone = True
             try:
@@ -2369,6 +2375,12 @@ class Stdout:
                 os.close(devnull)
             except (OSError, ValueError):  # a stdout with no file behind it (a test's capture)
                 pass
+
+
+def spellable(text: str, stream: TextIO) -> str:
+    """`text` with what `stream`'s encoding cannot spell written as escapes ('\\u732b')."""
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    return text.encode(encoding, "backslashreplace").decode(encoding, "replace")
 
 
 class Stderr:

@@ -2933,3 +2933,24 @@ def test_a_plot_with_no_point_to_draw_has_no_legend_and_no_warning(tmp_path):
         load_test.write_plot(report, tmp_path / "run.png")
     assert not [str(w.message) for w in caught]
     assert (tmp_path / "run.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("talk", ["--verbose", "--quiet"])
+def test_a_stdout_that_cannot_spell_a_file_name_gets_it_escaped_not_a_crash(tier, tmp_path, talk):
+    """PYTHONIOENCODING=cp1252 (or a Latin-1 locale): '猫.jpg uploaded!' (-v), or its
+    wrong answer's line, raised a UnicodeEncodeError mid-run: no report, no JSON."""
+    images = make_images(tmp_path / "images", {"猫.jpg": b"label:tabby", "dog.jpg": b"label:dog"})
+    expected = tmp_path / "expected.csv"
+    expected.write_text("Image,Results\n猫,lion\ndog,dog\n", encoding="utf-8")
+    report = tmp_path / "out.json"
+    done = subprocess.run([sys.executable, load_test.__file__, "--url", tier.url, "--images", str(images),
+                           "--expected", str(expected), "--json", str(report), talk],
+                          capture_output=True, env={**os.environ, "PYTHONIOENCODING": "cp1252"}, timeout=60)
+    out, err = done.stdout.decode("cp1252"), done.stderr.decode("cp1252")
+    assert done.returncode == 1 and "Traceback" not in err, err  # 1: the wrong answer
+    assert "RESULT: FAIL (0 failed, 1 wrong)" in out
+    assert "\\u732b.jpg: wrong: answered '\\u732b:tabby'" in out, out
+    if talk == "--verbose":
+        assert "\\u732b.jpg uploaded!" in out
+    data = json.loads(report.read_text(encoding="utf-8"))
+    assert (data["answered"], data["wrong"]) == (2, 1) and data["requests"][1]["file"] == "猫.jpg"
