@@ -1006,11 +1006,14 @@ def check_reachable(url: str) -> None:
 
 def web_tier_status(url: str) -> dict | None:
     """What GET /api/status of the web tier at `url` answers; None for no such page, no
-    answer in time, or not JSON (another server)."""
+    answer in time, or not JSON (another server). LoadTestError when the TLS handshake
+    fails: every request would fail so."""
     with new_session() as session:
         try:
             resp = session.get(f"{url}/api/status", timeout=STATUS_CHECK_TIMEOUT_S, allow_redirects=False)
             status = resp.json() if resp.status_code == 200 else None
+        except requests.exceptions.SSLError as exc:
+            raise LoadTestError(connection_error(exc, url)) from exc
         except (requests.RequestException, ValueError):
             return None
     return status if isinstance(status, dict) else None
@@ -1282,8 +1285,12 @@ class Client:
                     f"{self.config.url}{endpoint}", files=files, data=form, headers=headers,
                     timeout=timeout, allow_redirects=False, stream=True), deadline)
             except requests.ConnectionError as exc:
+                if isinstance(exc, requests.exceptions.SSLError):
+                    # A handshake that failed fails again (https:// to a plain HTTP port, a
+                    # certificate not trusted): tried again, 2 requests took 28.6 s to say so.
+                    raise
                 was_refused = never_connected(exc)
-                if not was_refused and not isinstance(exc, requests.exceptions.SSLError):
+                if not was_refused:
                     outcome.reached = True
                 if not was_refused and not stored_once:
                     raise  # cut off mid-request: the image may be stored already

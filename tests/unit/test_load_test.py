@@ -689,16 +689,33 @@ def test_a_connection_closed_before_the_answer_is_not_called_a_failure_to_connec
     assert outcomes["fine.jpg"].answered
 
 
-def test_https_to_a_plain_http_port_is_said_to_be_a_failed_handshake(tier, tmp_path):
-    """Not a connection closed before the answer, 'the image may be stored': nothing
-    was sent."""
+def test_https_to_a_plain_http_port_is_a_usage_error_before_anything_is_sent(tier, tmp_path, capsys):
+    """A handshake that fails once fails for every request: said before the run (exit 2),
+    not as each request failing (with --jobs, each tried again for 30 s)."""
     images = make_images(tmp_path / "images", {"fine.jpg": b"label:ok"})
     url = tier.url.replace("http://", "https://")
-    (outcome,) = run_load(Config(images=images, url=url, timeout=5)).outcomes
+    assert load_test.main(["--url", url, "--images", str(images), "--jobs", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot connect to {url}: the TLS handshake failed (https:// to a plain HTTP port" in err, err
+    assert not tier.paths  # the handshakes failed: nothing reached the fake
+
+
+@pytest.mark.parametrize("api", ["form", "jobs"])
+def test_a_failed_handshake_is_not_sent_again(tier, tmp_path, monkeypatch, api):
+    """Not a connection closed before the answer, 'the image may be stored': nothing
+    was sent. And not tried again: it will not get better (with --jobs or
+    --idempotency-keys, 2 requests took 28.6 s, "tried 17 times")."""
+    monkeypatch.setattr(load_test, "check_server", lambda config: None)  # a server that took TLS at first
+    monkeypatch.setattr(load_test, "RESEND_WINDOW_S", 3.0)
+    images = make_images(tmp_path / "images", {"fine.jpg": b"label:ok"})
+    url = tier.url.replace("http://", "https://")
+    config = Config(images=images, url=url, timeout=5, api=api, idempotency_keys=api == "form")
+    (outcome,) = run_load(config).outcomes
     assert outcome.verdict == "not sent"  # nothing reached the web tier
-    assert outcome.error.startswith(f"cannot connect to {url}: the TLS handshake failed"), outcome.error
-    assert "may be stored" not in outcome.error
-    assert not outcome.reached
+    assert outcome.error == (f"cannot connect to {url}: the TLS handshake failed (https:// to a plain HTTP "
+                             "port, or a certificate not trusted)"), outcome.error
+    assert not outcome.reached and outcome.resent == 0
+
 
 
 def test_nothing_listening_at_the_url_is_said_before_anything_is_sent(tmp_path):
