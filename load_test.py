@@ -1165,10 +1165,12 @@ class Client:
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
-        # Since when every connection has been refused, or not made in time (None: the
-        # last was made, or the web tier answered something since): a
-        # refused request is sent again until RESEND_WINDOW_S from then, not for a
-        # window of its own (a dead server would take 50 minutes to report at -c 10).
+        # Since when every connection has been refused, not made in time, or (for an
+        # upload that may be sent again) cut off before its answer (None: the last was
+        # answered, or the web tier answered something since): such a request is sent
+        # again until RESEND_WINDOW_S from then, not for a window of its own (a dead
+        # server would take 50 minutes to report at -c 10, and so would one that cuts
+        # every connection).
         self._refused_since: float | None = None
 
     def _session(self) -> requests.Session:
@@ -1251,8 +1253,8 @@ class Client:
         self._refused_for(False)
 
     def _refused_for(self, refused_now: bool) -> float:
-        """Note whether the server refused this connection; how long it has refused
-        every one since (0 once one was not refused)."""
+        """Note whether the server refused (or cut off) this connection; how long it has
+        refused or cut off every one since (0 once one was answered)."""
         now = time.monotonic()
         with self._lock:
             if not refused_now:
@@ -1275,7 +1277,7 @@ class Client:
         delay = FIRST_RESEND_DELAY_S
         while True:
             failure: requests.ConnectionError | None = None
-            refused_since: float | None = None  # since when every connection has been refused
+            refused_since: float | None = None  # since when every connection has failed
             # Outside the try: its Timeout, the deadline past before sending, sent nothing, and
             # would be counted as reached by `except Exception` below (--timeout 0.001).
             timeout = self._timeout(deadline)
@@ -1295,8 +1297,9 @@ class Client:
                 if not was_refused and not stored_once:
                     raise  # cut off mid-request: the image may be stored already
                 failure, wait = exc, delay
-                if was_refused:
-                    refused_since = time.monotonic() - self._refused_for(True)
+                # Cut off too, not only refused: a server that cuts every connection
+                # gave each request a window of its own (-n 4 -c 2 took 59.8 s).
+                refused_since = time.monotonic() - self._refused_for(True)
             except Exception:
                 outcome.reached = True  # connected: its answer timed out, or was not the web tier's
                 raise
@@ -1315,7 +1318,8 @@ class Client:
             if give_up is None:  # the first failed attempt
                 give_up = min(deadline, now + RESEND_WINDOW_S)
             if refused_since is not None:
-                # One window for all: since the server began refusing every connection.
+                # One window for all: since the server began refusing (or cutting off)
+                # every connection.
                 give_up = min(give_up, refused_since + RESEND_WINDOW_S)
             if self.stop.is_set() or now + wait >= give_up:
                 if failure is not None:

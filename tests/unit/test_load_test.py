@@ -717,6 +717,23 @@ def test_a_failed_handshake_is_not_sent_again(tier, tmp_path, monkeypatch, api):
     assert not outcome.reached and outcome.resent == 0
 
 
+def test_connections_cut_off_for_a_whole_window_fail_later_requests_at_once(tier, tmp_path, monkeypatch):
+    """A server that cuts every connection, with keys: each request waited a window of
+    its own (-n 4 -c 2 took 59.8 s; -n 1000 -c 10 would take 50 minutes), as refusals
+    once did."""
+    monkeypatch.setattr(load_test, "RESEND_WINDOW_S", 1.5)
+    tier.killed = True  # its /api/status cut off too: nothing says the server is up
+    images = make_images(tmp_path / "images", {f"{i}.jpg": b"drop" for i in range(6)})
+    config = Config(images=images, url=tier.url, concurrency=1, idempotency_keys=True)
+    report = finish_within(60, run_load, config)
+    outcomes = sorted(report.outcomes, key=lambda o: o.index)
+    assert {o.verdict for o in outcomes} == {"failed"}
+    assert all(o.error.startswith(f"the connection to {tier.url} closed before the answer") for o in outcomes)
+    # Sent again (after 0.25, 0.5, 1 s...) within one window from the first cut-off:
+    # each request in a window of its own was sent again twice, 12 in all.
+    resent = [o.resent for o in outcomes]
+    assert resent[0] == 2 and resent[-1] == 0 and sum(resent) <= 5, resent
+
 
 def test_nothing_listening_at_the_url_is_said_before_anything_is_sent(tmp_path):
     """Else each request would be sent again for RESEND_WINDOW_S, as to a web tier restarting."""
