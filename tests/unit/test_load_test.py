@@ -67,6 +67,7 @@ class FakeTier:
         self.status_held = 0  # GETs of /api/status that came to status_gate
         self.web_tier_names = False  # read file names as Werkzeug and the web tier do
         self.not_stored = 0  # the next POSTs answered as a stopping web tier does: 503, Retry-After
+        self.retry_after = "0"  # those 503s' Retry-After
         self.tokens: dict[tuple[str, str], str] = {}  # (batch id, token) -> item id, as the web tier keeps
         self.dropped: set[bytes] = set()  # "drop-once" contents whose first answer was cut off
         self.lost = False  # every batch forgotten, as after the stack (and its embedded AWS) restarted
@@ -165,7 +166,7 @@ class Handler(BaseHTTPRequestHandler):
             stopping, self.tier.not_stored = self.tier.not_stored > 0, max(0, self.tier.not_stored - 1)
         if stopping:
             self._send(503, "not stored: the web tier is stopping; send it again",
-                       headers={"Retry-After": "0"})
+                       headers={"Retry-After": self.tier.retry_after})
             return
         parse = _parse_files_like_the_web_tier if self.tier.web_tier_names else _parse_files
         files = parse(self.headers, body)
@@ -922,6 +923,20 @@ def test_an_upload_a_stopping_web_tier_did_not_store_is_sent_again_and_a_queued_
     report = run_load(Config(images=queued, url=tier.url, num_requests=1))
     assert report.outcomes[0].verdict == "failed" and report.outcomes[0].resent == 0
     assert tier.paths["POST /"] == 4
+
+
+def test_a_retry_after_of_0_is_not_a_flood_and_its_last_503_is_the_reason_given(tier, tmp_path):
+    """A server answering every upload 503 with Retry-After: 0 drew 2412 POSTs in 3 s, and
+    the request then failed as "timeout after 3 s (the image may be stored)", where every
+    answer had said nothing was."""
+    images = make_images(tmp_path / "images", {"cat.jpg": b"label:cat"})
+    tier.not_stored = 10**6
+    (outcome,) = run_load(Config(images=images, url=tier.url, timeout=3)).outcomes
+    assert outcome.verdict == "failed" and outcome.status == 503
+    assert outcome.error.startswith("HTTP 503: not stored"), outcome.error
+    assert "may be stored" not in outcome.error
+    # Backing off from 0.25 s, doubling: 4 or 5 POSTs in 3 s.
+    assert 2 <= tier.paths["POST /"] <= 8 and outcome.resent == tier.paths["POST /"] - 1, tier.paths
 
 
 def test_after_a_stopping_web_tiers_answer_the_next_request_goes_on_a_new_connection(tier, tmp_path):
