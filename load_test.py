@@ -441,7 +441,9 @@ def read_expected(path: Path) -> dict[str, str]:
     """
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
+            # A space after a comma is no part of the cell: `img0, "shield"` kept its quotes
+            # (a label '"shield"', counted wrong), and `"a", "b, c"` read as 3 cells.
+            reader = csv.reader(fh, skipinitialspace=True)
             rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise LoadTestError(f"cannot read {path} as a UTF-8 CSV: {exc}") from exc

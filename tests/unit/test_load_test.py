@@ -2164,6 +2164,14 @@ def test_read_expected_accepts_each_column_spelling(tmp_path, text):
     assert read_expected(path) == {"test_00": "cardigan", "test_01": "Persian_cat"}
 
 
+def test_read_expected_reads_a_csv_written_with_a_space_after_each_comma(tmp_path):
+    """`img0, "shield"` kept its quotes (the label '"shield"', counted wrong), and
+    `"img1", "ant, formicid"` was refused as 3 cells."""
+    path = tmp_path / "expected.csv"
+    path.write_text('Image, Results\nimg0, "shield"\n"img1", "ant, formicid"\nimg2,  plain \n')
+    assert read_expected(path) == {"img0": "shield", "img1": "ant, formicid", "img2": "plain"}
+
+
 def test_read_expected_refuses_a_file_without_the_columns(tmp_path):
     path = tmp_path / "expected.csv"
     path.write_text("a,b\n1,2\n")
@@ -2184,7 +2192,7 @@ def test_read_expected_refuses_a_file_that_is_not_utf8_with_a_clear_error(tmp_pa
     ("test_00,cardigan\n,Persian_cat\n", "line 3: no image"),
     ("test_00,cardigan\ntest_00.JPEG,Persian_cat\n", "line 3: test_00 is expected as 'cardigan' above"),
     # A name with an unquoted comma: its tail was taken for the label, its label left out.
-    ("test_00,cardigan\nmy, cat.jpg,tabby\n", r"line 3: 3 cells where the header has 2 \(\['my', ' cat.jpg', "
+    ("test_00,cardigan\nmy, cat.jpg,tabby\n", r"line 3: 3 cells where the header has 2 \(\['my', 'cat.jpg', "
                                               r"'tabby'\]\): a name with a comma is written in quotes"),
 ])
 def test_read_expected_refuses_a_row_it_could_only_skip(tmp_path, rows, why):
