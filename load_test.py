@@ -1329,12 +1329,13 @@ class Client:
                 # One window for all: since the server began refusing (or cutting off)
                 # every connection.
                 give_up = min(give_up, refused_since + RESEND_WINDOW_S)
-            if self.stop.is_set() or now + wait >= give_up:
+            # Sending stopped (the first Ctrl-C), before or during the wait: this one is
+            # not sent again. Looked at only after the wait, it was POSTed once more.
+            if self.stop.is_set() or now + wait >= give_up or self.stop.wait(wait):
                 if failure is not None:
                     raise failure
                 return resp
             outcome.resent += 1
-            self.stop.wait(wait)
             delay = min(2 * delay, 2.0)
 
     def _via_form(self, path: Path, deadline: float, outcome: Outcome) -> None:

@@ -939,6 +939,36 @@ def test_a_retry_after_of_0_is_not_a_flood_and_its_last_503_is_the_reason_given(
     assert 2 <= tier.paths["POST /"] <= 8 and outcome.resent == tier.paths["POST /"] - 1, tier.paths
 
 
+@pytest.mark.parametrize("api", ["form", "jobs"])
+def test_a_request_waiting_to_be_sent_again_is_not_sent_once_sending_stops(tier, tmp_path, api):
+    """The first Ctrl-C cut a resend's back-off short, and the upload was POSTed once
+    more before the stop was looked at."""
+    images = make_images(tmp_path / "images", {"cat.jpg": b"label:cat"})
+    tier.not_stored, tier.retry_after = 10**6, "10"  # within the 30 s window
+    waiting = threading.Event()
+
+    class NotingWaits(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            waiting.set()
+            return super().wait(timeout)
+
+    stop = NotingWaits()
+
+    def ctrl_c_once_waiting() -> None:
+        assert waiting.wait(30), "the request never waited to be sent again"
+        stop.set()
+
+    helper = InBackground(ctrl_c_once_waiting)
+    client = load_test.Client(Config(images=images, url=tier.url, api=api, timeout=120), stop)
+    try:
+        outcome = finish_within(60, client.send, 0, images / "cat.jpg", time.monotonic(), watching=helper)
+    finally:
+        client.close()
+    helper.finish()
+    assert tier.paths[f"POST {'/' if api == 'form' else '/api/jobs'}"] == 1, tier.paths
+    assert outcome.error.startswith("HTTP 503: not stored") and outcome.resent == 0, outcome
+
+
 def test_after_a_stopping_web_tiers_answer_the_next_request_goes_on_a_new_connection(tier, tmp_path):
     """A stopping web tier closes each connection after its answer: reused, the connection
     could be closed under the next request, which would then fail unanswered."""
