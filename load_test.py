@@ -245,12 +245,14 @@ def _output_problem(path: Path) -> str | None:
     folder = path.parent  # Path("run.json").parent is Path(".")
     if path.is_dir():
         return f"{path} is a folder"
+    if path.exists():
+        # Written in place: its folder need not be writable (`--json /dev/stdout` as a
+        # user who may not write /dev was refused).
+        return None if os.access(path, os.W_OK) else f"{path} is not writable"
     if not folder.is_dir():
         return f"folder {folder} does not exist"
     if not os.access(folder, os.W_OK | os.X_OK):
         return f"folder {folder} is not writable"
-    if path.exists() and not os.access(path, os.W_OK):
-        return f"{path} is not writable"
     return None
 
 

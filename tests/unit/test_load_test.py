@@ -2027,6 +2027,25 @@ def test_a_report_path_that_cannot_be_written_is_refused_before_anything_is_sent
     assert not tier.paths  # nothing sent, not even a status check
 
 
+def test_an_existing_writable_report_file_needs_no_writable_folder(tmp_path, monkeypatch):
+    """`--json /dev/stdout` as a user who cannot write /dev was refused: "folder /dev is
+    not writable". A file that exists is written in place; only a new one needs its folder."""
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:x"})
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    existing = folder / "run.json"
+    existing.write_text("")
+    real_access = os.access
+    # As a user who may not write the folder (the tests may run as root, who may).
+    monkeypatch.setattr(os, "access", lambda path, mode, **kwargs:
+                        Path(path) != folder and real_access(path, mode, **kwargs))
+    config = load_test.parse_args(["--images", str(images), "--json", str(existing)])
+    assert config.json_path == existing
+    with pytest.raises(SystemExit) as exc:
+        load_test.parse_args(["--images", str(images), "--json", str(folder / "new.json")])
+    assert exc.value.code == 2
+
+
 def test_a_plot_without_matplotlib_is_refused_before_anything_is_sent(tier, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # None: import fails
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
