@@ -82,6 +82,7 @@ MAX_TIMEOUT_S = 86_400.0
 OPEN_FILES_SPARE = 64
 CONNECT_TIMEOUT_S = 10.0
 STATUS_INTERVAL_S = 0.5
+STATUS_TIMEOUT_S = 2.0  # each /api/status sample's, read whole
 # A fresh web tier's first /api/status waits up to 10 s on AWS (web_tier/status.py
 # FIRST_READ_WAIT_S): given 2 s, the key check would take that silence for "no key needed",
 # and every upload then be refused with 401.
@@ -1566,6 +1567,7 @@ class StatusPoller:
         self.interval = config.status_interval
         self.t0 = 0.0
         self.samples: list[tuple[float, int]] = []
+        self.failure: str | None = None  # why the last sample failed (None: it did not)
         self._session = new_session(config.api_key)
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="status-poller", daemon=True)
@@ -1573,17 +1575,24 @@ class StatusPoller:
     def sample(self) -> None:
         asked_at = time.monotonic() - self.t0  # the answer may take seconds under load
         try:
-            resp = self._session.get(self.url, timeout=2.0, allow_redirects=False)
+            resp = self._session.get(self.url, timeout=STATUS_TIMEOUT_S, allow_redirects=False, stream=True)
             if self.on_answer:
                 self.on_answer()
+            # Read within a size cap and a deadline: a server answering without end would
+            # fill the memory, or hold the last sample (on the main thread) for ever.
+            read_within(resp, time.monotonic() + STATUS_TIMEOUT_S)
             status = resp.json() if resp.status_code == 200 else None
             count = instance_count(status)
-        except (requests.RequestException, ValueError, TypeError):
-            # TypeError: a malformed answer ({"pending": []}); raised, it ended this thread
-            # and, from the last sample, the run, in a traceback without a report.
+            if count is not None:
+                self.samples.append((figures_time(status, asked_at, time.monotonic() - self.t0), count))
+        except Exception as exc:
+            # Whatever is wrong with the answer is a failed sample, not the run's end: a
+            # TypeError ({"pending": []}), an OverflowError ({"pending": 1e999}), each
+            # raised, ended this thread and, from the last sample, the run, in a
+            # traceback without a report.
+            self.failure = f"{type(exc).__name__}: {_short(str(exc))}"
             return
-        if count is not None:
-            self.samples.append((figures_time(status, asked_at, time.monotonic() - self.t0), count))
+        self.failure = None
 
     def _loop(self) -> None:
         # The first sample at once, so even a short run has a starting point; taken

@@ -2622,6 +2622,31 @@ def test_a_malformed_status_does_not_end_the_run_without_its_report(tier, tmp_pa
     assert report.ok and report.instance_samples == [] and tier.paths["GET /api/status"] >= 2
 
 
+def test_a_status_whose_count_is_no_number_is_a_failed_sample_not_the_runs_end(tier, tmp_path):
+    """{"pending": 1e999}: int(inf) raised an OverflowError, which ended the poller's
+    thread, and then, from the last sample (taken on the main thread), the run, in a
+    traceback with no report."""
+    tier.status = {"queue": {"visible": 0}, "instances": {"pending": float("inf"), "running": 1}}
+    images = make_images(tmp_path / "images", {"a.jpg": b"label:x"})
+    report = run_load(Config(images=images, url=tier.url))
+    assert report.ok and report.instance_samples == [] and tier.paths["GET /api/status"] >= 2
+    poller = load_test.StatusPoller(Config(images=images, url=tier.url))
+    poller.sample()
+    assert poller.samples == [] and poller.failure.startswith("OverflowError: "), poller.failure
+
+
+def test_a_status_answer_past_the_size_cap_is_a_failed_sample(tier, tmp_path, monkeypatch):
+    """Its body was read whole, however large."""
+    monkeypatch.setattr(load_test, "MAX_ANSWER_BYTES", 200)
+    tier.status = {**STATUS, "padding": "x" * 1000}
+    poller = load_test.StatusPoller(Config(images=tmp_path, url=tier.url))
+    poller.sample()
+    assert poller.samples == [] and "more than 200 bytes" in poller.failure, poller.failure
+    tier.status = STATUS
+    poller.sample()  # a good answer after it is a sample again
+    assert [n for _, n in poller.samples] == [3] and poller.failure is None
+
+
 @pytest.mark.parametrize("api", ["form", "jobs"])
 def test_a_connection_not_made_in_time_is_sent_again_and_said_so(tmp_path, monkeypatch, api):
     """A ConnectTimeout (both a ConnectionError and a Timeout) sent nothing, yet was
