@@ -1345,7 +1345,9 @@ class Client:
         key = {"Idempotency-Key": str(uuid.uuid4())} if self.config.idempotency_keys else None
         resp = self._post("/", {"inputFile": self._upload(path)}, deadline, outcome, headers=key)
         outcome.status = resp.status_code
-        body = resp.text.strip()
+        # UTF-8, as the contract's answer is: requests reads text/plain without a charset
+        # as ISO-8859-1, and '猫:tabby' became an answer for another file.
+        body = resp.content.decode("utf-8", errors="replace").strip()
         outcome.untrained = resp.headers.get("X-Model-Untrained", "").strip().lower() == "true"
         batch_id, item_id = resp.headers.get("X-Batch-Id"), resp.headers.get("X-Item-Id")
         if resp.status_code in (503, 504) and batch_id and item_id:
@@ -1357,6 +1359,11 @@ class Client:
             return
         if resp.status_code != 200:
             raise RequestFailed(f"HTTP {resp.status_code}: {_short(body)}", resp.status_code)
+        content_type = resp.headers.get("Content-Type", "")
+        if content_type.split(";")[0].strip().lower() == "text/html":
+            # Another server's page (a proxy's, a login's): one line holding a colon read
+            # as '<name>:<label>', and was counted wrong rather than failed.
+            raise RequestFailed(f"not a classification answer: an HTML page ({_short(content_type)})", 200)
         # Labels never hold ':', file names might: split at the last one. The answer is
         # one line: a page, or another server's XML, that happens to hold a colon is not one.
         name, colon, label = body.rpartition(":")

@@ -214,6 +214,12 @@ class Handler(BaseHTTPRequestHandler):
             return
         name = {b"mismatch": "someone_else", b"with-extension": filename}.get(content, Path(filename).stem)
         headers = {"X-Model-Untrained": "true"} if self.tier.untrained else {}
+        if content == b"html-page":  # another server's page: one line, with a colon
+            self._send(200, f"<p>{name}: {label}</p>", content_type="text/html; charset=utf-8")
+            return
+        if content == b"no-charset":  # UTF-8, as the contract says, but not said so
+            self._send(200, f"{name}:{label}\n", content_type="text/plain")
+            return
         if content == b"not-an-answer":  # another server's page, which happens to hold a colon
             self._send(200, f'<?xml version="1.0"?>\n<Result xmlns="http://x/">{name}</Result>\n')
             return
@@ -1022,6 +1028,18 @@ def test_a_page_that_holds_a_colon_is_not_an_answer(tier, tmp_path):
     # No figure, so no "the 1 failed included" beside it.
     assert re.search(r"\n  average latency \(course\) +-  \(duration / requests\)\n",
                      load_test.format_report(report))
+
+
+def test_an_html_answer_is_not_a_classification_and_a_plain_one_is_read_as_utf8(tier, tmp_path):
+    """A one-line page holding a colon was taken as '<name>:<label>' (wrong, not failed),
+    and text/plain without a charset was read as ISO-8859-1, as requests does: '猫:tabby'
+    became mojibake, an answer for another file (wrong)."""
+    images = make_images(tmp_path / "images", {"猫.jpg": b"no-charset", "page.jpg": b"html-page"})
+    outcomes = by_file(run_load(Config(images=images, url=tier.url)))
+    cat, page = outcomes["猫.jpg"], outcomes["page.jpg"]
+    assert (cat.verdict, cat.answer_name, cat.label) == ("unchecked", "猫", "cat"), cat
+    assert page.verdict == "failed" and page.status == 200, page
+    assert page.error == "not a classification answer: an HTML page (text/html; charset=utf-8)", page.error
 
 
 def test_jobs_api_by_polling_with_api_key_and_untrained_model(tier, mixed):
