@@ -55,7 +55,7 @@ import time
 import unicodedata
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -639,7 +639,8 @@ class Outcome:
     unreadable: bool = False  # not sent as its file could not be read, not for want of a connection
     # It reached the web tier: answered, or cut off once connected (never, if every
     # attempt was refused, timed out connecting or failed its TLS handshake).
-    # None: not known (abandoned in flight, the report cannot tell how far it had got).
+    # None: not known (an attempt under way; abandoned in flight then, the report cannot
+    # tell how far it had got).
     reached: bool | None = False
 
     @property
@@ -711,8 +712,8 @@ class Report:
     @property
     def sent(self) -> int:
         """Requests sent: those that reached the web tier (answered or not), and those
-        abandoned in flight. One that never connected sent nothing."""
-        return sum(1 for o in self.outcomes if o.reached) + self.abandoned
+        abandoned in flight (which may have). One that never connected sent nothing."""
+        return sum(1 for o in self.outcomes if o.reached or o.verdict == "abandoned")
 
     @property
     def abandoned(self) -> int:
@@ -1177,6 +1178,17 @@ class Client:
         # server would take 50 minutes to report at -c 10, and so would one that cuts
         # every connection).
         self._refused_since: float | None = None
+        # The outcome of each thread's latest request, as it stands, by index: what a run
+        # that quits reports of those in flight (whether each reached the web tier) is
+        # read from it. Kept once it ends, until its thread's next: one that ends as the
+        # run quits (woken from its back-off) may come too late to be recorded.
+        self._live: dict[int, Outcome] = {}
+
+    def in_flight(self) -> dict[int, Outcome]:
+        """The outcomes, as they stand, of the requests being sent (and of each thread's
+        last, if it ended), by index."""
+        with self._lock:
+            return dict(self._live)
 
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
@@ -1196,6 +1208,10 @@ class Client:
         """Send `path` once and wait for its answer; never raises for a failed request."""
         start = time.monotonic()
         outcome = Outcome(index=index, file=sendable_name(path), started_s=start - t0)
+        with self._lock:
+            self._live.pop(getattr(self._local, "index", None), None)
+            self._live[index] = outcome
+        self._local.index = index
         deadline = start + self.config.timeout
         try:
             if self.config.api == "jobs":
@@ -1291,19 +1307,23 @@ class Client:
             # Outside the try: its Timeout, the deadline past before sending, sent nothing, and
             # would be counted as reached by `except Exception` below (--timeout 0.001).
             timeout = self._timeout(deadline)
+            if not outcome.reached:
+                # Not known while the attempt goes: it may be uploading (see unfinished_outcomes).
+                outcome.reached = None
             try:
                 # Only ever talk to the URL we were given: no redirects.
                 resp = read_within(self._session().post(
                     f"{self.config.url}{endpoint}", files=files, data=form, headers=headers,
                     timeout=timeout, allow_redirects=False, stream=True), deadline)
             except requests.ConnectionError as exc:
-                if isinstance(exc, requests.exceptions.SSLError):
+                handshake_failed = isinstance(exc, requests.exceptions.SSLError)
+                was_refused = never_connected(exc)
+                # A failed handshake sent nothing either.
+                outcome.reached = outcome.reached or not (was_refused or handshake_failed)
+                if handshake_failed:
                     # A handshake that failed fails again (https:// to a plain HTTP port, a
                     # certificate not trusted): tried again, 2 requests took 28.6 s to say so.
                     raise
-                was_refused = never_connected(exc)
-                if not was_refused:
-                    outcome.reached = True
                 if not was_refused and not stored_once:
                     raise  # cut off mid-request: the image may be stored already
                 failure, wait = exc, delay
@@ -1815,22 +1835,40 @@ def plan_requests(config: Config, images: list[Path], expected: dict[str, str]) 
 
 
 def unfinished_outcomes(plan: Sequence[Path], taken_at: Sequence[float], t0: float,
-                        recorded: set[int], cut_short: str | None = None) -> list[Outcome]:
+                        recorded: set[int], cut_short: str | None = None,
+                        live: Mapping[int, Outcome] | None = None) -> list[Outcome]:
     """An outcome for each request of `plan` an interrupted run has none for, so that its
     report holds every one, the abandoned and those never started too: one taken from
     the plan (at `taken_at[index]`) was in flight when the
     run quit, the others were never started. `cut_short`: why the run was stopped, when
-    not by a signal, which each of their errors then says."""
+    not by a signal, which each of their errors then says. `live`: the outcomes, as they
+    stood, of the requests in flight (Client.in_flight), by index: one that had never
+    connected (each attempt refused, waiting to try again) is not sent, not abandoned."""
     in_flight = f"in flight when {cut_short}" if cut_short else "in flight when the run quit"
     not_started = f"not started: {cut_short}" if cut_short else "not started: the run was interrupted first"
+    now = time.monotonic()
     rest = []
     for index, path in enumerate(plan):
         if index in recorded:
             continue
         if index < len(taken_at):
+            seen = live.get(index) if live is not None else None
+            if seen is not None and seen.reached is False:
+                # Counted abandoned, so sent, these made `sent` count requests no server
+                # saw (24 where 20 reached it).
+                tries = seen.resent + 1
+                rest.append(Outcome(index=index, file=sendable_name(path), started_s=taken_at[index] - t0,
+                                    latency_s=now - taken_at[index], resent=seen.resent,
+                                    error=f"{in_flight}: it had never connected (tried {tries} "
+                                          f"time{'s' if tries > 1 else ''})",
+                                    verdict="not sent", reached=False))
+                continue
+            # None: not known how far it had got (it may be uploading), so it may be stored.
+            reached = True if seen is not None and seen.reached else None
             rest.append(Outcome(index=index, file=sendable_name(path), started_s=taken_at[index] - t0,
+                                resent=seen.resent if seen is not None else 0,
                                 error=f"{in_flight} (the image may be stored)",
-                                verdict="abandoned", reached=None))
+                                verdict="abandoned", reached=reached))
         else:
             rest.append(Outcome(index=index, file=sendable_name(path), started_s=None,
                                 error=not_started, verdict="not started"))
@@ -1946,7 +1984,8 @@ class LoadRun:
         if self.interrupted_by is not None or self.cut_short is not None:
             outcomes += unfinished_outcomes(self.plan, self.senders.taken_at(), t0,
                                             {o.index for o in outcomes},
-                                            None if self.interrupted_by else self.cut_short)
+                                            None if self.interrupted_by else self.cut_short,
+                                            self.client.in_flight())
         config = self.config
         return Report(
             url=config.url,

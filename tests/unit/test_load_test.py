@@ -2857,6 +2857,49 @@ def test_a_run_that_quit_holds_every_planned_request_once(tier, tmp_path):
         "RESULT: FAIL (0 failed, 0 wrong, 1 abandoned in flight, 1 not sent, interrupted)")
 
 
+def test_a_request_quit_while_only_ever_refused_is_not_counted_sent(tmp_path, monkeypatch):
+    """Requests retrying refused connections when SIGTERM came were counted abandoned,
+    and so sent (sent 24 where 20 reached the server), where `sent` counts the requests
+    that reached the web tier."""
+    images = make_images(tmp_path / "images", {f"{i}.jpg": b"label:cat" for i in range(3)})
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+    monkeypatch.setattr(load_test, "check_reachable", lambda url: None)
+    refused_on: set[int] = set()  # the threads, one per request in flight, that were refused
+    real_refused = load_test.refused
+    monkeypatch.setattr(load_test, "refused", lambda exc: real_refused(exc)
+                        and not refused_on.add(threading.get_ident()))
+    main = threading.get_ident()
+
+    def waiting_to_try_again(thread: int) -> bool:
+        frame, names = sys._current_frames().get(thread), []
+        while frame is not None:
+            names.append(frame.f_code.co_name)
+            frame = frame.f_back
+        return bool(names) and names[0] == "wait" and "_post" in names
+
+    def sigterm_once_both_refused() -> None:
+        # Between two attempts: in one, a request may be uploading, for all the run knows.
+        wait_until(lambda: len(refused_on) >= 2 and all(map(waiting_to_try_again, list(refused_on))), 20)
+        signal.pthread_kill(main, signal.SIGTERM)
+
+    url = f"http://127.0.0.1:{dead.getsockname()[1]}"
+    try:
+        with load_test.interrupts_heard():  # SIGTERM quits the run at once, as the command's
+            helper = InBackground(sigterm_once_both_refused)
+            report = run_load(Config(images=images, url=url, concurrency=2))
+        helper.finish()
+    finally:
+        dead.close()
+    assert report.interrupted_by == "SIGTERM"
+    verdicts = [o.verdict for o in sorted(report.outcomes, key=lambda o: o.index)]
+    assert verdicts == ["not sent", "not sent", "not started"], [o.error for o in report.outcomes]
+    assert (report.sent, report.abandoned, report.not_sent, report.unreached) == (0, 0, 3, 2)
+    for outcome in report.outcomes[:2]:
+        assert outcome.reached is False and "never connected" in outcome.error, outcome
+    assert load_test.result_line(report) == "RESULT: FAIL (0 failed, 0 wrong, 3 not sent, interrupted)"
+
+
 def test_a_run_stopped_by_one_ctrl_c_holds_the_requests_it_never_started(tier, tmp_path, monkeypatch):
     clients = kept_clients(monkeypatch)
     images = make_images(tmp_path / "images", {"0.jpg": b"label:a", "1.jpg": b"hang", "2.jpg": b"label:c"})
