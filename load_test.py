@@ -1980,6 +1980,20 @@ class LoadRun:
                     self._quit(second)
         finally:
             self._end(t0)
+        # Nothing is waited for any more: an interrupt from now on is noted, not raised. Raised, a
+        # third Ctrl-C (or a SIGTERM just after the second) while the requests left are
+        # recorded (seconds, for a plan of millions) lost the whole report.
+        heard: list[str] = []
+        with interrupts_noted(heard):
+            report = self._report(started_at, t0)
+        if heard:
+            if report.interrupted_by is None:
+                report.signal_after_sending = report.signal_after_sending or heard[0]
+            elif "SIGTERM" in heard:
+                report.interrupted_by = "SIGTERM"  # as a SIGTERM after a Ctrl-C: the latter made it quit
+        return report
+
+    def _report(self, started_at: float, t0: float) -> Report:
         outcomes = self.outcomes
         if self.interrupted_by is not None or self.cut_short is not None:
             outcomes += unfinished_outcomes(self.plan, self.senders.taken_at(), t0,

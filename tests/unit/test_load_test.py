@@ -1543,6 +1543,39 @@ def test_sigterm_reports_what_was_done_at_once(tier, tmp_path):
         (0, "0.jpg", "unchecked"), (1, "1.jpg", "abandoned"), (2, "2.jpg", "not started")]
 
 
+def test_a_signal_while_the_quitting_runs_report_is_made_loses_none_of_it(tier, tmp_path, monkeypatch,
+                                                                          capsys):
+    """A third Ctrl-C, or a SIGTERM just after the second, while the outcomes of the
+    requests left were made (seconds, for a plan of millions) lost the whole report:
+    "its report may be missing", no table, no JSON."""
+    images = make_images(tmp_path / "images", {"0.jpg": b"label:a", "1.jpg": b"hang", "2.jpg": b"label:c"})
+    report = tmp_path / "t.json"
+    main = threading.get_ident()
+    real_unfinished = load_test.unfinished_outcomes
+
+    def terminated_meanwhile(*args, **kwargs):
+        signal.pthread_kill(main, signal.SIGTERM)  # this thread's: heard at once
+        return real_unfinished(*args, **kwargs)
+
+    monkeypatch.setattr(load_test, "unfinished_outcomes", terminated_meanwhile)
+
+    def sigterm_once_held() -> None:
+        wait_until(lambda: tier.paths["POST /"] == 2, timeout=20)  # 1.jpg is held in flight
+        signal.pthread_kill(main, signal.SIGTERM)
+
+    helper = InBackground(sigterm_once_held)
+    code = load_test.main(["--url", tier.url, "--images", str(images), "-c", "1", "--json", str(report),
+                           "-q"])
+    helper.finish()
+    out, err = capsys.readouterr()
+    assert code == 143, err
+    assert "may be missing" not in err and "Traceback" not in err, err
+    assert out.strip().endswith(
+        "RESULT: FAIL (0 failed, 0 wrong, 1 abandoned in flight, 1 not sent, interrupted)"), out
+    data = json.loads(report.read_text())
+    assert (data["planned"], data["sent"], data["abandoned"], data["interrupted_by"]) == (3, 2, 1, "SIGTERM")
+
+
 def test_an_interrupt_after_the_last_answer_still_reports_and_writes(tier, tmp_path, monkeypatch, capsys):
     """A SIGTERM just after the last answer, while the run takes its last /api/status
     sample (here one that takes seconds), must not come out of the run as one before any
