@@ -145,8 +145,8 @@ exit codes:
   0    PASS: every request answered, none wrong (with --expected, at least one checked)
   1    a request failed, was wrong or was not sent; or --json or --plot could not be written
   2    bad usage (also an --expected CSV naming none of the images sent), or the run could
-       not start: nothing listening at --url, an API key needed and none given, or the
-       key refused
+       not start: nothing listening at --url, its TLS handshake failed (https:// to a plain
+       HTTP port), an API key needed and none given, or the key refused
   130  interrupted by Ctrl-C (SIGINT), 143 by SIGTERM: what was done is still reported,
        and written to --json and --plot (once every request is over, a plot being drawn
        is cut short)

@@ -2964,7 +2964,8 @@ def test_the_help_says_what_each_exit_code_means(capsys):
         load_test.parse_args(["--help"])
     out = capsys.readouterr().out
     for line in ("\nexit codes:\n", "\n  0    PASS", "\n  1    a request failed", "\n  2    bad usage",
-                 "key refused", "\n  130  interrupted by Ctrl-C (SIGINT), 143 by SIGTERM"):
+                 "key refused", "its TLS handshake failed",
+                 "\n  130  interrupted by Ctrl-C (SIGINT), 143 by SIGTERM"):
         assert line in out, line
     # What the figures measure: a closed loop, and a duration with the fleet's scaling out in it.
     assert "\nThe load is a closed loop: each of --concurrency senders sends its next request once\n" in out
