@@ -146,18 +146,20 @@ def without_credentials(monkeypatch, tmp_path) -> None:
 
 
 def wait_for(predicate: Callable[[], object], timeout_s: float = 30.0, what: str = "the condition",
-             interval: float = 0.2) -> object:
+             interval: float = 0.2, why: Callable[[], str] | None = None) -> object:
     """Poll `predicate` until it returns something truthy, and return that; fail after
-    `timeout_s`, naming `what`. The deadline only bounds a failure's wait: generous, for
-    a loaded CI machine. Looked at once more at the deadline: a poll that slept past it
-    would otherwise fail what had come true meanwhile."""
+    `timeout_s`, naming `what` (and saying `why()`, worked out only then). The deadline
+    only bounds a failure's wait: generous, for a loaded CI machine. Looked at once more
+    at the deadline: a poll that slept past it would otherwise fail what had come true
+    meanwhile."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+            said = f": {why()}" if why is not None else ""
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}{said}")
         time.sleep(interval)
 
 

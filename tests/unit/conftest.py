@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
@@ -19,6 +18,7 @@ from common.messages import ClassifyRequest, ClassifyResponse, Prediction
 from common.output_object import pair_text, result_metadata
 from common.provision import provision
 from localaws import moto_patches
+from tests.conftest import wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -46,15 +46,7 @@ def wait_until(condition: Callable[[], object], timeout: float = 30.0, interval:
     The deadline only bounds a failure's wait: generous, for a loaded CI machine. The
     interval leaves the GIL to the code under test, which many conditions share it with
     (they call the in-process moto that code calls)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            said = f": {why()}" if why is not None else ""
-            raise AssertionError(f"condition not met within {timeout} s{said}")
-        time.sleep(interval)
+    return wait_for(condition, timeout, "the condition", interval, why)
 
 
 def upload(client, files: list[tuple[bytes, str]], headers: dict | None = None, base_url: str | None = None,
