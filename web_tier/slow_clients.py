@@ -132,10 +132,10 @@ class ReceiveBudget:
     each keep-alive and the rest of its headers 59 s later held a thread for good).
     A body: the first `deadline_s`, and then as long as it keeps to `min_rate` bytes a
     second (0: no floor), each byte earning 1/min_rate s of waiting, but never more
-    than `deadline_s` in hand: earned without a cap, the first 2 GB of a body sent fast
-    bought twelve days of a byte every 50 s, its spooled files held all that time (three
-    such connections filled the spool). Only the time spent waiting for the client counts, not the
-    app's own between reads: an upload the app reads late has its bytes waiting in the
+    than `deadline_s` in hand: earned without a cap, the first 2 GB of a body sent
+    fast bought twelve days of a byte every 50 s, its spooled files held all that time
+    (three such connections filled the spool). Only the time spent waiting for the
+    client counts, not the app's own between reads: an upload the app reads late has its bytes waiting in the
     socket, which no clock should hold against it. A browser's kept-alive connection,
     whose headers come whole, waits microseconds for each request's."""
 

@@ -39,6 +39,7 @@ def new_id() -> str:
 def _same_name(name: str) -> str:
     return unicodedata.normalize("NFC", name)
 
+
 class OrderedIds:
     """Item ids in the order they are made: 32 hex digits like every id here, the
     first 14 the microsecond of making (each later than the one before, as UUIDv7
