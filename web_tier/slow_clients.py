@@ -135,9 +135,10 @@ class ReceiveBudget:
     than `deadline_s` in hand: earned without a cap, the first 2 GB of a body sent
     fast bought twelve days of a byte every 50 s, its spooled files held all that time
     (three such connections filled the spool). Only the time spent waiting for the
-    client counts, not the app's own between reads: an upload the app reads late has its bytes waiting in the
-    socket, which no clock should hold against it. A browser's kept-alive connection,
-    whose headers come whole, waits microseconds for each request's."""
+    client counts, not the app's own between reads: an upload the app reads late has
+    its bytes waiting in the socket, which no clock should hold against it. A browser's
+    kept-alive connection, whose headers come whole, waits microseconds for each
+    request's."""
 
     deadline_s: float
     min_rate: int
