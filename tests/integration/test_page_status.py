@@ -695,6 +695,52 @@ def test_uploads_refused_while_the_status_line_answers_keep_their_notice(stack, 
     finished_rows(browser, stack, 1, timeout_s=60)
 
 
+def test_uploads_a_proxy_fails_while_the_status_line_answers_are_said_once(stack, browser, tmp_path):
+    """Uploads answered 502 by a proxy (an HTML page), the status line answered every
+    2 s: each status answer ended the notice ("The server answers again"), and each failed
+    resend began it again, 10 times in 38 s for 100 files, each heard by screen readers.
+    The notice is said once, and "answers again" once, when an upload is answered."""
+    from selenium.webdriver.common.by import By
+
+    page_settings(browser, statusEveryMs="300")
+    browser.get(stack.web_url + "/")
+    summary = browser.find_element(By.ID, "summary")
+    browser.execute_script(UPLOADS_BY_FETCH + """
+      document.body.dataset.filesPerRequest = '1';
+      document.body.dataset.resendDelayScale = '0.5';  // 2.5, 5, 10, 20 s: left for a slow machine
+      window.uploadsFail = true;
+      window.failedUploads = 0;
+      window.statusAnswers = 0;
+      const realFetch = window.fetch;
+      window.fetch = async (url, options) => {
+        if (String(url) === "/api/jobs" && window.uploadsFail) {
+          window.failedUploads += 1;
+          return new Response("<html><body><h1>502 Bad Gateway</h1></body></html>",
+                              {status: 502, headers: {"Content-Type": "text/html"}});
+        }
+        const response = await realFetch(url, options);
+        if (String(url) === "/api/status") window.statusAnswers += 1;
+        return response;
+      };""")
+    record_announcements(browser)
+    choose(browser, tmp_path, {f"proxied_{i}.jpg": make_image(1600 + i, size=(64, 48)) for i in range(3)})
+    wait_for(lambda: "(since " in summary.text, 20, "the notice")
+    # Resends failed with status answers between them: each would have begun it anew.
+    wait_for(lambda: browser.execute_script("return window.failedUploads") >= 5, 30, "resends that fail")
+    seen = browser.execute_script("return window.statusAnswers")
+    wait_for(lambda: browser.execute_script("return window.statusAnswers") >= seen + 3, 30, "status answers")
+    assert "(since " in summary.text
+    said = browser.execute_script("return window.announced")
+    assert not [t for t in said if "answers again" in t], said
+    assert len([t for t in said if "(since " in t]) == 1, said
+    browser.execute_script("window.uploadsFail = false;")
+    wait_for(lambda: "(since " not in summary.text, 60, "the notice gone once an upload is answered")
+    finished_rows(browser, stack, 3, timeout_s=60)
+    said = browser.execute_script("return window.announced")
+    assert len([t for t in said if "answers again" in t]) == 1, said
+    assert len([t for t in said if "(since " in t]) == 1, said
+
+
 def test_an_uploads_notice_ends_with_the_reads_answers_once_no_upload_goes_on(stack, browser, tmp_path):
     """Uploads refused 503 past their resends, the server answering reads all along: the
     notice that it refuses uploads stayed for good beside the status line's live

@@ -7,8 +7,9 @@ import { sayOnce } from "./announce.js";
 import { updateSummary } from "./refresh.js";
 import { page, sendingSessions } from "./state.js";
 
-// The outage under way, or null: {kind, since, source}. `source`: "upload" or "read" (the
-// status line's and a batch's reads), the requests whose answer ends it. `kind`:
+// The outage under way, or null: {kind, since, failed}. `failed`: the sources of the
+// requests that got no answer in it, "upload" or "read" (the status line's and a batch's
+// reads), those whose answer ends it. `kind`:
 // "unreachable" (the browser could not reach the server: a refused or cut
 // connection), "timeout" (no answer within this
 // page's time: the server busy or hung, or the request still waiting in this browser
@@ -32,8 +33,9 @@ const TIMEOUT_WHY = "it may be busy, or this browser's connections to it all tak
 export function serverSilent(kindOrError, source = "read") {
   const kind = typeof kindOrError === "string" ? kindOrError : errorKind(kindOrError);
   const starting = !outage;
-  if (starting) outage = { kind, since: new Date(), source };
-  else Object.assign(outage, { kind, source });
+  if (starting) outage = { kind, since: new Date(), failed: new Set() };
+  else outage.kind = kind;
+  outage.failed.add(source);
   if (!noticed) {
     noticed = true;
     page.notices.push(outageText);
@@ -49,16 +51,15 @@ export function requestUnanswered(kindOrError, source = "read") {
   if (!page.leaving) serverSilent(kindOrError, source);
 }
 
-// A request of `source` was answered: the outage, if any, is over (said once too). Any
-// answer ends an "unreachable" one; a "busy" or "timeout" one only an answer of its own
-// source: uploads refused 503 while S3 fails, or timing out on a slow link, beside a
-// status line answered every 2 s, had the notice come and go, heard at each change.
-// Once no upload goes on, none will answer: an upload's outage is then ended by the reads'
+// A request of `source` was answered: the outage, if any, is over (said once too), if
+// requests of that source had failed in it. Uploads refused 503 while S3 fails, timing
+// out on a slow link, or answered 502 by a proxy, beside a status line answered every
+// 2 s, had the notice come and go, heard at each change (25 times in 26 s). Once no
+// upload goes on, none will answer: an upload's outage is then ended by the reads'
 // answers too, or it stayed for good beside the status line's live figures.
 export function serverAnswered(source = "read") {
   if (!outage) return;
-  const uploadsOver = !sendingSessions().length;
-  if (outage.kind !== "unreachable" && outage.source !== source && !uploadsOver) return;
+  if (!outage.failed.has(source) && sendingSessions().length) return;
   outage = null;
   sayOnce("The server answers again");
 }
