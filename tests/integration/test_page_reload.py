@@ -75,6 +75,53 @@ def test_a_reload_shows_the_batches_again_and_follows_them_to_the_end(stack, bro
         assert_row_shows(item, refs[item.get_attribute("data-filename")], item.get_attribute("data-filename"))
 
 
+def test_a_reload_of_several_batches_says_one_count_once_all_are_read(stack, browser, tmp_path):
+    """Each batch restored made the count change, all its files finished: it was said at
+    once, a burst of partial counts ("4 of 4 classified", "16 of 16", ... within 74 ms),
+    and a failure of before the reload named as if new ("5 of 6 classified, 1 failed.
+    broken.jpg: not an image..."). One count is said, once every batch has been read."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(stack.web_url + "/")
+    shown = 0
+    for batch in range(4):
+        files = {f"batch{batch}_{i}.jpg": make_image(1640 + 2 * batch + i, size=(64, 48)) for i in range(2)}
+        if batch == 0:
+            files["broken.jpg"] = b"not an image"
+        shown += len(files)
+        choose(browser, tmp_path, files)
+        finished_rows(browser, stack, shown, timeout_s=120)
+    assert browser.current_url.count(",") == 3  # four batches
+    # Before the page's script runs: what #announce is given is kept, and each batch's
+    # first read answers 0.7 s after the one before, as a server rebuilding them would.
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
+      window.announced = [];
+      document.addEventListener("readystatechange", () => {
+        if (document.readyState !== "interactive") return;
+        const announce = document.getElementById("announce");
+        new MutationObserver(() => window.announced.push(announce.textContent))
+          .observe(announce, {childList: true, characterData: true, subtree: true});
+      });
+      const realFetch = window.fetch;
+      const read = new Set();
+      window.fetch = async (url, options) => {
+        const batch = String(url).match(/^\\/api\\/jobs\\/([0-9a-f]{32})$/);
+        if (batch && !read.has(batch[1])) {
+          read.add(batch[1]);
+          await new Promise((resolve) => setTimeout(resolve, 700 * read.size));
+        }
+        return realFetch(url, options);
+      };"""})
+    browser.refresh()
+    finished_rows(browser, stack, shown, timeout_s=60)
+    count = "8 of 9 classified, 1 failed"
+    wait_for(lambda: count in " ".join(browser.execute_script("return window.announced")), 30, "the count")
+    said = browser.execute_script("return window.announced")
+    assert [t for t in said if "classified" in t] == [count], said
+    assert not [t for t in said if "broken.jpg" in t], said
+    assert "not an image" in browser.find_element(By.CSS_SELECTOR, '[data-filename="broken.jpg"]').text
+
+
 def test_a_reload_that_cuts_uploads_off_shows_each_stored_file_once(stack, browser, tmp_path):
     """Files still being sent when the page is left were not refused by the server: a
     reload shows what the server stored, once each, and says which of the chosen files

@@ -21,6 +21,23 @@ const notesForNext = [];  // said once, first in the next announcement, whatever
 let failedAtUpload = 0;   // the page's failed rows when the latest upload began
 let failureSaid = false;  // ...and whether one of its failures has been said
 let stoppedBefore = 0;    // the rows stopped by the user ("Stop sending") at the last count
+// After a reload, the batches in the address not yet read (or given up on): the count
+// waits for them. Each batch shown made the count change with all its files finished,
+// so said at once: "4 of 4 classified", "16 of 16"... within 74 ms, and a failure of
+// before the reload named as if new.
+let restoresLeft = 0;
+let restoredCountDue = false;  // ...all read: their count is said at once, once
+// `n` batches of the address are being read after a reload.
+export function restoresBegin(n) {
+  restoresLeft = n;
+}
+// One of them has been read, or given up on.
+export function restoreRead() {
+  restoresLeft -= 1;
+  if (restoresLeft) return;
+  restoredCountDue = true;
+  updateSummary();
+}
 export const someFiles = (n) => `${n} file${n === 1 ? "" : "s"}`;
 export function uploadBegins() {
   failedAtUpload = resultsEl.querySelectorAll(FAILED_ROWS).length;
@@ -79,7 +96,13 @@ export function announceProgress(counts, sending, failed, stopped, finished) {
   // again) lower the mark its first failure must pass: else only brought back to it, it
   // was never said.
   failedAtUpload = Math.min(failedAtUpload, failed);
-  if (counts) {
+  const restored = restoredCountDue && !restoresLeft;
+  if (restored) {
+    restoredCountDue = false;
+    // Failed before the reload: in the count, not named as news.
+    failedAtUpload = failed;
+  }
+  if (counts && !restoresLeft) {
     if (!announcedAt) announcedAt = Date.now();  // the first files chosen start the clock
     const changed = progress !== progressSaid;
     const due = Date.now() >= announcedAt + (changed ? every : repeatMs);
@@ -92,9 +115,9 @@ export function announceProgress(counts, sending, failed, stopped, finished) {
       const said = shortened(failure.dataset.filename);
       text = `${counts}. ${said}: ${failure.querySelector(".error").textContent}`;
       heard(counts);  // with it: not said again bare at once, which cut the reason off
-    } else if (changed ? finished || due || newlyStopped : !finished && due) {
+    } else if (restored || (changed ? finished || due || newlyStopped : !finished && due)) {
       text = progress;
-      if (!changed) repeatMs = Math.min(2 * repeatMs, REPEAT_BACK_OFF_MAX * every);
+      if (!changed && !restored) repeatMs = Math.min(2 * repeatMs, REPEAT_BACK_OFF_MAX * every);
       heard(progress);
     }
   }
@@ -104,7 +127,7 @@ export function announceProgress(counts, sending, failed, stopped, finished) {
     announcedAt = Date.now();
     $("announce").textContent = text;
   }
-  if (counts && !finished) {
+  if (counts && !finished && !restoresLeft) {  // held, restoreRead asks for the count
     // Nothing changes while files wait for a worker: without a timer, the count due
     // would not be said (24 s of silence from a cold start). None once all are
     // finished: left to fire, it would say the final count a second time.

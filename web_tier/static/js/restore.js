@@ -1,7 +1,7 @@
 // The batches named in the address, shown again after a reload (or from a shared
 // link): as this tab showed them (its rows saved in sessionStorage), then whatever
 // else the server holds of them, and followed until they are done.
-import { addNotice } from "./announce.js";
+import { addNotice, restoreRead, restoresBegin } from "./announce.js";
 import {
   batchesInUrl, explainedOnly, forgetBatch, isUnconfirmed, sameFile, savedResults, savedShown, setUnconfirmed,
 } from "./batches.js";
@@ -14,13 +14,15 @@ import { page } from "./state.js";
 
 // All at once (a batch rebuilt after a restart may take seconds, and one that never
 // answers would hold up every batch after it), each shown at a place kept for it
-// in the order the batches were sent in.
+// in the order the batches were sent in. One count is said once all are read (announce.js).
 export function restoreFromAddress() {
-  for (const batchId of batchesInUrl()) {
+  const batchIds = batchesInUrl();
+  restoresBegin(batchIds.length);
+  for (const batchId of batchIds) {
     const place = document.createElement("li");
     place.hidden = true;
     resultsEl.append(place);
-    restore(batchId, place);
+    restore(batchId, place).finally(restoreRead);
   }
 }
 
