@@ -7,9 +7,10 @@ import { sayOnce } from "./announce.js";
 import { updateSummary } from "./refresh.js";
 import { page, sendingSessions } from "./state.js";
 
-// The outage under way, or null: {kind, since, failed}. `failed`: the sources of the
-// requests that got no answer in it, "upload" or "read" (the status line's and a batch's
-// reads), those whose answer ends it. `kind`:
+// The outage under way, or null: {kind, since, failed, readsAnswered}. `failed`: the
+// sources of the requests that got no answer in it, "upload" or "read" (the status line's
+// and a batch's reads), those whose answer ends it; `readsAnswered`: reads were answered
+// in it, none failing (only the uploads fail: a proxy's 502 for them). `kind`:
 // "unreachable" (the browser could not reach the server: a refused or cut
 // connection), "timeout" (no answer within this
 // page's time: the server busy or hung, or the request still waiting in this browser
@@ -20,12 +21,16 @@ let noticed = false;  // the notice is in page.notices (once for the page view)
 
 const HEADS = {
   unreachable: "The server cannot be reached",
+  // Where it answers the reads: "cannot be reached" is false, and would send a user to
+  // look for a server down rather than at what stands between the uploads and it.
+  uploadsUnreachable: "Uploads cannot reach the server, though it answers this page's other requests",
   timeout: "No answer from the server in time",
   busy: "The server is refusing uploads for now (HTTP 503: stopping, or AWS failing)",
 };
 // What a timeout may be, said honestly: not "the server has not answered", which a
 // request held in this browser for a free connection has not even been sent to.
 const TIMEOUT_WHY = "it may be busy, or this browser's connections to it all taken (by other tabs of this page?)";
+const UPLOADS_WHY = "a proxy in front of it, or the network, may be failing them";
 
 // A request got no answer: `error` as a fetch throws it (an abort of this page's own
 // timer is a timeout, anything else the server unreachable), or `kind` as above;
@@ -59,7 +64,13 @@ export function requestUnanswered(kindOrError, source = "read") {
 // answers too, or it stayed for good beside the status line's live figures.
 export function serverAnswered(source = "read") {
   if (!outage) return;
-  if (!outage.failed.has(source) && sendingSessions().length) return;
+  if (!outage.failed.has(source) && sendingSessions().length) {
+    if (source === "read" && !outage.readsAnswered) {
+      outage.readsAnswered = true;
+      updateSummary();
+    }
+    return;
+  }
   outage = null;
   sayOnce("The server answers again");
 }
@@ -73,8 +84,11 @@ export function errorKind(error) {
 function outageText() {
   if (!outage) return "";
   const since = outage.since.toLocaleTimeString();
-  const head = outage.kind === "timeout" ? `${HEADS.timeout} (since ${since}: ${TIMEOUT_WHY})`
-    : `${HEADS[outage.kind]} (since ${since})`;
+  const uploadsOnly = outage.readsAnswered && !outage.failed.has("read");
+  const kind = outage.kind === "unreachable" && uploadsOnly ? "uploadsUnreachable" : outage.kind;
+  const head = kind === "timeout" ? `${HEADS.timeout} (since ${since}: ${TIMEOUT_WHY})`
+    : kind === "uploadsUnreachable" ? `${HEADS[kind]} (since ${since}: ${UPLOADS_WHY})`
+      : `${HEADS[kind]} (since ${since})`;
   const sending = sendingSessions();
   const parts = [];
   if (sending.some((session) => session.created)) parts.push("the files it has stored are safe");
