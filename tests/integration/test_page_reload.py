@@ -18,6 +18,7 @@ from tests.integration.page import (
     choose,
     drop_files,
     finished_rows,
+    record_announcements,
     rows_shown,
     server_items,
     upload_failing_first,
@@ -448,3 +449,106 @@ def test_a_reload_shows_an_upload_whose_every_file_was_refused_with_its_reasons(
         assert rows() == {name: ("failed", text) for name, text in reasons.items()}
         assert "could not be loaded" not in browser.find_element(By.ID, "summary").text
         assert browser.current_url.endswith("#batches=" + batch_id)
+
+
+# Before the page's script runs, in every page this tab loads: this tab's sessionStorage
+# holds QUOTA characters (keys and values, as Chromium counts them), a write past that
+# refused as Chromium refuses one past its ~5 million. (Storage.prototype: set on the
+# object, "setItem" would be saved as an item.)
+SMALL_QUOTA = """
+const realSetItem = Storage.prototype.setItem;
+Storage.prototype.setItem = function (key, value) {
+  if (this === sessionStorage) {
+    let total = String(key).length + String(value).length;
+    for (let i = 0; i < this.length; i++) {
+      const other = this.key(i);
+      if (other !== String(key)) total += other.length + this.getItem(other).length;
+    }
+    if (total > QUOTA) throw new DOMException("the quota has been exceeded", "QuotaExceededError");
+  }
+  return realSetItem.call(this, key, value);
+};
+"""
+
+# Drops arguments[0] (file names, one byte each) on the page and presses "Stop sending"
+# in the same moment: every file stopped, none sent; the batch's rows then hold a
+# reason each. The batch id, once in the address.
+DROP_AND_STOP = """
+  const files = new DataTransfer();
+  for (const name of arguments[0]) files.items.add(new File(["x"], name, {type: "image/jpeg"}));
+  document.querySelector("h1").dispatchEvent(new DragEvent("drop", {dataTransfer: files, bubbles: true,
+                                                                   cancelable: true}));
+  document.getElementById("stop-sending").click();"""
+
+# How many rows whose name starts with arguments[0] are stopped.
+STOPPED_ROWS = """
+  return [...document.querySelectorAll("#results [data-stopped]")]
+    .filter((row) => row.dataset.filename.startsWith(arguments[0])).length;"""
+
+
+def test_rows_that_storage_cannot_hold_are_said_and_their_batch_kept_in_the_address(stack, browser, tmp_path):
+    """With sessionStorage full (a few uploads of thousands of long names), a batch's rows
+    were not saved, without a word: its upload, all stopped, then left the address as if
+    it had been saved empty, and every batch's saved answers were deleted to make room,
+    for nothing, as the rows still did not fit. Older batches' rows give way to a later
+    batch's (as the address keeps the latest); answers only where that makes the record
+    fit; rows that cannot be kept are said, once; and their batch stays in the address."""
+    from selenium.webdriver.common.by import By
+
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                            {"source": SMALL_QUOTA.replace("QUOTA", "25000")})
+    browser.get(stack.web_url + "/")
+    choose(browser, tmp_path, {f"kept_{i}.jpg": make_image(1590 + i, size=(64, 48)) for i in range(2)})
+    finished_rows(browser, stack, 2, timeout_s=120)
+    first = browser.current_url.split("#batches=")[1]
+
+    def saved(store: str, batch_id: str) -> list:
+        return browser.execute_script("return JSON.parse(sessionStorage.getItem(arguments[0]) || '[]')",
+                                      f"imgclass.{store}.{batch_id}")
+
+    wait_for(lambda: len(saved("results", first)) == 2, 30, "the answers saved")
+    record_announcements(browser)
+    summary = browser.find_element(By.ID, "summary")
+    said = "a reload will not show the rows of"
+
+    drops = iter("abcde")
+
+    def in_address() -> list[str]:
+        return browser.current_url.split("#batches=")[1].split(",")
+
+    def drop_and_stop(count: int) -> list[str]:  # ~170 characters a row, saved stopped
+        prefix = f"{next(drops)}_"
+        names = [f"{prefix}{i:04d}_" + "n" * 64 + ".jpg" for i in range(count)]
+        browser.execute_script(DROP_AND_STOP, names)
+        wait_for(lambda: browser.execute_script(STOPPED_ROWS, prefix) == count, 30, "every file stopped")
+        wait_for(lambda: browser.execute_script("return document.getElementById('stop-sending').hidden"), 30,
+                 "the upload's end")
+        return in_address()
+
+    # Two uploads of 60 fit beside the first batch (~21,000 characters); the third's rows
+    # only if the oldest of them give way: the first batch's are put back.
+    for upload in range(3):
+        assert len(drop_and_stop(60)) == upload + 2, f"upload {upload + 1} left the address"
+    _, second, third, fourth = in_address()
+    wait_for(lambda: len(saved("shown", fourth)) == 60, 30, "the latest rows saved")
+    assert len(saved("results", first)) == 2, "answers deleted for nothing"
+    assert [len(saved("shown", batch_id)) for batch_id in (first, second, third)] == [2, 0, 60]
+    wait_for(lambda: f"{said} batch {second}" in summary.text, 30, "the rows not kept said")
+
+    # Rows that fit nowhere (~51,000 characters): nothing gives way for them, and their
+    # batch stays in the address all the same.
+    assert len(drop_and_stop(300)) == 5, "the upload whose rows storage cannot hold left the address"
+    fifth = in_address()[-1]
+    assert saved("shown", fifth) == []
+    assert len(saved("results", first)) == 2, "answers deleted for nothing"
+    assert [len(saved("shown", batch_id)) for batch_id in (first, third, fourth)] == [2, 60, 60]
+    wait_for(lambda: f"{said} 2 batches ({second}, {fifth})" in summary.text, 30, "both said")
+    heard = browser.execute_script("return window.announced")
+    assert sum("a reload will not show the rows of some batches" in text for text in heard) == 1, heard
+
+    browser.refresh()
+    # The batches whose rows were not kept, unknown to the server, are said not loaded.
+    wait_for(lambda: browser.execute_script(
+        "return document.querySelectorAll('#results [data-state]').length === 122 && "
+        "document.getElementById('summary').textContent.includes('could not be loaded')"), 60,
+        "the rows kept, after the reload")

@@ -9,6 +9,11 @@ const UNCONFIRMED_STORE = "imgclass.unconfirmed.";  // + id of a batch not yet k
 const RESULTS_STORE = "imgclass.results.";  // + batch id: the answers its classified rows show
 const resultCounts = new Map();  // batch id -> answers saved of it (read once, then kept up to date)
 let droppedSaid = false;  // a batch left the address (maxBatchesInUrl): said once
+// The least total (keys and texts) this tab's storage has refused: a write that would
+// make as much is not tried (setItemMakingRoom).
+let overQuota = Infinity;
+const unsaved = new Set();  // batch ids whose rows storage could not hold (notKept)
+let unsavedSaid = false;
 
 // 32 hex digits, as the server's ids (crypto.randomUUID needs HTTPS, this may not be).
 export function newBatchId() {
@@ -57,6 +62,7 @@ export function forgetBatch(batchId) {
 // kept, each such batch's rows would stay in sessionStorage until its quota is full, and
 // then no batch's rows be saved, without a word.
 function forgetShown(batchId) {
+  unsaved.delete(batchId);  // no reload shows it now anyway
   try { sessionStorage.removeItem(SHOWN_STORE + batchId); } catch { /* storage disabled */ }
   forgetResults(batchId);
 }
@@ -64,7 +70,7 @@ function forgetShown(batchId) {
 export function setUnconfirmed(batchId, unconfirmed) {
   // Not written (storage disabled), a reload then says the batch could not be loaded.
   if (unconfirmed) {
-    setItemMakingRoom(UNCONFIRMED_STORE + batchId, "1");
+    if (!setItemMakingRoom(UNCONFIRMED_STORE + batchId, "1", batchId)) notKept(batchId, true);
     return;
   }
   try { sessionStorage.removeItem(UNCONFIRMED_STORE + batchId); } catch { /* storage disabled */ }
@@ -86,25 +92,121 @@ export function savedShown(batchId) {
 
 // Keeps `shown`, the batch's rows as this tab shows them, for a reload (savedShown):
 // while the batch is in the address (its rows stay on the page once it has left).
-// Not written (storage full of rows, or disabled), a reload shows the server's order.
+// Not written (storage full, or disabled), a reload shows only what the server holds,
+// in its order (said: notKept). Whether they were kept (or, not in the address, are
+// not to be).
 export function saveShown(batchId, shown) {
-  if (batchesInUrl().includes(batchId)) setItemMakingRoom(SHOWN_STORE + batchId, JSON.stringify(shown));
+  if (!batchesInUrl().includes(batchId)) return true;
+  const kept = setItemMakingRoom(SHOWN_STORE + batchId, JSON.stringify(shown), batchId);
+  notKept(batchId, !kept);
+  return kept;
 }
 
-// Writes one of the tab's own records (a batch's rows, its unconfirmed mark), which come
-// before the answers (saveResults): storage full, the answers give way, the oldest
-// batch's first, until it fits. Kept, a tab's answers (~2 MB) could leave a later batch
-// no room for its rows, which a reload would then show in the server's order, its
-// refusals gone; or for its unconfirmed mark, and a reload while it is still being sent
-// say it could not be loaded.
-function setItemMakingRoom(key, text) {
-  for (const givingWay of [null, ...batchesInUrl()]) {
-    if (givingWay) forgetResults(givingWay);
+// Writes one of the tab's own records (a batch's rows, its unconfirmed mark) of
+// `batchId`, which come before the answers (saveResults), and before the rows of the
+// batches before it in the address (the latest come first, as there): storage full,
+// the answers give way, the oldest batch's first, then those rows, until it fits.
+// Kept, a tab's answers (~2 MB) could leave a later batch no room for its rows, which a
+// reload would then show in the server's order, its refusals gone; or for its
+// unconfirmed mark, and a reload while it is still being sent say it could not be
+// loaded. Only what the record needs goes, and nothing if it cannot fit: each answer
+// deleted in turn before, to no end, a batch of 10,000 long names took every batch's
+// answers with it, and still was not saved. Whether the record was written.
+function setItemMakingRoom(key, text, batchId) {
+  try {
+    sessionStorage.setItem(key, text);
+    return true;
+  } catch { /* storage full (or disabled: below, reading it fails too) */ }
+  let sizes;
+  try { sizes = storedSizes(); } catch { return false; }
+  sizes.delete(key);  // replaced by the record
+  let total = key.length + text.length;  // the record's and the others': what the write would make
+  for (const size of sizes.values()) total += size;
+  overQuota = Math.min(overQuota, total);
+  const ids = batchesInUrl();
+  const older = ids.slice(0, Math.max(ids.indexOf(batchId), 0));
+  const givers = [...ids.map((id) => RESULTS_STORE + id), ...older.map((id) => SHOWN_STORE + id)]
+    .filter((giver) => sizes.has(giver));
+  let spare = givers.reduce((sum, giver) => sum + sizes.get(giver), 0);
+  const taken = [];  // [key, text]: put back, unless the record needed their room
+  const written = () => {
+    if (total >= overQuota) return false;  // refused before: not tried
     try {
       sessionStorage.setItem(key, text);
-      return;
-    } catch { /* storage full (or disabled, and the next tries fail too) */ }
+      return true;
+    } catch {
+      overQuota = total;
+      return false;
+    }
+  };
+  // Sizes first: nothing is taken while even all of it would leave a total refused
+  // before; then one at a time, the oldest first, the record tried after each.
+  let fits = false;
+  for (let next = 0; ; next += 1) {
+    fits = written();
+    if (fits || next === givers.length || total - spare >= overQuota) break;
+    const giver = givers[next];
+    taken.push([giver, sessionStorage.getItem(giver)]);
+    sessionStorage.removeItem(giver);
+    total -= sizes.get(giver);
+    spare -= sizes.get(giver);
   }
+  // The rows first, the latest first, then the answers: what the record did not need
+  // back. Not written, all of it, as it was (the record's old text still there).
+  for (const [giver, kept] of taken.reverse()) {
+    if (fits && total + sizes.get(giver) >= overQuota) {
+      gaveWay(giver);
+      continue;
+    }
+    try {
+      sessionStorage.setItem(giver, kept);
+      if (fits) total += sizes.get(giver);
+    } catch {
+      if (fits) overQuota = total + sizes.get(giver);
+      gaveWay(giver);
+    }
+  }
+  return fits;
+}
+
+// The characters each of this tab's records takes (its key's and its text's), as the
+// browser counts them against its quota.
+function storedSizes() {
+  const sizes = new Map();
+  for (let i = 0; i < sessionStorage.length; i += 1) {
+    const key = sessionStorage.key(i);
+    sizes.set(key, key.length + (sessionStorage.getItem(key) || "").length);
+  }
+  return sizes;
+}
+
+// A record of another batch's that gave way (setItemMakingRoom): its answers, or its
+// rows, which a reload then does not show.
+function gaveWay(giver) {
+  if (giver.startsWith(RESULTS_STORE)) resultCounts.set(giver.slice(RESULTS_STORE.length), 0);
+  else notKept(giver.slice(SHOWN_STORE.length), true);
+}
+
+// Batches whose rows this tab could not keep for a reload (storage full), said in the
+// summary line while it holds, and aloud once: a reload then shows only what the server
+// holds of them, which of an upload all refused or stopped is nothing. (Said nowhere, a
+// reload lost 20,000 rows of 40,000 unseen.)
+function notKept(batchId, unkept) {
+  if (!unkept) {
+    unsaved.delete(batchId);
+    return;
+  }
+  unsaved.add(batchId);
+  if (unsavedSaid) return;
+  unsavedSaid = true;
+  addNotice(() => {
+    if (!unsaved.size) return "";
+    const ids = [...unsaved];
+    const which = ids.length === 1 ? `batch ${ids[0]}` : `${ids.length} batches (${ids.join(", ")})`;
+    return `this tab's storage is full (or turned off): a reload will not show the rows of ${which}, only ` +
+      "what the server holds of them";
+  }, "this tab's storage is full (or turned off): a reload will not show the rows of some batches, only " +
+    "what the server holds of them");
 }
 
 function resultsCount(batchId) {

@@ -4,7 +4,7 @@ import { DEAD_LETTER, isDeadLetter } from "./again.js";
 import { addNotice, sayNext, sayOnce, someFiles, uploadBegins } from "./announce.js";
 import {
   batchesInUrl, explainedOnly, forgetBatch, newBatchId, rememberBatch, sameFile, saveResults, saveShown,
-  savedShown, setUnconfirmed,
+  setUnconfirmed,
 } from "./batches.js";
 import { bytesOf, chunked } from "./chunks.js";
 import { $, keyInput } from "./dom.js";
@@ -271,8 +271,12 @@ export class Session {
     if (!this.created && !this.unanswered) {  // every file refused or stopped: no such batch
       setUnconfirmed(this.batchId, false);
       // Kept in the address while this tab holds the refusals, which a reload shows
-      // (restore): dropped, the reasons would go with a reload.
-      if (!explainedOnly(savedShown(this.batchId))) forgetBatch(this.batchId);
+      // (restore): dropped, the reasons would go with a reload. Told by its rows, not by
+      // what storage held of them: full, it held none, and the batch left the address
+      // unsaid (batches.js says the rows not kept).
+      if (!explainedOnly(this.entries.map((entry) => ({ error: entry.refused, why: entry.unsentWhy })))) {
+        forgetBatch(this.batchId);
+      }
     }
     updateSummary();
   }
