@@ -1,8 +1,9 @@
 // An upload's files in chunks, one POST /api/jobs each.
 import { setting } from "./settings.js";
 
-// The bytes of files `entries` ({file}) hold; a restored row has no file.
-export const bytesOf = (entries) => entries.reduce((bytes, { file }) => bytes + (file ? file.size : 0), 0);
+// The bytes of files `entries` ({size}, read as they were chosen) hold; a restored row
+// has no file, nor size.
+export const bytesOf = (entries) => entries.reduce((bytes, { size }) => bytes + (size || 0), 0);
 
 // Files per POST /api/jobs: filesPerRequest, 20 at most.
 function chunkFiles() {
@@ -19,17 +20,20 @@ function maxChunkBytes() {
 
 // `entries` in chunks of at most chunkFiles() files and maxChunkBytes() bytes (a file
 // alone may be larger: the server then says why).
+// (The limits read once: each a read of the body's dataset, twice a file.)
 export function chunked(entries) {
   const chunks = [];
+  const files = chunkFiles();
+  const most = maxChunkBytes();
   let bytes = 0;
   for (const entry of entries) {
     const last = chunks[chunks.length - 1];
-    if (last && last.length < chunkFiles() && bytes + entry.file.size <= maxChunkBytes()) {
+    if (last && last.length < files && bytes + entry.size <= most) {
       last.push(entry);
-      bytes += entry.file.size;
+      bytes += entry.size;
     } else {
       chunks.push([entry]);
-      bytes = entry.file.size;
+      bytes = entry.size;
     }
   }
   return chunks;

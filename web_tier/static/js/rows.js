@@ -8,11 +8,17 @@ import { page } from "./state.js";
 export const FINISHED = new Set(["done", "failed"]);
 
 export function makeResult(name, after = null) {
+  const el = makeRow(name);
+  if (after) after.after(el);
+  else resultsEl.append(el);
+  return el;
+}
+
+// A row not yet on the page: an upload's are put there together (session.js).
+export function makeRow(name) {
   const el = template.content.firstElementChild.cloneNode(true);
   setName(el, name);
   setState(el, "uploading");
-  if (after) after.after(el);
-  else resultsEl.append(el);
   return el;
 }
 

@@ -7,13 +7,13 @@ import {
   setUnconfirmed,
 } from "./batches.js";
 import { bytesOf, chunked } from "./chunks.js";
-import { $, keyInput } from "./dom.js";
+import { $, keyInput, resultsEl } from "./dom.js";
 import { fetchBatch, freeSendPlace, post, refusedWhole, sendItemAgain, takeSendPlace } from "./http.js";
 import { requestUnanswered, serverAnswered, serverSilent } from "./reach.js";
 import { authHeaders, keyProblem, sayKeyProblem, storedKey } from "./key.js";
 import { updateSummary } from "./refresh.js";
 import {
-  FINISHED, answerShown, makeResult, sentName, setName, setPath, setState, showFailure, showItem,
+  FINISHED, answerShown, makeResult, makeRow, sentName, setName, setPath, setState, showFailure, showItem,
   showItemFailure, showSentAgain,
 } from "./rows.js";
 import { PARALLEL_CHUNKS, RESEND_DELAYS_MS, resendDelayMs, setting, tooLargeText } from "./settings.js";
@@ -85,12 +85,18 @@ export class Session {
     this.early = new Map();   // results that beat their upload's answer
     const named = new Map();
     for (const { file } of chosen) named.set(file.name, (named.get(file.name) || 0) + 1);
+    // Put on the page at once: one at a time, 10,000 rows took the main thread for seconds.
+    const rows = document.createDocumentFragment();
     this.entries = chosen.map(({ file, path }, n) => {
-      const entry = { file, token: String(n), el: makeResult(sentName(file.name) || "upload") };
+      // Its size read here, once, and kept (`size`): the first read of a File's size asks
+      // the browser's process, synchronously (0.2 ms each, 2,000 files 0.4 s).
+      const entry = { file, size: file.size, token: String(n), el: makeRow(sentName(file.name) || "upload") };
+      rows.append(entry.el);
       if (path) entry.el.dataset.chosenPath = path;  // for the CSV, whose rows are not seen side by side
       if (path && named.get(file.name) > 1) this.setPath(entry, path);
       return entry;
     });
+    resultsEl.append(rows);
     this.stream = null;
     this.streamIdleTimer = null; // closes a stream that brings nothing (follow)
     this.pollingHidden = false;  // polled, not streamed, as the tab is hidden (hide)
@@ -140,10 +146,13 @@ export class Session {
     // such batch shows the files as saved (none stored yet: see restore).
     rememberBatch(this.batchId);
     setUnconfirmed(this.batchId, true);
-    const tooLarge = this.entries.filter(({ file }) => file.size > setting("maxFileBytes"));
+    // The setting read once: read for each file (the body's dataset), it took 1.4 s of 2,000.
+    const most = setting("maxFileBytes");
+    const tooLarge = this.entries.filter(({ size }) => size > most);
     this.refuse(tooLarge, tooLargeText(), true, { code: "too_large" });
     if (!tooLarge.length) this.save();  // saved from the start, as refuse saves (see save)
-    await this.sendAll(this.entries.filter((entry) => !tooLarge.includes(entry)));
+    const refused = new Set(tooLarge);
+    await this.sendAll(this.entries.filter((entry) => !refused.has(entry)));
   }
 
   // "Send N failed files again": `entries`, failed files of this upload that
@@ -503,8 +512,8 @@ export class Session {
   async readable(chunk, resending) {
     // Its first byte, or the whole of an empty one: a deleted file's size reads as 0,
     // and only reading it whole fails then.
-    const read = await Promise.all(chunk.map(({ file }) =>
-      (file.size ? file.slice(0, 1) : file).arrayBuffer().then(() => true, () => false)));
+    const read = await Promise.all(chunk.map(({ file, size }) =>
+      (size ? file.slice(0, 1) : file).arrayBuffer().then(() => true, () => false)));
     const unreadable = chunk.filter((_, i) => !read[i]);
     // Changed too: the browser refuses a file whose size or date moved since.
     this.refuse(unreadable, "the file could not be read: changed, moved or deleted since it was chosen?",
