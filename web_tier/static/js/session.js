@@ -146,7 +146,7 @@ export class Session {
     // such batch shows the files as saved (none stored yet: see restore).
     rememberBatch(this.batchId);
     setUnconfirmed(this.batchId, true);
-    // The setting read once: read for each file (the body's dataset), it took 1.4 s of 2,000.
+    // The setting read once, not for each file (a read of the body's dataset each).
     const most = setting("maxFileBytes");
     const tooLarge = this.entries.filter(({ size }) => size > most);
     this.refuse(tooLarge, tooLargeText(), true, { code: "too_large" });
