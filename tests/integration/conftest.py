@@ -120,8 +120,6 @@ def answers(url: str) -> bool:
         return False
 
 
-
-
 def processes(stack: StackProcess, marker: str) -> list[psutil.Process]:
     """The stack's processes whose command line contains `marker`."""
     found = []
