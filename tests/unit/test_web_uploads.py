@@ -1013,6 +1013,22 @@ def test_the_page_takes_an_error_answer_with_empty_lists_for_a_refusal_of_the_wh
     assert json.loads(run.stdout) == [True, True, False, False, True], (bodies, run.stderr)
 
 
+@pytest.mark.needs_tools("node", why="it runs a function of the page's script")
+def test_the_page_spaces_its_saves_by_how_long_they_take():
+    """A save of 10,000 classified rows took 100-120 ms, and came every second while
+    they were classified: a tenth of the main thread. Saves now take at most a twentieth
+    of it; a small batch's still come a second after its last row is classified."""
+    source = (PAGE_SCRIPTS / "session.js").read_text()
+    found = [re.search(rf"\n(const {name} = \d[\d_]*;)\n", source)
+             for name in ("SAVE_AFTER_MS", "SAVE_TIME_SHARE")]
+    function = re.search(r"\nexport (function saveDelayMs\(lastSaveMs\) \{\n.*?\n\}\n)", source, re.S)
+    assert all(found) and function, "session.js has no saveDelayMs(lastSaveMs) with its constants"
+    script = ("\n".join(m[1] for m in found) + "\n" + function[1]
+              + "console.log(JSON.stringify([0, 5, 120].map(saveDelayMs)))")
+    run = subprocess.run(["node", "-e", script], capture_output=True, text=True, timeout=30, check=True)
+    assert json.loads(run.stdout) == [1000, 1000, 2400], run.stderr
+
+
 # A module's imports, as the page's scripts write them: `import { a, b } from "./x.js";`.
 IMPORT = re.compile(r'^import \{[^}]*\} from "\./([\w-]+\.js)";$', re.M)
 

@@ -53,6 +53,15 @@ const ANSWER_GONE = `classified, but its answer is gone: ${GONE}, and this tab d
 // is classified one file at a time.
 const SAVE_AFTER_MS = 1000;
 const SAVE_AT_ONCE_MAX_ROWS = 500;
+// Saves spaced so as to take at most 1/SAVE_TIME_SHARE of the main thread: one of 10,000
+// classified rows and their answers took 100-120 ms, every second while they were
+// classified (a page being left saves what is pending all the same: savePending).
+const SAVE_TIME_SHARE = 20;
+
+// How long after a row is classified the batch is saved, given how long the last save took.
+export function saveDelayMs(lastSaveMs) {
+  return Math.max(SAVE_AFTER_MS, SAVE_TIME_SHARE * lastSaveMs);
+}
 // How many answers in a row must say "no such batch" of a batch the server had held
 // before the page gives it up (see confirmedLost); and how many reads in a row must
 // leave out a file the server had stored before the page takes it for lost with it
@@ -137,6 +146,7 @@ export class Session {
     this.rebuilding = false;      // restore() is building them: save() waits for the last (showRows)
     this.saveWaits = false;       // ...and was asked for meanwhile
     this.saveTimer = null;        // a save due soon (saveSoon)
+    this.lastSaveMs = 0;          // how long the last save took (saveDelayMs)
     this.replaced = new Set();    // ids of items a file sent again replaces: not shown (sendAgain)
   }
 
@@ -618,6 +628,7 @@ export class Session {
       this.saveWaits = true;
       return;
     }
+    const began = performance.now();
     const shown = this.entries.map((entry) => ({
       // Its name too: a reload that finds the server no longer lists it shows its row lost
       // (restore.js showRows), not nothing; and that it was lost, for the reload to show
@@ -638,6 +649,7 @@ export class Session {
     saveShown(this.batchId, shown);
     saveResults(this.batchId, this.entries.filter((entry) => entry.id)
       .map((entry) => [entry.id, answerShown(entry.el)]).filter(([, answer]) => answer));
+    this.lastSaveMs = performance.now() - began;
   }
 
   // A chunk's answer taken: saved at once while the batch has a few hundred rows; past
@@ -648,9 +660,10 @@ export class Session {
     else this.save();
   }
 
-  // A row just classified: saved with those classified within SAVE_AFTER_MS of it.
+  // A row just classified: saved with those classified within SAVE_AFTER_MS of it (or
+  // longer, where saves take long: saveDelayMs).
   saveSoon() {
-    if (!this.saveTimer) this.saveTimer = setTimeout(() => this.save(), SAVE_AFTER_MS);
+    if (!this.saveTimer) this.saveTimer = setTimeout(() => this.save(), saveDelayMs(this.lastSaveMs));
   }
 
   // The page is being left (a reload among others): what saveSoon had still to save.
