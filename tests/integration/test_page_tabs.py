@@ -326,8 +326,10 @@ def test_an_event_stream_that_brings_nothing_gives_its_connection_back(stack, br
 
         def reads_seen() -> str:
             times = browser.execute_script("return [performance.now(), window.readTimes, window.reads]")
+            # The rows too: a file classified despite the workers held would end the polls
+            # as it should (its batch done), which the reads alone do not tell apart.
             return (f"reads (ms since load: asked, answered, body read), now {times[0]:.0f}: {times[1]}; "
-                    f"(visibility, streams open) at each: {times[2]}; "
+                    f"(visibility, streams open) at each: {times[2]}; rows: {rows_shown(browser)}; "
                     f"the console: {browser.get_log('browser')}")
 
         # Twice in two of some ten full runs (stop 61's CI, stop 63), one read came at the
