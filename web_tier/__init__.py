@@ -121,15 +121,13 @@ def _requeue_unsent(svc: Services) -> None:
 
 def _security_headers(response: Response) -> Response:
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    if is_api_path(request.path):
-        # Every /api answer, its 404s and 405s too (README). Answers change from one
-        # second to the next. And a browser holds a second GET of a URL behind one still
-        # in flight, for up to 20 s, to share a cached answer: a page polling /api/status
-        # while AWS is slow would show old figures that long.
-        response.headers.setdefault("Cache-Control", "no-store")
-    elif request.method == "POST" or request.path.startswith(ANSWERS_PATH):
-        # A file's name and label (and a 202 "still queued" page that a cache would
-        # serve after the label came): private to who sent it, and of the moment.
+    # Every /api answer, its 404s and 405s too (README). Answers change from one second
+    # to the next. And a browser holds a second GET of a URL behind one still in flight,
+    # for up to 20 s, to share a cached answer: a page polling /api/status while AWS is
+    # slow would show old figures that long. POST /'s answers and the answer pages too:
+    # a file's name and label (or a 202 "still queued" page that a cache would serve
+    # after the label came), private to who sent it, and of the moment.
+    if is_api_path(request.path) or request.method == "POST" or request.path.startswith(ANSWERS_PATH):
         response.headers.setdefault("Cache-Control", "no-store")
     # The page loads only its own script and style: injected markup cannot run.
     response.headers.setdefault(
