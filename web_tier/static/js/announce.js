@@ -96,7 +96,7 @@ export function announceProgress(counts, sending, failed, stopped, finished) {
   // again) lower the mark its first failure must pass: else only brought back to it, it
   // was never said.
   failedAtUpload = Math.min(failedAtUpload, failed);
-  const restored = restoredCountDue && !restoresLeft;
+  const restored = restoredCountDue;  // (set only once no batch is left to read)
   if (restored) {
     restoredCountDue = false;
     // Failed before the reload: in the count, not named as news.
