@@ -106,10 +106,10 @@ def _state_in_a_folder_of_the_runs(tmp_path_factory):
 
 @pytest.fixture(autouse=True, scope="session")
 def _model_caches_in_a_folder_of_the_runs(tmp_path_factory):
-    """The converted model (IMGCLASS_CACHE), Keras's home and matplotlib's, for every process the tests
-    start, in a folder of this run's, shared by its test processes (a file lock makes
-    them convert once): in the user's own (~/.cache/imgclass, ~/.keras) a run left 100 MB,
-    and how long the next took hung on what an earlier one had left."""
+    """The converted model (IMGCLASS_CACHE), Keras's home and matplotlib's, for every
+    process the tests start, in a folder of this run's, shared by its test processes (a
+    file lock makes them convert once): in the user's own (~/.cache/imgclass, ~/.keras)
+    a run left 100 MB, and how long the next took hung on what an earlier one had left."""
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent  # each test process's is a folder of the run's
