@@ -485,7 +485,12 @@ class World:
     def advance(self, dt: float) -> None:
         """The workers work for dt; those that stopped serving hand their messages back."""
         end = self.now + dt
-        for inst in self.instances.values():
+        # Whichever worker's long poll SQS answers first takes what waits: not the oldest
+        # instance's each time, which would leave the newest (scale-in's first) idle.
+        # Its own stream, so that the faults' draws stay as they were.
+        order = sorted(self.instances.values(), key=lambda i: i.id)
+        random.Random(f"take-{self.ep.seed}-{self.round}").shuffle(order)
+        for inst in order:
             if self.now < inst.terminated_at <= end and inst.shutdown_at == INF:
                 self.faults.append((self.round + 1, "ended by EC2"))  # seen (late) from the next round
             if not inst.serving_at(end):
