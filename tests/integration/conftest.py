@@ -132,6 +132,12 @@ def processes(stack: StackProcess, marker: str) -> list[psutil.Process]:
     return found
 
 
+# How often workers_held looks at the workers it holds (each one continued by another is
+# stopped again), and every how many such looks it looks for new ones.
+HOLD_AGAIN_S = 0.004
+NEW_WORKER_ROUNDS = 5
+
+
 @contextlib.contextmanager
 def workers_held(stack: StackProcess) -> Iterator[list[psutil.Process]]:
     """Every worker process of the stack stopped (SIGSTOP) for the block, and any the
@@ -139,7 +145,14 @@ def workers_held(stack: StackProcess) -> Iterator[list[psutil.Process]]:
     as soon as it is seen, long before it has loaded its model: nothing is classified
     until the block ends, when all are continued (SIGCONT), whatever happened in it.
     For a test that needs work unfinished at some moment. Keep the block short: the
-    runner's watchdog aborts a worker silent for LOCAL_WATCHDOG (60 s)."""
+    runner's watchdog aborts a worker silent for LOCAL_WATCHDOG (60 s).
+
+    One continued by another (the runner stops a worker whose instance the controller
+    ended with SIGTERM then SIGCONT, as systemd does) is stopped again within
+    HOLD_AGAIN_S. Left running, a worker of the last test's fleet, scaled in during the
+    block, took the request its long poll had been given while held, and classified
+    it before its SIGTERM's handler ran (the idle-stream test's flake of stops 61, 63
+    and 65: the page rightly stopped polling a batch done)."""
     held: list[psutil.Process] = []
     lock = threading.Lock()  # no SIGSTOP once the SIGCONTs have begun
     done = threading.Event()
@@ -154,9 +167,24 @@ def workers_held(stack: StackProcess) -> Iterator[list[psutil.Process]]:
                         proc.suspend()
                         held.append(proc)
 
+    def hold_again() -> None:
+        with lock:
+            if done.is_set():
+                return
+            for proc in held:
+                with contextlib.suppress(psutil.Error):  # ended meanwhile
+                    if proc.status() not in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                        proc.suspend()
+
     def keep_holding() -> None:
-        while not done.wait(0.02):
-            hold_new()
+        # Looking for new workers reads every process's /proc entries (milliseconds);
+        # looking at those held, a file each.
+        for round_ in itertools.count(1):
+            if done.wait(HOLD_AGAIN_S):
+                return
+            hold_again()
+            if round_ % NEW_WORKER_ROUNDS == 0:
+                hold_new()
 
     hold_new()  # those running now, before the block begins
     threading.Thread(target=keep_holding, daemon=True).start()

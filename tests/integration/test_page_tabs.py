@@ -332,10 +332,11 @@ def test_an_event_stream_that_brings_nothing_gives_its_connection_back(stack, br
                     f"(visibility, streams open) at each: {times[2]}; rows: {rows_shown(browser)}; "
                     f"the console: {browser.get_log('browser')}")
 
-        # Twice in two of some ten full runs (stop 61's CI, stop 63), one read came at the
-        # close and then none for 10 and 30 s; never reproduced alone, cause unknown. Past
-        # the page's read timeout (60 s) a hung read would have ended, and the polls gone
-        # on: waited that long, and said (a warning in the run's summary) if it took so.
+        # Past the page's read timeout (60 s) a hung read would have ended, and the polls
+        # gone on: waited that long, and said (a warning in the run's summary) if it took so.
+        # (In some ten full runs, twice, one read came at the close and then none: the rows
+        # said the file done. A worker of the last test's fleet, continued by the runner's
+        # stop, had classified it: workers_held now stops it again.)
         began = time.monotonic()
         try:
             wait_for(lambda: browser.execute_script(polls) >= 2, 70, "the batch polled, twice")
