@@ -28,6 +28,16 @@ from localaws.runner import serving_pids
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# How many times a stack whose port was taken before it bound it is started on others.
+PORT_ATTEMPTS = 3
+# What the stack says then (localaws/server.py, listening_socket).
+PORT_IN_USE = "is already in use"
+
+
+class PortTaken(RuntimeError):
+    """The stack stopped at its start: a port chosen for it was taken before it bound it."""
+
+
 def free_port() -> int:
     return free_ports(1)[0]
 
@@ -54,16 +64,19 @@ class StackProcess:
     ready_line: str = ""
 
     def __post_init__(self) -> None:
-        self.web_port, self.aws_port = free_ports(2)
         self.prefix = f"t{uuid.uuid4().hex[:8]}"
         self.env = dict(os.environ)
         self.env.update(
-            WEB_PORT=str(self.web_port), LOCAL_AWS_PORT=str(self.aws_port), APP_PREFIX=self.prefix,
-            MODEL_WEIGHTS="random", PYTHONUNBUFFERED="1", AWS_ACCESS_KEY_ID="testing",
+            APP_PREFIX=self.prefix, MODEL_WEIGHTS="random", PYTHONUNBUFFERED="1", AWS_ACCESS_KEY_ID="testing",
             AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
         )
         self.env.pop("AWS_ENDPOINT_URL", None)
+        self._choose_ports()
         self.env.update(self.env_overrides)
+
+    def _choose_ports(self) -> None:
+        self.web_port, self.aws_port = free_ports(2)
+        self.env.update(WEB_PORT=str(self.web_port), LOCAL_AWS_PORT=str(self.aws_port))
 
     @property
     def web_url(self) -> str:
@@ -83,6 +96,22 @@ class StackProcess:
         return self.run_dir / "tmp"
 
     def start(self, timeout_s: float = 120.0) -> StackProcess:
+        """The stack started and ready. Its ports were free when chosen, and are let go
+        until it binds them: taken meanwhile (another test process's stack, or an
+        outgoing connection's local port), the stack stops at once saying so, and is
+        started again on others (but for ports the test set itself)."""
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                return self._start(timeout_s)
+            except PortTaken:
+                chosen = not {"WEB_PORT", "LOCAL_AWS_PORT"} & set(self.env_overrides)
+                if attempt == PORT_ATTEMPTS or not chosen:
+                    raise
+                self._choose_ports()
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout_s: float) -> StackProcess:
+        self.output = []
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.env["TMPDIR"] = str(self.tmp_dir)
         # The controller's lock with the run's files: a test stack killed at its end
@@ -95,6 +124,7 @@ class StackProcess:
             preexec_fn=ends_with_parent(),  # a test run killed takes its stacks with it
         )
         ready = threading.Event()
+        output = self.output  # this start's: a retry's starts anew
 
         def pump() -> None:
             assert self.process and self.process.stdout
@@ -103,7 +133,7 @@ class StackProcess:
             # whatever becomes of the file: unread, it would block the stack's logging.
             kept = self._open_log()
             for line in self.process.stdout:
-                self.output.append(line)
+                output.append(line)
                 if line.startswith("READY "):
                     self.ready_line = line.strip()
                     ready.set()
@@ -116,12 +146,17 @@ class StackProcess:
             if kept is not None:
                 kept.close()
 
-        threading.Thread(target=pump, daemon=True).start()
+        pumping = threading.Thread(target=pump, daemon=True)
+        pumping.start()
         deadline = time.monotonic() + timeout_s
         while not ready.wait(0.2):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError("stack did not become ready:\n" + "".join(self.output[-60:]))
+                pumping.join(5)  # what it said last, read to its end
+                said = "".join(output[-60:])
+                if PORT_IN_USE in said:
+                    raise PortTaken("a port of the stack was taken before it bound it:\n" + said)
+                raise RuntimeError("stack did not become ready:\n" + said)
         return self
 
     def _open_log(self) -> TextIO | None:

@@ -929,6 +929,59 @@ def test_the_harness_picks_different_ports_even_where_the_system_reuses_a_releas
     assert process.web_port != process.aws_port
 
 
+# Stands in for `python -m localaws.stack`: says what the stack says of a port taken
+# before it bound it, or READY, as its WEB_PORT is the taken one or not.
+FAKE_STACK = """
+import os, sys, time
+if os.environ["WEB_PORT"] == sys.argv[1]:
+    print(f"stack: 127.0.0.1:{sys.argv[1]} is already in use (another `make run`?)", flush=True)
+    sys.exit(1)
+print(f"READY web=http://127.0.0.1:{os.environ['WEB_PORT']}", flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_harness_starts_a_stack_again_on_other_ports_when_one_was_taken_before_it_bound_it(
+        tmp_path, monkeypatch):
+    """Its ports are found free, then let go until the stack binds them: another test
+    process's stack, or an outgoing connection's local port, may take one between."""
+    from localaws import harness
+    from localaws.server import listening_socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(PortInUse) as refused:  # what the harness looks for is what the stack says
+            listening_socket("127.0.0.1", port, "WEB_PORT")
+        assert harness.PORT_IN_USE in str(refused.value)
+    chosen = iter([[port, free_port()]])
+    monkeypatch.setattr(harness, "free_ports", lambda count: next(chosen, None) or free_ports(count))
+    real_popen = subprocess.Popen
+    starts = []
+
+    def fake_stack(argv, **kwargs):
+        starts.append(kwargs["env"]["WEB_PORT"])
+        return real_popen([sys.executable, "-c", FAKE_STACK, str(port)], **kwargs)
+
+    monkeypatch.setattr(harness.subprocess, "Popen", fake_stack)
+    stack = harness.StackProcess(run_dir=tmp_path, warm_spares=0)
+    assert stack.web_port == port
+    try:
+        stack.start(timeout_s=30)
+        assert starts[0] == str(port) and len(starts) == 2
+        assert stack.web_port != port and starts[1] == str(stack.web_port)
+        assert stack.ready_line == f"READY web=http://127.0.0.1:{stack.web_port}"
+        assert stack.output == [stack.ready_line + "\n"]  # the failed start's lines are not this one's
+    finally:
+        stack.stop()
+    # Ports a test set are its own: not changed, the failure said.
+    stack = harness.StackProcess(run_dir=tmp_path, warm_spares=0,
+                                 env_overrides={"WEB_PORT": str(port), "LOCAL_AWS_PORT": str(free_port())})
+    with pytest.raises(harness.PortTaken, match="is already in use"):
+        stack.start(timeout_s=30)
+
+
 def test_a_relative_run_dir_is_shown_and_used_as_an_absolute_path(tmp_path, monkeypatch):
     """`--run-dir rd2` must not print logs=rd2/logs in the READY line."""
     monkeypatch.chdir(tmp_path)
