@@ -90,11 +90,14 @@ class BatchClassifier:
                     groups_to_try.extend([j] for j in group)  # one at a time, to find the image at fault
                     continue
                 # ...nor one that fails whatever its input (a runtime fault): every image
-                # of the batch would be answered "classification failed", for good.
-                self.model_answered = self.model_answered or self._model_answers_a_plain_input(group)
-                if not self.model_answered:
+                # of the batch would be answered "classification failed", for good. Looked
+                # at for each image that fails alone: the model's answer to another a moment
+                # before says nothing of it now (a suspect may have left the runtime broken,
+                # a passing fault come back).
+                if not self._model_answers_a_plain_input(group):
                     raise ModelFault(f"the model failed on {group[0].request.key} and on a plain "
                                      "input") from exc
+                self.model_answered = True
                 log.error("classification of %s failed: %s", group[0].request.key, exc)
                 group[0].error = f"classification failed: {exc}"
                 continue
@@ -111,7 +114,9 @@ class BatchClassifier:
         try:
             with self._at_risk(failed), self._stall_watch.must_end("model call", failed, MAIN_LOOP):
                 self.classifier.classify(np.zeros((1, *failed[0].pixels.shape), np.float32))
-        except Exception:
+        except Exception as exc:
+            if _out_of_memory(exc):  # the machine's fault, as for any call (ModelOutOfMemory)
+                raise ModelOutOfMemory(f"the model ran out of memory on a plain input: {exc}") from exc
             log.exception("the model fails on a plain input too")
             return False
         return True

@@ -26,6 +26,7 @@ from PIL import Image
 
 from app_tier import EXIT_STALLED
 from app_tier.__main__ import report_ready_once_received
+from app_tier.classify import ModelOutOfMemory
 from app_tier.fetch import Batch, Fetcher
 from app_tier.held import (
     MAX_RETRY_DELAY_S,
@@ -234,6 +235,51 @@ def test_a_model_failing_whatever_its_input_releases_the_batch_and_then_gives_up
     worker.process(worker.fetch())
     assert worker.stopping.is_set() and instance_tags(aws, instance_id)[WORKER_FAILED_TAG] == "model-fault"
     assert responses(aws) == {} and depth(aws, aws.request_queue_url) == (2, 0)
+
+
+class AnswersOnly(MeanClassifier):
+    """A model that fails every call but those numbered in `answers` (from 1), and
+    raises `plain_fault` on a plain (all-zero) input if given."""
+
+    def __init__(self, answers: set[int], plain_fault: Exception | None = None) -> None:
+        super().__init__()
+        self.answers = answers
+        self.plain_fault = plain_fault
+        self.tries = 0
+
+    def classify(self, batch: np.ndarray) -> list[Classification]:
+        self.tries += 1
+        if self.plain_fault is not None and not batch.any():
+            raise self.plain_fault
+        if self.tries not in self.answers:
+            raise RuntimeError("Resource temporarily unavailable")
+        return super().classify(batch)
+
+
+def test_an_image_failing_alone_is_failed_only_if_the_model_answers_a_plain_input_then(aws_env):
+    """The model's answer to a batch-mate a moment before says nothing of it now. A
+    runtime broken since (left so by a suspect classified before, or a passing fault come
+    back) had the image answered "classification failed", for good, unchecked."""
+    settings, aws = aws_env
+    for name in ("a", "b"):
+        upload(settings, aws, f"{name}.jpg", make_image(ord(name), size=(64, 64)), name)
+    # The batch's call fails, a's alone is answered, then every call fails: b's, the plain input's.
+    model = AnswersOnly({2})
+    worker = Worker(settings, aws, model, "i-0123")
+    worker.process(worker.fetch())
+    assert model.tries == 4  # the batch, a, b, the plain input
+    assert responses(aws) == {} and depth(aws, aws.request_queue_url) == (2, 0)  # released whole
+
+
+def test_a_plain_input_short_of_memory_says_so_not_that_the_model_fails(aws_env):
+    """Every input has the same shape: a call short of memory is the machine's fault,
+    the check's too (ModelOutOfMemory: the worker gives up after one more, and hands
+    back untried), not a broken model's."""
+    settings, aws = aws_env
+    upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
+    worker = Worker(settings, aws, AnswersOnly(set(), plain_fault=MemoryError()), "i-0123")
+    with pytest.raises(ModelOutOfMemory, match="plain input"):
+        worker.batch_classifier.responses_for(worker.fetch())
 
 
 def test_a_batch_the_model_never_saw_does_not_clear_its_count_of_faults(aws_env):
