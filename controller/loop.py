@@ -179,6 +179,7 @@ class Controller:
             wanted_recently=wanted_recently,
             window_watched=self.scale_in_window.watched(obs.clock, self.policy.scale_in_cooldown_s),
             launches_held=launches_held,
+            launch_at_most=self.launch_hold.trial_launches(obs),
             launch_wait_s=self.launch_backoff.remaining(obs.clock),
             keep_last=self.refusals.lasting,
             resting=self.refusals.resting(obs.clock),

@@ -230,6 +230,17 @@ class LaunchHold:
     def holds(self, clock: float) -> bool:
         return clock - self.last_failure_at < self.hold_s
 
+    def trial_launches(self, obs: Observation) -> int | None:
+        """How many instances this round may launch once the hold has run out, until a
+        replacement serves (None: as many as the work wants): none while one launched
+        since the last wave is still live, neither serving nor given up; else one. So
+        a fleet that cannot serve (a bad AMI or weights path) costs an instance a hold,
+        not a whole backlog's wave each time (the cap's, 15, every 5 minutes)."""
+        if not self.hold_s:
+            return None
+        on_trial = any(i.id not in self.present_at_failure for i in obs.serving)
+        return 0 if on_trial else 1
+
 
 @dataclass
 class LaunchBackoff:
@@ -419,6 +430,9 @@ class RoundMemory:
     window_watched: bool = True
     # Launch nothing this round: workers have been giving up (LaunchHold).
     launches_held: bool = False
+    # Launch no more than this many this round (None: no limit): after such a hold, one
+    # replacement at a time until one serves (LaunchHold.trial_launches).
+    launch_at_most: int | None = None
     # Launch nothing for this long yet: the last launch failed (LaunchBackoff).
     launch_wait_s: float = 0.0
     # Ids chosen to scale in only after every other: EC2 refused to terminate them for

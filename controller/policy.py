@@ -20,7 +20,8 @@ latency
 
 Only instances that serve count towards the fleet: one whose worker has
 given up (it tagged its instance, see common/fleet.py) is cleaned up and
-replaced, unless the loop holds launches because workers keep giving up.
+replaced, unless the loop holds launches because workers keep giving up; after
+such a hold, one replacement at a time until one serves (RoundMemory.launch_at_most).
 
 Either way the cap is never exceeded (pending instances, and failed ones until
 they are gone, count). Scaling out
@@ -175,8 +176,8 @@ def decide(obs: Observation, policy: Policy, memory: RoundMemory = NOTHING_REMEM
     """What to do now, from what is observed, the policy, and what the loop remembers of
     the rounds before (`memory`; none given, nothing is held back). The fleet shrinks no
     lower than `memory.wanted_recently`; `memory.keep_last` are scaled in only after
-    every other. Held launches (`memory.launches_held`, `memory.launch_wait_s`) leave the
-    rest of the decision (terminations, clean-ups) as it is."""
+    every other. Held or limited launches (`memory.launches_held`, `memory.launch_wait_s`,
+    `memory.launch_at_most`) leave the rest of the decision (terminations, clean-ups) as it is."""
     desired, reason = desired_count(obs, policy)
     desired, reason = _held_by_the_window(desired, reason, obs, policy, memory)
     launch: tuple[int, ...] = ()
@@ -243,6 +244,10 @@ def _launches(desired: int, reason: str, obs: Observation, policy: Policy,
         return (), reason + "; launches held: workers gave up recently"
     if count > 0 and memory.launch_wait_s > 0:
         return (), reason + f"; launches held: the last failed, next try in {memory.launch_wait_s:.1f}s"
+    if memory.launch_at_most is not None and count > memory.launch_at_most:
+        count = memory.launch_at_most
+        reason += ("; one replacement at a time until one serves (workers gave up)" if count
+                   else "; waiting for the replacement launched to serve (workers gave up)")
     if count > 0:
         return _free_numbers({i.number for i in obs.instances}, count, first=memory.unanswered), reason
     return (), reason

@@ -430,8 +430,8 @@ def test_once_dry_run_decides_and_touches_nothing(world, tmp_path):
 
 def test_workers_that_cannot_load_the_model_are_replaced_after_a_hold(world, controllers, tmp_path):
     """Real workers, run by the local runner, whose weights are missing: each tags its
-    instance and exits 78; the controller terminates those instances and launches
-    replacements only after its hold (10 s), instead of crash-looping the fleet."""
+    instance and exits 78; the controller terminates those instances and launches a
+    replacement only after its hold (10 s), one at a time, instead of crash-looping the fleet."""
     from localaws.runner import InstanceRunner
 
     env = dict(world.env, MODEL_WEIGHTS=str(tmp_path / "missing.h5"), IMGCLASS_CACHE=str(tmp_path))
@@ -463,6 +463,8 @@ def test_workers_that_cannot_load_the_model_are_replaced_after_a_hold(world, con
         print(f"\nreplacements launched {took:.1f} s after the workers gave up")
         # Less 2 ms: the timeline keeps its times to the ms.
         assert took >= 10 - 0.002, f"launched again after {took:.3f}s, within the 10 s hold:\n{rows}"
+        # One replacement, not the two the requests want: the rest once one serves.
+        assert relaunch["action"].split(" + ")[0] == "launch 1", relaunch
         assert runner.started_total >= 2
     finally:
         runner.stopping.set()

@@ -487,7 +487,45 @@ def test_workers_of_one_wave_failing_in_turn_do_not_lengthen_the_hold(aws, make_
         controller.step(now=1001.0 + n)
     assert caplog.text.count("launches held for 10s") == 3 and "held for 20s" not in caplog.text
     assert controller.step(now=1003.0 + 9.9).launch == ()  # the hold runs from the last of them
-    assert len(controller.step(now=1003.0 + 10.1).launch) == 3
+    # Then one replacement, and the others once it serves (see the next test).
+    (trial,) = controller.step(now=1003.0 + 10.1).launch
+    assert controller.step(now=1014.0).launch == ()
+    (instance,) = [i for i in instances(aws) if tags(i)["Name"] == f"app-tier-instance-{trial}"]
+    report_worker_ready(aws, instance["InstanceId"], threading.Event())
+    assert len(controller.step(now=1015.0).launch) == 2
+
+
+def test_a_fleet_that_cannot_serve_costs_one_instance_a_hold_not_a_wave(aws, make_controller, caplog):
+    """A bad AMI or weights path: every worker gives up. After each hold, the whole
+    backlog's fleet was launched again (the cap's 15, every 5 minutes, all day): now one
+    replacement, and the rest only once one serves."""
+    send(aws, 40)
+    controller = make_controller(failure_hold_min_s=10.0, failure_hold_max_s=300.0)
+    t = 1000.0
+    launched = len(controller.step(now=t).launch)
+    assert launched == 15
+
+    def fail_all() -> None:
+        for instance in instances(aws):
+            report_worker_failed(aws, instance["InstanceId"], "model-unavailable")
+
+    for hold in (10, 20, 40, 80):
+        fail_all()
+        t += 1
+        controller.step(now=t)
+        assert f"launches held for {hold}s" in caplog.text
+        t += hold + 1
+        decision = controller.step(now=t)
+        assert len(decision.launch) == 1, decision
+        assert "one replacement at a time until one serves" in decision.reason
+        t += 1
+        waiting = controller.step(now=t)  # the replacement booting: nothing more
+        assert waiting.launch == () and "waiting for the replacement launched to serve" in waiting.reason
+        launched += 1
+    assert launched == 15 + 4  # where each hold had launched 15 again: 75
+    (trial,) = instances(aws)
+    report_worker_ready(aws, trial["InstanceId"], threading.Event())
+    assert len(controller.step(now=t + 1).launch) == 14  # serving: the fleet the backlog wants
 
 
 def test_an_instance_that_never_serves_is_replaced_after_the_ready_deadline(aws, make_controller, caplog):

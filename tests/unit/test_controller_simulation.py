@@ -521,7 +521,7 @@ class Round:
     backlog: int
     live: int
     created: int
-    blocked: bool  # launches held (workers gave up) or backing off (a launch failed)
+    blocked: bool  # launches held or on trial (workers gave up), or backing off (a launch failed)
     faulted: bool
     error: str = ""
 
@@ -578,7 +578,9 @@ def run_episode(ep: Episode, script: Script | None = None) -> tuple[World, list[
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             world.violations.append(Violation("error", r, f"step() raised {error}"))
-        blocked = (controller.launch_hold.holds(world.now)
+        # Held, backing off, or launching one replacement at a time after a hold, until one
+        # serves (LaunchHold.trial_launches).
+        blocked = (controller.launch_hold.hold_s > 0
                    or controller.launch_backoff.remaining(world.now) > 0)
         faulted = any(at == r for at, _ in world.faults[-64:])
         rounds.append(Round(world.now, untaken, backlog, len(world.live()), world.created_this_round,

@@ -38,6 +38,7 @@ class Case:
     policy: Policy
     wanted_recently: int | None = None
     launches_held: bool = False
+    launch_at_most: int | None = None
     keep_last: frozenset[str] = frozenset()
     resting: frozenset[str] = frozenset()  # of keep_last, refused too recently to be asked again
     launch_wait_s: float = 0.0
@@ -51,6 +52,7 @@ class Case:
 
     def memory(self) -> RoundMemory:
         return RoundMemory(wanted_recently=self.wanted_recently, launches_held=self.launches_held,
+                           launch_at_most=self.launch_at_most,
                            keep_last=self.keep_last, resting=self.resting, launch_wait_s=self.launch_wait_s,
                            window_watched=self.window_watched, unanswered=self.unanswered)
 
@@ -140,6 +142,7 @@ def gen_case(seed: object, **force) -> Case:
         # As the loop gives it: some of the refused, those refused within the last minute.
         "resting": frozenset(i for i in keep_last if rng.random() < 0.5),
         "launches_held": rng.random() < 0.15,
+        "launch_at_most": rng.choice((None, None, None, 0, 1)),
         "launch_wait_s": rng.choice((0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 30.0)),
         # Listed numbers too: the loop forgets those, but decide must never launch one.
         "unanswered": frozenset(rng.sample(range(1, top + 1), rng.randint(1, 3)))
@@ -196,14 +199,18 @@ def after(obs: Observation, decision: Decision) -> Observation:
 
 def next_round(case: Case, decision: Decision) -> Case:
     """The next round's case as the loop would make it: the window records what the new
-    observation wants, before a whole window counts what is live."""
+    observation wants, before a whole window counts what is live; a replacement launched
+    on trial, still booting, allows no other (LaunchHold.trial_launches)."""
     obs = after(case.obs, decision)
     wanted = case.wanted_recently
     if wanted is not None:
         wanted = max(wanted, desired_count(obs, case.policy)[0])
         if not case.window_watched:
             wanted = max(wanted, len(obs.live))
-    return replace(case, obs=obs, wanted_recently=wanted)
+    on_trial = case.launch_at_most
+    if on_trial is not None and decision.launch:
+        on_trial = 0
+    return replace(case, obs=obs, wanted_recently=wanted, launch_at_most=on_trial)
 
 
 def readme_scale_in_key(case: Case, i: Instance) -> tuple:
@@ -282,7 +289,7 @@ def test_held_or_backing_off_launches_launch_nothing_and_change_nothing_else():
     """`launches_held`: launch nothing this round; `launch_wait_s`: launch nothing for this long
     yet. "Held launches leave the rest of the decision (terminations, clean-ups) as it is."""
     def check(case: Case) -> None:
-        free = case.decide(launches_held=False, launch_wait_s=0.0)
+        free = case.decide(launches_held=False, launch_wait_s=0.0, launch_at_most=None)
         for held in (case.decide(launches_held=True, launch_wait_s=0.0),
                      case.decide(launches_held=False, launch_wait_s=case.launch_wait_s or 0.25),
                      case.decide(launches_held=True, launch_wait_s=3.0)):
@@ -292,6 +299,25 @@ def test_held_or_backing_off_launches_launch_nothing_and_change_nothing_else():
             if free.launch:
                 assert "launches held" in held.reason, held.reason
     for_all("held", check)
+
+
+def test_launches_on_trial_after_a_hold_are_at_most_the_limit_and_change_nothing_else():
+    """`launch_at_most`: one replacement at a time after a hold, until one serves. The
+    launches are the first of those the round would make otherwise, and the rest of the
+    decision is as it is."""
+    def check(case: Case) -> bool | None:
+        free = case.decide(launch_at_most=None)
+        if not free.launch:
+            return False
+        for most in (0, 1):
+            limited = case.decide(launch_at_most=most)
+            assert limited.launch == free.launch[:most], (limited, free)
+            assert (limited.desired, limited.terminate, limited.clean_up) == (
+                free.desired, free.terminate, free.clean_up)
+            if len(free.launch) > most:
+                assert "until one serves" in limited.reason or "to serve" in limited.reason, limited.reason
+        return None
+    for_all("trial", check, launches_held=False, launch_wait_s=0.0)
 
 
 def test_only_messages_no_worker_holds_launch_instances():
@@ -316,6 +342,8 @@ def test_scaling_out_is_immediate():
     def check(case: Case) -> None:
         obs, policy = case.obs, case.policy
         if case.launches_held or case.launch_wait_s > 0 or obs.visible + obs.delayed == 0:
+            return False
+        if case.launch_at_most is not None:  # one replacement at a time after a hold (see "trial")
             return False
         if len(obs.live) >= policy.max_instances or len(obs.serving) >= needed(case):
             return False
