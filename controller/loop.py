@@ -68,6 +68,10 @@ PING_ON_REQUEST_EVERY_S = 1.0
 # A round that begins, or takes, this much later than planned is said so: the fleet
 # follows the queue that much later, and silence in the log would not say why.
 LATE_ROUND_S = 5.0
+# Two looks at the progress deadline's wait further apart than this (or than this many
+# poll intervals, if longer) break it: nobody watched in between (ProgressWatch.waited).
+PROGRESS_LOOK_GAP_S = 30.0
+PROGRESS_LOOK_GAP_POLLS = 3
 
 
 def describe_action(decision: Decision) -> str:
@@ -252,7 +256,8 @@ class Controller:
         watch.progressed(obs.in_flight)
         obs = _failed(obs, watch.counted)
         deadline = watch.deadline(self.settings.progress_deadline_s)
-        waited_s = watch.waited(deadline > 0 and untaken_beside_receivers(obs), obs.clock)
+        longest_gap_s = max(PROGRESS_LOOK_GAP_S, PROGRESS_LOOK_GAP_POLLS * self.settings.poll_interval_s)
+        waited_s = watch.waited(deadline > 0 and untaken_beside_receivers(obs), obs.clock, longest_gap_s)
         stuck = not_receiving(obs, waited_s, deadline)
         if stuck is None:
             return obs

@@ -383,6 +383,7 @@ class ProgressWatch:
     waiting_since: float | None = None
     counted: dict[str, str] = field(default_factory=dict)
     counted_without_progress: int = 0
+    last_look: float | None = None  # the clock of the last round that looked (waited)
 
     def deadline(self, base_s: float) -> float:
         """The wait before the next count: `base_s` (PROGRESS_DEADLINE), doubled for each
@@ -394,13 +395,18 @@ class ProgressWatch:
         if in_flight > 0:
             self.counted_without_progress = 0
 
-    def waited(self, waiting: bool, clock: float) -> float:
+    def waited(self, waiting: bool, clock: float, longest_gap_s: float) -> float:
         """Takes in whether requests wait untaken now (at `clock`); returns for how long
-        they have, without a break (0: not waiting)."""
+        they have, without a break (0: not waiting). Looks more than `longest_gap_s` apart
+        (rounds that failed: AWS throttling or out of reach; a controller paused) are a
+        break too: unwatched, the workers may have taken and answered many requests, and
+        two looks that each saw one waiting had a healthy instance counted."""
+        unwatched = self.last_look is not None and clock - self.last_look > longest_gap_s
+        self.last_look = clock
         if not waiting:
             self.waiting_since = None
             return 0.0
-        if self.waiting_since is None:
+        if self.waiting_since is None or unwatched:
             self.waiting_since = clock
         return clock - self.waiting_since
 

@@ -37,7 +37,7 @@ from common.provision import provision
 from controller.act import LaunchCall
 from controller.loop import LATE_ROUND_S, Controller, Timings
 from controller.main import build_parser, main, settings_from
-from controller.policy import BOOTING_FOR_BOOT_TIMES
+from controller.policy import BOOTING_FOR_BOOT_TIMES, Decision
 from controller.timeline import TIMELINE_FIELDS, plot_timeline
 from tests.conftest import client_error, wait_for, without_credentials
 
@@ -714,6 +714,16 @@ def test_ready_deadline_0_counts_no_silent_instance_as_failed(aws, make_controll
     assert controller.step(now=1000.0 + 10 * 86400).changes_anything is False
 
 
+def watched(controller: Controller, start: float, end: float, every: float = 10.0) -> list[Decision]:
+    """Rounds from `start` to `end` (both), `every` seconds apart: looks close enough that
+    the progress deadline's wait is watched between them (ProgressWatch.waited)."""
+    decisions, now = [], start
+    while now < end:
+        decisions.append(controller.step(now=now))
+        now += every
+    return [*decisions, controller.step(now=end)]
+
+
 def stalled_controller(aws: Aws, **settings: float) -> Controller:
     """A controller on the shared mock AWS with these settings changed (its policy too)."""
     return Controller(dataclasses.replace(aws.settings, **settings), aws, timings=TEST_TIMINGS)
@@ -734,8 +744,7 @@ def test_a_ready_instance_that_stops_receiving_is_replaced_after_the_progress_de
     (hung,) = [i["InstanceId"] for i in instances(aws)]
     report_worker_ready(aws, hung, threading.Event())
     # The wait is timed from the first round that sees it ready.
-    for now in (t + 1, t + deadline):
-        decision = controller.step(now=now)
+    for decision in watched(controller, t + 1, t + deadline):
         assert not decision.changes_anything and decision.desired == 1, decision.reason
     decision = controller.step(now=t + 1 + deadline)
     assert decision.clean_up == (hung,) and decision.launch == (), decision.reason  # held
@@ -761,14 +770,13 @@ def test_instances_that_stop_receiving_are_counted_in_turn_the_oldest_first_each
     first, second = (i["InstanceId"] for i in sorted(instances(aws), key=lambda i: tags(i)["Name"]))
     for iid in (first, second):
         report_worker_ready(aws, iid, threading.Event())
-    controller.step(now=t + 1)
+    assert all(d.clean_up == () for d in watched(controller, t + 1, t + deadline))
     assert controller.step(now=t + 1 + deadline).clean_up == (first,)
     replacement = controller.step(now=t + 1 + deadline + 11).launch  # after the hold
     assert len(replacement) == 1
     # The replacement boots (moto's never says it serves): nothing received, the other is
     # counted two deadlines on.
-    assert controller.step(now=t + 1 + 2 * deadline).clean_up == ()
-    assert controller.step(now=t + 1 + 3 * deadline - 1).clean_up == ()
+    assert all(d.clean_up == () for d in watched(controller, t + 1 + deadline + 21, t + 1 + 3 * deadline - 1))
     assert controller.step(now=t + 1 + 3 * deadline).clean_up == (second,)
 
 
@@ -784,15 +792,32 @@ def test_the_progress_deadline_runs_only_while_requests_wait_untaken_and_afresh_
     report_worker_ready(aws, ready, threading.Event())
     controller.step(now=t + 1)
     (handle,) = receive_all(aws)
-    assert controller.step(now=t + 1 + deadline).clean_up == ()  # it took the request
+    assert all(d.clean_up == () for d in watched(controller, t + 2, t + 1 + deadline))  # it took the request
     aws.sqs.change_message_visibility(QueueUrl=aws.request_queue_url, ReceiptHandle=handle,
                                       VisibilityTimeout=0)  # and gave it back
-    controller.step(now=t + deadline + 2)
-    assert controller.step(now=t + 2 * deadline + 1).clean_up == ()
+    assert all(d.clean_up == () for d in watched(controller, t + deadline + 2, t + 2 * deadline + 1))
     restarted = stalled_controller(aws)
-    assert restarted.step(now=t + 2 * deadline + 2).clean_up == ()  # where the first would count it
-    assert restarted.step(now=t + 3 * deadline + 1).clean_up == ()
+    # Where the first would count it: the restarted one times the wait from its first round.
+    assert all(d.clean_up == () for d in watched(restarted, t + 2 * deadline + 2, t + 3 * deadline + 1))
     assert restarted.step(now=t + 3 * deadline + 2).clean_up == (ready,)
+
+
+def test_a_wait_nobody_watched_is_no_wait(aws):
+    """Two looks that each saw a request waiting, a deadline apart with no look between
+    (rounds failing while AWS throttled or was out of reach, a controller paused), had a
+    healthy instance counted as not receiving: its worker may have taken and answered
+    many requests meanwhile. The wait starts again at the first look after such a gap."""
+    controller = stalled_controller(aws)
+    deadline = controller.settings.progress_deadline_s
+    send(aws, 1)
+    t = 1000.0
+    controller.step(now=t)
+    (ready,) = [i["InstanceId"] for i in instances(aws)]
+    report_worker_ready(aws, ready, threading.Event())
+    controller.step(now=t + 1)
+    assert controller.step(now=t + 2 + deadline).clean_up == ()  # unwatched since t + 1
+    assert all(d.clean_up == () for d in watched(controller, t + 12 + deadline, t + 1 + 2 * deadline))
+    assert controller.step(now=t + 2 + 2 * deadline).clean_up == (ready,)  # watched a whole deadline
 
 
 def test_progress_deadline_0_counts_no_ready_instance_as_not_receiving(aws):

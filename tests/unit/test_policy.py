@@ -315,12 +315,21 @@ def test_the_progress_watch_doubles_its_deadline_for_each_count_until_a_request_
 
 def test_the_progress_watch_times_an_unbroken_wait_and_the_next_count_a_whole_deadline_on():
     watch = ProgressWatch()
-    assert watch.waited(True, 1000.0) == 0.0
-    assert watch.waited(True, 1100.0) == 100.0
-    assert watch.waited(False, 1101.0) == 0.0  # broken: from the start again
-    assert watch.waited(True, 1102.0) == 0.0
-    assert watch.waited(True, 1222.0) == 120.0
+    gap = 200.0  # looks further apart than this break the wait (see the next test)
+    assert watch.waited(True, 1000.0, gap) == 0.0
+    assert watch.waited(True, 1100.0, gap) == 100.0
+    assert watch.waited(False, 1101.0, gap) == 0.0  # broken: from the start again
+    assert watch.waited(True, 1102.0, gap) == 0.0
+    assert watch.waited(True, 1222.0, gap) == 120.0
     watch.count("i-0001", "not receiving", 1222.0)
-    assert watch.waited(True, 1300.0) == 78.0
+    assert watch.waited(True, 1300.0, gap) == 78.0
     watch.keep_listed({"i-0002"})  # i-0001 ended
     assert watch.counted == {}
+
+
+def test_the_progress_watch_takes_a_gap_between_looks_for_a_break():
+    watch = ProgressWatch()
+    assert watch.waited(True, 1000.0, 30.0) == 0.0
+    assert watch.waited(True, 1030.0, 30.0) == 30.0  # 30 s apart: still watched
+    assert watch.waited(True, 1060.5, 30.0) == 0.0  # further apart: from the start again
+    assert watch.waited(True, 1070.0, 30.0) == 9.5
