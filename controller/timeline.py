@@ -29,21 +29,23 @@ class TimelineFile:
     def __post_init__(self) -> None:
         # Added to, not written over: a controller restarted (systemd, its watchdog)
         # would erase the rounds before it, those an operator wants after a crash.
-        # A file of other columns is started afresh.
+        # A file of other columns is started afresh, as is one not even text (a PNG
+        # given for the CSV, the two paths swapped), which had the controller stop at
+        # start on a decoding error that named no file.
         try:
-            with self.path.open(newline="") as fh:
+            with self.path.open(newline="", encoding="utf-8") as fh:
                 first = next(csv.reader(fh), None)
-        except FileNotFoundError:
+        except (FileNotFoundError, UnicodeDecodeError, csv.Error):
             first = None
         if first != list(TIMELINE_FIELDS):
-            with self.path.open("w", newline="") as fh:
+            with self.path.open("w", newline="", encoding="utf-8") as fh:
                 csv.writer(fh).writerow(TIMELINE_FIELDS)
 
     def write(self, row: Mapping[str, object]) -> None:
         """A row on disk, for people only: a disk full or gone is warned about once, and
         tried again each round, but never fails the round, which would stop the acting."""
         try:
-            with self.path.open("a", newline="") as fh:
+            with self.path.open("a", newline="", encoding="utf-8") as fh:
                 csv.writer(fh).writerow([row[k] for k in TIMELINE_FIELDS])
         except OSError as exc:
             if not self._failed:
@@ -58,7 +60,7 @@ def plot_timeline(csv_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with csv_path.open() as fh:
+    with csv_path.open(encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     if not rows:
         raise ValueError(f"{csv_path} has no rows to plot")

@@ -1115,6 +1115,9 @@ def test_timeline_csv_and_plot(aws, make_controller, tmp_path):
     other.write_text("a,b\n1,2\n")  # another program's columns: started afresh
     make_controller(timeline_path=other)
     assert other.read_text().splitlines() == [",".join(TIMELINE_FIELDS)]
+    png_path.write_bytes(data)  # not even text (the two paths swapped): started afresh too
+    make_controller(timeline_path=png_path)
+    assert png_path.read_text().splitlines() == [",".join(TIMELINE_FIELDS)]
 
 
 def test_a_timeline_that_cannot_be_written_is_warned_about_once_and_stops_nothing(aws, make_controller,
