@@ -100,15 +100,16 @@ class StackProcess:
         until it binds them: taken meanwhile (another test process's stack, or an
         outgoing connection's local port), the stack stops at once saying so, and is
         started again on others (but for ports the test set itself)."""
-        for attempt in range(1, PORT_ATTEMPTS + 1):
+        chosen = not {"WEB_PORT", "LOCAL_AWS_PORT"} & set(self.env_overrides)
+        attempts = 1
+        while True:
             try:
                 return self._start(timeout_s)
             except PortTaken:
-                chosen = not {"WEB_PORT", "LOCAL_AWS_PORT"} & set(self.env_overrides)
-                if attempt == PORT_ATTEMPTS or not chosen:
+                if attempts == PORT_ATTEMPTS or not chosen:
                     raise
-                self._choose_ports()
-        raise AssertionError("unreachable")
+            attempts += 1
+            self._choose_ports()
 
     def _start(self, timeout_s: float) -> StackProcess:
         self.output = []
@@ -124,15 +125,15 @@ class StackProcess:
             preexec_fn=ends_with_parent(),  # a test run killed takes its stacks with it
         )
         ready = threading.Event()
-        output = self.output  # this start's: a retry's starts anew
+        process, output = self.process, self.output  # this start's: a retry's are new
 
         def pump() -> None:
-            assert self.process and self.process.stdout
+            assert process.stdout
             # Also kept in a file: the web tier, controller and runner log only here, and
             # a failed test's run directory should say what they did. The pipe is read
             # whatever becomes of the file: unread, it would block the stack's logging.
             kept = self._open_log()
-            for line in self.process.stdout:
+            for line in process.stdout:
                 output.append(line)
                 if line.startswith("READY "):
                     self.ready_line = line.strip()
