@@ -148,11 +148,11 @@ def workers_held(stack: StackProcess) -> Iterator[list[psutil.Process]]:
     runner's watchdog aborts a worker silent for LOCAL_WATCHDOG (60 s).
 
     One continued by another (the runner stops a worker whose instance the controller
-    ended with SIGTERM then SIGCONT, as systemd does) is stopped again within
-    HOLD_AGAIN_S. Left running, a worker of the last test's fleet, scaled in during the
-    block, took the request its long poll had been given while held, and classified
-    it before its SIGTERM's handler ran (the idle-stream test's flake of stops 61, 63
-    and 65: the page rightly stopped polling a batch done)."""
+    ended with SIGTERM then SIGCONT, as systemd does) is stopped again at the next look,
+    every HOLD_AGAIN_S. Left running, a worker of the last test's fleet, scaled in during
+    the block, took the request its long poll had been given while held, and classified
+    it before its SIGTERM's handler ran: the idle-stream test then failed now and then,
+    the page rightly no longer polling a batch done."""
     held: list[psutil.Process] = []
     lock = threading.Lock()  # no SIGSTOP once the SIGCONTs have begun
     done = threading.Event()
