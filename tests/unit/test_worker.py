@@ -273,8 +273,8 @@ def test_an_image_failing_alone_is_failed_only_if_the_model_answers_a_plain_inpu
 
 def test_a_plain_input_short_of_memory_says_so_not_that_the_model_fails(aws_env):
     """Every input has the same shape: a call short of memory is the machine's fault,
-    the check's too (ModelOutOfMemory: the worker gives up after one more, and hands
-    back untried), not a broken model's."""
+    the check's too (ModelOutOfMemory: the worker gives up after three in a row, not
+    two, and hands that batch back untried), not a broken model's."""
     settings, aws = aws_env
     upload(settings, aws, "a.jpg", make_image(1, size=(64, 64)), "a")
     worker = Worker(settings, aws, AnswersOnly(set(), plain_fault=MemoryError()), "i-0123")
