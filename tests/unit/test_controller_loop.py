@@ -780,17 +780,24 @@ def test_instances_that_stop_receiving_are_counted_in_turn_the_oldest_first_each
     assert controller.step(now=t + 1 + 3 * deadline).clean_up == (second,)
 
 
-def test_the_progress_deadline_runs_only_while_requests_wait_untaken_and_afresh_after_a_restart(aws):
-    """A request taken (in flight) breaks the wait; a restarted controller, which has not
-    seen it begin, times it from its own first round."""
+def one_ready_instance(aws: Aws, t: float) -> tuple[Controller, str]:
+    """A stalled controller (stalled_controller) that launched one instance at `t` for a
+    request, and saw it ready at `t` + 1; and that instance's id."""
     controller = stalled_controller(aws)
-    deadline = controller.settings.progress_deadline_s
     send(aws, 1)
-    t = 1000.0
     controller.step(now=t)
     (ready,) = [i["InstanceId"] for i in instances(aws)]
     report_worker_ready(aws, ready, threading.Event())
     controller.step(now=t + 1)
+    return controller, ready
+
+
+def test_the_progress_deadline_runs_only_while_requests_wait_untaken_and_afresh_after_a_restart(aws):
+    """A request taken (in flight) breaks the wait; a restarted controller, which has not
+    seen it begin, times it from its own first round."""
+    t = 1000.0
+    controller, ready = one_ready_instance(aws, t)
+    deadline = controller.settings.progress_deadline_s
     (handle,) = receive_all(aws)
     assert all(d.clean_up == () for d in watched(controller, t + 2, t + 1 + deadline))  # it took the request
     aws.sqs.change_message_visibility(QueueUrl=aws.request_queue_url, ReceiptHandle=handle,
@@ -807,14 +814,9 @@ def test_a_wait_nobody_watched_is_no_wait(aws):
     (rounds failing while AWS throttled or was out of reach, a controller paused), had a
     healthy instance counted as not receiving: its worker may have taken and answered
     many requests meanwhile. The wait starts again at the first look after such a gap."""
-    controller = stalled_controller(aws)
-    deadline = controller.settings.progress_deadline_s
-    send(aws, 1)
     t = 1000.0
-    controller.step(now=t)
-    (ready,) = [i["InstanceId"] for i in instances(aws)]
-    report_worker_ready(aws, ready, threading.Event())
-    controller.step(now=t + 1)
+    controller, ready = one_ready_instance(aws, t)
+    deadline = controller.settings.progress_deadline_s
     assert controller.step(now=t + 2 + deadline).clean_up == ()  # unwatched since t + 1
     assert all(d.clean_up == () for d in watched(controller, t + 12 + deadline, t + 1 + 2 * deadline))
     assert controller.step(now=t + 2 + 2 * deadline).clean_up == (ready,)  # watched a whole deadline
