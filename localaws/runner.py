@@ -44,7 +44,7 @@ from common.aws import Aws, keys_in
 from common.aws_errors import AWS_ERRORS
 from common.backoff import next_wait
 from common.config import Settings
-from common.fleet import LIVE_STATES, Instance, app_tier_instances, scale_in_order
+from common.fleet import LIVE_STATES, Instance, app_tier_instances, report_worker_failed, scale_in_order
 from localaws.kill import ask_to_stop, ends_with_parent, kill_and_wait
 from localaws.notify import NotifySocket, NotifySockets
 from localaws.supervision import Backoff, Watchdog, next_start, watchdog_action
@@ -164,6 +164,9 @@ class WorkerProcess:
     quick_exits: int = 0  # failed starts in a row, its own if it has exited (see QUICK_EXIT_S)
     restart_at: float | None = None  # once it has exited: when its successor starts
     given_up: bool = False  # it cannot load the model, or gave up serving: not restarted
+    # A spare given the instance before it said its model was loaded: it reads the id
+    # only once loaded, so one whose load fails cannot tag the instance itself.
+    adopted_loading: bool = False
 
 
 @dataclass
@@ -275,13 +278,17 @@ class InstanceRunner:
             except OSError:
                 process = None
         start_timeout_s = self.start_timeout_s
+        adopted_loading = False
         if process is None:
             process = self._spawn(instance_id)
         elif self._spare_loaded(process):
             start_timeout_s = min(self.start_timeout_s, self.adopted_start_timeout_s)
+        else:
+            adopted_loading = True
         self.started_total += 1
         self.workers[instance_id] = WorkerProcess(instance_id, process, time.monotonic(), restarts=restarts,
-                                                  quick_exits=quick_exits, start_timeout_s=start_timeout_s)
+                                                  quick_exits=quick_exits, start_timeout_s=start_timeout_s,
+                                                  adopted_loading=adopted_loading)
         log_path = self._logs.pop(process, None)
         log.info(SERVES_LINE, process.pid, instance_id, log_path.name if log_path else "-")
         if log_path is not None:
@@ -515,6 +522,11 @@ class InstanceRunner:
                 log.error("runner: the worker for %s %s (exit %d); not restarting it (see its log)",
                           iid, NOT_RESTARTED[code], code)
                 worker.given_up = True
+                if code == EXIT_CANNOT_START and worker.adopted_loading:
+                    # It failed before it read its instance's id: said for it, or the
+                    # controller would count the instance as booting (with READY_DEADLINE
+                    # 0, as make run sets it when workers are few, for good).
+                    report_worker_failed(self.aws, iid, "model-unavailable")
                 continue
             if worker.restart_at is None:
                 stopped = worker.abort_sent_at is not None  # by the watchdog

@@ -23,6 +23,7 @@ from app_tier import EXIT_CANNOT_START, EXIT_GAVE_UP
 from app_tier.held_journal import held_journal_path
 from common.aws import Aws
 from common.config import Settings
+from common.fleet import WORKER_FAILED_TAG
 from controller.act import launch, terminate
 from localaws.runner import QUICK_EXIT_S, RESTART_BACKOFF_S, InstanceRunner, ended_after_abort, is_stopped
 from tests.conftest import wait_for
@@ -44,6 +45,10 @@ if os.environ.get("FAKE_MODE") == "crash":
     sys.exit(1)
 if os.environ.get("FAKE_MODE") == "gives-up":  # as one that served, then gave up
     sys.exit(79)
+if os.environ.get("FAKE_MODE") == "load-fails":  # a spare whose load fails once the test says
+    while not os.path.exists(os.path.join(os.environ["FAKE_OUT"], f"fail.{os.getpid()}")):
+        time.sleep(0.02)
+    sys.exit(78)
 args = sys.argv[1:]
 iid = args[args.index("--instance-id") + 1]
 if iid == "-":
@@ -636,6 +641,24 @@ def test_a_worker_that_cannot_load_its_model_is_not_restarted(world, caplog):
     assert runner.warm_spares == 0 and runner._spares == []  # spares would fail the same way
     # Once for the worker, once for spares.
     assert caplog.text.count("cannot start: a setting is wrong or the model cannot") == 2
+
+
+def test_a_spare_whose_model_fails_to_load_once_adopted_has_its_instance_reported_failed(world):
+    """It reads its instance's id only once its model is loaded: one whose load failed
+    after it was given the instance exited 78 without the tag a worker started with the
+    id puts, and the controller counted the instance as booting (for good, with
+    READY_DEADLINE 0). The runner says it for it."""
+    settings, aws, make, out = world
+    runner = make(warm_spares=1, env={"FAKE_MODE": "load-fails"})
+    runner.step()
+    (spare,) = runner._spares
+    iid = launch(aws, settings, (1,))[1]
+    runner.step()
+    assert runner.workers[iid].process is spare
+    (out / f"fail.{spare.pid}").touch()
+    wait_until(lambda: (runner.step(), runner.workers[iid].given_up)[1], what="the spare to exit")
+    reply = aws.ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [iid]}])
+    assert {t["Key"]: t["Value"] for t in reply["Tags"]}.get(WORKER_FAILED_TAG) == "model-unavailable"
 
 
 def test_a_worker_that_gave_up_serving_is_not_restarted(world, caplog):
