@@ -392,9 +392,10 @@ class InstanceRunner:
     def _show_held_journal(self, instance_id: str) -> None:
         """A worker killed before it handed back (during its warm shutdown, or while it
         waited for a restart) left what it held written down for a successor on its
-        instance, which has ended: none will come. Its requests are made visible here,
-        as the worker's unit does on an instance (ExecStopPost), rather than left to
-        their visibility timeout (a minute, and the fleet held for it)."""
+        instance. Its instance has ended, and none will come; or its successor starts
+        only after a backoff. Its requests are made visible here, as the worker's unit
+        does on an instance at every stop (ExecStopPost), rather than left to their
+        visibility timeout (a minute, and the fleet held for it) or the successor."""
         path = held_journal_path(self.settings, instance_id)
         if path is None:
             return
@@ -537,6 +538,9 @@ class InstanceRunner:
                     log.warning("runner: worker for %s ended: %s; restarting it in %.0f s (restart %d; "
                                 "%d failed starts in a row)", iid, how, worker.restart_at - now,
                                 worker.restarts + 1, worker.quick_exits)
+                    # What it held, visible now rather than once its successor starts (a
+                    # minute at most), as the unit's ExecStopPost does on an instance.
+                    self._show_held_journal(iid)
                 else:
                     log.warning("runner: worker for %s ended: %s; restarting it (restart %d)", iid,
                                 how, worker.restarts + 1)

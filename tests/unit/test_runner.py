@@ -269,6 +269,34 @@ def test_a_worker_killed_as_its_instance_ends_has_what_it_held_shown_and_its_jou
     assert re.search(rf"worker pid {other_pid} of {other} ended: [^,]+, with the runner", caplog.text)
 
 
+def test_a_worker_whose_restart_waits_has_what_it_held_shown_at_once(world, tmp_path):
+    """Only its successor showed it: after quick exits in a row, up to a minute later.
+    On an instance the unit's ExecStopPost shows it at every stop."""
+    from common.provision import provision
+
+    settings, aws, make, out = world
+    runner = make(warm_spares=0, env={"FAKE_MODE": "crash"}, state_dir=str(tmp_path / "state"))
+    provision(runner.settings)
+    queue = Aws(runner.settings).request_queue_url
+    aws.sqs.send_message(QueueUrl=queue, MessageBody="held by the crashing worker")
+    (held,) = aws.sqs.receive_message(QueueUrl=queue, VisibilityTimeout=600)["Messages"]
+    (iid,) = launch(aws, settings, (1,)).values()
+    journal = held_journal_path(runner.settings, iid)
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    entry = {"receipt": held["ReceiptHandle"], "hidden_until": time.time() + 600}
+    journal.write_text(json.dumps({"held": [entry]}))
+
+    def restart_waits() -> bool:
+        runner.step()
+        worker = runner.workers.get(iid)
+        return worker is not None and worker.restart_at is not None and worker.restart_at > time.monotonic()
+
+    wait_until(restart_waits, what="a restart that waits")
+    assert not journal.exists()
+    attributes = aws.sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["ApproximateNumberOfMessages"])
+    assert attributes["Attributes"]["ApproximateNumberOfMessages"] == "1"  # visible again, at once
+
+
 def test_a_worker_that_outlives_sigkill_does_not_hold_up_the_rounds(world, monkeypatch):
     """A debugger attached to a worker keeps it alive after SIGKILL: the runner must not
     wait 5 s for it, then raise, in every round after, so the watchdog never runs and a
