@@ -127,7 +127,8 @@ def _security_headers(response: Response) -> Response:
     # slow would show old figures that long. POST /'s answers and the answer pages too:
     # a file's name and label (or a 202 "still queued" page that a cache would serve
     # after the label came), private to who sent it, and of the moment.
-    if is_api_path(request.path) or request.method == "POST" or request.path.startswith(ANSWERS_PATH):
+    answers = (request.path + "/").startswith(ANSWERS_PATH)  # /answers too (classify.answer)
+    if is_api_path(request.path) or request.method == "POST" or answers:
         response.headers.setdefault("Cache-Control", "no-store")
     # The page loads only its own script and style: injected markup cannot run.
     response.headers.setdefault(

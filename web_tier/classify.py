@@ -143,8 +143,10 @@ def classify() -> Response:
     return _result_response(filename, item, batch_id)
 
 
-# No id at all is an upload not found too, said in the page's words, not Werkzeug's.
-@bp.get(ANSWERS_PATH, defaults={"batch_id": ""})
+# No id at all is an upload not found too, said in the page's words, not Werkzeug's;
+# without the slash as well, where Werkzeug's redirect to the slash named the Host header's
+# host (a shared cache in front could keep a redirect to whatever host a client said).
+@bp.get(ANSWERS_PATH, defaults={"batch_id": ""}, strict_slashes=False)
 @bp.get(ANSWERS_PATH + "<batch_id>")
 def answer(batch_id: str) -> Response:
     """The plain form's answer for the image it stored in `batch_id`, as a page: its

@@ -758,6 +758,11 @@ def test_without_javascript_the_page_offers_a_plain_form_whose_answer_is_a_page(
     assert web_client.get("/answers/nope").status_code == 404
     no_id = web_client.get("/answers/")
     assert no_id.status_code == 404 and "no such upload here" in no_id.text
+    # Without the slash too, not Werkzeug's redirect to it: that named whatever host the
+    # client said, which a shared cache in front could keep and give to everyone.
+    bare = web_client.get("/answers", headers={"Host": "elsewhere.example"})
+    assert bare.status_code == 404 and "no such upload here" in bare.text
+    assert "Location" not in bare.headers and bare.headers["Cache-Control"] == "no-store"
 
 
 def test_the_plain_forms_refusals_are_pages_and_say_why(web_client):
