@@ -62,6 +62,27 @@ const SAVE_TIME_SHARE = 20;
 export function saveDelayMs(lastSaveMs) {
   return Math.max(SAVE_AFTER_MS, SAVE_TIME_SHARE * lastSaveMs);
 }
+// A row as saved for a reload (saveShown; restore.js reads it back).
+function savedRow(entry) {
+  return {
+    // Its name too: a reload that finds the server no longer lists it shows its row lost
+    // (restore.js showRows), not nothing; and that it was lost, for the reload to show
+    // it so at once, not queued until two reads have left it out, then said again.
+    // And that it was classified: its answer may not be kept (saveResults), and a
+    // reload that finds the batch lost must not say it was not.
+    ...(entry.id ? { id: entry.id, name: entry.el.dataset.filename,
+                     ...(entry.failure && entry.failure.lost ? { lost: true } : {}),
+                     ...(entry.el.dataset.state === "done" || entry.classified ? { done: 1 } : {}) }
+      : entry.refused ? { name: entry.el.dataset.filename, error: entry.refused }
+        : { name: entry.el.dataset.filename, unsent: true, why: entry.unsentWhy, token: entry.token,
+          // A reload counts it apart too, as this page does (rows.js isStopped).
+          ...(entry.failure && entry.failure.stopped ? { stopped: true } : {}) }),
+    ...(entry.path ? { path: entry.path } : {}),
+    ...(entry.again ? { again: entry.again } : {}),
+    ...(entry.replaced ? { replaced: entry.replaced } : {}),
+  };
+}
+
 // How many answers in a row must say "no such batch" of a batch the server had held
 // before the page gives it up (see confirmedLost); and how many reads in a row must
 // leave out a file the server had stored before the page takes it for lost with it
@@ -293,7 +314,7 @@ export class Session {
       // (restore): dropped, the reasons would go with a reload. Told by its rows, not by
       // what storage held of them: full, it held none, and the batch left the address
       // unsaid (batches.js says the rows not kept).
-      if (!explainedOnly(this.entries.map((entry) => ({ error: entry.refused, why: entry.unsentWhy })))) {
+      if (!explainedOnly(this.entries.map(savedRow))) {
         forgetBatch(this.batchId);
       }
     }
@@ -629,24 +650,7 @@ export class Session {
       return;
     }
     const began = performance.now();
-    const shown = this.entries.map((entry) => ({
-      // Its name too: a reload that finds the server no longer lists it shows its row lost
-      // (restore.js showRows), not nothing; and that it was lost, for the reload to show
-      // it so at once, not queued until two reads have left it out, then said again.
-      // And that it was classified: its answer may not be kept (saveResults), and a
-      // reload that finds the batch lost must not say it was not.
-      ...(entry.id ? { id: entry.id, name: entry.el.dataset.filename,
-                       ...(entry.failure && entry.failure.lost ? { lost: true } : {}),
-                       ...(entry.el.dataset.state === "done" || entry.classified ? { done: 1 } : {}) }
-        : entry.refused ? { name: entry.el.dataset.filename, error: entry.refused }
-          : { name: entry.el.dataset.filename, unsent: true, why: entry.unsentWhy, token: entry.token,
-            // A reload counts it apart too, as this page does (rows.js isStopped).
-            ...(entry.failure && entry.failure.stopped ? { stopped: true } : {}) }),
-      ...(entry.path ? { path: entry.path } : {}),
-      ...(entry.again ? { again: entry.again } : {}),
-      ...(entry.replaced ? { replaced: entry.replaced } : {}),
-    }));
-    saveShown(this.batchId, shown);
+    saveShown(this.batchId, this.entries.map(savedRow));
     saveResults(this.batchId, this.entries.filter((entry) => entry.id)
       .map((entry) => [entry.id, answerShown(entry.el)]).filter(([, answer]) => answer));
     this.lastSaveMs = performance.now() - began;
