@@ -93,13 +93,10 @@ export function savedShown(batchId) {
 // Keeps `shown`, the batch's rows as this tab shows them, for a reload (savedShown):
 // while the batch is in the address (its rows stay on the page once it has left).
 // Not written (storage full, or disabled), a reload shows only what the server holds,
-// in its order (said: notKept). Whether they were kept (or, not in the address, are
-// not to be).
+// in its order (said: notKept).
 export function saveShown(batchId, shown) {
-  if (!batchesInUrl().includes(batchId)) return true;
-  const kept = setItemMakingRoom(SHOWN_STORE + batchId, JSON.stringify(shown), batchId);
-  notKept(batchId, !kept);
-  return kept;
+  if (!batchesInUrl().includes(batchId)) return;
+  notKept(batchId, !setItemMakingRoom(SHOWN_STORE + batchId, JSON.stringify(shown), batchId));
 }
 
 // Writes one of the tab's own records (a batch's rows, its unconfirmed mark) of
